@@ -1,0 +1,285 @@
+"""config.toml → frozen, validated ``Settings``.
+
+Every section is a frozen dataclass; the loader walks the dataclass fields, so
+an unknown or mistyped key, a wrong type or an out-of-range value stops the
+program with the file and the dotted key named. Secrets are never in the file:
+the file names an environment variable (``smtp.password_env``) and the value is
+read from the environment when a connection is made, never stored here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from worker.errors import ConfigError
+
+DEFAULT_CONFIG = Path("config.toml")
+
+
+@dataclass(frozen=True)
+class ShopSettings:
+    name: str = "Toko Kembali"
+    domain: str = "toko-kembali.example"
+    """Domain used in Message-IDs."""
+    from_address: str = "halo@toko-kembali.example"
+    from_name: str = "Toko Kembali"
+    reply_to: str = ""
+    postal_address: str = "Jl. Contoh No. 1, Jakarta 10110, Indonesia"
+    base_url: str = "https://toko-kembali.example"
+    time_zone: str = "Asia/Jakarta"
+    default_locale: str = "id"
+    currency: str = "IDR"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite:///kembali.db"
+    """SQLAlchemy URL: ``sqlite:///path.db`` or ``postgresql+psycopg://user@host/db``."""
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str = "127.0.0.1"
+    port: int = 2525
+    tls: str = "none"
+    """``starttls``, ``tls`` (implicit TLS) or ``none`` (loopback only unless forced)."""
+    allow_plaintext_remote: bool = False
+    username: str = ""
+    password_env: str = "KEMBALI_SMTP_PASSWORD"
+    timeout_seconds: float = 30.0
+    pool_size: int = 4
+
+
+@dataclass(frozen=True)
+class SendingSettings:
+    batch_size: int = 200
+    max_attempts: int = 5
+    lease_seconds: int = 300
+    rate_per_second: float = 50.0
+    burst: int = 50
+    retry_base_seconds: float = 60.0
+    retry_max_seconds: float = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class UnsubscribeSettings:
+    url: str = "https://toko-kembali.example/unsubscribe"
+    """HTTPS base of the one-click link; a signed token is appended."""
+    mailto: str = "unsubscribe@toko-kembali.example"
+    secret_env: str = "KEMBALI_LINK_SECRET"
+    """Environment variable holding the key that signs link tokens."""
+
+
+@dataclass(frozen=True)
+class WinbackSettings:
+    enabled: bool = True
+    quiet_days: int = 45
+    expires_after_days: int = 14
+    coupon_code: str = "KEMBALI10"
+    coupon_percent: int = 10
+    recommendations: int = 3
+
+
+@dataclass(frozen=True)
+class CampaignSettings:
+    winback: WinbackSettings = field(default_factory=WinbackSettings)
+
+
+@dataclass(frozen=True)
+class TemplateSettings:
+    dir: str = "templates/email"
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "info"
+    format: str = "text"
+    """``text`` for people, ``json`` for log collectors."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    shop: ShopSettings = field(default_factory=ShopSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    sending: SendingSettings = field(default_factory=SendingSettings)
+    unsubscribe: UnsubscribeSettings = field(default_factory=UnsubscribeSettings)
+    campaigns: CampaignSettings = field(default_factory=CampaignSettings)
+    templates: TemplateSettings = field(default_factory=TemplateSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    source: str = field(default="<defaults>", compare=False)
+    """Where these settings came from (for messages)."""
+    base_dir: Path = field(default=Path("."), compare=False)
+    """Relative paths (templates, SQLite files) are resolved against this."""
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def database_url(self) -> str:
+        """The database URL with a relative SQLite path made absolute."""
+        url = self.database.url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and url != "sqlite:///:memory:":
+            rest = url[len(prefix) :]
+            if not rest.startswith("/"):
+                return prefix + str(self.resolve(rest).resolve())
+        return url
+
+
+def load_settings(path: Path | str = DEFAULT_CONFIG) -> Settings:
+    """Read and validate a config file; raise ConfigError naming file and key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return settings_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
+
+
+def settings_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir: Path = Path(".")) -> Settings:
+    values = _build(Settings, raw, source, prefix="", skip={"source", "base_dir"})
+    settings = dataclasses.replace(values, source=source, base_dir=base_dir)
+    _check(settings)
+    return settings
+
+
+def _build(cls: type, data: Any, source: str, prefix: str, skip: frozenset[str] | set[str] = frozenset()) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    kwargs: dict[str, Any] = {}
+    for name in fields:
+        if name not in data:
+            continue
+        hint = hints[name]
+        value = data[name]
+        dotted = prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, source, dotted + ".")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(hint, value, source, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, source: str, dotted: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(option, value, source, dotted)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: '{dotted}' has the wrong type ({type(value).__name__})")
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{dotted}' must be a list")
+        return tuple(_coerce(inner, v, source, f"{dotted}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is type(None):
+        pass
+    else:  # pragma: no cover - a programming error in a settings class
+        raise TypeError(f"unsupported settings type {hint!r} for {dotted}")
+    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{source}: '{dotted}' must be {expected}, not {type(value).__name__} ({value!r})")
+
+
+def _fail(settings: Settings, key: str, why: str) -> typing.NoReturn:
+    raise ConfigError(f"{settings.source}: '{key}' {why}")
+
+
+def _check(s: Settings) -> None:
+    """Cross-field and range checks, each naming its key."""
+    try:
+        ZoneInfo(s.shop.time_zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        _fail(s, "shop.time_zone", f"is not an IANA time zone: {s.shop.time_zone!r}")
+    if s.shop.default_locale not in ("id", "en"):
+        _fail(s, "shop.default_locale", "must be 'id' or 'en'")
+    if "@" not in s.shop.from_address:
+        _fail(s, "shop.from_address", "must be an email address")
+    if not s.shop.domain or "." not in s.shop.domain:
+        _fail(s, "shop.domain", "must be a domain name such as shop.example")
+    if not s.shop.postal_address.strip():
+        _fail(s, "shop.postal_address", "must not be empty (it goes in every footer)")
+    if not s.database.url.startswith(("sqlite://", "postgresql")):
+        _fail(s, "database.url", "must be a sqlite:/// or postgresql+psycopg:// URL")
+    if s.smtp.tls not in ("starttls", "tls", "none"):
+        _fail(s, "smtp.tls", "must be 'starttls', 'tls' or 'none'")
+    if s.smtp.tls == "none" and not s.smtp.allow_plaintext_remote and not _is_loopback(s.smtp.host):
+        _fail(
+            s,
+            "smtp.tls",
+            f"is 'none' but smtp.host {s.smtp.host!r} is not a loopback address; "
+            "use starttls/tls, or set smtp.allow_plaintext_remote = true to force it",
+        )
+    if not 0 < s.smtp.port < 65536:
+        _fail(s, "smtp.port", "must be between 1 and 65535")
+    if s.smtp.pool_size < 1:
+        _fail(s, "smtp.pool_size", "must be at least 1")
+    if s.smtp.timeout_seconds <= 0:
+        _fail(s, "smtp.timeout_seconds", "must be positive")
+    for key, value in (
+        ("sending.batch_size", s.sending.batch_size),
+        ("sending.max_attempts", s.sending.max_attempts),
+        ("sending.lease_seconds", s.sending.lease_seconds),
+        ("sending.burst", s.sending.burst),
+    ):
+        if value < 1:
+            _fail(s, key, "must be at least 1")
+    if s.sending.rate_per_second <= 0:
+        _fail(s, "sending.rate_per_second", "must be positive")
+    if not s.unsubscribe.url.startswith("https://"):
+        _fail(s, "unsubscribe.url", "must be an https:// URL (RFC 8058 one-click)")
+    w = s.campaigns.winback
+    if w.quiet_days < 1:
+        _fail(s, "campaigns.winback.quiet_days", "must be at least 1")
+    if w.expires_after_days < 1:
+        _fail(s, "campaigns.winback.expires_after_days", "must be at least 1")
+    if not 0 <= w.coupon_percent <= 100:
+        _fail(s, "campaigns.winback.coupon_percent", "must be between 0 and 100")
+    if s.logging.format not in ("text", "json"):
+        _fail(s, "logging.format", "must be 'text' or 'json'")
+    if s.logging.level not in ("debug", "info", "warning", "error"):
+        _fail(s, "logging.level", "must be debug, info, warning or error")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

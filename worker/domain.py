@@ -1,0 +1,258 @@
+"""Plain values shared by every stage: no I/O, no ORM, no library types.
+
+Records (``CustomerRecord`` …) are what the importer produces and the store
+upserts. Snapshots and facts are what the store hands to the pure core.
+``PlannedMessage`` is what planning produces; ``RenderedEmail`` is what
+rendering produces; ``SendResult`` is what a transport reports.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+
+class Locale(enum.StrEnum):
+    """The languages templates exist in."""
+
+    ID = "id"
+    """Bahasa Indonesia (the default)."""
+    EN = "en"
+    """English."""
+
+
+class OrderStatus(enum.StrEnum):
+    """Where an order is in the shop's life cycle."""
+
+    PLACED = "placed"
+    """Ordered, not yet paid or shipped."""
+    PAID = "paid"
+    """Paid, not yet shipped."""
+    SHIPPED = "shipped"
+    """Handed to the courier."""
+    DELIVERED = "delivered"
+    """Received by the customer."""
+    CANCELLED = "cancelled"
+    """Cancelled: never counts as a purchase."""
+    REFUNDED = "refunded"
+    """Paid back: never counts as a purchase."""
+
+    @property
+    def counts_as_purchase(self) -> bool:
+        return self not in (OrderStatus.CANCELLED, OrderStatus.REFUNDED)
+
+
+class MessageStatus(enum.StrEnum):
+    """A ledger row's state. Terminal: sent, failed, skipped, uncertain."""
+
+    PLANNED = "planned"
+    """Created by planning; waits for ``next_attempt_at``."""
+    CLAIMED = "claimed"
+    """Taken by a worker (with a lease); no SMTP byte sent yet."""
+    SENDING = "sending"
+    """Committed right before the first SMTP byte of an attempt."""
+    RETRY = "retry"
+    """A transient failure; waits for ``next_attempt_at``."""
+    SENT = "sent"
+    """The server accepted the message (2xx after DATA)."""
+    FAILED = "failed"
+    """A permanent failure, a render error, or attempts exhausted."""
+    SKIPPED = "skipped"
+    """Not sent on purpose; ``skip_reason`` says why."""
+    UNCERTAIN = "uncertain"
+    """The mail may have arrived (connection lost after the final dot, or a
+    worker died while sending). Never resent automatically."""
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {MessageStatus.SENT, MessageStatus.FAILED, MessageStatus.SKIPPED, MessageStatus.UNCERTAIN}
+)
+
+
+class SkipReason(enum.StrEnum):
+    """Why a planned message was not sent."""
+
+    SUPPRESSED = "suppressed"
+    """The address is on the suppression list."""
+    NO_CONSENT = "no_consent"
+    """The customer withdrew marketing consent."""
+    ORDERED_SINCE = "ordered_since"
+    """The customer ordered again after the message was planned."""
+    CAPPED = "capped"
+    """The frequency cap left no slot."""
+    EXPIRED = "expired"
+    """The message's expiry passed before it could be sent."""
+    HELD_OUT = "held_out"
+    """The customer is in the campaign's holdout group."""
+    CUSTOMER_GONE = "customer_gone"
+    """The customer record no longer exists."""
+
+
+class Outcome(enum.StrEnum):
+    """What one SMTP attempt came to."""
+
+    SENT = "sent"
+    """Accepted by the server."""
+    TRANSIENT = "transient"
+    """Not delivered; worth retrying later (4xx, drop before DATA ended)."""
+    PERMANENT = "permanent"
+    """Not delivered; retrying will not help (5xx)."""
+    AMBIGUOUS = "ambiguous"
+    """Unknown: the connection died after the message was handed over."""
+    RENDER_ERROR = "render_error"
+    """The template failed for this message; nothing was sent."""
+
+
+# --- records: what the importer produces and the store upserts -------------
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerRecord:
+    external_id: str
+    email: str
+    """Normalised by email-validator."""
+    name: str
+    locale: Locale
+    time_zone: str
+    """An IANA zone name, validated."""
+    birthday: date | None
+    marketing_consent: bool
+    consent_basis: str
+    """e.g. ``opt_in``, ``legitimate_interest``; empty when unknown."""
+    consent_source: str
+    """e.g. ``checkout``, ``newsletter_form``; empty when unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProductRecord:
+    external_id: str
+    name: str
+    category: str
+    price_minor: int
+    """Price in the currency's minor unit (see ``worker.money``)."""
+    currency: str
+    url: str
+    image_url: str
+    launched_at: datetime | None
+    """Aware, UTC."""
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OrderLineRecord:
+    product_external_id: str
+    quantity: int
+    unit_price_minor: int
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRecord:
+    external_id: str
+    customer_external_id: str
+    status: OrderStatus
+    placed_at: datetime
+    """Aware, UTC."""
+    delivered_at: datetime | None
+    total_minor: int
+    currency: str
+    lines: tuple[OrderLineRecord, ...] = ()
+
+
+# --- what the store hands the core -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerSnapshot:
+    """A customer as the core sees them (no ORM object ever leaves the store)."""
+
+    id: int
+    external_id: str
+    email: str
+    name: str
+    locale: Locale
+    time_zone: str
+    birthday: date | None
+    marketing_consent: bool
+
+    @property
+    def first_name(self) -> str:
+        parts = self.name.split()
+        return parts[0] if parts else ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProductView:
+    """A product as templates see it."""
+
+    external_id: str
+    name: str
+    category: str
+    price_minor: int
+    currency: str
+    url: str
+    image_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class OrderFacts:
+    """One order, reduced to what audience rules need."""
+
+    external_id: str
+    status: OrderStatus
+    placed_at: datetime
+    delivered_at: datetime | None = None
+    total_minor: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerFacts:
+    """What audience rules look at: the customer, their orders, their standing."""
+
+    customer: CustomerSnapshot
+    orders: tuple[OrderFacts, ...]
+    suppressed: bool
+    planned_keys: frozenset[str] = frozenset()
+    """Dedupe keys this customer already has in the ledger."""
+
+
+# --- planning, rendering, sending ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedMessage:
+    dedupe_key: str
+    campaign: str
+    step: int
+    customer_id: int
+    email: str
+    due_at: datetime
+    expires_at: datetime
+    message_id: str
+    """``<…@shop-domain>``, fixed at planning so a resend keeps it."""
+    priority: int = 0
+    payload: dict[str, str] = field(default_factory=dict)
+    """Small campaign facts fixed at planning (e.g. the first order's id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedEmail:
+    subject: str
+    html: str
+    text: str
+    template_version: str
+    """A content hash of the template files used."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    outcome: Outcome
+    code: int | None
+    reply: str
+    error_type: str = ""
+    retry_after_seconds: float | None = None
+    """A "try again in N seconds" hint from the server, when it gave one."""

@@ -1,0 +1,68 @@
+"""Kembali's error tree. Library errors are translated at the adapter edge.
+
+    KembaliError
+    ├── ConfigError            config.toml is missing, malformed or has a bad key
+    ├── SchemaError            the database schema is missing or behind
+    ├── ImportRowError         one input row is invalid (file, line, reason)
+    ├── TemplateError          a template failed to load or render
+    └── DeliveryError          one SMTP attempt failed
+        ├── TransientDeliveryError    worth retrying (4xx, drop before DATA ended)
+        ├── PermanentDeliveryError    not worth retrying (5xx)
+        └── AmbiguousDeliveryError    the mail may have arrived
+"""
+
+from __future__ import annotations
+
+
+class KembaliError(Exception):
+    """Something Kembali knows how to explain went wrong."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(KembaliError):
+    """The configuration is invalid."""
+
+
+class SchemaError(KembaliError):
+    """The database schema is missing or out of date: run `kembali db upgrade`."""
+
+
+class ImportRowError(KembaliError):
+    """An input row is invalid."""
+
+    def __init__(self, line: int, reason: str) -> None:
+        self.line = line
+        self.reason = reason
+        super().__init__(f"line {line}: {reason}")
+
+
+class TemplateError(KembaliError):
+    """A template failed to load or render."""
+
+    def __init__(self, message: str, *, template: str = "", line: int | None = None) -> None:
+        self.template = template
+        self.line = line
+        where = template + (f":{line}" if line else "")
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class DeliveryError(KembaliError):
+    """An SMTP attempt failed."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class TransientDeliveryError(DeliveryError):
+    """The attempt failed in a way worth retrying."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The attempt failed in a way retrying will not fix."""
+
+
+class AmbiguousDeliveryError(DeliveryError):
+    """The message may have been delivered."""
