@@ -256,3 +256,48 @@ class SendResult:
     error_type: str = ""
     retry_after_seconds: float | None = None
     """A "try again in N seconds" hint from the server, when it gave one."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedMessage:
+    """A ledger row a worker has claimed (with a lease) and may now send."""
+
+    id: int
+    dedupe_key: str
+    campaign: str
+    step: int
+    customer_id: int
+    email: str
+    message_id: str
+    attempts: int
+    """Attempts made before this one."""
+    due_at: datetime
+    expires_at: datetime
+    payload: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Disposition:
+    """What becomes of a claimed message after an attempt (or a decision not to try)."""
+
+    message: ClaimedMessage
+    status: MessageStatus
+    worker: str
+    started_at: datetime
+    finished_at: datetime
+    result: SendResult | None = None
+    """None when no attempt was made (a skip)."""
+    skip_reason: SkipReason | None = None
+    next_attempt_at: datetime | None = None
+    template_version: str | None = None
+    subject: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendTimeFacts:
+    """What the send-time re-check looks at, read right before sending."""
+
+    customer: CustomerSnapshot | None
+    suppressed: bool
+    order_count: int
+    last_order_at: datetime | None

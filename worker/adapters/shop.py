@@ -1,0 +1,245 @@
+"""Upserting the shop's data by external id, in batches.
+
+Re-importing the same file changes nothing: each batch reads the existing rows
+for its ids, inserts the new ones, updates only rows whose values differ, and
+counts the three. After orders change, the per-customer purchase columns that
+audience queries scan are refreshed for the customers touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from worker.adapters.store import PURCHASE_EXCLUDED, C, L, O, P, _chunks
+from worker.domain import CustomerRecord, OrderRecord, ProductRecord
+
+
+@dataclass
+class UpsertCounts:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    """(external id, reason) for records the database could not take."""
+
+    def add(self, other: UpsertCounts) -> None:
+        self.created += other.created
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.rejected.extend(other.rejected)
+
+
+def _customer_values(r: CustomerRecord) -> dict[str, Any]:
+    return {
+        "external_id": r.external_id,
+        "email": r.email,
+        "name": r.name,
+        "locale": r.locale.value,
+        "time_zone": r.time_zone,
+        "birthday": r.birthday,
+        "marketing_consent": r.marketing_consent,
+        "consent_basis": r.consent_basis,
+        "consent_source": r.consent_source,
+    }
+
+
+def _product_values(r: ProductRecord) -> dict[str, Any]:
+    return {
+        "external_id": r.external_id,
+        "name": r.name,
+        "category": r.category,
+        "price_minor": r.price_minor,
+        "currency": r.currency,
+        "url": r.url,
+        "image_url": r.image_url,
+        "launched_at": r.launched_at,
+        "active": r.active,
+    }
+
+
+def _upsert_simple(
+    engine: Engine,
+    table: sa.Table,
+    values: Sequence[dict[str, Any]],
+    now: datetime,
+) -> UpsertCounts:
+    counts = UpsertCounts()
+    if not values:
+        return counts
+    keys = [k for k in values[0] if k != "external_id"]
+    by_id = {v["external_id"]: v for v in values}  # a later duplicate in one batch wins
+    with engine.begin() as conn:
+        existing = {
+            r.external_id: r
+            for r in conn.execute(
+                sa.select(table.c.external_id, *[table.c[k] for k in keys]).where(
+                    table.c.external_id.in_(list(by_id))
+                )
+            )
+        }
+        new = [{**v, "created_at": now, "updated_at": now} for k, v in by_id.items() if k not in existing]
+        changed = [
+            {**{f"v_{k}": v[k] for k in keys}, "b_ext": ext, "v_updated_at": now}
+            for ext, v in by_id.items()
+            if ext in existing and any(getattr(existing[ext], k) != v[k] for k in keys)
+        ]
+        if new:
+            conn.execute(sa.insert(table), new)
+        if changed:
+            conn.execute(
+                sa.update(table)
+                .where(table.c.external_id == sa.bindparam("b_ext"))
+                .values({k: sa.bindparam(f"v_{k}") for k in [*keys, "updated_at"]}),
+                changed,
+            )
+    counts.created = len(new)
+    counts.updated = len(changed)
+    counts.unchanged = len(by_id) - len(new) - len(changed)
+    return counts
+
+
+def upsert_customers(engine: Engine, records: Sequence[CustomerRecord], now: datetime) -> UpsertCounts:
+    return _upsert_simple(engine, C, [_customer_values(r) for r in records], now)
+
+
+def upsert_products(engine: Engine, records: Sequence[ProductRecord], now: datetime) -> UpsertCounts:
+    counts = _upsert_simple(engine, P, [_product_values(r) for r in records], now)
+    with engine.begin() as conn:  # link order lines imported before their product
+        ids = [r.external_id for r in records]
+        for part in _chunks(ids):
+            conn.execute(
+                sa.update(L)
+                .where(L.c.product_id.is_(None), L.c.product_external_id.in_(part))
+                .values(
+                    product_id=sa.select(P.c.id).where(P.c.external_id == L.c.product_external_id).scalar_subquery()
+                )
+            )
+    return counts
+
+
+def upsert_orders(
+    engine: Engine,
+    records: Sequence[OrderRecord],
+    now: datetime,
+    on_unknown_product: Callable[[str, str], None] | None = None,
+) -> UpsertCounts:
+    """Upsert orders with their lines; an order whose customer is unknown is rejected."""
+    counts = UpsertCounts()
+    if not records:
+        return counts
+    by_id = {r.external_id: r for r in records}
+    with engine.begin() as conn:
+        customers = dict(
+            conn.execute(
+                sa.select(C.c.external_id, C.c.id).where(
+                    C.c.external_id.in_({r.customer_external_id for r in by_id.values()})
+                )
+            ).tuples().all()
+        )
+        products = dict(
+            conn.execute(
+                sa.select(P.c.external_id, P.c.id).where(
+                    P.c.external_id.in_({ln.product_external_id for r in by_id.values() for ln in r.lines})
+                )
+            ).tuples().all()
+        )
+        existing = {r.external_id: r for r in conn.execute(sa.select(O).where(O.c.external_id.in_(list(by_id))))}
+        existing_lines = _lines_of(conn, [r.id for r in existing.values()])
+        touched: set[int] = set()
+        for ext, rec in by_id.items():
+            customer_id = customers.get(rec.customer_external_id)
+            if customer_id is None:
+                counts.rejected.append((ext, f"unknown customer id {rec.customer_external_id!r}"))
+                continue
+            values = {
+                "customer_id": customer_id,
+                "status": rec.status.value,
+                "placed_at": rec.placed_at,
+                "delivered_at": rec.delivered_at,
+                "total_minor": rec.total_minor,
+                "currency": rec.currency,
+            }
+            lines = [
+                {
+                    "line_no": i,
+                    "product_external_id": ln.product_external_id,
+                    "product_id": products.get(ln.product_external_id),
+                    "quantity": ln.quantity,
+                    "unit_price_minor": ln.unit_price_minor,
+                }
+                for i, ln in enumerate(rec.lines, start=1)
+            ]
+            if on_unknown_product:
+                for line in lines:
+                    if line["product_id"] is None:
+                        on_unknown_product(ext, line["product_external_id"])
+            old = existing.get(ext)
+            if old is None:
+                order_id = conn.execute(
+                    sa.insert(O).values(external_id=ext, created_at=now, updated_at=now, **values).returning(O.c.id)
+                ).scalar_one()
+                counts.created += 1
+            else:
+                order_id = old.id
+                same_order = all(getattr(old, k) == v for k, v in values.items())
+                if same_order and existing_lines.get(order_id, []) == lines:
+                    counts.unchanged += 1
+                    continue
+                conn.execute(sa.update(O).where(O.c.id == order_id).values(updated_at=now, **values))
+                conn.execute(sa.delete(L).where(L.c.order_id == order_id))
+                touched.add(old.customer_id)
+                counts.updated += 1
+            if lines:
+                conn.execute(sa.insert(L), [{**line, "order_id": order_id} for line in lines])
+            touched.add(customer_id)
+        refresh_customer_stats(conn, sorted(touched), now)
+    return counts
+
+
+def _lines_of(conn: Connection, order_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {}
+    for part in _chunks(order_ids):
+        query = (
+            sa.select(L.c.order_id, L.c.line_no, L.c.product_external_id, L.c.product_id, L.c.quantity,
+                      L.c.unit_price_minor)
+            .where(L.c.order_id.in_(part))
+            .order_by(L.c.order_id, L.c.line_no)
+        )
+        for r in conn.execute(query):
+            row = dict(r._mapping)
+            out.setdefault(row.pop("order_id"), []).append(row)
+    return out
+
+
+def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: datetime) -> None:
+    """Recompute the denormalised purchase columns from the orders, for these customers."""
+    def purchases() -> Any:
+        return sa.select().select_from(O).where(
+            O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED)
+        )
+
+    for part in _chunks(list(customer_ids)):
+        conn.execute(
+            sa.update(C)
+            .where(C.c.id.in_(part))
+            .values(
+                order_count=purchases().with_only_columns(sa.func.count()).scalar_subquery(),
+                first_order_at=purchases().with_only_columns(sa.func.min(O.c.placed_at)).scalar_subquery(),
+                last_order_at=purchases().with_only_columns(sa.func.max(O.c.placed_at)).scalar_subquery(),
+                first_order_id=purchases()
+                .with_only_columns(O.c.id)
+                .order_by(O.c.placed_at, O.c.id)
+                .limit(1)
+                .scalar_subquery(),
+                total_spent_minor=purchases()
+                .with_only_columns(sa.func.coalesce(sa.func.sum(O.c.total_minor), 0))
+                .scalar_subquery(),
+                updated_at=now,
+            )
+        )

@@ -1,0 +1,418 @@
+"""The Store: the ledger and the shop's data behind one small, synchronous API.
+
+All access is SQLAlchemy Core over the SQLModel tables (ORM objects cost ~7x more
+per row and never leave this module anyway). Every method is one short
+transaction. The async pipeline calls these methods through a single database
+thread (``worker.app.AsyncStore``), so the event loop never waits on a commit.
+
+"Once" is the database's job: planning inserts with ON CONFLICT DO NOTHING on
+the UNIQUE dedupe key; claiming is one UPDATE … WHERE id IN (SELECT … FOR UPDATE
+SKIP LOCKED) RETURNING on PostgreSQL, and the same statement inside BEGIN
+IMMEDIATE on SQLite; ``mark_sending`` commits the ``sending`` state before the
+first SMTP byte.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from worker.adapters import db
+from worker.adapters.tables import Attempt, Customer, Message, OrderLine, Product, ShopOrder, Suppression
+from worker.core.audiences import WinbackCandidate
+from worker.domain import (
+    ClaimedMessage,
+    CustomerSnapshot,
+    Disposition,
+    Locale,
+    MessageStatus,
+    PlannedMessage,
+    ProductView,
+    SendTimeFacts,
+)
+
+C = Customer.__table__  # type: ignore[attr-defined]
+P = Product.__table__  # type: ignore[attr-defined]
+O = ShopOrder.__table__  # type: ignore[attr-defined]  # noqa: E741
+L = OrderLine.__table__  # type: ignore[attr-defined]
+M = Message.__table__  # type: ignore[attr-defined]
+A = Attempt.__table__  # type: ignore[attr-defined]
+S = Suppression.__table__  # type: ignore[attr-defined]
+
+PURCHASE_EXCLUDED = ("cancelled", "refunded")
+CLAIMABLE = (MessageStatus.PLANNED.value, MessageStatus.RETRY.value)
+_CHUNK = 500  # ids per IN (…) list
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def customer_snapshot(row: Any) -> CustomerSnapshot:
+    return CustomerSnapshot(
+        id=row.id,
+        external_id=row.external_id,
+        email=row.email,
+        name=row.name,
+        locale=Locale(row.locale),
+        time_zone=row.time_zone,
+        birthday=row.birthday,
+        marketing_consent=bool(row.marketing_consent),
+    )
+
+
+def product_view(row: Any) -> ProductView:
+    return ProductView(
+        external_id=row.external_id,
+        name=row.name,
+        category=row.category,
+        price_minor=row.price_minor,
+        currency=row.currency,
+        url=row.url,
+        image_url=row.image_url,
+    )
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        return cls(db.create_engine(url))
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- planning -----------------------------------------------------------
+
+    def winback_candidates(
+        self, *, cutoff: datetime, after_id: int = 0, limit: int = 1000
+    ) -> list[WinbackCandidate]:
+        """One keyset batch of customers due a win-back (see core.audiences.is_winback_due):
+        exactly one purchase placed before ``cutoff``, consent, not suppressed, no row yet."""
+        key = sa.literal("winback:") + C.c.external_id + sa.literal(":") + O.c.external_id + sa.literal(":1")
+        query = (
+            sa.select(C, O.c.external_id.label("order_external_id"))
+            .join(O, O.c.id == C.c.first_order_id)
+            .where(
+                C.c.id > after_id,
+                C.c.order_count == 1,
+                C.c.first_order_at < cutoff,
+                C.c.marketing_consent.is_(True),
+                ~sa.exists().where(S.c.email == C.c.email),
+                ~sa.exists().where(M.c.dedupe_key == key),
+            )
+            .order_by(C.c.id)
+            .limit(limit)
+        )
+        with self.engine.begin() as conn:
+            rows = conn.execute(query).all()
+        return [
+            WinbackCandidate(
+                customer=customer_snapshot(r),
+                first_order_id=r.first_order_id,
+                first_order_external_id=r.order_external_id,
+                first_order_at=r.first_order_at,
+            )
+            for r in rows
+        ]
+
+    def insert_messages(self, messages: Sequence[PlannedMessage], now: datetime) -> int:
+        """Insert planned rows; rows whose dedupe key exists are left alone. Returns rows created."""
+        if not messages:
+            return 0
+        rows = [
+            {
+                "dedupe_key": m.dedupe_key,
+                "campaign": m.campaign,
+                "step": m.step,
+                "priority": m.priority,
+                "customer_id": m.customer_id,
+                "email": m.email,
+                "status": MessageStatus.PLANNED.value,
+                "due_at": m.due_at,
+                "expires_at": m.expires_at,
+                "next_attempt_at": m.due_at,
+                "attempts": 0,
+                "message_id": m.message_id,
+                "payload": json.dumps(m.payload, sort_keys=True),
+                "created_at": now,
+                "updated_at": now,
+            }
+            for m in messages
+        ]
+        created = 0
+        stmt = db.insert_ignore(self.engine, M).returning(M.c.id)
+        with self.engine.begin() as conn:
+            for part in _chunks(rows):
+                created += len(conn.execute(stmt, list(part)).all())
+        return created
+
+    # --- claiming and sending -----------------------------------------------
+
+    def claim(self, *, worker: str, now: datetime, limit: int, lease_seconds: int) -> list[ClaimedMessage]:
+        """Take up to ``limit`` due rows for ``worker`` with a lease; no two workers get the same row."""
+        due = (
+            sa.select(M.c.id)
+            .where(M.c.status.in_(CLAIMABLE), M.c.next_attempt_at <= now)
+            .order_by(M.c.priority.desc(), M.c.next_attempt_at, M.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            sa.update(M)
+            .where(M.c.id.in_(due.scalar_subquery()), M.c.status.in_(CLAIMABLE))
+            .values(
+                status=MessageStatus.CLAIMED.value,
+                claimed_by=worker,
+                lease_until=now + timedelta(seconds=lease_seconds),
+                updated_at=now,
+            )
+            .returning(
+                M.c.id,
+                M.c.dedupe_key,
+                M.c.campaign,
+                M.c.step,
+                M.c.customer_id,
+                M.c.email,
+                M.c.message_id,
+                M.c.attempts,
+                M.c.due_at,
+                M.c.expires_at,
+                M.c.payload,
+                M.c.priority,
+            )
+        )
+        with self.engine.begin() as conn:
+            rows = conn.execute(stmt).all()
+        rows.sort(key=lambda r: (-r.priority, r.id))
+        return [
+            ClaimedMessage(
+                id=r.id,
+                dedupe_key=r.dedupe_key,
+                campaign=r.campaign,
+                step=r.step,
+                customer_id=r.customer_id,
+                email=r.email,
+                message_id=r.message_id,
+                attempts=r.attempts,
+                due_at=r.due_at,
+                expires_at=r.expires_at,
+                payload=json.loads(r.payload),
+            )
+            for r in rows
+        ]
+
+    def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
+        """Commit ``sending`` for rows this worker still holds; returns the ids marked.
+        A row not returned (lease lost) must not be sent."""
+        marked: set[int] = set()
+        if not ids:
+            return marked
+        with self.engine.begin() as conn:
+            for part in _chunks(list(ids)):
+                stmt = (
+                    sa.update(M)
+                    .where(
+                        M.c.id.in_(part),
+                        M.c.claimed_by == worker,
+                        M.c.status == MessageStatus.CLAIMED.value,
+                    )
+                    .values(status=MessageStatus.SENDING.value, attempts=M.c.attempts + 1, updated_at=now)
+                    .returning(M.c.id)
+                )
+                marked.update(conn.execute(stmt).scalars())
+        return marked
+
+    def record(self, dispositions: Sequence[Disposition]) -> None:
+        """Write outcomes and attempt rows, in one transaction."""
+        if not dispositions:
+            return
+        updates: list[dict[str, Any]] = []
+        attempts: list[dict[str, Any]] = []
+        for d in dispositions:
+            res = d.result
+            updates.append(
+                {
+                    "b_id": d.message.id,
+                    "b_worker": d.worker,
+                    "status": d.status.value,
+                    "skip_reason": d.skip_reason.value if d.skip_reason else None,
+                    "next_attempt_at": d.next_attempt_at or d.message.due_at,
+                    "claimed_by": None,
+                    "lease_until": None,
+                    "last_code": res.code if res else None,
+                    "last_reply": (res.reply[:500] if res else None),
+                    "last_error": (res.error_type[:500] or None) if res else None,
+                    "sent_at": d.finished_at if d.status is MessageStatus.SENT else None,
+                    "template_version": d.template_version,
+                    "subject": d.subject[:400] if d.subject else None,
+                    "updated_at": d.finished_at,
+                }
+            )
+            if res is not None:
+                attempts.append(
+                    {
+                        "message_id": d.message.id,
+                        "attempt_no": d.message.attempts + 1,
+                        "worker": d.worker,
+                        "started_at": d.started_at,
+                        "finished_at": d.finished_at,
+                        "outcome": res.outcome.value,
+                        "code": res.code,
+                        "reply": res.reply[:500],
+                        "error_type": res.error_type[:100],
+                    }
+                )
+        stmt = (
+            sa.update(M)
+            .where(
+                M.c.id == sa.bindparam("b_id"),
+                M.c.claimed_by == sa.bindparam("b_worker"),
+                sa.or_(M.c.status == MessageStatus.CLAIMED.value, M.c.status == MessageStatus.SENDING.value),
+            )
+            .values(
+                status=sa.bindparam("status"),
+                skip_reason=sa.bindparam("skip_reason"),
+                next_attempt_at=sa.bindparam("next_attempt_at"),
+                claimed_by=sa.bindparam("claimed_by"),
+                lease_until=sa.bindparam("lease_until"),
+                last_code=sa.bindparam("last_code"),
+                last_reply=sa.bindparam("last_reply"),
+                last_error=sa.bindparam("last_error"),
+                sent_at=sa.bindparam("sent_at"),
+                template_version=sa.func.coalesce(sa.bindparam("template_version"), M.c.template_version),
+                subject=sa.func.coalesce(sa.bindparam("subject"), M.c.subject),
+                updated_at=sa.bindparam("updated_at"),
+            )
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt, updates)
+            if attempts:
+                conn.execute(sa.insert(A), attempts)
+
+    def release_expired_leases(self, now: datetime) -> tuple[int, int]:
+        """Claimed rows whose lease lapsed go back to the queue; sending rows become uncertain.
+        Returns (requeued, uncertain)."""
+        lapsed = sa.and_(M.c.lease_until.is_not(None), M.c.lease_until < now)
+        with self.engine.begin() as conn:
+            requeued = conn.execute(
+                sa.update(M)
+                .where(lapsed, M.c.status == MessageStatus.CLAIMED.value)
+                .values(
+                    status=sa.case((M.c.attempts > 0, MessageStatus.RETRY.value), else_=MessageStatus.PLANNED.value),
+                    claimed_by=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+            ).rowcount
+            uncertain = conn.execute(
+                sa.update(M)
+                .where(lapsed, M.c.status == MessageStatus.SENDING.value)
+                .values(
+                    status=MessageStatus.UNCERTAIN.value,
+                    last_error="lease lapsed while sending (worker died?)",
+                    claimed_by=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+            ).rowcount
+        return requeued, uncertain
+
+    # --- facts for the send-time re-check and for rendering -----------------
+
+    def send_time_facts(self, customer_ids: Iterable[int]) -> dict[int, SendTimeFacts]:
+        ids = sorted(set(customer_ids))
+        facts: dict[int, SendTimeFacts] = {}
+        with self.engine.begin() as conn:
+            for part in _chunks(ids):
+                query = sa.select(
+                    C, sa.exists().where(S.c.email == C.c.email).label("suppressed")
+                ).where(C.c.id.in_(part))
+                for r in conn.execute(query):
+                    facts[r.id] = SendTimeFacts(
+                        customer=customer_snapshot(r),
+                        suppressed=bool(r.suppressed),
+                        order_count=r.order_count,
+                        last_order_at=r.last_order_at,
+                    )
+        for missing in set(ids) - facts.keys():
+            facts[missing] = SendTimeFacts(customer=None, suppressed=False, order_count=0, last_order_at=None)
+        return facts
+
+    def order_products(self, order_ids: Iterable[int]) -> dict[int, list[ProductView]]:
+        """The products on each order, in line order."""
+        ids = sorted(set(order_ids))
+        out: dict[int, list[ProductView]] = {i: [] for i in ids}
+        with self.engine.begin() as conn:
+            for part in _chunks(ids):
+                query = (
+                    sa.select(L.c.order_id, P)
+                    .join(P, P.c.id == L.c.product_id)
+                    .where(L.c.order_id.in_(part))
+                    .order_by(L.c.order_id, L.c.line_no)
+                )
+                for r in conn.execute(query):
+                    out[r.order_id].append(product_view(r))
+        return out
+
+    def catalogue(self) -> list[tuple[ProductView, int]]:
+        """Active products with their units sold, best sellers first."""
+        sold = (
+            sa.select(L.c.product_id, sa.func.sum(L.c.quantity).label("units"))
+            .join(O, O.c.id == L.c.order_id)
+            .where(O.c.status.not_in(PURCHASE_EXCLUDED))
+            .group_by(L.c.product_id)
+            .subquery()
+        )
+        query = (
+            sa.select(P, sa.func.coalesce(sold.c.units, 0).label("units"))
+            .outerjoin(sold, sold.c.product_id == P.c.id)
+            .where(P.c.active.is_(True))
+            .order_by(sa.desc("units"), P.c.id)
+        )
+        with self.engine.begin() as conn:
+            return [(product_view(r), int(r.units)) for r in conn.execute(query)]
+
+    # --- suppressions --------------------------------------------------------
+
+    def suppress(self, email: str, *, reason: str, source: str, now: datetime) -> bool:
+        """Add an address to the suppression list; False if it was already there."""
+        stmt = db.insert_ignore(self.engine, S).values(email=email, reason=reason, source=source, created_at=now)
+        with self.engine.begin() as conn:
+            return bool(conn.execute(stmt).rowcount)
+
+    # --- reports -------------------------------------------------------------
+
+    def status_counts(self, campaign: str | None = None) -> dict[tuple[str, str, str | None], int]:
+        """(campaign, status, skip reason) → rows."""
+        query = sa.select(M.c.campaign, M.c.status, M.c.skip_reason, sa.func.count()).group_by(
+            M.c.campaign, M.c.status, M.c.skip_reason
+        )
+        if campaign:
+            query = query.where(M.c.campaign == campaign)
+        with self.engine.begin() as conn:
+            return {(c, s, r): n for c, s, r, n in conn.execute(query)}
+
+    def messages(self, *, statuses: Sequence[str] = (), limit: int = 100) -> list[dict[str, Any]]:
+        query = sa.select(M).order_by(M.c.id).limit(limit)
+        if statuses:
+            query = query.where(M.c.status.in_(statuses))
+        with self.engine.begin() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def attempts_for(self, message_row_id: int) -> list[dict[str, Any]]:
+        query = sa.select(A).where(A.c.message_id == message_row_id).order_by(A.c.id)
+        with self.engine.begin() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]

@@ -1,0 +1,179 @@
+"""SQLModel tables: the shop's data, the message ledger, attempts, suppressions.
+
+Datetimes are stored as UTC and come back aware (``UTCDateTime``); money is an
+integer in the currency's minor unit. ORM objects never leave the adapters:
+the store turns rows into the plain values of ``worker.domain``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out, on SQLite and PostgreSQL alike."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _dt(**kw: Any) -> Any:
+    return Field(sa_type=UTCDateTime(), **kw)
+
+
+class Customer(SQLModel, table=True):
+    __tablename__ = "customer"
+    __table_args__ = (sa.Index("ix_customer_winback", "order_count", "first_order_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    external_id: str = Field(max_length=100, unique=True)
+    email: str = Field(max_length=320, index=True)
+    name: str = Field(max_length=200)
+    locale: str = Field(max_length=5, default="id")
+    time_zone: str = Field(max_length=64, default="Asia/Jakarta")
+    birthday: date | None = None
+    marketing_consent: bool = False
+    consent_basis: str = Field(default="", max_length=64)
+    consent_source: str = Field(default="", max_length=64)
+    # Denormalised from orders (refreshed by the store after every order import),
+    # so audience queries are keyset scans over one table.
+    order_count: int = 0
+    """Orders that count as purchases (not cancelled, not refunded)."""
+    first_order_id: int | None = None
+    first_order_at: datetime | None = _dt(default=None)
+    last_order_at: datetime | None = _dt(default=None)
+    total_spent_minor: int = Field(default=0, sa_type=sa.BigInteger())
+    created_at: datetime = _dt()
+    updated_at: datetime = _dt()
+
+
+class Product(SQLModel, table=True):
+    __tablename__ = "product"
+
+    id: int | None = Field(default=None, primary_key=True)
+    external_id: str = Field(max_length=100, unique=True)
+    name: str = Field(max_length=300)
+    category: str = Field(max_length=100, default="", index=True)
+    price_minor: int = Field(sa_type=sa.BigInteger())
+    currency: str = Field(max_length=3, default="IDR")
+    url: str = Field(default="", max_length=1000)
+    image_url: str = Field(default="", max_length=1000)
+    launched_at: datetime | None = _dt(default=None)
+    active: bool = True
+    created_at: datetime = _dt()
+    updated_at: datetime = _dt()
+
+
+class ShopOrder(SQLModel, table=True):
+    __tablename__ = "shop_order"
+
+    id: int | None = Field(default=None, primary_key=True)
+    external_id: str = Field(max_length=100, unique=True)
+    customer_id: int = Field(foreign_key="customer.id", index=True)
+    status: str = Field(max_length=20)
+    placed_at: datetime = _dt()
+    delivered_at: datetime | None = _dt(default=None)
+    total_minor: int = Field(sa_type=sa.BigInteger())
+    currency: str = Field(max_length=3, default="IDR")
+    created_at: datetime = _dt()
+    updated_at: datetime = _dt()
+
+
+class OrderLine(SQLModel, table=True):
+    __tablename__ = "order_line"
+    __table_args__ = (sa.UniqueConstraint("order_id", "line_no"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    order_id: int = Field(foreign_key="shop_order.id", index=True)
+    line_no: int
+    product_external_id: str = Field(max_length=100)
+    product_id: int | None = Field(default=None, foreign_key="product.id", index=True)
+    quantity: int
+    unit_price_minor: int = Field(sa_type=sa.BigInteger())
+
+
+class Message(SQLModel, table=True):
+    """The ledger: one row per planned message, whatever becomes of it."""
+
+    __tablename__ = "message"
+    __table_args__ = (
+        sa.Index("ix_message_due", "status", "next_attempt_at"),
+        sa.Index("ix_message_customer", "customer_id", "sent_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    dedupe_key: str = Field(max_length=200, unique=True)
+    campaign: str = Field(max_length=50)
+    step: int = 1
+    priority: int = 0
+    customer_id: int = Field(foreign_key="customer.id")
+    email: str = Field(max_length=320)
+    status: str = Field(max_length=20)
+    skip_reason: str | None = Field(default=None, max_length=30)
+    due_at: datetime = _dt()
+    expires_at: datetime = _dt()
+    next_attempt_at: datetime = _dt()
+    attempts: int = 0
+    claimed_by: str | None = Field(default=None, max_length=100)
+    lease_until: datetime | None = _dt(default=None)
+    message_id: str = Field(max_length=250, unique=True)
+    template_version: str | None = Field(default=None, max_length=64)
+    subject: str | None = Field(default=None, max_length=400)
+    payload: str = Field(default="{}", max_length=4000)
+    last_code: int | None = None
+    last_reply: str | None = Field(default=None, max_length=500)
+    last_error: str | None = Field(default=None, max_length=500)
+    created_at: datetime = _dt()
+    updated_at: datetime = _dt()
+    sent_at: datetime | None = _dt(default=None)
+
+
+class Attempt(SQLModel, table=True):
+    """Append-only: one row per SMTP attempt (or render failure)."""
+
+    __tablename__ = "attempt"
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: int = Field(foreign_key="message.id", index=True)
+    attempt_no: int
+    worker: str = Field(max_length=100)
+    started_at: datetime = _dt()
+    finished_at: datetime = _dt()
+    outcome: str = Field(max_length=20)
+    code: int | None = None
+    reply: str = Field(default="", max_length=500)
+    error_type: str = Field(default="", max_length=100)
+
+
+class Suppression(SQLModel, table=True):
+    __tablename__ = "suppression"
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(max_length=320, unique=True)
+    reason: str = Field(max_length=30)
+    """``unsubscribed``, ``hard_bounce``, ``complaint``, ``manual``."""
+    source: str = Field(default="", max_length=100)
+    created_at: datetime = _dt()
+
+
+metadata = SQLModel.metadata

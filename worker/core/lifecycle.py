@@ -1,0 +1,57 @@
+"""The ledger's state rules in one place: what an attempt's outcome makes of a message.
+
+    planned ─claim→ claimed ─mark→ sending ─→ sent
+                       │              ├─ transient, attempts left → retry ─claim→ claimed …
+                       │              ├─ transient, none left / permanent / render error → failed
+                       │              └─ ambiguous (after the final dot) → uncertain
+                       └─ re-check says no → skipped (with a reason)
+    lease lapsed: claimed → back to planned/retry; sending → uncertain (never resent automatically)
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+
+from worker.domain import MessageStatus, Outcome, SendResult
+
+
+def backoff_seconds(
+    attempt: int, *, base: float, cap: float, hint: float | None = None, rng: random.Random | None = None
+) -> float:
+    """Delay before attempt ``attempt + 1``: exponential with full jitter in its upper half,
+    never less than the server's own "try again in N seconds" hint."""
+    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
+    jitter = (rng or random.Random()).uniform(0.5, 1.0)  # noqa: S311 - jitter, not security
+    delay = ceiling * jitter
+    if hint is not None:
+        delay = max(delay, min(hint, cap))
+    return delay
+
+
+def after_attempt(
+    result: SendResult,
+    *,
+    attempt: int,
+    max_attempts: int,
+    now: datetime,
+    base_seconds: float,
+    cap_seconds: float,
+    rng: random.Random | None = None,
+) -> tuple[MessageStatus, datetime | None]:
+    """(new status, next attempt time) after attempt number ``attempt`` (1-based)."""
+    match result.outcome:
+        case Outcome.SENT:
+            return MessageStatus.SENT, None
+        case Outcome.AMBIGUOUS:
+            return MessageStatus.UNCERTAIN, None
+        case Outcome.PERMANENT | Outcome.RENDER_ERROR:
+            return MessageStatus.FAILED, None
+        case Outcome.TRANSIENT:
+            if attempt >= max_attempts:
+                return MessageStatus.FAILED, None
+            delay = backoff_seconds(
+                attempt, base=base_seconds, cap=cap_seconds, hint=result.retry_after_seconds, rng=rng
+            )
+            return MessageStatus.RETRY, now + timedelta(seconds=delay)
+    raise AssertionError(f"unhandled outcome {result.outcome!r}")  # pragma: no cover
