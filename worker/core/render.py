@@ -1,0 +1,446 @@
+"""Rendering, the pure half: template context, formatting filters, and the MIME writer.
+
+Theory of operation: the pipeline turns a customer and campaign facts into a
+*plain-data* context (``build_context``), a ``TemplateRenderer`` (the Jinja2
+adapter) turns it into a ``RenderedEmail``, and ``build_message`` turns that into
+the exact bytes handed to SMTP. Nothing here reads files, the clock or the network.
+
+The MIME writer is hand-written because ``email.message.EmailMessage`` costs about
+a millisecond per message and, on Python 3.11.7, its header folding is exposed to
+CVE-2024-6923 (newlines inside encoded words). Here every header value built from
+data is sanitised (no control characters, no ``=?`` encoded-word look-alikes) and
+then emitted as plain ASCII atoms, an RFC 5322 quoted-string, or RFC 2047
+``=?utf-8?b?…?=`` encoded-words, folded with CRLF + space.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from email.utils import format_datetime
+from functools import lru_cache
+from typing import TYPE_CHECKING, Protocol
+
+from babel import Locale as BabelLocale
+from babel import UnknownLocaleError
+from babel.dates import format_date as _babel_format_date
+from babel.numbers import format_currency
+
+from worker.domain import CustomerSnapshot, Locale, ProductView, RenderedEmail
+from worker.money import exponent, from_minor
+
+if TYPE_CHECKING:
+    from worker.config import ShopSettings
+
+__all__ = [
+    "HEADER_TEXT_MAX_CHARS",
+    "ShopInfo",
+    "TemplateRenderer",
+    "build_context",
+    "build_message",
+    "format_date",
+    "format_money",
+    "product_dict",
+    "sanitize_header_text",
+]
+
+
+# --- the port and the shop's identity --------------------------------------
+
+
+@dataclass(frozen=True)
+class ShopInfo:
+    """The shop as templates and headers see it."""
+
+    name: str
+    domain: str
+    from_address: str
+    from_name: str
+    reply_to: str
+    postal_address: str
+    base_url: str
+    currency: str
+
+    @classmethod
+    def from_settings(cls, shop: ShopSettings) -> ShopInfo:
+        return cls(
+            name=shop.name,
+            domain=shop.domain,
+            from_address=shop.from_address,
+            from_name=shop.from_name,
+            reply_to=shop.reply_to,
+            postal_address=shop.postal_address,
+            base_url=shop.base_url,
+            currency=shop.currency,
+        )
+
+
+class TemplateRenderer(Protocol):
+    """Turns a campaign, a locale and a plain-data context into an email."""
+
+    def render(self, campaign: str, locale: Locale, context: Mapping[str, object]) -> RenderedEmail:
+        """Raise ``worker.errors.TemplateError`` naming the file and line on failure."""
+        ...
+
+
+# --- formatting filters ----------------------------------------------------
+
+# Where a currency is at home: its amounts are written the local way whatever the
+# language (an Indonesian shop writes "Rp249.000" in English text too).
+_CURRENCY_TERRITORY = {"IDR": "ID", "MYR": "MY", "SGD": "SG"}
+
+
+@lru_cache(maxsize=64)
+def _money_locale(locale: str, currency: str) -> BabelLocale:
+    language = str(locale).replace("-", "_").split("_")[0] or "id"
+    territory = _CURRENCY_TERRITORY.get(currency.upper())
+    if territory:
+        try:
+            return BabelLocale.parse(f"{language}_{territory}")
+        except (UnknownLocaleError, ValueError):
+            pass
+    return BabelLocale.parse(language)
+
+
+@lru_cache(maxsize=16)
+def _money_patterns(currency: str) -> tuple[str, str]:
+    digits = exponent(currency)
+    return "¤#,##0", ("¤#,##0." + "0" * digits) if digits else "¤#,##0"
+
+
+def format_money(minor: int, currency: str, locale: str) -> str:
+    """``24900000`` IDR minor units → ``Rp249.000`` (decimals only when not whole)."""
+    amount: Decimal = from_minor(minor, currency)
+    whole, fractional = _money_patterns(currency)
+    pattern = whole if amount == amount.to_integral_value() else fractional
+    return str(
+        format_currency(amount, currency.upper(), format=pattern, locale=_money_locale(locale, currency),
+                        currency_digits=False)
+    )
+
+
+def format_date(d: date, locale: str) -> str:
+    """Babel's long date: ``22 November 2026`` (id), ``November 22, 2026`` (en)."""
+    language = str(locale).replace("-", "_").split("_")[0] or "id"
+    return str(_babel_format_date(d, format="long", locale=language))
+
+
+# --- context -----------------------------------------------------------------
+
+_RESERVED_KEYS = frozenset({"campaign", "customer", "shop", "unsubscribe_url", "locale"})
+_Plain = str | int | float | bool | None | dict[str, "_Plain"] | list["_Plain"]
+
+
+def product_dict(p: ProductView) -> dict[str, object]:
+    """A product as templates see it: plain strings and an integer price."""
+    return {
+        "external_id": p.external_id,
+        "name": p.name,
+        "category": p.category,
+        "price_minor": p.price_minor,
+        "currency": p.currency,
+        "url": p.url,
+        "image_url": p.image_url,
+    }
+
+
+def _plain(value: object, where: str) -> _Plain:
+    """Copy ``value`` as plain data, refusing anything a template should not touch."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, Mapping):
+        out: dict[str, _Plain] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"template context {where}: keys must be strings, not {type(k).__name__}")
+            out[k] = _plain(v, f"{where}.{k}")
+        return out
+    if isinstance(value, list | tuple):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, date):  # dates travel as ISO strings; the `date` filter reads them
+        return value.isoformat()
+    raise TypeError(f"template context {where}: {type(value).__name__} is not plain data")
+
+
+def build_context(
+    campaign: str,
+    customer: CustomerSnapshot,
+    *,
+    shop: ShopInfo,
+    unsubscribe_url: str,
+    extra: Mapping[str, object],
+) -> dict[str, object]:
+    """The variables every template receives, as plain data (see templates/email/README.md)."""
+    clash = _RESERVED_KEYS.intersection(extra)
+    if clash:
+        raise ValueError(f"extra context for {campaign!r} may not set {sorted(clash)}")
+    context: dict[str, object] = {
+        "campaign": campaign,
+        "locale": str(customer.locale),
+        "customer": {
+            "first_name": customer.first_name,
+            "name": customer.name,
+            "email": customer.email,
+            "locale": str(customer.locale),
+        },
+        "shop": {
+            "name": shop.name,
+            "domain": shop.domain,
+            "from_address": shop.from_address,
+            "from_name": shop.from_name,
+            "reply_to": shop.reply_to,
+            "postal_address": shop.postal_address,
+            "base_url": shop.base_url,
+            "currency": shop.currency,
+        },
+        "unsubscribe_url": unsubscribe_url,
+    }
+    for key, value in extra.items():
+        context[key] = _plain(value, key)
+    return context
+
+
+# --- header text -------------------------------------------------------------
+
+HEADER_TEXT_MAX_CHARS = 200
+# Bidirectional overrides and isolates: dropped (they disguise names and subjects).
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
+
+
+def _clean_char(ch: str) -> str:
+    if ch.isprintable():
+        return ch
+    category = unicodedata.category(ch)
+    if category == "Cf":
+        return "" if ch in _BIDI else ch  # keep joiners (emoji sequences), drop bidi controls
+    if category in ("Cn", "Co"):
+        return ch  # unassigned in this Python's tables (new emoji) or private use: harmless
+    return " "  # Cc (CR, LF, NUL, TAB…), Cs, Zl, Zp, Zs → space
+
+
+def sanitize_header_text(value: str, max_chars: int = HEADER_TEXT_MAX_CHARS) -> str:
+    """Make data safe to put in a header: one line of printable text, trimmed and capped.
+
+    Control characters (CR, LF, NUL, TAB…) and Unicode line separators become
+    spaces, bidi overrides are dropped, whitespace runs collapse to one space, and
+    ``=?`` (the start of an RFC 2047 encoded-word) becomes ``= ?`` so no reader,
+    however lax, decodes data as an encoded-word.
+    """
+    if not (value.isprintable() and value.isascii()):
+        value = "".join(map(_clean_char, value))
+    if "  " in value or value[:1] == " " or value[-1:] == " " or "\xa0" in value:
+        value = " ".join(value.split())
+    if "=?" in value:
+        value = value.replace("=?", "= ?")
+    if len(value) > max_chars:
+        value = value[:max_chars].rstrip()
+    return value
+
+
+# --- header encoding -----------------------------------------------------------
+
+_ATOM_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
+_EW_MAX_BYTES = 45  # 60 base64 chars + len("=?utf-8?b??=") == 72 ≤ 75
+_FOLD_AT = 76
+
+
+def _encoded_words(text: str) -> list[str]:
+    """RFC 2047 B-encoded words, each ≤ 75 chars, never splitting a UTF-8 character."""
+    words: list[str] = []
+    chunk: list[bytes] = []
+    size = 0
+    for ch in text:
+        b = ch.encode("utf-8")
+        if size + len(b) > _EW_MAX_BYTES:
+            words.append("=?utf-8?b?" + base64.b64encode(b"".join(chunk)).decode("ascii") + "?=")
+            chunk, size = [], 0
+        chunk.append(b)
+        size += len(b)
+    if chunk:
+        words.append("=?utf-8?b?" + base64.b64encode(b"".join(chunk)).decode("ascii") + "?=")
+    return words
+
+
+def _fold_plain(text: str, used: int) -> str:
+    """Fold printable ASCII at spaces so lines stay near 78 chars (content is unchanged)."""
+    if used + len(text) <= _FOLD_AT:
+        return text
+    lines: list[str] = []
+    line = ""
+    for word in text.split(" "):
+        if line and used + len(line) + 1 + len(word) > _FOLD_AT:
+            lines.append(line)
+            line, used = word, 1
+        else:
+            line = f"{line} {word}" if line else word
+    lines.append(line)
+    return "\r\n ".join(lines)
+
+
+def _unstructured(value: str, used: int) -> str:
+    """An unstructured header value (Subject…): plain ASCII when safe, else encoded-words."""
+    text = sanitize_header_text(value)
+    if text.isascii() and "=?" not in text:
+        return _fold_plain(text, used)
+    return "\r\n ".join(_encoded_words(text))
+
+
+def _display_name(value: str) -> str:
+    """A phrase that can never be read as more than one name."""
+    name = sanitize_header_text(value)
+    if not name or _ATOM_PHRASE.fullmatch(name):
+        return name
+    if name.isascii():  # sanitised, so printable and without "=?": a quoted-string is exact
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return "\r\n ".join(_encoded_words(name))
+
+
+_ADDRESS_FORBIDDEN = re.compile(r'[\s<>,;"()\\\[\]\x00-\x1f\x7f]')
+
+
+def _check_address(address: str, what: str) -> str:
+    if (
+        not address
+        or not address.isascii()
+        or _ADDRESS_FORBIDDEN.search(address)
+        or address.count("@") != 1
+        or address.startswith("@")
+        or address.endswith("@")
+    ):
+        raise ValueError(f"{what}: not a plain email address: {address!r}")
+    return address
+
+
+def _mailbox(name: str, address: str, what: str) -> str:
+    address = _check_address(address, what)
+    phrase = _display_name(name)
+    return f"{phrase} <{address}>" if phrase else address
+
+
+_URI_FORBIDDEN = re.compile(r"[\s<>\x00-\x1f\x7f]")
+
+
+def _check_uri(uri: str, what: str, scheme: str) -> str:
+    if not uri.isascii() or not uri.startswith(scheme) or len(uri) <= len(scheme) or _URI_FORBIDDEN.search(uri):
+        raise ValueError(f"{what}: not a {scheme} URI without spaces or angle brackets: {uri!r}")
+    if len(uri) > 900:
+        raise ValueError(f"{what}: longer than 900 characters")
+    return uri
+
+
+def _message_id(value: str) -> str:
+    mid = value.strip()
+    if mid.startswith("<") and mid.endswith(">"):
+        mid = mid[1:-1]
+    _check_address(mid, "message_id")
+    return f"<{mid}>"
+
+
+# --- bodies ----------------------------------------------------------------------
+
+
+def _encode_body(text: str) -> tuple[str, bytes]:
+    """(transfer encoding, encoded bytes) of a text part in canonical CRLF form."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    data = text.replace("\n", "\r\n").encode("utf-8")
+    extra = len(data) - len(text)  # bytes beyond one per character: a cheap non-ASCII measure
+    if extra * 5 > len(data):  # mostly non-ASCII: base64 is smaller than quoted-printable
+        return "base64", base64.encodebytes(data).replace(b"\n", b"\r\n")
+    return "quoted-printable", binascii.b2a_qp(data, istext=True)
+
+
+_RESERVED_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Date", "From", "To", "Cc", "Bcc", "Reply-To", "Subject", "Message-ID", "MIME-Version",
+        "List-Unsubscribe", "List-Unsubscribe-Post", "Content-Type", "Content-Transfer-Encoding",
+        "Sender", "Return-Path",
+    )
+)
+
+
+def build_message(
+    rendered: RenderedEmail,
+    *,
+    to_name: str,
+    to_address: str,
+    shop: ShopInfo,
+    message_id: str,
+    date: datetime,
+    list_unsubscribe_https: str,
+    list_unsubscribe_mailto: str,
+    extra_headers: Sequence[tuple[str, str]] = (),
+) -> bytes:
+    """The RFC 5322 message: multipart/alternative (text, then HTML), CRLF throughout.
+
+    Raises ValueError for an address, URI, Message-ID or header name that could
+    not be written safely, and for a naive ``date``.
+    """
+    if date.tzinfo is None or date.utcoffset() is None:
+        raise ValueError("date must be timezone-aware")
+    mailto = list_unsubscribe_mailto
+    if not mailto.startswith("mailto:"):
+        mailto = "mailto:" + _check_address(mailto, "list_unsubscribe_mailto")
+    https = _check_uri(list_unsubscribe_https, "list_unsubscribe_https", "https://")
+    mailto = _check_uri(mailto, "list_unsubscribe_mailto", "mailto:")
+
+    lines = [
+        "Date: " + format_datetime(date),
+        "From: " + _mailbox(shop.from_name or shop.name, shop.from_address, "shop.from_address"),
+        "To: " + _mailbox(to_name, to_address, "to_address"),
+    ]
+    if shop.reply_to:
+        lines.append("Reply-To: " + _check_address(shop.reply_to, "shop.reply_to"))
+    lines += [
+        "Subject: " + _unstructured(rendered.subject, len("Subject: ")),
+        "Message-ID: " + _message_id(message_id),
+        "MIME-Version: 1.0",
+        f"List-Unsubscribe: <{https}>,\r\n <{mailto}>",
+        "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+    ]
+    for name, value in extra_headers:
+        if not _FIELD_NAME.fullmatch(name) or name.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"extra header name not allowed: {name!r}")
+        lines.append(f"{name}: " + _unstructured(value, len(name) + 2))
+
+    text_cte, text_body = _encode_body(rendered.text)
+    html_cte, html_body = _encode_body(rendered.html)
+    seed = hashlib.blake2s(message_id.encode("utf-8", "replace"), digest_size=9).hexdigest()
+    boundary = "=_kembali_" + seed  # "=_" never occurs in quoted-printable or base64 output
+    n = 0
+    while boundary.encode("ascii") in text_body or boundary.encode("ascii") in html_body:
+        n += 1
+        boundary = f"=_kembali_{seed}_{n}"
+    lines.append(f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"')
+
+    head = "\r\n".join(lines).encode("utf-8")  # ASCII by construction
+    delimiter = b"--" + boundary.encode("ascii")
+    return b"".join(
+        (
+            head,
+            b"\r\n\r\n",
+            delimiter,
+            b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: ",
+            text_cte.encode("ascii"),
+            b"\r\n\r\n",
+            text_body,
+            b"\r\n",  # this CRLF belongs to the delimiter (RFC 2046 5.1.1)
+            delimiter,
+            b"\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: ",
+            html_cte.encode("ascii"),
+            b"\r\n\r\n",
+            html_body,
+            b"\r\n",
+            delimiter,
+            b"--\r\n",
+        )
+    )
