@@ -1,0 +1,585 @@
+"""CSV files → validated records, streamed one row at a time, with line numbers.
+
+Each reader opens the file (UTF-8, a leading BOM tolerated), checks the header,
+then yields a record or a ``RowError`` per row. Only the current row (and, for
+orders, the current order's rows) is held in memory, plus a duplicate-id
+detector of about 17-34 bytes per id (see ``_SeenIds``). Line numbers are the
+physical line where a row starts (the header is line 1), so a quoted field
+spanning lines does not shift the numbers after it. Blank lines are skipped.
+A missing required column raises ``ImportRowError`` on line 1 before any row;
+unknown columns are ignored and reported through ``on_warning``. A row with more
+or fewer fields than the header is an error (a stray comma shifts columns).
+Column names are matched case-insensitively; values are stripped of
+surrounding whitespace except ``name``, which is kept exactly as given.
+
+customers.csv
+    ``id`` (required), ``email`` (required; validated and normalised by
+    email-validator, the domain lowercased), ``name`` (required, not blank, at
+    most 200 characters, no NUL; anything else is kept: names are sanitised
+    when rendered), ``locale`` (``id`` or ``en``; default ``id``),
+    ``time_zone`` (IANA; default ``Asia/Jakarta``), ``birthday`` (YYYY-MM-DD
+    or empty; 29 February allowed in leap years), ``marketing_consent``
+    (required: true/false, yes/no, 1/0, ya/tidak), ``consent_basis`` and
+    ``consent_source`` (optional text).
+
+products.csv
+    ``id`` (required), ``name`` (required), ``price`` (required, major units as
+    a decimal string: ``249000`` or ``249000.50``, never parsed as float),
+    ``category``, ``currency`` (3 letters; default IDR), ``url`` and
+    ``image_url`` (http(s) or empty), ``launched_at`` (date or ISO 8601
+    date-time, empty allowed), ``active`` (boolean; default true).
+
+orders.csv: one row per order line, the order's columns repeated on each
+    ``order_id``, ``customer_id``, ``status`` (placed, paid, shipped, delivered,
+    cancelled, refunded) and ``placed_at`` (required); ``delivered_at``,
+    ``currency`` (default IDR), ``total`` (major units; default the sum of the
+    lines); the line: ``product_id``, ``quantity`` (integer ≥ 1),
+    ``unit_price`` (major units). An order with no lines is one row with an
+    empty ``product_id`` and a ``total``. Consecutive rows with the same
+    ``order_id`` form one order; all of them must repeat the same order
+    columns, and an order's rows must be kept together. Any bad row drops its
+    whole order.
+
+Date-times: ``2026-11-22T10:00:00+07:00``, ``2026-11-22T03:00:00Z``,
+``2026-11-22 10:00`` or ``2026-11-22``. Values without an offset are in the
+shop's time zone (``shop_tz``); every result is aware and in UTC.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import re
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, available_timezones
+
+import email_validator
+
+from worker import money
+from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
+from worker.errors import ImportRowError
+
+if TYPE_CHECKING:
+    from dns.resolver import Resolver
+
+Warn = Callable[[str], None]
+"""Receives a human-readable warning (e.g. an ignored unknown column)."""
+
+CUSTOMER_COLUMNS = (
+    "id", "email", "name", "locale", "time_zone", "birthday",
+    "marketing_consent", "consent_basis", "consent_source",
+)  # fmt: skip
+CUSTOMER_REQUIRED = ("id", "email", "name", "marketing_consent")
+PRODUCT_COLUMNS = ("id", "name", "category", "price", "currency", "url", "image_url", "launched_at", "active")
+PRODUCT_REQUIRED = ("id", "name", "price")
+ORDER_COLUMNS = (
+    "order_id", "customer_id", "status", "placed_at", "delivered_at", "currency", "total",
+    "product_id", "quantity", "unit_price",
+)  # fmt: skip
+ORDER_REQUIRED = ("order_id", "customer_id", "status", "placed_at")
+_ORDER_HEAD = ("customer_id", "status", "placed_at", "delivered_at", "currency", "total")
+
+MAX_NAME = 200
+MAX_ID = 100
+MAX_TEXT = 200
+_TRUE = frozenset({"true", "yes", "1", "ya"})
+_FALSE = frozenset({"false", "no", "0", "tidak"})
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_AMOUNT = re.compile(r"[0-9]{1,15}(\.[0-9]{1,6})?")
+_CURRENCY = re.compile(r"[A-Za-z]{3}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One rejected row: where it is, whose it is, and why."""
+
+    file: str
+    line: int
+    key: str
+    """The row's id, or "" when it is unknown."""
+    reason: str
+
+    def __str__(self) -> str:
+        who = f" id {self.key!r}:" if self.key else ""
+        return f"{self.file}:{self.line}:{who} {self.reason}"
+
+
+class _Invalid(Exception):
+    """A value failed validation; the message names the column and the value."""
+
+
+# --- public readers ------------------------------------------------------------
+
+
+def read_customers(
+    path: Path, *, check_dns: bool = False, on_warning: Warn | None = None
+) -> Iterator[CustomerRecord | RowError]:
+    """Yield a ``CustomerRecord`` or a ``RowError`` per row of a customers CSV."""
+    resolver = email_validator.caching_resolver(timeout=10) if check_dns else None
+    seen = _SeenIds()
+    with _open(path) as rows:
+        _header(rows, path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning)
+        for line, row in rows:
+            if isinstance(row, str):
+                yield RowError(path.name, line, "", row)
+                continue
+            key = row.get("id", "").strip()
+            try:
+                key = _ident(row, "id")
+                _not_seen(seen, key, line, "id")
+                yield _customer(row, key, check_dns, resolver)
+            except _Invalid as exc:
+                yield RowError(path.name, line, key, str(exc))
+
+
+def read_products(
+    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
+) -> Iterator[ProductRecord | RowError]:
+    """Yield a ``ProductRecord`` or a ``RowError`` per row of a products CSV."""
+    zone = ZoneInfo(shop_tz)
+    seen = _SeenIds()
+    with _open(path) as rows:
+        _header(rows, path, PRODUCT_COLUMNS, PRODUCT_REQUIRED, on_warning)
+        for line, row in rows:
+            if isinstance(row, str):
+                yield RowError(path.name, line, "", row)
+                continue
+            key = row.get("id", "").strip()
+            try:
+                key = _ident(row, "id")
+                _not_seen(seen, key, line, "id")
+                yield _product(row, key, zone)
+            except _Invalid as exc:
+                yield RowError(path.name, line, key, str(exc))
+
+
+def read_orders(
+    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
+) -> Iterator[OrderRecord | RowError]:
+    """Yield an ``OrderRecord`` per order (its consecutive rows) or a ``RowError`` per bad row."""
+    zone = ZoneInfo(shop_tz)
+    seen = _SeenIds()
+    group: list[tuple[int, dict[str, str]]] = []
+    with _open(path) as rows:
+        _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, on_warning)
+        for line, row in rows:
+            if isinstance(row, str):
+                yield RowError(path.name, line, "", row)
+                continue
+            key = row.get("order_id", "").strip()
+            if not key:
+                yield RowError(path.name, line, "", "missing order_id (required)")
+                continue
+            if group and key == group[0][1].get("order_id", "").strip():
+                group.append((line, row))
+                continue
+            if group:
+                yield from _order(group, path.name, zone)
+            group = [(line, row)]
+            first = seen.add(key, line)
+            if first is not None:
+                group = []
+                reason = f"order {key!r} already seen at line {first}; keep an order's lines together"
+                yield RowError(path.name, line, key, reason)
+        if group:
+            yield from _order(group, path.name, zone)
+
+
+# --- rows → records --------------------------------------------------------------
+
+
+def _customer(row: dict[str, str], key: str, check_dns: bool, resolver: Resolver | None) -> CustomerRecord:
+    return CustomerRecord(
+        external_id=key,
+        email=_email(_required(row, "email"), check_dns, resolver),
+        name=_name(row),
+        locale=_locale(row),
+        time_zone=_zone(row),
+        birthday=_birthday(row),
+        marketing_consent=_bool(row, "marketing_consent", None),
+        consent_basis=_text(row, "consent_basis"),
+        consent_source=_text(row, "consent_source"),
+    )
+
+
+def _product(row: dict[str, str], key: str, zone: ZoneInfo) -> ProductRecord:
+    currency = _currency(row)
+    return ProductRecord(
+        external_id=key,
+        name=_name(row),
+        category=_text(row, "category"),
+        price_minor=_money(row, "price", currency),
+        currency=currency,
+        url=_url(row, "url"),
+        image_url=_url(row, "image_url"),
+        launched_at=_optional_datetime(row, "launched_at", zone),
+        active=_bool(row, "active", True),
+    )
+
+
+def _order(group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo) -> Iterator[OrderRecord | RowError]:
+    """One order from its rows, or one ``RowError`` per bad row (the order is then dropped)."""
+    first_line, head = group[0]
+    key = head.get("order_id", "").strip()
+    errors: list[RowError] = []
+    lines: list[OrderLineRecord] = []
+    head_ok = True
+    try:
+        key = _ident(head, "order_id")
+        customer = _ident(head, "customer_id")
+        status = _status(head)
+        currency = _currency(head)
+        placed_at = _datetime(head, "placed_at", zone)
+        delivered_at = _optional_datetime(head, "delivered_at", zone)
+        total = _optional_money(head, "total", currency)
+    except _Invalid as exc:
+        errors.append(RowError(file, first_line, key, str(exc)))
+        currency, total, head_ok = "IDR", None, False
+    for line, row in group:
+        if line != first_line:
+            for column in _ORDER_HEAD:
+                here, there = row.get(column, "").strip(), head.get(column, "").strip()
+                if here != there:
+                    errors.append(RowError(file, line, key, (
+                        f"order columns disagree with line {first_line}: {column} {_show(here)} here, "
+                        f"{_show(there)} there; the whole order is skipped"
+                    )))  # fmt: skip
+                    break
+        try:
+            item = _line(row, currency)
+        except _Invalid as exc:
+            errors.append(RowError(file, line, key, str(exc)))
+            continue
+        if item is None and len(group) > 1:
+            errors.append(RowError(file, line, key, "missing product_id (only a one-row order may have no lines)"))
+        elif item is None and total is None and head_ok:
+            errors.append(RowError(file, line, key, "missing total (an order without lines needs one)"))
+        elif item is not None:
+            lines.append(item)
+    if errors:
+        yield from errors
+        return
+    if total is None:
+        total = sum(item.quantity * item.unit_price_minor for item in lines)
+    yield OrderRecord(
+        external_id=key,
+        customer_external_id=customer,
+        status=status,
+        placed_at=placed_at,
+        delivered_at=delivered_at,
+        total_minor=total,
+        currency=currency,
+        lines=tuple(lines),
+    )
+
+
+def _line(row: dict[str, str], currency: str) -> OrderLineRecord | None:
+    product = row.get("product_id", "").strip()
+    if not product:
+        for column in ("quantity", "unit_price"):
+            if row.get(column, "").strip():
+                raise _Invalid(f"{column} given without a product_id")
+        return None
+    product = _ident(row, "product_id")
+    raw = _required(row, "quantity")
+    if not re.fullmatch(r"[0-9]{1,7}", raw) or int(raw) < 1:
+        raise _Invalid(f"invalid quantity {_show(raw)} (expected a whole number from 1 to 9999999)")
+    price = _money(row, "unit_price", currency)
+    return OrderLineRecord(product_external_id=product, quantity=int(raw), unit_price_minor=price)
+
+
+# --- values --------------------------------------------------------------------------
+
+
+def _show(value: str, limit: int = 60) -> str:
+    """repr() of a value, so control characters show, cut short when long."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}…({len(value)} chars)"
+
+
+def _required(row: dict[str, str], column: str) -> str:
+    value = row.get(column, "").strip()
+    if not value:
+        raise _Invalid(f"missing {column} (required)")
+    return value
+
+
+def _ident(row: dict[str, str], column: str) -> str:
+    value = _required(row, column)
+    if len(value) > MAX_ID or _CONTROL.search(value):
+        raise _Invalid(f"invalid {column} {_show(value)} (at most {MAX_ID} characters, no control characters)")
+    return value
+
+
+def _text(row: dict[str, str], column: str) -> str:
+    value = row.get(column, "").strip()
+    if len(value) > MAX_TEXT or _CONTROL.search(value):
+        raise _Invalid(f"invalid {column} {_show(value)} (at most {MAX_TEXT} characters, no control characters)")
+    return value
+
+
+def _name(row: dict[str, str]) -> str:
+    value = row.get("name", "")
+    if not value.strip():
+        raise _Invalid("missing name (required)")
+    if "\x00" in value or len(value) > MAX_NAME:
+        raise _Invalid(f"invalid name {_show(value)} (at most {MAX_NAME} characters, no NUL)")
+    return value
+
+
+def _email(value: str, check_dns: bool, resolver: Resolver | None) -> str:
+    try:
+        if check_dns:
+            result = email_validator.validate_email(value, check_deliverability=True, dns_resolver=resolver)
+        else:
+            result = email_validator.validate_email(value, check_deliverability=False)
+    except email_validator.EmailNotValidError as exc:
+        raise _Invalid(f"invalid email address {_show(value)} ({exc})") from None
+    local, _, domain = result.normalized.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+def _locale(row: dict[str, str]) -> Locale:
+    value = row.get("locale", "").strip().lower() or Locale.ID.value
+    try:
+        return Locale(value)
+    except ValueError:
+        raise _Invalid(f"invalid locale {_show(value)} (expected 'id' or 'en')") from None
+
+
+@functools.cache
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def _zone(row: dict[str, str]) -> str:
+    value = row.get("time_zone", "").strip() or "Asia/Jakarta"
+    if value not in _zones():
+        raise _Invalid(f"invalid time_zone {_show(value)} (expected an IANA name such as 'Asia/Jakarta')")
+    return value
+
+
+def _birthday(row: dict[str, str]) -> date | None:
+    value = row.get("birthday", "").strip()
+    if not value:
+        return None
+    if not _DATE.fullmatch(value):
+        raise _Invalid(f"invalid birthday {_show(value)} (expected YYYY-MM-DD)")
+    try:
+        born = date(int(value[:4]), int(value[5:7]), int(value[8:]))
+    except ValueError as exc:
+        raise _Invalid(f"invalid birthday {_show(value)} ({exc})") from None
+    if born.year < 1900:
+        raise _Invalid(f"invalid birthday {_show(value)} (year before 1900)")
+    return born
+
+
+def _bool(row: dict[str, str], column: str, default: bool | None) -> bool:
+    value = row.get(column, "").strip().lower()
+    if not value and default is not None:
+        return default
+    if not value:
+        raise _Invalid(f"missing {column} (required: true or false)")
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise _Invalid(f"invalid {column} {_show(value)} (expected true/false, yes/no, 1/0 or ya/tidak)")
+
+
+def _currency(row: dict[str, str]) -> str:
+    value = row.get("currency", "").strip() or "IDR"
+    if not _CURRENCY.fullmatch(value):
+        raise _Invalid(f"invalid currency {_show(value)} (expected a 3-letter code such as IDR)")
+    return value.upper()
+
+
+def _optional_money(row: dict[str, str], column: str, currency: str) -> int | None:
+    return _money(row, column, currency) if row.get(column, "").strip() else None
+
+
+def _money(row: dict[str, str], column: str, currency: str) -> int:
+    value = _required(row, column)
+    if not _AMOUNT.fullmatch(value):
+        raise _Invalid(f"invalid {column} {_show(value)} (expected an amount such as 249000 or 249000.50)")
+    try:
+        return money.to_minor(Decimal(value), currency)
+    except ValueError as exc:
+        raise _Invalid(f"invalid {column} {_show(value)} ({exc})") from None
+
+
+def _url(row: dict[str, str], column: str) -> str:
+    value = row.get(column, "").strip()
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or re.search(r"[\s\x00-\x1f\x7f]", value):
+        raise _Invalid(f"invalid {column} {_show(value)} (expected an http(s) URL)")
+    return value
+
+
+def _status(row: dict[str, str]) -> OrderStatus:
+    value = _required(row, "status").lower()
+    try:
+        return OrderStatus(value)
+    except ValueError:
+        allowed = ", ".join(s.value for s in OrderStatus)
+        raise _Invalid(f"invalid status {_show(value)} (expected one of {allowed})") from None
+
+
+def _optional_datetime(row: dict[str, str], column: str, zone: ZoneInfo) -> datetime | None:
+    return _datetime(row, column, zone) if row.get(column, "").strip() else None
+
+
+def _datetime(row: dict[str, str], column: str, zone: ZoneInfo) -> datetime:
+    value = _required(row, column)
+    if not _DATE.match(value):
+        raise _Invalid(f"invalid {column} {_show(value)} (expected ISO 8601, e.g. 2026-11-22T10:00:00+07:00)")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise _Invalid(f"invalid {column} {_show(value)} ({exc})") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=zone)
+    return parsed.astimezone(UTC)
+
+
+def _not_seen(seen: _SeenIds, key: str, line: int, column: str) -> None:
+    first = seen.add(key, line)
+    if first is not None:
+        raise _Invalid(f"duplicate {column} {_show(key)}, first seen at line {first}")
+
+
+# --- file plumbing ----------------------------------------------------------------
+
+
+class _SeenIds:
+    """Ids seen so far → the line each was first seen on, in 12 bytes a slot.
+
+    Keys are 8-byte BLAKE2b digests of the ids, never the ids, in an
+    open-addressing table of two flat arrays kept at most 70 % full: about
+    17-34 bytes an id (a ``dict[int, int]`` costs about 110). Two different ids
+    share a digest with probability about n²/2⁶⁵ (3·10⁻⁸ for a million ids);
+    the later one would then be wrongly reported as a duplicate.
+    """
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._keys = array("Q", [0]) * capacity
+        self._lines = array("I", [0]) * capacity
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, key: str, line: int) -> int | None:
+        """Remember ``key`` at ``line``; return the first line if it was seen before."""
+        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") or 1
+        first = self._find_or_put(digest, line)
+        if first is None:
+            self._size += 1
+            if self._size * 10 > len(self._keys) * 7:
+                self._grow()
+        return first
+
+    def _find_or_put(self, digest: int, line: int) -> int | None:
+        keys = self._keys
+        mask = len(keys) - 1
+        slot = digest & mask
+        while True:
+            held = keys[slot]
+            if held == 0:
+                keys[slot] = digest
+                self._lines[slot] = line
+                return None
+            if held == digest:
+                return self._lines[slot]
+            slot = (slot + 1) & mask
+
+    def _grow(self) -> None:
+        old_keys, old_lines = self._keys, self._lines
+        self._keys = array("Q", [0]) * (2 * len(old_keys))
+        self._lines = array("I", [0]) * (2 * len(old_keys))
+        for digest, line in zip(old_keys, old_lines, strict=True):
+            if digest:
+                self._find_or_put(digest, line)
+
+
+class _Rows:
+    """``(line, row)`` pairs from a CSV file, blank lines skipped.
+
+    A row is a dict of column → raw value, or a string saying why the row
+    could not be split into the header's columns.
+    """
+
+    def __init__(self, handle: TextIO, path: Path) -> None:
+        self._handle = handle
+        self._path = path
+        self._reader = csv.reader(handle)
+        self.columns: list[str] = []
+
+    def __enter__(self) -> _Rows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+
+    def raw(self) -> Iterator[tuple[int, list[str] | str]]:
+        reader = self._reader
+        while True:
+            start = reader.line_num + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield start, f"unreadable CSV ({exc})"
+                continue
+            except UnicodeDecodeError as exc:
+                raise ImportRowError(start, f"{self._path.name} is not UTF-8 text ({exc.reason})") from None
+            if any(field.strip() for field in fields):
+                yield start, fields
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, str] | str]]:
+        width = len(self.columns)
+        for line, fields in self.raw():
+            if isinstance(fields, str):
+                yield line, fields
+            elif len(fields) != width:
+                yield line, f"row has {len(fields)} fields, the header has {width} (a stray comma or quote?)"
+            else:
+                yield line, dict(zip(self.columns, fields, strict=True))
+
+
+def _open(path: Path) -> _Rows:
+    return _Rows(path.open(encoding="utf-8-sig", newline=""), path)
+
+
+def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str, ...], warn: Warn | None) -> None:
+    first = next(rows.raw(), None)
+    if first is None:
+        raise ImportRowError(1, f"{path.name} is empty (expected a header row: {', '.join(known)})")
+    line, fields = first
+    if isinstance(fields, str):
+        raise ImportRowError(line, f"{path.name}: header: {fields}")
+    columns = [name.strip().lower() for name in fields]
+    for name in columns:
+        if columns.count(name) > 1:
+            raise ImportRowError(line, f"duplicate column {name!r}")
+    for name in required:
+        if name not in columns:
+            raise ImportRowError(line, f"missing column {name!r} (found: {', '.join(columns)})")
+    unknown = [name for name in columns if name not in known]
+    if unknown and warn is not None:
+        names = ", ".join(repr(name) for name in unknown)
+        warn(f"{path.name}:{line}: unknown column(s) {names} ignored (known: {', '.join(known)})")
+    rows.columns = columns
