@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from worker import money
 from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
@@ -204,8 +205,9 @@ def major(minor: int, currency: str) -> str:
     return str(whole) if part == 0 or exp == 0 else f"{whole}.{part:0{exp}d}"
 
 
-def _when(value: datetime | None) -> str:
-    return value.isoformat() if value is not None else ""
+def _when(value: datetime | None, zone: ZoneInfo) -> str:
+    """ISO 8601 with the shop's offset, e.g. ``2026-11-22T10:00:00+07:00`` (easier to read than UTC)."""
+    return value.astimezone(zone).isoformat() if value is not None else ""
 
 
 def _write(path: Path, header: tuple[str, ...], rows: Iterable[Iterable[object]]) -> Path:
@@ -216,9 +218,10 @@ def _write(path: Path, header: tuple[str, ...], rows: Iterable[Iterable[object]]
     return path
 
 
-def write_csvs(shop: ShopData, folder: Path) -> dict[str, Path]:
+def write_csvs(shop: ShopData, folder: Path, *, shop_tz: str = "Asia/Jakarta") -> dict[str, Path]:
     """Write customers.csv, products.csv and orders.csv; return them by kind."""
     folder.mkdir(parents=True, exist_ok=True)
+    zone = ZoneInfo(shop_tz)
     customers = (
         (c.external_id, c.email, c.name, c.locale.value, c.time_zone, c.birthday.isoformat() if c.birthday else "",
          "true" if c.marketing_consent else "false", c.consent_basis, c.consent_source)
@@ -226,20 +229,21 @@ def write_csvs(shop: ShopData, folder: Path) -> dict[str, Path]:
     )  # fmt: skip
     products = (
         (p.external_id, p.name, p.category, major(p.price_minor, p.currency), p.currency, p.url, p.image_url,
-         _when(p.launched_at), "true" if p.active else "false")
+         _when(p.launched_at, zone), "true" if p.active else "false")
         for p in shop.products
     )  # fmt: skip
     return {
         "customers": _write(folder / "customers.csv", CUSTOMER_HEADER, customers),
         "products": _write(folder / "products.csv", PRODUCT_HEADER, products),
-        "orders": _write(folder / "orders.csv", ORDER_HEADER, _order_rows(shop.orders)),
+        "orders": _write(folder / "orders.csv", ORDER_HEADER, _order_rows(shop.orders, zone)),
     }
 
 
-def _order_rows(orders: Iterable[OrderRecord]) -> Iterable[tuple[str, ...]]:
+def _order_rows(orders: Iterable[OrderRecord], zone: ZoneInfo) -> Iterable[tuple[str, ...]]:
     for o in orders:
-        head = (o.external_id, o.customer_external_id, o.status.value, _when(o.placed_at), _when(o.delivered_at),
-                o.currency, major(o.total_minor, o.currency))  # fmt: skip
+        placed, delivered = _when(o.placed_at, zone), _when(o.delivered_at, zone)
+        total = major(o.total_minor, o.currency)
+        head = (o.external_id, o.customer_external_id, o.status.value, placed, delivered, o.currency, total)
         if not o.lines:
             yield (*head, "", "", "")
         for line in o.lines:

@@ -129,8 +129,8 @@ def read_customers(
     with _open(path) as rows:
         _header(rows, path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning)
         for line, row in rows:
-            if isinstance(row, str):
-                yield RowError(path.name, line, "", row)
+            if isinstance(row, _Broken):
+                yield RowError(path.name, line, row.key, row.reason)
                 continue
             key = row.get("id", "").strip()
             try:
@@ -150,8 +150,8 @@ def read_products(
     with _open(path) as rows:
         _header(rows, path, PRODUCT_COLUMNS, PRODUCT_REQUIRED, on_warning)
         for line, row in rows:
-            if isinstance(row, str):
-                yield RowError(path.name, line, "", row)
+            if isinstance(row, _Broken):
+                yield RowError(path.name, line, row.key, row.reason)
                 continue
             key = row.get("id", "").strip()
             try:
@@ -172,8 +172,8 @@ def read_orders(
     with _open(path) as rows:
         _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, on_warning)
         for line, row in rows:
-            if isinstance(row, str):
-                yield RowError(path.name, line, "", row)
+            if isinstance(row, _Broken):
+                yield RowError(path.name, line, row.key, row.reason)
                 continue
             key = row.get("order_id", "").strip()
             if not key:
@@ -514,10 +514,17 @@ class _SeenIds:
                 self._find_or_put(digest, line)
 
 
+@dataclass(frozen=True)
+class _Broken:
+    key: str
+    """The row's id if it could be found, else ""."""
+    reason: str
+
+
 class _Rows:
     """``(line, row)`` pairs from a CSV file, blank lines skipped.
 
-    A row is a dict of column → raw value, or a string saying why the row
+    A row is a dict of column → raw value, or a ``_Broken`` saying why the row
     could not be split into the header's columns.
     """
 
@@ -526,6 +533,7 @@ class _Rows:
         self._path = path
         self._reader = csv.reader(handle)
         self.columns: list[str] = []
+        self.key_column = 0
 
     def __enter__(self) -> _Rows:
         return self
@@ -549,13 +557,15 @@ class _Rows:
             if any(field.strip() for field in fields):
                 yield start, fields
 
-    def __iter__(self) -> Iterator[tuple[int, dict[str, str] | str]]:
+    def __iter__(self) -> Iterator[tuple[int, dict[str, str] | _Broken]]:
         width = len(self.columns)
         for line, fields in self.raw():
             if isinstance(fields, str):
-                yield line, fields
+                yield line, _Broken("", fields)
             elif len(fields) != width:
-                yield line, f"row has {len(fields)} fields, the header has {width} (a stray comma or quote?)"
+                key = fields[self.key_column].strip() if self.key_column < len(fields) else ""
+                reason = f"row has {len(fields)} fields, the header has {width} (a stray comma or quote?)"
+                yield line, _Broken(key, reason)
             else:
                 yield line, dict(zip(self.columns, fields, strict=True))
 
@@ -583,3 +593,4 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
         names = ", ".join(repr(name) for name in unknown)
         warn(f"{path.name}:{line}: unknown column(s) {names} ignored (known: {', '.join(known)})")
     rows.columns = columns
+    rows.key_column = columns.index(required[0])
