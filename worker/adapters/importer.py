@@ -169,6 +169,7 @@ def read_orders(
     zone = ZoneInfo(shop_tz)
     seen = _SeenIds()
     group: list[tuple[int, dict[str, str]]] = []
+    current = ""
     with _open(path) as rows:
         _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, on_warning)
         for line, row in rows:
@@ -179,12 +180,13 @@ def read_orders(
             if not key:
                 yield RowError(path.name, line, "", "missing order_id (required)")
                 continue
-            if group and key == group[0][1].get("order_id", "").strip():
-                group.append((line, row))
-                continue
+            if key == current:
+                if group:
+                    group.append((line, row))
+                continue  # rows of a dropped, re-appearing order: reported once
             if group:
                 yield from _order(group, path.name, zone)
-            group = [(line, row)]
+            current, group = key, [(line, row)]
             first = seen.add(key, line)
             if first is not None:
                 group = []

@@ -1,0 +1,322 @@
+"""The CSV importer: records or line-numbered errors, one row at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+
+from worker.adapters.importer import RowError, _SeenIds, read_customers, read_orders, read_products
+from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
+from worker.errors import ImportRowError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CUSTOMER_HEADER = "id,email,name,locale,time_zone,birthday,marketing_consent,consent_basis,consent_source\n"
+PRODUCT_HEADER = "id,name,category,price,currency,url,image_url,launched_at,active\n"
+ORDER_HEADER = "order_id,customer_id,status,placed_at,delivered_at,currency,total,product_id,quantity,unit_price\n"
+
+
+def write(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def errors(results: Iterable[object]) -> list[RowError]:
+    return [r for r in results if isinstance(r, RowError)]
+
+
+# --- customers_bad.csv: every bad row, with its line and the column named -------------
+
+BAD_ROWS = [
+    (3, "C-0102", ["email", "'budi@@example.com'"]),
+    (4, "C-0103", ["email", "'no-at-sign'"]),
+    (5, "C-0104", ["email", "'siti@'"]),
+    (6, "C-0105", ["missing email"]),
+    (7, "C-0106", ["missing name"]),
+    (8, "C-0107", ["missing marketing_consent"]),
+    (9, "C-0101", ["duplicate id", "first seen at line 2"]),
+    (10, "C-0108", ["time_zone", "'Mars/Olympus_Mons'"]),
+    (11, "C-0109", ["birthday", "'2026-02-30'"]),
+    (12, "C-0110", ["locale", "'fr'"]),
+    (16, "C-0113", ["marketing_consent", "'maybe'"]),
+    (17, "C-0114", ["birthday", "'1990-02-29'"]),
+    (20, "C-0116", ["email", "'maya@toko.test'"]),
+    (21, "C-0117", ["10 fields", "header has 9"]),
+    (22, "", ["missing id"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_results() -> list[CustomerRecord | RowError]:
+    return list(read_customers(EXAMPLES / "customers_bad.csv"))
+
+
+@pytest.mark.parametrize(("line", "key", "words"), BAD_ROWS)
+def test_each_bad_row_is_reported_at_its_line_naming_the_column(
+    bad_results: list[CustomerRecord | RowError], line: int, key: str, words: list[str]
+) -> None:
+    [error] = [e for e in errors(bad_results) if e.line == line]
+    assert error.file == "customers_bad.csv"
+    assert error.key == key
+    for word in words:
+        assert word in error.reason
+
+
+def test_bad_file_reports_nothing_else_and_keeps_the_good_rows(bad_results: list[CustomerRecord | RowError]) -> None:
+    assert sorted(e.line for e in errors(bad_results)) == [line for line, _, _ in BAD_ROWS]
+    good = {r.external_id: r for r in bad_results if isinstance(r, CustomerRecord)}
+    assert sorted(good) == ["C-0101", "C-0111", "C-0112", "C-0115", "C-0118"]
+    assert good["C-0101"].email == "budi.santoso@example.com"  # the first C-0101 wins
+    assert good["C-0111"].name == "=?UTF-8?Q?=0A?=Bcc: x@example.com"  # hostile, yet valid: rendering sanitises
+    assert good["C-0112"].name == "Wahyu\nNugroho"
+    assert good["C-0112"].birthday == date(1992, 2, 29)
+    assert good["C-0112"].marketing_consent is False
+    assert good["C-0115"].email == "Fajar.Hidayat@example.com"  # domain lowercased, local part kept
+    assert good["C-0115"].locale is Locale.EN
+
+
+def test_row_error_reads_like_a_compiler_message() -> None:
+    error = RowError("customers_bad.csv", 7, "C-0042", "invalid email address 'budi@@x' (why)")
+    assert str(error) == "customers_bad.csv:7: id 'C-0042': invalid email address 'budi@@x' (why)"
+    assert str(RowError("c.csv", 3, "", "missing id (required)")) == "c.csv:3: missing id (required)"
+
+
+@pytest.mark.parametrize("name", ["customers.csv", "products.csv", "orders.csv"])
+def test_example_files_import_without_errors(name: str) -> None:
+    reader = {"customers.csv": read_customers, "products.csv": read_products, "orders.csv": read_orders}[name]
+    results = list(reader(EXAMPLES / name))  # type: ignore[operator]
+    assert results
+    assert errors(results) == []
+
+
+# --- customers: values ---------------------------------------------------------------
+
+
+def test_defaults_and_bom(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.csv", "id,email,name,marketing_consent\nC-1,a@example.com,Ani,ya\n", "utf-8-sig")
+    [record] = read_customers(path)
+    assert record == CustomerRecord("C-1", "a@example.com", "Ani", Locale.ID, "Asia/Jakarta", None, True, "", "")
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("Budi\x00Santoso", "invalid name 'Budi\\x00Santoso'"),
+        ("x" * 201, "at most 200 characters"),
+        ("   ", "missing name"),
+    ],
+)
+def test_names_with_nul_too_long_or_blank_are_rejected(tmp_path: Path, name: str, reason: str) -> None:
+    path = write(tmp_path, "c.csv", f"id,email,name,marketing_consent\nC-1,a@example.com,{name},1\n")
+    [error] = read_customers(path)
+    assert isinstance(error, RowError)
+    assert reason in error.reason
+
+
+def test_long_values_are_cut_short_in_messages(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.csv", f"id,email,name,marketing_consent\nC-1,{'a' * 500},Ani,1\n")
+    [error] = read_customers(path)
+    assert isinstance(error, RowError)
+    assert "…(500 chars)" in error.reason
+    assert len(error.reason) < 300
+
+
+def test_line_numbers_survive_quoted_newlines_and_blank_lines(tmp_path: Path) -> None:
+    text = (
+        "id,email,name,marketing_consent\n"
+        'C-1,a@example.com,"Ani\r\nBcc: x@example.com",1\n'  # lines 2-3
+        "\n"  # line 4
+        'C-2,b@example.com,"A\nB\nC",1\n'  # lines 5-7
+        "C-3,bad,Cici,1\n"  # line 8
+    )
+    results = list(read_customers(write(tmp_path, "c.csv", text)))
+    assert [r.line for r in errors(results)] == [8]
+    assert isinstance(results[0], CustomerRecord)
+    assert results[0].name == "Ani\r\nBcc: x@example.com"
+
+
+def test_missing_required_column_fails_before_any_row(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.csv", "id,name,marketing_consent\nC-1,Ani,1\n")
+    with pytest.raises(ImportRowError) as info:
+        next(read_customers(path))
+    assert info.value.line == 1
+    assert info.value.reason == "missing column 'email' (found: id, name, marketing_consent)"
+
+
+@pytest.mark.parametrize("text", ["", "\n\n"])
+def test_empty_file_is_an_error(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ImportRowError, match="empty"):
+        list(read_customers(write(tmp_path, "c.csv", text)))
+
+
+def test_unknown_columns_are_ignored_with_a_warning(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.csv", "ID,Email,name,marketing_consent,Phone\nC-1,a@example.com,Ani,1,0812\n")
+    warnings: list[str] = []
+    [record] = read_customers(path, on_warning=warnings.append)
+    assert isinstance(record, CustomerRecord)
+    assert len(warnings) == 1
+    assert "unknown column(s) 'phone' ignored" in warnings[0]
+
+
+def test_not_utf8_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.csv", "id,email,name,marketing_consent\nC-1,a@example.com,Andr\xe9,1\n", "latin-1")
+    with pytest.raises(ImportRowError, match="not UTF-8"):
+        list(read_customers(path))
+
+
+# --- products ------------------------------------------------------------------------
+
+
+def test_products_money_is_exact_and_dates_become_utc(tmp_path: Path) -> None:
+    text = PRODUCT_HEADER + (
+        "P-1,Kemeja Batik,Batik,249000.50,,https://toko.example/p/1,,2026-11-08,\n"
+        "P-2,Kopi Gayo,Kopi,89000,idr,http://toko.example/p/2,https://toko.example/i/2.jpg,"
+        "2026-11-22 10:00,tidak\n"
+    )
+    p1, p2 = read_products(write(tmp_path, "p.csv", text))
+    assert p1 == ProductRecord(
+        "P-1", "Kemeja Batik", "Batik", 24900050, "IDR", "https://toko.example/p/1", "",
+        datetime(2026, 11, 7, 17, 0, tzinfo=UTC), True,
+    )  # fmt: skip
+    assert isinstance(p2, ProductRecord)
+    assert p2.price_minor == 8900000
+    assert p2.launched_at == datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+    assert p2.active is False
+
+
+@pytest.mark.parametrize(
+    ("row", "words"),
+    [
+        ("P-1,Kopi,Kopi,,,,,,", ["missing price"]),
+        ("P-1,Kopi,Kopi,89000.505,,,,,", ["price", "'89000.505'", "too many decimal places"]),
+        ("P-1,Kopi,Kopi,1e5,,,,,", ["price", "'1e5'"]),
+        ("P-1,Kopi,Kopi,-5,,,,,", ["price", "'-5'"]),
+        ("P-1,Kopi,Kopi,89000,Rp,,,,", ["currency", "'Rp'"]),
+        ("P-1,Kopi,Kopi,89000,,javascript:alert(1),,,", ["url", "'javascript:alert(1)'"]),
+        ("P-1,Kopi,Kopi,89000,,,ftp://x.example/a.jpg,,", ["image_url"]),
+        ("P-1,Kopi,Kopi,89000,,,,kemarin,", ["launched_at", "'kemarin'"]),
+        ("P-1,Kopi,Kopi,89000,,,,,maybe", ["active", "'maybe'"]),
+    ],
+)
+def test_bad_product_values_are_named(tmp_path: Path, row: str, words: list[str]) -> None:
+    [error] = read_products(write(tmp_path, "p.csv", PRODUCT_HEADER + row + "\n"))
+    assert isinstance(error, RowError)
+    assert error.line == 2
+    assert error.key == "P-1"
+    for word in words:
+        assert word in error.reason
+
+
+def test_duplicate_product_id(tmp_path: Path) -> None:
+    text = PRODUCT_HEADER + "P-1,A,,1000,,,,,\nP-2,B,,1000,,,,,\nP-1,C,,1000,,,,,\n"
+    results = list(read_products(write(tmp_path, "p.csv", text)))
+    assert [str(e) for e in errors(results)] == ["p.csv:4: id 'P-1': duplicate id 'P-1', first seen at line 2"]
+
+
+# --- orders --------------------------------------------------------------------------
+
+LINE = OrderLineRecord
+
+
+def test_consecutive_rows_form_one_order_and_times_become_utc(tmp_path: Path) -> None:
+    text = ORDER_HEADER + (
+        "INV-1,C-1,delivered,2026-11-22T10:00:00+07:00,2026-11-25 09:30,,,P-1,2,249000\n"
+        "INV-1,C-1,delivered,2026-11-22T10:00:00+07:00,2026-11-25 09:30,,,P-2,1,89000.50\n"
+        "INV-2,C-2,cancelled,2026-11-22 10:00,,IDR,150000,,,\n"
+        "INV-3,C-1,PAID,2026-11-23T01:00:00Z,,,100000,P-1,1,249000\n"
+    )
+    o1, o2, o3 = read_orders(write(tmp_path, "o.csv", text))
+    assert o1 == OrderRecord(
+        "INV-1", "C-1", OrderStatus.DELIVERED,
+        datetime(2026, 11, 22, 3, 0, tzinfo=UTC), datetime(2026, 11, 25, 2, 30, tzinfo=UTC),
+        2 * 24900000 + 8900050, "IDR", (LINE("P-1", 2, 24900000), LINE("P-2", 1, 8900050)),
+    )  # fmt: skip
+    assert o2 == OrderRecord(
+        "INV-2", "C-2", OrderStatus.CANCELLED, datetime(2026, 11, 22, 3, 0, tzinfo=UTC), None, 15000000, "IDR"
+    )
+    assert isinstance(o3, OrderRecord)
+    assert o3.status is OrderStatus.PAID
+    assert o3.total_minor == 10000000  # a given total wins over the sum of lines (discounts, shipping)
+
+
+def test_shop_time_zone_applies_to_naive_times(tmp_path: Path) -> None:
+    text = ORDER_HEADER + "INV-1,C-1,placed,2026-11-22 10:00,,,,P-1,1,1000\n"
+    [order] = read_orders(write(tmp_path, "o.csv", text), shop_tz="Asia/Jayapura")
+    assert isinstance(order, OrderRecord)
+    assert order.placed_at == datetime(2026, 11, 22, 1, 0, tzinfo=UTC)
+
+
+def test_order_id_seen_again_later_is_an_error(tmp_path: Path) -> None:
+    text = ORDER_HEADER + (
+        "INV-1,C-1,delivered,2026-11-22 10:00,,,,P-1,1,1000\n"
+        "INV-2,C-2,delivered,2026-11-22 10:00,,,,P-1,1,1000\n"
+        "INV-1,C-1,delivered,2026-11-22 10:00,,,,P-2,1,1000\n"
+        "INV-1,C-1,delivered,2026-11-22 10:00,,,,P-3,1,1000\n"
+        "INV-3,C-3,delivered,2026-11-22 10:00,,,,P-1,1,1000\n"
+    )
+    results = list(read_orders(write(tmp_path, "o.csv", text)))
+    assert [r.external_id for r in results if isinstance(r, OrderRecord)] == ["INV-1", "INV-2", "INV-3"]
+    assert [str(e) for e in errors(results)] == [
+        "o.csv:4: id 'INV-1': order 'INV-1' already seen at line 2; keep an order's lines together"
+    ]
+
+
+def test_rows_that_disagree_on_order_columns_drop_the_whole_order(tmp_path: Path) -> None:
+    text = ORDER_HEADER + (
+        "INV-1,C-1,delivered,2026-11-22 10:00,,,,P-1,1,1000\n"
+        "INV-1,C-1,shipped,2026-11-22 10:00,,,,P-2,1,1000\n"
+        "INV-2,C-2,delivered,2026-11-22 10:00,,,,P-1,1,1000\n"
+    )
+    results = list(read_orders(write(tmp_path, "o.csv", text)))
+    [error] = errors(results)
+    assert error.line == 3
+    assert error.key == "INV-1"
+    assert "status 'shipped' here, 'delivered' there" in error.reason
+    assert [r.external_id for r in results if isinstance(r, OrderRecord)] == ["INV-2"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "line", "words"),
+    [
+        (["INV-1,C-1,sent,2026-11-22 10:00,,,,P-1,1,1000"], 2, ["status", "'sent'"]),
+        (["INV-1,C-1,paid,22/11/2026,,,,P-1,1,1000"], 2, ["placed_at", "'22/11/2026'"]),
+        (["INV-1,C-1,paid,,,,,P-1,1,1000"], 2, ["missing placed_at"]),
+        (["INV-1,,paid,2026-11-22,,,,P-1,1,1000"], 2, ["missing customer_id"]),
+        (["INV-1,C-1,paid,2026-11-22,,,,P-1,0,1000"], 2, ["quantity", "'0'"]),
+        (["INV-1,C-1,paid,2026-11-22,,,,P-1,1.5,1000"], 2, ["quantity", "'1.5'"]),
+        (["INV-1,C-1,paid,2026-11-22,,,,P-1,1,"], 2, ["missing unit_price"]),
+        (["INV-1,C-1,paid,2026-11-22,,,,,,"], 2, ["missing total"]),
+        (["INV-1,C-1,paid,2026-11-22,,,,,2,"], 2, ["quantity given without a product_id"]),
+        (["INV-1,C-1,paid,2026-11-22,,,,P-1,1,10", "INV-1,C-1,paid,2026-11-22,,,,,,"], 3, ["missing product_id"]),
+        (["INV-1,C-1,paid,2026-11-22,,,,P-1,1,10", "INV-1,C-1,paid,2026-11-22,,,,P-2,x,10"], 3, ["quantity", "'x'"]),
+        ([",C-1,paid,2026-11-22,,,,P-1,1,10"], 2, ["missing order_id"]),
+    ],
+)
+def test_bad_order_rows_are_named(tmp_path: Path, rows: list[str], line: int, words: list[str]) -> None:
+    results = list(read_orders(write(tmp_path, "o.csv", ORDER_HEADER + "\n".join(rows) + "\n")))
+    [error] = results
+    assert isinstance(error, RowError)
+    assert error.line == line
+    for word in words:
+        assert word in error.reason
+
+
+def test_missing_order_column_fails_before_any_row(tmp_path: Path) -> None:
+    path = write(tmp_path, "o.csv", "order_id,customer_id,status\nINV-1,C-1,paid\n")
+    with pytest.raises(ImportRowError, match="missing column 'placed_at'"):
+        list(read_orders(path))
+
+
+# --- the duplicate detector --------------------------------------------------------------
+
+
+def test_seen_ids_remembers_first_lines_across_growth() -> None:
+    seen = _SeenIds(capacity=8)
+    for i in range(5000):
+        assert seen.add(f"C-{i}", i + 2) is None
+    assert len(seen) == 5000
+    assert seen.add("C-0", 9999) == 2
+    assert seen.add("C-4999", 9999) == 5001
