@@ -115,6 +115,7 @@ def _money_patterns(currency: str) -> tuple[str, str]:
     return "¤#,##0", ("¤#,##0." + "0" * digits) if digits else "¤#,##0"
 
 
+@lru_cache(maxsize=4096)  # Babel takes ~30 µs a call; shops have few distinct prices
 def format_money(minor: int, currency: str, locale: str) -> str:
     """``24900000`` IDR minor units → ``Rp249.000`` (decimals only when not whole)."""
     amount: Decimal = from_minor(minor, currency)
