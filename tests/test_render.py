@@ -1,0 +1,141 @@
+"""The pure half of rendering: money and date filters, header sanitising, the context."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import date
+
+import pytest
+
+from worker.config import ShopSettings
+from worker.core.render import ShopInfo, build_context, format_date, format_money, product_dict, sanitize_header_text
+from worker.domain import CustomerSnapshot, Locale, ProductView
+
+SHOP = ShopInfo.from_settings(ShopSettings())
+
+
+@pytest.mark.parametrize(
+    ("minor", "currency", "locale", "expected"),
+    [
+        (0, "IDR", "id", "Rp0"),
+        (100000, "IDR", "id", "Rp1.000"),
+        (24900000, "IDR", "id", "Rp249.000"),
+        (150000000, "IDR", "id", "Rp1.500.000"),
+        (24900050, "IDR", "id", "Rp249.000,50"),
+        (0, "IDR", "en", "Rp0"),
+        (100000, "IDR", "en", "Rp1.000"),
+        (24900000, "IDR", "en", "Rp249.000"),
+        (150000000, "IDR", "en", "Rp1.500.000"),
+        (24900050, "IDR", "en", "Rp249.000,50"),
+        (24900000, "IDR", Locale.EN, "Rp249.000"),
+        (1250, "USD", "en", "$12.50"),
+        (1200, "USD", "en", "$12"),
+        (1500, "JPY", "en", "¥1,500"),
+    ],
+)
+def test_format_money(minor: int, currency: str, locale: str, expected: str) -> None:
+    assert format_money(minor, currency, locale) == expected
+
+
+@pytest.mark.parametrize(
+    ("locale", "expected"),
+    [("id", "22 November 2026"), ("en", "November 22, 2026"), (Locale.ID, "22 November 2026")],
+)
+def test_format_date_is_babel_long(locale: str, expected: str) -> None:
+    assert format_date(date(2026, 11, 22), locale) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Siti Rahayu", "Siti Rahayu"),
+        ("  Siti   Rahayu  ", "Siti Rahayu"),
+        ("Budi\r\nBcc: evil@example.com", "Budi Bcc: evil@example.com"),
+        ("Budi\nTo: x@example.com", "Budi To: x@example.com"),
+        ("Budi\rX", "Budi X"),
+        ("Bu\x00di", "Bu di"),
+        ("tab\there", "tab here"),
+        ("line\u2028sep\u2029para\x85nel", "line sep para nel"),
+        ("no\u00a0break", "no break"),
+        ("rtl \u202eevil\u202c name", "rtl evil name"),
+        ("=?UTF-8?Q?=0A?=Bcc: x@example.com", "= ?UTF-8?Q?=0A?=Bcc: x@example.com"),
+        ("Terima kasih, Kak Siti 😊", "Terima kasih, Kak Siti 😊"),
+        ("family 👨\u200d👩\u200d👧", "family 👨\u200d👩\u200d👧"),
+        ("\r\n\t ", ""),
+        ("", ""),
+        ("x" * 500, "x" * 200),
+        ("a " * 150, ("a " * 100).strip()),
+    ],
+)
+def test_sanitize_header_text(raw: str, expected: str) -> None:
+    assert sanitize_header_text(raw) == expected
+
+
+def test_sanitize_output_is_one_printable_line() -> None:
+    nasty = "".join(chr(c) for c in range(0, 0x3000, 7))
+    out = sanitize_header_text(nasty, max_chars=10_000)
+    assert "\r" not in out and "\n" not in out and "\x00" not in out
+    assert all(ch.isprintable() or unicodedata.category(ch) in ("Cf", "Cn", "Co") for ch in out)
+    assert not set(out) & set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+    assert "  " not in out and out == out.strip()
+
+
+def _customer(name: str = "Siti Rahayu", locale: Locale = Locale.ID) -> CustomerSnapshot:
+    return CustomerSnapshot(
+        id=7, external_id="C7", email="siti@example.com", name=name, locale=locale,
+        time_zone="Asia/Jakarta", birthday=None, marketing_consent=True,
+    )
+
+
+KOPI = ProductView("P1", "Kopi Gayo 250g", "Kopi", 8900000, "IDR", "https://toko.example/p/1", "https://toko.example/i/1.jpg")
+
+
+def test_product_dict_is_plain() -> None:
+    assert product_dict(KOPI) == {
+        "external_id": "P1", "name": "Kopi Gayo 250g", "category": "Kopi", "price_minor": 8900000,
+        "currency": "IDR", "url": "https://toko.example/p/1", "image_url": "https://toko.example/i/1.jpg",
+    }
+
+
+def test_build_context_has_customer_shop_and_extra() -> None:
+    ctx = build_context(
+        "winback", _customer(), shop=SHOP, unsubscribe_url="https://toko.example/u/t",
+        extra={"bought": [product_dict(KOPI)], "recommendations": (), "coupon_code": "KEMBALI10", "coupon_percent": 10},
+    )
+    assert ctx["customer"] == {"first_name": "Siti", "name": "Siti Rahayu", "email": "siti@example.com", "locale": "id"}
+    assert ctx["shop"] == {
+        "name": SHOP.name, "domain": SHOP.domain, "from_address": SHOP.from_address, "from_name": SHOP.from_name,
+        "reply_to": SHOP.reply_to, "postal_address": SHOP.postal_address, "base_url": SHOP.base_url,
+        "currency": "IDR",
+    }
+    assert ctx["unsubscribe_url"] == "https://toko.example/u/t"
+    assert ctx["locale"] == "id" and ctx["campaign"] == "winback"
+    assert ctx["bought"] == [product_dict(KOPI)]
+    assert ctx["recommendations"] == []  # tuples become lists
+    assert (ctx["coupon_code"], ctx["coupon_percent"]) == ("KEMBALI10", 10)
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ({"customer": {}}, ValueError),
+        ({"unsubscribe_url": "x"}, ValueError),
+        ({"bought": [KOPI]}, TypeError),  # a dataclass, not plain data
+        ({"x": {1: "a"}}, TypeError),
+        ({"x": object()}, TypeError),
+    ],
+)
+def test_build_context_refuses_clashes_and_objects(extra: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        build_context("winback", _customer(), shop=SHOP, unsubscribe_url="https://u", extra=extra)
+
+
+def test_build_context_dates_become_iso_strings() -> None:
+    extra = {"ordered": date(2026, 1, 2)}
+    ctx = build_context("winback", _customer(), shop=SHOP, unsubscribe_url="https://u", extra=extra)
+    assert ctx["ordered"] == "2026-01-02"
+
+
+def test_first_name_empty_for_empty_name() -> None:
+    ctx = build_context("winback", _customer(name=""), shop=SHOP, unsubscribe_url="https://u", extra={})
+    assert ctx["customer"] == {"first_name": "", "name": "", "email": "siti@example.com", "locale": "id"}

@@ -1,0 +1,232 @@
+"""The Jinja2 adapter over templates/email/: the shipped win-back templates and error reporting."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from worker.adapters.templates import JinjaTemplates
+from worker.core.render import ShopInfo, build_context, product_dict
+from worker.domain import CustomerSnapshot, Locale, ProductView
+from worker.errors import TemplateError
+
+ROOT = Path(__file__).resolve().parents[1] / "templates" / "email"
+SHOP = ShopInfo(
+    name="Toko Kembali", domain="toko.example", from_address="halo@toko.example", from_name="Toko Kembali",
+    reply_to="", postal_address="Jl. Contoh No. 1, Jakarta 10110, Indonesia", base_url="https://toko.example",
+    currency="IDR",
+)
+UNSUB = "https://toko.example/unsubscribe?t=abc123"
+HOSTILE = "Kopi <script>alert(1)</script>"
+
+
+def _product(n: int, name: str, price_minor: int) -> dict[str, object]:
+    return product_dict(
+        ProductView(f"P{n}", name, "Kopi", price_minor, "IDR", f"https://toko.example/p/{n}", f"https://toko.example/i/{n}.jpg")
+    )
+
+
+def winback_context(locale: Locale, name: str = "Siti Rahayu") -> dict[str, object]:
+    customer = CustomerSnapshot(1, "C1", "siti@example.com", name, locale, "Asia/Jakarta", None, True)
+    return build_context(
+        "winback", customer, shop=SHOP, unsubscribe_url=UNSUB,
+        extra={
+            "bought": [_product(1, "Kopi Gayo 250g", 8900000)],
+            "recommendations": [
+                _product(2, HOSTILE, 9500000),
+                _product(3, "French Press", 24900000),
+                _product(4, "Gelas Keramik", 4500000),
+            ],
+            "coupon_code": "KEMBALI10",
+            "coupon_percent": 10,
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("locale", "subject"),
+    [
+        (Locale.ID, "Kak Siti, masih suka Kopi Gayo 250g? Ada diskon 10% khusus untukmu"),
+        (Locale.EN, "Siti, still loving your Kopi Gayo 250g? Here's 10% off, just for you"),
+    ],
+)
+def test_winback_renders_in_both_languages(locale: Locale, subject: str) -> None:
+    email = JinjaTemplates(ROOT).render("winback", locale, winback_context(locale))
+    assert email.subject == subject
+    for part in (email.html, email.text):
+        assert "Rp249.000" in part and "Rp95.000" in part and "Rp45.000" in part
+        assert "Kopi Gayo 250g" in part
+        assert "KEMBALI10" in part and "10%" in part
+        assert UNSUB.replace("&", "&amp;") in part or UNSUB in part
+        assert SHOP.postal_address in part
+        assert "https://toko.example/p/3" in part
+    greeting = "Halo Kak Siti," if locale is Locale.ID else "Hi Siti,"
+    assert greeting in email.text
+    assert f'href="{UNSUB}"' in email.html
+    assert f'lang="{locale}"' in email.html
+    assert len(email.template_version) == 12
+
+
+@pytest.mark.parametrize("locale", list(Locale))
+def test_hostile_product_name_is_escaped_in_html_only(locale: Locale) -> None:
+    email = JinjaTemplates(ROOT).render("winback", locale, winback_context(locale))
+    assert "<script>" not in email.html
+    assert "Kopi &lt;script&gt;alert(1)&lt;/script&gt;" in email.html
+    assert HOSTILE in email.text  # plain text is not HTML: no entities there
+
+
+@pytest.mark.parametrize(("locale", "subject_start"), [(Locale.ID, "Kakak, masih suka"), (Locale.EN, "Still loving")])
+def test_winback_without_a_name(locale: Locale, subject_start: str) -> None:
+    email = JinjaTemplates(ROOT).render("winback", locale, winback_context(locale, name=""))
+    assert email.subject.startswith(subject_start)
+
+
+def test_winback_without_coupon_or_products() -> None:
+    ctx = winback_context(Locale.ID) | {"coupon_code": "", "bought": [], "recommendations": []}
+    email = JinjaTemplates(ROOT).render("winback", Locale.ID, ctx)
+    assert email.subject == "Kak Siti, kami kangen!"
+    assert "KEMBALI10" not in email.html and "Rp" not in email.text
+
+
+def test_campaigns_and_locales() -> None:
+    templates = JinjaTemplates(ROOT)
+    assert "winback" in templates.campaigns()
+    assert templates.locales("winback") == [Locale.ID, Locale.EN]
+
+
+# --- a template tree of our own --------------------------------------------------
+
+LAYOUT_HTML = '<html>\n{% block content %}{% endblock %}\n<a href="{{ unsubscribe_url }}">x</a>\n</html>\n'
+LAYOUT_TXT = "{% block content %}{% endblock %}\n{{ unsubscribe_url }}\n"
+GOOD = {
+    "_layout.html": LAYOUT_HTML,
+    "_layout.txt": LAYOUT_TXT,
+    "demo/id/subject.txt": "Halo {{ name }}\n",
+    "demo/id/body.html": '{% extends "_layout.html" %}\n{% block content %}\n<p>{{ name }}</p>\n{% endblock %}\n',
+    "demo/id/body.txt": '{% extends "_layout.txt" %}\n{% block content %}\n{{ name }}\n{% endblock %}\n',
+}
+CTX = {"name": "Siti", "unsubscribe_url": "https://u.example/x"}
+
+
+def tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return root
+
+
+def test_own_tree_renders(tmp_path: Path) -> None:
+    email = JinjaTemplates(tree(tmp_path, GOOD)).render("demo", Locale.ID, CTX)
+    assert email.subject == "Halo Siti"
+    assert "<p>Siti</p>" in email.html and "Siti\n" in email.text
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "template", "line"),
+    [
+        ("demo/id/body.html", '{% extends "_layout.html" %}\n{% block content %}\n{% if %}\n{% endblock %}\n',
+         "demo/id/body.html", 3),
+        ("demo/id/body.txt", "line one\nline two\n{{ name }\n", "demo/id/body.txt", 3),
+        ("_layout.html", "<html>\n\n\n{% block content %}{% endblock %}\n{% endfor %}\n", "_layout.html", 5),
+        ("demo/id/subject.txt", "{% for x in %}\n", "demo/id/subject.txt", 1),
+        ("demo/id/body.html", '{% extends "_layout.html" %}\n{% block content %}\n\n{{ nama }}\n{% endblock %}\n',
+         "demo/id/body.html", 4),
+        ("demo/id/body.txt", "a\nb\nc\nd\n{{ name }} {{ shop.name }}\n", "demo/id/body.txt", 5),
+        ("_layout.txt", "{% block content %}{% endblock %}\n\n{{ footer_text }}\n", "_layout.txt", 3),
+        ("demo/id/body.txt", "\n{{ name.__class__ }}\n", "demo/id/body.txt", 2),
+        ("demo/id/body.txt", "\n\n{% set xs = [] %}{{ xs.append(1) }}\n", "demo/id/body.txt", 3),
+        ("demo/id/body.txt", "\n{{ name | money }}\n", "demo/id/body.txt", 2),
+        ("demo/id/body.txt", "\n\n\n{{ 1 // 0 }}\n", "demo/id/body.txt", 4),
+    ],
+    ids=[
+        "syntax-body", "syntax-text", "syntax-layout", "syntax-subject", "undefined-html", "undefined-nested",
+        "undefined-layout", "sandbox-dunder", "sandbox-mutation", "filter-type", "zero-division",
+    ],
+)
+def test_errors_name_file_and_line(tmp_path: Path, name: str, text: str, template: str, line: int) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {name: text}))
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, CTX)
+    assert (info.value.template, info.value.line) == (template, line)
+    assert str(info.value).startswith(f"{template}:{line}: ")
+
+
+def test_missing_include_names_the_including_line(tmp_path: Path) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": "x\n{% include name %}\n"}))
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, CTX)
+    assert (info.value.template, info.value.line) == ("demo/id/body.txt", 2)
+    assert "not found: Siti" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("campaign", "locale", "files", "message"),
+    [
+        ("demo", Locale.EN, GOOD, "not found"),
+        ("nope", Locale.ID, GOOD, "not found"),
+        ("../demo", Locale.ID, GOOD, "not a campaign name"),
+        ("demo", Locale.ID, GOOD | {"demo/id/subject.txt": "{% if false %}x{% endif %} \n \n"}, "subject is empty"),
+        ("demo", Locale.ID, {k: v for k, v in GOOD.items() if k != "_layout.txt"}, "not found"),
+    ],
+)
+def test_other_template_errors(
+    tmp_path: Path, campaign: str, locale: Locale, files: dict[str, str], message: str
+) -> None:
+    with pytest.raises(TemplateError, match=message):
+        JinjaTemplates(tree(tmp_path, files)).render(campaign, locale, CTX)
+
+
+def test_subject_is_one_line(tmp_path: Path) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/subject.txt": "  Halo\n  {{ name }},\t apa kabar?\r\n"}))
+    assert templates.render("demo", Locale.ID, CTX).subject == "Halo Siti, apa kabar?"
+
+
+def _touch_later(path: Path, text: str) -> None:
+    before = path.stat().st_mtime_ns
+    path.write_text(text, encoding="utf-8")
+    os.utime(path, ns=(before + 2_000_000_000, before + 2_000_000_000))
+
+
+@pytest.mark.parametrize("edited", ["_layout.html", "_layout.txt", "demo/id/body.html", "demo/id/subject.txt"])
+def test_version_changes_when_a_used_file_changes(tmp_path: Path, edited: str) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD))
+    before = templates.template_version("demo", Locale.ID)
+    assert JinjaTemplates(tmp_path).template_version("demo", "id") == before  # stable across instances
+    _touch_later(tmp_path / edited, (tmp_path / edited).read_text(encoding="utf-8") + "<!-- edited -->\n")
+    after = templates.template_version("demo", Locale.ID)
+    assert after != before
+    assert templates.render("demo", Locale.ID, CTX).template_version == after
+
+
+def test_version_ignores_files_the_campaign_does_not_use(tmp_path: Path) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"other/id/subject.txt": "x", "_unused.html": "u"}))
+    before = templates.template_version("demo", Locale.ID)
+    _touch_later(tmp_path / "other/id/subject.txt", "y")
+    _touch_later(tmp_path / "_unused.html", "v")
+    assert templates.template_version("demo", Locale.ID) == before
+
+
+def test_version_follows_includes(tmp_path: Path) -> None:
+    files = GOOD | {"demo/id/body.txt": '{% include "_footer.txt" %}\n', "_footer.txt": "footer\n"}
+    templates = JinjaTemplates(tree(tmp_path, files))
+    before = templates.template_version("demo", Locale.ID)
+    _touch_later(tmp_path / "_footer.txt", "new footer\n")
+    assert templates.template_version("demo", Locale.ID) != before
+
+
+def test_edits_are_picked_up_without_a_restart(tmp_path: Path) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD))
+    assert templates.render("demo", Locale.ID, CTX).subject == "Halo Siti"
+    _touch_later(tmp_path / "demo/id/subject.txt", "Apa kabar {{ name }}?\n")
+    assert templates.render("demo", Locale.ID, CTX).subject == "Apa kabar Siti?"
+
+
+def test_shipped_templates_version_is_stable_under_copy(tmp_path: Path) -> None:
+    shutil.copytree(ROOT, tmp_path / "email")
+    assert JinjaTemplates(tmp_path / "email").template_version("winback", Locale.ID) == JinjaTemplates(
+        ROOT
+    ).template_version("winback", Locale.ID)
