@@ -82,30 +82,51 @@ def test_sanitize_output_is_one_printable_line() -> None:
 
 def _customer(name: str = "Siti Rahayu", locale: Locale = Locale.ID) -> CustomerSnapshot:
     return CustomerSnapshot(
-        id=7, external_id="C7", email="siti@example.com", name=name, locale=locale,
-        time_zone="Asia/Jakarta", birthday=None, marketing_consent=True,
+        id=7,
+        external_id="C7",
+        email="siti@example.com",
+        name=name,
+        locale=locale,
+        time_zone="Asia/Jakarta",
+        birthday=None,
+        marketing_consent=True,
     )
 
 
-KOPI = ProductView("P1", "Kopi Gayo 250g", "Kopi", 8900000, "IDR", "https://toko.example/p/1", "https://toko.example/i/1.jpg")
+KOPI = ProductView(
+    "P1", "Kopi Gayo 250g", "Kopi", 8900000, "IDR", "https://toko.example/p/1", "https://toko.example/i/1.jpg"
+)
 
 
 def test_product_dict_is_plain() -> None:
     assert product_dict(KOPI) == {
-        "external_id": "P1", "name": "Kopi Gayo 250g", "category": "Kopi", "price_minor": 8900000,
-        "currency": "IDR", "url": "https://toko.example/p/1", "image_url": "https://toko.example/i/1.jpg",
+        "external_id": "P1",
+        "name": "Kopi Gayo 250g",
+        "category": "Kopi",
+        "price_minor": 8900000,
+        "currency": "IDR",
+        "url": "https://toko.example/p/1",
+        "image_url": "https://toko.example/i/1.jpg",
     }
 
 
 def test_build_context_has_customer_shop_and_extra() -> None:
     ctx = build_context(
-        "winback", _customer(), shop=SHOP, unsubscribe_url="https://toko.example/u/t",
+        "winback",
+        _customer(),
+        shop=SHOP,
+        unsubscribe_url="https://toko.example/u/t",
         extra={"bought": [product_dict(KOPI)], "recommendations": (), "coupon_code": "KEMBALI10", "coupon_percent": 10},
     )
     assert ctx["customer"] == {"first_name": "Siti", "name": "Siti Rahayu", "email": "siti@example.com", "locale": "id"}
     assert ctx["shop"] == {
-        "name": SHOP.name, "domain": SHOP.domain, "from_address": SHOP.from_address, "from_name": SHOP.from_name,
-        "reply_to": SHOP.reply_to, "postal_address": SHOP.postal_address, "base_url": SHOP.base_url,
+        "name": SHOP.name,
+        "domain": SHOP.domain,
+        "from_address": SHOP.from_address,
+        "from_name": SHOP.from_name,
+        "reply_to": SHOP.reply_to,
+        "postal_address": SHOP.postal_address,
+        "base_url": SHOP.base_url,
         "currency": "IDR",
     }
     assert ctx["unsubscribe_url"] == "https://toko.example/u/t"

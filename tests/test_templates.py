@@ -15,8 +15,13 @@ from worker.errors import TemplateError
 
 ROOT = Path(__file__).resolve().parents[1] / "templates" / "email"
 SHOP = ShopInfo(
-    name="Toko Kembali", domain="toko.example", from_address="halo@toko.example", from_name="Toko Kembali",
-    reply_to="", postal_address="Jl. Contoh No. 1, Jakarta 10110, Indonesia", base_url="https://toko.example",
+    name="Toko Kembali",
+    domain="toko.example",
+    from_address="halo@toko.example",
+    from_name="Toko Kembali",
+    reply_to="",
+    postal_address="Jl. Contoh No. 1, Jakarta 10110, Indonesia",
+    base_url="https://toko.example",
     currency="IDR",
 )
 UNSUB = "https://toko.example/unsubscribe?t=abc123"
@@ -25,14 +30,19 @@ HOSTILE = "Kopi <script>alert(1)</script>"
 
 def _product(n: int, name: str, price_minor: int) -> dict[str, object]:
     return product_dict(
-        ProductView(f"P{n}", name, "Kopi", price_minor, "IDR", f"https://toko.example/p/{n}", f"https://toko.example/i/{n}.jpg")
+        ProductView(
+            f"P{n}", name, "Kopi", price_minor, "IDR", f"https://toko.example/p/{n}", f"https://toko.example/i/{n}.jpg"
+        )
     )
 
 
 def winback_context(locale: Locale, name: str = "Siti Rahayu") -> dict[str, object]:
     customer = CustomerSnapshot(1, "C1", "siti@example.com", name, locale, "Asia/Jakarta", None, True)
     return build_context(
-        "winback", customer, shop=SHOP, unsubscribe_url=UNSUB,
+        "winback",
+        customer,
+        shop=SHOP,
+        unsubscribe_url=UNSUB,
         extra={
             "bought": [_product(1, "Kopi Gayo 250g", 8900000)],
             "recommendations": [
@@ -128,13 +138,21 @@ def test_own_tree_renders(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "text", "template", "line"),
     [
-        ("demo/id/body.html", '{% extends "_layout.html" %}\n{% block content %}\n{% if %}\n{% endblock %}\n',
-         "demo/id/body.html", 3),
+        (
+            "demo/id/body.html",
+            '{% extends "_layout.html" %}\n{% block content %}\n{% if %}\n{% endblock %}\n',
+            "demo/id/body.html",
+            3,
+        ),
         ("demo/id/body.txt", "line one\nline two\n{{ name }\n", "demo/id/body.txt", 3),
         ("_layout.html", "<html>\n\n\n{% block content %}{% endblock %}\n{% endfor %}\n", "_layout.html", 5),
         ("demo/id/subject.txt", "{% for x in %}\n", "demo/id/subject.txt", 1),
-        ("demo/id/body.html", '{% extends "_layout.html" %}\n{% block content %}\n\n{{ nama }}\n{% endblock %}\n',
-         "demo/id/body.html", 4),
+        (
+            "demo/id/body.html",
+            '{% extends "_layout.html" %}\n{% block content %}\n\n{{ nama }}\n{% endblock %}\n',
+            "demo/id/body.html",
+            4,
+        ),
         ("demo/id/body.txt", "a\nb\nc\nd\n{{ name }} {{ shop.name }}\n", "demo/id/body.txt", 5),
         ("_layout.txt", "{% block content %}{% endblock %}\n\n{{ footer_text }}\n", "_layout.txt", 3),
         ("demo/id/body.txt", "\n{{ name.__class__ }}\n", "demo/id/body.txt", 2),
@@ -143,8 +161,17 @@ def test_own_tree_renders(tmp_path: Path) -> None:
         ("demo/id/body.txt", "\n\n\n{{ 1 // 0 }}\n", "demo/id/body.txt", 4),
     ],
     ids=[
-        "syntax-body", "syntax-text", "syntax-layout", "syntax-subject", "undefined-html", "undefined-nested",
-        "undefined-layout", "sandbox-dunder", "sandbox-mutation", "filter-type", "zero-division",
+        "syntax-body",
+        "syntax-text",
+        "syntax-layout",
+        "syntax-subject",
+        "undefined-html",
+        "undefined-nested",
+        "undefined-layout",
+        "sandbox-dunder",
+        "sandbox-mutation",
+        "filter-type",
+        "zero-division",
     ],
 )
 def test_errors_name_file_and_line(tmp_path: Path, name: str, text: str, template: str, line: int) -> None:

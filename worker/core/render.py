@@ -122,8 +122,9 @@ def format_money(minor: int, currency: str, locale: str) -> str:
     whole, fractional = _money_patterns(currency)
     pattern = whole if amount == amount.to_integral_value() else fractional
     return str(
-        format_currency(amount, currency.upper(), format=pattern, locale=_money_locale(locale, currency),
-                        currency_digits=False)
+        format_currency(
+            amount, currency.upper(), format=pattern, locale=_money_locale(locale, currency), currency_digits=False
+        )
     )
 
 
@@ -362,9 +363,21 @@ def _encode_body(text: str) -> tuple[str, bytes]:
 _RESERVED_HEADERS = frozenset(
     h.lower()
     for h in (
-        "Date", "From", "To", "Cc", "Bcc", "Reply-To", "Subject", "Message-ID", "MIME-Version",
-        "List-Unsubscribe", "List-Unsubscribe-Post", "Content-Type", "Content-Transfer-Encoding",
-        "Sender", "Return-Path",
+        "Date",
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Reply-To",
+        "Subject",
+        "Message-ID",
+        "MIME-Version",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Sender",
+        "Return-Path",
     )
 )
 
