@@ -54,7 +54,7 @@ class SmtpSettings:
     """``starttls``, ``tls`` (implicit TLS) or ``none`` (loopback only unless forced)."""
     allow_plaintext_remote: bool = False
     username: str = ""
-    password_env: str = "KEMBALI_SMTP_PASSWORD"
+    password_env: str = "KEMBALI_SMTP_PASSWORD"  # noqa: S105 - the variable's name, not a secret
     timeout_seconds: float = 30.0
     pool_size: int = 4
 
@@ -75,7 +75,7 @@ class UnsubscribeSettings:
     url: str = "https://toko-kembali.example/unsubscribe"
     """HTTPS base of the one-click link; a signed token is appended."""
     mailto: str = "unsubscribe@toko-kembali.example"
-    secret_env: str = "KEMBALI_LINK_SECRET"
+    secret_env: str = "KEMBALI_LINK_SECRET"  # noqa: S105 - the variable's name, not a secret
     """Environment variable holding the key that signs link tokens."""
 
 

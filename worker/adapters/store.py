@@ -15,7 +15,7 @@ first SMTP byte.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -76,6 +76,22 @@ def product_view(row: Any) -> ProductView:
         currency=row.currency,
         url=row.url,
         image_url=row.image_url,
+    )
+
+
+def _claimed(r: Any) -> ClaimedMessage:
+    return ClaimedMessage(
+        id=r.id,
+        dedupe_key=r.dedupe_key,
+        campaign=r.campaign,
+        step=r.step,
+        customer_id=r.customer_id,
+        email=r.email,
+        message_id=r.message_id,
+        attempts=r.attempts,
+        due_at=r.due_at,
+        expires_at=r.expires_at,
+        payload=json.loads(r.payload),
     )
 
 
@@ -197,22 +213,31 @@ class Store:
         with self.engine.begin() as conn:
             rows = conn.execute(stmt).all()
         rows.sort(key=lambda r: (-r.priority, r.id))
-        return [
-            ClaimedMessage(
-                id=r.id,
-                dedupe_key=r.dedupe_key,
-                campaign=r.campaign,
-                step=r.step,
-                customer_id=r.customer_id,
-                email=r.email,
-                message_id=r.message_id,
-                attempts=r.attempts,
-                due_at=r.due_at,
-                expires_at=r.expires_at,
-                payload=json.loads(r.payload),
+        return [_claimed(r) for r in rows]
+
+    def due_messages(
+        self, *, now: datetime, campaigns: Sequence[str], batch_size: int = 1000
+    ) -> Iterator[list[ClaimedMessage]]:
+        """Rows a claim at ``now`` could take, in keyset batches, without claiming them (preview)."""
+        after = 0
+        while True:
+            query = (
+                sa.select(M)
+                .where(
+                    M.c.id > after,
+                    M.c.status.in_(CLAIMABLE),
+                    M.c.next_attempt_at <= now,
+                    M.c.campaign.in_(list(campaigns)),
+                )
+                .order_by(M.c.id)
+                .limit(batch_size)
             )
-            for r in rows
-        ]
+            with self.engine.begin() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            after = rows[-1].id
+            yield [_claimed(r) for r in rows]
 
     def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
         """Commit ``sending`` for rows this worker still holds; returns the ids marked.

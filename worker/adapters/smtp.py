@@ -1,0 +1,325 @@
+"""The SMTP transport: a small pool of long-lived aiosmtplib connections.
+
+The only module that imports aiosmtplib. ``SmtpTransport.send`` never raises
+for delivery problems: it runs one transaction in explicit steps and reports a
+``SendResult`` whose outcome ``worker.core.retry.classify_reply`` decides from
+the reply code (or its absence) and the stage the attempt reached:
+
+    connect  TCP, greeting, EHLO, STARTTLS, AUTH     (421 greeting → transient)
+    mail     MAIL FROM                               (4xx transient, 5xx permanent)
+    rcpt     RCPT TO                                 (4xx transient, 5xx permanent)
+    data     DATA, 354 expected                      (4xx transient, 5xx permanent)
+    message  the body, before the final "." is handed over  (a drop → transient)
+    reply    waiting for the reply to the final "."  (2xx sent; 4xx/5xx as usual;
+                                                      a drop or timeout → ambiguous)
+
+Pool: ``pool_size`` slots in a LIFO queue, one message in flight per slot,
+each holding a connection opened lazily and reused. After a reply error at
+MAIL/RCPT/DATA the connection is RSET and kept; after an error reply to the
+final dot it is kept as is; after anything else (drop, timeout, garbled reply)
+it is closed and the slot reconnects next time. A pooled connection that
+turns out dead at MAIL (nothing of the message sent yet) is reopened once.
+
+TLS is explicit: ``tls`` is implicit TLS, ``starttls`` REQUIRES the STARTTLS
+upgrade (never a silent plaintext fallback, and AUTH only after it), ``none``
+is plaintext. Certificates are verified. The password is never logged or
+shown in ``repr``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+from dataclasses import dataclass
+from types import TracebackType
+
+from aiosmtplib import (
+    SMTP,
+    SMTPDataError,
+    SMTPException,
+    SMTPResponse,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from worker.config import SmtpSettings
+from worker.core.retry import classify_reply, parse_retry_after
+from worker.domain import Outcome, SendResult
+
+REPLY_LIMIT = 500
+"""Characters of server text kept in a ``SendResult``."""
+_CHUNK_BYTES = 64 * 1024
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_PLAIN_ADDRESS = re.compile(r"[!#-'*+\-./0-9=?A-Z^-~]+@[A-Za-z0-9.\-\[\]:]+", re.ASCII)
+"""local@domain: dot-atom local part characters, a domain or address literal."""
+
+
+class StartTLSNotOffered(SMTPException):
+    """``smtp.tls = "starttls"`` but the server did not offer STARTTLS: nothing is sent in plaintext."""
+
+
+@dataclass
+class _Slot:
+    client: SMTP | None = None
+
+    def discard(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+@dataclass
+class _Attempt:
+    stage: str = "connect"
+
+
+class SmtpTransport:
+    """Sends one message per call over a pool of SMTP connections."""
+
+    def __init__(
+        self,
+        settings: SmtpSettings,
+        *,
+        password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        local_hostname: str | None = None,
+    ) -> None:
+        """``password``: read by the caller from the variable ``settings.password_env``.
+
+        ``tls_context`` replaces the default verifying context (e.g. a private CA);
+        ``local_hostname`` is the EHLO name (default: this host's FQDN).
+        """
+        if settings.tls not in ("tls", "starttls", "none"):
+            raise ValueError(f"smtp.tls must be 'tls', 'starttls' or 'none', not {settings.tls!r}")
+        self._settings = settings
+        self._password = password
+        self._tls_context = tls_context
+        self._local_hostname = local_hostname
+        self._idle: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()
+        for _ in range(settings.pool_size):
+            self._idle.put_nowait(_Slot())
+        self._closed = False
+
+    def __repr__(self) -> str:
+        s = self._settings
+        return (
+            f"SmtpTransport(host={s.host!r}, port={s.port}, tls={s.tls!r}, "
+            f"username={s.username!r}, pool_size={s.pool_size})"
+        )
+
+    async def __aenter__(self) -> SmtpTransport:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def send(self, sender: str, recipient: str, message: bytes) -> SendResult:
+        """Send ``message`` (RFC 5322 bytes) from ``sender`` to ``recipient``; classify what happened."""
+        slot = await self._idle.get()
+        try:
+            if self._closed:
+                raise RuntimeError("SmtpTransport is closed")
+            return await self._transaction(slot, sender, recipient, message)
+        except BaseException:
+            slot.discard()  # cancelled mid-transaction: the connection state is unknown
+            raise
+        finally:
+            self._idle.put_nowait(slot)
+
+    async def close(self) -> None:
+        """Wait for in-flight sends, then QUIT and close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        slots = [await self._idle.get() for _ in range(self._settings.pool_size)]
+        for slot in slots:
+            client = slot.client
+            if client is not None and client.is_connected:
+                with contextlib.suppress(SMTPException, OSError):
+                    await client.quit()
+            slot.discard()
+            self._idle.put_nowait(slot)
+
+    # --- one transaction -----------------------------------------------------
+
+    async def _transaction(self, slot: _Slot, sender: str, recipient: str, message: bytes) -> SendResult:
+        attempt = _Attempt()
+        try:
+            _check_address(sender)
+            _check_address(recipient)
+        except ValueError as exc:
+            return _result(Outcome.PERMANENT, None, str(exc), exc)
+        try:
+            client, reused = await self._ready_client(slot)
+            attempt.stage = "mail"
+            try:
+                await client.mail(sender)
+            except SMTPServerDisconnected:
+                if not reused:
+                    raise
+                # the server closed the pooled connection while it sat idle and we
+                # had not noticed yet: nothing of this message was sent, reopen once
+                attempt.stage = "connect"
+                client, _ = await self._ready_client(slot)
+                attempt.stage = "mail"
+                await client.mail(sender)
+            attempt.stage = "rcpt"
+            await client.rcpt(recipient)
+            response = await self._data(client, message, attempt)
+        except SMTPResponseException as exc:
+            return await self._reply_error(slot, attempt.stage, exc)
+        except (SMTPException, OSError) as exc:  # drops, timeouts, refused connections, TLS and certificate errors
+            slot.discard()
+            return _result(classify_reply(None, attempt.stage), None, _text(exc), exc)
+        except (ValueError, UnicodeError) as exc:
+            if attempt.stage not in ("mail", "rcpt"):
+                raise
+            # aiosmtplib refused an address before writing it: this message can
+            # never go out as is, and the connection is untouched.
+            await self._reset_or_discard(slot)
+            return _result(Outcome.PERMANENT, None, str(exc), exc)
+        return _result(classify_reply(response.code, "reply"), response.code, _reply_text(response), None)
+
+    async def _ready_client(self, slot: _Slot) -> tuple[SMTP, bool]:
+        """The slot's connection and whether it was reused; opened if missing or closed."""
+        if slot.client is not None and slot.client.is_connected:
+            return slot.client, True
+        slot.discard()
+        slot.client = await self._connect()
+        return slot.client, False
+
+    async def _connect(self) -> SMTP:
+        s = self._settings
+        client = SMTP(
+            hostname=s.host,
+            port=s.port,
+            use_tls=s.tls == "tls",
+            start_tls=False,  # STARTTLS is done below, where "not offered" is an error
+            validate_certs=True,
+            tls_context=self._tls_context,
+            timeout=s.timeout_seconds,
+            local_hostname=self._local_hostname,
+        )
+        await client.connect()  # closes itself on failure
+        try:
+            if s.tls == "starttls":
+                await client.ehlo()
+                if not client.supports_extension("starttls"):
+                    raise StartTLSNotOffered(
+                        f"{s.host}:{s.port} does not offer STARTTLS and smtp.tls is 'starttls'; "
+                        "refusing to send in plaintext"
+                    )
+                await client.starttls()
+            if s.username:
+                await client.login(s.username, self._password or "")
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def _data(self, client: SMTP, message: bytes, attempt: _Attempt) -> SMTPResponse:
+        """DATA done by hand, so we know whether the final dot was handed over.
+
+        aiosmtplib's ``SMTP.data()`` writes body and dot in one call and then
+        waits, so a drop during the body and a drop after the dot look the
+        same. Here the body is written in chunks and drained (write buffer
+        limits 1/0, so "drained" means "in the kernel", or in the TLS layer on
+        TLS connections) before ``.\\r\\n`` is written. A drop or timeout up to
+        that point is stage ``message`` (transient: the server cannot have
+        accepted the mail); from the dot on it is stage ``reply`` (ambiguous).
+        Limit: bytes in the kernel are not bytes received by the server, so a
+        drop in the last moments before the dot reached the server is still
+        called ambiguous: the safe side, never a duplicate.
+        """
+        attempt.stage = "data"
+        start = await client.execute_command(b"DATA")
+        if start.code != 354:
+            raise SMTPDataError(start.code, start.message)
+        protocol, transport = client.protocol, client.transport
+        if protocol is None or not isinstance(transport, asyncio.WriteTransport):
+            raise SMTPServerDisconnected("Connection lost before the message body")
+        attempt.stage = "message"
+        payload = _dot_stuffed(message)
+        try:
+            async with asyncio.timeout(self._settings.timeout_seconds):
+                transport.set_write_buffer_limits(high=1, low=0)
+                for offset in range(0, len(payload), _CHUNK_BYTES):
+                    protocol.write(payload[offset : offset + _CHUNK_BYTES])
+                    await protocol._drain_helper()
+        except SMTPServerDisconnected:
+            raise
+        except ConnectionError as exc:
+            raise SMTPServerDisconnected("Connection lost while sending the message body") from exc
+        except TimeoutError as exc:
+            raise SMTPTimeoutError("Timed out sending the message body") from exc
+        if not protocol.is_connected:
+            raise SMTPServerDisconnected("Connection lost while sending the message body")
+        protocol.write(b".\r\n")  # raises SMTPServerDisconnected if the transport is gone
+        attempt.stage = "reply"
+        response = await protocol.read_response(timeout=self._settings.timeout_seconds)
+        if not 200 <= response.code < 300:
+            raise SMTPDataError(response.code, response.message)
+        return response
+
+    async def _reply_error(self, slot: _Slot, stage: str, exc: SMTPResponseException) -> SendResult:
+        code: int | None = exc.code if 100 <= exc.code < 600 else None  # -1: garbled reply
+        if code is None:
+            slot.discard()
+        elif stage in ("mail", "rcpt", "data"):
+            await self._reset_or_discard(slot)
+        elif stage != "reply":
+            slot.discard()
+        outcome = classify_reply(code, stage)
+        reply = f"{code} {exc.message}" if code is not None else exc.message
+        return _result(outcome, code, reply, exc)
+
+    async def _reset_or_discard(self, slot: _Slot) -> None:
+        """After a refused step the connection is fine: RSET it for the next message."""
+        client = slot.client
+        if client is None or not client.is_connected:
+            slot.discard()
+            return
+        try:
+            await client.rset()
+        except (SMTPException, OSError):
+            slot.discard()
+
+
+def _check_address(address: str) -> None:
+    """Refuse what aiosmtplib would silently rewrite ("a b@x" → "<a>", line breaks dropped)."""
+    if not _PLAIN_ADDRESS.fullmatch(address):
+        raise ValueError(f"not a plain ASCII SMTP address: {address[:100]!r}")
+
+
+def _dot_stuffed(message: bytes) -> bytes:
+    """CRLF line endings, a final CRLF, and leading dots doubled (RFC 5321 §4.5.2)."""
+    message = _LINE_ENDINGS.sub(b"\r\n", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return _LEADING_DOT.sub(b"..", message)
+
+
+def _reply_text(response: SMTPResponse) -> str:
+    return f"{response.code} {response.message}"
+
+
+def _text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _result(outcome: Outcome, code: int | None, reply: str, exc: BaseException | None) -> SendResult:
+    reply = reply.strip()[:REPLY_LIMIT]
+    hint = parse_retry_after(reply) if code is not None and 400 <= code < 500 else None
+    return SendResult(
+        outcome=outcome,
+        code=code,
+        reply=reply,
+        error_type=type(exc).__name__ if exc is not None else "",
+        retry_after_seconds=hint,
+    )

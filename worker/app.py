@@ -1,0 +1,95 @@
+"""Composition root: Settings → the adapters the pipeline runs on. The only module that builds adapters."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.adapters import db
+from worker.adapters.clock import SystemClock
+from worker.adapters.smtp import SmtpTransport
+from worker.adapters.store import Store
+from worker.adapters.templates import JinjaTemplates
+from worker.asyncstore import AsyncStore
+from worker.config import Settings
+from worker.errors import ConfigError
+from worker.pipeline import Composer
+from worker.ports import Clock
+from worker.sending import Dispatcher
+
+
+def worker_id() -> str:
+    """host:pid, so attempts and claims say which process did what."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def link_keys(settings: Settings, environ: dict[str, str] | None = None) -> list[bytes]:
+    """The link-signing keys from the environment: the variable holds one key, or several
+    separated by commas (newest first; the older ones still verify)."""
+    env = os.environ if environ is None else environ
+    name = settings.unsubscribe.secret_env
+    raw = env.get(name, "")
+    keys = [k.strip().encode() for k in raw.split(",") if k.strip()]
+    if not keys:
+        raise ConfigError(
+            f"{settings.source}: 'unsubscribe.secret_env' names the environment variable {name}, "
+            "which is not set: it must hold the key that signs unsubscribe links "
+            "(for example: export {name}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))'))".replace(
+                "{name}", name
+            )
+        )
+    if any(len(k) < 16 for k in keys):
+        raise ConfigError(f"{settings.source}: the key in {name} is too short (use at least 16 characters)")
+    return keys
+
+
+def smtp_password(settings: Settings, environ: dict[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    if not settings.smtp.username:
+        return None
+    password = env.get(settings.smtp.password_env)
+    if password is None:
+        raise ConfigError(
+            f"{settings.source}: 'smtp.username' is set but the environment variable "
+            f"{settings.smtp.password_env} (named by 'smtp.password_env') is not"
+        )
+    return password
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    store: Store
+    templates: JinjaTemplates
+    clock: Clock
+
+    @classmethod
+    def build(cls, settings: Settings, *, check_schema: bool = True) -> Deps:
+        store = Store.from_url(settings.database_url)
+        if check_schema:
+            db.check_schema(store.engine)
+        templates_dir = settings.resolve(settings.templates.dir)
+        if not templates_dir.is_dir():
+            raise ConfigError(f"{settings.source}: 'templates.dir' {str(templates_dir)!r} is not a folder")
+        return cls(settings=settings, store=store, templates=JinjaTemplates(Path(templates_dir)), clock=SystemClock())
+
+    def composer(self, keys: list[bytes] | None = None) -> Composer:
+        return Composer(self.settings, self.templates, (keys or link_keys(self.settings))[0])
+
+    def transport(self) -> SmtpTransport:
+        return SmtpTransport(self.settings.smtp, password=smtp_password(self.settings))
+
+    def dispatcher(self, async_store: AsyncStore, transport: SmtpTransport) -> Dispatcher:
+        return Dispatcher(
+            settings=self.settings,
+            store=async_store,
+            composer=self.composer(),
+            transport=transport,
+            clock=self.clock,
+            worker=worker_id(),
+        )
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,162 @@
+"""The `kembali` command: parse, call, print, exit code. The work happens elsewhere.
+
+Exit codes: 0 done; 1 done, but something needs the operator (rejected rows,
+render errors); 2 bad usage or configuration (nothing was done); 3 the
+database or SMTP server could not be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from worker import log
+from worker.config import DEFAULT_CONFIG, Settings, load_settings
+from worker.errors import ConfigError, KembaliError, SchemaError
+
+EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="kembali",
+        description="Kembali brings one-time buyers back: it plans re-engagement emails from your shop's "
+        "data, renders them from templates/email/, sends them over SMTP with rate limits, and records "
+        "every message and attempt in a ledger so nothing is sent twice or lost.",
+        epilog="Run `kembali COMMAND --help` for each command. Start with `kembali demo`.",
+    )
+    top.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("KEMBALI_CONFIG", DEFAULT_CONFIG)),
+        help="the config file (default: $KEMBALI_CONFIG or ./config.toml)",
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="try Kembali on a demo shop with a local SMTP sink",
+                       description="Create a demo database of an Indonesian shop, start a local SMTP sink on a "
+                       "free loopback port, run one full cycle (plan, render, send, record) against it, save what "
+                       "the sink received as .eml files, and print what was sent. Touches nothing outside --out.")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the demo (default: demo-out)")
+    p.add_argument("--customers", type=int, default=120, help="customers in the demo shop (default: 120)")
+    p.add_argument("--seed", type=int, default=7, help="random seed for the demo data (default: 7)")
+
+    p = sub.add_parser("db", help="create or migrate the database schema",
+                       description="Database maintenance. `kembali db upgrade` creates the schema in an empty "
+                       "database or migrates an older one to this version (SQLite or PostgreSQL, from "
+                       "database.url).")
+    p.add_argument("action", choices=["upgrade", "status"], help="upgrade: migrate to the newest schema; "
+                   "status: show the current and newest revision")
+
+    p = sub.add_parser("import", help="import customers, products or orders from CSV",
+                       description="Import a CSV file (columns in the README). Rows are upserted by their id, so "
+                       "importing the same file twice changes nothing. A bad row is reported with its line number "
+                       "and skipped; the rest is imported. Exit code 1 if any row was rejected.")
+    p.add_argument("kind", choices=["customers", "products", "orders"])
+    p.add_argument("file", type=Path)
+    p.add_argument("--check-dns", action="store_true",
+                   help="also check that each address's domain accepts mail (needs network; off by default)")
+
+    p = sub.add_parser("run", help="plan and send (once, or as a daemon)",
+                       description="Plan every enabled campaign, send what is due, record every outcome. With "
+                       "--once: one full cycle, a summary, and exit (for cron and tests). Without: repeat every "
+                       "--interval seconds until SIGTERM/SIGINT, finishing in-flight sends before exiting.")
+    p.add_argument("--once", action="store_true", help="run one cycle and exit")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between cycles without --once (default 60)")
+
+    p = sub.add_parser("preview", help="dry run: who would get what, without sending or writing",
+                       description="Run the real planning, re-check and rendering as of --at, with no sends and "
+                       "no writes, and list the messages that would go out and the ones that would be skipped.")
+    p.add_argument("--at", type=_datetime_arg, default=None,
+                   help="the moment to plan for, ISO 8601 with offset (default: now), e.g. 2027-02-28T10:00+07:00")
+    p.add_argument("--campaign", action="append", help="only this campaign (repeatable)")
+    p.add_argument("--customer", help="only this customer (the shop's id)")
+    p.add_argument("--limit", type=int, default=None, help="show at most N messages")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    return top
+
+
+def _datetime_arg(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date-time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give an offset, e.g. {text}+07:00")
+    return value.astimezone(UTC)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from worker.commands import demo
+
+            return demo.run(args)
+        settings = load_settings(args.config)
+        log.configure(settings.logging.level, settings.logging.format)
+        handler = _COMMANDS[args.command]
+        return handler(settings, args)
+    except ConfigError as exc:
+        print(f"kembali: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SchemaError as exc:
+        print(f"kembali: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KembaliError as exc:
+        print(f"kembali: {exc}", file=sys.stderr)
+        return EXIT_ATTENTION
+    except KeyboardInterrupt:
+        print("kembali: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.adapters import db
+
+    engine = db.create_engine(settings.database_url)
+    try:
+        if args.action == "status":
+            print(f"current: {db.current_revision(engine) or '(empty)'}  newest: {db.head_revision(engine)}")
+            return EXIT_OK
+        before, after = db.upgrade(engine)
+        if before == after:
+            print(f"schema already at {after}")
+        else:
+            print(f"schema upgraded: {before or '(empty)'} -> {after}")
+        return EXIT_OK
+    finally:
+        engine.dispose()
+
+
+def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.commands.importing import import_file
+
+    return import_file(settings, args.kind, args.file, check_dns=args.check_dns)
+
+
+def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.commands import running
+
+    if args.once:
+        return running.once(settings)
+    return running.forever(settings, interval_seconds=args.interval)
+
+
+def _cmd_preview(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.commands.previewing import preview
+
+    return preview(settings, args)
+
+
+_COMMANDS: dict[str, Any] = {
+    "db": _cmd_db,
+    "import": _cmd_import,
+    "run": _cmd_run,
+    "preview": _cmd_preview,
+}

@@ -1,0 +1,84 @@
+"""`kembali demo`: a whole cycle on a generated shop, against a local SMTP sink, inside one folder."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import secrets
+import shutil
+import sys
+from datetime import UTC, datetime
+from email import policy
+from email.parser import BytesParser
+
+from worker import log
+from worker.adapters import db
+from worker.adapters.sink import SmtpSink
+from worker.app import Deps
+from worker.commands import running
+from worker.commands.importing import import_file
+from worker.config import Settings, load_settings
+from worker.demo import generate_shop, write_csvs
+
+
+def run(args: argparse.Namespace) -> int:
+    base = load_settings(args.config)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("kembali-demo.db", "kembali-demo.db-wal", "kembali-demo.db-shm"):
+        (out / stale).unlink(missing_ok=True)
+    shutil.rmtree(out / "sent", ignore_errors=True)
+    log.configure("warning", base.logging.format)
+
+    settings = dataclasses.replace(
+        base,
+        database=dataclasses.replace(base.database, url=f"sqlite:///{out / 'kembali-demo.db'}"),
+        smtp=dataclasses.replace(base.smtp, host="127.0.0.1", tls="none", username=""),
+    )
+    if not os.environ.get(settings.unsubscribe.secret_env):
+        os.environ[settings.unsubscribe.secret_env] = secrets.token_urlsafe(32)
+        print(f"(demo) {settings.unsubscribe.secret_env} is not set: signing links with a throwaway key")
+
+    now = datetime.now(UTC)
+    shop = generate_shop(seed=args.seed, customers=args.customers, now=now)
+    files = write_csvs(shop, out / "data", shop_tz=settings.shop.time_zone)
+    print(f"demo shop: {len(shop.customers)} customers, {len(shop.products)} products, "
+          f"{len(shop.orders)} orders, written to {out / 'data'}")
+
+    engine = db.create_engine(settings.database_url)
+    db.upgrade(engine)
+    engine.dispose()
+    for kind in ("customers", "products", "orders"):
+        import_file(settings, kind, files[kind])
+
+    sink = SmtpSink(folder=out / "sent")
+    report, received = asyncio.run(_cycle_with_sink(settings, sink))
+    print()
+    for line in running.summary(report):
+        print(line)
+    print(f"the local SMTP sink received {len(received)} messages, saved as .eml files in {out / 'sent'}")
+    parser = BytesParser(policy=policy.default)
+    for message in received[:5]:
+        parsed = parser.parsebytes(message.data, headersonly=True)
+        print(f"  to {parsed['To']}: {parsed['Subject']}")
+    if len(received) > 5:
+        print(f"  … and {len(received) - 5} more")
+    print(f"\ndatabase: {out / 'kembali-demo.db'}   try: kembali --config {args.config} preview")
+    return 0 if report.dispatched.outcomes.get("sent", 0) == len(received) else 1
+
+
+async def _cycle_with_sink(settings: Settings, sink: SmtpSink) -> tuple[running.CycleReport, list]:  # type: ignore[type-arg]
+    await sink.start()
+    try:
+        live = dataclasses.replace(settings, smtp=dataclasses.replace(settings.smtp, port=sink.port))
+        print(f"local SMTP sink listening on 127.0.0.1:{sink.port}", file=sys.stdout)
+        deps = Deps.build(live)
+        try:
+            report = await running.cycle(deps)
+        finally:
+            deps.close()
+    finally:
+        await sink.stop()
+    return report, list(sink.messages)

@@ -1,0 +1,94 @@
+"""`kembali import`: stream a CSV through the validator into the store, batch by batch."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from worker.adapters import db, shop
+from worker.adapters.importer import RowError, read_customers, read_orders, read_products
+from worker.adapters.store import Store
+from worker.commands.progress import Progress
+from worker.config import Settings
+from worker.errors import ImportRowError
+
+BATCH = 1000
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+
+
+def _reader(kind: str, path: Path, settings: Settings, check_dns: bool, warn: Callable[[str], None]) -> Iterator[Any]:
+    if kind == "customers":
+        return read_customers(path, check_dns=check_dns, on_warning=warn)
+    if kind == "products":
+        return read_products(path, on_warning=warn, shop_tz=settings.shop.time_zone)
+    return read_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone)
+
+
+def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = False) -> int:
+    if not path.is_file():
+        print(f"kembali import: {path}: no such file", file=sys.stderr)
+        return EXIT_USAGE
+    store = Store.from_url(settings.database_url)
+    db.check_schema(store.engine)
+    now = datetime.now(UTC)
+    upsert: Callable[[Sequence[Any]], shop.UpsertCounts] = {
+        "customers": lambda rs: shop.upsert_customers(store.engine, rs, now),
+        "products": lambda rs: shop.upsert_products(store.engine, rs, now),
+        "orders": lambda rs: shop.upsert_orders(store.engine, rs, now, on_unknown_product=_note_unknown),
+    }[kind]
+    total = shop.UpsertCounts()
+    errors = 0
+    seen = 0
+    progress = Progress(f"importing {kind} from {path.name}")
+
+    def warn(text: str) -> None:
+        print(f"warning: {path.name}: {text}", file=sys.stderr)
+
+    batch: list[Any] = []
+    try:
+        for item in _reader(kind, path, settings, check_dns, warn):
+            seen += 1
+            if isinstance(item, RowError):
+                errors += 1
+                print(f"rejected {item}", file=sys.stderr)
+                continue
+            batch.append(item)
+            if len(batch) >= BATCH:
+                errors += _flush(upsert, batch, total, path)
+                batch.clear()
+            progress.update(seen, f"rows, {errors} rejected")
+        errors += _flush(upsert, batch, total, path)
+    except ImportRowError as exc:
+        progress.done()
+        print(f"kembali import: {path.name}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        progress.done()
+        store.close()
+    print(
+        f"{kind}: {total.created} created, {total.updated} updated, {total.unchanged} unchanged, "
+        f"{errors} rejected (from {path})"
+    )
+    return EXIT_REJECTED if errors else EXIT_OK
+
+
+def _flush(upsert: Callable[[Sequence[Any]], shop.UpsertCounts], batch: list[Any], total: shop.UpsertCounts,
+           path: Path) -> int:
+    if not batch:
+        return 0
+    counts = upsert(batch)
+    for external_id, reason in counts.rejected:
+        print(f"rejected {path.name}: id {external_id!r}: {reason}", file=sys.stderr)
+    total.add(counts)
+    rejected = len(counts.rejected)
+    counts.rejected.clear()
+    total.rejected.clear()
+    return rejected
+
+
+def _note_unknown(order: str, product: str) -> None:
+    print(f"warning: order {order!r}: unknown product {product!r} (kept; linked when the product is imported)",
+          file=sys.stderr)

@@ -1,0 +1,67 @@
+"""Structured events: one line each, a stable name and fields.
+
+``event("email_sent", campaign="winback", dedupe_key=..., code=250)`` logs
+``email_sent campaign=winback dedupe_key=… code=250`` on a terminal and a JSON
+object when ``logging.format = "json"``. Never pass bodies, tokens or passwords.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+LOGGER = logging.getLogger("kembali")
+
+
+def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
+    LOGGER.log(level, name, extra={"kembali_fields": fields})
+
+
+def mask_email(address: str) -> str:
+    """``budi.santoso@gmail.com`` → ``b***@gmail.com``: enough to recognise, not to harvest."""
+    local, _, domain = address.partition("@")
+    return f"{local[:1]}***@{domain}" if domain else "***"
+
+
+def _fmt_value(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(ch in text for ch in ' ="\n\r\t'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "kembali_fields", {})
+        when = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        parts = [when, record.levelname.lower().ljust(7), record.getMessage()]
+        parts += [f"{k}={_fmt_value(v)}" for k, v in fields.items()]
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        body: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        body.update({k: v if isinstance(v, int | float | bool) or v is None else str(v)
+                     for k, v in getattr(record, "kembali_fields", {}).items()})
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        return json.dumps(body, ensure_ascii=False)
+
+
+def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    LOGGER.handlers[:] = [handler]
+    LOGGER.setLevel(level.upper())
+    LOGGER.propagate = False

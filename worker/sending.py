@@ -1,0 +1,308 @@
+"""Concurrent senders: claim → compose → limit → mark → send → record.
+
+Theory of operation
+-------------------
+One producer claims due rows in batches (a lease, so no other worker takes
+them), reads the facts for the batch in one go, and composes each message
+(re-check, render, MIME). Skips and render failures are recorded at once;
+composed messages go on a bounded queue. ``pool_size`` sender tasks take them
+off the queue; each waits for a slot of the global rate, then for its own
+``sending`` mark to be committed, and only then speaks SMTP. The outcome goes
+back to the ledger with an attempt row.
+
+All ledger writes go through one ``LedgerWriter`` task (a group commit): it
+commits the marks and outcomes that piled up while the last commit ran, in one
+transaction, so committing per message does not cap the throughput, while each
+sender still waits for its own ``sending`` mark before the first SMTP byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from worker import log
+from worker.asyncstore import AsyncStore
+from worker.config import Settings
+from worker.core import lifecycle
+from worker.core.ratelimit import Gcra
+from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, SendResult
+from worker.pipeline import Composed, Composer, RenderFailed, Skipped, load_batch_facts, load_catalogue
+from worker.ports import Clock, Transport
+
+
+@dataclass
+class DispatchReport:
+    outcomes: Counter[str] = field(default_factory=Counter)
+    """Final statuses of this run's messages (``sent``, ``retry``, ``skipped:suppressed``…)."""
+    by_campaign: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def count(self, campaign: str, what: str) -> None:
+        self.outcomes[what] += 1
+        self.by_campaign[(campaign, what)] += 1
+
+
+class LedgerWriter:
+    """One task that commits ``sending`` marks and outcomes in groups."""
+
+    def __init__(self, store: AsyncStore, *, worker: str, clock: Clock) -> None:
+        self.store = store
+        self.worker = worker
+        self.clock = clock
+        self._marks: list[tuple[int, asyncio.Future[bool]]] = []
+        self._records: list[Disposition] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self.commits = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="kembali-ledger-writer")
+
+    async def mark_sending(self, message_id: int) -> bool:
+        """Wait until ``sending`` is committed for this row; False if the lease was lost."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._marks.append((message_id, future))
+        self._poke()
+        return await future
+
+    def record(self, disposition: Disposition) -> None:
+        self._records.append(disposition)
+        self._poke()
+
+    def _poke(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until everything handed over so far is committed."""
+        while self._marks or self._records or not self._idle.is_set():
+            self._check_alive()
+            await asyncio.wait(
+                [asyncio.ensure_future(self._idle.wait()), *([self._task] if self._task else [])],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            self._check_alive()
+
+    def _check_alive(self) -> None:
+        if self._task is not None and self._task.done():
+            self._task.result()  # re-raise the writer's failure
+            raise RuntimeError("ledger writer stopped")
+
+    async def close(self) -> None:
+        await self.flush()
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._closed and not (self._marks or self._records):
+                return
+            records, self._records = self._records, []
+            marks, self._marks = self._marks, []
+            try:
+                if records:
+                    await self.store.call(self.store.store.record, records)
+                if marks:
+                    marked = await self.store.call(
+                        self.store.store.mark_sending, [m for m, _ in marks], worker=self.worker, now=self.clock.now()
+                    )
+                    for message_id, future in marks:
+                        if not future.done():
+                            future.set_result(message_id in marked)
+                self.commits += 1
+            except BaseException as exc:
+                for _, future in marks:
+                    if not future.done():
+                        future.set_exception(exc)
+                log.event("ledger_write_failed", logging.ERROR, error=repr(exc), pending=len(records))
+                raise
+            if not (self._marks or self._records):
+                self._idle.set()
+
+
+_DONE: Literal["done"] = "done"
+
+
+class Dispatcher:
+    """Sends what is due until the queue is empty (``run_once``) or told to stop."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: AsyncStore,
+        composer: Composer,
+        transport: Transport,
+        clock: Clock,
+        worker: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.composer = composer
+        self.transport = transport
+        self.clock = clock
+        self.worker = worker
+        self.rate = Gcra(rate=settings.sending.rate_per_second, burst=settings.sending.burst)
+        self.stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Stop claiming; messages already claimed are still sent."""
+        self.stopping.set()
+
+    async def run_once(self) -> DispatchReport:
+        report = DispatchReport()
+        writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock)
+        writer.start()
+        queue: asyncio.Queue[Composed | Literal["done"]] = asyncio.Queue(maxsize=self.settings.sending.batch_size)
+        senders = [
+            asyncio.create_task(self._sender(queue, writer, report), name=f"kembali-sender-{i}")
+            for i in range(self.settings.smtp.pool_size)
+        ]
+        try:
+            await self._produce(queue, writer, report)
+        finally:
+            for _ in senders:
+                await queue.put(_DONE)
+            results = await asyncio.gather(*senders, return_exceptions=True)
+            await writer.close()
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return report
+
+    async def _produce(
+        self, queue: asyncio.Queue[Composed | Literal["done"]], writer: LedgerWriter, report: DispatchReport
+    ) -> None:
+        store = self.store.store
+        catalogue = await self.store.call(load_catalogue, store)
+        while not self.stopping.is_set():
+            now = self.clock.now()
+            batch = await self.store.call(
+                store.claim,
+                worker=self.worker,
+                now=now,
+                limit=self.settings.sending.batch_size,
+                lease_seconds=self.settings.sending.lease_seconds,
+            )
+            if not batch:
+                return
+            facts = await self.store.call(load_batch_facts, store, batch, catalogue)
+            for message in batch:
+                item = self.composer.compose(message, facts, now)
+                if isinstance(item, Composed):
+                    await queue.put(item)
+                else:
+                    writer.record(self._not_sent(item, now))
+                    report.count(message.campaign, _label(item))
+
+    def _not_sent(self, item: Skipped | RenderFailed, now: datetime) -> Disposition:
+        if isinstance(item, Skipped):
+            log.event(
+                "email_skipped",
+                campaign=item.message.campaign,
+                dedupe_key=item.message.dedupe_key,
+                reason=item.reason.value,
+            )
+            return Disposition(
+                message=item.message,
+                status=MessageStatus.SKIPPED,
+                worker=self.worker,
+                started_at=now,
+                finished_at=now,
+                skip_reason=item.reason,
+            )
+        log.event(
+            "email_render_failed",
+            logging.ERROR,
+            campaign=item.message.campaign,
+            dedupe_key=item.message.dedupe_key,
+            error=str(item.error),
+        )
+        return Disposition(
+            message=item.message,
+            status=MessageStatus.FAILED,
+            worker=self.worker,
+            started_at=now,
+            finished_at=now,
+            result=SendResult(Outcome.RENDER_ERROR, None, str(item.error)[:500], type(item.error).__name__),
+        )
+
+    async def _sender(
+        self, queue: asyncio.Queue[Composed | Literal["done"]], writer: LedgerWriter, report: DispatchReport
+    ) -> None:
+        sender = self.settings.shop.from_address
+        while True:
+            item = await queue.get()
+            if item == _DONE:
+                return
+            assert isinstance(item, Composed)
+            wait = self.rate.reserve(self.clock.monotonic())
+            if wait > 0:
+                await self.clock.sleep(wait)
+            message = item.message
+            if not await writer.mark_sending(message.id):
+                log.event("email_lease_lost", logging.WARNING, dedupe_key=message.dedupe_key)
+                continue
+            started = self.clock.now()
+            result = await self.transport.send(sender, message.email, item.data)
+            finished = self.clock.now()
+            status, next_at = lifecycle.after_attempt(
+                result,
+                attempt=message.attempts + 1,
+                max_attempts=self.settings.sending.max_attempts,
+                now=finished,
+                base_seconds=self.settings.sending.retry_base_seconds,
+                cap_seconds=self.settings.sending.retry_max_seconds,
+            )
+            writer.record(
+                Disposition(
+                    message=message,
+                    status=status,
+                    worker=self.worker,
+                    started_at=started,
+                    finished_at=finished,
+                    result=result,
+                    next_attempt_at=next_at,
+                    template_version=item.rendered.template_version,
+                    subject=item.rendered.subject,
+                )
+            )
+            report.count(message.campaign, status.value)
+            _log_outcome(message, status, result, item.customer.external_id)
+
+
+def _label(item: Skipped | RenderFailed) -> str:
+    return f"skipped:{item.reason.value}" if isinstance(item, Skipped) else "failed:render_error"
+
+
+def _log_outcome(message: ClaimedMessage, status: MessageStatus, result: SendResult, customer: str) -> None:
+    name = {
+        MessageStatus.SENT: "email_sent",
+        MessageStatus.RETRY: "email_deferred",
+        MessageStatus.FAILED: "email_failed",
+        MessageStatus.UNCERTAIN: "email_uncertain",
+    }.get(status, "email_" + status.value)
+    level = logging.INFO if status in (MessageStatus.SENT, MessageStatus.RETRY) else logging.WARNING
+    log.event(
+        name,
+        level,
+        campaign=message.campaign,
+        dedupe_key=message.dedupe_key,
+        customer=customer,
+        to=log.mask_email(message.email),
+        attempt=message.attempts + 1,
+        code=result.code,
+        reply=result.reply[:120],
+        error=result.error_type,
+    )
