@@ -1,0 +1,192 @@
+"""A recording SMTP server for tests, with failures chosen per recipient.
+
+Wraps ``worker.adapters.sink.SmtpSink`` (aiosmtpd on 127.0.0.1, port 0). Each
+recipient address may be given a ``Behaviour``; anything else is accepted::
+
+    server.on("full@test", Behaviour(rcpt_reply="452 4.2.2 Mailbox full"))
+    server.on("gone@test", Behaviour(drop_after_dot=True))
+    server.greeting = "421 4.3.2 Service not available"   # every new connection
+
+Handler hooks (``handle_RCPT``/``handle_DATA``) do replies, delays and the drop
+after the final dot; an ``SMTP`` subclass does the 421 greeting and the drop
+in the middle of DATA. Runs on its own loop in a thread (``start_in_thread``),
+so a test's ``asyncio.run`` talks to it over real TCP; or ``await start()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope
+
+from worker.adapters.sink import ReceivedMessage, SinkHandler, SmtpSink
+from worker.config import SmtpSettings
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What the server does for one recipient."""
+
+    rcpt_reply: str | None = None
+    """Reply to RCPT TO instead of accepting (e.g. ``"550 5.1.1 No such user"``)."""
+    data_reply: str | None = None
+    """Reply to the final dot instead of accepting; the message is not stored."""
+    drop_mid_data: bool = False
+    """Close the connection once the body starts arriving (nothing stored)."""
+    drop_after_dot: bool = False
+    """Store the message, then close the connection without replying."""
+    delay_at: str | None = None
+    """``"rcpt"`` or ``"data"``: wait ``delay_seconds`` before that reply."""
+    delay_seconds: float = 0.0
+
+
+ACCEPT = Behaviour()
+
+
+class _FaultyHandler(SinkHandler):
+    owner: RecordingServer
+
+    async def handle_RCPT(  # aiosmtpd's hook names
+        self, server: SMTP, session: Any, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        behaviour = self.owner.behaviour(address)
+        if behaviour.delay_at == "rcpt":
+            await asyncio.sleep(behaviour.delay_seconds)
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Envelope) -> str:
+        behaviours = [self.owner.behaviour(r) for r in envelope.rcpt_tos]
+        for behaviour in behaviours:
+            if behaviour.delay_at == "data":
+                await asyncio.sleep(behaviour.delay_seconds)
+        if any(b.drop_after_dot for b in behaviours):
+            self.sink.record(envelope)
+            _hang_up(server)
+            return "250 never sent: the transport is closed"
+        return await super().handle_DATA(server, session, envelope)
+
+
+class _FaultySMTP(SMTP):
+    def __init__(self, owner: RecordingServer, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._owner = owner
+
+    async def _handle_client(self) -> None:
+        greeting = self._owner.greeting
+        if greeting is None:
+            await super()._handle_client()
+            return
+        await self.push(greeting)
+        _hang_up(self)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        rcpts = list(self.envelope.rcpt_tos) if self.envelope is not None else []
+        if not any(self._owner.behaviour(r).drop_mid_data for r in rcpts):
+            await super().smtp_DATA(arg)
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self._reader.readuntil(b"\r\n")  # the body has started arriving
+        _hang_up(self)
+
+
+class RecordingServer:
+    """An ``SmtpSink`` with per-recipient failures (see the module docstring)."""
+
+    def __init__(self, *, folder: Path | None = None, tls_context: Any = None) -> None:
+        self.behaviours: dict[str, Behaviour] = {}
+        self.greeting: str | None = None
+        """When set, every new connection gets this greeting and is closed."""
+        self._tls_context = tls_context
+
+        def handler_factory(sink: SmtpSink) -> SinkHandler:
+            handler = _FaultyHandler(sink)
+            handler.owner = self
+            return handler
+
+        self.sink = SmtpSink(
+            folder=folder, reply_for=self._reply_for, handler_factory=handler_factory, smtp_class=self._smtp
+        )
+
+    def _smtp(self, handler: Any, **kwargs: Any) -> SMTP:
+        return _FaultySMTP(self, handler, tls_context=self._tls_context, **kwargs)
+
+    def on(self, recipient: str, behaviour: Behaviour) -> None:
+        self.behaviours[recipient] = behaviour
+
+    def behaviour(self, recipient: str) -> Behaviour:
+        return self.behaviours.get(recipient, ACCEPT)
+
+    def _reply_for(self, stage: str, recipient: str) -> str | None:
+        behaviour = self.behaviour(recipient)
+        return behaviour.rcpt_reply if stage == "rcpt" else behaviour.data_reply
+
+    @property
+    def port(self) -> int:
+        return self.sink.port
+
+    @property
+    def messages(self) -> list[ReceivedMessage]:
+        return self.sink.messages
+
+    @property
+    def connections(self) -> int:
+        return self.sink.connections
+
+    def close_connections(self) -> None:
+        """Drop every open connection, from any thread."""
+        loop = self.sink._thread_loop
+        if loop is None:
+            self.sink.close_connections()
+        else:
+            asyncio.run_coroutine_threadsafe(_call(self.sink.close_connections), loop).result(5)
+
+    def settings(self, **overrides: Any) -> SmtpSettings:
+        """Transport settings pointing at this server (plaintext on loopback)."""
+        base = SmtpSettings(host="127.0.0.1", port=self.port, tls="none", timeout_seconds=5.0, pool_size=2)
+        return replace(base, **overrides)
+
+    async def start(self) -> None:
+        await self.sink.start()
+
+    async def stop(self) -> None:
+        await self.sink.stop()
+
+    def start_in_thread(self) -> int:
+        return self.sink.start_in_thread()
+
+    def stop_in_thread(self) -> None:
+        self.sink.stop_in_thread()
+
+
+def _hang_up(server: SMTP) -> None:
+    """Close the connection without a reply."""
+    if server.transport is not None:
+        server.transport.close()
+
+
+async def _call(fn: Any) -> None:
+    fn()
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def make_message(index: int = 0, *, size: int = 0, message_id: str | None = None) -> bytes:
+    """A small RFC 5322 message, padded with 76-character lines to about ``size`` bytes."""
+    mid = message_id or f"<msg-{index}@test.example>"
+    head = (
+        f"From: shop@test.example\r\nTo: someone@test.example\r\nSubject: Hello {index}\r\nMessage-ID: {mid}\r\n\r\n"
+    ).encode()
+    body = b"Hi there.\r\n.a line that starts with a dot\r\n"
+    line = b"x" * 76 + b"\r\n"
+    missing = max(0, size - len(head) - len(body))
+    return head + body + line * (missing // len(line))

@@ -1,0 +1,290 @@
+"""SmtpTransport against a real aiosmtpd server on 127.0.0.1, port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import subprocess
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.smtp_server import Behaviour, RecordingServer, closed_port, make_message
+from worker.adapters.smtp import SmtpTransport
+from worker.config import SmtpSettings
+from worker.domain import Outcome, SendResult
+
+R = TypeVar("R")
+SENDER = "shop@test.example"
+BIG = 16 * 1024 * 1024
+"""Bigger than the kernel's socket buffers, so a drop is seen before the dot."""
+
+
+def run(coro: Coroutine[Any, Any, R]) -> R:
+    return asyncio.run(coro)
+
+
+async def send_one(settings: SmtpSettings, recipient: str, message: bytes | None = None) -> SendResult:
+    async with SmtpTransport(settings) as transport:
+        return await transport.send(SENDER, recipient, message or make_message())
+
+
+def test_twenty_messages_over_a_pool_of_two_use_at_most_two_connections(smtp_server: RecordingServer) -> None:
+    async def main() -> list[SendResult]:
+        async with SmtpTransport(smtp_server.settings(pool_size=2)) as transport:
+            return await asyncio.gather(
+                *(transport.send(SENDER, f"c{i}@test.example", make_message(i)) for i in range(20))
+            )
+
+    results = run(main())
+
+    assert [r.outcome for r in results] == [Outcome.SENT] * 20
+    assert all(r.code == 250 and r.reply.startswith("250 2.0.0 Ok: queued as") for r in results)
+    assert len(smtp_server.messages) == 20
+    assert smtp_server.connections <= 2
+    assert {m.rcpt_tos for m in smtp_server.messages} == {(f"c{i}@test.example",) for i in range(20)}
+
+
+def test_the_message_arrives_intact_with_leading_dots_unstuffed(smtp_server: RecordingServer) -> None:
+    message = make_message(7, size=5000)
+
+    result = run(send_one(smtp_server.settings(), "a@test.example", message))
+
+    assert result.outcome is Outcome.SENT
+    (received,) = smtp_server.messages
+    assert received.mail_from == SENDER
+    assert received.data == message
+
+
+@pytest.mark.parametrize("wait_for_the_client_to_notice", [True, False])
+def test_reconnects_after_the_server_closes_the_connection(
+    smtp_server: RecordingServer, wait_for_the_client_to_notice: bool
+) -> None:
+    async def main() -> list[SendResult]:
+        async with SmtpTransport(smtp_server.settings(pool_size=1)) as transport:
+            first = await transport.send(SENDER, "a@test.example", make_message(1))
+            smtp_server.close_connections()
+            if wait_for_the_client_to_notice:
+                await asyncio.sleep(0.1)
+            second = await transport.send(SENDER, "b@test.example", make_message(2))
+            return [first, second]
+
+    results = run(main())
+
+    assert [r.outcome for r in results] == [Outcome.SENT, Outcome.SENT]
+    assert len(smtp_server.messages) == 2
+    assert smtp_server.connections == 2
+
+
+SLOW = 1.0
+"""Server delay for the slow cases; the client's timeout is 0.3 s."""
+
+CASES: list[tuple[str, Behaviour, Outcome, int | None, int, str]] = [
+    # id, behaviour, outcome, code, messages stored, error_type
+    ("accepted", Behaviour(), Outcome.SENT, 250, 1, ""),
+    (
+        "450 at RCPT",
+        Behaviour(rcpt_reply="450 4.2.1 Mailbox busy, try again in 60 seconds"),
+        Outcome.TRANSIENT,
+        450,
+        0,
+        "SMTPRecipientRefused",
+    ),
+    ("451 at RCPT", Behaviour(rcpt_reply="451 4.3.0 Local error"), Outcome.TRANSIENT, 451, 0, "SMTPRecipientRefused"),
+    (
+        "421 at RCPT",
+        Behaviour(rcpt_reply="421 4.7.0 Too many messages"),
+        Outcome.TRANSIENT,
+        421,
+        0,
+        "SMTPRecipientRefused",
+    ),
+    ("550 at RCPT", Behaviour(rcpt_reply="550 5.1.1 No such user"), Outcome.PERMANENT, 550, 0, "SMTPRecipientRefused"),
+    ("552 at RCPT", Behaviour(rcpt_reply="552 5.2.2 Mailbox full"), Outcome.TRANSIENT, 552, 0, "SMTPRecipientRefused"),
+    ("552 after DATA", Behaviour(data_reply="552 5.3.4 Message too big"), Outcome.PERMANENT, 552, 0, "SMTPDataError"),
+    ("451 after DATA", Behaviour(data_reply="451 4.3.0 Try again later"), Outcome.TRANSIENT, 451, 0, "SMTPDataError"),
+    ("554 after DATA", Behaviour(data_reply="554 5.7.1 Spam"), Outcome.PERMANENT, 554, 0, "SMTPDataError"),
+    ("drop mid-DATA", Behaviour(drop_mid_data=True), Outcome.TRANSIENT, None, 0, "SMTPServerDisconnected"),
+    ("drop after dot", Behaviour(drop_after_dot=True), Outcome.AMBIGUOUS, None, 1, "SMTPServerDisconnected"),
+    (
+        "slow RCPT reply",
+        Behaviour(delay_at="rcpt", delay_seconds=SLOW),
+        Outcome.TRANSIENT,
+        None,
+        0,
+        "SMTPReadTimeoutError",
+    ),
+    (
+        "slow reply to the dot",
+        Behaviour(delay_at="data", delay_seconds=SLOW),
+        Outcome.AMBIGUOUS,
+        None,
+        0,
+        "SMTPReadTimeoutError",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "outcome", "code", "stored", "error_type"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_each_server_behaviour_gives_its_outcome(
+    smtp_server: RecordingServer, behaviour: Behaviour, outcome: Outcome, code: int | None, stored: int, error_type: str
+) -> None:
+    smtp_server.on("x@test.example", behaviour)
+    message = make_message(size=BIG) if behaviour.drop_mid_data else make_message(size=5000)
+
+    result = run(send_one(smtp_server.settings(timeout_seconds=0.3), "x@test.example", message))
+
+    assert (result.outcome, result.code, result.error_type) == (outcome, code, error_type)
+    assert len(smtp_server.messages) == stored
+    if code is not None:
+        assert result.reply.startswith(str(code))
+
+
+def test_a_4xx_hint_becomes_retry_after(smtp_server: RecordingServer) -> None:
+    smtp_server.on("x@test.example", Behaviour(rcpt_reply="450 4.7.1 Greylisted, try again in 300 seconds"))
+
+    result = run(send_one(smtp_server.settings(), "x@test.example"))
+
+    assert result.retry_after_seconds == 300.0
+    assert result.reply == "450 4.7.1 Greylisted, try again in 300 seconds"
+
+
+def test_the_connection_survives_a_refused_recipient(smtp_server: RecordingServer) -> None:
+    smtp_server.on("gone@test.example", Behaviour(rcpt_reply="550 5.1.1 No such user"))
+
+    async def main() -> list[SendResult]:
+        async with SmtpTransport(smtp_server.settings(pool_size=1)) as transport:
+            return [
+                await transport.send(SENDER, "gone@test.example", make_message(1)),
+                await transport.send(SENDER, "ok@test.example", make_message(2)),
+            ]
+
+    results = run(main())
+
+    assert [r.outcome for r in results] == [Outcome.PERMANENT, Outcome.SENT]
+    assert smtp_server.connections == 1
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("ok@test.example",)]
+
+
+def test_a_dropped_connection_is_replaced_for_the_next_message(smtp_server: RecordingServer) -> None:
+    smtp_server.on("drop@test.example", Behaviour(drop_after_dot=True))
+
+    async def main() -> list[SendResult]:
+        async with SmtpTransport(smtp_server.settings(pool_size=1)) as transport:
+            return [
+                await transport.send(SENDER, "drop@test.example", make_message(1)),
+                await transport.send(SENDER, "ok@test.example", make_message(2)),
+            ]
+
+    results = run(main())
+
+    assert [r.outcome for r in results] == [Outcome.AMBIGUOUS, Outcome.SENT]
+    assert smtp_server.connections == 2
+
+
+def test_a_421_greeting_is_transient_with_its_code(smtp_server: RecordingServer) -> None:
+    smtp_server.greeting = "421 4.3.2 Service not available, closing channel"
+
+    result = run(send_one(smtp_server.settings(), "x@test.example"))
+
+    assert (result.outcome, result.code) == (Outcome.TRANSIENT, 421)
+    assert result.reply == "421 4.3.2 Service not available, closing channel"
+    assert smtp_server.messages == []
+
+
+def test_a_refused_connection_is_transient() -> None:
+    settings = SmtpSettings(host="127.0.0.1", port=closed_port(), tls="none", timeout_seconds=2.0)
+
+    result = run(send_one(settings, "x@test.example"))
+
+    assert (result.outcome, result.code, result.error_type) == (Outcome.TRANSIENT, None, "SMTPConnectError")
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "x@test.example\r\nRCPT TO:<y@test.example>",
+        "bad address@test.example",
+        "Name <n@test.example>",
+        "é@test.example",
+    ],
+)
+def test_an_address_smtp_would_rewrite_is_permanent(smtp_server: RecordingServer, address: str) -> None:
+    async def main() -> list[SendResult]:
+        async with SmtpTransport(smtp_server.settings(pool_size=1)) as transport:
+            return [
+                await transport.send(SENDER, address, make_message(1)),
+                await transport.send(SENDER, "ok@test.example", make_message(2)),
+            ]
+
+    results = run(main())
+
+    assert [r.outcome for r in results] == [Outcome.PERMANENT, Outcome.SENT]
+    assert results[0].error_type == "ValueError"
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("ok@test.example",)]
+    assert smtp_server.connections == 1
+
+
+def test_starttls_required_but_not_offered_fails_without_sending_in_plaintext(smtp_server: RecordingServer) -> None:
+    result = run(send_one(smtp_server.settings(tls="starttls"), "x@test.example"))
+
+    assert (result.outcome, result.code, result.error_type) == (Outcome.TRANSIENT, None, "StartTLSNotOffered")
+    assert "does not offer STARTTLS" in result.reply
+    assert smtp_server.messages == []
+
+
+def test_the_password_is_not_in_the_repr() -> None:
+    transport = SmtpTransport(SmtpSettings(username="shop"), password="hunter2-secret")
+
+    assert "hunter2" not in repr(transport)
+    assert "shop" in repr(transport)
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_starttls_upgrades_and_verifies_the_certificate(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    server = RecordingServer(tls_context=server_context)
+    server.start_in_thread()
+    try:
+        trusting = ssl.create_default_context(cafile=str(cert))
+
+        async def main() -> tuple[list[SendResult], SendResult]:
+            settings = server.settings(tls="starttls", pool_size=1)
+            async with SmtpTransport(settings, tls_context=trusting) as transport:
+                sent = [
+                    await transport.send(SENDER, "a@test.example", make_message(1, size=5000)),
+                    await transport.send(SENDER, "b@test.example", make_message(2, size=300_000)),
+                ]
+            async with SmtpTransport(settings) as untrusting:  # default context: the self-signed cert fails
+                refused = await untrusting.send(SENDER, "c@test.example", make_message(3))
+            return sent, refused
+
+        sent, refused = run(main())
+    finally:
+        server.stop_in_thread()
+
+    assert [r.outcome for r in sent] == [Outcome.SENT, Outcome.SENT]
+    assert [len(m.data) for m in server.messages] == [
+        len(make_message(1, size=5000)),
+        len(make_message(2, size=300_000)),
+    ]
+    assert refused.outcome is Outcome.TRANSIENT
+    assert refused.code is None
+    assert len(server.messages) == 2
