@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         log.configure(settings.logging.level, settings.logging.format)
         handler = _COMMANDS[args.command]
-        return handler(settings, args)
+        code: int = handler(settings, args)
+        return code
     except ConfigError as exc:
         print(f"kembali: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -152,7 +152,7 @@ def load_settings(path: Path | str = DEFAULT_CONFIG) -> Settings:
 
 
 def settings_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir: Path = Path(".")) -> Settings:
-    values = _build(Settings, raw, source, prefix="", skip={"source", "base_dir"})
+    values: Settings = _build(Settings, raw, source, prefix="", skip={"source", "base_dir"})
     settings = dataclasses.replace(values, source=source, base_dir=base_dir)
     _check(settings)
     return settings

@@ -173,17 +173,20 @@ class Composer:
             rendered = self.renderer.render(message.campaign, customer.locale, context)
         except TemplateError as exc:
             return RenderFailed(message, exc)
-        data = build_message(
-            rendered,
-            to_name=customer.name,
-            to_address=message.email,
-            shop=self.shop,
-            message_id=message.message_id,
-            date=now,
-            list_unsubscribe_https=unsubscribe,
-            list_unsubscribe_mailto=self.settings.unsubscribe.mailto,
-            extra_headers=(("X-Kembali-Campaign", message.campaign),),
-        )
+        try:
+            data = build_message(
+                rendered,
+                to_name=customer.name,
+                to_address=message.email,
+                shop=self.shop,
+                message_id=message.message_id,
+                date=now,
+                list_unsubscribe_https=unsubscribe,
+                list_unsubscribe_mailto=self.settings.unsubscribe.mailto,
+                extra_headers=(("X-Kembali-Campaign", message.campaign),),
+            )
+        except ValueError as exc:  # an address or header that cannot be written safely
+            return RenderFailed(message, TemplateError(f"cannot build the message: {exc}"))
         return Composed(message, rendered, data, customer)
 
 

@@ -135,19 +135,19 @@ def upsert_orders(
         return counts
     by_id = {r.external_id: r for r in records}
     with engine.begin() as conn:
-        customers = dict(
+        customers: dict[str, int] = dict(
             conn.execute(
                 sa.select(C.c.external_id, C.c.id).where(
                     C.c.external_id.in_({r.customer_external_id for r in by_id.values()})
                 )
-            ).tuples().all()
+            ).all()
         )
-        products = dict(
+        products: dict[str, int] = dict(
             conn.execute(
                 sa.select(P.c.external_id, P.c.id).where(
                     P.c.external_id.in_({ln.product_external_id for r in by_id.values() for ln in r.lines})
                 )
-            ).tuples().all()
+            ).all()
         )
         existing = {r.external_id: r for r in conn.execute(sa.select(O).where(O.c.external_id.in_(list(by_id))))}
         existing_lines = _lines_of(conn, [r.id for r in existing.values()])
@@ -165,7 +165,7 @@ def upsert_orders(
                 "total_minor": rec.total_minor,
                 "currency": rec.currency,
             }
-            lines = [
+            lines: list[dict[str, Any]] = [
                 {
                     "line_no": i,
                     "product_external_id": ln.product_external_id,
@@ -178,7 +178,7 @@ def upsert_orders(
             if on_unknown_product:
                 for line in lines:
                     if line["product_id"] is None:
-                        on_unknown_product(ext, line["product_external_id"])
+                        on_unknown_product(ext, str(line["product_external_id"]))
             old = existing.get(ext)
             if old is None:
                 order_id = conn.execute(

@@ -79,6 +79,11 @@ def product_view(row: Any) -> ProductView:
     )
 
 
+def _key_part(column: Any) -> Any:
+    """SQL twin of ``core.audiences.key_part``."""
+    return sa.func.replace(sa.func.replace(column, "%", "%25"), ":", "%3A")
+
+
 def _claimed(r: Any) -> ClaimedMessage:
     return ClaimedMessage(
         id=r.id,
@@ -117,7 +122,10 @@ class Store:
     ) -> list[WinbackCandidate]:
         """One keyset batch of customers due a win-back (see core.audiences.is_winback_due):
         exactly one purchase placed before ``cutoff``, consent, not suppressed, no row yet."""
-        key = sa.literal("winback:") + C.c.external_id + sa.literal(":") + O.c.external_id + sa.literal(":1")
+        key = (
+            sa.literal("winback:") + _key_part(C.c.external_id) + sa.literal(":") + _key_part(O.c.external_id)
+            + sa.literal(":1")
+        )
         query = (
             sa.select(C, O.c.external_id.label("order_external_id"))
             .join(O, O.c.id == C.c.first_order_id)
@@ -211,7 +219,7 @@ class Store:
             )
         )
         with self.engine.begin() as conn:
-            rows = conn.execute(stmt).all()
+            rows = list(conn.execute(stmt).all())
         rows.sort(key=lambda r: (-r.priority, r.id))
         return [_claimed(r) for r in rows]
 
@@ -414,9 +422,13 @@ class Store:
 
     def suppress(self, email: str, *, reason: str, source: str, now: datetime) -> bool:
         """Add an address to the suppression list; False if it was already there."""
-        stmt = db.insert_ignore(self.engine, S).values(email=email, reason=reason, source=source, created_at=now)
+        stmt = (
+            db.insert_ignore(self.engine, S)
+            .values(email=email, reason=reason, source=source, created_at=now)
+            .returning(S.c.id)
+        )
         with self.engine.begin() as conn:
-            return bool(conn.execute(stmt).rowcount)
+            return conn.execute(stmt).first() is not None
 
     # --- reports -------------------------------------------------------------
 

@@ -30,8 +30,13 @@ def message_id_for(dedupe_key: str, domain: str) -> str:
     return f"<{digest}.kembali@{domain}>"
 
 
+def key_part(external_id: str) -> str:
+    """An id as one dedupe-key field: ``:`` and ``%`` escaped, so ids with colons cannot collide."""
+    return external_id.replace("%", "%25").replace(":", "%3A")
+
+
 def winback_key(customer_external_id: str, first_order_external_id: str, step: int = 1) -> str:
-    return f"{WINBACK}:{customer_external_id}:{first_order_external_id}:{step}"
+    return f"{WINBACK}:{key_part(customer_external_id)}:{key_part(first_order_external_id)}:{step}"
 
 
 def winback_cutoff(now: datetime, quiet_days: int) -> datetime:

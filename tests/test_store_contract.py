@@ -1,0 +1,167 @@
+"""The Store's promises, on SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from worker.adapters import db, shop
+from worker.adapters.store import Store
+from worker.core.audiences import message_id_for
+from worker.domain import (
+    CustomerRecord,
+    Disposition,
+    Locale,
+    MessageStatus,
+    OrderRecord,
+    OrderStatus,
+    Outcome,
+    PlannedMessage,
+    SendResult,
+    SkipReason,
+)
+
+NOW = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(db_url: str) -> Store:
+    s = Store.from_url(db_url)
+    shop.upsert_customers(
+        s.engine,
+        [CustomerRecord(f"C{i}", f"c{i}@example.com", f"C {i}", Locale.ID, "Asia/Jakarta", None, True, "", "")
+         for i in range(3)],
+        NOW,
+    )
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def planned(n: int, *, due: datetime = NOW, prefix: str = "k") -> list[PlannedMessage]:
+    return [
+        PlannedMessage(
+            dedupe_key=f"{prefix}:{i}",
+            campaign="winback",
+            step=1,
+            customer_id=1 + i % 3,
+            email=f"c{i % 3}@example.com",
+            due_at=due,
+            expires_at=due + timedelta(days=14),
+            message_id=message_id_for(f"{prefix}:{i}", "shop.example"),
+        )
+        for i in range(n)
+    ]
+
+
+def test_schema_is_at_head_and_upgrade_is_idempotent(store: Store) -> None:
+    db.check_schema(store.engine)
+    before, after = db.upgrade(store.engine)
+    assert before == after == db.head_revision(store.engine)
+
+
+def test_planning_twice_creates_each_row_once(store: Store) -> None:
+    assert store.insert_messages(planned(10), NOW) == 10
+    assert store.insert_messages(planned(10), NOW) == 0
+    assert store.insert_messages(planned(12), NOW) == 2
+    assert store.status_counts() == {("winback", "planned", None): 12}
+
+
+def test_claim_takes_only_due_rows_and_never_the_same_row_twice(store: Store) -> None:
+    store.insert_messages(planned(5), NOW)
+    store.insert_messages(planned(3, due=NOW + timedelta(hours=1), prefix="later"), NOW)
+    first = store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)
+    second = store.claim(worker="b", now=NOW, limit=10, lease_seconds=60)
+    assert len(first) == 3 and len(second) == 2
+    assert not {m.id for m in first} & {m.id for m in second}
+    assert store.claim(worker="c", now=NOW, limit=10, lease_seconds=60) == []
+    assert len(store.claim(worker="c", now=NOW + timedelta(hours=1), limit=10, lease_seconds=60)) == 3
+
+
+def test_concurrent_claims_from_threads_partition_the_queue(store: Store) -> None:
+    store.insert_messages(planned(200), NOW)
+    results: dict[str, list[int]] = {}
+
+    def worker(name: str) -> None:
+        other = Store.from_url(store.engine.url.render_as_string(hide_password=False))
+        got: list[int] = []
+        while batch := other.claim(worker=name, now=NOW, limit=7, lease_seconds=60):
+            got += [m.id for m in batch]
+        results[name] = got
+        other.close()
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [i for ids in results.values() for i in ids]
+    assert len(claimed) == 200 and len(set(claimed)) == 200
+
+
+def test_only_the_holder_can_mark_and_record(store: Store) -> None:
+    store.insert_messages(planned(2), NOW)
+    batch = store.claim(worker="a", now=NOW, limit=2, lease_seconds=60)
+    assert store.mark_sending([m.id for m in batch], worker="intruder", now=NOW) == set()
+    assert store.mark_sending([batch[0].id], worker="a", now=NOW) == {batch[0].id}
+    store.record([
+        Disposition(message=batch[0], status=MessageStatus.SENT, worker="a", started_at=NOW, finished_at=NOW,
+                    result=SendResult(Outcome.SENT, 250, "2.0.0 queued as X1"), subject="Halo"),
+        Disposition(message=batch[1], status=MessageStatus.SKIPPED, worker="a", started_at=NOW, finished_at=NOW,
+                    skip_reason=SkipReason.SUPPRESSED),
+    ])
+    rows = {r["dedupe_key"]: r for r in store.messages()}
+    assert rows["k:0"]["status"] == "sent" and rows["k:0"]["last_code"] == 250
+    assert rows["k:0"]["attempts"] == 1 and rows["k:0"]["sent_at"] == NOW and rows["k:0"]["subject"] == "Halo"
+    assert rows["k:1"]["status"] == "skipped" and rows["k:1"]["skip_reason"] == "suppressed"
+    assert [a["outcome"] for a in store.attempts_for(batch[0].id)] == ["sent"]
+    assert store.attempts_for(batch[1].id) == []  # a skip is not an SMTP attempt
+    # a sent row cannot be recorded again by anyone
+    store.record([Disposition(message=batch[0], status=MessageStatus.FAILED, worker="a", started_at=NOW,
+                              finished_at=NOW, result=SendResult(Outcome.PERMANENT, 550, "no"))])
+    assert {r["dedupe_key"]: r["status"] for r in store.messages()}["k:0"] == "sent"
+
+
+def test_lapsed_leases_requeue_claimed_rows_and_make_sending_rows_uncertain(store: Store) -> None:
+    store.insert_messages(planned(2), NOW)
+    batch = store.claim(worker="dead", now=NOW, limit=2, lease_seconds=60)
+    store.mark_sending([batch[0].id], worker="dead", now=NOW)
+    assert store.release_expired_leases(NOW + timedelta(seconds=59)) == (0, 0)
+    assert store.release_expired_leases(NOW + timedelta(seconds=61)) == (1, 1)
+    statuses = {r["dedupe_key"]: r["status"] for r in store.messages()}
+    assert statuses == {"k:0": "uncertain", "k:1": "planned"}
+    again = store.claim(worker="alive", now=NOW + timedelta(seconds=61), limit=10, lease_seconds=60)
+    assert [m.dedupe_key for m in again] == ["k:1"]
+
+
+def test_retry_waits_for_its_time(store: Store) -> None:
+    store.insert_messages(planned(1), NOW)
+    (m,) = store.claim(worker="a", now=NOW, limit=1, lease_seconds=60)
+    store.mark_sending([m.id], worker="a", now=NOW)
+    store.record([Disposition(message=m, status=MessageStatus.RETRY, worker="a", started_at=NOW, finished_at=NOW,
+                              result=SendResult(Outcome.TRANSIENT, 451, "try later"),
+                              next_attempt_at=NOW + timedelta(minutes=5))])
+    assert store.claim(worker="a", now=NOW + timedelta(minutes=4), limit=1, lease_seconds=60) == []
+    (again,) = store.claim(worker="a", now=NOW + timedelta(minutes=5), limit=1, lease_seconds=60)
+    assert again.attempts == 1
+
+
+def test_reimport_changes_nothing_and_orders_refresh_customer_facts(store: Store) -> None:
+    orders = [OrderRecord("O1", "C0", OrderStatus.DELIVERED, NOW - timedelta(days=50), None, 100_00, "IDR"),
+              OrderRecord("O2", "C0", OrderStatus.CANCELLED, NOW - timedelta(days=5), None, 100_00, "IDR")]
+    first = shop.upsert_orders(store.engine, orders, NOW)
+    again = shop.upsert_orders(store.engine, orders, NOW)
+    assert (first.created, again.created, again.updated, again.unchanged) == (2, 0, 0, 2)
+    assert store.send_time_facts([1])[1].order_count == 1
+    changed = shop.upsert_orders(store.engine, [orders[0], OrderRecord("O2", "C0", OrderStatus.DELIVERED,
+                                 NOW - timedelta(days=5), None, 100_00, "IDR")], NOW)
+    assert (changed.updated, changed.unchanged) == (1, 1)
+    facts = store.send_time_facts([1])[1]
+    assert facts.order_count == 2 and facts.last_order_at == NOW - timedelta(days=5)
+
+
+def test_suppression_is_once_per_address(store: Store) -> None:
+    assert store.suppress("c1@example.com", reason="unsubscribed", source="test", now=NOW) is True
+    assert store.suppress("c1@example.com", reason="unsubscribed", source="test", now=NOW) is False
+    assert store.send_time_facts([2])[2].suppressed is True
