@@ -58,6 +58,26 @@ def test_the_message_arrives_intact_with_leading_dots_unstuffed(smtp_server: Rec
     assert received.data == message
 
 
+@pytest.mark.parametrize(
+    ("message", "received"),
+    [
+        (
+            b".starts with a dot\n.\nbare LF\rbare CR\r\n..two dots",
+            b".starts with a dot\r\n.\r\nbare LF\r\nbare CR\r\n..two dots\r\n",
+        ),
+        (b"Subject: x\r\n\r\nplain CRLF, no final line end", b"Subject: x\r\n\r\nplain CRLF, no final line end\r\n"),
+    ],
+    ids=["dots and bare line ends", "clean CRLF"],
+)
+def test_line_ends_are_normalised_and_dots_survive(
+    smtp_server: RecordingServer, message: bytes, received: bytes
+) -> None:
+    result = run(send_one(smtp_server.settings(), "a@test.example", message))
+
+    assert result.outcome is Outcome.SENT
+    assert [m.data for m in smtp_server.messages] == [received]
+
+
 @pytest.mark.parametrize("wait_for_the_client_to_notice", [True, False])
 def test_reconnects_after_the_server_closes_the_connection(
     smtp_server: RecordingServer, wait_for_the_client_to_notice: bool

@@ -16,8 +16,8 @@ the reply code (or its absence) and the stage the attempt reached:
 Pool: ``pool_size`` slots in a LIFO queue, one message in flight per slot,
 each holding a connection opened lazily and reused. After a reply error at
 MAIL/RCPT/DATA the connection is RSET and kept; after an error reply to the
-final dot it is kept as is; after anything else (drop, timeout, garbled reply)
-it is closed and the slot reconnects next time. A pooled connection that
+final dot it is kept as is; after anything else (drop, timeout, garbled reply,
+any 421) it is closed and the slot reconnects next time. A pooled connection that
 turns out dead at MAIL (nothing of the message sent yet) is reopened once.
 
 TLS is explicit: ``tls`` is implicit TLS, ``starttls`` REQUIRES the STARTTLS
@@ -269,7 +269,7 @@ class SmtpTransport:
 
     async def _reply_error(self, slot: _Slot, stage: str, exc: SMTPResponseException) -> SendResult:
         code: int | None = exc.code if 100 <= exc.code < 600 else None  # -1: garbled reply
-        if code is None:
+        if code is None or code == 421:  # 421: the server is closing the channel
             slot.discard()
         elif stage in ("mail", "rcpt", "data"):
             await self._reset_or_discard(slot)
@@ -298,11 +298,18 @@ def _check_address(address: str) -> None:
 
 
 def _dot_stuffed(message: bytes) -> bytes:
-    """CRLF line endings, a final CRLF, and leading dots doubled (RFC 5321 §4.5.2)."""
-    message = _LINE_ENDINGS.sub(b"\r\n", message)
+    """CRLF line endings, a final CRLF, and leading dots doubled (RFC 5321 §4.5.2).
+
+    Counting first skips both regex passes for the usual already-CRLF message.
+    """
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        message = _LINE_ENDINGS.sub(b"\r\n", message)
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
-    return _LEADING_DOT.sub(b"..", message)
+    if message.startswith(b".") or b"\n." in message:
+        message = _LEADING_DOT.sub(b"..", message)
+    return message
 
 
 def _reply_text(response: SMTPResponse) -> str:
