@@ -1,0 +1,211 @@
+"""The `kembali` command end to end, as an operator runs it: real processes, files, SQLite and SMTP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+
+import pytest
+
+from tests.shop import LINK_KEY, ROOT, TEMPLATES
+from tests.smtp_server import RecordingServer
+from worker.adapters.store import Store
+from worker.demo import generate_shop, write_csvs
+
+COMMANDS = ["demo", "db", "import", "run", "preview"]
+
+
+def kembali(*args: str, config: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY, **(env or {})}
+    argv = [sys.executable, "-m", "worker", *(["--config", str(config)] if config else []), *args]
+    return subprocess.run(argv, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def write_config(folder: Path, *, smtp_port: int = 25, extra: str = "") -> Path:
+    path = folder / "config.toml"
+    path.write_text(
+        f"""
+[database]
+url = "sqlite:///{folder / 'shop.db'}"
+[smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+tls = "none"
+timeout_seconds = 10.0
+[templates]
+dir = "{TEMPLATES}"
+[sending]
+rate_per_second = 2000.0
+burst = 500
+{extra}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.fixture
+def server() -> Iterator[RecordingServer]:
+    s = RecordingServer()
+    s.start_in_thread()
+    yield s
+    s.stop_in_thread()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself(command: str) -> None:
+    result = kembali(command, "--help")
+    assert result.returncode == 0
+    assert "usage: kembali" in result.stdout and len(result.stdout.splitlines()) > 4
+
+
+def test_top_level_help_lists_the_commands() -> None:
+    result = kembali("--help")
+    assert result.returncode == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+def test_a_mistyped_key_stops_the_program_naming_the_key_and_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path, extra="[campaigns.winback]\nquiet_dayz = 30\n")
+    result = kembali("db", "upgrade", config=config)
+    assert result.returncode == 2
+    assert "campaigns.winback.quiet_dayz" in result.stderr and str(config) in result.stderr
+    assert "did you mean 'campaigns.winback.quiet_days'" in result.stderr
+    assert not (tmp_path / "shop.db").exists()
+
+
+def test_plaintext_smtp_to_a_remote_host_is_refused_unless_forced(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('host = "127.0.0.1"', 'host = "smtp.example.com"'))
+    result = kembali("db", "upgrade", config=config)
+    assert result.returncode == 2 and "smtp.tls" in result.stderr and "allow_plaintext_remote" in result.stderr
+
+
+def test_bad_csv_rows_are_named_by_line_and_the_rest_imported(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    assert kembali("db", "upgrade", config=config).returncode == 0
+    result = kembali("import", "customers", str(ROOT / "examples" / "customers_bad.csv"), config=config)
+    assert result.returncode == 1, result.stderr
+    rejected = [line for line in result.stderr.splitlines() if line.startswith("rejected ")]
+    lines = {int(line.split(":")[1]) for line in rejected}
+    # broken addresses, missing fields, a duplicate id, a bad zone/locale/consent, 29 Feb 1990 and 30 Feb,
+    # a reserved domain, a stray field, no id
+    assert lines == {3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 17, 20, 21, 22}
+    assert "customers_bad.csv:3: id 'C-0102'" in result.stderr and "email" in result.stderr
+    assert "duplicate" in result.stderr
+    with sqlite3.connect(tmp_path / "shop.db") as conn:
+        imported = {row[0] for row in conn.execute("select external_id from customer")}
+    # the good rows, including the hostile (but valid) name and the quoted multi-line name
+    assert {"C-0101", "C-0111", "C-0112", "C-0115", "C-0118"} <= imported
+    assert "C-0102" not in imported
+    assert "customers: " in result.stdout and "15 rejected" in result.stdout
+    # importing the same file again changes nothing
+    again = kembali("import", "customers", str(ROOT / "examples" / "customers_bad.csv"), config=config)
+    assert "0 created, 0 updated" in again.stdout
+
+
+def test_the_examples_import_cleanly_and_twice_changes_nothing(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    kembali("db", "upgrade", config=config)
+    for kind in ("customers", "products", "orders"):
+        first = kembali("import", kind, str(ROOT / "examples" / f"{kind}.csv"), config=config)
+        assert first.returncode == 0, first.stderr
+        assert " 0 rejected" in first.stdout
+        second = kembali("import", kind, str(ROOT / "examples" / f"{kind}.csv"), config=config)
+        assert " 0 created, 0 updated," in second.stdout
+
+
+def _shop_in(tmp_path: Path, config: Path, customers: int) -> None:
+    data = write_csvs(generate_shop(seed=3, customers=customers, now=datetime.now(UTC)), tmp_path / "data")
+    assert kembali("db", "upgrade", config=config).returncode == 0
+    for kind in ("customers", "products", "orders"):
+        result = kembali("import", kind, str(data[kind]), config=config)
+        assert result.returncode == 0, result.stderr
+
+
+def test_two_runs_started_together_deliver_each_email_exactly_once(tmp_path: Path, server: RecordingServer) -> None:
+    config = write_config(tmp_path, smtp_port=server.port)
+    _shop_in(tmp_path, config, customers=400)
+    env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}
+    argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"]
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    ids = Counter(str(BytesParser(policy=policy.default).parsebytes(m.data, headersonly=True)["Message-ID"])
+                  for m in server.messages)
+    assert ids and max(ids.values()) == 1, "a message arrived twice"
+    store = Store.from_url(f"sqlite:///{tmp_path / 'shop.db'}")
+    try:
+        rows = store.messages(limit=10_000)
+    finally:
+        store.close()
+    assert {r["status"] for r in rows} == {"sent"}
+    assert set(ids) == {r["message_id"] for r in rows}
+    sent_lines = [line for out, _ in outputs for line in out.splitlines() if line.startswith("sent ")]
+    assert sum(int(line.split()[1]) for line in sent_lines) == len(rows)
+
+
+def test_preview_shows_who_would_get_what_and_writes_nothing(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    _shop_in(tmp_path, config, customers=60)
+    db_file = tmp_path / "shop.db"
+    kembali("run", "--once", config=config, env={"KEMBALI_LINK_SECRET": LINK_KEY})  # nothing listens: all retry
+    before = hashlib.sha256(db_file.read_bytes()).hexdigest()
+    result = kembali("preview", "--at", "2027-01-15T10:00+07:00", config=config)
+    assert result.returncode == 0, result.stderr
+    assert "nothing is sent or written" in result.stdout
+    assert "winback/1" in result.stdout and "would be sent" in result.stdout
+    assert hashlib.sha256(db_file.read_bytes()).hexdigest() == before
+
+
+def test_no_secret_is_ever_printed(tmp_path: Path, server: RecordingServer) -> None:
+    config = write_config(tmp_path, smtp_port=server.port)
+    config.write_text(config.read_text().replace('tls = "none"', 'tls = "none"\nusername = "shop"'))
+    _shop_in(tmp_path, config, customers=20)
+    password = "Sup3r-Secret-Pa55word"
+    result = kembali("run", "--once", config=config,
+                     env={"KEMBALI_SMTP_PASSWORD": password})
+    assert result.returncode == 0, result.stderr
+    assert "email_deferred" in result.stderr  # the login was refused, so every message waits for a retry
+    assert password not in result.stdout + result.stderr
+    assert LINK_KEY not in result.stdout + result.stderr
+
+
+def test_missing_link_key_is_a_clear_configuration_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    kembali("db", "upgrade", config=config)
+    result = kembali("run", "--once", config=config, env={"KEMBALI_LINK_SECRET": ""})
+    assert result.returncode == 2 and "KEMBALI_LINK_SECRET" in result.stderr
+
+
+def test_running_without_a_schema_says_what_to_do(tmp_path: Path) -> None:
+    result = kembali("run", "--once", config=write_config(tmp_path))
+    assert result.returncode == 3 and "kembali db upgrade" in result.stderr
+
+
+def test_the_demo_sends_win_back_emails_to_a_local_sink(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = kembali("demo", "--out", str(out), env={"KEMBALI_LINK_SECRET": ""})
+    assert result.returncode == 0, result.stderr
+    summary = [line for line in result.stdout.splitlines() if line.startswith("sent ")]
+    assert summary and summary[0].endswith("win-back emails")
+    sent = int(summary[0].split()[1])
+    assert sent > 10
+    files = sorted((out / "sent").glob("*.eml"))
+    assert len(files) == sent
+    for path in files:
+        message = BytesParser(policy=policy.default).parsebytes(path.read_bytes())
+        assert message.get_content_type() == "multipart/alternative" and message["List-Unsubscribe"]
