@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import re
 import secrets
 import shutil
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from email import policy
 from email.parser import BytesParser
 
@@ -65,8 +67,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"  to {parsed['To']}: {parsed['Subject']}")
     if len(received) > 5:
         print(f"  … and {len(received) - 5} more")
-    print(f"\ndatabase: {out / 'kembali-demo.db'}   try: kembali --config {args.config} preview")
+    demo_config = _write_demo_config(args.config, settings, out)
+    print(f"\ndatabase: {out / 'kembali-demo.db'}")
+    if demo_config:
+        print(f"look around: kembali --config {demo_config} preview   (the demo's settings, its database)")
     return 0 if report.dispatched.outcomes.get("sent", 0) == len(received) else 1
+
+
+def _write_demo_config(source: Path, settings: Settings, out: Path) -> Path | None:
+    """The operator's config with the demo database and absolute template folder, for follow-up commands."""
+    text = source.read_text(encoding="utf-8")
+    text, n_db = re.subn(r'(?m)^(\[database\][^\[]*?^url\s*=\s*)"[^"]*"', rf'\g<1>"{settings.database_url}"', text)
+    templates = settings.resolve(settings.templates.dir).resolve()
+    text, n_tpl = re.subn(r'(?m)^(\[templates\][^\[]*?^dir\s*=\s*)"[^"]*"', rf'\g<1>"{templates}"', text)
+    if not (n_db and n_tpl):
+        return None
+    path = out / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 async def _cycle_with_sink(settings: Settings, sink: SmtpSink) -> tuple[running.CycleReport, list]:  # type: ignore[type-arg]

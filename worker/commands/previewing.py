@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import sys
 from collections import Counter
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from worker.app import Deps
+from worker.app import Deps, link_keys
 from worker.commands.progress import Progress
 from worker.config import Settings
+from worker.errors import ConfigError
 from worker.pipeline import Composed, RenderFailed, Skipped
 from worker.pipeline import preview as run_preview
 
@@ -25,7 +27,13 @@ def _local(at: datetime, zone: str) -> str:
 def preview(settings: Settings, args: argparse.Namespace) -> int:
     deps = Deps.build(settings)
     at: datetime = args.at or deps.clock.now()
-    composer = deps.composer()
+    try:
+        keys = link_keys(settings)
+    except ConfigError:  # a preview's links are never clicked: a throwaway key will do
+        print(f"note: {settings.unsubscribe.secret_env} is not set; preview links use a throwaway key",
+              file=sys.stderr)
+        keys = [secrets.token_bytes(32)]
+    composer = deps.composer(keys)
     skipped: Counter[str] = Counter()
     would_send = 0
     render_errors: list[RenderFailed] = []
