@@ -11,9 +11,9 @@ import secrets
 import shutil
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 from email import policy
 from email.parser import BytesParser
+from pathlib import Path
 
 from worker import log
 from worker.adapters import db

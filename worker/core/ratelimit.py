@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+_EPSILON = 1e-9
+"""Waits shorter than this are float noise from summing intervals, not a real wait."""
+
 
 @dataclass
 class Gcra:
@@ -36,7 +39,8 @@ class Gcra:
         start = max(self.tat, now)
         at = max(now, start - tolerance)
         self.tat = start + self.interval
-        return at - now
+        wait = at - now
+        return wait if wait > _EPSILON else 0.0
 
     def allows(self, now: float) -> bool:
         """Would an event now go through without waiting? (Books nothing.)"""

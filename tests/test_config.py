@@ -1,0 +1,80 @@
+"""Config is validated once at start-up; every error names the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.app import link_keys, smtp_password
+from worker.config import Settings, load_settings, settings_from_dict
+from worker.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() -> None:
+    settings = load_settings(ROOT / "config.toml")
+    assert settings.campaigns.winback.quiet_days == 45
+    assert settings.smtp.tls == "none" and settings.smtp.host == "127.0.0.1"
+    assert settings.database_url == f"sqlite:///{ROOT / 'kembali.db'}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"smtp": {"prot": 25}}, "unknown key 'smtp.prot' (did you mean 'smtp.port'?)"),
+        ({"campaign": {}}, "unknown key 'campaign' (did you mean 'campaigns'?)"),
+        ({"campaigns": {"winback": {"quiet_days": "45"}}}, "'campaigns.winback.quiet_days' must be int"),
+        ({"smtp": {"port": 70000}}, "'smtp.port' must be between 1 and 65535"),
+        ({"smtp": {"tls": "ssl"}}, "'smtp.tls' must be 'starttls', 'tls' or 'none'"),
+        ({"smtp": {"host": "mail.example.com"}}, "'smtp.tls' is 'none' but smtp.host"),
+        ({"shop": {"time_zone": "Asia/Atlantis"}}, "'shop.time_zone' is not an IANA time zone"),
+        ({"sending": {"rate_per_second": 0}}, "'sending.rate_per_second' must be positive"),
+        ({"sending": {"burst": True}}, "'sending.burst' must be int, not bool"),
+        ({"unsubscribe": {"url": "http://shop.example/u"}}, "'unsubscribe.url' must be an https:// URL"),
+        ({"database": {"url": "mysql://x"}}, "'database.url' must be a sqlite:/// or postgresql"),
+        ({"smtp": "localhost"}, "[smtp] must be a table"),
+    ],
+)
+def test_bad_settings_name_the_key(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_dict(raw, source="shop.toml")
+    assert str(caught.value).startswith("shop.toml: ")
+    assert message in str(caught.value)
+
+
+def test_plaintext_to_a_remote_host_can_be_forced() -> None:
+    settings = settings_from_dict({"smtp": {"host": "mail.example.com", "allow_plaintext_remote": True}})
+    assert settings.smtp.host == "mail.example.com"
+
+
+def test_a_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[smtp]\nport = = 25\n")
+    with pytest.raises(ConfigError, match=r"config.toml: invalid TOML: .*line 2"):
+        load_settings(path)
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml: config file not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_secrets_come_from_the_environment_and_never_show_in_reprs() -> None:
+    settings = settings_from_dict({"smtp": {"username": "shop", "password_env": "MY_SMTP_PW"}})
+    assert smtp_password(settings, {"MY_SMTP_PW": "hunter2-hunter2"}) == "hunter2-hunter2"
+    assert "hunter2" not in repr(settings)
+    with pytest.raises(ConfigError, match="MY_SMTP_PW"):
+        smtp_password(settings, {})
+    assert smtp_password(Settings(), {}) is None  # no username: no password needed
+
+
+def test_link_keys_allow_rotation_and_refuse_short_keys() -> None:
+    settings = Settings()
+    assert link_keys(settings, {"KEMBALI_LINK_SECRET": "new-key-0123456789, old-key-0123456789"}) == [
+        b"new-key-0123456789", b"old-key-0123456789"]
+    with pytest.raises(ConfigError, match="too short"):
+        link_keys(settings, {"KEMBALI_LINK_SECRET": "short"})
+    with pytest.raises(ConfigError, match="KEMBALI_LINK_SECRET"):
+        link_keys(settings, {})

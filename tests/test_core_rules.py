@@ -1,0 +1,147 @@
+"""Tables of cases for the pure rules: state transitions, backoff, rate arithmetic, tokens, recommendations."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from worker.core import tokens
+from worker.core.lifecycle import after_attempt, backoff_seconds
+from worker.core.ratelimit import Gcra
+from worker.core.recommend import recommend
+from worker.domain import MessageStatus, Outcome, ProductView, SendResult
+
+NOW = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "attempt", "expected"),
+    [
+        (Outcome.SENT, 1, MessageStatus.SENT),
+        (Outcome.AMBIGUOUS, 1, MessageStatus.UNCERTAIN),
+        (Outcome.PERMANENT, 1, MessageStatus.FAILED),
+        (Outcome.RENDER_ERROR, 1, MessageStatus.FAILED),
+        (Outcome.TRANSIENT, 1, MessageStatus.RETRY),
+        (Outcome.TRANSIENT, 4, MessageStatus.RETRY),
+        (Outcome.TRANSIENT, 5, MessageStatus.FAILED),  # max_attempts reached
+    ],
+)
+def test_after_attempt(outcome: Outcome, attempt: int, expected: MessageStatus) -> None:
+    status, next_at = after_attempt(SendResult(outcome, None, ""), attempt=attempt, max_attempts=5, now=NOW,
+                                    base_seconds=60, cap_seconds=3600)
+    assert status is expected
+    assert (next_at is not None) == (expected is MessageStatus.RETRY)
+    if next_at is not None:
+        assert next_at > NOW
+
+
+@pytest.mark.parametrize(
+    ("attempt", "hint", "low", "high"),
+    [
+        (1, None, 30, 60),        # base 60, jitter in [0.5, 1]
+        (2, None, 60, 120),
+        (3, None, 120, 240),
+        (10, None, 1800, 3600),   # capped
+        (1, 300.0, 300, 300),     # the server's hint wins when longer
+        (3, 10.0, 120, 240),      # …and is ignored when shorter
+        (1, 99999.0, 3600, 3600), # a hint is still capped
+    ],
+)
+def test_backoff_is_exponential_jittered_capped_and_honours_hints(
+    attempt: int, hint: float | None, low: float, high: float
+) -> None:
+    rng = random.Random(attempt)
+    for _ in range(50):
+        delay = backoff_seconds(attempt, base=60, cap=3600, hint=hint, rng=rng)
+        assert low <= delay <= high
+
+
+@pytest.mark.parametrize(("rate", "burst", "seconds"), [(10.0, 1, 60), (50.0, 20, 30), (0.5, 3, 600)])
+def test_gcra_holds_the_rate_over_time(rate: float, burst: int, seconds: int) -> None:
+    """Events booked as fast as allowed, on a simulated clock: at most rate*t + burst in any prefix."""
+    limiter = Gcra(rate=rate, burst=burst)
+    clock = 0.0
+    times: list[float] = []
+    while clock < seconds:
+        clock += limiter.reserve(clock)
+        times.append(clock)
+    assert times[:burst] == [0.0] * burst  # the burst goes at once
+    for i, t in enumerate(times):
+        assert i + 1 <= rate * t + burst + 1e-9
+    assert len(times) == pytest.approx(rate * seconds + burst, abs=1)
+
+
+def test_gcra_does_not_bank_idle_time_beyond_the_burst() -> None:
+    limiter = Gcra(rate=1.0, burst=2)
+    assert [limiter.reserve(0.0) for _ in range(3)] == [0.0, 0.0, 1.0]
+    # after a long idle spell only `burst` events go at once
+    waits = [limiter.reserve(100.0) for _ in range(3)]
+    assert waits == [0.0, 0.0, 1.0]
+    assert limiter.allows(102.0) and not Gcra(rate=1.0, burst=1, tat=5.0).allows(3.0)
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1, 1), (1, 0)])
+def test_gcra_rejects_nonsense(rate: float, burst: int) -> None:
+    with pytest.raises(ValueError):
+        Gcra(rate=rate, burst=burst)
+
+
+KEY, OLD_KEY = b"k" * 32, b"o" * 32
+
+
+def test_tokens_round_trip_and_rotate() -> None:
+    token = tokens.sign("u", "42", KEY)
+    assert tokens.verify(token, [KEY]) == ("u", "42")
+    assert tokens.verify(tokens.sign("u", "42", OLD_KEY), [KEY, OLD_KEY]) == ("u", "42")
+    assert tokens.verify(tokens.sign("u", "42", OLD_KEY), [KEY]) is None
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t[:-1],                         # truncated
+        lambda t: t[:-2] + ("A" if t[-2] != "A" else "B") + t[-1],  # tampered MAC
+        lambda t: "dTo0Mw" + t[t.index("."):],    # another payload, same MAC
+        lambda t: t.replace(".", ""),             # no separator
+        lambda t: t + ".x",                       # extra part
+        lambda t: "",                             # empty
+        lambda t: "!!!.???",                      # not base64
+    ],
+)
+def test_forged_tokens_are_rejected(mangle: object) -> None:
+    token = tokens.sign("u", "42", KEY)
+    assert tokens.verify(mangle(token), [KEY]) is None  # type: ignore[operator]
+
+
+def test_tokens_carry_no_readable_email() -> None:
+    assert "@" not in tokens.sign("u", "42", KEY)
+
+
+def _p(ext: str, category: str) -> ProductView:
+    return ProductView(ext, ext, category, 1000, "IDR", "https://s.example/" + ext, "")
+
+
+CATALOGUE = [_p("B1", "Batik"), _p("K1", "Kopi"), _p("K2", "Kopi"), _p("T1", "Tas"), _p("K3", "Kopi")]
+
+
+@pytest.mark.parametrize(
+    ("bought", "n", "expected"),
+    [
+        (["K1"], 3, ["K2", "K3", "B1"]),   # same category first (best sellers first), then best sellers
+        (["K1", "B1"], 2, ["K2", "K3"]),
+        ([], 2, ["B1", "K1"]),              # nothing bought: the shop's best sellers
+        (["T1"], 0, []),
+        (["K1", "K2", "K3", "B1", "T1"], 3, []),  # bought everything
+    ],
+)
+def test_recommend(bought: list[str], n: int, expected: list[str]) -> None:
+    owned = [p for p in CATALOGUE if p.external_id in bought]
+    assert [p.external_id for p in recommend(owned, CATALOGUE, n)] == expected
+
+
+def test_backoff_never_schedules_in_the_past() -> None:
+    status, next_at = after_attempt(SendResult(Outcome.TRANSIENT, 451, "", retry_after_seconds=120.0),
+                                    attempt=1, max_attempts=3, now=NOW, base_seconds=1, cap_seconds=600)
+    assert status is MessageStatus.RETRY and next_at is not None and next_at >= NOW + timedelta(seconds=120)
