@@ -209,3 +209,22 @@ def test_the_demo_sends_win_back_emails_to_a_local_sink(tmp_path: Path) -> None:
     for path in files:
         message = BytesParser(policy=policy.default).parsebytes(path.read_bytes())
         assert message.get_content_type() == "multipart/alternative" and message["List-Unsubscribe"]
+
+
+def test_an_order_for_an_unknown_customer_is_named_by_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    kembali("db", "upgrade", config=config)
+    kembali("import", "customers", str(ROOT / "examples" / "customers.csv"), config=config)
+    orders = tmp_path / "orders.csv"
+    orders.write_text(
+        "order_id,customer_id,status,placed_at,total,product_id,quantity,unit_price\n"
+        "X-1,C-0001,delivered,2026-09-01 10:00,89000,,,\n"
+        "X-2,C-9999,delivered,2026-09-01 10:00,,P-1,1,89000\n"
+        "X-2,C-9999,delivered,2026-09-01 10:00,,P-2,1,10000\n"
+        "X-3,C-0002,paid,2026-09-02 10:00,120000,,,\n",
+        encoding="utf-8",
+    )
+    result = kembali("import", "orders", str(orders), config=config)
+    assert result.returncode == 1
+    assert "rejected orders.csv:3: id 'X-2': unknown customer id 'C-9999'" in result.stderr
+    assert "orders: 2 created, 0 updated, 0 unchanged, 1 rejected" in result.stdout

@@ -128,48 +128,69 @@ def read_customers(
     path: Path, *, check_dns: bool = False, on_warning: Warn | None = None
 ) -> Iterator[CustomerRecord | RowError]:
     """Yield a ``CustomerRecord`` or a ``RowError`` per row of a customers CSV."""
+    return (item for _, item in numbered_customers(path, check_dns=check_dns, on_warning=on_warning))
+
+
+def numbered_customers(
+    path: Path, *, check_dns: bool = False, on_warning: Warn | None = None
+) -> Iterator[tuple[int, CustomerRecord | RowError]]:
+    """``read_customers`` with the line each record starts on."""
     resolver = email_validator.caching_resolver(timeout=10) if check_dns else None
     seen = _SeenIds()
     with _open(path) as rows:
         _header(rows, path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning)
         for line, row in rows:
             if isinstance(row, _Broken):
-                yield RowError(path.name, line, row.key, row.reason)
+                yield line, RowError(path.name, line, row.key, row.reason)
                 continue
             key = row.get("id", "").strip()
             try:
                 key = _ident(row, "id")
                 _not_seen(seen, key, line, "id")
-                yield _customer(row, key, check_dns, resolver)
+                yield line, _customer(row, key, check_dns, resolver)
             except _Invalid as exc:
-                yield RowError(path.name, line, key, str(exc))
+                yield line, RowError(path.name, line, key, str(exc))
 
 
 def read_products(
     path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
 ) -> Iterator[ProductRecord | RowError]:
     """Yield a ``ProductRecord`` or a ``RowError`` per row of a products CSV."""
+    return (item for _, item in numbered_products(path, shop_tz=shop_tz, on_warning=on_warning))
+
+
+def numbered_products(
+    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
+) -> Iterator[tuple[int, ProductRecord | RowError]]:
+    """``read_products`` with the line each record starts on."""
     zone = ZoneInfo(shop_tz)
     seen = _SeenIds()
     with _open(path) as rows:
         _header(rows, path, PRODUCT_COLUMNS, PRODUCT_REQUIRED, on_warning)
         for line, row in rows:
             if isinstance(row, _Broken):
-                yield RowError(path.name, line, row.key, row.reason)
+                yield line, RowError(path.name, line, row.key, row.reason)
                 continue
             key = row.get("id", "").strip()
             try:
                 key = _ident(row, "id")
                 _not_seen(seen, key, line, "id")
-                yield _product(row, key, zone)
+                yield line, _product(row, key, zone)
             except _Invalid as exc:
-                yield RowError(path.name, line, key, str(exc))
+                yield line, RowError(path.name, line, key, str(exc))
 
 
 def read_orders(
     path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
 ) -> Iterator[OrderRecord | RowError]:
     """Yield an ``OrderRecord`` per order (its consecutive rows) or a ``RowError`` per bad row."""
+    return (item for _, item in numbered_orders(path, shop_tz=shop_tz, on_warning=on_warning))
+
+
+def numbered_orders(
+    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
+) -> Iterator[tuple[int, OrderRecord | RowError]]:
+    """``read_orders`` with the line each order (or bad row) starts on."""
     zone = ZoneInfo(shop_tz)
     seen = _SeenIds()
     group: list[tuple[int, dict[str, str]]] = []
@@ -178,26 +199,26 @@ def read_orders(
         _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, on_warning)
         for line, row in rows:
             if isinstance(row, _Broken):
-                yield RowError(path.name, line, row.key, row.reason)
+                yield line, RowError(path.name, line, row.key, row.reason)
                 continue
             key = row.get("order_id", "").strip()
             if not key:
-                yield RowError(path.name, line, "", "missing order_id (required)")
+                yield line, RowError(path.name, line, "", "missing order_id (required)")
                 continue
             if key == current:
                 if group:
                     group.append((line, row))
                 continue  # rows of a dropped, re-appearing order: reported once
             if group:
-                yield from _order(group, path.name, zone)
+                yield from _numbered(_order(group, path.name, zone), group[0][0])
             current, group = key, [(line, row)]
             first = seen.add(key, line)
             if first is not None:
                 group = []
                 reason = f"order {key!r} already seen at line {first}; keep an order's lines together"
-                yield RowError(path.name, line, key, reason)
+                yield line, RowError(path.name, line, key, reason)
         if group:
-            yield from _order(group, path.name, zone)
+            yield from _numbered(_order(group, path.name, zone), group[0][0])
 
 
 # --- rows → records --------------------------------------------------------------
@@ -230,6 +251,13 @@ def _product(row: dict[str, str], key: str, zone: ZoneInfo) -> ProductRecord:
         launched_at=_optional_datetime(row, "launched_at", zone),
         active=_bool(row, "active", True),
     )
+
+
+def _numbered(
+    items: Iterator[OrderRecord | RowError], first_line: int
+) -> Iterator[tuple[int, OrderRecord | RowError]]:
+    for item in items:
+        yield (item.line if isinstance(item, RowError) else first_line), item
 
 
 def _order(group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo) -> Iterator[OrderRecord | RowError]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.adapters import db, shop
-from worker.adapters.importer import RowError, read_customers, read_orders, read_products
+from worker.adapters.importer import RowError, numbered_customers, numbered_orders, numbered_products
 from worker.adapters.store import Store
 from worker.commands.progress import Progress
 from worker.config import Settings
@@ -19,12 +19,14 @@ BATCH = 1000
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
 
 
-def _reader(kind: str, path: Path, settings: Settings, check_dns: bool, warn: Callable[[str], None]) -> Iterator[Any]:
+def _reader(
+    kind: str, path: Path, settings: Settings, check_dns: bool, warn: Callable[[str], None]
+) -> Iterator[tuple[int, Any]]:
     if kind == "customers":
-        return read_customers(path, check_dns=check_dns, on_warning=warn)
+        return numbered_customers(path, check_dns=check_dns, on_warning=warn)
     if kind == "products":
-        return read_products(path, on_warning=warn, shop_tz=settings.shop.time_zone)
-    return read_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone)
+        return numbered_products(path, on_warning=warn, shop_tz=settings.shop.time_zone)
+    return numbered_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone)
 
 
 def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = False) -> int:
@@ -48,19 +50,20 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
         print(f"warning: {path.name}: {text}", file=sys.stderr)
 
     batch: list[Any] = []
+    lines: dict[str, int] = {}
     try:
-        for item in _reader(kind, path, settings, check_dns, warn):
+        for line, item in _reader(kind, path, settings, check_dns, warn):
             seen += 1
             if isinstance(item, RowError):
                 errors += 1
                 print(f"rejected {item}", file=sys.stderr)
                 continue
             batch.append(item)
+            lines[item.external_id] = line
             if len(batch) >= BATCH:
-                errors += _flush(upsert, batch, total, path)
-                batch.clear()
+                errors += _flush(upsert, batch, lines, total, path)
             progress.update(seen, f"rows, {errors} rejected")
-        errors += _flush(upsert, batch, total, path)
+        errors += _flush(upsert, batch, lines, total, path)
     except ImportRowError as exc:
         progress.done()
         print(f"kembali import: {path.name}: {exc}", file=sys.stderr)
@@ -75,17 +78,24 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     return EXIT_REJECTED if errors else EXIT_OK
 
 
-def _flush(upsert: Callable[[Sequence[Any]], shop.UpsertCounts], batch: list[Any], total: shop.UpsertCounts,
-           path: Path) -> int:
+def _flush(
+    upsert: Callable[[Sequence[Any]], shop.UpsertCounts],
+    batch: list[Any],
+    lines: dict[str, int],
+    total: shop.UpsertCounts,
+    path: Path,
+) -> int:
+    """Upsert a batch; report what the database refused, by line. Empties the batch."""
     if not batch:
         return 0
     counts = upsert(batch)
     for external_id, reason in counts.rejected:
-        print(f"rejected {path.name}: id {external_id!r}: {reason}", file=sys.stderr)
-    total.add(counts)
+        print(f"rejected {RowError(path.name, lines.get(external_id, 0), external_id, reason)}", file=sys.stderr)
     rejected = len(counts.rejected)
     counts.rejected.clear()
-    total.rejected.clear()
+    total.add(counts)
+    batch.clear()
+    lines.clear()
     return rejected
 
 
