@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from email import policy
 from email.parser import BytesParser
@@ -53,14 +52,6 @@ burst = 500
         encoding="utf-8",
     )
     return path
-
-
-@pytest.fixture
-def server() -> Iterator[RecordingServer]:
-    s = RecordingServer()
-    s.start_in_thread()
-    yield s
-    s.stop_in_thread()
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -135,8 +126,10 @@ def _shop_in(tmp_path: Path, config: Path, customers: int) -> None:
         assert result.returncode == 0, result.stderr
 
 
-def test_two_runs_started_together_deliver_each_email_exactly_once(tmp_path: Path, server: RecordingServer) -> None:
-    config = write_config(tmp_path, smtp_port=server.port)
+def test_two_runs_started_together_deliver_each_email_exactly_once(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    config = write_config(tmp_path, smtp_port=smtp_server.port)
     _shop_in(tmp_path, config, customers=400)
     env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}
     argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"]
@@ -145,7 +138,7 @@ def test_two_runs_started_together_deliver_each_email_exactly_once(tmp_path: Pat
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     ids = Counter(str(BytesParser(policy=policy.default).parsebytes(m.data, headersonly=True)["Message-ID"])
-                  for m in server.messages)
+                  for m in smtp_server.messages)
     assert ids and max(ids.values()) == 1, "a message arrived twice"
     store = Store.from_url(f"sqlite:///{tmp_path / 'shop.db'}")
     try:
@@ -171,8 +164,8 @@ def test_preview_shows_who_would_get_what_and_writes_nothing(tmp_path: Path) -> 
     assert hashlib.sha256(db_file.read_bytes()).hexdigest() == before
 
 
-def test_no_secret_is_ever_printed(tmp_path: Path, server: RecordingServer) -> None:
-    config = write_config(tmp_path, smtp_port=server.port)
+def test_no_secret_is_ever_printed(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    config = write_config(tmp_path, smtp_port=smtp_server.port)
     config.write_text(config.read_text().replace('tls = "none"', 'tls = "none"\nusername = "shop"'))
     _shop_in(tmp_path, config, customers=20)
     password = "Sup3r-Secret-Pa55word"

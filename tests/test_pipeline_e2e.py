@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
 from datetime import timedelta
 from email import policy
 from email.message import EmailMessage
@@ -35,14 +34,6 @@ def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
 
 
-@pytest.fixture
-def server() -> Iterator[RecordingServer]:
-    s = RecordingServer()
-    s.start_in_thread()
-    yield s
-    s.stop_in_thread()
-
-
 def deps_for(settings: Settings, store: Store, clock: FakeClock) -> Deps:
     return Deps(settings=settings, store=store, templates=JinjaTemplates(settings.resolve(settings.templates.dir)),
                 clock=clock)
@@ -62,7 +53,7 @@ def ledger(store: Store) -> dict[str, dict[str, object]]:
     return {str(r["dedupe_key"]): r for r in store.messages(limit=10_000)}
 
 
-def test_a_cycle_sends_each_due_winback_once_and_records_it(sqlite_url: str, server: RecordingServer) -> None:
+def test_a_cycle_sends_each_due_winback_once_and_records_it(sqlite_url: str, smtp_server: RecordingServer) -> None:
     # Given three quiet one-time buyers, one recent buyer, one repeat buyer and one without consent
     customers = [customer("C1"), customer("C2"), customer("C3", locale=Locale.EN), customer("C4"),
                  customer("C5"), customer("C6", consent=False)]
@@ -71,7 +62,7 @@ def test_a_cycle_sends_each_due_winback_once_and_records_it(sqlite_url: str, ser
               one_time_order("O5a", "C5", days_ago=90), one_time_order("O5b", "C5", days_ago=70),
               one_time_order("O6", "C6")]
     store = make_shop(sqlite_url, customers, orders)
-    settings = settings_for(sqlite_url, smtp={"port": server.port})
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port})
     clock = FakeClock(NOW)
 
     # When a cycle runs, twice
@@ -79,7 +70,7 @@ def test_a_cycle_sends_each_due_winback_once_and_records_it(sqlite_url: str, ser
     second = run_cycle(settings, store, clock)
 
     # Then exactly the three quiet one-time buyers got one email each, once
-    assert sorted(m.rcpt_tos for m in server.messages) == [("c1@example.com",), ("c2@example.com",),
+    assert sorted(m.rcpt_tos for m in smtp_server.messages) == [("c1@example.com",), ("c2@example.com",),
                                                          ("c3@example.com",)]
     assert first.planned.created == {"winback": 3} and first.dispatched.outcomes == {"sent": 3}
     assert second.planned.created == {"winback": 0} and not second.dispatched.outcomes
@@ -90,18 +81,18 @@ def test_a_cycle_sends_each_due_winback_once_and_records_it(sqlite_url: str, ser
         (attempt,) = store.attempts_for(int(row["id"]))  # type: ignore[call-overload]
         assert attempt["outcome"] == "sent" and attempt["code"] == 250 and attempt["worker"]
     # And the English customer got English, the others Bahasa Indonesia
-    subjects = {m.rcpt_tos[0]: str(parse(m.data)["Subject"]) for m in server.messages}
+    subjects = {m.rcpt_tos[0]: str(parse(m.data)["Subject"]) for m in smtp_server.messages}
     assert "Kak" in subjects["c1@example.com"]
     assert "Kak" not in subjects["c3@example.com"]
 
 
 def test_each_message_has_the_headers_and_footer_the_law_and_mailbox_providers_expect(
-    sqlite_url: str, server: RecordingServer
+    sqlite_url: str, smtp_server: RecordingServer
 ) -> None:
     store = make_shop(sqlite_url, [customer("C1", name="Siti Rahayu")], [one_time_order("O1", "C1")])
-    settings = settings_for(sqlite_url, smtp={"port": server.port})
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port})
     run_cycle(settings, store, FakeClock(NOW))
-    (received,) = server.messages
+    (received,) = smtp_server.messages
     message = parse(received.data)
     assert message["Date"] is not None
     assert str(message["Message-ID"]).endswith("@toko-kembali.example>")
@@ -132,11 +123,11 @@ def test_each_message_has_the_headers_and_footer_the_law_and_mailbox_providers_e
      "Andi =?utf-8?b?DQpCY2M6IHhAZXhhbXBsZS5jb20=?="],
 )
 def test_a_hostile_name_gets_one_message_with_exactly_the_intended_headers(
-    sqlite_url: str, server: RecordingServer, hostile_name: str
+    sqlite_url: str, smtp_server: RecordingServer, hostile_name: str
 ) -> None:
     store = make_shop(sqlite_url, [customer("C1", name=hostile_name)], [one_time_order("O1", "C1")])
-    run_cycle(settings_for(sqlite_url, smtp={"port": server.port}), store, FakeClock(NOW))
-    (received,) = server.messages
+    run_cycle(settings_for(sqlite_url, smtp={"port": smtp_server.port}), store, FakeClock(NOW))
+    (received,) = smtp_server.messages
     assert received.rcpt_tos == ("c1@example.com",)
     message = parse(received.data)
     assert sorted(message.keys()) == sorted([
@@ -153,16 +144,18 @@ def test_a_hostile_name_gets_one_message_with_exactly_the_intended_headers(
     assert sorted(s.decode() for s in starts) == sorted(message.keys())
 
 
-def test_a_broken_template_fails_its_messages_only(sqlite_url: str, server: RecordingServer, tmp_path: Path) -> None:
+def test_a_broken_template_fails_its_messages_only(
+    sqlite_url: str, smtp_server: RecordingServer, tmp_path: Path
+) -> None:
     templates = tmp_path / "email"
     shutil.copytree(TEMPLATES, templates)
     body = templates / "winback" / "en" / "body.txt"
     body.write_text(body.read_text().replace("{{ customer.first_name or", "{{ customer.nickname or"))
     store = make_shop(sqlite_url, [customer("C1"), customer("C2", locale=Locale.EN)],
                       [one_time_order("O1", "C1"), one_time_order("O2", "C2")])
-    report = run_cycle(settings_for(sqlite_url, smtp={"port": server.port}, templates=templates), store,
+    report = run_cycle(settings_for(sqlite_url, smtp={"port": smtp_server.port}, templates=templates), store,
                        FakeClock(NOW))
-    assert [m.rcpt_tos for m in server.messages] == [("c1@example.com",)]
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("c1@example.com",)]
     assert report.dispatched.outcomes == {"sent": 1, "failed:render_error": 1}
     failed = ledger(store)["winback:C2:O2:1"]
     assert failed["status"] == "failed"
@@ -171,10 +164,10 @@ def test_a_broken_template_fails_its_messages_only(sqlite_url: str, server: Reco
     assert "winback/en/body.txt:3" in str(attempt["reply"]) and "nickname" in str(attempt["reply"])
 
 
-def test_a_transient_failure_is_retried_later_and_then_sent(sqlite_url: str, server: RecordingServer) -> None:
-    server.on("c1@example.com", Behaviour(rcpt_reply="451 4.7.1 Greylisted, try again in 300 seconds"))
+def test_a_transient_failure_is_retried_later_and_then_sent(sqlite_url: str, smtp_server: RecordingServer) -> None:
+    smtp_server.on("c1@example.com", Behaviour(rcpt_reply="451 4.7.1 Greylisted, try again in 300 seconds"))
     store = make_shop(sqlite_url, [customer("C1")], [one_time_order("O1", "C1")])
-    settings = settings_for(sqlite_url, smtp={"port": server.port})
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port})
     clock = FakeClock(NOW)
     run_cycle(settings, store, clock)
     row = ledger(store)["winback:C1:O1:1"]
@@ -182,42 +175,42 @@ def test_a_transient_failure_is_retried_later_and_then_sent(sqlite_url: str, ser
     assert row["next_attempt_at"] >= NOW + timedelta(seconds=300)  # type: ignore[operator]
     clock.advance(60)
     run_cycle(settings, store, clock)  # not yet due
-    assert ledger(store)["winback:C1:O1:1"]["status"] == "retry" and server.messages == []
-    server.on("c1@example.com", Behaviour())
+    assert ledger(store)["winback:C1:O1:1"]["status"] == "retry" and smtp_server.messages == []
+    smtp_server.on("c1@example.com", Behaviour())
     clock.set(row["next_attempt_at"])  # type: ignore[arg-type]
     run_cycle(settings, store, clock)
     row = ledger(store)["winback:C1:O1:1"]
     assert row["status"] == "sent" and row["attempts"] == 2
     assert [a["outcome"] for a in store.attempts_for(int(row["id"]))] == ["transient", "sent"]  # type: ignore[call-overload]
-    assert len(server.messages) == 1
+    assert len(smtp_server.messages) == 1
 
 
 def test_send_time_recheck_skips_customers_who_ordered_or_unsubscribed_since_planning(
-    sqlite_url: str, server: RecordingServer
+    sqlite_url: str, smtp_server: RecordingServer
 ) -> None:
     from worker.pipeline import plan
 
     store = make_shop(sqlite_url, [customer("C1"), customer("C2"), customer("C3")],
                       [one_time_order("O1", "C1"), one_time_order("O2", "C2"), one_time_order("O3", "C3")])
-    settings = settings_for(sqlite_url, smtp={"port": server.port})
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port})
     assert plan(store, settings, NOW).created == {"winback": 3}
     shop.upsert_orders(store.engine, [one_time_order("O1b", "C1", days_ago=0, status=OrderStatus.PAID)], NOW)
     store.suppress("c2@example.com", reason="unsubscribed", source="test", now=NOW)
     run_cycle(settings, store, FakeClock(NOW))
-    assert [m.rcpt_tos for m in server.messages] == [("c3@example.com",)]
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("c3@example.com",)]
     rows = ledger(store)
     assert (rows["winback:C1:O1:1"]["status"], rows["winback:C1:O1:1"]["skip_reason"]) == ("skipped", "ordered_since")
     assert (rows["winback:C2:O2:1"]["status"], rows["winback:C2:O2:1"]["skip_reason"]) == ("skipped", "suppressed")
 
 
-def test_an_expired_message_is_skipped_not_sent(sqlite_url: str, server: RecordingServer) -> None:
+def test_an_expired_message_is_skipped_not_sent(sqlite_url: str, smtp_server: RecordingServer) -> None:
     from worker.pipeline import plan
 
     store = make_shop(sqlite_url, [customer("C1")], [one_time_order("O1", "C1")])
-    settings = settings_for(sqlite_url, smtp={"port": server.port})
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port})
     plan(store, settings, NOW)
     clock = FakeClock(NOW + timedelta(days=settings.campaigns.winback.expires_after_days, seconds=1))
     run_cycle(settings, store, clock)
-    assert server.messages == []
+    assert smtp_server.messages == []
     row = ledger(store)["winback:C1:O1:1"]
     assert (row["status"], row["skip_reason"]) == ("skipped", "expired")

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, available_timezones
 
@@ -136,20 +136,10 @@ def numbered_customers(
 ) -> Iterator[tuple[int, CustomerRecord | RowError]]:
     """``read_customers`` with the line each record starts on."""
     resolver = email_validator.caching_resolver(timeout=10) if check_dns else None
-    seen = _SeenIds()
-    with _open(path) as rows:
-        _header(rows, path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning)
-        for line, row in rows:
-            if isinstance(row, _Broken):
-                yield line, RowError(path.name, line, row.key, row.reason)
-                continue
-            key = row.get("id", "").strip()
-            try:
-                key = _ident(row, "id")
-                _not_seen(seen, key, line, "id")
-                yield line, _customer(row, key, check_dns, resolver)
-            except _Invalid as exc:
-                yield line, RowError(path.name, line, key, str(exc))
+    return _numbered_by_id(
+        path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning,
+        lambda row, key: _customer(row, key, check_dns, resolver),
+    )  # fmt: skip
 
 
 def read_products(
@@ -164,9 +154,25 @@ def numbered_products(
 ) -> Iterator[tuple[int, ProductRecord | RowError]]:
     """``read_products`` with the line each record starts on."""
     zone = ZoneInfo(shop_tz)
+    return _numbered_by_id(
+        path, PRODUCT_COLUMNS, PRODUCT_REQUIRED, on_warning, lambda row, key: _product(row, key, zone)
+    )
+
+
+R = TypeVar("R")
+
+
+def _numbered_by_id(
+    path: Path,
+    columns: tuple[str, ...],
+    required: tuple[str, ...],
+    on_warning: Warn | None,
+    build: Callable[[dict[str, str], str], R],
+) -> Iterator[tuple[int, R | RowError]]:
+    """One record (made by ``build``) or ``RowError`` per row of a file keyed by a unique ``id`` column."""
     seen = _SeenIds()
     with _open(path) as rows:
-        _header(rows, path, PRODUCT_COLUMNS, PRODUCT_REQUIRED, on_warning)
+        _header(rows, path, columns, required, on_warning)
         for line, row in rows:
             if isinstance(row, _Broken):
                 yield line, RowError(path.name, line, row.key, row.reason)
@@ -175,7 +181,7 @@ def numbered_products(
             try:
                 key = _ident(row, "id")
                 _not_seen(seen, key, line, "id")
-                yield line, _product(row, key, zone)
+                yield line, build(row, key)
             except _Invalid as exc:
                 yield line, RowError(path.name, line, key, str(exc))
 
