@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--campaign", action="append", help="only this campaign (repeatable)")
     p.add_argument("--customer", help="only this customer (the shop's id)")
     p.add_argument("--limit", type=int, default=None, help="show at most N messages")
-    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table (a summary line last)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also write each message to DIR as .eml (the exact bytes that would be sent) and .html")
     return top
 
 

@@ -1,13 +1,24 @@
-"""`kembali preview`: the real planning, re-check and rendering, with no sends and no writes."""
+"""`kembali preview`: the real planning, re-check and rendering, with no sends and no writes.
+
+The table lists what would go out (customer, campaign/step, when in the
+customer's local time, subject); the summary counts everyone considered by what
+would happen to them; render errors are grouped by template file and line and
+make the exit code 1. ``--out DIR`` writes each message as the exact ``.eml``
+bytes the sender would hand to SMTP, and its HTML part as ``.html``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import secrets
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
+from typing import TextIO
 from zoneinfo import ZoneInfo
 
 from worker.app import Deps, link_keys
@@ -18,10 +29,40 @@ from worker.pipeline import Composed, RenderFailed, Skipped
 from worker.pipeline import preview as run_preview
 
 EXIT_OK, EXIT_RENDER_ERRORS = 0, 1
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def _local(at: datetime, zone: str) -> str:
     return at.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def file_stem(index: int, dedupe_key: str) -> str:
+    """``0001-winback_C-0001_INV-1_1``: sortable, and safe on every file system."""
+    return f"{index:04d}-{_UNSAFE.sub('_', dedupe_key)[:150]}"
+
+
+@dataclass
+class PreviewSummary:
+    would_send: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+    """Skip reasons, plus ``render_error``."""
+    errors: dict[str, list[str]] = field(default_factory=dict)
+    """Render error text (``file:line: message``) → the dedupe keys it hit."""
+
+    @property
+    def considered(self) -> int:
+        return self.would_send + sum(self.by_reason.values())
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "action": "summary",
+            "considered": self.considered,
+            "would_send": self.would_send,
+            "skipped": dict(sorted(self.by_reason.items())),
+            "render_errors": [
+                {"error": e, "count": len(keys), "examples": keys[:3]} for e, keys in self.errors.items()
+            ],
+        }
 
 
 def preview(settings: Settings, args: argparse.Namespace) -> int:
@@ -34,51 +75,85 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
               file=sys.stderr)
         keys = [secrets.token_bytes(32)]
     composer = deps.composer(keys)
-    skipped: Counter[str] = Counter()
-    would_send = 0
-    render_errors: list[RenderFailed] = []
+    summary = PreviewSummary()
+    out_dir: Path | None = args.out
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress("previewing")
     out = sys.stdout
     try:
         if not args.json:
             out.write(f"Preview as of {_local(at, settings.shop.time_zone)} (nothing is sent or written)\n\n")
-            out.write(f"{'customer':<14} {'campaign':<14} {'when (their time)':<22} subject\n")
-        for seen, item in enumerate(run_preview(
+            out.write(f"{'customer':<14} {'campaign/step':<14} {'when (their time)':<22} subject\n")
+        items = run_preview(
             deps.store, settings, composer, at,
             campaigns=args.campaign, customer_external_id=args.customer, limit=args.limit,
-        ), start=1):
-            progress.update(seen, "messages considered")
-            message = item.message
-            if isinstance(item, Composed):
-                would_send += 1
-                when = _local(max(at, message.due_at), item.customer.time_zone)
-                row = {"action": "send", "customer": item.customer.external_id, "campaign": message.campaign,
-                       "step": message.step, "when": when, "subject": item.rendered.subject,
-                       "dedupe_key": message.dedupe_key, "template_version": item.rendered.template_version}
-                if args.json:
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                else:
-                    label = f"{message.campaign}/{message.step}"
-                    out.write(f"{item.customer.external_id:<14} {label:<14} {when:<22} {item.rendered.subject}\n")
-            elif isinstance(item, Skipped):
-                skipped[item.reason.value] += 1
-                if args.json:
-                    out.write(json.dumps({"action": "skip", "dedupe_key": message.dedupe_key,
-                                          "reason": item.reason.value}) + "\n")
-            else:
-                render_errors.append(item)
-                skipped["render_error"] += 1
-                if args.json:
-                    out.write(json.dumps({"action": "render_error", "dedupe_key": message.dedupe_key,
-                                          "error": str(item.error)}, ensure_ascii=False) + "\n")
+        )  # fmt: skip
+        for seen, item in enumerate(items, start=1):
+            progress.update(seen, f"considered, {summary.would_send:,} would be sent")
+            _show(item, at, summary, out, json_lines=args.json, out_dir=out_dir)
     finally:
         progress.done()
         deps.close()
-    if not args.json:
-        out.write(f"\n{would_send} would be sent")
-        if skipped:
-            out.write("; skipped: " + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())))
-        out.write("\n")
-        for failure in render_errors:
-            out.write(f"render error: {failure.message.dedupe_key}: {failure.error}\n")
-    return EXIT_RENDER_ERRORS if render_errors else EXIT_OK
+    if args.json:
+        out.write(json.dumps(summary.as_json(), ensure_ascii=False) + "\n")
+    else:
+        _print_summary(summary, out, out_dir)
+    return EXIT_RENDER_ERRORS if summary.errors else EXIT_OK
+
+
+def _show(
+    item: Composed | Skipped | RenderFailed,
+    at: datetime,
+    summary: PreviewSummary,
+    out: TextIO,
+    *,
+    json_lines: bool,
+    out_dir: Path | None,
+) -> None:
+    message = item.message
+    if isinstance(item, Composed):
+        summary.would_send += 1
+        when = _local(max(at, message.due_at), item.customer.time_zone)
+        files: dict[str, str] = {}
+        if out_dir is not None:
+            stem = file_stem(summary.would_send, message.dedupe_key)
+            (out_dir / f"{stem}.eml").write_bytes(item.data)
+            (out_dir / f"{stem}.html").write_text(item.rendered.html, encoding="utf-8")
+            files = {"eml": str(out_dir / f"{stem}.eml"), "html": str(out_dir / f"{stem}.html")}
+        if json_lines:
+            row = {"action": "send", "customer": item.customer.external_id, "campaign": message.campaign,
+                   "step": message.step, "when": when, "subject": item.rendered.subject,
+                   "dedupe_key": message.dedupe_key, "template_version": item.rendered.template_version, **files}
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            label = f"{message.campaign}/{message.step}"
+            out.write(f"{item.customer.external_id:<14} {label:<14} {when:<22} {item.rendered.subject}\n")
+    elif isinstance(item, Skipped):
+        summary.by_reason[item.reason.value] += 1
+        if json_lines:
+            out.write(json.dumps({"action": "skip", "campaign": message.campaign, "step": message.step,
+                                  "dedupe_key": message.dedupe_key, "reason": item.reason.value}) + "\n")
+    else:
+        summary.by_reason["render_error"] += 1
+        summary.errors.setdefault(str(item.error), []).append(message.dedupe_key)
+        if json_lines:
+            out.write(json.dumps({"action": "render_error", "campaign": message.campaign, "step": message.step,
+                                  "dedupe_key": message.dedupe_key, "template": item.error.template,
+                                  "line": item.error.line, "error": str(item.error)}, ensure_ascii=False) + "\n")
+
+
+def _print_summary(summary: PreviewSummary, out: TextIO, out_dir: Path | None) -> None:
+    out.write(f"\n{summary.considered} considered: {summary.would_send} would be sent")
+    if summary.by_reason:
+        out.write(", " + ", ".join(f"{n} {reason}" for reason, n in sorted(summary.by_reason.items())))
+    out.write("\n")
+    if summary.by_reason:
+        out.write("\nNot sent, by reason:\n")
+        for reason, n in summary.by_reason.most_common():
+            out.write(f"  {reason:<16} {n:>7}\n")
+    if out_dir is not None and summary.would_send:
+        out.write(f"\n{summary.would_send} messages written to {out_dir} (.eml and .html each)\n")
+    for error, keys in summary.errors.items():
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        out.write(f"\nrender error ({len(keys)} messages): {error}\n  e.g. {', '.join(keys[:3])}{more}\n")

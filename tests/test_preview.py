@@ -1,0 +1,135 @@
+"""`kembali preview` shares the real run's path: same dedupe keys, same bytes, and it writes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.shop_fixtures import LINK_SECRET, Site, load_shop, make_site
+from tests.smtp_server import RecordingServer
+from worker.adapters.store import M
+from worker.app import Deps
+from worker.commands import running
+from worker.demo import HOSTILE_NAMES, generate_shop
+
+T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+
+
+class FixedClock:
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def now(self) -> datetime:
+        return self.at
+
+    def monotonic(self) -> float:
+        return 0.0
+
+    async def sleep(self, seconds: float) -> None:
+        return None
+
+
+def _fingerprint(site: Site) -> tuple[str, list[tuple[object, ...]]]:
+    digest = hashlib.sha256(site.db_path.read_bytes()).hexdigest()
+    engine = sa.create_engine(f"sqlite:///{site.db_path}")
+    with engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(sa.select(M).order_by(M.c.id))]
+    engine.dispose()
+    return digest, rows
+
+
+def _preview_json(site: Site, *args: str) -> tuple[int, list[dict[str, object]]]:
+    done = site.cli("preview", "--at", T.isoformat(), "--json", *args)
+    assert done.stderr == "" or "error" not in done.stderr.lower(), done.stderr
+    return done.returncode, [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.fixture
+def site(tmp_path: Path, smtp_server: RecordingServer) -> Site:
+    site = make_site(tmp_path / "shop", smtp_port=smtp_server.port)
+    load_shop(site.settings, generate_shop(seed=11, customers=80, now=T - timedelta(days=1)), T)
+    return site
+
+
+def test_preview_at_t_and_run_once_at_t_agree_and_preview_writes_nothing(
+    site: Site, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a shop whose database has never been planned
+    before = _fingerprint(site)
+    assert before[1] == []
+
+    # When the operator previews at T, writing the messages to a folder
+    out = tmp_path / "preview-out"
+    code, lines = _preview_json(site, "--out", str(out))
+
+    # Then nothing in the database changed
+    assert code == 0
+    assert _fingerprint(site) == before
+    sends = [row for row in lines if row["action"] == "send"]
+    summary = lines[-1]
+    assert summary["action"] == "summary"
+    assert summary["would_send"] == len(sends) > 5
+    preview_keys = {str(row["dedupe_key"]) for row in lines if row["action"] != "summary"}
+
+    # When a real cycle runs at the same T against a real SMTP server
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_SECRET)
+    deps = Deps.build(site.settings)
+    deps.clock = FixedClock(T)
+    try:
+        report = asyncio.run(running.cycle(deps))
+    finally:
+        deps.close()
+
+    # Then it planned and sent exactly what the preview showed
+    ledger = _ledger(site)
+    assert set(ledger) == preview_keys
+    assert {k for k, status in ledger.items() if status == "sent"} == {str(r["dedupe_key"]) for r in sends}
+    assert report.dispatched.outcomes["sent"] == len(sends) == len(smtp_server.messages)
+
+    # And the .eml files are byte for byte what the server received
+    written = sorted(out.glob("*.eml"))
+    assert len(written) == len(sends) == len(list(out.glob("*.html")))
+    assert {p.read_bytes() for p in written} == {m.data for m in smtp_server.messages}
+    parser = BytesParser(policy=policy.default)
+    for path in written:
+        parsed = parser.parsebytes(path.read_bytes())
+        assert parsed.get_content_type() == "multipart/alternative"
+        assert [p.get_content_type() for p in parsed.iter_parts()] == ["text/plain", "text/html"]
+        assert "\n" not in str(parsed["To"]) and "Bcc" not in parsed
+    assert any(HOSTILE_NAMES[0].split()[0] in str(parser.parsebytes(p.read_bytes())["To"]) for p in written)
+
+
+def _ledger(site: Site) -> dict[str, str]:
+    engine = sa.create_engine(f"sqlite:///{site.db_path}")
+    with engine.connect() as conn:
+        out = {r.dedupe_key: r.status for r in conn.execute(sa.select(M.c.dedupe_key, M.c.status))}
+    engine.dispose()
+    return out
+
+
+def test_table_shows_local_time_and_render_errors_name_file_and_line(tmp_path: Path) -> None:
+    # Given a shop whose English win-back body refers to a variable that does not exist
+    site = make_site(tmp_path / "shop", copy_templates=True)
+    load_shop(site.settings, generate_shop(seed=11, customers=80, now=T - timedelta(days=1)), T)
+    body = site.folder / "templates" / "winback" / "en" / "body.txt"
+    body.write_text(body.read_text(encoding="utf-8").replace("{{ shop.base_url }}", "{{ shop.bas_url }}"))
+
+    # When the operator previews
+    done = site.cli("preview", "--at", "2026-11-22T10:00+07:00")
+
+    # Then Indonesian customers are listed with their local time, English ones fail with file:line
+    assert done.returncode == 1, done.stderr
+    out = done.stdout
+    assert "customer" in out and "campaign/step" in out and "when (their time)" in out
+    assert "winback/1" in out
+    assert "2026-11-22 10:00 WIB" in out or "2026-11-22 11:00 WITA" in out
+    assert "render_error" in out and "Not sent, by reason:" in out
+    assert "render error (" in out and "winback/en/body.txt:" in out and "bas_url" in out
