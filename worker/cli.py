@@ -80,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table (a summary line last)")
     p.add_argument("--out", type=Path, default=None,
                    help="also write each message to DIR as .eml (the exact bytes that would be sent) and .html")
+
+    p = sub.add_parser("check", help="check the config and every template against sample customers",
+                       description="Validate the config, then render every campaign's templates in every language "
+                       "for sample customers (hostile and long names, both locales, with and without products) and "
+                       "report syntax errors and undefined variables with file and line, missing files, an empty "
+                       "text part, HTML over checks.html_max_bytes, renders slower than "
+                       "checks.render_timeout_seconds, empty or too long subjects, unescaped data and a missing "
+                       "unsubscribe link or postal address. Exit code 1 on any problem.")
+    p.add_argument("--json", action="store_true", help="print one JSON object per problem")
     return top
 
 
@@ -157,7 +166,14 @@ def _cmd_preview(settings: Settings, args: argparse.Namespace) -> int:
     return preview(settings, args)
 
 
+def _cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.commands.checking import check
+
+    return check(settings, args)
+
+
 _COMMANDS: dict[str, Any] = {
+    "check": _cmd_check,
     "db": _cmd_db,
     "import": _cmd_import,
     "run": _cmd_run,

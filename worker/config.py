@@ -100,6 +100,17 @@ class TemplateSettings:
 
 
 @dataclass(frozen=True)
+class CheckSettings:
+    """Limits `kembali check` (and the live preview) hold every template to."""
+
+    html_max_bytes: int = 102_000
+    """Gmail clips HTML parts over about 102 KB behind a "view entire message" link."""
+    subject_max_chars: int = 100
+    render_timeout_seconds: float = 2.0
+    """A render that takes longer is stopped (the Jinja2 sandbox does not bound CPU)."""
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: str = "info"
     format: str = "text"
@@ -115,6 +126,7 @@ class Settings:
     unsubscribe: UnsubscribeSettings = field(default_factory=UnsubscribeSettings)
     campaigns: CampaignSettings = field(default_factory=CampaignSettings)
     templates: TemplateSettings = field(default_factory=TemplateSettings)
+    checks: CheckSettings = field(default_factory=CheckSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = field(default="<defaults>", compare=False)
     """Where these settings came from (for messages)."""
@@ -270,6 +282,12 @@ def _check(s: Settings) -> None:
         _fail(s, "campaigns.winback.expires_after_days", "must be at least 1")
     if not 0 <= w.coupon_percent <= 100:
         _fail(s, "campaigns.winback.coupon_percent", "must be between 0 and 100")
+    if s.checks.html_max_bytes < 1024:
+        _fail(s, "checks.html_max_bytes", "must be at least 1024")
+    if s.checks.subject_max_chars < 10:
+        _fail(s, "checks.subject_max_chars", "must be at least 10")
+    if not 0 < s.checks.render_timeout_seconds <= 60:
+        _fail(s, "checks.render_timeout_seconds", "must be more than 0 and at most 60")
     if s.logging.format not in ("text", "json"):
         _fail(s, "logging.format", "must be 'text' or 'json'")
     if s.logging.level not in ("debug", "info", "warning", "error"):

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 import jinja2
-from jinja2 import meta, pass_context
+from jinja2 import meta, nodes, pass_context
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -145,6 +145,41 @@ class JinjaTemplates:
                 else:
                     stack.append(ref)
         return seen
+
+    # --- static checks -----------------------------------------------------
+
+    def files(self) -> list[str]:
+        """Every template file under the root (``.html``/``.txt``), relative, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*")
+            if p.is_file() and p.suffix in (".html", ".htm", ".txt") and not p.name.startswith(".")
+        )
+
+    def lint(self, known: Mapping[str, Iterable[str]]) -> list[TemplateError]:
+        """Parse every file: syntax errors, and variables a file reads that its context lacks.
+
+        ``known`` maps a campaign folder to the context keys its templates receive;
+        the key ``""`` is for shared files (``_layout.html``…). A variable that is
+        read but neither known, set in the template, nor a Jinja2 global is reported
+        with the line it is first read on, even in a branch no sample takes.
+        """
+        problems: list[TemplateError] = []
+        for name in self.files():
+            folder = name.split("/", 1)[0] if "/" in name else ""
+            allowed = set(known.get(folder, known.get("", ()))) | set(self._env.globals)
+            source = self._read(name).decode("utf-8", "replace")
+            try:
+                tree = self._env.parse(source, name, str(self.root / name))
+            except jinja2.TemplateSyntaxError as exc:
+                problems.append(TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno))
+                continue
+            for var in sorted(meta.find_undeclared_variables(tree) - allowed):
+                line = next((n.lineno for n in tree.find_all(nodes.Name) if n.name == var and n.ctx == "load"), None)
+                problems.append(TemplateError(f"undefined variable '{var}'", template=name, line=line))
+        return problems
 
     # --- rendering ---------------------------------------------------------
 

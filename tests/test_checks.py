@@ -1,0 +1,168 @@
+"""`kembali check`: each kind of broken template is reported with its file and line."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.shop_fixtures import REPO, make_site
+from worker.adapters.render_worker import TimeLimitedRenderer
+from worker.adapters.templates import JinjaTemplates
+from worker.checks import Kind, Problem, check_templates
+from worker.config import CheckSettings, Settings, settings_from_dict
+
+
+def _settings(root: Path, **checks: object) -> Settings:
+    s = settings_from_dict({"templates": {"dir": str(root)}})
+    return dataclasses.replace(s, checks=dataclasses.replace(CheckSettings(), **checks))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def templates(tmp_path: Path) -> Path:
+    import shutil
+
+    root = tmp_path / "templates"
+    shutil.copytree(REPO / "templates" / "email", root)
+    return root
+
+
+def _edit(path: str, old: str, new: str) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        file = root / path
+        text = file.read_text(encoding="utf-8")
+        assert old in text, (path, old)
+        file.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+    return apply
+
+
+def _write(path: str, text: str) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        (root / path).write_text(text, encoding="utf-8")
+
+    return apply
+
+
+def _remove(path: str) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        (root / path).unlink()
+
+    return apply
+
+
+def _line_of(root: Path, path: str, needle: str) -> int:
+    lines = (root / path).read_text(encoding="utf-8").splitlines()
+    return next(i for i, line in enumerate(lines, start=1) if needle in line)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    breakage: Callable[[Path], None]
+    kind: Kind
+    template: str
+    needle: str | None = None
+    """Text on the line the problem must point at (None: no line expected)."""
+    checks: tuple[tuple[str, object], ...] = ()
+
+
+CASES = [
+    Case("a syntax error", _edit("winback/en/body.html", "{% if bought %}", "{% if bought %}{% if %}"),
+         Kind.SYNTAX, "winback/en/body.html", "{% if %}"),
+    Case("a typo in a variable every sample reaches", _edit("winback/id/body.txt", "{{ shop.base_url }}",
+         "{{ shp.base_url }}"), Kind.UNDEFINED, "winback/id/body.txt", "shp.base_url"),
+    Case("an undefined variable in a branch no sample takes",
+         _edit("winback/en/body.html", "{% endblock %}", "{% if false %}{{ nope }}{% endif %}{% endblock %}"),
+         Kind.UNDEFINED, "winback/en/body.html", "{{ nope }}"),
+    Case("an undefined variable in the shared layout", _edit("_layout.txt", "{{ unsubscribe_url }}",
+         "{{ unsubscribe_link }}"), Kind.UNDEFINED, "_layout.txt", "unsubscribe_link"),
+    Case("a missing text part", _remove("winback/en/body.txt"), Kind.MISSING, "winback/en/body.txt"),
+    Case("an empty text part", _write("winback/id/body.txt", "  \n\n"), Kind.TEXT_EMPTY, "winback/id/body.txt"),
+    Case("an empty subject", _write("winback/en/subject.txt", "{{ '' }}\n"), Kind.SUBJECT_EMPTY,
+         "winback/en/subject.txt"),
+    Case("a subject over the limit", lambda root: None, Kind.SUBJECT_TOO_LONG, "winback/id/subject.txt",
+         checks=(("subject_max_chars", 20),)),
+    Case("HTML over the limit", lambda root: None, Kind.HTML_TOO_BIG, "winback/en/body.html",
+         checks=(("html_max_bytes", 2048),)),
+    Case("customer data marked safe", _edit("winback/en/body.html", "{{ customer.first_name or \"there\" }}",
+         "{{ customer.name | safe }}"), Kind.UNESCAPED, "winback/en/body.html"),
+    Case("no unsubscribe link in the English branch of the text layout",
+         _edit("_layout.txt", "{{ unsubscribe_url }}", "(link removed)"), Kind.NO_UNSUBSCRIBE, "winback/en/body.txt"),
+    Case("a filter given the wrong type", _edit("winback/en/body.txt", "{{ shop.base_url }}",
+         "{{ shop.base_url | money }}"), Kind.RENDER, "winback/en/body.txt", "shop.base_url | money"),
+]  # fmt: skip
+
+
+def test_the_shipped_templates_have_no_problems() -> None:
+    root = REPO / "templates" / "email"
+    assert check_templates(_settings(root), JinjaTemplates(root)) == []
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_each_broken_template_is_reported_with_file_and_line(case: Case, templates: Path) -> None:
+    case.breakage(templates)
+    problems = check_templates(_settings(templates, **dict(case.checks)), JinjaTemplates(templates))
+    matching = [p for p in problems if p.kind is case.kind and p.template == case.template]
+    assert matching, "\n".join(map(str, problems))
+    if case.needle is not None:
+        assert matching[0].line == _line_of(templates, case.template, case.needle)
+        assert str(matching[0]).startswith(f"{case.template}:{matching[0].line}: ")
+
+
+def test_problems_name_the_samples_they_hit(templates: Path) -> None:
+    _edit("winback/en/body.html", "{% if bought %}", "{% if bought %}{{ bought[0].nam }}")(templates)
+    problems = check_templates(_settings(templates), JinjaTemplates(templates))
+    (problem,) = [p for p in problems if p.template == "winback/en/body.html"]
+    assert problem.kind is Kind.UNDEFINED and problem.campaign == "winback" and problem.locale == "en"
+    assert "noproducts" not in problem.samples and {"siti", "crlf", "long"} <= set(problem.samples)
+
+
+def test_a_render_that_never_ends_is_stopped_in_its_helper_process(templates: Path) -> None:
+    # Given a template whose loop would run for hours (the sandbox caps one range, not nesting)
+    _edit("winback/id/body.txt", "{% block content %}",
+          "{% block content %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+          )(templates)  # fmt: skip
+    settings = _settings(templates, render_timeout_seconds=0.3)
+    with TimeLimitedRenderer(templates, timeout_seconds=0.3) as renderer:
+        problems = check_templates(settings, renderer)
+        # Then it is reported once for that language, and the other language still rendered fine
+        timeouts = [p for p in problems if p.kind is Kind.TIMEOUT]
+        assert [(p.campaign, p.locale, p.template) for p in timeouts] == [("winback", "id", "winback/id/")]
+        assert "stopped" in timeouts[0].message
+        assert [p for p in problems if p.locale == "en"] == []
+        assert renderer.restarts >= 1  # the helper was killed and a fresh one took over
+
+
+def test_check_command_exit_codes(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "ok")
+    done = site.cli("check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no problems found" in done.stdout
+
+    broken = make_site(tmp_path / "broken", copy_templates=True)
+    _edit("winback/id/body.html", "{% if bought %}", "{% if bought %}{{ oops(")(broken.folder / "templates")
+    done = broken.cli("check")
+    assert done.returncode == 1
+    assert "syntax: winback/id/body.html:" in done.stdout
+
+
+def test_check_reports_a_missing_link_secret(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "site")
+    env = site.env()
+    del env["KEMBALI_LINK_SECRET"]
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "worker", "--config", str(site.config), "check"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 1
+    assert "config: " in done.stdout and "KEMBALI_LINK_SECRET" in done.stdout
+
+
+def test_problem_text() -> None:
+    p = Problem(Kind.UNDEFINED, "'x' is undefined", "winback/en/body.html", 12, "winback", "en", ("siti", "crlf"))
+    assert str(p) == "winback/en/body.html:12: 'x' is undefined [winback/en, samples: siti, crlf]"

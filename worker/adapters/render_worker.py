@@ -1,0 +1,170 @@
+"""Rendering with a deadline, in a helper process that can be killed.
+
+The Jinja2 sandbox limits what a template may *touch*, not how long it *runs*:
+``{% for i in range(10**9) %}`` or a recursive macro would hold a CPU forever.
+A thread cannot be stopped from outside in Python (a runaway render in a thread
+keeps burning a core until the process exits), so each render goes to a helper
+process over a pipe, one JSON line per request and per reply; when a reply does
+not arrive within ``timeout_seconds`` the helper is killed, the render fails with
+a ``TemplateError``, and the next render starts a fresh helper. The helper loads
+the same templates folder (with Jinja2's mtime reloading), so edits show up.
+
+The child side is ``python -m worker.adapters.render_worker ROOT``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from worker.adapters.templates import JinjaTemplates
+from worker.domain import Locale, RenderedEmail
+from worker.errors import TemplateError
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
+
+
+class TimeLimitedRenderer:
+    """A ``TemplateRenderer`` whose renders are stopped after ``timeout_seconds``."""
+
+    def __init__(self, root: Path, *, timeout_seconds: float, start_timeout_seconds: float = 60.0) -> None:
+        self.root = Path(root).resolve()
+        self.timeout_seconds = timeout_seconds
+        self.start_timeout_seconds = start_timeout_seconds
+        self.local = JinjaTemplates(self.root)
+        """For discovery and static checks, which cannot run away."""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    # discovery and static checks run here, in this process
+    def campaigns(self) -> list[str]:
+        return self.local.campaigns()
+
+    def locales(self, campaign: str) -> list[Locale]:
+        return self.local.locales(campaign)
+
+    def lint(self, known: Mapping[str, Iterable[str]]) -> list[TemplateError]:
+        return self.local.lint(known)
+
+    def files(self) -> list[str]:
+        return self.local.files()
+
+    def render(self, campaign: str, locale: Locale, context: Mapping[str, object]) -> RenderedEmail:
+        proc = self._helper()
+        assert proc.stdin is not None and proc.stdout is not None
+        request = {"campaign": campaign, "locale": str(locale), "context": context}
+        try:
+            proc.stdin.write(json.dumps(request, ensure_ascii=False).encode("utf-8") + b"\n")
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self._kill()
+            raise TemplateError("the render helper process stopped", template=f"{campaign}/{locale}/") from None
+        line = _readline(proc.stdout, self.timeout_seconds)
+        if line is None:
+            self._kill()
+            raise TemplateError(
+                f"rendering took longer than {self.timeout_seconds:g} s and was stopped (a loop that never ends?)",
+                template=f"{campaign}/{locale}/",
+            )
+        if not line:
+            self._kill()
+            raise TemplateError("the render helper process died", template=f"{campaign}/{locale}/")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise TemplateError(reply["error"], template=reply.get("template") or "", line=reply.get("line"))
+        return RenderedEmail(
+            subject=reply["subject"], html=reply["html"], text=reply["text"], template_version=reply["version"]
+        )
+
+    def _helper(self) -> subprocess.Popen[bytes]:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        path = os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.adapters.render_worker", str(self.root)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        ready = _readline(proc.stdout, self.start_timeout_seconds)
+        if ready != b"ready\n":
+            proc.kill()
+            proc.wait()
+            raise TemplateError("the render helper process did not start")
+        if self._proc is not None:
+            self.restarts += 1
+        self._proc = proc
+        return proc
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            for pipe in (self._proc.stdin, self._proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None and self._proc.stdin is not None:
+                self._proc.stdin.close()  # the helper exits at end of input
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=5)
+            self._kill()
+            self._proc = None
+
+    def __enter__(self) -> TimeLimitedRenderer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _readline(stream: IO[bytes], timeout_seconds: float) -> bytes | None:
+    """One line, or None if none arrived in time (b"" at end of file)."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        if not selector.select(timeout_seconds):
+            return None
+    return stream.readline()
+
+
+def _bare(exc: TemplateError) -> str:
+    text = str(exc)
+    where = exc.template + (f":{exc.line}" if exc.line else "")
+    return text[len(where) + 2 :] if where and text.startswith(where + ": ") else text
+
+
+def main(argv: list[str]) -> int:
+    templates = JinjaTemplates(Path(argv[1]))
+    out = sys.stdout.buffer
+    out.write(b"ready\n")
+    out.flush()
+    for line in sys.stdin.buffer:
+        request: dict[str, Any] = json.loads(line)
+        try:
+            r = templates.render(request["campaign"], Locale(request["locale"]), request["context"])
+            reply: dict[str, Any] = {
+                "ok": True, "subject": r.subject, "html": r.html, "text": r.text, "version": r.template_version,
+            }  # fmt: skip
+        except TemplateError as exc:
+            reply = {"ok": False, "error": _bare(exc), "template": exc.template, "line": exc.line}
+        except Exception as exc:  # a bug in a filter, say: report it, keep serving
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "template": "", "line": None}
+        out.write(json.dumps(reply, ensure_ascii=False).encode("utf-8") + b"\n")
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))

@@ -1,0 +1,289 @@
+"""Template and config checks: what `kembali check` reports and the live preview shows.
+
+``check_templates(settings, renderer)`` renders every campaign's templates, in
+every language, for every sample customer of ``core.samples`` (through the same
+context building and MIME writer the sender uses) and returns a ``Problem`` for:
+syntax errors and undefined variables (file and line; undefined variables are
+also found statically, in branches no sample reaches), a missing file, a text
+part that comes out empty, an HTML part over ``checks.html_max_bytes``, a render
+stopped after ``checks.render_timeout_seconds`` (when the renderer enforces it:
+``adapters.render_worker.TimeLimitedRenderer``), an empty or too long subject,
+data that comes out unescaped in HTML, and a missing unsubscribe link or postal
+address. An empty list means all is well.
+"""
+
+from __future__ import annotations
+
+import enum
+import html
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from worker.config import Settings
+from worker.core import samples
+from worker.core.render import TemplateRenderer, build_context, build_message
+from worker.domain import ClaimedMessage, Locale, RenderedEmail, SendTimeFacts
+from worker.errors import TemplateError
+from worker.pipeline import BatchFacts, Composer, enabled_campaigns
+
+SAMPLE_NOW = datetime(2026, 1, 15, 3, 0, tzinfo=UTC)
+SAMPLE_LINK_KEY = b"kembali-sample-key-for-checks-only"
+"""Signs sample unsubscribe links (samples only; real messages use the key from the environment)."""
+
+
+class Kind(enum.StrEnum):
+    """What is wrong."""
+
+    CONFIG = "config"
+    """A setting that cannot work (a secret missing from the environment…)."""
+    MISSING = "missing"
+    """A template file is missing."""
+    SYNTAX = "syntax"
+    """A template does not parse."""
+    UNDEFINED = "undefined"
+    """A template reads a variable its context does not have."""
+    RENDER = "render"
+    """Rendering failed for another reason (a filter given the wrong type…)."""
+    TIMEOUT = "timeout"
+    """Rendering took too long and was stopped."""
+    TEXT_EMPTY = "text_empty"
+    """The plain-text part came out empty."""
+    HTML_TOO_BIG = "html_too_big"
+    """The HTML part is over ``checks.html_max_bytes``."""
+    SUBJECT_EMPTY = "subject_empty"
+    """The subject came out empty."""
+    SUBJECT_TOO_LONG = "subject_too_long"
+    """The subject is over ``checks.subject_max_chars``."""
+    UNESCAPED = "unescaped"
+    """Data came out as raw HTML (``| safe`` on customer or product data?)."""
+    NO_UNSUBSCRIBE = "no_unsubscribe"
+    """A part lacks the unsubscribe link."""
+    NO_POSTAL_ADDRESS = "no_postal_address"
+    """A part lacks the shop's postal address."""
+    MESSAGE = "message"
+    """The MIME message could not be written."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: Kind
+    message: str
+    template: str = ""
+    line: int | None = None
+    campaign: str = ""
+    locale: str = ""
+    samples: tuple[str, ...] = ()
+    """The sample customers it happened for (empty: found without rendering)."""
+
+    @property
+    def where(self) -> str:
+        return self.template + (f":{self.line}" if self.line else "")
+
+    def __str__(self) -> str:
+        head = f"{self.where}: {self.message}" if self.where else self.message
+        scope = "/".join(p for p in (self.campaign, self.locale) if p)
+        if self.samples:
+            shown = ", ".join(self.samples[:4]) + (f" +{len(self.samples) - 4}" if len(self.samples) > 4 else "")
+            scope = f"{scope}, samples: {shown}" if scope else f"samples: {shown}"
+        return f"{head} [{scope}]" if scope else head
+
+    def as_json(self) -> dict[str, object]:
+        return {"kind": self.kind.value, "message": self.message, "template": self.template, "line": self.line,
+                "campaign": self.campaign, "locale": self.locale, "samples": list(self.samples)}  # fmt: skip
+
+
+class Lintable(Protocol):
+    def lint(self, known: Mapping[str, Iterable[str]]) -> list[TemplateError]: ...
+
+    def campaigns(self) -> list[str]: ...
+
+
+# --- rendering the samples ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleRender:
+    campaign: str
+    locale: Locale
+    sample: samples.Sample
+    context: dict[str, object] = field(default_factory=dict)
+    rendered: RenderedEmail | None = None
+    data: bytes | None = None
+    """The MIME message, when it could be built."""
+    error: TemplateError | None = None
+
+
+def _facts(sample: samples.Sample) -> BatchFacts:
+    catalogue = samples.products() if sample.with_products else []
+    customer = sample.customer
+    return BatchFacts(
+        customers={customer.id: SendTimeFacts(customer=customer, suppressed=False, order_count=1,
+                                              last_order_at=SAMPLE_NOW)},
+        order_products={samples.SAMPLE_ORDER_ID: catalogue[:1]},
+        catalogue=catalogue,
+    )  # fmt: skip
+
+
+def _sample_message(campaign: str, sample: samples.Sample, domain: str) -> ClaimedMessage:
+    return ClaimedMessage(
+        id=0, dedupe_key=f"sample:{campaign}:{sample.slug}", campaign=campaign, step=1,
+        customer_id=sample.customer.id, email=sample.customer.email,
+        message_id=f"<sample-{campaign}-{sample.slug}@{domain}>", attempts=0, due_at=SAMPLE_NOW,
+        expires_at=SAMPLE_NOW, payload=dict(samples.SAMPLE_PAYLOAD),
+    )  # fmt: skip
+
+
+def composer_for_samples(settings: Settings, renderer: TemplateRenderer) -> Composer:
+    return Composer(settings, renderer, SAMPLE_LINK_KEY)
+
+
+def render_sample(
+    composer: Composer, campaign: str, locale: Locale, sample: samples.Sample, now: datetime = SAMPLE_NOW
+) -> SampleRender:
+    """One sample through the sender's context building, the renderer and the MIME writer."""
+    message = _sample_message(campaign, sample, composer.settings.shop.domain)
+    customer = sample.customer
+    unsubscribe = composer.unsubscribe_url(customer)
+    try:
+        context = build_context(campaign, customer, shop=composer.shop, unsubscribe_url=unsubscribe,
+                                extra=composer.extra_context(message, _facts(sample)))  # fmt: skip
+    except (KeyError, ValueError, TypeError) as exc:
+        error = TemplateError(f"cannot build the sample context: {type(exc).__name__}: {exc}")
+        return SampleRender(campaign, locale, sample, error=error)
+    try:
+        rendered = composer.renderer.render(campaign, locale, context)
+    except TemplateError as exc:
+        return SampleRender(campaign, locale, sample, context, error=exc)
+    try:
+        data = build_message(
+            rendered, to_name=customer.name, to_address=customer.email, shop=composer.shop,
+            message_id=message.message_id, date=now, list_unsubscribe_https=unsubscribe,
+            list_unsubscribe_mailto=composer.settings.unsubscribe.mailto,
+            extra_headers=(("X-Kembali-Campaign", campaign),),
+        )  # fmt: skip
+    except ValueError as exc:
+        return SampleRender(campaign, locale, sample, context, rendered,
+                            error=TemplateError(f"cannot build the message: {exc}"))  # fmt: skip
+    return SampleRender(campaign, locale, sample, context, rendered, data)
+
+
+def campaigns_to_check(settings: Settings, renderer: object) -> list[str]:
+    """Enabled campaigns, and any other campaign folder on disk."""
+    found = renderer.campaigns() if hasattr(renderer, "campaigns") else []
+    return sorted(set(enabled_campaigns(settings)) | set(found))
+
+
+def locales_to_check(campaign: str, settings: Settings, renderer: object) -> list[Locale]:
+    """Every language for an enabled campaign (a missing one is a problem); what exists otherwise."""
+    if campaign in enabled_campaigns(settings) or not hasattr(renderer, "locales"):
+        return list(Locale)
+    present: list[Locale] = renderer.locales(campaign)
+    return present
+
+
+def render_all(settings: Settings, renderer: TemplateRenderer, now: datetime = SAMPLE_NOW) -> Iterator[SampleRender]:
+    composer = composer_for_samples(settings, renderer)
+    for campaign in campaigns_to_check(settings, renderer):
+        for locale in locales_to_check(campaign, settings, renderer):
+            for sample in samples.samples(locale):
+                result = render_sample(composer, campaign, locale, sample, now)
+                yield result
+                if result.error is not None and _kind_of(result.error) is Kind.TIMEOUT:
+                    break  # the other samples would most likely wait out the deadline too
+
+
+# --- the checks ---------------------------------------------------------------------
+
+
+def _kind_of(error: TemplateError) -> Kind:
+    text = str(error)
+    if "template not found" in text:
+        return Kind.MISSING
+    if "syntax error" in text:
+        return Kind.SYNTAX
+    if "UndefinedError" in text or "is undefined" in text or "undefined variable" in text:
+        return Kind.UNDEFINED
+    if "longer than" in text and "stopped" in text:
+        return Kind.TIMEOUT
+    if "subject is empty" in text:
+        return Kind.SUBJECT_EMPTY
+    if "cannot build the message" in text:
+        return Kind.MESSAGE
+    return Kind.RENDER
+
+
+def _bare(error: TemplateError) -> str:
+    text = str(error)
+    where = error.template + (f":{error.line}" if error.line else "")
+    return text[len(where) + 2 :] if where and text.startswith(where + ": ") else text
+
+
+def problems_of(r: SampleRender, settings: Settings) -> list[Problem]:
+    """What is wrong with one sample render (empty if nothing)."""
+    base = {"campaign": r.campaign, "locale": str(r.locale), "samples": (r.sample.slug,)}
+    if r.error is not None:
+        return [Problem(_kind_of(r.error), _bare(r.error), r.error.template, r.error.line, **base)]  # type: ignore[arg-type]
+    assert r.rendered is not None
+    folder = f"{r.campaign}/{r.locale}"
+    out: list[Problem] = []
+
+    def add(kind: Kind, message: str, part: str) -> None:
+        out.append(Problem(kind, message, f"{folder}/{part}", None, **base))  # type: ignore[arg-type]
+
+    rendered, limits = r.rendered, settings.checks
+    if not rendered.text.strip():
+        add(Kind.TEXT_EMPTY, "the plain-text part is empty", "body.txt")
+    size = len(rendered.html.encode("utf-8"))
+    if size > limits.html_max_bytes:
+        add(Kind.HTML_TOO_BIG, f"the HTML part is {size:,} bytes, over checks.html_max_bytes "
+            f"({limits.html_max_bytes:,}): Gmail clips it", "body.html")  # fmt: skip
+    if len(rendered.subject) > limits.subject_max_chars:
+        add(Kind.SUBJECT_TOO_LONG, f"the subject is {len(rendered.subject)} characters, over "
+            f"checks.subject_max_chars ({limits.subject_max_chars}): {rendered.subject[:60]!r}…", "subject.txt")
+    lowered = rendered.html.lower()
+    if "<script" in lowered or "<b>tas</b>" in lowered:
+        add(Kind.UNESCAPED, "customer or product data came out as raw HTML (is `| safe` used on data?)",
+            "body.html")
+    unsubscribe = str(r.context.get("unsubscribe_url", ""))
+    if unsubscribe and unsubscribe not in rendered.text:
+        add(Kind.NO_UNSUBSCRIBE, "the plain-text part has no unsubscribe link ({{ unsubscribe_url }})", "body.txt")
+    if unsubscribe and unsubscribe not in rendered.html and html.escape(unsubscribe) not in rendered.html:
+        add(Kind.NO_UNSUBSCRIBE, "the HTML part has no unsubscribe link ({{ unsubscribe_url }})", "body.html")
+    address = settings.shop.postal_address
+    if address not in rendered.text:
+        add(Kind.NO_POSTAL_ADDRESS, "the plain-text part lacks the shop's postal address", "body.txt")
+    if address not in rendered.html and html.escape(address) not in rendered.html:
+        add(Kind.NO_POSTAL_ADDRESS, "the HTML part lacks the shop's postal address", "body.html")
+    return out
+
+
+def _merge(problems: Iterable[Problem]) -> list[Problem]:
+    """One problem per (kind, place, message, campaign, locale), listing every sample it hit."""
+    merged: dict[tuple[object, ...], Problem] = {}
+    for p in problems:
+        key = (p.kind, p.template, p.line, p.message, p.campaign, p.locale)
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = p
+        elif p.samples and not set(p.samples) <= set(seen.samples):
+            merged[key] = Problem(p.kind, p.message, p.template, p.line, p.campaign, p.locale,
+                                  seen.samples + tuple(s for s in p.samples if s not in seen.samples))  # fmt: skip
+    return list(merged.values())
+
+
+def check_templates(settings: Settings, renderer: TemplateRenderer) -> list[Problem]:
+    """Every campaign x language x sample customer, rendered and checked; [] when all is well."""
+    problems: list[Problem] = []
+    known: dict[str, set[str]] = {}
+    for r in render_all(settings, renderer):
+        problems += problems_of(r, settings)
+        if r.context:
+            known.setdefault(r.campaign, set()).update(r.context)
+    if hasattr(renderer, "lint") and known:
+        shared = set.intersection(*known.values())
+        lint: Lintable = renderer  # type: ignore[assignment]
+        for error in lint.lint({"": shared, **known}):
+            problems.append(Problem(_kind_of(error), _bare(error), error.template, error.line))
+    return _merge(problems)

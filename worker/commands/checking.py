@@ -1,0 +1,55 @@
+"""`kembali check`: the config, then every template in every language against the sample customers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from worker.adapters.render_worker import TimeLimitedRenderer
+from worker.app import link_keys, smtp_password
+from worker.checks import Kind, Problem, check_templates
+from worker.config import Settings
+from worker.core import samples
+from worker.domain import Locale
+from worker.errors import ConfigError
+
+EXIT_OK, EXIT_PROBLEMS = 0, 1
+
+
+def check_config(settings: Settings, environ: dict[str, str] | None = None) -> list[Problem]:
+    """Settings that load fine but fail when used: secrets missing from the environment, no templates folder."""
+    problems: list[Problem] = []
+    for probe in (link_keys, smtp_password):
+        try:
+            probe(settings, environ)
+        except ConfigError as exc:
+            problems.append(Problem(Kind.CONFIG, str(exc)))
+    folder = settings.resolve(settings.templates.dir)
+    if not folder.is_dir():
+        problems.append(Problem(Kind.CONFIG, f"'templates.dir' {str(folder)!r} is not a folder"))
+    return problems
+
+
+def check(settings: Settings, args: argparse.Namespace) -> int:
+    problems = check_config(settings)
+    folder = settings.resolve(settings.templates.dir)
+    renders = 0
+    if folder.is_dir():
+        with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
+            problems += check_templates(settings, renderer)
+            campaigns = sorted(renderer.campaigns())
+            renders = len(campaigns) * len(Locale) * len(samples.samples(Locale.ID))
+    if args.json:
+        for p in problems:
+            print(json.dumps(p.as_json(), ensure_ascii=False))
+        return EXIT_PROBLEMS if problems else EXIT_OK
+    print(f"config: {settings.source}")
+    print(f"templates: {folder} (about {renders} sample renders: every campaign x language x sample customer)")
+    if not problems:
+        print("no problems found")
+        return EXIT_OK
+    for p in problems:
+        print(f"{p.kind.value}: {p}", file=sys.stdout)
+    print(f"\n{len(problems)} problem{'s' if len(problems) != 1 else ''} found", file=sys.stderr)
+    return EXIT_PROBLEMS

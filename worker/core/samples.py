@@ -1,0 +1,87 @@
+"""Sample customers and products that `kembali check` and the live preview render every template with.
+
+Chosen to break templates: hostile names (CR/LF header injection, an RFC 2047
+encoded-word, HTML, bidi overrides), a long name, a single name, no name at
+all, both locales, and a customer with and without products to show.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.domain import CustomerSnapshot, Locale, ProductView
+
+SCRIPT_NAME = "<script>alert(1)</script> O'Brien & \"Co\""
+"""A name whose HTML must come out escaped."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    slug: str
+    """Short, URL-safe: ``siti``, ``crlf``…"""
+    label: str
+    customer: CustomerSnapshot
+    with_products: bool = True
+
+
+_NAMES = (
+    ("siti", "a typical name", "Siti Rahayu"),
+    ("single", "one name only", "Sukarni"),
+    ("noname", "no name", ""),
+    ("long", "a long name",
+     "Raden Mas Muhammad Abdurrahman Wahyudi Kusumanegara Hadiningrat Purbonegoro Suryodiningrat"),
+    ("crlf", "CR/LF in the name", "Rina\r\nBcc: semua@example.com"),
+    ("encword", "an encoded-word in the name", "=?UTF-8?Q?=0A?=Bcc: x@example.com"),
+    ("html", "HTML in the name", SCRIPT_NAME),
+    ("bidi", "bidi override and emoji", "\u202eDewi Lestari \U0001f600"),
+)  # fmt: skip
+
+
+def _customer(i: int, name: str, locale: Locale) -> CustomerSnapshot:
+    return CustomerSnapshot(
+        id=900_000 + i,
+        external_id=f"SAMPLE-{i:02d}",
+        email=f"sample{i}@example.com",
+        name=name,
+        locale=locale,
+        time_zone="Asia/Jakarta",
+        birthday=None,
+        marketing_consent=True,
+    )
+
+
+def samples(locale: Locale) -> list[Sample]:
+    """Every sample customer in one locale; the last one has no products to show."""
+    out = [
+        Sample(slug, label, _customer(i, name, locale)) for i, (slug, label, name) in enumerate(_NAMES, start=1)
+    ]
+    out.append(Sample("noproducts", "no order lines, no recommendations",
+                      _customer(len(_NAMES) + 1, "Agus Santoso", locale), with_products=False))  # fmt: skip
+    return out
+
+
+def products() -> list[ProductView]:
+    """A small catalogue: ordinary items, a decimal price, HTML in a name, a very long name."""
+    base = "https://toko-kembali.example/produk/"
+    rows = (
+        ("P-S01", "Kemeja Batik Parang", "Batik", 24_900_000),
+        ("P-S02", "Kopi Gayo Arabika 250 g", "Kopi", 8_900_000),
+        ("P-S03", "Toner Teh Hijau", "Skincare", 7_450_050),
+        ("P-S04", "<b>Tas</b> & \"Anyaman\" Pandan", "Tas", 14_900_000),
+        ("P-S05", "Kain Batik Tulis Solo Motif Sido Mukti Warna Sogan Klasik Ukuran 2,5 Meter", "Batik", 45_000_000),
+    )
+    return [
+        ProductView(external_id=pid, name=name, category=category, price_minor=price, currency="IDR",
+                    url=f"{base}{pid.lower()}", image_url=f"{base}{pid.lower()}.jpg")
+        for pid, name, category, price in rows
+    ]  # fmt: skip
+
+
+SAMPLE_ORDER_ID = 1
+SAMPLE_PAYLOAD = {
+    "first_order_id": str(SAMPLE_ORDER_ID),
+    "first_order": "INV-SAMPLE-1",
+    "order_id": str(SAMPLE_ORDER_ID),
+    "order": "INV-SAMPLE-1",
+}
+"""Planning payload keys campaigns read when composing (a new campaign adds its keys here)."""
