@@ -273,6 +273,20 @@ def _merge(problems: Iterable[Problem]) -> list[Problem]:
     return list(merged.values())
 
 
+def lint_problems(renderer: object, known: Mapping[str, set[str]]) -> list[Problem]:
+    """Problems found without rendering (syntax, undefined variables in branches no sample takes).
+
+    ``known``: campaign → the context keys its samples had; shared files get the keys all share."""
+    if not hasattr(renderer, "lint") or not known:
+        return []
+    lint: Lintable = renderer  # type: ignore[assignment]
+    shared = set.intersection(*known.values())
+    return [
+        Problem(_kind_of(error), _bare(error), error.template, error.line)
+        for error in lint.lint({"": shared, **known})
+    ]
+
+
 def check_templates(settings: Settings, renderer: TemplateRenderer) -> list[Problem]:
     """Every campaign x language x sample customer, rendered and checked; [] when all is well."""
     problems: list[Problem] = []
@@ -281,9 +295,4 @@ def check_templates(settings: Settings, renderer: TemplateRenderer) -> list[Prob
         problems += problems_of(r, settings)
         if r.context:
             known.setdefault(r.campaign, set()).update(r.context)
-    if hasattr(renderer, "lint") and known:
-        shared = set.intersection(*known.values())
-        lint: Lintable = renderer  # type: ignore[assignment]
-        for error in lint.lint({"": shared, **known}):
-            problems.append(Problem(_kind_of(error), _bare(error), error.template, error.line))
-    return _merge(problems)
+    return _merge(problems + lint_problems(renderer, known))

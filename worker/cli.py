@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table (a summary line last)")
     p.add_argument("--out", type=Path, default=None,
                    help="also write each message to DIR as .eml (the exact bytes that would be sent) and .html")
+    p.add_argument("--serve", action="store_true",
+                   help="instead: serve a live page of every campaign x language x sample customer on 127.0.0.1, "
+                   "reloading when a template changes (no database needed)")
+    p.add_argument("--port", type=int, default=8025, help="port for --serve (default 8025; 0 picks a free one)")
 
     p = sub.add_parser("check", help="check the config and every template against sample customers",
                        description="Validate the config, then render every campaign's templates in every language "
@@ -161,6 +165,10 @@ def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_preview(settings: Settings, args: argparse.Namespace) -> int:
+    if args.serve:
+        from worker.commands.serving import serve
+
+        return serve(settings, args.port)
     from worker.commands.previewing import preview
 
     return preview(settings, args)

@@ -1,0 +1,121 @@
+"""`kembali preview --serve` in a real headless Chromium: content, live reload, and errors with file:line.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` and the ``selenium`` package;
+skips without them unless KEMBALI_REQUIRE_BROWSER=1 (set in CI), which makes
+their absence a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.shop_fixtures import REPO, Site, make_site
+
+REQUIRE = os.environ.get("KEMBALI_REQUIRE_BROWSER") == "1"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+
+def _need(condition: object, why: str) -> None:
+    if not condition:
+        if REQUIRE:
+            pytest.fail(f"{why} (KEMBALI_REQUIRE_BROWSER=1 makes the browser test required)")
+        pytest.skip(why)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[object]:
+    _need(CHROMIUM and DRIVER, "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _need(False, "selenium is not installed (pip install -e '.[dev]')")
+        raise
+    options = webdriver.ChromeOptions()
+    # No network: product images point at the reserved .example domain; fail their lookups at once.
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                 f"--user-data-dir={tmp_path / 'chrome-profile'}"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(DRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Site, str]]:
+    site = make_site(tmp_path / "site", copy_templates=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--config", str(site.config), "preview", "--serve", "--port", "0"],
+        cwd=REPO, env=site.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "live preview on http://127.0.0.1:" in line, line + (proc.stderr.read() if proc.stderr else "")
+        url = line.split(" on ", 1)[1].split()[0]
+        yield site, url
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def test_live_preview_shows_reloads_and_reports_errors(browser: object, served: tuple[Site, str]) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver: WebDriver = browser  # type: ignore[assignment]
+    site, url = served
+    wait = WebDriverWait(driver, 30, poll_frequency=0.2)
+
+    # Given the page, every campaign x language x sample customer is a card
+    driver.get(url)
+    cards = driver.find_elements(By.CSS_SELECTOR, "section.card")
+    assert len(cards) == 2 * 9
+    siti_en = driver.find_element(By.ID, "winback-en-siti")
+    assert siti_en.find_element(By.CLASS_NAME, "subject-text").text.startswith("Siti, still loving your")
+    assert "Unsubscribe: https://" in siti_en.find_element(By.CLASS_NAME, "text-part").text
+    # the HTML part renders in its frame, with hostile data escaped
+    driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "#winback-en-html iframe"))
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert "<script>alert(1)</script>" in body and "Shop now" in body
+    assert driver.find_elements(By.TAG_NAME, "script") == []
+    driver.switch_to.default_content()
+
+    # When the operator edits the English subject, the page reloads by itself and shows it
+    templates = site.folder / "templates" / "winback" / "en"
+    _edit(templates / "subject.txt", " loving your ", " loving, truly, your ")
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#winback-en-siti .subject-text").text.startswith(
+        "Siti, still loving, truly, your"))  # fmt: skip
+
+    # When they break the HTML body, each card shows the error with file and line instead of crashing
+    _edit(templates / "body.html", "{% if recommendations %}", "{% if recommendations %}{{ recomendations[0] }}")
+    line = next(i for i, text in enumerate((templates / "body.html").read_text().splitlines(), start=1)
+                if "recomendations[0]" in text)  # fmt: skip
+    error = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#winback-en-siti .template-error"))
+    assert f"winback/en/body.html:{line}: " in error[0].text and "recomendations" in error[0].text
+    # and the Indonesian cards still render
+    assert driver.find_elements(By.CSS_SELECTOR, "#winback-id-siti .subject-text")
+
+    # When they fix it, the page recovers
+    _edit(templates / "body.html", "{{ recomendations[0] }}", "")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#winback-en-siti .subject-text"))

@@ -1,0 +1,158 @@
+"""`kembali preview --serve`: a live page of every campaign x language x sample customer.
+
+A stdlib ``http.server`` on 127.0.0.1 (one thread: requests are few and small).
+``/`` renders every sample through ``checks.render_all`` (the sender's context
+building, renderer and MIME writer) with a ``TimeLimitedRenderer``, so a template
+that never finishes shows as an error instead of hanging the page. Each card
+shows the subject, the HTML part in an ``<iframe srcdoc>`` (sandboxed: no
+scripts) and the text part; a failed render shows its file:line instead. The
+page polls ``/version`` (a hash of the template files' names, sizes and mtimes)
+and reloads itself when a file changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+from worker.adapters.render_worker import TimeLimitedRenderer
+from worker.checks import lint_problems, problems_of, render_all
+from worker.config import Settings
+
+POLL_MS = 500
+
+
+def templates_version(root: Path) -> str:
+    """Changes whenever a file under ``root`` is added, removed or written."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+_STYLE = """
+body{font-family:system-ui,Arial,sans-serif;margin:0;background:#f6f4f0;color:#222}
+header{padding:12px 20px;background:#8a4b14;color:#fff}
+main{padding:16px 20px}
+.card{background:#fff;border:1px solid #e3dccf;border-radius:8px;margin:0 0 20px;padding:12px 16px}
+.card h2{font-size:15px;margin:0 0 6px}
+.subject{font-weight:bold;margin:6px 0}
+.parts{display:flex;gap:16px;flex-wrap:wrap}
+iframe{width:620px;height:520px;border:1px solid #ddd;background:#fff}
+pre{white-space:pre-wrap;max-width:520px;font-size:12px;background:#faf8f4;padding:8px;margin:0}
+.error{background:#fde8e8;border:1px solid #d33;color:#900;padding:8px;font-family:monospace;white-space:pre-wrap}
+.warn{background:#fff6d6;border:1px solid #d9a600;padding:6px;font-size:13px;margin:4px 0}
+nav a{margin-right:10px}
+"""
+
+
+def render_page(settings: Settings, renderer: TimeLimitedRenderer, version: str) -> str:
+    cards: list[str] = []
+    nav: list[str] = []
+    known: dict[str, set[str]] = {}
+    for r in render_all(settings, renderer):
+        known.setdefault(r.campaign, set()).update(r.context)
+        anchor = f"{r.campaign}-{r.locale}-{r.sample.slug}"
+        title = f"{r.campaign} · {r.locale} · {r.sample.label}"
+        nav.append(f'<a href="#{anchor}">{html.escape(title)}</a>')
+        body: list[str] = []
+        problems = problems_of(r, settings)
+        if r.error is not None or r.rendered is None:
+            where = (problems[0].where + ": ") if problems and problems[0].where else ""
+            message = problems[0].message if problems else str(r.error)
+            body.append(f'<div class="error template-error">{html.escape(where + message)}</div>')
+        else:
+            rendered = r.rendered
+            body.append(f'<div class="subject">Subject: <span class="subject-text">'
+                        f"{html.escape(rendered.subject)}</span></div>")
+            for p in problems:
+                body.append(f'<div class="warn">{html.escape(str(p))}</div>')
+            body.append('<div class="parts">'
+                        f'<iframe sandbox title="HTML part" srcdoc="{html.escape(rendered.html, quote=True)}"></iframe>'
+                        f'<pre class="text-part">{html.escape(rendered.text)}</pre></div>')
+        cards.append(f'<section class="card" id="{anchor}" data-campaign="{r.campaign}" data-locale="{r.locale}" '
+                     f'data-sample="{r.sample.slug}"><h2>{html.escape(title)}</h2>{"".join(body)}</section>')
+    lint = lint_problems(renderer, known)
+    top = "".join(f'<div class="error lint-error">{html.escape(str(p))}</div>' for p in lint)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Kembali live preview</title><style>{_STYLE}</style></head>
+<body data-version="{version}">
+<header>Kembali live preview: {html.escape(str(renderer.root))} (reloads when a template changes)</header>
+<main>{top}<nav>{" ".join(nav)}</nav>{"".join(cards)}</main>
+<script>
+const version = document.body.dataset.version;
+setInterval(async () => {{
+  try {{
+    const reply = await fetch('/version', {{cache: 'no-store'}});
+    const now = (await reply.json()).version;
+    if (now !== version) location.reload();
+  }} catch (e) {{}}
+}}, {POLL_MS});
+</script></body></html>"""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: PreviewServer
+
+    def do_GET(self) -> None:  # http.server's hook name
+        path = self.path.split("?", 1)[0]
+        if path == "/version":
+            self._send(200, "application/json", json.dumps({"version": self.server.version()}).encode())
+        elif path == "/":
+            try:
+                page = render_page(self.server.settings, self.server.renderer, self.server.version())
+            except Exception as exc:  # never crash the server: show what broke
+                page = f'<div class="error">{html.escape(type(exc).__name__ + ": " + str(exc))}</div>'
+            self._send(200, "text/html; charset=utf-8", page.encode("utf-8"))
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found")
+
+    def _send(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: no access log
+        return
+
+
+class PreviewServer(HTTPServer):
+    def __init__(self, settings: Settings, renderer: TimeLimitedRenderer, port: int) -> None:
+        self.settings = settings
+        self.renderer = renderer
+        super().__init__(("127.0.0.1", port), _Handler)
+
+    def version(self) -> str:
+        return templates_version(self.renderer.root)
+
+
+def serve(settings: Settings, port: int) -> int:
+    folder = settings.resolve(settings.templates.dir)
+    with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
+        server = PreviewServer(settings, renderer, port)
+        host, bound = server.server_address[:2]
+        print(f"live preview on http://{host!s}:{bound}/ (templates: {folder}; Ctrl-C to stop)", flush=True)
+        try:
+            server.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+    print("live preview stopped", file=sys.stderr)
+    return 0
