@@ -93,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
                        "checks.render_timeout_seconds, empty or too long subjects, unescaped data and a missing "
                        "unsubscribe link or postal address. Exit code 1 on any problem.")
     p.add_argument("--json", action="store_true", help="print one JSON object per problem")
+
+    p = sub.add_parser("send-test", help="send one rendered message to yourself, marked as a test",
+                       description="Render one message of a campaign for a customer (--customer, the shop's id) or "
+                       "a sample customer, and send it through the configured SMTP server to --to, with '[TEST] ' "
+                       "before the subject. The ledger is not touched; the unsubscribe link in a test message "
+                       "does not work (it cannot unsubscribe the customer).")
+    p.add_argument("--campaign", required=True, help="the campaign, e.g. winback")
+    p.add_argument("--customer", help="render for this customer (default: a sample customer)")
+    p.add_argument("--to", required=True, help="your address")
     return top
 
 
@@ -180,7 +189,19 @@ def _cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     return check(settings, args)
 
 
+def _cmd_send_test(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.app import Deps
+    from worker.commands.sendtest import send_test
+
+    deps = Deps.build(settings)
+    try:
+        return send_test(deps, args)
+    finally:
+        deps.close()
+
+
 _COMMANDS: dict[str, Any] = {
+    "send-test": _cmd_send_test,
     "check": _cmd_check,
     "db": _cmd_db,
     "import": _cmd_import,

@@ -418,6 +418,19 @@ class Store:
         with self.engine.begin() as conn:
             return [(product_view(r), int(r.units)) for r in conn.execute(query)]
 
+    def customer_by_external_id(self, external_id: str) -> tuple[CustomerSnapshot, int | None, str | None] | None:
+        """A customer with their first order's id and shop id (for test sends), or None."""
+        query = (
+            sa.select(C, O.c.external_id.label("order_external_id"))
+            .outerjoin(O, O.c.id == C.c.first_order_id)
+            .where(C.c.external_id == external_id)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return customer_snapshot(row), row.first_order_id, row.order_external_id
+
     # --- suppressions --------------------------------------------------------
 
     def suppress(self, email: str, *, reason: str, source: str, now: datetime) -> bool:

@@ -1,0 +1,68 @@
+"""`kembali send-test`: one real message to the operator, marked as a test, and the ledger untouched."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from email import policy
+from email.parser import BytesParser
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from tests.shop_fixtures import load_shop, make_site
+from tests.smtp_server import Behaviour, RecordingServer
+from worker.adapters.store import M
+from worker.demo import generate_shop
+
+NOW = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+
+
+def _ledger_rows(db: Path) -> int:
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        n = int(conn.execute(sa.select(sa.func.count()).select_from(M)).scalar_one())
+    engine.dispose()
+    return n
+
+
+def test_send_test_for_a_real_customer(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    # Given a shop and a customer who bought a product
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port)
+    shop = generate_shop(seed=11, customers=40, now=NOW - timedelta(days=1))
+    load_shop(site.settings, shop, NOW)
+    customer = shop.customers[0]
+
+    # When the operator sends themselves a test of the win-back email for that customer
+    done = site.cli("send-test", "--campaign", "winback", "--customer", customer.external_id,
+                    "--to", "operator@shop.example")  # fmt: skip
+
+    # Then exactly one message reached the server, addressed to the operator, marked as a test
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "sent a test winback email" in done.stdout
+    (received,) = smtp_server.messages
+    assert received.rcpt_tos == ("operator@shop.example",)
+    parsed = BytesParser(policy=policy.default).parsebytes(received.data)
+    assert str(parsed["Subject"]).startswith("[TEST] ")
+    assert parsed["X-Kembali-Test"] == "yes"
+    assert "operator@shop.example" in str(parsed["To"])
+    text = parsed.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    first = customer.name.split()[0]
+    assert first in text or first in str(parsed["Subject"])
+    # And the ledger is untouched
+    assert _ledger_rows(site.db_path) == 0
+
+
+def test_send_test_with_a_sample_customer_and_a_refusing_server(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port)
+    done = site.cli("send-test", "--campaign", "winback", "--to", "me@shop.example")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(smtp_server.messages) == 1
+
+    smtp_server.on("full@shop.example", Behaviour(rcpt_reply="550 5.1.1 No such user"))
+    done = site.cli("send-test", "--campaign", "winback", "--to", "full@shop.example")
+    assert done.returncode == 1
+    assert "not sent (permanent): 550 5.1.1 No such user" in done.stdout
+
+    done = site.cli("send-test", "--campaign", "nosuch", "--to", "me@shop.example")
+    assert done.returncode == 2 and "no campaign 'nosuch'" in done.stderr
+    assert _ledger_rows(site.db_path) == 0

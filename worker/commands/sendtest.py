@@ -1,0 +1,83 @@
+"""`kembali send-test`: one real rendered message to the operator, marked as a test; the ledger is untouched.
+
+The message is built the way the sender builds it (context, renderer, MIME
+writer) for a real customer (``--customer``) or a sample one, but goes to
+``--to``, with "[TEST] " before the subject, an ``X-Kembali-Test`` header and a
+fresh Message-ID. Its unsubscribe link is signed with a sample key, so clicking
+it in the test mail cannot unsubscribe the customer it was rendered for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import uuid
+
+from worker.app import Deps
+from worker.checks import SAMPLE_LINK_KEY, campaigns_to_check
+from worker.core import samples
+from worker.core.render import build_context, build_message
+from worker.domain import ClaimedMessage, Locale, Outcome, SendResult, SendTimeFacts
+from worker.errors import ConfigError, TemplateError
+from worker.pipeline import Composer, load_batch_facts, load_catalogue
+
+EXIT_OK, EXIT_NOT_SENT, EXIT_USAGE = 0, 1, 2
+TEST_PREFIX = "[TEST] "
+
+
+def send_test(deps: Deps, args: argparse.Namespace) -> int:
+    settings = deps.settings
+    if args.campaign not in campaigns_to_check(settings, deps.templates):
+        known = ", ".join(campaigns_to_check(settings, deps.templates))
+        raise ConfigError(f"no campaign {args.campaign!r} (campaigns: {known})")
+    store = deps.store
+    payload = dict(samples.SAMPLE_PAYLOAD)
+    if args.customer:
+        found = store.customer_by_external_id(args.customer)
+        if found is None:
+            print(f"kembali send-test: no customer with id {args.customer!r}")
+            return EXIT_USAGE
+        customer, order_id, order_external_id = found
+        if order_id is not None:
+            payload.update(first_order_id=str(order_id), first_order=str(order_external_id))
+    else:
+        customer = samples.samples(Locale(settings.shop.default_locale))[0].customer
+    now = deps.clock.now()
+    message = ClaimedMessage(
+        id=0, dedupe_key=f"test:{args.campaign}:{customer.external_id}", campaign=args.campaign, step=1,
+        customer_id=customer.id, email=args.to, message_id=f"<test-{uuid.uuid4().hex}@{settings.shop.domain}>",
+        attempts=0, due_at=now, expires_at=now, payload=payload,
+    )  # fmt: skip
+    composer = Composer(settings, deps.templates, SAMPLE_LINK_KEY)
+    facts = load_batch_facts(store, [message], load_catalogue(store))
+    if facts.customers[customer.id].customer is None:  # a sample customer: not in the database
+        facts.customers[customer.id] = SendTimeFacts(customer=customer, suppressed=False, order_count=1,
+                                                     last_order_at=now)  # fmt: skip
+    unsubscribe = composer.unsubscribe_url(customer)
+    context = build_context(args.campaign, customer, shop=composer.shop, unsubscribe_url=unsubscribe,
+                            extra=composer.extra_context(message, facts))  # fmt: skip
+    try:
+        rendered = deps.templates.render(args.campaign, customer.locale, context)
+    except TemplateError as exc:
+        print(f"kembali send-test: render error: {exc}")
+        return EXIT_NOT_SENT
+    rendered = dataclasses.replace(rendered, subject=TEST_PREFIX + rendered.subject)
+    data = build_message(
+        rendered, to_name=customer.name, to_address=args.to, shop=composer.shop, message_id=message.message_id,
+        date=now, list_unsubscribe_https=unsubscribe, list_unsubscribe_mailto=settings.unsubscribe.mailto,
+        extra_headers=(("X-Kembali-Campaign", args.campaign), ("X-Kembali-Test", "yes")),
+    )  # fmt: skip
+    result = asyncio.run(_send(deps, settings.shop.from_address, args.to, data))
+    who = f"customer {customer.external_id}" if args.customer else "a sample customer"
+    if result.outcome is Outcome.SENT:
+        print(f"sent a test {args.campaign} email ({who}, {customer.locale}) to {args.to}: {rendered.subject}")
+        print(f"server reply: {result.code} {result.reply}")
+        return EXIT_OK
+    print(f"kembali send-test: not sent ({result.outcome.value}): {result.reply or result.error_type}")
+    return EXIT_NOT_SENT
+
+
+async def _send(deps: Deps, sender: str, to: str, data: bytes) -> SendResult:
+    async with deps.transport() as transport:
+        return await transport.send(sender, to, data)
