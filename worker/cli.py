@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--campaign", required=True, help="the campaign, e.g. winback")
     p.add_argument("--customer", help="render for this customer (default: a sample customer)")
     p.add_argument("--to", required=True, help="your address")
+
+    p = sub.add_parser("stats", help="what the campaigns did: sends, skips, bounces, conversion, lift",
+                       description="Per campaign and step: planned, sent, failed, uncertain, skipped by reason, hard "
+                       "bounces; conversion (emailed customers who ordered within --window-days) and revenue; lift "
+                       "over the holdout group with a 95%% Newcombe interval; unsubscribes and bounces from the "
+                       "suppression list; the shop's repeat purchase rate and churn over the period.")
+    p.add_argument("--since", type=_date_arg, default=None,
+                   help="start of the period, YYYY-MM-DD (default: 90 days ago)")
+    p.add_argument("--window-days", type=int, default=7, help="attribution window in days (default 7)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("insights", help="when do customers buy again? a data-driven quiet_days",
+                       description="From the order history: the distribution of days between a customer's first "
+                       "and second purchase, and the day by which --share of second purchases happened, as a "
+                       "recommended campaigns.winback.quiet_days, with the sample size it rests on.")
+    p.add_argument("--plot", type=Path, default=None, help="also write a PNG bar chart to this file")
+    p.add_argument("--share", type=float, default=0.8, help="the share of second purchases (default 0.8)")
+    p.add_argument("--bin-days", type=int, default=7, help="histogram bin width in days (default 7)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     return top
+
+
+def _date_arg(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
 def _datetime_arg(text: str) -> datetime:
@@ -200,7 +226,21 @@ def _cmd_send_test(settings: Settings, args: argparse.Namespace) -> int:
         deps.close()
 
 
+def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.commands.reporting import stats_command
+
+    return stats_command(settings, args)
+
+
+def _cmd_insights(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.commands.reporting import insights_command
+
+    return insights_command(settings, args)
+
+
 _COMMANDS: dict[str, Any] = {
+    "stats": _cmd_stats,
+    "insights": _cmd_insights,
     "send-test": _cmd_send_test,
     "check": _cmd_check,
     "db": _cmd_db,

@@ -1,0 +1,118 @@
+"""`kembali stats` and `kembali insights`: print the reports of ``worker.stats``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime, time, timedelta
+
+from worker.adapters import db
+from worker.config import Settings
+from worker.core import png
+from worker.core import stats as core_stats
+from worker.core.render import format_money
+from worker.stats import StatsReport, build_insights, build_stats
+
+EXIT_OK = 0
+MIN_SECOND_ORDERS = 30
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _money(minor: int, currency: str) -> str:
+    return format_money(minor, currency, "en")
+
+
+def stats_command(settings: Settings, args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    since = (datetime.combine(args.since, time(), tzinfo=UTC) if args.since else now - timedelta(days=90))
+    engine = db.create_engine(settings.database_url)
+    try:
+        db.check_schema(engine)
+        report = build_stats(engine, since=since, now=now, window_days=args.window_days)
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(report.as_json(), ensure_ascii=False, indent=2))
+    else:
+        for line in stats_lines(report, settings.shop.currency):
+            print(line)
+    return EXIT_OK
+
+
+def stats_lines(report: StatsReport, currency: str) -> list[str]:
+    out = [f"Kembali stats from {report.since:%Y-%m-%d} to {report.now:%Y-%m-%d} (UTC); "
+           f"conversion = bought within {report.window_days} days of the email"]  # fmt: skip
+    if not report.steps:
+        out.append("\nno messages were planned in this period")
+    for s in report.steps:
+        j = s.as_json()
+        out.append(f"\n{s.campaign} step {s.step}")
+        out.append(f"  planned {s.planned}: sent {j['sent']}, failed {j['failed']} ({s.hard_bounces} hard bounces), "
+                   f"uncertain {j['uncertain']}, waiting {j['waiting']}")  # fmt: skip
+        if s.skipped:
+            out.append("  skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(s.skipped.items())))
+        if s.emailed is not None:
+            e = s.emailed
+            out.append(f"  conversion: {e.converted} of {e.customers} emailed customers ordered ({_pct(e.rate)}), "
+                       f"revenue {_money(e.revenue_minor, currency)}"
+                       + (f"; {e.pending} still inside the window" if e.pending else ""))  # fmt: skip
+        if s.held_out is not None:
+            h = s.held_out
+            out.append(f"  holdout: {h.converted} of {h.customers} held-out customers ordered ({_pct(h.rate)})")
+        if s.lift is not None:
+            lift = s.lift
+            if lift.difference is not None and lift.lower is not None and lift.upper is not None:
+                out.append(f"  lift: {100 * lift.difference:+.1f} points, 95% CI {100 * lift.lower:+.1f} to "
+                           f"{100 * lift.upper:+.1f} (Newcombe)")  # fmt: skip
+            out.append(f"  verdict: {lift.verdict}")
+    out.append("\ndeliverability (suppression list, added in the period): "
+               + (", ".join(f"{r} {n}" for r, n in sorted(report.suppressions.items())) or "nothing added"))
+    r = report.retention
+    out.append(f"repeat purchase rate: {_pct(r.repeat_rate)} ({r.repeat} of {r.active} customers who bought in the "
+               "period have bought twice or more)")
+    out.append(f"churn: {_pct(r.churn_rate)} ({r.churned} of {r.earlier} earlier customers did not buy in the period)")
+    fb = report.feedback
+    if fb is None:
+        out.append("feedback: not recorded yet")
+    else:
+        avg = "n/a" if fb.average is None else f"{fb.average:.2f}"
+        nps = "" if fb.nps is None else f", NPS {fb.nps:+.0f}"
+        out.append(f"feedback: {fb.responses} responses, average {avg}{nps}")
+    return out
+
+
+def insights_command(settings: Settings, args: argparse.Namespace) -> int:
+    engine = db.create_engine(settings.database_url)
+    try:
+        db.check_schema(engine)
+        found = build_insights(engine, share=args.share, bin_days=args.bin_days)
+    finally:
+        engine.dispose()
+    if args.plot:
+        args.plot.write_bytes(png.bar_chart(found.histogram, found.recommended_quiet_days))
+    if args.json:
+        print(json.dumps(found.as_json(), ensure_ascii=False, indent=2))
+        return EXIT_OK
+    n = len(found.gaps_days)
+    print(f"{found.customers} customers have bought; {n} of them bought a second time.")
+    if not n:
+        print("no second purchases yet: nothing to recommend")
+        return EXIT_OK
+    print("\ndays from the first to the second purchase:")
+    most = max(c for _, _, c in found.histogram)
+    for start, end, count in found.histogram:
+        print(f"  {start:>4}-{end:<4} {count:>6}  {core_stats.bar(count, most)}")
+    median = core_stats.quantile_day(found.gaps_days, 0.5)
+    print(f"\nmedian: {median} days; {100 * found.share:.0f}% of second purchases happened within "
+          f"{found.recommended_quiet_days} days")  # fmt: skip
+    caveat = "" if n >= MIN_SECOND_ORDERS else f" (only {n} second purchases: treat it as a rough guess)"
+    print(f"recommended campaigns.winback.quiet_days = {found.recommended_quiet_days}, resting on {n} second "
+          f"purchases{caveat}")  # fmt: skip
+    print(f"(currently {settings.campaigns.winback.quiet_days}; customers who have not come back yet are not in "
+          "this sample, so the true gaps run somewhat longer)")
+    if args.plot:
+        print(f"chart written to {args.plot}")
+    return EXIT_OK

@@ -1,0 +1,148 @@
+"""Reports from the ledger and the orders: `kembali stats` and `kembali insights`.
+
+Queries live in ``adapters.reports``; the arithmetic in ``core.stats``. This
+module joins them into plain report values with a ``as_json`` each.
+
+Definitions (also in the README):
+* emailed: ``sent`` rows planned since ``since``; the moment is ``sent_at``.
+* held out: rows skipped with reason ``held_out``; the moment is when they were
+  held out (the later of due and decided), i.e. when the email would have gone.
+* converted: bought (not cancelled/refunded) after the moment and within the
+  attribution window; revenue is the sum of those purchases (shop currency).
+  Exposures whose window has not ended yet are counted as pending, not as
+  non-conversions. A customer counts once per campaign and step (first moment).
+* repeat purchase rate: of the customers who bought during the period, the
+  share with two or more purchases in all; churn: of the customers who had
+  bought before the period, the share who did not buy during it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy.engine import Engine
+
+from worker.adapters import reports
+from worker.core import stats
+from worker.domain import MessageStatus
+
+
+@dataclass
+class StepStats:
+    campaign: str
+    step: int
+    planned: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    hard_bounces: int = 0
+    emailed: stats.Conversion | None = None
+    held_out: stats.Conversion | None = None
+    lift: stats.Lift | None = None
+
+    def as_json(self) -> dict[str, object]:
+        def conv(c: stats.Conversion | None) -> dict[str, object] | None:
+            if c is None:
+                return None
+            return {"customers": c.customers, "converted": c.converted, "rate": c.rate,
+                    "revenue_minor": c.revenue_minor, "pending": c.pending}  # fmt: skip
+
+        return {
+            "campaign": self.campaign, "step": self.step, "planned": self.planned,
+            "sent": self.statuses[MessageStatus.SENT], "failed": self.statuses[MessageStatus.FAILED],
+            "uncertain": self.statuses[MessageStatus.UNCERTAIN],
+            "waiting": sum(self.statuses[s] for s in ("planned", "claimed", "sending", "retry")),
+            "skipped": dict(sorted(self.skipped.items())), "hard_bounces": self.hard_bounces,
+            "conversion": conv(self.emailed), "holdout": conv(self.held_out),
+            "lift": self.lift.as_json() if self.lift else None,
+        }  # fmt: skip
+
+
+@dataclass
+class StatsReport:
+    since: datetime
+    now: datetime
+    window_days: int
+    steps: list[StepStats]
+    suppressions: dict[str, int]
+    retention: stats.Retention
+    feedback: stats.Feedback | None
+    """None: no feedback table yet."""
+
+    def as_json(self) -> dict[str, object]:
+        r = self.retention
+        fb = self.feedback
+        return {
+            "since": self.since.isoformat(), "until": self.now.isoformat(), "attribution_window_days": self.window_days,
+            "campaigns": [s.as_json() for s in self.steps],
+            "suppressions": self.suppressions,
+            "repeat_purchase": {"customers_active": r.active, "repeat": r.repeat, "rate": r.repeat_rate},
+            "churn": {"customers_before": r.earlier, "churned": r.churned, "rate": r.churn_rate},
+            "feedback": None if fb is None else {"responses": fb.responses, "average": fb.average, "nps": fb.nps},
+        }  # fmt: skip
+
+
+def build_stats(engine: Engine, *, since: datetime, now: datetime, window_days: int = 7) -> StatsReport:
+    steps: dict[tuple[str, int], StepStats] = {}
+
+    def step(campaign: str, number: int) -> StepStats:
+        return steps.setdefault((campaign, number), StepStats(campaign, number))
+
+    for campaign, number, status, reason, n in reports.ledger_counts(engine, since):
+        s = step(campaign, number)
+        s.planned += n
+        s.statuses[status] += n
+        if status == MessageStatus.SKIPPED:
+            s.skipped[reason or "unknown"] += n
+    for (campaign, number), n in reports.hard_bounces(engine, since).items():
+        step(campaign, number).hard_bounces = n
+
+    groups: dict[tuple[str, int, str], list[tuple[int, datetime]]] = defaultdict(list)
+    for campaign, number, group, customer, moment in reports.exposures(engine, since):
+        groups[(campaign, number, group)].append((customer, moment))
+    customers = [c for rows in groups.values() for c, _ in rows]
+    bought = reports.purchases(engine, customers, since) if customers else {}
+    window = timedelta(days=window_days)
+    for s in steps.values():
+        emailed = groups.get((s.campaign, s.step, "emailed"), [])
+        held = groups.get((s.campaign, s.step, "held_out"), [])
+        s.emailed = stats.conversion(emailed, bought, window=window, now=now)
+        s.held_out = stats.conversion(held, bought, window=window, now=now) if held else None
+        control = s.held_out or stats.Conversion(0, 0, 0, 0)
+        s.lift = stats.lift(s.emailed.converted, s.emailed.customers, control.converted, control.customers)
+
+    scores = reports.feedback_scores(engine)
+    return StatsReport(
+        since=since, now=now, window_days=window_days,
+        steps=sorted(steps.values(), key=lambda s: (s.campaign, s.step)),
+        suppressions=reports.suppressions(engine, since),
+        retention=stats.retention(reports.purchases_around(engine, since, now)),
+        feedback=None if scores is None else stats.feedback(scores),
+    )  # fmt: skip
+
+
+@dataclass
+class Insights:
+    customers: int
+    """Customers with at least one purchase."""
+    gaps_days: list[int]
+    """Days from the first to the second purchase, one per customer who bought twice."""
+    share: float
+    recommended_quiet_days: int | None
+    histogram: list[tuple[int, int, int]]
+
+    def as_json(self) -> dict[str, object]:
+        return {"customers": self.customers, "second_purchases": len(self.gaps_days), "share": self.share,
+                "recommended_quiet_days": self.recommended_quiet_days,
+                "median_days": stats.quantile_day(self.gaps_days, 0.5),
+                "histogram": [{"from_day": a, "to_day": b, "customers": n} for a, b, n in self.histogram]}  # fmt: skip
+
+
+def build_insights(engine: Engine, *, share: float = 0.8, bin_days: int = 7) -> Insights:
+    pairs = reports.first_two_purchases(engine)
+    gaps = [stats.days_between(first, second) for first, second in pairs if second is not None]
+    return Insights(
+        customers=len(pairs), gaps_days=sorted(gaps), share=share,
+        recommended_quiet_days=stats.quantile_day(gaps, share), histogram=stats.histogram(gaps, bin_days),
+    )  # fmt: skip
