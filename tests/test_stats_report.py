@@ -1,0 +1,196 @@
+"""`kembali stats` and `kembali insights` on shops whose true numbers are known by construction."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.shop_fixtures import Site, load_shop, make_site
+from worker.adapters import db, shop
+from worker.adapters.store import M, Store
+from worker.core import stats
+from worker.core.audiences import message_id_for
+from worker.demo import ShopData, generate_shop
+from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus, PlannedMessage
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+EXPOSED = NOW - timedelta(days=20)
+FIRST_ORDER = NOW - timedelta(days=100)
+SINCE = (NOW - timedelta(days=60)).date()
+
+# The truth, by construction
+EMAILED, EMAILED_BUY, EMAILED_LATE, EMAILED_CANCELLED = 200, 30, 10, 5
+HELD, HELD_BUY = 100, 6
+FAILED_5XX, UNCERTAIN, PENDING, SUPPRESSED = 3, 2, 5, 4
+PRICE = 150_000_00
+
+
+def _customer(cid: str) -> CustomerRecord:
+    return CustomerRecord(cid, f"{cid.lower()}@example.com", f"Pelanggan {cid}", Locale.ID, "Asia/Jakarta", None,
+                          True, "opt_in", "checkout")  # fmt: skip
+
+
+def _order(cid: str, n: int, at: datetime, total: int, status: OrderStatus = OrderStatus.DELIVERED) -> OrderRecord:
+    return OrderRecord(f"O-{cid}-{n}", cid, status, at, None, total, "IDR")
+
+
+def _build(site: Site) -> None:
+    groups = {"T": EMAILED, "H": HELD, "F": FAILED_5XX, "U": UNCERTAIN, "P": PENDING, "S": SUPPRESSED}
+    ids = {g: [f"C-{g}{i:03d}" for i in range(n)] for g, n in groups.items()}
+    everyone = [c for g in groups for c in ids[g]]
+    orders = [_order(c, 1, FIRST_ORDER, 100_000_00) for c in everyone]
+    for i, c in enumerate(ids["T"]):
+        if i < EMAILED_BUY:
+            orders.append(_order(c, 2, EXPOSED + timedelta(days=3), PRICE))
+        elif i < EMAILED_BUY + EMAILED_LATE:
+            orders.append(_order(c, 2, EXPOSED + timedelta(days=9), PRICE))  # after the window
+        elif i < EMAILED_BUY + EMAILED_LATE + EMAILED_CANCELLED:
+            orders.append(_order(c, 2, EXPOSED + timedelta(days=2), PRICE, OrderStatus.CANCELLED))
+    for c in ids["H"][:HELD_BUY]:
+        orders.append(_order(c, 2, EXPOSED + timedelta(days=2), 120_000_00))
+    engine = db.create_engine(site.settings.database_url)
+    shop.upsert_customers(engine, [_customer(c) for c in everyone], FIRST_ORDER)
+    shop.upsert_orders(engine, orders, FIRST_ORDER)
+    with engine.begin() as conn:
+        pk = dict(conn.execute(sa.text("select external_id, id from customer")).all())
+    planned = [
+        PlannedMessage(f"winback:{c}:O-{c}-1:1", "winback", 1, pk[c], f"{c.lower()}@example.com", EXPOSED,
+                       EXPOSED + timedelta(days=14), message_id_for(c, "shop.example"))
+        for c in everyone
+    ]  # fmt: skip
+    store = Store(engine)
+    assert store.insert_messages(planned, EXPOSED - timedelta(days=1)) == len(everyone)
+    outcome = {
+        "T": {"status": "sent", "sent_at": EXPOSED, "last_code": 250},
+        "P": {"status": "sent", "sent_at": NOW - timedelta(days=2), "last_code": 250},
+        "H": {"status": "skipped", "skip_reason": "held_out"},
+        "F": {"status": "failed", "last_code": 550},
+        "U": {"status": "uncertain"},
+        "S": {"status": "skipped", "skip_reason": "suppressed"},
+    }
+    with engine.begin() as conn:
+        for g, values in outcome.items():
+            keys = [f"winback:{c}:O-{c}-1:1" for c in ids[g]]
+            conn.execute(sa.update(M).where(M.c.dedupe_key.in_(keys)).values(updated_at=EXPOSED, **values))
+    for i in range(5):
+        store.suppress(f"gone{i}@example.com", reason="unsubscribed", source="link", now=EXPOSED)
+    for i in range(3):
+        store.suppress(f"bounced{i}@example.com", reason="hard_bounce", source="smtp", now=EXPOSED)
+    store.suppress("old@example.com", reason="unsubscribed", source="link", now=NOW - timedelta(days=200))
+    engine.dispose()
+
+
+def test_stats_reports_the_constructed_truth(tmp_path: Path) -> None:
+    # Given a shop where 30 of 200 emailed customers and 6 of 100 held-out customers bought within 7 days
+    site = make_site(tmp_path / "site")
+    _build(site)
+
+    # When the operator asks for the numbers
+    done = site.cli("stats", "--since", SINCE.isoformat(), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+
+    # Then every figure is the constructed one
+    (winback,) = report["campaigns"]
+    total = EMAILED + HELD + FAILED_5XX + UNCERTAIN + PENDING + SUPPRESSED
+    assert (winback["campaign"], winback["step"], winback["planned"]) == ("winback", 1, total)
+    assert (winback["sent"], winback["failed"], winback["uncertain"]) == (EMAILED + PENDING, FAILED_5XX, UNCERTAIN)
+    assert winback["skipped"] == {"held_out": HELD, "suppressed": SUPPRESSED}
+    assert winback["hard_bounces"] == FAILED_5XX
+    conversion = winback["conversion"]
+    assert conversion == {"customers": EMAILED, "converted": EMAILED_BUY, "rate": EMAILED_BUY / EMAILED,
+                          "revenue_minor": EMAILED_BUY * PRICE, "pending": PENDING}  # fmt: skip
+    assert winback["holdout"]["customers"] == HELD and winback["holdout"]["converted"] == HELD_BUY
+    lift = winback["lift"]
+    _d, lo, hi = stats.newcombe(EMAILED_BUY, EMAILED, HELD_BUY, HELD)
+    assert lift["difference"] == pytest.approx(0.15 - 0.06)
+    assert lift["ci95"] == [pytest.approx(lo), pytest.approx(hi)]
+    assert 0 < lo < 0.09 < hi
+    assert "brought more customers back" in lift["verdict"]
+    assert report["suppressions"] == {"unsubscribed": 5, "hard_bounce": 3}
+    active = EMAILED_BUY + EMAILED_LATE + HELD_BUY
+    assert report["repeat_purchase"] == {"customers_active": active, "repeat": active, "rate": 1.0}
+    assert report["churn"] == {"customers_before": total, "churned": total - active, "rate": (total - active) / total}
+    assert report["feedback"] is None
+
+    # And the text report says the same in words
+    text = site.cli("stats", "--since", SINCE.isoformat()).stdout
+    assert "conversion: 30 of 200 emailed customers ordered (15.0%)" in text
+    assert "holdout: 6 of 100 held-out customers ordered (6.0%)" in text
+    assert "lift: +9.0 points" in text and "5 still inside the window" in text
+
+
+def test_stats_without_a_holdout_and_with_a_feedback_table(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "site")
+    _build(site)
+    engine = sa.create_engine(site.settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.update(M).where(M.c.skip_reason == "held_out").values(skip_reason="capped"))
+        conn.execute(sa.text("create table feedback (id integer primary key, score integer)"))
+        conn.execute(sa.text("insert into feedback (score) values (10), (9), (7), (3)"))
+    engine.dispose()
+    report = json.loads(site.cli("stats", "--since", SINCE.isoformat(), "--json").stdout)
+    (winback,) = report["campaigns"]
+    assert winback["holdout"] is None
+    assert "no holdout group" in winback["lift"]["verdict"] and winback["lift"]["difference"] is None
+    assert report["feedback"] == {"responses": 4, "average": 7.25, "nps": 25.0}
+
+
+def _expected_gaps(data: ShopData) -> list[int]:
+    bought: dict[str, list[datetime]] = defaultdict(list)
+    for o in data.orders:
+        if o.status.counts_as_purchase:
+            bought[o.customer_external_id].append(o.placed_at)
+    return sorted(stats.days_between(*sorted(v)[:2]) for v in bought.values() if len(v) >= 2)
+
+
+def test_insights_on_the_demo_shop(tmp_path: Path) -> None:
+    # Given the demo shop
+    site = make_site(tmp_path / "site")
+    data = generate_shop(seed=7, customers=400, now=NOW)
+    load_shop(site.settings, data, NOW)
+    gaps = _expected_gaps(data)
+    expected_day = gaps[-(-len(gaps) * 8 // 10) - 1]  # the ceil(0.8 n)-th smallest gap
+
+    # When the operator asks when customers buy again
+    plot = tmp_path / "gaps.png"
+    done = site.cli("insights", "--json", "--plot", str(plot))
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+
+    # Then the recommendation is the day by which 80 % of second purchases happened, with its sample size
+    assert found["customers"] == len(data.customers)
+    assert found["second_purchases"] == len(gaps) > 30
+    assert found["recommended_quiet_days"] == expected_day
+    assert sum(b["customers"] for b in found["histogram"]) == len(gaps)
+    assert sum(1 for g in gaps if g <= expected_day) >= 0.8 * len(gaps) > sum(1 for g in gaps if g < expected_day)
+    # And the chart is a PNG
+    head = plot.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    assert struct.unpack(">II", head[16:24]) == (720, 360)
+
+    text = site.cli("insights").stdout
+    assert f"recommended campaigns.winback.quiet_days = {expected_day}, resting on {len(gaps)} second" in text
+
+
+def test_report_queries_on_each_database(db_url: str) -> None:
+    from worker.stats import build_insights, build_stats
+
+    data = generate_shop(seed=3, customers=60, now=NOW)
+    engine = db.create_engine(db_url)
+    try:
+        shop.upsert_customers(engine, data.customers, NOW)
+        shop.upsert_products(engine, data.products, NOW)
+        shop.upsert_orders(engine, data.orders, NOW)
+        insights = build_insights(engine)
+        report = build_stats(engine, since=NOW - timedelta(days=90), now=NOW)
+    finally:
+        engine.dispose()
+    assert insights.gaps_days == _expected_gaps(data)
+    assert report.steps == [] and report.retention.earlier > 0
