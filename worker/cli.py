@@ -62,12 +62,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check-dns", action="store_true",
                    help="also check that each address's domain accepts mail (needs network; off by default)")
 
-    p = sub.add_parser("run", help="plan and send (once, or as a daemon)",
-                       description="Plan every enabled campaign, send what is due, record every outcome. With "
-                       "--once: one full cycle, a summary, and exit (for cron and tests). Without: repeat every "
-                       "--interval seconds until SIGTERM/SIGINT, finishing in-flight sends before exiting.")
+    p = sub.add_parser("run", help="run the daemon (or one cycle with --once)",
+                       description="Without --once: the daemon. It plans each enabled campaign on its cron "
+                       "([schedule]), sends what is due, tidies up (lapsed leases, expired messages, old attempts), "
+                       "and serves the unsubscribe and feedback links, /healthz and /metrics ([web]). SIGHUP "
+                       "reloads config and templates after checking them; SIGTERM/SIGINT stops claiming, lets sends "
+                       "under way finish ([daemon] shutdown_grace_seconds) and exits 0; a second signal exits at "
+                       "once. With --once: one full cycle (plan, send, record), a summary, and exit (for cron and "
+                       "tests).")
     p.add_argument("--once", action="store_true", help="run one cycle and exit")
-    p.add_argument("--interval", type=float, default=60.0, help="seconds between cycles without --once (default 60)")
+
+    p = sub.add_parser("suppress", help="manage the suppression list (addresses that never get email)",
+                       description="Addresses on the suppression list are never sent to (checked right before "
+                       "every send). Unsubscribe links add to it with reason 'unsubscribed'.")
+    p.add_argument("action", choices=["add", "remove", "list", "import"])
+    p.add_argument("target", nargs="?", help="add/remove: an email address; import: a file with one address a "
+                   "line, or a CSV with an 'email' column ('-' for standard input)")
+    p.add_argument("--reason", default=None, help="add/import: the reason stored (default: manual); "
+                   "list: only this reason")
 
     p = sub.add_parser("preview", help="dry run: who would get what, without sending or writing",
                        description="Run the real planning, re-check and rendering as of --at, with no sends and "
@@ -196,7 +208,13 @@ def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.once:
         return running.once(settings)
-    return running.forever(settings, interval_seconds=args.interval)
+    return running.forever(settings, config_path=args.config)
+
+
+def _cmd_suppress(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.commands.suppressing import suppress
+
+    return suppress(settings, args)
 
 
 def _cmd_preview(settings: Settings, args: argparse.Namespace) -> int:
@@ -247,4 +265,5 @@ _COMMANDS: dict[str, Any] = {
     "import": _cmd_import,
     "run": _cmd_run,
     "preview": _cmd_preview,
+    "suppress": _cmd_suppress,
 }

@@ -118,6 +118,43 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class ScheduleSettings:
+    """When the daemon (``kembali run``) plans, sends and tidies up. Cron times are in shop.time_zone."""
+
+    plan_cron: dict[str, str] = field(default_factory=dict)
+    """Per-campaign planning cron, e.g. ``{winback = "0 9 * * *"}``; campaigns not listed use ``default_plan_cron``."""
+    default_plan_cron: str = "0 9 * * *"
+    """Five crontab fields (minute hour day month weekday), or six with seconds first."""
+    dispatch_poll_seconds: float = 5.0
+    """How often the dispatch loop looks for due rows when nothing woke it (retries, other workers' plans)."""
+    maintenance_interval_seconds: float = 60.0
+    """How often lapsed leases are released, expired messages skipped and old attempts pruned."""
+    attempt_retention_days: int = 180
+    """Attempt rows older than this are deleted by maintenance; 0 keeps them forever."""
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    shutdown_grace_seconds: float = 20.0
+    """After SIGTERM/SIGINT, how long in-flight sends may take before the daemon gives up on them."""
+    watch_templates: bool = False
+    """Reload (after a check) when a file in templates.dir or the config file changes, as on SIGHUP."""
+    watch_interval_seconds: float = 2.0
+    health_summary_seconds: float = 60.0
+    """How often the one-line ``health`` event is logged; 0 turns it off."""
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8025
+    """0 picks a free port (logged in the ``web_started`` event)."""
+    request_timeout_seconds: float = 10.0
+    max_connections: int = 100
+
+
+@dataclass(frozen=True)
 class Settings:
     shop: ShopSettings = field(default_factory=ShopSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -128,6 +165,9 @@ class Settings:
     templates: TemplateSettings = field(default_factory=TemplateSettings)
     checks: CheckSettings = field(default_factory=CheckSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     source: str = field(default="<defaults>", compare=False)
     """Where these settings came from (for messages)."""
     base_dir: Path = field(default=Path("."), compare=False)
@@ -203,6 +243,11 @@ def _coerce(hint: Any, value: Any, source: str, dotted: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{source}: '{dotted}' has the wrong type ({type(value).__name__})")
+    if origin is dict:
+        _key_type, inner = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{dotted}' must be a table")
+        return {k: _coerce(inner, v, source, f"{dotted}.{k}") for k, v in value.items()}
     if origin is tuple:
         (inner, *_rest) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -288,10 +333,45 @@ def _check(s: Settings) -> None:
         _fail(s, "checks.subject_max_chars", "must be at least 10")
     if not 0 < s.checks.render_timeout_seconds <= 60:
         _fail(s, "checks.render_timeout_seconds", "must be more than 0 and at most 60")
+    _check_daemon(s)
     if s.logging.format not in ("text", "json"):
         _fail(s, "logging.format", "must be 'text' or 'json'")
     if s.logging.level not in ("debug", "info", "warning", "error"):
         _fail(s, "logging.level", "must be debug, info, warning or error")
+
+
+def _check_daemon(s: Settings) -> None:
+    from worker.core.cron import parse_cron  # pure
+
+    known = {f.name for f in dataclasses.fields(CampaignSettings)}
+    for campaign, expr in s.schedule.plan_cron.items():
+        if campaign not in known:
+            _fail(s, f"schedule.plan_cron.{campaign}", f"is not a campaign (known: {', '.join(sorted(known))})")
+        try:
+            parse_cron(expr)
+        except ValueError as exc:
+            _fail(s, f"schedule.plan_cron.{campaign}", f"is not a cron expression: {exc}")
+    try:
+        parse_cron(s.schedule.default_plan_cron)
+    except ValueError as exc:
+        _fail(s, "schedule.default_plan_cron", f"is not a cron expression: {exc}")
+    for key, value in (
+        ("schedule.dispatch_poll_seconds", s.schedule.dispatch_poll_seconds),
+        ("schedule.maintenance_interval_seconds", s.schedule.maintenance_interval_seconds),
+        ("daemon.shutdown_grace_seconds", s.daemon.shutdown_grace_seconds),
+        ("daemon.watch_interval_seconds", s.daemon.watch_interval_seconds),
+        ("web.request_timeout_seconds", s.web.request_timeout_seconds),
+    ):
+        if value <= 0:
+            _fail(s, key, "must be positive")
+    if s.schedule.attempt_retention_days < 0:
+        _fail(s, "schedule.attempt_retention_days", "must be 0 (keep forever) or more")
+    if s.daemon.health_summary_seconds < 0:
+        _fail(s, "daemon.health_summary_seconds", "must be 0 (off) or more")
+    if not 0 <= s.web.port < 65536:
+        _fail(s, "web.port", "must be between 0 and 65535")
+    if s.web.max_connections < 1:
+        _fail(s, "web.max_connections", "must be at least 1")
 
 
 def _is_loopback(host: str) -> bool:

@@ -23,7 +23,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from worker import log
 from worker.asyncstore import AsyncStore
@@ -134,6 +134,15 @@ class LedgerWriter:
 _DONE: Literal["done"] = "done"
 
 
+class SendObserver(Protocol):
+    """Told about every message the dispatcher finishes (metrics, health lines)."""
+
+    def observe_result(self, campaign: str, result: str, outcome: str | None, seconds: float | None, at: float) -> None:
+        """``result``: sent, retry, failed, uncertain or skipped:<reason>; ``outcome`` and ``seconds``
+        when an SMTP attempt was made; ``at`` on the monotonic clock."""
+        ...
+
+
 class Dispatcher:
     """Sends what is due until the queue is empty (``run_once``) or told to stop."""
 
@@ -155,9 +164,10 @@ class Dispatcher:
         self.worker = worker
         self.rate = Gcra(rate=settings.sending.rate_per_second, burst=settings.sending.burst)
         self.stopping = asyncio.Event()
+        self.observer: SendObserver | None = None
 
     def stop(self) -> None:
-        """Stop claiming; messages already claimed are still sent."""
+        """Stop claiming; sends already under way finish, claimed messages not yet begun go back to the queue."""
         self.stopping.set()
 
     async def run_once(self) -> DispatchReport:
@@ -205,6 +215,8 @@ class Dispatcher:
                 else:
                     writer.record(self._not_sent(item, now))
                     report.count(message.campaign, _label(item))
+                    if self.observer is not None:
+                        self.observer.observe_result(message.campaign, _label(item), None, None, self.clock.monotonic())
 
     def _not_sent(self, item: Skipped | RenderFailed, now: datetime) -> Disposition:
         if isinstance(item, Skipped):
@@ -251,12 +263,17 @@ class Dispatcher:
             if wait > 0:
                 await self.clock.sleep(wait)
             message = item.message
+            if self.stopping.is_set():
+                writer.record(self._released(message))
+                continue
             if not await writer.mark_sending(message.id):
                 log.event("email_lease_lost", logging.WARNING, dedupe_key=message.dedupe_key)
                 continue
             started = self.clock.now()
+            started_mono = self.clock.monotonic()
             result = await self.transport.send(sender, message.email, item.data)
             finished = self.clock.now()
+            finished_mono = self.clock.monotonic()
             status, next_at = lifecycle.after_attempt(
                 result,
                 attempt=message.attempts + 1,
@@ -279,7 +296,23 @@ class Dispatcher:
                 )
             )
             report.count(message.campaign, status.value)
+            if self.observer is not None:
+                self.observer.observe_result(
+                    message.campaign, status.value, result.outcome.value, finished_mono - started_mono, finished_mono
+                )
             _log_outcome(message, status, result, item.customer.external_id)
+
+    def _released(self, message: ClaimedMessage) -> Disposition:
+        """A claimed message not begun when the dispatcher stopped: back to the queue, no attempt counted."""
+        now = self.clock.now()
+        return Disposition(
+            message=message,
+            status=MessageStatus.RETRY if message.attempts else MessageStatus.PLANNED,
+            worker=self.worker,
+            started_at=now,
+            finished_at=now,
+            next_attempt_at=now,
+        )
 
 
 def _label(item: Skipped | RenderFailed) -> str:

@@ -635,3 +635,11 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
         warn(f"{path.name}:{line}: unknown column(s) {names} ignored (known: {', '.join(known)})")
     rows.columns = columns
     rows.key_column = columns.index(required[0])
+
+
+def normalize_email(value: str) -> str:
+    """An address normalised as customer imports store it; ValueError saying why when it is invalid."""
+    try:
+        return _email(value.strip(), False, None)
+    except _Invalid as exc:
+        raise ValueError(str(exc)) from None

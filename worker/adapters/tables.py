@@ -152,6 +152,7 @@ class Attempt(SQLModel, table=True):
     """Append-only: one row per SMTP attempt (or render failure)."""
 
     __tablename__ = "attempt"
+    __table_args__ = (sa.Index("ix_attempt_finished_at", "finished_at"),)
 
     id: int | None = Field(default=None, primary_key=True)
     message_id: int = Field(foreign_key="message.id", index=True)
@@ -174,6 +175,30 @@ class Suppression(SQLModel, table=True):
     """``unsubscribed``, ``hard_bounce``, ``complaint``, ``manual``."""
     source: str = Field(default="", max_length=100)
     created_at: datetime = _dt()
+
+
+class Feedback(SQLModel, table=True):
+    """A customer's rating of an order, from a signed feedback link: first click wins."""
+
+    __tablename__ = "feedback"
+
+    id: int | None = Field(default=None, primary_key=True)
+    order_ref: str = Field(max_length=100, unique=True)
+    """The order as the link's token names it."""
+    score: int
+    comment: str | None = Field(default=None, max_length=2000)
+    created_at: datetime = _dt()
+    commented_at: datetime | None = _dt(default=None)
+
+
+class JobRun(SQLModel, table=True):
+    """When each scheduled job (e.g. ``plan:winback``) last ran, so a daemon that was down catches up."""
+
+    __tablename__ = "job_run"
+
+    name: str = Field(max_length=100, primary_key=True)
+    last_run_at: datetime = _dt()
+    worker: str = Field(default="", max_length=100)
 
 
 metadata = SQLModel.metadata

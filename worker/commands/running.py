@@ -1,16 +1,16 @@
-"""`kembali run`: one cycle (maintenance, plan, dispatch), once or on an interval."""
+"""`kembali run`: one cycle (maintenance, plan, dispatch) with --once, else the daemon."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from worker import log
-from worker.app import Deps
+from worker.adapters import opstore
+from worker.app import Deps, worker_id
 from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.pipeline import PlanReport, plan
@@ -40,6 +40,7 @@ async def cycle(deps: Deps, *, async_store: AsyncStore | None = None) -> CycleRe
             log.event("leases_released", logging.WARNING, requeued=requeued, uncertain=uncertain)
         planned = await astore.call(plan, deps.store, deps.settings, now)
         for campaign, created in planned.created.items():
+            await astore.call(opstore.record_run, deps.store, f"plan:{campaign}", at=now, worker=worker_id())
             log.event("campaign_planned", campaign=campaign, created=created, considered=planned.considered[campaign])
         transport = deps.transport()
         try:
@@ -89,29 +90,8 @@ def once(settings: Settings) -> int:
     return _exit_code(report)
 
 
-def forever(settings: Settings, *, interval_seconds: float) -> int:
-    deps = Deps.build(settings)
-    try:
-        asyncio.run(_forever(deps, interval_seconds))
-    finally:
-        deps.close()
-    return EXIT_OK
+def forever(settings: Settings, *, config_path: Path) -> int:
+    """The daemon (see ``worker.daemon``)."""
+    from worker import daemon
 
-
-async def _forever(deps: Deps, interval_seconds: float) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    astore = AsyncStore(deps.store)
-    log.event("daemon_started", interval_seconds=interval_seconds)
-    try:
-        while not stop.is_set():
-            report = await cycle(deps, async_store=astore)
-            for line in summary(report):
-                log.event("cycle_summary", text=line)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval_seconds)
-    finally:
-        astore.close()
-        log.event("daemon_stopped")
+    return daemon.run(settings, config_path=config_path)

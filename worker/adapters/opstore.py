@@ -1,0 +1,209 @@
+"""Store operations for the daemon, the web links and operator commands.
+
+Functions over a ``Store`` (each one short transaction), kept beside the Store
+rather than in it: maintenance (expiry, pruning, abandoning rows at shutdown),
+scheduled-job bookkeeping, suppression management, feedback, and small reads
+for pages, health and metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from worker.adapters import db
+from worker.adapters.store import CLAIMABLE, C, M, O, S, Store, customer_snapshot
+from worker.adapters.tables import Attempt, Feedback, JobRun
+from worker.domain import CustomerSnapshot, Locale, MessageStatus, SkipReason
+
+A = Attempt.__table__  # type: ignore[attr-defined]
+F = Feedback.__table__  # type: ignore[attr-defined]
+J = JobRun.__table__  # type: ignore[attr-defined]
+
+PRUNE_BATCH = 5000
+
+
+# --- maintenance ---------------------------------------------------------------
+
+
+def expire_messages(store: Store, now: datetime) -> int:
+    """Waiting rows whose expiry passed become ``skipped: expired``; returns how many."""
+    stmt = (
+        sa.update(M)
+        .where(M.c.status.in_(CLAIMABLE), M.c.expires_at < now)
+        .values(
+            status=MessageStatus.SKIPPED.value,
+            skip_reason=SkipReason.EXPIRED.value,
+            claimed_by=None,
+            lease_until=None,
+            updated_at=now,
+        )
+    )
+    with store.engine.begin() as conn:
+        return int(conn.execute(stmt).rowcount)
+
+
+def prune_attempts(store: Store, older_than: datetime, batch: int = PRUNE_BATCH) -> int:
+    """Delete attempt rows finished before ``older_than``, in short batches; returns how many."""
+    total = 0
+    while True:
+        ids = sa.select(A.c.id).where(A.c.finished_at < older_than).order_by(A.c.id).limit(batch)
+        with store.engine.begin() as conn:
+            deleted = int(conn.execute(sa.delete(A).where(A.c.id.in_(ids.scalar_subquery()))).rowcount)
+        total += deleted
+        if deleted < batch:
+            return total
+
+
+def abandon(store: Store, *, worker: str, now: datetime, why: str) -> tuple[int, int]:
+    """At a forced shutdown: this worker's claimed rows go back to the queue, its ``sending``
+    rows become ``uncertain`` (the mail may have left). Returns (requeued, uncertain)."""
+    mine = M.c.claimed_by == worker
+    with store.engine.begin() as conn:
+        requeued = conn.execute(
+            sa.update(M)
+            .where(mine, M.c.status == MessageStatus.CLAIMED.value)
+            .values(
+                status=sa.case((M.c.attempts > 0, MessageStatus.RETRY.value), else_=MessageStatus.PLANNED.value),
+                claimed_by=None,
+                lease_until=None,
+                updated_at=now,
+            )
+        ).rowcount
+        uncertain = conn.execute(
+            sa.update(M)
+            .where(mine, M.c.status == MessageStatus.SENDING.value)
+            .values(
+                status=MessageStatus.UNCERTAIN.value,
+                last_error=why[:500],
+                claimed_by=None,
+                lease_until=None,
+                updated_at=now,
+            )
+        ).rowcount
+    return int(requeued), int(uncertain)
+
+
+# --- scheduled jobs ------------------------------------------------------------
+
+
+def last_run(store: Store, name: str) -> datetime | None:
+    with store.engine.begin() as conn:
+        value: datetime | None = conn.execute(sa.select(J.c.last_run_at).where(J.c.name == name)).scalar()
+    return value
+
+
+def record_run(store: Store, name: str, *, at: datetime, worker: str) -> None:
+    """Remember that job ``name`` ran at ``at`` (never moves backwards)."""
+    with store.engine.begin() as conn:
+        updated = conn.execute(
+            sa.update(J).where(J.c.name == name, J.c.last_run_at < at).values(last_run_at=at, worker=worker)
+        ).rowcount
+        if not updated:
+            conn.execute(db.insert_ignore(store.engine, J).values(name=name, last_run_at=at, worker=worker))
+
+
+# --- reads for pages, health and metrics ----------------------------------------
+
+
+def ping(store: Store) -> None:
+    """Raise if the database cannot be reached."""
+    with store.engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+
+
+def queue_depth(store: Store, now: datetime) -> int:
+    """Rows waiting to be sent that are due now."""
+    query = sa.select(sa.func.count()).where(M.c.status.in_(CLAIMABLE), M.c.next_attempt_at <= now)
+    with store.engine.begin() as conn:
+        return int(conn.execute(query).scalar() or 0)
+
+
+def customer(store: Store, customer_id: int) -> CustomerSnapshot | None:
+    with store.engine.begin() as conn:
+        row = conn.execute(sa.select(C).where(C.c.id == customer_id)).first()
+    return customer_snapshot(row) if row is not None else None
+
+
+def order_locale(store: Store, order_ref: str) -> Locale | None:
+    """The language of the customer who placed an order named by database id or shop id."""
+    match = O.c.external_id == order_ref
+    if order_ref.isdigit():
+        match = sa.or_(O.c.id == int(order_ref), match)
+    query = sa.select(C.c.locale).join(O, O.c.customer_id == C.c.id).where(match).limit(1)
+    with store.engine.begin() as conn:
+        value = conn.execute(query).scalar()
+    return Locale(value) if value in ("id", "en") else None
+
+
+# --- suppressions ----------------------------------------------------------------
+
+
+def unsuppress(store: Store, email: str) -> bool:
+    """Remove an address from the suppression list; False if it was not there."""
+    with store.engine.begin() as conn:
+        return bool(conn.execute(sa.delete(S).where(S.c.email == email)).rowcount)
+
+
+def suppress_many(store: Store, emails: Iterable[str], *, reason: str, source: str, now: datetime) -> int:
+    """Add many addresses at once; returns how many were new."""
+    rows = [{"email": e, "reason": reason, "source": source, "created_at": now} for e in dict.fromkeys(emails)]
+    if not rows:
+        return 0
+    stmt = db.insert_ignore(store.engine, S).returning(S.c.id)
+    with store.engine.begin() as conn:
+        return sum(len(conn.execute(stmt, rows[i : i + 500]).all()) for i in range(0, len(rows), 500))
+
+
+def suppressions(store: Store, *, reason: str | None = None) -> list[dict[str, Any]]:
+    query = sa.select(S.c.email, S.c.reason, S.c.source, S.c.created_at).order_by(S.c.created_at, S.c.id)
+    if reason:
+        query = query.where(S.c.reason == reason)
+    with store.engine.begin() as conn:
+        return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def is_suppressed(store: Store, email: str) -> bool:
+    with store.engine.begin() as conn:
+        return conn.execute(sa.select(S.c.id).where(S.c.email == email)).first() is not None
+
+
+# --- feedback ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    order_ref: str
+    score: int
+    comment: str | None
+
+
+def record_feedback(store: Store, order_ref: str, score: int, now: datetime) -> tuple[bool, FeedbackRow]:
+    """Record a rating once per order (first click wins). Returns (new?, the stored row)."""
+    stmt = db.insert_ignore(store.engine, F).values(order_ref=order_ref, score=score, created_at=now).returning(F.c.id)
+    with store.engine.begin() as conn:
+        created = conn.execute(stmt).first() is not None
+        row = conn.execute(sa.select(F.c.order_ref, F.c.score, F.c.comment).where(F.c.order_ref == order_ref)).one()
+    return created, FeedbackRow(row.order_ref, row.score, row.comment)
+
+
+def add_feedback_comment(store: Store, order_ref: str, comment: str, now: datetime) -> FeedbackRow | None:
+    """Store a comment on a recorded rating, once (the first comment stays). None if no rating exists."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.update(F)
+            .where(F.c.order_ref == order_ref, F.c.comment.is_(None))
+            .values(comment=comment[:2000], commented_at=now)
+        )
+        row = conn.execute(sa.select(F.c.order_ref, F.c.score, F.c.comment).where(F.c.order_ref == order_ref)).first()
+    return FeedbackRow(row.order_ref, row.score, row.comment) if row is not None else None
+
+
+def feedback(store: Store) -> list[FeedbackRow]:
+    with store.engine.begin() as conn:
+        rows = conn.execute(sa.select(F.c.order_ref, F.c.score, F.c.comment).order_by(F.c.id)).all()
+    return [FeedbackRow(r.order_ref, r.score, r.comment) for r in rows]

@@ -1,0 +1,238 @@
+"""A small, careful HTTP/1.1 server on asyncio streams for the daemon's few endpoints.
+
+One request per connection (``Connection: close``), no chunked bodies, no
+pipelining: enough for link clicks, RFC 8058 one-click POSTs from mailbox
+providers, health checks and Prometheus scrapes. Limits: the request line and
+headers together at most ``max_header_bytes``, a body at most ``max_body_bytes``
+(``Content-Length`` only), the whole request read within ``timeout_seconds``,
+at most ``max_connections`` at once (more get a 503). The handler never sees a
+malformed request; it gets a ``Request`` and returns a ``Response``.
+
+Routing and pages live above (``worker.links``); this module knows only HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from worker import log
+
+MAX_HEADER_BYTES = 16 * 1024
+MAX_BODY_BYTES = 64 * 1024
+MAX_HEADERS = 100
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TARGET = re.compile(rb"/[\x21-\x7e]*")
+SECURITY_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"),
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    """Percent-decoded path, without the query."""
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    """Lower-case names; repeated headers joined with ', '."""
+    body: bytes = b""
+
+    def arg(self, name: str) -> str | None:
+        """The first value of a query parameter."""
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    def form(self) -> dict[str, list[str]]:
+        """An ``application/x-www-form-urlencoded`` body (empty for anything else)."""
+        if not self.headers.get("content-type", "").lower().startswith("application/x-www-form-urlencoded"):
+            return {}
+        return parse_qs(self.body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=50)
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/html; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class HttpError(Exception):
+    def __init__(self, status: HTTPStatus, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+class HttpServer:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        host: str,
+        port: int,
+        timeout_seconds: float = 10.0,
+        max_connections: int = 100,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self.handler = handler
+        self.host = host
+        self.port = port
+        self.timeout_seconds = timeout_seconds
+        self.max_connections = max_connections
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self._server: asyncio.Server | None = None
+        self._active = 0
+
+    async def start(self) -> int:
+        """Listen; returns the bound port (useful with port 0)."""
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=self.max_header_bytes)
+        port: int = self._server.sockets[0].getsockname()[1]
+        self.port = port
+        return port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._active += 1
+        try:
+            if self._active > self.max_connections:
+                await self._write(writer, "GET", _plain(HTTPStatus.SERVICE_UNAVAILABLE, "busy, try again"))
+                return
+            try:
+                request = await asyncio.wait_for(self._read(reader, writer), self.timeout_seconds)
+            except HttpError as exc:
+                await self._write(writer, "GET", _plain(exc.status, str(exc)))
+                return
+            except TimeoutError:
+                await self._write(writer, "GET", _plain(HTTPStatus.REQUEST_TIMEOUT, "request timed out"))
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            try:
+                response = await self.handler(request)
+            except Exception as exc:
+                log.event("web_handler_failed", logging.ERROR, path=request.path, error=f"{type(exc).__name__}: {exc}")
+                response = _plain(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
+            log.event("web_request", logging.DEBUG, method=request.method, path=request.path, status=response.status)
+            await self._write(writer, request.method, response)
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            self._active -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Request:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large") from None
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial.strip():
+                raise HttpError(HTTPStatus.BAD_REQUEST, "incomplete request") from None
+            raise
+        lines = head[:-4].split(b"\r\n")
+        method, target = _request_line(lines[0])
+        headers = _headers(lines[1:])
+        if "transfer-encoding" in headers:
+            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length, not Transfer-Encoding")
+        length = _content_length(headers)
+        if length > self.max_body_bytes:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
+        body = b""
+        if length:
+            if headers.get("expect", "").lower() == "100-continue":
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                await writer.drain()
+            body = await reader.readexactly(length)
+        parts = urlsplit(target)
+        try:
+            query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=20)
+        except ValueError:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "too many query parameters") from None
+        return Request(method=method, path=unquote(parts.path), query=query, headers=headers, body=body)
+
+    async def _write(self, writer: asyncio.StreamWriter, method: str, response: Response) -> None:
+        status = HTTPStatus(response.status)
+        head = [
+            f"HTTP/1.1 {status.value} {status.phrase}",
+            f"Date: {formatdate(usegmt=True)}",
+            "Server: kembali",
+            "Connection: close",
+            f"Content-Type: {response.content_type}",
+            f"Content-Length: {len(response.body)}",
+        ]
+        names = {name.lower() for name, _ in response.headers}
+        head += [f"{k}: {v}" for k, v in SECURITY_HEADERS if k.lower() not in names]
+        head += [f"{k}: {v}" for k, v in response.headers]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        if method != "HEAD":
+            writer.write(response.body)
+        await asyncio.wait_for(writer.drain(), self.timeout_seconds)
+
+
+def _request_line(line: bytes) -> tuple[str, str]:
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise HttpError(HTTPStatus.BAD_REQUEST, "malformed request line")
+    method, target, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise HttpError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/1.1 only")
+    if not _TOKEN.fullmatch(method):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "malformed method")
+    if not _TARGET.fullmatch(target):
+        raise HttpError(HTTPStatus.BAD_REQUEST, "malformed request target")
+    return method.decode("ascii"), target.decode("ascii")
+
+
+def _headers(lines: list[bytes]) -> dict[str, str]:
+    if len(lines) > MAX_HEADERS:
+        raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "malformed header line")
+        if any(b in value for b in (b"\r", b"\n", b"\0")):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "malformed header value")
+        key = name.decode("ascii").lower()
+        text = value.strip(b" \t").decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return headers
+
+
+def _content_length(headers: dict[str, str]) -> int:
+    raw = headers.get("content-length")
+    if raw is None:
+        return 0
+    values = {v.strip() for v in raw.split(",")}
+    if len(values) != 1 or not next(iter(values)).isdigit():
+        raise HttpError(HTTPStatus.BAD_REQUEST, "malformed Content-Length")
+    return int(next(iter(values)))
+
+
+def _plain(status: HTTPStatus, text: str) -> Response:
+    return Response(status.value, (text + "\n").encode(), "text/plain; charset=utf-8")

@@ -1,0 +1,97 @@
+"""`kembali suppress add|remove|list|import`: the operator's hands on the suppression list."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+from worker.adapters import db, opstore
+from worker.adapters.importer import normalize_email
+from worker.adapters.store import Store
+from worker.config import Settings
+
+EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
+
+
+def suppress(settings: Settings, args: argparse.Namespace) -> int:
+    store = Store.from_url(settings.database_url)
+    try:
+        db.check_schema(store.engine)
+        action = args.action
+        if action == "list":
+            return _list(store, args.reason)
+        if not args.target:
+            print(f"kembali suppress {action}: give an {'address' if action != 'import' else 'file'}", file=sys.stderr)
+            return EXIT_USAGE
+        if action == "import":
+            return _import(store, args.target, args.reason or "manual")
+        try:
+            email = normalize_email(args.target)
+        except ValueError as exc:
+            print(f"kembali suppress {action}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if action == "add":
+            from worker.adapters.clock import SystemClock
+
+            new = store.suppress(email, reason=args.reason or "manual", source="cli", now=SystemClock().now())
+            print(f"{email}: {'suppressed' if new else 'already suppressed'}")
+            return EXIT_OK
+        removed = opstore.unsuppress(store, email)
+        print(f"{email}: {'removed from the suppression list' if removed else 'was not suppressed'}")
+        return EXIT_OK
+    finally:
+        store.close()
+
+
+def _list(store: Store, reason: str | None) -> int:
+    rows = opstore.suppressions(store, reason=reason)
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(["email", "reason", "source", "created_at"])
+    for r in rows:
+        out.writerow([r["email"], r["reason"], r["source"], r["created_at"].isoformat()])
+    print(f"{len(rows)} suppressed address(es)", file=sys.stderr)
+    return EXIT_OK
+
+
+def read_addresses(text: str) -> tuple[list[str], list[str]]:
+    """Addresses from a file: one a line (``#`` comments and blank lines skipped), or a CSV with an
+    ``email`` column. Returns (normalised addresses, "line N: why" for each rejected one)."""
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
+    good: list[str] = []
+    bad: list[str] = []
+    if "," in first or first.strip().lower() == "email":
+        reader = csv.DictReader(io.StringIO(text))
+        fields = [f.strip().lower() for f in reader.fieldnames or []]
+        if "email" not in fields:
+            return [], ["line 1: a CSV needs an 'email' column"]
+        column = (reader.fieldnames or [])[fields.index("email")]
+        values = [(reader.line_num, row.get(column) or "") for row in reader]
+    else:
+        values = [(i, line) for i, line in enumerate(lines, 1)]
+    for line_no, value in values:
+        value = value.strip()
+        if not value or value.startswith("#"):
+            continue
+        try:
+            good.append(normalize_email(value))
+        except ValueError as exc:
+            bad.append(f"line {line_no}: {exc}")
+    return good, bad
+
+
+def _import(store: Store, target: str, reason: str) -> int:
+    from worker.adapters.clock import SystemClock
+
+    text = sys.stdin.read() if target == "-" else Path(target).read_text(encoding="utf-8-sig")
+    good, bad = read_addresses(text)
+    for problem in bad:
+        print(f"{target}: {problem}", file=sys.stderr)
+    new = opstore.suppress_many(store, good, reason=reason, source=f"import:{Path(target).name}"[:100],
+                                now=SystemClock().now())
+    print(f"imported {len(good)} address(es): {new} newly suppressed, {len(good) - new} already suppressed"
+          + (f", {len(bad)} rejected" if bad else ""))
+    return EXIT_ATTENTION if bad else EXIT_OK

@@ -1,0 +1,110 @@
+"""Crontab expressions → the fields of a cron trigger (pure: strings in, strings out).
+
+Accepts the five classic fields (``minute hour day month weekday``) or six with
+seconds first (``second minute hour day month weekday``, for tests and fast
+schedules). Each field is ``*``, a value, a range ``a-b``, a step ``*/n`` or
+``a-b/n``, or a comma list of those; months and weekdays may be names
+(``jan``, ``mon-fri``).
+
+Weekday numbers follow crontab: 0 and 7 are Sunday, 1 is Monday. APScheduler 3
+counts 0 as *Monday* (its documented historical mistake), so numeric weekdays are
+translated here into names, which both read the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FIELDS = ("second", "minute", "hour", "day", "month", "day_of_week")
+_RANGES = {
+    "second": (0, 59),
+    "minute": (0, 59),
+    "hour": (0, 23),
+    "day": (1, 31),
+    "month": (1, 12),
+    "day_of_week": (0, 7),
+}
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+@dataclass(frozen=True)
+class CronFields:
+    """Keyword arguments for a cron trigger (APScheduler's ``CronTrigger``)."""
+
+    second: str
+    minute: str
+    hour: str
+    day: str
+    month: str
+    day_of_week: str
+
+    def as_kwargs(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in FIELDS}
+
+
+def parse_cron(expr: str) -> CronFields:
+    """Validate ``expr`` and return its fields; raise ValueError saying which field is wrong."""
+    parts = expr.split()
+    if len(parts) == 5:
+        parts = ["0", *parts]
+    elif len(parts) != 6:
+        raise ValueError(
+            f"{expr!r} has {len(parts)} fields; give 5 (minute hour day month weekday) or 6 (seconds first)"
+        )
+    values = dict(zip(FIELDS, parts, strict=True))
+    for name, text in values.items():
+        _check_field(name, text)
+    values["day_of_week"] = _weekday_names(values["day_of_week"])
+    return CronFields(**values)
+
+
+def _number(name: str, token: str) -> int:
+    low, high = _RANGES[name]
+    names = _MONTHS if name == "month" else _DAYS if name == "day_of_week" else ()
+    lowered = token.lower()
+    if lowered in names:
+        return names.index(lowered) + (1 if name == "month" else 0)
+    if not token.isdigit():
+        raise ValueError(f"{name} {token!r} is not a number" + (f" or a name ({names[0]}…)" if names else ""))
+    value = int(token)
+    if not low <= value <= high:
+        raise ValueError(f"{name} {value} is outside {low}-{high}")
+    return value
+
+
+def _check_field(name: str, text: str) -> None:
+    for item in text.split(","):
+        base, _, step = item.partition("/")
+        if step and (not step.isdigit() or int(step) < 1):
+            raise ValueError(f"{name} step {step!r} must be a positive number")
+        if base == "*":
+            continue
+        first, _, last = base.partition("-")
+        a = _number(name, first)
+        if last:
+            b = _number(name, last)
+            if b < a and not (name == "day_of_week" and b == 0):
+                raise ValueError(f"{name} range {base!r} runs backwards")
+        elif step:
+            raise ValueError(f"{name} {item!r}: a step needs '*' or a range before it")
+
+
+def _weekday_names(text: str) -> str:
+    """Crontab weekdays (0/7 = Sunday) as explicit names, which APScheduler 3 reads correctly."""
+    if text == "*":
+        return text
+    days: set[int] = set()
+    for item in text.split(","):
+        base, _, step_text = item.partition("/")
+        step = int(step_text) if step_text else 1
+        if base == "*":
+            first, last = 0, 6
+        else:
+            a, _, b = base.partition("-")
+            first = _number("day_of_week", a)
+            last = _number("day_of_week", b) if b else first
+            if b and last == 0:
+                last = 7
+        days.update(d % 7 for d in range(first, last + 1, step))
+    return ",".join(_DAYS[d] for d in sorted(days))

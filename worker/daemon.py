@@ -1,0 +1,418 @@
+"""`kembali run`: the long-running worker beside the shop.
+
+Theory of operation
+-------------------
+* A **generation** is one accepted configuration: settings, a private snapshot of
+  the templates folder (so edits on disk change nothing until accepted), the
+  composer, an SMTP transport and a dispatcher. Start-up builds the first one and
+  refuses to start when its templates fail the check; a reload (SIGHUP, or a
+  watched change) builds a new one, checks every template in both languages
+  (``worker.checks``) and swaps it in only when all is well; otherwise the old
+  one stays and every problem is logged with file and line.
+* The **scheduler** (``worker.scheduler``) fires one planning job per enabled
+  campaign on its cron (shop time zone), maintenance (lapsed leases, expired
+  messages, old attempt rows), the health line and the template watcher. A
+  planning run missed while the daemon was down runs once at start-up.
+* The **dispatch loop** runs the dispatcher until the queue is empty, then waits
+  for a planning run to wake it or ``dispatch_poll_seconds``.
+* The **web server** (``worker.links``) answers unsubscribe and feedback links,
+  ``/healthz`` and ``/metrics``.
+* **SIGTERM/SIGINT**: stop the scheduler, stop claiming, let sends under way finish
+  within ``shutdown_grace_seconds`` and record them, exit 0. After the grace
+  period, this worker's rows still in flight are marked ``uncertain`` (claimed
+  ones go back to the queue). A second signal exits at once with code 1; rows in
+  flight then become ``uncertain`` when their lease lapses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from worker import log
+from worker.adapters import opstore, systemd
+from worker.adapters.smtp import SmtpTransport
+from worker.adapters.templates import JinjaTemplates
+from worker.adapters.web import HttpServer
+from worker.app import Deps, link_keys, smtp_password, worker_id
+from worker.asyncstore import AsyncStore
+from worker.checks import Problem, check_templates
+from worker.config import Settings, load_settings
+from worker.errors import ConfigError
+from worker.links import Site
+from worker.metrics import Metrics
+from worker.pipeline import Composer, enabled_campaigns, plan
+from worker.scheduler import Scheduler, missed_run
+from worker.sending import Dispatcher
+
+EXIT_OK, EXIT_FORCED, EXIT_USAGE = 0, 1, 2
+RESTART_ONLY = ("database", "web")
+"""Config sections a reload cannot change (they need a restart)."""
+
+
+class TemplatesRejected(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__(f"{len(problems)} template problem(s)")
+        self.problems = problems
+
+
+@dataclass
+class Generation:
+    settings: Settings
+    snapshot: Path
+    templates: JinjaTemplates
+    transport: SmtpTransport
+    dispatcher: Dispatcher
+
+    async def close(self) -> None:
+        await self.transport.close()
+        shutil.rmtree(self.snapshot, ignore_errors=True)
+
+
+def plan_cron(settings: Settings, campaign: str) -> str:
+    return settings.schedule.plan_cron.get(campaign, settings.schedule.default_plan_cron)
+
+
+def snapshot_templates(settings: Settings) -> Path:
+    """Copy the templates folder somewhere private; the copy is what this generation renders."""
+    source = settings.resolve(settings.templates.dir)
+    if not source.is_dir():
+        raise ConfigError(f"{settings.source}: 'templates.dir' {str(source)!r} is not a folder")
+    target = Path(tempfile.mkdtemp(prefix="kembali-templates-"))
+    shutil.copytree(source, target / "t")
+    return target
+
+
+def folder_signature(*paths: Path) -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime, size) of every file under ``paths``: changes when anything is edited."""
+    out: list[tuple[str, int, int]] = []
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for p in files:
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                out.append((str(p), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, config_path: Path, deps: Deps | None = None) -> None:
+        self.config_path = config_path
+        self.deps = deps or Deps.build(settings)
+        self.store = self.deps.store
+        self.clock = self.deps.clock
+        self.worker = worker_id()
+        self.keys = link_keys(settings)
+        self.metrics = Metrics()
+        self.astore = AsyncStore(self.store)
+        try:
+            self.gen = self._build_generation(settings)
+        except BaseException:
+            self.astore.close()
+            raise
+        self.scheduler = Scheduler(settings.shop.time_zone)
+        self.web: HttpServer | None = None
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._signals = 0
+        self._active: Generation | None = None
+        self._retired: list[Generation] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
+        self._watched = self._watch_signature(settings)
+
+    # --- generations ---------------------------------------------------------------
+
+    def _build_generation(self, settings: Settings) -> Generation:
+        """A checked generation; raises TemplatesRejected or ConfigError (nothing is left behind)."""
+        snapshot = snapshot_templates(settings)
+        try:
+            templates = JinjaTemplates(snapshot / "t")
+            problems = check_templates(settings, templates)
+            if problems:
+                raise TemplatesRejected(problems)
+            transport = SmtpTransport(settings.smtp, password=smtp_password(settings))
+        except BaseException:
+            shutil.rmtree(snapshot, ignore_errors=True)
+            raise
+        dispatcher = Dispatcher(
+            settings=settings,
+            store=self.astore,
+            composer=Composer(settings, templates, self.keys[0]),
+            transport=transport,
+            clock=self.clock,
+            worker=self.worker,
+        )
+        dispatcher.observer = self.metrics
+        return Generation(settings, snapshot, templates, transport, dispatcher)
+
+    def paused(self) -> bool:
+        """Whether sending is paused (the dispatcher's consecutive-failure pause, when it has one)."""
+        return bool(getattr(self.gen.dispatcher, "paused", False))
+
+    # --- running ---------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._spawn, self.reload, "SIGHUP")
+        settings = self.gen.settings
+        try:
+            if settings.web.enabled:
+                site = Site(store=self.astore, keys=self.keys, settings=lambda: self.gen.settings, clock=self.clock,
+                            metrics=self.metrics, paused=self.paused)
+                self.web = HttpServer(site.handle, host=settings.web.host, port=settings.web.port,
+                                      timeout_seconds=settings.web.request_timeout_seconds,
+                                      max_connections=settings.web.max_connections)
+                port = await self.web.start()
+                log.event("web_started", host=settings.web.host, port=port)
+            self._schedule(settings)
+            self.scheduler.start()
+            dispatch = asyncio.create_task(self._dispatch_loop(), name="kembali-dispatch")
+            await self._catch_up(settings)
+            log.event("daemon_started", worker=self.worker, campaigns=",".join(enabled_campaigns(settings)),
+                      time_zone=settings.shop.time_zone, jobs=",".join(self.scheduler.job_ids()))
+            systemd.notify("READY=1", "STATUS=running")
+            await self._stop.wait()
+            return await self._shutdown(dispatch)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self._close()
+
+    def _schedule(self, settings: Settings) -> None:
+        self.scheduler.remove_all()
+        for campaign in enabled_campaigns(settings):
+            nxt = self.scheduler.add_cron(f"plan:{campaign}", plan_cron(settings, campaign), self._planner(campaign))
+            log.event("job_scheduled", job=f"plan:{campaign}", cron=plan_cron(settings, campaign),
+                      next_run=nxt.isoformat() if nxt else "")
+        self.scheduler.add_interval("maintenance", settings.schedule.maintenance_interval_seconds, self.maintenance)
+        if settings.daemon.health_summary_seconds:
+            self.scheduler.add_interval("health", settings.daemon.health_summary_seconds, self.health)
+        if settings.daemon.watch_templates:
+            self.scheduler.add_interval("watch", settings.daemon.watch_interval_seconds, self._watch)
+        watchdog = systemd.watchdog_seconds()
+        if watchdog:
+            self.scheduler.add_interval("watchdog", watchdog, self._watchdog)
+
+    async def _catch_up(self, settings: Settings) -> None:
+        """Plan once now for every campaign whose last scheduled run was missed (the daemon was down)."""
+        now = self.clock.now()
+        for campaign in enabled_campaigns(settings):
+            last = await self.astore.call(opstore.last_run, self.store, f"plan:{campaign}")
+            due = missed_run(plan_cron(settings, campaign), settings.shop.time_zone, last, now)
+            if due is not None:
+                log.event("plan_catch_up", campaign=campaign, missed=due.isoformat(),
+                          last_run=last.isoformat() if last else "never")
+                await self._planner(campaign)()
+
+    def _planner(self, campaign: str) -> Callable[[], Awaitable[None]]:
+        async def run_plan() -> None:
+            settings = self.gen.settings
+            if campaign not in enabled_campaigns(settings):
+                return
+            now = self.clock.now()
+            report = await self.astore.call(plan, self.store, settings, now, [campaign])
+            await self.astore.call(opstore.record_run, self.store, f"plan:{campaign}", at=now, worker=self.worker)
+            created = report.created.get(campaign, 0)
+            self.metrics.observe_planned(campaign, created)
+            log.event("campaign_planned", campaign=campaign, created=created,
+                      considered=report.considered.get(campaign, 0))
+            if created:
+                self._wake.set()
+
+        return run_plan
+
+    async def _dispatch_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            gen = self._active = self.gen
+            try:
+                await gen.dispatcher.run_once()
+            except Exception as exc:
+                log.event("dispatch_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self._active = None
+            await self._close_retired()
+            if self._stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.gen.settings.schedule.dispatch_poll_seconds)
+
+    async def maintenance(self) -> None:
+        settings = self.gen.settings
+        now = self.clock.now()
+        requeued, uncertain = await self.astore.call(self.store.release_expired_leases, now)
+        if requeued or uncertain:
+            log.event("leases_released", logging.WARNING, requeued=requeued, uncertain=uncertain)
+            self._wake.set()
+        expired = await self.astore.call(opstore.expire_messages, self.store, now)
+        if expired:
+            log.event("messages_expired", count=expired)
+        days = settings.schedule.attempt_retention_days
+        if days:
+            pruned = await self.astore.call(opstore.prune_attempts, self.store, now - timedelta(days=days))
+            if pruned:
+                log.event("attempts_pruned", count=pruned, older_than_days=days)
+
+    async def health(self) -> None:
+        line = self.metrics.health(self.clock.monotonic())
+        depth = await self.astore.call(opstore.queue_depth, self.store, self.clock.now())
+        fields = dataclasses.asdict(line) | {"queue_depth": depth, "paused": self.paused()}
+        log.event("health", **fields)
+        systemd.notify(f"STATUS=sent {line.sent}, failed {line.failed}, queue {depth}, "
+                       f"{line.rate_per_minute}/min (last {self.gen.settings.daemon.health_summary_seconds:g}s)")
+
+    async def _watchdog(self) -> None:
+        systemd.notify("WATCHDOG=1")
+
+    # --- reload ----------------------------------------------------------------------
+
+    def _watch_signature(self, settings: Settings) -> tuple[tuple[str, int, int], ...]:
+        return folder_signature(settings.resolve(settings.templates.dir), self.config_path)
+
+    async def _watch(self) -> None:
+        signature = await asyncio.to_thread(self._watch_signature, self.gen.settings)
+        if signature != self._watched:
+            self._watched = signature
+            await self.reload("watch")
+
+    async def reload(self, why: str) -> bool:
+        """Load config and templates again; swap them in only if every check passes."""
+        async with self._reload_lock:
+            if self._stop.is_set():
+                return False
+            systemd.reloading()
+            try:
+                return await self._reload(why)
+            finally:
+                systemd.notify("READY=1")
+
+    async def _reload(self, why: str) -> bool:
+        log.event("reload_started", trigger=why)
+        old = self.gen
+        try:
+            settings = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.event("reload_rejected", logging.ERROR, trigger=why, error=str(exc))
+            return False
+        changed = [name for name in RESTART_ONLY if getattr(settings, name) != getattr(old.settings, name)]
+        if changed:
+            log.event("reload_rejected", logging.ERROR, trigger=why,
+                      error=f"[{', '.join(changed)}] changed: restart the daemon to apply")
+            return False
+        try:
+            gen = await asyncio.to_thread(self._build_generation, settings)
+        except TemplatesRejected as exc:
+            for problem in exc.problems:
+                log.event("template_problem", logging.ERROR, file=problem.where or f"{problem.campaign}/",
+                          campaign=problem.campaign, locale=problem.locale, error=problem.message)
+            log.event("reload_rejected", logging.ERROR, trigger=why, problems=len(exc.problems),
+                      first=str(exc.problems[0]), kept="the previous templates and config")
+            return False
+        except ConfigError as exc:
+            log.event("reload_rejected", logging.ERROR, trigger=why, error=str(exc))
+            return False
+        self.gen = gen
+        self._retired.append(old)
+        if self._active is not old:
+            await self._close_retired()
+        else:
+            old.dispatcher.stop()  # finish sends under way; claimed rows go back to the queue for the new set
+        if (settings.logging.level, settings.logging.format) != (old.settings.logging.level,
+                                                                old.settings.logging.format):
+            log.configure(settings.logging.level, settings.logging.format)
+        self._schedule(settings)
+        self._watched = await asyncio.to_thread(self._watch_signature, settings)
+        versions = {c: gen.templates.template_version(c, "id") for c in gen.templates.campaigns()}
+        log.event("reload_done", trigger=why, templates=",".join(f"{c}@{v}" for c, v in sorted(versions.items())))
+        self._wake.set()
+        return True
+
+    async def _close_retired(self) -> None:
+        retired = [g for g in self._retired if g is not self._active]
+        self._retired = [g for g in self._retired if g is self._active]
+        for gen in retired:
+            await gen.close()
+
+    # --- stopping ----------------------------------------------------------------------
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.event("shutdown_forced", logging.WARNING, signal=sig.name,
+                      note="rows in flight become uncertain when their lease lapses")
+            logging.shutdown()
+            os._exit(EXIT_FORCED)
+        log.event("shutdown_requested", signal=sig.name, grace_seconds=self.gen.settings.daemon.shutdown_grace_seconds)
+        self._stop.set()
+
+    def _spawn(self, func: Callable[[str], Awaitable[object]], arg: str) -> None:
+        async def run() -> None:
+            await func(arg)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _shutdown(self, dispatch: asyncio.Task[None]) -> int:
+        systemd.notify("STOPPING=1")
+        self.scheduler.shutdown()
+        for task in list(self._tasks):
+            task.cancel()
+        for gen in (self.gen, self._active, *self._retired):
+            if gen is not None:
+                gen.dispatcher.stop()
+        self._wake.set()
+        grace = self.gen.settings.daemon.shutdown_grace_seconds
+        done, _ = await asyncio.wait({dispatch}, timeout=grace)
+        if not done:
+            log.event("shutdown_grace_expired", logging.WARNING, grace_seconds=grace)
+            dispatch.cancel()
+            await asyncio.wait({dispatch}, timeout=2)
+            requeued, uncertain = await self.astore.call(
+                opstore.abandon, self.store, worker=self.worker, now=self.clock.now(),
+                why="shutdown grace period ran out while sending",
+            )
+            log.event("shutdown_abandoned", logging.WARNING, requeued=requeued, uncertain=uncertain)
+        log.event("daemon_stopped", worker=self.worker)
+        return EXIT_OK
+
+    async def _close(self) -> None:
+        if self.web is not None:
+            await self.web.close()
+        for gen in {id(g): g for g in (self.gen, *self._retired)}.values():
+            with contextlib.suppress(Exception):
+                await gen.close()
+        self.astore.close()
+
+
+def run(settings: Settings, *, config_path: Path) -> int:
+    """Build and run the daemon until it is told to stop; the process's exit code."""
+    deps = Deps.build(settings)
+    try:
+        return asyncio.run(_main(settings, config_path, deps))
+    except TemplatesRejected as exc:
+        for problem in exc.problems:
+            log.event("template_problem", logging.ERROR, file=problem.where or f"{problem.campaign}/",
+                      campaign=problem.campaign, locale=problem.locale, error=problem.message)
+        log.event("daemon_not_started", logging.ERROR, why=f"{len(exc.problems)} template problem(s)")
+        return EXIT_USAGE
+    finally:
+        deps.close()
+
+
+async def _main(settings: Settings, config_path: Path, deps: Deps) -> int:
+    daemon = Daemon(settings, config_path=config_path, deps=deps)
+    return await daemon.run()

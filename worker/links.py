@@ -1,0 +1,213 @@
+"""What customers' clicks and operators' probes do: the daemon's HTTP routes.
+
+* ``/unsubscribe?t=<token>``: GET shows a confirmation page with a button (mail
+  scanners prefetch links, so a GET changes nothing); POST with
+  ``List-Unsubscribe=One-Click`` (RFC 8058, also what the button sends)
+  suppresses the address at once and answers 200, no redirect, no cookie.
+  Idempotent. Senders re-check suppressions right before every send, so it
+  holds for the next send in every worker.
+* ``/feedback?t=<token>``: GET records the rating named by the token, once per
+  order (the first click wins; later clicks are thanked and change nothing),
+  and offers a comment form; POST stores the comment (once).
+* ``/healthz``: 200, or 503 when the database cannot be reached or the
+  dispatcher is paused. ``/metrics``: Prometheus text.
+
+A token that does not verify (forged, truncated, tampered, the wrong kind) gets
+a 400 page and changes nothing. Tokens name database ids, never an address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from worker import log, pages
+from worker.adapters import opstore
+from worker.adapters.web import Request, Response
+from worker.asyncstore import AsyncStore
+from worker.config import Settings
+from worker.core import tokens
+from worker.domain import Locale
+from worker.metrics import Metrics
+from worker.ports import Clock
+
+UNSUBSCRIBE_KIND = "u"
+FEEDBACK_KIND = "f"
+MAX_SCORE = 10
+MAX_ORDER_REF = 100
+COMMENT_MAX_CHARS = 2000
+HEALTH_TIMEOUT_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class FeedbackToken:
+    order_ref: str
+    score: int
+
+
+def parse_feedback(value: str) -> FeedbackToken | None:
+    """``<order ref>:<score>`` → the parts, or None when malformed (score 0-10)."""
+    order_ref, colon, score = value.rpartition(":")
+    if not colon or not order_ref or len(order_ref) > MAX_ORDER_REF or not score.isdigit():
+        return None
+    number = int(score)
+    return FeedbackToken(order_ref, number) if 0 <= number <= MAX_SCORE else None
+
+
+class Site:
+    """Routes requests to pages; every database call goes through the daemon's AsyncStore."""
+
+    def __init__(
+        self,
+        *,
+        store: AsyncStore,
+        keys: Sequence[bytes],
+        settings: Callable[[], Settings],
+        clock: Clock,
+        metrics: Metrics,
+        paused: Callable[[], bool],
+    ) -> None:
+        self.store = store
+        self.keys = list(keys)
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics
+        self.paused = paused
+
+    async def handle(self, request: Request) -> Response:
+        route = request.path.rstrip("/") or "/"
+        if route == "/unsubscribe":
+            return await self.unsubscribe(request)
+        if route == "/feedback":
+            return await self.feedback(request)
+        if route == "/healthz":
+            return await self.healthz(request)
+        if route == "/metrics":
+            return await self.prometheus(request)
+        return self._page(HTTPStatus.NOT_FOUND, pages.not_found(self._default_locale()))
+
+    # --- unsubscribe ------------------------------------------------------------
+
+    async def unsubscribe(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD", "POST"):
+            return _not_allowed("GET, HEAD, POST")
+        token = _token(request)
+        customer_id = self._verify(token, UNSUBSCRIBE_KIND)
+        if customer_id is None or not customer_id.isdigit():
+            log.event("link_rejected", logging.WARNING, route="unsubscribe")
+            return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(self._default_locale()))
+        s = self.store.store
+        customer = await self.store.call(opstore.customer, s, int(customer_id))
+        locale = customer.locale if customer is not None else self._default_locale()
+        shop = self.settings().shop.name
+        if request.method != "POST":
+            done = customer is not None and await self.store.call(opstore.is_suppressed, s, customer.email)
+            if done:
+                return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop))
+            masked = log.mask_email(customer.email) if customer is not None else ""
+            return self._page(HTTPStatus.OK, pages.confirm_unsubscribe(locale, shop, masked, token or ""))
+        if b"List-Unsubscribe" not in request.body or b"One-Click" not in request.body:
+            return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(locale))
+        if customer is None:
+            log.event("unsubscribe_unknown_customer", logging.WARNING, customer_id=customer_id)
+        else:
+            created = await self.store.call(
+                s.suppress, customer.email, reason="unsubscribed", source="unsubscribe-link", now=self.clock.now()
+            )
+            log.event("unsubscribed", customer=customer.external_id, to=log.mask_email(customer.email), new=created)
+        return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop))
+
+    # --- feedback ---------------------------------------------------------------
+
+    async def feedback(self, request: Request) -> Response:
+        if request.method not in ("GET", "HEAD", "POST"):
+            return _not_allowed("GET, HEAD, POST")
+        token = _token(request)
+        value = self._verify(token, FEEDBACK_KIND)
+        parsed = parse_feedback(value) if value is not None else None
+        if parsed is None:
+            log.event("link_rejected", logging.WARNING, route="feedback")
+            return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(self._default_locale()))
+        s = self.store.store
+        locale = await self.store.call(opstore.order_locale, s, parsed.order_ref) or self._default_locale()
+        shop = self.settings().shop.name
+        now = self.clock.now()
+        if request.method == "HEAD":
+            return self._page(HTTPStatus.OK, b"")
+        created, row = await self.store.call(opstore.record_feedback, s, parsed.order_ref, parsed.score, now)
+        if created:
+            log.event("feedback_recorded", order=parsed.order_ref, score=parsed.score)
+        if request.method == "POST":
+            comment = (request.form().get("comment") or [""])[0].strip()[:COMMENT_MAX_CHARS]
+            if comment:
+                updated = await self.store.call(opstore.add_feedback_comment, s, parsed.order_ref, comment, now)
+                if updated is not None:
+                    row = updated
+                    log.event("feedback_commented", order=parsed.order_ref, chars=len(comment))
+        return self._page(
+            HTTPStatus.OK, pages.feedback_thanks(locale, shop, row.score, row.comment, first=created, token=token or "")
+        )
+
+    # --- operators --------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        database = "ok"
+        try:
+            await asyncio.wait_for(asyncio.to_thread(opstore.ping, self.store.store), HEALTH_TIMEOUT_SECONDS)
+        except Exception as exc:
+            database = f"unreachable: {type(exc).__name__}"
+        paused = self.paused()
+        ok = database == "ok" and not paused
+        body = {"status": "ok" if ok else "unhealthy", "database": database,
+                "dispatcher": "paused" if paused else "running"}
+        status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+        return Response(status.value, (json.dumps(body) + "\n").encode(), "application/json")
+
+    async def prometheus(self, request: Request) -> Response:
+        s = self.store.store
+        settings = self.settings()
+        counts = await self.store.call(s.status_counts)
+        ledger: dict[tuple[str, str], int] = {}
+        for (campaign, status, _reason), n in counts.items():
+            ledger[(campaign, status)] = ledger.get((campaign, status), 0) + n
+        depth = await self.store.call(opstore.queue_depth, s, self.clock.now())
+        text = self.metrics.render(
+            ledger=ledger,
+            queue_depth=depth,
+            rate_limit_per_second=settings.sending.rate_per_second,
+            rate_burst=settings.sending.burst,
+            paused=self.paused(),
+            now=self.clock.monotonic(),
+        )
+        return Response(HTTPStatus.OK.value, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    # --- helpers ----------------------------------------------------------------
+
+    def _verify(self, token: str | None, kind: str) -> str | None:
+        if not token or len(token) > 512:
+            return None
+        verified = tokens.verify(token, self.keys)
+        if verified is None or verified[0] != kind:
+            return None
+        return verified[1]
+
+    def _default_locale(self) -> Locale:
+        return Locale(self.settings().shop.default_locale)
+
+    @staticmethod
+    def _page(status: HTTPStatus, body: bytes) -> Response:
+        return Response(status.value, body)
+
+
+def _token(request: Request) -> str | None:
+    form = request.form().get("t")
+    return request.arg("t") or (form[0] if form else None)
+
+
+def _not_allowed(allow: str) -> Response:
+    return Response(HTTPStatus.METHOD_NOT_ALLOWED.value, b"method not allowed\n", "text/plain; charset=utf-8",
+                    (("Allow", allow),))

@@ -1,0 +1,112 @@
+"""The few HTML pages customers see after clicking a link, in Bahasa Indonesia and English.
+
+Every value from data goes through ``html.escape``; pages load nothing external
+(the web server sends a CSP of ``default-src 'none'``).
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+from worker.domain import Locale
+
+_TEXT: dict[str, dict[Locale, str]] = {
+    "confirm_title": {Locale.ID: "Berhenti berlangganan?", Locale.EN: "Unsubscribe?"},
+    "confirm_body": {
+        Locale.ID: "Klik tombol di bawah agar {who} tidak lagi menerima email promosi dari {shop}.",
+        Locale.EN: "Click the button below to stop promotional emails from {shop} to {who}.",
+    },
+    "you": {Locale.ID: "Anda", Locale.EN: "you"},
+    "confirm_button": {Locale.ID: "Berhenti berlangganan", Locale.EN: "Unsubscribe"},
+    "done_title": {Locale.ID: "Anda sudah berhenti berlangganan", Locale.EN: "You are unsubscribed"},
+    "done_body": {
+        Locale.ID: "Anda tidak akan menerima email promosi lagi dari {shop}. Maaf telah mengganggu.",
+        Locale.EN: "You will not receive promotional emails from {shop} again. Sorry to have bothered you.",
+    },
+    "bad_title": {Locale.ID: "Tautan tidak valid", Locale.EN: "This link is not valid"},
+    "bad_body": {
+        Locale.ID: "Tautan ini rusak atau tidak lengkap. Coba salin seluruh tautan dari email Anda.",
+        Locale.EN: "This link is broken or incomplete. Try copying the whole link from your email.",
+    },
+    "missing_title": {Locale.ID: "Halaman tidak ditemukan", Locale.EN: "Page not found"},
+    "thanks_title": {Locale.ID: "Terima kasih!", Locale.EN: "Thank you!"},
+    "thanks_first": {
+        Locale.ID: "Nilai Anda ({score}) sudah kami catat. Masukan Anda membantu {shop} menjadi lebih baik.",
+        Locale.EN: "We have recorded your rating ({score}). Your feedback helps {shop} get better.",
+    },
+    "thanks_again": {
+        Locale.ID: "Kami sudah mencatat nilai Anda ({score}) sebelumnya. Terima kasih!",
+        Locale.EN: "We already have your rating ({score}). Thank you!",
+    },
+    "comment_label": {Locale.ID: "Ada yang ingin Anda sampaikan? (opsional)",
+                      Locale.EN: "Anything you would like to tell us? (optional)"},
+    "comment_button": {Locale.ID: "Kirim", Locale.EN: "Send"},
+    "your_comment": {Locale.ID: "Komentar Anda:", Locale.EN: "Your comment:"},
+}
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:34em;margin:3em auto;padding:0 1em;color:#222;line-height:1.5}"
+    "button{font-size:1em;padding:.6em 1.2em;border:0;border-radius:.3em;background:#b3261e;color:#fff}"
+    "textarea{width:100%;min-height:6em}blockquote{border-left:3px solid #ccc;margin:1em 0;padding-left:1em}"
+)
+
+
+def _t(key: str, locale: Locale, **values: str) -> str:
+    return _TEXT[key][locale].format(**{k: escape(v) for k, v in values.items()})
+
+
+def _page(locale: Locale, title: str, body: str) -> bytes:
+    return (
+        f'<!doctype html><html lang="{locale.value}"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><meta name="robots" content="noindex">'
+        f"<title>{escape(title)}</title><style>{_STYLE}</style></head>"
+        f"<body><h1>{escape(title)}</h1>{body}</body></html>\n"
+    ).encode()
+
+
+def confirm_unsubscribe(locale: Locale, shop: str, masked_email: str, token: str) -> bytes:
+    who = masked_email or _t("you", locale)
+    action = "?t=" + escape(token, quote=True)
+    return _page(
+        locale,
+        _t("confirm_title", locale),
+        f"<p>{_t('confirm_body', locale, who=who, shop=shop)}</p>"
+        f'<form method="post" action="{action}">'
+        f'<input type="hidden" name="List-Unsubscribe" value="One-Click">'
+        f'<button type="submit">{_t("confirm_button", locale)}</button></form>',
+    )
+
+
+def unsubscribed(locale: Locale, shop: str) -> bytes:
+    return _page(locale, _t("done_title", locale), f"<p>{_t('done_body', locale, shop=shop)}</p>")
+
+
+def bad_link(locale: Locale) -> bytes:
+    other = Locale.EN if locale is Locale.ID else Locale.ID
+    return _page(
+        locale,
+        _t("bad_title", locale),
+        f"<p>{_t('bad_body', locale)}</p><hr><p lang=\"{other.value}\"><strong>{_t('bad_title', other)}</strong>. "
+        f"{_t('bad_body', other)}</p>",
+    )
+
+
+def not_found(locale: Locale) -> bytes:
+    return _page(locale, _t("missing_title", locale), "")
+
+
+def feedback_thanks(
+    locale: Locale, shop: str, score: int, comment: str | None, *, first: bool, token: str
+) -> bytes:
+    key = "thanks_first" if first else "thanks_again"
+    body = f"<p>{_t(key, locale, score=str(score), shop=shop)}</p>"
+    if comment:
+        body += f"<p>{_t('your_comment', locale)}</p><blockquote>{escape(comment)}</blockquote>"
+    else:
+        action = "?t=" + escape(token, quote=True)
+        body += (
+            f'<form method="post" action="{action}"><p><label for="comment">{_t("comment_label", locale)}</label></p>'
+            f'<textarea id="comment" name="comment" maxlength="2000"></textarea>'
+            f'<p><button type="submit">{_t("comment_button", locale)}</button></p></form>'
+        )
+    return _page(locale, _t("thanks_title", locale), body)
