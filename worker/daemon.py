@@ -193,8 +193,10 @@ class Daemon:
 
     def _schedule(self, settings: Settings) -> None:
         self.scheduler.remove_all()
+        now = self.clock.now()
         for campaign in enabled_campaigns(settings):
-            nxt = self.scheduler.add_cron(f"plan:{campaign}", plan_cron(settings, campaign), self._planner(campaign))
+            nxt = self.scheduler.add_cron(f"plan:{campaign}", plan_cron(settings, campaign), self._planner(campaign),
+                                          now=now)
             log.event("job_scheduled", job=f"plan:{campaign}", cron=plan_cron(settings, campaign),
                       next_run=nxt.isoformat() if nxt else "")
         self.scheduler.add_interval("maintenance", settings.schedule.maintenance_interval_seconds, self.maintenance)

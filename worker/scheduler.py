@@ -69,17 +69,16 @@ class Scheduler:
         # Our job wrappers log failures as events; APScheduler's own lines would repeat them.
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
-    def add_cron(self, job_id: str, expr: str, func: JobFunc) -> datetime | None:
-        """Schedule ``func`` on a cron expression; returns its next fire time."""
-        job = self._aps.add_job(
-            _guarded(job_id, func), cron_trigger(expr, self.time_zone), id=job_id, name=job_id, replace_existing=True
-        )
-        return self._next(job)
+    def add_cron(self, job_id: str, expr: str, func: JobFunc, *, now: datetime) -> datetime | None:
+        """Schedule ``func`` on a cron expression; returns its first fire time after ``now``."""
+        trigger = cron_trigger(expr, self.time_zone)
+        self._aps.add_job(_guarded(job_id, func), trigger, id=job_id, name=job_id, replace_existing=True)
+        first: datetime | None = trigger.get_next_fire_time(None, now)
+        return first
 
-    def add_interval(self, job_id: str, seconds: float, func: JobFunc) -> datetime | None:
+    def add_interval(self, job_id: str, seconds: float, func: JobFunc) -> None:
         trigger = IntervalTrigger(seconds=seconds, timezone=ZoneInfo(self.time_zone))
-        job = self._aps.add_job(_guarded(job_id, func), trigger, id=job_id, name=job_id, replace_existing=True)
-        return self._next(job)
+        self._aps.add_job(_guarded(job_id, func), trigger, id=job_id, name=job_id, replace_existing=True)
 
     def remove_all(self) -> None:
         self._aps.remove_all_jobs()
@@ -94,10 +93,6 @@ class Scheduler:
         """Stop firing; a job still running is cancelled (every job here is safe to cut short)."""
         if self._aps.running:
             self._aps.shutdown(wait=False)
-
-    @staticmethod
-    def _next(job: Any) -> datetime | None:
-        return getattr(job, "next_run_time", None)
 
     def _on_event(self, event: JobEvent) -> None:
         if event.code == EVENT_JOB_MISSED:

@@ -1,0 +1,239 @@
+"""The daemon as an operator runs it: a real `python -m worker run` process, a real SMTP server,
+real HTTP requests, real signals."""
+
+from __future__ import annotations
+
+import re
+import signal
+import urllib.parse
+from datetime import UTC, datetime, timedelta
+from email import message_from_bytes
+from pathlib import Path
+
+from tests.daemon_harness import LINK_KEY, Daemon, http, make_shop
+from tests.smtp_server import Behaviour, RecordingServer
+from worker.core import tokens
+
+ONE_CLICK = b"List-Unsubscribe=One-Click"
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def _recipients(server: RecordingServer) -> list[str]:
+    return [r for m in server.messages for r in m.rcpt_tos]
+
+
+def _local(url: str, daemon: Daemon) -> str:
+    """The public link from an email, sent to the daemon's loopback port (as a reverse proxy would)."""
+    parts = urllib.parse.urlsplit(url)
+    return daemon.url(parts.path + "?" + parts.query)
+
+
+def test_fast_cron_plans_and_sends_and_an_unsubscribed_customer_gets_nothing_afterwards(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a shop with two customers due a win-back and two who are not (yet)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *")
+    shop.add([1, 2], days_ago=60)
+    shop.add([3, 4], days_ago=10)
+    daemon = Daemon.start(shop)
+    try:
+        # When the daemon runs, it plans (at start-up: it never planned before) and sends
+        daemon.wait_for(lambda: len(smtp_server.messages) == 2, why="two win-back emails")
+        assert sorted(_recipients(smtp_server)) == ["c1@example.com", "c2@example.com"]
+        assert sum(e["created"] for e in daemon.named("campaign_planned")) == 2
+        assert daemon.named("email_sent")
+
+        # And a mailbox provider POSTs the one-click link from customer 1's email (RFC 8058)
+        mail = message_from_bytes(next(m.data for m in smtp_server.messages if "c1@example.com" in m.rcpt_tos))
+        assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        link = re.search(r"<(https://[^>]+)>", mail["List-Unsubscribe"])
+        assert link is not None
+        status, _body, headers = http("POST", _local(link.group(1), daemon), ONE_CLICK, FORM)
+        assert status == 200 and "Location" not in headers
+        assert shop.scalar("SELECT reason FROM suppression WHERE email = 'c1@example.com'") == "unsubscribed"
+
+        # And customer 3 unsubscribes before they are due, customer 4 does not
+        token = tokens.sign("u", str(shop.customer_id("C3")), LINK_KEY.encode())
+        assert http("POST", daemon.url(f"/unsubscribe?t={token}"), ONE_CLICK, FORM)[0] == 200
+
+        # When both become due, the next cron firings plan again
+        shop.add([3, 4], days_ago=60)
+        daemon.wait_for(lambda: "c4@example.com" in _recipients(smtp_server), why="customer 4's email")
+        n_plans = len(daemon.named("campaign_planned"))
+        daemon.wait_for(lambda: len(daemon.named("campaign_planned")) >= n_plans + 2, why="two more planning runs")
+
+        # Then the unsubscribed customer received nothing, and the ledger has no row for them
+        assert sorted(_recipients(smtp_server)) == ["c1@example.com", "c2@example.com", "c4@example.com"]
+        assert shop.scalar("SELECT count(*) FROM message WHERE email = 'c3@example.com'") == 0
+        health = daemon.wait_event("health")
+        assert {"planned", "sent", "failed", "uncertain", "queue_depth", "rate_per_minute"} <= health.keys()
+    finally:
+        assert daemon.stop() == 0
+    assert daemon.named("daemon_stopped")
+
+
+def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    import socket
+
+    # Given a daemon under a (fake) systemd notify socket, and one sent email
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(10)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add([1], days_ago=60)
+    daemon = Daemon.start(shop, env={"NOTIFY_SOCKET": notify_path})
+    try:
+        assert b"READY=1" in notify.recv(4096)
+        daemon.wait_for(lambda: smtp_server.messages, why="the email")
+        cid = shop.customer_id("C1")
+        token = tokens.sign("u", str(cid), LINK_KEY.encode())
+
+        # A GET (what a link scanner does) shows a page with a button and changes nothing
+        status, page, _ = http("GET", daemon.url(f"/unsubscribe?t={token}"))
+        assert status == 200 and "Berhenti berlangganan" in page and 'method="post"' in page
+        assert "c1@example.com" not in page
+        assert shop.scalar("SELECT count(*) FROM suppression") == 0
+
+        # `curl -X POST -d List-Unsubscribe=One-Click <link>` → 200, suppressed; again → 200, still one row
+        for _ in range(2):
+            status, page, headers = http("POST", daemon.url(f"/unsubscribe?t={token}"), ONE_CLICK, FORM)
+            assert status == 200 and "Location" not in headers and "Set-Cookie" not in headers
+        assert shop.rows("SELECT email, reason FROM suppression") == [("c1@example.com", "unsubscribed")]
+
+        # A tampered, truncated or forged token → 400 and nothing changes
+        payload, mac = tokens.sign("u", str(cid + 1), LINK_KEY.encode()).split(".")
+        bad = [token[:-3], payload + "." + token.split(".")[1], tokens.sign("u", str(cid + 1), b"x" * 32), "", mac]
+        for t in bad:
+            assert http("POST", daemon.url(f"/unsubscribe?t={t}"), ONE_CLICK, FORM)[0] == 400
+            assert http("GET", daemon.url(f"/feedback?t={t}"))[0] == 400
+        # an unsubscribe token is not a feedback token
+        assert http("GET", daemon.url(f"/feedback?t={token}"))[0] == 400
+        assert shop.scalar("SELECT count(*) FROM suppression") == 1
+        assert shop.scalar("SELECT count(*) FROM feedback") == 0
+
+        # Feedback: the first click records the score, a later click is thanked and changes nothing
+        five = tokens.sign("f", "O1:5", LINK_KEY.encode())
+        two = tokens.sign("f", "O1:2", LINK_KEY.encode())
+        status, page, _ = http("GET", daemon.url(f"/feedback?t={five}"))
+        assert status == 200 and "(5)" in page and "<textarea" in page
+        assert http("GET", daemon.url(f"/feedback?t={two}"))[0] == 200
+        comment = urllib.parse.urlencode({"comment": "<script>alert(1)</script> mantap"}).encode()
+        status, page, _ = http("POST", daemon.url(f"/feedback?t={two}"), comment, FORM)
+        assert status == 200 and "&lt;script&gt;" in page and "<script>" not in page
+        assert shop.rows("SELECT order_ref, score, comment FROM feedback") == [
+            ("O1", 5, "<script>alert(1)</script> mantap")
+        ]
+
+        # Probes
+        status, body, _ = http("GET", daemon.url("/healthz"))
+        assert status == 200 and '"ok"' in body
+        status, body, headers = http("GET", daemon.url("/metrics"))
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert 'kembali_messages{campaign="winback",state="sent"} 1' in body
+        assert 'kembali_attempts_total{outcome="sent"} 1' in body
+        assert "kembali_send_seconds_bucket{le=\"+Inf\"} 1" in body
+        assert "kembali_queue_depth 0" in body
+        assert http("GET", daemon.url("/nothing"))[0] == 404
+        assert http("DELETE", daemon.url(f"/unsubscribe?t={token}"))[0] == 405
+        assert not any(token in line or five in line for line in daemon.lines)  # tokens never logged
+    finally:
+        assert daemon.stop() == 0
+        notify.close()
+
+
+BROKEN = "{% extends \"_layout.txt\" %}\n{% block content %}\nHalo {{ customer.first_name }\n{% endblock %}\n"
+
+
+def test_sighup_with_a_broken_template_keeps_the_old_set_and_a_fixed_one_is_used(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *")
+    shop.add([1], days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: len(smtp_server.messages) == 1, why="the first email")
+        body_txt = shop.templates / "winback" / "id" / "body.txt"
+
+        # When a template is broken on disk and the daemon gets SIGHUP
+        body_txt.write_text(BROKEN, encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        rejected = daemon.wait_event("reload_rejected")
+        problem = daemon.wait_event("template_problem")
+        # Then it names the file and line, and keeps the old set: the next email still renders
+        assert problem["file"] == "winback/id/body.txt:3"
+        assert "winback/id/body.txt:3" in rejected["first"]
+        shop.add([2], days_ago=60)
+        daemon.wait_for(lambda: len(smtp_server.messages) == 2, why="an email from the old templates")
+        assert shop.scalar("SELECT status FROM message WHERE email = 'c2@example.com'") == "sent"
+
+        # When the template is fixed (with a visible change) and SIGHUP comes again, the new set is used
+        fixed = BROKEN.replace(
+            "{{ customer.first_name }\n", "{{ customer.first_name }} VERSI-BARU\n{{ unsubscribe_url }}\n")
+        body_txt.write_text(fixed, encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("reload_done")
+        shop.add([3], days_ago=60)
+        daemon.wait_for(lambda: len(smtp_server.messages) == 3, why="an email from the new templates")
+        newest = next(m for m in smtp_server.messages if "c3@example.com" in m.rcpt_tos)
+        assert b"VERSI-BARU" in newest.data
+        versions = shop.rows("SELECT email, template_version FROM message ORDER BY id")
+        assert versions[0][1] == versions[1][1] != versions[2][1]
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_sigterm_mid_campaign_finishes_sends_under_way_and_exits_0(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a slow SMTP server and more mail than it can take before the signal
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    customers = range(1, 31)
+    shop.add(customers, days_ago=60)
+    for i in customers:
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=0.3))
+    daemon = Daemon.start(shop)
+    daemon.wait_for(lambda: len(smtp_server.messages) >= 3, why="the first emails")
+
+    # When SIGTERM arrives mid-campaign
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+
+    # Then no row is left in flight, everything the server accepted is recorded as sent,
+    # and the rest waits in the queue for the next start
+    statuses = dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status"))
+    assert "sending" not in statuses and "claimed" not in statuses and "uncertain" not in statuses
+    assert statuses["sent"] == len(smtp_server.messages)
+    assert statuses["sent"] + statuses.get("planned", 0) == 30 and statuses.get("planned", 0) > 0
+    assert daemon.named("shutdown_requested") and daemon.named("daemon_stopped")
+
+
+def test_sends_outliving_the_grace_period_become_uncertain_and_a_second_signal_exits_at_once(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    text = shop.config.read_text().replace("shutdown_grace_seconds = 5.0", "shutdown_grace_seconds = 0.5")
+    shop.config.write_text(text)
+    shop.add([1, 2], days_ago=60)
+    for i in (1, 2):
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=3))
+    daemon = Daemon.start(shop)
+    daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 2,
+                    why="two sends under way")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(5) == 0
+    assert daemon.named("shutdown_grace_expired")
+    assert dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status")) == {"uncertain": 2}
+
+    # A second signal does not wait for anything. (The daemon was "down" over a 09:00 planning
+    # time, so it plans once at start-up.)
+    shop.add([3], days_ago=60)
+    smtp_server.on("c3@example.com", Behaviour(delay_at="data", delay_seconds=3))
+    shop.set_last_planned(datetime.now(UTC) - timedelta(days=2))
+    daemon = Daemon.start(shop)
+    daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 1,
+                    why="a send under way")
+    daemon.signal(signal.SIGTERM)
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait(2) == 1
+    assert daemon.named("plan_catch_up") and daemon.named("shutdown_forced")
