@@ -99,6 +99,7 @@ class HttpServer:
         self.max_body_bytes = max_body_bytes
         self._server: asyncio.Server | None = None
         self._active = 0
+        self._connections: set[asyncio.Task[object]] = set()
 
     async def start(self) -> int:
         """Listen; returns the bound port (useful with port 0)."""
@@ -108,13 +109,22 @@ class HttpServer:
         return port
 
     async def close(self) -> None:
+        """Stop listening; requests under way get a moment to finish, then are cut off."""
         if self._server is not None:
             self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
             self._server = None
+        if self._connections:
+            _, pending = await asyncio.wait(set(self._connections), timeout=2)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
         self._active += 1
         try:
             if self._active > self.max_connections:

@@ -88,6 +88,7 @@ def _import(store: Store, target: str, reason: str) -> int:
 
     text = sys.stdin.read() if target == "-" else Path(target).read_text(encoding="utf-8-sig")
     good, bad = read_addresses(text)
+    good = list(dict.fromkeys(good))
     for problem in bad:
         print(f"{target}: {problem}", file=sys.stderr)
     new = opstore.suppress_many(store, good, reason=reason, source=f"import:{Path(target).name}"[:100],

@@ -1,0 +1,130 @@
+"""Maintenance, job bookkeeping, suppressions and feedback on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from worker.adapters import opstore, shop
+from worker.adapters.store import Store
+from worker.core.audiences import plan_winback
+from worker.domain import (
+    CustomerRecord,
+    Disposition,
+    Locale,
+    MessageStatus,
+    OrderRecord,
+    OrderStatus,
+    Outcome,
+    SendResult,
+)
+
+NOW = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+
+
+def _shop(store: Store, n: int) -> None:
+    shop.upsert_customers(store.engine, [
+        CustomerRecord(f"C{i}", f"c{i}@example.com", f"C {i}", Locale.EN if i % 2 else Locale.ID, "Asia/Jakarta",
+                       None, True, "opt_in", "checkout") for i in range(n)], NOW)
+    shop.upsert_orders(store.engine, [
+        OrderRecord(f"O{i}", f"C{i}", OrderStatus.DELIVERED, NOW - timedelta(days=60), None, 100, "IDR")
+        for i in range(n)], NOW)
+
+
+def _plan(store: Store, *, expires_after_days: int = 14, at: datetime = NOW) -> None:
+    candidates = store.winback_candidates(cutoff=at - timedelta(days=45))
+    store.insert_messages([plan_winback(c, now=at, expires_after_days=expires_after_days, domain="s.example")
+                           for c in candidates], at)
+
+
+def _statuses(store: Store) -> dict[str, str]:
+    return {m["email"]: m["status"] + (f":{m['skip_reason']}" if m["skip_reason"] else "") for m in store.messages()}
+
+
+def test_expired_waiting_messages_are_skipped_and_nothing_else_is(db_url: str) -> None:
+    store = Store.from_url(db_url)
+    try:
+        _shop(store, 3)
+        _plan(store, expires_after_days=1)
+        claimed = store.claim(worker="w", now=NOW, limit=1, lease_seconds=60)
+        assert opstore.expire_messages(store, NOW + timedelta(hours=23)) == 0
+        assert opstore.expire_messages(store, NOW + timedelta(days=2)) == 2
+        statuses = _statuses(store)
+        assert statuses.pop(claimed[0].email) == "claimed"  # a claimed row is the sender's to finish
+        assert set(statuses.values()) == {"skipped:expired"}
+    finally:
+        store.close()
+
+
+def test_abandon_requeues_claimed_rows_and_makes_sending_rows_uncertain(db_url: str) -> None:
+    store = Store.from_url(db_url)
+    try:
+        _shop(store, 3)
+        _plan(store)
+        a, b, c = store.claim(worker="me", now=NOW, limit=3, lease_seconds=60)
+        store.mark_sending([a.id], worker="me", now=NOW)
+        assert opstore.abandon(store, worker="other", now=NOW, why="x") == (0, 0)
+        assert opstore.abandon(store, worker="me", now=NOW, why="grace ran out") == (2, 1)
+        statuses = _statuses(store)
+        assert statuses[a.email] == "uncertain"
+        assert statuses[b.email] == statuses[c.email] == "planned"
+        assert store.messages(statuses=["uncertain"])[0]["last_error"] == "grace ran out"
+    finally:
+        store.close()
+
+
+def test_old_attempt_rows_are_pruned(db_url: str) -> None:
+    store = Store.from_url(db_url)
+    try:
+        _shop(store, 4)
+        _plan(store)
+        rows = store.claim(worker="w", now=NOW, limit=4, lease_seconds=60)
+        store.mark_sending([r.id for r in rows], worker="w", now=NOW)
+        store.record([
+            Disposition(r, MessageStatus.SENT, "w", NOW - timedelta(days=i * 100), NOW - timedelta(days=i * 100),
+                        SendResult(Outcome.SENT, 250, "ok")) for i, r in enumerate(rows)])
+        assert opstore.prune_attempts(store, NOW - timedelta(days=150), batch=1) == 2
+        assert sum(len(store.attempts_for(r.id)) for r in rows) == 2
+        assert len(store.messages()) == 4  # message rows are never pruned
+    finally:
+        store.close()
+
+
+def test_job_runs_only_move_forward(db_url: str) -> None:
+    store = Store.from_url(db_url)
+    try:
+        assert opstore.last_run(store, "plan:winback") is None
+        opstore.record_run(store, "plan:winback", at=NOW, worker="a")
+        opstore.record_run(store, "plan:winback", at=NOW - timedelta(hours=1), worker="b")
+        assert opstore.last_run(store, "plan:winback") == NOW
+        opstore.record_run(store, "plan:winback", at=NOW + timedelta(days=1), worker="b")
+        assert opstore.last_run(store, "plan:winback") == NOW + timedelta(days=1)
+    finally:
+        store.close()
+
+
+def test_feedback_first_click_and_first_comment_win(db_url: str) -> None:
+    store = Store.from_url(db_url)
+    try:
+        _shop(store, 2)
+        assert opstore.record_feedback(store, "O1", 5, NOW) == (True, opstore.FeedbackRow("O1", 5, None))
+        assert opstore.record_feedback(store, "O1", 1, NOW) == (False, opstore.FeedbackRow("O1", 5, None))
+        assert opstore.add_feedback_comment(store, "O9", "?", NOW) is None
+        assert opstore.add_feedback_comment(store, "O1", "enak", NOW) == opstore.FeedbackRow("O1", 5, "enak")
+        assert opstore.add_feedback_comment(store, "O1", "again", NOW) == opstore.FeedbackRow("O1", 5, "enak")
+        assert opstore.order_locale(store, "O1") is Locale.EN
+        assert opstore.order_locale(store, "O0") is Locale.ID
+        assert opstore.order_locale(store, "nope") is None
+    finally:
+        store.close()
+
+
+def test_suppressions_add_many_list_remove(db_url: str) -> None:
+    store = Store.from_url(db_url)
+    try:
+        assert opstore.suppress_many(store, ["a@x.id", "b@x.id", "a@x.id"], reason="manual", source="t", now=NOW) == 2
+        assert opstore.suppress_many(store, ["b@x.id", "c@x.id"], reason="complaint", source="t", now=NOW) == 1
+        assert [r["email"] for r in opstore.suppressions(store, reason="manual")] == ["a@x.id", "b@x.id"]
+        assert opstore.unsuppress(store, "a@x.id") and not opstore.unsuppress(store, "a@x.id")
+        assert not opstore.is_suppressed(store, "a@x.id") and opstore.is_suppressed(store, "c@x.id")
+    finally:
+        store.close()

@@ -1,0 +1,62 @@
+"""`kembali suppress add|remove|list|import` as an operator types it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.adapters import db
+from worker.cli import main
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "k.db"}"\n', encoding="utf-8")
+    engine = db.create_engine(f"sqlite:///{tmp_path / 'k.db'}")
+    db.upgrade(engine)
+    engine.dispose()
+    return path
+
+
+def run(config: Path, *args: str) -> int:
+    return main(["--config", str(config), "suppress", *args])
+
+
+def test_add_list_remove(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # addresses are normalised as customer imports store them (the domain in lower case)
+    assert run(config, "add", "Budi@Example.COM") == 0
+    assert run(config, "add", "Budi@example.com") == 0
+    assert "Budi@example.com: already suppressed" in capsys.readouterr().out
+    assert run(config, "list") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "email,reason,source,created_at" and out[1].startswith("Budi@example.com,manual,cli,")
+    assert run(config, "remove", "Budi@example.com") == 0
+    assert "removed" in capsys.readouterr().out
+    assert run(config, "remove", "Budi@example.com") == 0
+    assert "was not suppressed" in capsys.readouterr().out
+
+
+def test_add_refuses_a_bad_address(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(config, "add", "not-an-address") == 2
+    assert "invalid email address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["# bounced\nsiti@example.com\n\nbad address\nagus@example.com\nsiti@example.com\n",
+     "id,email,name\n1,siti@example.com,Siti\n2,bad address,X\n3,agus@example.com,Agus\n"],
+    ids=["one a line", "csv"],
+)
+def test_import_reports_bad_lines_and_imports_the_rest(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    file = tmp_path / "list.txt"
+    file.write_text(text, encoding="utf-8")
+    assert run(config, "import", str(file), "--reason", "hard_bounce") == 1
+    captured = capsys.readouterr()
+    assert "line 4: invalid email address" in captured.err or "line 3: invalid email address" in captured.err
+    assert "imported 2 address(es): 2 newly suppressed" in captured.out
+    assert run(config, "list", "--reason", "hard_bounce") == 0
+    assert capsys.readouterr().out.count("@example.com,hard_bounce,import:list.txt") == 2

@@ -1,0 +1,101 @@
+"""The daemon's small HTTP server: what malformed, oversized and slow requests get."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from worker.adapters.web import HttpServer, Request, Response
+
+
+async def _echo(request: Request) -> Response:
+    text = f"{request.method} {request.path} {sorted(request.query.items())} {request.body!r}"
+    return Response(200, text.encode(), "text/plain")
+
+
+async def _exchange(raw: bytes, eof: bool, timeout_seconds: float) -> bytes:
+    server = HttpServer(_echo, host="127.0.0.1", port=0, timeout_seconds=timeout_seconds)
+    port = await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        if eof:
+            writer.write_eof()
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await writer.wait_closed()
+        return reply
+    finally:
+        await server.close()
+
+
+def exchange(raw: bytes, *, eof: bool = True, timeout_seconds: float = 5.0) -> bytes:
+    return asyncio.run(_exchange(raw, eof, timeout_seconds))
+
+
+def test_a_plain_get_and_a_post_with_a_body() -> None:
+    reply = exchange(b"GET /unsubscribe?t=abc.def&x= HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Connection: close\r\n" in reply and b"Cache-Control: no-store\r\n" in reply
+    assert reply.endswith(b"GET /unsubscribe [('t', ['abc.def']), ('x', [''])] b''")
+    reply = exchange(b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 26\r\n\r\nList-Unsubscribe=One-Click")
+    assert reply.endswith(b"b'List-Unsubscribe=One-Click'")
+
+
+def test_head_gets_headers_only() -> None:
+    reply = exchange(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"\r\n\r\n")
+
+
+def test_expect_100_continue() -> None:
+    reply = exchange(b"POST /u HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok", eof=False)
+    assert reply.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /\r\n\r\n", b"400"),
+        (b"GET / HTTP/2.0\r\n\r\n", b"505"),
+        (b"GET http://evil/ HTTP/1.1\r\n\r\n", b"400"),
+        (b"G@T / HTTP/1.1\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nNo colon here\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\n folded: header\r\n\r\n", b"400"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"411"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n", b"400"),
+        (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", b"400"),
+        (b"POST / HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n", b"413"),
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n", b"431"),
+        (b"GET / HTTP/1.1\r\n" + b"X: a\r\n" * 101 + b"\r\n", b"431"),
+        (b"GET / HTTP/1.1\r\nHost: a", b"400"),
+    ],
+    ids=["no version", "HTTP/2", "absolute form", "bad method", "no colon", "obs-fold", "chunked",
+         "two lengths", "negative length", "huge body", "huge header", "too many headers", "cut short"],
+)
+def test_malformed_or_oversized_requests_are_refused(raw: bytes, status: bytes) -> None:
+    assert exchange(raw).split(b" ")[1] == status
+
+
+def test_a_client_that_sends_too_slowly_gets_408() -> None:
+    reply = exchange(b"GET / HTTP/1.1\r\nHost: a\r\n", eof=False, timeout_seconds=0.2)
+    assert reply.startswith(b"HTTP/1.1 408")
+
+
+def test_a_failing_handler_is_a_500_not_a_crash() -> None:
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("no")
+
+    async def run() -> bytes:
+        server = HttpServer(boom, host="127.0.0.1", port=0)
+        port = await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\n\r\n")
+        reply = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        await server.close()
+        return reply
+
+    assert asyncio.run(run()).startswith(b"HTTP/1.1 500")
