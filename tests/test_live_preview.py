@@ -79,13 +79,15 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 def test_live_preview_shows_reloads_and_reports_errors(browser: object, served: tuple[Site, str]) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webdriver import WebDriver
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver: WebDriver = browser  # type: ignore[assignment]
     site, url = served
-    wait = WebDriverWait(driver, 30, poll_frequency=0.2)
+    # the page reloads itself while we look: an element found just before a reload goes stale, so retry
+    wait = WebDriverWait(driver, 30, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
 
     # Given the page, every campaign x language x sample customer is a card
     driver.get(url)
@@ -111,8 +113,8 @@ def test_live_preview_shows_reloads_and_reports_errors(browser: object, served: 
     _edit(templates / "body.html", "{% if recommendations %}", "{% if recommendations %}{{ recomendations[0] }}")
     line = next(i for i, text in enumerate((templates / "body.html").read_text().splitlines(), start=1)
                 if "recomendations[0]" in text)  # fmt: skip
-    error = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#winback-en-siti .template-error"))
-    assert f"winback/en/body.html:{line}: " in error[0].text and "recomendations" in error[0].text
+    error = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#winback-en-siti .template-error").text)
+    assert f"winback/en/body.html:{line}: " in error and "recomendations" in error
     # and the Indonesian cards still render
     assert driver.find_elements(By.CSS_SELECTOR, "#winback-id-siti .subject-text")
 
