@@ -9,12 +9,14 @@ from pathlib import Path
 
 from worker.adapters import db
 from worker.adapters.clock import SystemClock
+from worker.adapters.ratestore import RateStore
 from worker.adapters.smtp import SmtpTransport
 from worker.adapters.store import Store
 from worker.adapters.templates import JinjaTemplates
 from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.errors import ConfigError
+from worker.limiter import Booker, DbBooker, Limiter, LocalBooker
 from worker.pipeline import Composer
 from worker.ports import Clock
 from worker.sending import Dispatcher
@@ -81,6 +83,19 @@ class Deps:
     def transport(self) -> SmtpTransport:
         return SmtpTransport(self.settings.smtp, password=smtp_password(self.settings))
 
+    def shared_limits(self) -> bool:
+        """Rate state in the database (shared by every worker) rather than in this process?"""
+        mode = self.settings.sending.shared_limits
+        return mode == "database" or (mode == "auto" and self.store.dialect == "postgresql")
+
+    def limiter(self, async_store: AsyncStore) -> Limiter:
+        booker: Booker = (
+            DbBooker(async_store, RateStore(self.store.engine), self.clock)
+            if self.shared_limits()
+            else LocalBooker(self.clock)
+        )
+        return Limiter(self.settings.sending, self.clock, booker)
+
     def dispatcher(self, async_store: AsyncStore, transport: SmtpTransport) -> Dispatcher:
         return Dispatcher(
             settings=self.settings,
@@ -89,6 +104,7 @@ class Deps:
             transport=transport,
             clock=self.clock,
             worker=worker_id(),
+            limiter=self.limiter(async_store),
         )
 
     def close(self) -> None:

@@ -133,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--share", type=float, default=0.8, help="the share of second purchases (default 0.8)")
     p.add_argument("--bin-days", type=int, default=7, help="histogram bin width in days (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    from worker.commands import ledger
+
+    ledger.add_parser(sub)
     return top
 
 
@@ -261,6 +265,14 @@ _COMMANDS: dict[str, Any] = {
     "insights": _cmd_insights,
     "send-test": _cmd_send_test,
     "check": _cmd_check,
+def _cmd_ledger(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.commands import ledger
+
+    return ledger.run(settings, args)
+
+
+_COMMANDS: dict[str, Any] = {
+    "ledger": _cmd_ledger,
     "db": _cmd_db,
     "import": _cmd_import,
     "run": _cmd_run,
