@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.adapters import db  # noqa: E402
-from worker.commands.importing import import_file  # noqa: E402
-from worker.config import settings_from_dict  # noqa: E402
-from worker.demo import generate_customers_csv  # noqa: E402
+from worker.adapters import db
+from worker.commands.importing import import_file
+from worker.config import settings_from_dict
+from worker.demo import generate_customers_csv
 
 
 def peak_rss_mb() -> float:

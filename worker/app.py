@@ -60,6 +60,17 @@ def smtp_password(settings: Settings, environ: dict[str, str] | None = None) -> 
     return password
 
 
+def make_limiter(settings: Settings, async_store: AsyncStore, clock: Clock) -> Limiter:
+    """The sender's limits, their state in the database (shared by every worker) when
+    ``sending.shared_limits`` says so or, on ``auto``, when the database is PostgreSQL."""
+    mode = settings.sending.shared_limits
+    shared = mode == "database" or (mode == "auto" and async_store.store.dialect == "postgresql")
+    booker: Booker = (
+        DbBooker(async_store, RateStore(async_store.store.engine), clock) if shared else LocalBooker(clock)
+    )
+    return Limiter(settings.sending, clock, booker)
+
+
 @dataclass
 class Deps:
     settings: Settings
@@ -83,18 +94,8 @@ class Deps:
     def transport(self) -> SmtpTransport:
         return SmtpTransport(self.settings.smtp, password=smtp_password(self.settings))
 
-    def shared_limits(self) -> bool:
-        """Rate state in the database (shared by every worker) rather than in this process?"""
-        mode = self.settings.sending.shared_limits
-        return mode == "database" or (mode == "auto" and self.store.dialect == "postgresql")
-
     def limiter(self, async_store: AsyncStore) -> Limiter:
-        booker: Booker = (
-            DbBooker(async_store, RateStore(self.store.engine), self.clock)
-            if self.shared_limits()
-            else LocalBooker(self.clock)
-        )
-        return Limiter(self.settings.sending, self.clock, booker)
+        return make_limiter(self.settings, async_store, self.clock)
 
     def dispatcher(self, async_store: AsyncStore, transport: SmtpTransport) -> Dispatcher:
         return Dispatcher(

@@ -260,11 +260,6 @@ def _cmd_insights(settings: Settings, args: argparse.Namespace) -> int:
     return insights_command(settings, args)
 
 
-_COMMANDS: dict[str, Any] = {
-    "stats": _cmd_stats,
-    "insights": _cmd_insights,
-    "send-test": _cmd_send_test,
-    "check": _cmd_check,
 def _cmd_ledger(settings: Settings, args: argparse.Namespace) -> int:
     from worker.commands import ledger
 
@@ -272,6 +267,10 @@ def _cmd_ledger(settings: Settings, args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Any] = {
+    "stats": _cmd_stats,
+    "insights": _cmd_insights,
+    "send-test": _cmd_send_test,
+    "check": _cmd_check,
     "ledger": _cmd_ledger,
     "db": _cmd_db,
     "import": _cmd_import,

@@ -199,6 +199,14 @@ class Dispatcher:
         """Stop claiming; sends already under way finish, claimed messages not yet begun go back to the queue."""
         self.stopping.set()
 
+    def resume(self) -> None:
+        """Clear a pause (an operator fixed the server): the next ``run_once`` claims again."""
+        if self.paused is not None:
+            log.event("dispatcher_resumed", logging.WARNING, was=self.paused)
+        self.paused = None
+        self.failures_in_row = 0
+        self.stopping.clear()
+
     def _observe_failures(self, result: SendResult) -> None:
         """Count attempts that got no reply at all; too many in a row pause the dispatcher."""
         if result.code is None and result.outcome in (Outcome.TRANSIENT, Outcome.AMBIGUOUS):

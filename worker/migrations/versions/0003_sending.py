@@ -1,7 +1,7 @@
 """sending: shared rate-limit state
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0004
 Create Date: 2026-11-23
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003"
-down_revision = "0001"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
