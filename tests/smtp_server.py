@@ -6,6 +6,8 @@ recipient address may be given a ``Behaviour``; anything else is accepted::
     server.on("full@test", Behaviour(rcpt_reply="452 4.2.2 Mailbox full"))
     server.on("gone@test", Behaviour(drop_after_dot=True))
     server.greeting = "421 4.3.2 Service not available"   # every new connection
+    server.on("new@test", Behaviour(greylist=True))      # 450 the first time, then accepted
+    server.client_limit = 4                              # then "451 … too many messages" per client IP
 
 Handler hooks (``handle_RCPT``/``handle_DATA``) do replies, delays and the drop
 after the final dot; an ``SMTP`` subclass does the 421 greeting and the drop
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,9 +45,13 @@ class Behaviour:
     delay_at: str | None = None
     """``"rcpt"`` or ``"data"``: wait ``delay_seconds`` before that reply."""
     delay_seconds: float = 0.0
+    greylist: bool = False
+    """Refuse the first RCPT for this address with ``GREYLIST_REPLY``, accept later ones."""
 
 
 ACCEPT = Behaviour()
+GREYLIST_REPLY = "450 4.7.1 Greylisted, please try again in 60 seconds"
+CLIENT_LIMIT_REPLY = "451 4.7.1 Too many messages from your IP, slow down"
 
 
 class _FaultyHandler(SinkHandler):
@@ -56,7 +63,17 @@ class _FaultyHandler(SinkHandler):
         behaviour = self.owner.behaviour(address)
         if behaviour.delay_at == "rcpt":
             await asyncio.sleep(behaviour.delay_seconds)
-        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+        if behaviour.greylist and address not in self.owner.greylisted:
+            self.owner.greylisted.add(address)
+            return GREYLIST_REPLY
+        limit = self.owner.client_limit
+        client = str(session.peer[0]) if session.peer else ""
+        if limit is not None and self.owner.accepted_from[client] >= limit:
+            return CLIENT_LIMIT_REPLY
+        reply = await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+        if limit is not None and reply.startswith("250"):
+            self.owner.accepted_from[client] += 1
+        return reply
 
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Envelope) -> str:
         behaviours = [self.owner.behaviour(r) for r in envelope.rcpt_tos]
@@ -100,6 +117,11 @@ class RecordingServer:
         self.behaviours: dict[str, Behaviour] = {}
         self.greeting: str | None = None
         """When set, every new connection gets this greeting and is closed."""
+        self.greylisted: set[str] = set()
+        """Addresses already refused once by greylisting."""
+        self.client_limit: int | None = None
+        """Recipients accepted per client IP before every further RCPT gets ``CLIENT_LIMIT_REPLY``."""
+        self.accepted_from: Counter[str] = Counter()
         self._tls_context = tls_context
 
         def handler_factory(sink: SmtpSink) -> SinkHandler:
@@ -143,6 +165,10 @@ class RecordingServer:
             self.sink.close_connections()
         else:
             asyncio.run_coroutine_threadsafe(_call(self.sink.close_connections), loop).result(5)
+
+    def reset_client_limit(self) -> None:
+        """A new rate window: every client may send ``client_limit`` more."""
+        self.accepted_from.clear()
 
     def settings(self, **overrides: Any) -> SmtpSettings:
         """Transport settings pointing at this server (plaintext on loopback)."""

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from worker.adapters import db
 from worker.adapters.clock import SystemClock
+from worker.adapters.ratestore import RateStore
 from worker.adapters.smtp import SmtpTransport
 from worker.adapters.store import Store
 from worker.adapters.templates import JinjaTemplates
 from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.errors import ConfigError
+from worker.limiter import Booker, DbBooker, Limiter, LocalBooker
 from worker.pipeline import Composer
 from worker.ports import Clock
 from worker.sending import Dispatcher
@@ -58,6 +60,17 @@ def smtp_password(settings: Settings, environ: dict[str, str] | None = None) -> 
     return password
 
 
+def make_limiter(settings: Settings, async_store: AsyncStore, clock: Clock) -> Limiter:
+    """The sender's limits, their state in the database (shared by every worker) when
+    ``sending.shared_limits`` says so or, on ``auto``, when the database is PostgreSQL."""
+    mode = settings.sending.shared_limits
+    shared = mode == "database" or (mode == "auto" and async_store.store.dialect == "postgresql")
+    booker: Booker = (
+        DbBooker(async_store, RateStore(async_store.store.engine), clock) if shared else LocalBooker(clock)
+    )
+    return Limiter(settings.sending, clock, booker)
+
+
 @dataclass
 class Deps:
     settings: Settings
@@ -81,6 +94,9 @@ class Deps:
     def transport(self) -> SmtpTransport:
         return SmtpTransport(self.settings.smtp, password=smtp_password(self.settings))
 
+    def limiter(self, async_store: AsyncStore) -> Limiter:
+        return make_limiter(self.settings, async_store, self.clock)
+
     def dispatcher(self, async_store: AsyncStore, transport: SmtpTransport) -> Dispatcher:
         return Dispatcher(
             settings=self.settings,
@@ -89,6 +105,7 @@ class Deps:
             transport=transport,
             clock=self.clock,
             worker=worker_id(),
+            limiter=self.limiter(async_store),
         )
 
     def close(self) -> None:

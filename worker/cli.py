@@ -133,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--share", type=float, default=0.8, help="the share of second purchases (default 0.8)")
     p.add_argument("--bin-days", type=int, default=7, help="histogram bin width in days (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    from worker.commands import ledger
+
+    ledger.add_parser(sub)
     return top
 
 
@@ -256,11 +260,18 @@ def _cmd_insights(settings: Settings, args: argparse.Namespace) -> int:
     return insights_command(settings, args)
 
 
+def _cmd_ledger(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.commands import ledger
+
+    return ledger.run(settings, args)
+
+
 _COMMANDS: dict[str, Any] = {
     "stats": _cmd_stats,
     "insights": _cmd_insights,
     "send-test": _cmd_send_test,
     "check": _cmd_check,
+    "ledger": _cmd_ledger,
     "db": _cmd_db,
     "import": _cmd_import,
     "run": _cmd_run,

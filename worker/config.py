@@ -60,6 +60,14 @@ class SmtpSettings:
 
 
 @dataclass(frozen=True)
+class DomainRate:
+    """One recipient domain's own rate (``[sending.domains]``)."""
+
+    rate_per_second: float = 5.0
+    burst: int = 5
+
+
+@dataclass(frozen=True)
 class SendingSettings:
     batch_size: int = 200
     max_attempts: int = 5
@@ -68,6 +76,23 @@ class SendingSettings:
     burst: int = 50
     retry_base_seconds: float = 60.0
     retry_max_seconds: float = 6 * 3600.0
+    daily_quota: int = 0
+    """Messages per shop-local day across all workers; 0 = no quota."""
+    domain_rate_per_second: float = 20.0
+    """Rate for each recipient domain not listed in ``domains``."""
+    domain_burst: int = 20
+    domains: dict[str, DomainRate] = field(default_factory=dict)
+    """Per-domain rates, e.g. ``"gmail.com" = {rate_per_second = 10, burst = 10}``."""
+    throttle_floor_per_second: float = 0.2
+    """Throttling replies halve a domain's rate, but never below this."""
+    pause_after_failures: int = 20
+    """Consecutive connection failures (no reply at all) that pause the dispatcher; 0 = never."""
+    in_flight_per_connection: int = 4
+    """Messages per SMTP connection that may be marked ``sending`` at once: one on the wire,
+    the others' marks being committed meanwhile (the group commit needs company)."""
+    shared_limits: str = "auto"
+    """Where rate state lives: ``database`` (shared by every worker), ``process``, or
+    ``auto`` (database on PostgreSQL, process on SQLite)."""
 
 
 @dataclass(frozen=True)
@@ -247,7 +272,9 @@ def _coerce(hint: Any, value: Any, source: str, dotted: str) -> Any:
         _key_type, inner = typing.get_args(hint)
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{dotted}' must be a table")
-        return {k: _coerce(inner, v, source, f"{dotted}.{k}") for k, v in value.items()}
+        if dataclasses.is_dataclass(inner):
+            return {str(k): _build(inner, v, source, f"{dotted}.{k}.") for k, v in value.items()}  # type: ignore[arg-type]
+        return {str(k): _coerce(inner, v, source, f"{dotted}.{k}") for k, v in value.items()}
     if origin is tuple:
         (inner, *_rest) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -313,11 +340,33 @@ def _check(s: Settings) -> None:
         ("sending.max_attempts", s.sending.max_attempts),
         ("sending.lease_seconds", s.sending.lease_seconds),
         ("sending.burst", s.sending.burst),
+        ("sending.in_flight_per_connection", s.sending.in_flight_per_connection),
     ):
         if value < 1:
             _fail(s, key, "must be at least 1")
     if s.sending.rate_per_second <= 0:
         _fail(s, "sending.rate_per_second", "must be positive")
+    if s.sending.daily_quota < 0:
+        _fail(s, "sending.daily_quota", "must be 0 (no quota) or more")
+    if s.sending.pause_after_failures < 0:
+        _fail(s, "sending.pause_after_failures", "must be 0 (never pause) or more")
+    if s.sending.shared_limits not in ("auto", "database", "process"):
+        _fail(s, "sending.shared_limits", "must be 'auto', 'database' or 'process'")
+    for key, rate in (
+        ("sending.domain_rate_per_second", s.sending.domain_rate_per_second),
+        ("sending.throttle_floor_per_second", s.sending.throttle_floor_per_second),
+    ):
+        if rate <= 0:
+            _fail(s, key, "must be positive")
+    if s.sending.domain_burst < 1:
+        _fail(s, "sending.domain_burst", "must be at least 1")
+    for domain, limit in s.sending.domains.items():
+        if domain != domain.lower() or "@" in domain or "." not in domain:
+            _fail(s, f"sending.domains.{domain}", "must be a lower-case domain such as gmail.com")
+        if limit.rate_per_second <= 0:
+            _fail(s, f"sending.domains.{domain}.rate_per_second", "must be positive")
+        if limit.burst < 1:
+            _fail(s, f"sending.domains.{domain}.burst", "must be at least 1")
     if not s.unsubscribe.url.startswith("https://"):
         _fail(s, "unsubscribe.url", "must be an https:// URL (RFC 8058 one-click)")
     w = s.campaigns.winback

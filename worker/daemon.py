@@ -44,7 +44,7 @@ from worker.adapters import opstore, systemd
 from worker.adapters.smtp import SmtpTransport
 from worker.adapters.templates import JinjaTemplates
 from worker.adapters.web import HttpServer
-from worker.app import Deps, link_keys, smtp_password, worker_id
+from worker.app import Deps, link_keys, make_limiter, smtp_password, worker_id
 from worker.asyncstore import AsyncStore
 from worker.checks import Problem, check_templates
 from worker.config import Settings, load_settings
@@ -152,6 +152,7 @@ class Daemon:
             transport=transport,
             clock=self.clock,
             worker=self.worker,
+            limiter=make_limiter(settings, self.astore, self.clock),
         )
         dispatcher.observer = self.metrics
         return Generation(settings, snapshot, templates, transport, dispatcher)

@@ -106,6 +106,11 @@ class Outcome(enum.StrEnum):
     """Unknown: the connection died after the message was handed over."""
     RENDER_ERROR = "render_error"
     """The template failed for this message; nothing was sent."""
+    THROTTLED = "throttled"
+    """Not delivered because the server asked us to slow down (421, 454, 450/451 with
+    rate-limit text): retried later, not counted against ``max_attempts``."""
+    OPERATOR = "operator"
+    """Not an SMTP attempt: an operator resent or closed the message (``kembali ledger``)."""
 
 
 # --- records: what the importer produces and the store upserts -------------
@@ -291,6 +296,10 @@ class Disposition:
     next_attempt_at: datetime | None = None
     template_version: str | None = None
     subject: str | None = None
+    counts_as_attempt: bool = True
+    """False for a throttled attempt: the row's ``attempts`` is given back."""
+    suppress_reason: str | None = None
+    """Set (e.g. ``hard_bounce``) to add the address to the suppression list with the outcome."""
 
 
 @dataclass(frozen=True, slots=True)

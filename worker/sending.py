@@ -5,10 +5,18 @@ Theory of operation
 One producer claims due rows in batches (a lease, so no other worker takes
 them), reads the facts for the batch in one go, and composes each message
 (re-check, render, MIME). Skips and render failures are recorded at once;
-composed messages go on a bounded queue. ``pool_size`` sender tasks take them
-off the queue; each waits for a slot of the global rate, then for its own
-``sending`` mark to be committed, and only then speaks SMTP. The outcome goes
-back to the ledger with an attempt row.
+the daily quota is taken for the rest (what it does not cover goes back to the
+queue until the next local day) and they go on a bounded queue.
+``pool_size * in_flight_per_connection`` sender tasks take them off the queue
+(more senders than connections, so the next marks are committed while the
+current messages are on the wire); each waits for its own ``sending`` mark to be committed, then for a slot of the
+global rate and of the recipient domain's rate (``worker.limiter``: last, so
+commit latency cannot bunch messages up on the wire), and only then speaks
+SMTP. The outcome goes back to the ledger with an attempt row. A throttling reply slows that domain
+down and retries the message without counting the attempt; a 5.1.x "no such
+user" suppresses the address; a 5.7.x refusal is logged as a content problem.
+Too many connection failures in a row pause the dispatcher: it stops claiming
+and gives what it holds back to the queue.
 
 All ledger writes go through one ``LedgerWriter`` task (a group commit): it
 commits the marks and outcomes that piled up while the last commit ran, in one
@@ -21,16 +29,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal, Protocol
 
 from worker import log
+from worker.adapters.ratestore import RateStore
 from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.core import lifecycle
-from worker.core.ratelimit import Gcra
+from worker.core.limits import as_throttled, bounce_kind, domain_of, next_quota_day_start
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, SendResult
+from worker.limiter import DailyQuota, Limiter, LocalBooker
 from worker.pipeline import Composed, Composer, RenderFailed, Skipped, load_batch_facts, load_catalogue
 from worker.ports import Clock, Transport
 
@@ -40,6 +50,10 @@ class DispatchReport:
     outcomes: Counter[str] = field(default_factory=Counter)
     """Final statuses of this run's messages (``sent``, ``retry``, ``skipped:suppressed``…)."""
     by_campaign: Counter[tuple[str, str]] = field(default_factory=Counter)
+    paused: str | None = None
+    """Why the dispatcher paused (too many connection failures in a row), or None."""
+    quota_reached: bool = False
+    """The daily quota ran out; what is left waits for the next day."""
 
     def count(self, campaign: str, what: str) -> None:
         self.outcomes[what] += 1
@@ -111,15 +125,17 @@ class LedgerWriter:
             records, self._records = self._records, []
             marks, self._marks = self._marks, []
             try:
-                if records:
-                    await self.store.call(self.store.store.record, records)
-                if marks:
-                    marked = await self.store.call(
-                        self.store.store.mark_sending, [m for m, _ in marks], worker=self.worker, now=self.clock.now()
-                    )
-                    for message_id, future in marks:
-                        if not future.done():
-                            future.set_result(message_id in marked)
+                # one transaction, one commit: outcomes first, then the marks senders wait for
+                marked = await self.store.call(
+                    self.store.store.record_and_mark,
+                    records,
+                    [m for m, _ in marks],
+                    worker=self.worker,
+                    now=self.clock.now(),
+                )
+                for message_id, future in marks:
+                    if not future.done():
+                        future.set_result(message_id in marked)
                 self.commits += 1
             except BaseException as exc:
                 for _, future in marks:
@@ -155,6 +171,8 @@ class Dispatcher:
         transport: Transport,
         clock: Clock,
         worker: str,
+        limiter: Limiter | None = None,
+        quota: DailyQuota | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -162,13 +180,61 @@ class Dispatcher:
         self.transport = transport
         self.clock = clock
         self.worker = worker
-        self.rate = Gcra(rate=settings.sending.rate_per_second, burst=settings.sending.burst)
+        self.limiter = limiter or Limiter(settings.sending, clock, LocalBooker(clock))
+        self.quota = quota or DailyQuota(
+            store,
+            RateStore(store.store.engine),
+            clock,
+            quota=settings.sending.daily_quota,
+            zone=settings.shop.time_zone,
+        )
         self.stopping = asyncio.Event()
         self.observer: SendObserver | None = None
+        self.paused: str | None = None
+        """Set when too many connection failures in a row paused sending (health checks read it)."""
+        self.failures_in_row = 0
+        self.quota_reached = False
 
     def stop(self) -> None:
         """Stop claiming; sends already under way finish, claimed messages not yet begun go back to the queue."""
         self.stopping.set()
+
+    def resume(self) -> None:
+        """Clear a pause (an operator fixed the server): the next ``run_once`` claims again."""
+        if self.paused is not None:
+            log.event("dispatcher_resumed", logging.WARNING, was=self.paused)
+        self.paused = None
+        self.failures_in_row = 0
+        self.stopping.clear()
+
+    def _observe_failures(self, result: SendResult) -> None:
+        """Count attempts that got no reply at all; too many in a row pause the dispatcher."""
+        if result.code is None and result.outcome in (Outcome.TRANSIENT, Outcome.AMBIGUOUS):
+            self.failures_in_row += 1
+        else:
+            self.failures_in_row = 0
+        limit = self.settings.sending.pause_after_failures
+        if limit and self.failures_in_row >= limit and self.paused is None:
+            self.paused = (
+                f"{self.failures_in_row} connection failures in a row (last: {result.error_type or 'no reply'}: "
+                f"{result.reply[:120]})"
+            )
+            log.event(
+                "dispatcher_paused", logging.ERROR, reason=self.paused, smtp_host=self.settings.smtp.host,
+                failures_in_row=self.failures_in_row,
+            )  # fmt: skip
+            self.stop()
+
+    def _release(self, message: ClaimedMessage, now: datetime, until: datetime | None = None) -> Disposition:
+        """Give a claimed, unsent row back to the queue (stopped, paused, or out of quota): no attempt made."""
+        return Disposition(
+            message=message,
+            status=MessageStatus.RETRY if message.attempts else MessageStatus.PLANNED,
+            worker=self.worker,
+            started_at=now,
+            finished_at=now,
+            next_attempt_at=until or now,
+        )
 
     async def run_once(self) -> DispatchReport:
         report = DispatchReport()
@@ -177,7 +243,7 @@ class Dispatcher:
         queue: asyncio.Queue[Composed | Literal["done"]] = asyncio.Queue(maxsize=self.settings.sending.batch_size)
         senders = [
             asyncio.create_task(self._sender(queue, writer, report), name=f"kembali-sender-{i}")
-            for i in range(self.settings.smtp.pool_size)
+            for i in range(self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection)
         ]
         try:
             await self._produce(queue, writer, report)
@@ -189,6 +255,8 @@ class Dispatcher:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        report.paused = self.paused
+        report.quota_reached = self.quota_reached
         return report
 
     async def _produce(
@@ -208,15 +276,39 @@ class Dispatcher:
             if not batch:
                 return
             facts = await self.store.call(load_batch_facts, store, batch, catalogue)
+            composed: list[Composed] = []
             for message in batch:
                 item = self.composer.compose(message, facts, now)
                 if isinstance(item, Composed):
-                    await queue.put(item)
+                    composed.append(item)
                 else:
                     writer.record(self._not_sent(item, now))
                     report.count(message.campaign, _label(item))
                     if self.observer is not None:
                         self.observer.observe_result(message.campaign, _label(item), None, None, self.clock.monotonic())
+            granted = await self.quota.take(len(composed))
+            if granted < len(composed):
+                self._quota_reached(composed[granted:], writer, now)
+            for index, item in enumerate(composed[:granted]):
+                if self.stopping.is_set():
+                    for left in composed[index:granted]:
+                        writer.record(self._release(left.message, now))
+                    await self.quota.give_back(granted - index)
+                    return
+                await queue.put(item)
+            if self.quota_reached:
+                return
+
+    def _quota_reached(self, items: list[Composed], writer: LedgerWriter, now: datetime) -> None:
+        tomorrow = next_quota_day_start(now, self.settings.shop.time_zone)
+        for item in items:
+            writer.record(self._release(item.message, now, until=tomorrow))
+        if not self.quota_reached:
+            self.quota_reached = True
+            log.event(
+                "daily_quota_reached", logging.WARNING, quota=self.settings.sending.daily_quota,
+                waiting=len(items), resumes_at=tomorrow.isoformat(),
+            )  # fmt: skip
 
     def _not_sent(self, item: Skipped | RenderFailed, now: datetime) -> Disposition:
         if isinstance(item, Skipped):
@@ -259,21 +351,29 @@ class Dispatcher:
             if item == _DONE:
                 return
             assert isinstance(item, Composed)
-            wait = self.rate.reserve(self.clock.monotonic())
-            if wait > 0:
-                await self.clock.sleep(wait)
             message = item.message
-            if self.stopping.is_set():
-                writer.record(self._released(message))
+            domain = domain_of(message.email)
+            if self.stopping.is_set():  # stopped or paused: not begun, back to the queue
+                writer.record(self._release(message, self.clock.now()))
+                await self.quota.give_back(1)
                 continue
             if not await writer.mark_sending(message.id):
                 log.event("email_lease_lost", logging.WARNING, dedupe_key=message.dedupe_key)
                 continue
+            # the rate slot is taken last, right before the first SMTP byte, so commit
+            # latency cannot bunch messages up on the wire
+            await self.limiter.acquire(domain)
+            if self.stopping.is_set():  # stopped while we waited: nothing sent, give it back
+                writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
+                await self.quota.give_back(1)
+                continue
             started = self.clock.now()
             started_mono = self.clock.monotonic()
-            result = await self.transport.send(sender, message.email, item.data)
+            result = as_throttled(await self.transport.send(sender, message.email, item.data))
             finished = self.clock.now()
             finished_mono = self.clock.monotonic()
+            self.limiter.observe(domain, result)
+            self._observe_failures(result)
             status, next_at = lifecycle.after_attempt(
                 result,
                 attempt=message.attempts + 1,
@@ -282,6 +382,21 @@ class Dispatcher:
                 base_seconds=self.settings.sending.retry_base_seconds,
                 cap_seconds=self.settings.sending.retry_max_seconds,
             )
+            label, suppress = status.value, None
+            if result.outcome is Outcome.PERMANENT:
+                kind = bounce_kind(result.code, result.reply)
+                if kind == "hard_bounce":
+                    label, suppress = "failed:hard_bounce", "hard_bounce"
+                elif kind == "content":
+                    label = "failed:content_rejected"
+                    log.event(
+                        "content_rejected", logging.ERROR, campaign=message.campaign,
+                        template_version=item.rendered.template_version, dedupe_key=message.dedupe_key,
+                        code=result.code, reply=result.reply[:200],
+                        hint="the server refused the message for its content: check the template, not the customer",
+                    )  # fmt: skip
+            elif result.outcome is Outcome.THROTTLED:
+                label = "retry:throttled"
             writer.record(
                 Disposition(
                     message=message,
@@ -293,26 +408,16 @@ class Dispatcher:
                     next_attempt_at=next_at,
                     template_version=item.rendered.template_version,
                     subject=item.rendered.subject,
+                    counts_as_attempt=result.outcome is not Outcome.THROTTLED,
+                    suppress_reason=suppress,
                 )
             )
-            report.count(message.campaign, status.value)
+            report.count(message.campaign, label)
             if self.observer is not None:
                 self.observer.observe_result(
                     message.campaign, status.value, result.outcome.value, finished_mono - started_mono, finished_mono
                 )
             _log_outcome(message, status, result, item.customer.external_id)
-
-    def _released(self, message: ClaimedMessage) -> Disposition:
-        """A claimed message not begun when the dispatcher stopped: back to the queue, no attempt counted."""
-        now = self.clock.now()
-        return Disposition(
-            message=message,
-            status=MessageStatus.RETRY if message.attempts else MessageStatus.PLANNED,
-            worker=self.worker,
-            started_at=now,
-            finished_at=now,
-            next_attempt_at=now,
-        )
 
 
 def _label(item: Skipped | RenderFailed) -> str:

@@ -250,36 +250,60 @@ class Store:
     def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
         """Commit ``sending`` for rows this worker still holds; returns the ids marked.
         A row not returned (lease lost) must not be sent."""
-        marked: set[int] = set()
         if not ids:
-            return marked
+            return set()
         with self.engine.begin() as conn:
-            for part in _chunks(list(ids)):
-                stmt = (
-                    sa.update(M)
-                    .where(
-                        M.c.id.in_(part),
-                        M.c.claimed_by == worker,
-                        M.c.status == MessageStatus.CLAIMED.value,
-                    )
-                    .values(status=MessageStatus.SENDING.value, attempts=M.c.attempts + 1, updated_at=now)
-                    .returning(M.c.id)
+            return self._mark_sending(conn, ids, worker=worker, now=now)
+
+    def record_and_mark(
+        self, dispositions: Sequence[Disposition], ids: Sequence[int], *, worker: str, now: datetime
+    ) -> set[int]:
+        """``record`` and ``mark_sending`` in ONE transaction (one commit for the group commit)."""
+        with self.engine.begin() as conn:
+            if dispositions:
+                self._record(conn, dispositions)
+            return self._mark_sending(conn, ids, worker=worker, now=now) if ids else set()
+
+    def _mark_sending(self, conn: sa.Connection, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
+        marked: set[int] = set()
+        for part in _chunks(list(ids)):
+            stmt = (
+                sa.update(M)
+                .where(
+                    M.c.id.in_(part),
+                    M.c.claimed_by == worker,
+                    M.c.status == MessageStatus.CLAIMED.value,
                 )
-                marked.update(conn.execute(stmt).scalars())
+                .values(status=MessageStatus.SENDING.value, attempts=M.c.attempts + 1, updated_at=now)
+                .returning(M.c.id)
+            )
+            marked.update(conn.execute(stmt).scalars())
         return marked
 
     def record(self, dispositions: Sequence[Disposition]) -> None:
         """Write outcomes and attempt rows, in one transaction."""
         if not dispositions:
             return
+        with self.engine.begin() as conn:
+            self._record(conn, dispositions)
+
+    def _record(self, conn: sa.Connection, dispositions: Sequence[Disposition]) -> None:
         updates: list[dict[str, Any]] = []
         attempts: list[dict[str, Any]] = []
+        suppressions: list[dict[str, Any]] = []
         for d in dispositions:
             res = d.result
+            if d.suppress_reason is not None:
+                source = f"smtp:{d.message.dedupe_key}"[:100]
+                suppressions.append(
+                    {"email": d.message.email, "reason": d.suppress_reason, "source": source,
+                     "created_at": d.finished_at}
+                )  # fmt: skip
             updates.append(
                 {
                     "b_id": d.message.id,
                     "b_worker": d.worker,
+                    "b_given_back": 0 if d.counts_as_attempt else 1,
                     "status": d.status.value,
                     "skip_reason": d.skip_reason.value if d.skip_reason else None,
                     "next_attempt_at": d.next_attempt_at or d.message.due_at,
@@ -321,19 +345,22 @@ class Store:
                 next_attempt_at=sa.bindparam("next_attempt_at"),
                 claimed_by=sa.bindparam("claimed_by"),
                 lease_until=sa.bindparam("lease_until"),
-                last_code=sa.bindparam("last_code"),
-                last_reply=sa.bindparam("last_reply"),
-                last_error=sa.bindparam("last_error"),
+                attempts=M.c.attempts - sa.bindparam("b_given_back"),
+                # a decision without an attempt (skip, release) keeps the last attempt's reply
+                last_code=sa.func.coalesce(sa.bindparam("last_code"), M.c.last_code),
+                last_reply=sa.func.coalesce(sa.bindparam("last_reply"), M.c.last_reply),
+                last_error=sa.func.coalesce(sa.bindparam("last_error"), M.c.last_error),
                 sent_at=sa.bindparam("sent_at"),
                 template_version=sa.func.coalesce(sa.bindparam("template_version"), M.c.template_version),
                 subject=sa.func.coalesce(sa.bindparam("subject"), M.c.subject),
                 updated_at=sa.bindparam("updated_at"),
             )
         )
-        with self.engine.begin() as conn:
-            conn.execute(stmt, updates)
-            if attempts:
-                conn.execute(sa.insert(A), attempts)
+        conn.execute(stmt, updates)
+        if attempts:
+            conn.execute(sa.insert(A), attempts)
+        if suppressions:
+            conn.execute(db.insert_ignore(self.engine, S), suppressions)
 
     def release_expired_leases(self, now: datetime) -> tuple[int, int]:
         """Claimed rows whose lease lapsed go back to the queue; sending rows become uncertain.

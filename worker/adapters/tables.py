@@ -200,5 +200,17 @@ class JobRun(SQLModel, table=True):
     last_run_at: datetime = _dt()
     worker: str = Field(default="", max_length=100)
 
+class RateLimit(SQLModel, table=True):
+    """Shared limiter state: one row per limit (``global``, ``domain:gmail.com``, ``quota:daily``)."""
+
+    __tablename__ = "rate_limit"
+
+    key: str = Field(max_length=200, primary_key=True)
+    tat: float = 0.0
+    """GCRA theoretical arrival time, in seconds since the Unix epoch."""
+    day: str | None = Field(default=None, max_length=10)
+    """For quota rows: the shop-local day (ISO) ``day_count`` counts."""
+    day_count: int = 0
+
 
 metadata = SQLModel.metadata

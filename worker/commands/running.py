@@ -16,7 +16,7 @@ from worker.config import Settings
 from worker.pipeline import PlanReport, plan
 from worker.sending import DispatchReport
 
-EXIT_OK, EXIT_ATTENTION = 0, 1
+EXIT_OK, EXIT_ATTENTION, EXIT_UNAVAILABLE = 0, 1, 3
 
 CAMPAIGN_LABELS = {"winback": "win-back"}
 
@@ -68,6 +68,14 @@ def summary(report: CycleReport) -> list[str]:
         lines.append(", ".join(parts))
     if not by_campaign:
         lines.append("nothing was due to send")
+    content = sum(n for what, n in report.dispatched.outcomes.items() if what == "failed:content_rejected")
+    if content:
+        lines.append(f"{content} messages were refused for their content (5.7.x): check the templates, "
+                     "not the customers")
+    if report.dispatched.quota_reached:
+        lines.append("the daily quota is used up: the rest waits for tomorrow")
+    if report.dispatched.paused:
+        lines.append(f"PAUSED: sending stopped after {report.dispatched.paused}; check the SMTP server")
     if report.uncertain:
         lines.append(f"{report.uncertain} messages became uncertain (a worker died while sending): "
                      "see `kembali ledger`")
@@ -75,6 +83,8 @@ def summary(report: CycleReport) -> list[str]:
 
 
 def _exit_code(report: CycleReport) -> int:
+    if report.dispatched.paused:
+        return EXIT_UNAVAILABLE
     bad = sum(n for what, n in report.dispatched.outcomes.items() if what.startswith("failed"))
     return EXIT_ATTENTION if bad else EXIT_OK
 

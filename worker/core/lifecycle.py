@@ -2,6 +2,7 @@
 
     planned ─claim→ claimed ─mark→ sending ─→ sent
                        │              ├─ transient, attempts left → retry ─claim→ claimed …
+                       │              ├─ throttled ("slow down") → retry, the attempt not counted
                        │              ├─ transient, none left / permanent / render error → failed
                        │              └─ ambiguous (after the final dot) → uncertain
                        └─ re-check says no → skipped (with a reason)
@@ -47,6 +48,12 @@ def after_attempt(
             return MessageStatus.UNCERTAIN, None
         case Outcome.PERMANENT | Outcome.RENDER_ERROR:
             return MessageStatus.FAILED, None
+        case Outcome.THROTTLED:
+            # "slow down" is not the message's fault: retry soon, whatever the attempt count
+            delay = backoff_seconds(1, base=base_seconds, cap=cap_seconds, hint=result.retry_after_seconds, rng=rng)
+            return MessageStatus.RETRY, now + timedelta(seconds=delay)
+        case Outcome.OPERATOR:
+            raise ValueError("an operator action is not an SMTP attempt")
         case Outcome.TRANSIENT:
             if attempt >= max_attempts:
                 return MessageStatus.FAILED, None

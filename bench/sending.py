@@ -1,0 +1,285 @@
+"""Sending throughput: the raw aiosmtplib ceiling vs Kembali end to end, against two sinks.
+
+    /work/venv/bin/python bench/sending.py [--messages 20000] [--pool 8] [--sinks smtp-sink,aiosmtpd]
+
+For each sink (Postfix's C ``smtp-sink`` when installed, and aiosmtpd in its own
+process) it measures, in one run:
+
+* raw: a bare loop of ``--pool`` pooled aiosmtplib clients sending one pre-built
+  Kembali message over and over (no database, no rendering): the ceiling;
+* kembali: ``run --once`` in-process on a fresh SQLite file with ``--messages``
+  customers due a win-back: plan, re-check, render, build MIME, send, record;
+
+and prints messages per second for each and the ratio kembali/raw, plus the
+process RSS when half and all of the messages were sent (memory must stay flat).
+Figures are noisy on a shared machine: run it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aiosmtplib import SMTP  # noqa: E402
+
+from worker import log  # noqa: E402
+from worker.adapters import db, shop  # noqa: E402
+from worker.app import Deps  # noqa: E402
+from worker.commands import running  # noqa: E402
+from worker.config import Settings, settings_from_dict  # noqa: E402
+from worker.domain import (  # noqa: E402
+    CustomerRecord,
+    Locale,
+    OrderLineRecord,
+    OrderRecord,
+    OrderStatus,
+    ProductRecord,
+    SendResult,
+)
+
+SMTP_SINK = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None)
+SENDER = "halo@toko-kembali.example"
+PROFILE = os.environ.get("KEMBALI_BENCH_PROFILE")
+"""A file to write cProfile stats of the end-to-end run to."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+@contextmanager
+def sink_process(kind: str) -> Iterator[int]:
+    port = free_port()
+    if kind == "smtp-sink":
+        assert SMTP_SINK is not None
+        cmd = [SMTP_SINK, "-u", "nobody", f"127.0.0.1:{port}", "1024"] if os.getuid() == 0 else \
+              [SMTP_SINK, f"127.0.0.1:{port}", "1024"]  # fmt: skip
+    else:
+        cmd = [sys.executable, __file__, "--serve-aiosmtpd", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def serve_aiosmtpd(port: int) -> None:
+    """A counting aiosmtpd sink that keeps nothing (so its memory stays flat)."""
+    from aiosmtpd.smtp import SMTP as Server
+
+    class Handler:
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            return "250 2.0.0 Ok: queued"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: Server(Handler(), hostname="bench-sink"), "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# --- raw ceiling -----------------------------------------------------------------------
+
+
+async def raw_ceiling(port: int, message: bytes, count: int, pool: int) -> float:
+    clients = [SMTP(hostname="127.0.0.1", port=port, timeout=30) for _ in range(pool)]
+    for c in clients:
+        await c.connect()
+    share = [count // pool + (1 if i < count % pool else 0) for i in range(pool)]
+
+    async def loop(client: SMTP, n: int) -> None:
+        for i in range(n):
+            await client.sendmail(SENDER, [f"c{i}@gmail.com"], message)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(loop(c, n) for c, n in zip(clients, share, strict=True)))
+    elapsed = time.perf_counter() - start
+    for c in clients:
+        await c.quit()
+    return count / elapsed
+
+
+# --- Kembali end to end ----------------------------------------------------------------
+
+
+def seed(url: str, count: int, now: datetime) -> None:
+    engine = db.create_engine(url)
+    db.upgrade(engine)
+    products = [ProductRecord(f"P-{i}", f"Produk {i}", "kopi", (50 + i) * 1000_00, "IDR",
+                              f"https://toko.example/p/{i}", "", None, True) for i in range(20)]  # fmt: skip
+    shop.upsert_products(engine, products, now)
+    placed = now - timedelta(days=60)
+    domains = ("gmail.com", "yahoo.co.id", "outlook.com", "ymail.com", "toko.example")
+    for start in range(0, count, 5000):
+        ids = range(start, min(count, start + 5000))
+        shop.upsert_customers(engine, [
+            CustomerRecord(f"C{i}", f"pelanggan{i}@{domains[i % 5]}", f"Pelanggan Nomor {i}",
+                           Locale.ID if i % 4 else Locale.EN, "Asia/Jakarta", None, True, "opt_in", "checkout")
+            for i in ids], now)  # fmt: skip
+        shop.upsert_orders(engine, [
+            OrderRecord(f"O{i}", f"C{i}", OrderStatus.DELIVERED, placed, None, 85_000_00, "IDR",
+                        (OrderLineRecord(f"P-{i % 20}", 1, 85_000_00),))
+            for i in ids], now)  # fmt: skip
+    engine.dispose()
+
+
+def bench_settings(url: str, port: int, pool: int, in_flight: int) -> Settings:
+    return settings_from_dict(
+        {
+            "database": {"url": url},
+            "smtp": {"host": "127.0.0.1", "port": port, "pool_size": pool, "timeout_seconds": 30.0},
+            "sending": {"batch_size": 500, "rate_per_second": 1e6, "burst": 10_000, "domain_rate_per_second": 1e6,
+                        "domain_burst": 10_000, "in_flight_per_connection": in_flight},
+            "templates": {"dir": str(ROOT / "templates" / "email")},
+            "logging": {"level": "warning"},
+        },
+        base_dir=ROOT,
+    )
+
+
+class RssProbe:
+    """Wraps the transport: counts sends and samples RSS at given counts."""
+
+    def __init__(self, inner: object, marks: list[int]) -> None:
+        self.inner = inner
+        self.marks = set(marks)
+        self.sent = 0
+        self.rss: dict[int, float] = {}
+
+    async def send(self, sender: str, recipient: str, message: bytes) -> SendResult:
+        result: SendResult = await self.inner.send(sender, recipient, message)  # type: ignore[attr-defined]
+        self.sent += 1
+        if self.sent in self.marks:
+            self.rss[self.sent] = rss_mb()
+        return result
+
+    async def close(self) -> None:
+        await self.inner.close()  # type: ignore[attr-defined]
+
+
+def kembali_end_to_end(port: int, count: int, pool: int, in_flight: int, folder: Path) -> dict[str, float]:
+    url = f"sqlite:///{folder / 'bench.db'}"
+    now = datetime.now(UTC)
+    seed(url, count, now)
+    deps = Deps.build(bench_settings(url, port, pool, in_flight))
+    probe: RssProbe | None = None
+    original = deps.transport
+
+    def transport() -> RssProbe:
+        nonlocal probe
+        probe = RssProbe(original(), [count // 10, count // 2, count])
+        return probe
+
+    deps.transport = transport  # type: ignore[method-assign]
+    start = time.perf_counter()
+    if PROFILE:
+        import cProfile
+
+        with cProfile.Profile() as profiler:
+            report = asyncio.run(running.cycle(deps))
+        profiler.dump_stats(PROFILE)
+    else:
+        report = asyncio.run(running.cycle(deps))
+    elapsed = time.perf_counter() - start
+    deps.close()
+    sent = report.dispatched.outcomes["sent"]
+    if sent != count:
+        raise RuntimeError(f"only {sent} of {count} sent: {report.dispatched.outcomes}")
+    assert probe is not None
+    return {"rate": count / elapsed, "seconds": elapsed, **{f"rss@{k}": v for k, v in probe.rss.items()}}
+
+
+def sample_message(port: int, folder: Path) -> bytes:
+    """One real Kembali message (rendered and built), for the raw loop."""
+    url = f"sqlite:///{folder / f'sample-{port}.db'}"
+    now = datetime.now(UTC)
+    seed(url, 1, now)
+    deps = Deps.build(bench_settings(url, port, 1, 1))
+    from worker.pipeline import load_batch_facts, load_catalogue, plan
+
+    plan(deps.store, deps.settings, now)
+    (claimed,) = deps.store.claim(worker="bench", now=now, limit=1, lease_seconds=60)
+    facts = load_batch_facts(deps.store, [claimed], load_catalogue(deps.store))
+    composed = deps.composer().compose(claimed, facts, now)
+    deps.close()
+    data: bytes = composed.data  # type: ignore[union-attr]
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--pool", type=int, default=8, help="SMTP connections (default 8)")
+    parser.add_argument("--in-flight", type=int, default=4, help="sending.in_flight_per_connection (default 4)")
+    parser.add_argument("--sinks", default="smtp-sink,aiosmtpd")
+    parser.add_argument("--serve-aiosmtpd", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_aiosmtpd:
+        serve_aiosmtpd(args.serve_aiosmtpd)
+        return
+    os.environ.setdefault("KEMBALI_LINK_SECRET", "bench-link-secret-0123456789abcdef")
+    log.configure("warning")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, {args.messages} messages, "
+          f"pool {args.pool} x {args.in_flight} in flight")  # fmt: skip
+    sinks = [s.strip() for s in args.sinks.split(",") if s.strip()]
+    if "smtp-sink" in sinks and SMTP_SINK is None:
+        print("NOTE: Postfix's smtp-sink is not installed (apt-get install postfix): measuring aiosmtpd only")
+        sinks.remove("smtp-sink")
+    with tempfile.TemporaryDirectory(prefix="kembali-bench-") as tmp:
+        folder = Path(tmp)
+        for kind in sinks:
+            with sink_process(kind) as port:
+                message = sample_message(port, folder)
+                raw = asyncio.run(raw_ceiling(port, message, args.messages, args.pool))
+                run_dir = folder / kind
+                run_dir.mkdir()
+                e2e = kembali_end_to_end(port, args.messages, args.pool, args.in_flight, run_dir)
+            rss = {k: v for k, v in e2e.items() if k.startswith("rss@")}
+            print(f"\n[{kind}] message {len(message)} bytes")
+            print(f"  raw aiosmtplib ceiling : {raw:8.0f} msg/s")
+            print(f"  kembali end to end     : {e2e['rate']:8.0f} msg/s  ({e2e['seconds']:.1f} s: plan, render, "
+                  "MIME, send, record on SQLite)")  # fmt: skip
+            print(f"  ratio kembali / raw    : {e2e['rate'] / raw:8.0%}")
+            print("  RSS                    : " + ", ".join(f"{v:.0f} MB after {k[4:]} sent" for k, v in rss.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The real Dispatcher, a real SQLite ledger and the fault-injecting aiosmtpd server.
+
+Each case: a customer whose address has a fault, and a customer whose address
+is fine. Given the fault, when a cycle runs (and, where the message should come
+back, another cycle after the retry time on a fake clock), then the ledger
+row, its attempt rows and what the server stored are as the case says, the
+fine customer got their mail, and no message arrived twice.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.sendkit import Shop, make_settings, message_ids
+from tests.smtp_server import CLIENT_LIMIT_REPLY, GREYLIST_REPLY, Behaviour, RecordingServer
+from tests.test_smtp_transport import _self_signed
+from worker.commands import running
+
+BAD, OK = "bad@test.example", "ok@test.example"
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture(autouse=True)
+def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    behaviour: Behaviour
+    status: str
+    """The bad row's status after the first cycle."""
+    attempts: int
+    """The row's ``attempts`` after the first cycle (throttled attempts are not counted)."""
+    outcome: str
+    """The first attempt row's outcome."""
+    code: int | None
+    stored: int
+    """Messages the server stored for the bad address."""
+    suppressed: str | None = None
+    label: str | None = None
+    """A summary label other than the status (e.g. ``failed:content_rejected``)."""
+
+
+CASES = [
+    Case("421 at RCPT", Behaviour(rcpt_reply="421 4.7.0 Too many connections, try later"),
+         "retry", 0, "throttled", 421, 0, label="retry:throttled"),
+    Case("450 at RCPT", Behaviour(rcpt_reply="450 4.2.1 Mailbox busy"), "retry", 1, "transient", 450, 0),
+    Case("451 at RCPT", Behaviour(rcpt_reply="451 4.3.0 Local error in processing"), "retry", 1, "transient", 451, 0),
+    Case("451 rate at RCPT", Behaviour(rcpt_reply="451 4.7.1 Rate limit exceeded for this sender"),
+         "retry", 0, "throttled", 451, 0, label="retry:throttled"),
+    Case("452 at RCPT", Behaviour(rcpt_reply="452 4.2.2 Mailbox full"), "retry", 1, "transient", 452, 0),
+    Case("550 no such user at RCPT", Behaviour(rcpt_reply="550 5.1.1 <bad@test.example>: User unknown"),
+         "failed", 1, "permanent", 550, 0, suppressed="hard_bounce", label="failed:hard_bounce"),
+    Case("550 user unknown without an enhanced code", Behaviour(rcpt_reply="550 User unknown in local recipient table"),
+         "failed", 1, "permanent", 550, 0, suppressed="hard_bounce", label="failed:hard_bounce"),
+    Case("552 at RCPT (treated as 452)", Behaviour(rcpt_reply="552 5.2.2 Mailbox full"),
+         "retry", 1, "transient", 552, 0),
+    Case("421 after DATA", Behaviour(data_reply="421 4.7.0 Too much mail, closing"),
+         "retry", 0, "throttled", 421, 0, label="retry:throttled"),
+    Case("450 after DATA", Behaviour(data_reply="450 4.7.1 Message deferred"), "retry", 1, "transient", 450, 0),
+    Case("451 after DATA", Behaviour(data_reply="451 4.3.0 Queue file write error"), "retry", 1, "transient", 451, 0),
+    Case("452 after DATA", Behaviour(data_reply="452 4.3.1 Insufficient system storage"),
+         "retry", 1, "transient", 452, 0),
+    Case("550 content after DATA", Behaviour(data_reply="550 5.7.1 Message rejected as spam"),
+         "failed", 1, "permanent", 550, 0, label="failed:content_rejected"),
+    Case("552 after DATA", Behaviour(data_reply="552 5.3.4 Message size exceeds fixed limit"),
+         "failed", 1, "permanent", 552, 0),
+    # the body fits the socket buffers, so the dot is written before the server hangs up:
+    # the client cannot tell this from a drop after the dot, and stays on the safe side
+    Case("drop mid-DATA", Behaviour(drop_mid_data=True), "uncertain", 1, "ambiguous", None, 0),
+    Case("drop after the final dot (stored)", Behaviour(drop_after_dot=True), "uncertain", 1, "ambiguous", None, 1),
+    Case("slow RCPT reply past the timeout", Behaviour(delay_at="rcpt", delay_seconds=1.0),
+         "retry", 1, "transient", None, 0),
+    # the server was still thinking when the client gave up (aiosmtpd then drops it): the
+    # client cannot know that, so uncertain
+    Case("slow reply to the dot past the timeout", Behaviour(delay_at="data", delay_seconds=1.0),
+         "uncertain", 1, "ambiguous", None, 0),
+]  # fmt: skip
+
+
+@pytest.fixture
+def server() -> Iterator[RecordingServer]:
+    server = RecordingServer()
+    server.start_in_thread()
+    try:
+        yield server
+    finally:
+        server.stop_in_thread()
+
+
+def shop_for(url: str, server: RecordingServer, emails: list[str], **sending: Any) -> Shop:
+    settings = make_settings(url, server.port, smtp={"timeout_seconds": 0.3}, **sending)
+    return Shop(url, settings, emails)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_each_fault_ends_in_its_state(url: str, server: RecordingServer, case: Case) -> None:
+    server.on(BAD, case.behaviour)
+    shop = shop_for(url, server, [BAD, OK])
+    try:
+        report = shop.cycle()
+        if case.behaviour.delay_at:
+            time.sleep(case.behaviour.delay_seconds + 0.3)  # let the slow server finish what it does
+
+        bad = shop.row(BAD)
+        (attempt,) = shop.attempts(BAD)
+        assert (bad.status, bad.attempts) == (case.status, case.attempts)
+        assert (attempt.outcome, attempt.code) == (case.outcome, case.code)
+        assert bad.last_code == case.code
+        if case.code is not None:
+            assert attempt.reply.startswith(str(case.code))
+        assert shop.row(OK).status == "sent"
+        received = [m.rcpt_tos for m in server.messages]
+        assert received.count((BAD,)) == case.stored
+        assert received.count((OK,)) == 1
+        assert shop.suppressed() == ({BAD: case.suppressed} if case.suppressed else {})
+        assert report.dispatched.outcomes[case.label or case.status] == 1
+        if case.status == "retry":
+            assert bad.next_attempt_at > shop.clock.now()
+
+        # later: a retry is sent once the server behaves; nothing terminal is touched again
+        server.on(BAD, Behaviour())
+        shop.clock.advance(7 * 3600)
+        shop.cycle()
+        expected = "sent" if case.status == "retry" else case.status
+        assert shop.row(BAD).status == expected
+        assert len(shop.attempts(BAD)) == (2 if case.status == "retry" else 1)
+        assert [m.rcpt_tos for m in server.messages].count((BAD,)) == case.stored + (case.status == "retry")
+        assert all(n == 1 for n in message_ids(server.messages).values()), "a message arrived twice"
+    finally:
+        shop.close()
+
+
+def test_greylisting_is_sent_on_a_later_cycle_with_two_attempt_rows(url: str, server: RecordingServer) -> None:
+    server.on(BAD, Behaviour(greylist=True))
+    shop = shop_for(url, server, [BAD, OK])
+    try:
+        shop.cycle()
+        first = shop.row(BAD)
+        assert (first.status, first.attempts, first.last_reply) == ("retry", 1, GREYLIST_REPLY)
+        # the server's "try again in 60 seconds" is honoured: not before
+        wait = (first.next_attempt_at - shop.clock.now()).total_seconds()
+        assert 60 <= wait <= 61
+
+        shop.clock.advance(30)
+        shop.cycle()
+        assert shop.row(BAD).status == "retry"  # not due yet: nothing tried
+
+        shop.clock.set(first.next_attempt_at)
+        shop.cycle()
+        assert shop.row(BAD).status == "sent"
+        assert [(a.outcome, a.code) for a in shop.attempts(BAD)] == [("transient", 450), ("sent", 250)]
+        assert [a.attempt_no for a in shop.attempts(BAD)] == [1, 2]
+        assert sorted(m.rcpt_tos for m in server.messages) == [(BAD,), (OK,)]
+    finally:
+        shop.close()
+
+
+def test_a_per_client_rate_limit_slows_down_without_failing_anyone(url: str, server: RecordingServer) -> None:
+    emails = [f"c{i}@test.example" for i in range(10)]
+    server.client_limit = 4
+    shop = shop_for(url, server, emails, max_attempts=1)
+    try:
+        report = shop.cycle()
+        assert report.dispatched.outcomes["sent"] == 4
+        assert report.dispatched.outcomes["retry:throttled"] == 6
+        throttled = [e for e in emails if shop.row(e).status == "retry"]
+        for address in throttled:
+            row = shop.row(address)
+            assert row.attempts == 0  # not counted: even max_attempts = 1 does not fail them
+            assert [(a.outcome, a.last) for a in [_Attempt(shop.attempts(address))]] == [("throttled", 451)]
+            assert row.last_reply == CLIENT_LIMIT_REPLY
+
+        server.reset_client_limit()
+        server.client_limit = None
+        shop.clock.advance(7 * 3600)
+        shop.cycle()
+        assert {shop.row(e).status for e in emails} == {"sent"}
+        assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(emails)
+        assert all(n == 1 for n in message_ids(server.messages).values())
+        assert {shop.row(e).attempts for e in throttled} == {1}
+    finally:
+        shop.close()
+
+
+class _Attempt:
+    """The single attempt row of a message, as (outcome, code)."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        (row,) = rows
+        self.outcome, self.last = row.outcome, row.code
+
+
+def test_a_421_greeting_retries_without_counting_the_attempt(url: str, server: RecordingServer) -> None:
+    server.greeting = "421 4.3.2 Service not available, closing transmission channel"
+    shop = shop_for(url, server, [BAD, OK])
+    try:
+        report = shop.cycle()
+        for address in (BAD, OK):
+            row = shop.row(address)
+            assert (row.status, row.attempts, row.last_code) == ("retry", 0, 421)
+            assert [(a.outcome, a.code) for a in shop.attempts(address)] == [("throttled", 421)]
+        assert server.messages == []
+        assert report.dispatched.paused is None  # the server answers: this is "slow down", not "down"
+
+        server.greeting = None
+        shop.clock.advance(7 * 3600)
+        shop.cycle()
+        assert {shop.row(a).status for a in (BAD, OK)} == {"sent"}
+        assert len(server.messages) == 2
+    finally:
+        shop.close()
+
+
+def test_a_drop_after_the_dot_is_never_resent(url: str, server: RecordingServer) -> None:
+    server.on(BAD, Behaviour(drop_after_dot=True))
+    shop = shop_for(url, server, [BAD])
+    try:
+        shop.cycle()
+        server.on(BAD, Behaviour())
+        for _ in range(3):
+            shop.clock.advance(24 * 3600)
+            shop.cycle()
+        assert shop.row(BAD).status == "uncertain"
+        assert len(shop.attempts(BAD)) == 1
+        assert len(server.messages) == 1
+    finally:
+        shop.close()
+
+
+def test_attempts_run_out_then_failed(url: str, server: RecordingServer) -> None:
+    server.on(BAD, Behaviour(rcpt_reply="450 4.2.1 Mailbox busy, try again in 90 seconds"))
+    shop = shop_for(url, server, [BAD], max_attempts=3)
+    try:
+        for n in (1, 2):
+            shop.cycle()
+            row = shop.row(BAD)
+            assert (row.status, row.attempts) == ("retry", n)
+            assert (row.next_attempt_at - shop.clock.now()).total_seconds() >= 90
+            shop.clock.set(row.next_attempt_at)
+        shop.cycle()
+        row = shop.row(BAD)
+        assert (row.status, row.attempts) == ("failed", 3)
+        assert [a.attempt_no for a in shop.attempts(BAD)] == [1, 2, 3]
+        assert server.messages == []
+    finally:
+        shop.close()
+
+
+def test_connection_failures_in_a_row_pause_the_dispatcher(url: str, server: RecordingServer) -> None:
+    emails = [f"c{i}@test.example" for i in range(12)]
+    port = server.port
+    server.stop_in_thread()  # nobody listens any more: every connection is refused
+    settings = make_settings(url, port, smtp={"pool_size": 1}, pause_after_failures=3, in_flight_per_connection=1)
+    shop = Shop(url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        assert report.dispatched.paused is not None
+        assert "3 connection failures in a row" in report.dispatched.paused
+        statuses = [shop.row(e).status for e in emails]
+        assert statuses.count("retry") == 3  # the three that were tried: retried later, not failed
+        assert statuses.count("planned") == 9  # the rest was given back untouched
+        assert sum(len(shop.attempts(e)) for e in emails) == 3
+        assert any("PAUSED" in line for line in running.summary(report))
+        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+    finally:
+        shop.close()
+        server.start_in_thread()  # the fixture stops it again
+
+
+def test_the_daily_quota_leaves_the_rest_for_tomorrow(url: str, server: RecordingServer) -> None:
+    emails = [f"c{i}@test.example" for i in range(7)]
+    shop = shop_for(url, server, emails, daily_quota=3)
+    try:
+        report = shop.cycle()
+        assert report.dispatched.outcomes["sent"] == 3
+        assert report.dispatched.quota_reached
+        waiting = [shop.row(e) for e in emails if shop.row(e).status == "planned"]
+        assert len(waiting) == 4
+        # NOW is 10:00 in Jakarta: the quota resets at the next local midnight (17:00 UTC)
+        assert {w.next_attempt_at.isoformat() for w in waiting} == {"2026-11-22T17:00:00+00:00"}
+        assert all(shop.attempts(w.email) == [] for w in waiting)
+
+        shop.cycle()  # same day: nothing more
+        assert len(server.messages) == 3
+
+        shop.clock.advance(24 * 3600)
+        shop.cycle()
+        assert len(server.messages) == 6  # three more the next day
+        assert all(n == 1 for n in message_ids(server.messages).values())
+    finally:
+        shop.close()
+
+
+def test_starttls_required_but_not_offered_sends_nothing(url: str, server: RecordingServer) -> None:
+    settings = make_settings(url, server.port, smtp={"tls": "starttls"})
+    shop = Shop(url, settings, [OK])
+    try:
+        shop.cycle()
+        row = shop.row(OK)
+        assert (row.status, row.last_error) == ("retry", "StartTLSNotOffered")
+        assert "does not offer STARTTLS" in row.last_reply
+        assert server.messages == []
+    finally:
+        shop.close()
+
+
+def test_an_untrusted_certificate_fails_the_connection_clearly(url: str, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    tls_server = RecordingServer(tls_context=context)
+    tls_server.start_in_thread()
+    try:
+        shop = Shop(url, make_settings(url, tls_server.port, smtp={"tls": "starttls"}), [OK])
+        try:
+            shop.cycle()
+            row = shop.row(OK)
+        finally:
+            shop.close()
+    finally:
+        tls_server.stop_in_thread()
+    assert row.status == "retry"
+    assert "CERTIFICATE_VERIFY_FAILED" in row.last_reply
+    assert "self-signed certificate" in row.last_reply
+    assert tls_server.messages == []

@@ -1,0 +1,103 @@
+"""`kembali ledger`: an operator lists uncertain and failed messages, then resends or closes them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.sendkit import Shop, make_settings, message_ids, settings_dict, write_config
+from tests.smtp_server import Behaviour, RecordingServer
+from worker import cli
+
+DROP, GONE, OK = "drop@test.example", "gone@test.example", "ok@test.example"
+
+
+@pytest.fixture
+def world(tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Shop, Path]]:
+    """Given one uncertain message (dropped after the dot), one failed (550) and one sent."""
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    smtp_server.on(DROP, Behaviour(drop_after_dot=True))
+    smtp_server.on(GONE, Behaviour(rcpt_reply="550 5.2.1 Mailbox disabled"))
+    shop = Shop(url, make_settings(url, smtp_server.port), [DROP, GONE, OK])
+    shop.cycle()
+    config = write_config(tmp_path / "config.toml", settings_dict(url, smtp_server.port))
+    try:
+        yield shop, config
+    finally:
+        shop.close()
+
+
+def kembali(config: Path, *args: str) -> int:
+    return cli.main(["--config", str(config), "ledger", *args])
+
+
+def test_list_shows_what_needs_a_decision(world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    shop, config = world
+
+    assert kembali(config, "list") == 0
+    out = capsys.readouterr().out
+    assert "uncertain" in out and DROP in out
+    assert "failed" in out and GONE in out and "550 5.2.1 Mailbox disabled" in out
+    assert OK not in out
+    assert "ledger: 1 failed, 1 sent, 1 uncertain" in out
+
+    assert kembali(config, "list", "--status", "uncertain", "--json") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    row = json.loads(line)
+    assert (row["email"], row["status"], row["attempts"], row["last_code"]) == (DROP, "uncertain", 1, None)
+    assert row["message_id"] == shop.row(DROP).message_id
+
+
+def test_resend_puts_the_message_back_with_the_same_message_id(
+    world: tuple[Shop, Path], smtp_server: RecordingServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shop, config = world
+    uncertain = shop.row(DROP)
+    smtp_server.on(DROP, Behaviour())
+
+    assert kembali(config, "resend", str(uncertain.id), "--reason", "customer says it never came") == 0
+    assert "1 message(s) back in the queue" in capsys.readouterr().out
+    row = shop.row(DROP)
+    assert row.status == "retry"
+    assert row.last_error == "operator resend: customer says it never came"
+    assert shop.attempts(DROP)[-1].outcome == "operator"
+    assert shop.attempts(DROP)[-1].worker.startswith("operator:")
+
+    shop.clock.set(row.next_attempt_at)
+    shop.cycle()
+    assert shop.row(DROP).status == "sent"
+    assert [a.outcome for a in shop.attempts(DROP)] == ["ambiguous", "operator", "sent"]
+    # the operator chose to send it again: the same Message-ID twice, so mail clients can tell
+    assert message_ids(smtp_server.messages)[uncertain.message_id] == 2
+
+
+def test_close_marks_final_with_a_note(world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    shop, config = world
+
+    assert kembali(config, "close", str(shop.row(DROP).id), "--as", "sent", "--reason", "seen in the mailbox") == 0
+    assert kembali(config, "close", str(shop.row(GONE).id)) == 0
+    capsys.readouterr()
+
+    assert (shop.row(DROP).status, shop.row(DROP).last_error) == (
+        "sent",
+        "operator closed as sent: seen in the mailbox",
+    )
+    assert shop.row(DROP).sent_at is not None
+    assert (shop.row(GONE).status, shop.row(GONE).last_error) == ("failed", "operator closed as failed")
+    assert [a.outcome for a in shop.attempts(GONE)] == ["permanent", "operator"]
+
+
+def test_rows_that_are_not_decidable_are_left_alone(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    shop, config = world
+
+    assert kembali(config, "resend", str(shop.row(OK).id), "999999") == 1
+    err = capsys.readouterr().err
+    assert f"message {shop.row(OK).id} left alone: is sent" in err
+    assert "message 999999 left alone: no such message" in err
+    assert shop.row(OK).status == "sent"

@@ -1,0 +1,305 @@
+"""Sending limits: GCRA booking, throttling replies, adaptive rates, quotas, and the shared store."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from worker.adapters import db
+from worker.adapters.ratestore import RateStore
+from worker.config import DomainRate, SendingSettings, settings_from_dict
+from worker.core import lifecycle
+from worker.core.limits import (
+    AdaptiveRate,
+    as_throttled,
+    book,
+    bounce_kind,
+    domain_of,
+    is_throttling,
+    next_quota_day_start,
+    quota_day,
+    quota_grant,
+)
+from worker.core.ratelimit import Gcra
+from worker.domain import MessageStatus, Outcome, SendResult
+from worker.errors import ConfigError
+from worker.limiter import Limiter, LocalBooker
+from worker.testing import FakeClock
+
+# --- GCRA booking ---------------------------------------------------------------
+
+
+def test_booking_one_at_a_time_matches_the_in_process_gcra() -> None:
+    gcra = Gcra(rate=4.0, burst=3)
+    tat = 0.0
+    for now in [0.0, 0.0, 0.0, 0.0, 0.1, 0.9, 2.0, 2.0, 5.0, 5.01]:
+        tat, wait = book(tat, now, interval=0.25, burst=3)
+        assert wait == pytest.approx(gcra.reserve(now))
+
+
+def test_booking_n_at_once_spaces_them_by_the_interval() -> None:
+    tat, wait = book(0.0, 10.0, interval=0.5, burst=1, n=4)
+    assert (tat, wait) == (12.0, 0.0)
+    tat, wait = book(tat, 10.0, interval=0.5, burst=1)
+    assert wait == pytest.approx(2.0)
+
+
+def _simulate(limiter: Limiter, clock: FakeClock, domains: list[str], seconds: float) -> list[tuple[float, str]]:
+    """One sender sending as fast as the limits allow, round robin over ``domains``, for ``seconds``."""
+    events: list[tuple[float, str]] = []
+    start = clock.monotonic()
+
+    async def main() -> None:
+        i = 0
+        while clock.monotonic() - start < seconds:
+            domain = domains[i % len(domains)]
+            await limiter.acquire(domain)
+            if clock.monotonic() - start < seconds:
+                events.append((clock.monotonic() - start, domain))
+            i += 1
+
+    asyncio.run(main())
+    return events
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(1.0, 1), (10.0, 5), (50.0, 50), (0.5, 3), (200.0, 20)])
+def test_a_simulated_minute_matches_the_global_rate_plus_burst(rate: float, burst: int) -> None:
+    clock = FakeClock()
+    settings = SendingSettings(rate_per_second=rate, burst=burst, domain_rate_per_second=10_000, domain_burst=10_000)
+    events = _simulate(Limiter(settings, clock, LocalBooker(clock)), clock, ["a.example"], 60.0)
+
+    assert rate * 60 + burst - 1 <= len(events) <= rate * 60 + burst
+    assert sum(1 for t, _ in events if t < 1e-9) == burst  # the burst goes at once
+    assert all(n <= rate + burst for n in Counter(int(t) for t, _ in events).values())
+
+
+def test_each_domain_keeps_its_own_rate_inside_the_global_one() -> None:
+    clock = FakeClock()
+    settings = SendingSettings(
+        rate_per_second=10.0, burst=1, domain_rate_per_second=3.0, domain_burst=1,
+        domains={"gmail.com": DomainRate(rate_per_second=2.0, burst=1)},
+    )  # fmt: skip
+    limiter = Limiter(settings, clock, LocalBooker(clock))
+    events = _simulate(limiter, clock, ["gmail.com", "yahoo.com", "x.example", "y.example", "z.example"], 60.0)
+    per_domain = Counter(d for _, d in events)
+
+    assert per_domain["gmail.com"] <= 2 * 60 + 1
+    assert per_domain["yahoo.com"] <= 3 * 60 + 1
+    assert len(events) <= 10 * 60 + 1
+
+
+def test_a_throttled_domain_halves_and_then_recovers() -> None:
+    clock = FakeClock()
+    settings = SendingSettings(domain_rate_per_second=8.0, domain_burst=1, throttle_floor_per_second=1.0)
+    limiter = Limiter(settings, clock, LocalBooker(clock))
+    throttled = SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Too many messages, slow down")
+    sent = SendResult(Outcome.SENT, 250, "250 ok")
+
+    rates = []
+    for _ in range(4):
+        limiter.observe("gmail.com", throttled)
+        rates.append(limiter.rates["gmail.com"].current)
+    assert rates == [4.0, 2.0, 1.0, 1.0]  # never below the floor
+    limiter.observe("gmail.com", sent)
+    assert limiter.rates["gmail.com"].current == pytest.approx(1.4)  # + ceiling / 20 per good reply
+    for _ in range(100):
+        limiter.observe("gmail.com", sent)
+    assert limiter.rates["gmail.com"].current == 8.0
+    assert "yahoo.com" not in limiter.rates or limiter.rates["yahoo.com"].current == 8.0
+
+
+def test_a_throttled_domain_sends_at_its_reduced_rate_in_a_simulated_minute() -> None:
+    clock = FakeClock()
+    settings = SendingSettings(rate_per_second=100.0, burst=1, domain_rate_per_second=8.0, domain_burst=8)
+    limiter = Limiter(settings, clock, LocalBooker(clock))
+    limiter.observe("gmail.com", SendResult(Outcome.THROTTLED, 421, "421 slow down"))
+
+    events = _simulate(limiter, clock, ["gmail.com"], 60.0)
+
+    assert 4 * 60 <= len(events) <= 4 * 60 + 1  # half of 8/s, and no burst while throttled
+
+
+def test_adaptive_rate_validates() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        AdaptiveRate(ceiling=0, floor=1)
+    assert AdaptiveRate(ceiling=1.0, floor=5.0).floor == 1.0
+
+
+# --- replies -------------------------------------------------------------------------
+
+THROTTLING = [
+    (421, "421 4.7.0 Try again later, closing connection", True),
+    (421, "421 4.3.2 Service not available", True),
+    (454, "454 4.7.0 TLS not available due to temporary reason", True),
+    (450, "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents delivery", True),
+    (451, "451 4.7.1 Too many messages from your IP, try again later", True),
+    (450, "450 4.7.1 Too much mail from this sender", True),
+    (451, "451 4.3.0 Please try later", True),
+    (450, "450 4.2.0 Greylisted, please come back in 300 seconds", False),
+    (451, "451 4.3.0 Local error in processing", False),
+    (452, "452 4.2.2 Mailbox full", False),
+    (550, "550 5.7.1 Rate limit exceeded", False),
+    (None, "Connection lost", False),
+]
+
+
+@pytest.mark.parametrize(("code", "reply", "throttling"), THROTTLING)
+def test_throttling_replies(code: int | None, reply: str, throttling: bool) -> None:
+    assert is_throttling(code, reply) is throttling
+
+
+def test_only_transient_results_become_throttled() -> None:
+    assert as_throttled(SendResult(Outcome.TRANSIENT, 421, "421 busy")).outcome is Outcome.THROTTLED
+    assert as_throttled(SendResult(Outcome.TRANSIENT, 421, "421 busy", retry_after_seconds=9)).retry_after_seconds == 9
+    assert as_throttled(SendResult(Outcome.PERMANENT, 550, "550 rate")).outcome is Outcome.PERMANENT
+    assert as_throttled(SendResult(Outcome.SENT, 250, "250 ok")).outcome is Outcome.SENT
+
+
+BOUNCES = [
+    (550, "550 5.1.1 <x@example.com>: Recipient address rejected: User unknown", "hard_bounce"),
+    (550, "550 5.1.1 The email account that you tried to reach does not exist", "hard_bounce"),
+    (553, "553 5.1.3 Bad recipient address syntax", "hard_bounce"),
+    (550, "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup", "hard_bounce"),
+    (550, "550 User unknown", "hard_bounce"),
+    (550, "550 No such user here", "hard_bounce"),
+    (554, "554 5.7.1 Message rejected as spam by Content Filtering", "content"),
+    (550, "550 5.7.1 Our system has detected that this message is likely unsolicited mail", "content"),
+    (552, "552 5.3.4 Message size exceeds fixed limit", None),
+    (550, "550 5.2.1 Mailbox disabled", None),
+    (550, "550 Requested action not taken", None),
+    (450, "450 4.1.1 User unknown (temporarily)", None),
+    (None, "", None),
+]
+
+
+@pytest.mark.parametrize(("code", "reply", "kind"), BOUNCES)
+def test_what_a_permanent_reply_says_about_the_address(code: int | None, reply: str, kind: str | None) -> None:
+    assert bounce_kind(code, reply) == kind
+
+
+def test_a_throttled_attempt_retries_soon_even_after_the_last_attempt() -> None:
+    now = datetime(2026, 11, 22, tzinfo=UTC)
+    result = SendResult(Outcome.THROTTLED, 421, "421 slow down", retry_after_seconds=120)
+    status, at = lifecycle.after_attempt(result, attempt=5, max_attempts=5, now=now, base_seconds=60, cap_seconds=3600)
+    assert status is MessageStatus.RETRY
+    assert at is not None and now + timedelta(seconds=120) <= at <= now + timedelta(seconds=120.001)
+
+
+# --- quota days ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("now", "day", "next_start"),
+    [
+        (datetime(2026, 11, 22, 16, 59, tzinfo=UTC), "2026-11-22", datetime(2026, 11, 22, 17, 0, tzinfo=UTC)),
+        (datetime(2026, 11, 22, 17, 0, tzinfo=UTC), "2026-11-23", datetime(2026, 11, 23, 17, 0, tzinfo=UTC)),
+    ],
+)
+def test_quota_days_are_shop_local(now: datetime, day: str, next_start: datetime) -> None:
+    assert quota_day(now, "Asia/Jakarta").isoformat() == day
+    assert next_quota_day_start(now, "Asia/Jakarta") == next_start
+
+
+@pytest.mark.parametrize(
+    ("used", "quota", "wanted", "granted"),
+    [(0, 0, 50, 50), (0, 10, 5, 5), (8, 10, 5, 2), (10, 10, 5, 0), (12, 10, 1, 0)],
+)
+def test_quota_grant(used: int, quota: int, wanted: int, granted: int) -> None:
+    assert quota_grant(used, quota, wanted) == granted
+
+
+# --- config --------------------------------------------------------------------------
+
+
+def test_domains_are_read_from_a_table() -> None:
+    s = settings_from_dict({"sending": {"domains": {"gmail.com": {"rate_per_second": 3, "burst": 2}}}})
+    assert s.sending.domains == {"gmail.com": DomainRate(rate_per_second=3.0, burst=2)}
+
+
+@pytest.mark.parametrize(
+    ("sending", "message"),
+    [
+        ({"domains": {"gmail.com": {"rate": 3}}}, "unknown key 'sending.domains.gmail.com.rate'"),
+        ({"domains": {"Gmail.com": {}}}, "'sending.domains.Gmail.com' must be a lower-case domain"),
+        ({"domains": {"gmail.com": {"burst": 0}}}, "'sending.domains.gmail.com.burst' must be at least 1"),
+        ({"domains": {"gmail.com": 5}}, "[sending.domains.gmail.com] must be a table"),
+        ({"daily_quota": -1}, "'sending.daily_quota' must be 0"),
+        ({"shared_limits": "redis"}, "'sending.shared_limits' must be"),
+        ({"throttle_floor_per_second": 0}, "'sending.throttle_floor_per_second' must be positive"),
+    ],
+)
+def test_bad_limit_settings_are_named(sending: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        settings_from_dict({"sending": sending})
+
+
+def test_domain_of() -> None:
+    assert domain_of("Budi@Gmail.COM") == "gmail.com"
+
+
+# --- the shared store, on SQLite and PostgreSQL --------------------------------------
+
+
+def test_the_database_books_like_the_pure_rule(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        rates = RateStore(engine)
+        tat = 0.0
+        for now in [100.0, 100.0, 100.0, 100.5, 103.0, 103.0]:
+            got = rates.book([("global", 0.5, 2)], now)
+            tat, expected = book(tat, now, interval=0.5, burst=2)
+            assert got == pytest.approx(expected)
+        # two limits at once: the longer wait wins
+        wait = rates.book([("global", 0.5, 2), ("domain:gmail.com", 10.0, 1)], 103.0)
+        assert wait == pytest.approx(book(tat, 103.0, interval=0.5, burst=2)[1])
+        assert rates.book([("domain:gmail.com", 10.0, 1)], 103.0) == pytest.approx(10.0)
+    finally:
+        engine.dispose()
+
+
+def test_the_daily_quota_is_counted_per_day(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        rates = RateStore(engine)
+        assert rates.take_quota("quota:daily", day="2026-11-22", quota=10, wanted=6) == 6
+        assert rates.take_quota("quota:daily", day="2026-11-22", quota=10, wanted=6) == 4
+        assert rates.take_quota("quota:daily", day="2026-11-22", quota=10, wanted=6) == 0
+        rates.give_back_quota("quota:daily", day="2026-11-22", count=3)
+        assert rates.used_today("quota:daily", day="2026-11-22") == 7
+        assert rates.take_quota("quota:daily", day="2026-11-23", quota=10, wanted=6) == 6
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_concurrent_bookings_on_postgresql_never_share_a_slot(pg_url: str) -> None:
+    engine = db.create_engine(pg_url)
+    db.upgrade(engine)
+    rates = [RateStore(engine) for _ in range(4)]
+    waits: list[float] = []
+    lock = threading.Lock()
+
+    def worker(r: RateStore) -> None:
+        for _ in range(50):
+            w = r.book([("global", 0.01, 1)], 1000.0)
+            with lock:
+                waits.append(w)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in rates]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.dispose()
+
+    assert sorted(round(w, 6) for w in waits) == [round(i * 0.01, 6) for i in range(200)]
+
+
+def test_the_rate_settings_round_trip_through_replace() -> None:
+    s = replace(SendingSettings(), daily_quota=5)
+    assert s.daily_quota == 5

@@ -1,0 +1,148 @@
+"""Operator access to the ledger (``kembali ledger``): list rows, resend or close them.
+
+Only rows that need an operator's decision can be changed: ``uncertain`` (the
+mail may have arrived) and ``failed``. Every action leaves an attempt row with
+outcome ``operator`` (who, when, what was decided, the note) and the note in
+``last_error``, so the history shows that a person, not the worker, decided.
+A resend puts the row back to ``retry``, due now, with the same Message-ID.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from worker.adapters.tables import Attempt, Message
+from worker.domain import MessageStatus, Outcome
+
+M = Message.__table__  # type: ignore[attr-defined]
+A = Attempt.__table__  # type: ignore[attr-defined]
+
+DECIDABLE = (MessageStatus.UNCERTAIN.value, MessageStatus.FAILED.value)
+"""States an operator may resend or close."""
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    id: int
+    status: str
+    campaign: str
+    dedupe_key: str
+    email: str
+    message_id: str
+    attempts: int
+    last_code: int | None
+    last_reply: str | None
+    last_error: str | None
+    skip_reason: str | None
+    updated_at: datetime
+    next_attempt_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "campaign": self.campaign,
+            "dedupe_key": self.dedupe_key,
+            "email": self.email,
+            "message_id": self.message_id,
+            "attempts": self.attempts,
+            "last_code": self.last_code,
+            "last_reply": self.last_reply,
+            "last_error": self.last_error,
+            "skip_reason": self.skip_reason,
+            "updated_at": self.updated_at.isoformat(),
+            "next_attempt_at": self.next_attempt_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    changed: list[int]
+    """Rows changed."""
+    refused: dict[int, str]
+    """id → why it was left alone (unknown id, or a state an operator cannot change)."""
+
+
+def _ledger_row(r: Any) -> LedgerRow:
+    return LedgerRow(
+        r.id, r.status, r.campaign, r.dedupe_key, r.email, r.message_id, r.attempts, r.last_code,
+        r.last_reply, r.last_error, r.skip_reason, r.updated_at, r.next_attempt_at,
+    )  # fmt: skip
+
+
+class LedgerAdmin:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def rows(self, *, statuses: Sequence[str] = (), campaign: str | None = None, limit: int = 50) -> list[LedgerRow]:
+        query = sa.select(M).order_by(M.c.updated_at.desc(), M.c.id.desc()).limit(limit)
+        if statuses:
+            query = query.where(M.c.status.in_(list(statuses)))
+        if campaign:
+            query = query.where(M.c.campaign == campaign)
+        with self.engine.begin() as conn:
+            rows = conn.execute(query).all()
+        return [_ledger_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        query = sa.select(M.c.status, sa.func.count()).group_by(M.c.status)
+        with self.engine.begin() as conn:
+            return {status: n for status, n in conn.execute(query)}
+
+    def resend(self, ids: Sequence[int], *, now: datetime, operator: str, note: str = "") -> ActionResult:
+        """Put uncertain/failed rows back to ``retry``, due now (same Message-ID)."""
+        text = "operator resend" + (f": {note}" if note else "")
+        return self._decide(ids, now=now, operator=operator, text=text, values={
+            "status": MessageStatus.RETRY.value, "next_attempt_at": now, "skip_reason": None,
+        })  # fmt: skip
+
+    def close(
+        self, ids: Sequence[int], *, now: datetime, operator: str, status: MessageStatus, note: str = ""
+    ) -> ActionResult:
+        """Mark uncertain/failed rows terminal as the operator decided (``sent`` or ``failed``)."""
+        if status not in (MessageStatus.SENT, MessageStatus.FAILED):
+            raise ValueError("an operator closes a message as sent or failed")
+        text = f"operator closed as {status.value}" + (f": {note}" if note else "")
+        values: dict[str, Any] = {"status": status.value}
+        if status is MessageStatus.SENT:
+            values["sent_at"] = now
+        return self._decide(ids, now=now, operator=operator, text=text, values=values)
+
+    def _decide(
+        self, ids: Sequence[int], *, now: datetime, operator: str, text: str, values: dict[str, Any]
+    ) -> ActionResult:
+        text = text[:500]
+        changed: list[int] = []
+        refused: dict[int, str] = {}
+        with self.engine.begin() as conn:
+            found = {r.id: r for r in conn.execute(sa.select(M.c.id, M.c.status, M.c.attempts).where(M.c.id.in_(ids)))}
+            for message_id in ids:
+                row = found.get(message_id)
+                if row is None:
+                    refused[message_id] = "no such message"
+                    continue
+                if row.status not in DECIDABLE:
+                    refused[message_id] = f"is {row.status}; only uncertain or failed messages can be changed"
+                    continue
+                updated = conn.execute(
+                    sa.update(M)
+                    .where(M.c.id == message_id, M.c.status.in_(DECIDABLE))
+                    .values(last_error=text, updated_at=now, claimed_by=None, lease_until=None, **values)
+                ).rowcount
+                if not updated:  # changed under us
+                    refused[message_id] = "changed meanwhile; try again"
+                    continue
+                conn.execute(
+                    sa.insert(A).values(
+                        message_id=message_id, attempt_no=row.attempts, worker=operator[:100], started_at=now,
+                        finished_at=now, outcome=Outcome.OPERATOR.value, code=None, reply=text, error_type="",
+                    )
+                )  # fmt: skip
+                changed.append(message_id)
+        return ActionResult(changed, refused)

@@ -1,0 +1,89 @@
+"""Limiter state in the database, so every worker on it shares the same limits.
+
+``book`` is GCRA in one statement per limit: an upsert that moves the row's
+theoretical arrival time (``tat``) and returns it::
+
+    INSERT INTO rate_limit (key, tat) VALUES (:key, :now + :n * :interval)
+    ON CONFLICT (key) DO UPDATE SET tat = greatest(rate_limit.tat, :now) + :n * :interval
+    RETURNING tat
+
+The row lock taken by the update makes concurrent bookings from several
+processes queue up one after the other, so no two get the same slot. The
+arithmetic matches ``worker.core.limits.book``. Times are Unix seconds (wall
+clock), since monotonic clocks are not shared between processes.
+
+``take_quota`` counts today's sends in a ``quota:*`` row inside one short
+transaction (``SELECT … FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+
+from worker.adapters.tables import RateLimit
+from worker.core.limits import quota_grant
+
+R = RateLimit.__table__  # type: ignore[attr-defined]
+
+
+class RateStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        pg = engine.dialect.name == "postgresql"
+        self._insert = postgresql.insert if pg else sqlite.insert
+        self._greatest = sa.func.greatest if pg else sa.func.max
+
+    def _book_stmt(self, key: str, now: float, step: float) -> sa.Executable:
+        stmt = self._insert(R).values(key=key, tat=now + step, day_count=0)
+        return stmt.on_conflict_do_update(
+            index_elements=[R.c.key],
+            set_={"tat": self._greatest(R.c.tat, now) + step},
+        ).returning(R.c.tat)
+
+    def book(self, limits: Sequence[tuple[str, float, int]], now: float, n: int = 1) -> float:
+        """Book ``n`` events on every ``(key, interval, burst)`` limit in one transaction;
+        returns the seconds from ``now`` until the first may happen (the longest of the limits)."""
+        wait = 0.0
+        with self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                # limiter state need not survive a database crash: do not wait for the WAL flush
+                conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
+            for key, interval, burst in limits:
+                step = n * interval
+                tat = float(conn.execute(self._book_stmt(key, now, step)).scalar_one())
+                start = tat - step
+                wait = max(wait, start - interval * (burst - 1) - now)
+        return max(0.0, wait)
+
+    def take_quota(self, key: str, *, day: str, quota: int, wanted: int) -> int:
+        """Take up to ``wanted`` of today's ``quota`` sends; returns how many were granted."""
+        with self.engine.begin() as conn:
+            conn.execute(self._insert(R).values(key=key, tat=0.0, day=day, day_count=0).on_conflict_do_nothing())
+            query = sa.select(R.c.day, R.c.day_count).where(R.c.key == key)
+            if self.engine.dialect.name == "postgresql":
+                query = query.with_for_update()
+            row = conn.execute(query).one()
+            used = row.day_count if row.day == day else 0
+            granted = quota_grant(used, quota, wanted)
+            conn.execute(sa.update(R).where(R.c.key == key).values(day=day, day_count=used + granted))
+        return granted
+
+    def give_back_quota(self, key: str, *, day: str, count: int) -> None:
+        """Return unused grants (messages that were not sent after all)."""
+        if count <= 0:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(R)
+                .where(R.c.key == key, R.c.day == day)
+                .values(day_count=sa.case((R.c.day_count > count, R.c.day_count - count), else_=0))
+            )
+
+    def used_today(self, key: str, *, day: str) -> int:
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(R.c.day, R.c.day_count).where(R.c.key == key)).first()
+        return row.day_count if row is not None and row.day == day else 0

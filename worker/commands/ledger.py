@@ -1,0 +1,126 @@
+"""`kembali ledger`: see uncertain and failed messages, and decide what becomes of them.
+
+    kembali ledger list [--status uncertain] [--campaign winback] [--limit 50] [--json]
+    kembali ledger resend ID... [--reason TEXT]     back to retry, due now, same Message-ID
+    kembali ledger close ID... [--as failed|sent] [--reason TEXT]
+
+Kembali never resends an ``uncertain`` message by itself (it may have arrived);
+these commands are how an operator decides. Each decision is recorded as an
+attempt row with outcome ``operator``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import socket
+import sys
+
+from worker.adapters import db
+from worker.adapters.clock import SystemClock
+from worker.adapters.ledger import ActionResult, LedgerAdmin, LedgerRow
+from worker.config import Settings
+from worker.domain import MessageStatus
+
+EXIT_OK, EXIT_ATTENTION = 0, 1
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "ledger",
+        help="list uncertain/failed messages; resend or close them",
+        description="The ledger holds one row per planned message. `list` shows rows (by default the ones "
+        "that need a decision: uncertain and failed) with their attempts and the server's last reply. "
+        "`resend` puts uncertain or failed rows back in the queue (same Message-ID); `close` marks them "
+        "final as you decide. Kembali never resends an uncertain message by itself: it may have arrived.",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = actions.add_parser("list", help="list messages with their last reply")
+    ls.add_argument(
+        "--status",
+        action="append",
+        choices=[s.value for s in MessageStatus],
+        help="only this status (repeatable; default: uncertain and failed)",
+    )
+    ls.add_argument("--all", action="store_true", help="every status")
+    ls.add_argument("--campaign", help="only this campaign")
+    ls.add_argument("--limit", type=int, default=50, help="at most N rows, newest first (default 50)")
+    ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    rs = actions.add_parser("resend", help="send uncertain/failed messages again (same Message-ID)")
+    rs.add_argument("ids", type=int, nargs="+", metavar="ID")
+    rs.add_argument("--reason", default="", help="a note kept with the message")
+    cl = actions.add_parser("close", help="mark uncertain/failed messages final")
+    cl.add_argument("ids", type=int, nargs="+", metavar="ID")
+    cl.add_argument(
+        "--as",
+        dest="as_status",
+        choices=["failed", "sent"],
+        default="failed",
+        help="the final status (default failed; sent if you know it arrived)",
+    )
+    cl.add_argument("--reason", default="", help="a note kept with the message")
+
+
+def operator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"operator:{user}@{socket.gethostname()}"
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    engine = db.create_engine(settings.database_url)
+    try:
+        db.check_schema(engine)
+        admin = LedgerAdmin(engine)
+        if args.action == "list":
+            return _list(admin, args)
+        now = SystemClock().now()
+        if args.action == "resend":
+            result = admin.resend(args.ids, now=now, operator=operator(), note=args.reason)
+            return _report(result, "back in the queue (sent at the next run)")
+        result = admin.close(
+            args.ids, now=now, operator=operator(), status=MessageStatus(args.as_status), note=args.reason
+        )
+        return _report(result, f"closed as {args.as_status}")
+    finally:
+        engine.dispose()
+
+
+def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
+    statuses = [] if args.all else (args.status or ["uncertain", "failed"])
+    rows = admin.rows(statuses=statuses, campaign=args.campaign, limit=args.limit)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.as_dict(), ensure_ascii=False))
+        return EXIT_OK
+    if not rows:
+        print("no messages" + (f" with status {', '.join(statuses)}" if statuses else ""))
+        return EXIT_OK
+    print(f"{'ID':>7}  {'STATUS':<9}  {'CAMPAIGN':<9}  {'TRIES':>5}  {'CODE':>4}  {'EMAIL':<32}  LAST REPLY / NOTE")
+    for row in rows:
+        print(_line(row))
+    counts = admin.counts()
+    print("\nledger: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    return EXIT_OK
+
+
+def _line(row: LedgerRow) -> str:
+    reply = row.last_error if row.last_error and row.last_error.startswith("operator") else row.last_reply
+    reply = (reply or row.last_error or row.skip_reason or "").replace("\n", " ")
+    code = "" if row.last_code is None else str(row.last_code)
+    return (
+        f"{row.id:>7}  {row.status:<9}  {row.campaign:<9}  {row.attempts:>5}  {code:>4}  "
+        f"{row.email[:32]:<32}  {reply[:80]}"
+    )
+
+
+def _report(result: ActionResult, what: str) -> int:
+    if result.changed:
+        print(f"{len(result.changed)} message(s) {what}: {' '.join(map(str, result.changed))}")
+    for message_id, why in result.refused.items():
+        print(f"kembali: message {message_id} left alone: {why}", file=sys.stderr)
+    return EXIT_ATTENTION if result.refused else EXIT_OK

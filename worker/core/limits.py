@@ -1,0 +1,146 @@
+"""Sending limits as pure rules: domains, throttling replies, adaptive rates, daily quotas.
+
+Nothing here reads a clock: every function takes ``now`` (seconds, or an aware
+datetime) as an argument.
+
+* ``book(tat, now, interval, burst, n)`` is GCRA for ``n`` events at once: the
+  same arithmetic as ``ratelimit.Gcra``, in the form the shared (database)
+  limiter needs, since the database keeps only ``tat``.
+* ``is_throttling(code, reply)`` tells a "slow down" reply (421; 450/451 that
+  mention a rate, too many, too much mail, try later; 454) from other failures.
+* ``AdaptiveRate`` is additive-increase / multiplicative-decrease per domain:
+  a throttling reply halves the rate (never below a floor); each good reply
+  adds back a twentieth of the configured rate.
+* ``quota_day`` and ``next_quota_day_start`` cut days in the shop's time zone.
+* ``bounce_kind`` reads a permanent reply: ``hard_bounce`` (5.1.x, no such
+  user) suppresses the address; ``content`` (5.7.x) is a template problem.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from worker.domain import Outcome, SendResult
+
+
+def domain_of(address: str) -> str:
+    """The recipient's domain, lower-cased (the key of per-domain limits)."""
+    return address.rpartition("@")[2].lower()
+
+
+def book(tat: float, now: float, *, interval: float, burst: int, n: int = 1) -> tuple[float, float]:
+    """Book ``n`` events; returns (new tat, seconds from ``now`` until the FIRST may happen).
+
+    Event ``k`` (0-based) of the booking may happen ``k * interval`` after the first.
+    """
+    start = max(tat, now)
+    first_at = max(now, start - interval * (burst - 1))
+    return start + n * interval, first_at - now
+
+
+# --- throttling and adaptive rates ------------------------------------------
+
+_THROTTLE_TEXT = re.compile(
+    r"rate|too many|too much mail|try (?:again )?later|throttl|slow down|temporarily deferred",
+    re.IGNORECASE,
+)
+
+
+def is_throttling(code: int | None, reply: str) -> bool:
+    """Does this reply ask us to slow down (rather than say the message is wrong)?"""
+    if code in (421, 454):
+        return True
+    if code in (450, 451):
+        return _THROTTLE_TEXT.search(reply) is not None
+    return False
+
+
+def as_throttled(result: SendResult) -> SendResult:
+    """A transient result that is really "slow down" becomes ``THROTTLED``; others unchanged."""
+    if result.outcome is Outcome.TRANSIENT and is_throttling(result.code, result.reply):
+        return SendResult(Outcome.THROTTLED, result.code, result.reply, result.error_type, result.retry_after_seconds)
+    return result
+
+
+@dataclass
+class AdaptiveRate:
+    """AIMD rate for one domain: halve on throttling, recover step by step on good replies."""
+
+    ceiling: float
+    """The configured rate (events per second); never exceeded."""
+    floor: float
+    """Never slower than this."""
+    current: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.ceiling <= 0 or self.floor <= 0:
+            raise ValueError("rates must be positive")
+        self.floor = min(self.floor, self.ceiling)
+        if self.current <= 0:
+            self.current = self.ceiling
+
+    @property
+    def step(self) -> float:
+        return self.ceiling / 20.0
+
+    def throttled(self) -> float:
+        self.current = max(self.floor, self.current / 2.0)
+        return self.current
+
+    def succeeded(self) -> float:
+        self.current = min(self.ceiling, self.current + self.step)
+        return self.current
+
+
+# --- daily quota ------------------------------------------------------------
+
+
+def quota_day(now: datetime, zone: str) -> date:
+    """The shop-local day ``now`` falls in (the daily quota resets at local midnight)."""
+    return now.astimezone(ZoneInfo(zone)).date()
+
+
+def next_quota_day_start(now: datetime, zone: str) -> datetime:
+    """The next local midnight, as an aware datetime."""
+    tz = ZoneInfo(zone)
+    tomorrow = now.astimezone(tz).date() + timedelta(days=1)
+    return datetime.combine(tomorrow, time(0, 0), tzinfo=tz)
+
+
+def quota_grant(used: int, quota: int, wanted: int) -> int:
+    """How many of ``wanted`` sends today's quota still allows (``quota`` 0: unlimited)."""
+    if quota <= 0:
+        return wanted
+    return max(0, min(wanted, quota - used))
+
+
+# --- what a permanent failure says about the address ------------------------
+
+_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+_NO_SUCH_USER = re.compile(
+    r"user unknown|unknown user|no such user|no such (?:mailbox|recipient)|unknown recipient|"
+    r"recipient (?:address )?(?:rejected: )?(?:does not exist|not found|unknown)|does not exist|"
+    r"mailbox (?:not found|does not exist)|invalid recipient|address rejected",
+    re.IGNORECASE,
+)
+
+
+def bounce_kind(code: int | None, reply: str) -> str | None:
+    """``"hard_bounce"`` (the address does not exist: suppress it), ``"content"`` (the
+    message was refused for what it says: a template problem) or None, for a 5xx reply."""
+    if code is None or not 500 <= code < 600:
+        return None
+    enhanced = _ENHANCED.search(reply)
+    if enhanced is not None and enhanced.group(1) == "5":
+        subject = enhanced.group(2)
+        if subject == "1" and enhanced.group(3) in ("1", "0", "2", "3", "6", "10"):
+            return "hard_bounce"
+        if subject == "7":
+            return "content"
+        return None
+    if code in (550, 551, 553) and _NO_SUCH_USER.search(reply):
+        return "hard_bounce"
+    return None

@@ -1,0 +1,148 @@
+"""The sender's limits composed: a global rate, a rate per recipient domain (adaptive),
+and a daily quota.
+
+Before each message a sender calls ``acquire(domain)``: it books a slot on the
+global rate and on the domain's rate together and sleeps until both allow it.
+After the attempt, ``observe(domain, result)`` feeds the domain's adaptive rate
+(a throttling reply halves it, good replies restore it step by step).
+
+Where the booking happens is a ``Booker``: ``LocalBooker`` keeps the GCRA
+state in this process (SQLite, one worker); ``DbBooker`` keeps it in the
+``rate_limit`` table, so several workers on one PostgreSQL database share the
+limits (one upsert per limit per message). The adaptive factor itself stays in
+each process: a throttled worker slows the shared domain row for everyone,
+since every booking uses the booker's current interval.
+
+The daily quota always lives in the database (it must survive restarts).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+from worker import log
+from worker.adapters.ratestore import RateStore
+from worker.asyncstore import AsyncStore
+from worker.config import SendingSettings
+from worker.core.limits import AdaptiveRate, book, quota_day
+from worker.domain import Outcome, SendResult
+from worker.ports import Clock
+
+GLOBAL_KEY = "global"
+QUOTA_KEY = "quota:daily"
+
+Limit = tuple[str, float, int]
+"""(key, interval in seconds, burst)"""
+
+
+class Booker(Protocol):
+    async def book(self, limits: Sequence[Limit]) -> float:
+        """Book one event on every limit; return the seconds to wait for the latest of them."""
+        ...
+
+
+class LocalBooker:
+    """GCRA state in this process, on the monotonic clock."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.tats: dict[str, float] = {}
+
+    async def book(self, limits: Sequence[Limit]) -> float:
+        now = self.clock.monotonic()
+        wait = 0.0
+        for key, interval, burst in limits:
+            self.tats[key], w = book(self.tats.get(key, 0.0), now, interval=interval, burst=burst)
+            wait = max(wait, w)
+        return wait
+
+
+class DbBooker:
+    """GCRA state in the ``rate_limit`` table, shared by every worker on the database."""
+
+    def __init__(self, store: AsyncStore, rates: RateStore, clock: Clock) -> None:
+        self.store = store
+        self.rates = rates
+        self.clock = clock
+
+    async def book(self, limits: Sequence[Limit]) -> float:
+        def on_db_thread() -> float:
+            # read the time when the statement runs (the DB thread may have been busy), and
+            # turn the wait into an absolute slot, so the time the answer takes to come back
+            # is not added on top of it
+            now = self.clock.now().timestamp()
+            return now + self.rates.book(limits, now)
+
+        slot = await self.store.call(on_db_thread)
+        return max(0.0, slot - self.clock.now().timestamp())
+
+
+class Limiter:
+    def __init__(self, settings: SendingSettings, clock: Clock, booker: Booker) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.booker = booker
+        self.rates: dict[str, AdaptiveRate] = {}
+
+    def _rate(self, domain: str) -> AdaptiveRate:
+        rate = self.rates.get(domain)
+        if rate is None:
+            configured = self.settings.domains.get(domain)
+            ceiling = configured.rate_per_second if configured else self.settings.domain_rate_per_second
+            rate = self.rates[domain] = AdaptiveRate(ceiling=ceiling, floor=self.settings.throttle_floor_per_second)
+        return rate
+
+    def _burst(self, domain: str) -> int:
+        configured = self.settings.domains.get(domain)
+        return configured.burst if configured else self.settings.domain_burst
+
+    def limits(self, domain: str) -> list[Limit]:
+        s = self.settings
+        rate = self._rate(domain)
+        # a throttled domain loses its burst until it is back at full rate
+        burst = self._burst(domain) if rate.current >= rate.ceiling else 1
+        return [(GLOBAL_KEY, 1.0 / s.rate_per_second, s.burst), (f"domain:{domain}", 1.0 / rate.current, burst)]
+
+    async def acquire(self, domain: str) -> float:
+        """Wait for a slot on the global and the domain rate; returns the seconds waited."""
+        wait = await self.booker.book(self.limits(domain))
+        if wait > 0:
+            await self.clock.sleep(wait)
+        return wait
+
+    def observe(self, domain: str, result: SendResult) -> None:
+        rate = self._rate(domain)
+        if result.outcome is Outcome.THROTTLED:
+            before = rate.current
+            rate.throttled()
+            log.event(
+                "domain_throttled", logging.WARNING, domain=domain, code=result.code,
+                rate_before=round(before, 3), rate_now=round(rate.current, 3),
+            )  # fmt: skip
+        elif result.outcome is Outcome.SENT and rate.current < rate.ceiling:
+            rate.succeeded()
+
+
+class DailyQuota:
+    """Today's sends across every worker, counted in the database."""
+
+    def __init__(self, store: AsyncStore, rates: RateStore, clock: Clock, *, quota: int, zone: str) -> None:
+        self.store = store
+        self.rates = rates
+        self.clock = clock
+        self.quota = quota
+        self.zone = zone
+
+    def _day(self) -> str:
+        return quota_day(self.clock.now(), self.zone).isoformat()
+
+    async def take(self, wanted: int) -> int:
+        if self.quota <= 0 or wanted <= 0:
+            return wanted
+        return await self.store.call(self.rates.take_quota, QUOTA_KEY, day=self._day(), quota=self.quota, wanted=wanted)
+
+    async def give_back(self, count: int) -> None:
+        if self.quota > 0 and count > 0:
+            await self.store.call(self.rates.give_back_quota, QUOTA_KEY, day=self._day(), count=count)
