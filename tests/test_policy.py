@@ -1,0 +1,173 @@
+"""The contact policy: tables of cases for caps, quiet hours, holdouts and the decision."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from worker.core.policy import (
+    CapWindow,
+    ContactPolicy,
+    DeferUntil,
+    Due,
+    QuietHours,
+    SendNow,
+    Skip,
+    arrange,
+    decide,
+    in_holdout,
+    next_allowed,
+    next_free_slot,
+    priorities_from_order,
+    zone_of,
+)
+from worker.domain import SkipReason
+
+JKT = ZoneInfo("Asia/Jakarta")
+T0 = datetime(2027, 2, 26, 3, 0, tzinfo=UTC)  # 10:00 in Jakarta
+CAPS = (CapWindow(1, 3), CapWindow(4, 30))
+
+
+def d(days: float) -> timedelta:
+    return timedelta(days=days)
+
+
+# (name, sent offsets from T0 in days, expected slot offset from T0 in days)
+SLOT_CASES = [
+    ("nothing sent: now", (), 0),
+    ("one sent 4 days ago: now", (-4,), 0),
+    ("one sent exactly 3 days ago: the window has just rolled over", (-3,), 0),
+    ("one sent 3 days minus a minute ago: a minute later", (-3 + 1 / 1440,), 1 / 1440),
+    ("one sent yesterday: two days from now", (-1,), 2),
+    ("one sent today: three days from now", (0,), 3),
+    ("four in 30 days, last 5 days ago: when the oldest leaves the 30-day window", (-29, -20, -10, -5), 1),
+    ("four in 30 days spread evenly", (-27, -18, -9, -4), 3),
+    ("five old ones outside both windows", (-60, -50, -45, -40, -31), 0),
+    ("the 3-day wait lands inside a full 30-day window", (-28.5, -20, -10, -1), 2),
+]
+
+
+@pytest.mark.parametrize(("name", "sent", "slot"), SLOT_CASES, ids=[c[0] for c in SLOT_CASES])
+def test_next_free_slot(name: str, sent: tuple[float, ...], slot: float) -> None:
+    got = next_free_slot([T0 + d(x) for x in sent], T0, CAPS)
+    assert got == T0 + d(slot)
+
+
+def test_cap_counts_the_whole_window_across_a_leap_day() -> None:
+    # 4 per 30 days: 2028 has a 29 February, so 30 days after 10 Feb is 11 March, not 12 March
+    sent = [datetime(2028, 2, 10, 3, tzinfo=UTC), datetime(2028, 2, 20, 3, tzinfo=UTC),
+            datetime(2028, 2, 28, 3, tzinfo=UTC), datetime(2028, 3, 5, 3, tzinfo=UTC)]
+    assert next_free_slot(sent, datetime(2028, 3, 8, 3, tzinfo=UTC), CAPS) == datetime(2028, 3, 11, 3, tzinfo=UTC)
+
+
+QUIET = QuietHours(time(21, 0), time(8, 0))
+# (name, instant, zone, expected instant)
+QUIET_CASES = [
+    ("10:00 in Jakarta: allowed", datetime(2027, 2, 28, 3, 0, tzinfo=UTC), "Asia/Jakarta",
+     datetime(2027, 2, 28, 3, 0, tzinfo=UTC)),
+    ("20:59 in Jakarta: allowed", datetime(2027, 2, 28, 13, 59, tzinfo=UTC), "Asia/Jakarta",
+     datetime(2027, 2, 28, 13, 59, tzinfo=UTC)),
+    ("21:00 in Jakarta: waits until 08:00 tomorrow", datetime(2027, 2, 28, 14, 0, tzinfo=UTC), "Asia/Jakarta",
+     datetime(2027, 3, 1, 1, 0, tzinfo=UTC)),
+    ("02:00 in Jakarta: waits until 08:00 the same day", datetime(2027, 2, 27, 19, 0, tzinfo=UTC),
+     "Asia/Jakarta", datetime(2027, 2, 28, 1, 0, tzinfo=UTC)),
+    ("08:00 sharp: allowed", datetime(2027, 2, 28, 1, 0, tzinfo=UTC), "Asia/Jakarta",
+     datetime(2027, 2, 28, 1, 0, tzinfo=UTC)),
+    ("the same instant is 10:00 in Jakarta but 12:00 in Jayapura: allowed there too",
+     datetime(2027, 2, 28, 3, 0, tzinfo=UTC), "Asia/Jayapura", datetime(2027, 2, 28, 3, 0, tzinfo=UTC)),
+    ("20:30 in Jakarta is 22:30 in Jayapura: waits for Jayapura's morning",
+     datetime(2027, 2, 28, 13, 30, tzinfo=UTC), "Asia/Jayapura", datetime(2027, 2, 28, 23, 0, tzinfo=UTC)),
+    ("late on 28 Feb in a leap year waits until 29 Feb", datetime(2028, 2, 28, 15, 0, tzinfo=UTC),
+     "Asia/Jakarta", datetime(2028, 2, 29, 1, 0, tzinfo=UTC)),
+    ("the night before Europe's spring DST change ends at 08:00 summer time",
+     datetime(2027, 3, 27, 23, 30, tzinfo=UTC), "Europe/Berlin", datetime(2027, 3, 28, 6, 0, tzinfo=UTC)),
+    ("an unknown zone falls back to the shop's", datetime(2027, 2, 28, 14, 0, tzinfo=UTC), "Mars/Olympus",
+     datetime(2027, 3, 1, 1, 0, tzinfo=UTC)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "at", "zone", "expected"), QUIET_CASES, ids=[c[0] for c in QUIET_CASES])
+def test_quiet_hours(name: str, at: datetime, zone: str, expected: datetime) -> None:
+    assert next_allowed(at, zone_of(zone, "Asia/Jakarta"), QUIET) == expected
+
+
+def test_quiet_hours_within_one_day_and_none() -> None:
+    lunch = QuietHours(time(12, 0), time(13, 0))
+    assert next_allowed(datetime(2027, 1, 1, 5, 30, tzinfo=UTC), JKT, lunch) == datetime(2027, 1, 1, 6, tzinfo=UTC)
+    assert next_allowed(datetime(2027, 1, 1, 6, 0, tzinfo=UTC), JKT, lunch) == datetime(2027, 1, 1, 6, tzinfo=UTC)
+    never = QuietHours(time(0, 0), time(0, 0))
+    assert next_allowed(T0, JKT, never) == T0
+    assert next_allowed(T0, JKT, None) == T0
+
+
+def test_holdout_is_deterministic_and_close_to_its_share() -> None:
+    held = [in_holdout(f"C-{i:05d}", "birthday", 0.1) for i in range(20_000)]
+    assert held == [in_holdout(f"C-{i:05d}", "birthday", 0.1) for i in range(20_000)]
+    assert 0.09 < sum(held) / len(held) < 0.11
+    other = [in_holdout(f"C-{i:05d}", "winback", 0.1) for i in range(20_000)]
+    assert held != other, "each campaign has its own holdout group"
+    assert not any(in_holdout(f"C-{i}", "birthday", 0.0) for i in range(1000))
+    assert all(in_holdout(f"C-{i}", "birthday", 1.0) for i in range(1000))
+
+
+POLICY = ContactPolicy(caps=CAPS, quiet=QUIET, priorities=priorities_from_order(
+    ("birthday", "feedback", "winback", "loyalty", "new_products")))
+
+
+def due(campaign: str, expires_in_days: float = 14) -> Due:
+    return Due(f"{campaign}:C1", campaign, POLICY.priority(campaign), T0 + d(expires_in_days))
+
+
+# (name, message, sent offsets, competing, expected decision)
+DECIDE_CASES = [
+    ("nothing sent, nothing competing: send now", due("winback"), (), (), SendNow()),
+    ("sent yesterday: defer to the next slot", due("winback"), (-1,), (), DeferUntil(T0 + d(2), "cap")),
+    ("sent yesterday, expires tomorrow: expired", due("winback", 1), (-1,), (), Skip(SkipReason.EXPIRED)),
+    ("the next slot is exactly the expiry: expired", due("winback", 2), (-1,), (), Skip(SkipReason.EXPIRED)),
+    ("already expired", due("winback", 0), (), (), Skip(SkipReason.EXPIRED)),
+    ("birthday beats win-back on the same day", due("birthday"), (), (due("winback"),), SendNow()),
+    ("win-back loses to birthday on the same day", due("winback"), (), (due("birthday"),),
+     DeferUntil(T0 + d(3), "cap")),
+    ("feedback loses to birthday too", due("feedback"), (), (due("birthday"), due("winback")),
+     DeferUntil(T0 + d(3), "cap")),
+    ("new products lose to loyalty", due("new_products"), (), (due("loyalty"),), DeferUntil(T0 + d(3), "cap")),
+    ("a competitor that cannot be sent does not take the slot", due("winback"), (-1,) * 0,
+     (Due("birthday:C1", "birthday", 50, T0),), SendNow()),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "message", "sent", "competing", "expected"), DECIDE_CASES,
+                         ids=[c[0] for c in DECIDE_CASES])
+def test_decide(name: str, message: Due, sent: tuple[float, ...], competing: tuple[Due, ...],
+                expected: object) -> None:
+    assert decide(message, [T0 + d(x) for x in sent], competing, T0, POLICY, JKT) == expected
+
+
+def test_decide_waits_for_quiet_hours_to_end() -> None:
+    late = datetime(2027, 2, 26, 15, 0, tzinfo=UTC)  # 22:00 in Jakarta
+    assert decide(due("winback"), [], [], late, POLICY, JKT) == DeferUntil(
+        datetime(2027, 2, 27, 1, 0, tzinfo=UTC), "quiet_hours")
+
+
+def test_a_cap_slot_inside_quiet_hours_moves_to_the_morning() -> None:
+    sent = [datetime(2027, 2, 23, 15, 0, tzinfo=UTC)]  # 22:00 local (sent before quiet hours existed)
+    assert decide(due("winback"), sent, [], T0, POLICY, JKT) == DeferUntil(
+        datetime(2027, 2, 27, 1, 0, tzinfo=UTC), "cap")
+
+
+def test_three_campaigns_on_one_day_go_out_one_slot_apart() -> None:
+    """Birthday today, feedback three days later, win-back three days after that."""
+    messages = [due("winback", 30), due("birthday", 30), due("feedback", 30)]
+    sent: list[datetime] = []
+    when: dict[str, datetime] = {}
+    now = T0
+    while len(when) < 3:
+        pending = [m for m in messages if m.campaign not in when]
+        for key, decision in arrange(pending, sent, now, POLICY, JKT).items():
+            if isinstance(decision, SendNow):
+                when[key.split(":")[0]] = now
+                sent.append(now)
+        now += timedelta(hours=1)
+    assert when == {"birthday": T0, "feedback": T0 + d(3), "winback": T0 + d(6)}

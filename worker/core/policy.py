@@ -1,0 +1,216 @@
+"""The contact policy: frequency caps, priorities, quiet hours and holdouts, with time as an argument.
+
+Theory of operation
+-------------------
+* A **cap** is a list of windows ("at most 1 email per 3 days, 4 per 30 days").
+  An email sent at ``e`` counts against a window of length ``w`` at time ``t``
+  while ``t - w < e <= t``; so one email per 3 days sent on Monday 10:00 frees
+  the next slot on Thursday 10:00 exactly. ``next_free_slot`` is the earliest
+  instant at or after ``at`` where every window has room.
+* **Quiet hours** are read on the customer's wall clock (their IANA zone, the
+  shop's by default): ``next_allowed`` moves an instant inside them to the
+  moment they end.
+* **Priorities** decide between competing messages for one customer: the
+  higher one takes the free slot, the others wait for the next (``arrange``).
+* A message whose next possible instant is past its expiry is dropped
+  (``expired``); one held out of its campaign (``in_holdout``, a deterministic
+  hash of customer and campaign) is never sent at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from worker.domain import SkipReason
+
+DEFAULT_PRIORITY_ORDER = ("birthday", "feedback", "winback", "loyalty", "new_products")
+
+
+@dataclass(frozen=True, slots=True)
+class CapWindow:
+    """At most ``max_messages`` emails in any ``days``-day window."""
+
+    max_messages: int
+    days: float
+
+    @property
+    def length(self) -> timedelta:
+        return timedelta(days=self.days)
+
+
+@dataclass(frozen=True, slots=True)
+class QuietHours:
+    """Local wall-clock hours in which nothing is sent; ``start == end`` means none."""
+
+    start: time
+    end: time
+
+    def contains(self, local: time) -> bool:
+        if self.start == self.end:
+            return False
+        if self.start < self.end:
+            return self.start <= local < self.end
+        return local >= self.start or local < self.end  # across midnight
+
+
+@dataclass(frozen=True, slots=True)
+class ContactPolicy:
+    caps: tuple[CapWindow, ...] = (CapWindow(1, 3), CapWindow(4, 30))
+    quiet: QuietHours | None = QuietHours(time(21, 0), time(8, 0))
+    default_zone: str = "Asia/Jakarta"
+    priorities: Mapping[str, int] = field(default_factory=lambda: priorities_from_order(DEFAULT_PRIORITY_ORDER))
+
+    @property
+    def lookback(self) -> timedelta:
+        """How far back sent emails can still count against a cap."""
+        return max((w.length for w in self.caps), default=timedelta(0))
+
+    def priority(self, campaign: str) -> int:
+        return self.priorities.get(campaign, 0)
+
+
+def priorities_from_order(order: Sequence[str]) -> dict[str, int]:
+    """``("birthday", "feedback", …)`` → ``{"birthday": 50, "feedback": 40, …}`` (first is highest)."""
+    return {name: 10 * (len(order) - i) for i, name in enumerate(order)}
+
+
+def zone_of(name: str, default: str) -> ZoneInfo:
+    """The customer's zone, or the default when the name is empty or unknown."""
+    for candidate in (name, default):
+        if candidate:
+            try:
+                return ZoneInfo(candidate)
+            except (ZoneInfoNotFoundError, ValueError):
+                continue
+    return ZoneInfo("UTC")
+
+
+# --- caps --------------------------------------------------------------------
+
+
+def next_free_slot(sent: Sequence[datetime], at: datetime, caps: Sequence[CapWindow]) -> datetime:
+    """The earliest instant ``>= at`` at which one more email keeps every window within its limit."""
+    events = sorted(sent)
+    t = at
+    moved = True
+    while moved:
+        moved = False
+        for window in caps:
+            inside = [e for e in events if t - window.length < e <= t]
+            if len(inside) >= window.max_messages:
+                # wait until enough of the oldest ones leave this window
+                leaving = inside[len(inside) - window.max_messages]
+                t = leaving + window.length
+                moved = True
+    return t
+
+
+# --- quiet hours -------------------------------------------------------------
+
+
+def next_allowed(at: datetime, zone: ZoneInfo, quiet: QuietHours | None) -> datetime:
+    """``at`` itself when outside quiet hours on the customer's clock, else the instant they end (UTC)."""
+    if quiet is None:
+        return at
+    local = at.astimezone(zone)
+    if not quiet.contains(local.time().replace(tzinfo=None)):
+        return at
+    end_day: date = local.date()
+    if quiet.start > quiet.end and local.time().replace(tzinfo=None) >= quiet.start:
+        end_day += timedelta(days=1)
+    wall = datetime.combine(end_day, quiet.end, tzinfo=zone)
+    # a wall time skipped by a DST jump does not exist: round-tripping through UTC moves it past the gap
+    return max(wall.astimezone(UTC), at)
+
+
+# --- holdout -----------------------------------------------------------------
+
+
+def in_holdout(customer_external_id: str, campaign: str, share: float) -> bool:
+    """Deterministic: the same customer is always in (or out of) a campaign's holdout group."""
+    if share <= 0:
+        return False
+    digest = hashlib.sha256(f"{campaign}\0{customer_external_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+# --- deciding ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A message competing for a customer's slot."""
+
+    key: str
+    campaign: str
+    priority: int
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SendNow:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DeferUntil:
+    at: datetime
+    why: str
+    """``cap`` or ``quiet_hours`` (for logs and preview)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    reason: SkipReason
+
+
+Decision = SendNow | DeferUntil | Skip
+
+
+def decide_one(
+    message: Due, sent: Sequence[datetime], now: datetime, policy: ContactPolicy, zone: ZoneInfo
+) -> Decision:
+    """The decision for one message given the customer's sent timestamps (nothing else competing)."""
+    if now >= message.expires_at:
+        return Skip(SkipReason.EXPIRED)
+    slot = next_free_slot(sent, now, policy.caps)
+    allowed = next_allowed(slot, zone, policy.quiet)
+    # cap windows only empty out as time passes, so a later instant is still free
+    if allowed == now:
+        return SendNow()
+    if allowed >= message.expires_at:
+        return Skip(SkipReason.EXPIRED)
+    return DeferUntil(allowed, "cap" if slot > now else "quiet_hours")
+
+
+def arrange(
+    messages: Sequence[Due], sent: Sequence[datetime], now: datetime, policy: ContactPolicy, zone: ZoneInfo
+) -> dict[str, Decision]:
+    """Decisions for one customer's competing messages: by priority (then key), each one sent now
+    takes its slot from those after it."""
+    taken = list(sent)
+    out: dict[str, Decision] = {}
+    for m in sorted(messages, key=lambda m: (-m.priority, m.key)):
+        decision = decide_one(m, taken, now, policy, zone)
+        if isinstance(decision, SendNow):
+            taken.append(now)
+        out[m.key] = decision
+    return out
+
+
+def decide(
+    message: Due,
+    sent: Sequence[datetime],
+    competing: Sequence[Due],
+    now: datetime,
+    policy: ContactPolicy,
+    zone: ZoneInfo,
+) -> Decision:
+    """Send now, defer until a time, or skip: ``message`` against the customer's actually-sent
+    timestamps and the other messages due for them at ``now``."""
+    others = [c for c in competing if c.key != message.key]
+    return arrange([message, *others], sent, now, policy, zone)[message.key]
