@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import re
 import tomllib
 import types
 import typing
@@ -105,18 +106,107 @@ class UnsubscribeSettings:
 
 
 @dataclass(frozen=True)
+class WinbackStep:
+    """One step of the win-back sequence (``[[campaigns.winback.steps]]``)."""
+
+    days: int
+    """Days since the customer's only order before this step is due."""
+    template: str = "winback"
+    """The template folder under templates/email/."""
+    coupon_code: str = ""
+    coupon_percent: int = 0
+
+
+@dataclass(frozen=True)
 class WinbackSettings:
     enabled: bool = True
     quiet_days: int = 45
+    """With no ``steps``: the single step's day count (the skeleton's one-step win-back)."""
     expires_after_days: int = 14
     coupon_code: str = "KEMBALI10"
     coupon_percent: int = 10
     recommendations: int = 3
+    steps: tuple[WinbackStep, ...] = ()
+    """The sequence, in increasing ``days``; empty = one step from quiet_days/coupon_*."""
+    holdout_share: float = 0.0
+
+    @property
+    def effective_steps(self) -> tuple[WinbackStep, ...]:
+        if self.steps:
+            return self.steps
+        return (WinbackStep(self.quiet_days, "winback", self.coupon_code, self.coupon_percent),)
+
+
+@dataclass(frozen=True)
+class BirthdaySettings:
+    enabled: bool = True
+    days_before: int = 3
+    """0 = on the birthday itself (in the customer's time zone)."""
+    coupon_code: str = "ULTAH15"
+    coupon_percent: int = 15
+    holdout_share: float = 0.0
+
+
+@dataclass(frozen=True)
+class FeedbackSettings:
+    enabled: bool = True
+    days_after: int = 7
+    """Days after delivery (or after the order was placed, when no delivery time is known)."""
+    lookback_days: int = 14
+    """Orders that reached ``days_after`` more than this many days ago are not asked any more."""
+    scale: str = "stars"
+    """``stars`` (1-5) or ``nps`` (0-10, likelihood to recommend)."""
+    link_url: str = "https://toko-kembali.example/feedback"
+    """HTTPS base of the rating links; a signed token is appended."""
+    expires_after_days: int = 7
+    holdout_share: float = 0.0
+
+
+@dataclass(frozen=True)
+class NewProductsSettings:
+    enabled: bool = True
+    within_days: int = 14
+    """Products launched in the last N days (and after the customer's last order) are new."""
+    active_within_days: int = 180
+    """Only customers whose last order is this recent (older ones are win-back's audience)."""
+    max_products: int = 4
+    expires_after_days: int = 5
+    holdout_share: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoyaltySettings:
+    enabled: bool = True
+    order_milestones: tuple[int, ...] = (5, 10, 25)
+    """The nth purchase that earns a reward."""
+    spend_milestones: tuple[int, ...] = (5_000_000,)
+    """Total spend (in the shop's currency, major units) that earns a reward."""
+    within_days: int = 30
+    """Only customers whose last order is this recent (the order that reached the milestone)."""
+    coupon_code: str = "SETIA20"
+    coupon_percent: int = 20
+    expires_after_days: int = 14
+    holdout_share: float = 0.0
 
 
 @dataclass(frozen=True)
 class CampaignSettings:
     winback: WinbackSettings = field(default_factory=WinbackSettings)
+    birthday: BirthdaySettings = field(default_factory=BirthdaySettings)
+    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+    new_products: NewProductsSettings = field(default_factory=NewProductsSettings)
+    loyalty: LoyaltySettings = field(default_factory=LoyaltySettings)
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    frequency_caps: tuple[tuple[int, ...], ...] = ((1, 3), (4, 30))
+    """``[max emails, per days]`` pairs, across all campaigns, per customer."""
+    quiet_hours_start: str = "21:00"
+    quiet_hours_end: str = "08:00"
+    """Local time in the customer's zone; equal start and end = no quiet hours."""
+    priorities: tuple[str, ...] = ("birthday", "feedback", "winback", "loyalty", "new_products")
+    """Highest first: decides which competing message takes a customer's free slot."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +277,7 @@ class Settings:
     sending: SendingSettings = field(default_factory=SendingSettings)
     unsubscribe: UnsubscribeSettings = field(default_factory=UnsubscribeSettings)
     campaigns: CampaignSettings = field(default_factory=CampaignSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     templates: TemplateSettings = field(default_factory=TemplateSettings)
     checks: CheckSettings = field(default_factory=CheckSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
@@ -279,6 +370,8 @@ def _coerce(hint: Any, value: Any, source: str, dotted: str) -> Any:
         (inner, *_rest) = typing.get_args(hint)
         if not isinstance(value, list):
             raise ConfigError(f"{source}: '{dotted}' must be a list")
+        if dataclasses.is_dataclass(inner):  # an array of tables: [[a.b]]
+            return tuple(_build(inner, v, source, f"{dotted}[{i}].") for i, v in enumerate(value))  # type: ignore[arg-type]
         return tuple(_coerce(inner, v, source, f"{dotted}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if isinstance(value, bool):
@@ -383,6 +476,8 @@ def _check(s: Settings) -> None:
     if not 0 < s.checks.render_timeout_seconds <= 60:
         _fail(s, "checks.render_timeout_seconds", "must be more than 0 and at most 60")
     _check_daemon(s)
+    _check_campaigns(s)
+    _check_policy(s)
     if s.logging.format not in ("text", "json"):
         _fail(s, "logging.format", "must be 'text' or 'json'")
     if s.logging.level not in ("debug", "info", "warning", "error"):
@@ -421,6 +516,72 @@ def _check_daemon(s: Settings) -> None:
         _fail(s, "web.port", "must be between 0 and 65535")
     if s.web.max_connections < 1:
         _fail(s, "web.max_connections", "must be at least 1")
+
+def _check_campaigns(s: Settings) -> None:
+    c = s.campaigns
+    last = 0
+    for i, step in enumerate(c.winback.steps):
+        key = f"campaigns.winback.steps[{i}]"
+        if step.days <= last:
+            _fail(s, key + ".days", "must be at least 1 and greater than the previous step's")
+        last = step.days
+        if not _TEMPLATE_NAME.fullmatch(step.template):
+            _fail(s, key + ".template", "must be a template folder name (a-z, 0-9, - and _)")
+        if not 0 <= step.coupon_percent <= 100:
+            _fail(s, key + ".coupon_percent", "must be between 0 and 100")
+    for name in ("winback", "birthday", "feedback", "new_products", "loyalty"):
+        share = getattr(c, name).holdout_share
+        if not 0.0 <= share < 1.0:
+            _fail(s, f"campaigns.{name}.holdout_share", "must be at least 0 and less than 1")
+    for key, value in (
+        ("campaigns.birthday.days_before", c.birthday.days_before),
+        ("campaigns.feedback.days_after", c.feedback.days_after),
+    ):
+        if not 0 <= value <= 60:
+            _fail(s, key, "must be between 0 and 60")
+    for key, value in (
+        ("campaigns.feedback.lookback_days", c.feedback.lookback_days),
+        ("campaigns.feedback.expires_after_days", c.feedback.expires_after_days),
+        ("campaigns.new_products.within_days", c.new_products.within_days),
+        ("campaigns.new_products.max_products", c.new_products.max_products),
+        ("campaigns.new_products.active_within_days", c.new_products.active_within_days),
+        ("campaigns.new_products.expires_after_days", c.new_products.expires_after_days),
+        ("campaigns.loyalty.within_days", c.loyalty.within_days),
+        ("campaigns.loyalty.expires_after_days", c.loyalty.expires_after_days),
+    ):
+        if value < 1:
+            _fail(s, key, "must be at least 1")
+    if c.feedback.scale not in ("stars", "nps"):
+        _fail(s, "campaigns.feedback.scale", "must be 'stars' (1-5) or 'nps' (0-10)")
+    if not c.feedback.link_url.startswith("https://"):
+        _fail(s, "campaigns.feedback.link_url", "must be an https:// URL")
+    for key, pct in (("campaigns.birthday.coupon_percent", c.birthday.coupon_percent),
+                     ("campaigns.loyalty.coupon_percent", c.loyalty.coupon_percent)):
+        if not 0 <= pct <= 100:
+            _fail(s, key, "must be between 0 and 100")
+    if any(n < 1 for n in c.loyalty.order_milestones):
+        _fail(s, "campaigns.loyalty.order_milestones", "must be order counts of at least 1")
+    if any(n < 1 for n in c.loyalty.spend_milestones):
+        _fail(s, "campaigns.loyalty.spend_milestones", "must be positive amounts")
+
+
+_TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_CLOCK = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+
+
+def _check_policy(s: Settings) -> None:
+    p = s.policy
+    for i, pair in enumerate(p.frequency_caps):
+        if len(pair) != 2 or pair[0] < 1 or pair[1] < 1:
+            _fail(s, f"policy.frequency_caps[{i}]", "must be [max emails, per days], both at least 1")
+    clocks = (("policy.quiet_hours_start", p.quiet_hours_start), ("policy.quiet_hours_end", p.quiet_hours_end))
+    for key, value in clocks:
+        if not _CLOCK.fullmatch(value):
+            _fail(s, key, f"must be a 24-hour time such as \"21:00\", not {value!r}")
+    known = {"birthday", "feedback", "winback", "loyalty", "new_products"}
+    unknown = [name for name in p.priorities if name not in known]
+    if unknown or len(set(p.priorities)) != len(p.priorities):
+        _fail(s, "policy.priorities", f"must list each of {sorted(known)} at most once")
 
 
 def _is_loopback(host: str) -> bool:

@@ -242,6 +242,8 @@ class PlannedMessage:
     priority: int = 0
     payload: dict[str, str] = field(default_factory=dict)
     """Small campaign facts fixed at planning (e.g. the first order's id)."""
+    held_out: bool = False
+    """In the campaign's holdout group: stored as skipped (``held_out``), never sent."""
 
 
 @dataclass(frozen=True, slots=True)

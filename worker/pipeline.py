@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from worker import planning
 from worker.adapters.store import Store
 from worker.config import Settings
 from worker.core import audiences, tokens
@@ -36,11 +37,10 @@ from worker.domain import (
 )
 from worker.errors import TemplateError
 
-PRIORITY = {audiences.WINBACK: 30}
-
 
 def enabled_campaigns(settings: Settings) -> list[str]:
-    return [name for name in (audiences.WINBACK,) if getattr(settings.campaigns, name).enabled]
+    """Enabled campaigns, highest priority first."""
+    return planning.enabled(settings)
 
 
 # --- planning ----------------------------------------------------------------
@@ -48,26 +48,7 @@ def enabled_campaigns(settings: Settings) -> list[str]:
 
 def plan_batches(store: Store, settings: Settings, campaign: str, now: datetime) -> Iterator[list[PlannedMessage]]:
     """The campaign's planned messages at ``now``, one keyset batch at a time (nothing written)."""
-    if campaign != audiences.WINBACK:
-        raise ValueError(f"unknown campaign {campaign!r}")
-    cfg = settings.campaigns.winback
-    cutoff = audiences.winback_cutoff(now, cfg.quiet_days)
-    after = 0
-    while True:
-        batch = store.winback_candidates(cutoff=cutoff, after_id=after, limit=settings.sending.batch_size * 5)
-        if not batch:
-            return
-        after = batch[-1].customer.id
-        yield [
-            audiences.plan_winback(
-                c,
-                now=now,
-                expires_after_days=cfg.expires_after_days,
-                domain=settings.shop.domain,
-                priority=PRIORITY[audiences.WINBACK],
-            )
-            for c in batch
-        ]
+    return planning.plan_batches(store, settings, campaign, now)
 
 
 @dataclass

@@ -43,6 +43,7 @@ def _customer_values(r: CustomerRecord) -> dict[str, Any]:
         "locale": r.locale.value,
         "time_zone": r.time_zone,
         "birthday": r.birthday,
+        "birthday_mmdd": r.birthday.month * 100 + r.birthday.day if r.birthday else None,
         "marketing_consent": r.marketing_consent,
         "consent_basis": r.consent_basis,
         "consent_source": r.consent_source,
@@ -162,6 +163,7 @@ def upsert_orders(
                 "status": rec.status.value,
                 "placed_at": rec.placed_at,
                 "delivered_at": rec.delivered_at,
+                "settled_at": rec.delivered_at or rec.placed_at,
                 "total_minor": rec.total_minor,
                 "currency": rec.currency,
             }

@@ -34,6 +34,7 @@ from worker.domain import (
     PlannedMessage,
     ProductView,
     SendTimeFacts,
+    SkipReason,
 )
 
 C = Customer.__table__  # type: ignore[attr-defined]
@@ -164,7 +165,8 @@ class Store:
                 "priority": m.priority,
                 "customer_id": m.customer_id,
                 "email": m.email,
-                "status": MessageStatus.PLANNED.value,
+                "status": (MessageStatus.SKIPPED if m.held_out else MessageStatus.PLANNED).value,
+                "skip_reason": SkipReason.HELD_OUT.value if m.held_out else None,
                 "due_at": m.due_at,
                 "expires_at": m.expires_at,
                 "next_attempt_at": m.due_at,

@@ -43,7 +43,11 @@ def _dt(**kw: Any) -> Any:
 
 class Customer(SQLModel, table=True):
     __tablename__ = "customer"
-    __table_args__ = (sa.Index("ix_customer_winback", "order_count", "first_order_at"),)
+    __table_args__ = (
+        sa.Index("ix_customer_winback", "order_count", "first_order_at"),
+        sa.Index("ix_customer_birthday", "birthday_mmdd", "id"),
+        sa.Index("ix_customer_last_order", "last_order_at", "id"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     external_id: str = Field(max_length=100, unique=True)
@@ -52,6 +56,8 @@ class Customer(SQLModel, table=True):
     locale: str = Field(max_length=5, default="id")
     time_zone: str = Field(max_length=64, default="Asia/Jakarta")
     birthday: date | None = None
+    birthday_mmdd: int | None = None
+    """month * 100 + day of ``birthday`` (229 for 29 February), indexed for the birthday query."""
     marketing_consent: bool = False
     consent_basis: str = Field(default="", max_length=64)
     consent_source: str = Field(default="", max_length=64)
@@ -86,6 +92,7 @@ class Product(SQLModel, table=True):
 
 class ShopOrder(SQLModel, table=True):
     __tablename__ = "shop_order"
+    __table_args__ = (sa.Index("ix_shop_order_settled", "settled_at", "id"),)
 
     id: int | None = Field(default=None, primary_key=True)
     external_id: str = Field(max_length=100, unique=True)
@@ -93,6 +100,8 @@ class ShopOrder(SQLModel, table=True):
     status: str = Field(max_length=20)
     placed_at: datetime = _dt()
     delivered_at: datetime | None = _dt(default=None)
+    settled_at: datetime | None = _dt(default=None)
+    """``delivered_at``, or ``placed_at`` when no delivery time is known (the feedback clock)."""
     total_minor: int = Field(sa_type=sa.BigInteger())
     currency: str = Field(max_length=3, default="IDR")
     created_at: datetime = _dt()

@@ -1,0 +1,296 @@
+"""Who is due which campaign (beyond the one-step win-back of ``audiences``): pure rules, time as an argument.
+
+Each campaign has a rule (is this customer or order due at ``now``?), a dedupe
+key (what makes "once" once) and a way to plan the message. The store's
+candidate queries narrow the customers down in SQL; these rules decide, and the
+tests run one table of cases through both.
+
+    campaign      due when                                                 dedupe key
+    winback       only one purchase, the last step whose day count passed  winback:<cust>:<order>:<step>
+    birthday      0..days_before days before the birthday, their zone      birthday:<cust>:<year>
+    feedback      days_after days after delivery (else placement)          feedback:<order>
+    new_products  products launched since their last order                 new_products:<cust>:<iso week>
+    loyalty       the highest order-count / spend milestone reached        loyalty:<cust>:<milestone>
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from worker.core import tokens
+from worker.core.audiences import WINBACK, key_part, message_id_for
+from worker.domain import OrderFacts, PlannedMessage, ProductView
+
+BIRTHDAY = "birthday"
+FEEDBACK = "feedback"
+NEW_PRODUCTS = "new_products"
+LOYALTY = "loyalty"
+CAMPAIGNS = (WINBACK, BIRTHDAY, FEEDBACK, NEW_PRODUCTS, LOYALTY)
+
+
+@dataclass(frozen=True, slots=True)
+class AudienceRow:
+    """One candidate as the store's audience queries return it: plain values, no ORM."""
+
+    customer_id: int
+    customer_external_id: str
+    email: str
+    time_zone: str = ""
+    birthday: date | None = None
+    order_count: int = 0
+    total_spent_minor: int = 0
+    last_order_at: datetime | None = None
+    order_id: int = 0
+    """The order the message is about (win-back: the only one; feedback: the one to rate)."""
+    order_external_id: str = ""
+    order_at: datetime | None = None
+    """Win-back: when the only order was placed; feedback: delivered (else placed)."""
+
+
+def planned(
+    row: AudienceRow,
+    *,
+    key: str,
+    campaign: str,
+    now: datetime,
+    expires_at: datetime,
+    domain: str,
+    priority: int,
+    step: int = 1,
+    payload: dict[str, str] | None = None,
+    held_out: bool = False,
+) -> PlannedMessage:
+    return PlannedMessage(
+        dedupe_key=key,
+        campaign=campaign,
+        step=step,
+        customer_id=row.customer_id,
+        email=row.email,
+        due_at=now,
+        expires_at=expires_at,
+        message_id=message_id_for(key, domain),
+        priority=priority,
+        payload=payload or {},
+        held_out=held_out,
+    )
+
+
+# --- win-back in steps ---------------------------------------------------------
+
+
+def winback_step_due(first_order_at: datetime, now: datetime, step_days: Sequence[int]) -> int | None:
+    """The 1-based step due for a one-time buyer: the last whose day count has passed (strictly
+    more than ``days`` since the order). Earlier steps a customer never got are not sent late."""
+    due = None
+    for i, days in enumerate(step_days, start=1):
+        if first_order_at < now - timedelta(days=days):
+            due = i
+    return due
+
+
+def winback_step_window(now: datetime, step_days: Sequence[int], step: int) -> tuple[datetime | None, datetime]:
+    """(not_before, before): step ``step`` is due for an order placed in ``[not_before, before)``."""
+    before = now - timedelta(days=step_days[step - 1])
+    not_before = now - timedelta(days=step_days[step]) if step < len(step_days) else None
+    return not_before, before
+
+
+def purchases(orders: Sequence[OrderFacts]) -> list[OrderFacts]:
+    return sorted((o for o in orders if o.status.counts_as_purchase), key=lambda o: o.placed_at)
+
+
+# --- birthday --------------------------------------------------------------------
+
+
+def birthday_in(birthday: date, year: int) -> date:
+    """The day a birthday is celebrated in ``year``: 29 February becomes 28 February in other years."""
+    if birthday.month == 2 and birthday.day == 29 and not calendar.isleap(year):
+        return date(year, 2, 28)
+    return birthday.replace(year=year)
+
+
+def birthday_due(birthday: date | None, today: date, days_before: int) -> date | None:
+    """The birthday being celebrated when ``today`` (the customer's local date) is 0..days_before
+    days before it; None otherwise (and always None without a birthday)."""
+    if birthday is None:
+        return None
+    for year in (today.year, today.year + 1):
+        day = birthday_in(birthday, year)
+        if 0 <= (day - today).days <= days_before:
+            return day
+    return None
+
+
+def birthday_key(customer_external_id: str, year: int) -> str:
+    return f"{BIRTHDAY}:{key_part(customer_external_id)}:{year}"
+
+
+def local_today(now: datetime, zone: ZoneInfo) -> date:
+    return now.astimezone(zone).date()
+
+
+def birthday_expires(day: date, zone: ZoneInfo) -> datetime:
+    """The end of the birthday on the customer's clock."""
+    return datetime.combine(day + timedelta(days=1), time(0, 0), tzinfo=zone)
+
+
+def birthday_mmdd_candidates(now: datetime, days_before: int) -> list[int]:
+    """Every ``month*100+day`` a birthday due at ``now`` could have, in any time zone (UTC-12 to
+    UTC+14): what the store's indexed pre-filter asks for. 229 joins 228 in non-leap years."""
+    first = (now - timedelta(hours=12)).date()
+    last = (now + timedelta(hours=14)).date() + timedelta(days=days_before)
+    out: set[int] = set()
+    day = first
+    while day <= last:
+        out.add(day.month * 100 + day.day)
+        if day.month == 2 and day.day == 28 and not calendar.isleap(day.year):
+            out.add(229)
+        day += timedelta(days=1)
+    return sorted(out)
+
+
+# --- feedback ----------------------------------------------------------------------
+
+
+def feedback_window(now: datetime, days_after: int, lookback_days: int) -> tuple[datetime, datetime]:
+    """(after, not_after): an order settled (delivered, else placed) in ``(after, not_after]`` is due."""
+    not_after = now - timedelta(days=days_after)
+    return not_after - timedelta(days=lookback_days), not_after
+
+
+def feedback_due(order: OrderFacts, now: datetime, days_after: int, lookback_days: int) -> bool:
+    """At least ``days_after`` days after delivery (or placement), and not more than
+    ``lookback_days`` later than that; cancelled and refunded orders are never asked about."""
+    if not order.status.counts_as_purchase:
+        return False
+    settled = order.delivered_at or order.placed_at
+    after, not_after = feedback_window(now, days_after, lookback_days)
+    return after < settled <= not_after
+
+
+def feedback_key(order_external_id: str) -> str:
+    return f"{FEEDBACK}:{key_part(order_external_id)}"
+
+
+def rating_scores(scale: str) -> range:
+    """``stars``: 1-5; ``nps``: 0-10 (how likely to recommend us)."""
+    return range(0, 11) if scale == "nps" else range(1, 6)
+
+
+def rating_links(order_id: int, scale: str, base_url: str, key: bytes) -> list[dict[str, object]]:
+    """One link per score, each carrying a signed token ``f:<order id>:<score>``."""
+    sep = "&" if "?" in base_url else "?"
+    return [
+        {"score": score, "url": f"{base_url}{sep}t={tokens.sign('f', f'{order_id}:{score}', key)}"}
+        for score in rating_scores(scale)
+    ]
+
+
+# --- new products ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    product: ProductView
+    launched_at: datetime
+
+
+def iso_week(day: date) -> str:
+    year, week, _ = day.isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+def new_products_key(customer_external_id: str, local_day: date) -> str:
+    """One per customer per ISO week (the week of the shop's local date)."""
+    return new_products_key_for_week(customer_external_id, iso_week(local_day))
+
+
+def new_products_key_for_week(customer_external_id: str, week: str) -> str:
+    return f"{NEW_PRODUCTS}:{key_part(customer_external_id)}:{week}"
+
+
+def new_since(
+    last_order_at: datetime | None, launches: Sequence[Launch], now: datetime, within_days: int
+) -> list[Launch]:
+    """Launches after the customer's last order, in the last ``within_days`` days, not in the future."""
+    if last_order_at is None:
+        return []
+    floor = max(last_order_at, now - timedelta(days=within_days))
+    return [x for x in launches if floor < x.launched_at <= now]
+
+
+def pick_new_products(
+    new: Sequence[Launch], bought: Sequence[ProductView], best_sellers: Sequence[ProductView], n: int
+) -> list[ProductView]:
+    """New products in the categories the customer bought from (newest first); when none
+    match, the shop's best sellers they do not own. At most ``n``."""
+    owned = {p.external_id for p in bought}
+    categories = {p.category for p in bought if p.category}
+    matching = [
+        x.product
+        for x in sorted(new, key=lambda x: x.launched_at, reverse=True)
+        if x.product.category in categories and x.product.external_id not in owned
+    ]
+    if matching:
+        return matching[:n]
+    return [p for p in best_sellers if p.external_id not in owned][:n]
+
+
+# --- loyalty -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Milestones:
+    orders: tuple[int, ...] = ()
+    spend_minor: tuple[int, ...] = ()
+    within_days: int = 30
+
+    def minimums(self) -> tuple[int | None, int | None]:
+        return (min(self.orders) if self.orders else None, min(self.spend_minor) if self.spend_minor else None)
+
+
+def loyalty_milestones(order_count: int, total_spent_minor: int, m: Milestones) -> list[str]:
+    """The highest order-count milestone and the highest spend milestone reached (labels such as
+    ``orders-5`` and ``spend-500000000``)."""
+    out: list[str] = []
+    reached = [n for n in m.orders if order_count >= n]
+    if reached:
+        out.append(f"orders-{max(reached)}")
+    spent = [t for t in m.spend_minor if total_spent_minor >= t]
+    if spent:
+        out.append(f"spend-{max(spent)}")
+    return out
+
+
+def loyalty_due(
+    order_count: int, total_spent_minor: int, last_order_at: datetime | None, now: datetime, m: Milestones
+) -> list[str]:
+    """Milestones reached by a recent order (the last within ``within_days``)."""
+    if last_order_at is None or last_order_at < now - timedelta(days=m.within_days):
+        return []
+    return loyalty_milestones(order_count, total_spent_minor, m)
+
+
+def loyalty_key(customer_external_id: str, milestone: str) -> str:
+    return f"{LOYALTY}:{key_part(customer_external_id)}:{milestone}"
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the pure rules look at for one customer (tests build these; the store returns rows)."""
+
+    customer_external_id: str
+    time_zone: str = "Asia/Jakarta"
+    birthday: date | None = None
+    orders: tuple[OrderFacts, ...] = ()
+    consent: bool = True
+    suppressed: bool = False
+    planned_keys: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def reachable(self) -> bool:
+        return self.consent and not self.suppressed
