@@ -22,7 +22,7 @@ from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from worker.core import tokens
-from worker.core.audiences import WINBACK, key_part, message_id_for
+from worker.core.audiences import WINBACK, key_part, message_id_for, winback_key
 from worker.domain import OrderFacts, PlannedMessage, ProductView
 
 BIRTHDAY = "birthday"
@@ -294,3 +294,60 @@ class Facts:
     @property
     def reachable(self) -> bool:
         return self.consent and not self.suppressed
+
+
+# --- whole-customer rules (what the store's queries plus the rules above must agree with) ---
+
+
+def _last_purchase(facts: Facts) -> OrderFacts | None:
+    bought = purchases(facts.orders)
+    return bought[-1] if bought else None
+
+
+def winback_due_keys(facts: Facts, now: datetime, step_days: Sequence[int]) -> list[str]:
+    bought = purchases(facts.orders)
+    if not facts.reachable or len(bought) != 1:
+        return []
+    step = winback_step_due(bought[0].placed_at, now, step_days)
+    if step is None:
+        return []
+    key = winback_key(facts.customer_external_id, bought[0].external_id, step)
+    return [] if key in facts.planned_keys else [key]
+
+
+def birthday_due_keys(facts: Facts, now: datetime, days_before: int, zone: ZoneInfo) -> list[str]:
+    if not facts.reachable:
+        return []
+    day = birthday_due(facts.birthday, local_today(now, zone), days_before)
+    if day is None:
+        return []
+    key = birthday_key(facts.customer_external_id, day.year)
+    return [] if key in facts.planned_keys else [key]
+
+
+def feedback_due_keys(facts: Facts, now: datetime, days_after: int, lookback_days: int) -> list[str]:
+    if not facts.reachable:
+        return []
+    keys = [feedback_key(o.external_id) for o in facts.orders if feedback_due(o, now, days_after, lookback_days)]
+    return [k for k in keys if k not in facts.planned_keys]
+
+
+def new_products_due_keys(
+    facts: Facts, now: datetime, launches: Sequence[Launch], within_days: int, active_within_days: int, week: str
+) -> list[str]:
+    last = _last_purchase(facts)
+    if not facts.reachable or last is None or last.placed_at < now - timedelta(days=active_within_days):
+        return []
+    if not new_since(last.placed_at, launches, now, within_days):
+        return []
+    key = new_products_key_for_week(facts.customer_external_id, week)
+    return [] if key in facts.planned_keys else [key]
+
+
+def loyalty_due_keys(facts: Facts, now: datetime, milestones: Milestones) -> list[str]:
+    bought = purchases(facts.orders)
+    if not facts.reachable or not bought:
+        return []
+    labels = loyalty_due(len(bought), sum(o.total_minor for o in bought), bought[-1].placed_at, now, milestones)
+    keys = [loyalty_key(facts.customer_external_id, label) for label in labels]
+    return [k for k in keys if k not in facts.planned_keys]

@@ -1,0 +1,372 @@
+"""Every campaign's rule: one table of cases per campaign, run through the pure rule and through
+the planner (the store's keyset queries plus the rule) on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from worker import planning
+from worker.adapters import shop
+from worker.adapters.store import Store
+from worker.config import Settings, settings_from_dict
+from worker.core import campaigns as cc
+from worker.domain import (
+    CustomerRecord,
+    Locale,
+    OrderFacts,
+    OrderRecord,
+    OrderStatus,
+    ProductRecord,
+    ProductView,
+)
+
+NOW = datetime(2027, 2, 28, 16, 30, tzinfo=UTC)
+"""23:30 on 28 February 2027 in Jakarta; already 01:30 on 1 March in Jayapura. 2027 is not a leap year."""
+D, S, X, R = OrderStatus.DELIVERED, OrderStatus.SHIPPED, OrderStatus.CANCELLED, OrderStatus.REFUNDED
+JKT, JAYA = "Asia/Jakarta", "Asia/Jayapura"
+
+SETTINGS = settings_from_dict({
+    "campaigns": {
+        "winback": {"steps": [{"days": 45, "template": "winback-reminder"}, {"days": 75, "template": "winback"},
+                              {"days": 120, "template": "winback-last"}]},
+        "birthday": {"days_before": 0},
+        "feedback": {"days_after": 7, "lookback_days": 14},
+        "new_products": {"within_days": 14, "active_within_days": 180},
+        "loyalty": {"order_milestones": [5, 10], "spend_milestones": [5_000_000], "within_days": 30},
+    },
+})  # fmt: skip
+
+
+def ago(days: float) -> timedelta:
+    return timedelta(days=days)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    keys: int
+    """How many messages the rule plans for this customer (0 = not due)."""
+    orders: tuple[tuple[OrderStatus, timedelta, timedelta | None, int], ...] = ()
+    """(status, placed how long before NOW, delivered how long before NOW, total in IDR)"""
+    birthday: date | None = None
+    zone: str = JKT
+    consent: bool = True
+    suppressed: bool = False
+    planned: bool = False
+    """The ledger already has the rows the rule would plan."""
+
+
+def o(status: OrderStatus, placed: float, delivered: float | None = None, total: int = 100_000) -> Any:
+    return (status, ago(placed), None if delivered is None else ago(delivered), total)
+
+
+WINBACK = [
+    Case("one order 46 days ago: step 1", 1, (o(D, 46),)),
+    Case("exactly 45 days ago is not 'more than'", 0, (o(D, 45),)),
+    Case("exactly 75 days ago: still step 1", 1, (o(D, 75),)),
+    Case("76 days ago: step 2", 1, (o(D, 76),)),
+    Case("121 days ago: step 3, the last note", 1, (o(D, 121),)),
+    Case("400 days ago: the last step has no end", 1, (o(D, 400),)),
+    Case("a repeat buyer: never", 0, (o(D, 200), o(D, 100))),
+    Case("a cancelled second order does not count", 1, (o(D, 80), o(X, 5))),
+    Case("ordered again (the sequence stops)", 0, (o(D, 80), o(D, 3))),
+    Case("no consent", 0, (o(D, 80),), consent=False),
+    Case("suppressed", 0, (o(D, 80),), suppressed=True),
+    Case("this step already planned", 0, (o(D, 80),), planned=True),
+]
+
+BIRTHDAY = [
+    Case("born 28 Feb, in Jakarta where it is still 28 Feb", 1, birthday=date(1990, 2, 28)),
+    Case("born 29 Feb: celebrated on 28 Feb in 2027", 1, birthday=date(1992, 2, 29)),
+    Case("born 28 Feb, in Jayapura where it is already 1 March", 0, birthday=date(1990, 2, 28), zone=JAYA),
+    Case("born 1 March, in Jayapura where it is 1 March", 1, birthday=date(1990, 3, 1), zone=JAYA),
+    Case("born 1 March, in Jakarta where it is still the day before", 0, birthday=date(1990, 3, 1)),
+    Case("born 29 Feb, in Jayapura: the 28th has passed there", 0, birthday=date(1996, 2, 29), zone=JAYA),
+    Case("born 27 Feb: passed", 0, birthday=date(1990, 2, 27)),
+    Case("no birthday: never", 0),
+    Case("no consent", 0, birthday=date(1990, 2, 28), consent=False),
+    Case("suppressed", 0, birthday=date(1990, 2, 28), suppressed=True),
+    Case("this year's already planned", 0, birthday=date(1990, 2, 28), planned=True),
+]
+
+FEEDBACK = [
+    Case("delivered 8 days ago", 1, (o(D, 12, 8),)),
+    Case("delivered exactly 7 days ago", 1, (o(D, 10, 7),)),
+    Case("delivered 6 days ago: too early", 0, (o(D, 9, 6),)),
+    Case("delivered 20 days ago: still within the lookback", 1, (o(D, 25, 20),)),
+    Case("delivered exactly 21 days ago: past the lookback", 0, (o(D, 25, 21),)),
+    Case("not delivered, placed 10 days ago: the placement counts", 1, (o(S, 10),)),
+    Case("placed long ago, delivered 8 days ago: the delivery counts", 1, (o(D, 40, 8),)),
+    Case("a cancelled order is never asked about", 0, (o(X, 10),)),
+    Case("a refunded order neither", 0, (o(R, 12, 8),)),
+    Case("two orders due: one request each", 2, (o(D, 12, 8), o(D, 15, 10))),
+    Case("no consent", 0, (o(D, 12, 8),), consent=False),
+    Case("suppressed", 0, (o(D, 12, 8),), suppressed=True),
+    Case("already asked", 0, (o(D, 12, 8),), planned=True),
+]
+
+NEW_PRODUCTS = [
+    Case("last order 10 days ago, a product launched 5 days ago", 1, (o(D, 10),)),
+    Case("last order 3 days ago: nothing new since (the 2-day-old one is inactive)", 0, (o(D, 3),)),
+    Case("last order 100 days ago", 1, (o(D, 100), o(D, 300))),
+    Case("last order 181 days ago: not active, win-back's audience", 0, (o(D, 181),)),
+    Case("no orders", 0),
+    Case("only a cancelled order", 0, (o(X, 10),)),
+    Case("no consent", 0, (o(D, 10),), consent=False),
+    Case("already planned this week", 0, (o(D, 10),), planned=True),
+]
+
+LOYALTY = [
+    Case("5th order 3 days ago", 1, tuple(o(D, 3 + 10 * i) for i in range(5))),
+    Case("4 orders: not yet", 0, tuple(o(D, 3 + 10 * i) for i in range(4))),
+    Case("10th order yesterday: the highest milestone only", 1, tuple(o(D, 1 + 5 * i) for i in range(10))),
+    Case("5 orders, the last 31 days ago: not recent", 0, tuple(o(D, 31 + 10 * i) for i in range(5))),
+    Case("5 orders, the last exactly 30 days ago", 1, tuple(o(D, 30 + 10 * i) for i in range(5))),
+    Case("one order of Rp6.000.000: the spend milestone", 1, (o(D, 2, total=6_000_000),)),
+    Case("5 orders and Rp6.000.000: both milestones", 2, tuple(o(D, 3 + i, total=1_200_000) for i in range(5))),
+    Case("5 orders, one cancelled: 4 purchases", 0, (*(o(D, 3 + i) for i in range(4)), o(X, 1))),
+    Case("no consent", 0, tuple(o(D, 3 + i) for i in range(5)), consent=False),
+    Case("already rewarded", 0, tuple(o(D, 3 + i) for i in range(5)), planned=True),
+]
+
+LAUNCHES = [  # (product, launched how long ago, active)
+    ("P-NEW", ago(5), True), ("P-OLD", ago(20), True), ("P-SOON", -ago(2), True), ("P-GONE", ago(2), False),
+]  # fmt: skip
+WEEK = cc.iso_week(NOW.astimezone(ZoneInfo(JKT)).date())
+
+
+def facts(i: int, case: Case, planned: frozenset[str] = frozenset()) -> cc.Facts:
+    return cc.Facts(
+        customer_external_id=f"C{i}",
+        time_zone=case.zone,
+        birthday=case.birthday,
+        orders=tuple(
+            OrderFacts(f"O{i}-{j}", status, NOW - placed, None if delivered is None else NOW - delivered, total * 100)
+            for j, (status, placed, delivered, total) in enumerate(case.orders)
+        ),
+        consent=case.consent,
+        suppressed=case.suppressed,
+        planned_keys=planned,
+    )
+
+
+def _launches() -> list[cc.Launch]:
+    """The active products, as the planner's launch query sees them (the rule drops future ones)."""
+    return [
+        cc.Launch(ProductView(ext, ext, "Kopi", 100, "IDR", "https://shop.example/p", ""), NOW - when)
+        for ext, when, active in LAUNCHES
+        if active
+    ]
+
+
+RULES: dict[str, Callable[[cc.Facts], list[str]]] = {
+    "winback": lambda f: cc.winback_due_keys(f, NOW, [45, 75, 120]),
+    "birthday": lambda f: cc.birthday_due_keys(f, NOW, 0, ZoneInfo(f.time_zone)),
+    "feedback": lambda f: cc.feedback_due_keys(f, NOW, 7, 14),
+    "new_products": lambda f: cc.new_products_due_keys(f, NOW, _launches(), 14, 180, WEEK),
+    "loyalty": lambda f: cc.loyalty_due_keys(f, NOW, planning.loyalty_milestones(SETTINGS)),
+}
+TABLES = {"winback": WINBACK, "birthday": BIRTHDAY, "feedback": FEEDBACK, "new_products": NEW_PRODUCTS,
+          "loyalty": LOYALTY}  # fmt: skip
+
+
+def rule_keys(campaign: str, i: int, case: Case) -> list[str]:
+    unplanned = RULES[campaign](facts(i, case))
+    if case.planned:
+        return RULES[campaign](facts(i, case, frozenset(unplanned)))
+    return unplanned
+
+
+PURE = [(campaign, case) for campaign, table in TABLES.items() for case in table]
+
+
+@pytest.mark.parametrize(("campaign", "case"), PURE, ids=[f"{c}: {x.name}" for c, x in PURE])
+def test_pure_rule(campaign: str, case: Case) -> None:
+    if case.planned:
+        assert RULES[campaign](facts(1, case)), "an 'already planned' case must be due without its row"
+    assert len(rule_keys(campaign, 1, case)) == case.keys
+
+
+def load(store: Store, table: list[Case]) -> None:
+    people = [
+        CustomerRecord(f"C{i}", f"c{i}@example.com", f"Customer {i}", Locale.ID, c.zone, c.birthday, c.consent,
+                       "opt_in", "checkout")
+        for i, c in enumerate(table)
+    ]  # fmt: skip
+    shop.upsert_customers(store.engine, people, NOW)
+    shop.upsert_products(store.engine, [
+        ProductRecord(ext, ext, "Kopi", 100, "IDR", "https://shop.example/p", "", NOW - when, active)
+        for ext, when, active in LAUNCHES
+    ], NOW)  # fmt: skip
+    orders = [
+        OrderRecord(f"O{i}-{j}", f"C{i}", status, NOW - placed, None if delivered is None else NOW - delivered,
+                    total * 100, "IDR")
+        for i, c in enumerate(table)
+        for j, (status, placed, delivered, total) in enumerate(c.orders)
+    ]  # fmt: skip
+    shop.upsert_orders(store.engine, orders, NOW)
+    for i, c in enumerate(table):
+        if c.suppressed:
+            store.suppress(f"c{i}@example.com", reason="manual", source="test", now=NOW)
+
+
+def planned_keys(store: Store, campaign: str, settings: Settings = SETTINGS) -> dict[str, int]:
+    """dedupe key → the table row (case index) of its customer."""
+    return {
+        m.dedupe_key: int(m.email.split("@")[0][1:])
+        for batch in planning.plan_batches(store, settings, campaign, NOW)
+        for m in batch
+    }
+
+
+@pytest.mark.parametrize("campaign", list(TABLES))
+def test_planner_agrees_with_the_rule(db_url: str, campaign: str) -> None:
+    """Every case as one customer in one database: the planner plans exactly what the rule says."""
+    table = TABLES[campaign]
+    store = Store.from_url(db_url)
+    try:
+        load(store, table)
+        first = planned_keys(store, campaign)
+        owners = {i for i, c in enumerate(table) if c.planned}
+        store.insert_messages(
+            [m for batch in planning.plan_batches(store, SETTINGS, campaign, NOW) for m in batch
+             if int(m.email.split("@")[0][1:]) in owners],
+            NOW,
+        )  # fmt: skip
+        assert owners & set(first.values()), "the table must exercise the 'already planned' case"
+        got = planned_keys(store, campaign)
+        expected = {k: i for i, c in enumerate(table) for k in rule_keys(campaign, i, c)}
+        wrong = sorted({table[i].name for k, i in {**got, **expected}.items() if (k in got) != (k in expected)})
+        assert set(got) == set(expected), f"planner and rule disagree on: {wrong}"
+    finally:
+        store.close()
+
+
+def test_keyset_batches_cover_everyone_once(db_url: str) -> None:
+    """Batches of 5 (batch_size 1 x 5) over 23 customers sharing one order time: none lost, none twice."""
+    store = Store.from_url(db_url)
+    tiny = dataclasses.replace(SETTINGS, sending=dataclasses.replace(SETTINGS.sending, batch_size=1))
+    try:
+        table = [Case(f"c{i}", 1, (o(D, 80), )) for i in range(23)]
+        load(store, table)
+        shop.upsert_orders(store.engine, [OrderRecord(f"O{i}-0", f"C{i}", D, NOW - ago(80), None, 1, "IDR")
+                                          for i in range(23)], NOW)  # fmt: skip
+        batches = list(planning.plan_batches(store, tiny, "winback", NOW))
+        assert len(batches) == 5
+        keys = [m.dedupe_key for b in batches for m in b]
+        assert sorted(keys) == sorted(set(keys)) and len(keys) == 23
+    finally:
+        store.close()
+
+
+# --- date-level edges ---------------------------------------------------------------
+
+BIRTHDAY_DATES = [
+    # (birthday, customer's local today, days_before, celebrated on)
+    (date(1992, 2, 29), date(2027, 2, 28), 0, date(2027, 2, 28)),
+    (date(1992, 2, 29), date(2028, 2, 28), 0, None),  # a leap year: wait for the 29th
+    (date(1992, 2, 29), date(2028, 2, 29), 0, date(2028, 2, 29)),
+    (date(1992, 2, 29), date(2027, 2, 25), 3, date(2027, 2, 28)),
+    (date(1992, 2, 29), date(2027, 3, 1), 3, None),
+    (date(1992, 2, 29), date(2028, 2, 26), 3, date(2028, 2, 29)),
+    (date(1990, 1, 2), date(2026, 12, 30), 3, date(2027, 1, 2)),  # across new year: next year's key
+    (date(1990, 1, 2), date(2026, 12, 29), 3, None),
+    (date(1990, 12, 31), date(2026, 12, 31), 0, date(2026, 12, 31)),
+    (None, date(2027, 2, 28), 7, None),
+]
+
+
+@pytest.mark.parametrize(("born", "today", "days_before", "expected"), BIRTHDAY_DATES)
+def test_birthday_dates(born: date | None, today: date, days_before: int, expected: date | None) -> None:
+    assert cc.birthday_due(born, today, days_before) == expected
+
+
+def test_birthday_prefilter_covers_every_zone_and_the_leap_day() -> None:
+    mmdd = cc.birthday_mmdd_candidates(NOW, 0)
+    assert mmdd == [228, 229, 301]  # 28 Feb (UTC-12) to 1 Mar (UTC+14); 29 Feb rides with 28 Feb in 2027
+    assert 229 not in cc.birthday_mmdd_candidates(datetime(2028, 3, 10, tzinfo=UTC), 3)
+
+
+def test_birthday_messages_expire_at_the_end_of_the_day_in_their_zone() -> None:
+    assert cc.birthday_expires(date(2027, 2, 28), ZoneInfo(JKT)) == datetime(2027, 2, 28, 17, 0, tzinfo=UTC)
+
+
+def test_rating_links_carry_signed_tokens() -> None:
+    from worker.core import tokens
+
+    key = b"k" * 32
+    stars = cc.rating_links(42, "stars", "https://shop.example/feedback", key)
+    assert [x["score"] for x in stars] == [1, 2, 3, 4, 5]
+    nps = cc.rating_links(42, "nps", "https://shop.example/feedback?src=mail", key)
+    assert [x["score"] for x in nps] == list(range(11))
+    url = str(nps[10]["url"])
+    assert url.startswith("https://shop.example/feedback?src=mail&t=")
+    assert tokens.verify(url.split("t=")[1], [key]) == ("f", "42:10")
+
+
+def test_new_product_picks_prefer_their_categories_then_best_sellers() -> None:
+    def p(ext: str, cat: str) -> ProductView:
+        return ProductView(ext, ext, cat, 100, "IDR", "https://shop.example/" + ext, "")
+
+    new = [cc.Launch(p("N1", "Kopi"), NOW - ago(3)), cc.Launch(p("N2", "Batik"), NOW - ago(1)),
+           cc.Launch(p("N3", "Kopi"), NOW - ago(1))]  # fmt: skip
+    best = [p("B1", "Tas"), p("B2", "Kopi"), p("B3", "Batik")]
+    assert [x.external_id for x in cc.pick_new_products(new, [p("K", "Kopi")], best, 5)] == ["N3", "N1"]
+    assert [x.external_id for x in cc.pick_new_products(new, [p("T", "Hijab")], best, 2)] == ["B1", "B2"]
+    assert [x.external_id for x in cc.pick_new_products(new, [p("B1", "Hijab")], best, 5)] == ["B2", "B3"]
+
+
+def test_winback_sequence_advances_step_by_step_and_stops_when_they_order_again(db_url: str) -> None:
+    store = Store.from_url(db_url)
+    first_order = NOW - ago(200)
+    try:
+        shop.upsert_customers(store.engine, [CustomerRecord("C1", "c1@example.com", "Siti", Locale.ID, JKT, None,
+                                                            True, "", "")], NOW)  # fmt: skip
+        shop.upsert_orders(store.engine, [OrderRecord("O1", "C1", D, first_order, None, 1, "IDR")], NOW)
+        steps = []
+        for day in (40, 46, 50, 76, 80):
+            at = first_order + ago(day)
+            batch = [m for b in planning.plan_batches(store, SETTINGS, "winback", at) for m in b]
+            store.insert_messages(batch, at)
+            steps += [(day, m.step, m.payload["template"]) for m in batch]
+        assert steps == [(46, 1, "winback-reminder"), (76, 2, "winback")]
+        shop.upsert_orders(store.engine, [OrderRecord("O2", "C1", D, first_order + ago(100), None, 1, "IDR")], NOW)
+        late = first_order + ago(130)
+        assert list(planning.plan_batches(store, SETTINGS, "winback", late)) == []
+    finally:
+        store.close()
+
+
+def test_the_skeletons_single_step_config_still_plans_one_step() -> None:
+    legacy = settings_from_dict({"campaigns": {"winback": {"quiet_days": 30, "coupon_code": "X5",
+                                                           "coupon_percent": 5}}})  # fmt: skip
+    (step,) = legacy.campaigns.winback.effective_steps
+    assert (step.days, step.template, step.coupon_code, step.coupon_percent) == (30, "winback", "X5", 5)
+
+
+def test_holdout_rows_are_planned_as_skipped_held_out(sqlite_url: str) -> None:
+    from worker.adapters import db
+
+    engine = db.create_engine(sqlite_url)
+    db.upgrade(engine)
+    engine.dispose()
+    store = Store.from_url(sqlite_url)
+    held = dataclasses.replace(SETTINGS, campaigns=dataclasses.replace(
+        SETTINGS.campaigns, winback=dataclasses.replace(SETTINGS.campaigns.winback, holdout_share=0.5)))
+    try:
+        table = [Case(f"c{i}", 1, (o(D, 80),)) for i in range(200)]
+        load(store, table)
+        batch = [m for b in planning.plan_batches(store, held, "winback", NOW) for m in b]
+        store.insert_messages(batch, NOW)
+        counts = store.status_counts("winback")
+        assert 70 < counts[("winback", "skipped", "held_out")] < 130
+        assert counts[("winback", "skipped", "held_out")] + counts[("winback", "planned", None)] == 200
+    finally:
+        store.close()
