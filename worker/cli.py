@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the demo (default: demo-out)")
     p.add_argument("--customers", type=int, default=120, help="customers in the demo shop (default: 120)")
     p.add_argument("--seed", type=int, default=7, help="random seed for the demo data (default: 7)")
+    p.add_argument("--now", type=_datetime_arg, default=None,
+                   help="pretend it is this moment (ISO 8601 with offset): the shop's history ends here and "
+                   "the cycle runs at it, e.g. 2027-02-20T10:00+07:00 (default: the real time)")
 
     p = sub.add_parser("db", help="create or migrate the database schema",
                        description="Database maintenance. `kembali db upgrade` creates the schema in an empty "

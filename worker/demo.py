@@ -126,7 +126,7 @@ def _customer(rng: random.Random, i: int, role: str) -> CustomerRecord:
         birthday = date(rng.randint(1965, 2005), rng.randint(1, 12), rng.randint(1, 28))
     else:
         birthday = None
-    consent = role in ("crlf", "encoded-word") or rng.random() < 0.9
+    consent = role in ("crlf", "encoded-word", "leap") or rng.random() < 0.9
     return CustomerRecord(
         external_id=f"C-{i:04d}",
         email=email,

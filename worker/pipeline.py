@@ -18,14 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from worker import planning
+from worker import contexts, planning
+from worker.adapters import audience_sql
 from worker.adapters.store import Store
 from worker.config import Settings
+from worker.contact import Arbiter
 from worker.core import audiences, tokens
-from worker.core.recommend import recommend
-from worker.core.render import ShopInfo, TemplateRenderer, build_context, build_message, product_dict
+from worker.core import campaigns as cc
+from worker.core.campaigns import Launch
+from worker.core.policy import DeferUntil, Skip
+from worker.core.render import ShopInfo, TemplateRenderer, build_context, build_message
 from worker.domain import (
     ClaimedMessage,
     CustomerSnapshot,
@@ -77,14 +81,40 @@ class BatchFacts:
     customers: dict[int, SendTimeFacts]
     order_products: dict[int, list[ProductView]]
     catalogue: list[ProductView]
+    sent: dict[int, list[datetime]] = field(default_factory=dict)
+    """When each customer was actually sent email, within the longest cap window."""
+    customer_products: dict[int, list[ProductView]] = field(default_factory=dict)
+    launches: list[Launch] = field(default_factory=list)
 
 
-def load_batch_facts(store: Store, messages: Sequence[ClaimedMessage], catalogue: list[ProductView]) -> BatchFacts:
-    order_ids = [int(m.payload["first_order_id"]) for m in messages if "first_order_id" in m.payload]
+def load_batch_facts(
+    store: Store,
+    messages: Sequence[ClaimedMessage],
+    catalogue: list[ProductView],
+    *,
+    settings: Settings | None = None,
+    now: datetime | None = None,
+) -> BatchFacts:
+    order_ids = [int(m.payload[k]) for m in messages for k in ("first_order_id", "order_id") if k in m.payload]
+    customer_ids = [m.customer_id for m in messages]
+    sent: dict[int, list[datetime]] = {}
+    products: dict[int, list[ProductView]] = {}
+    launches: list[Launch] = []
+    if settings is not None and now is not None:
+        lookback = planning.contact_policy(settings).lookback
+        sent = store.sent_times(customer_ids, since=now - lookback)
+        wanting = [m.customer_id for m in messages if m.campaign == cc.NEW_PRODUCTS]
+        if wanting:
+            products = audience_sql.customer_products(store.engine, wanting)
+            within = timedelta(days=settings.campaigns.new_products.within_days)
+            launches = audience_sql.launches(store.engine, since=now - within, until=now)
     return BatchFacts(
-        customers=store.send_time_facts(m.customer_id for m in messages),
+        customers=store.send_time_facts(customer_ids),
         order_products=store.order_products(order_ids),
         catalogue=catalogue,
+        sent=sent,
+        customer_products=products,
+        launches=launches,
     )
 
 
@@ -112,36 +142,64 @@ class RenderFailed:
     error: TemplateError
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """The contact policy says "not yet": the row goes back to the queue until ``until``."""
+
+    message: ClaimedMessage
+    until: datetime
+    why: str
+    """``cap`` or ``quiet_hours``."""
+
+
 class Composer:
     def __init__(self, settings: Settings, renderer: TemplateRenderer, link_key: bytes) -> None:
         self.settings = settings
         self.renderer = renderer
         self.link_key = link_key
         self.shop = ShopInfo.from_settings(settings.shop)
+        self.policy = planning.contact_policy(settings)
 
     def unsubscribe_url(self, customer: CustomerSnapshot) -> str:
         token = tokens.sign("u", str(customer.id), self.link_key)
         base = self.settings.unsubscribe.url
         return f"{base}{'&' if '?' in base else '?'}t={token}"
 
-    def extra_context(self, message: ClaimedMessage, facts: BatchFacts) -> dict[str, object]:
-        cfg = self.settings.campaigns.winback
-        bought = facts.order_products.get(int(message.payload.get("first_order_id", 0)), [])
-        picks = recommend(bought, facts.catalogue, cfg.recommendations)
-        return {
-            "bought": [product_dict(p) for p in bought],
-            "recommendations": [product_dict(p) for p in picks],
-            "coupon_code": cfg.coupon_code,
-            "coupon_percent": cfg.coupon_percent,
-        }
+    def extra_context(
+        self, message: ClaimedMessage, facts: BatchFacts, now: datetime | None = None
+    ) -> dict[str, object]:
+        """The campaign's template variables; ``now`` defaults to the message's due time."""
+        campaign_facts = contexts.CampaignFacts(
+            order_products=facts.order_products,
+            catalogue=facts.catalogue,
+            customer_products=facts.customer_products,
+            launches=facts.launches,
+        )
+        return contexts.extra_context(
+            self.settings, message, facts.customers[message.customer_id], campaign_facts,
+            link_key=self.link_key, now=now or message.due_at,
+        )  # fmt: skip
 
-    def compose(self, message: ClaimedMessage, facts: BatchFacts, now: datetime) -> Composed | Skipped | RenderFailed:
+    def new_arbiter(self) -> Arbiter:
+        """One per dispatch run or preview: it remembers what this run decided to send."""
+        return Arbiter(self.policy)
+
+    def compose(
+        self, message: ClaimedMessage, facts: BatchFacts, now: datetime, arbiter: Arbiter | None = None
+    ) -> Composed | Skipped | RenderFailed | Deferred:
+        """Re-check, apply the contact policy, render. ``arbiter`` carries the run's earlier decisions
+        (a fresh one judges this message against the ledger alone)."""
         customer_facts = facts.customers[message.customer_id]
         reason = audiences.recheck(message, customer_facts, now)
         if reason is not None:
             return Skipped(message, reason)
         customer = customer_facts.customer
         assert customer is not None  # recheck skips CUSTOMER_GONE
+        decision = (arbiter or self.new_arbiter()).decide(message, customer, facts.sent.get(customer.id, []), now)
+        if isinstance(decision, Skip):
+            return Skipped(message, decision.reason)
+        if isinstance(decision, DeferUntil):
+            return Deferred(message, decision.at, decision.why)
         unsubscribe = self.unsubscribe_url(customer)
         try:
             context = build_context(
@@ -149,9 +207,9 @@ class Composer:
                 customer,
                 shop=self.shop,
                 unsubscribe_url=unsubscribe,
-                extra=self.extra_context(message, facts),
+                extra=self.extra_context(message, facts, now),
             )
-            rendered = self.renderer.render(message.campaign, customer.locale, context)
+            rendered = self.renderer.render(contexts.template_for(message), customer.locale, context)
         except TemplateError as exc:
             return RenderFailed(message, exc)
         try:
@@ -200,26 +258,33 @@ def preview(
     campaigns: Sequence[str] | None = None,
     customer_external_id: str | None = None,
     limit: int | None = None,
-) -> Iterator[Composed | Skipped | RenderFailed]:
-    """What ``run --once`` at ``now`` would do, message by message; writes and sends nothing."""
+) -> Iterator[Composed | Skipped | RenderFailed | Deferred]:
+    """What ``run --once`` at ``now`` would do, message by message; writes and sends nothing.
+    Campaign by campaign in priority order (its rows already in the ledger, then its new ones); one
+    arbiter sees them all, so a customer due three emails today is shown one send and two defers."""
     catalogue = load_catalogue(store)
     wanted = list(campaigns or enabled_campaigns(settings))
+    arbiter = composer.new_arbiter()
 
-    def batches() -> Iterator[list[ClaimedMessage]]:
-        yield from (b for b in store.due_messages(now=now, campaigns=wanted) if b)
-        for campaign in wanted:
+    def batches() -> Iterator[list[tuple[ClaimedMessage, bool]]]:
+        for campaign in wanted:  # highest priority first, as a claim would take them
+            for due in store.due_messages(now=now, campaigns=[campaign]):
+                yield [(m, False) for m in due]
             for batch in plan_batches(store, settings, campaign, now):
-                yield [as_claimed(m) for m in batch]
+                yield [(as_claimed(m), m.held_out) for m in batch]
 
     shown = 0
     for batch in batches():
-        facts = load_batch_facts(store, batch, catalogue)
-        for message in batch:
+        facts = load_batch_facts(store, [m for m, _ in batch], catalogue, settings=settings, now=now)
+        for message, held_out in batch:
             if customer_external_id is not None:
                 snapshot = facts.customers[message.customer_id].customer
                 if snapshot is None or snapshot.external_id != customer_external_id:
                     continue
-            yield composer.compose(message, facts, now)
+            if held_out:
+                yield Skipped(message, SkipReason.HELD_OUT)
+            else:
+                yield composer.compose(message, facts, now, arbiter)
             shown += 1
             if limit is not None and shown >= limit:
                 return

@@ -112,7 +112,7 @@ def _winback(store: Store, settings: Settings, now: datetime, priority: int) -> 
                     domain=settings.shop.domain,
                     priority=priority,
                     payload={"first_order_id": str(r.order_id), "first_order": r.order_external_id,
-                             "template": step.template},
+                             "template": step.template, "days": str(step.days)},
                 )
                 for r in rows
             ]  # fmt: skip

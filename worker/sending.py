@@ -41,7 +41,15 @@ from worker.core import lifecycle
 from worker.core.limits import as_throttled, bounce_kind, domain_of, next_quota_day_start
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, SendResult
 from worker.limiter import DailyQuota, Limiter, LocalBooker
-from worker.pipeline import Composed, Composer, RenderFailed, Skipped, load_batch_facts, load_catalogue
+from worker.pipeline import (
+    Composed,
+    Composer,
+    Deferred,
+    RenderFailed,
+    Skipped,
+    load_batch_facts,
+    load_catalogue,
+)
 from worker.ports import Clock, Transport
 
 
@@ -264,6 +272,7 @@ class Dispatcher:
     ) -> None:
         store = self.store.store
         catalogue = await self.store.call(load_catalogue, store)
+        arbiter = self.composer.new_arbiter()
         while not self.stopping.is_set():
             now = self.clock.now()
             batch = await self.store.call(
@@ -275,12 +284,19 @@ class Dispatcher:
             )
             if not batch:
                 return
-            facts = await self.store.call(load_batch_facts, store, batch, catalogue)
+            facts = await self.store.call(
+                load_batch_facts, store, batch, catalogue, settings=self.settings, now=now
+            )
             composed: list[Composed] = []
             for message in batch:
-                item = self.composer.compose(message, facts, now)
+                item = self.composer.compose(message, facts, now, arbiter)
                 if isinstance(item, Composed):
                     composed.append(item)
+                elif isinstance(item, Deferred):  # the contact policy: not yet (cap or quiet hours)
+                    writer.record(self._release(message, now, until=item.until))
+                    report.count(message.campaign, f"deferred:{item.why}")
+                    log.event("email_deferred_by_policy", campaign=message.campaign,
+                              dedupe_key=message.dedupe_key, until=item.until.isoformat(), why=item.why)
                 else:
                     writer.record(self._not_sent(item, now))
                     report.count(message.campaign, _label(item))

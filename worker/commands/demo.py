@@ -23,6 +23,7 @@ from worker.commands import running
 from worker.commands.importing import import_file
 from worker.config import Settings, load_settings
 from worker.demo import generate_shop, write_csvs
+from worker.testing import FakeClock
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,12 +39,14 @@ def run(args: argparse.Namespace) -> int:
         base,
         database=dataclasses.replace(base.database, url=f"sqlite:///{out / 'kembali-demo.db'}"),
         smtp=dataclasses.replace(base.smtp, host="127.0.0.1", tls="none", username=""),
+        # the demo runs whenever you try it: quiet hours would hold everything until morning
+        policy=dataclasses.replace(base.policy, quiet_hours_start="00:00", quiet_hours_end="00:00"),
     )
     if not os.environ.get(settings.unsubscribe.secret_env):
         os.environ[settings.unsubscribe.secret_env] = secrets.token_urlsafe(32)
         print(f"(demo) {settings.unsubscribe.secret_env} is not set: signing links with a throwaway key")
 
-    now = datetime.now(UTC)
+    now = args.now or datetime.now(UTC)
     shop = generate_shop(seed=args.seed, customers=args.customers, now=now)
     files = write_csvs(shop, out / "data", shop_tz=settings.shop.time_zone)
     print(f"demo shop: {len(shop.customers)} customers, {len(shop.products)} products, "
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         import_file(settings, kind, files[kind])
 
     sink = SmtpSink(folder=out / "sent")
-    report, received = asyncio.run(_cycle_with_sink(settings, sink))
+    report, received = asyncio.run(_cycle_with_sink(settings, sink, FakeClock(now) if args.now else None))
     print()
     for line in running.summary(report):
         print(line)
@@ -87,12 +90,16 @@ def _write_demo_config(source: Path, settings: Settings, out: Path) -> Path | No
     return path
 
 
-async def _cycle_with_sink(settings: Settings, sink: SmtpSink) -> tuple[running.CycleReport, list]:  # type: ignore[type-arg]
+async def _cycle_with_sink(
+    settings: Settings, sink: SmtpSink, clock: FakeClock | None = None
+) -> tuple[running.CycleReport, list]:  # type: ignore[type-arg]
     await sink.start()
     try:
         live = dataclasses.replace(settings, smtp=dataclasses.replace(settings.smtp, port=sink.port))
         print(f"local SMTP sink listening on 127.0.0.1:{sink.port}", file=sys.stdout)
         deps = Deps.build(live)
+        if clock is not None:
+            deps.clock = clock
         try:
             report = await running.cycle(deps)
         finally:

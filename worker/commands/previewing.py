@@ -24,8 +24,10 @@ from zoneinfo import ZoneInfo
 from worker.app import Deps, link_keys
 from worker.commands.progress import Progress
 from worker.config import Settings
+from worker.core.audiences import WINBACK
+from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
-from worker.pipeline import Composed, RenderFailed, Skipped
+from worker.pipeline import Composed, Deferred, RenderFailed, Skipped
 from worker.pipeline import preview as run_preview
 
 EXIT_OK, EXIT_RENDER_ERRORS = 0, 1
@@ -48,10 +50,12 @@ class PreviewSummary:
     """Skip reasons, plus ``render_error``."""
     errors: dict[str, list[str]] = field(default_factory=dict)
     """Render error text (``file:line: message``) → the dedupe keys it hit."""
+    deferred: Counter[str] = field(default_factory=Counter)
+    """Held back by the contact policy (``cap``, ``quiet_hours``): they go out later, not now."""
 
     @property
     def considered(self) -> int:
-        return self.would_send + sum(self.by_reason.values())
+        return self.would_send + sum(self.by_reason.values()) + sum(self.deferred.values())
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -59,10 +63,26 @@ class PreviewSummary:
             "considered": self.considered,
             "would_send": self.would_send,
             "skipped": dict(sorted(self.by_reason.items())),
+            "deferred": dict(sorted(self.deferred.items())),
             "render_errors": [
                 {"error": e, "count": len(keys), "examples": keys[:3]} for e, keys in self.errors.items()
             ],
         }
+
+
+def _label(message: ClaimedMessage) -> str:
+    """``birthday``, or ``winback/2 d75`` for a win-back step (its number and day count)."""
+    if message.campaign == WINBACK:
+        return f"winback/{message.step}" + (f" d{message.payload['days']}" if "days" in message.payload else "")
+    return message.campaign
+
+
+def _customer(dedupe_key: str) -> str:
+    """The customer's id from a dedupe key (its second field; feedback keys name the order instead)."""
+    kind, _, rest = dedupe_key.partition(":")
+    if kind == "feedback":
+        return "-"
+    return rest.split(":")[0].replace("%3A", ":").replace("%25", "%")
 
 
 def preview(settings: Settings, args: argparse.Namespace) -> int:
@@ -103,7 +123,7 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _show(
-    item: Composed | Skipped | RenderFailed,
+    item: Composed | Skipped | RenderFailed | Deferred,
     at: datetime,
     summary: PreviewSummary,
     out: TextIO,
@@ -127,13 +147,25 @@ def _show(
                    "dedupe_key": message.dedupe_key, "template_version": item.rendered.template_version, **files}
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
-            label = f"{message.campaign}/{message.step}"
-            out.write(f"{item.customer.external_id:<14} {label:<14} {when:<22} {item.rendered.subject}\n")
+            out.write(f"{item.customer.external_id:<14} {_label(message):<14} {when:<22} {item.rendered.subject}\n")
     elif isinstance(item, Skipped):
         summary.by_reason[item.reason.value] += 1
         if json_lines:
             out.write(json.dumps({"action": "skip", "campaign": message.campaign, "step": message.step,
                                   "dedupe_key": message.dedupe_key, "reason": item.reason.value}) + "\n")
+        else:
+            out.write(f"{_customer(message.dedupe_key):<14} {_label(message):<14} {'-':<22} "
+                      f"skip: {item.reason.value}  [{message.dedupe_key}]\n")
+    elif isinstance(item, Deferred):
+        summary.deferred[item.why] += 1
+        if json_lines:
+            out.write(json.dumps({"action": "defer", "campaign": message.campaign, "step": message.step,
+                                  "dedupe_key": message.dedupe_key, "until": item.until.isoformat(),
+                                  "why": item.why}) + "\n")
+        else:
+            why = "cap: one email at a time" if item.why == "cap" else "quiet hours"
+            out.write(f"{_customer(message.dedupe_key):<14} {_label(message):<14} {'-':<22} "
+                      f"defer until {item.until.isoformat()} ({why})\n")
     else:
         summary.by_reason["render_error"] += 1
         summary.errors.setdefault(str(item.error), []).append(message.dedupe_key)
@@ -147,6 +179,9 @@ def _print_summary(summary: PreviewSummary, out: TextIO, out_dir: Path | None) -
     out.write(f"\n{summary.considered} considered: {summary.would_send} would be sent")
     if summary.by_reason:
         out.write(", " + ", ".join(f"{n} {reason}" for reason, n in sorted(summary.by_reason.items())))
+    if summary.deferred:
+        out.write("; deferred by the contact policy: "
+                  + ", ".join(f"{n} {why}" for why, n in sorted(summary.deferred.items())))
     out.write("\n")
     if summary.by_reason:
         out.write("\nNot sent, by reason:\n")

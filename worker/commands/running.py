@@ -18,7 +18,7 @@ from worker.sending import DispatchReport
 
 EXIT_OK, EXIT_ATTENTION, EXIT_UNAVAILABLE = 0, 1, 3
 
-CAMPAIGN_LABELS = {"winback": "win-back"}
+CAMPAIGN_LABELS = {"winback": "win-back", "new_products": "new-product", "feedback": "feedback-request"}
 
 
 @dataclass

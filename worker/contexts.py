@@ -1,0 +1,101 @@
+"""Each campaign's template variables (beyond the ones every template gets), as plain data.
+
+See templates/email/README.md for what each campaign's templates receive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from worker.config import Settings
+from worker.core import campaigns as cc
+from worker.core.audiences import WINBACK
+from worker.core.recommend import recommend
+from worker.core.render import product_dict
+from worker.domain import ClaimedMessage, ProductView, SendTimeFacts
+
+
+@dataclass(frozen=True)
+class CampaignFacts:
+    """What the campaigns' templates need from the store, read once per batch."""
+
+    order_products: Mapping[int, list[ProductView]]
+    catalogue: Sequence[ProductView]
+    customer_products: Mapping[int, list[ProductView]] = field(default_factory=dict)
+    launches: Sequence[cc.Launch] = ()
+
+
+def campaign_of(settings: Settings, name: str) -> str:
+    """A campaign, or the campaign a template folder belongs to (``winback-last`` → ``winback``),
+    so `kembali check` can render every folder with the right variables."""
+    if name in cc.CAMPAIGNS:
+        return name
+    if name in {step.template for step in settings.campaigns.winback.effective_steps} or name.startswith(WINBACK):
+        return WINBACK
+    return name
+
+
+def template_for(message: ClaimedMessage) -> str:
+    """The template folder: the win-back step's own (fixed at planning), else the campaign's."""
+    return message.payload.get("template", message.campaign)
+
+
+def extra_context(
+    settings: Settings,
+    message: ClaimedMessage,
+    customer: SendTimeFacts,
+    facts: CampaignFacts,
+    *,
+    link_key: bytes,
+    now: datetime,
+) -> dict[str, object]:
+    c = settings.campaigns
+    campaign = campaign_of(settings, message.campaign)
+    if campaign == WINBACK:
+        steps = c.winback.effective_steps
+        step = steps[min(message.step, len(steps)) - 1]
+        bought = facts.order_products.get(int(message.payload.get("first_order_id", 0)), [])
+        picks = recommend(bought, facts.catalogue, c.winback.recommendations)
+        return {
+            "bought": [product_dict(p) for p in bought],
+            "recommendations": [product_dict(p) for p in picks],
+            "coupon_code": step.coupon_code,
+            "coupon_percent": step.coupon_percent,
+            "step": message.step,
+        }
+    if campaign == cc.BIRTHDAY:
+        return {
+            "birthday": message.payload.get("birthday", ""),
+            "coupon_code": c.birthday.coupon_code,
+            "coupon_percent": c.birthday.coupon_percent,
+            "recommendations": [product_dict(p) for p in facts.catalogue[:3]],
+        }
+    if campaign == cc.FEEDBACK:
+        order_id = int(message.payload.get("order_id", 0))
+        return {
+            "order": {"id": message.payload.get("order", "")},
+            "bought": [product_dict(p) for p in facts.order_products.get(order_id, [])],
+            "scale": c.feedback.scale,
+            "ratings": cc.rating_links(order_id, c.feedback.scale, c.feedback.link_url, link_key),
+        }
+    if campaign == cc.NEW_PRODUCTS:
+        cfg = c.new_products
+        bought = facts.customer_products.get(message.customer_id, [])
+        new = cc.new_since(customer.last_order_at, facts.launches, now, cfg.within_days)
+        picks = cc.pick_new_products(new, bought, facts.catalogue, cfg.max_products)
+        owned_categories = {p.category for p in bought}
+        return {
+            "products": [product_dict(p) for p in picks],
+            "new": any(x.product.category in owned_categories for x in new),
+        }
+    if campaign == cc.LOYALTY:
+        kind, _, amount = message.payload.get("milestone", "orders-0").partition("-")
+        return {
+            "milestone_kind": kind,
+            "milestone": int(amount or 0),
+            "coupon_code": c.loyalty.coupon_code,
+            "coupon_percent": c.loyalty.coupon_percent,
+        }
+    raise ValueError(f"unknown campaign {message.campaign!r}")
