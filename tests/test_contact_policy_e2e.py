@@ -1,0 +1,168 @@
+"""The contact policy end to end: real SQLite file, real SMTP server (aiosmtpd), a clock moved by hand.
+
+Given a customer due a birthday offer, a feedback request and a win-back step on the same day,
+when Kembali runs a cycle every morning, then the customer gets one email a day at most: the
+birthday offer first, the others later, each within the cap; quiet hours and "ordered since"
+are honoured right before sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import UTC, date, datetime, timedelta
+from email import message_from_bytes
+from email.header import decode_header, make_header
+from pathlib import Path
+
+import pytest
+
+from tests.smtp_server import RecordingServer
+from worker.adapters import db, shop
+from worker.adapters.store import Store
+from worker.app import Deps
+from worker.commands import running
+from worker.config import Settings, settings_from_dict
+from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus
+from worker.testing import FakeClock
+
+ROOT = Path(__file__).resolve().parent.parent
+DAY0 = datetime(2027, 2, 26, 3, 0, tzinfo=UTC)
+"""10:00 in Jakarta, on the customer's birthday."""
+
+
+def settings_for(tmp_path: Path, server: RecordingServer) -> Settings:
+    return settings_from_dict({
+        "database": {"url": f"sqlite:///{tmp_path / 'kembali.db'}"},
+        "smtp": {"host": "127.0.0.1", "port": server.port, "tls": "none", "timeout_seconds": 5.0, "pool_size": 2},
+        "templates": {"dir": str(ROOT / "templates" / "email")},
+        "campaigns": {
+            "winback": {"expires_after_days": 14, "steps": [
+                {"days": 45, "template": "winback-reminder"},
+                {"days": 75, "template": "winback", "coupon_code": "KEMBALI10", "coupon_percent": 10}]},
+            "birthday": {"days_before": 0},
+            "feedback": {"days_after": 7, "lookback_days": 14, "expires_after_days": 7},
+            "new_products": {"enabled": False},
+            "loyalty": {"enabled": False},
+        },
+        "policy": {"frequency_caps": [[1, 3], [4, 30]], "quiet_hours_start": "21:00", "quiet_hours_end": "08:00"},
+    })  # fmt: skip
+
+
+def given_a_shop(settings: Settings, customers: list[tuple[str, date | None]], orders: list[OrderRecord]) -> None:
+    engine = db.create_engine(settings.database_url)
+    db.upgrade(engine)
+    shop.upsert_customers(engine, [
+        CustomerRecord(ext, f"{ext.lower()}@example.com", f"Siti {ext}", Locale.EN, "Asia/Jakarta", born, True,
+                       "opt_in", "checkout")
+        for ext, born in customers
+    ], DAY0)  # fmt: skip
+    shop.upsert_orders(engine, orders, DAY0)
+    engine.dispose()
+
+
+def subjects(server: RecordingServer) -> list[str]:
+    return [str(make_header(decode_header(message_from_bytes(m.data)["Subject"]))) for m in server.messages]
+
+
+def cycle_at(settings: Settings, clock: FakeClock, when: datetime) -> running.CycleReport:
+    clock.set(when)
+    deps = Deps.build(settings)
+    deps.clock = clock
+    try:
+        return asyncio.run(running.cycle(deps))
+    finally:
+        deps.close()
+
+
+@pytest.fixture(autouse=True)
+def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "a-test-key-of-enough-length")
+
+
+def test_birthday_first_then_feedback_then_winback_one_slot_apart(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    settings = settings_for(tmp_path, smtp_server)
+    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
+        # one order, placed 50 days ago (win-back step 1 is due) and delivered 8 days ago (feedback is due)
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=50), DAY0 - timedelta(days=8),
+                    24_900_000, "IDR"),
+    ])  # fmt: skip
+    clock = FakeClock(DAY0)
+
+    received_on: dict[int, list[str]] = {}
+    for day in range(8):
+        before = len(smtp_server.messages)
+        cycle_at(settings, clock, DAY0 + timedelta(days=day))
+        received_on[day] = subjects(smtp_server)[before:]
+
+    assert received_on[0] == ["Happy birthday, Siti! A 15% gift for you"]
+    assert received_on[1] == received_on[2] == []
+    assert received_on[3] == ["How was your order INV-1, Siti?"]
+    assert received_on[4] == received_on[5] == []
+    assert received_on[6] == ["How are you, Siti?"]  # win-back step 1 (the order has no product lines)
+    assert received_on[7] == []
+    assert len(smtp_server.messages) == 3, "three emails in total, each planned once"
+    store = Store.from_url(settings.database_url)
+    try:
+        rows = {r["campaign"]: r for r in store.messages(limit=10)}
+    finally:
+        store.close()
+    assert {c: (r["status"], r["sent_at"]) for c, r in rows.items()} == {
+        "birthday": ("sent", DAY0),
+        "feedback": ("sent", DAY0 + timedelta(days=3)),
+        "winback": ("sent", DAY0 + timedelta(days=6)),
+    }
+
+
+def test_a_message_that_cannot_get_a_slot_before_it_expires_is_skipped_expired(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    base = settings_for(tmp_path, smtp_server)
+    # feedback requests expire after one day: the birthday takes today's slot, the next is in 3 days
+    settings = dataclasses.replace(base, campaigns=dataclasses.replace(
+        base.campaigns, feedback=dataclasses.replace(base.campaigns.feedback, expires_after_days=1),
+        winback=dataclasses.replace(base.campaigns.winback, enabled=False)))  # fmt: skip
+    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=10), DAY0 - timedelta(days=8),
+                    1_000_000, "IDR"),
+    ])  # fmt: skip
+    report = cycle_at(settings, FakeClock(DAY0), DAY0)
+    assert report.dispatched.outcomes == {"sent": 1, "skipped:expired": 1}
+    assert subjects(smtp_server) == ["Happy birthday, Siti! A 15% gift for you"]
+
+
+def test_quiet_hours_hold_mail_until_morning_in_the_customers_zone(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    settings = settings_for(tmp_path, smtp_server)
+    given_a_shop(settings, [("C1", None)], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=50), None, 1_000_000, "IDR"),
+    ])  # fmt: skip
+    clock = FakeClock(DAY0)
+    night = datetime(2027, 2, 26, 15, 0, tzinfo=UTC)  # 22:00 in Jakarta
+    report = cycle_at(settings, clock, night)
+    assert report.dispatched.outcomes == {"deferred:quiet_hours": 1}
+    assert smtp_server.messages == []
+    cycle_at(settings, clock, datetime(2027, 2, 27, 0, 59, tzinfo=UTC))  # 07:59
+    assert smtp_server.messages == []
+    cycle_at(settings, clock, datetime(2027, 2, 27, 1, 0, tzinfo=UTC))  # 08:00
+    assert len(smtp_server.messages) == 1
+
+
+def test_a_winback_step_is_not_sent_to_a_customer_who_ordered_since_planning(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    settings = settings_for(tmp_path, smtp_server)
+    given_a_shop(settings, [("C1", None)], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=50), None, 1_000_000, "IDR"),
+    ])  # fmt: skip
+    clock = FakeClock(DAY0)
+    night = datetime(2027, 2, 26, 15, 0, tzinfo=UTC)  # planned at night: waits for the morning
+    cycle_at(settings, clock, night)
+    engine = db.create_engine(settings.database_url)
+    shop.upsert_orders(engine, [OrderRecord("INV-2", "C1", OrderStatus.PAID, night + timedelta(hours=1), None,
+                                            500_000, "IDR")], night)  # fmt: skip
+    engine.dispose()
+    report = cycle_at(settings, clock, datetime(2027, 2, 27, 1, 0, tzinfo=UTC))
+    assert report.dispatched.outcomes == {"skipped:ordered_since": 1}
+    assert smtp_server.messages == []

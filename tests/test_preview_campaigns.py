@@ -1,0 +1,56 @@
+"""Acceptance: `kembali preview --at 2027-02-28T10:00+07:00` on the demo shop lists every campaign."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from worker.adapters import db
+from worker.commands.importing import import_file
+from worker.config import load_settings
+from worker.demo import generate_shop, write_csvs
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_NOW = datetime(2027, 2, 20, 3, 0, tzinfo=UTC)
+"""The demo shop's history ends a week before the preview (as `kembali demo --now …` would make it)."""
+
+
+def test_preview_on_the_29_february_eve(tmp_path: Path) -> None:
+    # Given the demo shop (shipped config.toml) imported into a fresh SQLite file
+    text = (ROOT / "config.toml").read_text(encoding="utf-8")
+    text = text.replace('url = "sqlite:///kembali.db"', f'url = "sqlite:///{tmp_path / "demo.db"}"')
+    text = text.replace('dir = "templates/email"', f'dir = "{ROOT / "templates" / "email"}"')
+    config = tmp_path / "config.toml"
+    config.write_text(text, encoding="utf-8")
+    settings = load_settings(config)
+    engine = db.create_engine(settings.database_url)
+    db.upgrade(engine)
+    engine.dispose()
+    files = write_csvs(generate_shop(seed=7, customers=120, now=DEMO_NOW), tmp_path / "data")
+    for kind in ("customers", "products", "orders"):
+        import_file(settings, kind, files[kind])
+
+    # When previewing 28 February 2027, 10:00 in Jakarta
+    env = {**os.environ, "KEMBALI_LINK_SECRET": "a-test-key-of-enough-length"}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "--config", str(config), "preview", "--at", "2027-02-28T10:00+07:00"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()]
+
+    # Then the two 29 February customers get their birthday offer on the 28th (2027 is not a leap year)
+    birthdays = {r[0] for r in rows if r[1:2] == ["birthday"]}
+    assert {"C-0004", "C-0009"} <= birthdays
+    # and win-back steps are listed by their number and day count
+    steps = {" ".join(r[1:3]) for r in rows if r and r[1].startswith("winback/")}
+    assert {"winback/1 d45", "winback/2 d75", "winback/3 d120"} <= steps
+    # and every other campaign shows up, with skips and deferrals and their reasons
+    campaigns = {r[1] for r in rows if len(r) > 1}
+    assert {"feedback", "new_products", "loyalty"} <= campaigns
+    assert any("skip: held_out" in line for line in done.stdout.splitlines())
+    assert any("defer (cap" in line for line in done.stdout.splitlines())
+    assert "would be sent; skipped:" in done.stdout
