@@ -36,10 +36,10 @@ SETTINGS = settings_from_dict({
     "campaigns": {
         "winback": {"steps": [{"days": 45, "template": "winback-reminder"}, {"days": 75, "template": "winback"},
                               {"days": 120, "template": "winback-last"}]},
-        "birthday": {"days_before": 0},
-        "feedback": {"days_after": 7, "lookback_days": 14},
-        "new_products": {"within_days": 14, "active_within_days": 180},
-        "loyalty": {"order_milestones": [5, 10], "spend_milestones": [5_000_000], "within_days": 30},
+        "birthday": {"enabled": True, "days_before": 0},
+        "feedback": {"enabled": True, "days_after": 7, "lookback_days": 14},
+        "new_products": {"enabled": True, "within_days": 14, "active_within_days": 180},
+        "loyalty": {"enabled": True, "order_milestones": [5, 10], "spend_milestones": [5_000_000], "within_days": 30},
     },
 })  # fmt: skip
 

@@ -40,8 +40,8 @@ def settings_for(tmp_path: Path, server: RecordingServer) -> Settings:
             "winback": {"expires_after_days": 14, "steps": [
                 {"days": 45, "template": "winback-reminder"},
                 {"days": 75, "template": "winback", "coupon_code": "KEMBALI10", "coupon_percent": 10}]},
-            "birthday": {"days_before": 0},
-            "feedback": {"days_after": 7, "lookback_days": 14, "expires_after_days": 7},
+            "birthday": {"enabled": True, "days_before": 0},
+            "feedback": {"enabled": True, "days_after": 7, "lookback_days": 14, "expires_after_days": 7},
             "new_products": {"enabled": False},
             "loyalty": {"enabled": False},
         },

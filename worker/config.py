@@ -139,7 +139,8 @@ class WinbackSettings:
 
 @dataclass(frozen=True)
 class BirthdaySettings:
-    enabled: bool = True
+    enabled: bool = False
+    """Off unless config.toml turns it on (an older config keeps sending win-back only)."""
     days_before: int = 3
     """0 = on the birthday itself (in the customer's time zone)."""
     coupon_code: str = "ULTAH15"
@@ -149,7 +150,8 @@ class BirthdaySettings:
 
 @dataclass(frozen=True)
 class FeedbackSettings:
-    enabled: bool = True
+    enabled: bool = False
+    """Off unless config.toml turns it on (an older config keeps sending win-back only)."""
     days_after: int = 7
     """Days after delivery (or after the order was placed, when no delivery time is known)."""
     lookback_days: int = 14
@@ -164,7 +166,8 @@ class FeedbackSettings:
 
 @dataclass(frozen=True)
 class NewProductsSettings:
-    enabled: bool = True
+    enabled: bool = False
+    """Off unless config.toml turns it on (an older config keeps sending win-back only)."""
     within_days: int = 14
     """Products launched in the last N days (and after the customer's last order) are new."""
     active_within_days: int = 180
@@ -176,7 +179,8 @@ class NewProductsSettings:
 
 @dataclass(frozen=True)
 class LoyaltySettings:
-    enabled: bool = True
+    enabled: bool = False
+    """Off unless config.toml turns it on (an older config keeps sending win-back only)."""
     order_milestones: tuple[int, ...] = (5, 10, 25)
     """The nth purchase that earns a reward."""
     spend_milestones: tuple[int, ...] = (5_000_000,)
@@ -202,9 +206,10 @@ class CampaignSettings:
 class PolicySettings:
     frequency_caps: tuple[tuple[int, ...], ...] = ((1, 3), (4, 30))
     """``[max emails, per days]`` pairs, across all campaigns, per customer."""
-    quiet_hours_start: str = "21:00"
-    quiet_hours_end: str = "08:00"
-    """Local time in the customer's zone; equal start and end = no quiet hours."""
+    quiet_hours_start: str = "00:00"
+    quiet_hours_end: str = "00:00"
+    """Local time in the customer's zone; equal start and end = no quiet hours (the default when the
+    keys are missing, so an older config behaves as before; config.toml ships 21:00-08:00)."""
     priorities: tuple[str, ...] = ("birthday", "feedback", "winback", "loyalty", "new_products")
     """Highest first: decides which competing message takes a customer's free slot."""
 
