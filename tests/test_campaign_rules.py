@@ -249,9 +249,10 @@ def test_planner_agrees_with_the_rule(db_url: str, campaign: str) -> None:
         store.close()
 
 
-def test_keyset_batches_cover_everyone_once(db_url: str) -> None:
-    """Batches of 5 (batch_size 1 x 5) over 23 customers sharing one order time: none lost, none twice."""
+def test_keyset_batches_cover_everyone_once(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of 5 over 23 customers sharing one order time (the keyset's tie-break): none lost, none twice."""
     store = Store.from_url(db_url)
+    monkeypatch.setattr(planning, "PLAN_BATCH", 5)
     tiny = dataclasses.replace(SETTINGS, sending=dataclasses.replace(SETTINGS.sending, batch_size=1))
     try:
         table = [Case(f"c{i}", 1, (o(D, 80), )) for i in range(23)]

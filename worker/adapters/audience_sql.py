@@ -41,7 +41,8 @@ def _after(column: Any, id_column: Any, cursor: Cursor) -> list[Any]:
         return []
     value, last_id = cursor
     bound = sa.bindparam(None, value, type_=column.type)
-    return [sa.or_(column > bound, sa.and_(column == bound, id_column > last_id))]
+    # the plain ``>=`` is what lets the index range start at the cursor instead of the beginning
+    return [column >= bound, sa.or_(column > bound, sa.and_(column == bound, id_column > last_id))]
 
 
 def _rows(engine: Engine, query: Any) -> list[Any]:

@@ -1,0 +1,240 @@
+"""Planning benchmark: a full planning pass of every campaign over a generated shop, on SQLite and PostgreSQL.
+
+    python bench/planning.py                        # 1,000,000 customers, 2,500,000 orders, both databases
+    python bench/planning.py --customers 100000 --backend sqlite
+
+The shop goes straight into the database (Core executemany on SQLite, COPY on PostgreSQL; no CSV import):
+about 70 % of customers have exactly one order, the rest 2-10, 2.5 orders per customer on average, over the
+400 days before the planning instant, with the denormalised per-customer columns filled in. Then, in a fresh
+process each (so peak RSS is planning's alone), three passes at the same instant:
+
+* ``dry``: every enabled campaign's candidates streamed and planned, nothing written (what `preview` does);
+* ``first``: the same, inserting the ledger rows (ON CONFLICT DO NOTHING): the very first pass on a shop;
+* ``again``: a second pass right after, which finds everything already planned (a daily pass looks like this,
+  plus the day's few new rows).
+
+Each prints seconds per campaign, rows planned, and peak RSS (resource.getrusage). Figures on a shared 2-core
+machine are noisy: run twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import sqlalchemy as sa  # noqa: E402
+
+from worker import pipeline, planning  # noqa: E402
+from worker.adapters import db  # noqa: E402
+from worker.adapters.store import C, O, P, Store  # noqa: E402
+from worker.config import Settings, load_settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = datetime(2027, 2, 28, 3, 0, tzinfo=UTC)
+PG_ADMIN = os.environ.get("KEMBALI_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+CHUNK = 50_000
+CATEGORIES = ("Batik", "Kopi", "Skincare", "Tas", "Sepatu", "Hijab", "Kerajinan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- generating the shop -----------------------------------------------------------------
+
+
+def shop_rows(customers: int, seed: int) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """(customers, orders) in chunks, ids assigned here, purchase columns computed here."""
+    rng = random.Random(seed)
+    order_id = 0
+    zones = ("Asia/Jakarta",) * 8 + ("Asia/Makassar", "Asia/Jayapura")
+    people: list[dict[str, Any]] = []
+    orders: list[dict[str, Any]] = []
+    for cid in range(1, customers + 1):
+        n = 1 if rng.random() < 0.7 else rng.randint(2, 10)
+        placed = sorted(NOW - timedelta(days=rng.uniform(1, 400)) for _ in range(n))
+        total = 0
+        first_id = order_id + 1
+        for when in placed:
+            order_id += 1
+            amount = rng.randint(50, 2_000) * 1_000_00
+            total += amount
+            delivered = when + timedelta(days=rng.randint(2, 6)) if rng.random() < 0.9 else None
+            if delivered is not None and delivered > NOW:
+                delivered = None
+            orders.append({
+                "id": order_id, "external_id": f"INV-{order_id:08d}", "customer_id": cid, "status":
+                "delivered" if delivered else "paid", "placed_at": when, "delivered_at": delivered,
+                "settled_at": delivered or when, "total_minor": amount, "currency": "IDR", "created_at": NOW,
+                "updated_at": NOW,
+            })  # fmt: skip
+        born = date(rng.randint(1965, 2005), rng.randint(1, 12), rng.randint(1, 28)) if rng.random() < 0.7 else None
+        people.append({
+            "id": cid, "external_id": f"C-{cid:07d}", "email": f"pelanggan{cid}@example.com",
+            "name": f"Pelanggan {cid}", "locale": "id", "time_zone": zones[cid % 10], "birthday": born,
+            "birthday_mmdd": born.month * 100 + born.day if born else None, "marketing_consent": cid % 10 != 0,
+            "consent_basis": "opt_in", "consent_source": "checkout", "order_count": n, "first_order_id": first_id,
+            "first_order_at": placed[0], "last_order_at": placed[-1], "total_spent_minor": total,
+            "created_at": NOW, "updated_at": NOW,
+        })  # fmt: skip
+        if len(people) >= CHUNK:
+            yield people, orders
+            people, orders = [], []
+    if people:
+        yield people, orders
+
+
+def products() -> list[dict[str, Any]]:
+    rng = random.Random(1)
+    return [
+        {"id": i, "external_id": f"P-{i:03d}", "name": f"Produk {i}", "category": CATEGORIES[i % 7],
+         "price_minor": rng.randint(30, 500) * 1_000_00, "currency": "IDR", "url": f"https://toko.example/p/{i}",
+         "image_url": "", "launched_at": NOW - timedelta(days=rng.randint(1, 13) if i % 5 == 0 else rng.randint(20, 365)),
+         "active": True, "created_at": NOW, "updated_at": NOW}
+        for i in range(1, 41)
+    ]  # fmt: skip
+
+
+def load_sqlite(engine: sa.Engine, customers: int, seed: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.insert(P), products())
+    for people, orders in shop_rows(customers, seed):
+        with engine.begin() as conn:
+            conn.execute(sa.insert(C), people)
+            conn.execute(sa.insert(O), orders)
+
+
+def load_postgresql(engine: sa.Engine, customers: int, seed: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.insert(P), products())
+    ccols = [c.name for c in C.columns]
+    ocols = [c.name for c in O.columns]
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        with cur.copy(f"COPY customer ({', '.join(ccols)}) FROM STDIN") as copy_c:  # type: ignore[attr-defined]
+            for people, _ in shop_rows(customers, seed):
+                for row in people:
+                    copy_c.write_row([row.get(c) for c in ccols])
+        with cur.copy(f"COPY shop_order ({', '.join(ocols)}) FROM STDIN") as copy_o:  # type: ignore[attr-defined]
+            for _, orders in shop_rows(customers, seed):
+                for row in orders:
+                    copy_o.write_row([row.get(c) for c in ocols])
+        cur.execute("SELECT setval('customer_id_seq', (SELECT max(id) FROM customer))")
+        cur.execute("SELECT setval('shop_order_id_seq', (SELECT max(id) FROM shop_order))")
+        cur.execute("ANALYZE")
+        raw.commit()
+    finally:
+        raw.close()
+
+
+# --- timing a pass (in a child process) -----------------------------------------------------
+
+
+def bench_settings(url: str) -> Settings:
+    settings = load_settings(ROOT / "config.toml")
+    import dataclasses
+
+    return dataclasses.replace(settings, database=dataclasses.replace(settings.database, url=url))
+
+
+def one_pass(url: str, mode: str) -> dict[str, Any]:
+    settings = bench_settings(url)
+    store = Store.from_url(url)
+    out: dict[str, Any] = {"mode": mode, "campaigns": {}}
+    started = time.perf_counter()
+    try:
+        for campaign in pipeline.enabled_campaigns(settings):
+            t0 = time.perf_counter()
+            rows = 0
+            for batch in planning.plan_batches(store, settings, campaign, NOW):
+                rows += len(batch) if mode == "dry" else store.insert_messages(batch, NOW)
+            out["campaigns"][campaign] = {"seconds": time.perf_counter() - t0, "rows": rows}
+    finally:
+        store.close()
+    out["seconds"] = time.perf_counter() - started
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def run_child(url: str, mode: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", mode, "--database", url],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def report(name: str, result: dict[str, Any]) -> None:
+    parts = ", ".join(f"{c} {v['rows']:,} in {v['seconds']:.2f} s" for c, v in result["campaigns"].items())
+    print(f"  {result['mode']:<6} {result['seconds']:6.2f} s  peak RSS {result['peak_rss_mb']:5.0f} MB   ({parts})")
+
+
+def bench(backend: str, customers: int, seed: int, folder: Path) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{folder / 'bench.db'}"
+        admin, dbname = None, ""
+    else:
+        admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        dbname = f"kembali_bench_{uuid.uuid4().hex[:8]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{dbname}"'))
+        url = admin.url.set(database=dbname).render_as_string(hide_password=False)
+    try:
+        engine = db.create_engine(url)
+        db.upgrade(engine)
+        t0 = time.perf_counter()
+        (load_sqlite if backend == "sqlite" else load_postgresql)(engine, customers, seed)
+        with engine.begin() as conn:
+            n_orders = conn.execute(sa.select(sa.func.count()).select_from(O)).scalar_one()
+            one = conn.execute(sa.select(sa.func.count()).select_from(C).where(C.c.order_count == 1)).scalar_one()
+        if backend == "sqlite":
+            with engine.connect() as conn:
+                conn.exec_driver_sql("ANALYZE")
+        engine.dispose()
+        print(f"{backend}: {customers:,} customers ({one / customers:.0%} with one order), {n_orders:,} orders, "
+              f"loaded in {time.perf_counter() - t0:.0f} s")
+        for mode in ("dry", "first", "again"):
+            report(backend, run_child(url, mode))
+    finally:
+        if admin is not None:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+            admin.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, default=1_000_000)
+    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--child", choices=["dry", "first", "again"], help=argparse.SUPPRESS)
+    parser.add_argument("--database", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(one_pass(args.database, args.child)))
+        return
+    print(f"planning at {NOW.isoformat()} with the shipped config.toml (every campaign enabled)")
+    backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in backends:
+            bench(backend, args.customers, args.seed, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
