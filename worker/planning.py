@@ -21,7 +21,7 @@ from worker.adapters import audience_sql
 from worker.adapters.store import Store
 from worker.config import Settings
 from worker.core import campaigns as cc
-from worker.core.audiences import WINBACK, winback_key
+from worker.core.audiences import WINBACK, key_part, winback_key
 from worker.core.policy import CapWindow, ContactPolicy, QuietHours, in_holdout, priorities_from_order, zone_of
 from worker.domain import PlannedMessage
 
@@ -77,8 +77,9 @@ def plan_batches(store: Store, settings: Settings, campaign: str, now: datetime)
 
 
 def _hold(m: PlannedMessage, share: float) -> PlannedMessage:
-    # the customer's external id is the second field of every dedupe key
-    customer = m.dedupe_key.split(":")[1]
+    # by customer, not by occasion: the customer's id is the second field of every dedupe key
+    # except feedback's (the order's), which carries it in the payload
+    customer = m.payload.get("customer") or m.dedupe_key.split(":")[1]
     if not in_holdout(customer, m.campaign, share):
         return m
     return dataclasses.replace(m, held_out=True)
@@ -156,7 +157,8 @@ def _feedback(store: Store, settings: Settings, now: datetime, priority: int) ->
             cc.planned(
                 r, key=cc.feedback_key(r.order_external_id), campaign=cc.FEEDBACK, now=now, expires_at=expires,
                 domain=settings.shop.domain, priority=priority,
-                payload={"order_id": str(r.order_id), "order": r.order_external_id},
+                payload={"order_id": str(r.order_id), "order": r.order_external_id,
+                         "customer": key_part(r.customer_external_id)},
             )
             for r in rows
         ]  # fmt: skip
