@@ -36,12 +36,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import sqlalchemy as sa  # noqa: E402
+import sqlalchemy as sa
 
-from worker import pipeline, planning  # noqa: E402
-from worker.adapters import db  # noqa: E402
-from worker.adapters.store import C, O, P, Store  # noqa: E402
-from worker.config import Settings, load_settings  # noqa: E402
+from worker import pipeline, planning
+from worker.adapters import db
+from worker.adapters.store import C, O, P, Store
+from worker.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2027, 2, 28, 3, 0, tzinfo=UTC)
@@ -111,7 +111,8 @@ def products() -> list[dict[str, Any]]:
     return [
         {"id": i, "external_id": f"P-{i:03d}", "name": f"Produk {i}", "category": CATEGORIES[i % 7],
          "price_minor": rng.randint(30, 500) * 1_000_00, "currency": "IDR", "url": f"https://toko.example/p/{i}",
-         "image_url": "", "launched_at": NOW - timedelta(days=rng.randint(1, 13) if i % 5 == 0 else rng.randint(20, 365)),
+         "image_url": "",
+         "launched_at": NOW - timedelta(days=rng.randint(1, 13) if i % 5 == 0 else rng.randint(20, 365)),
          "active": True, "created_at": NOW, "updated_at": NOW}
         for i in range(1, 41)
     ]  # fmt: skip

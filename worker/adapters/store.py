@@ -392,30 +392,6 @@ class Store:
             ).rowcount
         return requeued, uncertain
 
-    def defer(self, deferrals: Sequence[tuple[int, datetime]], *, worker: str, now: datetime) -> int:
-        """Put claimed rows back in the queue until a later time (the contact policy said "not yet"):
-        planned again (retry when an attempt was already made), claim released. Returns rows moved."""
-        if not deferrals:
-            return 0
-        stmt = (
-            sa.update(M)
-            .where(
-                M.c.id == sa.bindparam("b_id"),
-                M.c.claimed_by == worker,
-                M.c.status == MessageStatus.CLAIMED.value,
-            )
-            .values(
-                status=sa.case((M.c.attempts > 0, MessageStatus.RETRY.value), else_=MessageStatus.PLANNED.value),
-                next_attempt_at=sa.bindparam("b_at"),
-                claimed_by=None,
-                lease_until=None,
-                updated_at=now,
-            )
-        )
-        with self.engine.begin() as conn:
-            result = conn.execute(stmt, [{"b_id": i, "b_at": at} for i, at in deferrals])
-        return int(result.rowcount)
-
     def sent_times(self, customer_ids: Iterable[int], *, since: datetime) -> dict[int, list[datetime]]:
         """When each customer was actually sent email (any campaign) since ``since``: what caps count."""
         ids = sorted(set(customer_ids))

@@ -1,7 +1,7 @@
 """campaigns: birthday and feedback columns, audience indexes
 
 Revision ID: 0002
-Revises: 0001
+Revises: 0005
 Create Date: 2026-11-22
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0002"
-down_revision = "0001"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
