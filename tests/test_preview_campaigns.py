@@ -52,5 +52,5 @@ def test_preview_on_the_29_february_eve(tmp_path: Path) -> None:
     campaigns = {r[1] for r in rows if len(r) > 1}
     assert {"feedback", "new_products", "loyalty"} <= campaigns
     assert any("skip: held_out" in line for line in done.stdout.splitlines())
-    assert any("defer (cap" in line for line in done.stdout.splitlines())
-    assert "would be sent; skipped:" in done.stdout
+    assert any("defer until" in line and "(cap" in line for line in done.stdout.splitlines())
+    assert "would be sent" in done.stdout and "deferred by the contact policy:" in done.stdout
