@@ -1,6 +1,6 @@
 """campaigns: birthday and feedback columns, audience indexes
 
-Revision ID: 0002
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-11-22
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
+revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
