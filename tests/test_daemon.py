@@ -183,6 +183,33 @@ def test_sighup_with_a_broken_template_keeps_the_old_set_and_a_fixed_one_is_used
         assert daemon.stop() == 0
 
 
+RUNAWAY = (
+    "{% extends \"_layout.txt\" %}\n{% block content %}\n"
+    "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\n{% endblock %}\n"
+)
+
+
+def test_sighup_with_a_runaway_template_is_refused_within_the_time_limit(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    """The sandbox does not bound CPU; the reload check renders in a helper process it kills on time."""
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, extra="[checks]\nrender_timeout_seconds = 0.5\n")
+    shop.add([1], days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: len(smtp_server.messages) == 1, why="the first email")
+        (shop.templates / "winback" / "id" / "body.txt").write_text(RUNAWAY, encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        problem = daemon.wait_event("template_problem")
+        daemon.wait_event("reload_rejected")
+        assert problem["file"] == "winback/id/" and "0.5" in problem["error"], problem
+        # the daemon kept the old set and is still sending
+        shop.add([2], days_ago=60)
+        daemon.wait_for(lambda: len(smtp_server.messages) == 2, why="an email from the old templates")
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_sigterm_mid_campaign_finishes_sends_under_way_and_exits_0(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

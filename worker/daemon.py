@@ -41,6 +41,7 @@ from pathlib import Path
 
 from worker import log
 from worker.adapters import opstore, systemd
+from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.smtp import SmtpTransport
 from worker.adapters.templates import JinjaTemplates
 from worker.adapters.web import HttpServer
@@ -138,7 +139,9 @@ class Daemon:
         snapshot = snapshot_templates(settings)
         try:
             templates = JinjaTemplates(snapshot / "t")
-            problems = check_templates(settings, templates)
+            # the sandbox does not bound CPU: check in a helper process that is killed past the time limit
+            with TimeLimitedRenderer(snapshot / "t", timeout_seconds=settings.checks.render_timeout_seconds) as checker:
+                problems = check_templates(settings, checker)
             if problems:
                 raise TemplatesRejected(problems)
             transport = SmtpTransport(settings.smtp, password=smtp_password(settings))
