@@ -40,7 +40,7 @@ import sqlalchemy as sa
 
 from worker import pipeline, planning
 from worker.adapters import db
-from worker.adapters.store import C, O, P, Store
+from worker.adapters.store import A, C, M, O, P, Store
 from worker.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,9 +169,10 @@ def one_pass(url: str, mode: str) -> dict[str, Any]:
     try:
         for campaign in pipeline.enabled_campaigns(settings):
             t0 = time.perf_counter()
-            rows = 0
-            for batch in planning.plan_batches(store, settings, campaign, NOW):
-                rows += len(batch) if mode == "dry" else store.insert_messages(batch, NOW)
+            if mode == "dry":  # what preview does: every planned message as a value, nothing written
+                rows = sum(len(batch) for batch in planning.plan_batches(store, settings, campaign, NOW))
+            else:  # what `run` does: INSERT … SELECT per keyset chunk (birthday row by row)
+                rows = planning.plan_into_ledger(store, settings, campaign, NOW)
             out["campaigns"][campaign] = {"seconds": time.perf_counter() - t0, "rows": rows}
     finally:
         store.close()
@@ -194,18 +195,24 @@ def report(name: str, result: dict[str, Any]) -> None:
     print(f"  {result['mode']:<6} {result['seconds']:6.2f} s  peak RSS {result['peak_rss_mb']:5.0f} MB   ({parts})")
 
 
-def bench(backend: str, customers: int, seed: int, folder: Path) -> None:
-    if backend == "sqlite":
-        url = f"sqlite:///{folder / 'bench.db'}"
-        admin, dbname = None, ""
-    else:
-        admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-        dbname = f"kembali_bench_{uuid.uuid4().hex[:8]}"
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{dbname}"'))
-        url = admin.url.set(database=dbname).render_as_string(hide_password=False)
+def _clear_ledger(url: str) -> None:
+    """A kept shop is reused from a clean ledger: every pass starts as on a freshly generated one."""
+    engine = db.create_engine(url)
     try:
-        engine = db.create_engine(url)
+        db.upgrade(engine)  # a kept database may predate this branch's migrations
+        with engine.begin() as conn:
+            conn.execute(sa.delete(A))
+            conn.execute(sa.delete(M))
+        if engine.dialect.name == "postgresql":
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql("VACUUM ANALYZE message")
+    finally:
+        engine.dispose()
+
+
+def _generate(url: str, backend: str, customers: int, seed: int) -> None:
+    engine = db.create_engine(url)
+    try:
         db.upgrade(engine)
         t0 = time.perf_counter()
         (load_sqlite if backend == "sqlite" else load_postgresql)(engine, customers, seed)
@@ -215,15 +222,57 @@ def bench(backend: str, customers: int, seed: int, folder: Path) -> None:
         if backend == "sqlite":
             with engine.connect() as conn:
                 conn.exec_driver_sql("ANALYZE")
+    finally:
         engine.dispose()
-        print(f"{backend}: {customers:,} customers ({one / customers:.0%} with one order), {n_orders:,} orders, "
-              f"loaded in {time.perf_counter() - t0:.0f} s")
-        for mode in ("dry", "first", "again"):
-            report(backend, run_child(url, mode))
+    print(f"{backend}: {customers:,} customers ({one / customers:.0%} with one order), {n_orders:,} orders, "
+          f"loaded in {time.perf_counter() - t0:.0f} s")
+
+
+def bench(backend: str, customers: int, seed: int, folder: Path, keep: bool, runs: int, modes: list[str]) -> None:
+    """Generate (or, with ``keep``, reuse) the shop, then time the passes ``runs`` times each."""
+    admin = None
+    dbname = ""
+    if backend == "sqlite":
+        path = folder / (f"planning-{customers}-{seed}.db" if keep else "bench.db")
+        url = f"sqlite:///{path}"
+        if keep and path.exists():
+            print(f"{backend}: reusing {path}")
+            _clear_ledger(url)
+        else:
+            part = path.with_suffix(".part")
+            for stale in folder.glob(part.name + "*"):
+                stale.unlink()
+            _generate(f"sqlite:///{part}", backend, customers, seed)
+            part.rename(path)
+    else:
+        admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        dbname = f"kembali_bench_{customers}_{seed}" if keep else f"kembali_bench_{uuid.uuid4().hex[:8]}"
+        url = admin.url.set(database=dbname).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            exists = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": dbname}).first()
+            if keep and exists:
+                print(f"{backend}: reusing database {dbname}")
+            else:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}_part" WITH (FORCE)'))
+                conn.execute(sa.text(f'CREATE DATABASE "{dbname}_part"'))
+        if keep and exists:
+            _clear_ledger(url)
+        else:
+            _generate(admin.url.set(database=f"{dbname}_part").render_as_string(hide_password=False), backend,
+                      customers, seed)
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'ALTER DATABASE "{dbname}_part" RENAME TO "{dbname}"'))
+    try:
+        for run in range(runs):
+            if run:
+                _clear_ledger(url)
+            for mode in modes:
+                report(backend, run_child(url, mode))
     finally:
         if admin is not None:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+            if not keep:
+                with admin.connect() as conn:
+                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
             admin.dispose()
 
 
@@ -232,6 +281,11 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=1_000_000)
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep the generated shop (SQLite file in DIR, PostgreSQL database kembali_bench_N_SEED) "
+                        "and reuse it next time, with its ledger emptied")
+    parser.add_argument("--runs", type=int, default=1, help="repeat the passes (ledger emptied in between; 0: only generate)")
+    parser.add_argument("--modes", default="dry,first,again", help="which passes, in order (default dry,first,again)")
     parser.add_argument("--child", choices=["dry", "first", "again"], help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,9 +294,14 @@ def main() -> None:
         return
     print(f"planning at {NOW.isoformat()} with the shipped config.toml (every campaign enabled)")
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        for backend in backends:
+            bench(backend, args.customers, args.seed, args.keep, True, args.runs, args.modes.split(","))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
-            bench(backend, args.customers, args.seed, Path(tmp))
+            bench(backend, args.customers, args.seed, Path(tmp), False, args.runs, args.modes.split(","))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 Theory of operation
 -------------------
-* ``plan(now)`` streams each enabled campaign's candidates from the store in
-  keyset batches, turns each into a ``PlannedMessage`` with the pure rules of
-  ``core.audiences`` and inserts the batch (ON CONFLICT DO NOTHING): planning
-  twice, or in two processes at once, creates each row once.
+* ``plan(now)`` inserts each enabled campaign's new ledger rows with one
+  ``INSERT … SELECT … ON CONFLICT DO NOTHING`` per keyset chunk, the rules,
+  dedupe keys, Message-IDs and holdouts computed in SQL
+  (``adapters.plan_sql``); birthday is planned row by row (time zones).
+  Planning twice, or in two processes at once, creates each row once.
 * ``Composer.compose`` takes one claimed message and the facts read right
   before sending: re-check (expired? suppressed? consent? ordered since?), then
   render (a template error fails this message only), then the MIME bytes.
@@ -64,10 +65,10 @@ class PlanReport:
 def plan(store: Store, settings: Settings, now: datetime, campaigns: Sequence[str] | None = None) -> PlanReport:
     report = PlanReport()
     for campaign in campaigns or enabled_campaigns(settings):
-        report.considered[campaign] = report.created[campaign] = 0
-        for batch in plan_batches(store, settings, campaign, now):
-            report.considered[campaign] += len(batch)
-            report.created[campaign] += store.insert_messages(batch, now)
+        # set-based (INSERT … SELECT) where the campaign allows: the rows planned are the rows created
+        report.considered[campaign] = report.created[campaign] = planning.plan_into_ledger(
+            store, settings, campaign, now
+        )
     return report
 
 

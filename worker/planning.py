@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from datetime import datetime, time, timedelta
 
 from worker import money
-from worker.adapters import audience_sql
+from worker.adapters import audience_sql, plan_sql
 from worker.adapters.store import Store
 from worker.config import Settings
 from worker.core import campaigns as cc
-from worker.core.audiences import WINBACK, key_part, winback_key
+from worker.core.audiences import WINBACK
 from worker.core.policy import CapWindow, ContactPolicy, QuietHours, in_holdout, priorities_from_order, zone_of
 from worker.domain import PlannedMessage
 
@@ -56,30 +56,79 @@ def loyalty_milestones(settings: Settings) -> cc.Milestones:
     )
 
 
+def plans(store: Store, settings: Settings, campaign: str, now: datetime) -> list[plan_sql.Plan] | None:
+    """The campaign as set-based SQL plans (win-back: one per step), or None for a campaign planned row by
+    row in Python (birthday: the day depends on each customer's time zone, and its audience is small)."""
+    if campaign not in ALL_CAMPAIGNS:
+        raise ValueError(f"unknown campaign {campaign!r}")
+    if campaign == cc.BIRTHDAY:
+        return None
+    cfg = getattr(settings.campaigns, campaign)
+    common = plan_sql.Common(
+        dialect=store.dialect,
+        now=now,
+        expires_at=now + timedelta(days=cfg.expires_after_days),
+        priority=contact_policy(settings).priority(campaign),
+        holdout_share=cfg.holdout_share,
+    )
+    if campaign == WINBACK:
+        steps = settings.campaigns.winback.effective_steps
+        days = [s.days for s in steps]
+        windows = [cc.winback_step_window(now, days, n)[1] for n in range(1, len(steps) + 1)]
+        return [plan_sql.winback(common, steps=[(b, s.template, s.days) for b, s in zip(windows, steps, strict=True)])]
+    if campaign == cc.FEEDBACK:
+        after, not_after = cc.feedback_window(now, cfg.days_after, cfg.lookback_days)
+        return [plan_sql.feedback(common, after=after, not_after=not_after)]
+    if campaign == cc.NEW_PRODUCTS:
+        launches = audience_sql.launches(store.engine, since=now - timedelta(days=cfg.within_days), until=now)
+        if not launches:
+            return []
+        # new_since: a launch after the last order and within within_days exists iff the last order is before
+        # the newest launch (every launch returned is within the window)
+        week = cc.iso_week(cc.local_today(now, zone_of(settings.shop.time_zone, "UTC")))
+        latest = max(x.launched_at for x in launches)
+        return [plan_sql.new_products(common, since=now - timedelta(days=cfg.active_within_days), before=latest,
+                                      week=week)]  # fmt: skip
+    milestones = loyalty_milestones(settings)
+    return plan_sql.loyalty(common, since=now - timedelta(days=milestones.within_days), orders=milestones.orders,
+                            spend_minor=milestones.spend_minor)  # fmt: skip
+
+
 def plan_batches(store: Store, settings: Settings, campaign: str, now: datetime) -> Iterator[list[PlannedMessage]]:
     """The campaign's planned messages at ``now``, one keyset batch at a time (nothing written)."""
-    planners = {
-        WINBACK: _winback,
-        cc.BIRTHDAY: _birthday,
-        cc.FEEDBACK: _feedback,
-        cc.NEW_PRODUCTS: _new_products,
-        cc.LOYALTY: _loyalty,
-    }
-    if campaign not in planners:
-        raise ValueError(f"unknown campaign {campaign!r}")
+    sql = plans(store, settings, campaign, now)
+    if sql is not None:
+        for plan in sql:
+            yield from plan_sql.stream(store.engine, plan, settings.shop.domain, limit=_batch_size(settings))
+        return
     priority = contact_policy(settings).priority(campaign)
     share = getattr(settings.campaigns, campaign).holdout_share
-    for batch in planners[campaign](store, settings, now, priority):
+    for batch in _birthday(store, settings, now, priority):
         if share > 0:
             batch = [_hold(m, share) for m in batch]
         if batch:
             yield batch
 
 
+def plan_into_ledger(store: Store, settings: Settings, campaign: str, now: datetime) -> int:
+    """Plan the campaign at ``now`` into the ledger (ON CONFLICT DO NOTHING); returns the rows created.
+    Set-based where the campaign has SQL plans: no candidate travels through Python."""
+    sql = plans(store, settings, campaign, now)
+    if sql is None:
+        return sum(store.insert_messages(batch, now) for batch in plan_batches(store, settings, campaign, now))
+    created = sum(plan_sql.insert(store.engine, plan, settings.shop.domain) for plan in sql)
+    if created >= ANALYZE_AFTER:
+        plan_sql.analyze_ledger(store.engine)
+    return created
+
+
+ANALYZE_AFTER = 10_000
+"""Rows created by one campaign's pass after which PostgreSQL's ledger statistics are refreshed."""
+
+
 def _hold(m: PlannedMessage, share: float) -> PlannedMessage:
     # by customer, not by occasion: the customer's id is the second field of every dedupe key
-    # except feedback's (the order's), which carries it in the payload
-    customer = m.payload.get("customer") or m.dedupe_key.split(":")[1]
+    customer = m.dedupe_key.split(":")[1]
     if not in_holdout(customer, m.campaign, share):
         return m
     return dataclasses.replace(m, held_out=True)
@@ -91,36 +140,6 @@ PLAN_BATCH = 5000
 
 def _batch_size(settings: Settings) -> int:
     return max(PLAN_BATCH, settings.sending.batch_size)
-
-
-def _winback(store: Store, settings: Settings, now: datetime, priority: int) -> Iterator[list[PlannedMessage]]:
-    cfg = settings.campaigns.winback
-    steps = cfg.effective_steps
-    days = [s.days for s in steps]
-    expires = now + timedelta(days=cfg.expires_after_days)
-    for number, step in enumerate(steps, start=1):
-        not_before, before = cc.winback_step_window(now, days, number)
-        cursor: audience_sql.Cursor = None
-        while rows := audience_sql.winback_rows(
-            store.engine, step=number, before=before, not_before=not_before, cursor=cursor, limit=_batch_size(settings)
-        ):
-            assert rows[-1].order_at is not None
-            cursor = (rows[-1].order_at, rows[-1].customer_id)
-            yield [
-                cc.planned(
-                    r,
-                    key=winback_key(r.customer_external_id, r.order_external_id, number),
-                    campaign=WINBACK,
-                    step=number,
-                    now=now,
-                    expires_at=expires,
-                    domain=settings.shop.domain,
-                    priority=priority,
-                    payload={"first_order_id": str(r.order_id), "first_order": r.order_external_id,
-                             "template": step.template, "days": str(step.days)},
-                )
-                for r in rows
-            ]  # fmt: skip
 
 
 def _birthday(store: Store, settings: Settings, now: datetime, priority: int) -> Iterator[list[PlannedMessage]]:
@@ -140,77 +159,6 @@ def _birthday(store: Store, settings: Settings, now: datetime, priority: int) ->
                 expires_at=cc.birthday_expires(day, zone), domain=settings.shop.domain, priority=priority,
                 payload={"birthday": day.isoformat()},
             ))  # fmt: skip
-        yield _new_only(store, batch)
-
-
-def _feedback(store: Store, settings: Settings, now: datetime, priority: int) -> Iterator[list[PlannedMessage]]:
-    cfg = settings.campaigns.feedback
-    after, not_after = cc.feedback_window(now, cfg.days_after, cfg.lookback_days)
-    expires = now + timedelta(days=cfg.expires_after_days)
-    cursor: audience_sql.Cursor = None
-    while rows := audience_sql.feedback_rows(
-        store.engine, after=after, not_after=not_after, cursor=cursor, limit=_batch_size(settings)
-    ):
-        assert rows[-1].order_at is not None
-        cursor = (rows[-1].order_at, rows[-1].order_id)
-        yield [
-            cc.planned(
-                r, key=cc.feedback_key(r.order_external_id), campaign=cc.FEEDBACK, now=now, expires_at=expires,
-                domain=settings.shop.domain, priority=priority,
-                payload={"order_id": str(r.order_id), "order": r.order_external_id,
-                         "customer": key_part(r.customer_external_id)},
-            )
-            for r in rows
-        ]  # fmt: skip
-
-
-def _new_products(store: Store, settings: Settings, now: datetime, priority: int) -> Iterator[list[PlannedMessage]]:
-    cfg = settings.campaigns.new_products
-    launches = audience_sql.launches(store.engine, since=now - timedelta(days=cfg.within_days), until=now)
-    if not launches:
-        return
-    latest = max(x.launched_at for x in launches)
-    week = cc.iso_week(cc.local_today(now, zone_of(settings.shop.time_zone, "UTC")))
-    expires = now + timedelta(days=cfg.expires_after_days)
-    cursor: audience_sql.Cursor = None
-    while rows := audience_sql.recent_buyer_rows(
-        store.engine, since=now - timedelta(days=cfg.active_within_days), before=latest, week_key=week,
-        cursor=cursor, limit=_batch_size(settings),
-    ):  # fmt: skip
-        assert rows[-1].last_order_at is not None
-        cursor = (rows[-1].last_order_at, rows[-1].customer_id)
-        yield [
-            cc.planned(
-                r, key=cc.new_products_key_for_week(r.customer_external_id, week), campaign=cc.NEW_PRODUCTS,
-                now=now, expires_at=expires, domain=settings.shop.domain, priority=priority,
-            )
-            for r in rows
-            if cc.new_since(r.last_order_at, launches, now, cfg.within_days)
-        ]  # fmt: skip
-
-
-def _loyalty(store: Store, settings: Settings, now: datetime, priority: int) -> Iterator[list[PlannedMessage]]:
-    cfg = settings.campaigns.loyalty
-    milestones = loyalty_milestones(settings)
-    min_orders, min_spend = milestones.minimums()
-    if min_orders is None and min_spend is None:
-        return
-    expires = now + timedelta(days=cfg.expires_after_days)
-    cursor: audience_sql.Cursor = None
-    while rows := audience_sql.recent_buyer_rows(
-        store.engine, since=now - timedelta(days=cfg.within_days), min_orders=min_orders, min_spend_minor=min_spend,
-        cursor=cursor, limit=_batch_size(settings),
-    ):  # fmt: skip
-        assert rows[-1].last_order_at is not None
-        cursor = (rows[-1].last_order_at, rows[-1].customer_id)
-        batch = [
-            cc.planned(
-                r, key=cc.loyalty_key(r.customer_external_id, label), campaign=cc.LOYALTY, now=now,
-                expires_at=expires, domain=settings.shop.domain, priority=priority, payload={"milestone": label},
-            )
-            for r in rows
-            for label in cc.loyalty_due(r.order_count, r.total_spent_minor, r.last_order_at, now, milestones)
-        ]  # fmt: skip
         yield _new_only(store, batch)
 
 

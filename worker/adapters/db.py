@@ -19,6 +19,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
+from worker.core.audiences import message_id_for
+from worker.core.policy import holdout_hash
 from worker.errors import SchemaError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -38,6 +40,10 @@ def create_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous = NORMAL")
             cur.execute("PRAGMA foreign_keys = ON")
             cur.close()
+            # the set-based planner's Message-IDs and holdout positions: the pure functions themselves
+            # (PostgreSQL computes the same values with its own sha256(); see adapters.plan_sql)
+            dbapi_conn.create_function("kembali_message_id", 2, message_id_for, deterministic=True)
+            dbapi_conn.create_function("kembali_holdout_hash", 2, _holdout_hash, deterministic=True)
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
@@ -45,6 +51,10 @@ def create_engine(url: str) -> Engine:
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _holdout_hash(campaign: str, customer: str) -> int:
+    return holdout_hash(customer, campaign)
 
 
 def insert_ignore(engine: Engine, table: sa.Table) -> Any:

@@ -130,12 +130,30 @@ def next_allowed(at: datetime, zone: ZoneInfo, quiet: QuietHours | None) -> date
 # --- holdout -----------------------------------------------------------------
 
 
+HOLDOUT_BITS = 60
+"""A customer's holdout position: the first 60 bits of SHA-256(campaign NUL customer), an integer below 2**60
+(60, not 64, so it fits a signed 64-bit SQL integer: the set-based planner computes the same number in SQL)."""
+
+
+def holdout_hash(customer_external_id: str, campaign: str) -> int:
+    digest = hashlib.sha256(f"{campaign}\0{customer_external_id}".encode()).digest()
+    position: int = int.from_bytes(digest[:8], "big") >> (64 - HOLDOUT_BITS)
+    return position
+
+
+def holdout_threshold(share: float) -> int:
+    """Positions below this are held out: ``share`` of the 2**60, exactly (the product of a float and a power
+    of two is exact), so SQL and Python compare the same integers."""
+    if share <= 0:
+        return 0
+    return min(int(share * (1 << HOLDOUT_BITS)), 1 << HOLDOUT_BITS)
+
+
 def in_holdout(customer_external_id: str, campaign: str, share: float) -> bool:
     """Deterministic: the same customer is always in (or out of) a campaign's holdout group."""
     if share <= 0:
         return False
-    digest = hashlib.sha256(f"{campaign}\0{customer_external_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < share
+    return holdout_hash(customer_external_id, campaign) < holdout_threshold(share)
 
 
 # --- deciding ----------------------------------------------------------------

@@ -1,0 +1,341 @@
+"""Set-based planning: a campaign's new ledger rows as one SELECT, every column computed in SQL.
+
+Theory of operation
+-------------------
+A ``Plan`` is one campaign (or one win-back step) as SQL: the FROM, the WHERE
+(the rule, consent, suppression, and NOT EXISTS the row's dedupe key in the
+ledger), and the per-row columns of the ``message`` row, including the
+dedupe key (``_key_part``, the SQL twin of ``core.audiences.key_part``), the
+Message-ID (``core.audiences.message_id_for``) and the holdout
+(``core.policy.in_holdout``). The same SELECT serves two callers:
+
+* ``insert`` runs ``INSERT INTO message (…) SELECT … ON CONFLICT DO NOTHING``
+  in keyset chunks (no row travels through Python; the SQLite write lock is
+  released between chunks);
+* ``stream`` reads it in keyset batches as ``PlannedMessage`` values, for
+  preview, which must not write.
+
+The hashes: PostgreSQL computes SHA-256 itself (``sha256()``); on SQLite the
+engine registers the pure functions as deterministic SQL functions
+(``kembali_message_id``, ``kembali_holdout_hash``, see ``adapters.db``). The
+campaign-rule tests run every case through ``stream`` and ``insert`` on both
+databases and compare keys, Message-IDs and holdouts with the pure functions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Engine
+
+from worker.adapters import db
+from worker.adapters.store import PURCHASE_EXCLUDED, C, M, O, S, _key_part
+from worker.adapters.tables import UTCDateTime
+from worker.core.policy import holdout_threshold
+from worker.domain import MessageStatus, PlannedMessage, SkipReason
+
+INSERT_CHUNK = 50_000
+"""Candidates per INSERT … SELECT on SQLite: the write lock is held for one chunk at a time."""
+SQLITE_CACHE_KIB = 65_536
+"""SQLite page cache while planning inserts (the default 2 MB thrashes on the ledger's random-order indexes)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One campaign's (or win-back step's) new ledger rows, as SQL."""
+
+    campaign: str
+    step: Any
+    """The step, an SQL expression (win-back's depends on the order's age)."""
+    priority: int
+    due_at: datetime
+    expires_at: datetime
+    key: Any
+    """The dedupe key, an SQL expression."""
+    customer_part: Any
+    """The customer's id as a key field: what the holdout hashes."""
+    payload: Any
+    """The payload as JSON text, an SQL expression."""
+    from_: Any
+    where: list[Any]
+    order: tuple[Any, ...]
+    """Keyset columns: an index's columns, the first ranged by ``where``, the last unique within the first."""
+    range: list[Any]
+    """The part of ``where`` the driving index answers alone (on ``order[0]``'s table): what chunks count."""
+    holdout_share: float = 0.0
+
+
+# --- the SQL of the pure functions -------------------------------------------------------
+
+
+def message_id_sql(dialect: str, key: Any, domain: str) -> Any:
+    """``core.audiences.message_id_for(key, domain)`` in SQL."""
+    if dialect == "postgresql":
+        digest = sa.func.encode(sa.func.sha256(sa.func.convert_to(key, "UTF8")), "hex", type_=sa.String)
+        return sa.literal("<") + sa.func.substr(digest, 1, 32, type_=sa.String) + sa.literal(f".kembali@{domain}>")
+    return sa.func.kembali_message_id(key, domain, type_=sa.String)
+
+
+def holdout_hash_sql(dialect: str, campaign: str, customer_part: Any) -> Any:
+    """``core.policy.holdout_hash(customer, campaign)`` in SQL: SHA-256's first 60 bits as a bigint."""
+    if dialect == "postgresql":
+        data = sa.literal(campaign.encode() + b"\0", sa.LargeBinary).op("||", return_type=sa.LargeBinary)(
+            sa.func.convert_to(customer_part, "UTF8")
+        )
+        hex15 = sa.func.substr(sa.func.encode(sa.func.sha256(data), "hex", type_=sa.String), 1, 15, type_=sa.String)
+        return sa.cast(sa.cast(sa.literal("x") + hex15, postgresql.BIT(60)), sa.BigInteger)
+    return sa.func.kembali_holdout_hash(campaign, customer_part, type_=sa.BigInteger)
+
+
+def json_object_sql(dialect: str, pairs: Sequence[tuple[str, Any]]) -> Any:
+    """A JSON object of string values, as text (the payload column)."""
+    if not pairs:
+        return sa.literal("{}")
+    args: list[Any] = []
+    for name, value in pairs:
+        args += [sa.literal(name), sa.cast(value, sa.String)]
+    if dialect == "postgresql":
+        return sa.cast(sa.func.json_build_object(*args), sa.String)
+    return sa.func.json_object(*args, type_=sa.String)
+
+
+def _reachable() -> list[Any]:
+    return [C.c.marketing_consent.is_(True), ~sa.exists().where(S.c.email == C.c.email)]
+
+
+def _scanned(dialect: str, column: Any) -> Any:
+    """``column`` in a form SQLite's planner will not pick an index range for (``likely(x)`` is ``x``):
+    the plans that visit most customers scan them in id order instead (sequential reads, local probes)."""
+    return sa.func.likely(column, type_=column.type) if dialect == "sqlite" else column
+
+
+def _lit(value: str) -> Any:
+    return sa.literal(value, sa.String)
+
+
+# --- the campaigns (the rules of core.campaigns, in SQL) -----------------------------------
+
+
+@dataclass(frozen=True)
+class Common:
+    """What every plan of one pass shares."""
+
+    dialect: str
+    now: datetime
+    expires_at: datetime
+    priority: int
+    holdout_share: float
+
+
+def winback(c: Common, *, steps: Sequence[tuple[datetime, str, int]]) -> Plan:
+    """One-time buyers whose only order was placed before the first step's cut-off, each at the last step
+    whose cut-off has passed; ``steps``: (before, template, days) per step, in order.
+
+    Driven by customer id, not by the (order_count, first_order_at) index: most customers are candidates,
+    and visiting them in id order keeps the ledger probes (keys start with the customer's id) local."""
+    step: Any = sa.literal(1)
+    template: Any = _lit(steps[0][1])
+    days: Any = _lit(str(steps[0][2]))
+    if len(steps) > 1:
+        later = list(enumerate(steps, start=1))[:0:-1]  # the last step first
+        step = sa.case(*((C.c.first_order_at < before, sa.literal(n)) for n, (before, _, _) in later), else_=1)
+        template = sa.case(*((C.c.first_order_at < b, _lit(t)) for _, (b, t, _) in later), else_=_lit(steps[0][1]))
+        days = sa.case(*((C.c.first_order_at < b, _lit(str(d))) for _, (b, _, d) in later),
+                       else_=_lit(str(steps[0][2])))  # fmt: skip
+    key = (
+        _lit("winback:") + _key_part(C.c.external_id) + _lit(":") + _key_part(O.c.external_id) + _lit(":")
+        + sa.cast(step, sa.String)
+    )  # fmt: skip
+    where = [_scanned(c.dialect, C.c.order_count) == 1, C.c.first_order_at < steps[0][0], *_reachable()]
+    payload = json_object_sql(c.dialect, [
+        ("days", days), ("first_order", O.c.external_id), ("first_order_id", C.c.first_order_id),
+        ("template", template),
+    ])  # fmt: skip
+    source = C.join(O, O.c.id == C.c.first_order_id)
+    return Plan("winback", step, c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id), payload,
+                source, where, (C.c.id,), [], c.holdout_share)  # fmt: skip
+
+
+def feedback(c: Common, *, after: datetime, not_after: datetime) -> Plan:
+    """Purchases settled (delivered, else placed) in ``(after, not_after]``."""
+    key = _lit("feedback:") + _key_part(O.c.external_id)
+    payload = json_object_sql(c.dialect, [
+        ("customer", _key_part(C.c.external_id)), ("order", O.c.external_id), ("order_id", O.c.id),
+    ])  # fmt: skip
+    ranged = [O.c.settled_at > after, O.c.settled_at <= not_after]
+    where = [*ranged, O.c.status.not_in(PURCHASE_EXCLUDED), *_reachable()]
+    return Plan("feedback", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id), payload,
+                O.join(C, C.c.id == O.c.customer_id), where, (O.c.settled_at, O.c.id), ranged,
+                c.holdout_share)  # fmt: skip
+
+
+def new_products(c: Common, *, since: datetime, before: datetime, week: str) -> Plan:
+    """Customers whose last purchase is in ``[since, before)`` (``before``: the newest launch)."""
+    key = _lit("new_products:") + _key_part(C.c.external_id) + _lit(f":{week}")
+    last = _scanned(c.dialect, C.c.last_order_at)
+    where = [last >= since, last < before, *_reachable()]
+    # by customer id, as win-back: most customers are candidates
+    return Plan("new_products", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id),
+                json_object_sql(c.dialect, []), C, where, (C.c.id,), [], c.holdout_share)  # fmt: skip
+
+
+def loyalty(c: Common, *, since: datetime, orders: Sequence[int], spend_minor: Sequence[int]) -> list[Plan]:
+    """Customers whose last purchase is at or after ``since``: one plan for the highest order-count
+    milestone reached, one for the highest spend milestone."""
+    plans = []
+    for prefix, column, thresholds in (("orders", C.c.order_count, orders), ("spend", C.c.total_spent_minor,
+                                                                             spend_minor)):  # fmt: skip
+        if not thresholds:
+            continue
+        label = sa.case(*((column >= t, _lit(f"{prefix}-{t}")) for t in sorted(thresholds, reverse=True)))
+        key = _lit("loyalty:") + _key_part(C.c.external_id) + _lit(":") + label
+        where = [C.c.last_order_at >= since, column >= min(thresholds), *_reachable()]
+        plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id),
+                          json_object_sql(c.dialect, [("milestone", label)]), C, where, (C.c.last_order_at, C.c.id),
+                          [C.c.last_order_at >= since], c.holdout_share))  # fmt: skip
+    return plans
+
+
+# --- running a plan ----------------------------------------------------------------------
+
+
+def _columns(plan: Plan, dialect: str, domain: str) -> dict[str, Any]:
+    """The ``message`` row, column by column, as labelled SQL."""
+    held = holdout_hash_sql(dialect, plan.campaign, plan.customer_part) < holdout_threshold(plan.holdout_share)
+    if plan.holdout_share > 0:
+        status: Any = sa.case((held, MessageStatus.SKIPPED.value), else_=MessageStatus.PLANNED.value)
+        reason: Any = sa.case((held, SkipReason.HELD_OUT.value), else_=sa.null())
+    else:
+        status, reason = sa.literal(MessageStatus.PLANNED.value), sa.null()
+    due = sa.literal(plan.due_at, UTCDateTime())
+    return {
+        "dedupe_key": plan.key,
+        "campaign": sa.literal(plan.campaign),
+        "step": plan.step,
+        "priority": sa.literal(plan.priority),
+        "customer_id": C.c.id,
+        "email": C.c.email,
+        "status": status,
+        "skip_reason": reason,
+        "due_at": due,
+        "expires_at": sa.literal(plan.expires_at, UTCDateTime()),
+        "next_attempt_at": due,
+        "attempts": sa.literal(0),
+        "message_id": message_id_sql(dialect, plan.key, domain),
+        "payload": plan.payload,
+        "created_at": sa.literal(plan.due_at, UTCDateTime()),
+        "updated_at": sa.literal(plan.due_at, UTCDateTime()),
+    }
+
+
+def _new(plan: Plan) -> list[Any]:
+    return [*plan.where, ~sa.exists().where(M.c.dedupe_key == plan.key)]
+
+
+def _after(order: Sequence[Any], cursor: Sequence[Any] | None) -> list[Any]:
+    if cursor is None:
+        return []
+    bounds = [sa.bindparam(None, v, type_=c.type) for c, v in zip(order, cursor, strict=True)]
+    # the plain ``>=`` on the first column is what lets the index range start at the cursor
+    return [order[0] >= bounds[0], sa.tuple_(*order) > sa.tuple_(*bounds)]
+
+
+def _up_to(order: Sequence[Any], bound: Sequence[Any]) -> list[Any]:
+    bounds = [sa.bindparam(None, v, type_=c.type) for c, v in zip(order, bound, strict=True)]
+    return [order[0] <= bounds[0], sa.tuple_(*order) <= sa.tuple_(*bounds)]
+
+
+def insert(engine: Engine, plan: Plan, domain: str, *, chunk: int = INSERT_CHUNK) -> int:
+    """Insert the plan's rows (ON CONFLICT (dedupe_key) DO NOTHING); returns the rows created.
+
+    PostgreSQL: one statement (row locks only; its planner picks a hash anti-join over the ledger).
+    SQLite: ``chunk`` candidates per statement, so the database-wide write lock is released in between."""
+    dialect = engine.dialect.name
+    columns = _columns(plan, dialect, domain)
+    names = list(columns)
+    created = 0
+    cursor: Sequence[Any] | None = None
+    while True:
+        with engine.begin() as conn:
+            if dialect == "sqlite":
+                # the ledger's indexes take random inserts: a page cache that holds them saves re-reads
+                conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+            upto: list[Any] = []
+            bound = None
+            if dialect == "sqlite":
+                # the chunk's last candidate: an index walk, cheap next to the insert
+                bound_q = (
+                    sa.select(*plan.order)
+                    .where(*plan.range, *_after(plan.order, cursor))
+                    .order_by(*plan.order)
+                    .offset(chunk - 1)
+                    .limit(1)
+                )
+                bound = conn.execute(bound_q).first()
+                upto = _up_to(plan.order, tuple(bound)) if bound is not None else []
+            select = (
+                sa.select(*(columns[n].label(n) for n in names))
+                .select_from(plan.from_)
+                .where(*_new(plan), *_after(plan.order, cursor), *upto)
+            )
+            stmt = db.insert_ignore(engine, M).from_select(names, select)
+            created += conn.execution_options(preserve_rowcount=True).execute(stmt).rowcount
+        if bound is None:
+            return created
+        cursor = tuple(bound)
+
+
+def analyze_ledger(engine: Engine) -> None:
+    """Refresh PostgreSQL's statistics on the ledger after a large insert, so the next pass's anti-join
+    is planned for its real size (autovacuum would get there, later)."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE message")
+
+
+def stream(engine: Engine, plan: Plan, domain: str, *, limit: int) -> Iterator[list[PlannedMessage]]:
+    """The plan's rows as ``PlannedMessage`` values, ``limit`` candidates per keyset batch; writes nothing."""
+    dialect = engine.dialect.name
+    columns = _columns(plan, dialect, domain)
+    wanted = ("dedupe_key", "step", "customer_id", "email", "status", "message_id", "payload")
+    keys = [f"_k{i}" for i in range(len(plan.order))]
+    cursor: Sequence[Any] | None = None
+    while True:
+        query = (
+            sa.select(
+                *(columns[n].label(n) for n in wanted), *(c.label(k) for c, k in zip(plan.order, keys, strict=True))
+            )
+            .select_from(plan.from_)
+            .where(*_new(plan), *_after(plan.order, cursor))
+            .order_by(*plan.order)
+            .limit(limit)
+        )
+        with engine.begin() as conn:
+            rows = conn.execute(query).all()
+        if not rows:
+            return
+        cursor = tuple(getattr(rows[-1], k) for k in keys)
+        yield [
+            PlannedMessage(
+                dedupe_key=r.dedupe_key,
+                campaign=plan.campaign,
+                step=r.step,
+                customer_id=r.customer_id,
+                email=r.email,
+                due_at=plan.due_at,
+                expires_at=plan.expires_at,
+                message_id=r.message_id,
+                priority=plan.priority,
+                payload=json.loads(r.payload),
+                held_out=r.status == MessageStatus.SKIPPED.value,
+            )
+            for r in rows
+        ]
+        if len(rows) < limit:
+            return
