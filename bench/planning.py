@@ -8,10 +8,14 @@ about 70 % of customers have exactly one order, the rest 2-10, 2.5 orders per cu
 400 days before the planning instant, with the denormalised per-customer columns filled in. Then, in a fresh
 process each (so peak RSS is planning's alone), three passes at the same instant:
 
-* ``dry``: every enabled campaign's candidates streamed and planned, nothing written (what `preview` does);
-* ``first``: the same, inserting the ledger rows (ON CONFLICT DO NOTHING): the very first pass on a shop;
+* ``dry``: every enabled campaign's planned messages streamed as values, nothing written (what `preview` does);
+* ``first``: what `run` does, INSERT … SELECT … ON CONFLICT DO NOTHING per campaign (birthday row by row), on an
+  empty ledger: the very first pass on a shop;
 * ``again``: a second pass right after, which finds everything already planned (a daily pass looks like this,
   plus the day's few new rows).
+
+``--keep DIR`` keeps the generated shop (SQLite file in DIR, PostgreSQL database ``kembali_bench_<N>_<seed>``)
+and reuses it on the next run, with the ledger emptied; ``--runs N`` repeats the passes; ``--modes`` picks them.
 
 Each prints seconds per campaign, rows planned, and peak RSS (resource.getrusage). Figures on a shared 2-core
 machine are noisy: run twice.
@@ -284,7 +288,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep the generated shop (SQLite file in DIR, PostgreSQL database kembali_bench_N_SEED) "
                         "and reuse it next time, with its ledger emptied")
-    parser.add_argument("--runs", type=int, default=1, help="repeat the passes (ledger emptied in between; 0: only generate)")
+    parser.add_argument("--runs", type=int, default=1, help="repeat the passes (0: only generate)")
     parser.add_argument("--modes", default="dry,first,again", help="which passes, in order (default dry,first,again)")
     parser.add_argument("--child", choices=["dry", "first", "again"], help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)

@@ -171,3 +171,18 @@ def test_three_campaigns_on_one_day_go_out_one_slot_apart() -> None:
                 sent.append(now)
         now += timedelta(hours=1)
     assert when == {"birthday": T0, "feedback": T0 + d(3), "winback": T0 + d(6)}
+
+
+def test_holdout_positions_are_60_bit_integers_compared_exactly() -> None:
+    """The scheme SQL reproduces: the first 60 bits of SHA-256(campaign NUL customer) below int(share * 2**60)."""
+    import hashlib
+
+    from worker.core.policy import holdout_hash, holdout_threshold
+
+    digest = hashlib.sha256(b"winback\0C-00001").digest()
+    assert holdout_hash("C-00001", "winback") == int(digest[:15].hex()[:15], 16)
+    assert [holdout_threshold(s) for s in (0.0, 0.5, 1.0, 2.0)] == [0, 2**59, 2**60, 2**60]
+    for i in range(500):
+        position = holdout_hash(f"C-{i}", "loyalty")
+        assert 0 <= position < 2**60
+        assert in_holdout(f"C-{i}", "loyalty", 0.05) == (position < holdout_threshold(0.05))

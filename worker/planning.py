@@ -1,13 +1,17 @@
-"""Planning every campaign: stream candidates in keyset batches, apply the pure rules, hold some out.
+"""Planning every campaign: set-based SQL where the rule allows, row by row where it needs Python.
 
 Theory of operation
 -------------------
-``plan_batches(store, settings, campaign, now)`` yields lists of
-``PlannedMessage`` for one campaign, one keyset batch of candidates at a time
-(never the whole audience in memory). The SQL narrows (``adapters.audience_sql``),
-the pure rules decide (``core.campaigns``), and ``core.policy.in_holdout``
-marks the campaign's holdout share: those rows are stored as skipped
-(``held_out``) so the campaign's lift can be measured later.
+``plans(store, settings, campaign, now)`` turns a campaign into SQL ``Plan`` s
+(``adapters.plan_sql``): win-back (every step in one statement), feedback, new
+products and loyalty. ``plan_into_ledger`` inserts them with INSERT … SELECT
+… ON CONFLICT DO NOTHING (no candidate travels through Python), and
+``plan_batches`` streams the very same SELECT as ``PlannedMessage`` values in
+keyset batches for preview, which writes nothing. Birthday is planned row by
+row (its day depends on each customer's time zone; a few thousand a day):
+``audience_sql`` narrows, ``core.campaigns`` decides. Holdouts
+(``core.policy.in_holdout``, by customer) are stored as skipped (``held_out``)
+so a campaign's lift can be measured later.
 """
 
 from __future__ import annotations

@@ -251,12 +251,13 @@ def _up_to(order: Sequence[Any], bound: Sequence[Any]) -> list[Any]:
     return [order[0] <= bounds[0], sa.tuple_(*order) <= sa.tuple_(*bounds)]
 
 
-def insert(engine: Engine, plan: Plan, domain: str, *, chunk: int = INSERT_CHUNK) -> int:
+def insert(engine: Engine, plan: Plan, domain: str, *, chunk: int | None = None) -> int:
     """Insert the plan's rows (ON CONFLICT (dedupe_key) DO NOTHING); returns the rows created.
 
     PostgreSQL: one statement (row locks only; its planner picks a hash anti-join over the ledger).
     SQLite: ``chunk`` candidates per statement, so the database-wide write lock is released in between."""
     dialect = engine.dialect.name
+    chunk = chunk or INSERT_CHUNK
     columns = _columns(plan, dialect, domain)
     names = list(columns)
     created = 0
