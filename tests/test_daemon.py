@@ -40,8 +40,9 @@ def test_fast_cron_plans_and_sends_and_an_unsubscribed_customer_gets_nothing_aft
         # When the daemon runs, it plans (at start-up: it never planned before) and sends
         daemon.wait_for(lambda: len(smtp_server.messages) == 2, why="two win-back emails")
         assert sorted(_recipients(smtp_server)) == ["c1@example.com", "c2@example.com"]
-        assert sum(e["created"] for e in daemon.named("campaign_planned")) == 2
-        # the server has the mail a moment before the daemon has recorded and logged it
+        # the server has the mail a moment before the daemon has recorded and logged it: wait for the log
+        daemon.wait_for(lambda: sum(e["created"] for e in daemon.named("campaign_planned")) == 2,
+                        why="campaign_planned events for two emails")
         daemon.wait_for(lambda: len(daemon.named("email_sent")) == 2, why="two email_sent events")
 
         # And a mailbox provider POSTs the one-click link from customer 1's email (RFC 8058)
