@@ -80,8 +80,11 @@ def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, 
     # that wakes late fires next to the one after it), allowed for here as 0.1 s of slots
     busiest = max(bisect.bisect_left(arrivals, t + 1.0) - i for i, t in enumerate(arrivals))
     assert busiest <= RATE * 1.1 + BURST, f"{busiest} messages in one second"
+    # over five seconds the late senders of a loaded 2-core machine (compose helpers, PostgreSQL, the
+    # sink and three workers share it) can add up: allow a quarter second of slots there. Without a
+    # shared limit three workers would send 3 x RATE (about 1,800 in five seconds).
     busiest_5s = max(bisect.bisect_left(arrivals, t + 5.0) - i for i, t in enumerate(arrivals))
-    assert busiest_5s <= RATE * 5.1 + BURST, f"{busiest_5s} messages in five seconds"
+    assert busiest_5s <= RATE * 5.25 + BURST, f"{busiest_5s} messages in five seconds"
     elapsed = arrivals[-1] - arrivals[0]
     assert elapsed >= (MESSAGES - BURST) / RATE * 0.97, f"{MESSAGES} messages in {elapsed:.1f} s"
     print(f"workers={dict(workers)} busiest_second={busiest} elapsed={elapsed:.1f}s "
