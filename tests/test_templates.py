@@ -252,6 +252,29 @@ def test_edits_are_picked_up_without_a_restart(tmp_path: Path) -> None:
     assert templates.render("demo", Locale.ID, CTX).subject == "Apa kabar Siti?"
 
 
+@pytest.mark.parametrize("recheck_seconds", [None, 3600.0])
+def test_a_sender_that_rechecks_rarely_keeps_rendering_what_it_loaded(tmp_path: Path, recheck_seconds: float | None) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD), recheck_seconds=recheck_seconds)
+    before = templates.render("demo", Locale.ID, CTX)
+    _touch_later(tmp_path / "demo/id/subject.txt", "Apa kabar {{ name }}?\n")
+    _touch_later(tmp_path / "_layout.html", (tmp_path / "_layout.html").read_text(encoding="utf-8") + "<!-- x -->\n")
+    again = templates.render("demo", Locale.ID, CTX)
+    assert (again.subject, again.template_version) == (before.subject, before.template_version)
+    fresh = JinjaTemplates(tmp_path).render("demo", Locale.ID, CTX)
+    assert (fresh.subject, fresh.template_version) != (before.subject, before.template_version)
+
+
+def test_a_sender_picks_up_edits_at_its_next_check_with_a_matching_version(tmp_path: Path) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD), recheck_seconds=1e-9)  # every render is past the interval
+    assert templates.render("demo", Locale.ID, CTX).subject == "Halo Siti"
+    _touch_later(tmp_path / "demo/id/subject.txt", "Apa kabar {{ name }}?\n")
+    _touch_later(tmp_path / "_layout.html", (tmp_path / "_layout.html").read_text(encoding="utf-8") + "<!-- x -->\n")
+    after = templates.render("demo", Locale.ID, CTX)
+    assert after.subject == "Apa kabar Siti?"
+    assert "<!-- x -->" in after.html
+    assert after.template_version == JinjaTemplates(tmp_path).template_version("demo", Locale.ID)
+
+
 def test_shipped_templates_version_is_stable_under_copy(tmp_path: Path) -> None:
     shutil.copytree(ROOT, tmp_path / "email")
     assert JinjaTemplates(tmp_path / "email").template_version("winback", Locale.ID) == JinjaTemplates(

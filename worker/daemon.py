@@ -138,7 +138,7 @@ class Daemon:
         """A checked generation; raises TemplatesRejected or ConfigError (nothing is left behind)."""
         snapshot = snapshot_templates(settings)
         try:
-            templates = JinjaTemplates(snapshot / "t")
+            templates = JinjaTemplates(snapshot / "t", recheck_seconds=None)  # a private copy: never edited
             # the sandbox does not bound CPU: check in a helper process that is killed past the time limit
             with TimeLimitedRenderer(snapshot / "t", timeout_seconds=settings.checks.render_timeout_seconds) as checker:
                 problems = check_templates(settings, checker)

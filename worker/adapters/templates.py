@@ -5,10 +5,16 @@ plus shared files whose names start with ``_`` (``_layout.html``…). HTML is
 autoescaped, text is not; an undefined variable is an error. Every Jinja2 error
 becomes a ``TemplateError`` naming the file (relative to the root) and the line.
 
-Templates are reloaded when their files change (Jinja2's mtime check), so a
-daemon picks up edits without restarting; ``template_version`` hashes the bytes of
-every file a campaign/locale uses, so an edit also changes the version recorded
-on each message.
+Templates are reloaded when their files change, so a long-running process picks
+up edits without restarting; ``template_version`` hashes the bytes of every file
+a campaign/locale uses, so an edit also changes the version recorded on each
+message. How often the files are looked at is ``recheck_seconds``: 0 (the
+default, for previews) stats them on every render; a sender passes 1.0 (at most
+once a second: stat()ing ~10 files per message is a real cost at thousands of
+messages a second); None never looks again (the daemon renders a private copy
+of the accepted templates that nobody edits). When a check finds a change, every
+cached template and version is dropped together, so a message's version always
+names the bytes it was rendered from.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 from pathlib import Path
@@ -61,8 +68,11 @@ def _date_filter(ctx: Context, value: object) -> str:
 class JinjaTemplates:
     """``TemplateRenderer`` over a directory of Jinja2 templates."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, recheck_seconds: float | None = 0.0) -> None:
         self.root = Path(root).resolve()
+        self.recheck_seconds = recheck_seconds
+        self._checked_at: float | None = None
+        """When the files were last compared with the cached versions (monotonic), with recheck_seconds > 0."""
         self._env = ImmutableSandboxedEnvironment(
             loader=jinja2.FileSystemLoader(self.root, encoding="utf-8"),
             undefined=jinja2.StrictUndefined,
@@ -70,7 +80,7 @@ class JinjaTemplates:
             trim_blocks=True,
             lstrip_blocks=True,
             keep_trailing_newline=True,
-            auto_reload=True,
+            auto_reload=recheck_seconds == 0,  # otherwise _recheck decides when to look
         )
         self._env.filters["money"] = _money_filter
         self._env.filters["date"] = _date_filter
@@ -96,8 +106,18 @@ class JinjaTemplates:
         """A short sha256 over every file the campaign/locale uses (its own, layouts, includes)."""
         key = (_check_name(campaign), str(Locale(locale)))
         cached = self._versions.get(key)
-        if cached is not None and cached[0] == self._signature(name for name, _, _ in cached[0]):
-            return cached[1]
+        if cached is not None:
+            if self.recheck_seconds is None:
+                return cached[1]
+            if self.recheck_seconds > 0:
+                self._recheck(force=False)
+                cached = self._versions.get(key)  # None if the check found a change
+                if cached is not None:
+                    return cached[1]
+            elif cached[0] == self._signature(name for name, _, _ in cached[0]):
+                return cached[1]
+        if self.recheck_seconds:
+            self._recheck(force=True)  # so cached templates are not older than the bytes hashed below
         names = self._files_used(*key)
         digest = hashlib.sha256()
         for name in sorted(names):
@@ -107,6 +127,19 @@ class JinjaTemplates:
         version = digest.hexdigest()[:12]
         self._versions[key] = (self._signature(sorted(names)), version)
         return version
+
+    def _recheck(self, *, force: bool) -> None:
+        """With ``recheck_seconds`` > 0: once the interval is up (or when forced), compare every cached
+        version's files with the disk; on any change drop all cached templates and versions."""
+        now = time.monotonic()
+        assert self.recheck_seconds
+        if not force and self._checked_at is not None and now - self._checked_at < self.recheck_seconds:
+            return
+        self._checked_at = now
+        if any(sig != self._signature(name for name, _, _ in sig) for sig, _ in self._versions.values()):
+            self._versions.clear()
+            if self._env.cache is not None:
+                self._env.cache.clear()
 
     def _signature(self, names: Iterable[str]) -> _Signature:
         out = []
