@@ -253,7 +253,9 @@ def test_edits_are_picked_up_without_a_restart(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("recheck_seconds", [None, 3600.0])
-def test_a_sender_that_rechecks_rarely_keeps_rendering_what_it_loaded(tmp_path: Path, recheck_seconds: float | None) -> None:
+def test_a_sender_that_rechecks_rarely_keeps_rendering_what_it_loaded(
+    tmp_path: Path, recheck_seconds: float | None
+) -> None:
     templates = JinjaTemplates(tree(tmp_path, GOOD), recheck_seconds=recheck_seconds)
     before = templates.render("demo", Locale.ID, CTX)
     _touch_later(tmp_path / "demo/id/subject.txt", "Apa kabar {{ name }}?\n")
