@@ -101,6 +101,44 @@ def _claimed(r: Any) -> ClaimedMessage:
     )
 
 
+# The group commit's statements, built once: constructing them costs more than executing them.
+_MARK_SENDING = (
+    sa.update(M)
+    .where(
+        M.c.id.in_(sa.bindparam("ids", expanding=True)),
+        M.c.claimed_by == sa.bindparam("b_worker"),
+        M.c.status == MessageStatus.CLAIMED.value,
+    )
+    .values(status=MessageStatus.SENDING.value, attempts=M.c.attempts + 1, updated_at=sa.bindparam("b_now"))
+    .returning(M.c.id)
+)
+_RECORD = (
+    sa.update(M)
+    .where(
+        M.c.id == sa.bindparam("b_id"),
+        M.c.claimed_by == sa.bindparam("b_worker"),
+        sa.or_(M.c.status == MessageStatus.CLAIMED.value, M.c.status == MessageStatus.SENDING.value),
+    )
+    .values(
+        status=sa.bindparam("status"),
+        skip_reason=sa.bindparam("skip_reason"),
+        next_attempt_at=sa.bindparam("next_attempt_at"),
+        claimed_by=sa.bindparam("claimed_by"),
+        lease_until=sa.bindparam("lease_until"),
+        attempts=M.c.attempts - sa.bindparam("b_given_back"),
+        # a decision without an attempt (skip, release) keeps the last attempt's reply
+        last_code=sa.func.coalesce(sa.bindparam("last_code"), M.c.last_code),
+        last_reply=sa.func.coalesce(sa.bindparam("last_reply"), M.c.last_reply),
+        last_error=sa.func.coalesce(sa.bindparam("last_error"), M.c.last_error),
+        sent_at=sa.bindparam("sent_at"),
+        template_version=sa.func.coalesce(sa.bindparam("template_version"), M.c.template_version),
+        subject=sa.func.coalesce(sa.bindparam("subject"), M.c.subject),
+        updated_at=sa.bindparam("updated_at"),
+    )
+)
+_INSERT_ATTEMPT = sa.insert(A)
+
+
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -269,17 +307,8 @@ class Store:
     def _mark_sending(self, conn: sa.Connection, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
         marked: set[int] = set()
         for part in _chunks(list(ids)):
-            stmt = (
-                sa.update(M)
-                .where(
-                    M.c.id.in_(part),
-                    M.c.claimed_by == worker,
-                    M.c.status == MessageStatus.CLAIMED.value,
-                )
-                .values(status=MessageStatus.SENDING.value, attempts=M.c.attempts + 1, updated_at=now)
-                .returning(M.c.id)
-            )
-            marked.update(conn.execute(stmt).scalars())
+            rows = conn.execute(_MARK_SENDING, {"ids": list(part), "b_worker": worker, "b_now": now})
+            marked.update(rows.scalars())
         return marked
 
     def record(self, dispositions: Sequence[Disposition]) -> None:
@@ -334,33 +363,9 @@ class Store:
                         "error_type": res.error_type[:100],
                     }
                 )
-        stmt = (
-            sa.update(M)
-            .where(
-                M.c.id == sa.bindparam("b_id"),
-                M.c.claimed_by == sa.bindparam("b_worker"),
-                sa.or_(M.c.status == MessageStatus.CLAIMED.value, M.c.status == MessageStatus.SENDING.value),
-            )
-            .values(
-                status=sa.bindparam("status"),
-                skip_reason=sa.bindparam("skip_reason"),
-                next_attempt_at=sa.bindparam("next_attempt_at"),
-                claimed_by=sa.bindparam("claimed_by"),
-                lease_until=sa.bindparam("lease_until"),
-                attempts=M.c.attempts - sa.bindparam("b_given_back"),
-                # a decision without an attempt (skip, release) keeps the last attempt's reply
-                last_code=sa.func.coalesce(sa.bindparam("last_code"), M.c.last_code),
-                last_reply=sa.func.coalesce(sa.bindparam("last_reply"), M.c.last_reply),
-                last_error=sa.func.coalesce(sa.bindparam("last_error"), M.c.last_error),
-                sent_at=sa.bindparam("sent_at"),
-                template_version=sa.func.coalesce(sa.bindparam("template_version"), M.c.template_version),
-                subject=sa.func.coalesce(sa.bindparam("subject"), M.c.subject),
-                updated_at=sa.bindparam("updated_at"),
-            )
-        )
-        conn.execute(stmt, updates)
+        conn.execute(_RECORD, updates)
         if attempts:
-            conn.execute(sa.insert(A), attempts)
+            conn.execute(_INSERT_ATTEMPT, attempts)
         if suppressions:
             conn.execute(db.insert_ignore(self.engine, S), suppressions)
 
