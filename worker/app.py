@@ -14,6 +14,7 @@ from worker.adapters.smtp import SmtpTransport
 from worker.adapters.store import Store
 from worker.adapters.templates import JinjaTemplates
 from worker.asyncstore import AsyncStore
+from worker.composing import ComposerPool, ComposerSpec
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.limiter import Booker, DbBooker, Limiter, LocalBooker
@@ -71,6 +72,14 @@ def make_limiter(settings: Settings, async_store: AsyncStore, clock: Clock) -> L
     return Limiter(settings.sending, clock, booker)
 
 
+def compose_pool(settings: Settings, templates: JinjaTemplates, composer: Composer) -> ComposerPool | None:
+    """Helper processes that compose like ``composer`` over the same templates, per ``sending.compose_processes``."""
+    if settings.sending.compose_processes < 1:
+        return None
+    spec = ComposerSpec(settings, templates.root, composer.link_key, templates.recheck_seconds)
+    return ComposerPool(spec, composer, processes=settings.sending.compose_processes)
+
+
 @dataclass
 class Deps:
     settings: Settings
@@ -99,14 +108,16 @@ class Deps:
         return make_limiter(self.settings, async_store, self.clock)
 
     def dispatcher(self, async_store: AsyncStore, transport: SmtpTransport) -> Dispatcher:
+        composer = self.composer()
         return Dispatcher(
             settings=self.settings,
             store=async_store,
-            composer=self.composer(),
+            composer=composer,
             transport=transport,
             clock=self.clock,
             worker=worker_id(),
             limiter=self.limiter(async_store),
+            compose_pool=compose_pool(self.settings, self.templates, composer),
         )
 
     def close(self) -> None:

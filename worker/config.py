@@ -94,6 +94,9 @@ class SendingSettings:
     shared_limits: str = "auto"
     """Where rate state lives: ``database`` (shared by every worker), ``process``, or
     ``auto`` (database on PostgreSQL, process on SQLite)."""
+    compose_processes: int = 1
+    """Helper processes that render and build MIME for batches beside the event loop
+    (``worker.composing``); 0 = compose in the event loop's thread."""
 
 
 @dataclass(frozen=True)
@@ -446,6 +449,8 @@ def _check(s: Settings) -> None:
         _fail(s, "sending.rate_per_second", "must be positive")
     if s.sending.daily_quota < 0:
         _fail(s, "sending.daily_quota", "must be 0 (no quota) or more")
+    if not 0 <= s.sending.compose_processes <= 64:
+        _fail(s, "sending.compose_processes", "must be between 0 (compose in the event loop) and 64")
     if s.sending.pause_after_failures < 0:
         _fail(s, "sending.pause_after_failures", "must be 0 (never pause) or more")
     if s.sending.shared_limits not in ("auto", "database", "process"):

@@ -45,7 +45,7 @@ from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.smtp import SmtpTransport
 from worker.adapters.templates import JinjaTemplates
 from worker.adapters.web import HttpServer
-from worker.app import Deps, link_keys, make_limiter, smtp_password, worker_id
+from worker.app import Deps, compose_pool, link_keys, make_limiter, smtp_password, worker_id
 from worker.asyncstore import AsyncStore
 from worker.checks import Problem, check_templates
 from worker.config import Settings, load_settings
@@ -77,6 +77,7 @@ class Generation:
 
     async def close(self) -> None:
         await self.transport.close()
+        await asyncio.to_thread(self.dispatcher.close)  # joins the compose helpers, if any
         shutil.rmtree(self.snapshot, ignore_errors=True)
 
 
@@ -148,14 +149,16 @@ class Daemon:
         except BaseException:
             shutil.rmtree(snapshot, ignore_errors=True)
             raise
+        composer = Composer(settings, templates, self.keys[0])
         dispatcher = Dispatcher(
             settings=settings,
             store=self.astore,
-            composer=Composer(settings, templates, self.keys[0]),
+            composer=composer,
             transport=transport,
             clock=self.clock,
             worker=self.worker,
             limiter=make_limiter(settings, self.astore, self.clock),
+            compose_pool=compose_pool(settings, templates, composer),
         )
         dispatcher.observer = self.metrics
         return Generation(settings, snapshot, templates, transport, dispatcher)

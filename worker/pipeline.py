@@ -190,6 +190,13 @@ class Composer:
     ) -> Composed | Skipped | RenderFailed | Deferred:
         """Re-check, apply the contact policy, render. ``arbiter`` carries the run's earlier decisions
         (a fresh one judges this message against the ledger alone)."""
+        decision = self.decide(message, facts, now, arbiter)
+        return decision if decision is not None else self.render_message(message, facts, now)
+
+    def decide(
+        self, message: ClaimedMessage, facts: BatchFacts, now: datetime, arbiter: Arbiter | None = None
+    ) -> Skipped | Deferred | None:
+        """The first half of ``compose``: re-check and the contact policy; None means "send it now"."""
         customer_facts = facts.customers[message.customer_id]
         reason = audiences.recheck(message, customer_facts, now)
         if reason is not None:
@@ -201,6 +208,13 @@ class Composer:
             return Skipped(message, decision.reason)
         if isinstance(decision, DeferUntil):
             return Deferred(message, decision.at, decision.why)
+        return None
+
+    def render_message(self, message: ClaimedMessage, facts: BatchFacts, now: datetime) -> Composed | RenderFailed:
+        """The second half of ``compose``, for a message ``decide`` let through: render and build the
+        MIME. It keeps no state, so a helper process can do it (``worker.composing``)."""
+        customer = facts.customers[message.customer_id].customer
+        assert customer is not None
         unsubscribe = self.unsubscribe_url(customer)
         try:
             context = build_context(

@@ -36,12 +36,15 @@ from typing import Literal, Protocol
 from worker import log
 from worker.adapters.ratestore import RateStore
 from worker.asyncstore import AsyncStore
+from worker.composing import ComposerPool
 from worker.config import Settings
+from worker.contact import Arbiter
 from worker.core import lifecycle
 from worker.core.limits import as_throttled, bounce_kind, domain_of, next_quota_day_start
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, SendResult
 from worker.limiter import DailyQuota, Limiter, LocalBooker
 from worker.pipeline import (
+    BatchFacts,
     Composed,
     Composer,
     Deferred,
@@ -181,10 +184,13 @@ class Dispatcher:
         worker: str,
         limiter: Limiter | None = None,
         quota: DailyQuota | None = None,
+        compose_pool: ComposerPool | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.composer = composer
+        self.compose_pool = compose_pool
+        """Renders big batches in helper processes (``worker.composing``); None: all in this thread."""
         self.transport = transport
         self.clock = clock
         self.worker = worker
@@ -202,6 +208,11 @@ class Dispatcher:
         """Set when too many connection failures in a row paused sending (health checks read it)."""
         self.failures_in_row = 0
         self.quota_reached = False
+
+    def close(self) -> None:
+        """Stop the compose helper processes, if any (a later ``run_once`` starts them again)."""
+        if self.compose_pool is not None:
+            self.compose_pool.close()
 
     def stop(self) -> None:
         """Stop claiming; sends already under way finish, claimed messages not yet begun go back to the queue."""
@@ -288,8 +299,8 @@ class Dispatcher:
                 load_batch_facts, store, batch, catalogue, settings=self.settings, now=now
             )
             composed: list[Composed] = []
-            for message in batch:
-                item = self.composer.compose(message, facts, now, arbiter)
+            for item in await self._compose(batch, facts, now, arbiter):
+                message = item.message
                 if isinstance(item, Composed):
                     composed.append(item)
                 elif isinstance(item, Deferred):  # the contact policy: not yet (cap or quiet hours)
@@ -314,6 +325,18 @@ class Dispatcher:
                 await queue.put(item)
             if self.quota_reached:
                 return
+
+    async def _compose(
+        self, batch: list[ClaimedMessage], facts: BatchFacts, now: datetime, arbiter: Arbiter
+    ) -> list[Composed | Skipped | RenderFailed | Deferred]:
+        """``Composer.compose`` for each message, in order: decided here (the arbiter remembers the
+        whole run), rendered by the compose helpers when there are some."""
+        if self.compose_pool is None:
+            return [self.composer.compose(message, facts, now, arbiter) for message in batch]
+        decided = [self.composer.decide(message, facts, now, arbiter) for message in batch]
+        to_render = [message for message, decision in zip(batch, decided, strict=True) if decision is None]
+        rendered = iter(await self.compose_pool.render(to_render, facts, now))
+        return [decision if decision is not None else next(rendered) for decision in decided]
 
     def _quota_reached(self, items: list[Composed], writer: LedgerWriter, now: datetime) -> None:
         tomorrow = next_quota_day_start(now, self.settings.shop.time_zone)

@@ -45,7 +45,10 @@ async def cycle(deps: Deps, *, async_store: AsyncStore | None = None) -> CycleRe
         transport = deps.transport()
         try:
             dispatcher = deps.dispatcher(astore, transport)
-            dispatched = await dispatcher.run_once()
+            try:
+                dispatched = await dispatcher.run_once()
+            finally:
+                dispatcher.close()
         finally:
             await transport.close()
         return CycleReport(planned, dispatched, requeued, uncertain)
