@@ -142,3 +142,30 @@ def test_a_run_big_enough_for_the_helper_sends_each_message_once(sqlite_url: str
     rows = store.messages(limit=1000)
     assert {r["status"] for r in rows} == {"sent"} and all(r["template_version"] for r in rows)
     store.close()
+
+
+def test_a_batch_claimed_ahead_goes_back_to_the_queue_when_the_quota_runs_out(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given 200 due customers, full batches of 64 (so the next batch is claimed and composed
+    # ahead while one is sent) and a daily quota of 100
+    n = 200
+    store = make_shop(sqlite_url, [customer(f"C{i}") for i in range(n)],
+                      [one_time_order(f"O{i}", f"C{i}") for i in range(n)])  # fmt: skip
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port},
+                            sending={"batch_size": 64, "daily_quota": 100})  # fmt: skip
+    deps = Deps(settings=settings, store=store, templates=JinjaTemplates(TEMPLATES, recheck_seconds=1.0),
+                clock=FakeClock(NOW))  # fmt: skip
+    # When a cycle runs
+    report = asyncio.run(cycle(deps))
+    # Then 100 were sent and none is left claimed: the rest of batch 2 and all of batch 3 (claimed ahead)
+    # wait for the next local day; batch 4 (8 rows) was never claimed and keeps its due time
+    assert report.dispatched.outcomes == {"sent": 100} and report.dispatched.quota_reached
+    assert len(smtp_server.messages) == 100
+    rows = store.messages(limit=1000)
+    assert sorted({r["status"] for r in rows}) == ["planned", "sent"]
+    waiting = [r for r in rows if r["status"] == "planned"]
+    assert len(waiting) == n - 100
+    assert all(r["claimed_by"] is None and r["attempts"] == 0 for r in waiting)
+    assert sum(r["next_attempt_at"] > NOW for r in waiting) == (64 - 36) + 64
+    store.close()

@@ -41,7 +41,7 @@ from worker.config import Settings
 from worker.contact import Arbiter
 from worker.core import lifecycle
 from worker.core.limits import as_throttled, bounce_kind, domain_of, next_quota_day_start
-from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, SendResult
+from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult
 from worker.limiter import DailyQuota, Limiter, LocalBooker
 from worker.pipeline import (
     BatchFacts,
@@ -159,6 +159,8 @@ class LedgerWriter:
 
 
 _DONE: Literal["done"] = "done"
+_Batch = tuple[datetime, list[Composed | Skipped | RenderFailed | Deferred]]
+"""A claimed batch, composed: when it was claimed, and each message's result."""
 
 
 class SendObserver(Protocol):
@@ -281,50 +283,88 @@ class Dispatcher:
     async def _produce(
         self, queue: asyncio.Queue[Composed | Literal["done"]], writer: LedgerWriter, report: DispatchReport
     ) -> None:
-        store = self.store.store
-        catalogue = await self.store.call(load_catalogue, store)
+        catalogue = await self.store.call(load_catalogue, self.store.store)
         arbiter = self.composer.new_arbiter()
-        while not self.stopping.is_set():
-            now = self.clock.now()
-            batch = await self.store.call(
-                store.claim,
-                worker=self.worker,
-                now=now,
-                limit=self.settings.sending.batch_size,
-                lease_seconds=self.settings.sending.lease_seconds,
-            )
-            if not batch:
-                return
-            facts = await self.store.call(
-                load_batch_facts, store, batch, catalogue, settings=self.settings, now=now
-            )
-            composed: list[Composed] = []
-            for item in await self._compose(batch, facts, now, arbiter):
-                message = item.message
-                if isinstance(item, Composed):
-                    composed.append(item)
-                elif isinstance(item, Deferred):  # the contact policy: not yet (cap or quiet hours)
-                    writer.record(self._release(message, now, until=item.until))
-                    report.count(message.campaign, f"deferred:{item.why}")
-                    log.event("email_deferred_by_policy", campaign=message.campaign,
-                              dedupe_key=message.dedupe_key, until=item.until.isoformat(), why=item.why)
-                else:
-                    writer.record(self._not_sent(item, now))
-                    report.count(message.campaign, _label(item))
-                    if self.observer is not None:
-                        self.observer.observe_result(message.campaign, _label(item), None, None, self.clock.monotonic())
-            granted = await self.quota.take(len(composed))
-            if granted < len(composed):
-                self._quota_reached(composed[granted:], writer, now)
-            for index, item in enumerate(composed[:granted]):
-                if self.stopping.is_set():
-                    for left in composed[index:granted]:
-                        writer.record(self._release(left.message, now))
-                    await self.quota.give_back(granted - index)
+        ahead: asyncio.Task[_Batch | None] | None = asyncio.create_task(self._claim_and_compose(catalogue, arbiter))
+        try:
+            while ahead is not None:
+                got = await ahead
+                ahead = None
+                if got is None:
                     return
-                await queue.put(item)
-            if self.quota_reached:
-                return
+                now, items = got
+                if self.compose_pool is not None and len(items) == self.settings.sending.batch_size:
+                    # a full batch: more is due. Claim and compose the next one in the helper
+                    # process while this one is queued and sent, so the senders never wait.
+                    ahead = asyncio.create_task(self._claim_and_compose(catalogue, arbiter))
+                composed: list[Composed] = []
+                for item in items:
+                    message = item.message
+                    if isinstance(item, Composed):
+                        composed.append(item)
+                    elif isinstance(item, Deferred):  # the contact policy: not yet (cap or quiet hours)
+                        writer.record(self._release(message, now, until=item.until))
+                        report.count(message.campaign, f"deferred:{item.why}")
+                        log.event("email_deferred_by_policy", campaign=message.campaign,
+                                  dedupe_key=message.dedupe_key, until=item.until.isoformat(), why=item.why)
+                    else:
+                        writer.record(self._not_sent(item, now))
+                        report.count(message.campaign, _label(item))
+                        if self.observer is not None:
+                            self.observer.observe_result(
+                                message.campaign, _label(item), None, None, self.clock.monotonic()
+                            )
+                granted = await self.quota.take(len(composed))
+                if granted < len(composed):
+                    self._quota_reached(composed[granted:], writer, now)
+                for index, item in enumerate(composed[:granted]):
+                    if self.stopping.is_set():
+                        for left in composed[index:granted]:
+                            writer.record(self._release(left.message, now))
+                        await self.quota.give_back(granted - index)
+                        return
+                    await queue.put(item)
+                if self.quota_reached:
+                    return
+                if ahead is None:
+                    ahead = asyncio.create_task(self._claim_and_compose(catalogue, arbiter))
+        except BaseException:
+            if ahead is not None:  # failing or cancelled: do not wait for it; its leases lapse
+                ahead.cancel()
+                ahead = None
+            raise
+        finally:
+            if ahead is not None:
+                await self._give_back_ahead(ahead, writer)
+
+    async def _claim_and_compose(self, catalogue: list[ProductView], arbiter: Arbiter) -> _Batch | None:
+        """Claim the next batch and compose it; None when stopping or nothing is due. Batches are
+        composed in claim order, so the run's arbiter decides them in that order."""
+        if self.stopping.is_set():
+            return None
+        store = self.store.store
+        now = self.clock.now()
+        batch = await self.store.call(
+            store.claim,
+            worker=self.worker,
+            now=now,
+            limit=self.settings.sending.batch_size,
+            lease_seconds=self.settings.sending.lease_seconds,
+        )
+        if not batch:
+            return None
+        facts = await self.store.call(load_batch_facts, store, batch, catalogue, settings=self.settings, now=now)
+        return now, await self._compose(batch, facts, now, arbiter)
+
+    async def _give_back_ahead(self, ahead: asyncio.Task[_Batch | None], writer: LedgerWriter) -> None:
+        """A batch claimed ahead that will not be sent (stopped, out of quota, failed): back to the queue."""
+        got = await ahead
+        if got is None:
+            return
+        now, items = got
+        until = next_quota_day_start(now, self.settings.shop.time_zone) if self.quota_reached else None
+        for item in items:
+            writer.record(self._release(item.message, now, until=until))
 
     async def _compose(
         self, batch: list[ClaimedMessage], facts: BatchFacts, now: datetime, arbiter: Arbiter
