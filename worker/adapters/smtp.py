@@ -34,13 +34,17 @@ import re
 import ssl
 from dataclasses import dataclass
 from types import TracebackType
+from typing import cast
 
 from aiosmtplib import (
     SMTP,
     SMTPDataError,
     SMTPException,
+    SMTPHeloError,
+    SMTPRecipientRefused,
     SMTPResponse,
     SMTPResponseException,
+    SMTPSenderRefused,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
@@ -159,7 +163,7 @@ class SmtpTransport:
             client, reused = await self._ready_client(slot)
             attempt.stage = "mail"
             try:
-                await client.mail(sender)
+                await _mail(client, sender)
             except SMTPServerDisconnected:
                 if not reused:
                     raise
@@ -168,9 +172,9 @@ class SmtpTransport:
                 attempt.stage = "connect"
                 client, _ = await self._ready_client(slot)
                 attempt.stage = "mail"
-                await client.mail(sender)
+                await _mail(client, sender)
             attempt.stage = "rcpt"
-            await client.rcpt(recipient)
+            await _rcpt(client, recipient)
             response = await self._data(client, message, attempt)
         except SMTPResponseException as exc:
             return await self._reply_error(slot, attempt.stage, exc)
@@ -241,8 +245,10 @@ class SmtpTransport:
         start = await client.execute_command(b"DATA")
         if start.code != 354:
             raise SMTPDataError(start.code, start.message)
-        protocol, transport = client.protocol, client.transport
-        if protocol is None or not isinstance(transport, asyncio.WriteTransport):
+        protocol = client.protocol
+        # uvloop's transports write but are not asyncio.WriteTransport subclasses: check for what is used
+        transport = cast(asyncio.WriteTransport | None, client.transport)
+        if protocol is None or transport is None or transport.is_closing():
             raise SMTPServerDisconnected("Connection lost before the message body")
         attempt.stage = "message"
         payload = _dot_stuffed(message)
@@ -289,6 +295,28 @@ class SmtpTransport:
             await client.rset()
         except (SMTPException, OSError):
             slot.discard()
+
+
+async def _mail(client: SMTP, sender: str) -> None:
+    """``client.mail(sender)`` without its per-call address parsing (``_check_address`` did it):
+    the same command, the same errors, EHLO (or HELO) first on a fresh connection."""
+    if client.is_ehlo_or_helo_needed:
+        try:
+            await client.ehlo()
+        except SMTPHeloError:
+            if not client.is_connected:
+                raise
+            await client.helo()
+    response = await client.execute_command(b"MAIL", b"FROM:<" + sender.encode("ascii") + b">")
+    if response.code != 250:
+        raise SMTPSenderRefused(response.code, response.message, sender)
+
+
+async def _rcpt(client: SMTP, recipient: str) -> None:
+    """``client.rcpt(recipient)``, likewise."""
+    response = await client.execute_command(b"RCPT", b"TO:<" + recipient.encode("ascii") + b">")
+    if response.code not in (250, 251):
+        raise SMTPRecipientRefused(response.code, response.message, recipient)
 
 
 def _check_address(address: str) -> None:
