@@ -15,7 +15,8 @@ first SMTP byte.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -101,47 +102,54 @@ def _claimed(r: Any) -> ClaimedMessage:
     )
 
 
-# The group commit's statements, built once: constructing them costs more than executing them.
-_MARK_SENDING = (
-    sa.update(M)
-    .where(
-        M.c.id.in_(sa.bindparam("ids", expanding=True)),
-        M.c.claimed_by == sa.bindparam("b_worker"),
-        M.c.status == MessageStatus.CLAIMED.value,
-    )
-    .values(status=MessageStatus.SENDING.value, attempts=M.c.attempts + 1, updated_at=sa.bindparam("b_now"))
-    .returning(M.c.id)
+# The group commit's statements as driver SQL (``exec_driver_sql``): per commit, SQLAlchemy's
+# statement compilation and per-value type processing cost several times what SQLite does.
+# Datetimes are converted by the UTCDateTime columns' own bind processor, so rows are
+# stored exactly as through SQLAlchemy (tests/test_store_contract.py reads them back).
+_CLAIMED, _SENDING = MessageStatus.CLAIMED.value, MessageStatus.SENDING.value
+_MARK_HEAD = f"UPDATE message SET status = '{_SENDING}', attempts = attempts + 1, updated_at = :now WHERE id IN ("
+_MARK_TAIL = f") AND claimed_by = :worker AND status = '{_CLAIMED}' RETURNING id"
+_RECORD_SQL = (
+    "UPDATE message SET status = :status, skip_reason = :skip_reason, next_attempt_at = :next_attempt_at,"
+    " claimed_by = NULL, lease_until = NULL, attempts = attempts - :given_back,"
+    # a decision without an attempt (skip, release) keeps the last attempt's reply
+    " last_code = COALESCE(:last_code, last_code), last_reply = COALESCE(:last_reply, last_reply),"
+    " last_error = COALESCE(:last_error, last_error), sent_at = :sent_at,"
+    " template_version = COALESCE(:template_version, template_version), subject = COALESCE(:subject, subject),"
+    " updated_at = :updated_at"
+    f" WHERE id = :id AND claimed_by = :worker AND status IN ('{_CLAIMED}', '{_SENDING}')"
 )
-_RECORD = (
-    sa.update(M)
-    .where(
-        M.c.id == sa.bindparam("b_id"),
-        M.c.claimed_by == sa.bindparam("b_worker"),
-        sa.or_(M.c.status == MessageStatus.CLAIMED.value, M.c.status == MessageStatus.SENDING.value),
-    )
-    .values(
-        status=sa.bindparam("status"),
-        skip_reason=sa.bindparam("skip_reason"),
-        next_attempt_at=sa.bindparam("next_attempt_at"),
-        claimed_by=sa.bindparam("claimed_by"),
-        lease_until=sa.bindparam("lease_until"),
-        attempts=M.c.attempts - sa.bindparam("b_given_back"),
-        # a decision without an attempt (skip, release) keeps the last attempt's reply
-        last_code=sa.func.coalesce(sa.bindparam("last_code"), M.c.last_code),
-        last_reply=sa.func.coalesce(sa.bindparam("last_reply"), M.c.last_reply),
-        last_error=sa.func.coalesce(sa.bindparam("last_error"), M.c.last_error),
-        sent_at=sa.bindparam("sent_at"),
-        template_version=sa.func.coalesce(sa.bindparam("template_version"), M.c.template_version),
-        subject=sa.func.coalesce(sa.bindparam("subject"), M.c.subject),
-        updated_at=sa.bindparam("updated_at"),
-    )
+_ATTEMPT_SQL = (
+    "INSERT INTO attempt (message_id, attempt_no, worker, started_at, finished_at, outcome, code, reply, error_type)"
+    " VALUES (:message_id, :attempt_no, :worker, :started_at, :finished_at, :outcome, :code, :reply, :error_type)"
 )
-_INSERT_ATTEMPT = sa.insert(A)
+_NAMED = re.compile(r":(\w+)")
+
+
+class _LedgerSql:
+    """The statements above in the driver's parameter style, and its datetime conversion."""
+
+    def __init__(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        # sqlite3 takes :name as is; psycopg takes %(name)s
+        self.style: Callable[[str], str] = (
+            (lambda sql: sql) if dialect.name == "sqlite" else (lambda sql: _NAMED.sub(r"%(\1)s", sql))
+        )
+        processor = M.c.updated_at.type.bind_processor(dialect)
+        self.dt: Callable[[datetime | None], Any] = processor if processor is not None else (lambda v: v)
+        self.record = self.style(_RECORD_SQL)
+        self.attempt = self.style(_ATTEMPT_SQL)
+        self.mark_head = self.style(_MARK_HEAD)
+        self.mark_tail = self.style(_MARK_TAIL)
+
+    def mark(self, count: int) -> str:
+        return self.mark_head + ", ".join(self.style(f":i{n}") for n in range(count)) + self.mark_tail
 
 
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._sql = _LedgerSql(engine)
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -307,8 +315,9 @@ class Store:
     def _mark_sending(self, conn: sa.Connection, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
         marked: set[int] = set()
         for part in _chunks(list(ids)):
-            rows = conn.execute(_MARK_SENDING, {"ids": list(part), "b_worker": worker, "b_now": now})
-            marked.update(rows.scalars())
+            params: dict[str, Any] = {f"i{n}": message_id for n, message_id in enumerate(part)}
+            params.update(now=self._sql.dt(now), worker=worker)
+            marked.update(conn.exec_driver_sql(self._sql.mark(len(part)), params).scalars())
         return marked
 
     def record(self, dispositions: Sequence[Disposition]) -> None:
@@ -319,11 +328,13 @@ class Store:
             self._record(conn, dispositions)
 
     def _record(self, conn: sa.Connection, dispositions: Sequence[Disposition]) -> None:
+        dt = self._sql.dt
         updates: list[dict[str, Any]] = []
         attempts: list[dict[str, Any]] = []
         suppressions: list[dict[str, Any]] = []
         for d in dispositions:
             res = d.result
+            finished = dt(d.finished_at)
             if d.suppress_reason is not None:
                 source = f"smtp:{d.message.dedupe_key}"[:100]
                 suppressions.append(
@@ -332,21 +343,19 @@ class Store:
                 )  # fmt: skip
             updates.append(
                 {
-                    "b_id": d.message.id,
-                    "b_worker": d.worker,
-                    "b_given_back": 0 if d.counts_as_attempt else 1,
+                    "id": d.message.id,
+                    "worker": d.worker,
+                    "given_back": 0 if d.counts_as_attempt else 1,
                     "status": d.status.value,
                     "skip_reason": d.skip_reason.value if d.skip_reason else None,
-                    "next_attempt_at": d.next_attempt_at or d.message.due_at,
-                    "claimed_by": None,
-                    "lease_until": None,
+                    "next_attempt_at": dt(d.next_attempt_at or d.message.due_at),
                     "last_code": res.code if res else None,
                     "last_reply": (res.reply[:500] if res else None),
                     "last_error": (res.error_type[:500] or None) if res else None,
-                    "sent_at": d.finished_at if d.status is MessageStatus.SENT else None,
+                    "sent_at": finished if d.status is MessageStatus.SENT else None,
                     "template_version": d.template_version,
                     "subject": d.subject[:400] if d.subject else None,
-                    "updated_at": d.finished_at,
+                    "updated_at": finished,
                 }
             )
             if res is not None:
@@ -355,17 +364,17 @@ class Store:
                         "message_id": d.message.id,
                         "attempt_no": d.message.attempts + 1,
                         "worker": d.worker,
-                        "started_at": d.started_at,
-                        "finished_at": d.finished_at,
+                        "started_at": dt(d.started_at),
+                        "finished_at": finished,
                         "outcome": res.outcome.value,
                         "code": res.code,
                         "reply": res.reply[:500],
                         "error_type": res.error_type[:100],
                     }
                 )
-        conn.execute(_RECORD, updates)
+        conn.exec_driver_sql(self._sql.record, updates)
         if attempts:
-            conn.execute(_INSERT_ATTEMPT, attempts)
+            conn.exec_driver_sql(self._sql.attempt, attempts)
         if suppressions:
             conn.execute(db.insert_ignore(self.engine, S), suppressions)
 
