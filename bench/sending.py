@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from aiosmtplib import SMTP  # noqa: E402
 
-from worker import log  # noqa: E402
+from worker import eventloop, log  # noqa: E402
 from worker.adapters import db, shop  # noqa: E402
 from worker.app import Deps  # noqa: E402
 from worker.commands import running  # noqa: E402
@@ -214,10 +214,10 @@ def kembali_end_to_end(port: int, count: int, pool: int, in_flight: int, folder:
         import cProfile
 
         with cProfile.Profile() as profiler:
-            report = asyncio.run(running.cycle(deps))
+            report = eventloop.run(running.cycle(deps))
         profiler.dump_stats(PROFILE)
     else:
-        report = asyncio.run(running.cycle(deps))
+        report = eventloop.run(running.cycle(deps))
     elapsed = time.perf_counter() - start
     deps.close()
     sent = report.dispatched.outcomes["sent"]
@@ -250,15 +250,21 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=8, help="SMTP connections (default 8)")
     parser.add_argument("--in-flight", type=int, default=4, help="sending.in_flight_per_connection (default 4)")
     parser.add_argument("--sinks", default="smtp-sink,aiosmtpd")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default=None,
+                        help="event loop for both raw and end to end (default: KEMBALI_EVENT_LOOP, else auto: "
+                             "uvloop when installed)")  # fmt: skip
     parser.add_argument("--serve-aiosmtpd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_aiosmtpd:
         serve_aiosmtpd(args.serve_aiosmtpd)
         return
     os.environ.setdefault("KEMBALI_LINK_SECRET", "bench-link-secret-0123456789abcdef")
+    if args.loop:
+        os.environ[eventloop.ENV] = args.loop
     log.configure("warning")
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, {args.messages} messages, "
-          f"pool {args.pool} x {args.in_flight} in flight")  # fmt: skip
+          f"pool {args.pool} x {args.in_flight} in flight, event loop {eventloop.describe()}, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     sinks = [s.strip() for s in args.sinks.split(",") if s.strip()]
     if "smtp-sink" in sinks and SMTP_SINK is None:
         print("NOTE: Postfix's smtp-sink is not installed (apt-get install postfix): measuring aiosmtpd only")
@@ -268,7 +274,7 @@ def main() -> None:
         for kind in sinks:
             with sink_process(kind) as port:
                 message = sample_message(port, folder)
-                raw = asyncio.run(raw_ceiling(port, message, args.messages, args.pool))
+                raw = eventloop.run(raw_ceiling(port, message, args.messages, args.pool))
                 run_dir = folder / kind
                 run_dir.mkdir()
                 e2e = kembali_end_to_end(port, args.messages, args.pool, args.in_flight, run_dir)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from worker import log
+from worker import eventloop, log
 from worker.adapters import opstore, systemd
 from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.smtp import SmtpTransport
@@ -189,7 +189,8 @@ class Daemon:
             dispatch = asyncio.create_task(self._dispatch_loop(), name="kembali-dispatch")
             await self._catch_up(settings)
             log.event("daemon_started", worker=self.worker, campaigns=",".join(enabled_campaigns(settings)),
-                      time_zone=settings.shop.time_zone, jobs=",".join(self.scheduler.job_ids()))
+                      time_zone=settings.shop.time_zone, jobs=",".join(self.scheduler.job_ids()),
+                      event_loop=eventloop.describe())
             systemd.notify("READY=1", "STATUS=running")
             await self._stop.wait()
             return await self._shutdown(dispatch)
@@ -411,7 +412,7 @@ def run(settings: Settings, *, config_path: Path) -> int:
     """Build and run the daemon until it is told to stop; the process's exit code."""
     deps = Deps.build(settings)
     try:
-        return asyncio.run(_main(settings, config_path, deps))
+        return eventloop.run(_main(settings, config_path, deps))
     except TemplatesRejected as exc:
         for problem in exc.problems:
             log.event("template_problem", logging.ERROR, file=problem.where or f"{problem.campaign}/",

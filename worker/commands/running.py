@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import log
+from worker import eventloop, log
 from worker.adapters import opstore
 from worker.app import Deps, worker_id
 from worker.asyncstore import AsyncStore
@@ -95,7 +94,7 @@ def _exit_code(report: CycleReport) -> int:
 def once(settings: Settings) -> int:
     deps = Deps.build(settings)
     try:
-        report = asyncio.run(cycle(deps))
+        report = eventloop.run(cycle(deps))
     finally:
         deps.close()
     for line in summary(report):
