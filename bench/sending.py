@@ -84,6 +84,7 @@ def sink_process(kind: str) -> Iterator[int]:
     else:
         cmd = [sys.executable, __file__, "--serve-aiosmtpd", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    SINK_PIDS.add(proc.pid)
     try:
         wait_for_port(port)
         yield port
@@ -109,11 +110,31 @@ def serve_aiosmtpd(port: int) -> None:
     asyncio.run(main())
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def rss_mb(pid: int | str = "self") -> float:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0.0
+    for line in lines:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def helpers_rss_mb() -> float:
+    """RSS of this process's children (the compose helpers; the sinks are not children of the e2e run's
+    process tree here, they are started before and counted out by pid)."""
+    total = 0.0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            pids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        total += sum(rss_mb(pid) for pid in pids if int(pid) not in SINK_PIDS)
+    return total
+
+
+SINK_PIDS: set[int] = set()
 
 
 # --- raw ceiling -----------------------------------------------------------------------
@@ -183,12 +204,14 @@ class RssProbe:
         self.marks = set(marks)
         self.sent = 0
         self.rss: dict[int, float] = {}
+        self.helper_rss: dict[int, float] = {}
 
     async def send(self, sender: str, recipient: str, message: bytes) -> SendResult:
         result: SendResult = await self.inner.send(sender, recipient, message)  # type: ignore[attr-defined]
         self.sent += 1
         if self.sent in self.marks:
             self.rss[self.sent] = rss_mb()
+            self.helper_rss[self.sent] = helpers_rss_mb()
         return result
 
     async def close(self) -> None:
@@ -224,7 +247,8 @@ def kembali_end_to_end(port: int, count: int, pool: int, in_flight: int, folder:
     if sent != count:
         raise RuntimeError(f"only {sent} of {count} sent: {report.dispatched.outcomes}")
     assert probe is not None
-    return {"rate": count / elapsed, "seconds": elapsed, **{f"rss@{k}": v for k, v in probe.rss.items()}}
+    return {"rate": count / elapsed, "seconds": elapsed, **{f"rss@{k}": v for k, v in probe.rss.items()},
+            **{f"helper@{k}": v for k, v in probe.helper_rss.items()}}  # fmt: skip
 
 
 def sample_message(port: int, folder: Path) -> bytes:
@@ -285,6 +309,9 @@ def main() -> None:
                   "MIME, send, record on SQLite)")  # fmt: skip
             print(f"  ratio kembali / raw    : {e2e['rate'] / raw:8.0%}")
             print("  RSS                    : " + ", ".join(f"{v:.0f} MB after {k[4:]} sent" for k, v in rss.items()))
+            helpers = {k: v for k, v in e2e.items() if k.startswith("helper@")}
+            print("  RSS of compose helpers : "
+                  + ", ".join(f"{v:.0f} MB after {k[7:]} sent" for k, v in helpers.items()))
 
 
 if __name__ == "__main__":
