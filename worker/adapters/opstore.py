@@ -62,30 +62,7 @@ def prune_attempts(store: Store, older_than: datetime, batch: int = PRUNE_BATCH)
 def abandon(store: Store, *, worker: str, now: datetime, why: str) -> tuple[int, int]:
     """At a forced shutdown: this worker's claimed rows go back to the queue, its ``sending``
     rows become ``uncertain`` (the mail may have left). Returns (requeued, uncertain)."""
-    mine = M.c.claimed_by == worker
-    with store.engine.begin() as conn:
-        requeued = conn.execute(
-            sa.update(M)
-            .where(mine, M.c.status == MessageStatus.CLAIMED.value)
-            .values(
-                status=sa.case((M.c.attempts > 0, MessageStatus.RETRY.value), else_=MessageStatus.PLANNED.value),
-                claimed_by=None,
-                lease_until=None,
-                updated_at=now,
-            )
-        ).rowcount
-        uncertain = conn.execute(
-            sa.update(M)
-            .where(mine, M.c.status == MessageStatus.SENDING.value)
-            .values(
-                status=MessageStatus.UNCERTAIN.value,
-                last_error=why[:500],
-                claimed_by=None,
-                lease_until=None,
-                updated_at=now,
-            )
-        ).rowcount
-    return int(requeued), int(uncertain)
+    return store.release(M.c.claimed_by == worker, now=now, why=why)
 
 
 # --- scheduled jobs ------------------------------------------------------------

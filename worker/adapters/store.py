@@ -382,10 +382,15 @@ class Store:
         """Claimed rows whose lease lapsed go back to the queue; sending rows become uncertain.
         Returns (requeued, uncertain)."""
         lapsed = sa.and_(M.c.lease_until.is_not(None), M.c.lease_until < now)
+        return self.release(lapsed, now=now, why="lease lapsed while sending (worker died?)")
+
+    def release(self, where: Any, *, now: datetime, why: str) -> tuple[int, int]:
+        """Of the rows matching ``where``: claimed ones go back to the queue (no SMTP byte was sent),
+        ``sending`` ones become uncertain (the mail may have left). Returns (requeued, uncertain)."""
         with self.engine.begin() as conn:
             requeued = conn.execute(
                 sa.update(M)
-                .where(lapsed, M.c.status == MessageStatus.CLAIMED.value)
+                .where(where, M.c.status == MessageStatus.CLAIMED.value)
                 .values(
                     status=sa.case((M.c.attempts > 0, MessageStatus.RETRY.value), else_=MessageStatus.PLANNED.value),
                     claimed_by=None,
@@ -395,16 +400,16 @@ class Store:
             ).rowcount
             uncertain = conn.execute(
                 sa.update(M)
-                .where(lapsed, M.c.status == MessageStatus.SENDING.value)
+                .where(where, M.c.status == MessageStatus.SENDING.value)
                 .values(
                     status=MessageStatus.UNCERTAIN.value,
-                    last_error="lease lapsed while sending (worker died?)",
+                    last_error=why[:500],
                     claimed_by=None,
                     lease_until=None,
                     updated_at=now,
                 )
             ).rowcount
-        return requeued, uncertain
+        return int(requeued), int(uncertain)
 
     def sent_times(self, customer_ids: Iterable[int], *, since: datetime) -> dict[int, list[datetime]]:
         """When each customer was actually sent email (any campaign) since ``since``: what caps count."""
