@@ -1,6 +1,6 @@
 """Sending throughput: the raw aiosmtplib ceiling vs Kembali end to end, against two sinks.
 
-    /work/venv/bin/python bench/sending.py [--messages 20000] [--pool 8] [--sinks smtp-sink,aiosmtpd]
+    .venv/bin/python bench/sending.py [--messages 20000] [--pool 8] [--sinks smtp-sink,aiosmtpd]
 
 For each sink (Postfix's C ``smtp-sink`` when installed, and aiosmtpd in its own
 process) it measures, in one run:
@@ -232,6 +232,7 @@ def kembali_end_to_end(port: int, count: int, pool: int, in_flight: int, folder:
         return probe
 
     deps.transport = transport  # type: ignore[method-assign]
+    cpu0 = os.times()
     start = time.perf_counter()
     if PROFILE:
         import cProfile
@@ -243,11 +244,15 @@ def kembali_end_to_end(port: int, count: int, pool: int, in_flight: int, folder:
         report = eventloop.run(running.cycle(deps))
     elapsed = time.perf_counter() - start
     deps.close()
+    cpu1 = os.times()  # the compose helpers have exited (and been waited for) by now
+    main_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    helper_cpu = (cpu1.children_user - cpu0.children_user) + (cpu1.children_system - cpu0.children_system)
     sent = report.dispatched.outcomes["sent"]
     if sent != count:
         raise RuntimeError(f"only {sent} of {count} sent: {report.dispatched.outcomes}")
     assert probe is not None
-    return {"rate": count / elapsed, "seconds": elapsed, **{f"rss@{k}": v for k, v in probe.rss.items()},
+    return {"rate": count / elapsed, "seconds": elapsed, "main_cpu_us": main_cpu / count * 1e6,
+            "helper_cpu_us": helper_cpu / count * 1e6, **{f"rss@{k}": v for k, v in probe.rss.items()},
             **{f"helper@{k}": v for k, v in probe.helper_rss.items()}}  # fmt: skip
 
 
@@ -308,6 +313,8 @@ def main() -> None:
             print(f"  kembali end to end     : {e2e['rate']:8.0f} msg/s  ({e2e['seconds']:.1f} s: plan, render, "
                   "MIME, send, record on SQLite)")  # fmt: skip
             print(f"  ratio kembali / raw    : {e2e['rate'] / raw:8.0%}")
+            print(f"  CPU per message        : {e2e['main_cpu_us']:.0f} us in the main process, "
+                  f"{e2e['helper_cpu_us']:.0f} us in the compose helpers")
             print("  RSS                    : " + ", ".join(f"{v:.0f} MB after {k[4:]} sent" for k, v in rss.items()))
             helpers = {k: v for k, v in e2e.items() if k.startswith("helper@")}
             print("  RSS of compose helpers : "

@@ -350,6 +350,7 @@ class Dispatcher:
             now=now,
             limit=self.settings.sending.batch_size,
             lease_seconds=self.settings.sending.lease_seconds,
+            domain=self.settings.shop.domain,
         )
         if not batch:
             return None

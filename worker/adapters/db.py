@@ -57,6 +57,15 @@ def _holdout_hash(campaign: str, customer: str) -> int:
     return holdout_hash(customer, campaign)
 
 
+def message_id_sql(dialect: str, key: Any, domain: str) -> Any:
+    """``core.audiences.message_id_for(key, domain)`` in SQL: PostgreSQL's own sha256(), SQLite's registered
+    pure function."""
+    if dialect == "postgresql":
+        digest = sa.func.encode(sa.func.sha256(sa.func.convert_to(key, "UTF8")), "hex", type_=sa.String)
+        return sa.literal("<") + sa.func.substr(digest, 1, 32, type_=sa.String) + sa.literal(f".kembali@{domain}>")
+    return sa.func.kembali_message_id(key, domain, type_=sa.String)
+
+
 def insert_ignore(engine: Engine, table: sa.Table) -> Any:
     """``INSERT … ON CONFLICT DO NOTHING`` in the engine's dialect."""
     if engine.dialect.name == "postgresql":

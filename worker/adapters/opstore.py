@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from worker.adapters import db
-from worker.adapters.store import CLAIMABLE, C, M, O, S, Store, customer_snapshot
+from worker.adapters.store import WAITING, C, M, O, S, Store, customer_snapshot
 from worker.adapters.tables import Attempt, Feedback, JobRun
 from worker.domain import CustomerSnapshot, Locale, MessageStatus, SkipReason
 
@@ -34,7 +34,7 @@ def expire_messages(store: Store, now: datetime) -> int:
     """Waiting rows whose expiry passed become ``skipped: expired``; returns how many."""
     stmt = (
         sa.update(M)
-        .where(M.c.status.in_(CLAIMABLE), M.c.expires_at < now)
+        .where(WAITING, M.c.expires_at < now)
         .values(
             status=MessageStatus.SKIPPED.value,
             skip_reason=SkipReason.EXPIRED.value,
@@ -95,7 +95,7 @@ def ping(store: Store) -> None:
 
 def queue_depth(store: Store, now: datetime) -> int:
     """Rows waiting to be sent that are due now."""
-    query = sa.select(sa.func.count()).where(M.c.status.in_(CLAIMABLE), M.c.next_attempt_at <= now)
+    query = sa.select(sa.func.count()).select_from(M).where(WAITING, M.c.next_attempt_at <= now)
     with store.engine.begin() as conn:
         return int(conn.execute(query).scalar() or 0)
 

@@ -74,14 +74,6 @@ class Plan:
 # --- the SQL of the pure functions -------------------------------------------------------
 
 
-def message_id_sql(dialect: str, key: Any, domain: str) -> Any:
-    """``core.audiences.message_id_for(key, domain)`` in SQL."""
-    if dialect == "postgresql":
-        digest = sa.func.encode(sa.func.sha256(sa.func.convert_to(key, "UTF8")), "hex", type_=sa.String)
-        return sa.literal("<") + sa.func.substr(digest, 1, 32, type_=sa.String) + sa.literal(f".kembali@{domain}>")
-    return sa.func.kembali_message_id(key, domain, type_=sa.String)
-
-
 def holdout_hash_sql(dialect: str, campaign: str, customer_part: Any) -> Any:
     """``core.policy.holdout_hash(customer, campaign)`` in SQL: SHA-256's first 60 bits as a bigint."""
     if dialect == "postgresql":
@@ -227,7 +219,7 @@ def _columns(plan: Plan, dialect: str, domain: str) -> dict[str, Any]:
         "expires_at": sa.literal(plan.expires_at, UTCDateTime()),
         "next_attempt_at": due,
         "attempts": sa.literal(0),
-        "message_id": message_id_sql(dialect, plan.key, domain),
+        "message_id": db.message_id_sql(dialect, plan.key, domain),
         "payload": plan.payload,
         "created_at": sa.literal(plan.due_at, UTCDateTime()),
         "updated_at": sa.literal(plan.due_at, UTCDateTime()),

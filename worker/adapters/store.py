@@ -48,6 +48,19 @@ S = Suppression.__table__  # type: ignore[attr-defined]
 
 PURCHASE_EXCLUDED = ("cancelled", "refunded")
 CLAIMABLE = (MessageStatus.PLANNED.value, MessageStatus.RETRY.value)
+# Literal SQL, not bound parameters: a partial index is used only when the query repeats its WHERE as is.
+WAITING = sa.text("message.status IN ('planned', 'retry')")
+"""The rows of the partial indexes ``ix_message_queue`` and ``ix_message_expiry``."""
+IN_FLIGHT = sa.text("message.status IN ('claimed', 'sending')")
+"""The rows of the partial index ``ix_message_inflight``."""
+_WAITING_PRIORITIES = sa.text(
+    # the distinct priorities of waiting rows, highest first: one index seek each (a loose index scan)
+    "WITH RECURSIVE p(v) AS ("
+    " SELECT max(priority) FROM message WHERE message.status IN ('planned', 'retry')"
+    " UNION ALL SELECT (SELECT max(priority) FROM message WHERE message.status IN ('planned', 'retry')"
+    " AND priority < p.v) FROM p WHERE p.v IS NOT NULL"
+    ") SELECT v FROM p WHERE v IS NOT NULL"
+)
 _CHUNK = 500  # ids per IN (…) list
 
 
@@ -84,6 +97,12 @@ def product_view(row: Any) -> ProductView:
 def _key_part(column: Any) -> Any:
     """SQL twin of ``core.audiences.key_part``."""
     return sa.func.replace(sa.func.replace(column, "%", "%25"), ":", "%3A")
+
+
+_CLAIM_COLUMNS = (
+    M.c.id, M.c.dedupe_key, M.c.campaign, M.c.step, M.c.customer_id, M.c.email, M.c.message_id, M.c.attempts,
+    M.c.due_at, M.c.expires_at, M.c.payload, M.c.next_attempt_at,
+)  # fmt: skip
 
 
 def _claimed(r: Any) -> ClaimedMessage:
@@ -233,42 +252,38 @@ class Store:
 
     # --- claiming and sending -----------------------------------------------
 
-    def claim(self, *, worker: str, now: datetime, limit: int, lease_seconds: int) -> list[ClaimedMessage]:
-        """Take up to ``limit`` due rows for ``worker`` with a lease; no two workers get the same row."""
-        due = (
-            sa.select(M.c.id)
-            .where(M.c.status.in_(CLAIMABLE), M.c.next_attempt_at <= now)
-            .order_by(M.c.priority.desc(), M.c.next_attempt_at, M.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        stmt = (
-            sa.update(M)
-            .where(M.c.id.in_(due.scalar_subquery()), M.c.status.in_(CLAIMABLE))
-            .values(
-                status=MessageStatus.CLAIMED.value,
-                claimed_by=worker,
-                lease_until=now + timedelta(seconds=lease_seconds),
-                updated_at=now,
-            )
-            .returning(
-                M.c.id,
-                M.c.dedupe_key,
-                M.c.campaign,
-                M.c.step,
-                M.c.customer_id,
-                M.c.email,
-                M.c.message_id,
-                M.c.attempts,
-                M.c.due_at,
-                M.c.expires_at,
-                M.c.payload,
-                M.c.priority,
-            )
-        )
+    def claim(
+        self, *, worker: str, now: datetime, limit: int, lease_seconds: int, domain: str | None = None
+    ) -> list[ClaimedMessage]:
+        """Take up to ``limit`` due rows for ``worker`` with a lease, highest priority first, then the oldest
+        due; no two workers get the same row. ``domain``: rows planned without a Message-ID get theirs
+        (``core.audiences.message_id_for``) as they are claimed.
+
+        One priority at a time (a handful of distinct values), each an ordered range of the partial
+        ``ix_message_queue`` index: no claim ever sorts the whole queue, however long it is."""
+        lease_until = now + timedelta(seconds=lease_seconds)
+        values: dict[str, Any] = {
+            "status": MessageStatus.CLAIMED.value, "claimed_by": worker, "lease_until": lease_until, "updated_at": now,
+        }  # fmt: skip
+        if domain is not None:
+            values["message_id"] = sa.func.coalesce(M.c.message_id, db.message_id_sql(self.dialect, M.c.dedupe_key,
+                                                                                      domain))  # fmt: skip
+        rows: list[Any] = []
         with self.engine.begin() as conn:
-            rows = list(conn.execute(stmt).all())
-        rows.sort(key=lambda r: (-r.priority, r.id))
+            for priority in conn.execute(_WAITING_PRIORITIES).scalars():
+                due = (
+                    sa.select(M.c.id)
+                    .where(WAITING, M.c.priority == priority, M.c.next_attempt_at <= now)
+                    .order_by(M.c.next_attempt_at, M.c.id)
+                    .limit(limit - len(rows))
+                    .with_for_update(skip_locked=True)
+                )
+                stmt = sa.update(M).where(M.c.id.in_(due.scalar_subquery()), WAITING).values(**values)
+                got = list(conn.execute(stmt.returning(*_CLAIM_COLUMNS)).all())
+                got.sort(key=lambda r: (r.next_attempt_at, r.id))
+                rows += got
+                if len(rows) >= limit:
+                    break
         return [_claimed(r) for r in rows]
 
     def due_messages(
@@ -381,7 +396,7 @@ class Store:
     def release_expired_leases(self, now: datetime) -> tuple[int, int]:
         """Claimed rows whose lease lapsed go back to the queue; sending rows become uncertain.
         Returns (requeued, uncertain)."""
-        lapsed = sa.and_(M.c.lease_until.is_not(None), M.c.lease_until < now)
+        lapsed = sa.and_(IN_FLIGHT, M.c.lease_until < now)
         return self.release(lapsed, now=now, why="lease lapsed while sending (worker died?)")
 
     def release(self, where: Any, *, now: datetime, why: str) -> tuple[int, int]:

@@ -121,13 +121,22 @@ class OrderLine(SQLModel, table=True):
     unit_price_minor: int = Field(sa_type=sa.BigInteger())
 
 
+_WAITING = sa.text("status IN ('planned', 'retry')")
+_IN_FLIGHT = sa.text("status IN ('claimed', 'sending')")
+_SENT = sa.text("sent_at IS NOT NULL")
+
+
 class Message(SQLModel, table=True):
     """The ledger: one row per planned message, whatever becomes of it."""
 
     __tablename__ = "message"
     __table_args__ = (
-        sa.Index("ix_message_due", "status", "next_attempt_at"),
-        sa.Index("ix_message_customer", "customer_id", "sent_at"),
+        # partial indexes (migration 0007): each holds only the rows its queries look for
+        sa.Index("ix_message_queue", "priority", "next_attempt_at", "id", sqlite_where=_WAITING,
+                 postgresql_where=_WAITING),
+        sa.Index("ix_message_expiry", "expires_at", sqlite_where=_WAITING, postgresql_where=_WAITING),
+        sa.Index("ix_message_inflight", "lease_until", sqlite_where=_IN_FLIGHT, postgresql_where=_IN_FLIGHT),
+        sa.Index("ix_message_customer", "customer_id", "sent_at", sqlite_where=_SENT, postgresql_where=_SENT),
     )
 
     id: int | None = Field(default=None, primary_key=True)
