@@ -393,3 +393,28 @@ def test_the_lint_reports_a_missing_partial_in_a_branch_no_render_takes(tmp_path
     assert [str(p) for p in templates.lint(KNOWN)] == ["demo/id/body.txt:2: template not found: _gone.txt"]
     with pytest.raises(TemplateError, match=r"_gone\.txt: template not found"):  # its version cannot be computed
         templates.render("demo", Locale.ID, CTX)
+
+
+@pytest.mark.parametrize(
+    ("partial", "campaigns"),
+    [
+        ("_products.html", {"birthday", "new_products", "winback", "winback-reminder"}),
+        ("_products.txt", {"birthday", "new_products", "winback", "winback-reminder"}),
+        ("_coupon.html", {"birthday", "loyalty", "winback", "winback-last", "winback-reminder"}),
+    ],
+)
+def test_editing_a_shipped_partial_changes_the_version_of_every_campaign_that_includes_it(
+    tmp_path: Path, partial: str, campaigns: set[str]
+) -> None:
+    root = shutil.copytree(ROOT, tmp_path / "email")
+    templates = JinjaTemplates(root)
+
+    def versions(t: JinjaTemplates) -> dict[tuple[str, Locale], str]:
+        return {(c, loc): t.template_version(c, loc) for c in t.campaigns() for loc in t.locales(c)}
+
+    before = versions(templates)
+    assert len(before) == 14  # seven campaigns, two languages
+    _touch_later(root / partial, (root / partial).read_text(encoding="utf-8") + "{# edited #}\n")
+    after = versions(templates)
+    assert {key for key in before if after[key] != before[key]} == {(c, loc) for c in campaigns for loc in Locale}
+    assert versions(JinjaTemplates(root)) == after
