@@ -378,7 +378,8 @@ class _Scopes:
     """
 
     def __init__(self, tree: nodes.Template) -> None:
-        self.tree = tree
+        self.undeclared = meta.find_undeclared_variables(tree)
+        """What Jinja2 would look up in the context (a superset of what can be missing)."""
         self.includes: list[_IncludeSite] = []
         self.reads: dict[str, int] = {}
         """Names read where the template has not surely set them → the first such line."""
@@ -387,7 +388,7 @@ class _Scopes:
 
     def undefined(self, allowed: Iterable[str]) -> list[tuple[str, int | None]]:
         """The variables the template reads that neither ``allowed`` nor the template itself provides."""
-        names = meta.find_undeclared_variables(self.tree) - set(allowed)
+        names = self.undeclared - set(allowed)
         return [(var, self.reads[var]) for var in sorted(names) if var in self.reads]
 
     def _read(self, expr: nodes.Node | None, scope: set[str]) -> None:
