@@ -94,6 +94,14 @@ CASES = [
          _edit("_layout.txt", "{{ unsubscribe_url }}", "(link removed)"), Kind.NO_UNSUBSCRIBE, "winback/en/body.txt"),
     Case("a filter given the wrong type", _edit("winback/en/body.txt", "{{ shop.base_url }}",
          "{{ shop.base_url | money }}"), Kind.RENDER, "winback/en/body.txt", "shop.base_url | money"),
+    Case("an undefined variable in a shared partial, in a branch no sample takes",
+         _edit("_products.html", "{% endfor %}", "{% endfor %}{% if false %}{{ nope }}{% endif %}"),
+         Kind.UNDEFINED, "_products.html", "{{ nope }}"),
+    Case("a campaign that does not give its partial a variable",
+         _edit("loyalty/en/body.html", "{% set coupon_label %}", "{% set coupon_lable %}"),
+         Kind.UNDEFINED, "_coupon.html", "{{ coupon_label }}"),
+    Case("a syntax error in a shared partial", _edit("_products.txt", "{% endfor %}", "{% endfor %}{% endif %}"),
+         Kind.SYNTAX, "_products.txt", "{% endif %}"),
 ]  # fmt: skip
 
 
@@ -119,6 +127,22 @@ def test_problems_name_the_samples_they_hit(templates: Path) -> None:
     (problem,) = [p for p in problems if p.template == "winback/en/body.html"]
     assert problem.kind is Kind.UNDEFINED and problem.campaign == "winback" and problem.locale == "en"
     assert "noproducts" not in problem.samples and {"siti", "crlf", "long"} <= set(problem.samples)
+
+
+def test_a_partial_missing_a_variable_is_reported_at_its_line_naming_the_include(templates: Path) -> None:
+    # Given one language of one campaign that forgets the link text its product list needs
+    _edit("winback/id/body.html", ', link_text = "Lihat produk"', "")(templates)
+    problems = check_templates(_settings(templates), JinjaTemplates(templates))
+    # Then the check names the partial's line and where it was included from, without rendering
+    line = _line_of(templates, "_products.html", "{% if link_text %}")
+    include = _line_of(templates, "winback/id/body.html", '{% include "_products.html" %}')
+    assert [str(p) for p in problems if not p.samples] == [
+        f"_products.html:{line}: undefined variable 'link_text' (included from winback/id/body.html:{include})"
+    ]
+    # and the renders that reach it fail there, for that campaign and language only
+    assert {(p.campaign, p.locale, p.template, p.line) for p in problems if p.samples} == {
+        ("winback", "id", "_products.html", line)
+    }
 
 
 def test_a_render_that_never_ends_is_stopped_in_its_helper_process(templates: Path) -> None:

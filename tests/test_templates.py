@@ -282,3 +282,139 @@ def test_shipped_templates_version_is_stable_under_copy(tmp_path: Path) -> None:
     assert JinjaTemplates(tmp_path / "email").template_version("winback", Locale.ID) == JinjaTemplates(
         ROOT
     ).template_version("winback", Locale.ID)
+
+
+# --- the static check: what an include is given ------------------------------------
+
+KNOWN = {"": {"unsubscribe_url", "locale"}, "demo": {"name", "unsubscribe_url", "locale"}}
+"""The context keys the templates receive (`kembali check` passes the lint what its samples had)."""
+NEEDS_LABEL = "{#- needs `label` -#}\n{{ label }}!\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "renders"),
+    [
+        ('{% set label = "Halo" %}\n{% include "_label.txt" %}\n', True),
+        ('{% include "_label.txt" %}\n{% set label = "Halo" %}\n', False),
+        ('{% for label in ["a", "b"] %}{% include "_label.txt" %}{% endfor %}\n', True),
+        ('{% with label = name %}{% include "_label.txt" %}{% endwith %}\n', True),
+        ('{% with label = name %}{% endwith %}{% include "_label.txt" %}\n', False),
+        ('{% if name %}{% set label = name %}{% include "_label.txt" %}{% endif %}\n', True),
+        ('{% if name %}{% set label = name %}{% else %}{% set label = "" %}{% endif %}{% include "_label.txt" %}\n',
+         True),
+        ('{% for x in [1] %}{% set label = x %}{% endfor %}{% include "_label.txt" %}\n', False),
+        ("{% set label %}<b>{{ name }}</b>{% endset %}{% include \"_label.txt\" %}\n", True),
+        ('{% set label = name %}{% include "_label.txt" without context %}\n', False),
+    ],
+    ids=["set-before", "set-after", "loop-variable", "with", "after-with", "set-in-the-same-if",
+         "set-in-every-branch", "set-inside-an-earlier-loop", "block-set", "without-context"],
+)  # fmt: skip
+def test_the_lint_gives_an_include_what_jinja2_gives_it(tmp_path: Path, body: str, renders: bool) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": body, "_label.txt": NEEDS_LABEL}))
+    problems = templates.lint(KNOWN)
+    if renders:
+        assert templates.render("demo", Locale.ID, CTX).text
+        assert problems == []
+    else:
+        with pytest.raises(TemplateError) as info:
+            templates.render("demo", Locale.ID, CTX)
+        assert (info.value.template, info.value.line) == ("_label.txt", 2)
+        assert [str(p) for p in problems] == [
+            "_label.txt:2: undefined variable 'label' (included from demo/id/body.txt:1)"
+        ]
+
+
+def test_the_lint_reports_an_undefined_variable_in_a_partial_even_in_a_branch_no_render_takes(
+    tmp_path: Path,
+) -> None:
+    files = GOOD | {
+        "demo/id/body.html": '{% extends "_layout.html" %}\n{% block content %}\n'
+        '{% set items = [name] %}{% include "_list.html" %}\n{% endblock %}\n',
+        "_list.html": "<ul>\n{% for i in items %}<li>{{ i }}</li>{% endfor %}\n"
+        "{% if false %}{{ nope }}{% endif %}\n</ul>\n",
+    }
+    templates = JinjaTemplates(tree(tmp_path, files))
+    assert "<li>Siti</li>" in templates.render("demo", Locale.ID, CTX).html
+    assert [str(p) for p in templates.lint(KNOWN)] == [
+        "_list.html:3: undefined variable 'nope' (included from demo/id/body.html:3)"
+    ]
+
+
+def test_an_include_without_context_gets_none_of_the_parents_variables(tmp_path: Path) -> None:
+    files = GOOD | {
+        "demo/id/body.txt": '{% set greeting = "Halo" %}\n{% include "_hi.txt" without context %}\n',
+        "_hi.txt": "{{ greeting }} {{ name }}\n",
+    }
+    templates = JinjaTemplates(tree(tmp_path, files))
+    with pytest.raises(TemplateError, match="'greeting' is undefined"):
+        templates.render("demo", Locale.ID, CTX)
+    assert [str(p) for p in templates.lint(KNOWN)] == [
+        "_hi.txt:1: undefined variable 'greeting' (included from demo/id/body.txt:2)",
+        "_hi.txt:1: undefined variable 'name' (included from demo/id/body.txt:2)",
+    ]
+
+
+def test_the_lint_names_every_place_a_partial_lacks_a_variable(tmp_path: Path) -> None:
+    files = GOOD | {
+        "demo/id/body.txt": '{% set label = "a" %}{% include "_outer.txt" %}\n{% include "_label.txt" %}\n',
+        "_outer.txt": 'x\n{% include "_label.txt" %}\n',
+        "_label.txt": NEEDS_LABEL,
+        "other/id/subject.txt": "x\n",
+        "other/id/body.html": '{% include "_label.txt" %}\n',
+        "other/id/body.txt": "x\n",
+    }
+    problems = JinjaTemplates(tree(tmp_path, files)).lint(KNOWN | {"other": KNOWN[""]})
+    assert [str(p) for p in problems] == [
+        "_label.txt:2: undefined variable 'label' (included from other/id/body.html:1)"
+    ]
+    files["other/id/body.html"] = '{% set label = "b" %}{% include "_outer.txt" %}\n'
+    files["demo/id/body.txt"] = '{% include "_outer.txt" %}\n'
+    problems = JinjaTemplates(tree(tmp_path, files)).lint(KNOWN | {"other": KNOWN[""]})
+    assert [str(p) for p in problems] == [
+        "_label.txt:2: undefined variable 'label' (included from _outer.txt:2 in demo/id/body.txt:1)"
+    ]
+
+
+def test_a_set_inside_an_if_is_not_an_undefined_variable(tmp_path: Path) -> None:
+    # Jinja2's own analysis lists `label` here (it is looked up when the branch is not taken)
+    body = '{% if name %}{% set label = "Kak " ~ name %}{{ label }}{% endif %}\n'
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": body}))
+    assert "Kak Siti" in templates.render("demo", Locale.ID, CTX).text
+    assert templates.lint(KNOWN) == []
+    # but reading it after the if, where it may be unset, is reported
+    body = '{% if name %}{% set label = "Kak " ~ name %}{% endif %}\n\n{{ label }}\n'
+    problems = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": body})).lint(KNOWN)
+    assert [str(p) for p in problems] == ["demo/id/body.txt:3: undefined variable 'label'"]
+
+
+def test_the_lint_reports_a_missing_partial_in_a_branch_no_render_takes(tmp_path: Path) -> None:
+    body = 'x\n{% if false %}{% include "_gone.txt" %}{% endif %}\n{% include "_gone.txt" ignore missing %}\n'
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": body}))
+    assert [str(p) for p in templates.lint(KNOWN)] == ["demo/id/body.txt:2: template not found: _gone.txt"]
+    with pytest.raises(TemplateError, match=r"_gone\.txt: template not found"):  # its version cannot be computed
+        templates.render("demo", Locale.ID, CTX)
+
+
+@pytest.mark.parametrize(
+    ("partial", "campaigns"),
+    [
+        ("_products.html", {"birthday", "new_products", "winback", "winback-reminder"}),
+        ("_products.txt", {"birthday", "new_products", "winback", "winback-reminder"}),
+        ("_coupon.html", {"birthday", "loyalty", "winback", "winback-last", "winback-reminder"}),
+    ],
+)
+def test_editing_a_shipped_partial_changes_the_version_of_every_campaign_that_includes_it(
+    tmp_path: Path, partial: str, campaigns: set[str]
+) -> None:
+    root = shutil.copytree(ROOT, tmp_path / "email")
+    templates = JinjaTemplates(root)
+
+    def versions(t: JinjaTemplates) -> dict[tuple[str, Locale], str]:
+        return {(c, loc): t.template_version(c, loc) for c in t.campaigns() for loc in t.locales(c)}
+
+    before = versions(templates)
+    assert len(before) == 14  # seven campaigns, two languages
+    _touch_later(root / partial, (root / partial).read_text(encoding="utf-8") + "{# edited #}\n")
+    after = versions(templates)
+    assert {key for key in before if after[key] != before[key]} == {(c, loc) for c in campaigns for loc in Locale}
+    assert versions(JinjaTemplates(root)) == after

@@ -24,12 +24,14 @@ import os
 import re
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from types import TracebackType
 
 import jinja2
 from jinja2 import meta, nodes, pass_context
+from jinja2.loaders import split_template_path
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -157,6 +159,14 @@ class JinjaTemplates:
         except OSError as exc:
             raise TemplateError(f"cannot read template: {exc.strerror}", template=name) from None
 
+    def _exists(self, name: str) -> bool:
+        """Whether the loader finds ``name`` (no ``..``, a file under the root)."""
+        try:
+            parts = split_template_path(name)
+        except jinja2.TemplateNotFound:
+            return False
+        return self.root.joinpath(*parts).is_file()
+
     def _files_used(self, campaign: str, locale: str) -> set[str]:
         seen: set[str] = set()
         stack = [f"{campaign}/{locale}/{part}" for part in PARTS]
@@ -198,21 +208,29 @@ class JinjaTemplates:
         the key ``""`` is for shared files (``_layout.html``…). A variable that is
         read but neither known, set in the template, nor a Jinja2 global is reported
         with the line it is first read on, even in a branch no sample takes.
+
+        A file that another one includes by name (``{% include "_coupon.html" %}``)
+        is checked at each place it is included, with what Jinja2 passes it there:
+        the including file's variables plus the names that file has set before the
+        include (``{% set %}``, ``{% with %}``, the loop variable of an enclosing
+        ``{% for %}``); ``without context``, only the Jinja2 globals. A variable it
+        lacks is reported at the included file's line, naming where it was included.
         """
         problems: list[TemplateError] = []
-        for name in self.files():
+        lint = _Lint(self, problems)
+        files = self.files()
+        trees = {name: lint.tree(name) for name in files}
+        included = {target for name, tree in trees.items() if tree is not None
+                    for site in lint.scopes(name, tree).includes for target in site.targets}  # fmt: skip
+        for name in files:
+            tree = trees[name]
+            entry = name.count("/") == 2 and name.rsplit("/", 1)[1] in PARTS
+            if tree is None or (name in included and not entry):
+                continue
             folder = name.split("/", 1)[0] if "/" in name else ""
             allowed = set(known.get(folder, known.get("", ()))) | set(self._env.globals)
-            source = self._read(name).decode("utf-8", "replace")
-            try:
-                tree = self._env.parse(source, name, str(self.root / name))
-            except jinja2.TemplateSyntaxError as exc:
-                problems.append(TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno))
-                continue
-            for var in sorted(meta.find_undeclared_variables(tree) - allowed):
-                line = next((n.lineno for n in tree.find_all(nodes.Name) if n.name == var and n.ctx == "load"), None)
-                problems.append(TemplateError(f"undefined variable '{var}'", template=name, line=line))
-        return problems
+            lint.check(name, tree, frozenset(allowed), ())
+        return problems + lint.undefined_in_includes()
 
     # --- rendering ---------------------------------------------------------
 
@@ -262,6 +280,213 @@ class JinjaTemplates:
                 where, line = relative, tb.tb_lineno
             tb = tb.tb_next
         return where, line
+
+
+# --- the static check ---------------------------------------------------------------
+
+
+_Site = tuple[str, int]
+"""Where a file is included: the including file and line."""
+
+
+class _Lint:
+    """One ``JinjaTemplates.lint`` run: parsed files, and what included files lack at each include."""
+
+    def __init__(self, templates: JinjaTemplates, problems: list[TemplateError]) -> None:
+        self.templates = templates
+        self.problems = problems
+        self._trees: dict[str, nodes.Template | None] = {}
+        self._scopes: dict[str, _Scopes] = {}
+        self._missing: dict[tuple[str, str], tuple[int | None, list[tuple[_Site, ...]]]] = {}
+        """(included file, variable) → (the line it is first read on, the include chains that lack it)."""
+
+    def tree(self, name: str) -> nodes.Template | None:
+        """The file parsed (once); None after reporting a syntax error."""
+        if name not in self._trees:
+            source = self.templates._read(name).decode("utf-8", "replace")
+            try:
+                self._trees[name] = self.templates._env.parse(source, name, str(self.templates.root / name))
+            except jinja2.TemplateSyntaxError as exc:
+                self.problems.append(TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno))
+                self._trees[name] = None
+        return self._trees[name]
+
+    def scopes(self, name: str, tree: nodes.Template) -> _Scopes:
+        if name not in self._scopes:
+            self._scopes[name] = _Scopes(tree)
+        return self._scopes[name]
+
+    def check(self, name: str, tree: nodes.Template, allowed: frozenset[str], chain: tuple[_Site, ...]) -> None:
+        """Report what ``name`` reads beyond ``allowed``, then check the files it includes.
+
+        ``chain``: the include sites that led here, innermost first (empty for a file checked on its own)."""
+        scopes = self.scopes(name, tree)
+        for var, line in scopes.undefined(allowed):
+            if not chain:
+                self.problems.append(TemplateError(f"undefined variable '{var}'", template=name, line=line))
+            else:
+                self._missing.setdefault((name, var), (line, []))[1].append(chain)
+        for site in scopes.includes:
+            target = next((t for t in site.targets if self.templates._exists(t)), None)
+            if target is None:
+                if site.targets and not site.ignore_missing:
+                    self.problems.append(TemplateError(f"template not found: {' or '.join(site.targets)}",
+                                                       template=name, line=site.line))  # fmt: skip
+                continue
+            if target == name or any(target == outer for outer, _ in chain):
+                continue  # an include loop: Jinja2 would recurse until it gives up
+            passed = allowed | site.assigned if site.with_context else frozenset()
+            included = self.tree(target)
+            if included is not None:
+                inner = frozenset(self.templates._env.globals) | passed
+                self.check(target, included, inner, ((name, site.line), *chain))
+
+    def undefined_in_includes(self) -> list[TemplateError]:
+        """One problem per included file and variable it lacks, naming where it was included without it."""
+        out = []
+        for (name, var), (line, chains) in sorted(self._missing.items()):
+            places = sorted({" in ".join(f"{where}:{at}" for where, at in chain) for chain in chains})
+            shown = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
+            out.append(TemplateError(f"undefined variable '{var}' (included from {shown})", template=name, line=line))
+        return out
+
+
+@dataclass(frozen=True)
+class _IncludeSite:
+    targets: tuple[str, ...]
+    """The template names (the first that exists is used); empty when computed at render time."""
+    line: int
+    with_context: bool
+    ignore_missing: bool
+    assigned: frozenset[str]
+    """Names the including file has surely set at this point (Jinja2 passes them on, with context)."""
+
+
+class _Scopes:
+    """Which names a template has surely set where, following Jinja2's scoping rules.
+
+    ``{% set %}`` counts from where it stands to the end of its block, loop,
+    ``{% with %}``, macro or filter block; a loop's variables (and ``loop`` when the
+    loop body itself reads it) and ``{% with %}`` targets count inside; after an
+    ``{% if %}``, only what every branch sets; a ``{% block %}`` sees what the
+    template set at its top level (and, when ``scoped``, what encloses it).
+
+    Jinja2's own ``meta.find_undeclared_variables`` also lists a name set inside an
+    ``{% if %}`` (it would be looked up in the context when the branch is not taken),
+    even where nothing reads it unset: ``undefined`` only keeps the names it lists
+    that are read somewhere this analysis cannot show them set.
+    """
+
+    def __init__(self, tree: nodes.Template) -> None:
+        self.undeclared = meta.find_undeclared_variables(tree)
+        """What Jinja2 would look up in the context (a superset of what can be missing)."""
+        self.includes: list[_IncludeSite] = []
+        self.reads: dict[str, int] = {}
+        """Names read where the template has not surely set them → the first such line."""
+        self._top: set[str] = set()
+        self._body(tree.body, self._top)
+
+    def undefined(self, allowed: Iterable[str]) -> list[tuple[str, int | None]]:
+        """The variables the template reads that neither ``allowed`` nor the template itself provides."""
+        names = self.undeclared - set(allowed)
+        return [(var, self.reads[var]) for var in sorted(names) if var in self.reads]
+
+    def _read(self, expr: nodes.Node | None, scope: set[str]) -> None:
+        if expr is None:
+            return
+        for node in (expr, *expr.find_all((nodes.Name, nodes.NSRef))):
+            if isinstance(node, nodes.NSRef) or (isinstance(node, nodes.Name) and node.ctx == "load"):
+                name = node.name
+                if name not in scope and (name not in self.reads or node.lineno < self.reads[name]):
+                    self.reads[name] = node.lineno
+
+    def _body(self, statements: Iterable[nodes.Node], scope: set[str]) -> set[str]:
+        for node in statements:
+            self._statement(node, scope)
+        return scope
+
+    def _statement(self, node: nodes.Node, scope: set[str]) -> None:
+        if isinstance(node, nodes.Include):
+            self._read(node.template, scope)
+            self.includes.append(_IncludeSite(_template_names(node.template), node.lineno, node.with_context,
+                                              node.ignore_missing, frozenset(scope)))  # fmt: skip
+        elif isinstance(node, nodes.Assign):
+            self._read(node.node, scope)
+            self._store(node.target, scope)
+        elif isinstance(node, nodes.AssignBlock):
+            self._read(node.filter, scope)
+            self._body(node.body, set(scope))
+            self._store(node.target, scope)
+        elif isinstance(node, nodes.If):
+            self._read(node.test, scope)
+            branches: list[Iterable[nodes.Node]] = [node.body, *([elif_] for elif_ in node.elif_), node.else_]
+            scope |= set.intersection(*(self._body(branch, set(scope)) for branch in branches))
+        elif isinstance(node, nodes.For):
+            self._read(node.iter, scope)
+            inner = scope | _stored(node.target)
+            self._read(node.test, inner)
+            if node.recursive or any(_reads(n, "loop") for n in node.body):
+                inner.add("loop")
+            self._body(node.body, inner)
+            self._body(node.else_, set(scope))
+        elif isinstance(node, nodes.With):
+            for value in node.values:
+                self._read(value, scope)
+            self._body(node.body, scope | {name for target in node.targets for name in _stored(target)})
+        elif isinstance(node, (nodes.Macro, nodes.CallBlock)):
+            for default in node.defaults:
+                self._read(default, scope)
+            if isinstance(node, nodes.CallBlock):
+                self._read(node.call, scope)
+            special = {name for name in ("caller", "varargs", "kwargs") if any(_reads(n, name) for n in node.body)}
+            self._body(node.body, scope | {arg.name for arg in node.args} | special)
+            if isinstance(node, nodes.Macro):
+                scope.add(node.name)
+        elif isinstance(node, nodes.Block):
+            self._body(node.body, set(scope) if node.scoped else set(self._top))
+        elif isinstance(node, (nodes.Import, nodes.FromImport)):
+            self._read(node.template, scope)
+            if isinstance(node, nodes.Import):
+                scope.add(node.target)
+            else:
+                scope |= {alias if isinstance(alias, str) else alias[1] for alias in node.names}
+        else:  # output, filter blocks, {% autoescape %}…: what is set inside stays inside
+            inner = set(scope)
+            for child in node.iter_child_nodes():
+                if isinstance(child, nodes.Stmt):
+                    self._statement(child, inner)
+                else:
+                    self._read(child, scope)
+
+    def _store(self, target: nodes.Node, scope: set[str]) -> None:
+        if isinstance(target, nodes.NSRef):
+            self._read(target, scope)  # {% set ns.x = … %} needs ns; it sets no name
+        else:
+            scope |= _stored(target)
+
+
+def _template_names(expr: nodes.Expr) -> tuple[str, ...]:
+    if isinstance(expr, nodes.Const):
+        value = expr.value
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    if isinstance(expr, (nodes.Tuple, nodes.List)) and all(
+        isinstance(item, nodes.Const) and isinstance(item.value, str) for item in expr.items
+    ):
+        return tuple(item.value for item in expr.items)  # type: ignore[attr-defined]
+    return ()
+
+
+def _stored(target: nodes.Node) -> set[str]:
+    if isinstance(target, nodes.Name):
+        return {target.name}
+    return {n.name for n in target.find_all(nodes.Name)}  # a tuple of names
+
+
+def _reads(node: nodes.Node, name: str) -> bool:
+    return any(n.name == name and n.ctx == "load" for n in node.find_all(nodes.Name))
 
 
 def _check_name(campaign: str) -> str:
