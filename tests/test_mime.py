@@ -175,6 +175,29 @@ def test_bodies_round_trip(body: str) -> None:
     assert html == f"<pre>{canonical}</pre>"
 
 
+@pytest.mark.parametrize(
+    ("body", "encoding"),
+    [
+        ("Halo Kak Siti,\nKopi Gayo 250g: Rp249.000\n", "7bit"),  # ASCII, short lines: sent as it is
+        ("x" * 998 + "\n", "7bit"),
+        ("x" * 999 + "\n", "quoted-printable"),  # a line SMTP may not carry as is
+        ("nul \x00 inside\n", "quoted-printable"),
+        ("Terima kasih 😊, Kopi Gayo 250g: Rp249.000 untuk Kak Siti\n", "quoted-printable"),
+        ("ありがとうございました。" * 10, "base64"),
+    ],
+    ids=["ascii", "longest-line", "too-long-line", "nul", "some-utf8", "mostly-utf8"],
+)
+def test_each_body_gets_the_lightest_encoding_that_carries_it(body: str, encoding: str) -> None:
+    raw = build(text=body, html=body)
+    assert_wire_format(raw)
+    parts = list(parse(raw).iter_parts())
+    assert [p["Content-Transfer-Encoding"] for p in parts] == [encoding, encoding]
+    canonical = body.replace("\n", "\r\n")
+    assert [cast(EmailMessage, p).get_content() for p in parts] == [canonical, canonical]
+    if encoding == "7bit":  # the bytes on the wire are the text itself
+        assert canonical.encode() in raw
+
+
 def test_boundary_never_occurs_in_the_bodies() -> None:
     raw = build()
     boundary = parse(raw).get_boundary()

@@ -153,22 +153,33 @@ def product_dict(p: ProductView) -> dict[str, object]:
     }
 
 
-def _plain(value: object, where: str) -> _Plain:
-    """Copy ``value`` as plain data, refusing anything a template should not touch."""
-    if value is None or isinstance(value, str | bool | int | float):
+_SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
+def _plain(value: object, where: tuple[str | int, ...]) -> _Plain:
+    """Copy ``value`` as plain data, refusing anything a template should not touch. ``where`` is the path
+    to it, spelt out only in an error (building it for every value costs more than the copy)."""
+    if type(value) in _SCALAR_TYPES:
+        return value  # type: ignore[return-value]
+    if isinstance(value, str | bool | int | float):  # subclasses (e.g. a StrEnum member)
         return value
     if isinstance(value, Mapping):
         out: dict[str, _Plain] = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise TypeError(f"template context {where}: keys must be strings, not {type(k).__name__}")
-            out[k] = _plain(v, f"{where}.{k}")
+                raise TypeError(f"template context {_path(where)}: keys must be strings, not {type(k).__name__}")
+            out[k] = v if type(v) in _SCALAR_TYPES else _plain(v, (*where, k))
         return out
     if isinstance(value, list | tuple):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [v if type(v) in _SCALAR_TYPES else _plain(v, (*where, i)) for i, v in enumerate(value)]
     if isinstance(value, date):  # dates travel as ISO strings; the `date` filter reads them
         return value.isoformat()
-    raise TypeError(f"template context {where}: {type(value).__name__} is not plain data")
+    raise TypeError(f"template context {_path(where)}: {type(value).__name__} is not plain data")
+
+
+def _path(where: tuple[str | int, ...]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else (f".{part}" if i else part)
+                   for i, part in enumerate(where))  # fmt: skip
 
 
 def build_context(
@@ -205,7 +216,7 @@ def build_context(
         "unsubscribe_url": unsubscribe_url,
     }
     for key, value in extra.items():
-        context[key] = _plain(value, key)
+        context[key] = _plain(value, (key,))
     return context
 
 
@@ -349,15 +360,29 @@ def _message_id(value: str) -> str:
 # --- bodies ----------------------------------------------------------------------
 
 
+MAX_7BIT_LINE = 998
+"""Octets a line may have before its CRLF (RFC 5322 2.1.1)."""
+
+
 def _encode_body(text: str) -> tuple[str, bytes]:
-    """(transfer encoding, encoded bytes) of a text part in canonical CRLF form."""
+    """(transfer encoding, encoded bytes) of a text part in canonical CRLF form: ``7bit`` when it is
+    already ASCII text with short lines (no encoding to do, nothing to decode), else quoted-printable
+    for mostly-ASCII text and base64 for the rest."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     data = text.replace("\n", "\r\n").encode("utf-8")
     extra = len(data) - len(text)  # bytes beyond one per character: a cheap non-ASCII measure
+    if data.isascii() and b"\0" not in data and _short_lines(data):
+        return "7bit", data
     if extra * 5 > len(data):  # mostly non-ASCII: base64 is smaller than quoted-printable
         return "base64", base64.encodebytes(data).replace(b"\n", b"\r\n")
     return "quoted-printable", binascii.b2a_qp(data, istext=True)
+
+
+def _short_lines(data: bytes) -> bool:
+    if len(data) <= MAX_7BIT_LINE:
+        return True
+    return max(map(len, data.split(b"\r\n"))) <= MAX_7BIT_LINE
 
 
 _RESERVED_HEADERS = frozenset(
@@ -429,7 +454,7 @@ def build_message(
     text_cte, text_body = _encode_body(rendered.text)
     html_cte, html_body = _encode_body(rendered.html)
     seed = hashlib.blake2s(message_id.encode("utf-8", "replace"), digest_size=9).hexdigest()
-    boundary = "=_kembali_" + seed  # "=_" never occurs in quoted-printable or base64 output
+    boundary = "=_kembali_" + seed  # "=_" never occurs in quoted-printable or base64 output (7bit text: checked)
     n = 0
     while boundary.encode("ascii") in text_body or boundary.encode("ascii") in html_body:
         n += 1
