@@ -55,7 +55,6 @@ from worker.domain import Outcome, SendResult
 
 REPLY_LIMIT = 500
 """Characters of server text kept in a ``SendResult``."""
-_CHUNK_BYTES = 64 * 1024
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _PLAIN_ADDRESS = re.compile(r"[!#-'*+\-./0-9=?A-Z^-~]+@[A-Za-z0-9.\-\[\]:]+", re.ASCII)
@@ -230,16 +229,18 @@ class SmtpTransport:
     async def _data(self, client: SMTP, message: bytes, attempt: _Attempt) -> SMTPResponse:
         """DATA done by hand, so we know whether the final dot was handed over.
 
-        aiosmtplib's ``SMTP.data()`` writes body and dot in one call and then
-        waits, so a drop during the body and a drop after the dot look the
-        same. Here the body is written in chunks and drained (write buffer
-        limits 1/0, so "drained" means "in the kernel", or in the TLS layer on
-        TLS connections) before ``.\\r\\n`` is written. A drop or timeout up to
-        that point is stage ``message`` (transient: the server cannot have
-        accepted the mail); from the dot on it is stage ``reply`` (ambiguous).
-        Limit: bytes in the kernel are not bytes received by the server, so a
-        drop in the last moments before the dot reached the server is still
-        called ambiguous: the safe side, never a duplicate.
+        aiosmtplib's ``SMTP.data()`` writes body and dot and then waits, so a
+        drop during the body and a drop after the dot look the same. Here body
+        and dot go out in one write (one system call for a usual message) with
+        write buffer limits 1/0, so the transport holds back whatever the
+        kernel did not take at once and the protocol is paused until it has.
+        The dot is the last bytes: while anything is held back, the dot is. So
+        a drop or timeout before the buffer empties is stage ``message``
+        (transient: the server cannot have accepted the mail); once it is empty
+        it is stage ``reply`` (ambiguous). Limit: bytes in the kernel are not
+        bytes received by the server, so a drop in the last moments before the
+        dot reached the server is still called ambiguous: the safe side, never
+        a duplicate.
         """
         attempt.stage = "data"
         start = await client.execute_command(b"DATA")
@@ -251,12 +252,11 @@ class SmtpTransport:
         if protocol is None or transport is None or transport.is_closing():
             raise SMTPServerDisconnected("Connection lost before the message body")
         attempt.stage = "message"
-        payload = _dot_stuffed(message)
         try:
-            async with asyncio.timeout(self._settings.timeout_seconds):
-                transport.set_write_buffer_limits(high=1, low=0)
-                for offset in range(0, len(payload), _CHUNK_BYTES):
-                    protocol.write(payload[offset : offset + _CHUNK_BYTES])
+            transport.set_write_buffer_limits(high=1, low=0)
+            protocol.write(_dot_stuffed(message) + b".\r\n")
+            if transport.get_write_buffer_size():  # the kernel took part of it: wait until it took all
+                async with asyncio.timeout(self._settings.timeout_seconds):
                     await protocol._drain_helper()
         except SMTPServerDisconnected:
             raise
@@ -264,9 +264,6 @@ class SmtpTransport:
             raise SMTPServerDisconnected("Connection lost while sending the message body") from exc
         except TimeoutError as exc:
             raise SMTPTimeoutError("Timed out sending the message body") from exc
-        if not protocol.is_connected:
-            raise SMTPServerDisconnected("Connection lost while sending the message body")
-        protocol.write(b".\r\n")  # raises SMTPServerDisconnected if the transport is gone
         attempt.stage = "reply"
         response = await protocol.read_response(timeout=self._settings.timeout_seconds)
         if not 200 <= response.code < 300:
