@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,14 +17,17 @@ import pytest
 from tests.shop import LINK_KEY, NOW, TEMPLATES, customer, make_shop, one_time_order, settings_for
 from tests.smtp_server import RecordingServer
 from worker import log
+from worker.adapters.smtp import SmtpTransport
 from worker.adapters.store import Store
 from worker.adapters.templates import JinjaTemplates
 from worker.app import Deps, compose_pool
+from worker.asyncstore import AsyncStore
 from worker.commands.running import cycle
-from worker.composing import ComposerPool, Item
+from worker.composing import ComposerPool, Item, prepare_batch
 from worker.config import Settings
-from worker.domain import Locale
-from worker.pipeline import Composed, Composer, RenderFailed, load_batch_facts, load_catalogue, plan
+from worker.domain import ClaimedMessage, Locale, SkipReason
+from worker.pipeline import Composed, Composer, RenderFailed, Skipped, load_catalogue, plan
+from worker.sending import Dispatcher, DispatchReport
 from worker.testing import FakeClock
 
 
@@ -29,27 +36,27 @@ def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
 
 
-def _claimed_batch(sqlite_url: str, settings: Settings) -> tuple[Store, list[object], object]:
+def _claimed_batch(sqlite_url: str, settings: Settings) -> tuple[Store, list[ClaimedMessage]]:
     # five quiet one-time buyers (one English), one of them suppressed since planning
     customers = [customer(f"C{i}", locale=Locale.EN if i == 3 else Locale.ID) for i in range(1, 6)]
     store = make_shop(sqlite_url, customers, [one_time_order(f"O{i}", f"C{i}") for i in range(1, 6)])
     plan(store, settings, NOW)
     store.suppress("c5@example.com", reason="complaint", source="test", now=NOW)
-    batch = store.claim(worker="w", now=NOW, limit=100, lease_seconds=60)
-    return store, list(batch), load_batch_facts(store, batch, load_catalogue(store), settings=settings, now=NOW)
+    batch = store.claim(worker="w", now=NOW, limit=100, lease_seconds=60, domain=settings.shop.domain)
+    return store, list(batch)
 
 
-def _pool(settings: Settings, templates: Path) -> ComposerPool:
+def _pool(settings: Settings, templates: Path) -> tuple[ComposerPool, Composer]:
     renderer = JinjaTemplates(templates, recheck_seconds=1.0)
-    pool = compose_pool(settings, renderer, Composer(settings, renderer, LINK_KEY.encode()))
+    composer = Composer(settings, renderer, LINK_KEY.encode())
+    pool = compose_pool(settings, renderer, composer)
     assert pool is not None
     pool.min_batch = 1  # these batches are small: use the helper anyway
-    return pool
+    return pool, composer
 
 
-def _to_render(pool: ComposerPool, batch: list[object], facts: object) -> list[object]:
-    """What the dispatcher hands the helper: the messages ``decide`` lets through."""
-    return [m for m in batch if pool.local.decide(m, facts, NOW) is None]  # type: ignore[arg-type]
+def _in_process(composer: Composer, store: Store, batch: list[ClaimedMessage]) -> list[Item]:
+    return prepare_batch(composer, store, batch, load_catalogue(store), NOW)
 
 
 def _same(in_helper: list[Item], in_process: list[Item]) -> None:
@@ -61,63 +68,71 @@ def _same(in_helper: list[Item], in_process: list[Item]) -> None:
             assert a.data == b.data  # byte for byte: same Date, Message-ID and MIME boundary
             assert a.rendered.subject == b.rendered.subject
             assert a.rendered.template_version == b.rendered.template_version
-            assert a.customer == b.customer
-        else:
-            assert isinstance(a, RenderFailed) and isinstance(b, RenderFailed)
+            assert (a.customer, a.sent) == (b.customer, b.sent)
+        elif isinstance(a, RenderFailed):
+            assert isinstance(b, RenderFailed)
             assert (str(a.error), a.error.template, a.error.line) == (str(b.error), b.error.template, b.error.line)
+        else:
+            assert a == b
 
 
-def test_the_helper_composes_exactly_what_this_process_would(sqlite_url: str, tmp_path: Path) -> None:
+def test_the_helper_prepares_exactly_what_this_process_would(sqlite_url: str, tmp_path: Path) -> None:
     # Given templates whose English body is broken, and a batch with a suppressed customer
     templates = tmp_path / "email"
     shutil.copytree(TEMPLATES, templates)
     body = templates / "winback" / "en" / "body.txt"
     body.write_text(body.read_text().replace("{{ customer.first_name or", "{{ customer.nickname or"))
     settings = settings_for(sqlite_url, templates=templates)
-    store, batch, facts = _claimed_batch(sqlite_url, settings)
-    pool = _pool(settings, templates)
+    store, batch = _claimed_batch(sqlite_url, settings)
+    pool, composer = _pool(settings, templates)
     try:
-        # When the messages to send are rendered in the helper process and in this one
-        to_render = _to_render(pool, batch, facts)
-        in_helper = asyncio.run(pool.render(to_render, facts, NOW))  # type: ignore[arg-type]
-        in_process = [pool.local.render_message(m, facts, NOW) for m in to_render]  # type: ignore[arg-type]
+        # When the batch is prepared in the helper process (which reads the facts itself) and in this one
+        in_helper = asyncio.run(pool.prepare(batch, NOW, run=1))
+        in_process = _in_process(composer, store, batch)
     finally:
         pool.close()
         store.close()
     # Then the suppressed customer was skipped before rendering, and the rest is the same either way:
     # bytes, and render failures with their file and line
-    assert len(to_render) == len(batch) - 1
+    assert in_helper is not None
     _same(in_helper, in_process)
     kinds = sorted(type(i).__name__ for i in in_helper)
-    assert kinds == ["Composed", "Composed", "Composed", "RenderFailed"]
+    assert kinds == ["Composed", "Composed", "Composed", "RenderFailed", "Skipped"]
+    (skipped,) = [i for i in in_helper if isinstance(i, Skipped)]
+    assert skipped.message.email == "c5@example.com" and skipped.reason is SkipReason.SUPPRESSED
     (failed,) = [i for i in in_helper if isinstance(i, RenderFailed)]
     assert failed.error.template == "winback/en/body.txt" and failed.error.line == 3
 
 
 def test_a_dead_helper_costs_nothing_but_a_log_line(sqlite_url: str) -> None:
     settings = settings_for(sqlite_url)
-    store, batch, facts = _claimed_batch(sqlite_url, settings)
-    pool = _pool(settings, TEMPLATES)
+    store, batch = _claimed_batch(sqlite_url, settings)
+    pool, composer = _pool(settings, TEMPLATES)
     logger = logging.getLogger("kembali")
     saved = (logger.handlers[:], logger.level, logger.propagate)
     stream = io.StringIO()
     log.configure("info", stream=stream)
     try:
-        batch = _to_render(pool, batch, facts)
-        asyncio.run(pool.render(batch, facts, NOW))  # type: ignore[arg-type]  # starts the helper
+        first = asyncio.run(pool.prepare(batch, NOW, run=1))  # starts the helper
+        assert first is not None
         # When the helper is killed (out of memory, say)
         executor = pool._executor
         assert executor is not None
         for process in list(executor._processes.values()):  # type: ignore[union-attr]
             process.kill()
             process.join()
-        items = asyncio.run(pool.render(batch, facts, NOW))  # type: ignore[arg-type]
-        # Then the batch is still rendered, in this process, and the failure is logged
-        _same(items, [pool.local.render_message(m, facts, NOW) for m in batch])  # type: ignore[arg-type]
+        # Then the pool says so (the dispatcher prepares that batch in-process) and logs the failure
+        assert asyncio.run(pool.prepare(batch, NOW, run=1)) is None
         assert "compose_process_failed" in stream.getvalue()
-        # And the next batch gets a fresh helper
-        again = asyncio.run(pool.render(batch, facts, NOW))  # type: ignore[arg-type]
-        _same(again, items)
+        assert pool.failures == 1
+        # the dispatcher prepares in-process until a fresh helper is up
+        assert not pool.wanted(len(batch))
+        pool.wait_started(timeout=60)
+        assert pool.wanted(len(batch))
+        # And the next batch gets a fresh helper that prepares what this process would
+        again = asyncio.run(pool.prepare(batch, NOW, run=1))
+        assert again is not None
+        _same(again, _in_process(composer, store, batch))
         assert pool.failures == 0 and pool._executor is not None
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
@@ -126,22 +141,41 @@ def test_a_dead_helper_costs_nothing_but_a_log_line(sqlite_url: str) -> None:
 
 
 def test_a_run_big_enough_for_the_helper_sends_each_message_once(sqlite_url: str, smtp_server: RecordingServer) -> None:
-    # Given 70 quiet one-time buyers (more than a helper's minimum batch)
-    n = 70
+    # Given 300 quiet one-time buyers, full batches of 64, and the compose helper up
+    n = 300
     store = make_shop(sqlite_url, [customer(f"C{i}") for i in range(n)],
                       [one_time_order(f"O{i}", f"C{i}") for i in range(n)])  # fmt: skip
-    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port}, sending={"batch_size": 100})
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port}, sending={"batch_size": 64})
     assert settings.sending.compose_processes == 1
     deps = Deps(settings=settings, store=store, templates=JinjaTemplates(TEMPLATES, recheck_seconds=1.0),
                 clock=FakeClock(NOW))  # fmt: skip
-    # When a cycle runs
-    report = asyncio.run(cycle(deps))
-    # Then each got exactly one message, and the ledger says sent with the template version
-    assert report.dispatched.outcomes == {"sent": n}
+    plan(store, settings, NOW)
+    astore = AsyncStore(store)
+    transport = deps.transport()
+    dispatcher = deps.dispatcher(astore, transport)
+    assert dispatcher.compose_pool is not None
+    dispatcher.compose_pool.wait_started(timeout=60)
+    try:
+        # When the dispatcher runs
+        report = asyncio.run(_run_and_close(dispatcher, transport))
+    finally:
+        dispatcher.close()
+        astore.close()
+    # Then the helper prepared the batches, each customer got exactly one message, and the ledger says
+    # sent with the template version
+    assert dispatcher.compose_pool.prepared == 4 * 64  # the last 44 are fewer than a helper's minimum batch
+    assert report.outcomes == {"sent": n}
     assert sorted(m.rcpt_tos[0] for m in smtp_server.messages) == sorted(f"c{i}@example.com" for i in range(n))
     rows = store.messages(limit=1000)
     assert {r["status"] for r in rows} == {"sent"} and all(r["template_version"] for r in rows)
     store.close()
+
+
+async def _run_and_close(dispatcher: Dispatcher, transport: SmtpTransport) -> DispatchReport:
+    try:
+        return await dispatcher.run_once()
+    finally:
+        await transport.close()
 
 
 def test_a_batch_claimed_ahead_goes_back_to_the_queue_when_the_quota_runs_out(
@@ -169,3 +203,56 @@ def test_a_batch_claimed_ahead_goes_back_to_the_queue_when_the_quota_runs_out(
     assert all(r["claimed_by"] is None and r["attempts"] == 0 for r in waiting)
     assert sum(r["next_attempt_at"] > NOW for r in waiting) == (64 - 36) + 64
     store.close()
+
+
+HELPER_PARENT = """
+import sys, time
+from pathlib import Path
+from tests.shop import TEMPLATES, settings_for
+from worker.adapters.templates import JinjaTemplates
+from worker.app import compose_pool
+from worker.pipeline import Composer
+
+if __name__ == "__main__":
+    settings = settings_for(sys.argv[1])
+    renderer = JinjaTemplates(TEMPLATES)
+    pool = compose_pool(settings, renderer, Composer(settings, renderer, b"k" * 32))
+    pool.wait_started(timeout=60)
+    print(*pool._executor._processes, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_helper_whose_process_is_killed_does_not_outlive_it(sqlite_url: str, tmp_path: Path) -> None:
+    # Given a process with a compose helper up
+    script = tmp_path / "parent.py"
+    script.write_text(HELPER_PARENT)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    parent = subprocess.Popen([sys.executable, str(script), sqlite_url], stdout=subprocess.PIPE, text=True,
+                              cwd=repo, env=env)  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        helpers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert helpers and all(_alive(pid) for pid in helpers)
+        # When that process is killed outright (no chance to stop its helpers)
+        parent.kill()
+        parent.wait(10)
+        # Then its helpers end too, within a few seconds, instead of living on as orphans
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in helpers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in helpers)
+    finally:
+        parent.kill()
+        parent.wait(10)
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait() is missing

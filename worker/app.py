@@ -77,7 +77,7 @@ def compose_pool(settings: Settings, templates: JinjaTemplates, composer: Compos
     if settings.sending.compose_processes < 1:
         return None
     spec = ComposerSpec(settings, templates.root, composer.link_key, templates.recheck_seconds)
-    return ComposerPool(spec, composer, processes=settings.sending.compose_processes)
+    return ComposerPool(spec, processes=settings.sending.compose_processes)
 
 
 @dataclass

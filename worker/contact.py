@@ -1,11 +1,19 @@
 """The contact policy at send time: one ``Arbiter`` per dispatch run (or preview).
 
-The arbiter remembers, per customer, when they were actually sent email (read
-from the ledger the first time the customer comes up in this run) plus every
-message this run has decided to send, so two messages for one customer in one
-batch, or in two batches of one run, cannot both take the same free slot.
-Messages arrive in claim order (priority first), so the highest-priority
-message takes the slot and the others are deferred to the next one.
+The ledger knows what was actually sent; the arbiter adds what this run has
+decided to send and the ledger cannot show yet, so two messages for one
+customer in one batch, or in two batches of one run, cannot both take the same
+free slot. Messages arrive in claim order (priority first), so the highest
+priority message takes the slot and the others are deferred to the next one.
+
+Its memory stays small however long the run: a send it decided is remembered
+until the ledger shows it. Each batch's facts are read after a known number of
+the ledger writer's commits (``facts_seq``); a send whose outcome was committed
+by then is in those facts and is not counted twice, and once every batch still
+to be decided was read after that commit, it is forgotten. A decided send that
+ended in no email (failed, retried, released) is forgotten when that outcome is
+committed. Preview commits nothing and passes no ``facts_seq``: its arbiter
+remembers everything it decided.
 
 Several workers sharing one PostgreSQL database each keep their own arbiter:
 two workers that claim two messages for the same customer at the same moment
@@ -16,24 +24,96 @@ ledger and defers everything else accordingly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 from worker.core.policy import ContactPolicy, Decision, Due, SendNow, decide_one, zone_of
 from worker.domain import ClaimedMessage, CustomerSnapshot
 
 
+@dataclass(slots=True, eq=False)
+class _Decided:
+    """A send this run decided on, not yet visible to every batch still to come."""
+
+    customer_id: int
+    at: datetime
+    committed_seq: int | None = None
+    """The ledger writer's commit that recorded it as sent; None while in flight."""
+
+
+def judge(
+    policy: ContactPolicy, message: ClaimedMessage, customer: CustomerSnapshot, sent: Sequence[datetime], now: datetime
+) -> Decision:
+    """The contact policy for one message against the customer's sends ``sent`` alone."""
+    due = Due(message.dedupe_key, message.campaign, policy.priority(message.campaign), message.expires_at)
+    return decide_one(due, sent, now, policy, zone_of(customer.time_zone, policy.default_zone))
+
+
 class Arbiter:
     def __init__(self, policy: ContactPolicy) -> None:
         self.policy = policy
-        self._taken: dict[int, list[datetime]] = {}
+        self._by_customer: dict[int, list[_Decided]] = {}
+        self._by_message: dict[int, _Decided] = {}
+        self._remembered = 0
+        self.peak = 0
+        """The most sends it remembered at once (its memory's high-water mark)."""
 
     def decide(
-        self, message: ClaimedMessage, customer: CustomerSnapshot, sent: Sequence[datetime], now: datetime
+        self,
+        message: ClaimedMessage,
+        customer: CustomerSnapshot,
+        sent: Sequence[datetime],
+        now: datetime,
+        facts_seq: int | None = None,
     ) -> Decision:
-        """Send now, defer, or skip (expired); a "send now" takes the customer's slot."""
-        taken = self._taken.setdefault(customer.id, list(sent))
-        due = Due(message.dedupe_key, message.campaign, self.policy.priority(message.campaign), message.expires_at)
-        decision = decide_one(due, taken, now, self.policy, zone_of(customer.time_zone, self.policy.default_zone))
+        """Send now, defer, or skip (expired); a "send now" takes the customer's slot. ``sent``: the
+        customer's sends in the ledger as read after ``facts_seq`` commits (None: nothing this run
+        decided is in them)."""
+        decided = self._by_customer.get(customer.id, ())
+        taken = [*sent, *(d.at for d in decided if not _visible(d, facts_seq))]
+        decision = judge(self.policy, message, customer, taken, now)
         if isinstance(decision, SendNow):
-            taken.append(now)
+            entry = _Decided(customer.id, now)
+            self._by_customer.setdefault(customer.id, []).append(entry)
+            self._by_message[message.id] = entry
+            self._remembered += 1
+            self.peak = max(self.peak, self._remembered)
         return decision
+
+    def settled(self, message_id: int, *, sent: bool, seq: int) -> None:
+        """The ledger writer committed this message's outcome in its commit number ``seq``."""
+        entry = self._by_message.pop(message_id, None)
+        if entry is None:
+            return
+        if sent:
+            entry.committed_seq = seq
+        else:  # no email left: it takes no slot
+            self._drop(entry)
+
+    def forget_visible(self, facts_seq: int) -> None:
+        """Every batch still to be decided was read after commit ``facts_seq``: what that commit and the
+        ones before it recorded is in their facts."""
+        for customer_id in [c for c, entries in self._by_customer.items() if any(_visible(e, facts_seq)
+                                                                                 for e in entries)]:  # fmt: skip
+            kept = [e for e in self._by_customer[customer_id] if not _visible(e, facts_seq)]
+            self._remembered -= len(self._by_customer[customer_id]) - len(kept)
+            if kept:
+                self._by_customer[customer_id] = kept
+            else:
+                del self._by_customer[customer_id]
+
+    def remembered(self) -> int:
+        """Sends this arbiter still counts beside the ledger (its memory)."""
+        return self._remembered
+
+    def _drop(self, entry: _Decided) -> None:
+        entries = self._by_customer.get(entry.customer_id, [])
+        if entry in entries:
+            entries.remove(entry)
+            self._remembered -= 1
+        if not entries:
+            self._by_customer.pop(entry.customer_id, None)
+
+
+def _visible(entry: _Decided, facts_seq: int | None) -> bool:
+    return entry.committed_seq is not None and facts_seq is not None and entry.committed_seq <= facts_seq

@@ -25,7 +25,7 @@ from worker import contexts, planning
 from worker.adapters import audience_sql
 from worker.adapters.store import Store
 from worker.config import Settings
-from worker.contact import Arbiter
+from worker.contact import Arbiter, judge
 from worker.core import audiences, tokens
 from worker.core import campaigns as cc
 from worker.core.campaigns import Launch
@@ -129,6 +129,9 @@ class Composed:
     rendered: RenderedEmail
     data: bytes
     customer: CustomerSnapshot
+    sent: tuple[datetime, ...] = ()
+    """When the customer was sent email, as the batch's facts read it from the ledger (what the
+    dispatcher's arbiter decides with)."""
 
 
 @dataclass(frozen=True)
@@ -203,12 +206,25 @@ class Composer:
             return Skipped(message, reason)
         customer = customer_facts.customer
         assert customer is not None  # recheck skips CUSTOMER_GONE
-        decision = (arbiter or self.new_arbiter()).decide(message, customer, facts.sent.get(customer.id, []), now)
+        sent = facts.sent.get(customer.id, ())
+        decision = (
+            arbiter.decide(message, customer, sent, now) if arbiter is not None
+            else judge(self.policy, message, customer, sent, now)  # the ledger alone
+        )  # fmt: skip
         if isinstance(decision, Skip):
             return Skipped(message, decision.reason)
         if isinstance(decision, DeferUntil):
             return Deferred(message, decision.at, decision.why)
         return None
+
+    def prepare(
+        self, message: ClaimedMessage, facts: BatchFacts, now: datetime
+    ) -> Composed | Skipped | RenderFailed | Deferred:
+        """Re-check and judge the message against the ledger alone, and render it if that says "send now".
+        It keeps no state, so a helper process can do it (``worker.composing``); the dispatcher then
+        decides each ``Composed`` again with what its run has sent meanwhile (``Composed.sent``)."""
+        decision = self.decide(message, facts, now)
+        return decision if decision is not None else self.render_message(message, facts, now)
 
     def render_message(self, message: ClaimedMessage, facts: BatchFacts, now: datetime) -> Composed | RenderFailed:
         """The second half of ``compose``, for a message ``decide`` let through: render and build the
@@ -241,7 +257,7 @@ class Composer:
             )
         except ValueError as exc:  # an address or header that cannot be written safely
             return RenderFailed(message, TemplateError(f"cannot build the message: {exc}"))
-        return Composed(message, rendered, data, customer)
+        return Composed(message, rendered, data, customer, tuple(facts.sent.get(customer.id, ())))
 
 
 # --- preview -----------------------------------------------------------------

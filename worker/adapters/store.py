@@ -14,10 +14,12 @@ first SMTP byte.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -99,26 +101,15 @@ def _key_part(column: Any) -> Any:
     return sa.func.replace(sa.func.replace(column, "%", "%25"), ":", "%3A")
 
 
-_CLAIM_COLUMNS = (
-    M.c.id, M.c.dedupe_key, M.c.campaign, M.c.step, M.c.customer_id, M.c.email, M.c.message_id, M.c.attempts,
-    M.c.due_at, M.c.expires_at, M.c.payload, M.c.next_attempt_at,
-)  # fmt: skip
+_CLAIM_RETURNING = (
+    "id, dedupe_key, campaign, step, customer_id, email, message_id, attempts, due_at, expires_at, payload,"
+    " next_attempt_at"
+)
 
 
-def _claimed(r: Any) -> ClaimedMessage:
-    return ClaimedMessage(
-        id=r.id,
-        dedupe_key=r.dedupe_key,
-        campaign=r.campaign,
-        step=r.step,
-        customer_id=r.customer_id,
-        email=r.email,
-        message_id=r.message_id,
-        attempts=r.attempts,
-        due_at=r.due_at,
-        expires_at=r.expires_at,
-        payload=json.loads(r.payload),
-    )
+def _claimed(r: Sequence[Any], dt: Callable[[Any], datetime]) -> ClaimedMessage:
+    """A claimed row as the driver returns it (``_CLAIM_RETURNING``'s columns, datetimes as ``dt`` reads them)."""
+    return ClaimedMessage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], dt(r[8]), dt(r[9]), json.loads(r[10]))
 
 
 # The group commit's statements as driver SQL (``exec_driver_sql``): per commit, SQLAlchemy's
@@ -142,7 +133,47 @@ _ATTEMPT_SQL = (
     "INSERT INTO attempt (message_id, attempt_no, worker, started_at, finished_at, outcome, code, reply, error_type)"
     " VALUES (:message_id, :attempt_no, :worker, :started_at, :finished_at, :outcome, :code, :reply, :error_type)"
 )
+# The claim, one priority at a time: an ordered range of the partial index ix_message_queue (the literal
+# status list is what lets SQLite use a partial index). {lock} is PostgreSQL's row lock, {message_id}
+# the SQL of core.audiences.message_id_for for rows planned without one.
+_CLAIM_SQL = (
+    f"UPDATE message SET status = '{_CLAIMED}', claimed_by = :worker, lease_until = :lease_until,"
+    " updated_at = :now, message_id = COALESCE(message_id, {message_id})"
+    " WHERE id IN (SELECT id FROM message WHERE message.status IN ('planned', 'retry') AND priority = :priority"
+    " AND next_attempt_at <= :now ORDER BY next_attempt_at, id LIMIT :limit{lock})"
+    f" AND message.status IN ('planned', 'retry') RETURNING {_CLAIM_RETURNING}"
+)
+_MESSAGE_ID_SQL = {
+    "sqlite": "kembali_message_id(dedupe_key, :domain)",
+    "postgresql": "'<' || substr(encode(sha256(convert_to(dedupe_key, 'UTF8')), 'hex'), 1, 32) || '.kembali@'"
+    " || :domain || '>'",
+}
+_SUPPRESS_SQL = (
+    "INSERT INTO suppression (email, reason, source, created_at) VALUES (:email, :reason, :source, :created_at)"
+    " ON CONFLICT DO NOTHING"
+)
 _NAMED = re.compile(r":(\w+)")
+
+
+def _sqlite_dt(value: datetime | None) -> str | None:
+    """An aware datetime as SQLAlchemy's SQLite DATETIME stores it (UTC, ``YYYY-MM-DD HH:MM:SS.ffffff``)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r} given to a UTC column")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _as_is(value: datetime) -> datetime:
+    return value
+
+
+def _sqlite_read_dt(value: str) -> datetime:
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _pg_read_dt(value: datetime) -> datetime:
+    return value.astimezone(UTC)
 
 
 class _LedgerSql:
@@ -155,9 +186,16 @@ class _LedgerSql:
             (lambda sql: sql) if dialect.name == "sqlite" else (lambda sql: _NAMED.sub(r"%(\1)s", sql))
         )
         processor = M.c.updated_at.type.bind_processor(dialect)
-        self.dt: Callable[[datetime | None], Any] = processor if processor is not None else (lambda v: v)
+        self.dt: Callable[[datetime | None], Any] = (
+            _sqlite_dt if dialect.name == "sqlite" else processor if processor is not None else (lambda v: v)
+        )
+        self.read_dt: Callable[[Any], datetime] = _sqlite_read_dt if dialect.name == "sqlite" else _pg_read_dt
         self.record = self.style(_RECORD_SQL)
         self.attempt = self.style(_ATTEMPT_SQL)
+        self.suppress = self.style(_SUPPRESS_SQL)
+        lock = " FOR UPDATE SKIP LOCKED" if dialect.name == "postgresql" else ""
+        self.claim = self.style(_CLAIM_SQL.format(message_id=_MESSAGE_ID_SQL[dialect.name], lock=lock))
+        self.claim_known_ids = self.style(_CLAIM_SQL.format(message_id="NULL", lock=lock))
         self.mark_head = self.style(_MARK_HEAD)
         self.mark_tail = self.style(_MARK_TAIL)
 
@@ -169,6 +207,9 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sql = _LedgerSql(engine)
+        self._local = threading.local()
+        self._ledger_connections: list[Any] = []
+        """The driver connections the group commit holds (one per thread that commits), closed by ``close``."""
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -179,6 +220,10 @@ class Store:
         return self.engine.dialect.name
 
     def close(self) -> None:
+        for raw in self._ledger_connections:
+            with contextlib.suppress(Exception):
+                raw.close()  # back to the pool, which dispose() then closes
+        self._ledger_connections.clear()
         self.engine.dispose()
 
     # --- planning -----------------------------------------------------------
@@ -261,30 +306,23 @@ class Store:
 
         One priority at a time (a handful of distinct values), each an ordered range of the partial
         ``ix_message_queue`` index: no claim ever sorts the whole queue, however long it is."""
-        lease_until = now + timedelta(seconds=lease_seconds)
-        values: dict[str, Any] = {
-            "status": MessageStatus.CLAIMED.value, "claimed_by": worker, "lease_until": lease_until, "updated_at": now,
+        sql = self._sql
+        params: dict[str, Any] = {
+            "worker": worker, "now": sql.dt(now), "lease_until": sql.dt(now + timedelta(seconds=lease_seconds)),
+            "domain": domain,
         }  # fmt: skip
-        if domain is not None:
-            values["message_id"] = sa.func.coalesce(M.c.message_id, db.message_id_sql(self.dialect, M.c.dedupe_key,
-                                                                                      domain))  # fmt: skip
+        statement = sql.claim if domain is not None else sql.claim_known_ids
         rows: list[Any] = []
         with self.engine.begin() as conn:
             for priority in conn.execute(_WAITING_PRIORITIES).scalars():
-                due = (
-                    sa.select(M.c.id)
-                    .where(WAITING, M.c.priority == priority, M.c.next_attempt_at <= now)
-                    .order_by(M.c.next_attempt_at, M.c.id)
-                    .limit(limit - len(rows))
-                    .with_for_update(skip_locked=True)
-                )
-                stmt = sa.update(M).where(M.c.id.in_(due.scalar_subquery()), WAITING).values(**values)
-                got = list(conn.execute(stmt.returning(*_CLAIM_COLUMNS)).all())
-                got.sort(key=lambda r: (r.next_attempt_at, r.id))
+                params.update(priority=priority, limit=limit - len(rows))
+                got = list(conn.exec_driver_sql(statement, params).all())
+                got.sort(key=lambda r: (r[11], r[0]))  # RETURNING keeps no order: next_attempt_at, id
                 rows += got
                 if len(rows) >= limit:
                     break
-        return [_claimed(r) for r in rows]
+        read = sql.read_dt
+        return [_claimed(r, read) for r in rows]
 
     def due_messages(
         self, *, now: datetime, campaigns: Sequence[str], batch_size: int = 1000
@@ -293,7 +331,7 @@ class Store:
         after = 0
         while True:
             query = (
-                sa.select(M)
+                sa.select(*(M.c[name.strip()] for name in _CLAIM_RETURNING.split(",")))
                 .where(
                     M.c.id > after,
                     M.c.status.in_(CLAIMABLE),
@@ -308,41 +346,68 @@ class Store:
             if not rows:
                 return
             after = rows[-1].id
-            yield [_claimed(r) for r in rows]
-
-    def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
-        """Commit ``sending`` for rows this worker still holds; returns the ids marked.
-        A row not returned (lease lost) must not be sent."""
-        if not ids:
-            return set()
-        with self.engine.begin() as conn:
-            return self._mark_sending(conn, ids, worker=worker, now=now)
+            yield [_claimed(r, _as_is) for r in rows]
 
     def record_and_mark(
         self, dispositions: Sequence[Disposition], ids: Sequence[int], *, worker: str, now: datetime
     ) -> set[int]:
-        """``record`` and ``mark_sending`` in ONE transaction (one commit for the group commit)."""
-        with self.engine.begin() as conn:
-            if dispositions:
-                self._record(conn, dispositions)
-            return self._mark_sending(conn, ids, worker=worker, now=now) if ids else set()
+        """``record`` and ``mark_sending`` in ONE transaction (one commit for the group commit).
 
-    def _mark_sending(self, conn: sa.Connection, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
+        On a driver connection this thread keeps for it, with the statements as driver SQL: the group
+        commit runs hundreds of times a second, and SQLAlchemy's per-transaction and per-statement
+        machinery cost more than SQLite's own work. A failure rolls back and drops that connection."""
+        raw = self._ledger_connection()
+        cursor = raw.cursor()
+        try:
+            if self.dialect == "sqlite":
+                cursor.execute("BEGIN IMMEDIATE")
+            if dispositions:
+                self._record_rows(cursor, dispositions)
+            marked = self._mark_rows(cursor, ids, worker=worker, now=now) if ids else set()
+            raw.commit()
+        except BaseException:
+            self._drop_ledger_connection(raw)
+            raise
+        finally:
+            cursor.close()
+        return marked
+
+    def _ledger_connection(self) -> Any:
+        raw = getattr(self._local, "ledger", None)
+        if raw is None:
+            raw = self._local.ledger = self.engine.raw_connection()
+            self._ledger_connections.append(raw)
+        return raw
+
+    def _drop_ledger_connection(self, raw: Any) -> None:
+        self._local.ledger = None
+        with contextlib.suppress(Exception):
+            raw.rollback()
+        with contextlib.suppress(Exception):
+            raw.invalidate()  # it may be broken: the next group opens a fresh one
+        with contextlib.suppress(ValueError):
+            self._ledger_connections.remove(raw)
+
+    def _mark_rows(self, cursor: Any, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
         marked: set[int] = set()
         for part in _chunks(list(ids)):
             params: dict[str, Any] = {f"i{n}": message_id for n, message_id in enumerate(part)}
             params.update(now=self._sql.dt(now), worker=worker)
-            marked.update(conn.exec_driver_sql(self._sql.mark(len(part)), params).scalars())
+            cursor.execute(self._sql.mark(len(part)), params)
+            marked.update(row[0] for row in cursor.fetchall())
         return marked
+
+    def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
+        """Commit ``sending`` for rows this worker still holds; returns the ids marked.
+        A row not returned (lease lost) must not be sent."""
+        return self.record_and_mark([], ids, worker=worker, now=now) if ids else set()
 
     def record(self, dispositions: Sequence[Disposition]) -> None:
         """Write outcomes and attempt rows, in one transaction."""
-        if not dispositions:
-            return
-        with self.engine.begin() as conn:
-            self._record(conn, dispositions)
+        if dispositions:
+            self.record_and_mark(dispositions, [], worker="", now=dispositions[0].finished_at)
 
-    def _record(self, conn: sa.Connection, dispositions: Sequence[Disposition]) -> None:
+    def _record_rows(self, cursor: Any, dispositions: Sequence[Disposition]) -> None:
         dt = self._sql.dt
         updates: list[dict[str, Any]] = []
         attempts: list[dict[str, Any]] = []
@@ -353,9 +418,8 @@ class Store:
             if d.suppress_reason is not None:
                 source = f"smtp:{d.message.dedupe_key}"[:100]
                 suppressions.append(
-                    {"email": d.message.email, "reason": d.suppress_reason, "source": source,
-                     "created_at": d.finished_at}
-                )  # fmt: skip
+                    {"email": d.message.email, "reason": d.suppress_reason, "source": source, "created_at": finished}
+                )
             updates.append(
                 {
                     "id": d.message.id,
@@ -387,11 +451,11 @@ class Store:
                         "error_type": res.error_type[:100],
                     }
                 )
-        conn.exec_driver_sql(self._sql.record, updates)
+        cursor.executemany(self._sql.record, updates)
         if attempts:
-            conn.exec_driver_sql(self._sql.attempt, attempts)
+            cursor.executemany(self._sql.attempt, attempts)
         if suppressions:
-            conn.execute(db.insert_ignore(self.engine, S), suppressions)
+            cursor.executemany(self._sql.suppress, suppressions)
 
     def release_expired_leases(self, now: datetime) -> tuple[int, int]:
         """Claimed rows whose lease lapsed go back to the queue; sending rows become uncertain.
