@@ -215,6 +215,55 @@ def test_reimport_changes_nothing_and_orders_refresh_customer_facts(store: Store
     assert facts.order_count == 2 and facts.last_order_at == NOW - timedelta(days=5)
 
 
+def first_order_numbers(store: Store) -> dict[str, str | None]:
+    from worker.adapters.store import C
+
+    with store.engine.begin() as conn:
+        return {r[0]: r[1] for r in conn.execute(sa.select(C.c.external_id, C.c.first_order_external_id))}
+
+
+def test_the_first_purchase_s_order_number_follows_the_imports(store: Store) -> None:
+    """Win-back's dedupe key names the only order: the customer row carries its number (migration 0009)."""
+    later = OrderRecord("O-later", "C0", OrderStatus.PAID, NOW - timedelta(days=50), None, 100_00, "IDR")
+    shop.upsert_orders(store.engine, [later], NOW)
+    assert first_order_numbers(store) == {"C0": "O-later", "C1": None, "C2": None}
+    earlier = OrderRecord("O-earlier", "C0", OrderStatus.PAID, NOW - timedelta(days=90), None, 100_00, "IDR")
+    shop.upsert_orders(store.engine, [earlier], NOW)
+    assert first_order_numbers(store)["C0"] == "O-earlier"
+    refunded = dataclasses.replace(earlier, status=OrderStatus.REFUNDED)
+    shop.upsert_orders(store.engine, [refunded], NOW)
+    assert first_order_numbers(store)["C0"] == "O-later"
+
+
+def test_upgrading_an_existing_shop_fills_in_the_first_order_numbers(sqlite_url: str) -> None:
+    """A database planned by an older Kembali (schema 0008) gets the column and its values on upgrade."""
+    from alembic import command
+
+    engine = db.create_engine(sqlite_url)
+    try:
+        cfg = db._alembic_config(engine)
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0008")
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO customer (id, external_id, email, name, locale, time_zone, marketing_consent,"
+                " consent_basis, consent_source, order_count, first_order_id, total_spent_minor, created_at,"
+                " updated_at) VALUES (1, 'C1', 'c1@example.com', 'C 1', 'id', 'Asia/Jakarta', 1, '', '', 1, 7, 0,"
+                " '2026-11-22 03:00:00', '2026-11-22 03:00:00')"
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO shop_order (id, external_id, customer_id, status, placed_at, total_minor, currency,"
+                " created_at, updated_at) VALUES (7, 'INV-7', 1, 'paid', '2026-10-01 03:00:00', 100, 'IDR',"
+                " '2026-11-22 03:00:00', '2026-11-22 03:00:00')"
+            )
+        assert db.upgrade(engine) == ("0008", db.head_revision(engine))
+        with engine.begin() as conn:
+            assert conn.exec_driver_sql("SELECT first_order_external_id FROM customer").scalar_one() == "INV-7"
+    finally:
+        engine.dispose()
+
+
 def test_suppression_is_once_per_address(store: Store) -> None:
     assert store.suppress("c1@example.com", reason="unsubscribed", source="test", now=NOW) is True
     assert store.suppress("c1@example.com", reason="unsubscribed", source="test", now=NOW) is False

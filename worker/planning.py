@@ -148,9 +148,17 @@ def _batch_size(settings: Settings) -> int:
 
 def _birthday(store: Store, settings: Settings, now: datetime, priority: int) -> Iterator[list[PlannedMessage]]:
     cfg = settings.campaigns.birthday
-    mmdd = cc.birthday_mmdd_candidates(now, cfg.days_before)
+    for day in cc.birthday_mmdd_candidates(now, cfg.days_before):
+        yield from _birthday_on(store, settings, now, priority, day)
+
+
+def _birthday_on(store: Store, settings: Settings, now: datetime, priority: int,
+                 mmdd: int) -> Iterator[list[PlannedMessage]]:  # fmt: skip
+    """The customers born on one month and day, in id order: one range of the (birthday_mmdd, id) index
+    per batch (with several days in one IN list, PostgreSQL walks the primary key and filters instead)."""
+    cfg = settings.campaigns.birthday
     after = 0
-    while rows := audience_sql.birthday_rows(store.engine, mmdd=mmdd, after_id=after, limit=_batch_size(settings)):
+    while rows := audience_sql.birthday_rows(store.engine, mmdd=[mmdd], after_id=after, limit=_batch_size(settings)):
         after = rows[-1].customer_id
         batch = []
         for r in rows:

@@ -43,7 +43,7 @@ def create_engine(url: str) -> Engine:
             # the set-based planner's Message-IDs and holdout positions: the pure functions themselves
             # (PostgreSQL computes the same values with its own sha256(); see adapters.plan_sql)
             dbapi_conn.create_function("kembali_message_id", 2, message_id_for, deterministic=True)
-            dbapi_conn.create_function("kembali_holdout_hash", 2, _holdout_hash, deterministic=True)
+            dbapi_conn.create_function("kembali_holdout_hash", 2, _holdout_hash_memo(), deterministic=True)
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
@@ -53,8 +53,20 @@ def create_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
-def _holdout_hash(campaign: str, customer: str) -> int:
-    return holdout_hash(customer, campaign)
+def _holdout_hash_memo() -> Any:
+    """``holdout_hash`` for one connection, remembering its last answer: a planned row's status and its skip
+    reason each ask for the same customer's hash, one right after the other (SQLite calls it twice)."""
+    last: tuple[str, str, int] = ("", "", -1)
+
+    def _holdout_hash(campaign: str, customer: str) -> int:
+        nonlocal last
+        if last[0] == customer and last[1] == campaign:
+            return last[2]
+        position = holdout_hash(customer, campaign)
+        last = (customer, campaign, position)
+        return position
+
+    return _holdout_hash
 
 
 def message_id_sql(dialect: str, key: Any, domain: str) -> Any:

@@ -34,7 +34,8 @@ class LedgerRow:
     campaign: str
     dedupe_key: str
     email: str
-    message_id: str
+    message_id: str | None
+    """None until the row is first claimed (held-out and expired rows never are)."""
     attempts: int
     last_code: int | None
     last_reply: str | None

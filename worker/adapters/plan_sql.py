@@ -3,17 +3,26 @@
 Theory of operation
 -------------------
 A ``Plan`` is one campaign (or one win-back step) as SQL: the FROM, the WHERE
-(the rule, consent, suppression, and NOT EXISTS the row's dedupe key in the
-ledger), and the per-row columns of the ``message`` row, including the
-dedupe key (``_key_part``, the SQL twin of ``core.audiences.key_part``), the
-Message-ID (``core.audiences.message_id_for``) and the holdout
-(``core.policy.in_holdout``). The same SELECT serves two callers:
+(the rule and consent, then NOT EXISTS the row's dedupe key in the ledger,
+then the suppression list: in the steady state nearly every candidate is
+already planned, so the ledger probe decides first), and the per-row columns
+of the ``message`` row, including the dedupe key (``_key_part``, the SQL twin
+of ``core.audiences.key_part``) and the holdout (``core.policy.in_holdout``).
+The same SELECT serves two callers:
 
 * ``insert`` runs ``INSERT INTO message (…) SELECT … ON CONFLICT DO NOTHING``
   in keyset chunks (no row travels through Python; the SQLite write lock is
-  released between chunks);
-* ``stream`` reads it in keyset batches as ``PlannedMessage`` values, for
-  preview, which must not write.
+  released between chunks). The Message-ID is left NULL: the first claim
+  gives it (``core.audiences.message_id_for`` of the key, migration 0008), so
+  the first pass over a shop writes no random-order unique index entries;
+* ``stream`` reads it in keyset batches as ``PlannedMessage`` values, with
+  the Message-ID the claim will give, for preview, which must not write.
+
+Campaigns that visit most customers (win-back, new products, loyalty) scan
+the customer table in id order with no join: win-back's key reads the first
+order's number from the customer row (migration 0009), and the ledger probes,
+whose keys start with the customer's id, stay local. Feedback and loyalty on
+PostgreSQL probe the ledger per candidate (``Plan.probe``); JIT is off.
 
 The hashes: PostgreSQL computes SHA-256 itself (``sha256()``); on SQLite the
 engine registers the pure functions as deterministic SQL functions
@@ -32,7 +41,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from worker.adapters import db
 from worker.adapters.store import PURCHASE_EXCLUDED, C, M, O, S, _key_part
@@ -69,6 +78,9 @@ class Plan:
     range: list[Any]
     """The part of ``where`` the driving index answers alone (on ``order[0]``'s table): what chunks count."""
     holdout_share: float = 0.0
+    probe: bool = False
+    """Few candidates, found by an index range: probe the ledger's dedupe key once per candidate.
+    PostgreSQL's planner would otherwise hash the whole ledger for them (2-3 times slower here)."""
 
 
 # --- the SQL of the pure functions -------------------------------------------------------
@@ -97,8 +109,12 @@ def json_object_sql(dialect: str, pairs: Sequence[tuple[str, Any]]) -> Any:
     return sa.func.json_object(*args, type_=sa.String)
 
 
-def _reachable() -> list[Any]:
-    return [C.c.marketing_consent.is_(True), ~sa.exists().where(S.c.email == C.c.email)]
+def _consenting() -> list[Any]:
+    return [C.c.marketing_consent.is_(True)]
+
+
+def _unsuppressed() -> Any:
+    return ~sa.exists().where(S.c.email == C.c.email)
 
 
 def _scanned(dialect: str, column: Any) -> Any:
@@ -141,17 +157,19 @@ def winback(c: Common, *, steps: Sequence[tuple[datetime, str, int]]) -> Plan:
         days = sa.case(*((C.c.first_order_at < b, _lit(str(d))) for _, (b, _, d) in later),
                        else_=_lit(str(steps[0][2])))  # fmt: skip
     key = (
-        _lit("winback:") + _key_part(C.c.external_id) + _lit(":") + _key_part(O.c.external_id) + _lit(":")
-        + sa.cast(step, sa.String)
+        _lit("winback:") + _key_part(C.c.external_id) + _lit(":") + _key_part(C.c.first_order_external_id)
+        + _lit(":") + sa.cast(step, sa.String)
     )  # fmt: skip
-    where = [_scanned(c.dialect, C.c.order_count) == 1, C.c.first_order_at < steps[0][0], *_reachable()]
+    where = [
+        _scanned(c.dialect, C.c.order_count) == 1, C.c.first_order_at < steps[0][0],
+        C.c.first_order_external_id.is_not(None), *_consenting(),
+    ]  # fmt: skip
     payload = json_object_sql(c.dialect, [
-        ("days", days), ("first_order", O.c.external_id), ("first_order_id", C.c.first_order_id),
+        ("days", days), ("first_order", C.c.first_order_external_id), ("first_order_id", C.c.first_order_id),
         ("template", template),
     ])  # fmt: skip
-    source = C.join(O, O.c.id == C.c.first_order_id)
     return Plan("winback", step, c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id), payload,
-                source, where, (C.c.id,), [], c.holdout_share)  # fmt: skip
+                C, where, (C.c.id,), [], c.holdout_share)  # fmt: skip
 
 
 def feedback(c: Common, *, after: datetime, not_after: datetime) -> Plan:
@@ -161,17 +179,17 @@ def feedback(c: Common, *, after: datetime, not_after: datetime) -> Plan:
         ("customer", _key_part(C.c.external_id)), ("order", O.c.external_id), ("order_id", O.c.id),
     ])  # fmt: skip
     ranged = [O.c.settled_at > after, O.c.settled_at <= not_after]
-    where = [*ranged, O.c.status.not_in(PURCHASE_EXCLUDED), *_reachable()]
+    where = [*ranged, O.c.status.not_in(PURCHASE_EXCLUDED), *_consenting()]
     return Plan("feedback", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id), payload,
                 O.join(C, C.c.id == O.c.customer_id), where, (O.c.settled_at, O.c.id), ranged,
-                c.holdout_share)  # fmt: skip
+                c.holdout_share, probe=True)  # fmt: skip
 
 
 def new_products(c: Common, *, since: datetime, before: datetime, week: str) -> Plan:
     """Customers whose last purchase is in ``[since, before)`` (``before``: the newest launch)."""
     key = _lit("new_products:") + _key_part(C.c.external_id) + _lit(f":{week}")
     last = _scanned(c.dialect, C.c.last_order_at)
-    where = [last >= since, last < before, *_reachable()]
+    where = [last >= since, last < before, *_consenting()]
     # by customer id, as win-back: most customers are candidates
     return Plan("new_products", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id),
                 json_object_sql(c.dialect, []), C, where, (C.c.id,), [], c.holdout_share)  # fmt: skip
@@ -187,18 +205,19 @@ def loyalty(c: Common, *, since: datetime, orders: Sequence[int], spend_minor: S
             continue
         label = sa.case(*((column >= t, _lit(f"{prefix}-{t}")) for t in sorted(thresholds, reverse=True)))
         key = _lit("loyalty:") + _key_part(C.c.external_id) + _lit(":") + label
-        where = [C.c.last_order_at >= since, column >= min(thresholds), *_reachable()]
+        where = [_scanned(c.dialect, C.c.last_order_at) >= since, column >= min(thresholds), *_consenting()]
         plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id),
-                          json_object_sql(c.dialect, [("milestone", label)]), C, where, (C.c.last_order_at, C.c.id),
-                          [C.c.last_order_at >= since], c.holdout_share))  # fmt: skip
+                          json_object_sql(c.dialect, [("milestone", label)]), C, where, (C.c.id,), [],
+                          c.holdout_share, probe=True))  # fmt: skip
     return plans
 
 
 # --- running a plan ----------------------------------------------------------------------
 
 
-def _columns(plan: Plan, dialect: str, domain: str) -> dict[str, Any]:
-    """The ``message`` row, column by column, as labelled SQL."""
+def _columns(plan: Plan, dialect: str, domain: str, *, message_id: bool) -> dict[str, Any]:
+    """The ``message`` row, column by column, as labelled SQL; without ``message_id`` the Message-ID is
+    left NULL for the first claim to give (migration 0008)."""
     held = holdout_hash_sql(dialect, plan.campaign, plan.customer_part) < holdout_threshold(plan.holdout_share)
     if plan.holdout_share > 0:
         status: Any = sa.case((held, MessageStatus.SKIPPED.value), else_=MessageStatus.PLANNED.value)
@@ -219,7 +238,7 @@ def _columns(plan: Plan, dialect: str, domain: str) -> dict[str, Any]:
         "expires_at": sa.literal(plan.expires_at, UTCDateTime()),
         "next_attempt_at": due,
         "attempts": sa.literal(0),
-        "message_id": db.message_id_sql(dialect, plan.key, domain),
+        "message_id": db.message_id_sql(dialect, plan.key, domain) if message_id else sa.null(),
         "payload": plan.payload,
         "created_at": sa.literal(plan.due_at, UTCDateTime()),
         "updated_at": sa.literal(plan.due_at, UTCDateTime()),
@@ -227,7 +246,9 @@ def _columns(plan: Plan, dialect: str, domain: str) -> dict[str, Any]:
 
 
 def _new(plan: Plan) -> list[Any]:
-    return [*plan.where, ~sa.exists().where(M.c.dedupe_key == plan.key)]
+    """The plan's rule, then the ledger probe, then the suppression list: in the steady state nearly every
+    candidate is already in the ledger, so its probe comes first and the suppression probe rarely runs."""
+    return [*plan.where, ~sa.exists().where(M.c.dedupe_key == plan.key), _unsuppressed()]
 
 
 def _after(order: Sequence[Any], cursor: Sequence[Any] | None) -> list[Any]:
@@ -250,12 +271,13 @@ def insert(engine: Engine, plan: Plan, domain: str, *, chunk: int | None = None)
     SQLite: ``chunk`` candidates per statement, so the database-wide write lock is released in between."""
     dialect = engine.dialect.name
     chunk = chunk or INSERT_CHUNK
-    columns = _columns(plan, dialect, domain)
+    columns = _columns(plan, dialect, domain, message_id=False)
     names = list(columns)
     created = 0
     cursor: Sequence[Any] | None = None
     while True:
         with engine.begin() as conn:
+            _tune(conn, plan)
             if dialect == "sqlite":
                 # the ledger's indexes take random inserts: a page cache that holds them saves re-reads
                 conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
@@ -284,6 +306,17 @@ def insert(engine: Engine, plan: Plan, domain: str, *, chunk: int | None = None)
         cursor = tuple(bound)
 
 
+def _tune(conn: Connection, plan: Plan) -> None:
+    """PostgreSQL, for this transaction: no JIT (compiling the expressions cost ~0.3 s per statement, more
+    than it saved), and index probes rather than a hash of the whole ledger for a ``probe`` plan."""
+    if conn.dialect.name != "postgresql":
+        return
+    conn.exec_driver_sql("SET LOCAL jit = off")
+    if plan.probe:
+        conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
+        conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
+
+
 def analyze_ledger(engine: Engine) -> None:
     """Refresh PostgreSQL's statistics on the ledger after a large insert, so the next pass's anti-join
     is planned for its real size (autovacuum would get there, later)."""
@@ -295,7 +328,7 @@ def analyze_ledger(engine: Engine) -> None:
 def stream(engine: Engine, plan: Plan, domain: str, *, limit: int) -> Iterator[list[PlannedMessage]]:
     """The plan's rows as ``PlannedMessage`` values, ``limit`` candidates per keyset batch; writes nothing."""
     dialect = engine.dialect.name
-    columns = _columns(plan, dialect, domain)
+    columns = _columns(plan, dialect, domain, message_id=True)
     wanted = ("dedupe_key", "step", "customer_id", "email", "status", "message_id", "payload")
     keys = [f"_k{i}" for i in range(len(plan.order))]
     cursor: Sequence[Any] | None = None
@@ -310,6 +343,7 @@ def stream(engine: Engine, plan: Plan, domain: str, *, limit: int) -> Iterator[l
             .limit(limit)
         )
         with engine.begin() as conn:
+            _tune(conn, plan)
             rows = conn.execute(query).all()
         if not rows:
             return

@@ -239,6 +239,11 @@ def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: d
                 .order_by(O.c.placed_at, O.c.id)
                 .limit(1)
                 .scalar_subquery(),
+                first_order_external_id=purchases()
+                .with_only_columns(O.c.external_id)
+                .order_by(O.c.placed_at, O.c.id)
+                .limit(1)
+                .scalar_subquery(),
                 total_spent_minor=purchases()
                 .with_only_columns(sa.func.coalesce(sa.func.sum(O.c.total_minor), 0))
                 .scalar_subquery(),

@@ -66,6 +66,8 @@ class Customer(SQLModel, table=True):
     order_count: int = 0
     """Orders that count as purchases (not cancelled, not refunded)."""
     first_order_id: int | None = None
+    first_order_external_id: str | None = Field(default=None, max_length=100)
+    """The first purchase's order number (win-back's dedupe key names it; migration 0009)."""
     first_order_at: datetime | None = _dt(default=None)
     last_order_at: datetime | None = _dt(default=None)
     total_spent_minor: int = Field(default=0, sa_type=sa.BigInteger())
@@ -154,7 +156,8 @@ class Message(SQLModel, table=True):
     attempts: int = 0
     claimed_by: str | None = Field(default=None, max_length=100)
     lease_until: datetime | None = _dt(default=None)
-    message_id: str = Field(max_length=250, unique=True)
+    message_id: str | None = Field(default=None, max_length=250, unique=True)
+    """Given when the row is first claimed (``core.audiences.message_id_for`` of the dedupe key, migration 0008)."""
     template_version: str | None = Field(default=None, max_length=64)
     subject: str | None = Field(default=None, max_length=400)
     payload: str = Field(default="{}", max_length=4000)
