@@ -6,13 +6,17 @@
 The shop goes straight into the database (Core executemany on SQLite, COPY on PostgreSQL; no CSV import):
 about 70 % of customers have exactly one order, the rest 2-10, 2.5 orders per customer on average, over the
 400 days before the planning instant, with the denormalised per-customer columns filled in. Then, in a fresh
-process each (so peak RSS is planning's alone), three passes at the same instant:
+process each (so peak RSS is planning's alone), these passes, in order, on one ledger:
 
 * ``dry``: every enabled campaign's planned messages streamed as values, nothing written (what `preview` does);
 * ``first``: what `run` does, INSERT … SELECT … ON CONFLICT DO NOTHING per campaign (birthday row by row), on an
   empty ledger: the very first pass on a shop;
-* ``again``: a second pass right after, which finds everything already planned (a daily pass looks like this,
-  plus the day's few new rows).
+* ``again``: a second pass right after, which finds everything already planned (the steady state: what every
+  scheduled pass costs before it finds anything new);
+* ``next-day``: the pass a day later, on a Monday: the day's new rows plus new products' weekly ones (its dedupe
+  key is the ISO week, so every customer still due news gets a row that day);
+* ``day-after``: the pass two days later, mid-week: only the day's new rows (win-back steps reached, orders due
+  a feedback request, birthdays, milestones).
 
 ``--keep DIR`` keeps the generated shop (SQLite file in DIR, PostgreSQL database ``kembali_bench_<N>_<seed>``)
 and reuses it on the next run, with the ledger emptied; ``--runs N`` repeats the passes; ``--modes`` picks them.
@@ -28,6 +32,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,6 +105,7 @@ def shop_rows(customers: int, seed: int) -> Iterator[tuple[list[dict[str, Any]],
             "name": f"Pelanggan {cid}", "locale": "id", "time_zone": zones[cid % 10], "birthday": born,
             "birthday_mmdd": born.month * 100 + born.day if born else None, "marketing_consent": cid % 10 != 0,
             "consent_basis": "opt_in", "consent_source": "checkout", "order_count": n, "first_order_id": first_id,
+            "first_order_external_id": f"INV-{first_id:08d}",
             "first_order_at": placed[0], "last_order_at": placed[-1], "total_spent_minor": total,
             "created_at": NOW, "updated_at": NOW,
         })  # fmt: skip
@@ -165,18 +171,23 @@ def bench_settings(url: str) -> Settings:
     return dataclasses.replace(settings, database=dataclasses.replace(settings.database, url=url))
 
 
+PASS_AT = {"dry": NOW, "first": NOW, "again": NOW, "next-day": NOW + timedelta(days=1),
+           "day-after": NOW + timedelta(days=2)}
+
+
 def one_pass(url: str, mode: str) -> dict[str, Any]:
     settings = bench_settings(url)
     store = Store.from_url(url)
+    at = PASS_AT[mode]
     out: dict[str, Any] = {"mode": mode, "campaigns": {}}
     started = time.perf_counter()
     try:
         for campaign in pipeline.enabled_campaigns(settings):
             t0 = time.perf_counter()
             if mode == "dry":  # what preview does: every planned message as a value, nothing written
-                rows = sum(len(batch) for batch in planning.plan_batches(store, settings, campaign, NOW))
+                rows = sum(len(batch) for batch in planning.plan_batches(store, settings, campaign, at))
             else:  # what `run` does: INSERT … SELECT per keyset chunk (birthday row by row)
-                rows = planning.plan_into_ledger(store, settings, campaign, NOW)
+                rows = planning.plan_into_ledger(store, settings, campaign, at)
             out["campaigns"][campaign] = {"seconds": time.perf_counter() - t0, "rows": rows}
     finally:
         store.close()
@@ -196,7 +207,7 @@ def run_child(url: str, mode: str) -> dict[str, Any]:
 
 def report(name: str, result: dict[str, Any]) -> None:
     parts = ", ".join(f"{c} {v['rows']:,} in {v['seconds']:.2f} s" for c, v in result["campaigns"].items())
-    print(f"  {result['mode']:<6} {result['seconds']:6.2f} s  peak RSS {result['peak_rss_mb']:5.0f} MB   ({parts})")
+    print(f"  {result['mode']:<9} {result['seconds']:6.2f} s  peak RSS {result['peak_rss_mb']:5.0f} MB   ({parts})")
 
 
 def _clear_ledger(url: str) -> None:
@@ -266,12 +277,22 @@ def bench(backend: str, customers: int, seed: int, folder: Path, keep: bool, run
                       customers, seed)
             with admin.connect() as conn:
                 conn.execute(sa.text(f'ALTER DATABASE "{dbname}_part" RENAME TO "{dbname}"'))
+    seen: dict[str, list[dict[str, Any]]] = {}
     try:
         for run in range(runs):
             if run:
                 _clear_ledger(url)
             for mode in modes:
-                report(backend, run_child(url, mode))
+                result = run_child(url, mode)
+                seen.setdefault(mode, []).append(result)
+                report(backend, result)
+        if runs > 1:
+            print(f"{backend}, median of {runs} runs (min-max):")
+            for mode, results in seen.items():
+                secs = sorted(r["seconds"] for r in results)
+                rss = max(r["peak_rss_mb"] for r in results)
+                print(f"  {mode:<9} {statistics.median(secs):6.2f} s ({secs[0]:.2f}-{secs[-1]:.2f})  "
+                      f"peak RSS {rss:5.0f} MB")
     finally:
         if admin is not None:
             if not keep:
@@ -289,8 +310,9 @@ def main() -> None:
                         help="keep the generated shop (SQLite file in DIR, PostgreSQL database kembali_bench_N_SEED) "
                         "and reuse it next time, with its ledger emptied")
     parser.add_argument("--runs", type=int, default=1, help="repeat the passes (0: only generate)")
-    parser.add_argument("--modes", default="dry,first,again", help="which passes, in order (default dry,first,again)")
-    parser.add_argument("--child", choices=["dry", "first", "again"], help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="first,again,next-day,day-after",
+                        help=f"which passes, in order, of {', '.join(PASS_AT)} (default: all but dry)")
+    parser.add_argument("--child", choices=list(PASS_AT), help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
