@@ -9,8 +9,9 @@ about 70 % of customers have exactly one order, the rest 2-10, 2.5 orders per cu
 process each (so peak RSS is planning's alone), these passes, in order, on one ledger:
 
 * ``dry``: every enabled campaign's planned messages streamed as values, nothing written (what `preview` does);
-* ``first``: what `run` does, INSERT … SELECT … ON CONFLICT DO NOTHING per campaign (birthday row by row), on an
-  empty ledger: the very first pass on a shop;
+* ``first``: what `run` does (``pipeline.plan``: per campaign, a read that finds the new rows, then INSERT …
+  SELECT … ON CONFLICT DO NOTHING by id; birthday row by row; two campaigns at a time), on an empty ledger: the
+  very first pass on a shop;
 * ``again``: a second pass right after, which finds everything already planned (the steady state: what every
   scheduled pass costs before it finds anything new);
 * ``next-day``: the pass a day later, on a Monday: the day's new rows plus new products' weekly ones (its dedupe
@@ -21,7 +22,8 @@ process each (so peak RSS is planning's alone), these passes, in order, on one l
 ``--keep DIR`` keeps the generated shop (SQLite file in DIR, PostgreSQL database ``kembali_bench_<N>_<seed>``)
 and reuses it on the next run, with the ledger emptied; ``--runs N`` repeats the passes; ``--modes`` picks them.
 
-Each prints seconds per campaign, rows planned, and peak RSS (resource.getrusage). Figures on a shared 2-core
+Each prints the pass's seconds, each campaign's own seconds (two run at once, so they add up to more), rows
+planned, and peak RSS (VmHWM). Figures on a shared 2-core
 machine are noisy: run twice.
 """
 
@@ -175,20 +177,22 @@ PASS_AT = {"dry": NOW, "first": NOW, "again": NOW, "next-day": NOW + timedelta(d
            "day-after": NOW + timedelta(days=2)}
 
 
-def one_pass(url: str, mode: str) -> dict[str, Any]:
+def one_pass(url: str, mode: str, threads: int = planning.PLAN_THREADS) -> dict[str, Any]:
     settings = bench_settings(url)
     store = Store.from_url(url)
     at = PASS_AT[mode]
     out: dict[str, Any] = {"mode": mode, "campaigns": {}}
     started = time.perf_counter()
     try:
-        for campaign in pipeline.enabled_campaigns(settings):
-            t0 = time.perf_counter()
-            if mode == "dry":  # what preview does: every planned message as a value, nothing written
+        if mode == "dry":  # what preview does: every planned message as a value, nothing written
+            for campaign in pipeline.enabled_campaigns(settings):
+                t0 = time.perf_counter()
                 rows = sum(len(batch) for batch in planning.plan_batches(store, settings, campaign, at))
-            else:  # what `run` does: INSERT … SELECT per keyset chunk (birthday row by row)
-                rows = planning.plan_into_ledger(store, settings, campaign, at)
-            out["campaigns"][campaign] = {"seconds": time.perf_counter() - t0, "rows": rows}
+                out["campaigns"][campaign] = {"seconds": time.perf_counter() - t0, "rows": rows}
+        else:  # what `run` does (pipeline.plan): every campaign's new rows inserted, two campaigns at a time
+            done = planning.plan_campaigns(store, settings, pipeline.enabled_campaigns(settings), at, threads=threads)
+            for campaign, part in done.items():
+                out["campaigns"][campaign] = {"seconds": part.seconds, "rows": part.created}
     finally:
         store.close()
     out["seconds"] = time.perf_counter() - started
@@ -196,9 +200,9 @@ def one_pass(url: str, mode: str) -> dict[str, Any]:
     return out
 
 
-def run_child(url: str, mode: str) -> dict[str, Any]:
+def run_child(url: str, mode: str, threads: int) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--database", url],
+        [sys.executable, __file__, "--child", mode, "--database", url, "--threads", str(threads)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -243,7 +247,8 @@ def _generate(url: str, backend: str, customers: int, seed: int) -> None:
           f"loaded in {time.perf_counter() - t0:.0f} s")
 
 
-def bench(backend: str, customers: int, seed: int, folder: Path, keep: bool, runs: int, modes: list[str]) -> None:
+def bench(backend: str, customers: int, seed: int, folder: Path, keep: bool, runs: int, modes: list[str],
+          threads: int) -> None:  # fmt: skip
     """Generate (or, with ``keep``, reuse) the shop, then time the passes ``runs`` times each."""
     admin = None
     dbname = ""
@@ -283,7 +288,7 @@ def bench(backend: str, customers: int, seed: int, folder: Path, keep: bool, run
             if run:
                 _clear_ledger(url)
             for mode in modes:
-                result = run_child(url, mode)
+                result = run_child(url, mode, threads)
                 seen.setdefault(mode, []).append(result)
                 report(backend, result)
         if runs > 1:
@@ -312,22 +317,25 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="repeat the passes (0: only generate)")
     parser.add_argument("--modes", default="first,again,next-day,day-after",
                         help=f"which passes, in order, of {', '.join(PASS_AT)} (default: all but dry)")
+    parser.add_argument("--threads", type=int, default=planning.PLAN_THREADS,
+                        help=f"campaigns planned at once (default {planning.PLAN_THREADS}, as `run` does)")
     parser.add_argument("--child", choices=list(PASS_AT), help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(one_pass(args.database, args.child)))
+        print(json.dumps(one_pass(args.database, args.child, args.threads)))
         return
     print(f"planning at {NOW.isoformat()} with the shipped config.toml (every campaign enabled)")
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         for backend in backends:
-            bench(backend, args.customers, args.seed, args.keep, True, args.runs, args.modes.split(","))
+            bench(backend, args.customers, args.seed, args.keep, True, args.runs, args.modes.split(","), args.threads)
         return
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
-            bench(backend, args.customers, args.seed, Path(tmp), False, args.runs, args.modes.split(","))
+            bench(backend, args.customers, args.seed, Path(tmp), False, args.runs, args.modes.split(","),
+                  args.threads)
 
 
 if __name__ == "__main__":

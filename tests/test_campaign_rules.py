@@ -448,16 +448,50 @@ def test_payloads_carry_what_composing_reads(db_url: str) -> None:
         store.close()
 
 
-def test_chunked_inserts_cover_everyone_once(db_url: str) -> None:
-    """INSERT … SELECT in keyset chunks of 5 over 23 candidates (SQLite; PostgreSQL takes one statement)."""
+def test_chunked_inserts_cover_everyone_once(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """23 new candidates, streamed and inserted 2 at a time while the read goes on."""
     from worker.adapters import plan_sql
 
+    monkeypatch.setattr(plan_sql, "INSERT_IDS", 2)
     store = Store.from_url(db_url)
     try:
         load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(23)])
         (plan,) = planning.plans(store, SETTINGS, "winback", NOW) or []
-        assert plan_sql.insert(store.engine, plan, "shop.example", chunk=5) == 23
-        assert plan_sql.insert(store.engine, plan, "shop.example", chunk=5) == 0
+        assert plan_sql.insert(store.engine, plan, "shop.example") == 23
+        assert plan_sql.insert(store.engine, plan, "shop.example") == 0
         assert len(ledger(store, "winback")) == 23
+    finally:
+        store.close()
+
+
+def test_a_pass_that_finds_nothing_new_never_waits_for_the_writer(sqlite_url: str) -> None:
+    """The steady state only reads: another connection holding SQLite's write lock (the sender committing,
+    another process planning) does not hold it up, while a write in its place would have had to wait."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from worker.adapters import db
+
+    store = Store.from_url(sqlite_url)
+    try:
+        db.upgrade(store.engine)
+        load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(7)])
+        assert planning.plan_into_ledger(store, SETTINGS, "winback", NOW) == 7
+        store.engine.dispose()
+
+        @sa.event.listens_for(store.engine, "connect")
+        def _impatient(dbapi_conn: Any, _record: Any) -> None:  # fail at once, not after the busy timeout
+            dbapi_conn.execute("PRAGMA busy_timeout = 0")
+
+        writer = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None, timeout=0)
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            assert planning.plan_into_ledger(store, SETTINGS, "winback", NOW) == 0
+            with pytest.raises(sa.exc.OperationalError, match="locked"):
+                store.suppress("c0@example.com", reason="test", source="test", now=NOW)
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
     finally:
         store.close()

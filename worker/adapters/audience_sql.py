@@ -1,9 +1,10 @@
 """Row-by-row candidate queries and catalogue reads, SQLAlchemy Core only.
 
 Birthday's candidates come back as plain ``AudienceRow`` values (keyset over
-``(birthday_mmdd, id)``, mmdd IN (…a week of days…)) for the pure rules of
+``(birthday_mmdd, id)``, one day at a time) for the pure rules of
 ``worker.core.campaigns`` to decide in each customer's time zone. The other
-campaigns are planned set-based, in SQL: see ``adapters.plan_sql``.
+campaigns are planned set-based, in SQL: see ``adapters.plan_sql``. Every
+query here only reads (``db.reading``: no SQLite write lock).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from worker.adapters import db
 from worker.adapters.store import PURCHASE_EXCLUDED, C, L, M, O, P, S, _chunks, product_view
 from worker.core.campaigns import AudienceRow, Launch
 from worker.domain import ProductView
@@ -27,7 +29,7 @@ def _reachable() -> list[Any]:
 
 
 def _rows(engine: Engine, query: Any) -> list[Any]:
-    with engine.begin() as conn:
+    with db.reading(engine) as conn:
         return list(conn.execute(query).all())
 
 
@@ -46,7 +48,7 @@ def existing_keys(engine: Engine, keys: Iterable[str]) -> set[str]:
     """The dedupe keys among ``keys`` the ledger already has."""
     wanted = sorted(set(keys))
     found: set[str] = set()
-    with engine.begin() as conn:
+    with db.reading(engine) as conn:
         for part in _chunks(wanted):
             found.update(conn.execute(sa.select(M.c.dedupe_key).where(M.c.dedupe_key.in_(part))).scalars())
     return found
@@ -67,7 +69,7 @@ def customer_products(engine: Engine, customer_ids: Iterable[int]) -> dict[int, 
     ids = sorted(set(customer_ids))
     out: dict[int, list[ProductView]] = {i: [] for i in ids}
     seen: set[tuple[int, str]] = set()
-    with engine.begin() as conn:
+    with db.reading(engine) as conn:
         for part in _chunks(ids):
             query = (
                 sa.select(O.c.customer_id, P)

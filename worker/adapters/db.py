@@ -2,12 +2,15 @@
 
 SQLite runs in WAL mode with a busy timeout, and every transaction begins with
 ``BEGIN IMMEDIATE``: a writer takes the database lock up front, so a claim's
-select-then-update cannot interleave with another process's. PostgreSQL uses
+select-then-update cannot interleave with another process's. A transaction
+that only reads may say so (``reading``) and take no lock. PostgreSQL uses
 row locks (``FOR UPDATE SKIP LOCKED``) instead; see ``store.Store.claim``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
@@ -47,10 +50,23 @@ def create_engine(url: str) -> Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+_READ_ONLY = "kembali_read_only"
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[sa.Connection]:
+    """A transaction that only reads. On SQLite a deferred ``BEGIN`` rather than ``BEGIN IMMEDIATE``: it
+    takes no write lock, so it runs beside the writer and beside other readers (WAL); writing in it fails."""
+    with engine.connect() as conn:
+        conn.execution_options(**{_READ_ONLY: True})
+        with conn.begin():
+            yield conn
 
 
 def _holdout_hash_memo() -> Any:

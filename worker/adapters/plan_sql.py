@@ -34,7 +34,10 @@ databases and compare keys, Message-IDs and holdouts with the pure functions.
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -49,10 +52,11 @@ from worker.adapters.tables import UTCDateTime
 from worker.core.policy import holdout_threshold
 from worker.domain import MessageStatus, PlannedMessage, SkipReason
 
-INSERT_CHUNK = 50_000
-"""Candidates per INSERT … SELECT on SQLite: the write lock is held for one chunk at a time."""
-SQLITE_CACHE_KIB = 65_536
-"""SQLite page cache while planning inserts (the default 2 MB thrashes on the ledger's random-order indexes)."""
+INSERT_IDS = 20_000
+"""New rows per write transaction: the SQLite write lock is held for one such insert at a time."""
+SQLITE_CACHE_KIB = 16_384
+"""SQLite page cache of a planning connection (the default 2 MB re-reads the ledger's index pages; 64 MB was no
+faster and, with two campaigns at once, doubled the peak RSS)."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,8 @@ class Plan:
     where: list[Any]
     order: tuple[Any, ...]
     """Keyset columns: an index's columns, the first ranged by ``where``, the last unique within the first."""
-    range: list[Any]
-    """The part of ``where`` the driving index answers alone (on ``order[0]``'s table): what chunks count."""
+    ident: Any
+    """The primary key that names a candidate (one row per candidate): what ``insert`` inserts by."""
     holdout_share: float = 0.0
     probe: bool = False
     """Few candidates, found by an index range: probe the ledger's dedupe key once per candidate.
@@ -169,7 +173,7 @@ def winback(c: Common, *, steps: Sequence[tuple[datetime, str, int]]) -> Plan:
         ("template", template),
     ])  # fmt: skip
     return Plan("winback", step, c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id), payload,
-                C, where, (C.c.id,), [], c.holdout_share)  # fmt: skip
+                C, where, (C.c.id,), C.c.id, c.holdout_share)  # fmt: skip
 
 
 def feedback(c: Common, *, after: datetime, not_after: datetime) -> Plan:
@@ -181,7 +185,7 @@ def feedback(c: Common, *, after: datetime, not_after: datetime) -> Plan:
     ranged = [O.c.settled_at > after, O.c.settled_at <= not_after]
     where = [*ranged, O.c.status.not_in(PURCHASE_EXCLUDED), *_consenting()]
     return Plan("feedback", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id), payload,
-                O.join(C, C.c.id == O.c.customer_id), where, (O.c.settled_at, O.c.id), ranged,
+                O.join(C, C.c.id == O.c.customer_id), where, (O.c.settled_at, O.c.id), O.c.id,
                 c.holdout_share, probe=True)  # fmt: skip
 
 
@@ -192,7 +196,7 @@ def new_products(c: Common, *, since: datetime, before: datetime, week: str) -> 
     where = [last >= since, last < before, *_consenting()]
     # by customer id, as win-back: most customers are candidates
     return Plan("new_products", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id),
-                json_object_sql(c.dialect, []), C, where, (C.c.id,), [], c.holdout_share)  # fmt: skip
+                json_object_sql(c.dialect, []), C, where, (C.c.id,), C.c.id, c.holdout_share)  # fmt: skip
 
 
 def loyalty(c: Common, *, since: datetime, orders: Sequence[int], spend_minor: Sequence[int]) -> list[Plan]:
@@ -207,7 +211,7 @@ def loyalty(c: Common, *, since: datetime, orders: Sequence[int], spend_minor: S
         key = _lit("loyalty:") + _key_part(C.c.external_id) + _lit(":") + label
         where = [_scanned(c.dialect, C.c.last_order_at) >= since, column >= min(thresholds), *_consenting()]
         plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id),
-                          json_object_sql(c.dialect, [("milestone", label)]), C, where, (C.c.id,), [],
+                          json_object_sql(c.dialect, [("milestone", label)]), C, where, (C.c.id,), C.c.id,
                           c.holdout_share, probe=True))  # fmt: skip
     return plans
 
@@ -259,62 +263,87 @@ def _after(order: Sequence[Any], cursor: Sequence[Any] | None) -> list[Any]:
     return [order[0] >= bounds[0], sa.tuple_(*order) > sa.tuple_(*bounds)]
 
 
-def _up_to(order: Sequence[Any], bound: Sequence[Any]) -> list[Any]:
-    bounds = [sa.bindparam(None, v, type_=c.type) for c, v in zip(order, bound, strict=True)]
-    return [order[0] <= bounds[0], sa.tuple_(*order) <= sa.tuple_(*bounds)]
+def insert(engine: Engine, plan: Plan, domain: str) -> int:
+    """Insert the plan's new rows (ON CONFLICT (dedupe_key) DO NOTHING); returns the rows created.
 
-
-def insert(engine: Engine, plan: Plan, domain: str, *, chunk: int | None = None) -> int:
-    """Insert the plan's rows (ON CONFLICT (dedupe_key) DO NOTHING); returns the rows created.
-
-    PostgreSQL: one statement (row locks only; its planner picks a hash anti-join over the ledger).
-    SQLite: ``chunk`` candidates per statement, so the database-wide write lock is released in between."""
+    Two steps. A read-only transaction finds the new candidates (``plan.ident`` of each): the whole rule,
+    ledger probe and suppression probe, streamed from the database. It takes no write lock (SQLite's
+    other readers and its one writer go on beside it), and in the steady state it is all a pass does.
+    Every ``INSERT_IDS`` new candidates are inserted by ident in a write transaction of their own, while
+    the read goes on: memory stays flat however many are new. The insert re-checks the rule (a customer
+    who ordered again in between is not planned) but not the probes: a row planned meanwhile by another
+    worker is what ON CONFLICT DO NOTHING is for, and an address suppressed meanwhile is skipped at send
+    time."""
     dialect = engine.dialect.name
-    chunk = chunk or INSERT_CHUNK
     columns = _columns(plan, dialect, domain, message_id=False)
     names = list(columns)
     created = 0
-    cursor: Sequence[Any] | None = None
-    while True:
-        with engine.begin() as conn:
-            _tune(conn, plan)
-            if dialect == "sqlite":
-                # the ledger's indexes take random inserts: a page cache that holds them saves re-reads
-                conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
-            upto: list[Any] = []
-            bound = None
-            if dialect == "sqlite":
-                # the chunk's last candidate: an index walk, cheap next to the insert
-                bound_q = (
-                    sa.select(*plan.order)
-                    .where(*plan.range, *_after(plan.order, cursor))
-                    .order_by(*plan.order)
-                    .offset(chunk - 1)
-                    .limit(1)
-                )
-                bound = conn.execute(bound_q).first()
-                upto = _up_to(plan.order, tuple(bound)) if bound is not None else []
+    with db.reading(engine) as reader:
+        _tune(reader, plan)
+        if dialect == "sqlite":
+            # the ledger's index pages, read again and again: a cache that holds them saves re-reads
+            reader.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+        found = reader.execution_options(stream_results=True, yield_per=INSERT_IDS).execute(
+            sa.select(plan.ident).select_from(plan.from_).where(*_new(plan))
+        )
+        for part in found.scalars().partitions(INSERT_IDS):
             select = (
                 sa.select(*(columns[n].label(n) for n in names))
                 .select_from(plan.from_)
-                .where(*_new(plan), *_after(plan.order, cursor), *upto)
+                .where(_among(plan.ident, sorted(part), dialect), *plan.where)
             )
-            stmt = db.insert_ignore(engine, M).from_select(names, select)
-            created += conn.execution_options(preserve_rowcount=True).execute(stmt).rowcount
-        if bound is None:
-            return created
-        cursor = tuple(bound)
+            with _one_writer(engine), engine.begin() as conn:
+                _tune(conn, plan)
+                stmt = db.insert_ignore(engine, M).from_select(names, select)
+                created += conn.execution_options(preserve_rowcount=True).execute(stmt).rowcount
+    return created
+
+
+def _among(ident: Any, ids: list[int], dialect: str) -> Any:
+    """``ident IN ids`` with the ids as one parameter (a JSON array on SQLite, an array on PostgreSQL): SQLAlchemy
+    renders an expanding IN one bound parameter per id, which cost more than the insert."""
+    if dialect == "postgresql":
+        return ident == sa.any_(sa.bindparam("ids", ids, type_=postgresql.ARRAY(sa.BigInteger)))
+    listed = sa.select(sa.column("value", sa.BigInteger)).select_from(
+        sa.func.json_each(sa.bindparam("ids", json.dumps(ids), type_=sa.String))
+    )
+    return ident.in_(listed)
+
+
+_WRITERS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_WRITERS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _one_writer(engine: Engine) -> Iterator[None]:
+    """SQLite: this process's planning inserts take the database's write lock in turn, queued here. Two
+    threads that met at SQLite's lock would each sleep in its busy handler (1, 2, 5 … 100 ms) instead."""
+    if engine.dialect.name != "sqlite":
+        yield
+        return
+    with _WRITERS_LOCK:
+        lock = _WRITERS.setdefault(engine, threading.Lock())
+    with lock:
+        yield
 
 
 def _tune(conn: Connection, plan: Plan) -> None:
     """PostgreSQL, for this transaction: no JIT (compiling the expressions cost ~0.3 s per statement, more
-    than it saved), and index probes rather than a hash of the whole ledger for a ``probe`` plan."""
+    than it saved), plans for every row of a cursor, and the join that suits the plan whatever the ledger's
+    statistics say."""
     if conn.dialect.name != "postgresql":
         return
     conn.exec_driver_sql("SET LOCAL jit = off")
+    # a streamed read is a cursor, which PostgreSQL plans for its first 10 % by default; every row is read
+    conn.exec_driver_sql("SET LOCAL cursor_tuple_fraction = 1.0")
+    # The ledger grows while the read goes on (this pass's inserts, another campaign's), and on a first
+    # pass its statistics say it is empty: a nested loop that scans it per candidate would read every new
+    # row again and again. So: index probes (``probe``), or one hash of it, never a scan per candidate.
     if plan.probe:
-        conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
-        conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
+        for setting in ("enable_hashjoin", "enable_mergejoin", "enable_seqscan"):
+            conn.exec_driver_sql(f"SET LOCAL {setting} = off")
+    else:
+        conn.exec_driver_sql("SET LOCAL enable_nestloop = off")
 
 
 def analyze_ledger(engine: Engine) -> None:
