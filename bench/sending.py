@@ -289,7 +289,8 @@ def sample_message(port: int, folder: Path) -> bytes:
     from worker.pipeline import load_batch_facts, load_catalogue, plan
 
     plan(deps.store, deps.settings, now)
-    (claimed,) = deps.store.claim(worker="bench", now=now, limit=1, lease_seconds=60)
+    (claimed,) = deps.store.claim(worker="bench", now=now, limit=1, lease_seconds=60,
+                                  domain=deps.settings.shop.domain)
     facts = load_batch_facts(deps.store, [claimed], load_catalogue(deps.store))
     composed = deps.composer().compose(claimed, facts, now)
     deps.close()

@@ -133,3 +133,45 @@ def test_table_shows_local_time_and_render_errors_name_file_and_line(tmp_path: P
     assert "2026-11-22 10:00 WIB" in out or "2026-11-22 11:00 WITA" in out
     assert "render_error" in out and "Not sent, by reason:" in out
     assert "render error (" in out and "winback/en/body.txt:" in out and "bas_url" in out
+
+
+def test_rows_planned_but_not_yet_claimed_preview_with_the_message_id_their_claim_gives(
+    site: Site, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning leaves the Message-ID to the first claim; preview of such rows shows the very one sent."""
+    from worker import pipeline
+    from worker.core.audiences import message_id_for
+
+    deps = Deps.build(site.settings)
+    try:
+        planned = pipeline.plan(deps.store, site.settings, T)
+    finally:
+        deps.close()
+    assert sum(planned.created.values()) > 5
+    assert {mid for _, mid in _message_ids(site)} == {None}
+    before = _fingerprint(site)
+
+    out = tmp_path / "preview-out"
+    code, lines = _preview_json(site, "--out", str(out))
+    assert code == 0 and _fingerprint(site) == before
+    parser = BytesParser(policy=policy.default)
+    shown = {str(parser.parsebytes(p.read_bytes())["Message-ID"]) for p in out.glob("*.eml")}
+    sends = [str(r["dedupe_key"]) for r in lines if r["action"] == "send"]
+    assert shown == {message_id_for(key, site.settings.shop.domain) for key in sends} and len(shown) > 5
+
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_SECRET)
+    deps = Deps.build(site.settings)
+    deps.clock = FixedClock(T)
+    try:
+        asyncio.run(running.cycle(deps))
+    finally:
+        deps.close()
+    assert {str(parser.parsebytes(m.data)["Message-ID"]) for m in smtp_server.messages} == shown
+
+
+def _message_ids(site: Site) -> list[tuple[str, str | None]]:
+    engine = sa.create_engine(f"sqlite:///{site.db_path}")
+    with engine.connect() as conn:
+        out = [(r.dedupe_key, r.message_id) for r in conn.execute(sa.select(M.c.dedupe_key, M.c.message_id))]
+    engine.dispose()
+    return out

@@ -301,7 +301,7 @@ def preview(
 
     def batches() -> Iterator[list[tuple[ClaimedMessage, bool]]]:
         for campaign in wanted:  # highest priority first, as a claim would take them
-            for due in store.due_messages(now=now, campaigns=[campaign]):
+            for due in store.due_messages(now=now, campaigns=[campaign], domain=settings.shop.domain):
                 yield [(m, False) for m in due]
             for batch in plan_batches(store, settings, campaign, now):
                 yield [(as_claimed(m), m.held_out) for m in batch]

@@ -10,11 +10,13 @@ of the ``message`` row, including the dedupe key (``_key_part``, the SQL twin
 of ``core.audiences.key_part``) and the holdout (``core.policy.in_holdout``).
 The same SELECT serves two callers:
 
-* ``insert`` runs ``INSERT INTO message (…) SELECT … ON CONFLICT DO NOTHING``
-  in keyset chunks (no row travels through Python; the SQLite write lock is
-  released between chunks). The Message-ID is left NULL: the first claim
-  gives it (``core.audiences.message_id_for`` of the key, migration 0008), so
-  the first pass over a shop writes no random-order unique index entries;
+* ``insert`` finds the new candidates' ids in a read that takes no write lock,
+  then runs ``INSERT INTO message (…) SELECT … WHERE id IN (…) ON CONFLICT DO
+  NOTHING`` for each 20,000 of them as the read streams on (no row travels
+  through Python; a pass that finds nothing new writes nothing). The
+  Message-ID is left NULL: the first claim gives it
+  (``core.audiences.message_id_for`` of the key, migration 0008), so the first
+  pass over a shop writes no random-order unique index entries;
 * ``stream`` reads it in keyset batches as ``PlannedMessage`` values, with
   the Message-ID the claim will give, for preview, which must not write.
 
@@ -327,13 +329,15 @@ def _one_writer(engine: Engine) -> Iterator[None]:
         yield
 
 
-def _tune(conn: Connection, plan: Plan) -> None:
+def _tune(conn: Connection, plan: Plan, *, joins: bool = True) -> None:
     """PostgreSQL, for this transaction: no JIT (compiling the expressions cost ~0.3 s per statement, more
     than it saved), plans for every row of a cursor, and the join that suits the plan whatever the ledger's
     statistics say."""
     if conn.dialect.name != "postgresql":
         return
     conn.exec_driver_sql("SET LOCAL jit = off")
+    if not joins:
+        return
     # a streamed read is a cursor, which PostgreSQL plans for its first 10 % by default; every row is read
     conn.exec_driver_sql("SET LOCAL cursor_tuple_fraction = 1.0")
     # The ledger grows while the read goes on (this pass's inserts, another campaign's), and on a first
@@ -371,8 +375,8 @@ def stream(engine: Engine, plan: Plan, domain: str, *, limit: int) -> Iterator[l
             .order_by(*plan.order)
             .limit(limit)
         )
-        with engine.begin() as conn:
-            _tune(conn, plan)
+        with db.reading(engine) as conn:
+            _tune(conn, plan, joins=False)  # keyset batches of ``limit``: the planner's choice suits them
             rows = conn.execute(query).all()
         if not rows:
             return

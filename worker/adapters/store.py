@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 
 from worker.adapters import db
 from worker.adapters.tables import Attempt, Customer, Message, OrderLine, Product, ShopOrder, Suppression
-from worker.core.audiences import WinbackCandidate
+from worker.core.audiences import WinbackCandidate, message_id_for
 from worker.domain import (
     ClaimedMessage,
     CustomerSnapshot,
@@ -325,9 +325,10 @@ class Store:
         return [_claimed(r, read) for r in rows]
 
     def due_messages(
-        self, *, now: datetime, campaigns: Sequence[str], batch_size: int = 1000
+        self, *, now: datetime, campaigns: Sequence[str], domain: str, batch_size: int = 1000
     ) -> Iterator[list[ClaimedMessage]]:
-        """Rows a claim at ``now`` could take, in keyset batches, without claiming them (preview)."""
+        """Rows a claim at ``now`` could take, in keyset batches, without claiming them (preview); a row
+        planned without a Message-ID shows the one its claim will give (``message_id_for`` on ``domain``)."""
         after = 0
         while True:
             query = (
@@ -346,7 +347,11 @@ class Store:
             if not rows:
                 return
             after = rows[-1].id
-            yield [_claimed(r, _as_is) for r in rows]
+            yield [
+                _claimed(r if r.message_id is not None else (*r[:6], message_id_for(r.dedupe_key, domain), *r[7:]),
+                         _as_is)
+                for r in rows
+            ]  # fmt: skip
 
     def record_and_mark(
         self, dispositions: Sequence[Disposition], ids: Sequence[int], *, worker: str, now: datetime
