@@ -14,10 +14,11 @@ process each (so peak RSS is planning's alone), these passes, in order, on one l
   very first pass on a shop;
 * ``again``: a second pass right after, which finds everything already planned (the steady state: what every
   scheduled pass costs before it finds anything new);
-* ``next-day``: the pass a day later, on a Monday: the day's new rows plus new products' weekly ones (its dedupe
-  key is the ISO week, so every customer still due news gets a row that day);
-* ``day-after``: the pass two days later, mid-week: only the day's new rows (win-back steps reached, orders due
-  a feedback request, birthdays, milestones).
+* ``next-day``: the pass a day later, on a Monday (a new ISO week, nothing launched yet): the day's new rows;
+* ``day-after``: the pass two days later, mid-week: the day's new rows (win-back steps reached, orders due a
+  feedback request, birthdays, milestones);
+* ``launch-day``: three days later, after a product launch (the bench adds product P-LAUNCH, launched that
+  morning): the day's rows plus the news for every active customer whose last order predates it (~530k).
 
 ``--keep DIR`` keeps the generated shop (SQLite file in DIR, PostgreSQL database ``kembali_bench_<N>_<seed>``)
 and reuses it on the next run, with the ledger emptied; ``--runs N`` repeats the passes; ``--modes`` picks them.
@@ -174,13 +175,26 @@ def bench_settings(url: str) -> Settings:
 
 
 PASS_AT = {"dry": NOW, "first": NOW, "again": NOW, "next-day": NOW + timedelta(days=1),
-           "day-after": NOW + timedelta(days=2)}
+           "day-after": NOW + timedelta(days=2), "launch-day": NOW + timedelta(days=3)}
+LAUNCH = {"id": 1000, "external_id": "P-LAUNCH", "name": "Produk baru", "category": "Kopi", "price_minor": 150_000_00,
+          "currency": "IDR", "url": "https://toko.example/p/launch", "image_url": "", "active": True,
+          "launched_at": PASS_AT["launch-day"] - timedelta(hours=6), "created_at": NOW, "updated_at": NOW}
+"""Launched between ``day-after`` and ``launch-day``: earlier passes do not see it (launches after the pass's
+instant are not news yet), so it stays in a kept shop without changing them."""
+
+
+def _launch(store: Store) -> None:
+    with store.engine.begin() as conn:
+        if conn.execute(sa.select(P.c.id).where(P.c.external_id == LAUNCH["external_id"])).first() is None:
+            conn.execute(sa.insert(P), [LAUNCH])
 
 
 def one_pass(url: str, mode: str, threads: int = planning.PLAN_THREADS) -> dict[str, Any]:
     settings = bench_settings(url)
     store = Store.from_url(url)
     at = PASS_AT[mode]
+    if mode == "launch-day":
+        _launch(store)
     out: dict[str, Any] = {"mode": mode, "campaigns": {}}
     started = time.perf_counter()
     try:
@@ -315,7 +329,7 @@ def main() -> None:
                         help="keep the generated shop (SQLite file in DIR, PostgreSQL database kembali_bench_N_SEED) "
                         "and reuse it next time, with its ledger emptied")
     parser.add_argument("--runs", type=int, default=1, help="repeat the passes (0: only generate)")
-    parser.add_argument("--modes", default="first,again,next-day,day-after",
+    parser.add_argument("--modes", default="first,again,next-day,day-after,launch-day",
                         help=f"which passes, in order, of {', '.join(PASS_AT)} (default: all but dry)")
     parser.add_argument("--threads", type=int, default=planning.PLAN_THREADS,
                         help=f"campaigns planned at once (default {planning.PLAN_THREADS}, as `run` does)")

@@ -139,7 +139,6 @@ LOYALTY = [
 LAUNCHES = [  # (product, launched how long ago, active)
     ("P-NEW", ago(5), True), ("P-OLD", ago(20), True), ("P-SOON", -ago(2), True), ("P-GONE", ago(2), False),
 ]  # fmt: skip
-WEEK = cc.iso_week(NOW.astimezone(ZoneInfo(JKT)).date())
 
 
 def facts(i: int, case: Case, planned: frozenset[str] = frozenset()) -> cc.Facts:
@@ -164,6 +163,9 @@ def _launches() -> list[cc.Launch]:
         for ext, when, active in LAUNCHES
         if active
     ]
+
+
+WEEK = cc.news_week([x for x in _launches() if x.launched_at <= NOW], ZoneInfo(JKT))
 
 
 RULES: dict[str, Callable[[cc.Facts], list[str]]] = {
@@ -493,5 +495,24 @@ def test_a_pass_that_finds_nothing_new_never_waits_for_the_writer(sqlite_url: st
         finally:
             writer.execute("ROLLBACK")
             writer.close()
+    finally:
+        store.close()
+
+
+def test_news_is_sent_once_not_again_the_next_week_unless_something_new_launched(db_url: str) -> None:
+    """New products' key counts the week of the newest launch. The day after NOW is a Monday, a new ISO week:
+    P-NEW (launched last Tuesday) is still "new" but was announced, so nothing is planned; once P-SOON has
+    launched, that week, it is."""
+    store = Store.from_url(db_url)
+    try:
+        load(store, [Case("last order 10 days ago", 1, (o(D, 10),))])
+        assert planning.plan_into_ledger(store, SETTINGS, "new_products", NOW) == 1
+        monday = NOW + timedelta(days=1)
+        assert cc.iso_week(monday.astimezone(ZoneInfo(JKT)).date()) != WEEK
+        assert planning.plan_into_ledger(store, SETTINGS, "new_products", monday) == 0
+        after_launch = NOW + timedelta(days=3)
+        assert planning.plan_into_ledger(store, SETTINGS, "new_products", after_launch) == 1
+        soon = cc.iso_week((NOW + ago(2)).astimezone(ZoneInfo(JKT)).date())
+        assert sorted(ledger(store, "new_products")) == [f"new_products:C0:{WEEK}", f"new_products:C0:{soon}"]
     finally:
         store.close()

@@ -92,7 +92,7 @@ def plans(store: Store, settings: Settings, campaign: str, now: datetime) -> lis
             return []
         # new_since: a launch after the last order and within within_days exists iff the last order is before
         # the newest launch (every launch returned is within the window)
-        week = cc.iso_week(cc.local_today(now, zone_of(settings.shop.time_zone, "UTC")))
+        week = cc.news_week(launches, zone_of(settings.shop.time_zone, "UTC"))
         latest = max(x.launched_at for x in launches)
         return [plan_sql.new_products(common, since=now - timedelta(days=cfg.active_within_days), before=latest,
                                       week=week)]  # fmt: skip

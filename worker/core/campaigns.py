@@ -9,7 +9,7 @@ tests run one table of cases through both.
     winback       only one purchase, the last step whose day count passed  winback:<cust>:<order>:<step>
     birthday      0..days_before days before the birthday, their zone      birthday:<cust>:<year>
     feedback      days_after days after delivery (else placement)          feedback:<order>
-    new_products  products launched since their last order                 new_products:<cust>:<iso week>
+    new_products  products launched since their last order                 new_products:<cust>:<news week>
     loyalty       the highest order-count / spend milestone reached        loyalty:<cust>:<milestone>
 """
 
@@ -204,9 +204,12 @@ def iso_week(day: date) -> str:
     return f"{year}-W{week:02d}"
 
 
-def new_products_key(customer_external_id: str, local_day: date) -> str:
-    """One per customer per ISO week (the week of the shop's local date)."""
-    return new_products_key_for_week(customer_external_id, iso_week(local_day))
+def news_week(launches: Sequence[Launch], zone: ZoneInfo) -> str:
+    """The ISO week (on the shop's clock) of the newest launch: what new-products' dedupe key counts in.
+    One email per customer per week in which something was launched, so news a customer was already sent
+    is not sent again the next week while it is still "new" (``within_days`` can span two weeks); keys of
+    the current week are what the key used to hold, so a ledger planned before plans nothing twice."""
+    return iso_week(local_today(max(x.launched_at for x in launches), zone))
 
 
 def new_products_key_for_week(customer_external_id: str, week: str) -> str:
