@@ -207,8 +207,8 @@ def iso_week(day: date) -> str:
 def news_week(launches: Sequence[Launch], zone: ZoneInfo) -> str:
     """The ISO week (on the shop's clock) of the newest launch: what new-products' dedupe key counts in.
     One email per customer per week in which something was launched, so news a customer was already sent
-    is not sent again the next week while it is still "new" (``within_days`` can span two weeks); keys of
-    the current week are what the key used to hold, so a ledger planned before plans nothing twice."""
+    is not sent again the next week while it is still "new" (``within_days`` can span two weeks). A launch
+    in the current week keeps the key the current week gave before this rule."""
     return iso_week(local_today(max(x.launched_at for x in launches), zone))
 
 
