@@ -428,6 +428,10 @@ def test_inserted_rows_match_preview_and_the_pure_functions(db_url: str, campaig
         assert ledger(store, campaign) == expected
         assert planning.plan_into_ledger(store, HELD, campaign, NOW) == 0
         assert list(planning.plan_batches(store, HELD, campaign, NOW)) == []
+        due = [m for batch in store.due_messages(now=NOW, campaigns=[campaign], domain=domain) for m in batch]
+        assert {m.dedupe_key: m.message_id for m in due} == {
+            m.dedupe_key: m.message_id for m in shown if not m.held_out
+        }
         claimed = store.claim(worker="w", now=NOW, limit=1000, lease_seconds=60, domain=domain)
         assert {c.dedupe_key: c.message_id for c in claimed} == {
             m.dedupe_key: m.message_id for m in shown if not m.held_out

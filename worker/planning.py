@@ -190,11 +190,10 @@ def _birthday(store: Store, settings: Settings, now: datetime, priority: int) ->
 
 def _birthday_on(store: Store, settings: Settings, now: datetime, priority: int,
                  mmdd: int) -> Iterator[list[PlannedMessage]]:  # fmt: skip
-    """The customers born on one month and day, in id order: one range of the (birthday_mmdd, id) index
-    per batch (with several days in one IN list, PostgreSQL walks the primary key and filters instead)."""
+    """The customers born on one month and day, in id order, a keyset batch at a time."""
     cfg = settings.campaigns.birthday
     after = 0
-    while rows := audience_sql.birthday_rows(store.engine, mmdd=[mmdd], after_id=after, limit=_batch_size(settings)):
+    while rows := audience_sql.birthday_rows(store.engine, mmdd=mmdd, after_id=after, limit=_batch_size(settings)):
         after = rows[-1].customer_id
         batch = []
         for r in rows:

@@ -9,7 +9,7 @@ query here only reads (``db.reading``: no SQLite write lock).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -33,11 +33,12 @@ def _rows(engine: Engine, query: Any) -> list[Any]:
         return list(conn.execute(query).all())
 
 
-def birthday_rows(engine: Engine, *, mmdd: Sequence[int], after_id: int, limit: int) -> list[AudienceRow]:
-    """Reachable customers whose birthday falls on one of the ``mmdd`` days (the rule decides the rest)."""
+def birthday_rows(engine: Engine, *, mmdd: int, after_id: int, limit: int) -> list[AudienceRow]:
+    """Reachable customers whose birthday falls on the ``mmdd`` day (the rule decides the rest): one range of
+    the (birthday_mmdd, id) index (with several days in one IN list, PostgreSQL walks the primary key)."""
     query = (
         sa.select(*_CUSTOMER, C.c.birthday)
-        .where(C.c.birthday_mmdd.in_(list(mmdd)), C.c.id > after_id, *_reachable())
+        .where(C.c.birthday_mmdd == mmdd, C.c.id > after_id, *_reachable())
         .order_by(C.c.id)
         .limit(limit)
     )

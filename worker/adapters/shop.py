@@ -226,6 +226,9 @@ def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: d
             O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED)
         )
 
+    def first_purchase(column: Any) -> Any:
+        return purchases().with_only_columns(column).order_by(O.c.placed_at, O.c.id).limit(1).scalar_subquery()
+
     for part in _chunks(list(customer_ids)):
         conn.execute(
             sa.update(C)
@@ -234,16 +237,8 @@ def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: d
                 order_count=purchases().with_only_columns(sa.func.count()).scalar_subquery(),
                 first_order_at=purchases().with_only_columns(sa.func.min(O.c.placed_at)).scalar_subquery(),
                 last_order_at=purchases().with_only_columns(sa.func.max(O.c.placed_at)).scalar_subquery(),
-                first_order_id=purchases()
-                .with_only_columns(O.c.id)
-                .order_by(O.c.placed_at, O.c.id)
-                .limit(1)
-                .scalar_subquery(),
-                first_order_external_id=purchases()
-                .with_only_columns(O.c.external_id)
-                .order_by(O.c.placed_at, O.c.id)
-                .limit(1)
-                .scalar_subquery(),
+                first_order_id=first_purchase(O.c.id),
+                first_order_external_id=first_purchase(O.c.external_id),
                 total_spent_minor=purchases()
                 .with_only_columns(sa.func.coalesce(sa.func.sum(O.c.total_minor), 0))
                 .scalar_subquery(),

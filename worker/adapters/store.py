@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 
 from worker.adapters import db
 from worker.adapters.tables import Attempt, Customer, Message, OrderLine, Product, ShopOrder, Suppression
-from worker.core.audiences import WinbackCandidate, message_id_for
+from worker.core.audiences import WinbackCandidate
 from worker.domain import (
     ClaimedMessage,
     CustomerSnapshot,
@@ -329,10 +329,15 @@ class Store:
     ) -> Iterator[list[ClaimedMessage]]:
         """Rows a claim at ``now`` could take, in keyset batches, without claiming them (preview); a row
         planned without a Message-ID shows the one its claim will give (``message_id_for`` on ``domain``)."""
+        given = sa.func.coalesce(M.c.message_id, db.message_id_sql(self.dialect, M.c.dedupe_key, domain))
+        columns = [
+            given.label("message_id") if name == "message_id" else M.c[name]
+            for name in (n.strip() for n in _CLAIM_RETURNING.split(","))
+        ]
         after = 0
         while True:
             query = (
-                sa.select(*(M.c[name.strip()] for name in _CLAIM_RETURNING.split(",")))
+                sa.select(*columns)
                 .where(
                     M.c.id > after,
                     M.c.status.in_(CLAIMABLE),
@@ -347,11 +352,7 @@ class Store:
             if not rows:
                 return
             after = rows[-1].id
-            yield [
-                _claimed(r if r.message_id is not None else (*r[:6], message_id_for(r.dedupe_key, domain), *r[7:]),
-                         _as_is)
-                for r in rows
-            ]  # fmt: skip
+            yield [_claimed(r, _as_is) for r in rows]
 
     def record_and_mark(
         self, dispositions: Sequence[Disposition], ids: Sequence[int], *, worker: str, now: datetime
