@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
+import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from worker.adapters import db
 from worker.adapters.ratestore import RateStore
@@ -28,7 +32,7 @@ from worker.core.limits import (
 from worker.core.ratelimit import Gcra
 from worker.domain import MessageStatus, Outcome, SendResult
 from worker.errors import ConfigError
-from worker.limiter import Limiter, LocalBooker
+from worker.limiter import Limit, Limiter, LocalBooker
 from worker.testing import FakeClock
 
 # --- GCRA booking ---------------------------------------------------------------
@@ -122,6 +126,53 @@ def test_a_throttled_domain_sends_at_its_reduced_rate_in_a_simulated_minute() ->
     events = _simulate(limiter, clock, ["gmail.com"], 60.0)
 
     assert 4 * 60 <= len(events) <= 4 * 60 + 1  # half of 8/s, and no burst while throttled
+
+
+class StallingClock(FakeClock):
+    """A fake clock whose sleeps overrun by the given seconds, in turn (a starved process)."""
+
+    def __init__(self, overruns: list[float]) -> None:
+        super().__init__()
+        self.overruns = overruns
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds + (self.overruns.pop(0) if self.overruns else 0.0))
+
+
+class BusyBooker:
+    """A shared limit other workers keep busy: every booking waits 0.1 s."""
+
+    def __init__(self) -> None:
+        self.bookings = 0
+
+    async def book(self, limits: Sequence[Limit]) -> float:
+        self.bookings += 1
+        return 0.1
+
+
+@pytest.mark.parametrize(
+    ("overruns", "bookings", "sent_at"),
+    [
+        ([], 1, 0.1),
+        ([0.04], 1, 0.14),  # woke a little late: the slot is used
+        ([0.3], 2, 0.5),  # woke 0.3 s late: that slot is given up and a new one booked
+        ([0.3, 0.3], 3, 0.9),
+        ([0.3] * 6, 4, 1.6),  # late every time: after three new bookings it goes anyway
+    ],
+)
+def test_a_sender_that_wakes_long_after_its_slot_books_a_new_one(
+    overruns: list[float], bookings: int, sent_at: float
+) -> None:
+    clock = StallingClock(overruns)
+    booker = BusyBooker()
+    limiter = Limiter(SendingSettings(), clock, booker)
+    start = clock.monotonic()
+
+    asyncio.run(limiter.acquire("a.example"))
+
+    assert booker.bookings == bookings
+    assert limiter.late_rebookings == bookings - 1
+    assert clock.monotonic() - start == pytest.approx(sent_at)
 
 
 def test_adaptive_rate_validates() -> None:
@@ -260,6 +311,63 @@ def test_the_database_books_like_the_pure_rule(db_url: str) -> None:
         assert rates.book([("domain:gmail.com", 10.0, 1)], 103.0) == pytest.approx(10.0)
     finally:
         engine.dispose()
+
+
+def test_without_a_given_time_the_database_books_on_its_own_clock(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        rates = RateStore(engine)
+        before = time.time()
+        assert rates.book([("domain:a.example", 10.0, 1)]) == 0.0
+        wait = rates.book([("domain:a.example", 10.0, 1)])
+        after = time.time()
+        with engine.connect() as conn:
+            tat = conn.execute(sa.text("SELECT tat FROM rate_limit WHERE key = 'domain:a.example'")).scalar_one()
+        # two slots booked from the database's "now", which is this machine's clock here
+        assert before + 20.0 - 0.01 <= tat <= after + 20.0 + 0.01
+        assert 10.0 - (after - before) - 0.01 <= wait <= 10.0 + 0.01
+    finally:
+        engine.dispose()
+
+
+def test_bookings_queued_behind_a_stalled_worker_still_go_out_one_interval_apart(db_url: str) -> None:
+    """Another worker holds the ``global`` row for half a second (stalled mid-transaction);
+    the bookings that queue behind it must not come back with slots in the past, or they
+    all go out at once when it lets go."""
+    interval = 0.05
+    engine = db.create_engine(db_url)
+    try:
+        rates = RateStore(engine)
+        rates.book([("global", interval, 1)])
+        holding = threading.Event()
+        go_at: list[float] = []
+        lock = threading.Lock()
+
+        def stalled_worker() -> None:
+            with engine.begin() as conn:
+                conn.execute(sa.text("UPDATE rate_limit SET tat = tat WHERE key = 'global'"))
+                holding.set()
+                time.sleep(0.5)
+
+        def sender() -> None:
+            holding.wait()
+            for _ in range(3):
+                wait = rates.book([("global", interval, 1)])
+                with lock:
+                    go_at.append(time.time() + wait)
+
+        threads = [threading.Thread(target=stalled_worker)] + [threading.Thread(target=sender) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        engine.dispose()
+
+    go_at.sort()
+    busiest = max(bisect.bisect_left(go_at, t + 2 * interval) - i for i, t in enumerate(go_at))
+    assert busiest <= 3, f"{busiest} messages within {2 * interval} s: {[round(t - go_at[0], 3) for t in go_at]}"
+    assert go_at[-1] - go_at[0] >= 17 * interval * 0.9
 
 
 def test_the_daily_quota_is_counted_per_day(db_url: str) -> None:

@@ -67,7 +67,7 @@ def make_limiter(settings: Settings, async_store: AsyncStore, clock: Clock) -> L
     mode = settings.sending.shared_limits
     shared = mode == "database" or (mode == "auto" and async_store.store.dialect == "postgresql")
     booker: Booker = (
-        DbBooker(async_store, RateStore(async_store.store.engine), clock) if shared else LocalBooker(clock)
+        DbBooker(async_store, RateStore(async_store.store.engine)) if shared else LocalBooker(clock)
     )
     return Limiter(settings.sending, clock, booker)
 

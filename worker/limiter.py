@@ -36,6 +36,10 @@ QUOTA_KEY = "quota:daily"
 Limit = tuple[str, float, int]
 """(key, interval in seconds, burst)"""
 
+LATE_SECONDS = 0.05
+"""A sender that wakes this much after its slot books a new one."""
+REBOOKS = 3
+
 
 class Booker(Protocol):
     async def book(self, limits: Sequence[Limit]) -> float:
@@ -62,21 +66,14 @@ class LocalBooker:
 class DbBooker:
     """GCRA state in the ``rate_limit`` table, shared by every worker on the database."""
 
-    def __init__(self, store: AsyncStore, rates: RateStore, clock: Clock) -> None:
+    def __init__(self, store: AsyncStore, rates: RateStore) -> None:
         self.store = store
         self.rates = rates
-        self.clock = clock
 
     async def book(self, limits: Sequence[Limit]) -> float:
-        def on_db_thread() -> float:
-            # read the time when the statement runs (the DB thread may have been busy), and
-            # turn the wait into an absolute slot, so the time the answer takes to come back
-            # is not added on top of it
-            now = self.clock.now().timestamp()
-            return now + self.rates.book(limits, now)
-
-        slot = await self.store.call(on_db_thread)
-        return max(0.0, slot - self.clock.now().timestamp())
+        # the wait is measured on the database's clock, the one every worker shares; the time
+        # its answer takes to come back is added on top, which errs on the slow side
+        return await self.store.call(self.rates.book, limits)
 
 
 class Limiter:
@@ -85,6 +82,7 @@ class Limiter:
         self.clock = clock
         self.booker = booker
         self.rates: dict[str, AdaptiveRate] = {}
+        self.late_rebookings = 0
 
     def _rate(self, domain: str) -> AdaptiveRate:
         rate = self.rates.get(domain)
@@ -106,11 +104,27 @@ class Limiter:
         return [(GLOBAL_KEY, 1.0 / s.rate_per_second, s.burst), (f"domain:{domain}", 1.0 / rate.current, burst)]
 
     async def acquire(self, domain: str) -> float:
-        """Wait for a slot on the global and the domain rate; returns the seconds waited."""
-        wait = await self.booker.book(self.limits(domain))
-        if wait > 0:
+        """Wait for a slot on the global and the domain rate; returns the seconds waited.
+
+        A sender that wakes well after its slot (the process was starved of CPU, or the
+        event loop was busy) gives the slot up and books again: sent late, it would go
+        out together with the messages of the slots after it, and a stalled worker would
+        release its whole backlog at once. After ``REBOOKS`` tries it goes anyway, so an
+        overloaded machine slows down rather than stops."""
+        waited = 0.0
+        for tries in range(REBOOKS + 1):
+            wait = await self.booker.book(self.limits(domain))
+            if wait <= 0:
+                break
+            due = self.clock.monotonic() + wait
             await self.clock.sleep(wait)
-        return wait
+            waited += wait
+            late = self.clock.monotonic() - due
+            if late <= LATE_SECONDS or tries == REBOOKS:
+                break
+            self.late_rebookings += 1
+            log.event("rate_slot_missed", logging.DEBUG, domain=domain, late_seconds=round(late, 3))
+        return waited
 
     def observe(self, domain: str, result: SendResult) -> None:
         rate = self._rate(domain)

@@ -12,6 +12,12 @@ processes queue up one after the other, so no two get the same slot. The
 arithmetic matches ``worker.core.limits.book``. Times are Unix seconds (wall
 clock), since monotonic clocks are not shared between processes.
 
+In production ``now`` is the database's own clock, read inside the statement
+(``clock_timestamp()`` on PostgreSQL, evaluated after the row lock is taken):
+workers on several hosts then share one clock, and a booking that queued behind
+another worker's lock does not carry a stale "now" that would let it, and every
+booking queued with it, take slots in the past and go out together.
+
 ``take_quota`` counts today's sends in a ``quota:*`` row inside one short
 transaction (``SELECT … FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite).
 """
@@ -37,16 +43,26 @@ class RateStore:
         self._insert = postgresql.insert if pg else sqlite.insert
         self._greatest = sa.func.greatest if pg else sa.func.max
 
-    def _book_stmt(self, key: str, now: float, step: float) -> sa.Executable:
-        stmt = self._insert(R).values(key=key, tat=now + step, day_count=0)
+    def _clock(self) -> sa.ColumnElement[float]:
+        """The database's wall clock in Unix seconds, read when the expression is evaluated."""
+        if self.engine.dialect.name == "postgresql":
+            return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float)
+        # SQLite's 'now' is fixed for the statement, which runs holding the write lock
+        return (sa.func.julianday("now") - 2440587.5) * 86400.0
+
+    def _book_stmt(self, key: str, now: float | None, step: float) -> sa.Executable:
+        at = self._clock() if now is None else sa.literal(now, sa.Float)
+        stmt = self._insert(R).values(key=key, tat=at + step, day_count=0)
         return stmt.on_conflict_do_update(
             index_elements=[R.c.key],
-            set_={"tat": self._greatest(R.c.tat, now) + step},
-        ).returning(R.c.tat)
+            set_={"tat": self._greatest(R.c.tat, at) + step},
+        ).returning(R.c.tat, at)
 
-    def book(self, limits: Sequence[tuple[str, float, int]], now: float, n: int = 1) -> float:
+    def book(self, limits: Sequence[tuple[str, float, int]], now: float | None = None, n: int = 1) -> float:
         """Book ``n`` events on every ``(key, interval, burst)`` limit in one transaction;
-        returns the seconds from ``now`` until the first may happen (the longest of the limits)."""
+        returns the seconds from now until the first may happen (the longest of the limits).
+
+        ``now`` is the database's clock unless given (tests give it)."""
         wait = 0.0
         with self.engine.begin() as conn:
             if self.engine.dialect.name == "postgresql":
@@ -54,9 +70,9 @@ class RateStore:
                 conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
             for key, interval, burst in limits:
                 step = n * interval
-                tat = float(conn.execute(self._book_stmt(key, now, step)).scalar_one())
-                start = tat - step
-                wait = max(wait, start - interval * (burst - 1) - now)
+                tat, at = conn.execute(self._book_stmt(key, now, step)).one()
+                start = float(tat) - step
+                wait = max(wait, start - interval * (burst - 1) - float(at))
         return max(0.0, wait)
 
     def take_quota(self, key: str, *, day: str, quota: int, wanted: int) -> int:
