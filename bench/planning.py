@@ -189,7 +189,7 @@ def _launch(store: Store) -> None:
             conn.execute(sa.insert(P), [LAUNCH])
 
 
-def one_pass(url: str, mode: str, threads: int = planning.PLAN_THREADS) -> dict[str, Any]:
+def one_pass(url: str, mode: str, threads: int | None = None) -> dict[str, Any]:
     settings = bench_settings(url)
     store = Store.from_url(url)
     at = PASS_AT[mode]
@@ -214,9 +214,10 @@ def one_pass(url: str, mode: str, threads: int = planning.PLAN_THREADS) -> dict[
     return out
 
 
-def run_child(url: str, mode: str, threads: int) -> dict[str, Any]:
+def run_child(url: str, mode: str, threads: int | None) -> dict[str, Any]:
+    given = [] if threads is None else ["--threads", str(threads)]
     done = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--database", url, "--threads", str(threads)],
+        [sys.executable, __file__, "--child", mode, "--database", url, *given],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -262,7 +263,7 @@ def _generate(url: str, backend: str, customers: int, seed: int) -> None:
 
 
 def bench(backend: str, customers: int, seed: int, folder: Path, keep: bool, runs: int, modes: list[str],
-          threads: int) -> None:  # fmt: skip
+          threads: int | None) -> None:  # fmt: skip
     """Generate (or, with ``keep``, reuse) the shop, then time the passes ``runs`` times each."""
     admin = None
     dbname = ""
@@ -331,8 +332,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="repeat the passes (0: only generate)")
     parser.add_argument("--modes", default="first,again,next-day,day-after,launch-day",
                         help=f"which passes, in order, of {', '.join(PASS_AT)} (default: all but dry)")
-    parser.add_argument("--threads", type=int, default=planning.PLAN_THREADS,
-                        help=f"campaigns planned at once (default {planning.PLAN_THREADS}, as `run` does)")
+    defaults = ", ".join(f"{n} on {d}" for d, n in planning.PLAN_THREADS.items())
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"campaigns planned at once (default as `run` does: {defaults})")
     parser.add_argument("--child", choices=list(PASS_AT), help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
     args = parser.parse_args()
