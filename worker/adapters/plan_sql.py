@@ -10,11 +10,13 @@ of the ``message`` row, including the dedupe key (``_key_part``, the SQL twin
 of ``core.audiences.key_part``) and the holdout (``core.policy.in_holdout``).
 The same SELECT serves two callers:
 
-* ``insert`` finds the new candidates' ids in a read that takes no write lock,
-  then runs ``INSERT INTO message (…) SELECT … WHERE id IN (…) ON CONFLICT DO
-  NOTHING`` for each 20,000 of them as the read streams on (no row travels
-  through Python; a pass that finds nothing new writes nothing). The
-  Message-ID is left NULL: the first claim gives it
+* ``insert`` writes the new rows with no row travelling through Python. On
+  PostgreSQL it is one ``INSERT INTO message (…) SELECT … ON CONFLICT DO
+  NOTHING``. On SQLite, whose one write lock the sender needs too, it finds
+  the new candidates' ids in a read that takes no write lock, then runs the
+  same INSERT ``… WHERE id IN (…)`` for each 20,000 of them as the read
+  streams on (a pass that finds nothing new writes nothing, and never waits
+  for the lock). The Message-ID is left NULL: the first claim gives it
   (``core.audiences.message_id_for`` of the key, migration 0008), so the first
   pass over a shop writes no random-order unique index entries;
 * ``stream`` reads it in keyset batches as ``PlannedMessage`` values, with
@@ -268,7 +270,10 @@ def _after(order: Sequence[Any], cursor: Sequence[Any] | None) -> list[Any]:
 def insert(engine: Engine, plan: Plan, domain: str) -> int:
     """Insert the plan's new rows (ON CONFLICT (dedupe_key) DO NOTHING); returns the rows created.
 
-    Two steps. A read-only transaction finds the new candidates (``plan.ident`` of each): the whole rule,
+    PostgreSQL: one INSERT … SELECT. Its readers and writers do not block each other, and the rows are found
+    and written in one visit (the two steps below took twice as long there: 15 s instead of 8 for 530k rows).
+
+    SQLite: two steps. A read-only transaction finds the new candidates (``plan.ident`` of each): the whole rule,
     ledger probe and suppression probe, streamed from the database. It takes no write lock (SQLite's
     other readers and its one writer go on beside it), and in the steady state it is all a pass does.
     Every ``INSERT_IDS`` new candidates are inserted by ident in a write transaction of their own, while
@@ -279,6 +284,12 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
     dialect = engine.dialect.name
     columns = _columns(plan, dialect, domain, message_id=False)
     names = list(columns)
+    if dialect == "postgresql":
+        with engine.begin() as conn:
+            _tune(conn, plan)
+            select = sa.select(*(columns[n].label(n) for n in names)).select_from(plan.from_).where(*_new(plan))
+            stmt = db.insert_ignore(engine, M).from_select(names, select)
+            return int(conn.execution_options(preserve_rowcount=True).execute(stmt).rowcount)
     created = 0
     with db.reading(engine) as reader:
         _tune(reader, plan)
