@@ -3,14 +3,15 @@
 Given 1,200 win-back emails due and a global rate of 120/s (burst 10) kept in
 the database, when three `kembali run --once` processes start together, then
 every message arrives exactly once, every row is `sent`, more than one worker
-did the sending, and the sink never saw more than the rate allows: at most
-rate + burst in any one-second window (plus 0.1 s of scheduling jitter), and
-no faster than the rate overall.
+did the sending, and the workers never started more SMTP transactions than the
+rate allows: at most rate + burst in any one-second window (plus 0.1 s of
+scheduling jitter), and no faster than the rate overall.
 """
 
 from __future__ import annotations
 
 import bisect
+import gc
 import subprocess
 import sys
 import time
@@ -41,6 +42,9 @@ RATE, BURST = 120.0, 10
 @pytest.mark.postgres
 def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, tmp_path: Path) -> None:
     prepare_database(pg_url, MESSAGES)
+    # the sink is a thread of this process, whose heap holds the whole test session: a full garbage
+    # collection would freeze it for a moment and make it log the messages that waited as one clump
+    gc.disable()
     with TimedSink() as sink:
         raw = settings_dict(pg_url, sink.port, smtp={"pool_size": 3}, rate_per_second=RATE, burst=BURST,
                             batch_size=50, domain_rate_per_second=1000.0, domain_burst=100)  # fmt: skip
@@ -58,6 +62,7 @@ def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, 
             for _ in range(3)
         ]
         codes = [p.wait(timeout=120) for p in procs]
+        gc.enable()
         log.close()
         arrivals = sorted(sink.arrivals)
         received = list(sink.messages)
@@ -73,13 +78,19 @@ def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, 
     engine = db.create_engine(pg_url)
     with engine.connect() as conn:
         workers = Counter(conn.execute(sa.select(A.c.worker)).scalars())
+        starts = sorted(t.timestamp() for t in conn.execute(sa.select(A.c.started_at)).scalars())
     engine.dispose()
     assert len(workers) >= 2, f"one worker did everything: {workers}"
 
-    # GCRA books slots at most RATE/s plus BURST; the wire adds scheduling jitter (a sender
-    # that wakes late fires next to the one after it), allowed for here as 0.1 s of slots
-    busiest = max(bisect.bisect_left(arrivals, t + 1.0) - i for i, t in enumerate(arrivals))
-    assert busiest <= RATE * 1.1 + BURST, f"{busiest} messages in one second"
+    # GCRA books slots at most RATE/s plus BURST; a transaction starts a moment after its slot
+    # (scheduling jitter, under 50 ms or the sender books again), allowed for here as 0.1 s of slots
+    busiest = max(bisect.bisect_left(starts, t + 1.0) - i for i, t in enumerate(starts))
+    assert busiest <= RATE * 1.1 + BURST, f"{busiest} transactions started in one second"
+    # the sink sees each message at the end of its transaction: a reply that is late (the sink or a
+    # worker paused) lets the transactions in flight end together, at most all of them at once
+    in_flight = 3 * 3 * 4  # workers x pool_size x in_flight_per_connection
+    arrived_busiest = max(bisect.bisect_left(arrivals, t + 1.0) - i for i, t in enumerate(arrivals))
+    assert arrived_busiest <= RATE * 1.1 + BURST + in_flight, f"{arrived_busiest} messages arrived in one second"
     # over five seconds the late senders of a loaded 2-core machine (compose helpers, PostgreSQL, the
     # sink and three workers share it) can add up: allow a quarter second of slots there. Without a
     # shared limit three workers would send 3 x RATE (about 1,800 in five seconds).
@@ -87,5 +98,5 @@ def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, 
     assert busiest_5s <= RATE * 5.25 + BURST, f"{busiest_5s} messages in five seconds"
     elapsed = arrivals[-1] - arrivals[0]
     assert elapsed >= (MESSAGES - BURST) / RATE * 0.97, f"{MESSAGES} messages in {elapsed:.1f} s"
-    print(f"workers={dict(workers)} busiest_second={busiest} elapsed={elapsed:.1f}s "
+    print(f"workers={dict(workers)} busiest_second={busiest} (arrived {arrived_busiest}) elapsed={elapsed:.1f}s "
           f"rate={MESSAGES / elapsed:.1f}/s at {time.strftime('%X')}")  # fmt: skip
