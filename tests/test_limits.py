@@ -154,7 +154,7 @@ class BusyBooker:
     ("overruns", "bookings", "sent_at"),
     [
         ([], 1, 0.1),
-        ([0.04], 1, 0.14),  # woke a little late: the slot is used
+        ([0.015], 1, 0.115),  # woke a little late: the slot is used
         ([0.3], 2, 0.5),  # woke 0.3 s late: that slot is given up and a new one booked
         ([0.3, 0.3], 3, 0.9),
         ([0.3] * 6, 4, 1.6),  # late every time: after three new bookings it goes anyway

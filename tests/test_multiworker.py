@@ -83,7 +83,7 @@ def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, 
     assert len(workers) >= 2, f"one worker did everything: {workers}"
 
     # GCRA books slots at most RATE/s plus BURST; a transaction starts a moment after its slot
-    # (scheduling jitter, under 50 ms or the sender books again), allowed for here as 0.1 s of slots
+    # (scheduling jitter, under 20 ms or the sender books again), allowed for here as 0.1 s of slots
     busiest = max(bisect.bisect_left(starts, t + 1.0) - i for i, t in enumerate(starts))
     assert busiest <= RATE * 1.1 + BURST, f"{busiest} transactions started in one second"
     # the sink sees each message at the end of its transaction: a reply that is late (the sink or a

@@ -36,7 +36,7 @@ QUOTA_KEY = "quota:daily"
 Limit = tuple[str, float, int]
 """(key, interval in seconds, burst)"""
 
-LATE_SECONDS = 0.05
+LATE_SECONDS = 0.02
 """A sender that wakes this much after its slot books a new one."""
 REBOOKS = 3
 
