@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 from tests.sendkit import (
     REPO,
     A,
+    M,
     TimedSink,
     ledger,
     message_ids,
@@ -33,6 +35,7 @@ from tests.sendkit import (
     write_config,
 )
 from worker.adapters import db
+from worker.adapters.store import Store
 
 MESSAGES = 1200
 RATE, BURST = 120.0, 10
@@ -100,3 +103,72 @@ def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, 
     assert elapsed >= (MESSAGES - BURST) / RATE * 0.97, f"{MESSAGES} messages in {elapsed:.1f} s"
     print(f"workers={dict(workers)} busiest_second={busiest} (arrived {arrived_busiest}) elapsed={elapsed:.1f}s "
           f"rate={MESSAGES / elapsed:.1f}/s at {time.strftime('%X')}")  # fmt: skip
+
+
+CUSTOMERS = 150
+
+
+def _two_due_per_customer(url: str, config: Path) -> None:
+    """Every customer due two messages, one right after the other in the queue: the win-back the planner
+    gives and a copy under another dedupe key, so that workers claiming side by side each get one."""
+    from worker.config import load_settings
+    from worker.pipeline import plan
+
+    settings = load_settings(config)
+    store = Store.from_url(url)
+    try:
+        plan(store, settings, datetime.now(UTC))
+        with store.engine.begin() as conn:
+            rows = conn.execute(sa.select(M).order_by(M.c.id)).mappings().all()
+            conn.execute(sa.delete(M))
+            columns = [c.name for c in M.columns if c.name != "id"]
+            # two customers' messages, then their copies: a claim of two takes one of each pair's two
+            doubled = [
+                {**{c: r[c] for c in columns}, "dedupe_key": r["dedupe_key"] + suffix}
+                for i in range(0, len(rows), 2)
+                for suffix in ("", ":copy")
+                for r in rows[i : i + 2]
+            ]
+            for row in doubled:  # one by one: ids in this order
+                conn.execute(sa.insert(M).values(row))
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_workers_side_by_side_never_send_one_customer_two_emails(pg_url: str, tmp_path: Path) -> None:
+    """The frequency cap (one email per three days) across workers: two workers that claim a customer's
+    two messages at the same moment do not both send; one waits and is judged again."""
+    prepare_database(pg_url, CUSTOMERS)
+    with TimedSink() as sink:
+        raw = settings_dict(pg_url, sink.port, smtp={"pool_size": 2}, batch_size=2, rate_per_second=10_000.0,
+                            burst=1000, domain_rate_per_second=10_000.0, domain_burst=1000)  # fmt: skip
+        raw["logging"] = {"level": "warning"}
+        config = write_config(tmp_path / "config.toml", raw)
+        _two_due_per_customer(pg_url, config)
+        log = (tmp_path / "workers.log").open("wb")
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"],
+                cwd=REPO,
+                env=subprocess_env(),
+                stdout=log,
+                stderr=log,
+            )
+            for _ in range(3)
+        ]
+        codes = [p.wait(timeout=120) for p in procs]
+        log.close()
+        received = list(sink.messages)
+
+    assert codes == [0, 0, 0], (tmp_path / "workers.log").read_text()[-2000:]
+    per_customer = Counter(m.rcpt_tos[0] for m in received)
+    assert len(per_customer) == CUSTOMERS
+    twice = {address: n for address, n in per_customer.items() if n > 1}
+    assert not twice, f"{len(twice)} customers got two emails at once, e.g. {sorted(twice)[:5]}"
+    rows = ledger(pg_url).values()
+    assert Counter(r.status for r in rows)["sent"] == CUSTOMERS
+    waiting = [r for r in rows if r.status != "sent"]
+    assert len(waiting) == CUSTOMERS
+    assert all(r.status in ("planned", "retry") for r in waiting), Counter(r.status for r in waiting)

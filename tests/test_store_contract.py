@@ -13,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from worker.adapters import db, shop
-from worker.adapters.store import Store
+from worker.adapters.store import HELD_SECONDS, Marks, Store
 from worker.adapters.tables import metadata
 from worker.core.audiences import message_id_for
 from worker.domain import (
@@ -175,6 +175,38 @@ def test_only_the_holder_can_mark_and_record(store: Store) -> None:
     store.record([Disposition(message=batch[0], status=MessageStatus.FAILED, worker="a", started_at=NOW,
                               finished_at=NOW, result=SendResult(Outcome.PERMANENT, 550, "no"))])
     assert {r["dedupe_key"]: r["status"] for r in store.messages()}["k:0"] == "sent"
+
+
+def test_a_row_whose_customer_another_worker_is_sending_to_is_held_back(store: Store) -> None:
+    """Two workers hold one message each for customers 1, 2 and 3 (k:0-k:2 and k:3-k:5). The frequency cap
+    is judged against the ledger, which shows neither until it is recorded, so the mark checks."""
+    store.insert_messages(planned(6), NOW)
+    a = store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)
+    b = store.claim(worker="b", now=NOW, limit=3, lease_seconds=60)
+    assert [m.customer_id for m in a] == [m.customer_id for m in b] == [1, 2, 3]
+    assert store.mark_sending([a[0].id], worker="a", now=NOW) == {a[0].id}
+
+    # a is sending to customer 1: b's message for them goes back to the queue; 2 and 3 go out
+    marks = store.record_and_mark([], [m.id for m in b], worker="b", now=NOW)
+    assert (marks.sending, marks.held) == ({b[1].id, b[2].id}, {b[0].id})
+    held = {r["dedupe_key"]: r for r in store.messages()}["k:3"]
+    assert (held["status"], held["claimed_by"], held["attempts"]) == ("planned", None, 0)
+    assert held["next_attempt_at"] == NOW + timedelta(seconds=HELD_SECONDS)
+
+    # b's message to customer 2 is sent and recorded; a's, claimed before that, is held back too
+    store.record([Disposition(message=b[1], status=MessageStatus.SENT, worker="b", started_at=NOW,
+                              finished_at=NOW + timedelta(seconds=1), result=SendResult(Outcome.SENT, 250, "ok"))])
+    marks = store.record_and_mark([], [a[1].id], worker="a", now=NOW + timedelta(seconds=2))
+    assert (marks.sending, marks.held) == (frozenset(), {a[1].id})
+
+    # judged again later (the contact policy decides then, against a ledger that shows the send)
+    again = store.claim(worker="a", now=NOW + timedelta(seconds=62), limit=10, lease_seconds=60)
+    assert sorted(m.dedupe_key for m in again) == ["k:1", "k:3"]
+    marks = store.record_and_mark([], [m.id for m in again if m.dedupe_key == "k:1"], worker="a",
+                                  now=NOW + timedelta(seconds=62))  # fmt: skip
+    assert len(marks.sending) == 1
+    # a row that lost its lease is neither
+    assert store.record_and_mark([], [a[2].id], worker="intruder", now=NOW) == Marks()
 
 
 def test_lapsed_leases_requeue_claimed_rows_and_make_sending_rows_uncertain(store: Store) -> None:

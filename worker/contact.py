@@ -15,10 +15,12 @@ ended in no email (failed, retried, released) is forgotten when that outcome is
 committed. Preview commits nothing and passes no ``facts_seq``: its arbiter
 remembers everything it decided.
 
-Several workers sharing one PostgreSQL database each keep their own arbiter:
-two workers that claim two messages for the same customer at the same moment
-could both send (the window is one batch); the next run sees both in the
-ledger and defers everything else accordingly.
+Several workers sharing one database each keep their own arbiter, and two of
+them may claim two messages for one customer at the same moment, each judging
+against a ledger that shows neither. The mark that makes a row ``sending``
+settles it (``Store.record_and_mark``): a row whose customer another worker is
+sending to, or was sent something since the row was claimed, is held back and
+goes back to the queue, to be judged again against the ledger a minute later.
 """
 
 from __future__ import annotations

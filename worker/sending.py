@@ -45,6 +45,7 @@ from typing import Literal, Protocol
 
 from worker import log
 from worker.adapters.ratestore import RateStore
+from worker.adapters.store import HELD_SECONDS
 from worker.asyncstore import AsyncStore
 from worker.composing import ComposerPool
 from worker.config import Settings
@@ -98,7 +99,7 @@ class LedgerWriter:
         self.worker = worker
         self.clock = clock
         self.group = group
-        self._marks: list[tuple[int, asyncio.Future[bool]]] = []
+        self._marks: list[tuple[int, asyncio.Future[Mark]]] = []
         self._records: list[Disposition] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -113,9 +114,10 @@ class LedgerWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="kembali-ledger-writer")
 
-    async def mark_sending(self, message_id: int) -> bool:
-        """Wait until ``sending`` is committed for this row; False if the lease was lost."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    async def mark_sending(self, message_id: int) -> Mark:
+        """Wait until the row's mark is committed: ``sending`` (send it), ``held`` (another worker is
+        sending to the customer: it went back to the queue) or ``lost`` (the lease was lost)."""
+        future: asyncio.Future[Mark] = asyncio.get_running_loop().create_future()
         self._marks.append((message_id, future))
         self._poke()
         return await future
@@ -174,7 +176,10 @@ class LedgerWriter:
                     self.settled(record.message.id, sent=record.status is MessageStatus.SENT, seq=self.commits)
                 for message_id, future in marks:
                     if not future.done():
-                        future.set_result(message_id in marked)
+                        future.set_result(
+                            "sending" if message_id in marked.sending else "held" if message_id in marked.held
+                            else "lost"
+                        )  # fmt: skip
             except BaseException as exc:
                 for _, future in marks:
                     if not future.done():
@@ -185,6 +190,7 @@ class LedgerWriter:
                 self._idle.set()
 
 
+Mark = Literal["sending", "held", "lost"]
 _DONE: Literal["done"] = "done"
 LOCAL_CHUNK = 25
 """Messages prepared in the event loop's thread between two chances for the senders to run (~8 ms)."""
@@ -551,9 +557,17 @@ class Dispatcher:
                 writer.record(self._release(message, self.clock.now()))
                 await self.quota.give_back(1)
                 continue
-            if not await writer.mark_sending(message.id):
-                log.event("email_lease_lost", logging.WARNING, dedupe_key=message.dedupe_key)
-                writer.settled(message.id, sent=False, seq=writer.commits)
+            mark = await writer.mark_sending(message.id)
+            if mark != "sending":
+                writer.settled(message.id, sent=False, seq=writer.commits)  # it takes no slot after all
+                if mark == "held":
+                    log.event("email_held_back", campaign=message.campaign, dedupe_key=message.dedupe_key,
+                              customer=item.customer.external_id, retry_in_seconds=HELD_SECONDS,
+                              why="another worker is sending to this customer, or just did")  # fmt: skip
+                    report.count(message.campaign, "deferred:another_worker")
+                    await self.quota.give_back(1)
+                else:
+                    log.event("email_lease_lost", logging.WARNING, dedupe_key=message.dedupe_key)
                 continue
             # the rate slot is taken last, right before the first SMTP byte, so commit
             # latency cannot bunch messages up on the wire

@@ -19,6 +19,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -118,7 +119,34 @@ def _claimed(r: Sequence[Any], dt: Callable[[Any], datetime]) -> ClaimedMessage:
 # stored exactly as through SQLAlchemy (tests/test_store_contract.py reads them back).
 _CLAIMED, _SENDING = MessageStatus.CLAIMED.value, MessageStatus.SENDING.value
 _MARK_HEAD = f"UPDATE message SET status = '{_SENDING}', attempts = attempts + 1, updated_at = :now WHERE id IN ("
-_MARK_TAIL = f") AND claimed_by = :worker AND status = '{_CLAIMED}' RETURNING id"
+# Several workers judge the frequency cap against the ledger, which shows another worker's message only once it
+# is recorded: so a row becomes `sending` only if no other worker is sending to its customer (partial index
+# ix_message_sending_customer) and nothing was sent to them since it was claimed (its updated_at is the claim's
+# time; ix_message_customer). On PostgreSQL the customers are locked first (_LOCK_CUSTOMERS), so of two marks
+# for one customer the second sees the first.
+_MARK_TAIL = (
+    f") AND claimed_by = :worker AND status = '{_CLAIMED}'"
+    " AND NOT EXISTS (SELECT 1 FROM message other WHERE other.customer_id = message.customer_id"
+    f" AND other.status = '{_SENDING}' AND other.claimed_by <> :worker)"
+    " AND NOT EXISTS (SELECT 1 FROM message other WHERE other.customer_id = message.customer_id"
+    " AND other.sent_at >= message.updated_at AND other.id <> message.id)"
+    " RETURNING id"
+)
+# ... and a claimed row the mark held back goes back to the queue, to be judged again against the ledger
+_HOLD_HEAD = (
+    "UPDATE message SET status = CASE WHEN attempts > 0 THEN 'retry' ELSE 'planned' END, claimed_by = NULL,"
+    " lease_until = NULL, next_attempt_at = :later, updated_at = :now WHERE id IN ("
+)
+_HOLD_TAIL = f") AND claimed_by = :worker AND status = '{_CLAIMED}' RETURNING id"
+CUSTOMER_LOCKS = 1265462377
+"""PostgreSQL advisory locks (this number, customer id) that serialise marks per customer across workers."""
+_LOCK_CUSTOMERS_HEAD = (
+    f"SELECT pg_advisory_xact_lock({CUSTOMER_LOCKS}, customer_id) FROM (SELECT DISTINCT customer_id FROM message"
+    " WHERE id IN ("
+)
+_LOCK_CUSTOMERS_TAIL = ") ORDER BY customer_id) AS customers"
+HELD_SECONDS = 60
+"""How long a message held back at the mark waits before it is claimed and judged again."""
 _RECORD_SQL = (
     "UPDATE message SET status = :status, skip_reason = :skip_reason, next_attempt_at = :next_attempt_at,"
     " claimed_by = NULL, lease_until = NULL, attempts = attempts - :given_back,"
@@ -196,11 +224,30 @@ class _LedgerSql:
         lock = " FOR UPDATE SKIP LOCKED" if dialect.name == "postgresql" else ""
         self.claim = self.style(_CLAIM_SQL.format(message_id=_MESSAGE_ID_SQL[dialect.name], lock=lock))
         self.claim_known_ids = self.style(_CLAIM_SQL.format(message_id="NULL", lock=lock))
-        self.mark_head = self.style(_MARK_HEAD)
-        self.mark_tail = self.style(_MARK_TAIL)
+        self.pg = dialect.name == "postgresql"
+
+    def _in(self, head: str, count: int, tail: str) -> str:
+        return self.style(head + ", ".join(f":i{n}" for n in range(count)) + tail)
 
     def mark(self, count: int) -> str:
-        return self.mark_head + ", ".join(self.style(f":i{n}") for n in range(count)) + self.mark_tail
+        return self._in(_MARK_HEAD, count, _MARK_TAIL)
+
+    def hold(self, count: int) -> str:
+        return self._in(_HOLD_HEAD, count, _HOLD_TAIL)
+
+    def lock_customers(self, count: int) -> str:
+        return self._in(_LOCK_CUSTOMERS_HEAD, count, _LOCK_CUSTOMERS_TAIL)
+
+
+@dataclass(frozen=True)
+class Marks:
+    """What the mark made of the rows it was given; a row in neither set lost its lease."""
+
+    sending: frozenset[int] = frozenset()
+    """Committed as ``sending``: send them."""
+    held: frozenset[int] = frozenset()
+    """Held back and put back in the queue (due in ``HELD_SECONDS``): another worker is sending to the
+    customer, or sent them something since the row was claimed. The contact policy judges them again."""
 
 
 class Store:
@@ -356,7 +403,7 @@ class Store:
 
     def record_and_mark(
         self, dispositions: Sequence[Disposition], ids: Sequence[int], *, worker: str, now: datetime
-    ) -> set[int]:
+    ) -> Marks:
         """``record`` and ``mark_sending`` in ONE transaction (one commit for the group commit).
 
         On a driver connection this thread keeps for it, with the statements as driver SQL: the group
@@ -369,7 +416,7 @@ class Store:
                 cursor.execute("BEGIN IMMEDIATE")
             if dispositions:
                 self._record_rows(cursor, dispositions)
-            marked = self._mark_rows(cursor, ids, worker=worker, now=now) if ids else set()
+            marked = self._mark_rows(cursor, ids, worker=worker, now=now) if ids else Marks()
             raw.commit()
         except BaseException:
             self._drop_ledger_connection(raw)
@@ -394,19 +441,34 @@ class Store:
         with contextlib.suppress(ValueError):
             self._ledger_connections.remove(raw)
 
-    def _mark_rows(self, cursor: Any, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
-        marked: set[int] = set()
-        for part in _chunks(list(ids)):
+    def _mark_rows(self, cursor: Any, ids: Sequence[int], *, worker: str, now: datetime) -> Marks:
+        sql = self._sql
+        sending: set[int] = set()
+        held: set[int] = set()
+        ordered = sorted(set(ids))
+        for part in _chunks(ordered):
             params: dict[str, Any] = {f"i{n}": message_id for n, message_id in enumerate(part)}
-            params.update(now=self._sql.dt(now), worker=worker)
-            cursor.execute(self._sql.mark(len(part)), params)
-            marked.update(row[0] for row in cursor.fetchall())
-        return marked
+            params.update(now=sql.dt(now), worker=worker, later=sql.dt(now + timedelta(seconds=HELD_SECONDS)))
+            if sql.pg:
+                # in customer order, so two workers' marks cannot wait on each other in a circle
+                cursor.execute(sql.lock_customers(len(part)), params)
+                cursor.fetchall()
+            cursor.execute(sql.mark(len(part)), params)
+            marked = {row[0] for row in cursor.fetchall()}
+            sending |= marked
+            rest = [message_id for message_id in part if message_id not in marked]
+            if rest:
+                params = {f"i{n}": message_id for n, message_id in enumerate(rest)}
+                params.update(now=sql.dt(now), worker=worker, later=sql.dt(now + timedelta(seconds=HELD_SECONDS)))
+                cursor.execute(sql.hold(len(rest)), params)
+                held.update(row[0] for row in cursor.fetchall())
+        return Marks(frozenset(sending), frozenset(held))
 
     def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
         """Commit ``sending`` for rows this worker still holds; returns the ids marked.
-        A row not returned (lease lost) must not be sent."""
-        return self.record_and_mark([], ids, worker=worker, now=now) if ids else set()
+        A row not returned must not be sent: its lease was lost, or it was held back
+        (``record_and_mark``'s ``Marks.held``)."""
+        return set(self.record_and_mark([], ids, worker=worker, now=now).sending) if ids else set()
 
     def record(self, dispositions: Sequence[Disposition]) -> None:
         """Write outcomes and attempt rows, in one transaction."""
