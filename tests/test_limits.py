@@ -330,6 +330,21 @@ def test_without_a_given_time_the_database_books_on_its_own_clock(db_url: str) -
         engine.dispose()
 
 
+def test_the_booking_clock_is_the_databases_not_this_process(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose clock is 1,000 s ahead books on the database's clock, like every other worker."""
+    engine = db.create_engine(db_url)
+    try:
+        rates = RateStore(engine)
+        real = time.time()
+        monkeypatch.setattr(time, "time", lambda: real + 1000.0)
+        rates.book([("domain:b.example", 10.0, 1)])
+        with engine.connect() as conn:
+            tat = conn.execute(sa.text("SELECT tat FROM rate_limit WHERE key = 'domain:b.example'")).scalar_one()
+        assert real + 10.0 - 1.0 <= tat <= real + 10.0 + 5.0
+    finally:
+        engine.dispose()
+
+
 def test_bookings_queued_behind_a_stalled_worker_still_go_out_one_interval_apart(db_url: str) -> None:
     """Another worker holds the ``global`` row for half a second (stalled mid-transaction);
     the bookings that queue behind it must not come back with slots in the past, or they

@@ -48,27 +48,29 @@ def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, 
     # the sink is a thread of this process, whose heap holds the whole test session: a full garbage
     # collection would freeze it for a moment and make it log the messages that waited as one clump
     gc.disable()
-    with TimedSink() as sink:
-        raw = settings_dict(pg_url, sink.port, smtp={"pool_size": 3}, rate_per_second=RATE, burst=BURST,
-                            batch_size=50, domain_rate_per_second=1000.0, domain_burst=100)  # fmt: skip
-        raw["logging"] = {"level": "warning"}
-        config = write_config(tmp_path / "config.toml", raw)
-        log = (tmp_path / "workers.log").open("wb")
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"],
-                cwd=REPO,
-                env=subprocess_env(),
-                stdout=log,
-                stderr=log,
-            )
-            for _ in range(3)
-        ]
-        codes = [p.wait(timeout=120) for p in procs]
+    try:
+        with TimedSink() as sink:
+            raw = settings_dict(pg_url, sink.port, smtp={"pool_size": 3}, rate_per_second=RATE, burst=BURST,
+                                batch_size=50, domain_rate_per_second=1000.0, domain_burst=100)  # fmt: skip
+            raw["logging"] = {"level": "warning"}
+            config = write_config(tmp_path / "config.toml", raw)
+            log = (tmp_path / "workers.log").open("wb")
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"],
+                    cwd=REPO,
+                    env=subprocess_env(),
+                    stdout=log,
+                    stderr=log,
+                )
+                for _ in range(3)
+            ]
+            codes = [p.wait(timeout=120) for p in procs]
+            log.close()
+            arrivals = sorted(sink.arrivals)
+            received = list(sink.messages)
+    finally:
         gc.enable()
-        log.close()
-        arrivals = sorted(sink.arrivals)
-        received = list(sink.messages)
 
     assert codes == [0, 0, 0], (tmp_path / "workers.log").read_text()[-2000:]
     rows = ledger(pg_url)

@@ -179,7 +179,8 @@ def test_only_the_holder_can_mark_and_record(store: Store) -> None:
 
 def test_a_row_whose_customer_another_worker_is_sending_to_is_held_back(store: Store) -> None:
     """Two workers hold one message each for customers 1, 2 and 3 (k:0-k:2 and k:3-k:5). The frequency cap
-    is judged against the ledger, which shows neither until it is recorded, so the mark checks."""
+    is judged against the ledger, which shows another worker's message only once it is marked or recorded,
+    so the mark checks."""
     store.insert_messages(planned(6), NOW)
     a = store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)
     b = store.claim(worker="b", now=NOW, limit=3, lease_seconds=60)
@@ -193,20 +194,32 @@ def test_a_row_whose_customer_another_worker_is_sending_to_is_held_back(store: S
     assert (held["status"], held["claimed_by"], held["attempts"]) == ("planned", None, 0)
     assert held["next_attempt_at"] == NOW + timedelta(seconds=HELD_SECONDS)
 
-    # b's message to customer 2 is sent and recorded; a's, claimed before that, is held back too
-    store.record([Disposition(message=b[1], status=MessageStatus.SENT, worker="b", started_at=NOW,
-                              finished_at=NOW + timedelta(seconds=1), result=SendResult(Outcome.SENT, 250, "ok"))])
-    marks = store.record_and_mark([], [a[1].id], worker="a", now=NOW + timedelta(seconds=2))
-    assert (marks.sending, marks.held) == (frozenset(), {a[1].id})
+    def sent(message: Any, worker: str, at: datetime) -> None:
+        store.record([Disposition(message=message, status=MessageStatus.SENT, worker=worker, started_at=at,
+                                  finished_at=at, result=SendResult(Outcome.SENT, 250, "ok"))])  # fmt: skip
 
-    # judged again later (the contact policy decides then, against a ledger that shows the send)
+    # b's message to customer 2 is sent and recorded after a claimed its own: a's is held back
+    sent(b[1], "b", NOW + timedelta(seconds=1))
+    assert store.record_and_mark([], [a[1].id], worker="a", now=NOW + timedelta(seconds=2)) == Marks(held={a[1].id})
+    # b finished its message to customer 3 just before a claimed (a's facts may have been read before b's record
+    # was committed, or b's clock runs behind): held back too
+    sent(b[2], "b", NOW - timedelta(seconds=1))
+    assert store.record_and_mark([], [a[2].id], worker="a", now=NOW + timedelta(seconds=2)) == Marks(held={a[2].id})
+
+    # a's own send does not hold a back: its contact policy counted it
+    sent(a[0], "a", NOW + timedelta(seconds=3))
     again = store.claim(worker="a", now=NOW + timedelta(seconds=62), limit=10, lease_seconds=60)
-    assert sorted(m.dedupe_key for m in again) == ["k:1", "k:3"]
-    marks = store.record_and_mark([], [m.id for m in again if m.dedupe_key == "k:1"], worker="a",
-                                  now=NOW + timedelta(seconds=62))  # fmt: skip
-    assert len(marks.sending) == 1
+    assert sorted(m.dedupe_key for m in again) == ["k:1", "k:2", "k:3"]
+    by_key = {m.dedupe_key: m.id for m in again}
+    assert store.record_and_mark([], [by_key["k:3"]], worker="a", now=NOW + timedelta(seconds=62)) == Marks(
+        sending={by_key["k:3"]}
+    )
+    # and a minute after b's send, the next claim is the contact policy's to judge alone
+    assert store.record_and_mark([], [by_key["k:1"]], worker="a", now=NOW + timedelta(seconds=62)) == Marks(
+        sending={by_key["k:1"]}
+    )
     # a row that lost its lease is neither
-    assert store.record_and_mark([], [a[2].id], worker="intruder", now=NOW) == Marks()
+    assert store.record_and_mark([], [by_key["k:2"]], worker="intruder", now=NOW) == Marks()
 
 
 def test_lapsed_leases_requeue_claimed_rows_and_make_sending_rows_uncertain(store: Store) -> None:

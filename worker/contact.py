@@ -19,8 +19,10 @@ Several workers sharing one database each keep their own arbiter, and two of
 them may claim two messages for one customer at the same moment, each judging
 against a ledger that shows neither. The mark that makes a row ``sending``
 settles it (``Store.record_and_mark``): a row whose customer another worker is
-sending to, or was sent something since the row was claimed, is held back and
-goes back to the queue, to be judged again against the ledger a minute later.
+sending to, or was sent something by another worker from a minute before the
+row was claimed on, is held back and goes back to the queue, to be judged again
+against the ledger a minute later. (The minute covers a send recorded only after
+this batch's facts were read, and hosts whose clocks disagree by less.)
 """
 
 from __future__ import annotations

@@ -109,8 +109,10 @@ class Limiter:
         A sender that wakes well after its slot (the process was starved of CPU, or the
         event loop was busy) gives the slot up and books again: sent late, it would go
         out together with the messages of the slots after it, and a stalled worker would
-        release its whole backlog at once. After ``REBOOKS`` tries it goes anyway, so an
-        overloaded machine slows down rather than stops."""
+        release its whole backlog at once. The slot given up is not given back: a starved
+        worker sends below the rate, never above it. After ``REBOOKS`` tries it goes anyway,
+        so an overloaded machine slows down rather than stops. Returns the seconds it was
+        told to wait, not the time it overslept."""
         waited = 0.0
         for tries in range(REBOOKS + 1):
             wait = await self.booker.book(self.limits(domain))

@@ -56,6 +56,8 @@ from worker.adapters.tables import UTCDateTime
 from worker.core.policy import holdout_threshold
 from worker.domain import MessageStatus, PlannedMessage, SkipReason
 
+PLAN_LOCKS = 1265462378
+"""PostgreSQL advisory locks (this number, hash of the campaign) that let one worker at a time plan a campaign."""
 INSERT_IDS = 20_000
 """New rows per write transaction: the SQLite write lock is held for one such insert at a time."""
 SQLITE_CACHE_KIB = 16_384
@@ -286,6 +288,10 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
     names = list(columns)
     if dialect == "postgresql":
         with engine.begin() as conn:
+            # workers on one schedule plan the same campaign at the same moment: one at a time, so their
+            # inserts never wait on each other's uncommitted keys (the second finds nothing new)
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:space, hashtext(:campaign))"),
+                         {"space": PLAN_LOCKS, "campaign": plan.campaign})  # fmt: skip
             _tune(conn, plan)
             select = sa.select(*(columns[n].label(n) for n in names)).select_from(plan.from_).where(*_new(plan))
             stmt = db.insert_ignore(engine, M).from_select(names, select)
@@ -349,9 +355,9 @@ def _tune(conn: Connection, plan: Plan, *, joins: bool = True) -> None:
     conn.exec_driver_sql("SET LOCAL jit = off")
     if not joins:
         return
-    # a streamed read is a cursor, which PostgreSQL plans for its first 10 % by default; every row is read
+    # a streamed read (preview) is a cursor, which PostgreSQL plans for its first 10 % by default; every row is read
     conn.exec_driver_sql("SET LOCAL cursor_tuple_fraction = 1.0")
-    # The ledger grows while the read goes on (this pass's inserts, another campaign's), and on a first
+    # The ledger grows while a pass goes on (this pass's inserts, another campaign's), and on a first
     # pass its statistics say it is empty: a nested loop that scans it per candidate would read every new
     # row again and again. So: index probes (``probe``), or one hash of it, never a scan per candidate.
     if plan.probe:

@@ -35,6 +35,7 @@ from worker.domain import (
     Disposition,
     Locale,
     MessageStatus,
+    Outcome,
     PlannedMessage,
     ProductView,
     SendTimeFacts,
@@ -120,18 +121,30 @@ def _claimed(r: Sequence[Any], dt: Callable[[Any], datetime]) -> ClaimedMessage:
 _CLAIMED, _SENDING = MessageStatus.CLAIMED.value, MessageStatus.SENDING.value
 _MARK_HEAD = f"UPDATE message SET status = '{_SENDING}', attempts = attempts + 1, updated_at = :now WHERE id IN ("
 # Several workers judge the frequency cap against the ledger, which shows another worker's message only once it
-# is recorded: so a row becomes `sending` only if no other worker is sending to its customer (partial index
-# ix_message_sending_customer) and nothing was sent to them since it was claimed (its updated_at is the claim's
-# time; ix_message_customer). On PostgreSQL the customers are locked first (_LOCK_CUSTOMERS), so of two marks
-# for one customer the second sees the first.
+# is marked or recorded: so a row becomes `sending` only if no other worker is sending to its customer (partial
+# index ix_message_sending_customer), and no other worker sent them anything from HELD_SECONDS before the row
+# was claimed on (its updated_at is the claim's time; ix_message_customer, then the attempt that sent it). The
+# minute before the claim covers a send whose record was committed only after this row's facts were read, and
+# clocks of different hosts that disagree by less than that. This worker's own sends are its arbiter's business.
+# On PostgreSQL the customers are locked first (_LOCK_CUSTOMERS), so of two marks for one customer the second
+# sees the first. {since_claim} is the claim's time less HELD_SECONDS, in the dialect's SQL.
 _MARK_TAIL = (
     f") AND claimed_by = :worker AND status = '{_CLAIMED}'"
     " AND NOT EXISTS (SELECT 1 FROM message other WHERE other.customer_id = message.customer_id"
     f" AND other.status = '{_SENDING}' AND other.claimed_by <> :worker)"
     " AND NOT EXISTS (SELECT 1 FROM message other WHERE other.customer_id = message.customer_id"
-    " AND other.sent_at >= message.updated_at AND other.id <> message.id)"
+    " AND other.sent_at >= {since_claim} AND other.id <> message.id"
+    " AND EXISTS (SELECT 1 FROM attempt sent WHERE sent.message_id = other.id"
+    f" AND sent.outcome = '{Outcome.SENT.value}' AND sent.worker <> :worker))"
     " RETURNING id"
 )
+HELD_SECONDS = 60
+"""How long a message held back at the mark waits before it is claimed and judged again; also how long before
+its claim another worker's send still holds it back."""
+_SINCE_CLAIM = {
+    "sqlite": f"strftime('%Y-%m-%d %H:%M:%f', message.updated_at, '-{HELD_SECONDS} seconds')",
+    "postgresql": f"message.updated_at - interval '{HELD_SECONDS} seconds'",
+}
 # ... and a claimed row the mark held back goes back to the queue, to be judged again against the ledger
 _HOLD_HEAD = (
     "UPDATE message SET status = CASE WHEN attempts > 0 THEN 'retry' ELSE 'planned' END, claimed_by = NULL,"
@@ -140,13 +153,10 @@ _HOLD_HEAD = (
 _HOLD_TAIL = f") AND claimed_by = :worker AND status = '{_CLAIMED}' RETURNING id"
 CUSTOMER_LOCKS = 1265462377
 """PostgreSQL advisory locks (this number, customer id) that serialise marks per customer across workers."""
-_LOCK_CUSTOMERS_HEAD = (
+_LOCK_CUSTOMERS = (
     f"SELECT pg_advisory_xact_lock({CUSTOMER_LOCKS}, customer_id) FROM (SELECT DISTINCT customer_id FROM message"
-    " WHERE id IN ("
+    " WHERE id = ANY(%(ids)s) ORDER BY customer_id) AS customers"
 )
-_LOCK_CUSTOMERS_TAIL = ") ORDER BY customer_id) AS customers"
-HELD_SECONDS = 60
-"""How long a message held back at the mark waits before it is claimed and judged again."""
 _RECORD_SQL = (
     "UPDATE message SET status = :status, skip_reason = :skip_reason, next_attempt_at = :next_attempt_at,"
     " claimed_by = NULL, lease_until = NULL, attempts = attempts - :given_back,"
@@ -225,18 +235,16 @@ class _LedgerSql:
         self.claim = self.style(_CLAIM_SQL.format(message_id=_MESSAGE_ID_SQL[dialect.name], lock=lock))
         self.claim_known_ids = self.style(_CLAIM_SQL.format(message_id="NULL", lock=lock))
         self.pg = dialect.name == "postgresql"
+        self.mark_tail = _MARK_TAIL.replace("{since_claim}", _SINCE_CLAIM[dialect.name])
 
     def _in(self, head: str, count: int, tail: str) -> str:
         return self.style(head + ", ".join(f":i{n}" for n in range(count)) + tail)
 
     def mark(self, count: int) -> str:
-        return self._in(_MARK_HEAD, count, _MARK_TAIL)
+        return self._in(_MARK_HEAD, count, self.mark_tail)
 
     def hold(self, count: int) -> str:
         return self._in(_HOLD_HEAD, count, _HOLD_TAIL)
-
-    def lock_customers(self, count: int) -> str:
-        return self._in(_LOCK_CUSTOMERS_HEAD, count, _LOCK_CUSTOMERS_TAIL)
 
 
 @dataclass(frozen=True)
@@ -413,7 +421,12 @@ class Store:
         cursor = raw.cursor()
         try:
             if self.dialect == "sqlite":
-                cursor.execute("BEGIN IMMEDIATE")
+                cursor.execute("BEGIN IMMEDIATE")  # the one write lock: every check below sees the others' marks
+            elif ids:
+                # every customer of the marks, before anything else and in one ascending order, so two
+                # workers' group commits cannot wait on each other in a circle
+                cursor.execute(_LOCK_CUSTOMERS, {"ids": sorted(set(ids))})
+                cursor.fetchall()
             if dispositions:
                 self._record_rows(cursor, dispositions)
             marked = self._mark_rows(cursor, ids, worker=worker, now=now) if ids else Marks()
@@ -449,10 +462,6 @@ class Store:
         for part in _chunks(ordered):
             params: dict[str, Any] = {f"i{n}": message_id for n, message_id in enumerate(part)}
             params.update(now=sql.dt(now), worker=worker, later=sql.dt(now + timedelta(seconds=HELD_SECONDS)))
-            if sql.pg:
-                # in customer order, so two workers' marks cannot wait on each other in a circle
-                cursor.execute(sql.lock_customers(len(part)), params)
-                cursor.fetchall()
             cursor.execute(sql.mark(len(part)), params)
             marked = {row[0] for row in cursor.fetchall()}
             sending |= marked
