@@ -41,6 +41,17 @@ MESSAGES = 1200
 RATE, BURST = 120.0, 10
 
 
+def _run_workers(config: Path, log_path: Path, count: int = 3) -> list[int]:
+    """``count`` ``kembali run --once`` processes started together; their exit codes."""
+    with log_path.open("wb") as log:
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "worker", "--config", str(config), "run", "--once"], cwd=REPO,
+                             env=subprocess_env(), stdout=log, stderr=log)
+            for _ in range(count)
+        ]  # fmt: skip
+        return [p.wait(timeout=120) for p in procs]
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, tmp_path: Path) -> None:
@@ -54,19 +65,7 @@ def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, 
                                 batch_size=50, domain_rate_per_second=1000.0, domain_burst=100)  # fmt: skip
             raw["logging"] = {"level": "warning"}
             config = write_config(tmp_path / "config.toml", raw)
-            log = (tmp_path / "workers.log").open("wb")
-            procs = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"],
-                    cwd=REPO,
-                    env=subprocess_env(),
-                    stdout=log,
-                    stderr=log,
-                )
-                for _ in range(3)
-            ]
-            codes = [p.wait(timeout=120) for p in procs]
-            log.close()
+            codes = _run_workers(config, tmp_path / "workers.log")
             arrivals = sorted(sink.arrivals)
             received = list(sink.messages)
     finally:
@@ -149,19 +148,7 @@ def test_workers_side_by_side_never_send_one_customer_two_emails(pg_url: str, tm
         raw["logging"] = {"level": "warning"}
         config = write_config(tmp_path / "config.toml", raw)
         _two_due_per_customer(pg_url, config)
-        log = (tmp_path / "workers.log").open("wb")
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"],
-                cwd=REPO,
-                env=subprocess_env(),
-                stdout=log,
-                stderr=log,
-            )
-            for _ in range(3)
-        ]
-        codes = [p.wait(timeout=120) for p in procs]
-        log.close()
+        codes = _run_workers(config, tmp_path / "workers.log")
         received = list(sink.messages)
 
     assert codes == [0, 0, 0], (tmp_path / "workers.log").read_text()[-2000:]
