@@ -234,7 +234,6 @@ class _LedgerSql:
         lock = " FOR UPDATE SKIP LOCKED" if dialect.name == "postgresql" else ""
         self.claim = self.style(_CLAIM_SQL.format(message_id=_MESSAGE_ID_SQL[dialect.name], lock=lock))
         self.claim_known_ids = self.style(_CLAIM_SQL.format(message_id="NULL", lock=lock))
-        self.pg = dialect.name == "postgresql"
         self.mark_tail = _MARK_TAIL.replace("{since_claim}", _SINCE_CLAIM[dialect.name])
 
     def _in(self, head: str, count: int, tail: str) -> str:
@@ -255,7 +254,8 @@ class Marks:
     """Committed as ``sending``: send them."""
     held: frozenset[int] = frozenset()
     """Held back and put back in the queue (due in ``HELD_SECONDS``): another worker is sending to the
-    customer, or sent them something since the row was claimed. The contact policy judges them again."""
+    customer, or sent them something from ``HELD_SECONDS`` before the row was claimed on. The contact policy
+    judges them again."""
 
 
 class Store:
