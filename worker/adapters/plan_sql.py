@@ -272,7 +272,7 @@ def _after(order: Sequence[Any], cursor: Sequence[Any] | None) -> list[Any]:
 def insert(engine: Engine, plan: Plan, domain: str) -> int:
     """Insert the plan's new rows (ON CONFLICT (dedupe_key) DO NOTHING); returns the rows created.
 
-    PostgreSQL: one INSERT … SELECT. Its readers and writers do not block each other, and the rows are found
+PostgreSQL: one INSERT … SELECT. Its readers and writers do not block each other, and the rows are found
     and written in one visit (the two steps below took twice as long there: 15 s instead of 8 for 530k rows).
 
     SQLite: two steps. A read-only transaction finds the new candidates (``plan.ident`` of each): the whole rule,
@@ -286,6 +286,11 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
     dialect = engine.dialect.name
     columns = _columns(plan, dialect, domain, message_id=False)
     names = list(columns)
+
+    def rows_where(*where: Any) -> Any:
+        select = sa.select(*(columns[n].label(n) for n in names)).select_from(plan.from_).where(*where)
+        return db.insert_ignore(engine, M).from_select(names, select)
+
     if dialect == "postgresql":
         with engine.begin() as conn:
             # workers on one schedule plan the same campaign at the same moment: one at a time, so their
@@ -293,36 +298,24 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:space, hashtext(:campaign))"),
                          {"space": PLAN_LOCKS, "campaign": plan.campaign})  # fmt: skip
             _tune(conn, plan)
-            select = sa.select(*(columns[n].label(n) for n in names)).select_from(plan.from_).where(*_new(plan))
-            stmt = db.insert_ignore(engine, M).from_select(names, select)
-            return int(conn.execution_options(preserve_rowcount=True).execute(stmt).rowcount)
+            return int(conn.execution_options(preserve_rowcount=True).execute(rows_where(*_new(plan))).rowcount)
     created = 0
     with db.reading(engine) as reader:
-        _tune(reader, plan)
-        if dialect == "sqlite":
-            # the ledger's index pages, read again and again: a cache that holds them saves re-reads
-            reader.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+        # the ledger's index pages, read again and again: a cache that holds them saves re-reads
+        reader.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
         found = reader.execution_options(stream_results=True, yield_per=INSERT_IDS).execute(
             sa.select(plan.ident).select_from(plan.from_).where(*_new(plan))
         )
         for part in found.scalars().partitions(INSERT_IDS):
-            select = (
-                sa.select(*(columns[n].label(n) for n in names))
-                .select_from(plan.from_)
-                .where(_among(plan.ident, sorted(part), dialect), *plan.where)
-            )
+            stmt = rows_where(_among(plan.ident, sorted(part)), *plan.where)
             with _one_writer(engine), engine.begin() as conn:
-                _tune(conn, plan)
-                stmt = db.insert_ignore(engine, M).from_select(names, select)
                 created += conn.execution_options(preserve_rowcount=True).execute(stmt).rowcount
     return created
 
 
-def _among(ident: Any, ids: list[int], dialect: str) -> Any:
-    """``ident IN ids`` with the ids as one parameter (a JSON array on SQLite, an array on PostgreSQL): SQLAlchemy
-    renders an expanding IN one bound parameter per id, which cost more than the insert."""
-    if dialect == "postgresql":
-        return ident == sa.any_(sa.bindparam("ids", ids, type_=postgresql.ARRAY(sa.BigInteger)))
+def _among(ident: Any, ids: list[int]) -> Any:
+    """``ident IN ids`` with the ids as one parameter, a JSON array (SQLite): SQLAlchemy renders an expanding IN
+    one bound parameter per id, which cost more than the insert."""
     listed = sa.select(sa.column("value", sa.BigInteger)).select_from(
         sa.func.json_each(sa.bindparam("ids", json.dumps(ids), type_=sa.String))
     )
@@ -337,9 +330,6 @@ _WRITERS_LOCK = threading.Lock()
 def _one_writer(engine: Engine) -> Iterator[None]:
     """SQLite: this process's planning inserts take the database's write lock in turn, queued here. Two
     threads that met at SQLite's lock would each sleep in its busy handler (1, 2, 5 … 100 ms) instead."""
-    if engine.dialect.name != "sqlite":
-        yield
-        return
     with _WRITERS_LOCK:
         lock = _WRITERS.setdefault(engine, threading.Lock())
     with lock:
