@@ -456,21 +456,20 @@ class Store:
 
     def _mark_rows(self, cursor: Any, ids: Sequence[int], *, worker: str, now: datetime) -> Marks:
         sql = self._sql
+        common = {"now": sql.dt(now), "worker": worker, "later": sql.dt(now + timedelta(seconds=HELD_SECONDS))}
+
+        def ids_of(statement: Callable[[int], str], part: Sequence[int]) -> set[int]:
+            cursor.execute(statement(len(part)), {**{f"i{n}": i for n, i in enumerate(part)}, **common})
+            return {row[0] for row in cursor.fetchall()}
+
         sending: set[int] = set()
         held: set[int] = set()
-        ordered = sorted(set(ids))
-        for part in _chunks(ordered):
-            params: dict[str, Any] = {f"i{n}": message_id for n, message_id in enumerate(part)}
-            params.update(now=sql.dt(now), worker=worker, later=sql.dt(now + timedelta(seconds=HELD_SECONDS)))
-            cursor.execute(sql.mark(len(part)), params)
-            marked = {row[0] for row in cursor.fetchall()}
+        for part in _chunks(sorted(set(ids))):
+            marked = ids_of(sql.mark, part)
             sending |= marked
             rest = [message_id for message_id in part if message_id not in marked]
             if rest:
-                params = {f"i{n}": message_id for n, message_id in enumerate(rest)}
-                params.update(now=sql.dt(now), worker=worker, later=sql.dt(now + timedelta(seconds=HELD_SECONDS)))
-                cursor.execute(sql.hold(len(rest)), params)
-                held.update(row[0] for row in cursor.fetchall())
+                held |= ids_of(sql.hold, rest)
         return Marks(frozenset(sending), frozenset(held))
 
     def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
