@@ -103,13 +103,29 @@ def test_quiet_hours_within_one_day_and_none() -> None:
 
 
 def test_holdout_is_deterministic_and_close_to_its_share() -> None:
-    held = [in_holdout(f"C-{i:05d}", "birthday", 0.1) for i in range(20_000)]
-    assert held == [in_holdout(f"C-{i:05d}", "birthday", 0.1) for i in range(20_000)]
-    assert 0.09 < sum(held) / len(held) < 0.11
-    other = [in_holdout(f"C-{i:05d}", "winback", 0.1) for i in range(20_000)]
+    held = [in_holdout(i, "birthday", 0.1) for i in range(1, 20_001)]
+    assert held == [in_holdout(i, "birthday", 0.1) for i in range(1, 20_001)]
+    assert 0.099 < sum(held) / len(held) < 0.101
+    other = [in_holdout(i, "winback", 0.1) for i in range(1, 20_001)]
     assert held != other, "each campaign has its own holdout group"
-    assert not any(in_holdout(f"C-{i}", "birthday", 0.0) for i in range(1000))
-    assert all(in_holdout(f"C-{i}", "birthday", 1.0) for i in range(1000))
+    assert not any(in_holdout(i, "birthday", 0.0) for i in range(1000))
+    assert all(in_holdout(i, "birthday", 1.0) for i in range(1000))
+
+
+@pytest.mark.parametrize("share", [0.05, 0.1, 0.5])
+def test_holdout_groups_are_their_share_of_any_run_of_ids_and_independent_across_campaigns(share: float) -> None:
+    """Customers imported together get consecutive ids: each block of 1,000 has its share held out, and two
+    campaigns' groups overlap as independent draws would (share**2), for every pair of shipped campaigns."""
+    campaigns = ("birthday", "feedback", "winback", "loyalty", "new_products")
+    ids = range(1, 100_001)
+    groups = {c: {i for i in ids if in_holdout(i, c, share)} for c in campaigns}
+    for campaign, group in groups.items():
+        blocks = [sum(1 for i in range(start, start + 1000) if i in group) for start in range(1, 100_001, 1000)]
+        assert all(abs(n - share * 1000) <= 8 for n in blocks), (campaign, min(blocks), max(blocks))
+    for n, first in enumerate(campaigns):
+        for second in campaigns[n + 1:]:
+            both = len(groups[first] & groups[second]) / len(ids)
+            assert abs(both - share**2) < 0.1 * share**2, (first, second, both)
 
 
 POLICY = ContactPolicy(caps=CAPS, quiet=QUIET, priorities=priorities_from_order(
@@ -173,16 +189,22 @@ def test_three_campaigns_on_one_day_go_out_one_slot_apart() -> None:
     assert when == {"birthday": T0, "feedback": T0 + d(3), "winback": T0 + d(6)}
 
 
-def test_holdout_positions_are_60_bit_integers_compared_exactly() -> None:
-    """The scheme SQL reproduces: the first 60 bits of SHA-256(campaign NUL customer) below int(share * 2**60)."""
+def test_holdout_positions_are_the_arithmetic_sql_reproduces() -> None:
+    """``(id * multiplier + offset) mod (2**31 - 1)``, factors from SHA-256 of the campaign, below
+    ``int(share * modulus)``: integers that SQL computes without overflowing 64 bits."""
     import hashlib
 
-    from worker.core.policy import holdout_hash, holdout_threshold
+    from worker.core.policy import HOLDOUT_MODULUS, holdout_factors, holdout_position, holdout_threshold
 
-    digest = hashlib.sha256(b"winback\0C-00001").digest()
-    assert holdout_hash("C-00001", "winback") == int(digest[:15].hex()[:15], 16)
-    assert [holdout_threshold(s) for s in (0.0, 0.5, 1.0, 2.0)] == [0, 2**59, 2**60, 2**60]
+    digest = hashlib.sha256(b"kembali-holdout\0winback").digest()
+    multiplier, offset = holdout_factors("winback")
+    assert multiplier == 1 + int.from_bytes(digest[:8], "big") % (HOLDOUT_MODULUS - 1)
+    assert offset == int.from_bytes(digest[8:16], "big") % HOLDOUT_MODULUS
+    assert holdout_position(12345, "winback") == (12345 * multiplier + offset) % HOLDOUT_MODULUS
+    assert holdout_position(HOLDOUT_MODULUS + 7, "winback") == holdout_position(7, "winback")
+    assert [holdout_threshold(s) for s in (0.0, 0.5, 1.0, 2.0)] == [0, HOLDOUT_MODULUS // 2, HOLDOUT_MODULUS,
+                                                                      HOLDOUT_MODULUS]  # fmt: skip
     for i in range(500):
-        position = holdout_hash(f"C-{i}", "loyalty")
-        assert 0 <= position < 2**60
-        assert in_holdout(f"C-{i}", "loyalty", 0.05) == (position < holdout_threshold(0.05))
+        position = holdout_position(i, "loyalty")
+        assert 0 <= position < HOLDOUT_MODULUS
+        assert in_holdout(i, "loyalty", 0.05) == (position < holdout_threshold(0.05))

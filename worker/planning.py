@@ -171,9 +171,8 @@ ANALYZE_AFTER = 10_000
 
 
 def _hold(m: PlannedMessage, share: float) -> PlannedMessage:
-    # by customer, not by occasion: the customer's id is the second field of every dedupe key
-    customer = m.dedupe_key.split(":")[1]
-    if not in_holdout(customer, m.campaign, share):
+    # by customer, not by occasion: every birthday of a held-out customer is held out
+    if not in_holdout(m.customer_id, m.campaign, share):
         return m
     return dataclasses.replace(m, held_out=True)
 

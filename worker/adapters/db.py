@@ -23,7 +23,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from worker.core.audiences import message_id_for
-from worker.core.policy import holdout_hash
 from worker.errors import SchemaError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -43,10 +42,9 @@ def create_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous = NORMAL")
             cur.execute("PRAGMA foreign_keys = ON")
             cur.close()
-            # the set-based planner's Message-IDs and holdout positions: the pure functions themselves
-            # (PostgreSQL computes the same values with its own sha256(); see adapters.plan_sql)
+            # the Message-IDs preview shows: the pure function itself (PostgreSQL computes the same value with
+            # its own sha256(); see adapters.plan_sql)
             dbapi_conn.create_function("kembali_message_id", 2, message_id_for, deterministic=True)
-            dbapi_conn.create_function("kembali_holdout_hash", 2, _holdout_hash_memo(), deterministic=True)
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
@@ -67,22 +65,6 @@ def reading(engine: Engine) -> Iterator[sa.Connection]:
         conn.execution_options(**{_READ_ONLY: True})
         with conn.begin():
             yield conn
-
-
-def _holdout_hash_memo() -> Any:
-    """``holdout_hash`` for one connection, remembering its last answer: a planned row's status and its skip
-    reason each ask for the same customer's hash, one right after the other (SQLite calls it twice)."""
-    last: tuple[str, str, int] = ("", "", -1)
-
-    def _holdout_hash(campaign: str, customer: str) -> int:
-        nonlocal last
-        if last[0] == customer and last[1] == campaign:
-            return last[2]
-        position = holdout_hash(customer, campaign)
-        last = (customer, campaign, position)
-        return position
-
-    return _holdout_hash
 
 
 def message_id_sql(dialect: str, key: Any, domain: str) -> Any:

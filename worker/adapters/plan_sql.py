@@ -28,11 +28,13 @@ order's number from the customer row (migration 0009), and the ledger probes,
 whose keys start with the customer's id, stay local. Feedback and loyalty on
 PostgreSQL probe the ledger per candidate (``Plan.probe``); JIT is off.
 
-The hashes: PostgreSQL computes SHA-256 itself (``sha256()``); on SQLite the
-engine registers the pure functions as deterministic SQL functions
-(``kembali_message_id``, ``kembali_holdout_hash``, see ``adapters.db``). The
-campaign-rule tests run every case through ``stream`` and ``insert`` on both
-databases and compare keys, Message-IDs and holdouts with the pure functions.
+The holdout position is integer arithmetic on the customer's id, the same SQL on
+both databases (``holdout_position_sql``). The Message-ID preview shows is a
+SHA-256: PostgreSQL computes it itself (``sha256()``); on SQLite the engine
+registers the pure function as a deterministic SQL function
+(``kembali_message_id``, see ``adapters.db``). The campaign-rule tests run
+every case through ``stream`` and ``insert`` on both databases and compare
+keys, Message-IDs and holdouts with the pure functions.
 """
 
 from __future__ import annotations
@@ -47,13 +49,12 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from worker.adapters import db
 from worker.adapters.store import PURCHASE_EXCLUDED, C, M, O, S, _key_part
 from worker.adapters.tables import UTCDateTime
-from worker.core.policy import holdout_threshold
+from worker.core.policy import HOLDOUT_MODULUS, holdout_factors, holdout_threshold
 from worker.domain import MessageStatus, PlannedMessage, SkipReason
 
 PLAN_LOCKS = 1265462378
@@ -77,8 +78,6 @@ class Plan:
     expires_at: datetime
     key: Any
     """The dedupe key, an SQL expression."""
-    customer_part: Any
-    """The customer's id as a key field: what the holdout hashes."""
     payload: Any
     """The payload as JSON text, an SQL expression."""
     from_: Any
@@ -96,15 +95,13 @@ class Plan:
 # --- the SQL of the pure functions -------------------------------------------------------
 
 
-def holdout_hash_sql(dialect: str, campaign: str, customer_part: Any) -> Any:
-    """``core.policy.holdout_hash(customer, campaign)`` in SQL: SHA-256's first 60 bits as a bigint."""
-    if dialect == "postgresql":
-        data = sa.literal(campaign.encode() + b"\0", sa.LargeBinary).op("||", return_type=sa.LargeBinary)(
-            sa.func.convert_to(customer_part, "UTF8")
-        )
-        hex15 = sa.func.substr(sa.func.encode(sa.func.sha256(data), "hex", type_=sa.String), 1, 15, type_=sa.String)
-        return sa.cast(sa.cast(sa.literal("x") + hex15, postgresql.BIT(60)), sa.BigInteger)
-    return sa.func.kembali_holdout_hash(campaign, customer_part, type_=sa.BigInteger)
+def holdout_position_sql(campaign: str, customer_id: Any) -> Any:
+    """``core.policy.holdout_position(customer_id, campaign)`` in SQL: the same 64-bit integer arithmetic on
+    both databases (every intermediate stays below 2**62)."""
+    multiplier, offset = holdout_factors(campaign)
+    modulus = sa.literal(HOLDOUT_MODULUS, sa.BigInteger)
+    return ((sa.cast(customer_id, sa.BigInteger) % modulus) * sa.literal(multiplier, sa.BigInteger)
+            + sa.literal(offset, sa.BigInteger)) % modulus  # fmt: skip
 
 
 def json_object_sql(dialect: str, pairs: Sequence[tuple[str, Any]]) -> Any:
@@ -178,7 +175,7 @@ def winback(c: Common, *, steps: Sequence[tuple[datetime, str, int]]) -> Plan:
         ("days", days), ("first_order", C.c.first_order_external_id), ("first_order_id", C.c.first_order_id),
         ("template", template),
     ])  # fmt: skip
-    return Plan("winback", step, c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id), payload,
+    return Plan("winback", step, c.priority, c.now, c.expires_at, key, payload,
                 C, where, (C.c.id,), C.c.id, c.holdout_share)  # fmt: skip
 
 
@@ -190,7 +187,7 @@ def feedback(c: Common, *, after: datetime, not_after: datetime) -> Plan:
     ])  # fmt: skip
     ranged = [O.c.settled_at > after, O.c.settled_at <= not_after]
     where = [*ranged, O.c.status.not_in(PURCHASE_EXCLUDED), *_consenting()]
-    return Plan("feedback", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id), payload,
+    return Plan("feedback", sa.literal(1), c.priority, c.now, c.expires_at, key, payload,
                 O.join(C, C.c.id == O.c.customer_id), where, (O.c.settled_at, O.c.id), O.c.id,
                 c.holdout_share, probe=True)  # fmt: skip
 
@@ -201,7 +198,7 @@ def new_products(c: Common, *, since: datetime, before: datetime, week: str) -> 
     last = _scanned(c.dialect, C.c.last_order_at)
     where = [last >= since, last < before, *_consenting()]
     # by customer id, as win-back: most customers are candidates
-    return Plan("new_products", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id),
+    return Plan("new_products", sa.literal(1), c.priority, c.now, c.expires_at, key,
                 json_object_sql(c.dialect, []), C, where, (C.c.id,), C.c.id, c.holdout_share)  # fmt: skip
 
 
@@ -216,7 +213,7 @@ def loyalty(c: Common, *, since: datetime, orders: Sequence[int], spend_minor: S
         label = sa.case(*((column >= t, _lit(f"{prefix}-{t}")) for t in sorted(thresholds, reverse=True)))
         key = _lit("loyalty:") + _key_part(C.c.external_id) + _lit(":") + label
         where = [_scanned(c.dialect, C.c.last_order_at) >= since, column >= min(thresholds), *_consenting()]
-        plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key, _key_part(C.c.external_id),
+        plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key,
                           json_object_sql(c.dialect, [("milestone", label)]), C, where, (C.c.id,), C.c.id,
                           c.holdout_share, probe=True))  # fmt: skip
     return plans
@@ -228,7 +225,7 @@ def loyalty(c: Common, *, since: datetime, orders: Sequence[int], spend_minor: S
 def _columns(plan: Plan, dialect: str, domain: str, *, message_id: bool) -> dict[str, Any]:
     """The ``message`` row, column by column, as labelled SQL; without ``message_id`` the Message-ID is
     left NULL for the first claim to give (migration 0008)."""
-    held = holdout_hash_sql(dialect, plan.campaign, plan.customer_part) < holdout_threshold(plan.holdout_share)
+    held = holdout_position_sql(plan.campaign, C.c.id) < holdout_threshold(plan.holdout_share)
     if plan.holdout_share > 0:
         status: Any = sa.case((held, MessageStatus.SKIPPED.value), else_=MessageStatus.PLANNED.value)
         reason: Any = sa.case((held, SkipReason.HELD_OUT.value), else_=sa.null())

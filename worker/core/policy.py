@@ -14,7 +14,7 @@ Theory of operation
   higher one takes the free slot, the others wait for the next (``arrange``).
 * A message whose next possible instant is past its expiry is dropped
   (``expired``); one held out of its campaign (``in_holdout``, a deterministic
-  hash of customer and campaign) is never sent at all.
+  function of customer and campaign) is never sent at all.
 """
 
 from __future__ import annotations
@@ -130,30 +130,43 @@ def next_allowed(at: datetime, zone: ZoneInfo, quiet: QuietHours | None) -> date
 # --- holdout -----------------------------------------------------------------
 
 
-HOLDOUT_BITS = 60
-"""A customer's holdout position: the first 60 bits of SHA-256(campaign NUL customer), an integer below 2**60
-(60, not 64, so it fits a signed 64-bit SQL integer: the set-based planner computes the same number in SQL)."""
+HOLDOUT_MODULUS = 2**31 - 1
+"""Holdout positions are integers modulo this prime (small enough that SQL computes them in 64-bit integers)."""
 
 
-def holdout_hash(customer_external_id: str, campaign: str) -> int:
-    digest = hashlib.sha256(f"{campaign}\0{customer_external_id}".encode()).digest()
-    position: int = int.from_bytes(digest[:8], "big") >> (64 - HOLDOUT_BITS)
-    return position
+def holdout_factors(campaign: str) -> tuple[int, int]:
+    """The campaign's multiplier (never 0) and offset, from SHA-256 of its name: each campaign orders customers
+    its own way, so one campaign's holdout group is not another's."""
+    digest = hashlib.sha256(f"kembali-holdout\0{campaign}".encode()).digest()
+    multiplier = 1 + int.from_bytes(digest[:8], "big") % (HOLDOUT_MODULUS - 1)
+    return multiplier, int.from_bytes(digest[8:16], "big") % HOLDOUT_MODULUS
+
+
+def holdout_position(customer_id: int, campaign: str) -> int:
+    """A customer's position in a campaign: ``(id * multiplier + offset) mod (2**31 - 1)``.
+
+    The customer's row id, not a hash of its external id, so SQL computes the same number in one expression
+    (``adapters.plan_sql.holdout_position_sql``; SQLite has no hash function, and a Python function it calls
+    per row cost a quarter of planning's writes). Consecutive ids step through the positions by the
+    multiplier, so the group is ``share`` of any run of ids, to within a few per thousand, and two campaigns'
+    groups overlap by the product of their shares (tests/test_policy.py measures both)."""
+    multiplier, offset = holdout_factors(campaign)
+    return ((customer_id % HOLDOUT_MODULUS) * multiplier + offset) % HOLDOUT_MODULUS
 
 
 def holdout_threshold(share: float) -> int:
-    """Positions below this are held out: ``share`` of the 2**60, exactly (the product of a float and a power
-    of two is exact), so SQL and Python compare the same integers."""
+    """Positions below this are held out: ``share`` of the modulus, as an integer, so SQL and Python compare the
+    same integers."""
     if share <= 0:
         return 0
-    return min(int(share * (1 << HOLDOUT_BITS)), 1 << HOLDOUT_BITS)
+    return min(int(share * HOLDOUT_MODULUS), HOLDOUT_MODULUS)
 
 
-def in_holdout(customer_external_id: str, campaign: str, share: float) -> bool:
+def in_holdout(customer_id: int, campaign: str, share: float) -> bool:
     """Deterministic: the same customer is always in (or out of) a campaign's holdout group."""
     if share <= 0:
         return False
-    return holdout_hash(customer_external_id, campaign) < holdout_threshold(share)
+    return holdout_position(customer_id, campaign) < holdout_threshold(share)
 
 
 # --- deciding ----------------------------------------------------------------
