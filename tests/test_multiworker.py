@@ -161,3 +161,23 @@ def test_workers_side_by_side_never_send_one_customer_two_emails(pg_url: str, tm
     waiting = [r for r in rows if r.status != "sent"]
     assert len(waiting) == CUSTOMERS
     assert all(r.status in ("planned", "retry") for r in waiting), Counter(r.status for r in waiting)
+
+
+def test_two_processes_with_one_hostname_and_pid_get_different_worker_names() -> None:
+    """Two containers given one hostname, each running Kembali as PID 1: the names that claims, leases and the
+    cross-worker cap check go by still differ, and each stays the same for its process's whole life."""
+    script = (
+        "import os, socket\n"
+        "os.getpid = lambda: 1\n"
+        "socket.gethostname = lambda: 'shop-worker'\n"
+        "from worker.app import worker_id\n"
+        "print(worker_id(), worker_id())\n"
+    )
+    names = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent).stdout.split()  # fmt: skip
+        assert out[0] == out[1], "one process, one name"
+        assert out[0].startswith("shop-worker:1:"), out[0]
+        names.append(out[0])
+    assert names[0] != names[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,14 @@ from worker.pipeline import Composer
 from worker.ports import Clock
 from worker.sending import Dispatcher
 
+_INSTANCE = secrets.token_hex(3)
+"""Drawn when the process starts: two containers given one hostname, each running Kembali as PID 1, still get
+two names (claims, leases and the cross-worker frequency-cap check tell workers apart by name)."""
+
 
 def worker_id() -> str:
-    """host:pid, so attempts and claims say which process did what."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid:instance, so attempts and claims say which process did what, and no two processes share a name."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{_INSTANCE}"
 
 
 def link_keys(settings: Settings, environ: dict[str, str] | None = None) -> list[bytes]:
