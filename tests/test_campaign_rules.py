@@ -519,3 +519,38 @@ def test_news_is_sent_once_not_again_the_next_week_unless_something_new_launched
         assert sorted(ledger(store, "new_products")) == [f"new_products:C0:{WEEK}", f"new_products:C0:{soon}"]
     finally:
         store.close()
+
+
+def test_a_pass_plans_what_preview_shows_and_a_failing_campaign_stops_no_other(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every campaign's table in one shop, planned as `run` does (two at a time, the largest first): the ledger
+    holds exactly what preview showed, the report follows the caller's order, and a campaign that fails leaves
+    the others planned and its error raised; the next pass plans it."""
+    store = Store.from_url(db_url)
+    try:
+        load(store, [case for table in TABLES.values() for case in table])
+        campaigns = list(TABLES)
+        shown = {c: set(planned_keys(store, c)) for c in campaigns}
+        assert all(shown.values())
+        real = planning.plan_into_ledger
+
+        def broken(store: Store, settings: Settings, campaign: str, now: datetime) -> int:
+            if campaign == "winback":
+                raise RuntimeError("winback broke")
+            return real(store, settings, campaign, now)
+
+        monkeypatch.setattr(planning, "plan_into_ledger", broken)
+        with pytest.raises(RuntimeError, match="winback broke"):
+            planning.plan_campaigns(store, SETTINGS, campaigns, NOW, threads=2)
+        assert not ledger(store, "winback")
+        assert all(set(ledger(store, c)) == shown[c] for c in campaigns if c != "winback")
+
+        monkeypatch.setattr(planning, "plan_into_ledger", real)
+        report = planning.plan_campaigns(store, SETTINGS, campaigns, NOW, threads=2)
+        assert list(report) == campaigns
+        assert {c: p.created for c, p in report.items()} == {c: len(shown["winback"]) if c == "winback" else 0
+                                                             for c in campaigns}  # fmt: skip
+        assert set(ledger(store, "winback")) == shown["winback"]
+    finally:
+        store.close()

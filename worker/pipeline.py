@@ -61,7 +61,7 @@ class PlanReport:
     considered: dict[str, int] = field(default_factory=dict)
     created: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
-    """Each campaign's own time (two campaigns are planned at a time on PostgreSQL, ``planning.PLAN_THREADS``)."""
+    """Each campaign's own time (two campaigns are planned at a time, ``planning.PLAN_THREADS``)."""
 
 
 def plan(store: Store, settings: Settings, now: datetime, campaigns: Sequence[str] | None = None) -> PlanReport:
