@@ -9,8 +9,8 @@ row locks (``FOR UPDATE SKIP LOCKED``) instead; see ``store.Store.claim``.
 Before the process's first SQLite connection, SQLite's memory statistics are
 turned off (``without_sqlite_memstatus``), as SQLite's own list of recommended
 compile-time options advises: with them on, every allocation takes one
-process-wide mutex, which cost planning's reads 40 % on one thread and kept two
-threads from running at once.
+process-wide mutex, which made planning's reads 1.7 times as slow on one thread
+and kept two threads from running at once.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ _SQLITE_CONFIG_MEMSTATUS = 9
 _memstatus_lock = threading.Lock()
 _memstatus_decided: bool | None = None
 
+
 def without_sqlite_memstatus() -> bool:
     """Turn SQLite's memory statistics off in this process, once; True when they are off.
 
@@ -50,8 +51,9 @@ def without_sqlite_memstatus() -> bool:
     builds with them on and offers no switch, so this calls ``sqlite3_config`` on the library its module is
     linked to, between ``sqlite3_shutdown`` and ``sqlite3_initialize``. SQLite allows that only while nothing
     is open: it is done only when SQLite has no memory allocated at all (``sqlite3_memory_used() == 0``, no
-    connection anywhere in the process); otherwise, or where the library cannot be reached, nothing changes
-    and SQLite works as before, only slower."""
+    connection anywhere in the process; Kembali opens SQLite only through ``create_engine``, which calls this
+    first, under a lock); otherwise, or where the library cannot be reached, nothing changes and SQLite works
+    as before, only slower."""
     global _memstatus_decided
     with _memstatus_lock:
         if _memstatus_decided is None:
