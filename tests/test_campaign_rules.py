@@ -554,3 +554,41 @@ def test_a_pass_plans_what_preview_shows_and_a_failing_campaign_stops_no_other(
         assert set(ledger(store, "winback")) == shown["winback"]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(("statistics_off", "at_once"), [(True, 2), (False, 1)])
+def test_sqlite_plans_two_campaigns_at_once_only_with_its_memory_statistics_off(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, statistics_off: bool, at_once: int
+) -> None:
+    """With SQLite's memory statistics on, every allocation takes one process-wide mutex and two planning
+    threads are slower than one: SQLite then plans one campaign at a time."""
+    import threading
+    import time
+
+    from worker.adapters import db
+
+    monkeypatch.setattr(db, "without_sqlite_memstatus", lambda: statistics_off)
+    real = planning.plan_into_ledger
+    running, most, lock = 0, 0, threading.Lock()
+
+    def counted(store: Store, settings: Settings, campaign: str, now: datetime) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            time.sleep(0.05)  # long enough that a second thread, if there is one, is planning meanwhile
+            return real(store, settings, campaign, now)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(planning, "plan_into_ledger", counted)
+    store = Store.from_url(sqlite_url)
+    try:
+        db.upgrade(store.engine)
+        load(store, [case for table in TABLES.values() for case in table])
+        planning.plan_campaigns(store, SETTINGS, list(TABLES), NOW)
+        assert most == at_once
+    finally:
+        store.close()

@@ -47,12 +47,13 @@ def without_sqlite_memstatus() -> bool:
 
     The statistics guard every allocation with one mutex for the whole process (``SQLITE_DEFAULT_MEMSTATUS``
     in SQLite's recommended compile-time options): planning's read of a million customers took 1.2 s instead
-    of 0.7, and two threads' reads took longer together than one after the other. Python's ``sqlite3``
-    builds with them on and offers no switch, so this calls ``sqlite3_config`` on the library its module is
-    linked to, between ``sqlite3_shutdown`` and ``sqlite3_initialize``. SQLite allows that only while nothing
-    is open: it is done only when SQLite has no memory allocated at all (``sqlite3_memory_used() == 0``, no
-    connection anywhere in the process; Kembali opens SQLite only through ``create_engine``, which calls this
-    first, under a lock); otherwise, or where the library cannot be reached, nothing changes and SQLite works
+    of 0.7, and two threads' reads took longer together than one after the other. Python's ``sqlite3`` is
+    usually built with them on and offers no switch, so this calls ``sqlite3_config`` on the library its module
+    is linked to, between ``sqlite3_shutdown`` and ``sqlite3_initialize``. SQLite allows that only while
+    nothing is open, so it is done only when the statistics, which are on, count no memory in use at all (no
+    connection anywhere in the process: this runs before ``create_engine`` opens any, under a lock, with the
+    GIL held during each call). A library built with them off is left alone (True); one whose statistics
+    cannot be read, or has memory in use, or cannot be reached from here, is left as it is (False), and works
     as before, only slower."""
     global _memstatus_decided
     with _memstatus_lock:
@@ -65,14 +66,17 @@ def _memstatus_off() -> bool:
     try:
         import _sqlite3
 
-        lib = ctypes.CDLL(_sqlite3.__file__)
+        lib = ctypes.PyDLL(_sqlite3.__file__)  # PyDLL: the GIL stays held, no Python thread opens SQLite meanwhile
+        if lib.sqlite3_compileoption_used(b"DEFAULT_MEMSTATUS=0"):
+            return True  # built with them off: sqlite3_memory_used() would say 0 whatever is open
         lib.sqlite3_memory_used.restype = ctypes.c_int64
         if lib.sqlite3_memory_used() != 0:
             log.event("sqlite_memstatus_kept", logging.DEBUG, reason="a connection was open")
             return False
         if lib.sqlite3_shutdown() != 0:
             return False
-        configured: bool = lib.sqlite3_config(_SQLITE_CONFIG_MEMSTATUS, ctypes.c_int(0)) == 0
+        lib.sqlite3_config.argtypes = [ctypes.c_int]  # variadic: the fixed argument declared, the rest as C ints
+        configured: bool = lib.sqlite3_config(_SQLITE_CONFIG_MEMSTATUS, 0) == 0
         if lib.sqlite3_initialize() != 0:  # pragma: no cover - the initialisation Python's import did, again
             raise RuntimeError("sqlite3_initialize failed after turning memory statistics off")
         return configured
