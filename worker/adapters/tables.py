@@ -150,6 +150,8 @@ class Message(SQLModel, table=True):
     step: int = 1
     priority: int = 0
     customer_id: int = Field(foreign_key="customer.id")
+    """A foreign key on SQLite. On PostgreSQL a trigger on ``customer`` guards it instead (migration 0011: the
+    key's check per inserted row was 40 % of a launch day's insert)."""
     email: str = Field(max_length=320)
     status: str = Field(max_length=20)
     skip_reason: str | None = Field(default=None, max_length=30)
@@ -160,7 +162,8 @@ class Message(SQLModel, table=True):
     claimed_by: str | None = Field(default=None, max_length=100)
     lease_until: datetime | None = _dt(default=None)
     message_id: str | None = Field(default=None, max_length=250, unique=True)
-    """Given when the row is first claimed (``core.audiences.message_id_for`` of the dedupe key, migration 0008)."""
+    """Given when the row is first claimed (``core.audiences.message_id_for`` of the dedupe key, migration 0008).
+    Unique; on PostgreSQL by a partial index of the given ones (migration 0011)."""
     template_version: str | None = Field(default=None, max_length=64)
     subject: str | None = Field(default=None, max_length=400)
     payload: str = Field(default="{}", max_length=4000)

@@ -1,0 +1,88 @@
+"""PostgreSQL: the ledger's customer reference guarded from the customer's side; Message-IDs indexed when given
+
+A launch day plans half a million ledger rows in one INSERT … SELECT. On
+PostgreSQL two per-row costs of that insert had nothing to do with its rows:
+
+* the foreign key ``message.customer_id → customer.id``: PostgreSQL checks it
+  with a trigger per inserted row, which runs a query that locks the
+  customer's row (4 s of a 9.7 s insert of 526k rows). Every insert already
+  takes the customer from the customer table (planning's INSERT … SELECT
+  joins it; birthday reads it in the same pass), and Kembali never deletes
+  a customer. What the key still protected is the other direction: a hand
+  deleting customers the ledger names. A trigger on ``customer`` keeps that:
+  a customer the ledger refers to cannot be deleted, truncated away or
+  renumbered (the same SQLSTATE, 23503, as the key gave);
+* the unique index on ``message_id`` held an entry for every row, NULL ones
+  included, though a row gets its Message-ID only when first claimed
+  (migration 0008): now it holds only the given ones, which are all that
+  uniqueness is about (0.35 s of the same insert).
+
+SQLite keeps both as they are: its foreign key check is a lookup by primary
+key (0.3 s of 3.5 s for the same rows), and changing either there would
+rebuild the ledger table.
+
+Revision ID: 0011
+Revises: 0010
+Create Date: 2026-12-03
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0011"
+down_revision = "0010"
+branch_labels = None
+depends_on = None
+
+GUARD = """
+CREATE FUNCTION kembali_customer_in_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        IF EXISTS (SELECT 1 FROM message) THEN
+            RAISE EXCEPTION 'cannot truncate customer: the ledger (message) refers to its rows'
+                USING ERRCODE = 'foreign_key_violation';
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF EXISTS (SELECT 1 FROM message WHERE customer_id = OLD.id) THEN
+        RAISE EXCEPTION 'customer % (id %) has rows in the ledger (message): it cannot be %d',
+            OLD.external_id, OLD.id, lower(TG_OP)
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
+END
+$$
+"""
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    op.execute(GUARD)
+    op.execute("CREATE TRIGGER customer_in_ledger_delete BEFORE DELETE ON customer"
+               " FOR EACH ROW EXECUTE FUNCTION kembali_customer_in_ledger()")  # fmt: skip
+    # only when the id changes: the importer updates customers all the time, never their id
+    op.execute("CREATE TRIGGER customer_in_ledger_update BEFORE UPDATE OF id ON customer FOR EACH ROW"
+               " WHEN (OLD.id IS DISTINCT FROM NEW.id) EXECUTE FUNCTION kembali_customer_in_ledger()")  # fmt: skip
+    op.execute("CREATE TRIGGER customer_in_ledger_truncate BEFORE TRUNCATE ON customer"
+               " FOR EACH STATEMENT EXECUTE FUNCTION kembali_customer_in_ledger()")  # fmt: skip
+    op.drop_constraint("message_customer_id_fkey", "message", type_="foreignkey")
+    op.create_index("ix_message_message_id", "message", ["message_id"], unique=True,
+                    postgresql_where=sa.text("message_id IS NOT NULL"))  # fmt: skip
+    op.drop_constraint("message_message_id_key", "message", type_="unique")
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    op.create_unique_constraint("message_message_id_key", "message", ["message_id"])
+    op.drop_index("ix_message_message_id", table_name="message")
+    op.create_foreign_key("message_customer_id_fkey", "message", "customer", ["customer_id"], ["id"])
+    for name in ("delete", "update", "truncate"):
+        op.execute(f"DROP TRIGGER customer_in_ledger_{name} ON customer")
+    op.execute("DROP FUNCTION kembali_customer_in_ledger()")
