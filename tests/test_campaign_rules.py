@@ -592,3 +592,56 @@ def test_sqlite_plans_two_campaigns_at_once_only_with_its_memory_statistics_off(
         assert most == at_once
     finally:
         store.close()
+
+
+@pytest.mark.postgres
+def test_a_row_of_the_campaign_written_beside_the_planning_lock_is_left_alone(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL plans with a plain INSERT (no ON CONFLICT), relying on the planning lock and NOT EXISTS.
+    A row of the same campaign written without the lock, still uncommitted when the plan reads the ledger,
+    makes that INSERT fail once it commits; the plan then inserts again, leaving that row alone."""
+    import threading
+    import time
+
+    import sqlalchemy as sa
+
+    from worker.adapters import db, plan_sql
+    from worker.adapters.store import M
+
+    engine = db.create_engine(pg_url)
+    db.upgrade(engine)
+    engine.dispose()
+    store = Store.from_url(pg_url)
+    try:
+        load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(5)])
+        first = next(m for batch in planning.plan_batches(store, SETTINGS, "winback", NOW) for m in batch)
+        (plan,) = planning.plans(store, SETTINGS, "winback", NOW) or []
+        beside = store.engine.connect()
+        unlocked = beside.begin()
+        beside.execute(sa.insert(M).values(
+            dedupe_key=first.dedupe_key, campaign="winback", step=first.step, priority=0,
+            customer_id=first.customer_id, email=first.email, status="skipped", skip_reason="manual",
+            due_at=NOW, expires_at=NOW, next_attempt_at=NOW, attempts=0, payload="{}", created_at=NOW,
+            updated_at=NOW,
+        ))  # fmt: skip
+        created: list[int] = []
+        planner = threading.Thread(target=lambda: created.append(plan_sql.insert(store.engine, plan, "shop.example")))
+        planner.start()
+        # the activity a transaction sees is read once, at its first look: each look its own transaction
+        waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND wait_event_type = 'Lock' AND wait_event = 'transactionid'")  # fmt: skip
+        deadline = time.monotonic() + 20
+        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
+            while not watch.execute(waiting).scalar_one() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert watch.execute(waiting).scalar_one() == 1, "the plan's INSERT never waited on the uncommitted key"
+        unlocked.commit()
+        beside.close()
+        planner.join(timeout=20)
+        assert created == [4]
+        rows = ledger(store, "winback")
+        assert len(rows) == 5 and rows[first.dedupe_key][-1] == ("skipped", "manual")
+        assert [r.getMessage() for r in caplog.records if "plan_insert_conflict" in r.getMessage()]
+    finally:
+        store.close()
