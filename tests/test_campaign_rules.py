@@ -645,3 +645,37 @@ def test_a_row_of_the_campaign_written_beside_the_planning_lock_is_left_alone(
         assert [r.getMessage() for r in caplog.records if "plan_insert_conflict" in r.getMessage()]
     finally:
         store.close()
+
+
+def test_sqlite_planning_writes_without_foreign_key_checks_and_gives_every_connection_back_with_them(
+    sqlite_url: str,
+) -> None:
+    """SQLite's planning insert turns its connection's foreign key checks off (its rows take the customer from
+    the customer table, in the same write transaction); every connection in the pool afterwards checks them."""
+    import sqlalchemy as sa
+
+    from worker.adapters import db, plan_sql
+    from worker.adapters.store import M
+
+    store = Store.from_url(sqlite_url)
+    try:
+        db.upgrade(store.engine)
+        load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(5)])
+        with plan_sql._writing_unchecked(store.engine) as conn:
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 0
+        assert planning.plan_into_ledger(store, SETTINGS, "winback", NOW) == 5
+        # every connection the pool holds, all at once (raw: no transaction, so none waits for another)
+        pooled = [store.engine.raw_connection() for _ in range(store.engine.pool.checkedin())]  # type: ignore[attr-defined]
+        try:
+            checks = [c.cursor().execute("PRAGMA foreign_keys").fetchone()[0] for c in pooled]
+            assert checks and checks == [1] * len(checks)
+        finally:
+            for c in pooled:
+                c.close()
+        orphan = dict(dedupe_key="x", campaign="winback", step=1, priority=0, customer_id=999, email="x@example.com",
+                      status="planned", due_at=NOW, expires_at=NOW, next_attempt_at=NOW, attempts=0, payload="{}",
+                      created_at=NOW, updated_at=NOW)  # fmt: skip
+        with pytest.raises(sa.exc.IntegrityError, match="FOREIGN KEY"), store.engine.begin() as conn:
+            conn.execute(sa.insert(M).values(**orphan))
+    finally:
+        store.close()
