@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 ``plans(store, settings, campaign, now)`` turns a campaign into SQL ``Plan`` s
 (``adapters.plan_sql``): win-back (every step in one statement), feedback, new
-products and loyalty. ``plan_into_ledger`` inserts them with INSERT … SELECT
-… ON CONFLICT DO NOTHING (no candidate travels through Python), and
+products and loyalty. ``plan_into_ledger`` inserts them with INSERT … SELECT,
+leaving every dedupe key the ledger has alone (no candidate travels through Python), and
 ``plan_batches`` streams the very same SELECT as ``PlannedMessage`` values in
 keyset batches for preview, which writes nothing. Birthday is planned row by
 row (its day depends on each customer's time zone; a few thousand a day):
@@ -165,7 +165,7 @@ def plan_batches(store: Store, settings: Settings, campaign: str, now: datetime)
 
 
 def plan_into_ledger(store: Store, settings: Settings, campaign: str, now: datetime) -> int:
-    """Plan the campaign at ``now`` into the ledger (ON CONFLICT DO NOTHING); returns the rows created.
+    """Plan the campaign at ``now`` into the ledger, once per dedupe key; returns the rows created.
     Set-based where the campaign has SQL plans: no candidate travels through Python."""
     sql = plans(store, settings, campaign, now)
     if sql is None:

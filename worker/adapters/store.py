@@ -5,8 +5,9 @@ per row and never leave this module anyway). Every method is one short
 transaction. The async pipeline calls these methods through a single database
 thread (``worker.app.AsyncStore``), so the event loop never waits on a commit.
 
-"Once" is the database's job: planning inserts with ON CONFLICT DO NOTHING on
-the UNIQUE dedupe key; claiming is one UPDATE … WHERE id IN (SELECT … FOR UPDATE
+"Once" is the database's job: the dedupe key is UNIQUE, and planning inserts
+with ON CONFLICT DO NOTHING (on PostgreSQL a plain INSERT under a lock per
+campaign first, ``adapters.plan_sql``); claiming is one UPDATE … WHERE id IN (SELECT … FOR UPDATE
 SKIP LOCKED) RETURNING on PostgreSQL, and the same statement inside BEGIN
 IMMEDIATE on SQLite; ``mark_sending`` commits the ``sending`` state before the
 first SMTP byte.
