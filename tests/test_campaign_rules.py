@@ -654,14 +654,14 @@ def test_sqlite_planning_writes_without_foreign_key_checks_and_gives_every_conne
     the customer table, in the same write transaction); every connection in the pool afterwards checks them."""
     import sqlalchemy as sa
 
-    from worker.adapters import db, plan_sql
+    from worker.adapters import db
     from worker.adapters.store import M
 
     store = Store.from_url(sqlite_url)
     try:
         db.upgrade(store.engine)
         load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(5)])
-        with plan_sql._writing_unchecked(store.engine) as conn:
+        with db.writing_without_foreign_keys(store.engine) as conn:
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 0
         assert planning.plan_into_ledger(store, SETTINGS, "winback", NOW) == 5
         # every connection the pool holds, all at once (raw: no transaction, so none waits for another)

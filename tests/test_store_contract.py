@@ -354,3 +354,45 @@ def test_a_customer_the_ledger_names_cannot_be_deleted(store: Store) -> None:
         people = conn.execute(sa.text("SELECT external_id, email FROM customer ORDER BY id")).all()
         assert conn.execute(sa.text("SELECT customer_id FROM message")).scalars().all() == [1]
     assert [tuple(p) for p in people] == [("C0", "new@example.com"), ("C1", "c1@example.com")]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("pg", marks=pytest.mark.postgres)])
+def test_a_ledger_that_has_sent_upgrades_from_schema_0007_with_every_row(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Migration 0008 rebuilds SQLite's ``message`` table; the ``attempt`` rows that refer to it stay, and
+    the foreign key checks are on again afterwards."""
+    from alembic import command
+
+    url = request.getfixturevalue(f"{kind}_url")
+    engine = db.create_engine(url)
+    try:
+        cfg = db._alembic_config(engine)
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0007")
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO customer (id, external_id, email, name, locale, time_zone, marketing_consent,"
+                " consent_basis, consent_source, order_count, total_spent_minor, created_at, updated_at)"
+                " VALUES (1, 'C1', 'c1@example.com', 'C 1', 'id', 'Asia/Jakarta', true, '', '', 1, 0, :t, :t)"
+            ), {"t": NOW})  # fmt: skip
+            conn.execute(sa.text(
+                "INSERT INTO message (id, dedupe_key, campaign, step, priority, customer_id, email, status,"
+                " due_at, expires_at, next_attempt_at, attempts, message_id, payload, created_at, updated_at,"
+                " sent_at) VALUES (1, 'winback:C1:O1:1', 'winback', 1, 0, 1, 'c1@example.com', 'sent', :t, :t, :t,"
+                " 1, '<a@shop.example>', '{}', :t, :t, :t)"
+            ), {"t": NOW})  # fmt: skip
+            conn.execute(sa.text(
+                "INSERT INTO attempt (message_id, attempt_no, worker, started_at, finished_at, outcome, code,"
+                " reply, error_type) VALUES (1, 1, 'w', :t, :t, 'sent', 250, 'ok', '')"
+            ), {"t": NOW})  # fmt: skip
+        assert db.upgrade(engine) == ("0007", db.head_revision(engine))
+        with engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT message_id, status FROM message")).all() == [("<a@shop.example>",
+                                                                                               "sent")]  # fmt: skip
+            assert conn.execute(sa.text("SELECT message_id, outcome FROM attempt")).all() == [(1, "sent")]
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM message"))  # the attempt refers to it: checked again
+    finally:
+        engine.dispose()

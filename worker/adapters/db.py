@@ -160,13 +160,52 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Create or migrate the schema to the newest revision; returns (before, after)."""
-    before = current_revision(engine)
+    """Create or migrate the schema to the newest revision; returns (before, after).
+
+    On SQLite the migrations run with foreign key checks off: a revision that changes a column there
+    rebuilds its table (copies it, drops the old one, renames the copy), and with the checks on, dropping
+    ``message`` under its ``attempt`` rows failed. SQLite's ``foreign_key_check`` then confirms, before the
+    commit, that every reference still holds (a read of every table that refers to another: only when a
+    revision ran on a database that had one)."""
+    before, head = current_revision(engine), head_revision(engine)
+    if before == head:
+        return before, head
     cfg = _alembic_config(engine)
-    with engine.begin() as conn:
+    with writing_without_foreign_keys(engine) as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
-    return before, head_revision(engine)
+        if engine.dialect.name == "sqlite" and before is not None:  # a new database has no rows to check
+            broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+            if broken:
+                table, rowid, parent, _ = broken[0]
+                raise SchemaError(f"after the migration {len(broken)} references are broken (first: {table} row "
+                                  f"{rowid} names a missing {parent}); nothing was changed")  # fmt: skip
+    return before, head
+
+
+@contextmanager
+def writing_without_foreign_keys(engine: Engine) -> Iterator[sa.Connection]:
+    """A write transaction; on SQLite on a connection with its foreign key checks off, on again after.
+
+    The connection goes back to the pool with its checks on, or not at all. SQLite takes the setting only
+    outside a transaction, hence before the BEGIN. PostgreSQL checks as always."""
+    with engine.connect() as conn:
+        if engine.dialect.name != "sqlite":
+            with conn.begin():
+                yield conn
+            return
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        raw.cursor().execute("PRAGMA foreign_keys = OFF")
+        try:
+            with conn.begin():
+                yield conn
+        finally:
+            try:
+                raw.cursor().execute("PRAGMA foreign_keys = ON")
+            except BaseException:
+                conn.invalidate()
+                raise
 
 
 def check_schema(engine: Engine) -> None:
