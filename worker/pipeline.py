@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 * ``plan(now)`` inserts each enabled campaign's new ledger rows with one
-  ``INSERT … SELECT`` per campaign (PostgreSQL) or per 20,000 rows (SQLite), the rules,
+  ``INSERT … SELECT`` per plan (PostgreSQL; loyalty has two) or per 20,000 rows (SQLite), the rules,
   dedupe keys, Message-IDs and holdouts computed in SQL
   (``adapters.plan_sql``); birthday is planned row by row (time zones).
   Planning twice, or in two processes at once, creates each row once.

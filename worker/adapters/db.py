@@ -201,11 +201,16 @@ def writing_without_foreign_keys(engine: Engine) -> Iterator[sa.Connection]:
             with conn.begin():
                 yield conn
         finally:
+            # a transaction left open (a failed commit and rollback) would ignore the PRAGMA: read it back
             try:
-                raw.cursor().execute("PRAGMA foreign_keys = ON")
+                cur = raw.cursor()
+                cur.execute("PRAGMA foreign_keys = ON")
+                checking = cur.execute("PRAGMA foreign_keys").fetchone() == (1,)
             except BaseException:
                 conn.invalidate()
                 raise
+            if not checking:
+                conn.invalidate()
 
 
 def check_schema(engine: Engine) -> None:

@@ -50,6 +50,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from worker import log
@@ -287,19 +288,21 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
     columns = _columns(plan, dialect, domain, message_id=False)
     names = list(columns)
 
-    def rows_where(*where: Any, ignore: bool = True) -> Any:
+    def rows_where(*where: Any, into: Any = None) -> Any:
         select = sa.select(*(columns[n].label(n) for n in names)).select_from(plan.from_).where(*where)
-        return (db.insert_ignore(engine, M) if ignore else sa.insert(M)).from_select(names, select)
+        return (db.insert_ignore(engine, M) if into is None else into).from_select(names, select)
 
     if dialect == "postgresql":
         try:
-            return _insert_locked(engine, plan, rows_where(*_new(plan), ignore=False))
+            return _insert_locked(engine, plan, rows_where(*_new(plan), into=sa.insert(M)))
         except sa.exc.IntegrityError as exc:
-            if getattr(exc.orig, "sqlstate", None) != UNIQUE_VIOLATION:
+            diag = getattr(exc.orig, "diag", None)
+            if getattr(diag, "constraint_name", None) != DEDUPE_KEY_CONSTRAINT:
                 raise
             log.event("plan_insert_conflict", logging.WARNING, campaign=plan.campaign,
                       error=str(exc.orig).splitlines()[0])  # fmt: skip
-            return _insert_locked(engine, plan, rows_where(*_new(plan)))
+            again = postgresql.insert(M).on_conflict_do_nothing(index_elements=[M.c.dedupe_key])
+            return _insert_locked(engine, plan, rows_where(*_new(plan), into=again))
     created = 0
     with db.reading(engine) as reader:
         # the ledger's index pages, read again and again: a cache that holds them saves re-reads
@@ -316,7 +319,9 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
     return created
 
 
-UNIQUE_VIOLATION = "23505"
+DEDUPE_KEY_CONSTRAINT = "message_dedupe_key_key"
+"""PostgreSQL's name of the ledger's unique dedupe key (migration 0001): the only conflict the planning INSERT
+retries past; any other (a primary key clash, say) is an error."""
 
 
 def _insert_locked(engine: Engine, plan: Plan, stmt: Any) -> int:
@@ -327,8 +332,10 @@ def _insert_locked(engine: Engine, plan: Plan, stmt: Any) -> int:
     so ``insert`` runs a plain INSERT first. ON CONFLICT DO NOTHING would make each row a speculative insertion,
     checked against the dedupe key's index and confirmed by one more WAL record (1.4 s of a 5.6 s insert of
     526k rows). A row of the campaign written without the lock, which nothing in Kembali does, makes the plain
-    INSERT fail as a whole; ``insert`` then runs it again with ON CONFLICT DO NOTHING."""
-    with engine.begin() as conn:
+    INSERT fail as a whole on the dedupe key; ``insert`` then runs it again with ON CONFLICT (dedupe_key) DO
+    NOTHING. READ COMMITTED whatever the database's default: the INSERT must see what committed while it
+    waited for the lock, not what was there when the transaction began."""
+    with engine.connect().execution_options(isolation_level="READ COMMITTED") as conn, conn.begin():
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:space, hashtext(:campaign))"),
                      {"space": PLAN_LOCKS, "campaign": plan.campaign})  # fmt: skip
         _tune(conn, plan)

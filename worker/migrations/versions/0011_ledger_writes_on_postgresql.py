@@ -10,8 +10,11 @@ PostgreSQL two per-row costs of that insert had nothing to do with its rows:
   joins it; birthday reads it in the same pass), and Kembali never deletes
   a customer. What the key still protected is the other direction: a hand
   deleting customers the ledger names. A trigger on ``customer`` keeps that:
-  a customer the ledger refers to cannot be deleted, truncated away or
-  renumbered (the same SQLSTATE, 23503, as the key gave);
+  a customer the committed ledger refers to cannot be deleted, truncated
+  away or renumbered (the same SQLSTATE, 23503, as the key gave). Unlike the
+  key it does not wait for a planning insert still in flight: a customer
+  deleted by hand during a pass may leave a row of that pass naming no one,
+  which the sender then skips as ``customer_gone``;
 * the unique index on ``message_id`` held an entry for every row, NULL ones
   included, though a row gets its Message-ID only when first claimed
   (migration 0008): now it holds only the given ones, which are all that
@@ -20,6 +23,9 @@ PostgreSQL two per-row costs of that insert had nothing to do with its rows:
 SQLite keeps both as they are: its foreign key check is a lookup by primary
 key (0.3 s of 3.5 s for the same rows), and changing either there would
 rebuild the ledger table.
+
+Building the index locks ``message`` against writes, and the triggers need a
+lock on ``customer``: stop the workers before ``kembali db upgrade``.
 
 Revision ID: 0011
 Revises: 0010
@@ -37,19 +43,19 @@ branch_labels = None
 depends_on = None
 
 GUARD = """
-CREATE FUNCTION kembali_customer_in_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION kembali_customer_in_ledger() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         IF EXISTS (SELECT 1 FROM message) THEN
-            RAISE EXCEPTION 'cannot truncate customer: the ledger (message) refers to its rows'
-                USING ERRCODE = 'foreign_key_violation';
+            RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation',
+                MESSAGE = 'cannot truncate customer: the ledger (message) refers to its rows';
         END IF;
         RETURN NULL;
     END IF;
     IF EXISTS (SELECT 1 FROM message WHERE customer_id = OLD.id) THEN
-        RAISE EXCEPTION 'customer % (id %) has rows in the ledger (message): it cannot be %d',
-            OLD.external_id, OLD.id, lower(TG_OP)
-            USING ERRCODE = 'foreign_key_violation';
+        RAISE EXCEPTION USING ERRCODE = 'foreign_key_violation',
+            MESSAGE = 'customer ' || OLD.external_id || ' (id ' || OLD.id || ') has rows in the ledger (message): '
+                      || 'it cannot be ' || lower(TG_OP) || 'd';
     END IF;
     IF TG_OP = 'DELETE' THEN
         RETURN OLD;
@@ -58,6 +64,7 @@ BEGIN
 END
 $$
 """
+"""No ``%`` in it: Alembic's offline mode (``--sql``) would write it doubled."""
 
 
 def upgrade() -> None:
@@ -78,8 +85,19 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
         return
+    # the foreign key checks every row as it is added: name the rows it would refuse instead of failing on one
+    orphans = bind.execute(sa.text(
+        "SELECT id FROM message WHERE NOT EXISTS (SELECT 1 FROM customer WHERE customer.id = message.customer_id)"
+        " ORDER BY id LIMIT 5"
+    )).scalars().all()  # fmt: skip
+    if orphans:
+        raise RuntimeError(
+            f"ledger rows {', '.join(map(str, orphans))}… name customers that no longer exist; schema 0010's "
+            "foreign key cannot hold them: delete those rows first, or stay on 0011"
+        )
     op.create_unique_constraint("message_message_id_key", "message", ["message_id"])
     op.drop_index("ix_message_message_id", table_name="message")
     op.create_foreign_key("message_customer_id_fkey", "message", "customer", ["customer_id"], ["id"])
