@@ -667,6 +667,8 @@ def test_sqlite_planning_writes_without_foreign_key_checks_and_gives_every_conne
         load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(5)])
         with db.writing_without_foreign_keys(store.engine) as conn:
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 0
+        with pytest.raises(RuntimeError, match="midway"), db.writing_without_foreign_keys(store.engine):
+            raise RuntimeError("midway")  # a failure in the body gives the connection back checked too
         assert planning.plan_into_ledger(store, SETTINGS, "winback", NOW) == 5
         # every connection the pool holds, all at once (raw: no transaction, so none waits for another)
         pooled = [store.engine.raw_connection() for _ in range(store.engine.pool.checkedin())]  # type: ignore[attr-defined]

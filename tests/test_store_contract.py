@@ -396,3 +396,36 @@ def test_a_ledger_that_has_sent_upgrades_from_schema_0007_with_every_row(
             conn.execute(sa.text("DELETE FROM message"))  # the attempt refers to it: checked again
     finally:
         engine.dispose()
+
+
+def test_an_sqlite_upgrade_that_would_leave_a_broken_reference_changes_nothing(sqlite_url: str) -> None:
+    """The upgrade runs with foreign key checks off, so it checks every reference before its commit: a ledger
+    row naming a missing customer (written here behind the checks' back) stops it, and the schema stays."""
+    import sqlite3
+
+    from alembic import command
+
+    from worker.errors import SchemaError
+
+    engine = db.create_engine(sqlite_url)
+    try:
+        cfg = db._alembic_config(engine)
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0010")
+        raw = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+        raw.execute(
+            "INSERT INTO message (dedupe_key, campaign, step, priority, customer_id, email, status, due_at,"
+            " expires_at, next_attempt_at, attempts, payload, created_at, updated_at) VALUES ('k', 'winback', 1, 0,"
+            " 999, 'x@example.com', 'planned', '2026-01-01', '2026-01-01', '2026-01-01', 0, '{}', '2026-01-01',"
+            " '2026-01-01')"
+        )  # fmt: skip
+        raw.commit()
+        raw.close()
+        with pytest.raises(SchemaError, match="message row 1 names a missing customer"):
+            db.upgrade(engine)
+        assert db.current_revision(engine) == "0010"
+        with pytest.raises(sa.exc.IntegrityError, match="FOREIGN KEY"), engine.begin() as conn:
+            conn.execute(sa.text("UPDATE message SET customer_id = 998"))  # the checks are on again
+    finally:
+        engine.dispose()
