@@ -301,14 +301,9 @@ def test_the_first_purchase_s_order_number_follows_the_imports(store: Store) -> 
 
 def test_upgrading_an_existing_shop_fills_in_the_first_order_numbers(sqlite_url: str) -> None:
     """A database planned by an older Kembali (schema 0008) gets the column and its values on upgrade."""
-    from alembic import command
-
     engine = db.create_engine(sqlite_url)
     try:
-        cfg = db._alembic_config(engine)
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0008")
+        _schema_at(engine, "0008")
         with engine.begin() as conn:
             conn.exec_driver_sql(
                 "INSERT INTO customer (id, external_id, email, name, locale, time_zone, marketing_consent,"
@@ -362,15 +357,10 @@ def test_a_ledger_that_has_sent_upgrades_from_schema_0007_with_every_row(
 ) -> None:
     """Migration 0008 rebuilds SQLite's ``message`` table; the ``attempt`` rows that refer to it stay, and
     the foreign key checks are on again afterwards."""
-    from alembic import command
-
     url = request.getfixturevalue(f"{kind}_url")
     engine = db.create_engine(url)
     try:
-        cfg = db._alembic_config(engine)
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0007")
+        _schema_at(engine, "0007")
         with engine.begin() as conn:
             conn.execute(sa.text(
                 "INSERT INTO customer (id, external_id, email, name, locale, time_zone, marketing_consent,"
@@ -403,16 +393,11 @@ def test_an_sqlite_upgrade_that_would_leave_a_broken_reference_changes_nothing(s
     row naming a missing customer (written here behind the checks' back) stops it, and the schema stays."""
     import sqlite3
 
-    from alembic import command
-
     from worker.errors import SchemaError
 
     engine = db.create_engine(sqlite_url)
     try:
-        cfg = db._alembic_config(engine)
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0010")
+        _schema_at(engine, "0010")
         raw = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
         raw.execute(
             "INSERT INTO message (dedupe_key, campaign, step, priority, customer_id, email, status, due_at,"
@@ -429,3 +414,13 @@ def test_an_sqlite_upgrade_that_would_leave_a_broken_reference_changes_nothing(s
             conn.execute(sa.text("UPDATE message SET customer_id = 998"))  # the checks are on again
     finally:
         engine.dispose()
+
+
+def _schema_at(engine: sa.Engine, revision: str) -> None:
+    """The schema as an older Kembali left it: the migrations up to ``revision``."""
+    from alembic import command
+
+    cfg = db._alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
