@@ -109,7 +109,7 @@ run side by side and the inserts take the write lock in turn (1M customers: a pa
 threads were slower than one (a first pass 19.5 s instead of 15), so where they stay on SQLite plans one at a
 time."""
 
-HEAVIEST_FIRST = ("new_products", "winback", "loyalty", "feedback", "birthday")
+HEAVIEST_FIRST = (cc.NEW_PRODUCTS, WINBACK, cc.LOYALTY, cc.FEEDBACK, cc.BIRTHDAY)
 """The order a pass starts campaigns in: those that visit every customer first, so the small ones fill in beside
 them rather than leave one thread planning the largest alone at the end (a launch day on SQLite 5.2 → 4.2 s).
 The order changes nothing planned: ``run`` sends only once the whole pass is planned, and priority is a column
