@@ -4,6 +4,7 @@ the planner (the store's keyset queries plus the rule) on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -465,6 +466,47 @@ def test_chunked_inserts_cover_everyone_once(db_url: str, monkeypatch: pytest.Mo
         assert plan_sql.insert(store.engine, plan, "shop.example") == 23
         assert plan_sql.insert(store.engine, plan, "shop.example") == 0
         assert len(ledger(store, "winback")) == 23
+    finally:
+        store.close()
+
+
+def test_an_sqlite_insert_that_fails_midway_ends_the_read_that_ran_ahead_of_it(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read that finds new candidates runs ahead of the inserts on a thread of its own; an insert that fails
+    keeps what committed before it, raises, and leaves no read transaction open (a reader left open would pin
+    the WAL: no checkpoint could empty it)."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from worker.adapters import db, plan_sql
+
+    monkeypatch.setattr(plan_sql, "INSERT_IDS", 2)
+    store = Store.from_url(sqlite_url)
+    try:
+        db.upgrade(store.engine)
+        load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(23)])
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_c9 BEFORE INSERT ON message WHEN NEW.email = 'c9@example.com'"
+                " BEGIN SELECT RAISE(ABORT, 'c9 refused'); END"
+            )
+        (plan,) = planning.plans(store, SETTINGS, "winback", NOW) or []
+        with pytest.raises(sa.exc.IntegrityError, match="c9 refused"):
+            plan_sql.insert(store.engine, plan, "shop.example")
+        assert [t.name for t in threading.enumerate() if t.name.endswith("-read")] == []
+        planned = {row[2] for row in ledger(store, "winback").values()}
+        assert planned and "c9@example.com" not in planned and len(planned) < 23
+        other = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            busy, _, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            other.close()
+        assert busy == 0  # no reader left behind
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER refuse_c9")
+        assert plan_sql.insert(store.engine, plan, "shop.example") == 23 - len(planned)
     finally:
         store.close()
 

@@ -14,9 +14,9 @@ The same SELECT serves two callers:
   PostgreSQL it is one ``INSERT INTO message (…) SELECT …`` under a lock per
   campaign. On SQLite, whose one write lock the sender needs too, it finds
   the new candidates' ids in a read that takes no write lock, then runs the
-  same INSERT ``… WHERE id IN (…)`` for each 20,000 of them as the read
-  streams on (a pass that finds nothing new writes nothing, and never waits
-  for the lock). The Message-ID is left NULL: the first claim gives it
+  same INSERT ``… WHERE id IN (…)`` for each 20,000 of them while the read
+  streams on, on a thread of its own (``read_ahead``; a pass that finds
+  nothing new writes nothing, and never waits for the lock). The Message-ID is left NULL: the first claim gives it
   (``core.audiences.message_id_for`` of the key, migration 0008), so the first
   pass over a shop writes no random-order unique index entries;
 * ``stream`` reads it in keyset batches as ``PlannedMessage`` values, with
@@ -43,11 +43,12 @@ import json
 import logging
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from queue import Full, Queue
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -67,6 +68,9 @@ INSERT_IDS = 20_000
 SQLITE_CACHE_KIB = 16_384
 """SQLite page cache of a planning connection (the default 2 MB re-reads the ledger's index pages; 64 MB was no
 faster and, with two campaigns at once, doubled the peak RSS)."""
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -280,10 +284,10 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
     ledger probe and suppression probe, streamed from the database. It takes no write lock (SQLite's
     other readers and its one writer go on beside it), and in the steady state it is all a pass does.
     Every ``INSERT_IDS`` new candidates are inserted by ident in a write transaction of their own, without
-    foreign key checks (``db.writing_without_foreign_keys``), while the read goes on: memory stays flat
-    however many are new. The insert re-checks the rule (a customer who ordered again in between is not
-    planned) but not the probes: a row planned meanwhile by another worker is what ON CONFLICT DO NOTHING is
-    for, and an address suppressed meanwhile is skipped at send time."""
+    foreign key checks (``db.writing_without_foreign_keys``), while the read goes on on a thread of its own
+    (``read_ahead``): memory stays flat however many are new. The insert re-checks the rule (a customer who
+    ordered again in between is not planned) but not the probes: a row planned meanwhile by another worker is
+    what ON CONFLICT DO NOTHING is for, and an address suppressed meanwhile is skipped at send time."""
     dialect = engine.dialect.name
     columns = _columns(plan, dialect, domain, message_id=False)
     names = list(columns)
@@ -304,6 +308,19 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
             again = postgresql.insert(M).on_conflict_do_nothing(index_elements=[M.c.dedupe_key])
             return _insert_locked(engine, plan, rows_where(*_new(plan), into=again))
     created = 0
+    with closing(read_ahead(lambda: _new_idents(engine, plan))) as parts:
+        for part in parts:
+            stmt = rows_where(_among(plan.ident, part), *plan.where)
+            # each row's customer_id comes from the customer row the statement selects, in a write transaction no
+            # other writer can enter: the foreign key check could only confirm it (0.3 s of 2.25 s for 526k rows)
+            with _one_writer(engine), db.writing_without_foreign_keys(engine) as conn:
+                created += conn.execution_options(preserve_rowcount=True).execute(stmt).rowcount
+    return created
+
+
+def _new_idents(engine: Engine, plan: Plan) -> Generator[list[int], None, None]:
+    """SQLite: the plan's new candidates (``plan.ident``), ``INSERT_IDS`` at a time in ascending order, streamed
+    by one read-only transaction."""
     with db.reading(engine) as reader:
         # the ledger's index pages, read again and again: a cache that holds them saves re-reads
         reader.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
@@ -311,12 +328,57 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
             sa.select(plan.ident).select_from(plan.from_).where(*_new(plan))
         )
         for part in found.scalars().partitions(INSERT_IDS):
-            stmt = rows_where(_among(plan.ident, sorted(part)), *plan.where)
-            # each row's customer_id comes from the customer row the statement selects, in a write transaction
-            # no other writer can enter: the foreign key check could only confirm it (0.3 s of 2.25 s for 526k rows)
-            with _one_writer(engine), db.writing_without_foreign_keys(engine) as conn:
-                created += conn.execution_options(preserve_rowcount=True).execute(stmt).rowcount
-    return created
+            yield sorted(part)
+
+
+READ_AHEAD = 2
+"""Parts a planning read may run ahead of its inserts (each ``INSERT_IDS`` ids)."""
+
+
+def read_ahead(parts: Callable[[], Generator[T, None, None]], depth: int = READ_AHEAD) -> Generator[T, None, None]:
+    """The items of ``parts()``, produced on a thread of their own up to ``depth`` items ahead of the caller.
+
+    SQLite's planning read goes on while the rows it found are inserted: a campaign's read and its inserts
+    overlap instead of taking turns (a launch day on SQLite, 526k new rows: 6.4 → 5.9 s, medians of 3). The
+    iterator is created, run and closed on that thread, so a reading transaction it opens is begun and ended
+    there. The caller's failure, or its leaving the loop early, stops the thread and waits for it; the thread's
+    failure is raised in the caller."""
+    queue: Queue[tuple[str, Any]] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(kind: str, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put((kind, value), timeout=0.05)
+                return True
+            except Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with closing(parts()) as items:
+                for item in items:
+                    if not put("item", item):
+                        return
+        except BaseException as exc:  # raised again in the caller's thread
+            put("error", exc)
+        else:
+            put("done", None)
+
+    producer = threading.Thread(target=produce, name=f"{threading.current_thread().name}-read", daemon=True)
+    producer.start()
+    try:
+        while True:
+            kind, value = queue.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        producer.join()
 
 
 DEDUPE_KEY_CONSTRAINT = "message_dedupe_key_key"
