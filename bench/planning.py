@@ -35,6 +35,7 @@ import json
 import os
 import random
 import resource
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,61 @@ def one_pass(url: str, mode: str, threads: int | None = None) -> dict[str, Any]:
     return out
 
 
+REFERENCE = {"orders": 1.1, "keyset": 0.34}
+"""The issue's figures for two ways of finding the ~570k win-back candidates of such a shop on SQLite, "on these
+machines": an indexed query (here: over the orders, grouped by customer) and keyset batches over the denormalised
+per-customer columns. ``machine_reference`` times the same two reads here, so that figures taken on two machines
+can be compared."""
+
+
+def machine_reference(path: Path, runs: int = 3) -> dict[str, float]:
+    """Seconds (median of ``runs``) of the two reference reads of ``REFERENCE`` on this machine, straight through
+    Python's sqlite3 (a read-only connection), and the candidates each found."""
+    cutoff = (NOW - timedelta(days=45)).strftime("%Y-%m-%d %H:%M:%S.%f")  # as the ledger's DateTime columns hold it
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+    def orders() -> int:
+        return len(conn.execute(
+            "SELECT customer_id FROM shop_order GROUP BY customer_id HAVING count(*) = 1 AND max(placed_at) < ?",
+            (cutoff,),
+        ).fetchall())  # fmt: skip
+
+    def keyset() -> int:
+        found, after = 0, 0
+        while True:
+            # in id order: likely() keeps SQLite off the (order_count, first_order_at) index, which would sort
+            # every batch
+            rows = conn.execute(
+                "SELECT id, email, first_order_external_id FROM customer WHERE id > ? AND likely(order_count) = 1"
+                " AND first_order_at < ? ORDER BY id LIMIT 20000", (after, cutoff),
+            ).fetchall()  # fmt: skip
+            if not rows:
+                return found
+            found += len(rows)
+            after = rows[-1][0]
+
+    seconds: dict[str, float] = {}
+    try:
+        for name, read in (("orders", orders), ("keyset", keyset)):
+            timings = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                seconds[f"{name}_rows"] = read()
+                timings.append(time.perf_counter() - t0)
+            seconds[name] = statistics.median(timings)
+    finally:
+        conn.close()
+    return seconds
+
+
+def report_reference(seconds: dict[str, float]) -> None:
+    print(f"  machine reference, the {seconds['orders_rows']:,.0f} one-time buyers quiet for 45 days (without the "
+          f"consent filter): by an indexed query over orders {seconds['orders']:.2f} s (the issue: "
+          f"{REFERENCE['orders']} s, so {seconds['orders'] / REFERENCE['orders']:.1f}x), by keyset batches over "
+          f"customer columns {seconds['keyset']:.2f} s (the issue: {REFERENCE['keyset']} s, so "
+          f"{seconds['keyset'] / REFERENCE['keyset']:.1f}x)")  # fmt: skip
+
+
 def run_child(url: str, mode: str, threads: int | None) -> dict[str, Any]:
     given = [] if threads is None else ["--threads", str(threads)]
     done = subprocess.run(
@@ -298,6 +354,8 @@ def bench(backend: str, customers: int, seed: int, folder: Path, keep: bool, run
             with admin.connect() as conn:
                 conn.execute(sa.text(f'ALTER DATABASE "{dbname}_part" RENAME TO "{dbname}"'))
     seen: dict[str, list[dict[str, Any]]] = {}
+    if backend == "sqlite" and runs:
+        report_reference(machine_reference(path))
     try:
         for run in range(runs):
             if run:
