@@ -603,13 +603,22 @@ def test_sqlite_plans_two_campaigns_at_once_only_with_its_memory_statistics_off(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch, statistics_off: bool, at_once: int
 ) -> None:
     """With SQLite's memory statistics on, every allocation takes one process-wide mutex and two planning
-    threads are slower than one: SQLite then plans one campaign at a time."""
+    threads are slower than one: SQLite then plans one campaign at a time, and each reads and inserts in turn
+    on its own thread instead of reading ahead on a second one."""
     import threading
     import time
 
-    from worker.adapters import db
+    from worker.adapters import db, plan_sql
 
     monkeypatch.setattr(db, "without_sqlite_memstatus", lambda: statistics_off)
+    read_on: set[str] = set()
+    real_read = plan_sql._new_idents
+
+    def reading(*args: Any) -> Any:
+        read_on.add(threading.current_thread().name)
+        return real_read(*args)
+
+    monkeypatch.setattr(plan_sql, "_new_idents", reading)
     real = planning.plan_into_ledger
     running, most, lock = 0, 0, threading.Lock()
 
@@ -632,6 +641,7 @@ def test_sqlite_plans_two_campaigns_at_once_only_with_its_memory_statistics_off(
         load(store, [case for table in TABLES.values() for case in table])
         planning.plan_campaigns(store, SETTINGS, list(TABLES), NOW)
         assert most == at_once
+        assert read_on and all(name.endswith("-read") == statistics_off for name in read_on), read_on
     finally:
         store.close()
 

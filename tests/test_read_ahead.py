@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing, nullcontext
 
 import pytest
 
@@ -56,14 +57,14 @@ def test_every_item_arrives_in_order_from_another_thread() -> None:
 
 def test_the_producer_runs_ahead_while_the_caller_is_busy_but_no_further_than_depth() -> None:
     source = Source(100)
-    items = read_ahead(source, depth=2)
-    assert next(items) == 0
-    # the caller works on item 0 (inserts it); meanwhile the read goes on: two items queued, one in hand
-    assert source.wait_for(4), source.produced
-    time.sleep(0.2)  # unbounded, the read would have produced all 100 by now
-    with source.progress:
-        assert source.produced == [0, 1, 2, 3]  # 0 taken, 1 and 2 queued, 3 waiting for room
-    assert list(items) == list(range(1, 100))
+    with closing(read_ahead(source, depth=2)) as items:
+        assert next(items) == 0
+        # the caller works on item 0 (inserts it); meanwhile the read goes on: two items queued, one in hand
+        assert source.wait_for(4), source.produced
+        time.sleep(0.2)  # unbounded, the read would have produced all 100 by now
+        with source.progress:
+            assert source.produced == [0, 1, 2, 3]  # 0 taken, 1 and 2 queued, 3 waiting for room
+        assert list(items) == list(range(1, 100))
 
 
 def test_a_failure_of_the_read_is_raised_in_the_caller_after_the_items_before_it() -> None:
@@ -79,23 +80,15 @@ def test_a_failure_of_the_read_is_raised_in_the_caller_after_the_items_before_it
 @pytest.mark.parametrize("how", ["break", "raise"])
 def test_a_caller_that_stops_early_stops_the_read_and_waits_for_it(how: str) -> None:
     source = Source(1_000_000)
-    items = read_ahead(source, depth=2)
-    with pytest.raises(RuntimeError, match="insert failed") if how == "raise" else _nothing():
+    expected = pytest.raises(RuntimeError, match="insert failed") if how == "raise" else nullcontext()
+    with expected, closing(read_ahead(source, depth=2)) as items:  # closing: as plan_sql.insert holds it
         for n in items:
             if n == 3:
                 if how == "raise":
                     raise RuntimeError("insert failed")
                 break
-    items.close()  # what a for loop's end does to a generator it was given (a `break` leaves it open)
     # the iterator was closed on its own thread (a read transaction it opened ended there), and that thread is gone
     assert source.closed_on == f"{threading.current_thread().name}-read"
     assert readers() == []
     assert len(source.produced) < 10
 
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
