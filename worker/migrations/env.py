@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from worker.adapters.tables import metadata
+from worker.migrations import comparison
 
 config = context.config
 
@@ -15,7 +16,7 @@ def _run(connection: object) -> None:
         connection=connection,  # type: ignore[arg-type]
         target_metadata=metadata,
         render_as_batch=True,  # SQLite needs table rebuilds for ALTERs
-        compare_type=True,
+        **comparison(connection.dialect.name),  # type: ignore[attr-defined]
     )
     with context.begin_transaction():
         context.run_migrations()
