@@ -8,12 +8,21 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from worker.core import tokens
-from worker.core.lifecycle import after_attempt, backoff_seconds
+from worker.core.lifecycle import after_attempt, backoff_seconds, requeued
 from worker.core.ratelimit import Gcra
 from worker.core.recommend import recommend
 from worker.domain import MessageStatus, Outcome, ProductView, SendResult
 
 NOW = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("attempts", "expected"), [(0, MessageStatus.PLANNED), (1, MessageStatus.RETRY), (4, MessageStatus.RETRY)]
+)
+def test_a_row_given_back_unsent_waits_as_planned_until_an_attempt_was_made(
+    attempts: int, expected: MessageStatus
+) -> None:
+    assert requeued(attempts) is expected
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from alembic.migration import MigrationContext
 
 from worker import migrations
 from worker.adapters import db, shop
-from worker.adapters.store import HELD_SECONDS, Marks, Store
+from worker.adapters.store import HELD_SECONDS, M, Marks, Store
 from worker.adapters.tables import metadata
 from worker.core.audiences import message_id_for
 from worker.domain import (
@@ -263,6 +263,29 @@ def test_lapsed_leases_requeue_claimed_rows_and_make_sending_rows_uncertain(stor
     assert statuses == {"k:0": "uncertain", "k:1": "planned"}
     again = store.claim(worker="alive", now=NOW + timedelta(seconds=61), limit=10, lease_seconds=60)
     assert [m.dedupe_key for m in again] == ["k:1"]
+
+
+def test_a_row_given_back_unsent_after_an_attempt_waits_as_retry(store: Store) -> None:
+    """Held back at the mark, or its lease lapsed before the mark: a claimed row goes back to the queue as
+    ``retry`` once an attempt was made, as ``planned`` before any (``core.lifecycle.requeued``, in both SQL paths)."""
+    store.insert_messages(planned(4), NOW)  # k:0 and k:3 are both for customer 1
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(M).where(M.c.dedupe_key == "k:3").values(attempts=1, status="retry"))
+    (x,) = store.claim(worker="x", now=NOW, limit=1, lease_seconds=60)
+    assert x.dedupe_key == "k:0" and store.mark_sending([x.id], worker="x", now=NOW) == {x.id}
+    b = {m.dedupe_key: m.id for m in store.claim(worker="b", now=NOW, limit=3, lease_seconds=60)}
+    # x is sending to customer 1: b's row for them (one attempt behind it) is held back
+    assert store.record_and_mark([], list(b.values()), worker="b", now=NOW).held == {b["k:3"]}
+    rows = {r["dedupe_key"]: r for r in store.messages()}
+    assert (rows["k:3"]["status"], rows["k:3"]["attempts"], rows["k:3"]["claimed_by"]) == ("retry", 1, None)
+
+    later = NOW + timedelta(seconds=HELD_SECONDS + 1)
+    (again,) = store.claim(worker="dead", now=later, limit=1, lease_seconds=60)
+    assert again.dedupe_key == "k:3"
+    # k:3 claimed, requeued; k:0, k:1 and k:2, marked sending long ago, become uncertain
+    assert store.release_expired_leases(later + timedelta(seconds=61)) == (1, 3)
+    rows = {r["dedupe_key"]: r for r in store.messages()}
+    assert (rows["k:3"]["status"], rows["k:3"]["attempts"], rows["k:3"]["claimed_by"]) == ("retry", 1, None)
 
 
 def test_retry_waits_for_its_time(store: Store) -> None:

@@ -324,7 +324,7 @@ class Dispatcher:
         """Give a claimed, unsent row back to the queue (stopped, paused, or out of quota): no attempt made."""
         return Disposition(
             message=message,
-            status=MessageStatus.RETRY if message.attempts else MessageStatus.PLANNED,
+            status=lifecycle.requeued(message.attempts),
             worker=self.worker,
             started_at=now,
             finished_at=now,

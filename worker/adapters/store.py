@@ -147,8 +147,14 @@ _SINCE_CLAIM = {
     "postgresql": f"message.updated_at - interval '{HELD_SECONDS} seconds'",
 }
 # ... and a claimed row the mark held back goes back to the queue, to be judged again against the ledger
+def requeued_sql(attempts: Any) -> Any:
+    """``core.lifecycle.requeued`` in SQL: the status of a claimed row given back to the queue unsent."""
+    return sa.case((attempts > 0, MessageStatus.RETRY.value), else_=MessageStatus.PLANNED.value)
+
+
+_REQUEUED = str(requeued_sql(sa.column("attempts", sa.Integer)).compile(compile_kwargs={"literal_binds": True}))
 _HOLD_HEAD = (
-    "UPDATE message SET status = CASE WHEN attempts > 0 THEN 'retry' ELSE 'planned' END, claimed_by = NULL,"
+    f"UPDATE message SET status = {_REQUEUED}, claimed_by = NULL,"
     " lease_until = NULL, next_attempt_at = :later, updated_at = :now WHERE id IN ("
 )
 _HOLD_TAIL = f") AND claimed_by = :worker AND status = '{_CLAIMED}' RETURNING id"
@@ -548,7 +554,7 @@ class Store:
                 sa.update(M)
                 .where(where, M.c.status == MessageStatus.CLAIMED.value)
                 .values(
-                    status=sa.case((M.c.attempts > 0, MessageStatus.RETRY.value), else_=MessageStatus.PLANNED.value),
+                    status=requeued_sql(M.c.attempts),
                     claimed_by=None,
                     lease_until=None,
                     updated_at=now,

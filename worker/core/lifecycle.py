@@ -17,6 +17,13 @@ from datetime import datetime, timedelta
 from worker.domain import MessageStatus, Outcome, SendResult
 
 
+def requeued(attempts: int) -> MessageStatus:
+    """The status of a claimed row given back to the queue unsent (stopped, paused, out of quota, held back at the
+    mark, its lease lapsed): ``retry`` once an attempt was made, else ``planned``. ``adapters.store.requeued_sql``
+    is its SQL twin."""
+    return MessageStatus.RETRY if attempts > 0 else MessageStatus.PLANNED
+
+
 def backoff_seconds(
     attempt: int, *, base: float, cap: float, hint: float | None = None, rng: random.Random | None = None
 ) -> float:
