@@ -104,6 +104,11 @@ def _key_part(column: Any) -> Any:
     return sa.func.replace(sa.func.replace(column, "%", "%25"), ":", "%3A")
 
 
+def requeued_sql(attempts: Any) -> Any:
+    """``core.lifecycle.requeued`` in SQL: the status of a claimed row given back to the queue unsent."""
+    return sa.case((attempts > 0, MessageStatus.RETRY.value), else_=MessageStatus.PLANNED.value)
+
+
 _CLAIM_RETURNING = (
     "id, dedupe_key, campaign, step, customer_id, email, message_id, attempts, due_at, expires_at, payload,"
     " next_attempt_at"
@@ -146,13 +151,8 @@ _SINCE_CLAIM = {
     "sqlite": f"strftime('%Y-%m-%d %H:%M:%f', message.updated_at, '-{HELD_SECONDS} seconds')",
     "postgresql": f"message.updated_at - interval '{HELD_SECONDS} seconds'",
 }
-# ... and a claimed row the mark held back goes back to the queue, to be judged again against the ledger
-def requeued_sql(attempts: Any) -> Any:
-    """``core.lifecycle.requeued`` in SQL: the status of a claimed row given back to the queue unsent."""
-    return sa.case((attempts > 0, MessageStatus.RETRY.value), else_=MessageStatus.PLANNED.value)
-
-
 _REQUEUED = str(requeued_sql(sa.column("attempts", sa.Integer)).compile(compile_kwargs={"literal_binds": True}))
+# ... and a claimed row the mark held back goes back to the queue, to be judged again against the ledger
 _HOLD_HEAD = (
     f"UPDATE message SET status = {_REQUEUED}, claimed_by = NULL,"
     " lease_until = NULL, next_attempt_at = :later, updated_at = :now WHERE id IN ("
