@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 * ``plan(now)`` inserts each enabled campaign's new ledger rows with one
   ``INSERT … SELECT`` per plan (PostgreSQL; loyalty has two) or per 20,000 rows (SQLite), the rules,
-  dedupe keys, Message-IDs and holdouts computed in SQL
-  (``adapters.plan_sql``); birthday is planned row by row (time zones).
+  dedupe keys and holdouts computed in SQL (``adapters.plan_sql``; the Message-ID is given at a row's
+  first claim); birthday is planned row by row (time zones).
   Planning twice, or in two processes at once, creates each row once.
 * ``Composer.compose`` takes one claimed message and the facts read right
   before sending: re-check (expired? suppressed? consent? ordered since?), then
