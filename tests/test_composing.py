@@ -256,3 +256,27 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has exited; only its parent's wait() is missing
+
+
+def test_the_helper_stops_a_render_that_runs_past_the_configured_limit(sqlite_url: str, tmp_path: Path) -> None:
+    # Given an English body that never ends and a limit of half a second
+    templates = tmp_path / "email"
+    shutil.copytree(TEMPLATES, templates)
+    body = templates / "winback" / "en" / "body.txt"
+    body.write_text("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\n"
+                    + body.read_text())  # fmt: skip
+    settings = settings_for(sqlite_url, templates=templates, checks={"render_timeout_seconds": 0.5})
+    store, batch = _claimed_batch(sqlite_url, settings)
+    pool, _ = _pool(settings, templates)
+    try:
+        in_helper = asyncio.run(pool.prepare(batch, NOW, run=1))
+    finally:
+        pool.close()
+        store.close()
+    # Then the helper fails that message alone, with the file and line, and prepares the others
+    assert in_helper is not None
+    assert sorted(type(i).__name__ for i in in_helper) == ["Composed", "Composed", "Composed", "RenderFailed",
+                                                            "Skipped"]  # fmt: skip
+    (failed,) = [i for i in in_helper if isinstance(i, RenderFailed)]
+    assert (failed.error.template, failed.error.line) == ("winback/en/body.txt", 1)
+    assert "took more than 0.5 s" in str(failed.error)

@@ -7,6 +7,7 @@ then the server receives exactly the intended messages and the ledger says so.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from datetime import timedelta
 from email import policy
@@ -162,6 +163,26 @@ def test_a_broken_template_fails_its_messages_only(
     (attempt,) = store.attempts_for(int(failed["id"]))  # type: ignore[call-overload]
     assert attempt["outcome"] == "render_error"
     assert "winback/en/body.txt:3" in str(attempt["reply"]) and "nickname" in str(attempt["reply"])
+
+
+def test_a_template_that_never_ends_for_one_customer_fails_that_message_and_the_run_goes_on(
+    sqlite_url: str, smtp_server: RecordingServer, tmp_path: Path
+) -> None:
+    templates = tmp_path / "email"
+    shutil.copytree(TEMPLATES, templates)
+    body = templates / "winback" / "en" / "body.html"
+    endless = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+    body.write_text(f"{{% if customer.first_name == 'Loop' %}}{endless}{{% endif %}}\n" + body.read_text())
+    store = make_shop(sqlite_url, [customer("C1", locale=Locale.EN), customer("C2", name="Loop", locale=Locale.EN)],
+                      [one_time_order("O1", "C1"), one_time_order("O2", "C2")])  # fmt: skip
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port}, templates=templates,
+                            checks={"render_timeout_seconds": 0.5})  # fmt: skip
+    deps = dataclasses.replace(Deps.build(settings), clock=FakeClock(NOW))  # the limit as `run` configures it
+    report = asyncio.run(cycle(deps))
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("c1@example.com",)]
+    assert report.dispatched.outcomes == {"sent": 1, "failed:render_error": 1}
+    (attempt,) = store.attempts_for(int(ledger(store)["winback:C2:O2:1"]["id"]))  # type: ignore[call-overload]
+    assert "winback/en/body.html:1: the render took more than 0.5 s" in str(attempt["reply"])
 
 
 def test_a_transient_failure_is_retried_later_and_then_sent(sqlite_url: str, smtp_server: RecordingServer) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -418,3 +420,87 @@ def test_editing_a_shipped_partial_changes_the_version_of_every_campaign_that_in
     after = versions(templates)
     assert {key for key in before if after[key] != before[key]} == {(c, loc) for c in campaigns for loc in Locale}
     assert versions(JinjaTemplates(root)) == after
+
+
+# --- bounds: a render that never ends, values and parts too large ----------------------------------------------
+
+ENDLESS = "x\n{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\n"
+
+
+def test_a_render_that_runs_past_its_time_limit_is_stopped_with_its_file_and_line(tmp_path: Path) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.html": ENDLESS}), time_limit=0.3)
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, CTX)
+    assert (info.value.template, info.value.line) == ("demo/id/body.html", 2)
+    assert "took more than 0.3 s" in str(info.value)
+    # the thread goes on: nothing is left pending, and the next render (now fine) works
+    time.sleep(0.3)
+    sum(range(1_000_000))
+    (tmp_path / "demo/id/body.html").write_text("<p>{{ name }}</p>\n")
+    assert templates.render("demo", Locale.ID, CTX).html == "<p>Siti</p>\n"
+
+
+def test_renders_in_several_threads_are_each_stopped_alone(tmp_path: Path) -> None:
+    files = GOOD | {"demo/id/body.html": "{% if name == 'Loop' %}" + ENDLESS + "{% endif %}<p>{{ name }}</p>\n"}
+    templates = JinjaTemplates(tree(tmp_path, files), time_limit=0.5)
+
+    def render(name: str) -> str:
+        try:
+            return templates.render("demo", Locale.ID, {**CTX, "name": name}).html
+        except TemplateError as exc:
+            return f"failed: {exc}"
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(render, ["Loop", *(f"N{i}" for i in range(200)), "Loop"]))
+    assert [r.startswith("failed: demo/id/body.html:2: the render took more than") for r in results] == (
+        [True] + [False] * 200 + [True]
+    )
+    assert results[1:-1] == [f"<p>N{i}</p>\n" for i in range(200)]
+
+
+def test_a_stop_that_fires_while_the_thread_is_in_c_lands_when_that_step_ends_and_never_after_disarming() -> None:
+    # a deadline that passes inside one long step of C (here a sleep): the exception lands as soon as it returns
+    from worker.adapters.templates import _WATCHDOG, RenderTimeout
+
+    _WATCHDOG.arm(0.05)
+    try:
+        with pytest.raises(RenderTimeout):
+            time.sleep(0.4)
+    finally:
+        _WATCHDOG.disarm()
+    assert not _WATCHDOG._armed
+    for _ in range(1_000_000):  # bytecode boundaries aplenty: nothing else is pending
+        pass
+    # a render that ends in time is never stopped afterwards
+    _WATCHDOG.arm(0.05)
+    _WATCHDOG.disarm()
+    time.sleep(0.2)
+    assert not _WATCHDOG._armed
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{{ 'ab' * n }}", "a repetition of 2 items 10,000,000 times is more than the 1,000,000"),
+        ("{{ n * [1] }}", "a repetition of 1 items 10,000,000 times"),
+        ("{{ 9 ** n }}", "9 ** 10000000 has more than the 1,000,000 digits"),
+    ],
+)
+def test_a_value_too_large_is_refused_before_it_is_built(tmp_path: Path, text: str, message: str) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": "\n" + text}))
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, {**CTX, "n": 10_000_000})
+    assert (info.value.template, info.value.line) == ("demo/id/body.txt", 2)
+    assert message in str(info.value)
+    # the same operators on reasonable values still work
+    (tmp_path / "demo/id/body.txt").write_text("{{ '-' * 3 }} {{ 2 ** 10 }} {{ 3 * 4 }}")
+    assert templates.render("demo", Locale.ID, CTX).text == "--- 1024 12"
+
+
+def test_a_rendered_part_longer_than_an_email_part_may_be_fails(tmp_path: Path) -> None:
+    big = "{% for i in range(2000) %}{{ 'y' * 999 }}{% endfor %}"
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.html": big}))
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, CTX)
+    assert info.value.template == "demo/id/body.html"
+    assert "1,998,000 characters long, more than the 1,000,000" in str(info.value)

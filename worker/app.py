@@ -100,8 +100,9 @@ class Deps:
         templates_dir = settings.resolve(settings.templates.dir)
         if not templates_dir.is_dir():
             raise ConfigError(f"{settings.source}: 'templates.dir' {str(templates_dir)!r} is not a folder")
-        return cls(settings=settings, store=store, templates=JinjaTemplates(Path(templates_dir), recheck_seconds=1.0),
-                   clock=SystemClock())
+        templates = JinjaTemplates(Path(templates_dir), recheck_seconds=1.0,
+                                   time_limit=settings.checks.render_timeout_seconds)  # fmt: skip
+        return cls(settings=settings, store=store, templates=templates, clock=SystemClock())
 
     def composer(self, keys: list[bytes] | None = None) -> Composer:
         return Composer(self.settings, self.templates, (keys or link_keys(self.settings))[0])

@@ -99,7 +99,8 @@ def _start(spec: ComposerSpec) -> None:
 
     _exit_with_parent(spec.parent_pid)
 
-    renderer = JinjaTemplates(spec.templates_root, recheck_seconds=spec.recheck_seconds)
+    renderer = JinjaTemplates(spec.templates_root, recheck_seconds=spec.recheck_seconds,
+                              time_limit=spec.settings.checks.render_timeout_seconds)
     _helper = _Helper(Composer(spec.settings, renderer, spec.link_key), Store.from_url(spec.settings.database_url))
 
 

@@ -140,7 +140,8 @@ class Daemon:
         """A checked generation; raises TemplatesRejected or ConfigError (nothing is left behind)."""
         snapshot = snapshot_templates(settings)
         try:
-            templates = JinjaTemplates(snapshot / "t", recheck_seconds=None)  # a private copy: never edited
+            templates = JinjaTemplates(snapshot / "t", recheck_seconds=None,  # a private copy: never edited
+                                       time_limit=settings.checks.render_timeout_seconds)
             # the sandbox does not bound CPU: check in a helper process that is killed past the time limit
             with TimeLimitedRenderer(snapshot / "t", timeout_seconds=settings.checks.render_timeout_seconds) as checker:
                 problems = check_templates(settings, checker)

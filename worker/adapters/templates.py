@@ -15,13 +15,25 @@ messages a second); None never looks again (the daemon renders a private copy
 of the accepted templates that nobody edits). When a check finds a change, every
 cached template and version is dropped together, so a message's version always
 names the bytes it was rendered from.
+
+The sandbox keeps templates away from Python's internals but bounds neither
+time nor size, and every message renders the operator's templates with the
+customer's data. So a render is bounded here too: one that runs past
+``time_limit`` (``checks.render_timeout_seconds``) is stopped by an exception
+raised in its thread (``_Watchdog``), a ``*`` or ``**`` that would build a
+value larger than ``MAX_PART_CHARS`` is refused before it is built, and a part
+longer than that fails. Each becomes a ``TemplateError`` naming the file and
+line, so that one message fails (``render_error``) and the run goes on.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import math
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -42,6 +54,13 @@ from worker.errors import TemplateError
 
 PARTS = ("subject.txt", "body.html", "body.txt")
 """The files each campaign has in each locale folder."""
+
+MAX_PART_CHARS = 1_000_000
+"""The longest rendered subject, HTML or text part (characters), and the largest value a template's ``*`` or
+``**`` may build: ten times the HTML Gmail shows unclipped (``checks.html_max_bytes``), far beyond any real
+email; above it the message fails instead of going out."""
+DEFAULT_TIME_LIMIT = 2.0
+"""Seconds one message's render may take (``checks.render_timeout_seconds``'s default)."""
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _Signature = tuple[tuple[str, int, int], ...]
@@ -85,13 +104,86 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 pass
         return super().getattr(obj, attribute)
 
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        """``*`` and ``**``, refused when the value they would build is larger than ``MAX_PART_CHARS``: such a
+        value is built in one step of C that no time limit can stop (``"x" * 10**9``, ``9 ** 10**9``)."""
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > MAX_PART_CHARS:
+                    raise ValueError(f"a repetition of {len(seq):,} items {times:,} times is more than the "
+                                     f"{MAX_PART_CHARS:,} a template may build")  # fmt: skip
+            return left * right
+        if (isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1
+                and right * math.log10(abs(left)) > MAX_PART_CHARS):  # fmt: skip
+            raise ValueError(f"{left} ** {right} has more than the {MAX_PART_CHARS:,} digits a template may build")
+        return left**right
+
+
+class RenderTimeout(Exception):
+    """Raised by ``_Watchdog`` in a thread whose render ran past its time limit."""
+
+
+class _Watchdog:
+    """Stops renders that run too long: a thread of its own (one per process, started with the first bounded
+    render) raises ``RenderTimeout`` in a rendering thread past its deadline, with CPython's
+    ``PyThreadState_SetAsyncExc``. The exception lands at the thread's next bytecode boundary (a template's
+    loop is Python bytecode), so a ``{% for %}`` that never ends is stopped; one long step of C is stopped
+    only when it returns (hence ``call_binop``). It fires once per render, and lands inside ``render`` at the
+    latest as disarming begins; disarming also takes back one still pending, so none surfaces after."""
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._armed: dict[int, list[Any]] = {}
+        """thread id -> [deadline (monotonic), fired]"""
+        self._pid: int | None = None
+
+    def arm(self, seconds: float) -> None:
+        ident = threading.get_ident()
+        with self._lock:
+            self._armed[ident] = [time.monotonic() + seconds, False]
+            if self._pid != os.getpid():  # the first bounded render in this process (or a forked child)
+                self._pid = os.getpid()
+                threading.Thread(target=self._watch, name="kembali-render-watchdog", daemon=True).start()
+            self._lock.notify()
+
+    def disarm(self) -> None:
+        ident = threading.get_ident()
+        with self._lock:
+            entry = self._armed.pop(ident, None)
+            if entry is not None and entry[1]:
+                _async_exc(ident, None)  # fired but maybe not landed (the thread was in C): take it back
+
+    def _watch(self) -> None:
+        with self._lock:
+            while True:
+                self._lock.wait(self.POLL_SECONDS if self._armed else None)
+                now = time.monotonic()
+                for ident, entry in self._armed.items():
+                    if not entry[1] and entry[0] <= now:
+                        entry[1] = True
+                        _async_exc(ident, RenderTimeout)
+
+
+def _async_exc(ident: int, exc: type[BaseException] | None) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None if exc is None else ctypes.py_object(exc))
+
+
+_WATCHDOG = _Watchdog()
+
 
 class JinjaTemplates:
     """``TemplateRenderer`` over a directory of Jinja2 templates."""
 
-    def __init__(self, root: Path, *, recheck_seconds: float | None = 0.0) -> None:
+    def __init__(self, root: Path, *, recheck_seconds: float | None = 0.0,
+                 time_limit: float | None = DEFAULT_TIME_LIMIT) -> None:  # fmt: skip
         self.root = Path(root).resolve()
         self.recheck_seconds = recheck_seconds
+        self.time_limit = time_limit
+        """Seconds one message's three parts may take to render (None: no limit)."""
         self._checked_at: float | None = None
         """When the files were last compared with the cached versions (monotonic), with recheck_seconds > 0."""
         self._env = _Sandbox(
@@ -260,6 +352,20 @@ class JinjaTemplates:
         ctx = dict(context)
         ctx["locale"] = str(loc)
         subject_name = f"{folder}/subject.txt"
+        if self.time_limit is None:
+            return self._parts(folder, ctx, version)
+        try:
+            _WATCHDOG.arm(self.time_limit)
+            try:
+                return self._parts(folder, ctx, version)
+            finally:
+                _WATCHDOG.disarm()
+        except RenderTimeout:  # landed between two parts, or as the render ended (as disarming began)
+            _WATCHDOG.disarm()
+            raise TemplateError(self._too_long(), template=subject_name) from None
+
+    def _parts(self, folder: str, ctx: Mapping[str, object], version: str) -> RenderedEmail:
+        subject_name = f"{folder}/subject.txt"
         subject = " ".join(self._render(subject_name, ctx).split())
         if not subject:
             raise TemplateError("the subject is empty", template=subject_name)
@@ -267,9 +373,12 @@ class JinjaTemplates:
         text = self._render(f"{folder}/body.txt", ctx)
         return RenderedEmail(subject=subject, html=html, text=text, template_version=version)
 
+    def _too_long(self) -> str:
+        return f"the render took more than {self.time_limit:g} s and was stopped (a loop that does not end?)"
+
     def _render(self, name: str, ctx: Mapping[str, object]) -> str:
         try:
-            return self._env.get_template(name).render(ctx)
+            out = self._env.get_template(name).render(ctx)
         except jinja2.TemplateSyntaxError as exc:
             syntax_file = self._relative(exc.filename) or exc.name or name
             raise TemplateError(f"syntax error: {exc.message}", template=syntax_file, line=exc.lineno) from None
@@ -277,9 +386,15 @@ class JinjaTemplates:
             where, line = self._locate(exc.__traceback__)
             if isinstance(exc, jinja2.TemplateNotFound):
                 message = f"template not found: {exc.name}"
+            elif isinstance(exc, RenderTimeout):
+                message = self._too_long()
             else:
                 message = f"{type(exc).__name__}: {exc}"
             raise TemplateError(message, template=where or name, line=line) from None
+        if len(out) > MAX_PART_CHARS:
+            raise TemplateError(f"the rendered part is {len(out):,} characters long, more than the "
+                                f"{MAX_PART_CHARS:,} an email part may have", template=name)  # fmt: skip
+        return out
 
     def _relative(self, filename: str | None) -> str | None:
         if not filename:
