@@ -3,14 +3,20 @@ real HTTP requests, real signals."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import subprocess
+import sys
+import time
 import urllib.parse
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from pathlib import Path
 
-from tests.daemon_harness import LINK_KEY, Daemon, http, make_shop
+import pytest
+
+from tests.daemon_harness import LINK_KEY, REPO, Daemon, http, make_shop
 from tests.smtp_server import Behaviour, RecordingServer
 from worker.core import tokens
 
@@ -237,6 +243,43 @@ def test_sigterm_mid_campaign_finishes_sends_under_way_and_exits_0(
     assert statuses["sent"] == len(smtp_server.messages)
     assert statuses["sent"] + statuses.get("planned", 0) == 30 and statuses.get("planned", 0) > 0
     assert daemon.named("shutdown_requested") and daemon.named("daemon_stopped")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
+    tmp_path: Path, smtp_server: RecordingServer, sig: signal.Signals
+) -> None:
+    # Given `run --once` sending to a slow SMTP server more mail than it can take before the signal
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port)
+    customers = range(1, 31)
+    shop.add(customers, days_ago=60)
+    for i in customers:
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=0.3))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--config", str(shop.config), "run", "--once"], cwd=REPO,
+        env={**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(smtp_server.messages) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert len(smtp_server.messages) >= 3, "the first emails"
+        # When Ctrl-C (SIGINT) or cron's `timeout` (SIGTERM) stops it
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Then the sends under way finished and were recorded, the rest went back to the queue, the summary says so,
+    # and the exit code is the shell's for that signal
+    assert proc.returncode == 128 + sig.value, err
+    assert f"stopped early by {sig.name}" in out and "sent " in out, out
+    statuses = dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status"))
+    assert "sending" not in statuses and "claimed" not in statuses and "uncertain" not in statuses, statuses
+    assert statuses["sent"] == len(smtp_server.messages)
+    assert statuses["sent"] + statuses.get("planned", 0) == 30 and statuses.get("planned", 0) > 0
+    assert "stop_requested" in err
 
 
 def test_sends_outliving_the_grace_period_become_uncertain_and_a_second_signal_exits_at_once(

@@ -22,6 +22,7 @@ from tests.sendkit import Shop, make_settings, message_ids
 from tests.smtp_server import CLIENT_LIMIT_REPLY, GREYLIST_REPLY, Behaviour, RecordingServer
 from tests.test_smtp_transport import _self_signed
 from worker.commands import running
+from worker.pipeline import plan
 
 BAD, OK = "bad@test.example", "ok@test.example"
 
@@ -280,6 +281,23 @@ def test_connection_failures_in_a_row_pause_the_dispatcher(url: str, server: Rec
     finally:
         shop.close()
         server.start_in_thread()  # the fixture stops it again
+
+
+def test_a_run_that_finds_a_dead_workers_sends_uncertain_says_so_and_exits_1(url: str, server: RecordingServer) -> None:
+    emails = [f"c{i}@test.example" for i in range(3)]
+    shop = shop_for(url, server, emails)
+    try:
+        # a worker claimed one row, marked it sending, and died
+        plan(shop.store, shop.deps.settings, shop.clock.now())
+        (row,) = shop.store.claim(worker="dead", now=shop.clock.now(), limit=1, lease_seconds=60)
+        shop.store.mark_sending([row.id], worker="dead", now=shop.clock.now())
+        shop.clock.advance(seconds=61)
+        report = shop.cycle()
+        assert report.uncertain == 1 and report.dispatched.outcomes == {"sent": 2}
+        assert any("1 messages became uncertain" in line for line in running.summary(report))
+        assert running._exit_code(report) == running.EXIT_ATTENTION  # done, but something needs the operator
+    finally:
+        shop.close()
 
 
 def test_the_daily_quota_leaves_the_rest_for_tomorrow(url: str, server: RecordingServer) -> None:

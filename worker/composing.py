@@ -45,6 +45,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -98,6 +99,8 @@ def _start(spec: ComposerSpec) -> None:
     from worker.adapters.templates import JinjaTemplates  # the helper's own templates, loaded once
 
     _exit_with_parent(spec.parent_pid)
+    # Ctrl-C reaches the terminal's whole process group: the process that started this helper decides when to stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     renderer = JinjaTemplates(spec.templates_root, recheck_seconds=spec.recheck_seconds,
                               time_limit=spec.settings.checks.render_timeout_seconds)

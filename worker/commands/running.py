@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +29,15 @@ class CycleReport:
     dispatched: DispatchReport
     requeued: int = 0
     uncertain: int = 0
+    stopped_by: str | None = None
+    """The signal that stopped the run early (``run --once``), if one did."""
 
 
-async def cycle(deps: Deps, *, async_store: AsyncStore | None = None) -> CycleReport:
-    """Release lapsed leases, plan every enabled campaign, send everything due."""
+async def cycle(deps: Deps, *, async_store: AsyncStore | None = None, stop: asyncio.Event | None = None) -> CycleReport:
+    """Release lapsed leases, plan every enabled campaign, send everything due.
+
+    ``stop`` set (a signal, see ``once``) ends the run early: the sends under way finish and are recorded, what
+    was claimed and not begun goes back to the queue; set while planning, nothing is sent."""
     own_store = async_store is None
     astore = async_store or AsyncStore(deps.store)
     try:
@@ -41,12 +49,19 @@ async def cycle(deps: Deps, *, async_store: AsyncStore | None = None) -> CycleRe
         for campaign, created in planned.created.items():
             await astore.call(opstore.record_run, deps.store, f"plan:{campaign}", at=now, worker=worker_id())
             log.event("campaign_planned", campaign=campaign, created=created, considered=planned.considered[campaign])
+        if stop is not None and stop.is_set():
+            return CycleReport(planned, DispatchReport(), requeued, uncertain)
         transport = deps.transport()
         try:
             dispatcher = deps.dispatcher(astore, transport)
+            stopper = None if stop is None else asyncio.create_task(stop.wait())
+            if stopper is not None:
+                stopper.add_done_callback(lambda _: dispatcher.stop())
             try:
                 dispatched = await dispatcher.run_once()
             finally:
+                if stopper is not None:
+                    stopper.cancel()
                 dispatcher.close()
         finally:
             await transport.close()
@@ -81,20 +96,57 @@ def summary(report: CycleReport) -> list[str]:
     if report.uncertain:
         lines.append(f"{report.uncertain} messages became uncertain (a worker died while sending): "
                      "see `kembali ledger`")
+    if report.stopped_by:
+        lines.append(f"stopped early by {report.stopped_by}: the sends under way finished, the rest waits in "
+                     "the queue for the next run")
     return lines
 
 
 def _exit_code(report: CycleReport) -> int:
+    if report.stopped_by:
+        return 128 + signal.Signals[report.stopped_by].value  # as a shell reports a process a signal ended
     if report.dispatched.paused:
         return EXIT_UNAVAILABLE
     bad = sum(n for what, n in report.dispatched.outcomes.items() if what.startswith("failed"))
-    return EXIT_ATTENTION if bad else EXIT_OK
+    return EXIT_ATTENTION if bad or report.uncertain else EXIT_OK
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def _stoppable(deps: Deps) -> CycleReport:
+    """``cycle``, stopped gracefully by the first SIGINT or SIGTERM (Ctrl-C, cron's ``timeout``), at once by a
+    second: as the daemon stops."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        if len(received) > 1:
+            log.event("stop_forced", logging.WARNING, signal=sig.name,
+                      note="rows in flight become uncertain when their lease lapses")  # fmt: skip
+            logging.shutdown()
+            os._exit(128 + sig.value)
+        log.event("stop_requested", signal=sig.name, note="sends under way finish; the rest goes back to the queue")
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        report = await cycle(deps, stop=stop)
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+    if received:
+        report.stopped_by = received[0].name
+    return report
 
 
 def once(settings: Settings) -> int:
     deps = Deps.build(settings)
     try:
-        report = eventloop.run(cycle(deps))
+        report = eventloop.run(_stoppable(deps))
     finally:
         deps.close()
     for line in summary(report):
