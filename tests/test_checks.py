@@ -161,6 +161,22 @@ def test_a_render_that_never_ends_is_stopped_in_its_helper_process(templates: Pa
         assert renderer.restarts >= 1  # the helper was killed and a fresh one took over
 
 
+def test_a_missing_or_mistyped_winback_step_folder_is_reported(templates: Path) -> None:
+    # Given three steps: the first one's folder gone, the last one's name mistyped, the middle one fine
+    import shutil
+
+    shutil.rmtree(templates / "winback-reminder")
+    steps = [{"days": 45, "template": "winback-reminder"}, {"days": 75, "template": "winback"},
+             {"days": 120, "template": "winback-lastt"}]  # fmt: skip
+    settings = settings_from_dict({"templates": {"dir": str(templates)}, "campaigns": {"winback": {"steps": steps}}})
+    problems = check_templates(settings, JinjaTemplates(templates))
+    # Then both are reported, in both languages, as sending would fail on them
+    missing = sorted((p.campaign, p.locale) for p in problems if p.kind is Kind.MISSING)
+    assert missing == [("winback-lastt", "en"), ("winback-lastt", "id"), ("winback-reminder", "en"),
+                       ("winback-reminder", "id")]  # fmt: skip
+    assert [p for p in problems if p.kind is not Kind.MISSING] == []
+
+
 def test_check_command_exit_codes(tmp_path: Path) -> None:
     site = make_site(tmp_path / "ok")
     done = site.cli("check")

@@ -169,15 +169,27 @@ def render_sample(
     return SampleRender(campaign, locale, sample, context, rendered, data)
 
 
+def required_folders(settings: Settings) -> list[str]:
+    """The template folders sending will use: each enabled campaign's, and for win-back each step's own
+    (``[[campaigns.winback.steps]]``'s ``template``), in place of the campaign's name."""
+    folders: list[str] = []
+    for campaign in enabled_campaigns(settings):
+        if campaign == "winback":
+            folders += [step.template for step in settings.campaigns.winback.effective_steps]
+        else:
+            folders.append(campaign)
+    return list(dict.fromkeys(folders))
+
+
 def campaigns_to_check(settings: Settings, renderer: object) -> list[str]:
-    """Enabled campaigns, and any other campaign folder on disk."""
+    """The folders sending will use (``required_folders``), and any other campaign folder on disk."""
     found = renderer.campaigns() if hasattr(renderer, "campaigns") else []
-    return sorted(set(enabled_campaigns(settings)) | set(found))
+    return sorted(set(required_folders(settings)) | set(found))
 
 
 def locales_to_check(campaign: str, settings: Settings, renderer: object) -> list[Locale]:
-    """Every language for an enabled campaign (a missing one is a problem); what exists otherwise."""
-    if campaign in enabled_campaigns(settings) or not hasattr(renderer, "locales"):
+    """Every language for a folder sending will use (a missing one is a problem); what exists otherwise."""
+    if campaign in required_folders(settings) or not hasattr(renderer, "locales"):
         return list(Locale)
     present: list[Locale] = renderer.locales(campaign)
     return present
