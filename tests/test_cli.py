@@ -18,6 +18,7 @@ import pytest
 from tests.shop import LINK_KEY, ROOT, TEMPLATES
 from tests.smtp_server import RecordingServer
 from worker.adapters.store import Store
+from worker.config import load_settings
 from worker.demo import generate_shop, write_csvs
 
 COMMANDS = ["demo", "db", "import", "run", "preview"]
@@ -177,11 +178,17 @@ def test_no_secret_is_ever_printed(tmp_path: Path, smtp_server: RecordingServer)
     assert LINK_KEY not in result.stdout + result.stderr
 
 
-def test_missing_link_key_is_a_clear_configuration_error(tmp_path: Path) -> None:
+def test_missing_link_key_is_a_clear_configuration_error_and_nothing_is_planned(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    kembali("db", "upgrade", config=config)
+    _shop_in(tmp_path, config, customers=40)  # customers due a win-back
     result = kembali("run", "--once", config=config, env={"KEMBALI_LINK_SECRET": ""})
     assert result.returncode == 2 and "KEMBALI_LINK_SECRET" in result.stderr
+    # exit 2 means nothing was done: the ledger is as empty as before
+    store = Store.from_url(load_settings(config).database_url)
+    try:
+        assert store.messages(limit=10) == []
+    finally:
+        store.close()
 
 
 def test_running_without_a_schema_says_what_to_do(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from worker import eventloop, log
 from worker.adapters import opstore
-from worker.app import Deps, worker_id
+from worker.app import Deps, link_keys, smtp_password, worker_id
 from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.pipeline import PlanReport, plan
@@ -144,6 +144,9 @@ async def _stoppable(deps: Deps) -> CycleReport:
 
 
 def once(settings: Settings) -> int:
+    # the secrets sending needs, before anything is planned: a missing one stops the run with nothing done
+    link_keys(settings)
+    smtp_password(settings)
     deps = Deps.build(settings)
     try:
         report = eventloop.run(_stoppable(deps))
