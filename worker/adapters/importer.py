@@ -378,14 +378,18 @@ def _name(row: dict[str, str]) -> str:
 
 
 def _email(value: str, check_dns: bool, resolver: Resolver | None) -> str:
+    """The address as it is sent to: ASCII, an internationalised domain in its IDNA form (``xn--…``), which every
+    SMTP server takes. A non-ASCII part before the @ would need SMTPUTF8, which Kembali does not send: refused
+    here, with the row, rather than failing every message to it later."""
     try:
         if check_dns:
-            result = email_validator.validate_email(value, check_deliverability=True, dns_resolver=resolver)
+            result = email_validator.validate_email(value, check_deliverability=True, dns_resolver=resolver,
+                                                    allow_smtputf8=False)  # fmt: skip
         else:
-            result = email_validator.validate_email(value, check_deliverability=False)
+            result = email_validator.validate_email(value, check_deliverability=False, allow_smtputf8=False)
     except email_validator.EmailNotValidError as exc:
         raise _Invalid(f"invalid email address {_show(value)} ({exc})") from None
-    local, _, domain = result.normalized.rpartition("@")
+    local, _, domain = (result.ascii_email or result.normalized).rpartition("@")
     return f"{local}@{domain.lower()}"
 
 
