@@ -103,8 +103,7 @@ def test_defaults_and_bom(tmp_path: Path) -> None:
 
 def test_addresses_are_kept_as_they_are_sent_internationalised_domains_in_their_ascii_form(tmp_path: Path) -> None:
     rows = ["C-1,ali@xn--bcher-kva.example", "C-2,ali@BÜCHER.example", "C-3,Budi.Santoso@Example.COM",
-            "C-4,\uff21\uff2c\uff29@example.com"  # fullwidth ALI
-           , "C-5,sïti@example.com"]  # fmt: skip
+            "C-4,\uff21\uff2c\uff29@example.com", "C-5,sïti@example.com"]  # C-4: a fullwidth ALI  # fmt: skip
     path = write(tmp_path, "c.csv", "id,email,name,marketing_consent\n" + "".join(f"{r},Ani,1\n" for r in rows))
     results = list(read_customers(path))
     assert [r.email for r in results if isinstance(r, CustomerRecord)] == [
