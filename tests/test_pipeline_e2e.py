@@ -185,6 +185,16 @@ def test_a_template_that_never_ends_for_one_customer_fails_that_message_and_the_
     assert "winback/en/body.html:1: the render took more than 0.5 s" in str(attempt["reply"])
 
 
+def test_an_address_suppressed_in_another_case_gets_nothing(sqlite_url: str, smtp_server: RecordingServer) -> None:
+    store = make_shop(sqlite_url, [customer("C1", email="Budi.Santoso@example.com"), customer("C2")],
+                      [one_time_order("O1", "C1"), one_time_order("O2", "C2")])  # fmt: skip
+    store.suppress("budi.santoso@EXAMPLE.com", reason="complaint", source="test", now=NOW)
+    report = run_cycle(settings_for(sqlite_url, smtp={"port": smtp_server.port}), store, FakeClock(NOW))
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("c2@example.com",)]
+    assert report.dispatched.outcomes == {"sent": 1}
+    assert "winback:C1:O1:1" not in ledger(store)  # planning leaves the suppressed address out
+
+
 def test_a_transient_failure_is_retried_later_and_then_sent(sqlite_url: str, smtp_server: RecordingServer) -> None:
     smtp_server.on("c1@example.com", Behaviour(rcpt_reply="451 4.7.1 Greylisted, try again in 300 seconds"))
     store = make_shop(sqlite_url, [customer("C1")], [one_time_order("O1", "C1")])

@@ -14,7 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from worker import migrations
-from worker.adapters import db, shop
+from worker.adapters import db, opstore, shop
 from worker.adapters.store import HELD_SECONDS, M, Marks, Store
 from worker.adapters.tables import metadata
 from worker.core.audiences import message_id_for
@@ -362,6 +362,44 @@ def test_suppression_is_once_per_address(store: Store) -> None:
     assert store.suppress("c1@example.com", reason="unsubscribed", source="test", now=NOW) is True
     assert store.suppress("c1@example.com", reason="unsubscribed", source="test", now=NOW) is False
     assert store.send_time_facts([2])[2].suppressed is True
+
+
+def test_an_address_suppressed_in_another_case_is_suppressed(store: Store) -> None:
+    shop.upsert_customers(store.engine, [CustomerRecord("C9", "Budi.Santoso@example.com", "Budi", Locale.ID,
+                                                        "Asia/Jakarta", None, True, "", "")], NOW)  # fmt: skip
+    with store.engine.connect() as conn:
+        budi = conn.execute(sa.text("SELECT id FROM customer WHERE external_id = 'C9'")).scalar_one()
+    assert store.suppress("BUDI.santoso@EXAMPLE.com", reason="complaint", source="test", now=NOW) is True
+    # one mailbox, one entry, whatever the case it is given in
+    assert store.suppress("budi.santoso@example.com", reason="unsubscribed", source="test", now=NOW) is False
+    assert store.send_time_facts([budi])[budi].suppressed is True
+    assert [(r["email"], r["reason"]) for r in opstore.suppressions(store)] == [("budi.santoso@example.com",
+                                                                                 "complaint")]  # fmt: skip
+    assert opstore.is_suppressed(store, "Budi.Santoso@Example.com")
+    assert opstore.unsuppress(store, "Budi.Santoso@example.com")
+    assert store.send_time_facts([budi])[budi].suppressed is False
+
+
+def test_migration_0012_folds_the_suppression_list_to_lower_case_keeping_the_earliest(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            for table in ("attempt", "message", "suppression"):
+                conn.exec_driver_sql(f"DELETE FROM {table}")
+        # the list as Kembali left it at 0011 (0012 changes no table): each address in the case it came in
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '0011'"))
+            conn.execute(sa.text("INSERT INTO suppression (email, reason, source, created_at) VALUES"
+                                 " ('Budi@Example.com', 'complaint', 'a', :t), ('budi@example.com', 'manual', 'b', :t),"
+                                 " ('siti@example.com', 'hard_bounce', 'c', :t), ('ANI@X.ID', 'manual', 'd', :t)"),
+                         {"t": NOW.replace(tzinfo=None)})  # fmt: skip
+        db.upgrade(engine)
+        with engine.begin() as conn:
+            rows = conn.execute(sa.text("SELECT email, reason, source FROM suppression ORDER BY email")).all()
+        assert [tuple(r) for r in rows] == [("ani@x.id", "manual", "d"), ("budi@example.com", "complaint", "a"),
+                                            ("siti@example.com", "hard_bounce", "c")]  # fmt: skip
+    finally:
+        engine.dispose()
 
 
 def test_a_customer_the_ledger_names_cannot_be_deleted(store: Store) -> None:

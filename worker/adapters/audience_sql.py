@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from worker.adapters import db
-from worker.adapters.store import PURCHASE_EXCLUDED, C, L, M, O, P, S, _chunks, product_view
+from worker.adapters.store import PURCHASE_EXCLUDED, C, L, M, O, P, _chunks, product_view, suppressed_sql
 from worker.core.campaigns import AudienceRow, Launch
 from worker.domain import ProductView
 
@@ -25,7 +25,7 @@ _CUSTOMER = (C.c.id, C.c.external_id, C.c.email, C.c.time_zone)
 
 
 def _reachable() -> list[Any]:
-    return [C.c.marketing_consent.is_(True), ~sa.exists().where(S.c.email == C.c.email)]
+    return [C.c.marketing_consent.is_(True), ~suppressed_sql(C.c.email)]
 
 
 def _rows(engine: Engine, query: Any) -> list[Any]:

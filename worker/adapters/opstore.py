@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from worker.adapters import db
-from worker.adapters.store import WAITING, C, M, O, S, Store, customer_snapshot
+from worker.adapters.store import WAITING, C, M, O, S, Store, customer_snapshot, suppression_address
 from worker.adapters.tables import Attempt, Feedback, JobRun
 from worker.domain import CustomerSnapshot, Locale, MessageStatus, SkipReason
 
@@ -123,12 +123,13 @@ def order_locale(store: Store, order_ref: str) -> Locale | None:
 def unsuppress(store: Store, email: str) -> bool:
     """Remove an address from the suppression list; False if it was not there."""
     with store.engine.begin() as conn:
-        return bool(conn.execute(sa.delete(S).where(S.c.email == email)).rowcount)
+        return bool(conn.execute(sa.delete(S).where(S.c.email == suppression_address(email))).rowcount)
 
 
 def suppress_many(store: Store, emails: Iterable[str], *, reason: str, source: str, now: datetime) -> int:
     """Add many addresses at once; returns how many were new."""
-    rows = [{"email": e, "reason": reason, "source": source, "created_at": now} for e in dict.fromkeys(emails)]
+    unique = dict.fromkeys(suppression_address(e) for e in emails)
+    rows = [{"email": e, "reason": reason, "source": source, "created_at": now} for e in unique]
     if not rows:
         return 0
     stmt = db.insert_ignore(store.engine, S).returning(S.c.id)
@@ -146,7 +147,7 @@ def suppressions(store: Store, *, reason: str | None = None) -> list[dict[str, A
 
 def is_suppressed(store: Store, email: str) -> bool:
     with store.engine.begin() as conn:
-        return conn.execute(sa.select(S.c.id).where(S.c.email == email)).first() is not None
+        return conn.execute(sa.select(S.c.id).where(S.c.email == suppression_address(email))).first() is not None
 
 
 # --- feedback ----------------------------------------------------------------------

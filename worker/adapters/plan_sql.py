@@ -57,7 +57,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from worker import log
 from worker.adapters import db
-from worker.adapters.store import PURCHASE_EXCLUDED, C, M, O, S, _key_part
+from worker.adapters.store import PURCHASE_EXCLUDED, C, M, O, _key_part, suppressed_sql
 from worker.adapters.tables import UTCDateTime
 from worker.core.policy import HOLDOUT_MODULUS, holdout_factors, holdout_threshold
 from worker.domain import MessageStatus, PlannedMessage, SkipReason
@@ -129,7 +129,7 @@ def _consenting() -> list[Any]:
 
 
 def _unsuppressed() -> Any:
-    return ~sa.exists().where(S.c.email == C.c.email)
+    return ~suppressed_sql(C.c.email)
 
 
 def _scanned(dialect: str, column: Any) -> Any:

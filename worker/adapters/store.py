@@ -104,6 +104,21 @@ def _key_part(column: Any) -> Any:
     return sa.func.replace(sa.func.replace(column, "%", "%25"), ":", "%3A")
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def suppression_address(email: str) -> str:
+    """An address as the suppression list holds it: ASCII letters in lower case, so that ``Budi@Example.com``
+    and ``budi@example.com`` (one mailbox at every real provider) are one entry (migration 0012)."""
+    return email.strip().translate(_ASCII_LOWER)
+
+
+def suppressed_sql(email: Any) -> Any:
+    """``suppression_address(email)`` is on the suppression list, in SQL (``lower`` of an ASCII address, as the
+    importer stores them, is the same on both databases); the list's unique index answers it."""
+    return sa.exists().where(S.c.email == sa.func.lower(email))
+
+
 def requeued_sql(attempts: Any) -> Any:
     """``core.lifecycle.requeued`` in SQL: the status of a claimed row given back to the queue unsent."""
     return sa.case((attempts > 0, MessageStatus.RETRY.value), else_=MessageStatus.PLANNED.value)
@@ -307,7 +322,7 @@ class Store:
                 C.c.order_count == 1,
                 C.c.first_order_at < cutoff,
                 C.c.marketing_consent.is_(True),
-                ~sa.exists().where(S.c.email == C.c.email),
+                ~suppressed_sql(C.c.email),
                 ~sa.exists().where(M.c.dedupe_key == key),
             )
             .order_by(C.c.id)
@@ -501,7 +516,8 @@ class Store:
             if d.suppress_reason is not None:
                 source = f"smtp:{d.message.dedupe_key}"[:100]
                 suppressions.append(
-                    {"email": d.message.email, "reason": d.suppress_reason, "source": source, "created_at": finished}
+                    {"email": suppression_address(d.message.email), "reason": d.suppress_reason, "source": source,
+                     "created_at": finished}
                 )
             updates.append(
                 {
@@ -594,7 +610,7 @@ class Store:
         with self.engine.begin() as conn:
             for part in _chunks(ids):
                 query = sa.select(
-                    C, sa.exists().where(S.c.email == C.c.email).label("suppressed")
+                    C, suppressed_sql(C.c.email).label("suppressed")
                 ).where(C.c.id.in_(part))
                 for r in conn.execute(query):
                     facts[r.id] = SendTimeFacts(
@@ -660,7 +676,7 @@ class Store:
         """Add an address to the suppression list; False if it was already there."""
         stmt = (
             db.insert_ignore(self.engine, S)
-            .values(email=email, reason=reason, source=source, created_at=now)
+            .values(email=suppression_address(email), reason=reason, source=source, created_at=now)
             .returning(S.c.id)
         )
         with self.engine.begin() as conn:
