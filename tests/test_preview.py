@@ -135,6 +135,24 @@ def test_table_shows_local_time_and_render_errors_name_file_and_line(tmp_path: P
     assert "render error (" in out and "winback/en/body.txt:" in out and "bas_url" in out
 
 
+def test_customer_data_reaches_the_table_with_what_is_not_printable_escaped(tmp_path: Path) -> None:
+    # Given customers whose names carry a terminal escape and a line separator, and whose ids a C1 control
+    site = make_site(tmp_path / "shop")
+    load_shop(site.settings, generate_shop(seed=11, customers=40, now=T - timedelta(days=1)), T)
+    engine = sa.create_engine(site.settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE customer SET name = :n, locale = 'en'"), {"n": "\x1b[31mred\u2028fake_event x"})
+        conn.execute(sa.text("UPDATE customer SET external_id = :e || id"), {"e": "C\u0085X"})
+    engine.dispose()
+    # When the operator previews in a terminal
+    done = site.cli("preview", "--at", "2026-11-22T10:00+07:00")
+    # Then no control character reaches it: each is shown escaped
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "\u2028" not in done.stdout and "\x85" not in done.stdout
+    assert "\\u001b[31mred, still" in done.stdout  # the subject greets the first name (U+2028 ends it)
+    assert "C\\u0085X" in done.stdout
+
+
 def test_rows_planned_but_not_yet_claimed_preview_with_the_message_id_their_claim_gives(
     site: Site, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,10 +27,20 @@ def mask_email(address: str) -> str:
 
 
 def _fmt_value(value: Any) -> str:
+    """A value as text logs show it: bare when it is one printable word, else a JSON string in which every
+    character that is not printable is escaped (a customer's name with a line separator, NEL or a terminal
+    escape must not start a line of its own or reach the operator's terminal)."""
     text = str(value)
-    if text == "" or any(ch in text for ch in ' ="\n\r\t'):
-        return json.dumps(text, ensure_ascii=False)
+    if text == "" or any(ch in text for ch in ' ="') or not text.isprintable():
+        return printable(json.dumps(text, ensure_ascii=False))
     return text
+
+
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable (C0 and C1 controls, U+2028, ESC…) as a JSON escape."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else json.dumps(ch)[1:-1] for ch in text)
 
 
 class TextFormatter(logging.Formatter):

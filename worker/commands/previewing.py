@@ -16,7 +16,7 @@ import secrets
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
@@ -27,6 +27,7 @@ from worker.config import Settings
 from worker.core.audiences import WINBACK
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
+from worker.log import printable
 from worker.pipeline import Composed, Deferred, RenderFailed, Skipped
 from worker.pipeline import preview as run_preview
 
@@ -147,15 +148,17 @@ def _show(
                    "dedupe_key": message.dedupe_key, "template_version": item.rendered.template_version, **files}
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
-            out.write(f"{item.customer.external_id:<14} {_label(message):<14} {when:<22} {item.rendered.subject}\n")
+            # customer data reaches the operator's terminal: escape what is not printable (a terminal escape, say)
+            out.write(f"{printable(item.customer.external_id):<14} {_label(message):<14} {when:<22} "
+                      f"{printable(item.rendered.subject)}\n")
     elif isinstance(item, Skipped):
         summary.by_reason[item.reason.value] += 1
         if json_lines:
             out.write(json.dumps({"action": "skip", "campaign": message.campaign, "step": message.step,
                                   "dedupe_key": message.dedupe_key, "reason": item.reason.value}) + "\n")
         else:
-            out.write(f"{_customer(message.dedupe_key):<14} {_label(message):<14} {'-':<22} "
-                      f"skip: {item.reason.value}  [{message.dedupe_key}]\n")
+            out.write(f"{printable(_customer(message.dedupe_key)):<14} {_label(message):<14} {'-':<22} "
+                      f"skip: {item.reason.value}  [{printable(message.dedupe_key)}]\n")
     elif isinstance(item, Deferred):
         summary.deferred[item.why] += 1
         if json_lines:
@@ -164,8 +167,9 @@ def _show(
                                   "why": item.why}) + "\n")
         else:
             why = "cap: one email at a time" if item.why == "cap" else "quiet hours"
-            out.write(f"{_customer(message.dedupe_key):<14} {_label(message):<14} {'-':<22} "
-                      f"defer until {item.until.isoformat()} ({why})\n")
+            until = item.until.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+            out.write(f"{printable(_customer(message.dedupe_key)):<14} {_label(message):<14} {'-':<22} "
+                      f"defer until {until} ({why})\n")
     else:
         summary.by_reason["render_error"] += 1
         summary.errors.setdefault(str(item.error), []).append(message.dedupe_key)
@@ -191,4 +195,5 @@ def _print_summary(summary: PreviewSummary, out: TextIO, out_dir: Path | None) -
         out.write(f"\n{summary.would_send} messages written to {out_dir} (.eml and .html each)\n")
     for error, keys in summary.errors.items():
         more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-        out.write(f"\nrender error ({len(keys)} messages): {error}\n  e.g. {', '.join(keys[:3])}{more}\n")
+        out.write(f"\nrender error ({len(keys)} messages): {printable(error)}\n  e.g. "
+                  f"{printable(', '.join(keys[:3]))}{more}\n")

@@ -1,0 +1,40 @@
+"""The text log as an operator reads it: one line per event, whatever customer data it carries."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from worker import log
+
+
+@pytest.fixture
+def stream() -> io.StringIO:
+    logger = logging.getLogger("kembali")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    out = io.StringIO()
+    log.configure("info", stream=out)
+    yield out  # type: ignore[misc]
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("C-0001", "C-0001"),
+        ("Budi Santoso", '"Budi Santoso"'),
+        ("Siti\r\nlevel=error", '"Siti\\r\\nlevel=error"'),
+        ("C9\u2028error\u0085ok", '"C9\\u2028error\\u0085ok"'),
+        ("x\x1b[2J\x9b31m", '"x\\u001b[2J\\u009b31m"'),
+        ("Ünïcode", "Ünïcode"),
+    ],
+)
+def test_a_value_from_customer_data_stays_on_its_line_and_off_the_terminal(
+    stream: io.StringIO, value: str, shown: str
+) -> None:
+    log.event("email_sent", customer=value, campaign="winback")
+    text = stream.getvalue()
+    assert text.endswith(f" email_sent customer={shown} campaign=winback\n")
+    assert len(text.splitlines()) == 1 and text[:-1].isprintable()
