@@ -60,3 +60,26 @@ def test_import_reports_bad_lines_and_imports_the_rest(
     assert "imported 2 address(es): 2 newly suppressed" in captured.out
     assert run(config, "list", "--reason", "hard_bounce") == 0
     assert capsys.readouterr().out.count("@example.com,hard_bounce,import:list.txt") == 2
+
+
+def test_the_list_opens_safely_in_a_spreadsheet_and_imports_back_as_it_was(
+    config: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # an address a spreadsheet would read as a formula (a valid local part)
+    formula = "=cmd|'/Ccalc'!A0@example.com"
+    assert run(config, "add", formula) == 0
+    assert run(config, "add", "--", "-budi@example.com") == 0
+    capsys.readouterr()
+    assert run(config, "list") == 0
+    listed = capsys.readouterr().out
+    rows = listed.splitlines()[1:]
+    assert sorted(r.split(",")[0] for r in rows) == ["'-budi@example.com", "'=cmd|'/ccalc'!a0@example.com"]
+    # the file imports back into the same addresses
+    saved = tmp_path / "list.csv"
+    saved.write_text(listed)
+    assert run(config, "remove", formula) == 0 and run(config, "remove", "--", "-budi@example.com") == 0
+    assert run(config, "import", str(saved)) == 0
+    capsys.readouterr()
+    assert run(config, "list") == 0
+    again = capsys.readouterr().out.splitlines()[1:]
+    assert sorted(r.split(",")[0] for r in again) == sorted(r.split(",")[0] for r in rows)

@@ -46,12 +46,22 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
         store.close()
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+"""A cell a spreadsheet would read as a formula (``=HYPERLINK(…)`` in an address is a valid local part)."""
+
+
+def _cell(value: str) -> str:
+    """A CSV cell a spreadsheet shows as text: one that would start a formula gets a leading apostrophe
+    (``read_addresses`` takes it off again, so the list imports back as it was)."""
+    return f"'{value}" if value.startswith(FORMULA_START) else value
+
+
 def _list(store: Store, reason: str | None) -> int:
     rows = opstore.suppressions(store, reason=reason)
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(["email", "reason", "source", "created_at"])
     for r in rows:
-        out.writerow([r["email"], r["reason"], r["source"], r["created_at"].isoformat()])
+        out.writerow([_cell(r["email"]), _cell(r["reason"]), _cell(r["source"]), r["created_at"].isoformat()])
     print(f"{len(rows)} suppressed address(es)", file=sys.stderr)
     return EXIT_OK
 
@@ -76,6 +86,8 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
         value = value.strip()
         if not value or value.startswith("#"):
             continue
+        if value.startswith("'") and value[1:].startswith(FORMULA_START):
+            value = value[1:]  # as ``suppress list`` wrote it for spreadsheets
         try:
             good.append(normalize_email(value))
         except ValueError as exc:
