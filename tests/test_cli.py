@@ -229,3 +229,64 @@ def test_an_order_for_an_unknown_customer_is_named_by_line(tmp_path: Path) -> No
     assert result.returncode == 1
     assert "rejected orders.csv:3: id 'X-2': unknown customer id 'C-9999'" in result.stderr
     assert "orders: 2 created, 0 updated, 0 unchanged, 1 rejected" in result.stdout
+
+
+def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """``kembali ARGV`` in this process: the exit code and what it printed (both streams)."""
+    from worker.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse refusing the command line
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["insights", "--bin-days", "0"], "must be at least 1, not 0"),
+        (["insights", "--share", "1.5"], "must be more than 0 and less than 1, not 1.5"),
+        (["insights", "--share", "nan"], "must be more than 0 and less than 1, not nan"),
+        (["preview", "--limit", "0"], "must be at least 1, not 0"),
+        (["preview", "--campaign", "winbak"], "--campaign 'winbak' is not an enabled campaign (enabled: winback"),
+        (["preview", "--at", "2027-02-28"], "give an offset, e.g. 2027-02-28T10:00+07:00"),
+        (["send-test", "--campaign", "winback", "--to", "not-an-address"], "invalid email address 'not-an-address'"),
+        (["suppress", "import", "/nonexistent/bounces.txt"], "No such file or directory: '/nonexistent/bounces.txt'"),
+    ],
+)
+def test_a_mistake_on_the_command_line_is_named_with_exit_2_and_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    config = write_config(tmp_path)
+    assert kembali("db", "upgrade", config=config).returncode == 0
+    code, out = _main(capsys, "--config", str(config), *argv)
+    assert code == 2, out
+    assert says in out and "Traceback" not in out
+
+
+def test_the_offset_the_hint_suggests_is_taken(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    assert kembali("db", "upgrade", config=config).returncode == 0
+    code, out = _main(capsys, "--config", str(config), "preview", "--at", "2027-02-28T10:00+07:00")
+    assert code == 0 and "Preview as of 2027-02-28 10:00 WIB" in out
+
+
+def test_a_mistyped_database_path_is_named_and_no_empty_file_is_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)  # shop.db, never created
+    missing = tmp_path / "shop.db"
+    for argv in (["preview"], ["stats"], ["suppress", "list"]):
+        code, out = _main(capsys, "--config", str(config), *argv)
+        assert code == 3 and f"the database {missing} does not exist" in out, (argv, out)
+    code, out = _main(capsys, "--config", str(config), "db", "status")
+    assert code == 0 and f"no database file at {missing}" in out
+    assert not missing.exists()
+    # and a folder that does not exist is named when the schema is created
+    (tmp_path / "cfg").mkdir()
+    nowhere = write_config(tmp_path / "cfg")
+    nowhere.write_text(nowhere.read_text().replace(str(tmp_path / "cfg" / "shop.db"), str(tmp_path / "no" / "x.db")))
+    code, out = _main(capsys, "--config", str(nowhere), "db", "upgrade")
+    assert code == 2 and f"cannot open the database {tmp_path / 'no' / 'x.db'} (does its folder exist?)" in out

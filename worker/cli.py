@@ -8,6 +8,7 @@ database or SMTP server could not be used.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the moment to plan for, ISO 8601 with offset (default: now), e.g. 2027-02-28T10:00+07:00")
     p.add_argument("--campaign", action="append", help="only this campaign (repeatable)")
     p.add_argument("--customer", help="only this customer (the shop's id)")
-    p.add_argument("--limit", type=int, default=None, help="show at most N messages")
+    p.add_argument("--limit", type=_positive_int, default=None, help="show at most N messages")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table (a summary line last)")
     p.add_argument("--out", type=Path, default=None,
                    help="also write each message to DIR as .eml (the exact bytes that would be sent) and .html")
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                        "does not work (it cannot unsubscribe the customer).")
     p.add_argument("--campaign", required=True, help="the campaign, e.g. winback")
     p.add_argument("--customer", help="render for this customer (default: a sample customer)")
-    p.add_argument("--to", required=True, help="your address")
+    p.add_argument("--to", required=True, type=_address_arg, help="your address")
 
     p = sub.add_parser("stats", help="what the campaigns did: sends, skips, bounces, conversion, lift",
                        description="Per campaign and step: planned, sent, failed, uncertain, skipped by reason, hard "
@@ -133,8 +134,9 @@ def _parser() -> argparse.ArgumentParser:
                        "and second purchase, and the day by which --share of second purchases happened, as a "
                        "recommended campaigns.winback.quiet_days, with the sample size it rests on.")
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG bar chart to this file")
-    p.add_argument("--share", type=float, default=0.8, help="the share of second purchases (default 0.8)")
-    p.add_argument("--bin-days", type=int, default=7, help="histogram bin width in days (default 7)")
+    p.add_argument("--share", type=_share_arg, default=0.8,
+                   help="the share of second purchases, more than 0 and less than 1 (default 0.8)")
+    p.add_argument("--bin-days", type=_positive_int, default=7, help="histogram bin width in days (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     from worker.commands import ledger
@@ -156,8 +158,38 @@ def _datetime_arg(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 date-time: {text!r}") from None
     if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"give an offset, e.g. {text}+07:00")
+        example = text if "T" in text else f"{text}T10:00"  # a date alone takes no offset: give it a time
+        raise argparse.ArgumentTypeError(f"give an offset, e.g. {example}+07:00")
     return value.astimezone(UTC)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _share_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0 and less than 1, not {text}")
+    return value
+
+
+def _address_arg(text: str) -> str:
+    from worker.adapters.importer import normalize_email
+
+    try:
+        return normalize_email(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,22 +216,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kembali: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in _USAGE_ERRNOS:
+            raise
+        # a file or folder given on the command line or in the config, or a port already taken: say which
+        print(f"kembali: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+_USAGE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+                           errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EEXIST})  # fmt: skip
 
 
 def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import exc as sa_exc
+
     from worker.adapters import db
 
     engine = db.create_engine(settings.database_url)
+    path = db.sqlite_path(engine)
     try:
         if args.action == "status":
+            if path is not None and not path.exists():  # look, but do not create it
+                print(f"current: (no database file at {path})  newest: {db.head_revision(engine)}")
+                return EXIT_OK
             print(f"current: {db.current_revision(engine) or '(empty)'}  newest: {db.head_revision(engine)}")
             return EXIT_OK
         before, after = db.upgrade(engine)
         if before == after:
             print(f"schema already at {after}")
         else:
-            print(f"schema upgraded: {before or '(empty)'} -> {after}")
+            print(f"schema upgraded: {before or '(empty)'} -> {after} ({db.describe(engine)})")
         return EXIT_OK
+    except sa_exc.OperationalError as exc:
+        hint = " (does its folder exist?)" if path is not None and not path.parent.is_dir() else ""
+        print(f"kembali: cannot open the database {db.describe(engine)}{hint}: {exc.orig}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         engine.dispose()
 

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -214,12 +215,33 @@ def writing_without_foreign_keys(engine: Engine) -> Iterator[sa.Connection]:
 
 
 def check_schema(engine: Engine) -> None:
-    """Raise SchemaError unless the schema is at the newest revision."""
+    """Raise SchemaError unless the schema is at the newest revision, naming the database.
+
+    An SQLite file that does not exist is not created here (SQLite would create an empty one on the first
+    connection): a mistyped path would otherwise leave an empty file behind, and an upgrade run on it."""
+    where = describe(engine)
+    path = sqlite_path(engine)
+    if path is not None and not path.exists():
+        raise SchemaError(f"the database {where} does not exist: check database.url, or create it with "
+                          "`kembali db upgrade`")  # fmt: skip
     try:
         current = current_revision(engine)
     except sa.exc.OperationalError as exc:
-        raise SchemaError(f"cannot open the database: {exc.orig}") from None
+        raise SchemaError(f"cannot open the database {where}: {exc.orig}") from None
     head = head_revision(engine)
     if current != head:
         state = "has no schema" if current is None else f"is at schema {current}, the code needs {head}"
-        raise SchemaError(f"the database {state}: run `kembali db upgrade`")
+        raise SchemaError(f"the database {where} {state}: run `kembali db upgrade`")
+
+
+def describe(engine: Engine) -> str:
+    """The database for messages: an SQLite file's path, or the URL without its password."""
+    path = sqlite_path(engine)
+    return str(path) if path is not None else engine.url.render_as_string(hide_password=True)
+
+
+def sqlite_path(engine: Engine) -> Path | None:
+    """An SQLite database's file (None for PostgreSQL or an in-memory database)."""
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return None
+    return Path(str(engine.url.database)).resolve()

@@ -28,10 +28,10 @@ from worker.core.audiences import WINBACK
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
 from worker.log import printable
-from worker.pipeline import Composed, Deferred, RenderFailed, Skipped
+from worker.pipeline import Composed, Deferred, RenderFailed, Skipped, enabled_campaigns
 from worker.pipeline import preview as run_preview
 
-EXIT_OK, EXIT_RENDER_ERRORS = 0, 1
+EXIT_OK, EXIT_RENDER_ERRORS, EXIT_USAGE = 0, 1, 2
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -87,6 +87,12 @@ def _customer(dedupe_key: str) -> str:
 
 
 def preview(settings: Settings, args: argparse.Namespace) -> int:
+    known = enabled_campaigns(settings)
+    unknown = [c for c in args.campaign or [] if c not in known]
+    if unknown:
+        print(f"kembali: --campaign {unknown[0]!r} is not an enabled campaign (enabled: {', '.join(known)})",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     deps = Deps.build(settings)
     at: datetime = args.at or deps.clock.now()
     try:
