@@ -188,6 +188,8 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     done = broken.cli("check")
     assert done.returncode == 1
     assert "syntax: winback/id/body.html:" in done.stdout
+    # found by the render and by the scan alike, it is listed and counted once
+    assert done.stdout.count("syntax: ") == 1 and "1 problem found" in done.stderr, done.stdout + done.stderr
 
 
 def test_check_reports_a_missing_link_secret(tmp_path: Path) -> None:

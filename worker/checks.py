@@ -307,4 +307,7 @@ def check_templates(settings: Settings, renderer: TemplateRenderer) -> list[Prob
         problems += problems_of(r, settings)
         if r.context:
             known.setdefault(r.campaign, set()).update(r.context)
-    return _merge(problems + lint_problems(renderer, known))
+    # the scan finds again what a render already reported (a syntax error, say): that one is listed once
+    rendered = {(p.kind, p.template, p.line, p.message) for p in problems}
+    unseen = [p for p in lint_problems(renderer, known) if (p.kind, p.template, p.line, p.message) not in rendered]
+    return _merge(problems + unseen)
