@@ -122,11 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="what the campaigns did: sends, skips, bounces, conversion, lift",
                        description="Per campaign and step: planned, sent, failed, uncertain, skipped by reason, hard "
                        "bounces; conversion (emailed customers who ordered within --window-days) and revenue; lift "
-                       "over the holdout group with a 95%% Newcombe interval; unsubscribes and bounces from the "
+                       "over the holdout group with a 95% Newcombe interval; unsubscribes and bounces from the "
                        "suppression list; the shop's repeat purchase rate and churn over the period.")
     p.add_argument("--since", type=_date_arg, default=None,
                    help="start of the period, YYYY-MM-DD (default: 90 days ago)")
-    p.add_argument("--window-days", type=int, default=7, help="attribution window in days (default 7)")
+    p.add_argument("--window-days", type=_positive_int, default=7, help="attribution window in days (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("insights", help="when do customers buy again? a data-driven quiet_days",

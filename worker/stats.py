@@ -110,7 +110,8 @@ def build_stats(engine: Engine, *, since: datetime, now: datetime, window_days: 
         s.emailed = stats.conversion(emailed, bought, window=window, now=now)
         s.held_out = stats.conversion(held, bought, window=window, now=now) if held else None
         control = s.held_out or stats.Conversion(0, 0, 0, 0)
-        s.lift = stats.lift(s.emailed.converted, s.emailed.customers, control.converted, control.customers)
+        s.lift = stats.lift(s.emailed.converted, s.emailed.customers, control.converted, control.customers,
+                            held_out=len(held))  # fmt: skip
 
     scores = reports.feedback_scores(engine)
     return StatsReport(

@@ -61,9 +61,13 @@ class Lift:
                 "difference": self.difference, "ci95": [self.lower, self.upper], "verdict": self.verdict}  # fmt: skip
 
 
-def lift(kt: int, nt: int, kc: int, nc: int) -> Lift:
-    """The conversion lift of the emailed group over the holdout group, with a 95 % interval and a plain verdict."""
+def lift(kt: int, nt: int, kc: int, nc: int, *, held_out: int = 0) -> Lift:
+    """The conversion lift of the emailed group over the holdout group, with a 95 % interval and a plain verdict.
+    ``held_out``: customers held out in all, counted or not (their attribution window may still be open)."""
     if nc == 0:
+        if held_out:
+            return Lift((kt, nt), (kc, nc), None, None, None, f"the {held_out} held-out customers' attribution "
+                        "windows have not closed yet: lift cannot be measured yet")  # fmt: skip
         return Lift((kt, nt), (kc, nc), None, None, None, "no holdout group: lift cannot be measured")
     if nt == 0:
         return Lift((kt, nt), (kc, nc), None, None, None, "nobody emailed yet")
