@@ -39,6 +39,8 @@ def test_send_test_for_a_real_customer(tmp_path: Path, smtp_server: RecordingSer
     # Then exactly one message reached the server, addressed to the operator, marked as a test
     assert done.returncode == 0, done.stdout + done.stderr
     assert "sent a test winback email" in done.stdout
+    reply = next(line for line in done.stdout.splitlines() if line.startswith("server reply: "))
+    assert reply.startswith("server reply: 250 ") and not reply.startswith("server reply: 250 250")
     (received,) = smtp_server.messages
     assert received.rcpt_tos == ("operator@shop.example",)
     parsed = BytesParser(policy=policy.default).parsebytes(received.data)
@@ -66,3 +68,11 @@ def test_send_test_with_a_sample_customer_and_a_refusing_server(tmp_path: Path, 
     done = site.cli("send-test", "--campaign", "nosuch", "--to", "me@shop.example")
     assert done.returncode == 2 and "no campaign 'nosuch'" in done.stderr
     assert _ledger_rows(site.db_path) == 0
+
+
+def test_an_unknown_customer_is_named_on_stderr(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "site")
+    for argv in (["send-test", "--campaign", "winback", "--customer", "NOPE", "--to", "me@shop.example"],
+                 ["preview", "--customer", "NOPE"]):  # fmt: skip
+        done = site.cli(*argv)
+        assert done.returncode == 2 and "no customer with id 'NOPE'" in done.stderr, (argv, done.stdout, done.stderr)

@@ -94,6 +94,10 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     deps = Deps.build(settings)
+    if args.customer and deps.store.customer_by_external_id(args.customer) is None:
+        deps.close()
+        print(f"kembali: no customer with id {args.customer!r}", file=sys.stderr)
+        return EXIT_USAGE
     at: datetime = args.at or deps.clock.now()
     try:
         keys = link_keys(settings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import sys
 import uuid
 
 from worker.app import Deps
@@ -36,7 +37,7 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     if args.customer:
         found = store.customer_by_external_id(args.customer)
         if found is None:
-            print(f"kembali send-test: no customer with id {args.customer!r}")
+            print(f"kembali send-test: no customer with id {args.customer!r}", file=sys.stderr)
             return EXIT_USAGE
         customer, order_id, order_external_id = found
         if order_id is not None:
@@ -72,7 +73,8 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     who = f"customer {customer.external_id}" if args.customer else "a sample customer"
     if result.outcome is Outcome.SENT:
         print(f"sent a test {args.campaign} email ({who}, {customer.locale}) to {args.to}: {rendered.subject}")
-        print(f"server reply: {result.code} {result.reply}")
+        reply = result.reply if result.reply.startswith(str(result.code)) else f"{result.code} {result.reply}"
+        print(f"server reply: {reply}")
         return EXIT_OK
     print(f"kembali send-test: not sent ({result.outcome.value}): {result.reply or result.error_type}")
     return EXIT_NOT_SENT
