@@ -35,6 +35,10 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
         ({"unsubscribe": {"url": "http://shop.example/u"}}, "'unsubscribe.url' must be an https:// URL"),
         ({"database": {"url": "mysql://x"}}, "'database.url' must be a sqlite:/// or postgresql"),
         ({"smtp": "localhost"}, "[smtp] must be a table"),
+        ({"policy": {"priorities": ["bday", "winback"]}},
+         "'policy.priorities' 'bday' is not a campaign (did you mean 'birthday'?)"),
+        ({"policy": {"priorities": ["winback", "feedback", "winback"]}},
+         "'policy.priorities' lists 'winback' more than once"),
     ],
 )
 def test_bad_settings_name_the_key(raw: dict[str, object], message: str) -> None:

@@ -590,8 +590,13 @@ def _check_policy(s: Settings) -> None:
             _fail(s, key, f"must be a 24-hour time such as \"21:00\", not {value!r}")
     known = {"birthday", "feedback", "winback", "loyalty", "new_products"}
     unknown = [name for name in p.priorities if name not in known]
-    if unknown or len(set(p.priorities)) != len(p.priorities):
-        _fail(s, "policy.priorities", f"must list each of {sorted(known)} at most once")
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        _fail(s, "policy.priorities", f"{unknown[0]!r} is not a campaign{hint}: the campaigns are {sorted(known)}")
+    repeated = sorted({name for name in p.priorities if p.priorities.count(name) > 1})
+    if repeated:
+        _fail(s, "policy.priorities", f"lists {repeated[0]!r} more than once: each campaign at most once")
 
 
 def _is_loopback(host: str) -> bool:
