@@ -174,9 +174,24 @@ def test_unknown_columns_are_ignored_with_a_warning(tmp_path: Path) -> None:
     assert "unknown column(s) 'phone' ignored" in warnings[0]
 
 
-def test_not_utf8_is_an_error(tmp_path: Path) -> None:
-    path = write(tmp_path, "c.csv", "id,email,name,marketing_consent\nC-1,a@example.com,Andr\xe9,1\n", "latin-1")
-    with pytest.raises(ImportRowError, match="not UTF-8"):
+def test_a_row_that_is_not_utf8_is_reported_at_its_line_and_the_rest_is_read(tmp_path: Path) -> None:
+    good = "".join(f"C-{i},c{i}@example.com,Ani {i},1\n" for i in range(3000))
+    path = tmp_path / "c.csv"
+    path.write_bytes(b"id,email,name,marketing_consent\n" + good.encode() + "C-X,x@example.com,André,1\n".encode(
+        "latin-1") + "C-Y,y@example.com,Dédé,1\n".encode())  # fmt: skip
+    results = list(read_customers(path))
+    errors = [r for r in results if isinstance(r, RowError)]
+    assert [(e.line, e.reason) for e in errors] == [
+        (3002, "not UTF-8 text: byte 0xe9 in column 3 (save the file as UTF-8; a spreadsheet calls it 'CSV UTF-8')")
+    ]
+    names = [r.name for r in results if isinstance(r, CustomerRecord)]
+    assert len(names) == 3001 and names[-1] == "Dédé"
+
+
+def test_a_header_that_is_not_utf8_stops_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_bytes("id,email,nàme,marketing_consent\nC-1,a@example.com,Ani,1\n".encode("latin-1"))
+    with pytest.raises(ImportRowError, match="header: not UTF-8 text: byte 0xe0 in column 3"):
         list(read_customers(path))
 
 

@@ -597,10 +597,9 @@ class _Rows:
             except csv.Error as exc:
                 yield start, f"unreadable CSV ({exc})"
                 continue
-            except UnicodeDecodeError as exc:
-                raise ImportRowError(start, f"{self._path.name} is not UTF-8 text ({exc.reason})") from None
             if any(field.strip() for field in fields):
-                yield start, fields
+                bad = _not_utf8(fields)
+                yield start, (bad if bad is not None else fields)
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, str] | _Broken]]:
         width = len(self.columns)
@@ -616,7 +615,24 @@ class _Rows:
 
 
 def _open(path: Path) -> _Rows:
-    return _Rows(path.open(encoding="utf-8-sig", newline=""), path)
+    # bytes that are not UTF-8 are kept as lone surrogates (``_not_utf8`` finds them): the row that has them is
+    # reported at its line, and the rest of the file is read
+    return _Rows(path.open(encoding="utf-8-sig", errors="surrogateescape", newline=""), path)
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(fields: list[str]) -> str | None:
+    """Why a row read with ``surrogateescape`` is not UTF-8 text (its first such byte and column), or None."""
+    for i, field in enumerate(fields, 1):
+        if not field.isascii():
+            found = _UNDECODED.search(field)
+            if found is not None:
+                byte = ord(found.group()) - 0xDC00
+                return (f"not UTF-8 text: byte 0x{byte:02x} in column {i} (save the file as UTF-8; a spreadsheet "
+                        "calls it 'CSV UTF-8')")  # fmt: skip
+    return None
 
 
 def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str, ...], warn: Warn | None) -> None:
