@@ -120,18 +120,25 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         assert shop.scalar("SELECT count(*) FROM suppression") == 1
         assert shop.scalar("SELECT count(*) FROM feedback") == 0
 
-        # Feedback: the first click records the score, a later click is thanked and changes nothing
-        five = tokens.sign("f", "O1:5", LINK_KEY.encode())
-        two = tokens.sign("f", "O1:2", LINK_KEY.encode())
-        status, page, _ = http("GET", daemon.url(f"/feedback?t={five}"))
-        assert status == 200 and "(5)" in page and "<textarea" in page
-        assert http("GET", daemon.url(f"/feedback?t={two}"))[0] == 200
+        # Feedback: a GET of every rating link (what a link scanner does) shows the rating with a button and
+        # records nothing; the customer's button (a POST) records it, and a later one changes nothing
+        ratings = {n: tokens.sign("f", f"O1:{n}", LINK_KEY.encode()) for n in range(1, 6)}
+        for n, t in ratings.items():
+            status, page, _ = http("GET", daemon.url(f"/feedback?t={t}"))
+            assert status == 200 and f"Anda memilih nilai {n}" in page and 'method="post"' in page, page
+            assert "<textarea" in page
+        assert shop.scalar("SELECT count(*) FROM feedback") == 0
+        status, page, _ = http("POST", daemon.url(f"/feedback?t={ratings[5]}"), b"comment=", FORM)
+        assert status == 200 and "(5)" in page
         comment = urllib.parse.urlencode({"comment": "<script>alert(1)</script> mantap"}).encode()
-        status, page, _ = http("POST", daemon.url(f"/feedback?t={two}"), comment, FORM)
+        status, page, _ = http("POST", daemon.url(f"/feedback?t={ratings[2]}"), comment, FORM)
         assert status == 200 and "&lt;script&gt;" in page and "<script>" not in page
         assert shop.rows("SELECT order_ref, score, comment FROM feedback") == [
             ("O1", 5, "<script>alert(1)</script> mantap")
         ]
+        # once recorded, a GET shows what was recorded
+        status, page, _ = http("GET", daemon.url(f"/feedback?t={ratings[1]}"))
+        assert status == 200 and "(5)" in page and "mantap" in page
 
         # Probes
         status, body, _ = http("GET", daemon.url("/healthz"))
@@ -144,7 +151,7 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         assert "kembali_queue_depth 0" in body
         assert http("GET", daemon.url("/nothing"))[0] == 404
         assert http("DELETE", daemon.url(f"/unsubscribe?t={token}"))[0] == 405
-        assert not any(token in line or five in line for line in daemon.lines)  # tokens never logged
+        assert not any(token in line or ratings[5] in line for line in daemon.lines)  # tokens never logged
     finally:
         assert daemon.stop() == 0
         notify.close()

@@ -6,9 +6,11 @@
   suppresses the address at once and answers 200, no redirect, no cookie.
   Idempotent. Senders re-check suppressions right before every send, so it
   holds for the next send in every worker.
-* ``/feedback?t=<token>``: GET records the rating named by the token, once per
-  order (the first click wins; later clicks are thanked and change nothing),
-  and offers a comment form; POST stores the comment (once).
+* ``/feedback?t=<token>``: GET shows the rating named by the token with a
+  button and a comment form, and changes nothing (mail scanners fetch every
+  link of an email: were a GET to record, the first link a scanner fetched
+  would be the rating); POST records it, once per order (the first wins; later
+  ones are thanked and change nothing), with the comment (once).
 * ``/healthz``: 200, or 503 when the database cannot be reached or the
   dispatcher is paused. ``/metrics``: Prometheus text.
 
@@ -138,6 +140,12 @@ class Site:
         now = self.clock.now()
         if request.method == "HEAD":
             return self._page(HTTPStatus.OK, b"")
+        if request.method == "GET":
+            row = await self.store.call(opstore.feedback_for, s, parsed.order_ref)
+            if row is None:
+                return self._page(HTTPStatus.OK, pages.confirm_feedback(locale, shop, parsed.score, token or ""))
+            return self._page(HTTPStatus.OK, pages.feedback_thanks(locale, shop, row.score, row.comment, first=False,
+                                                                   token=token or ""))  # fmt: skip
         created, row = await self.store.call(opstore.record_feedback, s, parsed.order_ref, parsed.score, now)
         if created:
             log.event("feedback_recorded", order=parsed.order_ref, score=parsed.score)

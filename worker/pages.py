@@ -42,6 +42,12 @@ _TEXT: dict[str, dict[Locale, str]] = {
                       Locale.EN: "Anything you would like to tell us? (optional)"},
     "comment_button": {Locale.ID: "Kirim", Locale.EN: "Send"},
     "your_comment": {Locale.ID: "Komentar Anda:", Locale.EN: "Your comment:"},
+    "rate_title": {Locale.ID: "Kirim penilaian Anda", Locale.EN: "Send your rating"},
+    "rate_body": {
+        Locale.ID: "Anda memilih nilai {score}. Klik tombol di bawah untuk mengirimkannya ke {shop}.",
+        Locale.EN: "You chose {score}. Click the button below to send it to {shop}.",
+    },
+    "rate_button": {Locale.ID: "Kirim penilaian", Locale.EN: "Send my rating"},
 }
 
 _STYLE = (
@@ -93,6 +99,20 @@ def bad_link(locale: Locale) -> bytes:
 
 def not_found(locale: Locale) -> bytes:
     return _page(locale, _t("missing_title", locale), "")
+
+
+def confirm_feedback(locale: Locale, shop: str, score: int, token: str) -> bytes:
+    """The page a rating link opens: the rating is sent by its button (a POST), because mail scanners fetch every
+    link of an email (with a GET that recorded, the first link a scanner fetched would be the rating)."""
+    action = "?t=" + escape(token, quote=True)
+    return _page(
+        locale,
+        _t("rate_title", locale),
+        f"<p>{_t('rate_body', locale, score=str(score), shop=shop)}</p>"
+        f'<form method="post" action="{action}"><p><label for="comment">{_t("comment_label", locale)}</label></p>'
+        f'<textarea id="comment" name="comment" maxlength="2000"></textarea>'
+        f'<p><button type="submit">{_t("rate_button", locale)}</button></p></form>',
+    )
 
 
 def feedback_thanks(

@@ -161,12 +161,19 @@ class FeedbackRow:
 
 
 def record_feedback(store: Store, order_ref: str, score: int, now: datetime) -> tuple[bool, FeedbackRow]:
-    """Record a rating once per order (first click wins). Returns (new?, the stored row)."""
+    """Record a rating once per order (the first wins). Returns (new?, the stored row)."""
     stmt = db.insert_ignore(store.engine, F).values(order_ref=order_ref, score=score, created_at=now).returning(F.c.id)
     with store.engine.begin() as conn:
         created = conn.execute(stmt).first() is not None
         row = conn.execute(sa.select(F.c.order_ref, F.c.score, F.c.comment).where(F.c.order_ref == order_ref)).one()
     return created, FeedbackRow(row.order_ref, row.score, row.comment)
+
+
+def feedback_for(store: Store, order_ref: str) -> FeedbackRow | None:
+    """The rating recorded for an order, if any."""
+    with store.engine.begin() as conn:
+        row = conn.execute(sa.select(F.c.order_ref, F.c.score, F.c.comment).where(F.c.order_ref == order_ref)).first()
+    return FeedbackRow(row.order_ref, row.score, row.comment) if row is not None else None
 
 
 def add_feedback_comment(store: Store, order_ref: str, comment: str, now: datetime) -> FeedbackRow | None:
