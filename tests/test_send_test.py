@@ -76,3 +76,22 @@ def test_an_unknown_customer_is_named_on_stderr(tmp_path: Path) -> None:
                  ["preview", "--customer", "NOPE"]):  # fmt: skip
         done = site.cli(*argv)
         assert done.returncode == 2 and "no customer with id 'NOPE'" in done.stderr, (argv, done.stdout, done.stderr)
+
+
+def test_send_test_of_a_loyalty_or_feedback_email_reads_as_the_real_one_would(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port)
+    shop = generate_shop(seed=11, customers=40, now=NOW - timedelta(days=1))
+    load_shop(site.settings, shop, NOW)
+    customer = shop.customers[0]
+    first_order = next(o.external_id for o in shop.orders if o.customer_external_id == customer.external_id)
+    for campaign in ("loyalty", "feedback"):
+        done = site.cli("send-test", "--campaign", campaign, "--customer", customer.external_id,
+                        "--to", "operator@shop.example")  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+    loyalty, feedback = (BytesParser(policy=policy.default).parsebytes(m.data) for m in smtp_server.messages)
+    assert "ke-0" not in str(loyalty["Subject"]) and "0th" not in str(loyalty["Subject"])
+    assert "ke-5" in str(loyalty["Subject"]) or "5th" in str(loyalty["Subject"]), loyalty["Subject"]
+    text = feedback.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert first_order in text and "INV-SAMPLE" not in text

@@ -40,8 +40,9 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
             print(f"kembali send-test: no customer with id {args.customer!r}", file=sys.stderr)
             return EXIT_USAGE
         customer, order_id, order_external_id = found
-        if order_id is not None:
-            payload.update(first_order_id=str(order_id), first_order=str(order_external_id))
+        if order_id is not None:  # the customer's own order, for win-back's "you bought" and feedback's rating
+            payload.update(first_order_id=str(order_id), first_order=str(order_external_id), order_id=str(order_id),
+                           order=str(order_external_id))  # fmt: skip
     else:
         customer = samples.samples(Locale(settings.shop.default_locale))[0].customer
     now = deps.clock.now()

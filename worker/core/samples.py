@@ -83,5 +83,6 @@ SAMPLE_PAYLOAD = {
     "first_order": "INV-SAMPLE-1",
     "order_id": str(SAMPLE_ORDER_ID),
     "order": "INV-SAMPLE-1",
+    "milestone": "orders-5",
 }
 """Planning payload keys campaigns read when composing (a new campaign adds its keys here)."""
