@@ -141,11 +141,11 @@ class Site:
         if request.method == "HEAD":
             return self._page(HTTPStatus.OK, b"")
         if request.method == "GET":
-            row = await self.store.call(opstore.feedback_for, s, parsed.order_ref)
-            if row is None:
+            recorded = await self.store.call(opstore.feedback_for, s, parsed.order_ref)
+            if recorded is None:
                 return self._page(HTTPStatus.OK, pages.confirm_feedback(locale, shop, parsed.score, token or ""))
-            return self._page(HTTPStatus.OK, pages.feedback_thanks(locale, shop, row.score, row.comment, first=False,
-                                                                   token=token or ""))  # fmt: skip
+            return self._page(HTTPStatus.OK, pages.feedback_thanks(locale, shop, recorded.score, recorded.comment,
+                                                                   first=False, token=token or ""))  # fmt: skip
         created, row = await self.store.call(opstore.record_feedback, s, parsed.order_ref, parsed.score, now)
         if created:
             log.event("feedback_recorded", order=parsed.order_ref, score=parsed.score)
