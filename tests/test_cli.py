@@ -290,3 +290,19 @@ def test_a_mistyped_database_path_is_named_and_no_empty_file_is_left(
     nowhere.write_text(nowhere.read_text().replace(str(tmp_path / "cfg" / "shop.db"), str(tmp_path / "no" / "x.db")))
     code, out = _main(capsys, "--config", str(nowhere), "db", "upgrade")
     assert code == 2 and f"cannot open the database {tmp_path / 'no' / 'x.db'} (does its folder exist?)" in out
+
+
+def test_an_order_naming_an_unknown_product_is_warned_about_at_its_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    assert kembali("db", "upgrade", config=config).returncode == 0
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,1\n")
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,currency,total,product_id,quantity,unit_price\n"
+        "O-1,C-1,paid,2026-11-01T10:00+07:00,IDR,100000,P-999,1,100000\n"
+        "O-2,C-1,paid,2026-11-02T10:00+07:00,IDR,100000,P-998,1,100000\n"
+    )
+    assert kembali("import", "customers", str(tmp_path / "customers.csv"), config=config).returncode == 0
+    done = kembali("import", "orders", str(tmp_path / "orders.csv"), config=config)
+    assert done.returncode == 0, done.stderr
+    assert "warning: orders.csv:2: order 'O-1': unknown product 'P-999'" in done.stderr
+    assert "warning: orders.csv:3: order 'O-2': unknown product 'P-998'" in done.stderr

@@ -36,10 +36,17 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     store = Store.from_url(settings.database_url)
     db.check_schema(store.engine)
     now = datetime.now(UTC)
+    lines: dict[str, int] = {}
+    """The line each record of the batch starts on, by external id (the batch's messages name it)."""
+
+    def note_unknown(order: str, product: str) -> None:
+        print(f"warning: {path.name}:{lines.get(order, 0)}: order {order!r}: unknown product {product!r} (kept; "
+              "linked when the product is imported)", file=sys.stderr)  # fmt: skip
+
     upsert: Callable[[Sequence[Any]], shop.UpsertCounts] = {
         "customers": lambda rs: shop.upsert_customers(store.engine, rs, now),
         "products": lambda rs: shop.upsert_products(store.engine, rs, now),
-        "orders": lambda rs: shop.upsert_orders(store.engine, rs, now, on_unknown_product=_note_unknown),
+        "orders": lambda rs: shop.upsert_orders(store.engine, rs, now, on_unknown_product=note_unknown),
     }[kind]
     total = shop.UpsertCounts()
     errors = 0
@@ -50,7 +57,6 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
         print(f"warning: {path.name}: {text}", file=sys.stderr)
 
     batch: list[Any] = []
-    lines: dict[str, int] = {}
     try:
         for line, item in _reader(kind, path, settings, check_dns, warn):
             seen += 1
@@ -98,7 +104,3 @@ def _flush(
     lines.clear()
     return rejected
 
-
-def _note_unknown(order: str, product: str) -> None:
-    print(f"warning: order {order!r}: unknown product {product!r} (kept; linked when the product is imported)",
-          file=sys.stderr)
