@@ -104,14 +104,18 @@ def not_found(locale: Locale) -> bytes:
 def confirm_feedback(locale: Locale, shop: str, score: int, token: str) -> bytes:
     """The page a rating link opens: the rating is sent by its button (a POST), because mail scanners fetch every
     link of an email (with a GET that recorded, the first link a scanner fetched would be the rating)."""
+    body = f"<p>{_t('rate_body', locale, score=str(score), shop=shop)}</p>"
+    body += _comment_form(locale, token, "rate_button")
+    return _page(locale, _t("rate_title", locale), body)
+
+
+def _comment_form(locale: Locale, token: str, button: str) -> str:
+    """A form that POSTs an optional comment back to the link it came from."""
     action = "?t=" + escape(token, quote=True)
-    return _page(
-        locale,
-        _t("rate_title", locale),
-        f"<p>{_t('rate_body', locale, score=str(score), shop=shop)}</p>"
+    return (
         f'<form method="post" action="{action}"><p><label for="comment">{_t("comment_label", locale)}</label></p>'
         f'<textarea id="comment" name="comment" maxlength="2000"></textarea>'
-        f'<p><button type="submit">{_t("rate_button", locale)}</button></p></form>',
+        f'<p><button type="submit">{_t(button, locale)}</button></p></form>'
     )
 
 
@@ -123,10 +127,5 @@ def feedback_thanks(
     if comment:
         body += f"<p>{_t('your_comment', locale)}</p><blockquote>{escape(comment)}</blockquote>"
     else:
-        action = "?t=" + escape(token, quote=True)
-        body += (
-            f'<form method="post" action="{action}"><p><label for="comment">{_t("comment_label", locale)}</label></p>'
-            f'<textarea id="comment" name="comment" maxlength="2000"></textarea>'
-            f'<p><button type="submit">{_t("comment_button", locale)}</button></p></form>'
-        )
+        body += _comment_form(locale, token, "comment_button")
     return _page(locale, _t("thanks_title", locale), body)
