@@ -134,9 +134,10 @@ class _Watchdog:
     latest as disarming begins; disarming also takes back one still pending, so none surfaces after."""
 
     POLL_SECONDS = 0.05
+    """How often the watchdog looks (a render is stopped at most this late); arming costs a lock, no wake-up."""
 
     def __init__(self) -> None:
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._armed: dict[int, list[Any]] = {}
         """thread id -> [deadline (monotonic), fired]"""
         self._pid: int | None = None
@@ -148,7 +149,6 @@ class _Watchdog:
             if self._pid != os.getpid():  # the first bounded render in this process (or a forked child)
                 self._pid = os.getpid()
                 threading.Thread(target=self._watch, name="kembali-render-watchdog", daemon=True).start()
-            self._lock.notify()
 
     def disarm(self) -> None:
         ident = threading.get_ident()
@@ -158,10 +158,10 @@ class _Watchdog:
                 _async_exc(ident, None)  # fired but maybe not landed (the thread was in C): take it back
 
     def _watch(self) -> None:
-        with self._lock:
-            while True:
-                self._lock.wait(self.POLL_SECONDS if self._armed else None)
-                now = time.monotonic()
+        while True:
+            time.sleep(self.POLL_SECONDS)
+            now = time.monotonic()
+            with self._lock:
                 for ident, entry in self._armed.items():
                     if not entry[1] and entry[0] <= now:
                         entry[1] = True
