@@ -56,7 +56,7 @@ async def cycle(deps: Deps, *, async_store: AsyncStore | None = None, stop: asyn
             dispatcher = deps.dispatcher(astore, transport)
             stopper = None if stop is None else asyncio.create_task(stop.wait())
             if stopper is not None:
-                stopper.add_done_callback(lambda _: dispatcher.stop())
+                stopper.add_done_callback(lambda t: None if t.cancelled() else dispatcher.stop())
             try:
                 dispatched = await dispatcher.run_once()
             finally:
