@@ -78,6 +78,7 @@ def test_preview_at_t_and_run_once_at_t_agree_and_preview_writes_nothing(
     assert summary["action"] == "summary"
     assert summary["would_send"] == len(sends) > 5
     preview_keys = {str(row["dedupe_key"]) for row in lines if row["action"] != "summary"}
+    assert all(str(row["customer"]).startswith("C-") for row in lines if row["action"] != "summary")
 
     # When a real cycle runs at the same T against a real SMTP server
     monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_SECRET)

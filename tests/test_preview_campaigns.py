@@ -54,3 +54,7 @@ def test_preview_on_the_29_february_eve(tmp_path: Path) -> None:
     assert any("skip: held_out" in line for line in done.stdout.splitlines())
     assert any("defer until" in line and "(cap" in line for line in done.stdout.splitlines())
     assert "would be sent" in done.stdout and "deferred by the contact policy:" in done.stdout
+    # and every row names its customer, feedback's too (its key names the order)
+    assert all(r[0].startswith("C-") for r in rows if len(r) > 1 and r[1] in ("feedback", "birthday", "loyalty",
+                                                                              "new_products"))  # fmt: skip
+    assert any(r[1] == "feedback" for r in rows if len(r) > 1)

@@ -78,12 +78,12 @@ def _label(message: ClaimedMessage) -> str:
     return message.campaign
 
 
-def _customer(dedupe_key: str) -> str:
-    """The customer's id from a dedupe key (its second field; feedback keys name the order instead)."""
-    kind, _, rest = dedupe_key.partition(":")
-    if kind == "feedback":
-        return "-"
-    return rest.split(":")[0].replace("%3A", ":").replace("%25", "%")
+def _customer(message: ClaimedMessage) -> str:
+    """The customer's id: the dedupe key's second field, or for feedback (whose key names the order) the
+    payload's ``customer``; both escaped as ``core.audiences.key_part`` does."""
+    kind, _, rest = message.dedupe_key.partition(":")
+    field = str(message.payload.get("customer", "-")) if kind == "feedback" else rest.split(":")[0]
+    return field.replace("%3A", ":").replace("%25", "%")
 
 
 def preview(settings: Settings, args: argparse.Namespace) -> int:
@@ -164,27 +164,29 @@ def _show(
     elif isinstance(item, Skipped):
         summary.by_reason[item.reason.value] += 1
         if json_lines:
-            out.write(json.dumps({"action": "skip", "campaign": message.campaign, "step": message.step,
-                                  "dedupe_key": message.dedupe_key, "reason": item.reason.value}) + "\n")
+            out.write(json.dumps({"action": "skip", "customer": _customer(message), "campaign": message.campaign,
+                                  "step": message.step, "dedupe_key": message.dedupe_key,
+                                  "reason": item.reason.value}, ensure_ascii=False) + "\n")
         else:
-            out.write(f"{printable(_customer(message.dedupe_key)):<14} {_label(message):<14} {'-':<22} "
+            out.write(f"{printable(_customer(message)):<14} {_label(message):<14} {'-':<22} "
                       f"skip: {item.reason.value}  [{printable(message.dedupe_key)}]\n")
     elif isinstance(item, Deferred):
         summary.deferred[item.why] += 1
         if json_lines:
-            out.write(json.dumps({"action": "defer", "campaign": message.campaign, "step": message.step,
-                                  "dedupe_key": message.dedupe_key, "until": item.until.isoformat(),
-                                  "why": item.why}) + "\n")
+            out.write(json.dumps({"action": "defer", "customer": _customer(message), "campaign": message.campaign,
+                                  "step": message.step, "dedupe_key": message.dedupe_key,
+                                  "until": item.until.isoformat(), "why": item.why}, ensure_ascii=False) + "\n")
         else:
             why = "cap: one email at a time" if item.why == "cap" else "quiet hours"
             until = item.until.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-            out.write(f"{printable(_customer(message.dedupe_key)):<14} {_label(message):<14} {'-':<22} "
+            out.write(f"{printable(_customer(message)):<14} {_label(message):<14} {'-':<22} "
                       f"defer until {until} ({why})\n")
     else:
         summary.by_reason["render_error"] += 1
         summary.errors.setdefault(str(item.error), []).append(message.dedupe_key)
         if json_lines:
-            out.write(json.dumps({"action": "render_error", "campaign": message.campaign, "step": message.step,
+            out.write(json.dumps({"action": "render_error", "customer": _customer(message),
+                                  "campaign": message.campaign, "step": message.step,
                                   "dedupe_key": message.dedupe_key, "template": item.error.template,
                                   "line": item.error.line, "error": str(item.error)}, ensure_ascii=False) + "\n")
 
