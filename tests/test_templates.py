@@ -440,6 +440,15 @@ def test_a_render_that_runs_past_its_time_limit_is_stopped_with_its_file_and_lin
     assert templates.render("demo", Locale.ID, CTX).html == "<p>Siti</p>\n"
 
 
+def test_a_stop_that_lands_where_jinja2_swallows_exceptions_still_stops_the_render(tmp_path: Path) -> None:
+    # the sandbox's item lookup swallows any Exception (``d['zz'] is defined``): a stop landing there must hold
+    body = "{% for a in range(100000) %}{% for b in range(40) %}{{ d['zz'] is defined }}{% endfor %}{% endfor %}"
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.html": body}), time_limit=0.05)
+    for _ in range(40):
+        with pytest.raises(TemplateError, match="took more than 0.05 s"):
+            templates.render("demo", Locale.ID, {**CTX, "d": {}})
+
+
 def test_renders_in_several_threads_are_each_stopped_alone(tmp_path: Path) -> None:
     files = GOOD | {"demo/id/body.html": "{% if name == 'Loop' %}" + ENDLESS + "{% endif %}<p>{{ name }}</p>\n"}
     templates = JinjaTemplates(tree(tmp_path, files), time_limit=0.5)

@@ -121,8 +121,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return left**right
 
 
-class RenderTimeout(Exception):
-    """Raised by ``_Watchdog`` in a thread whose render ran past its time limit."""
+class RenderTimeout(BaseException):
+    """Raised by ``_Watchdog`` in a thread whose render ran past its time limit. A ``BaseException``: Jinja2's
+    sandbox swallows any ``Exception`` in some lookups (``d['x'] is defined``), which would lose the stop."""
 
 
 class _Watchdog:
@@ -130,22 +131,32 @@ class _Watchdog:
     render) raises ``RenderTimeout`` in a rendering thread past its deadline, with CPython's
     ``PyThreadState_SetAsyncExc``. The exception lands at the thread's next bytecode boundary (a template's
     loop is Python bytecode), so a ``{% for %}`` that never ends is stopped; one long step of C is stopped
-    only when it returns (hence ``call_binop``). It fires once per render, and lands inside ``render`` at the
-    latest as disarming begins; disarming also takes back one still pending, so none surfaces after."""
+    only when it returns (hence ``call_binop``). Should something swallow it, it fires again every
+    ``REFIRE_SECONDS`` while the render goes on. It lands inside ``render`` at the latest as disarming begins;
+    disarming also takes back one still pending, so none surfaces after."""
 
     POLL_SECONDS = 0.05
     """How often the watchdog looks (a render is stopped at most this late); arming costs a lock, no wake-up."""
+    REFIRE_SECONDS = 1.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._armed: dict[int, list[Any]] = {}
-        """thread id -> [deadline (monotonic), fired]"""
+        """thread id -> [deadline (monotonic), when it last fired or None]"""
         self._pid: int | None = None
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        """A forked child has none of the parent's threads: a fresh lock (the watchdog may have held it at the
+        fork), nothing armed, and a watchdog of its own at its first render."""
+        self._lock = threading.Lock()
+        self._armed = {}
+        self._pid = None
 
     def arm(self, seconds: float) -> None:
         ident = threading.get_ident()
         with self._lock:
-            self._armed[ident] = [time.monotonic() + seconds, False]
+            self._armed[ident] = [time.monotonic() + seconds, None]
             if self._pid != os.getpid():  # the first bounded render in this process (or a forked child)
                 self._pid = os.getpid()
                 threading.Thread(target=self._watch, name="kembali-render-watchdog", daemon=True).start()
@@ -154,7 +165,7 @@ class _Watchdog:
         ident = threading.get_ident()
         with self._lock:
             entry = self._armed.pop(ident, None)
-            if entry is not None and entry[1]:
+            if entry is not None and entry[1] is not None:
                 _async_exc(ident, None)  # fired but maybe not landed (the thread was in C): take it back
 
     def _watch(self) -> None:
@@ -163,8 +174,8 @@ class _Watchdog:
             now = time.monotonic()
             with self._lock:
                 for ident, entry in self._armed.items():
-                    if not entry[1] and entry[0] <= now:
-                        entry[1] = True
+                    if entry[0] <= now and (entry[1] is None or now - entry[1] >= self.REFIRE_SECONDS):
+                        entry[1] = now
                         _async_exc(ident, RenderTimeout)
 
 
@@ -382,12 +393,18 @@ class JinjaTemplates:
         except jinja2.TemplateSyntaxError as exc:
             syntax_file = self._relative(exc.filename) or exc.name or name
             raise TemplateError(f"syntax error: {exc.message}", template=syntax_file, line=exc.lineno) from None
+        except RenderTimeout as exc:
+            tb = exc.__traceback__
+            try:  # Jinja2 maps its frames to template lines for an Exception only: ask it to, for this one too
+                self._env.handle_exception()
+            except RenderTimeout as mapped:
+                tb = mapped.__traceback__
+            where, line = self._locate(tb)
+            raise TemplateError(self._too_long(), template=where or name, line=line) from None
         except Exception as exc:
             where, line = self._locate(exc.__traceback__)
             if isinstance(exc, jinja2.TemplateNotFound):
                 message = f"template not found: {exc.name}"
-            elif isinstance(exc, RenderTimeout):
-                message = self._too_long()
             else:
                 message = f"{type(exc).__name__}: {exc}"
             raise TemplateError(message, template=where or name, line=line) from None
