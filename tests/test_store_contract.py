@@ -378,10 +378,14 @@ def test_an_address_suppressed_in_another_case_is_suppressed(store: Store) -> No
     assert opstore.is_suppressed(store, "Budi.Santoso@Example.com")
     assert opstore.unsuppress(store, "Budi.Santoso@example.com")
     assert store.send_time_facts([budi])[budi].suppressed is False
+    # an internationalised domain is kept in the form imports store it (and SMTP takes)
+    assert store.suppress("Eko@BÜCHER.de", reason="manual", source="test", now=NOW) is True
+    assert [r["email"] for r in opstore.suppressions(store)] == ["eko@xn--bcher-kva.de"]
+    assert opstore.is_suppressed(store, "eko@xn--bcher-kva.de") and opstore.is_suppressed(store, "EKO@bücher.de")
 
 
-def test_migration_0012_folds_the_suppression_list_to_lower_case_keeping_the_earliest(db_url: str) -> None:
-    engine = db.create_engine(db_url)
+def test_migration_0012_folds_the_suppression_list_to_lower_case_keeping_the_earliest(store: Store) -> None:
+    engine = store.engine
     try:
         with engine.begin() as conn:
             for table in ("attempt", "message", "suppression"):
@@ -391,13 +395,20 @@ def test_migration_0012_folds_the_suppression_list_to_lower_case_keeping_the_ear
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0011'"))
             conn.execute(sa.text("INSERT INTO suppression (email, reason, source, created_at) VALUES"
                                  " ('Budi@Example.com', 'complaint', 'a', :t), ('budi@example.com', 'manual', 'b', :t),"
-                                 " ('siti@example.com', 'hard_bounce', 'c', :t), ('ANI@X.ID', 'manual', 'd', :t)"),
+                                 " ('siti@example.com', 'hard_bounce', 'c', :t), ('ANI@X.ID', 'manual', 'd', :t),"
+                                 " ('eko@bücher.de', 'manual', 'e', :t),"
+                                 " ('Eko@xn--bcher-kva.de', 'complaint', 'f', :t)"),
                          {"t": NOW.replace(tzinfo=None)})  # fmt: skip
+            conn.execute(sa.text("UPDATE customer SET email = 'eko@bücher.de' WHERE external_id = 'C1'"))
         db.upgrade(engine)
         with engine.begin() as conn:
             rows = conn.execute(sa.text("SELECT email, reason, source FROM suppression ORDER BY email")).all()
+            emails = dict(conn.execute(sa.text("SELECT external_id, email FROM customer")).all())
         assert [tuple(r) for r in rows] == [("ani@x.id", "manual", "d"), ("budi@example.com", "complaint", "a"),
+                                            ("eko@xn--bcher-kva.de", "manual", "e"),
                                             ("siti@example.com", "hard_bounce", "c")]  # fmt: skip
+        # a customer's address stored with its domain in Unicode takes the form imports store now
+        assert emails == {"C0": "c0@example.com", "C1": "eko@xn--bcher-kva.de", "C2": "c2@example.com"}
     finally:
         engine.dispose()
 

@@ -657,6 +657,19 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
     rows.key_column = columns.index(required[0])
 
 
+def ascii_address(value: str) -> str:
+    """``value`` with an internationalised domain in its IDNA form (``xn--…``), as imports store addresses;
+    unchanged when the domain is ASCII already or is no valid domain."""
+    local, at, domain = value.strip().rpartition("@")
+    if not at or domain.isascii():
+        return value.strip()
+    try:
+        result = email_validator.validate_email(f"a@{domain}", check_deliverability=False)
+    except email_validator.EmailNotValidError:
+        return value.strip()
+    return f"{local}@{result.ascii_domain}"
+
+
 def normalize_email(value: str) -> str:
     """An address normalised as customer imports store it; ValueError saying why when it is invalid."""
     try:

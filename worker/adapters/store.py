@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from worker.adapters import db
+from worker.adapters.importer import ascii_address
 from worker.adapters.tables import Attempt, Customer, Message, OrderLine, Product, ShopOrder, Suppression
 from worker.core.audiences import WinbackCandidate
 from worker.domain import (
@@ -108,9 +109,10 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 
 def suppression_address(email: str) -> str:
-    """An address as the suppression list holds it: ASCII letters in lower case, so that ``Budi@Example.com``
-    and ``budi@example.com`` (one mailbox at every real provider) are one entry (migration 0012)."""
-    return email.strip().translate(_ASCII_LOWER)
+    """An address as the suppression list holds it: an internationalised domain in its IDNA form, as imports
+    store addresses, and ASCII letters in lower case, so that ``Budi@Example.com`` and ``budi@example.com``
+    (one mailbox at every real provider) are one entry (migration 0012)."""
+    return ascii_address(email).translate(_ASCII_LOWER)
 
 
 def suppressed_sql(email: Any) -> Any:

@@ -33,6 +33,7 @@ import hashlib
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -43,6 +44,7 @@ from types import TracebackType
 from typing import Any
 
 import jinja2
+import markupsafe
 from jinja2 import meta, nodes, pass_context
 from jinja2.loaders import split_template_path
 from jinja2.runtime import Context
@@ -131,9 +133,12 @@ class _Watchdog:
     render) raises ``RenderTimeout`` in a rendering thread past its deadline, with CPython's
     ``PyThreadState_SetAsyncExc``. The exception lands at the thread's next bytecode boundary (a template's
     loop is Python bytecode), so a ``{% for %}`` that never ends is stopped; one long step of C is stopped
-    only when it returns (hence ``call_binop``). Should something swallow it, it fires again every
-    ``REFIRE_SECONDS`` while the render goes on. It lands inside ``render`` at the latest as disarming begins;
-    disarming also takes back one still pending, so none surfaces after."""
+    only when it returns (hence ``call_binop``). It fires only while the thread runs the render's own code (its
+    innermost frame is the template's, or Jinja2's or MarkupSafe's), never while it is somewhere else (a
+    garbage collector's callback that runs in the thread, say): it lands there or in what that code calls.
+    Should something swallow it, it fires again every ``REFIRE_SECONDS`` while the render goes on. It lands
+    inside ``render`` at the latest as disarming begins; disarming also takes back one still pending, so none
+    surfaces after."""
 
     POLL_SECONDS = 0.05
     """How often the watchdog looks (a render is stopped at most this late); arming costs a lock, no wake-up."""
@@ -142,7 +147,7 @@ class _Watchdog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._armed: dict[int, list[Any]] = {}
-        """thread id -> [deadline (monotonic), when it last fired or None]"""
+        """thread id -> [deadline (monotonic), when it last fired or None, the folders of the render's code]"""
         self._pid: int | None = None
         os.register_at_fork(after_in_child=self._forked)
 
@@ -153,10 +158,12 @@ class _Watchdog:
         self._armed = {}
         self._pid = None
 
-    def arm(self, seconds: float) -> None:
+    def arm(self, seconds: float, folder: str) -> None:
+        """Stop this thread's render after ``seconds``, while it runs code from a file under ``folder`` (the
+        templates') or Jinja2's or MarkupSafe's."""
         ident = threading.get_ident()
         with self._lock:
-            self._armed[ident] = [time.monotonic() + seconds, None]
+            self._armed[ident] = [time.monotonic() + seconds, None, (folder, *_RENDER_CODE)]
             if self._pid != os.getpid():  # the first bounded render in this process (or a forked child)
                 self._pid = os.getpid()
                 threading.Thread(target=self._watch, name="kembali-render-watchdog", daemon=True).start()
@@ -173,8 +180,14 @@ class _Watchdog:
             time.sleep(self.POLL_SECONDS)
             now = time.monotonic()
             with self._lock:
-                for ident, entry in self._armed.items():
-                    if entry[0] <= now and (entry[1] is None or now - entry[1] >= self.REFIRE_SECONDS):
+                due = [(i, e) for i, e in self._armed.items()
+                       if e[0] <= now and (e[1] is None or now - e[1] >= self.REFIRE_SECONDS)]  # fmt: skip
+                if not due:
+                    continue
+                frames = sys._current_frames()
+                for ident, entry in due:
+                    frame = frames.get(ident)
+                    if frame is not None and frame.f_code.co_filename.startswith(entry[2]):
                         entry[1] = now
                         _async_exc(ident, RenderTimeout)
 
@@ -183,6 +196,8 @@ def _async_exc(ident: int, exc: type[BaseException] | None) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None if exc is None else ctypes.py_object(exc))
 
 
+_RENDER_CODE = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (jinja2, markupsafe))
+"""The folders of the code a render runs besides the template's own."""
 _WATCHDOG = _Watchdog()
 
 
@@ -366,7 +381,7 @@ class JinjaTemplates:
         if self.time_limit is None:
             return self._parts(folder, ctx, version)
         try:
-            _WATCHDOG.arm(self.time_limit)
+            _WATCHDOG.arm(self.time_limit, str(self.root) + os.sep)
             try:
                 return self._parts(folder, ctx, version)
             finally:

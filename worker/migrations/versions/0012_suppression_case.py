@@ -1,12 +1,19 @@
-"""the suppression list holds addresses in lower case
+"""the suppression list holds addresses in lower case, with domains in their IDNA form
 
 ``Budi.Santoso@Example.com`` and ``budi.santoso@example.com`` are one mailbox at
 every real provider, but the list compared them as two strings: an address
 suppressed in one case went on getting mail in another. Entries are now kept
 with ASCII letters in lower case (``store.suppression_address``) and compared
-with the customer's address in lower case (``store.suppressed_sql``). This
-revision brings the entries already there into that form: of those that become
-one, the earliest (its reason and source) stays.
+with the customer's address in lower case (``store.suppressed_sql``).
+
+Imports now also store an internationalised domain in its IDNA form
+(``budi@xn--bcher-kva.de``), the form SMTP takes. Addresses stored before in
+the Unicode form (``budi@bücher.de``, which could not be sent) are brought into
+it here, customers and suppression entries alike, so an entry made before still
+matches its customer after the next import.
+
+Of the suppression entries that become one, the earliest (its reason and
+source) stays.
 
 Revision ID: 0012
 Revises: 0011
@@ -15,18 +22,45 @@ Create Date: 2026-12-04
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
+
+from worker.adapters.importer import ascii_address
 
 revision = "0012"
 down_revision = "0011"
 branch_labels = None
 depends_on = None
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
 
 def upgrade() -> None:
-    op.execute("DELETE FROM suppression WHERE id NOT IN (SELECT min(id) FROM suppression GROUP BY lower(email))")
-    op.execute("UPDATE suppression SET email = lower(email) WHERE email <> lower(email)")
+    conn = op.get_bind()
+    kept: dict[str, int] = {}
+    dropped: list[int] = []
+    changed: list[dict[str, object]] = []
+    for row_id, email in conn.execute(sa.text("SELECT id, email FROM suppression ORDER BY id")):
+        folded = ascii_address(email).translate(_ASCII_LOWER)
+        if folded in kept:
+            dropped.append(row_id)
+            continue
+        kept[folded] = row_id
+        if folded != email:
+            changed.append({"id": row_id, "email": folded})
+    for row_id in dropped:  # the duplicates first: an update must not meet an entry that is going away
+        conn.execute(sa.text("DELETE FROM suppression WHERE id = :id"), {"id": row_id})
+    if changed:
+        conn.execute(sa.text("UPDATE suppression SET email = :email WHERE id = :id"), changed)
+    customers = [
+        {"id": row_id, "email": ascii_address(email)}
+        for row_id, email in conn.execute(sa.text("SELECT id, email FROM customer"))
+        if not email.isascii()
+    ]
+    customers = [c for c in customers if str(c["email"]).isascii()]
+    if customers:
+        conn.execute(sa.text("UPDATE customer SET email = :email WHERE id = :id"), customers)
 
 
 def downgrade() -> None:
-    """Nothing to undo: lower-case entries are valid entries for the code before this revision too."""
+    """Nothing to undo: lower-case entries and IDNA domains are valid for the code before this revision too."""
