@@ -471,7 +471,7 @@ def test_a_stop_that_fires_while_the_thread_is_in_c_lands_when_that_step_ends_an
     # a deadline that passes inside one long step of C (here a sleep): the exception lands as soon as it returns
     from worker.adapters.templates import _WATCHDOG, RenderTimeout
 
-    _WATCHDOG.arm(0.05, __file__)  # this file's code stands for a template's
+    _WATCHDOG.arm(0.05, (__file__,))  # this file's code stands for a template's
     try:
         with pytest.raises(RenderTimeout):
             time.sleep(0.4)
@@ -481,7 +481,7 @@ def test_a_stop_that_fires_while_the_thread_is_in_c_lands_when_that_step_ends_an
     for _ in range(1_000_000):  # bytecode boundaries aplenty: nothing else is pending
         pass
     # a render that ends in time is never stopped afterwards
-    _WATCHDOG.arm(0.05, __file__)
+    _WATCHDOG.arm(0.05, (__file__,))
     _WATCHDOG.disarm()
     time.sleep(0.2)
     assert not _WATCHDOG._armed

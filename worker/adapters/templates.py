@@ -158,12 +158,12 @@ class _Watchdog:
         self._armed = {}
         self._pid = None
 
-    def arm(self, seconds: float, folder: str) -> None:
-        """Stop this thread's render after ``seconds``, while it runs code from a file under ``folder`` (the
-        templates') or Jinja2's or MarkupSafe's."""
+    def arm(self, seconds: float, code: tuple[str, ...]) -> None:
+        """Stop this thread's render after ``seconds``, while it runs code from a file under one of the folders
+        ``code`` names (the templates', Jinja2's, MarkupSafe's)."""
         ident = threading.get_ident()
         with self._lock:
-            self._armed[ident] = [time.monotonic() + seconds, None, (folder, *_RENDER_CODE)]
+            self._armed[ident] = [time.monotonic() + seconds, None, code]
             if self._pid != os.getpid():  # the first bounded render in this process (or a forked child)
                 self._pid = os.getpid()
                 threading.Thread(target=self._watch, name="kembali-render-watchdog", daemon=True).start()
@@ -210,6 +210,8 @@ class JinjaTemplates:
         self.recheck_seconds = recheck_seconds
         self.time_limit = time_limit
         """Seconds one message's three parts may take to render (None: no limit)."""
+        self._render_code = (str(self.root) + os.sep, *_RENDER_CODE)
+        """The folders of the code this renderer's renders run (``_Watchdog.arm``)."""
         self._checked_at: float | None = None
         """When the files were last compared with the cached versions (monotonic), with recheck_seconds > 0."""
         self._env = _Sandbox(
@@ -381,7 +383,7 @@ class JinjaTemplates:
         if self.time_limit is None:
             return self._parts(folder, ctx, version)
         try:
-            _WATCHDOG.arm(self.time_limit, str(self.root) + os.sep)
+            _WATCHDOG.arm(self.time_limit, self._render_code)
             try:
                 return self._parts(folder, ctx, version)
             finally:
