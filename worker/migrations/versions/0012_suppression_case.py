@@ -26,13 +26,12 @@ import sqlalchemy as sa
 from alembic import op
 
 from worker.adapters.importer import ascii_address
+from worker.adapters.store import suppression_address
 
 revision = "0012"
 down_revision = "0011"
 branch_labels = None
 depends_on = None
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def upgrade() -> None:
@@ -41,23 +40,22 @@ def upgrade() -> None:
     dropped: list[int] = []
     changed: list[dict[str, object]] = []
     for row_id, email in conn.execute(sa.text("SELECT id, email FROM suppression ORDER BY id")):
-        folded = ascii_address(email).translate(_ASCII_LOWER)
+        folded = suppression_address(email)
         if folded in kept:
             dropped.append(row_id)
             continue
         kept[folded] = row_id
         if folded != email:
             changed.append({"id": row_id, "email": folded})
-    for row_id in dropped:  # the duplicates first: an update must not meet an entry that is going away
-        conn.execute(sa.text("DELETE FROM suppression WHERE id = :id"), {"id": row_id})
+    if dropped:  # the duplicates first: an update must not meet an entry that is going away
+        conn.execute(sa.text("DELETE FROM suppression WHERE id = :id"), [{"id": row_id} for row_id in dropped])
     if changed:
         conn.execute(sa.text("UPDATE suppression SET email = :email WHERE id = :id"), changed)
-    customers = [
-        {"id": row_id, "email": ascii_address(email)}
-        for row_id, email in conn.execute(sa.text("SELECT id, email FROM customer"))
-        if not email.isascii()
-    ]
-    customers = [c for c in customers if str(c["email"]).isascii()]
+    customers = []
+    for row_id, email in conn.execute(sa.text("SELECT id, email FROM customer")):
+        # a non-ASCII part before the @ cannot be converted: that address stays as it was
+        if not email.isascii() and (ascii := ascii_address(email)).isascii():
+            customers.append({"id": row_id, "email": ascii})
     if customers:
         conn.execute(sa.text("UPDATE customer SET email = :email WHERE id = :id"), customers)
 
