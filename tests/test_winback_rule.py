@@ -9,7 +9,14 @@ import pytest
 
 from worker.adapters import shop
 from worker.adapters.store import Store
-from worker.core.audiences import is_winback_due, plan_winback, winback_cutoff, winback_key
+from worker.core.audiences import (
+    is_winback_due,
+    key_part,
+    key_part_value,
+    plan_winback,
+    winback_cutoff,
+    winback_key,
+)
 from worker.domain import (
     CustomerFacts,
     CustomerRecord,
@@ -164,3 +171,9 @@ def test_ids_with_colons_cannot_collide(db_url: str) -> None:
         assert store.winback_candidates(cutoff=cutoff) == []  # the SQL key matches the Python key
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("external_id", ["A:B", "50%", "%3A", "a%25:b", "plain"])
+def test_a_key_field_gives_back_the_id_it_was_made_from(external_id: str) -> None:
+    assert ":" not in key_part(external_id)
+    assert key_part_value(key_part(external_id)) == external_id

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 from worker.app import Deps, link_keys
 from worker.commands.progress import Progress
 from worker.config import Settings
-from worker.core.audiences import WINBACK
+from worker.core.audiences import WINBACK, key_part_value
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
 from worker.log import printable
@@ -82,8 +82,7 @@ def _customer(message: ClaimedMessage) -> str:
     """The customer's id: the dedupe key's second field, or for feedback (whose key names the order) the
     payload's ``customer``; both escaped as ``core.audiences.key_part`` does."""
     kind, _, rest = message.dedupe_key.partition(":")
-    field = str(message.payload.get("customer", "-")) if kind == "feedback" else rest.split(":")[0]
-    return field.replace("%3A", ":").replace("%25", "%")
+    return key_part_value(str(message.payload.get("customer", "-")) if kind == "feedback" else rest.split(":")[0])
 
 
 def preview(settings: Settings, args: argparse.Namespace) -> int:

@@ -35,6 +35,11 @@ def key_part(external_id: str) -> str:
     return external_id.replace("%", "%25").replace(":", "%3A")
 
 
+def key_part_value(part: str) -> str:
+    """The id one dedupe-key field stands for: ``key_part`` undone."""
+    return part.replace("%3A", ":").replace("%25", "%")
+
+
 def winback_key(customer_external_id: str, first_order_external_id: str, step: int = 1) -> str:
     return f"{WINBACK}:{key_part(customer_external_id)}:{key_part(first_order_external_id)}:{step}"
 
