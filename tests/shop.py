@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates" / "email"
 NOW = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 LINK_KEY = "test-link-key-0123456789abcdef"
+
+
+def edited_templates(folder: Path, part: str, edit: Callable[[str], str]) -> Path:
+    """A copy of the shipped templates in ``folder``, with the file ``part`` (e.g. ``winback/en/body.txt``)
+    rewritten by ``edit``; returns the copy's root."""
+    shutil.copytree(TEMPLATES, folder)
+    path = folder / part
+    path.write_text(edit(path.read_text(encoding="utf-8")), encoding="utf-8")
+    return folder
 
 
 def settings_for(db_url: str, *, smtp: dict[str, Any] | None = None, templates: Path = TEMPLATES,

@@ -6,7 +6,6 @@ import asyncio
 import io
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shop import LINK_KEY, NOW, TEMPLATES, customer, make_shop, one_time_order, settings_for
+from tests.shop import LINK_KEY, NOW, TEMPLATES, customer, edited_templates, make_shop, one_time_order, settings_for
 from tests.smtp_server import RecordingServer
 from worker import log
 from worker.adapters.smtp import SmtpTransport
@@ -78,10 +77,8 @@ def _same(in_helper: list[Item], in_process: list[Item]) -> None:
 
 def test_the_helper_prepares_exactly_what_this_process_would(sqlite_url: str, tmp_path: Path) -> None:
     # Given templates whose English body is broken, and a batch with a suppressed customer
-    templates = tmp_path / "email"
-    shutil.copytree(TEMPLATES, templates)
-    body = templates / "winback" / "en" / "body.txt"
-    body.write_text(body.read_text().replace("{{ customer.first_name or", "{{ customer.nickname or"))
+    templates = edited_templates(tmp_path / "email", "winback/en/body.txt",
+                                 lambda t: t.replace("{{ customer.first_name or", "{{ customer.nickname or"))
     settings = settings_for(sqlite_url, templates=templates)
     store, batch = _claimed_batch(sqlite_url, settings)
     pool, composer = _pool(settings, templates)
@@ -260,11 +257,8 @@ def _alive(pid: int) -> bool:
 
 def test_the_helper_stops_a_render_that_runs_past_the_configured_limit(sqlite_url: str, tmp_path: Path) -> None:
     # Given an English body that never ends and a limit of half a second
-    templates = tmp_path / "email"
-    shutil.copytree(TEMPLATES, templates)
-    body = templates / "winback" / "en" / "body.txt"
-    body.write_text("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\n"
-                    + body.read_text())  # fmt: skip
+    endless = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\n"
+    templates = edited_templates(tmp_path / "email", "winback/en/body.txt", lambda t: endless + t)
     settings = settings_for(sqlite_url, templates=templates, checks={"render_timeout_seconds": 0.5})
     store, batch = _claimed_batch(sqlite_url, settings)
     pool, _ = _pool(settings, templates)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import shutil
 from datetime import timedelta
 from email import policy
 from email.message import EmailMessage
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shop import LINK_KEY, NOW, TEMPLATES, customer, make_shop, one_time_order, settings_for
+from tests.shop import LINK_KEY, NOW, customer, edited_templates, make_shop, one_time_order, settings_for
 from tests.smtp_server import Behaviour, RecordingServer
 from worker.adapters import shop
 from worker.adapters.store import Store
@@ -148,10 +147,8 @@ def test_a_hostile_name_gets_one_message_with_exactly_the_intended_headers(
 def test_a_broken_template_fails_its_messages_only(
     sqlite_url: str, smtp_server: RecordingServer, tmp_path: Path
 ) -> None:
-    templates = tmp_path / "email"
-    shutil.copytree(TEMPLATES, templates)
-    body = templates / "winback" / "en" / "body.txt"
-    body.write_text(body.read_text().replace("{{ customer.first_name or", "{{ customer.nickname or"))
+    templates = edited_templates(tmp_path / "email", "winback/en/body.txt",
+                                 lambda t: t.replace("{{ customer.first_name or", "{{ customer.nickname or"))
     store = make_shop(sqlite_url, [customer("C1"), customer("C2", locale=Locale.EN)],
                       [one_time_order("O1", "C1"), one_time_order("O2", "C2")])
     report = run_cycle(settings_for(sqlite_url, smtp={"port": smtp_server.port}, templates=templates), store,
@@ -168,11 +165,9 @@ def test_a_broken_template_fails_its_messages_only(
 def test_a_template_that_never_ends_for_one_customer_fails_that_message_and_the_run_goes_on(
     sqlite_url: str, smtp_server: RecordingServer, tmp_path: Path
 ) -> None:
-    templates = tmp_path / "email"
-    shutil.copytree(TEMPLATES, templates)
-    body = templates / "winback" / "en" / "body.html"
     endless = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
-    body.write_text(f"{{% if customer.first_name == 'Loop' %}}{endless}{{% endif %}}\n" + body.read_text())
+    templates = edited_templates(tmp_path / "email", "winback/en/body.html",
+                                 lambda t: f"{{% if customer.first_name == 'Loop' %}}{endless}{{% endif %}}\n" + t)
     store = make_shop(sqlite_url, [customer("C1", locale=Locale.EN), customer("C2", name="Loop", locale=Locale.EN)],
                       [one_time_order("O1", "C1"), one_time_order("O2", "C2")])  # fmt: skip
     settings = settings_for(sqlite_url, smtp={"port": smtp_server.port}, templates=templates,
