@@ -166,3 +166,29 @@ def test_a_winback_step_is_not_sent_to_a_customer_who_ordered_since_planning(
     report = cycle_at(settings, clock, datetime(2027, 2, 27, 1, 0, tzinfo=UTC))
     assert report.dispatched.outcomes == {"skipped:ordered_since": 1}
     assert smtp_server.messages == []
+
+
+def test_two_customer_records_with_one_mailbox_share_its_cap(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    """Guest checkouts gave one person two customer records, with their address in two cases: each record is a
+    one-time buyer due win-back step 1 today, but their inbox gets one email today and the other 3 days later."""
+    settings = settings_for(tmp_path, smtp_server)
+    given_a_shop(settings, [("C1", None), ("C2", None), ("C3", None)], [
+        OrderRecord(f"INV-{n}", f"C{n}", OrderStatus.DELIVERED, DAY0 - timedelta(days=50), None, 1_000_000, "IDR")
+        for n in (1, 2, 3)
+    ])  # fmt: skip
+    engine = db.create_engine(settings.database_url)
+    with engine.begin() as conn:  # C2 as the guest checkout typed it; C3 is someone else
+        conn.exec_driver_sql("UPDATE customer SET email = 'C1@Example.com' WHERE external_id = 'C2'")
+    engine.dispose()
+    clock = FakeClock(DAY0)
+
+    received_on: dict[int, list[str]] = {}
+    for day in range(4):
+        before = len(smtp_server.messages)
+        cycle_at(settings, clock, DAY0 + timedelta(days=day))
+        received_on[day] = sorted(to for m in smtp_server.messages[before:] for to in m.rcpt_tos)
+
+    first, c3 = received_on[0]
+    assert c3 == "c3@example.com" and first in ("c1@example.com", "C1@Example.com")
+    assert received_on[1] == received_on[2] == []
+    assert received_on[3] == [({"c1@example.com", "C1@Example.com"} - {first}).pop()], "the other record, in turn"

@@ -2,9 +2,12 @@
 
 The ledger knows what was actually sent; the arbiter adds what this run has
 decided to send and the ledger cannot show yet, so two messages for one
-customer in one batch, or in two batches of one run, cannot both take the same
-free slot. Messages arrive in claim order (priority first), so the highest
-priority message takes the slot and the others are deferred to the next one.
+mailbox in one batch, or in two batches of one run, cannot both take the same
+free slot. The cap counts per mailbox (``domain.mailbox``), not per customer
+record: a shop's guest checkouts can give one person several records with one
+address, and that person's inbox is what the cap protects. Messages arrive in
+claim order (priority first), so the highest priority message takes the slot
+and the others are deferred to the next one.
 
 Its memory stays small however long the run: a send it decided is remembered
 until the ledger shows it. Each batch's facts are read after a known number of
@@ -16,9 +19,9 @@ committed. Preview commits nothing and passes no ``facts_seq``: its arbiter
 remembers everything it decided.
 
 Several workers sharing one database each keep their own arbiter, and two of
-them may claim two messages for one customer at the same moment, each judging
+them may claim two messages for one mailbox at the same moment, each judging
 against a ledger that shows neither. The mark that makes a row ``sending``
-settles it (``Store.record_and_mark``): a row whose customer another worker is
+settles it (``Store.record_and_mark``): a row whose mailbox another worker is
 sending to, or was sent something by another worker from a minute before the
 row was claimed on, is held back and goes back to the queue, to be judged again
 against the ledger a minute later. (The minute covers a send recorded only after
@@ -32,14 +35,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from worker.core.policy import ContactPolicy, Decision, Due, SendNow, decide_one, zone_of
-from worker.domain import ClaimedMessage, CustomerSnapshot
+from worker.domain import ClaimedMessage, CustomerSnapshot, mailbox
 
 
 @dataclass(slots=True, eq=False)
 class _Decided:
     """A send this run decided on, not yet visible to every batch still to come."""
 
-    customer_id: int
+    mailbox: str
     at: datetime
     committed_seq: int | None = None
     """The ledger writer's commit that recorded it as sent; None while in flight."""
@@ -48,7 +51,7 @@ class _Decided:
 def judge(
     policy: ContactPolicy, message: ClaimedMessage, customer: CustomerSnapshot, sent: Sequence[datetime], now: datetime
 ) -> Decision:
-    """The contact policy for one message against the customer's sends ``sent`` alone."""
+    """The contact policy for one message against its mailbox's sends ``sent`` alone."""
     due = Due(message.dedupe_key, message.campaign, policy.priority(message.campaign), message.expires_at)
     return decide_one(due, sent, now, policy, zone_of(customer.time_zone, policy.default_zone))
 
@@ -56,7 +59,7 @@ def judge(
 class Arbiter:
     def __init__(self, policy: ContactPolicy) -> None:
         self.policy = policy
-        self._by_customer: dict[int, list[_Decided]] = {}
+        self._by_mailbox: dict[str, list[_Decided]] = {}
         self._by_message: dict[int, _Decided] = {}
         self._remembered = 0
         self.peak = 0
@@ -70,15 +73,16 @@ class Arbiter:
         now: datetime,
         facts_seq: int | None = None,
     ) -> Decision:
-        """Send now, defer, or skip (expired); a "send now" takes the customer's slot. ``sent``: the
-        customer's sends in the ledger as read after ``facts_seq`` commits (None: nothing this run
+        """Send now, defer, or skip (expired); a "send now" takes the mailbox's slot. ``sent``: the
+        mailbox's sends in the ledger as read after ``facts_seq`` commits (None: nothing this run
         decided is in them)."""
-        decided = self._by_customer.get(customer.id, ())
+        box = mailbox(message.email)
+        decided = self._by_mailbox.get(box, ())
         taken = [*sent, *(d.at for d in decided if not _visible(d, facts_seq))]
         decision = judge(self.policy, message, customer, taken, now)
         if isinstance(decision, SendNow):
-            entry = _Decided(customer.id, now)
-            self._by_customer.setdefault(customer.id, []).append(entry)
+            entry = _Decided(box, now)
+            self._by_mailbox.setdefault(box, []).append(entry)
             self._by_message[message.id] = entry
             self._remembered += 1
             self.peak = max(self.peak, self._remembered)
@@ -97,26 +101,25 @@ class Arbiter:
     def forget_visible(self, facts_seq: int) -> None:
         """Every batch still to be decided was read after commit ``facts_seq``: what that commit and the
         ones before it recorded is in their facts."""
-        for customer_id in [c for c, entries in self._by_customer.items() if any(_visible(e, facts_seq)
-                                                                                 for e in entries)]:  # fmt: skip
-            kept = [e for e in self._by_customer[customer_id] if not _visible(e, facts_seq)]
-            self._remembered -= len(self._by_customer[customer_id]) - len(kept)
+        for box in [b for b, entries in self._by_mailbox.items() if any(_visible(e, facts_seq) for e in entries)]:
+            kept = [e for e in self._by_mailbox[box] if not _visible(e, facts_seq)]
+            self._remembered -= len(self._by_mailbox[box]) - len(kept)
             if kept:
-                self._by_customer[customer_id] = kept
+                self._by_mailbox[box] = kept
             else:
-                del self._by_customer[customer_id]
+                del self._by_mailbox[box]
 
     def remembered(self) -> int:
         """Sends this arbiter still counts beside the ledger (its memory)."""
         return self._remembered
 
     def _drop(self, entry: _Decided) -> None:
-        entries = self._by_customer.get(entry.customer_id, [])
+        entries = self._by_mailbox.get(entry.mailbox, [])
         if entry in entries:
             entries.remove(entry)
             self._remembered -= 1
         if not entries:
-            self._by_customer.pop(entry.customer_id, None)
+            self._by_mailbox.pop(entry.mailbox, None)
 
 
 def _visible(entry: _Decided, facts_seq: int | None) -> bool:

@@ -30,6 +30,17 @@ def pickled_by_fields(cls: type[_T]) -> type[_T]:
     return cls
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def mailbox(address: str) -> str:
+    """The mailbox an address reaches, as a key: its ASCII letters in lower case. ``Budi@Example.com`` and
+    ``budi@example.com`` are one mailbox at every real provider, and a shop's guest checkouts can give one
+    person several customer records with one address: the frequency cap and the suppression list count per
+    mailbox. SQL's ``lower()`` gives the same for the ASCII addresses imports store."""
+    return address.translate(_ASCII_LOWER)
+
+
 class Locale(enum.StrEnum):
     """The languages templates exist in."""
 

@@ -39,6 +39,7 @@ from worker.domain import (
     RenderedEmail,
     SendTimeFacts,
     SkipReason,
+    mailbox,
 )
 from worker.errors import TemplateError
 
@@ -84,8 +85,8 @@ class BatchFacts:
     customers: dict[int, SendTimeFacts]
     order_products: dict[int, list[ProductView]]
     catalogue: list[ProductView]
-    sent: dict[int, list[datetime]] = field(default_factory=dict)
-    """When each customer was actually sent email, within the longest cap window."""
+    sent: dict[str, list[datetime]] = field(default_factory=dict)
+    """When each mailbox (``domain.mailbox``) was actually sent email, within the longest cap window."""
     customer_products: dict[int, list[ProductView]] = field(default_factory=dict)
     launches: list[Launch] = field(default_factory=list)
 
@@ -100,12 +101,12 @@ def load_batch_facts(
 ) -> BatchFacts:
     order_ids = [int(m.payload[k]) for m in messages for k in ("first_order_id", "order_id") if k in m.payload]
     customer_ids = [m.customer_id for m in messages]
-    sent: dict[int, list[datetime]] = {}
+    sent: dict[str, list[datetime]] = {}
     products: dict[int, list[ProductView]] = {}
     launches: list[Launch] = []
     if settings is not None and now is not None:
         lookback = planning.contact_policy(settings).lookback
-        sent = store.sent_times(customer_ids, since=now - lookback)
+        sent = store.sent_times([m.email for m in messages], since=now - lookback)
         wanting = [m.customer_id for m in messages if m.campaign == cc.NEW_PRODUCTS]
         if wanting:
             products = audience_sql.customer_products(store.engine, wanting)
@@ -132,7 +133,7 @@ class Composed:
     data: bytes
     customer: CustomerSnapshot
     sent: tuple[datetime, ...] = ()
-    """When the customer was sent email, as the batch's facts read it from the ledger (what the
+    """When the message's mailbox was sent email, as the batch's facts read it from the ledger (what the
     dispatcher's arbiter decides with)."""
 
 
@@ -208,7 +209,7 @@ class Composer:
             return Skipped(message, reason)
         customer = customer_facts.customer
         assert customer is not None  # recheck skips CUSTOMER_GONE
-        sent = facts.sent.get(customer.id, ())
+        sent = facts.sent.get(mailbox(message.email), ())
         decision = (
             arbiter.decide(message, customer, sent, now) if arbiter is not None
             else judge(self.policy, message, customer, sent, now)  # the ledger alone
@@ -259,7 +260,7 @@ class Composer:
             )
         except ValueError as exc:  # an address or header that cannot be written safely
             return RenderFailed(message, TemplateError(f"cannot build the message: {exc}"))
-        return Composed(message, rendered, data, customer, tuple(facts.sent.get(customer.id, ())))
+        return Composed(message, rendered, data, customer, tuple(facts.sent.get(mailbox(message.email), ())))
 
 
 # --- preview -----------------------------------------------------------------

@@ -42,6 +42,7 @@ from worker.domain import (
     ProductView,
     SendTimeFacts,
     SkipReason,
+    mailbox,
 )
 
 C = Customer.__table__  # type: ignore[attr-defined]
@@ -105,14 +106,11 @@ def _key_part(column: Any) -> Any:
     return sa.func.replace(sa.func.replace(column, "%", "%25"), ":", "%3A")
 
 
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
 def suppression_address(email: str) -> str:
     """An address as the suppression list holds it: an internationalised domain in its IDNA form, as imports
     store addresses, and ASCII letters in lower case, so that ``Budi@Example.com`` and ``budi@example.com``
     (one mailbox at every real provider) are one entry (migration 0012)."""
-    return ascii_address(email).translate(_ASCII_LOWER)
+    return mailbox(ascii_address(email))
 
 
 def suppressed_sql(email: Any) -> Any:
@@ -144,18 +142,19 @@ def _claimed(r: Sequence[Any], dt: Callable[[Any], datetime]) -> ClaimedMessage:
 _CLAIMED, _SENDING = MessageStatus.CLAIMED.value, MessageStatus.SENDING.value
 _MARK_HEAD = f"UPDATE message SET status = '{_SENDING}', attempts = attempts + 1, updated_at = :now WHERE id IN ("
 # Several workers judge the frequency cap against the ledger, which shows another worker's message only once it
-# is marked or recorded: so a row becomes `sending` only if no other worker is sending to its customer (partial
-# index ix_message_sending_customer), and no other worker sent them anything from HELD_SECONDS before the row
-# was claimed on (its updated_at is the claim's time; ix_message_customer, then the attempt that sent it). The
-# minute before the claim covers a send whose record was committed only after this row's facts were read, and
-# clocks of different hosts that disagree by less than that. This worker's own sends are its arbiter's business.
-# On PostgreSQL the customers are locked first (_LOCK_CUSTOMERS), so of two marks for one customer the second
-# sees the first. {since_claim} is the claim's time less HELD_SECONDS, in the dialect's SQL.
+# is marked or recorded: so a row becomes `sending` only if no other worker is sending to its mailbox (partial
+# index ix_message_sending_mailbox), and no other worker sent that mailbox anything from HELD_SECONDS before the
+# row was claimed on (its updated_at is the claim's time; ix_message_mailbox, then the attempt that sent it). The
+# cap counts per mailbox (``domain.mailbox``, lower(email) in SQL), so several customer records with one address
+# share it. The minute before the claim covers a send whose record was committed only after this row's facts were
+# read, and clocks of different hosts that disagree by less than that. This worker's own sends are its arbiter's
+# business. On PostgreSQL the mailboxes are locked first (_LOCK_MAILBOXES), so of two marks for one mailbox the
+# second sees the first. {since_claim} is the claim's time less HELD_SECONDS, in the dialect's SQL.
 _MARK_TAIL = (
     f") AND claimed_by = :worker AND status = '{_CLAIMED}'"
-    " AND NOT EXISTS (SELECT 1 FROM message other WHERE other.customer_id = message.customer_id"
+    " AND NOT EXISTS (SELECT 1 FROM message other WHERE lower(other.email) = lower(message.email)"
     f" AND other.status = '{_SENDING}' AND other.claimed_by <> :worker)"
-    " AND NOT EXISTS (SELECT 1 FROM message other WHERE other.customer_id = message.customer_id"
+    " AND NOT EXISTS (SELECT 1 FROM message other WHERE lower(other.email) = lower(message.email)"
     " AND other.sent_at >= {since_claim} AND other.id <> message.id"
     " AND EXISTS (SELECT 1 FROM attempt sent WHERE sent.message_id = other.id"
     f" AND sent.outcome = '{Outcome.SENT.value}' AND sent.worker <> :worker))"
@@ -175,11 +174,12 @@ _HOLD_HEAD = (
     " lease_until = NULL, next_attempt_at = :later, updated_at = :now WHERE id IN ("
 )
 _HOLD_TAIL = f") AND claimed_by = :worker AND status = '{_CLAIMED}' RETURNING id"
-CUSTOMER_LOCKS = 1265462377
-"""PostgreSQL advisory locks (this number, customer id) that serialise marks per customer across workers."""
-_LOCK_CUSTOMERS = (
-    f"SELECT pg_advisory_xact_lock({CUSTOMER_LOCKS}, customer_id) FROM (SELECT DISTINCT customer_id FROM message"
-    " WHERE id = ANY(%(ids)s) ORDER BY customer_id) AS customers"
+MAILBOX_LOCKS = 1265462377
+"""PostgreSQL advisory locks (this number, a hash of the mailbox) that serialise marks per mailbox across workers
+(two mailboxes with one hash merely wait for each other)."""
+_LOCK_MAILBOXES = (
+    f"SELECT pg_advisory_xact_lock({MAILBOX_LOCKS}, h) FROM (SELECT DISTINCT hashtext(lower(email)) AS h"
+    " FROM message WHERE id = ANY(%(ids)s) ORDER BY h) AS mailboxes"
 )
 _RECORD_SQL = (
     "UPDATE message SET status = :status, skip_reason = :skip_reason, next_attempt_at = :next_attempt_at,"
@@ -447,9 +447,9 @@ class Store:
             if self.dialect == "sqlite":
                 cursor.execute("BEGIN IMMEDIATE")  # the one write lock: every check below sees the others' marks
             elif ids:
-                # every customer of the marks, before anything else and in one ascending order, so two
+                # every mailbox of the marks, before anything else and in one ascending order, so two
                 # workers' group commits cannot wait on each other in a circle
-                cursor.execute(_LOCK_CUSTOMERS, {"ids": sorted(set(ids))})
+                cursor.execute(_LOCK_MAILBOXES, {"ids": sorted(set(ids))})
                 cursor.fetchall()
             if dispositions:
                 self._record_rows(cursor, dispositions)
@@ -591,17 +591,19 @@ class Store:
             ).rowcount
         return int(requeued), int(uncertain)
 
-    def sent_times(self, customer_ids: Iterable[int], *, since: datetime) -> dict[int, list[datetime]]:
-        """When each customer was actually sent email (any campaign) since ``since``: what caps count."""
-        ids = sorted(set(customer_ids))
-        out: dict[int, list[datetime]] = {i: [] for i in ids}
+    def sent_times(self, addresses: Iterable[str], *, since: datetime) -> dict[str, list[datetime]]:
+        """When each address's mailbox (``domain.mailbox``) was actually sent email (any campaign, any customer
+        record) since ``since``: what caps count. Keyed by mailbox."""
+        boxes = sorted({mailbox(a) for a in addresses})
+        out: dict[str, list[datetime]] = {box: [] for box in boxes}
+        lowered = sa.func.lower(M.c.email)
         with self.engine.begin() as conn:
-            for part in _chunks(ids):
-                query = sa.select(M.c.customer_id, M.c.sent_at).where(
-                    M.c.customer_id.in_(part), M.c.sent_at.is_not(None), M.c.sent_at >= since
+            for part in _chunks(boxes):
+                query = sa.select(lowered, M.c.sent_at).where(
+                    lowered.in_(part), M.c.sent_at.is_not(None), M.c.sent_at >= since
                 )
-                for customer_id, sent_at in conn.execute(query):
-                    out[customer_id].append(sent_at)
+                for box, sent_at in conn.execute(query):
+                    out[box].append(sent_at)
         return out
 
     # --- facts for the send-time re-check and for rendering -----------------

@@ -127,6 +127,7 @@ _WAITING = sa.text("status IN ('planned', 'retry')")
 _IN_FLIGHT = sa.text("status IN ('claimed', 'sending')")
 _SENT = sa.text("sent_at IS NOT NULL")
 _SENDING = sa.text("status = 'sending'")
+_MAILBOX = sa.text("lower(email)")
 
 
 class Message(SQLModel, table=True):
@@ -139,9 +140,10 @@ class Message(SQLModel, table=True):
                  postgresql_where=_WAITING),
         sa.Index("ix_message_expiry", "expires_at", sqlite_where=_WAITING, postgresql_where=_WAITING),
         sa.Index("ix_message_inflight", "lease_until", sqlite_where=_IN_FLIGHT, postgresql_where=_IN_FLIGHT),
-        sa.Index("ix_message_customer", "customer_id", "sent_at", sqlite_where=_SENT, postgresql_where=_SENT),
-        # migration 0010: the mark's "is another worker sending to this customer?"
-        sa.Index("ix_message_sending_customer", "customer_id", sqlite_where=_SENDING, postgresql_where=_SENDING),
+        # migration 0013: what the frequency cap counts, per mailbox (lower(email)), and the mark's "is another
+        # worker sending to this mailbox?"
+        sa.Index("ix_message_mailbox", _MAILBOX, "sent_at", sqlite_where=_SENT, postgresql_where=_SENT),
+        sa.Index("ix_message_sending_mailbox", _MAILBOX, sqlite_where=_SENDING, postgresql_where=_SENDING),
     )
 
     id: int | None = Field(default=None, primary_key=True)

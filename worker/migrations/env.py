@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 from alembic import context
 from sqlalchemy import create_engine
+from sqlalchemy.exc import SAWarning
 
 from worker.adapters.tables import metadata
-from worker.migrations import comparison
+from worker.migrations import UNREFLECTABLE, comparison
+
+# SQLite's indexes on lower(email), which autogenerate leaves out (``comparison``), still warn when reflected
+warnings.filterwarnings("ignore", message=UNREFLECTABLE, category=SAWarning)
 
 config = context.config
 
