@@ -116,6 +116,21 @@ def _ledger(site: Site) -> dict[str, str]:
     return out
 
 
+def test_a_preview_cut_short_by_limit_says_so(site: Site) -> None:
+    code, everything = _preview_json(site)
+    total = int(str(everything[-1]["considered"]))
+    assert code == 0 and total > 3 and everything[-1]["stopped_at_limit"] is False
+
+    code, lines = _preview_json(site, "--limit", "3")
+    assert (lines[-1]["considered"], lines[-1]["stopped_at_limit"]) == (3, True)
+    assert lines[:3] == everything[:3]
+    table = site.cli("preview", "--at", T.isoformat(), "--limit", "3").stdout
+    assert "\n3 considered (the first 3, as --limit asked; more may be due): " in table
+    # a limit the preview did not reach cut nothing short
+    code, lines = _preview_json(site, "--limit", str(total + 1))
+    assert (lines[-1]["considered"], lines[-1]["stopped_at_limit"]) == (total, False)
+
+
 def test_table_shows_local_time_and_render_errors_name_file_and_line(tmp_path: Path) -> None:
     # Given a shop whose English win-back body refers to a variable that does not exist
     site = make_site(tmp_path / "shop", copy_templates=True)

@@ -53,6 +53,8 @@ class PreviewSummary:
     """Render error text (``file:line: message``) → the dedupe keys it hit."""
     deferred: Counter[str] = field(default_factory=Counter)
     """Held back by the contact policy (``cap``, ``quiet_hours``): they go out later, not now."""
+    stopped_at: int | None = None
+    """``--limit``, when the preview stopped there: more messages may be due than were considered."""
 
     @property
     def considered(self) -> int:
@@ -62,6 +64,7 @@ class PreviewSummary:
         return {
             "action": "summary",
             "considered": self.considered,
+            "stopped_at_limit": self.stopped_at is not None,
             "would_send": self.would_send,
             "skipped": dict(sorted(self.by_reason.items())),
             "deferred": dict(sorted(self.deferred.items())),
@@ -119,9 +122,12 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
             deps.store, settings, composer, at,
             campaigns=args.campaign, customer_external_id=args.customer, limit=args.limit,
         )  # fmt: skip
+        seen = 0
         for seen, item in enumerate(items, start=1):
             progress.update(seen, f"considered, {summary.would_send:,} would be sent")
             _show(item, at, summary, out, json_lines=args.json, out_dir=out_dir)
+        if args.limit is not None and seen == args.limit:
+            summary.stopped_at = args.limit
     finally:
         progress.done()
         deps.close()
@@ -191,7 +197,10 @@ def _show(
 
 
 def _print_summary(summary: PreviewSummary, out: TextIO, out_dir: Path | None) -> None:
-    out.write(f"\n{summary.considered} considered: {summary.would_send} would be sent")
+    out.write(f"\n{summary.considered} considered")
+    if summary.stopped_at is not None:
+        out.write(f" (the first {summary.stopped_at}, as --limit asked; more may be due)")
+    out.write(f": {summary.would_send} would be sent")
     if summary.by_reason:
         out.write(", " + ", ".join(f"{n} {reason}" for reason, n in sorted(summary.by_reason.items())))
     if summary.deferred:
