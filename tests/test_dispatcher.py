@@ -4,18 +4,22 @@ grow with the campaign."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections import Counter
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from tests.sendkit import NOW, Shop, make_settings
+from tests.sendkit import NOW, Shop, TimedSink, make_settings, message_ids
 from tests.smtp_server import closed_port
+from worker.adapters.store import Store
 from worker.asyncstore import AsyncStore
 from worker.pipeline import plan
-from worker.sending import Dispatcher
+from worker.sending import Dispatcher, DispatchReport
 from worker.testing import RecordingTransport
 
 
@@ -90,3 +94,83 @@ def test_the_runs_memory_of_its_sends_stays_near_what_is_in_flight(tmp_path: Pat
     assert report.outcomes == {"sent": customers} and len(transport.sent) == customers
     assert 0 < report.remembered_peak <= 4 * 40, report.remembered_peak
     shop.close()
+
+
+class _FlowingClock:
+    """Real time, from a fixed instant (10:00 in Jakarta, so no rule of the day's time gets in the way)."""
+
+    def __init__(self, start: datetime) -> None:
+        self.start, self.t0 = start, time.monotonic()
+
+    def now(self) -> datetime:
+        return self.start + timedelta(seconds=time.monotonic() - self.t0)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@pytest.mark.parametrize("renewals", ["work", "fail"])
+def test_a_run_holding_rows_longer_than_a_lease_never_sends_one_twice(tmp_path: Path, renewals: str) -> None:
+    # Given 10 customers due a win-back, a lease of 1 s and a rate of 4 a second (the run holds its batch
+    # for 2.5 s), and another worker's maintenance releasing lapsed leases every 0.1 s meanwhile
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    emails = [f"c{i}@test.example" for i in range(10)]
+    with TimedSink() as sink:
+        settings = make_settings(url, sink.port, compose_processes=0, lease_seconds=1, rate_per_second=4.0, burst=1)
+        shop = Shop(url, settings, emails)
+        plan(shop.store, settings, NOW)
+        if renewals == "fail":  # the worker cannot renew (a stalled database, say): its leases lapse under it
+
+            def refused(**_kwargs: object) -> int:
+                raise sa.exc.OperationalError("UPDATE message", {}, OSError("database is locked"))
+
+            shop.store.renew_leases = refused  # type: ignore[method-assign,assignment]
+        clock = _FlowingClock(NOW)
+        deps = replace(shop.deps, clock=clock)
+        other = Store.from_url(url)
+        released: list[tuple[int, int]] = []
+        done = threading.Event()
+
+        def maintenance() -> None:
+            while not done.wait(0.1):
+                released.append(other.release_expired_leases(clock.now()))
+
+        keeper = threading.Thread(target=maintenance)
+        keeper.start()
+        astore = AsyncStore(shop.store)
+
+        async def run() -> DispatchReport:
+            transport = deps.transport()
+            try:
+                return await deps.dispatcher(astore, transport).run_once()
+            finally:
+                await transport.close()
+
+        try:
+            report = asyncio.run(asyncio.wait_for(run(), timeout=60))
+        finally:
+            done.set()
+            keeper.join()
+            astore.close()
+            other.close()
+        lapsed = [r for r in released if r != (0, 0)]
+        statuses = _statuses(shop)
+        received = Counter(m.rcpt_tos[0] for m in sink.messages)
+        if renewals == "work":
+            # Then the run kept its leases: nothing was released, each customer got one email, every row is sent
+            assert lapsed == [] and report.outcomes == {"sent": 10}
+            assert statuses == {"sent": 10} and received == {e: 1 for e in emails}
+        else:
+            # Then its leases lapsed, and yet no one got two emails: a row taken back while its message was on the
+            # wire is recorded as sent after all (not left uncertain), and a row put back in the queue before its
+            # turn is either sent once or waits in the queue for the next run
+            assert lapsed, "the leases were expected to lapse"
+            assert set(received.values()) == {1}
+            assert set(statuses) <= {"sent", "planned"}, statuses
+            assert statuses["sent"] == len(received) and report.outcomes["sent"] == len(received)
+        assert set(message_ids(sink.messages).values()) == {1}
+        assert all(len(shop.attempts(e)) == received[e] for e in emails)
+        shop.close()

@@ -15,7 +15,7 @@ from alembic.migration import MigrationContext
 
 from worker import migrations
 from worker.adapters import db, opstore, shop
-from worker.adapters.store import HELD_SECONDS, M, Marks, Store
+from worker.adapters.store import HELD_SECONDS, M, Marks, Stale, Store
 from worker.adapters.tables import metadata
 from worker.core.audiences import message_id_for
 from worker.domain import (
@@ -239,6 +239,43 @@ def test_only_the_holder_can_mark_and_record(store: Store) -> None:
     store.record([Disposition(message=batch[0], status=MessageStatus.FAILED, worker="a", started_at=NOW,
                               finished_at=NOW, result=SendResult(Outcome.PERMANENT, 550, "no"))])
     assert {r["dedupe_key"]: r["status"] for r in store.messages()}["k:0"] == "sent"
+
+
+def test_an_outcome_after_the_lease_lapsed_leaves_the_row_to_its_new_holder_but_a_send_is_kept(store: Store) -> None:
+    # Given worker a holding three rows, sending the first, and stalled past its lease: maintenance made the row
+    # it was sending uncertain and put the others back in the queue, where b claimed one
+    store.insert_messages(planned(3), NOW)
+    batch = store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)
+    assert store.mark_sending([batch[0].id], worker="a", now=NOW) == {batch[0].id}
+    assert store.release_expired_leases(NOW + timedelta(seconds=61)) == (2, 1)
+    (taken,) = store.claim(worker="b", now=NOW + timedelta(seconds=62), limit=1, lease_seconds=60)
+    assert taken.id == batch[1].id
+    later = NOW + timedelta(seconds=63)
+
+    # When a's outcomes come: the first was sent, the second goes back to the queue, the third is skipped
+    marks = store.record_and_mark([
+        Disposition(message=batch[0], status=MessageStatus.SENT, worker="a", started_at=NOW, finished_at=later,
+                    result=SendResult(Outcome.SENT, 250, "2.0.0 queued as X1"), subject="Halo"),
+        Disposition(message=batch[1], status=MessageStatus.PLANNED, worker="a", started_at=later, finished_at=later,
+                    next_attempt_at=later),
+        Disposition(message=batch[2], status=MessageStatus.SKIPPED, worker="a", started_at=later, finished_at=later,
+                    skip_reason=SkipReason.SUPPRESSED),
+    ], [], worker="a", now=later)  # fmt: skip
+
+    # Then the send is written over the uncertain row (it must not be sent again), with its attempt; the others
+    # keep what became of them (b's claim, the queue), and each outcome that came late is reported
+    assert marks.stale == (
+        Stale(batch[0].id, "uncertain", sent_late=True),
+        Stale(batch[1].id, "claimed", sent_late=False),
+        Stale(batch[2].id, "planned", sent_late=False),
+    )
+    rows = {r["dedupe_key"]: r for r in store.messages()}
+    assert (rows["k:0"]["status"], rows["k:0"]["sent_at"], rows["k:0"]["subject"]) == ("sent", later, "Halo")
+    assert [a["outcome"] for a in store.attempts_for(batch[0].id)] == ["sent"]
+    assert (rows["k:1"]["status"], rows["k:1"]["claimed_by"]) == ("claimed", "b")
+    assert (rows["k:2"]["status"], rows["k:2"]["skip_reason"]) == ("planned", None)
+    # b still holds its row: it marks and sends it
+    assert store.mark_sending([taken.id], worker="b", now=later) == {taken.id}
 
 
 def test_a_row_whose_customer_another_worker_is_sending_to_is_held_back(store: Store) -> None:

@@ -45,7 +45,7 @@ from typing import Literal, Protocol
 
 from worker import log
 from worker.adapters.ratestore import RateStore
-from worker.adapters.store import HELD_SECONDS
+from worker.adapters.store import HELD_SECONDS, Stale
 from worker.asyncstore import AsyncStore
 from worker.composing import ComposerPool
 from worker.config import Settings
@@ -108,6 +108,8 @@ class LedgerWriter:
         self._task: asyncio.Task[None] | None = None
         self.commits = 0
         """Transactions committed so far."""
+        self.holding: set[int] = set()
+        """The rows this run claimed and has not given an outcome yet (see ``Dispatcher._next_batch``)."""
         self.settled: Callable[..., None] = _ignore
         """Told ``(message id, sent=…, seq=…)`` for each outcome once it is committed (the run's arbiter)."""
 
@@ -123,6 +125,7 @@ class LedgerWriter:
         return await future
 
     def record(self, disposition: Disposition) -> None:
+        self.holding.discard(disposition.message.id)
         self._records.append(disposition)
         self._poke()
 
@@ -174,7 +177,11 @@ class LedgerWriter:
                 self.commits += 1
                 for record in records:
                     self.settled(record.message.id, sent=record.status is MessageStatus.SENT, seq=self.commits)
+                if marked.stale:
+                    _log_stale(records, marked.stale)
                 for message_id, future in marks:
+                    if message_id not in marked.sending:
+                        self.holding.discard(message_id)
                     if not future.done():
                         future.set_result(
                             "sending" if message_id in marked.sending else "held" if message_id in marked.held
@@ -345,6 +352,7 @@ class Dispatcher:
             asyncio.create_task(self._sender(queue, writer, report), name=f"kembali-sender-{i}")
             for i in range(in_flight)
         ]
+        keeper = asyncio.create_task(self._keep_leases(), name="kembali-lease-keeper")
         try:
             await _unless_one_fails(self._produce(queue, writer, report), senders)
             for _ in senders:
@@ -363,10 +371,28 @@ class Dispatcher:
             with contextlib.suppress(Exception):  # the writer's own failure is what is being raised
                 await writer.close()
             raise
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
         await writer.close()
         report.paused = self.paused
         report.quota_reached = self.quota_reached
         return report
+
+    async def _keep_leases(self) -> None:
+        """Renew the leases of the rows this run holds, every third of a lease: however long they wait for the
+        rate (or a slow server), nobody's maintenance takes them while this worker is alive. A renewal that
+        fails is logged and tried again at the next beat; if none succeeds, the leases lapse as a dead
+        worker's would."""
+        lease = self.settings.sending.lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                await self.store.call(self.store.store.renew_leases, worker=self.worker, now=self.clock.now(),
+                                      lease_seconds=lease)  # fmt: skip
+            except Exception as exc:
+                log.event("lease_renewal_failed", logging.WARNING, error=repr(exc))
 
     async def _produce(
         self, queue: asyncio.Queue[Composed | Literal["done"]], writer: LedgerWriter, report: DispatchReport
@@ -474,6 +500,15 @@ class Dispatcher:
         )
         if not batch:
             return None
+        full = len(batch) == limit
+        again = [message for message in batch if message.id in writer.holding]
+        if again:
+            # rows whose lease lapsed while this run held them (the worker stalled longer than a lease), claimed
+            # again: the copy already held goes on; a second copy would race it for one row
+            log.event("claimed_again_while_held", logging.WARNING, messages=len(again),
+                      dedupe_keys=[message.dedupe_key for message in again[:5]])  # fmt: skip
+            batch = [message for message in batch if message.id not in writer.holding]
+        writer.holding.update(message.id for message in batch)
         facts_seq = writer.commits  # read before the facts: every commit counted here is in them
         items: list[Composed | Skipped | RenderFailed | Deferred] | None = None
         if self.compose_pool is not None and self.compose_pool.wanted(len(batch)):
@@ -488,7 +523,7 @@ class Dispatcher:
             for start in range(0, len(batch), LOCAL_CHUNK):
                 items += [self.composer.prepare(message, facts, now) for message in batch[start : start + LOCAL_CHUNK]]
                 await asyncio.sleep(0)  # let the senders read their replies between chunks
-        return _Batch(now, items, facts_seq, full=len(batch) == limit)
+        return _Batch(now, items, facts_seq, full=full)
 
     async def _give_back_ahead(self, ahead: asyncio.Task[_Batch | None], writer: LedgerWriter) -> None:
         """A batch claimed ahead that will not be sent (stopped, out of quota, failed): back to the queue."""
@@ -631,6 +666,25 @@ class Dispatcher:
 
 def _ignore(*_args: object, **_kwargs: object) -> None:
     pass
+
+
+def _log_stale(records: Sequence[Disposition], stale: Sequence[Stale]) -> None:
+    """Outcomes that came after the row's lease had lapsed (the worker stalled longer than a lease)."""
+    by_id = {record.message.id: record for record in records}
+    for row in stale:
+        record = by_id[row.message_id]
+        message = record.message
+        if row.sent_late:
+            log.event("email_sent_after_lease_lapsed", logging.WARNING, campaign=message.campaign,
+                      dedupe_key=message.dedupe_key, found=row.found, recorded="sent")  # fmt: skip
+        else:
+            sent = record.status is MessageStatus.SENT
+            log.event(
+                "email_outcome_after_lease_lapsed", logging.ERROR if sent else logging.WARNING,
+                campaign=message.campaign, dedupe_key=message.dedupe_key, outcome=record.status.value, found=row.found,
+                note="the row keeps its state: its lease lapsed before this outcome came"
+                + (" and another worker is sending it or sent it" if sent else ""),
+            )  # fmt: skip
 
 
 def _label(item: Skipped | RenderFailed) -> str:

@@ -20,7 +20,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -191,6 +191,19 @@ _RECORD_SQL = (
     " updated_at = :updated_at"
     f" WHERE id = :id AND claimed_by = :worker AND status IN ('{_CLAIMED}', '{_SENDING}')"
 )
+_SENT_LATE_OVER = ("planned", "retry", _CLAIMED, MessageStatus.UNCERTAIN.value)
+# What the record finds of its rows first: a row this worker no longer holds (its lease lapsed and maintenance, or
+# another worker, took it) keeps what happened to it since; only a send is still written, below.
+_STATE_HEAD = "SELECT id, claimed_by, status FROM message WHERE id IN ("
+# A message sent after its lease lapsed: the row says so unless another worker is sending it right now (then
+# nothing can help) or it already ended. A row claimed again by another worker stops at that worker's mark.
+_LATE_SENT_SQL = (
+    f"UPDATE message SET status = '{MessageStatus.SENT.value}', skip_reason = NULL, claimed_by = NULL,"
+    " lease_until = NULL, last_code = :last_code, last_reply = :last_reply, last_error = :last_error,"
+    " sent_at = :sent_at, template_version = COALESCE(:template_version, template_version),"
+    " subject = COALESCE(:subject, subject), updated_at = :updated_at"
+    f" WHERE id = :id AND status IN ({', '.join(repr(s) for s in _SENT_LATE_OVER)})"
+)
 _ATTEMPT_SQL = (
     "INSERT INTO attempt (message_id, attempt_no, worker, started_at, finished_at, outcome, code, reply, error_type)"
     " VALUES (:message_id, :attempt_no, :worker, :started_at, :finished_at, :outcome, :code, :reply, :error_type)"
@@ -253,6 +266,7 @@ class _LedgerSql:
         )
         self.read_dt: Callable[[Any], datetime] = _sqlite_read_dt if dialect.name == "sqlite" else _pg_read_dt
         self.record = self.style(_RECORD_SQL)
+        self.late_sent = self.style(_LATE_SENT_SQL)
         self.attempt = self.style(_ATTEMPT_SQL)
         self.suppress = self.style(_SUPPRESS_SQL)
         lock = " FOR UPDATE SKIP LOCKED" if dialect.name == "postgresql" else ""
@@ -269,6 +283,9 @@ class _LedgerSql:
     def hold(self, count: int) -> str:
         return self._in(_HOLD_HEAD, count, _HOLD_TAIL)
 
+    def state(self, count: int) -> str:
+        return self._in(_STATE_HEAD, count, ")")
+
 
 @dataclass(frozen=True)
 class Marks:
@@ -280,6 +297,20 @@ class Marks:
     """Held back and put back in the queue (due in ``HELD_SECONDS``): another worker is sending to the
     customer, or sent them something from ``HELD_SECONDS`` before the row was claimed on. The contact policy
     judges them again."""
+    stale: tuple[Stale, ...] = ()
+    """Outcomes given for rows the worker no longer held (their lease had lapsed): see ``Stale``."""
+
+
+@dataclass(frozen=True)
+class Stale:
+    """An outcome recorded for a row its worker no longer held. The attempt row is written all the same (it
+    happened); the message row keeps what was made of it since (``found``), except that a send is written over a
+    row that waits, was claimed again or became uncertain (``sent_late``), so it is never sent a second time."""
+
+    message_id: int
+    found: str
+    """The row's status when the outcome came."""
+    sent_late: bool
 
 
 class Store:
@@ -451,9 +482,10 @@ class Store:
                 # workers' group commits cannot wait on each other in a circle
                 cursor.execute(_LOCK_MAILBOXES, {"ids": sorted(set(ids))})
                 cursor.fetchall()
-            if dispositions:
-                self._record_rows(cursor, dispositions)
+            stale = self._record_rows(cursor, dispositions) if dispositions else ()
             marked = self._mark_rows(cursor, ids, worker=worker, now=now) if ids else Marks()
+            if stale:
+                marked = replace(marked, stale=stale)
             raw.commit()
         except BaseException:
             self._drop_ledger_connection(raw)
@@ -507,8 +539,20 @@ class Store:
         if dispositions:
             self.record_and_mark(dispositions, [], worker="", now=dispositions[0].finished_at)
 
-    def _record_rows(self, cursor: Any, dispositions: Sequence[Disposition]) -> None:
+    def _held(self, cursor: Any, ids: Iterable[int]) -> dict[int, tuple[str | None, str]]:
+        """Each row's (claimed_by, status)."""
+        found: dict[int, tuple[str | None, str]] = {}
+        for part in _chunks(sorted(set(ids))):
+            cursor.execute(self._sql.state(len(part)), {f"i{n}": i for n, i in enumerate(part)})
+            found.update((row[0], (row[1], row[2])) for row in cursor.fetchall())
+        return found
+
+    def _record_rows(self, cursor: Any, dispositions: Sequence[Disposition]) -> tuple[Stale, ...]:
         dt = self._sql.dt
+        state = self._held(cursor, (d.message.id for d in dispositions))
+        in_flight = (_CLAIMED, _SENDING)
+        stale: list[Stale] = []
+        late_sent: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
         attempts: list[dict[str, Any]] = []
         suppressions: list[dict[str, Any]] = []
@@ -521,23 +565,29 @@ class Store:
                     {"email": suppression_address(d.message.email), "reason": d.suppress_reason, "source": source,
                      "created_at": finished}
                 )
-            updates.append(
-                {
-                    "id": d.message.id,
-                    "worker": d.worker,
-                    "given_back": 0 if d.counts_as_attempt else 1,
-                    "status": d.status.value,
-                    "skip_reason": d.skip_reason.value if d.skip_reason else None,
-                    "next_attempt_at": dt(d.next_attempt_at or d.message.due_at),
-                    "last_code": res.code if res else None,
-                    "last_reply": (res.reply[:500] if res else None),
-                    "last_error": (res.error_type[:500] or None) if res else None,
-                    "sent_at": finished if d.status is MessageStatus.SENT else None,
-                    "template_version": d.template_version,
-                    "subject": d.subject[:400] if d.subject else None,
-                    "updated_at": finished,
-                }
-            )
+            row = {
+                "id": d.message.id,
+                "worker": d.worker,
+                "given_back": 0 if d.counts_as_attempt else 1,
+                "status": d.status.value,
+                "skip_reason": d.skip_reason.value if d.skip_reason else None,
+                "next_attempt_at": dt(d.next_attempt_at or d.message.due_at),
+                "last_code": res.code if res else None,
+                "last_reply": (res.reply[:500] if res else None),
+                "last_error": (res.error_type[:500] or None) if res else None,
+                "sent_at": finished if d.status is MessageStatus.SENT else None,
+                "template_version": d.template_version,
+                "subject": d.subject[:400] if d.subject else None,
+                "updated_at": finished,
+            }
+            claimed_by, status = state.get(d.message.id, (None, "gone"))
+            if claimed_by == d.worker and status in in_flight:
+                updates.append(row)
+            else:
+                late = d.status is MessageStatus.SENT and status in _SENT_LATE_OVER
+                stale.append(Stale(d.message.id, status, sent_late=late))
+                if late:
+                    late_sent.append(row)
             if res is not None:
                 attempts.append(
                     {
@@ -552,11 +602,24 @@ class Store:
                         "error_type": res.error_type[:100],
                     }
                 )
-        cursor.executemany(self._sql.record, updates)
+        if updates:
+            cursor.executemany(self._sql.record, updates)
+        if late_sent:
+            cursor.executemany(self._sql.late_sent, late_sent)
         if attempts:
             cursor.executemany(self._sql.attempt, attempts)
         if suppressions:
             cursor.executemany(self._sql.suppress, suppressions)
+        return tuple(stale)
+
+    def renew_leases(self, *, worker: str, now: datetime, lease_seconds: int) -> int:
+        """Push the lease of every row ``worker`` holds (claimed or sending) to ``lease_seconds`` from ``now``: a
+        run that holds rows longer than one lease (a slow rate, a long queue, a slow server) keeps them as long as
+        it is alive, while a dead worker's rows still lapse. Returns the rows renewed."""
+        until = now + timedelta(seconds=lease_seconds)
+        with self.engine.begin() as conn:
+            renewed = conn.execute(sa.update(M).where(IN_FLIGHT, M.c.claimed_by == worker).values(lease_until=until))
+        return int(renewed.rowcount)
 
     def release_expired_leases(self, now: datetime) -> tuple[int, int]:
         """Claimed rows whose lease lapsed go back to the queue; sending rows become uncertain.
