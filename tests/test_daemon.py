@@ -19,6 +19,7 @@ import pytest
 from tests.daemon_harness import LINK_KEY, REPO, Daemon, http, make_shop
 from tests.smtp_server import Behaviour, RecordingServer
 from worker.core import tokens
+from worker.stopping import StopSignals
 
 ONE_CLICK = b"List-Unsubscribe=One-Click"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -252,9 +253,13 @@ def test_sigterm_mid_campaign_finishes_sends_under_way_and_exits_0(
     assert daemon.named("shutdown_requested") and daemon.named("daemon_stopped")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    ("sig", "echoed"),
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+    ids=["SIGINT", "SIGTERM", "SIGTERM-and-its-echo"],
+)
 def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
-    tmp_path: Path, smtp_server: RecordingServer, sig: signal.Signals
+    tmp_path: Path, smtp_server: RecordingServer, sig: signal.Signals, echoed: bool
 ) -> None:
     # Given `run --once` sending to a slow SMTP server more mail than it can take before the signal
     shop = make_shop(tmp_path, smtp_port=smtp_server.port)
@@ -274,6 +279,9 @@ def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
         assert len(smtp_server.messages) >= 3, "the first emails"
         # When Ctrl-C (SIGINT) or cron's `timeout` (SIGTERM) stops it
         proc.send_signal(sig)
+        if echoed:  # as coreutils' `timeout` does: the process, then its process group, so it comes twice
+            time.sleep(0.05)
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -286,7 +294,32 @@ def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
     assert "sending" not in statuses and "claimed" not in statuses and "uncertain" not in statuses, statuses
     assert statuses["sent"] == len(smtp_server.messages)
     assert statuses["sent"] + statuses.get("planned", 0) == 30 and statuses.get("planned", 0) > 0
-    assert "stop_requested" in err
+    assert "stop_requested" in err and "stop_forced" not in err
+
+
+@pytest.mark.parametrize(
+    ("signals", "verdicts"),
+    [
+        ([(0.0, "SIGTERM")], ["stop"]),
+        ([(0.0, "SIGTERM"), (0.001, "SIGTERM")], ["stop", "echo"]),  # timeout: the process, then its group
+        ([(0.0, "SIGTERM"), (0.001, "SIGTERM"), (0.002, "SIGTERM")], ["stop", "echo", "echo"]),
+        ([(0.0, "SIGTERM"), (1.0, "SIGTERM")], ["stop", "force"]),  # a supervisor that means it
+        ([(0.0, "SIGTERM"), (0.1, "SIGINT")], ["stop", "force"]),
+        ([(0.0, "SIGINT"), (0.1, "SIGINT")], ["stop", "force"]),  # Ctrl-C twice, however quick
+        ([(0.0, "SIGINT"), (0.1, "SIGTERM")], ["stop", "force"]),
+    ],
+)
+def test_a_second_stop_signal_forces_but_an_echo_of_sigterm_does_not(
+    signals: list[tuple[float, str]], verdicts: list[str]
+) -> None:
+    now = [0.0]
+    stop = StopSignals(monotonic=lambda: now[0])
+    seen = []
+    for at, name in signals:
+        now[0] = at
+        seen.append(stop.take(signal.Signals[name]))
+    assert seen == verdicts
+    assert stop.first is signal.Signals[signals[0][1]]
 
 
 def test_sends_outliving_the_grace_period_become_uncertain_and_a_second_signal_exits_at_once(

@@ -22,7 +22,8 @@ Theory of operation
   within ``shutdown_grace_seconds`` and record them, exit 0. After the grace
   period, this worker's rows still in flight are marked ``uncertain`` (claimed
   ones go back to the queue). A second signal exits at once with code 1; rows in
-  flight then become ``uncertain`` when their lease lapses.
+  flight then become ``uncertain`` when their lease lapses. (A SIGTERM repeated
+  within a second is one request: ``timeout`` signals the process and its group.)
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from worker.metrics import Metrics
 from worker.pipeline import Composer, enabled_campaigns, plan
 from worker.scheduler import Scheduler, missed_run
 from worker.sending import Dispatcher
+from worker.stopping import STOP_SIGNALS, StopSignals
 
 EXIT_OK, EXIT_FORCED, EXIT_USAGE = 0, 1, 2
 RESTART_ONLY = ("database", "web")
@@ -127,7 +129,7 @@ class Daemon:
         self.web: HttpServer | None = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
-        self._signals = 0
+        self._signals = StopSignals()
         self._active: Generation | None = None
         self._retired: list[Generation] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -173,7 +175,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._spawn, self.reload, "SIGHUP")
         settings = self.gen.settings
@@ -363,8 +365,10 @@ class Daemon:
     # --- stopping ----------------------------------------------------------------------
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
-        self._signals += 1
-        if self._signals > 1:
+        verdict = self._signals.take(sig)
+        if verdict == "echo":
+            return
+        if verdict == "force":
             log.event("shutdown_forced", logging.WARNING, signal=sig.name,
                       note="rows in flight become uncertain when their lease lapses")
             logging.shutdown()

@@ -17,6 +17,7 @@ from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.pipeline import PlanReport, plan
 from worker.sending import DispatchReport
+from worker.stopping import STOP_SIGNALS, StopSignals
 
 EXIT_OK, EXIT_ATTENTION, EXIT_UNAVAILABLE = 0, 1, 3
 
@@ -111,7 +112,6 @@ def _exit_code(report: CycleReport) -> int:
     return EXIT_ATTENTION if bad or report.uncertain else EXIT_OK
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 async def _stoppable(deps: Deps) -> CycleReport:
@@ -119,11 +119,13 @@ async def _stoppable(deps: Deps) -> CycleReport:
     second: as the daemon stops."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    received: list[signal.Signals] = []
+    signals = StopSignals()
 
     def on_signal(sig: signal.Signals) -> None:
-        received.append(sig)
-        if len(received) > 1:
+        verdict = signals.take(sig)
+        if verdict == "echo":
+            return
+        if verdict == "force":
             log.event("stop_forced", logging.WARNING, signal=sig.name,
                       note="rows in flight become uncertain when their lease lapses")  # fmt: skip
             logging.shutdown()
@@ -138,8 +140,8 @@ async def _stoppable(deps: Deps) -> CycleReport:
     finally:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
-    if received:
-        report.stopped_by = received[0].name
+    if signals.first is not None:
+        report.stopped_by = signals.first.name
     return report
 
 
