@@ -15,11 +15,11 @@ import pytest
 import sqlalchemy as sa
 
 from tests.sendkit import NOW, Shop, TimedSink, make_settings, message_ids
-from tests.smtp_server import closed_port
+from tests.smtp_server import Behaviour, RecordingServer, closed_port
 from worker.adapters.store import Store
 from worker.asyncstore import AsyncStore
 from worker.pipeline import plan
-from worker.sending import Dispatcher, DispatchReport
+from worker.sending import Dispatcher, DispatchReport, LedgerWriter
 from worker.testing import RecordingTransport
 
 
@@ -38,9 +38,12 @@ def _statuses(shop: Shop) -> Counter[str]:
         return Counter(conn.execute(sa.text("SELECT status FROM message")).scalars())
 
 
-def test_a_ledger_that_fails_mid_run_stops_the_run_with_its_error_and_loses_nothing(tmp_path: Path) -> None:
+def test_a_ledger_that_fails_mid_run_stops_the_run_with_its_error_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Given 300 customers due a win-back, batches of 50 (several in flight at once), and a database
-    # that fails on the writer's fourth commit (a full disk, say)
+    # that fails on the writer's fourth commit and every one after it (a full disk, say), tried again twice
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.01, 0.01))
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     settings = make_settings(url, closed_port(), batch_size=50, compose_processes=0, lease_seconds=60)
     shop = Shop(url, settings, [f"c{i}@test.example" for i in range(300)])
@@ -59,13 +62,14 @@ def test_a_ledger_that_fails_mid_run_stops_the_run_with_its_error_and_loses_noth
     astore = AsyncStore(shop.store)
     transport = RecordingTransport()
     try:
-        # When the dispatcher runs, Then the run ends with the database's error (it does not hang on a queue
-        # nobody empties any more)
+        # When the dispatcher runs, Then the run ends with the database's error once the retries are spent (it
+        # does not hang on a queue nobody empties), after trying that commit three times in all
         with pytest.raises(sa.exc.OperationalError, match="disk is full"):
             asyncio.run(asyncio.wait_for(_dispatcher(shop, astore, transport).run_once(), timeout=60))
     finally:
         astore.close()
         shop.store.record_and_mark = record_and_mark  # type: ignore[method-assign]
+    assert commits == 6
     # And once the leases lapse, no row is lost: each is sent, back in the queue, or uncertain (it was on the
     # wire when the ledger broke), and only those could have reached the server
     shop.store.release_expired_leases(NOW + timedelta(seconds=61))
@@ -174,3 +178,48 @@ def test_a_run_holding_rows_longer_than_a_lease_never_sends_one_twice(tmp_path: 
         assert set(message_ids(sink.messages).values()) == {1}
         assert all(len(shop.attempts(e)) == received[e] for e in emails)
         shop.close()
+
+
+@pytest.mark.postgres
+def test_a_database_connection_lost_mid_run_is_reopened_and_nothing_is_lost(
+    pg_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given 20 customers due a win-back and a slow SMTP server
+    emails = [f"c{i}@test.example" for i in range(20)]
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=0.1))
+    settings = make_settings(pg_url, smtp_server.port, compose_processes=0)
+    shop = Shop(pg_url, settings, emails)
+    plan(shop.store, settings, NOW)
+    deps = replace(shop.deps, clock=_FlowingClock(NOW))
+    astore = AsyncStore(shop.store)
+    admin = sa.create_engine(pg_url)
+
+    async def run() -> DispatchReport:
+        transport = deps.transport()
+        dispatch = asyncio.ensure_future(deps.dispatcher(astore, transport).run_once())
+        try:
+            while len(smtp_server.messages) < 5 and not dispatch.done():
+                await asyncio.sleep(0.02)
+            # When the database drops every connection of the worker (a restart, a failover) mid-run
+            with admin.connect() as conn:
+                dropped = conn.execute(sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )).scalar_one()  # fmt: skip
+            assert dropped >= 1
+            return await dispatch
+        finally:
+            await transport.close()
+
+    try:
+        report = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    finally:
+        astore.close()
+        admin.dispose()
+    # Then the run reconnects and goes on: everyone got one email, every row says sent, none is left in flight
+    assert report.outcomes == {"sent": 20}
+    assert sorted(m.rcpt_tos for m in smtp_server.messages) == sorted((e,) for e in emails)
+    assert _statuses(shop) == {"sent": 20}
+    assert all(len(shop.attempts(e)) == 1 for e in emails)
+    shop.close()

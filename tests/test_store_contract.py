@@ -278,6 +278,24 @@ def test_an_outcome_after_the_lease_lapsed_leaves_the_row_to_its_new_holder_but_
     assert store.mark_sending([taken.id], worker="b", now=later) == {taken.id}
 
 
+def test_outcomes_written_again_after_a_commit_whose_reply_was_lost_change_nothing(store: Store) -> None:
+    # Given a's outcomes committed, though the connection dropped before a heard so (it tries again)
+    store.insert_messages(planned(2), NOW)
+    batch = store.claim(worker="a", now=NOW, limit=2, lease_seconds=60)
+    assert store.mark_sending([batch[0].id], worker="a", now=NOW) == {batch[0].id}
+    outcomes = [
+        Disposition(message=batch[0], status=MessageStatus.SENT, worker="a", started_at=NOW, finished_at=NOW,
+                    result=SendResult(Outcome.SENT, 250, "2.0.0 queued as X1")),
+        Disposition(message=batch[1], status=MessageStatus.SKIPPED, worker="a", started_at=NOW, finished_at=NOW,
+                    skip_reason=SkipReason.SUPPRESSED),
+    ]  # fmt: skip
+    assert store.record_and_mark(outcomes, [], worker="a", now=NOW) == Marks()
+    # When the same outcomes come again, Then they are taken as written: no second attempt row, nothing reported
+    assert store.record_and_mark(outcomes, [], worker="a", now=NOW) == Marks()
+    assert [a["outcome"] for a in store.attempts_for(batch[0].id)] == ["sent"]
+    assert {r["dedupe_key"]: r["status"] for r in store.messages()} == {"k:0": "sent", "k:1": "skipped"}
+
+
 def test_a_row_whose_customer_another_worker_is_sending_to_is_held_back(store: Store) -> None:
     """Two workers hold one message each for customers 1, 2 and 3 (k:0-k:2 and k:3-k:5). The frequency cap
     is judged against the ledger, which shows another worker's message only once it is marked or recorded,

@@ -45,7 +45,7 @@ from typing import Literal, Protocol
 
 from worker import log
 from worker.adapters.ratestore import RateStore
-from worker.adapters.store import HELD_SECONDS, Stale
+from worker.adapters.store import HELD_SECONDS, Marks, Stale
 from worker.asyncstore import AsyncStore
 from worker.composing import ComposerPool
 from worker.config import Settings
@@ -88,6 +88,8 @@ class DispatchReport:
 class LedgerWriter:
     """One task that commits ``sending`` marks and outcomes in groups."""
 
+    RETRY_SECONDS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    """The waits before a failed group commit is tried again (15.5 s in all: a database restart or failover)."""
     LINGER_SECONDS = 0.003
     """How long a small group waits for company before it is committed: each commit has a fixed cost
     (~0.2 ms of SQLite), so groups of 6 cost twice what groups of 30 do per message. Most senders
@@ -166,14 +168,7 @@ class LedgerWriter:
             records, self._records = self._records, []
             marks, self._marks = self._marks, []
             try:
-                # one transaction, one commit: outcomes first, then the marks senders wait for
-                marked = await self.store.call(
-                    self.store.store.record_and_mark,
-                    records,
-                    [m for m, _ in marks],
-                    worker=self.worker,
-                    now=self.clock.now(),
-                )
+                marked = await self._commit(records, [m for m, _ in marks])
                 self.commits += 1
                 for record in records:
                     self.settled(record.message.id, sent=record.status is MessageStatus.SENT, seq=self.commits)
@@ -195,6 +190,23 @@ class LedgerWriter:
                 raise
             if not (self._marks or self._records):
                 self._idle.set()
+
+    async def _commit(self, records: list[Disposition], ids: list[int]) -> Marks:
+        """One transaction, one commit: outcomes first, then the marks senders wait for. A failure (the database
+        restarted, a connection dropped, SQLite busy past its timeout) rolls it back; it is tried again on a
+        new connection after ``RETRY_SECONDS``, then given up (the run stops with that error; what it held
+        comes back when its leases lapse)."""
+        for delay in (*self.RETRY_SECONDS, None):
+            try:
+                return await self.store.call(self.store.store.record_and_mark, records, ids, worker=self.worker,
+                                             now=self.clock.now())  # fmt: skip
+            except Exception as exc:
+                if delay is None:
+                    raise
+                log.event("ledger_write_retried", logging.WARNING, error=repr(exc)[:300], retry_in_seconds=delay,
+                          outcomes=len(records), marks=len(ids))  # fmt: skip
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
 
 Mark = Literal["sending", "held", "lost"]

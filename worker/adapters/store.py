@@ -286,6 +286,9 @@ class _LedgerSql:
     def state(self, count: int) -> str:
         return self._in(_STATE_HEAD, count, ")")
 
+    def attempts_of(self, count: int) -> str:
+        return self._in("SELECT message_id, attempt_no, worker FROM attempt WHERE message_id IN (", count, ")")
+
 
 @dataclass(frozen=True)
 class Marks:
@@ -547,10 +550,25 @@ class Store:
             found.update((row[0], (row[1], row[2])) for row in cursor.fetchall())
         return found
 
+    def _attempts_of(self, cursor: Any, ids: Sequence[int]) -> set[tuple[int, int, str]]:
+        """(message id, attempt number, worker) of the attempt rows of ``ids``."""
+        found: set[tuple[int, int, str]] = set()
+        for part in _chunks(sorted(set(ids))):
+            cursor.execute(self._sql.attempts_of(len(part)), {f"i{n}": i for n, i in enumerate(part)})
+            found.update((row[0], row[1], row[2]) for row in cursor.fetchall())
+        return found
+
     def _record_rows(self, cursor: Any, dispositions: Sequence[Disposition]) -> tuple[Stale, ...]:
         dt = self._sql.dt
         state = self._held(cursor, (d.message.id for d in dispositions))
         in_flight = (_CLAIMED, _SENDING)
+
+        def held(d: Disposition) -> bool:
+            claimed_by, status = state.get(d.message.id, (None, "gone"))
+            return claimed_by == d.worker and status in in_flight
+
+        # a group commit retried after a commit whose reply was lost finds its own outcomes written: skip those
+        written = self._attempts_of(cursor, [d.message.id for d in dispositions if not held(d)])
         stale: list[Stale] = []
         late_sent: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
@@ -581,8 +599,14 @@ class Store:
                 "updated_at": finished,
             }
             claimed_by, status = state.get(d.message.id, (None, "gone"))
-            if claimed_by == d.worker and status in in_flight:
+            if held(d):
                 updates.append(row)
+            elif (
+                (d.message.id, d.message.attempts + 1, d.worker) in written
+                if res is not None
+                else claimed_by is None and status == d.status.value
+            ):
+                continue
             else:
                 late = d.status is MessageStatus.SENT and status in _SENT_LATE_OVER
                 stale.append(Stale(d.message.id, status, sent_late=late))
