@@ -278,6 +278,7 @@ def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
             time.sleep(0.05)
         assert len(smtp_server.messages) >= 3, "the first emails"
         # When Ctrl-C (SIGINT) or cron's `timeout` (SIGTERM) stops it
+        before = len(smtp_server.messages)
         proc.send_signal(sig)
         if echoed:  # as coreutils' `timeout` does: the process, then its process group, so it comes twice
             time.sleep(0.05)
@@ -286,9 +287,11 @@ def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
     finally:
         if proc.poll() is None:
             proc.kill()
-    # Then the sends under way finished and were recorded, the rest went back to the queue, the summary says so,
-    # and the exit code is the shell's for that signal
+    # Then the sends under way finished and were recorded (one per connection of the pool of 2, and at most one
+    # that began as the signal came), the rest went back to the queue (with the 6 more senders that waited for a
+    # connection), the summary says so, and the exit code is the shell's for that signal
     assert proc.returncode == 128 + sig.value, err
+    assert len(smtp_server.messages) - before <= 3
     assert f"stopped early by {sig.name}" in out and "sent " in out, out
     statuses = dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status"))
     assert "sending" not in statuses and "claimed" not in statuses and "uncertain" not in statuses, statuses

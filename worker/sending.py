@@ -360,8 +360,9 @@ class Dispatcher:
         writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock, group=in_flight // 2)
         writer.start()
         queue: asyncio.Queue[Composed | Literal["done"]] = asyncio.Queue(maxsize=self.settings.sending.batch_size)
+        wire = asyncio.Semaphore(self.settings.smtp.pool_size)
         senders = [
-            asyncio.create_task(self._sender(queue, writer, report), name=f"kembali-sender-{i}")
+            asyncio.create_task(self._sender(queue, writer, report, wire), name=f"kembali-sender-{i}")
             for i in range(in_flight)
         ]
         keeper = asyncio.create_task(self._keep_leases(), name="kembali-lease-keeper")
@@ -590,8 +591,15 @@ class Dispatcher:
         )
 
     async def _sender(
-        self, queue: asyncio.Queue[Composed | Literal["done"]], writer: LedgerWriter, report: DispatchReport
+        self,
+        queue: asyncio.Queue[Composed | Literal["done"]],
+        writer: LedgerWriter,
+        report: DispatchReport,
+        wire: asyncio.Semaphore,
     ) -> None:
+        """Send the queue's messages one by one (one of ``pool_size * in_flight_per_connection`` such tasks). ``wire``
+        counts the pool's connections: a sender that waited for one while the run was told to stop gives its
+        message back instead of starting a send."""
         sender = self.settings.shop.from_address
         while True:
             item = await queue.get()
@@ -619,15 +627,18 @@ class Dispatcher:
             # the rate slot is taken last, right before the first SMTP byte, so commit
             # latency cannot bunch messages up on the wire
             await self.limiter.acquire(domain)
-            if self.stopping.is_set():  # stopped while we waited: nothing sent, give it back
+            result: SendResult | None = None
+            async with wire:  # one of the pool's connections is free: the send begins now, or not at all
+                if not self.stopping.is_set():
+                    started = self.clock.now()
+                    started_mono = self.clock.monotonic()
+                    result = as_throttled(await self.transport.send(sender, message.email, item.data))
+                    finished = self.clock.now()
+                    finished_mono = self.clock.monotonic()
+            if result is None:  # stopped while it waited for the rate or a connection: nothing sent, give it back
                 writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
                 await self.quota.give_back(1)
                 continue
-            started = self.clock.now()
-            started_mono = self.clock.monotonic()
-            result = as_throttled(await self.transport.send(sender, message.email, item.data))
-            finished = self.clock.now()
-            finished_mono = self.clock.monotonic()
             self.limiter.observe(domain, result)
             self._observe_failures(result)
             status, next_at = lifecycle.after_attempt(
