@@ -29,7 +29,15 @@ nobody empties.
 All ledger writes go through one ``LedgerWriter`` task (a group commit): it
 commits the marks and outcomes that piled up while the last commit ran, in one
 transaction, so committing per message does not cap the throughput, while each
-sender still waits for its own ``sending`` mark before the first SMTP byte.
+sender still waits for its own ``sending`` mark before the first SMTP byte. A
+group whose commit fails is tried again on a new connection for ~15 s.
+
+While the run holds rows, a lease keeper renews their leases every third of
+``lease_seconds``, so however long they wait (a slow rate, a slow server) no
+maintenance takes them from a live worker. Should they lapse anyway (the worker
+stalled), the run never works on a row twice (``LedgerWriter.holding``), and the
+store writes an outcome only over a row the worker still holds, except a send
+(``store.Stale``).
 """
 
 from __future__ import annotations
