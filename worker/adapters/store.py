@@ -474,7 +474,10 @@ class Store:
 
         On a driver connection this thread keeps for it, with the statements as driver SQL: the group
         commit runs hundreds of times a second, and SQLAlchemy's per-transaction and per-statement
-        machinery cost more than SQLite's own work. A failure rolls back and drops that connection."""
+        machinery cost more than SQLite's own work. A failure rolls back and drops that connection, so the
+        caller may try again: outcomes it finds already written (the commit went through, its reply was lost)
+        are left alone. The marks come back with the outcomes given for rows the worker no longer held
+        (``Marks.stale``)."""
         raw = self._ledger_connection()
         cursor = raw.cursor()
         try:
