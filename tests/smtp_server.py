@@ -8,6 +8,7 @@ recipient address may be given a ``Behaviour``; anything else is accepted::
     server.greeting = "421 4.3.2 Service not available"   # every new connection
     server.on("new@test", Behaviour(greylist=True))      # 450 the first time, then accepted
     server.client_limit = 4                              # then "451 … too many messages" per client IP
+    server.login = ("shop", "right-password")            # offer AUTH (plaintext); other credentials get 535
 
 Handler hooks (``handle_RCPT``/``handle_DATA``) do replies, delays and the drop
 after the final dot; an ``SMTP`` subclass does the 421 greeting and the drop
@@ -24,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
 
 from worker.adapters.sink import ReceivedMessage, SinkHandler, SmtpSink
 from worker.config import SmtpSettings
@@ -122,6 +123,9 @@ class RecordingServer:
         self.client_limit: int | None = None
         """Recipients accepted per client IP before every further RCPT gets ``CLIENT_LIMIT_REPLY``."""
         self.accepted_from: Counter[str] = Counter()
+        self.login: tuple[str, str] | None = None
+        """When set, AUTH is offered (without TLS: loopback tests) and only this (username, password) is
+        accepted; aiosmtpd answers anything else with "535 5.7.8 Authentication credentials invalid"."""
         self._tls_context = tls_context
 
         def handler_factory(sink: SmtpSink) -> SinkHandler:
@@ -134,7 +138,13 @@ class RecordingServer:
         )
 
     def _smtp(self, handler: Any, **kwargs: Any) -> SMTP:
+        if self.login is not None:
+            kwargs |= {"authenticator": self._authenticate, "auth_require_tls": False}
         return _FaultySMTP(self, handler, tls_context=self._tls_context, **kwargs)
+
+    def _authenticate(self, server: SMTP, session: Any, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and (data.login.decode(), data.password.decode()) == self.login
+        return AuthResult(success=ok, handled=False)  # aiosmtpd answers a failure with its 535
 
     def on(self, recipient: str, behaviour: Behaviour) -> None:
         self.behaviours[recipient] = behaviour

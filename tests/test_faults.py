@@ -283,6 +283,75 @@ def test_connection_failures_in_a_row_pause_the_dispatcher(url: str, server: Rec
         server.start_in_thread()  # the fixture stops it again
 
 
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    return [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == name]
+
+
+def test_a_wrong_smtp_password_pauses_at_once_and_fails_no_one(
+    url: str, server: RecordingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.login = ("shop", "right-password")
+    monkeypatch.setenv("KEMBALI_SMTP_PASSWORD", "wrong-password-hunter2")
+    emails = [f"c{i}@test.example" for i in range(6)]
+    settings = make_settings(url, server.port, smtp={"pool_size": 1, "username": "shop"}, in_flight_per_connection=1,
+                             max_attempts=1)  # fmt: skip
+    shop = Shop(url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        # the first refused login pauses the run: the rest is given back untouched, and no one failed,
+        # even with a single attempt allowed
+        paused = report.dispatched.paused
+        assert paused is not None
+        assert "535 5.7.8 Authentication credentials invalid" in paused
+        assert "smtp.username" in paused and "KEMBALI_SMTP_PASSWORD" in paused
+        rows = [shop.row(e) for e in emails]
+        tried = [r for r in rows if shop.attempts(r.email)]
+        assert [(r.status, r.attempts, r.last_code) for r in tried] == [("retry", 0, 535)]
+        assert [r.status for r in rows if r not in tried] == ["planned"] * 5
+        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+        assert any(line.startswith("PAUSED") and "535" in line for line in running.summary(report))
+        (event,) = _events(caplog, "dispatcher_paused")
+        assert "535" in event["reason"]
+        assert "wrong-password-hunter2" not in caplog.text + paused
+
+        # the operator fixes the login: everything goes out, once
+        server.login = ("shop", "wrong-password-hunter2")
+        shop.clock.advance(7 * 3600)
+        report = shop.cycle()
+        assert report.dispatched.paused is None
+        assert {shop.row(e).status for e in emails} == {"sent"}
+        assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(emails)
+    finally:
+        shop.close()
+
+
+def test_a_554_greeting_pauses_after_the_failures_in_a_row_and_fails_no_one(url: str, server: RecordingServer) -> None:
+    server.greeting = "554 5.7.1 No SMTP service here"
+    emails = [f"c{i}@test.example" for i in range(6)]
+    settings = make_settings(url, server.port, smtp={"pool_size": 1}, pause_after_failures=3,
+                             in_flight_per_connection=1, max_attempts=1)  # fmt: skip
+    shop = Shop(url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        paused = report.dispatched.paused
+        assert paused is not None
+        assert "3 connection failures in a row" in paused and "554 5.7.1 No SMTP service here" in paused
+        rows = [shop.row(e) for e in emails]
+        tried = [("retry", 0, 554)] * 3  # refused at the greeting: back to the queue, the attempt not counted
+        assert sorted((r.status, r.attempts, r.last_code) for r in rows) == [("planned", 0, None)] * 3 + tried
+        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+
+        server.greeting = None
+        shop.clock.advance(7 * 3600)
+        shop.cycle()
+        assert {shop.row(e).status for e in emails} == {"sent"}
+        assert all(n == 1 for n in message_ids(server.messages).values())
+    finally:
+        shop.close()
+
+
 def test_a_run_that_finds_a_dead_workers_sends_uncertain_says_so_and_exits_1(url: str, server: RecordingServer) -> None:
     emails = [f"c{i}@test.example" for i in range(3)]
     shop = shop_for(url, server, emails)

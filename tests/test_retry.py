@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from worker.core.retry import classify_reply, parse_retry_after
-from worker.domain import Outcome
+from worker.core import lifecycle
+from worker.core.retry import classify_reply, connection_failure, parse_retry_after
+from worker.domain import Outcome, SendResult
 
 T, P, A, S = Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.AMBIGUOUS, Outcome.SENT
 
@@ -38,6 +39,9 @@ T, P, A, S = Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.AMBIGUOUS, Outcome.SE
         (421, "connect", T),
         (554, "connect", T),
         (535, "connect", T),
+        (535, "auth", T),
+        (454, "auth", T),
+        (None, "auth", T),
         # no reply before the final dot: nothing can have been delivered
         (None, "connect", T),
         (None, "mail", T),
@@ -48,6 +52,41 @@ T, P, A, S = Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.AMBIGUOUS, Outcome.SE
 )
 def test_classify_reply(code: int | None, stage: str, expected: Outcome) -> None:
     assert classify_reply(code, stage) is expected
+
+
+@pytest.mark.parametrize(
+    ("result", "trouble"),
+    [
+        # before MAIL FROM: the server's or the configuration's trouble, never the message's
+        (SendResult(T, 535, "535 5.7.8 Authentication credentials invalid", stage="auth"), "auth"),
+        (SendResult(T, 454, "454 4.7.0 Temporary authentication failure", stage="auth"), "auth"),
+        (SendResult(T, None, "Connection lost", stage="auth"), "connection"),
+        (SendResult(T, 554, "554 5.7.1 No SMTP service here", stage="connect"), "connection"),
+        (SendResult(T, 421, "421 4.3.2 Service not available", stage="connect"), "connection"),
+        (SendResult(T, None, "Connection refused", stage="connect"), "connection"),
+        # about this message or its recipient
+        (SendResult(T, 451, "451 4.3.0 Local error", stage="rcpt"), None),
+        (SendResult(P, 550, "550 5.1.1 No such user", stage="rcpt"), None),
+        (SendResult(T, None, "Connection lost", stage="mail"), None),
+        (SendResult(S, 250, "250 ok", stage="reply"), None),
+        (SendResult(T, None, "no stage known"), None),
+    ],
+)
+def test_connection_failures_are_told_from_the_messages_own(result: SendResult, trouble: str | None) -> None:
+    assert connection_failure(result) == trouble
+    assert lifecycle.counts_as_attempt(result) is (trouble is None)
+
+
+def test_a_failure_before_mail_from_retries_even_after_the_last_attempt() -> None:
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 11, 22, tzinfo=UTC)
+    refused = SendResult(T, 535, "535 5.7.8 Authentication credentials invalid", stage="auth")
+    status, at = lifecycle.after_attempt(refused, attempt=5, max_attempts=5, now=now, base_seconds=60, cap_seconds=3600)
+    assert status.value == "retry" and at is not None and at > now
+    at_rcpt = SendResult(T, 451, "451 4.3.0 Local error", stage="rcpt")
+    status, _ = lifecycle.after_attempt(at_rcpt, attempt=5, max_attempts=5, now=now, base_seconds=60, cap_seconds=3600)
+    assert status.value == "failed"
 
 
 def test_classify_reply_rejects_an_unknown_stage() -> None:

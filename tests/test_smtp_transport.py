@@ -218,12 +218,41 @@ def test_a_421_greeting_is_transient_with_its_code(smtp_server: RecordingServer)
     assert smtp_server.messages == []
 
 
+def test_a_refused_login_is_transient_at_the_auth_stage(smtp_server: RecordingServer) -> None:
+    smtp_server.login = ("shop", "right-password")
+
+    async def main() -> list[SendResult]:
+        results = []
+        for password in ("wrong-password", "right-password"):
+            async with SmtpTransport(smtp_server.settings(username="shop"), password=password) as transport:
+                results.append(await transport.send(SENDER, "x@test.example", make_message()))
+        return results
+
+    refused, accepted = run(main())
+
+    assert (refused.outcome, refused.code, refused.stage) == (Outcome.TRANSIENT, 535, "auth")
+    assert refused.reply == "535 5.7.8 Authentication credentials invalid"
+    assert refused.error_type == "SMTPAuthenticationError"
+    assert (accepted.outcome, accepted.stage) == (Outcome.SENT, "reply")
+    assert len(smtp_server.messages) == 1
+
+
+def test_a_5xx_greeting_is_transient_at_the_connect_stage(smtp_server: RecordingServer) -> None:
+    smtp_server.greeting = "554 5.7.1 No SMTP service here"
+
+    result = run(send_one(smtp_server.settings(), "x@test.example"))
+
+    assert (result.outcome, result.code, result.stage) == (Outcome.TRANSIENT, 554, "connect")
+    assert result.error_type == "SMTPConnectResponseError"
+
+
 def test_a_refused_connection_is_transient() -> None:
     settings = SmtpSettings(host="127.0.0.1", port=closed_port(), tls="none", timeout_seconds=2.0)
 
     result = run(send_one(settings, "x@test.example"))
 
     assert (result.outcome, result.code, result.error_type) == (Outcome.TRANSIENT, None, "SMTPConnectError")
+    assert result.stage == "connect"
 
 
 @pytest.mark.parametrize(
@@ -247,6 +276,7 @@ def test_an_address_smtp_would_rewrite_is_permanent(smtp_server: RecordingServer
 
     assert [r.outcome for r in results] == [Outcome.PERMANENT, Outcome.SENT]
     assert results[0].error_type == "ValueError"
+    assert results[0].stage == "rcpt"  # about this message: not a connection failure, never a pause
     assert [m.rcpt_tos for m in smtp_server.messages] == [("ok@test.example",)]
     assert smtp_server.connections == 1
 

@@ -87,7 +87,8 @@ class SendingSettings:
     throttle_floor_per_second: float = 0.2
     """Throttling replies halve a domain's rate, but never below this."""
     pause_after_failures: int = 20
-    """Consecutive connection failures (no reply at all) that pause the dispatcher; 0 = never."""
+    """Consecutive connection failures (before MAIL FROM, or no reply at all) that pause the dispatcher; a refused
+    login pauses it at once; 0 = never."""
     in_flight_per_connection: int = 4
     """Messages per SMTP connection that may be marked ``sending`` at once: one on the wire,
     the others' marks being committed meanwhile (the group commit needs company)."""

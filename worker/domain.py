@@ -293,6 +293,9 @@ class SendResult:
     error_type: str = ""
     retry_after_seconds: float | None = None
     """A "try again in N seconds" hint from the server, when it gave one."""
+    stage: str = ""
+    """Where the attempt stopped (``worker.core.retry.STAGES``: ``connect``, ``auth``, ``mail``…); "" when not
+    known. ``connect`` and ``auth`` failures are the server's or the configuration's, never the message's."""
 
 
 @pickled_by_fields

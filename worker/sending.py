@@ -21,8 +21,10 @@ commit latency cannot bunch messages up on the wire), and only then speaks
 SMTP. The outcome goes back to the ledger with an attempt row. A throttling reply slows that domain
 down and retries the message without counting the attempt; a 5.1.x "no such
 user" suppresses the address; a 5.7.x refusal is logged as a content problem.
-Too many connection failures in a row pause the dispatcher: it stops claiming
-and gives what it holds back to the queue. If a sender or the ledger writer
+A failure before MAIL FROM (connection, greeting, EHLO, STARTTLS, login) is
+not the message's: it goes back to the queue without the attempt counted. Too
+many connection failures in a row, or one refused login, pause the dispatcher:
+it stops claiming and gives what it holds back to the queue. If a sender or the ledger writer
 fails, the run stops and raises that failure instead of waiting on a queue
 nobody empties.
 
@@ -61,6 +63,7 @@ from worker.contact import Arbiter
 from worker.core import lifecycle
 from worker.core.limits import as_throttled, bounce_kind, domain_of, next_quota_day_start
 from worker.core.policy import SendNow, Skip
+from worker.core.retry import connection_failure
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult
 from worker.limiter import DailyQuota, Limiter, LocalBooker
 from worker.pipeline import (
@@ -304,8 +307,11 @@ class Dispatcher:
         self.stopping = asyncio.Event()
         self.observer: SendObserver | None = None
         self.paused: str | None = None
-        """Set when too many connection failures in a row paused sending (health checks read it)."""
+        """Set when too many connection failures in a row, or a refused login, paused sending (health checks
+        read it)."""
         self.failures_in_row = 0
+        self.pauses_in_row = 0
+        """Pauses since the last attempt that got past the connection (a daemon waits longer after each)."""
         self.quota_reached = False
         self._runs = 0
         self._catalogue: list[ProductView] = []
@@ -330,22 +336,36 @@ class Dispatcher:
         self.stopping.clear()
 
     def _observe_failures(self, result: SendResult) -> None:
-        """Count attempts that got no reply at all; too many in a row pause the dispatcher."""
-        if result.code is None and result.outcome in (Outcome.TRANSIENT, Outcome.AMBIGUOUS):
-            self.failures_in_row += 1
-        else:
+        """Count attempts that failed before MAIL FROM (the connection, greeting, EHLO, STARTTLS, login) or got
+        no reply at all; too many in a row, or one refused login, pause the dispatcher."""
+        trouble = connection_failure(result)
+        if trouble is None and not (result.code is None and result.outcome in (Outcome.TRANSIENT, Outcome.AMBIGUOUS)):
             self.failures_in_row = 0
+            self.pauses_in_row = 0
+            return
+        self.failures_in_row += 1
         limit = self.settings.sending.pause_after_failures
-        if limit and self.failures_in_row >= limit and self.paused is None:
+        if not limit or self.paused is not None:
+            return
+        smtp = self.settings.smtp
+        if trouble == "auth":  # every message would be refused alike: pause at once
+            self.paused = (
+                f"an SMTP authentication failure ({result.reply[:120]}): check smtp.username ({smtp.username!r}) "
+                f"and the password in ${smtp.password_env}"
+            )
+        elif self.failures_in_row >= limit:
             self.paused = (
                 f"{self.failures_in_row} connection failures in a row (last: {result.error_type or 'no reply'}: "
                 f"{result.reply[:120]})"
             )
-            log.event(
-                "dispatcher_paused", logging.ERROR, reason=self.paused, smtp_host=self.settings.smtp.host,
-                failures_in_row=self.failures_in_row,
-            )  # fmt: skip
-            self.stop()
+        else:
+            return
+        self.pauses_in_row += 1
+        log.event(
+            "dispatcher_paused", logging.ERROR, reason=self.paused, smtp_host=smtp.host,
+            failures_in_row=self.failures_in_row, code=result.code, stage=result.stage,
+        )  # fmt: skip
+        self.stop()
 
     def _release(self, message: ClaimedMessage, now: datetime, until: datetime | None = None) -> Disposition:
         """Give a claimed, unsent row back to the queue (stopped, paused, or out of quota): no attempt made."""
@@ -683,7 +703,7 @@ class Dispatcher:
                     next_attempt_at=next_at,
                     template_version=item.rendered.template_version,
                     subject=item.rendered.subject,
-                    counts_as_attempt=result.outcome is not Outcome.THROTTLED,
+                    counts_as_attempt=lifecycle.counts_as_attempt(result),
                     suppress_reason=suppress,
                 )
             )

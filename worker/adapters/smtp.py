@@ -5,13 +5,17 @@ for delivery problems: it runs one transaction in explicit steps and reports a
 ``SendResult`` whose outcome ``worker.core.retry.classify_reply`` decides from
 the reply code (or its absence) and the stage the attempt reached:
 
-    connect  TCP, greeting, EHLO, STARTTLS, AUTH     (421 greeting → transient)
+    connect  TCP, greeting, EHLO, STARTTLS           (any failure → transient, not the message's fault)
+    auth     AUTH                                    (a refusal → transient; the dispatcher pauses)
     mail     MAIL FROM                               (4xx transient, 5xx permanent)
     rcpt     RCPT TO                                 (4xx transient, 5xx permanent)
     data     DATA, 354 expected                      (4xx transient, 5xx permanent)
     message  the body, before the final "." is handed over  (a drop → transient)
     reply    waiting for the reply to the final "."  (2xx sent; 4xx/5xx as usual;
                                                       a drop or timeout → ambiguous)
+
+The ``SendResult`` carries the stage, so the dispatcher can tell a server or
+login problem (``connect``, ``auth``) from one with this message.
 
 Pool: ``pool_size`` slots in a LIFO queue, one message in flight per slot,
 each holding a connection opened lazily and reused. After a reply error at
@@ -153,13 +157,13 @@ class SmtpTransport:
 
     async def _transaction(self, slot: _Slot, sender: str, recipient: str, message: bytes) -> SendResult:
         attempt = _Attempt()
+        for stage, address in (("mail", sender), ("rcpt", recipient)):
+            try:
+                _check_address(address)
+            except ValueError as exc:
+                return _result(Outcome.PERMANENT, None, str(exc), exc, stage)
         try:
-            _check_address(sender)
-            _check_address(recipient)
-        except ValueError as exc:
-            return _result(Outcome.PERMANENT, None, str(exc), exc)
-        try:
-            client, reused = await self._ready_client(slot)
+            client, reused = await self._ready_client(slot, attempt)
             attempt.stage = "mail"
             try:
                 await _mail(client, sender)
@@ -169,7 +173,7 @@ class SmtpTransport:
                 # the server closed the pooled connection while it sat idle and we
                 # had not noticed yet: nothing of this message was sent, reopen once
                 attempt.stage = "connect"
-                client, _ = await self._ready_client(slot)
+                client, _ = await self._ready_client(slot, attempt)
                 attempt.stage = "mail"
                 await _mail(client, sender)
             attempt.stage = "rcpt"
@@ -179,25 +183,25 @@ class SmtpTransport:
             return await self._reply_error(slot, attempt.stage, exc)
         except (SMTPException, OSError) as exc:  # drops, timeouts, refused connections, TLS and certificate errors
             slot.discard()
-            return _result(classify_reply(None, attempt.stage), None, _text(exc), exc)
+            return _result(classify_reply(None, attempt.stage), None, _text(exc), exc, attempt.stage)
         except (ValueError, UnicodeError) as exc:
             if attempt.stage not in ("mail", "rcpt"):
                 raise
             # aiosmtplib refused an address before writing it: this message can
             # never go out as is, and the connection is untouched.
             await self._reset_or_discard(slot)
-            return _result(Outcome.PERMANENT, None, str(exc), exc)
-        return _result(classify_reply(response.code, "reply"), response.code, _reply_text(response), None)
+            return _result(Outcome.PERMANENT, None, str(exc), exc, attempt.stage)
+        return _result(classify_reply(response.code, "reply"), response.code, _reply_text(response), None, "reply")
 
-    async def _ready_client(self, slot: _Slot) -> tuple[SMTP, bool]:
+    async def _ready_client(self, slot: _Slot, attempt: _Attempt) -> tuple[SMTP, bool]:
         """The slot's connection and whether it was reused; opened if missing or closed."""
         if slot.client is not None and slot.client.is_connected:
             return slot.client, True
         slot.discard()
-        slot.client = await self._connect()
+        slot.client = await self._connect(attempt)
         return slot.client, False
 
-    async def _connect(self) -> SMTP:
+    async def _connect(self, attempt: _Attempt) -> SMTP:
         s = self._settings
         client = SMTP(
             hostname=s.host,
@@ -220,7 +224,9 @@ class SmtpTransport:
                     )
                 await client.starttls()
             if s.username:
+                attempt.stage = "auth"
                 await client.login(s.username, self._password or "")
+                attempt.stage = "connect"
         except BaseException:
             client.close()
             raise
@@ -280,7 +286,7 @@ class SmtpTransport:
             slot.discard()
         outcome = classify_reply(code, stage)
         reply = f"{code} {exc.message}" if code is not None else exc.message
-        return _result(outcome, code, reply, exc)
+        return _result(outcome, code, reply, exc, stage)
 
     async def _reset_or_discard(self, slot: _Slot) -> None:
         """After a refused step the connection is fine: RSET it for the next message."""
@@ -345,7 +351,7 @@ def _text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _result(outcome: Outcome, code: int | None, reply: str, exc: BaseException | None) -> SendResult:
+def _result(outcome: Outcome, code: int | None, reply: str, exc: BaseException | None, stage: str) -> SendResult:
     reply = reply.strip()[:REPLY_LIMIT]
     hint = parse_retry_after(reply) if code is not None and 400 <= code < 500 else None
     return SendResult(
@@ -354,4 +360,5 @@ def _result(outcome: Outcome, code: int | None, reply: str, exc: BaseException |
         reply=reply,
         error_type=type(exc).__name__ if exc is not None else "",
         retry_after_seconds=hint,
+        stage=stage,
     )

@@ -3,6 +3,7 @@
     planned ─claim→ claimed ─mark→ sending ─→ sent
                        │              ├─ transient, attempts left → retry ─claim→ claimed …
                        │              ├─ throttled ("slow down") → retry, the attempt not counted
+                       │              ├─ refused before MAIL FROM (connection, greeting, login) → retry, not counted
                        │              ├─ transient, none left / permanent / render error → failed
                        │              └─ ambiguous (after the final dot) → uncertain
                        └─ re-check says no → skipped (with a reason)
@@ -14,6 +15,7 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta
 
+from worker.core.retry import connection_failure
 from worker.domain import MessageStatus, Outcome, SendResult
 
 
@@ -22,6 +24,12 @@ def requeued(attempts: int) -> MessageStatus:
     mark, its lease lapsed): ``retry`` once an attempt was made, else ``planned``. ``adapters.store.requeued_sql``
     is its SQL twin."""
     return MessageStatus.RETRY if attempts > 0 else MessageStatus.PLANNED
+
+
+def counts_as_attempt(result: SendResult) -> bool:
+    """Whether the attempt counts against ``max_attempts``: not when the server said "slow down", nor when it
+    stopped before MAIL FROM (connection, greeting, login: not the message's fault)."""
+    return result.outcome is not Outcome.THROTTLED and connection_failure(result) is None
 
 
 def backoff_seconds(
@@ -55,8 +63,9 @@ def after_attempt(
             return MessageStatus.UNCERTAIN, None
         case Outcome.PERMANENT | Outcome.RENDER_ERROR:
             return MessageStatus.FAILED, None
-        case Outcome.THROTTLED:
-            # "slow down" is not the message's fault: retry soon, whatever the attempt count
+        case Outcome.THROTTLED | Outcome.TRANSIENT if not counts_as_attempt(result):
+            # "slow down", or the server refused us before MAIL FROM: not the message's fault, so retry
+            # soon, whatever the attempt count (the dispatcher's pause keeps a broken server from looping)
             delay = backoff_seconds(1, base=base_seconds, cap=cap_seconds, hint=result.retry_after_seconds, rng=rng)
             return MessageStatus.RETRY, now + timedelta(seconds=delay)
         case Outcome.OPERATOR:

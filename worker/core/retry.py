@@ -3,7 +3,8 @@
 An SMTP attempt moves through stages; where it stopped decides what a reply
 code (or the lack of one) means:
 
-    connect   TCP connect, greeting, EHLO, STARTTLS, AUTH
+    connect   TCP connect, greeting, EHLO, STARTTLS
+    auth      AUTH (the login)
     mail      MAIL FROM
     rcpt      RCPT TO
     data      the DATA command (354 expected)
@@ -16,23 +17,33 @@ Rules, in order:
   (the server may have queued the mail), ``TRANSIENT`` anywhere else.
 - 2xx at ``reply``: ``SENT``.
 - 4xx: ``TRANSIENT``.
-- 5xx at ``connect``: ``TRANSIENT``. A refused greeting or login says nothing
-  about this message; failing it for good would burn through the queue, so it
-  waits and the dispatcher's consecutive-failure pause takes over.
+- 5xx at ``connect`` or ``auth``: ``TRANSIENT``. A refused greeting or login
+  says nothing about this message; failing it for good would burn through the
+  queue, so it waits and the dispatcher's consecutive-failure pause takes over.
 - 552 at ``rcpt``: ``TRANSIENT`` (RFC 5321 §4.5.3.1.10: treat as 452).
 - Other 5xx: ``PERMANENT``.
 - Anything else (a 2xx/3xx where none belongs, a garbled code): ``AMBIGUOUS``
   at ``reply``, ``TRANSIENT`` before it.
+
+Whatever stops an attempt at ``connect`` or ``auth`` (``connection_failure``)
+is the server's trouble or the configuration's, not the message's: the message
+goes back to the queue without the attempt counted against it (it never becomes
+``failed`` for it), and the failure counts toward the dispatcher's pause; a
+refused login pauses it at once, since every later message would be refused
+the same way.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Literal
 
-from worker.domain import Outcome
+from worker.domain import Outcome, SendResult
 
-STAGES = frozenset({"connect", "mail", "rcpt", "data", "message", "reply"})
+STAGES = frozenset({"connect", "auth", "mail", "rcpt", "data", "message", "reply"})
 """Where an SMTP attempt can stop; see the module docstring."""
+CONNECTION_STAGES = frozenset({"connect", "auth"})
+"""Stages before MAIL FROM: nothing about this message or its recipient has been said yet."""
 
 
 def classify_reply(code: int | None, stage: str) -> Outcome:
@@ -47,10 +58,19 @@ def classify_reply(code: int | None, stage: str) -> Outcome:
     if 400 <= code < 500:
         return Outcome.TRANSIENT
     if 500 <= code < 600:
-        if stage == "connect" or (stage == "rcpt" and code == 552):
+        if stage in CONNECTION_STAGES or (stage == "rcpt" and code == 552):
             return Outcome.TRANSIENT
         return Outcome.PERMANENT
     return Outcome.AMBIGUOUS if final else Outcome.TRANSIENT
+
+
+def connection_failure(result: SendResult) -> Literal["auth", "connection"] | None:
+    """``"auth"`` when the server refused the login (a reply at ``auth``: every message would be refused alike),
+    ``"connection"`` for any other failure before MAIL FROM (refused or dropped connection, a 421 or 554
+    greeting, EHLO, STARTTLS, a login that got no reply), else None (the attempt reached the message)."""
+    if result.stage not in CONNECTION_STAGES or result.outcome not in (Outcome.TRANSIENT, Outcome.AMBIGUOUS):
+        return None
+    return "auth" if result.stage == "auth" and result.code is not None else "connection"
 
 
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
