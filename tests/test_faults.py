@@ -107,6 +107,11 @@ def shop_for(url: str, server: RecordingServer, emails: list[str], **sending: An
     return Shop(url, settings, emails)
 
 
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    """The fields of each log event ``name`` (``worker.log.event``) the test captured."""
+    return [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == name]
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_each_fault_ends_in_its_state(url: str, server: RecordingServer, case: Case) -> None:
     server.on(BAD, case.behaviour)
@@ -205,23 +210,33 @@ class _Attempt:
         self.outcome, self.last = row.outcome, row.code
 
 
-def test_a_421_greeting_retries_without_counting_the_attempt(url: str, server: RecordingServer) -> None:
+def test_a_421_greeting_retries_without_counting_the_attempt_and_pauses(
+    url: str, server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
     server.greeting = "421 4.3.2 Service not available, closing transmission channel"
-    shop = shop_for(url, server, [BAD, OK])
+    emails = [f"c{i}@test.example" for i in range(4)]
+    shop = shop_for(url, server, emails, pause_after_failures=2, max_attempts=1)
     try:
         report = shop.cycle()
-        for address in (BAD, OK):
+        tried = [e for e in emails if shop.attempts(e)]
+        assert len(tried) >= 2  # the two that paused it, and any already on the wire
+        for address in tried:
             row = shop.row(address)
             assert (row.status, row.attempts, row.last_code) == ("retry", 0, 421)
-            assert [(a.outcome, a.code) for a in shop.attempts(address)] == [("throttled", 421)]
+            assert [(a.outcome, a.code) for a in shop.attempts(address)] == [("transient", 421)]
+        assert {shop.row(e).status for e in emails if e not in tried} <= {"planned"}
         assert server.messages == []
-        assert report.dispatched.paused is None  # the server answers: this is "slow down", not "down"
+        # the whole server said "not now": that pauses sending, it does not slow down one recipient domain
+        paused = report.dispatched.paused
+        assert paused is not None and "421 4.3.2 Service not available" in paused
+        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+        assert _events(caplog, "domain_throttled") == []
 
         server.greeting = None
         shop.clock.advance(7 * 3600)
         shop.cycle()
-        assert {shop.row(a).status for a in (BAD, OK)} == {"sent"}
-        assert len(server.messages) == 2
+        assert {shop.row(e).status for e in emails} == {"sent"}
+        assert len(server.messages) == 4
     finally:
         shop.close()
 
@@ -281,10 +296,6 @@ def test_connection_failures_in_a_row_pause_the_dispatcher(url: str, server: Rec
     finally:
         shop.close()
         server.start_in_thread()  # the fixture stops it again
-
-
-def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
-    return [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == name]
 
 
 def test_a_wrong_smtp_password_pauses_at_once_and_fails_no_one(

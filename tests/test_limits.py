@@ -209,6 +209,13 @@ def test_only_transient_results_become_throttled() -> None:
     assert as_throttled(SendResult(Outcome.TRANSIENT, 421, "421 busy", retry_after_seconds=9)).retry_after_seconds == 9
     assert as_throttled(SendResult(Outcome.PERMANENT, 550, "550 rate")).outcome is Outcome.PERMANENT
     assert as_throttled(SendResult(Outcome.SENT, 250, "250 ok")).outcome is Outcome.SENT
+    at_rcpt = SendResult(Outcome.TRANSIENT, 421, "421 4.7.0 Try again later, closing connection", stage="rcpt")
+    assert as_throttled(at_rcpt) == SendResult(Outcome.THROTTLED, 421, at_rcpt.reply, stage="rcpt")
+
+
+def test_a_421_greeting_is_the_servers_state_not_throttling() -> None:
+    greeting = SendResult(Outcome.TRANSIENT, 421, "421 4.3.2 Service not available, closing channel", stage="connect")
+    assert as_throttled(greeting) is greeting  # it counts toward the pause instead
 
 
 BOUNCES = [

@@ -8,6 +8,8 @@ datetime) as an argument.
   limiter needs, since the database keeps only ``tat``.
 * ``is_throttling(code, reply)`` tells a "slow down" reply (421; 450/451 that
   mention a rate, too many, too much mail, try later; 454) from other failures.
+  ``as_throttled`` applies it only once the session is open: a 421 greeting
+  is the server's state and counts toward the dispatcher's pause.
 * ``AdaptiveRate`` is additive-increase / multiplicative-decrease per domain:
   a throttling reply halves the rate (never below a floor); each good reply
   adds back a twentieth of the configured rate.
@@ -19,10 +21,11 @@ datetime) as an argument.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from worker.core.retry import connection_failure
 from worker.domain import Outcome, SendResult
 
 
@@ -59,9 +62,15 @@ def is_throttling(code: int | None, reply: str) -> bool:
 
 
 def as_throttled(result: SendResult) -> SendResult:
-    """A transient result that is really "slow down" becomes ``THROTTLED``; others unchanged."""
-    if result.outcome is Outcome.TRANSIENT and is_throttling(result.code, result.reply):
-        return SendResult(Outcome.THROTTLED, result.code, result.reply, result.error_type, result.retry_after_seconds)
+    """A transient result that is really "slow down" becomes ``THROTTLED``; others unchanged. Not before MAIL FROM:
+    a 421 greeting ("service not available, closing channel") is the whole server's state, not a recipient
+    domain's rate, so it counts toward the dispatcher's pause instead (``retry.connection_failure``)."""
+    if (
+        result.outcome is Outcome.TRANSIENT
+        and connection_failure(result) is None
+        and is_throttling(result.code, result.reply)
+    ):
+        return replace(result, outcome=Outcome.THROTTLED)
     return result
 
 
