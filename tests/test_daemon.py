@@ -228,6 +228,49 @@ def test_sighup_with_a_runaway_template_is_refused_within_the_time_limit(
         assert daemon.stop() == 0
 
 
+def test_a_paused_daemon_tries_the_server_again_later_and_at_once_on_sighup(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given an SMTP server that refuses every connection at the greeting, and a daemon that pauses on the first
+    # connection failure and tries again after 0.3 s (doubling)
+    smtp_server.greeting = "554 5.7.1 No SMTP service here"
+    sending = "\n[sending]\npause_after_failures = 1\nretry_base_seconds = 0.1\npause_retry_seconds = {}\n"
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", extra=sending.format(0.3))
+    shop.add([1, 2], days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        # Then it pauses naming the server's reply, tries again after 0.3 s, pauses again and waits 0.6 s
+        paused = daemon.wait_event("dispatcher_paused")
+        assert "554 5.7.1 No SMTP service here" in paused["reason"]
+        first = daemon.wait_event("dispatcher_retry_scheduled")
+        assert (first["in_seconds"], first["pauses_in_row"]) == (0.3, 1)
+        resumed = daemon.wait_event("dispatcher_resumed")
+        assert resumed["why"] == "retrying after 0.3 s" and "554" in resumed["was"]
+        second = daemon.wait_event("dispatcher_retry_scheduled", where=lambda e: e["pauses_in_row"] == 2)
+        assert second["in_seconds"] == 0.6
+
+        # When the operator sets a long wait and reloads: the new configuration starts over and pauses again,
+        # now for 600 s, and /healthz says so
+        shop.config.write_text(shop.config.read_text().replace(sending.format(0.3), sending.format(600)))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("dispatcher_retry_scheduled", timeout=30, where=lambda e: e["in_seconds"] == 600)
+        status, body, _ = http("GET", daemon.url("/healthz"))
+        assert status == 503 and '"paused"' in body
+
+        # When the server is fixed and SIGHUP comes, the daemon tries at once (not in 600 s): the mail goes out
+        smtp_server.greeting = None
+        resumes = len(daemon.named("dispatcher_resumed"))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("dispatcher_resumed", timeout=30, where=lambda e: "SIGHUP" in e["why"], after=resumes)
+        daemon.wait_for(lambda: len(smtp_server.messages) == 2, timeout=30, why="both emails")
+        daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sent'") == 2,
+                        why="both rows recorded as sent")  # fmt: skip
+        assert shop.scalar("SELECT count(*) FROM message WHERE status = 'failed'") == 0
+        assert http("GET", daemon.url("/healthz"))[0] == 200
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_sigterm_mid_campaign_finishes_sends_under_way_and_exits_0(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

@@ -9,6 +9,7 @@ fine customer got their mail, and no message arrived twice.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import pytest
 from tests.sendkit import Shop, make_settings, message_ids
 from tests.smtp_server import CLIENT_LIMIT_REPLY, GREYLIST_REPLY, Behaviour, RecordingServer
 from tests.test_smtp_transport import _self_signed
+from worker.asyncstore import AsyncStore
 from worker.commands import running
 from worker.pipeline import plan
 
@@ -333,6 +335,46 @@ def test_a_wrong_smtp_password_pauses_at_once_and_fails_no_one(
         assert report.dispatched.paused is None
         assert {shop.row(e).status for e in emails} == {"sent"}
         assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(emails)
+    finally:
+        shop.close()
+
+
+def test_pauses_in_a_row_are_counted_until_a_send_gets_past_the_connection(
+    url: str, server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what the daemon's wait after a pause doubles with (see worker.daemon), over one dispatcher's runs
+    server.login = ("shop", "right-password")
+    monkeypatch.setenv("KEMBALI_SMTP_PASSWORD", "wrong-password")
+    emails = [f"c{i}@test.example" for i in range(3)]
+    settings = make_settings(url, server.port, smtp={"pool_size": 1, "username": "shop"}, in_flight_per_connection=1)
+    shop = Shop(url, settings, emails)
+
+    async def runs() -> list[tuple[int, str | None]]:
+        plan(shop.store, settings, shop.clock.now())
+        astore = AsyncStore(shop.store)
+        transport = shop.deps.transport()
+        dispatcher = shop.deps.dispatcher(astore, transport)
+        seen = []
+        try:
+            for login_fixed in (False, False, True):
+                if login_fixed:
+                    server.login = ("shop", "wrong-password")
+                report = await dispatcher.run_once()
+                seen.append((dispatcher.pauses_in_row, report.paused))
+                dispatcher.resume("the test tries again")
+                shop.clock.advance(3600)
+        finally:
+            dispatcher.close()
+            await transport.close()
+            astore.close()
+        return seen
+
+    try:
+        (one, two, fixed) = asyncio.run(runs())
+        assert one[0] == 1 and one[1] is not None and "535" in one[1]
+        assert two[0] == 2 and two[1] is not None
+        assert fixed == (0, None)
+        assert {shop.row(e).status for e in emails} == {"sent"}
     finally:
         shop.close()
 

@@ -289,6 +289,8 @@ def test_domains_are_read_from_a_table() -> None:
         ({"daily_quota": -1}, "'sending.daily_quota' must be 0"),
         ({"shared_limits": "redis"}, "'sending.shared_limits' must be"),
         ({"throttle_floor_per_second": 0}, "'sending.throttle_floor_per_second' must be positive"),
+        ({"pause_retry_seconds": -1}, "'sending.pause_retry_seconds' must be between 0 .stay paused until SIGHUP."),
+        ({"pause_retry_seconds": 86401}, "'sending.pause_retry_seconds' must be between 0"),
     ],
 )
 def test_bad_limit_settings_are_named(sending: dict[str, object], message: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worker.core import lifecycle
-from worker.core.retry import classify_reply, connection_failure, parse_retry_after
+from worker.core.retry import classify_reply, connection_failure, parse_retry_after, pause_retry_seconds
 from worker.domain import Outcome, SendResult
 
 T, P, A, S = Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.AMBIGUOUS, Outcome.SENT
@@ -87,6 +87,24 @@ def test_a_failure_before_mail_from_retries_even_after_the_last_attempt() -> Non
     at_rcpt = SendResult(T, 451, "451 4.3.0 Local error", stage="rcpt")
     status, _ = lifecycle.after_attempt(at_rcpt, attempt=5, max_attempts=5, now=now, base_seconds=60, cap_seconds=3600)
     assert status.value == "failed"
+
+
+@pytest.mark.parametrize(
+    ("first", "pauses", "seconds"),
+    [
+        (60, 1, 60),
+        (60, 2, 120),
+        (60, 3, 240),
+        (60, 4, 480),
+        (60, 5, 900),  # the cap: 15 minutes
+        (60, 500, 900),
+        (0.5, 3, 2.0),
+        (1800, 1, 1800),  # a first wait longer than the cap is kept, never doubled
+        (1800, 4, 1800),
+    ],
+)
+def test_a_paused_daemon_waits_longer_after_each_pause_in_a_row(first: float, pauses: int, seconds: float) -> None:
+    assert pause_retry_seconds(first, pauses) == seconds
 
 
 def test_classify_reply_rejects_an_unknown_stage() -> None:

@@ -89,6 +89,10 @@ class SendingSettings:
     pause_after_failures: int = 20
     """Consecutive connection failures (before MAIL FROM, or no reply at all) that pause the dispatcher; a refused
     login pauses it at once; 0 = never."""
+    pause_retry_seconds: float = 60.0
+    """After a pause the daemon tries again after this long, twice as long after each pause in a row (at most
+    15 minutes, or this if longer); a send that gets past the connection starts over. 0 = stay paused until
+    SIGHUP or a restart."""
     in_flight_per_connection: int = 4
     """Messages per SMTP connection that may be marked ``sending`` at once: one on the wire,
     the others' marks being committed meanwhile (the group commit needs company)."""
@@ -454,6 +458,8 @@ def _check(s: Settings) -> None:
         _fail(s, "sending.compose_processes", "must be between 0 (compose in the event loop) and 64")
     if s.sending.pause_after_failures < 0:
         _fail(s, "sending.pause_after_failures", "must be 0 (never pause) or more")
+    if not 0 <= s.sending.pause_retry_seconds <= 86400:
+        _fail(s, "sending.pause_retry_seconds", "must be between 0 (stay paused until SIGHUP) and 86400")
     if s.sending.shared_limits not in ("auto", "database", "process"):
         _fail(s, "sending.shared_limits", "must be 'auto', 'database' or 'process'")
     for key, rate in (

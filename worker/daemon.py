@@ -15,7 +15,12 @@ Theory of operation
   planning run missed while the daemon was down runs once at start-up. Planning
   runs on a thread of its own, beside the store's thread that serves the dispatcher.
 * The **dispatch loop** runs the dispatcher until the queue is empty, then waits
-  for a planning run to wake it or ``dispatch_poll_seconds``.
+  for a planning run to wake it or ``dispatch_poll_seconds``. When the dispatcher
+  paused (connection failures in a row, a refused login), the loop waits
+  ``sending.pause_retry_seconds`` and resumes it to try the server again; each
+  pause in a row doubles the wait (up to 15 minutes), a send that gets past the
+  connection starts it over. ``/healthz`` answers 503 while it is paused. SIGHUP
+  (or a watched change) resumes it at once.
 * The **web server** (``worker.links``) answers unsubscribe and feedback links,
   ``/healthz`` and ``/metrics``.
 * **SIGTERM/SIGINT**: stop the scheduler, stop claiming, let sends under way finish
@@ -51,6 +56,7 @@ from worker.app import Deps, compose_pool, link_keys, make_limiter, smtp_passwor
 from worker.asyncstore import AsyncStore
 from worker.checks import Problem, check_templates
 from worker.config import Settings, load_settings
+from worker.core.retry import pause_retry_seconds
 from worker.errors import ConfigError
 from worker.links import Site
 from worker.metrics import Metrics
@@ -129,6 +135,8 @@ class Daemon:
         self.web: HttpServer | None = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self._resume_now = asyncio.Event()
+        """Set by a reload: a paused dispatcher tries again at once."""
         self._signals = StopSignals()
         self._active: Generation | None = None
         self._retired: list[Generation] = []
@@ -263,8 +271,31 @@ class Daemon:
             await self._close_retired()
             if self._stop.is_set():
                 return
+            if gen is self.gen and gen.dispatcher.paused is not None:
+                await self._wait_out_pause(gen)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.gen.settings.schedule.dispatch_poll_seconds)
+
+    async def _wait_out_pause(self, gen: Generation) -> None:
+        """The dispatcher paused: wait (longer after each pause in a row), then resume it to try the server again.
+        A reload (SIGHUP, a watched change) ends the wait at once, and so does a stop."""
+        dispatcher = gen.dispatcher
+        first = gen.settings.sending.pause_retry_seconds
+        delay = pause_retry_seconds(first, max(1, dispatcher.pauses_in_row)) if first > 0 else None
+        log.event("dispatcher_retry_scheduled", logging.WARNING, reason=dispatcher.paused,
+                  in_seconds=delay if delay is not None else "never (sending.pause_retry_seconds = 0): send SIGHUP",
+                  pauses_in_row=dispatcher.pauses_in_row)  # fmt: skip
+        self._resume_now.clear()
+        waits = [asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self._resume_now.wait())]
+        try:
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self._stop.is_set() or self._resume_now.is_set() or gen is not self.gen:
+            return  # stopping, or the reload has resumed (or replaced) the dispatcher
+        dispatcher.resume(why=f"retrying after {delay:g} s")
 
     async def maintenance(self) -> None:
         settings = self.gen.settings
@@ -310,10 +341,18 @@ class Daemon:
             if self._stop.is_set():
                 return False
             systemd.reloading()
+            paused = self.gen.dispatcher.paused
             try:
                 return await self._reload(why)
             finally:
                 systemd.notify("READY=1")
+                if paused is not None:  # the operator may have fixed the server: try it again at once
+                    if self.gen.dispatcher.paused is not None:  # the reload was rejected: the same dispatcher
+                        self.gen.dispatcher.resume(why=f"reload ({why}): trying the server again")
+                    else:
+                        log.event("dispatcher_resumed", logging.WARNING, was=paused,
+                                  why=f"reload ({why}): trying the server again with the new configuration")
+                    self._resume_now.set()
 
     async def _reload(self, why: str) -> bool:
         log.event("reload_started", trigger=why)

@@ -327,10 +327,11 @@ class Dispatcher:
         """Stop claiming; sends already under way finish, claimed messages not yet begun go back to the queue."""
         self.stopping.set()
 
-    def resume(self) -> None:
-        """Clear a pause (an operator fixed the server): the next ``run_once`` claims again."""
+    def resume(self, why: str = "resumed by the operator") -> None:
+        """Clear a pause (the daemon tries the server again, or an operator fixed it): the next ``run_once``
+        claims again. ``pauses_in_row`` stays until a send gets past the connection."""
         if self.paused is not None:
-            log.event("dispatcher_resumed", logging.WARNING, was=self.paused)
+            log.event("dispatcher_resumed", logging.WARNING, why=why, was=self.paused)
         self.paused = None
         self.failures_in_row = 0
         self.stopping.clear()

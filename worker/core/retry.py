@@ -73,6 +73,18 @@ def connection_failure(result: SendResult) -> Literal["auth", "connection"] | No
     return "auth" if result.stage == "auth" and result.code is not None else "connection"
 
 
+PAUSE_RETRY_CAP_SECONDS = 900.0
+"""The longest a paused daemon waits before it tries the server again (unless the first wait is longer)."""
+
+
+def pause_retry_seconds(first: float, pauses_in_row: int) -> float:
+    """How long a paused daemon waits before it tries again: ``first`` after the first pause, doubling with each
+    pause in a row, at most ``PAUSE_RETRY_CAP_SECONDS`` (or ``first``, if that is longer)."""
+    if first <= 0 or pauses_in_row < 1:
+        raise ValueError("needs a positive first delay and at least one pause")
+    return min(max(first, PAUSE_RETRY_CAP_SECONDS), first * 2.0 ** min(pauses_in_row - 1, 30))
+
+
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 _RETRY_AFTER = re.compile(
