@@ -65,6 +65,11 @@ CASES = [
     Case("451 rate at RCPT", Behaviour(rcpt_reply="451 4.7.1 Rate limit exceeded for this sender"),
          "retry", 0, "throttled", 451, 0, label="retry:throttled"),
     Case("452 at RCPT", Behaviour(rcpt_reply="452 4.2.2 Mailbox full"), "retry", 1, "transient", 452, 0),
+    Case("451 try again later at RCPT", Behaviour(rcpt_reply="451 4.3.0 try again later"),
+         "retry", 1, "transient", 451, 0),
+    Case("450 greylisted at RCPT", Behaviour(rcpt_reply="450 4.2.0 greylisted"), "retry", 1, "transient", 450, 0),
+    Case("452 too many recipients at RCPT", Behaviour(rcpt_reply="452 4.5.3 Too many recipients"),
+         "retry", 0, "throttled", 452, 0, label="retry:throttled"),
     Case("550 no such user at RCPT", Behaviour(rcpt_reply="550 5.1.1 <bad@test.example>: User unknown"),
          "failed", 1, "permanent", 550, 0, suppressed="hard_bounce", label="failed:hard_bounce"),
     Case("550 user unknown without an enhanced code", Behaviour(rcpt_reply="550 User unknown in local recipient table"),
@@ -173,6 +178,33 @@ def test_greylisting_is_sent_on_a_later_cycle_with_two_attempt_rows(url: str, se
         assert [(a.outcome, a.code) for a in shop.attempts(BAD)] == [("transient", 450), ("sent", 250)]
         assert [a.attempt_no for a in shop.attempts(BAD)] == [1, 2]
         assert sorted(m.rcpt_tos for m in server.messages) == [(BAD,), (OK,)]
+    finally:
+        shop.close()
+
+
+def test_a_451_try_again_later_is_the_messages_own_temporary_failure_not_throttling(
+    url: str, server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # greylisting and other temporary refusals of one recipient say "try again later" too; it is not "slow down"
+    server.on(BAD, Behaviour(rcpt_reply="451 4.3.0 try again later"))
+    shop = shop_for(url, server, [BAD, OK], max_attempts=2)
+    try:
+        report = shop.cycle()
+        row = shop.row(BAD)
+        assert (row.status, row.attempts, row.last_code) == ("retry", 1, 451)
+        assert [(a.outcome, a.code) for a in shop.attempts(BAD)] == [("transient", 451)]
+        assert report.dispatched.outcomes == {"sent": 1, "retry": 1}
+        assert _events(caplog, "domain_throttled") == []  # the domain's rate is left alone
+        assert running._exit_code(report) == running.EXIT_OK
+
+        # the attempts run out like any other temporary failure's, instead of retrying until it expires
+        shop.clock.set(row.next_attempt_at)
+        report = shop.cycle()
+        row = shop.row(BAD)
+        assert (row.status, row.attempts) == ("failed", 2)
+        assert report.dispatched.outcomes == {"failed": 1}
+        assert running._exit_code(report) == running.EXIT_ATTENTION
+        assert [m.rcpt_tos for m in server.messages] == [(OK,)]
     finally:
         shop.close()
 

@@ -183,20 +183,50 @@ def test_adaptive_rate_validates() -> None:
 
 # --- replies -------------------------------------------------------------------------
 
+GMAIL = "https://support.google.com/a/answer/3726730 (Gmail SMTP errors and codes)"
+YAHOO = "https://senders.yahooinc.com/smtp-error-codes/"
+MICROSOFT = "Outlook.com / Exchange Online: 4.7.500-4.7.699 are its throttling codes"
+
 THROTTLING = [
-    (421, "421 4.7.0 Try again later, closing connection", True),
-    (421, "421 4.3.2 Service not available", True),
-    (454, "454 4.7.0 TLS not available due to temporary reason", True),
-    (450, "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents delivery", True),
-    (451, "451 4.7.1 Too many messages from your IP, try again later", True),
+    # (code, reply, throttling): only a reply that says rate, too many, too much, throttle, slow down, busy
+    # is "slow down" (the domain's rate halves, the attempt is not counted); once the session is open a 421 is.
+    (421, "421-4.7.0 Try again later, closing connection.", True),  # GMAIL
+    (421, "421-4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your IP", True),  # GMAIL
+    (421, "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume", True),  # YAHOO
+    (450, "450-4.2.1 The user you are trying to contact is receiving mail at a rate that prevents additional "
+          "messages from being delivered.", True),  # GMAIL
+    (451, "451 4.7.500 Server busy. Please try again later from [192.0.2.1]. (S77714)", True),  # MICROSOFT
+    (451, "451 4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.",
+     True),  # MICROSOFT
+    (451, "451 4.7.1 Too many messages from your IP, slow down", True),
     (450, "450 4.7.1 Too much mail from this sender", True),
-    (451, "451 4.3.0 Please try later", True),
+    (452, "452 4.5.3 Too many recipients", True),  # RFC 5321 §4.5.3.1.10
+    (452, "452 4.3.1 Too many messages in this connection", True),
+    (451, "451 4.7.1 Ratelimit exceeded for sender", True),
+    (450, "450 4.7.1 Client host throttled", True),
+    (454, "454 4.7.1 Rate-limited: try again in 300 seconds", True),
+    # a temporary failure for this message (greylisting, a local problem): counted, retried with backoff
+    (451, "451 4.3.0 try again later", False),
+    (451, "451 4.3.0 Please try later", False),
+    (451, "451 Temporary local problem - please try later", False),  # Exim
+    (450, "450 4.2.0 greylisted", False),
+    (450, "450 4.2.0 <x@example.com>: Recipient address rejected: Greylisted, see "
+          "http://postgrey.schweikert.ch/help/example.com.html", False),  # Postfix + postgrey
+    (451, "451 4.7.1 Greylisting in action, please come back later", False),
     (450, "450 4.2.0 Greylisted, please come back in 300 seconds", False),
+    (451, "451-4.3.0 Mail server temporarily rejected message.", False),  # GMAIL
     (451, "451 4.3.0 Local error in processing", False),
+    (451, "451 4.3.0 Temporary failure to generate the delivery report", False),  # "rate" inside a word
+    (450, "450 4.7.1 Message temporarily deferred", False),
+    (452, "452-4.2.2 The recipient's inbox is out of storage space.", False),  # GMAIL
     (452, "452 4.2.2 Mailbox full", False),
+    (454, "454 4.7.1 <x@example.com>: Relay access denied", False),
+    (454, "454 4.7.0 TLS not available due to temporary reason", False),
+    # permanent refusals are never throttling, whatever they say
     (550, "550 5.7.1 Rate limit exceeded", False),
+    (553, "553 5.7.1 [TS03] All messages from 192.0.2.1 will be permanently deferred", False),  # YAHOO
     (None, "Connection lost", False),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("code", "reply", "throttling"), THROTTLING)

@@ -135,8 +135,9 @@ class Outcome(enum.StrEnum):
     RENDER_ERROR = "render_error"
     """The template failed for this message; nothing was sent."""
     THROTTLED = "throttled"
-    """Not delivered because the server asked us to slow down (421, 454, 450/451 with
-    rate-limit text): retried later, not counted against ``max_attempts``."""
+    """Not delivered because the server asked us to slow down (421 once the session is open, 450/451/452/454
+    whose text is about rate or volume: ``core.limits.is_throttling``): retried later, not counted against
+    ``max_attempts``."""
     OPERATOR = "operator"
     """Not an SMTP attempt: an operator resent or closed the message (``kembali ledger``)."""
 

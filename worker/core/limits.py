@@ -6,8 +6,10 @@ datetime) as an argument.
 * ``book(tat, now, interval, burst, n)`` is GCRA for ``n`` events at once: the
   same arithmetic as ``ratelimit.Gcra``, in the form the shared (database)
   limiter needs, since the database keeps only ``tat``.
-* ``is_throttling(code, reply)`` tells a "slow down" reply (421; 450/451 that
-  mention a rate, too many, too much mail, try later; 454) from other failures.
+* ``is_throttling(code, reply)`` tells a "slow down" reply (421; 450/451/452/454
+  that say rate, too many, too much mail, throttled, slow down or server busy)
+  from other failures. A bare "try again later" or a greylisting reply is not
+  one: it is that message's ordinary temporary failure (the attempt counts).
   ``as_throttled`` applies it only once the session is open: a 421 greeting
   is the server's state and counts toward the dispatcher's pause.
 * ``AdaptiveRate`` is additive-increase / multiplicative-decrease per domain:
@@ -47,16 +49,21 @@ def book(tat: float, now: float, *, interval: float, burst: int, n: int = 1) -> 
 # --- throttling and adaptive rates ------------------------------------------
 
 _THROTTLE_TEXT = re.compile(
-    r"rate|too many|too much mail|try (?:again )?later|throttl|slow down|temporarily deferred",
+    r"\brate\b|ratelimit|too many|too much mail|throttl|slow down|server busy"
+    r"|unexpected volume|\[TSS?0[1-4]\]",  # Yahoo's deferrals for volume: [TS01]…[TSS04]
     re.IGNORECASE,
 )
+"""What a 4xx reply says when it is about our rate: "rate limited", "at a rate that prevents…" (Gmail), "too
+many messages/recipients/connections", "throttled", Outlook's "4.7.500 Server busy". Not "try again later":
+greylisting and every other temporary failure say that too."""
 
 
 def is_throttling(code: int | None, reply: str) -> bool:
-    """Does this reply ask us to slow down (rather than say the message is wrong)?"""
-    if code in (421, 454):
+    """Does this reply ask us to slow down (rather than say this message failed for now)? A 421 once the session
+    is open ("closing connection") always does; a 450, 451, 452 or 454 when its text is about rate or volume."""
+    if code == 421:
         return True
-    if code in (450, 451):
+    if code in (450, 451, 452, 454):
         return _THROTTLE_TEXT.search(reply) is not None
     return False
 
