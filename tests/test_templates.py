@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -506,10 +507,126 @@ def test_a_value_too_large_is_refused_before_it_is_built(tmp_path: Path, text: s
     assert templates.render("demo", Locale.ID, CTX).text == "--- 1024 12"
 
 
-def test_a_rendered_part_longer_than_an_email_part_may_be_fails(tmp_path: Path) -> None:
-    big = "{% for i in range(2000) %}{{ 'y' * 999 }}{% endfor %}"
-    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.html": big}))
-    with pytest.raises(TemplateError) as info:
-        templates.render("demo", Locale.ID, CTX)
+def test_a_rendered_part_longer_than_an_email_part_may_be_fails_before_it_is_joined(tmp_path: Path) -> None:
+    body = "{% for i in range(300) %}{{ big }}{% endfor %}"  # 270,000,000 characters, were they joined
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.html": body}))
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateError) as info:
+            templates.render("demo", Locale.ID, {**CTX, "big": BIG})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert info.value.template == "demo/id/body.html"
-    assert "1,998,000 characters long, more than the 1,000,000" in str(info.value)
+    assert "the rendered text would build at least" in str(info.value)
+    assert "more than the 1,000,000 a template may build" in str(info.value)
+    assert peak < 20_000_000
+
+
+BIG = "ab" * 450_000
+"""900,000 characters: a long value a template may hold; a few hundred of them are hundreds of megabytes."""
+HOSTILE_BUILDS = [
+    ('{{ "x"|center(300000000) }}', "center(300000000) would build at least 300,000,000 characters"),
+    ("{{ 'x'|indent(n) }}", "the filter indent would build at least 300,000,001 characters"),
+    ('{{ ("a\\n" * 300000)|indent(big) }}', "the filter indent would build at least 270,"),
+    ('{{ big|replace("ab", big) }}', "the filter replace would build at least"),
+    ('{{ "%300000000d" % 1 }}', "the % operator would build at least 300,000,000 characters"),
+    ('{{ "%*d" % (n, 1) }}', "the % operator would build at least 300,000,000 characters"),
+    ('{{ "%.300000000f" % 1.0 }}', "the % operator would build at least 300,000,000"),
+    ('{{ "%300000000s"|format(1) }}', "the filter format would build at least 300,000,000"),
+    ('{{ "{:>300000000}".format(1) }}', "str.format would build at least 300,000,000 characters"),
+    ('{{ "{:{}}".format(1, n) }}', "str.format would build at least 300,000,0"),
+    ('{{ "{:.300000000f}".format(1.0) }}', "str.format would build at least 300,000,000"),
+    ('{{ "x".ljust(n) }}', "str.ljust would build at least 300,000,000 characters"),
+    ('{{ "x".zfill(n) }}', "str.zfill would build at least 300,000,000 characters"),
+    ('{{ "\\t".expandtabs(n) }}', "str.expandtabs would build at least 300,000,001 characters"),
+    ("{{ big.replace('ab', big) }}", "str.replace would build at least"),
+    ('{{ "-".join([big] * 300) }}', "str.join would build at least 270,000,299 characters"),
+    ('{{ big.encode().center(n)|length }}', "bytes.center would build at least 300,000,000 bytes"),
+    ('{{ (1).to_bytes(n, "big")|length }}', "int.to_bytes would build at least 300,000,000 bytes"),
+    ('{{ big ~ big }}', "the ~ operator would build at least 1,800,000 characters"),
+    ("{{ big" + " ~ big" * 299 + " }}", "the ~ operator would build at least 270,000,000 characters"),
+    ("{% set ns = namespace(s=big) %}{% for i in range(9) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+     "the ~ operator would build at least 1,800,000 characters"),
+    ("{% set ns = namespace(s=big) %}{% for i in range(9) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+     "the + operator would build at least 1,800,000 characters"),
+    ("{{ [big] * 300 }}", "printing a list would build at least 1,80"),
+    ("{% set ns = namespace(s=big) %}{{ {'a': [ns] * 300} }}", "printing a dict would build at least 1,80"),
+    ("{{ ([big] * 300)|join }}", "the filter join would build at least 1,800,000 characters"),
+    ("{{ ([big] * 300)|string }}", "the filter string would build at least 1,80"),
+    ("{{ ([big] * 300)|e }}", "the filter e would build at least 1,80"),
+    ("{{ ([big] * 300)|tojson }}", "the filter tojson would build at least 1,80"),
+    ("{{ [1, 2]|tojson(indent=n) }}", "the filter tojson would build at least 300,000,000 characters"),
+    ("{{ ([[1] * 900000] * 30)|sum(start=[]) }}", "the filter sum would build at least 27,000,000 items"),
+    ('{{ ("ab " * 300)|wordwrap(3, wrapstring=big) }}', "the filter wordwrap would build at least"),
+    ('{{ [1]|batch(30000000, "x")|list }}', "batch(30000000) with a filler would build at least 30,000,000 items"),
+    ("{{ [1]|slice(10000000)|list }}", "slice(10000000) would build at least 10,000,000 lists"),
+    ('{{ ("www.a.com " * 300)|urlize(target=big) }}', "the filter urlize would build at least"),
+    ("{% set x %}{% for i in range(300) %}{{ big }}{% endfor %}{% endset %}{{ x|length }}",
+     "the rendered text would build at least"),
+    ("{% macro m() %}{% for i in range(300) %}{{ big }}{% endfor %}{% endmacro %}{{ m()|length }}",
+     "the rendered text would build at least"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "message"), HOSTILE_BUILDS, ids=[t for t, _ in HOSTILE_BUILDS])
+def test_a_value_larger_than_the_limit_is_refused_before_it_is_built_with_its_file_and_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": "Halo\n\n" + text + "\n"}))
+    context = {**CTX, "n": 300_000_000, "big": BIG}
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateError) as info:
+            templates.render("demo", Locale.ID, context)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (info.value.template, info.value.line) == ("demo/id/body.txt", 3)
+    assert message in str(info.value)
+    assert "more than the 1,000,000 a template may build" in str(info.value)
+    assert peak < 20_000_000, f"{peak:,} bytes at the peak"
+
+
+@pytest.mark.parametrize(
+    ("text", "length"),
+    [
+        ("{{ (['ab'] * 450000)|join }}", 900_000),
+        ("{{ big ~ 'x' * 100000 }}", 1_000_000),
+        ("{{ big + 'x' * 100000 }}", 1_000_000),
+        ('{{ "x"|center(1000000) }}', 1_000_000),
+        ('{{ "x".rjust(1000000) }}', 1_000_000),
+        ('{{ "%1000000d" % 7 }}', 1_000_000),
+        ('{{ "%s%s" % (big, "x" * 100000) }}', 1_000_000),
+        ('{{ "{:>1000000}".format(7) }}', 1_000_000),
+        ('{{ "{}{}".format(big, "x" * 100000) }}', 1_000_000),
+        ("{{ ('a' * 100000)|replace('a', 'bbbbbbbbbb') }}", 1_000_000),
+        ("{{ big|wordwrap(100000) }}", 900_008),
+        ("{{ ['ab'] * 1000 }}", 6_000),
+        ("{% for i in range(10) %}{{ 'y' * 100000 }}{% endfor %}", 1_000_000),
+    ],
+)
+def test_large_values_up_to_the_limit_still_render(tmp_path: Path, text: str, length: int) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": text}))
+    assert len(templates.render("demo", Locale.ID, {**CTX, "big": BIG}).text) == length
+
+
+def test_the_bounded_operators_and_filters_keep_their_meaning(tmp_path: Path) -> None:
+    body = (
+        '{{ "<" ~ name ~ 1 }} {{ ("<b>"|safe) ~ name }} {{ [1, 2] + [3] }} {{ "%s-%03d" % ("a", 7) }} '
+        '{{ "%(x)s" % {"x": name} }} {{ "{}!{:>4}".format(name, 1) }} {{ ["a", "b"]|join(", ") }} '
+        '{{ [{"n": "x"}, {"n": "y"}]|join("/", attribute="n") }} {{ "ab"|center(6) }}|{{ "a\nb"|indent(2) }} '
+        '{{ "%s=%d"|format("k", 2) }} {{ [[1], [2]]|sum(start=[]) }} {{ [1, 2, 3]|batch(2, 0)|list }} '
+        '{{ "-".join(["x", "y"]) }} {{ "ab".replace("b", "c") }} {{ {"a": 1}|tojson }} {{ (1, "x") }}\n'
+    )
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.html": body}))
+    assert templates.render("demo", Locale.ID, CTX).html == (
+        "&lt;Siti1 <b>Siti [1, 2, 3] a-007 Siti Siti!   1 a, b x/y   ab  |a\n  b k=2 [1, 2] [[1, 2], [3, 0]] x-y ac "
+        '{"a": 1} (1, &#39;x&#39;)\n'
+    )  # fmt: skip
+
+
+def test_jinja2s_own_bound_on_range_still_holds(tmp_path: Path) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": "\n{{ range(10000000)|join }}"}))
+    with pytest.raises(TemplateError, match=r"demo/id/body\.txt:2: .*MAX_RANGE \(100000\)"):
+        templates.render("demo", Locale.ID, CTX)

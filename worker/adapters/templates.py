@@ -20,35 +20,59 @@ The sandbox keeps templates away from Python's internals but bounds neither
 time nor size, and every message renders the operator's templates with the
 customer's data. So a render is bounded here too: one that runs past
 ``time_limit`` (``checks.render_timeout_seconds``) is stopped by an exception
-raised in its thread (``_Watchdog``), a ``*`` or ``**`` that would build a
-value larger than ``MAX_PART_CHARS`` is refused before it is built, and a part
-longer than that fails. Each becomes a ``TemplateError`` naming the file and
-line, so that one message fails (``render_error``) and the run goes on.
+raised in its thread (``_Watchdog``); and a value larger than
+``MAX_PART_CHARS`` characters (or items) is refused before it is built, since
+one step of C builds it whole, which no time limit stops. Refused that way:
+the operators ``*``, ``**``, ``+``, ``%`` and ``~``; the filters that build
+more than they are given (``center``, ``indent``, ``replace``, ``format``,
+``join``, ``wordwrap``, ``batch`` with a filler, ``slice``, ``sum``,
+``urlize``, ``tojson``, ``list``, ``lipsum``); the methods of ``str``,
+``bytes`` and ``int`` that do (``ljust``/``rjust``/``center``/``zfill``,
+``expandtabs``, ``replace``, ``translate``, ``join``, ``to_bytes``) and
+``str.format``'s widths and precisions; printing a list, dict… that would
+print too long (``[s] * 1000`` holds 1,000 items but prints ``s`` 1,000 times);
+and the text a part, block, macro or ``{% set %}`` block gathers, counted piece
+by piece as it comes. Each refusal (a ValueError naming what and the limit)
+becomes a ``TemplateError`` naming the file and line, so that one message fails
+(``render_error``) and the run goes on. Estimates are lower bounds of the
+true size: escaping (up to 5 times longer), ``repr`` and the fixed text a
+filter adds (``urlize``'s links) can make a value a few times the limit, never
+without bound. Not bounded by size, only by time: a loop's work, and the
+items of one ``{{ a }}{{ b }}…`` line inside a ``{% set %}`` block or macro,
+which are built together before they are counted (as many as the line has).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
+import itertools
 import math
 import os
 import re
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+import types
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import jinja2
 import markupsafe
+from jinja2 import filters as jfilters
 from jinja2 import meta, nodes, pass_context
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.loaders import split_template_path
-from jinja2.runtime import Context
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.runtime import Context, markup_join, str_join
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
+from jinja2.utils import Namespace, generate_lorem_ipsum
+from jinja2.visitor import NodeTransformer
+from markupsafe import Markup
 
 from worker.core.render import format_date, format_money
 from worker.domain import Locale, RenderedEmail
@@ -92,11 +116,446 @@ def _date_filter(ctx: Context, value: object) -> str:
 _DICT_ATTRIBUTES = frozenset(dir(dict))
 
 
+# --- bounds: values a template may build ------------------------------------------------------------------
+
+
+def _refuse(what: str, size: int, unit: str = "characters") -> NoReturn:
+    raise ValueError(f"{what} would build at least {size:,} {unit}, more than the {MAX_PART_CHARS:,} a template "
+                     "may build")  # fmt: skip
+
+
+_CONTAINERS: tuple[type, ...] = (
+    list, tuple, set, frozenset, dict, type({}.keys()), type({}.values()), type({}.items()), Namespace,
+)  # fmt: skip
+"""What prints every value it holds: ``[s] * 1000`` is 1,000 items, but printed it is ``s`` 1,000 times."""
+_PLAIN = frozenset({str, Markup, int, float, bool, type(None)})
+"""What most values printed are: no container (a set lookup is cheaper than ``isinstance`` on ``_CONTAINERS``)."""
+
+
+def _str_length(value: object, per_item: int = 0) -> int:
+    """A lower bound of ``len(str(value))`` (plus ``per_item`` for each value inside a container), counted no
+    further than just past ``MAX_PART_CHARS``: every value visited adds at least one, so the walk is short."""
+    if isinstance(value, str | bytes):
+        return len(value)
+    if not isinstance(value, _CONTAINERS):
+        if isinstance(value, int):
+            return value.bit_length() * 3 // 10 + 1  # its digits, about (str() refuses beyond 4,300)
+        return 0  # a number, a date, an object of the context's: their own str(), short
+    total = 0
+    stack: list[Any] = [value]
+    while stack and total <= MAX_PART_CHARS:
+        item = stack.pop()
+        total += per_item
+        if isinstance(item, str | bytes):
+            total += len(item) + 2  # its quotes
+        elif isinstance(item, Namespace):
+            stack.append(item._Namespace__attrs)  # "<Namespace {...}>"
+        elif isinstance(item, dict):
+            total += 2 + 4 * len(item)  # {} and ": ", ", " per item
+            if total <= MAX_PART_CHARS:
+                stack.extend(item.keys())
+                stack.extend(item.values())
+        elif isinstance(item, _CONTAINERS):
+            items = cast(Collection[Any], item)
+            total += 2 + 2 * len(items)
+            if total <= MAX_PART_CHARS:
+                stack.extend(items)
+        else:
+            total += max(_str_length(item), 1)
+    return total
+
+
+def _check_printable(value: object, what: str) -> None:
+    if isinstance(value, _CONTAINERS) and (size := _str_length(value)) > MAX_PART_CHARS:
+        _refuse(what, size)
+
+
+def _text(value: object, what: str) -> str:
+    """``value`` as the text a filter works on (refusing a container that would print too long)."""
+    if isinstance(value, str):
+        return value
+    _check_printable(value, what)
+    return str(value)
+
+
+def _take(values: Iterable[Any], what: str) -> list[Any]:
+    """The items of ``values``, refused when there are more than ``MAX_PART_CHARS`` (a generator is not run
+    further than that)."""
+    items = list(itertools.islice(values, MAX_PART_CHARS + 1))
+    if len(items) > MAX_PART_CHARS:
+        _refuse(what, len(items), "items")
+    return items
+
+
+def _number(spec: str) -> int:
+    return int(spec) if len(spec) <= 9 else MAX_PART_CHARS + 1
+
+
+_PERCENT = re.compile(
+    r"%(?:\((?P<key>[^)]*)\))?[-#0 +]*(?P<width>\*|\d+)?(?:\.(?P<precision>\*|\d*))?[hlL]?(?P<kind>.)?", re.S
+)
+
+
+def _percent_length(fmt: str, values: object) -> int:
+    """A lower bound of ``len(fmt % values)``: the format's text, plus for each conversion the largest of its
+    width, its precision (``*`` takes them from ``values``) and the length of the value it prints."""
+    seq = values if isinstance(values, tuple) else (values,)
+    mapping = values if isinstance(values, Mapping) else None
+    total = len(fmt)
+    i = 0
+    for m in _PERCENT.finditer(fmt):
+        if m["kind"] == "%":
+            continue
+        total -= len(m[0])
+        size = 0
+        for spec in (m["width"], m["precision"]):
+            if spec == "*":
+                star = seq[i] if i < len(seq) else 0
+                i += 1
+                if isinstance(star, int):
+                    size = max(size, abs(star))
+            elif spec:
+                size = max(size, _number(spec))
+        if m["key"] is not None and mapping is not None:
+            value = mapping.get(m["key"])
+        elif i < len(seq):
+            value = seq[i]
+            i += 1
+        else:
+            value = None
+        total += max(size, _str_length(value))
+    return total
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _spec_size(spec: str) -> int:
+    """The largest number in a ``format()`` spec: its width or its precision (``{:>80}``, ``{:.2f}``)."""
+    return max((_number(run) for run in _DIGITS.findall(spec)), default=0) if spec else 0
+
+
+class _BoundedFormatter(SandboxedFormatter):
+    """The sandbox's ``str.format``, refusing a field wider than ``MAX_PART_CHARS`` (``"{:>999999999}"``) and a
+    result longer, before building it."""
+
+    _built = 0
+
+    def vformat(self, format_string: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+        self._built = sum(len(text) for text, _, _, _ in self.parse(format_string))
+        return super().vformat(format_string, args, kwargs)
+
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        if conversion is not None:
+            _check_printable(value, "str.format")
+        return super().convert_field(value, conversion)
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        self._built += max(_spec_size(format_spec), _str_length(value))
+        if self._built > MAX_PART_CHARS:
+            _refuse("str.format", self._built)
+        return super().format_field(value, format_spec)
+
+
+class _BoundedEscapeFormatter(_BoundedFormatter, SandboxedEscapeFormatter):
+    """``Markup.format``, bounded the same way."""
+
+
+def _pad_size(s: str | bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    width = args[0] if args else kwargs.get("width", 0)
+    return max(len(s), width) if isinstance(width, int) else 0
+
+
+def _expandtabs_size(s: str | bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    size = args[0] if args else kwargs.get("tabsize", 8)
+    tab = "\t" if isinstance(s, str) else b"\t"
+    return len(s) + s.count(tab) * size if isinstance(size, int) else 0  # type: ignore[arg-type]
+
+
+def _replace_size(s: Any, old: object, new: object, count: object = -1, new_length: int | None = None) -> int:
+    if not isinstance(old, str | bytes) or not isinstance(new, str | bytes):
+        return 0
+    times = s.count(old) if old else len(s) + 1
+    if isinstance(count, int) and count >= 0:
+        times = min(times, count)
+    return int(len(s) + times * ((len(new) if new_length is None else new_length) - len(old)))
+
+
+def _replace_method_size(s: str | bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    return _replace_size(s, *args[:3], **kwargs) if len(args) >= 2 else 0
+
+
+def _translate_size(s: str | bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    table = args[0] if args else None
+    if not isinstance(table, Mapping):
+        return len(s)
+    longest = max((len(v) for v in table.values() if isinstance(v, str)), default=1)
+    return len(s) * longest
+
+
+def _to_bytes_size(n: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    length = args[0] if args else kwargs.get("length", 1)
+    return length if isinstance(length, int) else 0
+
+
+_METHOD_SIZES: dict[str, Callable[[Any, tuple[Any, ...], dict[str, Any]], int]] = {
+    "center": _pad_size, "ljust": _pad_size, "rjust": _pad_size, "zfill": _pad_size,
+    "expandtabs": _expandtabs_size, "replace": _replace_method_size, "translate": _translate_size,
+    "to_bytes": _to_bytes_size,
+}  # fmt: skip
+"""The methods of ``str``, ``bytes`` (and ``Markup``) and ``int`` that build a value larger than they are given,
+with how large: checked in ``_Sandbox.call`` (``join`` there too)."""
+
+
+# the filters that can build a value larger than they are given, checking first; they take the context so that
+# Jinja2 never runs them at compile time on constants (`"x"|center(999999)` ten times would be compiled in)
+
+
+@pass_context
+def _center(context: Context, value: Any, width: int = 80) -> str:
+    text = _text(value, "the filter center")
+    if isinstance(width, int) and width > MAX_PART_CHARS:
+        _refuse(f"center({width})", width)
+    return jfilters.do_center(text, width)
+
+
+@pass_context
+def _indent(context: Context, s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+    text = _text(s, "the filter indent")
+    step = width if isinstance(width, int) else len(width) if isinstance(width, str) else 0
+    if (size := len(text) + (text.count("\n") + 1) * step) > MAX_PART_CHARS:
+        _refuse("the filter indent", size)
+    return jfilters.do_indent(s, width, first, blank)
+
+
+@pass_context
+def _replace(context: Context, s: Any, old: Any, new: Any, count: int | None = None) -> str:
+    text = _text(s, "the filter replace")
+    new_text = _text(new, "the filter replace")
+    grown = len(markupsafe.escape(new_text)) if context.eval_ctx.autoescape else len(new_text)
+    size = _replace_size(text, _text(old, "the filter replace"), new_text, -1 if count is None else count, grown)
+    if size > MAX_PART_CHARS:
+        _refuse("the filter replace", size)
+    return jfilters.do_replace(context.eval_ctx, s, old, new, count)
+
+
+@pass_context
+def _format(context: Context, value: Any, *args: Any, **kwargs: Any) -> str:
+    if (size := _percent_length(_text(value, "the filter format"), kwargs or args)) > MAX_PART_CHARS:
+        _refuse("the filter format", size)
+    return jfilters.do_format(value, *args, **kwargs)
+
+
+@pass_context
+def _join(context: Context, value: Iterable[Any], d: str = "", attribute: str | int | None = None) -> str:
+    """Counts as it goes and stops at the limit, never running a generator further."""
+    step = len(_text(d, "the filter join"))
+    get = None if attribute is None else jfilters.make_attrgetter(context.environment, attribute)
+    items = []
+    size = -step
+    for item in value:
+        item = item if get is None else get(item)
+        size += _str_length(item) + step
+        items.append(item)
+        if size > MAX_PART_CHARS or len(items) > MAX_PART_CHARS:
+            _refuse("the filter join", max(size, len(items)))
+    return jfilters.sync_do_join(context.eval_ctx, items, d)
+
+
+@pass_context
+def _wordwrap(context: Context, s: Any, width: int = 79, break_long_words: bool = True,
+              wrapstring: str | None = None, break_on_hyphens: bool = True) -> str:  # fmt: skip
+    text = _text(s, "the filter wordwrap")
+    if isinstance(width, int) and width > 0:
+        joint = len(context.environment.newline_sequence if wrapstring is None else wrapstring)
+        lines = 2 * len(text) // width + text.count("\n") + 1  # a line holds at least half its width, but a word
+        if (size := len(text) + lines * joint) > MAX_PART_CHARS:
+            _refuse("the filter wordwrap", size)
+    return jfilters.do_wordwrap(context.environment, s, width, break_long_words, wrapstring, break_on_hyphens)
+
+
+@pass_context
+def _batch(context: Context, value: Iterable[Any], linecount: int, fill_with: Any = None) -> Iterator[list[Any]]:
+    if fill_with is not None and isinstance(linecount, int) and linecount > MAX_PART_CHARS:
+        _refuse(f"batch({linecount}) with a filler", linecount, "items")
+    return jfilters.do_batch(value, linecount, fill_with)
+
+
+@pass_context
+def _slice(context: Context, value: Collection[Any], slices: int, fill_with: Any = None) -> Iterator[list[Any]]:
+    if isinstance(slices, int) and slices > MAX_PART_CHARS:
+        _refuse(f"slice({slices})", slices, "lists")
+    return jfilters.sync_do_slice(value, slices, fill_with)
+
+
+@pass_context
+def _sum(context: Context, iterable: Iterable[Any], attribute: str | int | None = None, start: Any = 0) -> Any:
+    items = _take(iterable, "the filter sum")
+    if attribute is not None:
+        items = list(map(jfilters.make_attrgetter(context.environment, attribute), items))
+    sized = (str, bytes, list, tuple)
+    if (size := sum(len(x) for x in (start, *items) if isinstance(x, sized))) > MAX_PART_CHARS:
+        _refuse("the filter sum", size, "items")
+    return jfilters.sync_do_sum(context.environment, items, None, start)
+
+
+@pass_context
+def _urlize(context: Context, value: Any, trim_url_limit: int | None = None, nofollow: bool = False,
+            target: str | None = None, rel: str | None = None,
+            extra_schemes: Iterable[str] | None = None) -> str:  # fmt: skip
+    text = _text(value, "the filter urlize")
+    each = len(_text(target or "", "the filter urlize")) + len(_text(rel or "", "the filter urlize"))
+    if (size := len(text) + (text.count(".") + text.count("@")) * each) > MAX_PART_CHARS:  # every link has one
+        _refuse("the filter urlize", size)
+    return jfilters.do_urlize(context.eval_ctx, value, trim_url_limit, nofollow, target, rel, extra_schemes)
+
+
+@pass_context
+def _tojson(context: Context, value: Any, indent: int | None = None) -> Markup:
+    step = indent if isinstance(indent, int) else len(indent) if isinstance(indent, str) else 0
+    if (size := step if step > MAX_PART_CHARS else _str_length(value, per_item=step)) > MAX_PART_CHARS:
+        _refuse("the filter tojson", size)
+    return jfilters.do_tojson(context.eval_ctx, value, indent)
+
+
+@pass_context
+def _list(context: Context, value: Iterable[Any]) -> list[Any]:
+    return _take(value, "the filter list")
+
+
+def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:
+    if isinstance(n, int) and isinstance(max, int) and (size := 3 * n * max) > MAX_PART_CHARS:
+        _refuse(f"lipsum({n}, max={max})", size)
+    return generate_lorem_ipsum(n, html, min, max)
+
+
+def _printing(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter that prints its value (``string``, ``upper``…): refused on a container that prints too long."""
+    at = 1 if hasattr(f, "jinja_pass_arg") else 0
+    what = f"the filter {name}"
+
+    @functools.wraps(f)  # keeps jinja_pass_arg
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > at:
+            _check_printable(args[at], what)
+        return f(*args, **kwargs)
+
+    return checked
+
+
+_PRINTING_FILTERS = ("string", "e", "escape", "forceescape", "safe", "upper", "lower", "title", "capitalize", "trim",
+                     "striptags", "wordcount", "urlencode", "truncate", "pprint")  # fmt: skip
+_BOUNDED_FILTERS: dict[str, Callable[..., Any]] = {
+    "center": _center, "indent": _indent, "replace": _replace, "format": _format, "join": _join,
+    "wordwrap": _wordwrap, "batch": _batch, "slice": _slice, "sum": _sum, "urlize": _urlize, "tojson": _tojson,
+    "list": _list,
+}  # fmt: skip
+
+
+@pass_context
+def _concat(context: Context, operands: tuple[Any, ...]) -> str:
+    """``a ~ b``: what Jinja2 compiles it to (``markup_join``, ``str_join``), once the lengths are counted."""
+    if (size := sum(map(_str_length, operands))) > MAX_PART_CHARS:
+        _refuse("the ~ operator", size)
+    out: str = (markup_join if context.eval_ctx.autoescape else str_join)(operands)
+    if len(out) > MAX_PART_CHARS:  # escaping made it longer
+        _refuse("the ~ operator", len(out))
+    return out
+
+
+_CONCAT_FILTER = "~"
+"""The name ``a ~ b`` is compiled to a filter under (no template can write it)."""
+
+
+class _BoundConcat(NodeTransformer):
+    """Turns each ``a ~ b ~ c`` into ``(a, b, c)|~``: ``Concat`` is neither an operator the sandbox intercepts
+    nor one Jinja2 refrains from computing at compile time."""
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Filter:
+        self.generic_visit(node)
+        operands = nodes.Tuple(node.nodes, "load", lineno=node.lineno)
+        return nodes.Filter(operands, _CONCAT_FILTER, [], [], None, None, lineno=node.lineno)
+
+
+def _finalize(value: Any) -> Any:
+    """Every ``{{ … }}`` whose value is not a string or a number (``_CodeGenerator``): a list, a dict… prints
+    what it holds (``{{ [s] * 1000 }}``)."""
+    if isinstance(value, _CONTAINERS):
+        _check_printable(value, f"printing a {type(value).__name__}")
+    return value
+
+
+class _CodeGenerator(CodeGenerator):
+    """Jinja2's, calling ``_finalize`` on what a ``{{ … }}`` prints only when it is not of a ``_PLAIN`` type: the
+    test is written inline, cheaper than calling a function for every ``{{ … }}``."""
+
+    def _output_child_pre(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
+        super()._output_child_pre(node, frame, finalize._replace(src=None))
+        self.write("(_printed if (_printed := ")
+
+    def _output_child_post(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
+        self.write(").__class__ in environment.plain_types else environment.finalize(_printed))")
+        super()._output_child_post(node, frame, finalize._replace(src=None))
+
+    def buffer(self, frame: Frame) -> None:
+        frame.buffer = self.temporary_identifier()
+        self.writeline(f"{frame.buffer} = environment.new_buffer()")
+
+
+def _too_long(size: int) -> NoReturn:
+    _refuse("the rendered text", size)
+
+
+def _bounded_concat(parts: Iterable[str]) -> str:
+    """What a template's pieces are joined with (a part, a block, a macro's or a ``{% set %}`` block's body),
+    counted as they come: a loop printing a long value many times stops at the limit, holding no more."""
+    size = 0
+    pieces = [p for p in parts if (size := size + len(p)) <= MAX_PART_CHARS or _too_long(size)]
+    return "".join(pieces)
+
+
+class _Buffer(list[str]):
+    """What a ``{% set %}`` block, a macro or a ``{% call %}`` body is gathered in (``_CodeGenerator.buffer``),
+    counting as it fills."""
+
+    size = 0
+
+    def append(self, piece: str) -> None:
+        self.size += len(piece)
+        if self.size > MAX_PART_CHARS:
+            _too_long(self.size)
+        super().append(piece)
+
+    def extend(self, pieces: Iterable[str]) -> None:
+        for piece in pieces:
+            self.append(piece)
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja2's immutable sandbox, with a shortcut for what templates mostly do: ``product.name`` on the
-    plain dicts of the context. The sandbox tries the attribute first and, on the AttributeError every
-    such lookup raises, the key; for a key that is no attribute of ``dict`` the answer is the same item,
-    found without raising (half the cost of rendering a product list)."""
+    """Jinja2's immutable sandbox, refusing values larger than ``MAX_PART_CHARS`` before it builds them (the
+    operators, filters and methods that can build them in one step of C, which no time limit stops), with a
+    shortcut for what templates mostly do: ``product.name`` on the plain dicts of the context. The sandbox
+    tries the attribute first and, on the AttributeError every such lookup raises, the key; for a key that is
+    no attribute of ``dict`` the answer is the same item, found without raising (half the cost of rendering a
+    product list)."""
+
+    concat = staticmethod(_bounded_concat)
+    code_generator_class = _CodeGenerator
+    plain_types = _PLAIN
+    new_buffer = _Buffer
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(finalize=_finalize, **options)
+        for name in _PRINTING_FILTERS:
+            self.filters[name] = _printing(name, self.filters[name])
+        self.filters.update(_BOUNDED_FILTERS)
+        self.filters[_CONCAT_FILTER] = _concat
+        self.globals["lipsum"] = _lipsum
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = _BoundConcat().visit(super()._parse(source, name, filename))
+        tree.set_environment(self)
+        return tree  # type: ignore[no-any-return]
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
@@ -106,14 +565,26 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 pass
         return super().getattr(obj, attribute)
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        """``*`` and ``**``, refused when the value they would build is larger than ``MAX_PART_CHARS``: such a
-        value is built in one step of C that no time limit can stop (``"x" * 10**9``, ``9 ** 10**9``)."""
+        """``*``, ``**``, ``+`` and ``%``, refused when the value they would build is larger than
+        ``MAX_PART_CHARS``: such a value is built in one step of C that no time limit can stop
+        (``"x" * 10**9``, ``9 ** 10**9``, ``"%999999999d" % 1``)."""
+        if operator == "+":
+            if (isinstance(left, _SEQUENCES) and isinstance(right, _SEQUENCES)
+                    and len(left) + len(right) > MAX_PART_CHARS):  # fmt: skip
+                _refuse("the + operator", len(left) + len(right), "characters or items")
+            return left + right
+        if operator == "%":
+            if isinstance(left, str | bytes):
+                fmt = left if isinstance(left, str) else left.decode("latin-1")
+                if (size := _percent_length(fmt, right)) > MAX_PART_CHARS:
+                    _refuse("the % operator", size)
+            return left % right
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
-                if isinstance(seq, str | list | tuple) and isinstance(times, int) and len(seq) * times > MAX_PART_CHARS:
+                if isinstance(seq, _SEQUENCES) and isinstance(times, int) and len(seq) * times > MAX_PART_CHARS:
                     raise ValueError(f"a repetition of {len(seq):,} items {times:,} times is more than the "
                                      f"{MAX_PART_CHARS:,} a template may build")  # fmt: skip
             return left * right
@@ -121,6 +592,59 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 and right * math.log10(abs(left)) > MAX_PART_CHARS):  # fmt: skip
             raise ValueError(f"{left} ** {right} has more than the {MAX_PART_CHARS:,} digits a template may build")
         return left**right
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        """Every call a template makes: the methods of ``str``, ``bytes`` and ``int`` that build a larger value
+        (``"x".ljust(10**9)``, ``sep.join(…)``, ``(1).to_bytes(10**9)``) are refused beyond the limit."""
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str | bytes | int):
+            name = getattr(__obj, "__name__", "")
+            if name == "join" and len(args) == 1 and not kwargs and not isinstance(owner, int):
+                items = _take(args[0], f"{type(owner).__name__}.join")
+                size = sum(map(_str_length, items)) + len(owner) * max(len(items) - 1, 0)
+                if size > MAX_PART_CHARS:
+                    _refuse(f"{type(owner).__name__}.join", size)
+                args = (items,)
+            elif (size_of := _METHOD_SIZES.get(name)) is not None:
+                size = size_of(owner, args, kwargs)
+                if size > MAX_PART_CHARS:
+                    _refuse(f"{type(owner).__name__}.{name}", size, "characters" if isinstance(owner, str) else "bytes")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """Jinja2's own (``str.format`` and ``format_map`` through the sandbox's formatter), with the bounded
+        formatter."""
+        if not isinstance(value, types.MethodType | types.BuiltinMethodType) or value.__name__ not in (
+            "format",
+            "format_map",
+        ):
+            return None
+        f_self: Any = value.__self__
+        if not isinstance(f_self, str):
+            return None
+        str_type: type[str] = type(f_self)
+        is_format_map = value.__name__ == "format_map"
+        formatter: _BoundedFormatter
+        if isinstance(f_self, Markup):
+            formatter = _BoundedEscapeFormatter(self, escape=f_self.escape)
+        else:
+            formatter = _BoundedFormatter(self)
+        vformat = formatter.vformat
+
+        def wrapper(*args: Any, **kwargs: Any) -> str:
+            if is_format_map:
+                if kwargs:
+                    raise TypeError("format_map() takes no keyword arguments")
+                if len(args) != 1:
+                    raise TypeError(f"format_map() takes exactly one argument ({len(args)} given)")
+                kwargs = args[0]
+                args = ()
+            return str_type(vformat(f_self, args, kwargs))
+
+        return functools.update_wrapper(wrapper, value)
+
+
+_SEQUENCES = (str, bytes, list, tuple)
 
 
 class RenderTimeout(BaseException):
