@@ -207,17 +207,16 @@ class LedgerWriter:
         restarted, a connection dropped, SQLite busy past its timeout) rolls it back; it is tried again on a
         new connection after ``RETRY_SECONDS``, then given up (the run stops with that error; what it held
         comes back when its leases lapse)."""
-        for delay in (*self.RETRY_SECONDS, None):
+        store = self.store.store
+        for delay in self.RETRY_SECONDS:
             try:
-                return await self.store.call(self.store.store.record_and_mark, records, ids, worker=self.worker,
+                return await self.store.call(store.record_and_mark, records, ids, worker=self.worker,
                                              now=self.clock.now())  # fmt: skip
             except Exception as exc:
-                if delay is None:
-                    raise
                 log.event("ledger_write_retried", logging.WARNING, error=repr(exc)[:300], retry_in_seconds=delay,
                           outcomes=len(records), marks=len(ids))  # fmt: skip
                 await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        return await self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=self.clock.now())
 
 
 Mark = Literal["sending", "held", "lost"]

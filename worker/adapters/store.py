@@ -545,39 +545,31 @@ class Store:
         if dispositions:
             self.record_and_mark(dispositions, [], worker="", now=dispositions[0].finished_at)
 
-    def _held(self, cursor: Any, ids: Iterable[int]) -> dict[int, tuple[str | None, str]]:
-        """Each row's (claimed_by, status)."""
-        found: dict[int, tuple[str | None, str]] = {}
+    def _select_in(self, cursor: Any, statement: Callable[[int], str], ids: Iterable[int]) -> list[Any]:
+        """The rows ``statement`` (an ``_LedgerSql`` IN (…) query) returns for ``ids``, _CHUNK ids a query."""
+        rows: list[Any] = []
         for part in _chunks(sorted(set(ids))):
-            cursor.execute(self._sql.state(len(part)), {f"i{n}": i for n, i in enumerate(part)})
-            found.update((row[0], (row[1], row[2])) for row in cursor.fetchall())
-        return found
-
-    def _attempts_of(self, cursor: Any, ids: Sequence[int]) -> set[tuple[int, int, str]]:
-        """(message id, attempt number, worker) of the attempt rows of ``ids``."""
-        found: set[tuple[int, int, str]] = set()
-        for part in _chunks(sorted(set(ids))):
-            cursor.execute(self._sql.attempts_of(len(part)), {f"i{n}": i for n, i in enumerate(part)})
-            found.update((row[0], row[1], row[2]) for row in cursor.fetchall())
-        return found
+            cursor.execute(statement(len(part)), {f"i{n}": i for n, i in enumerate(part)})
+            rows += cursor.fetchall()
+        return rows
 
     def _record_rows(self, cursor: Any, dispositions: Sequence[Disposition]) -> tuple[Stale, ...]:
         dt = self._sql.dt
-        state = self._held(cursor, (d.message.id for d in dispositions))
+        # each row's (claimed_by, status): an outcome is written as usual only over a row its worker still holds
+        ids = [d.message.id for d in dispositions]
+        state = {r[0]: (r[1], r[2]) for r in self._select_in(cursor, self._sql.state, ids)}
+        found = [state.get(i, (None, "gone")) for i in ids]
         in_flight = (_CLAIMED, _SENDING)
-
-        def held(d: Disposition) -> bool:
-            claimed_by, status = state.get(d.message.id, (None, "gone"))
-            return claimed_by == d.worker and status in in_flight
-
+        held = [by == d.worker and status in in_flight for d, (by, status) in zip(dispositions, found, strict=True)]
         # a group commit retried after a commit whose reply was lost finds its own outcomes written: skip those
-        written = self._attempts_of(cursor, [d.message.id for d in dispositions if not held(d)])
+        lost = [i for i, mine in zip(ids, held, strict=True) if not mine]
+        written = {(r[0], r[1], r[2]) for r in self._select_in(cursor, self._sql.attempts_of, lost)}
         stale: list[Stale] = []
         late_sent: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
         attempts: list[dict[str, Any]] = []
         suppressions: list[dict[str, Any]] = []
-        for d in dispositions:
+        for d, (claimed_by, status), mine in zip(dispositions, found, held, strict=True):
             res = d.result
             finished = dt(d.finished_at)
             if d.suppress_reason is not None:
@@ -601,8 +593,7 @@ class Store:
                 "subject": d.subject[:400] if d.subject else None,
                 "updated_at": finished,
             }
-            claimed_by, status = state.get(d.message.id, (None, "gone"))
-            if held(d):
+            if mine:
                 updates.append(row)
             elif (
                 (d.message.id, d.message.attempts + 1, d.worker) in written

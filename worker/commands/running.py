@@ -112,8 +112,6 @@ def _exit_code(report: CycleReport) -> int:
     return EXIT_ATTENTION if bad or report.uncertain else EXIT_OK
 
 
-
-
 async def _stoppable(deps: Deps) -> CycleReport:
     """``cycle``, stopped gracefully by the first SIGINT or SIGTERM (Ctrl-C, cron's ``timeout``), at once by a
     second: as the daemon stops."""
