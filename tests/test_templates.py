@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import tracemalloc
@@ -630,3 +631,31 @@ def test_jinja2s_own_bound_on_range_still_holds(tmp_path: Path) -> None:
     templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": "\n{{ range(10000000)|join }}"}))
     with pytest.raises(TemplateError, match=r"demo/id/body\.txt:2: .*MAX_RANGE \(100000\)"):
         templates.render("demo", Locale.ID, CTX)
+
+
+@pytest.mark.parametrize(
+    ("files", "where"),
+    [
+        ({"demo/id/body.html": "<p>\n{% for i in range(300) %}\n{{ big }}\n{% endfor %}"}, ("demo/id/body.html", 3)),
+        (  # inside an include, inside a block of a parent template
+            {
+                "demo/_layout.html": "<html>\n{% block content %}{% endblock %}",
+                "demo/_loop.html": "\n\n{% for i in range(300) %}{{ big }}{% endfor %}",
+                "demo/id/body.html": "{% extends 'demo/_layout.html' %}\n{% block content %}\n"
+                "{% include 'demo/_loop.html' %}{% endblock %}",
+            },
+            ("demo/_loop.html", 3),
+        ),
+    ],
+)
+def test_a_rendered_part_over_the_limit_names_the_line_whose_output_passed_it(
+    tmp_path: Path, files: dict[str, str], where: tuple[str, int]
+) -> None:
+    templates = JinjaTemplates(tree(tmp_path, GOOD | files))
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, {**CTX, "big": BIG})
+    assert (info.value.template, info.value.line) == where
+    assert str(info.value).startswith(f"{where[0]}:{where[1]}: ")
+    # the text stops at the second long value: 1.8 million characters, with the few before it
+    assert re.fullmatch(r".*:\d+: the rendered text would build at least 1,800,0\d\d characters, more than the "
+                        r"1,000,000 a template may build", str(info.value))  # fmt: skip

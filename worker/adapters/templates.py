@@ -59,7 +59,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from types import TracebackType
+from types import GeneratorType, TracebackType
 from typing import Any, NoReturn, cast
 
 import jinja2
@@ -120,8 +120,11 @@ _DICT_ATTRIBUTES = frozenset(dir(dict))
 
 
 def _refuse(what: str, size: int, unit: str = "characters") -> NoReturn:
-    raise ValueError(f"{what} would build at least {size:,} {unit}, more than the {MAX_PART_CHARS:,} a template "
-                     "may build")  # fmt: skip
+    raise ValueError(_refusal(what, size, unit))
+
+
+def _refusal(what: str, size: int, unit: str = "characters") -> str:
+    return f"{what} would build at least {size:,} {unit}, more than the {MAX_PART_CHARS:,} a template may build"
 
 
 _CONTAINERS: tuple[type, ...] = (
@@ -502,15 +505,38 @@ class _CodeGenerator(CodeGenerator):
         self.writeline(f"{frame.buffer} = environment.new_buffer()")
 
 
-def _too_long(size: int) -> NoReturn:
-    _refuse("the rendered text", size)
+class _TooLong(ValueError):
+    """The rendered text passed ``MAX_PART_CHARS``; ``at``: the template file and line whose output passed it,
+    when the pieces came from a template's generator (a part's top level, where no template frame is on the
+    traceback: the join runs in Jinja2's ``render``, outside the template's code)."""
+
+    def __init__(self, size: int, at: tuple[str, int] | None) -> None:
+        super().__init__(_refusal("the rendered text", size))
+        self.at = at
+
+
+def _too_long(size: int, parts: object = None) -> NoReturn:
+    raise _TooLong(size, _generating_at(parts))
+
+
+def _generating_at(parts: object) -> tuple[str, int] | None:
+    """The template file and line a generator of rendered pieces is suspended at: the innermost one, following
+    it into a parent template and blocks (``yield from``) and into an include (its generator, the local ``gen``
+    of Jinja2's generated code)."""
+    found = None
+    while isinstance(parts, GeneratorType) and (frame := parts.gi_frame) is not None:
+        template = frame.f_globals.get("__jinja_template__")
+        if isinstance(template, jinja2.Template) and template.filename:
+            found = (template.filename, template.get_corresponding_lineno(frame.f_lineno))
+        parts = parts.gi_yieldfrom or frame.f_locals.get("gen")
+    return found
 
 
 def _bounded_concat(parts: Iterable[str]) -> str:
     """What a template's pieces are joined with (a part, a block, a macro's or a ``{% set %}`` block's body),
     counted as they come: a loop printing a long value many times stops at the limit, holding no more."""
     size = 0
-    pieces = [p for p in parts if (size := size + len(p)) <= MAX_PART_CHARS or _too_long(size)]
+    pieces = [p for p in parts if (size := size + len(p)) <= MAX_PART_CHARS or _too_long(size, parts)]
     return "".join(pieces)
 
 
@@ -944,8 +970,12 @@ class JinjaTemplates:
             raise TemplateError(self._too_long(), template=where or name, line=line) from None
         except Exception as exc:
             where, line = self._locate(exc.__traceback__)
+            if isinstance(exc, _TooLong) and exc.at is not None:  # where the template's output passed the limit
+                where, line = self._relative(exc.at[0]) or where, exc.at[1]
             if isinstance(exc, jinja2.TemplateNotFound):
                 message = f"template not found: {exc.name}"
+            elif isinstance(exc, _TooLong):
+                message = str(exc)
             else:
                 message = f"{type(exc).__name__}: {exc}"
             raise TemplateError(message, template=where or name, line=line) from None
