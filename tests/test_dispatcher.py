@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -77,6 +78,47 @@ def test_a_ledger_that_fails_mid_run_stops_the_run_with_its_error_and_loses_noth
     assert sum(statuses.values()) == 300
     assert set(statuses) <= {"sent", "planned", "uncertain"}, statuses
     assert statuses["sent"] <= len(transport.sent) <= statuses["sent"] + statuses["uncertain"]
+    shop.close()
+
+
+def test_marks_whose_commit_reply_was_lost_are_sent_once_when_the_commit_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 60 customers due a win-back, a clock that moves, and a database connection that drops after the
+    # first commit of marks went through, before the worker heard so (it tries that commit again, later)
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.05,))
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    settings = make_settings(url, closed_port(), batch_size=20, compose_processes=0, lease_seconds=60)
+    shop = Shop(url, settings, [f"c{i}@test.example" for i in range(60)])
+    plan(shop.store, settings, NOW)
+    record_and_mark = shop.store.record_and_mark
+    lost: list[int] = []
+
+    def losing_a_reply(records: Any, ids: Any, **kwargs: Any) -> Any:
+        marks = record_and_mark(records, ids, **kwargs)
+        if ids and not lost:
+            lost.extend(ids)
+            raise sa.exc.OperationalError("COMMIT", {}, OSError("server closed the connection unexpectedly"))
+        return marks
+
+    shop.store.record_and_mark = losing_a_reply  # type: ignore[method-assign]
+    astore = AsyncStore(shop.store)
+    transport = RecordingTransport()
+    try:
+        dispatcher = Dispatcher(settings=shop.settings, store=astore, composer=shop.deps.composer(),
+                                transport=transport, clock=_FlowingClock(NOW), worker="w1")  # fmt: skip
+        report = asyncio.run(asyncio.wait_for(dispatcher.run_once(), timeout=60))
+    finally:
+        astore.close()
+        shop.store.record_and_mark = record_and_mark  # type: ignore[method-assign]
+    # Then the marks the lost reply made are taken as made: everyone gets one email in this run, none twice,
+    # and each row counts one attempt
+    assert lost
+    assert report.outcomes == {"sent": 60}
+    assert sorted(r for _, r, _ in transport.sent) == sorted(f"c{i}@test.example" for i in range(60))
+    with shop.store.engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT status, attempts FROM message")).all()
+    assert Counter(map(tuple, rows)) == {("sent", 1): 60}
     shop.close()
 
 

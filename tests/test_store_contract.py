@@ -296,6 +296,22 @@ def test_outcomes_written_again_after_a_commit_whose_reply_was_lost_change_nothi
     assert {r["dedupe_key"]: r["status"] for r in store.messages()} == {"k:0": "sent", "k:1": "skipped"}
 
 
+def test_marks_made_again_after_a_commit_whose_reply_was_lost_are_given_as_made(store: Store) -> None:
+    # Given a's marks committed, though the connection dropped before a heard so (it tries again, same instant)
+    store.insert_messages(planned(3), NOW)
+    batch = store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)
+    ids = [m.id for m in batch]
+    assert store.record_and_mark([], ids[:2], worker="a", now=NOW) == Marks(sending=frozenset(ids[:2]))
+    # When the same group comes again with one more mark, Then every row is to be sent, each attempt counted once
+    assert store.record_and_mark([], ids, worker="a", now=NOW) == Marks(sending=frozenset(ids))
+    assert [r["attempts"] for r in store.messages()] == [1, 1, 1]
+    # a mark of this worker's at another instant is another group's: not given to this one (nor sent twice)
+    later = NOW + timedelta(seconds=1)
+    assert store.record_and_mark([], ids[:1], worker="a", now=later) == Marks()
+    # nor is another worker's
+    assert store.record_and_mark([], ids[:1], worker="b", now=NOW) == Marks()
+
+
 def test_a_row_whose_customer_another_worker_is_sending_to_is_held_back(store: Store) -> None:
     """Two workers hold one message each for customers 1, 2 and 3 (k:0-k:2 and k:3-k:5). The frequency cap
     is judged against the ledger, which shows another worker's message only once it is marked or recorded,

@@ -208,15 +208,15 @@ class LedgerWriter:
         new connection after ``RETRY_SECONDS``, then given up (the run stops with that error; what it held
         comes back when its leases lapse)."""
         store = self.store.store
+        now = self.clock.now()  # each try the same: a try after a commit whose reply was lost finds its marks by it
         for delay in self.RETRY_SECONDS:
             try:
-                return await self.store.call(store.record_and_mark, records, ids, worker=self.worker,
-                                             now=self.clock.now())  # fmt: skip
+                return await self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now)
             except Exception as exc:
                 log.event("ledger_write_retried", logging.WARNING, error=repr(exc)[:300], retry_in_seconds=delay,
                           outcomes=len(records), marks=len(ids))  # fmt: skip
                 await asyncio.sleep(delay)
-        return await self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=self.clock.now())
+        return await self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now)
 
 
 Mark = Literal["sending", "held", "lost"]

@@ -174,6 +174,9 @@ _HOLD_HEAD = (
     " lease_until = NULL, next_attempt_at = :later, updated_at = :now WHERE id IN ("
 )
 _HOLD_TAIL = f") AND claimed_by = :worker AND status = '{_CLAIMED}' RETURNING id"
+_MARKED_HEAD = "SELECT id FROM message WHERE id IN ("
+# a group commit tried again (same ``now``) after one whose reply was lost finds its own marks made
+_MARKED_TAIL = f") AND claimed_by = :worker AND status = '{_SENDING}' AND updated_at = :now"
 MAILBOX_LOCKS = 1265462377
 """PostgreSQL advisory locks (this number, a hash of the mailbox) that serialise marks per mailbox across workers
 (two mailboxes with one hash merely wait for each other)."""
@@ -282,6 +285,9 @@ class _LedgerSql:
 
     def hold(self, count: int) -> str:
         return self._in(_HOLD_HEAD, count, _HOLD_TAIL)
+
+    def marked(self, count: int) -> str:
+        return self._in(_MARKED_HEAD, count, _MARKED_TAIL)
 
     def state(self, count: int) -> str:
         return self._in(_STATE_HEAD, count, ")")
@@ -475,8 +481,9 @@ class Store:
         On a driver connection this thread keeps for it, with the statements as driver SQL: the group
         commit runs hundreds of times a second, and SQLAlchemy's per-transaction and per-statement
         machinery cost more than SQLite's own work. A failure rolls back and drops that connection, so the
-        caller may try again: outcomes it finds already written (the commit went through, its reply was lost)
-        are left alone. The marks come back with the outcomes given for rows the worker no longer held
+        caller may try again, with the same ``now``: outcomes it finds already written (the commit went
+        through, its reply was lost) are left alone, and rows it finds marked by this worker at ``now`` are
+        given as marked. The marks come back with the outcomes given for rows the worker no longer held
         (``Marks.stale``)."""
         raw = self._ledger_connection()
         cursor = raw.cursor()
@@ -532,6 +539,9 @@ class Store:
             rest = [message_id for message_id in part if message_id not in marked]
             if rest:
                 held |= ids_of(sql.hold, rest)
+                rest = [message_id for message_id in rest if message_id not in held]
+            if rest:  # neither: the lease was lost, or this is a retry and the lost commit marked them
+                sending |= ids_of(sql.marked, rest)
         return Marks(frozenset(sending), frozenset(held))
 
     def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
