@@ -84,6 +84,12 @@ CASES = [
          "retry", 1, "transient", 452, 0),
     Case("550 content after DATA", Behaviour(data_reply="550 5.7.1 Message rejected as spam"),
          "failed", 1, "permanent", 550, 0, label="failed:content_rejected"),
+    # about the sender (its authentication, its IP), not this message: tried again later, counted, domain slowed
+    Case("550 sender unauthenticated after DATA",
+         Behaviour(data_reply="550 5.7.26 This mail has been blocked because the sender is unauthenticated"),
+         "retry", 1, "transient", 550, 0, label="retry:sender_refused"),
+    Case("553 block list at RCPT", Behaviour(rcpt_reply="553 5.7.1 [BL21] the ip is in Spamhaus's list"),
+         "retry", 1, "transient", 553, 0, label="retry:sender_refused"),
     Case("552 after DATA", Behaviour(data_reply="552 5.3.4 Message size exceeds fixed limit"),
          "failed", 1, "permanent", 552, 0),
     # the body fits the socket buffers, so the dot is written before the server hangs up:
@@ -242,6 +248,38 @@ class _Attempt:
     def __init__(self, rows: list[Any]) -> None:
         (row,) = rows
         self.outcome, self.last = row.outcome, row.code
+
+
+def test_a_refusal_about_the_sender_is_tried_again_later_and_says_what_to_fix(
+    url: str, server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a receiving domain that refuses mail from this sender (unauthenticated), whatever the message
+    gmail = "budi@gmail.test"
+    server.on(gmail, Behaviour(rcpt_reply="550 5.7.26 This mail has been blocked because the sender is "
+                                          "unauthenticated"))  # fmt: skip
+    shop = shop_for(url, server, [gmail, OK], max_attempts=2)
+    try:
+        # When a cycle runs, Then the message is not failed but waits for a later try, the domain is slowed down,
+        # and the log and the summary say it is the sending setup to fix, not the template or the customer
+        report = shop.cycle()
+        row = shop.row(gmail)
+        assert (row.status, row.attempts, row.last_code) == ("retry", 1, 550)
+        assert report.dispatched.outcomes["retry:sender_refused"] == 1
+        (event,) = _events(caplog, "sender_refused")
+        assert event["domain"] == "gmail.test" and "SPF, DKIM and DMARC" in event["hint"]
+        assert [e["domain"] for e in _events(caplog, "domain_throttled")] == ["gmail.test"]
+        assert _events(caplog, "content_rejected") == []
+        assert any("refused for who sent them" in line for line in running.summary(report))
+        assert shop.row(OK).status == "sent"
+        # the refusal goes on: max_attempts ends it, failed with the server's reply, never suppressed
+        shop.clock.advance(7 * 3600)
+        report = shop.cycle()
+        row = shop.row(gmail)
+        assert (row.status, row.attempts) == ("failed", 2) and "unauthenticated" in row.last_reply
+        assert report.dispatched.outcomes["failed:sender_refused"] == 1
+        assert shop.suppressed() == {}
+    finally:
+        shop.close()
 
 
 def test_a_421_greeting_retries_without_counting_the_attempt_and_pauses(

@@ -20,6 +20,7 @@ from worker.config import DomainRate, SendingSettings, settings_from_dict
 from worker.core import lifecycle
 from worker.core.limits import (
     AdaptiveRate,
+    as_sender_refusal,
     as_throttled,
     book,
     bounce_kind,
@@ -257,6 +258,24 @@ BOUNCES = [
     (550, "550 No such user here", "hard_bounce"),
     (554, "554 5.7.1 Message rejected as spam by Content Filtering", "content"),
     (550, "550 5.7.1 Our system has detected that this message is likely unsolicited mail", "content"),
+    # about the sender, not the message: every message to the domain is refused alike until the setup is fixed
+    (550, "550-5.7.26 This mail has been blocked because the sender is unauthenticated. Gmail requires all senders"
+          " to authenticate with either SPF or DKIM.", "sender"),
+    (550, "550 5.7.23 The message was rejected because of Sender Policy Framework violation", "sender"),
+    (550, "550-5.7.25 The IP address sending this message does not have a PTR record setup", "sender"),
+    (550, "550-5.7.1 [192.0.2.7] Our system has detected an unusual rate of unsolicited mail originating from your IP"
+          " address.", "sender"),
+    (553, "553 5.7.1 [TS03] All messages from 192.0.2.7 will be permanently deferred; Retrying will NOT succeed.",
+     "sender"),
+    (553, "553 5.7.1 [BL21] Connections will not be accepted from 192.0.2.7, because the ip is in Spamhaus's list",
+     "sender"),
+    (550, "550 5.7.1 Unfortunately, messages from [192.0.2.7] weren't sent. Please contact your Internet service"
+          " provider since part of their network is on our block list (S3150).", "sender"),
+    (550, "550 5.7.606 Access denied, banned sending IP [192.0.2.7]", "sender"),
+    (550, "550 5.7.509 Access denied, sending domain toko.example does not pass DMARC verification", "sender"),
+    (554, "554 Service unavailable; Client host [192.0.2.7] blocked using zen.spamhaus.org", "sender"),
+    (550, "550-5.7.1 This message has been blocked because it contains content that presents a potential security"
+          " issue.", "content"),
     (552, "552 5.3.4 Message size exceeds fixed limit", None),
     (550, "550 5.2.1 Mailbox disabled", None),
     (550, "550 Requested action not taken", None),
@@ -268,6 +287,17 @@ BOUNCES = [
 @pytest.mark.parametrize(("code", "reply", "kind"), BOUNCES)
 def test_what_a_permanent_reply_says_about_the_address(code: int | None, reply: str, kind: str | None) -> None:
     assert bounce_kind(code, reply) == kind
+
+
+def test_only_a_permanent_refusal_about_the_sender_is_tried_again() -> None:
+    blocked = SendResult(Outcome.PERMANENT, 550, "550 5.7.26 unauthenticated sender", stage="data")
+    assert as_sender_refusal(blocked) == replace(blocked, outcome=Outcome.TRANSIENT)
+    spam = SendResult(Outcome.PERMANENT, 550, "550 5.7.1 Message rejected as spam")
+    assert as_sender_refusal(spam) is spam
+    unknown = SendResult(Outcome.PERMANENT, 550, "550 5.1.1 User unknown")
+    assert as_sender_refusal(unknown) is unknown
+    later = SendResult(Outcome.TRANSIENT, 451, "451 4.7.26 unauthenticated, try later")
+    assert as_sender_refusal(later) is later
 
 
 def test_a_throttled_attempt_retries_soon_even_after_the_last_attempt() -> None:

@@ -61,7 +61,7 @@ from worker.composing import ComposerPool
 from worker.config import Settings
 from worker.contact import Arbiter
 from worker.core import lifecycle
-from worker.core.limits import as_throttled, bounce_kind, domain_of, next_quota_day_start
+from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of, next_quota_day_start
 from worker.core.policy import SendNow, Skip
 from worker.core.retry import connection_failure
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult
@@ -667,7 +667,11 @@ class Dispatcher:
                 writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
                 await self.quota.give_back(1)
                 continue
-            self.limiter.observe(domain, result)
+            refusal = as_sender_refusal(result)
+            sender_refused = refusal is not result
+            # a refusal about the sender is the same for every message to the domain: slow it down, as throttling does
+            self.limiter.observe(domain, replace(result, outcome=Outcome.THROTTLED) if sender_refused else result)
+            result = refusal
             self._observe_failures(result)
             status, next_at = lifecycle.after_attempt(
                 result,
@@ -692,6 +696,15 @@ class Dispatcher:
                     )  # fmt: skip
             elif result.outcome is Outcome.THROTTLED:
                 label = "retry:throttled"
+            elif sender_refused:
+                label = f"{status.value}:sender_refused"
+                log.event(
+                    "sender_refused", logging.ERROR, domain=domain, dedupe_key=message.dedupe_key,
+                    code=result.code, reply=result.reply[:200], status=status.value,
+                    hint=f"{domain} refuses mail from this sender (authentication or reputation), whatever the "
+                    f"message: check SPF, DKIM and DMARC for the domain of shop.from_address and the sending IP's "
+                    "standing; the message is tried again later",
+                )  # fmt: skip
             writer.record(
                 Disposition(
                     message=message,

@@ -90,6 +90,10 @@ def summary(report: CycleReport) -> list[str]:
     if content:
         lines.append(f"{content} messages were refused for their content (5.7.x): check the templates, "
                      "not the customers")
+    refused = sum(n for what, n in report.dispatched.outcomes.items() if what.endswith(":sender_refused"))
+    if refused:
+        lines.append(f"{refused} messages were refused for who sent them, not what they say (SPF, DKIM, DMARC, "
+                     "a block list, the sending IP's standing): fix the sending setup; they are tried again later")
     if report.dispatched.quota_reached:
         lines.append("the daily quota is used up: the rest waits for tomorrow")
     if report.dispatched.paused:

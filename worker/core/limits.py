@@ -17,7 +17,11 @@ datetime) as an argument.
   adds back a twentieth of the configured rate.
 * ``quota_day`` and ``next_quota_day_start`` cut days in the shop's time zone.
 * ``bounce_kind`` reads a permanent reply: ``hard_bounce`` (5.1.x, no such
-  user) suppresses the address; ``content`` (5.7.x) is a template problem.
+  user) suppresses the address; ``sender`` (5.7.x about the sender, not the
+  message: SPF, DKIM, DMARC, reverse DNS, a block list, the sending IP's
+  reputation) refuses every message to that domain alike until the operator
+  fixes the sending setup, so it is retried later, never failed on the first
+  reply; any other 5.7.x is ``content``, a template problem.
 """
 
 from __future__ import annotations
@@ -144,9 +148,29 @@ _NO_SUCH_USER = re.compile(
 )
 
 
+_SENDER_TEXT = re.compile(
+    r"\b(?:spf|dkim|dmarc|rdns|ptr|rbl|dnsbl)\b|unauthenticated|not authenticated|authentication (?:check|fail)|"
+    r"reverse dns|block ?list|black ?list|blocked using|spamhaus|spamcop|barracuda|reputation|"
+    r"\[(?:ts0[1-4]|bl2[1-3]|rl0[0-9])\]|banned sending ip|(?:from|originating from) your ip|ip address .{0,60}"
+    r"(?:block|list|reputation)|not accepted from this ip|sending ip",
+    re.IGNORECASE,
+)
+"""What a refusal says when it is about the sender (its authentication, its IP's standing), not the message: Gmail's
+"unauthenticated" and "unsolicited mail originating from your IP", Yahoo's [TS01]-[TS03] and [BL21]-[BL23],
+Microsoft's "block list" (S3150), the block lists by name."""
+
+
+def _about_the_sender(detail: int) -> bool:
+    """5.7.``detail`` codes that name the sender's setup: RFC 7372's 5.7.20-5.7.26 (DKIM, SPF, reverse DNS, several
+    checks), Gmail's 5.7.27-5.7.28, Microsoft's 5.7.509-5.7.515 (DMARC, authentication level), 5.7.606-5.7.649
+    (a banned sending IP) and 5.7.700-5.7.750 (a tenant or domain not allowed to send)."""
+    return 20 <= detail <= 28 or 509 <= detail <= 515 or 606 <= detail <= 649 or 700 <= detail <= 750
+
+
 def bounce_kind(code: int | None, reply: str) -> str | None:
-    """``"hard_bounce"`` (the address does not exist: suppress it), ``"content"`` (the
-    message was refused for what it says: a template problem) or None, for a 5xx reply."""
+    """For a 5xx reply: ``"hard_bounce"`` (the address does not exist: suppress it), ``"sender"`` (the domain
+    refuses mail from this sender: its authentication or reputation, the same for every message), ``"content"``
+    (the message was refused for what it says: a template problem) or None."""
     if code is None or not 500 <= code < 600:
         return None
     enhanced = _ENHANCED.search(reply)
@@ -155,8 +179,19 @@ def bounce_kind(code: int | None, reply: str) -> str | None:
         if subject == "1" and enhanced.group(3) in ("1", "0", "2", "3", "6", "10"):
             return "hard_bounce"
         if subject == "7":
-            return "content"
+            return "sender" if _about_the_sender(int(enhanced.group(3))) or _SENDER_TEXT.search(reply) else "content"
         return None
     if code in (550, 551, 553) and _NO_SUCH_USER.search(reply):
         return "hard_bounce"
+    if code in (550, 553, 554) and _SENDER_TEXT.search(reply):
+        return "sender"
     return None
+
+
+def as_sender_refusal(result: SendResult) -> SendResult:
+    """A permanent refusal about the sender (``bounce_kind`` ``"sender"``) becomes a transient failure: the
+    message is fine and is tried again later (the attempt counts, so ``max_attempts`` still ends it); others
+    unchanged."""
+    if result.outcome is Outcome.PERMANENT and bounce_kind(result.code, result.reply) == "sender":
+        return replace(result, outcome=Outcome.TRANSIENT)
+    return result
