@@ -64,6 +64,10 @@ def test_classify_reply(code: int | None, stage: str, expected: Outcome) -> None
         (SendResult(T, 554, "554 5.7.1 No SMTP service here", stage="connect"), "connection"),
         (SendResult(T, 421, "421 4.3.2 Service not available", stage="connect"), "connection"),
         (SendResult(T, None, "Connection refused", stage="connect"), "connection"),
+        # a setup every message would meet alike (the transport names what to fix): pauses at once
+        (SendResult(T, None, "does not offer STARTTLS", stage="connect", setup="smtp.tls"), "setup"),
+        (SendResult(T, None, "certificate verify failed", stage="connect", setup="certificates"), "setup"),
+        (SendResult(T, None, "offers no AUTH", stage="auth", setup="smtp.username"), "setup"),
         # about this message or its recipient
         (SendResult(T, 451, "451 4.3.0 Local error", stage="rcpt"), None),
         (SendResult(P, 550, "550 5.1.1 No such user", stage="rcpt"), None),

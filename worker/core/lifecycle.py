@@ -3,7 +3,7 @@
     planned ─claim→ claimed ─mark→ sending ─→ sent
                        │              ├─ transient, attempts left → retry ─claim→ claimed …
                        │              ├─ throttled ("slow down") → retry, the attempt not counted
-                       │              ├─ refused before MAIL FROM (connection, greeting, login) → retry, not counted
+                       │              ├─ stopped before MAIL FROM (connection, setup, login) → retry, not counted
                        │              ├─ transient, none left / permanent / render error → failed
                        │              └─ ambiguous (after the final dot) → uncertain
                        └─ re-check says no → skipped (with a reason)

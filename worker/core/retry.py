@@ -28,9 +28,19 @@ Rules, in order:
 Whatever stops an attempt at ``connect`` or ``auth`` (``connection_failure``)
 is the server's trouble or the configuration's, not the message's: the message
 goes back to the queue without the attempt counted against it (it never becomes
-``failed`` for it), and the failure counts toward the dispatcher's pause; a
-refused login pauses it at once, since every later message would be refused
-the same way.
+``failed`` for it), and the failure counts toward the dispatcher's pause. Most
+such failures may pass (a refused or dropped connection, a timeout, a 421
+greeting): the dispatcher pauses only after ``sending.pause_after_failures`` in
+a row. Two kinds pause it at once (``PAUSES_AT_ONCE``), since every later
+message would fail the same way until someone changes something:
+
+- ``auth``: the server refused the login (a reply at ``auth``);
+- ``setup``: the SMTP transport found the setup cannot work (``SendResult.setup``
+  names what to fix): ``smtp.tls = "starttls"`` but no STARTTLS offered;
+  ``smtp.username`` set but no AUTH, or no login method the client speaks;
+  the server's TLS certificate fails verification (self-signed, expired, not
+  for ``smtp.host``); implicit TLS (``smtp.tls = "tls"``) answered in plain
+  text. A plain refused connection or a timeout is never ``setup``.
 """
 
 from __future__ import annotations
@@ -64,12 +74,21 @@ def classify_reply(code: int | None, stage: str) -> Outcome:
     return Outcome.AMBIGUOUS if final else Outcome.TRANSIENT
 
 
-def connection_failure(result: SendResult) -> Literal["auth", "connection"] | None:
-    """``"auth"`` when the server refused the login (a reply at ``auth``: every message would be refused alike),
-    ``"connection"`` for any other failure before MAIL FROM (refused or dropped connection, a 421 or 554
-    greeting, EHLO, STARTTLS, a login that got no reply), else None (the attempt reached the message)."""
+ConnectionFailure = Literal["setup", "auth", "connection"]
+PAUSES_AT_ONCE: frozenset[ConnectionFailure] = frozenset({"setup", "auth"})
+"""Connection failures every later message would meet alike: one pauses the dispatcher."""
+
+
+def connection_failure(result: SendResult) -> ConnectionFailure | None:
+    """``"setup"`` when the SMTP setup cannot work (``result.setup`` says what to fix: STARTTLS or AUTH not
+    offered, a certificate that fails verification, implicit TLS against plain text), ``"auth"`` when the
+    server refused the login (a reply at ``auth``), ``"connection"`` for any other failure before MAIL FROM
+    (refused or dropped connection, a timeout, a 421 or 554 greeting, EHLO, a login that got no reply), else
+    None (the attempt reached the message). ``PAUSES_AT_ONCE``: the kinds every message would meet alike."""
     if result.stage not in CONNECTION_STAGES or result.outcome not in (Outcome.TRANSIENT, Outcome.AMBIGUOUS):
         return None
+    if result.setup:
+        return "setup"
     return "auth" if result.stage == "auth" and result.code is not None else "connection"
 
 
