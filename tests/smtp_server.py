@@ -9,6 +9,9 @@ recipient address may be given a ``Behaviour``; anything else is accepted::
     server.on("new@test", Behaviour(greylist=True))      # 450 the first time, then accepted
     server.client_limit = 4                              # then "451 … too many messages" per client IP
     server.login = ("shop", "right-password")            # offer AUTH (plaintext); other credentials get 535
+    server.login_mechanisms = ("GSSAPI",)                # …with these mechanisms only (default LOGIN, PLAIN)
+    RecordingServer(tls_context=ctx)                     # offer STARTTLS with this server-side context
+    RecordingServer(implicit_tls=ctx)                    # TLS from the first byte (as on port 465)
 
 Handler hooks (``handle_RCPT``/``handle_DATA``) do replies, delays and the drop
 after the final dot; an ``SMTP`` subclass does the 421 greeting and the drop
@@ -101,6 +104,10 @@ class _FaultySMTP(SMTP):
         await self.push(greeting)
         _hang_up(self)
 
+    async def auth_GSSAPI(self, _: Any, args: list[str]) -> AuthResult:  # aiosmtpd's mechanism hook name
+        """A mechanism aiosmtplib does not speak (only offered when in ``login_mechanisms``)."""
+        return AuthResult(success=False, handled=False)
+
     async def smtp_DATA(self, arg: str) -> None:
         rcpts = list(self.envelope.rcpt_tos) if self.envelope is not None else []
         if not any(self._owner.behaviour(r).drop_mid_data for r in rcpts):
@@ -114,7 +121,7 @@ class _FaultySMTP(SMTP):
 class RecordingServer:
     """An ``SmtpSink`` with per-recipient failures (see the module docstring)."""
 
-    def __init__(self, *, folder: Path | None = None, tls_context: Any = None) -> None:
+    def __init__(self, *, folder: Path | None = None, tls_context: Any = None, implicit_tls: Any = None) -> None:
         self.behaviours: dict[str, Behaviour] = {}
         self.greeting: str | None = None
         """When set, every new connection gets this greeting and is closed."""
@@ -126,6 +133,8 @@ class RecordingServer:
         self.login: tuple[str, str] | None = None
         """When set, AUTH is offered (without TLS: loopback tests) and only this (username, password) is
         accepted; aiosmtpd answers anything else with "535 5.7.8 Authentication credentials invalid"."""
+        self.login_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN")
+        """The AUTH mechanisms offered when ``login`` is set (of LOGIN, PLAIN and GSSAPI)."""
         self._tls_context = tls_context
 
         def handler_factory(sink: SmtpSink) -> SinkHandler:
@@ -134,12 +143,15 @@ class RecordingServer:
             return handler
 
         self.sink = SmtpSink(
-            folder=folder, reply_for=self._reply_for, handler_factory=handler_factory, smtp_class=self._smtp
-        )
+            folder=folder, reply_for=self._reply_for, handler_factory=handler_factory, smtp_class=self._smtp,
+            implicit_tls=implicit_tls,
+        )  # fmt: skip
 
     def _smtp(self, handler: Any, **kwargs: Any) -> SMTP:
         if self.login is not None:
-            kwargs |= {"authenticator": self._authenticate, "auth_require_tls": False}
+            excluded = [m for m in ("LOGIN", "PLAIN", "GSSAPI") if m not in self.login_mechanisms]
+            kwargs |= {"authenticator": self._authenticate, "auth_require_tls": False,
+                       "auth_exclude_mechanism": excluded}  # fmt: skip
         return _FaultySMTP(self, handler, tls_context=self._tls_context, **kwargs)
 
     def _authenticate(self, server: SMTP, session: Any, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:

@@ -4,7 +4,9 @@ It accepts mail on a loopback port (port 0: the kernel picks one; ``.port`` is
 the real one), records every accepted message in ``.messages`` and, when given
 a folder, saves each one as ``NNNN-<message-id>.eml``. ``reply_for(stage,
 recipient)`` may refuse a recipient at ``"rcpt"`` or a message at ``"data"``
-(after the final dot) with any SMTP reply; None accepts.
+(after the final dot) with any SMTP reply; None accepts. ``implicit_tls``: a
+server-side SSL context makes every connection start with a TLS handshake (as
+on port 465).
 
 Use it from async code (``async with SmtpSink() as sink``) or from sync code,
 where it runs its own event loop in a daemon thread (``start_in_thread()`` /
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +88,7 @@ class SmtpSink:
         hostname: str = "kembali-sink",
         handler_factory: Callable[[SmtpSink], SinkHandler] = SinkHandler,
         smtp_class: Callable[..., SMTP] = SMTP,
+        implicit_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.folder = folder
         self.reply_for = reply_for
@@ -96,6 +100,7 @@ class SmtpSink:
         self.host = "127.0.0.1"
         self._handler = handler_factory(self)
         self._smtp_class = smtp_class
+        self._implicit_tls = implicit_tls
         self._server: asyncio.Server | None = None
         self._live: set[SMTP] = set()
         self._thread: threading.Thread | None = None
@@ -124,7 +129,7 @@ class SmtpSink:
         if self._server is not None:
             raise RuntimeError("the sink is already running")
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_connection, host, port)
+        self._server = await loop.create_server(self._new_connection, host, port, ssl=self._implicit_tls)
         self.host = host
         self.port = self._server.sockets[0].getsockname()[1]
 
