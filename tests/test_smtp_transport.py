@@ -296,14 +296,25 @@ def test_the_password_is_not_in_the_repr() -> None:
     assert "shop" in repr(transport)
 
 
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    cert, key = folder / "cert.pem", folder / "key.pem"
+def _self_signed(folder: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed certificate and its key for ``name`` (for "localhost": and for 127.0.0.1)."""
+    cert, key = folder / f"{name}-cert.pem", folder / f"{name}-key.pem"
+    names = "IP:127.0.0.1,DNS:localhost" if name == "localhost" else f"DNS:{name}"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName={names}", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+def _tls_server(cert: Path, key: Path, *, implicit: bool = False) -> RecordingServer:
+    """A started server offering STARTTLS (or, ``implicit``, TLS from the first byte) with this certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = RecordingServer(implicit_tls=context) if implicit else RecordingServer(tls_context=context)
+    server.start_in_thread()
+    return server
 
 
 def test_starttls_upgrades_and_verifies_the_certificate(tmp_path: Path) -> None:
@@ -338,3 +349,119 @@ def test_starttls_upgrades_and_verifies_the_certificate(tmp_path: Path) -> None:
     assert refused.outcome is Outcome.TRANSIENT
     assert refused.code is None
     assert len(server.messages) == 2
+
+
+# --- a setup that cannot work: ``SendResult.setup`` names what to fix (the dispatcher pauses at once) ---------
+
+
+def test_starttls_not_offered_is_a_setup_problem_naming_smtp_tls(smtp_server: RecordingServer) -> None:
+    result = run(send_one(smtp_server.settings(tls="starttls"), "x@test.example"))
+
+    assert (result.outcome, result.stage, result.setup) == (Outcome.TRANSIENT, "connect", "smtp.tls")
+    assert f"127.0.0.1:{smtp_server.port} does not offer STARTTLS" in result.reply
+    assert "check smtp.tls" in result.reply
+
+
+def test_a_username_for_a_server_without_auth_is_a_setup_problem(smtp_server: RecordingServer) -> None:
+    # no login configured on the server: its EHLO offers no AUTH at all
+    settings = smtp_server.settings(username="shop")
+
+    result = run(_send_with_password(settings, "hunter2-secret"))
+
+    assert (result.outcome, result.code, result.stage) == (Outcome.TRANSIENT, None, "auth")
+    assert result.setup == "smtp.username"
+    assert result.error_type == "AuthNotOffered"
+    assert f"127.0.0.1:{smtp_server.port} offers no AUTH on a plaintext connection" in result.reply
+    assert "check smtp.tls" in result.reply  # over plaintext, the usual cause: AUTH only after TLS
+    assert "hunter2" not in result.reply
+    assert smtp_server.messages == []
+
+
+def test_a_server_offering_only_mechanisms_the_client_cannot_speak_is_a_setup_problem(
+    smtp_server: RecordingServer,
+) -> None:
+    smtp_server.login = ("shop", "right-password")
+    smtp_server.login_mechanisms = ("GSSAPI",)
+
+    result = run(_send_with_password(smtp_server.settings(username="shop"), "right-password"))
+
+    assert (result.outcome, result.stage, result.setup) == (Outcome.TRANSIENT, "auth", "smtp.username")
+    assert "offers AUTH GSSAPI, none of which Kembali speaks (CRAM-MD5, PLAIN, LOGIN)" in result.reply
+    assert smtp_server.messages == []
+
+
+def test_implicit_tls_against_a_plaintext_port_is_a_setup_problem_naming_smtp_tls(
+    smtp_server: RecordingServer,
+) -> None:
+    result = run(send_one(smtp_server.settings(tls="tls"), "x@test.example"))
+
+    assert (result.outcome, result.code, result.stage, result.setup) == (Outcome.TRANSIENT, None, "connect", "smtp.tls")
+    assert result.error_type == "SSLError"
+    assert f"127.0.0.1:{smtp_server.port} answered in plain text and smtp.tls is 'tls'" in result.reply
+    assert "WRONG_VERSION_NUMBER" in result.reply
+    assert smtp_server.messages == []
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "tls"])
+def test_an_untrusted_certificate_is_a_setup_problem_naming_the_certificates(tmp_path: Path, implicit: bool) -> None:
+    server = _tls_server(*_self_signed(tmp_path), implicit=implicit)
+    try:
+        result = run(send_one(server.settings(tls="tls" if implicit else "starttls"), "x@test.example"))
+    finally:
+        server.stop_in_thread()
+
+    assert (result.outcome, result.code, result.stage, result.setup) == (Outcome.TRANSIENT, None, "connect",
+                                                                         "certificates")  # fmt: skip
+    assert result.error_type == "SSLCertVerificationError"
+    assert f"the TLS certificate of 127.0.0.1:{server.port} fails verification" in result.reply
+    assert "self-signed certificate" in result.reply
+    assert server.messages == []
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "tls"])
+def test_a_certificate_for_another_host_is_a_setup_problem_naming_smtp_host(tmp_path: Path, implicit: bool) -> None:
+    cert, key = _self_signed(tmp_path, "mail.elsewhere.invalid")
+    server = _tls_server(cert, key, implicit=implicit)
+    try:
+        trusting = ssl.create_default_context(cafile=str(cert))  # trusted, but not for 127.0.0.1
+
+        async def main() -> SendResult:
+            settings = server.settings(tls="tls" if implicit else "starttls")
+            async with SmtpTransport(settings, tls_context=trusting) as transport:
+                return await transport.send(SENDER, "x@test.example", make_message())
+
+        result = run(main())
+    finally:
+        server.stop_in_thread()
+
+    assert (result.outcome, result.stage, result.setup) == (Outcome.TRANSIENT, "connect", "smtp.host")
+    assert f"the TLS certificate of 127.0.0.1:{server.port} is not valid for smtp.host '127.0.0.1'" in result.reply
+    assert server.messages == []
+
+
+def test_a_refused_connection_or_a_handshake_cut_short_is_not_a_setup_problem() -> None:
+    # what may pass (a server restarting, a network hiccup) keeps counting toward the pause instead
+    async def main() -> list[SendResult]:
+        async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        closing = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = closing.sockets[0].getsockname()[1]
+        try:
+            results = []
+            for tls, to in (("none", closed_port()), ("tls", port), ("none", port)):
+                settings = SmtpSettings(host="127.0.0.1", port=to, tls=tls, timeout_seconds=2.0)
+                results.append(await send_one(settings, "x@test.example"))
+            return results
+        finally:
+            closing.close()
+            await closing.wait_closed()
+
+    results = run(main())
+
+    assert [(r.outcome, r.stage, r.setup) for r in results] == [(Outcome.TRANSIENT, "connect", "")] * 3
+
+
+async def _send_with_password(settings: SmtpSettings, password: str) -> SendResult:
+    async with SmtpTransport(settings, password=password) as transport:
+        return await transport.send(SENDER, "x@test.example", make_message())

@@ -17,6 +17,22 @@ the reply code (or its absence) and the stage the attempt reached:
 The ``SendResult`` carries the stage, so the dispatcher can tell a server or
 login problem (``connect``, ``auth``) from one with this message.
 
+A failure before MAIL FROM that every message would meet alike, because the
+setup cannot work, is reported with ``SendResult.setup`` naming what to fix and
+a ``reply`` that says how (the dispatcher pauses at once on it, see
+``worker.core.retry``):
+
+    smtp.tls       "starttls" but STARTTLS not offered; "tls" but the server
+                   answered in plain text (an SSL WRONG_VERSION_NUMBER)
+    smtp.username  set, but the server offers no AUTH, or no mechanism
+                   aiosmtplib speaks (CRAM-MD5, PLAIN, LOGIN)
+    smtp.host      the certificate is valid but not for this host name
+    certificates   the certificate fails verification otherwise (self-signed,
+                   expired, an unknown CA)
+
+A refused connection, a timeout, a reset during the TLS handshake or any other
+TLS error is never ``setup``: it may pass, and counts toward the pause.
+
 Pool: ``pool_size`` slots in a LIFO queue, one message in flight per slot,
 each holding a connection opened lazily and reused. After a reply error at
 MAIL/RCPT/DATA the connection is RSET and kept; after an error reply to the
@@ -65,8 +81,24 @@ _PLAIN_ADDRESS = re.compile(r"[!#-'*+\-./0-9=?A-Z^-~]+@[A-Za-z0-9.\-\[\]:]+", re
 """local@domain: dot-atom local part characters, a domain or address literal."""
 
 
-class StartTLSNotOffered(SMTPException):
+class SetupError(SMTPException):
+    """The SMTP setup cannot work: every message would fail the same way until ``setting`` is fixed."""
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+class StartTLSNotOffered(SetupError):
     """``smtp.tls = "starttls"`` but the server did not offer STARTTLS: nothing is sent in plaintext."""
+
+
+class AuthNotOffered(SetupError):
+    """``smtp.username`` is set but the server offers no AUTH, or no mechanism the client speaks."""
+
+
+_NAME_MISMATCH = frozenset({62, 64})
+"""OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
 
 
 @dataclass
@@ -183,6 +215,10 @@ class SmtpTransport:
             return await self._reply_error(slot, attempt.stage, exc)
         except (SMTPException, OSError) as exc:  # drops, timeouts, refused connections, TLS and certificate errors
             slot.discard()
+            setup = _setup_problem(exc, self._settings) if attempt.stage in ("connect", "auth") else None
+            if setup is not None:
+                cause, setting, text = setup
+                return _result(classify_reply(None, attempt.stage), None, text, cause, attempt.stage, setup=setting)
             return _result(classify_reply(None, attempt.stage), None, _text(exc), exc, attempt.stage)
         except (ValueError, UnicodeError) as exc:
             if attempt.stage not in ("mail", "rcpt"):
@@ -220,11 +256,15 @@ class SmtpTransport:
                 if not client.supports_extension("starttls"):
                     raise StartTLSNotOffered(
                         f"{s.host}:{s.port} does not offer STARTTLS and smtp.tls is 'starttls'; "
-                        "refusing to send in plaintext"
+                        "refusing to send in plaintext: check smtp.tls and smtp.port "
+                        "('tls' for an implicit-TLS port such as 465)",
+                        "smtp.tls",
                     )
                 await client.starttls()
             if s.username:
+                await _greet(client)  # again after STARTTLS: what the server offers may have changed
                 attempt.stage = "auth"
+                _check_auth_offered(client, s)
                 await client.login(s.username, self._password or "")
                 attempt.stage = "connect"
         except BaseException:
@@ -300,9 +340,8 @@ class SmtpTransport:
             slot.discard()
 
 
-async def _mail(client: SMTP, sender: str) -> None:
-    """``client.mail(sender)`` without its per-call address parsing (``_check_address`` did it):
-    the same command, the same errors, EHLO (or HELO) first on a fresh connection."""
+async def _greet(client: SMTP) -> None:
+    """EHLO (or HELO, if EHLO is refused) unless this connection already did."""
     if client.is_ehlo_or_helo_needed:
         try:
             await client.ehlo()
@@ -310,6 +349,75 @@ async def _mail(client: SMTP, sender: str) -> None:
             if not client.is_connected:
                 raise
             await client.helo()
+
+
+def _check_auth_offered(client: SMTP, s: SmtpSettings) -> None:
+    """Before a login: the server offers AUTH, with a mechanism aiosmtplib speaks (else its ``login`` would
+    fail with a bare "not supported" the same way for every message)."""
+    if client.supported_auth_methods:
+        return
+    where = f"{s.host}:{s.port}"
+    if not client.supports_extension("auth"):
+        if s.tls == "none":
+            raise AuthNotOffered(
+                f"{where} offers no AUTH on a plaintext connection and smtp.username is set: check smtp.tls "
+                "(servers often offer AUTH only over TLS), or leave smtp.username empty if it needs no login",
+                "smtp.username",
+            )
+        raise AuthNotOffered(
+            f"{where} offers no AUTH and smtp.username is set: leave smtp.username empty if it needs no login, "
+            "or check smtp.host and smtp.port",
+            "smtp.username",
+        )
+    offered = " ".join(method.upper() for method in client.server_auth_methods) or "nothing"
+    speaks = ", ".join(method.upper() for method in client.AUTH_METHODS)
+    raise AuthNotOffered(
+        f"{where} offers AUTH {offered}, none of which Kembali speaks ({speaks}), and smtp.username is set: "
+        "check smtp.host and smtp.port, or leave smtp.username empty if it needs no login",
+        "smtp.username",
+    )
+
+
+def _setup_problem(exc: BaseException, s: SmtpSettings) -> tuple[BaseException, str, str] | None:
+    """(the cause, what to fix, why) when ``exc``, raised before MAIL FROM, means the setup cannot work;
+    None for what may pass (refused, reset, timed out, any other TLS error)."""
+    where = f"{s.host}:{s.port}"
+    for cause in _causes(exc):
+        if isinstance(cause, SetupError):
+            return cause, cause.setting, _text(cause)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            if cause.verify_code in _NAME_MISMATCH:
+                return cause, "smtp.host", (
+                    f"the TLS certificate of {where} is not valid for smtp.host {s.host!r}: check smtp.host "
+                    f"(it must be a name the certificate holds): {_text(cause)}"
+                )  # fmt: skip
+            return cause, "certificates", (
+                f"the TLS certificate of {where} fails verification: check the server's certificates (they "
+                f"must be valid and signed by a CA this machine trusts): {_text(cause)}"
+            )  # fmt: skip
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER" and s.tls == "tls":
+            # the first bytes back were not TLS: a plaintext SMTP greeting, never a network hiccup
+            return cause, "smtp.tls", (
+                f"{where} answered in plain text and smtp.tls is 'tls' (implicit TLS, as on port 465): check "
+                f"smtp.tls ('starttls' for a port such as 587 or 25) and smtp.port: {_text(cause)}"
+            )  # fmt: skip
+    return None
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from or while handling, innermost last."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 10:
+        seen.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return seen
+
+
+async def _mail(client: SMTP, sender: str) -> None:
+    """``client.mail(sender)`` without its per-call address parsing (``_check_address`` did it):
+    the same command, the same errors, EHLO (or HELO) first on a fresh connection."""
+    await _greet(client)
     response = await client.execute_command(b"MAIL", b"FROM:<" + sender.encode("ascii") + b">")
     if response.code != 250:
         raise SMTPSenderRefused(response.code, response.message, sender)
@@ -351,7 +459,9 @@ def _text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _result(outcome: Outcome, code: int | None, reply: str, exc: BaseException | None, stage: str) -> SendResult:
+def _result(
+    outcome: Outcome, code: int | None, reply: str, exc: BaseException | None, stage: str, *, setup: str = ""
+) -> SendResult:
     reply = reply.strip()[:REPLY_LIMIT]
     hint = parse_retry_after(reply) if code is not None and 400 <= code < 500 else None
     return SendResult(
@@ -361,4 +471,5 @@ def _result(outcome: Outcome, code: int | None, reply: str, exc: BaseException |
         error_type=type(exc).__name__ if exc is not None else "",
         retry_after_seconds=hint,
         stage=stage,
+        setup=setup,
     )
