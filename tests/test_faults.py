@@ -21,7 +21,7 @@ import pytest
 
 from tests.sendkit import Shop, make_settings, message_ids
 from tests.smtp_server import CLIENT_LIMIT_REPLY, GREYLIST_REPLY, Behaviour, RecordingServer
-from tests.test_smtp_transport import _self_signed
+from tests.test_smtp_transport import _self_signed, _tls_server
 from worker.asyncstore import AsyncStore
 from worker.commands import running
 from worker.pipeline import plan
@@ -548,3 +548,79 @@ def test_an_untrusted_certificate_fails_the_connection_clearly(url: str, tmp_pat
     assert "CERTIFICATE_VERIFY_FAILED" in row.last_reply
     assert "self-signed certificate" in row.last_reply
     assert tls_server.messages == []
+
+
+@dataclass(frozen=True)
+class SetupCase:
+    """An SMTP setup that fails every message alike."""
+
+    name: str
+    smtp: dict[str, Any]
+    server: str
+    """``plain`` (the fixture), ``starttls`` or ``tls`` (implicit): a server with a self-signed certificate."""
+    setting: str
+    """What the pause reason names to fix."""
+    says: str
+    cert_for: str = "localhost"
+    trusted: bool = False
+    """The certificate is in SSL_CERT_FILE (so only its host name can fail)."""
+
+
+SETUP_CASES = [
+    SetupCase("STARTTLS not offered", {"tls": "starttls"}, "plain", "smtp.tls", "does not offer STARTTLS"),
+    SetupCase("a username but no AUTH offered", {"username": "shop"}, "plain", "smtp.username", "offers no AUTH"),
+    SetupCase("implicit TLS against a plaintext port", {"tls": "tls"}, "plain", "smtp.tls", "answered in plain text"),
+    SetupCase("a self-signed certificate after STARTTLS", {"tls": "starttls"}, "starttls", "certificates",
+              "self-signed certificate"),
+    SetupCase("a self-signed certificate over implicit TLS", {"tls": "tls"}, "tls", "certificates",
+              "self-signed certificate"),
+    SetupCase("a certificate for another host", {"tls": "tls"}, "tls", "smtp.host",
+              "is not valid for smtp.host '127.0.0.1'", cert_for="mail.elsewhere.invalid", trusted=True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SETUP_CASES, ids=lambda c: c.name)
+def test_a_setup_that_cannot_work_pauses_at_once_naming_what_to_fix(
+    url: str,
+    server: RecordingServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    case: SetupCase,
+) -> None:
+    monkeypatch.setenv("KEMBALI_SMTP_PASSWORD", "hunter2-secret")
+    target = server
+    if case.server != "plain":
+        cert, key = _self_signed(tmp_path, case.cert_for)
+        if case.trusted:
+            monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        target = _tls_server(cert, key, implicit=case.server == "tls")
+    emails = [f"c{i}@test.example" for i in range(6)]
+    # the default sending.pause_after_failures (20), and a single attempt allowed per message
+    settings = make_settings(url, target.port, smtp={"pool_size": 1, **case.smtp}, in_flight_per_connection=1,
+                             max_attempts=1)  # fmt: skip
+    shop = Shop(url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        # one attempt paused the run, and the reason says what to fix, where
+        paused = report.dispatched.paused
+        assert paused is not None
+        assert f"an SMTP setup problem ({case.setting})" in paused
+        assert f"127.0.0.1:{target.port}" in paused and case.says in paused
+        assert sum(len(shop.attempts(e)) for e in emails) == 1
+        # nothing lost, no one failed: the tried row waits for a retry with its attempt not counted, the rest
+        # went back to the queue untouched
+        rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
+        assert rows == [("planned", 0)] * 5 + [("retry", 0)]
+        assert target.messages == []
+        # what the operator sees: the log event, `run --once`'s summary and exit code; never the password
+        (event,) = _events(caplog, "dispatcher_paused")
+        assert (event["reason"], event["setting"]) == (paused, case.setting)
+        assert any(line.startswith("PAUSED") and case.setting in line for line in running.summary(report))
+        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+        assert "hunter2" not in caplog.text + paused
+    finally:
+        shop.close()
+        if target is not server:
+            target.stop_in_thread()

@@ -16,7 +16,8 @@ Theory of operation
   runs on a thread of its own, beside the store's thread that serves the dispatcher.
 * The **dispatch loop** runs the dispatcher until the queue is empty, then waits
   for a planning run to wake it or ``dispatch_poll_seconds``. When the dispatcher
-  paused (connection failures in a row, a refused login), the loop waits
+  paused (connection failures in a row, a refused login, an SMTP setup that
+  cannot work), the loop waits
   ``sending.pause_retry_seconds`` and resumes it to try the server again; each
   pause in a row doubles the wait (up to 15 minutes), a send that gets past the
   connection starts it over. ``/healthz`` answers 503 while it is paused. SIGHUP

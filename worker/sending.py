@@ -23,7 +23,10 @@ down and retries the message without counting the attempt; a 5.1.x "no such
 user" suppresses the address; a 5.7.x refusal is logged as a content problem.
 A failure before MAIL FROM (connection, greeting, EHLO, STARTTLS, login) is
 not the message's: it goes back to the queue without the attempt counted. Too
-many connection failures in a row, or one refused login, pause the dispatcher:
+many connection failures in a row (``sending.pause_after_failures``), or one
+that every message would meet alike (a refused login; a setup that cannot work:
+STARTTLS or AUTH not offered, a certificate that fails verification, implicit
+TLS against a plaintext port; see ``worker.core.retry``), pause the dispatcher:
 it stops claiming and gives what it holds back to the queue. If a sender or the ledger writer
 fails, the run stops and raises that failure instead of waiting on a queue
 nobody empties.
@@ -63,7 +66,7 @@ from worker.contact import Arbiter
 from worker.core import lifecycle
 from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of, next_quota_day_start
 from worker.core.policy import SendNow, Skip
-from worker.core.retry import connection_failure
+from worker.core.retry import PAUSES_AT_ONCE, connection_failure
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult
 from worker.limiter import DailyQuota, Limiter, LocalBooker
 from worker.pipeline import (
@@ -306,8 +309,8 @@ class Dispatcher:
         self.stopping = asyncio.Event()
         self.observer: SendObserver | None = None
         self.paused: str | None = None
-        """Set when too many connection failures in a row, or a refused login, paused sending (health checks
-        read it)."""
+        """Set when too many connection failures in a row, a refused login or an SMTP setup that cannot work
+        paused sending (health checks read it)."""
         self.failures_in_row = 0
         self.pauses_in_row = 0
         """Pauses since the last attempt that got past the connection (a daemon waits longer after each)."""
@@ -337,7 +340,8 @@ class Dispatcher:
 
     def _observe_failures(self, result: SendResult) -> None:
         """Count attempts that failed before MAIL FROM (the connection, greeting, EHLO, STARTTLS, login) or got
-        no reply at all; too many in a row, or one refused login, pause the dispatcher."""
+        no reply at all; too many in a row, or one that every message would meet alike (a refused login, an SMTP
+        setup that cannot work: ``retry.PAUSES_AT_ONCE``), pause the dispatcher."""
         trouble = connection_failure(result)
         if trouble is None and not (result.code is None and result.outcome in (Outcome.TRANSIENT, Outcome.AMBIGUOUS)):
             self.failures_in_row = 0
@@ -348,10 +352,12 @@ class Dispatcher:
         if not limit or self.paused is not None:
             return
         smtp = self.settings.smtp
-        if trouble == "auth":  # every message would be refused alike: pause at once
+        if trouble in PAUSES_AT_ONCE:  # every message would fail alike until something is fixed: pause at once
             self.paused = (
-                f"an SMTP authentication failure ({result.reply[:120]}): check smtp.username ({smtp.username!r}) "
-                f"and the password in ${smtp.password_env}"
+                f"an SMTP setup problem ({result.setup}): {result.reply}"  # the reply names host:port and the fix
+                if trouble == "setup"
+                else f"an SMTP authentication failure ({result.reply[:120]}): check smtp.username "
+                f"({smtp.username!r}) and the password in ${smtp.password_env}"
             )
         elif self.failures_in_row >= limit:
             self.paused = (
@@ -364,6 +370,7 @@ class Dispatcher:
         log.event(
             "dispatcher_paused", logging.ERROR, reason=self.paused, smtp_host=smtp.host,
             failures_in_row=self.failures_in_row, code=result.code, stage=result.stage,
+            **({"setting": result.setup} if result.setup else {}),
         )  # fmt: skip
         self.stop()
 
