@@ -586,7 +586,8 @@ class _Rows:
     def __exit__(self, *exc: object) -> None:
         self._handle.close()
 
-    def raw(self) -> Iterator[tuple[int, list[str] | str]]:
+    def raw(self) -> Iterator[tuple[int, int, list[str] | str]]:
+        """(first line, last line, fields or why the row is unreadable) per non-blank row."""
         reader = self._reader
         while True:
             start = reader.line_num + 1
@@ -595,23 +596,32 @@ class _Rows:
             except StopIteration:
                 return
             except csv.Error as exc:
-                yield start, f"unreadable CSV ({exc})"
+                yield start, reader.line_num, f"unreadable CSV ({exc})" + _swallowed(start, reader.line_num)
                 continue
             if any(field.strip() for field in fields):
                 bad = _not_utf8(fields)
-                yield start, (bad if bad is not None else fields)
+                yield start, reader.line_num, (bad if bad is not None else fields)
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, str] | _Broken]]:
         width = len(self.columns)
-        for line, fields in self.raw():
+        for line, end, fields in self.raw():
             if isinstance(fields, str):
                 yield line, _Broken("", fields)
             elif len(fields) != width:
                 key = fields[self.key_column].strip() if self.key_column < len(fields) else ""
-                reason = f"row has {len(fields)} fields, the header has {width} (a stray comma or quote?)"
+                reason = (f"row has {len(fields)} fields, the header has {width} (a stray comma or quote?)"
+                          + _swallowed(line, end))  # fmt: skip
                 yield line, _Broken(key, reason)
             else:
                 yield line, dict(zip(self.columns, fields, strict=True))
+
+
+def _swallowed(start: int, end: int) -> str:
+    """For a bad row read from more than one line: which lines went into it (none of them is imported)."""
+    if end <= start:
+        return ""
+    return (f"; it takes in lines {start} to {end}, none of which is imported (a quote opened and never closed "
+            "makes the lines after it one field)")  # fmt: skip
 
 
 def _open(path: Path) -> _Rows:
@@ -639,7 +649,7 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
     first = next(rows.raw(), None)
     if first is None:
         raise ImportRowError(1, f"{path.name} is empty (expected a header row: {', '.join(known)})")
-    line, fields = first
+    line, _end, fields = first
     if isinstance(fields, str):
         raise ImportRowError(line, f"{path.name}: header: {fields}")
     columns = [name.strip().lower() for name in fields]
