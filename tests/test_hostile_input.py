@@ -59,3 +59,23 @@ def test_a_quote_left_open_in_a_big_file_names_the_lines_it_swallowed(
     last = int(rejected.split("it takes in lines 2 to ")[1].split(",")[0])
     created = int(out.split("customers: ")[1].split(" created")[0])
     assert created == 5000 - last  # every other line of the file is either imported or named as lost
+
+
+def test_a_date_time_out_of_range_in_utc_is_a_rejected_row(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 0001-01-01T00:00:00 is a common "no date" from other systems; in Asia/Jakarta it is before year 1 in UTC
+    (tmp_path / "customers.csv").write_text(CUSTOMERS + "C-1,c1@example.com,Ani,true\n", encoding="utf-8")
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,delivered_at,product_id,quantity,unit_price\n"
+        "O-1,C-1,delivered,2026-11-01T10:00,0001-01-01T00:00:00,,,\n"
+        "O-2,C-1,paid,9999-12-31T23:59:59-12:00,,P-1,1,1000\n"
+        "O-3,C-1,paid,2026-11-02T10:00,,P-1,1,1000\n",
+        encoding="utf-8",
+    )
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    assert code == 1 and "Traceback" not in out
+    assert "orders.csv:2: id 'O-1': invalid delivered_at '0001-01-01T00:00:00' (out of range" in out
+    assert "orders.csv:3: id 'O-2': invalid placed_at '9999-12-31T23:59:59-12:00' (out of range" in out
+    assert "orders: 1 created, 0 updated, 0 unchanged, 2 rejected" in out

@@ -495,7 +495,10 @@ def _datetime(row: dict[str, str], column: str, zone: ZoneInfo) -> datetime:
         raise _Invalid(f"invalid {column} {_show(value)} ({exc})") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=zone)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01 east of UTC, 9999-12-31 west of it: before year 1 or after 9999 in UTC
+        raise _Invalid(f"invalid {column} {_show(value)} (out of range: before year 1 or after 9999 in UTC)") from None
 
 
 def _not_seen(seen: _SeenIds, key: str, line: int, column: str) -> None:
