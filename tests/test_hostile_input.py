@@ -79,3 +79,15 @@ def test_a_date_time_out_of_range_in_utc_is_a_rejected_row(
     assert "orders.csv:2: id 'O-1': invalid delivered_at '0001-01-01T00:00:00' (out of range" in out
     assert "orders.csv:3: id 'O-2': invalid placed_at '9999-12-31T23:59:59-12:00' (out of range" in out
     assert "orders: 1 created, 0 updated, 0 unchanged, 2 rejected" in out
+
+
+def test_a_suppression_file_that_is_not_utf8_is_named_by_line_and_nothing_is_imported(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bounces = tmp_path / "bounces.txt"  # a list saved as Windows-1252 by a spreadsheet
+    bounces.write_bytes("siti@example.com\nagus@example.com\njos\u00e9@example.com\n".encode("cp1252"))
+    code, out = kembali(capsys, "--config", str(config), "suppress", "import", str(bounces))
+    assert code == 2 and "Traceback" not in out
+    assert f"{bounces}: line 3: not UTF-8 text (byte 0xe9); save the file as UTF-8: nothing was imported" in out
+    listed = kembali(capsys, "--config", str(config), "suppress", "list")[1]
+    assert listed.splitlines()[1:] == ["0 suppressed address(es)"]

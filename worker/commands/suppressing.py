@@ -98,7 +98,14 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
 def _import(store: Store, target: str, reason: str) -> int:
     from worker.adapters.clock import SystemClock
 
-    text = sys.stdin.read() if target == "-" else Path(target).read_text(encoding="utf-8-sig")
+    data = sys.stdin.buffer.read() if target == "-" else Path(target).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        print(f"kembali suppress import: {target}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+              "save the file as UTF-8: nothing was imported", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     good, bad = read_addresses(text)
     good = list(dict.fromkeys(good))
     for problem in bad:
