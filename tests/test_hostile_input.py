@@ -91,3 +91,21 @@ def test_a_suppression_file_that_is_not_utf8_is_named_by_line_and_nothing_is_imp
     assert f"{bounces}: line 3: not UTF-8 text (byte 0xe9); save the file as UTF-8: nothing was imported" in out
     listed = kembali(capsys, "--config", str(config), "suppress", "list")[1]
     assert listed.splitlines()[1:] == ["0 suppressed address(es)"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "exit_code"),
+    [(["db", "status"], 2), (["db", "upgrade"], 2), (["preview"], 3), (["stats"], 3), (["ledger", "list"], 3),
+     (["suppress", "list"], 3)],
+)
+def test_a_database_url_naming_a_file_that_is_no_database_is_named_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], exit_code: int
+) -> None:
+    not_a_db = tmp_path / "customers.csv"  # database.url pointed at the wrong file
+    not_a_db.write_text(CUSTOMERS + "C-1,c1@example.com,Ani,true\n", encoding="utf-8")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{not_a_db}"\n', encoding="utf-8")
+    code, out = kembali(capsys, "--config", str(config), *argv)
+    assert (code, "Traceback" in out) == (exit_code, False), out
+    assert f"cannot open the database {not_a_db}: file is not a database" in out
+    assert not_a_db.read_text(encoding="utf-8").startswith(CUSTOMERS)

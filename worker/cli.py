@@ -236,11 +236,15 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     engine = db.create_engine(settings.database_url)
     path = db.sqlite_path(engine)
     try:
+        if args.action == "status" and path is not None and not path.exists():  # look, but do not create it
+            print(f"current: (no database file at {path})  newest: {db.head_revision(engine)}")
+            return EXIT_OK
+        try:
+            current = db.current_revision(engine)
+        except sa_exc.DatabaseError as exc:  # also a file that is no SQLite database ("file is not a database")
+            return _cannot_open(engine, path, exc)
         if args.action == "status":
-            if path is not None and not path.exists():  # look, but do not create it
-                print(f"current: (no database file at {path})  newest: {db.head_revision(engine)}")
-                return EXIT_OK
-            print(f"current: {db.current_revision(engine) or '(empty)'}  newest: {db.head_revision(engine)}")
+            print(f"current: {current or '(empty)'}  newest: {db.head_revision(engine)}")
             return EXIT_OK
         before, after = db.upgrade(engine)
         if before == after:
@@ -249,11 +253,17 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             print(f"schema upgraded: {before or '(empty)'} -> {after} ({db.describe(engine)})")
         return EXIT_OK
     except sa_exc.OperationalError as exc:
-        hint = " (does its folder exist?)" if path is not None and not path.parent.is_dir() else ""
-        print(f"kembali: cannot open the database {db.describe(engine)}{hint}: {exc.orig}", file=sys.stderr)
-        return EXIT_USAGE
+        return _cannot_open(engine, path, exc)
     finally:
         engine.dispose()
+
+
+def _cannot_open(engine: Any, path: Path | None, exc: Any) -> int:
+    from worker.adapters import db
+
+    hint = " (does its folder exist?)" if path is not None and not path.parent.is_dir() else ""
+    print(f"kembali: cannot open the database {db.describe(engine)}{hint}: {exc.orig}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:

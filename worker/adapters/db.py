@@ -226,7 +226,7 @@ def check_schema(engine: Engine) -> None:
                           "`kembali db upgrade`")  # fmt: skip
     try:
         current = current_revision(engine)
-    except sa.exc.OperationalError as exc:
+    except sa.exc.DatabaseError as exc:  # also an SQLite file that is no database ("file is not a database")
         raise SchemaError(f"cannot open the database {where}: {exc.orig}") from None
     head = head_revision(engine)
     if current != head:
