@@ -109,3 +109,12 @@ def test_a_database_url_naming_a_file_that_is_no_database_is_named_without_a_tra
     assert (code, "Traceback" in out) == (exit_code, False), out
     assert f"cannot open the database {not_a_db}: file is not a database" in out
     assert not_a_db.read_text(encoding="utf-8").startswith(CUSTOMERS)
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_a_preview_port_out_of_range_is_a_usage_error(
+    config: Path, capsys: pytest.CaptureFixture[str], port: str
+) -> None:
+    code, out = kembali(capsys, "--config", str(config), "preview", "--serve", "--port", port)
+    assert code == 2 and "Traceback" not in out
+    assert f"argument --port: must be from 0 (a free port) to 65535, not {port}" in out

@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true",
                    help="instead: serve a live page of every campaign x language x sample customer on 127.0.0.1, "
                    "reloading when a template changes (no database needed)")
-    p.add_argument("--port", type=int, default=8025, help="port for --serve (default 8025; 0 picks a free one)")
+    p.add_argument("--port", type=_port_arg, default=8025, help="port for --serve (default 8025; 0 picks a free one)")
 
     p = sub.add_parser("check", help="check the config and every template against sample customers",
                        description="Validate the config, then render every campaign's templates in every language "
@@ -170,6 +170,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _port_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 (a free port) to 65535, not {value}")
     return value
 
 
