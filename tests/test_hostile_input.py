@@ -118,3 +118,22 @@ def test_a_preview_port_out_of_range_is_a_usage_error(
     code, out = kembali(capsys, "--config", str(config), "preview", "--serve", "--port", port)
     assert code == 2 and "Traceback" not in out
     assert f"argument --port: must be from 0 (a free port) to 65535, not {port}" in out
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ("[sending]\nrate_per_second = nan", "'sending.rate_per_second' must be a finite number, not nan"),
+        ("[sending]\nretry_max_seconds = inf", "'sending.retry_max_seconds' must be a finite number, not inf"),
+        ("[smtp]\ntimeout_seconds = -inf", "'smtp.timeout_seconds' must be a finite number, not -inf"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_a_configuration_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str, says: str
+) -> None:
+    # nan compares false to everything: `rate <= 0` let it through, and a rate of nan let every message go at once
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "k.db"}"\n{setting}\n', encoding="utf-8")
+    code, out = kembali(capsys, "--config", str(config), "db", "status")
+    assert code == 2 and "Traceback" not in out
+    assert f"kembali: configuration error: {config}: {says}" in out, out

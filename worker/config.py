@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import math
 import re
 import tomllib
 import types
@@ -394,6 +395,8 @@ def _coerce(hint: Any, value: Any, source: str, dotted: str) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML has nan and inf; nan passes every `<= 0` check below
+                raise ConfigError(f"{source}: '{dotted}' must be a finite number, not {value!r}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):
