@@ -137,3 +137,24 @@ def test_a_number_that_is_not_finite_is_a_configuration_error(
     code, out = kembali(capsys, "--config", str(config), "db", "status")
     assert code == 2 and "Traceback" not in out
     assert f"kembali: configuration error: {config}: {says}" in out, out
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ("retry_base_seconds = -60.0", "'sending.retry_base_seconds' must be positive"),
+        ("retry_base_seconds = 600.0\nretry_max_seconds = 60.0",
+         "'sending.retry_max_seconds' must be at least retry_base_seconds and at most 31536000 (a year)"),
+        ("retry_max_seconds = 1e12", "'sending.retry_max_seconds' must be at least retry_base_seconds"),
+    ],
+)
+def test_retry_backoff_out_of_range_is_a_configuration_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str, says: str
+) -> None:
+    # a negative retry_base_seconds retried at once until the attempts ran out; under a retry_max_seconds of 1e12 s
+    # a server's "try again in N hours" could put the next attempt past the year 9999 (an OverflowError mid-run)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "k.db"}"\n[sending]\n{setting}\n', encoding="utf-8")
+    code, out = kembali(capsys, "--config", str(config), "db", "status")
+    assert code == 2 and "Traceback" not in out
+    assert f"kembali: configuration error: {config}: {says}" in out, out

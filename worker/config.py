@@ -455,6 +455,11 @@ def _check(s: Settings) -> None:
             _fail(s, key, "must be at least 1")
     if s.sending.rate_per_second <= 0:
         _fail(s, "sending.rate_per_second", "must be positive")
+    if s.sending.retry_base_seconds <= 0:
+        _fail(s, "sending.retry_base_seconds", "must be positive")
+    if not s.sending.retry_base_seconds <= s.sending.retry_max_seconds <= _YEAR_SECONDS:
+        _fail(s, "sending.retry_max_seconds", f"must be at least retry_base_seconds and at most {_YEAR_SECONDS} "
+              "(a year)")
     if s.sending.daily_quota < 0:
         _fail(s, "sending.daily_quota", "must be 0 (no quota) or more")
     if not 0 <= s.sending.compose_processes <= 64:
@@ -585,6 +590,7 @@ def _check_campaigns(s: Settings) -> None:
         _fail(s, "campaigns.loyalty.spend_milestones", "must be positive amounts")
 
 
+_YEAR_SECONDS = 365 * 86400
 _TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _CLOCK = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 
