@@ -158,3 +158,13 @@ def test_retry_backoff_out_of_range_is_a_configuration_error(
     code, out = kembali(capsys, "--config", str(config), "db", "status")
     assert code == 2 and "Traceback" not in out
     assert f"kembali: configuration error: {config}: {says}" in out, out
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_a_ledger_limit_below_one_is_a_usage_error(
+    config: Path, capsys: pytest.CaptureFixture[str], limit: str
+) -> None:
+    # --limit 0 printed "no messages with status uncertain, failed" whatever the ledger held
+    code, out = kembali(capsys, "--config", str(config), "ledger", "list", "--limit", limit)
+    assert code == 2 and "Traceback" not in out and "no messages" not in out
+    assert f"argument --limit: must be at least 1, not {limit}" in out

@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     ls.add_argument("--all", action="store_true", help="every status")
     ls.add_argument("--campaign", help="only this campaign")
-    ls.add_argument("--limit", type=int, default=50, help="at most N rows, newest first (default 50)")
+    ls.add_argument("--limit", type=_at_least_one, default=50, help="at most N rows, newest first (default 50)")
     ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     rs = actions.add_parser("resend", help="send uncertain/failed messages again (same Message-ID)")
     rs.add_argument("ids", type=int, nargs="+", metavar="ID")
@@ -61,6 +61,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="the final status (default failed; sent if you know it arrived)",
     )
     cl.add_argument("--reason", default="", help="a note kept with the message")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:  # 0 listed nothing under "no messages"; -1 listed every row on SQLite and failed on PostgreSQL
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def operator() -> str:
