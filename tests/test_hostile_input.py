@@ -168,3 +168,15 @@ def test_a_ledger_limit_below_one_is_a_usage_error(
     code, out = kembali(capsys, "--config", str(config), "ledger", "list", "--limit", limit)
     assert code == 2 and "Traceback" not in out and "no messages" not in out
     assert f"argument --limit: must be at least 1, not {limit}" in out
+
+
+def test_a_semicolon_separated_file_is_named_as_such(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Excel set to Indonesian (a decimal comma) saves "CSV" with semicolons: "missing column 'id'" alone, with the
+    # id column right there in the header it shows, leaves the operator guessing
+    (tmp_path / "customers.csv").write_text("id;email;name;marketing_consent\nC-1;c1@example.com;Ani;ya\n")
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    assert code == 2
+    assert "line 1: missing column 'id' (found: id;email;name;marketing_consent); the columns are separated by ';': " \
+           "save the file comma-separated" in out

@@ -661,7 +661,10 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
             raise ImportRowError(line, f"duplicate column {name!r}")
     for name in required:
         if name not in columns:
-            raise ImportRowError(line, f"missing column {name!r} (found: {', '.join(columns)})")
+            hint = ""
+            if len(columns) == 1 and ";" in columns[0]:  # a spreadsheet in a comma-decimal locale (id-ID) saves ";"
+                hint = "; the columns are separated by ';': save the file comma-separated"
+            raise ImportRowError(line, f"missing column {name!r} (found: {', '.join(columns)}){hint}")
     unknown = [name for name in columns if name not in known]
     if unknown and warn is not None:
         names = ", ".join(repr(name) for name in unknown)
