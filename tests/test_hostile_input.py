@@ -180,3 +180,11 @@ def test_a_semicolon_separated_file_is_named_as_such(
     assert code == 2
     assert "line 1: missing column 'id' (found: id;email;name;marketing_consent); the columns are separated by ';': " \
            "save the file comma-separated" in out
+
+
+def test_importing_a_folder_says_it_is_a_folder(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "exports").mkdir()
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "exports"))
+    assert (code, out.strip()) == (2, f"kembali import: {tmp_path / 'exports'}: a folder, not a file")
