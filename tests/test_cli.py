@@ -165,15 +165,23 @@ def test_preview_shows_who_would_get_what_and_writes_nothing(tmp_path: Path) -> 
     assert hashlib.sha256(db_file.read_bytes()).hexdigest() == before
 
 
-def test_no_secret_is_ever_printed(tmp_path: Path, smtp_server: RecordingServer) -> None:
+@pytest.mark.parametrize("login", ["refused", "accepted"])
+def test_no_secret_is_ever_printed(tmp_path: Path, smtp_server: RecordingServer, login: str) -> None:
+    password = "Sup3r-Secret-Pa55word"
+    # the server offers AUTH and takes the password, or refuses it (535): either way the password was sent
+    smtp_server.login = ("shop", password if login == "accepted" else "another-password")
     config = write_config(tmp_path, smtp_port=smtp_server.port)
     config.write_text(config.read_text().replace('tls = "none"', 'tls = "none"\nusername = "shop"'))
     _shop_in(tmp_path, config, customers=20)
-    password = "Sup3r-Secret-Pa55word"
     result = kembali("run", "--once", config=config,
                      env={"KEMBALI_SMTP_PASSWORD": password})
-    assert result.returncode == 0, result.stderr
-    assert "email_deferred" in result.stderr  # the login was refused, so every message waits for a retry
+    if login == "refused":  # sending pauses at once, naming the setting and the variable, not the password
+        assert result.returncode == 3, result.stderr
+        assert "dispatcher_paused" in result.stderr and "KEMBALI_SMTP_PASSWORD" in result.stdout + result.stderr
+        assert smtp_server.messages == []
+    else:
+        assert result.returncode == 0, result.stderr
+        assert smtp_server.messages
     assert password not in result.stdout + result.stderr
     assert LINK_KEY not in result.stdout + result.stderr
 
