@@ -108,6 +108,12 @@ class _FaultySMTP(SMTP):
         """A mechanism aiosmtplib does not speak (only offered when in ``login_mechanisms``)."""
         return AuthResult(success=False, handled=False)
 
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if self._owner.ehlo_reply is None:
+            await super().smtp_EHLO(hostname)
+            return
+        await self.push(self._owner.ehlo_reply)  # the client falls back to HELO, which aiosmtpd takes
+
     async def smtp_DATA(self, arg: str) -> None:
         rcpts = list(self.envelope.rcpt_tos) if self.envelope is not None else []
         if not any(self._owner.behaviour(r).drop_mid_data for r in rcpts):
@@ -130,6 +136,8 @@ class RecordingServer:
         self.client_limit: int | None = None
         """Recipients accepted per client IP before every further RCPT gets ``CLIENT_LIMIT_REPLY``."""
         self.accepted_from: Counter[str] = Counter()
+        self.ehlo_reply: str | None = None
+        """When set, every EHLO gets this reply (e.g. a 451): the client has to greet with HELO."""
         self.login: tuple[str, str] | None = None
         """When set, AUTH is offered (without TLS: loopback tests) and only this (username, password) is
         accepted; aiosmtpd answers anything else with "535 5.7.8 Authentication credentials invalid"."""

@@ -274,8 +274,18 @@ BOUNCES = [
     (550, "550 5.7.606 Access denied, banned sending IP [192.0.2.7]", "sender"),
     (550, "550 5.7.509 Access denied, sending domain toko.example does not pass DMARC verification", "sender"),
     (554, "554 Service unavailable; Client host [192.0.2.7] blocked using zen.spamhaus.org", "sender"),
+    (554, "554 5.7.1 Blocked - see https://ipcheck.proofpoint.com/?ip=192.0.2.7", "sender"),
+    (553, "553 5.7.2 [TSS09] All messages from 192.0.2.7 will be permanently deferred", "sender"),
+    (550, "550-5.7.1 [192.0.2.7] The IP you're using to send mail is not authorized to send email directly to our"
+          " servers.", "sender"),
+    (550, "550 5.7.1 Client host rejected: cannot find your reverse hostname, [192.0.2.7]", "sender"),
     (550, "550-5.7.1 This message has been blocked because it contains content that presents a potential security"
           " issue.", "content"),
+    # a link or the content on a block list is the template's problem, not the sender's
+    (550, "550 5.7.1 Message rejected: contains a link to a blacklisted domain", "content"),
+    (550, "550 5.7.1 Message rejected: the URL in the message body is listed on the Spamhaus DBL", "content"),
+    (554, "554 5.7.1 Message rejected: URL reputation (Cisco Talos) is poor", "content"),
+    (554, "554 5.7.1 Message blocked by Barracuda Email Security Service: Spam content", "content"),
     (552, "552 5.3.4 Message size exceeds fixed limit", None),
     (550, "550 5.2.1 Mailbox disabled", None),
     (550, "550 Requested action not taken", None),
@@ -291,7 +301,12 @@ def test_what_a_permanent_reply_says_about_the_address(code: int | None, reply: 
 
 def test_only_a_permanent_refusal_about_the_sender_is_tried_again() -> None:
     blocked = SendResult(Outcome.PERMANENT, 550, "550 5.7.26 unauthenticated sender", stage="data")
-    assert as_sender_refusal(blocked) == replace(blocked, outcome=Outcome.TRANSIENT)
+    # tried again, not before an hour: SPF, DKIM or a block list is not fixed in minutes
+    assert as_sender_refusal(blocked) == replace(blocked, outcome=Outcome.TRANSIENT, retry_after_seconds=3600.0)
+    now = datetime(2026, 11, 22, tzinfo=UTC)
+    status, next_at = lifecycle.after_attempt(as_sender_refusal(blocked), attempt=1, max_attempts=5, now=now,
+                                              base_seconds=60, cap_seconds=6 * 3600)  # fmt: skip
+    assert status is MessageStatus.RETRY and next_at is not None and next_at >= now + timedelta(hours=1)
     spam = SendResult(Outcome.PERMANENT, 550, "550 5.7.1 Message rejected as spam")
     assert as_sender_refusal(spam) is spam
     unknown = SendResult(Outcome.PERMANENT, 550, "550 5.1.1 User unknown")

@@ -377,6 +377,18 @@ def test_a_username_for_a_server_without_auth_is_a_setup_problem(smtp_server: Re
     assert smtp_server.messages == []
 
 
+def test_a_refused_ehlo_greeted_by_helo_is_not_taken_for_a_server_without_auth(smtp_server: RecordingServer) -> None:
+    # a busy server refuses EHLO for now and takes HELO: HELO lists nothing, so no AUTH is known, which may pass
+    smtp_server.ehlo_reply = "451 4.3.2 System busy, try again later"
+    smtp_server.login = ("shop", "right-password")
+
+    result = run(_send_with_password(smtp_server.settings(username="shop"), "right-password"))
+
+    assert (result.outcome, result.code, result.stage, result.setup) == (Outcome.TRANSIENT, None, "auth", "")
+    assert "refused EHLO (HELO was taken)" in result.reply
+    assert smtp_server.messages == []
+
+
 def test_a_server_offering_only_mechanisms_the_client_cannot_speak_is_a_setup_problem(
     smtp_server: RecordingServer,
 ) -> None:

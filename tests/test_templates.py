@@ -659,3 +659,14 @@ def test_a_rendered_part_over_the_limit_names_the_line_whose_output_passed_it(
     # the text stops at the second long value: 1.8 million characters, with the few before it
     assert re.fullmatch(r".*:\d+: the rendered text would build at least 1,800,0\d\d characters, more than the "
                         r"1,000,000 a template may build", str(info.value))  # fmt: skip
+
+
+def test_a_part_over_the_limit_in_a_symlinked_include_names_the_include_by_its_name(tmp_path: Path) -> None:
+    # a shared include kept outside the templates' folder, linked in: named as the template names it
+    root = tree(tmp_path / "root", GOOD | {"demo/id/body.html": "<p>\n{% include 'demo/_loop.html' %}"})
+    shared = tmp_path / "shared.html"
+    shared.write_text("\n" * 6 + "{% for i in range(300) %}{{ big }}{% endfor %}")
+    (root / "demo/_loop.html").symlink_to(shared)
+    with pytest.raises(TemplateError) as info:
+        JinjaTemplates(root).render("demo", Locale.ID, {**CTX, "big": BIG})
+    assert (info.value.template, info.value.line) == ("demo/_loop.html", 7)

@@ -710,7 +710,8 @@ class Dispatcher:
                     code=result.code, reply=result.reply[:200], status=status.value,
                     hint=f"{domain} refuses mail from this sender (authentication or reputation), whatever the "
                     f"message: check SPF, DKIM and DMARC for the domain of shop.from_address and the sending IP's "
-                    "standing; the message is tried again later",
+                    "standing; " + ("the message is tried again in an hour or more" if status is MessageStatus.RETRY
+                                    else "the message has used its attempts and failed"),
                 )  # fmt: skip
             writer.record(
                 Disposition(

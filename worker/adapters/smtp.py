@@ -357,6 +357,8 @@ def _check_auth_offered(client: SMTP, s: SmtpSettings) -> None:
     if client.supported_auth_methods:
         return
     where = f"{s.host}:{s.port}"
+    if client.last_ehlo_response is None:  # EHLO refused, HELO taken: that says nothing of what it offers
+        raise SMTPException(f"{where} refused EHLO (HELO was taken), so it named no AUTH to log in with")
     if not client.supports_extension("auth"):
         if s.tls == "none":
             raise AuthNotOffered(

@@ -520,14 +520,14 @@ def _too_long(size: int, parts: object = None) -> NoReturn:
 
 
 def _generating_at(parts: object) -> tuple[str, int] | None:
-    """The template file and line a generator of rendered pieces is suspended at: the innermost one, following
-    it into a parent template and blocks (``yield from``) and into an include (its generator, the local ``gen``
-    of Jinja2's generated code)."""
+    """The template (its name under the root) and line a generator of rendered pieces is suspended at: the
+    innermost one, following it into a parent template and blocks (``yield from``) and into an include (its
+    generator, the local ``gen`` of Jinja2's generated code)."""
     found = None
     while isinstance(parts, GeneratorType) and (frame := parts.gi_frame) is not None:
         template = frame.f_globals.get("__jinja_template__")
-        if isinstance(template, jinja2.Template) and template.filename:
-            found = (template.filename, template.get_corresponding_lineno(frame.f_lineno))
+        if isinstance(template, jinja2.Template) and template.name:
+            found = (template.name, template.get_corresponding_lineno(frame.f_lineno))
         parts = parts.gi_yieldfrom or frame.f_locals.get("gen")
     return found
 
@@ -971,7 +971,7 @@ class JinjaTemplates:
         except Exception as exc:
             where, line = self._locate(exc.__traceback__)
             if isinstance(exc, _TooLong) and exc.at is not None:  # where the template's output passed the limit
-                where, line = self._relative(exc.at[0]) or where, exc.at[1]
+                where, line = exc.at
             if isinstance(exc, jinja2.TemplateNotFound):
                 message = f"template not found: {exc.name}"
             elif isinstance(exc, _TooLong):

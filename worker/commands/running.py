@@ -90,10 +90,13 @@ def summary(report: CycleReport) -> list[str]:
     if content:
         lines.append(f"{content} messages were refused for their content (5.7.x): check the templates, "
                      "not the customers")
-    refused = sum(n for what, n in report.dispatched.outcomes.items() if what.endswith(":sender_refused"))
-    if refused:
-        lines.append(f"{refused} messages were refused for who sent them, not what they say (SPF, DKIM, DMARC, "
-                     "a block list, the sending IP's standing): fix the sending setup; they are tried again later")
+    retried = report.dispatched.outcomes.get("retry:sender_refused", 0)
+    failed = report.dispatched.outcomes.get("failed:sender_refused", 0)
+    if retried or failed:
+        fates = [f"{retried} will be tried again in an hour or more"] if retried else []
+        fates += [f"{failed} used their last attempt and failed"] if failed else []
+        lines.append(f"{retried + failed} messages were refused for who sent them, not what they say (SPF, DKIM, "
+                     f"DMARC, a block list, the sending IP's standing): fix the sending setup; {' and '.join(fates)}")
     if report.dispatched.quota_reached:
         lines.append("the daily quota is used up: the rest waits for tomorrow")
     if report.dispatched.paused:

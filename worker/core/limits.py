@@ -150,14 +150,19 @@ _NO_SUCH_USER = re.compile(
 
 _SENDER_TEXT = re.compile(
     r"\b(?:spf|dkim|dmarc|rdns|ptr|rbl|dnsbl)\b|unauthenticated|not authenticated|authentication (?:check|fail)|"
-    r"reverse dns|block ?list|black ?list|blocked using|spamhaus|spamcop|barracuda|reputation|"
-    r"\[(?:ts0[1-4]|bl2[1-3]|rl0[0-9])\]|banned sending ip|(?:from|originating from) your ip|ip address .{0,60}"
-    r"(?:block|list|reputation)|not accepted from this ip|sending ip",
+    r"reverse (?:dns|hostname)|cannot find your hostname|blocked using|spamhaus|spamcop|on our block ?list|"
+    r"(?:client host|sender|sending|your) (?:ip|domain|host)\b.{0,40}(?:block|list|reputation)|"
+    r"ip address .{0,60}(?:block|list|reputation)|\[(?:ts0[1-3]|tss(?:0[7-9]|1\d)|bl2[1-3])\]|banned sending ip|"
+    r"(?:from|originating from) your ip|ip you.re using to send|ipcheck\.proofpoint|not accepted from this ip",
     re.IGNORECASE,
 )
 """What a refusal says when it is about the sender (its authentication, its IP's standing), not the message: Gmail's
-"unauthenticated" and "unsolicited mail originating from your IP", Yahoo's [TS01]-[TS03] and [BL21]-[BL23],
-Microsoft's "block list" (S3150), the block lists by name."""
+"unauthenticated", "unsolicited mail originating from your IP" and "the IP you're using to send", Yahoo's
+[TS01]-[TS03], [TSS07]-[TSS19] and [BL21]-[BL23], Microsoft's "on our block list" (S3150), Proofpoint's ipcheck
+link, a block list by name."""
+_CONTENT_TEXT = re.compile(r"\b(?:url|uri|links?|content|attachments?|virus|malware|phishing)\b", re.IGNORECASE)
+"""What the message holds: a refusal that names it is about the message, whatever else it says (a link to a domain
+on a block list is the template's, not the sender's)."""
 
 
 def _about_the_sender(detail: int) -> bool:
@@ -179,19 +184,29 @@ def bounce_kind(code: int | None, reply: str) -> str | None:
         if subject == "1" and enhanced.group(3) in ("1", "0", "2", "3", "6", "10"):
             return "hard_bounce"
         if subject == "7":
-            return "sender" if _about_the_sender(int(enhanced.group(3))) or _SENDER_TEXT.search(reply) else "content"
+            return "sender" if _about_the_sender(int(enhanced.group(3))) or _names_the_sender(reply) else "content"
         return None
     if code in (550, 551, 553) and _NO_SUCH_USER.search(reply):
         return "hard_bounce"
-    if code in (550, 553, 554) and _SENDER_TEXT.search(reply):
+    if code in (550, 553, 554) and _names_the_sender(reply):
         return "sender"
     return None
 
 
+def _names_the_sender(reply: str) -> bool:
+    return _SENDER_TEXT.search(reply) is not None and _CONTENT_TEXT.search(reply) is None
+
+
+SENDER_REFUSAL_RETRY_SECONDS = 3600.0
+"""The least wait before a message refused for its sender is tried again: SPF, DKIM or a block list is not fixed in
+minutes, and each refused try costs the sender's standing with that provider more."""
+
+
 def as_sender_refusal(result: SendResult) -> SendResult:
     """A permanent refusal about the sender (``bounce_kind`` ``"sender"``) becomes a transient failure: the
-    message is fine and is tried again later (the attempt counts, so ``max_attempts`` still ends it); others
-    unchanged."""
+    message is fine and is tried again, not before ``SENDER_REFUSAL_RETRY_SECONDS`` (the attempt counts, so
+    ``max_attempts`` still ends it); others unchanged."""
     if result.outcome is Outcome.PERMANENT and bounce_kind(result.code, result.reply) == "sender":
-        return replace(result, outcome=Outcome.TRANSIENT)
+        wait = max(result.retry_after_seconds or 0.0, SENDER_REFUSAL_RETRY_SECONDS)
+        return replace(result, outcome=Outcome.TRANSIENT, retry_after_seconds=wait)
     return result
