@@ -312,6 +312,19 @@ def test_marks_made_again_after_a_commit_whose_reply_was_lost_are_given_as_made(
     assert store.record_and_mark([], ids[:1], worker="b", now=NOW) == Marks()
 
 
+def test_a_hold_made_again_after_a_commit_whose_reply_was_lost_is_given_as_held(store: Store) -> None:
+    # Given b sending to customer 1, and a's group commit marking its three rows (customers 1-3), committed though
+    # a never heard so: a's row for customer 1 was held back, the others marked
+    store.insert_messages(planned(6), NOW)
+    a = store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)
+    b = store.claim(worker="b", now=NOW, limit=3, lease_seconds=60)
+    assert store.mark_sending([b[0].id], worker="b", now=NOW) == {b[0].id}
+    first = store.record_and_mark([], [m.id for m in a], worker="a", now=NOW)
+    assert first == Marks(sending=frozenset({a[1].id, a[2].id}), held=frozenset({a[0].id}))
+    # When a tries that commit again, Then it gets the same answer: the held row is not taken for a lost lease
+    assert store.record_and_mark([], [m.id for m in a], worker="a", now=NOW) == first
+
+
 def test_a_row_whose_customer_another_worker_is_sending_to_is_held_back(store: Store) -> None:
     """Two workers hold one message each for customers 1, 2 and 3 (k:0-k:2 and k:3-k:5). The frequency cap
     is judged against the ledger, which shows another worker's message only once it is marked or recorded,

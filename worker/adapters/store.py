@@ -174,9 +174,13 @@ _HOLD_HEAD = (
     " lease_until = NULL, next_attempt_at = :later, updated_at = :now WHERE id IN ("
 )
 _HOLD_TAIL = f") AND claimed_by = :worker AND status = '{_CLAIMED}' RETURNING id"
-_MARKED_HEAD = "SELECT id FROM message WHERE id IN ("
-# a group commit tried again (same ``now``) after one whose reply was lost finds its own marks made
-_MARKED_TAIL = f") AND claimed_by = :worker AND status = '{_SENDING}' AND updated_at = :now"
+_MADE_HEAD = "SELECT id, status FROM message WHERE id IN ("
+# a group commit tried again (same ``now``) after one whose reply was lost finds what that commit made of its
+# rows: marked by this worker, or held back (back in the queue until ``later``)
+_MADE_TAIL = (
+    f") AND updated_at = :now AND (claimed_by = :worker AND status = '{_SENDING}'"
+    " OR claimed_by IS NULL AND status IN ('planned', 'retry') AND next_attempt_at = :later)"
+)
 MAILBOX_LOCKS = 1265462377
 """PostgreSQL advisory locks (this number, a hash of the mailbox) that serialise marks per mailbox across workers
 (two mailboxes with one hash merely wait for each other)."""
@@ -286,8 +290,8 @@ class _LedgerSql:
     def hold(self, count: int) -> str:
         return self._in(_HOLD_HEAD, count, _HOLD_TAIL)
 
-    def marked(self, count: int) -> str:
-        return self._in(_MARKED_HEAD, count, _MARKED_TAIL)
+    def made(self, count: int) -> str:
+        return self._in(_MADE_HEAD, count, _MADE_TAIL)
 
     def state(self, count: int) -> str:
         return self._in(_STATE_HEAD, count, ")")
@@ -482,8 +486,8 @@ class Store:
         commit runs hundreds of times a second, and SQLAlchemy's per-transaction and per-statement
         machinery cost more than SQLite's own work. A failure rolls back and drops that connection, so the
         caller may try again, with the same ``now``: outcomes it finds already written (the commit went
-        through, its reply was lost) are left alone, and rows it finds marked by this worker at ``now`` are
-        given as marked. The marks come back with the outcomes given for rows the worker no longer held
+        through, its reply was lost) are left alone, and rows it finds marked or held back by this worker at
+        ``now`` are given as such. The marks come back with the outcomes given for rows the worker no longer held
         (``Marks.stale``)."""
         raw = self._ledger_connection()
         cursor = raw.cursor()
@@ -527,9 +531,12 @@ class Store:
         sql = self._sql
         common = {"now": sql.dt(now), "worker": worker, "later": sql.dt(now + timedelta(seconds=HELD_SECONDS))}
 
-        def ids_of(statement: Callable[[int], str], part: Sequence[int]) -> set[int]:
+        def rows_of(statement: Callable[[int], str], part: Sequence[int]) -> list[Any]:
             cursor.execute(statement(len(part)), {**{f"i{n}": i for n, i in enumerate(part)}, **common})
-            return {row[0] for row in cursor.fetchall()}
+            return list(cursor.fetchall())
+
+        def ids_of(statement: Callable[[int], str], part: Sequence[int]) -> set[int]:
+            return {row[0] for row in rows_of(statement, part)}
 
         sending: set[int] = set()
         held: set[int] = set()
@@ -540,8 +547,9 @@ class Store:
             if rest:
                 held |= ids_of(sql.hold, rest)
                 rest = [message_id for message_id in rest if message_id not in held]
-            if rest:  # neither: the lease was lost, or this is a retry and the lost commit marked them
-                sending |= ids_of(sql.marked, rest)
+            if rest:  # neither: the lease was lost, or this is a retry and the lost commit marked or held them
+                for message_id, status in rows_of(sql.made, rest):
+                    (sending if status == _SENDING else held).add(message_id)
         return Marks(frozenset(sending), frozenset(held))
 
     def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
