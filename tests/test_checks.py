@@ -208,3 +208,24 @@ def test_check_reports_a_missing_link_secret(tmp_path: Path) -> None:
 def test_problem_text() -> None:
     p = Problem(Kind.UNDEFINED, "'x' is undefined", "winback/en/body.html", 12, "winback", "en", ("siti", "crlf"))
     assert str(p) == "winback/en/body.html:12: 'x' is undefined [winback/en, samples: siti, crlf]"
+
+
+@pytest.mark.parametrize(
+    ("port", "tls", "hint"),
+    [
+        (465, "starttls", "smtp.port 465 is the implicit-TLS port (SMTPS), where smtp.tls is usually 'tls'"),
+        (465, "tls", None),
+        (587, "tls", "smtp.port 587 usually takes STARTTLS"),
+        (587, "starttls", None),
+        (2525, "none", None),
+    ],
+)
+def test_check_names_a_tls_mode_unusual_for_the_port(port: int, tls: str, hint: str | None) -> None:
+    from worker.commands.checking import check_config
+
+    settings = settings_from_dict({"smtp": {"host": "127.0.0.1", "port": port, "tls": tls}}, base_dir=REPO)
+    problems = [str(p) for p in check_config(settings, {"KEMBALI_LINK_SECRET": "k" * 32})]
+    if hint is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and hint in problems[0], problems

@@ -19,6 +19,7 @@ from tests.sendkit import NOW, Shop, TimedSink, make_settings, message_ids
 from tests.smtp_server import Behaviour, RecordingServer, closed_port
 from worker.adapters.store import Store
 from worker.asyncstore import AsyncStore
+from worker.domain import Outcome, SendResult
 from worker.pipeline import plan
 from worker.sending import Dispatcher, DispatchReport, LedgerWriter
 from worker.testing import RecordingTransport
@@ -120,6 +121,26 @@ def test_marks_whose_commit_reply_was_lost_are_sent_once_when_the_commit_is_trie
         rows = conn.execute(sa.text("SELECT status, attempts FROM message")).all()
     assert Counter(map(tuple, rows)) == {("sent", 1): 60}
     shop.close()
+
+
+def test_a_pause_on_the_implicit_tls_port_without_tls_says_what_to_check(tmp_path: Path) -> None:
+    # Given smtp.port 465 with STARTTLS: the server waits for TLS, the client for a greeting, and each try times out
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    settings = make_settings(url, 465, smtp={"tls": "starttls"}, pause_after_failures=3)
+    shop = Shop(url, settings, [])
+    astore = AsyncStore(shop.store)
+    try:
+        dispatcher = _dispatcher(shop, astore, RecordingTransport())
+        timeout = SendResult(Outcome.TRANSIENT, None, "Timed out waiting for server response", stage="connect",
+                             error_type="SMTPConnectTimeoutError")  # fmt: skip
+        for _ in range(3):
+            dispatcher._observe_failures(timeout)
+    finally:
+        astore.close()
+        shop.close()
+    # Then the pause after three in a row says so, besides the failures
+    assert dispatcher.paused is not None and dispatcher.paused.startswith("3 connection failures in a row")
+    assert "smtp.port 465 is the implicit-TLS port (SMTPS), where smtp.tls is usually 'tls'" in dispatcher.paused
 
 
 @pytest.mark.parametrize("customers", [200, 800])

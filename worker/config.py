@@ -61,6 +61,17 @@ class SmtpSettings:
     pool_size: int = 4
 
 
+def tls_port_hint(smtp: SmtpSettings) -> str | None:
+    """What is unusual about ``smtp.tls`` for ``smtp.port``, or None: 465 is the implicit-TLS port (a client that
+    waits for a plaintext greeting there times out like a hung server); 587 and 25 take STARTTLS."""
+    if smtp.port == 465 and smtp.tls != "tls":
+        return (f"smtp.port 465 is the implicit-TLS port (SMTPS), where smtp.tls is usually 'tls', not "
+                f"{smtp.tls!r}: the server waits for TLS while Kembali waits for its greeting")  # fmt: skip
+    if smtp.port in (25, 587) and smtp.tls == "tls":
+        return f"smtp.port {smtp.port} usually takes STARTTLS: smtp.tls is usually 'starttls' there, not 'tls'"
+    return None
+
+
 @dataclass(frozen=True)
 class DomainRate:
     """One recipient domain's own rate (``[sending.domains]``)."""

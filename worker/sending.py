@@ -61,7 +61,7 @@ from worker.adapters.ratestore import RateStore
 from worker.adapters.store import HELD_SECONDS, Marks, Stale
 from worker.asyncstore import AsyncStore
 from worker.composing import ComposerPool
-from worker.config import Settings
+from worker.config import Settings, tls_port_hint
 from worker.contact import Arbiter
 from worker.core import lifecycle
 from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of, next_quota_day_start
@@ -360,9 +360,10 @@ class Dispatcher:
                 f"({smtp.username!r}) and the password in ${smtp.password_env}"
             )
         elif self.failures_in_row >= limit:
+            hint = tls_port_hint(smtp)
             self.paused = (
                 f"{self.failures_in_row} connection failures in a row (last: {result.error_type or 'no reply'}: "
-                f"{result.reply[:120]})"
+                f"{result.reply[:120]})" + (f"; {hint}" if hint else "")
             )
         else:
             return

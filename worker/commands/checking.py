@@ -9,7 +9,7 @@ import sys
 from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.app import link_keys, smtp_password
 from worker.checks import Kind, Problem, check_templates
-from worker.config import Settings
+from worker.config import Settings, tls_port_hint
 from worker.core import samples
 from worker.domain import Locale
 from worker.errors import ConfigError
@@ -25,6 +25,8 @@ def check_config(settings: Settings, environ: dict[str, str] | None = None) -> l
             probe(settings, environ)
         except ConfigError as exc:
             problems.append(Problem(Kind.CONFIG, str(exc)))
+    if (hint := tls_port_hint(settings.smtp)) is not None:
+        problems.append(Problem(Kind.CONFIG, hint))
     folder = settings.resolve(settings.templates.dir)
     if not folder.is_dir():
         problems.append(Problem(Kind.CONFIG, f"'templates.dir' {str(folder)!r} is not a folder"))
