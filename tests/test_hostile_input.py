@@ -188,3 +188,13 @@ def test_importing_a_folder_says_it_is_a_folder(
     (tmp_path / "exports").mkdir()
     code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "exports"))
     assert (code, out.strip()) == (2, f"kembali import: {tmp_path / 'exports'}: a folder, not a file")
+
+
+@pytest.mark.parametrize("at", ["9999-12-31T23:00+00:00", "0001-01-01T00:00+14:00"])
+def test_a_preview_moment_out_of_range_is_a_usage_error(
+    config: Path, capsys: pytest.CaptureFixture[str], at: str
+) -> None:
+    # the first was past year 9999 in the shop's zone, the second before year 1 in UTC: OverflowError tracebacks
+    code, out = kembali(capsys, "--config", str(config), "preview", "--at", at)
+    assert code == 2 and "Traceback" not in out
+    assert f"argument --at: out of range: '{at}' (give a moment from year 1900 to 8999)" in out

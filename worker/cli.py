@@ -160,7 +160,17 @@ def _datetime_arg(text: str) -> datetime:
     if value.tzinfo is None:
         example = text if "T" in text else f"{text}T10:00"  # a date alone takes no offset: give it a time
         raise argparse.ArgumentTypeError(f"give an offset, e.g. {example}+07:00")
-    return value.astimezone(UTC)
+    try:
+        utc: datetime | None = value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is before year 1 in UTC
+        utc = None
+    if utc is None or not _EARLIEST <= utc < _LATEST:  # planning and local times reach a year or so around it
+        raise argparse.ArgumentTypeError(f"out of range: {text!r} (give a moment from year {_EARLIEST.year} to "
+                                         f"{_LATEST.year - 1})")
+    return utc
+
+
+_EARLIEST, _LATEST = datetime(1900, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
 
 
 def _positive_int(text: str) -> int:
