@@ -198,3 +198,13 @@ def test_a_preview_moment_out_of_range_is_a_usage_error(
     code, out = kembali(capsys, "--config", str(config), "preview", "--at", at)
     assert code == 2 and "Traceback" not in out
     assert f"argument --at: out of range: '{at}' (give a moment from year 1900 to 8999)" in out
+
+
+def test_an_attribution_window_past_ten_years_is_a_usage_error(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 100000000 days added to an email's moment was an OverflowError traceback
+    code, out = kembali(capsys, "--config", str(config), "stats", "--window-days", "100000000")
+    assert code == 2 and "Traceback" not in out
+    assert "argument --window-days: must be at most 3650 (ten years), not 100000000" in out
+    assert kembali(capsys, "--config", str(config), "stats", "--window-days", "3650")[0] == 0

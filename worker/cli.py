@@ -126,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
                        "suppression list; the shop's repeat purchase rate and churn over the period.")
     p.add_argument("--since", type=_date_arg, default=None,
                    help="start of the period, YYYY-MM-DD (default: 90 days ago)")
-    p.add_argument("--window-days", type=_positive_int, default=7, help="attribution window in days (default 7)")
+    p.add_argument("--window-days", type=_window_days_arg, default=7,
+                   help=f"attribution window in days, 1 to {MAX_WINDOW_DAYS} (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("insights", help="when do customers buy again? a data-driven quiet_days",
@@ -180,6 +181,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+MAX_WINDOW_DAYS = 3650
+"""Ten years: longer says nothing about an email, and adding it to a moment can pass year 9999."""
+
+
+def _window_days_arg(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_WINDOW_DAYS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WINDOW_DAYS} (ten years), not {value}")
     return value
 
 
