@@ -101,3 +101,17 @@ def test_rows_that_are_not_decidable_are_left_alone(
     assert f"message {shop.row(OK).id} left alone: is sent" in err
     assert "message 999999 left alone: no such message" in err
     assert shop.row(OK).status == "sent"
+
+
+def test_an_id_past_what_a_database_holds_is_no_such_message(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    shop, config = world
+    huge = "99999999999999999999"  # past 2**63 - 1: SQLite raised "Python int too large to convert to SQLite INTEGER"
+
+    assert kembali(config, "resend", huge, str(shop.row(DROP).id)) == 1
+    captured = capsys.readouterr()
+    assert f"message {huge} left alone: no such message" in captured.err and "Traceback" not in captured.err
+    assert f"1 message(s) back in the queue (sent at the next run): {shop.row(DROP).id}" in captured.out
+    assert kembali(config, "close", f"-{huge}") == 1
+    assert f"message -{huge} left alone: no such message" in capsys.readouterr().err

@@ -25,6 +25,8 @@ A = Attempt.__table__  # type: ignore[attr-defined]
 
 DECIDABLE = (MessageStatus.UNCERTAIN.value, MessageStatus.FAILED.value)
 """States an operator may resend or close."""
+MAX_ID = 2**63 - 1
+"""The largest row id either database can hold (a 64-bit integer)."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,9 @@ class LedgerAdmin:
         changed: list[int] = []
         refused: dict[int, str] = {}
         with self.engine.begin() as conn:
-            found = {r.id: r for r in conn.execute(sa.select(M.c.id, M.c.status, M.c.attempts).where(M.c.id.in_(ids)))}
+            possible = [i for i in ids if 1 <= i <= MAX_ID]  # a bigger one is not a row: SQLite would raise on it
+            query = sa.select(M.c.id, M.c.status, M.c.attempts).where(M.c.id.in_(possible))
+            found = {r.id: r for r in conn.execute(query)}
             for message_id in ids:
                 row = found.get(message_id)
                 if row is None:
