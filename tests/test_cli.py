@@ -220,6 +220,33 @@ def test_the_demo_sends_win_back_emails_to_a_local_sink(tmp_path: Path) -> None:
         assert message.get_content_type() == "multipart/alternative" and message["List-Unsubscribe"]
 
 
+def test_the_demo_runs_from_a_folder_without_a_config(tmp_path: Path) -> None:
+    # the demo's help says it touches nothing outside --out; it stopped at "config.toml: config file not found"
+    env = {**os.environ, "KEMBALI_LINK_SECRET": ""}
+    env.pop("KEMBALI_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "worker", "demo", "--customers", "30"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"(demo) no config.toml in this folder: using the project's, {ROOT / 'config.toml'}" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-out"]
+    assert list((tmp_path / "demo-out" / "sent").glob("*.eml"))
+
+
+def test_the_demo_without_a_config_anywhere_says_what_it_needs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.commands import demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KEMBALI_CONFIG", raising=False)
+    monkeypatch.setattr(demo, "PROJECT", tmp_path / "site-packages")  # installed from a wheel: no shipped config
+    code, out = _main(capsys, "demo")
+    assert code == 2 and "Traceback" not in out
+    assert "config.toml: config file not found; kembali demo needs a config.toml and its templates " \
+           "(templates/email/): run it in the project's folder or give --config FILE" in out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_order_for_an_unknown_customer_is_named_by_line(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     kembali("db", "upgrade", config=config)

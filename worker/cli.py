@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="try Kembali on a demo shop with a local SMTP sink",
                        description="Create a demo database of an Indonesian shop, start a local SMTP sink on a "
                        "free loopback port, run one full cycle (plan, render, send, record) against it, save what "
-                       "the sink received as .eml files, and print what was sent. Touches nothing outside --out.")
+                       "the sink received as .eml files, and print what was sent. Touches nothing outside --out. Reads "
+                       "--config (default ./config.toml, else the config.toml and templates/email/ of the project's "
+                       "folder it is installed from).")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the demo (default: demo-out)")
     p.add_argument("--customers", type=int, default=120, help="customers in the demo shop (default: 120)")
     p.add_argument("--seed", type=int, default=7, help="random seed for the demo data (default: 7)")

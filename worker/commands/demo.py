@@ -21,12 +21,29 @@ from worker.adapters.sink import SmtpSink
 from worker.app import Deps
 from worker.commands import running
 from worker.commands.importing import import_file
-from worker.config import Settings, load_settings
+from worker.config import DEFAULT_CONFIG, Settings, load_settings
 from worker.demo import generate_shop, write_csvs
+from worker.errors import ConfigError
 from worker.testing import FakeClock
+
+PROJECT = Path(__file__).resolve().parent.parent.parent
+"""The project's folder, with the shipped config.toml and templates/email/ (a source checkout or editable install)."""
+
+
+def config_path(given: Path) -> Path:
+    """The config the demo reads: the one given, or, when ./config.toml is missing, the project's shipped one."""
+    if given != DEFAULT_CONFIG or given.exists():
+        return given
+    shipped = PROJECT / DEFAULT_CONFIG
+    if shipped.is_file() and (PROJECT / "templates" / "email").is_dir():
+        print(f"(demo) no {given} in this folder: using the project's, {shipped}")
+        return shipped
+    raise ConfigError(f"{given}: config file not found; kembali demo needs a config.toml and its templates "
+                      "(templates/email/): run it in the project's folder or give --config FILE")
 
 
 def run(args: argparse.Namespace) -> int:
+    args.config = config_path(args.config)
     base = load_settings(args.config)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
