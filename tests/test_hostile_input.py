@@ -208,3 +208,16 @@ def test_an_attribution_window_past_ten_years_is_a_usage_error(
     assert code == 2 and "Traceback" not in out
     assert "argument --window-days: must be at most 3650 (ten years), not 100000000" in out
     assert kembali(capsys, "--config", str(config), "stats", "--window-days", "3650")[0] == 0
+
+
+@pytest.mark.parametrize(("given", "missing"), [("quiet_hours_start", "quiet_hours_end"),
+                                                ("quiet_hours_end", "quiet_hours_start")])
+def test_one_end_of_the_quiet_hours_alone_is_a_configuration_error(
+    config: Path, capsys: pytest.CaptureFixture[str], given: str, missing: str
+) -> None:
+    # quiet_hours_start = "21:00" alone passed `check` and meant 21:00 to 00:00, the end's default
+    config.write_text(config.read_text() + f'[policy]\n{given} = "21:00"\n')
+    code, out = kembali(capsys, "--config", str(config), "check")
+    assert code == 2 and "Traceback" not in out
+    assert f"configuration error: {config}: 'policy.{missing}' is missing: 'policy.{given}' = '21:00' needs it " \
+           "(give both; equal times mean no quiet hours)" in out

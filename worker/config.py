@@ -228,8 +228,8 @@ class PolicySettings:
     """``[max emails, per days]`` pairs, across all campaigns, per customer."""
     quiet_hours_start: str = "00:00"
     quiet_hours_end: str = "00:00"
-    """Local time in the customer's zone; equal start and end = no quiet hours (the default when the
-    keys are missing, so an older config behaves as before; config.toml ships 21:00-08:00)."""
+    """Local time in the customer's zone; equal start and end = no quiet hours (the default when both
+    keys are missing, so an older config behaves as before; one alone is an error; config.toml ships 21:00-08:00)."""
     priorities: tuple[str, ...] = ("birthday", "feedback", "winback", "loyalty", "new_products")
     """Highest first: decides which competing message takes a customer's free slot."""
 
@@ -346,6 +346,7 @@ def load_settings(path: Path | str = DEFAULT_CONFIG) -> Settings:
 
 def settings_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir: Path = Path(".")) -> Settings:
     values: Settings = _build(Settings, raw, source, prefix="", skip={"source", "base_dir"})
+    _check_quiet_hours_given(raw, source)
     settings = dataclasses.replace(values, source=source, base_dir=base_dir)
     _check(settings)
     return settings
@@ -418,6 +419,18 @@ def _coerce(hint: Any, value: Any, source: str, dotted: str) -> Any:
         raise TypeError(f"unsupported settings type {hint!r} for {dotted}")
     expected = getattr(hint, "__name__", str(hint))
     raise ConfigError(f"{source}: '{dotted}' must be {expected}, not {type(value).__name__} ({value!r})")
+
+
+def _check_quiet_hours_given(raw: dict[str, Any], source: str) -> None:
+    """Quiet hours are a pair: a start given alone would take the default end, 00:00, silently (21:00 alone meant
+    quiet until midnight), and an end alone the default start. Neither given means none, as before."""
+    policy = raw.get("policy", {})
+    keys = [key for key in ("quiet_hours_start", "quiet_hours_end") if key in policy]
+    if len(keys) == 1:
+        (given,) = keys
+        missing = "quiet_hours_end" if given == "quiet_hours_start" else "quiet_hours_start"
+        raise ConfigError(f"{source}: 'policy.{missing}' is missing: 'policy.{given}' = {policy[given]!r} needs it "
+                          "(give both; equal times mean no quiet hours)")
 
 
 def _fail(settings: Settings, key: str, why: str) -> typing.NoReturn:
