@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.shop import LINK_KEY, TEMPLATES
 from worker.adapters import db
 from worker.cli import main
 
@@ -221,3 +226,19 @@ def test_one_end_of_the_quiet_hours_alone_is_a_configuration_error(
     assert code == 2 and "Traceback" not in out
     assert f"configuration error: {config}: 'policy.{missing}' is missing: 'policy.{given}' = '21:00' needs it " \
            "(give both; equal times mean no quiet hours)" in out
+
+
+def test_a_web_port_already_taken_names_the_key_and_the_address(config: Path) -> None:
+    # the daemon said only "[Errno 98] error while attempting to bind on address ('127.0.0.1', 8025): address
+    # already in use", naming no key
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config.write_text(config.read_text() + f'[templates]\ndir = "{TEMPLATES}"\n[web]\nport = {port}\n')
+        env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}
+        done = subprocess.run([sys.executable, "-m", "worker", "--config", str(config), "run"], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"configuration error: {config}: 'web.port': cannot listen on 127.0.0.1:{port} (address already in use): " \
+           "another program listens there" in done.stderr

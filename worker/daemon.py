@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -195,7 +196,7 @@ class Daemon:
                 self.web = HttpServer(site.handle, host=settings.web.host, port=settings.web.port,
                                       timeout_seconds=settings.web.request_timeout_seconds,
                                       max_connections=settings.web.max_connections)
-                port = await self.web.start()
+                port = await self._start_web(self.web, settings)
                 log.event("web_started", host=settings.web.host, port=port)
             self._schedule(settings)
             self.scheduler.start()
@@ -211,6 +212,18 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._close()
+
+    @staticmethod
+    async def _start_web(web: HttpServer, settings: Settings) -> int:
+        """Listen, or say which key to change: ``[Errno 98] … address already in use`` alone named no key."""
+        try:
+            return await web.start()
+        except OSError as exc:
+            key = "web.port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "web.host"
+            why = os.strerror(exc.errno).lower() if exc.errno and exc.errno > 0 else str(exc)  # not asyncio's retelling
+            hint = ": another program listens there" if exc.errno == errno.EADDRINUSE else ""
+            raise ConfigError(f"{settings.source}: '{key}': cannot listen on {settings.web.host}:{settings.web.port} "
+                              f"({why}){hint}") from None
 
     def _schedule(self, settings: Settings) -> None:
         self.scheduler.remove_all()
