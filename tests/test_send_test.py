@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import UTC, datetime, timedelta
 from email import policy
 from email.parser import BytesParser
@@ -68,6 +69,18 @@ def test_send_test_with_a_sample_customer_and_a_refusing_server(tmp_path: Path, 
     done = site.cli("send-test", "--campaign", "nosuch", "--to", "me@shop.example")
     assert done.returncode == 2 and "no campaign 'nosuch'" in done.stderr
     assert _ledger_rows(site.db_path) == 0
+
+
+def test_a_server_that_cannot_be_reached_is_exit_3_naming_it(tmp_path: Path) -> None:
+    # the CLI's docstring says 3 when the SMTP server could not be used; a refused connection was exit 1
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    site = make_site(tmp_path / "site", smtp_port=port)
+    done = site.cli("send-test", "--campaign", "winback", "--to", "me@shop.example")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"kembali send-test: not sent: the SMTP server 127.0.0.1:{port} could not be used: " in done.stderr
+    assert "Connect call failed" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_an_unknown_customer_is_named_on_stderr(tmp_path: Path) -> None:

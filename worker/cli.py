@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Render one message of a campaign for a customer (--customer, the shop's id) or "
                        "a sample customer, and send it through the configured SMTP server to --to, with '[TEST] ' "
                        "before the subject. The ledger is not touched; the unsubscribe link in a test message "
-                       "does not work (it cannot unsubscribe the customer).")
+                       "does not work (it cannot unsubscribe the customer). Exit code 1 if the server refuses the "
+                       "message, 3 if the server cannot be used (connection, login, TLS setup).")
     p.add_argument("--campaign", required=True, help="the campaign, e.g. winback")
     p.add_argument("--customer", help="render for this customer (default: a sample customer)")
     p.add_argument("--to", required=True, type=_address_arg, help="your address")

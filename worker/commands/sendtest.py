@@ -19,11 +19,12 @@ from worker.app import Deps
 from worker.checks import SAMPLE_LINK_KEY, campaigns_to_check
 from worker.core import samples
 from worker.core.render import build_context, build_message
+from worker.core.retry import connection_failure
 from worker.domain import ClaimedMessage, Locale, Outcome, SendResult, SendTimeFacts
 from worker.errors import ConfigError, TemplateError
 from worker.pipeline import Composer, load_batch_facts, load_catalogue
 
-EXIT_OK, EXIT_NOT_SENT, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_NOT_SENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 TEST_PREFIX = "[TEST] "
 
 
@@ -77,6 +78,13 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
         reply = result.reply if result.reply.startswith(str(result.code)) else f"{result.code} {result.reply}"
         print(f"server reply: {reply}")
         return EXIT_OK
+    failure = connection_failure(result)
+    if failure is not None:  # before MAIL FROM: the server or the setup, not this message (exit 3, as documented)
+        fix = {"setup": f"; check {result.setup}",
+               "auth": f"; check smtp.username and the password in ${settings.smtp.password_env}"}.get(failure, "")
+        print(f"kembali send-test: not sent: the SMTP server {settings.smtp.host}:{settings.smtp.port} could not be "
+              f"used: {result.reply or result.error_type}{fix}", file=sys.stderr)  # fmt: skip
+        return EXIT_UNAVAILABLE
     print(f"kembali send-test: not sent ({result.outcome.value}): {result.reply or result.error_type}")
     return EXIT_NOT_SENT
 
