@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,14 @@ def test_a_web_port_already_taken_names_the_key_and_the_address(config: Path) ->
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"configuration error: {config}: 'web.port': cannot listen on 127.0.0.1:{port} (address already in use): " \
            "another program listens there" in done.stderr
+
+
+def test_a_stats_period_starting_in_the_future_is_a_usage_error(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it printed "from 2999-01-01 to <today>" and an empty report
+    code, out = kembali(capsys, "--config", str(config), "stats", "--since", "2999-01-01")
+    assert code == 2 and "Traceback" not in out and "Kembali stats from" not in out
+    assert "kembali stats: --since 2999-01-01 is after today (" in out and "give a day in the past" in out
+    today = datetime.now(UTC).date().isoformat()
+    assert kembali(capsys, "--config", str(config), "stats", "--since", today)[0] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import UTC, datetime, time, timedelta
 
 from worker.adapters import db
@@ -13,7 +14,7 @@ from worker.core import stats as core_stats
 from worker.core.render import format_money
 from worker.stats import StatsReport, build_insights, build_stats
 
-EXIT_OK = 0
+EXIT_OK, EXIT_USAGE = 0, 2
 MIN_SECOND_ORDERS = 30
 
 
@@ -28,6 +29,10 @@ def _money(minor: int, currency: str) -> str:
 def stats_command(settings: Settings, args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     since = (datetime.combine(args.since, time(), tzinfo=UTC) if args.since else now - timedelta(days=90))
+    if since > now:  # the period would end before it starts
+        print(f"kembali stats: --since {args.since} is after today ({now:%Y-%m-%d}, UTC): give a day in the past",
+              file=sys.stderr)
+        return EXIT_USAGE
     engine = db.create_engine(settings.database_url)
     try:
         db.check_schema(engine)
