@@ -83,3 +83,20 @@ def test_the_list_opens_safely_in_a_spreadsheet_and_imports_back_as_it_was(
     assert run(config, "list") == 0
     again = capsys.readouterr().out.splitlines()[1:]
     assert sorted(r.split(",")[0] for r in again) == sorted(r.split(",")[0] for r in rows)
+
+
+def test_list_with_an_address_shows_only_that_address(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `suppress list x@y.com` ignored the address and listed everyone
+    assert run(config, "add", "budi@example.com") == 0
+    assert run(config, "add", "siti@example.com", "--reason", "complaint") == 0
+    capsys.readouterr()
+    assert run(config, "list", "Siti@Example.com") == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("siti@example.com,complaint,cli,")
+    assert "1 suppressed address(es)" in captured.err
+    assert run(config, "list", "agus@example.com") == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["email,reason,source,created_at"] and "0 suppressed" in captured.err
+    assert run(config, "list", "not-an-address") == 2
+    assert "kembali suppress list: invalid email address" in capsys.readouterr().err

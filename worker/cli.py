@@ -82,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Addresses on the suppression list are never sent to (checked right before "
                        "every send). Unsubscribe links add to it with reason 'unsubscribed'.")
     p.add_argument("action", choices=["add", "remove", "list", "import"])
-    p.add_argument("target", nargs="?", help="add/remove: an email address; import: a file with one address a "
-                   "line, or a CSV with an 'email' column ('-' for standard input)")
+    p.add_argument("target", nargs="?", help="add/remove: an email address; list: only this address (optional); "
+                   "import: a file with one address a line, or a CSV with an 'email' column ('-' for standard input)")
     p.add_argument("--reason", default=None, help="add/import: the reason stored (default: manual); "
                    "list: only this reason")
 

@@ -137,10 +137,12 @@ def suppress_many(store: Store, emails: Iterable[str], *, reason: str, source: s
         return sum(len(conn.execute(stmt, rows[i : i + 500]).all()) for i in range(0, len(rows), 500))
 
 
-def suppressions(store: Store, *, reason: str | None = None) -> list[dict[str, Any]]:
+def suppressions(store: Store, *, reason: str | None = None, email: str | None = None) -> list[dict[str, Any]]:
     query = sa.select(S.c.email, S.c.reason, S.c.source, S.c.created_at).order_by(S.c.created_at, S.c.id)
     if reason:
         query = query.where(S.c.reason == reason)
+    if email:
+        query = query.where(S.c.email == suppression_address(email))
     with store.engine.begin() as conn:
         return [dict(r._mapping) for r in conn.execute(query)]
 

@@ -21,7 +21,7 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
     try:
         db.check_schema(store.engine)
         action = args.action
-        if action == "list":
+        if action == "list" and not args.target:
             return _list(store, args.reason)
         if not args.target:
             print(f"kembali suppress {action}: give an {'address' if action != 'import' else 'file'}", file=sys.stderr)
@@ -33,6 +33,8 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"kembali suppress {action}: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        if action == "list":
+            return _list(store, args.reason, email)
         if action == "add":
             from worker.adapters.clock import SystemClock
 
@@ -56,8 +58,8 @@ def _cell(value: str) -> str:
     return f"'{value}" if value.startswith(FORMULA_START) else value
 
 
-def _list(store: Store, reason: str | None) -> int:
-    rows = opstore.suppressions(store, reason=reason)
+def _list(store: Store, reason: str | None, email: str | None = None) -> int:
+    rows = opstore.suppressions(store, reason=reason, email=email)
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(["email", "reason", "source", "created_at"])
     for r in rows:
