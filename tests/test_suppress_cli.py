@@ -100,3 +100,20 @@ def test_list_with_an_address_shows_only_that_address(config: Path, capsys: pyte
     assert captured.out.splitlines() == ["email,reason,source,created_at"] and "0 suppressed" in captured.err
     assert run(config, "list", "not-an-address") == 2
     assert "kembali suppress list: invalid email address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("reason", "says"), [
+    ("x\ny", r"must be one line of text without control characters, not 'x\ny'"),
+    ("bounced\tby hand", r"must be one line of text without control characters, not 'bounced\tby hand'"),
+    ("r" * 31, f"must be at most 30 characters, not 31: '{'r' * 31}'"),  # PostgreSQL's column refused it: a traceback
+])
+def test_a_reason_with_a_line_break_or_too_long_is_refused(
+    config: Path, capsys: pytest.CaptureFixture[str], reason: str, says: str
+) -> None:
+    # a reason with a line break was stored as it was
+    with pytest.raises(SystemExit) as stopped:
+        run(config, "add", "budi@example.com", "--reason", reason)
+    assert stopped.value.code == 2
+    assert f"argument --reason: {says}" in capsys.readouterr().err
+    assert run(config, "list") == 0
+    assert "0 suppressed address(es)" in capsys.readouterr().err

@@ -84,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["add", "remove", "list", "import"])
     p.add_argument("target", nargs="?", help="add/remove: an email address; list: only this address (optional); "
                    "import: a file with one address a line, or a CSV with an 'email' column ('-' for standard input)")
-    p.add_argument("--reason", default=None, help="add/import: the reason stored (default: manual); "
-                   "list: only this reason")
+    p.add_argument("--reason", type=_reason_arg, default=None, help="add/import: the reason stored (default: "
+                   f"manual; one line, at most {MAX_REASON_CHARS} characters); list: only this reason")
 
     p = sub.add_parser("preview", help="dry run: who would get what, without sending or writing",
                        description="Run the real planning, re-check and rendering as of --at, with no sends and "
@@ -196,6 +196,18 @@ def _window_days_arg(text: str) -> int:
     if value > MAX_WINDOW_DAYS:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_WINDOW_DAYS} (ten years), not {value}")
     return value
+
+
+MAX_REASON_CHARS = 30
+"""The suppression list's reason column (PostgreSQL refuses a longer one)."""
+
+
+def _reason_arg(text: str) -> str:
+    if not text.isprintable():  # a line break or another control character would break `suppress list`'s CSV lines
+        raise argparse.ArgumentTypeError(f"must be one line of text without control characters, not {text!r}")
+    if len(text) > MAX_REASON_CHARS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_REASON_CHARS} characters, not {len(text)}: {text!r}")
+    return text
 
 
 def _port_arg(text: str) -> int:
