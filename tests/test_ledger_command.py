@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tests.sendkit import Shop, make_settings, message_ids, settings_dict, write_config
 from tests.smtp_server import Behaviour, RecordingServer
 from worker import cli
+from worker.adapters.store import M
 
 DROP, GONE, OK = "drop@test.example", "gone@test.example", "ok@test.example"
 
@@ -115,3 +117,21 @@ def test_an_id_past_what_a_database_holds_is_no_such_message(
     assert f"1 message(s) back in the queue (sent at the next run): {shop.row(DROP).id}" in captured.out
     assert kembali(config, "close", f"-{huge}") == 1
     assert f"message -{huge} left alone: no such message" in capsys.readouterr().err
+
+
+def test_the_table_stays_aligned_with_a_long_campaign_name(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    shop, config = world
+    with shop.store.engine.begin() as conn:  # the CAMPAIGN column was 9 wide: new_products pushed its row right
+        conn.execute(sa.update(M).where(M.c.email == GONE).values(campaign="new_products"))
+
+    assert kembali(config, "list", "--all") == 0
+    lines = capsys.readouterr().out.split("\n\n")[0].splitlines()
+    header, rows = lines[0], lines[1:]
+    assert len(rows) == 3 and any("new_products" in line for line in rows)
+    for name in ("STATUS", "CAMPAIGN", "EMAIL", "LAST REPLY"):
+        column = header.index(name)
+        assert all(line[column - 2 : column] == "  " and line[column] != " " for line in rows), (name, lines)
+    tries_end = header.index("TRIES") + len("TRIES")
+    assert all(line[tries_end - 1] == "1" and line[tries_end] == " " for line in rows), lines

@@ -110,22 +110,33 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
     if not rows:
         print("no messages" + (f" with status {', '.join(statuses)}" if statuses else ""))
         return EXIT_OK
-    print(f"{'ID':>7}  {'STATUS':<9}  {'CAMPAIGN':<9}  {'TRIES':>5}  {'CODE':>4}  {'EMAIL':<32}  LAST REPLY / NOTE")
-    for row in rows:
-        print(_line(row))
+    for line in _table(rows):
+        print(line)
     counts = admin.counts()
     print("\nledger: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return EXIT_OK
 
 
-def _line(row: LedgerRow) -> str:
+_HEADER = ("ID", "STATUS", "CAMPAIGN", "TRIES", "CODE", "EMAIL", "LAST REPLY / NOTE")
+_RIGHT = frozenset({"ID", "TRIES", "CODE"})
+
+
+def _table(rows: list[LedgerRow]) -> list[str]:
+    """The header and one line per row, each column as wide as its widest cell (``new_products`` is 12)."""
+    cells = [_HEADER, *(_cells(row) for row in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(_HEADER) - 1)]  # the last column runs on
+    return ["  ".join([*map(_pad, _HEADER, line, widths), line[-1]]) for line in cells]
+
+
+def _pad(name: str, cell: str, width: int) -> str:
+    return cell.rjust(width) if name in _RIGHT else cell.ljust(width)
+
+
+def _cells(row: LedgerRow) -> tuple[str, ...]:
     reply = row.last_error if row.last_error and row.last_error.startswith("operator") else row.last_reply
     reply = (reply or row.last_error or row.skip_reason or "").replace("\n", " ")
     code = "" if row.last_code is None else str(row.last_code)
-    return (
-        f"{row.id:>7}  {row.status:<9}  {row.campaign:<9}  {row.attempts:>5}  {code:>4}  "
-        f"{row.email[:32]:<32}  {reply[:80]}"
-    )
+    return (str(row.id), row.status, row.campaign, str(row.attempts), code, row.email[:32], reply[:80])
 
 
 def _report(result: ActionResult, what: str) -> int:
