@@ -254,3 +254,14 @@ def test_a_stats_period_starting_in_the_future_is_a_usage_error(
     assert "kembali stats: --since 2999-01-01 is after today (" in out and "give a day in the past" in out
     today = datetime.now(UTC).date().isoformat()
     assert kembali(capsys, "--config", str(config), "stats", "--since", today)[0] == 0
+
+
+def test_a_shop_currency_kembali_cannot_format_is_a_configuration_error(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "XYZ" was taken, and its amounts written with 2 decimals whatever the currency has
+    config.write_text(config.read_text() + '[shop]\ncurrency = "XYZ"\n')
+    code, out = kembali(capsys, "--config", str(config), "check")
+    assert code == 2 and "Traceback" not in out
+    assert f"configuration error: {config}: 'shop.currency' must be a currency Kembali knows (IDR, USD, SGD, MYR, " \
+           "EUR, JPY, KRW, VND), not 'XYZ'" in out

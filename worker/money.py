@@ -6,6 +6,8 @@ from decimal import Decimal, InvalidOperation
 
 # ISO 4217 exponents for the currencies a shop here is likely to use; others default to 2.
 _EXPONENTS = {"IDR": 2, "USD": 2, "SGD": 2, "MYR": 2, "EUR": 2, "JPY": 0, "KRW": 0, "VND": 0}
+CURRENCIES = tuple(_EXPONENTS)
+"""The currencies whose minor units are known: the only ones ``shop.currency`` may name."""
 
 
 def exponent(currency: str) -> int:
