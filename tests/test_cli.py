@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.clikit import run_cli
 from tests.shop import LINK_KEY, ROOT, TEMPLATES
 from tests.smtp_server import RecordingServer
 from worker.adapters.store import Store
@@ -240,7 +241,7 @@ def test_the_demo_without_a_config_anywhere_says_what_it_needs(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("KEMBALI_CONFIG", raising=False)
     monkeypatch.setattr(demo, "PROJECT", tmp_path / "site-packages")  # installed from a wheel: no shipped config
-    code, out = _main(capsys, "demo")
+    code, out = run_cli(capsys, "demo")
     assert code == 2 and "Traceback" not in out
     assert "config.toml: config file not found; kembali demo needs a config.toml and its templates " \
            "(templates/email/): run it in the project's folder or give --config FILE" in out
@@ -266,18 +267,6 @@ def test_an_order_for_an_unknown_customer_is_named_by_line(tmp_path: Path) -> No
     assert "orders: 2 created, 0 updated, 0 unchanged, 1 rejected" in result.stdout
 
 
-def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    """``kembali ARGV`` in this process: the exit code and what it printed (both streams)."""
-    from worker.cli import main
-
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse refusing the command line
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
-
-
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
@@ -296,7 +285,7 @@ def test_a_mistake_on_the_command_line_is_named_with_exit_2_and_no_traceback(
 ) -> None:
     config = write_config(tmp_path)
     assert kembali("db", "upgrade", config=config).returncode == 0
-    code, out = _main(capsys, "--config", str(config), *argv)
+    code, out = run_cli(capsys, "--config", str(config), *argv)
     assert code == 2, out
     assert says in out and "Traceback" not in out
 
@@ -304,7 +293,7 @@ def test_a_mistake_on_the_command_line_is_named_with_exit_2_and_no_traceback(
 def test_the_offset_the_hint_suggests_is_taken(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path)
     assert kembali("db", "upgrade", config=config).returncode == 0
-    code, out = _main(capsys, "--config", str(config), "preview", "--at", "2027-02-28T10:00+07:00")
+    code, out = run_cli(capsys, "--config", str(config), "preview", "--at", "2027-02-28T10:00+07:00")
     assert code == 0 and "Preview as of 2027-02-28 10:00 WIB" in out
 
 
@@ -314,16 +303,16 @@ def test_a_mistyped_database_path_is_named_and_no_empty_file_is_left(
     config = write_config(tmp_path)  # shop.db, never created
     missing = tmp_path / "shop.db"
     for argv in (["preview"], ["stats"], ["suppress", "list"]):
-        code, out = _main(capsys, "--config", str(config), *argv)
+        code, out = run_cli(capsys, "--config", str(config), *argv)
         assert code == 3 and f"the database {missing} does not exist" in out, (argv, out)
-    code, out = _main(capsys, "--config", str(config), "db", "status")
+    code, out = run_cli(capsys, "--config", str(config), "db", "status")
     assert code == 0 and f"no database file at {missing}" in out
     assert not missing.exists()
     # and a folder that does not exist is named when the schema is created
     (tmp_path / "cfg").mkdir()
     nowhere = write_config(tmp_path / "cfg")
     nowhere.write_text(nowhere.read_text().replace(str(tmp_path / "cfg" / "shop.db"), str(tmp_path / "no" / "x.db")))
-    code, out = _main(capsys, "--config", str(nowhere), "db", "upgrade")
+    code, out = run_cli(capsys, "--config", str(nowhere), "db", "upgrade")
     assert code == 2 and f"cannot open the database {tmp_path / 'no' / 'x.db'} (does its folder exist?)" in out
 
 

@@ -135,3 +135,15 @@ def test_the_table_stays_aligned_with_a_long_campaign_name(
         assert all(line[column - 2 : column] == "  " and line[column] != " " for line in rows), (name, lines)
     tries_end = header.index("TRIES") + len("TRIES")
     assert all(line[tries_end - 1] == "1" and line[tries_end] == " " for line in rows), lines
+
+
+def test_a_note_with_a_line_break_is_refused_and_nothing_is_touched(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    shop, config = world
+    before = shop.row(DROP).status
+    with pytest.raises(SystemExit) as exit_info:
+        kembali(config, "close", str(shop.row(DROP).id), "--reason", "checked\nwith the provider")
+    assert exit_info.value.code == 2
+    assert "argument --reason: must be one line of text without control characters" in capsys.readouterr().err
+    assert shop.row(DROP).status == before

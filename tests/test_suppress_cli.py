@@ -6,18 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from worker.adapters import db
+from tests.clikit import migrated_config
 from worker.cli import main
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "k.db"}"\n', encoding="utf-8")
-    engine = db.create_engine(f"sqlite:///{tmp_path / 'k.db'}")
-    db.upgrade(engine)
-    engine.dispose()
-    return path
+    return migrated_config(tmp_path)
 
 
 def run(config: Path, *args: str) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from worker import log
+from worker.commands import arguments
 from worker.config import DEFAULT_CONFIG, Settings, load_settings
 from worker.errors import ConfigError, KembaliError, SchemaError
 
@@ -84,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["add", "remove", "list", "import"])
     p.add_argument("target", nargs="?", help="add/remove: an email address; list: only this address (optional); "
                    "import: a file with one address a line, or a CSV with an 'email' column ('-' for standard input)")
-    p.add_argument("--reason", type=_reason_arg, default=None, help="add/import: the reason stored (default: "
-                   f"manual; one line, at most {MAX_REASON_CHARS} characters); list: only this reason")
+    p.add_argument("--reason", type=arguments.suppression_reason, default=None,
+                   help="add/import: the reason stored (default: "
+                   f"manual; one line, at most {arguments.MAX_REASON_CHARS} characters); list: only this reason")
 
     p = sub.add_parser("preview", help="dry run: who would get what, without sending or writing",
                        description="Run the real planning, re-check and rendering as of --at, with no sends and "
@@ -94,14 +96,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="the moment to plan for, ISO 8601 with offset (default: now), e.g. 2027-02-28T10:00+07:00")
     p.add_argument("--campaign", action="append", help="only this campaign (repeatable)")
     p.add_argument("--customer", help="only this customer (the shop's id)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="show at most N messages")
+    p.add_argument("--limit", type=arguments.positive_int, default=None, help="show at most N messages")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table (a summary line last)")
     p.add_argument("--out", type=Path, default=None,
                    help="also write each message to DIR as .eml (the exact bytes that would be sent) and .html")
     p.add_argument("--serve", action="store_true",
                    help="instead: serve a live page of every campaign x language x sample customer on 127.0.0.1, "
                    "reloading when a template changes (no database needed)")
-    p.add_argument("--port", type=_port_arg, default=8025, help="port for --serve (default 8025; 0 picks a free one)")
+    p.add_argument("--port", type=arguments.port, default=8025,
+                   help="port for --serve (default 8025; 0 picks a free one)")
 
     p = sub.add_parser("check", help="check the config and every template against sample customers",
                        description="Validate the config, then render every campaign's templates in every language "
@@ -129,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
                        "suppression list; the shop's repeat purchase rate and churn over the period.")
     p.add_argument("--since", type=_date_arg, default=None,
                    help="start of the period, YYYY-MM-DD, today or earlier (default: 90 days ago)")
-    p.add_argument("--window-days", type=_window_days_arg, default=7,
-                   help=f"attribution window in days, 1 to {MAX_WINDOW_DAYS} (default 7)")
+    p.add_argument("--window-days", type=arguments.window_days, default=7,
+                   help=f"attribution window in days, 1 to {arguments.MAX_WINDOW_DAYS} (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("insights", help="when do customers buy again? a data-driven quiet_days",
@@ -140,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG bar chart to this file")
     p.add_argument("--share", type=_share_arg, default=0.8,
                    help="the share of second purchases, more than 0 and less than 1 (default 0.8)")
-    p.add_argument("--bin-days", type=_positive_int, default=7, help="histogram bin width in days (default 7)")
+    p.add_argument("--bin-days", type=arguments.positive_int, default=7, help="histogram bin width in days (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     from worker.commands import ledger
@@ -175,49 +178,6 @@ def _datetime_arg(text: str) -> datetime:
 
 
 _EARLIEST, _LATEST = datetime(1900, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-MAX_WINDOW_DAYS = 3650
-"""Ten years: longer says nothing about an email, and adding it to a moment can pass year 9999."""
-
-
-def _window_days_arg(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_WINDOW_DAYS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_WINDOW_DAYS} (ten years), not {value}")
-    return value
-
-
-MAX_REASON_CHARS = 30
-"""The suppression list's reason column (PostgreSQL refuses a longer one)."""
-
-
-def _reason_arg(text: str) -> str:
-    if not text.isprintable():  # a line break or another control character would break `suppress list`'s CSV lines
-        raise argparse.ArgumentTypeError(f"must be one line of text without control characters, not {text!r}")
-    if len(text) > MAX_REASON_CHARS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_REASON_CHARS} characters, not {len(text)}: {text!r}")
-    return text
-
-
-def _port_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be from 0 (a free port) to 65535, not {value}")
-    return value
 
 
 def _share_arg(text: str) -> float:

@@ -21,6 +21,7 @@ import sys
 from worker.adapters import db
 from worker.adapters.clock import SystemClock
 from worker.adapters.ledger import ActionResult, LedgerAdmin, LedgerRow
+from worker.commands import arguments
 from worker.config import Settings
 from worker.domain import MessageStatus
 
@@ -46,11 +47,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     ls.add_argument("--all", action="store_true", help="every status")
     ls.add_argument("--campaign", help="only this campaign")
-    ls.add_argument("--limit", type=_at_least_one, default=50, help="at most N rows, newest first (default 50)")
+    ls.add_argument("--limit", type=arguments.positive_int, default=50,
+                    help="at most N rows, newest first (default 50)")
     ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     rs = actions.add_parser("resend", help="send uncertain/failed messages again (same Message-ID)")
     rs.add_argument("ids", type=int, nargs="+", metavar="ID")
-    rs.add_argument("--reason", default="", help="a note kept with the message")
+    rs.add_argument("--reason", type=arguments.one_line, default="", help="a note kept with the message")
     cl = actions.add_parser("close", help="mark uncertain/failed messages final")
     cl.add_argument("ids", type=int, nargs="+", metavar="ID")
     cl.add_argument(
@@ -60,17 +62,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="failed",
         help="the final status (default failed; sent if you know it arrived)",
     )
-    cl.add_argument("--reason", default="", help="a note kept with the message")
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:  # 0 listed nothing under "no messages"; -1 listed every row on SQLite and failed on PostgreSQL
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+    cl.add_argument("--reason", type=arguments.one_line, default="", help="a note kept with the message")
 
 
 def operator() -> str:

@@ -1,0 +1,53 @@
+"""argparse types the commands share: each refuses a bad value with a message naming it (argparse adds the
+option's name and exits 2)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def whole_number(text: str, low: int, high: int | None = None, *, meaning: str = "") -> int:
+    """``text`` as an int from ``low`` to ``high`` (no upper bound when None); ``meaning`` explains ``high``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"from {low} to {high}{meaning}"
+        raise argparse.ArgumentTypeError(f"must be {bounds}, not {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count or a limit: 1 or more (0 would list nothing and say so as if nothing were there)."""
+    return whole_number(text, 1)
+
+
+MAX_WINDOW_DAYS = 3650
+"""Ten years: longer says nothing about an email, and adding it to a moment can pass year 9999."""
+
+
+def window_days(text: str) -> int:
+    return whole_number(text, 1, MAX_WINDOW_DAYS, meaning=" (ten years)")
+
+
+def port(text: str) -> int:
+    return whole_number(text, 0, 65535, meaning=" (0: a free one)")
+
+
+def one_line(text: str) -> str:
+    """Text kept in the ledger or the suppression list: a line break or another control character would break the
+    lines they are listed in."""
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(f"must be one line of text without control characters, not {text!r}")
+    return text
+
+
+MAX_REASON_CHARS = 30
+"""The suppression list's reason column (PostgreSQL refuses a longer one)."""
+
+
+def suppression_reason(text: str) -> str:
+    if len(one_line(text)) > MAX_REASON_CHARS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_REASON_CHARS} characters, not {len(text)}: {text!r}")
+    return text
