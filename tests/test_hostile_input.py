@@ -110,6 +110,18 @@ def test_a_preview_port_out_of_range_is_a_usage_error(
     assert f"argument --port: must be from 0 to 65535 (0: a free one), not {port}" in out
 
 
+def test_a_preview_port_already_taken_names_it_and_what_to_do(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # it said only "[Errno 98] Address already in use"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out = kembali(capsys, "--config", str(config), "preview", "--serve", "--port", str(port))
+    assert code == 2 and "Traceback" not in out
+    assert (f"kembali preview --serve: cannot listen on 127.0.0.1:{port} (address already in use): give another "
+            "--port (0 picks a free one)") in out  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("setting", "says"),
     [

@@ -25,6 +25,8 @@ from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.checks import lint_problems, problems_of, render_all
 from worker.config import Settings
 
+EXIT_OK, EXIT_USAGE = 0, 2
+
 POLL_MS = 500
 
 
@@ -145,7 +147,13 @@ class PreviewServer(HTTPServer):
 def serve(settings: Settings, port: int) -> int:
     folder = settings.resolve(settings.templates.dir)
     with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
-        server = PreviewServer(settings, renderer, port)
+        try:
+            server = PreviewServer(settings, renderer, port)
+        except OSError as exc:  # ``[Errno 98] Address already in use`` alone named neither the port nor the fix
+            why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            print(f"kembali preview --serve: cannot listen on 127.0.0.1:{port} ({why}): give another --port "
+                  "(0 picks a free one)", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
         host, bound = server.server_address[:2]
         print(f"live preview on http://{host!s}:{bound}/ (templates: {folder}; Ctrl-C to stop)", flush=True)
         try:
@@ -155,4 +163,4 @@ def serve(settings: Settings, port: int) -> int:
         finally:
             server.server_close()
     print("live preview stopped", file=sys.stderr)
-    return 0
+    return EXIT_OK
