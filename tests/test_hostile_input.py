@@ -244,5 +244,12 @@ def test_a_shop_currency_kembali_cannot_format_is_a_configuration_error(
     config.write_text(config.read_text() + '[shop]\ncurrency = "XYZ"\n')
     code, out = kembali(capsys, "--config", str(config), "check")
     assert code == 2 and "Traceback" not in out
-    assert f"configuration error: {config}: 'shop.currency' must be a currency Kembali knows (IDR, USD, SGD, MYR, " \
-           "EUR, JPY, KRW, VND), not 'XYZ'" in out
+    assert f"configuration error: {config}: 'shop.currency' must be an ISO 4217 currency code such as IDR, not " \
+           "'XYZ'" in out
+
+
+@pytest.mark.parametrize("currency", ["idr", "GBP", "THB", "KWD"])
+def test_any_iso_4217_currency_in_any_case_is_taken(config: Path, capsys: pytest.CaptureFixture[str],
+                                                    currency: str) -> None:  # fmt: skip
+    config.write_text(config.read_text() + f'[shop]\ncurrency = "{currency}"\n')
+    assert kembali(capsys, "--config", str(config), "db", "status")[0] == 0

@@ -224,7 +224,8 @@ def test_products_money_is_exact_and_dates_become_utc(tmp_path: Path) -> None:
         ("P-1,Kopi,Kopi,-5,,,,,", ["price", "'-5'"]),
         ("P-1,Kopi,Kopi,89000,Rp,,,,", ["currency", "'Rp'"]),
         # a code whose minor units Kembali does not know: 89000.50 could not be read right, so it is not read
-        ("P-1,Kopi,Kopi,89000.50,XYZ,,,,", ["unknown currency 'XYZ'", "Kembali knows IDR, "]),
+        ("P-1,Kopi,Kopi,89000.50,XYZ,,,,", ["unknown currency 'XYZ'", "an ISO 4217 code such as IDR"]),
+        ("P-1,Kopi,Kopi,1.2345,KWD,,,,", ["price", "too many decimal places for KWD"]),  # it has three
         ("P-1,Kopi,Kopi,89000,,javascript:alert(1),,,", ["url", "'javascript:alert(1)'"]),
         ("P-1,Kopi,Kopi,89000,,,ftp://x.example/a.jpg,,", ["image_url"]),
         ("P-1,Kopi,Kopi,89000,,,,kemarin,", ["launched_at", "'kemarin'"]),
@@ -238,6 +239,14 @@ def test_bad_product_values_are_named(tmp_path: Path, row: str, words: list[str]
     assert error.key == "P-1"
     for word in words:
         assert word in error.reason
+
+
+@pytest.mark.parametrize(("price", "currency", "minor"), [("12.50", "GBP", 1250), ("1.234", "kwd", 1234),
+                                                          ("1500", "JPY", 1500), ("249000.50", "IDR", 24900050)])
+def test_a_price_is_read_in_its_currencys_minor_units(tmp_path: Path, price: str, currency: str, minor: int) -> None:
+    [product] = read_products(write(tmp_path, "p.csv", PRODUCT_HEADER + f"P-1,Tea,Tea,{price},{currency},,,,\n"))
+    assert isinstance(product, ProductRecord)
+    assert (product.price_minor, product.currency) == (minor, currency.upper())
 
 
 def test_duplicate_product_id(tmp_path: Path) -> None:

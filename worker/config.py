@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from worker import money
 from worker.errors import ConfigError
-from worker.money import CURRENCIES
 
 DEFAULT_CONFIG = Path("config.toml")
 
@@ -444,9 +444,8 @@ def _check(s: Settings) -> None:
         ZoneInfo(s.shop.time_zone)
     except (ZoneInfoNotFoundError, ValueError):
         _fail(s, "shop.time_zone", f"is not an IANA time zone: {s.shop.time_zone!r}")
-    if s.shop.currency not in CURRENCIES:  # another would be formatted with 2 decimals, right or not
-        known = ", ".join(CURRENCIES)
-        _fail(s, "shop.currency", f"must be a currency Kembali knows ({known}), not {s.shop.currency!r}")
+    if not money.known(s.shop.currency):  # its minor units unknown, amounts would be read with 2 decimals, right or not
+        _fail(s, "shop.currency", f"must be an ISO 4217 currency code such as IDR, not {s.shop.currency!r}")
     if s.shop.default_locale not in ("id", "en"):
         _fail(s, "shop.default_locale", "must be 'id' or 'en'")
     if "@" not in s.shop.from_address:

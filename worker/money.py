@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 
-# ISO 4217 exponents for the currencies a shop here is likely to use; others default to 2.
-_EXPONENTS = {"IDR": 2, "USD": 2, "SGD": 2, "MYR": 2, "EUR": 2, "JPY": 0, "KRW": 0, "VND": 0}
-CURRENCIES = tuple(_EXPONENTS)
-"""The currencies whose minor units are known: the only ones ``shop.currency`` may name."""
+from babel.numbers import get_currency_precision, is_currency
+
+_EXPONENTS = {"IDR": 2}
+"""Where Kembali's minor units differ from CLDR's (which Babel gives for every other ISO 4217 code): Rupiah amounts
+are kept with 2 decimals (``249000.50``), as the ISO 4217 exponent has them, though CLDR prints none."""
+_NOT_MONEY = frozenset({"XXX", "XTS"})
+"""ISO 4217's "no currency" and "for testing" codes."""
 
 
+def known(currency: str) -> bool:
+    """An ISO 4217 currency code (any letter case) whose minor units Kembali knows."""
+    code = currency.upper()
+    return code in _EXPONENTS or (len(code) == 3 and code not in _NOT_MONEY and is_currency(code))
+
+
+@lru_cache(maxsize=64)
 def exponent(currency: str) -> int:
-    return _EXPONENTS.get(currency.upper(), 2)
+    """The currency's minor units (2 for IDR, 0 for JPY, 3 for KWD); 2 for a code it does not know."""
+    code = currency.upper()
+    if code in _EXPONENTS:
+        return _EXPONENTS[code]
+    return int(get_currency_precision(code)) if known(code) else 2
 
 
 def to_minor(amount: str | Decimal | int, currency: str) -> int:

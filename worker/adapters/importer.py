@@ -26,7 +26,7 @@ customers.csv
 products.csv
     ``id`` (required), ``name`` (required), ``price`` (required, major units as
     a decimal string: ``249000`` or ``249000.50``, never parsed as float),
-    ``category``, ``currency`` (one of ``money.CURRENCIES``; default IDR), ``url`` and
+    ``category``, ``currency`` (an ISO 4217 code; default IDR), ``url`` and
     ``image_url`` (http(s) or empty), ``launched_at`` (date or ISO 8601
     date-time, empty allowed), ``active`` (boolean; default true).
 
@@ -445,8 +445,8 @@ def _currency(row: dict[str, str]) -> str:
     value = row.get("currency", "").strip() or "IDR"
     if not _CURRENCY.fullmatch(value):
         raise _Invalid(f"invalid currency {_show(value)} (expected a 3-letter code such as IDR)")
-    if value.upper() not in money.CURRENCIES:  # its minor units are unknown: an amount could not be read right
-        raise _Invalid(f"unknown currency {_show(value)} (Kembali knows {', '.join(money.CURRENCIES)})")
+    if not money.known(value):  # its minor units are unknown: an amount could not be read right
+        raise _Invalid(f"unknown currency {_show(value)} (expected an ISO 4217 code such as IDR)")
     return value.upper()
 
 
