@@ -233,6 +233,23 @@ def test_the_demo_runs_from_a_folder_without_a_config(tmp_path: Path) -> None:
     assert list((tmp_path / "demo-out" / "sent").glob("*.eml"))
 
 
+@pytest.mark.parametrize("named", ["--config", "KEMBALI_CONFIG"])
+def test_the_demo_never_swaps_a_config_the_operator_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, named: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KEMBALI_CONFIG", raising=False)
+    if named == "KEMBALI_CONFIG":
+        monkeypatch.setenv("KEMBALI_CONFIG", "config.toml")
+        argv = ["demo"]
+    else:
+        argv = ["--config", "config.toml", "demo"]
+    code, out = run_cli(capsys, *argv)
+    assert code == 2 and "using the project's" not in out
+    assert "config.toml: config file not found" in out
+    assert not (tmp_path / "demo-out").exists()
+
+
 def test_the_demo_without_a_config_anywhere_says_what_it_needs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument(
         "--config",
         type=Path,
-        default=Path(os.environ.get("KEMBALI_CONFIG", DEFAULT_CONFIG)),
+        default=None,
         help="the config file (default: $KEMBALI_CONFIG or ./config.toml)",
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -201,6 +201,10 @@ def _address_arg(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # named by the operator (the option or $KEMBALI_CONFIG), or the default: only the demo tells them apart
+    args.config_named = args.config is not None or "KEMBALI_CONFIG" in os.environ
+    if args.config is None:
+        args.config = Path(os.environ.get("KEMBALI_CONFIG", DEFAULT_CONFIG))
     try:
         if args.command == "demo":
             from worker.commands import demo

@@ -30,9 +30,10 @@ PROJECT = Path(__file__).resolve().parent.parent.parent
 """The project's folder, with the shipped config.toml and templates/email/ (a source checkout or editable install)."""
 
 
-def config_path(given: Path) -> Path:
-    """The config the demo reads: the one given, or, when ./config.toml is missing, the project's shipped one."""
-    if given != DEFAULT_CONFIG or given.exists():
+def config_path(given: Path, *, named: bool) -> Path:
+    """The config the demo reads: the one ``named`` (by --config or $KEMBALI_CONFIG), or ./config.toml, or, when
+    that is missing too, the project's shipped one."""
+    if named or given.exists():
         return given
     shipped = PROJECT / DEFAULT_CONFIG
     if shipped.is_file() and (PROJECT / "templates" / "email").is_dir():
@@ -43,7 +44,7 @@ def config_path(given: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    args.config = config_path(args.config)
+    args.config = config_path(args.config, named=args.config_named)
     base = load_settings(args.config)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
