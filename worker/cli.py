@@ -131,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                        "over the holdout group with a 95% Newcombe interval; unsubscribes and bounces from the "
                        "suppression list; the shop's repeat purchase rate and churn over the period.")
     p.add_argument("--since", type=_date_arg, default=None,
-                   help="start of the period, YYYY-MM-DD, today or earlier (default: 90 days ago)")
+                   help="start of the period, YYYY-MM-DD: a UTC day, as the report's are, today's (in UTC) or "
+                   "earlier (default: 90 days ago)")
     p.add_argument("--window-days", type=arguments.window_days, default=7,
                    help=f"attribution window in days, 1 to {arguments.MAX_WINDOW_DAYS} (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")
