@@ -133,7 +133,11 @@ def test_a_preview_port_already_taken_names_it_and_what_to_do(config: Path, caps
         # 1e12 s a server's "try again in N hours" could put the next attempt past the year 9999 (an OverflowError)
         ("[sending]\nretry_base_seconds = -60.0", "'sending.retry_base_seconds' must be positive"),
         ("[sending]\nretry_base_seconds = 600.0\nretry_max_seconds = 60.0",
-         "'sending.retry_max_seconds' must be at least retry_base_seconds and at most 31536000 (a year)"),
+         "'sending.retry_max_seconds' must be at least retry_base_seconds and at most 31536000 (a year); it is 60"),
+        # only the base given, above the maximum's default: the message says where the other number comes from
+        ("[sending]\nretry_base_seconds = 86400.0",
+         "'sending.retry_max_seconds' must be at least retry_base_seconds and at most 31536000 (a year); it is 21600 "
+         "(the default is 21600), retry_base_seconds 86400"),
         ("[sending]\nretry_max_seconds = 1e12", "'sending.retry_max_seconds' must be at least retry_base_seconds"),
     ],
 )

@@ -486,7 +486,8 @@ def _check(s: Settings) -> None:
         _fail(s, "sending.retry_base_seconds", "must be positive")
     if not s.sending.retry_base_seconds <= s.sending.retry_max_seconds <= _YEAR_SECONDS:
         _fail(s, "sending.retry_max_seconds", f"must be at least retry_base_seconds and at most {_YEAR_SECONDS} "
-              "(a year)")
+              f"(a year); it is {s.sending.retry_max_seconds:g} (the default is "
+              f"{SendingSettings.retry_max_seconds:g}), retry_base_seconds {s.sending.retry_base_seconds:g}")
     if s.sending.daily_quota < 0:
         _fail(s, "sending.daily_quota", "must be 0 (no quota) or more")
     if not 0 <= s.sending.compose_processes <= 64:
