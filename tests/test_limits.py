@@ -29,6 +29,7 @@ from worker.core.limits import (
     next_quota_day_start,
     quota_day,
     quota_grant,
+    slows_domain,
 )
 from worker.core.ratelimit import Gcra
 from worker.domain import MessageStatus, Outcome, SendResult
@@ -313,6 +314,9 @@ def test_only_a_permanent_refusal_about_the_sender_is_tried_again() -> None:
     assert as_sender_refusal(unknown) is unknown
     later = SendResult(Outcome.TRANSIENT, 451, "451 4.7.26 unauthenticated, try later")
     assert as_sender_refusal(later) is later
+    # the domain is slowed down by the refusal as the server gave it, as by a "slow down"
+    assert slows_domain(blocked) and slows_domain(SendResult(Outcome.THROTTLED, 421, "421 slow down"))
+    assert not (slows_domain(spam) or slows_domain(unknown) or slows_domain(later))
 
 
 def test_a_throttled_attempt_retries_soon_even_after_the_last_attempt() -> None:

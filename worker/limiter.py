@@ -4,7 +4,8 @@ and a daily quota.
 Before each message a sender calls ``acquire(domain)``: it books a slot on the
 global rate and on the domain's rate together and sleeps until both allow it.
 After the attempt, ``observe(domain, result)`` feeds the domain's adaptive rate
-(a throttling reply halves it, good replies restore it step by step).
+(a throttling reply, or a refusal of the sender, halves it; good replies restore
+it step by step).
 
 Where the booking happens is a ``Booker``: ``LocalBooker`` keeps the GCRA
 state in this process (SQLite, one worker); ``DbBooker`` keeps it in the
@@ -26,7 +27,7 @@ from worker import log
 from worker.adapters.ratestore import RateStore
 from worker.asyncstore import AsyncStore
 from worker.config import SendingSettings
-from worker.core.limits import AdaptiveRate, book, quota_day
+from worker.core.limits import AdaptiveRate, book, quota_day, slows_domain
 from worker.domain import Outcome, SendResult
 from worker.ports import Clock
 
@@ -129,8 +130,10 @@ class Limiter:
         return waited
 
     def observe(self, domain: str, result: SendResult) -> None:
+        """Feed the domain's adaptive rate with the attempt's result as the server gave it: a throttling reply or
+        a refusal of the sender (``core.limits.slows_domain``) halves it, a send restores it step by step."""
         rate = self._rate(domain)
-        if result.outcome is Outcome.THROTTLED:
+        if slows_domain(result):
             before = rate.current
             rate.throttled()
             log.event(

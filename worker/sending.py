@@ -675,11 +675,9 @@ class Dispatcher:
                 writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
                 await self.quota.give_back(1)
                 continue
+            self.limiter.observe(domain, result)  # the reply as the server gave it
             refusal = as_sender_refusal(result)
-            sender_refused = refusal is not result
-            # a refusal about the sender is the same for every message to the domain: slow it down, as throttling does
-            self.limiter.observe(domain, replace(result, outcome=Outcome.THROTTLED) if sender_refused else result)
-            result = refusal
+            sender_refused, result = refusal is not result, refusal
             self._observe_failures(result)
             status, next_at = lifecycle.after_attempt(
                 result,

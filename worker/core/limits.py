@@ -202,6 +202,15 @@ SENDER_REFUSAL_RETRY_SECONDS = 3600.0
 minutes, and each refused try costs the sender's standing with that provider more."""
 
 
+def slows_domain(result: SendResult) -> bool:
+    """Whether the attempt's reply should slow its recipient domain down: a "slow down" (``THROTTLED``), or a
+    permanent refusal of the sender (``bounce_kind`` ``"sender"``), which every message to the domain would meet
+    alike until the sending setup is fixed."""
+    if result.outcome is Outcome.THROTTLED:
+        return True
+    return result.outcome is Outcome.PERMANENT and bounce_kind(result.code, result.reply) == "sender"
+
+
 def as_sender_refusal(result: SendResult) -> SendResult:
     """A permanent refusal about the sender (``bounce_kind`` ``"sender"``) becomes a transient failure: the
     message is fine and is tried again, not before ``SENDER_REFUSAL_RETRY_SECONDS`` (the attempt counts, so
