@@ -19,7 +19,7 @@ import contextlib
 import json
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -530,26 +530,12 @@ class Store:
     def _mark_rows(self, cursor: Any, ids: Sequence[int], *, worker: str, now: datetime) -> Marks:
         sql = self._sql
         common = {"now": sql.dt(now), "worker": worker, "later": sql.dt(now + timedelta(seconds=HELD_SECONDS))}
-
-        def rows_of(statement: Callable[[int], str], part: Sequence[int]) -> list[Any]:
-            cursor.execute(statement(len(part)), {**{f"i{n}": i for n, i in enumerate(part)}, **common})
-            return list(cursor.fetchall())
-
-        def ids_of(statement: Callable[[int], str], part: Sequence[int]) -> set[int]:
-            return {row[0] for row in rows_of(statement, part)}
-
-        sending: set[int] = set()
-        held: set[int] = set()
-        for part in _chunks(sorted(set(ids))):
-            marked = ids_of(sql.mark, part)
-            sending |= marked
-            rest = [message_id for message_id in part if message_id not in marked]
-            if rest:
-                held |= ids_of(sql.hold, rest)
-                rest = [message_id for message_id in rest if message_id not in held]
-            if rest:  # neither: the lease was lost, or this is a retry and the lost commit marked or held them
-                for message_id, status in rows_of(sql.made, rest):
-                    (sending if status == _SENDING else held).add(message_id)
+        sending = {row[0] for row in self._select_in(cursor, sql.mark, ids, common)}
+        rest = set(ids) - sending
+        held = {row[0] for row in self._select_in(cursor, sql.hold, rest, common)}
+        # neither: the lease was lost, or this is a retry and the lost commit marked or held them
+        for message_id, status in self._select_in(cursor, sql.made, rest - held, common):
+            (sending if status == _SENDING else held).add(message_id)
         return Marks(frozenset(sending), frozenset(held))
 
     def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
@@ -563,11 +549,14 @@ class Store:
         if dispositions:
             self.record_and_mark(dispositions, [], worker="", now=dispositions[0].finished_at)
 
-    def _select_in(self, cursor: Any, statement: Callable[[int], str], ids: Iterable[int]) -> list[Any]:
-        """The rows ``statement`` (an ``_LedgerSql`` IN (…) query) returns for ``ids``, _CHUNK ids a query."""
+    def _select_in(
+        self, cursor: Any, statement: Callable[[int], str], ids: Iterable[int], params: Mapping[str, Any] | None = None
+    ) -> list[Any]:
+        """The rows ``statement`` (an ``_LedgerSql`` … IN (…) statement, a query or an UPDATE … RETURNING)
+        returns for ``ids``, _CHUNK ids a statement, with ``params`` besides."""
         rows: list[Any] = []
         for part in _chunks(sorted(set(ids))):
-            cursor.execute(statement(len(part)), {f"i{n}": i for n, i in enumerate(part)})
+            cursor.execute(statement(len(part)), {**{f"i{n}": i for n, i in enumerate(part)}, **(params or {})})
             rows += cursor.fetchall()
         return rows
 
