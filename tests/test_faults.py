@@ -370,15 +370,20 @@ def test_connection_failures_in_a_row_pause_the_dispatcher(url: str, server: Rec
         server.start_in_thread()  # the fixture stops it again
 
 
+def _six_one_at_a_time(url: str, port: int, smtp: dict[str, Any]) -> tuple[list[str], Shop]:
+    """Six customers due a win-back, sent over one connection one message at a time, a single attempt allowed
+    each: what stops after the first attempt shows."""
+    emails = [f"c{i}@test.example" for i in range(6)]
+    settings = make_settings(url, port, smtp={"pool_size": 1, **smtp}, in_flight_per_connection=1, max_attempts=1)
+    return emails, Shop(url, settings, emails)
+
+
 def test_a_wrong_smtp_password_pauses_at_once_and_fails_no_one(
     url: str, server: RecordingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     server.login = ("shop", "right-password")
     monkeypatch.setenv("KEMBALI_SMTP_PASSWORD", "wrong-password-hunter2")
-    emails = [f"c{i}@test.example" for i in range(6)]
-    settings = make_settings(url, server.port, smtp={"pool_size": 1, "username": "shop"}, in_flight_per_connection=1,
-                             max_attempts=1)  # fmt: skip
-    shop = Shop(url, settings, emails)
+    emails, shop = _six_one_at_a_time(url, server.port, {"username": "shop"})
     try:
         report = shop.cycle()
 
@@ -595,11 +600,8 @@ def test_a_setup_that_cannot_work_pauses_at_once_naming_what_to_fix(
         if case.trusted:
             monkeypatch.setenv("SSL_CERT_FILE", str(cert))
         target = _tls_server(cert, key, implicit=case.server == "tls")
-    emails = [f"c{i}@test.example" for i in range(6)]
-    # the default sending.pause_after_failures (20), and a single attempt allowed per message
-    settings = make_settings(url, target.port, smtp={"pool_size": 1, **case.smtp}, in_flight_per_connection=1,
-                             max_attempts=1)  # fmt: skip
-    shop = Shop(url, settings, emails)
+    # the default sending.pause_after_failures (20)
+    emails, shop = _six_one_at_a_time(url, target.port, case.smtp)
     try:
         report = shop.cycle()
 

@@ -23,13 +23,21 @@ def config(tmp_path: Path) -> Path:
     return migrated_config(tmp_path)
 
 
+def _import_with_a_quote_left_open(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str], *, customers: int
+) -> tuple[int, str]:
+    """``kembali import customers`` of C-1 … C-``customers``, C-1's name opening a quote it never closes."""
+    rows = ['C-1,c1@example.com,"Budi,true']
+    rows += [f"C-{i},c{i}@example.com,Name {i},true" for i in range(2, customers + 1)]
+    (tmp_path / "customers.csv").write_text(CUSTOMERS + "\n".join(rows) + "\n", encoding="utf-8")
+    return kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+
+
 def test_a_quote_left_open_names_every_line_it_swallowed(
     tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # a name with an opening quote and no closing one: the CSV reader reads on to the end of the file as one field
-    rows = ['C-1,c1@example.com,"Budi,true'] + [f"C-{i},c{i}@example.com,Name {i},true" for i in range(2, 7)]
-    (tmp_path / "customers.csv").write_text(CUSTOMERS + "\n".join(rows) + "\n", encoding="utf-8")
-    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    code, out = _import_with_a_quote_left_open(tmp_path, config, capsys, customers=6)
     assert code == 1
     assert "customers.csv:2: id 'C-1': row has 3 fields" in out
     assert "it takes in lines 2 to 7, none of which is imported" in out, out
@@ -39,9 +47,7 @@ def test_a_quote_left_open_in_a_big_file_names_the_lines_it_swallowed(
     tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # past the CSV field limit the reader gives up on the field and goes on after it: the lines in between are lost
-    rows = ['C-1,c1@example.com,"Budi,true'] + [f"C-{i},c{i}@example.com,Name {i},true" for i in range(2, 5000)]
-    (tmp_path / "customers.csv").write_text(CUSTOMERS + "\n".join(rows) + "\n", encoding="utf-8")
-    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    code, out = _import_with_a_quote_left_open(tmp_path, config, capsys, customers=4999)
     assert code == 1
     [rejected] = [line for line in out.splitlines() if line.startswith("rejected")]
     assert rejected.startswith("rejected customers.csv:2: unreadable CSV (field larger than field limit")
