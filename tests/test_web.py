@@ -67,15 +67,23 @@ def test_expect_100_continue() -> None:
         (b"POST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n", b"400"),
         (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", b"400"),
         (b"POST / HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n", b"413"),
+        (b"POST / HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n", b"431"),
         (b"GET / HTTP/1.1\r\n" + b"X: a\r\n" * 101 + b"\r\n", b"431"),
         (b"GET / HTTP/1.1\r\nHost: a", b"400"),
     ],
     ids=["no version", "HTTP/2", "absolute form", "bad method", "no colon", "obs-fold", "chunked",
-         "two lengths", "negative length", "huge body", "huge header", "too many headers", "cut short"],
+         "two lengths", "negative length", "huge body", "superscript length", "huge header", "too many headers",
+         "cut short"],
 )
 def test_malformed_or_oversized_requests_are_refused(raw: bytes, status: bytes) -> None:
     assert exchange(raw).split(b" ")[1] == status
+
+
+def test_a_target_that_looks_like_a_network_path_is_just_a_path() -> None:
+    # urlsplit read "//[" as an IPv6 host and raised: the connection was dropped with a traceback in the log
+    reply = exchange(b"GET //[?t=x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"GET //[ [('t', ['x'])] b''")
 
 
 def test_a_client_that_sends_too_slowly_gets_408() -> None:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 from worker import log
 
@@ -30,6 +30,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_HEADERS = 100
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
+_DIGITS = re.compile(r"[0-9]+")
 SECURITY_HEADERS = (
     ("Cache-Control", "no-store"),
     ("X-Content-Type-Options", "nosniff"),
@@ -178,12 +179,13 @@ class HttpServer:
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 await writer.drain()
             body = await reader.readexactly(length)
-        parts = urlsplit(target)
+        # origin-form only (``_TARGET``): split it here; urlsplit would read ``//[x`` as a broken IPv6 host and raise
+        path, _, query_text = target.partition("#")[0].partition("?")
         try:
-            query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=20)
+            query = parse_qs(query_text, keep_blank_values=True, max_num_fields=20)
         except ValueError:
             raise HttpError(HTTPStatus.BAD_REQUEST, "too many query parameters") from None
-        return Request(method=method, path=unquote(parts.path), query=query, headers=headers, body=body)
+        return Request(method=method, path=unquote(path), query=query, headers=headers, body=body)
 
     async def _write(self, writer: asyncio.StreamWriter, method: str, response: Response) -> None:
         status = HTTPStatus(response.status)
@@ -239,7 +241,7 @@ def _content_length(headers: dict[str, str]) -> int:
     if raw is None:
         return 0
     values = {v.strip() for v in raw.split(",")}
-    if len(values) != 1 or not next(iter(values)).isdigit():
+    if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):  # ASCII digits: "²".isdigit() is True
         raise HttpError(HTTPStatus.BAD_REQUEST, "malformed Content-Length")
     return int(next(iter(values)))
 
