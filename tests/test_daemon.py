@@ -3,6 +3,7 @@ real HTTP requests, real signals."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -156,6 +157,37 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
     finally:
         assert daemon.stop() == 0
         notify.close()
+
+
+def test_a_failing_database_write_is_a_500_and_the_log_names_no_address_or_comment(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    import sqlite3
+
+    # Given a daemon whose database refuses new suppressions and comments (as a full disk or a lock would)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add([1], days_ago=60)
+    with contextlib.closing(sqlite3.connect(tmp_path / "kembali.db")) as conn, conn:
+        conn.execute("CREATE TRIGGER no_suppression BEFORE INSERT ON suppression "
+                     "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+        conn.execute("CREATE TRIGGER no_comment BEFORE UPDATE ON feedback "
+                     "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    daemon = Daemon.start(shop)
+    try:
+        token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode())
+        rating = tokens.sign("f", "O1:5", LINK_KEY.encode())
+        # When the customer unsubscribes, and comments on a rating
+        status, page, _ = http("POST", daemon.url(f"/unsubscribe?t={token}"), ONE_CLICK, FORM)
+        assert status == 500 and "Traceback" not in page
+        comment = urllib.parse.urlencode({"comment": "rahasia pribadi"}).encode()
+        assert http("POST", daemon.url(f"/feedback?t={rating}"), comment, FORM)[0] == 500
+        # Then the log says what failed, without the address or the comment (the statement's parameters)
+        daemon.wait_for(lambda: len(daemon.named("web_handler_failed")) == 2, why="two web_handler_failed events")
+        failures = daemon.named("web_handler_failed")
+        assert all("disk says no" in e["error"] for e in failures), failures
+    finally:
+        assert daemon.stop() == 0
+    assert not any("c1@example.com" in line or "rahasia" in line for line in daemon.lines), daemon.log()
 
 
 BROKEN = "{% extends \"_layout.txt\" %}\n{% block content %}\nHalo {{ customer.first_name }\n{% endblock %}\n"
