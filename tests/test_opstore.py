@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import sqlalchemy as sa
+
 from worker.adapters import opstore, shop
 from worker.adapters.store import Store
 from worker.core.audiences import plan_winback
@@ -114,6 +116,26 @@ def test_feedback_first_click_and_first_comment_win(db_url: str) -> None:
         assert opstore.order_locale(store, "O1") is Locale.EN
         assert opstore.order_locale(store, "O0") is Locale.ID
         assert opstore.order_locale(store, "nope") is None
+    finally:
+        store.close()
+
+
+def test_a_rating_links_order_is_its_database_id_even_when_another_order_has_that_number(db_url: str) -> None:
+    # Given a shop that numbers its orders: C1's order "2" got database id 1, C2's order "1" database id 2
+    store = Store.from_url(db_url)
+    try:
+        shop.upsert_customers(store.engine, [
+            CustomerRecord(f"C{i}", f"c{i}@example.com", f"C {i}", locale, "Asia/Jakarta", None, True, "opt_in",
+                           "checkout") for i, locale in ((1, Locale.ID), (2, Locale.EN))], NOW)
+        shop.upsert_orders(store.engine, [
+            OrderRecord(ref, cust, OrderStatus.DELIVERED, NOW - timedelta(days=9), None, 100, "IDR")
+            for ref, cust in (("2", "C1"), ("1", "C2"))], NOW)
+        with store.engine.connect() as conn:
+            ids = dict(conn.execute(sa.text("SELECT external_id, id FROM shop_order")).all())
+        assert ids == {"2": 1, "1": 2}
+        # Then the rating link of database order 2 (f:2:<score>) gets C2's language, and of order 1 C1's
+        assert opstore.order_locale(store, "2") is Locale.EN
+        assert opstore.order_locale(store, "1") is Locale.ID
     finally:
         store.close()
 

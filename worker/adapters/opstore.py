@@ -107,11 +107,17 @@ def customer(store: Store, customer_id: int) -> CustomerSnapshot | None:
 
 
 def order_locale(store: Store, order_ref: str) -> Locale | None:
-    """The language of the customer who placed an order named by database id or shop id."""
+    """The language of the customer who placed an order named by database id or shop id.
+
+    Rating links carry the database id: when another order's shop id is the same digits
+    (shops number their orders), the order with that database id is the one meant."""
     match = O.c.external_id == order_ref
+    query = sa.select(C.c.locale).join(O, O.c.customer_id == C.c.id)
     if order_ref.isdigit():
-        match = sa.or_(O.c.id == int(order_ref), match)
-    query = sa.select(C.c.locale).join(O, O.c.customer_id == C.c.id).where(match).limit(1)
+        by_id = O.c.id == int(order_ref)
+        match = sa.or_(by_id, match)
+        query = query.order_by(sa.case((by_id, 0), else_=1))
+    query = query.where(match).limit(1)
     with store.engine.begin() as conn:
         value = conn.execute(query).scalar()
     return Locale(value) if value in ("id", "en") else None
