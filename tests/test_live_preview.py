@@ -143,3 +143,26 @@ def test_live_preview_shows_reloads_and_reports_errors(browser: object, served: 
     # When they fix it, the page recovers
     _edit(templates / "body.html", "{{ recomendations[0] }}", "")
     wait.until(_across_reloads(lambda d: d.find_elements(By.CSS_SELECTOR, "#winback-en-siti .subject-text")))
+
+
+def test_a_connection_that_sends_nothing_does_not_stop_the_page(served: tuple[Site, str]) -> None:
+    """Browsers open connections ahead of need and may leave them idle: the page and its polls still answer."""
+    import socket
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    _site, url = served
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname or "", parts.port or 0)):  # connected, never sends a byte
+        with urllib.request.urlopen(url + "version", timeout=5) as reply:  # noqa: S310 - a loopback test URL
+            assert reply.status == 200 and "version" in reply.read().decode()
+        with urllib.request.urlopen(url, timeout=30) as reply:  # noqa: S310 - a loopback test URL
+            assert "section class=\"card\"" in reply.read().decode()
+        for path in ("../config.toml", "%2e%2e/config.toml", "/etc/passwd", "templates/winback/id/body.txt"):
+            try:
+                urllib.request.urlopen(url + path, timeout=5)  # noqa: S310 - a loopback test URL
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404
+            else:
+                raise AssertionError(f"{path} was served")

@@ -1,6 +1,8 @@
 """`kembali preview --serve`: a live page of every campaign x language x sample customer.
 
-A stdlib ``http.server`` on 127.0.0.1 (one thread: requests are few and small).
+A stdlib ``http.server`` on 127.0.0.1, a thread per connection (a browser opens
+connections it may never use: one server thread would wait on such a socket and
+answer nobody else); the page renders one at a time, as the renderer has one helper.
 ``/`` renders every sample through ``checks.render_all`` (the sender's context
 building, renderer and MIME writer) with a ``TimeLimitedRenderer``, so a template
 that never finishes shows as an error instead of hanging the page. Each card
@@ -17,7 +19,8 @@ import html
 import json
 import os
 import sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +118,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "application/json", json.dumps({"version": self.server.version()}).encode())
         elif path == "/":
             try:
-                page = render_page(self.server.settings, self.server.renderer, self.server.version())
+                with self.server.rendering:
+                    page = render_page(self.server.settings, self.server.renderer, self.server.version())
             except Exception as exc:  # never crash the server: show what broke
                 page = f'<div class="error">{html.escape(type(exc).__name__ + ": " + str(exc))}</div>'
             self._send(200, "text/html; charset=utf-8", page.encode("utf-8"))
@@ -134,10 +138,12 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
 
-class PreviewServer(HTTPServer):
+class PreviewServer(ThreadingHTTPServer):
     def __init__(self, settings: Settings, renderer: TimeLimitedRenderer, port: int) -> None:
         self.settings = settings
         self.renderer = renderer
+        self.rendering = threading.Lock()
+        """The renderer talks to one helper process over one pipe: one page at a time."""
         super().__init__(("127.0.0.1", port), _Handler)
 
     def version(self) -> str:
