@@ -86,6 +86,27 @@ def test_a_target_that_looks_like_a_network_path_is_just_a_path() -> None:
     assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"GET //[ [('t', ['x'])] b''")
 
 
+def test_a_form_with_too_many_fields_is_an_empty_form_not_a_500() -> None:
+    async def form(request: Request) -> Response:
+        return Response(200, repr(sorted(request.form())).encode(), "text/plain")
+
+    async def run(body: bytes) -> bytes:
+        server = HttpServer(form, host="127.0.0.1", port=0)
+        port = await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /feedback?t=x HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        await server.close()
+        return reply
+
+    assert asyncio.run(run(b"comment=enak&t=x")).endswith(b"\r\n\r\n['comment', 't']")
+    many = b"&".join(b"f%d=1" % i for i in range(60)) + b"&List-Unsubscribe=One-Click"
+    assert asyncio.run(run(many)).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
 def test_a_client_that_sends_too_slowly_gets_408() -> None:
     reply = exchange(b"GET / HTTP/1.1\r\nHost: a\r\n", eof=False, timeout_seconds=0.2)
     assert reply.startswith(b"HTTP/1.1 408")

@@ -56,10 +56,13 @@ class Request:
         return values[0] if values else None
 
     def form(self) -> dict[str, list[str]]:
-        """An ``application/x-www-form-urlencoded`` body (empty for anything else)."""
+        """An ``application/x-www-form-urlencoded`` body (empty for anything else, and for more than 50 fields)."""
         if not self.headers.get("content-type", "").lower().startswith("application/x-www-form-urlencoded"):
             return {}
-        return parse_qs(self.body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=50)
+        try:
+            return parse_qs(self.body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=50)
+        except ValueError:  # too many fields: no form of ours has them
+            return {}
 
 
 @dataclass(frozen=True)
