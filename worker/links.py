@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -58,6 +59,14 @@ def parse_feedback(value: str) -> FeedbackToken | None:
         return None
     number = int(score)
     return FeedbackToken(order_ref, number) if 0 <= number <= MAX_SCORE else None
+
+
+def clean_comment(text: str) -> str:
+    """A customer's comment as stored: line breaks as ``\\n``, other control characters dropped (PostgreSQL's
+    text cannot hold a NUL; a terminal escape has no place in it), trimmed, at most ``COMMENT_MAX_CHARS``."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    kept = "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
+    return kept.strip()[:COMMENT_MAX_CHARS]
 
 
 class Site:
@@ -150,7 +159,7 @@ class Site:
         if created:
             log.event("feedback_recorded", order=parsed.order_ref, score=parsed.score)
         if request.method == "POST":
-            comment = (request.form().get("comment") or [""])[0].strip()[:COMMENT_MAX_CHARS]
+            comment = clean_comment((request.form().get("comment") or [""])[0])
             if comment:
                 updated = await self.store.call(opstore.add_feedback_comment, s, parsed.order_ref, comment, now)
                 if updated is not None:
