@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
+from worker import log
 from worker.adapters import opstore, shop
 from worker.adapters.store import Store
 from worker.core.audiences import plan_winback
@@ -150,3 +151,27 @@ def test_suppressions_add_many_list_remove(db_url: str) -> None:
         assert not opstore.is_suppressed(store, "a@x.id") and opstore.is_suppressed(store, "c@x.id")
     finally:
         store.close()
+
+
+def test_a_database_error_names_the_statement_but_never_its_parameters(db_url: str) -> None:
+    engine = Store.from_url(db_url).engine
+    # Given a statement that fails with a customer's address among its parameters
+    # (logs and operators' terminals carry such errors: dispatch_failed, job_failed, web_handler_failed)
+    with engine.connect() as conn:
+        conn.execute(sa.text("CREATE TEMPORARY TABLE seen (email VARCHAR(320) PRIMARY KEY)"))
+        insert = sa.text("INSERT INTO seen (email) VALUES (:email)")
+        conn.execute(insert, {"email": "rahasia@example.com"})
+        # When it fails
+        try:
+            conn.execute(insert, {"email": "rahasia@example.com"})
+        except sa.exc.IntegrityError as exc:
+            error, line = str(exc), log.error_line(exc)
+        else:
+            raise AssertionError("a second row with the same key was accepted")
+    engine.dispose()
+    # Then the error keeps the statement but not its parameters, and the log line (its first line) says
+    # what failed without the key's value (PostgreSQL's DETAIL line names it)
+    assert "INSERT INTO seen" in error and "rahasia" not in error.replace(error.partition("\n")[2], ""), error
+    assert "[SQL parameters hidden" in error
+    assert line.startswith("IntegrityError: ") and "unique" in line.lower(), line
+    assert "rahasia" not in line, line

@@ -279,7 +279,7 @@ class Daemon:
             try:
                 await gen.dispatcher.run_once()
             except Exception as exc:
-                log.event("dispatch_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+                log.event("dispatch_failed", logging.ERROR, error=log.error_line(exc))
             finally:
                 self._active = None
             await self._close_retired()

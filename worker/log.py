@@ -26,6 +26,12 @@ def mask_email(address: str) -> str:
     return f"{local[:1]}***@{domain}" if domain else "***"
 
 
+def error_line(exc: BaseException) -> str:
+    """``Type: first line`` of an error, as logs give it: a database error's next lines carry the statement and
+    what it was about (PostgreSQL's ``DETAIL: Key (email)=(…)``, a comment, an address)."""
+    return f"{type(exc).__name__}: {str(exc).partition(chr(10))[0]}"
+
+
 def _fmt_value(value: Any) -> str:
     """A value as text logs show it: bare when it is one printable word, else a JSON string in which every
     character that is not printable is escaped (a customer's name with a line separator, NEL or a terminal

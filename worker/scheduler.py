@@ -106,6 +106,6 @@ def _guarded(job_id: str, func: JobFunc) -> JobFunc:
         try:
             await func()
         except Exception as exc:
-            log.event("job_failed", logging.ERROR, job=job_id, error=f"{type(exc).__name__}: {exc}")
+            log.event("job_failed", logging.ERROR, job=job_id, error=log.error_line(exc))
 
     return run

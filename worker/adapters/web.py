@@ -147,9 +147,7 @@ class HttpServer:
             try:
                 response = await self.handler(request)
             except Exception as exc:
-                # the first line only: a database error goes on with the statement's parameters (an address, a comment)
-                why = str(exc).partition("\n")[0]
-                log.event("web_handler_failed", logging.ERROR, path=request.path, error=f"{type(exc).__name__}: {why}")
+                log.event("web_handler_failed", logging.ERROR, path=request.path, error=log.error_line(exc))
                 response = _plain(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
             log.event("web_request", logging.DEBUG, method=request.method, path=request.path, status=response.status)
             await self._write(writer, request.method, response)
