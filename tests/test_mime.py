@@ -145,6 +145,17 @@ def test_list_unsubscribe_https_first_and_one_click() -> None:
     assert parse(build(mailto=f"mailto:{MAILTO}"))["List-Unsubscribe"] == f"<{HTTPS}>, <mailto:{MAILTO}>"
 
 
+def test_list_unsubscribe_without_a_mailto_when_none_is_set() -> None:
+    # unsubscribe.mailto = "" (no mailbox reads unsubscribe mail) failed every message: the HTTPS link alone is
+    # what one-click unsubscribe needs (RFC 8058)
+    raw = build(mailto="")
+    assert_wire_format(raw)
+    msg = parse(raw)
+    assert header_names(msg) == HEADERS
+    assert msg["List-Unsubscribe"] == f"<{HTTPS}>"
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
 def test_deterministic_bytes() -> None:
     assert build() == build()
     assert build(message_id="<a@toko.example>") != build(message_id="<b@toko.example>")

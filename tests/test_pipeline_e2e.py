@@ -117,6 +117,23 @@ def test_each_message_has_the_headers_and_footer_the_law_and_mailbox_providers_e
     assert "Siti" in text and "Kopi Gayo 250g" in text and "Kopi Toraja 250g: Rp99.000" in text
 
 
+def test_without_an_unsubscribe_mailto_each_message_goes_out_with_the_https_link_alone(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # unsubscribe.mailto = "" failed every due message for good ("not a plain email address: ''")
+    store = make_shop(sqlite_url, [customer("C1"), customer("C2")], [one_time_order("O1", "C1"),
+                                                                      one_time_order("O2", "C2")])
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port}, unsubscribe={"mailto": ""})
+    report = run_cycle(settings, store, FakeClock(NOW))
+    assert report.dispatched.outcomes == {"sent": 2}
+    for received in smtp_server.messages:
+        message = parse(received.data)
+        https = str(message["List-Unsubscribe"])
+        assert https.startswith("<https://toko-kembali.example/unsubscribe?t=") and "," not in https
+        assert str(message["List-Unsubscribe-Post"]) == "List-Unsubscribe=One-Click"
+    assert {row["status"] for row in ledger(store).values()} == {"sent"}
+
+
 @pytest.mark.parametrize(
     "hostile_name",
     ["Budi\r\nBcc: evil@example.com", "=?UTF-8?Q?=0A?=Bcc: x@example.com", "Rina\nTo: other@example.com",

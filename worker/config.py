@@ -122,6 +122,7 @@ class UnsubscribeSettings:
     url: str = "https://toko-kembali.example/unsubscribe"
     """HTTPS base of the one-click link; a signed token is appended."""
     mailto: str = "unsubscribe@toko-kembali.example"
+    """The mailto: alternative in List-Unsubscribe, after the HTTPS link; empty for none."""
     secret_env: str = "KEMBALI_LINK_SECRET"  # noqa: S105 - the variable's name, not a secret
     """Environment variable holding the key that signs link tokens."""
 

@@ -421,16 +421,20 @@ def build_message(
 ) -> bytes:
     """The RFC 5322 message: multipart/alternative (text, then HTML), CRLF throughout.
 
+    ``List-Unsubscribe`` holds the HTTPS link, then the mailto address unless
+    ``list_unsubscribe_mailto`` is empty.
+
     Raises ValueError for an address, URI, Message-ID or header name that could
     not be written safely, and for a naive ``date``.
     """
     if date.tzinfo is None or date.utcoffset() is None:
         raise ValueError("date must be timezone-aware")
+    unsubscribe = ["<" + _check_uri(list_unsubscribe_https, "list_unsubscribe_https", "https://") + ">"]
     mailto = list_unsubscribe_mailto
-    if not mailto.startswith("mailto:"):
-        mailto = "mailto:" + _check_address(mailto, "list_unsubscribe_mailto")
-    https = _check_uri(list_unsubscribe_https, "list_unsubscribe_https", "https://")
-    mailto = _check_uri(mailto, "list_unsubscribe_mailto", "mailto:")
+    if mailto:  # optional: the HTTPS link is what one-click unsubscribe (RFC 8058) needs
+        if not mailto.startswith("mailto:"):
+            mailto = "mailto:" + _check_address(mailto, "list_unsubscribe_mailto")
+        unsubscribe.append("<" + _check_uri(mailto, "list_unsubscribe_mailto", "mailto:") + ">")
 
     lines = [
         "Date: " + format_datetime(date),
@@ -443,7 +447,7 @@ def build_message(
         "Subject: " + _unstructured(rendered.subject, len("Subject: ")),
         "Message-ID: " + _message_id(message_id),
         "MIME-Version: 1.0",
-        f"List-Unsubscribe: <{https}>,\r\n <{mailto}>",
+        "List-Unsubscribe: " + ",\r\n ".join(unsubscribe),
         "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
     ]
     for name, value in extra_headers:
