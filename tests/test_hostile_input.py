@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests import sendkit
 from tests.clikit import migrated_config
 from tests.clikit import run_cli as kembali
 from tests.shop import LINK_KEY, TEMPLATES
+from tests.smtp_server import RecordingServer
 
 CUSTOMERS = "id,email,name,marketing_consent\n"
 
@@ -263,3 +265,34 @@ def test_any_iso_4217_currency_in_any_case_is_taken(config: Path, capsys: pytest
                                                     currency: str) -> None:  # fmt: skip
     config.write_text(config.read_text() + f'[shop]\ncurrency = "{currency}"\n')
     assert kembali(capsys, "--config", str(config), "db", "status")[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "wrong", "right"),
+    [
+        ("shop", "reply_to", "Toko Kembali <cs@toko-kembali.example>", "cs@toko-kembali.example"),
+        ("shop", "from_address", "halo@tökö.example", "halo@xn--tk-fkab.example"),
+        ("unsubscribe", "mailto", "berhenti langganan@toko-kembali.example", "berhenti@toko-kembali.example"),
+        ("shop", "domain", "tökö.example", "xn--tk-fkab.example"),
+    ],
+)
+def test_an_address_no_message_can_carry_is_a_configuration_error_before_anything_is_planned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, smtp_server: RecordingServer,
+    section: str, key: str, wrong: str, right: str,
+) -> None:
+    # every message carries these in a header (the domain ends each Message-ID): the MIME writer refused them, so
+    # `run --once` marked every due message failed (render_error) for good, and fixing the setting sent none of them
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    emails = sendkit.prepare_database(url, 3)
+    raw = sendkit.settings_dict(url, smtp_server.port)
+    raw.setdefault(section, {})[key] = wrong
+    config = sendkit.write_config(tmp_path / "config.toml", raw)
+    code, out = kembali(capsys, "--config", str(config), "run", "--once")
+    assert (code, "Traceback" in out) == (2, False), out
+    assert f"configuration error: {config}: '{section}.{key}' must be" in out and repr(wrong) in out
+    assert smtp_server.messages == []
+    raw[section][key] = right
+    sendkit.write_config(config, raw)
+    assert kembali(capsys, "--config", str(config), "run", "--once")[0] == 0
+    assert sorted(m.rcpt_tos[0] for m in smtp_server.messages) == sorted(emails)

@@ -23,6 +23,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from worker import money
+from worker.core import render
 from worker.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -439,6 +440,21 @@ def _fail(settings: Settings, key: str, why: str) -> typing.NoReturn:
     raise ConfigError(f"{settings.source}: '{key}' {why}")
 
 
+def _writable(address: str) -> bool:
+    try:
+        render.check_address(address, "")
+    except ValueError:
+        return False
+    return True
+
+
+def _plain_address(s: Settings, key: str, address: str) -> None:
+    """Every message carries ``address`` in a header: one the MIME writer cannot write would fail them all."""
+    if not _writable(address):
+        _fail(s, key, "must be a plain ASCII email address such as name@shop.example, without a display name "
+              f"(an internationalised domain in its IDNA form, xn--…), not {address!r}")
+
+
 def _check(s: Settings) -> None:
     """Cross-field and range checks, each naming its key."""
     try:
@@ -449,10 +465,20 @@ def _check(s: Settings) -> None:
         _fail(s, "shop.currency", f"must be an ISO 4217 currency code such as IDR, not {s.shop.currency!r}")
     if s.shop.default_locale not in ("id", "en"):
         _fail(s, "shop.default_locale", "must be 'id' or 'en'")
-    if "@" not in s.shop.from_address:
-        _fail(s, "shop.from_address", "must be an email address")
-    if not s.shop.domain or "." not in s.shop.domain:
-        _fail(s, "shop.domain", "must be a domain name such as shop.example")
+    _plain_address(s, "shop.from_address", s.shop.from_address)
+    if s.shop.reply_to:
+        _plain_address(s, "shop.reply_to", s.shop.reply_to)
+    if s.unsubscribe.mailto.startswith("mailto:"):
+        try:
+            render.check_uri(s.unsubscribe.mailto, "unsubscribe.mailto", "mailto:")
+        except ValueError:
+            _fail(s, "unsubscribe.mailto", f"must be a mailto: URI without spaces or angle brackets, not "
+                  f"{s.unsubscribe.mailto!r}")
+    elif s.unsubscribe.mailto:
+        _plain_address(s, "unsubscribe.mailto", s.unsubscribe.mailto)
+    if not s.shop.domain or "." not in s.shop.domain or not _writable(f"x@{s.shop.domain}"):
+        _fail(s, "shop.domain", "must be a domain name such as shop.example (an internationalised one in its "
+              f"IDNA form, xn--…; it ends every Message-ID), not {s.shop.domain!r}")
     if not s.shop.postal_address.strip():
         _fail(s, "shop.postal_address", "must not be empty (it goes in every footer)")
     if not s.database.url.startswith(("sqlite://", "postgresql")):
@@ -516,6 +542,12 @@ def _check(s: Settings) -> None:
             _fail(s, f"sending.domains.{domain}.burst", "must be at least 1")
     if not s.unsubscribe.url.startswith("https://"):
         _fail(s, "unsubscribe.url", "must be an https:// URL (RFC 8058 one-click)")
+    try:
+        render.check_uri(s.unsubscribe.url, "unsubscribe.url", "https://")
+    except ValueError:
+        _fail(s, "unsubscribe.url", "must be ASCII, without spaces or angle brackets and at most 900 characters "
+              "(it goes in every List-Unsubscribe header; an internationalised domain in its IDNA form, xn--…), "
+              f"not {s.unsubscribe.url!r}")
     w = s.campaigns.winback
     if w.quiet_days < 1:
         _fail(s, "campaigns.winback.quiet_days", "must be at least 1")

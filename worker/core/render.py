@@ -45,6 +45,8 @@ __all__ = [
     "TemplateRenderer",
     "build_context",
     "build_message",
+    "check_address",
+    "check_uri",
     "format_date",
     "format_money",
     "product_dict",
@@ -319,7 +321,9 @@ def _display_name(value: str) -> str:
 _ADDRESS_FORBIDDEN = re.compile(r'[\s<>,;"()\\\[\]\x00-\x1f\x7f]')
 
 
-def _check_address(address: str, what: str) -> str:
+def check_address(address: str, what: str) -> str:
+    """``address`` if it can be written in a header and an SMTP command as it is (ASCII ``local@domain``,
+    nothing that would need quoting); else ValueError naming ``what``."""
     if (
         not address
         or not address.isascii()
@@ -333,7 +337,7 @@ def _check_address(address: str, what: str) -> str:
 
 
 def _mailbox(name: str, address: str, what: str) -> str:
-    address = _check_address(address, what)
+    address = check_address(address, what)
     phrase = _display_name(name)
     return f"{phrase} <{address}>" if phrase else address
 
@@ -341,7 +345,9 @@ def _mailbox(name: str, address: str, what: str) -> str:
 _URI_FORBIDDEN = re.compile(r"[\s<>\x00-\x1f\x7f]")
 
 
-def _check_uri(uri: str, what: str, scheme: str) -> str:
+def check_uri(uri: str, what: str, scheme: str) -> str:
+    """``uri`` if it is an ASCII ``scheme`` URI that can be written between angle brackets in a header; else
+    ValueError naming ``what``."""
     if not uri.isascii() or not uri.startswith(scheme) or len(uri) <= len(scheme) or _URI_FORBIDDEN.search(uri):
         raise ValueError(f"{what}: not a {scheme} URI without spaces or angle brackets: {uri!r}")
     if len(uri) > 900:
@@ -353,7 +359,7 @@ def _message_id(value: str) -> str:
     mid = value.strip()
     if mid.startswith("<") and mid.endswith(">"):
         mid = mid[1:-1]
-    _check_address(mid, "message_id")
+    check_address(mid, "message_id")
     return f"<{mid}>"
 
 
@@ -429,12 +435,12 @@ def build_message(
     """
     if date.tzinfo is None or date.utcoffset() is None:
         raise ValueError("date must be timezone-aware")
-    unsubscribe = ["<" + _check_uri(list_unsubscribe_https, "list_unsubscribe_https", "https://") + ">"]
+    unsubscribe = ["<" + check_uri(list_unsubscribe_https, "list_unsubscribe_https", "https://") + ">"]
     mailto = list_unsubscribe_mailto
     if mailto:  # optional: the HTTPS link is what one-click unsubscribe (RFC 8058) needs
         if not mailto.startswith("mailto:"):
-            mailto = "mailto:" + _check_address(mailto, "list_unsubscribe_mailto")
-        unsubscribe.append("<" + _check_uri(mailto, "list_unsubscribe_mailto", "mailto:") + ">")
+            mailto = "mailto:" + check_address(mailto, "list_unsubscribe_mailto")
+        unsubscribe.append("<" + check_uri(mailto, "list_unsubscribe_mailto", "mailto:") + ">")
 
     lines = [
         "Date: " + format_datetime(date),
@@ -442,7 +448,7 @@ def build_message(
         "To: " + _mailbox(to_name, to_address, "to_address"),
     ]
     if shop.reply_to:
-        lines.append("Reply-To: " + _check_address(shop.reply_to, "shop.reply_to"))
+        lines.append("Reply-To: " + check_address(shop.reply_to, "shop.reply_to"))
     lines += [
         "Subject: " + _unstructured(rendered.subject, len("Subject: ")),
         "Message-ID: " + _message_id(message_id),
