@@ -18,11 +18,12 @@ Theory of operation
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from worker import contexts, planning
 from worker.adapters import audience_sql
+from worker.adapters.importer import ascii_address
 from worker.adapters.store import Store
 from worker.config import Settings
 from worker.contact import Arbiter, judge
@@ -234,6 +235,13 @@ class Composer:
         MIME. It keeps no state, so a helper process can do it (``worker.composing``)."""
         customer = facts.customers[message.customer_id].customer
         assert customer is not None
+        if not message.email.isascii():  # planned before imports stored domains in their IDNA form (0012)
+            address = ascii_address(message.email)
+            if not address.isascii():
+                return RenderFailed(message, TemplateError(
+                    f"cannot send to {message.email!r}: letters beyond ASCII before the @ need SMTPUTF8, which "
+                    "Kembali does not use"))  # fmt: skip
+            message = replace(message, email=address)  # sent to, and written in To, as SMTP takes it
         unsubscribe = self.unsubscribe_url(customer)
         try:
             context = build_context(
