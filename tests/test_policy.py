@@ -93,6 +93,79 @@ def test_quiet_hours(name: str, at: datetime, zone: str, expected: datetime) -> 
     assert next_allowed(at, zone_of(zone, "Asia/Jakarta"), QUIET) == expected
 
 
+def hm(text: str) -> time:
+    return time.fromisoformat(text)
+
+
+# (name, quiet hours, instant, zone, expected instant): nights on which the clocks change
+DST_QUIET_CASES = [
+    ("New York, clocks back at 02:00: 01:10 the second time waits for 01:30 the second time",
+     ("22:00", "01:30"), datetime(2026, 11, 1, 6, 10, tzinfo=UTC), "America/New_York",
+     datetime(2026, 11, 1, 6, 30, tzinfo=UTC)),
+    ("New York, clocks back: 01:10 the first time ends at 01:30 the first time",
+     ("22:00", "01:30"), datetime(2026, 11, 1, 5, 10, tzinfo=UTC), "America/New_York",
+     datetime(2026, 11, 1, 5, 30, tzinfo=UTC)),
+    ("Chatham (+12:45), clocks back 03:45 to 02:45: 02:50 the second time waits for 03:00 the second time",
+     ("21:00", "03:00"), datetime(2026, 4, 4, 14, 5, tzinfo=UTC), "Pacific/Chatham",
+     datetime(2026, 4, 4, 14, 15, tzinfo=UTC)),
+    ("Lord Howe, clocks back half an hour at 02:00: 01:35 the second time waits for 01:45 the second time",
+     ("21:00", "01:45"), datetime(2027, 4, 3, 15, 5, tzinfo=UTC), "Australia/Lord_Howe",
+     datetime(2027, 4, 3, 15, 15, tzinfo=UTC)),
+    ("New York, clocks forward 02:00 to 03:00: an end of 02:30 does not exist, quiet hours end at the jump",
+     ("22:00", "02:30"), datetime(2026, 3, 8, 4, 0, tzinfo=UTC), "America/New_York",
+     datetime(2026, 3, 8, 7, 0, tzinfo=UTC)),
+    ("Lord Howe, clocks forward half an hour at 02:00: an end of 02:15 is the jump, 02:30 (+11)",
+     ("21:00", "02:15"), datetime(2026, 10, 3, 12, 0, tzinfo=UTC), "Australia/Lord_Howe",
+     datetime(2026, 10, 3, 15, 30, tzinfo=UTC)),
+    ("Lord Howe, the default night on which the clocks go forward: 08:00 (+11)",
+     ("21:00", "08:00"), datetime(2026, 10, 3, 12, 0, tzinfo=UTC), "Australia/Lord_Howe",
+     datetime(2026, 10, 3, 21, 0, tzinfo=UTC)),
+    ("London, the default night on which the clocks go back: 01:30 the second time waits for 08:00 GMT",
+     ("21:00", "08:00"), datetime(2026, 10, 25, 1, 30, tzinfo=UTC), "Europe/London",
+     datetime(2026, 10, 25, 8, 0, tzinfo=UTC)),
+    ("Kathmandu (+5:45): 07:59 waits a minute", ("21:00", "08:00"), datetime(2027, 1, 1, 2, 14, tzinfo=UTC),
+     "Asia/Kathmandu", datetime(2027, 1, 1, 2, 15, tzinfo=UTC)),
+    ("Kiritimati (+14): 23:00 on 31 Dec waits for 08:00 on 1 Jan", ("21:00", "08:00"),
+     datetime(2027, 12, 31, 9, 0, tzinfo=UTC), "Pacific/Kiritimati", datetime(2027, 12, 31, 18, 0, tzinfo=UTC)),
+    ("Pago Pago (-11): 13:30 in a 13:00-14:00 lunch break", ("13:00", "14:00"),
+     datetime(2027, 1, 1, 0, 30, tzinfo=UTC), "Pacific/Pago_Pago", datetime(2027, 1, 1, 1, 0, tzinfo=UTC)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "hours", "at", "zone", "expected"), DST_QUIET_CASES,
+                         ids=[c[0] for c in DST_QUIET_CASES])
+def test_quiet_hours_on_the_nights_the_clocks_change(name: str, hours: tuple[str, str], at: datetime, zone: str,
+                                                     expected: datetime) -> None:
+    assert next_allowed(at, ZoneInfo(zone), QuietHours(hm(hours[0]), hm(hours[1]))) == expected
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Europe/London", "Australia/Lord_Howe", "Pacific/Chatham",
+                                  "America/Santiago", "Asia/Beirut", "Africa/Cairo", "America/Havana"])
+def test_quiet_hours_never_end_inside_themselves_around_a_clock_change(zone: str) -> None:
+    """Every 5 minutes for two days around each of the zone's clock changes in 2026, for windows whose ends fall
+    on either side of, inside, and on the changes: ``next_allowed`` is ``at`` outside quiet hours, and otherwise a
+    later instant outside them, never more than the window's length plus the change later."""
+    tz = ZoneInfo(zone)
+    windows = [QuietHours(hm(a), hm(b)) for a, b in (("21:00", "08:00"), ("13:00", "14:00"), ("22:00", "01:30"),
+               ("22:00", "02:30"), ("21:00", "03:00"), ("01:30", "02:30"), ("23:30", "00:15"), ("00:00", "01:00"))]
+    changes = []
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    while t.year == 2026:
+        if (t + timedelta(hours=1)).astimezone(tz).utcoffset() != t.astimezone(tz).utcoffset():
+            changes.append(t)
+        t += timedelta(hours=1)
+    assert changes
+    for change in changes:
+        for quiet in windows:
+            for minutes in range(-24 * 60, 24 * 60, 5):
+                at = change + timedelta(minutes=minutes)
+                got = next_allowed(at, tz, quiet)
+                inside = quiet.contains(at.astimezone(tz).time())
+                assert (got == at) == (not inside), (quiet, at)
+                assert got >= at and not quiet.contains(got.astimezone(tz).time()), (quiet, at, got)
+                assert got - at <= timedelta(hours=26), (quiet, at, got)
+
+
 def test_quiet_hours_within_one_day_and_none() -> None:
     lunch = QuietHours(time(12, 0), time(13, 0))
     assert next_allowed(datetime(2027, 1, 1, 5, 30, tzinfo=UTC), JKT, lunch) == datetime(2027, 1, 1, 6, tzinfo=UTC)

@@ -122,9 +122,26 @@ def next_allowed(at: datetime, zone: ZoneInfo, quiet: QuietHours | None) -> date
     end_day: date = local.date()
     if quiet.start > quiet.end and local.time().replace(tzinfo=None) >= quiet.start:
         end_day += timedelta(days=1)
-    wall = datetime.combine(end_day, quiet.end, tzinfo=zone)
-    # a wall time skipped by a DST jump does not exist: round-tripping through UTC moves it past the gap
-    return max(wall.astimezone(UTC), at)
+    return _clock_reaches(datetime.combine(end_day, quiet.end), zone, at)
+
+
+def _clock_reaches(wall: datetime, zone: ZoneInfo, at: datetime) -> datetime:
+    """The first instant at or after ``at`` at which ``zone``'s clock shows the naive ``wall`` time, ``at`` being
+    earlier on that clock. A wall time shown twice (the clocks went back) is reached at the occurrence after ``at``;
+    one skipped (the clocks went forward over it) is reached at the moment of the jump."""
+    first, second = (wall.replace(tzinfo=zone, fold=fold).astimezone(UTC) for fold in (0, 1))
+    if first <= second:  # shown once (equal) or twice
+        return first if first >= at else second
+    # skipped: fold 0 reads it with the offset before the jump (later), fold 1 with the one after (earlier); the
+    # jump, on a whole second, is between them: the first second whose clock shows ``wall`` or later
+    low, high = int(second.timestamp()), int(first.timestamp())
+    while high - low > 1:
+        middle = (low + high) // 2
+        if datetime.fromtimestamp(middle, zone).replace(tzinfo=None) >= wall:
+            high = middle
+        else:
+            low = middle
+    return datetime.fromtimestamp(high, UTC)
 
 
 # --- holdout -----------------------------------------------------------------
