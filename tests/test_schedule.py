@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -58,6 +58,60 @@ def test_monday_in_crontab_is_monday_in_the_trigger() -> None:
     # 2026-11-22 is a Sunday; "1" in crontab is Monday (APScheduler 3's own numbering would say Tuesday)
     fire = cron_trigger("0 9 * * 1", JKT).get_next_fire_time(None, datetime(2026, 11, 22, 12, tzinfo=UTC))
     assert fire is not None and fire.isoformat() == "2026-11-23T09:00:00+07:00"
+
+
+def fire_times(expr: str, zone: str, after: datetime, n: int) -> list[str]:
+    """The next ``n`` fire times after ``after``, as local ISO text, walked as the scheduler walks them."""
+    trigger = cron_trigger(expr, zone)
+    out: list[datetime] = []
+    now = after
+    while len(out) < n:
+        fire = trigger.get_next_fire_time(out[-1] if out else None, now)
+        assert fire is not None
+        out.append(fire)
+        now = fire.astimezone(UTC) + timedelta(seconds=1)
+    return [f.isoformat() for f in out]
+
+
+# (name, expression, zone, after, the next fire times)
+FIRE_CASES = [
+    ("day of month and weekday both given: crontab runs on either (the 1st, and every Monday)",
+     "0 9 1 * 1", JKT, datetime(2026, 1, 1, tzinfo=UTC),
+     ["2026-01-01T09:00:00+07:00", "2026-01-05T09:00:00+07:00", "2026-01-12T09:00:00+07:00",
+      "2026-01-19T09:00:00+07:00", "2026-01-26T09:00:00+07:00", "2026-02-01T09:00:00+07:00",
+      "2026-02-02T09:00:00+07:00"]),
+    ("the 15th or a weekend day, a day matching both fires once", "30 8 15 * sat,sun", JKT,
+     datetime(2026, 8, 13, tzinfo=UTC),
+     ["2026-08-15T08:30:00+07:00", "2026-08-16T08:30:00+07:00", "2026-08-22T08:30:00+07:00"]),
+    ("a weekday step starts with '*': both must match, as in crontab (Mondays that are a 1st)",
+     "0 9 1 * */1", JKT, datetime(2026, 1, 1, 3, tzinfo=UTC),
+     ["2026-02-01T09:00:00+07:00", "2026-03-01T09:00:00+07:00"]),
+    ("the 31st: only months that have one", "0 9 31 * *", JKT, datetime(2026, 1, 31, 3, tzinfo=UTC),
+     ["2026-03-31T09:00:00+07:00", "2026-05-31T09:00:00+07:00", "2026-07-31T09:00:00+07:00"]),
+    ("29 February: leap years only", "0 9 29 2 *", JKT, datetime(2026, 1, 1, tzinfo=UTC),
+     ["2028-02-29T09:00:00+07:00", "2032-02-29T09:00:00+07:00"]),
+    ("02:30 does not exist in New York on 8 March 2026: that day's run is an hour late, once",
+     "30 2 * * *", "America/New_York", datetime(2026, 3, 7, 12, tzinfo=UTC),
+     ["2026-03-08T02:30:00-05:00", "2026-03-09T02:30:00-04:00"]),
+    ("hourly over the night New York's clocks go back: 01:00 runs twice, an hour apart",
+     "0 * * * *", "America/New_York", datetime(2026, 11, 1, 4, 30, tzinfo=UTC),
+     ["2026-11-01T01:00:00-04:00", "2026-11-01T01:00:00-05:00", "2026-11-01T02:00:00-05:00"]),
+    ("Lord Howe's half-hour jump forward skips 02:00-02:30: 02:15 runs at 02:45", "15 2 * * *",
+     "Australia/Lord_Howe", datetime(2026, 10, 3, tzinfo=UTC),
+     ["2026-10-04T02:15:00+10:30", "2026-10-05T02:15:00+11:00"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "expr", "zone", "after", "expected"), FIRE_CASES, ids=[c[0] for c in FIRE_CASES])
+def test_fire_times_across_month_ends_and_clock_changes(name: str, expr: str, zone: str, after: datetime,
+                                                        expected: list[str]) -> None:
+    assert fire_times(expr, zone, after, len(expected)) == expected
+
+
+def test_a_run_missed_on_a_weekday_is_found_when_the_day_of_month_is_given_too() -> None:
+    # down from Friday 2 January 2026 until Tuesday: Monday's run (crontab: the 1st or a Monday) was missed
+    got = missed_run("0 9 1 * 1", JKT, datetime(2026, 1, 1, 2, 0, 1, tzinfo=UTC), datetime(2026, 1, 6, 3, tzinfo=UTC))
+    assert got is not None and got.isoformat() == "2026-01-05T09:00:00+07:00"
 
 
 @pytest.mark.parametrize(

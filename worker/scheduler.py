@@ -32,20 +32,25 @@ from zoneinfo import ZoneInfo
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from worker import log
-from worker.core.cron import parse_cron
+from worker.core.cron import schedule
 
 JobFunc = Callable[[], Awaitable[None]]
 
 JOB_DEFAULTS: dict[str, Any] = {"coalesce": True, "misfire_grace_time": None, "max_instances": 1}
 
 
-def cron_trigger(expr: str, time_zone: str) -> CronTrigger:
-    """A cron trigger in ``time_zone`` (crontab weekday numbers, 5 or 6 fields; see core.cron)."""
-    return CronTrigger(timezone=ZoneInfo(time_zone), **parse_cron(expr).as_kwargs())
+def cron_trigger(expr: str, time_zone: str) -> BaseTrigger:
+    """A cron trigger in ``time_zone`` (crontab weekday numbers, 5 or 6 fields; see core.cron): one
+    ``CronTrigger``, or the earliest of two when crontab would run on a day of the month *or* a weekday."""
+    zone = ZoneInfo(time_zone)
+    triggers = [CronTrigger(timezone=zone, **fields.as_kwargs()) for fields in schedule(expr)]
+    return triggers[0] if len(triggers) == 1 else OrTrigger(triggers)
 
 
 def missed_run(expr: str, time_zone: str, last_run: datetime | None, now: datetime) -> datetime | None:

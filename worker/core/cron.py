@@ -9,11 +9,17 @@ schedules). Each field is ``*``, a value, a range ``a-b``, a step ``*/n`` or
 Weekday numbers follow crontab: 0 and 7 are Sunday, 1 is Monday. APScheduler 3
 counts 0 as *Monday* (its documented historical mistake), so numeric weekdays are
 translated here into names, which both read the same way.
+
+When both the day of the month and the weekday are restricted (neither starts
+with ``*``), crontab runs on the days that match *either* ("0 9 1 * 1": the
+1st and every Monday); one APScheduler trigger would need both. Such an
+expression is two triggers (``schedule``), one per field, fired at whichever
+comes first.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 FIELDS = ("second", "minute", "hour", "day", "month", "day_of_week")
 _RANGES = {
@@ -57,6 +63,17 @@ def parse_cron(expr: str) -> CronFields:
         _check_field(name, text)
     values["day_of_week"] = _weekday_names(values["day_of_week"])
     return CronFields(**values)
+
+
+def schedule(expr: str) -> tuple[CronFields, ...]:
+    """The triggers whose fire times together are ``expr``'s, as crontab reads it: one, or two when both the day
+    of the month and the weekday are restricted (crontab runs on the days either matches)."""
+    fields = parse_cron(expr)
+    parts = expr.split()
+    day, weekday = parts[-3], parts[-1]
+    if day.startswith("*") or weekday.startswith("*"):
+        return (fields,)
+    return replace(fields, day_of_week="*"), replace(fields, day="*")
 
 
 def _number(name: str, token: str) -> int:
