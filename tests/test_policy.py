@@ -246,6 +246,19 @@ def test_a_cap_slot_inside_quiet_hours_moves_to_the_morning() -> None:
         datetime(2027, 2, 27, 1, 0, tzinfo=UTC), "cap")
 
 
+@pytest.mark.parametrize(("expires_in_hours", "expected"), [
+    (23, DeferUntil(T0 + timedelta(hours=22), "cap")),
+    (22, Skip(SkipReason.EXPIRED)),  # the morning is exactly the expiry
+    (20, Skip(SkipReason.EXPIRED)),  # the free slot (22:00) is before the expiry, the morning after it
+])  # fmt: skip
+def test_a_cap_slot_in_quiet_hours_waits_for_the_morning_unless_that_is_past_the_expiry(
+    expires_in_hours: int, expected: object
+) -> None:
+    sent = [T0 + timedelta(hours=12) - d(3)]  # frees the slot at 22:00 in Jakarta; quiet hours end 08:00
+    message = Due("winback:C1", "winback", POLICY.priority("winback"), T0 + timedelta(hours=expires_in_hours))
+    assert decide(message, sent, [], T0, POLICY, JKT) == expected
+
+
 def test_three_campaigns_on_one_day_go_out_one_slot_apart() -> None:
     """Birthday today, feedback three days later, win-back three days after that."""
     messages = [due("winback", 30), due("birthday", 30), due("feedback", 30)]

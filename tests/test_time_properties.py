@@ -1,0 +1,115 @@
+"""Property-style checks of time: many random customers, zones and instants, the planner's SQL (SQLite and
+PostgreSQL) against the pure rules of ``core.campaigns``. Any customer one selects and the other does not is a
+bug. The data is fixed (absolute times); the instants include every rule boundary the data has (an order's
+45th day to the second, the end of a birthday in each zone), so the comparisons hit the edges."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+
+from worker import planning
+from worker.adapters import shop
+from worker.adapters.store import Store
+from worker.config import settings_from_dict
+from worker.core import campaigns as cc
+from worker.core.policy import zone_of
+from worker.domain import CustomerRecord, Locale, OrderFacts, OrderRecord, OrderStatus
+
+ZONES = ("Asia/Jakarta", "America/New_York", "Europe/London", "Australia/Lord_Howe", "Pacific/Kiritimati",
+         "Pacific/Pago_Pago", "Asia/Kathmandu", "Pacific/Chatham", "America/St_Johns", "Etc/GMT+12", "")
+SHOP_ZONE = "Asia/Jakarta"
+STEPS = (45, 75, 120)
+DAYS_AFTER, LOOKBACK = 7, 14
+STATUSES = (OrderStatus.DELIVERED, OrderStatus.SHIPPED, OrderStatus.CANCELLED, OrderStatus.REFUNDED)
+BASE = datetime(2027, 12, 31, 12, 0, tzinfo=UTC)
+"""Instants range around the turn of 2027 into leap 2028, and its February."""
+BIRTHDAYS = (date(1990, 12, 31), date(1991, 1, 1), date(1992, 2, 29), date(1990, 2, 28), date(1990, 3, 1),
+             date(1990, 1, 2), date(1990, 12, 30))  # fmt: skip
+
+
+def settings(days_before: int) -> object:
+    return settings_from_dict({
+        "shop": {"time_zone": SHOP_ZONE},
+        "campaigns": {
+            "winback": {"steps": [{"days": d, "template": f"w{d}"} for d in STEPS]},
+            "birthday": {"enabled": True, "days_before": days_before},
+            "feedback": {"enabled": True, "days_after": DAYS_AFTER, "lookback_days": LOOKBACK},
+        },
+    })  # fmt: skip
+
+
+def customers(rng: random.Random, n: int) -> tuple[list[CustomerRecord], list[OrderRecord]]:
+    people, orders = [], []
+    for i in range(n):
+        birthday = rng.choice(BIRTHDAYS) if rng.random() < 0.6 else date(1980, 1, 1) + timedelta(rng.randrange(366))
+        people.append(CustomerRecord(f"C{i}", f"c{i}@example.com", f"C {i}", Locale.ID, rng.choice(ZONES),
+                                     birthday if rng.random() < 0.9 else None, True, "", ""))  # fmt: skip
+        for j in range(rng.choice((0, 1, 1, 1, 2))):
+            placed = BASE - timedelta(days=rng.uniform(-70, 140), seconds=rng.randrange(86400))
+            delivered = placed + timedelta(days=rng.uniform(0, 10)) if rng.random() < 0.5 else None
+            orders.append(OrderRecord(f"O{i}-{j}", f"C{i}", rng.choice(STATUSES), placed,
+                                      delivered, 1000, "IDR"))  # fmt: skip
+    return people, orders
+
+
+def instants(rng: random.Random, people: list[CustomerRecord], orders: list[OrderRecord]) -> list[datetime]:
+    out = [BASE + timedelta(hours=rng.uniform(-24 * 70, 24 * 70)) for _ in range(6)]
+    for rec in rng.sample(orders, min(6, len(orders))):  # win-back and feedback boundaries, to the second
+        settled = rec.delivered_at or rec.placed_at
+        for edge in (rec.placed_at + timedelta(days=rng.choice(STEPS)), settled + timedelta(days=DAYS_AFTER),
+                     settled + timedelta(days=DAYS_AFTER + LOOKBACK)):  # fmt: skip
+            out += [edge - timedelta(microseconds=1), edge, edge + timedelta(microseconds=1)]
+    for person in rng.sample(people, 6):  # the start of a birthday (or of its days_before) in the customer's zone
+        if person.birthday is None:
+            continue
+        zone = zone_of(person.time_zone, SHOP_ZONE)
+        for year in (2027, 2028):
+            day = cc.birthday_in(person.birthday, year)
+            start = datetime.combine(day, datetime.min.time(), tzinfo=zone).astimezone(UTC)
+            out += [start - timedelta(seconds=1), start, start + timedelta(days=1) - timedelta(seconds=1)]
+    return out
+
+
+def facts(person: CustomerRecord, orders: list[OrderRecord]) -> cc.Facts:
+    return cc.Facts(
+        customer_external_id=person.external_id,
+        time_zone=person.time_zone,
+        birthday=person.birthday,
+        orders=tuple(OrderFacts(o.external_id, o.status, o.placed_at, o.delivered_at, o.total_minor) for o in orders),
+    )
+
+
+def pure_keys(campaign: str, f: cc.Facts, now: datetime, days_before: int) -> list[str]:
+    if campaign == "winback":
+        return cc.winback_due_keys(f, now, STEPS)
+    if campaign == "feedback":
+        return cc.feedback_due_keys(f, now, DAYS_AFTER, LOOKBACK)
+    return cc.birthday_due_keys(f, now, days_before, zone_of(f.time_zone, SHOP_ZONE))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_planners_sql_selects_exactly_whom_the_pure_rules_select(db_url: str, seed: int) -> None:
+    rng = random.Random(seed)
+    people, orders = customers(rng, 120)
+    store = Store.from_url(db_url)
+    try:
+        shop.upsert_customers(store.engine, people, BASE)
+        shop.upsert_orders(store.engine, orders, BASE)
+        by_customer = {p.external_id: facts(p, [o for o in orders if o.customer_external_id == p.external_id])
+                       for p in people}  # fmt: skip
+        wrong = []
+        for now in instants(rng, people, orders):
+            days_before = rng.choice((0, 1, 3, 7))
+            cfg = settings(days_before)
+            for campaign in ("winback", "feedback", "birthday"):
+                got = {m.dedupe_key for batch in planning.plan_batches(store, cfg, campaign, now)  # type: ignore[arg-type]
+                       for m in batch}  # fmt: skip
+                expected = {k for f in by_customer.values() for k in pure_keys(campaign, f, now, days_before)}
+                if got != expected:
+                    wrong.append((campaign, now.isoformat(), days_before, sorted(got ^ expected)))
+        assert wrong == []
+    finally:
+        store.close()
