@@ -4,6 +4,7 @@ the planner (the store's keyset queries plus the rule) on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,7 +89,8 @@ BIRTHDAY = [
     Case("born 29 Feb: celebrated on 28 Feb in 2027", 1, birthday=date(1992, 2, 29)),
     Case("born 28 Feb, in Jayapura where it is already 1 March", 0, birthday=date(1990, 2, 28), zone=JAYA),
     Case("born 1 March, in Jayapura where it is 1 March", 1, birthday=date(1990, 3, 1), zone=JAYA),
-    Case("born 1 March, in Jakarta where it is still the day before", 0, birthday=date(1990, 3, 1)),
+    Case("born 1 March, in Jakarta half an hour before (planned, due at midnight)", 1, birthday=date(1990, 3, 1)),
+    Case("born 1 March, in Kabul where it is 21:00 the day before", 0, birthday=date(1990, 3, 1), zone="Asia/Kabul"),
     Case("born 29 Feb, in Jayapura: the 28th has passed there", 0, birthday=date(1996, 2, 29), zone=JAYA),
     Case("born 27 Feb: passed", 0, birthday=date(1990, 2, 27)),
     Case("no birthday: never", 0),
@@ -296,6 +298,38 @@ def test_birthday_prefilter_covers_every_zone_and_the_leap_day() -> None:
     mmdd = cc.birthday_mmdd_candidates(NOW, 0)
     assert mmdd == [228, 229, 301]  # 28 Feb (UTC-12) to 1 Mar (UTC+14); 29 Feb rides with 28 Feb in 2027
     assert 229 not in cc.birthday_mmdd_candidates(datetime(2028, 3, 10, tzinfo=UTC), 3)
+
+
+def _clock_changes(zone: ZoneInfo, year: int) -> list[date]:
+    """The local dates on which ``zone``'s offset changes in ``year``."""
+    noon = [datetime(year, 1, 1, 12, tzinfo=zone) + timedelta(days=n) for n in range(365)]
+    return [b.date() for a, b in itertools.pairwise(noon) if a.utcoffset() != b.utcoffset()]
+
+
+@pytest.mark.parametrize("zone_name", ["America/New_York", "America/Miquelon", "Australia/Lord_Howe",
+                                       "Europe/London", "America/Santiago", "America/Havana"])  # fmt: skip
+@pytest.mark.parametrize("days_before", [0, 1])
+def test_a_birthday_next_to_a_clock_change_is_planned_by_one_daily_pass_whatever_its_hour(
+    zone_name: str, days_before: int
+) -> None:
+    """Planning runs once a day; a local day is 23 hours long when the clocks go forward. Whatever the hour of
+    the daily pass, every birthday around a clock change is planned, due within its window, never earlier."""
+    zone = ZoneInfo(zone_name)
+    changes = _clock_changes(zone, 2026)
+    assert len(changes) == 2, changes
+    for change in changes:
+        for born in (change - timedelta(days=1), change, change + timedelta(days=1)):
+            facts = cc.Facts(customer_external_id="C1", time_zone=zone_name, birthday=born.replace(year=1990))
+            opens = datetime.combine(born - timedelta(days=days_before), datetime.min.time(), tzinfo=zone)
+            for minute in range(0, 24 * 60, 30):  # the pass's time of day, in UTC
+                first = datetime.combine(born - timedelta(days=days_before + 3), datetime.min.time(), tzinfo=UTC)
+                passes = [first + timedelta(days=d, minutes=minute) for d in range(days_before + 6)]
+                planned = [now for now in passes if cc.birthday_due_keys(facts, now, days_before, zone)]
+                assert planned, f"born {born}, daily pass at {minute // 60:02}:{minute % 60:02} UTC: never planned"
+                for now in planned:
+                    plan = cc.birthday_plan(facts.birthday, now, zone, days_before)
+                    assert plan is not None and plan[0] == born
+                    assert opens <= plan[1] < cc.birthday_expires(born, zone) and plan[1] >= now, (now, plan)
 
 
 def test_birthday_messages_expire_at_the_end_of_the_day_in_their_zone() -> None:

@@ -211,13 +211,14 @@ def _birthday_on(store: Store, settings: Settings, now: datetime, priority: int,
         batch = []
         for r in rows:
             zone = zone_of(r.time_zone, settings.shop.time_zone)
-            day = cc.birthday_due(r.birthday, cc.local_today(now, zone), cfg.days_before)
-            if day is None:
+            plan = cc.birthday_plan(r.birthday, now, zone, cfg.days_before)
+            if plan is None:
                 continue
+            day, due_at = plan
             batch.append(cc.planned(
                 r, key=cc.birthday_key(r.customer_external_id, day.year), campaign=cc.BIRTHDAY, now=now,
                 expires_at=cc.birthday_expires(day, zone), domain=settings.shop.domain, priority=priority,
-                payload={"birthday": day.isoformat()},
+                payload={"birthday": day.isoformat()}, due_at=due_at,
             ))  # fmt: skip
         yield _new_only(store, batch)
 

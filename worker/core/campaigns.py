@@ -18,7 +18,7 @@ from __future__ import annotations
 import calendar
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from worker.core import tokens
@@ -63,6 +63,7 @@ def planned(
     step: int = 1,
     payload: dict[str, str] | None = None,
     held_out: bool = False,
+    due_at: datetime | None = None,
 ) -> PlannedMessage:
     return PlannedMessage(
         dedupe_key=key,
@@ -70,7 +71,7 @@ def planned(
         step=step,
         customer_id=row.customer_id,
         email=row.email,
-        due_at=now,
+        due_at=now if due_at is None else due_at,
         expires_at=expires_at,
         message_id=message_id_for(key, domain),
         priority=priority,
@@ -125,6 +126,28 @@ def birthday_due(birthday: date | None, today: date, days_before: int) -> date |
     return None
 
 
+BIRTHDAY_LEAD = timedelta(hours=2)
+"""How far ahead a pass plans a birthday whose window is about to open (due when it opens). Planning runs once a
+day, and a customer's local day can be 23 hours long (the clocks go forward; 23.5 on Lord Howe): with
+``days_before = 0`` that day could fall wholly between two passes and the birthday be missed."""
+
+
+def birthday_plan(
+    birthday: date | None, now: datetime, zone: ZoneInfo, days_before: int
+) -> tuple[date, datetime] | None:
+    """(the birthday being celebrated, when its email is due) for a pass at ``now``: at once when the customer's
+    local date is 0..days_before days before it; at the start of that window when it opens within
+    ``BIRTHDAY_LEAD``; None otherwise (and always None without a birthday)."""
+    day = birthday_due(birthday, local_today(now, zone), days_before)
+    if day is not None:
+        return day, now
+    day = birthday_due(birthday, local_today(now + BIRTHDAY_LEAD, zone), days_before)
+    if day is None:
+        return None
+    opens = datetime.combine(day - timedelta(days=days_before), time(0, 0), tzinfo=zone).astimezone(UTC)
+    return day, max(opens, now)
+
+
 def birthday_key(customer_external_id: str, year: int) -> str:
     return f"{BIRTHDAY}:{key_part(customer_external_id)}:{year}"
 
@@ -142,7 +165,7 @@ def birthday_mmdd_candidates(now: datetime, days_before: int) -> list[int]:
     """Every ``month*100+day`` a birthday due at ``now`` could have, in any time zone (UTC-12 to
     UTC+14): what the store's indexed pre-filter asks for. 229 joins 228 in non-leap years."""
     first = (now - timedelta(hours=12)).date()
-    last = (now + timedelta(hours=14)).date() + timedelta(days=days_before)
+    last = (now + timedelta(hours=14) + BIRTHDAY_LEAD).date() + timedelta(days=days_before)
     out: set[int] = set()
     day = first
     while day <= last:
@@ -321,10 +344,10 @@ def winback_due_keys(facts: Facts, now: datetime, step_days: Sequence[int]) -> l
 def birthday_due_keys(facts: Facts, now: datetime, days_before: int, zone: ZoneInfo) -> list[str]:
     if not facts.reachable:
         return []
-    day = birthday_due(facts.birthday, local_today(now, zone), days_before)
-    if day is None:
+    plan = birthday_plan(facts.birthday, now, zone, days_before)
+    if plan is None:
         return []
-    key = birthday_key(facts.customer_external_id, day.year)
+    key = birthday_key(facts.customer_external_id, plan[0].year)
     return [] if key in facts.planned_keys else [key]
 
 
