@@ -670,3 +670,34 @@ def test_a_part_over_the_limit_in_a_symlinked_include_names_the_include_by_its_n
     with pytest.raises(TemplateError) as info:
         JinjaTemplates(root).render("demo", Locale.ID, {**CTX, "big": BIG})
     assert (info.value.template, info.value.line) == ("demo/_loop.html", 7)
+
+
+# --- campaigns whose coupon is optional -------------------------------------------
+
+
+def campaign_context(
+    campaign: str, locale: Locale, extra: dict[str, object], name: str = "Siti Rahayu"
+) -> dict[str, object]:
+    customer = CustomerSnapshot(1, "C1", "siti@example.com", name, locale, "Asia/Jakarta", None, True)
+    return build_context(campaign, customer, shop=SHOP, unsubscribe_url=UNSUB, extra=extra)
+
+
+NO_COUPON = {
+    "birthday": {"birthday": "2027-02-28", "coupon_code": "", "coupon_percent": 0,
+                 "recommendations": [_product(2, "French Press", 24900000)]},
+    "loyalty": {"milestone_kind": "orders", "milestone": 5, "coupon_code": "", "coupon_percent": 0},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("locale", list(Locale))
+@pytest.mark.parametrize("campaign", sorted(NO_COUPON))
+def test_no_coupon_promises_no_gift(campaign: str, locale: Locale) -> None:
+    """A birthday or loyalty campaign configured without a coupon code promises no discount and leaves no
+    sentence introducing a coupon box that is not there."""
+    email = JinjaTemplates(ROOT).render(campaign, locale, campaign_context(campaign, locale, NO_COUPON[campaign]))
+    for part in (email.subject, re.sub(r"<[^>]*>", "", email.html), email.text):  # the words, not the styles
+        assert "%" not in part, part
+    if campaign == "birthday":
+        assert email.subject == ("Selamat ulang tahun, Kak Siti!" if locale is Locale.ID else "Happy birthday, Siti!")
+    for dangling in ("hadiah kecil", "small gift", "tanda terima kasih:", "As a thank-you:", "hadiahmu", "gift"):
+        assert dangling not in email.html, dangling
