@@ -701,3 +701,16 @@ def test_no_coupon_promises_no_gift(campaign: str, locale: Locale) -> None:
         assert email.subject == ("Selamat ulang tahun, Kak Siti!" if locale is Locale.ID else "Happy birthday, Siti!")
     for dangling in ("hadiah kecil", "small gift", "tanda terima kasih:", "As a thank-you:", "hadiahmu", "gift"):
         assert dangling not in email.html, dangling
+
+
+@pytest.mark.parametrize("locale", list(Locale))
+def test_winback_reminder_without_recommendations_promises_none(locale: Locale) -> None:
+    """The first win-back step for a customer with nothing to recommend says hello and no more: no
+    "you might like:" in front of an empty list, in either part or the preheader."""
+    ctx = winback_context(locale) | {"coupon_code": "", "recommendations": []}
+    email = JinjaTemplates(ROOT).render("winback-reminder", locale, ctx)
+    for promise in ("suka", "might like", "would like", "baru", "new", "pilihan", "picks"):
+        assert promise not in email.text and promise not in email.html, promise
+    with_picks = JinjaTemplates(ROOT).render("winback-reminder", locale, winback_context(locale))
+    assert ("suka:" if locale is Locale.ID else "might like:") in with_picks.text
+    assert "French Press" in with_picks.text and "French Press" in with_picks.html
