@@ -103,6 +103,8 @@ def test_winback_without_coupon_or_products() -> None:
     email = JinjaTemplates(ROOT).render("winback", Locale.ID, ctx)
     assert email.subject == "Kak Siti, kami kangen!"
     assert "KEMBALI10" not in email.html and "Rp" not in email.text
+    preheader = email.html.split('mso-hide:all;">', 1)[1].split("</div>", 1)[0]
+    assert preheader == "Sudah lama tidak mampir, kami kangen!"  # not "new products", which it has none of
 
 
 def test_campaigns_and_locales() -> None:
