@@ -716,3 +716,21 @@ def test_winback_reminder_without_recommendations_promises_none(locale: Locale) 
     with_picks = JinjaTemplates(ROOT).render("winback-reminder", locale, winback_context(locale))
     assert ("suka:" if locale is Locale.ID else "might like:") in with_picks.text
     assert "French Press" in with_picks.text and "French Press" in with_picks.html
+
+
+LONG_TITLE = "Kain Batik Tulis Solo Motif Sido Mukti Warna Sogan Klasik Ukuran 2,5 Meter Bahan Katun Primisima"
+
+
+@pytest.mark.parametrize("locale", list(Locale))
+@pytest.mark.parametrize("folder", ["winback", "winback-reminder", "new_products"])
+def test_a_long_product_title_is_shortened_in_the_subject(folder: str, locale: Locale) -> None:
+    """Marketplace-style product titles run to 100 characters: in the subject they are cut at a word, so the
+    subject stays under 80 characters and the offer after the product is still read; the body keeps the title."""
+    long = _product(9, LONG_TITLE, 45000000)
+    ctx = winback_context(locale) | {"bought": [long], "products": [long], "new": True}
+    email = JinjaTemplates(ROOT).render(folder, locale, ctx)
+    assert len(email.subject) <= 80, email.subject
+    assert "Kain Batik Tulis" in email.subject and "…" in email.subject and LONG_TITLE not in email.subject
+    if folder == "winback":
+        assert email.subject.endswith("khusus untukmu" if locale is Locale.ID else "just for you"), email.subject
+    assert LONG_TITLE in email.text and LONG_TITLE in email.html
