@@ -160,3 +160,29 @@ def test_build_context_dates_become_iso_strings() -> None:
 def test_first_name_empty_for_empty_name() -> None:
     ctx = build_context("winback", _customer(name=""), shop=SHOP, unsubscribe_url="https://u", extra={})
     assert ctx["customer"] == {"first_name": "", "name": "", "email": "siti@example.com", "locale": "id"}
+
+
+@pytest.mark.parametrize(
+    ("name", "first_name"),
+    [
+        ("Siti Rahayu", "Siti"),
+        ("SITI RAHAYU", "Siti"),  # typed in capitals: "Halo Kak SITI" shouts in the subject
+        ("siti rahayu", "Siti"),
+        ("Ibu Sri Wahyuni", "Sri"),  # not "Halo Kak Ibu"
+        ("Bpk. Agus Santoso", "Agus"),
+        ("Hj. Siti Aminah", "Siti"),
+        ("dr. budi", "Budi"),
+        ("I Made Wirawan", "Made"),  # Balinese: not "Hi I"
+        ("Kak Dewi", "Dewi"),  # not "Kak Kak Dewi"
+        (". Siti", "Siti"),
+        ("-", ""),  # not "Halo Kak -,": the templates' fallback instead
+        ("Ibu", "Ibu"),  # nothing after the title: the title is all there is
+        ("McDonald Ray", "McDonald"),
+        ("O'BRIEN", "O'Brien"),
+        ("SITI-NUR Halim", "Siti-Nur"),
+        ("李 明", "李"),
+        ("<script>x</script> O'Brien", "<script>x</script>"),  # data, not a name: left as it is (and escaped)
+    ],
+)
+def test_first_name_is_the_name_to_greet_by(name: str, first_name: str) -> None:
+    assert _customer(name=name).first_name == first_name

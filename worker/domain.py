@@ -200,6 +200,19 @@ class OrderRecord:
 # --- what the store hands the core -----------------------------------------
 
 
+_TITLES = frozenset({
+    "bapak", "bpk", "pak", "ibu", "bu", "kak", "kakak", "mbak", "mba", "mas", "sdr", "sdri", "saudara", "saudari",
+    "tuan", "nyonya", "ny", "nona", "nn", "dr", "drs", "dra", "ir", "prof", "h", "hj", "mr", "mrs", "ms", "miss",
+    "i", "ni",
+})  # fmt: skip
+"""Titles and forms of address before a name, casefolded, without the trailing dot; and the Balinese ``I`` and
+``Ni`` (``I Made Wirawan`` is greeted as Made)."""
+
+
+def _has_letter(word: str) -> bool:
+    return any(ch.isalpha() for ch in word)
+
+
 @pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class CustomerSnapshot:
@@ -216,8 +229,20 @@ class CustomerSnapshot:
 
     @property
     def first_name(self) -> str:
+        """The name to greet the customer by: the first word of ``name`` after a title people type into
+        checkout forms (``Ibu``, ``Bpk.``, ``Hj.``, ``Dr.``…), with a name typed in capitals or in lower case
+        written the usual way (``SITI`` and ``siti`` → ``Siti``); "" when nothing is left (the templates then
+        write "Kakak" / "there")."""
         parts = self.name.split()
-        return parts[0] if parts else ""
+        while len(parts) > 1 and (parts[0].casefold().rstrip(".") in _TITLES or not _has_letter(parts[0])):
+            parts = parts[1:]
+        if not parts or not _has_letter(parts[0]):
+            return ""
+        first = parts[0]
+        shouted_or_lower = first.isupper() or first.islower()
+        if len(first) > 1 and shouted_or_lower and first.replace("-", "").replace("'", "").isalpha():
+            return first.title()
+        return first
 
 
 @dataclass(frozen=True, slots=True)
