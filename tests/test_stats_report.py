@@ -107,11 +107,14 @@ def test_stats_reports_the_constructed_truth(tmp_path: Path) -> None:
     assert conversion == {"customers": EMAILED, "converted": EMAILED_BUY, "rate": EMAILED_BUY / EMAILED,
                           "revenue_minor": EMAILED_BUY * PRICE, "pending": PENDING}  # fmt: skip
     assert winback["holdout"]["customers"] == HELD and winback["holdout"]["converted"] == HELD_BUY
+    # the lift compares every customer not held out (sent or not, all due at the same moment) with the holdout
     lift = winback["lift"]
-    _d, lo, hi = stats.newcombe(EMAILED_BUY, EMAILED, HELD_BUY, HELD)
-    assert lift["difference"] == pytest.approx(0.15 - 0.06)
+    treated = total - HELD
+    assert lift["treated"] == {"converted": EMAILED_BUY, "customers": treated}
+    _d, lo, hi = stats.newcombe(EMAILED_BUY, treated, HELD_BUY, HELD)
+    assert lift["difference"] == pytest.approx(EMAILED_BUY / treated - 0.06)
     assert lift["ci95"] == [pytest.approx(lo), pytest.approx(hi)]
-    assert 0 < lo < 0.09 < hi
+    assert 0 < lo < 0.08 < hi
     assert "brought more customers back" in lift["verdict"]
     assert report["suppressions"] == {"unsubscribed": 5, "hard_bounce": 3}
     active = EMAILED_BUY + EMAILED_LATE + HELD_BUY
@@ -123,7 +126,8 @@ def test_stats_reports_the_constructed_truth(tmp_path: Path) -> None:
     text = site.cli("stats", "--since", SINCE.isoformat()).stdout
     assert "conversion: 30 of 200 emailed customers ordered (15.0%)" in text
     assert "holdout: 6 of 100 held-out customers ordered (6.0%)" in text
-    assert "lift: +9.0 points" in text and "5 still inside the window" in text
+    assert "30 of 214 customers not held out ordered (14.0%)" in text
+    assert "lift: +8.0 points" in text and "5 still inside the window" in text
 
 
 def test_stats_without_a_holdout_and_with_a_feedback_table(tmp_path: Path) -> None:
@@ -195,3 +199,54 @@ def test_report_queries_on_each_database(db_url: str) -> None:
         engine.dispose()
     assert insights.gaps_days == _expected_gaps(data)
     assert report.steps == [] and report.retention.earlier > 0
+
+
+def _ledger_row(engine: sa.Engine, pk: dict[str, int], c: str, planned_at: datetime, **values: object) -> None:
+    key = f"winback:{c}:O-{c}-0:1"
+    planned = PlannedMessage(key, "winback", 1, pk[c], f"{c.lower()}@example.com", planned_at,
+                             planned_at + timedelta(days=14), message_id_for(c, "shop.example"))  # fmt: skip
+    assert Store(engine).insert_messages([planned], planned_at) == 1
+    with engine.begin() as conn:
+        conn.execute(sa.update(M).where(M.c.dedupe_key == key).values(**values))
+
+
+def test_lift_compares_both_groups_from_when_the_email_was_due(db_url: str) -> None:
+    # Given a win-back step planned 30 days ago for 60 customers and held out for 60 more, whose emails went out
+    # two days late (the frequency cap); in each group 15 customers ordered the day after planning (so the
+    # treated ones were skipped as ordered_since, never emailed) and 10 more ordered two days after the send:
+    # the email changed nothing, both groups behaved alike
+    planned_at = NOW - timedelta(days=30)
+    sent_at = planned_at + timedelta(days=2)
+    ids = {g: [f"C-{g}{i:02d}" for i in range(60)] for g in ("T", "H")}
+    everyone = ids["T"] + ids["H"]
+    orders = [_order(c, 0, FIRST_ORDER, 100_000_00) for c in everyone]
+    for g in ids.values():
+        orders += [_order(c, 1, planned_at + timedelta(days=1), 1_000_00) for c in g[:15]]
+        orders += [_order(c, 1, sent_at + timedelta(days=2), 1_000_00) for c in g[15:25]]
+    engine = db.create_engine(db_url)
+    try:
+        shop.upsert_customers(engine, [_customer(c) for c in everyone], FIRST_ORDER)
+        shop.upsert_orders(engine, orders, FIRST_ORDER)
+        with engine.begin() as conn:
+            pk = dict(conn.execute(sa.text("select external_id, id from customer")).all())
+        for c in ids["T"][:15]:
+            _ledger_row(engine, pk, c, planned_at, status="skipped", skip_reason="ordered_since",
+                        updated_at=sent_at)  # fmt: skip
+        for c in ids["T"][15:]:
+            _ledger_row(engine, pk, c, planned_at, status="sent", sent_at=sent_at, updated_at=sent_at, last_code=250)
+        for c in ids["H"]:
+            _ledger_row(engine, pk, c, planned_at, status="skipped", skip_reason="held_out")
+        from worker.stats import build_stats
+
+        report = build_stats(engine, since=NOW - timedelta(days=60), now=NOW)
+    finally:
+        engine.dispose()
+
+    (winback,) = report.steps
+    # Then the conversion of the emails is counted from the send: 10 of the 45 emailed bought within 7 days
+    assert winback.emailed is not None and (winback.emailed.customers, winback.emailed.converted) == (45, 10)
+    # And the lift compares like with like: every customer not held out with every held-out one, both from when
+    # the email was due: 25 of 60 in each group, no difference (not "the holdout group did better")
+    assert winback.lift is not None
+    assert (winback.lift.treated, winback.lift.control) == ((25, 60), (25, 60))
+    assert winback.lift.difference == 0.0 and "includes zero" in winback.lift.verdict

@@ -5,8 +5,13 @@ module joins them into plain report values with a ``as_json`` each.
 
 Definitions (also in the README):
 * emailed: ``sent`` rows planned since ``since``; the moment is ``sent_at``.
-* held out: rows skipped with reason ``held_out``; the moment is when they were
-  held out (the later of due and decided), i.e. when the email would have gone.
+* held out: rows skipped with reason ``held_out``; the moment is when the row
+  became due (the later of due and planned), i.e. when the email would have gone.
+* treated (the other side of the lift): every row that is not held out, sent
+  or not (a win-back skipped because the customer ordered before it went out, a
+  capped or bounced one…), at the same moment as the held-out rows: comparing
+  the emailed customers from their send time would leave out of one group only
+  the customers who bought before the send (intention to treat).
 * converted: bought (not cancelled/refunded) after the moment and within the
   attribution window; revenue is the sum of those purchases (shop currency).
   Exposures whose window has not ended yet are counted as pending, not as
@@ -39,6 +44,8 @@ class StepStats:
     hard_bounces: int = 0
     emailed: stats.Conversion | None = None
     held_out: stats.Conversion | None = None
+    treated: stats.Conversion | None = None
+    """Every customer not held out, from when the email was due: the lift's other group."""
     lift: stats.Lift | None = None
 
     def as_json(self) -> dict[str, object]:
@@ -109,8 +116,10 @@ def build_stats(engine: Engine, *, since: datetime, now: datetime, window_days: 
         held = groups.get((s.campaign, s.step, "held_out"), [])
         s.emailed = stats.conversion(emailed, bought, window=window, now=now)
         s.held_out = stats.conversion(held, bought, window=window, now=now) if held else None
+        treated = groups.get((s.campaign, s.step, "treated"), [])
+        s.treated = stats.conversion(treated, bought, window=window, now=now)
         control = s.held_out or stats.Conversion(0, 0, 0, 0)
-        s.lift = stats.lift(s.emailed.converted, s.emailed.customers, control.converted, control.customers,
+        s.lift = stats.lift(s.treated.converted, s.treated.customers, control.converted, control.customers,
                             held_out=len(held))  # fmt: skip
 
     scores = reports.feedback_scores(engine)

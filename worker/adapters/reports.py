@@ -46,24 +46,27 @@ def suppressions(engine: Engine, since: datetime) -> dict[str, int]:
 
 
 def exposures(engine: Engine, since: datetime) -> list[tuple[str, int, str, int, datetime]]:
-    """(campaign, step, group, customer, moment): ``sent`` rows at their send time, and ``held_out``
-    rows at the moment they were held out (when the email would have gone)."""
+    """(campaign, step, group, customer, moment) for rows planned since ``since``.
+
+    Groups: ``emailed``, the ``sent`` rows at their send time (the conversion of the emails); and, for the
+    lift, ``held_out`` (rows skipped with reason ``held_out``) and ``treated`` (every other row, whatever
+    became of it), both at the moment the row became due (the later of due and planned), so that both
+    groups are counted from the same moment and neither loses the customers who ordered before an email
+    went out."""
     query = sa.select(
-        M.c.campaign, M.c.step, M.c.status, M.c.customer_id, M.c.sent_at, M.c.updated_at, M.c.due_at
-    ).where(
-        M.c.created_at >= since,
-        sa.or_(
-            M.c.status == MessageStatus.SENT.value,
-            sa.and_(M.c.status == MessageStatus.SKIPPED.value, M.c.skip_reason == HELD_OUT),
-        ),
-    )
+        M.c.campaign, M.c.step, M.c.status, M.c.skip_reason, M.c.customer_id, M.c.sent_at, M.c.updated_at,
+        M.c.due_at, M.c.created_at,
+    ).where(M.c.created_at >= since)
     out = []
     with engine.connect() as conn:
         for r in conn.execute(query):
+            due = max(r.due_at, r.created_at)
+            if r.status == MessageStatus.SKIPPED.value and r.skip_reason == HELD_OUT:
+                out.append((r.campaign, int(r.step), "held_out", r.customer_id, due))
+                continue
+            out.append((r.campaign, int(r.step), "treated", r.customer_id, due))
             if r.status == MessageStatus.SENT.value:
                 out.append((r.campaign, int(r.step), "emailed", r.customer_id, r.sent_at or r.updated_at))
-            else:
-                out.append((r.campaign, int(r.step), "held_out", r.customer_id, max(r.due_at, r.updated_at)))
     return out
 
 

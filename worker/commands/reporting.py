@@ -67,6 +67,10 @@ def stats_lines(report: StatsReport, currency: str) -> list[str]:
         if s.held_out is not None:
             h = s.held_out
             out.append(f"  holdout: {h.converted} of {h.customers} held-out customers ordered ({_pct(h.rate)})")
+            if s.treated is not None:
+                t = s.treated
+                out.append(f"  against: {t.converted} of {t.customers} customers not held out ordered "
+                           f"({_pct(t.rate)}), emailed or not, both counted from when the email was due")  # fmt: skip
         if s.lift is not None:
             lift = s.lift
             if lift.difference is not None and lift.lower is not None and lift.upper is not None:
