@@ -121,3 +121,10 @@ def test_feedback(scores: list[float], average: float | None, nps: float | None)
     assert fb.responses == len(scores)
     assert fb.average == (pytest.approx(average) if average is not None else None)
     assert fb.nps == (pytest.approx(nps) if nps is not None else None)
+
+
+def test_an_emailed_group_whose_windows_are_still_open_is_not_called_nobody_emailed() -> None:
+    result = stats.lift(0, 0, 3, 50, held_out=50, treated=7)
+    assert result.verdict == ("the attribution windows of the 7 customers not held out have not closed yet: lift "
+                              "cannot be measured yet")  # fmt: skip
+    assert stats.lift(0, 0, 3, 50).verdict == "nobody emailed yet"

@@ -250,3 +250,43 @@ def test_lift_compares_both_groups_from_when_the_email_was_due(db_url: str) -> N
     assert winback.lift is not None
     assert (winback.lift.treated, winback.lift.control) == ((25, 60), (25, 60))
     assert winback.lift.difference == 0.0 and "includes zero" in winback.lift.verdict
+
+
+def test_lift_says_whose_attribution_windows_are_still_open(db_url: str) -> None:
+    # Given a feedback step whose one held-out customer was held out for two orders in the last two days (the
+    # emailed ones were emailed ten days ago), and a loyalty step whose one emailed customer was emailed yesterday
+    # (its held-out customer was held out ten days ago)
+    cs = ["C-H1", "C-T1", "C-T2", "C-H2", "C-T3"]
+    engine = db.create_engine(db_url)
+    try:
+        shop.upsert_customers(engine, [_customer(c) for c in cs], FIRST_ORDER)
+        with engine.begin() as conn:
+            pk = dict(conn.execute(sa.text("select external_id, id from customer")).all())
+        store = Store(engine)
+
+        def row(c: str, campaign: str, key: str, at: datetime, **values: object) -> None:
+            planned = PlannedMessage(key, campaign, 1, pk[c], f"{c.lower()}@example.com", at, at + timedelta(days=3),
+                                     message_id_for(key, "shop.example"))  # fmt: skip
+            assert store.insert_messages([planned], at) == 1
+            with engine.begin() as conn:
+                conn.execute(sa.update(M).where(M.c.dedupe_key == key).values(**values))
+
+        held = {"status": "skipped", "skip_reason": "held_out"}
+        row("C-H1", "feedback", "feedback:O1", NOW - timedelta(days=2), **held)
+        row("C-H1", "feedback", "feedback:O2", NOW - timedelta(days=1), **held)
+        for c in ("C-T1", "C-T2"):
+            row(c, "feedback", f"feedback:{c}", NOW - timedelta(days=10), status="sent", sent_at=NOW - timedelta(10))
+        row("C-H2", "loyalty", "loyalty:H2", NOW - timedelta(days=10), **held)
+        row("C-T3", "loyalty", "loyalty:T3", NOW - timedelta(days=1), status="sent", sent_at=NOW - timedelta(days=1))
+        from worker.stats import build_stats
+
+        report = build_stats(engine, since=NOW - timedelta(days=60), now=NOW)
+    finally:
+        engine.dispose()
+
+    feedback, loyalty = report.steps
+    # Then the verdicts count customers, not ledger rows, and do not say nobody was emailed
+    assert feedback.lift is not None and loyalty.lift is not None
+    assert feedback.lift.verdict.startswith("the 1 held-out customers' attribution windows have not closed yet")
+    assert loyalty.lift.verdict == ("the attribution windows of the 1 customers not held out have not closed yet: "
+                                    "lift cannot be measured yet")  # fmt: skip

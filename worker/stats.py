@@ -120,7 +120,8 @@ def build_stats(engine: Engine, *, since: datetime, now: datetime, window_days: 
         s.treated = stats.conversion(treated, bought, window=window, now=now)
         control = s.held_out or stats.Conversion(0, 0, 0, 0)
         s.lift = stats.lift(s.treated.converted, s.treated.customers, control.converted, control.customers,
-                            held_out=len(held))  # fmt: skip
+                            held_out=control.customers + control.pending,
+                            treated=s.treated.customers + s.treated.pending)  # fmt: skip
 
     scores = reports.feedback_scores(engine)
     return StatsReport(

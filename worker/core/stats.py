@@ -61,15 +61,19 @@ class Lift:
                 "difference": self.difference, "ci95": [self.lower, self.upper], "verdict": self.verdict}  # fmt: skip
 
 
-def lift(kt: int, nt: int, kc: int, nc: int, *, held_out: int = 0) -> Lift:
+def lift(kt: int, nt: int, kc: int, nc: int, *, held_out: int = 0, treated: int = 0) -> Lift:
     """The conversion lift of the emailed group over the holdout group, with a 95 % interval and a plain verdict.
-    ``held_out``: customers held out in all, counted or not (their attribution window may still be open)."""
+    ``held_out``, ``treated``: customers in each group in all, counted or not (their attribution window may
+    still be open)."""
     if nc == 0:
         if held_out:
             return Lift((kt, nt), (kc, nc), None, None, None, f"the {held_out} held-out customers' attribution "
                         "windows have not closed yet: lift cannot be measured yet")  # fmt: skip
         return Lift((kt, nt), (kc, nc), None, None, None, "no holdout group: lift cannot be measured")
     if nt == 0:
+        if treated:
+            return Lift((kt, nt), (kc, nc), None, None, None, f"the attribution windows of the {treated} customers "
+                        "not held out have not closed yet: lift cannot be measured yet")  # fmt: skip
         return Lift((kt, nt), (kc, nc), None, None, None, "nobody emailed yet")
     d, lo, hi = newcombe(kt, nt, kc, nc)
     small = min(nt, nc) < MIN_GROUP or min(kt, nt - kt, kc, nc - kc) < MIN_EVENTS
