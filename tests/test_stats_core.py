@@ -110,14 +110,16 @@ def test_histogram_bins_cover_every_value() -> None:
     assert bins[-1][1] >= 300
 
 
-@pytest.mark.parametrize(("scores", "average", "nps"), [
-    ([], None, None),
-    ([4, 5, 3], 4.0, None),  # a 1-5 scale: no NPS
-    ([10, 9, 8, 7, 6, 0], 40 / 6, 0.0),  # 2 promoters, 2 detractors
-    ([10, 10, 9, 3], 8.0, 50.0),
+@pytest.mark.parametrize(("scores", "scale", "average", "nps"), [
+    ([], "nps", None, None),
+    ([4, 5, 3], "stars", 4.0, None),  # a 1-5 scale: no NPS
+    ([10, 9, 8, 7, 6, 0], "nps", 40 / 6, 0.0),  # 2 promoters, 2 detractors
+    ([10, 10, 9, 3], "nps", 8.0, 50.0),
+    ([5, 3, 0], "nps", 8 / 3, -100.0),  # all detractors on the 0-10 scale: not a 1-5 scale
+    ([5, 5, 4, 1], "stars", 3.75, None),
 ])  # fmt: skip
-def test_feedback(scores: list[float], average: float | None, nps: float | None) -> None:
-    fb = stats.feedback(scores)
+def test_feedback(scores: list[float], scale: str, average: float | None, nps: float | None) -> None:
+    fb = stats.feedback(scores, scale=scale)
     assert fb.responses == len(scores)
     assert fb.average == (pytest.approx(average) if average is not None else None)
     assert fb.nps == (pytest.approx(nps) if nps is not None else None)

@@ -131,7 +131,7 @@ def test_stats_reports_the_constructed_truth(tmp_path: Path) -> None:
 
 
 def test_stats_without_a_holdout_and_with_a_feedback_table(tmp_path: Path) -> None:
-    site = make_site(tmp_path / "site")
+    site = make_site(tmp_path / "site", extra_toml='[campaigns.feedback]\nscale = "nps"\n')
     _build(site)
     engine = sa.create_engine(site.settings.database_url)
     with engine.begin() as conn:
@@ -145,6 +145,24 @@ def test_stats_without_a_holdout_and_with_a_feedback_table(tmp_path: Path) -> No
     assert winback["holdout"] is None
     assert "no holdout group" in winback["lift"]["verdict"] and winback["lift"]["difference"] is None
     assert report["feedback"] == {"responses": 4, "average": 7.25, "nps": 25.0}
+
+
+@pytest.mark.parametrize(("scale", "scores", "nps"), [
+    ("nps", [5, 3, 0, 4], -100.0),  # every customer a detractor: the worst score there is, not "no NPS"
+    ("stars", [5, 4, 4, 3], None),
+])  # fmt: skip
+def test_the_nps_follows_the_feedback_scale(tmp_path: Path, scale: str, scores: list[int], nps: float | None) -> None:
+    site = make_site(tmp_path / "site", extra_toml=f'[campaigns.feedback]\nscale = "{scale}"\n')
+    engine = sa.create_engine(site.settings.database_url)
+    with engine.begin() as conn:
+        for i, score in enumerate(scores):
+            conn.execute(sa.text("insert into feedback (order_ref, score, created_at) values (:o, :s, '2026-01-01')"),
+                         {"o": f"O{i}", "s": score})  # fmt: skip
+    engine.dispose()
+    done = site.cli("stats", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["feedback"] == {"responses": 4, "average": sum(scores) / 4, "nps": nps}
+    assert ("NPS -100" in site.cli("stats").stdout) is (nps is not None)
 
 
 def _expected_gaps(data: ShopData) -> list[int]:

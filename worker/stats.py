@@ -90,7 +90,9 @@ class StatsReport:
         }  # fmt: skip
 
 
-def build_stats(engine: Engine, *, since: datetime, now: datetime, window_days: int = 7) -> StatsReport:
+def build_stats(
+    engine: Engine, *, since: datetime, now: datetime, window_days: int = 7, feedback_scale: str = "stars"
+) -> StatsReport:
     steps: dict[tuple[str, int], StepStats] = {}
 
     def step(campaign: str, number: int) -> StepStats:
@@ -129,7 +131,7 @@ def build_stats(engine: Engine, *, since: datetime, now: datetime, window_days: 
         steps=sorted(steps.values(), key=lambda s: (s.campaign, s.step)),
         suppressions=reports.suppressions(engine, since),
         retention=stats.retention(reports.purchases_around(engine, since, now)),
-        feedback=None if scores is None else stats.feedback(scores),
+        feedback=None if scores is None else stats.feedback(scores, scale=feedback_scale),
     )  # fmt: skip
 
 

@@ -36,7 +36,8 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
     engine = db.create_engine(settings.database_url)
     try:
         db.check_schema(engine)
-        report = build_stats(engine, since=since, now=now, window_days=args.window_days)
+        report = build_stats(engine, since=since, now=now, window_days=args.window_days,
+                             feedback_scale=settings.campaigns.feedback.scale)  # fmt: skip
     finally:
         engine.dispose()
     if args.json:

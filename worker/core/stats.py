@@ -172,15 +172,16 @@ class Feedback:
     responses: int
     average: float | None
     nps: float | None
-    """Net Promoter Score (-100..100) when the scores are on a 0-10 scale."""
+    """Net Promoter Score (-100..100) when the scores are on the 0-10 scale."""
 
 
-def feedback(scores: Sequence[float]) -> Feedback:
+def feedback(scores: Sequence[float], *, scale: str) -> Feedback:
+    """``scale``: the feedback campaign's, ``stars`` (1-5) or ``nps`` (0-10)."""
     if not scores:
         return Feedback(0, None, None)
     average = sum(scores) / len(scores)
     nps = None
-    if min(scores) >= 0 and max(scores) <= 10 and max(scores) > 5:
+    if scale == "nps":
         promoters = sum(1 for s in scores if s >= 9)
         detractors = sum(1 for s in scores if s <= 6)
         nps = 100 * (promoters - detractors) / len(scores)
