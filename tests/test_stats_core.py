@@ -130,3 +130,10 @@ def test_an_emailed_group_whose_windows_are_still_open_is_not_called_nobody_emai
     assert result.verdict == ("the attribution windows of the 7 customers not held out have not closed yet: lift "
                               "cannot be measured yet")  # fmt: skip
     assert stats.lift(0, 0, 3, 50).verdict == "nobody emailed yet"
+
+
+@pytest.mark.parametrize(("n", "share"), [(100, 0.55), (100, 0.07), (50, 0.14), (25, 0.28), (10, 0.7), (10, 0.8)])
+def test_quantile_day_is_not_thrown_off_by_binary_fractions(n: int, share: float) -> None:
+    # 0.55 * 100 is 55.00000000000001 in floating point: the 55th smallest gap is enough, not the 56th
+    days = list(range(1, n + 1))
+    assert stats.quantile_day(days, share) == round(share * n)

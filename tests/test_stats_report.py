@@ -308,3 +308,20 @@ def test_lift_says_whose_attribution_windows_are_still_open(db_url: str) -> None
     assert feedback.lift.verdict.startswith("the 1 held-out customers' attribution windows have not closed yet")
     assert loyalty.lift.verdict == ("the attribution windows of the 1 customers not held out have not closed yet: "
                                     "lift cannot be measured yet")  # fmt: skip
+
+
+def test_insights_recommends_the_day_the_share_was_reached(tmp_path: Path) -> None:
+    # Given 100 customers whose second purchase came 1, 2, … 100 days after their first
+    site = make_site(tmp_path / "site")
+    cs = [f"C{i:03d}" for i in range(1, 101)]
+    orders = [_order(c, 1, FIRST_ORDER, 1_000_00) for c in cs]
+    orders += [_order(c, 2, FIRST_ORDER + timedelta(days=i, hours=1), 1_000_00) for i, c in enumerate(cs, start=1)]
+    engine = db.create_engine(site.settings.database_url)
+    shop.upsert_customers(engine, [_customer(c) for c in cs], FIRST_ORDER)
+    shop.upsert_orders(engine, orders, FIRST_ORDER)
+    engine.dispose()
+    # When the operator asks by when 55 % of second purchases happened
+    done = site.cli("insights", "--share", "0.55", "--json")
+    assert done.returncode == 0, done.stderr
+    # Then it is day 55: 55 of the 100 came by then
+    assert json.loads(done.stdout)["recommended_quiet_days"] == 55

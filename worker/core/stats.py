@@ -201,7 +201,8 @@ def quantile_day(days: Sequence[int], share: float) -> int | None:
     if not days:
         return None
     ordered = sorted(days)
-    index = max(0, math.ceil(share * len(ordered)) - 1)
+    # rounded first: 0.55 * 100 is 55.00000000000001 in binary floating point, and its ceiling 56
+    index = max(0, math.ceil(round(share * len(ordered), 9)) - 1)
     return ordered[index]
 
 
