@@ -325,3 +325,18 @@ def test_insights_recommends_the_day_the_share_was_reached(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     # Then it is day 55: 55 of the 100 came by then
     assert json.loads(done.stdout)["recommended_quiet_days"] == 55
+
+
+def test_json_lists_suppression_reasons_in_one_order_on_each_database(db_url: str) -> None:
+    from worker.stats import build_stats
+
+    engine = db.create_engine(db_url)
+    try:
+        store = Store(engine)
+        for i, reason in enumerate(["unsubscribed", "hard_bounce", "complaint", "manual"] * 3):
+            store.suppress(f"s{i}@example.com", reason=reason, source="test", now=NOW - timedelta(days=1))
+        report = build_stats(engine, since=NOW - timedelta(days=90), now=NOW)
+    finally:
+        engine.dispose()
+    text = json.dumps(report.as_json()["suppressions"])
+    assert text == '{"complaint": 3, "hard_bounce": 3, "manual": 3, "unsubscribed": 3}'

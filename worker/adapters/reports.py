@@ -39,10 +39,11 @@ def hard_bounces(engine: Engine, since: datetime) -> dict[tuple[str, int], int]:
 
 
 def suppressions(engine: Engine, since: datetime) -> dict[str, int]:
-    """Addresses added to the suppression list since ``since``, by reason (unsubscribed, hard_bounce…)."""
+    """Addresses added to the suppression list since ``since``, by reason (unsubscribed, hard_bounce…), in the
+    reasons' order (PostgreSQL's GROUP BY returns them in hash order, which ``--json`` would show)."""
     query = sa.select(S.c.reason, sa.func.count()).where(S.c.created_at >= since).group_by(S.c.reason)
     with engine.connect() as conn:
-        return {r: int(n) for r, n in conn.execute(query)}
+        return {r: int(n) for r, n in sorted(conn.execute(query))}
 
 
 def exposures(engine: Engine, since: datetime) -> list[tuple[str, int, str, int, datetime]]:
