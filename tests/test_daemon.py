@@ -139,6 +139,10 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         assert shop.rows("SELECT order_ref, score, comment FROM feedback") == [
             ("O1", 5, "<script>alert(1)</script> mantap\nterima kasih")
         ]
+        # a second comment is thanked, not stored, and not logged as stored
+        second = urllib.parse.urlencode({"comment": "lagi"}).encode()
+        assert http("POST", daemon.url(f"/feedback?t={ratings[5]}"), second, FORM)[0] == 200
+        assert shop.scalar("SELECT comment FROM feedback") == "<script>alert(1)</script> mantap\nterima kasih"
         # once recorded, a GET shows what was recorded
         status, page, _ = http("GET", daemon.url(f"/feedback?t={ratings[1]}"))
         assert status == 200 and "(5)" in page and "mantap" in page
@@ -158,6 +162,7 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
     finally:
         assert daemon.stop() == 0
         notify.close()
+    assert [e["chars"] for e in daemon.named("feedback_commented")] == [45]
 
 
 def test_a_failing_database_write_is_a_500_and_the_log_names_no_address_or_comment(

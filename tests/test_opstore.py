@@ -112,8 +112,8 @@ def test_feedback_first_click_and_first_comment_win(db_url: str) -> None:
         assert opstore.record_feedback(store, "O1", 5, NOW) == (True, opstore.FeedbackRow("O1", 5, None))
         assert opstore.record_feedback(store, "O1", 1, NOW) == (False, opstore.FeedbackRow("O1", 5, None))
         assert opstore.add_feedback_comment(store, "O9", "?", NOW) is None
-        assert opstore.add_feedback_comment(store, "O1", "enak", NOW) == opstore.FeedbackRow("O1", 5, "enak")
-        assert opstore.add_feedback_comment(store, "O1", "again", NOW) == opstore.FeedbackRow("O1", 5, "enak")
+        assert opstore.add_feedback_comment(store, "O1", "enak", NOW) == (True, opstore.FeedbackRow("O1", 5, "enak"))
+        assert opstore.add_feedback_comment(store, "O1", "again", NOW) == (False, opstore.FeedbackRow("O1", 5, "enak"))
         assert opstore.order_locale(store, "O1") is Locale.EN
         assert opstore.order_locale(store, "O0") is Locale.ID
         assert opstore.order_locale(store, "nope") is None

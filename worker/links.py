@@ -163,8 +163,9 @@ class Site:
             if comment:
                 updated = await self.store.call(opstore.add_feedback_comment, s, parsed.order_ref, comment, now)
                 if updated is not None:
-                    row = updated
-                    log.event("feedback_commented", order=parsed.order_ref, chars=len(comment))
+                    stored, row = updated
+                    if stored:  # a later comment is thanked and kept nowhere
+                        log.event("feedback_commented", order=parsed.order_ref, chars=len(row.comment or ""))
         return self._page(
             HTTPStatus.OK, pages.feedback_thanks(locale, shop, row.score, row.comment, first=created, token=token or "")
         )

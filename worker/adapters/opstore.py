@@ -184,16 +184,19 @@ def feedback_for(store: Store, order_ref: str) -> FeedbackRow | None:
     return FeedbackRow(row.order_ref, row.score, row.comment) if row is not None else None
 
 
-def add_feedback_comment(store: Store, order_ref: str, comment: str, now: datetime) -> FeedbackRow | None:
-    """Store a comment on a recorded rating, once (the first comment stays). None if no rating exists."""
+def add_feedback_comment(
+    store: Store, order_ref: str, comment: str, now: datetime
+) -> tuple[bool, FeedbackRow] | None:
+    """Store a comment on a recorded rating, once (the first comment stays). Returns (stored?, the stored row);
+    None if no rating exists."""
     with store.engine.begin() as conn:
-        conn.execute(
+        stored = conn.execute(
             sa.update(F)
             .where(F.c.order_ref == order_ref, F.c.comment.is_(None))
             .values(comment=comment[:2000], commented_at=now)
-        )
+        ).rowcount == 1
         row = conn.execute(sa.select(F.c.order_ref, F.c.score, F.c.comment).where(F.c.order_ref == order_ref)).first()
-    return FeedbackRow(row.order_ref, row.score, row.comment) if row is not None else None
+    return (stored, FeedbackRow(row.order_ref, row.score, row.comment)) if row is not None else None
 
 
 def feedback(store: Store) -> list[FeedbackRow]:
