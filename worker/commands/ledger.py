@@ -51,10 +51,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     help="at most N rows, newest first (default 50)")
     ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     rs = actions.add_parser("resend", help="send uncertain/failed messages again (same Message-ID)")
-    rs.add_argument("ids", type=int, nargs="+", metavar="ID")
+    rs.add_argument("ids", type=int, nargs="+", metavar="ID", help="a message's ID, as `ledger list` shows it")
     rs.add_argument("--reason", type=arguments.one_line, default="", help="a note kept with the message")
     cl = actions.add_parser("close", help="mark uncertain/failed messages final")
-    cl.add_argument("ids", type=int, nargs="+", metavar="ID")
+    cl.add_argument("ids", type=int, nargs="+", metavar="ID", help="a message's ID, as `ledger list` shows it")
     cl.add_argument(
         "--as",
         dest="as_status",
