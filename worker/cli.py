@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
                        "before the subject. The ledger is not touched; the unsubscribe link in a test message "
                        "does not work (it cannot unsubscribe the customer). Exit code 1 if the server refuses the "
                        "message, 3 if the server cannot be used (connection, login, TLS setup).")
-    p.add_argument("--campaign", required=True, help="the campaign, e.g. winback")
+    p.add_argument("--campaign", required=True,
+                   help="the campaign, e.g. winback, or a win-back step's template folder, e.g. winback-reminder")
     p.add_argument("--customer", help="render for this customer (default: a sample customer)")
     p.add_argument("--to", required=True, type=_address_arg, help="your address")
 
