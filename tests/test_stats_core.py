@@ -53,8 +53,8 @@ def test_lift_verdicts(kt: int, nt: int, kc: int, nc: int, verdict: str) -> None
 
 def test_a_holdout_group_whose_windows_are_still_open_is_not_called_missing() -> None:
     result = stats.lift(30, 200, 0, 0, held_out=4)
-    assert result.verdict == ("the 4 held-out customers' attribution windows have not closed yet: lift cannot be "
-                              "measured yet")  # fmt: skip
+    assert result.verdict == ("the attribution windows of the 4 held-out customers have not closed yet: lift cannot "
+                              "be measured yet")  # fmt: skip
     assert result.difference is None
 
 

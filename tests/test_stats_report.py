@@ -305,8 +305,9 @@ def test_lift_says_whose_attribution_windows_are_still_open(db_url: str) -> None
     feedback, loyalty = report.steps
     # Then the verdicts count customers, not ledger rows, and do not say nobody was emailed
     assert feedback.lift is not None and loyalty.lift is not None
-    assert feedback.lift.verdict.startswith("the 1 held-out customers' attribution windows have not closed yet")
-    assert loyalty.lift.verdict == ("the attribution windows of the 1 customers not held out have not closed yet: "
+    assert feedback.lift.verdict == ("the attribution window of the 1 held-out customer has not closed yet: "
+                                     "lift cannot be measured yet")  # fmt: skip
+    assert loyalty.lift.verdict == ("the attribution window of the 1 customer not held out has not closed yet: "
                                     "lift cannot be measured yet")  # fmt: skip
 
 
@@ -340,3 +341,18 @@ def test_json_lists_suppression_reasons_in_one_order_on_each_database(db_url: st
         engine.dispose()
     text = json.dumps(report.as_json()["suppressions"])
     assert text == '{"complaint": 3, "hard_bounce": 3, "manual": 3, "unsubscribed": 3}'
+
+
+def test_a_lift_that_rounds_to_zero_reads_plus_zero_not_minus_zero() -> None:
+    from worker.commands.reporting import stats_lines
+    from worker.stats import StatsReport, StepStats
+
+    # Given a step whose emailed group ordered at 10.00 % and whose holdout group at 10.01 %
+    step = StepStats("winback", 1, planned=2000, emailed=stats.Conversion(1000, 100, 0, 0),
+                     held_out=stats.Conversion(999, 100, 0, 0), lift=stats.lift(100, 1000, 100, 999))  # fmt: skip
+    report = StatsReport(since=NOW - timedelta(days=60), now=NOW, window_days=7, steps=[step], suppressions={},
+                         retention=stats.Retention(0, 0, 0, 0), feedback=None)  # fmt: skip
+    # When the report is written
+    lines = [line for line in stats_lines(report, "IDR") if line.startswith("  lift:")]
+    # Then the difference reads +0.0 points, not -0.0
+    assert len(lines) == 1 and lines[0].startswith("  lift: +0.0 points, 95% CI -"), lines

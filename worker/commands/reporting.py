@@ -22,6 +22,11 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _points(share: float) -> str:
+    """A difference of shares in percentage points, signed: ``+8.0``; ``+0.0``, not ``-0.0``, when it rounds to zero."""
+    return f"{round(100 * share, 1) + 0.0:+.1f}"
+
+
 def _money(minor: int, currency: str) -> str:
     return format_money(minor, currency, "en")
 
@@ -75,8 +80,8 @@ def stats_lines(report: StatsReport, currency: str) -> list[str]:
         if s.lift is not None:
             lift = s.lift
             if lift.difference is not None and lift.lower is not None and lift.upper is not None:
-                out.append(f"  lift: {100 * lift.difference:+.1f} points, 95% CI {100 * lift.lower:+.1f} to "
-                           f"{100 * lift.upper:+.1f} (Newcombe)")  # fmt: skip
+                out.append(f"  lift: {_points(lift.difference)} points, 95% CI {_points(lift.lower)} to "
+                           f"{_points(lift.upper)} (Newcombe)")  # fmt: skip
             out.append(f"  verdict: {lift.verdict}")
     out.append("\ndeliverability (suppression list, added in the period): "
                + (", ".join(f"{r} {n}" for r, n in sorted(report.suppressions.items())) or "nothing added"))

@@ -61,19 +61,26 @@ class Lift:
                 "difference": self.difference, "ci95": [self.lower, self.upper], "verdict": self.verdict}  # fmt: skip
 
 
+def _still_open(n: int, who: str) -> str:
+    """The verdict while the attribution windows of ``n`` customers (``who``: "held-out {}") are open."""
+    if n == 1:
+        what = f"the attribution window of the 1 {who.format('customer')} has"
+    else:
+        what = f"the attribution windows of the {n} {who.format('customers')} have"
+    return what + " not closed yet: lift cannot be measured yet"
+
+
 def lift(kt: int, nt: int, kc: int, nc: int, *, held_out: int = 0, treated: int = 0) -> Lift:
     """The conversion lift of the emailed group over the holdout group, with a 95 % interval and a plain verdict.
     ``held_out``, ``treated``: customers in each group in all, counted or not (their attribution window may
     still be open)."""
     if nc == 0:
         if held_out:
-            return Lift((kt, nt), (kc, nc), None, None, None, f"the {held_out} held-out customers' attribution "
-                        "windows have not closed yet: lift cannot be measured yet")  # fmt: skip
+            return Lift((kt, nt), (kc, nc), None, None, None, _still_open(held_out, "held-out {}"))
         return Lift((kt, nt), (kc, nc), None, None, None, "no holdout group: lift cannot be measured")
     if nt == 0:
         if treated:
-            return Lift((kt, nt), (kc, nc), None, None, None, f"the attribution windows of the {treated} customers "
-                        "not held out have not closed yet: lift cannot be measured yet")  # fmt: skip
+            return Lift((kt, nt), (kc, nc), None, None, None, _still_open(treated, "{} not held out"))
         return Lift((kt, nt), (kc, nc), None, None, None, "nobody emailed yet")
     d, lo, hi = newcombe(kt, nt, kc, nc)
     small = min(nt, nc) < MIN_GROUP or min(kt, nt - kt, kc, nc - kc) < MIN_EVENTS
