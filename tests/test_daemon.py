@@ -435,3 +435,72 @@ def test_sends_outliving_the_grace_period_become_uncertain_and_a_second_signal_e
     daemon.signal(signal.SIGINT)
     assert daemon.wait(2) == 1
     assert daemon.named("plan_catch_up") and daemon.named("shutdown_forced")
+
+
+SLOW_LAYOUT = "{% for a in range(3000) %}{% for b in range(1000) %}{% endfor %}{% endfor %}"
+"""Put before the shared text layout: every render takes a while (the start-up check, ~130 renders, some 20 s)."""
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the render helper, during the template check)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def _slow_start(tmp_path: Path, smtp_server: RecordingServer) -> tuple[Daemon, Path, Path]:
+    """A daemon in the middle of its start-up template check (its render helper is up), and its TMPDIR."""
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *",
+                     extra="[checks]\nrender_timeout_seconds = 30\n")
+    layout = shop.templates / "_layout.txt"
+    fast = layout.read_text(encoding="utf-8")
+    layout.write_text(SLOW_LAYOUT + fast, encoding="utf-8")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    daemon = Daemon.start(shop, env={"TMPDIR": str(tmp)})
+    daemon.wait_for(lambda: _children(daemon.proc.pid), timeout=30, why="the start-up check's render helper")
+    layout.write_text(fast, encoding="utf-8")  # a reload, if any, checks quickly (start-up renders its own copy)
+    return daemon, tmp, layout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_during_the_start_up_check_stops_at_once_cleanly_and_exits_0(
+    tmp_path: Path, smtp_server: RecordingServer, sig: signal.Signals
+) -> None:
+    daemon, tmp, _ = _slow_start(tmp_path, smtp_server)
+    helpers = _children(daemon.proc.pid)
+    # When systemd stops the unit (or Ctrl-C) while the templates are being checked
+    daemon.signal(sig)
+    # Then it gives up the check (not some 20 s later), says so, exits 0 (systemd: a clean stop), and leaves no
+    # render helper running and no template snapshot behind
+    assert daemon.wait(10) == 0, daemon.log()
+    assert daemon.named("shutdown_requested")[0]["during"] == "start-up"
+    assert daemon.named("daemon_stopped")[0]["during"] == "start-up"
+    assert not daemon.named("daemon_started")
+    assert not [pid for pid in helpers if _alive(pid)]
+    assert list(tmp.iterdir()) == []
+
+
+def test_sighup_during_start_up_does_not_kill_the_daemon_it_reloads_once_up(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    daemon, _, _ = _slow_start(tmp_path, smtp_server)
+    try:
+        # When `systemctl reload` (or a log rotation's kill -HUP) comes while the templates are being checked
+        daemon.signal(signal.SIGHUP)
+        # Then the daemon starts all the same, and reloads (once) after
+        daemon.wait_event("daemon_started", timeout=60)
+        daemon.wait_event("reload_done", timeout=30)
+    finally:
+        assert daemon.stop() == 0
+    assert len(daemon.named("reload_started")) == 1

@@ -288,11 +288,17 @@ def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.once:
+        from worker.commands import running
+
+        return running.once(settings)
+    from worker.stopping import StartupSignals
+
+    # before the second of imports below: a SIGTERM or SIGHUP would otherwise kill the daemon where it stands
+    starting = StartupSignals().install()
     from worker.commands import running
 
-    if args.once:
-        return running.once(settings)
-    return running.forever(settings, config_path=args.config)
+    return running.forever(settings, config_path=args.config, starting=starting)
 
 
 def _cmd_suppress(settings: Settings, args: argparse.Namespace) -> int:

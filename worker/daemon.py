@@ -29,7 +29,9 @@ Theory of operation
   period, this worker's rows still in flight are marked ``uncertain`` (claimed
   ones go back to the queue). A second signal exits at once with code 1; rows in
   flight then become ``uncertain`` when their lease lapses. (A SIGTERM repeated
-  within a second is one request: ``timeout`` signals the process and its group.)
+  within a second is one request: ``timeout`` signals the process and its group.) From the command's start
+  until the event loop takes them, ``StartupSignals`` holds the signals: a stop ends start-up at its next step
+  with exit 0, a SIGHUP is kept for a reload once the daemon is up.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -59,13 +61,14 @@ from worker.asyncstore import AsyncStore
 from worker.checks import Problem, check_templates
 from worker.config import Settings, load_settings
 from worker.core.retry import pause_retry_seconds
+from worker.domain import Locale, RenderedEmail
 from worker.errors import ConfigError
 from worker.links import Site
 from worker.metrics import Metrics
 from worker.pipeline import Composer, enabled_campaigns, plan
 from worker.scheduler import Scheduler, missed_run
 from worker.sending import Dispatcher
-from worker.stopping import STOP_SIGNALS, StopSignals
+from worker.stopping import STOP_SIGNALS, StartupSignals, StartupStopped, StopSignals
 
 EXIT_OK, EXIT_FORCED, EXIT_USAGE = 0, 1, 2
 RESTART_ONLY = ("database", "web")
@@ -118,9 +121,23 @@ def folder_signature(*paths: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
+class _StartupChecker(TimeLimitedRenderer):
+    """The start-up check's renderer: gives up between two renders once a stop signal has come."""
+
+    def __init__(self, root: Path, *, timeout_seconds: float, starting: StartupSignals) -> None:
+        super().__init__(root, timeout_seconds=timeout_seconds)
+        self.starting = starting
+
+    def render(self, campaign: str, locale: Locale, context: Mapping[str, object]) -> RenderedEmail:
+        self.starting.check()
+        return super().render(campaign, locale, context)
+
+
 class Daemon:
-    def __init__(self, settings: Settings, *, config_path: Path, deps: Deps | None = None) -> None:
+    def __init__(self, settings: Settings, *, config_path: Path, deps: Deps | None = None,
+                 starting: StartupSignals | None = None) -> None:
         self.config_path = config_path
+        self.starting = starting
         self.deps = deps or Deps.build(settings)
         self.store = self.deps.store
         self.clock = self.deps.clock
@@ -129,7 +146,7 @@ class Daemon:
         self.metrics = Metrics()
         self.astore = AsyncStore(self.store)
         try:
-            self.gen = self._build_generation(settings)
+            self.gen = self._build_generation(settings, starting=starting)
         except BaseException:
             self.astore.close()
             raise
@@ -139,7 +156,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._resume_now = asyncio.Event()
         """Set by a reload: a paused dispatcher tries again at once."""
-        self._signals = StopSignals()
+        self._signals = starting.signals if starting is not None else StopSignals()
         self._active: Generation | None = None
         self._retired: list[Generation] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -148,14 +165,17 @@ class Daemon:
 
     # --- generations ---------------------------------------------------------------
 
-    def _build_generation(self, settings: Settings) -> Generation:
-        """A checked generation; raises TemplatesRejected or ConfigError (nothing is left behind)."""
+    def _build_generation(self, settings: Settings, *, starting: StartupSignals | None = None) -> Generation:
+        """A checked generation; raises TemplatesRejected or ConfigError, or StartupStopped when ``starting``
+        has had a stop signal (nothing is left behind)."""
         snapshot = snapshot_templates(settings)
         try:
             templates = JinjaTemplates(snapshot / "t", recheck_seconds=None,  # a private copy: never edited
                                        time_limit=settings.checks.render_timeout_seconds)
             # the sandbox does not bound CPU: check in a helper process that is killed past the time limit
-            with TimeLimitedRenderer(snapshot / "t", timeout_seconds=settings.checks.render_timeout_seconds) as checker:
+            limit = settings.checks.render_timeout_seconds
+            with (TimeLimitedRenderer(snapshot / "t", timeout_seconds=limit) if starting is None
+                  else _StartupChecker(snapshot / "t", timeout_seconds=limit, starting=starting)) as checker:
                 problems = check_templates(settings, checker)
             if problems:
                 raise TemplatesRejected(problems)
@@ -187,9 +207,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._spawn, self.reload, "SIGHUP")
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         settings = self.gen.settings
         try:
+            if self.starting is not None:
+                self.starting.check()  # a stop signal that came before the loop took the signals over
             if settings.web.enabled:
                 site = Site(store=self.astore, keys=self.keys, settings=lambda: self.gen.settings, clock=self.clock,
                             metrics=self.metrics, paused=self.paused)
@@ -206,6 +228,8 @@ class Daemon:
                       time_zone=settings.shop.time_zone, jobs=",".join(self.scheduler.job_ids()),
                       event_loop=eventloop.describe())
             systemd.notify("READY=1", "STATUS=running")
+            if self.starting is not None and self.starting.hangup:  # (the asyncio loop does not hand it on)
+                self._spawn(self.reload, "SIGHUP during start-up")
             await self._stop.wait()
             return await self._shutdown(dispatch)
         finally:
@@ -429,6 +453,11 @@ class Daemon:
         log.event("shutdown_requested", signal=sig.name, grace_seconds=self.gen.settings.daemon.shutdown_grace_seconds)
         self._stop.set()
 
+    def _on_hangup(self) -> None:
+        if self.starting is not None:
+            self.starting.hangup = False  # uvloop hands on a SIGHUP that came during start-up: one reload does
+        self._spawn(self.reload, "SIGHUP")
+
     def _spawn(self, func: Callable[[str], Awaitable[object]], arg: str) -> None:
         async def run() -> None:
             await func(arg)
@@ -469,21 +498,32 @@ class Daemon:
         self.astore.close()
 
 
-def run(settings: Settings, *, config_path: Path) -> int:
-    """Build and run the daemon until it is told to stop; the process's exit code."""
-    deps = Deps.build(settings)
+def run(settings: Settings, *, config_path: Path, starting: StartupSignals | None = None) -> int:
+    """Build and run the daemon until it is told to stop; the process's exit code.
+
+    ``starting`` has taken the signals since the command began (else from here): a stop signal during start-up
+    ends it at the next step, with exit code 0."""
+    starting = starting or StartupSignals().install()
     try:
-        return eventloop.run(_main(settings, config_path, deps))
-    except TemplatesRejected as exc:
-        for problem in exc.problems:
-            log.event("template_problem", logging.ERROR, file=problem.where or f"{problem.campaign}/",
-                      campaign=problem.campaign, locale=problem.locale, error=problem.message)
-        log.event("daemon_not_started", logging.ERROR, why=f"{len(exc.problems)} template problem(s)")
-        return EXIT_USAGE
+        deps = Deps.build(settings)
+        try:
+            starting.check()
+            return eventloop.run(_main(settings, config_path, deps, starting))
+        except TemplatesRejected as exc:
+            for problem in exc.problems:
+                log.event("template_problem", logging.ERROR, file=problem.where or f"{problem.campaign}/",
+                          campaign=problem.campaign, locale=problem.locale, error=problem.message)
+            log.event("daemon_not_started", logging.ERROR, why=f"{len(exc.problems)} template problem(s)")
+            return EXIT_USAGE
+        finally:
+            deps.close()
+    except StartupStopped as exc:
+        log.event("daemon_stopped", during="start-up", signal=exc.signal.name)
+        return EXIT_OK
     finally:
-        deps.close()
+        starting.restore()
 
 
-async def _main(settings: Settings, config_path: Path, deps: Deps) -> int:
-    daemon = Daemon(settings, config_path=config_path, deps=deps)
+async def _main(settings: Settings, config_path: Path, deps: Deps, starting: StartupSignals | None = None) -> int:
+    daemon = Daemon(settings, config_path=config_path, deps=deps, starting=starting)
     return await daemon.run()

@@ -8,10 +8,15 @@ is a person's Ctrl-C: pressed again, however quickly, it forces.
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Literal
+from types import FrameType
+from typing import Any, Literal
+
+from worker import log
 
 ECHO_SECONDS = 1.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -37,3 +42,57 @@ class StopSignals:
         if sig is signal.SIGTERM and self.first is signal.SIGTERM and now - self._first_at < ECHO_SECONDS:
             return "echo"
         return "force"
+
+
+class StartupStopped(Exception):
+    """A stop signal came while the daemon was starting: start-up gave up, leaving nothing behind."""
+
+    def __init__(self, sig: signal.Signals) -> None:
+        super().__init__(f"stopped by {sig.name} during start-up")
+        self.signal = sig
+
+
+class StartupSignals:
+    """The daemon's signals from the moment ``kembali run`` knows it is one until its event loop takes them over.
+
+    Until then Python's defaults applied: a SIGTERM or SIGHUP killed the process where it stood (no log line,
+    a template snapshot left in the temporary folder, exit -15 or -1 where systemd expects 0), a SIGINT raised
+    KeyboardInterrupt wherever it landed. Here the first stop signal is logged and noted, and start-up gives up at
+    its next ``check()`` (between two renders of the template check, say); a second one forces, as later; a
+    SIGHUP is kept, to reload once the daemon is up."""
+
+    def __init__(self, signals: StopSignals | None = None) -> None:
+        self.signals = signals or StopSignals()
+        self.stop: signal.Signals | None = None
+        self.hangup = False
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def install(self) -> StartupSignals:
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+            self._previous[sig] = signal.signal(sig, self._take)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def check(self) -> None:
+        """Raise StartupStopped if a stop signal has come."""
+        if self.stop is not None:
+            raise StartupStopped(self.stop)
+
+    def _take(self, signum: int, frame: FrameType | None) -> None:
+        sig = signal.Signals(signum)
+        if sig is signal.SIGHUP:
+            self.hangup = True
+            return
+        verdict = self.signals.take(sig)
+        if verdict == "echo":
+            return
+        if verdict == "force":
+            log.event("shutdown_forced", logging.WARNING, signal=sig.name, during="start-up")
+            logging.shutdown()
+            os._exit(1)
+        log.event("shutdown_requested", signal=sig.name, during="start-up")
+        self.stop = sig

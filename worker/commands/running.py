@@ -17,7 +17,7 @@ from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.pipeline import PlanReport, plan
 from worker.sending import DispatchReport
-from worker.stopping import STOP_SIGNALS, StopSignals
+from worker.stopping import STOP_SIGNALS, StartupSignals, StopSignals
 
 EXIT_OK, EXIT_ATTENTION, EXIT_UNAVAILABLE = 0, 1, 3
 
@@ -164,8 +164,8 @@ def once(settings: Settings) -> int:
     return _exit_code(report)
 
 
-def forever(settings: Settings, *, config_path: Path) -> int:
+def forever(settings: Settings, *, config_path: Path, starting: StartupSignals | None = None) -> int:
     """The daemon (see ``worker.daemon``)."""
     from worker import daemon
 
-    return daemon.run(settings, config_path=config_path)
+    return daemon.run(settings, config_path=config_path, starting=starting)
