@@ -188,6 +188,22 @@ def test_errors_name_file_and_line(tmp_path: Path, name: str, text: str, templat
     assert str(info.value).startswith(f"{template}:{line}: ")
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["a\nb\n{{ " + "(" * 500 + "1" + ")" * 500 + " }}\n", "a\nb\n" + "{% if 1 %}" * 3000 + "x" + "{% endif %}" * 3000],
+    ids=["brackets", "tags"],
+)
+def test_a_template_nested_too_deeply_for_the_parser_is_a_syntax_error_not_a_crash(tmp_path: Path, text: str) -> None:
+    # Jinja2's parser recurses once per level: the RecursionError must become the file's syntax error, both when
+    # sending (the version hash parses every file first) and in the lint `kembali check` and the daemon run
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": text}))
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, CTX)
+    assert info.value.template == "demo/id/body.txt" and info.value.line == 3
+    assert "syntax error: brackets, tags or operators nested too deeply" in str(info.value)
+    assert [(p.template, p.line) for p in templates.lint(KNOWN)] == [("demo/id/body.txt", 3)]
+
+
 def test_missing_include_names_the_including_line(tmp_path: Path) -> None:
     templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": "x\n{% include name %}\n"}))
     with pytest.raises(TemplateError) as info:

@@ -68,6 +68,7 @@ from jinja2 import filters as jfilters
 from jinja2 import meta, nodes, pass_context
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.loaders import split_template_path
+from jinja2.parser import Parser
 from jinja2.runtime import Context, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
 from jinja2.utils import Namespace, generate_lorem_ipsum
@@ -557,6 +558,17 @@ class _Buffer(list[str]):
             self.append(piece)
 
 
+def _parsing_line(tb: TracebackType | None) -> int:
+    """The line Jinja2's parser had reached when ``tb`` was raised in it (1 if unknown)."""
+    line = 1
+    while tb is not None:
+        parser = tb.tb_frame.f_locals.get("self")
+        if isinstance(parser, Parser):
+            line = parser.stream.current.lineno
+        tb = tb.tb_next
+    return line
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     """Jinja2's immutable sandbox, refusing values larger than ``MAX_PART_CHARS`` before it builds them (the
     operators, filters and methods that can build them in one step of C, which no time limit stops), with a
@@ -579,7 +591,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self.globals["lipsum"] = _lipsum
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        tree = _BoundConcat().visit(super()._parse(source, name, filename))
+        try:
+            tree = _BoundConcat().visit(super()._parse(source, name, filename))
+        except RecursionError as exc:  # Jinja2's parser recurses once per bracket, tag or operator inside another
+            message = "brackets, tags or operators nested too deeply for the parser"
+            raise jinja2.TemplateSyntaxError(message, _parsing_line(exc.__traceback__), name, filename) from None
         tree.set_environment(self)
         return tree  # type: ignore[no-any-return]
 
