@@ -14,6 +14,8 @@ from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.templates import JinjaTemplates
 from worker.checks import Kind, Problem, check_templates
 from worker.config import CheckSettings, Settings, settings_from_dict
+from worker.domain import Locale
+from worker.errors import TemplateError
 
 
 def _settings(root: Path, **checks: object) -> Settings:
@@ -159,6 +161,26 @@ def test_a_render_that_never_ends_is_stopped_in_its_helper_process(templates: Pa
         assert "stopped" in timeouts[0].message
         assert [p for p in problems if p.locale == "en"] == []
         assert renderer.restarts >= 1  # the helper was killed and a fresh one took over
+
+
+def test_a_render_that_keeps_building_memory_fails_at_its_line_in_the_helper(tmp_path: Path) -> None:
+    # Given a template that keeps every 1 MB string it builds, nesting each in the next: within a generous time
+    # limit it would take 3 GB of the machine's memory
+    hog = "{% set ns = namespace(a=[]) %}{% for i in range(3000) %}{% set ns.a = [ns.a, 'x' * 999990 ~ i] %}"
+    for name, text in {"demo/id/subject.txt": "Halo", "demo/id/body.txt": "Halo", "demo/id/body.html": "<p>\n"
+                       + hog + "{% endfor %}done"}.items():  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    with TimeLimitedRenderer(tmp_path, timeout_seconds=30) as renderer:
+        # Then the helper runs out of memory at a bound far below that, and says where
+        with pytest.raises(TemplateError) as info:
+            renderer.render("demo", Locale.ID, {})
+        assert (info.value.template, info.value.line) == ("demo/id/body.html", 2)
+        assert "ran out of memory" in str(info.value)
+        # and the same helper goes on serving (the memory came back)
+        with pytest.raises(TemplateError, match="ran out of memory"):
+            renderer.render("demo", Locale.ID, {})
+        assert renderer.restarts == 0
 
 
 def test_a_missing_or_mistyped_winback_step_folder_is_reported(templates: Path) -> None:

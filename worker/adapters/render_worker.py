@@ -7,7 +7,10 @@ keeps burning a core until the process exits), so each render goes to a helper
 process over a pipe, one JSON line per request and per reply; when a reply does
 not arrive within ``timeout_seconds`` the helper is killed, the render fails with
 a ``TemplateError``, and the next render starts a fresh helper. The helper loads
-the same templates folder (with Jinja2's mtime reloading), so edits show up.
+the same templates folder (with Jinja2's mtime reloading), so edits show up. Its
+memory is bounded too (``MEMORY_LIMIT_BYTES``): a render that keeps building
+values fails with a ``MemoryError`` at its file and line instead of taking the
+machine's memory until the deadline.
 
 The child side is ``python -m worker.adapters.render_worker ROOT``.
 """
@@ -145,8 +148,25 @@ def _bare(exc: TemplateError) -> str:
     return text[len(where) + 2 :] if where and text.startswith(where + ": ") else text
 
 
+MEMORY_LIMIT_BYTES = 1 << 30
+"""The address space the helper may use (``RLIMIT_AS``): ~100 MB after start-up, a few MB more per render; a
+template that keeps building values (a loop that nests each one in the next) gets a ``MemoryError`` at its
+line well before the machine runs out of memory, where the time limit alone would let it take gigabytes."""
+
+
+def _limit_memory(limit: int) -> None:
+    try:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    except (ImportError, ValueError, OSError):  # not on this system: the time limit still holds
+        pass
+
+
 def main(argv: list[str]) -> int:
     templates = JinjaTemplates(Path(argv[1]), time_limit=None)  # the parent kills this process past its limit
+    _limit_memory(MEMORY_LIMIT_BYTES)
     out = sys.stdout.buffer
     out.write(b"ready\n")
     out.flush()

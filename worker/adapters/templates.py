@@ -992,6 +992,8 @@ class JinjaTemplates:
                 message = f"template not found: {exc.name}"
             elif isinstance(exc, _TooLong):
                 message = str(exc)
+            elif isinstance(exc, MemoryError):
+                message = "MemoryError: the render ran out of memory (a loop that keeps every value it builds?)"
             else:
                 message = f"{type(exc).__name__}: {exc}"
             raise TemplateError(message, template=where or name, line=line) from None
