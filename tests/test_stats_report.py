@@ -356,3 +356,66 @@ def test_a_lift_that_rounds_to_zero_reads_plus_zero_not_minus_zero() -> None:
     lines = [line for line in stats_lines(report, "IDR") if line.startswith("  lift:")]
     # Then the difference reads +0.0 points, not -0.0
     assert len(lines) == 1 and lines[0].startswith("  lift: +0.0 points, 95% CI -"), lines
+
+
+def test_conversion_boundaries_to_the_microsecond_on_each_database(db_url: str) -> None:
+    # Given exposures and purchases on each side of every boundary, to the microsecond (a moment just before a
+    # whole second too, which a database rounding to milliseconds would carry into the next second)
+    window = timedelta(days=7)
+    now = NOW.replace(microsecond=500_000)
+    at = NOW - timedelta(days=20, microseconds=-123_457)
+    late = NOW.replace(microsecond=999_999) - timedelta(days=15, seconds=1)
+    us = timedelta(microseconds=1)
+    cs = [f"C-B{i:02d}" for i in range(14)]
+    orders = [
+        _order(cs[0], 1, at, 1_00),  # at the moment: not after it
+        _order(cs[1], 1, at + us, 2_00),
+        _order(cs[2], 1, at + window, 4_00),  # at the end of the window: counts
+        _order(cs[3], 1, at + window + us, 8_00),
+        _order(cs[4], 1, at + timedelta(days=8), 16_00),  # inside the second row's window, not the first's
+        _order(cs[5], 1, at - timedelta(days=1), 32_00),  # after the due time, before the row was planned
+        _order(cs[6], 1, late + window, 64_00),
+        _order(cs[7], 1, late + window + us, 128_00),
+        _order(cs[8], 1, at + timedelta(days=1), 256_00, OrderStatus.CANCELLED),
+        _order(cs[9], 1, at + timedelta(days=2), 512_00),  # emailed without a sent_at: from updated_at
+        _order(cs[12], 1, at + timedelta(days=1), 1024_00),
+        _order(cs[12], 2, at + timedelta(days=3), 2048_00),
+    ]
+    engine = db.create_engine(db_url)
+    try:
+        shop.upsert_customers(engine, [_customer(c) for c in cs], FIRST_ORDER)
+        shop.upsert_orders(engine, orders, FIRST_ORDER)
+        with engine.begin() as conn:
+            pk = dict(conn.execute(sa.text("select external_id, id from customer")).all())
+        skipped = {"status": "skipped", "skip_reason": "ordered_since"}
+        rows: list[tuple[str, str, datetime, dict[str, object]]] = [
+            (cs[0], "a", at, skipped), (cs[1], "a", at, skipped), (cs[2], "a", at, skipped),
+            (cs[3], "a", at, skipped), (cs[4], "a", at, skipped), (cs[4], "b", at + timedelta(days=2), skipped),
+            (cs[5], "a", at - timedelta(days=3), {**skipped, "created_at": at}),
+            (cs[6], "a", late, skipped), (cs[7], "a", late, skipped), (cs[8], "a", at, skipped),
+            (cs[9], "a", at - timedelta(days=1), {"status": "sent", "sent_at": None, "updated_at": at}),
+            (cs[10], "a", now - window, skipped),  # the window ends at now: counted
+            (cs[11], "a", now - window + us, skipped),  # the window ends after now: pending
+            (cs[12], "a", at, {"status": "sent", "sent_at": at + timedelta(days=2), "updated_at": at}),
+        ]  # fmt: skip
+        store = Store(engine)
+        for c, key, due, values in rows:
+            ref = f"{c}:{key}"
+            planned = PlannedMessage(ref, "winback", 1, pk[c], f"{c.lower()}@example.com", due,
+                                     due + timedelta(days=14), message_id_for(ref, "shop.example"))  # fmt: skip
+            assert store.insert_messages([planned], due) == 1
+            with engine.begin() as conn:
+                conn.execute(sa.update(M).where(M.c.dedupe_key == planned.dedupe_key).values(**values))
+        from worker.stats import build_stats
+
+        report = build_stats(engine, since=NOW - timedelta(days=60), now=now)
+    finally:
+        engine.dispose()
+
+    # Then each boundary falls where core.stats.conversion puts it
+    (winback,) = report.steps
+    assert winback.treated == stats.Conversion(customers=12, converted=5, revenue_minor=2_00 + 4_00 + 64_00 + 512_00
+                                               + 1024_00 + 2048_00, pending=1)  # fmt: skip
+    assert winback.emailed == stats.Conversion(customers=2, converted=2, revenue_minor=512_00 + 2048_00, pending=0)
+    assert winback.held_out is None
+

@@ -23,7 +23,7 @@ Definitions (also in the README):
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -107,19 +107,13 @@ def build_stats(
     for (campaign, number), n in reports.hard_bounces(engine, since).items():
         step(campaign, number).hard_bounces = n
 
-    groups: dict[tuple[str, int, str], list[tuple[int, datetime]]] = defaultdict(list)
-    for campaign, number, group, customer, moment in reports.exposures(engine, since):
-        groups[(campaign, number, group)].append((customer, moment))
-    customers = [c for rows in groups.values() for c, _ in rows]
-    bought = reports.purchases(engine, customers, since) if customers else {}
-    window = timedelta(days=window_days)
+    found = {(campaign, number, group): c for campaign, number, group, c in
+             reports.conversions(engine, since, window=timedelta(days=window_days), now=now)}  # fmt: skip
+    nobody = stats.Conversion(0, 0, 0, 0)
     for s in steps.values():
-        emailed = groups.get((s.campaign, s.step, "emailed"), [])
-        held = groups.get((s.campaign, s.step, "held_out"), [])
-        s.emailed = stats.conversion(emailed, bought, window=window, now=now)
-        s.held_out = stats.conversion(held, bought, window=window, now=now) if held else None
-        treated = groups.get((s.campaign, s.step, "treated"), [])
-        s.treated = stats.conversion(treated, bought, window=window, now=now)
+        s.emailed = found.get((s.campaign, s.step, "emailed"), nobody)
+        s.held_out = found.get((s.campaign, s.step, "held_out"))
+        s.treated = found.get((s.campaign, s.step, "treated"), nobody)
         control = s.held_out or stats.Conversion(0, 0, 0, 0)
         s.lift = stats.lift(s.treated.converted, s.treated.customers, control.converted, control.customers,
                             held_out=control.customers + control.pending,
