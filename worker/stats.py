@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import chain, repeat
 
 from sqlalchemy.engine import Engine
 
@@ -124,7 +125,9 @@ def build_stats(
         since=since, now=now, window_days=window_days,
         steps=sorted(steps.values(), key=lambda s: (s.campaign, s.step)),
         suppressions=reports.suppressions(engine, since),
-        retention=stats.retention(reports.purchases_around(engine, since, now)),
+        retention=stats.retention(
+            chain.from_iterable(repeat((b, d), n) for b, d, n in reports.purchases_around(engine, since, now))
+        ),
         feedback=None if scores is None else stats.feedback(scores, scale=feedback_scale),
     )  # fmt: skip
 

@@ -124,13 +124,22 @@ def _plus(at: sa.ColumnElement[datetime], window: timedelta, dialect: str) -> sa
     return sa.type_coerce(at + sa.literal_column(f"interval '{seconds} seconds'"), UTCDateTime())
 
 
-def purchases_around(engine: Engine, since: datetime, until: datetime) -> list[tuple[int, int]]:
-    """(purchases before ``since``, purchases in [since, until)) for every customer with any purchase."""
+def purchases_around(engine: Engine, since: datetime, until: datetime) -> list[tuple[int, int, int]]:
+    """(purchases before ``since``, purchases in [since, until), customers) over the customers with any purchase:
+    how many customers bought so many times before and during the period, counted in the database (a few
+    rows where a row per customer would be a million)."""
     before = sa.func.sum(sa.case((O.c.placed_at < since, 1), else_=0))
     during = sa.func.sum(sa.case((sa.and_(O.c.placed_at >= since, O.c.placed_at < until), 1), else_=0))
-    query = sa.select(before, during).where(_purchase).group_by(O.c.customer_id)
+    per_customer = (
+        sa.select(sa.func.coalesce(before, 0).label("before"), sa.func.coalesce(during, 0).label("during"))
+        .where(_purchase)
+        .group_by(O.c.customer_id)
+        .subquery("per_customer")
+    )
+    c = per_customer.c
+    query = sa.select(c.before, c.during, sa.func.count()).group_by(c.before, c.during)
     with engine.connect() as conn:
-        return [(int(b or 0), int(d or 0)) for b, d in conn.execute(query)]
+        return [(int(b), int(d), int(n)) for b, d, n in conn.execute(query)]
 
 
 def first_two_purchases(engine: Engine) -> list[tuple[datetime, datetime | None]]:
