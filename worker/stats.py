@@ -1,7 +1,9 @@
 """Reports from the ledger and the orders: `kembali stats` and `kembali insights`.
 
 Queries live in ``adapters.reports``; the arithmetic in ``core.stats``. This
-module joins them into plain report values with a ``as_json`` each.
+module joins them into plain report values with a ``as_json`` each. Conversions
+are counted in the database (``reports.conversions``: a million ledger rows never
+reach Python), to the definition of ``core.stats.conversion``.
 
 Definitions (also in the README):
 * emailed: ``sent`` rows planned since ``since``; the moment is ``sent_at``.
