@@ -55,10 +55,7 @@ def _build(site: Site) -> None:
     for c in ids["H"][:HELD_BUY]:
         orders.append(_order(c, 2, EXPOSED + timedelta(days=2), 120_000_00))
     engine = db.create_engine(site.settings.database_url)
-    shop.upsert_customers(engine, [_customer(c) for c in everyone], FIRST_ORDER)
-    shop.upsert_orders(engine, orders, FIRST_ORDER)
-    with engine.begin() as conn:
-        pk = dict(conn.execute(sa.text("select external_id, id from customer")).all())
+    pk = _load(engine, everyone, orders)
     planned = [
         PlannedMessage(f"winback:{c}:O-{c}-1:1", "winback", 1, pk[c], f"{c.lower()}@example.com", EXPOSED,
                        EXPOSED + timedelta(days=14), message_id_for(c, "shop.example"))
@@ -219,10 +216,21 @@ def test_report_queries_on_each_database(db_url: str) -> None:
     assert report.steps == [] and report.retention.earlier > 0
 
 
-def _ledger_row(engine: sa.Engine, pk: dict[str, int], c: str, planned_at: datetime, **values: object) -> None:
-    key = f"winback:{c}:O-{c}-0:1"
-    planned = PlannedMessage(key, "winback", 1, pk[c], f"{c.lower()}@example.com", planned_at,
-                             planned_at + timedelta(days=14), message_id_for(c, "shop.example"))  # fmt: skip
+def _load(engine: sa.Engine, customers: list[str], orders: list[OrderRecord] | None = None) -> dict[str, int]:
+    """The customers (and their orders) in the shop: external id → database id."""
+    shop.upsert_customers(engine, [_customer(c) for c in customers], FIRST_ORDER)
+    if orders:
+        shop.upsert_orders(engine, orders, FIRST_ORDER)
+    with engine.begin() as conn:
+        return dict(conn.execute(sa.text("select external_id, id from customer")).all())
+
+
+def _ledger_row(engine: sa.Engine, pk: dict[str, int], c: str, planned_at: datetime, *, campaign: str = "winback",
+                key: str | None = None, **values: object) -> None:
+    """One ledger row for customer ``c``, planned and due at ``planned_at``, then given ``values``."""
+    key = key or f"winback:{c}:O-{c}-0:1"
+    planned = PlannedMessage(key, campaign, 1, pk[c], f"{c.lower()}@example.com", planned_at,
+                             planned_at + timedelta(days=14), message_id_for(key, "shop.example"))  # fmt: skip
     assert Store(engine).insert_messages([planned], planned_at) == 1
     with engine.begin() as conn:
         conn.execute(sa.update(M).where(M.c.dedupe_key == key).values(**values))
@@ -243,10 +251,7 @@ def test_lift_compares_both_groups_from_when_the_email_was_due(db_url: str) -> N
         orders += [_order(c, 1, sent_at + timedelta(days=2), 1_000_00) for c in g[15:25]]
     engine = db.create_engine(db_url)
     try:
-        shop.upsert_customers(engine, [_customer(c) for c in everyone], FIRST_ORDER)
-        shop.upsert_orders(engine, orders, FIRST_ORDER)
-        with engine.begin() as conn:
-            pk = dict(conn.execute(sa.text("select external_id, id from customer")).all())
+        pk = _load(engine, everyone, orders)
         for c in ids["T"][:15]:
             _ledger_row(engine, pk, c, planned_at, status="skipped", skip_reason="ordered_since",
                         updated_at=sent_at)  # fmt: skip
@@ -277,17 +282,10 @@ def test_lift_says_whose_attribution_windows_are_still_open(db_url: str) -> None
     cs = ["C-H1", "C-T1", "C-T2", "C-H2", "C-T3"]
     engine = db.create_engine(db_url)
     try:
-        shop.upsert_customers(engine, [_customer(c) for c in cs], FIRST_ORDER)
-        with engine.begin() as conn:
-            pk = dict(conn.execute(sa.text("select external_id, id from customer")).all())
-        store = Store(engine)
+        pk = _load(engine, cs)
 
         def row(c: str, campaign: str, key: str, at: datetime, **values: object) -> None:
-            planned = PlannedMessage(key, campaign, 1, pk[c], f"{c.lower()}@example.com", at, at + timedelta(days=3),
-                                     message_id_for(key, "shop.example"))  # fmt: skip
-            assert store.insert_messages([planned], at) == 1
-            with engine.begin() as conn:
-                conn.execute(sa.update(M).where(M.c.dedupe_key == key).values(**values))
+            _ledger_row(engine, pk, c, at, campaign=campaign, key=key, **values)
 
         held = {"status": "skipped", "skip_reason": "held_out"}
         row("C-H1", "feedback", "feedback:O1", NOW - timedelta(days=2), **held)
@@ -318,8 +316,7 @@ def test_insights_recommends_the_day_the_share_was_reached(tmp_path: Path) -> No
     orders = [_order(c, 1, FIRST_ORDER, 1_000_00) for c in cs]
     orders += [_order(c, 2, FIRST_ORDER + timedelta(days=i, hours=1), 1_000_00) for i, c in enumerate(cs, start=1)]
     engine = db.create_engine(site.settings.database_url)
-    shop.upsert_customers(engine, [_customer(c) for c in cs], FIRST_ORDER)
-    shop.upsert_orders(engine, orders, FIRST_ORDER)
+    _load(engine, cs, orders)
     engine.dispose()
     # When the operator asks by when 55 % of second purchases happened
     done = site.cli("insights", "--share", "0.55", "--json")
@@ -383,10 +380,7 @@ def test_conversion_boundaries_to_the_microsecond_on_each_database(db_url: str) 
     ]
     engine = db.create_engine(db_url)
     try:
-        shop.upsert_customers(engine, [_customer(c) for c in cs], FIRST_ORDER)
-        shop.upsert_orders(engine, orders, FIRST_ORDER)
-        with engine.begin() as conn:
-            pk = dict(conn.execute(sa.text("select external_id, id from customer")).all())
+        pk = _load(engine, cs, orders)
         skipped = {"status": "skipped", "skip_reason": "ordered_since"}
         rows: list[tuple[str, str, datetime, dict[str, object]]] = [
             (cs[0], "a", at, skipped), (cs[1], "a", at, skipped), (cs[2], "a", at, skipped),
@@ -398,14 +392,8 @@ def test_conversion_boundaries_to_the_microsecond_on_each_database(db_url: str) 
             (cs[11], "a", now - window + us, skipped),  # the window ends after now: pending
             (cs[12], "a", at, {"status": "sent", "sent_at": at + timedelta(days=2), "updated_at": at}),
         ]  # fmt: skip
-        store = Store(engine)
         for c, key, due, values in rows:
-            ref = f"{c}:{key}"
-            planned = PlannedMessage(ref, "winback", 1, pk[c], f"{c.lower()}@example.com", due,
-                                     due + timedelta(days=14), message_id_for(ref, "shop.example"))  # fmt: skip
-            assert store.insert_messages([planned], due) == 1
-            with engine.begin() as conn:
-                conn.execute(sa.update(M).where(M.c.dedupe_key == planned.dedupe_key).values(**values))
+            _ledger_row(engine, pk, c, due, key=f"{c}:{key}", **values)
         from worker.stats import build_stats
 
         report = build_stats(engine, since=NOW - timedelta(days=60), now=now)
