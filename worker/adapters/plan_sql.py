@@ -369,7 +369,7 @@ def read_ahead(parts: Callable[[], Generator[T, None, None]], depth: int = READ_
                         return
         except BaseException as exc:  # raised again in the caller's thread
             if not put("error", exc):  # the caller has stopped: it has its own failure to raise, or none
-                log.event("plan_read_failed_after_stop", logging.DEBUG, error=f"{type(exc).__name__}: {exc}")
+                log.event("plan_read_failed_after_stop", logging.DEBUG, error=log.error_line(exc))
         else:
             put("done", None)
 
