@@ -92,10 +92,11 @@ class Shop:
 
 
 def make_shop(tmp: Path, *, smtp_port: int, extra: str = "", plan_cron: str = "*/1 * * * * *",
-              pool_size: int = 2) -> Shop:
+              pool_size: int = 2, db_url: str | None = None) -> Shop:
+    """A shop in ``tmp`` (templates, config); its database is an SQLite file there unless ``db_url`` is given."""
     templates = tmp / "templates"
     shutil.copytree(REPO / "templates" / "email", templates)
-    db_url = f"sqlite:///{tmp / 'kembali.db'}"
+    db_url = db_url or f"sqlite:///{tmp / 'kembali.db'}"
     config = tmp / "config.toml"
     config.write_text(
         f"""

@@ -16,6 +16,7 @@ from email import message_from_bytes
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tests.daemon_harness import LINK_KEY, REPO, Daemon, http, make_shop
 from tests.smtp_server import Behaviour, RecordingServer
@@ -504,3 +505,35 @@ def test_sighup_during_start_up_does_not_kill_the_daemon_it_reloads_once_up(
     finally:
         assert daemon.stop() == 0
     assert len(daemon.named("reload_started")) == 1
+
+
+@pytest.mark.postgres
+def test_a_stop_signal_during_catch_up_planning_leaves_the_other_campaigns_to_the_next_start(
+    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+) -> None:
+    # Given a daemon that was down over every campaign's planning time, on PostgreSQL, whose first catch-up
+    # pass is held up (another session holds the customer table), as a large shop's pass takes a while
+    every = "".join(f"[campaigns.{c}]\nenabled = true\n" for c in ("birthday", "feedback", "new_products", "loyalty"))
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url, extra=every)
+    shop.add([1, 2], days_ago=60)
+    holder = sa.create_engine(pg_url)
+    try:
+        with holder.connect() as conn:
+            conn.execute(sa.text("LOCK TABLE customer IN ACCESS EXCLUSIVE MODE"))
+            daemon = Daemon.start(shop)
+            first = daemon.wait_event("plan_catch_up", timeout=30)
+            # When systemd stops it during that pass
+            daemon.signal(signal.SIGTERM)
+            daemon.wait_event("shutdown_requested")
+            conn.rollback()
+        # Then the pass under way ends, the other campaigns are not planned now but left to the next start,
+        # and the daemon exits 0 without ever saying it started
+        assert daemon.wait(30) == 0, daemon.log()
+    finally:
+        holder.dispose()
+    assert [e["campaign"] for e in daemon.named("plan_catch_up")] == [first["campaign"]]
+    assert daemon.named("plan_catch_up_stopped"), daemon.log()
+    left = daemon.named("plan_catch_up_stopped")[0]["left"].split(",")
+    assert sorted([first["campaign"], *left]) == ["birthday", "feedback", "loyalty", "new_products", "winback"]
+    assert not daemon.named("daemon_started")
+    assert daemon.named("daemon_stopped")

@@ -224,6 +224,8 @@ class Daemon:
             self.scheduler.start()
             dispatch = asyncio.create_task(self._dispatch_loop(), name="kembali-dispatch")
             await self._catch_up(settings)
+            if self._stop.is_set():  # stopped while catching up: it never was up
+                return await self._shutdown(dispatch)
             log.event("daemon_started", worker=self.worker, campaigns=",".join(enabled_campaigns(settings)),
                       time_zone=settings.shop.time_zone, jobs=",".join(self.scheduler.job_ids()),
                       event_loop=eventloop.describe())
@@ -269,7 +271,11 @@ class Daemon:
     async def _catch_up(self, settings: Settings) -> None:
         """Plan once now for every campaign whose last scheduled run was missed (the daemon was down)."""
         now = self.clock.now()
-        for campaign in enabled_campaigns(settings):
+        campaigns = enabled_campaigns(settings)
+        for i, campaign in enumerate(campaigns):
+            if self._stop.is_set():  # a stop signal during one campaign's pass: leave the rest to the next start
+                log.event("plan_catch_up_stopped", left=",".join(campaigns[i:]))
+                return
             last = await self.astore.call(opstore.last_run, self.store, f"plan:{campaign}")
             due = missed_run(plan_cron(settings, campaign), settings.shop.time_zone, last, now)
             if due is not None:
