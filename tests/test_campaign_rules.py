@@ -298,6 +298,8 @@ def test_birthday_prefilter_covers_every_zone_and_the_leap_day() -> None:
     mmdd = cc.birthday_mmdd_candidates(NOW, 0)
     assert mmdd == [228, 229, 301]  # 28 Feb (UTC-12) to 1 Mar (UTC+14); 29 Feb rides with 28 Feb in 2027
     assert 229 not in cc.birthday_mmdd_candidates(datetime(2028, 3, 10, tzinfo=UTC), 3)
+    # the same instant given on another clock (05:30 on 28 February in Pago Pago) asks for the same days
+    assert cc.birthday_mmdd_candidates(NOW.astimezone(ZoneInfo("Pacific/Pago_Pago")), 0) == mmdd
 
 
 def _clock_changes(zone: ZoneInfo, year: int) -> list[date]:

@@ -163,9 +163,11 @@ def birthday_expires(day: date, zone: ZoneInfo) -> datetime:
 
 def birthday_mmdd_candidates(now: datetime, days_before: int) -> list[int]:
     """Every ``month*100+day`` a birthday due at ``now`` could have, in any time zone (UTC-12 to
-    UTC+14): what the store's indexed pre-filter asks for. 229 joins 228 in non-leap years."""
-    first = (now - timedelta(hours=12)).date()
-    last = (now + timedelta(hours=14) + BIRTHDAY_LEAD).date() + timedelta(days=days_before)
+    UTC+14): what the store's indexed pre-filter asks for. 229 joins 228 in non-leap years. ``now`` may be in
+    any zone: the span is reckoned from UTC."""
+    utc = now.astimezone(UTC)
+    first = (utc - timedelta(hours=12)).date()
+    last = (utc + timedelta(hours=14) + BIRTHDAY_LEAD).date() + timedelta(days=days_before)
     out: set[int] = set()
     day = first
     while day <= last:
