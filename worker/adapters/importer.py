@@ -21,13 +21,14 @@ customers.csv
     ``time_zone`` (IANA; default ``Asia/Jakarta``), ``birthday`` (YYYY-MM-DD
     or empty; 29 February allowed in leap years), ``marketing_consent``
     (required: true/false, yes/no, 1/0, ya/tidak), ``consent_basis`` and
-    ``consent_source`` (optional text).
+    ``consent_source`` (optional text, at most 64 characters).
 
 products.csv
     ``id`` (required), ``name`` (required), ``price`` (required, major units as
     a decimal string: ``249000`` or ``249000.50``, never parsed as float),
-    ``category``, ``currency`` (an ISO 4217 code; default IDR), ``url`` and
-    ``image_url`` (http(s) or empty), ``launched_at`` (date or ISO 8601
+    ``category`` (at most 100 characters), ``currency`` (an ISO 4217 code;
+    default IDR), ``url`` and ``image_url`` (http(s), at most 1000
+    characters, or empty), ``launched_at`` (date or ISO 8601
     date-time, empty allowed), ``active`` (boolean; default true).
 
 orders.csv: one row per order line, the order's columns repeated on each
@@ -91,9 +92,12 @@ ORDER_COLUMNS = (
 ORDER_REQUIRED = ("order_id", "customer_id", "status", "placed_at")
 _ORDER_HEAD = ("customer_id", "status", "placed_at", "delivered_at", "currency", "total")
 
+# the widths of the columns these values are stored in (worker/adapters/tables.py): PostgreSQL refuses a longer
+# value, and with it the whole batch, so a longer value is a rejected row here (tests check they agree)
 MAX_NAME = 200
 MAX_ID = 100
-MAX_TEXT = 200
+MAX_TEXT = {"consent_basis": 64, "consent_source": 64, "category": 100}
+MAX_URL = 1000
 _TRUE = frozenset({"true", "yes", "1", "ya"})
 _FALSE = frozenset({"false", "no", "0", "tidak"})
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -363,8 +367,9 @@ def _ident(row: dict[str, str], column: str) -> str:
 
 def _text(row: dict[str, str], column: str) -> str:
     value = row.get(column, "").strip()
-    if len(value) > MAX_TEXT or _CONTROL.search(value):
-        raise _Invalid(f"invalid {column} {_show(value)} (at most {MAX_TEXT} characters, no control characters)")
+    limit = MAX_TEXT[column]
+    if len(value) > limit or _CONTROL.search(value):
+        raise _Invalid(f"invalid {column} {_show(value)} (at most {limit} characters, no control characters)")
     return value
 
 
@@ -468,6 +473,8 @@ def _url(row: dict[str, str], column: str) -> str:
     value = row.get(column, "").strip()
     if not value:
         return ""
+    if len(value) > MAX_URL:
+        raise _Invalid(f"invalid {column} {_show(value)} (at most {MAX_URL} characters)")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc or re.search(r"[\s\x00-\x1f\x7f]", value):
         raise _Invalid(f"invalid {column} {_show(value)} (expected an http(s) URL)")

@@ -1,0 +1,76 @@
+"""`kembali import` fed what real shops export: each bad row is named, the rest imported, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.clikit import run_cli as kembali
+from worker.adapters import importer, tables
+
+
+def _config(folder: Path, url: str) -> Path:
+    path = folder / "config.toml"
+    path.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    return path
+
+
+def _ids(url: str, table: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return set(conn.execute(sa.text(f"select external_id from {table}")).scalars())
+    finally:
+        engine.dispose()
+
+
+def test_text_longer_than_its_column_is_a_rejected_row_not_a_lost_batch(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a consent source, a category and a product link longer than the columns that store them
+    config = _config(tmp_path, db_url)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent,consent_source\n"
+        "C-1,c1@example.com,Ani,ya,checkout\n"
+        f"C-2,c2@example.com,Budi,ya,{'newsletter form on the summer sale landing page ' * 2}\n"
+        "C-3,c3@example.com,Citra,ya,checkout\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "products.csv").write_text(
+        "id,name,price,category,url\n"
+        "P-1,Tas,1000,tas,https://toko.example/p/1\n"
+        f"P-2,Baju,1000,{'pakaian wanita ' * 8},https://toko.example/p/2\n"
+        f"P-3,Topi,1000,topi,https://toko.example/p/3?{'utm=x&' * 200}\n"
+        "P-4,Sepatu,1000,sepatu,https://toko.example/p/4\n",
+        encoding="utf-8",
+    )
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then PostgreSQL does not refuse the batch (a traceback, and none of its rows imported): the row is named
+    assert (code, "Traceback" in out) == (1, False), out
+    assert "customers.csv:3: id 'C-2': invalid consent_source" in out and "(at most 64 characters" in out
+    assert "customers: 2 created, 0 updated, 0 unchanged, 1 rejected" in out
+    assert _ids(db_url, "customer") == {"C-1", "C-3"}
+    code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "products.csv"))
+    assert (code, "Traceback" in out) == (1, False), out
+    assert "products.csv:3: id 'P-2': invalid category" in out and "(at most 100 characters" in out
+    assert "products.csv:4: id 'P-3': invalid url" in out and "(at most 1000 characters)" in out
+    assert _ids(db_url, "product") == {"P-1", "P-4"}
+
+
+@pytest.mark.parametrize(
+    ("limit", "column"),
+    [
+        (importer.MAX_ID, tables.Customer.__table__.c.external_id),
+        (importer.MAX_NAME, tables.Customer.__table__.c.name),
+        (importer.MAX_TEXT["consent_basis"], tables.Customer.__table__.c.consent_basis),
+        (importer.MAX_TEXT["consent_source"], tables.Customer.__table__.c.consent_source),
+        (importer.MAX_TEXT["category"], tables.Product.__table__.c.category),
+        (importer.MAX_URL, tables.Product.__table__.c.url),
+        (importer.MAX_URL, tables.Product.__table__.c.image_url),
+    ],
+)
+def test_the_importers_limits_fit_the_columns(limit: int, column: sa.Column[str]) -> None:
+    assert limit <= column.type.length  # type: ignore[attr-defined]
