@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.clikit import migrated_config
 from tests.clikit import run_cli as kembali
 from worker.adapters import importer, tables
 
@@ -74,3 +75,19 @@ def test_text_longer_than_its_column_is_a_rejected_row_not_a_lost_batch(
 )
 def test_the_importers_limits_fit_the_columns(limit: int, column: sa.Column[str]) -> None:
     assert limit <= column.type.length  # type: ignore[attr-defined]
+
+
+def test_columns_without_a_name_from_trailing_commas_are_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a spreadsheet's export with two empty columns at the end of every line, header included
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_bytes(
+        b"id,email,name,marketing_consent,,\r\nC-1,c1@example.com,Ani,ya,,\r\nC-2,c2@example.com,Budi,ya,,\r\n,,,,,\r\n"
+    )
+    # When it is imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then the rows are imported (the whole file was refused: "duplicate column ''"), with a warning for the columns
+    assert (code, "duplicate column" in out) == (0, False), out
+    assert "customers: 2 created, 0 updated, 0 unchanged, 0 rejected" in out
+    assert "customers.csv:1: 2 column(s) without a name ignored" in out

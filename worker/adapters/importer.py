@@ -8,7 +8,8 @@ physical line where a row starts (the header is line 1), so a quoted field
 spanning lines does not shift the numbers after it. Blank lines are skipped.
 A missing required column raises ``ImportRowError`` (line 1) from the first
 ``next()``, before any row;
-unknown columns are ignored and reported through ``on_warning``. A row with more
+unknown columns, and columns without a name (trailing commas), are ignored and
+reported through ``on_warning``. A row with more
 or fewer fields than the header is an error (a stray comma shifts columns).
 Column names are matched case-insensitively; values are stripped of
 surrounding whitespace except ``name``, which is kept exactly as given.
@@ -666,7 +667,7 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
         raise ImportRowError(line, f"{path.name}: header: {fields}")
     columns = [name.strip().lower() for name in fields]
     for name in columns:
-        if columns.count(name) > 1:
+        if name and columns.count(name) > 1:  # columns without a name (a spreadsheet's trailing commas) are ignored
             raise ImportRowError(line, f"duplicate column {name!r}")
     for name in required:
         if name not in columns:
@@ -674,10 +675,13 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
             if len(columns) == 1 and ";" in columns[0]:  # a spreadsheet in a comma-decimal locale (id-ID) saves ";"
                 hint = "; the columns are separated by ';': save the file comma-separated"
             raise ImportRowError(line, f"missing column {name!r} (found: {', '.join(columns)}){hint}")
-    unknown = [name for name in columns if name not in known]
+    unknown = [name for name in columns if name and name not in known]
     if unknown and warn is not None:
         names = ", ".join(repr(name) for name in unknown)
         warn(f"{path.name}:{line}: unknown column(s) {names} ignored (known: {', '.join(known)})")
+    unnamed = columns.count("")
+    if unnamed and warn is not None:
+        warn(f"{path.name}:{line}: {unnamed} column(s) without a name ignored")
     rows.columns = columns
     rows.key_column = columns.index(required[0])
 
