@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +96,42 @@ def test_columns_without_a_name_from_trailing_commas_are_ignored(
     assert (code, "duplicate column" in out) == (0, False), out
     assert "customers: 2 created, 0 updated, 0 unchanged, 0 rejected" in out
     assert "customers.csv:1: 2 column(s) without a name ignored" in out
+
+
+def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it(tmp_path: Path) -> None:
+    # Given a big customers file being imported
+    config = migrated_config(tmp_path)
+    rows = 6_000
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\n" + "".join(f"C-{i},c{i}@example.com,Name {i},ya\n" for i in range(rows)),
+        encoding="utf-8",
+    )
+    # (Python ignores SIGINT when started with it ignored, as a shell's background job is: give it the default)
+    start = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    start += "from worker.cli import main; sys.exit(main())"
+    command = [sys.executable, "-c", start, "--config", str(config), "import", "customers",
+               str(tmp_path / "customers.csv")]  # fmt: skip
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _ids(url, "customer") and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.02)
+        # When the operator presses Ctrl-C once the first rows are in
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    # Then it says how far the file is imported (it said "kembali: interrupted" alone), and exits 130
+    assert child.returncode == 130, err
+    assert "Traceback" not in err
+    found = re.search(r"interrupted: customers\.csv is imported up to line (\d+), the rows after it are not "
+                      r"\((\d+) created, 0 updated, 0 unchanged, 0 rejected\)\. Import the file again to finish",
+                      err)  # fmt: skip
+    assert found is not None, err
+    line, created = int(found[1]), int(found[2])
+    assert line - 1 == created == len(_ids(url, "customer")) < rows  # every row up to that line, none after it
+    # and importing the file again brings in exactly the rest
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"customers: {rows - created} created, 0 updated, {created} unchanged, 0 rejected" in again.stdout

@@ -16,7 +16,7 @@ from worker.config import Settings
 from worker.errors import ImportRowError
 
 BATCH = 1000
-EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _reader(
@@ -57,6 +57,8 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
         print(f"warning: {path.name}: {text}", file=sys.stderr)
 
     batch: list[Any] = []
+    last = saved = 0
+    """The line the batch's last record starts on; the last line of the last batch committed."""
     try:
         for line, item in _reader(kind, path, settings, check_dns, warn):
             seen += 1
@@ -66,14 +68,27 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
                 continue
             batch.append(item)
             lines[item.external_id] = line
+            last = line
             if len(batch) >= BATCH:
                 errors += _flush(upsert, batch, lines, total, path)
+                saved = last
             progress.update(seen, f"rows, {errors} rejected")
         errors += _flush(upsert, batch, lines, total, path)
     except ImportRowError as exc:
         progress.done()
         print(f"kembali import: {path.name}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # each batch is one transaction: the batches before it are in, the one under way is not
+        progress.done()
+        done = f"{path.name} is imported up to line {saved}, the rows after it are not" if saved else (
+            f"none of {path.name} is imported")
+        print(
+            f"kembali import: interrupted: {done} ({total.created} created, {total.updated} updated, "
+            f"{total.unchanged} unchanged, {errors} rejected). Import the file again to finish: the rows already "
+            "imported are left unchanged.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     finally:
         progress.done()
         store.close()
