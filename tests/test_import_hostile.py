@@ -135,3 +135,36 @@ def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert f"customers: {rows - created} created, 0 updated, {created} unchanged, 0 rejected" in again.stdout
+
+
+def test_an_amount_too_large_for_the_database_is_a_rejected_row(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given orders whose amounts, in minor units, do not fit a 64-bit integer (a quantity typed into the price, …)
+    config = _config(tmp_path, db_url)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,total,product_id,quantity,unit_price\n"
+        "O-1,C-1,paid,2026-01-01,,P-1,9999999,999999999999999\n"
+        "O-2,C-1,paid,2026-01-02,,P-1,1,150000\n"
+        "O-3,C-1,paid,2026-01-03,,P-1,1000,50000000000000\n"
+        "O-3,C-1,paid,2026-01-03,,P-2,1000,50000000000000\n"
+        "O-4,C-1,paid,2026-01-04,,P-1,2,75000\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "products.csv").write_text("id,name,price,currency\nP-1,Emas,999999999999999,CLF\nP-2,Tas,1,CLF\n")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then each is a rejected row (it was an OverflowError or a NumericValueOutOfRange traceback, the batch lost)
+    assert (code, "Traceback" in out) == (1, False), out
+    assert "orders.csv:2: id 'O-1': quantity 9999999 times unit_price '999999999999999' is too large " \
+           "(at most 92233720368547758.07 IDR)" in out
+    assert "orders.csv:4: id 'O-3': the lines' amounts add up to more than 92233720368547758.07 IDR" in out
+    assert "orders: 2 created, 0 updated, 0 unchanged, 2 rejected" in out
+    assert _ids(db_url, "shop_order") == {"O-2", "O-4"}
+    code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "products.csv"))
+    assert (code, "Traceback" in out) == (1, False), out
+    assert "products.csv:2: id 'P-1': invalid price '999999999999999' (too large: at most 922337203685477.5807 CLF)" \
+        in out
+    assert _ids(db_url, "product") == {"P-2"}

@@ -99,6 +99,8 @@ MAX_NAME = 200
 MAX_ID = 100
 MAX_TEXT = {"consent_basis": 64, "consent_source": 64, "category": 100}
 MAX_URL = 1000
+MAX_MINOR = 2**63 - 1
+"""The largest amount in minor units a BIGINT column holds: a price, a total, a line's quantity times unit price."""
 _TRUE = frozenset({"true", "yes", "1", "ya"})
 _FALSE = frozenset({"false", "no", "0", "tidak"})
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -315,6 +317,10 @@ def _order(group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo) -
         return
     if total is None:
         total = sum(item.quantity * item.unit_price_minor for item in lines)
+        if total > MAX_MINOR:
+            yield RowError(file, first_line, key, f"the lines' amounts add up to more than {_largest(currency)} "
+                           f"{currency}: give the order's total")  # fmt: skip
+            return
     yield OrderRecord(
         external_id=key,
         customer_external_id=customer,
@@ -339,6 +345,9 @@ def _line(row: dict[str, str], currency: str) -> OrderLineRecord | None:
     if not re.fullmatch(r"[0-9]{1,7}", raw) or int(raw) < 1:
         raise _Invalid(f"invalid quantity {_show(raw)} (expected a whole number from 1 to 9999999)")
     price = _money(row, "unit_price", currency)
+    if int(raw) * price > MAX_MINOR:
+        raise _Invalid(f"quantity {raw} times unit_price {_show(row.get('unit_price', '').strip())} is too large "
+                       f"(at most {_largest(currency)} {currency})")  # fmt: skip
     return OrderLineRecord(product_external_id=product, quantity=int(raw), unit_price_minor=price)
 
 
@@ -465,9 +474,16 @@ def _money(row: dict[str, str], column: str, currency: str) -> int:
     if not _AMOUNT.fullmatch(value):
         raise _Invalid(f"invalid {column} {_show(value)} (expected an amount such as 249000 or 249000.50)")
     try:
-        return money.to_minor(Decimal(value), currency)
+        minor = money.to_minor(Decimal(value), currency)
     except ValueError as exc:
         raise _Invalid(f"invalid {column} {_show(value)} ({exc})") from None
+    if minor > MAX_MINOR:
+        raise _Invalid(f"invalid {column} {_show(value)} (too large: at most {_largest(currency)} {currency})")
+    return minor
+
+
+def _largest(currency: str) -> str:
+    return f"{money.from_minor(MAX_MINOR, currency):f}"
 
 
 def _url(row: dict[str, str], column: str) -> str:
