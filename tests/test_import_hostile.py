@@ -168,3 +168,16 @@ def test_an_amount_too_large_for_the_database_is_a_rejected_row(
     assert "products.csv:2: id 'P-1': invalid price '999999999999999' (too large: at most 922337203685477.5807 CLF)" \
         in out
     assert _ids(db_url, "product") == {"P-2"}
+
+
+def test_a_file_read_from_a_pipe_is_imported(tmp_path: Path) -> None:
+    # Given a compressed export, decompressed on the fly: `kembali import customers <(gunzip -c customers.csv.gz)`
+    config = migrated_config(tmp_path)
+    csv = "id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,c2@example.com,Budi,ya\n"
+    command = [sys.executable, "-m", "worker", "--config", str(config), "import", "customers", "/dev/stdin"]
+    # When the file is a pipe
+    result = subprocess.run(command, input=csv, capture_output=True, text=True, timeout=60)
+    # Then it is read like any file (it said "/dev/stdin: no such file")
+    assert result.returncode == 0, result.stderr
+    assert "customers: 2 created, 0 updated, 0 unchanged, 0 rejected" in result.stdout
+    assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1", "C-2"}

@@ -30,7 +30,7 @@ def _reader(
 
 
 def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = False) -> int:
-    if not path.is_file():
+    if path.is_dir() or not path.exists():  # a pipe is read as a file: <(gunzip -c customers.csv.gz), /dev/stdin
         print(f"kembali import: {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}", file=sys.stderr)
         return EXIT_USAGE
     store = Store.from_url(settings.database_url)
