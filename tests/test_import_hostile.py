@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import re
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,23 @@ def test_a_file_read_from_a_pipe_is_imported(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "customers: 2 created, 0 updated, 0 unchanged, 0 rejected" in result.stdout
     assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1", "C-2"}
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [("customers.csv.gz", "is compressed with gzip: decompress it first (gunzip)"),
+     ("customers.xlsx", "is a zip file (an .xlsx workbook?): save the sheet as 'CSV UTF-8'")],
+)  # fmt: skip
+def test_a_compressed_file_or_a_workbook_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, what: str
+) -> None:
+    config = migrated_config(tmp_path)
+    csv = b"id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n"
+    if name.endswith(".gz"):
+        (tmp_path / name).write_bytes(gzip.compress(csv))
+    else:
+        with zipfile.ZipFile(tmp_path / name, "w", zipfile.ZIP_DEFLATED) as workbook:
+            workbook.writestr("xl/worksheets/sheet1.xml", "<worksheet/>" * 40)
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / name))
+    # it said "header: not UTF-8 text: byte 0x8b in column 1 (save the file as UTF-8 ...)" for a gzip file
+    assert (code, out.strip()) == (2, f"kembali import: {name}: line 1: {name} {what}")

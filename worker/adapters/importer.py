@@ -56,6 +56,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import re
 from array import array
 from collections.abc import Callable, Iterator
@@ -609,6 +610,11 @@ class _Rows:
         self.columns: list[str] = []
         self.key_column = 0
 
+    def peek(self, size: int) -> bytes:
+        """The file's first bytes (some of them), before anything is read; b"" when they cannot be looked at."""
+        buffer = getattr(self._handle, "buffer", None)
+        return bytes(buffer.peek(size)[:size]) if isinstance(buffer, io.BufferedReader) else b""
+
     def __enter__(self) -> _Rows:
         return self
 
@@ -674,7 +680,16 @@ def _not_utf8(fields: list[str]) -> str | None:
     return None
 
 
+_PACKED = {b"\x1f\x8b": "compressed with gzip: decompress it first (gunzip)",
+           b"PK\x03\x04": "a zip file (an .xlsx workbook?): save the sheet as 'CSV UTF-8'"}  # fmt: skip
+"""The first bytes of files that are no CSV text, and what to do."""
+
+
 def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str, ...], warn: Warn | None) -> None:
+    start = rows.peek(4)
+    for magic, what in _PACKED.items():
+        if start.startswith(magic):
+            raise ImportRowError(1, f"{path.name} is {what}")
     first = next(rows.raw(), None)
     if first is None:
         raise ImportRowError(1, f"{path.name} is empty (expected a header row: {', '.join(known)})")
