@@ -181,8 +181,10 @@ def test_a_row_that_is_not_utf8_is_reported_at_its_line_and_the_rest_is_read(tmp
         "latin-1") + "C-Y,y@example.com,Dédé,1\n".encode())  # fmt: skip
     results = list(read_customers(path))
     errors = [r for r in results if isinstance(r, RowError)]
-    assert [(e.line, e.reason) for e in errors] == [
-        (3002, "not UTF-8 text: byte 0xe9 in column 3 (save the file as UTF-8; a spreadsheet calls it 'CSV UTF-8')")
+    # named by its id and its column's name too, not only "in column 3", to be found in a big file
+    assert [str(e) for e in errors] == [
+        "c.csv:3002: id 'C-X': not UTF-8 text: byte 0xe9 in column 3 'name' (save the file as UTF-8; a spreadsheet "
+        "calls it 'CSV UTF-8')"
     ]
     names = [r.name for r in results if isinstance(r, CustomerRecord)]
     assert len(names) == 3001 and names[-1] == "Dédé"

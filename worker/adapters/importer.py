@@ -621,7 +621,7 @@ class _Rows:
     def __exit__(self, *exc: object) -> None:
         self._handle.close()
 
-    def raw(self) -> Iterator[tuple[int, int, list[str] | str]]:
+    def raw(self) -> Iterator[tuple[int, int, list[str] | _Broken]]:
         """(first line, last line, fields or why the row is unreadable) per non-blank row."""
         reader = self._reader
         while True:
@@ -631,17 +631,17 @@ class _Rows:
             except StopIteration:
                 return
             except csv.Error as exc:
-                yield start, reader.line_num, f"unreadable CSV ({exc})" + _swallowed(start, reader.line_num)
+                reason = f"unreadable CSV ({exc})" + _swallowed(start, reader.line_num)
+                yield start, reader.line_num, _Broken("", reason)
                 continue
             if any(field.strip() for field in fields):
-                bad = _not_utf8(fields)
-                yield start, reader.line_num, (bad if bad is not None else fields)
+                yield start, reader.line_num, _not_utf8(fields, self.columns, self.key_column) or fields
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, str] | _Broken]]:
         width = len(self.columns)
         for line, end, fields in self.raw():
-            if isinstance(fields, str):
-                yield line, _Broken("", fields)
+            if isinstance(fields, _Broken):
+                yield line, fields
             elif len(fields) != width:
                 key = fields[self.key_column].strip() if self.key_column < len(fields) else ""
                 reason = (f"row has {len(fields)} fields, the header has {width} (a stray comma or quote?)"
@@ -668,15 +668,19 @@ def _open(path: Path) -> _Rows:
 _UNDECODED = re.compile("[\udc80-\udcff]")
 
 
-def _not_utf8(fields: list[str]) -> str | None:
-    """Why a row read with ``surrogateescape`` is not UTF-8 text (its first such byte and column), or None."""
+def _not_utf8(fields: list[str], columns: list[str], key_column: int) -> _Broken | None:
+    """Why a row read with ``surrogateescape`` is not UTF-8 text (its first such byte and column, by name once the
+    header is read), with the row's id when that is readable; None when it is text."""
     for i, field in enumerate(fields, 1):
         if not field.isascii():
             found = _UNDECODED.search(field)
             if found is not None:
                 byte = ord(found.group()) - 0xDC00
-                return (f"not UTF-8 text: byte 0x{byte:02x} in column {i} (save the file as UTF-8; a spreadsheet "
-                        "calls it 'CSV UTF-8')")  # fmt: skip
+                name = f" {columns[i - 1]!r}" if i <= len(columns) and columns[i - 1] else ""
+                key = fields[key_column].strip() if columns and key_column < len(fields) else ""
+                return _Broken("" if _UNDECODED.search(key) else key, (
+                    f"not UTF-8 text: byte 0x{byte:02x} in column {i}{name} (save the file as UTF-8; a spreadsheet "
+                    "calls it 'CSV UTF-8')"))  # fmt: skip
     return None
 
 
@@ -694,8 +698,8 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
     if first is None:
         raise ImportRowError(1, f"{path.name} is empty (expected a header row: {', '.join(known)})")
     line, _end, fields = first
-    if isinstance(fields, str):
-        raise ImportRowError(line, f"{path.name}: header: {fields}")
+    if isinstance(fields, _Broken):
+        raise ImportRowError(line, f"{path.name}: header: {fields.reason}")
     columns = [name.strip().lower() for name in fields]
     for name in columns:
         if name and columns.count(name) > 1:  # columns without a name (a spreadsheet's trailing commas) are ignored
