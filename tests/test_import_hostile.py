@@ -203,3 +203,27 @@ def test_a_compressed_file_or_a_workbook_is_named_as_such(
     code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / name))
     # it said "header: not UTF-8 text: byte 0x8b in column 1 (save the file as UTF-8 ...)" for a gzip file
     assert (code, out.strip()) == (2, f"kembali import: {name}: line 1: {name} {what}")
+
+
+def test_a_misspelt_column_is_named_with_the_column_it_surely_means(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a file whose time zone and birthday columns are spelt another way
+    config = migrated_config(tmp_path)
+    path = tmp_path / "customers.csv"
+    path.write_text("id,email,name,marketing_consent,timezone,birth_date,phone\n"
+                    "C-1,c1@example.com,Ani,ya,Asia/Makassar,1990-05-01,0812\n")  # fmt: skip
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    # Then the warning says which columns they surely are (every customer got Asia/Jakarta and no birthday, with
+    # only "unknown column(s) 'timezone', 'birth_date', 'phone' ignored" said), and names the file once
+    assert code == 0
+    assert "warning: customers.csv:1: unknown column(s) 'timezone' (did you mean 'time_zone'?), 'birth_date' " \
+           "(did you mean 'birthday'?), 'phone' ignored" in out
+    # and a required column spelt another way, or a file separated by tabs, is named as such
+    path.write_text("id,e-mail,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    assert code == 2 and out.strip().endswith("missing column 'email' (found: id, e-mail, name, marketing_consent); "
+                                              "rename 'e-mail' to 'email'")  # fmt: skip
+    path.write_text("id\temail\tname\tmarketing_consent\nC-1\tc1@example.com\tAni\tya\n")
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    assert code == 2 and out.strip().endswith("the columns are separated by '\\t': save the file comma-separated")

@@ -54,6 +54,7 @@ email-validator; products and orders are faster.
 from __future__ import annotations
 
 import csv
+import difflib
 import functools
 import hashlib
 import io
@@ -704,21 +705,36 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
     for name in columns:
         if name and columns.count(name) > 1:  # columns without a name (a spreadsheet's trailing commas) are ignored
             raise ImportRowError(line, f"duplicate column {name!r}")
+    unknown = [name for name in columns if name and name not in known]
     for name in required:
         if name not in columns:
             hint = ""
-            if len(columns) == 1 and ";" in columns[0]:  # a spreadsheet in a comma-decimal locale (id-ID) saves ";"
-                hint = "; the columns are separated by ';': save the file comma-separated"
+            # a spreadsheet in a comma-decimal locale (id-ID) saves ";"; "Unicode text" is tab-separated
+            separator = next((s for s in (";", "\t", "|") if len(columns) == 1 and s in columns[0]), None)
+            if separator is not None:
+                hint = f"; the columns are separated by {separator!r}: save the file comma-separated"
+            elif (close := _close(name, unknown)) is not None:
+                hint = f"; rename {close!r} to {name!r}"
             raise ImportRowError(line, f"missing column {name!r} (found: {', '.join(columns)}){hint}")
-    unknown = [name for name in columns if name and name not in known]
     if unknown and warn is not None:
-        names = ", ".join(repr(name) for name in unknown)
+        # a near miss of a column the file lacks ('timezone') is surely meant as it: its values would be lost
+        absent = [name for name in known if name not in columns]
+        names = ", ".join(
+            repr(name) + (f" (did you mean {close!r}?)" if (close := _close(name, absent)) is not None else "")
+            for name in unknown
+        )
         warn(f"{path.name}:{line}: unknown column(s) {names} ignored (known: {', '.join(known)})")
     unnamed = columns.count("")
     if unnamed and warn is not None:
         warn(f"{path.name}:{line}: {unnamed} column(s) without a name ignored")
     rows.columns = columns
     rows.key_column = columns.index(required[0])
+
+
+def _close(name: str, candidates: list[str]) -> str | None:
+    """The candidate ``name`` is most likely a misspelling of (or the reverse), if any is close."""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.7)
+    return close[0] if close else None
 
 
 def ascii_address(value: str) -> str:

@@ -54,7 +54,7 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     progress = Progress(f"importing {kind} from {path.name}")
 
     def warn(text: str) -> None:
-        print(f"warning: {path.name}: {text}", file=sys.stderr)
+        print(f"warning: {text}", file=sys.stderr)  # the text names the file and line
 
     batch: list[Any] = []
     last = saved = 0
