@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 
 from tests.clikit import migrated_config
 from tests.clikit import run_cli as kembali
-from worker.adapters import importer, tables
+from worker.adapters import db, importer, tables
 
 
 def _config(folder: Path, url: str) -> Path:
@@ -227,3 +228,50 @@ def test_a_misspelt_column_is_named_with_the_column_it_surely_means(
     path.write_text("id\temail\tname\tmarketing_consent\nC-1\tc1@example.com\tAni\tya\n")
     code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
     assert code == 2 and out.strip().endswith("the columns are separated by '\\t': save the file comma-separated")
+
+
+@pytest.mark.postgres
+def test_two_imports_of_the_same_new_ids_at_once_both_finish(tmp_path: Path, pg_url: str) -> None:
+    # Given another import that has inserted C-1 but not committed yet (PostgreSQL: each batch reads, then inserts)
+    engine = db.create_engine(pg_url)
+    db.upgrade(engine)
+    config = _config(tmp_path, pg_url)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,c2@example.com,Budi,ya\n", encoding="utf-8"
+    )
+    command = [sys.executable, "-m", "worker", "--config", str(config), "import", "customers",
+               str(tmp_path / "customers.csv")]  # fmt: skip
+    now = datetime.now(UTC)
+    try:
+        with engine.connect() as other:
+            other.begin()
+            other.execute(sa.insert(tables.Customer.__table__).values(
+                external_id="C-1", email="c1@example.com", name="Ani S", locale="id", time_zone="Asia/Jakarta",
+                marketing_consent=True, consent_basis="", consent_source="", order_count=0, total_spent_minor=0,
+                created_at=now, updated_at=now))  # fmt: skip
+            # When this import reads C-1 as new, and its insert waits for the other's
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                _wait_for_a_lock_wait(engine)
+                other.commit()
+                out, err = child.communicate(timeout=60)
+            finally:
+                child.kill()
+    finally:
+        engine.dispose()
+    # Then it does its batch again and finishes (it failed with an IntegrityError traceback, none of it imported)
+    assert (child.returncode, "Traceback" in err) == (0, False), err
+    assert "customers: 1 created, 1 updated, 0 unchanged, 0 rejected" in out
+    assert _ids(pg_url, "customer") == {"C-1", "C-2"}
+
+
+def _wait_for_a_lock_wait(engine: sa.Engine) -> None:
+    waiting = sa.text("select count(*) from pg_stat_activity where datname = current_database() "
+                      "and wait_event_type = 'Lock'")  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.execute(waiting).scalar_one():
+                return
+        time.sleep(0.02)
+    raise AssertionError("the import never waited for the other transaction's row")

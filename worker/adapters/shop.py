@@ -4,6 +4,12 @@ Re-importing the same file changes nothing: each batch reads the existing rows
 for its ids, inserts the new ones, updates only rows whose values differ, and
 counts the three. After orders change, the per-customer purchase columns that
 audience queries scan are refreshed for the customers touched.
+
+Two imports of the same ids at once (an operator's import beside a nightly
+one) can both read an id as new; on PostgreSQL one insert wins and the other
+batch fails on the unique constraint. That batch is done again (``_retried``),
+and then reads the id as existing. SQLite's writers take turns (``BEGIN
+IMMEDIATE``), so there it does not happen.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -105,12 +111,29 @@ def _upsert_simple(
     return counts
 
 
+_ATTEMPTS = 3
+T = TypeVar("T")
+
+
+def _retried(work: Callable[[], T]) -> T:
+    """``work()`` (one transaction), done again when it broke a unique constraint: another import inserted one of
+    its ids after it looked (see the module docstring)."""
+    for _ in range(_ATTEMPTS - 1):
+        try:
+            return work()
+        except sa.exc.IntegrityError:
+            continue
+    return work()
+
+
 def upsert_customers(engine: Engine, records: Sequence[CustomerRecord], now: datetime) -> UpsertCounts:
-    return _upsert_simple(engine, C, [_customer_values(r) for r in records], now)
+    values = [_customer_values(r) for r in records]
+    return _retried(lambda: _upsert_simple(engine, C, values, now))
 
 
 def upsert_products(engine: Engine, records: Sequence[ProductRecord], now: datetime) -> UpsertCounts:
-    counts = _upsert_simple(engine, P, [_product_values(r) for r in records], now)
+    values = [_product_values(r) for r in records]
+    counts = _retried(lambda: _upsert_simple(engine, P, values, now))
     with engine.begin() as conn:  # link order lines imported before their product
         ids = [r.external_id for r in records]
         for part in _chunks(ids):
@@ -131,9 +154,21 @@ def upsert_orders(
     on_unknown_product: Callable[[str, str], None] | None = None,
 ) -> UpsertCounts:
     """Upsert orders with their lines; an order whose customer is unknown is rejected."""
+    counts, unknown = _retried(lambda: _upsert_orders(engine, records, now))
+    if on_unknown_product:
+        for order, product in unknown:
+            on_unknown_product(order, product)
+    return counts
+
+
+def _upsert_orders(
+    engine: Engine, records: Sequence[OrderRecord], now: datetime
+) -> tuple[UpsertCounts, list[tuple[str, str]]]:
+    """``upsert_orders`` in one transaction; also (order, product) for each line whose product is unknown."""
     counts = UpsertCounts()
+    unknown: list[tuple[str, str]] = []
     if not records:
-        return counts
+        return counts, unknown
     by_id = {r.external_id: r for r in records}
     with engine.begin() as conn:
         customers: dict[str, int] = dict(
@@ -177,10 +212,7 @@ def upsert_orders(
                 }
                 for i, ln in enumerate(rec.lines, start=1)
             ]
-            if on_unknown_product:
-                for line in lines:
-                    if line["product_id"] is None:
-                        on_unknown_product(ext, str(line["product_external_id"]))
+            unknown += [(ext, str(line["product_external_id"])) for line in lines if line["product_id"] is None]
             old = existing.get(ext)
             if old is None:
                 order_id = conn.execute(
@@ -201,7 +233,7 @@ def upsert_orders(
                 conn.execute(sa.insert(L), [{**line, "order_id": order_id} for line in lines])
             touched.add(customer_id)
         refresh_customer_stats(conn, sorted(touched), now)
-    return counts
+    return counts, unknown
 
 
 def _lines_of(conn: Connection, order_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
