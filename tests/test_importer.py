@@ -283,6 +283,14 @@ def test_consecutive_rows_form_one_order_and_times_become_utc(tmp_path: Path) ->
     assert o3.total_minor == 10000000  # a given total wins over the sum of lines (discounts, shipping)
 
 
+def test_a_delivery_date_without_a_time_on_the_day_of_purchase_is_kept(tmp_path: Path) -> None:
+    # midnight of the day, hours "before" a placed_at with its time, as shops export a delivery date
+    text = ORDER_HEADER + "INV-1,C-1,delivered,2026-01-05 10:00,2026-01-05,,,P-1,1,1000\n"
+    [order] = read_orders(write(tmp_path, "o.csv", text))
+    assert isinstance(order, OrderRecord)
+    assert order.delivered_at == datetime(2026, 1, 4, 17, 0, tzinfo=UTC)
+
+
 def test_shop_time_zone_applies_to_naive_times(tmp_path: Path) -> None:
     text = ORDER_HEADER + "INV-1,C-1,placed,2026-11-22 10:00,,,,P-1,1,1000\n"
     [order] = read_orders(write(tmp_path, "o.csv", text), shop_tz="Asia/Jayapura")
@@ -334,6 +342,9 @@ def test_rows_that_disagree_on_order_columns_drop_the_whole_order(tmp_path: Path
         (["INV-1,C-1,paid,2026-11-22,,,,P-1,1,10", "INV-1,C-1,paid,2026-11-22,,,,,,"], 3, ["missing product_id"]),
         (["INV-1,C-1,paid,2026-11-22,,,,P-1,1,10", "INV-1,C-1,paid,2026-11-22,,,,P-2,x,10"], 3, ["quantity", "'x'"]),
         ([",C-1,paid,2026-11-22,,,,P-1,1,10"], 2, ["missing order_id"]),
+        (["INV-1,C-1,delivered,2026-01-05,2026-01-04,,,P-1,1,10"], 2,
+         ["delivered_at '2026-01-04' is before placed_at '2026-01-05'"]),
+        (["INV-1,C-1,delivered,2026-01-05T10:00+07:00,2026-01-04T16:00Z,,,P-1,1,10"], 2, ["is before placed_at"]),
     ],
 )
 def test_bad_order_rows_are_named(tmp_path: Path, rows: list[str], line: int, words: list[str]) -> None:

@@ -34,7 +34,8 @@ products.csv
 
 orders.csv: one row per order line, the order's columns repeated on each
     ``order_id``, ``customer_id``, ``status`` (placed, paid, shipped, delivered,
-    cancelled, refunded) and ``placed_at`` (required); ``delivered_at``,
+    cancelled, refunded) and ``placed_at`` (required); ``delivered_at`` (not on a
+    day before ``placed_at``),
     ``currency`` (default IDR), ``total`` (major units; default the sum of the
     lines); the line: ``product_id``, ``quantity`` (integer ≥ 1),
     ``unit_price`` (major units). An order with no lines is one row with an
@@ -289,6 +290,11 @@ def _order(group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo) -
         currency = _currency(head)
         placed_at = _datetime(head, "placed_at", zone)
         delivered_at = _optional_datetime(head, "delivered_at", zone)
+        if delivered_at is not None and delivered_at.astimezone(zone).date() < placed_at.astimezone(zone).date():
+            # the feedback request would count its days from before the purchase (a day earlier on the same
+            # date is a date-only delivered_at beside a placed_at with its time: fine)
+            raise _Invalid(f"delivered_at {_show(head['delivered_at'].strip())} is before placed_at "
+                           f"{_show(head['placed_at'].strip())}")  # fmt: skip
         total = _optional_money(head, "total", currency)
     except _Invalid as exc:
         errors.append(RowError(file, first_line, key, str(exc)))
