@@ -347,3 +347,21 @@ def test_an_order_naming_an_unknown_product_is_warned_about_at_its_line(tmp_path
     assert done.returncode == 0, done.stderr
     assert "warning: orders.csv:2: order 'O-1': unknown product 'P-999'" in done.stderr
     assert "warning: orders.csv:3: order 'O-2': unknown product 'P-998'" in done.stderr
+
+
+def test_orders_imported_before_their_products_warn_twenty_lines_then_count_the_rest(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    assert kembali("db", "upgrade", config=config).returncode == 0
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,1\n")
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,currency,total,product_id,quantity,unit_price\n"
+        + "".join(f"O-{i},C-1,paid,2026-11-01T10:00+07:00,IDR,100000,P-{i % 7},1,100000\n" for i in range(500))
+    )
+    assert kembali("import", "customers", str(tmp_path / "customers.csv"), config=config).returncode == 0
+    done = kembali("import", "orders", str(tmp_path / "orders.csv"), config=config)
+    # every order is imported; the operator reads twenty warnings and one line that counts the rest
+    assert done.returncode == 0, done.stderr
+    assert "orders: 500 created" in done.stdout
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 21
+    assert warnings[-1].startswith("warning: orders.csv: 500 order lines in all name 7 products not imported")

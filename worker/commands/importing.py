@@ -17,6 +17,8 @@ from worker.errors import ImportRowError
 
 BATCH = 1000
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+MAX_UNKNOWN_WARNINGS = 20
+"""Order lines naming an unknown product that are each shown; the rest are counted in one line at the end."""
 
 
 def _reader(
@@ -39,9 +41,16 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     lines: dict[str, int] = {}
     """The line each record of the batch starts on, by external id (the batch's messages name it)."""
 
+    unknown: set[str] = set()
+    unknown_lines = 0
+
     def note_unknown(order: str, product: str) -> None:
-        print(f"warning: {path.name}:{lines.get(order, 0)}: order {order!r}: unknown product {product!r} (kept; "
-              "linked when the product is imported)", file=sys.stderr)  # fmt: skip
+        nonlocal unknown_lines
+        unknown_lines += 1
+        unknown.add(product)
+        if unknown_lines <= MAX_UNKNOWN_WARNINGS:  # orders imported before products: one line each would flood
+            print(f"warning: {path.name}:{lines.get(order, 0)}: order {order!r}: unknown product {product!r} (kept; "
+                  "linked when the product is imported)", file=sys.stderr)  # fmt: skip
 
     upsert: Callable[[Sequence[Any]], shop.UpsertCounts] = {
         "customers": lambda rs: shop.upsert_customers(store.engine, rs, now),
@@ -92,6 +101,10 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     finally:
         progress.done()
         store.close()
+        if unknown_lines > MAX_UNKNOWN_WARNINGS:
+            print(f"warning: {path.name}: {unknown_lines} order lines in all name {len(unknown)} products not "
+                  f"imported (the first {MAX_UNKNOWN_WARNINGS} are shown above); they are kept and linked when "
+                  "the products are imported: import products.csv", file=sys.stderr)  # fmt: skip
     print(
         f"{kind}: {total.created} created, {total.updated} updated, {total.unchanged} unchanged, "
         f"{errors} rejected (from {path})"
