@@ -101,7 +101,10 @@ def test_columns_without_a_name_from_trailing_commas_are_ignored(
     assert "customers.csv:1: 2 column(s) without a name ignored" in out
 
 
-def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
     # Given a big customers file being imported
     config = migrated_config(tmp_path)
     rows = 6_000
@@ -120,13 +123,14 @@ def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it
         deadline = time.monotonic() + 60
         while not _ids(url, "customer") and time.monotonic() < deadline and child.poll() is None:
             time.sleep(0.02)
-        # When the operator presses Ctrl-C once the first rows are in
-        child.send_signal(signal.SIGINT)
+        # When the operator presses Ctrl-C (or `timeout`, or a service manager, stops it) once the first rows are in
+        child.send_signal(sig)
         _, err = child.communicate(timeout=60)
     finally:
         child.kill()
-    # Then it says how far the file is imported (it said "kembali: interrupted" alone), and exits 130
-    assert child.returncode == 130, err
+    # Then it says how far the file is imported (it said "kembali: interrupted" alone, or nothing at all for a
+    # SIGTERM), and exits 130 (143)
+    assert child.returncode == code, err
     assert "Traceback" not in err
     found = re.search(r"interrupted: customers\.csv is imported up to line (\d+), the rows after it are not "
                       r"\((\d+) created, 0 updated, 0 unchanged, 0 rejected\)\. Import the file again to finish",

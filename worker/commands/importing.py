@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from worker.adapters import db, shop
@@ -17,6 +20,7 @@ from worker.errors import ImportRowError
 
 BATCH = 1000
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 MAX_UNKNOWN_WARNINGS = 20
 """Order lines naming an unknown product that are each shown; the rest are counted in one line at the end."""
 
@@ -29,6 +33,14 @@ def _reader(
     if kind == "products":
         return numbered_products(path, on_warning=warn, shop_tz=settings.shop.time_zone)
     return numbered_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, ``timeout``): stops an import as Ctrl-C does, saying how far it got."""
+
+
+def _terminate(_signum: int, _frame: FrameType | None) -> None:
+    raise Terminated
 
 
 def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = False) -> int:
@@ -68,6 +80,8 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     batch: list[Any] = []
     last = saved = 0
     """The line the batch's last record starts on; the last line of the last batch committed."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         for line, item in _reader(kind, path, settings, check_dns, warn):
             seen += 1
@@ -87,7 +101,7 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
         progress.done()
         print(f"kembali import: {path.name}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # each batch is one transaction: the batches before it are in, the one under way is not
+    except KeyboardInterrupt as exc:  # each batch is one transaction: those before it are in, the one under way is not
         progress.done()
         done = f"{path.name} is imported up to line {saved}, the rows after it are not" if saved else (
             f"none of {path.name} is imported")
@@ -97,8 +111,10 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
             "imported are left unchanged.",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         progress.done()
         store.close()
         if unknown_lines > MAX_UNKNOWN_WARNINGS:
