@@ -73,8 +73,9 @@ class DbBooker:
 
     async def book(self, limits: Sequence[Limit]) -> float:
         # the wait is measured on the database's clock, the one every worker shares; the time
-        # its answer takes to come back is added on top, which errs on the slow side
-        return await self.store.call(self.rates.book, limits)
+        # its answer takes to come back is added on top, which errs on the slow side. A booking that fails
+        # (the database restarting) is tried again: one whose reply was lost only wastes a slot.
+        return await self.store.call_retrying("rate_booking_retried", self.rates.book, limits)
 
 
 class Limiter:
@@ -160,8 +161,10 @@ class DailyQuota:
     async def take(self, wanted: int) -> int:
         if self.quota <= 0 or wanted <= 0:
             return wanted
-        return await self.store.call(self.rates.take_quota, QUOTA_KEY, day=self._day(), quota=self.quota, wanted=wanted)
+        return await self.store.call_retrying("daily_quota_retried", self.rates.take_quota, QUOTA_KEY, day=self._day(),
+                                              quota=self.quota, wanted=wanted)  # fmt: skip
 
     async def give_back(self, count: int) -> None:
         if self.quota > 0 and count > 0:
-            await self.store.call(self.rates.give_back_quota, QUOTA_KEY, day=self._day(), count=count)
+            await self.store.call_retrying("daily_quota_retried", self.rates.give_back_quota, QUOTA_KEY,
+                                           day=self._day(), count=count)  # fmt: skip

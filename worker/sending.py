@@ -115,7 +115,7 @@ class LedgerWriter:
         self.worker = worker
         self.clock = clock
         self.group = group
-        self._marks: list[tuple[int, asyncio.Future[Mark]]] = []
+        self._marks: list[tuple[ClaimedMessage, asyncio.Future[Mark]]] = []
         self._records: list[Disposition] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -132,11 +132,12 @@ class LedgerWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="kembali-ledger-writer")
 
-    async def mark_sending(self, message_id: int) -> Mark:
+    async def mark_sending(self, message: ClaimedMessage) -> Mark:
         """Wait until the row's mark is committed: ``sending`` (send it), ``held`` (another worker is
-        sending to the customer: it went back to the queue) or ``lost`` (the lease was lost)."""
+        sending to the customer: it went back to the queue) or ``lost`` (the lease was lost). A sender cancelled
+        meanwhile (the run stopping) sends nothing: a row its mark made ``sending`` goes back to the queue."""
         future: asyncio.Future[Mark] = asyncio.get_running_loop().create_future()
-        self._marks.append((message_id, future))
+        self._marks.append((message, future))
         self._poke()
         return await future
 
@@ -182,15 +183,21 @@ class LedgerWriter:
             records, self._records = self._records, []
             marks, self._marks = self._marks, []
             try:
-                marked = await self._commit(records, [m for m, _ in marks])
+                marked = await self._commit(records, [m.id for m, _ in marks])
                 self.commits += 1
                 for record in records:
                     self.settled(record.message.id, sent=record.status is MessageStatus.SENT, seq=self.commits)
                 if marked.stale:
                     _log_stale(records, marked.stale)
-                for message_id, future in marks:
+                for message, future in marks:
+                    message_id = message.id
                     if message_id not in marked.sending:
                         self.holding.discard(message_id)
+                    elif future.cancelled():  # nobody will send it: back to the queue, the attempt not counted
+                        self.record(Disposition(message=message, status=lifecycle.requeued(message.attempts),
+                                                worker=self.worker, started_at=self.clock.now(),
+                                                finished_at=self.clock.now(), next_attempt_at=self.clock.now(),
+                                                counts_as_attempt=False))  # fmt: skip
                     if not future.done():
                         future.set_result(
                             "sending" if message_id in marked.sending else "held" if message_id in marked.held
@@ -539,7 +546,8 @@ class Dispatcher:
         store = self.store.store
         now = self.clock.now()
         limit = self.settings.sending.batch_size
-        batch = await self.store.call(
+        batch = await self.store.call_retrying(
+            "claim_retried",
             store.claim,
             worker=self.worker,
             now=now,
@@ -561,13 +569,16 @@ class Dispatcher:
         facts_seq = writer.commits  # read before the facts: every commit counted here is in them
         items: list[Composed | Skipped | RenderFailed | Deferred] | None = None
         if self.compose_pool is not None and self.compose_pool.wanted(len(batch)):
-            items = await self.compose_pool.prepare(batch, now, run=self._runs)
+            try:
+                items = await self.compose_pool.prepare(batch, now, run=self._runs)
+            except Exception as exc:  # the helper could not read the facts (the database restarting): read them here
+                log.event("compose_facts_failed", logging.WARNING, error=log.error_line(exc), messages=len(batch))
         if items is None:
             if self._catalogue_run != self._runs:
-                self._catalogue = await self.store.call(load_catalogue, store)
+                self._catalogue = await self.store.call_retrying("facts_read_retried", load_catalogue, store)
                 self._catalogue_run = self._runs
-            facts = await self.store.call(load_batch_facts, store, batch, self._catalogue, settings=self.settings,
-                                          now=now)  # fmt: skip
+            facts = await self.store.call_retrying("facts_read_retried", load_batch_facts, store, batch,
+                                                   self._catalogue, settings=self.settings, now=now)  # fmt: skip
             items = []
             for start in range(0, len(batch), LOCAL_CHUNK):
                 items += [self.composer.prepare(message, facts, now) for message in batch[start : start + LOCAL_CHUNK]]
@@ -648,7 +659,7 @@ class Dispatcher:
                 writer.record(self._release(message, self.clock.now()))
                 await self.quota.give_back(1)
                 continue
-            mark = await writer.mark_sending(message.id)
+            mark = await writer.mark_sending(message)
             if mark != "sending":
                 writer.settled(message.id, sent=False, seq=writer.commits)  # it takes no slot after all
                 if mark == "held":
@@ -660,17 +671,26 @@ class Dispatcher:
                 else:
                     log.event("email_lease_lost", logging.WARNING, dedupe_key=message.dedupe_key)
                 continue
-            # the rate slot is taken last, right before the first SMTP byte, so commit
-            # latency cannot bunch messages up on the wire
-            await self.limiter.acquire(domain)
             result: SendResult | None = None
-            async with wire:  # one of the pool's connections is free: the send begins now, or not at all
-                if not self.stopping.is_set():
-                    started = self.clock.now()
-                    started_mono = self.clock.monotonic()
-                    result = as_throttled(await self.transport.send(sender, message.email, item.data))
-                    finished = self.clock.now()
-                    finished_mono = self.clock.monotonic()
+            begun = False
+            try:
+                # the rate slot is taken last, right before the first SMTP byte, so commit
+                # latency cannot bunch messages up on the wire
+                await self.limiter.acquire(domain)
+                async with wire:  # one of the pool's connections is free: the send begins now, or not at all
+                    if not self.stopping.is_set():
+                        started = self.clock.now()
+                        started_mono = self.clock.monotonic()
+                        begun = True
+                        result = as_throttled(await self.transport.send(sender, message.email, item.data))
+                        finished = self.clock.now()
+                        finished_mono = self.clock.monotonic()
+            except BaseException:
+                # the run is failing (the rate's database gone past its retries) or being cancelled: a message
+                # whose first SMTP byte was not sent goes back to the queue, not to `uncertain` at its lease's end
+                if not begun:
+                    writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
+                raise
             if result is None:  # stopped while it waited for the rate or a connection: nothing sent, give it back
                 writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
                 await self.quota.give_back(1)
