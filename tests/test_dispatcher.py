@@ -243,6 +243,56 @@ def test_a_run_holding_rows_longer_than_a_lease_never_sends_one_twice(tmp_path: 
         shop.close()
 
 
+def test_rows_an_earlier_failed_run_left_claimed_lapse_while_a_later_run_of_the_worker_goes_on(tmp_path: Path) -> None:
+    # Given 10 customers due a win-back, a lease of 1 s, and one row a failed run of this same worker left claimed
+    # (it never came to send it), and another worker's maintenance releasing lapsed leases every 0.1 s
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    emails = [f"c{i}@test.example" for i in range(10)]
+    with TimedSink() as sink:
+        settings = make_settings(url, sink.port, compose_processes=0, lease_seconds=1, batch_size=3,
+                                 rate_per_second=4.0, burst=1)  # fmt: skip
+        shop = Shop(url, settings, emails)
+        plan(shop.store, settings, NOW)
+        clock = _FlowingClock(NOW)
+        deps = replace(shop.deps, clock=clock)
+        [left] = shop.store.claim(worker="w1", now=clock.now(), limit=1, lease_seconds=1, domain="shop.example")
+        other = Store.from_url(url)
+        done = threading.Event()
+
+        def maintenance() -> None:
+            while not done.wait(0.1):
+                other.release_expired_leases(clock.now())
+
+        keeper = threading.Thread(target=maintenance)
+        keeper.start()
+        astore = AsyncStore(shop.store)
+
+        async def run() -> DispatchReport:
+            # When a later run of the worker sends the rest, holding its rows for 2.5 s
+            transport = deps.transport()
+            try:
+                return await Dispatcher(settings=settings, store=astore, composer=deps.composer(),
+                                        transport=transport, clock=clock, worker="w1").run_once()  # fmt: skip
+            finally:
+                await transport.close()
+
+        try:
+            report = asyncio.run(asyncio.wait_for(run(), timeout=60))
+        finally:
+            done.set()
+            keeper.join()
+            astore.close()
+            other.close()
+        # Then the run renews only its own leases: it sends the others once each, and the row left behind has
+        # lapsed back to the queue for the next run (it is not kept claimed, by nobody, as long as runs go on)
+        others = [e for e in emails if e != left.email]
+        assert report.outcomes == {"sent": 9}
+        assert Counter(m.rcpt_tos[0] for m in sink.messages) == {e: 1 for e in others}
+        assert _statuses(shop) == {"sent": 9, "planned": 1}
+        assert shop.row(left.email).status == "planned"
+        shop.close()
+
+
 @pytest.mark.postgres
 def test_a_database_connection_lost_mid_run_is_reopened_and_nothing_is_lost(
     pg_url: str, smtp_server: RecordingServer

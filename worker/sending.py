@@ -126,6 +126,8 @@ class LedgerWriter:
         """Transactions committed so far."""
         self.holding: set[int] = set()
         """The rows this run claimed and has not given an outcome yet (see ``Dispatcher._next_batch``)."""
+        self.uncommitted: set[int] = set()
+        """The rows given an outcome whose commit has not been made yet."""
         self.settled: Callable[..., None] = _ignore
         """Told ``(message id, sent=…, seq=…)`` for each outcome once it is committed (the run's arbiter)."""
 
@@ -143,6 +145,7 @@ class LedgerWriter:
 
     def record(self, disposition: Disposition) -> None:
         self.holding.discard(disposition.message.id)
+        self.uncommitted.add(disposition.message.id)
         self._records.append(disposition)
         self._poke()
 
@@ -185,6 +188,7 @@ class LedgerWriter:
             try:
                 marked = await self._commit(records, [m.id for m, _ in marks])
                 self.commits += 1
+                self.uncommitted.difference_update(record.message.id for record in records)
                 for record in records:
                     self.settled(record.message.id, sent=record.status is MessageStatus.SENT, seq=self.commits)
                 if marked.stale:
@@ -408,7 +412,7 @@ class Dispatcher:
             asyncio.create_task(self._sender(queue, writer, report, wire), name=f"kembali-sender-{i}")
             for i in range(in_flight)
         ]
-        keeper = asyncio.create_task(self._keep_leases(), name="kembali-lease-keeper")
+        keeper = asyncio.create_task(self._keep_leases(writer), name="kembali-lease-keeper")
         try:
             await _unless_one_fails(self._produce(queue, writer, report), senders)
             for _ in senders:
@@ -436,17 +440,18 @@ class Dispatcher:
         report.quota_reached = self.quota_reached
         return report
 
-    async def _keep_leases(self) -> None:
+    async def _keep_leases(self, writer: LedgerWriter) -> None:
         """Renew the leases of the rows this run holds, every third of a lease: however long they wait for the
         rate (or a slow server), nobody's maintenance takes them while this worker is alive. A renewal that
         fails is logged and tried again at the next beat; if none succeeds, the leases lapse as a dead
-        worker's would."""
+        worker's would. Only this run's rows: those an earlier run of this process left when it failed lapse
+        (back to the queue, or `uncertain` if they were on the wire), however long this one lasts."""
         lease = self.settings.sending.lease_seconds
         while True:
             await asyncio.sleep(lease / 3)
             try:
                 await self.store.call(self.store.store.renew_leases, worker=self.worker, now=self.clock.now(),
-                                      lease_seconds=lease)  # fmt: skip
+                                      lease_seconds=lease, ids=writer.holding | writer.uncommitted)  # fmt: skip
             except Exception as exc:
                 log.event("lease_renewal_failed", logging.WARNING, error=repr(exc))
 

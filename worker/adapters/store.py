@@ -637,14 +637,23 @@ class Store:
             cursor.executemany(self._sql.suppress, suppressions)
         return tuple(stale)
 
-    def renew_leases(self, *, worker: str, now: datetime, lease_seconds: int) -> int:
-        """Push the lease of every row ``worker`` holds (claimed or sending) to ``lease_seconds`` from ``now``: a
-        run that holds rows longer than one lease (a slow rate, a long queue, a slow server) keeps them as long as
-        it is alive, while a dead worker's rows still lapse. Returns the rows renewed."""
+    def renew_leases(
+        self, *, worker: str, now: datetime, lease_seconds: int, ids: Iterable[int] | None = None
+    ) -> int:
+        """Push the lease of every row ``worker`` holds (claimed or sending), or of those of ``ids`` it holds, to
+        ``lease_seconds`` from ``now``: a run that holds rows longer than one lease (a slow rate, a long queue, a
+        slow server) keeps them as long as it is alive, while a dead worker's rows still lapse, and so do the rows
+        an earlier run of a live worker left behind when it failed (the run names its own). Returns the rows
+        renewed."""
         until = now + timedelta(seconds=lease_seconds)
+        mine = sa.and_(IN_FLIGHT, M.c.claimed_by == worker)
         with self.engine.begin() as conn:
-            renewed = conn.execute(sa.update(M).where(IN_FLIGHT, M.c.claimed_by == worker).values(lease_until=until))
-        return int(renewed.rowcount)
+            if ids is None:
+                return int(conn.execute(sa.update(M).where(mine).values(lease_until=until)).rowcount)
+            return sum(
+                int(conn.execute(sa.update(M).where(mine, M.c.id.in_(part)).values(lease_until=until)).rowcount)
+                for part in _chunks(sorted(set(ids)))
+            )
 
     def release_expired_leases(self, now: datetime) -> tuple[int, int]:
         """Claimed rows whose lease lapsed go back to the queue; sending rows become uncertain.
