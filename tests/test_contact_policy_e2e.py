@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.smtp_server import RecordingServer
+from tests.smtp_server import ACCEPT, Behaviour, RecordingServer
 from worker.adapters import db, shop
 from worker.adapters.store import Store
 from worker.app import Deps
@@ -112,6 +112,35 @@ def test_birthday_first_then_feedback_then_winback_one_slot_apart(tmp_path: Path
         "feedback": ("sent", DAY0 + timedelta(days=3)),
         "winback": ("sent", DAY0 + timedelta(days=6)),
     }
+
+
+def test_a_send_left_uncertain_takes_its_slot_under_the_cap(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    # Given the customer of the test above, whose server takes the birthday offer and then drops the connection
+    # without replying (so the ledger cannot know whether it arrived: `uncertain`, never resent)
+    settings = settings_for(tmp_path, smtp_server)
+    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=50), DAY0 - timedelta(days=8),
+                    24_900_000, "IDR"),
+    ])  # fmt: skip
+    clock = FakeClock(DAY0)
+    smtp_server.on("c1@example.com", Behaviour(drop_after_dot=True))
+    cycle_at(settings, clock, DAY0)
+    smtp_server.on("c1@example.com", ACCEPT)
+    # When Kembali runs every morning after that
+    received_on: dict[int, list[str]] = {}
+    for day in range(1, 4):
+        before = len(smtp_server.messages)
+        cycle_at(settings, clock, DAY0 + timedelta(days=day))
+        received_on[day] = subjects(smtp_server)[before:]
+    # Then the birthday offer, which may well have arrived (the server stored it), counts as an email: the
+    # feedback request waits for the next free slot, three days on, as it would after a send that was confirmed
+    assert received_on == {1: [], 2: [], 3: ["How was your order INV-1, Siti?"]}
+    store = Store.from_url(settings.database_url)
+    try:
+        statuses = {r["campaign"]: r["status"] for r in store.messages(limit=10)}
+    finally:
+        store.close()
+    assert statuses["birthday"] == "uncertain"
 
 
 def test_a_message_that_cannot_get_a_slot_before_it_expires_is_skipped_expired(

@@ -15,6 +15,7 @@ from alembic.migration import MigrationContext
 
 from worker import migrations
 from worker.adapters import db, opstore, shop
+from worker.adapters.ledger import LedgerAdmin
 from worker.adapters.store import HELD_SECONDS, M, Marks, Stale, Store
 from worker.adapters.tables import metadata
 from worker.core.audiences import message_id_for
@@ -437,6 +438,33 @@ def test_lapsed_leases_requeue_claimed_rows_and_make_sending_rows_uncertain(stor
     assert statuses == {"k:0": "uncertain", "k:1": "planned"}
     again = store.claim(worker="alive", now=NOW + timedelta(seconds=61), limit=10, lease_seconds=60)
     assert [m.dedupe_key for m in again] == ["k:1"]
+
+
+def test_a_send_left_uncertain_counts_for_the_cap_until_an_operator_says_it_did_not_arrive(store: Store) -> None:
+    # Given a worker that died while sending c0 a message (marked `sending` at 10:00:30), whose lease lapsed
+    store.insert_messages(planned(1), NOW)
+    [row] = store.claim(worker="dead", now=NOW, limit=1, lease_seconds=60)
+    marked = NOW + timedelta(seconds=30)
+    store.mark_sending([row.id], worker="dead", now=marked)
+    assert store.release_expired_leases(NOW + timedelta(minutes=5)) == (0, 1)
+    # Then the mail may have arrived: the frequency cap counts it, from its mark
+    assert store.sent_times(["C0@example.com"], since=NOW - timedelta(days=30)) == {"c0@example.com": [marked]}
+    # and when the operator decides it did not arrive (closes it as failed, or resends it), it no longer counts
+    admin = LedgerAdmin(store.engine)
+    assert admin.resend([row.id], now=NOW + timedelta(hours=1), operator="ops").changed == [row.id]
+    assert store.sent_times(["c0@example.com"], since=NOW - timedelta(days=30)) == {"c0@example.com": []}
+
+
+def test_an_operator_who_closes_an_uncertain_send_as_sent_keeps_its_time(store: Store) -> None:
+    store.insert_messages(planned(2), NOW)
+    rows = store.claim(worker="dead", now=NOW, limit=2, lease_seconds=60)
+    store.mark_sending([m.id for m in rows], worker="dead", now=NOW)
+    store.release_expired_leases(NOW + timedelta(minutes=5))
+    admin = LedgerAdmin(store.engine)
+    admin.close([rows[0].id], now=NOW + timedelta(hours=1), operator="ops", status=MessageStatus.SENT)
+    admin.close([rows[1].id], now=NOW + timedelta(hours=1), operator="ops", status=MessageStatus.FAILED)
+    sent = {r["dedupe_key"]: (r["status"], r["sent_at"]) for r in store.messages()}
+    assert sent == {"k:0": ("sent", NOW), "k:1": ("failed", None)}
 
 
 def test_a_row_given_back_unsent_after_an_attempt_waits_as_retry(store: Store) -> None:

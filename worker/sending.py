@@ -80,6 +80,9 @@ from worker.pipeline import (
 )
 from worker.ports import Clock, Transport
 
+MAY_HAVE_ARRIVED = frozenset({MessageStatus.SENT, MessageStatus.UNCERTAIN})
+"""Outcomes that take the mailbox's slot under the frequency cap: sent, and uncertain (it may have arrived)."""
+
 
 @dataclass
 class DispatchReport:
@@ -190,7 +193,7 @@ class LedgerWriter:
                 self.commits += 1
                 self.uncommitted.difference_update(record.message.id for record in records)
                 for record in records:
-                    self.settled(record.message.id, sent=record.status is MessageStatus.SENT, seq=self.commits)
+                    self.settled(record.message.id, sent=record.status in MAY_HAVE_ARRIVED, seq=self.commits)
                 if marked.stale:
                     _log_stale(records, marked.stale)
                 for message, future in marks:

@@ -103,6 +103,7 @@ class LedgerAdmin:
         text = "operator resend" + (f": {note}" if note else "")
         return self._decide(ids, now=now, operator=operator, text=text, values={
             "status": MessageStatus.RETRY.value, "next_attempt_at": now, "skip_reason": None,
+            "sent_at": None,  # an uncertain send the cap counted: the resend is counted when it goes
         })  # fmt: skip
 
     def close(
@@ -112,9 +113,10 @@ class LedgerAdmin:
         if status not in (MessageStatus.SENT, MessageStatus.FAILED):
             raise ValueError("an operator closes a message as sent or failed")
         text = f"operator closed as {status.value}" + (f": {note}" if note else "")
+        # sent: when it may have left (an uncertain send's time), else now; failed: it did not arrive, the
+        # frequency cap stops counting it
         values: dict[str, Any] = {"status": status.value}
-        if status is MessageStatus.SENT:
-            values["sent_at"] = now
+        values["sent_at"] = sa.func.coalesce(M.c.sent_at, now) if status is MessageStatus.SENT else None
         return self._decide(ids, now=now, operator=operator, text=text, values=values)
 
     def _decide(

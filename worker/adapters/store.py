@@ -595,7 +595,8 @@ class Store:
                 "last_code": res.code if res else None,
                 "last_reply": (res.reply[:500] if res else None),
                 "last_error": (res.error_type[:500] or None) if res else None,
-                "sent_at": finished if d.status is MessageStatus.SENT else None,
+                # an uncertain send may have arrived: the frequency cap counts it (sent_times) as a send
+                "sent_at": finished if d.status in (MessageStatus.SENT, MessageStatus.UNCERTAIN) else None,
                 "template_version": d.template_version,
                 "subject": d.subject[:400] if d.subject else None,
                 "updated_at": finished,
@@ -680,6 +681,7 @@ class Store:
                 .where(where, M.c.status == MessageStatus.SENDING.value)
                 .values(
                     status=MessageStatus.UNCERTAIN.value,
+                    sent_at=M.c.updated_at,  # its mark's time, right before its send: the cap counts it from then
                     last_error=why[:500],
                     claimed_by=None,
                     lease_until=None,
@@ -689,8 +691,10 @@ class Store:
         return int(requeued), int(uncertain)
 
     def sent_times(self, addresses: Iterable[str], *, since: datetime) -> dict[str, list[datetime]]:
-        """When each address's mailbox (``domain.mailbox``) was actually sent email (any campaign, any customer
-        record) since ``since``: what caps count. Keyed by mailbox."""
+        """When each address's mailbox (``domain.mailbox``) was sent email (any campaign, any customer record)
+        since ``since``: what caps count. Keyed by mailbox. An ``uncertain`` message counts (its ``sent_at`` is
+        when it may have left): it may have arrived, and an operator who closes it as failed, or resends it,
+        clears that time."""
         boxes = sorted({mailbox(a) for a in addresses})
         out: dict[str, list[datetime]] = {box: [] for box in boxes}
         lowered = sa.func.lower(M.c.email)
