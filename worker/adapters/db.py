@@ -143,9 +143,12 @@ def insert_ignore(engine: Engine, table: sa.Table) -> Any:
 
 
 def _alembic_config(engine: Engine) -> Config:
+    """Alembic's settings for the engine's database. Alembic keeps them in a ConfigParser, which reads ``%`` as the
+    start of an interpolation: a percent-encoded password (``p%40ss`` for ``p@ss``) or a folder named ``100%`` made
+    every ``db`` command fail with a traceback that printed the whole URL, password and all; ``%%`` is a ``%``."""
     cfg = Config()
-    cfg.set_main_option("script_location", str(resources.files("worker") / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    cfg.set_main_option("script_location", str(resources.files("worker") / "migrations").replace("%", "%%"))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     return cfg
 
 

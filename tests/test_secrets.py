@@ -1,0 +1,63 @@
+"""Secrets stay secret, and a bad setting is refused by name: the `kembali` command as an operator runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.shop import LINK_KEY, ROOT, TEMPLATES
+
+DB_PASSWORD = "S3cr@t:p/ss%w0rd"
+"""A password with the characters a URL must percent-encode (``S3cr%40t%3Ap%2Fss%25w0rd``)."""
+
+
+def kembali(*args: str, config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY, **(env or {})}
+    argv = [sys.executable, "-m", "worker", "--config", str(config), *args]
+    return subprocess.run(argv, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def config_for(folder: Path, database_url: str) -> Path:
+    path = folder / "config.toml"
+    path.write_text(f'[database]\nurl = "{database_url}"\n[templates]\ndir = "{TEMPLATES}"\n', encoding="utf-8")
+    return path
+
+
+@pytest.mark.postgres
+def test_a_database_password_with_percent_encoded_characters_works_and_is_never_printed(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # Given a PostgreSQL URL whose password has an @, a : and a / in it, percent-encoded as a URL needs them
+    url = make_url(pg_url).set(password=DB_PASSWORD).render_as_string(hide_password=False)
+    assert "%40" in url and "%25" in url
+    config = config_for(tmp_path, url)
+    # When the operator creates the schema, looks at it and runs a cycle
+    for args in (("db", "upgrade"), ("db", "status"), ("run", "--once")):
+        result = kembali(*args, config=config)
+        # Then each works, and neither the password nor its encoded form is printed
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        printed = result.stdout + result.stderr
+        assert DB_PASSWORD not in printed and "S3cr%40t" not in printed and "S3cr" not in printed
+    assert_at_newest(kembali("db", "status", config=config))
+
+
+def assert_at_newest(status: subprocess.CompletedProcess[str]) -> None:
+    """``kembali db status`` says the database is at the newest revision."""
+    assert status.returncode == 0, status.stderr
+    current, newest = status.stdout.split()[1], status.stdout.split()[3]
+    assert status.stdout.startswith("current:") and current == newest, status.stdout
+
+
+def test_an_sqlite_database_in_a_folder_named_with_a_percent_sign_can_be_created(tmp_path: Path) -> None:
+    folder = tmp_path / "toko 100%"
+    folder.mkdir()
+    config = config_for(tmp_path, f"sqlite:///{folder / 'kembali.db'}")
+    upgraded = kembali("db", "upgrade", config=config)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert_at_newest(kembali("db", "status", config=config))
