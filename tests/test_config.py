@@ -82,3 +82,33 @@ def test_link_keys_allow_rotation_and_refuse_short_keys() -> None:
         link_keys(settings, {"KEMBALI_LINK_SECRET": "short"})
     with pytest.raises(ConfigError, match="KEMBALI_LINK_SECRET"):
         link_keys(settings, {})
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql+psycopg://shop:S3cret-pw@db.internal:54x2/kembali", "has a host and port that cannot be read"),
+        ("postgresql+psycopg://shop:S3cret-pw@db.internal:99999/kembali", "has a host and port that cannot be read"),
+        ("postgresql+psycopg://shop:S3cret-pw@[::1/kembali", "has a host and port that cannot be read"),
+        ("postgresql+asyncpg://shop:S3cret-pw@db.internal/kembali", "driver 'postgresql+asyncpg'"),
+        ("postgresql+psycopg2://shop:S3cret-pw@db.internal/kembali", "driver 'postgresql+psycopg2'"),
+        ("postgresql+psycopg_async://shop:S3cret-pw@db.internal/kembali", "driver 'postgresql+psycopg_async'"),
+        ("postgresqll://shop:S3cret-pw@db.internal/kembali", "is not a URL SQLAlchemy can read"),
+        ("sqlite://kembali.db", "has one slash too few: an SQLite file is sqlite:///kembali.db"),
+        ("sqlite://", "names no database file"),
+        ("sqlite:///:memory:", "names no database file"),
+    ],
+)
+def test_a_database_url_the_engine_cannot_use_is_refused_by_name_without_showing_it(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_dict({"database": {"url": url}}, source="shop.toml")
+    assert str(caught.value).startswith("shop.toml: 'database.url' ")
+    assert message in str(caught.value)
+    assert "S3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///kembali.db", "sqlite:////var/lib/kembali/kembali.db",
+                                 "postgresql+psycopg://shop:pw@db.internal:5432/kembali",
+                                 "postgresql://shop@db.internal/kembali", "postgresql+psycopg:///kembali?host=/run/pg"])
+def test_the_database_urls_kembali_can_use_are_taken(url: str) -> None:
+    assert settings_from_dict({"database": {"url": url}}).database.url == url

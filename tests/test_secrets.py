@@ -61,3 +61,16 @@ def test_an_sqlite_database_in_a_folder_named_with_a_percent_sign_can_be_created
     upgraded = kembali("db", "upgrade", config=config)
     assert upgraded.returncode == 0, upgraded.stderr
     assert_at_newest(kembali("db", "status", config=config))
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://shop:S3cret-pw@db.internal:54x2/kembali",
+                                 "postgresql+asyncpg://shop:S3cret-pw@db.internal/kembali",
+                                 "sqlite://kembali.db"])
+@pytest.mark.parametrize("command", [("db", "status"), ("db", "upgrade"), ("stats",), ("check",)])
+def test_a_database_url_the_engine_cannot_read_stops_every_command_by_name(
+    tmp_path: Path, url: str, command: tuple[str, ...]
+) -> None:
+    result = kembali(*command, config=config_for(tmp_path, url))
+    assert "'database.url'" in result.stdout + result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "S3cret" not in result.stdout + result.stderr
