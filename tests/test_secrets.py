@@ -74,3 +74,20 @@ def test_a_database_url_the_engine_cannot_read_stops_every_command_by_name(
     assert "'database.url'" in result.stdout + result.stderr
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "S3cret" not in result.stdout + result.stderr
+
+
+@pytest.mark.postgres
+def test_a_password_given_as_a_url_parameter_is_never_printed(pg_url: str, tmp_path: Path) -> None:
+    # Given the password as libpq's password parameter (?password=…), which psycopg takes as well as user:pw@
+    good = make_url(pg_url).update_query_dict({"password": "S3cret-param-pw"})
+    missing = good.set(database=f"{good.database}_missing")
+    for url, commands in ((good, [("db", "upgrade"), ("db", "status")]),
+                          (missing, [("db", "status"), ("db", "upgrade"), ("stats",), ("run", "--once")])):
+        config = config_for(tmp_path, url.render_as_string(hide_password=False))
+        for args in commands:
+            result = kembali(*args, config=config)
+            printed = result.stdout + result.stderr
+            # Then what names the database (the upgrade's line, the error) shows ***, not the password
+            assert "S3cret" not in printed, printed
+            assert ("password=***" in printed) == (args == ("db", "upgrade") or url is missing), printed
+            assert result.returncode == (0 if url is good else 3 if args[0] in ("stats", "run") else 2), printed

@@ -238,9 +238,18 @@ def check_schema(engine: Engine) -> None:
 
 
 def describe(engine: Engine) -> str:
-    """The database for messages: an SQLite file's path, or the URL without its password."""
+    """The database for messages: an SQLite file's path, or the URL without its password, in the user part
+    (``user:***@host``) or as libpq's ``password`` or ``sslpassword`` parameter (``?password=***``)."""
     path = sqlite_path(engine)
-    return str(path) if path is not None else engine.url.render_as_string(hide_password=True)
+    if path is not None:
+        return str(path)
+    url = engine.url
+    secret = {key: "***" for key in url.query if key.lower() in _SECRET_PARAMETERS}
+    shown = url.update_query_dict(secret).render_as_string(hide_password=True)
+    return shown.replace("=%2A%2A%2A", "=***")  # as the user part shows it, not percent-encoded
+
+
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
 
 
 def sqlite_path(engine: Engine) -> Path | None:
