@@ -11,6 +11,11 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.shop import LINK_KEY, ROOT, TEMPLATES
+from tests.smtp_server import RecordingServer
+from tests.test_cli import _shop_in as shop_in
+from tests.test_cli import write_config
+from worker.adapters.store import Store
+from worker.config import load_settings
 
 DB_PASSWORD = "S3cr@t:p/ss%w0rd"
 """A password with the characters a URL must percent-encode (``S3cr%40t%3Ap%2Fss%25w0rd``)."""
@@ -91,3 +96,27 @@ def test_a_password_given_as_a_url_parameter_is_never_printed(pg_url: str, tmp_p
             assert "S3cret" not in printed, printed
             assert ("password=***" in printed) == (args == ("db", "upgrade") or url is missing), printed
             assert result.returncode == (0 if url is good else 3 if args[0] in ("stats", "run") else 2), printed
+
+
+def test_an_empty_smtp_password_stops_the_run_before_anything_is_planned(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given an SMTP login whose password variable is set but empty (an unexpanded ${VAR}, a secrets file not loaded)
+    smtp_server.login = ("shop", "right-password")
+    config = write_config(tmp_path, smtp_port=smtp_server.port)
+    config.write_text(config.read_text().replace('tls = "none"', 'tls = "none"\nusername = "shop"'))
+    shop_in(tmp_path, config, customers=40)  # customers due a win-back
+    empty = {"KEMBALI_SMTP_PASSWORD": ""}
+    # When the operator checks and runs
+    checked = kembali("check", config=config, env=empty)
+    result = kembali("run", "--once", config=config, env=empty)
+    # Then both name the variable; the run stops with exit 2 and nothing done, as for a variable not set at all
+    assert checked.returncode == 1 and "KEMBALI_SMTP_PASSWORD" in checked.stdout and "empty" in checked.stdout
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "KEMBALI_SMTP_PASSWORD" in result.stderr and "set but empty" in result.stderr
+    store = Store.from_url(load_settings(config).database_url)
+    try:
+        assert store.messages(limit=10) == []
+    finally:
+        store.close()
+    assert smtp_server.messages == []

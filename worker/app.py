@@ -58,10 +58,11 @@ def smtp_password(settings: Settings, environ: dict[str, str] | None = None) -> 
     if not settings.smtp.username:
         return None
     password = env.get(settings.smtp.password_env)
-    if password is None:
+    if not password:  # empty: an unexpanded ${VAR} or a secrets file that was not loaded, never a real password
+        state = "is not set" if password is None else "is set but empty"
         raise ConfigError(
             f"{settings.source}: 'smtp.username' is set but the environment variable "
-            f"{settings.smtp.password_env} (named by 'smtp.password_env') is not"
+            f"{settings.smtp.password_env} (named by 'smtp.password_env') {state}: it must hold the SMTP password"
         )
     return password
 
