@@ -112,3 +112,23 @@ def test_a_database_url_the_engine_cannot_use_is_refused_by_name_without_showing
                                  "postgresql://shop@db.internal/kembali", "postgresql+psycopg:///kembali?host=/run/pg"])
 def test_the_database_urls_kembali_can_use_are_taken(url: str) -> None:
     assert settings_from_dict({"database": {"url": url}}).database.url == url
+
+
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xef\xbb\xbf[smtp]\nport = 587\ntls = \"starttls\"\n")  # as Notepad saves "UTF-8"
+    assert load_settings(path).smtp.port == 587
+
+
+def test_a_config_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes('[shop]\nname = "Toko Kembali"\npostal_address = "Jl. Café 1"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value) == f"{path}: line 3: not UTF-8 text (byte 0xe9); save the file as UTF-8"
+
+
+def test_a_folder_given_as_the_config_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(tmp_path)
+    assert str(caught.value) == f"{tmp_path}: is a folder, not a config file"
