@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from tests.clikit import run_cli
 from tests.shop import LINK_KEY, ROOT, TEMPLATES
 from tests.smtp_server import RecordingServer
 from tests.test_cli import _shop_in as shop_in
@@ -120,3 +121,15 @@ def test_an_empty_smtp_password_stops_the_run_before_anything_is_planned(
     finally:
         store.close()
     assert smtp_server.messages == []
+
+
+@pytest.mark.parametrize("command", [("check",), ("db", "status"), ("demo", "--out", "demo")])
+def test_an_empty_kembali_config_is_named_rather_than_read_as_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KEMBALI_CONFIG", "")  # Environment=KEMBALI_CONFIG=${UNSET} in a unit, say
+    code, out = run_cli(capsys, *command)
+    assert code == 2, out
+    assert "$KEMBALI_CONFIG is set but empty" in out and "Is a directory" not in out
+    assert not (tmp_path / "demo").exists()

@@ -208,7 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # named by the operator (the option or $KEMBALI_CONFIG), or the default: only the demo tells them apart
     args.config_named = args.config is not None or "KEMBALI_CONFIG" in os.environ
     if args.config is None:
-        args.config = Path(os.environ.get("KEMBALI_CONFIG", DEFAULT_CONFIG))
+        named = os.environ.get("KEMBALI_CONFIG")
+        if named == "":  # Path("") is the current folder: an unexpanded variable would read as "is a folder"
+            print("kembali: configuration error: $KEMBALI_CONFIG is set but empty: name the config file in it, or "
+                  f"unset it to read ./{DEFAULT_CONFIG}", file=sys.stderr)
+            return EXIT_USAGE
+        args.config = Path(named or DEFAULT_CONFIG)
     try:
         if args.command == "demo":
             from worker.commands import demo
