@@ -132,3 +132,25 @@ def test_a_folder_given_as_the_config_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(tmp_path)
     assert str(caught.value) == f"{tmp_path}: is a folder, not a config file"
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"smtp": {"username": "shop", "password_env": "p@ss-W0rd!"}}, "smtp.password_env"),
+        ({"unsubscribe": {"secret_env": "Zx9-kq_Lm2P0aQ7vN3rT8yW5"}}, "unsubscribe.secret_env"),
+        ({"unsubscribe": {"secret_env": ""}}, "unsubscribe.secret_env"),
+    ],
+)
+def test_a_secret_written_where_its_variable_is_named_is_refused_without_showing_it(
+    raw: dict[str, object], key: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_dict(raw, source="shop.toml")
+    assert str(caught.value).startswith(f"shop.toml: '{key}' must be the name of an environment variable")
+    assert "W0rd" not in str(caught.value) and "Zx9" not in str(caught.value)
+
+
+def test_any_environment_variable_name_is_taken() -> None:
+    settings = settings_from_dict({"smtp": {"password_env": "smtp_pw_2"}, "unsubscribe": {"secret_env": "_LINK_KEY"}})
+    assert (settings.smtp.password_env, settings.unsubscribe.secret_env) == ("smtp_pw_2", "_LINK_KEY")

@@ -492,6 +492,11 @@ def _check(s: Settings) -> None:
     if not s.shop.postal_address.strip():
         _fail(s, "shop.postal_address", "must not be empty (it goes in every footer)")
     _check_database_url(s)
+    for key, name in (("smtp.password_env", s.smtp.password_env), ("unsubscribe.secret_env", s.unsubscribe.secret_env)):
+        if not _ENV_NAME.fullmatch(name):  # not shown: what is written here by mistake is the secret itself
+            default = getattr(SmtpSettings if key.startswith("smtp") else UnsubscribeSettings, key.partition(".")[2])
+            _fail(s, key, f"must be the name of an environment variable (letters, digits and _, such as {default}) "
+                  "that holds the secret, not the secret itself; what it says is not shown")
     if s.smtp.tls not in ("starttls", "tls", "none"):
         _fail(s, "smtp.tls", "must be 'starttls', 'tls' or 'none'")
     if s.smtp.tls == "none" and not s.smtp.allow_plaintext_remote and not _is_loopback(s.smtp.host):
@@ -694,6 +699,7 @@ def _check_campaigns(s: Settings) -> None:
 
 
 _YEAR_SECONDS = 365 * 86400
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _CLOCK = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 
