@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from worker.adapters import db
 from worker.app import link_keys, smtp_password
 from worker.config import Settings, load_settings, settings_from_dict
 from worker.errors import ConfigError
@@ -101,7 +102,7 @@ def test_link_keys_allow_rotation_and_refuse_short_keys() -> None:
 )
 def test_a_database_url_the_engine_cannot_use_is_refused_by_name_without_showing_it(url: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        settings_from_dict({"database": {"url": url}}, source="shop.toml")
+        db.check_url(settings_from_dict({"database": {"url": url}}, source="shop.toml"))
     assert str(caught.value).startswith("shop.toml: 'database.url' ")
     assert message in str(caught.value)
     assert "S3cret" not in str(caught.value)
@@ -111,7 +112,9 @@ def test_a_database_url_the_engine_cannot_use_is_refused_by_name_without_showing
                                  "postgresql+psycopg://shop:pw@db.internal:5432/kembali",
                                  "postgresql://shop@db.internal/kembali", "postgresql+psycopg:///kembali?host=/run/pg"])
 def test_the_database_urls_kembali_can_use_are_taken(url: str) -> None:
-    assert settings_from_dict({"database": {"url": url}}).database.url == url
+    settings = settings_from_dict({"database": {"url": url}})
+    db.check_url(settings)
+    assert settings.database.url == url
 
 
 def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:

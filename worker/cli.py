@@ -220,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return demo.run(args)
         settings = load_settings(args.config)
+        from worker.adapters import db
+
+        db.check_url(settings)
         log.configure(settings.logging.level, settings.logging.format)
         handler = _COMMANDS[args.command]
         code: int = handler(settings, args)

@@ -491,7 +491,8 @@ def _check(s: Settings) -> None:
               f"IDNA form, xn--…; it ends every Message-ID), not {s.shop.domain!r}")
     if not s.shop.postal_address.strip():
         _fail(s, "shop.postal_address", "must not be empty (it goes in every footer)")
-    _check_database_url(s)
+    if not s.database.url.startswith(("sqlite://", "postgresql")):  # the rest as the engine reads it: db.check_url
+        _fail(s, "database.url", f"must be {DATABASE_URL_FORMS}")
     for key, name in (("smtp.password_env", s.smtp.password_env), ("unsubscribe.secret_env", s.unsubscribe.secret_env)):
         if not _ENV_NAME.fullmatch(name):  # not shown: what is written here by mistake is the secret itself
             default = getattr(SmtpSettings if key.startswith("smtp") else UnsubscribeSettings, key.partition(".")[2])
@@ -584,39 +585,6 @@ def _check(s: Settings) -> None:
         _fail(s, "logging.level", "must be debug, info, warning or error")
 
 
-def _check_database_url(s: Settings) -> None:
-    """``database.url`` as the engine will read it, so that a mistake stops every command here, by name, rather
-    than as a traceback where the first engine is made. The URL itself is not shown: it may hold a password."""
-    from sqlalchemy.engine import make_url  # the parser create_engine uses
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-    forms = ("a sqlite:/// or postgresql+psycopg:// URL (sqlite:///relative.db, sqlite:////absolute/path.db, "
-             "postgresql+psycopg://user@host/db)")
-    if not s.database.url.startswith(("sqlite://", "postgresql")):
-        _fail(s, "database.url", f"must be {forms}")
-    try:
-        url = make_url(s.database.url)
-        if url.port is not None and not 0 < url.port < 65536:
-            raise ValueError(url.port)
-        dialect = url.get_dialect()
-    except ValueError:
-        _fail(s, "database.url", f"has a host and port that cannot be read (the port a number from 1 to 65535): "
-              f"it must be {forms}")
-    except (ArgumentError, NoSuchModuleError):
-        _fail(s, "database.url", f"is not a URL SQLAlchemy can read: it must be {forms} (a password with @, :, / "
-              "or % in it percent-encoded: %40, %3A, %2F, %25)")
-    if url.get_backend_name() == "sqlite":
-        if url.host:
-            _fail(s, "database.url", f"has one slash too few: an SQLite file is sqlite:///{url.host} (three "
-                  "slashes, relative to the config file's folder) or sqlite:////absolute/path.db (four)")
-        if url.database in (None, "", ":memory:"):
-            _fail(s, "database.url", "names no database file (an SQLite database in memory is gone when the "
-                  f"command ends): it must be {forms}")
-    elif dialect.driver != "psycopg" or dialect.is_async:
-        _fail(s, "database.url", f"asks for the PostgreSQL driver {url.drivername!r}: Kembali speaks to PostgreSQL "
-              "through psycopg 3 (synchronous), which it installs; write postgresql+psycopg://")
-
-
 def _check_daemon(s: Settings) -> None:
     from worker.core.cron import parse_cron  # pure
 
@@ -699,6 +667,8 @@ def _check_campaigns(s: Settings) -> None:
 
 
 _YEAR_SECONDS = 365 * 86400
+DATABASE_URL_FORMS = ("a sqlite:/// or postgresql+psycopg:// URL (sqlite:///relative.db, sqlite:////absolute/path.db, "
+                      "postgresql+psycopg://user@host/db)")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _CLOCK = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")

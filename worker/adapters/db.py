@@ -33,8 +33,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from worker import log
+from worker.config import DATABASE_URL_FORMS, Settings
 from worker.core.audiences import message_id_for
-from worker.errors import SchemaError
+from worker.errors import ConfigError, SchemaError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _SQLITE_CONFIG_MEMSTATUS = 9
@@ -84,6 +85,34 @@ def _memstatus_off() -> bool:
     except (ImportError, OSError, AttributeError) as e:  # another platform's build: SQLite as it comes
         log.event("sqlite_memstatus_kept", logging.DEBUG, reason=f"{type(e).__name__}: {e}")
         return False
+
+
+def check_url(settings: Settings) -> None:
+    """Raise ConfigError naming ``database.url`` unless the engine can use it: every command checks it right after
+    the config is loaded, so a mistake stops it there, by name, rather than as a traceback where the first engine
+    is made. The URL itself is not shown: it may hold a password."""
+    forms, where = DATABASE_URL_FORMS, f"{settings.source}: 'database.url'"
+    try:
+        url = sa.make_url(settings.database.url)
+        if url.port is not None and not 0 < url.port < 65536:
+            raise ValueError(url.port)
+        dialect = url.get_dialect()
+    except ValueError:
+        raise ConfigError(f"{where} has a host and port that cannot be read (the port a number from 1 to 65535): "
+                          f"it must be {forms}") from None
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError):
+        raise ConfigError(f"{where} is not a URL SQLAlchemy can read: it must be {forms} (a password with @, :, / "
+                          "or % in it percent-encoded: %40, %3A, %2F, %25)") from None
+    if url.get_backend_name() == "sqlite":
+        if url.host:
+            raise ConfigError(f"{where} has one slash too few: an SQLite file is sqlite:///{url.host} (three "
+                              "slashes, relative to the config file's folder) or sqlite:////absolute/path.db (four)")
+        if url.database in (None, "", ":memory:"):
+            raise ConfigError(f"{where} names no database file (an SQLite database in memory is gone when the "
+                              f"command ends): it must be {forms}")
+    elif dialect.driver != "psycopg" or dialect.is_async:
+        raise ConfigError(f"{where} asks for the PostgreSQL driver {url.drivername!r}: Kembali speaks to PostgreSQL "
+                          "through psycopg 3 (synchronous), which it installs; write postgresql+psycopg://")
 
 
 def create_engine(url: str) -> Engine:
