@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -133,3 +134,28 @@ def test_an_empty_kembali_config_is_named_rather_than_read_as_the_current_folder
     assert code == 2, out
     assert "$KEMBALI_CONFIG is set but empty" in out and "Is a directory" not in out
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize(("edit", "key"), [
+    (lambda text: text.replace(f'dir = "{TEMPLATES}"', f'dir = "{TEMPLATES.parent}"'), "'templates.dir'"),
+    (lambda text: text + '[[campaigns.winback.steps]]\ndays = 30\ntemplate = "winback-remnder"\n',
+     "'campaigns.winback.steps[].template'"),
+])
+def test_run_once_without_templates_for_a_campaign_stops_before_planning(
+    tmp_path: Path, smtp_server: RecordingServer, edit: Any, key: str
+) -> None:
+    # Given templates.dir one level off (templates/ for templates/email/), or a win-back step's folder misspelt
+    config = write_config(tmp_path, smtp_port=smtp_server.port)
+    shop_in(tmp_path, config, customers=40)  # customers due a win-back
+    config.write_text(edit(config.read_text()))
+    # When cron runs a cycle
+    result = kembali("run", "--once", config=config)
+    # Then it stops with exit 2 naming the setting, and plans nothing (rather than failing every due message)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert key in result.stderr and "nothing was planned or sent" in result.stderr
+    store = Store.from_url(load_settings(config).database_url)
+    try:
+        assert store.messages(limit=10) == []
+    finally:
+        store.close()
+    assert smtp_server.messages == []

@@ -10,12 +10,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import eventloop, log
+from worker import checks, eventloop, log
 from worker.adapters import opstore
 from worker.app import Deps, link_keys, smtp_password, worker_id
 from worker.asyncstore import AsyncStore
 from worker.config import Settings
-from worker.pipeline import PlanReport, plan
+from worker.errors import ConfigError
+from worker.pipeline import PlanReport, enabled_campaigns, plan
 from worker.sending import DispatchReport
 from worker.stopping import STOP_SIGNALS, StartupSignals, StopSignals
 
@@ -156,12 +157,30 @@ def once(settings: Settings) -> int:
     smtp_password(settings)
     deps = Deps.build(settings)
     try:
+        _check_template_folders(deps)
         report = eventloop.run(_stoppable(deps))
     finally:
         deps.close()
     for line in summary(report):
         print(line)
     return _exit_code(report)
+
+
+def _check_template_folders(deps: Deps) -> None:
+    """Every template folder sending will use has templates, or the run stops here with nothing done. A folder
+    with none at all is the config's mistake (templates.dir one level off, a step's template misspelt), not one
+    customer's: rendering would fail every due message of it, each left ``failed`` for the operator to resend.
+    The daemon refuses to start on any template problem; ``kembali check`` lists them all."""
+    settings = deps.settings
+    steps = {step.template for step in settings.campaigns.winback.effective_steps} if "winback" in \
+        enabled_campaigns(settings) else set()
+    for folder in checks.required_folders(settings):
+        if deps.templates.locales(folder):
+            continue
+        key = "campaigns.winback.steps[].template" if folder in steps and folder != "winback" else "templates.dir"
+        raise ConfigError(f"{settings.source}: '{key}': there are no templates for {folder!r} in "
+                          f"{deps.templates.root} (no {folder}/id/subject.txt or {folder}/en/subject.txt); "
+                          "nothing was planned or sent (`kembali check` lists what it finds)")
 
 
 def forever(settings: Settings, *, config_path: Path, starting: StartupSignals | None = None) -> int:
