@@ -157,3 +157,29 @@ def test_a_secret_written_where_its_variable_is_named_is_refused_without_showing
 def test_any_environment_variable_name_is_taken() -> None:
     settings = settings_from_dict({"smtp": {"password_env": "smtp_pw_2"}, "unsubscribe": {"secret_env": "_LINK_KEY"}})
     assert (settings.smtp.password_env, settings.unsubscribe.secret_env) == ("smtp_pw_2", "_LINK_KEY")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"campaigns": {"feedback": {"lookback_days": 2**63 - 1}}},
+         "'campaigns.feedback.lookback_days' must be at most 3650 days (ten years)"),
+        ({"campaigns": {"loyalty": {"expires_after_days": 5_000_000}}},
+         "'campaigns.loyalty.expires_after_days' must be at most 3650 days"),
+        ({"campaigns": {"winback": {"steps": [{"days": 45}, {"days": 9_999_999}]}}},
+         "'campaigns.winback.steps[1].days' must be at most 3650 days"),
+        ({"policy": {"frequency_caps": [[1, 3], [4, 10_000_000]]}}, "'policy.frequency_caps[1]' must be at most 3650"),
+        ({"sending": {"lease_seconds": 2**63 - 1}}, "'sending.lease_seconds' must be at most 86400 seconds (a day)"),
+        ({"schedule": {"maintenance_interval_seconds": 1e300}}, "'schedule.maintenance_interval_seconds' must be at"),
+        ({"daemon": {"health_summary_seconds": 1e300}}, "'daemon.health_summary_seconds' must be at most 86400"),
+        ({"smtp": {"pool_size": 2**63 - 1}}, "'smtp.pool_size' must be at most 100, not 9_223_372_036_854_775_807"),
+        ({"sending": {"in_flight_per_connection": 10_000}}, "'sending.in_flight_per_connection' must be at most 100"),
+        ({"campaigns": {"loyalty": {"spend_milestones": [2**63 - 1]}}},
+         "'campaigns.loyalty.spend_milestones[0]' must be at most 1_000_000_000_000_000"),
+        ({"campaigns": {"winback": {"recommendations": -1}}}, "'campaigns.winback.recommendations' must be 0"),
+    ],
+)
+def test_a_value_past_what_the_program_can_take_is_refused_by_name(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_dict(raw, source="shop.toml")
+    assert str(caught.value).startswith("shop.toml: ") and message in str(caught.value)

@@ -579,6 +579,7 @@ def _check(s: Settings) -> None:
     _check_daemon(s)
     _check_campaigns(s)
     _check_policy(s)
+    _check_upper_bounds(s)
     if s.logging.format not in ("text", "json"):
         _fail(s, "logging.format", "must be 'text' or 'json'")
     if s.logging.level not in ("debug", "info", "warning", "error"):
@@ -692,6 +693,58 @@ def _check_policy(s: Settings) -> None:
     repeated = sorted({name for name in p.priorities if p.priorities.count(name) > 1})
     if repeated:
         _fail(s, "policy.priorities", f"lists {repeated[0]!r} more than once: each campaign at most once")
+
+
+_TEN_YEARS_DAYS = 3650
+_DAY_SECONDS = 86400
+
+
+def _check_upper_bounds(s: Settings) -> None:
+    """Ceilings far above any sensible value, below the ones the program cannot take: a count of days or seconds
+    past them made dates and timers overflow (``OverflowError`` in a traceback, at the first plan, maintenance or
+    health line), a pool or an amount past them opened connections or tasks without end, or overflowed a column."""
+    c = s.campaigns
+    days = [("campaigns.winback.quiet_days", c.winback.quiet_days),
+            ("campaigns.winback.expires_after_days", c.winback.expires_after_days),
+            *((f"campaigns.winback.steps[{i}].days", step.days) for i, step in enumerate(c.winback.steps)),
+            ("campaigns.feedback.lookback_days", c.feedback.lookback_days),
+            ("campaigns.feedback.expires_after_days", c.feedback.expires_after_days),
+            ("campaigns.new_products.within_days", c.new_products.within_days),
+            ("campaigns.new_products.active_within_days", c.new_products.active_within_days),
+            ("campaigns.new_products.expires_after_days", c.new_products.expires_after_days),
+            ("campaigns.loyalty.within_days", c.loyalty.within_days),
+            ("campaigns.loyalty.expires_after_days", c.loyalty.expires_after_days),
+            ("schedule.attempt_retention_days", s.schedule.attempt_retention_days),
+            *((f"policy.frequency_caps[{i}]", pair[1]) for i, pair in enumerate(s.policy.frequency_caps))]
+    seconds = [("sending.lease_seconds", s.sending.lease_seconds),
+               ("smtp.timeout_seconds", s.smtp.timeout_seconds),
+               ("schedule.dispatch_poll_seconds", s.schedule.dispatch_poll_seconds),
+               ("schedule.maintenance_interval_seconds", s.schedule.maintenance_interval_seconds),
+               ("daemon.shutdown_grace_seconds", s.daemon.shutdown_grace_seconds),
+               ("daemon.watch_interval_seconds", s.daemon.watch_interval_seconds),
+               ("daemon.health_summary_seconds", s.daemon.health_summary_seconds),
+               ("web.request_timeout_seconds", s.web.request_timeout_seconds)]
+    counts = [("smtp.pool_size", s.smtp.pool_size, 100),
+              ("sending.in_flight_per_connection", s.sending.in_flight_per_connection, 100),
+              ("sending.batch_size", s.sending.batch_size, 100_000),
+              ("campaigns.new_products.max_products", c.new_products.max_products, 100),
+              ("campaigns.winback.recommendations", c.winback.recommendations, 100),
+              *((f"policy.frequency_caps[{i}]", pair[0], 1000) for i, pair in enumerate(s.policy.frequency_caps)),
+              *((f"campaigns.loyalty.order_milestones[{i}]", n, 1_000_000)
+                for i, n in enumerate(c.loyalty.order_milestones)),
+              *((f"campaigns.loyalty.spend_milestones[{i}]", n, 10**15)
+                for i, n in enumerate(c.loyalty.spend_milestones))]
+    for key, day_count in days:
+        if day_count > _TEN_YEARS_DAYS:
+            _fail(s, key, f"must be at most {_TEN_YEARS_DAYS} days (ten years), not {day_count}")
+    for key, duration in seconds:
+        if duration > _DAY_SECONDS:
+            _fail(s, key, f"must be at most {_DAY_SECONDS} seconds (a day), not {duration:g}")
+    for key, count, high in counts:
+        if count > high:
+            _fail(s, key, f"must be at most {high:_}, not {count:_}")
+    if c.winback.recommendations < 0:
+        _fail(s, "campaigns.winback.recommendations", "must be 0 (none) or more")
 
 
 def _is_loopback(host: str) -> bool:
