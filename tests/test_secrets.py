@@ -159,3 +159,12 @@ def test_run_once_without_templates_for_a_campaign_stops_before_planning(
     finally:
         store.close()
     assert smtp_server.messages == []
+
+
+def test_a_bad_event_loop_variable_is_one_clear_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    assert kembali("db", "upgrade", config=config).returncode == 0
+    result = kembali("run", "--once", config=config, env={"KEMBALI_EVENT_LOOP": "bogus"})
+    assert result.returncode == 2
+    assert result.stderr == ("kembali: configuration error: KEMBALI_EVENT_LOOP must be 'auto', 'asyncio' or "
+                             "'uvloop', not 'bogus'\n")

@@ -50,7 +50,12 @@ def describe() -> str:
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)`` on the chosen loop."""
-    if choice() == "uvloop":
+    try:
+        chosen = choice()
+    except ConfigError:
+        main.close()  # never started: else Python warns on stderr that it was never awaited
+        raise
+    if chosen == "uvloop":
         uvloop: Any = import_module("uvloop")
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             result: T = runner.run(main)
