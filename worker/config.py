@@ -17,6 +17,7 @@ import re
 import tomllib
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -491,6 +492,7 @@ def _check(s: Settings) -> None:
               f"IDNA form, xn--…; it ends every Message-ID), not {s.shop.domain!r}")
     if not s.shop.postal_address.strip():
         _fail(s, "shop.postal_address", "must not be empty (it goes in every footer)")
+    _web_url(s, "shop.base_url", s.shop.base_url, ("http", "https"))
     if not s.database.url.startswith(("sqlite://", "postgresql")):  # the rest as the engine reads it: db.check_url
         _fail(s, "database.url", f"must be {DATABASE_URL_FORMS}")
     for key, name in (("smtp.password_env", s.smtp.password_env), ("unsubscribe.secret_env", s.unsubscribe.secret_env)):
@@ -655,8 +657,7 @@ def _check_campaigns(s: Settings) -> None:
             _fail(s, key, "must be at least 1")
     if c.feedback.scale not in ("stars", "nps"):
         _fail(s, "campaigns.feedback.scale", "must be 'stars' (1-5) or 'nps' (0-10)")
-    if not c.feedback.link_url.startswith("https://"):
-        _fail(s, "campaigns.feedback.link_url", "must be an https:// URL")
+    _web_url(s, "campaigns.feedback.link_url", c.feedback.link_url, ("https",))
     for key, pct in (("campaigns.birthday.coupon_percent", c.birthday.coupon_percent),
                      ("campaigns.loyalty.coupon_percent", c.loyalty.coupon_percent)):
         if not 0 <= pct <= 100:
@@ -745,6 +746,23 @@ def _check_upper_bounds(s: Settings) -> None:
             _fail(s, key, f"must be at most {high:_}, not {count:_}")
     if c.winback.recommendations < 0:
         _fail(s, "campaigns.winback.recommendations", "must be 0 (none) or more")
+
+
+_NOT_IN_URL = re.compile(r"[\s<>\"'`\x00-\x1f\x7f]")
+
+
+def _web_url(s: Settings, key: str, url: str, schemes: tuple[str, ...]) -> None:
+    """``url`` is an absolute link with one of ``schemes`` and a host, that can go in an email's href as it is
+    (every "visit the shop" button or rating link would otherwise lead nowhere, or nowhere safe)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        readable = parts.scheme in schemes and bool(parts.hostname) and not _NOT_IN_URL.search(url)
+    except ValueError:  # an IPv6 host without its closing bracket
+        readable = False
+    if not readable:
+        example = f"{schemes[-1]}://shop.example" + ("/feedback" if "feedback" in key else "")
+        _fail(s, key, f"must be an absolute {' or '.join(f'{x}://' for x in schemes)} link with a host and no spaces "
+              f"or quotes, such as {example}, not {url!r}")
 
 
 def _is_loopback(host: str) -> bool:
