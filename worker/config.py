@@ -502,6 +502,11 @@ def _check(s: Settings) -> None:
                   "that holds the secret, not the secret itself; what it says is not shown")
     if s.smtp.tls not in ("starttls", "tls", "none"):
         _fail(s, "smtp.tls", "must be 'starttls', 'tls' or 'none'")
+    if not s.smtp.host or re.search(r"[\s/@]", s.smtp.host) or re.fullmatch(r"[^:]+:[0-9]*", s.smtp.host):
+        _fail(s, "smtp.host", f"must be a host name or address such as smtp.example.com or 127.0.0.1 (the port goes "
+              f"in smtp.port), not {s.smtp.host!r}")
+    if re.search(r"[\x00-\x1f\x7f]", s.smtp.username):  # not shown: a login is half a secret
+        _fail(s, "smtp.username", "must not hold a line break or other control character")
     if s.smtp.tls == "none" and not s.smtp.allow_plaintext_remote and not _is_loopback(s.smtp.host):
         _fail(
             s,
