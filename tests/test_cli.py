@@ -365,3 +365,25 @@ def test_orders_imported_before_their_products_warn_twenty_lines_then_count_the_
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 21
     assert warnings[-1].startswith("warning: orders.csv: 500 order lines in all name 7 products not imported")
+
+
+@pytest.mark.parametrize("argv", [["suppress", "list"], ["preview", "--json", "--at", "2027-01-15T10:00+07:00"]])
+def test_output_piped_into_head_stops_quietly(tmp_path: Path, argv: list[str]) -> None:
+    # `kembali preview | head` printed a BrokenPipeError traceback once head had read what it wanted
+    config = write_config(tmp_path)
+    _shop_in(tmp_path, config, customers=600)
+    addresses = tmp_path / "bounces.txt"
+    addresses.write_text("".join(f"bounced-{i}@example.com\n" for i in range(4000)), encoding="utf-8")
+    assert kembali("suppress", "import", str(addresses), config=config).returncode == 0
+    full = kembali(*argv, config=config)
+    assert full.returncode == 0 and len(full.stdout) > 100_000, full.stderr  # more than a pipe and Python's buffer hold
+    env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}
+    argv_full = [sys.executable, "-m", "worker", "--config", str(config), *argv]
+    with subprocess.Popen(argv_full, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None and process.stderr is not None
+        first = process.stdout.readline()
+        process.stdout.close()  # as head does after its lines
+        errors = process.stderr.read().decode()
+        code = process.wait(timeout=120)
+    assert code == 141, errors  # 128 + SIGPIPE, as a shell reports cat's or grep's
+    assert first and "Traceback" not in errors and "BrokenPipeError" not in errors, errors

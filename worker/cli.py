@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 1 done, but something needs the operator (rejected rows,
 render errors); 2 bad usage or configuration (nothing was done); 3 the
-database or SMTP server could not be used.
+database or SMTP server could not be used; 141 the output's reader went away
+(``| head``); 130/143 ``run --once`` stopped by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from worker.config import DEFAULT_CONFIG, Settings, load_settings
 from worker.errors import ConfigError, KembaliError, SchemaError
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 128 + 13
+"""As a shell reports a process that SIGPIPE ended (``set -o pipefail``): its output's reader went away."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,6 +207,17 @@ def _address_arg(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a reader gone by then is caught below, not printed as a traceback
+        return code
+    except BrokenPipeError:
+        # what kembali printed had no reader left (`kembali preview | head`): stop quietly, as cat or grep do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the unwritten rest, flushed at exit
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     # named by the operator (the option or $KEMBALI_CONFIG), or the default: only the demo tells them apart
     args.config_named = args.config is not None or "KEMBALI_CONFIG" in os.environ
