@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import sqlite3
@@ -17,7 +18,7 @@ import pytest
 
 from tests.clikit import run_cli
 from tests.shop import LINK_KEY, ROOT, TEMPLATES
-from tests.smtp_server import RecordingServer
+from tests.smtp_server import Behaviour, RecordingServer
 from worker.adapters.store import Store
 from worker.config import load_settings
 from worker.demo import generate_shop, write_csvs
@@ -387,3 +388,21 @@ def test_output_piped_into_head_stops_quietly(tmp_path: Path, argv: list[str]) -
         code = process.wait(timeout=120)
     assert code == 141, errors  # 128 + SIGPIPE, as a shell reports cat's or grep's
     assert first and "Traceback" not in errors and "BrokenPipeError" not in errors, errors
+
+
+def test_a_run_whose_sends_became_uncertain_exits_1_and_says_what_to_do(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # the connection died after the final dot for every message: each may have arrived, and only the operator
+    # can decide; the run exited 0 ("done") with them counted in passing, as if nothing needed anyone
+    config = write_config(tmp_path, smtp_port=smtp_server.port)
+    _shop_in(tmp_path, config, customers=20)
+    with (tmp_path / "data" / "customers.csv").open(encoding="utf-8") as rows:
+        for row in csv.DictReader(rows):
+            smtp_server.on(row["email"].lower(), Behaviour(drop_after_dot=True))
+    result = kembali("run", "--once", config=config)
+    assert smtp_server.messages and "uncertain" in result.stdout, result.stderr
+    assert result.returncode == 1, result.stdout
+    assert "may have arrived" in result.stdout and "kembali ledger list" in result.stdout
+    listed = kembali("ledger", "list", "--status", "uncertain", config=config)
+    assert len(listed.stdout.splitlines()) - 3 == len(smtp_server.messages)  # the header, a blank line, the counts

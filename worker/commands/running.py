@@ -105,6 +105,10 @@ def summary(report: CycleReport) -> list[str]:
     if report.uncertain:
         lines.append(f"{report.uncertain} messages became uncertain (a worker died while sending): "
                      "see `kembali ledger`")
+    dropped = report.dispatched.outcomes.get("uncertain", 0)
+    if dropped:
+        lines.append(f"{dropped} messages are uncertain (the connection died after they were handed over: they "
+                     "may have arrived) and are never resent by themselves: decide with `kembali ledger list`")
     if report.stopped_by:
         lines.append(f"stopped early by {report.stopped_by}: the sends under way finished, the rest waits in "
                      "the queue for the next run")
@@ -116,7 +120,7 @@ def _exit_code(report: CycleReport) -> int:
         return 128 + signal.Signals[report.stopped_by].value  # as a shell reports a process a signal ended
     if report.dispatched.paused:
         return EXIT_UNAVAILABLE
-    bad = sum(n for what, n in report.dispatched.outcomes.items() if what.startswith("failed"))
+    bad = sum(n for what, n in report.dispatched.outcomes.items() if what.startswith("failed") or what == "uncertain")
     return EXIT_ATTENTION if bad or report.uncertain else EXIT_OK
 
 
