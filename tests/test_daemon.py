@@ -337,8 +337,8 @@ def test_sigterm_mid_campaign_finishes_sends_under_way_and_exits_0(
 
 @pytest.mark.parametrize(
     ("sig", "echoed"),
-    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
-    ids=["SIGINT", "SIGTERM", "SIGTERM-and-its-echo"],
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True)],
+    ids=["SIGINT", "SIGTERM", "SIGTERM-and-its-echo", "SIGINT-and-its-echo"],
 )
 def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
     tmp_path: Path, smtp_server: RecordingServer, sig: signal.Signals, echoed: bool
@@ -363,7 +363,7 @@ def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
         before = len(smtp_server.messages)
         proc.send_signal(sig)
         if echoed:  # as coreutils' `timeout` does: the process, then its process group, so it comes twice
-            time.sleep(0.05)
+            time.sleep(0.05 if sig is signal.SIGTERM else 0.002)  # a SIGINT's echo comes at once, or it is a person
             proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -390,11 +390,13 @@ def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
         ([(0.0, "SIGTERM"), (0.001, "SIGTERM"), (0.002, "SIGTERM")], ["stop", "echo", "echo"]),
         ([(0.0, "SIGTERM"), (1.0, "SIGTERM")], ["stop", "force"]),  # a supervisor that means it
         ([(0.0, "SIGTERM"), (0.1, "SIGINT")], ["stop", "force"]),
-        ([(0.0, "SIGINT"), (0.1, "SIGINT")], ["stop", "force"]),  # Ctrl-C twice, however quick
+        ([(0.0, "SIGINT"), (0.1, "SIGINT")], ["stop", "force"]),  # Ctrl-C twice, as quick as a person can
+        ([(0.0, "SIGINT"), (0.002, "SIGINT")], ["stop", "echo"]),  # timeout -s INT: the process, then its group
+        ([(0.0, "SIGINT"), (0.002, "SIGINT"), (0.3, "SIGINT")], ["stop", "echo", "force"]),
         ([(0.0, "SIGINT"), (0.1, "SIGTERM")], ["stop", "force"]),
     ],
 )
-def test_a_second_stop_signal_forces_but_an_echo_of_sigterm_does_not(
+def test_a_second_stop_signal_forces_but_an_echo_of_the_first_does_not(
     signals: list[tuple[float, str]], verdicts: list[str]
 ) -> None:
     now = [0.0]

@@ -3,7 +3,9 @@
 A SIGTERM that repeats the first within ``ECHO_SECONDS`` is the same request, not a second one: coreutils'
 ``timeout`` (cron's usual guard) and some supervisors signal the process and then its whole process group, so
 it gets two SIGTERMs microseconds apart, and treating the echo as "now, at once" left rows in flight. A SIGINT
-is a person's Ctrl-C: pressed again, however quickly, it forces.
+is mostly a person's Ctrl-C: pressed again it forces, however quickly a person can press it; only a SIGINT
+within ``INT_ECHO_SECONDS`` of the first is its echo (``timeout -s INT`` signals the process and its group too,
+and forcing on that left a run's messages in ``sending``, to become uncertain).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any, Literal
 from worker import log
 
 ECHO_SECONDS = 1.0
+INT_ECHO_SECONDS = 0.05
+"""Shorter than any person's second Ctrl-C (a held key repeats after a quarter of a second or more)."""
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 Verdict = Literal["stop", "echo", "force"]
@@ -33,13 +37,14 @@ class StopSignals:
         self._first_at = 0.0
 
     def take(self, sig: signal.Signals) -> Verdict:
-        """``stop`` (the first: stop gracefully), ``echo`` (the first SIGTERM again, from a process-group kill:
+        """``stop`` (the first: stop gracefully), ``echo`` (the first signal again, from a process-group kill:
         ignore it) or ``force`` (a real second request: exit at once)."""
         now = self._monotonic()
         if self.first is None:
             self.first, self._first_at = sig, now
             return "stop"
-        if sig is signal.SIGTERM and self.first is signal.SIGTERM and now - self._first_at < ECHO_SECONDS:
+        window = ECHO_SECONDS if sig is signal.SIGTERM else INT_ECHO_SECONDS
+        if sig is self.first and now - self._first_at < window:
             return "echo"
         return "force"
 
