@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import pty
+import re
+import select
 import sqlite3
 import subprocess
 import sys
@@ -406,3 +409,30 @@ def test_a_run_whose_sends_became_uncertain_exits_1_and_says_what_to_do(
     assert "may have arrived" in result.stdout and "kembali ledger list" in result.stdout
     listed = kembali("ledger", "list", "--status", "uncertain", config=config)
     assert len(listed.stdout.splitlines()) - 3 == len(smtp_server.messages)  # the header, a blank line, the counts
+
+
+def test_the_demo_shows_its_sending_progress_on_a_terminal(tmp_path: Path) -> None:
+    # a big demo shop (--customers 100000) sends for half an hour at sending.rate_per_second; after "local SMTP
+    # sink listening" the terminal stayed silent all that time, as if it had hung
+    leader, follower = pty.openpty()
+    env = {**os.environ, "KEMBALI_LINK_SECRET": ""}
+    argv = [sys.executable, "-m", "worker", "demo", "--out", str(tmp_path / "demo"), "--customers", "60"]
+    seen = b""
+    try:
+        with subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=follower) as process:
+            os.close(follower)
+            while True:  # read the terminal as the demo writes to it (it would block on a full one)
+                ready, _, _ = select.select([leader], [], [], 120)
+                assert ready, "the demo wrote nothing for 2 minutes"
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # EIO: the demo closed its side
+                    chunk = b""
+                if not chunk:
+                    break
+                seen += chunk
+            assert process.wait(timeout=120) == 0, seen
+    finally:
+        os.close(leader)
+    assert re.search(rb"\rsending: [0-9,]+ messages done \([0-9,]+ sent\)", seen), seen
+    assert seen.endswith(b"\r\x1b[K")  # and the line is gone before the summary

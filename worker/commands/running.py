@@ -17,7 +17,7 @@ from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.pipeline import PlanReport, enabled_campaigns, plan
-from worker.sending import DispatchReport
+from worker.sending import DispatchReport, SendObserver
 from worker.stopping import STOP_SIGNALS, StartupSignals, StopSignals
 
 EXIT_OK, EXIT_ATTENTION, EXIT_UNAVAILABLE = 0, 1, 3
@@ -35,11 +35,18 @@ class CycleReport:
     """The signal that stopped the run early (``run --once``), if one did."""
 
 
-async def cycle(deps: Deps, *, async_store: AsyncStore | None = None, stop: asyncio.Event | None = None) -> CycleReport:
+async def cycle(
+    deps: Deps,
+    *,
+    async_store: AsyncStore | None = None,
+    stop: asyncio.Event | None = None,
+    observer: SendObserver | None = None,
+) -> CycleReport:
     """Release lapsed leases, plan every enabled campaign, send everything due.
 
     ``stop`` set (a signal, see ``once``) ends the run early: the sends under way finish and are recorded, what
-    was claimed and not begun goes back to the queue; set while planning, nothing is sent."""
+    was claimed and not begun goes back to the queue; set while planning, nothing is sent. ``observer`` is told
+    about each message finished (the demo's progress line)."""
     own_store = async_store is None
     astore = async_store or AsyncStore(deps.store)
     try:
@@ -56,6 +63,7 @@ async def cycle(deps: Deps, *, async_store: AsyncStore | None = None, stop: asyn
         transport = deps.transport()
         try:
             dispatcher = deps.dispatcher(astore, transport)
+            dispatcher.observer = observer
             stopper = None if stop is None else asyncio.create_task(stop.wait())
             if stopper is not None:
                 stopper.add_done_callback(lambda t: None if t.cancelled() else dispatcher.stop())
