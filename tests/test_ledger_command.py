@@ -105,6 +105,32 @@ def test_rows_that_are_not_decidable_are_left_alone(
     assert shop.row(OK).status == "sent"
 
 
+def test_a_message_to_a_suppressed_address_is_not_put_back_in_the_queue(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a failed message whose address is now on the suppression list (a hard bounce, an unsubscribe)
+    shop, config = world
+    failed = shop.row(GONE)
+    assert cli.main(["--config", str(config), "suppress", "add", GONE.upper(), "--reason", "complaint"]) == 0
+    capsys.readouterr()
+
+    # When the operator resends it, it is refused, saying why and what to do; the row keeps its reply
+    # (it said "1 message(s) back in the queue (sent at the next run)", and the next run skipped it as
+    # suppressed, its 550 overwritten)
+    assert kembali(config, "resend", str(failed.id), str(shop.row(DROP).id)) == 1
+    captured = capsys.readouterr()
+    assert (f"message {failed.id} left alone: {GONE} is on the suppression list (complaint), so the next run "
+            f"would skip it; `kembali suppress remove {GONE}` first if it should go") in captured.err
+    assert f"1 message(s) back in the queue (sent at the next run): {shop.row(DROP).id}" in captured.out
+    row = shop.row(GONE)
+    assert (row.status, row.last_code) == ("failed", 550)
+
+    # Then, once the address is off the list, it can be resent
+    assert cli.main(["--config", str(config), "suppress", "remove", GONE]) == 0
+    assert kembali(config, "resend", str(failed.id)) == 0
+    assert shop.row(GONE).status == "retry"
+
+
 def test_an_id_past_what_a_database_holds_is_no_such_message(
     world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

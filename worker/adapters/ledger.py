@@ -17,11 +17,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from worker.adapters.tables import Attempt, Message
+from worker.adapters.store import suppression_address
+from worker.adapters.tables import Attempt, Message, Suppression
 from worker.domain import MessageStatus, Outcome
 
 M = Message.__table__  # type: ignore[attr-defined]
 A = Attempt.__table__  # type: ignore[attr-defined]
+S = Suppression.__table__  # type: ignore[attr-defined]
 
 DECIDABLE = (MessageStatus.UNCERTAIN.value, MessageStatus.FAILED.value)
 """States an operator may resend or close."""
@@ -104,7 +106,7 @@ class LedgerAdmin:
         return self._decide(ids, now=now, operator=operator, text=text, values={
             "status": MessageStatus.RETRY.value, "next_attempt_at": now, "skip_reason": None,
             "sent_at": None,  # an uncertain send the cap counted: the resend is counted when it goes
-        })  # fmt: skip
+        }, unless_suppressed=True)  # fmt: skip
 
     def close(
         self, ids: Sequence[int], *, now: datetime, operator: str, status: MessageStatus, note: str = ""
@@ -120,15 +122,22 @@ class LedgerAdmin:
         return self._decide(ids, now=now, operator=operator, text=text, values=values)
 
     def _decide(
-        self, ids: Sequence[int], *, now: datetime, operator: str, text: str, values: dict[str, Any]
+        self, ids: Sequence[int], *, now: datetime, operator: str, text: str, values: dict[str, Any],
+        unless_suppressed: bool = False,
     ) -> ActionResult:
+        """``unless_suppressed``: refuse a row whose address is on the suppression list (a resend would only be
+        skipped as ``suppressed`` by the next run, its bounce reply overwritten)."""
         text = text[:500]
         changed: list[int] = []
         refused: dict[int, str] = {}
         with self.engine.begin() as conn:
             possible = [i for i in ids if 1 <= i <= MAX_ID]  # a bigger one is not a row: SQLite would raise on it
-            query = sa.select(M.c.id, M.c.status, M.c.attempts).where(M.c.id.in_(possible))
+            query = sa.select(M.c.id, M.c.status, M.c.attempts, M.c.email).where(M.c.id.in_(possible))
             found = {r.id: r for r in conn.execute(query)}
+            suppressed: dict[str, str] = {}
+            if unless_suppressed and found:
+                listed = {suppression_address(r.email) for r in found.values()}
+                suppressed = dict(conn.execute(sa.select(S.c.email, S.c.reason).where(S.c.email.in_(listed))).all())
             for message_id in ids:
                 row = found.get(message_id)
                 if row is None:
@@ -136,6 +145,11 @@ class LedgerAdmin:
                     continue
                 if row.status not in DECIDABLE:
                     refused[message_id] = f"is {row.status}; only uncertain or failed messages can be changed"
+                    continue
+                reason = suppressed.get(suppression_address(row.email))
+                if reason is not None:
+                    refused[message_id] = (f"{row.email} is on the suppression list ({reason}), so the next run would "
+                                           f"skip it; `kembali suppress remove {row.email}` first if it should go")
                     continue
                 updated = conn.execute(
                     sa.update(M)

@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="list uncertain/failed messages; resend or close them",
         description="The ledger holds one row per planned message. `list` shows rows (by default the ones "
         "that need a decision: uncertain and failed) with their attempts and the server's last reply. "
-        "`resend` puts uncertain or failed rows back in the queue (same Message-ID); `close` marks them "
+        "`resend` puts uncertain or failed rows back in the queue (same Message-ID; not one whose address is "
+        "on the suppression list: `kembali suppress remove` it first); `close` marks them "
         "final as you decide. Kembali never resends an uncertain message by itself: it may have arrived.",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
