@@ -131,6 +131,24 @@ def test_a_message_to_a_suppressed_address_is_not_put_back_in_the_queue(
     assert shop.row(GONE).status == "retry"
 
 
+def test_a_skipped_row_is_listed_with_why_it_was_skipped(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an uncertain message resent, whose customer unsubscribed before the next run
+    shop, config = world
+    assert kembali(config, "resend", str(shop.row(DROP).id)) == 0
+    assert cli.main(["--config", str(config), "suppress", "add", DROP, "--reason", "unsubscribed"]) == 0
+    shop.clock.set(shop.row(DROP).next_attempt_at)
+    shop.cycle()
+    assert (shop.row(DROP).status, shop.row(DROP).skip_reason) == ("skipped", "suppressed")
+    capsys.readouterr()
+
+    # Then the list says why it was skipped (it said "operator resend", the note before, as if still queued)
+    assert kembali(config, "list", "--status", "skipped") == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if DROP in line]
+    assert line.endswith("skipped: suppressed"), line
+
+
 def test_an_id_past_what_a_database_holds_is_no_such_message(
     world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -127,6 +127,8 @@ def _pad(name: str, cell: str, width: int) -> str:
 
 def _cells(row: LedgerRow) -> tuple[str, ...]:
     reply = row.last_error if row.last_error and row.last_error.startswith("operator") else row.last_reply
+    if row.status == "skipped" and row.skip_reason:  # why it was not sent, not the reply or note before that
+        reply = f"skipped: {row.skip_reason}"
     reply = (reply or row.last_error or row.skip_reason or "").replace("\n", " ")
     code = "" if row.last_code is None else str(row.last_code)
     return (str(row.id), row.status, row.campaign, str(row.attempts), code, row.email[:32], reply[:80])
