@@ -436,3 +436,17 @@ def test_the_demo_shows_its_sending_progress_on_a_terminal(tmp_path: Path) -> No
         os.close(leader)
     assert re.search(rb"\rsending: [0-9,]+ messages done \([0-9,]+ sent\)", seen), seen
     assert seen.endswith(b"\r\x1b[K")  # and the line is gone before the summary
+
+
+def test_a_first_command_in_a_folder_without_a_config_says_how_to_begin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the README's "Using it with your shop" starts with `kembali db upgrade`: in a new folder that said only
+    # "config.toml: config file not found"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KEMBALI_CONFIG", raising=False)
+    code, out = run_cli(capsys, "db", "upgrade")
+    assert code == 2 and "Traceback" not in out
+    assert (f"config.toml: config file not found in {tmp_path}; copy the project's config.toml (every key "
+            "explained) and templates/ here, or give --config FILE") in out
+    assert list(tmp_path.iterdir()) == []

@@ -233,6 +233,9 @@ def _main(argv: Sequence[str] | None) -> int:
             from worker.commands import demo
 
             return demo.run(args)
+        if not args.config.exists() and not args.config_named:  # a first try in a new folder: say how to begin
+            raise ConfigError(f"{args.config}: config file not found in {Path.cwd()}; copy the project's config.toml "
+                              "(every key explained) and templates/ here, or give --config FILE")
         settings = load_settings(args.config)
         from worker.adapters import db
 
