@@ -39,6 +39,18 @@ def test_add_refuses_a_bad_address(config: Path, capsys: pytest.CaptureFixture[s
 
 
 @pytest.mark.parametrize(
+    ("action", "says"),
+    [("add", "give an address"), ("remove", "give an address"),
+     ("import", "give a file of addresses (or - for standard input)")],  # it said "give an file"
+)
+def test_an_action_without_its_target_says_what_to_give(
+    config: Path, capsys: pytest.CaptureFixture[str], action: str, says: str
+) -> None:
+    assert run(config, action) == 2
+    assert f"kembali suppress {action}: {says}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     "text",
     ["# bounced\nsiti@example.com\n\nbad address\nagus@example.com\nsiti@example.com\n",
      "id,email,name\n1,siti@example.com,Siti\n2,bad address,X\n3,agus@example.com,Agus\n"],

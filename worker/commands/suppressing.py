@@ -24,7 +24,8 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
         if action == "list" and not args.target:
             return _list(store, args.reason)
         if not args.target:
-            print(f"kembali suppress {action}: give an {'address' if action != 'import' else 'file'}", file=sys.stderr)
+            what = "a file of addresses (or - for standard input)" if action == "import" else "an address"
+            print(f"kembali suppress {action}: give {what}", file=sys.stderr)
             return EXIT_USAGE
         if action == "import":
             return _import(store, args.target, args.reason or "manual")
