@@ -33,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Kembali brings one-time buyers back: it plans re-engagement emails from your shop's "
         "data, renders them from templates/email/, sends them over SMTP with rate limits, and records "
         "every message and attempt in a ledger so nothing is sent twice or lost.",
-        epilog="Run `kembali COMMAND --help` for each command. Start with `kembali demo`.",
+        epilog="Run `kembali COMMAND --help` for each command. Start with `kembali demo`. Exit codes: 0 done; 1 done, "
+        "but something needs you (rejected rows, failed or uncertain messages, template problems); 2 bad usage or "
+        "configuration, nothing done; 3 the database or the SMTP server cannot be used; 130/143 `run --once` stopped "
+        "by SIGINT/SIGTERM; 141 the output's reader went away (`| head`).",
     )
     top.add_argument(
         "--config",
@@ -80,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                        "reloads config and templates after checking them; SIGTERM/SIGINT stops claiming, lets sends "
                        "under way finish ([daemon] shutdown_grace_seconds) and exits 0; a second signal exits at "
                        "once. With --once: one full cycle (plan, send, record), a summary, and exit (for cron and "
-                       "tests).")
+                       "tests); a signal stops it the same way, with exit code 130 (SIGINT) or 143 (SIGTERM).")
     p.add_argument("--once", action="store_true", help="run one cycle and exit")
 
     p = sub.add_parser("suppress", help="manage the suppression list (addresses that never get email)",
