@@ -215,9 +215,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit: a reader gone by then is caught below, not printed as a traceback
         return code
     except BrokenPipeError:
+        if not _stdout_reader_gone():  # another pipe or socket broke: not the operator's `| head`
+            raise
         # what kembali printed had no reader left (`kembali preview | head`): stop quietly, as cat or grep do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the unwritten rest, flushed at exit
         return EXIT_BROKEN_PIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe or socket whose reader has closed it."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout is no file (a test's capture)
+        return False
 
 
 def _main(argv: Sequence[str] | None) -> int:
