@@ -3,7 +3,7 @@
 Exit codes: 0 done; 1 done, but something needs the operator (rejected rows,
 render errors); 2 bad usage or configuration (nothing was done); 3 the
 database or SMTP server could not be used; 141 the output's reader went away
-(``| head``); 130/143 ``run --once`` stopped by SIGINT/SIGTERM.
+(``| head``); 130/143 ``run --once`` or ``import`` stopped by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         "every message and attempt in a ledger so nothing is sent twice or lost.",
         epilog="Run `kembali COMMAND --help` for each command. Start with `kembali demo`. Exit codes: 0 done; 1 done, "
         "but something needs you (rejected rows, failed or uncertain messages, template problems); 2 bad usage or "
-        "configuration, nothing done; 3 the database or the SMTP server cannot be used; 130/143 `run --once` stopped "
-        "by SIGINT/SIGTERM; 141 the output's reader went away (`| head`).",
+        "configuration, nothing done; 3 the database or the SMTP server cannot be used; 130/143 `run --once` or "
+        "`import` stopped by SIGINT/SIGTERM; 141 the output's reader went away (`| head`).",
     )
     top.add_argument(
         "--config",
