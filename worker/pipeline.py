@@ -158,6 +158,8 @@ class Deferred:
     until: datetime
     why: str
     """``cap`` or ``quiet_hours``."""
+    time_zone: str = "UTC"
+    """The customer's zone, in which ``until`` reads best (quiet hours end at 08:00 on their clock)."""
 
 
 class Composer:
@@ -218,7 +220,7 @@ class Composer:
         if isinstance(decision, Skip):
             return Skipped(message, decision.reason)
         if isinstance(decision, DeferUntil):
-            return Deferred(message, decision.at, decision.why)
+            return Deferred(message, decision.at, decision.why, customer.time_zone)
         return None
 
     def prepare(

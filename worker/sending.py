@@ -544,7 +544,7 @@ class Dispatcher:
             return item
         if isinstance(decision, Skip):
             return Skipped(item.message, decision.reason)
-        return Deferred(item.message, decision.at, decision.why)
+        return Deferred(item.message, decision.at, decision.why, item.customer.time_zone)
 
     async def _next_batch(self, writer: LedgerWriter) -> _Batch | None:
         """Claim the next batch and prepare it (in the helper when the batch is big enough); None when

@@ -16,7 +16,7 @@ import secrets
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
@@ -183,7 +183,7 @@ def _show(
                                   "until": item.until.isoformat(), "why": item.why}, ensure_ascii=False) + "\n")
         else:
             why = "cap: one email at a time" if item.why == "cap" else "quiet hours"
-            until = item.until.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+            until = _local(item.until, item.time_zone)  # on the customer's clock, as the send times are
             out.write(f"{printable(_customer(message)):<14} {_label(message):<14} {'-':<22} "
                       f"defer until {until} ({why})\n")
     else:
