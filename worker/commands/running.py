@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker import checks, eventloop, log
@@ -33,6 +33,8 @@ class CycleReport:
     uncertain: int = 0
     stopped_by: str | None = None
     """The signal that stopped the run early (``run --once``), if one did."""
+    holdout: dict[str, float] = field(default_factory=dict)
+    """Each planned campaign's holdout share: that part of what it planned gets no email."""
 
 
 async def cycle(
@@ -55,11 +57,12 @@ async def cycle(
         if requeued or uncertain:
             log.event("leases_released", logging.WARNING, requeued=requeued, uncertain=uncertain)
         planned = await astore.call(plan, deps.store, deps.settings, now)
+        holdout = {c: getattr(deps.settings.campaigns, c).holdout_share for c in planned.created}
         for campaign, created in planned.created.items():
             await astore.call(opstore.record_run, deps.store, f"plan:{campaign}", at=now, worker=worker_id())
             log.event("campaign_planned", campaign=campaign, created=created, considered=planned.considered[campaign])
         if stop is not None and stop.is_set():
-            return CycleReport(planned, DispatchReport(), requeued, uncertain)
+            return CycleReport(planned, DispatchReport(), requeued, uncertain, holdout=holdout)
         transport = deps.transport()
         try:
             dispatcher = deps.dispatcher(astore, transport)
@@ -75,7 +78,7 @@ async def cycle(
                 dispatcher.close()
         finally:
             await transport.close()
-        return CycleReport(planned, dispatched, requeued, uncertain)
+        return CycleReport(planned, dispatched, requeued, uncertain, holdout=holdout)
     finally:
         if own_store:
             astore.close()
@@ -84,7 +87,10 @@ async def cycle(
 def summary(report: CycleReport) -> list[str]:
     lines = []
     for campaign, created in report.planned.created.items():
-        lines.append(f"planned {created} new {CAMPAIGN_LABELS.get(campaign, campaign)} emails")
+        share = report.holdout.get(campaign, 0.0)
+        held = f" (a {share:.0%} holdout among them gets none, to measure the lift)" if created and share else ""
+        noun = "email" if created == 1 else "emails"
+        lines.append(f"planned {created} new {CAMPAIGN_LABELS.get(campaign, campaign)} {noun}{held}")
     by_campaign: dict[str, Counter[str]] = {}
     for (campaign, what), n in report.dispatched.by_campaign.items():
         by_campaign.setdefault(campaign, Counter())[what] += n
