@@ -10,7 +10,7 @@ from pathlib import Path
 
 from worker.adapters import db, opstore
 from worker.adapters.importer import normalize_email
-from worker.adapters.store import Store
+from worker.adapters.store import Store, suppression_address
 from worker.config import Settings
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
@@ -40,10 +40,11 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
             from worker.adapters.clock import SystemClock
 
             new = store.suppress(email, reason=args.reason or "manual", source="cli", now=SystemClock().now())
-            print(f"{email}: {'suppressed' if new else 'already suppressed'}")
+            print(f"{suppression_address(email)}: {'suppressed' if new else 'already suppressed'}")  # as listed
             return EXIT_OK
         removed = opstore.unsuppress(store, email)
-        print(f"{email}: {'removed from the suppression list' if removed else 'was not suppressed'}")
+        print(f"{suppression_address(email)}: "
+              f"{'removed from the suppression list' if removed else 'was not suppressed'}")
         return EXIT_OK
     finally:
         store.close()
