@@ -80,13 +80,19 @@ def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEMBALI_LINK_SECRET", "a-test-key-of-enough-length")
 
 
-def test_birthday_first_then_feedback_then_winback_one_slot_apart(tmp_path: Path, smtp_server: RecordingServer) -> None:
-    settings = settings_for(tmp_path, smtp_server)
+def given_a_customer_due_three_campaigns(tmp_path: Path, server: RecordingServer) -> Settings:
+    """C1, whose birthday is DAY0, with one order placed 50 days before it (win-back step 1 is due) and delivered
+    8 days before it (feedback is due)."""
+    settings = settings_for(tmp_path, server)
     given_a_shop(settings, [("C1", date(1990, 2, 26))], [
-        # one order, placed 50 days ago (win-back step 1 is due) and delivered 8 days ago (feedback is due)
         OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=50), DAY0 - timedelta(days=8),
                     24_900_000, "IDR"),
     ])  # fmt: skip
+    return settings
+
+
+def test_birthday_first_then_feedback_then_winback_one_slot_apart(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    settings = given_a_customer_due_three_campaigns(tmp_path, smtp_server)
     clock = FakeClock(DAY0)
 
     received_on: dict[int, list[str]] = {}
@@ -117,11 +123,7 @@ def test_birthday_first_then_feedback_then_winback_one_slot_apart(tmp_path: Path
 def test_a_send_left_uncertain_takes_its_slot_under_the_cap(tmp_path: Path, smtp_server: RecordingServer) -> None:
     # Given the customer of the test above, whose server takes the birthday offer and then drops the connection
     # without replying (so the ledger cannot know whether it arrived: `uncertain`, never resent)
-    settings = settings_for(tmp_path, smtp_server)
-    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
-        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=50), DAY0 - timedelta(days=8),
-                    24_900_000, "IDR"),
-    ])  # fmt: skip
+    settings = given_a_customer_due_three_campaigns(tmp_path, smtp_server)
     clock = FakeClock(DAY0)
     smtp_server.on("c1@example.com", Behaviour(drop_after_dot=True))
     cycle_at(settings, clock, DAY0)
