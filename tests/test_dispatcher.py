@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -179,6 +180,39 @@ class _FlowingClock:
         await asyncio.sleep(seconds)
 
 
+def _run_beside_maintenance(
+    url: str, shop: Shop, clock: _FlowingClock, dispatcher: Callable[[AsyncStore, Any], Dispatcher]
+) -> tuple[DispatchReport, list[tuple[int, int]]]:
+    """One dispatch run while another worker's maintenance releases lapsed leases every 0.1 s; the run's report
+    and what each release released."""
+    other = Store.from_url(url)
+    released: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def maintenance() -> None:
+        while not done.wait(0.1):
+            released.append(other.release_expired_leases(clock.now()))
+
+    keeper = threading.Thread(target=maintenance)
+    keeper.start()
+    astore = AsyncStore(shop.store)
+
+    async def run() -> DispatchReport:
+        transport = shop.deps.transport()
+        try:
+            return await dispatcher(astore, transport).run_once()
+        finally:
+            await transport.close()
+
+    try:
+        return asyncio.run(asyncio.wait_for(run(), timeout=60)), released
+    finally:
+        done.set()
+        keeper.join()
+        astore.close()
+        other.close()
+
+
 @pytest.mark.parametrize("renewals", ["work", "fail"])
 def test_a_run_holding_rows_longer_than_a_lease_never_sends_one_twice(tmp_path: Path, renewals: str) -> None:
     # Given 10 customers due a win-back, a lease of 1 s and a rate of 4 a second (the run holds its batch
@@ -197,32 +231,8 @@ def test_a_run_holding_rows_longer_than_a_lease_never_sends_one_twice(tmp_path: 
             shop.store.renew_leases = refused  # type: ignore[method-assign,assignment]
         clock = _FlowingClock(NOW)
         deps = replace(shop.deps, clock=clock)
-        other = Store.from_url(url)
-        released: list[tuple[int, int]] = []
-        done = threading.Event()
-
-        def maintenance() -> None:
-            while not done.wait(0.1):
-                released.append(other.release_expired_leases(clock.now()))
-
-        keeper = threading.Thread(target=maintenance)
-        keeper.start()
-        astore = AsyncStore(shop.store)
-
-        async def run() -> DispatchReport:
-            transport = deps.transport()
-            try:
-                return await deps.dispatcher(astore, transport).run_once()
-            finally:
-                await transport.close()
-
-        try:
-            report = asyncio.run(asyncio.wait_for(run(), timeout=60))
-        finally:
-            done.set()
-            keeper.join()
-            astore.close()
-            other.close()
+        report, released = _run_beside_maintenance(url, shop, clock, lambda astore, transport: deps.dispatcher(
+            astore, transport))
         lapsed = [r for r in released if r != (0, 0)]
         statuses = _statuses(shop)
         received = Counter(m.rcpt_tos[0] for m in sink.messages)
@@ -256,33 +266,9 @@ def test_rows_an_earlier_failed_run_left_claimed_lapse_while_a_later_run_of_the_
         clock = _FlowingClock(NOW)
         deps = replace(shop.deps, clock=clock)
         [left] = shop.store.claim(worker="w1", now=clock.now(), limit=1, lease_seconds=1, domain="shop.example")
-        other = Store.from_url(url)
-        done = threading.Event()
-
-        def maintenance() -> None:
-            while not done.wait(0.1):
-                other.release_expired_leases(clock.now())
-
-        keeper = threading.Thread(target=maintenance)
-        keeper.start()
-        astore = AsyncStore(shop.store)
-
-        async def run() -> DispatchReport:
-            # When a later run of the worker sends the rest, holding its rows for 2.5 s
-            transport = deps.transport()
-            try:
-                return await Dispatcher(settings=settings, store=astore, composer=deps.composer(),
-                                        transport=transport, clock=clock, worker="w1").run_once()  # fmt: skip
-            finally:
-                await transport.close()
-
-        try:
-            report = asyncio.run(asyncio.wait_for(run(), timeout=60))
-        finally:
-            done.set()
-            keeper.join()
-            astore.close()
-            other.close()
+        # When a later run of the worker sends the rest, holding its rows for 2.5 s
+        report, _ = _run_beside_maintenance(url, shop, clock, lambda astore, transport: Dispatcher(
+            settings=settings, store=astore, composer=deps.composer(), transport=transport, clock=clock, worker="w1"))
         # Then the run renews only its own leases: it sends the others once each, and the row left behind has
         # lapsed back to the queue for the next run (it is not kept claimed, by nobody, as long as runs go on)
         others = [e for e in emails if e != left.email]
