@@ -20,13 +20,17 @@ from worker.adapters.store import Store
 from worker.config import Settings, settings_from_dict
 from worker.core import campaigns as cc
 from worker.domain import (
+    ClaimedMessage,
     CustomerRecord,
+    CustomerSnapshot,
     Locale,
     OrderFacts,
     OrderRecord,
     OrderStatus,
     ProductRecord,
     ProductView,
+    SendTimeFacts,
+    SkipReason,
 )
 
 NOW = datetime(2027, 2, 28, 16, 30, tzinfo=UTC)
@@ -349,6 +353,49 @@ def test_rating_links_carry_signed_tokens() -> None:
     url = str(nps[10]["url"])
     assert url.startswith("https://shop.example/feedback?src=mail&t=")
     assert tokens.verify(url.split("t=")[1], [key]) == ("f", "42:10")
+
+
+def _claimed(campaign: str, payload: dict[str, str]) -> ClaimedMessage:
+    return ClaimedMessage(0, f"{campaign}:C1", campaign, 1, 1, "c1@example.com", "<m@x>", 0, NOW, NOW + ago(5),
+                          payload)  # fmt: skip
+
+
+TEN_DAYS_AGO = NOW - ago(10)
+
+
+def _send_time(birthday: date | None = None, orders: int = 1, spent: int = 100_000,
+               last: datetime | None = TEN_DAYS_AGO) -> SendTimeFacts:  # fmt: skip
+    snapshot = CustomerSnapshot(1, "C1", "c1@example.com", "Siti", Locale.ID, JKT, birthday, True)
+    return SendTimeFacts(snapshot, False, orders, last, first_order_id=7, total_spent_minor=spent)
+
+
+_NEWS = (cc.Launch(ProductView("N", "N", "Batik", 100, "IDR", "", ""), NOW - ago(3)),)
+STILL_DUE = [  # (case, campaign, payload, facts at send time, launches, reason to skip)
+    ("birthday unchanged", "birthday", {"birthday": "2027-03-01"}, _send_time(date(1990, 3, 1)), (), None),
+    ("born 29 Feb, planned for the 28th", "birthday", {"birthday": "2027-02-28"}, _send_time(date(1992, 2, 29)),
+     (), None),
+    ("birthday corrected", "birthday", {"birthday": "2027-03-01"}, _send_time(date(1990, 8, 17)), (),
+     "no_longer_due"),
+    ("birthday removed", "birthday", {"birthday": "2027-03-01"}, _send_time(None), (), "no_longer_due"),
+    ("the rated order still counts", "feedback", {"order_id": "7"}, _send_time(), (), None),
+    ("the rated order refunded", "feedback", {"order_id": "8"}, _send_time(), (), "no_longer_due"),
+    ("5 orders still", "loyalty", {"milestone": "orders-5"}, _send_time(orders=5), (), None),
+    ("one refunded: 4 orders", "loyalty", {"milestone": "orders-5"}, _send_time(orders=4), (), "no_longer_due"),
+    ("spend fell below", "loyalty", {"milestone": "spend-500"}, _send_time(spent=499), (), "no_longer_due"),
+    ("news still new", "new_products", {}, _send_time(), _NEWS, None),
+    ("ordered after the news", "new_products", {}, _send_time(last=NOW - ago(1)), _NEWS, "ordered_since"),
+    ("nothing new any more (deactivated)", "new_products", {}, _send_time(), (), "no_longer_due"),
+    ("every purchase refunded", "new_products", {}, _send_time(orders=0, last=None), _NEWS, "no_longer_due"),
+]
+
+
+@pytest.mark.parametrize(("campaign", "payload", "facts", "launches", "reason"), [x[1:] for x in STILL_DUE],
+                         ids=[x[0] for x in STILL_DUE])  # fmt: skip
+def test_the_campaign_rule_is_checked_again_right_before_sending(
+    campaign: str, payload: dict[str, str], facts: SendTimeFacts, launches: tuple[cc.Launch, ...], reason: str | None
+) -> None:
+    got = cc.still_due(_claimed(campaign, payload), facts, NOW, purchases={7}, launches=launches, within_days=14)
+    assert got == (None if reason is None else SkipReason(reason))
 
 
 def test_new_product_picks_prefer_their_categories_then_best_sellers() -> None:

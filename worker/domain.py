@@ -110,7 +110,10 @@ class SkipReason(enum.StrEnum):
     NO_CONSENT = "no_consent"
     """The customer withdrew marketing consent."""
     ORDERED_SINCE = "ordered_since"
-    """The customer ordered again after the message was planned."""
+    """The customer ordered again after the message was planned (win-back), or after the news (new products)."""
+    NO_LONGER_DUE = "no_longer_due"
+    """The campaign's rule no longer holds: the order it is about was cancelled or refunded, the birthday was
+    changed or removed, the milestone is no longer reached, nothing launched is new any more."""
     CAPPED = "capped"
     """The frequency cap left no slot."""
     EXPIRED = "expired"
@@ -377,3 +380,6 @@ class SendTimeFacts:
     suppressed: bool
     order_count: int
     last_order_at: datetime | None
+    first_order_id: int | None = None
+    """The first purchase's row id (win-back's only order)."""
+    total_spent_minor: int = 0

@@ -8,7 +8,8 @@ Theory of operation
   first claim); birthday is planned row by row (time zones).
   Planning twice, or in two processes at once, creates each row once.
 * ``Composer.compose`` takes one claimed message and the facts read right
-  before sending: re-check (expired? suppressed? consent? ordered since?), then
+  before sending: re-check (expired? suppressed? consent? ordered since? is the campaign's rule still
+  met: the birthday, the order to rate, the milestone, the news?), then
   render (a template error fails this message only), then the MIME bytes.
 * ``preview(now)`` is the same two stages with no writes and no sends: it plans
   without inserting, adds the rows already due in the ledger, and composes each.
@@ -90,6 +91,8 @@ class BatchFacts:
     """When each mailbox (``domain.mailbox``) was actually sent email, within the longest cap window."""
     customer_products: dict[int, list[ProductView]] = field(default_factory=dict)
     launches: list[Launch] = field(default_factory=list)
+    purchases: frozenset[int] = frozenset()
+    """The feedback messages' orders that still count as purchases (not cancelled or refunded since)."""
 
 
 def load_batch_facts(
@@ -113,6 +116,7 @@ def load_batch_facts(
             products = audience_sql.customer_products(store.engine, wanting)
             within = timedelta(days=settings.campaigns.new_products.within_days)
             launches = audience_sql.launches(store.engine, since=now - within, until=now)
+    rated = [int(m.payload["order_id"]) for m in messages if m.campaign == cc.FEEDBACK and "order_id" in m.payload]
     return BatchFacts(
         customers=store.send_time_facts(customer_ids),
         order_products=store.order_products(order_ids),
@@ -120,6 +124,7 @@ def load_batch_facts(
         sent=sent,
         customer_products=products,
         launches=launches,
+        purchases=frozenset(store.purchases_among(rated)) if rated else frozenset(),
     )
 
 
@@ -207,7 +212,10 @@ class Composer:
     ) -> Skipped | Deferred | None:
         """The first half of ``compose``: re-check and the contact policy; None means "send it now"."""
         customer_facts = facts.customers[message.customer_id]
-        reason = audiences.recheck(message, customer_facts, now)
+        reason = audiences.recheck(message, customer_facts, now) or cc.still_due(
+            message, customer_facts, now, purchases=facts.purchases, launches=facts.launches,
+            within_days=self.settings.campaigns.new_products.within_days,
+        )  # fmt: skip
         if reason is not None:
             return Skipped(message, reason)
         customer = customer_facts.customer

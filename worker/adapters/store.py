@@ -723,6 +723,8 @@ class Store:
                         suppressed=bool(r.suppressed),
                         order_count=r.order_count,
                         last_order_at=r.last_order_at,
+                        first_order_id=r.first_order_id,
+                        total_spent_minor=r.total_spent_minor,
                     )
         for missing in set(ids) - facts.keys():
             facts[missing] = SendTimeFacts(customer=None, suppressed=False, order_count=0, last_order_at=None)
@@ -742,6 +744,16 @@ class Store:
                 )
                 for r in conn.execute(query):
                     out[r.order_id].append(product_view(r))
+        return out
+
+    def purchases_among(self, order_ids: Iterable[int]) -> set[int]:
+        """Those of these orders that still count as purchases (not cancelled or refunded)."""
+        ids = sorted(set(order_ids))
+        out: set[int] = set()
+        with self.engine.begin() as conn:
+            for part in _chunks(ids):
+                query = sa.select(O.c.id).where(O.c.id.in_(part), O.c.status.not_in(PURCHASE_EXCLUDED))
+                out.update(conn.execute(query).scalars())
         return out
 
     def catalogue(self) -> list[tuple[ProductView, int]]:

@@ -96,7 +96,8 @@ def plan_winback(
 
 
 def recheck(message: ClaimedMessage, facts: SendTimeFacts, now: datetime) -> SkipReason | None:
-    """Right before sending: is it still right to send this message? None means yes."""
+    """Right before sending: is it still right to send this message? None means yes. (The other campaigns'
+    rules are checked again by ``campaigns.still_due``.)"""
     if now >= message.expires_at:
         return SkipReason.EXPIRED
     if facts.customer is None:
@@ -105,6 +106,10 @@ def recheck(message: ClaimedMessage, facts: SendTimeFacts, now: datetime) -> Ski
         return SkipReason.SUPPRESSED
     if not facts.customer.marketing_consent:
         return SkipReason.NO_CONSENT
-    if message.campaign == WINBACK and facts.order_count != 1:
-        return SkipReason.ORDERED_SINCE
+    if message.campaign == WINBACK:
+        if facts.order_count == 0:  # the only order was cancelled or refunded: no longer a buyer at all
+            return SkipReason.NO_LONGER_DUE
+        planned_order = message.payload.get("first_order_id")
+        if facts.order_count != 1 or (planned_order is not None and facts.first_order_id != int(planned_order)):
+            return SkipReason.ORDERED_SINCE  # a second order, or a new one in place of a refunded one
     return None

@@ -16,14 +16,14 @@ tests run one table of cases through both.
 from __future__ import annotations
 
 import calendar
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from worker.core import tokens
 from worker.core.audiences import WINBACK, key_part, message_id_for, winback_key
-from worker.domain import OrderFacts, PlannedMessage, ProductView
+from worker.domain import ClaimedMessage, OrderFacts, PlannedMessage, ProductView, SendTimeFacts, SkipReason
 
 BIRTHDAY = "birthday"
 FEEDBACK = "feedback"
@@ -305,6 +305,54 @@ def loyalty_due(
 
 def loyalty_key(customer_external_id: str, milestone: str) -> str:
     return f"{LOYALTY}:{key_part(customer_external_id)}:{milestone}"
+
+
+# --- right before sending ------------------------------------------------------------
+
+
+def still_due(
+    message: ClaimedMessage,
+    facts: SendTimeFacts,
+    now: datetime,
+    *,
+    purchases: Collection[int],
+    launches: Sequence[Launch],
+    within_days: int,
+) -> SkipReason | None:
+    """Right before sending (after ``audiences.recheck``): does the rule that planned the message still hold
+    for what the shop's data says now? None means yes. ``purchases``: the ids of the feedback orders that still
+    count as purchases; ``launches``: the active products launched in the new-products window before ``now``.
+
+    A birthday changed or removed, a rated order cancelled or refunded, a milestone no longer reached (the
+    order that reached it refunded), news the customer ordered after (or that is no longer new): the message
+    is skipped, not sent as planned."""
+    customer = facts.customer
+    if customer is None:
+        return None  # audiences.recheck skips it as customer_gone
+    if message.campaign == BIRTHDAY:
+        planned_day = message.payload.get("birthday")
+        if planned_day is None:
+            return None
+        day = date.fromisoformat(planned_day)
+        if customer.birthday is None or birthday_in(customer.birthday, day.year) != day:
+            return SkipReason.NO_LONGER_DUE
+    elif message.campaign == FEEDBACK:
+        order_id = message.payload.get("order_id")
+        if order_id is not None and int(order_id) not in purchases:
+            return SkipReason.NO_LONGER_DUE
+    elif message.campaign == LOYALTY:
+        kind, _, amount = message.payload.get("milestone", "").partition("-")
+        reached = {"orders": facts.order_count, "spend": facts.total_spent_minor}.get(kind)
+        if reached is not None and amount.isdigit() and reached < int(amount):
+            return SkipReason.NO_LONGER_DUE
+    elif message.campaign == NEW_PRODUCTS:
+        if new_since(facts.last_order_at, launches, now, within_days):
+            return None
+        recent = [x for x in launches if now - timedelta(days=within_days) < x.launched_at <= now]
+        if recent and facts.last_order_at is not None:
+            return SkipReason.ORDERED_SINCE  # everything new was launched before their latest order
+        return SkipReason.NO_LONGER_DUE
+    return None
 
 
 @dataclass(frozen=True, slots=True)

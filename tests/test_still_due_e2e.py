@@ -1,0 +1,136 @@
+"""The send-time re-check of every campaign's rule, end to end: real SQLite and PostgreSQL, a real SMTP server.
+
+Given customers each due one campaign, planned at 22:00 (so quiet hours hold everything until 08:00), when
+the shop's data changes overnight (a birthday corrected, a rated order refunded, the order that reached a
+milestone refunded, the only order of a one-time buyer refunded, a new order after the news), then the
+morning's cycle skips those messages with a reason (``no_longer_due`` or ``ordered_since``) and sends the
+others as planned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.smtp_server import RecordingServer
+from worker.adapters import db, shop
+from worker.adapters.store import Store
+from worker.app import Deps
+from worker.commands import running
+from worker.config import Settings, settings_from_dict
+from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
+from worker.testing import FakeClock
+
+ROOT = Path(__file__).resolve().parent.parent
+NIGHT = datetime(2027, 3, 1, 15, 0, tzinfo=UTC)
+"""22:00 on 1 March 2027 in Jakarta: everything planned now waits for 08:00."""
+MORNING = datetime(2027, 3, 2, 1, 0, tzinfo=UTC)
+D, P, R = OrderStatus.DELIVERED, OrderStatus.PAID, OrderStatus.REFUNDED
+
+
+@pytest.fixture(autouse=True)
+def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "a-test-key-of-enough-length")
+
+
+def settings_for(db_url: str, server: RecordingServer) -> Settings:
+    return settings_from_dict({
+        "database": {"url": db_url},
+        "smtp": {"host": "127.0.0.1", "port": server.port, "tls": "none", "timeout_seconds": 5.0, "pool_size": 2},
+        "templates": {"dir": str(ROOT / "templates" / "email")},
+        "campaigns": {
+            "winback": {"quiet_days": 45, "holdout_share": 0.0},
+            "birthday": {"enabled": True, "days_before": 3},
+            "feedback": {"enabled": True, "days_after": 7, "lookback_days": 14},
+            "new_products": {"enabled": True, "within_days": 14, "active_within_days": 180},
+            "loyalty": {"enabled": True, "order_milestones": [5], "spend_milestones": [], "within_days": 30},
+        },
+        "policy": {"frequency_caps": [[10, 1]], "quiet_hours_start": "21:00", "quiet_hours_end": "08:00"},
+    })  # fmt: skip
+
+
+def customer(ext: str, born: date | None = None) -> CustomerRecord:
+    return CustomerRecord(ext, f"{ext.lower()}@example.com", f"Siti {ext}", Locale.EN, "Asia/Jakarta", born, True,
+                          "opt_in", "checkout")  # fmt: skip
+
+
+def order(ext: str, cust: str, status: OrderStatus, placed_days_ago: float, delivered_days_ago: float | None = None,
+          *, at: datetime = NIGHT) -> OrderRecord:  # fmt: skip
+    delivered = None if delivered_days_ago is None else at - timedelta(days=delivered_days_ago)
+    return OrderRecord(ext, cust, status, at - timedelta(days=placed_days_ago), delivered, 10_000_000, "IDR",
+                       (OrderLineRecord("P-OLD", 1, 10_000_000),))  # fmt: skip
+
+
+def cycle_at(settings: Settings, when: datetime) -> running.CycleReport:
+    deps = Deps.build(settings)
+    deps.clock = FakeClock(when)
+    try:
+        return asyncio.run(running.cycle(deps))
+    finally:
+        deps.close()
+
+
+def ledger(settings: Settings) -> dict[str, tuple[str, str | None]]:
+    store = Store.from_url(settings.database_url)
+    try:
+        return {r["dedupe_key"]: (r["status"], r["skip_reason"]) for r in store.messages(limit=100)}
+    finally:
+        store.close()
+
+
+def test_a_message_whose_campaign_rule_no_longer_holds_at_send_time_is_skipped_with_a_reason(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [
+        customer("B1", date(1990, 3, 4)), customer("B2", date(1990, 3, 4)),  # birthdays in 3 days
+        customer("F1"), customer("F2"),  # an order delivered 8 days ago: feedback is due
+        customer("L1"), customer("L2"),  # their 5th order 2.5 days ago: loyalty orders-5
+        customer("W1"), customer("W2"), customer("W3"),  # one order 50 days ago: win-back (and the news)
+        customer("N1"), customer("N2"),  # two orders, the last 30 days ago: the news
+    ], NIGHT)  # fmt: skip
+    shop.upsert_products(engine, [
+        ProductRecord("P-OLD", "Kain Lama", "Batik", 10_000_000, "IDR", "", "", datetime(2026, 1, 1, tzinfo=UTC), True),
+        ProductRecord("P-NEW", "Kain Baru", "Batik", 20_000_000, "IDR", "", "", NIGHT - timedelta(days=10), True),
+    ], NIGHT)  # fmt: skip
+    shop.upsert_orders(engine, [
+        order("F1-1", "F1", D, 9, 8), order("F2-1", "F2", D, 9, 8),
+        *(order(f"L{n}-{i}", f"L{n}", D, 2.5 + i) for n in (1, 2) for i in range(5)),
+        *(order(f"W{n}-1", f"W{n}", D, 50) for n in (1, 2, 3)),
+        *(order(f"N{n}-{i}", f"N{n}", D, 30 + 10 * i) for n in (1, 2) for i in range(2)),
+    ], NIGHT)  # fmt: skip
+    engine.dispose()
+    night = cycle_at(settings, NIGHT)
+    assert night.dispatched.outcomes == {"deferred:quiet_hours": 14} and smtp_server.messages == []
+    week = next(k for k in ledger(settings) if k.startswith("new_products:")).rsplit(":", 1)[1]
+
+    # overnight the shop's data changes
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("B1", date(1990, 8, 17))], NIGHT)  # a corrected birthday
+    shop.upsert_orders(engine, [
+        order("F1-1", "F1", R, 9, 8),  # the order to rate: refunded
+        order("L1-0", "L1", R, 2.5),  # the 5th order: refunded, 4 purchases left
+        order("W1-1", "W1", R, 50),  # the only order: refunded, no purchase left
+        order("W2-1", "W2", R, 50), order("W2-2", "W2", P, -0.05),  # refunded, and a new order in its place
+        order("N1-2", "N1", P, -0.05),  # a new order after the news
+    ], NIGHT)  # fmt: skip
+    engine.dispose()
+    morning = cycle_at(settings, MORNING)
+
+    sent = {"birthday:B2:2027", "feedback:F2-1", "loyalty:L2:orders-5", "winback:W3:W3-1:1",
+            f"new_products:W3:{week}", f"new_products:N2:{week}"}  # fmt: skip
+    no_longer_due = {"birthday:B1:2027", "feedback:F1-1", "loyalty:L1:orders-5", "winback:W1:W1-1:1",
+                     f"new_products:W1:{week}"}  # fmt: skip
+    ordered_since = {"winback:W2:W2-1:1", f"new_products:W2:{week}", f"new_products:N1:{week}"}
+    assert ledger(settings) == {
+        **{k: ("sent", None) for k in sent},
+        **{k: ("skipped", "no_longer_due") for k in no_longer_due},
+        **{k: ("skipped", "ordered_since") for k in ordered_since},
+    }
+    assert morning.dispatched.outcomes == {"sent": 6, "skipped:no_longer_due": 5, "skipped:ordered_since": 3}
+    assert sorted(to for m in smtp_server.messages for to in m.rcpt_tos) == [
+        "b2@example.com", "f2@example.com", "l2@example.com", "n2@example.com", "w3@example.com", "w3@example.com"]
