@@ -134,3 +134,35 @@ def test_a_message_whose_campaign_rule_no_longer_holds_at_send_time_is_skipped_w
     assert morning.dispatched.outcomes == {"sent": 6, "skipped:no_longer_due": 5, "skipped:ordered_since": 3}
     assert sorted(to for m in smtp_server.messages for to in m.rcpt_tos) == [
         "b2@example.com", "f2@example.com", "l2@example.com", "n2@example.com", "w3@example.com", "w3@example.com"]
+
+
+def test_new_products_news_reaches_a_mailbox_at_most_once_in_seven_days_across_iso_weeks(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given a customer of a month ago, a launch on Sunday evening (ISO week 8) and another on Wednesday (week 9)
+    settings = settings_for(db_url, smtp_server)  # the frequency cap allows 10 a day: only the weekly limit holds
+    sunday = datetime(2027, 2, 28, 13, 0, tzinfo=UTC)  # 20:00 in Jakarta
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("N1")], sunday)
+    shop.upsert_products(engine, [
+        ProductRecord("P-OLD", "Kain Lama", "Batik", 10_000_000, "IDR", "", "", datetime(2026, 1, 1, tzinfo=UTC), True),
+        ProductRecord("P-SUN", "Kain Minggu", "Batik", 20_000_000, "IDR", "", "", sunday, True),
+        ProductRecord("P-WED", "Kain Rabu", "Batik", 20_000_000, "IDR", "", "", sunday + timedelta(days=2, hours=13),
+                      True),
+    ], sunday)  # fmt: skip
+    shop.upsert_orders(engine, [order("N1-1", "N1", D, 40, at=sunday), order("N1-2", "N1", D, 30, at=sunday)], sunday)
+    engine.dispose()
+
+    # When Kembali runs on Sunday at 22:00 (quiet hours: the week-8 news waits for Monday 08:00) and then every
+    # morning at 10:00 for a week and a day
+    received = []
+    for when in [sunday + timedelta(hours=2), *(sunday + timedelta(days=d, hours=-10) for d in range(1, 10))]:
+        before = len(smtp_server.messages)
+        cycle_at(settings, when)
+        received += [(when.date(), to) for m in smtp_server.messages[before:] for to in m.rcpt_tos]
+
+    # Then one email arrives (Monday, the Sunday launch); Wednesday's news would have been the second within
+    # three days (and in the same ISO week): it waits for a week after Monday's, past its expiry
+    assert received == [(date(2027, 3, 1), "n1@example.com")]
+    assert ledger(settings) == {"new_products:N1:2027-W08": ("sent", None),
+                                "new_products:N1:2027-W09": ("skipped", "expired")}  # fmt: skip

@@ -93,6 +93,8 @@ class BatchFacts:
     launches: list[Launch] = field(default_factory=list)
     purchases: frozenset[int] = frozenset()
     """The feedback messages' orders that still count as purchases (not cancelled or refunded since)."""
+    news_sent: dict[str, list[datetime]] = field(default_factory=dict)
+    """When each new-products message's mailbox was sent new-products news, within ``cc.NEWS_SPACING``."""
 
 
 def load_batch_facts(
@@ -108,11 +110,14 @@ def load_batch_facts(
     sent: dict[str, list[datetime]] = {}
     products: dict[int, list[ProductView]] = {}
     launches: list[Launch] = []
+    news_sent: dict[str, list[datetime]] = {}
     if settings is not None and now is not None:
         lookback = planning.contact_policy(settings).lookback
         sent = store.sent_times([m.email for m in messages], since=now - lookback)
         wanting = [m.customer_id for m in messages if m.campaign == cc.NEW_PRODUCTS]
         if wanting:
+            news = [m.email for m in messages if m.campaign == cc.NEW_PRODUCTS]
+            news_sent = store.sent_times(news, since=now - cc.NEWS_SPACING, campaign=cc.NEW_PRODUCTS)
             products = audience_sql.customer_products(store.engine, wanting)
             within = timedelta(days=settings.campaigns.new_products.within_days)
             launches = audience_sql.launches(store.engine, since=now - within, until=now)
@@ -125,6 +130,7 @@ def load_batch_facts(
         customer_products=products,
         launches=launches,
         purchases=frozenset(store.purchases_among(rated)) if rated else frozenset(),
+        news_sent=news_sent,
     )
 
 
@@ -162,7 +168,7 @@ class Deferred:
     message: ClaimedMessage
     until: datetime
     why: str
-    """``cap`` or ``quiet_hours``."""
+    """``cap``, ``quiet_hours`` or ``news_week`` (new-products news sent less than a week ago)."""
     time_zone: str = "UTC"
     """The customer's zone, in which ``until`` reads best (quiet hours end at 08:00 on their clock)."""
 
@@ -220,6 +226,11 @@ class Composer:
             return Skipped(message, reason)
         customer = customer_facts.customer
         assert customer is not None  # recheck skips CUSTOMER_GONE
+        news_at = cc.next_news_at(facts.news_sent.get(mailbox(message.email), ()))
+        if message.campaign == cc.NEW_PRODUCTS and news_at is not None and news_at > now:
+            if news_at >= message.expires_at:
+                return Skipped(message, SkipReason.EXPIRED)
+            return Deferred(message, news_at, "news_week", customer.time_zone)
         sent = facts.sent.get(mailbox(message.email), ())
         decision = (
             arbiter.decide(message, customer, sent, now) if arbiter is not None

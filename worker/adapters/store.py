@@ -690,11 +690,13 @@ class Store:
             ).rowcount
         return int(requeued), int(uncertain)
 
-    def sent_times(self, addresses: Iterable[str], *, since: datetime) -> dict[str, list[datetime]]:
-        """When each address's mailbox (``domain.mailbox``) was sent email (any campaign, any customer record)
-        since ``since``: what caps count. Keyed by mailbox. An ``uncertain`` message counts (its ``sent_at`` is
-        when it may have left): it may have arrived, and an operator who closes it as failed, or resends it,
-        clears that time."""
+    def sent_times(
+        self, addresses: Iterable[str], *, since: datetime, campaign: str | None = None
+    ) -> dict[str, list[datetime]]:
+        """When each address's mailbox (``domain.mailbox``) was sent email (any campaign, or ``campaign``'s
+        only; any customer record) since ``since``: what caps count. Keyed by mailbox. An ``uncertain`` message
+        counts (its ``sent_at`` is when it may have left): it may have arrived, and an operator who closes it as
+        failed, or resends it, clears that time."""
         boxes = sorted({mailbox(a) for a in addresses})
         out: dict[str, list[datetime]] = {box: [] for box in boxes}
         lowered = sa.func.lower(M.c.email)
@@ -703,6 +705,8 @@ class Store:
                 query = sa.select(lowered, M.c.sent_at).where(
                     lowered.in_(part), M.c.sent_at.is_not(None), M.c.sent_at >= since
                 )
+                if campaign is not None:
+                    query = query.where(M.c.campaign == campaign)
                 for box, sent_at in conn.execute(query):
                     out[box].append(sent_at)
         return out

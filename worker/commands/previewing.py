@@ -182,7 +182,8 @@ def _show(
                                   "step": message.step, "dedupe_key": message.dedupe_key,
                                   "until": item.until.isoformat(), "why": item.why}, ensure_ascii=False) + "\n")
         else:
-            why = "cap: one email at a time" if item.why == "cap" else "quiet hours"
+            why = {"cap": "cap: one email at a time", "news_week": "new products: one email a week"}.get(
+                item.why, "quiet hours")
             until = _local(item.until, item.time_zone)  # on the customer's clock, as the send times are
             out.write(f"{printable(_customer(message)):<14} {_label(message):<14} {'-':<22} "
                       f"defer until {until} ({why})\n")

@@ -237,6 +237,17 @@ def news_week(launches: Sequence[Launch], zone: ZoneInfo) -> str:
     return iso_week(local_today(max(x.launched_at for x in launches), zone))
 
 
+NEWS_SPACING = timedelta(days=7)
+"""At most one new-products email per customer (per mailbox) in any 7 days, whatever the ISO weeks of the
+launches: a week's news planned while the last week's email waited for a free slot (the cap, quiet hours)
+waits too, and is skipped as expired when that is past its expiry."""
+
+
+def next_news_at(sent: Sequence[datetime]) -> datetime | None:
+    """When the mailbox may be sent new-products news again, given when it was sent news (None: at once)."""
+    return max(sent) + NEWS_SPACING if sent else None
+
+
 def new_products_key_for_week(customer_external_id: str, week: str) -> str:
     return f"{NEW_PRODUCTS}:{key_part(customer_external_id)}:{week}"
 
