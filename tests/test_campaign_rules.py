@@ -139,6 +139,13 @@ LOYALTY = [
     Case("one order of Rp6.000.000: the spend milestone", 1, (o(D, 2, total=6_000_000),)),
     Case("5 orders and Rp6.000.000: both milestones", 2, tuple(o(D, 3 + i, total=1_200_000) for i in range(5))),
     Case("5 orders, one cancelled: 4 purchases", 0, (*(o(D, 3 + i) for i in range(4)), o(X, 1))),
+    Case("7 orders, the 5th 40 days ago: not reached by a recent order", 0,
+         (o(D, 1), o(D, 2), *(o(D, 40 + 10 * i) for i in range(5)))),
+    Case("10 orders, 6 of them before the window: the 10th is recent", 1,
+         (*(o(D, 1 + i) for i in range(4)), *(o(D, 40 + 10 * i) for i in range(6)))),
+    Case("Rp6.000.000 spent 100 days ago, a small order yesterday", 0, (o(D, 100, total=6_000_000), o(D, 1))),
+    Case("Rp4.900.000 spent 100 days ago, Rp200.000 yesterday: crossed", 1,
+         (o(D, 100, total=4_900_000), o(D, 1, total=200_000))),
     Case("no consent", 0, tuple(o(D, 3 + i) for i in range(5)), consent=False),
     Case("already rewarded", 0, tuple(o(D, 3 + i) for i in range(5)), planned=True),
 ]

@@ -212,15 +212,25 @@ def new_products(c: Common, *, since: datetime, before: datetime, week: str) -> 
 
 def loyalty(c: Common, *, since: datetime, orders: Sequence[int], spend_minor: Sequence[int]) -> list[Plan]:
     """Customers whose last purchase is at or after ``since``: one plan for the highest order-count
-    milestone reached, one for the highest spend milestone."""
+    milestone reached, one for the highest spend milestone, each when the purchases placed before ``since``
+    had not reached it (an order since did)."""
+    earlier = sa.select().select_from(O).where(
+        O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED), O.c.placed_at < since
+    )
     plans = []
-    for prefix, column, thresholds in (("orders", C.c.order_count, orders), ("spend", C.c.total_spent_minor,
-                                                                             spend_minor)):  # fmt: skip
+    for prefix, column, thresholds, before in (
+        ("orders", C.c.order_count, orders, earlier.with_only_columns(sa.func.count())),
+        ("spend", C.c.total_spent_minor, spend_minor,
+         earlier.with_only_columns(sa.func.coalesce(sa.func.sum(O.c.total_minor), 0))),
+    ):  # fmt: skip
         if not thresholds:
             continue
-        label = sa.case(*((column >= t, _lit(f"{prefix}-{t}")) for t in sorted(thresholds, reverse=True)))
+        highest = sorted(thresholds, reverse=True)
+        label = sa.case(*((column >= t, _lit(f"{prefix}-{t}")) for t in highest))
+        threshold = sa.case(*((column >= t, sa.literal(t, sa.BigInteger)) for t in highest))
         key = _lit("loyalty:") + _key_part(C.c.external_id) + _lit(":") + label
-        where = [_scanned(c.dialect, C.c.last_order_at) >= since, column >= min(thresholds), *_consenting()]
+        where = [_scanned(c.dialect, C.c.last_order_at) >= since, column >= min(thresholds), *_consenting(),
+                 before.scalar_subquery() < threshold]  # fmt: skip
         plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key,
                           json_object_sql(c.dialect, [("milestone", label)]), C, where, (C.c.id,), C.c.id,
                           c.holdout_share, probe=True))  # fmt: skip

@@ -306,12 +306,32 @@ def loyalty_milestones(order_count: int, total_spent_minor: int, m: Milestones) 
 
 
 def loyalty_due(
-    order_count: int, total_spent_minor: int, last_order_at: datetime | None, now: datetime, m: Milestones
+    order_count: int,
+    total_spent_minor: int,
+    last_order_at: datetime | None,
+    now: datetime,
+    m: Milestones,
+    *,
+    count_before: int,
+    spent_before: int,
 ) -> list[str]:
-    """Milestones reached by a recent order (the last within ``within_days``)."""
-    if last_order_at is None or last_order_at < now - timedelta(days=m.within_days):
+    """The highest milestones reached (``loyalty_milestones``), each only when an order within ``within_days``
+    reached it: the purchases placed before that window (``count_before`` of them, ``spent_before`` in all) had
+    not. So a customer whose 5th order was months ago is not thanked for it now because they ordered again
+    (nor a shop's whole history on the day the campaign is turned on)."""
+    if last_order_at is None or last_order_at < loyalty_since(now, m):
         return []
-    return loyalty_milestones(order_count, total_spent_minor, m)
+    out = []
+    for label in loyalty_milestones(order_count, total_spent_minor, m):
+        kind, _, amount = label.partition("-")
+        if (count_before if kind == "orders" else spent_before) < int(amount):
+            out.append(label)
+    return out
+
+
+def loyalty_since(now: datetime, m: Milestones) -> datetime:
+    """The start of the window in which the order that reached a milestone must have been placed."""
+    return now - timedelta(days=m.within_days)
 
 
 def loyalty_key(customer_external_id: str, milestone: str) -> str:
@@ -435,6 +455,8 @@ def loyalty_due_keys(facts: Facts, now: datetime, milestones: Milestones) -> lis
     bought = purchases(facts.orders)
     if not facts.reachable or not bought:
         return []
-    labels = loyalty_due(len(bought), sum(o.total_minor for o in bought), bought[-1].placed_at, now, milestones)
+    earlier = [o for o in bought if o.placed_at < loyalty_since(now, milestones)]
+    labels = loyalty_due(len(bought), sum(o.total_minor for o in bought), bought[-1].placed_at, now, milestones,
+                         count_before=len(earlier), spent_before=sum(o.total_minor for o in earlier))  # fmt: skip
     keys = [loyalty_key(facts.customer_external_id, label) for label in labels]
     return [k for k in keys if k not in facts.planned_keys]
