@@ -110,6 +110,8 @@ FEEDBACK = [
     Case("delivered 20 days ago: still within the lookback", 1, (o(D, 25, 20),)),
     Case("delivered exactly 21 days ago: past the lookback", 0, (o(D, 25, 21),)),
     Case("not delivered, placed 10 days ago: the placement counts", 1, (o(S, 10),)),
+    Case("placed 10 days ago and never paid: nothing to rate", 0, (o(OrderStatus.PLACED, 10),)),
+    Case("paid 10 days ago, no delivery time", 1, (o(OrderStatus.PAID, 10),)),
     Case("placed long ago, delivered 8 days ago: the delivery counts", 1, (o(D, 40, 8),)),
     Case("a cancelled order is never asked about", 0, (o(X, 10),)),
     Case("a refunded order neither", 0, (o(R, 12, 8),)),
@@ -401,7 +403,7 @@ STILL_DUE = [  # (case, campaign, payload, facts at send time, launches, reason 
 def test_the_campaign_rule_is_checked_again_right_before_sending(
     campaign: str, payload: dict[str, str], facts: SendTimeFacts, launches: tuple[cc.Launch, ...], reason: str | None
 ) -> None:
-    got = cc.still_due(_claimed(campaign, payload), facts, NOW, purchases={7}, launches=launches, within_days=14)
+    got = cc.still_due(_claimed(campaign, payload), facts, NOW, rateable={7}, launches=launches, within_days=14)
     assert got == (None if reason is None else SkipReason(reason))
 
 

@@ -70,6 +70,11 @@ class OrderStatus(enum.StrEnum):
     def counts_as_purchase(self) -> bool:
         return self not in (OrderStatus.CANCELLED, OrderStatus.REFUNDED)
 
+    @property
+    def can_be_rated(self) -> bool:
+        """Paid, shipped or delivered: a feedback request may ask about it (not one placed and never paid)."""
+        return self in (OrderStatus.PAID, OrderStatus.SHIPPED, OrderStatus.DELIVERED)
+
 
 class MessageStatus(enum.StrEnum):
     """A ledger row's state. Terminal: sent, failed, skipped, uncertain."""

@@ -91,8 +91,8 @@ class BatchFacts:
     """When each mailbox (``domain.mailbox``) was actually sent email, within the longest cap window."""
     customer_products: dict[int, list[ProductView]] = field(default_factory=dict)
     launches: list[Launch] = field(default_factory=list)
-    purchases: frozenset[int] = frozenset()
-    """The feedback messages' orders that still count as purchases (not cancelled or refunded since)."""
+    rateable: frozenset[int] = frozenset()
+    """The feedback messages' orders that can still be rated (not cancelled or refunded since)."""
     news_sent: dict[str, list[datetime]] = field(default_factory=dict)
     """When each new-products message's mailbox was sent new-products news, within ``cc.NEWS_SPACING``."""
 
@@ -129,7 +129,7 @@ def load_batch_facts(
         sent=sent,
         customer_products=products,
         launches=launches,
-        purchases=frozenset(store.purchases_among(rated)) if rated else frozenset(),
+        rateable=frozenset(store.rateable_among(rated)) if rated else frozenset(),
         news_sent=news_sent,
     )
 
@@ -219,7 +219,7 @@ class Composer:
         """The first half of ``compose``: re-check and the contact policy; None means "send it now"."""
         customer_facts = facts.customers[message.customer_id]
         reason = audiences.recheck(message, customer_facts, now) or cc.still_due(
-            message, customer_facts, now, purchases=facts.purchases, launches=facts.launches,
+            message, customer_facts, now, rateable=facts.rateable, launches=facts.launches,
             within_days=self.settings.campaigns.new_products.within_days,
         )  # fmt: skip
         if reason is not None:

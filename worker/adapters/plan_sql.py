@@ -57,7 +57,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from worker import log
 from worker.adapters import db
-from worker.adapters.store import PURCHASE_EXCLUDED, C, M, O, _key_part, suppressed_sql
+from worker.adapters.store import PURCHASE_EXCLUDED, RATEABLE, C, M, O, _key_part, suppressed_sql
 from worker.adapters.tables import UTCDateTime
 from worker.core.policy import HOLDOUT_MODULUS, holdout_factors, holdout_threshold
 from worker.domain import MessageStatus, PlannedMessage, SkipReason
@@ -188,13 +188,13 @@ def winback(c: Common, *, steps: Sequence[tuple[datetime, str, int]]) -> Plan:
 
 
 def feedback(c: Common, *, after: datetime, not_after: datetime) -> Plan:
-    """Purchases settled (delivered, else placed) in ``(after, not_after]``."""
+    """Orders paid, shipped or delivered, settled (delivered, else placed) in ``(after, not_after]``."""
     key = _lit("feedback:") + _key_part(O.c.external_id)
     payload = json_object_sql(c.dialect, [
         ("customer", _key_part(C.c.external_id)), ("order", O.c.external_id), ("order_id", O.c.id),
     ])  # fmt: skip
     ranged = [O.c.settled_at > after, O.c.settled_at <= not_after]
-    where = [*ranged, O.c.status.not_in(PURCHASE_EXCLUDED), *_consenting()]
+    where = [*ranged, O.c.status.in_(RATEABLE), *_consenting()]
     return Plan("feedback", sa.literal(1), c.priority, c.now, c.expires_at, key, payload,
                 O.join(C, C.c.id == O.c.customer_id), where, (O.c.settled_at, O.c.id), O.c.id,
                 c.holdout_share, probe=True)  # fmt: skip

@@ -54,6 +54,8 @@ A = Attempt.__table__  # type: ignore[attr-defined]
 S = Suppression.__table__  # type: ignore[attr-defined]
 
 PURCHASE_EXCLUDED = ("cancelled", "refunded")
+RATEABLE = ("paid", "shipped", "delivered")
+"""The orders a feedback request may ask about (``OrderStatus.can_be_rated``)."""
 CLAIMABLE = (MessageStatus.PLANNED.value, MessageStatus.RETRY.value)
 # Literal SQL, not bound parameters: a partial index is used only when the query repeats its WHERE as is.
 WAITING = sa.text("message.status IN ('planned', 'retry')")
@@ -750,13 +752,13 @@ class Store:
                     out[r.order_id].append(product_view(r))
         return out
 
-    def purchases_among(self, order_ids: Iterable[int]) -> set[int]:
-        """Those of these orders that still count as purchases (not cancelled or refunded)."""
+    def rateable_among(self, order_ids: Iterable[int]) -> set[int]:
+        """Those of these orders a feedback request may still ask about (paid, shipped or delivered)."""
         ids = sorted(set(order_ids))
         out: set[int] = set()
         with self.engine.begin() as conn:
             for part in _chunks(ids):
-                query = sa.select(O.c.id).where(O.c.id.in_(part), O.c.status.not_in(PURCHASE_EXCLUDED))
+                query = sa.select(O.c.id).where(O.c.id.in_(part), O.c.status.in_(RATEABLE))
                 out.update(conn.execute(query).scalars())
         return out
 

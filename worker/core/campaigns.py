@@ -189,8 +189,9 @@ def feedback_window(now: datetime, days_after: int, lookback_days: int) -> tuple
 
 def feedback_due(order: OrderFacts, now: datetime, days_after: int, lookback_days: int) -> bool:
     """At least ``days_after`` days after delivery (or placement), and not more than
-    ``lookback_days`` later than that; cancelled and refunded orders are never asked about."""
-    if not order.status.counts_as_purchase:
+    ``lookback_days`` later than that; only orders paid, shipped or delivered are asked about (never one
+    placed and not paid, cancelled or refunded)."""
+    if not order.status.can_be_rated:
         return False
     settled = order.delivered_at or order.placed_at
     after, not_after = feedback_window(now, days_after, lookback_days)
@@ -346,15 +347,16 @@ def still_due(
     facts: SendTimeFacts,
     now: datetime,
     *,
-    purchases: Collection[int],
+    rateable: Collection[int],
     launches: Sequence[Launch],
     within_days: int,
 ) -> SkipReason | None:
     """Right before sending (after ``audiences.recheck``): does the rule that planned the message still hold
-    for what the shop's data says now? None means yes. ``purchases``: the ids of the feedback orders that still
-    count as purchases; ``launches``: the active products launched in the new-products window before ``now``.
+    for what the shop's data says now? None means yes. ``rateable``: the ids of the feedback orders that can
+    still be rated (``OrderStatus.can_be_rated``); ``launches``: the active products launched in the
+    new-products window before ``now``.
 
-    A birthday changed or removed, a rated order cancelled or refunded, a milestone no longer reached (the
+    A birthday changed or removed, the order to rate cancelled or refunded, a milestone no longer reached (the
     order that reached it refunded), news the customer ordered after (or that is no longer new): the message
     is skipped, not sent as planned."""
     customer = facts.customer
@@ -369,7 +371,7 @@ def still_due(
             return SkipReason.NO_LONGER_DUE
     elif message.campaign == FEEDBACK:
         order_id = message.payload.get("order_id")
-        if order_id is not None and int(order_id) not in purchases:
+        if order_id is not None and int(order_id) not in rateable:
             return SkipReason.NO_LONGER_DUE
     elif message.campaign == LOYALTY:
         kind, _, amount = message.payload.get("milestone", "").partition("-")
