@@ -46,3 +46,15 @@ def test_health_counts_what_happened_since_the_last_line() -> None:
     m.observe_result("winback", "failed", "permanent", 0.1, at=40.0)
     second = m.health(now=80.0)  # the first two sends left the one-minute window
     assert (second.planned, second.sent, second.failed, second.rate_per_minute) == (0, 0, 1, 1.0)
+
+
+def test_a_daemon_nobody_asks_for_its_rate_does_not_keep_every_send_it_ever_made() -> None:
+    # Given a daemon with the health line off and no Prometheus scraping it (nothing reads the rate)
+    m = Metrics()
+    # When it sends one email a second for a day
+    for i in range(86_400):
+        m.observe_result("winback", "sent", "sent", 0.1, at=float(i))
+    # Then it holds only the last minute's sends (not 86 400 of them), and the rate still reads right
+    assert len(m._sends) <= 61
+    assert m.rate_per_second(now=86_400.0) == 1.0
+    assert m.health(now=86_400.0).sent == 86_400

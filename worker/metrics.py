@@ -70,6 +70,10 @@ class Metrics:
         if seconds is not None:
             self.latency.observe(seconds)
             self._sends.append(at)
+            # forget what left the window here too, not only when the rate is read: with the health line off
+            # and nobody scraping /metrics, every send ever made would stay in memory
+            while self._sends[0] < at - RATE_WINDOW_SECONDS:
+                self._sends.popleft()
 
     def rate_per_second(self, now: float, window: float = RATE_WINDOW_SECONDS) -> float:
         """Attempts per second over the last ``window`` seconds."""
