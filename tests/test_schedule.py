@@ -145,3 +145,39 @@ def test_a_run_missed_while_down_is_found_once(last_run: str | None, now: str, m
 def test_schedule_config_is_checked_by_key(schedule: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         settings_from_dict({"schedule": schedule})
+
+
+def test_interval_jobs_keep_their_pace_when_the_wall_clock_steps_back_an_hour() -> None:
+    """Maintenance, the health line, the template watcher and the systemd watchdog count seconds on the event
+    loop's clock: an NTP step back (or a restored VM) must not silence them for the hour (the watchdog's silence
+    gets the daemon killed), while a cron job keeps to the wall clock."""
+    import asyncio
+
+    import time_machine
+
+    from worker.scheduler import Scheduler
+
+    async def scenario() -> tuple[int, int, list[str]]:
+        # Given the daemon's scheduler with a watchdog ping every 0.1 s
+        scheduler = Scheduler(JKT)
+        pings: list[float] = []
+
+        async def watchdog() -> None:
+            pings.append(asyncio.get_running_loop().time())
+
+        scheduler.add_interval("watchdog", 0.1, watchdog)
+        scheduler.start()
+        try:
+            await asyncio.sleep(0.55)
+            before = len(pings)
+            # When the system clock steps back an hour
+            with time_machine.travel(datetime.now(UTC) - timedelta(hours=1), tick=True):
+                await asyncio.sleep(0.55)
+            return before, len(pings) - before, scheduler.job_ids()
+        finally:
+            scheduler.shutdown()
+
+    before, after, jobs = asyncio.run(scenario())
+    # Then it goes on pinging every 0.1 s, as before the step
+    assert jobs == ["watchdog"]
+    assert before >= 4 and after >= 4, (before, after)

@@ -1,6 +1,6 @@
-"""APScheduler 3.x wiring, and nothing else: the daemon says what to run and when.
+"""The daemon's jobs, and nothing else: the daemon says what to run and when.
 
-Jobs live in APScheduler's memory job store on an ``AsyncIOScheduler``; every
+Cron jobs live in APScheduler's memory job store on an ``AsyncIOScheduler``; every
 trigger gets the shop's time zone explicitly (never the host's). Each worker
 process runs its own scheduler; the database, not the scheduler, decides who
 sends what (claims, unique dedupe keys), so two daemons never double-send.
@@ -12,10 +12,17 @@ _process_jobs`` and ``executors.base.run_coroutine_job``):
   loop was blocked, the machine slept), the job runs **once**, not once per
   missed time.
 * ``misfire_grace_time=None``: a late run is never dropped, however late.
-  Planning is idempotent (unique dedupe keys), so planning late is always right;
-  maintenance and the health line likewise.
+  Planning is idempotent (unique dedupe keys), so planning late is always right.
 * ``max_instances=1``: a firing that comes while the previous run of the same
   job is still going is skipped (APScheduler logs it; we log ``job_skipped``).
+* Interval jobs (maintenance, the health line, the template watcher, the
+  systemd watchdog) do not go through APScheduler: its ``IntervalTrigger``
+  counts on the wall clock, so when the clock steps back an hour (NTP, a VM
+  restored), they would all stop for that hour, and the watchdog's silence
+  would get the daemon killed. They run on the event loop's monotonic clock
+  instead, one run at a time (a run that outlasts its interval is followed by
+  the next at once, not by one per missed time). Cron jobs stay on the wall
+  clock of the shop's time zone: that is what a cron expression means.
 * The memory job store forgets everything at exit, and a job added at start-up
   gets its *next* fire time, so a run missed while the daemon was **down** would
   be lost. ``missed_run`` answers "was a run due between the last recorded run
@@ -24,6 +31,8 @@ _process_jobs`` and ``executors.base.run_coroutine_job``):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -35,7 +44,6 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 
 from worker import log
 from worker.core.cron import schedule
@@ -65,7 +73,8 @@ def missed_run(expr: str, time_zone: str, last_run: datetime | None, now: dateti
 
 
 class Scheduler:
-    """An ``AsyncIOScheduler`` with Kembali's job defaults; start it inside the running loop."""
+    """An ``AsyncIOScheduler`` with Kembali's job defaults for cron jobs, and interval jobs on the event loop's
+    monotonic clock; start it inside the running loop."""
 
     def __init__(self, time_zone: str) -> None:
         self.time_zone = time_zone
@@ -73,6 +82,10 @@ class Scheduler:
         self._aps.add_listener(self._on_event, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
         # Our job wrappers log failures as events; APScheduler's own lines would repeat them.
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
+        self._intervals: dict[str, _Interval] = {}
+        self._finishing: list[_Interval] = []
+        """Removed interval jobs whose last run is still going (cancelled too by ``shutdown``)."""
+        self._started = False
 
     def add_cron(self, job_id: str, expr: str, func: JobFunc, *, now: datetime) -> datetime | None:
         """Schedule ``func`` on a cron expression; returns its first fire time after ``now``."""
@@ -82,28 +95,92 @@ class Scheduler:
         return first
 
     def add_interval(self, job_id: str, seconds: float, func: JobFunc) -> None:
-        trigger = IntervalTrigger(seconds=seconds, timezone=ZoneInfo(self.time_zone))
-        self._aps.add_job(_guarded(job_id, func), trigger, id=job_id, name=job_id, replace_existing=True)
+        """Run ``func`` every ``seconds`` on the monotonic clock, the first time ``seconds`` after the start."""
+        old = self._intervals.pop(job_id, None)
+        if old is not None:
+            self._remove(old)
+        self._intervals[job_id] = job = _Interval(job_id, seconds, func)
+        if self._started:
+            job.start()
 
     def remove_all(self) -> None:
+        """Remove every job; a run under way (the one calling this, perhaps) finishes, and is the job's last."""
         self._aps.remove_all_jobs()
+        for job in self._intervals.values():
+            self._remove(job)
+        self._intervals.clear()
+
+    def _remove(self, job: _Interval) -> None:
+        job.remove()
+        self._finishing = [j for j in self._finishing if j.running] + ([job] if job.running else [])
 
     def job_ids(self) -> list[str]:
-        return sorted(job.id for job in self._aps.get_jobs())
+        return sorted([job.id for job in self._aps.get_jobs()] + list(self._intervals))
 
     def start(self) -> None:
         self._aps.start()
+        self._started = True
+        for job in self._intervals.values():
+            job.start()
 
     def shutdown(self) -> None:
         """Stop firing; a job still running is cancelled (every job here is safe to cut short)."""
+        self._started = False
         if self._aps.running:
             self._aps.shutdown(wait=False)
+        for job in [*self._intervals.values(), *self._finishing]:
+            job.cancel()
+        self._intervals.clear()
+        self._finishing.clear()
 
     def _on_event(self, event: JobEvent) -> None:
         if event.code == EVENT_JOB_MISSED:
             log.event("job_missed", logging.WARNING, job=event.job_id)
         else:
             log.event("job_skipped", logging.WARNING, job=event.job_id, why="the previous run is still going")
+
+
+class _Interval:
+    """One interval job: a task that sleeps on the event loop's (monotonic) clock and runs the job."""
+
+    def __init__(self, job_id: str, seconds: float, func: JobFunc) -> None:
+        self.id = job_id
+        self.seconds = seconds
+        self.func = _guarded(job_id, func)
+        self.task: asyncio.Task[None] | None = None
+        self.running = False
+        self.removed = False
+
+    def start(self) -> None:
+        if self.task is None and not self.removed:
+            self.task = asyncio.get_running_loop().create_task(self._loop(), name=f"kembali-job-{self.id}")
+
+    def remove(self) -> None:
+        """No more runs; one under way finishes (a reload run by the watcher removes the watcher itself)."""
+        self.removed = True
+        if not self.running:
+            self.cancel()
+
+    def cancel(self) -> None:
+        self.removed = True
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.seconds
+        with contextlib.suppress(asyncio.CancelledError):
+            while not self.removed:
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if self.removed:
+                    return
+                self.running = True
+                try:
+                    await self.func()
+                finally:
+                    self.running = False
+                # the next run an interval after this one was due; at once (once) if this one outlasted it
+                due = max(due + self.seconds, loop.time())
 
 
 def _guarded(job_id: str, func: JobFunc) -> JobFunc:
