@@ -240,6 +240,38 @@ def test_sighup_with_a_broken_template_keeps_the_old_set_and_a_fixed_one_is_used
         assert daemon.stop() == 0
 
 
+SLOW = (
+    "{% extends \"_layout.txt\" %}\n{% block content %}\nHalo {{ customer.first_name }}\n{{ unsubscribe_url }}\n"
+    "{% for a in range(1500) %}{% for b in range(1500) %}{% endfor %}{% endfor %}{% endblock %}\n"
+)
+
+
+def test_a_template_saved_while_a_watched_reload_runs_is_picked_up_by_the_next_one(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon that watches its templates
+    watch = "\n[daemon]\nwatch_templates = true\nwatch_interval_seconds = 0.2\nshutdown_grace_seconds = 5.0\n"
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *")
+    shop.config.write_text(shop.config.read_text().replace("\n[daemon]\nshutdown_grace_seconds = 5.0\n", watch))
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        # When one template is saved (its check takes a while), and another while that reload is checking
+        (shop.templates / "winback" / "id" / "body.txt").write_text(SLOW, encoding="utf-8")
+        daemon.wait_event("reload_started")
+        time.sleep(0.3)  # its copy of the templates is taken; it is checking them
+        subject = shop.templates / "winback" / "id" / "subject.txt"
+        subject.write_text("VERSI-BARU untuk {{ customer.first_name }}\n", encoding="utf-8")
+        daemon.wait_event("reload_done", timeout=30)
+        # Then a second reload takes the later edit too, and the next email has the new subject
+        daemon.wait_event("reload_done", timeout=20, after=1)
+        shop.add([1], days_ago=60)
+        daemon.wait_for(lambda: smtp_server.messages, timeout=20, why="the email")
+        assert b"VERSI-BARU" in smtp_server.messages[0].data
+    finally:
+        assert daemon.stop() == 0
+
+
 RUNAWAY = (
     "{% extends \"_layout.txt\" %}\n{% block content %}\n"
     "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\n{% endblock %}\n"

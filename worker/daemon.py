@@ -401,6 +401,9 @@ class Daemon:
     async def _reload(self, why: str) -> bool:
         log.event("reload_started", trigger=why)
         old = self.gen
+        # the files as they are before this reload reads them: one saved while it runs is seen by the watcher
+        # as a change and reloaded next (a signature taken after the reload would count it as loaded)
+        self._watched = await asyncio.to_thread(self._watch_signature, old.settings)
         try:
             settings = load_settings(self.config_path)
         except ConfigError as exc:
@@ -433,7 +436,6 @@ class Daemon:
                                                                 old.settings.logging.format):
             log.configure(settings.logging.level, settings.logging.format)
         self._schedule(settings)
-        self._watched = await asyncio.to_thread(self._watch_signature, settings)
         versions = {c: gen.templates.template_version(c, "id") for c in gen.templates.campaigns()}
         log.event("reload_done", trigger=why, templates=",".join(f"{c}@{v}" for c, v in sorted(versions.items())))
         self._wake.set()
