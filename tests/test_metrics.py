@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
 from worker.metrics import Metrics
 
 
@@ -58,3 +62,59 @@ def test_a_daemon_nobody_asks_for_its_rate_does_not_keep_every_send_it_ever_made
     assert len(m._sends) <= 61
     assert m.rate_per_second(now=86_400.0) == 1.0
     assert m.health(now=86_400.0).sent == 86_400
+
+
+def test_scrapes_of_a_big_ledger_do_not_hold_up_the_senders_database_thread(tmp_path: Path) -> None:
+    """/metrics counts the whole ledger (message rows are never pruned): on the thread that serves the
+    dispatcher's claims and commits, every scrape would stall sending for as long as the count takes."""
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from tests.daemon_harness import make_shop
+    from worker.adapters import opstore
+    from worker.adapters.clock import SystemClock
+    from worker.adapters.web import Request
+    from worker.asyncstore import AsyncStore
+    from worker.config import load_settings
+    from worker.links import Site
+
+    # Given a daemon's ledger of 200 000 messages
+    shop = make_shop(tmp_path, smtp_port=25)
+    shop.add([1], days_ago=60)
+    customer = shop.customer_id("C1")
+    store = shop.store()
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000) "
+            "INSERT INTO message (dedupe_key, campaign, step, priority, customer_id, email, status, due_at, "
+            "expires_at, next_attempt_at, attempts, payload, created_at, updated_at) "
+            "SELECT 'k' || i, CASE i % 3 WHEN 0 THEN 'winback' WHEN 1 THEN 'birthday' ELSE 'feedback' END, "
+            "1, 1, :customer, "
+            "'c' || i || '@example.com', 'sent', '2026-01-01', '2026-01-15', '2026-01-01', 1, '{}', "
+            "'2026-01-01', '2026-01-01' FROM n"), {"customer": customer})
+    astore = AsyncStore(store)
+    settings = load_settings(shop.config)
+    site = Site(store=astore, keys=[b"k" * 32], settings=lambda: settings, clock=SystemClock(), metrics=Metrics(),
+                paused=lambda: False)
+    started = time.monotonic()
+    store.status_counts()
+    one_count = time.monotonic() - started
+
+    async def scenario() -> tuple[float, list[int]]:
+        # When Prometheus (and a colleague's curl, and another scraper) ask for /metrics at once
+        scrapes = [asyncio.create_task(site.handle(Request("GET", "/metrics", {}, {}))) for _ in range(4)]
+        await asyncio.sleep(0.02)
+        # Then the sender's next database call does not wait for their counts
+        began = time.monotonic()
+        await astore.call(opstore.queue_depth, store, datetime.now(UTC))
+        waited = time.monotonic() - began
+        return waited, [r.status for r in await asyncio.gather(*scrapes)]
+
+    try:
+        waited, statuses = asyncio.run(scenario())
+    finally:
+        astore.close()
+        store.close()
+    assert statuses == [200] * 4
+    assert waited < one_count, (waited, one_count)

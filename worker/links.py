@@ -26,6 +26,7 @@ import logging
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from http import HTTPStatus
 
 from worker import log, pages
@@ -88,6 +89,7 @@ class Site:
         self.clock = clock
         self.metrics = metrics
         self.paused = paused
+        self._ledger_read: asyncio.Future[tuple[dict[tuple[str, str], int], int]] | None = None
 
     async def handle(self, request: Request) -> Response:
         route = request.path.rstrip("/") or "/"
@@ -186,13 +188,10 @@ class Site:
         return Response(status.value, (json.dumps(body) + "\n").encode(), "application/json")
 
     async def prometheus(self, request: Request) -> Response:
-        s = self.store.store
         settings = self.settings()
-        counts = await self.store.call(s.status_counts)
-        ledger: dict[tuple[str, str], int] = {}
-        for (campaign, status, _reason), n in counts.items():
-            ledger[(campaign, status)] = ledger.get((campaign, status), 0) + n
-        depth = await self.store.call(opstore.queue_depth, s, self.clock.now())
+        if self._ledger_read is None or self._ledger_read.done():
+            self._ledger_read = asyncio.ensure_future(asyncio.to_thread(self._read_ledger, self.clock.now()))
+        ledger, depth = await asyncio.shield(self._ledger_read)
         text = self.metrics.render(
             ledger=ledger,
             queue_depth=depth,
@@ -202,6 +201,16 @@ class Site:
             now=self.clock.monotonic(),
         )
         return Response(HTTPStatus.OK.value, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def _read_ledger(self, now: datetime) -> tuple[dict[tuple[str, str], int], int]:
+        """Rows by (campaign, state), and the queue depth. A count of the whole ledger, which is never pruned: it
+        runs on a thread of its own, not the store's (the dispatcher's claims and commits must not wait for it),
+        and once for scrapes that come while it runs (they share its figures)."""
+        s = self.store.store
+        ledger: dict[tuple[str, str], int] = {}
+        for (campaign, status, _reason), n in s.status_counts().items():
+            ledger[(campaign, status)] = ledger.get((campaign, status), 0) + n
+        return ledger, opstore.queue_depth(s, now)
 
     # --- helpers ----------------------------------------------------------------
 

@@ -96,7 +96,7 @@ def ping(store: Store) -> None:
 def queue_depth(store: Store, now: datetime) -> int:
     """Rows waiting to be sent that are due now."""
     query = sa.select(sa.func.count()).select_from(M).where(WAITING, M.c.next_attempt_at <= now)
-    with store.engine.begin() as conn:
+    with db.reading(store.engine) as conn:
         return int(conn.execute(query).scalar() or 0)
 
 

@@ -814,7 +814,7 @@ class Store:
         )
         if campaign:
             query = query.where(M.c.campaign == campaign)
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:  # a count of the whole ledger: no SQLite write lock while it runs
             return {(c, s, r): n for c, s, r, n in conn.execute(query)}
 
     def messages(self, *, statuses: Sequence[str] = (), limit: int = 100) -> list[dict[str, Any]]:
