@@ -83,6 +83,15 @@ def test_a_database_url_the_engine_cannot_read_stops_every_command_by_name(
     assert "Traceback" not in result.stderr and "S3cret" not in result.stdout + result.stderr
 
 
+def _nothing_planned_or_sent(config: Path, smtp_server: RecordingServer) -> bool:
+    """The ledger is as empty as before and the server received nothing (exit 2: nothing was done)."""
+    store = Store.from_url(load_settings(config).database_url)
+    try:
+        return store.messages(limit=10) == [] and smtp_server.messages == []
+    finally:
+        store.close()
+
+
 @pytest.mark.postgres
 def test_a_password_given_as_a_url_parameter_is_never_printed(pg_url: str, tmp_path: Path) -> None:
     # Given the password as libpq's password parameter (?password=…), which psycopg takes as well as user:pw@
@@ -116,12 +125,7 @@ def test_an_empty_smtp_password_stops_the_run_before_anything_is_planned(
     assert checked.returncode == 1 and "KEMBALI_SMTP_PASSWORD" in checked.stdout and "empty" in checked.stdout
     assert result.returncode == 2, result.stdout + result.stderr
     assert "KEMBALI_SMTP_PASSWORD" in result.stderr and "set but empty" in result.stderr
-    store = Store.from_url(load_settings(config).database_url)
-    try:
-        assert store.messages(limit=10) == []
-    finally:
-        store.close()
-    assert smtp_server.messages == []
+    assert _nothing_planned_or_sent(config, smtp_server)
 
 
 @pytest.mark.parametrize("command", [("check",), ("db", "status"), ("demo", "--out", "demo")])
@@ -153,12 +157,7 @@ def test_run_once_without_templates_for_a_campaign_stops_before_planning(
     # Then it stops with exit 2 naming the setting, and plans nothing (rather than failing every due message)
     assert result.returncode == 2, result.stdout + result.stderr
     assert key in result.stderr and "nothing was planned or sent" in result.stderr
-    store = Store.from_url(load_settings(config).database_url)
-    try:
-        assert store.messages(limit=10) == []
-    finally:
-        store.close()
-    assert smtp_server.messages == []
+    assert _nothing_planned_or_sent(config, smtp_server)
 
 
 def test_a_bad_event_loop_variable_is_one_clear_line(tmp_path: Path) -> None:
