@@ -220,8 +220,8 @@ def test_the_demo_sends_win_back_emails_to_a_local_sink(tmp_path: Path) -> None:
     winback = [line for line in summary if "win-back emails" in line]
     assert winback and int(winback[0].split()[1]) > 10
     # what was planned and not sent is accounted for: the win-back's holdout (5 % in config.toml) gets no email
-    assert re.search(r"^planned \d+ new win-back emails \(a 5% holdout among them gets none, to measure the lift\)$",
-                     result.stdout, re.M), result.stdout
+    assert re.search(r"^planned \d+ new win-back emails \(5% of the audience held out: no email, to measure the "
+                     r"lift\)$", result.stdout, re.M), result.stdout
     assert {"birthday", "feedback-request", "loyalty", "new-product"} & {line.split()[2] for line in summary}
     sent = sum(int(line.split()[1]) for line in summary)  # every campaign's line
     files = sorted((out / "sent").glob("*.eml"))

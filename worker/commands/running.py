@@ -88,7 +88,7 @@ def summary(report: CycleReport) -> list[str]:
     lines = []
     for campaign, created in report.planned.created.items():
         share = report.holdout.get(campaign, 0.0)
-        held = f" (a {share:.0%} holdout among them gets none, to measure the lift)" if created and share else ""
+        held = f" ({share:.0%} of the audience held out: no email, to measure the lift)" if created and share else ""
         noun = "email" if created == 1 else "emails"
         lines.append(f"planned {created} new {CAMPAIGN_LABELS.get(campaign, campaign)} {noun}{held}")
     by_campaign: dict[str, Counter[str]] = {}
@@ -96,7 +96,8 @@ def summary(report: CycleReport) -> list[str]:
         by_campaign.setdefault(campaign, Counter())[what] += n
     for campaign, counts in sorted(by_campaign.items()):
         label = CAMPAIGN_LABELS.get(campaign, campaign)
-        parts = [f"sent {counts.pop('sent', 0)} {label} emails"]
+        sent = counts.pop("sent", 0)
+        parts = [f"sent {sent} {label} {'email' if sent == 1 else 'emails'}"]
         parts += [f"{n} {what}" for what, n in sorted(counts.items())]
         lines.append(", ".join(parts))
     if not by_campaign:
