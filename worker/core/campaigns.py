@@ -381,8 +381,7 @@ def still_due(
     elif message.campaign == NEW_PRODUCTS:
         if new_since(facts.last_order_at, launches, now, within_days):
             return None
-        recent = [x for x in launches if now - timedelta(days=within_days) < x.launched_at <= now]
-        if recent and facts.last_order_at is not None:
+        if launches and facts.last_order_at is not None:  # (``launches`` are those of the window already)
             return SkipReason.ORDERED_SINCE  # everything new was launched before their latest order
         return SkipReason.NO_LONGER_DUE
     return None
