@@ -214,7 +214,7 @@ class LedgerWriter:
                 for _, future in marks:
                     if not future.done():
                         future.set_exception(exc)
-                log.event("ledger_write_failed", logging.ERROR, error=repr(exc), pending=len(records))
+                log.event("ledger_write_failed", logging.ERROR, error=log.error_line(exc), pending=len(records))
                 raise
             if not (self._marks or self._records):
                 self._idle.set()
@@ -230,8 +230,8 @@ class LedgerWriter:
             try:
                 return await self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now)
             except Exception as exc:
-                log.event("ledger_write_retried", logging.WARNING, error=repr(exc)[:300], retry_in_seconds=delay,
-                          outcomes=len(records), marks=len(ids))  # fmt: skip
+                log.event("ledger_write_retried", logging.WARNING, error=log.error_line(exc)[:300],
+                          retry_in_seconds=delay, outcomes=len(records), marks=len(ids))  # fmt: skip
                 await asyncio.sleep(delay)
         return await self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now)
 
@@ -456,7 +456,7 @@ class Dispatcher:
                 await self.store.call(self.store.store.renew_leases, worker=self.worker, now=self.clock.now(),
                                       lease_seconds=lease, ids=writer.holding | writer.uncommitted)  # fmt: skip
             except Exception as exc:
-                log.event("lease_renewal_failed", logging.WARNING, error=repr(exc))
+                log.event("lease_renewal_failed", logging.WARNING, error=log.error_line(exc))
 
     async def _produce(
         self, queue: asyncio.Queue[Composed | Literal["done"]], writer: LedgerWriter, report: DispatchReport
