@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
@@ -21,10 +21,27 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+RETRY_SECONDS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+"""The waits before a failed database call is tried again (15.5 s in all: a database restart or failover)."""
+
+
+async def retrying(
+    event: str, attempt: Callable[[], Awaitable[T]], delays: Sequence[float] = RETRY_SECONDS, **fields: object
+) -> T:
+    """``attempt()``, tried again after each of ``delays`` when it fails (each failure logged as ``event`` with
+    its first line, the wait and ``fields``), then given up with the last failure."""
+    for delay in delays:
+        try:
+            return await attempt()
+        except Exception as exc:
+            log.event(event, logging.WARNING, error=log.error_line(exc)[:300], retry_in_seconds=delay, **fields)
+            await asyncio.sleep(delay)
+    return await attempt()
+
+
 class AsyncStore:
-    RETRY_SECONDS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
-    """The waits before ``call_retrying`` tries a failed call again (15.5 s in all: a database restart or
-    failover), as the ledger writer does its commits."""
+    RETRY_SECONDS = RETRY_SECONDS
+    """The waits of ``call_retrying``."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -38,13 +55,7 @@ class AsyncStore:
         """``call``, tried again after each of ``RETRY_SECONDS`` when it fails (logged as ``event``), then
         given up with the last failure. For the sender's reads and bookings, which a retry cannot harm (a claim
         whose reply was lost leaves its rows to lapse back to the queue)."""
-        for delay in self.RETRY_SECONDS:
-            try:
-                return await self.call(fn, *args, **kwargs)
-            except Exception as exc:
-                log.event(event, logging.WARNING, error=log.error_line(exc), retry_in_seconds=delay)
-                await asyncio.sleep(delay)
-        return await self.call(fn, *args, **kwargs)
+        return await retrying(event, lambda: self.call(fn, *args, **kwargs), self.RETRY_SECONDS)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

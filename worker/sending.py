@@ -59,7 +59,7 @@ from typing import Literal, Protocol
 from worker import log
 from worker.adapters.ratestore import RateStore
 from worker.adapters.store import HELD_SECONDS, Marks, Stale
-from worker.asyncstore import AsyncStore
+from worker.asyncstore import RETRY_SECONDS, AsyncStore, retrying
 from worker.composing import ComposerPool
 from worker.config import Settings, tls_port_hint
 from worker.contact import Arbiter
@@ -105,7 +105,7 @@ class DispatchReport:
 class LedgerWriter:
     """One task that commits ``sending`` marks and outcomes in groups."""
 
-    RETRY_SECONDS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    RETRY_SECONDS: tuple[float, ...] = RETRY_SECONDS
     """The waits before a failed group commit is tried again (15.5 s in all: a database restart or failover)."""
     LINGER_SECONDS = 0.003
     """How long a small group waits for company before it is committed: each commit has a fixed cost
@@ -226,14 +226,11 @@ class LedgerWriter:
         comes back when its leases lapse)."""
         store = self.store.store
         now = self.clock.now()  # each try the same: a try after a commit whose reply was lost finds its marks by it
-        for delay in self.RETRY_SECONDS:
-            try:
-                return await self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now)
-            except Exception as exc:
-                log.event("ledger_write_retried", logging.WARNING, error=log.error_line(exc)[:300],
-                          retry_in_seconds=delay, outcomes=len(records), marks=len(ids))  # fmt: skip
-                await asyncio.sleep(delay)
-        return await self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now)
+        return await retrying(
+            "ledger_write_retried",
+            lambda: self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now),
+            self.RETRY_SECONDS, outcomes=len(records), marks=len(ids),
+        )  # fmt: skip
 
 
 Mark = Literal["sending", "held", "lost"]
