@@ -191,3 +191,43 @@ def test_a_note_with_a_line_break_is_refused_and_nothing_is_touched(
     assert exit_info.value.code == 2
     assert "argument --reason: must be one line of text without control characters" in capsys.readouterr().err
     assert shop.row(DROP).status == before
+
+
+
+HOSTILE_REPLY = "550 5.1.1 said: \x1b]0;owned\x07\x1b[2J\rgone"
+"""A reply the relay passes on from a hostile recipient's server: a window-title escape, clear-screen and a
+carriage return (an SMTP reply is ASCII)."""
+HOSTILE_ERROR = "ValueError: Invalid isoformat string: 'Budi\x9b31m \u202efdp.exe\u2028next'"
+"""A render error quoting a customer's name: an 8-bit CSI, a right-to-left override and a line separator."""
+RAW_CONTROLS = ("\x1b", "\x07", "\r", "\x9b", "\u202e", "\u2028")
+
+
+def test_replies_and_errors_with_terminal_escapes_are_listed_escaped(
+    tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a message failed with a reply full of control characters (the recipient's server chose its text),
+    # and one whose error quotes a customer's name with others
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    smtp_server.on(GONE, Behaviour(rcpt_reply=HOSTILE_REPLY))
+    smtp_server.on(DROP, Behaviour(rcpt_reply="550 5.1.1 no"))
+    shop = Shop(url, make_settings(url, smtp_server.port), [GONE, DROP])
+    try:
+        shop.cycle()
+        assert shop.row(GONE).status == "failed" and "\x1b]0;owned" in (shop.row(GONE).last_reply or "")
+        with shop.store.engine.begin() as conn:
+            conn.execute(sa.update(M).where(M.c.email == DROP).values(last_reply=None, last_error=HOSTILE_ERROR))
+    finally:
+        shop.close()
+    config = write_config(tmp_path / "config.toml", settings_dict(url, smtp_server.port))
+
+    # When the operator lists them, as a table and as JSON lines
+    for args in ((), ("--json",)):
+        assert kembali(config, "list", *args) == 0
+        out = capsys.readouterr().out
+        # Then no control character reaches the terminal: each is shown escaped, the rest as it is
+        assert not any(ch in out for ch in RAW_CONTROLS), repr(out)
+        assert "said: \\u001b]0;owned\\u0007" in out and "\\u202efdp.exe\\u2028next" in out
+        if args:  # still valid JSON, holding the text exactly
+            rows = {row["email"]: row for row in map(json.loads, out.splitlines())}
+            assert (rows[GONE]["last_reply"], rows[DROP]["last_error"]) == (HOSTILE_REPLY, HOSTILE_ERROR)

@@ -49,6 +49,12 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else json.dumps(ch)[1:-1] for ch in text)
 
 
+def json_line(value: Any) -> str:
+    """``value`` as one line of JSON for a terminal: UTF-8 text as it is, but every character that is not
+    printable escaped (``json.dumps`` leaves C1 controls, bidi overrides and U+2028 raw), still valid JSON."""
+    return printable(json.dumps(value, ensure_ascii=False))
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "kembali_fields", {})

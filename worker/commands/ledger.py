@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import socket
 import sys
@@ -24,6 +23,7 @@ from worker.adapters.ledger import ActionResult, LedgerAdmin, LedgerRow
 from worker.commands import arguments
 from worker.config import Settings
 from worker.domain import MessageStatus
+from worker.log import json_line, printable
 
 EXIT_OK, EXIT_ATTENTION = 0, 1
 
@@ -98,7 +98,7 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
     rows = admin.rows(statuses=statuses, campaign=args.campaign, limit=args.limit)
     if args.json:
         for row in rows:
-            print(json.dumps(row.as_dict(), ensure_ascii=False))
+            print(json_line(row.as_dict()))
         return EXIT_OK
     if not rows:
         print("no messages" + (f" with status {', '.join(statuses)}" if statuses else ""))
@@ -131,7 +131,10 @@ def _cells(row: LedgerRow) -> tuple[str, ...]:
         reply = f"skipped: {row.skip_reason}"
     reply = (reply or row.last_error or row.skip_reason or "").replace("\n", " ")
     code = "" if row.last_code is None else str(row.last_code)
-    return (str(row.id), row.status, row.campaign, str(row.attempts), code, row.email[:32], reply[:80])
+    # a reply is the recipient's server's text, an error may quote a customer's name: neither may reach the
+    # operator's terminal as control characters
+    return (str(row.id), row.status, printable(row.campaign), str(row.attempts), code, printable(row.email[:32]),
+            printable(reply[:80]))
 
 
 def _report(result: ActionResult, what: str) -> int:
