@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import pytest
@@ -38,3 +39,20 @@ def test_a_value_from_customer_data_stays_on_its_line_and_off_the_terminal(
     text = stream.getvalue()
     assert text.endswith(f" email_sent customer={shown} campaign=winback\n")
     assert len(text.splitlines()) == 1 and text[:-1].isprintable()
+
+
+@pytest.mark.parametrize("value", ["Siti\r\nlevel=error", "C9\u2028error\u0085ok", "x\x1b[2J\x9b31m\u202eevil",
+                                   "Ünïcode"])
+def test_a_json_log_line_carries_the_value_exactly_and_no_control_character(value: str) -> None:
+    logger = logging.getLogger("kembali")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    out = io.StringIO()
+    log.configure("info", "json", stream=out)
+    try:
+        log.event("email_sent", customer=value)
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    text = out.getvalue()
+    assert len(text.splitlines()) == 1 and text[:-1].isprintable(), repr(text)
+    assert json.loads(text)["customer"] == value
+    assert ("Ünïcode" in text) == (value == "Ünïcode")  # UTF-8 text stays readable

@@ -169,6 +169,23 @@ def test_customer_data_reaches_the_table_with_what_is_not_printable_escaped(tmp_
     assert "C\\u0085X" in done.stdout
 
 
+def test_customer_data_reaches_json_lines_with_what_is_not_printable_escaped(tmp_path: Path) -> None:
+    # Given customers whose names carry an 8-bit CSI and a right-to-left override (JSON leaves both raw)
+    site = make_site(tmp_path / "shop")
+    load_shop(site.settings, generate_shop(seed=11, customers=40, now=T - timedelta(days=1)), T)
+    engine = sa.create_engine(site.settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE customer SET name = :n, locale = 'en'"), {"n": "\x9b31mred\u202eevil x"})
+    engine.dispose()
+    # When the operator previews as JSON lines, in a terminal
+    done = site.cli("preview", "--at", "2026-11-22T10:00+07:00", "--json")
+    # Then no control character reaches it; the lines are still JSON holding the subject as it is
+    assert done.returncode == 0, done.stderr
+    assert "\x9b" not in done.stdout and "\u202e" not in done.stdout
+    sends = [row for row in map(json.loads, done.stdout.splitlines()) if row["action"] == "send"]
+    assert sends and all("\x9b31mred\u202eevil" in row["subject"] for row in sends)
+
+
 def test_rows_planned_but_not_yet_claimed_preview_with_the_message_id_their_claim_gives(
     site: Site, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

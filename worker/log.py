@@ -78,7 +78,7 @@ class JsonFormatter(logging.Formatter):
                      for k, v in getattr(record, "kembali_fields", {}).items()})
         if record.exc_info:
             body["exception"] = self.formatException(record.exc_info)
-        return json.dumps(body, ensure_ascii=False)
+        return json_line(body)
 
 
 def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:

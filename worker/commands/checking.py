@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from worker.adapters.render_worker import TimeLimitedRenderer
@@ -13,6 +12,7 @@ from worker.config import Settings, tls_port_hint
 from worker.core import samples
 from worker.domain import Locale
 from worker.errors import ConfigError
+from worker.log import json_line
 
 EXIT_OK, EXIT_PROBLEMS = 0, 1
 
@@ -44,7 +44,7 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
             renders = len(campaigns) * len(Locale) * len(samples.samples(Locale.ID))
     if args.json:
         for p in problems:
-            print(json.dumps(p.as_json(), ensure_ascii=False))
+            print(json_line(p.as_json()))
         return EXIT_PROBLEMS if problems else EXIT_OK
     print(f"config: {settings.source}")
     print(f"templates: {folder} (about {renders} sample renders: every campaign x language x sample customer)")

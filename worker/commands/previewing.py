@@ -10,7 +10,6 @@ bytes the sender would hand to SMTP, and its HTML part as ``.html``.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import secrets
 import sys
@@ -27,7 +26,7 @@ from worker.config import Settings
 from worker.core.audiences import WINBACK, key_part_value
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
-from worker.log import printable
+from worker.log import json_line, printable
 from worker.pipeline import Composed, Deferred, RenderFailed, Skipped, enabled_campaigns
 from worker.pipeline import preview as run_preview
 
@@ -132,7 +131,7 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         progress.done()
         deps.close()
     if args.json:
-        out.write(json.dumps(summary.as_json(), ensure_ascii=False) + "\n")
+        out.write(json_line(summary.as_json()) + "\n")
     else:
         _print_summary(summary, out, out_dir)
     return EXIT_RENDER_ERRORS if summary.errors else EXIT_OK
@@ -161,7 +160,7 @@ def _show(
             row = {"action": "send", "customer": item.customer.external_id, "campaign": message.campaign,
                    "step": message.step, "when": when, "subject": item.rendered.subject,
                    "dedupe_key": message.dedupe_key, "template_version": item.rendered.template_version, **files}
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.write(json_line(row) + "\n")
         else:
             # customer data reaches the operator's terminal: escape what is not printable (a terminal escape, say)
             out.write(f"{printable(item.customer.external_id):<14} {_label(message):<14} {when:<22} "
@@ -169,18 +168,18 @@ def _show(
     elif isinstance(item, Skipped):
         summary.by_reason[item.reason.value] += 1
         if json_lines:
-            out.write(json.dumps({"action": "skip", "customer": _customer(message), "campaign": message.campaign,
-                                  "step": message.step, "dedupe_key": message.dedupe_key,
-                                  "reason": item.reason.value}, ensure_ascii=False) + "\n")
+            out.write(json_line({"action": "skip", "customer": _customer(message), "campaign": message.campaign,
+                                 "step": message.step, "dedupe_key": message.dedupe_key,
+                                 "reason": item.reason.value}) + "\n")
         else:
             out.write(f"{printable(_customer(message)):<14} {_label(message):<14} {'-':<22} "
                       f"skip: {item.reason.value}  [{printable(message.dedupe_key)}]\n")
     elif isinstance(item, Deferred):
         summary.deferred[item.why] += 1
         if json_lines:
-            out.write(json.dumps({"action": "defer", "customer": _customer(message), "campaign": message.campaign,
-                                  "step": message.step, "dedupe_key": message.dedupe_key,
-                                  "until": item.until.isoformat(), "why": item.why}, ensure_ascii=False) + "\n")
+            out.write(json_line({"action": "defer", "customer": _customer(message), "campaign": message.campaign,
+                                 "step": message.step, "dedupe_key": message.dedupe_key,
+                                 "until": item.until.isoformat(), "why": item.why}) + "\n")
         else:
             why = {"cap": "cap: one email at a time", "news_week": "new products: one email a week"}.get(
                 item.why, "quiet hours")
@@ -191,10 +190,10 @@ def _show(
         summary.by_reason["render_error"] += 1
         summary.errors.setdefault(str(item.error), []).append(message.dedupe_key)
         if json_lines:
-            out.write(json.dumps({"action": "render_error", "customer": _customer(message),
-                                  "campaign": message.campaign, "step": message.step,
-                                  "dedupe_key": message.dedupe_key, "template": item.error.template,
-                                  "line": item.error.line, "error": str(item.error)}, ensure_ascii=False) + "\n")
+            out.write(json_line({"action": "render_error", "customer": _customer(message),
+                                 "campaign": message.campaign, "step": message.step,
+                                 "dedupe_key": message.dedupe_key, "template": item.error.template,
+                                 "line": item.error.line, "error": str(item.error)}) + "\n")
 
 
 def _print_summary(summary: PreviewSummary, out: TextIO, out_dir: Path | None) -> None:
