@@ -108,3 +108,27 @@ def test_send_test_of_a_loyalty_or_feedback_email_reads_as_the_real_one_would(
     assert "ke-5" in str(loyalty["Subject"]) or "5th" in str(loyalty["Subject"]), loyalty["Subject"]
     text = feedback.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert first_order in text and "INV-SAMPLE" not in text
+
+
+def test_customer_data_and_server_replies_reach_the_terminal_escaped(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a customer whose name carries a terminal escape, an 8-bit CSI and a right-to-left override
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port)
+    shop = generate_shop(seed=11, customers=40, now=NOW - timedelta(days=1))
+    load_shop(site.settings, shop, NOW)
+    engine = sa.create_engine(site.settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE customer SET name = :n"), {"n": "\x1b]0;owned\x07\x9b31m\u202eBudi Santoso"})
+    engine.dispose()
+    customer = shop.customers[0].external_id
+    # When the operator sends a test for that customer, once accepted and once refused with an escape in the reply
+    smtp_server.on("refused@shop.example", Behaviour(rcpt_reply="550 5.1.1 \x1b[2J\rgone"))
+    for to, code in (("operator@shop.example", 0), ("refused@shop.example", 1)):
+        done = site.cli("send-test", "--campaign", "winback", "--customer", customer, "--to", to)
+        # Then what it prints holds no control character: the subject and the reply show them escaped
+        printed = done.stdout + done.stderr
+        assert done.returncode == code, printed
+        assert not any(ch in printed for ch in "\x1b\x07\x9b\r\u202e"), repr(printed)
+        assert ("\\u001b]0;owned\\u0007\\u009b31m\\u202eBudi" in printed) == (code == 0), printed
+        assert ("550 5.1.1 \\u001b[2J\\rgone" in printed) == (code == 1), printed

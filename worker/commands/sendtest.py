@@ -22,6 +22,7 @@ from worker.core.render import build_context, build_message
 from worker.core.retry import connection_failure
 from worker.domain import ClaimedMessage, Locale, Outcome, SendResult, SendTimeFacts
 from worker.errors import ConfigError, TemplateError
+from worker.log import printable
 from worker.pipeline import Composer, load_batch_facts, load_catalogue
 
 EXIT_OK, EXIT_NOT_SENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -63,7 +64,7 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     try:
         rendered = deps.templates.render(args.campaign, customer.locale, context)
     except TemplateError as exc:
-        print(f"kembali send-test: render error: {exc}")
+        print(f"kembali send-test: render error: {printable(str(exc))}")
         return EXIT_NOT_SENT
     rendered = dataclasses.replace(rendered, subject=TEST_PREFIX + rendered.subject)
     data = build_message(
@@ -74,18 +75,20 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     result = asyncio.run(_send(deps, settings.shop.from_address, args.to, data))
     who = f"customer {customer.external_id}" if args.customer else "a sample customer"
     if result.outcome is Outcome.SENT:
-        print(f"sent a test {args.campaign} email ({who}, {customer.locale}) to {args.to}: {rendered.subject}")
+        # the subject carries customer data, a reply the server's text: escape what is not printable (a terminal escape)
+        print(f"sent a test {args.campaign} email ({printable(who)}, {customer.locale}) to {args.to}: "
+              f"{printable(rendered.subject)}")
         reply = result.reply if result.reply.startswith(str(result.code)) else f"{result.code} {result.reply}"
-        print(f"server reply: {reply}")
+        print(f"server reply: {printable(reply)}")
         return EXIT_OK
     failure = connection_failure(result)
     if failure is not None:  # before MAIL FROM: the server or the setup, not this message (exit 3, as documented)
         fix = {"setup": f"; check {result.setup}",
                "auth": f"; check smtp.username and the password in ${settings.smtp.password_env}"}.get(failure, "")
         print(f"kembali send-test: not sent: the SMTP server {settings.smtp.host}:{settings.smtp.port} could not be "
-              f"used: {result.reply or result.error_type}{fix}", file=sys.stderr)  # fmt: skip
+              f"used: {printable(result.reply or result.error_type)}{fix}", file=sys.stderr)  # fmt: skip
         return EXIT_UNAVAILABLE
-    print(f"kembali send-test: not sent ({result.outcome.value}): {result.reply or result.error_type}")
+    print(f"kembali send-test: not sent ({result.outcome.value}): {printable(result.reply or result.error_type)}")
     return EXIT_NOT_SENT
 
 
