@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,8 @@ CASES = [
     Case("an undefined variable in the shared layout", _edit("_layout.txt", "{{ unsubscribe_url }}",
          "{{ unsubscribe_link }}"), Kind.UNDEFINED, "_layout.txt", "unsubscribe_link"),
     Case("a missing text part", _remove("winback/en/body.txt"), Kind.MISSING, "winback/en/body.txt"),
+    Case("a language missing (its first file is named)", lambda root: shutil.rmtree(root / "winback/en"),
+         Kind.MISSING, "winback/en/subject.txt"),
     Case("an empty text part", _write("winback/id/body.txt", "  \n\n"), Kind.TEXT_EMPTY, "winback/id/body.txt"),
     Case("an empty subject", _write("winback/en/subject.txt", "{{ '' }}\n"), Kind.SUBJECT_EMPTY,
          "winback/en/subject.txt"),
@@ -185,8 +188,6 @@ def test_a_render_that_keeps_building_memory_fails_at_its_line_in_the_helper(tmp
 
 def test_a_missing_or_mistyped_winback_step_folder_is_reported(templates: Path) -> None:
     # Given three steps: the first one's folder gone, the last one's name mistyped, the middle one fine
-    import shutil
-
     shutil.rmtree(templates / "winback-reminder")
     steps = [{"days": 45, "template": "winback-reminder"}, {"days": 75, "template": "winback"},
              {"days": 120, "template": "winback-lastt"}]  # fmt: skip

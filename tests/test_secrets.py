@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,31 @@ def test_run_once_without_templates_for_a_campaign_stops_before_planning(
     # Then it stops with exit 2 naming the setting, and plans nothing (rather than failing every due message)
     assert result.returncode == 2, result.stdout + result.stderr
     assert key in result.stderr and "nothing was planned or sent" in result.stderr
+    assert _nothing_planned_or_sent(config, smtp_server)
+
+
+@pytest.mark.parametrize(("missing", "named"), [
+    ("winback/en", "winback/en/subject.txt, winback/en/body.html, winback/en/body.txt"),
+    ("winback/id/body.txt", "winback/id/body.txt"),
+])
+def test_run_once_with_a_template_missing_in_one_language_stops_before_planning(
+    tmp_path: Path, smtp_server: RecordingServer, missing: str, named: str
+) -> None:
+    # Given win-back templates in Indonesian only (or an Indonesian body.txt deleted): customers in the other
+    # language would each get a failed message, every run, where the daemon refuses to start
+    templates = tmp_path / "email"
+    shutil.copytree(TEMPLATES, templates)
+    target = templates / missing
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    config = write_config(tmp_path, smtp_port=smtp_server.port)
+    shop_in(tmp_path, config, customers=40)  # customers due a win-back, in both languages
+    config.write_text(config.read_text().replace(f'dir = "{TEMPLATES}"', f'dir = "{templates}"'))
+    # When cron runs a cycle
+    result = kembali("run", "--once", config=config)
+    # Then it stops with exit 2 naming the missing files, and plans and sends nothing, as the daemon refuses
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"'templates.dir': {named} missing in {templates}" in result.stderr, result.stderr
+    assert "nothing was planned or sent" in result.stderr
     assert _nothing_planned_or_sent(config, smtp_server)
 
 

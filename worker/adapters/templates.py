@@ -810,6 +810,11 @@ class JinjaTemplates:
         """The locales a campaign has templates for."""
         return [loc for loc in Locale if (self.root / campaign / loc / PARTS[0]).is_file()]
 
+    def missing_parts(self, campaign: str) -> list[str]:
+        """The files of ``PARTS`` a campaign folder lacks in any locale (``winback/en/body.txt``…), in order."""
+        return [f"{campaign}/{loc}/{part}" for loc in Locale for part in PARTS
+                if not (self.root / campaign / loc / part).is_file()]  # fmt: skip
+
     def template_version(self, campaign: str, locale: Locale | str) -> str:
         """A short sha256 over every file the campaign/locale uses (its own, layouts, includes)."""
         key = (_check_name(campaign), str(Locale(locale)))
@@ -875,7 +880,7 @@ class JinjaTemplates:
 
     def _files_used(self, campaign: str, locale: str) -> set[str]:
         seen: set[str] = set()
-        stack = [f"{campaign}/{locale}/{part}" for part in PARTS]
+        stack = [f"{campaign}/{locale}/{part}" for part in reversed(PARTS)]  # popped in order: subject.txt first
         while stack:
             name = stack.pop()
             if name in seen:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from worker import checks, eventloop, log
 from worker.adapters import opstore
+from worker.adapters.templates import PARTS
 from worker.app import Deps, link_keys, smtp_password, worker_id
 from worker.asyncstore import AsyncStore
 from worker.config import Settings
@@ -186,15 +187,23 @@ def once(settings: Settings) -> int:
 
 
 def _check_template_folders(deps: Deps) -> None:
-    """Every template folder sending will use has templates, or the run stops here with nothing done. A folder
-    with none at all is the config's mistake (templates.dir one level off, a step's template misspelt), not one
-    customer's: rendering would fail every due message of it, each left ``failed`` for the operator to resend.
-    The daemon refuses to start on any template problem; ``kembali check`` lists them all."""
+    """Every template folder sending will use has its files in every language, or the run stops here with nothing
+    done. A folder with none at all is the config's mistake (templates.dir one level off, a step's template
+    misspelt), one without a language's files (English deleted from an Indonesian-only shop) the templates', not
+    one customer's: rendering would fail every due message of it (of that language), each left ``failed`` for the
+    operator to resend. The daemon refuses to start on these as on any template problem; ``kembali check`` lists
+    them all."""
     settings = deps.settings
     steps = {step.template for step in settings.campaigns.winback.effective_steps} if "winback" in \
         enabled_campaigns(settings) else set()
     for folder in checks.required_folders(settings):
         if deps.templates.locales(folder):
+            missing = deps.templates.missing_parts(folder)
+            if missing:  # one language's: every customer in it would get a failed message, every run
+                raise ConfigError(f"{settings.source}: 'templates.dir': {', '.join(missing)} missing in "
+                                  f"{deps.templates.root} (each language needs {', '.join(PARTS)}: a customer in "
+                                  "one without them would get a failed message); nothing was planned or sent "
+                                  "(`kembali check` lists what it finds)")
             continue
         key = "campaigns.winback.steps[].template" if folder in steps and folder != "winback" else "templates.dir"
         raise ConfigError(f"{settings.source}: '{key}': there are no templates for {folder!r} in "
