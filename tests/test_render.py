@@ -31,6 +31,13 @@ SHOP = ShopInfo.from_settings(ShopSettings())
         (1250, "USD", "en", "$12.50"),
         (1200, "USD", "en", "$12"),
         (1500, "JPY", "en", "¥1,500"),
+        (-24900000, "IDR", "id", "-Rp249.000"),  # a refund
+        (-1, "IDR", "en", "-Rp0,01"),
+        (12345, "KWD", "en", "KWD12.345"),  # three decimals
+        (2**63 - 1, "IDR", "id", "Rp92.233.720.368.547.758,07"),  # the largest amount an import takes
+        # a template's arithmetic can go past it: every digit is kept (Decimal's 28 digits rounded, then failed)
+        (10**30 + 12345, "USD", "en", "$10,000,000,000,000,000,000,000,000,123.45"),
+        (-(10**40) - 1, "IDR", "id", "-Rp100." + "000." * 11 + "000,01"),
     ],
 )
 def test_format_money(minor: int, currency: str, locale: str, expected: str) -> None:

@@ -23,7 +23,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from email.utils import format_datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
@@ -119,15 +119,18 @@ def _money_patterns(currency: str) -> tuple[str, str]:
 
 @lru_cache(maxsize=4096)  # Babel takes ~30 µs a call; shops have few distinct prices
 def format_money(minor: int, currency: str, locale: str) -> str:
-    """``24900000`` IDR minor units → ``Rp249.000`` (decimals only when not whole)."""
-    amount: Decimal = from_minor(minor, currency)
-    whole, fractional = _money_patterns(currency)
-    pattern = whole if amount == amount.to_integral_value() else fractional
-    return str(
-        format_currency(
-            amount, currency.upper(), format=pattern, locale=_money_locale(locale, currency), currency_digits=False
+    """``24900000`` IDR minor units → ``Rp249.000`` (decimals only when not whole), every digit of any amount."""
+    # Decimal's default context keeps 28 digits: a template's arithmetic (a total times a quantity) can go past
+    # them, which rounded the amount and then failed with a bare InvalidOperation
+    with localcontext(prec=max(28, minor.bit_length() * 3 // 10 + 8)):
+        amount: Decimal = from_minor(minor, currency)
+        whole, fractional = _money_patterns(currency)
+        pattern = whole if amount == amount.to_integral_value() else fractional
+        return str(
+            format_currency(
+                amount, currency.upper(), format=pattern, locale=_money_locale(locale, currency), currency_digits=False
+            )
         )
-    )
 
 
 def format_date(d: date, locale: str) -> str:
