@@ -17,6 +17,7 @@ from worker.adapters.store import Store
 from worker.commands.progress import Progress
 from worker.config import Settings
 from worker.errors import ImportRowError
+from worker.log import printable
 
 BATCH = 1000
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -75,7 +76,7 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     progress = Progress(f"importing {kind} from {path.name}")
 
     def warn(text: str) -> None:
-        print(f"warning: {text}", file=sys.stderr)  # the text names the file and line
+        print(f"warning: {printable(text)}", file=sys.stderr)  # the text names the file and line, and quotes the file
 
     batch: list[Any] = []
     last = saved = 0
@@ -87,7 +88,7 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
             seen += 1
             if isinstance(item, RowError):
                 errors += 1
-                print(f"rejected {item}", file=sys.stderr)
+                print(f"rejected {printable(str(item))}", file=sys.stderr)
                 continue
             batch.append(item)
             lines[item.external_id] = line
@@ -99,7 +100,7 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
         errors += _flush(upsert, batch, lines, total, path)
     except ImportRowError as exc:
         progress.done()
-        print(f"kembali import: {path.name}: {exc}", file=sys.stderr)
+        print(f"kembali import: {printable(path.name)}: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:  # each batch is one transaction: those before it are in, the one under way is not
         progress.done()
@@ -140,7 +141,8 @@ def _flush(
         return 0
     counts = upsert(batch)
     for external_id, reason in counts.rejected:
-        print(f"rejected {RowError(path.name, lines.get(external_id, 0), external_id, reason)}", file=sys.stderr)
+        print(f"rejected {printable(str(RowError(path.name, lines.get(external_id, 0), external_id, reason)))}",
+              file=sys.stderr)
     rejected = len(counts.rejected)
     counts.rejected.clear()
     total.add(counts)
