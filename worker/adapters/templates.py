@@ -768,6 +768,10 @@ _RENDER_CODE = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (jinja2
 _WATCHDOG = _Watchdog()
 
 
+_REFERENCES = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
+"""The tags that name another template file."""
+
+
 class JinjaTemplates:
     """``TemplateRenderer`` over a directory of Jinja2 templates."""
 
@@ -893,11 +897,17 @@ class JinjaTemplates:
                 tree = self._env.parse(source, name, str(self.root / name))
             except jinja2.TemplateSyntaxError as exc:
                 raise TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno) from None
-            for ref in meta.find_referenced_templates(tree):
-                if ref is None:  # a computed name: count every shared file
+            for node in tree.find_all(_REFERENCES):
+                assert isinstance(node, _REFERENCES)
+                names = _template_names(node.template)
+                if not names:  # a computed name: count every shared file
                     stack += [p.relative_to(self.root).as_posix() for p in self.root.rglob("_*") if p.is_file()]
-                else:
-                    stack.append(ref)
+                    continue
+                found = next((n for n in names if self._exists(n)), None)  # Jinja2 takes a list's first one
+                if found is not None:
+                    stack.append(found)
+                elif not getattr(node, "ignore_missing", False):  # else Jinja2 renders nothing in its place
+                    raise TemplateError(f"template not found: {' or '.join(names)}", template=name, line=node.lineno)
         return seen
 
     # --- static checks -----------------------------------------------------
