@@ -166,6 +166,7 @@ def test_own_tree_renders(tmp_path: Path) -> None:
         ("demo/id/body.txt", "\n{{ name | money }}\n", "demo/id/body.txt", 2),
         ("demo/id/body.txt", "\n\n\n{{ 1 // 0 }}\n", "demo/id/body.txt", 4),
         ("demo/id/body.txt", 'x\n{% include "_nope.txt" %}\n', "demo/id/body.txt", 2),
+        ("demo/id/body.txt", '\n{{ 100 | money("Rp") }}\n', "demo/id/body.txt", 2),
     ],
     ids=[
         "syntax-body",
@@ -180,6 +181,7 @@ def test_own_tree_renders(tmp_path: Path) -> None:
         "filter-type",
         "zero-division",
         "missing-include",
+        "money-currency",
     ],
 )
 def test_errors_name_file_and_line(tmp_path: Path, name: str, text: str, template: str, line: int) -> None:

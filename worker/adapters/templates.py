@@ -79,6 +79,7 @@ from markupsafe import Markup
 from worker.core.render import format_date, format_money
 from worker.domain import Locale, RenderedEmail
 from worker.errors import TemplateError
+from worker.money import known as known_currency
 
 PARTS = ("subject.txt", "body.html", "body.txt")
 """The files each campaign has in each locale folder."""
@@ -101,6 +102,8 @@ def _money_filter(ctx: Context, minor: object, currency: str | None = None) -> s
     if currency is None:
         shop = ctx.get("shop")
         currency = str(shop.get("currency", "IDR")) if isinstance(shop, Mapping) else "IDR"
+    elif not isinstance(currency, str) or not known_currency(currency):  # "Rp" printed "RP1"; "" a bare "1"
+        raise ValueError(f"money expects an ISO 4217 currency code such as IDR (or none: the shop's), not {currency!r}")
     return format_money(minor, currency, str(ctx.get("locale", "id")))
 
 
