@@ -121,7 +121,7 @@ def _facts(sample: samples.Sample) -> BatchFacts:
     return BatchFacts(
         customers={customer.id: SendTimeFacts(customer=customer, suppressed=False, order_count=1,
                                               last_order_at=SAMPLE_NOW)},
-        order_products={samples.SAMPLE_ORDER_ID: catalogue[:1]},
+        order_products={samples.SAMPLE_ORDER_ID: samples.bought() if sample.with_products else []},
         catalogue=catalogue,
     )  # fmt: skip
 

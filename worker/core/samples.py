@@ -60,21 +60,31 @@ def samples(locale: Locale) -> list[Sample]:
     return out
 
 
+_BASE = "https://toko-kembali.example/produk/"
+
+
+def _product(pid: str, name: str, category: str, price: int) -> ProductView:
+    return ProductView(external_id=pid, name=name, category=category, price_minor=price, currency="IDR",
+                       url=f"{_BASE}{pid.lower()}", image_url=f"{_BASE}{pid.lower()}.jpg")  # fmt: skip
+
+
 def products() -> list[ProductView]:
-    """A small catalogue: ordinary items, a decimal price, HTML in a name, a very long name."""
-    base = "https://toko-kembali.example/produk/"
+    """A small catalogue, best-first: ordinary items, a decimal price, HTML in a name, a very long name. The one
+    with HTML is a best seller of a category the sample order has, so every list of products a campaign shows
+    (recommendations, a birthday's best sellers) holds it: a list printed unescaped cannot pass the check."""
     rows = (
         ("P-S01", "Kemeja Batik Parang", "Batik", 24_900_000),
+        ("P-S04", "<b>Tas</b> & \"Anyaman\" Pandan", "Tas", 14_900_000),
         ("P-S02", "Kopi Gayo Arabika 250 g", "Kopi", 8_900_000),
         ("P-S03", "Toner Teh Hijau", "Skincare", 7_450_050),
-        ("P-S04", "<b>Tas</b> & \"Anyaman\" Pandan", "Tas", 14_900_000),
         ("P-S05", "Kain Batik Tulis Solo Motif Sido Mukti Warna Sogan Klasik Ukuran 2,5 Meter", "Batik", 45_000_000),
     )
-    return [
-        ProductView(external_id=pid, name=name, category=category, price_minor=price, currency="IDR",
-                    url=f"{base}{pid.lower()}", image_url=f"{base}{pid.lower()}.jpg")
-        for pid, name, category, price in rows
-    ]  # fmt: skip
+    return [_product(*row) for row in rows]
+
+
+def bought() -> list[ProductView]:
+    """The sample order's products: the first has HTML in its name (templates show ``bought[0]`` by itself)."""
+    return [_product("P-S06", "<b>Tas</b> Rotan", "Tas", 12_500_000), products()[0]]
 
 
 SAMPLE_ORDER_ID = 1
