@@ -161,20 +161,23 @@ def test_run_once_without_templates_for_a_campaign_stops_before_planning(
     assert _nothing_planned_or_sent(config, smtp_server)
 
 
-@pytest.mark.parametrize(("missing", "named"), [
-    ("winback/en", "winback/en/subject.txt, winback/en/body.html, winback/en/body.txt"),
-    ("winback/id/body.txt", "winback/id/body.txt"),
+@pytest.mark.parametrize(("missing", "named", "extra"), [
+    (("winback/en",), "winback/en/subject.txt, winback/en/body.html, winback/en/body.txt", ""),
+    (("winback/id/body.txt",), "winback/id/body.txt", ""),
+    (("feedback/id/body.html", "winback/en/body.txt"), "feedback/id/body.html, winback/en/body.txt",
+     "[campaigns.feedback]\nenabled = true\n"),
 ])
 def test_run_once_with_a_template_missing_in_one_language_stops_before_planning(
-    tmp_path: Path, smtp_server: RecordingServer, missing: str, named: str
+    tmp_path: Path, smtp_server: RecordingServer, missing: tuple[str, ...], named: str, extra: str
 ) -> None:
-    # Given win-back templates in Indonesian only (or an Indonesian body.txt deleted): customers in the other
-    # language would each get a failed message, every run, where the daemon refuses to start
+    # Given win-back templates in Indonesian only (or an Indonesian body.txt deleted, or files of two campaigns):
+    # customers in the other language would each get a failed message, every run, where the daemon refuses to start
     templates = tmp_path / "email"
     shutil.copytree(TEMPLATES, templates)
-    target = templates / missing
-    shutil.rmtree(target) if target.is_dir() else target.unlink()
-    config = write_config(tmp_path, smtp_port=smtp_server.port)
+    for path in missing:
+        target = templates / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    config = write_config(tmp_path, smtp_port=smtp_server.port, extra=extra)
     shop_in(tmp_path, config, customers=40)  # customers due a win-back, in both languages
     config.write_text(config.read_text().replace(f'dir = "{TEMPLATES}"', f'dir = "{templates}"'))
     # When cron runs a cycle

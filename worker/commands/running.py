@@ -196,19 +196,20 @@ def _check_template_folders(deps: Deps) -> None:
     settings = deps.settings
     steps = {step.template for step in settings.campaigns.winback.effective_steps} if "winback" in \
         enabled_campaigns(settings) else set()
-    for folder in checks.required_folders(settings):
+    folders = checks.required_folders(settings)
+    for folder in folders:
         if deps.templates.locales(folder):
-            missing = deps.templates.missing_parts(folder)
-            if missing:  # one language's: every customer in it would get a failed message, every run
-                raise ConfigError(f"{settings.source}: 'templates.dir': {', '.join(missing)} missing in "
-                                  f"{deps.templates.root} (each language needs {', '.join(PARTS)}: a customer in "
-                                  "one without them would get a failed message); nothing was planned or sent "
-                                  "(`kembali check` lists what it finds)")
             continue
         key = "campaigns.winback.steps[].template" if folder in steps and folder != "winback" else "templates.dir"
         raise ConfigError(f"{settings.source}: '{key}': there are no templates for {folder!r} in "
                           f"{deps.templates.root} (no {folder}/id/subject.txt or {folder}/en/subject.txt); "
                           "nothing was planned or sent (`kembali check` lists what it finds)")
+    missing = [name for folder in folders for name in deps.templates.missing_parts(folder)]
+    if missing:  # a language's: every customer in it would get a failed message, every run
+        raise ConfigError(f"{settings.source}: 'templates.dir': {', '.join(missing)} missing in "
+                          f"{deps.templates.root} (each language needs {', '.join(PARTS)}: a customer in one "
+                          "without them would get a failed message); nothing was planned or sent "
+                          "(`kembali check` lists what it finds)")
 
 
 def forever(settings: Settings, *, config_path: Path, starting: StartupSignals | None = None) -> int:
