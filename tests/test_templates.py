@@ -778,3 +778,28 @@ def test_a_long_product_title_is_shortened_in_the_subject(folder: str, locale: L
     if folder == "winback":
         assert email.subject.endswith("khusus untukmu" if locale is Locale.ID else "just for you"), email.subject
     assert LONG_TITLE in email.text and LONG_TITLE in email.html
+
+
+def test_a_file_saved_with_a_byte_order_mark_renders_without_it(tmp_path: Path) -> None:
+    # Given templates saved by an editor that starts UTF-8 files with a BOM (Windows Notepad)
+    root = tree(tmp_path, GOOD)
+    for name in ("demo/id/subject.txt", "demo/id/body.txt", "_layout.html"):
+        (root / name).write_bytes(b"\xef\xbb\xbf" + (root / name).read_bytes())
+    email = JinjaTemplates(root).render("demo", Locale.ID, CTX)
+    # Then no U+FEFF reaches the subject (an invisible character made it an encoded-word) or the parts
+    assert email.subject == "Halo Siti"
+    assert "\ufeff" not in email.text and "\ufeff" not in email.html
+
+
+@pytest.mark.parametrize("name", ["demo/id/body.txt", "_layout.txt"])
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path, name: str) -> None:
+    # Given a file saved in Latin-1 (or Windows-1252), not UTF-8: "Café" on its second line
+    root = tree(tmp_path, GOOD)
+    (root / name).write_bytes((root / name).read_bytes().replace(b"\n", "\nCaf\xe9\n".encode("latin-1"), 1))
+    templates = JinjaTemplates(root)
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, CTX)
+    # Then the error names that file and line, and what to do (it named the file including it, or no line)
+    assert (info.value.template, info.value.line) == (name, 2)
+    assert str(info.value) == f"{name}:2: not UTF-8 text (byte 0xe9): save the file as UTF-8"
+    assert [str(p) for p in templates.lint(KNOWN)] == [str(info.value)]

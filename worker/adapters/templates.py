@@ -789,7 +789,7 @@ class JinjaTemplates:
         self._checked_at: float | None = None
         """When the files were last compared with the cached versions (monotonic), with recheck_seconds > 0."""
         self._env = _Sandbox(
-            loader=jinja2.FileSystemLoader(self.root, encoding="utf-8"),
+            loader=jinja2.FileSystemLoader(self.root, encoding="utf-8-sig"),  # without the BOM an editor may write
             undefined=jinja2.StrictUndefined,
             autoescape=jinja2.select_autoescape(enabled_extensions=("html", "htm"), default_for_string=False),
             trim_blocks=True,
@@ -877,6 +877,17 @@ class JinjaTemplates:
         except OSError as exc:
             raise TemplateError(f"cannot read template: {exc.strerror}", template=name) from None
 
+    def _source(self, name: str) -> str:
+        """A template file's text: UTF-8, without a byte order mark; else a TemplateError at the first line that
+        is not (an editor saving Latin-1 or Windows-1252 made a render fail at the line that included it)."""
+        data = self._read(name)
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            message = f"not UTF-8 text (byte 0x{data[exc.start]:02x}): save the file as UTF-8"
+            raise TemplateError(message, template=name, line=line) from None
+
     def _exists(self, name: str) -> bool:
         """Whether the loader finds ``name`` (no ``..``, a file under the root)."""
         try:
@@ -895,7 +906,7 @@ class JinjaTemplates:
             if not (self.root / name).is_file():
                 raise TemplateError("template not found", template=name)
             seen.add(name)
-            source = self._read(name).decode("utf-8", "replace")
+            source = self._source(name)
             try:
                 tree = self._env.parse(source, name, str(self.root / name))
             except jinja2.TemplateSyntaxError as exc:
@@ -1065,9 +1076,12 @@ class _Lint:
     def tree(self, name: str) -> nodes.Template | None:
         """The file parsed (once); None after reporting a syntax error."""
         if name not in self._trees:
-            source = self.templates._read(name).decode("utf-8", "replace")
             try:
+                source = self.templates._source(name)
                 self._trees[name] = self.templates._env.parse(source, name, str(self.templates.root / name))
+            except TemplateError as exc:
+                self.problems.append(exc)
+                self._trees[name] = None
             except jinja2.TemplateSyntaxError as exc:
                 self.problems.append(TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno))
                 self._trees[name] = None
