@@ -41,8 +41,9 @@ def test_a_value_from_customer_data_stays_on_its_line_and_off_the_terminal(
     assert len(text.splitlines()) == 1 and text[:-1].isprintable()
 
 
-@pytest.mark.parametrize("value", ["Siti\r\nlevel=error", "C9\u2028error\u0085ok", "x\x1b[2J\x9b31m\u202eevil",
-                                   "Ünïcode"])
+@pytest.mark.parametrize(
+    "value", ["Siti\r\nlevel=error", "C9\u2028error\u0085ok", "x\x1b[2J\x9b31m\u202eevil", "Ünïcode"]
+)
 def test_a_json_log_line_carries_the_value_exactly_and_no_control_character(value: str) -> None:
     logger = logging.getLogger("kembali")
     saved = (logger.handlers[:], logger.level, logger.propagate)

@@ -422,9 +422,14 @@ def test_the_lint_reports_a_missing_partial_in_a_branch_no_render_takes(tmp_path
     assert str(info.value) == "demo/id/body.txt:2: template not found: _gone.txt"
 
 
-@pytest.mark.parametrize("include", ['{% include "_gone.txt" ignore missing %}',
-                                     '{% include ["_gone.txt", "_here.txt"] %}',
-                                     '{% include ["_gone.txt", "_gone2.txt"] ignore missing %}'])
+@pytest.mark.parametrize(
+    "include",
+    [
+        '{% include "_gone.txt" ignore missing %}',
+        '{% include ["_gone.txt", "_here.txt"] %}',
+        '{% include ["_gone.txt", "_gone2.txt"] ignore missing %}',
+    ],
+)
 def test_an_include_jinja2_renders_without_a_missing_file_renders(tmp_path: Path, include: str) -> None:
     # Given an include that names a missing file Jinja2 does without (`ignore missing`, or a list's next file)
     files = GOOD | {"demo/id/body.txt": f"x\n{include}\n", "_here.txt": "here\n"}
