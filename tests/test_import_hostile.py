@@ -295,3 +295,43 @@ def test_a_header_with_terminal_escapes_is_named_with_them_escaped(
         assert code in (0, 2), out
         assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, repr(out)
         assert shown in out, out
+
+
+def test_orders_whose_sum_is_too_large_for_the_customers_total_spent_are_rejected_rows(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a customer whose orders, each a valid amount, add up to more than a 64-bit total in minor units, beside
+    # another customer's ordinary order in the same batch
+    config = _config(tmp_path, db_url)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,c2@example.com,Budi,ya\n"
+    )
+    big = "999999999999999"  # about 10^17 minor units: the 93rd such order takes C-1's sum past 2^63 - 1
+    rows = [f"B-{i},C-1,paid,2026-01-01,{big}\n" for i in range(95)]
+    rows.insert(3, "B-C,C-1,cancelled,2026-01-01,999999999999999\n")  # a cancelled order does not count
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,total\n" + "".join(rows) + "O-2,C-2,paid,2026-01-02,1500\n"
+    )
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then the orders that do not fit are rejected rows naming file, line and column (it was an "integer overflow"
+    # or NumericValueOutOfRange traceback, and none of the batch imported, C-2's order neither)
+    assert (code, "Traceback" in out) == (1, False), out
+    too_large = ": total 999999999999999.00 IDR is too large: the orders of customer 'C-1' would add up to more " \
+                "than 92233720368547758.07 IDR"  # fmt: skip
+    assert f"orders.csv:95: id 'B-92'{too_large}" in out
+    assert f"orders.csv:97: id 'B-94'{too_large}" in out
+    assert "orders: 94 created, 0 updated, 0 unchanged, 3 rejected" in out
+    assert _ids(db_url, "shop_order") == {"B-C", "O-2", *(f"B-{i}" for i in range(92))}
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            spent = dict(conn.execute(sa.text("select external_id, total_spent_minor from customer")).all())
+    finally:
+        engine.dispose()
+    assert spent == {"C-1": 92 * 99999999999999900, "C-2": 150000}
+    # and the same file imported again changes nothing, and rejects the same rows
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    assert code == 1 and "orders: 0 created, 0 updated, 94 unchanged, 3 rejected" in out, out
+    assert f"orders.csv:96: id 'B-93'{too_large}" in out

@@ -3,7 +3,9 @@
 Re-importing the same file changes nothing: each batch reads the existing rows
 for its ids, inserts the new ones, updates only rows whose values differ, and
 counts the three. After orders change, the per-customer purchase columns that
-audience queries scan are refreshed for the customers touched.
+audience queries scan are refreshed for the customers touched. An order that
+would take its customer's total spent past what a BIGINT holds is rejected
+(named by id), not the whole batch.
 
 Two imports of the same ids at once (an operator's import beside a nightly
 one) can both read an id as new; on PostgreSQL one insert wins and the other
@@ -22,8 +24,12 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from worker import money
 from worker.adapters.store import PURCHASE_EXCLUDED, C, L, O, P, _chunks
 from worker.domain import CustomerRecord, OrderRecord, ProductRecord
+
+MAX_MINOR = 2**63 - 1
+"""The most a BIGINT column holds: a customer's ``total_spent_minor``, the sum of their orders' totals."""
 
 
 @dataclass
@@ -187,12 +193,28 @@ def _upsert_orders(
         )
         existing = {r.external_id: r for r in conn.execute(sa.select(O).where(O.c.external_id.in_(list(by_id))))}
         existing_lines = _lines_of(conn, [r.id for r in existing.values()])
+        spent = _spent(conn, {*customers.values(), *(old.customer_id for old in existing.values())})
         touched: set[int] = set()
         for ext, rec in by_id.items():
             customer_id = customers.get(rec.customer_external_id)
             if customer_id is None:
                 counts.rejected.append((ext, f"unknown customer id {rec.customer_external_id!r}"))
                 continue
+            old = existing.get(ext)
+            after = spent[customer_id] + _spends(rec.status.value, rec.total_minor)
+            if old is not None and old.customer_id == customer_id:
+                after -= _spends(old.status, old.total_minor)
+            if after > MAX_MINOR:  # the customer's total spent would not fit its column: the whole batch was lost
+                largest = f"{money.from_minor(MAX_MINOR, rec.currency):f}"
+                counts.rejected.append((ext, (
+                    f"total {money.from_minor(rec.total_minor, rec.currency):f} {rec.currency} is too large: the "
+                    f"orders of customer {rec.customer_external_id!r} would add up to more than {largest} "
+                    f"{rec.currency}"
+                )))  # fmt: skip
+                continue
+            if old is not None:
+                spent[old.customer_id] -= _spends(old.status, old.total_minor)
+            spent[customer_id] += _spends(rec.status.value, rec.total_minor)
             values = {
                 "customer_id": customer_id,
                 "status": rec.status.value,
@@ -213,7 +235,6 @@ def _upsert_orders(
                 for i, ln in enumerate(rec.lines, start=1)
             ]
             unknown += [(ext, str(line["product_external_id"])) for line in lines if line["product_id"] is None]
-            old = existing.get(ext)
             if old is None:
                 order_id = conn.execute(
                     sa.insert(O).values(external_id=ext, created_at=now, updated_at=now, **values).returning(O.c.id)
@@ -234,6 +255,25 @@ def _upsert_orders(
             touched.add(customer_id)
         refresh_customer_stats(conn, sorted(touched), now)
     return counts, unknown
+
+
+def _spends(status: str, total_minor: int) -> int:
+    """What an order adds to its customer's ``total_spent_minor``."""
+    return 0 if status in PURCHASE_EXCLUDED else total_minor
+
+
+def _spent(conn: Connection, customer_ids: set[int]) -> dict[int, int]:
+    """Each customer's total spent as ``refresh_customer_stats`` would have it, from their orders now."""
+    out = dict.fromkeys(customer_ids, 0)
+    for part in _chunks(sorted(customer_ids)):
+        query = (
+            sa.select(O.c.customer_id, sa.func.sum(O.c.total_minor))
+            .where(O.c.customer_id.in_(part), O.c.status.not_in(PURCHASE_EXCLUDED))
+            .group_by(O.c.customer_id)
+        )
+        for customer_id, total in conn.execute(query):
+            out[customer_id] = int(total)
+    return out
 
 
 def _lines_of(conn: Connection, order_ids: list[int]) -> dict[int, list[dict[str, Any]]]:
