@@ -112,22 +112,10 @@ def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it
         "id,email,name,marketing_consent\n" + "".join(f"C-{i},c{i}@example.com,Name {i},ya\n" for i in range(rows)),
         encoding="utf-8",
     )
-    # (Python ignores SIGINT when started with it ignored, as a shell's background job is: give it the default)
-    start = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    start += "from worker.cli import main; sys.exit(main())"
-    command = [sys.executable, "-c", start, "--config", str(config), "import", "customers",
-               str(tmp_path / "customers.csv")]  # fmt: skip
+    command = _import_command(config, "customers", tmp_path / "customers.csv")
     url = f"sqlite:///{tmp_path / 'k.db'}"
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not _ids(url, "customer") and time.monotonic() < deadline and child.poll() is None:
-            time.sleep(0.02)
-        # When the operator presses Ctrl-C (or `timeout`, or a service manager, stops it) once the first rows are in
-        child.send_signal(sig)
-        _, err = child.communicate(timeout=60)
-    finally:
-        child.kill()
+    # When the operator presses Ctrl-C (or `timeout`, or a service manager, stops it) once the first rows are in
+    child, err = _interrupted(command, url, "customer", sig)
     # Then it says how far the file is imported (it said "kembali: interrupted" alone, or nothing at all for a
     # SIGTERM), and exits 130 (143)
     assert child.returncode == code, err
@@ -142,6 +130,60 @@ def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert f"customers: {rows - created} created, 0 updated, {created} unchanged, 0 rejected" in again.stdout
+
+
+def _import_command(config: Path, kind: str, path: Path) -> list[str]:
+    # (Python ignores SIGINT when started with it ignored, as a shell's background job is: give it the default)
+    start = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    start += "from worker.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", start, "--config", str(config), "import", kind, str(path)]
+
+
+def _interrupted(command: list[str], url: str, table: str, sig: signal.Signals) -> tuple[subprocess.Popen[str], str]:
+    """The import ``command`` run, sent ``sig`` once ``table`` has rows; the process and what it wrote to stderr."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _ids(url, table) and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.02)
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    return child, err
+
+
+def test_an_interrupted_import_of_orders_of_several_lines_names_the_last_line_imported(tmp_path: Path) -> None:
+    # Given a big orders file whose orders have three lines each (and a customer and products for them)
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    (tmp_path / "products.csv").write_text("id,name,price\nP-0,Tas,1000\nP-1,Topi,1000\nP-2,Sepatu,1000\n")
+    orders = 6_000
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,product_id,quantity,unit_price\n"
+        + "".join(f"O-{i},C-1,paid,2026-01-01,P-{j},1,1000\n" for i in range(orders) for j in range(3)),
+        encoding="utf-8",
+    )
+    for kind in ("customers", "products"):
+        assert subprocess.run(_import_command(config, kind, tmp_path / f"{kind}.csv"), timeout=60).returncode == 0
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    # When it is stopped once the first orders are in
+    child, err = _interrupted(_import_command(config, "orders", tmp_path / "orders.csv"), url, "shop_order",
+                              signal.SIGTERM)  # fmt: skip
+    # Then the line it names is the last line of the last order imported: every row up to it is in, none after it
+    # (it named the first line of that order, whose other two lines are in as well)
+    assert child.returncode == 143, err
+    found = re.search(r"interrupted: orders\.csv is imported up to line (\d+), the rows after it are not "
+                      r"\((\d+) created, 0 updated, 0 unchanged, 0 rejected\)", err)  # fmt: skip
+    assert found is not None, err
+    line, created = int(found[1]), int(found[2])
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            imported = conn.execute(sa.text("select count(*) from order_line")).scalar_one()
+    finally:
+        engine.dispose()
+    assert line - 1 == imported == 3 * created < 3 * orders
 
 
 def test_an_amount_too_large_for_the_database_is_a_rejected_row(

@@ -138,13 +138,13 @@ def read_customers(
     path: Path, *, check_dns: bool = False, on_warning: Warn | None = None
 ) -> Iterator[CustomerRecord | RowError]:
     """Yield a ``CustomerRecord`` or a ``RowError`` per row of a customers CSV."""
-    return (item for _, item in numbered_customers(path, check_dns=check_dns, on_warning=on_warning))
+    return (item for _, _, item in numbered_customers(path, check_dns=check_dns, on_warning=on_warning))
 
 
 def numbered_customers(
     path: Path, *, check_dns: bool = False, on_warning: Warn | None = None
-) -> Iterator[tuple[int, CustomerRecord | RowError]]:
-    """``read_customers`` with the line each record starts on."""
+) -> Iterator[tuple[int, int, CustomerRecord | RowError]]:
+    """``read_customers`` with the lines each record starts and ends on."""
     resolver = email_validator.caching_resolver(timeout=10) if check_dns else None
     return _numbered_by_id(
         path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning,
@@ -156,13 +156,13 @@ def read_products(
     path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
 ) -> Iterator[ProductRecord | RowError]:
     """Yield a ``ProductRecord`` or a ``RowError`` per row of a products CSV."""
-    return (item for _, item in numbered_products(path, shop_tz=shop_tz, on_warning=on_warning))
+    return (item for _, _, item in numbered_products(path, shop_tz=shop_tz, on_warning=on_warning))
 
 
 def numbered_products(
     path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
-) -> Iterator[tuple[int, ProductRecord | RowError]]:
-    """``read_products`` with the line each record starts on."""
+) -> Iterator[tuple[int, int, ProductRecord | RowError]]:
+    """``read_products`` with the lines each record starts and ends on."""
     zone = ZoneInfo(shop_tz)
     return _numbered_by_id(
         path, PRODUCT_COLUMNS, PRODUCT_REQUIRED, on_warning, lambda row, key: _product(row, key, zone)
@@ -178,63 +178,66 @@ def _numbered_by_id(
     required: tuple[str, ...],
     on_warning: Warn | None,
     build: Callable[[dict[str, str], str], R],
-) -> Iterator[tuple[int, R | RowError]]:
+) -> Iterator[tuple[int, int, R | RowError]]:
     """One record (made by ``build``) or ``RowError`` per row of a file keyed by a unique ``id`` column."""
     seen = _SeenIds()
     with _open(path) as rows:
         _header(rows, path, columns, required, on_warning)
-        for line, row in rows:
+        for line, end, row in rows:
             if isinstance(row, _Broken):
-                yield line, RowError(path.name, line, row.key, row.reason)
+                yield line, end, RowError(path.name, line, row.key, row.reason)
                 continue
             key = row.get("id", "").strip()
             try:
                 key = _ident(row, "id")
                 _not_seen(seen, key, line, "id")
-                yield line, build(row, key)
+                yield line, end, build(row, key)
             except _Invalid as exc:
-                yield line, RowError(path.name, line, key, str(exc))
+                yield line, end, RowError(path.name, line, key, str(exc))
 
 
 def read_orders(
     path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
 ) -> Iterator[OrderRecord | RowError]:
     """Yield an ``OrderRecord`` per order (its consecutive rows) or a ``RowError`` per bad row."""
-    return (item for _, item in numbered_orders(path, shop_tz=shop_tz, on_warning=on_warning))
+    return (item for _, _, item in numbered_orders(path, shop_tz=shop_tz, on_warning=on_warning))
 
 
 def numbered_orders(
     path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
-) -> Iterator[tuple[int, OrderRecord | RowError]]:
-    """``read_orders`` with the line each order (or bad row) starts on."""
+) -> Iterator[tuple[int, int, OrderRecord | RowError]]:
+    """``read_orders`` with the lines each order (or bad row) starts and ends on; a rejected row of an order ends
+    where the order does (none of its rows is imported)."""
     zone = ZoneInfo(shop_tz)
     seen = _SeenIds()
     group: list[tuple[int, dict[str, str]]] = []
+    group_end = 0
     current = ""
     with _open(path) as rows:
         _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, on_warning)
-        for line, row in rows:
+        for line, end, row in rows:
             if isinstance(row, _Broken):
-                yield line, RowError(path.name, line, row.key, row.reason)
+                yield line, end, RowError(path.name, line, row.key, row.reason)
                 continue
             key = row.get("order_id", "").strip()
             if not key:
-                yield line, RowError(path.name, line, "", "missing order_id (required)")
+                yield line, end, RowError(path.name, line, "", "missing order_id (required)")
                 continue
             if key == current:
                 if group:
                     group.append((line, row))
+                    group_end = end
                 continue  # rows of a dropped, re-appearing order: reported once
             if group:
-                yield from _numbered(_order(group, path.name, zone), group[0][0])
-            current, group = key, [(line, row)]
+                yield from _numbered(_order(group, path.name, zone), group[0][0], group_end)
+            current, group, group_end = key, [(line, row)], end
             first = seen.add(key, line)
             if first is not None:
                 group = []
                 reason = f"order {key!r} already seen at line {first}; keep an order's lines together"
-                yield line, RowError(path.name, line, key, reason)
+                yield line, end, RowError(path.name, line, key, reason)
         if group:
-            yield from _numbered(_order(group, path.name, zone), group[0][0])
+            yield from _numbered(_order(group, path.name, zone), group[0][0], group_end)
 
 
 # --- rows → records --------------------------------------------------------------
@@ -270,10 +273,10 @@ def _product(row: dict[str, str], key: str, zone: ZoneInfo) -> ProductRecord:
 
 
 def _numbered(
-    items: Iterator[OrderRecord | RowError], first_line: int
-) -> Iterator[tuple[int, OrderRecord | RowError]]:
+    items: Iterator[OrderRecord | RowError], first_line: int, last_line: int
+) -> Iterator[tuple[int, int, OrderRecord | RowError]]:
     for item in items:
-        yield (item.line if isinstance(item, RowError) else first_line), item
+        yield (item.line if isinstance(item, RowError) else first_line), last_line, item
 
 
 def _order(group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo) -> Iterator[OrderRecord | RowError]:
@@ -604,7 +607,7 @@ class _Broken:
 
 
 class _Rows:
-    """``(line, row)`` pairs from a CSV file, blank lines skipped.
+    """``(first line, last line, row)`` from a CSV file, blank lines skipped (a quoted field may span lines).
 
     A row is a dict of column → raw value, or a ``_Broken`` saying why the row
     could not be split into the header's columns.
@@ -644,18 +647,19 @@ class _Rows:
             if any(field.strip() for field in fields):
                 yield start, reader.line_num, _not_utf8(fields, self.columns, self.key_column) or fields
 
-    def __iter__(self) -> Iterator[tuple[int, dict[str, str] | _Broken]]:
+    def __iter__(self) -> Iterator[tuple[int, int, dict[str, str] | _Broken]]:
+        """(first line, last line, the row) per non-blank row."""
         width = len(self.columns)
         for line, end, fields in self.raw():
             if isinstance(fields, _Broken):
-                yield line, fields
+                yield line, end, fields
             elif len(fields) != width:
                 key = fields[self.key_column].strip() if self.key_column < len(fields) else ""
                 reason = (f"row has {len(fields)} fields, the header has {width} (a stray comma or quote?)"
                           + _swallowed(line, end))  # fmt: skip
-                yield line, _Broken(key, reason)
+                yield line, end, _Broken(key, reason)
             else:
-                yield line, dict(zip(self.columns, fields, strict=True))
+                yield line, end, dict(zip(self.columns, fields, strict=True))
 
 
 def _swallowed(start: int, end: int) -> str:

@@ -28,7 +28,7 @@ MAX_UNKNOWN_WARNINGS = 20
 
 def _reader(
     kind: str, path: Path, settings: Settings, check_dns: bool, warn: Callable[[str], None]
-) -> Iterator[tuple[int, Any]]:
+) -> Iterator[tuple[int, int, Any]]:
     if kind == "customers":
         return numbered_customers(path, check_dns=check_dns, on_warning=warn)
     if kind == "products":
@@ -80,11 +80,11 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
 
     batch: list[Any] = []
     last = saved = 0
-    """The line the batch's last record starts on; the last line of the last batch committed."""
+    """The line the batch's last record ends on (an order's last row); the last line of the last batch committed."""
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
-        for line, item in _reader(kind, path, settings, check_dns, warn):
+        for line, end, item in _reader(kind, path, settings, check_dns, warn):
             seen += 1
             if isinstance(item, RowError):
                 errors += 1
@@ -92,7 +92,7 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
                 continue
             batch.append(item)
             lines[item.external_id] = line
-            last = line
+            last = end
             if len(batch) >= BATCH:
                 errors += _flush(upsert, batch, lines, total, path)
                 saved = last
