@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, date, datetime, timedelta
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,44 @@ def test_new_products_news_reaches_a_mailbox_at_most_once_in_seven_days_across_i
     assert received == [(date(2027, 3, 1), "n1@example.com")]
     assert ledger(settings) == {"new_products:N1:2027-W08": ("sent", None),
                                 "new_products:N1:2027-W09": ("skipped", "expired")}  # fmt: skip
+
+
+def test_a_loyalty_email_states_the_customers_order_count_when_sent_not_the_milestone(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given customers with 4 orders, to whom an import brings 2 more at once: their 6th order reached the 5th
+    # order milestone (planned at night); and one of them orders a 7th overnight
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("L1"), customer("L2")], NIGHT)
+    shop.upsert_customers(engine, [CustomerRecord("L3", "l3@example.com", "Budi L3", Locale.ID, "Asia/Jakarta", None,
+                                                  True, "opt_in", "checkout")], NIGHT)  # fmt: skip
+    shop.upsert_products(engine, [
+        ProductRecord("P-OLD", "Kain Lama", "Batik", 10_000_000, "IDR", "", "", datetime(2026, 1, 1, tzinfo=UTC), True),
+    ], NIGHT)  # fmt: skip
+    shop.upsert_orders(engine, [order(f"{c}-{i}", c, D, 100 + i) for c in ("L1", "L2", "L3") for i in range(4)], NIGHT)
+    shop.upsert_orders(engine, [order(f"{c}-{i}", c, D, i / 2) for c in ("L1", "L2", "L3") for i in (4, 5)], NIGHT)
+    engine.dispose()
+    night = cycle_at(settings, NIGHT)
+    assert night.dispatched.outcomes == {"deferred:quiet_hours": 3}
+    engine = db.create_engine(db_url)
+    shop.upsert_orders(engine, [order("L2-6", "L2", P, -0.05)], NIGHT)
+    engine.dispose()
+    # When the morning's cycle sends the loyalty emails
+    cycle_at(settings, MORNING)
+    # Then each says how many times the customer has ordered (it said "5 times", "your order number 5", to
+    # customers who had ordered 6 or 7 times: the milestone, not their count)
+    said = {}
+    for message in smtp_server.messages:
+        parsed = BytesParser(policy=policy.default).parsebytes(message.data)
+        text = parsed.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        said[message.rcpt_tos[0]] = (str(parsed["Subject"]), next(line for line in text.splitlines() if "kali" in line
+                                                                  or "times" in line))  # fmt: skip
+    assert said == {
+        "l1@example.com": ("Thank you, Siti! That was your order number 6",
+                           "You have now ordered from Toko Kembali 6 times. Thank you!"),
+        "l2@example.com": ("Thank you, Siti! That was your order number 7",
+                           "You have now ordered from Toko Kembali 7 times. Thank you!"),
+        "l3@example.com": ("Terima kasih, Kak Budi! Ini pesananmu yang ke-6",
+                           "Kak Budi sudah 6 kali berbelanja di Toko Kembali. Terima kasih!"),
+    }  # fmt: skip

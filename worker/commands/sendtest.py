@@ -55,9 +55,14 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     )  # fmt: skip
     composer = Composer(settings, deps.templates, SAMPLE_LINK_KEY)
     facts = load_batch_facts(store, [message], load_catalogue(store))
-    if facts.customers[customer.id].customer is None:  # a sample customer: not in the database
-        facts.customers[customer.id] = SendTimeFacts(customer=customer, suppressed=False, order_count=1,
-                                                     last_order_at=now)  # fmt: skip
+    found_facts = facts.customers[customer.id]
+    if found_facts.customer is None:  # a sample customer: not in the database
+        facts.customers[customer.id] = SendTimeFacts(
+            customer=customer, suppressed=False, order_count=samples.SAMPLE_ORDER_COUNT, last_order_at=now
+        )
+    elif found_facts.order_count < samples.SAMPLE_ORDER_COUNT:
+        # the loyalty email goes to a customer who reached its milestone (the sample's): read as it would then
+        facts.customers[customer.id] = dataclasses.replace(found_facts, order_count=samples.SAMPLE_ORDER_COUNT)
     unsubscribe = composer.unsubscribe_url(customer)
     context = build_context(args.campaign, customer, shop=composer.shop, unsubscribe_url=unsubscribe,
                             extra=composer.extra_context(message, facts))  # fmt: skip

@@ -88,11 +88,13 @@ def bought() -> list[ProductView]:
 
 
 SAMPLE_ORDER_ID = 1
+SAMPLE_ORDER_COUNT = 5
+"""A sample customer's purchases: the loyalty sample's milestone (``orders-5``), just reached."""
 SAMPLE_PAYLOAD = {
     "first_order_id": str(SAMPLE_ORDER_ID),
     "first_order": "INV-SAMPLE-1",
     "order_id": str(SAMPLE_ORDER_ID),
     "order": "INV-SAMPLE-1",
-    "milestone": "orders-5",
+    "milestone": f"orders-{SAMPLE_ORDER_COUNT}",
 }
 """Planning payload keys campaigns read when composing (a new campaign adds its keys here)."""
