@@ -231,3 +231,33 @@ def test_replies_and_errors_with_terminal_escapes_are_listed_escaped(
         if args:  # still valid JSON, holding the text exactly
             rows = {row["email"]: row for row in map(json.loads, out.splitlines())}
             assert (rows[GONE]["last_reply"], rows[DROP]["last_error"]) == (HOSTILE_REPLY, HOSTILE_ERROR)
+
+
+def test_a_decision_made_again_is_a_no_op_that_says_so(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an uncertain message the operator has put back in the queue, and one closed as sent
+    shop, config = world
+    uncertain, failed = shop.row(DROP), shop.row(GONE)
+    assert kembali(config, "resend", str(uncertain.id), "--reason", "never came") == 0
+    assert kembali(config, "close", str(failed.id), "--as", "sent") == 0
+    capsys.readouterr()
+    due = shop.row(DROP).next_attempt_at
+    # When the same commands are run again (a runbook step retried, a second operator)
+    code = kembali(config, "resend", str(uncertain.id), "--reason", "never came")
+    again = capsys.readouterr()
+    # Then nothing changes and it says so, exiting 0: what was asked is what the ledger holds (it exited 1 with
+    # "left alone: is retry; only uncertain or failed messages can be changed", as if the resend had failed)
+    assert (code, again.err) == (0, ""), again
+    assert again.out.strip() == (f"message {uncertain.id} is already back in the queue (next attempt "
+                                 f"{due:%Y-%m-%d %H:%M} UTC): nothing changed")  # fmt: skip
+    assert (shop.row(DROP).status, shop.row(DROP).next_attempt_at) == ("retry", due)
+    assert [a.outcome for a in shop.attempts(DROP)] == ["ambiguous", "operator"]
+    code = kembali(config, "close", str(failed.id), "--as", "sent")
+    again = capsys.readouterr()
+    assert (code, again.err, again.out.strip()) == (0, "", f"message {failed.id} is already sent: nothing changed")
+    assert [a.outcome for a in shop.attempts(GONE)] == ["permanent", "operator"]
+    # and a row in another state than the one asked for is still refused (exit 1)
+    assert kembali(config, "close", str(failed.id), "--as", "failed") == 1
+    assert f"message {failed.id} left alone: is sent; only uncertain or failed messages can be changed" in \
+        capsys.readouterr().err

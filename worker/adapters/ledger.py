@@ -5,12 +5,15 @@ mail may have arrived) and ``failed``. Every action leaves an attempt row with
 outcome ``operator`` (who, when, what was decided, the note) and the note in
 ``last_error``, so the history shows that a person, not the worker, decided.
 A resend puts the row back to ``retry``, due now, with the same Message-ID.
+A decision the row already reflects (a resend of a row in ``retry``, a close as
+sent of a ``sent`` row) changes nothing and is reported as such, not refused:
+running the same command twice is safe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -72,6 +75,8 @@ class ActionResult:
     """Rows changed."""
     refused: dict[int, str]
     """id → why it was left alone (unknown id, or a state an operator cannot change)."""
+    already: dict[int, str] = field(default_factory=dict)
+    """id → the state that already is what was asked (``"sent"``), left as it is."""
 
 
 def _ledger_row(r: Any) -> LedgerRow:
@@ -103,10 +108,15 @@ class LedgerAdmin:
     def resend(self, ids: Sequence[int], *, now: datetime, operator: str, note: str = "") -> ActionResult:
         """Put uncertain/failed rows back to ``retry``, due now (same Message-ID)."""
         text = "operator resend" + (f": {note}" if note else "")
+        def queued(row: Any) -> str | None:
+            if row.status != MessageStatus.RETRY.value:
+                return None
+            return f"back in the queue (next attempt {row.next_attempt_at:%Y-%m-%d %H:%M} UTC)"
+
         return self._decide(ids, now=now, operator=operator, text=text, values={
             "status": MessageStatus.RETRY.value, "next_attempt_at": now, "skip_reason": None,
             "sent_at": None,  # an uncertain send the cap counted: the resend is counted when it goes
-        }, unless_suppressed=True)  # fmt: skip
+        }, unless_suppressed=True, already=queued)  # fmt: skip
 
     def close(
         self, ids: Sequence[int], *, now: datetime, operator: str, status: MessageStatus, note: str = ""
@@ -119,20 +129,28 @@ class LedgerAdmin:
         # frequency cap stops counting it
         values: dict[str, Any] = {"status": status.value}
         values["sent_at"] = sa.func.coalesce(M.c.sent_at, now) if status is MessageStatus.SENT else None
-        return self._decide(ids, now=now, operator=operator, text=text, values=values)
+
+        def closed(row: Any) -> str | None:  # a failed row closed as failed again takes the new note
+            return row.status if row.status == status.value else None
+
+        return self._decide(ids, now=now, operator=operator, text=text, values=values, already=closed)
 
     def _decide(
         self, ids: Sequence[int], *, now: datetime, operator: str, text: str, values: dict[str, Any],
-        unless_suppressed: bool = False,
+        unless_suppressed: bool = False, already: Callable[[Any], str | None] = lambda row: None,
     ) -> ActionResult:
         """``unless_suppressed``: refuse a row whose address is on the suppression list (a resend would only be
-        skipped as ``suppressed`` by the next run, its bounce reply overwritten)."""
+        skipped as ``suppressed`` by the next run, its bounce reply overwritten). ``already``: what a row not
+        decidable already is when that is what was asked (it is then left alone without a refusal), else None."""
         text = text[:500]
         changed: list[int] = []
         refused: dict[int, str] = {}
+        done: dict[int, str] = {}
         with self.engine.begin() as conn:
             possible = [i for i in ids if 1 <= i <= MAX_ID]  # a bigger one is not a row: SQLite would raise on it
-            query = sa.select(M.c.id, M.c.status, M.c.attempts, M.c.email).where(M.c.id.in_(possible))
+            query = sa.select(M.c.id, M.c.status, M.c.attempts, M.c.email, M.c.next_attempt_at).where(
+                M.c.id.in_(possible)
+            )
             found = {r.id: r for r in conn.execute(query)}
             suppressed: dict[str, str] = {}
             if unless_suppressed and found:
@@ -142,6 +160,9 @@ class LedgerAdmin:
                 row = found.get(message_id)
                 if row is None:
                     refused[message_id] = "no such message"
+                    continue
+                if row.status not in DECIDABLE and (state := already(row)) is not None:
+                    done[message_id] = state
                     continue
                 if row.status not in DECIDABLE:
                     refused[message_id] = f"is {row.status}; only uncertain or failed messages can be changed"
@@ -166,4 +187,4 @@ class LedgerAdmin:
                     )
                 )  # fmt: skip
                 changed.append(message_id)
-        return ActionResult(changed, refused)
+        return ActionResult(changed, refused, done)

@@ -36,7 +36,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "that need a decision: uncertain and failed) with their attempts and the server's last reply. "
         "`resend` puts uncertain or failed rows back in the queue (same Message-ID; not one whose address is "
         "on the suppression list: `kembali suppress remove` it first); `close` marks them "
-        "final as you decide. Kembali never resends an uncertain message by itself: it may have arrived.",
+        "final as you decide. A message already as asked (back in the queue, or sent) is left as it is, so "
+        "running a command twice is safe. Kembali never resends an uncertain message by itself: it may have "
+        "arrived. Exit code 1 when a message is left alone (no such message, or another state).",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="list messages with their last reply")
@@ -140,6 +142,8 @@ def _cells(row: LedgerRow) -> tuple[str, ...]:
 def _report(result: ActionResult, what: str) -> int:
     if result.changed:
         print(f"{len(result.changed)} message(s) {what}: {' '.join(map(str, result.changed))}")
+    for message_id, state in result.already.items():  # the same command run twice: nothing needs you
+        print(f"message {message_id} is already {state}: nothing changed")
     for message_id, why in result.refused.items():
         print(f"kembali: message {message_id} left alone: {why}", file=sys.stderr)
     return EXIT_ATTENTION if result.refused else EXIT_OK
