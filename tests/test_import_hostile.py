@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+import pty
 import re
 import signal
 import subprocess
@@ -377,3 +379,62 @@ def test_orders_whose_sum_is_too_large_for_the_customers_total_spent_are_rejecte
     code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
     assert code == 1 and "orders: 0 created, 0 updated, 94 unchanged, 3 rejected" in out, out
     assert f"orders.csv:96: id 'B-93'{too_large}" in out
+
+
+def _screen(raw: str) -> list[str]:
+    """The lines a terminal shows for ``raw``: a carriage return goes back to the start of the line, ESC [ K
+    erases the rest of it."""
+    lines = []
+    for physical in raw.split("\n"):
+        row: list[str] = []
+        col = i = 0
+        while i < len(physical):
+            if physical.startswith("\x1b[K", i):
+                del row[col:]
+                i += 3
+                continue
+            if physical[i] == "\r":
+                col = 0
+            elif col < len(row):
+                row[col] = physical[i]
+                col += 1
+            else:
+                row.append(physical[i])
+                col += 1
+            i += 1
+        lines.append("".join(row))
+    return lines
+
+
+def test_on_a_terminal_the_progress_line_is_cleared_before_a_rejected_row_or_a_warning(tmp_path: Path) -> None:
+    # Given a customers file with a bad row and an unknown column, imported with stderr on a terminal
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent,phone\n"
+        + "".join(f"C-{i},c{i}@example.com,Name {i},ya,0812\n" for i in range(5))
+        + "C-5,not-an-address,Bad,ya,0812\n",
+        encoding="utf-8",
+    )
+    main, terminal = pty.openpty()
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--config", str(config), "import", "customers",
+             str(tmp_path / "customers.csv")], stdout=subprocess.DEVNULL, stderr=terminal)  # fmt: skip
+        os.close(terminal)
+        raw = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # the terminal's other end closed (Linux)
+                break
+            if not chunk:
+                break
+            raw += chunk
+        assert child.wait(timeout=60) == 1
+    finally:
+        os.close(main)
+    # Then each message is a line of its own (the first progress line was drawn, and "rejected customers.csv:7..."
+    # written after it on the same line: "importing customers from customers.csv: 1 rows, 0 rejectedrejected ...")
+    screen = [line for line in _screen(raw.decode()) if line]
+    assert [line.split(":")[0] for line in screen] == ["warning", "rejected customers.csv"], screen
+    assert screen[1].startswith("rejected customers.csv:7: id 'C-5': invalid email address 'not-an-address'")

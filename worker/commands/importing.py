@@ -56,14 +56,19 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
 
     unknown: set[str] = set()
     unknown_lines = 0
+    progress = Progress(f"importing {kind} from {path.name}")
+
+    def say(text: str) -> None:  # on stderr, on a line of its own (not after the progress line)
+        progress.clear()
+        print(text, file=sys.stderr)
 
     def note_unknown(order: str, product: str) -> None:
         nonlocal unknown_lines
         unknown_lines += 1
         unknown.add(product)
         if unknown_lines <= MAX_UNKNOWN_WARNINGS:  # orders imported before products: one line each would flood
-            print(f"warning: {path.name}:{lines.get(order, 0)}: order {order!r}: unknown product {product!r} (kept; "
-                  "linked when the product is imported)", file=sys.stderr)  # fmt: skip
+            say(f"warning: {path.name}:{lines.get(order, 0)}: order {order!r}: unknown product {product!r} (kept; "
+                "linked when the product is imported)")  # fmt: skip
 
     upsert: Callable[[Sequence[Any]], shop.UpsertCounts] = {
         "customers": lambda rs: shop.upsert_customers(store.engine, rs, now),
@@ -73,10 +78,9 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     total = shop.UpsertCounts()
     errors = 0
     seen = 0
-    progress = Progress(f"importing {kind} from {path.name}")
 
     def warn(text: str) -> None:
-        print(f"warning: {printable(text)}", file=sys.stderr)  # the text names the file and line, and quotes the file
+        say(f"warning: {printable(text)}")  # the text names the file and line, and quotes the file
 
     batch: list[Any] = []
     last = saved = 0
@@ -88,16 +92,16 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
             seen += 1
             if isinstance(item, RowError):
                 errors += 1
-                print(f"rejected {printable(str(item))}", file=sys.stderr)
+                say(f"rejected {printable(str(item))}")
                 continue
             batch.append(item)
             lines[item.external_id] = line
             last = end
             if len(batch) >= BATCH:
-                errors += _flush(upsert, batch, lines, total, path)
+                errors += _flush(upsert, batch, lines, total, path, say)
                 saved = last
             progress.update(seen, f"rows, {errors} rejected")
-        errors += _flush(upsert, batch, lines, total, path)
+        errors += _flush(upsert, batch, lines, total, path, say)
     except ImportRowError as exc:
         progress.done()
         print(f"kembali import: {printable(path.name)}: {printable(str(exc))}", file=sys.stderr)
@@ -135,14 +139,14 @@ def _flush(
     lines: dict[str, int],
     total: shop.UpsertCounts,
     path: Path,
+    say: Callable[[str], None],
 ) -> int:
     """Upsert a batch; report what the database refused, by line. Empties the batch."""
     if not batch:
         return 0
     counts = upsert(batch)
     for external_id, reason in counts.rejected:
-        print(f"rejected {printable(str(RowError(path.name, lines.get(external_id, 0), external_id, reason)))}",
-              file=sys.stderr)
+        say(f"rejected {printable(str(RowError(path.name, lines.get(external_id, 0), external_id, reason)))}")
     rejected = len(counts.rejected)
     counts.rejected.clear()
     total.add(counts)

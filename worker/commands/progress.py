@@ -27,7 +27,14 @@ class Progress:
         self.stream.flush()
         self._shown = True
 
-    def done(self) -> None:
+    def clear(self) -> None:
+        """Erase the progress line, so that a message written now starts a line of its own; the next ``update``
+        draws it again below."""
         if self._shown:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+            self._shown = False
+            self._last = 0.0
+
+    def done(self) -> None:
+        self.clear()
