@@ -261,3 +261,20 @@ def test_a_decision_made_again_is_a_no_op_that_says_so(
     assert kembali(config, "close", str(failed.id), "--as", "failed") == 1
     assert f"message {failed.id} left alone: is sent; only uncertain or failed messages can be changed" in \
         capsys.readouterr().err
+
+
+def test_an_empty_list_names_the_campaign_it_was_filtered_by(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a ledger whose rows are all win-back emails, one of them uncertain and one failed
+    _shop, config = world
+    # When the operator lists a campaign's rows with its name misspelt, or a campaign without such rows
+    assert kembali(config, "list", "--campaign", "winbak") == 0
+    misspelt = capsys.readouterr().out.strip()
+    assert kembali(config, "list", "--campaign", "winback", "--status", "retry") == 0
+    none = capsys.readouterr().out.strip()
+    # Then it says which campaign it looked in, and that the ledger has none by that name (it said "no messages
+    # with status uncertain, failed", as if there were none in the whole ledger)
+    assert misspelt == ("no messages with status uncertain, failed in campaign 'winbak' (the ledger has no "
+                        "campaign 'winbak'; its campaigns: winback)")  # fmt: skip
+    assert none == "no messages with status retry in campaign 'winback'"

@@ -100,6 +100,12 @@ class LedgerAdmin:
             rows = conn.execute(query).all()
         return [_ledger_row(r) for r in rows]
 
+    def campaigns(self) -> list[str]:
+        """The campaigns the ledger has rows of, by name."""
+        query = sa.select(M.c.campaign).distinct().order_by(M.c.campaign)
+        with self.engine.begin() as conn:
+            return list(conn.execute(query).scalars())
+
     def counts(self) -> dict[str, int]:
         query = sa.select(M.c.status, sa.func.count()).group_by(M.c.status)
         with self.engine.begin() as conn:

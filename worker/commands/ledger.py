@@ -103,7 +103,14 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
             print(json_line(row.as_dict()))
         return EXIT_OK
     if not rows:
-        print("no messages" + (f" with status {', '.join(statuses)}" if statuses else ""))
+        found = "no messages" + (f" with status {', '.join(statuses)}" if statuses else "")
+        if args.campaign:
+            found += f" in campaign {args.campaign!r}"
+            known = admin.campaigns()
+            if args.campaign not in known:  # a misspelt name finds nothing, which is no news about the campaign
+                found += (f" (the ledger has no campaign {args.campaign!r}; "
+                          f"its campaigns: {', '.join(known) or 'none yet'})")  # fmt: skip
+        print(found)
         return EXIT_OK
     for line in _table(rows):
         print(line)
