@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import pty
 import re
@@ -20,6 +21,8 @@ import sqlalchemy as sa
 from tests.clikit import migrated_config
 from tests.clikit import run_cli as kembali
 from worker.adapters import db, importer, tables
+from worker.cli import main
+from worker.commands import importing
 
 
 def _config(folder: Path, url: str) -> Path:
@@ -438,3 +441,38 @@ def test_on_a_terminal_the_progress_line_is_cleared_before_a_rejected_row_or_a_w
     screen = [line for line in _screen(raw.decode()) if line]
     assert [line.split(":")[0] for line in screen] == ["warning", "rejected customers.csv"], screen
     assert screen[1].startswith("rejected customers.csv:7: id 'C-5': invalid email address 'not-an-address'")
+
+
+class _StopOnWarning(io.StringIO):
+    """stderr that sends this process SIGTERM when the first unknown-product warning is written: after the batch
+    that warns is committed, before the import has counted it."""
+
+    def write(self, text: str) -> int:
+        if "unknown product" in text and "unknown product" not in self.getvalue():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().write(text)
+
+
+def test_a_stop_just_after_a_batch_is_committed_counts_the_batch_as_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an orders file of more than one batch, whose products are not imported (each order warns)
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    orders = importing.BATCH + 500
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,product_id,quantity,unit_price\n"
+        + "".join(f"O-{i},C-1,paid,2026-01-01,P-1,1,1000\n" for i in range(orders)),
+        encoding="utf-8",
+    )
+    # When SIGTERM arrives once the first batch is committed (as its first warning is written)
+    stderr = _StopOnWarning()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    code = main(["--config", str(config), "import", "orders", str(tmp_path / "orders.csv")])
+    # Then what it says is in is what is in: the first batch (it said "none of orders.csv is imported", 0 created,
+    # with 1000 orders in the database)
+    assert code == 143, stderr.getvalue()
+    assert f"interrupted: orders.csv is imported up to line {importing.BATCH + 1}, the rows after it are not " \
+           f"({importing.BATCH} created, 0 updated, 0 unchanged, 0 rejected)" in stderr.getvalue()  # fmt: skip
+    assert len(_ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order")) == importing.BATCH

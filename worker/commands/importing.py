@@ -40,8 +40,31 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a service manager, ``timeout``): stops an import as Ctrl-C does, saying how far it got."""
 
 
-def _terminate(_signum: int, _frame: FrameType | None) -> None:
-    raise Terminated
+class _Stops:
+    """SIGINT and SIGTERM stop an import (``KeyboardInterrupt``, ``Terminated``), but not while a batch is being
+    written: one arriving then is held until the batch is committed and counted (``release``), so that the
+    import says exactly what is in. Raised at once, it could land after the commit and before the count, and
+    the import would say the batch is not in when it is. A second one while holding stops at once."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending: type[KeyboardInterrupt] | None = None
+
+    def handler(self, stop: type[KeyboardInterrupt]) -> Callable[[int, FrameType | None], None]:
+        def on_signal(_signum: int, _frame: FrameType | None) -> None:
+            if not self.holding or self.pending is not None:
+                raise stop
+            self.pending = stop
+
+        return on_signal
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        self.holding = False
+        if self.pending is not None:
+            raise self.pending
 
 
 def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = False) -> int:
@@ -85,8 +108,14 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     batch: list[Any] = []
     last = saved = 0
     """The line the batch's last record ends on (an order's last row); the last line of the last batch committed."""
+    stops = _Stops()
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    previous = previous_int = None
+    if on_main_thread:
+        previous = signal.signal(signal.SIGTERM, stops.handler(Terminated))
+        previous_int = signal.getsignal(signal.SIGINT)
+        if previous_int is signal.default_int_handler:  # not when SIGINT is ignored (a shell's background job)
+            signal.signal(signal.SIGINT, stops.handler(KeyboardInterrupt))
     try:
         for line, end, item in _reader(kind, path, settings, check_dns, warn):
             seen += 1
@@ -98,15 +127,20 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
             lines[item.external_id] = line
             last = end
             if len(batch) >= BATCH:
+                stops.hold()
                 errors += _flush(upsert, batch, lines, total, path, say)
                 saved = last
+                stops.release()
             progress.update(seen, f"rows, {errors} rejected")
+        stops.hold()
         errors += _flush(upsert, batch, lines, total, path, say)
+        saved = last
+        stops.release()
     except ImportRowError as exc:
         progress.done()
         print(f"kembali import: {printable(path.name)}: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt as exc:  # each batch is one transaction: those before it are in, the one under way is not
+    except KeyboardInterrupt as exc:  # each batch is one transaction, and a stop waits for the one being written
         progress.done()
         done = f"{path.name} is imported up to line {saved}, the rows after it are not" if saved else (
             f"none of {path.name} is imported")
@@ -120,6 +154,8 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
+            if previous_int is signal.default_int_handler:
+                signal.signal(signal.SIGINT, previous_int)
         progress.done()
         store.close()
         if unknown_lines > MAX_UNKNOWN_WARNINGS:
