@@ -278,3 +278,16 @@ def test_an_empty_list_names_the_campaign_it_was_filtered_by(
     assert misspelt == ("no messages with status uncertain, failed in campaign 'winbak' (the ledger has no "
                         "campaign 'winbak'; its campaigns: winback)")  # fmt: skip
     assert none == "no messages with status retry in campaign 'winback'"
+
+
+def test_an_id_given_twice_is_decided_once(world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    shop, config = world
+    uncertain = shop.row(DROP).id
+    # When the same id is given twice (pasted twice from `ledger list`)
+    code = kembali(config, "resend", str(uncertain), str(uncertain))
+    captured = capsys.readouterr()
+    # Then it is resent once, and nothing is refused (the second was "left alone: changed meanwhile; try again",
+    # exit 1, though the first had just done it)
+    assert (code, captured.err) == (0, ""), captured
+    assert captured.out.strip() == f"1 message(s) back in the queue (sent at the next run): {uncertain}"
+    assert [a.outcome for a in shop.attempts(DROP)] == ["ambiguous", "operator"]

@@ -149,6 +149,7 @@ class LedgerAdmin:
         skipped as ``suppressed`` by the next run, its bounce reply overwritten). ``already``: what a row not
         decidable already is when that is what was asked (it is then left alone without a refusal), else None."""
         text = text[:500]
+        ids = list(dict.fromkeys(ids))  # an id given twice is decided once (the second would find it changed)
         changed: list[int] = []
         refused: dict[int, str] = {}
         done: dict[int, str] = {}
