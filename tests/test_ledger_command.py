@@ -291,3 +291,18 @@ def test_an_id_given_twice_is_decided_once(world: tuple[Shop, Path], capsys: pyt
     assert (code, captured.err) == (0, ""), captured
     assert captured.out.strip() == f"1 message(s) back in the queue (sent at the next run): {uncertain}"
     assert [a.outcome for a in shop.attempts(DROP)] == ["ambiguous", "operator"]
+
+
+def test_a_reply_with_control_characters_reaches_the_terminal_escaped(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a failed message whose server reply carries a terminal escape (retitling the window) and a bell
+    shop, config = world
+    with shop.store.engine.begin() as conn:
+        conn.execute(sa.update(M).where(M.c.email == GONE).values(last_reply="550 \x1b]0;owned\x07 no such user"))
+    # When the operator lists the ledger
+    assert kembali(config, "list") == 0
+    out = capsys.readouterr().out
+    # Then the reply is shown with its control characters escaped, not sent to the terminal as they are
+    assert "\x1b" not in out and "\x07" not in out
+    assert "550 \\u001b]0;owned\\u0007 no such user" in out
