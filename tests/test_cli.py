@@ -456,3 +456,13 @@ def test_a_first_command_in_a_folder_without_a_config_says_how_to_begin(
     assert (f"config.toml: config file not found in {tmp_path}; copy the project's config.toml (every key "
             "explained) and templates/ here, or give --config FILE") in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_import_help_says_what_to_import_first_and_what_its_exit_codes_mean() -> None:
+    result = kembali("import", "--help")
+    text = " ".join(result.stdout.split())
+    # (it left out that orders need their customers imported first, and every exit code but 1)
+    assert "Import customers before their orders (an order of an unknown customer is rejected)." in text
+    assert "Exit code 1 if any row was rejected; 2 if the file is missing or cannot be read as CSV of that kind " \
+           "(nothing imported); 130/143 when stopped by Ctrl-C/SIGTERM" in text  # fmt: skip
+    assert "file the CSV file (UTF-8, a header row)" in text

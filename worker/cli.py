@@ -70,9 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="import customers, products or orders from CSV",
                        description="Import a CSV file (columns in the README). Rows are upserted by their id, so "
                        "importing the same file twice changes nothing. A bad row is reported with its line number "
-                       "and skipped; the rest is imported. Exit code 1 if any row was rejected.")
-    p.add_argument("kind", choices=["customers", "products", "orders"])
-    p.add_argument("file", type=Path)
+                       "and skipped; the rest is imported. Import customers before their orders (an order of an "
+                       "unknown customer is rejected). Exit code 1 if any row was rejected; 2 if the file is "
+                       "missing or cannot be read as CSV of that kind (nothing imported); 130/143 when stopped by "
+                       "Ctrl-C/SIGTERM (it says up to which line the file is imported).")
+    p.add_argument("kind", choices=["customers", "products", "orders"], help="what the file holds")
+    p.add_argument("file", type=Path, help="the CSV file (UTF-8, a header row); a pipe is read too: "
+                   "<(gunzip -c orders.csv.gz)")
     p.add_argument("--check-dns", action="store_true",
                    help="also check that each address's domain accepts mail (needs network; off by default)")
 
