@@ -372,3 +372,25 @@ def test_seen_ids_remembers_first_lines_across_growth() -> None:
     assert len(seen) == 5000
     assert seen.add("C-0", 9999) == 2
     assert seen.add("C-4999", 9999) == 5001
+
+
+@pytest.mark.parametrize(("value", "currency"), [("249.000", "IDR"), ("12.500", "IDR"), ("1.500", "USD"),
+                                                 ("1.500", "JPY")])  # fmt: skip
+def test_an_amount_with_three_decimals_in_a_currency_with_fewer_is_a_thousands_separator_not_read(
+    tmp_path: Path, value: str, currency: str
+) -> None:
+    # Given a price written as an Indonesian spreadsheet shows it, '.' separating thousands (Rp249.000), in a
+    # currency with fewer than three decimals
+    [error] = read_products(write(tmp_path, "p.csv", PRODUCT_HEADER + f"P-1,Tas,Tas,{value},{currency},,,,\n"))
+    # Then it is a rejected row saying what to write (it was read as 249.00: Rp249 for a Rp249.000 bag, and
+    # Rp12,50 for Rp12.500, in every email that shows the price)
+    assert isinstance(error, RowError), error
+    assert f"invalid price '{value}' (" in error.reason
+    assert f"is '.' a thousands separator? write {value.replace('.', '')} for that" in error.reason
+    # and in an order's total and line price as well
+    orders = ("order_id,customer_id,status,placed_at,currency,total,product_id,quantity,unit_price\n"
+              f"O-1,C-1,paid,2026-01-01,{currency},{value},,,\n"
+              f"O-2,C-1,paid,2026-01-01,{currency},,P-1,1,{value}\n")  # fmt: skip
+    found = list(read_orders(write(tmp_path, "o.csv", orders)))
+    assert [(e.line, e.reason.split(" (")[0]) for e in errors(found)] == [
+        (2, f"invalid total '{value}'"), (3, f"invalid unit_price '{value}'")]

@@ -26,7 +26,9 @@ customers.csv
 
 products.csv
     ``id`` (required), ``name`` (required), ``price`` (required, major units as
-    a decimal string: ``249000`` or ``249000.50``, never parsed as float),
+    a decimal string: ``249000`` or ``249000.50``, never parsed as float;
+    ``249.000`` is refused in a currency with fewer than 3 decimals: its '.'
+    is surely a thousands separator),
     ``category`` (at most 100 characters), ``currency`` (an ISO 4217 code;
     default IDR), ``url`` and ``image_url`` (http(s), at most 1000
     characters, or empty), ``launched_at`` (date or ISO 8601
@@ -108,6 +110,8 @@ _TRUE = frozenset({"true", "yes", "1", "ya"})
 _FALSE = frozenset({"false", "no", "0", "tidak"})
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _AMOUNT = re.compile(r"[0-9]{1,15}(\.[0-9]{1,6})?")
+_THOUSANDS = re.compile(r"[1-9][0-9]{0,2}\.[0-9]{3}")
+"""An amount as a spreadsheet in an Indonesian (or German…) locale shows it, '.' separating thousands: Rp249.000."""
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -484,6 +488,10 @@ def _money(row: dict[str, str], column: str, currency: str) -> int:
     value = _required(row, column)
     if not _AMOUNT.fullmatch(value):
         raise _Invalid(f"invalid {column} {_show(value)} (expected an amount such as 249000 or 249000.50)")
+    decimals = money.exponent(currency)
+    if decimals < 3 and _THOUSANDS.fullmatch(value):  # read as decimals, Rp249.000 would be Rp249
+        raise _Invalid(f"invalid {column} {_show(value)} ({currency} has {decimals or 'no'} decimal places: is '.' a "
+                       f"thousands separator? write {value.replace('.', '')} for that amount)")  # fmt: skip
     try:
         minor = money.to_minor(Decimal(value), currency)
     except ValueError as exc:
