@@ -409,20 +409,12 @@ def _screen(raw: str) -> list[str]:
     return lines
 
 
-def test_on_a_terminal_the_progress_line_is_cleared_before_a_rejected_row_or_a_warning(tmp_path: Path) -> None:
-    # Given a customers file with a bad row and an unknown column, imported with stderr on a terminal
-    config = migrated_config(tmp_path)
-    (tmp_path / "customers.csv").write_text(
-        "id,email,name,marketing_consent,phone\n"
-        + "".join(f"C-{i},c{i}@example.com,Name {i},ya,0812\n" for i in range(5))
-        + "C-5,not-an-address,Bad,ya,0812\n",
-        encoding="utf-8",
-    )
+def _on_a_terminal(config: Path, kind: str, path: Path) -> tuple[int, str]:
+    """`kembali import KIND PATH` with its stderr on a terminal: the exit code and what the terminal received."""
     main, terminal = pty.openpty()
     try:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--config", str(config), "import", "customers",
-             str(tmp_path / "customers.csv")], stdout=subprocess.DEVNULL, stderr=terminal)  # fmt: skip
+        child = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(config), "import", kind, str(path)],
+                                 stdout=subprocess.DEVNULL, stderr=terminal)  # fmt: skip
         os.close(terminal)
         raw = b""
         while True:
@@ -433,12 +425,25 @@ def test_on_a_terminal_the_progress_line_is_cleared_before_a_rejected_row_or_a_w
             if not chunk:
                 break
             raw += chunk
-        assert child.wait(timeout=60) == 1
+        return child.wait(timeout=60), raw.decode()
     finally:
         os.close(main)
+
+
+def test_on_a_terminal_the_progress_line_is_cleared_before_a_rejected_row_or_a_warning(tmp_path: Path) -> None:
+    # Given a customers file with a bad row and an unknown column, imported with stderr on a terminal
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent,phone\n"
+        + "".join(f"C-{i},c{i}@example.com,Name {i},ya,0812\n" for i in range(5))
+        + "C-5,not-an-address,Bad,ya,0812\n",
+        encoding="utf-8",
+    )
+    code, raw = _on_a_terminal(config, "customers", tmp_path / "customers.csv")
+    assert code == 1
     # Then each message is a line of its own (the first progress line was drawn, and "rejected customers.csv:7..."
     # written after it on the same line: "importing customers from customers.csv: 1 rows, 0 rejectedrejected ...")
-    screen = [line for line in _screen(raw.decode()) if line]
+    screen = [line for line in _screen(raw) if line]
     assert [line.split(":")[0] for line in screen] == ["warning", "rejected customers.csv"], screen
     assert screen[1].startswith("rejected customers.csv:7: id 'C-5': invalid email address 'not-an-address'")
 
@@ -476,3 +481,24 @@ def test_a_stop_just_after_a_batch_is_committed_counts_the_batch_as_imported(
     assert f"interrupted: orders.csv is imported up to line {importing.BATCH + 1}, the rows after it are not " \
            f"({importing.BATCH} created, 0 updated, 0 unchanged, 0 rejected)" in stderr.getvalue()  # fmt: skip
     assert len(_ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order")) == importing.BATCH
+
+
+def test_the_progress_line_of_an_orders_import_counts_lines_read(tmp_path: Path) -> None:
+    # Given orders of three lines each, their customer and products imported
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    (tmp_path / "products.csv").write_text("id,name,price\nP-0,Tas,1000\nP-1,Topi,1000\nP-2,Sepatu,1000\n")
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,product_id,quantity,unit_price\n"
+        + "".join(f"O-{i},C-1,paid,2026-01-01,P-{j},1,1000\n" for i in range(3) for j in range(3)),
+        encoding="utf-8",
+    )
+    for kind in ("customers", "products"):
+        assert subprocess.run(_import_command(config, kind, tmp_path / f"{kind}.csv"), timeout=60).returncode == 0
+    # When they are imported on a terminal
+    code, raw = _on_a_terminal(config, "orders", tmp_path / "orders.csv")
+    # Then the progress line, drawn at the first order, says how far into the file it is, in lines (it said
+    # "1 rows" after the first order's three rows)
+    assert code == 0
+    first = raw.split("\x1b[K")[0].lstrip("\r")
+    assert first == "importing orders from orders.csv: 4 lines read, 0 rejected", raw

@@ -100,7 +100,6 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     }[kind]
     total = shop.UpsertCounts()
     errors = 0
-    seen = 0
 
     def warn(text: str) -> None:
         say(f"warning: {printable(text)}")  # the text names the file and line, and quotes the file
@@ -118,7 +117,6 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
             signal.signal(signal.SIGINT, stops.handler(KeyboardInterrupt))
     try:
         for line, end, item in _reader(kind, path, settings, check_dns, warn):
-            seen += 1
             if isinstance(item, RowError):
                 errors += 1
                 say(f"rejected {printable(str(item))}")
@@ -131,7 +129,7 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
                 errors += _flush(upsert, batch, lines, total, path, say)
                 saved = last
                 stops.release()
-            progress.update(seen, f"rows, {errors} rejected")
+            progress.update(end, f"lines read, {errors} rejected")
         stops.hold()
         errors += _flush(upsert, batch, lines, total, path, say)
         saved = last
