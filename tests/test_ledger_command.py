@@ -306,3 +306,15 @@ def test_a_reply_with_control_characters_reaches_the_terminal_escaped(
     # Then the reply is shown with its control characters escaped, not sent to the terminal as they are
     assert "\x1b" not in out and "\x07" not in out
     assert "550 \\u001b]0;owned\\u0007 no such user" in out
+
+
+def test_a_list_cut_short_by_the_limit_says_so(world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    # Given an uncertain and a failed message
+    _shop, config = world
+    # When the operator lists them with a limit of one
+    assert kembali(config, "list", "--limit", "1") == 0
+    out = capsys.readouterr().out
+    # Then it says that one more needs a decision (the table showed one row, and nothing said a second existed)
+    assert "1 of 2 messages shown (the newest); --limit 2 shows them all" in out
+    assert kembali(config, "list", "--limit", "2") == 0
+    assert "shown" not in capsys.readouterr().out

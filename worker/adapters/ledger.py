@@ -86,19 +86,29 @@ def _ledger_row(r: Any) -> LedgerRow:
     )  # fmt: skip
 
 
+def _matching(query: sa.Select[Any], statuses: Sequence[str], campaign: str | None) -> sa.Select[Any]:
+    if statuses:
+        query = query.where(M.c.status.in_(list(statuses)))
+    if campaign:
+        query = query.where(M.c.campaign == campaign)
+    return query
+
+
 class LedgerAdmin:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def rows(self, *, statuses: Sequence[str] = (), campaign: str | None = None, limit: int = 50) -> list[LedgerRow]:
-        query = sa.select(M).order_by(M.c.updated_at.desc(), M.c.id.desc()).limit(limit)
-        if statuses:
-            query = query.where(M.c.status.in_(list(statuses)))
-        if campaign:
-            query = query.where(M.c.campaign == campaign)
+        query = _matching(sa.select(M), statuses, campaign).order_by(M.c.updated_at.desc(), M.c.id.desc()).limit(limit)
         with self.engine.begin() as conn:
             rows = conn.execute(query).all()
         return [_ledger_row(r) for r in rows]
+
+    def matching(self, *, statuses: Sequence[str] = (), campaign: str | None = None) -> int:
+        """How many rows ``rows`` would list without its limit."""
+        query = _matching(sa.select(sa.func.count()).select_from(M), statuses, campaign)
+        with self.engine.begin() as conn:
+            return int(conn.execute(query).scalar_one())
 
     def campaigns(self) -> list[str]:
         """The campaigns the ledger has rows of, by name."""

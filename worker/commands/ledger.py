@@ -114,6 +114,8 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
         return EXIT_OK
     for line in _table(rows):
         print(line)
+    if len(rows) == args.limit and (matching := admin.matching(statuses=statuses, campaign=args.campaign)) > len(rows):
+        print(f"\n{len(rows)} of {matching} messages shown (the newest); --limit {matching} shows them all")
     counts = admin.counts()
     print("\nledger: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return EXIT_OK
