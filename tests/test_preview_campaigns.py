@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -19,8 +20,8 @@ DEMO_NOW = datetime(2027, 2, 20, 3, 0, tzinfo=UTC)
 """The demo shop's history ends a week before the preview (as `kembali demo --now …` would make it)."""
 
 
-def test_preview_on_the_29_february_eve(tmp_path: Path) -> None:
-    # Given the demo shop (shipped config.toml) imported into a fresh SQLite file
+def _demo_shop(tmp_path: Path) -> Path:
+    """The demo shop (shipped config.toml) imported into a fresh SQLite file; its config file."""
     text = (ROOT / "config.toml").read_text(encoding="utf-8")
     text = text.replace('url = "sqlite:///kembali.db"', f'url = "sqlite:///{tmp_path / "demo.db"}"')
     text = text.replace('dir = "templates/email"', f'dir = "{ROOT / "templates" / "email"}"')
@@ -33,6 +34,12 @@ def test_preview_on_the_29_february_eve(tmp_path: Path) -> None:
     files = write_csvs(generate_shop(seed=7, customers=120, now=DEMO_NOW), tmp_path / "data")
     for kind in ("customers", "products", "orders"):
         import_file(settings, kind, files[kind])
+    return config
+
+
+def test_preview_on_the_29_february_eve(tmp_path: Path) -> None:
+    # Given the demo shop (shipped config.toml) imported into a fresh SQLite file
+    config = _demo_shop(tmp_path)
 
     # When previewing 28 February 2027, 10:00 in Jakarta
     env = {**os.environ, "KEMBALI_LINK_SECRET": "a-test-key-of-enough-length"}
@@ -62,3 +69,34 @@ def test_preview_on_the_29_february_eve(tmp_path: Path) -> None:
     assert all(r[0].startswith("C-") for r in rows if len(r) > 1 and r[1] in ("feedback", "birthday", "loyalty",
                                                                               "new_products"))  # fmt: skip
     assert any(r[1] == "feedback" for r in rows if len(r) > 1)
+
+
+def test_on_a_terminal_the_rows_are_not_written_after_a_progress_line(tmp_path: Path) -> None:
+    # Given the demo shop, previewed with its output on a terminal
+    config = _demo_shop(tmp_path)
+    env = {**os.environ, "KEMBALI_LINK_SECRET": "a-test-key-of-enough-length"}
+    main, terminal = pty.openpty()
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--config", str(config), "preview", "--at", "2027-02-28T10:00+07:00"],
+            cwd=ROOT, env=env, stdout=terminal, stderr=terminal,
+        )  # fmt: skip
+        os.close(terminal)
+        raw = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal's other end closed (Linux)
+                break
+            if not chunk:
+                break
+            raw += chunk
+        assert child.wait(timeout=120) == 0
+    finally:
+        os.close(main)
+    # Then each row is a line of its own (the first row was written after the progress line drawn before it:
+    # "previewing: 1 considered, 0 would be sentC-0004  birthday …"), and no progress line is left
+    text = raw.decode()
+    assert "previewing:" not in text, text[:500]
+    rows = [line for line in text.replace("\r\n", "\n").split("\n") if line.startswith("C-")]
+    assert len(rows) > 10

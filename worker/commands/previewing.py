@@ -113,6 +113,8 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress("previewing")
     out = sys.stdout
+    if out.isatty():  # each message is a line there already: a progress line would be written among them
+        progress.enabled = False
     try:
         if not args.json:
             out.write(f"Preview as of {_local(at, settings.shop.time_zone)} (nothing is sent or written)\n\n")
