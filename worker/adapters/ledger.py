@@ -124,6 +124,7 @@ class LedgerAdmin:
     def resend(self, ids: Sequence[int], *, now: datetime, operator: str, note: str = "") -> ActionResult:
         """Put uncertain/failed rows back to ``retry``, due now (same Message-ID)."""
         text = "operator resend" + (f": {note}" if note else "")
+
         def queued(row: Any) -> str | None:
             if row.status != MessageStatus.RETRY.value:
                 return None
