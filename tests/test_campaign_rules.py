@@ -59,8 +59,8 @@ class Case:
     name: str
     keys: int
     """How many messages the rule plans for this customer (0 = not due)."""
-    orders: tuple[tuple[OrderStatus, timedelta, timedelta | None, int], ...] = ()
-    """(status, placed how long before NOW, delivered how long before NOW, total in IDR)"""
+    orders: tuple[tuple[OrderStatus, timedelta, timedelta | None, int, str], ...] = ()
+    """(status, placed how long before NOW, delivered how long before NOW, total in major units, currency)"""
     birthday: date | None = None
     zone: str = JKT
     consent: bool = True
@@ -69,8 +69,9 @@ class Case:
     """The ledger already has the rows the rule would plan."""
 
 
-def o(status: OrderStatus, placed: float, delivered: float | None = None, total: int = 100_000) -> Any:
-    return (status, ago(placed), None if delivered is None else ago(delivered), total)
+def o(status: OrderStatus, placed: float, delivered: float | None = None, total: int = 100_000,
+      currency: str = "IDR") -> Any:  # fmt: skip
+    return (status, ago(placed), None if delivered is None else ago(delivered), total, currency)
 
 
 WINBACK = [
@@ -148,6 +149,14 @@ LOYALTY = [
     Case("Rp6.000.000 spent 100 days ago, a small order yesterday", 0, (o(D, 100, total=6_000_000), o(D, 1))),
     Case("Rp4.900.000 spent 100 days ago, Rp200.000 yesterday: crossed", 1,
          (o(D, 100, total=4_900_000), o(D, 1, total=200_000))),
+    # Kembali converts no currency: an order in another than the shop's (IDR) counts as an order, not as spend
+    Case("USD 6.000.000 in an IDR shop: no spend milestone", 0, (o(D, 2, total=6_000_000, currency="USD"),)),
+    Case("5 orders, one in USD: the order milestone only", 1,
+         (*(o(D, 3 + i, total=1_200_000) for i in range(4)), o(D, 1, total=1_200_000, currency="USD"))),
+    Case("Rp4.900.000 spent 100 days ago, USD 200.000 yesterday: not crossed", 0,
+         (o(D, 100, total=4_900_000), o(D, 1, total=200_000, currency="USD"))),
+    Case("USD 6.000.000 100 days ago, Rp5.000.000 yesterday: crossed by the rupiah", 1,
+         (o(D, 100, total=6_000_000, currency="USD"), o(D, 1, total=5_000_000))),
     Case("no consent", 0, tuple(o(D, 3 + i) for i in range(5)), consent=False),
     Case("already rewarded", 0, tuple(o(D, 3 + i) for i in range(5)), planned=True),
 ]
@@ -163,8 +172,9 @@ def facts(i: int, case: Case, planned: frozenset[str] = frozenset()) -> cc.Facts
         time_zone=case.zone,
         birthday=case.birthday,
         orders=tuple(
-            OrderFacts(f"O{i}-{j}", status, NOW - placed, None if delivered is None else NOW - delivered, total * 100)
-            for j, (status, placed, delivered, total) in enumerate(case.orders)
+            OrderFacts(f"O{i}-{j}", status, NOW - placed, None if delivered is None else NOW - delivered, total * 100,
+                       currency)
+            for j, (status, placed, delivered, total, currency) in enumerate(case.orders)
         ),
         consent=case.consent,
         suppressed=case.suppressed,
@@ -225,9 +235,9 @@ def load(store: Store, table: list[Case]) -> None:
     ], NOW)  # fmt: skip
     orders = [
         OrderRecord(f"O{i}-{j}", f"C{i}", status, NOW - placed, None if delivered is None else NOW - delivered,
-                    total * 100, "IDR")
+                    total * 100, currency)
         for i, c in enumerate(table)
-        for j, (status, placed, delivered, total) in enumerate(c.orders)
+        for j, (status, placed, delivered, total, currency) in enumerate(c.orders)
     ]  # fmt: skip
     shop.upsert_orders(store.engine, orders, NOW)
     for i, c in enumerate(table):

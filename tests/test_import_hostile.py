@@ -502,3 +502,35 @@ def test_the_progress_line_of_an_orders_import_counts_lines_read(tmp_path: Path)
     assert code == 0
     first = raw.split("\x1b[K")[0].lstrip("\r")
     assert first == "importing orders from orders.csv: 4 lines read, 0 rejected", raw
+
+
+def test_orders_in_another_currency_count_as_orders_but_not_as_spend(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an IDR shop (the default) whose export holds orders in US dollars and Singapore dollars beside rupiah
+    config = _config(tmp_path, db_url)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,c2@example.com,Budi,ya\n"
+    )
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,currency,total\n"
+        "O-1,C-1,paid,2026-01-01,IDR,150000\n"
+        "O-2,C-1,paid,2026-01-02,USD,4999\n"
+        "O-3,C-2,paid,2026-01-03,SGD,20\n"
+        "O-4,C-2,paid,2026-01-04,USD,1\n"
+    )
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    # When the orders are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then every order is in, and one warning says which are not in rupiah and what that means
+    assert code == 0 and "orders: 4 created, 0 updated, 0 unchanged, 0 rejected" in out, out
+    assert ("warning: orders.csv: 3 orders are in another currency than the shop's IDR (SGD 1, USD 2; the first on "
+            "line 3): they count as orders, but not toward spend milestones nor the revenue stats shows") in out, out
+    # and each customer's spend adds up their rupiah only (USD 49.99 was added as Rp49,99), while every order counts
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("select external_id, order_count, total_spent_minor from customer")).all()
+    finally:
+        engine.dispose()
+    assert sorted(map(tuple, rows)) == [("C-1", 2, 15_000_000), ("C-2", 2, 0)]

@@ -275,6 +275,7 @@ class OrderFacts:
     placed_at: datetime
     delivered_at: datetime | None = None
     total_minor: int = 0
+    currency: str = "IDR"
 
 
 @dataclass(frozen=True, slots=True)

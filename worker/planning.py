@@ -60,6 +60,7 @@ def loyalty_milestones(settings: Settings) -> cc.Milestones:
         orders=cfg.order_milestones,
         spend_minor=tuple(money.to_minor(str(amount), currency) for amount in cfg.spend_milestones),
         within_days=cfg.within_days,
+        currency=currency,
     )
 
 
@@ -98,7 +99,7 @@ def plans(store: Store, settings: Settings, campaign: str, now: datetime) -> lis
                                       week=week)]  # fmt: skip
     milestones = loyalty_milestones(settings)
     return plan_sql.loyalty(common, since=now - timedelta(days=milestones.within_days), orders=milestones.orders,
-                            spend_minor=milestones.spend_minor)  # fmt: skip
+                            spend_minor=milestones.spend_minor, currency=milestones.currency)  # fmt: skip
 
 
 PLAN_THREADS = {"postgresql": 2, "sqlite": 2}

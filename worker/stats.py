@@ -94,8 +94,15 @@ class StatsReport:
 
 
 def build_stats(
-    engine: Engine, *, since: datetime, now: datetime, window_days: int = 7, feedback_scale: str = "stars"
+    engine: Engine,
+    *,
+    since: datetime,
+    now: datetime,
+    window_days: int = 7,
+    feedback_scale: str = "stars",
+    currency: str = "IDR",
 ) -> StatsReport:
+    """The report, counted in the database; revenue adds up the purchases in ``currency`` (the shop's)."""
     steps: dict[tuple[str, int], StepStats] = {}
 
     def step(campaign: str, number: int) -> StepStats:
@@ -111,7 +118,8 @@ def build_stats(
         step(campaign, number).hard_bounces = n
 
     found = {(campaign, number, group): c for campaign, number, group, c in
-             reports.conversions(engine, since, window=timedelta(days=window_days), now=now)}  # fmt: skip
+             reports.conversions(engine, since, window=timedelta(days=window_days), now=now,
+                                 currency=currency)}  # fmt: skip
     nobody = stats.Conversion(0, 0, 0, 0)
     for s in steps.values():
         s.emailed = found.get((s.campaign, s.step, "emailed"), nobody)

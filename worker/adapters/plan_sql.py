@@ -210,10 +210,13 @@ def new_products(c: Common, *, since: datetime, before: datetime, week: str) -> 
                 json_object_sql(c.dialect, []), C, where, (C.c.id,), C.c.id, c.holdout_share)  # fmt: skip
 
 
-def loyalty(c: Common, *, since: datetime, orders: Sequence[int], spend_minor: Sequence[int]) -> list[Plan]:
+def loyalty(
+    c: Common, *, since: datetime, orders: Sequence[int], spend_minor: Sequence[int], currency: str
+) -> list[Plan]:
     """Customers whose last purchase is at or after ``since``: one plan for the highest order-count
     milestone reached, one for the highest spend milestone, each when the purchases placed before ``since``
-    had not reached it (an order since did)."""
+    had not reached it (an order since did). Spend counts the orders in ``currency`` (the shop's), as
+    ``total_spent_minor`` does."""
     earlier = sa.select().select_from(O).where(
         O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED), O.c.placed_at < since
     )
@@ -221,7 +224,7 @@ def loyalty(c: Common, *, since: datetime, orders: Sequence[int], spend_minor: S
     for prefix, column, thresholds, before in (
         ("orders", C.c.order_count, orders, earlier.with_only_columns(sa.func.count())),
         ("spend", C.c.total_spent_minor, spend_minor,
-         earlier.with_only_columns(sa.func.coalesce(sa.func.sum(O.c.total_minor), 0))),
+         earlier.where(O.c.currency == currency).with_only_columns(sa.func.coalesce(sa.func.sum(O.c.total_minor), 0))),
     ):  # fmt: skip
         if not thresholds:
             continue

@@ -49,7 +49,7 @@ def suppressions(engine: Engine, since: datetime) -> dict[str, int]:
 
 
 def conversions(
-    engine: Engine, since: datetime, *, window: timedelta, now: datetime
+    engine: Engine, since: datetime, *, window: timedelta, now: datetime, currency: str = "IDR"
 ) -> list[tuple[str, int, str, stats.Conversion]]:
     """(campaign, step, group, conversion) for rows planned since ``since``, counted in the database.
 
@@ -90,7 +90,8 @@ def conversions(
     )  # fmt: skip
     per_customer = (
         sa.select(first.c.campaign, first.c.step, first.c.grp, closed.label("closed"),
-                  sa.func.count(O.c.id).label("orders"), sa.func.sum(O.c.total_minor).label("revenue"))
+                  sa.func.count(O.c.id).label("orders"),
+                  sa.func.sum(sa.case((O.c.currency == currency, O.c.total_minor), else_=0)).label("revenue"))
         .select_from(first.outerjoin(O, bought))
         .group_by(first.c.campaign, first.c.step, first.c.grp, first.c.customer_id, first.c.at)
         .subquery("per_customer")

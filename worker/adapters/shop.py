@@ -158,9 +158,12 @@ def upsert_orders(
     records: Sequence[OrderRecord],
     now: datetime,
     on_unknown_product: Callable[[str, str], None] | None = None,
+    *,
+    currency: str = "IDR",
 ) -> UpsertCounts:
-    """Upsert orders with their lines; an order whose customer is unknown is rejected."""
-    counts, unknown = _retried(lambda: _upsert_orders(engine, records, now))
+    """Upsert orders with their lines; an order whose customer is unknown is rejected. ``currency`` is the
+    shop's: a customer's ``total_spent_minor`` adds up their orders in it (see ``refresh_customer_stats``)."""
+    counts, unknown = _retried(lambda: _upsert_orders(engine, records, now, currency))
     if on_unknown_product:
         for order, product in unknown:
             on_unknown_product(order, product)
@@ -168,7 +171,7 @@ def upsert_orders(
 
 
 def _upsert_orders(
-    engine: Engine, records: Sequence[OrderRecord], now: datetime
+    engine: Engine, records: Sequence[OrderRecord], now: datetime, currency: str
 ) -> tuple[UpsertCounts, list[tuple[str, str]]]:
     """``upsert_orders`` in one transaction; also (order, product) for each line whose product is unknown."""
     counts = UpsertCounts()
@@ -193,7 +196,7 @@ def _upsert_orders(
         )
         existing = {r.external_id: r for r in conn.execute(sa.select(O).where(O.c.external_id.in_(list(by_id))))}
         existing_lines = _lines_of(conn, [r.id for r in existing.values()])
-        spent = _spent(conn, {*customers.values(), *(old.customer_id for old in existing.values())})
+        spent = _spent(conn, {*customers.values(), *(old.customer_id for old in existing.values())}, currency)
         touched: set[int] = set()
         for ext, rec in by_id.items():
             customer_id = customers.get(rec.customer_external_id)
@@ -201,9 +204,9 @@ def _upsert_orders(
                 counts.rejected.append((ext, f"unknown customer id {rec.customer_external_id!r}"))
                 continue
             old = existing.get(ext)
-            after = spent[customer_id] + _spends(rec.status.value, rec.total_minor)
+            after = spent[customer_id] + _spends(rec.status.value, rec.total_minor, rec.currency, currency)
             if old is not None and old.customer_id == customer_id:
-                after -= _spends(old.status, old.total_minor)
+                after -= _spends(old.status, old.total_minor, old.currency, currency)
             if after > MAX_MINOR:  # the customer's total spent would not fit its column: the whole batch was lost
                 largest = f"{money.from_minor(MAX_MINOR, rec.currency):f}"
                 counts.rejected.append((ext, (
@@ -213,8 +216,8 @@ def _upsert_orders(
                 )))  # fmt: skip
                 continue
             if old is not None:
-                spent[old.customer_id] -= _spends(old.status, old.total_minor)
-            spent[customer_id] += _spends(rec.status.value, rec.total_minor)
+                spent[old.customer_id] -= _spends(old.status, old.total_minor, old.currency, currency)
+            spent[customer_id] += _spends(rec.status.value, rec.total_minor, rec.currency, currency)
             values = {
                 "customer_id": customer_id,
                 "status": rec.status.value,
@@ -253,22 +256,22 @@ def _upsert_orders(
             if lines:
                 conn.execute(sa.insert(L), [{**line, "order_id": order_id} for line in lines])
             touched.add(customer_id)
-        refresh_customer_stats(conn, sorted(touched), now)
+        refresh_customer_stats(conn, sorted(touched), now, currency)
     return counts, unknown
 
 
-def _spends(status: str, total_minor: int) -> int:
+def _spends(status: str, total_minor: int, currency: str, shop_currency: str) -> int:
     """What an order adds to its customer's ``total_spent_minor``."""
-    return 0 if status in PURCHASE_EXCLUDED else total_minor
+    return 0 if status in PURCHASE_EXCLUDED or currency != shop_currency else total_minor
 
 
-def _spent(conn: Connection, customer_ids: set[int]) -> dict[int, int]:
+def _spent(conn: Connection, customer_ids: set[int], currency: str) -> dict[int, int]:
     """Each customer's total spent as ``refresh_customer_stats`` would have it, from their orders now."""
     out = dict.fromkeys(customer_ids, 0)
     for part in _chunks(sorted(customer_ids)):
         query = (
             sa.select(O.c.customer_id, sa.func.sum(O.c.total_minor))
-            .where(O.c.customer_id.in_(part), O.c.status.not_in(PURCHASE_EXCLUDED))
+            .where(O.c.customer_id.in_(part), O.c.status.not_in(PURCHASE_EXCLUDED), O.c.currency == currency)
             .group_by(O.c.customer_id)
         )
         for customer_id, total in conn.execute(query):
@@ -291,8 +294,10 @@ def _lines_of(conn: Connection, order_ids: list[int]) -> dict[int, list[dict[str
     return out
 
 
-def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: datetime) -> None:
-    """Recompute the denormalised purchase columns from the orders, for these customers."""
+def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: datetime, currency: str) -> None:
+    """Recompute the denormalised purchase columns from the orders, for these customers. Every purchase
+    counts as an order; ``total_spent_minor`` adds up those in ``currency``, the shop's (Kembali converts
+    nothing: USD 100.00 added to rupiah would read as Rp100,00)."""
     def purchases() -> Any:
         return sa.select().select_from(O).where(
             O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED)
@@ -312,6 +317,7 @@ def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: d
                 first_order_id=first_purchase(O.c.id),
                 first_order_external_id=first_purchase(O.c.external_id),
                 total_spent_minor=purchases()
+                .where(O.c.currency == currency)
                 .with_only_columns(sa.func.coalesce(sa.func.sum(O.c.total_minor), 0))
                 .scalar_subquery(),
                 updated_at=now,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from worker.adapters.importer import RowError, numbered_customers, numbered_orde
 from worker.adapters.store import Store
 from worker.commands.progress import Progress
 from worker.config import Settings
+from worker.domain import OrderRecord
 from worker.errors import ImportRowError
 from worker.log import printable
 
@@ -96,10 +98,14 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     upsert: Callable[[Sequence[Any]], shop.UpsertCounts] = {
         "customers": lambda rs: shop.upsert_customers(store.engine, rs, now),
         "products": lambda rs: shop.upsert_products(store.engine, rs, now),
-        "orders": lambda rs: shop.upsert_orders(store.engine, rs, now, on_unknown_product=note_unknown),
+        "orders": lambda rs: shop.upsert_orders(store.engine, rs, now, on_unknown_product=note_unknown,
+                                                currency=settings.shop.currency),
     }[kind]
     total = shop.UpsertCounts()
     errors = 0
+    foreign: Counter[str] = Counter()
+    """Orders in another currency than the shop's, by currency; ``first_foreign``: the line of the first."""
+    first_foreign = 0
 
     def warn(text: str) -> None:
         say(f"warning: {printable(text)}")  # the text names the file and line, and quotes the file
@@ -123,6 +129,9 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
                 continue
             batch.append(item)
             lines[item.external_id] = line
+            if isinstance(item, OrderRecord) and item.currency != settings.shop.currency:
+                foreign[item.currency] += 1
+                first_foreign = first_foreign or line
             last = end
             if len(batch) >= BATCH:
                 stops.hold()
@@ -160,6 +169,11 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
             print(f"warning: {path.name}: {unknown_lines} order lines in all name {len(unknown)} products not "
                   f"imported (the first {MAX_UNKNOWN_WARNINGS} are shown above); they are kept and linked when "
                   "the products are imported: import products.csv", file=sys.stderr)  # fmt: skip
+        if foreign:
+            print(f"warning: {path.name}: {foreign.total()} orders are in another currency than the shop's "
+                  f"{settings.shop.currency} ({', '.join(f'{c} {n}' for c, n in sorted(foreign.items()))}; the first "
+                  f"on line {first_foreign}): they count as orders, but not toward spend milestones nor the revenue "
+                  "stats shows (Kembali converts no currency)", file=sys.stderr)  # fmt: skip
     print(
         f"{kind}: {total.created} created, {total.updated} updated, {total.unchanged} unchanged, "
         f"{errors} rejected (from {path})"

@@ -42,7 +42,8 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
         db.check_schema(engine)
         report = build_stats(engine, since=since, now=now, window_days=args.window_days,
-                             feedback_scale=settings.campaigns.feedback.scale)  # fmt: skip
+                             feedback_scale=settings.campaigns.feedback.scale,
+                             currency=settings.shop.currency)  # fmt: skip
     finally:
         engine.dispose()
     if args.json:

@@ -288,6 +288,9 @@ class Milestones:
     orders: tuple[int, ...] = ()
     spend_minor: tuple[int, ...] = ()
     within_days: int = 30
+    currency: str = "IDR"
+    """The shop's currency: spend counts the orders placed in it; an order in another counts as an order only
+    (its amount is not the shop's money, and Kembali converts nothing)."""
 
     def minimums(self) -> tuple[int | None, int | None]:
         return (min(self.orders) if self.orders else None, min(self.spend_minor) if self.spend_minor else None)
@@ -457,7 +460,11 @@ def loyalty_due_keys(facts: Facts, now: datetime, milestones: Milestones) -> lis
     if not facts.reachable or not bought:
         return []
     earlier = [o for o in bought if o.placed_at < loyalty_since(now, milestones)]
-    labels = loyalty_due(len(bought), sum(o.total_minor for o in bought), bought[-1].placed_at, now, milestones,
-                         count_before=len(earlier), spent_before=sum(o.total_minor for o in earlier))  # fmt: skip
+
+    def spent(orders: Sequence[OrderFacts]) -> int:
+        return sum(o.total_minor for o in orders if o.currency == milestones.currency)
+
+    labels = loyalty_due(len(bought), spent(bought), bought[-1].placed_at, now, milestones,
+                         count_before=len(earlier), spent_before=spent(earlier))  # fmt: skip
     keys = [loyalty_key(facts.customer_external_id, label) for label in labels]
     return [k for k in keys if k not in facts.planned_keys]

@@ -120,7 +120,8 @@ def conversion(
     """Of the customers exposed at a moment (emailed, or held out), how many bought within ``window`` after it.
 
     ``exposures``: (customer, moment), the first per customer counts; ``purchases``:
-    customer → (placed at, amount in minor units). A purchase counts when it is
+    customer → (placed at, amount in minor units; 0 for a purchase in another currency than the shop's, which
+    converts the customer but adds no revenue: nothing is converted). A purchase counts when it is
     placed after the moment and at most ``window`` later; the revenue is the sum
     of those purchases. Exposures less than ``window`` before ``now`` are pending.
     """
