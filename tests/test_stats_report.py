@@ -36,8 +36,9 @@ def _customer(cid: str) -> CustomerRecord:
                           True, "opt_in", "checkout")  # fmt: skip
 
 
-def _order(cid: str, n: int, at: datetime, total: int, status: OrderStatus = OrderStatus.DELIVERED) -> OrderRecord:
-    return OrderRecord(f"O-{cid}-{n}", cid, status, at, None, total, "IDR")
+def _order(cid: str, n: int, at: datetime, total: int, status: OrderStatus = OrderStatus.DELIVERED,
+           currency: str = "IDR") -> OrderRecord:  # fmt: skip
+    return OrderRecord(f"O-{cid}-{n}", cid, status, at, None, total, currency)
 
 
 def _build(site: Site) -> None:
@@ -273,6 +274,32 @@ def test_lift_compares_both_groups_from_when_the_email_was_due(db_url: str) -> N
     assert winback.lift is not None
     assert (winback.lift.treated, winback.lift.control) == ((25, 60), (25, 60))
     assert winback.lift.difference == 0.0 and "includes zero" in winback.lift.verdict
+
+
+def test_revenue_adds_up_the_purchases_in_the_shops_currency(db_url: str) -> None:
+    # Given three customers emailed 20 days ago who bought within the week: one in rupiah, one in US dollars and
+    # one in both
+    sent = NOW - timedelta(days=20)
+    cs = ["C-1", "C-2", "C-3"]
+    orders = [_order(c, 0, FIRST_ORDER, 100_000_00) for c in cs]
+    orders += [_order("C-1", 1, sent + timedelta(days=2), 250_000_00),
+               _order("C-2", 1, sent + timedelta(days=2), 49_99, currency="USD"),
+               _order("C-3", 1, sent + timedelta(days=3), 80_000_00),
+               _order("C-3", 2, sent + timedelta(days=4), 10_00, currency="USD")]  # fmt: skip
+    engine = db.create_engine(db_url)
+    try:
+        pk = _load(engine, cs, orders)
+        for c in cs:
+            _ledger_row(engine, pk, c, sent, status="sent", sent_at=sent, updated_at=sent, last_code=250)
+        from worker.stats import build_stats
+
+        report = build_stats(engine, since=NOW - timedelta(days=60), now=NOW, currency="IDR")
+    finally:
+        engine.dispose()
+    (winback,) = report.steps
+    # Then all three converted, and the revenue is the rupiah alone (USD 59.99 is not Rp59,99: nothing is converted)
+    assert winback.emailed is not None
+    assert (winback.emailed.converted, winback.emailed.revenue_minor) == (3, 330_000_00)
 
 
 def test_lift_says_whose_attribution_windows_are_still_open(db_url: str) -> None:
