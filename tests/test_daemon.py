@@ -4,6 +4,7 @@ real HTTP requests, real signals."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -367,6 +368,33 @@ def test_sigterm_mid_campaign_finishes_sends_under_way_and_exits_0(
     assert daemon.named("shutdown_requested") and daemon.named("daemon_stopped")
 
 
+def test_healthz_says_stopping_during_the_grace_period_while_the_links_still_work(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon with a send under way to a slow server, and a grace period longer than that send
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    text = shop.config.read_text().replace("shutdown_grace_seconds = 5.0", "shutdown_grace_seconds = 20")
+    shop.config.write_text(text)
+    shop.add([1], days_ago=60)
+    smtp_server.on("c1@example.com", Behaviour(delay_at="data", delay_seconds=4))
+    daemon = Daemon.start(shop)
+    daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 1,
+                    why="the send under way")
+    status, body, _ = http("GET", daemon.url("/healthz"))
+    assert status == 200 and json.loads(body)["status"] == "ok", body
+    # When systemd stops it
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_event("shutdown_requested")
+    # Then, while the send finishes, a load balancer's probe is told to send nothing more here; a customer's
+    # click is still served
+    status, body, _ = http("GET", daemon.url("/healthz"))
+    assert status == 503 and json.loads(body)["status"] == "stopping", body
+    token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode())
+    assert http("GET", daemon.url(f"/unsubscribe?t={token}"))[0] == 200
+    assert daemon.wait(20) == 0
+    assert shop.scalar("SELECT status FROM message") == "sent"
+
+
 @pytest.mark.parametrize(
     ("sig", "echoed"),
     [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True)],
@@ -556,9 +584,14 @@ def test_a_stop_signal_during_catch_up_planning_leaves_the_other_campaigns_to_th
             conn.execute(sa.text("LOCK TABLE customer IN ACCESS EXCLUSIVE MODE"))
             daemon = Daemon.start(shop)
             first = daemon.wait_event("plan_catch_up", timeout=30)
+            # (not ready yet: a load balancer's probe is told so)
+            status, body, _ = http("GET", daemon.url("/healthz"))
+            assert status == 503 and json.loads(body)["status"] == "starting", body
             # When systemd stops it during that pass
             daemon.signal(signal.SIGTERM)
             daemon.wait_event("shutdown_requested")
+            status, body, _ = http("GET", daemon.url("/healthz"))
+            assert status == 503 and json.loads(body)["status"] == "stopping", body
             conn.rollback()
         # Then the pass under way ends, the other campaigns are not planned now but left to the next start,
         # and the daemon exits 0 without ever saying it started

@@ -23,7 +23,9 @@ Theory of operation
   connection starts it over. ``/healthz`` answers 503 while it is paused. SIGHUP
   (or a watched change) resumes it at once.
 * The **web server** (``worker.links``) answers unsubscribe and feedback links,
-  ``/healthz`` and ``/metrics``.
+  ``/healthz`` and ``/metrics``. It listens from before the catch-up planning until
+  the shutdown is done; ``/healthz`` is a readiness probe, 503 (``starting``,
+  ``stopping``) outside the time between ``READY=1`` and the stop signal.
 * **SIGTERM/SIGINT**: stop the scheduler, stop claiming, let sends under way finish
   within ``shutdown_grace_seconds`` and record them, exit 0. After the grace
   period, this worker's rows still in flight are marked ``uncertain`` (claimed
@@ -162,6 +164,8 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self._watched = self._watch_signature(settings)
+        self.phase = "starting"
+        """``starting`` until ``READY=1``, ``running``, then ``stopping`` from the stop signal on (``/healthz``)."""
 
     # --- generations ---------------------------------------------------------------
 
@@ -214,7 +218,7 @@ class Daemon:
                 self.starting.check()  # a stop signal that came before the loop took the signals over
             if settings.web.enabled:
                 site = Site(store=self.astore, keys=self.keys, settings=lambda: self.gen.settings, clock=self.clock,
-                            metrics=self.metrics, paused=self.paused)
+                            metrics=self.metrics, paused=self.paused, phase=lambda: self.phase)
                 self.web = HttpServer(site.handle, host=settings.web.host, port=settings.web.port,
                                       timeout_seconds=settings.web.request_timeout_seconds,
                                       max_connections=settings.web.max_connections)
@@ -229,6 +233,7 @@ class Daemon:
             log.event("daemon_started", worker=self.worker, campaigns=",".join(enabled_campaigns(settings)),
                       time_zone=settings.shop.time_zone, jobs=",".join(self.scheduler.job_ids()),
                       event_loop=eventloop.describe())
+            self.phase = "running"
             systemd.notify("READY=1", "STATUS=running")
             if self.starting is not None and self.starting.hangup:  # (the asyncio loop does not hand it on)
                 self._spawn(self.reload, "SIGHUP during start-up")
@@ -459,6 +464,7 @@ class Daemon:
             logging.shutdown()
             os._exit(EXIT_FORCED)
         log.event("shutdown_requested", signal=sig.name, grace_seconds=self.gen.settings.daemon.shutdown_grace_seconds)
+        self.phase = "stopping"
         self._stop.set()
 
     def _on_hangup(self) -> None:
@@ -475,6 +481,7 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _shutdown(self, dispatch: asyncio.Task[None]) -> int:
+        self.phase = "stopping"
         systemd.notify("STOPPING=1")
         self.scheduler.shutdown()
         for task in list(self._tasks):

@@ -11,8 +11,14 @@
   link of an email: were a GET to record, the first link a scanner fetched
   would be the rating); POST records it, once per order (the first wins; later
   ones are thanked and change nothing), with the comment (once).
-* ``/healthz``: 200, or 503 when the database cannot be reached or the
-  dispatcher is paused. ``/metrics``: Prometheus text.
+* ``/healthz``: a **readiness** probe. 200 while the daemon is up and can do its
+  work; 503 while it is starting (catch-up planning, before ``READY=1``) or
+  stopping (the shutdown grace period), when the database cannot be reached, or
+  when the dispatcher is paused. The JSON body's ``status`` says which:
+  ``ok``, ``starting``, ``stopping`` or ``unhealthy``. It is no liveness probe:
+  restarting cures none of these states (a restart during start-up or shutdown
+  only starts it over); any answer at all, even a 503, shows the process alive.
+  ``/metrics``: Prometheus text.
 
 A token that does not verify (forged, truncated, tampered, the wrong kind) gets
 a 400 page and changes nothing. Tokens name database ids, never an address.
@@ -82,6 +88,7 @@ class Site:
         clock: Clock,
         metrics: Metrics,
         paused: Callable[[], bool],
+        phase: Callable[[], str] = lambda: "running",
     ) -> None:
         self.store = store
         self.keys = list(keys)
@@ -89,6 +96,8 @@ class Site:
         self.clock = clock
         self.metrics = metrics
         self.paused = paused
+        self.phase = phase
+        """The daemon's phase: ``starting``, ``running`` or ``stopping``."""
         self._ledger_read: asyncio.Future[tuple[dict[tuple[str, str], int], int]] | None = None
 
     async def handle(self, request: Request) -> Response:
@@ -181,9 +190,10 @@ class Site:
         except Exception as exc:
             database = f"unreachable: {type(exc).__name__}"
         paused = self.paused()
-        ok = database == "ok" and not paused
-        body = {"status": "ok" if ok else "unhealthy", "database": database,
-                "dispatcher": "paused" if paused else "running"}
+        phase = self.phase()
+        ok = database == "ok" and not paused and phase == "running"
+        verdict = "ok" if ok else phase if phase != "running" else "unhealthy"
+        body = {"status": verdict, "database": database, "dispatcher": "paused" if paused else "running"}
         status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
         return Response(status.value, (json.dumps(body) + "\n").encode(), "application/json")
 
