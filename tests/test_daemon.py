@@ -273,6 +273,30 @@ def test_a_template_saved_while_a_watched_reload_runs_is_picked_up_by_the_next_o
         assert daemon.stop() == 0
 
 
+def test_a_burst_of_sighups_is_one_reload_under_way_and_one_after_it(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        # When `systemctl reload` is run over and over (a deploy script's loop, an impatient operator) while the
+        # first reload is checking the templates
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("reload_started")
+        for _ in range(5):
+            time.sleep(0.05)  # (signals sent at once reach the process as one: the kernel does not queue them)
+            daemon.signal(signal.SIGHUP)
+        # Then one reload waits behind the one under way and the others join it (each logged)
+        daemon.wait_event("reload_done", timeout=30, after=1)
+        assert len(daemon.named("reload_queued")) == 1
+        assert daemon.named("reload_coalesced")
+    finally:
+        assert daemon.stop() == 0
+    assert len(daemon.named("reload_started")) == 2, daemon.log()
+    assert len(daemon.named("reload_done")) == 2
+
+
 RUNAWAY = (
     "{% extends \"_layout.txt\" %}\n{% block content %}\n"
     "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\n{% endblock %}\n"

@@ -8,7 +8,8 @@ Theory of operation
   refuses to start when its templates fail the check; a reload (SIGHUP, or a
   watched change) builds a new one, checks every template in both languages
   (``worker.checks``) and swaps it in only when all is well; otherwise the old
-  one stays and every problem is logged with file and line.
+  one stays and every problem is logged with file and line. One reload runs at a
+  time; requests during it are one more reload after it, not one each.
 * The **scheduler** (``worker.scheduler``) fires one planning job per enabled
   campaign on its cron (shop time zone), maintenance (lapsed leases, expired
   messages, old attempt rows), the health line and the template watcher. A
@@ -163,6 +164,10 @@ class Daemon:
         self._retired: list[Generation] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
+        self._reloading: asyncio.Task[None] | None = None
+        """The task running reloads, one after the other, while there are any to run."""
+        self._reload_next: str | None = None
+        """The trigger of the reload queued behind the one under way: one at most, later requests join it."""
         self._watched = self._watch_signature(settings)
         self.phase = "starting"
         """``starting`` until ``READY=1``, ``running``, then ``stopping`` from the stop signal on (``/healthz``)."""
@@ -236,7 +241,7 @@ class Daemon:
             self.phase = "running"
             systemd.notify("READY=1", "STATUS=running")
             if self.starting is not None and self.starting.hangup:  # (the asyncio loop does not hand it on)
-                self._spawn(self.reload, "SIGHUP during start-up")
+                self.request_reload("SIGHUP during start-up")
             await self._stop.wait()
             return await self._shutdown(dispatch)
         finally:
@@ -382,7 +387,32 @@ class Daemon:
         signature = await asyncio.to_thread(self._watch_signature, self.gen.settings)
         if signature != self._watched:
             self._watched = signature
-            await self.reload("watch")
+            self.request_reload("watch")
+
+    def request_reload(self, why: str) -> None:
+        """Reload now, or once the reload under way is done. Requests that come while one waits join it: a burst
+        of SIGHUPs (or of saves) is one reload under way and at most one after it, which reads the files as they
+        are then."""
+        if self._stop.is_set():
+            return
+        if self._reloading is None:
+            self._reloading = asyncio.create_task(self._reload_while_asked(why), name="kembali-reload")
+            self._tasks.add(self._reloading)
+            self._reloading.add_done_callback(self._tasks.discard)
+        elif self._reload_next is None:
+            self._reload_next = why
+            log.event("reload_queued", trigger=why, note="after the reload under way")
+        else:
+            log.event("reload_coalesced", trigger=why, joined=self._reload_next)
+
+    async def _reload_while_asked(self, why: str) -> None:
+        try:
+            trigger: str | None = why
+            while trigger is not None and not self._stop.is_set():
+                await self.reload(trigger)
+                trigger, self._reload_next = self._reload_next, None
+        finally:
+            self._reloading = None
 
     async def reload(self, why: str) -> bool:
         """Load config and templates again; swap them in only if every check passes."""
@@ -470,15 +500,7 @@ class Daemon:
     def _on_hangup(self) -> None:
         if self.starting is not None:
             self.starting.hangup = False  # uvloop hands on a SIGHUP that came during start-up: one reload does
-        self._spawn(self.reload, "SIGHUP")
-
-    def _spawn(self, func: Callable[[str], Awaitable[object]], arg: str) -> None:
-        async def run() -> None:
-            await func(arg)
-
-        task = asyncio.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.request_reload("SIGHUP")
 
     async def _shutdown(self, dispatch: asyncio.Task[None]) -> int:
         self.phase = "stopping"
