@@ -593,6 +593,32 @@ def test_sighup_during_start_up_does_not_kill_the_daemon_it_reloads_once_up(
     assert len(daemon.named("reload_started")) == 1
 
 
+def test_a_stop_signal_during_a_reload_stops_its_check_and_leaves_nothing_in_the_temporary_folder(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a running daemon (its TMPDIR watched) whose templates on disk now take some 20 s to check
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *",
+                     extra="[checks]\nrender_timeout_seconds = 30\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    daemon = Daemon.start(shop, env={"TMPDIR": str(tmp)})
+    daemon.wait_event("daemon_started", timeout=30)
+    layout = shop.templates / "_layout.txt"
+    layout.write_text(SLOW_LAYOUT + layout.read_text(encoding="utf-8"), encoding="utf-8")
+    # When `systemctl reload`, and systemd stops the unit while that reload is checking the templates
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("reload_started")
+    daemon.wait_for(lambda: _children(daemon.proc.pid), timeout=30, why="the reload check's render helper")
+    helpers = _children(daemon.proc.pid)
+    daemon.signal(signal.SIGTERM)
+    # Then the check gives up (not some 20 s later), the log says what became of the reload, the daemon exits 0,
+    # and neither its template copies nor a render helper are left behind
+    assert daemon.wait(10) == 0, daemon.log()
+    assert daemon.named("reload_stopped") and not daemon.named("reload_done")
+    assert not [pid for pid in helpers if _alive(pid)]
+    assert list(tmp.iterdir()) == []
+
+
 @pytest.mark.postgres
 def test_a_stop_signal_during_catch_up_planning_leaves_the_other_campaigns_to_the_next_start(
     tmp_path: Path, smtp_server: RecordingServer, pg_url: str

@@ -31,7 +31,9 @@ Theory of operation
   within ``shutdown_grace_seconds`` and record them, exit 0. After the grace
   period, this worker's rows still in flight are marked ``uncertain`` (claimed
   ones go back to the queue). A second signal exits at once with code 1; rows in
-  flight then become ``uncertain`` when their lease lapses. (A SIGTERM repeated
+  flight then become ``uncertain`` when their lease lapses. A reload under way
+  gives up at the next render of its check; no template copy outlives the
+  process (short of SIGKILL or the second signal's immediate exit). (A SIGTERM repeated
   within a second is one request: ``timeout`` signals the process and its group.) From the command's start
   until the event loop takes them, ``StartupSignals`` holds the signals: a stop ends start-up at its next step
   with exit 0, a SIGHUP is kept for a reload once the daemon is up.
@@ -48,6 +50,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -124,15 +127,20 @@ def folder_signature(*paths: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
-class _StartupChecker(TimeLimitedRenderer):
-    """The start-up check's renderer: gives up between two renders once a stop signal has come."""
+class ReloadStopped(Exception):
+    """The daemon began to stop while a reload was checking templates: the reload gave up, leaving nothing behind."""
 
-    def __init__(self, root: Path, *, timeout_seconds: float, starting: StartupSignals) -> None:
+
+class _StoppableChecker(TimeLimitedRenderer):
+    """The template check's renderer: before each render, ``check`` raises once a stop signal has come, so the
+    check gives up between two renders (start-up: ``StartupStopped``; a reload: ``ReloadStopped``)."""
+
+    def __init__(self, root: Path, *, timeout_seconds: float, check: Callable[[], None]) -> None:
         super().__init__(root, timeout_seconds=timeout_seconds)
-        self.starting = starting
+        self.check = check
 
     def render(self, campaign: str, locale: Locale, context: Mapping[str, object]) -> RenderedEmail:
-        self.starting.check()
+        self.check()
         return super().render(campaign, locale, context)
 
 
@@ -148,8 +156,11 @@ class Daemon:
         self.keys = link_keys(settings)
         self.metrics = Metrics()
         self.astore = AsyncStore(self.store)
+        self._snapshots: set[Path] = set()
+        """Every template copy this daemon made: ``_close`` removes any a generation did not (its close cut short
+        by the shutdown, say), so nothing of it stays in the temporary folder."""
         try:
-            self.gen = self._build_generation(settings, starting=starting)
+            self.gen = self._build_generation(settings, stop_check=starting.check if starting is not None else None)
         except BaseException:
             self.astore.close()
             raise
@@ -168,23 +179,29 @@ class Daemon:
         """The task running reloads, one after the other, while there are any to run."""
         self._reload_next: str | None = None
         """The trigger of the reload queued behind the one under way: one at most, later requests join it."""
+        self._halt = threading.Event()
+        """Set when the daemon begins to stop: a reload's template check (on a thread) gives up at its next render."""
+        self._builds: set[asyncio.Future[Generation]] = set()
+        """Reloads' generations being built on a thread: a reload cancelled by the shutdown leaves its build
+        running; ``_close`` waits for it and closes what it built (its template copy, its SMTP transport)."""
         self._watched = self._watch_signature(settings)
         self.phase = "starting"
         """``starting`` until ``READY=1``, ``running``, then ``stopping`` from the stop signal on (``/healthz``)."""
 
     # --- generations ---------------------------------------------------------------
 
-    def _build_generation(self, settings: Settings, *, starting: StartupSignals | None = None) -> Generation:
-        """A checked generation; raises TemplatesRejected or ConfigError, or StartupStopped when ``starting``
-        has had a stop signal (nothing is left behind)."""
+    def _build_generation(self, settings: Settings, *, stop_check: Callable[[], None] | None = None) -> Generation:
+        """A checked generation; raises TemplatesRejected or ConfigError, or what ``stop_check`` raises (it is
+        called before each render of the check) when a stop signal has come; nothing is left behind."""
         snapshot = snapshot_templates(settings)
+        self._snapshots.add(snapshot)
         try:
             templates = JinjaTemplates(snapshot / "t", recheck_seconds=None,  # a private copy: never edited
                                        time_limit=settings.checks.render_timeout_seconds)
             # the sandbox does not bound CPU: check in a helper process that is killed past the time limit
             limit = settings.checks.render_timeout_seconds
-            with (TimeLimitedRenderer(snapshot / "t", timeout_seconds=limit) if starting is None
-                  else _StartupChecker(snapshot / "t", timeout_seconds=limit, starting=starting)) as checker:
+            with (TimeLimitedRenderer(snapshot / "t", timeout_seconds=limit) if stop_check is None
+                  else _StoppableChecker(snapshot / "t", timeout_seconds=limit, check=stop_check)) as checker:
                 problems = check_templates(settings, checker)
             if problems:
                 raise TemplatesRejected(problems)
@@ -449,9 +466,20 @@ class Daemon:
             log.event("reload_rejected", logging.ERROR, trigger=why,
                       error=f"[{', '.join(changed)}] changed: restart the daemon to apply")
             return False
+        build = asyncio.ensure_future(asyncio.to_thread(self._build_generation, settings, stop_check=self._halted))
+        self._builds.add(build)
         try:
-            gen = await asyncio.to_thread(self._build_generation, settings)
+            # shielded: cancelling the reload cannot stop the thread, and what it builds must be closed, not lost
+            gen = await asyncio.shield(build)
+        except asyncio.CancelledError:
+            log.event("reload_stopped", trigger=why, why="the daemon is stopping")
+            raise
+        except ReloadStopped:
+            self._builds.discard(build)
+            log.event("reload_stopped", trigger=why, why="the daemon is stopping")
+            return False
         except TemplatesRejected as exc:
+            self._builds.discard(build)
             for problem in exc.problems:
                 log.event("template_problem", logging.ERROR, file=problem.where or f"{problem.campaign}/",
                           campaign=problem.campaign, locale=problem.locale, error=problem.message)
@@ -459,7 +487,13 @@ class Daemon:
                       first=str(exc.problems[0]), kept="the previous templates and config")
             return False
         except ConfigError as exc:
+            self._builds.discard(build)
             log.event("reload_rejected", logging.ERROR, trigger=why, error=str(exc))
+            return False
+        self._builds.discard(build)
+        if self._stop.is_set():  # the check was done when the stop signal came: the daemon stops with the old set
+            await gen.close()
+            log.event("reload_stopped", trigger=why, why="the daemon is stopping")
             return False
         self.gen = gen
         self._retired.append(old)
@@ -475,6 +509,11 @@ class Daemon:
         log.event("reload_done", trigger=why, templates=",".join(f"{c}@{v}" for c, v in sorted(versions.items())))
         self._wake.set()
         return True
+
+    def _halted(self) -> None:
+        """Raise ReloadStopped once the daemon has begun to stop (called on the reload's thread)."""
+        if self._halt.is_set():
+            raise ReloadStopped
 
     async def _close_retired(self) -> None:
         retired = [g for g in self._retired if g is not self._active]
@@ -495,6 +534,7 @@ class Daemon:
             os._exit(EXIT_FORCED)
         log.event("shutdown_requested", signal=sig.name, grace_seconds=self.gen.settings.daemon.shutdown_grace_seconds)
         self.phase = "stopping"
+        self._halt.set()
         self._stop.set()
 
     def _on_hangup(self) -> None:
@@ -504,6 +544,7 @@ class Daemon:
 
     async def _shutdown(self, dispatch: asyncio.Task[None]) -> int:
         self.phase = "stopping"
+        self._halt.set()
         systemd.notify("STOPPING=1")
         self.scheduler.shutdown()
         for task in list(self._tasks):
@@ -527,11 +568,21 @@ class Daemon:
         return EXIT_OK
 
     async def _close(self) -> None:
+        self._halt.set()
         if self.web is not None:
             await self.web.close()
+        if self._builds:  # reloads cancelled by the shutdown: their checks give up at the next render
+            await asyncio.wait(self._builds)
+            for build in self._builds:
+                if not build.cancelled() and build.exception() is None:
+                    with contextlib.suppress(Exception):
+                        await build.result().close()
+            self._builds.clear()
         for gen in {id(g): g for g in (self.gen, *self._retired)}.values():
             with contextlib.suppress(Exception):
                 await gen.close()
+        for snapshot in self._snapshots:
+            shutil.rmtree(snapshot, ignore_errors=True)
         self.astore.close()
 
 
