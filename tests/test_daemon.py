@@ -515,13 +515,16 @@ def test_sends_outliving_the_grace_period_become_uncertain_and_a_second_signal_e
     shop.add([3], days_ago=60)
     smtp_server.on("c3@example.com", Behaviour(delay_at="data", delay_seconds=3))
     shop.set_last_planned(datetime.now(UTC) - timedelta(days=2))
-    daemon = Daemon.start(shop)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    daemon = Daemon.start(shop, env={"TMPDIR": str(tmp)})
     daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 1,
                     why="a send under way")
     daemon.signal(signal.SIGTERM)
     daemon.signal(signal.SIGINT)
     assert daemon.wait(2) == 1
     assert daemon.named("plan_catch_up") and daemon.named("shutdown_forced")
+    assert list(tmp.iterdir()) == []  # not even then is its template copy left behind
 
 
 SLOW_LAYOUT = "{% for a in range(3000) %}{% for b in range(1000) %}{% endfor %}{% endfor %}"
@@ -575,6 +578,18 @@ def test_a_stop_signal_during_the_start_up_check_stops_at_once_cleanly_and_exits
     assert daemon.named("daemon_stopped")[0]["during"] == "start-up"
     assert not daemon.named("daemon_started")
     assert not [pid for pid in helpers if _alive(pid)]
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_second_stop_signal_during_the_start_up_check_exits_at_once_leaving_no_template_copy(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    daemon, tmp, _ = _slow_start(tmp_path, smtp_server)
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_event("shutdown_requested")
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait(10) == 1, daemon.log()
+    assert daemon.named("shutdown_forced")[0]["during"] == "start-up"
     assert list(tmp.iterdir()) == []
 
 

@@ -33,7 +33,7 @@ Theory of operation
   ones go back to the queue). A second signal exits at once with code 1; rows in
   flight then become ``uncertain`` when their lease lapses. A reload under way
   gives up at the next render of its check; no template copy outlives the
-  process (short of SIGKILL or the second signal's immediate exit). (A SIGTERM repeated
+  process, not even the second signal's immediate exit (only a SIGKILL's). (A SIGTERM repeated
   within a second is one request: ``timeout`` signals the process and its group.) From the command's start
   until the event loop takes them, ``StartupSignals`` holds the signals: a stop ends start-up at its next step
   with exit 0, a SIGHUP is kept for a reload once the daemon is up.
@@ -159,6 +159,8 @@ class Daemon:
         self._snapshots: set[Path] = set()
         """Every template copy this daemon made: ``_close`` removes any a generation did not (its close cut short
         by the shutdown, say), so nothing of it stays in the temporary folder."""
+        if starting is not None:
+            starting.before_forced_exit.append(self._remove_snapshots)
         try:
             self.gen = self._build_generation(settings, stop_check=starting.check if starting is not None else None)
         except BaseException:
@@ -530,6 +532,7 @@ class Daemon:
         if verdict == "force":
             log.event("shutdown_forced", logging.WARNING, signal=sig.name,
                       note="rows in flight become uncertain when their lease lapses")
+            self._remove_snapshots()  # the one thing that would outlive the process
             logging.shutdown()
             os._exit(EXIT_FORCED)
         log.event("shutdown_requested", signal=sig.name, grace_seconds=self.gen.settings.daemon.shutdown_grace_seconds)
@@ -581,9 +584,12 @@ class Daemon:
         for gen in {id(g): g for g in (self.gen, *self._retired)}.values():
             with contextlib.suppress(Exception):
                 await gen.close()
-        for snapshot in self._snapshots:
-            shutil.rmtree(snapshot, ignore_errors=True)
+        self._remove_snapshots()
         self.astore.close()
+
+    def _remove_snapshots(self) -> None:
+        for snapshot in list(self._snapshots):
+            shutil.rmtree(snapshot, ignore_errors=True)
 
 
 def run(settings: Settings, *, config_path: Path, starting: StartupSignals | None = None) -> int:

@@ -10,6 +10,7 @@ and forcing on that left a run's messages in ``sending``, to become uncertain).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -70,6 +71,8 @@ class StartupSignals:
         self.signals = signals or StopSignals()
         self.stop: signal.Signals | None = None
         self.hangup = False
+        self.before_forced_exit: list[Callable[[], None]] = []
+        """Quick clean-ups a forced exit runs first: what must not outlive the process (template copies)."""
         self._previous: dict[signal.Signals, Any] = {}
 
     def install(self) -> StartupSignals:
@@ -97,6 +100,9 @@ class StartupSignals:
             return
         if verdict == "force":
             log.event("shutdown_forced", logging.WARNING, signal=sig.name, during="start-up")
+            for cleanup in self.before_forced_exit:
+                with contextlib.suppress(Exception):
+                    cleanup()
             logging.shutdown()
             os._exit(1)
         log.event("shutdown_requested", signal=sig.name, during="start-up")
