@@ -635,6 +635,42 @@ def test_a_stop_signal_during_a_reload_stops_its_check_and_leaves_nothing_in_the
 
 
 @pytest.mark.postgres
+def test_the_health_line_keeps_its_counts_while_the_database_is_down(
+    tmp_path: Path, smtp_server: RecordingServer, pg_url: str, pg_admin: sa.Engine
+) -> None:
+    # Given a daemon on PostgreSQL whose first health line is due a while after it has sent two emails
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    text = shop.config.read_text().replace("health_summary_seconds = 1.0", "health_summary_seconds = 5")
+    shop.config.write_text(text)
+    shop.add([1, 2], days_ago=60)
+    name = sa.engine.make_url(pg_url).database
+
+    def allow_connections(allow: bool) -> None:
+        with pg_admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}'))
+            if not allow:
+                conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                             {"n": name})
+
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: len(daemon.named("email_sent")) == 2, why="two email_sent events")
+        # When the database goes away before that line
+        allow_connections(False)
+        # Then the line still comes, says the database is unreachable and the queue unknown, and counts the sends
+        down = daemon.wait_event("health", timeout=15, where=lambda e: e["database"] == "unreachable")
+        assert down["queue_depth"] is None and "OperationalError" in down["error"], down
+        assert sum(e["sent"] for e in daemon.named("health")) == 2, daemon.named("health")
+        # And once the database is back, the lines say so again
+        allow_connections(True)
+        daemon.wait_event("health", timeout=15, where=lambda e: e["database"] == "ok" and e["queue_depth"] == 0,
+                          after=len(daemon.named("health")))
+    finally:
+        allow_connections(True)
+        assert daemon.stop() == 0
+
+
+@pytest.mark.postgres
 def test_a_stop_signal_during_catch_up_planning_leaves_the_other_campaigns_to_the_next_start(
     tmp_path: Path, smtp_server: RecordingServer, pg_url: str
 ) -> None:

@@ -387,11 +387,22 @@ class Daemon:
                 log.event("attempts_pruned", count=pruned, older_than_days=days)
 
     async def health(self) -> None:
+        """The health line: what happened since the last one, and the queue. When the database cannot be read,
+        the line still comes (its counts are not lost with it), with ``queue_depth`` null and the error."""
+        error = ""
+        try:
+            depth: int | None = await self.astore.call(opstore.queue_depth, self.store, self.clock.now())
+        except Exception as exc:
+            depth, error = None, log.error_line(exc)
         line = self.metrics.health(self.clock.monotonic())
-        depth = await self.astore.call(opstore.queue_depth, self.store, self.clock.now())
-        fields = dataclasses.asdict(line) | {"queue_depth": depth, "paused": self.paused()}
-        log.event("health", **fields)
-        systemd.notify(f"STATUS=sent {line.sent}, failed {line.failed}, queue {depth}, "
+        fields = dataclasses.asdict(line) | {"queue_depth": depth, "paused": self.paused(),
+                                             "database": "unreachable" if error else "ok"}
+        if error:
+            log.event("health", logging.WARNING, **fields, error=error)
+        else:
+            log.event("health", **fields)
+        queue = f"queue {depth}" if depth is not None else "database unreachable"
+        systemd.notify(f"STATUS=sent {line.sent}, failed {line.failed}, {queue}, "
                        f"{line.rate_per_minute}/min (last {self.gen.settings.daemon.health_summary_seconds:g}s)")
 
     async def _watchdog(self) -> None:
