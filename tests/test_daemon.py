@@ -635,6 +635,37 @@ def test_a_stop_signal_during_a_reload_stops_its_check_and_leaves_nothing_in_the
 
 
 @pytest.mark.postgres
+def test_a_database_error_in_catch_up_planning_is_logged_and_the_daemon_starts_all_the_same(
+    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+) -> None:
+    # Given a daemon that was down over a planning time, whose catch-up pass is held up (as a large shop's is)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    shop.add([1], days_ago=60)
+    holder = sa.create_engine(pg_url)
+    daemon = None
+    try:
+        with holder.connect() as conn:
+            conn.execute(sa.text("LOCK TABLE customer IN ACCESS EXCLUSIVE MODE"))
+            daemon = Daemon.start(shop)
+            daemon.wait_event("plan_catch_up", timeout=30)
+            # When the database drops the daemon's connections meanwhile (a failover, a restart)
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+            conn.rollback()
+        # Then the failed pass is logged, with the error's first line only, as a scheduled one's would be, and the
+        # daemon starts all the same (not a traceback and exit 1 with its sends cut short)
+        failed = daemon.wait_event("job_failed", timeout=30, where=lambda e: e.get("during") == "catch-up")
+        assert failed["job"] == "plan:winback" and "OperationalError" in failed["error"], failed
+        assert "SELECT" not in failed["error"]
+        daemon.wait_event("daemon_started", timeout=30)
+        assert not any(line.startswith("Traceback") for line in daemon.lines), daemon.log()
+    finally:
+        holder.dispose()
+        if daemon is not None:
+            assert daemon.stop() == 0
+
+
+@pytest.mark.postgres
 def test_the_health_line_keeps_its_counts_while_the_database_is_down(
     tmp_path: Path, smtp_server: RecordingServer, pg_url: str, pg_admin: sa.Engine
 ) -> None:

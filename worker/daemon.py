@@ -305,12 +305,16 @@ class Daemon:
             if self._stop.is_set():  # a stop signal during one campaign's pass: leave the rest to the next start
                 log.event("plan_catch_up_stopped", left=",".join(campaigns[i:]))
                 return
-            last = await self.astore.call(opstore.last_run, self.store, f"plan:{campaign}")
-            due = missed_run(plan_cron(settings, campaign), settings.shop.time_zone, last, now)
-            if due is not None:
-                log.event("plan_catch_up", campaign=campaign, missed=due.isoformat(),
-                          last_run=last.isoformat() if last else "never")
-                await self._planner(campaign)()
+            try:
+                last = await self.astore.call(opstore.last_run, self.store, f"plan:{campaign}")
+                due = missed_run(plan_cron(settings, campaign), settings.shop.time_zone, last, now)
+                if due is not None:
+                    log.event("plan_catch_up", campaign=campaign, missed=due.isoformat(),
+                              last_run=last.isoformat() if last else "never")
+                    await self._planner(campaign)()
+            except Exception as exc:  # as a scheduled run's failure: logged; the sends under way go on
+                log.event("job_failed", logging.ERROR, job=f"plan:{campaign}", during="catch-up",
+                          error=log.error_line(exc), note="not recorded as run: the next start catches it up")
 
     def _planner(self, campaign: str) -> Callable[[], Awaitable[None]]:
         async def run_plan() -> None:
