@@ -666,6 +666,43 @@ def test_a_database_error_in_catch_up_planning_is_logged_and_the_daemon_starts_a
 
 
 @pytest.mark.postgres
+def test_when_the_database_is_gone_as_the_grace_period_runs_out_the_daemon_says_so_and_exits_1(
+    tmp_path: Path, smtp_server: RecordingServer, pg_url: str, pg_admin: sa.Engine
+) -> None:
+    # Given a daemon with two sends under way to a slow server and a short grace period
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    text = shop.config.read_text().replace("shutdown_grace_seconds = 5.0", "shutdown_grace_seconds = 1")
+    shop.config.write_text(text)
+    shop.add([1, 2], days_ago=60)
+    for i in (1, 2):
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=5))
+    name = sa.engine.make_url(pg_url).database
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 2,
+                        why="two sends under way")
+        # When the database goes away, and systemd stops the daemon
+        with pg_admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                         {"n": name})
+        daemon.signal(signal.SIGTERM)
+        # Then, the grace period over, it cannot mark its rows: it says so and what becomes of them, and exits 1
+        # (not 0 as if all were recorded; not a traceback)
+        assert daemon.wait(20) == 1, daemon.log()
+    finally:
+        with pg_admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        if daemon.proc.poll() is None:
+            daemon.stop()
+    failed = daemon.named("shutdown_abandon_failed")
+    assert failed and "OperationalError" in failed[0]["error"] and "lease" in failed[0]["note"], daemon.log()
+    assert daemon.named("daemon_stopped")[0]["exit_code"] == 1
+    assert not any(line.startswith("Traceback") for line in daemon.lines), daemon.log()
+    assert dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status")) == {"sending": 2}
+
+
+@pytest.mark.postgres
 def test_the_health_line_keeps_its_counts_while_the_database_is_down(
     tmp_path: Path, smtp_server: RecordingServer, pg_url: str, pg_admin: sa.Engine
 ) -> None:

@@ -30,7 +30,8 @@ Theory of operation
 * **SIGTERM/SIGINT**: stop the scheduler, stop claiming, let sends under way finish
   within ``shutdown_grace_seconds`` and record them, exit 0. After the grace
   period, this worker's rows still in flight are marked ``uncertain`` (claimed
-  ones go back to the queue). A second signal exits at once with code 1; rows in
+  ones go back to the queue; when the database cannot be reached then, exit 1
+  and they lapse as below). A second signal exits at once with code 1; rows in
   flight then become ``uncertain`` when their lease lapses. A reload under way
   gives up at the next render of its check; no template copy outlives the
   process, not even the second signal's immediate exit (only a SIGKILL's). (A SIGTERM repeated
@@ -573,17 +574,24 @@ class Daemon:
         self._wake.set()
         grace = self.gen.settings.daemon.shutdown_grace_seconds
         done, _ = await asyncio.wait({dispatch}, timeout=grace)
+        code = EXIT_OK
         if not done:
             log.event("shutdown_grace_expired", logging.WARNING, grace_seconds=grace)
             dispatch.cancel()
             await asyncio.wait({dispatch}, timeout=2)
-            requeued, uncertain = await self.astore.call(
-                opstore.abandon, self.store, worker=self.worker, now=self.clock.now(),
-                why="shutdown grace period ran out while sending",
-            )
-            log.event("shutdown_abandoned", logging.WARNING, requeued=requeued, uncertain=uncertain)
-        log.event("daemon_stopped", worker=self.worker)
-        return EXIT_OK
+            try:
+                requeued, uncertain = await self.astore.call(
+                    opstore.abandon, self.store, worker=self.worker, now=self.clock.now(),
+                    why="shutdown grace period ran out while sending",
+                )
+            except Exception as exc:  # the database is gone too: as after a forced exit
+                log.event("shutdown_abandon_failed", logging.ERROR, error=log.error_line(exc),
+                          note="rows in flight become uncertain when their lease lapses")
+                code = EXIT_FORCED
+            else:
+                log.event("shutdown_abandoned", logging.WARNING, requeued=requeued, uncertain=uncertain)
+        log.event("daemon_stopped", worker=self.worker, exit_code=code)
+        return code
 
     async def _close(self) -> None:
         self._halt.set()
