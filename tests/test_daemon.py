@@ -703,7 +703,7 @@ def test_when_the_database_is_gone_as_the_grace_period_runs_out_the_daemon_says_
 
 
 @pytest.mark.postgres
-def test_the_health_line_keeps_its_counts_while_the_database_is_down(
+def test_the_health_line_and_metrics_keep_their_counts_while_the_database_is_down(
     tmp_path: Path, smtp_server: RecordingServer, pg_url: str, pg_admin: sa.Engine
 ) -> None:
     # Given a daemon on PostgreSQL whose first health line is due a while after it has sent two emails
@@ -729,6 +729,11 @@ def test_the_health_line_keeps_its_counts_while_the_database_is_down(
         down = daemon.wait_event("health", timeout=15, where=lambda e: e["database"] == "unreachable")
         assert down["queue_depth"] is None and "OperationalError" in down["error"], down
         assert sum(e["sent"] for e in daemon.named("health")) == 2, daemon.named("health")
+        # And Prometheus still gets this process's figures, without the ledger's (not a 500 for the whole scrape)
+        status, body, _ = http("GET", daemon.url("/metrics"))
+        assert status == 200, body
+        assert "\nkembali_database_up 0\n" in body and "\nkembali_queue_depth " not in body
+        assert 'kembali_results_total{campaign="winback",result="sent"} 2' in body
         # And once the database is back, the lines say so again
         allow_connections(True)
         daemon.wait_event("health", timeout=15, where=lambda e: e["database"] == "ok" and e["queue_depth"] == 0,

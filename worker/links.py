@@ -18,7 +18,8 @@
   ``ok``, ``starting``, ``stopping`` or ``unhealthy``. It is no liveness probe:
   restarting cures none of these states (a restart during start-up or shutdown
   only starts it over); any answer at all, even a 503, shows the process alive.
-  ``/metrics``: Prometheus text.
+  ``/metrics``: Prometheus text; while the database cannot be read, without the
+  ledger's figures (``kembali_database_up 0``) but with this process's own.
 
 A token that does not verify (forged, truncated, tampered, the wrong kind) gets
 a 400 page and changes nothing. Tokens name database ids, never an address.
@@ -201,7 +202,12 @@ class Site:
         settings = self.settings()
         if self._ledger_read is None or self._ledger_read.done():
             self._ledger_read = asyncio.ensure_future(asyncio.to_thread(self._read_ledger, self.clock.now()))
-        ledger, depth = await asyncio.shield(self._ledger_read)
+        ledger: dict[tuple[str, str], int] | None
+        depth: int | None
+        try:
+            ledger, depth = await asyncio.shield(self._ledger_read)
+        except Exception:  # the database is down: the process's own figures matter all the more (health says why)
+            ledger, depth = None, None
         text = self.metrics.render(
             ledger=ledger,
             queue_depth=depth,

@@ -106,14 +106,15 @@ class Metrics:
     def render(
         self,
         *,
-        ledger: Mapping[tuple[str, str], int],
-        queue_depth: int,
+        ledger: Mapping[tuple[str, str], int] | None,
+        queue_depth: int | None,
         rate_limit_per_second: float,
         rate_burst: int,
         paused: bool,
         now: float,
     ) -> str:
-        """The Prometheus text exposition (format 0.0.4)."""
+        """The Prometheus text exposition (format 0.0.4). ``ledger`` and ``queue_depth`` are None when the database
+        could not be read: their families have no samples, ``kembali_database_up`` is 0, the rest is as always."""
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
@@ -121,9 +122,12 @@ class Metrics:
             out.append(f"# TYPE {name} {kind}")
             out.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
 
+        family("kembali_database_up", "gauge", "1 when the ledger could be read for this scrape.",
+               [("", int(ledger is not None))])
         family("kembali_messages", "gauge", "Ledger rows by campaign and state.",
-               ((_labels(campaign=c, state=s), n) for (c, s), n in sorted(ledger.items())))
-        family("kembali_queue_depth", "gauge", "Rows due to be sent now.", [("", queue_depth)])
+               ((_labels(campaign=c, state=s), n) for (c, s), n in sorted((ledger or {}).items())))
+        family("kembali_queue_depth", "gauge", "Rows due to be sent now.",
+               [("", queue_depth)] if queue_depth is not None else [])
         family("kembali_planned_total", "counter", "Rows created by planning in this process.",
                ((_labels(campaign=c), n) for c, n in sorted(self.planned.items())))
         family("kembali_results_total", "counter", "Messages this process finished, by campaign and result.",
