@@ -703,6 +703,43 @@ def test_when_the_database_is_gone_as_the_grace_period_runs_out_the_daemon_says_
 
 
 @pytest.mark.postgres
+def test_a_sighup_during_catch_up_planning_reloads_once_the_daemon_is_up_not_before(
+    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+) -> None:
+    import socket
+
+    # Given a daemon under a (fake) systemd notify socket, whose catch-up pass is held up
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(30)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    shop.add([1], days_ago=60)
+    holder = sa.create_engine(pg_url)
+    daemon = None
+    try:
+        with holder.connect() as conn:
+            conn.execute(sa.text("LOCK TABLE customer IN ACCESS EXCLUSIVE MODE"))
+            daemon = Daemon.start(shop, env={"NOTIFY_SOCKET": notify_path})
+            daemon.wait_event("plan_catch_up", timeout=30)
+            # When `systemctl reload` comes during that pass
+            daemon.signal(signal.SIGHUP)
+            daemon.wait_event("reload_queued")
+            conn.rollback()
+        # Then systemd hears READY=1 first from the daemon being up, not from the reload's end, and the reload
+        # comes after
+        assert b"STATUS=running" in notify.recv(4096)
+        daemon.wait_event("reload_done", timeout=30)
+        names = [e["event"] for e in daemon.events]
+        assert names.index("daemon_started") < names.index("reload_started")
+    finally:
+        holder.dispose()
+        notify.close()
+        if daemon is not None:
+            assert daemon.stop() == 0
+
+
+@pytest.mark.postgres
 def test_the_health_line_and_metrics_keep_their_counts_while_the_database_is_down(
     tmp_path: Path, smtp_server: RecordingServer, pg_url: str, pg_admin: sa.Engine
 ) -> None:

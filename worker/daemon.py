@@ -181,6 +181,8 @@ class Daemon:
         self._reloading: asyncio.Task[None] | None = None
         """The task running reloads, one after the other, while there are any to run."""
         self._reload_next: str | None = None
+        self._reload_after_start: str | None = None
+        """A reload asked for during the catch-up planning (the signals are the loop's, not yet READY=1)."""
         """The trigger of the reload queued behind the one under way: one at most, later requests join it."""
         self._halt = threading.Event()
         """Set when the daemon begins to stop: a reload's template check (on a thread) gives up at its next render."""
@@ -261,7 +263,9 @@ class Daemon:
             self.phase = "running"
             systemd.notify("READY=1", "STATUS=running")
             if self.starting is not None and self.starting.hangup:  # (the asyncio loop does not hand it on)
-                self.request_reload("SIGHUP during start-up")
+                self._reload_after_start = self._reload_after_start or "SIGHUP during start-up"
+            if self._reload_after_start is not None:
+                self.request_reload(self._reload_after_start)
             await self._stop.wait()
             return await self._shutdown(dispatch)
         finally:
@@ -429,6 +433,11 @@ class Daemon:
         of SIGHUPs (or of saves) is one reload under way and at most one after it, which reads the files as they
         are then."""
         if self._stop.is_set():
+            return
+        if self.phase == "starting":  # a reload's READY=1 would tell systemd the daemon is up: wait until it is
+            if self._reload_after_start is None:
+                log.event("reload_queued", trigger=why, note="once the daemon is up")
+            self._reload_after_start = why
             return
         if self._reloading is None:
             self._reloading = asyncio.create_task(self._reload_while_asked(why), name="kembali-reload")
