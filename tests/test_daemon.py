@@ -611,13 +611,22 @@ def test_sighup_during_start_up_does_not_kill_the_daemon_it_reloads_once_up(
 def test_a_stop_signal_during_a_reload_stops_its_check_and_leaves_nothing_in_the_temporary_folder(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
-    # Given a running daemon (its TMPDIR watched) whose templates on disk now take some 20 s to check
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *",
-                     extra="[checks]\nrender_timeout_seconds = 30\n")
+    import socket
+
+    # Given a running daemon (its TMPDIR watched, under a fake systemd notify socket), paused by an SMTP server
+    # that refuses it, whose templates on disk now take some 20 s to check
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    smtp_server.greeting = "554 5.7.1 No SMTP service here"
+    extra = ("[checks]\nrender_timeout_seconds = 30\n"
+             "[sending]\npause_after_failures = 1\nretry_base_seconds = 0.1\npause_retry_seconds = 600\n")
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", extra=extra)
+    shop.add([1], days_ago=60)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    daemon = Daemon.start(shop, env={"TMPDIR": str(tmp)})
-    daemon.wait_event("daemon_started", timeout=30)
+    daemon = Daemon.start(shop, env={"TMPDIR": str(tmp), "NOTIFY_SOCKET": notify_path})
+    daemon.wait_event("dispatcher_retry_scheduled", timeout=30)
     layout = shop.templates / "_layout.txt"
     layout.write_text(SLOW_LAYOUT + layout.read_text(encoding="utf-8"), encoding="utf-8")
     # When `systemctl reload`, and systemd stops the unit while that reload is checking the templates
@@ -632,6 +641,17 @@ def test_a_stop_signal_during_a_reload_stops_its_check_and_leaves_nothing_in_the
     assert daemon.named("reload_stopped") and not daemon.named("reload_done")
     assert not [pid for pid in helpers if _alive(pid)]
     assert list(tmp.iterdir()) == []
+    # And the reload's end neither told systemd the daemon was ready again after STOPPING=1 nor resumed the
+    # stopped dispatcher
+    notify.setblocking(False)
+    told = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            told.append(notify.recv(4096))
+    notify.close()
+    stopping = next(i for i, m in enumerate(told) if b"STOPPING=1" in m)
+    assert not [m for m in told[stopping:] if b"READY=1" in m], told
+    assert not daemon.named("dispatcher_resumed"), daemon.log()
 
 
 @pytest.mark.postgres

@@ -468,14 +468,18 @@ class Daemon:
             try:
                 return await self._reload(why)
             finally:
-                systemd.notify("READY=1")
-                if paused is not None:  # the operator may have fixed the server: try it again at once
-                    if self.gen.dispatcher.paused is not None:  # the reload was rejected: the same dispatcher
-                        self.gen.dispatcher.resume(why=f"reload ({why}): trying the server again")
-                    else:
-                        log.event("dispatcher_resumed", logging.WARNING, was=paused,
-                                  why=f"reload ({why}): trying the server again with the new configuration")
-                    self._resume_now.set()
+                if not self._stop.is_set():  # stopping: systemd has had STOPPING=1, the dispatcher is stopped
+                    self._after_reload(why, paused)
+
+    def _after_reload(self, why: str, paused: str | None) -> None:
+        systemd.notify("READY=1")
+        if paused is not None:  # the operator may have fixed the server: try it again at once
+            if self.gen.dispatcher.paused is not None:  # the reload was rejected: the same dispatcher
+                self.gen.dispatcher.resume(why=f"reload ({why}): trying the server again")
+            else:
+                log.event("dispatcher_resumed", logging.WARNING, was=paused,
+                          why=f"reload ({why}): trying the server again with the new configuration")
+            self._resume_now.set()
 
     async def _reload(self, why: str) -> bool:
         log.event("reload_started", trigger=why)
