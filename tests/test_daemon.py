@@ -297,6 +297,34 @@ def test_a_burst_of_sighups_is_one_reload_under_way_and_one_after_it(
     assert len(daemon.named("reload_done")) == 2
 
 
+def test_templates_that_cannot_be_copied_are_a_rejected_reload_or_a_refused_start_leaving_no_copy(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    daemon = Daemon.start(shop, env={"TMPDIR": str(tmp)})
+    try:
+        daemon.wait_event("daemon_started")
+        # When a file in the templates folder cannot be read (here a link to a file that is gone) and SIGHUP comes
+        (shop.templates / "winback" / "notes.txt").symlink_to(tmp_path / "gone.txt")
+        daemon.signal(signal.SIGHUP)
+        # Then the reload is rejected naming the file, the old set stays, and the half-made copy is removed
+        rejected = daemon.wait_event("reload_rejected")
+        assert "cannot copy" in rejected["error"] and "winback/notes.txt" in rejected["error"], rejected
+        assert len(list(tmp.iterdir())) == 1  # the running set's copy
+        assert not any("Traceback" in line or "never retrieved" in line for line in daemon.lines), daemon.log()
+    finally:
+        assert daemon.stop() == 0
+    assert list(tmp.iterdir()) == []
+    # And a start with that folder is refused as a configuration error (exit 2), with nothing left behind
+    proc = subprocess.run([sys.executable, "-m", "worker", "--config", str(shop.config), "run"], cwd=REPO,
+                          env={**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY, "TMPDIR": str(tmp)},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "winback/notes.txt" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert list(tmp.iterdir()) == []
+
+
 RUNAWAY = (
     "{% extends \"_layout.txt\" %}\n{% block content %}\n"
     "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\n{% endblock %}\n"

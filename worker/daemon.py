@@ -112,7 +112,13 @@ def snapshot_templates(settings: Settings) -> Path:
     if not source.is_dir():
         raise ConfigError(f"{settings.source}: 'templates.dir' {str(source)!r} is not a folder")
     target = Path(tempfile.mkdtemp(prefix="kembali-templates-"))
-    shutil.copytree(source, target / "t")
+    try:
+        shutil.copytree(source, target / "t")
+    except OSError as exc:  # a file that cannot be read, a dangling link, a full temporary folder
+        shutil.rmtree(target, ignore_errors=True)
+        # shutil.Error holds a list of (source, target, why): the first why says enough
+        why = exc.args[0][0][2] if isinstance(exc, shutil.Error) and exc.args and exc.args[0] else str(exc)
+        raise ConfigError(f"{settings.source}: 'templates.dir': cannot copy {str(source)!r}: {why}") from None
     return target
 
 
@@ -453,7 +459,10 @@ class Daemon:
         try:
             trigger: str | None = why
             while trigger is not None and not self._stop.is_set():
-                await self.reload(trigger)
+                try:
+                    await self.reload(trigger)
+                except Exception as exc:  # not one of the refusals _reload names: the old set stays all the same
+                    log.event("reload_rejected", logging.ERROR, trigger=trigger, error=log.error_line(exc))
                 trigger, self._reload_next = self._reload_next, None
         finally:
             self._reloading = None
