@@ -447,6 +447,26 @@ def test_healthz_says_stopping_during_the_grace_period_while_the_links_still_wor
     assert shop.scalar("SELECT status FROM message") == "sent"
 
 
+def test_a_sighup_while_the_daemon_closes_does_not_kill_it(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    import socket
+
+    # Given a daemon stopping while a client holds a request open (closing waits a moment for it)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    daemon = Daemon.start(shop, env={"TMPDIR": str(tmp)})
+    daemon.wait_event("daemon_started")
+    with socket.create_connection(("127.0.0.1", daemon.port)) as client:
+        client.sendall(b"GET /healthz HTTP/1.1\r\n")
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_event("daemon_stopped")
+        # When a log rotation's `kill -HUP` comes as it closes
+        daemon.signal(signal.SIGHUP)
+        # Then it still exits 0 (not killed by the signal) and removes its template copy
+        assert daemon.wait(10) == 0, daemon.log()
+    assert list(tmp.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("sig", "echoed"),
     [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True)],

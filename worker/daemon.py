@@ -275,9 +275,11 @@ class Daemon:
             await self._stop.wait()
             return await self._shutdown(dispatch)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-            await self._close()
+            try:
+                await self._close()
+            finally:  # not before: a SIGHUP (a log rotation) or SIGTERM while closing would kill it where it stands
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
 
     @staticmethod
     async def _start_web(web: HttpServer, settings: Settings) -> int:
