@@ -808,6 +808,40 @@ def test_a_sighup_during_catch_up_planning_reloads_once_the_daemon_is_up_not_bef
 
 
 @pytest.mark.postgres
+def test_a_stop_signal_during_a_scheduled_planning_pass_waits_for_it_and_says_so(
+    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+) -> None:
+    # Given a running daemon planning every second, whose scheduled pass is held up (as a large shop's is)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *", db_url=pg_url)
+    shop.add([1], days_ago=60)
+    daemon = Daemon.start(shop)
+    holder = sa.create_engine(pg_url)
+    try:
+        daemon.wait_event("daemon_started", timeout=30)
+        with holder.connect() as conn:
+            conn.execute(sa.text("LOCK TABLE customer IN ACCESS EXCLUSIVE MODE"))
+            daemon.wait_event("job_skipped", timeout=30)  # the next firing found the pass still going
+            # When systemd stops it
+            daemon.signal(signal.SIGTERM)
+            # Then it says it waits for that pass (a pass cannot be stopped midway), and does not say it stopped
+            waiting = daemon.wait_event("shutdown_waiting_for_planning")
+            assert waiting["campaigns"] == "winback"
+            assert not daemon.named("daemon_stopped") and daemon.proc.poll() is None
+            conn.rollback()
+        # And once the pass is done, it is recorded and logged, then the daemon says it stopped and exits 0,
+        # without APScheduler's traceback for the cancelled job
+        assert daemon.wait(30) == 0, daemon.log()
+    finally:
+        holder.dispose()
+        if daemon.proc.poll() is None:
+            daemon.stop()
+    names = [e["event"] for e in daemon.events]
+    after = names[names.index("shutdown_requested"):]
+    assert after.index("campaign_planned") < after.index("daemon_stopped"), after
+    assert all(line.startswith("{") for line in daemon.lines), daemon.log()
+
+
+@pytest.mark.postgres
 def test_the_health_line_and_metrics_keep_their_counts_while_the_database_is_down(
     tmp_path: Path, smtp_server: RecordingServer, pg_url: str, pg_admin: sa.Engine
 ) -> None:

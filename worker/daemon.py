@@ -28,7 +28,8 @@ Theory of operation
   the shutdown is done; ``/healthz`` is a readiness probe, 503 (``starting``,
   ``stopping``) outside the time between ``READY=1`` and the stop signal.
 * **SIGTERM/SIGINT**: stop the scheduler, stop claiming, let sends under way finish
-  within ``shutdown_grace_seconds`` and record them, exit 0. After the grace
+  within ``shutdown_grace_seconds`` and record them, let a planning pass under way
+  finish and record it (its thread cannot be stopped), exit 0. After the grace
   period, this worker's rows still in flight are marked ``uncertain`` (claimed
   ones go back to the queue; when the database cannot be reached then, exit 1
   and they lapse as below). A second signal exits at once with code 1; rows in
@@ -46,6 +47,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -188,6 +190,8 @@ class Daemon:
         """The task running reloads, one after the other, while there are any to run."""
         self._reload_next: str | None = None
         self._reload_after_start: str | None = None
+        self._planning: dict[asyncio.Future[None], str] = {}
+        """Planning passes under way, and their campaigns: the shutdown waits for them."""
         """A reload asked for during the catch-up planning (the signals are the loop's, not yet READY=1)."""
         """The trigger of the reload queued behind the one under way: one at most, later requests join it."""
         self._halt = threading.Event()
@@ -331,22 +335,34 @@ class Daemon:
 
     def _planner(self, campaign: str) -> Callable[[], Awaitable[None]]:
         async def run_plan() -> None:
-            settings = self.gen.settings
-            if campaign not in enabled_campaigns(settings):
-                return
-            now = self.clock.now()
-            # on a thread of its own, not the store's: a pass mostly reads (no SQLite write lock), and the
-            # dispatcher's claims and commits must not queue behind it for seconds
-            report = await asyncio.to_thread(plan, self.store, settings, now, [campaign])
-            await self.astore.call(opstore.record_run, self.store, f"plan:{campaign}", at=now, worker=self.worker)
-            created = report.created.get(campaign, 0)
-            self.metrics.observe_planned(campaign, created)
-            log.event("campaign_planned", campaign=campaign, created=created,
-                      considered=report.considered.get(campaign, 0))
-            if created:
-                self._wake.set()
+            # shielded: the shutdown's cancelling the job does not cut the pass short (its thread cannot be stopped,
+            # and the process would linger after saying it stopped); the shutdown waits for it to be recorded
+            task = asyncio.ensure_future(self._plan_pass(campaign))
+            self._planning[task] = campaign
+            task.add_done_callback(lambda t: self._planning.pop(t, None))
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                task.add_done_callback(functools.partial(_log_failed_pass, campaign))  # nobody else will
+                raise
 
         return run_plan
+
+    async def _plan_pass(self, campaign: str) -> None:
+        settings = self.gen.settings
+        if campaign not in enabled_campaigns(settings):
+            return
+        now = self.clock.now()
+        # on a thread of its own, not the store's: a pass mostly reads (no SQLite write lock), and the
+        # dispatcher's claims and commits must not queue behind it for seconds
+        report = await asyncio.to_thread(plan, self.store, settings, now, [campaign])
+        await self.astore.call(opstore.record_run, self.store, f"plan:{campaign}", at=now, worker=self.worker)
+        created = report.created.get(campaign, 0)
+        self.metrics.observe_planned(campaign, created)
+        log.event("campaign_planned", campaign=campaign, created=created,
+                  considered=report.considered.get(campaign, 0))
+        if created:
+            self._wake.set()
 
     async def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
@@ -614,6 +630,9 @@ class Daemon:
                 code = EXIT_FORCED
             else:
                 log.event("shutdown_abandoned", logging.WARNING, requeued=requeued, uncertain=uncertain)
+        if self._planning:  # idempotent, but a pass cannot be stopped midway: it is let finish and recorded
+            log.event("shutdown_waiting_for_planning", campaigns=",".join(sorted(set(self._planning.values()))))
+            await asyncio.wait(list(self._planning))
         log.event("daemon_stopped", worker=self.worker, exit_code=code)
         return code
 
@@ -637,6 +656,12 @@ class Daemon:
     def _remove_snapshots(self) -> None:
         for snapshot in list(self._snapshots):
             shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def _log_failed_pass(campaign: str, task: asyncio.Future[None]) -> None:
+    error = None if task.cancelled() else task.exception()
+    if error is not None:
+        log.event("job_failed", logging.ERROR, job=f"plan:{campaign}", error=log.error_line(error))
 
 
 def run(settings: Settings, *, config_path: Path, starting: StartupSignals | None = None) -> int:

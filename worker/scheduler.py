@@ -124,7 +124,8 @@ class Scheduler:
             job.start()
 
     def shutdown(self) -> None:
-        """Stop firing; a job still running is cancelled (every job here is safe to cut short)."""
+        """Stop firing; a job still running is cancelled (every job here is safe to cut short; the daemon's
+        planning jobs shield their pass, which it waits for)."""
         self._started = False
         if self._aps.running:
             self._aps.shutdown(wait=False)
@@ -187,6 +188,8 @@ def _guarded(job_id: str, func: JobFunc) -> JobFunc:
     async def run() -> None:
         try:
             await func()
+        except asyncio.CancelledError:  # the shutdown cut it short, as meant: not APScheduler's "raised an exception"
+            return
         except Exception as exc:
             log.event("job_failed", logging.ERROR, job=job_id, error=log.error_line(exc))
 
