@@ -189,11 +189,11 @@ class Daemon:
         self._reloading: asyncio.Task[None] | None = None
         """The task running reloads, one after the other, while there are any to run."""
         self._reload_next: str | None = None
+        """The trigger of the reload queued behind the one under way: one at most, later requests join it."""
         self._reload_after_start: str | None = None
+        """A reload asked for during the catch-up planning (the signals are the loop's, not yet READY=1)."""
         self._planning: dict[asyncio.Future[None], str] = {}
         """Planning passes under way, and their campaigns: the shutdown waits for them."""
-        """A reload asked for during the catch-up planning (the signals are the loop's, not yet READY=1)."""
-        """The trigger of the reload queued behind the one under way: one at most, later requests join it."""
         self._halt = threading.Event()
         """Set when the daemon begins to stop: a reload's template check (on a thread) gives up at its next render."""
         self._builds: set[asyncio.Future[Generation]] = set()
