@@ -817,7 +817,8 @@ def test_a_stop_signal_during_a_scheduled_planning_pass_waits_for_it_and_says_so
     daemon = Daemon.start(shop)
     holder = sa.create_engine(pg_url)
     try:
-        daemon.wait_event("daemon_started", timeout=30)
+        # (the email sent first: with the queue empty, the sender reads no customer row, only planning does)
+        daemon.wait_for(lambda: daemon.named("email_sent"), timeout=30, why="the email_sent event")
         with holder.connect() as conn:
             conn.execute(sa.text("LOCK TABLE customer IN ACCESS EXCLUSIVE MODE"))
             daemon.wait_event("job_skipped", timeout=30)  # the next firing found the pass still going
