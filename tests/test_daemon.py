@@ -430,6 +430,7 @@ def test_healthz_says_stopping_during_the_grace_period_while_the_links_still_wor
     shop.add([1], days_ago=60)
     smtp_server.on("c1@example.com", Behaviour(delay_at="data", delay_seconds=4))
     daemon = Daemon.start(shop)
+    daemon.wait_event("daemon_started")  # (the send may begin before the catch-up planning is done)
     daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 1,
                     why="the send under way")
     status, body, _ = http("GET", daemon.url("/healthz"))
