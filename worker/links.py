@@ -100,6 +100,8 @@ class Site:
         self.phase = phase
         """The daemon's phase: ``starting``, ``running`` or ``stopping``."""
         self._ledger_read: asyncio.Future[tuple[dict[tuple[str, str], int], int]] | None = None
+        self._ping: asyncio.Future[None] | None = None
+        """The database ping under way: probes that come while it runs wait for it rather than start their own."""
 
     async def handle(self, request: Request) -> Response:
         route = request.path.rstrip("/") or "/"
@@ -185,9 +187,15 @@ class Site:
     # --- operators --------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
+        """Readiness. The database ping runs on a thread that a timeout cannot stop (a host that does not answer
+        holds it until the driver's connect timeout): one at a time, shared by the probes that come meanwhile, so
+        a probe every second cannot fill the threads that planning and ``/metrics`` need."""
         database = "ok"
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.ensure_future(asyncio.to_thread(opstore.ping, self.store.store))
+            self._ping.add_done_callback(_retrieve)  # its failure may come after every probe has stopped waiting
         try:
-            await asyncio.wait_for(asyncio.to_thread(opstore.ping, self.store.store), HEALTH_TIMEOUT_SECONDS)
+            await asyncio.wait_for(asyncio.shield(self._ping), HEALTH_TIMEOUT_SECONDS)
         except Exception as exc:
             database = f"unreachable: {type(exc).__name__}"
         paused = self.paused()
@@ -244,6 +252,11 @@ class Site:
     @staticmethod
     def _page(status: HTTPStatus, body: bytes) -> Response:
         return Response(status.value, body)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _token(request: Request) -> str | None:

@@ -38,6 +38,10 @@ from worker.core.audiences import message_id_for
 from worker.errors import ConfigError, SchemaError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_SECONDS = 10
+"""libpq's ``connect_timeout`` unless the URL sets its own (``?connect_timeout=30``): without one, a database host
+that does not answer (a dropped route, a listener that never speaks) held each new connection for minutes, or for
+ever, and every thread that asked for one with it."""
 _SQLITE_CONFIG_MEMSTATUS = 9
 """``sqlite3_config`` verb: memory statistics on (1) or off (0); SQLite's default is on."""
 _memstatus_lock = threading.Lock()
@@ -139,7 +143,10 @@ def create_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, hide_parameters=True)
+    given = {key.lower() for key in sa.make_url(url).query}
+    timeout = {} if "connect_timeout" in given else {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
+    return sa.create_engine(url, connect_args=timeout, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                            hide_parameters=True)
 
 
 _READ_ONLY = "kembali_read_only"

@@ -1,0 +1,93 @@
+"""A database host that does not answer: a real TCP listener that accepts connections and never speaks (what a
+dropped route or a hung server looks like to the client), and the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.daemon_harness import make_shop
+from worker import links
+from worker.adapters import db
+from worker.adapters.clock import SystemClock
+from worker.adapters.store import Store
+from worker.adapters.web import Request
+from worker.asyncstore import AsyncStore
+from worker.config import load_settings
+from worker.links import Site
+from worker.metrics import Metrics
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[socket.socket]:
+    """A listening socket nobody accepts on: connections complete (the kernel's backlog) and hear nothing."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield listener
+
+
+def accepted(listener: socket.socket) -> int:
+    """How many connections were made to the listener (those waiting in its backlog)."""
+    listener.setblocking(False)
+    count = 0
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+
+
+@pytest.mark.postgres
+def test_a_postgresql_connection_gives_up_after_a_connect_timeout_unless_the_url_sets_its_own(pg_url: str) -> None:
+    # Given the engines Kembali makes: one from a URL as usually written, one that sets connect_timeout itself
+    plain = db.create_engine(pg_url)
+    own = db.create_engine(sa.make_url(pg_url).update_query_dict({"connect_timeout": "3"}).render_as_string(False))
+    try:
+        # Then libpq is told to give up on a host that does not answer (it waits for ever by default), and the
+        # URL's own value is kept
+        for engine, expected in ((plain, "10"), (own, "3")):
+            with engine.connect() as conn:
+                raw = conn.connection.dbapi_connection
+                assert raw is not None
+                assert raw.info.get_parameters().get("connect_timeout") == expected
+    finally:
+        plain.dispose()
+        own.dispose()
+
+
+def test_healthz_probes_share_one_ping_while_the_database_host_does_not_answer(
+    tmp_path: Path, silent_listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the daemon's site, its database on a host that accepts connections and never answers
+    port = silent_listener.getsockname()[1]
+    store = Store(db.create_engine(f"postgresql+psycopg://kembali@127.0.0.1:{port}/kembali?connect_timeout=2"))
+    astore = AsyncStore(store)
+    settings = load_settings(make_shop(tmp_path, smtp_port=25).config)
+    site = Site(store=astore, keys=[b"k" * 32], settings=lambda: settings, clock=SystemClock(), metrics=Metrics(),
+                paused=lambda: False)
+    monkeypatch.setattr(links, "HEALTH_TIMEOUT_SECONDS", 0.05)
+
+    async def probes() -> list[tuple[int, bytes]]:
+        answers = []
+        for _ in range(5):  # When a load balancer probes /healthz again and again
+            response = await site.handle(Request("GET", "/healthz", {}, {}))
+            answers.append((response.status, response.body))
+        return answers
+
+    try:
+        answers = asyncio.run(probes())  # (asyncio.run waits for the pings' threads: until their connect timeout)
+    finally:
+        astore.close()
+        store.close()
+    # Then each probe says the database is unreachable
+    assert all(status == 503 and b"unreachable" in body for status, body in answers), answers
+    # And one ping was under way for all of them: not one thread per probe, each held by the silent host
+    assert accepted(silent_listener) == 1
