@@ -919,3 +919,40 @@ def test_a_stop_signal_during_catch_up_planning_leaves_the_other_campaigns_to_th
     assert sorted([first["campaign"], *left]) == ["birthday", "feedback", "loyalty", "new_products", "winback"]
     assert not daemon.named("daemon_started")
     assert daemon.named("daemon_stopped")
+
+
+@pytest.mark.postgres
+def test_when_the_database_hangs_as_the_grace_period_runs_out_the_daemon_gives_up_on_it_and_exits_1(
+    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+) -> None:
+    # Given a daemon with two sends under way to a slow server and a short grace period
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    text = shop.config.read_text().replace("shutdown_grace_seconds = 5.0", "shutdown_grace_seconds = 1")
+    shop.config.write_text(text)
+    shop.add([1, 2], days_ago=60)
+    for i in (1, 2):
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=3))
+    daemon = Daemon.start(shop)
+    holder = sa.create_engine(pg_url)
+    try:
+        daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 2,
+                        why="two sends under way")
+        # When the database stops answering the daemon (here: a long transaction holds its table), and systemd
+        # stops the daemon
+        with holder.connect() as conn:
+            conn.execute(sa.text("LOCK TABLE message IN ACCESS EXCLUSIVE MODE"))
+            daemon.signal(signal.SIGTERM)
+            # Then, the grace period over, it waits a bounded time to mark its rows, says what it could not
+            # record and what becomes of it, and exits 1 rather than hang until systemd's SIGKILL
+            code = daemon.wait(30)
+            conn.rollback()
+    finally:
+        holder.dispose()
+        if daemon.proc.poll() is None:
+            daemon.stop()
+    assert code == 1, daemon.log()
+    failed = daemon.named("shutdown_abandon_failed")
+    assert failed and "did not answer" in failed[0]["error"] and "lease" in failed[0]["note"], daemon.log()
+    assert daemon.named("daemon_stopped")[0]["exit_code"] == 1
+    assert not any(line.startswith("Traceback") for line in daemon.lines), daemon.log()
+    assert dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status")) == {"sending": 2}

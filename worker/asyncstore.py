@@ -57,5 +57,7 @@ class AsyncStore:
         whose reply was lost leaves its rows to lapse back to the queue)."""
         return await retrying(event, lambda: self.call(fn, *args, **kwargs), self.RETRY_SECONDS)
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the thread, once its calls are done (``wait``); without ``wait``, calls not yet begun are
+        dropped and one that is stuck (on a database that does not answer) is left to the process's exit."""
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)

@@ -31,8 +31,9 @@ Theory of operation
   within ``shutdown_grace_seconds`` and record them, let a planning pass under way
   finish and record it (its thread cannot be stopped), exit 0. After the grace
   period, this worker's rows still in flight are marked ``uncertain`` (claimed
-  ones go back to the queue; when the database cannot be reached then, exit 1
-  and they lapse as below). A second signal exits at once with code 1; rows in
+  ones go back to the queue; when the database cannot be reached then, or does not
+  answer within ``ABANDON_SECONDS``, exit 1 and they lapse as below; a stuck database's
+  threads are not waited for). A second signal exits at once with code 1; rows in
   flight then become ``uncertain`` when their lease lapses. A reload under way
   gives up at the next render of its check; no template copy outlives the
   process, not even the second signal's immediate exit (only a SIGKILL's). (A SIGTERM repeated
@@ -60,7 +61,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from worker import eventloop, log
-from worker.adapters import opstore, systemd
+from worker.adapters import db, opstore, systemd
 from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.smtp import SmtpTransport
 from worker.adapters.templates import JinjaTemplates
@@ -80,6 +81,10 @@ from worker.sending import Dispatcher
 from worker.stopping import STOP_SIGNALS, StartupSignals, StartupStopped, StopSignals
 
 EXIT_OK, EXIT_FORCED, EXIT_USAGE = 0, 1, 2
+ABANDON_SECONDS, STUCK_CLOSE_SECONDS = 10.0, 2.0
+"""After the grace period, how long the shutdown waits for the database to mark this worker's rows in flight: one
+that does not answer (a lock held by a long transaction, a host gone silent) is given up, the daemon closes what
+it can within ``STUCK_CLOSE_SECONDS`` and exits 1 without waiting for the threads the database holds."""
 RESTART_ONLY = ("database", "web")
 """Config sections a reload cannot change (they need a restart)."""
 
@@ -200,6 +205,8 @@ class Daemon:
         """Reloads' generations being built on a thread: a reload cancelled by the shutdown leaves its build
         running; ``_close`` waits for it and closes what it built (its template copy, its SMTP transport)."""
         self._watched = self._watch_signature(settings)
+        self._stuck = False
+        """The database did not answer the shutdown: the exit waits for no thread (``os._exit``)."""
         self.phase = "starting"
         """``starting`` until ``READY=1``, ``running``, then ``stopping`` from the stop signal on (``/healthz``)."""
 
@@ -280,10 +287,17 @@ class Daemon:
             return await self._shutdown(dispatch)
         finally:
             try:
-                await self._close()
+                if self._stuck:  # closing may wait on the database as well
+                    await asyncio.wait({asyncio.ensure_future(self._close())}, timeout=STUCK_CLOSE_SECONDS)
+                else:
+                    await self._close()
             finally:  # not before: a SIGHUP (a log rotation) or SIGTERM while closing would kill it where it stands
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
+            if self._stuck:  # threads held by the database would keep the process (asyncio.run and the interpreter
+                self._remove_snapshots()  # join them at the exit): all is logged, nothing else is left to record
+                logging.shutdown()
+                os._exit(EXIT_FORCED)
 
     @staticmethod
     async def _start_web(web: HttpServer, settings: Settings) -> int:
@@ -620,17 +634,25 @@ class Daemon:
             dispatch.cancel()
             await asyncio.wait({dispatch}, timeout=2)
             try:
-                requeued, uncertain = await self.astore.call(
+                requeued, uncertain = await asyncio.wait_for(self.astore.call(
                     opstore.abandon, self.store, worker=self.worker, now=self.clock.now(),
                     why="shutdown grace period ran out while sending",
-                )
+                ), ABANDON_SECONDS)
+            except TimeoutError:  # its thread is held by a call that does not return: leave it to the exit
+                self._stuck = True
+                log.event("shutdown_abandon_failed", logging.ERROR,
+                          error=f"the database {db.describe(self.store.engine)} did not answer within "
+                                f"{ABANDON_SECONDS:g} s", planning_left=",".join(sorted(set(self._planning.values()))),
+                          note="rows in flight become uncertain when their lease lapses; a planning pass under way "
+                               "is not recorded and runs again at the next start")
+                code = EXIT_FORCED
             except Exception as exc:  # the database is gone too: as after a forced exit
                 log.event("shutdown_abandon_failed", logging.ERROR, error=log.error_line(exc),
                           note="rows in flight become uncertain when their lease lapses")
                 code = EXIT_FORCED
             else:
                 log.event("shutdown_abandoned", logging.WARNING, requeued=requeued, uncertain=uncertain)
-        if self._planning:  # idempotent, but a pass cannot be stopped midway: it is let finish and recorded
+        if self._planning and not self._stuck:  # idempotent, but a pass cannot be stopped midway: let finish
             log.event("shutdown_waiting_for_planning", campaigns=",".join(sorted(set(self._planning.values()))))
             await asyncio.wait(list(self._planning))
         log.event("daemon_stopped", worker=self.worker, exit_code=code)
@@ -651,7 +673,7 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await gen.close()
         self._remove_snapshots()
-        self.astore.close()
+        self.astore.close(wait=not self._stuck)
 
     def _remove_snapshots(self) -> None:
         for snapshot in list(self._snapshots):
