@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from tests.daemon_harness import LINK_KEY, REPO, Daemon, http, make_shop
 from tests.smtp_server import Behaviour, RecordingServer
+from worker import daemon as daemon_module
 from worker.core import tokens
 from worker.stopping import StopSignals
 
@@ -96,7 +97,10 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
     shop.add([1], days_ago=60)
     daemon = Daemon.start(shop, env={"NOTIFY_SOCKET": notify_path})
     try:
-        assert b"READY=1" in notify.recv(4096)
+        heard = notify.recv(4096)
+        while b"EXTEND_TIMEOUT_USEC" in heard:  # (the catch-up pass asks for more start-up time first)
+            heard = notify.recv(4096)
+        assert b"READY=1" in heard
         daemon.wait_for(lambda: smtp_server.messages, why="the email")
         cid = shop.customer_id("C1")
         token = tokens.sign("u", str(cid), LINK_KEY.encode())
@@ -796,8 +800,11 @@ def test_a_sighup_during_catch_up_planning_reloads_once_the_daemon_is_up_not_bef
             daemon.wait_event("reload_queued")
             conn.rollback()
         # Then systemd hears READY=1 first from the daemon being up, not from the reload's end, and the reload
-        # comes after
-        assert b"STATUS=running" in notify.recv(4096)
+        # comes after (before it, only the catch-up's requests for more start-up time)
+        heard = notify.recv(4096)
+        while b"EXTEND_TIMEOUT_USEC" in heard:
+            heard = notify.recv(4096)
+        assert b"STATUS=running" in heard and b"READY=1" in heard
         daemon.wait_event("reload_done", timeout=30)
         names = [e["event"] for e in daemon.events]
         assert names.index("daemon_started") < names.index("reload_started")
@@ -956,3 +963,31 @@ def test_when_the_database_hangs_as_the_grace_period_runs_out_the_daemon_gives_u
     assert daemon.named("daemon_stopped")[0]["exit_code"] == 1
     assert not any(line.startswith("Traceback") for line in daemon.lines), daemon.log()
     assert dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status")) == {"sending": 2}
+
+
+def test_a_catch_up_pass_asks_systemd_for_more_start_up_time_before_ready(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    import socket
+
+    # Given a daemon under a (fake) systemd notify socket that was down over its planning time
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(30)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add([1], days_ago=60)
+    daemon = Daemon.start(shop, env={"NOTIFY_SOCKET": notify_path})
+    try:
+        # When it starts (and catches up before READY=1)
+        heard = []
+        while not any(b"READY=1" in message for message in heard):
+            heard.append(notify.recv(4096))
+        # Then, before READY=1, it asked systemd to extend the start-up timeout for the catch-up pass, so a large
+        # shop's catch-up does not outlast TimeoutStartSec (90 s by default) and get the daemon killed
+        before_ready = b"\n".join(heard[:-1]).split(b"\n")
+        assert f"EXTEND_TIMEOUT_USEC={daemon_module.CATCH_UP_PASS_SECONDS * 1_000_000}".encode() in before_ready
+        assert b"STATUS=catching up: planning winback (1 of 1)" in before_ready
+    finally:
+        notify.close()
+        assert daemon.stop() == 0

@@ -13,7 +13,9 @@ Theory of operation
 * The **scheduler** (``worker.scheduler``) fires one planning job per enabled
   campaign on its cron (shop time zone), maintenance (lapsed leases, expired
   messages, old attempt rows), the health line and the template watcher. A
-  planning run missed while the daemon was down runs once at start-up. Planning
+  planning run missed while the daemon was down runs once at start-up, before
+  ``READY=1`` (each such pass first asks systemd for ``CATCH_UP_PASS_SECONDS``
+  more with ``EXTEND_TIMEOUT_USEC``). Planning
   runs on a thread of its own, beside the store's thread that serves the dispatcher.
 * The **dispatch loop** runs the dispatcher until the queue is empty, then waits
   for a planning run to wake it or ``dispatch_poll_seconds``. When the dispatcher
@@ -85,6 +87,10 @@ ABANDON_SECONDS, STUCK_CLOSE_SECONDS = 10.0, 2.0
 """After the grace period, how long the shutdown waits for the database to mark this worker's rows in flight: one
 that does not answer (a lock held by a long transaction, a host gone silent) is given up, the daemon closes what
 it can within ``STUCK_CLOSE_SECONDS`` and exits 1 without waiting for the threads the database holds."""
+CATCH_UP_PASS_SECONDS = 600
+"""How long systemd is asked to wait (``EXTEND_TIMEOUT_USEC``) for each campaign's catch-up pass before ``READY=1``:
+a large shop's passes, one after the other, outlast the default ``TimeoutStartSec`` (90 s), and systemd would
+stop the daemon and start it over into the same catch-up, again and again."""
 RESTART_ONLY = ("database", "web")
 """Config sections a reload cannot change (they need a restart)."""
 
@@ -342,6 +348,8 @@ class Daemon:
                 if due is not None:
                     log.event("plan_catch_up", campaign=campaign, missed=due.isoformat(),
                               last_run=last.isoformat() if last else "never")
+                    systemd.notify(f"EXTEND_TIMEOUT_USEC={CATCH_UP_PASS_SECONDS * 1_000_000}",
+                                   f"STATUS=catching up: planning {campaign} ({i + 1} of {len(campaigns)})")
                     await self._planner(campaign)()
             except Exception as exc:  # as a scheduled run's failure: logged; the sends under way go on
                 log.event("job_failed", logging.ERROR, job=f"plan:{campaign}", during="catch-up",
