@@ -195,7 +195,7 @@ def head_revision(engine: Engine) -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
+    with reading(engine) as conn:  # no SQLite write lock: a read-only command must not wait for a long writer
         return MigrationContext.configure(conn).get_current_revision()
 
 
@@ -279,7 +279,14 @@ def describe(engine: Engine) -> str:
     path = sqlite_path(engine)
     if path is not None:
         return str(path)
-    url = engine.url
+    return describe_url(engine.url)
+
+
+def describe_url(given: str | sa.URL) -> str:
+    """``describe`` for a URL, without an engine."""
+    url = sa.make_url(given)
+    if url.get_backend_name() == "sqlite":
+        return str(Path(str(url.database)).resolve()) if url.database not in (None, "", ":memory:") else str(url)
     secret = {key: "***" for key in url.query if key.lower() in _SECRET_PARAMETERS}
     shown = url.update_query_dict(secret).render_as_string(hide_password=True)
     return shown.replace("=%2A%2A%2A", "=***")  # as the user part shows it, not percent-encoded

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from worker.adapters import db
 from worker.adapters.store import suppression_address
 from worker.adapters.tables import Attempt, Message, Suppression
 from worker.domain import MessageStatus, Outcome
@@ -100,25 +101,25 @@ class LedgerAdmin:
 
     def rows(self, *, statuses: Sequence[str] = (), campaign: str | None = None, limit: int = 50) -> list[LedgerRow]:
         query = _matching(sa.select(M), statuses, campaign).order_by(M.c.updated_at.desc(), M.c.id.desc()).limit(limit)
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             rows = conn.execute(query).all()
         return [_ledger_row(r) for r in rows]
 
     def matching(self, *, statuses: Sequence[str] = (), campaign: str | None = None) -> int:
         """How many rows ``rows`` would list without its limit."""
         query = _matching(sa.select(sa.func.count()).select_from(M), statuses, campaign)
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
 
     def campaigns(self) -> list[str]:
         """The campaigns the ledger has rows of, by name."""
         query = sa.select(M.c.campaign).distinct().order_by(M.c.campaign)
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             return list(conn.execute(query).scalars())
 
     def counts(self) -> dict[str, int]:
         query = sa.select(M.c.status, sa.func.count()).group_by(M.c.status)
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             return {status: n for status, n in conn.execute(query)}
 
     def resend(self, ids: Sequence[int], *, now: datetime, operator: str, note: str = "") -> ActionResult:

@@ -149,12 +149,12 @@ def suppressions(store: Store, *, reason: str | None = None, email: str | None =
         query = query.where(S.c.reason == reason)
     if email:
         query = query.where(S.c.email == suppression_address(email))
-    with store.engine.begin() as conn:
+    with db.reading(store.engine) as conn:
         return [dict(r._mapping) for r in conn.execute(query)]
 
 
 def is_suppressed(store: Store, email: str) -> bool:
-    with store.engine.begin() as conn:
+    with db.reading(store.engine) as conn:
         return conn.execute(sa.select(S.c.id).where(S.c.email == suppression_address(email))).first() is not None
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from worker.adapters import db
 from worker.adapters.store import PURCHASE_EXCLUDED, M, O, S
 from worker.adapters.tables import UTCDateTime
 from worker.core import stats
@@ -25,7 +26,7 @@ def ledger_counts(engine: Engine, since: datetime) -> list[tuple[str, int, str, 
         .where(M.c.created_at >= since)
         .group_by(M.c.campaign, M.c.step, M.c.status, M.c.skip_reason)
     )
-    with engine.connect() as conn:
+    with db.reading(engine) as conn:
         return [(c, int(s), st, r, int(n)) for c, s, st, r, n in conn.execute(query)]
 
 
@@ -36,7 +37,7 @@ def hard_bounces(engine: Engine, since: datetime) -> dict[tuple[str, int], int]:
         .where(M.c.created_at >= since, M.c.status == MessageStatus.FAILED.value, M.c.last_code >= 500)
         .group_by(M.c.campaign, M.c.step)
     )
-    with engine.connect() as conn:
+    with db.reading(engine) as conn:
         return {(c, int(s)): int(n) for c, s, n in conn.execute(query)}
 
 
@@ -44,7 +45,7 @@ def suppressions(engine: Engine, since: datetime) -> dict[str, int]:
     """Addresses added to the suppression list since ``since``, by reason (unsubscribed, hard_bounce…), in the
     reasons' order (PostgreSQL's GROUP BY returns them in hash order, which ``--json`` would show)."""
     query = sa.select(S.c.reason, sa.func.count()).where(S.c.created_at >= since).group_by(S.c.reason)
-    with engine.connect() as conn:
+    with db.reading(engine) as conn:
         return {r: int(n) for r, n in sorted(conn.execute(query))}
 
 
@@ -103,7 +104,7 @@ def conversions(
         sa.func.sum(sa.case((c.closed, one), else_=0)), sa.func.sum(sa.case((c.orders > 0, one), else_=0)),
         sa.func.sum(c.revenue), sa.func.sum(sa.case((c.closed, 0), else_=one)),
     ).group_by(c.campaign, c.step, c.grp)  # fmt: skip
-    with engine.connect() as conn:
+    with db.reading(engine) as conn:
         return [
             (campaign, int(step), grp, stats.Conversion(int(n), int(k), int(revenue or 0), int(pending)))
             for campaign, step, grp, n, k, revenue, pending in conn.execute(query)
@@ -139,7 +140,7 @@ def purchases_around(engine: Engine, since: datetime, until: datetime) -> list[t
     )
     c = per_customer.c
     query = sa.select(c.before, c.during, sa.func.count()).group_by(c.before, c.during)
-    with engine.connect() as conn:
+    with db.reading(engine) as conn:
         return [(int(b), int(d), int(n)) for b, d, n in conn.execute(query)]
 
 
@@ -153,7 +154,7 @@ def first_two_purchases(engine: Engine) -> list[tuple[datetime, datetime | None]
         .order_by(ranked.c.customer_id, ranked.c.rank)
     )
     pairs: dict[int, list[datetime]] = defaultdict(list)
-    with engine.connect() as conn:
+    with db.reading(engine) as conn:
         for cid, _rank, placed in conn.execute(query):
             pairs[cid].append(_aware(placed))
     return [(v[0], v[1] if len(v) > 1 else None) for v in pairs.values()]
@@ -164,16 +165,16 @@ def feedback_scores(engine: Engine) -> list[float] | None:
 
     A placeholder until the daemon records feedback: it reads the first column
     named ``score``, ``rating`` or ``nps``."""
-    inspector = sa.inspect(engine)
-    if not inspector.has_table("feedback"):
-        return None
-    columns = {c["name"] for c in inspector.get_columns("feedback")}
-    score = next((c for c in ("score", "rating", "nps") if c in columns), None)
-    if score is None:
-        return None
-    table = sa.table("feedback", sa.column(score))
-    query = sa.select(table.c[score]).where(table.c[score].is_not(None))
-    with engine.connect() as conn:
+    with db.reading(engine) as conn:
+        inspector = sa.inspect(conn)
+        if not inspector.has_table("feedback"):
+            return None
+        columns = {c["name"] for c in inspector.get_columns("feedback")}
+        score = next((c for c in ("score", "rating", "nps") if c in columns), None)
+        if score is None:
+            return None
+        table = sa.table("feedback", sa.column(score))
+        query = sa.select(table.c[score]).where(table.c[score].is_not(None))
         return [float(v) for (v,) in conn.execute(query)]
 
 

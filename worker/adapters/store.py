@@ -376,7 +376,7 @@ class Store:
             .order_by(C.c.id)
             .limit(limit)
         )
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             rows = conn.execute(query).all()
         return [
             WinbackCandidate(
@@ -472,7 +472,7 @@ class Store:
                 .order_by(M.c.id)
                 .limit(batch_size)
             )
-            with self.engine.begin() as conn:
+            with db.reading(self.engine) as conn:
                 rows = conn.execute(query).all()
             if not rows:
                 return
@@ -702,7 +702,7 @@ class Store:
         boxes = sorted({mailbox(a) for a in addresses})
         out: dict[str, list[datetime]] = {box: [] for box in boxes}
         lowered = sa.func.lower(M.c.email)
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             for part in _chunks(boxes):
                 query = sa.select(lowered, M.c.sent_at).where(
                     lowered.in_(part), M.c.sent_at.is_not(None), M.c.sent_at >= since
@@ -718,7 +718,7 @@ class Store:
     def send_time_facts(self, customer_ids: Iterable[int]) -> dict[int, SendTimeFacts]:
         ids = sorted(set(customer_ids))
         facts: dict[int, SendTimeFacts] = {}
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             for part in _chunks(ids):
                 query = sa.select(
                     C, suppressed_sql(C.c.email).label("suppressed")
@@ -740,7 +740,7 @@ class Store:
         """The products on each order, in line order."""
         ids = sorted(set(order_ids))
         out: dict[int, list[ProductView]] = {i: [] for i in ids}
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             for part in _chunks(ids):
                 query = (
                     sa.select(L.c.order_id, P)
@@ -756,7 +756,7 @@ class Store:
         """Those of these orders a feedback request may still ask about (paid, shipped or delivered)."""
         ids = sorted(set(order_ids))
         out: set[int] = set()
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             for part in _chunks(ids):
                 query = sa.select(O.c.id).where(O.c.id.in_(part), O.c.status.in_(RATEABLE))
                 out.update(conn.execute(query).scalars())
@@ -777,7 +777,7 @@ class Store:
             .where(P.c.active.is_(True))
             .order_by(sa.desc("units"), P.c.id)
         )
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             return [(product_view(r), int(r.units)) for r in conn.execute(query)]
 
     def customer_by_external_id(self, external_id: str) -> tuple[CustomerSnapshot, int | None, str | None] | None:
@@ -787,7 +787,7 @@ class Store:
             .outerjoin(O, O.c.id == C.c.first_order_id)
             .where(C.c.external_id == external_id)
         )
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             row = conn.execute(query).first()
         if row is None:
             return None
@@ -821,10 +821,10 @@ class Store:
         query = sa.select(M).order_by(M.c.id).limit(limit)
         if statuses:
             query = query.where(M.c.status.in_(statuses))
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def attempts_for(self, message_row_id: int) -> list[dict[str, Any]]:
         query = sa.select(A).where(A.c.message_id == message_row_id).order_by(A.c.id)
-        with self.engine.begin() as conn:
+        with db.reading(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
