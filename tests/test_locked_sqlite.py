@@ -65,3 +65,28 @@ def test_preview_reads_beside_a_long_writer_rather_than_wait_for_its_lock(
     assert code == 0, out
     assert "2 would be sent" in out, out
 
+
+@pytest.mark.parametrize("argv", [["run", "--once"], ["suppress", "add", "a@example.com"]])
+def test_a_command_that_writes_behind_a_long_writer_ends_with_a_message_naming_the_database_and_exit_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    from tests.daemon_harness import make_shop
+
+    # Given a shop whose SQLite file a writer holds longer than SQLite waits for it (0.2 s here, 30 s as shipped)
+    shop = make_shop(tmp_path, smtp_port=25, plan_cron="0 9 * * *")
+    shop.add([1], days_ago=60)
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "k" * 40)
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    conn = sqlite3.connect(tmp_path / "kembali.db", isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        # When a command that writes runs
+        code, out = run_cli(capsys, "--config", str(shop.config), *argv)
+    finally:
+        conn.rollback()
+        conn.close()
+    # Then it ends with one line naming the database and why, and exit code 3 (the database cannot be used), not
+    # a traceback and exit 1 (which says the command did its work and something needs a look)
+    assert code == 3, out
+    assert f"the database {tmp_path / 'kembali.db'} could not be used: database is locked" in out, out
+    assert "Traceback" not in out and "[SQL:" not in out

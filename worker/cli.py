@@ -242,6 +242,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     # named by the operator (the option or $KEMBALI_CONFIG), or the default: only the demo tells them apart
     args.config_named = args.config is not None or "KEMBALI_CONFIG" in os.environ
+    settings: Settings | None = None
     if args.config is None:
         named = os.environ.get("KEMBALI_CONFIG")
         if named == "":  # Path("") is the current folder: an unexpanded variable would read as "is a folder"
@@ -283,6 +284,26 @@ def _main(argv: Sequence[str] | None) -> int:
         # a file or folder given on the command line or in the config, or a port already taken: say which
         print(f"kembali: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        reason = _database_failure(exc)
+        if reason is None:
+            raise
+        from worker.adapters import db
+
+        # the schema was there when the command began: the database went away, or another writer held it longer
+        # than SQLite waits (30 s), or a PostgreSQL host stopped answering (a connect timeout)
+        where = f" {db.describe_url(settings.database_url)}" if settings is not None else ""  # (demo: its own)
+        print(f"kembali: the database{where} could not be used: {reason}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+def _database_failure(exc: BaseException) -> str | None:
+    """The first line of the driver's reason when ``exc`` is the database failing (not a bug): else None."""
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is None or not isinstance(exc, sa_exc.OperationalError | sa_exc.TimeoutError):
+        return None
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
 
 
 _USAGE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
