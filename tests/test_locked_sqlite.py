@@ -90,3 +90,38 @@ def test_a_command_that_writes_behind_a_long_writer_ends_with_a_message_naming_t
     assert code == 3, out
     assert f"the database {tmp_path / 'kembali.db'} could not be used: database is locked" in out, out
     assert "Traceback" not in out and "[SQL:" not in out
+
+
+def test_healthz_says_the_database_is_ok_while_another_program_writes_to_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from tests.daemon_harness import make_shop
+    from worker.adapters.clock import SystemClock
+    from worker.adapters.web import Request
+    from worker.asyncstore import AsyncStore
+    from worker.config import load_settings
+    from worker.links import Site
+    from worker.metrics import Metrics
+
+    # Given the daemon's site on an SQLite file that another program (an import) holds the write lock of
+    shop = make_shop(tmp_path, smtp_port=25)
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    store = shop.store()
+    astore = AsyncStore(store)
+    settings = load_settings(shop.config)
+    site = Site(store=astore, keys=[b"k" * 32], settings=lambda: settings, clock=SystemClock(), metrics=Metrics(),
+                paused=lambda: False)
+    conn = sqlite3.connect(tmp_path / "kembali.db", isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        # When a load balancer probes /healthz
+        response = asyncio.run(site.handle(Request("GET", "/healthz", {}, {})))
+    finally:
+        conn.rollback()
+        conn.close()
+        astore.close()
+        store.close()
+    # Then the database is reachable (its ping reads; it does not wait for the write lock and time out)
+    assert (response.status, response.body) == (200, b'{"status": "ok", "database": "ok", "dispatcher": "running"}\n')

@@ -88,8 +88,9 @@ def record_run(store: Store, name: str, *, at: datetime, worker: str) -> None:
 
 
 def ping(store: Store) -> None:
-    """Raise if the database cannot be reached."""
-    with store.engine.connect() as conn:
+    """Raise if the database cannot be reached. On SQLite without the write lock: a long writer (an import) does
+    not make the database look unreachable."""
+    with db.reading(store.engine) as conn:
         conn.execute(sa.text("SELECT 1"))
 
 
