@@ -125,3 +125,50 @@ def test_healthz_says_the_database_is_ok_while_another_program_writes_to_it(
         store.close()
     # Then the database is reachable (its ping reads; it does not wait for the write lock and time out)
     assert (response.status, response.body) == (200, b'{"status": "ok", "database": "ok", "dispatcher": "running"}\n')
+
+
+def test_a_customers_unsubscribe_and_rating_pages_open_while_another_program_writes_to_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from tests.daemon_harness import make_shop
+    from worker.adapters.clock import SystemClock
+    from worker.adapters.web import Request
+    from worker.asyncstore import AsyncStore
+    from worker.config import load_settings
+    from worker.core import tokens
+    from worker.links import Site
+    from worker.metrics import Metrics
+
+    # Given the daemon's site on an SQLite file that another program (an import) holds the write lock of
+    shop = make_shop(tmp_path, smtp_port=25)
+    shop.add([1], days_ago=60)
+    customer = shop.customer_id("C1")
+    order = shop.scalar("SELECT min(id) FROM shop_order")
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    store = shop.store()
+    astore = AsyncStore(store)
+    settings = load_settings(shop.config)
+    key = b"k" * 32
+    site = Site(store=astore, keys=[key], settings=lambda: settings, clock=SystemClock(), metrics=Metrics(),
+                paused=lambda: False)
+    unsubscribe = {"t": [tokens.sign("u", str(customer), key)]}
+    rating = {"t": [tokens.sign("f", f"{order}:9", key)]}
+    conn = sqlite3.connect(tmp_path / "kembali.db", isolation_level=None)
+
+    async def clicks() -> list[int]:
+        return [(await site.handle(Request("GET", path, query, {}))).status
+                for path, query in (("/unsubscribe", unsubscribe), ("/feedback", rating))]
+
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        # When a customer opens their unsubscribe link and their rating link (GETs: they change nothing)
+        statuses = asyncio.run(clicks())
+    finally:
+        conn.rollback()
+        conn.close()
+        astore.close()
+        store.close()
+    # Then the pages come (the GETs only read), rather than an error once SQLite gives up waiting for the lock
+    assert statuses == [200, 200]

@@ -69,7 +69,7 @@ def abandon(store: Store, *, worker: str, now: datetime, why: str) -> tuple[int,
 
 
 def last_run(store: Store, name: str) -> datetime | None:
-    with store.engine.begin() as conn:
+    with db.reading(store.engine) as conn:
         value: datetime | None = conn.execute(sa.select(J.c.last_run_at).where(J.c.name == name)).scalar()
     return value
 
@@ -102,7 +102,7 @@ def queue_depth(store: Store, now: datetime) -> int:
 
 
 def customer(store: Store, customer_id: int) -> CustomerSnapshot | None:
-    with store.engine.begin() as conn:
+    with db.reading(store.engine) as conn:
         row = conn.execute(sa.select(C).where(C.c.id == customer_id)).first()
     return customer_snapshot(row) if row is not None else None
 
@@ -119,7 +119,7 @@ def order_locale(store: Store, order_ref: str) -> Locale | None:
         match = sa.or_(by_id, match)
         query = query.order_by(sa.case((by_id, 0), else_=1))
     query = query.where(match).limit(1)
-    with store.engine.begin() as conn:
+    with db.reading(store.engine) as conn:
         value = conn.execute(query).scalar()
     return Locale(value) if value in ("id", "en") else None
 
@@ -180,7 +180,7 @@ def record_feedback(store: Store, order_ref: str, score: int, now: datetime) -> 
 
 def feedback_for(store: Store, order_ref: str) -> FeedbackRow | None:
     """The rating recorded for an order, if any."""
-    with store.engine.begin() as conn:
+    with db.reading(store.engine) as conn:
         row = conn.execute(sa.select(F.c.order_ref, F.c.score, F.c.comment).where(F.c.order_ref == order_ref)).first()
     return FeedbackRow(row.order_ref, row.score, row.comment) if row is not None else None
 
@@ -201,6 +201,6 @@ def add_feedback_comment(
 
 
 def feedback(store: Store) -> list[FeedbackRow]:
-    with store.engine.begin() as conn:
+    with db.reading(store.engine) as conn:
         rows = conn.execute(sa.select(F.c.order_ref, F.c.score, F.c.comment).order_by(F.c.id)).all()
     return [FeedbackRow(r.order_ref, r.score, r.comment) for r in rows]
