@@ -6,7 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import unicodedata
 from datetime import UTC, datetime
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from tests import sendkit
 from tests.clikit import migrated_config
 from tests.clikit import run_cli as kembali
 from tests.shop import LINK_KEY, TEMPLATES
+from tests.shop_fixtures import make_site
 from tests.smtp_server import RecordingServer
 
 CUSTOMERS = "id,email,name,marketing_consent\n"
@@ -296,3 +300,53 @@ def test_an_address_no_message_can_carry_is_a_configuration_error_before_anythin
     sendkit.write_config(config, raw)
     assert kembali(capsys, "--config", str(config), "run", "--once")[0] == 0
     assert sorted(m.rcpt_tos[0] for m in smtp_server.messages) == sorted(emails)
+
+
+def test_control_bidi_and_invisible_characters_in_shop_data_do_not_reach_the_email(tmp_path: Path) -> None:
+    # Given customers and a product whose texts carry a terminal escape, a bidi override, a zero-width space and
+    # a carriage return, beside names in Arabic, Chinese and with emoji, imported with the real CLI
+    site = make_site(tmp_path / "shop")
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent,locale\n"
+        'X-1,x1@example.com,"Ani\x1b[31mRED\x1b[0m Susanto",true,en\n'
+        'X-2,x2@example.com,"Budi\u202eodnaL\u202c Santoso",true,id\n'
+        'X-3,x3@example.com,"Ci\u200bti\rZ\x85",true,en\n'
+        'X-4,x4@example.com,"محمد Ali 李明 👩\u200d👩\u200d👧",true,en\n',
+        encoding="utf-8",
+    )
+    (tmp_path / "products.csv").write_text(
+        'id,name,price,category\nP-1,"Batik\u202e%05 FFO\u202c \x1b[2JTulis",100000,"Kain\u2028Batik"\n',
+        encoding="utf-8",
+    )
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,product_id,quantity,unit_price\n"
+        + "".join(f"O-{i},X-{i},delivered,2026-01-01T10:00,P-1,1,100000\n" for i in range(1, 5)),
+        encoding="utf-8",
+    )
+    for kind in ("customers", "products", "orders"):
+        done = site.cli("import", kind, str(tmp_path / f"{kind}.csv"))
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    # When the win-back emails are previewed into a folder
+    out = tmp_path / "out"
+    done = site.cli("preview", "--at", "2026-12-05T10:00+07:00", "--campaign", "winback", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    # Then no part of any email holds a control character (bar the line breaks), a bidi control or an invisible
+    # character, and the names read as they were meant
+    parser = BytesParser(policy=policy.default)
+    texts = {}
+    for path in sorted(out.glob("*.eml")):
+        parsed = parser.parsebytes(path.read_bytes())
+        parts = [str(parsed["Subject"]), str(parsed["To"])] + [p.get_content() for p in parsed.iter_parts()]
+        for part in parts:
+            bad = [ch for ch in part if (ch not in "\r\n" and unicodedata.category(ch) in ("Cc", "Zl", "Zp"))
+                   or ch in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200b\ufeff"]  # fmt: skip
+            assert not bad, (path.name, bad)
+        texts[path.name.split("_")[1]] = parts[2]  # the text part, by customer id
+    assert set(texts) == {"X-1", "X-2", "X-3", "X-4"}
+    assert "Hi Ani [31mRED [0m," in texts["X-1"]
+    assert "Halo Kak BudiodnaL," in texts["X-2"]
+    assert "Hi Citi," in texts["X-3"]
+    assert "Hi محمد," in texts["X-4"]
+    assert "Batik%05 FFO [2JTulis" in texts["X-1"]

@@ -8,7 +8,15 @@ from datetime import date
 import pytest
 
 from worker.config import ShopSettings
-from worker.core.render import ShopInfo, build_context, format_date, format_money, product_dict, sanitize_header_text
+from worker.core.render import (
+    ShopInfo,
+    build_context,
+    clean_text,
+    format_date,
+    format_money,
+    product_dict,
+    sanitize_header_text,
+)
 from worker.domain import CustomerSnapshot, Locale, ProductView
 
 SHOP = ShopInfo.from_settings(ShopSettings())
@@ -193,3 +201,22 @@ def test_first_name_empty_for_empty_name() -> None:
 )
 def test_first_name_is_the_name_to_greet_by(name: str, first_name: str) -> None:
     assert _customer(name=name).first_name == first_name
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Siti Rahayu", "Siti Rahayu"),
+        ("Ani\x1b[31mRED", "Ani [31mRED"),  # a terminal escape in the text part
+        ("Rina\r\nBcc: x@example.com", "Rina Bcc: x@example.com"),
+        ("Batik\u202e%05 FFO\u202c", "Batik%05 FFO"),  # would read "Batik OFF 50%"
+        ("Ci\u200bti\ufeff", "Citi"),
+        ("Kain\u2028Batik\x85", "Kain Batik"),
+        ("محمد علي", "محمد علي"),
+        ("李明 👩\u200d👩\u200d👧", "李明 👩\u200d👩\u200d👧"),  # the zero-width joiner makes one emoji
+        ("मित्\u200cर", "मित्\u200cर"),  # the zero-width non-joiner shapes Indic and Persian script
+        ("  kept  as  given  ", "  kept  as  given  "),  # printable text is not touched
+    ],
+)
+def test_clean_text_keeps_names_and_drops_what_disguises_or_breaks_them(raw: str, expected: str) -> None:
+    assert clean_text(raw) == expected

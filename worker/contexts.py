@@ -13,7 +13,7 @@ from worker.config import Settings
 from worker.core import campaigns as cc
 from worker.core.audiences import WINBACK
 from worker.core.recommend import recommend
-from worker.core.render import product_dict
+from worker.core.render import clean_text, product_dict
 from worker.domain import ClaimedMessage, ProductView, SendTimeFacts
 
 
@@ -75,7 +75,7 @@ def extra_context(
     if campaign == cc.FEEDBACK:
         order_id = int(message.payload.get("order_id", 0))
         return {
-            "order": {"id": message.payload.get("order", "")},
+            "order": {"id": clean_text(message.payload.get("order", ""))},
             "bought": [product_dict(p) for p in facts.order_products.get(order_id, [])],
             "scale": c.feedback.scale,
             "ratings": cc.rating_links(order_id, c.feedback.scale, c.feedback.link_url, link_key),

@@ -17,8 +17,8 @@ surrounding whitespace except ``name``, which is kept exactly as given.
 customers.csv
     ``id`` (required), ``email`` (required; validated and normalised by
     email-validator, the domain lowercased), ``name`` (required, not blank, at
-    most 200 characters, no NUL; anything else is kept: names are sanitised
-    when rendered), ``locale`` (``id`` or ``en``; default ``id``),
+    most 200 characters, no NUL; anything else is kept: names are cleaned
+    when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``; default ``id``),
     ``time_zone`` (IANA; default ``Asia/Jakarta``), ``birthday`` (YYYY-MM-DD
     or empty; 29 February allowed in leap years), ``marketing_consent``
     (required: true/false, yes/no, 1/0, ya/tidak), ``consent_basis`` and

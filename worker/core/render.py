@@ -47,6 +47,7 @@ __all__ = [
     "build_message",
     "check_address",
     "check_uri",
+    "clean_text",
     "format_date",
     "format_money",
     "product_dict",
@@ -146,11 +147,11 @@ _Plain = str | int | float | bool | None | dict[str, "_Plain"] | list["_Plain"]
 
 
 def product_dict(p: ProductView) -> dict[str, object]:
-    """A product as templates see it: plain strings and an integer price."""
+    """A product as templates see it: plain strings (its texts cleaned, see ``clean_text``) and an integer price."""
     return {
-        "external_id": p.external_id,
-        "name": p.name,
-        "category": p.category,
+        "external_id": clean_text(p.external_id),
+        "name": clean_text(p.name),
+        "category": clean_text(p.category),
         "price_minor": p.price_minor,
         "currency": p.currency,
         "url": p.url,
@@ -203,8 +204,8 @@ def build_context(
         "campaign": campaign,
         "locale": str(customer.locale),
         "customer": {
-            "first_name": customer.first_name,
-            "name": customer.name,
+            "first_name": clean_text(customer.first_name),
+            "name": clean_text(customer.name),
             "email": customer.email,
             "locale": str(customer.locale),
         },
@@ -228,8 +229,13 @@ def build_context(
 # --- header text -------------------------------------------------------------
 
 HEADER_TEXT_MAX_CHARS = 200
-# Bidirectional overrides and isolates: dropped (they disguise names and subjects).
+# Bidirectional overrides, embeddings, isolates and marks: dropped (they disguise names, product titles and
+# subjects: "Batik\u202eFFO %05" reads "Batik50% OFF"). Arabic and Hebrew text needs none of them.
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
+# Invisible characters that join nothing: the zero-width space, word joiner, invisible operators, BOM, Mongolian
+# vowel separator. Dropped (they hide inside a name or a title). The zero-width joiner and non-joiner (emoji
+# sequences, Persian and Indic scripts) and the other format characters are kept.
+_INVISIBLE = frozenset("\u200b\u2060\u2061\u2062\u2063\u2064\ufeff\u180e")
 
 
 def _clean_char(ch: str) -> str:
@@ -237,10 +243,24 @@ def _clean_char(ch: str) -> str:
         return ch
     category = unicodedata.category(ch)
     if category == "Cf":
-        return "" if ch in _BIDI else ch  # keep joiners (emoji sequences), drop bidi controls
+        return "" if ch in _BIDI or ch in _INVISIBLE else ch  # keep joiners (emoji sequences)
     if category in ("Cn", "Co"):
         return ch  # unassigned in this Python's tables (new emoji) or private use: harmless
-    return " "  # Cc (CR, LF, NUL, TAB…), Cs, Zl, Zp, Zs → space
+    return " "  # Cc (CR, LF, NUL, TAB, ESC, C1…), Cs, Zl, Zp, Zs → space
+
+
+def clean_text(value: str) -> str:
+    """Shop data (a customer's name, a product's name or category, an order id) as templates receive it.
+
+    Imports keep these as given (bar NUL); here control characters (C0 and C1: CR, LF, TAB, ESC…, which would
+    reach the text part raw: a terminal escape, a line break in a greeting) and line separators become spaces,
+    bidi controls and invisible characters are dropped, and runs of whitespace then collapse to one space.
+    Every other character is kept: Indonesian, Chinese and Arabic names, emoji (with their joiners).
+    Unchanged (and the same object) when every character is printable, as almost all are.
+    """
+    if value.isprintable():
+        return value
+    return " ".join("".join(map(_clean_char, value)).split())
 
 
 def sanitize_header_text(value: str, max_chars: int = HEADER_TEXT_MAX_CHARS) -> str:
