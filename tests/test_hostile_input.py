@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -350,3 +352,37 @@ def test_control_bidi_and_invisible_characters_in_shop_data_do_not_reach_the_ema
     assert "Hi Citi," in texts["X-3"]
     assert "Hi محمد," in texts["X-4"]
     assert "Batik%05 FFO [2JTulis" in texts["X-1"]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_render_error_quoting_a_lot_of_data_logs_a_line_of_bounded_length(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, smtp_server: RecordingServer,
+    log_format: str,
+) -> None:  # fmt: skip
+    # Given templates whose subject looks up a key built from the customer's name, 2000 times over: Jinja2's
+    # error quotes the key, 30,000 characters of it
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    shutil.copytree(TEMPLATES, tmp_path / "templates")
+    for subject in (tmp_path / "templates").glob("*/*/subject.txt"):
+        subject.write_text("{{ shop[customer.name * 2000] }}\n", encoding="utf-8")
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    sendkit.prepare_database(url, 4)
+    raw = sendkit.settings_dict(url, smtp_server.port)
+    raw["templates"] = {"dir": str(tmp_path / "templates")}
+    raw["policy"] = {"quiet_hours_start": "00:00", "quiet_hours_end": "00:00"}
+    raw["logging"] = {"format": log_format}
+    config = sendkit.write_config(tmp_path / "config.toml", raw)
+
+    # When a run renders the due messages
+    code, out = kembali(capsys, "--config", str(config), "run", "--once")
+
+    # Then each failure is logged on one line of bounded length that still says what failed, and the JSON parses
+    assert code == 1, out
+    failed = [line for line in out.splitlines() if "email_render_failed" in line]
+    assert failed and smtp_server.messages == []
+    for line in failed:
+        assert len(line) < 1300, len(line)
+        assert "subject.txt:1: UndefinedError: 'dict object' has no attribute 'Pelanggan" in line
+        assert "chars)" in line
+        if log_format == "json":
+            assert json.loads(line)["error"].endswith(" chars)")

@@ -57,3 +57,21 @@ def test_a_json_log_line_carries_the_value_exactly_and_no_control_character(valu
     assert len(text.splitlines()) == 1 and text[:-1].isprintable(), repr(text)
     assert json.loads(text)["customer"] == value
     assert ("Ünïcode" in text) == (value == "Ünïcode")  # UTF-8 text stays readable
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_long_value_is_cut_and_says_how_long_it_was(fmt: str) -> None:
+    logger = logging.getLogger("kembali")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    out = io.StringIO()
+    log.configure("info", fmt, stream=out)
+    try:
+        log.event("email_render_failed", error="x\n" * 30_000, code=550, dedupe_key="winback:C-1:O-1:1")
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    text = out.getvalue()
+    assert len(text.splitlines()) == 1 and len(text) < 2 * log.MAX_VALUE_CHARS + 200, len(text)
+    assert "…(60,000 chars)" in text and "winback:C-1:O-1:1" in text
+    if fmt == "json":
+        body = json.loads(text)
+        assert body["error"] == "x\n" * (log.MAX_VALUE_CHARS // 2) + "…(60,000 chars)" and body["code"] == 550

@@ -3,6 +3,9 @@
 ``event("email_sent", campaign="winback", dedupe_key=..., code=250)`` logs
 ``email_sent campaign=winback dedupe_key=… code=250`` on a terminal and a JSON
 object when ``logging.format = "json"``. Never pass bodies, tokens or passwords.
+
+A value is cut to its first ``MAX_VALUE_CHARS`` characters, marked with its full length (an error's text can quote
+a template's data: a render error once made a 46,000-character line); the line stays one line, and valid JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 LOGGER = logging.getLogger("kembali")
+MAX_VALUE_CHARS = 1000
+"""The characters of a field's value a log line keeps (the ledger keeps 500 of an error's)."""
 
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -32,11 +37,18 @@ def error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).partition(chr(10))[0]}"
 
 
+def _capped(text: str) -> str:
+    """``text`` cut to ``MAX_VALUE_CHARS`` characters, with ``…(N chars)`` saying how long it was."""
+    if len(text) <= MAX_VALUE_CHARS:
+        return text
+    return f"{text[:MAX_VALUE_CHARS]}…({len(text):,} chars)"
+
+
 def _fmt_value(value: Any) -> str:
     """A value as text logs show it: bare when it is one printable word, else a JSON string in which every
     character that is not printable is escaped (a customer's name with a line separator, NEL or a terminal
-    escape must not start a line of its own or reach the operator's terminal)."""
-    text = str(value)
+    escape must not start a line of its own or reach the operator's terminal); cut as ``_capped`` does."""
+    text = _capped(str(value))
     if text == "" or any(ch in text for ch in ' ="') or not text.isprintable():
         return printable(json.dumps(text, ensure_ascii=False))
     return text
@@ -74,7 +86,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "event": record.getMessage(),
         }
-        body.update({k: v if isinstance(v, int | float | bool) or v is None else str(v)
+        body.update({k: v if isinstance(v, int | float | bool) or v is None else _capped(str(v))
                      for k, v in getattr(record, "kembali_fields", {}).items()})
         if record.exc_info:
             body["exception"] = self.formatException(record.exc_info)
