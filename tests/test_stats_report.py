@@ -434,3 +434,23 @@ def test_conversion_boundaries_to_the_microsecond_on_each_database(db_url: str) 
     assert winback.emailed == stats.Conversion(customers=2, converted=2, revenue_minor=512_00 + 2048_00, pending=0)
     assert winback.held_out is None
 
+
+
+def test_the_default_period_starts_at_midnight_utc_of_the_day_its_header_names(tmp_path: Path) -> None:
+    # Given an address suppressed in the first minute (UTC) of the day 90 days ago
+    site = make_site(tmp_path / "shop")
+    start = datetime.combine((datetime.now(UTC) - timedelta(days=90)).date(), datetime.min.time(), tzinfo=UTC)
+    engine = db.create_engine(site.settings.database_url)
+    Store(engine).suppress("early@example.com", reason="unsubscribed", source="link", now=start)
+    engine.dispose()
+
+    # When the stats are asked for without --since, and with --since that day
+    default = site.cli("stats")
+    report = json.loads(site.cli("stats", "--json").stdout)
+    named = json.loads(site.cli("stats", "--json", "--since", f"{start:%Y-%m-%d}").stdout)
+
+    # Then the period starts when its header says, and is the one --since that day gives
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.startswith(f"Kembali stats from {start:%Y-%m-%d} to "), default.stdout
+    assert report["since"] == start.isoformat() == named["since"]
+    assert report["suppressions"] == {"unsubscribed": 1} == named["suppressions"]

@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
                        "suppression list; the shop's repeat purchase rate and churn over the period.")
     p.add_argument("--since", type=_date_arg, default=None,
                    help="start of the period, YYYY-MM-DD: a day in UTC, as the report's days are, today (in UTC) "
-                   "or earlier (default: 90 days ago)")
+                   "or earlier (default: the day 90 days ago, from its start)")
     p.add_argument("--window-days", type=arguments.window_days, default=7,
                    help=f"attribution window in days, 1 to {arguments.MAX_WINDOW_DAYS} (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")

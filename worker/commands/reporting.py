@@ -33,7 +33,10 @@ def _money(minor: int, currency: str) -> str:
 
 def stats_command(settings: Settings, args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
-    since = (datetime.combine(args.since, time(), tzinfo=UTC) if args.since else now - timedelta(days=90))
+    # the report's days are UTC days: the default period starts at the start of the day 90 days ago, the day its
+    # header names (it started at this time of day, leaving out that day's earlier hours)
+    first_day = args.since or (now - timedelta(days=90)).date()
+    since = datetime.combine(first_day, time(), tzinfo=UTC)
     if since > now:  # the period would end before it starts
         print(f"kembali stats: --since {args.since} is after today ({now:%Y-%m-%d}, UTC): give a day in the past",
               file=sys.stderr)
