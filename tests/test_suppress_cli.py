@@ -66,9 +66,22 @@ def test_import_reports_bad_lines_and_imports_the_rest(
     assert run(config, "import", str(file), "--reason", "hard_bounce") == 1
     captured = capsys.readouterr()
     assert "line 4: invalid email address" in captured.err or "line 3: invalid email address" in captured.err
+    assert "line 2:" not in captured.err
     assert "imported 2 address(es): 2 newly suppressed" in captured.out
     assert run(config, "list", "--reason", "hard_bounce") == 0
     assert capsys.readouterr().out.count("@example.com,hard_bounce,import:list.txt") == 2
+
+
+def test_a_csv_row_quoted_across_lines_is_named_by_its_first_line(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # as customer, product and order imports name theirs: the line an editor jumps to is where the row starts
+    file = tmp_path / "bounces.csv"
+    file.write_text('email,note\n"bad\naddress",x\nsiti@example.com,"bounced\ntwice\n"\n\r\nworse@,y\n',
+                    encoding="utf-8")  # fmt: skip
+    assert run(config, "import", str(file)) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": invalid")[0] for line in err] == [f"{file}: line 2", f"{file}: line 8"], err
 
 
 def test_the_list_opens_safely_in_a_spreadsheet_and_imports_back_as_it_was(

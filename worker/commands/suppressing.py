@@ -78,12 +78,18 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
     good: list[str] = []
     bad: list[str] = []
     if "," in first or first.strip().lower() == "email":
-        reader = csv.DictReader(io.StringIO(text))
-        fields = [f.strip().lower() for f in reader.fieldnames or []]
+        reader = csv.reader(io.StringIO(text, newline=""))
+        fields = [f.strip().lower() for f in next(reader, [])]
         if "email" not in fields:
             return [], ["line 1: a CSV needs an 'email' column"]
-        column = (reader.fieldnames or [])[fields.index("email")]
-        values = [(reader.line_num, row.get(column) or "") for row in reader]
+        column = fields.index("email")
+        values = []
+        while True:  # a row quoted across lines is named by its first line, as imports name theirs
+            start = reader.line_num + 1  # line_num is the last line read
+            row = next(reader, None)
+            if row is None:
+                break
+            values.append((start, row[column] if column < len(row) else ""))
     else:
         values = [(i, line) for i, line in enumerate(lines, 1)]
     for line_no, value in values:
