@@ -232,6 +232,11 @@ def test_products_money_is_exact_and_dates_become_utc(tmp_path: Path) -> None:
         ("P-1,Kopi,Kopi,89000,,,ftp://x.example/a.jpg,,", ["image_url"]),
         ("P-1,Kopi,Kopi,89000,,,,kemarin,", ["launched_at", "'kemarin'"]),
         ("P-1,Kopi,Kopi,89000,,,,,maybe", ["active", "'maybe'"]),
+        # a control character, C0 or C1, a line separator or a bidi control in an id or a category: the code point
+        ("P-1,Kopi,Ko\x1bpi,89000,,,,,", ["category", "no control characters: U+001B at character 3"]),
+        ("P-1,Kopi,Ko\x85pi,89000,,,,,", ["category", "no control characters: U+0085 at character 3"]),
+        ("P-1,Kopi,Kopi\u2028Gayo,89000,,,,,", ["category", "U+2028 at character 5"]),
+        ("P-1,Kopi,Kopi\u202eolaB,89000,,,,,", ["category", "U+202E at character 5"]),
     ],
 )
 def test_bad_product_values_are_named(tmp_path: Path, row: str, words: list[str]) -> None:
@@ -394,3 +399,10 @@ def test_an_amount_with_three_decimals_in_a_currency_with_fewer_is_a_thousands_s
     found = list(read_orders(write(tmp_path, "o.csv", orders)))
     assert [(e.line, e.reason.split(" (")[0]) for e in errors(found)] == [
         (2, f"invalid total '{value}'"), (3, f"invalid unit_price '{value}'")]
+
+
+@pytest.mark.parametrize("key", ["P-\x9b1", "P\u202e1-", "P-1\u2066"])
+def test_an_id_with_a_c1_control_or_a_bidi_control_is_a_rejected_row(tmp_path: Path, key: str) -> None:
+    [error] = read_products(write(tmp_path, "p.csv", PRODUCT_HEADER + f"{key},Kopi,Kopi,89000,,,,,\n"))
+    assert isinstance(error, RowError) and error.line == 2
+    assert f"invalid id {key!r}" in error.reason and "no control characters: U+" in error.reason

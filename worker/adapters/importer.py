@@ -13,6 +13,9 @@ reported through ``on_warning``. A row with more
 or fewer fields than the header is an error (a stray comma shifts columns).
 Column names are matched case-insensitively; values are stripped of
 surrounding whitespace except ``name``, which is kept exactly as given.
+Ids, ``category`` and the consent texts may hold no control character (C0,
+C1), line separator or bidi control (``_CONTROL``): the row's error names its
+code point.
 
 customers.csv
     ``id`` (required), ``email`` (required; validated and normalised by
@@ -113,7 +116,9 @@ _AMOUNT = re.compile(r"[0-9]{1,15}(\.[0-9]{1,6})?")
 _THOUSANDS = re.compile(r"[1-9][0-9]{0,2}\.[0-9]{3}")
 """An amount as a spreadsheet in an Indonesian (or German…) locale shows it, '.' separating thousands: Rp249.000."""
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+"""What an id or a short text may not hold: C0 and C1 controls (CR, ESC, NEL, CSI…), line separators, bidi
+overrides, embeddings and isolates (they make an id or a category read as another one)."""
 
 
 @dataclass(frozen=True)
@@ -385,17 +390,22 @@ def _required(row: dict[str, str], column: str) -> str:
 
 def _ident(row: dict[str, str], column: str) -> str:
     value = _required(row, column)
-    if len(value) > MAX_ID or _CONTROL.search(value):
-        raise _Invalid(f"invalid {column} {_show(value)} (at most {MAX_ID} characters, no control characters)")
+    _no_control(value, column, MAX_ID)
     return value
 
 
 def _text(row: dict[str, str], column: str) -> str:
     value = row.get(column, "").strip()
-    limit = MAX_TEXT[column]
-    if len(value) > limit or _CONTROL.search(value):
-        raise _Invalid(f"invalid {column} {_show(value)} (at most {limit} characters, no control characters)")
+    _no_control(value, column, MAX_TEXT[column])
     return value
+
+
+def _no_control(value: str, column: str, limit: int) -> None:
+    """Refuse a value longer than ``limit`` or holding a control character (naming its code point and place)."""
+    found = _CONTROL.search(value)
+    if len(value) > limit or found is not None:
+        what = f": U+{ord(found.group()):04X} at character {found.start() + 1}" if found is not None else ""
+        raise _Invalid(f"invalid {column} {_show(value)} (at most {limit} characters, no control characters{what})")
 
 
 def _name(row: dict[str, str]) -> str:
