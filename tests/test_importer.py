@@ -101,6 +101,13 @@ def test_defaults_and_bom(tmp_path: Path) -> None:
     assert record == CustomerRecord("C-1", "a@example.com", "Ani", Locale.ID, "Asia/Jakarta", None, True, "", "")
 
 
+def test_names_in_any_script_and_with_emoji_are_kept_as_given(tmp_path: Path) -> None:
+    names = ["محمد علي", "李明", "Putu 👩\u200d👩\u200d👧", "Ni Luh\tAyu"]
+    rows = "".join(f'C-{i},c{i}@example.com,"{name}",1\n' for i, name in enumerate(names))
+    results = list(read_customers(write(tmp_path, "c.csv", "id,email,name,marketing_consent\n" + rows)))
+    assert [r.name for r in results if isinstance(r, CustomerRecord)] == names
+
+
 def test_addresses_are_kept_as_they_are_sent_internationalised_domains_in_their_ascii_form(tmp_path: Path) -> None:
     rows = ["C-1,ali@xn--bcher-kva.example", "C-2,ali@BÜCHER.example", "C-3,Budi.Santoso@Example.COM",
             "C-4,\uff21\uff2c\uff29@example.com", "C-5,sïti@example.com"]  # C-4: a fullwidth ALI  # fmt: skip
@@ -120,6 +127,8 @@ def test_addresses_are_kept_as_they_are_sent_internationalised_domains_in_their_
         ("Budi\x00Santoso", "invalid name 'Budi\\x00Santoso'"),
         ("x" * 201, "at most 200 characters"),
         ("   ", "missing name"),
+        ("\u200b\u202e", "invalid name '\\u200b\\u202e' (nothing readable"),  # an email would greet nobody
+        ("\x1b\t", "invalid name '\\x1b\\t' (nothing readable"),
     ],
 )
 def test_names_with_nul_too_long_or_blank_are_rejected(tmp_path: Path, name: str, reason: str) -> None:

@@ -19,8 +19,8 @@ code point.
 
 customers.csv
     ``id`` (required), ``email`` (required; validated and normalised by
-    email-validator, the domain lowercased), ``name`` (required, not blank, at
-    most 200 characters, no NUL; anything else is kept: names are cleaned
+    email-validator, the domain lowercased), ``name`` (required, not blank nor only
+    control, bidi or invisible characters, at most 200 characters, no NUL; anything else is kept: names are cleaned
     when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``; default ``id``),
     ``time_zone`` (IANA; default ``Asia/Jakarta``), ``birthday`` (YYYY-MM-DD
     or empty; 29 February allowed in leap years), ``marketing_consent``
@@ -78,6 +78,7 @@ from zoneinfo import ZoneInfo, available_timezones
 import email_validator
 
 from worker import money
+from worker.core.render import clean_text
 from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
 from worker.errors import ImportRowError
 
@@ -414,6 +415,8 @@ def _name(row: dict[str, str]) -> str:
         raise _Invalid("missing name (required)")
     if "\x00" in value or len(value) > MAX_NAME:
         raise _Invalid(f"invalid name {_show(value)} (at most {MAX_NAME} characters, no NUL)")
+    if not clean_text(value):  # what an email would show of it: nothing
+        raise _Invalid(f"invalid name {_show(value)} (nothing readable: only control, bidi or invisible characters)")
     return value
 
 
