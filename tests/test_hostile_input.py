@@ -15,6 +15,7 @@ from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tests import sendkit
 from tests.clikit import migrated_config
@@ -373,10 +374,13 @@ def test_a_render_error_quoting_a_lot_of_data_logs_a_line_of_bounded_length(
     raw["logging"] = {"format": log_format}
     config = sendkit.write_config(tmp_path / "config.toml", raw)
 
-    # When a run renders the due messages
+    # When a preview renders the due messages, then a run
+    code, out = kembali(capsys, "--config", str(config), "preview")
+    assert code == 1 and "render error (1 messages): " in out, out[:2000]
+    assert max(map(len, out.splitlines())) < 600 and "chars)" in out
     code, out = kembali(capsys, "--config", str(config), "run", "--once")
 
-    # Then each failure is logged on one line of bounded length that still says what failed, and the JSON parses
+    # Then each failure is logged on one line of bounded length that says what failed, and the JSON parses
     assert code == 1, out
     failed = [line for line in out.splitlines() if "email_render_failed" in line]
     assert failed and smtp_server.messages == []
@@ -386,3 +390,10 @@ def test_a_render_error_quoting_a_lot_of_data_logs_a_line_of_bounded_length(
         assert "chars)" in line
         if log_format == "json":
             assert json.loads(line)["error"].endswith(" chars)")
+    # And the ledger keeps where it failed and that the message was cut
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        query = sa.select(sendkit.A.c.reply).where(sendkit.A.c.outcome == "render_error")
+        replies = list(conn.execute(query).scalars())
+    engine.dispose()
+    assert replies and all(r.startswith("winback/") and r.endswith(" chars)") for r in replies), replies

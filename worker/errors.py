@@ -41,9 +41,15 @@ class ImportRowError(KembaliError):
 class TemplateError(KembaliError):
     """A template failed to load or render."""
 
+    MAX_MESSAGE_CHARS = 400
+    """The characters of the message kept: Jinja2's errors quote data (``'dict object' has no attribute '…'`` with
+    a key a template built from a name, 2000 times over), which the ledger, the log and the preview repeat."""
+
     def __init__(self, message: str, *, template: str = "", line: int | None = None) -> None:
         self.template = template
         self.line = line
+        if len(message) > self.MAX_MESSAGE_CHARS:
+            message = f"{message[: self.MAX_MESSAGE_CHARS]}…({len(message):,} chars)"
         where = template + (f":{line}" if line else "")
         super().__init__(f"{where}: {message}" if where else message)
 
