@@ -84,6 +84,19 @@ def test_a_csv_row_quoted_across_lines_is_named_by_its_first_line(
     assert [line.split(": invalid")[0] for line in err] == [f"{file}: line 2", f"{file}: line 8"], err
 
 
+def test_only_cr_and_lf_break_lines_in_a_file_of_addresses(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a NEL, a line separator or a form feed in a comment does not start a line: "list" was an address of its own
+    file = tmp_path / "bounces.txt"
+    file.write_text("# bounced\x85 list\u2028of May\x0c\nsiti@example.com\r\nbad address\n", encoding="utf-8")
+    assert run(config, "import", str(file)) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"{file}: line 3: invalid email address 'bad address' (An email address "
+                                         "must have an @-sign.)"]  # fmt: skip
+    assert "imported 1 address(es)" in captured.out
+
+
 def test_the_list_opens_safely_in_a_spreadsheet_and_imports_back_as_it_was(
     config: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

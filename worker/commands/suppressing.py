@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -70,10 +71,13 @@ def _list(store: Store, reason: str | None, email: str | None = None) -> int:
     return EXIT_OK
 
 
+_LINE_BREAK = re.compile(r"\r\n|[\r\n]")
+
+
 def read_addresses(text: str) -> tuple[list[str], list[str]]:
     """Addresses from a file: one a line (``#`` comments and blank lines skipped), or a CSV with an
     ``email`` column. Returns (normalised addresses, "line N: why" for each rejected one)."""
-    lines = text.splitlines()
+    lines = _LINE_BREAK.split(text)  # not splitlines(): NEL, U+2028, a form feed… in a comment are no line break
     first = next((line for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
     good: list[str] = []
     bad: list[str] = []
