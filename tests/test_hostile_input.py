@@ -318,7 +318,7 @@ def test_control_bidi_and_invisible_characters_in_shop_data_do_not_reach_the_ema
         encoding="utf-8",
     )
     (tmp_path / "products.csv").write_text(
-        'id,name,price,category\nP-1,"Batik\u202e%05 FFO\u202c \x1b[2JTulis",100000,"Kain\u2028Batik"\n',
+        'id,name,price,category\nP-1,"Batik\u202e%05 FFO\u202c \x1b[2JTulis",100000,"Kain\u200bBatik"\n',
         encoding="utf-8",
     )
     (tmp_path / "orders.csv").write_text(
@@ -348,7 +348,7 @@ def test_control_bidi_and_invisible_characters_in_shop_data_do_not_reach_the_ema
             assert not bad, (path.name, bad)
         texts[path.name.split("_")[1]] = parts[2]  # the text part, by customer id
     assert set(texts) == {"X-1", "X-2", "X-3", "X-4"}
-    assert "Hi Ani [31mRED [0m," in texts["X-1"]
+    assert "Hi Ani," in texts["X-1"]  # the escape split the name: its first word is Ani
     assert "Halo Kak BudiodnaL," in texts["X-2"]
     assert "Hi Citi," in texts["X-3"]
     assert "Hi محمد," in texts["X-4"]

@@ -220,3 +220,16 @@ def test_first_name_is_the_name_to_greet_by(name: str, first_name: str) -> None:
 )
 def test_clean_text_keeps_names_and_drops_what_disguises_or_breaks_them(raw: str, expected: str) -> None:
     assert clean_text(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "first_name"),
+    [
+        ("\u200bIbu Siti Rahayu", "Siti"),  # a title behind a zero-width space is still a title
+        ("\u202eSITI\u202c RAHAYU", "Siti"),  # a name in capitals behind a bidi control is still written Siti
+        ("Rina\r\nBcc: x@example.com", "Rina"),
+    ],
+)
+def test_the_first_name_is_found_in_the_cleaned_name(name: str, first_name: str) -> None:
+    ctx = build_context("winback", _customer(name=name), shop=SHOP, unsubscribe_url="https://u", extra={})
+    assert ctx["customer"]["first_name"] == first_name  # type: ignore[index]

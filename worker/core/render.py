@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import re
 import unicodedata
@@ -200,12 +201,15 @@ def build_context(
     clash = _RESERVED_KEYS.intersection(extra)
     if clash:
         raise ValueError(f"extra context for {campaign!r} may not set {sorted(clash)}")
+    name = clean_text(customer.name)
+    if name is not customer.name:  # the first name of what the email shows: "\u200bIbu SITI" greets Siti
+        customer = dataclasses.replace(customer, name=name)
     context: dict[str, object] = {
         "campaign": campaign,
         "locale": str(customer.locale),
         "customer": {
-            "first_name": clean_text(customer.first_name),
-            "name": clean_text(customer.name),
+            "first_name": customer.first_name,
+            "name": name,
             "email": customer.email,
             "locale": str(customer.locale),
         },
