@@ -46,6 +46,25 @@ def accepted(listener: socket.socket) -> int:
 
 
 @pytest.mark.postgres
+def test_a_postgresql_connection_sends_tcp_keepalives_unless_the_url_sets_its_own(pg_url: str) -> None:
+    # Given the engines Kembali makes: one from a URL as usually written, one that sets keepalives_idle itself
+    plain = db.create_engine(pg_url)
+    own = db.create_engine(sa.make_url(pg_url).update_query_dict({"keepalives_idle": "120"}).render_as_string(False))
+    try:
+        # Then the connection probes a silent peer after 30 s idle, 3 times 10 s apart (the system's default waits two
+        # hours idle before the first probe), and the URL's own value is kept
+        for engine, idle in ((plain, "30"), (own, "120")):
+            with engine.connect() as conn:
+                raw = conn.connection.dbapi_connection
+                assert raw is not None
+                got = raw.info.get_parameters()
+                assert (got.get("keepalives"), got.get("keepalives_idle"), got.get("keepalives_interval"),
+                        got.get("keepalives_count")) == ("1", idle, "10", "3"), got  # fmt: skip
+    finally:
+        plain.dispose()
+        own.dispose()
+
+
 def test_a_postgresql_connection_gives_up_after_a_connect_timeout_unless_the_url_sets_its_own(pg_url: str) -> None:
     # Given the engines Kembali makes: one from a URL as usually written, one that sets connect_timeout itself
     plain = db.create_engine(pg_url)

@@ -42,6 +42,10 @@ PG_CONNECT_TIMEOUT_SECONDS = 10
 """libpq's ``connect_timeout`` unless the URL sets its own (``?connect_timeout=30``): without one, a database host
 that does not answer (a dropped route, a listener that never speaks) held each new connection for minutes, or for
 ever, and every thread that asked for one with it."""
+PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+"""TCP keepalives on every PostgreSQL connection, each unless the URL sets its own: a host that goes silent once
+connected (a failover that moved its address, a dropped route) is given up after about a minute idle, where the
+system's defaults (two hours idle) left a pooled connection, and the thread waiting on it, hanging that long."""
 _SQLITE_CONFIG_MEMSTATUS = 9
 """``sqlite3_config`` verb: memory statistics on (1) or off (0); SQLite's default is on."""
 _memstatus_lock = threading.Lock()
@@ -144,8 +148,9 @@ def create_engine(url: str) -> Engine:
 
         return engine
     given = {key.lower() for key in sa.make_url(url).query}
-    timeout = {} if "connect_timeout" in given else {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
-    return sa.create_engine(url, connect_args=timeout, pool_pre_ping=True, pool_size=5, max_overflow=5,
+    defaults = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS, **PG_KEEPALIVES}
+    connect_args = {key: value for key, value in defaults.items() if key not in given}
+    return sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, pool_size=5, max_overflow=5,
                             hide_parameters=True)
 
 
