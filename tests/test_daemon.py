@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,25 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 def _recipients(server: RecordingServer) -> list[str]:
     return [r for m in server.messages for r in m.rcpt_tos]
+
+
+def _notify_socket(tmp_path: Path, *, timeout: float | None = None) -> tuple[socket.socket, str]:
+    """A (fake) systemd notify socket: the socket the daemon's notifications arrive on, and its path for
+    ``NOTIFY_SOCKET``."""
+    path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(path)
+    if timeout is not None:
+        notify.settimeout(timeout)
+    return notify, path
+
+
+def _after_extensions(notify: socket.socket) -> bytes:
+    """The first notification that is not a catch-up pass's request for more start-up time (``EXTEND_TIMEOUT_USEC``)."""
+    heard = notify.recv(4096)
+    while b"EXTEND_TIMEOUT_USEC" in heard:
+        heard = notify.recv(4096)
+    return heard
 
 
 def _local(url: str, daemon: Daemon) -> str:
@@ -86,21 +106,13 @@ def test_fast_cron_plans_and_sends_and_an_unsubscribed_customer_gets_nothing_aft
 
 
 def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: RecordingServer) -> None:
-    import socket
-
     # Given a daemon under a (fake) systemd notify socket, and one sent email
-    notify_path = str(tmp_path / "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notify.settimeout(10)
+    notify, notify_path = _notify_socket(tmp_path, timeout=10)
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
     shop.add([1], days_ago=60)
     daemon = Daemon.start(shop, env={"NOTIFY_SOCKET": notify_path})
     try:
-        heard = notify.recv(4096)
-        while b"EXTEND_TIMEOUT_USEC" in heard:  # (the catch-up pass asks for more start-up time first)
-            heard = notify.recv(4096)
-        assert b"READY=1" in heard
+        assert b"READY=1" in _after_extensions(notify)  # (the catch-up pass asks for more start-up time first)
         daemon.wait_for(lambda: smtp_server.messages, why="the email")
         cid = shop.customer_id("C1")
         token = tokens.sign("u", str(cid), LINK_KEY.encode())
@@ -453,8 +465,6 @@ def test_healthz_says_stopping_during_the_grace_period_while_the_links_still_wor
 
 
 def test_a_sighup_while_the_daemon_closes_does_not_kill_it(tmp_path: Path, smtp_server: RecordingServer) -> None:
-    import socket
-
     # Given a daemon stopping while a client holds a request open (closing waits a moment for it)
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
     tmp = tmp_path / "tmp"
@@ -664,13 +674,9 @@ def test_sighup_during_start_up_does_not_kill_the_daemon_it_reloads_once_up(
 def test_a_stop_signal_during_a_reload_stops_its_check_and_leaves_nothing_in_the_temporary_folder(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
-    import socket
-
     # Given a running daemon (its TMPDIR watched, under a fake systemd notify socket), paused by an SMTP server
     # that refuses it, whose templates on disk now take some 20 s to check
-    notify_path = str(tmp_path / "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
+    notify, notify_path = _notify_socket(tmp_path)
     smtp_server.greeting = "554 5.7.1 No SMTP service here"
     extra = ("[checks]\nrender_timeout_seconds = 30\n"
              "[sending]\npause_after_failures = 1\nretry_base_seconds = 0.1\npause_retry_seconds = 600\n")
@@ -779,13 +785,8 @@ def test_when_the_database_is_gone_as_the_grace_period_runs_out_the_daemon_says_
 def test_a_sighup_during_catch_up_planning_reloads_once_the_daemon_is_up_not_before(
     tmp_path: Path, smtp_server: RecordingServer, pg_url: str
 ) -> None:
-    import socket
-
     # Given a daemon under a (fake) systemd notify socket, whose catch-up pass is held up
-    notify_path = str(tmp_path / "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notify.settimeout(30)
+    notify, notify_path = _notify_socket(tmp_path, timeout=30)
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
     shop.add([1], days_ago=60)
     holder = sa.create_engine(pg_url)
@@ -801,9 +802,7 @@ def test_a_sighup_during_catch_up_planning_reloads_once_the_daemon_is_up_not_bef
             conn.rollback()
         # Then systemd hears READY=1 first from the daemon being up, not from the reload's end, and the reload
         # comes after (before it, only the catch-up's requests for more start-up time)
-        heard = notify.recv(4096)
-        while b"EXTEND_TIMEOUT_USEC" in heard:
-            heard = notify.recv(4096)
+        heard = _after_extensions(notify)
         assert b"STATUS=running" in heard and b"READY=1" in heard
         daemon.wait_event("reload_done", timeout=30)
         names = [e["event"] for e in daemon.events]
@@ -968,13 +967,8 @@ def test_when_the_database_hangs_as_the_grace_period_runs_out_the_daemon_gives_u
 def test_a_catch_up_pass_asks_systemd_for_more_start_up_time_before_ready(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
-    import socket
-
     # Given a daemon under a (fake) systemd notify socket that was down over its planning time
-    notify_path = str(tmp_path / "notify.sock")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notify.settimeout(30)
+    notify, notify_path = _notify_socket(tmp_path, timeout=30)
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
     shop.add([1], days_ago=60)
     daemon = Daemon.start(shop, env={"NOTIFY_SOCKET": notify_path})
