@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import select
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,32 @@ def migrated_config(folder: Path) -> Path:
     db.upgrade(engine)
     engine.dispose()
     return path
+
+
+def run_on_a_terminal(argv: Sequence[str], *, stdout_too: bool, env: Mapping[str, str] | None = None,
+                      cwd: Path | None = None, timeout: float = 120) -> tuple[int, bytes]:  # fmt: skip
+    """``python -m worker ARGV`` with its stderr on a terminal (a pty), and its stdout too with ``stdout_too`` (else
+    discarded): the exit code and every byte the terminal received, read as they come (a full terminal would block
+    the command). A command silent for ``timeout`` seconds, or not done that long after its last output, fails."""
+    leader, follower = pty.openpty()
+    try:
+        with subprocess.Popen([sys.executable, "-m", "worker", *argv], cwd=cwd, env=env,
+                              stdout=follower if stdout_too else subprocess.DEVNULL, stderr=follower) as child:
+            os.close(follower)
+            seen = b""
+            while True:
+                ready, _, _ = select.select([leader], [], [], timeout)
+                assert ready, f"kembali {' '.join(argv)} wrote nothing for {timeout} s"
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: the command closed its side of the terminal (Linux)
+                    chunk = b""
+                if not chunk:
+                    break
+                seen += chunk
+            return child.wait(timeout=timeout), seen
+    finally:
+        os.close(leader)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:

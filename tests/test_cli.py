@@ -5,9 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import pty
 import re
-import select
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clikit import run_cli
+from tests.clikit import run_cli, run_on_a_terminal
 from tests.shop import LINK_KEY, ROOT, TEMPLATES
 from tests.smtp_server import Behaviour, RecordingServer
 from worker.adapters.store import Store
@@ -420,26 +418,10 @@ def test_a_run_whose_sends_became_uncertain_exits_1_and_says_what_to_do(
 def test_the_demo_shows_its_sending_progress_on_a_terminal(tmp_path: Path) -> None:
     # a big demo shop (--customers 100000) sends for half an hour at sending.rate_per_second; after "local SMTP
     # sink listening" the terminal stayed silent all that time, as if it had hung
-    leader, follower = pty.openpty()
     env = {**os.environ, "KEMBALI_LINK_SECRET": ""}
-    argv = [sys.executable, "-m", "worker", "demo", "--out", str(tmp_path / "demo"), "--customers", "60"]
-    seen = b""
-    try:
-        with subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=follower) as process:
-            os.close(follower)
-            while True:  # read the terminal as the demo writes to it (it would block on a full one)
-                ready, _, _ = select.select([leader], [], [], 120)
-                assert ready, "the demo wrote nothing for 2 minutes"
-                try:
-                    chunk = os.read(leader, 4096)
-                except OSError:  # EIO: the demo closed its side
-                    chunk = b""
-                if not chunk:
-                    break
-                seen += chunk
-            assert process.wait(timeout=120) == 0, seen
-    finally:
-        os.close(leader)
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--customers", "60"]
+    code, seen = run_on_a_terminal(argv, stdout_too=False, env=env, cwd=ROOT)
+    assert code == 0, seen
     assert re.search(rb"\rsending: [0-9,]+ messages done \([0-9,]+ sent\)", seen), seen
     assert seen.endswith(b"\r\x1b[K")  # and the line is gone before the summary
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import pty
 import re
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.clikit import migrated_config
+from tests.clikit import migrated_config, run_on_a_terminal
 from tests.clikit import run_cli as kembali
 from worker.adapters import db, importer, tables
 from worker.cli import main
@@ -411,23 +410,8 @@ def _screen(raw: str) -> list[str]:
 
 def _on_a_terminal(config: Path, kind: str, path: Path) -> tuple[int, str]:
     """`kembali import KIND PATH` with its stderr on a terminal: the exit code and what the terminal received."""
-    main, terminal = pty.openpty()
-    try:
-        child = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(config), "import", kind, str(path)],
-                                 stdout=subprocess.DEVNULL, stderr=terminal)  # fmt: skip
-        os.close(terminal)
-        raw = b""
-        while True:
-            try:
-                chunk = os.read(main, 4096)
-            except OSError:  # the terminal's other end closed (Linux)
-                break
-            if not chunk:
-                break
-            raw += chunk
-        return child.wait(timeout=60), raw.decode()
-    finally:
-        os.close(main)
+    code, raw = run_on_a_terminal(["--config", str(config), "import", kind, str(path)], stdout_too=False, timeout=60)
+    return code, raw.decode()
 
 
 def test_on_a_terminal_the_progress_line_is_cleared_before_a_rejected_row_or_a_warning(tmp_path: Path) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import pty
 import re
 import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tests.clikit import run_on_a_terminal
 from worker.adapters import db
 from worker.commands.importing import import_file
 from worker.config import load_settings
@@ -75,25 +75,9 @@ def test_on_a_terminal_the_rows_are_not_written_after_a_progress_line(tmp_path: 
     # Given the demo shop, previewed with its output on a terminal
     config = _demo_shop(tmp_path)
     env = {**os.environ, "KEMBALI_LINK_SECRET": "a-test-key-of-enough-length"}
-    main, terminal = pty.openpty()
-    try:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--config", str(config), "preview", "--at", "2027-02-28T10:00+07:00"],
-            cwd=ROOT, env=env, stdout=terminal, stderr=terminal,
-        )  # fmt: skip
-        os.close(terminal)
-        raw = b""
-        while True:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # the terminal's other end closed (Linux)
-                break
-            if not chunk:
-                break
-            raw += chunk
-        assert child.wait(timeout=120) == 0
-    finally:
-        os.close(main)
+    code, raw = run_on_a_terminal(["--config", str(config), "preview", "--at", "2027-02-28T10:00+07:00"],
+                                  stdout_too=True, env=env, cwd=ROOT)  # fmt: skip
+    assert code == 0
     # Then each row is a line of its own (the first row was written after the progress line drawn before it:
     # "previewing: 1 considered, 0 would be sentC-0004  birthday …"), and no progress line is left
     text = raw.decode()
