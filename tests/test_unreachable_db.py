@@ -45,41 +45,35 @@ def accepted(listener: socket.socket) -> int:
         count += 1
 
 
+def _libpq_parameters(url: str, **query: str) -> dict[str, str]:
+    """The parameters libpq connects with, on an engine Kembali makes from ``url`` with ``query`` added to it."""
+    engine = db.create_engine(sa.make_url(url).update_query_dict(query).render_as_string(False))
+    try:
+        with engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            return raw.info.get_parameters()
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.postgres
 def test_a_postgresql_connection_sends_tcp_keepalives_unless_the_url_sets_its_own(pg_url: str) -> None:
     # Given the engines Kembali makes: one from a URL as usually written, one that sets keepalives_idle itself
-    plain = db.create_engine(pg_url)
-    own = db.create_engine(sa.make_url(pg_url).update_query_dict({"keepalives_idle": "120"}).render_as_string(False))
-    try:
-        # Then the connection probes a silent peer after 30 s idle, 3 times 10 s apart (the system's default waits two
-        # hours idle before the first probe), and the URL's own value is kept
-        for engine, idle in ((plain, "30"), (own, "120")):
-            with engine.connect() as conn:
-                raw = conn.connection.dbapi_connection
-                assert raw is not None
-                got = raw.info.get_parameters()
-                assert (got.get("keepalives"), got.get("keepalives_idle"), got.get("keepalives_interval"),
-                        got.get("keepalives_count")) == ("1", idle, "10", "3"), got  # fmt: skip
-    finally:
-        plain.dispose()
-        own.dispose()
+    for query, idle in (({}, "30"), ({"keepalives_idle": "120"}, "120")):
+        got = _libpq_parameters(pg_url, **query)
+        # Then the connection probes a silent peer after 30 s idle, 3 times 10 s apart (the system's default waits
+        # two hours idle before the first probe), and the URL's own value is kept
+        assert (got.get("keepalives"), got.get("keepalives_idle"), got.get("keepalives_interval"),
+                got.get("keepalives_count")) == ("1", idle, "10", "3"), got  # fmt: skip
 
 
 def test_a_postgresql_connection_gives_up_after_a_connect_timeout_unless_the_url_sets_its_own(pg_url: str) -> None:
     # Given the engines Kembali makes: one from a URL as usually written, one that sets connect_timeout itself
-    plain = db.create_engine(pg_url)
-    own = db.create_engine(sa.make_url(pg_url).update_query_dict({"connect_timeout": "3"}).render_as_string(False))
-    try:
+    for query, expected in (({}, "10"), ({"connect_timeout": "3"}, "3")):
         # Then libpq is told to give up on a host that does not answer (it waits for ever by default), and the
         # URL's own value is kept
-        for engine, expected in ((plain, "10"), (own, "3")):
-            with engine.connect() as conn:
-                raw = conn.connection.dbapi_connection
-                assert raw is not None
-                assert raw.info.get_parameters().get("connect_timeout") == expected
-    finally:
-        plain.dispose()
-        own.dispose()
+        assert _libpq_parameters(pg_url, **query).get("connect_timeout") == expected
 
 
 def test_healthz_probes_share_one_ping_while_the_database_host_does_not_answer(
