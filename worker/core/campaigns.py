@@ -292,9 +292,6 @@ class Milestones:
     """The shop's currency: spend counts the orders placed in it; an order in another counts as an order only
     (its amount is not the shop's money, and Kembali converts nothing)."""
 
-    def minimums(self) -> tuple[int | None, int | None]:
-        return (min(self.orders) if self.orders else None, min(self.spend_minor) if self.spend_minor else None)
-
 
 def loyalty_milestones(order_count: int, total_spent_minor: int, m: Milestones) -> list[str]:
     """The highest order-count milestone and the highest spend milestone reached (labels such as
