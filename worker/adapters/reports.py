@@ -50,7 +50,7 @@ def suppressions(engine: Engine, since: datetime) -> dict[str, int]:
 
 
 def conversions(
-    engine: Engine, since: datetime, *, window: timedelta, now: datetime, currency: str = "IDR"
+    engine: Engine, since: datetime, *, window: timedelta, now: datetime, currency: str
 ) -> list[tuple[str, int, str, stats.Conversion]]:
     """(campaign, step, group, conversion) for rows planned since ``since``, counted in the database.
 
