@@ -206,15 +206,21 @@ class Daemon:
         self._planning: dict[asyncio.Future[None], str] = {}
         """Planning passes under way, and their campaigns: the shutdown waits for them."""
         self._halt = threading.Event()
-        """Set when the daemon begins to stop: a reload's template check (on a thread) gives up at its next render."""
+        """Set when the daemon begins to stop (the stop signal, or its close): a reload's template check (on a thread)
+        gives up at its next render, and ``phase`` is ``stopping``."""
         self._builds: set[asyncio.Future[Generation]] = set()
         """Reloads' generations being built on a thread: a reload cancelled by the shutdown leaves its build
         running; ``_close`` waits for it and closes what it built (its template copy, its SMTP transport)."""
         self._watched = self._watch_signature(settings)
         self._stuck = False
         """The database did not answer the shutdown: the exit waits for no thread (``os._exit``)."""
-        self.phase = "starting"
+        self._up = False
+        """``READY=1`` has been sent: the start-up (and its catch-up planning) is done."""
+
+    @property
+    def phase(self) -> str:
         """``starting`` until ``READY=1``, ``running``, then ``stopping`` from the stop signal on (``/healthz``)."""
+        return "stopping" if self._halt.is_set() else "running" if self._up else "starting"
 
     # --- generations ---------------------------------------------------------------
 
@@ -283,7 +289,7 @@ class Daemon:
             log.event("daemon_started", worker=self.worker, campaigns=",".join(enabled_campaigns(settings)),
                       time_zone=settings.shop.time_zone, jobs=",".join(self.scheduler.job_ids()),
                       event_loop=eventloop.describe())
-            self.phase = "running"
+            self._up = True
             systemd.notify("READY=1", "STATUS=running")
             if self.starting is not None and self.starting.hangup:  # (the asyncio loop does not hand it on)
                 self._reload_after_start = self._reload_after_start or "SIGHUP during start-up"
@@ -614,7 +620,6 @@ class Daemon:
             logging.shutdown()
             os._exit(EXIT_FORCED)
         log.event("shutdown_requested", signal=sig.name, grace_seconds=self.gen.settings.daemon.shutdown_grace_seconds)
-        self.phase = "stopping"
         self._halt.set()
         self._stop.set()
 
@@ -624,8 +629,7 @@ class Daemon:
         self.request_reload("SIGHUP")
 
     async def _shutdown(self, dispatch: asyncio.Task[None]) -> int:
-        self.phase = "stopping"
-        self._halt.set()
+        # (the stop signal set _halt: /healthz says "stopping", a reload's check gives up)
         systemd.notify("STOPPING=1")
         self.scheduler.shutdown()
         for task in list(self._tasks):
