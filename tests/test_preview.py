@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.shop import PRODUCTS, customer, one_time_order
 from tests.shop_fixtures import LINK_SECRET, Site, load_shop, make_site
 from tests.smtp_server import RecordingServer
 from worker.adapters.store import M
 from worker.app import Deps
 from worker.commands import running
-from worker.demo import HOSTILE_NAMES, generate_shop
+from worker.demo import HOSTILE_NAMES, ShopData, generate_shop
+from worker.domain import Locale
 
 T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 
@@ -228,3 +230,28 @@ def _message_ids(site: Site) -> list[tuple[str, str | None]]:
         out = [(r.dedupe_key, r.message_id) for r in conn.execute(sa.select(M.c.dedupe_key, M.c.message_id))]
     engine.dispose()
     return out
+
+
+@pytest.mark.parametrize("zone", ["Mars/Olympus", ""])
+def test_a_customer_whose_time_zone_is_unknown_is_shown_on_the_shops_clock_that_the_policy_used(
+    tmp_path: Path, zone: str
+) -> None:
+    # Given a one-time buyer due win-back whose stored time zone this machine does not know (a database written
+    # by a host with newer time zone data, or by hand): the contact policy reads the shop's clock for them
+    site = make_site(tmp_path / "shop", extra_toml='[policy]\nquiet_hours_start = "21:00"\nquiet_hours_end = "08:00"\n')
+    load_shop(site.settings, ShopData([customer("C1", locale=Locale.EN)], PRODUCTS, [one_time_order("O1", "C1")]), T)
+    engine = sa.create_engine(site.settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE customer SET time_zone = :z"), {"z": zone})
+    engine.dispose()
+
+    # When the operator previews in the morning and at night, shop time (Asia/Jakarta)
+    morning = site.cli("preview", "--at", "2026-11-22T10:00+07:00")
+    night = site.cli("preview", "--at", "2026-11-22T22:00+07:00")
+
+    # Then each lists the message on the shop's clock: sent at once, or deferred to the end of quiet hours there
+    assert morning.returncode == 0, morning.stderr
+    assert [line.split()[:6] for line in morning.stdout.splitlines() if line.startswith("C1 ")] == [
+        ["C1", "winback/1", "d45", "2026-11-22", "10:00", "WIB"]]
+    assert night.returncode == 0, night.stderr
+    assert "defer until 2026-11-23 08:00 WIB (quiet hours)" in night.stdout

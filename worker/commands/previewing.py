@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
-from zoneinfo import ZoneInfo
 
 from worker.app import Deps, link_keys
 from worker.commands.progress import Progress
 from worker.config import Settings
 from worker.core.audiences import WINBACK, key_part_value
+from worker.core.policy import zone_of
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
 from worker.log import json_line, printable
@@ -34,8 +34,10 @@ EXIT_OK, EXIT_RENDER_ERRORS, EXIT_USAGE = 0, 1, 2
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def _local(at: datetime, zone: str) -> str:
-    return at.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M %Z")
+def _local(at: datetime, zone: str, shop_zone: str) -> str:
+    """``at`` on the clock of ``zone`` (a customer's), or of the shop when ``zone`` is unknown here: the clock the
+    contact policy read (``core.policy.zone_of``)."""
+    return at.astimezone(zone_of(zone, shop_zone)).strftime("%Y-%m-%d %H:%M %Z")
 
 
 def file_stem(index: int, dedupe_key: str) -> str:
@@ -117,7 +119,7 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         progress.enabled = False
     try:
         if not args.json:
-            out.write(f"Preview as of {_local(at, settings.shop.time_zone)} (nothing is sent or written)\n\n")
+            out.write(f"Preview as of {_local(at, settings.shop.time_zone, 'UTC')} (nothing is sent or written)\n\n")
             out.write(f"{'customer':<14} {'campaign/step':<14} {'when (their time)':<22} subject\n")
         items = run_preview(
             deps.store, settings, composer, at,
@@ -126,7 +128,7 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         seen = 0
         for seen, item in enumerate(items, start=1):
             progress.update(seen, f"considered, {summary.would_send:,} would be sent")
-            _show(item, at, summary, out, json_lines=args.json, out_dir=out_dir)
+            _show(item, at, summary, out, json_lines=args.json, out_dir=out_dir, shop_zone=settings.shop.time_zone)
         if args.limit is not None and seen == args.limit:
             summary.stopped_at = args.limit
     finally:
@@ -147,11 +149,12 @@ def _show(
     *,
     json_lines: bool,
     out_dir: Path | None,
+    shop_zone: str,
 ) -> None:
     message = item.message
     if isinstance(item, Composed):
         summary.would_send += 1
-        when = _local(max(at, message.due_at), item.customer.time_zone)
+        when = _local(max(at, message.due_at), item.customer.time_zone, shop_zone)
         files: dict[str, str] = {}
         if out_dir is not None:
             stem = file_stem(summary.would_send, message.dedupe_key)
@@ -185,7 +188,7 @@ def _show(
         else:
             why = {"cap": "cap: one email at a time", "news_week": "new products: one email a week"}.get(
                 item.why, "quiet hours")
-            until = _local(item.until, item.time_zone)  # on the customer's clock, as the send times are
+            until = _local(item.until, item.time_zone, shop_zone)  # on the customer's clock, as the send times are
             out.write(f"{printable(_customer(message)):<14} {_label(message):<14} {'-':<22} "
                       f"defer until {until} ({why})\n")
     else:
