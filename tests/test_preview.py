@@ -255,3 +255,22 @@ def test_a_customer_whose_time_zone_is_unknown_is_shown_on_the_shops_clock_that_
         ["C1", "winback/1", "d45", "2026-11-22", "10:00", "WIB"]]
     assert night.returncode == 0, night.stderr
     assert "defer until 2026-11-23 08:00 WIB (quiet hours)" in night.stdout
+
+
+def test_customers_imported_without_a_time_zone_keep_quiet_hours_on_the_shops_clock(tmp_path: Path) -> None:
+    # Given a shop in London, whose customers file has no time_zone column, and one of them due win-back
+    site = make_site(tmp_path / "shop", extra_toml=(
+        '[shop]\ntime_zone = "Europe/London"\n\n[policy]\nquiet_hours_start = "21:00"\nquiet_hours_end = "08:00"\n'))
+    (tmp_path / "customers.csv").write_text("id,email,name,locale,marketing_consent\nC1,c1@example.com,Ann,en,yes\n")
+    (tmp_path / "orders.csv").write_text("order_id,customer_id,status,placed_at,total\n"
+                                         "O1,C1,delivered,2026-09-20T10:00,89000\n")  # fmt: skip
+    for kind in ("customers", "orders"):
+        done = site.cli("import", kind, str(tmp_path / f"{kind}.csv"))
+        assert done.returncode == 0, done.stderr
+
+    # When the operator previews at 03:00 in London (10:00 in Jakarta)
+    night = site.cli("preview", "--at", "2026-11-22T03:00+00:00")
+
+    # Then the email waits for the end of quiet hours on the shop's clock, the customer's for want of their own
+    assert night.returncode == 0, night.stderr
+    assert "defer until 2026-11-22 08:00 GMT (quiet hours)" in night.stdout, night.stdout

@@ -22,7 +22,7 @@ customers.csv
     email-validator, the domain lowercased), ``name`` (required, not blank nor only
     control, bidi or invisible characters, at most 200 characters, no NUL; anything else is kept: names are cleaned
     when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``; default ``id``),
-    ``time_zone`` (IANA; default ``Asia/Jakarta``), ``birthday`` (YYYY-MM-DD
+    ``time_zone`` (IANA; default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD
     or empty; 29 February allowed in leap years), ``marketing_consent``
     (required: true/false, yes/no, 1/0, ya/tidak), ``consent_basis`` and
     ``consent_source`` (optional text, at most 64 characters).
@@ -145,20 +145,22 @@ class _Invalid(Exception):
 
 
 def read_customers(
-    path: Path, *, check_dns: bool = False, on_warning: Warn | None = None
+    path: Path, *, check_dns: bool = False, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
 ) -> Iterator[CustomerRecord | RowError]:
-    """Yield a ``CustomerRecord`` or a ``RowError`` per row of a customers CSV."""
-    return (item for _, _, item in numbered_customers(path, check_dns=check_dns, on_warning=on_warning))
+    """Yield a ``CustomerRecord`` or a ``RowError`` per row of a customers CSV; a customer without a time zone
+    gets the shop's (``shop_tz``)."""
+    return (item for _, _, item in numbered_customers(path, check_dns=check_dns, shop_tz=shop_tz,
+                                                      on_warning=on_warning))  # fmt: skip
 
 
 def numbered_customers(
-    path: Path, *, check_dns: bool = False, on_warning: Warn | None = None
+    path: Path, *, check_dns: bool = False, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
 ) -> Iterator[tuple[int, int, CustomerRecord | RowError]]:
     """``read_customers`` with the lines each record starts and ends on."""
     resolver = email_validator.caching_resolver(timeout=10) if check_dns else None
     return _numbered_by_id(
         path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning,
-        lambda row, key: _customer(row, key, check_dns, resolver),
+        lambda row, key: _customer(row, key, check_dns, resolver, shop_tz),
     )  # fmt: skip
 
 
@@ -253,13 +255,15 @@ def numbered_orders(
 # --- rows → records --------------------------------------------------------------
 
 
-def _customer(row: dict[str, str], key: str, check_dns: bool, resolver: Resolver | None) -> CustomerRecord:
+def _customer(
+    row: dict[str, str], key: str, check_dns: bool, resolver: Resolver | None, shop_tz: str
+) -> CustomerRecord:
     return CustomerRecord(
         external_id=key,
         email=_email(_required(row, "email"), check_dns, resolver),
         name=_name(row),
         locale=_locale(row),
-        time_zone=_zone(row),
+        time_zone=_zone(row, shop_tz),
         birthday=_birthday(row),
         marketing_consent=_bool(row, "marketing_consent", None),
         consent_basis=_text(row, "consent_basis"),
@@ -449,8 +453,8 @@ def _zones() -> frozenset[str]:
     return frozenset(available_timezones())
 
 
-def _zone(row: dict[str, str]) -> str:
-    value = row.get("time_zone", "").strip() or "Asia/Jakarta"
+def _zone(row: dict[str, str], shop_tz: str) -> str:
+    value = row.get("time_zone", "").strip() or shop_tz
     if value not in _zones():
         raise _Invalid(f"invalid time_zone {_show(value)} (expected an IANA name such as 'Asia/Jakarta')")
     return value
