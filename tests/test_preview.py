@@ -20,7 +20,7 @@ from worker.adapters.store import M
 from worker.app import Deps
 from worker.commands import running
 from worker.demo import HOSTILE_NAMES, ShopData, generate_shop
-from worker.domain import Locale
+from worker.domain import Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
 
 T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 
@@ -274,3 +274,34 @@ def test_customers_imported_without_a_time_zone_keep_quiet_hours_on_the_shops_cl
     # Then the email waits for the end of quiet hours on the shop's clock, the customer's for want of their own
     assert night.returncode == 0, night.stderr
     assert "defer until 2026-11-22 08:00 GMT (quiet hours)" in night.stdout, night.stdout
+
+
+@pytest.mark.parametrize(("category", "subject"), [
+    ("Tas", "New at Toko Kembali: Tas Rotan Baru"),
+    ("", "This week's favourites at Toko Kembali"),  # no category to match: the best sellers, not called new
+])  # fmt: skip
+def test_new_products_news_is_called_new_only_when_it_shows_launches_from_their_categories(
+    tmp_path: Path, category: str, subject: str
+) -> None:
+    # Given a shop whose products are all in `category`, one launched three days ago, and a best seller that is old;
+    # a customer who bought another old product of it 20 days ago (C2, without consent, made the best seller)
+    site = make_site(tmp_path / "shop", extra_toml="[campaigns.new_products]\nenabled = true\n")
+    def product(ext: str, name: str, days_ago: int) -> ProductRecord:
+        return ProductRecord(ext, name, category, 100_000, "IDR", f"https://toko.example/{ext}", "",
+                             T - timedelta(days=days_ago), True)  # fmt: skip
+    load_shop(site.settings, ShopData(
+        [customer("C1", locale=Locale.EN), customer("C2", consent=False)],
+        [product("P-OLD", "Tas Rotan Lama", 300), product("P-BEST", "Sandal Laris", 300),
+         product("P-NEW", "Tas Rotan Baru", 3)],
+        [OrderRecord("O1", "C1", OrderStatus.DELIVERED, T - timedelta(days=20), None, 100_000, "IDR",
+                     (OrderLineRecord("P-OLD", 1, 100_000),)),
+         OrderRecord("O2", "C2", OrderStatus.DELIVERED, T - timedelta(days=200), None, 500_000, "IDR",
+                     (OrderLineRecord("P-BEST", 5, 100_000),))],
+    ), T)  # fmt: skip
+
+    # When the operator previews the news
+    code, lines = _preview_json(site, "--campaign", "new_products")
+
+    # Then C1's email says "new" only when it lists the new product of a category they bought from
+    assert code == 0
+    assert [(row["customer"], row["subject"]) for row in lines if row["action"] == "send"] == [("C1", subject)]

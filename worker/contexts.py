@@ -85,10 +85,10 @@ def extra_context(
         bought = facts.customer_products.get(message.customer_id, [])
         new = cc.new_since(customer.last_order_at, facts.launches, now, cfg.within_days)
         picks = cc.pick_new_products(new, bought, facts.catalogue, cfg.max_products)
-        owned_categories = {p.category for p in bought}
         return {
             "products": [product_dict(p) for p in picks],
-            "new": any(x.product.category in owned_categories for x in new),
+            # the picks are new ones exactly when some are (else best sellers, which need not be new)
+            "new": bool(cc.new_in_their_categories(new, bought)),
         }
     if campaign == cc.LOYALTY:
         kind, _, amount = message.payload.get("milestone", "orders-0").partition("-")

@@ -263,20 +263,27 @@ def new_since(
     return [x for x in launches if floor < x.launched_at <= now]
 
 
-def pick_new_products(
-    new: Sequence[Launch], bought: Sequence[ProductView], best_sellers: Sequence[ProductView], n: int
-) -> list[ProductView]:
-    """New products in the categories the customer bought from (newest first); when none
-    match, the shop's best sellers they do not own. At most ``n``."""
+def new_in_their_categories(new: Sequence[Launch], bought: Sequence[ProductView]) -> list[ProductView]:
+    """The new products in the categories the customer bought from (a product without a category is in none),
+    that they do not own, newest first: what the email may call new."""
     owned = {p.external_id for p in bought}
     categories = {p.category for p in bought if p.category}
-    matching = [
+    return [
         x.product
         for x in sorted(new, key=lambda x: x.launched_at, reverse=True)
         if x.product.category in categories and x.product.external_id not in owned
     ]
+
+
+def pick_new_products(
+    new: Sequence[Launch], bought: Sequence[ProductView], best_sellers: Sequence[ProductView], n: int
+) -> list[ProductView]:
+    """New products in the categories the customer bought from (``new_in_their_categories``); when none
+    match, the shop's best sellers they do not own. At most ``n``."""
+    matching = new_in_their_categories(new, bought)
     if matching:
         return matching[:n]
+    owned = {p.external_id for p in bought}
     return [p for p in best_sellers if p.external_id not in owned][:n]
 
 
