@@ -305,3 +305,22 @@ def test_new_products_news_is_called_new_only_when_it_shows_launches_from_their_
     # Then C1's email says "new" only when it lists the new product of a category they bought from
     assert code == 0
     assert [(row["customer"], row["subject"]) for row in lines if row["action"] == "send"] == [("C1", subject)]
+
+
+def test_customers_imported_without_a_language_are_written_to_in_the_shops(tmp_path: Path) -> None:
+    # Given a shop whose default language is English, and a customers file without a locale column
+    site = make_site(tmp_path / "shop", extra_toml='[shop]\ndefault_locale = "en"\n')
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC1,c1@example.com,Ann,yes\n")
+    (tmp_path / "orders.csv").write_text("order_id,customer_id,status,placed_at,total\n"
+                                         "O1,C1,delivered,2026-09-20T10:00,89000\n")  # fmt: skip
+    for kind in ("customers", "orders"):
+        done = site.cli("import", kind, str(tmp_path / f"{kind}.csv"))
+        assert done.returncode == 0, done.stderr
+
+    # When the operator previews
+    code, lines = _preview_json(site)
+
+    # Then the win-back email is the English one
+    assert code == 0
+    sends = [row["subject"] for row in lines if row["action"] == "send"]
+    assert sends == ["Ann, we miss you! Here's 10% off, just for you"]

@@ -21,8 +21,8 @@ customers.csv
     ``id`` (required), ``email`` (required; validated and normalised by
     email-validator, the domain lowercased), ``name`` (required, not blank nor only
     control, bidi or invisible characters, at most 200 characters, no NUL; anything else is kept: names are cleaned
-    when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``; default ``id``),
-    ``time_zone`` (IANA; default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD
+    when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``; default the shop's,
+    ``shop_locale``), ``time_zone`` (IANA; default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD
     or empty; 29 February allowed in leap years), ``marketing_consent``
     (required: true/false, yes/no, 1/0, ya/tidak), ``consent_basis`` and
     ``consent_source`` (optional text, at most 64 characters).
@@ -145,22 +145,24 @@ class _Invalid(Exception):
 
 
 def read_customers(
-    path: Path, *, check_dns: bool = False, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
+    path: Path, *, check_dns: bool = False, shop_tz: str = "Asia/Jakarta", shop_locale: str = "id",
+    on_warning: Warn | None = None,
 ) -> Iterator[CustomerRecord | RowError]:
     """Yield a ``CustomerRecord`` or a ``RowError`` per row of a customers CSV; a customer without a time zone
-    gets the shop's (``shop_tz``)."""
+    gets the shop's (``shop_tz``), one without a language the shop's (``shop_locale``)."""
     return (item for _, _, item in numbered_customers(path, check_dns=check_dns, shop_tz=shop_tz,
-                                                      on_warning=on_warning))  # fmt: skip
+                                                      shop_locale=shop_locale, on_warning=on_warning))  # fmt: skip
 
 
 def numbered_customers(
-    path: Path, *, check_dns: bool = False, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
+    path: Path, *, check_dns: bool = False, shop_tz: str = "Asia/Jakarta", shop_locale: str = "id",
+    on_warning: Warn | None = None,
 ) -> Iterator[tuple[int, int, CustomerRecord | RowError]]:
     """``read_customers`` with the lines each record starts and ends on."""
     resolver = email_validator.caching_resolver(timeout=10) if check_dns else None
     return _numbered_by_id(
         path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning,
-        lambda row, key: _customer(row, key, check_dns, resolver, shop_tz),
+        lambda row, key: _customer(row, key, check_dns, resolver, shop_tz, shop_locale),
     )  # fmt: skip
 
 
@@ -256,13 +258,13 @@ def numbered_orders(
 
 
 def _customer(
-    row: dict[str, str], key: str, check_dns: bool, resolver: Resolver | None, shop_tz: str
+    row: dict[str, str], key: str, check_dns: bool, resolver: Resolver | None, shop_tz: str, shop_locale: str
 ) -> CustomerRecord:
     return CustomerRecord(
         external_id=key,
         email=_email(_required(row, "email"), check_dns, resolver),
         name=_name(row),
-        locale=_locale(row),
+        locale=_locale(row, shop_locale),
         time_zone=_zone(row, shop_tz),
         birthday=_birthday(row),
         marketing_consent=_bool(row, "marketing_consent", None),
@@ -440,8 +442,8 @@ def _email(value: str, check_dns: bool, resolver: Resolver | None) -> str:
     return f"{local}@{domain.lower()}"
 
 
-def _locale(row: dict[str, str]) -> Locale:
-    value = row.get("locale", "").strip().lower() or Locale.ID.value
+def _locale(row: dict[str, str], shop_locale: str) -> Locale:
+    value = row.get("locale", "").strip().lower() or shop_locale
     try:
         return Locale(value)
     except ValueError:

@@ -32,7 +32,8 @@ def _reader(
     kind: str, path: Path, settings: Settings, check_dns: bool, warn: Callable[[str], None]
 ) -> Iterator[tuple[int, int, Any]]:
     if kind == "customers":
-        return numbered_customers(path, check_dns=check_dns, on_warning=warn, shop_tz=settings.shop.time_zone)
+        return numbered_customers(path, check_dns=check_dns, on_warning=warn, shop_tz=settings.shop.time_zone,
+                                  shop_locale=settings.shop.default_locale)
     if kind == "products":
         return numbered_products(path, on_warning=warn, shop_tz=settings.shop.time_zone)
     return numbered_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone)
