@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -20,7 +20,7 @@ from worker.adapters.store import M
 from worker.app import Deps
 from worker.commands import running
 from worker.demo import HOSTILE_NAMES, ShopData, generate_shop
-from worker.domain import Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
+from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
 
 T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 
@@ -324,3 +324,35 @@ def test_customers_imported_without_a_language_are_written_to_in_the_shops(tmp_p
     assert code == 0
     sends = [row["subject"] for row in lines if row["action"] == "send"]
     assert sends == ["Ann, we miss you! Here's 10% off, just for you"]
+
+
+def test_campaign_and_customer_choose_what_preview_shows_not_what_it_decides(tmp_path: Path) -> None:
+    # Given C1, whose birthday is today, due a feedback request and win-back too; and C2, a guest checkout of the
+    # same person (one mailbox), due win-back
+    site = make_site(tmp_path / "shop", extra_toml=(
+        "[campaigns.birthday]\nenabled = true\ndays_before = 0\nholdout_share = 0.0\n\n"
+        "[campaigns.feedback]\nenabled = true\n\n[campaigns.winback]\nholdout_share = 0.0\n"))
+    people = [CustomerRecord("C1", "c1@example.com", "Ani", Locale.EN, "Asia/Jakarta", date(1990, 11, 22), True, "",
+                             ""),
+              CustomerRecord("C2", "C1@Example.com", "Ani", Locale.EN, "Asia/Jakarta", None, True, "", "")]
+    orders = [OrderRecord("O1", "C1", OrderStatus.DELIVERED, T - timedelta(days=50), T - timedelta(days=8), 100_000,
+                          "IDR"),
+              OrderRecord("O2", "C2", OrderStatus.DELIVERED, T - timedelta(days=50), None, 100_000, "IDR")]
+    load_shop(site.settings, ShopData(people, PRODUCTS, orders), T)
+
+    def lines(*args: str) -> list[str]:
+        done = site.cli("preview", "--at", "2026-11-22T10:00+07:00", *args)
+        assert done.returncode == 0, done.stderr
+        return [" ".join(line.split()) for line in done.stdout.splitlines() if line.startswith("C")]
+
+    # When the operator previews everything, then one campaign, one customer, two campaigns named low first
+    everything = lines()
+    # Then the birthday offer takes the mailbox's slot today in every preview, shown or not
+    later = "defer until 2026-11-25 10:00 WIB (cap: one email at a time)"
+    assert everything == [
+        "C1 birthday 2026-11-22 10:00 WIB Happy birthday, Ani! A 15% gift for you",
+        f"C1 feedback - {later}", f"C1 winback/1 d45 - {later}", f"C2 winback/1 d45 - {later}",
+    ]  # fmt: skip
+    assert lines("--campaign", "feedback") == [f"C1 feedback - {later}"]
+    assert lines("--customer", "C2") == [f"C2 winback/1 d45 - {later}"]
+    assert lines("--campaign", "winback", "--campaign", "birthday") == [everything[0], *everything[2:]]

@@ -324,13 +324,25 @@ def preview(
 ) -> Iterator[Composed | Skipped | RenderFailed | Deferred]:
     """What ``run --once`` at ``now`` would do, message by message; writes and sends nothing.
     Campaign by campaign in priority order (its rows already in the ledger, then its new ones); one
-    arbiter sees them all, so a customer due three emails today is shown one send and two defers."""
+    arbiter sees them all, so a customer due three emails today is shown one send and two defers.
+
+    ``campaigns`` and ``customer_external_id`` choose what is shown, not what is decided: a message of a campaign
+    not shown that a claim would take first (a higher priority) still takes its mailbox's slot (it is judged, not
+    rendered), as does one to the shown customer's mailbox from another customer record."""
     catalogue = load_catalogue(store)
-    wanted = list(campaigns or enabled_campaigns(settings))
+    enabled = enabled_campaigns(settings)  # highest priority first, as a claim would take them
+    shown_campaigns = set(campaigns or enabled)
+    last = max((i for i, c in enumerate(enabled) if c in shown_campaigns), default=len(enabled) - 1)
+    considered = [*enabled[: last + 1], *(c for c in shown_campaigns if c not in enabled)]
+    one: tuple[int, str] | None = None
+    """With ``customer_external_id``: that customer's row id and mailbox."""
+    if customer_external_id is not None:
+        found = store.customer_by_external_id(customer_external_id)
+        one = (found[0].id, mailbox(found[0].email)) if found is not None else (0, "")
     arbiter = composer.new_arbiter()
 
     def batches() -> Iterator[list[tuple[ClaimedMessage, bool]]]:
-        for campaign in wanted:  # highest priority first, as a claim would take them
+        for campaign in considered:
             for due in store.due_messages(now=now, campaigns=[campaign], domain=settings.shop.domain):
                 yield [(m, False) for m in due]
             for batch in plan_batches(store, settings, campaign, now):
@@ -338,12 +350,17 @@ def preview(
 
     shown = 0
     for batch in batches():
+        if one is not None:  # one customer: only their messages, and others to their mailbox, can matter
+            batch = [(m, held) for m, held in batch if m.customer_id == one[0] or mailbox(m.email) == one[1]]
+        if not batch:
+            continue
         facts = load_batch_facts(store, [m for m, _ in batch], catalogue, settings=settings, now=now)
         for message, held_out in batch:
-            if customer_external_id is not None:
-                snapshot = facts.customers[message.customer_id].customer
-                if snapshot is None or snapshot.external_id != customer_external_id:
-                    continue
+            show = message.campaign in shown_campaigns and (one is None or message.customer_id == one[0])
+            if not show:
+                if not held_out:  # judged as the run would, so that it takes its slot; not rendered
+                    composer.decide(message, facts, now, arbiter)
+                continue
             if held_out:
                 yield Skipped(message, SkipReason.HELD_OUT)
             else:
