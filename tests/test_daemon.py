@@ -20,10 +20,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.daemon_harness import LINK_KEY, REPO, Daemon, http, make_shop
+from tests.daemon_harness import LINK_KEY, NOW, REPO, Daemon, customer, http, make_shop
 from tests.smtp_server import Behaviour, RecordingServer
 from worker import daemon as daemon_module
+from worker.adapters import shop as shop_data
+from worker.adapters.plan_sql import PLAN_LOCKS
 from worker.core import tokens
+from worker.domain import OrderRecord, OrderStatus
 from worker.stopping import StopSignals
 
 ONE_CLICK = b"List-Unsubscribe=One-Click"
@@ -984,4 +987,43 @@ def test_a_catch_up_pass_asks_systemd_for_more_start_up_time_before_ready(
         assert b"STATUS=catching up: planning winback (1 of 1)" in before_ready
     finally:
         notify.close()
+        assert daemon.stop() == 0
+
+
+@pytest.mark.postgres
+def test_the_daemon_sends_nothing_while_a_planning_pass_is_under_way_so_priority_decides(
+    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+) -> None:
+    # Given a running daemon planning win-back and feedback requests every second, under the default cap
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *", db_url=pg_url,
+                     extra="[campaigns.feedback]\nenabled = true\n\n[campaigns.winback]\nholdout_share = 0.0\n")
+    daemon = Daemon.start(shop)
+    holder = sa.create_engine(pg_url)
+    try:
+        daemon.wait_event("daemon_started")
+        with holder.connect() as conn:
+            # whose feedback pass is held up (as a large shop's pass takes its time), while win-back's goes on
+            conn.execute(sa.text("SELECT pg_advisory_lock(:space, hashtext('feedback'))"), {"space": PLAN_LOCKS})
+            # and a customer who becomes due both today: a win-back step and a request to rate the order
+            store = shop.store()
+            try:
+                shop_data.upsert_customers(store.engine, [customer(1)], NOW)
+                shop_data.upsert_orders(store.engine, [OrderRecord(
+                    "O1", "C1", OrderStatus.DELIVERED, NOW - timedelta(days=50), NOW - timedelta(days=8), 100_000,
+                    "IDR")], NOW)  # fmt: skip
+            finally:
+                store.close()
+            daemon.wait_for(lambda: any(e["campaign"] == "winback" and e["created"] == 1
+                                        for e in daemon.named("campaign_planned")), why="win-back planned")  # fmt: skip
+            time.sleep(2.0)  # four dispatcher polls
+            # Then nothing goes out while the higher-priority feedback pass is under way
+            assert smtp_server.messages == []
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:space, hashtext('feedback'))"), {"space": PLAN_LOCKS})
+            conn.commit()
+        # And once it is done, the feedback request takes the slot, and the win-back step waits for the next one
+        daemon.wait_for(lambda: daemon.named("email_deferred_by_policy"), timeout=30, why="the win-back deferred")
+        assert [message_from_bytes(m.data)["X-Kembali-Campaign"] for m in smtp_server.messages] == ["feedback"]
+        assert daemon.named("email_deferred_by_policy")[0]["campaign"] == "winback"
+    finally:
+        holder.dispose()
         assert daemon.stop() == 0

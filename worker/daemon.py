@@ -255,6 +255,7 @@ class Daemon:
             compose_pool=compose_pool(settings, templates, composer),
         )
         dispatcher.observer = self.metrics
+        dispatcher.held = lambda: bool(self._planning)  # priority decides only between rows that exist: wait for them
         return Generation(settings, snapshot, templates, transport, dispatcher)
 
     def paused(self) -> bool:
@@ -367,7 +368,7 @@ class Daemon:
             # and the process would linger after saying it stopped); the shutdown waits for it to be recorded
             task = asyncio.ensure_future(self._plan_pass(campaign))
             self._planning[task] = campaign
-            task.add_done_callback(lambda t: self._planning.pop(t, None))
+            task.add_done_callback(self._planned)
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -375,6 +376,12 @@ class Daemon:
                 raise
 
         return run_plan
+
+    def _planned(self, task: asyncio.Future[None]) -> None:
+        """A planning pass ended: once none is under way, the dispatcher (held meanwhile) sends what they planned."""
+        self._planning.pop(task, None)
+        if not self._planning:
+            self._wake.set()
 
     async def _plan_pass(self, campaign: str) -> None:
         settings = self.gen.settings

@@ -318,6 +318,10 @@ class Dispatcher:
             zone=settings.shop.time_zone,
         )
         self.stopping = asyncio.Event()
+        self.held: Callable[[], bool] = lambda: False
+        """While this says so, claim nothing more (the run ends after what it holds): the daemon holds it while a
+        planning pass is under way, so the messages of a pass that finished first (a low priority) do not take
+        the slots of those of a pass still running (a higher one) before the claim can order them."""
         self.observer: SendObserver | None = None
         self.paused: str | None = None
         """Set when too many connection failures in a row, a refused login or an SMTP setup that cannot work
@@ -546,7 +550,7 @@ class Dispatcher:
     async def _next_batch(self, writer: LedgerWriter) -> _Batch | None:
         """Claim the next batch and prepare it (in the helper when the batch is big enough); None when
         stopping or nothing is due. Batches are decided in claim order by the run's arbiter."""
-        if self.stopping.is_set():
+        if self.stopping.is_set() or self.held():
             return None
         store = self.store.store
         now = self.clock.now()
