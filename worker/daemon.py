@@ -91,6 +91,10 @@ CATCH_UP_PASS_SECONDS = 600
 """How long systemd is asked to wait (``EXTEND_TIMEOUT_USEC``) for each campaign's catch-up pass before ``READY=1``:
 a large shop's passes, one after the other, outlast the default ``TimeoutStartSec`` (90 s), and systemd would
 stop the daemon and start it over into the same catch-up, again and again."""
+PLANNING_HOLD_SECONDS = 120.0
+"""The longest the dispatcher is held while planning passes are under way (``Dispatcher.held``): a first pass over
+a million customers takes seconds, but passes that follow each other without a break (crons closer than the passes
+are long) must not stop sending altogether."""
 RESTART_ONLY = ("database", "web")
 """Config sections a reload cannot change (they need a restart)."""
 
@@ -205,6 +209,8 @@ class Daemon:
         """A reload asked for during the catch-up planning (the signals are the loop's, not yet READY=1)."""
         self._planning: dict[asyncio.Future[None], str] = {}
         """Planning passes under way, and their campaigns: the shutdown waits for them."""
+        self._planning_since = 0.0
+        """When the passes under way began, without a break (the clock's monotonic seconds)."""
         self._halt = threading.Event()
         """Set when the daemon begins to stop (the stop signal, or its close): a reload's template check (on a thread)
         gives up at its next render, and ``phase`` is ``stopping``."""
@@ -255,7 +261,7 @@ class Daemon:
             compose_pool=compose_pool(settings, templates, composer),
         )
         dispatcher.observer = self.metrics
-        dispatcher.held = lambda: bool(self._planning)  # priority decides only between rows that exist: wait for them
+        dispatcher.held = self._holding  # priority decides only between rows that exist: wait for them
         return Generation(settings, snapshot, templates, transport, dispatcher)
 
     def paused(self) -> bool:
@@ -367,6 +373,8 @@ class Daemon:
             # shielded: the shutdown's cancelling the job does not cut the pass short (its thread cannot be stopped,
             # and the process would linger after saying it stopped); the shutdown waits for it to be recorded
             task = asyncio.ensure_future(self._plan_pass(campaign))
+            if not self._planning:
+                self._planning_since = self.clock.monotonic()
             self._planning[task] = campaign
             task.add_done_callback(self._planned)
             try:
@@ -376,6 +384,11 @@ class Daemon:
                 raise
 
         return run_plan
+
+    def _holding(self) -> bool:
+        """Whether the dispatcher claims nothing for now: a planning pass is under way (for at most
+        ``PLANNING_HOLD_SECONDS`` without a break)."""
+        return bool(self._planning) and self.clock.monotonic() - self._planning_since < PLANNING_HOLD_SECONDS
 
     def _planned(self, task: asyncio.Future[None]) -> None:
         """A planning pass ended: once none is under way, the dispatcher (held meanwhile) sends what they planned."""
