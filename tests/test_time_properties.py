@@ -16,7 +16,7 @@ from worker.adapters.store import Store
 from worker.config import settings_from_dict
 from worker.core import campaigns as cc
 from worker.core.policy import zone_of
-from worker.domain import CustomerRecord, Locale, OrderFacts, OrderRecord, OrderStatus
+from worker.domain import CustomerRecord, Locale, OrderFacts, OrderRecord, OrderStatus, ProductRecord, ProductView
 
 ZONES = ("Asia/Jakarta", "America/New_York", "Europe/London", "Australia/Lord_Howe", "Pacific/Kiritimati",
          "Pacific/Pago_Pago", "Asia/Kathmandu", "Pacific/Chatham", "America/St_Johns", "Etc/GMT+12", "")
@@ -113,3 +113,70 @@ def test_the_planners_sql_selects_exactly_whom_the_pure_rules_select(db_url: str
         assert wrong == []
     finally:
         store.close()
+
+
+MILESTONES = {"order_milestones": [2, 3, 5], "spend_milestones": [5000, 10000], "within_days": 30}
+NEWS = {"within_days": 14, "active_within_days": 60}
+
+
+def loyal_customers(rng: random.Random, n: int) -> tuple[list[CustomerRecord], list[OrderRecord], list[ProductRecord]]:
+    """Customers with 0-6 orders of every status, some in another currency, and products launched around BASE."""
+    people, orders = [], []
+    for i in range(n):
+        people.append(CustomerRecord(f"C{i}", f"c{i}@example.com", f"C {i}", Locale.ID, SHOP_ZONE, None, True, "", ""))
+        for j in range(rng.randrange(7)):
+            placed = BASE - timedelta(days=rng.uniform(-20, 90), seconds=rng.randrange(86400))
+            status = rng.choice((*STATUSES, OrderStatus.PAID, OrderStatus.PLACED))
+            orders.append(OrderRecord(f"O{i}-{j}", f"C{i}", status, placed, None,
+                                      rng.choice((0, 100_000, 250_000, 500_000)), rng.choice(("IDR", "IDR", "USD"))))
+    products = [ProductRecord(f"P{k}", f"Product {k}", "Kopi", 1000, "IDR", "", "",
+                              BASE - timedelta(days=rng.uniform(-20, 40)), rng.random() < 0.8)
+                for k in range(8)]  # fmt: skip
+    for k, p in enumerate(products):  # a last order placed at a launch's very microsecond: not "since" it
+        people.append(CustomerRecord(f"L{k}", f"l{k}@example.com", f"L {k}", Locale.ID, SHOP_ZONE, None, True, "", ""))
+        orders.append(OrderRecord(f"OL{k}", f"L{k}", OrderStatus.PAID, p.launched_at or BASE, None, 100_000, "IDR"))
+    return people, orders, products
+
+
+@pytest.mark.parametrize("seed", [3])
+def test_loyalty_and_new_products_sql_selects_exactly_whom_the_pure_rules_select(db_url: str, seed: int) -> None:
+    rng = random.Random(seed)
+    people, orders, products = loyal_customers(rng, 150)
+    cfg = settings_from_dict({"shop": {"time_zone": SHOP_ZONE}, "campaigns": {
+        "loyalty": {"enabled": True, **MILESTONES}, "new_products": {"enabled": True, **NEWS}}})  # fmt: skip
+    store = Store.from_url(db_url)
+    try:
+        shop.upsert_products(store.engine, products, BASE)
+        shop.upsert_customers(store.engine, people, BASE)
+        shop.upsert_orders(store.engine, orders, BASE)
+        by_customer = {p.external_id: cc.Facts(p.external_id, orders=tuple(
+            OrderFacts(o.external_id, o.status, o.placed_at, o.delivered_at, o.total_minor, o.currency)
+            for o in orders if o.customer_external_id == p.external_id)) for p in people}  # fmt: skip
+        # every rule boundary: a milestone order leaving the 30-day window, a last order leaving the 60 active
+        # days, a launch arriving and leaving the 14 new days; each to the microsecond
+        edges = [BASE + timedelta(hours=rng.uniform(-24 * 30, 24 * 30)) for _ in range(6)]
+        edges += [o.placed_at + timedelta(days=d) for o in rng.sample(orders, 8) for d in (0, 30, 60)]
+        edges += [p.launched_at + timedelta(days=d) for p in products for d in (0, 14)]
+        instants = [e + timedelta(microseconds=d) for e in edges for d in (-1, 0, 1)]
+        milestones = planning.loyalty_milestones(cfg)
+        wrong = []
+        for now in instants:
+            launches = [cc.Launch(product_view_of(p), p.launched_at) for p in products
+                        if p.active and now - timedelta(days=NEWS["within_days"]) < p.launched_at <= now]  # fmt: skip
+            week = cc.news_week(launches, zone_of(SHOP_ZONE, "UTC")) if launches else ""
+            expected = {
+                "loyalty": {k for f in by_customer.values() for k in cc.loyalty_due_keys(f, now, milestones)},
+                "new_products": {k for f in by_customer.values() for k in cc.new_products_due_keys(
+                    f, now, launches, NEWS["within_days"], NEWS["active_within_days"], week)} if launches else set(),
+            }  # fmt: skip
+            for campaign, keys in expected.items():
+                got = {m.dedupe_key for batch in planning.plan_batches(store, cfg, campaign, now) for m in batch}
+                if got != keys:
+                    wrong.append((campaign, now.isoformat(), sorted(got ^ keys)))
+        assert wrong == []
+    finally:
+        store.close()
+
+
+def product_view_of(p: ProductRecord) -> ProductView:
+    return ProductView(p.external_id, p.name, p.category, p.price_minor, p.currency, p.url, p.image_url)
