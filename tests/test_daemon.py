@@ -1021,7 +1021,8 @@ def test_the_daemon_sends_nothing_while_a_planning_pass_is_under_way_so_priority
             conn.execute(sa.text("SELECT pg_advisory_unlock(:space, hashtext('feedback'))"), {"space": PLAN_LOCKS})
             conn.commit()
         # And once it is done, the feedback request takes the slot, and the win-back step waits for the next one
-        daemon.wait_for(lambda: daemon.named("email_deferred_by_policy"), timeout=30, why="the win-back deferred")
+        daemon.wait_for(lambda: smtp_server.messages and daemon.named("email_deferred_by_policy"), timeout=30,
+                        why="an email sent and one deferred")  # fmt: skip
         assert [message_from_bytes(m.data)["X-Kembali-Campaign"] for m in smtp_server.messages] == ["feedback"]
         assert daemon.named("email_deferred_by_policy")[0]["campaign"] == "winback"
     finally:
