@@ -36,6 +36,10 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
         ({"smtp": {"username": "halo@shop.example\n"}}, "'smtp.username' must not hold a line break"),
         ({"smtp": {"host": "mail.example.com"}}, "'smtp.tls' is 'none' but smtp.host"),
         ({"shop": {"time_zone": "Asia/Atlantis"}}, "'shop.time_zone' is not an IANA time zone"),
+        # names the zone database holds that are no place: this host's own zone, and the "-00" placeholder
+        ({"shop": {"time_zone": "localtime"}}, "'shop.time_zone' is not an IANA time zone"),
+        ({"shop": {"time_zone": "Factory"}}, "'shop.time_zone' is not an IANA time zone"),
+        ({"shop": {"time_zone": "posix/Asia/Jakarta"}}, "'shop.time_zone' is not an IANA time zone"),
         ({"sending": {"rate_per_second": 0}}, "'sending.rate_per_second' must be positive"),
         ({"sending": {"burst": True}}, "'sending.burst' must be int, not bool"),
         ({"unsubscribe": {"url": "http://shop.example/u"}}, "'unsubscribe.url' must be an https:// URL"),

@@ -415,3 +415,16 @@ def test_an_id_with_a_c1_control_or_a_bidi_control_is_a_rejected_row(tmp_path: P
     [error] = read_products(write(tmp_path, "p.csv", PRODUCT_HEADER + f"{key},Kopi,Kopi,89000,,,,,\n"))
     assert isinstance(error, RowError) and error.line == 2
     assert f"invalid id {key!r}" in error.reason and "no control characters: U+" in error.reason
+
+
+@pytest.mark.parametrize("zone", ["localtime", "Factory", "posixrules", "posix/Asia/Jakarta", "right/UTC"])
+def test_a_zone_file_that_is_no_place_is_a_rejected_row(tmp_path: Path, zone: str) -> None:
+    # "localtime" is whatever zone the importing host is set to (another on each host), "Factory" reads every time
+    # as "-00": the zone database holds them, but neither says where a customer is
+    path = write(tmp_path, "customers.csv", CUSTOMER_HEADER + f"C-1,ani@example.com,Ani,id,{zone},,yes,,\n"
+                 "C-2,budi@example.com,Budi,id,Asia/Makassar,,yes,,\n")
+    results = list(read_customers(path))
+    [error] = errors(results)
+    assert (error.line, error.key) == (2, "C-1")
+    assert f"invalid time_zone '{zone}'" in error.reason
+    assert [r.time_zone for r in results if isinstance(r, CustomerRecord)] == ["Asia/Makassar"]

@@ -21,10 +21,10 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from worker import money
 from worker.core import render
+from worker.domain import place_zones
 from worker.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -468,9 +468,7 @@ def _plain_address(s: Settings, key: str, address: str) -> None:
 
 def _check(s: Settings) -> None:
     """Cross-field and range checks, each naming its key."""
-    try:
-        ZoneInfo(s.shop.time_zone)
-    except (ZoneInfoNotFoundError, ValueError):
+    if s.shop.time_zone not in place_zones():
         _fail(s, "shop.time_zone", f"is not an IANA time zone: {s.shop.time_zone!r}")
     if not money.known(s.shop.currency):  # its minor units unknown, amounts would be read with 2 decimals, right or not
         _fail(s, "shop.currency", f"must be an ISO 4217 currency code such as IDR, not {s.shop.currency!r}")

@@ -10,9 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, TypeVar
+from zoneinfo import available_timezones
+
+
+@functools.cache
+def place_zones() -> frozenset[str]:
+    """The IANA time zones that say where a customer or a shop is: the zone database's names (``posix/…`` and
+    ``right/…`` copies left out, as ``available_timezones`` does) but ``localtime``, the zone of whichever host
+    reads it (another on each), and ``Factory``, a placeholder that reads every time as "-00"."""
+    return frozenset(available_timezones()) - {"localtime", "Factory", "posixrules"}
+
 
 _T = TypeVar("_T")
 

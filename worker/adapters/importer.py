@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import functools
 import hashlib
 import io
 import re
@@ -73,13 +72,21 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
 from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo, available_timezones
+from zoneinfo import ZoneInfo
 
 import email_validator
 
 from worker import money
 from worker.core.render import clean_text
-from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
+from worker.domain import (
+    CustomerRecord,
+    Locale,
+    OrderLineRecord,
+    OrderRecord,
+    OrderStatus,
+    ProductRecord,
+    place_zones,
+)
 from worker.errors import ImportRowError
 
 if TYPE_CHECKING:
@@ -450,14 +457,9 @@ def _locale(row: dict[str, str], shop_locale: str) -> Locale:
         raise _Invalid(f"invalid locale {_show(value)} (expected 'id' or 'en')") from None
 
 
-@functools.cache
-def _zones() -> frozenset[str]:
-    return frozenset(available_timezones())
-
-
 def _zone(row: dict[str, str], shop_tz: str) -> str:
     value = row.get("time_zone", "").strip() or shop_tz
-    if value not in _zones():
+    if value not in place_zones():
         raise _Invalid(f"invalid time_zone {_show(value)} (expected an IANA name such as 'Asia/Jakarta')")
     return value
 
