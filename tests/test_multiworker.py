@@ -34,6 +34,7 @@ from tests.sendkit import (
     subprocess_env,
     write_config,
 )
+from tests.smtp_server import Behaviour, RecordingServer
 from worker.adapters import db
 from worker.adapters.store import Store
 
@@ -181,3 +182,80 @@ def test_two_processes_with_one_hostname_and_pid_get_different_worker_names() ->
         assert out[0].startswith("shop-worker:1:"), out[0]
         names.append(out[0])
     assert names[0] != names[1]
+
+
+def _only_first_due(url: str, config: Path, first: str) -> tuple[int, int]:
+    """The planned win-backs, plus a second message to ``first`` (another dedupe key); only ``first``'s own is due
+    now, the rest an hour from now. Returns (the first message's id, the second's)."""
+    from worker.config import load_settings
+    from worker.pipeline import plan
+
+    store = Store.from_url(url)
+    try:
+        plan(store, load_settings(config), datetime.now(UTC))
+        with store.engine.begin() as conn:
+            row = conn.execute(sa.select(M).where(M.c.email == first)).mappings().one()
+            copy = {c.name: row[c.name] for c in M.columns if c.name != "id"} | {"dedupe_key": row["dedupe_key"] + ":2"}
+            second = conn.execute(sa.insert(M).values(copy).returning(M.c.id)).scalar_one()
+            conn.execute(sa.update(M).where(M.c.id != row["id"]).values(next_attempt_at=sa.func.now() + sa.text(
+                "interval '1 hour'")))
+        return row["id"], second
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_a_worker_does_not_send_a_customer_a_second_email_while_another_workers_first_became_uncertain(
+    pg_url: str, tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    """The frequency cap across workers when the first email's outcome is `uncertain` (it may have arrived): a
+    worker that read the ledger while the other worker was still sending it, and marks its own message after
+    that send ended, holds its message back as it would after a plain `sent`."""
+    # Given a customer due two emails and 40 others, a slow global rate, and a server that takes 4 s over the
+    # customer's email and then drops the connection after the final dot (the mail is stored: it arrived)
+    emails = prepare_database(pg_url, 41)
+    customer = emails[0]
+    smtp_server.on(customer, Behaviour(delay_at="data", delay_seconds=4.0, drop_after_dot=True))
+    raw = settings_dict(pg_url, smtp_server.port, smtp={"pool_size": 1}, in_flight_per_connection=1, batch_size=100,
+                        rate_per_second=10.0, burst=1, domain_rate_per_second=1000.0, domain_burst=100)  # fmt: skip
+    raw["logging"] = {"level": "warning"}
+    config = write_config(tmp_path / "config.toml", raw)
+    first, second = _only_first_due(pg_url, config, customer)
+    argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"]
+    with (tmp_path / "workers.log").open("wb") as log:
+        # When worker A sends the first email (nothing else is due yet)
+        a = subprocess.Popen(argv, cwd=REPO, env=subprocess_env(), stdout=log, stderr=log)
+        engine = db.create_engine(pg_url)
+        try:
+            deadline = time.monotonic() + 30
+            with engine.connect() as conn:
+                while conn.execute(sa.select(M.c.status).where(M.c.id == first)).scalar_one() != "sending":
+                    assert time.monotonic() < deadline and a.poll() is None, "worker A never sent the first email"
+                    time.sleep(0.02)
+            time.sleep(0.3)  # (A's run has found nothing else due: it only waits for that send now)
+            # and, while it is on the wire, the others and the customer's second email fall due (that one last)
+            # and worker B claims them all, reading the ledger while A's send is under way
+            with engine.begin() as conn:
+                conn.execute(sa.update(M).where(M.c.id != first).values(
+                    next_attempt_at=sa.func.now() - sa.case((M.c.id == second, sa.text("interval '1 second'")),
+                                                            else_=sa.text("interval '1 minute'"))))  # fmt: skip
+            b = subprocess.Popen(argv, cwd=REPO, env=subprocess_env(), stdout=log, stderr=log)
+            codes = [a.wait(timeout=60), b.wait(timeout=60)]
+            with engine.connect() as conn:
+                rows = {r.id: r for r in conn.execute(sa.select(M))}
+                attempts = list(conn.execute(sa.select(A).order_by(A.c.id)))
+        finally:
+            engine.dispose()
+    assert codes[0] == 1, (tmp_path / "workers.log").read_text()[-3000:]  # 1: an uncertain email to decide about
+    # (A's email is uncertain, and B began sending while it was still under way, so B's claim read the ledger then)
+    assert rows[first].status == "uncertain"
+    a_attempt = next(t for t in attempts if t.message_id == first)
+    b_worker = next(t.worker for t in attempts if t.message_id not in (first, second))
+    assert b_worker != a_attempt.worker
+    assert min(t.started_at for t in attempts if t.worker == b_worker) < a_attempt.finished_at
+    # Then the customer got one email, not two within the cap's three days; the second waits its turn
+    per_address = Counter(m.rcpt_tos[0] for m in smtp_server.messages)
+    assert per_address[customer] == 1, f"{customer} got {per_address[customer]} emails"
+    assert rows[second].status in ("planned", "retry"), rows[second].status
+    assert len(per_address) == 41
+    assert codes[1] == 0, (tmp_path / "workers.log").read_text()[-3000:]

@@ -371,6 +371,30 @@ def test_a_row_whose_customer_another_worker_is_sending_to_is_held_back(store: S
     assert store.record_and_mark([], [by_key["k:2"]], worker="intruder", now=NOW) == Marks()
 
 
+def test_a_row_whose_mailbox_another_worker_may_have_sent_to_is_held_back(store: Store) -> None:
+    """An `uncertain` message may have arrived: the cap counts it as a send, and so does the mark. Two workers
+    hold one message each for customers 1, 2 and 3 (k:0-k:2 and k:3-k:5), claimed while a's were `sending`."""
+    store.insert_messages(planned(6), NOW)
+    a = store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)
+    b = store.claim(worker="b", now=NOW, limit=3, lease_seconds=600)
+    assert [m.customer_id for m in a] == [m.customer_id for m in b] == [1, 2, 3]
+    assert store.mark_sending([a[0].id, a[1].id], worker="a", now=NOW) == {a[0].id, a[1].id}
+    # When a's message to customer 1 ends uncertain (the connection died after the final dot), and a dies while
+    # sending to customer 2 (its lease lapses: the row becomes uncertain, with no attempt row)
+    later = NOW + timedelta(seconds=2)
+    store.record([Disposition(message=a[0], status=MessageStatus.UNCERTAIN, worker="a", started_at=NOW,
+                              finished_at=later, result=SendResult(Outcome.AMBIGUOUS, None, "Unexpected EOF",
+                                                                   "SMTPServerDisconnected"))])  # fmt: skip
+    assert store.release_expired_leases(NOW + timedelta(seconds=61)) == (1, 1)
+    # Then b's messages to both are held back, as after a plain send; the one to customer 3 goes out
+    marks = store.record_and_mark([], [m.id for m in b], worker="b", now=NOW + timedelta(seconds=61))
+    assert (marks.sending, marks.held) == ({b[2].id}, {b[0].id, b[1].id})
+    # while a worker's own uncertain message is its contact policy's business, as its sends are
+    again = store.claim(worker="a", now=NOW + timedelta(seconds=200), limit=10, lease_seconds=60)
+    own = next(m for m in again if m.customer_id == 1)
+    assert store.mark_sending([own.id], worker="a", now=NOW + timedelta(seconds=200)) == {own.id}
+
+
 def test_the_cap_and_the_mark_count_per_mailbox_not_per_customer_record(store: Store) -> None:
     """Customer 4 is a second record of customer 1's mailbox (a guest checkout, the address in other case): a
     worker sending to one holds back another worker's message to the other, and what was sent to either is

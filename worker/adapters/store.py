@@ -37,7 +37,6 @@ from worker.domain import (
     Disposition,
     Locale,
     MessageStatus,
-    Outcome,
     PlannedMessage,
     ProductView,
     SendTimeFacts,
@@ -145,21 +144,22 @@ _CLAIMED, _SENDING = MessageStatus.CLAIMED.value, MessageStatus.SENDING.value
 _MARK_HEAD = f"UPDATE message SET status = '{_SENDING}', attempts = attempts + 1, updated_at = :now WHERE id IN ("
 # Several workers judge the frequency cap against the ledger, which shows another worker's message only once it
 # is marked or recorded: so a row becomes `sending` only if no other worker is sending to its mailbox (partial
-# index ix_message_sending_mailbox), and no other worker sent that mailbox anything from HELD_SECONDS before the
-# row was claimed on (its updated_at is the claim's time; ix_message_mailbox, then the attempt that sent it). The
-# cap counts per mailbox (``domain.mailbox``, lower(email) in SQL), so several customer records with one address
-# share it. The minute before the claim covers a send whose record was committed only after this row's facts were
-# read, and clocks of different hosts that disagree by less than that. This worker's own sends are its arbiter's
-# business. On PostgreSQL the mailboxes are locked first (_LOCK_MAILBOXES), so of two marks for one mailbox the
-# second sees the first. {since_claim} is the claim's time less HELD_SECONDS, in the dialect's SQL.
+# index ix_message_sending_mailbox), and nobody else sent that mailbox anything, or may have, from HELD_SECONDS
+# before the row was claimed on (its updated_at is the claim's time; ix_message_mailbox: a row with a sent_at is
+# sent or uncertain, then the attempt that gave it: one of another worker, or none, as when a dead worker's lease
+# lapsed). The cap counts per mailbox (``domain.mailbox``, lower(email) in SQL), so several customer records with
+# one address share it. The minute before the claim covers a send whose record was committed only after this
+# row's facts were read, and clocks of different hosts that disagree by less than that. This worker's own sends
+# are its arbiter's business. On PostgreSQL the mailboxes are locked first (_LOCK_MAILBOXES), so of two marks for
+# one mailbox the second sees the first. {since_claim} is the claim's time less HELD_SECONDS, in the dialect's SQL.
 _MARK_TAIL = (
     f") AND claimed_by = :worker AND status = '{_CLAIMED}'"
     " AND NOT EXISTS (SELECT 1 FROM message other WHERE lower(other.email) = lower(message.email)"
     f" AND other.status = '{_SENDING}' AND other.claimed_by <> :worker)"
     " AND NOT EXISTS (SELECT 1 FROM message other WHERE lower(other.email) = lower(message.email)"
     " AND other.sent_at >= {since_claim} AND other.id <> message.id"
-    " AND EXISTS (SELECT 1 FROM attempt sent WHERE sent.message_id = other.id"
-    f" AND sent.outcome = '{Outcome.SENT.value}' AND sent.worker <> :worker))"
+    " AND NOT EXISTS (SELECT 1 FROM attempt mine WHERE mine.message_id = other.id"
+    " AND mine.attempt_no = other.attempts AND mine.worker = :worker))"
     " RETURNING id"
 )
 HELD_SECONDS = 60
