@@ -422,6 +422,9 @@ class Daemon:
                 log.event("dispatch_failed", logging.ERROR, error=log.error_line(exc))
             finally:
                 self._active = None
+                if gen is not self.gen and gen.dispatcher.unwritten:  # a reload came meanwhile: its run writes them
+                    self.gen.dispatcher.unwritten += gen.dispatcher.unwritten
+                    gen.dispatcher.unwritten = []
             await self._close_retired()
             if self._stop.is_set():
                 return

@@ -35,7 +35,9 @@ All ledger writes go through one ``LedgerWriter`` task (a group commit): it
 commits the marks and outcomes that piled up while the last commit ran, in one
 transaction, so committing per message does not cap the throughput, while each
 sender still waits for its own ``sending`` mark before the first SMTP byte. A
-group whose commit fails is tried again on a new connection for ~15 s.
+group whose commit fails is tried again on a new connection for ~15 s; then
+the run stops, and the dispatcher keeps what was not written for its next run
+(``Dispatcher.unwritten``: the daemon's sends end ``sent``, not ``uncertain``).
 
 While the run holds rows, a lease keeper renews their leases every third of
 ``lease_seconds``, so however long they wait (a slow rate, a slow server) no
@@ -133,6 +135,8 @@ class LedgerWriter:
         """The rows given an outcome whose commit has not been made yet."""
         self.settled: Callable[..., None] = _ignore
         """Told ``(message id, sent=…, seq=…)`` for each outcome once it is committed (the run's arbiter)."""
+        self._failed: list[Disposition] = []
+        """The outcomes of the group whose commit was given up (see ``unwritten``)."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="kembali-ledger-writer")
@@ -171,6 +175,14 @@ class LedgerWriter:
             self._task.result()  # re-raise the writer's failure
             raise RuntimeError("ledger writer stopped")
 
+    def unwritten(self) -> list[Disposition]:
+        """The outcomes handed over and not committed, once the writer has failed: the group it gave up on and any
+        that came after, and the rows of the marks it did not make, back to the queue. The mail they tell of went
+        out (or did not) all the same: the dispatcher writes them in its next run, rather than let a send the
+        server took become ``uncertain`` when its lease lapses, and an unsent row wait for its lease."""
+        waiting = [self._requeued(message, counts_as_attempt=True) for message, _ in self._marks]  # never tried
+        return [*self._failed, *self._records, *waiting]
+
     async def close(self) -> None:
         await self.flush()
         self._closed = True
@@ -201,16 +213,16 @@ class LedgerWriter:
                     if message_id not in marked.sending:
                         self.holding.discard(message_id)
                     elif future.cancelled():  # nobody will send it: back to the queue, the attempt not counted
-                        self.record(Disposition(message=message, status=lifecycle.requeued(message.attempts),
-                                                worker=self.worker, started_at=self.clock.now(),
-                                                finished_at=self.clock.now(), next_attempt_at=self.clock.now(),
-                                                counts_as_attempt=False))  # fmt: skip
+                        self.record(self._requeued(message, counts_as_attempt=False))
                     if not future.done():
                         future.set_result(
                             "sending" if message_id in marked.sending else "held" if message_id in marked.held
                             else "lost"
                         )  # fmt: skip
             except BaseException as exc:
+                # nothing is sent for these marks (their senders get the failure); should the commit have gone
+                # through unheard, the row's attempt stays counted
+                self._failed = [*records, *(self._requeued(message, counts_as_attempt=True) for message, _ in marks)]
                 for _, future in marks:
                     if not future.done():
                         future.set_exception(exc)
@@ -218,6 +230,13 @@ class LedgerWriter:
                 raise
             if not (self._marks or self._records):
                 self._idle.set()
+
+    def _requeued(self, message: ClaimedMessage, *, counts_as_attempt: bool) -> Disposition:
+        """A marked row given back to the queue unsent."""
+        now = self.clock.now()
+        return Disposition(message=message, status=lifecycle.requeued(message.attempts), worker=self.worker,
+                           started_at=now, finished_at=now, next_attempt_at=now,
+                           counts_as_attempt=counts_as_attempt)  # fmt: skip
 
     async def _commit(self, records: list[Disposition], ids: list[int]) -> Marks:
         """One transaction, one commit: outcomes first, then the marks senders wait for. A failure (the database
@@ -334,6 +353,10 @@ class Dispatcher:
         self._catalogue: list[ProductView] = []
         """The product catalogue, read once per run (when batches are prepared in this process)."""
         self._catalogue_run = -1
+        self.unwritten: list[Disposition] = []
+        """Outcomes a failed run could not commit (the database gone longer than the writer's retries), written
+        first by the next run before it claims anything: a daemon's sends the server took end ``sent``, not
+        ``uncertain`` at their leases' end, however long the database was away."""
 
     def close(self) -> None:
         """Stop the compose helper processes, if any (a later ``run_once`` starts them again)."""
@@ -404,7 +427,8 @@ class Dispatcher:
     async def run_once(self) -> DispatchReport:
         """Send what is due, batch after batch, until nothing is (or stopped, paused, out of quota).
         If a sender or the ledger writer fails, the run stops at once and raises that failure; what
-        was claimed and not begun goes back to the queue (or waits for its lease to lapse)."""
+        was claimed and not begun goes back to the queue (or, when the writer failed, is kept in ``unwritten`` with
+        the outcomes it could not write, for the next run to write first)."""
         self._runs += 1
         report = DispatchReport()
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
@@ -418,6 +442,7 @@ class Dispatcher:
         ]
         keeper = asyncio.create_task(self._keep_leases(writer), name="kembali-lease-keeper")
         try:
+            await self._write_unwritten(writer)
             await _unless_one_fails(self._produce(queue, writer, report), senders)
             for _ in senders:
                 await _unless_one_fails(queue.put(_DONE), senders)
@@ -434,15 +459,39 @@ class Dispatcher:
                     writer.record(self._release(item.message, now))
             with contextlib.suppress(Exception):  # the writer's own failure is what is being raised
                 await writer.close()
+            self._keep_unwritten(writer)
             raise
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-        await writer.close()
+        try:
+            await writer.close()
+        except BaseException:
+            self._keep_unwritten(writer)
+            raise
         report.paused = self.paused
         report.quota_reached = self.quota_reached
         return report
+
+    async def _write_unwritten(self, writer: LedgerWriter) -> None:
+        """Commit what the last run could not, before claiming: the facts of the next batches must show it."""
+        if not self.unwritten:
+            return
+        carried, self.unwritten = self.unwritten, []
+        for disposition in carried:
+            writer.record(disposition)
+        await writer.flush()
+        log.event("outcomes_written_late", logging.WARNING, outcomes=len(carried),
+                  sent=sum(1 for d in carried if d.status is MessageStatus.SENT))  # fmt: skip
+
+    def _keep_unwritten(self, writer: LedgerWriter) -> None:
+        self.unwritten = writer.unwritten()
+        if self.unwritten:
+            log.event("outcomes_not_written", logging.ERROR, outcomes=len(self.unwritten),
+                      sent=sum(1 for d in self.unwritten if d.status is MessageStatus.SENT),
+                      note="kept to be written by the next run; should the process end first, the rows sent "
+                      "become uncertain when their leases lapse")  # fmt: skip
 
     async def _keep_leases(self, writer: LedgerWriter) -> None:
         """Renew the leases of the rows this run holds, every third of a lease: however long they wait for the
