@@ -521,6 +521,40 @@ def test_the_daily_quota_leaves_the_rest_for_tomorrow(url: str, server: Recordin
         shop.close()
 
 
+def test_a_daemons_dispatcher_sends_its_full_quota_on_the_day_after_the_quota_ran_out(
+    url: str, server: RecordingServer
+) -> None:
+    # Given 8 customers due a win-back, a daily quota of 3, batches of 2, and one dispatcher kept from day to day
+    # (as `kembali run` keeps it)
+    emails = [f"c{i}@test.example" for i in range(8)]
+    shop = shop_for(url, server, emails, daily_quota=3, batch_size=2, compose_processes=0)
+    plan(shop.store, shop.deps.settings, shop.clock.now())
+    astore = AsyncStore(shop.store)
+
+    async def two_days() -> tuple[Any, Any]:
+        transport = shop.deps.transport()
+        dispatcher = shop.deps.dispatcher(astore, transport)
+        try:
+            first = await dispatcher.run_once()
+            # When the next local day comes
+            shop.clock.advance(24 * 3600)
+            return first, await dispatcher.run_once()
+        finally:
+            await transport.close()
+
+    try:
+        first, second = asyncio.run(asyncio.wait_for(two_days(), timeout=60))
+        # Then the first day sends 3 and leaves the rest for the next, and the next day's run sends its 3 too (not
+        # one batch, taking yesterday's quota for today's); the other two wait
+        assert (first.outcomes["sent"], first.quota_reached) == (3, True)
+        assert (second.outcomes["sent"], second.quota_reached) == (3, True)
+        assert len(server.messages) == 6
+        assert sorted(shop.row(e).status for e in emails) == ["planned"] * 2 + ["sent"] * 6
+    finally:
+        astore.close()
+        shop.close()
+
+
 def test_starttls_required_but_not_offered_sends_nothing(url: str, server: RecordingServer) -> None:
     settings = make_settings(url, server.port, smtp={"tls": "starttls"})
     shop = Shop(url, settings, [OK])

@@ -430,6 +430,7 @@ class Dispatcher:
         was claimed and not begun goes back to the queue (or, when the writer failed, is kept in ``unwritten`` with
         the outcomes it could not write, for the next run to write first)."""
         self._runs += 1
+        self.quota_reached = False  # a new run, perhaps a new day: the quota tells (a daemon keeps its dispatcher)
         report = DispatchReport()
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
         writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock, group=in_flight // 2)
