@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+import signal
 import subprocess
 import sys
 import time
@@ -259,3 +260,69 @@ def test_a_worker_does_not_send_a_customer_a_second_email_while_another_workers_
     assert rows[second].status in ("planned", "retry"), rows[second].status
     assert len(per_address) == 41
     assert codes[1] == 0, (tmp_path / "workers.log").read_text()[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_daemons_sharing_a_database_through_kills_stops_and_dropped_connections_send_each_email_once(
+    pg_url: str, tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    """Three `kembali run` daemons and a `run --once` on one PostgreSQL database: the database drops every
+    connection, one daemon is SIGKILLed mid-send, another stopped with SIGTERM; the rest finish the queue."""
+    from tests.daemon_harness import LINK_KEY, Daemon, make_shop
+
+    # Given 300 customers due a win-back, a server that takes 50 ms over each message, leases of 3 s
+    for i in range(300):
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=0.05))
+    extra = ('[sending]\nlease_seconds = 3\nrate_per_second = 100.0\nburst = 5\nbatch_size = 20\n'
+             'domain_rate_per_second = 100.0\nshared_limits = "database"\n')  # fmt: skip
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, db_url=pg_url, extra=extra, plan_cron="*/2 * * * * *")
+    shop.config.write_text(shop.config.read_text().replace('level = "debug"', 'level = "info"'))
+    shop.add(range(300), days_ago=60)
+    admin = sa.create_engine(pg_url)
+    daemons = [Daemon.start(shop) for _ in range(3)]
+    once = None
+    try:
+        def after(count: int) -> None:
+            daemons[-1].wait_for(lambda: len(smtp_server.messages) >= count, timeout=30, why=f"{count} emails")
+
+        # When the database drops every connection of the workers
+        after(40)
+        with admin.connect() as conn:
+            dropped = conn.execute(sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                           " WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+        assert dropped
+        # and one daemon is killed mid-send, another stopped, while a `run --once` starts beside the last
+        after(100)
+        daemons[0].proc.kill()
+        assert daemons[0].wait(10) == -signal.SIGKILL
+        after(150)
+        daemons[1].signal(signal.SIGTERM)
+        once = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(shop.config), "run", "--once"],
+                                cwd=REPO, env={**subprocess_env(), "KEMBALI_LINK_SECRET": LINK_KEY},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        assert daemons[1].wait(20) == 0, daemons[1].log()
+        # Then the rest finish the queue: every row ends sent, or uncertain (the killed daemon's sends under way)
+        done = ("SELECT count(*) FROM message WHERE status IN ('sent', 'uncertain')")
+        daemons[2].wait_for(lambda: shop.scalar(done) == 300, timeout=40, why="every row sent or uncertain")
+        out, _ = once.communicate(timeout=30)
+        assert once.returncode in (0, 1), out.decode()[-2000:]  # 1: it found the killed daemon's uncertain rows
+        assert daemons[2].stop() == 0, daemons[2].log()
+    finally:
+        admin.dispose()
+        for daemon in daemons:
+            if daemon.proc.poll() is None:
+                daemon.proc.kill()
+            if daemon.proc.stderr is not None and not daemon.proc.stderr.closed:
+                daemon.wait(10)
+        if once is not None and once.poll() is None:
+            once.kill()
+            once.wait()
+    rows = {r[0]: r[1] for r in shop.rows("SELECT message_id, status FROM message")}
+    arrived = message_ids(smtp_server.messages)
+    assert set(arrived.values()) == {1}, "an email arrived twice"
+    assert all(arrived[mid] == 1 for mid, status in rows.items() if status == "sent")
+    assert set(arrived) <= set(rows)
+    uncertain = [mid for mid, status in rows.items() if status == "uncertain"]
+    assert len(uncertain) <= 2 * 4, uncertain  # pool_size x in_flight_per_connection of the killed daemon
+    assert len(arrived) >= 300 - len(uncertain)
