@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+import re
 import signal
 import subprocess
 import sys
@@ -326,3 +327,53 @@ def test_daemons_sharing_a_database_through_kills_stops_and_dropped_connections_
     uncertain = [mid for mid, status in rows.items() if status == "uncertain"]
     assert len(uncertain) <= 2 * 4, uncertain  # pool_size x in_flight_per_connection of the killed daemon
     assert len(arrived) >= 300 - len(uncertain)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_four_workers_planning_every_campaign_at_once_plan_each_message_once_and_send_it_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Every campaign enabled on a demo shop (birthdays, feedback requests, win-backs, new products, loyalty):
+    four `run --once` processes started together plan the same campaigns at the same instant, then share the
+    sending."""
+    from worker.adapters import shop
+    from worker.demo import generate_shop
+
+    # Given a demo shop of 800 customers
+    now = datetime.now(UTC)
+    data = generate_shop(seed=7, customers=800, now=now)
+    engine = db.create_engine(pg_url)
+    try:
+        db.upgrade(engine)
+        shop.upsert_products(engine, data.products, now)
+        shop.upsert_customers(engine, data.customers, now)
+        shop.upsert_orders(engine, data.orders, now)
+    finally:
+        engine.dispose()
+    with TimedSink() as sink:
+        raw = settings_dict(pg_url, sink.port, batch_size=50, rate_per_second=10_000.0, burst=1000,
+                            domain_rate_per_second=10_000.0, domain_burst=1000)  # fmt: skip
+        for campaign in ("birthday", "feedback", "new_products", "loyalty"):
+            raw[f"campaigns.{campaign}"] = {"enabled": True}
+        raw["logging"] = {"level": "warning"}
+        config = write_config(tmp_path / "config.toml", raw)
+        # When four workers start together
+        codes = _run_workers(config, tmp_path / "workers.log", count=4)
+        received = list(sink.messages)
+
+    # Then each exits 0; each message was planned once (the dedupe key is unique: a second planner's row would
+    # have failed the run), and every campaign planned something
+    assert codes == [0, 0, 0, 0], (tmp_path / "workers.log").read_text()[-3000:]
+    rows = ledger(pg_url)
+    assert {r.campaign for r in rows.values()} == {"birthday", "feedback", "winback", "new_products", "loyalty"}
+    log = (tmp_path / "workers.log").read_text()
+    planned = sum(int(n) for n in re.findall(r"^planned (\d+) new", log, re.MULTILINE))
+    assert planned == len(rows), "the workers' reports of what they planned add up to the ledger"
+    # and each email arrived once, no mailbox got two (the cap: one per three days), every sent row arrived
+    arrived = message_ids(received)
+    assert set(arrived.values()) == {1}, "a message arrived twice"
+    assert {m for m, r in rows.items() if r.status == "sent"} == set(arrived)
+    per_mailbox = Counter(m.rcpt_tos[0].lower() for m in received)
+    assert max(per_mailbox.values()) == 1, [box for box, n in per_mailbox.items() if n > 1][:5]
+    assert {r.status for r in rows.values()} <= {"sent", "planned", "retry", "skipped"}
