@@ -171,6 +171,24 @@ def test_claim_takes_the_highest_priority_first_then_the_oldest_due(store: Store
     assert [m.dedupe_key for m in store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)] == ["low-old:0"]
 
 
+def test_a_claim_for_some_campaigns_leaves_the_others_rows_waiting_whatever_their_priority(store: Store) -> None:
+    def one(key: str, campaign: str, priority: int) -> PlannedMessage:
+        return dataclasses.replace(planned(1, prefix=key)[0], campaign=campaign, priority=priority)
+
+    # two campaigns sharing a priority (as those left out of policy.priorities do), a third above them
+    store.insert_messages([one("news", "new_products", 0), one("reward", "loyalty", 0), one("bday", "birthday", 50)],
+                          NOW)  # fmt: skip
+    taken = store.claim(worker="a", now=NOW, limit=10, lease_seconds=60, campaigns=["loyalty", "birthday"])
+    assert sorted(m.dedupe_key for m in taken) == ["bday:0", "reward:0"]
+    # a priority held back is not looked at, though its campaign is named
+    store.insert_messages([one("bday2", "birthday", 50)], NOW)
+    assert store.claim(worker="a", now=NOW, limit=10, lease_seconds=60, campaigns=["birthday"],
+                       held_priorities={50}) == []  # fmt: skip
+    assert store.claim(worker="a", now=NOW, limit=10, lease_seconds=60, campaigns=[]) == []
+    assert [m.dedupe_key for m in store.claim(worker="b", now=NOW, limit=10, lease_seconds=60)] == ["bday2:0",
+                                                                                                   "news:0"]
+
+
 def test_the_claim_reads_the_queue_index_in_order_and_never_sorts_the_queue(sqlite_url: str) -> None:
     """With a million rows waiting, a claim that sorts every due row takes seconds; one that walks the
     partial queue index takes milliseconds. SQLite's plans say which (PostgreSQL's depend on statistics)."""

@@ -51,6 +51,11 @@ def enabled_campaigns(settings: Settings) -> list[str]:
     return planning.enabled(settings)
 
 
+def held_priorities(settings: Settings) -> frozenset[int]:
+    """Priorities whose waiting rows belong only to campaigns turned off (``planning.held_priorities``)."""
+    return planning.held_priorities(settings)
+
+
 # --- planning ----------------------------------------------------------------
 
 

@@ -53,6 +53,14 @@ def enabled(settings: Settings) -> list[str]:
     return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
+def held_priorities(settings: Settings) -> frozenset[int]:
+    """The priorities of campaigns turned off that no enabled campaign shares: a claim skips them (their rows wait
+    until the campaign is on again, or expire) instead of reading through the rows only to leave each one."""
+    policy, on = contact_policy(settings), enabled(settings)
+    off = {policy.priority(name) for name in ALL_CAMPAIGNS if name not in on}
+    return frozenset(off - {policy.priority(name) for name in on})
+
+
 def loyalty_milestones(settings: Settings) -> cc.Milestones:
     cfg = settings.campaigns.loyalty
     currency = settings.shop.currency

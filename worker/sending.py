@@ -77,6 +77,8 @@ from worker.pipeline import (
     Deferred,
     RenderFailed,
     Skipped,
+    enabled_campaigns,
+    held_priorities,
     load_batch_facts,
     load_catalogue,
 )
@@ -613,6 +615,9 @@ class Dispatcher:
             limit=limit,
             lease_seconds=self.settings.sending.lease_seconds,
             domain=self.settings.shop.domain,
+            # a campaign turned off sends nothing more: what it planned waits until it is on again (or expires)
+            campaigns=enabled_campaigns(self.settings),
+            held_priorities=held_priorities(self.settings),
         )
         if not batch:
             return None

@@ -19,7 +19,7 @@ import contextlib
 import json
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -224,7 +224,7 @@ _CLAIM_SQL = (
     f"UPDATE message SET status = '{_CLAIMED}', claimed_by = :worker, lease_until = :lease_until,"
     " updated_at = :now, message_id = COALESCE(message_id, {message_id})"
     " WHERE id IN (SELECT id FROM message WHERE message.status IN ('planned', 'retry') AND priority = :priority"
-    " AND next_attempt_at <= :now ORDER BY next_attempt_at, id LIMIT :limit{lock})"
+    " AND next_attempt_at <= :now{{only}} ORDER BY next_attempt_at, id LIMIT :limit{lock})"
     f" AND message.status IN ('planned', 'retry') RETURNING {_CLAIM_RETURNING}"
 )
 _MESSAGE_ID_SQL = {
@@ -279,9 +279,20 @@ class _LedgerSql:
         self.attempt = self.style(_ATTEMPT_SQL)
         self.suppress = self.style(_SUPPRESS_SQL)
         lock = " FOR UPDATE SKIP LOCKED" if dialect.name == "postgresql" else ""
-        self.claim = self.style(_CLAIM_SQL.format(message_id=_MESSAGE_ID_SQL[dialect.name], lock=lock))
-        self.claim_known_ids = self.style(_CLAIM_SQL.format(message_id="NULL", lock=lock))
+        self._claim = _CLAIM_SQL.format(message_id=_MESSAGE_ID_SQL[dialect.name], lock=lock)
+        self._claim_known_ids = _CLAIM_SQL.format(message_id="NULL", lock=lock)
+        self._claims: dict[tuple[bool, int | None], str] = {}
         self.mark_tail = _MARK_TAIL.replace("{since_claim}", _SINCE_CLAIM[dialect.name])
+
+    def claim(self, *, known_ids: bool, campaigns: int | None) -> str:
+        """The claim, for ``campaigns`` campaigns named ``:c0``… (None: of any campaign)."""
+        key = (known_ids, campaigns)
+        if key not in self._claims:
+            names = ", ".join(f":c{n}" for n in range(campaigns or 0))
+            only = "" if campaigns is None else f" AND campaign IN ({names})"
+            template = self._claim_known_ids if known_ids else self._claim
+            self._claims[key] = self.style(template.replace("{only}", only))
+        return self._claims[key]
 
     def _in(self, head: str, count: int, tail: str) -> str:
         return self.style(head + ", ".join(f":i{n}" for n in range(count)) + tail)
@@ -423,11 +434,22 @@ class Store:
     # --- claiming and sending -----------------------------------------------
 
     def claim(
-        self, *, worker: str, now: datetime, limit: int, lease_seconds: int, domain: str | None = None
+        self,
+        *,
+        worker: str,
+        now: datetime,
+        limit: int,
+        lease_seconds: int,
+        domain: str | None = None,
+        campaigns: Sequence[str] | None = None,
+        held_priorities: Collection[int] = (),
     ) -> list[ClaimedMessage]:
         """Take up to ``limit`` due rows for ``worker`` with a lease, highest priority first, then the oldest
         due; no two workers get the same row. ``domain``: rows planned without a Message-ID get theirs
-        (``core.audiences.message_id_for``) as they are claimed.
+        (``core.audiences.message_id_for``) as they are claimed. ``campaigns``: only rows of these (the enabled
+        ones: a campaign turned off keeps its rows waiting, until it is on again or they expire); None: any.
+        ``held_priorities``: priorities not to look at, those of campaigns turned off alone (whose rows the
+        campaign filter would otherwise read through, one by one, at every claim).
 
         One priority at a time (a handful of distinct values), each an ordered range of the partial
         ``ix_message_queue`` index: no claim ever sorts the whole queue, however long it is."""
@@ -436,10 +458,16 @@ class Store:
             "worker": worker, "now": sql.dt(now), "lease_until": sql.dt(now + timedelta(seconds=lease_seconds)),
             "domain": domain,
         }  # fmt: skip
-        statement = sql.claim if domain is not None else sql.claim_known_ids
+        if campaigns is not None:
+            if not campaigns:
+                return []
+            params.update({f"c{n}": name for n, name in enumerate(campaigns)})
+        statement = sql.claim(known_ids=domain is None, campaigns=None if campaigns is None else len(campaigns))
         rows: list[Any] = []
         with self.engine.begin() as conn:
             for priority in conn.execute(_WAITING_PRIORITIES).scalars():
+                if priority in held_priorities:
+                    continue
                 params.update(priority=priority, limit=limit - len(rows))
                 got = list(conn.exec_driver_sql(statement, params).all())
                 got.sort(key=lambda r: (r[11], r[0]))  # RETURNING keeps no order: next_attempt_at, id
