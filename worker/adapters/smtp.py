@@ -77,6 +77,9 @@ REPLY_LIMIT = 500
 """Characters of server text kept in a ``SendResult``."""
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""What no ledger takes: lone surrogates (aiosmtplib keeps a reply's bytes that are not UTF-8 as such, and neither
+SQLite nor PostgreSQL stores them) and NUL (PostgreSQL refuses it)."""
 _PLAIN_ADDRESS = re.compile(r"[!#-'*+\-./0-9=?A-Z^-~]+@[A-Za-z0-9.\-\[\]:]+", re.ASCII)
 """local@domain: dot-atom local part characters, a domain or address literal."""
 
@@ -464,7 +467,7 @@ def _text(exc: BaseException) -> str:
 def _result(
     outcome: Outcome, code: int | None, reply: str, exc: BaseException | None, stage: str, *, setup: str = ""
 ) -> SendResult:
-    reply = reply.strip()[:REPLY_LIMIT]
+    reply = _UNSTORABLE.sub("\ufffd", reply.strip()[:REPLY_LIMIT])
     hint = parse_retry_after(reply) if code is not None and 400 <= code < 500 else None
     return SendResult(
         outcome=outcome,
