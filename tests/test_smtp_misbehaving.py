@@ -1,5 +1,5 @@
-"""Servers that misbehave in ways the recording server's behaviours do not cover: replies with bytes that are
-not UTF-8, a NUL, no line end; the real Dispatcher and a real ledger (SQLite and PostgreSQL)."""
+"""Servers that misbehave in ways the recording server's behaviours do not cover (replies with bytes that are
+not UTF-8 or a NUL, a refused EHLO, a hang-up after the banner), against the real Dispatcher and a real ledger."""
 
 from __future__ import annotations
 
@@ -10,15 +10,30 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from tests.sendkit import Shop, make_settings, message_ids
-from tests.smtp_server import RecordingServer, _FaultySMTP
+from tests.smtp_server import RecordingServer, _FaultySMTP, _hang_up
+from worker.commands import running
 
 BAD, OK = "bad@test.example", "ok@test.example"
 
 
 class _RawSMTP(_FaultySMTP):
-    """Answers RCPT TO or the final dot for ``BAD`` with the owner's raw bytes, as they are."""
+    """Answers RCPT TO or the final dot for ``BAD`` with the owner's raw bytes, as they are; refuses HELO as
+    told; hangs up after the greeting when told."""
 
     _owner: OddServer
+
+    async def _handle_client(self) -> None:
+        if not self._owner.hang_up_after_greeting:
+            await super()._handle_client()
+            return
+        await self.push("220 mx.test.example ESMTP")
+        _hang_up(self)
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if self._owner.helo_reply is None:
+            await super().smtp_HELO(hostname)
+            return
+        await self.push(self._owner.helo_reply)
 
     async def smtp_RCPT(self, arg: str) -> None:  # aiosmtpd's command hook names
         raw = self._owner.raw_rcpt
@@ -49,6 +64,9 @@ class OddServer(RecordingServer):
         super().__init__()
         self.raw_rcpt: bytes | None = None
         self.raw_dot: bytes | None = None
+        self.helo_reply: str | None = None
+        """When set, every HELO gets this reply (with ``ehlo_reply``: a server that will not be greeted)."""
+        self.hang_up_after_greeting = False
 
     def _smtp(self, handler: Any, **kwargs: Any) -> SMTP:
         return _RawSMTP(self, handler, tls_context=self._tls_context, **kwargs)
@@ -93,6 +111,40 @@ def test_a_reply_that_is_not_utf8_or_holds_a_nul_is_recorded_and_the_run_goes_on
         assert words in attempt.reply
         assert shop.row(OK).status == "sent"
         assert report.dispatched.outcomes["sent"] == 1 + (status == "sent")
+        assert all(n == 1 for n in message_ids(server.messages).values())
+    finally:
+        shop.close()
+
+
+@pytest.mark.parametrize("refusal", ["ehlo", "hang up"], ids=["EHLO and HELO refused", "hang-up after the greeting"])
+def test_a_server_that_will_not_be_greeted_pauses_after_the_failures_in_a_row_and_fails_no_one(
+    sqlite_url: str, server: OddServer, refusal: str
+) -> None:
+    # a relay that refuses this host at EHLO (its name, its IP on a list), or drops every connection after
+    # its banner: nothing about any message has been said, as with a refused greeting
+    if refusal == "ehlo":
+        server.ehlo_reply = server.helo_reply = "554 5.7.1 <kembali.test>: Helo command rejected: Access denied"
+    else:
+        server.hang_up_after_greeting = True
+    emails = [f"c{i}@test.example" for i in range(6)]
+    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
+                             pause_after_failures=3, in_flight_per_connection=1, max_attempts=1)  # fmt: skip
+    shop = Shop(sqlite_url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        paused = report.dispatched.paused
+        assert paused is not None and "3 connection failures in a row" in paused
+        rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
+        assert rows == [("planned", 0)] * 3 + [("retry", 0)] * 3  # back to the queue, the attempt not counted
+        assert shop.suppressed() == {}
+        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+
+        server.ehlo_reply = server.helo_reply = None
+        server.hang_up_after_greeting = False
+        shop.clock.advance(7 * 3600)
+        shop.cycle()
+        assert {shop.row(e).status for e in emails} == {"sent"}
         assert all(n == 1 for n in message_ids(server.messages).values())
     finally:
         shop.close()

@@ -264,8 +264,10 @@ class SmtpTransport:
                         "smtp.tls",
                     )
                 await client.starttls()
+            # here, not at MAIL FROM: a refused EHLO and HELO, or a hang-up after the banner, says nothing
+            # of a message (again after STARTTLS: what the server offers may have changed)
+            await _greet(client)
             if s.username:
-                await _greet(client)  # again after STARTTLS: what the server offers may have changed
                 attempt.stage = "auth"
                 _check_auth_offered(client, s)
                 await client.login(s.username, self._password or "")
@@ -421,8 +423,7 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 async def _mail(client: SMTP, sender: str) -> None:
     """``client.mail(sender)`` without its per-call address parsing (``_check_address`` did it):
-    the same command, the same errors, EHLO (or HELO) first on a fresh connection."""
-    await _greet(client)
+    the same command, the same errors (``_connect`` greeted)."""
     response = await client.execute_command(b"MAIL", b"FROM:<" + sender.encode("ascii") + b">")
     if response.code != 250:
         raise SMTPSenderRefused(response.code, response.message, sender)
