@@ -3,6 +3,8 @@ not UTF-8 or a NUL, a refused EHLO, a hang-up after the banner), against the rea
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,8 +12,10 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from tests.sendkit import Shop, make_settings, message_ids
-from tests.smtp_server import RecordingServer, _FaultySMTP, _hang_up
+from tests.smtp_server import RecordingServer, _FaultySMTP, _hang_up, make_message
+from worker.adapters.smtp import SmtpTransport
 from worker.commands import running
+from worker.domain import Outcome, SendResult
 
 BAD, OK = "bad@test.example", "ok@test.example"
 
@@ -28,6 +32,13 @@ class _RawSMTP(_FaultySMTP):
             return
         await self.push("220 mx.test.example ESMTP")
         _hang_up(self)
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        idle = self._owner.dropped_after_idle
+        done = getattr(self, "_done_at", None)
+        if idle is not None and done is not None and time.monotonic() - done > idle:
+            return  # the flow was dropped on the way while idle: the command never reaches the server
+        await super().smtp_MAIL(arg)
 
     async def smtp_HELO(self, hostname: str) -> None:
         if self._owner.helo_reply is None:
@@ -47,6 +58,7 @@ class _RawSMTP(_FaultySMTP):
         raw = self._owner.raw_dot
         if raw is None or self.envelope is None or BAD not in self.envelope.rcpt_tos:
             await super().smtp_DATA(arg)
+            self._done_at = time.monotonic()
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         while await self._reader.readuntil(b"\r\n") != b".\r\n":
@@ -67,6 +79,9 @@ class OddServer(RecordingServer):
         self.helo_reply: str | None = None
         """When set, every HELO gets this reply (with ``ehlo_reply``: a server that will not be greeted)."""
         self.hang_up_after_greeting = False
+        self.dropped_after_idle: float | None = None
+        """When set, a connection idle this many seconds after a message answers nothing more, as one a NAT or
+        firewall dropped while it sat idle (without a reset): new connections work."""
 
     def _smtp(self, handler: Any, **kwargs: Any) -> SMTP:
         return _RawSMTP(self, handler, tls_context=self._tls_context, **kwargs)
@@ -148,3 +163,26 @@ def test_a_server_that_will_not_be_greeted_pauses_after_the_failures_in_a_row_an
         assert all(n == 1 for n in message_ids(server.messages).values())
     finally:
         shop.close()
+
+
+def test_a_connection_idle_longer_than_the_reuse_limit_is_replaced_not_trusted(server: OddServer) -> None:
+    # a NAT or firewall between the worker and its relay (Azure's load balancer after 4 minutes) forgets an idle
+    # flow without a word: a command on it gets no reply, ever
+    server.dropped_after_idle = 0.25
+
+    async def main() -> list[SendResult]:
+        async with SmtpTransport(server.settings(pool_size=1, timeout_seconds=1.0)) as transport:
+            transport.IDLE_REUSE_SECONDS = 0.2
+            first = await transport.send("shop@test.example", "a@test.example", make_message(1))
+            await asyncio.sleep(0.35)  # idle past the limit between two runs of the daemon
+            second = await transport.send("shop@test.example", "b@test.example", make_message(2))
+            third = await transport.send("shop@test.example", "c@test.example", make_message(3))  # right after
+            return [first, second, third]
+
+    results = asyncio.run(main())
+
+    # the second message went out on a new connection, at once, instead of timing out at MAIL FROM (an attempt
+    # counted against it, and a retry); the third, right after it, on the same connection
+    assert [(r.outcome, r.stage) for r in results] == [(Outcome.SENT, "reply")] * 3
+    assert [m.rcpt_tos for m in server.messages] == [(f"{x}@test.example",) for x in "abc"]
+    assert server.connections == 2

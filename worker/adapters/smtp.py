@@ -34,7 +34,8 @@ A refused connection, a timeout, a reset during the TLS handshake or any other
 TLS error is never ``setup``: it may pass, and counts toward the pause.
 
 Pool: ``pool_size`` slots in a LIFO queue, one message in flight per slot,
-each holding a connection opened lazily and reused. After a reply error at
+each holding a connection opened lazily and reused (unless it sat idle longer
+than ``SmtpTransport.IDLE_REUSE_SECONDS``: then it is opened anew). After a reply error at
 MAIL/RCPT/DATA the connection is RSET and kept; after an error reply to the
 final dot it is kept as is; after anything else (drop, timeout, garbled reply,
 any 421) it is closed and the slot reconnects next time. A pooled connection that
@@ -107,6 +108,8 @@ _NAME_MISMATCH = frozenset({62, 64})
 @dataclass
 class _Slot:
     client: SMTP | None = None
+    idle_since: float = 0.0
+    """When its last transaction ended (the event loop's clock)."""
 
     def discard(self) -> None:
         if self.client is not None:
@@ -121,6 +124,12 @@ class _Attempt:
 
 class SmtpTransport:
     """Sends one message per call over a pool of SMTP connections."""
+
+    IDLE_REUSE_SECONDS = 60.0
+    """A connection idle longer than this is closed and opened anew before its next message, not reused: a NAT
+    or firewall on the way may have forgotten it without a word (Azure's load balancers after 4 minutes), and a
+    command on it would get no reply until ``timeout_seconds``, the attempt counted against the message; and
+    servers close idle sessions after some minutes (Postfix: 300 s), with a 421 that could cross our MAIL FROM."""
 
     def __init__(
         self,
@@ -172,6 +181,7 @@ class SmtpTransport:
             slot.discard()  # cancelled mid-transaction: the connection state is unknown
             raise
         finally:
+            slot.idle_since = asyncio.get_running_loop().time()
             self._idle.put_nowait(slot)
 
     async def close(self) -> None:
@@ -233,8 +243,9 @@ class SmtpTransport:
         return _result(classify_reply(response.code, "reply"), response.code, _reply_text(response), None, "reply")
 
     async def _ready_client(self, slot: _Slot, attempt: _Attempt) -> tuple[SMTP, bool]:
-        """The slot's connection and whether it was reused; opened if missing or closed."""
-        if slot.client is not None and slot.client.is_connected:
+        """The slot's connection and whether it was reused; opened if missing, closed or idle too long."""
+        idle = asyncio.get_running_loop().time() - slot.idle_since
+        if slot.client is not None and slot.client.is_connected and idle <= self.IDLE_REUSE_SECONDS:
             return slot.client, True
         slot.discard()
         slot.client = await self._connect(attempt)
