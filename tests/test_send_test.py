@@ -133,3 +133,20 @@ def test_customer_data_and_server_replies_reach_the_terminal_escaped(
         # (the subject greets the name as the email has it: cleaned of its controls, the first word left)
         assert ("Kak ]0;owned, masih suka" in printed) == (code == 0), printed
         assert ("550 5.1.1 \\u001b[2J\\rgone" in printed) == (code == 1), printed
+
+
+def test_a_test_message_the_server_did_not_confirm_is_not_called_unsent(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a server that takes the whole message, then never answers the final dot within the timeout
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port)
+    site.config.write_text(site.config.read_text().replace("timeout_seconds = 5.0", "timeout_seconds = 0.5"))
+    smtp_server.on("me@shop.example", Behaviour(delay_at="data", delay_seconds=1.0))
+
+    done = site.cli("send-test", "--campaign", "winback", "--to", "me@shop.example")
+
+    # Then it is not called "not sent" (it may well have arrived: sending another could make two), and says so
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "not sent" not in done.stdout
+    assert "may have been sent" in done.stdout and "me@shop.example" in done.stdout
+    assert "Timed out waiting for server response" in done.stdout

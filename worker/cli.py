@@ -131,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                        "a sample customer, and send it through the configured SMTP server to --to, with '[TEST] ' "
                        "before the subject. The ledger is not touched; the unsubscribe link in a test message "
                        "does not work (it cannot unsubscribe the customer). Exit code 1 if the server refuses the "
-                       "message, 3 if the server cannot be used (connection, login, TLS setup).")
+                       "message (or does not confirm it), 3 if the server cannot be used (connection, login, TLS "
+                       "setup).")
     p.add_argument("--campaign", required=True,
                    help="the campaign, e.g. winback, or a win-back step's template folder, e.g. winback-reminder")
     p.add_argument("--customer", help="render for this customer (default: a sample customer)")

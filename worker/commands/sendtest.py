@@ -93,6 +93,11 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
         print(f"kembali send-test: not sent: the SMTP server {settings.smtp.host}:{settings.smtp.port} could not be "
               f"used: {printable(result.reply or result.error_type)}{fix}", file=sys.stderr)  # fmt: skip
         return EXIT_UNAVAILABLE
+    if result.outcome is Outcome.AMBIGUOUS:  # handed over, then no reply: "not sent" would invite a second copy
+        print(f"kembali send-test: may have been sent: the server took the message but did not confirm it "
+              f"({printable(result.reply or result.error_type)}): look in the inbox of {args.to} before "
+              "sending another")  # fmt: skip
+        return EXIT_NOT_SENT
     print(f"kembali send-test: not sent ({result.outcome.value}): {printable(result.reply or result.error_type)}")
     return EXIT_NOT_SENT
 
