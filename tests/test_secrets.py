@@ -129,6 +129,30 @@ def test_an_empty_smtp_password_stops_the_run_before_anything_is_planned(
     assert _nothing_planned_or_sent(config, smtp_server)
 
 
+def test_an_smtp_password_that_is_not_utf8_stops_the_run_before_anything_is_planned_and_is_never_printed(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given the SMTP password in an environment file saved in Latin-1 ("S3cr\xe9t-pw": é as one byte, not UTF-8)
+    smtp_server.login = ("shop", "S3cr\u00e9t-pw")
+    config = write_config(tmp_path, smtp_port=smtp_server.port)
+    config.write_text(config.read_text().replace('tls = "none"', 'tls = "none"\nusername = "shop"'))
+    shop_in(tmp_path, config, customers=40)  # customers due a win-back
+    env = {**os.environb, b"KEMBALI_LINK_SECRET": LINK_KEY.encode(), b"KEMBALI_SMTP_PASSWORD": b"S3cr\xe9t-pw"}
+    results = {}
+    for args in (("check",), ("run", "--once"), ("send-test", "--campaign", "winback", "--to", "me@shop.example")):
+        argv = [sys.executable, "-m", "worker", "--config", str(config), *args]
+        results[args[0]] = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, timeout=120, check=False)
+    # Then each names the variable and what is wrong with it, without a traceback and without the password; the
+    # run stops with exit 2 and nothing done (before: a UnicodeEncodeError at the login, every message it had
+    # marked left `sending`, to become `uncertain`)
+    for command, result in results.items():
+        printed = (result.stdout + result.stderr).decode("utf-8", "replace")
+        assert result.returncode == (1 if command == "check" else 2), printed
+        assert "KEMBALI_SMTP_PASSWORD" in printed and "UTF-8" in printed, printed
+        assert "Traceback" not in printed and "S3cr" not in printed and "t-pw" not in printed, printed
+    assert _nothing_planned_or_sent(config, smtp_server)
+
+
 @pytest.mark.parametrize("command", [("check",), ("db", "status"), ("demo", "--out", "demo")])
 def test_an_empty_kembali_config_is_named_rather_than_read_as_the_current_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]

@@ -64,6 +64,14 @@ def smtp_password(settings: Settings, environ: dict[str, str] | None = None) -> 
             f"{settings.source}: 'smtp.username' is set but the environment variable "
             f"{settings.smtp.password_env} (named by 'smtp.password_env') {state}: it must hold the SMTP password"
         )
+    try:
+        password.encode("utf-8")  # bytes the environment held that are not UTF-8 come as lone surrogates
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{settings.source}: the environment variable {settings.smtp.password_env} (named by "
+            "'smtp.password_env') holds bytes that are not UTF-8 (a file saved in Latin-1?): save the SMTP "
+            "password as UTF-8, which is what the login sends"
+        ) from None
     return password
 
 
