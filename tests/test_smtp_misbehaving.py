@@ -33,12 +33,19 @@ class _RawSMTP(_FaultySMTP):
         await self.push("220 mx.test.example ESMTP")
         _hang_up(self)
 
-    async def smtp_MAIL(self, arg: str) -> None:
+    def _dropped(self) -> bool:
+        """Whether the flow was dropped on the way while idle: a command never reaches the server."""
         idle = self._owner.dropped_after_idle
         done = getattr(self, "_done_at", None)
-        if idle is not None and done is not None and time.monotonic() - done > idle:
-            return  # the flow was dropped on the way while idle: the command never reaches the server
-        await super().smtp_MAIL(arg)
+        return idle is not None and done is not None and time.monotonic() - done > idle
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        if not self._dropped():
+            await super().smtp_MAIL(arg)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        if not self._dropped():
+            await super().smtp_QUIT(arg)
 
     async def smtp_HELO(self, hostname: str) -> None:
         if self._owner.helo_reply is None:
@@ -186,3 +193,25 @@ def test_a_connection_idle_longer_than_the_reuse_limit_is_replaced_not_trusted(s
     assert [(r.outcome, r.stage) for r in results] == [(Outcome.SENT, "reply")] * 3
     assert [m.rcpt_tos for m in server.messages] == [(f"{x}@test.example",) for x in "abc"]
     assert server.connections == 2
+
+
+def test_closing_a_pool_of_connections_dropped_while_idle_does_not_wait_for_their_replies(server: OddServer) -> None:
+    # the daemon's shutdown or reload after a quiet spell behind such a NAT: a QUIT on each dead connection, one
+    # after the other, each waiting timeout_seconds for a reply that never comes, would hold the stop for the
+    # whole pool (4 x 30 s by default, past systemd's 90 s)
+    server.dropped_after_idle = 0.2
+
+    async def main() -> float:
+        transport = SmtpTransport(server.settings(pool_size=3, timeout_seconds=1.0))
+        transport.IDLE_REUSE_SECONDS = 0.2
+        results = await asyncio.gather(
+            *(transport.send("shop@test.example", f"{x}@test.example", make_message(i)) for i, x in enumerate("abc"))
+        )
+        assert [r.outcome for r in results] == [Outcome.SENT] * 3
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        await transport.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 0.5
+    assert server.connections == 3

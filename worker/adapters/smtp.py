@@ -185,18 +185,25 @@ class SmtpTransport:
             self._idle.put_nowait(slot)
 
     async def close(self) -> None:
-        """Wait for in-flight sends, then QUIT and close every connection."""
+        """Wait for in-flight sends, then QUIT and close every connection: all at once, so a server that does not
+        answer holds the close for one ``timeout_seconds``, not one per connection; one idle too long to be trusted
+        (``IDLE_REUSE_SECONDS``) is closed without a QUIT that would wait for a reply which may never come."""
         if self._closed:
             return
         self._closed = True
         slots = [await self._idle.get() for _ in range(self._settings.pool_size)]
+        now = asyncio.get_running_loop().time()
+        await asyncio.gather(*(self._quit(slot) for slot in slots if now - slot.idle_since <= self.IDLE_REUSE_SECONDS))
         for slot in slots:
-            client = slot.client
-            if client is not None and client.is_connected:
-                with contextlib.suppress(SMTPException, OSError):
-                    await client.quit()
             slot.discard()
             self._idle.put_nowait(slot)
+
+    @staticmethod
+    async def _quit(slot: _Slot) -> None:
+        client = slot.client
+        if client is not None and client.is_connected:
+            with contextlib.suppress(SMTPException, OSError):
+                await client.quit()
 
     # --- one transaction -----------------------------------------------------
 
