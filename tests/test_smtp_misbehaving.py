@@ -4,14 +4,26 @@ not UTF-8 or a NUL, a refused EHLO, a hang-up after the banner), against the rea
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from tests.sendkit import Shop, make_settings, message_ids
+from tests.sendkit import (
+    REPO,
+    Shop,
+    make_settings,
+    message_ids,
+    prepare_database,
+    settings_dict,
+    subprocess_env,
+    write_config,
+)
 from tests.smtp_server import RecordingServer, _FaultySMTP, _hang_up, make_message
 from worker.adapters.smtp import SmtpTransport
 from worker.commands import running
@@ -215,3 +227,20 @@ def test_closing_a_pool_of_connections_dropped_while_idle_does_not_wait_for_thei
 
     assert asyncio.run(main()) < 0.5
     assert server.connections == 3
+
+
+def test_run_once_prints_a_servers_reply_with_its_control_characters_escaped(tmp_path: Path, server: OddServer) -> None:
+    # Given a server whose refusal holds terminal escapes (retitle the window, clear the screen)
+    server.greeting = "554 5.7.1 \x1b]0;owned\x07\x1b[2J go away"
+    url = f"sqlite:///{tmp_path / 'kembali.db'}"
+    prepare_database(url, 3)
+    config = write_config(tmp_path / "config.toml", settings_dict(url, server.port, pause_after_failures=2))
+
+    done = subprocess.run([sys.executable, "-m", "worker", "--config", str(config), "run", "--once"], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, timeout=60, check=False)  # fmt: skip
+
+    # Then the summary that quotes it (the pause's reason) shows them escaped, as the logs do
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert b"PAUSED" in done.stdout and b"go away" in done.stdout
+    assert b"\x1b" not in done.stdout + done.stderr and b"\x07" not in done.stdout + done.stderr
+    assert b"\\u001b]0;owned\\u0007\\u001b[2J go away" in done.stdout

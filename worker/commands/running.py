@@ -117,7 +117,8 @@ def summary(report: CycleReport) -> list[str]:
     if report.dispatched.quota_reached:
         lines.append("the daily quota is used up: the rest waits for tomorrow")
     if report.dispatched.paused:
-        lines.append(f"PAUSED: sending stopped after {report.dispatched.paused}; check the SMTP server")
+        # the reason quotes the server's reply: its control characters escaped, as the logs show them
+        lines.append(f"PAUSED: sending stopped after {log.printable(report.dispatched.paused)}; check the SMTP server")
     if report.uncertain:
         lines.append(f"{report.uncertain} messages became uncertain (a worker died while sending): "
                      "see `kembali ledger`")
