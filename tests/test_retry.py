@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from worker.core import lifecycle
-from worker.core.retry import classify_reply, connection_failure, parse_retry_after, pause_retry_seconds
+from worker.core.retry import (
+    classify_reply,
+    connection_failure,
+    needs_login,
+    parse_retry_after,
+    pause_retry_seconds,
+)
 from worker.domain import Outcome, SendResult
 
 T, P, A, S = Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.AMBIGUOUS, Outcome.SENT
@@ -68,6 +74,8 @@ def test_classify_reply(code: int | None, stage: str, expected: Outcome) -> None
         (SendResult(T, None, "does not offer STARTTLS", stage="connect", setup="smtp.tls"), "setup"),
         (SendResult(T, None, "certificate verify failed", stage="connect", setup="certificates"), "setup"),
         (SendResult(T, None, "offers no AUTH", stage="auth", setup="smtp.username"), "setup"),
+        (SendResult(T, 530, "530 5.7.0 Authentication required", stage="mail", setup="smtp.username"), "setup"),
+        (SendResult(T, 554, "554 5.7.1 Relay access denied", stage="rcpt", setup="smtp.username"), "setup"),
         # about this message or its recipient
         (SendResult(T, 451, "451 4.3.0 Local error", stage="rcpt"), None),
         (SendResult(P, 550, "550 5.1.1 No such user", stage="rcpt"), None),
@@ -79,6 +87,30 @@ def test_classify_reply(code: int | None, stage: str, expected: Outcome) -> None
 def test_connection_failures_are_told_from_the_messages_own(result: SendResult, trouble: str | None) -> None:
     assert connection_failure(result) == trouble
     assert lifecycle.counts_as_attempt(result) is (trouble is None)
+
+
+@pytest.mark.parametrize(
+    ("code", "reply", "expected"),
+    [
+        (530, "5.7.0 Authentication required", True),
+        (530, "5.7.0 Must issue a STARTTLS command first", True),
+        (554, "5.7.1 <a@b.example>: Relay access denied", True),
+        (550, "5.7.1 <a@b.example>... Relaying denied", True),
+        (550, "5.7.54 SMTP; Unable to relay recipient in non-accepted domain", True),
+        (550, "relay not permitted", True),
+        (553, "sorry, that domain isn't in my list of allowed rcpthosts; we do not relay", True),
+        (550, "5.1.1 <a@b.example>: Recipient address rejected: User unknown in relay recipient table", False),
+        (554, "5.7.1 Message rejected as spam", False),
+        (550, "5.7.26 Unauthenticated email is not accepted", False),
+        (454, "4.7.1 <a@b.example>: Relay access denied", True),
+        (451, "4.3.0 Local error in processing", False),
+        (None, "Relay access denied", False),
+    ],
+)
+def test_a_reply_that_wants_a_login_is_told_from_one_about_the_recipient_or_the_message(
+    code: int | None, reply: str, expected: bool
+) -> None:
+    assert needs_login(code, reply) is expected
 
 
 def test_a_failure_before_mail_from_retries_even_after_the_last_attempt() -> None:

@@ -24,7 +24,7 @@ from tests.sendkit import (
     subprocess_env,
     write_config,
 )
-from tests.smtp_server import RecordingServer, _FaultySMTP, _hang_up, make_message
+from tests.smtp_server import Behaviour, RecordingServer, _FaultySMTP, _hang_up, make_message
 from worker.adapters.smtp import SmtpTransport
 from worker.commands import running
 from worker.domain import Outcome, SendResult
@@ -52,7 +52,9 @@ class _RawSMTP(_FaultySMTP):
         return idle is not None and done is not None and time.monotonic() - done > idle
 
     async def smtp_MAIL(self, arg: str) -> None:
-        if not self._dropped():
+        if self._owner.mail_reply is not None:
+            await self.push(self._owner.mail_reply)
+        elif not self._dropped():
             await super().smtp_MAIL(arg)
 
     async def smtp_QUIT(self, arg: str) -> None:
@@ -98,6 +100,8 @@ class OddServer(RecordingServer):
         self.helo_reply: str | None = None
         """When set, every HELO gets this reply (with ``ehlo_reply``: a server that will not be greeted)."""
         self.hang_up_after_greeting = False
+        self.mail_reply: str | None = None
+        """When set, every MAIL FROM gets this reply."""
         self.dropped_after_idle: float | None = None
         """When set, a connection idle this many seconds after a message answers nothing more, as one a NAT or
         firewall dropped while it sat idle (without a reset): new connections work."""
@@ -244,3 +248,48 @@ def test_run_once_prints_a_servers_reply_with_its_control_characters_escaped(tmp
     assert b"PAUSED" in done.stdout and b"go away" in done.stdout
     assert b"\x1b" not in done.stdout + done.stderr and b"\x07" not in done.stdout + done.stderr
     assert b"\\u001b]0;owned\\u0007\\u001b[2J go away" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply"),
+    [
+        ("mail", "530 5.7.0 Authentication required"),
+        ("rcpt", "554 5.7.1 <{to}>: Relay access denied"),
+        ("rcpt", "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"),
+        ("rcpt", "550 5.7.1 <{to}>... Relaying denied. Proper authentication required."),
+    ],
+    ids=["530 at MAIL", "Postfix relay access denied", "Exchange unable to relay", "sendmail relaying denied"],
+)
+def test_a_relay_that_wants_a_login_pauses_at_once_naming_smtp_username_and_fails_no_one(
+    sqlite_url: str, server: OddServer, stage: str, reply: str
+) -> None:
+    # Given the shop's relay, which takes mail only from clients that log in, and smtp.username left empty
+    emails = [f"c{i}@test.example" for i in range(6)]
+    if stage == "mail":
+        server.mail_reply = reply
+    for email in emails:
+        server.on(email, Behaviour(rcpt_reply=reply.format(to=email)) if stage == "rcpt" else Behaviour())
+    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
+                             in_flight_per_connection=1)  # fmt: skip
+    shop = Shop(sqlite_url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        # Then the first refusal pauses the run, naming what to fix; the message goes back to the queue with its
+        # attempt not counted, the rest untouched (before: every message failed for good, as "content_rejected")
+        paused = report.dispatched.paused
+        assert paused is not None and "smtp.username" in paused and reply.split()[0] in paused, paused
+        rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
+        assert rows == [("planned", 0)] * 5 + [("retry", 0)]
+        assert shop.suppressed() == {}
+        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+
+        # once the relay takes the mail, everyone gets theirs, once
+        server.mail_reply = None
+        server.behaviours.clear()
+        shop.clock.advance(7 * 3600)
+        shop.cycle()
+        assert {shop.row(e).status for e in emails} == {"sent"}
+        assert all(n == 1 for n in message_ids(server.messages).values())
+    finally:
+        shop.close()

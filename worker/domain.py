@@ -343,10 +343,10 @@ class SendResult:
     """Where the attempt stopped (``worker.core.retry.STAGES``: ``connect``, ``auth``, ``mail``…); "" when not
     known. ``connect`` and ``auth`` failures are the server's or the configuration's, never the message's."""
     setup: str = ""
-    """When the attempt stopped before MAIL FROM on the SMTP setup, a failure every message would meet alike
-    until it is fixed (STARTTLS or AUTH not offered, a certificate that fails verification, TLS against a
-    plaintext port): what to fix (``smtp.tls``, ``smtp.username``, ``smtp.host``, ``certificates``), and
-    ``reply`` says how. "" otherwise."""
+    """When the attempt stopped on the SMTP setup, a failure every message would meet alike until it is fixed
+    (before MAIL FROM: STARTTLS or AUTH not offered, a certificate that fails verification, TLS against a
+    plaintext port; at MAIL FROM or RCPT TO: a relay that wants a login): what to fix (``smtp.tls``,
+    ``smtp.username``, ``smtp.host``, ``certificates``), and ``reply`` says how. "" otherwise."""
 
 
 @pickled_by_fields

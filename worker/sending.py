@@ -25,8 +25,9 @@ A failure before MAIL FROM (connection, greeting, EHLO, STARTTLS, login) is
 not the message's: it goes back to the queue without the attempt counted. Too
 many connection failures in a row (``sending.pause_after_failures``), or one
 that every message would meet alike (a refused login; a setup that cannot work:
-STARTTLS or AUTH not offered, a certificate that fails verification, implicit
-TLS against a plaintext port; see ``worker.core.retry``), pause the dispatcher:
+a relay that wants a login at MAIL FROM or RCPT TO, STARTTLS or AUTH not offered,
+a certificate that fails verification, implicit TLS against a plaintext port; see
+``worker.core.retry``), pause the dispatcher:
 it stops claiming and gives what it holds back to the queue. If a sender or the ledger writer
 fails, the run stops and raises that failure instead of waiting on a queue
 nobody empties.

@@ -25,7 +25,9 @@ a ``reply`` that says how (the dispatcher pauses at once on it, see
     smtp.tls       "starttls" but STARTTLS not offered; "tls" but the server
                    answered in plain text (an SSL WRONG_VERSION_NUMBER)
     smtp.username  set, but the server offers no AUTH, or no mechanism
-                   aiosmtplib speaks (CRAM-MD5, PLAIN, LOGIN)
+                   aiosmtplib speaks (CRAM-MD5, PLAIN, LOGIN); or, at MAIL
+                   FROM or RCPT TO, the server wants a login (530) or will
+                   not relay (``retry.needs_login``)
     smtp.host      the certificate is valid but not for this host name
     certificates   the certificate fails verification otherwise (self-signed,
                    expired, an unknown CA)
@@ -71,7 +73,7 @@ from aiosmtplib import (
 )
 
 from worker.config import SmtpSettings
-from worker.core.retry import classify_reply, parse_retry_after
+from worker.core.retry import classify_reply, needs_login, parse_retry_after
 from worker.domain import Outcome, SendResult
 
 REPLY_LIMIT = 500
@@ -349,7 +351,18 @@ class SmtpTransport:
             slot.discard()
         outcome = classify_reply(code, stage)
         reply = f"{code} {exc.message}" if code is not None else exc.message
+        if stage in ("mail", "rcpt") and needs_login(code, exc.message):
+            return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {self._login_hint()}", exc, stage,
+                           setup="smtp.username")  # fmt: skip
         return _result(outcome, code, reply, exc, stage)
+
+    def _login_hint(self) -> str:
+        s = self._settings
+        if not s.username:
+            return (f"{s.host}:{s.port} takes mail only from a client that logs in: set smtp.username, and the "
+                    f"password in ${s.password_env}")  # fmt: skip
+        return (f"{s.host}:{s.port} refuses mail after the login as {s.username!r}: check smtp.username and "
+                "smtp.host (the shop's relay, not a recipient's mail server)")  # fmt: skip
 
     async def _reset_or_discard(self, slot: _Slot) -> None:
         """After a refused step the connection is fine: RSET it for the next message."""

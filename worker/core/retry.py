@@ -36,7 +36,8 @@ message would fail the same way until someone changes something:
 
 - ``auth``: the server refused the login (a reply at ``auth``);
 - ``setup``: the SMTP transport found the setup cannot work (``SendResult.setup``
-  names what to fix): ``smtp.tls = "starttls"`` but no STARTTLS offered;
+  names what to fix; at MAIL FROM or RCPT TO too: a relay that wants a login,
+  ``needs_login``): ``smtp.tls = "starttls"`` but no STARTTLS offered;
   ``smtp.username`` set but no AUTH, or no login method the client speaks;
   the server's TLS certificate fails verification (self-signed, expired, not
   for ``smtp.host``); implicit TLS (``smtp.tls = "tls"``) answered in plain
@@ -85,11 +86,32 @@ def connection_failure(result: SendResult) -> ConnectionFailure | None:
     server refused the login (a reply at ``auth``), ``"connection"`` for any other failure before MAIL FROM
     (refused or dropped connection, a timeout, a 421 or 554 greeting, EHLO, a login that got no reply), else
     None (the attempt reached the message). ``PAUSES_AT_ONCE``: the kinds every message would meet alike."""
-    if result.stage not in CONNECTION_STAGES or result.outcome not in (Outcome.TRANSIENT, Outcome.AMBIGUOUS):
+    if result.outcome not in (Outcome.TRANSIENT, Outcome.AMBIGUOUS):
         return None
-    if result.setup:
+    if result.setup:  # before MAIL FROM, or a relay that wants a login at MAIL FROM or RCPT TO (``needs_login``)
         return "setup"
+    if result.stage not in CONNECTION_STAGES:
+        return None
     return "auth" if result.stage == "auth" and result.code is not None else "connection"
+
+
+_RELAY_DENIED = re.compile(
+    r"unable to relay|(?:not|n't) relay\b|relay(?:ing)?(?: access)? (?:is )?(?:denied|not (?:permitted|allowed)|"
+    r"prohibited|refused)",
+    re.IGNORECASE,
+)
+"""Postfix's "Relay access denied", sendmail's "Relaying denied", Exchange's "Unable to relay", Exim's "relay not
+permitted", "we do not relay"."""
+
+
+def needs_login(code: int | None, reply: str) -> bool:
+    """Whether a reply to MAIL FROM or RCPT TO says the server takes mail only from a client that logs in (or one it
+    knows): 530 ("authentication required", RFC 4954), or a refusal to relay (5xx, or Postfix's 454 when it defers
+    what it would refuse). Every message would meet it alike: it is the SMTP setup's (``smtp.username``,
+    ``smtp.host``), not the message's or the recipient's."""
+    if code == 530:
+        return True
+    return code is not None and 400 <= code < 600 and _RELAY_DENIED.search(reply) is not None
 
 
 PAUSE_RETRY_CAP_SECONDS = 900.0
