@@ -293,3 +293,42 @@ def test_a_relay_that_wants_a_login_pauses_at_once_naming_smtp_username_and_fail
         assert all(n == 1 for n in message_ids(server.messages).values())
     finally:
         shop.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "550 5.1.0 <halo@toko-kembali.example>: Sender address rejected: User unknown in local recipient table",
+        "553 5.7.1 <halo@toko-kembali.example>: Sender address rejected: not owned by user shop",
+        "550 5.4.5 Daily user sending quota exceeded.",
+    ],
+    ids=["5.1.0 sender unknown", "sender not owned by the login", "daily quota"],
+)
+def test_a_refused_sender_at_mail_from_pauses_at_once_naming_shop_from_address_and_suppresses_no_one(
+    sqlite_url: str, server: OddServer, reply: str
+) -> None:
+    # Given a relay that refuses the envelope sender, shop.from_address: the same for every message
+    server.mail_reply = reply
+    emails = [f"c{i}@test.example" for i in range(6)]
+    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
+                             in_flight_per_connection=1)  # fmt: skip
+    shop = Shop(sqlite_url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        # Then the first refusal pauses the run naming the setting; no customer is failed or suppressed (before:
+        # every message failed, and a 5.1.x about the sender put every customer on the suppression list)
+        paused = report.dispatched.paused
+        assert paused is not None and "shop.from_address" in paused and reply[:40] in paused, paused
+        rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
+        assert rows == [("planned", 0)] * 5 + [("retry", 0)]
+        assert shop.suppressed() == {}
+        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+
+        server.mail_reply = None
+        shop.clock.advance(7 * 3600)
+        shop.cycle()
+        assert {shop.row(e).status for e in emails} == {"sent"}
+        assert all(n == 1 for n in message_ids(server.messages).values())
+    finally:
+        shop.close()

@@ -28,6 +28,8 @@ a ``reply`` that says how (the dispatcher pauses at once on it, see
                    aiosmtplib speaks (CRAM-MD5, PLAIN, LOGIN); or, at MAIL
                    FROM or RCPT TO, the server wants a login (530) or will
                    not relay (``retry.needs_login``)
+    shop.from_address  any other 5xx at MAIL FROM: it names the sender alone,
+                   the same for every message (a 5.1.x there is no bounce)
     smtp.host      the certificate is valid but not for this host name
     certificates   the certificate fails verification otherwise (self-signed,
                    expired, an unknown CA)
@@ -354,6 +356,15 @@ class SmtpTransport:
         if stage in ("mail", "rcpt") and needs_login(code, exc.message):
             return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {self._login_hint()}", exc, stage,
                            setup="smtp.username")  # fmt: skip
+        if stage == "mail" and code is not None and 500 <= code < 600:
+            # MAIL FROM names the sender alone, the same for every message: a refusal is never about this message
+            # or its recipient (a 5.1.x here is not "no such user"), and every message would meet it
+            s = self._settings
+            sender = getattr(exc, "sender", "")
+            hint = (f"{s.host}:{s.port} refuses the envelope sender {sender!r}, as it would for every message: "
+                    "check shop.from_address (an address this relay lets the client send as, on a domain that "
+                    "exists) and the relay's own limits")  # fmt: skip
+            return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {hint}", exc, stage, setup="shop.from_address")
         return _result(outcome, code, reply, exc, stage)
 
     def _login_hint(self) -> str:
