@@ -11,6 +11,7 @@ from worker.core.retry import (
     needs_login,
     parse_retry_after,
     pause_retry_seconds,
+    refuses_the_sender,
 )
 from worker.domain import Outcome, SendResult
 
@@ -111,6 +112,24 @@ def test_a_reply_that_wants_a_login_is_told_from_one_about_the_recipient_or_the_
     code: int | None, reply: str, expected: bool
 ) -> None:
     assert needs_login(code, reply) is expected
+
+
+@pytest.mark.parametrize(
+    ("code", "stage", "reply", "expected"),
+    [
+        (550, "mail", "5.1.0 <shop@x.example>: Sender address rejected: User unknown", True),
+        (550, "mail", "5.4.5 Daily user sending quota exceeded.", True),
+        (553, "rcpt", "5.7.1 <shop@x.example>: Sender address rejected: not owned by user shop", True),
+        (450, "mail", "4.1.8 <shop@x.example>: Sender address rejected: Domain not found", False),
+        (550, "rcpt", "5.1.1 <a@b.example>: Recipient address rejected: User unknown", False),
+        (554, "reply", "5.7.1 Sender address rejected", False),
+        (None, "mail", "Connection lost", False),
+    ],
+)
+def test_a_refusal_of_the_sender_is_told_from_one_of_the_recipient(
+    code: int | None, stage: str, reply: str, expected: bool
+) -> None:
+    assert refuses_the_sender(code, stage, reply) is expected
 
 
 def test_a_failure_before_mail_from_retries_even_after_the_last_attempt() -> None:

@@ -295,21 +295,31 @@ def test_a_relay_that_wants_a_login_pauses_at_once_naming_smtp_username_and_fail
         shop.close()
 
 
+SENDER_UNKNOWN = "550 5.1.0 <halo@toko-kembali.example>: Sender address rejected: User unknown in local recipient table"
+
+
 @pytest.mark.parametrize(
-    "reply",
+    ("stage", "reply"),
     [
-        "550 5.1.0 <halo@toko-kembali.example>: Sender address rejected: User unknown in local recipient table",
-        "553 5.7.1 <halo@toko-kembali.example>: Sender address rejected: not owned by user shop",
-        "550 5.4.5 Daily user sending quota exceeded.",
+        ("mail", SENDER_UNKNOWN),
+        ("mail", "553 5.7.1 <halo@toko-kembali.example>: Sender address rejected: not owned by user shop"),
+        ("mail", "550 5.4.5 Daily user sending quota exceeded."),
+        # Postfix answers its sender restrictions at RCPT TO (smtpd_delay_reject = yes, the default)
+        ("rcpt", SENDER_UNKNOWN),
+        ("rcpt", "553 5.7.1 <halo@toko-kembali.example>: Sender address rejected: not owned by user shop"),
     ],
-    ids=["5.1.0 sender unknown", "sender not owned by the login", "daily quota"],
-)
-def test_a_refused_sender_at_mail_from_pauses_at_once_naming_shop_from_address_and_suppresses_no_one(
-    sqlite_url: str, server: OddServer, reply: str
+    ids=["5.1.0 sender unknown", "sender not owned by the login", "daily quota", "5.1.0 sender unknown at RCPT",
+         "sender not owned by the login at RCPT"],
+)  # fmt: skip
+def test_a_refused_sender_pauses_at_once_naming_shop_from_address_and_suppresses_no_one(
+    sqlite_url: str, server: OddServer, stage: str, reply: str
 ) -> None:
     # Given a relay that refuses the envelope sender, shop.from_address: the same for every message
-    server.mail_reply = reply
     emails = [f"c{i}@test.example" for i in range(6)]
+    if stage == "mail":
+        server.mail_reply = reply
+    for email in emails:
+        server.on(email, Behaviour(rcpt_reply=reply) if stage == "rcpt" else Behaviour())
     settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
                              in_flight_per_connection=1)  # fmt: skip
     shop = Shop(sqlite_url, settings, emails)
@@ -326,6 +336,7 @@ def test_a_refused_sender_at_mail_from_pauses_at_once_naming_shop_from_address_a
         assert running._exit_code(report) == running.EXIT_UNAVAILABLE
 
         server.mail_reply = None
+        server.behaviours.clear()
         shop.clock.advance(7 * 3600)
         shop.cycle()
         assert {shop.row(e).status for e in emails} == {"sent"}

@@ -28,8 +28,10 @@ a ``reply`` that says how (the dispatcher pauses at once on it, see
                    aiosmtplib speaks (CRAM-MD5, PLAIN, LOGIN); or, at MAIL
                    FROM or RCPT TO, the server wants a login (530) or will
                    not relay (``retry.needs_login``)
-    shop.from_address  any other 5xx at MAIL FROM: it names the sender alone,
-                   the same for every message (a 5.1.x there is no bounce)
+    shop.from_address  any other 5xx at MAIL FROM (it names the sender alone,
+                   the same for every message: a 5.1.x there is no bounce),
+                   or "Sender address rejected" at RCPT TO
+                   (``retry.refuses_the_sender``)
     smtp.host      the certificate is valid but not for this host name
     certificates   the certificate fails verification otherwise (self-signed,
                    expired, an unknown CA)
@@ -75,7 +77,7 @@ from aiosmtplib import (
 )
 
 from worker.config import SmtpSettings
-from worker.core.retry import classify_reply, needs_login, parse_retry_after
+from worker.core.retry import classify_reply, needs_login, parse_retry_after, refuses_the_sender
 from worker.domain import Outcome, SendResult
 
 REPLY_LIMIT = 500
@@ -236,7 +238,7 @@ class SmtpTransport:
             await _rcpt(client, recipient)
             response = await self._data(client, message, attempt)
         except SMTPResponseException as exc:
-            return await self._reply_error(slot, attempt.stage, exc)
+            return await self._reply_error(slot, attempt.stage, exc, sender)
         except (SMTPException, OSError) as exc:  # drops, timeouts, refused connections, TLS and certificate errors
             slot.discard()
             setup = _setup_problem(exc, self._settings) if attempt.stage in ("connect", "auth") else None
@@ -343,7 +345,7 @@ class SmtpTransport:
             raise SMTPDataError(response.code, response.message)
         return response
 
-    async def _reply_error(self, slot: _Slot, stage: str, exc: SMTPResponseException) -> SendResult:
+    async def _reply_error(self, slot: _Slot, stage: str, exc: SMTPResponseException, sender: str) -> SendResult:
         code: int | None = exc.code if 100 <= exc.code < 600 else None  # -1: garbled reply
         if code is None or code == 421:  # 421: the server is closing the channel
             slot.discard()
@@ -356,11 +358,10 @@ class SmtpTransport:
         if stage in ("mail", "rcpt") and needs_login(code, exc.message):
             return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {self._login_hint()}", exc, stage,
                            setup="smtp.username")  # fmt: skip
-        if stage == "mail" and code is not None and 500 <= code < 600:
-            # MAIL FROM names the sender alone, the same for every message: a refusal is never about this message
-            # or its recipient (a 5.1.x here is not "no such user"), and every message would meet it
+        if refuses_the_sender(code, stage, exc.message):
+            # the sender is the same for every message: never this message's or its recipient's fault (a 5.1.x
+            # here is not "no such user"), and every message would meet it
             s = self._settings
-            sender = getattr(exc, "sender", "")
             hint = (f"{s.host}:{s.port} refuses the envelope sender {sender!r}, as it would for every message: "
                     "check shop.from_address (an address this relay lets the client send as, on a domain that "
                     "exists) and the relay's own limits")  # fmt: skip

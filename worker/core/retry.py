@@ -114,6 +114,19 @@ def needs_login(code: int | None, reply: str) -> bool:
     return code is not None and 400 <= code < 600 and _RELAY_DENIED.search(reply) is not None
 
 
+_SENDER_REJECTED = re.compile(r"sender address rejected", re.IGNORECASE)
+
+
+def refuses_the_sender(code: int | None, stage: str, reply: str) -> bool:
+    """Whether a 5xx refuses the envelope sender (``shop.from_address``, the same for every message) rather than
+    the message or its recipient: any 5xx at MAIL FROM, which names the sender alone (a 5.1.x there is no bounce),
+    and at RCPT TO one saying "Sender address rejected" (Postfix answers its sender restrictions there by default,
+    ``smtpd_delay_reject``)."""
+    if code is None or not 500 <= code < 600:
+        return False
+    return stage == "mail" or (stage == "rcpt" and _SENDER_REJECTED.search(reply) is not None)
+
+
 PAUSE_RETRY_CAP_SECONDS = 900.0
 """The longest a paused daemon waits before it tries the server again (unless the first wait is longer)."""
 
