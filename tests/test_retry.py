@@ -11,6 +11,7 @@ from worker.core.retry import (
     needs_login,
     parse_retry_after,
     pause_retry_seconds,
+    refuses_the_client,
     refuses_the_sender,
 )
 from worker.domain import Outcome, SendResult
@@ -130,6 +131,21 @@ def test_a_refusal_of_the_sender_is_told_from_one_of_the_recipient(
     code: int | None, stage: str, reply: str, expected: bool
 ) -> None:
     assert refuses_the_sender(code, stage, reply) is expected
+
+
+@pytest.mark.parametrize(
+    ("code", "stage", "reply", "expected"),
+    [
+        (504, "rcpt", "5.5.2 <3f2a9c1b7d4e>: Helo command rejected: need fully-qualified hostname", "hostname"),
+        (550, "mail", "5.7.1 <host>: Helo command rejected: Host not found", "hostname"),
+        (554, "rcpt", "5.7.1 <unknown[10.0.0.5]>: Client host rejected: Access denied", "smtp.host"),
+        (450, "rcpt", "4.7.25 Client host rejected: cannot find your hostname", None),
+        (550, "rcpt", "5.1.1 <a@b.example>: Recipient address rejected: User unknown", None),
+        (554, "reply", "5.7.1 Client host rejected", None),
+    ],
+)
+def test_a_refusal_of_this_client_names_what_to_fix(code: int, stage: str, reply: str, expected: str | None) -> None:
+    assert refuses_the_client(code, stage, reply) == expected
 
 
 def test_a_failure_before_mail_from_retries_even_after_the_last_attempt() -> None:

@@ -343,3 +343,40 @@ def test_a_refused_sender_pauses_at_once_naming_shop_from_address_and_suppresses
         assert all(n == 1 for n in message_ids(server.messages).values())
     finally:
         shop.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "setting"),
+    [
+        ("504 5.5.2 <3f2a9c1b7d4e>: Helo command rejected: need fully-qualified hostname", "hostname"),
+        ("554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied", "smtp.host"),
+        ("450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]", None),
+    ],
+    ids=["non-FQDN EHLO name (a container's)", "client host rejected", "a 4xx client refusal may pass"],
+)
+def test_postfixs_refusals_of_this_client_at_rcpt_to_pause_at_once_and_fail_no_one(
+    sqlite_url: str, server: OddServer, reply: str, setting: str | None
+) -> None:
+    # Given a Postfix relay whose client and HELO rules (answered at RCPT TO, smtpd_delay_reject = yes, the
+    # default) refuse this host, e.g. a container whose host name is its id
+    emails = [f"c{i}@test.example" for i in range(6)]
+    for email in emails:
+        server.on(email, Behaviour(rcpt_reply=reply))
+    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
+                             in_flight_per_connection=1)  # fmt: skip
+    shop = Shop(sqlite_url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        # Then a 5xx pauses the run at once naming what to fix, and no one is failed (before: every message
+        # failed for good, as content_rejected or a plain failure); a 4xx is each message's transient failure
+        rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
+        if setting is None:
+            assert report.dispatched.paused is None and rows == [("retry", 1)] * 6
+            return
+        paused = report.dispatched.paused
+        assert paused is not None and setting in paused and reply[:30] in paused, paused
+        assert rows == [("planned", 0)] * 5 + [("retry", 0)]
+        assert shop.suppressed() == {}
+    finally:
+        shop.close()

@@ -32,6 +32,8 @@ a ``reply`` that says how (the dispatcher pauses at once on it, see
                    the same for every message: a 5.1.x there is no bounce),
                    or "Sender address rejected" at RCPT TO
                    (``retry.refuses_the_sender``)
+    hostname, smtp.host  "Helo command rejected" or "Client host rejected"
+                   at MAIL FROM or RCPT TO (``retry.refuses_the_client``)
     smtp.host      the certificate is valid but not for this host name
     certificates   the certificate fails verification otherwise (self-signed,
                    expired, an unknown CA)
@@ -77,7 +79,7 @@ from aiosmtplib import (
 )
 
 from worker.config import SmtpSettings
-from worker.core.retry import classify_reply, needs_login, parse_retry_after, refuses_the_sender
+from worker.core.retry import classify_reply, needs_login, parse_retry_after, refuses_the_client, refuses_the_sender
 from worker.domain import Outcome, SendResult
 
 REPLY_LIMIT = 500
@@ -355,6 +357,18 @@ class SmtpTransport:
             slot.discard()
         outcome = classify_reply(code, stage)
         reply = f"{code} {exc.message}" if code is not None else exc.message
+        client_setting = refuses_the_client(code, stage, exc.message)
+        if client_setting is not None:
+            s = self._settings
+            ehlo = slot.client.local_hostname if slot.client is not None else None
+            hint = (
+                f"{s.host}:{s.port} refuses the name this host greets with (EHLO {ehlo}): give this host a "
+                "fully-qualified name that resolves, or have the relay accept it"
+                if client_setting == "hostname"
+                else f"{s.host}:{s.port} refuses this client host (its address or name): have the relay accept "
+                "this host, or log in (smtp.username) if it lets clients that do"
+            )
+            return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {hint}", exc, stage, setup=client_setting)
         if stage in ("mail", "rcpt") and needs_login(code, exc.message):
             return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {self._login_hint()}", exc, stage,
                            setup="smtp.username")  # fmt: skip

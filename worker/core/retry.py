@@ -127,6 +127,22 @@ def refuses_the_sender(code: int | None, stage: str, reply: str) -> bool:
     return stage == "mail" or (stage == "rcpt" and _SENDER_REJECTED.search(reply) is not None)
 
 
+_CLIENT_REJECTED = re.compile(r"(?P<helo>helo command rejected)|client host rejected", re.IGNORECASE)
+
+
+def refuses_the_client(code: int | None, stage: str, reply: str) -> str | None:
+    """What to fix when a 5xx at MAIL FROM or RCPT TO refuses this client, the same for every message (Postfix
+    answers its HELO and client rules there by default, ``smtpd_delay_reject``): ``"hostname"`` for "Helo
+    command rejected" (the name this host greets with: a container's id is no fully-qualified name),
+    ``"smtp.host"`` for "Client host rejected" (the relay's rules for this host); else None."""
+    if code is None or not 500 <= code < 600 or stage not in ("mail", "rcpt"):
+        return None
+    found = _CLIENT_REJECTED.search(reply)
+    if found is None:
+        return None
+    return "hostname" if found["helo"] else "smtp.host"
+
+
 PAUSE_RETRY_CAP_SECONDS = 900.0
 """The longest a paused daemon waits before it tries the server again (unless the first wait is longer)."""
 
