@@ -39,7 +39,7 @@ T, P, A, S = Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.AMBIGUOUS, Outcome.SE
         (553, "rcpt", P),
         (552, "rcpt", T),  # RFC 5321 §4.5.3.1.10: treat as 452
         (451, "mail", T),
-        (550, "mail", P),
+        (550, "mail", T),  # MAIL FROM names the sender alone, the same for every message: never the message's
         (452, "data", T),
         (554, "data", P),
         (250, "data", T),  # DATA answered with 250 instead of 354: protocol confusion
@@ -72,6 +72,9 @@ def test_classify_reply(code: int | None, stage: str, expected: Outcome) -> None
         (SendResult(T, 554, "554 5.7.1 No SMTP service here", stage="connect"), "connection"),
         (SendResult(T, 421, "421 4.3.2 Service not available", stage="connect"), "connection"),
         (SendResult(T, None, "Connection refused", stage="connect"), "connection"),
+        # MAIL FROM names the sender alone: nothing about this message or its recipient has been said yet
+        (SendResult(T, None, "Connection lost", stage="mail"), "connection"),
+        (SendResult(T, 451, "451 4.1.8 Domain of sender address does not resolve", stage="mail"), "connection"),
         # a setup every message would meet alike (the transport names what to fix): pauses at once
         (SendResult(T, None, "does not offer STARTTLS", stage="connect", setup="smtp.tls"), "setup"),
         (SendResult(T, None, "certificate verify failed", stage="connect", setup="certificates"), "setup"),
@@ -81,7 +84,7 @@ def test_classify_reply(code: int | None, stage: str, expected: Outcome) -> None
         # about this message or its recipient
         (SendResult(T, 451, "451 4.3.0 Local error", stage="rcpt"), None),
         (SendResult(P, 550, "550 5.1.1 No such user", stage="rcpt"), None),
-        (SendResult(T, None, "Connection lost", stage="mail"), None),
+        (SendResult(T, None, "Connection lost", stage="rcpt"), None),
         (SendResult(S, 250, "250 ok", stage="reply"), None),
         (SendResult(T, None, "no stage known"), None),
     ],

@@ -380,3 +380,37 @@ def test_postfixs_refusals_of_this_client_at_rcpt_to_pause_at_once_and_fail_no_o
         assert shop.suppressed() == {}
     finally:
         shop.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["451 4.1.8 Domain of sender address halo@toko-kembali.example does not resolve", "421 4.3.2 Shutting down"],
+)
+def test_a_temporary_refusal_at_mail_from_is_no_messages_failure_and_pauses_after_the_failures_in_a_row(
+    sqlite_url: str, server: OddServer, reply: str
+) -> None:
+    # Given a relay that answers MAIL FROM (the same sender for every message) with a 4xx for a while: the sender
+    # domain's DNS down, the relay restarting
+    server.mail_reply = reply
+    emails = [f"c{i}@test.example" for i in range(6)]
+    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
+                             in_flight_per_connection=1, pause_after_failures=3, max_attempts=1)  # fmt: skip
+    shop = Shop(sqlite_url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        # Then no message has an attempt counted (before: with the retries' short first waits, a blip of a few
+        # minutes used up every message's attempts and failed the whole queue), and the run pauses after the
+        # failures in a row, as for a refused greeting
+        paused = report.dispatched.paused
+        assert paused is not None and "3 connection failures in a row" in paused and reply[:20] in paused
+        rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
+        assert rows == [("planned", 0)] * 3 + [("retry", 0)] * 3
+
+        server.mail_reply = None
+        shop.clock.advance(7 * 3600)
+        shop.cycle()
+        assert {shop.row(e).status for e in emails} == {"sent"}
+        assert all(n == 1 for n in message_ids(server.messages).values())
+    finally:
+        shop.close()

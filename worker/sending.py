@@ -21,8 +21,8 @@ commit latency cannot bunch messages up on the wire), and only then speaks
 SMTP. The outcome goes back to the ledger with an attempt row. A throttling reply slows that domain
 down and retries the message without counting the attempt; a 5.1.x "no such
 user" suppresses the address; a 5.7.x refusal is logged as a content problem.
-A failure before MAIL FROM (connection, greeting, EHLO, STARTTLS, login) is
-not the message's: it goes back to the queue without the attempt counted. Too
+A failure before RCPT TO (connection, greeting, EHLO, STARTTLS, login, MAIL
+FROM, which names the sender alone) is not the message's: it goes back to the queue without the attempt counted. Too
 many connection failures in a row (``sending.pause_after_failures``), or one
 that every message would meet alike (a refused login; a setup that cannot work:
 a relay that wants a login at MAIL FROM or RCPT TO, STARTTLS or AUTH not offered,
@@ -380,7 +380,7 @@ class Dispatcher:
         self.stopping.clear()
 
     def _observe_failures(self, result: SendResult) -> None:
-        """Count attempts that failed before MAIL FROM (the connection, greeting, EHLO, STARTTLS, login) or got
+        """Count attempts that failed before RCPT TO (the connection, greeting, EHLO, STARTTLS, login, MAIL FROM) or got
         no reply at all; too many in a row, or one that every message would meet alike (a refused login, an SMTP
         setup that cannot work: ``retry.PAUSES_AT_ONCE``), pause the dispatcher."""
         trouble = connection_failure(result)

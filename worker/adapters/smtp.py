@@ -7,7 +7,7 @@ the reply code (or its absence) and the stage the attempt reached:
 
     connect  TCP, greeting, EHLO, STARTTLS           (any failure → transient, not the message's fault)
     auth     AUTH                                    (a refusal → transient; the dispatcher pauses)
-    mail     MAIL FROM                               (4xx transient, 5xx permanent)
+    mail     MAIL FROM                               (4xx transient, 5xx a setup problem: never the message's)
     rcpt     RCPT TO                                 (4xx transient, 5xx permanent)
     data     DATA, 354 expected                      (4xx transient, 5xx permanent)
     message  the body, before the final "." is handed over  (a drop → transient)

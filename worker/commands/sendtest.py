@@ -87,7 +87,7 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
         print(f"server reply: {printable(reply)}")
         return EXIT_OK
     failure = connection_failure(result)
-    if failure is not None:  # before MAIL FROM: the server or the setup, not this message (exit 3, as documented)
+    if failure is not None:  # before RCPT TO: the server or the setup, not this message (exit 3, as documented)
         fix = {"setup": f"; check {result.setup}",
                "auth": f"; check smtp.username and the password in ${settings.smtp.password_env}"}.get(failure, "")
         print(f"kembali send-test: not sent: the SMTP server {settings.smtp.host}:{settings.smtp.port} could not be "

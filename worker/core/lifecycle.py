@@ -3,7 +3,7 @@
     planned ─claim→ claimed ─mark→ sending ─→ sent
                        │              ├─ transient, attempts left → retry ─claim→ claimed …
                        │              ├─ throttled ("slow down") → retry, the attempt not counted
-                       │              ├─ stopped before MAIL FROM (connection, setup, login) → retry, not counted
+                       │              ├─ stopped before RCPT TO (connection, setup, login) → retry, not counted
                        │              ├─ transient, none left / permanent / render error → failed
                        │              └─ ambiguous (after the final dot) → uncertain
                        └─ re-check says no → skipped (with a reason)
@@ -28,7 +28,7 @@ def requeued(attempts: int) -> MessageStatus:
 
 def counts_as_attempt(result: SendResult) -> bool:
     """Whether the attempt counts against ``max_attempts``: not when the server said "slow down", nor when it
-    stopped before MAIL FROM (connection, greeting, login: not the message's fault)."""
+    stopped before RCPT TO (connection, greeting, login, MAIL FROM: not the message's fault)."""
     return result.outcome is not Outcome.THROTTLED and connection_failure(result) is None
 
 
@@ -64,7 +64,7 @@ def after_attempt(
         case Outcome.PERMANENT | Outcome.RENDER_ERROR:
             return MessageStatus.FAILED, None
         case Outcome.THROTTLED | Outcome.TRANSIENT if not counts_as_attempt(result):
-            # "slow down", or the server refused us before MAIL FROM: not the message's fault, so retry
+            # "slow down", or the server refused us before RCPT TO: not the message's fault, so retry
             # soon, whatever the attempt count (the dispatcher's pause keeps a broken server from looping)
             delay = backoff_seconds(1, base=base_seconds, cap=cap_seconds, hint=result.retry_after_seconds, rng=rng)
             return MessageStatus.RETRY, now + timedelta(seconds=delay)

@@ -73,7 +73,7 @@ def is_throttling(code: int | None, reply: str) -> bool:
 
 
 def as_throttled(result: SendResult) -> SendResult:
-    """A transient result that is really "slow down" becomes ``THROTTLED``; others unchanged. Not before MAIL FROM:
+    """A transient result that is really "slow down" becomes ``THROTTLED``; others unchanged. Not before RCPT TO:
     a 421 greeting ("service not available, closing channel") is the whole server's state, not a recipient
     domain's rate, so it counts toward the dispatcher's pause instead (``retry.connection_failure``)."""
     if (

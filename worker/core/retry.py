@@ -17,27 +17,30 @@ Rules, in order:
   (the server may have queued the mail), ``TRANSIENT`` anywhere else.
 - 2xx at ``reply``: ``SENT``.
 - 4xx: ``TRANSIENT``.
-- 5xx at ``connect`` or ``auth``: ``TRANSIENT``. A refused greeting or login
+- 5xx at ``connect``, ``auth`` or ``mail``: ``TRANSIENT``. A refused greeting,
+  login or sender (MAIL FROM names the sender alone, the same for every message)
   says nothing about this message; failing it for good would burn through the
-  queue, so it waits and the dispatcher's consecutive-failure pause takes over.
+  queue, so it waits and the dispatcher's pause takes over.
 - 552 at ``rcpt``: ``TRANSIENT`` (RFC 5321 §4.5.3.1.10: treat as 452).
 - Other 5xx: ``PERMANENT``.
 - Anything else (a 2xx/3xx where none belongs, a garbled code): ``AMBIGUOUS``
   at ``reply``, ``TRANSIENT`` before it.
 
-Whatever stops an attempt at ``connect`` or ``auth`` (``connection_failure``)
-is the server's trouble or the configuration's, not the message's: the message
+Whatever stops an attempt at ``connect``, ``auth`` or ``mail``
+(``connection_failure``) is the server's trouble or the configuration's, not the
+message's (nothing about it or its recipient has been said yet): the message
 goes back to the queue without the attempt counted against it (it never becomes
 ``failed`` for it), and the failure counts toward the dispatcher's pause. Most
 such failures may pass (a refused or dropped connection, a timeout, a 421
-greeting): the dispatcher pauses only after ``sending.pause_after_failures`` in
+greeting, a 4xx to MAIL FROM): the dispatcher pauses only after ``sending.pause_after_failures`` in
 a row. Two kinds pause it at once (``PAUSES_AT_ONCE``), since every later
 message would fail the same way until someone changes something:
 
 - ``auth``: the server refused the login (a reply at ``auth``);
 - ``setup``: the SMTP transport found the setup cannot work (``SendResult.setup``
   names what to fix; at MAIL FROM or RCPT TO too: a relay that wants a login,
-  ``needs_login``): ``smtp.tls = "starttls"`` but no STARTTLS offered;
+  ``needs_login``; a refused sender or client, ``refuses_the_sender``,
+  ``refuses_the_client``): ``smtp.tls = "starttls"`` but no STARTTLS offered;
   ``smtp.username`` set but no AUTH, or no login method the client speaks;
   the server's TLS certificate fails verification (self-signed, expired, not
   for ``smtp.host``); implicit TLS (``smtp.tls = "tls"``) answered in plain
@@ -53,8 +56,9 @@ from worker.domain import Outcome, SendResult
 
 STAGES = frozenset({"connect", "auth", "mail", "rcpt", "data", "message", "reply"})
 """Where an SMTP attempt can stop; see the module docstring."""
-CONNECTION_STAGES = frozenset({"connect", "auth"})
-"""Stages before MAIL FROM: nothing about this message or its recipient has been said yet."""
+CONNECTION_STAGES = frozenset({"connect", "auth", "mail"})
+"""Stages before RCPT TO: nothing about this message or its recipient has been said yet (MAIL FROM names the
+sender alone, the same for every message)."""
 
 
 def classify_reply(code: int | None, stage: str) -> Outcome:
@@ -83,12 +87,13 @@ PAUSES_AT_ONCE: frozenset[ConnectionFailure] = frozenset({"setup", "auth"})
 def connection_failure(result: SendResult) -> ConnectionFailure | None:
     """``"setup"`` when the SMTP setup cannot work (``result.setup`` says what to fix: STARTTLS or AUTH not
     offered, a certificate that fails verification, implicit TLS against plain text), ``"auth"`` when the
-    server refused the login (a reply at ``auth``), ``"connection"`` for any other failure before MAIL FROM
-    (refused or dropped connection, a timeout, a 421 or 554 greeting, EHLO, a login that got no reply), else
-    None (the attempt reached the message). ``PAUSES_AT_ONCE``: the kinds every message would meet alike."""
+    server refused the login (a reply at ``auth``), ``"connection"`` for any other failure before RCPT TO
+    (refused or dropped connection, a timeout, a 421 or 554 greeting, EHLO, a login that got no reply, a 4xx
+    or no reply to MAIL FROM), else None (the attempt reached the message). ``PAUSES_AT_ONCE``: the kinds every
+    message would meet alike."""
     if result.outcome not in (Outcome.TRANSIENT, Outcome.AMBIGUOUS):
         return None
-    if result.setup:  # before MAIL FROM, or a relay that wants a login at MAIL FROM or RCPT TO (``needs_login``)
+    if result.setup:  # before MAIL FROM, or a refusal at MAIL FROM or RCPT TO that every message would meet
         return "setup"
     if result.stage not in CONNECTION_STAGES:
         return None
