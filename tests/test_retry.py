@@ -75,6 +75,11 @@ def test_classify_reply(code: int | None, stage: str, expected: Outcome) -> None
         # MAIL FROM names the sender alone: nothing about this message or its recipient has been said yet
         (SendResult(T, None, "Connection lost", stage="mail"), "connection"),
         (SendResult(T, 451, "451 4.1.8 Domain of sender address does not resolve", stage="mail"), "connection"),
+        # Postfix's sender and client rules answer at RCPT TO: about the sender or this client, not the recipient
+        (SendResult(T, 450, "450 4.1.8 <s@x.example>: Sender address rejected: Domain not found", stage="rcpt"),
+         "connection"),
+        (SendResult(T, 450, "450 4.7.25 Client host rejected: cannot find your hostname", stage="rcpt"), "connection"),
+        (SendResult(T, 450, "450 4.2.0 <a@b.example>: Recipient address rejected: Greylisted", stage="rcpt"), None),
         # a setup every message would meet alike (the transport names what to fix): pauses at once
         (SendResult(T, None, "does not offer STARTTLS", stage="connect", setup="smtp.tls"), "setup"),
         (SendResult(T, None, "certificate verify failed", stage="connect", setup="certificates"), "setup"),

@@ -350,12 +350,11 @@ def test_a_refused_sender_pauses_at_once_naming_shop_from_address_and_suppresses
     [
         ("504 5.5.2 <3f2a9c1b7d4e>: Helo command rejected: need fully-qualified hostname", "hostname"),
         ("554 5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied", "smtp.host"),
-        ("450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]", None),
     ],
-    ids=["non-FQDN EHLO name (a container's)", "client host rejected", "a 4xx client refusal may pass"],
+    ids=["non-FQDN EHLO name (a container's)", "client host rejected"],
 )
 def test_postfixs_refusals_of_this_client_at_rcpt_to_pause_at_once_and_fail_no_one(
-    sqlite_url: str, server: OddServer, reply: str, setting: str | None
+    sqlite_url: str, server: OddServer, reply: str, setting: str
 ) -> None:
     # Given a Postfix relay whose client and HELO rules (answered at RCPT TO, smtpd_delay_reject = yes, the
     # default) refuse this host, e.g. a container whose host name is its id
@@ -369,11 +368,8 @@ def test_postfixs_refusals_of_this_client_at_rcpt_to_pause_at_once_and_fail_no_o
         report = shop.cycle()
 
         # Then a 5xx pauses the run at once naming what to fix, and no one is failed (before: every message
-        # failed for good, as content_rejected or a plain failure); a 4xx is each message's transient failure
+        # failed for good, as content_rejected or a plain failure)
         rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
-        if setting is None:
-            assert report.dispatched.paused is None and rows == [("retry", 1)] * 6
-            return
         paused = report.dispatched.paused
         assert paused is not None and setting in paused and reply[:30] in paused, paused
         assert rows == [("planned", 0)] * 5 + [("retry", 0)]
@@ -383,16 +379,26 @@ def test_postfixs_refusals_of_this_client_at_rcpt_to_pause_at_once_and_fail_no_o
 
 
 @pytest.mark.parametrize(
-    "reply",
-    ["451 4.1.8 Domain of sender address halo@toko-kembali.example does not resolve", "421 4.3.2 Shutting down"],
+    ("stage", "reply"),
+    [
+        ("mail", "451 4.1.8 Domain of sender address halo@toko-kembali.example does not resolve"),
+        ("mail", "421 4.3.2 Shutting down"),
+        # Postfix answers its sender and client rules at RCPT TO (smtpd_delay_reject)
+        ("rcpt", "450 4.1.8 <halo@toko-kembali.example>: Sender address rejected: Domain not found"),
+        ("rcpt", "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"),
+    ],
+    ids=["4xx at MAIL FROM", "421 at MAIL FROM", "4xx sender rejected at RCPT", "4xx client rejected at RCPT"],
 )
-def test_a_temporary_refusal_at_mail_from_is_no_messages_failure_and_pauses_after_the_failures_in_a_row(
-    sqlite_url: str, server: OddServer, reply: str
+def test_a_temporary_refusal_of_the_sender_or_client_is_no_messages_failure_and_pauses_after_the_failures_in_a_row(
+    sqlite_url: str, server: OddServer, stage: str, reply: str
 ) -> None:
-    # Given a relay that answers MAIL FROM (the same sender for every message) with a 4xx for a while: the sender
-    # domain's DNS down, the relay restarting
-    server.mail_reply = reply
+    # Given a relay that refuses the sender (the same for every message) or this client with a 4xx for a while:
+    # the sender domain's DNS down, the relay restarting, this host's reverse DNS not resolving
     emails = [f"c{i}@test.example" for i in range(6)]
+    if stage == "mail":
+        server.mail_reply = reply
+    for email in emails:
+        server.on(email, Behaviour(rcpt_reply=reply) if stage == "rcpt" else Behaviour())
     settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
                              in_flight_per_connection=1, pause_after_failures=3, max_attempts=1)  # fmt: skip
     shop = Shop(sqlite_url, settings, emails)
@@ -408,6 +414,7 @@ def test_a_temporary_refusal_at_mail_from_is_no_messages_failure_and_pauses_afte
         assert rows == [("planned", 0)] * 3 + [("retry", 0)] * 3
 
         server.mail_reply = None
+        server.behaviours.clear()
         shop.clock.advance(7 * 3600)
         shop.cycle()
         assert {shop.row(e).status for e in emails} == {"sent"}

@@ -89,12 +89,15 @@ def connection_failure(result: SendResult) -> ConnectionFailure | None:
     offered, a certificate that fails verification, implicit TLS against plain text), ``"auth"`` when the
     server refused the login (a reply at ``auth``), ``"connection"`` for any other failure before RCPT TO
     (refused or dropped connection, a timeout, a 421 or 554 greeting, EHLO, a login that got no reply, a 4xx
-    or no reply to MAIL FROM), else None (the attempt reached the message). ``PAUSES_AT_ONCE``: the kinds every
-    message would meet alike."""
+    or no reply to MAIL FROM; a 4xx at RCPT TO refusing the sender or this client), else None (the attempt
+    reached the message). ``PAUSES_AT_ONCE``: the kinds every message would meet alike."""
     if result.outcome not in (Outcome.TRANSIENT, Outcome.AMBIGUOUS):
         return None
     if result.setup:  # before MAIL FROM, or a refusal at MAIL FROM or RCPT TO that every message would meet
         return "setup"
+    if result.stage == "rcpt" and result.code is not None and 400 <= result.code < 500:
+        # Postfix's sender and client rules answer at RCPT TO (``smtpd_delay_reject``): not the recipient's
+        return "connection" if _NOT_THE_RECIPIENT.search(result.reply) else None
     if result.stage not in CONNECTION_STAGES:
         return None
     return "auth" if result.stage == "auth" and result.code is not None else "connection"
@@ -120,6 +123,8 @@ def needs_login(code: int | None, reply: str) -> bool:
 
 
 _SENDER_REJECTED = re.compile(r"sender address rejected", re.IGNORECASE)
+_NOT_THE_RECIPIENT = re.compile(r"(?:sender address|client host|helo command) rejected", re.IGNORECASE)
+"""Postfix's words for a refusal at RCPT TO that is about the sender or this client, not the recipient."""
 
 
 def refuses_the_sender(code: int | None, stage: str, reply: str) -> bool:
