@@ -307,9 +307,13 @@ SENDER_UNKNOWN = "550 5.1.0 <halo@toko-kembali.example>: Sender address rejected
         # Postfix answers its sender restrictions at RCPT TO (smtpd_delay_reject = yes, the default)
         ("rcpt", SENDER_UNKNOWN),
         ("rcpt", "553 5.7.1 <halo@toko-kembali.example>: Sender address rejected: not owned by user shop"),
+        # Microsoft 365 (smtp.office365.com) answers the final dot so when the login may not send as the sender
+        ("reply", "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed "
+                  "to process message due to a permanent exception with message Cannot submit message."),
+        ("reply", "550 5.7.60 SMTP; Client does not have permissions to send as this sender"),
     ],
     ids=["5.1.0 sender unknown", "sender not owned by the login", "daily quota", "5.1.0 sender unknown at RCPT",
-         "sender not owned by the login at RCPT"],
+         "sender not owned by the login at RCPT", "Microsoft 365 SendAsDenied", "Microsoft 365 5.7.60"],
 )  # fmt: skip
 def test_a_refused_sender_pauses_at_once_naming_shop_from_address_and_suppresses_no_one(
     sqlite_url: str, server: OddServer, stage: str, reply: str
@@ -319,7 +323,8 @@ def test_a_refused_sender_pauses_at_once_naming_shop_from_address_and_suppresses
     if stage == "mail":
         server.mail_reply = reply
     for email in emails:
-        server.on(email, Behaviour(rcpt_reply=reply) if stage == "rcpt" else Behaviour())
+        server.on(email, Behaviour(rcpt_reply=reply if stage == "rcpt" else None,
+                                   data_reply=reply if stage == "reply" else None))  # fmt: skip
     settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
                              in_flight_per_connection=1)  # fmt: skip
     shop = Shop(sqlite_url, settings, emails)

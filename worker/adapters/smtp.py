@@ -30,8 +30,8 @@ a ``reply`` that says how (the dispatcher pauses at once on it, see
                    not relay (``retry.needs_login``)
     shop.from_address  any other 5xx at MAIL FROM (it names the sender alone,
                    the same for every message: a 5.1.x there is no bounce),
-                   or "Sender address rejected" at RCPT TO
-                   (``retry.refuses_the_sender``)
+                   "Sender address rejected" at RCPT TO, a login that may not
+                   send as the sender (``retry.refuses_the_sender``)
     hostname, smtp.host  "Helo command rejected" or "Client host rejected"
                    at MAIL FROM or RCPT TO (``retry.refuses_the_client``)
     smtp.host      the certificate is valid but not for this host name

@@ -105,11 +105,11 @@ def connection_failure(result: SendResult) -> ConnectionFailure | None:
 
 _RELAY_DENIED = re.compile(
     r"unable to relay|(?:not|n't) relay\b|relay(?:ing)?(?: access)? (?:is )?(?:denied|not (?:permitted|allowed)|"
-    r"prohibited|refused)",
+    r"prohibited|refused)|credentials for relay",
     re.IGNORECASE,
 )
 """Postfix's "Relay access denied", sendmail's "Relaying denied", Exchange's "Unable to relay", Exim's "relay not
-permitted", "we do not relay"."""
+permitted", "we do not relay", Google's SMTP relay's "Invalid credentials for relay"."""
 
 
 def needs_login(code: int | None, reply: str) -> bool:
@@ -122,7 +122,8 @@ def needs_login(code: int | None, reply: str) -> bool:
     return code is not None and 400 <= code < 600 and _RELAY_DENIED.search(reply) is not None
 
 
-_SENDER_REJECTED = re.compile(r"sender address rejected", re.IGNORECASE)
+_SENDER_REJECTED = re.compile(r"sender address rejected|sendasdenied|send as this sender", re.IGNORECASE)
+"""Postfix's sender rules, Microsoft 365's refusals of a login that may not send as the sender."""
 _NOT_THE_RECIPIENT = re.compile(r"(?:sender address|client host|helo command) rejected", re.IGNORECASE)
 """Postfix's words for a refusal at RCPT TO that is about the sender or this client, not the recipient."""
 
@@ -130,11 +131,12 @@ _NOT_THE_RECIPIENT = re.compile(r"(?:sender address|client host|helo command) re
 def refuses_the_sender(code: int | None, stage: str, reply: str) -> bool:
     """Whether a 5xx refuses the envelope sender (``shop.from_address``, the same for every message) rather than
     the message or its recipient: any 5xx at MAIL FROM, which names the sender alone (a 5.1.x there is no bounce),
-    and at RCPT TO one saying "Sender address rejected" (Postfix answers its sender restrictions there by default,
-    ``smtpd_delay_reject``)."""
+    and at RCPT TO or the final dot one saying "Sender address rejected" (Postfix answers its sender restrictions
+    at RCPT TO by default, ``smtpd_delay_reject``) or that the login may not send as the sender (Microsoft 365's
+    "SendAsDenied" and "5.7.60 … send as this sender", at the final dot)."""
     if code is None or not 500 <= code < 600:
         return False
-    return stage == "mail" or (stage == "rcpt" and _SENDER_REJECTED.search(reply) is not None)
+    return stage == "mail" or (stage in ("rcpt", "reply") and _SENDER_REJECTED.search(reply) is not None)
 
 
 _CLIENT_REJECTED = re.compile(r"(?P<helo>helo command rejected)|client host rejected", re.IGNORECASE)
