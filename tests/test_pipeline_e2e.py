@@ -286,20 +286,23 @@ def test_a_campaign_turned_off_holds_what_it_had_planned_until_it_is_on_again(
     # Given win-back emails planned for two quiet one-time buyers, not yet sent (planned at 20:00, quiet hours)
     store = make_shop(db_url, [customer("C1"), customer("C2")],
                       [one_time_order("O1", "C1"), one_time_order("O2", "C2")])
-    on = settings_for(db_url, smtp={"port": smtp_server.port})
-    evening = NOW - timedelta(hours=14)  # 20:00 in Jakarta, the evening before
-    assert pipeline.plan(store, on, evening).created == {"winback": 2}
+    try:
+        on = settings_for(db_url, smtp={"port": smtp_server.port})
+        evening = NOW - timedelta(hours=14)  # 20:00 in Jakarta, the evening before
+        assert pipeline.plan(store, on, evening).created == {"winback": 2}
 
-    # When the operator turns win-back off (birthdays on) and a cycle runs the next morning
-    off = settings_for(db_url, smtp={"port": smtp_server.port},
-                       campaigns={"winback": {"enabled": False}, "birthday": {"enabled": True}})
-    clock = FakeClock(NOW)  # 10:00 in Jakarta
-    held = run_cycle(off, store, clock)
+        # When the operator turns win-back off (birthdays on) and a cycle runs the next morning
+        off = settings_for(db_url, smtp={"port": smtp_server.port},
+                           campaigns={"winback": {"enabled": False}, "birthday": {"enabled": True}})
+        clock = FakeClock(NOW)  # 10:00 in Jakarta
+        held = run_cycle(off, store, clock)
 
-    # Then nothing goes out, and the rows wait, as preview (which lists enabled campaigns only) shows them
-    assert smtp_server.messages == [] and not held.dispatched.outcomes
-    assert {k: r["status"] for k, r in ledger(store).items()} == {"winback:C1:O1:1": "planned",
-                                                                   "winback:C2:O2:1": "planned"}
-    # And once it is on again, they are sent (had they expired meanwhile, the expiry sweep would close them)
-    run_cycle(on, store, clock)
-    assert sorted(m.rcpt_tos for m in smtp_server.messages) == [("c1@example.com",), ("c2@example.com",)]
+        # Then nothing goes out, and the rows wait, as preview (which lists enabled campaigns only) shows them
+        assert smtp_server.messages == [] and not held.dispatched.outcomes
+        assert {k: r["status"] for k, r in ledger(store).items()} == {"winback:C1:O1:1": "planned",
+                                                                       "winback:C2:O2:1": "planned"}
+        # And once it is on again, they are sent (had they expired meanwhile, the expiry sweep would close them)
+        run_cycle(on, store, clock)
+        assert sorted(m.rcpt_tos for m in smtp_server.messages) == [("c1@example.com",), ("c2@example.com",)]
+    finally:
+        store.close()
