@@ -41,7 +41,7 @@ JKT, JAYA = "Asia/Jakarta", "Asia/Jayapura"
 SETTINGS = settings_from_dict({
     "campaigns": {
         "winback": {"steps": [{"days": 45, "template": "winback-reminder"}, {"days": 75, "template": "winback"},
-                              {"days": 120, "template": "winback-last"}]},
+                              {"days": 120, "template": "winback-last"}], "give_up_after_days": 730},
         "birthday": {"enabled": True, "days_before": 0},
         "feedback": {"enabled": True, "days_after": 7, "lookback_days": 14},
         "new_products": {"enabled": True, "within_days": 14, "active_within_days": 180},
@@ -80,7 +80,10 @@ WINBACK = [
     Case("exactly 75 days ago: still step 1", 1, (o(D, 75),)),
     Case("76 days ago: step 2", 1, (o(D, 76),)),
     Case("121 days ago: step 3, the last note", 1, (o(D, 121),)),
-    Case("400 days ago: the last step has no end", 1, (o(D, 400),)),
+    Case("400 days ago: still the last step", 1, (o(D, 400),)),
+    Case("exactly 730 days ago is not more than give_up_after_days", 1, (o(D, 730),)),
+    Case("731 days ago: given up on (give_up_after_days = 730)", 0, (o(D, 731),)),
+    Case("5 years ago: given up on", 0, (o(D, 5 * 365),)),
     Case("a repeat buyer: never", 0, (o(D, 200), o(D, 100))),
     Case("a cancelled second order does not count", 1, (o(D, 80), o(X, 5))),
     Case("ordered again (the sequence stops)", 0, (o(D, 80), o(D, 3))),
@@ -195,7 +198,7 @@ WEEK = cc.news_week([x for x in _launches() if x.launched_at <= NOW], ZoneInfo(J
 
 
 RULES: dict[str, Callable[[cc.Facts], list[str]]] = {
-    "winback": lambda f: cc.winback_due_keys(f, NOW, [45, 75, 120]),
+    "winback": lambda f: cc.winback_due_keys(f, NOW, [45, 75, 120], 730),
     "birthday": lambda f: cc.birthday_due_keys(f, NOW, 0, ZoneInfo(f.time_zone)),
     "feedback": lambda f: cc.feedback_due_keys(f, NOW, 7, 14),
     "new_products": lambda f: cc.new_products_due_keys(f, NOW, _launches(), 14, 180, WEEK),

@@ -152,6 +152,9 @@ class WinbackSettings:
     recommendations: int = 3
     steps: tuple[WinbackStep, ...] = ()
     """The sequence, in increasing ``days``; empty = one step from quiet_days/coupon_*."""
+    give_up_after_days: int = 0
+    """A one-time buyer whose only order is more than this many days old gets no win-back email (0 = no limit):
+    old addresses bounce more, and a note years late reads as spam."""
     holdout_share: float = 0.0
 
     @property
@@ -573,6 +576,10 @@ def _check(s: Settings) -> None:
         _fail(s, "campaigns.winback.quiet_days", "must be at least 1")
     if w.expires_after_days < 1:
         _fail(s, "campaigns.winback.expires_after_days", "must be at least 1")
+    last_step = w.effective_steps[-1].days
+    if w.give_up_after_days and w.give_up_after_days <= last_step:
+        _fail(s, "campaigns.winback.give_up_after_days", f"must be 0 (no limit) or more than the last step's days "
+              f"({last_step}), not {w.give_up_after_days}")
     if not 0 <= w.coupon_percent <= 100:
         _fail(s, "campaigns.winback.coupon_percent", "must be between 0 and 100")
     if s.checks.html_max_bytes < 1024:
@@ -711,6 +718,7 @@ def _check_upper_bounds(s: Settings) -> None:
     days = [("campaigns.winback.quiet_days", c.winback.quiet_days),
             ("campaigns.winback.expires_after_days", c.winback.expires_after_days),
             *((f"campaigns.winback.steps[{i}].days", step.days) for i, step in enumerate(c.winback.steps)),
+            ("campaigns.winback.give_up_after_days", c.winback.give_up_after_days),
             ("campaigns.feedback.lookback_days", c.feedback.lookback_days),
             ("campaigns.feedback.expires_after_days", c.feedback.expires_after_days),
             ("campaigns.new_products.within_days", c.new_products.within_days),

@@ -91,7 +91,8 @@ def plans(store: Store, settings: Settings, campaign: str, now: datetime) -> lis
         steps = settings.campaigns.winback.effective_steps
         days = [s.days for s in steps]
         windows = [cc.winback_step_window(now, days, n)[1] for n in range(1, len(steps) + 1)]
-        return [plan_sql.winback(common, steps=[(b, s.template, s.days) for b, s in zip(windows, steps, strict=True)])]
+        return [plan_sql.winback(common, steps=[(b, s.template, s.days) for b, s in zip(windows, steps, strict=True)],
+                                 given_up_before=cc.winback_given_up_before(now, cfg.give_up_after_days))]
     if campaign == cc.FEEDBACK:
         after, not_after = cc.feedback_window(now, cfg.days_after, cfg.lookback_days)
         return [plan_sql.feedback(common, after=after, not_after=not_after)]

@@ -156,9 +156,12 @@ class Common:
     holdout_share: float
 
 
-def winback(c: Common, *, steps: Sequence[tuple[datetime, str, int]]) -> Plan:
-    """One-time buyers whose only order was placed before the first step's cut-off, each at the last step
-    whose cut-off has passed; ``steps``: (before, template, days) per step, in order.
+def winback(
+    c: Common, *, steps: Sequence[tuple[datetime, str, int]], given_up_before: datetime | None = None
+) -> Plan:
+    """One-time buyers whose only order was placed before the first step's cut-off (and not before
+    ``given_up_before``), each at the last step whose cut-off has passed; ``steps``: (before, template, days) per
+    step, in order.
 
     Driven by customer id, not by the (order_count, first_order_at) index: most customers are candidates,
     and visiting them in id order keeps the ledger probes (keys start with the customer's id) local."""
@@ -179,6 +182,8 @@ def winback(c: Common, *, steps: Sequence[tuple[datetime, str, int]]) -> Plan:
         _scanned(c.dialect, C.c.order_count) == 1, C.c.first_order_at < steps[0][0],
         C.c.first_order_external_id.is_not(None), *_consenting(),
     ]  # fmt: skip
+    if given_up_before is not None:
+        where.append(C.c.first_order_at >= given_up_before)
     payload = json_object_sql(c.dialect, [
         ("days", days), ("first_order", C.c.first_order_external_id), ("first_order_id", C.c.first_order_id),
         ("template", template),

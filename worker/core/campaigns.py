@@ -83,14 +83,25 @@ def planned(
 # --- win-back in steps ---------------------------------------------------------
 
 
-def winback_step_due(first_order_at: datetime, now: datetime, step_days: Sequence[int]) -> int | None:
+def winback_step_due(
+    first_order_at: datetime, now: datetime, step_days: Sequence[int], give_up_after_days: int = 0
+) -> int | None:
     """The 1-based step due for a one-time buyer: the last whose day count has passed (strictly
-    more than ``days`` since the order). Earlier steps a customer never got are not sent late."""
+    more than ``days`` since the order). Earlier steps a customer never got are not sent late.
+    None as well once more than ``give_up_after_days`` (if not 0) have passed (``winback_given_up_before``)."""
+    given_up = winback_given_up_before(now, give_up_after_days)
+    if given_up is not None and first_order_at < given_up:
+        return None
     due = None
     for i, days in enumerate(step_days, start=1):
         if first_order_at < now - timedelta(days=days):
             due = i
     return due
+
+
+def winback_given_up_before(now: datetime, give_up_after_days: int) -> datetime | None:
+    """An only order placed strictly before this instant is given up on (None: never)."""
+    return now - timedelta(days=give_up_after_days) if give_up_after_days else None
 
 
 def winback_step_window(now: datetime, step_days: Sequence[int], step: int) -> tuple[datetime | None, datetime]:
@@ -419,11 +430,13 @@ def _last_purchase(facts: Facts) -> OrderFacts | None:
     return bought[-1] if bought else None
 
 
-def winback_due_keys(facts: Facts, now: datetime, step_days: Sequence[int]) -> list[str]:
+def winback_due_keys(
+    facts: Facts, now: datetime, step_days: Sequence[int], give_up_after_days: int = 0
+) -> list[str]:
     bought = purchases(facts.orders)
     if not facts.reachable or len(bought) != 1:
         return []
-    step = winback_step_due(bought[0].placed_at, now, step_days)
+    step = winback_step_due(bought[0].placed_at, now, step_days, give_up_after_days)
     if step is None:
         return []
     key = winback_key(facts.customer_external_id, bought[0].external_id, step)
