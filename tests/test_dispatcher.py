@@ -374,7 +374,8 @@ def test_a_database_that_refuses_connections_for_a_moment_mid_run_sends_everyone
 
 @pytest.mark.postgres
 def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorded_by_the_next_run(
-    pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given 6 customers due a win-back, a server that takes a second over each message, and a database that stays
     # away longer than the ledger writer tries again (here 0.4 s; 15.5 s as shipped: a failover takes longer)
@@ -432,4 +433,11 @@ def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorde
     assert _statuses(shop) == {"sent": 6}
     assert report.outcomes == {"sent": 4}
     assert all(len(shop.attempts(e)) == 1 for e in emails)
+    # And meanwhile the log named the rows whose sends it held, for `ledger close --as sent` should the process end
+    [kept] = [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == "outcomes_not_written"]
+    with shop.store.engine.connect() as conn:
+        first_two = conn.execute(sa.text("SELECT m.id FROM message m JOIN attempt a ON a.message_id = m.id"
+                                         " ORDER BY a.finished_at, m.id LIMIT 2")).scalars().all()  # fmt: skip
+    assert sorted(int(i) for i in kept["sent_ids"].split(",")) == sorted(first_two)
+    assert "kembali ledger close --as sent" in kept["note"]
     shop.close()

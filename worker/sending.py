@@ -492,10 +492,12 @@ class Dispatcher:
     def _keep_unwritten(self, writer: LedgerWriter) -> None:
         self.unwritten = writer.unwritten()
         if self.unwritten:
-            log.event("outcomes_not_written", logging.ERROR, outcomes=len(self.unwritten),
-                      sent=sum(1 for d in self.unwritten if d.status is MessageStatus.SENT),
+            sent = [d.message.id for d in self.unwritten if d.status is MessageStatus.SENT]
+            log.event("outcomes_not_written", logging.ERROR, outcomes=len(self.unwritten), sent=len(sent),
+                      sent_ids=",".join(map(str, sent)),
                       note="kept to be written by the next run; should the process end first, the rows sent "
-                      "become uncertain when their leases lapse")  # fmt: skip
+                      "become uncertain when their leases lapse: the server took the messages sent_ids names, "
+                      "so `kembali ledger close --as sent <id>…` records them")  # fmt: skip
 
     async def _keep_leases(self, writer: LedgerWriter) -> None:
         """Renew the leases of the rows this run holds, every third of a lease: however long they wait for the
