@@ -75,3 +75,28 @@ def test_a_long_value_is_cut_and_says_how_long_it_was(fmt: str) -> None:
     if fmt == "json":
         body = json.loads(text)
         assert body["error"] == "x\n" * (log.MAX_VALUE_CHARS // 2) + "…(60,000 chars)" and body["code"] == 550
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_librarys_warning_is_a_line_of_the_same_log(fmt: str) -> None:
+    # psycopg, asyncio or aiosmtpd log on their own loggers: Python's last resort printed their text bare, so a
+    # JSON log got a line that is no JSON (psycopg's "error ignored terminating <Pipeline [BAD]>" as a connection
+    # dropped), and a text log a line without time or level
+    logger, root = logging.getLogger("kembali"), logging.getLogger()
+    saved = (logger.handlers[:], logger.level, logger.propagate, root.handlers[:])
+    out = io.StringIO()
+    log.configure("info", fmt, stream=out)
+    try:
+        logging.getLogger("psycopg.pool").warning("error ignored terminating %s", "<Pipeline [BAD]>\nnext line")
+        logging.getLogger("asyncio").info("chatter below warning")
+    finally:
+        logger.handlers[:], logger.level, logger.propagate, root.handlers[:] = saved
+    text = out.getvalue()
+    assert len(text.splitlines()) == 1 and text[:-1].isprintable(), repr(text)
+    if fmt == "json":
+        body = json.loads(text)
+        assert (body["level"], body["event"], body["logger"]) == ("warning", "library_warning", "psycopg.pool")
+        assert body["message"] == "error ignored terminating <Pipeline [BAD]>\nnext line"
+    else:
+        assert text.split(" ", 2)[1:] == ["warning", 'library_warning logger=psycopg.pool message="error ignored '
+                                          'terminating <Pipeline [BAD]>\\nnext line"\n']  # fmt: skip

@@ -67,11 +67,19 @@ def json_line(value: Any) -> str:
     return printable(json.dumps(value, ensure_ascii=False))
 
 
+def _named(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
+    """The event's name and fields: another library's record (psycopg, asyncio, aiosmtpd…) is the event
+    ``library_<level>`` naming its logger, its text a field like any other (cut, escaped, on one line)."""
+    if record.name == LOGGER.name or record.name.startswith(LOGGER.name + "."):
+        return record.getMessage(), getattr(record, "kembali_fields", {})
+    return f"library_{record.levelname.lower()}", {"logger": record.name, "message": record.getMessage()}
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "kembali_fields", {})
+        name, fields = _named(record)
         when = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        parts = [when, record.levelname.lower().ljust(7), record.getMessage()]
+        parts = [when, record.levelname.lower().ljust(7), name]
         parts += [f"{k}={_fmt_value(v)}" for k, v in fields.items()]
         line = " ".join(parts)
         if record.exc_info:
@@ -81,21 +89,45 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        name, fields = _named(record)
         body: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname.lower(),
-            "event": record.getMessage(),
+            "event": name,
         }
         body.update({k: v if isinstance(v, int | float | bool) or v is None else _capped(str(v))
-                     for k, v in getattr(record, "kembali_fields", {}).items()})
+                     for k, v in fields.items()})
         if record.exc_info:
             body["exception"] = self.formatException(record.exc_info)
         return json_line(body)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when it writes (a test's capture of it may have ended since)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+_libraries: logging.Handler | None = None
+"""The root logger's handler ``configure`` added: other libraries' warnings, in the same format."""
+
+
 def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    global _libraries
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(formatter)
     LOGGER.handlers[:] = [handler]
     LOGGER.setLevel(level.upper())
     LOGGER.propagate = False
+    # psycopg, asyncio, aiosmtpd… log on loggers of their own, which reach the root: without a handler there,
+    # Python's last resort printed their warnings as bare text (no time, no level; a line of no JSON in a JSON log)
+    root = logging.getLogger()
+    if _libraries is not None:
+        root.removeHandler(_libraries)
+    _libraries = logging.StreamHandler(stream) if stream is not None else _Stderr()
+    _libraries.setLevel(logging.WARNING)
+    _libraries.setFormatter(formatter)
+    root.addHandler(_libraries)
