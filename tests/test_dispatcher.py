@@ -135,7 +135,7 @@ def test_a_pause_on_the_implicit_tls_port_without_tls_says_what_to_check(tmp_pat
         timeout = SendResult(Outcome.TRANSIENT, None, "Timed out waiting for server response", stage="connect",
                              error_type="SMTPConnectTimeoutError")  # fmt: skip
         for _ in range(3):
-            dispatcher._observe_failures(timeout)
+            dispatcher._observe_failures(timeout, "test.example")
     finally:
         astore.close()
         shop.close()

@@ -6,6 +6,7 @@ import pytest
 
 from worker.core import lifecycle
 from worker.core.retry import (
+    TroubleStreak,
     classify_reply,
     connection_failure,
     needs_login,
@@ -13,6 +14,7 @@ from worker.core.retry import (
     pause_retry_seconds,
     refuses_the_client,
     refuses_the_sender,
+    server_trouble,
 )
 from worker.domain import Outcome, SendResult
 
@@ -215,3 +217,45 @@ def test_classify_reply_rejects_an_unknown_stage() -> None:
 )
 def test_parse_retry_after(text: str, seconds: float | None) -> None:
     assert parse_retry_after(text) == seconds
+
+
+def _rcpt(reply: str, stage: str = "rcpt") -> SendResult:
+    return SendResult(T, int(reply[:3]), reply, stage=stage)
+
+
+@pytest.mark.parametrize(
+    ("result", "kind"),
+    [
+        (_rcpt("452 4.3.1 Insufficient system storage"), "452 4.3.1"),
+        (_rcpt("451 4.3.0 <a@b.example>: Temporary lookup failure"), "451 4.3.0"),
+        (_rcpt("451 Local error in processing", "reply"), "451"),
+        (_rcpt("452 4.2.2 Mailbox full"), None),  # the recipient's mailbox
+        (_rcpt("450 4.1.2 <a@b.example>: Recipient address rejected: Domain not found"), None),
+        (_rcpt("451 4.7.1 Greylisted, try again in 5 minutes"), None),
+        (_rcpt("450 4.1.8 <s@shop.example>: Sender address rejected: Domain not found"), None),  # the sender's
+        (_rcpt("451 4.3.0 Shutting down", "mail"), None),  # before RCPT TO: a connection failure
+        (SendResult(Outcome.THROTTLED, 452, "452 4.5.3 Too many recipients", stage="rcpt"), None),
+        (SendResult(P, 554, "554 5.3.0 no", stage="rcpt"), None),
+    ],
+)
+def test_server_trouble_names_the_class_of_a_4xx_that_is_not_about_the_recipient(
+    result: SendResult, kind: str | None
+) -> None:
+    assert server_trouble(result) == kind
+
+
+def test_a_trouble_streak_is_the_servers_once_three_domains_met_the_same_class_in_a_row() -> None:
+    full = _rcpt("452 4.3.1 Insufficient system storage")
+    streak = TroubleStreak()
+    # the same domain again and again: that domain's trouble, however long
+    assert [streak.observe(full, "a.example") for _ in range(5)] == [False] * 5
+    assert [streak.observe(full, d) for d in ("b.example", "c.example", "a.example")] == [False, True, True]
+    assert streak.count == 8
+    # a connection failure does not end it; a success does
+    assert not streak.observe(SendResult(T, None, "timed out", stage="connect"), "d.example")
+    assert streak.observe(full, "d.example")
+    assert not streak.observe(SendResult(S, 250, "250 ok", stage="reply"), "d.example")
+    assert [streak.observe(full, d) for d in ("a.example", "b.example", "c.example")] == [False, False, True]
+    # another class starts over
+    assert not streak.observe(_rcpt("451 4.3.0 Temporary lookup failure"), "e.example")
+    assert streak.count == 1

@@ -426,3 +426,78 @@ def test_a_temporary_refusal_of_the_sender_or_client_is_no_messages_failure_and_
         assert all(n == 1 for n in message_ids(server.messages).values())
     finally:
         shop.close()
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply"),
+    [
+        ("rcpt", "452 4.3.1 Insufficient system storage"),
+        ("rcpt", "451 4.3.0 <{to}>: Temporary lookup failure"),
+        ("reply", "451 4.3.0 Error: queue file write error"),
+    ],
+    ids=["452 4.3.1 storage at RCPT", "451 4.3.0 lookup failure at RCPT", "451 4.3.0 queue file after the dot"],
+)
+def test_the_same_temporary_failure_for_recipients_at_different_domains_is_the_servers_and_pauses(
+    sqlite_url: str, server: OddServer, stage: str, reply: str
+) -> None:
+    # Given the shop's relay in trouble (its disk full, its lookup tables down): it answers every message alike
+    # with a 4xx once the message is under way, whatever the recipient
+    emails = [f"c{i}@d{i}.example" for i in range(8)]
+    for email in emails:
+        answer = reply.format(to=email)
+        server.on(email, Behaviour(rcpt_reply=answer) if stage == "rcpt" else Behaviour(data_reply=answer))
+    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
+                             in_flight_per_connection=1, pause_after_failures=4, max_attempts=3)  # fmt: skip
+    shop = Shop(sqlite_url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        # Then once recipients at three different domains met it in a row it is the server's: the attempt is not
+        # counted against the message, and the run pauses after the failures in a row (before: every message's
+        # attempt was counted and no pause came, so a relay in trouble for ~15 minutes failed the whole queue)
+        paused = report.dispatched.paused
+        assert paused is not None and "4 failures in a row, the server's" in paused and reply[:9] in paused, paused
+        rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
+        assert rows == [("planned", 0)] * 4 + [("retry", 0)] * 2 + [("retry", 1)] * 2
+        assert shop.suppressed() == {}
+        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+
+        server.behaviours.clear()
+        shop.clock.advance(7 * 3600)
+        shop.cycle()
+        assert {shop.row(e).status for e in emails} == {"sent"}
+        assert all(n == 1 for n in message_ids(server.messages).values())
+    finally:
+        shop.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "domains"),
+    [
+        ("452 4.3.1 Insufficient system storage", 1),
+        ("452 4.2.2 <{to}>: Recipient address rejected: Mailbox full", 6),
+        ("450 4.7.1 <{to}>: Recipient address rejected: Greylisted, see https://postgrey.schweikert.ch/", 6),
+        ("451 4.7.1 Greylisting in action, please come back later", 6),
+        ("450 4.1.2 <{to}>: Recipient address rejected: Domain not found", 6),
+    ],
+    ids=["one domain", "mailbox full", "postgrey", "greylisting", "recipient domain not found"],
+)
+def test_a_temporary_failure_of_each_recipient_stays_that_messages_and_does_not_pause(
+    sqlite_url: str, server: OddServer, reply: str, domains: int
+) -> None:
+    # Given 4xx replies at RCPT TO that are about each recipient (their mailbox, their domain, greylisting), or
+    # all for recipients at one domain
+    emails = [f"c{i}@d{i % domains}.example" for i in range(6)]
+    for email in emails:
+        server.on(email, Behaviour(rcpt_reply=reply.format(to=email)))
+    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
+                             in_flight_per_connection=1, pause_after_failures=3, max_attempts=3)  # fmt: skip
+    shop = Shop(sqlite_url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        # Then each message keeps its own temporary failure: the attempt counted, no pause
+        assert report.dispatched.paused is None
+        assert sorted((shop.row(e).status, shop.row(e).attempts) for e in emails) == [("retry", 1)] * 6
+    finally:
+        shop.close()

@@ -22,7 +22,9 @@ SMTP. The outcome goes back to the ledger with an attempt row. A throttling repl
 down and retries the message without counting the attempt; a 5.1.x "no such
 user" suppresses the address; a 5.7.x refusal is logged as a content problem.
 A failure before RCPT TO (connection, greeting, EHLO, STARTTLS, login, MAIL
-FROM, which names the sender alone) is not the message's: it goes back to the queue without the attempt counted. Too
+FROM, which names the sender alone) is not the message's: it goes back to the queue without the attempt counted.
+The same 4xx at RCPT TO or after for recipients at several domains in a row is the server's trouble, not the messages'
+(``retry.TroubleStreak``): it is not counted either, and counts toward the pause. Too
 many connection failures in a row (``sending.pause_after_failures``), or one
 that every message would meet alike (a refused login; a setup that cannot work:
 a relay that wants a login at MAIL FROM or RCPT TO, STARTTLS or AUTH not offered,
@@ -69,7 +71,7 @@ from worker.contact import Arbiter
 from worker.core import lifecycle
 from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of, next_quota_day_start
 from worker.core.policy import SendNow, Skip
-from worker.core.retry import PAUSES_AT_ONCE, connection_failure
+from worker.core.retry import PAUSES_AT_ONCE, SERVER_TROUBLE_DOMAINS, TroubleStreak, connection_failure
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult
 from worker.limiter import DailyQuota, Limiter, LocalBooker
 from worker.pipeline import (
@@ -349,6 +351,9 @@ class Dispatcher:
         """Set when too many connection failures in a row, a refused login or an SMTP setup that cannot work
         paused sending (health checks read it)."""
         self.failures_in_row = 0
+        self.trouble = TroubleStreak()
+        """The same temporary failure in a row at RCPT TO or after: the server's own once recipients at several
+        domains met it (kept across pauses: a daemon that tries again finds it still there)."""
         self.pauses_in_row = 0
         """Pauses since the last attempt that got past the connection (a daemon waits longer after each)."""
         self.quota_reached = False
@@ -379,19 +384,26 @@ class Dispatcher:
         self.failures_in_row = 0
         self.stopping.clear()
 
-    def _observe_failures(self, result: SendResult) -> None:
-        """Count attempts that failed before RCPT TO (the connection, greeting, EHLO, STARTTLS, login, MAIL FROM) or got
-        no reply at all; too many in a row, or one that every message would meet alike (a refused login, an SMTP
-        setup that cannot work: ``retry.PAUSES_AT_ONCE``), pause the dispatcher."""
+    def _observe_failures(self, result: SendResult, domain: str) -> bool:
+        """Count attempts that failed before RCPT TO (the connection, greeting, EHLO, STARTTLS, login, MAIL FROM), got
+        no reply at all, or met the server's own trouble (the same temporary failure for recipients at
+        ``SERVER_TROUBLE_DOMAINS`` different domains in a row: ``retry.TroubleStreak``); too many in a row, or one
+        that every message would meet alike (a refused login, an SMTP setup that cannot work:
+        ``retry.PAUSES_AT_ONCE``), pause the dispatcher. Returns whether the attempt met the server's trouble (it
+        is not counted against the message)."""
         trouble = connection_failure(result)
-        if trouble is None and not (result.code is None and result.outcome in (Outcome.TRANSIENT, Outcome.AMBIGUOUS)):
+        streak_before = self.trouble.confirmed
+        servers = self.trouble.observe(result, domain)
+        no_reply = result.code is None and result.outcome in (Outcome.TRANSIENT, Outcome.AMBIGUOUS)
+        if trouble is None and not servers and not no_reply:
             self.failures_in_row = 0
             self.pauses_in_row = 0
-            return
-        self.failures_in_row += 1
+            return False
+        # the streak just turned out the server's: the failures of it so far were in a row too
+        self.failures_in_row += self.trouble.count if servers and not streak_before else 1
         limit = self.settings.sending.pause_after_failures
         if not limit or self.paused is not None:
-            return
+            return servers
         smtp = self.settings.smtp
         if trouble in PAUSES_AT_ONCE:  # every message would fail alike until something is fixed: pause at once
             self.paused = (
@@ -400,6 +412,13 @@ class Dispatcher:
                 else f"an SMTP authentication failure ({result.reply[:120]}): check smtp.username "
                 f"({smtp.username!r}) and the password in ${smtp.password_env}"
             )
+        elif self.failures_in_row >= limit and servers:
+            where = {"rcpt": "RCPT TO", "data": "DATA"}.get(result.stage, "the end of the message")
+            self.paused = (
+                f"{self.failures_in_row} failures in a row, the server's own trouble: {smtp.host}:{smtp.port} gives "
+                f"recipients at {SERVER_TROUBLE_DOMAINS} or more different domains the same temporary failure "
+                f"at {where} (last: {result.reply[:120]})"
+            )
         elif self.failures_in_row >= limit:
             hint = tls_port_hint(smtp)
             self.paused = (
@@ -407,7 +426,7 @@ class Dispatcher:
                 f"{result.reply[:120]})" + (f"; {hint}" if hint else "")
             )
         else:
-            return
+            return servers
         self.pauses_in_row += 1
         log.event(
             "dispatcher_paused", logging.ERROR, reason=self.paused, smtp_host=smtp.host,
@@ -415,6 +434,7 @@ class Dispatcher:
             **({"setting": result.setup} if result.setup else {}),
         )  # fmt: skip
         self.stop()
+        return servers
 
     def _release(self, message: ClaimedMessage, now: datetime, until: datetime | None = None) -> Disposition:
         """Give a claimed, unsent row back to the queue (stopped, paused, or out of quota): no attempt made."""
@@ -765,7 +785,7 @@ class Dispatcher:
             self.limiter.observe(domain, result)  # the reply as the server gave it
             refusal = as_sender_refusal(result)
             sender_refused, result = refusal is not result, refusal
-            self._observe_failures(result)
+            servers = self._observe_failures(result, domain)
             status, next_at = lifecycle.after_attempt(
                 result,
                 attempt=message.attempts + 1,
@@ -773,6 +793,7 @@ class Dispatcher:
                 now=finished,
                 base_seconds=self.settings.sending.retry_base_seconds,
                 cap_seconds=self.settings.sending.retry_max_seconds,
+                server_trouble=servers,
             )
             label, suppress = status.value, None
             if result.outcome is Outcome.PERMANENT:
@@ -810,7 +831,7 @@ class Dispatcher:
                     next_attempt_at=next_at,
                     template_version=item.rendered.template_version,
                     subject=item.rendered.subject,
-                    counts_as_attempt=lifecycle.counts_as_attempt(result),
+                    counts_as_attempt=lifecycle.counts_as_attempt(result, server_trouble=servers),
                     suppress_reason=suppress,
                 )
             )

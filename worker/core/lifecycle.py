@@ -4,6 +4,7 @@
                        │              ├─ transient, attempts left → retry ─claim→ claimed …
                        │              ├─ throttled ("slow down") → retry, the attempt not counted
                        │              ├─ stopped before RCPT TO (connection, setup, login) → retry, not counted
+                       │              ├─ the server's trouble (retry.TroubleStreak) → retry, not counted
                        │              ├─ transient, none left / permanent / render error → failed
                        │              └─ ambiguous (after the final dot) → uncertain
                        └─ re-check says no → skipped (with a reason)
@@ -26,9 +27,12 @@ def requeued(attempts: int) -> MessageStatus:
     return MessageStatus.RETRY if attempts > 0 else MessageStatus.PLANNED
 
 
-def counts_as_attempt(result: SendResult) -> bool:
+def counts_as_attempt(result: SendResult, *, server_trouble: bool = False) -> bool:
     """Whether the attempt counts against ``max_attempts``: not when the server said "slow down", nor when it
-    stopped before RCPT TO (connection, greeting, login, MAIL FROM: not the message's fault)."""
+    stopped before RCPT TO (connection, greeting, login, MAIL FROM: not the message's fault), nor when its
+    temporary failure is the server's own trouble (``server_trouble``: ``retry.TroubleStreak`` said so)."""
+    if server_trouble and result.outcome is Outcome.TRANSIENT:
+        return False
     return result.outcome is not Outcome.THROTTLED and connection_failure(result) is None
 
 
@@ -54,8 +58,10 @@ def after_attempt(
     base_seconds: float,
     cap_seconds: float,
     rng: random.Random | None = None,
+    server_trouble: bool = False,
 ) -> tuple[MessageStatus, datetime | None]:
-    """(new status, next attempt time) after attempt number ``attempt`` (1-based)."""
+    """(new status, next attempt time) after attempt number ``attempt`` (1-based); ``server_trouble``: see
+    ``counts_as_attempt``."""
     match result.outcome:
         case Outcome.SENT:
             return MessageStatus.SENT, None
@@ -63,8 +69,8 @@ def after_attempt(
             return MessageStatus.UNCERTAIN, None
         case Outcome.PERMANENT | Outcome.RENDER_ERROR:
             return MessageStatus.FAILED, None
-        case Outcome.THROTTLED | Outcome.TRANSIENT if not counts_as_attempt(result):
-            # "slow down", or the server refused us before RCPT TO: not the message's fault, so retry
+        case Outcome.THROTTLED | Outcome.TRANSIENT if not counts_as_attempt(result, server_trouble=server_trouble):
+            # "slow down", the server refused us before RCPT TO or is in trouble: not the message's fault, so retry
             # soon, whatever the attempt count (the dispatcher's pause keeps a broken server from looping)
             delay = backoff_seconds(1, base=base_seconds, cap=cap_seconds, hint=result.retry_after_seconds, rng=rng)
             return MessageStatus.RETRY, now + timedelta(seconds=delay)

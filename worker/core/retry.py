@@ -33,7 +33,10 @@ goes back to the queue without the attempt counted against it (it never becomes
 ``failed`` for it), and the failure counts toward the dispatcher's pause. Most
 such failures may pass (a refused or dropped connection, a timeout, a 421
 greeting, a 4xx to MAIL FROM): the dispatcher pauses only after ``sending.pause_after_failures`` in
-a row. Two kinds pause it at once (``PAUSES_AT_ONCE``), since every later
+a row. So do temporary failures at RCPT TO or after that are the server's own trouble: the same class of 4xx
+(``server_trouble``) for recipients at ``SERVER_TROUBLE_DOMAINS`` different domains in a row
+(``TroubleStreak``); from then on the attempt is not counted against the message either. Two kinds pause it
+at once (``PAUSES_AT_ONCE``), since every later
 message would fail the same way until someone changes something:
 
 - ``auth``: the server refused the login (a reply at ``auth``);
@@ -50,6 +53,7 @@ message would fail the same way until someone changes something:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Literal
 
 from worker.domain import Outcome, SendResult
@@ -101,6 +105,66 @@ def connection_failure(result: SendResult) -> ConnectionFailure | None:
     if result.stage not in CONNECTION_STAGES:
         return None
     return "auth" if result.stage == "auth" and result.code is not None else "connection"
+
+
+SERVER_TROUBLE_DOMAINS = 3
+"""How many different recipient domains must meet the same temporary failure in a row before it is the server's."""
+_ENHANCED_4XX = re.compile(r"\b4\.(\d{1,3})\.\d{1,3}\b")
+_ABOUT_THE_RECIPIENT = re.compile(r"recipient address|mailbox|gr[ae]y-?list|user unknown|unknown user|no such user",
+                                  re.IGNORECASE)  # fmt: skip
+"""What a 4xx says when it is about the recipient: Postfix's recipient rules, a full or disabled mailbox,
+greylisting."""
+
+
+def server_trouble(result: SendResult) -> str | None:
+    """The class (``"452 4.3.1"``; the code alone when no enhanced code) of a temporary failure that may be the
+    server's own trouble rather than the recipient's: a 4xx at RCPT TO, DATA or the final dot that is not
+    throttling (``THROTTLED`` by then), not about the sender or this client (``connection_failure``) and not
+    about the recipient (a 4.1.x address or 4.2.x mailbox status, "Recipient address rejected", greylisting).
+    Only the same class for recipients at ``SERVER_TROUBLE_DOMAINS`` different domains in a row makes it the
+    server's (``TroubleStreak``): one customer's failure stays that message's. Else None."""
+    code = result.code
+    if result.outcome is not Outcome.TRANSIENT or code is None or not 400 <= code < 500:
+        return None
+    if result.stage not in ("rcpt", "data", "reply") or connection_failure(result) is not None:
+        return None
+    enhanced = _ENHANCED_4XX.search(result.reply)
+    if (enhanced is not None and enhanced[1] in ("1", "2")) or _ABOUT_THE_RECIPIENT.search(result.reply):
+        return None
+    return f"{code} {enhanced[0]}" if enhanced is not None else str(code)
+
+
+@dataclass
+class TroubleStreak:
+    """The run of temporary failures of one class (``server_trouble``) in a row, and the recipient domains they
+    came from. A relay in trouble (its disk full: "452 4.3.1 Insufficient system storage"; its lookup tables
+    down: "451 4.3.0 Temporary lookup failure") answers every message alike: once recipients at
+    ``SERVER_TROUBLE_DOMAINS`` different domains met the same class in a row, it is the server's, not the
+    messages'. Anything else that got past the connection ends the streak; a connection failure does not
+    (it is the server's trouble too)."""
+
+    kind: str | None = None
+    domains: set[str] = field(default_factory=set)
+    count: int = 0
+    """The failures in the streak so far."""
+
+    def observe(self, result: SendResult, domain: str) -> bool:
+        """Take one attempt's result (its recipient at ``domain``); whether it is the server's trouble."""
+        kind = server_trouble(result)
+        if kind is None:
+            if connection_failure(result) is None:
+                self.kind, self.domains, self.count = None, set(), 0
+            return False
+        if kind != self.kind:
+            self.kind, self.domains, self.count = kind, set(), 0
+        self.count += 1
+        if len(self.domains) < SERVER_TROUBLE_DOMAINS:
+            self.domains.add(domain)
+        return self.confirmed
+
+    @property
+    def confirmed(self) -> bool:
+        return len(self.domains) >= SERVER_TROUBLE_DOMAINS
 
 
 _RELAY_DENIED = re.compile(
