@@ -139,12 +139,23 @@ def test_a_reply_that_wants_a_login_is_told_from_one_about_the_recipient_or_the_
         (554, "reply", "5.7.1 Message rejected as spam", False),
         (554, "data", "5.7.1 Sender address rejected", False),
         (None, "mail", "Connection lost", False),
+        # Amazon SES's sandbox names the identities it has not verified: the sender's, or the recipient's alone
+        (554, "reply", "Message rejected: Email address is not verified. The following identities failed the check "
+                       "in region US-EAST-1: Shop@X.example", True),
+        (554, "reply", "Message rejected: Email address is not verified. The following identities failed the check "
+                       "in region US-EAST-1: a@b.example, shop@x.example", True),
+        (554, "reply", "Message rejected: Email address is not verified. The following identities failed the check "
+                       "in region US-EAST-1: x.example", True),
+        (554, "reply", "Message rejected: Email address is not verified. The following identities failed the check "
+                       "in region US-EAST-1: a@b.example", False),
+        (554, "reply", "Message rejected: Email address is not verified. The following identities failed the check "
+                       "in region US-EAST-1: myshop@x.example", False),
     ],
-)
+)  # fmt: skip
 def test_a_refusal_of_the_sender_is_told_from_one_of_the_recipient(
     code: int | None, stage: str, reply: str, expected: bool
 ) -> None:
-    assert refuses_the_sender(code, stage, reply) is expected
+    assert refuses_the_sender(code, stage, reply, "shop@x.example") is expected
 
 
 @pytest.mark.parametrize(

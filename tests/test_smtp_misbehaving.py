@@ -501,3 +501,70 @@ def test_a_temporary_failure_of_each_recipient_stays_that_messages_and_does_not_
         assert sorted((shop.row(e).status, shop.row(e).attempts) for e in emails) == [("retry", 1)] * 6
     finally:
         shop.close()
+
+
+SES_UNVERIFIED = ("554 Message rejected: Email address is not verified. The following identities failed the check "
+                  "in region EU-WEST-1: {who}")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "who",
+    ["Halo@Toko-Kembali.example", "{to}, halo@toko-kembali.example"],
+    ids=["the sender", "the sender and the recipient"],
+)
+def test_amazon_ses_sandbox_refusing_the_unverified_sender_pauses_at_once_and_suppresses_no_one(
+    sqlite_url: str, server: OddServer, who: str
+) -> None:
+    # Given Amazon SES, whose sandbox refuses mail from a sender identity that is not verified (shop.from_address,
+    # the same for every message): it answers the final dot
+    emails = [f"c{i}@test.example" for i in range(6)]
+    for email in emails:
+        server.on(email, Behaviour(data_reply=SES_UNVERIFIED.format(who=who.format(to=email))))
+    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
+                             in_flight_per_connection=1)  # fmt: skip
+    shop = Shop(sqlite_url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        # Then the first refusal pauses the run naming shop.from_address, and no one is failed (before: every
+        # message of the queue failed for good)
+        paused = report.dispatched.paused
+        assert paused is not None and "shop.from_address" in paused and "not verified" in paused, paused
+        rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
+        assert rows == [("planned", 0)] * 5 + [("retry", 0)]
+        assert shop.suppressed() == {}
+
+        server.behaviours.clear()
+        shop.clock.advance(7 * 3600)
+        shop.cycle()
+        assert {shop.row(e).status for e in emails} == {"sent"}
+        assert all(n == 1 for n in message_ids(server.messages).values())
+    finally:
+        shop.close()
+
+
+def test_amazon_ses_sandbox_refusing_an_unverified_recipient_fails_that_message_alone_and_suppresses_no_one(
+    sqlite_url: str, server: OddServer
+) -> None:
+    # Given SES's sandbox, which takes mail only to verified recipients: this customer's address is not verified
+    # (an address that holds the sender's, "mahalo@…", is still the recipient's)
+    unverified = ["mahalo@toko-kembali.example", "c1@test.example"]
+    emails = [*unverified, "c2@test.example", "c3@test.example"]
+    for email in unverified:
+        server.on(email, Behaviour(data_reply=SES_UNVERIFIED.format(who=email)))
+    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
+                             in_flight_per_connection=1)  # fmt: skip
+    shop = Shop(sqlite_url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        # Then that message fails, the others go out, nothing pauses, and the customer is not put on the
+        # suppression list as a hard bounce (the address exists: it is the sandbox's rule)
+        assert report.dispatched.paused is None
+        assert {e: shop.row(e).status for e in emails} == {
+            "mahalo@toko-kembali.example": "failed", "c1@test.example": "failed",
+            "c2@test.example": "sent", "c3@test.example": "sent",
+        }  # fmt: skip
+        assert shop.suppressed() == {}
+    finally:
+        shop.close()

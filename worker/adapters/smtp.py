@@ -31,7 +31,8 @@ a ``reply`` that says how (the dispatcher pauses at once on it, see
     shop.from_address  any other 5xx at MAIL FROM (it names the sender alone,
                    the same for every message: a 5.1.x there is no bounce),
                    "Sender address rejected" at RCPT TO, a login that may not
-                   send as the sender (``retry.refuses_the_sender``)
+                   send as the sender, Amazon SES's sandbox naming the
+                   sender not verified (``retry.refuses_the_sender``)
     hostname, smtp.host  "Helo command rejected" or "Client host rejected"
                    at MAIL FROM or RCPT TO (``retry.refuses_the_client``)
     smtp.host      the certificate is valid but not for this host name
@@ -79,7 +80,14 @@ from aiosmtplib import (
 )
 
 from worker.config import SmtpSettings
-from worker.core.retry import classify_reply, needs_login, parse_retry_after, refuses_the_client, refuses_the_sender
+from worker.core.retry import (
+    classify_reply,
+    needs_login,
+    parse_retry_after,
+    refuses_the_client,
+    refuses_the_sender,
+    unverified_identities,
+)
 from worker.domain import Outcome, SendResult
 
 REPLY_LIMIT = 500
@@ -372,13 +380,15 @@ class SmtpTransport:
         if stage in ("mail", "rcpt") and needs_login(code, exc.message):
             return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {self._login_hint()}", exc, stage,
                            setup="smtp.username")  # fmt: skip
-        if refuses_the_sender(code, stage, exc.message):
+        if refuses_the_sender(code, stage, exc.message, sender):
             # the sender is the same for every message: never this message's or its recipient's fault (a 5.1.x
             # here is not "no such user"), and every message would meet it
             s = self._settings
             hint = (f"{s.host}:{s.port} refuses the envelope sender {sender!r}, as it would for every message: "
-                    "check shop.from_address (an address this relay lets the client send as, on a domain that "
-                    "exists) and the relay's own limits")  # fmt: skip
+                    + ("verify shop.from_address (or its domain) in Amazon SES, in the region the reply names"
+                       if unverified_identities(exc.message) else
+                       "check shop.from_address (an address this relay lets the client send as, on a domain that "
+                       "exists) and the relay's own limits"))  # fmt: skip
             return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {hint}", exc, stage, setup="shop.from_address")
         return _result(outcome, code, reply, exc, stage)
 

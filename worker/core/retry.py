@@ -192,15 +192,39 @@ _NOT_THE_RECIPIENT = re.compile(r"(?:sender address|client host|helo command) re
 """Postfix's words for a refusal at RCPT TO that is about the sender or this client, not the recipient."""
 
 
-def refuses_the_sender(code: int | None, stage: str, reply: str) -> bool:
+_UNVERIFIED = re.compile(r"address is not verified.*?identities failed the check[^:]*:(?P<who>.*)",
+                         re.IGNORECASE | re.DOTALL)  # fmt: skip
+"""Amazon SES's sandbox: "554 Message rejected: Email address is not verified. The following identities failed the
+check in region EU-WEST-1: a@b.example, c@d.example"."""
+
+
+def unverified_identities(reply: str) -> frozenset[str]:
+    """The identities (addresses or domains, lower-cased) an Amazon SES refusal names as not verified; empty when
+    the reply is no such refusal."""
+    found = _UNVERIFIED.search(reply)
+    if found is None:
+        return frozenset()
+    return frozenset(word.strip("<>.;\"'").lower() for word in re.split(r"[,\s]+", found["who"])) - {""}
+
+
+def refuses_the_sender(code: int | None, stage: str, reply: str, sender: str = "") -> bool:
     """Whether a 5xx refuses the envelope sender (``shop.from_address``, the same for every message) rather than
     the message or its recipient: any 5xx at MAIL FROM, which names the sender alone (a 5.1.x there is no bounce),
     and at RCPT TO or the final dot one saying "Sender address rejected" (Postfix answers its sender restrictions
-    at RCPT TO by default, ``smtpd_delay_reject``) or that the login may not send as the sender (Microsoft 365's
-    "SendAsDenied" and "5.7.60 … send as this sender", at the final dot)."""
+    at RCPT TO by default, ``smtpd_delay_reject``), that the login may not send as the sender (Microsoft 365's
+    "SendAsDenied" and "5.7.60 … send as this sender", at the final dot), or Amazon SES's sandbox naming
+    ``sender`` (or its domain) among the identities not verified (``unverified_identities``; one naming only the
+    recipient is that message's: the sandbox takes mail only to verified recipients)."""
     if code is None or not 500 <= code < 600:
         return False
-    return stage == "mail" or (stage in ("rcpt", "reply") and _SENDER_REJECTED.search(reply) is not None)
+    if stage == "mail":
+        return True
+    if stage not in ("rcpt", "data", "reply"):
+        return False
+    if stage != "data" and _SENDER_REJECTED.search(reply) is not None:
+        return True
+    sender = sender.lower()
+    return bool(sender) and not unverified_identities(reply).isdisjoint({sender, sender.rpartition("@")[2]})
 
 
 _CLIENT_REJECTED = re.compile(r"(?P<helo>helo command rejected)|client host rejected", re.IGNORECASE)
