@@ -246,6 +246,10 @@ def _rcpt(reply: str, stage: str = "rcpt") -> SendResult:
         (_rcpt("450 4.1.8 <s@shop.example>: Sender address rejected: Domain not found"), None),  # the sender's
         (_rcpt("451 4.3.0 Shutting down", "mail"), None),  # before RCPT TO: a connection failure
         (SendResult(Outcome.THROTTLED, 452, "452 4.5.3 Too many recipients", stage="rcpt"), None),
+        # a 421 closes the channel: the server's state, not a domain's rate, whatever it says
+        (SendResult(Outcome.THROTTLED, 421, "421 4.3.2 System not accepting network messages", stage="rcpt"),
+         "421 4.3.2"),
+        (SendResult(Outcome.TRANSIENT, 421, "421 4.3.2 Shutting down", stage="mail"), None),
         (SendResult(P, 554, "554 5.3.0 no", stage="rcpt"), None),
     ],
 )

@@ -429,16 +429,19 @@ def test_a_temporary_refusal_of_the_sender_or_client_is_no_messages_failure_and_
 
 
 @pytest.mark.parametrize(
-    ("stage", "reply"),
+    ("stage", "reply", "counted"),
     [
-        ("rcpt", "452 4.3.1 Insufficient system storage"),
-        ("rcpt", "451 4.3.0 <{to}>: Temporary lookup failure"),
-        ("reply", "451 4.3.0 Error: queue file write error"),
+        ("rcpt", "452 4.3.1 Insufficient system storage", 2),
+        ("rcpt", "451 4.3.0 <{to}>: Temporary lookup failure", 2),
+        ("reply", "451 4.3.0 Error: queue file write error", 2),
+        # a 421 ("closing the channel") is never counted, but kept the run going at every message, forever
+        ("rcpt", "421 4.3.2 System not accepting network messages", 0),
     ],
-    ids=["452 4.3.1 storage at RCPT", "451 4.3.0 lookup failure at RCPT", "451 4.3.0 queue file after the dot"],
-)
+    ids=["452 4.3.1 storage at RCPT", "451 4.3.0 lookup failure at RCPT", "451 4.3.0 queue file after the dot",
+         "421 at RCPT"],
+)  # fmt: skip
 def test_the_same_temporary_failure_for_recipients_at_different_domains_is_the_servers_and_pauses(
-    sqlite_url: str, server: OddServer, stage: str, reply: str
+    sqlite_url: str, server: OddServer, stage: str, reply: str, counted: int
 ) -> None:
     # Given the shop's relay in trouble (its disk full, its lookup tables down): it answers every message alike
     # with a 4xx once the message is under way, whatever the recipient
@@ -458,7 +461,7 @@ def test_the_same_temporary_failure_for_recipients_at_different_domains_is_the_s
         paused = report.dispatched.paused
         assert paused is not None and "4 failures in a row, the server's" in paused and reply[:9] in paused, paused
         rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
-        assert rows == [("planned", 0)] * 4 + [("retry", 0)] * 2 + [("retry", 1)] * 2
+        assert rows == [("planned", 0)] * 4 + [("retry", 0)] * (4 - counted) + [("retry", 1)] * counted
         assert shop.suppressed() == {}
         assert running._exit_code(report) == running.EXIT_UNAVAILABLE
 

@@ -119,12 +119,16 @@ greylisting."""
 def server_trouble(result: SendResult) -> str | None:
     """The class (``"452 4.3.1"``; the code alone when no enhanced code) of a temporary failure that may be the
     server's own trouble rather than the recipient's: a 4xx at RCPT TO, DATA or the final dot that is not
-    throttling (``THROTTLED`` by then), not about the sender or this client (``connection_failure``) and not
-    about the recipient (a 4.1.x address or 4.2.x mailbox status, "Recipient address rejected", greylisting).
-    Only the same class for recipients at ``SERVER_TROUBLE_DOMAINS`` different domains in a row makes it the
-    server's (``TroubleStreak``): one customer's failure stays that message's. Else None."""
+    throttling (``THROTTLED`` by then: per recipient domain), not about the sender or this client
+    (``connection_failure``) and not about the recipient (a 4.1.x address or 4.2.x mailbox status, "Recipient
+    address rejected", greylisting). A 421 ("closing the channel", ``THROTTLED`` by then, so never counted) is
+    the server's state too, whatever it says. Only the same class for recipients at ``SERVER_TROUBLE_DOMAINS``
+    different domains in a row makes it the server's (``TroubleStreak``): one customer's failure stays that
+    message's. Else None."""
     code = result.code
-    if result.outcome is not Outcome.TRANSIENT or code is None or not 400 <= code < 500:
+    if code is None or not 400 <= code < 500:
+        return None
+    if not (result.outcome is Outcome.TRANSIENT or (result.outcome is Outcome.THROTTLED and code == 421)):
         return None
     if result.stage not in ("rcpt", "data", "reply") or connection_failure(result) is not None:
         return None
