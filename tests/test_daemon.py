@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.daemon_harness import LINK_KEY, NOW, REPO, Daemon, customer, http, make_shop
+from tests.daemon_harness import LINK_KEY, NOW, REPO, Daemon, customer, http, make_shop, order
 from tests.smtp_server import Behaviour, RecordingServer
 from worker import daemon as daemon_module
 from worker.adapters import shop as shop_data
@@ -410,6 +411,41 @@ def test_a_paused_daemon_tries_the_server_again_later_and_at_once_on_sighup(
                         why="both rows recorded as sent")  # fmt: skip
         assert shop.scalar("SELECT count(*) FROM message WHERE status = 'failed'") == 0
         assert http("GET", daemon.url("/healthz"))[0] == 200
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_daemon_pausing_for_a_relay_in_trouble_counts_no_more_attempts_each_time_it_tries_again(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a relay whose disk is full: every RCPT TO gets "452 4.3.1 Insufficient system storage", whatever the
+    # recipient's domain; retries due at once and a daemon that tries the server again after 0.2 s
+    sending = ("\n[sending]\npause_after_failures = 3\nretry_base_seconds = 0.05\nretry_max_seconds = 0.1\n"
+               "max_attempts = 3\npause_retry_seconds = 0.2\n")  # fmt: skip
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", extra=sending, pool_size=1)
+    ids = range(1, 7)
+    store = shop.store()
+    try:
+        shop_data.upsert_customers(store.engine, [replace(customer(i), email=f"c{i}@d{i}.example") for i in ids], NOW)
+        shop_data.upsert_orders(store.engine, [order(i, days_ago=60) for i in ids], NOW)
+    finally:
+        store.close()
+    for i in ids:
+        smtp_server.on(f"c{i}@d{i}.example", Behaviour(rcpt_reply="452 4.3.1 Insufficient system storage"))
+    daemon = Daemon.start(shop)
+    try:
+        # Then it pauses, tries again, pauses again…: the attempts counted are those before the third domain met
+        # the failure, once, not more at each try (before: every message's attempts were used up within seconds
+        # here, ~15 minutes with the default retries, and the whole queue failed)
+        daemon.wait_event("dispatcher_retry_scheduled", timeout=30, where=lambda e: e["pauses_in_row"] == 4)
+        assert shop.scalar("SELECT count(*) FROM message WHERE status = 'failed'") == 0
+        assert shop.scalar("SELECT sum(attempts) FROM message") == 2
+
+        # When the relay has room again, everyone gets theirs, once
+        smtp_server.behaviours.clear()
+        daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sent'") == 6, timeout=30,
+                        why="all six rows recorded as sent")  # fmt: skip
+        assert sorted(m.rcpt_tos for m in smtp_server.messages) == sorted((f"c{i}@d{i}.example",) for i in ids)
     finally:
         assert daemon.stop() == 0
 
