@@ -266,8 +266,9 @@ def test_a_trouble_streak_is_the_servers_once_three_domains_met_the_same_class_i
     assert [streak.observe(full, "a.example") for _ in range(5)] == [False] * 5
     assert [streak.observe(full, d) for d in ("b.example", "c.example", "a.example")] == [False, True, True]
     assert streak.count == 8
-    # a connection failure does not end it; a success does
+    # a connection failure or no reply at all does not end it; a success does
     assert not streak.observe(SendResult(T, None, "timed out", stage="connect"), "d.example")
+    assert not streak.observe(SendResult(T, None, "timed out", stage="rcpt"), "d.example")
     assert streak.observe(full, "d.example")
     assert not streak.observe(SendResult(S, 250, "250 ok", stage="reply"), "d.example")
     assert [streak.observe(full, d) for d in ("a.example", "b.example", "c.example")] == [False, False, True]

@@ -144,8 +144,8 @@ class TroubleStreak:
     came from. A relay in trouble (its disk full: "452 4.3.1 Insufficient system storage"; its lookup tables
     down: "451 4.3.0 Temporary lookup failure") answers every message alike: once recipients at
     ``SERVER_TROUBLE_DOMAINS`` different domains met the same class in a row, it is the server's, not the
-    messages'. Anything else that got past the connection ends the streak; a connection failure does not
-    (it is the server's trouble too)."""
+    messages'. Any other reply past the connection ends the streak; a connection failure or no reply at all
+    does not (the server's trouble too)."""
 
     kind: str | None = None
     domains: set[str] = field(default_factory=set)
@@ -156,7 +156,7 @@ class TroubleStreak:
         """Take one attempt's result (its recipient at ``domain``); whether it is the server's trouble."""
         kind = server_trouble(result)
         if kind is None:
-            if connection_failure(result) is None:
+            if result.code is not None and connection_failure(result) is None:  # a reply past the connection
                 self.kind, self.domains, self.count = None, set(), 0
             return False
         if kind != self.kind:
