@@ -102,8 +102,8 @@ class SendingSettings:
     throttle_floor_per_second: float = 0.2
     """Throttling replies halve a domain's rate, but never below this."""
     pause_after_failures: int = 20
-    """Consecutive connection failures (before RCPT TO, or no reply at all) that pause the dispatcher; a refused
-    login pauses it at once; 0 = never."""
+    """Consecutive connection failures (before RCPT TO, or no reply at all; or the server's own trouble at RCPT TO
+    or after, ``retry.TroubleStreak``) that pause the dispatcher; a refused login pauses it at once; 0 = never."""
     pause_retry_seconds: float = 60.0
     """After a pause the daemon tries again after this long, twice as long after each pause in a row (at most
     15 minutes, or this if longer); a send that gets past the connection starts over. 0 = stay paused until
