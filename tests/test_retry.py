@@ -174,7 +174,7 @@ def test_a_refusal_of_this_client_names_what_to_fix(code: int, stage: str, reply
 
 
 def test_a_failure_before_mail_from_retries_even_after_the_last_attempt() -> None:
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     now = datetime(2026, 11, 22, tzinfo=UTC)
     refused = SendResult(T, 535, "535 5.7.8 Authentication credentials invalid", stage="auth")
@@ -183,6 +183,14 @@ def test_a_failure_before_mail_from_retries_even_after_the_last_attempt() -> Non
     at_rcpt = SendResult(T, 451, "451 4.3.0 Local error", stage="rcpt")
     status, _ = lifecycle.after_attempt(at_rcpt, attempt=5, max_attempts=5, now=now, base_seconds=60, cap_seconds=3600)
     assert status.value == "failed"
+    # the same reply, found the server's own trouble (a streak over several domains): not the message's
+    status, at = lifecycle.after_attempt(at_rcpt, attempt=5, max_attempts=5, now=now, base_seconds=60,
+                                         cap_seconds=3600, server_trouble=True)  # fmt: skip
+    assert status.value == "retry" and at is not None and now < at <= now + timedelta(seconds=60)
+    assert not lifecycle.counts_as_attempt(at_rcpt, server_trouble=True) and lifecycle.counts_as_attempt(at_rcpt)
+    # a permanent refusal stays permanent whatever the streak
+    refused_rcpt = SendResult(P, 550, "550 5.1.1 User unknown", stage="rcpt")
+    assert lifecycle.counts_as_attempt(refused_rcpt, server_trouble=True)
 
 
 @pytest.mark.parametrize(
