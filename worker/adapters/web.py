@@ -28,6 +28,7 @@ from worker import log
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 MAX_HEADERS = 100
+MAX_LENGTH_DIGITS = 18
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 _DIGITS = re.compile(r"[0-9]+")
@@ -246,7 +247,10 @@ def _content_length(headers: dict[str, str]) -> int:
     values = {v.strip() for v in raw.split(",")}
     if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):  # ASCII digits: "²".isdigit() is True
         raise HttpError(HTTPStatus.BAD_REQUEST, "malformed Content-Length")
-    return int(next(iter(values)))
+    digits = next(iter(values)).lstrip("0") or "0"
+    if len(digits) > MAX_LENGTH_DIGITS:  # int() refuses more than 4300 digits; no body of ours has 19
+        raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
+    return int(digits)
 
 
 def _plain(status: HTTPStatus, text: str) -> Response:
