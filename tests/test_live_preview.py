@@ -166,3 +166,39 @@ def test_a_connection_that_sends_nothing_does_not_stop_the_page(served: tuple[Si
                 assert exc.code == 404
             else:
                 raise AssertionError(f"{path} was served")
+
+
+def test_a_request_naming_another_host_is_refused_so_a_rebinding_web_page_cannot_read_the_preview(
+    served: tuple[Site, str],
+) -> None:
+    """DNS rebinding: a web page the operator opens (``http://attacker.example:8025/``) re-resolves its name to
+    127.0.0.1 and reads the preview as its own origin; only its Host header tells it apart."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    _site, url = served
+    port = urlsplit(url).port or 0
+
+    def get(path: str, host: str | None) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.putrequest("GET", path, skip_host=True)
+            if host is not None:
+                conn.putheader("Host", host)
+            conn.endheaders()
+            reply = conn.getresponse()
+            return reply.status, reply.read().decode()
+        finally:
+            conn.close()
+
+    for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.attacker.example:{port}",
+                 f"localhost.:{port}x"):
+        for path in ("/", "/version"):
+            status, body = get(path, host)
+            assert status == 403 and "card" not in body and "version" not in body, (host, path, status)
+            assert "http://127.0.0.1:" in body  # says which address to use instead
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", f"LOCALHOST:{port}", None):
+        status, body = get("/version", host)
+        assert status == 200 and "version" in body, (host, status)
+    status, body = get("/", f"localhost:{port}")
+    assert status == 200 and 'section class="card"' in body

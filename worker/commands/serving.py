@@ -9,7 +9,8 @@ that never finishes shows as an error instead of hanging the page. Each card
 shows the subject, the HTML part in an ``<iframe srcdoc>`` (sandboxed: no
 scripts) and the text part; a failed render shows its file:line instead. The
 page polls ``/version`` (a hash of the template files' names, sizes and mtimes)
-and reloads itself when a file changes.
+and reloads itself when a file changes. Requests whose ``Host`` is not a loopback
+name get a 403 (DNS rebinding: see ``loopback_host``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import html
 import json
 import os
+import re
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -109,12 +111,29 @@ setInterval(async () => {{
 </script></body></html>"""
 
 
+_LOOPBACK_HOST = re.compile(r"(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?", re.IGNORECASE)
+
+
+def loopback_host(host: str | None) -> bool:
+    """Whether a request's Host header names this machine's loopback (no header: not a browser).
+
+    The server listens on 127.0.0.1 only, but a web page the operator opens can still reach it by DNS
+    rebinding: its own name re-resolved to 127.0.0.1 makes the preview its same-origin page, readable by its
+    scripts. Its Host header still carries that name."""
+    return host is None or _LOOPBACK_HOST.fullmatch(host.strip()) is not None
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: PreviewServer
 
     def do_GET(self) -> None:  # http.server's hook name
         path = self.path.split("?", 1)[0]
-        if path == "/version":
+        if not loopback_host(self.headers.get("Host")):
+            port = self.server.server_address[1]
+            self._send(403, "text/plain; charset=utf-8",
+                       f"this live preview answers only to http://127.0.0.1:{port}/ and http://localhost:{port}/\n"
+                       .encode())  # fmt: skip
+        elif path == "/version":
             self._send(200, "application/json", json.dumps({"version": self.server.version()}).encode())
         elif path == "/":
             try:
