@@ -180,6 +180,11 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         assert "kembali_queue_depth 0" in body
         assert http("GET", daemon.url("/nothing"))[0] == 404
         assert http("DELETE", daemon.url(f"/unsubscribe?t={token}"))[0] == 405
+        # the probes only answer what reads them: a POST or DELETE is no health check or scrape
+        for method, path in (("POST", "/healthz"), ("DELETE", "/metrics"), ("PUT", "/metrics")):
+            status, _body, headers = http(method, daemon.url(path), b"")
+            assert status == 405 and headers["Allow"] == "GET, HEAD", (method, path, status)
+        assert http("HEAD", daemon.url("/healthz"))[0] == 200
         assert not any(token in line or ratings[5] in line for line in daemon.lines)  # tokens never logged
     finally:
         assert daemon.stop() == 0

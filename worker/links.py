@@ -109,6 +109,8 @@ class Site:
             return await self.unsubscribe(request)
         if route == "/feedback":
             return await self.feedback(request)
+        if route in ("/healthz", "/metrics") and request.method not in ("GET", "HEAD"):
+            return _not_allowed("GET, HEAD")
         if route == "/healthz":
             return await self.healthz(request)
         if route == "/metrics":
