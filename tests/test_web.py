@@ -130,3 +130,48 @@ def test_a_failing_handler_is_a_500_not_a_crash() -> None:
         return reply
 
     assert asyncio.run(run()).startswith(b"HTTP/1.1 500")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_that_resets_the_connection_before_the_answer_leaves_no_traceback(loop: str) -> None:
+    """A browser that navigates away, a scanner that gives up: the connection is reset while the page is being
+    made. On uvloop (the daemon's loop with the ``fast`` extra) writing the answer raised RuntimeError out of the
+    connection's task: a raw multi-line traceback in the JSON log for every such client."""
+    import socket
+    import struct
+
+    answering = asyncio.Event()
+    reset = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        answering.set()
+        await reset.wait()
+        await asyncio.sleep(0.05)  # the reset reaches the server
+        return Response(200, b"late", "text/plain")
+
+    async def run() -> list[str]:
+        unhandled: list[str] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: unhandled.append(context["message"]))
+        server = HttpServer(slow, host="127.0.0.1", port=0)
+        port = await server.start()
+        try:
+            for method in ("GET", "HEAD"):
+                answering.clear()
+                reset.clear()
+                client = socket.create_connection(("127.0.0.1", port))
+                client.sendall(f"{method} /healthz HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+                await asyncio.wait_for(answering.wait(), 5)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close → RST
+                client.close()
+                reset.set()
+                await asyncio.sleep(0.2)
+        finally:
+            await server.close()
+        return unhandled
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            assert runner.run(run()) == []
+    else:
+        assert asyncio.run(run()) == []

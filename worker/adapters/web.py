@@ -180,6 +180,8 @@ class HttpServer:
         body = b""
         if length:
             if headers.get("expect", "").lower() == "100-continue":
+                if writer.is_closing():
+                    raise ConnectionResetError("the client went away")
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 await writer.drain()
             body = await reader.readexactly(length)
@@ -192,6 +194,8 @@ class HttpServer:
         return Request(method=method, path=unquote(path), query=query, headers=headers, body=body)
 
     async def _write(self, writer: asyncio.StreamWriter, method: str, response: Response) -> None:
+        if writer.is_closing():  # the client reset the connection: uvloop raises RuntimeError on a write to it
+            return
         status = HTTPStatus(response.status)
         head = [
             f"HTTP/1.1 {status.value} {status.phrase}",
