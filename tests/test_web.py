@@ -175,3 +175,49 @@ def test_a_client_that_resets_the_connection_before_the_answer_leaves_no_traceba
             assert runner.run(run()) == []
     else:
         assert asyncio.run(run()) == []
+
+
+def test_connections_that_send_nothing_make_room_for_a_request_when_the_server_is_full() -> None:
+    """Slowloris, or browsers' speculative preconnects: ``max_connections`` sockets that never finish a request
+    held every slot until their timeout, and each link click and health probe meanwhile got a 503."""
+    release = asyncio.Event()
+
+    async def slow_or_fast(request: Request) -> Response:
+        if request.path == "/slow":
+            await release.wait()
+        return Response(200, request.path.encode(), "text/plain")
+
+    async def get(port: int, path: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        reply = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await writer.wait_closed()
+        return reply
+
+    async def run() -> None:
+        server = HttpServer(slow_or_fast, host="127.0.0.1", port=0, timeout_seconds=30, max_connections=3)
+        port = await server.start()
+        try:
+            # Given three connections that opened and sent nothing, or half a request
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            idle[1][1].write(b"GET /hea")
+            await asyncio.sleep(0.1)
+            # When a request comes, it is answered at once: the server cut off the longest-waiting idle socket
+            reply = await get(port, "/healthz")
+            assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"/healthz"), reply
+            assert await asyncio.wait_for(idle[0][0].read(), 5) == b""
+            # And so are three slow ones, cutting off the other two
+            slow = [asyncio.create_task(get(port, "/slow")) for _ in range(3)]
+            await asyncio.sleep(0.2)
+            assert [await asyncio.wait_for(r.read(), 5) for r, _ in idle[1:]] == [b"", b""]
+            # But requests being answered are never cut off: with every slot busy in the handler, it is a 503
+            assert (await get(port, "/healthz")).startswith(b"HTTP/1.1 503")
+            release.set()
+            assert all(r.startswith(b"HTTP/1.1 200 OK") for r in await asyncio.gather(*slow))
+            for _, writer in idle:
+                writer.close()
+        finally:
+            await server.close()
+
+    asyncio.run(run())

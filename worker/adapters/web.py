@@ -5,7 +5,9 @@ pipelining: enough for link clicks, RFC 8058 one-click POSTs from mailbox
 providers, health checks and Prometheus scrapes. Limits: the request line and
 headers together at most ``max_header_bytes``, a body at most ``max_body_bytes``
 (``Content-Length`` only), the whole request read within ``timeout_seconds``,
-at most ``max_connections`` at once (more get a 503). The handler never sees a
+at most ``max_connections`` at once: when all are taken, a new connection
+cuts off the one that has waited longest without sending its whole request,
+or gets a 503 when every one is being answered. The handler never sees a
 malformed request; it gets a ``Request`` and returns a ``Response``.
 
 Routing and pages live above (``worker.links``); this module knows only HTTP.
@@ -105,6 +107,8 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._active = 0
         self._connections: set[asyncio.Task[object]] = set()
+        self._reading: dict[asyncio.StreamWriter, None] = {}
+        """Connections still sending their request, the longest-waiting first."""
 
     async def start(self) -> int:
         """Listen; returns the bound port (useful with port 0)."""
@@ -132,9 +136,10 @@ class HttpServer:
             task.add_done_callback(self._connections.discard)
         self._active += 1
         try:
-            if self._active > self.max_connections:
+            if self._active > self.max_connections and not self._cut_longest_waiting():
                 await self._write(writer, "GET", _plain(HTTPStatus.SERVICE_UNAVAILABLE, "busy, try again"))
                 return
+            self._reading[writer] = None
             try:
                 request = await asyncio.wait_for(self._read(reader, writer), self.timeout_seconds)
             except HttpError as exc:
@@ -145,6 +150,8 @@ class HttpServer:
                 return
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
+            finally:
+                self._reading.pop(writer, None)
             try:
                 response = await self.handler(request)
             except Exception as exc:
@@ -159,6 +166,16 @@ class HttpServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 2)
+
+    def _cut_longest_waiting(self) -> bool:
+        """Make room for a new connection by cutting off the one that has waited longest without finishing its
+        request (a slowloris, a browser's unused preconnect); False when every connection is being answered.
+        A real client sends its whole request at once: idle sockets, not requests, are what fills the slots."""
+        for writer in self._reading:
+            del self._reading[writer]
+            writer.transport.abort()
+            return True
+        return False
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Request:
         try:
