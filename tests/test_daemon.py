@@ -125,6 +125,7 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         status, page, _ = http("GET", daemon.url(f"/unsubscribe?t={token}"))
         assert status == 200 and "Berhenti berlangganan" in page and 'method="post"' in page
         assert "c1@example.com" not in page
+        assert http("HEAD", daemon.url(f"/unsubscribe?t={token}"))[0] == 200  # (a prefetcher's HEAD, likewise)
         assert shop.scalar("SELECT count(*) FROM suppression") == 0
 
         # `curl -X POST -d List-Unsubscribe=One-Click <link>` → 200, suppressed; again → 200, still one row
@@ -151,6 +152,7 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
             status, page, _ = http("GET", daemon.url(f"/feedback?t={t}"))
             assert status == 200 and f"Anda memilih nilai {n}" in page and 'method="post"' in page, page
             assert "<textarea" in page
+            assert http("HEAD", daemon.url(f"/feedback?t={t}"))[0] == 200
         assert shop.scalar("SELECT count(*) FROM feedback") == 0
         status, page, _ = http("POST", daemon.url(f"/feedback?t={ratings[5]}"), b"comment=", FORM)
         assert status == 200 and "(5)" in page
