@@ -221,3 +221,33 @@ def test_connections_that_send_nothing_make_room_for_a_request_when_the_server_i
             await server.close()
 
     asyncio.run(run())
+
+
+def test_closing_the_server_with_connections_open_leaves_no_traceback() -> None:
+    """A stop signal while a browser's idle connection, a half-sent request or a slow page is open: ``close``
+    cancels what is left after a moment, and each cancelled connection put a raw traceback ("Exception in
+    callback StreamReaderProtocol.connection_made...") in the daemon's JSON log at every stop."""
+
+    async def stuck(request: Request) -> Response:
+        await asyncio.sleep(60)
+        return Response(200, b"late", "text/plain")
+
+    async def run() -> tuple[list[str], list[bytes]]:
+        unhandled: list[str] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: unhandled.append(context["message"]))
+        server = HttpServer(stuck, host="127.0.0.1", port=0, timeout_seconds=30)
+        port = await server.start()
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        clients[1][1].write(b"GET /hea")
+        clients[2][1].write(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.sleep(0.2)
+        await server.close()
+        await asyncio.sleep(0.1)
+        replies = [await asyncio.wait_for(reader.read(), 5) for reader, _ in clients]
+        for _, writer in clients:
+            writer.close()
+        return unhandled, replies
+
+    unhandled, replies = asyncio.run(run())
+    assert unhandled == []
+    assert replies == [b"", b"", b""]  # each connection closed

@@ -161,6 +161,8 @@ class HttpServer:
             await self._write(writer, request.method, response)
         except (ConnectionError, TimeoutError):
             pass
+        except asyncio.CancelledError:  # ``close`` cut it off: Python 3.11's streams log a cancelled one's traceback
+            pass
         finally:
             self._active -= 1
             writer.close()
