@@ -202,3 +202,35 @@ def test_a_request_naming_another_host_is_refused_so_a_rebinding_web_page_cannot
         assert status == 200 and "version" in body, (host, status)
     status, body = get("/", f"localhost:{port}")
     assert status == 200 and 'section class="card"' in body
+
+
+def test_a_page_load_cut_short_by_the_browser_leaves_no_traceback_on_the_terminal(tmp_path: Path) -> None:
+    """The operator reloads (or the page reloads itself) while ``/`` is still rendering: the browser resets the
+    old connection, and each time http.server printed a 20-line ConnectionResetError traceback."""
+    import socket
+    import struct
+    import time
+    import urllib.request
+
+    site = make_site(tmp_path / "site", copy_templates=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--config", str(site.config), "preview", "--serve", "--port", "0"],
+        cwd=REPO, env=site.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        url = line.split(" on ", 1)[1].split()[0]
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        for _ in range(2):
+            client = socket.create_connection(("127.0.0.1", port))
+            client.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            time.sleep(0.05)  # the page is rendering
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close → RST
+            client.close()
+        with urllib.request.urlopen(url, timeout=60) as reply:  # noqa: S310 - a loopback test URL
+            assert 'section class="card"' in reply.read().decode()  # (after the cut-off renders finished)
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=10)
+    assert "Traceback" not in err and "Exception occurred" not in err, err

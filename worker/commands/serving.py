@@ -168,6 +168,13 @@ class PreviewServer(ThreadingHTTPServer):
     def version(self) -> str:
         return templates_version(self.renderer.root)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A browser that reloads while the page renders resets the old connection: nothing to report (the
+        default prints a traceback on the terminal for each); anything else is reported as usual."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
 
 def serve(settings: Settings, port: int) -> int:
     folder = settings.resolve(settings.templates.dir)
