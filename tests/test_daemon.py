@@ -773,6 +773,11 @@ def test_a_database_error_in_catch_up_planning_is_logged_and_the_daemon_starts_a
             conn.execute(sa.text("LOCK TABLE customer IN ACCESS EXCLUSIVE MODE"))
             daemon = Daemon.start(shop)
             daemon.wait_event("plan_catch_up", timeout=30)
+            # the pass's query waiting on the lock (one not sent yet would go through once the lock is let go)
+            with holder.connect().execution_options(isolation_level="AUTOCOMMIT") as watcher:
+                daemon.wait_for(lambda: watcher.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'")).scalar_one() > 0, why="the catch-up pass waiting on the lock")
             # When the database drops the daemon's connections meanwhile (a failover, a restart)
             conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                  "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
