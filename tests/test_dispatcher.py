@@ -16,10 +16,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tests.daemon_harness import make_shop
 from tests.sendkit import NOW, Shop, TimedSink, make_settings, message_ids
 from tests.smtp_server import Behaviour, RecordingServer, closed_port
 from worker.adapters.store import Store
 from worker.asyncstore import AsyncStore
+from worker.config import load_settings
+from worker.daemon import Daemon
 from worker.domain import Outcome, SendResult
 from worker.pipeline import plan
 from worker.sending import Dispatcher, DispatchReport, LedgerWriter
@@ -441,3 +444,60 @@ def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorde
     assert sorted(int(i) for i in kept["sent_ids"].split(",")) == sorted(first_two)
     assert "kembali ledger close --as sent" in kept["note"]
     shop.close()
+
+
+@pytest.mark.postgres
+def test_outcomes_a_database_outage_kept_from_the_ledger_are_written_after_a_reload_between_runs(
+    tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a daemon on PostgreSQL, 6 customers due a win-back, a server that takes a second over each message,
+    # and a database that stays away longer than the ledger writer tries again (here 0.4 s)
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
+    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    ids = range(1, 7)
+    shop.add(ids, days_ago=60)
+    emails = [f"c{i}@example.com" for i in ids]
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=1.0))
+    name = sa.make_url(pg_url).database
+
+    def allow_connections(allow: bool) -> None:
+        with pg_admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}'))
+            if not allow:
+                conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+                             {"d": name})  # fmt: skip
+
+    async def scenario() -> BaseException | None:
+        daemon = Daemon(load_settings(shop.config), config_path=shop.config)
+        try:
+            plan(daemon.store, daemon.gen.settings, daemon.clock.now())
+            first = asyncio.ensure_future(daemon.gen.dispatcher.run_once())
+            while shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") < 2:
+                await asyncio.sleep(0.02)
+            # When the database goes away while messages are on the wire: the run stops with its error
+            allow_connections(False)
+            failure = None
+            try:
+                await first
+            except Exception as exc:
+                failure = exc
+            allow_connections(True)
+            # And a reload (SIGHUP, a saved template) comes between that run and the next
+            assert await daemon.reload("SIGHUP")
+            await daemon.gen.dispatcher.run_once()
+            return failure
+        finally:
+            await daemon._close()
+            daemon.store.close()
+
+    try:
+        failure = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    finally:
+        allow_connections(True)
+    assert failure is not None and type(failure).__name__ == "OperationalError", failure
+    # Then the sends the server took before the outage are recorded as sent by the new configuration's run, not
+    # left `sending` to become `uncertain` when their leases lapse; everyone gets one email
+    assert sorted(m.rcpt_tos for m in smtp_server.messages) == sorted((e,) for e in emails)
+    assert shop.rows("SELECT status, count(*) FROM message GROUP BY status") == [("sent", 6)]
