@@ -607,6 +607,9 @@ class Daemon:
         self.gen = gen
         self._retired.append(old)
         if self._active is not old:
+            # what the last run could not write (the database away): the new dispatcher's next run writes it (a
+            # run under way hands its own over as it ends, in _dispatch_loop)
+            gen.dispatcher.unwritten, old.dispatcher.unwritten = old.dispatcher.unwritten, []
             await self._close_retired()
         else:
             old.dispatcher.stop()  # finish sends under way; claimed rows go back to the queue for the new set
