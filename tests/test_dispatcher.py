@@ -7,7 +7,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -20,6 +20,7 @@ from tests.daemon_harness import make_shop
 from tests.sendkit import NOW, Shop, TimedSink, make_settings, message_ids
 from tests.smtp_server import Behaviour, RecordingServer, closed_port
 from worker.adapters.store import Store
+from worker.app import make_limiter
 from worker.asyncstore import AsyncStore
 from worker.config import load_settings
 from worker.daemon import Daemon
@@ -392,34 +393,16 @@ def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorde
     shop = Shop(pg_url, settings, emails)
     plan(shop.store, settings, NOW)
     astore = AsyncStore(shop.store)
-    name = sa.make_url(pg_url).database
-
-    def allow_connections(allow: bool) -> None:
-        with pg_admin.connect() as conn:
-            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}'))
-            if not allow:
-                conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
-                             {"d": name})  # fmt: skip
 
     async def run() -> tuple[BaseException | None, DispatchReport]:
         transport = shop.deps.transport()
         dispatcher = Dispatcher(settings=settings, store=astore, composer=shop.deps.composer(), transport=transport,
                                 clock=_FlowingClock(NOW), worker="w1")  # fmt: skip
         try:
-            first = asyncio.ensure_future(dispatcher.run_once())
-            with shop.store.engine.connect() as conn:
-                while conn.execute(sa.text("SELECT count(*) FROM message WHERE status = 'sending'")).scalar_one() < 2:
-                    await asyncio.sleep(0.02)
             # When the database goes away while two messages are on the wire (the server takes them), for longer
             # than the run waits for it: the run stops with the database's error
-            allow_connections(False)
-            failure = None
-            try:
-                await first
-            except Exception as exc:
-                failure = exc
+            failure = await _fails_in_an_outage(dispatcher.run_once(), shop.store.engine, pg_admin, pg_url)
             # And once it is back, the next run goes on
-            allow_connections(True)
             return failure, await dispatcher.run_once()
         finally:
             await transport.close()
@@ -427,7 +410,7 @@ def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorde
     try:
         failure, report = asyncio.run(asyncio.wait_for(run(), timeout=60))
     finally:
-        allow_connections(True)
+        _allow_connections(pg_admin, pg_url, True)
         astore.close()
     assert failure is not None and type(failure).__name__ == "OperationalError", failure
     # Then the two sends the server took are recorded as sent by the next run, not left `sending` to become
@@ -446,6 +429,52 @@ def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorde
     shop.close()
 
 
+
+@pytest.mark.postgres
+def test_sends_on_the_wire_when_the_database_goes_away_are_finished_and_recorded_by_the_next_run(
+    pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 6 customers due a win-back, a server that takes 2 s over each message, and a database that goes away
+    # for longer than the ledger writer tries again (0.4 s here) while two messages are on the wire
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
+    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
+    emails = [f"c{i}@test.example" for i in range(6)]
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=2.0))
+    # (more senders than connections, and the rate booked in the database, as a daemon on PostgreSQL has them)
+    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 2}, in_flight_per_connection=2,
+                             compose_processes=0, lease_seconds=60)  # fmt: skip
+    shop = Shop(pg_url, settings, emails)
+    plan(shop.store, settings, NOW)
+    astore = AsyncStore(shop.store)
+
+    async def run() -> BaseException | None:
+        transport = shop.deps.transport()
+        clock = _FlowingClock(NOW)
+        dispatcher = Dispatcher(settings=settings, store=astore, composer=shop.deps.composer(), transport=transport,
+                                clock=clock, worker="w1", limiter=make_limiter(settings, astore, clock))  # fmt: skip
+        try:
+            failure = await _fails_in_an_outage(dispatcher.run_once(), shop.store.engine, pg_admin, pg_url)
+            await dispatcher.run_once()
+            return failure
+        finally:
+            await transport.close()
+
+    try:
+        failure = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    finally:
+        _allow_connections(pg_admin, pg_url, True)
+        astore.close()
+    # Then the run stops with the database's error, but only once the two messages on the wire are through: they
+    # arrive and are recorded as sent by the next run (before, they were cut off mid-DATA: not delivered, and left
+    # `sending` to become `uncertain` when their leases lapsed); the next run sends the others; each once
+    assert failure is not None and type(failure).__name__ == "OperationalError", failure
+    assert _statuses(shop) == {"sent": 6}
+    assert sorted(m.rcpt_tos for m in smtp_server.messages) == sorted((e,) for e in emails)
+    assert all(len(shop.attempts(e)) == 1 for e in emails)
+    shop.close()
+
+
 @pytest.mark.postgres
 def test_outcomes_a_database_outage_kept_from_the_ledger_are_written_after_a_reload_between_runs(
     tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
@@ -460,30 +489,14 @@ def test_outcomes_a_database_outage_kept_from_the_ledger_are_written_after_a_rel
     emails = [f"c{i}@example.com" for i in ids]
     for address in emails:
         smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=1.0))
-    name = sa.make_url(pg_url).database
-
-    def allow_connections(allow: bool) -> None:
-        with pg_admin.connect() as conn:
-            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}'))
-            if not allow:
-                conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
-                             {"d": name})  # fmt: skip
 
     async def scenario() -> BaseException | None:
         daemon = Daemon(load_settings(shop.config), config_path=shop.config)
         try:
             plan(daemon.store, daemon.gen.settings, daemon.clock.now())
-            first = asyncio.ensure_future(daemon.gen.dispatcher.run_once())
-            while shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") < 2:
-                await asyncio.sleep(0.02)
             # When the database goes away while messages are on the wire: the run stops with its error
-            allow_connections(False)
-            failure = None
-            try:
-                await first
-            except Exception as exc:
-                failure = exc
-            allow_connections(True)
+            failure = await _fails_in_an_outage(daemon.gen.dispatcher.run_once(), daemon.store.engine, pg_admin,
+                                                pg_url)  # fmt: skip
             # And a reload (SIGHUP, a saved template) comes between that run and the next
             assert await daemon.reload("SIGHUP")
             await daemon.gen.dispatcher.run_once()
@@ -495,9 +508,37 @@ def test_outcomes_a_database_outage_kept_from_the_ledger_are_written_after_a_rel
     try:
         failure = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     finally:
-        allow_connections(True)
+        _allow_connections(pg_admin, pg_url, True)
     assert failure is not None and type(failure).__name__ == "OperationalError", failure
     # Then the sends the server took before the outage are recorded as sent by the new configuration's run, not
     # left `sending` to become `uncertain` when their leases lapse; everyone gets one email
     assert sorted(m.rcpt_tos for m in smtp_server.messages) == sorted((e,) for e in emails)
     assert shop.rows("SELECT status, count(*) FROM message GROUP BY status") == [("sent", 6)]
+
+
+def _allow_connections(pg_admin: sa.Engine, pg_url: str, allow: bool) -> None:
+    """Let clients connect to the test database again, or refuse them and drop those connected."""
+    name = sa.make_url(pg_url).database
+    with pg_admin.connect() as conn:
+        conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}'))
+        if not allow:
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+                         {"d": name})  # fmt: skip
+
+
+async def _fails_in_an_outage(run: Awaitable[object], engine: sa.Engine, pg_admin: sa.Engine, pg_url: str
+                              ) -> BaseException | None:  # fmt: skip
+    """Start ``run``; once two rows are ``sending``, take the database away until the run ends, then bring it back.
+    What the run raised, if anything."""
+    running = asyncio.ensure_future(run)
+    with engine.connect() as conn:
+        while conn.execute(sa.text("SELECT count(*) FROM message WHERE status = 'sending'")).scalar_one() < 2:
+            await asyncio.sleep(0.02)
+    _allow_connections(pg_admin, pg_url, False)
+    try:
+        await running
+    except Exception as exc:
+        return exc
+    finally:
+        _allow_connections(pg_admin, pg_url, True)
+    return None
