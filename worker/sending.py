@@ -361,6 +361,10 @@ class Dispatcher:
         self._catalogue: list[ProductView] = []
         """The product catalogue, read once per run (when batches are prepared in this process)."""
         self._catalogue_run = -1
+        self._on_wire: set[asyncio.Future[None]] = set()
+        """One for each send under way, done once its outcome is handed to the writer."""
+        self._failing = False
+        """The run is failing: no send begins any more (those on the wire go on to their replies)."""
         self.unwritten: list[Disposition] = []
         """Outcomes a failed run could not commit (the database gone longer than the writer's retries), written
         first by the next run before it claims anything: a daemon's sends the server took end ``sent``, not
@@ -453,6 +457,7 @@ class Dispatcher:
         was claimed and not begun goes back to the queue (or, when the writer failed, is kept in ``unwritten`` with
         the outcomes it could not write, for the next run to write first)."""
         self._runs += 1
+        self._failing = False
         self.quota_reached = False  # a new run, perhaps a new day: the quota tells (a daemon keeps its dispatcher)
         report = DispatchReport()
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
@@ -471,16 +476,22 @@ class Dispatcher:
             for _ in senders:
                 await _unless_one_fails(queue.put(_DONE), senders)
             await asyncio.gather(*senders)
-        except BaseException:
-            for task in senders:
-                task.cancel()
-            await asyncio.gather(*senders, return_exceptions=True)
+        except BaseException as failure:
+            self._failing = True
             now = self.clock.now()
             while not queue.empty():  # claimed, never begun: back to the queue (if the writer still can)
                 item = queue.get_nowait()
                 if item != _DONE:
                     assert isinstance(item, Composed)
                     writer.record(self._release(item.message, now))
+            if isinstance(failure, Exception) and self._on_wire:
+                # failing (the database gone, say), not cancelled: the messages on the wire go on to the server's
+                # reply (cut off, they would stay `sending` and become `uncertain`), their outcomes kept with the
+                # rest (``unwritten``); the time of the last commands at most
+                await asyncio.wait(set(self._on_wire), timeout=2 * self.settings.smtp.timeout_seconds)
+            for task in senders:
+                task.cancel()
+            await asyncio.gather(*senders, return_exceptions=True)
             with contextlib.suppress(Exception):  # the writer's own failure is what is being raised
                 await writer.close()
             self._keep_unwritten(writer)
@@ -760,21 +771,24 @@ class Dispatcher:
                 continue
             result: SendResult | None = None
             begun = False
+            on_wire = asyncio.get_running_loop().create_future()
             try:
                 # the rate slot is taken last, right before the first SMTP byte, so commit
                 # latency cannot bunch messages up on the wire
                 await self.limiter.acquire(domain)
                 async with wire:  # one of the pool's connections is free: the send begins now, or not at all
-                    if not self.stopping.is_set():
+                    if not (self.stopping.is_set() or self._failing):
                         started = self.clock.now()
                         started_mono = self.clock.monotonic()
                         begun = True
+                        self._on_wire.add(on_wire)
                         result = as_throttled(await self.transport.send(sender, message.email, item.data))
                         finished = self.clock.now()
                         finished_mono = self.clock.monotonic()
             except BaseException:
                 # the run is failing (the rate's database gone past its retries) or being cancelled: a message
                 # whose first SMTP byte was not sent goes back to the queue, not to `uncertain` at its lease's end
+                self._off_wire(on_wire)
                 if not begun:
                     writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
                 raise
@@ -835,12 +849,19 @@ class Dispatcher:
                     suppress_reason=suppress,
                 )
             )
+            self._off_wire(on_wire)
             report.count(message.campaign, label)
             if self.observer is not None:
                 self.observer.observe_result(
                     message.campaign, status.value, result.outcome.value, finished_mono - started_mono, finished_mono
                 )
             _log_outcome(message, status, result, item.customer.external_id)
+
+    def _off_wire(self, on_wire: asyncio.Future[None]) -> None:
+        """A send is over, its outcome (if any) handed to the writer."""
+        self._on_wire.discard(on_wire)
+        if not on_wire.done():
+            on_wire.set_result(None)
 
 
 def _ignore(*_args: object, **_kwargs: object) -> None:
