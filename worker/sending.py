@@ -453,9 +453,10 @@ class Dispatcher:
 
     async def run_once(self) -> DispatchReport:
         """Send what is due, batch after batch, until nothing is (or stopped, paused, out of quota).
-        If a sender or the ledger writer fails, the run stops at once and raises that failure; what
-        was claimed and not begun goes back to the queue (or, when the writer failed, is kept in ``unwritten`` with
-        the outcomes it could not write, for the next run to write first)."""
+        If a sender or the ledger writer fails, the run begins no more sends, lets those on the wire finish (at most
+        twice ``smtp.timeout_seconds``) and raises that failure; what was claimed and not begun goes back to the
+        queue (or, when the writer failed, is kept in ``unwritten`` with the outcomes it could not write, for the next
+        run to write first)."""
         self._runs += 1
         self._failing = False
         self.quota_reached = False  # a new run, perhaps a new day: the quota tells (a daemon keeps its dispatcher)
