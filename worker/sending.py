@@ -458,7 +458,7 @@ class Dispatcher:
         queue (or, when the writer failed, is kept in ``unwritten`` with the outcomes it could not write, for the next
         run to write first)."""
         self._runs += 1
-        self._failing = False
+        self._failing, self._on_wire = False, set()
         self.quota_reached = False  # a new run, perhaps a new day: the quota tells (a daemon keeps its dispatcher)
         report = DispatchReport()
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
