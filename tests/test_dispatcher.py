@@ -4,6 +4,7 @@ grow with the campaign."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -472,6 +473,57 @@ def test_sends_on_the_wire_when_the_database_goes_away_are_finished_and_recorded
     assert _statuses(shop) == {"sent": 6}
     assert sorted(m.rcpt_tos for m in smtp_server.messages) == sorted((e,) for e in emails)
     assert all(len(shop.attempts(e)) == 1 for e in emails)
+    shop.close()
+
+
+
+@pytest.mark.postgres
+def test_a_failing_run_cancelled_while_it_waits_for_the_sends_on_the_wire_cuts_them_off_and_ends(
+    pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a run that fails (the database gone) while two messages take 4 s each on the wire
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
+    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
+    emails = [f"c{i}@test.example" for i in range(6)]
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=4.0))
+    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 2}, in_flight_per_connection=2,
+                             compose_processes=0, lease_seconds=60)  # fmt: skip
+    shop = Shop(pg_url, settings, emails)
+    plan(shop.store, settings, NOW)
+    astore = AsyncStore(shop.store)
+
+    async def run() -> tuple[bool, float, list[str]]:
+        transport = shop.deps.transport()
+        clock = _FlowingClock(NOW)
+        dispatcher = Dispatcher(settings=settings, store=astore, composer=shop.deps.composer(), transport=transport,
+                                clock=clock, worker="w1", limiter=make_limiter(settings, astore, clock))  # fmt: skip
+        try:
+            task = asyncio.ensure_future(dispatcher.run_once())
+            with shop.store.engine.connect() as conn:
+                while conn.execute(sa.text("SELECT count(*) FROM message WHERE status = 'sending'")).scalar_one() < 2:
+                    await asyncio.sleep(0.02)
+            _allow_connections(pg_admin, pg_url, False)
+            await asyncio.sleep(1.5)  # the run has failed, and waits for the two sends
+            # When it is cancelled meanwhile (a daemon's shutdown past its grace period)
+            cancelled_at = time.monotonic()
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            took = time.monotonic() - cancelled_at
+            left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("kembali-sender")]
+            return task.cancelled(), took, left
+        finally:
+            _allow_connections(pg_admin, pg_url, True)
+            await transport.close()
+
+    try:
+        cancelled, took, left = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    finally:
+        _allow_connections(pg_admin, pg_url, True)
+        astore.close()
+    # Then it ends at once, cancelled, and leaves no sender running on its own
+    assert cancelled and took < 1.0 and left == [], (cancelled, took, left)
     shop.close()
 
 
