@@ -489,14 +489,17 @@ class Dispatcher:
                 # failing (the database gone, say), not cancelled: the messages on the wire go on to the server's
                 # reply (cut off, they would stay `sending` and become `uncertain`), their outcomes kept with the
                 # rest (``unwritten``); the time of the last commands at most
-                await asyncio.wait(set(self._on_wire), timeout=2 * self.settings.smtp.timeout_seconds)
+                try:
+                    await asyncio.wait(set(self._on_wire), timeout=2 * self.settings.smtp.timeout_seconds)
+                except asyncio.CancelledError:  # cancelled meanwhile (a shutdown): the senders are cut off below
+                    failure = asyncio.CancelledError()
             for task in senders:
                 task.cancel()
             await asyncio.gather(*senders, return_exceptions=True)
             with contextlib.suppress(Exception):  # the writer's own failure is what is being raised
                 await writer.close()
             self._keep_unwritten(writer)
-            raise
+            raise failure
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
