@@ -430,30 +430,18 @@ def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorde
     shop.close()
 
 
-
 @pytest.mark.postgres
 def test_sends_on_the_wire_when_the_database_goes_away_are_finished_and_recorded_by_the_next_run(
     pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given 6 customers due a win-back, a server that takes 2 s over each message, and a database that goes away
     # for longer than the ledger writer tries again (0.4 s here) while two messages are on the wire
-    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
-    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
-    emails = [f"c{i}@test.example" for i in range(6)]
-    for address in emails:
-        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=2.0))
-    # (more senders than connections, and the rate booked in the database, as a daemon on PostgreSQL has them)
-    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 2}, in_flight_per_connection=2,
-                             compose_processes=0, lease_seconds=60)  # fmt: skip
-    shop = Shop(pg_url, settings, emails)
-    plan(shop.store, settings, NOW)
+    shop, emails = _slow_shop(pg_url, smtp_server, monkeypatch, delay_seconds=2.0)
     astore = AsyncStore(shop.store)
 
     async def run() -> BaseException | None:
         transport = shop.deps.transport()
-        clock = _FlowingClock(NOW)
-        dispatcher = Dispatcher(settings=settings, store=astore, composer=shop.deps.composer(), transport=transport,
-                                clock=clock, worker="w1", limiter=make_limiter(settings, astore, clock))  # fmt: skip
+        dispatcher = _rate_in_the_database(shop, astore, transport)
         try:
             failure = await _fails_in_an_outage(dispatcher.run_once(), shop.store.engine, pg_admin, pg_url)
             await dispatcher.run_once()
@@ -476,28 +464,17 @@ def test_sends_on_the_wire_when_the_database_goes_away_are_finished_and_recorded
     shop.close()
 
 
-
 @pytest.mark.postgres
 def test_a_failing_run_cancelled_while_it_waits_for_the_sends_on_the_wire_cuts_them_off_and_ends(
     pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a run that fails (the database gone) while two messages take 4 s each on the wire
-    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
-    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
-    emails = [f"c{i}@test.example" for i in range(6)]
-    for address in emails:
-        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=4.0))
-    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 2}, in_flight_per_connection=2,
-                             compose_processes=0, lease_seconds=60)  # fmt: skip
-    shop = Shop(pg_url, settings, emails)
-    plan(shop.store, settings, NOW)
+    shop, _ = _slow_shop(pg_url, smtp_server, monkeypatch, delay_seconds=4.0)
     astore = AsyncStore(shop.store)
 
     async def run() -> tuple[bool, float, list[str]]:
         transport = shop.deps.transport()
-        clock = _FlowingClock(NOW)
-        dispatcher = Dispatcher(settings=settings, store=astore, composer=shop.deps.composer(), transport=transport,
-                                clock=clock, worker="w1", limiter=make_limiter(settings, astore, clock))  # fmt: skip
+        dispatcher = _rate_in_the_database(shop, astore, transport)
         try:
             task = asyncio.ensure_future(dispatcher.run_once())
             with shop.store.engine.connect() as conn:
@@ -594,3 +571,26 @@ async def _fails_in_an_outage(run: Awaitable[object], engine: sa.Engine, pg_admi
     finally:
         _allow_connections(pg_admin, pg_url, True)
     return None
+
+
+def _slow_shop(pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, *, delay_seconds: float
+               ) -> tuple[Shop, list[str]]:  # fmt: skip
+    """6 customers due a win-back, a server that takes ``delay_seconds`` at DATA over each message, two connections
+    and twice as many senders, and the ledger writer's and the store's retries cut to 0.4 s."""
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
+    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
+    emails = [f"c{i}@test.example" for i in range(6)]
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=delay_seconds))
+    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 2}, in_flight_per_connection=2,
+                             compose_processes=0, lease_seconds=60)  # fmt: skip
+    shop = Shop(pg_url, settings, emails)
+    plan(shop.store, settings, NOW)
+    return shop, emails
+
+
+def _rate_in_the_database(shop: Shop, astore: AsyncStore, transport: Any) -> Dispatcher:
+    """A dispatcher whose rate is booked in the database, as a daemon's on PostgreSQL is."""
+    clock = _FlowingClock(NOW)
+    return Dispatcher(settings=shop.settings, store=astore, composer=shop.deps.composer(), transport=transport,
+                      clock=clock, worker="w1", limiter=make_limiter(shop.settings, astore, clock))  # fmt: skip
