@@ -250,6 +250,33 @@ def test_run_once_prints_a_servers_reply_with_its_control_characters_escaped(tmp
     assert b"\\u001b]0;owned\\u0007\\u001b[2J go away" in done.stdout
 
 
+def _one_at_a_time(url: str, server: OddServer, emails: list[str], **sending: Any) -> Shop:
+    """A shop whose customers ``emails`` are due a win-back, sending one message at a time through ``server``."""
+    settings = make_settings(url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
+                             in_flight_per_connection=1, **sending)  # fmt: skip
+    return Shop(url, settings, emails)
+
+
+def _refusing(server: OddServer, emails: list[str], stage: str, reply: str) -> None:
+    """Have ``server`` answer ``reply`` (``{to}``: the recipient) at ``stage``: MAIL FROM (``mail``), RCPT TO
+    (``rcpt``) or the final dot (``reply``)."""
+    if stage == "mail":
+        server.mail_reply = reply
+    for email in emails:
+        answer = reply.format(to=email)
+        server.on(email, Behaviour(rcpt_reply=answer if stage == "rcpt" else None,
+                                   data_reply=answer if stage == "reply" else None))  # fmt: skip
+
+
+def _each_sent_once_when_the_server_takes_mail_again(shop: Shop, server: OddServer, emails: list[str]) -> None:
+    server.mail_reply = None
+    server.behaviours.clear()
+    shop.clock.advance(7 * 3600)
+    shop.cycle()
+    assert {shop.row(e).status for e in emails} == {"sent"}
+    assert all(n == 1 for n in message_ids(server.messages).values())
+
+
 @pytest.mark.parametrize(
     ("stage", "reply"),
     [
@@ -265,13 +292,8 @@ def test_a_relay_that_wants_a_login_pauses_at_once_naming_smtp_username_and_fail
 ) -> None:
     # Given the shop's relay, which takes mail only from clients that log in, and smtp.username left empty
     emails = [f"c{i}@test.example" for i in range(6)]
-    if stage == "mail":
-        server.mail_reply = reply
-    for email in emails:
-        server.on(email, Behaviour(rcpt_reply=reply.format(to=email)) if stage == "rcpt" else Behaviour())
-    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
-                             in_flight_per_connection=1)  # fmt: skip
-    shop = Shop(sqlite_url, settings, emails)
+    _refusing(server, emails, stage, reply)
+    shop = _one_at_a_time(sqlite_url, server, emails)
     try:
         report = shop.cycle()
 
@@ -285,12 +307,7 @@ def test_a_relay_that_wants_a_login_pauses_at_once_naming_smtp_username_and_fail
         assert running._exit_code(report) == running.EXIT_UNAVAILABLE
 
         # once the relay takes the mail, everyone gets theirs, once
-        server.mail_reply = None
-        server.behaviours.clear()
-        shop.clock.advance(7 * 3600)
-        shop.cycle()
-        assert {shop.row(e).status for e in emails} == {"sent"}
-        assert all(n == 1 for n in message_ids(server.messages).values())
+        _each_sent_once_when_the_server_takes_mail_again(shop, server, emails)
     finally:
         shop.close()
 
@@ -320,14 +337,8 @@ def test_a_refused_sender_pauses_at_once_naming_shop_from_address_and_suppresses
 ) -> None:
     # Given a relay that refuses the envelope sender, shop.from_address: the same for every message
     emails = [f"c{i}@test.example" for i in range(6)]
-    if stage == "mail":
-        server.mail_reply = reply
-    for email in emails:
-        server.on(email, Behaviour(rcpt_reply=reply if stage == "rcpt" else None,
-                                   data_reply=reply if stage == "reply" else None))  # fmt: skip
-    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
-                             in_flight_per_connection=1)  # fmt: skip
-    shop = Shop(sqlite_url, settings, emails)
+    _refusing(server, emails, stage, reply)
+    shop = _one_at_a_time(sqlite_url, server, emails)
     try:
         report = shop.cycle()
 
@@ -340,12 +351,7 @@ def test_a_refused_sender_pauses_at_once_naming_shop_from_address_and_suppresses
         assert shop.suppressed() == {}
         assert running._exit_code(report) == running.EXIT_UNAVAILABLE
 
-        server.mail_reply = None
-        server.behaviours.clear()
-        shop.clock.advance(7 * 3600)
-        shop.cycle()
-        assert {shop.row(e).status for e in emails} == {"sent"}
-        assert all(n == 1 for n in message_ids(server.messages).values())
+        _each_sent_once_when_the_server_takes_mail_again(shop, server, emails)
     finally:
         shop.close()
 
@@ -364,11 +370,8 @@ def test_postfixs_refusals_of_this_client_at_rcpt_to_pause_at_once_and_fail_no_o
     # Given a Postfix relay whose client and HELO rules (answered at RCPT TO, smtpd_delay_reject = yes, the
     # default) refuse this host, e.g. a container whose host name is its id
     emails = [f"c{i}@test.example" for i in range(6)]
-    for email in emails:
-        server.on(email, Behaviour(rcpt_reply=reply))
-    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
-                             in_flight_per_connection=1)  # fmt: skip
-    shop = Shop(sqlite_url, settings, emails)
+    _refusing(server, emails, "rcpt", reply)
+    shop = _one_at_a_time(sqlite_url, server, emails)
     try:
         report = shop.cycle()
 
@@ -400,13 +403,8 @@ def test_a_temporary_refusal_of_the_sender_or_client_is_no_messages_failure_and_
     # Given a relay that refuses the sender (the same for every message) or this client with a 4xx for a while:
     # the sender domain's DNS down, the relay restarting, this host's reverse DNS not resolving
     emails = [f"c{i}@test.example" for i in range(6)]
-    if stage == "mail":
-        server.mail_reply = reply
-    for email in emails:
-        server.on(email, Behaviour(rcpt_reply=reply) if stage == "rcpt" else Behaviour())
-    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
-                             in_flight_per_connection=1, pause_after_failures=3, max_attempts=1)  # fmt: skip
-    shop = Shop(sqlite_url, settings, emails)
+    _refusing(server, emails, stage, reply)
+    shop = _one_at_a_time(sqlite_url, server, emails, pause_after_failures=3, max_attempts=1)
     try:
         report = shop.cycle()
 
@@ -418,12 +416,7 @@ def test_a_temporary_refusal_of_the_sender_or_client_is_no_messages_failure_and_
         rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
         assert rows == [("planned", 0)] * 3 + [("retry", 0)] * 3
 
-        server.mail_reply = None
-        server.behaviours.clear()
-        shop.clock.advance(7 * 3600)
-        shop.cycle()
-        assert {shop.row(e).status for e in emails} == {"sent"}
-        assert all(n == 1 for n in message_ids(server.messages).values())
+        _each_sent_once_when_the_server_takes_mail_again(shop, server, emails)
     finally:
         shop.close()
 
@@ -446,12 +439,8 @@ def test_the_same_temporary_failure_for_recipients_at_different_domains_is_the_s
     # Given the shop's relay in trouble (its disk full, its lookup tables down): it answers every message alike
     # with a 4xx once the message is under way, whatever the recipient
     emails = [f"c{i}@d{i}.example" for i in range(8)]
-    for email in emails:
-        answer = reply.format(to=email)
-        server.on(email, Behaviour(rcpt_reply=answer) if stage == "rcpt" else Behaviour(data_reply=answer))
-    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
-                             in_flight_per_connection=1, pause_after_failures=4, max_attempts=3)  # fmt: skip
-    shop = Shop(sqlite_url, settings, emails)
+    _refusing(server, emails, stage, reply)
+    shop = _one_at_a_time(sqlite_url, server, emails, pause_after_failures=4, max_attempts=3)
     try:
         report = shop.cycle()
 
@@ -465,11 +454,7 @@ def test_the_same_temporary_failure_for_recipients_at_different_domains_is_the_s
         assert shop.suppressed() == {}
         assert running._exit_code(report) == running.EXIT_UNAVAILABLE
 
-        server.behaviours.clear()
-        shop.clock.advance(7 * 3600)
-        shop.cycle()
-        assert {shop.row(e).status for e in emails} == {"sent"}
-        assert all(n == 1 for n in message_ids(server.messages).values())
+        _each_sent_once_when_the_server_takes_mail_again(shop, server, emails)
     finally:
         shop.close()
 
@@ -491,11 +476,8 @@ def test_a_temporary_failure_of_each_recipient_stays_that_messages_and_does_not_
     # Given 4xx replies at RCPT TO that are about each recipient (their mailbox, their domain, greylisting), or
     # all for recipients at one domain
     emails = [f"c{i}@d{i % domains}.example" for i in range(6)]
-    for email in emails:
-        server.on(email, Behaviour(rcpt_reply=reply.format(to=email)))
-    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
-                             in_flight_per_connection=1, pause_after_failures=3, max_attempts=3)  # fmt: skip
-    shop = Shop(sqlite_url, settings, emails)
+    _refusing(server, emails, "rcpt", reply)
+    shop = _one_at_a_time(sqlite_url, server, emails, pause_after_failures=3, max_attempts=3)
     try:
         report = shop.cycle()
 
@@ -521,11 +503,8 @@ def test_amazon_ses_sandbox_refusing_the_unverified_sender_pauses_at_once_and_su
     # Given Amazon SES, whose sandbox refuses mail from a sender identity that is not verified (shop.from_address,
     # the same for every message): it answers the final dot
     emails = [f"c{i}@test.example" for i in range(6)]
-    for email in emails:
-        server.on(email, Behaviour(data_reply=SES_UNVERIFIED.format(who=who.format(to=email))))
-    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
-                             in_flight_per_connection=1)  # fmt: skip
-    shop = Shop(sqlite_url, settings, emails)
+    _refusing(server, emails, "reply", SES_UNVERIFIED.format(who=who))
+    shop = _one_at_a_time(sqlite_url, server, emails)
     try:
         report = shop.cycle()
 
@@ -537,11 +516,7 @@ def test_amazon_ses_sandbox_refusing_the_unverified_sender_pauses_at_once_and_su
         assert rows == [("planned", 0)] * 5 + [("retry", 0)]
         assert shop.suppressed() == {}
 
-        server.behaviours.clear()
-        shop.clock.advance(7 * 3600)
-        shop.cycle()
-        assert {shop.row(e).status for e in emails} == {"sent"}
-        assert all(n == 1 for n in message_ids(server.messages).values())
+        _each_sent_once_when_the_server_takes_mail_again(shop, server, emails)
     finally:
         shop.close()
 
@@ -553,11 +528,8 @@ def test_amazon_ses_sandbox_refusing_an_unverified_recipient_fails_that_message_
     # (an address that holds the sender's, "mahalo@…", is still the recipient's)
     unverified = ["mahalo@toko-kembali.example", "c1@test.example"]
     emails = [*unverified, "c2@test.example", "c3@test.example"]
-    for email in unverified:
-        server.on(email, Behaviour(data_reply=SES_UNVERIFIED.format(who=email)))
-    settings = make_settings(sqlite_url, server.port, smtp={"pool_size": 1, "timeout_seconds": 1.0},
-                             in_flight_per_connection=1)  # fmt: skip
-    shop = Shop(sqlite_url, settings, emails)
+    _refusing(server, unverified, "reply", SES_UNVERIFIED.format(who="{to}"))
+    shop = _one_at_a_time(sqlite_url, server, emails)
     try:
         report = shop.cycle()
 
