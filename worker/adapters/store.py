@@ -72,6 +72,11 @@ _WAITING_PRIORITIES = sa.text(
 _CHUNK = 500  # ids per IN (…) list
 
 
+def _placeholders(prefix: str, count: int) -> str:
+    """``:i0, :i1, …``: the named parameters of an ``IN (…)`` list of ``count`` values (``prefix`` ``i``)."""
+    return ", ".join(f":{prefix}{n}" for n in range(count))
+
+
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -288,14 +293,13 @@ class _LedgerSql:
         """The claim, for ``campaigns`` campaigns named ``:c0``… (None: of any campaign)."""
         key = (known_ids, campaigns)
         if key not in self._claims:
-            names = ", ".join(f":c{n}" for n in range(campaigns or 0))
-            only = "" if campaigns is None else f" AND campaign IN ({names})"
+            only = "" if campaigns is None else f" AND campaign IN ({_placeholders('c', campaigns)})"
             template = self._claim_known_ids if known_ids else self._claim
             self._claims[key] = self.style(template.replace("{only}", only))
         return self._claims[key]
 
     def _in(self, head: str, count: int, tail: str) -> str:
-        return self.style(head + ", ".join(f":i{n}" for n in range(count)) + tail)
+        return self.style(head + _placeholders("i", count) + tail)
 
     def mark(self, count: int) -> str:
         return self._in(_MARK_HEAD, count, self.mark_tail)
