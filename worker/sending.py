@@ -342,6 +342,10 @@ class Dispatcher:
             zone=settings.shop.time_zone,
         )
         self.stopping = asyncio.Event()
+        self._campaigns = enabled_campaigns(settings)
+        """What a claim takes: a campaign turned off sends nothing more, what it planned waits until it is on again
+        (or expires). Read once, as the settings a dispatcher has never change (a reload makes a new one)."""
+        self._held_priorities = held_priorities(settings)
         self.held: Callable[[], bool] = lambda: False
         """While this says so, claim nothing more (the run ends after what it holds): the daemon holds it while a
         planning pass is under way, so the messages of a pass that finished first (a low priority) do not take
@@ -653,9 +657,8 @@ class Dispatcher:
             limit=limit,
             lease_seconds=self.settings.sending.lease_seconds,
             domain=self.settings.shop.domain,
-            # a campaign turned off sends nothing more: what it planned waits until it is on again (or expires)
-            campaigns=enabled_campaigns(self.settings),
-            held_priorities=held_priorities(self.settings),
+            campaigns=self._campaigns,
+            held_priorities=self._held_priorities,
         )
         if not batch:
             return None
