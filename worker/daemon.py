@@ -422,9 +422,8 @@ class Daemon:
                 log.event("dispatch_failed", logging.ERROR, error=log.error_line(exc))
             finally:
                 self._active = None
-                if gen is not self.gen and gen.dispatcher.unwritten:  # a reload came meanwhile: its run writes them
-                    self.gen.dispatcher.unwritten += gen.dispatcher.unwritten
-                    gen.dispatcher.unwritten = []
+                if gen is not self.gen:  # a reload came meanwhile: its run writes them
+                    gen.dispatcher.hand_over_unwritten(self.gen.dispatcher)
             await self._close_retired()
             if self._stop.is_set():
                 return
@@ -609,7 +608,7 @@ class Daemon:
         if self._active is not old:
             # what the last run could not write (the database away): the new dispatcher's next run writes it (a
             # run under way hands its own over as it ends, in _dispatch_loop)
-            gen.dispatcher.unwritten, old.dispatcher.unwritten = old.dispatcher.unwritten, []
+            old.dispatcher.hand_over_unwritten(gen.dispatcher)
             await self._close_retired()
         else:
             old.dispatcher.stop()  # finish sends under way; claimed rows go back to the queue for the new set

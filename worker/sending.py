@@ -517,6 +517,11 @@ class Dispatcher:
         report.quota_reached = self.quota_reached
         return report
 
+    def hand_over_unwritten(self, to: Dispatcher) -> None:
+        """Give what this dispatcher's runs could not write to ``to`` (a reload's), whose next run writes it first."""
+        to.unwritten += self.unwritten
+        self.unwritten = []
+
     async def _write_unwritten(self, writer: LedgerWriter) -> None:
         """Commit what the last run could not, before claiming: the facts of the next batches must show it."""
         if not self.unwritten:
