@@ -109,6 +109,12 @@ def test_fast_cron_plans_and_sends_and_an_unsubscribed_customer_gets_nothing_aft
     assert daemon.named("daemon_stopped")
 
 
+def _readiness(daemon: Daemon) -> tuple[int, str]:
+    """``/healthz``'s status code and the state its body names (``ok``, ``starting``, ``stopping``…)."""
+    status, body, _ = http("GET", daemon.url("/healthz"))
+    return status, json.loads(body)["status"]
+
+
 def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: RecordingServer) -> None:
     # Given a daemon under a (fake) systemd notify socket, and one sent email
     notify, notify_path = _notify_socket(tmp_path, timeout=10)
@@ -495,15 +501,13 @@ def test_healthz_says_stopping_during_the_grace_period_while_the_links_still_wor
     daemon.wait_event("daemon_started")  # (the send may begin before the catch-up planning is done)
     daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 1,
                     why="the send under way")
-    status, body, _ = http("GET", daemon.url("/healthz"))
-    assert status == 200 and json.loads(body)["status"] == "ok", body
+    assert _readiness(daemon) == (200, "ok")
     # When systemd stops it
     daemon.signal(signal.SIGTERM)
     daemon.wait_event("shutdown_requested")
     # Then, while the send finishes, a load balancer's probe is told to send nothing more here; a customer's
     # click is still served
-    status, body, _ = http("GET", daemon.url("/healthz"))
-    assert status == 503 and json.loads(body)["status"] == "stopping", body
+    assert _readiness(daemon) == (503, "stopping")
     token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode())
     assert http("GET", daemon.url(f"/unsubscribe?t={token}"))[0] == 200
     assert daemon.wait(20) == 0
@@ -957,13 +961,11 @@ def test_a_stop_signal_during_catch_up_planning_leaves_the_other_campaigns_to_th
             daemon = Daemon.start(shop)
             first = daemon.wait_event("plan_catch_up", timeout=30)
             # (not ready yet: a load balancer's probe is told so)
-            status, body, _ = http("GET", daemon.url("/healthz"))
-            assert status == 503 and json.loads(body)["status"] == "starting", body
+            assert _readiness(daemon) == (503, "starting")
             # When systemd stops it during that pass
             daemon.signal(signal.SIGTERM)
             daemon.wait_event("shutdown_requested")
-            status, body, _ = http("GET", daemon.url("/healthz"))
-            assert status == 503 and json.loads(body)["status"] == "stopping", body
+            assert _readiness(daemon) == (503, "stopping")
             conn.rollback()
         # Then the pass under way ends, the other campaigns are not planned now but left to the next start,
         # and the daemon exits 0 without ever saying it started
