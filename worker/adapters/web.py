@@ -173,11 +173,12 @@ class HttpServer:
         """Make room for a new connection by cutting off the one that has waited longest without finishing its
         request (a slowloris, a browser's unused preconnect); False when every connection is being answered.
         A real client sends its whole request at once: idle sockets, not requests, are what fills the slots."""
-        for writer in self._reading:
-            del self._reading[writer]
-            writer.transport.abort()
-            return True
-        return False
+        writer = next(iter(self._reading), None)
+        if writer is None:
+            return False
+        del self._reading[writer]
+        writer.transport.abort()
+        return True
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Request:
         try:
