@@ -80,6 +80,7 @@ class _FaultyHandler(SinkHandler):
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Envelope) -> str:
+        self.owner.data_taken += 1
         behaviours = [self.owner.behaviour(r) for r in envelope.rcpt_tos]
         for behaviour in behaviours:
             if behaviour.delay_at == "data":
@@ -136,6 +137,8 @@ class RecordingServer:
         self.client_limit: int | None = None
         """Recipients accepted per client IP before every further RCPT gets ``CLIENT_LIMIT_REPLY``."""
         self.accepted_from: Counter[str] = Counter()
+        self.data_taken = 0
+        """Messages whose whole DATA the server has read (before any delay at "data" and its reply)."""
         self.ehlo_reply: str | None = None
         """When set, every EHLO gets this reply (e.g. a 451): the client has to greet with HELO."""
         self.login: tuple[str, str] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import threading
 import time
 from collections import Counter
@@ -594,3 +595,88 @@ def _rate_in_the_database(shop: Shop, astore: AsyncStore, transport: Any) -> Dis
     clock = _FlowingClock(NOW)
     return Dispatcher(settings=shop.settings, store=astore, composer=shop.deps.composer(), transport=transport,
                       clock=clock, worker="w1", limiter=make_limiter(shop.settings, astore, clock))  # fmt: skip
+
+
+@pytest.mark.postgres
+def test_a_daemon_stopped_during_a_database_outage_records_the_sends_it_kept_once_the_database_is_back(
+    tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a daemon on PostgreSQL sending 6 win-backs to a server that takes a second over each message, and a
+    # database that goes away while two are on the wire, for longer than the ledger writer tries again (0.4 s here)
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
+    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    ids = range(1, 7)
+    shop.add(ids, days_ago=60)
+    for i in ids:
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=1.0))
+
+    async def scenario() -> int:
+        daemon = Daemon(load_settings(shop.config), config_path=shop.config)
+        try:
+            running = asyncio.ensure_future(daemon.run())
+            while smtp_server.data_taken < 2:  # two messages on the wire, past the final dot
+                await asyncio.sleep(0.02)
+            _allow_connections(pg_admin, pg_url, False)
+            while not daemon.gen.dispatcher.unwritten:  # the run failed; the server took the messages
+                await asyncio.sleep(0.02)
+            # When it is told to stop while the database is still away, and the database comes back within the
+            # grace period (5 s)
+            daemon._on_stop_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)
+            _allow_connections(pg_admin, pg_url, True)
+            return await running
+        finally:
+            daemon.store.close()
+
+    try:
+        code = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    finally:
+        _allow_connections(pg_admin, pg_url, True)
+    # Then before it exits it records the two sends the server took as sent, rather than leave them `sending` to
+    # become `uncertain` (an operator's decision) when their leases lapse; the others wait for the next start
+    taken = len(smtp_server.messages)
+    assert code == 0 and taken >= 2
+    statuses = shop.rows("SELECT status, count(*) FROM message GROUP BY status ORDER BY status")
+    assert statuses == [("planned", 6 - taken), ("sent", taken)] if taken < 6 else [("sent", 6)], (taken, statuses)
+
+
+@pytest.mark.postgres
+def test_a_daemon_stopped_during_a_database_outage_that_outlasts_its_grace_period_exits_1_naming_the_sends_it_kept(
+    tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a daemon on PostgreSQL whose run failed when the database went away with two messages on the wire
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
+    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    shop.add(range(1, 4), days_ago=60)
+    for i in range(1, 4):
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=1.0))
+
+    async def scenario() -> tuple[int, float]:
+        daemon = Daemon(load_settings(shop.config), config_path=shop.config)
+        try:
+            running = asyncio.ensure_future(daemon.run())
+            while smtp_server.data_taken < 2:  # two messages on the wire, past the final dot
+                await asyncio.sleep(0.02)
+            _allow_connections(pg_admin, pg_url, False)
+            while not daemon.gen.dispatcher.unwritten:
+                await asyncio.sleep(0.02)
+            # When it is told to stop and the database stays away past the grace period (5 s)
+            began = time.monotonic()
+            daemon._on_stop_signal(signal.SIGTERM)
+            return await running, time.monotonic() - began
+        finally:
+            daemon.store.close()
+
+    try:
+        code, took = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    finally:
+        _allow_connections(pg_admin, pg_url, True)
+    # Then it gives up at the end of the grace period and exits 1, not 0: the log names the sends the server took,
+    # for `kembali ledger close --as sent`
+    assert code == 1 and took < 9, (code, took)
+    assert "shutdown_outcomes_not_written" in [r.getMessage() for r in caplog.records]
+    kept = [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == "outcomes_not_written"]
+    assert len(kept[-1]["sent_ids"].split(",")) == len(smtp_server.messages) >= 2

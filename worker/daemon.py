@@ -31,7 +31,10 @@ Theory of operation
   ``stopping``) outside the time between ``READY=1`` and the stop signal.
 * **SIGTERM/SIGINT**: stop the scheduler, stop claiming, let sends under way finish
   within ``shutdown_grace_seconds`` and record them, let a planning pass under way
-  finish and record it (its thread cannot be stopped), exit 0. After the grace
+  finish and record it (its thread cannot be stopped), exit 0. Outcomes a database
+  outage kept from the ledger (``Dispatcher.unwritten``) are written in what is left
+  of the grace period (at least ``KEPT_SECONDS``), should the database be back; if
+  not, ``shutdown_outcomes_not_written`` and exit 1. After the grace
   period, this worker's rows still in flight are marked ``uncertain`` (claimed
   ones go back to the queue; when the database cannot be reached then, or does not
   answer within ``ABANDON_SECONDS``, exit 1 and they lapse as below; a stuck database's
@@ -57,6 +60,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -87,6 +91,9 @@ ABANDON_SECONDS, STUCK_CLOSE_SECONDS = 10.0, 2.0
 """After the grace period, how long the shutdown waits for the database to mark this worker's rows in flight: one
 that does not answer (a lock held by a long transaction, a host gone silent) is given up, the daemon closes what
 it can within ``STUCK_CLOSE_SECONDS`` and exits 1 without waiting for the threads the database holds."""
+KEPT_SECONDS = 2.0
+"""The least time a shutdown gives to write the outcomes a database outage kept (``Dispatcher.unwritten``), should
+the sends on the wire have taken the whole grace period."""
 CATCH_UP_PASS_SECONDS = 600
 """How long systemd is asked to wait (``EXTEND_TIMEOUT_USEC``) for each campaign's catch-up pass before ``READY=1``:
 a large shop's passes, one after the other, outlast the default ``TimeoutStartSec`` (90 s), and systemd would
@@ -664,8 +671,16 @@ class Daemon:
                 gen.dispatcher.stop()
         self._wake.set()
         grace = self.gen.settings.daemon.shutdown_grace_seconds
+        began = time.monotonic()
         done, _ = await asyncio.wait({dispatch}, timeout=grace)
         code = EXIT_OK
+        if done and self.gen.dispatcher.unwritten:  # kept through a database outage: the rest of the grace period
+            left = self.gen.dispatcher.unwritten
+            log.event("shutdown_writing_kept_outcomes", outcomes=len(left))
+            if await self.gen.dispatcher.write_kept(max(grace - (time.monotonic() - began), KEPT_SECONDS)):
+                log.event("shutdown_outcomes_not_written", logging.ERROR, outcomes=len(left),
+                          note="the last outcomes_not_written line names the rows the server took (sent_ids)")
+                code = EXIT_FORCED
         if not done:
             log.event("shutdown_grace_expired", logging.WARNING, grace_seconds=grace)
             dispatch.cancel()

@@ -55,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -169,10 +170,11 @@ class LedgerWriter:
         """Wait until everything handed over so far is committed."""
         while self._marks or self._records or not self._idle.is_set():
             self._check_alive()
-            await asyncio.wait(
-                [asyncio.ensure_future(self._idle.wait()), *([self._task] if self._task else [])],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            idle = asyncio.ensure_future(self._idle.wait())
+            try:
+                await asyncio.wait([idle, *([self._task] if self._task else [])], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                idle.cancel()  # (the writer failed, or the flush was cancelled: nobody waits for it)
             self._check_alive()
 
     def _check_alive(self) -> None:
@@ -194,6 +196,12 @@ class LedgerWriter:
         self._wake.set()
         if self._task is not None:
             await self._task
+
+    async def abort(self) -> None:
+        """Stop now, in the middle of a commit or of its retries: what it did not commit is in ``unwritten``."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         while True:
@@ -521,6 +529,23 @@ class Dispatcher:
         """Give what this dispatcher's runs could not write to ``to`` (a reload's), whose next run writes it first."""
         to.unwritten += self.unwritten
         self.unwritten = []
+
+    async def write_kept(self, timeout: float) -> list[Disposition]:
+        """Write what the last runs could not (``unwritten``), trying for at most ``timeout`` seconds: a daemon told to
+        stop while the database was away records the sends the server took, should the database come back in its
+        grace period. What is still unwritten at the end (logged by ``outcomes_not_written``)."""
+        deadline = time.monotonic() + timeout
+        while self.unwritten and (left := deadline - time.monotonic()) > 0:
+            writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock)
+            writer.start()
+            try:
+                await asyncio.wait_for(self._write_unwritten(writer), left)
+                await writer.close()
+            except Exception:  # the database still away (the writer gave up, or the time ran out)
+                await writer.abort()
+                self._keep_unwritten(writer)
+                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        return self.unwritten
 
     async def _write_unwritten(self, writer: LedgerWriter) -> None:
         """Commit what the last run could not, before claiming: the facts of the next batches must show it."""
