@@ -68,7 +68,8 @@ def _build(site: Site) -> None:
         "T": {"status": "sent", "sent_at": EXPOSED, "last_code": 250},
         "P": {"status": "sent", "sent_at": NOW - timedelta(days=2), "last_code": 250},
         "H": {"status": "skipped", "skip_reason": "held_out"},
-        "F": {"status": "failed", "last_code": 550},
+        "F": {"status": "failed", "last_code": 550, "last_reply": "5.1.1 <x@example.com>: Recipient address rejected: "
+              "User unknown"},
         "U": {"status": "uncertain"},
         "S": {"status": "skipped", "skip_reason": "suppressed"},
     }
@@ -454,3 +455,38 @@ def test_the_default_period_starts_at_midnight_utc_of_the_day_its_header_names(t
     assert default.stdout.startswith(f"Kembali stats from {start:%Y-%m-%d} to "), default.stdout
     assert report["since"] == start.isoformat() == named["since"]
     assert report["suppressions"] == {"unsubscribed": 1} == named["suppressions"]
+
+
+def test_hard_bounces_are_the_failures_the_sender_suppresses_on_each_database(db_url: str) -> None:
+    # Given one win-back step whose failed messages met these last replies: one address that does not exist, a
+    # template refused for its content, a sender refused (SPF/DKIM) until its attempts ran out, a full mailbox,
+    # and a greylisting 4xx until its attempts ran out
+    replies = [
+        (550, "5.1.1 <gone@example.com>: Recipient address rejected: User unknown in virtual mailbox table"),
+        (550, "5.7.1 Message rejected: the content looks like spam (URL on a block list)"),
+        (550, "5.7.26 This mail is unauthenticated, which poses a security risk to the sender and Gmail users"),
+        (552, "5.2.2 The email account that you tried to reach is over quota"),
+        (451, "4.7.1 Greylisted, please try again later"),
+    ]
+    cs = [f"C-F{i}" for i in range(len(replies))]
+    engine = db.create_engine(db_url)
+    try:
+        pk = _load(engine, cs)
+        for c, (code, reply) in zip(cs, replies, strict=True):
+            _ledger_row(engine, pk, c, NOW - timedelta(days=3), status="failed", attempts=5, last_code=code,
+                        last_reply=reply, updated_at=NOW - timedelta(days=2))  # fmt: skip
+        from worker.stats import build_stats
+
+        report = build_stats(engine, since=NOW - timedelta(days=60), now=NOW)
+    finally:
+        engine.dispose()
+
+    # Then five failed, and one of them is a hard bounce: the address that does not exist, the one failure that
+    # puts an address on the suppression list (the content, the sender's setup and a full mailbox say nothing
+    # about the address)
+    (winback,) = report.steps
+    assert winback.as_json()["failed"] == 5
+    assert winback.hard_bounces == 1
+    from worker.commands.reporting import stats_lines
+
+    assert "  planned 5: sent 0, failed 5 (1 hard bounce)," in "\n".join(stats_lines(report, "IDR"))

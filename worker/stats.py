@@ -18,6 +18,9 @@ Definitions (also in the README):
   attribution window; revenue is the sum of those purchases (shop currency).
   Exposures whose window has not ended yet are counted as pending, not as
   non-conversions. A customer counts once per campaign and step (first moment).
+* hard bounces: failed rows whose last reply says the address does not exist (``core.limits.bounce_kind``,
+  as the sender judged it when it put the address on the suppression list); not a refused content or sender,
+  nor a full mailbox.
 * repeat purchase rate: of the customers who bought during the period, the
   share with two or more purchases in all; churn: of the customers who had
   bought before the period, the share who did not buy during it.
@@ -33,7 +36,7 @@ from itertools import chain, repeat
 from sqlalchemy.engine import Engine
 
 from worker.adapters import reports
-from worker.core import stats
+from worker.core import limits, stats
 from worker.domain import MessageStatus
 
 
@@ -114,8 +117,9 @@ def build_stats(
         s.statuses[status] += n
         if status == MessageStatus.SKIPPED:
             s.skipped[reason or "unknown"] += n
-    for (campaign, number), n in reports.hard_bounces(engine, since).items():
-        step(campaign, number).hard_bounces = n
+    for campaign, number, code, reply, n in reports.permanent_failures(engine, since):
+        if limits.bounce_kind(code, reply) == "hard_bounce":  # as the sender judged it, suppressing the address
+            step(campaign, number).hard_bounces += n
 
     found = {(campaign, number, group): c for campaign, number, group, c in
              reports.conversions(engine, since, window=timedelta(days=window_days), now=now,

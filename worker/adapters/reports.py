@@ -30,15 +30,18 @@ def ledger_counts(engine: Engine, since: datetime) -> list[tuple[str, int, str, 
         return [(c, int(s), st, r, int(n)) for c, s, st, r, n in conn.execute(query)]
 
 
-def hard_bounces(engine: Engine, since: datetime) -> dict[tuple[str, int], int]:
-    """Failed rows whose last reply was a 5xx, by (campaign, step)."""
+def permanent_failures(engine: Engine, since: datetime) -> list[tuple[str, int, int, str, int]]:
+    """(campaign, step, last code, last reply, rows) of the failed rows planned since ``since`` whose last reply
+    was a 5xx: what the reply says (``core.limits.bounce_kind``) tells a hard bounce from a refused content or
+    sender. Grouped by the reply: a few rows per reply a server gives everyone, one per address at worst (a
+    reply naming the recipient), and only failed rows with a 5xx are read."""
     query = (
-        sa.select(M.c.campaign, M.c.step, sa.func.count())
+        sa.select(M.c.campaign, M.c.step, M.c.last_code, M.c.last_reply, sa.func.count())
         .where(M.c.created_at >= since, M.c.status == MessageStatus.FAILED.value, M.c.last_code >= 500)
-        .group_by(M.c.campaign, M.c.step)
+        .group_by(M.c.campaign, M.c.step, M.c.last_code, M.c.last_reply)
     )
     with db.reading(engine) as conn:
-        return {(c, int(s)): int(n) for c, s, n in conn.execute(query)}
+        return [(c, int(s), int(code), reply or "", int(n)) for c, s, code, reply, n in conn.execute(query)]
 
 
 def suppressions(engine: Engine, since: datetime) -> dict[str, int]:

@@ -65,7 +65,8 @@ def stats_lines(report: StatsReport, currency: str) -> list[str]:
     for s in report.steps:
         j = s.as_json()
         out.append(f"\n{s.campaign} step {s.step}")
-        out.append(f"  planned {s.planned}: sent {j['sent']}, failed {j['failed']} ({s.hard_bounces} hard bounces), "
+        out.append(f"  planned {s.planned}: sent {j['sent']}, failed {j['failed']} ({s.hard_bounces} hard "
+                   f"bounce{'' if s.hard_bounces == 1 else 's'}), "
                    f"uncertain {j['uncertain']}, waiting {j['waiting']}")  # fmt: skip
         if s.skipped:
             out.append("  skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(s.skipped.items())))
