@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.shop_fixtures import Site, load_shop, make_site
-from worker.adapters import db, shop
+from worker.adapters import db, opstore, shop
 from worker.adapters.store import M, Store
 from worker.core import stats
 from worker.core.audiences import message_id_for
@@ -135,9 +135,8 @@ def test_stats_without_a_holdout_and_with_a_feedback_table(tmp_path: Path) -> No
     engine = sa.create_engine(site.settings.database_url)
     with engine.begin() as conn:
         conn.execute(sa.update(M).where(M.c.skip_reason == "held_out").values(skip_reason="capped"))
-        conn.execute(sa.text("insert into feedback (order_ref, score, created_at) values "
-                             "('O1', 10, '2026-01-01'), ('O2', 9, '2026-01-01'), ('O3', 7, '2026-01-01'), "
-                             "('O4', 3, '2026-01-01')"))
+    for order, score in [("O1", 10), ("O2", 9), ("O3", 7), ("O4", 3)]:
+        opstore.record_feedback(Store(engine), order, score, NOW - timedelta(days=1))
     engine.dispose()
     report = json.loads(site.cli("stats", "--since", SINCE.isoformat(), "--json").stdout)
     (winback,) = report["campaigns"]
@@ -153,10 +152,8 @@ def test_stats_without_a_holdout_and_with_a_feedback_table(tmp_path: Path) -> No
 def test_the_nps_follows_the_feedback_scale(tmp_path: Path, scale: str, scores: list[int], nps: float | None) -> None:
     site = make_site(tmp_path / "site", extra_toml=f'[campaigns.feedback]\nscale = "{scale}"\n')
     engine = sa.create_engine(site.settings.database_url)
-    with engine.begin() as conn:
-        for i, score in enumerate(scores):
-            conn.execute(sa.text("insert into feedback (order_ref, score, created_at) values (:o, :s, '2026-01-01')"),
-                         {"o": f"O{i}", "s": score})  # fmt: skip
+    for i, score in enumerate(scores):
+        opstore.record_feedback(Store(engine), f"O{i}", score, NOW - timedelta(days=1))
     engine.dispose()
     done = site.cli("stats", "--json")
     assert done.returncode == 0, done.stderr
@@ -490,3 +487,22 @@ def test_hard_bounces_are_the_failures_the_sender_suppresses_on_each_database(db
     from worker.commands.reporting import stats_lines
 
     assert "  planned 5: sent 0, failed 5 (1 hard bounce)," in "\n".join(stats_lines(report, "IDR"))
+
+
+def test_feedback_counts_the_ratings_given_in_the_period_on_each_database(db_url: str) -> None:
+    from worker.stats import build_stats
+
+    # Given ratings of 1 and 2 stars given before the period, and of 4 and 5 stars given in it (the first on the
+    # first day of the period, at midnight UTC)
+    since = datetime.combine((NOW - timedelta(days=30)).date(), datetime.min.time(), tzinfo=UTC)
+    engine = db.create_engine(db_url)
+    try:
+        store = Store(engine)
+        for order, score, at in [("O1", 1, since - timedelta(days=40)), ("O2", 2, since - timedelta(microseconds=1)),
+                                 ("O3", 4, since), ("O4", 5, NOW - timedelta(days=1))]:  # fmt: skip
+            opstore.record_feedback(store, order, score, at)
+        report = build_stats(engine, since=since, now=NOW)
+    finally:
+        engine.dispose()
+    # Then the report's feedback is the period's, as every other figure in it: 2 responses, 4.5 on average
+    assert report.as_json()["feedback"] == {"responses": 2, "average": 4.5, "nps": None}

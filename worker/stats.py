@@ -24,6 +24,7 @@ Definitions (also in the README):
 * repeat purchase rate: of the customers who bought during the period, the
   share with two or more purchases in all; churn: of the customers who had
   bought before the period, the share who did not buy during it.
+* feedback: the ratings given in the period (when the customer clicked), average and NPS.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def build_stats(
                             held_out=control.customers + control.pending,
                             treated=s.treated.customers + s.treated.pending)  # fmt: skip
 
-    scores = reports.feedback_scores(engine)
+    scores = reports.feedback_scores(engine, since)
     return StatsReport(
         since=since, now=now, window_days=window_days,
         steps=sorted(steps.values(), key=lambda s: (s.campaign, s.step)),

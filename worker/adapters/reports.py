@@ -11,12 +11,13 @@ from sqlalchemy.engine import Engine
 
 from worker.adapters import db
 from worker.adapters.store import PURCHASE_EXCLUDED, M, O, S
-from worker.adapters.tables import UTCDateTime
+from worker.adapters.tables import Feedback, UTCDateTime
 from worker.core import stats
 from worker.domain import MessageStatus, SkipReason
 
 HELD_OUT = SkipReason.HELD_OUT.value
 _purchase = O.c.status.not_in(PURCHASE_EXCLUDED)
+F = Feedback.__table__  # type: ignore[attr-defined]
 
 
 def ledger_counts(engine: Engine, since: datetime) -> list[tuple[str, int, str, str | None, int]]:
@@ -163,21 +164,12 @@ def first_two_purchases(engine: Engine) -> list[tuple[datetime, datetime | None]
     return [(v[0], v[1] if len(v) > 1 else None) for v in pairs.values()]
 
 
-def feedback_scores(engine: Engine) -> list[float] | None:
-    """Every score in a ``feedback`` table, when one exists (None when it does not).
-
-    A placeholder until the daemon records feedback: it reads the first column
-    named ``score``, ``rating`` or ``nps``."""
+def feedback_scores(engine: Engine, since: datetime) -> list[float] | None:
+    """The ratings given since ``since`` (the ``feedback`` table's scores; None when the table does not exist)."""
     with db.reading(engine) as conn:
-        inspector = sa.inspect(conn)
-        if not inspector.has_table("feedback"):
+        if not sa.inspect(conn).has_table("feedback"):
             return None
-        columns = {c["name"] for c in inspector.get_columns("feedback")}
-        score = next((c for c in ("score", "rating", "nps") if c in columns), None)
-        if score is None:
-            return None
-        table = sa.table("feedback", sa.column(score))
-        query = sa.select(table.c[score]).where(table.c[score].is_not(None))
+        query = sa.select(F.c.score).where(F.c.created_at >= since, F.c.score.is_not(None))
         return [float(v) for (v,) in conn.execute(query)]
 
 

@@ -100,7 +100,7 @@ def stats_lines(report: StatsReport, currency: str) -> list[str]:
     else:
         avg = "n/a" if fb.average is None else f"{fb.average:.2f}"
         nps = "" if fb.nps is None else f", NPS {fb.nps:+.0f}"
-        out.append(f"feedback: {fb.responses} responses, average {avg}{nps}")
+        out.append(f"feedback: {fb.responses} responses in the period, average {avg}{nps}")
     return out
 
 
