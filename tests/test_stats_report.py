@@ -95,7 +95,8 @@ def test_stats_reports_the_constructed_truth(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
 
-    # Then every figure is the constructed one
+    # Then every figure is the constructed one, revenue in the minor unit of the currency named
+    assert report["currency"] == "IDR"
     (winback,) = report["campaigns"]
     total = EMAILED + HELD + FAILED_5XX + UNCERTAIN + PENDING + SUPPRESSED
     assert (winback["campaign"], winback["step"], winback["planned"]) == ("winback", 1, total)
@@ -372,10 +373,10 @@ def test_a_lift_that_rounds_to_zero_reads_plus_zero_not_minus_zero() -> None:
     # Given a step whose emailed group ordered at 10.00 % and whose holdout group at 10.01 %
     step = StepStats("winback", 1, planned=2000, emailed=stats.Conversion(1000, 100, 0, 0),
                      held_out=stats.Conversion(999, 100, 0, 0), lift=stats.lift(100, 1000, 100, 999))  # fmt: skip
-    report = StatsReport(since=NOW - timedelta(days=60), now=NOW, window_days=7, steps=[step], suppressions={},
-                         retention=stats.Retention(0, 0, 0, 0), feedback=None)  # fmt: skip
+    report = StatsReport(since=NOW - timedelta(days=60), now=NOW, window_days=7, currency="IDR", steps=[step],
+                         suppressions={}, retention=stats.Retention(0, 0, 0, 0), feedback=None)  # fmt: skip
     # When the report is written
-    lines = [line for line in stats_lines(report, "IDR") if line.startswith("  lift:")]
+    lines = [line for line in stats_lines(report) if line.startswith("  lift:")]
     # Then the difference reads +0.0 points, not -0.0
     assert len(lines) == 1 and lines[0].startswith("  lift: +0.0 points, 95% CI -"), lines
 
@@ -486,7 +487,7 @@ def test_hard_bounces_are_the_failures_the_sender_suppresses_on_each_database(db
     assert winback.hard_bounces == 1
     from worker.commands.reporting import stats_lines
 
-    assert "  planned 5: sent 0, failed 5 (1 hard bounce)," in "\n".join(stats_lines(report, "IDR"))
+    assert "  planned 5: sent 0, failed 5 (1 hard bounce)," in "\n".join(stats_lines(report))
 
 
 def test_feedback_counts_the_ratings_given_in_the_period_on_each_database(db_url: str) -> None:

@@ -142,11 +142,13 @@ def _parser() -> argparse.ArgumentParser:
                        description="Per campaign and step: planned, sent, failed, uncertain, skipped by reason, hard "
                        "bounces; conversion (emailed customers who ordered within --window-days) and revenue; lift "
                        "over the holdout group with a 95% Newcombe interval; unsubscribes and bounces from the "
-                       "suppression list; the shop's repeat purchase rate and churn over the period.")
-    p.add_argument("--since", type=_date_arg, default=None,
-                   help="start of the period, YYYY-MM-DD: a day in UTC, as the report's days are, today (in UTC) "
+                       "suppression list; the shop's repeat purchase rate and churn over the period; feedback "
+                       "ratings given in it. Days are UTC days. --json prints one object (its keys: README, 'Did it "
+                       "work'). Exit code 2 for a bad --since, 3 when the database cannot be used.")
+    p.add_argument("--since", type=_date_arg, default=None, metavar="YYYY-MM-DD",
+                   help="start of the period: a day in UTC, as the report's days are, today (in UTC) "
                    "or earlier (default: the day 90 days ago, from its start)")
-    p.add_argument("--window-days", type=arguments.window_days, default=7,
+    p.add_argument("--window-days", type=arguments.window_days, default=7, metavar="DAYS",
                    help=f"attribution window in days, 1 to {arguments.MAX_WINDOW_DAYS} (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")
 

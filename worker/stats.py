@@ -78,6 +78,8 @@ class StatsReport:
     since: datetime
     now: datetime
     window_days: int
+    currency: str
+    """The shop's: the revenue is its purchases in it, in its minor unit."""
     steps: list[StepStats]
     suppressions: dict[str, int]
     retention: stats.Retention
@@ -89,6 +91,7 @@ class StatsReport:
         fb = self.feedback
         return {
             "since": self.since.isoformat(), "until": self.now.isoformat(), "attribution_window_days": self.window_days,
+            "currency": self.currency,
             "campaigns": [s.as_json() for s in self.steps],
             "suppressions": self.suppressions,
             "repeat_purchase": {"customers_active": r.active, "repeat": r.repeat, "rate": r.repeat_rate},
@@ -137,7 +140,7 @@ def build_stats(
 
     scores = reports.feedback_scores(engine, since)
     return StatsReport(
-        since=since, now=now, window_days=window_days,
+        since=since, now=now, window_days=window_days, currency=currency,
         steps=sorted(steps.values(), key=lambda s: (s.campaign, s.step)),
         suppressions=reports.suppressions(engine, since),
         retention=stats.retention(

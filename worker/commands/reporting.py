@@ -52,12 +52,12 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.as_json(), ensure_ascii=False, indent=2))
     else:
-        for line in stats_lines(report, settings.shop.currency):
+        for line in stats_lines(report):
             print(line)
     return EXIT_OK
 
 
-def stats_lines(report: StatsReport, currency: str) -> list[str]:
+def stats_lines(report: StatsReport) -> list[str]:
     out = [f"Kembali stats from {report.since:%Y-%m-%d} to {report.now:%Y-%m-%d} (UTC); "
            f"conversion = bought within {report.window_days} days of the email"]  # fmt: skip
     if not report.steps:
@@ -73,7 +73,7 @@ def stats_lines(report: StatsReport, currency: str) -> list[str]:
         if s.emailed is not None:
             e = s.emailed
             out.append(f"  conversion: {e.converted} of {e.customers} emailed customers ordered ({_pct(e.rate)}), "
-                       f"revenue {_money(e.revenue_minor, currency)}"
+                       f"revenue {_money(e.revenue_minor, report.currency)}"
                        + (f"; {e.pending} still inside the window" if e.pending else ""))  # fmt: skip
         if s.held_out is not None:
             h = s.held_out
