@@ -507,3 +507,28 @@ def test_feedback_counts_the_ratings_given_in_the_period_on_each_database(db_url
         engine.dispose()
     # Then the report's feedback is the period's, as every other figure in it: 2 responses, 4.5 on average
     assert report.as_json()["feedback"] == {"responses": 2, "average": 4.5, "nps": None}
+
+
+def test_the_text_says_which_windows_are_still_open_in_every_group() -> None:
+    from worker.commands.reporting import stats_lines
+    from worker.stats import StatsReport, StepStats
+
+    # Given a step whose 50 emailed customers were all emailed inside the last 7 days, and whose held-out and
+    # not-held-out customers are partly still inside their windows
+    step = StepStats("winback", 2, planned=114, emailed=stats.Conversion(0, 0, 0, 50),
+                     held_out=stats.Conversion(10, 1, 0, 4), treated=stats.Conversion(40, 8, 0, 60),
+                     lift=stats.lift(8, 40, 1, 10, held_out=14, treated=100))  # fmt: skip
+    # and a step whose one row was skipped
+    none = StepStats("winback", 3, planned=1, emailed=stats.Conversion(0, 0, 0, 0), lift=stats.lift(0, 0, 0, 0))
+    report = StatsReport(since=NOW - timedelta(days=60), now=NOW, window_days=7, currency="IDR", steps=[step, none],
+                         suppressions={}, retention=stats.Retention(0, 0, 0, 0), feedback=None)  # fmt: skip
+    text = "\n".join(stats_lines(report))
+    # Then the conversion is not given as "0 of 0 (n/a)" but as not measured yet, and each group says how many of
+    # its customers are still inside their window
+    assert "  conversion: not measured yet: the 7-day windows of the 50 emailed customers are still open\n" in text
+    assert "  holdout: 1 of 10 held-out customers ordered (10.0%); 4 still inside the window\n" in text
+    assert ("  against: 8 of 40 customers not held out ordered (20.0%), emailed or not, both counted from when the "
+            "email was due; 60 still inside the window\n") in text  # fmt: skip
+    # And a step that emailed nobody says so
+    assert ("winback step 3\n  planned 1: sent 0, failed 0 (0 hard bounces), uncertain 0, waiting 0\n"
+            "  conversion: nobody was emailed\n") in text  # fmt: skip

@@ -27,6 +27,10 @@ def _points(share: float) -> str:
     return f"{round(100 * share, 1) + 0.0:+.1f}"
 
 
+def _open(c: core_stats.Conversion) -> str:
+    return f"; {c.pending} still inside the window" if c.pending else ""
+
+
 def _money(minor: int, currency: str) -> str:
     return format_money(minor, currency, "en")
 
@@ -72,16 +76,24 @@ def stats_lines(report: StatsReport) -> list[str]:
             out.append("  skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(s.skipped.items())))
         if s.emailed is not None:
             e = s.emailed
-            out.append(f"  conversion: {e.converted} of {e.customers} emailed customers ordered ({_pct(e.rate)}), "
-                       f"revenue {_money(e.revenue_minor, report.currency)}"
-                       + (f"; {e.pending} still inside the window" if e.pending else ""))  # fmt: skip
+            if e.customers == 0 and e.pending:  # not "0 of 0 ordered (n/a)": nothing is known yet
+                whose = ("window of the 1 emailed customer is" if e.pending == 1
+                         else f"windows of the {e.pending} emailed customers are")  # fmt: skip
+                out.append(f"  conversion: not measured yet: the {report.window_days}-day {whose} still open")
+            elif e.customers == 0:
+                out.append("  conversion: nobody was emailed")
+            else:
+                out.append(f"  conversion: {e.converted} of {e.customers} emailed customers ordered ({_pct(e.rate)}), "
+                           f"revenue {_money(e.revenue_minor, report.currency)}" + _open(e))  # fmt: skip
         if s.held_out is not None:
             h = s.held_out
-            out.append(f"  holdout: {h.converted} of {h.customers} held-out customers ordered ({_pct(h.rate)})")
+            out.append(f"  holdout: {h.converted} of {h.customers} held-out customers ordered ({_pct(h.rate)})"
+                       + _open(h))
             if s.treated is not None:
                 t = s.treated
                 out.append(f"  against: {t.converted} of {t.customers} customers not held out ordered "
-                           f"({_pct(t.rate)}), emailed or not, both counted from when the email was due")  # fmt: skip
+                           f"({_pct(t.rate)}), emailed or not, both counted from when the email was due"
+                           + _open(t))  # fmt: skip
         if s.lift is not None:
             lift = s.lift
             if lift.difference is not None and lift.lower is not None and lift.upper is not None:
