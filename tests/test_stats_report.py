@@ -532,3 +532,32 @@ def test_the_text_says_which_windows_are_still_open_in_every_group() -> None:
     # And a step that emailed nobody says so
     assert ("winback step 3\n  planned 1: sent 0, failed 0 (0 hard bounces), uncertain 0, waiting 0\n"
             "  conversion: nobody was emailed\n") in text  # fmt: skip
+
+
+def test_refunds_placed_orders_and_a_second_email_on_each_database(db_url: str) -> None:
+    # Given four customers emailed 20 days ago: one whose order within the week was refunded, one whose order was
+    # placed (not yet paid), one emailed again 10 days ago who ordered 2 days after the second email (outside the
+    # first email's window), and one who ordered twice within the week
+    sent = NOW - timedelta(days=20)
+    cs = ["C-R", "C-P", "C-2", "C-T"]
+    orders = [_order("C-R", 1, sent + timedelta(days=1), 7_00, OrderStatus.REFUNDED),
+              _order("C-P", 1, sent + timedelta(days=6), 11_00, OrderStatus.PLACED),
+              _order("C-2", 1, sent + timedelta(days=12), 13_00),
+              _order("C-T", 1, sent + timedelta(hours=1), 17_00), _order("C-T", 2, sent + timedelta(days=7), 19_00)]
+    engine = db.create_engine(db_url)
+    try:
+        pk = _load(engine, cs, orders)
+        for c in cs:
+            _ledger_row(engine, pk, c, sent, key=f"feedback:{c}:1", status="sent", sent_at=sent, updated_at=sent)
+        _ledger_row(engine, pk, "C-2", sent + timedelta(days=10), key="feedback:C-2:2", status="sent",
+                    sent_at=sent + timedelta(days=10), updated_at=sent + timedelta(days=10))  # fmt: skip
+        from worker.stats import build_stats
+
+        report = build_stats(engine, since=NOW - timedelta(days=60), now=NOW)
+    finally:
+        engine.dispose()
+    # Then 2 of the 4 customers converted (the placed order and the two orders, Rp11 + Rp17 + Rp19): the refund
+    # is no purchase, and a customer emailed twice in a step counts once, from the first email
+    (winback,) = report.steps
+    assert winback.planned == 5 and winback.as_json()["sent"] == 5
+    assert winback.emailed == stats.Conversion(customers=4, converted=2, revenue_minor=11_00 + 17_00 + 19_00, pending=0)
