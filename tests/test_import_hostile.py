@@ -518,3 +518,53 @@ def test_orders_in_another_currency_count_as_orders_but_not_as_spend(
     finally:
         engine.dispose()
     assert sorted(map(tuple, rows)) == [("C-1", 2, 15_000_000), ("C-2", 2, 0)]
+
+
+def _rows(url: str, query: str) -> list[tuple[object, ...]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(sa.text(query))]
+    finally:
+        engine.dispose()
+
+
+def test_a_file_without_an_optional_column_leaves_what_is_stored_in_it(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given customers and products imported with every column
+    config = _config(tmp_path, db_url)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent,locale,time_zone,birthday,consent_basis,consent_source\n"
+        "C-1,c1@example.com,Ani,ya,en,Asia/Makassar,1990-02-28,opt_in,checkout\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "products.csv").write_text(
+        "id,name,price,category,url,image_url,launched_at,active\n"
+        "P-1,Tas,1000,Tas,https://toko.example/p/1,https://toko.example/i/1.jpg,2026-01-02,no\n",
+        encoding="utf-8",
+    )
+    for kind in ("customers", "products"):
+        assert kembali(capsys, "--config", str(config), "import", kind, str(tmp_path / f"{kind}.csv"))[0] == 0
+    # When a later file holds only some columns: a consent update, a price update
+    (tmp_path / "consent.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,tidak\n",
+                                          encoding="utf-8")  # fmt: skip
+    (tmp_path / "prices.csv").write_text("id,name,price\nP-1,Tas,2000\n", encoding="utf-8")
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "consent.csv"))
+    assert (code, "customers: 0 created, 1 updated, 0 unchanged, 0 rejected" in out) == (0, True), out
+    code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "prices.csv"))
+    assert (code, "products: 0 created, 1 updated, 0 unchanged, 0 rejected" in out) == (0, True), out
+    # Then the columns the files have are updated, and those they lack keep their values (the customer's language,
+    # zone and birthday were reset to the shop's and lost; the discontinued product was made active again)
+    customer = _rows(db_url, "select marketing_consent, locale, time_zone, birthday, consent_basis, consent_source "
+                             "from customer")  # fmt: skip
+    assert [(bool(c[0]), *map(str, c[1:])) for c in customer] == [
+        (False, "en", "Asia/Makassar", "1990-02-28", "opt_in", "checkout")
+    ]
+    product = _rows(db_url, "select price_minor, category, url, image_url, launched_at, active from product")
+    assert [(p[0], p[1], p[2], p[3], p[4] is not None, bool(p[5])) for p in product] == [
+        (200000, "Tas", "https://toko.example/p/1", "https://toko.example/i/1.jpg", True, False)
+    ]
+    # and importing the partial files again changes nothing
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "consent.csv"))
+    assert "customers: 0 created, 0 updated, 1 unchanged, 0 rejected" in out, out

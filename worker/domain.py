@@ -179,6 +179,9 @@ class CustomerRecord:
     """e.g. ``opt_in``, ``legitimate_interest``; empty when unknown."""
     consent_source: str
     """e.g. ``checkout``, ``newsletter_form``; empty when unknown."""
+    absent: frozenset[str] = field(default=frozenset(), compare=False)
+    """Optional columns the file did not have (not: had empty): an existing customer keeps what is stored in them
+    (a file of consents alone does not reset languages, zones and birthdays); a new one gets the defaults above."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +197,9 @@ class ProductRecord:
     launched_at: datetime | None
     """Aware, UTC."""
     active: bool
+    absent: frozenset[str] = field(default=frozenset(), compare=False)
+    """Optional columns the file did not have: an existing product keeps what is stored in them (a file of prices
+    alone does not make a discontinued product active again nor empty its category and links)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ A missing required column raises ``ImportRowError`` (line 1) from the first
 unknown columns, and columns without a name (trailing commas), are ignored and
 reported through ``on_warning``. A row with more
 or fewer fields than the header is an error (a stray comma shifts columns).
+Customers and products carry the optional columns the file lacks (``absent``):
+the upsert leaves those stored values alone (see ``worker.adapters.shop``).
 Column names are matched case-insensitively; values are stripped of
 surrounding whitespace except ``name``, which is kept exactly as given.
 Ids, ``category`` and the consent texts may hold no control character (C0,
@@ -169,7 +171,7 @@ def numbered_customers(
     resolver = email_validator.caching_resolver(timeout=10) if check_dns else None
     return _numbered_by_id(
         path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning,
-        lambda row, key: _customer(row, key, check_dns, resolver, shop_tz, shop_locale),
+        lambda row, key, absent: _customer(row, key, absent, check_dns, resolver, shop_tz, shop_locale),
     )  # fmt: skip
 
 
@@ -186,7 +188,7 @@ def numbered_products(
     """``read_products`` with the lines each record starts and ends on."""
     zone = ZoneInfo(shop_tz)
     return _numbered_by_id(
-        path, PRODUCT_COLUMNS, PRODUCT_REQUIRED, on_warning, lambda row, key: _product(row, key, zone)
+        path, PRODUCT_COLUMNS, PRODUCT_REQUIRED, on_warning, lambda row, key, absent: _product(row, key, absent, zone)
     )
 
 
@@ -198,12 +200,14 @@ def _numbered_by_id(
     columns: tuple[str, ...],
     required: tuple[str, ...],
     on_warning: Warn | None,
-    build: Callable[[dict[str, str], str], R],
+    build: Callable[[dict[str, str], str, frozenset[str]], R],
 ) -> Iterator[tuple[int, int, R | RowError]]:
-    """One record (made by ``build``) or ``RowError`` per row of a file keyed by a unique ``id`` column."""
+    """One record (made by ``build``, given the row, its id and the optional columns the file lacks) or
+    ``RowError`` per row of a file keyed by a unique ``id`` column."""
     seen = _SeenIds()
     with _open(path) as rows:
         _header(rows, path, columns, required, on_warning)
+        absent = frozenset(name for name in columns if name not in rows.columns)
         for line, end, row in rows:
             if isinstance(row, _Broken):
                 yield line, end, RowError(path.name, line, row.key, row.reason)
@@ -212,7 +216,7 @@ def _numbered_by_id(
             try:
                 key = _ident(row, "id")
                 _not_seen(seen, key, line, "id")
-                yield line, end, build(row, key)
+                yield line, end, build(row, key, absent)
             except _Invalid as exc:
                 yield line, end, RowError(path.name, line, key, str(exc))
 
@@ -265,7 +269,8 @@ def numbered_orders(
 
 
 def _customer(
-    row: dict[str, str], key: str, check_dns: bool, resolver: Resolver | None, shop_tz: str, shop_locale: str
+    row: dict[str, str], key: str, absent: frozenset[str], check_dns: bool, resolver: Resolver | None,
+    shop_tz: str, shop_locale: str,
 ) -> CustomerRecord:
     return CustomerRecord(
         external_id=key,
@@ -277,10 +282,11 @@ def _customer(
         marketing_consent=_bool(row, "marketing_consent", None),
         consent_basis=_text(row, "consent_basis"),
         consent_source=_text(row, "consent_source"),
+        absent=absent,
     )
 
 
-def _product(row: dict[str, str], key: str, zone: ZoneInfo) -> ProductRecord:
+def _product(row: dict[str, str], key: str, absent: frozenset[str], zone: ZoneInfo) -> ProductRecord:
     currency = _currency(row)
     return ProductRecord(
         external_id=key,
@@ -292,6 +298,7 @@ def _product(row: dict[str, str], key: str, zone: ZoneInfo) -> ProductRecord:
         image_url=_url(row, "image_url"),
         launched_at=_optional_datetime(row, "launched_at", zone),
         active=_bool(row, "active", True),
+        absent=absent,
     )
 
 

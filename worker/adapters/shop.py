@@ -47,6 +47,24 @@ class UpsertCounts:
         self.rejected.extend(other.rejected)
 
 
+KEPT_CUSTOMER: dict[str, tuple[str, ...]] = {
+    "locale": ("locale",), "time_zone": ("time_zone",), "birthday": ("birthday", "birthday_mmdd"),
+    "consent_basis": ("consent_basis",), "consent_source": ("consent_source",),
+}  # fmt: skip
+"""The optional columns of customers.csv whose stored values a file without them leaves as they are (by the
+table's columns each fills)."""
+KEPT_PRODUCT: dict[str, tuple[str, ...]] = {
+    name: (name,) for name in ("category", "url", "image_url", "launched_at", "active")
+}
+"""The same for products.csv. ``currency`` is not kept: the price is read in the currency the file gives (its
+default)."""
+
+
+def _kept(absent: frozenset[str], kept: dict[str, tuple[str, ...]]) -> frozenset[str]:
+    """The table's columns a record whose file lacks ``absent`` leaves as they are stored."""
+    return frozenset(column for name in absent for column in kept.get(name, ()))
+
+
 def _customer_values(r: CustomerRecord) -> dict[str, Any]:
     return {
         "external_id": r.external_id,
@@ -81,12 +99,16 @@ def _upsert_simple(
     table: sa.Table,
     values: Sequence[dict[str, Any]],
     now: datetime,
+    kept: Sequence[frozenset[str]] = (),
 ) -> UpsertCounts:
+    """Insert or update rows by ``external_id``; an existing row keeps its ``kept`` columns (by ``values``' index:
+    the columns its file did not have)."""
     counts = UpsertCounts()
     if not values:
         return counts
     keys = [k for k in values[0] if k != "external_id"]
     by_id = {v["external_id"]: v for v in values}  # a later duplicate in one batch wins
+    keep = {v["external_id"]: k for v, k in zip(values, kept, strict=False)}
     with engine.begin() as conn:
         existing = {
             r.external_id: r
@@ -98,10 +120,12 @@ def _upsert_simple(
         }
         new = [{**v, "created_at": now, "updated_at": now} for k, v in by_id.items() if k not in existing]
         changed = [
-            {**{f"v_{k}": v[k] for k in keys}, "b_ext": ext, "v_updated_at": now}
+            {**{f"v_{k}": getattr(existing[ext], k) if k in keep.get(ext, ()) else v[k] for k in keys},
+             "b_ext": ext, "v_updated_at": now}
             for ext, v in by_id.items()
-            if ext in existing and any(getattr(existing[ext], k) != v[k] for k in keys)
-        ]
+            if ext in existing
+            and any(getattr(existing[ext], k) != v[k] for k in keys if k not in keep.get(ext, ()))
+        ]  # fmt: skip
         if new:
             conn.execute(sa.insert(table), new)
         if changed:
@@ -134,12 +158,14 @@ def _retried(work: Callable[[], T]) -> T:
 
 def upsert_customers(engine: Engine, records: Sequence[CustomerRecord], now: datetime) -> UpsertCounts:
     values = [_customer_values(r) for r in records]
-    return _retried(lambda: _upsert_simple(engine, C, values, now))
+    kept = [_kept(r.absent, KEPT_CUSTOMER) for r in records]
+    return _retried(lambda: _upsert_simple(engine, C, values, now, kept))
 
 
 def upsert_products(engine: Engine, records: Sequence[ProductRecord], now: datetime) -> UpsertCounts:
     values = [_product_values(r) for r in records]
-    counts = _retried(lambda: _upsert_simple(engine, P, values, now))
+    kept = [_kept(r.absent, KEPT_PRODUCT) for r in records]
+    counts = _retried(lambda: _upsert_simple(engine, P, values, now, kept))
     with engine.begin() as conn:  # link order lines imported before their product
         ids = [r.external_id for r in records]
         for part in _chunks(ids):
