@@ -568,3 +568,37 @@ def test_a_file_without_an_optional_column_leaves_what_is_stored_in_it(
     # and importing the partial files again changes nothing
     code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "consent.csv"))
     assert "customers: 0 created, 0 updated, 1 unchanged, 0 rejected" in out, out
+
+
+def test_an_unclear_marketing_consent_is_saved_as_no_consent_and_reported_by_line(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given customers who agreed to marketing
+    config = _config(tmp_path, db_url)
+    path = tmp_path / "customers.csv"
+    rows = "".join(f"C-{i},c{i}@example.com,N {i},ya\n" for i in range(4))
+    path.write_text("id,email,name,marketing_consent\n" + rows, encoding="utf-8")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(path))[0] == 0
+    # When the shop's next export says something else than yes or no for three of them (a shop's own words, an
+    # empty cell) and brings a new customer whose answer is unclear too
+    path.write_text(
+        "id,email,name,marketing_consent\n"
+        "C-0,c0@example.com,N 0,unsubscribed\n"
+        "C-1,c1@example.com,N 1,\n"
+        "C-2,c2@example.com,N 2,ya\n"
+        "C-3,c3@example.com,N 3,Y\n"
+        "C-4,c4@example.com,N 4,subscribed\n",
+        encoding="utf-8",
+    )
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    # Then each unclear answer is named at its line and saved as no consent (the rows were rejected, and the
+    # customers who had said yes kept getting marketing mail), and the import exits 1: something needs the operator
+    assert code == 1, out
+    unclear = ((2, "C-0", "'unsubscribed'"), (3, "C-1", "''"), (5, "C-3", "'Y'"), (6, "C-4", "'subscribed'"))
+    for line, key, value in unclear:
+        assert f"customers.csv:{line}: id {key!r}: unclear marketing_consent {value}" in out, out
+    assert out.count("saved as no consent") == 4, out
+    assert "customers: 1 created, 3 updated, 1 unchanged, 0 rejected, 4 with an unclear marketing_consent" in out, out
+    consent = dict(_rows(db_url, "select external_id, marketing_consent from customer"))
+    assert {k: bool(v) for k, v in consent.items()} == {"C-0": False, "C-1": False, "C-2": True, "C-3": False,
+                                                        "C-4": False}  # fmt: skip

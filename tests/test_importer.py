@@ -36,12 +36,12 @@ BAD_ROWS = [
     (5, "C-0104", ["email", "'siti@'"]),
     (6, "C-0105", ["missing email"]),
     (7, "C-0106", ["missing name"]),
-    (8, "C-0107", ["missing marketing_consent"]),
+    (8, "C-0107", ["unclear marketing_consent ''", "saved as no consent"]),
     (9, "C-0101", ["duplicate id", "first seen at line 2"]),
     (10, "C-0108", ["time_zone", "'Mars/Olympus_Mons'"]),
     (11, "C-0109", ["birthday", "'2026-02-30'"]),
     (12, "C-0110", ["locale", "'fr'"]),
-    (16, "C-0113", ["marketing_consent", "'maybe'"]),
+    (16, "C-0113", ["unclear marketing_consent 'maybe'", "saved as no consent"]),
     (17, "C-0114", ["birthday", "'1990-02-29'"]),
     (20, "C-0116", ["email", "'maya@toko.test'"]),
     (21, "C-0117", ["10 fields", "header has 9"]),
@@ -68,7 +68,10 @@ def test_each_bad_row_is_reported_at_its_line_naming_the_column(
 def test_bad_file_reports_nothing_else_and_keeps_the_good_rows(bad_results: list[CustomerRecord | RowError]) -> None:
     assert sorted(e.line for e in errors(bad_results)) == [line for line, _, _ in BAD_ROWS]
     good = {r.external_id: r for r in bad_results if isinstance(r, CustomerRecord)}
-    assert sorted(good) == ["C-0101", "C-0111", "C-0112", "C-0115", "C-0118"]
+    assert sorted(good) == ["C-0101", "C-0107", "C-0111", "C-0112", "C-0113", "C-0115", "C-0118"]
+    # an unclear consent is saved as none, with a warning at its line (``saved``), not a rejected row
+    assert [(e.line, e.saved) for e in errors(bad_results) if e.saved] == [(8, True), (16, True)]
+    assert good["C-0107"].marketing_consent is good["C-0113"].marketing_consent is False
     assert good["C-0101"].email == "budi.santoso@example.com"  # the first C-0101 wins
     assert good["C-0111"].name == "=?UTF-8?Q?=0A?=Bcc: x@example.com"  # hostile, yet valid: rendering sanitises
     assert good["C-0112"].name == "Wahyu\nNugroho"

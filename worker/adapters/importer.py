@@ -26,7 +26,8 @@ customers.csv
     when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``; default the shop's,
     ``shop_locale``), ``time_zone`` (IANA; default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD
     or empty; 29 February allowed in leap years), ``marketing_consent``
-    (required: true/false, yes/no, 1/0, ya/tidak), ``consent_basis`` and
+    (required: true/false, yes/no, 1/0, ya/tidak; anything else, empty included, is saved as False and
+    reported by a ``saved`` ``RowError`` after the record), ``consent_basis`` and
     ``consent_source`` (optional text, at most 64 characters).
 
 products.csv
@@ -140,6 +141,9 @@ class RowError:
     key: str
     """The row's id, or "" when it is unknown."""
     reason: str
+    saved: bool = False
+    """The row was imported all the same, with the value the reason names replaced by the safe one (an unclear
+    ``marketing_consent`` saved as no consent): a warning, not a rejected row."""
 
     def __str__(self) -> str:
         who = f" id {self.key!r}:" if self.key else ""
@@ -200,10 +204,11 @@ def _numbered_by_id(
     columns: tuple[str, ...],
     required: tuple[str, ...],
     on_warning: Warn | None,
-    build: Callable[[dict[str, str], str, frozenset[str]], R],
+    build: Callable[[dict[str, str], str, frozenset[str]], tuple[R, str]],
 ) -> Iterator[tuple[int, int, R | RowError]]:
-    """One record (made by ``build``, given the row, its id and the optional columns the file lacks) or
-    ``RowError`` per row of a file keyed by a unique ``id`` column."""
+    """One record or ``RowError`` per row of a file keyed by a unique ``id`` column. ``build`` makes the record
+    from the row, its id and the optional columns the file lacks, with a value it replaced (a reason, or ""):
+    that is yielded after the record, as a ``RowError`` that is ``saved``."""
     seen = _SeenIds()
     with _open(path) as rows:
         _header(rows, path, columns, required, on_warning)
@@ -216,7 +221,10 @@ def _numbered_by_id(
             try:
                 key = _ident(row, "id")
                 _not_seen(seen, key, line, "id")
-                yield line, end, build(row, key, absent)
+                record, replaced = build(row, key, absent)
+                yield line, end, record
+                if replaced:
+                    yield line, end, RowError(path.name, line, key, replaced, saved=True)
             except _Invalid as exc:
                 yield line, end, RowError(path.name, line, key, str(exc))
 
@@ -271,7 +279,9 @@ def numbered_orders(
 def _customer(
     row: dict[str, str], key: str, absent: frozenset[str], check_dns: bool, resolver: Resolver | None,
     shop_tz: str, shop_locale: str,
-) -> CustomerRecord:
+) -> tuple[CustomerRecord, str]:
+    """The customer, and why its consent was saved as none ("" when it was read as given)."""
+    consent, unclear = _consent(row)
     return CustomerRecord(
         external_id=key,
         email=_email(_required(row, "email"), check_dns, resolver),
@@ -279,14 +289,14 @@ def _customer(
         locale=_locale(row, shop_locale),
         time_zone=_zone(row, shop_tz),
         birthday=_birthday(row),
-        marketing_consent=_bool(row, "marketing_consent", None),
+        marketing_consent=consent,
         consent_basis=_text(row, "consent_basis"),
         consent_source=_text(row, "consent_source"),
         absent=absent,
-    )
+    ), unclear
 
 
-def _product(row: dict[str, str], key: str, absent: frozenset[str], zone: ZoneInfo) -> ProductRecord:
+def _product(row: dict[str, str], key: str, absent: frozenset[str], zone: ZoneInfo) -> tuple[ProductRecord, str]:
     currency = _currency(row)
     return ProductRecord(
         external_id=key,
@@ -299,7 +309,7 @@ def _product(row: dict[str, str], key: str, absent: frozenset[str], zone: ZoneIn
         launched_at=_optional_datetime(row, "launched_at", zone),
         active=_bool(row, "active", True),
         absent=absent,
-    )
+    ), ""
 
 
 def _numbered(
@@ -497,6 +507,19 @@ def _bool(row: dict[str, str], column: str, default: bool | None) -> bool:
     if value in _FALSE:
         return False
     raise _Invalid(f"invalid {column} {_show(value)} (expected true/false, yes/no, 1/0 or ya/tidak)")
+
+
+def _consent(row: dict[str, str]) -> tuple[bool, str]:
+    """``marketing_consent`` read, and "" or, when it says neither yes nor no (empty, ``y``, a shop's own word such
+    as ``unsubscribed``), False and why: mail to someone who did not clearly agree is never sent, and a customer
+    who had agreed is not left agreeing because the shop's new answer could not be read."""
+    value = row.get("marketing_consent", "").strip()
+    if value.lower() in _TRUE:
+        return True, ""
+    if value.lower() in _FALSE:
+        return False, ""
+    return False, (f"unclear marketing_consent {_show(value)} (expected true/false, yes/no, 1/0 or ya/tidak): saved "
+                   "as no consent; correct it and import the file again")  # fmt: skip
 
 
 def _currency(row: dict[str, str]) -> str:

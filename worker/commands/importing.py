@@ -104,6 +104,8 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
     }[kind]
     total = shop.UpsertCounts()
     errors = 0
+    unclear = 0
+    """Rows imported with a value replaced by the safe one (``RowError.saved``: an unclear consent saved as none)."""
     foreign: Counter[str] = Counter()
     """Orders in another currency than the shop's, by currency; ``first_foreign``: the line of the first."""
     first_foreign = 0
@@ -124,6 +126,10 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
             signal.signal(signal.SIGINT, stops.handler(KeyboardInterrupt))
     try:
         for line, end, item in _reader(kind, path, settings, check_dns, warn):
+            if isinstance(item, RowError) and item.saved:
+                unclear += 1
+                say(f"warning: {printable(str(item))}")
+                continue
             if isinstance(item, RowError):
                 errors += 1
                 say(f"rejected {printable(str(item))}")
@@ -154,8 +160,8 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
             f"none of {path.name} is imported")
         print(
             f"kembali import: interrupted: {done} ({total.created} created, {total.updated} updated, "
-            f"{total.unchanged} unchanged, {errors} rejected). Import the file again to finish: the rows already "
-            "imported are left unchanged.",
+            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear)}). Import the file again to finish: "
+            "the rows already imported are left unchanged.",
             file=sys.stderr,
         )
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
@@ -177,9 +183,13 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
                   "stats shows (Kembali converts no currency)", file=sys.stderr)  # fmt: skip
     print(
         f"{kind}: {total.created} created, {total.updated} updated, {total.unchanged} unchanged, "
-        f"{errors} rejected (from {path})"
+        f"{errors} rejected{_unclear(unclear)} (from {path})"
     )
-    return EXIT_REJECTED if errors else EXIT_OK
+    return EXIT_REJECTED if errors or unclear else EXIT_OK
+
+
+def _unclear(count: int) -> str:
+    return f", {count} with an unclear marketing_consent" if count else ""
 
 
 def _flush(
