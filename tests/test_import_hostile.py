@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -602,3 +602,31 @@ def test_an_unclear_marketing_consent_is_saved_as_no_consent_and_reported_by_lin
     consent = dict(_rows(db_url, "select external_id, marketing_consent from customer"))
     assert {k: bool(v) for k, v in consent.items()} == {"C-0": False, "C-1": False, "C-2": True, "C-3": False,
                                                         "C-4": False}  # fmt: skip
+
+
+def test_an_order_placed_or_delivered_in_the_future_is_a_rejected_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a customer, and orders of which two carry a date in the future (a mistyped year)
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    today = datetime.now(UTC).date()
+    year_ago, later = today - timedelta(days=365), date(2099, 1, 1)
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,delivered_at,total\n"
+        f"O-1,C-1,delivered,{year_ago},{year_ago},1000\n"
+        f"O-2,C-1,paid,{later},,1000\n"
+        f"O-3,C-1,delivered,{today},{later},1000\n"
+        f"O-4,C-1,paid,{datetime.now(UTC).isoformat(timespec='seconds')},,1000\n"
+    )
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then the two are rejected, named by line and column (an order of 2099 was the customer's last order: no
+    # win-back would ever reach them), and the others are imported
+    assert code == 1, out
+    assert "orders.csv:3: id 'O-2': invalid placed_at '2099-01-01' (in the future" in out, out
+    assert "orders.csv:4: id 'O-3': invalid delivered_at '2099-01-01' (in the future" in out, out
+    assert "orders: 2 created, 0 updated, 0 unchanged, 2 rejected" in out, out
+    last = _rows(f"sqlite:///{tmp_path / 'k.db'}", "select last_order_at from customer")
+    assert str(last[0][0])[:10] == datetime.now(UTC).isoformat()[:10], last  # O-4's

@@ -33,7 +33,7 @@ def _demo_shop(tmp_path: Path) -> Path:
     engine.dispose()
     files = write_csvs(generate_shop(seed=7, customers=120, now=DEMO_NOW), tmp_path / "data")
     for kind in ("customers", "products", "orders"):
-        import_file(settings, kind, files[kind])
+        import_file(settings, kind, files[kind], now=DEMO_NOW)
     return config
 
 

@@ -168,7 +168,8 @@ def _orders_of(
         placed = now - timedelta(days=days_ago, hours=rng.randint(0, 23), minutes=rng.randint(0, 59))
         if status is OrderStatus.DELIVERED and days_ago < 3:
             status = rng.choice((OrderStatus.PAID, OrderStatus.SHIPPED))
-        delivered = placed + timedelta(days=rng.randint(2, 6)) if status is OrderStatus.DELIVERED else None
+        # (delivered by now: an import refuses an order delivered in the future)
+        delivered = min(placed + timedelta(days=rng.randint(2, 6)), now) if status is OrderStatus.DELIVERED else None
         picks = rng.sample(products, rng.choices((1, 2, 3), weights=(70, 22, 8))[0])
         lines = tuple(OrderLineRecord(p.external_id, rng.choice((1, 1, 1, 2)), p.price_minor) for p in picks)
         orders.append(

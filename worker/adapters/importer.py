@@ -70,7 +70,7 @@ import re
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
@@ -230,14 +230,15 @@ def _numbered_by_id(
 
 
 def read_orders(
-    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
+    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None, now: datetime | None = None
 ) -> Iterator[OrderRecord | RowError]:
-    """Yield an ``OrderRecord`` per order (its consecutive rows) or a ``RowError`` per bad row."""
-    return (item for _, _, item in numbered_orders(path, shop_tz=shop_tz, on_warning=on_warning))
+    """Yield an ``OrderRecord`` per order (its consecutive rows) or a ``RowError`` per bad row; with ``now``, an
+    order placed or delivered more than a day after it is a bad row."""
+    return (item for _, _, item in numbered_orders(path, shop_tz=shop_tz, on_warning=on_warning, now=now))
 
 
 def numbered_orders(
-    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
+    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None, now: datetime | None = None
 ) -> Iterator[tuple[int, int, OrderRecord | RowError]]:
     """``read_orders`` with the lines each order (or bad row) starts and ends on; a rejected row of an order ends
     where the order does (none of its rows is imported)."""
@@ -262,7 +263,7 @@ def numbered_orders(
                     group_end = end
                 continue  # rows of a dropped, re-appearing order: reported once
             if group:
-                yield from _numbered(_order(group, path.name, zone), group[0][0], group_end)
+                yield from _numbered(_order(group, path.name, zone, now), group[0][0], group_end)
             current, group, group_end = key, [(line, row)], end
             first = seen.add(key, line)
             if first is not None:
@@ -270,7 +271,7 @@ def numbered_orders(
                 reason = f"order {key!r} already seen at line {first}; keep an order's lines together"
                 yield line, end, RowError(path.name, line, key, reason)
         if group:
-            yield from _numbered(_order(group, path.name, zone), group[0][0], group_end)
+            yield from _numbered(_order(group, path.name, zone, now), group[0][0], group_end)
 
 
 # --- rows → records --------------------------------------------------------------
@@ -319,7 +320,9 @@ def _numbered(
         yield (item.line if isinstance(item, RowError) else first_line), last_line, item
 
 
-def _order(group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo) -> Iterator[OrderRecord | RowError]:
+def _order(
+    group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo, now: datetime | None
+) -> Iterator[OrderRecord | RowError]:
     """One order from its rows, or one ``RowError`` per bad row (the order is then dropped)."""
     first_line, head = group[0]
     key = head.get("order_id", "").strip()
@@ -331,8 +334,10 @@ def _order(group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo) -
         customer = _ident(head, "customer_id")
         status = _status(head)
         currency = _currency(head)
-        placed_at = _datetime(head, "placed_at", zone)
+        placed_at = _not_ahead(head, "placed_at", _datetime(head, "placed_at", zone), now)
         delivered_at = _optional_datetime(head, "delivered_at", zone)
+        if delivered_at is not None:
+            _not_ahead(head, "delivered_at", delivered_at, now)
         if delivered_at is not None and delivered_at.astimezone(zone).date() < placed_at.astimezone(zone).date():
             # the feedback request would count its days from before the purchase (a day earlier on the same
             # date is a date-only delivered_at beside a placed_at with its time: fine)
@@ -595,6 +600,19 @@ def _datetime(row: dict[str, str], column: str, zone: ZoneInfo) -> datetime:
         return parsed.astimezone(UTC)
     except OverflowError:  # 0001-01-01 east of UTC, 9999-12-31 west of it: before year 1 or after 9999 in UTC
         raise _Invalid(f"invalid {column} {_show(value)} (out of range: before year 1 or after 9999 in UTC)") from None
+
+
+AHEAD = timedelta(days=1)
+"""How far after the import's clock an order's date may be (a date of today in a zone east of the shop's)."""
+
+
+def _not_ahead(row: dict[str, str], column: str, value: datetime, now: datetime | None) -> datetime:
+    """``value``, refused when it is more than ``AHEAD`` after ``now``: a mistyped year (2062 for 2026) would make
+    the order its customer's last for decades, and no win-back would ever reach them."""
+    if now is not None and value > now + AHEAD:
+        raise _Invalid(f"invalid {column} {_show(row[column].strip())} (in the future: after {now:%Y-%m-%d %H:%M} "
+                       "UTC; check the year and the time zone)")  # fmt: skip
+    return value
 
 
 def _not_seen(seen: _SeenIds, key: str, line: int, column: str) -> None:

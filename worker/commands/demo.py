@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     db.upgrade(engine)
     engine.dispose()
     for kind in ("customers", "products", "orders"):
-        import_file(settings, kind, files[kind])
+        import_file(settings, kind, files[kind], now=now)
 
     sink = SmtpSink(folder=out / "sent")
     report, received = asyncio.run(_cycle_with_sink(settings, sink, FakeClock(now) if args.now else None))

@@ -29,14 +29,14 @@ MAX_UNKNOWN_WARNINGS = 20
 
 
 def _reader(
-    kind: str, path: Path, settings: Settings, check_dns: bool, warn: Callable[[str], None]
+    kind: str, path: Path, settings: Settings, check_dns: bool, warn: Callable[[str], None], now: datetime
 ) -> Iterator[tuple[int, int, Any]]:
     if kind == "customers":
         return numbered_customers(path, check_dns=check_dns, on_warning=warn, shop_tz=settings.shop.time_zone,
                                   shop_locale=settings.shop.default_locale)
     if kind == "products":
         return numbered_products(path, on_warning=warn, shop_tz=settings.shop.time_zone)
-    return numbered_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone)
+    return numbered_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone, now=now)
 
 
 class Terminated(KeyboardInterrupt):
@@ -70,13 +70,16 @@ class _Stops:
             raise self.pending
 
 
-def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = False) -> int:
+def import_file(
+    settings: Settings, kind: str, path: Path, *, check_dns: bool = False, now: datetime | None = None
+) -> int:
+    """Import ``path``; ``now`` (default: the clock) is when it happens: an order placed after it is rejected."""
     if path.is_dir() or not path.exists():  # a pipe is read as a file: <(gunzip -c customers.csv.gz), /dev/stdin
         print(f"kembali import: {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}", file=sys.stderr)
         return EXIT_USAGE
     store = Store.from_url(settings.database_url)
     db.check_schema(store.engine)
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     lines: dict[str, int] = {}
     """The line each record of the batch starts on, by external id (the batch's messages name it)."""
 
@@ -125,7 +128,7 @@ def import_file(settings: Settings, kind: str, path: Path, *, check_dns: bool = 
         if previous_int is signal.default_int_handler:  # not when SIGINT is ignored (a shell's background job)
             signal.signal(signal.SIGINT, stops.handler(KeyboardInterrupt))
     try:
-        for line, end, item in _reader(kind, path, settings, check_dns, warn):
+        for line, end, item in _reader(kind, path, settings, check_dns, warn, now):
             if isinstance(item, RowError) and item.saved:
                 unclear += 1
                 say(f"warning: {printable(str(item))}")
