@@ -630,3 +630,20 @@ def test_an_order_placed_or_delivered_in_the_future_is_a_rejected_row(
     assert "orders: 2 created, 0 updated, 0 unchanged, 2 rejected" in out, out
     last = _rows(f"sqlite:///{tmp_path / 'k.db'}", "select last_order_at from customer")
     assert str(last[0][0])[:10] == datetime.now(UTC).isoformat()[:10], last  # O-4's
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"], ids=["bom", "le", "be"])
+def test_a_utf16_file_from_excels_unicode_text_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], encoding: str
+) -> None:
+    # Given customers saved by Excel as "Unicode Text" (UTF-16, tab-separated; with a BOM or, from other tools,
+    # without one)
+    config = migrated_config(tmp_path)
+    path = tmp_path / "customers.txt"
+    path.write_bytes("id\temail\tname\tmarketing_consent\r\nC-1\tc1@example.com\tAni\tya\r\n".encode(encoding))
+    # When it is imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    # Then the encoding is named with what to do (it said "not UTF-8 text: byte 0xff", or listed the columns it
+    # found as '\u0000i\u0000d\u0000…')
+    assert (code, out.strip()) == (2, "kembali import: customers.txt: line 1: customers.txt is UTF-16 text "
+                                      "(Excel's 'Unicode Text'): save the sheet as 'CSV UTF-8'")  # fmt: skip

@@ -782,6 +782,8 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
     for magic, what in _PACKED.items():
         if start.startswith(magic):
             raise ImportRowError(1, f"{path.name} is {what}")
+    if start[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in start:  # a BOM, or the zero byte of 'i' (0069)
+        raise ImportRowError(1, f"{path.name} is UTF-16 text (Excel's 'Unicode Text'): save the sheet as 'CSV UTF-8'")
     first = next(rows.raw(), None)
     if first is None:
         raise ImportRowError(1, f"{path.name} is empty (expected a header row: {', '.join(known)})")
