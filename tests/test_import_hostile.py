@@ -647,3 +647,26 @@ def test_a_utf16_file_from_excels_unicode_text_is_named_as_such(
     # found as '\u0000i\u0000d\u0000…')
     assert (code, out.strip()) == (2, "kembali import: customers.txt: line 1: customers.txt is UTF-16 text "
                                       "(Excel's 'Unicode Text'): save the sheet as 'CSV UTF-8'")  # fmt: skip
+
+
+def test_text_decoded_in_another_encoding_and_saved_as_utf8_is_a_rejected_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a file a spreadsheet opened as Windows-1252 and saved back as UTF-8: 'Béni' became 'BÃ©ni' (valid
+    # UTF-8, so nothing else catches it), beside names that are right in any script
+    config = migrated_config(tmp_path)
+    path = tmp_path / "customers.csv"
+    names = ["Béni Müller", "São Paulo", "Nguyễn Văn An", "王小明", "Łukasz Żak", "Ani 😀"]
+    rows = "".join(f"C-{i},c{i}@example.com,{name},ya\n" for i, name in enumerate(names))
+    broken = "Béni Müller".encode().decode("cp1252") + " \u2013 Łukasz".encode().decode("latin-1")
+    path.write_text(f"id,email,name,marketing_consent\n{rows}C-9,c9@example.com,{broken},ya\n", encoding="utf-8")
+    # When it is imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    # Then that row is rejected, naming the column and what the text was (it was stored, and greeted the customer
+    # as 'BÃ©ni'), and the others are imported as written
+    assert code == 1, out
+    assert "customers.csv:8: id 'C-9': column 3 'name' 'BÃ©ni" in out, out
+    assert "reads 'Béni Müller \u2013 Łukasz' in UTF-8" in out, out
+    assert "customers: 6 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+    stored = _rows(f"sqlite:///{tmp_path / 'k.db'}", "select name from customer order by external_id")
+    assert [name for (name,) in stored] == names

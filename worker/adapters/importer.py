@@ -722,7 +722,9 @@ class _Rows:
                 yield start, reader.line_num, _Broken("", reason)
                 continue
             if any(field.strip() for field in fields):
-                yield start, reader.line_num, _not_utf8(fields, self.columns, self.key_column) or fields
+                columns, key = self.columns, self.key_column
+                broken = _not_utf8(fields, columns, key) or _mojibake(fields, columns, key)
+                yield start, reader.line_num, broken or fields
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, str] | _Broken]]:
         """(first line, last line, the row) per non-blank row."""
@@ -769,6 +771,40 @@ def _not_utf8(fields: list[str], columns: list[str], key_column: int) -> _Broken
                 return _Broken("" if _UNDECODED.search(key) else key, (
                     f"not UTF-8 text: byte 0x{byte:02x} in column {i}{name} (save the file as UTF-8; a spreadsheet "
                     "calls it 'CSV UTF-8')"))  # fmt: skip
+    return None
+
+
+_LEAD = re.compile("[\u00c2-\u00f4]")
+"""A first byte of a multi-byte UTF-8 character (C2-F4) read as Windows-1252 or Latin-1: 'Ã' of 'Ã©' (é)."""
+
+
+def _mojibake(fields: list[str], columns: list[str], key_column: int) -> _Broken | None:
+    """Why a row holds text that was UTF-8 read as Windows-1252 (or Latin-1) and saved again as UTF-8, 'BÃ©ni'
+    for 'Béni' (what a spreadsheet does to a UTF-8 file it opened as its own encoding), naming the column and
+    what the text reads; None when no field is such. Real text almost never is: a letter from Â to ô followed
+    by characters that all make UTF-8 with it."""
+    for i, field in enumerate(fields, 1):
+        if field.isascii() or _LEAD.search(field) is None:
+            continue
+        raw = bytearray()
+        for char in field:
+            try:
+                raw += char.encode("cp1252")
+            except UnicodeEncodeError:
+                if ord(char) > 0xFF:  # no byte of either encoding: real text
+                    break
+                raw.append(ord(char))  # a byte Windows-1252 leaves undefined (0x81, 0x8d…), kept as Latin-1 does
+        else:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if text != field:
+                name = f" {columns[i - 1]!r}" if i <= len(columns) and columns[i - 1] else ""
+                key = fields[key_column].strip() if columns and key_column < len(fields) else ""
+                return _Broken(key if key.isascii() else "", (
+                    f"column {i}{name} {_show(field)} reads {_show(text)} in UTF-8: the file was opened in another "
+                    "encoding and saved again (export it again, or open it in the spreadsheet as UTF-8)"))  # fmt: skip
     return None
 
 
