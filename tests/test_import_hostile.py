@@ -670,3 +670,28 @@ def test_text_decoded_in_another_encoding_and_saved_as_utf8_is_a_rejected_row(
     assert "customers: 6 created, 0 updated, 0 unchanged, 1 rejected" in out, out
     stored = _rows(f"sqlite:///{tmp_path / 'k.db'}", "select name from customer order by external_id")
     assert [name for (name,) in stored] == names
+
+
+def test_an_orders_file_without_delivered_at_leaves_the_delivery_dates_stored(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an order imported with its delivery date
+    config = _config(tmp_path, db_url)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,delivered_at,total\nO-1,C-1,paid,2026-01-02T10:00+07:00,"
+        "2026-01-05T10:00+07:00,1000\n"
+    )
+    for kind in ("customers", "orders"):
+        assert kembali(capsys, "--config", str(config), "import", kind, str(tmp_path / f"{kind}.csv"))[0] == 0
+    # When a later export without the column (a shop system that does not know it) brings the order's new status
+    (tmp_path / "later.csv").write_text("order_id,customer_id,status,placed_at,total\n"
+                                        "O-1,C-1,delivered,2026-01-02T10:00+07:00,1000\n")  # fmt: skip
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "later.csv"))
+    assert (code, "orders: 0 created, 1 updated, 0 unchanged, 0 rejected" in out) == (0, True), out
+    # Then the status is updated and the delivery date kept (it was emptied, and the feedback request counted its
+    # days from the purchase instead), and the same file again changes nothing
+    [(status, delivered, settled)] = _rows(db_url, "select status, delivered_at, settled_at from shop_order")
+    assert (status, str(delivered)[:16], str(settled)[:16]) == ("delivered", "2026-01-05 03:00", "2026-01-05 03:00")
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "later.csv"))
+    assert "orders: 0 created, 0 updated, 1 unchanged, 0 rejected" in out, out

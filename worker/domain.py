@@ -220,6 +220,9 @@ class OrderRecord:
     total_minor: int
     currency: str
     lines: tuple[OrderLineRecord, ...] = ()
+    absent: frozenset[str] = field(default=frozenset(), compare=False)
+    """Optional columns the file did not have: an existing order keeps its stored ``delivered_at`` when the file
+    has no such column."""
 
 
 # --- what the store hands the core -----------------------------------------

@@ -249,6 +249,7 @@ def numbered_orders(
     current = ""
     with _open(path) as rows:
         _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, on_warning)
+        absent = frozenset(name for name in ORDER_COLUMNS if name not in rows.columns)
         for line, end, row in rows:
             if isinstance(row, _Broken):
                 yield line, end, RowError(path.name, line, row.key, row.reason)
@@ -263,7 +264,7 @@ def numbered_orders(
                     group_end = end
                 continue  # rows of a dropped, re-appearing order: reported once
             if group:
-                yield from _numbered(_order(group, path.name, zone, now), group[0][0], group_end)
+                yield from _numbered(_order(group, path.name, zone, now, absent), group[0][0], group_end)
             current, group, group_end = key, [(line, row)], end
             first = seen.add(key, line)
             if first is not None:
@@ -271,7 +272,7 @@ def numbered_orders(
                 reason = f"order {key!r} already seen at line {first}; keep an order's lines together"
                 yield line, end, RowError(path.name, line, key, reason)
         if group:
-            yield from _numbered(_order(group, path.name, zone, now), group[0][0], group_end)
+            yield from _numbered(_order(group, path.name, zone, now, absent), group[0][0], group_end)
 
 
 # --- rows → records --------------------------------------------------------------
@@ -321,7 +322,7 @@ def _numbered(
 
 
 def _order(
-    group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo, now: datetime | None
+    group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo, now: datetime | None, absent: frozenset[str]
 ) -> Iterator[OrderRecord | RowError]:
     """One order from its rows, or one ``RowError`` per bad row (the order is then dropped)."""
     first_line, head = group[0]
@@ -386,6 +387,7 @@ def _order(
         total_minor=total,
         currency=currency,
         lines=tuple(lines),
+        absent=absent,
     )
 
 

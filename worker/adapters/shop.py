@@ -244,12 +244,13 @@ def _upsert_orders(
             if old is not None:
                 spent[old.customer_id] -= _spends(old.status, old.total_minor, old.currency, currency)
             spent[customer_id] += _spends(rec.status.value, rec.total_minor, rec.currency, currency)
+            delivered_at = old.delivered_at if old is not None and "delivered_at" in rec.absent else rec.delivered_at
             values = {
                 "customer_id": customer_id,
                 "status": rec.status.value,
                 "placed_at": rec.placed_at,
-                "delivered_at": rec.delivered_at,
-                "settled_at": rec.delivered_at or rec.placed_at,
+                "delivered_at": delivered_at,  # kept when the file has no such column
+                "settled_at": delivered_at or rec.placed_at,
                 "total_minor": rec.total_minor,
                 "currency": rec.currency,
             }
