@@ -11,8 +11,9 @@ A missing required column raises ``ImportRowError`` (line 1) from the first
 unknown columns, and columns without a name (trailing commas), are ignored and
 reported through ``on_warning``. A row with more
 or fewer fields than the header is an error (a stray comma shifts columns).
-Customers and products carry the optional columns the file lacks (``absent``):
-the upsert leaves those stored values alone (see ``worker.adapters.shop``).
+Records carry the optional columns the file lacks (``absent``): the upsert
+leaves those stored values alone (see ``worker.adapters.shop``: customers'
+and products' optional columns, orders' ``delivered_at``).
 Column names are matched case-insensitively; values are stripped of
 surrounding whitespace except ``name``, which is kept exactly as given.
 Ids, ``category`` and the consent texts may hold no control character (C0,
