@@ -1,0 +1,89 @@
+"""What the project tells an operator matches what it does: the shipped config.toml names every key the loader
+takes, the deployment notes list every log event the code emits, and the systemd unit fits the daemon's exit codes
+and its stop sequence."""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from worker import config, daemon
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _event_names() -> set[str]:
+    """Every event name the package logs with ``log.event("name", …)``."""
+    names: set[str] = set()
+    for path in (REPO / "worker").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "event"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "log" and node.args
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                names.add(node.args[0].value)
+    return names
+
+
+def test_every_logged_event_is_listed_in_the_deployment_notes() -> None:
+    notes = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"`([a-z_]+)`", notes))
+    names = _event_names()
+    assert len(names) > 40  # the scan found the calls
+    assert sorted(names - listed) == []
+
+
+def _unit() -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None, comment_prefixes=("#", ";"))
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(REPO / "deploy" / "kembali.service", encoding="utf-8")
+    return unit
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)\s*(s|min)?", value.strip())
+    assert match, value
+    return int(match[1]) * (60 if match[2] == "min" else 1)
+
+
+def test_the_units_stop_timeout_outlasts_the_daemons_stop_sequence() -> None:
+    """systemd SIGKILLs after TimeoutStopSec: it must cover the grace period, the 2 s for sends cut short, the wait
+    for the database to mark rows in flight, and the close, or sends that are finishing are killed unrecorded."""
+    service = _unit()["Service"]
+    sequence = (config.DaemonSettings.shutdown_grace_seconds + 2 + daemon.ABANDON_SECONDS
+                + daemon.STUCK_CLOSE_SECONDS)
+    assert _seconds(service["TimeoutStopSec"]) > sequence
+    assert service["Type"] == "notify"
+    assert service["KillMode"] == "mixed"  # helpers are not sent SIGTERM mid-batch; the main process stops them
+
+
+def _leaves(cls: type, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        if f.name in ("source", "base_dir"):
+            continue
+        default: Any = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys += _leaves(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_the_shipped_config_shows_every_key_the_loader_takes() -> None:
+    """config.toml "documents every key with a comment": a key the code reads but the file leaves out is one an
+    operator cannot find."""
+    raw = tomllib.loads((REPO / "config.toml").read_text(encoding="utf-8"))
+    missing = []
+    for key in _leaves(config.Settings):
+        node: Any = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(key)
+                break
+            node = node[part]
+    assert missing == []
