@@ -50,6 +50,16 @@ def _seconds(value: str) -> float:
     return int(match[1]) * (60 if match[2] == "min" else 1)
 
 
+def test_the_unit_does_not_restart_a_daemon_that_refused_its_configuration() -> None:
+    """Exit code 2 (a bad config.toml, a template that fails the start-up check, a port taken) is not cured by
+    starting again: with Restart=on-failure alone systemd started it over every RestartSec, for ever (five starts
+    never fit in the default 10 s start limit), filling the journal instead of leaving the unit failed."""
+    service = _unit()["Service"]
+    assert service["Restart"] == "on-failure"
+    prevented = service.get("RestartPreventExitStatus", "").split()
+    assert str(daemon.EXIT_USAGE) in prevented
+
+
 def test_the_units_stop_timeout_outlasts_the_daemons_stop_sequence() -> None:
     """systemd SIGKILLs after TimeoutStopSec: it must cover the grace period, the 2 s for sends cut short, the wait
     for the database to mark rows in flight, and the close, or sends that are finishing are killed unrecorded."""
