@@ -244,6 +244,22 @@ def test_the_demo_runs_from_a_folder_without_a_config(tmp_path: Path) -> None:
     assert list((tmp_path / "demo-out" / "sent").glob("*.eml"))
 
 
+def test_the_command_the_demo_suggests_runs_without_the_venv_activated(tmp_path: Path) -> None:
+    # README's first command is `.venv/bin/kembali demo`, with the venv not activated: the demo's closing line said
+    # "look around: kembali --config … preview", which the shell answered with "kembali: command not found"
+    env = {**os.environ, "KEMBALI_LINK_SECRET": "", "PATH": "/usr/bin:/bin"}
+    env.pop("KEMBALI_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "worker", "demo", "--customers", "30"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("look around: ")]
+    command = line.removeprefix("look around: ").partition("   (")[0]
+    suggested = subprocess.run(command, shell=True, cwd=tmp_path, env={**env, "KEMBALI_LINK_SECRET": LINK_KEY},  # noqa: S602
+                               capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert suggested.returncode == 0, (command, suggested.stderr)
+    assert "nothing is sent or written" in suggested.stdout
+
+
 @pytest.mark.parametrize("named", ["--config", "KEMBALI_CONFIG"])
 def test_the_demo_never_swaps_a_config_the_operator_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, named: str

@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 import secrets
+import shlex
 import shutil
 import sys
 from datetime import UTC, datetime
@@ -92,8 +93,19 @@ def run(args: argparse.Namespace) -> int:
     demo_config = _write_demo_config(args.config, settings, out)
     print(f"\ndatabase: {out / 'kembali-demo.db'}")
     if demo_config:
-        print(f"look around: kembali --config {demo_config} preview   (the demo's settings, its database)")
+        look = f"{_command()} --config {shlex.quote(str(demo_config))} preview"
+        print(f"look around: {look}   (the demo's settings, its database)")
     return 0 if report.dispatched.outcomes.get("sent", 0) == len(received) else 1
+
+
+def _command() -> str:
+    """How to call kembali from here: ``kembali`` when that name finds this installation, else its script's path
+    (README's first command is ``.venv/bin/kembali demo``, the venv not activated: ``kembali`` alone is not found)."""
+    script = Path(sys.executable).parent / "kembali"
+    found = shutil.which("kembali")
+    if not script.is_file() or (found is not None and Path(found).resolve() == script.resolve()):
+        return "kembali"
+    return shlex.quote(str(script))
 
 
 def _write_demo_config(source: Path, settings: Settings, out: Path) -> Path | None:
