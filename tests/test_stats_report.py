@@ -199,6 +199,27 @@ def test_insights_on_the_demo_shop(tmp_path: Path) -> None:
     assert f"recommended campaigns.winback.quiet_days = {expected_day}, resting on {len(gaps)} second" in text
 
 
+def test_insights_recommends_the_first_step_when_win_back_has_steps(tmp_path: Path) -> None:
+    # Given win-back in steps, as config.toml ships it: quiet_days then applies to nothing (the first step's days
+    # decide when the first email goes), yet insights said "recommended campaigns.winback.quiet_days = N
+    # (currently 45)", and an operator who set it saw no change at all
+    site = make_site(tmp_path / "site", extra_toml=(
+        '[campaigns.winback]\nquiet_days = 45\n'
+        '[[campaigns.winback.steps]]\ndays = 30\ntemplate = "winback-reminder"\n'
+        '[[campaigns.winback.steps]]\ndays = 400\ntemplate = "winback"\n'))
+    data = generate_shop(seed=7, customers=200, now=NOW)
+    load_shop(site.settings, data, NOW)
+    gaps = _expected_gaps(data)
+    expected_day = gaps[-(-len(gaps) * 8 // 10) - 1]
+
+    # When the operator asks when customers buy again
+    text = site.cli("insights").stdout
+
+    # Then the recommendation names the setting that decides it, with its current value
+    assert f"recommended campaigns.winback.steps[0].days = {expected_day} (the first step)" in text, text
+    assert "(currently 30;" in text and "quiet_days" not in text
+
+
 def test_report_queries_on_each_database(db_url: str) -> None:
     from worker.stats import build_insights, build_stats
 

@@ -152,10 +152,11 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"attribution window in days, 1 to {arguments.MAX_WINDOW_DAYS} (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("insights", help="when do customers buy again? a data-driven quiet_days",
+    p = sub.add_parser("insights", help="when do customers buy again? a data-driven first win-back day",
                        description="From the order history: the distribution of days between a customer's first "
-                       "and second purchase, and the day by which --share of second purchases happened, as a "
-                       "recommended campaigns.winback.quiet_days, with the sample size it rests on.")
+                       "and second purchase, and the day by which --share of second purchases happened, as the "
+                       "recommended day of the first win-back email (campaigns.winback.steps[0].days, or "
+                       "campaigns.winback.quiet_days without steps), with the sample size it rests on.")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE", help="also write a PNG bar chart to FILE")
     p.add_argument("--share", type=_share_arg, default=0.8,
                    help="the share of second purchases, more than 0 and less than 1 (default 0.8)")

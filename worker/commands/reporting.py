@@ -141,10 +141,17 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
     print(f"\nmedian: {median} days; {100 * found.share:.0f}% of second purchases happened within "
           f"{found.recommended_quiet_days} days")  # fmt: skip
     caveat = "" if n >= MIN_SECOND_ORDERS else f" (only {n} second purchases: treat it as a rough guess)"
-    print(f"recommended campaigns.winback.quiet_days = {found.recommended_quiet_days}, resting on {n} second "
-          f"purchases{caveat}")  # fmt: skip
-    print(f"(currently {settings.campaigns.winback.quiet_days}; customers who have not come back yet are not in "
-          "this sample, so the true gaps run somewhat longer)")
+    winback = settings.campaigns.winback
+    day = found.recommended_quiet_days
+    if winback.steps:  # quiet_days applies only without steps: the first step's days decide the first email
+        key, value, current = "campaigns.winback.steps[0].days", f"{day} (the first step)", winback.steps[0].days
+        if len(winback.steps) > 1 and day is not None and day >= winback.steps[1].days:
+            value += f"; the later steps' days must stay greater (steps[1] is {winback.steps[1].days})"
+    else:
+        key, value, current = "campaigns.winback.quiet_days", str(day), winback.quiet_days
+    print(f"recommended {key} = {value}, resting on {n} second purchases{caveat}")
+    print(f"(currently {current}; customers who have not come back yet are not in this sample, so the true gaps run "
+          "somewhat longer)")
     if args.plot:
         print(f"chart written to {args.plot}")
     return EXIT_OK
