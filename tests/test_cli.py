@@ -467,3 +467,29 @@ def test_import_help_says_what_to_import_first_and_what_its_exit_codes_mean() ->
     assert "Exit code 1 if any row was rejected; 2 if the file is missing or cannot be read as CSV of that kind " \
            "(nothing imported); 130/143 when stopped by Ctrl-C/SIGTERM" in text  # fmt: skip
     assert "file the CSV file (UTF-8, a header row)" in text
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_demo_stopped_while_it_imports_stops_and_sends_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    # Ctrl-C while the demo imported its orders stopped that import only ("import the file again to finish"): the demo
+    # went on to plan and send to the half-imported shop, and exited 0
+    import signal
+
+    from worker.adapters import shop
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KEMBALI_CONFIG", raising=False)
+    real = shop.upsert_orders
+
+    def upsert_then_stop(*args: object, **kwargs: object) -> object:  # the real write, then the operator's signal
+        counts = real(*args, **kwargs)  # type: ignore[arg-type]
+        signal.raise_signal(getattr(signal, stop))
+        return counts
+
+    monkeypatch.setattr(shop, "upsert_orders", upsert_then_stop)
+    code, out = run_cli(capsys, "demo", "--customers", "30")
+    assert code == (130 if stop == "SIGINT" else 143), out
+    assert "kembali demo: stopped" in out and "Import the file again" not in out
+    assert "local SMTP sink" not in out and not list((tmp_path / "demo-out").glob("sent/*.eml"))

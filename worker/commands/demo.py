@@ -21,7 +21,7 @@ from worker.adapters import db
 from worker.adapters.sink import SmtpSink
 from worker.app import Deps
 from worker.commands import running
-from worker.commands.importing import import_file
+from worker.commands.importing import EXIT_INTERRUPTED, EXIT_TERMINATED, import_file
 from worker.commands.progress import Progress
 from worker.config import DEFAULT_CONFIG, Settings, load_settings
 from worker.demo import generate_shop, write_csvs
@@ -76,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
     db.upgrade(engine)
     engine.dispose()
     for kind in ("customers", "products", "orders"):
-        import_file(settings, kind, files[kind], now=now)
+        code = import_file(settings, kind, files[kind], now=now, again="kembali demo: stopped before sending "
+                           "anything; run it again to start over.")
+        if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):  # Ctrl-C or SIGTERM: the operator's, not only the import's
+            return code
 
     sink = SmtpSink(folder=out / "sent")
     report, received = asyncio.run(_cycle_with_sink(settings, sink, FakeClock(now) if args.now else None))

@@ -70,10 +70,16 @@ class _Stops:
             raise self.pending
 
 
+AGAIN = "Import the file again to finish: the rows already imported are left unchanged."
+
+
 def import_file(
-    settings: Settings, kind: str, path: Path, *, check_dns: bool = False, now: datetime | None = None
+    settings: Settings, kind: str, path: Path, *, check_dns: bool = False, now: datetime | None = None,
+    again: str = AGAIN,
 ) -> int:
-    """Import ``path``; ``now`` (default: the clock) is when it happens: an order placed after it is rejected."""
+    """Import ``path``: the exit code (``EXIT_INTERRUPTED``/``EXIT_TERMINATED`` when a signal stopped it, after saying
+    how far it got and then ``again``, what to do about it). ``now`` (default: the clock) is when it happens: an
+    order placed after it is rejected."""
     if path.is_dir() or not path.exists():  # a pipe is read as a file: <(gunzip -c customers.csv.gz), /dev/stdin
         print(f"kembali import: {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}", file=sys.stderr)
         return EXIT_USAGE
@@ -163,8 +169,7 @@ def import_file(
             f"none of {path.name} is imported")
         print(
             f"kembali import: interrupted: {done} ({total.created} created, {total.updated} updated, "
-            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear)}). Import the file again to finish: "
-            "the rows already imported are left unchanged.",
+            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear)}). {again}",
             file=sys.stderr,
         )
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
