@@ -493,3 +493,26 @@ def test_a_demo_stopped_while_it_imports_stops_and_sends_nothing(
     assert code == (130 if stop == "SIGINT" else 143), out
     assert "kembali demo: stopped" in out and "Import the file again" not in out
     assert "local SMTP sink" not in out and not list((tmp_path / "demo-out").glob("sent/*.eml"))
+
+
+@pytest.mark.parametrize("argv", [["preview", "--config", "{config}", "--json"],
+                                  ["db", "status", "--config", "{config}"],
+                                  ["ledger", "list", "--config", "{config}"],
+                                  ["suppress", "list", "--config={config}"]])
+def test_config_is_taken_after_the_command_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    # `kembali preview --config demo-out/config.toml`, as operators type it, was "unrecognized arguments: --config"
+    config = write_config(tmp_path)
+    assert kembali("db", "upgrade", config=config).returncode == 0
+    monkeypatch.chdir(tmp_path / "..")  # no config.toml here: only the one named is read
+    monkeypatch.delenv("KEMBALI_CONFIG", raising=False)
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    code, out = run_cli(capsys, *(arg.format(config=config) for arg in argv))
+    assert code == 0, out
+    assert "unrecognized" not in out and "config file not found" not in out
+
+
+def test_every_command_help_names_the_config_option() -> None:
+    for command in ["preview", "db", "import", "run", "ledger", "stats"]:
+        assert "--config FILE" in kembali(command, "--help").stdout, command

@@ -38,12 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         "configuration, nothing done; 3 the database or the SMTP server cannot be used; 130/143 `run --once` or "
         "`import` stopped by SIGINT/SIGTERM; 141 the output's reader went away (`| head`).",
     )
-    top.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="the config file (default: $KEMBALI_CONFIG or ./config.toml)",
-    )
+    top.add_argument("--config", type=Path, default=None, metavar="FILE", help=_CONFIG_HELP)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="try Kembali on a demo shop with a local SMTP sink",
@@ -167,7 +162,21 @@ def _parser() -> argparse.ArgumentParser:
     from worker.commands import ledger
 
     ledger.add_parser(sub)
+    _config_after_the_command(sub)
     return top
+
+
+_CONFIG_HELP = "the config file (default: $KEMBALI_CONFIG or ./config.toml)"
+
+
+def _config_after_the_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``--config`` is taken after a command too (``kembali preview --config demo-out/config.toml``, as operators type
+    it), in every command and action; given there, it wins over one given before the command."""
+    for parser in set(sub.choices.values()):
+        parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE", help=_CONFIG_HELP)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _config_after_the_command(action)
 
 
 def _date_arg(text: str) -> date:
