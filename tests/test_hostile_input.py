@@ -263,8 +263,9 @@ def test_a_shop_currency_kembali_cannot_format_is_a_configuration_error(
     config.write_text(config.read_text() + '[shop]\ncurrency = "XYZ"\n')
     code, out = kembali(capsys, "--config", str(config), "check")
     assert code == 2 and "Traceback" not in out
-    assert f"configuration error: {config}: 'shop.currency' must be an ISO 4217 currency code such as IDR, not " \
-           "'XYZ'" in out
+    line = len(config.read_text().splitlines())  # the last, where currency is written
+    assert f"configuration error: {config}: line {line}: 'shop.currency' must be an ISO 4217 currency code such as " \
+           "IDR, not 'XYZ'" in out
 
 
 @pytest.mark.parametrize("currency", ["idr", "GBP", "THB", "KWD"])

@@ -358,7 +358,56 @@ def load_settings(path: Path | str = DEFAULT_CONFIG) -> Settings:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return settings_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
+    try:
+        return settings_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(_with_line(str(exc), str(path), text)) from None
+
+
+_NAMED_KEY = re.compile(r"(?:unknown key )?'([^'\n]+)'|\[([^\]\n]*)\] must be a table")
+_HEADER = re.compile(r"\s*(\[\[?)\s*([A-Za-z0-9_\-.\"' ]+?)\s*\]\]?\s*(?:#.*)?")
+_KEY_LINE = re.compile(r"\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_\-. ]+?)\s*=")
+
+
+def _with_line(message: str, source: str, text: str) -> str:
+    """``message`` (``SOURCE: 'dotted.key' …``) with the line the key is written on after the file's name (``SOURCE:
+    line 12: 'dotted.key' …``), or the line of the closest table above it the file writes; as it is when the file
+    writes neither (a default's value) or the message names no key."""
+    head = f"{source}: "
+    named = _NAMED_KEY.match(message, len(head)) if message.startswith(head) else None
+    if named is None:
+        return message
+    lines = _key_lines(text)
+    dotted = named.group(1) or named.group(2)
+    while dotted:
+        if dotted in lines:
+            return f"{head}line {lines[dotted]}: {message[len(head):]}"
+        dotted = re.sub(r"(\[[0-9]+\]|\.?[^.\[]*)$", "", dotted)  # the table it is in: a.b[1].c -> a.b[1] -> a.b -> a
+    return message
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """The first line each table and key of a TOML text is written on, by dotted name (arrays of tables as
+    ``a.b[0]``; a key quoted as ``"gmail.com"`` as ``sending.domains.gmail.com``)."""
+
+    def name(part: str) -> str:
+        return ".".join(p.strip().strip("\"'") for p in part.split(".")) if part[:1] not in "\"'" else part[1:-1]
+
+    found: dict[str, int] = {}
+    table, counts = "", dict[str, int]()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if (header := _HEADER.fullmatch(line)) is not None:
+            table = name(header.group(2))
+            for end in range(1, table.count(".") + 1):  # [campains.winback] writes campains too
+                found.setdefault(".".join(table.split(".")[:end]), number)
+            if header.group(1) == "[[":
+                counts[table] = counts.get(table, -1) + 1
+                found.setdefault(table, number)
+                table = f"{table}[{counts[table]}]"
+            found.setdefault(table, number)
+        elif (key := _KEY_LINE.match(line)) is not None and not line.lstrip().startswith("#"):
+            found.setdefault(f"{table}.{name(key.group(1))}" if table else name(key.group(1)), number)
+    return found
 
 
 def settings_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir: Path = Path(".")) -> Settings:
