@@ -273,7 +273,8 @@ def test_the_demo_never_swaps_a_config_the_operator_named(
         argv = ["--config", "config.toml", "demo"]
     code, out = run_cli(capsys, *argv)
     assert code == 2 and "using the project's" not in out
-    assert "config.toml: config file not found" in out
+    named_by = " (named by $KEMBALI_CONFIG)" if named == "KEMBALI_CONFIG" else ""
+    assert f"config.toml{named_by}: config file not found" in out
     assert not (tmp_path / "demo-out").exists()
 
 
@@ -516,3 +517,21 @@ def test_config_is_taken_after_the_command_too(
 def test_every_command_help_names_the_config_option() -> None:
     for command in ["preview", "db", "import", "run", "ledger", "stats"]:
         assert "--config FILE" in kembali(command, "--help").stdout, command
+
+
+@pytest.mark.parametrize("text", [None, '[smtp]\nport = "25"\n'])
+def test_a_config_error_from_the_environment_names_the_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, text: str | None
+) -> None:
+    # a $KEMBALI_CONFIG left in a shell profile read as the operator's own mistake: "old.toml: config file not found"
+    # in a folder whose config.toml was fine, without a word of where old.toml came from
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text("", encoding="utf-8")
+    if text is not None:
+        (tmp_path / "old.toml").write_text(text, encoding="utf-8")
+    monkeypatch.setenv("KEMBALI_CONFIG", "old.toml")
+    code, out = run_cli(capsys, "preview")
+    assert code == 2 and "old.toml" in out
+    assert "old.toml (named by $KEMBALI_CONFIG)" in out
+    code, out = run_cli(capsys, "--config", "old.toml", "preview")  # named on the command line: no word of it
+    assert code == 2 and "KEMBALI_CONFIG" not in out

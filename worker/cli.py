@@ -255,6 +255,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     # named by the operator (the option or $KEMBALI_CONFIG), or the default: only the demo tells them apart
     args.config_named = args.config is not None or "KEMBALI_CONFIG" in os.environ
+    args.config_given = args.config is not None  # on the command line, not by $KEMBALI_CONFIG
     settings: Settings | None = None
     if args.config is None:
         named = os.environ.get("KEMBALI_CONFIG")
@@ -280,7 +281,7 @@ def _main(argv: Sequence[str] | None) -> int:
         code: int = handler(settings, args)
         return code
     except ConfigError as exc:
-        print(f"kembali: configuration error: {exc}", file=sys.stderr)
+        print(f"kembali: configuration error: {_naming_the_variable(str(exc), args)}", file=sys.stderr)
         return EXIT_USAGE
     except SchemaError as exc:
         print(f"kembali: {exc}", file=sys.stderr)
@@ -308,6 +309,17 @@ def _main(argv: Sequence[str] | None) -> int:
         where = f" {db.describe_url(settings.database_url)}" if settings is not None else ""  # (demo: its own)
         print(f"kembali: the database{where} could not be used: {reason}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+
+
+def _naming_the_variable(message: str, args: argparse.Namespace) -> str:
+    """``message`` saying that the config file came from $KEMBALI_CONFIG, when it did: set in a shell profile and
+    forgotten, it would read as the operator's own mistake."""
+    if args.config_named is not True or args.config_given or "KEMBALI_CONFIG" in message:
+        return message
+    path = f"{args.config}: "
+    if message.startswith(path):
+        return f"{args.config} (named by $KEMBALI_CONFIG): {message[len(path):]}"
+    return f"{message} (config file {args.config}, named by $KEMBALI_CONFIG)"
 
 
 def _database_failure(exc: BaseException) -> str | None:
