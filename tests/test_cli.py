@@ -21,6 +21,7 @@ from tests.clikit import run_cli, run_on_a_terminal
 from tests.shop import LINK_KEY, ROOT, TEMPLATES
 from tests.smtp_server import Behaviour, RecordingServer
 from worker.adapters.store import Store
+from worker.cli import EXAMPLES, _parser
 from worker.config import load_settings
 from worker.demo import generate_shop, write_csvs
 
@@ -535,3 +536,18 @@ def test_a_config_error_from_the_environment_names_the_variable(
     assert "old.toml (named by $KEMBALI_CONFIG)" in out
     code, out = run_cli(capsys, "--config", "old.toml", "preview")  # named on the command line: no word of it
     assert code == 2 and "KEMBALI_CONFIG" not in out
+
+
+@pytest.mark.parametrize("command", sorted(EXAMPLES))
+def test_every_command_help_ends_with_examples_that_parse(command: str) -> None:
+    # only the README had examples; a command's --help had none
+    import shlex
+
+    help_text = kembali(command, "--help").stdout
+    assert "\nexamples:\n" in help_text
+    for line in EXAMPLES[command]:
+        assert f"  {line}\n" in help_text
+        command_line = re.split(r" [|>] ", line.replace("<(gunzip -c orders.csv.gz)", "/dev/fd/63"))[0]
+        words = shlex.split(command_line, comments=True)  # kembali's own words: no pipe, redirection or comment
+        assert words[0] == "kembali"
+        _parser().parse_args(words[1:])  # argparse exits 2 on an example that has gone stale

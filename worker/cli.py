@@ -163,7 +163,43 @@ def _parser() -> argparse.ArgumentParser:
 
     ledger.add_parser(sub)
     _config_after_the_command(sub)
+    for command, lines in EXAMPLES.items():
+        parser = sub.choices[command]
+        parser.formatter_class = _KeepExamples
+        parser.epilog = "\n".join(["examples:", *(f"  {line}" for line in lines)])
     return top
+
+
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "demo": ("kembali demo", "kembali demo --out /tmp/demo --customers 1000 --now 2027-02-20T10:00+07:00"),
+    "db": ("kembali db upgrade", "kembali --config /etc/kembali/config.toml db status"),
+    "import": ("kembali import customers customers.csv", "kembali import products products.csv",
+               "kembali import orders <(gunzip -c orders.csv.gz)"),
+    "run": ("kembali run --once        # from cron", "kembali run               # the daemon (systemd: deploy/)"),
+    "suppress": ("kembali suppress add budi@example.com --reason complaint", "kembali suppress remove budi@example.com",
+                 "kembali suppress list --reason unsubscribed > unsubscribed.csv",
+                 "kembali suppress import bounces.txt --reason hard_bounce"),
+    "preview": ("kembali preview", "kembali preview --at 2027-02-28T10:00+07:00 --campaign winback --limit 20",
+                "kembali preview --customer C-1042 --out /tmp/preview", "kembali preview --json | jq .",
+                "kembali preview --serve --port 8025"),
+    "check": ("kembali check", "kembali check --json"),
+    "send-test": ("kembali send-test --campaign winback --to you@shop.example",
+                  "kembali send-test --campaign feedback --customer C-1042 --to you@shop.example"),
+    "stats": ("kembali stats", "kembali stats --since 2027-01-01 --window-days 14 --json"),
+    "insights": ("kembali insights", "kembali insights --share 0.9 --plot gaps.png"),
+    "ledger": ("kembali ledger list", "kembali ledger list --status failed --campaign winback --json",
+               "kembali ledger resend 42 43 --reason 'server fixed'", "kembali ledger close 44 --as sent"),
+}
+"""Each command's examples, at the end of its --help (a test parses each)."""
+
+
+class _KeepExamples(argparse.HelpFormatter):
+    """Wraps the description as argparse does, but keeps the examples' lines as they are."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:\n"):
+            return text
+        return super()._fill_text(text, width, indent)
 
 
 _CONFIG_HELP = "the config file (default: $KEMBALI_CONFIG or ./config.toml)"
