@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -163,7 +164,7 @@ def test_a_number_that_cannot_work_is_a_configuration_error(
     config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "k.db"}"\n{setting}\n', encoding="utf-8")
     code, out = kembali(capsys, "--config", str(config), "db", "status")
     assert code == 2 and "Traceback" not in out
-    assert f"kembali: configuration error: {config}: {says}" in out, out
+    assert re.search(re.escape(f"kembali: configuration error: {config}: ") + r"line \d+: " + re.escape(says), out), out
 
 
 @pytest.mark.parametrize("limit", ["0", "-1"])
@@ -225,8 +226,9 @@ def test_one_end_of_the_quiet_hours_alone_is_a_configuration_error(
     config.write_text(config.read_text() + f'[policy]\n{given} = "21:00"\n')
     code, out = kembali(capsys, "--config", str(config), "check")
     assert code == 2 and "Traceback" not in out
-    assert f"configuration error: {config}: 'policy.{missing}' is missing: 'policy.{given}' = '21:00' needs it " \
-           "(give both; equal times mean no quiet hours)" in out
+    line = len(config.read_text().splitlines()) - 1  # [policy], the table the missing key belongs in
+    assert f"configuration error: {config}: line {line}: 'policy.{missing}' is missing: 'policy.{given}' = '21:00' " \
+           "needs it (give both; equal times mean no quiet hours)" in out
 
 
 def test_a_web_port_already_taken_names_the_key_and_the_address(config: Path) -> None:
@@ -298,7 +300,8 @@ def test_an_address_no_message_can_carry_is_a_configuration_error_before_anythin
     config = sendkit.write_config(tmp_path / "config.toml", raw)
     code, out = kembali(capsys, "--config", str(config), "run", "--once")
     assert (code, "Traceback" in out) == (2, False), out
-    assert f"configuration error: {config}: '{section}.{key}' must be" in out and repr(wrong) in out
+    named = re.escape(f"configuration error: {config}: ") + r"line \d+: " + re.escape(f"'{section}.{key}' must be")
+    assert re.search(named, out) and repr(wrong) in out
     assert smtp_server.messages == []
     raw[section][key] = right
     sendkit.write_config(config, raw)
