@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -242,3 +243,21 @@ def test_a_bad_key_of_the_shipped_config_is_named_with_its_line(tmp_path: Path) 
     path.write_text("\n".join(lines), encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"config.toml: line {at + 1}: 'sending.burst' must be at least 1$"):
         load_settings(path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"database": {"url": ["postgresql+psycopg://shop:S3cretPW@db.example/shop"]}}, "database.url"),
+        ({"database": {"url": {"password": "S3cretPW"}}}, "database.url"),
+        ({"smtp": {"password_env": ["S3cretPW"]}}, "smtp.password_env"),
+        ({"unsubscribe": {"secret_env": 31415926}}, "unsubscribe.secret_env"),
+    ],
+)
+def test_a_secret_written_with_the_wrong_type_is_not_shown(raw: dict[str, Any], key: str) -> None:
+    # a wrong type was shown with its value: "'database.url' must be str, not list (['postgresql+psycopg://shop:S3cr…"
+    with pytest.raises(ConfigError) as caught:
+        settings_from_dict(raw)
+    message = str(caught.value)
+    assert f"'{key}' must be str, not " in message
+    assert "S3cretPW" not in message and "31415926" not in message

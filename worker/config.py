@@ -484,7 +484,8 @@ def _coerce(hint: Any, value: Any, source: str, dotted: str) -> Any:
     else:  # pragma: no cover - a programming error in a settings class
         raise TypeError(f"unsupported settings type {hint!r} for {dotted}")
     expected = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"{source}: '{dotted}' must be {expected}, not {type(value).__name__} ({value!r})")
+    shown = "" if dotted == "database.url" or dotted.endswith("_env") else f" ({value!r})"  # may hold a secret
+    raise ConfigError(f"{source}: '{dotted}' must be {expected}, not {type(value).__name__}{shown}")
 
 
 def _check_quiet_hours_given(raw: dict[str, Any], source: str) -> None:
