@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tests.daemon_harness import Shop as DaemonShop
 from tests.daemon_harness import make_shop
 from tests.sendkit import NOW, Shop, TimedSink, make_settings, message_ids
 from tests.smtp_server import Behaviour, RecordingServer, closed_port
@@ -511,14 +512,7 @@ def test_outcomes_a_database_outage_kept_from_the_ledger_are_written_after_a_rel
 ) -> None:
     # Given a daemon on PostgreSQL, 6 customers due a win-back, a server that takes a second over each message,
     # and a database that stays away longer than the ledger writer tries again (here 0.4 s)
-    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
-    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
-    ids = range(1, 7)
-    shop.add(ids, days_ago=60)
-    emails = [f"c{i}@example.com" for i in ids]
-    for address in emails:
-        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=1.0))
+    shop, emails = _daemon_shop(tmp_path, pg_url, smtp_server, monkeypatch, customers=6)
 
     async def scenario() -> BaseException | None:
         daemon = Daemon(load_settings(shop.config), config_path=shop.config)
@@ -544,6 +538,34 @@ def test_outcomes_a_database_outage_kept_from_the_ledger_are_written_after_a_rel
     # left `sending` to become `uncertain` when their leases lapse; everyone gets one email
     assert sorted(m.rcpt_tos for m in smtp_server.messages) == sorted((e,) for e in emails)
     assert shop.rows("SELECT status, count(*) FROM message GROUP BY status") == [("sent", 6)]
+
+
+def _daemon_shop(tmp_path: Path, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, *,
+                 customers: int) -> tuple[DaemonShop, list[str]]:  # fmt: skip
+    """A daemon's shop on PostgreSQL with ``customers`` due a win-back (their addresses), a server that takes a
+    second at DATA over each message, and the ledger writer's and the store's retries cut to 0.4 s."""
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
+    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    ids = range(1, customers + 1)
+    shop.add(ids, days_ago=60)
+    emails = [f"c{i}@example.com" for i in ids]
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=1.0))
+    return shop, emails
+
+
+async def _failing_in_an_outage(daemon: Daemon, smtp_server: RecordingServer, pg_admin: sa.Engine, pg_url: str
+                                ) -> asyncio.Future[int]:  # fmt: skip
+    """Run ``daemon``; once two messages are past their final dot, take the database away (and leave it away) until
+    the dispatcher's run has failed and kept their outcomes. The daemon's run, under way."""
+    running = asyncio.ensure_future(daemon.run())
+    while smtp_server.data_taken < 2:
+        await asyncio.sleep(0.02)
+    _allow_connections(pg_admin, pg_url, False)
+    while not daemon.gen.dispatcher.unwritten:
+        await asyncio.sleep(0.02)
+    return running
 
 
 def _allow_connections(pg_admin: sa.Engine, pg_url: str, allow: bool) -> None:
@@ -602,24 +624,13 @@ def test_a_daemon_stopped_during_a_database_outage_records_the_sends_it_kept_onc
     tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a daemon on PostgreSQL sending 6 win-backs to a server that takes a second over each message, and a
-    # database that goes away while two are on the wire, for longer than the ledger writer tries again (0.4 s here)
-    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
-    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
-    ids = range(1, 7)
-    shop.add(ids, days_ago=60)
-    for i in ids:
-        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=1.0))
+    # database that goes away once messages are on the wire, for longer than the ledger writer tries again (0.4 s)
+    shop, _ = _daemon_shop(tmp_path, pg_url, smtp_server, monkeypatch, customers=6)
 
     async def scenario() -> int:
         daemon = Daemon(load_settings(shop.config), config_path=shop.config)
         try:
-            running = asyncio.ensure_future(daemon.run())
-            while smtp_server.data_taken < 2:  # two messages on the wire, past the final dot
-                await asyncio.sleep(0.02)
-            _allow_connections(pg_admin, pg_url, False)
-            while not daemon.gen.dispatcher.unwritten:  # the run failed; the server took the messages
-                await asyncio.sleep(0.02)
+            running = await _failing_in_an_outage(daemon, smtp_server, pg_admin, pg_url)
             # When it is told to stop while the database is still away, and the database comes back within the
             # grace period (5 s)
             daemon._on_stop_signal(signal.SIGTERM)
@@ -633,12 +644,12 @@ def test_a_daemon_stopped_during_a_database_outage_records_the_sends_it_kept_onc
         code = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     finally:
         _allow_connections(pg_admin, pg_url, True)
-    # Then before it exits it records the two sends the server took as sent, rather than leave them `sending` to
+    # Then before it exits it records the sends the server took as sent, rather than leave them `sending` to
     # become `uncertain` (an operator's decision) when their leases lapse; the others wait for the next start
     taken = len(smtp_server.messages)
     assert code == 0 and taken >= 2
-    statuses = shop.rows("SELECT status, count(*) FROM message GROUP BY status ORDER BY status")
-    assert statuses == [("planned", 6 - taken), ("sent", taken)] if taken < 6 else [("sent", 6)], (taken, statuses)
+    expected = [("planned", 6 - taken), ("sent", taken)] if taken < 6 else [("sent", 6)]
+    assert shop.rows("SELECT status, count(*) FROM message GROUP BY status ORDER BY status") == expected, taken
 
 
 @pytest.mark.postgres
@@ -646,23 +657,13 @@ def test_a_daemon_stopped_during_a_database_outage_that_outlasts_its_grace_perio
     tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Given a daemon on PostgreSQL whose run failed when the database went away with two messages on the wire
-    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
-    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
-    shop.add(range(1, 4), days_ago=60)
-    for i in range(1, 4):
-        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=1.0))
+    # Given a daemon on PostgreSQL whose run failed when the database went away with messages on the wire
+    shop, _ = _daemon_shop(tmp_path, pg_url, smtp_server, monkeypatch, customers=3)
 
     async def scenario() -> tuple[int, float]:
         daemon = Daemon(load_settings(shop.config), config_path=shop.config)
         try:
-            running = asyncio.ensure_future(daemon.run())
-            while smtp_server.data_taken < 2:  # two messages on the wire, past the final dot
-                await asyncio.sleep(0.02)
-            _allow_connections(pg_admin, pg_url, False)
-            while not daemon.gen.dispatcher.unwritten:
-                await asyncio.sleep(0.02)
+            running = await _failing_in_an_outage(daemon, smtp_server, pg_admin, pg_url)
             # When it is told to stop and the database stays away past the grace period (5 s)
             began = time.monotonic()
             daemon._on_stop_signal(signal.SIGTERM)
