@@ -31,12 +31,7 @@ def _config(folder: Path, url: str) -> Path:
 
 
 def _ids(url: str, table: str) -> set[str]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return set(conn.execute(sa.text(f"select external_id from {table}")).scalars())
-    finally:
-        engine.dispose()
+    return {str(external_id) for external_id, in _rows(url, f"select external_id from {table}")}
 
 
 def test_text_longer_than_its_column_is_a_rejected_row_not_a_lost_batch(
