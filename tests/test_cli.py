@@ -19,7 +19,7 @@ import pytest
 
 from tests.clikit import run_cli, run_on_a_terminal
 from tests.shop import LINK_KEY, ROOT, TEMPLATES
-from tests.smtp_server import Behaviour, RecordingServer
+from tests.smtp_server import Behaviour, RecordingServer, closed_port
 from worker.adapters.store import Store
 from worker.cli import EXAMPLES, _parser
 from worker.config import load_settings
@@ -360,6 +360,22 @@ def test_a_mistyped_database_path_is_named_and_no_empty_file_is_left(
     nowhere.write_text(nowhere.read_text().replace(str(tmp_path / "cfg" / "shop.db"), str(tmp_path / "no" / "x.db")))
     code, out = run_cli(capsys, "--config", str(nowhere), "db", "upgrade")
     assert code == 2 and f"cannot open the database {tmp_path / 'no' / 'x.db'} (does its folder exist?)" in out
+
+
+def test_db_upgrade_against_a_postgresql_server_that_is_not_up_exits_3_not_2_and_shows_no_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a config whose PostgreSQL server does not answer (not up yet: a deploy script's `db upgrade` before it)
+    config = write_config(tmp_path)
+    url = f"postgresql+psycopg://kembali:S3cretPw@127.0.0.1:{closed_port()}/shop"
+    config.write_text(config.read_text().replace(f"sqlite:///{tmp_path / 'shop.db'}", url))
+    for action in ("upgrade", "status"):
+        # When `kembali db` runs
+        code, out = run_cli(capsys, "--config", str(config), "db", action)
+        # Then it says the database cannot be used (3, to try again later), not that the configuration is wrong (2,
+        # as a missing SQLite folder is), names the server and keeps the password to itself
+        assert code == 3, (action, code, out)
+        assert "cannot open the database" in out and "127.0.0.1" in out and "S3cretPw" not in out, out
 
 
 def test_an_order_naming_an_unknown_product_is_warned_about_at_its_line(tmp_path: Path) -> None:

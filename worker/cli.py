@@ -406,7 +406,8 @@ def _cannot_open(engine: Any, path: Path | None, exc: Any) -> int:
 
     hint = " (does its folder exist?)" if path is not None and not path.parent.is_dir() else ""
     print(f"kembali: cannot open the database {db.describe(engine)}{hint}: {exc.orig}", file=sys.stderr)
-    return EXIT_USAGE
+    # a SQLite path is the config's to fix; a server that does not answer (not up yet) may later, as for every command
+    return EXIT_USAGE if path is not None else EXIT_UNAVAILABLE
 
 
 def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:
