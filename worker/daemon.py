@@ -675,9 +675,9 @@ class Daemon:
         done, _ = await asyncio.wait({dispatch}, timeout=grace)
         code = EXIT_OK
         if done and self.gen.dispatcher.unwritten:  # kept through a database outage: the rest of the grace period
-            left = self.gen.dispatcher.unwritten
-            log.event("shutdown_writing_kept_outcomes", outcomes=len(left))
-            if await self.gen.dispatcher.write_kept(max(grace - (time.monotonic() - began), KEPT_SECONDS)):
+            log.event("shutdown_writing_kept_outcomes", outcomes=len(self.gen.dispatcher.unwritten))
+            left = await self.gen.dispatcher.write_kept(max(grace - (time.monotonic() - began), KEPT_SECONDS))
+            if left:
                 log.event("shutdown_outcomes_not_written", logging.ERROR, outcomes=len(left),
                           note="the last outcomes_not_written line names the rows the server took (sent_ids)")
                 code = EXIT_FORCED
