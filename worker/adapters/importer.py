@@ -521,13 +521,12 @@ def _consent(row: dict[str, str]) -> tuple[bool, str]:
     """``marketing_consent`` read, and "" or, when it says neither yes nor no (empty, ``y``, a shop's own word such
     as ``unsubscribed``), False and why: mail to someone who did not clearly agree is never sent, and a customer
     who had agreed is not left agreeing because the shop's new answer could not be read."""
-    value = row.get("marketing_consent", "").strip()
-    if value.lower() in _TRUE:
-        return True, ""
-    if value.lower() in _FALSE:
-        return False, ""
-    return False, (f"unclear marketing_consent {_show(value)} (expected true/false, yes/no, 1/0 or ya/tidak): saved "
-                   "as no consent; correct it and import the file again")  # fmt: skip
+    try:
+        return _bool(row, "marketing_consent", None), ""
+    except _Invalid:  # empty, or neither yes nor no
+        value = row.get("marketing_consent", "").strip()
+        return False, (f"unclear marketing_consent {_show(value)} (expected true/false, yes/no, 1/0 or ya/tidak): "
+                       "saved as no consent; correct it and import the file again")  # fmt: skip
 
 
 def _currency(row: dict[str, str]) -> str:
