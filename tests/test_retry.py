@@ -7,6 +7,7 @@ import pytest
 from worker.core import lifecycle
 from worker.core.retry import (
     TroubleStreak,
+    account_limit,
     classify_reply,
     connection_failure,
     needs_login,
@@ -171,6 +172,38 @@ def test_a_refusal_of_the_sender_is_told_from_one_of_the_recipient(
 )
 def test_a_refusal_of_this_client_names_what_to_fix(code: int, stage: str, reply: str, expected: str | None) -> None:
     assert refuses_the_client(code, stage, reply) == expected
+
+
+Q, U = "sending.daily_quota", "smtp.username"
+
+
+@pytest.mark.parametrize(
+    ("code", "stage", "reply", "expected"),
+    [
+        (454, "mail", "Throttling failure: Daily message quota exceeded.", Q),
+        (454, "reply", "Throttling failure: Daily message quota exceeded.", Q),
+        (550, "rcpt", "5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits", Q),
+        (550, "mail", "5.4.5 Daily SMTP relay limit exceeded for user. To learn more about SMTP relay sending", Q),
+        (554, "reply", "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process", Q),
+        (554, "reply", "Message rejected: Sending paused for this account. For more information, please check", U),
+        (554, "mail", "Access denied: Sending suspended for this account. For more information, please check", U),
+        # a per-second rate is the recipient domain's "slow down", not the day's limit
+        (454, "reply", "Throttling failure: Maximum sending rate exceeded.", None),
+        # a recipient's limits are that message's
+        (552, "reply", "5.2.2 Mailbox quota exceeded", None),
+        (452, "rcpt", "4.2.2 The email account that you tried to reach is over quota", None),
+        (450, "rcpt", "4.2.1 The recipient's daily incoming limit exceeded", None),
+        (550, "rcpt", "5.2.1 The email account that you tried to reach is disabled", None),
+        (550, "rcpt", "5.1.1 <a@b.example>: Recipient address rejected: User unknown", None),
+        # a reply before MAIL FROM is the connection's (counted toward the pause)
+        (421, "connect", "Daily message quota exceeded", None),
+        (None, "reply", "Daily message quota exceeded", None),
+    ],
+)  # fmt: skip
+def test_a_providers_limit_on_the_whole_account_is_told_from_a_recipients(
+    code: int | None, stage: str, reply: str, expected: str | None
+) -> None:
+    assert account_limit(code, stage, reply) == expected
 
 
 def test_a_failure_before_mail_from_retries_even_after_the_last_attempt() -> None:

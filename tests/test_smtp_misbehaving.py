@@ -320,7 +320,6 @@ SENDER_UNKNOWN = "550 5.1.0 <halo@toko-kembali.example>: Sender address rejected
     [
         ("mail", SENDER_UNKNOWN),
         ("mail", "553 5.7.1 <halo@toko-kembali.example>: Sender address rejected: not owned by user shop"),
-        ("mail", "550 5.4.5 Daily user sending quota exceeded."),
         # Postfix answers its sender restrictions at RCPT TO (smtpd_delay_reject = yes, the default)
         ("rcpt", SENDER_UNKNOWN),
         ("rcpt", "553 5.7.1 <halo@toko-kembali.example>: Sender address rejected: not owned by user shop"),
@@ -329,7 +328,7 @@ SENDER_UNKNOWN = "550 5.1.0 <halo@toko-kembali.example>: Sender address rejected
                   "to process message due to a permanent exception with message Cannot submit message."),
         ("reply", "550 5.7.60 SMTP; Client does not have permissions to send as this sender"),
     ],
-    ids=["5.1.0 sender unknown", "sender not owned by the login", "daily quota", "5.1.0 sender unknown at RCPT",
+    ids=["5.1.0 sender unknown", "sender not owned by the login", "5.1.0 sender unknown at RCPT",
          "sender not owned by the login at RCPT", "Microsoft 365 SendAsDenied", "Microsoft 365 5.7.60"],
 )  # fmt: skip
 def test_a_refused_sender_pauses_at_once_naming_shop_from_address_and_suppresses_no_one(
@@ -346,6 +345,57 @@ def test_a_refused_sender_pauses_at_once_naming_shop_from_address_and_suppresses
         # every message failed, and a 5.1.x about the sender put every customer on the suppression list)
         paused = report.dispatched.paused
         assert paused is not None and "shop.from_address" in paused and reply[:40] in paused, paused
+        rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
+        assert rows == [("planned", 0)] * 5 + [("retry", 0)]
+        assert shop.suppressed() == {}
+        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+
+        _each_sent_once_when_the_server_takes_mail_again(shop, server, emails)
+    finally:
+        shop.close()
+
+
+SES_QUOTA = "454 Throttling failure: Daily message quota exceeded."
+SES_PAUSED = ("554 Message rejected: Sending paused for this account. For more information, please check the AWS "
+              "Management Console.")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply", "setting", "words"),
+    [
+        ("mail", SES_QUOTA, "sending.daily_quota", "daily sending limit"),
+        ("reply", SES_QUOTA, "sending.daily_quota", "daily sending limit"),
+        ("mail", "550 5.4.5 Daily user sending quota exceeded.", "sending.daily_quota", "daily sending limit"),
+        ("rcpt", "550 5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits go to "
+                 "https://support.google.com/a/answer/166852", "sending.daily_quota", "daily sending limit"),
+        ("reply", "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process "
+                  "message due to a permanent exception", "sending.daily_quota", "daily sending limit"),
+        ("reply", SES_PAUSED, "smtp.username", "paused or suspended"),
+        ("mail", "554 Access denied: Sending suspended for this account. For more information, please check the "
+                 "inbox of the email address associated with your AWS account.", "smtp.username",
+         "paused or suspended"),
+    ],
+    ids=["SES daily quota at MAIL", "SES daily quota after the dot", "Gmail daily quota at MAIL",
+         "Gmail daily quota at RCPT", "Microsoft 365 submission quota", "SES account paused",
+         "SES account suspended"],
+)  # fmt: skip
+def test_the_providers_limit_on_the_whole_account_pauses_at_once_and_fails_no_one(
+    sqlite_url: str, server: OddServer, stage: str, reply: str, setting: str, words: str
+) -> None:
+    # Given a provider that has stopped the account as a whole: its daily sending limit is reached (Amazon SES,
+    # Google Workspace, Microsoft 365) or it has paused the account's sending (SES, after too many bounces)
+    emails = [f"c{i}@test{i}.example" for i in range(6)]
+    _refusing(server, emails, stage, reply)
+    shop = _one_at_a_time(sqlite_url, server, emails)
+    try:
+        report = shop.cycle()
+
+        # Then the first refusal pauses the run, saying what happened and naming the setting; the message goes
+        # back to the queue with its attempt not counted, the rest untouched (before: SES's 454 slowed each
+        # recipient domain in turn and was retried every few minutes all day, Gmail's 5.4.5 at RCPT and SES's
+        # paused account failed every message of the queue for good)
+        paused = report.dispatched.paused
+        assert paused is not None and setting in paused and words in paused and reply[:40] in paused, paused
         rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
         assert rows == [("planned", 0)] * 5 + [("retry", 0)]
         assert shop.suppressed() == {}

@@ -33,6 +33,9 @@ a ``reply`` that says how (the dispatcher pauses at once on it, see
                    "Sender address rejected" at RCPT TO, a login that may not
                    send as the sender, Amazon SES's sandbox naming the
                    sender not verified (``retry.refuses_the_sender``)
+    sending.daily_quota  the provider's daily sending limit reached, at any
+                   step past the login (``retry.account_limit``)
+    smtp.username  (also) the provider paused or suspended the account
     hostname, smtp.host  "Helo command rejected" or "Client host rejected"
                    at MAIL FROM or RCPT TO (``retry.refuses_the_client``)
     smtp.host      the certificate is valid but not for this host name
@@ -81,6 +84,7 @@ from aiosmtplib import (
 
 from worker.config import SmtpSettings
 from worker.core.retry import (
+    account_limit,
     classify_reply,
     needs_login,
     parse_retry_after,
@@ -365,6 +369,19 @@ class SmtpTransport:
             slot.discard()
         outcome = classify_reply(code, stage)
         reply = f"{code} {exc.message}" if code is not None else exc.message
+        limited = account_limit(code, stage, exc.message)
+        if limited is not None:
+            s = self._settings
+            hint = (
+                f"{s.host}:{s.port} says the account's daily sending limit is reached, as it would for every "
+                "message: sending waits until the provider's window lets it go on (the daemon tries again later); "
+                "set sending.daily_quota at or below the provider's limit so Kembali stops before it"
+                if limited == "sending.daily_quota"
+                else f"{s.host}:{s.port} says the provider has paused or suspended sending for the account "
+                f"{s.username or '(no smtp.username)'!r}, as it would for every message: see the provider's console "
+                "for why, and resume sending there"
+            )
+            return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {hint}", exc, stage, setup=limited)
         client_setting = refuses_the_client(code, stage, exc.message)
         if client_setting is not None:
             s = self._settings

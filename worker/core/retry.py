@@ -231,6 +231,39 @@ def refuses_the_sender(code: int | None, stage: str, reply: str, sender: str = "
     return bool(sender) and not unverified_identities(reply).isdisjoint({sender, sender.rpartition("@")[2]})
 
 
+_DAILY_LIMIT = re.compile(r"\bdaily\b[\w ]{0,40}?\b(?:quota|limit)\b[\w ]{0,20}?\bexceeded", re.IGNORECASE)
+"""Amazon SES's "454 Throttling failure: Daily message quota exceeded", Google's "550 5.4.5 Daily user sending
+quota (or limit) exceeded" and "Daily SMTP relay limit exceeded"."""
+_SUBMISSION_QUOTA = re.compile(r"submissionquotaexceeded", re.IGNORECASE)
+"""Microsoft 365's "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException" (the mailbox's
+sending limits: its 5.2.0 is the store driver's, not a recipient's mailbox)."""
+_ACCOUNT_PAUSED = re.compile(r"\bsending (?:paused|suspended) for this account", re.IGNORECASE)
+"""Amazon SES's "Sending paused for this account" (its review of the account's bounces or complaints) and
+"Sending suspended for this account"."""
+_ABOUT_A_MAILBOX = re.compile(r"recipient|mailbox|\b[45]\.[12]\.\d{1,3}\b", re.IGNORECASE)
+"""What a reply about the recipient's own limits says (a full mailbox: "552 5.2.2 Mailbox quota exceeded")."""
+
+AccountLimit = Literal["sending.daily_quota", "smtp.username"]
+
+
+def account_limit(code: int | None, stage: str, reply: str) -> AccountLimit | None:
+    """Whether a reply past the connection (at MAIL FROM, RCPT TO, DATA or the final dot) says the provider has
+    stopped the whole account, so every message would meet it alike until the provider lets it send again:
+    ``"sending.daily_quota"`` when its daily sending limit is reached (``_DAILY_LIMIT``, ``_SUBMISSION_QUOTA``:
+    the setting that keeps Kembali under it), ``"smtp.username"`` when it has paused or suspended the account's
+    sending (``_ACCOUNT_PAUSED``: the account the login names); else None. A reply about a recipient's mailbox
+    is never one (a 4.2.x/5.2.x mailbox status, "recipient", "mailbox": "552 5.2.2 Mailbox quota exceeded")."""
+    if code is None or not 400 <= code < 600 or stage not in ("mail", "rcpt", "data", "reply"):
+        return None
+    if _ACCOUNT_PAUSED.search(reply) is not None:
+        return "smtp.username"
+    if _SUBMISSION_QUOTA.search(reply) is not None:
+        return "sending.daily_quota"
+    if _DAILY_LIMIT.search(reply) is not None and _ABOUT_A_MAILBOX.search(reply) is None:
+        return "sending.daily_quota"
+    return None
+
+
 _CLIENT_REJECTED = re.compile(r"(?P<helo>helo command rejected)|client host rejected", re.IGNORECASE)
 
 
