@@ -389,6 +389,37 @@ def test_a_row_whose_customer_another_worker_is_sending_to_is_held_back(store: S
     assert store.record_and_mark([], [by_key["k:2"]], worker="intruder", now=NOW) == Marks()
 
 
+def test_a_row_whose_mailbox_another_worker_holds_a_higher_priority_message_for_is_held_back(store: Store) -> None:
+    """Two workers start on one day's queue: a claims customer 1's birthday offer (the highest priority), b the
+    win-back step due them the same day. Each judged the frequency cap against a ledger that shows neither, and
+    b may render and mark first: the mark leaves the slot to the birthday offer, as one worker would."""
+    birthday = dataclasses.replace(planned(1, prefix="birthday")[0], campaign="birthday", priority=50)
+    winback = dataclasses.replace(planned(1, prefix="winback")[0], priority=30)
+    other = dataclasses.replace(planned(2, prefix="winback")[1], priority=30)  # customer 2's
+    store.insert_messages([birthday, winback, other], NOW)
+    (a,) = store.claim(worker="a", now=NOW, limit=1, lease_seconds=60)
+    b = {m.customer_id: m for m in store.claim(worker="b", now=NOW, limit=2, lease_seconds=60)}
+    assert (a.dedupe_key, sorted(m.dedupe_key for m in b.values())) == ("birthday:0", ["winback:0", "winback:1"])
+
+    # When b marks first, Then its win-back for customer 1 goes back to the queue, customer 2's goes out
+    marks = store.record_and_mark([], [m.id for m in b.values()], worker="b", now=NOW + timedelta(seconds=1))
+    assert (marks.sending, marks.held) == ({b[2].id}, {b[1].id})
+    # and a's birthday offer is marked
+    assert store.mark_sending([a.id], worker="a", now=NOW + timedelta(seconds=2)) == {a.id}
+
+
+def test_a_higher_priority_claim_whose_lease_lapsed_holds_nothing_back(store: Store) -> None:
+    """A worker that claimed customer 1's birthday offer and died holds back no one once its lease lapsed."""
+    birthday = dataclasses.replace(planned(1, prefix="birthday")[0], campaign="birthday", priority=50)
+    winback = dataclasses.replace(planned(1, prefix="winback")[0], priority=30)
+    store.insert_messages([birthday, winback], NOW)
+    (a,) = store.claim(worker="a", now=NOW, limit=1, lease_seconds=60)
+    (b,) = store.claim(worker="b", now=NOW, limit=1, lease_seconds=600)
+    assert (a.dedupe_key, b.dedupe_key) == ("birthday:0", "winback:0")
+    later = NOW + timedelta(seconds=61)
+    assert store.mark_sending([b.id], worker="b", now=later) == {b.id}
+
+
 def test_a_row_whose_mailbox_another_worker_may_have_sent_to_is_held_back(store: Store) -> None:
     """An `uncertain` message may have arrived: the cap counts it as a send, and so does the mark. Two workers
     hold one message each for customers 1, 2 and 3 (k:0-k:2 and k:3-k:5), claimed while a's were `sending`."""
@@ -466,6 +497,7 @@ def test_the_cap_s_reads_on_sqlite_use_the_mailbox_indexes(sqlite_url: str) -> N
         assert "SEARCH message USING INDEX ix_message_mailbox" in sent_plan, sent_plan
         mark_plan = plan(mark, mark_params)
         assert "ix_message_sending_mailbox" in mark_plan and "INDEX ix_message_mailbox" in mark_plan, mark_plan
+        assert "ix_message_claimed_mailbox" in mark_plan, mark_plan
         assert "SCAN other" not in mark_plan, mark_plan
     store.close()
 

@@ -149,7 +149,9 @@ _CLAIMED, _SENDING = MessageStatus.CLAIMED.value, MessageStatus.SENDING.value
 _MARK_HEAD = f"UPDATE message SET status = '{_SENDING}', attempts = attempts + 1, updated_at = :now WHERE id IN ("
 # Several workers judge the frequency cap against the ledger, which shows another worker's message only once it
 # is marked or recorded: so a row becomes `sending` only if no other worker is sending to its mailbox (partial
-# index ix_message_sending_mailbox), and nobody else sent that mailbox anything, or may have, from HELD_SECONDS
+# index ix_message_sending_mailbox) or holds a live claim of a higher priority for it (ix_message_claimed_mailbox,
+# migration 0014: of two workers that took one day's queue side by side, the one with the birthday offer keeps
+# the slot, whichever renders first), and nobody else sent that mailbox anything, or may have, from HELD_SECONDS
 # before the row was claimed on (its updated_at is the claim's time; ix_message_mailbox: a row with a sent_at is
 # sent or uncertain, then the attempt that gave it: one of another worker, or none, as when a dead worker's lease
 # lapsed). The cap counts per mailbox (``domain.mailbox``, lower(email) in SQL), so several customer records with
@@ -161,6 +163,9 @@ _MARK_TAIL = (
     f") AND claimed_by = :worker AND status = '{_CLAIMED}'"
     " AND NOT EXISTS (SELECT 1 FROM message other WHERE lower(other.email) = lower(message.email)"
     f" AND other.status = '{_SENDING}' AND other.claimed_by <> :worker)"
+    " AND NOT EXISTS (SELECT 1 FROM message other WHERE lower(other.email) = lower(message.email)"
+    f" AND other.status = '{_CLAIMED}' AND other.claimed_by <> :worker AND other.priority > message.priority"
+    " AND other.lease_until > :now)"
     " AND NOT EXISTS (SELECT 1 FROM message other WHERE lower(other.email) = lower(message.email)"
     " AND other.sent_at >= {since_claim} AND other.id <> message.id"
     " AND NOT EXISTS (SELECT 1 FROM attempt mine WHERE mine.message_id = other.id"

@@ -127,6 +127,7 @@ _WAITING = sa.text("status IN ('planned', 'retry')")
 _IN_FLIGHT = sa.text("status IN ('claimed', 'sending')")
 _SENT = sa.text("sent_at IS NOT NULL")
 _SENDING = sa.text("status = 'sending'")
+_CLAIMED = sa.text("status = 'claimed'")
 _MAILBOX = sa.text("lower(email)")
 
 
@@ -144,6 +145,8 @@ class Message(SQLModel, table=True):
         # worker sending to this mailbox?"
         sa.Index("ix_message_mailbox", _MAILBOX, "sent_at", sqlite_where=_SENT, postgresql_where=_SENT),
         sa.Index("ix_message_sending_mailbox", _MAILBOX, sqlite_where=_SENDING, postgresql_where=_SENDING),
+        # migration 0014: the mark's "does another worker hold a claim of a higher priority for this mailbox?"
+        sa.Index("ix_message_claimed_mailbox", _MAILBOX, sqlite_where=_CLAIMED, postgresql_where=_CLAIMED),
     )
 
     id: int | None = Field(default=None, primary_key=True)
