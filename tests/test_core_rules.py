@@ -56,6 +56,7 @@ def test_after_attempt(outcome: Outcome, attempt: int, expected: MessageStatus) 
         (1, 300.0, 300, 300),     # the server's hint wins when longer
         (3, 10.0, 120, 240),      # …and is ignored when shorter
         (1, 99999.0, 3600, 3600), # a hint is still capped
+        (1100, None, 1800, 3600), # the 1100th attempt: 2.0 ** 1099 overflowed (OverflowError in the dispatcher)
     ],
 )
 def test_backoff_is_exponential_jittered_capped_and_honours_hints(

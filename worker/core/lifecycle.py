@@ -41,7 +41,7 @@ def backoff_seconds(
 ) -> float:
     """Delay before attempt ``attempt + 1``: exponential with full jitter in its upper half,
     never less than the server's own "try again in N seconds" hint."""
-    ceiling: float = min(cap, base * 2.0 ** max(0, attempt - 1))
+    ceiling: float = min(cap, base * 2.0 ** min(max(0, attempt - 1), 64))  # 2.0 ** 1024 overflows; 2**64 caps any
     jitter = (rng or random.Random()).uniform(0.5, 1.0)
     delay = ceiling * jitter
     if hint is not None:
