@@ -261,3 +261,49 @@ def test_a_secret_written_with_the_wrong_type_is_not_shown(raw: dict[str, Any], 
     message = str(caught.value)
     assert f"'{key}' must be str, not " in message
     assert "S3cretPW" not in message and "31415926" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # an empty shop name: every footer read "Toko Kembali" no more but ", Jl. …", the unsubscribe page "from "
+        ('[shop]\nname = ""\n', "line 2: 'shop.name' must not be empty"),
+        ('[shop]\ndomain = "x.example"\nname = "   "\n', "line 3: 'shop.name' must not be empty"),
+        # a from_name of only spaces: the From header lost its name without a word (empty means shop.name)
+        ('[shop]\nfrom_name = " \\t "\n', "line 2: 'shop.from_name' must not be only spaces"),
+        # control characters in what goes into the From header and every subject and footer: they were accepted
+        # and quietly turned into spaces or dropped when the message was written
+        ('[shop]\nfrom_name = "Toko\\r\\nBcc: all@evil.example"\n',
+         "line 2: 'shop.from_name' must not hold a control character (U+000D at character 5)"),
+        ('[shop]\nname = "Toko\\u0000Kembali"\n',
+         "line 2: 'shop.name' must not hold a control character (U+0000 at character 5)"),
+        ('[shop]\nname = """Toko\nKembali"""\n',
+         "line 2: 'shop.name' must not hold a control character (U+000A at character 5)"),
+        ('[shop]\nfrom_name = "Toko \\u202eilabmeK"\n',
+         "line 2: 'shop.from_name' must not hold a control character (U+202E at character 6)"),
+    ],
+)
+def test_a_shop_name_that_headers_and_footers_cannot_show_is_refused_with_its_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value).startswith(f"{path}: {message}")
+
+
+def test_an_empty_from_name_is_taken_and_means_the_shop_name() -> None:
+    settings = settings_from_dict({"shop": {"name": "Batik Sari", "from_name": ""}})
+    assert settings.shop.from_name == "" and settings.shop.name == "Batik Sari"
+
+
+def test_max_attempts_past_any_sensible_count_is_refused_with_its_line(tmp_path: Path) -> None:
+    # max_attempts = 100000 (a typo for 10) was taken: a mailbox that kept answering 4xx was retried until its
+    # message expired, and past attempt 1025 the retry delay overflowed (OverflowError in the dispatcher)
+    path = tmp_path / "config.toml"
+    path.write_text("[sending]\nbatch_size = 100\nmax_attempts = 100000\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value) == f"{path}: line 3: 'sending.max_attempts' must be at most 100, not 100_000"
+    assert settings_from_dict({"sending": {"max_attempts": 100}}).sending.max_attempts == 100

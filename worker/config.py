@@ -519,6 +519,26 @@ def _plain_address(s: Settings, key: str, address: str) -> None:
               f"(an internationalised domain in its IDNA form, xn--…), not {address!r}")
 
 
+_NOT_IN_NAME = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+"""What the shop's name and From name may not hold: C0 and C1 controls (CR, LF, NUL, TAB, ESC…), line separators
+and bidi controls. The header writer would turn them into spaces or drop them: said here, where they were written."""
+
+
+def _shop_names(s: Settings) -> None:
+    """``shop.name`` (every footer, subject and page; the From name when ``from_name`` is empty) is not blank, and
+    neither it nor ``from_name`` holds a character a header or a footer line cannot show as written."""
+    if not s.shop.name.strip():
+        _fail(s, "shop.name", "must not be empty (it is in every footer, and the From name when shop.from_name is "
+              "empty)")
+    if s.shop.from_name and not s.shop.from_name.strip():
+        _fail(s, "shop.from_name", "must not be only spaces (leave it empty, \"\", to use shop.name)")
+    for key, value in (("shop.name", s.shop.name), ("shop.from_name", s.shop.from_name)):
+        found = _NOT_IN_NAME.search(value)
+        if found is not None:
+            _fail(s, key, f"must not hold a control character (U+{ord(found.group()):04X} at character "
+                  f"{found.start() + 1}): a line break, tab or escape cannot go in the From header, not {value!r}")
+
+
 def _check(s: Settings) -> None:
     """Cross-field and range checks, each naming its key."""
     if s.shop.time_zone not in place_zones():
@@ -527,6 +547,7 @@ def _check(s: Settings) -> None:
         _fail(s, "shop.currency", f"must be an ISO 4217 currency code such as IDR, not {s.shop.currency!r}")
     if s.shop.default_locale not in ("id", "en"):
         _fail(s, "shop.default_locale", "must be 'id' or 'en'")
+    _shop_names(s)
     _plain_address(s, "shop.from_address", s.shop.from_address)
     if s.shop.reply_to:
         _plain_address(s, "shop.reply_to", s.shop.reply_to)
@@ -787,6 +808,7 @@ def _check_upper_bounds(s: Settings) -> None:
                ("daemon.health_summary_seconds", s.daemon.health_summary_seconds),
                ("web.request_timeout_seconds", s.web.request_timeout_seconds)]
     counts = [("smtp.pool_size", s.smtp.pool_size, 100),
+              ("sending.max_attempts", s.sending.max_attempts, 100),
               ("sending.in_flight_per_connection", s.sending.in_flight_per_connection, 100),
               ("sending.batch_size", s.sending.batch_size, 100_000),
               ("campaigns.new_products.max_products", c.new_products.max_products, 100),
