@@ -431,3 +431,59 @@ def test_a_zone_file_that_is_no_place_is_a_rejected_row(tmp_path: Path, zone: st
     assert (error.line, error.key) == (2, "C-1")
     assert f"invalid time_zone '{zone}'" in error.reason
     assert [r.time_zone for r in results if isinstance(r, CustomerRecord)] == ["Asia/Makassar"]
+
+
+def test_an_id_with_an_invisible_character_is_a_rejected_row_not_a_second_customer(tmp_path: Path) -> None:
+    # "C-1" and "C-1\u200b" (a zero-width space copied from a web page) were taken as two customers, the second's
+    # orders attached to a customer no email reaches; a BOM mid-file (two exports joined) and a no-break space the same
+    path = write(tmp_path, "customers.csv", CUSTOMER_HEADER
+                 + "C-1,ani@example.com,Ani,id,,,yes,,\n"
+                 + "C-1\u200b,ani@example.com,Ani,id,,,yes,,\n"
+                 + "\ufeffC-2,budi@example.com,Budi,id,,,yes,,\n"
+                 + "C\xa03,cici@example.com,Cici,id,,,yes,,\n"
+                 + "C-4,dodi@example.com,Dodi,id,,,yes,,\n")  # fmt: skip
+    found = list(read_customers(path))
+    assert [r.external_id for r in found if isinstance(r, CustomerRecord)] == ["C-1", "C-4"]
+    assert [(e.line, e.reason) for e in errors(found)] == [
+        (3, "invalid id 'C-1\\u200b' (no invisible characters nor spaces other than ' ': U+200B ZERO WIDTH SPACE "
+            "at character 4)"),
+        (4, "invalid id '\\ufeffC-2' (no invisible characters nor spaces other than ' ': U+FEFF ZERO WIDTH "
+            "NO-BREAK SPACE at character 1)"),
+        (5, "invalid id 'C\\xa03' (no invisible characters nor spaces other than ' ': U+00A0 NO-BREAK SPACE at "
+            "character 2)"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "column", "code"),
+    [
+        ("P-1\u2060,Kopi,Kopi,89000,,,,,", "id", "U+2060 WORD JOINER"),
+        ("P-1,Kopi,Kopi\u200bGayo,89000,,,,,", "category", "U+200B ZERO WIDTH SPACE"),
+        ("P-1,Kopi,Kopi\u00adGayo,89000,,,,,", "category", "U+00AD SOFT HYPHEN"),
+        ("P-1,Kopi,Kopi\u3000Gayo,89000,,,,,", "category", "U+3000 IDEOGRAPHIC SPACE"),
+        ("P-1,Kopi,Kopi\ufe0fGayo,89000,,,,,", "category", "U+FE0F VARIATION SELECTOR-16"),
+    ],
+)
+def test_a_product_id_or_category_with_an_invisible_character_is_a_rejected_row(
+    tmp_path: Path, row: str, column: str, code: str
+) -> None:
+    [error] = read_products(write(tmp_path, "p.csv", PRODUCT_HEADER + row + "\n"))
+    assert isinstance(error, RowError) and error.line == 2
+    assert error.reason.startswith(f"invalid {column} ") and code in error.reason
+
+
+def test_a_category_keeps_emoji_with_their_joiners_and_selectors(tmp_path: Path) -> None:
+    category = "Dapur \U0001f469\u200d\U0001f373 \u2615\ufe0f"  # woman cook (a ZWJ sequence), hot beverage (VS16)
+    [product] = read_products(write(tmp_path, "p.csv", PRODUCT_HEADER + f"P-1,Kopi,{category},89000,,,,,\n"))
+    assert isinstance(product, ProductRecord) and product.category == category
+
+
+def test_an_order_naming_its_customer_or_product_with_an_invisible_character_is_a_rejected_row(tmp_path: Path) -> None:
+    path = write(tmp_path, "o.csv", ORDER_HEADER
+                 + "O-1,C-1\u200b,paid,2026-01-01,,,,P-1,1,1000\n"
+                 + "O-2,C-1,paid,2026-01-01,,,,P-1\ufeff,1,1000\n"
+                 + "O-3,C-1,paid,2026-01-01,,,,P-1,1,1000\n")  # fmt: skip
+    found = list(read_orders(path))
+    assert [r.external_id for r in found if isinstance(r, OrderRecord)] == ["O-3"]
+    assert [(e.line, e.reason.split(" (")[0]) for e in errors(found)] == [
+        (2, "invalid customer_id 'C-1\\u200b'"), (3, "invalid product_id 'P-1\\ufeff'")]

@@ -17,8 +17,8 @@ and products' optional columns, orders' ``delivered_at``).
 Column names are matched case-insensitively; values are stripped of
 surrounding whitespace except ``name``, which is kept exactly as given.
 Ids, ``category`` and the consent texts may hold no control character (C0,
-C1), line separator or bidi control (``_CONTROL``): the row's error names its
-code point.
+C1), line separator or bidi control (``_CONTROL``), nor an invisible character or a space other than ' '
+(``_no_invisible``): the row's error names its code point.
 
 customers.csv
     ``id`` (required), ``email`` (required; validated and normalised by
@@ -68,6 +68,7 @@ import difflib
 import hashlib
 import io
 import re
+import unicodedata
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -430,12 +431,14 @@ def _required(row: dict[str, str], column: str) -> str:
 def _ident(row: dict[str, str], column: str) -> str:
     value = _required(row, column)
     _no_control(value, column, MAX_ID)
+    _no_invisible(value, column, in_text=False)
     return value
 
 
 def _text(row: dict[str, str], column: str) -> str:
     value = row.get(column, "").strip()
     _no_control(value, column, MAX_TEXT[column])
+    _no_invisible(value, column, in_text=True)
     return value
 
 
@@ -445,6 +448,31 @@ def _no_control(value: str, column: str, limit: int) -> None:
     if len(value) > limit or found is not None:
         what = f": U+{ord(found.group()):04X} at character {found.start() + 1}" if found is not None else ""
         raise _Invalid(f"invalid {column} {_show(value)} (at most {limit} characters, no control characters{what})")
+
+
+_IGNORABLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0" + "".join(map(chr, range(0xFE00, 0xFE10))))
+"""Invisible characters Unicode does not class as format characters (Cf): the combining grapheme joiner, Hangul
+fillers, Khmer inherent vowels, variation selectors."""
+_AFTER_A_LETTER = frozenset("\u200c\u200d" + "".join(map(chr, range(0xFE00, 0xFE10))))
+"""What a text (a category, a consent note) may hold right after a character that is not ASCII: the joiners of
+emoji sequences and Persian or Indic words, and the selectors of emoji (☕️)."""
+
+
+def _no_invisible(value: str, column: str, *, in_text: bool) -> None:
+    """Refuse a value holding an invisible character (a zero-width space, a BOM, a soft hyphen, a word joiner…) or a
+    space other than ' ' (a no-break space…): "C-1" and "C-1\u200b" look the same and would be two customers.
+    ``in_text``: joiners and selectors right after a character that is not ASCII (emoji, Persian) are kept."""
+    if value.isascii():
+        return
+    for i, char in enumerate(value):
+        if char.isascii():
+            continue
+        if unicodedata.category(char) not in ("Cf", "Zs") and char not in _IGNORABLE:
+            continue
+        if in_text and char in _AFTER_A_LETTER and i and not value[i - 1].isascii():
+            continue
+        raise _Invalid(f"invalid {column} {_show(value)} (no invisible characters nor spaces other than ' ': "
+                       f"U+{ord(char):04X} {unicodedata.name(char, '')} at character {i + 1})".replace("  at", " at"))
 
 
 def _name(row: dict[str, str]) -> str:
