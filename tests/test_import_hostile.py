@@ -690,3 +690,29 @@ def test_an_orders_file_without_delivered_at_leaves_the_delivery_dates_stored(
     assert (status, str(delivered)[:16], str(settled)[:16]) == ("delivered", "2026-01-05 03:00", "2026-01-05 03:00")
     code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "later.csv"))
     assert "orders: 0 created, 0 updated, 1 unchanged, 0 rejected" in out, out
+
+
+def test_a_file_without_a_currency_column_is_in_the_shops_currency_not_rupiah(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a shop that sells in US dollars, with a product imported with its currency
+    config = tmp_path / "config.toml"
+    config.write_text(f'[shop]\ncurrency = "USD"\n[database]\nurl = "{db_url}"\n', encoding="utf-8")
+    (tmp_path / "products.csv").write_text("id,name,price,currency\nP-1,Mug,19.99,USD\n", encoding="utf-8")
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    for kind in ("products", "customers"):
+        assert kembali(capsys, "--config", str(config), "import", kind, str(tmp_path / f"{kind}.csv"))[0] == 0
+    # When a price update and the orders come in files without a currency column
+    (tmp_path / "prices.csv").write_text("id,name,price\nP-1,Mug,24.99\nP-2,Cup,5\n", encoding="utf-8")
+    (tmp_path / "orders.csv").write_text("order_id,customer_id,status,placed_at,total\nO-1,C-1,paid,2026-01-01,24.99\n",
+                                         encoding="utf-8")  # fmt: skip
+    code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "prices.csv"))
+    assert (code, "products: 1 created, 1 updated, 0 unchanged, 0 rejected" in out) == (0, True), out
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then their amounts are the shop's dollars: the products were reset to rupiah (Rp24,99 for a $24.99 mug in
+    # every email), and the order counted as one "in another currency than the shop's", adding nothing to spend
+    assert (code, "another currency" in out) == (0, False), out
+    assert sorted(_rows(db_url, "select external_id, price_minor, currency from product")) == [
+        ("P-1", 2499, "USD"), ("P-2", 500, "USD")]
+    assert _rows(db_url, "select currency, total_minor from shop_order") == [("USD", 2499)]
+    assert _rows(db_url, "select total_spent_minor from customer") == [(2499,)]

@@ -37,7 +37,7 @@ products.csv
     ``249.000`` is refused in a currency with fewer than 3 decimals: its '.'
     is surely a thousands separator),
     ``category`` (at most 100 characters), ``currency`` (an ISO 4217 code;
-    default IDR), ``url`` and ``image_url`` (http(s), at most 1000
+    default the shop's, ``shop_currency``), ``url`` and ``image_url`` (http(s), at most 1000
     characters, or empty), ``launched_at`` (date or ISO 8601
     date-time, empty allowed), ``active`` (boolean; default true).
 
@@ -45,7 +45,7 @@ orders.csv: one row per order line, the order's columns repeated on each
     ``order_id``, ``customer_id``, ``status`` (placed, paid, shipped, delivered,
     cancelled, refunded) and ``placed_at`` (required); ``delivered_at`` (not on a
     day before ``placed_at``),
-    ``currency`` (default IDR), ``total`` (major units; default the sum of the
+    ``currency`` (default the shop's), ``total`` (major units; default the sum of the
     lines); the line: ``product_id``, ``quantity`` (integer ≥ 1),
     ``unit_price`` (major units). An order with no lines is one row with an
     empty ``product_id`` and a ``total``. Consecutive rows with the same
@@ -182,20 +182,23 @@ def numbered_customers(
 
 
 def read_products(
-    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
+    path: Path, *, shop_tz: str = "Asia/Jakarta", shop_currency: str = "IDR", on_warning: Warn | None = None
 ) -> Iterator[ProductRecord | RowError]:
-    """Yield a ``ProductRecord`` or a ``RowError`` per row of a products CSV."""
-    return (item for _, _, item in numbered_products(path, shop_tz=shop_tz, on_warning=on_warning))
+    """Yield a ``ProductRecord`` or a ``RowError`` per row of a products CSV; a price without a currency is in the
+    shop's (``shop_currency``)."""
+    return (item for _, _, item in numbered_products(path, shop_tz=shop_tz, shop_currency=shop_currency,
+                                                     on_warning=on_warning))  # fmt: skip
 
 
 def numbered_products(
-    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None
+    path: Path, *, shop_tz: str = "Asia/Jakarta", shop_currency: str = "IDR", on_warning: Warn | None = None
 ) -> Iterator[tuple[int, int, ProductRecord | RowError]]:
     """``read_products`` with the lines each record starts and ends on."""
     zone = ZoneInfo(shop_tz)
     return _numbered_by_id(
-        path, PRODUCT_COLUMNS, PRODUCT_REQUIRED, on_warning, lambda row, key, absent: _product(row, key, absent, zone)
-    )
+        path, PRODUCT_COLUMNS, PRODUCT_REQUIRED, on_warning,
+        lambda row, key, absent: _product(row, key, absent, zone, shop_currency),
+    )  # fmt: skip
 
 
 R = TypeVar("R")
@@ -232,15 +235,19 @@ def _numbered_by_id(
 
 
 def read_orders(
-    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None, now: datetime | None = None
+    path: Path, *, shop_tz: str = "Asia/Jakarta", shop_currency: str = "IDR", on_warning: Warn | None = None,
+    now: datetime | None = None,
 ) -> Iterator[OrderRecord | RowError]:
     """Yield an ``OrderRecord`` per order (its consecutive rows) or a ``RowError`` per bad row; with ``now``, an
-    order placed or delivered more than a day after it is a bad row."""
-    return (item for _, _, item in numbered_orders(path, shop_tz=shop_tz, on_warning=on_warning, now=now))
+    order placed or delivered more than a day after it is a bad row. Amounts without a currency are in the shop's
+    (``shop_currency``)."""
+    return (item for _, _, item in numbered_orders(path, shop_tz=shop_tz, shop_currency=shop_currency,
+                                                   on_warning=on_warning, now=now))  # fmt: skip
 
 
 def numbered_orders(
-    path: Path, *, shop_tz: str = "Asia/Jakarta", on_warning: Warn | None = None, now: datetime | None = None
+    path: Path, *, shop_tz: str = "Asia/Jakarta", shop_currency: str = "IDR", on_warning: Warn | None = None,
+    now: datetime | None = None,
 ) -> Iterator[tuple[int, int, OrderRecord | RowError]]:
     """``read_orders`` with the lines each order (or bad row) starts and ends on; a rejected row of an order ends
     where the order does (none of its rows is imported)."""
@@ -266,7 +273,7 @@ def numbered_orders(
                     group_end = end
                 continue  # rows of a dropped, re-appearing order: reported once
             if group:
-                yield from _numbered(_order(group, path.name, zone, now, absent), group[0][0], group_end)
+                yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency), group[0][0], group_end)
             current, group, group_end = key, [(line, row)], end
             first = seen.add(key, line)
             if first is not None:
@@ -274,7 +281,7 @@ def numbered_orders(
                 reason = f"order {key!r} already seen at line {first}; keep an order's lines together"
                 yield line, end, RowError(path.name, line, key, reason)
         if group:
-            yield from _numbered(_order(group, path.name, zone, now, absent), group[0][0], group_end)
+            yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency), group[0][0], group_end)
 
 
 # --- rows → records --------------------------------------------------------------
@@ -300,8 +307,10 @@ def _customer(
     ), unclear
 
 
-def _product(row: dict[str, str], key: str, absent: frozenset[str], zone: ZoneInfo) -> tuple[ProductRecord, str]:
-    currency = _currency(row)
+def _product(
+    row: dict[str, str], key: str, absent: frozenset[str], zone: ZoneInfo, shop_currency: str
+) -> tuple[ProductRecord, str]:
+    currency = _currency(row, shop_currency)
     return ProductRecord(
         external_id=key,
         name=_name(row),
@@ -324,7 +333,8 @@ def _numbered(
 
 
 def _order(
-    group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo, now: datetime | None, absent: frozenset[str]
+    group: list[tuple[int, dict[str, str]]], file: str, zone: ZoneInfo, now: datetime | None, absent: frozenset[str],
+    shop_currency: str,
 ) -> Iterator[OrderRecord | RowError]:
     """One order from its rows, or one ``RowError`` per bad row (the order is then dropped)."""
     first_line, head = group[0]
@@ -336,7 +346,7 @@ def _order(
         key = _ident(head, "order_id")
         customer = _ident(head, "customer_id")
         status = _status(head)
-        currency = _currency(head)
+        currency = _currency(head, shop_currency)
         placed_at = _not_ahead(head, "placed_at", _datetime(head, "placed_at", zone), now)
         delivered_at = _optional_datetime(head, "delivered_at", zone)
         if delivered_at is not None:
@@ -349,7 +359,7 @@ def _order(
         total = _optional_money(head, "total", currency)
     except _Invalid as exc:
         errors.append(RowError(file, first_line, key, str(exc)))
-        currency, total, head_ok = "IDR", None, False
+        currency, total, head_ok = shop_currency, None, False
     for line, row in group:
         if line != first_line:
             for column in _ORDER_HEAD:
@@ -557,8 +567,9 @@ def _consent(row: dict[str, str]) -> tuple[bool, str]:
                        "saved as no consent; correct it and import the file again")  # fmt: skip
 
 
-def _currency(row: dict[str, str]) -> str:
-    value = row.get("currency", "").strip() or "IDR"
+def _currency(row: dict[str, str], shop_currency: str) -> str:
+    """The row's currency, the shop's when the file has none (no column, or an empty cell)."""
+    value = row.get("currency", "").strip() or shop_currency
     if not _CURRENCY.fullmatch(value):
         raise _Invalid(f"invalid currency {_show(value)} (expected a 3-letter code such as IDR)")
     if not money.known(value):  # its minor units are unknown: an amount could not be read right

@@ -56,7 +56,7 @@ table's columns each fills)."""
 KEPT_PRODUCT: dict[str, tuple[str, ...]] = {
     name: (name,) for name in ("category", "url", "image_url", "launched_at", "active")
 }
-"""The same for products.csv. ``currency`` is not kept: the price is read in the currency the file gives (its
+"""The same for products.csv. ``currency`` is not kept: the price is read in the currency the file gives (the shop's
 default)."""
 
 

@@ -35,8 +35,10 @@ def _reader(
         return numbered_customers(path, check_dns=check_dns, on_warning=warn, shop_tz=settings.shop.time_zone,
                                   shop_locale=settings.shop.default_locale)
     if kind == "products":
-        return numbered_products(path, on_warning=warn, shop_tz=settings.shop.time_zone)
-    return numbered_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone, now=now)
+        return numbered_products(path, on_warning=warn, shop_tz=settings.shop.time_zone,
+                                 shop_currency=settings.shop.currency)
+    return numbered_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone,
+                           shop_currency=settings.shop.currency, now=now)
 
 
 class Terminated(KeyboardInterrupt):
