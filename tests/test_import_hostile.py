@@ -716,3 +716,31 @@ def test_a_file_without_a_currency_column_is_in_the_shops_currency_not_rupiah(
         ("P-1", 2499, "USD"), ("P-2", 500, "USD")]
     assert _rows(db_url, "select currency, total_minor from shop_order") == [("USD", 2499)]
     assert _rows(db_url, "select total_spent_minor from customer") == [(2499,)]
+
+
+def test_one_address_in_customers_whose_consents_disagree_is_reported_and_all_are_imported(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an export where one mailbox (written in two cases) is two customers, one who said yes and one who said
+    # no, and another shared by two customers who agree
+    config = _config(tmp_path, db_url)
+    path = tmp_path / "customers.csv"
+    path.write_text(
+        "id,email,name,marketing_consent\n"
+        "C-1,siti@example.com,Siti,ya\n"
+        "C-2,budi@example.com,Budi,ya\n"
+        "C-3,Siti@Example.COM,Ibu Siti,tidak\n"
+        "C-4,budi@example.com,Budi Jr,yes\n",
+        encoding="utf-8",
+    )
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    # Then every customer is imported as given, and the disagreement is named at its line with the other line (it
+    # went unsaid: the mailbox whose owner said no kept getting the other customer's marketing mail); exit 1
+    assert code == 1, out
+    assert ("warning: customers.csv:4: id 'C-3': marketing_consent no here, yes at line 2 for the same address "
+            "'siti@example.com'") in out, out
+    assert out.count("same address") == 1, out
+    assert "customers: 4 created, 0 updated, 0 unchanged, 0 rejected, 1 sharing an address with another " \
+           "marketing_consent" in out, out
+    consent = dict(_rows(db_url, "select external_id, marketing_consent from customer"))
+    assert {k: bool(v) for k, v in consent.items()} == {"C-1": True, "C-2": True, "C-3": False, "C-4": True}

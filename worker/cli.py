@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Import a CSV file (columns in the README). Rows are upserted by their id, so "
                        "importing the same file twice changes nothing. A bad row is reported with its line number "
                        "and skipped; the rest is imported. Import customers before their orders (an order of an "
-                       "unknown customer is rejected). Exit code 1 if any row was rejected; 2 if the file is "
+                       "unknown customer is rejected). Exit code 1 if any row was rejected, or imported with a "
+                       "warning (an unclear marketing_consent, one address whose customers' consents disagree); 2 if "
+                       "the file is "
                        "missing or cannot be read as CSV of that kind (nothing imported); 130/143 when stopped by "
                        "Ctrl-C/SIGTERM (it says up to which line the file is imported).")
     p.add_argument("kind", choices=["customers", "products", "orders"], help="what the file holds")

@@ -28,7 +28,8 @@ customers.csv
     ``shop_locale``), ``time_zone`` (IANA; default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD
     or empty; 29 February allowed in leap years), ``marketing_consent``
     (required: true/false, yes/no, 1/0, ya/tidak; anything else, empty included, is saved as False and
-    reported by a ``saved`` ``RowError`` after the record), ``consent_basis`` and
+    reported by a ``saved`` ``RowError`` after the record; so is a customer whose address, case aside, an earlier
+    one of the file has with the other answer: ``_consents_agree``), ``consent_basis`` and
     ``consent_source`` (optional text, at most 64 characters).
 
 products.csv
@@ -145,7 +146,8 @@ class RowError:
     reason: str
     saved: bool = False
     """The row was imported all the same, with the value the reason names replaced by the safe one (an unclear
-    ``marketing_consent`` saved as no consent): a warning, not a rejected row."""
+    ``marketing_consent`` saved as no consent), or as given beside a customer whose consent for the same address
+    says the other (``SHARED_ADDRESS``): a warning, not a rejected row."""
 
     def __str__(self) -> str:
         who = f" id {self.key!r}:" if self.key else ""
@@ -175,10 +177,35 @@ def numbered_customers(
 ) -> Iterator[tuple[int, int, CustomerRecord | RowError]]:
     """``read_customers`` with the lines each record starts and ends on."""
     resolver = email_validator.caching_resolver(timeout=10) if check_dns else None
-    return _numbered_by_id(
+    return _consents_agree(path.name, _numbered_by_id(
         path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning,
         lambda row, key, absent: _customer(row, key, absent, check_dns, resolver, shop_tz, shop_locale),
-    )  # fmt: skip
+    ))  # fmt: skip
+
+
+SHARED_ADDRESS = "for the same address"
+"""In the warning of a customer whose address another customer of the file has with the other consent."""
+
+
+def _consents_agree(
+    file: str, items: Iterator[tuple[int, int, CustomerRecord | RowError]]
+) -> Iterator[tuple[int, int, CustomerRecord | RowError]]:
+    """``items``, with a ``saved`` ``RowError`` after a customer whose address (case aside) an earlier customer of
+    the file has with the other ``marketing_consent``: both are imported as given, and the mailbox of someone who
+    said no gets the other one's marketing mail (or the reverse), which the shop should settle."""
+    said = {True: _SeenIds(), False: _SeenIds()}
+    for line, end, item in items:
+        yield line, end, item
+        if isinstance(item, CustomerRecord):
+            address = item.email.casefold()
+            said[item.marketing_consent].add(address, line)
+            other = said[not item.marketing_consent].find(address)
+            if other is not None:
+                here, there = ("yes", "no") if item.marketing_consent else ("no", "yes")
+                yield line, end, RowError(file, line, item.external_id, (
+                    f"marketing_consent {here} here, {there} at line {other} {SHARED_ADDRESS} {_show(address)}: both "
+                    "are imported as given, so that mailbox is one customer's who agreed and one's who did not; "
+                    "make them agree and import the file again"), saved=True)  # fmt: skip
 
 
 def read_products(
@@ -693,6 +720,18 @@ class _SeenIds:
             if self._size * 10 > len(self._keys) * 7:
                 self._grow()
         return first
+
+    def find(self, key: str) -> int | None:
+        """The line ``key`` was first seen on, or None (it is not remembered)."""
+        digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") or 1
+        keys = self._keys
+        mask = len(keys) - 1
+        slot = digest & mask
+        while keys[slot] != 0:
+            if keys[slot] == digest:
+                return self._lines[slot]
+            slot = (slot + 1) & mask
+        return None
 
     def _find_or_put(self, digest: int, line: int) -> int | None:
         keys = self._keys

@@ -13,7 +13,13 @@ from types import FrameType
 from typing import Any
 
 from worker.adapters import db, shop
-from worker.adapters.importer import RowError, numbered_customers, numbered_orders, numbered_products
+from worker.adapters.importer import (
+    SHARED_ADDRESS,
+    RowError,
+    numbered_customers,
+    numbered_orders,
+    numbered_products,
+)
 from worker.adapters.store import Store
 from worker.commands.progress import Progress
 from worker.config import Settings
@@ -115,8 +121,9 @@ def import_file(
     }[kind]
     total = shop.UpsertCounts()
     errors = 0
-    unclear = 0
-    """Rows imported with a value replaced by the safe one (``RowError.saved``: an unclear consent saved as none)."""
+    unclear = shared = 0
+    """Rows imported with a value replaced by the safe one (``RowError.saved``: an unclear consent saved as none);
+    ``shared``: customers imported beside one of the same address whose consent says the other."""
     foreign: Counter[str] = Counter()
     """Orders in another currency than the shop's, by currency; ``first_foreign``: the line of the first."""
     first_foreign = 0
@@ -138,7 +145,10 @@ def import_file(
     try:
         for line, end, item in _reader(kind, path, settings, check_dns, warn, now):
             if isinstance(item, RowError) and item.saved:
-                unclear += 1
+                if SHARED_ADDRESS in item.reason:
+                    shared += 1
+                else:
+                    unclear += 1
                 say(f"warning: {printable(str(item))}")
                 continue
             if isinstance(item, RowError):
@@ -171,7 +181,7 @@ def import_file(
             f"none of {path.name} is imported")
         print(
             f"kembali import: interrupted: {done} ({total.created} created, {total.updated} updated, "
-            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear)}). {again}",
+            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear, shared)}). {again}",
             file=sys.stderr,
         )
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
@@ -193,13 +203,14 @@ def import_file(
                   "stats shows (Kembali converts no currency)", file=sys.stderr)  # fmt: skip
     print(
         f"{kind}: {total.created} created, {total.updated} updated, {total.unchanged} unchanged, "
-        f"{errors} rejected{_unclear(unclear)} (from {path})"
+        f"{errors} rejected{_unclear(unclear, shared)} (from {path})"
     )
-    return EXIT_REJECTED if errors or unclear else EXIT_OK
+    return EXIT_REJECTED if errors or unclear or shared else EXIT_OK
 
 
-def _unclear(count: int) -> str:
-    return f", {count} with an unclear marketing_consent" if count else ""
+def _unclear(count: int, shared: int) -> str:
+    return ((f", {count} with an unclear marketing_consent" if count else "")
+            + (f", {shared} sharing an address with another marketing_consent" if shared else ""))  # fmt: skip
 
 
 def _flush(
