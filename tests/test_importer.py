@@ -487,3 +487,33 @@ def test_an_order_naming_its_customer_or_product_with_an_invisible_character_is_
     assert [r.external_id for r in found if isinstance(r, OrderRecord)] == ["O-3"]
     assert [(e.line, e.reason.split(" (")[0]) for e in errors(found)] == [
         (2, "invalid customer_id 'C-1\\u200b'"), (3, "invalid product_id 'P-1\\ufeff'")]
+
+
+@pytest.mark.parametrize(
+    ("placed_at", "total", "hint"),
+    [
+        # a spreadsheet's own date format: 01/02/2026 is 1 February or 2 January, so none is guessed
+        ("12/31/2026", "1000", "invalid placed_at '12/31/2026' (a date as a spreadsheet shows it: is it month/day or "
+                               "day/month? write it as YYYY-MM-DD, e.g. 2026-11-22 or 2026-11-22T10:00:00+07:00)"),
+        ("31.12.2025", "1000", "invalid placed_at '31.12.2025' (a date as a spreadsheet shows it"),
+        # GMT+7 reads as UTC+7 here and as UTC-7 in a POSIX zone (Etc/GMT+7): the offset is asked for, not guessed
+        ("2026-01-02 10:00 GMT+7", "1000", "invalid placed_at '2026-01-02 10:00 GMT+7' (write the offset as +07:00 "
+                                           "or -07:00 after the time, or none for the shop's time zone; 'GMT+7' is "
+                                           "read either way round)"),
+        ("2026-01-02T10:00:00 UTC+7", "1000", "invalid placed_at '2026-01-02T10:00:00 UTC+7' (write the offset as"),
+        # thousands separators: 1,234.50 is clear, but 249,50 is Rp249.50 in Indonesian and 24950 in English
+        ("2026-01-02", "1,234.50", "invalid total '1,234.50' (write amounts without thousands separators and with "
+                                   "'.' before decimals, such as 249000 or 249000.50)"),
+        ("2026-01-02", "249,50", "invalid total '249,50' (write amounts without thousands separators"),
+    ],
+)
+def test_a_spreadsheets_local_date_offset_or_amount_is_a_rejected_row_saying_what_to_write(
+    tmp_path: Path, placed_at: str, total: str, hint: str
+) -> None:
+    path = write(tmp_path, "o.csv", "order_id,customer_id,status,placed_at,total\n"
+                 f'O-1,C-1,paid,{placed_at},"{total}"\nO-2,C-1,paid,2026-01-02,1000\n')  # fmt: skip
+    found = list(read_orders(path))
+    assert [r.external_id for r in found if isinstance(r, OrderRecord)] == ["O-2"]
+    [error] = errors(found)
+    assert (error.file, error.line, error.key) == ("o.csv", 2, "O-1")
+    assert error.reason.startswith(hint), error.reason

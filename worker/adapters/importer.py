@@ -611,6 +611,9 @@ def _optional_money(row: dict[str, str], column: str, currency: str) -> int | No
 def _money(row: dict[str, str], column: str, currency: str) -> int:
     value = _required(row, column)
     if not _AMOUNT.fullmatch(value):
+        if re.fullmatch(r"[0-9][0-9,.]*[0-9]", value) and "," in value:  # 1,234.50 or 249,50: not guessed
+            raise _Invalid(f"invalid {column} {_show(value)} (write amounts without thousands separators and with "
+                           "'.' before decimals, such as 249000 or 249000.50)")  # fmt: skip
         raise _Invalid(f"invalid {column} {_show(value)} (expected an amount such as 249000 or 249000.50)")
     decimals = money.exponent(currency)
     if decimals < 3 and _THOUSANDS.fullmatch(value):  # read as decimals, Rp249.000 would be Rp249
@@ -654,10 +657,23 @@ def _optional_datetime(row: dict[str, str], column: str, zone: ZoneInfo) -> date
     return _datetime(row, column, zone) if row.get(column, "").strip() else None
 
 
+_LOCAL_DATE = re.compile(r"[0-9]{1,4}[/.-][0-9]{1,2}[/.-][0-9]{1,4}\b")
+"""A date as a spreadsheet shows it in its locale: 12/31/2026, 31.12.2026, 31-12-26."""
+_NAMED_OFFSET = re.compile(r"(?:GMT|UTC)\s*[+-]", re.IGNORECASE)
+
+
 def _datetime(row: dict[str, str], column: str, zone: ZoneInfo) -> datetime:
+    """Refused, not guessed: a spreadsheet's local date (01/02/2026 is 1 February or 2 January) and an offset
+    written GMT+7 (UTC+7 to most, UTC-7 to POSIX and the Etc/GMT+7 zone)."""
     value = _required(row, column)
     if not _DATE.match(value):
+        if _LOCAL_DATE.match(value):
+            raise _Invalid(f"invalid {column} {_show(value)} (a date as a spreadsheet shows it: is it month/day or "
+                           "day/month? write it as YYYY-MM-DD, e.g. 2026-11-22 or 2026-11-22T10:00:00+07:00)")
         raise _Invalid(f"invalid {column} {_show(value)} (expected ISO 8601, e.g. 2026-11-22T10:00:00+07:00)")
+    if _NAMED_OFFSET.search(value):
+        raise _Invalid(f"invalid {column} {_show(value)} (write the offset as +07:00 or -07:00 after the time, or none "
+                       "for the shop's time zone; 'GMT+7' is read either way round)")  # fmt: skip
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
