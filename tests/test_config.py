@@ -201,6 +201,14 @@ def test_any_environment_variable_name_is_taken() -> None:
         ({"campaigns": {"loyalty": {"spend_milestones": [2**63 - 1]}}},
          "'campaigns.loyalty.spend_milestones[0]' must be at most 1_000_000_000_000_000"),
         ({"campaigns": {"winback": {"recommendations": -1}}}, "'campaigns.winback.recommendations' must be 0"),
+        # counts no shop needs that high, taken as typos: a rate limit that never limits, a pause that never comes,
+        # more connections than the process has file descriptors
+        ({"sending": {"burst": 10**12}}, "'sending.burst' must be at most 100_000, not 1_000_000_000_000"),
+        ({"sending": {"domain_burst": 10**9}}, "'sending.domain_burst' must be at most 100_000"),
+        ({"sending": {"domains": {"gmail.com": {"burst": 10**9}}}},
+         "'sending.domains.gmail.com.burst' must be at most 100_000"),
+        ({"sending": {"pause_after_failures": 10**9}}, "'sending.pause_after_failures' must be at most 100_000"),
+        ({"web": {"max_connections": 10**6}}, "'web.max_connections' must be at most 10_000"),
     ],
 )
 def test_a_value_past_what_the_program_can_take_is_refused_by_name(raw: dict[str, object], message: str) -> None:

@@ -809,6 +809,11 @@ def _check_upper_bounds(s: Settings) -> None:
                ("web.request_timeout_seconds", s.web.request_timeout_seconds)]
     counts = [("smtp.pool_size", s.smtp.pool_size, 100),
               ("sending.max_attempts", s.sending.max_attempts, 100),
+              ("sending.burst", s.sending.burst, 100_000),
+              ("sending.domain_burst", s.sending.domain_burst, 100_000),
+              *((f"sending.domains.{d}.burst", limit.burst, 100_000) for d, limit in s.sending.domains.items()),
+              ("sending.pause_after_failures", s.sending.pause_after_failures, 100_000),
+              ("web.max_connections", s.web.max_connections, 10_000),
               ("sending.in_flight_per_connection", s.sending.in_flight_per_connection, 100),
               ("sending.batch_size", s.sending.batch_size, 100_000),
               ("campaigns.new_products.max_products", c.new_products.max_products, 100),
