@@ -19,7 +19,7 @@ from typing import Any
 
 from worker import log
 from worker.commands import arguments
-from worker.config import DEFAULT_CONFIG, Settings, load_settings
+from worker.config import DEFAULT_CONFIG, Settings, load_settings, naming_the_line
 from worker.errors import ConfigError, KembaliError, SchemaError
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -313,7 +313,10 @@ def _main(argv: Sequence[str] | None) -> int:
         settings = load_settings(args.config)
         from worker.adapters import db
 
-        db.check_url(settings)
+        try:
+            db.check_url(settings)
+        except ConfigError as exc:  # found after the file was read: named with its line as the loader's errors are
+            raise ConfigError(naming_the_line(str(exc), settings)) from None
         log.configure(settings.logging.level, settings.logging.format)
         handler = _COMMANDS[args.command]
         code: int = handler(settings, args)

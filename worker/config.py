@@ -382,8 +382,21 @@ def _with_line(message: str, source: str, text: str) -> str:
     while dotted:
         if dotted in lines:
             return f"{head}line {lines[dotted]}: {message[len(head):]}"
-        dotted = re.sub(r"(\[[0-9]+\]|\.?[^.\[]*)$", "", dotted)  # the table it is in: a.b[1].c -> a.b[1] -> a.b -> a
+        table = re.sub(r"(\[[0-9]+\]|\.?[^.\[]*)$", "", dotted)  # the table it is in: a.b[1].c -> a.b[1] -> a.b -> a
+        if table == dotted:  # a name no table is cut from (steps[].template): no line to give
+            break
+        dotted = table
     return message
+
+
+def naming_the_line(message: str, settings: Settings) -> str:
+    """``message``, an error about ``settings`` found after they were loaded (the database URL the engine cannot
+    use), with the line of the key it names, as ``load_settings`` gives its own errors."""
+    try:
+        text = Path(settings.source).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):  # settings from no file (a dict), or the file changed since
+        return message
+    return _with_line(message, settings.source, text)
 
 
 def _key_lines(text: str) -> dict[str, int]:
