@@ -64,7 +64,10 @@ def test_send_test_with_a_sample_customer_and_a_refusing_server(tmp_path: Path, 
     smtp_server.on("full@shop.example", Behaviour(rcpt_reply="550 5.1.1 No such user"))
     done = site.cli("send-test", "--campaign", "winback", "--to", "full@shop.example")
     assert done.returncode == 1
-    assert "not sent (permanent): 550 5.1.1 No such user" in done.stdout
+    # the refusal is a diagnostic, on stderr with the command's name, as exit 2 and 3's are: stdout says only what
+    # was sent (a script reading it got "kembali send-test: not sent…" as if it were the result)
+    assert "kembali send-test: not sent (permanent): 550 5.1.1 No such user" in done.stderr
+    assert done.stdout == ""
 
     done = site.cli("send-test", "--campaign", "nosuch", "--to", "me@shop.example")
     assert done.returncode == 2 and "no campaign 'nosuch'" in done.stderr
@@ -147,6 +150,19 @@ def test_a_test_message_the_server_did_not_confirm_is_not_called_unsent(
 
     # Then it is not called "not sent" (it may well have arrived: sending another could make two), and says so
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "not sent" not in done.stdout
-    assert "may have been sent" in done.stdout and "me@shop.example" in done.stdout
-    assert "Timed out waiting for server response" in done.stdout
+    assert "not sent" not in done.stdout + done.stderr
+    assert "may have been sent" in done.stderr and "me@shop.example" in done.stderr
+    assert "Timed out waiting for server response" in done.stderr
+    assert done.stdout == ""
+
+
+def test_a_template_that_does_not_render_is_named_on_stderr(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port, copy_templates=True)
+    for locale in ("id", "en"):
+        (site.folder / "templates" / "winback" / locale / "body.txt").write_text("{{ bas_url.x }}\n", encoding="utf-8")
+
+    done = site.cli("send-test", "--campaign", "winback", "--to", "me@shop.example")
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "kembali send-test: render error: " in done.stderr and "body.txt" in done.stderr
+    assert done.stdout == "" and smtp_server.messages == []

@@ -127,9 +127,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="Render one message of a campaign for a customer (--customer, the shop's id) or "
                        "a sample customer, and send it through the configured SMTP server to --to, with '[TEST] ' "
                        "before the subject. The ledger is not touched; the unsubscribe link in a test message "
-                       "does not work (it cannot unsubscribe the customer). Exit code 1 if the server refuses the "
-                       "message (or does not confirm it), 3 if the server cannot be used (connection, login, TLS "
-                       "setup).")
+                       "does not work (it cannot unsubscribe the customer). What was sent, and the server's reply, "
+                       "is printed on stdout; why nothing was sent, on stderr. Exit code 1 if the server refuses the "
+                       "message (or does not confirm it) or the template does not render, 2 for an unknown "
+                       "--campaign or --customer, 3 if the server cannot be used (connection, login, TLS setup).")
     p.add_argument("--campaign", required=True,
                    help="the campaign, e.g. winback, or a win-back step's template folder, e.g. winback-reminder")
     p.add_argument("--customer", help="render for this customer (default: a sample customer)")

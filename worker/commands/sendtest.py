@@ -26,6 +26,7 @@ from worker.log import printable
 from worker.pipeline import Composer, load_batch_facts, load_catalogue
 
 EXIT_OK, EXIT_NOT_SENT, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+"""What it sent goes to stdout; why it sent nothing (or may have), to stderr, named "kembali send-test:"."""
 TEST_PREFIX = "[TEST] "
 
 
@@ -69,7 +70,7 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     try:
         rendered = deps.templates.render(args.campaign, customer.locale, context)
     except TemplateError as exc:
-        print(f"kembali send-test: render error: {printable(str(exc))}")
+        print(f"kembali send-test: render error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_NOT_SENT
     rendered = dataclasses.replace(rendered, subject=TEST_PREFIX + rendered.subject)
     data = build_message(
@@ -96,9 +97,10 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     if result.outcome is Outcome.AMBIGUOUS:  # handed over, then no reply: "not sent" would invite a second copy
         print(f"kembali send-test: may have been sent: the server took the message but did not confirm it "
               f"({printable(result.reply or result.error_type)}): look in the inbox of {args.to} before "
-              "sending another")  # fmt: skip
+              "sending another", file=sys.stderr)  # fmt: skip
         return EXIT_NOT_SENT
-    print(f"kembali send-test: not sent ({result.outcome.value}): {printable(result.reply or result.error_type)}")
+    print(f"kembali send-test: not sent ({result.outcome.value}): {printable(result.reply or result.error_type)}",
+          file=sys.stderr)
     return EXIT_NOT_SENT
 
 
