@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,8 +218,14 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     done = broken.cli("check")
     assert done.returncode == 1
     assert "syntax: winback/id/body.html:" in done.stdout
-    # found by the render and by the scan alike, it is listed and counted once
-    assert done.stdout.count("syntax: ") == 1 and "1 problem found" in done.stderr, done.stdout + done.stderr
+    # found by the render and by the scan alike, it is listed and counted once; the count is part of the report,
+    # on stdout as "no problems found" is (it went to stderr: `kembali check > report.txt` kept the list, not the count)
+    assert done.stdout.count("syntax: ") == 1 and "\n1 problem found\n" in done.stdout, done.stdout + done.stderr
+    assert done.stderr == ""
+    # --json: one object per problem, nothing else on stdout
+    done = broken.cli("check", "--json")
+    assert done.returncode == 1 and done.stderr == ""
+    assert [json.loads(line)["kind"] for line in done.stdout.splitlines()] == ["syntax"]
 
 
 def test_check_reports_a_missing_link_secret(tmp_path: Path) -> None:

@@ -120,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                        "report syntax errors and undefined variables with file and line, missing files, an empty "
                        "text part, HTML over checks.html_max_bytes, renders slower than "
                        "checks.render_timeout_seconds, empty or too long subjects, unescaped data and a missing "
-                       "unsubscribe link or postal address. Exit code 1 on any problem.")
+                       "unsubscribe link or postal address, all on stdout. Exit code 1 on any problem; 2 when the "
+                       "config file cannot be read or is invalid (nothing else is checked).")
     p.add_argument("--json", action="store_true", help="print one JSON object per problem")
 
     p = sub.add_parser("send-test", help="send one rendered message to yourself, marked as a test",

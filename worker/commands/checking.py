@@ -1,9 +1,10 @@
-"""`kembali check`: the config, then every template in every language against the sample customers."""
+"""`kembali check`: the config, then every template in every language against the sample customers.
+
+The report (or, with --json, one object per problem) is the result: all of it goes to stdout."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.app import link_keys, smtp_password
@@ -52,6 +53,6 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
         print("no problems found")
         return EXIT_OK
     for p in problems:
-        print(f"{p.kind.value}: {p}", file=sys.stdout)
-    print(f"\n{len(problems)} problem{'s' if len(problems) != 1 else ''} found", file=sys.stderr)
+        print(f"{p.kind.value}: {p}")
+    print(f"\n{len(problems)} problem{'s' if len(problems) != 1 else ''} found")
     return EXIT_PROBLEMS
