@@ -569,3 +569,34 @@ def test_every_command_help_ends_with_examples_that_parse(command: str) -> None:
         words = shlex.split(command_line, comments=True)  # kembali's own words: no pipe, redirection or comment
         assert words[0] == "kembali"
         _parser().parse_args(words[1:])  # argparse exits 2 on an example that has gone stale
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_demo_stopped_while_it_sends_says_what_was_sent_and_what_was_not(tmp_path: Path, stop: str) -> None:
+    # a SIGTERM while the demo sent killed it where it stood: no word of what the sink had received or of what was
+    # planned and left unsent (a Ctrl-C said only "kembali: interrupted"); both now stop as `run --once` does
+    import signal
+    import time
+
+    config = tmp_path / "slow.toml"
+    config.write_text(f'[templates]\ndir = "{TEMPLATES}"\n[sending]\nrate_per_second = 4.0\nburst = 1\n',
+                      encoding="utf-8")
+    out = tmp_path / "demo"
+    env = {**os.environ, "KEMBALI_LINK_SECRET": "", "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "worker", "--config", str(config), "demo", "--out", str(out), "--customers", "200"]
+    with subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as child:
+        deadline = time.monotonic() + 90
+        while len(list(out.glob("sent/*.eml"))) < 3:
+            assert child.poll() is None and time.monotonic() < deadline, "the demo never sent"
+            time.sleep(0.05)
+        child.send_signal(getattr(signal, stop))
+        stdout, stderr = child.communicate(timeout=60)
+
+    assert child.returncode == 128 + getattr(signal, stop).value, stdout + stderr
+    assert "Traceback" not in stderr and "interrupted" not in stderr
+    files = len(list(out.glob("sent/*.eml")))
+    sent = sum(int(line.split()[1]) for line in stdout.splitlines() if line.startswith("sent "))
+    assert sent == files and f"the local SMTP sink received {files} messages" in stdout, stdout
+    left = re.search(rf"^kembali demo: stopped by {stop}: (\d+) planned messages? not sent", stdout, re.M)
+    assert left is not None and int(left.group(1)) > 0, stdout

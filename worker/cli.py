@@ -3,7 +3,7 @@
 Exit codes: 0 done; 1 done, but something needs the operator (rejected rows,
 render errors); 2 bad usage or configuration (nothing was done); 3 the
 database or SMTP server could not be used; 141 the output's reader went away
-(``| head``); 130/143 ``run --once`` or ``import`` stopped by SIGINT/SIGTERM.
+(``| head``); 130/143 ``run --once``, ``import`` or ``demo`` stopped by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         "every message and attempt in a ledger so nothing is sent twice or lost.",
         epilog="Run `kembali COMMAND --help` for each command. Start with `kembali demo`. Exit codes: 0 done; 1 done, "
         "but something needs you (rejected rows, failed or uncertain messages, template problems); 2 bad usage or "
-        "configuration, nothing done; 3 the database or the SMTP server cannot be used; 130/143 `run --once` or "
-        "`import` stopped by SIGINT/SIGTERM; 141 the output's reader went away (`| head`).",
+        "configuration, nothing done; 3 the database or the SMTP server cannot be used; 130/143 `run --once`, "
+        "`import` or `demo` stopped by SIGINT/SIGTERM; 141 the output's reader went away (`| head`).",
     )
     top.add_argument("--config", type=Path, default=None, metavar="FILE", help=_CONFIG_HELP)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                        "free loopback port, run one full cycle (plan, render, send, record) against it, save what "
                        "the sink received as .eml files, and print what was sent. Touches nothing outside --out. Reads "
                        "--config (default ./config.toml, else the config.toml and templates/email/ of the project's "
-                       "folder it is installed from).")
+                       "folder it is installed from). Exit code 1 if a message was not sent; 2 for a bad config; "
+                       "130/143 when stopped by Ctrl-C/SIGTERM (sends under way finish; it says what was sent and "
+                       "how many planned messages were not).")
     p.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR",
                    help="folder for the demo (default: demo-out)")
     p.add_argument("--customers", type=int, default=120, help="customers in the demo shop (default: 120)")

@@ -101,6 +101,13 @@ def queue_depth(store: Store, now: datetime) -> int:
         return int(conn.execute(query).scalar() or 0)
 
 
+def waiting(store: Store) -> int:
+    """Rows waiting to be sent, due now or later."""
+    query = sa.select(sa.func.count()).select_from(M).where(WAITING)
+    with db.reading(store.engine) as conn:
+        return int(conn.execute(query).scalar() or 0)
+
+
 def customer(store: Store, customer_id: int) -> CustomerSnapshot | None:
     with db.reading(store.engine) as conn:
         row = conn.execute(sa.select(C).where(C.c.id == customer_id)).first()

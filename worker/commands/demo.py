@@ -17,7 +17,7 @@ from email.parser import BytesParser
 from pathlib import Path
 
 from worker import log
-from worker.adapters import db
+from worker.adapters import db, opstore
 from worker.adapters.sink import SmtpSink
 from worker.app import Deps
 from worker.commands import running
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             return code
 
     sink = SmtpSink(folder=out / "sent")
-    report, received = asyncio.run(_cycle_with_sink(settings, sink, FakeClock(now) if args.now else None))
+    report, received, left = asyncio.run(_cycle_with_sink(settings, sink, FakeClock(now) if args.now else None))
     print()
     for line in running.summary(report):
         print(line)
@@ -93,11 +93,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"  to {parsed['To']}: {parsed['Subject']}")
     if len(received) > 5:
         print(f"  … and {len(received) - 5} more")
+    stopped = running.stopped_code(report)
+    if stopped is not None:  # Ctrl-C or SIGTERM while it planned or sent: what it did, and what it left
+        print(f"kembali demo: stopped by {report.stopped_by}: {left} planned "
+              f"message{'s' if left != 1 else ''} not sent; run it again to start over")
     demo_config = _write_demo_config(args.config, settings, out)
     print(f"\ndatabase: {out / 'kembali-demo.db'}")
     if demo_config:
         look = f"{_command()} --config {shlex.quote(str(demo_config))} preview"
         print(f"look around: {look}   (the demo's settings, its database)")
+    if stopped is not None:
+        return stopped
     return 0 if report.dispatched.outcomes.get("sent", 0) == len(received) else 1
 
 
@@ -141,7 +147,9 @@ class SendProgress:
 
 async def _cycle_with_sink(
     settings: Settings, sink: SmtpSink, clock: FakeClock | None = None
-) -> tuple[running.CycleReport, list]:  # type: ignore[type-arg]
+) -> tuple[running.CycleReport, list, int]:  # type: ignore[type-arg]
+    """The cycle's report, what the sink received, and how many planned messages are left unsent. A first SIGINT
+    or SIGTERM stops it as it stops ``run --once``: the sends under way finish, the rest is left planned."""
     await sink.start()
     try:
         live = dataclasses.replace(settings, smtp=dataclasses.replace(settings.smtp, port=sink.port))
@@ -151,10 +159,11 @@ async def _cycle_with_sink(
             deps.clock = clock
         sending = SendProgress()
         try:
-            report = await running.cycle(deps, observer=sending)
+            report = await running.stoppable(deps, observer=sending)
+            left = opstore.waiting(deps.store)
         finally:
             sending.progress.done()
             deps.close()
     finally:
         await sink.stop()
-    return report, list(sink.messages)
+    return report, list(sink.messages), left

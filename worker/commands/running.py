@@ -132,18 +132,23 @@ def summary(report: CycleReport) -> list[str]:
     return lines
 
 
+def stopped_code(report: CycleReport) -> int | None:
+    """128 + the signal that stopped the run early, as a shell reports a process a signal ended; None if none did."""
+    return 128 + signal.Signals[report.stopped_by].value if report.stopped_by else None
+
+
 def _exit_code(report: CycleReport) -> int:
-    if report.stopped_by:
-        return 128 + signal.Signals[report.stopped_by].value  # as a shell reports a process a signal ended
+    if (code := stopped_code(report)) is not None:
+        return code
     if report.dispatched.paused:
         return EXIT_UNAVAILABLE
     bad = sum(n for what, n in report.dispatched.outcomes.items() if what.startswith("failed") or what == "uncertain")
     return EXIT_ATTENTION if bad or report.uncertain else EXIT_OK
 
 
-async def _stoppable(deps: Deps) -> CycleReport:
+async def stoppable(deps: Deps, *, observer: SendObserver | None = None) -> CycleReport:
     """``cycle``, stopped gracefully by the first SIGINT or SIGTERM (Ctrl-C, cron's ``timeout``), at once by a
-    second: as the daemon stops."""
+    second: as the daemon stops (``run --once``, the demo). ``report.stopped_by`` names the signal."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = StopSignals()
@@ -163,7 +168,7 @@ async def _stoppable(deps: Deps) -> CycleReport:
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        report = await cycle(deps, stop=stop)
+        report = await cycle(deps, stop=stop, observer=observer)
     finally:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
@@ -179,7 +184,7 @@ def once(settings: Settings) -> int:
     deps = Deps.build(settings)
     try:
         _check_template_folders(deps)
-        report = eventloop.run(_stoppable(deps))
+        report = eventloop.run(stoppable(deps))
     finally:
         deps.close()
     for line in summary(report):
