@@ -600,3 +600,24 @@ def test_a_demo_stopped_while_it_sends_says_what_was_sent_and_what_was_not(tmp_p
     assert sent == files and f"the local SMTP sink received {files} messages" in stdout, stdout
     left = re.search(rf"^kembali demo: stopped by {stop}: (\d+) planned messages? not sent", stdout, re.M)
     assert left is not None and int(left.group(1)) > 0, stdout
+
+
+def test_the_log_level_is_chosen_on_the_command_line_for_one_run(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    # the only way to quieten a cron job or see a run's every email was to edit [logging] level in the config
+    # the daemon shares; --log-level now sets it for one command, before or after the command's name
+    config = write_config(tmp_path, smtp_port=smtp_server.port, extra='[logging]\nlevel = "warning"\n')
+    _shop_in(tmp_path, config, customers=20)
+    loud = kembali("run", "--once", "--log-level", "info", config=config)
+    assert loud.returncode == 0, loud.stderr
+    assert re.search(r"^\S+ info +email_sent campaign=\S+ .*to=\S+\*\*\*@", loud.stderr, re.M), loud.stderr
+    assert "sent " in loud.stdout  # the summary is the result, whatever the level
+
+    config.write_text(config.read_text(encoding="utf-8").replace('level = "warning"', 'level = "info"'),
+                      encoding="utf-8")
+    assert "campaign_planned" in kembali("run", "--once", config=config).stderr  # at info, every run
+    quiet = kembali("--log-level", "error", "run", "--once", config=config)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr  # campaign_planned, info, not shown
+
+    wrong = kembali("--log-level", "loud", "run", "--once", config=config)
+    assert wrong.returncode == 2 and "invalid choice: 'loud'" in wrong.stderr
+    assert "--log-level LEVEL" in kembali("run", "--help").stdout

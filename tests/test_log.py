@@ -100,3 +100,22 @@ def test_a_librarys_warning_is_a_line_of_the_same_log(fmt: str) -> None:
     else:
         assert text.split(" ", 2)[1:] == ["warning", 'library_warning logger=psycopg.pool message="error ignored '
                                           'terminating <Pipeline [BAD]>\\nnext line"\n']  # fmt: skip
+
+
+def test_the_level_chosen_on_the_command_line_outlasts_a_reconfiguration() -> None:
+    # the daemon reconfigures its log when a SIGHUP reload changes [logging]: `kembali run --log-level debug` must
+    # not fall back to the config's level then
+    logger, root = logging.getLogger("kembali"), logging.getLogger()
+    saved = (logger.handlers[:], logger.level, logger.propagate, root.handlers[:])
+    out = io.StringIO()
+    try:
+        log.choose_level("debug")
+        log.configure("warning", "json", stream=out)
+        log.event("rate_slot_missed", logging.DEBUG, domain="gmail.com")
+        log.choose_level(None)
+        log.configure("warning", "json", stream=out)
+        log.event("rate_slot_missed", logging.DEBUG, domain="yahoo.com")
+    finally:
+        log.choose_level(None)
+        logger.handlers[:], logger.level, logger.propagate, root.handlers[:] = saved
+    assert [json.loads(line)["domain"] for line in out.getvalue().splitlines()] == ["gmail.com"]

@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         "`import` or `demo` stopped by SIGINT/SIGTERM; 141 the output's reader went away (`| head`).",
     )
     top.add_argument("--config", type=Path, default=None, metavar="FILE", help=_CONFIG_HELP)
+    top.add_argument("--log-level", choices=LOG_LEVELS, default=None, metavar="LEVEL", help=_LOG_LEVEL_HELP)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="try Kembali on a demo shop with a local SMTP sink",
@@ -209,13 +210,19 @@ class _KeepExamples(argparse.HelpFormatter):
 
 
 _CONFIG_HELP = "the config file (default: $KEMBALI_CONFIG or ./config.toml)"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_LEVEL_HELP = ("the log level of this command, one of debug, info, warning, error (default: the config's "
+                   "[logging] level; the demo's: warning); logs go to stderr, results to stdout")
 
 
 def _config_after_the_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``--config`` is taken after a command too (``kembali preview --config demo-out/config.toml``, as operators type
-    it), in every command and action; given there, it wins over one given before the command."""
+    """``--config`` and ``--log-level`` are taken after a command too (``kembali preview --config
+    demo-out/config.toml``, as operators type it), in every command and action; given there, they win over the
+    same option given before the command."""
     for parser in set(sub.choices.values()):
         parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE", help=_CONFIG_HELP)
+        parser.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, metavar="LEVEL",
+                            help=_LOG_LEVEL_HELP)
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _config_after_the_command(action)
@@ -306,6 +313,7 @@ def _main(argv: Sequence[str] | None) -> int:
                   f"unset it to read ./{DEFAULT_CONFIG}", file=sys.stderr)
             return EXIT_USAGE
         args.config = Path(named or DEFAULT_CONFIG)
+    log.choose_level(args.log_level)  # over [logging] level for the whole command (a daemon's reloads too)
     try:
         if args.command == "demo":
             from worker.commands import demo

@@ -114,8 +114,20 @@ _libraries: logging.Handler | None = None
 """The root logger's handler ``configure`` added: other libraries' warnings, in the same format."""
 
 
+_chosen_level: str | None = None
+"""The level the command line chose (``--log-level``): ``configure`` uses it over the one it is given."""
+
+
+def choose_level(level: str | None) -> None:
+    """Log at ``level`` whatever ``configure`` is given (the config's ``[logging] level``, a reload's); None: as
+    given."""
+    global _chosen_level
+    _chosen_level = level
+
+
 def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     global _libraries
+    level = _chosen_level or level
     formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)

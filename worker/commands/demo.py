@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     for stale in ("kembali-demo.db", "kembali-demo.db-wal", "kembali-demo.db-shm"):
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / "sent", ignore_errors=True)
-    log.configure("warning", base.logging.format)
+    log.configure("warning", base.logging.format)  # (--log-level chooses another)
 
     settings = dataclasses.replace(
         base,
