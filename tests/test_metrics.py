@@ -118,3 +118,32 @@ def test_scrapes_of_a_big_ledger_do_not_hold_up_the_senders_database_thread(tmp_
         store.close()
     assert statuses == [200] * 4
     assert waited < one_count, (waited, one_count)
+
+
+def test_every_line_is_prometheus_text_even_with_a_hostile_label_value() -> None:
+    import re
+
+    m = Metrics()
+    hostile = 'win"back\\x\ny} 1\nkembali_fake 9'
+    m.observe_planned(hostile, 1)
+    m.observe_result(hostile, "sent", "sent", 0.2, at=100.0)
+    text = m.render(ledger={(hostile, "sent"): 1}, queue_depth=None, rate_limit_per_second=0.5, rate_burst=1,
+                    paused=True, now=110.0)
+    value = r'"(?:[^"\\\n]|\\[\\"n])*"'
+    sample = re.compile(rf"([a-z_]+)(\{{[a-z_]+={value}(?:,[a-z_]+={value})*\}})? (-?[0-9.e+-]+|\+Inf|NaN)")
+    typed: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            typed[name] = kind
+            continue
+        found = sample.fullmatch(line)
+        assert found is not None, line
+        name = re.sub(r"_(bucket|sum|count)$", "", found.group(1)) if found.group(1) not in typed else found.group(1)
+        assert name in typed, line  # every sample under its family's TYPE
+    assert 'kembali_planned_total{campaign="win\\"back\\\\x\\ny} 1\\nkembali_fake 9"} 1' in text.splitlines()
+    assert "kembali_fake" not in typed and not any(line.startswith("kembali_fake") for line in text.splitlines())
+    assert "kembali_dispatcher_paused 1" in text.splitlines()
+    assert not any(line.startswith("kembali_queue_depth ") for line in text.splitlines())  # unread: no sample
