@@ -621,3 +621,16 @@ def test_the_log_level_is_chosen_on_the_command_line_for_one_run(tmp_path: Path,
     wrong = kembali("--log-level", "loud", "run", "--once", config=config)
     assert wrong.returncode == 2 and "invalid choice: 'loud'" in wrong.stderr
     assert "--log-level LEVEL" in kembali("run", "--help").stdout
+
+
+@pytest.mark.parametrize("command", sorted(EXAMPLES))
+def test_every_command_help_says_what_its_exit_codes_mean(command: str) -> None:
+    # db, run, suppress, preview and insights said nothing of theirs: an operator wiring one into cron or a script
+    # had only the top-level --help's general list
+    text = " ".join(kembali(command, "--help").stdout.split())
+    assert re.search(r"exit codes?:? [0-9]", text, re.I), text
+
+
+def test_the_run_help_tells_the_daemons_exit_codes_from_once() -> None:
+    text = " ".join(kembali("run", "--help").stdout.split())
+    assert "With --once, exit code 0" in text and "The daemon exits 0" in text

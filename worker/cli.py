@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="create or migrate the database schema",
                        description="Database maintenance. `kembali db upgrade` creates the schema in an empty "
                        "database or migrates an older one to this version (SQLite or PostgreSQL, from "
-                       "database.url).")
+                       "database.url). Exit code 2 for a bad config or an SQLite file that cannot be opened (does "
+                       "its folder exist?), 3 when the PostgreSQL server cannot be used (try again later).")
     p.add_argument("action", choices=["upgrade", "status"], help="upgrade: migrate to the newest schema; "
                    "status: show the current and newest revision")
 
@@ -87,12 +88,20 @@ def _parser() -> argparse.ArgumentParser:
                        "reloads config and templates after checking them; SIGTERM/SIGINT stops claiming, lets sends "
                        "under way finish ([daemon] shutdown_grace_seconds) and exits 0; a second signal exits at "
                        "once. With --once: one full cycle (plan, send, record), a summary, and exit (for cron and "
-                       "tests); a signal stops it the same way, with exit code 130 (SIGINT) or 143 (SIGTERM).")
+                       "tests); a signal stops it the same way, with exit code 130 (SIGINT) or 143 (SIGTERM). "
+                       "With --once, exit code 0 when all went out; 1 when messages failed or became uncertain "
+                       "(`kembali ledger list`); 2 for a bad config or a template folder missing files (nothing "
+                       "done); 3 when the database cannot be used or sending paused (the SMTP connection, login or "
+                       "setup). The daemon exits 0 when stopped, 1 when forced by a second signal or when outcomes "
+                       "could not be written, 2 when its config or templates fail the start-up check, 3 when the "
+                       "database cannot be used at start.")
     p.add_argument("--once", action="store_true", help="run one cycle and exit")
 
     p = sub.add_parser("suppress", help="manage the suppression list (addresses that never get email)",
                        description="Addresses on the suppression list are never sent to (checked right before "
-                       "every send). Unsubscribe links add to it with reason 'unsubscribed'.")
+                       "every send). Unsubscribe links add to it with reason 'unsubscribed'. Exit code 1 when `import` "
+                       "rejected lines (named on stderr; the rest is imported), 2 for a missing or invalid address "
+                       "or a file that is not UTF-8 text, 3 when the database cannot be used.")
     p.add_argument("action", choices=["add", "remove", "list", "import"])
     p.add_argument("target", nargs="?", help="add/remove: an email address; list: only this address (optional); "
                    "import: a file with one address a line, or a CSV with an 'email' column ('-' for standard input)")
@@ -102,7 +111,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preview", help="dry run: who would get what, without sending or writing",
                        description="Run the real planning, re-check and rendering as of --at, with no sends and "
-                       "no writes, and list the messages that would go out and the ones that would be skipped.")
+                       "no writes, and list the messages that would go out and the ones that would be skipped. "
+                       "Exit code 1 when messages would fail to render (named with template file and line), 2 for "
+                       "an unknown --campaign or --customer (or --serve's port in use), 3 when the database cannot "
+                       "be used.")
     p.add_argument("--at", type=_datetime_arg, default=None,
                    help="the moment to plan for, ISO 8601 with offset (default: now), e.g. 2027-02-28T10:00+07:00")
     p.add_argument("--campaign", action="append", help="only this campaign (repeatable)")
@@ -158,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="From the order history: the distribution of days between a customer's first "
                        "and second purchase, and the day by which --share of second purchases happened, as the "
                        "recommended day of the first win-back email (campaigns.winback.steps[0].days, or "
-                       "campaigns.winback.quiet_days without steps), with the sample size it rests on.")
+                       "campaigns.winback.quiet_days without steps), with the sample size it rests on. Exit code 2 "
+                       "when --plot's file cannot be written, 3 when the database cannot be used.")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE", help="also write a PNG bar chart to FILE")
     p.add_argument("--share", type=_share_arg, default=0.8,
                    help="the share of second purchases, more than 0 and less than 1 (default 0.8)")
