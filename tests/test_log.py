@@ -5,9 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 
+from tests import sendkit
+from tests.clikit import run_cli
+from tests.shop import TEMPLATES
+from tests.smtp_server import RecordingServer
 from worker import log
 
 
@@ -119,3 +126,28 @@ def test_the_level_chosen_on_the_command_line_outlasts_a_reconfiguration() -> No
         log.choose_level(None)
         logger.handlers[:], logger.level, logger.propagate, root.handlers[:] = saved
     assert [json.loads(line)["domain"] for line in out.getvalue().splitlines()] == ["gmail.com"]
+
+
+def test_a_message_that_fails_to_render_is_logged_with_its_recipient(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, smtp_server: RecordingServer
+) -> None:
+    # email_sent, email_failed and email_deferred named the (masked) recipient; email_render_failed named only the
+    # dedupe key, so "who did not get it?" meant a trip to the ledger (and a feedback key names no customer)
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", sendkit.LINK_SECRET)
+    shutil.copytree(TEMPLATES, tmp_path / "templates")
+    for subject in (tmp_path / "templates").glob("*/*/subject.txt"):
+        subject.write_text("{{ nope.missing }}\n", encoding="utf-8")
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    emails = sendkit.prepare_database(url, 3)
+    raw = sendkit.settings_dict(url, smtp_server.port)
+    raw["templates"] = {"dir": str(tmp_path / "templates")}
+    raw["policy"] = {"quiet_hours_start": "00:00", "quiet_hours_end": "00:00"}
+    config = sendkit.write_config(tmp_path / "config.toml", raw)
+
+    code, out = run_cli(capsys, "--config", str(config), "run", "--once")
+
+    assert code == 1, out
+    failed = [line for line in out.splitlines() if " email_render_failed " in line]
+    assert len(failed) == len(emails) and smtp_server.messages == []
+    assert sorted(re.search(r" to=(\S+)", line).group(1) for line in failed) == sorted(  # type: ignore[union-attr]
+        log.mask_email(email) for email in emails)

@@ -746,6 +746,7 @@ class Dispatcher:
                 "email_skipped",
                 campaign=item.message.campaign,
                 dedupe_key=item.message.dedupe_key,
+                to=log.mask_email(item.message.email),
                 reason=item.reason.value,
             )
             return Disposition(
@@ -761,6 +762,7 @@ class Dispatcher:
             logging.ERROR,
             campaign=item.message.campaign,
             dedupe_key=item.message.dedupe_key,
+            to=log.mask_email(item.message.email),
             error=str(item.error),
         )
         return Disposition(
