@@ -183,7 +183,7 @@ def test_no_secret_is_ever_printed(tmp_path: Path, smtp_server: RecordingServer,
     config = write_config(tmp_path, smtp_port=smtp_server.port)
     config.write_text(config.read_text().replace('tls = "none"', 'tls = "none"\nusername = "shop"'))
     _shop_in(tmp_path, config, customers=20)
-    result = kembali("run", "--once", config=config,
+    result = kembali("run", "--once", "--log-level", "debug", config=config,  # the most it ever says
                      env={"KEMBALI_SMTP_PASSWORD": password})
     if login == "refused":  # sending pauses at once, naming the setting and the variable, not the password
         assert result.returncode == 3, result.stderr
