@@ -1078,3 +1078,19 @@ def test_the_daemon_sends_nothing_while_a_planning_pass_is_under_way_so_priority
     finally:
         holder.dispose()
         assert daemon.stop() == 0
+
+
+def test_the_start_line_says_which_config_database_and_smtp_server_the_daemon_uses(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # daemon_started named its campaigns and jobs but not what it runs against: on a host with a staging and a live
+    # config, the on-call operator could not tell from the log which database and relay a daemon was using
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    daemon = Daemon.start(shop)
+    try:
+        started = daemon.wait_event("daemon_started")
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert started["config"] == str(shop.config)
+    assert started["database"] == str((tmp_path / "kembali.db").resolve())
+    assert started["smtp"] == f"127.0.0.1:{smtp_server.port}"

@@ -300,9 +300,12 @@ class Daemon:
             await self._catch_up(settings)
             if self._stop.is_set():  # stopped while catching up: it never was up
                 return await self._shutdown(dispatch)
+            # what it runs against, so a log tells a staging daemon from the live one (the URL's password hidden)
             log.event("daemon_started", worker=self.worker, campaigns=",".join(enabled_campaigns(settings)),
                       time_zone=settings.shop.time_zone, jobs=",".join(self.scheduler.job_ids()),
-                      event_loop=eventloop.describe())
+                      event_loop=eventloop.describe(), config=str(self.config_path.resolve()),
+                      database=db.describe_url(settings.database_url),
+                      smtp=f"{settings.smtp.host}:{settings.smtp.port}")
             self._up = True
             systemd.notify("READY=1", "STATUS=running")
             if self.starting is not None and self.starting.hangup:  # (the asyncio loop does not hand it on)
