@@ -463,6 +463,37 @@ def test_the_demo_shows_its_sending_progress_on_a_terminal(tmp_path: Path) -> No
     assert seen.endswith(b"\r\x1b[K")  # and the line is gone before the summary
 
 
+def test_run_once_with_its_log_quietened_shows_its_sending_progress_on_a_terminal(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # `kembali run --once --log-level warning` (or a config at warning) on a day's queue of thousands sent for
+    # many minutes with the terminal silent, as if it had hung: only the log's line per email (at info) told
+    env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}
+    seen: dict[str, bytes] = {}
+    for level in ("warning", "info"):
+        (tmp_path / level).mkdir()
+        config = write_config(tmp_path / level, smtp_port=smtp_server.port)
+        _shop_in(tmp_path / level, config, customers=60)
+        with (tmp_path / level / "data" / "customers.csv").open(encoding="utf-8") as rows:
+            for n, row in enumerate(csv.DictReader(rows)):  # a few refused for good: a warning each, mid-run
+                if n % 10 == 0:
+                    smtp_server.on(row["email"].lower(), Behaviour(rcpt_reply="550 5.1.1 no such user"))
+        before = len(smtp_server.messages)
+        code, seen[level] = run_on_a_terminal(["--config", str(config), "--log-level", level, "run", "--once"],
+                                              stdout_too=True, env=env, cwd=ROOT)  # fmt: skip
+        assert code == 1 and len(smtp_server.messages) > before, seen[level]
+
+    quiet = seen["warning"]
+    last = quiet.rindex(b"\rsending: ")
+    assert re.match(rb"\rsending: [0-9,]+ messages done \([0-9,]+ sent\)", quiet[last:]), quiet
+    # the line is gone before the summary, and before each warning the log writes meanwhile (which would else go
+    # on after the line's text)
+    assert quiet.index(b"\r\x1b[K", last) < quiet.index(b"win-back email", last), quiet
+    assert b"email_failed" in quiet and not re.search(rb"sent\)\x1b\[K[^\r]", quiet), quiet
+    # at info, the log's line per email is the progress: no line is drawn among them
+    assert b"email_sent" in seen["info"] and b"\rsending:" not in seen["info"], seen["info"]
+
+
 def test_a_first_command_in_a_folder_without_a_config_says_how_to_begin(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

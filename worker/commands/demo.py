@@ -22,7 +22,7 @@ from worker.adapters.sink import SmtpSink
 from worker.app import Deps
 from worker.commands import running
 from worker.commands.importing import EXIT_INTERRUPTED, EXIT_TERMINATED, import_file
-from worker.commands.progress import Progress
+from worker.commands.progress import SendProgress
 from worker.config import DEFAULT_CONFIG, Settings, load_settings
 from worker.demo import generate_shop, write_csvs
 from worker.errors import ConfigError
@@ -128,21 +128,6 @@ def _write_demo_config(source: Path, settings: Settings, out: Path) -> Path | No
     path = out / "config.toml"
     path.write_text(text, encoding="utf-8")
     return path
-
-
-class SendProgress:
-    """The progress line while the demo sends (on a terminal): a big demo shop sends for many minutes at
-    ``sending.rate_per_second``, and its log is quiet below warnings."""
-
-    def __init__(self) -> None:
-        self.progress = Progress("sending")
-        self.done = 0
-        self.sent = 0
-
-    def observe_result(self, campaign: str, result: str, outcome: str | None, seconds: float | None, at: float) -> None:
-        self.done += 1
-        self.sent += result == "sent"
-        self.progress.update(self.done, f"messages done ({self.sent:,} sent)")
 
 
 async def _cycle_with_sink(

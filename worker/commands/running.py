@@ -15,6 +15,7 @@ from worker.adapters import opstore
 from worker.adapters.templates import PARTS
 from worker.app import Deps, link_keys, smtp_password, worker_id
 from worker.asyncstore import AsyncStore
+from worker.commands.progress import SendProgress
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.pipeline import PlanReport, enabled_campaigns, plan
@@ -182,10 +183,14 @@ def once(settings: Settings) -> int:
     link_keys(settings)
     smtp_password(settings)
     deps = Deps.build(settings)
+    # with the log at info, its line per email shows the run going on; quieter, a progress line does (on a terminal)
+    sending = None if log.LOGGER.isEnabledFor(logging.INFO) else SendProgress()
     try:
         _check_template_folders(deps)
-        report = eventloop.run(stoppable(deps))
+        report = eventloop.run(stoppable(deps, observer=sending))
     finally:
+        if sending is not None:
+            sending.progress.done()
         deps.close()
     for line in summary(report):
         print(line)
