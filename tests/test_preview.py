@@ -356,3 +356,55 @@ def test_campaign_and_customer_choose_what_preview_shows_not_what_it_decides(tmp
     assert lines("--campaign", "feedback") == [f"C1 feedback - {later}"]
     assert lines("--customer", "C2") == [f"C2 winback/1 d45 - {later}"]
     assert lines("--campaign", "winback", "--campaign", "birthday") == [everything[0], *everything[2:]]
+
+
+def test_out_files_are_whole_or_absent_when_writing_fails_part_way(tmp_path: Path) -> None:
+    # Given a shop whose English win-back HTML is long (72 KB), and a preview process that may write files of at
+    # most 48 KiB (RLIMIT_FSIZE: a disk that fills up part-way through a file, as ENOSPC does)
+    import resource
+    import subprocess
+    import sys
+
+    from tests.shop_fixtures import REPO
+
+    site = make_site(tmp_path / "shop", copy_templates=True)
+    load_shop(site.settings, generate_shop(seed=11, customers=80, now=T - timedelta(days=1)), T)
+    body = site.folder / "templates" / "winback" / "en" / "body.html"
+    tag = "{% block content %}"
+    body.write_text(body.read_text(encoding="utf-8").replace(tag, tag + "<p>" + "Batik tulis asli. " * 4000 + "</p>"))
+    out = tmp_path / "preview-out"
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+
+    # When the operator previews into a folder
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "--config", str(site.config), "preview", "--at", T.isoformat(),
+         "--out", str(out)],
+        cwd=REPO, env={**site.env(), "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True, timeout=120,
+        preexec_fn=limit_file_size, check=False,
+    )  # fmt: skip
+
+    # Then the write that failed is reported by file, without a traceback, and the preview stops (exit 2)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "cannot write" in done.stderr and "_C-" in done.stderr and "File too large" in done.stderr
+    # And every file in the folder is whole: the Indonesian messages written before it, nothing of the English one
+    written = sorted(out.iterdir())
+    emls = [p for p in written if p.suffix == ".eml"]
+    assert emls, written
+    pairs = sorted([p.name for p in emls] + [p.with_suffix(".html").name for p in emls])
+    assert [p.name for p in written] == pairs, "only the .eml and .html of whole messages"
+    for path in emls:
+        raw = path.read_bytes()
+        assert raw.endswith(b"--\r\n"), path  # the closing boundary: the message is whole
+        assert path.with_suffix(".html").read_text(encoding="utf-8").rstrip().endswith("</html>")
+
+    # When a preview killed while writing left a hidden partial file, and the operator previews again (no limit)
+    (out / ".0002-winback_C-0006_x.eml.partial").write_bytes(b"Date: cut short")
+    again = site.cli("preview", "--at", T.isoformat(), "--out", str(out))
+
+    # Then the folder holds whole messages only
+    assert again.returncode == 0, again.stderr
+    assert not list(out.glob(".*")), "no partial file left"
+    assert all(p.read_bytes().endswith(b"--\r\n") for p in out.glob("*.eml"))

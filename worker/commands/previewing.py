@@ -4,12 +4,17 @@ The table lists what would go out (customer, campaign/step, when in the
 customer's local time, subject); the summary counts everyone considered by what
 would happen to them; render errors are grouped by template file and line and
 make the exit code 1. ``--out DIR`` writes each message as the exact ``.eml``
-bytes the sender would hand to SMTP, and its HTML part as ``.html``.
+bytes the sender would hand to SMTP, and its HTML part as ``.html``: each file
+whole or not at all (written beside under a temporary name, then renamed), so a
+preview stopped part-way (a full disk, Ctrl-C, a kill) leaves no file cut short;
+a file that cannot be written stops the preview with exit code 2, naming it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import secrets
 import sys
@@ -32,6 +37,37 @@ from worker.pipeline import preview as run_preview
 
 EXIT_OK, EXIT_RENDER_ERRORS, EXIT_USAGE = 0, 1, 2
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_PARTIAL = ".partial"
+"""What a file of ``--out`` is called while it is written: ``.0001-….eml.partial``, renamed when whole."""
+
+
+class OutWriteError(Exception):
+    """A file of ``--out`` could not be written (a full disk, a file size limit…)."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """``data`` in ``path``, whole or not at all: written under a hidden temporary name beside it, then renamed
+    over it. A preview killed part-way leaves at most the hidden ``.partial`` file (removed by the next preview
+    into that folder), never a message cut short under its own name."""
+    partial = path.with_name(f".{path.name}{_PARTIAL}")
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise OutWriteError(path, exc) from None
+
+
+def _remove_partials(out_dir: Path) -> None:
+    """The ``.partial`` files a preview into ``out_dir`` left when it was killed while writing."""
+    for leftover in out_dir.glob(f".[0-9][0-9][0-9][0-9]-*{_PARTIAL}"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
 
 
 def _local(at: datetime, zone: str, shop_zone: str) -> str:
@@ -113,6 +149,7 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
     out_dir: Path | None = args.out
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_partials(out_dir)
     progress = Progress("previewing")
     out = sys.stdout
     if out.isatty():  # each message is a line there already: a progress line would be written among them
@@ -126,9 +163,16 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
             campaigns=args.campaign, customer_external_id=args.customer, limit=args.limit,
         )  # fmt: skip
         seen = 0
-        for seen, item in enumerate(items, start=1):
-            progress.update(seen, f"considered, {summary.would_send:,} would be sent")
-            _show(item, at, summary, out, json_lines=args.json, out_dir=out_dir, shop_zone=settings.shop.time_zone)
+        try:
+            for seen, item in enumerate(items, start=1):
+                progress.update(seen, f"considered, {summary.would_send:,} would be sent")
+                _show(item, at, summary, out, json_lines=args.json, out_dir=out_dir,
+                      shop_zone=settings.shop.time_zone)  # fmt: skip
+        except OutWriteError as exc:
+            out.flush()
+            print(f"kembali preview: {exc}; the preview stopped there ({summary.would_send - 1:,} messages written "
+                  f"to {out_dir} before it, each whole)", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
         if args.limit is not None and seen == args.limit:
             summary.stopped_at = args.limit
     finally:
@@ -158,8 +202,13 @@ def _show(
         files: dict[str, str] = {}
         if out_dir is not None:
             stem = file_stem(summary.would_send, message.dedupe_key)
-            (out_dir / f"{stem}.eml").write_bytes(item.data)
-            (out_dir / f"{stem}.html").write_text(item.rendered.html, encoding="utf-8")
+            write_whole(out_dir / f"{stem}.eml", item.data)
+            try:
+                write_whole(out_dir / f"{stem}.html", item.rendered.html.encode("utf-8"))
+            except OutWriteError:  # a message's two files, or neither
+                with contextlib.suppress(OSError):
+                    (out_dir / f"{stem}.eml").unlink()
+                raise
             files = {"eml": str(out_dir / f"{stem}.eml"), "html": str(out_dir / f"{stem}.html")}
         if json_lines:
             row = {"action": "send", "customer": item.customer.external_id, "campaign": message.campaign,
