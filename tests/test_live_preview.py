@@ -234,3 +234,53 @@ def test_a_page_load_cut_short_by_the_browser_leaves_no_traceback_on_the_termina
         proc.terminate()
         _out, err = proc.communicate(timeout=10)
     assert "Traceback" not in err and "Exception occurred" not in err, err
+
+
+def _free_port_pair() -> tuple[int, int]:
+    """A port the kernel calls free, whose next port is free too."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port >= 65535:
+            continue
+        with socket.socket() as after:
+            try:
+                after.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port, port + 1
+    raise AssertionError("no two free ports in a row")
+
+
+def test_serve_without_a_port_does_not_take_the_daemons_web_port(tmp_path: Path) -> None:
+    """Both used to default to 8025: a preview left open kept ``kembali run`` from starting (its web server
+    could not listen), and a running daemon kept ``preview --serve`` from starting."""
+    import socket
+    import urllib.request
+
+    # Given the daemon listening on its web.port
+    daemon_port, next_port = _free_port_pair()
+    site = make_site(tmp_path / "site", copy_templates=True, extra_toml=f"[web]\nport = {daemon_port}\n")
+    with socket.socket() as daemon:
+        daemon.bind(("127.0.0.1", daemon_port))
+        daemon.listen()
+
+        # When the operator starts the live preview without --port
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--config", str(site.config), "preview", "--serve"],
+            cwd=REPO, env=site.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+
+            # Then it serves on the port after the daemon's
+            assert f"live preview on http://127.0.0.1:{next_port}/" in line, line
+            with urllib.request.urlopen(f"http://127.0.0.1:{next_port}/version", timeout=30) as reply:
+                assert reply.status == 200
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=10)

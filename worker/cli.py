@@ -126,8 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true",
                    help="instead: serve a live page of every campaign x language x sample customer on 127.0.0.1, "
                    "reloading when a template changes (no database needed)")
-    p.add_argument("--port", type=arguments.port, default=8025,
-                   help="port for --serve (default 8025; 0 picks a free one)")
+    p.add_argument("--port", type=arguments.port, default=None,
+                   help="port for --serve (default: the one after the daemon's web.port, 8026 with the shipped "
+                   "config; 0 picks a free one)")
 
     p = sub.add_parser("check", help="check the config and every template against sample customers",
                        description="Validate the config, then render every campaign's templates in every language "
@@ -201,7 +202,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
                  "kembali suppress import bounces.txt --reason hard_bounce"),
     "preview": ("kembali preview", "kembali preview --at 2027-02-28T10:00+07:00 --campaign winback --limit 20",
                 "kembali preview --customer C-1042 --out /tmp/preview", "kembali preview --json | jq .",
-                "kembali preview --serve --port 8025"),
+                "kembali preview --serve", "kembali preview --serve --port 0"),
     "check": ("kembali check", "kembali check --json"),
     "send-test": ("kembali send-test --campaign winback --to you@shop.example",
                   "kembali send-test --campaign feedback --customer C-1042 --to you@shop.example"),

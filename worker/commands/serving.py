@@ -32,6 +32,16 @@ from worker.config import Settings
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
+FALLBACK_PORT = 8026
+"""The preview's port when ``web.port`` has no next one (0: the daemon's is any free port; 65535)."""
+
+
+def default_port(settings: Settings) -> int:
+    """The port after the daemon's ``web.port`` (8026 with the shipped 8025): not the daemon's own, which a
+    preview left open would keep ``kembali run`` from listening on (and a running daemon, the preview)."""
+    port = settings.web.port
+    return port + 1 if 0 < port < 65535 else FALLBACK_PORT
+
 POLL_MS = 500
 
 
@@ -176,7 +186,10 @@ class PreviewServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-def serve(settings: Settings, port: int) -> int:
+def serve(settings: Settings, port: int | None) -> int:
+    """Serve the live page on ``port`` (None: ``default_port``) until Ctrl-C."""
+    if port is None:
+        port = default_port(settings)
     folder = settings.resolve(settings.templates.dir)
     with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
         try:
