@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from email import policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Any, cast
@@ -336,3 +337,35 @@ def test_extra_headers_are_written_and_sanitised() -> None:
 def test_refuses_what_cannot_be_written_safely(overrides: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         build(**overrides)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"subject": "Kak Siti, masih suka Kemeja Batik Parang Rusak? 😊 Ada diskon 10% khusus untukmu hari ini saja"},
+        {"subject": "ありがとう" * 40},
+        {"to_name": "Siti Rahayu Ḍewi Kusumawardhani Putri Ayu 🌸 " * 3},
+        {"to_name": "Ḍewi", "to_address": "dewi.kusumawardhani.putri.ayu.kartika@mail.universitas-indonesia.example"},
+        {"shop": ShopInfo(**{**SHOP.__dict__, "from_name": "Toko Kembali — Batik & Kopi Nusantara ☕"})},
+    ],
+)
+def test_header_lines_with_encoded_words_are_at_most_76_characters(field: dict[str, Any]) -> None:
+    """RFC 2047 section 2: a line of a header holding an encoded-word may not be longer than 76 characters. The
+    first line counts its header's name: 'Subject: ' and an encoded-word of 72 made 81; a From of 98."""
+    raw = build(**field)
+    assert_wire_format(raw)
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    for line in head.split("\r\n"):
+        if "=?utf-8?b?" in line:
+            assert len(line) <= 76, line
+    msg = parse(raw)
+    assert header_names(msg) == HEADERS
+    if "subject" in field:
+        assert msg["Subject"] == sanitize_header_text(field["subject"])
+    # the names as RFC 2047 reads them (Python's parser puts a space between two encoded-words of a name)
+    unfolded = dict(line.split(": ", 1) for line in head.replace("\r\n ", " ").split("\r\n"))
+    to_name, to_address = unfolded["To"].rsplit(" <", 1)
+    assert to_address == field.get("to_address", "siti@example.com") + ">"
+    assert str(make_header(decode_header(to_name))) == sanitize_header_text(field.get("to_name", "Siti Rahayu"))
+    from_name = unfolded["From"].rsplit(" <", 1)[0]
+    assert str(make_header(decode_header(from_name))) == sanitize_header_text(field.get("shop", SHOP).from_name)

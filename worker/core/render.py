@@ -294,21 +294,40 @@ _EW_MAX_BYTES = 45  # 60 base64 chars + len("=?utf-8?b??=") == 72 ≤ 75
 _FOLD_AT = 76
 
 
-def _encoded_words(text: str) -> list[str]:
-    """RFC 2047 B-encoded words, each ≤ 75 chars, never splitting a UTF-8 character."""
+def _encoded_words(text: str, first: int = _EW_MAX_BYTES) -> list[str]:
+    """RFC 2047 B-encoded words, each ≤ 75 chars (the first of at most ``first`` bytes of text, to fit after its
+    header's name), never splitting a UTF-8 character."""
     words: list[str] = []
     chunk: list[bytes] = []
     size = 0
+    limit = first
     for ch in text:
         b = ch.encode("utf-8")
-        if size + len(b) > _EW_MAX_BYTES:
+        if size + len(b) > limit and chunk:
             words.append("=?utf-8?b?" + base64.b64encode(b"".join(chunk)).decode("ascii") + "?=")
-            chunk, size = [], 0
+            chunk, size, limit = [], 0, _EW_MAX_BYTES
         chunk.append(b)
         size += len(b)
     if chunk:
         words.append("=?utf-8?b?" + base64.b64encode(b"".join(chunk)).decode("ascii") + "?=")
     return words
+
+
+_EW_LINE = 76
+"""The longest line of a header holding an encoded-word (RFC 2047 section 2), its name and the folding space
+included."""
+_EW_FIRST_MIN_BYTES = 9
+"""A first line that holds fewer bytes of text than this (after a long header name) takes none: the words begin
+on the next line."""
+
+
+def _encoded_lines(text: str, used: int) -> str:
+    """``text`` as encoded-words folded with CRLF + space so that no line, counting the ``used`` characters before
+    it on the first (``Subject: ``), is longer than 76."""
+    first = (_EW_LINE - used - len("=?utf-8?b??=")) // 4 * 3  # 4 base64 characters carry 3 bytes
+    if first < _EW_FIRST_MIN_BYTES:
+        return "\r\n " + "\r\n ".join(_encoded_words(text))
+    return "\r\n ".join(_encoded_words(text, first))
 
 
 def _fold_plain(text: str, used: int) -> str:
@@ -332,17 +351,17 @@ def _unstructured(value: str, used: int) -> str:
     text = sanitize_header_text(value)
     if text.isascii() and "=?" not in text:
         return _fold_plain(text, used)
-    return "\r\n ".join(_encoded_words(text))
+    return _encoded_lines(text, used)
 
 
-def _display_name(value: str) -> str:
-    """A phrase that can never be read as more than one name."""
+def _display_name(value: str, used: int) -> str:
+    """A phrase that can never be read as more than one name (``used``: the characters before it on its line)."""
     name = sanitize_header_text(value)
     if not name or _ATOM_PHRASE.fullmatch(name):
         return name
     if name.isascii():  # sanitised, so printable and without "=?": a quoted-string is exact
         return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return "\r\n ".join(_encoded_words(name))
+    return _encoded_lines(name, used)
 
 
 _ADDRESS_FORBIDDEN = re.compile(r'[\s<>,;"()\\\[\]\x00-\x1f\x7f]')
@@ -363,10 +382,16 @@ def check_address(address: str, what: str) -> str:
     return address
 
 
-def _mailbox(name: str, address: str, what: str) -> str:
+def _mailbox(name: str, address: str, what: str, used: int) -> str:
+    """``name <address>`` for a header whose first line has ``used`` characters before it."""
     address = check_address(address, what)
-    phrase = _display_name(name)
-    return f"{phrase} <{address}>" if phrase else address
+    phrase = _display_name(name, used)
+    if not phrase:
+        return address
+    last = phrase.rsplit("\r\n", 1)[-1]
+    if "=?" in last and len(last) + (0 if "\r\n" in phrase else used) + len(address) + 3 > _EW_LINE:
+        return f"{phrase}\r\n <{address}>"  # an encoded-word's line stays within 76 characters
+    return f"{phrase} <{address}>"
 
 
 _URI_FORBIDDEN = re.compile(r"[\s<>\x00-\x1f\x7f]")
@@ -471,8 +496,8 @@ def build_message(
 
     lines = [
         "Date: " + format_datetime(date),
-        "From: " + _mailbox(shop.from_name or shop.name, shop.from_address, "shop.from_address"),
-        "To: " + _mailbox(to_name, to_address, "to_address"),
+        "From: " + _mailbox(shop.from_name or shop.name, shop.from_address, "shop.from_address", len("From: ")),
+        "To: " + _mailbox(to_name, to_address, "to_address", len("To: ")),
     ]
     if shop.reply_to:
         lines.append("Reply-To: " + check_address(shop.reply_to, "shop.reply_to"))
