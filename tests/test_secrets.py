@@ -220,3 +220,33 @@ def test_a_bad_event_loop_variable_is_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr == ("kembali: configuration error: KEMBALI_EVENT_LOOP must be 'auto', 'asyncio' or "
                              "'uvloop', not 'bogus'\n")
+
+
+@pytest.mark.parametrize(("path", "old", "new", "named"), [
+    ("winback/en/body.html", "{% block content %}", "{% block content %}{% if %}",
+     "winback/en/body.html:3: syntax error"),
+    ("_products.txt", "{% endfor %}", "{% endfor %}{% endif %}", "_products.txt:"),
+    ("winback/id/body.txt", '{% include "_products.txt" %}', '{% include "_produk.txt" %}',
+     "template not found: _produk.txt"),
+])
+def test_run_once_with_a_template_that_cannot_be_parsed_stops_before_planning(
+    tmp_path: Path, smtp_server: RecordingServer, path: str, old: str, new: str, named: str
+) -> None:
+    # Given a template saved with a syntax error (in a campaign's body, or in a partial every body includes), or an
+    # include whose file is misspelt: rendering would fail every due message of that language, each left failed
+    templates = tmp_path / "email"
+    shutil.copytree(TEMPLATES, templates)
+    target = templates / path
+    text = target.read_text(encoding="utf-8")
+    assert old in text
+    target.write_text(text.replace(old, new, 1), encoding="utf-8")
+    config = write_config(tmp_path, smtp_port=smtp_server.port)
+    shop_in(tmp_path, config, customers=40)  # customers due a win-back, in both languages
+    config.write_text(config.read_text().replace(f'dir = "{TEMPLATES}"', f'dir = "{templates}"'))
+    # When cron runs a cycle
+    result = kembali("run", "--once", config=config)
+    # Then it stops with exit 2 naming the file (and line), and plans and sends nothing, as the daemon refuses
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert named in result.stderr, result.stderr
+    assert "nothing was planned or sent" in result.stderr
+    assert _nothing_planned_or_sent(config, smtp_server)

@@ -17,7 +17,8 @@ from worker.app import Deps, link_keys, smtp_password, worker_id
 from worker.asyncstore import AsyncStore
 from worker.commands.progress import SendProgress
 from worker.config import Settings
-from worker.errors import ConfigError
+from worker.domain import Locale
+from worker.errors import ConfigError, TemplateError
 from worker.pipeline import PlanReport, enabled_campaigns, plan
 from worker.sending import DispatchReport, SendObserver
 from worker.stopping import STOP_SIGNALS, StartupSignals, StopSignals
@@ -202,8 +203,9 @@ def _check_template_folders(deps: Deps) -> None:
     done. A folder with none at all is the config's mistake (templates.dir one level off, a step's template
     misspelt), one without a language's files (English deleted from an Indonesian-only shop) the templates', not
     one customer's: rendering would fail every due message of it (of that language), each left ``failed`` for the
-    operator to resend. The daemon refuses to start on these as on any template problem; ``kembali check`` lists
-    them all."""
+    operator to resend. So would a file those folders use that cannot be parsed (a syntax error, an include whose
+    file is not there, a file not saved as UTF-8): the run stops too, naming its file and line. The daemon refuses
+    to start on these as on any template problem; ``kembali check`` lists them all."""
     settings = deps.settings
     steps = {step.template for step in settings.campaigns.winback.effective_steps} if "winback" in \
         enabled_campaigns(settings) else set()
@@ -221,6 +223,17 @@ def _check_template_folders(deps: Deps) -> None:
                           f"{deps.templates.root} (each language needs {', '.join(PARTS)}: a customer in one "
                           "without them would get a failed message); nothing was planned or sent "
                           "(`kembali check` lists what it finds)")
+    broken: list[str] = []  # a file that cannot be parsed (a syntax error, an include not found, not UTF-8)
+    for folder in folders:
+        for locale in Locale:
+            try:
+                deps.templates.template_version(folder, locale)  # parses every file the folder's parts use
+            except TemplateError as exc:
+                if str(exc) not in broken:  # a partial's, once for every folder that includes it
+                    broken.append(str(exc))
+    if broken:  # every due message of that folder and language would fail, each left failed, every run
+        raise ConfigError(f"{settings.source}: 'templates.dir': {'; '.join(broken)} (in {deps.templates.root}); "
+                          "nothing was planned or sent (`kembali check` lists what it finds)")
 
 
 def forever(settings: Settings, *, config_path: Path, starting: StartupSignals | None = None) -> int:
