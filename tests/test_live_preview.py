@@ -284,3 +284,14 @@ def test_serve_without_a_port_does_not_take_the_daemons_web_port(tmp_path: Path)
         finally:
             proc.terminate()
             proc.communicate(timeout=10)
+
+
+def test_serve_with_templates_dir_not_a_folder_says_so_and_stops(tmp_path: Path) -> None:
+    """It served a page of 'winback/en/subject.txt: template not found' cards, one per campaign, language and
+    sample, where `preview` and `check` say that templates.dir is not a folder."""
+    site = make_site(tmp_path / "site", copy_templates=True)
+    site.config.write_text(site.config.read_text().replace(str(site.folder / "templates"), str(tmp_path / "nope")))
+    done = site.cli("preview", "--serve", "--port", "0", timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"'templates.dir' '{tmp_path / 'nope'}' is not a folder" in done.stderr
+    assert "live preview on" not in done.stdout

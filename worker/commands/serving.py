@@ -29,6 +29,7 @@ from typing import Any
 from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.checks import lint_problems, problems_of, render_all
 from worker.config import Settings
+from worker.errors import ConfigError
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -191,6 +192,8 @@ def serve(settings: Settings, port: int | None) -> int:
     if port is None:
         port = default_port(settings)
     folder = settings.resolve(settings.templates.dir)
+    if not folder.is_dir():  # else a page of "template not found" cards, one per campaign, language and sample
+        raise ConfigError(f"{settings.source}: 'templates.dir' {str(folder)!r} is not a folder")
     with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
         try:
             server = PreviewServer(settings, renderer, port)
