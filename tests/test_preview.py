@@ -408,3 +408,23 @@ def test_out_files_are_whole_or_absent_when_writing_fails_part_way(tmp_path: Pat
     assert again.returncode == 0, again.stderr
     assert not list(out.glob(".*")), "no partial file left"
     assert all(p.read_bytes().endswith(b"--\r\n") for p in out.glob("*.eml"))
+
+
+def test_out_into_a_folder_of_an_earlier_preview_holds_only_this_previews_messages(tmp_path: Path) -> None:
+    # Given a folder an earlier preview wrote 5 messages to, and a file of the operator's own
+    site = make_site(tmp_path / "shop")
+    load_shop(site.settings, generate_shop(seed=11, customers=80, now=T - timedelta(days=1)), T)
+    out = tmp_path / "preview-out"
+    assert site.cli("preview", "--at", T.isoformat(), "--out", str(out), "--limit", "5").returncode == 0
+    assert len(list(out.glob("*.eml"))) == 5
+    (out / "notes.txt").write_text("mine")
+
+    # When the operator previews into it again, and 2 messages would be sent now
+    done = site.cli("preview", "--at", T.isoformat(), "--out", str(out), "--limit", "2")
+
+    # Then the folder holds this preview's 2 messages, as the summary says, not 3 more of the earlier one
+    assert done.returncode == 0, done.stderr
+    assert f"2 messages written to {out}" in done.stdout
+    assert sorted(p.name[:5] for p in out.glob("*.eml")) == ["0001-", "0002-"]
+    assert len(list(out.glob("*.html"))) == 2
+    assert (out / "notes.txt").read_text() == "mine"

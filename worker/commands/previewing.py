@@ -7,7 +7,9 @@ make the exit code 1. ``--out DIR`` writes each message as the exact ``.eml``
 bytes the sender would hand to SMTP, and its HTML part as ``.html``: each file
 whole or not at all (written beside under a temporary name, then renamed), so a
 preview stopped part-way (a full disk, Ctrl-C, a kill) leaves no file cut short;
-a file that cannot be written stops the preview with exit code 2, naming it.
+a file that cannot be written stops the preview with exit code 2, naming it. The
+files an earlier preview wrote there are removed first (others are left), so the
+folder holds this preview's messages only.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class OutWriteError(Exception):
 def write_whole(path: Path, data: bytes) -> None:
     """``data`` in ``path``, whole or not at all: written under a hidden temporary name beside it, then renamed
     over it. A preview killed part-way leaves at most the hidden ``.partial`` file (removed by the next preview
-    into that folder), never a message cut short under its own name."""
+    into that folder, ``_clear_earlier``), never a message cut short under its own name."""
     partial = path.with_name(f".{path.name}{_PARTIAL}")
     try:
         with open(partial, "wb") as f:
@@ -63,11 +65,21 @@ def write_whole(path: Path, data: bytes) -> None:
         raise OutWriteError(path, exc) from None
 
 
-def _remove_partials(out_dir: Path) -> None:
-    """The ``.partial`` files a preview into ``out_dir`` left when it was killed while writing."""
-    for leftover in out_dir.glob(f".[0-9][0-9][0-9][0-9]-*{_PARTIAL}"):
-        with contextlib.suppress(OSError):
-            leftover.unlink()
+_WRITTEN = re.compile(r"\.?[0-9]{4,}-[A-Za-z0-9._-]*\.(?:eml|html)(?:\.partial)?")
+"""The names of the files a preview writes into ``--out`` (``file_stem``), whole or ``.partial``."""
+
+
+def _clear_earlier(out_dir: Path) -> int:
+    """Remove what an earlier preview wrote into ``out_dir`` (its messages' files, and the ``.partial`` files of
+    one killed while writing), so that the folder holds this preview's messages only: the summary's count, none
+    that would not be sent now. Other files stay. Returns how many messages' files were removed."""
+    removed = 0
+    for path in out_dir.iterdir():
+        if _WRITTEN.fullmatch(path.name) and path.is_file():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += not path.name.startswith(".")
+    return removed
 
 
 def _local(at: datetime, zone: str, shop_zone: str) -> str:
@@ -149,7 +161,8 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
     out_dir: Path | None = args.out
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_partials(out_dir)
+        if removed := _clear_earlier(out_dir):
+            print(f"note: removed {removed:,} files an earlier preview wrote to {out_dir}", file=sys.stderr)
     progress = Progress("previewing")
     out = sys.stdout
     if out.isatty():  # each message is a line there already: a progress line would be written among them
