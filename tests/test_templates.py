@@ -808,3 +808,16 @@ def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path, name: st
     assert (info.value.template, info.value.line) == (name, 2)
     assert str(info.value) == f"{name}:2: not UTF-8 text (byte 0xe9): save the file as UTF-8"
     assert [str(p) for p in templates.lint(KNOWN)] == [str(info.value)]
+
+
+def test_money_of_a_computed_price_says_how_to_make_it_whole(tmp_path: Path) -> None:
+    # A template showing a discounted price multiplies it: a float, which money refuses; the error says what to do
+    body = "\n{{ (24900000 * 0.9) | money }}\n"
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": body}))
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, CTX)
+    assert (info.value.template, info.value.line) == ("demo/id/body.txt", 2)
+    assert "not float" in str(info.value) and "| round | int | money" in str(info.value)
+    fixed = "\n{{ (24900000 * 0.9) | round | int | money }}\n"
+    templates = JinjaTemplates(tree(tmp_path / "fixed", GOOD | {"demo/id/body.txt": fixed}))
+    assert "Rp224.100" in templates.render("demo", Locale.ID, CTX).text

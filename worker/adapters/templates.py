@@ -98,7 +98,8 @@ _Signature = tuple[tuple[str, int, int], ...]
 @pass_context
 def _money_filter(ctx: Context, minor: object, currency: str | None = None) -> str:
     if not isinstance(minor, int) or isinstance(minor, bool):
-        raise TypeError(f"money expects an integer amount in minor units, not {type(minor).__name__}")
+        hint = " (a computed price: `| round | int | money`)" if isinstance(minor, float) else ""
+        raise TypeError(f"money expects an integer amount in minor units, not {type(minor).__name__}{hint}")
     if currency is None:
         shop = ctx.get("shop")
         currency = str(shop.get("currency", "IDR")) if isinstance(shop, Mapping) else "IDR"
