@@ -153,6 +153,23 @@ def test_table_shows_local_time_and_render_errors_name_file_and_line(tmp_path: P
     assert "render error (" in out and "winback/en/body.txt:" in out and "bas_url" in out
 
 
+def test_preview_of_a_template_run_once_would_refuse_says_so(tmp_path: Path) -> None:
+    # Given a shop whose English win-back body has a syntax error
+    site = make_site(tmp_path / "shop", copy_templates=True)
+    load_shop(site.settings, generate_shop(seed=11, customers=80, now=T - timedelta(days=1)), T)
+    body = site.folder / "templates" / "winback" / "en" / "body.txt"
+    body.write_text(body.read_text(encoding="utf-8").replace("{% block content %}", "{% block content %}{% if %}"))
+
+    # When the operator previews
+    done = site.cli("preview", "--at", "2026-11-22T10:00+07:00")
+
+    # Then the messages it can render are listed, and it says that a run would send none of them
+    assert done.returncode == 1, done.stderr
+    assert "render error (" in done.stdout and "winback/en/body.txt:2: syntax error" in done.stdout
+    assert "`kembali run --once` would stop before planning, and the daemon not start" in done.stderr
+    assert "winback/en/body.txt:2: syntax error" in done.stderr
+
+
 def test_customer_data_reaches_the_table_with_what_is_not_printable_escaped(tmp_path: Path) -> None:
     # Given customers whose names carry a terminal escape and a line separator, and whose ids a C1 control
     site = make_site(tmp_path / "shop")

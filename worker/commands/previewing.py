@@ -28,6 +28,7 @@ from typing import TextIO
 
 from worker.app import Deps, link_keys
 from worker.commands.progress import Progress
+from worker.commands.running import check_template_folders
 from worker.config import Settings
 from worker.core.audiences import WINBACK, key_part_value
 from worker.core.policy import zone_of
@@ -156,6 +157,12 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         print(f"note: {settings.unsubscribe.secret_env} is not set; preview links use a throwaway key",
               file=sys.stderr)
         keys = [secrets.token_bytes(32)]
+    try:
+        check_template_folders(deps)
+    except ConfigError as exc:  # the preview goes on: it lists what each message would get, errors included
+        why = str(exc).split("; nothing was planned")[0]  # (the run's own words: the preview plans nothing)
+        print(f"note: with these templates `kembali run --once` would stop before planning, and the daemon not "
+              f"start: {why}", file=sys.stderr)  # fmt: skip
     composer = deps.composer(keys)
     summary = PreviewSummary()
     out_dir: Path | None = args.out

@@ -187,7 +187,7 @@ def once(settings: Settings) -> int:
     # with the log at info, its line per email shows the run going on; quieter, a progress line does (on a terminal)
     sending = None if log.LOGGER.isEnabledFor(logging.INFO) else SendProgress()
     try:
-        _check_template_folders(deps)
+        check_template_folders(deps)
         report = eventloop.run(stoppable(deps, observer=sending))
     finally:
         if sending is not None:
@@ -198,7 +198,7 @@ def once(settings: Settings) -> int:
     return _exit_code(report)
 
 
-def _check_template_folders(deps: Deps) -> None:
+def check_template_folders(deps: Deps) -> None:
     """Every template folder sending will use has its files in every language, or the run stops here with nothing
     done. A folder with none at all is the config's mistake (templates.dir one level off, a step's template
     misspelt), one without a language's files (English deleted from an Indonesian-only shop) the templates', not
