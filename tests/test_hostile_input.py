@@ -132,6 +132,7 @@ def test_a_preview_port_already_taken_names_it_and_what_to_do(config: Path, caps
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        config.write_text(config.read_text() + f'[templates]\ndir = "{TEMPLATES}"\n')  # (none: said first)
         code, out = kembali(capsys, "--config", str(config), "preview", "--serve", "--port", str(port))
     assert code == 2 and "Traceback" not in out
     assert (f"kembali preview --serve: cannot listen on 127.0.0.1:{port} (address already in use): give another "
