@@ -821,3 +821,16 @@ def test_money_of_a_computed_price_says_how_to_make_it_whole(tmp_path: Path) -> 
     fixed = "\n{{ (24900000 * 0.9) | round | int | money }}\n"
     templates = JinjaTemplates(tree(tmp_path / "fixed", GOOD | {"demo/id/body.txt": fixed}))
     assert "Rp224.100" in templates.render("demo", Locale.ID, CTX).text
+
+
+def test_half_a_character_in_the_output_names_the_file(tmp_path: Path) -> None:
+    # An emoji pasted as JSON writes it (two escaped halves, "\ud83d\ude0a") makes two lone surrogates: no UTF-8
+    # can carry them, and the message failed later as "cannot build the message: 'utf-8' codec can't encode
+    # character '\ud83d' in position 1190", naming no file
+    body = 'Halo\n{{ "Terima kasih \\ud83d\\ude0a" }}\n'
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": body}))
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, CTX)
+    assert info.value.template == "demo/id/body.txt"
+    assert "line 2 of its output" in str(info.value) and "lone surrogate" in str(info.value)
+    assert str(info.value).startswith("demo/id/body.txt: ")

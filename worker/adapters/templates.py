@@ -1034,6 +1034,16 @@ class JinjaTemplates:
         if len(out) > MAX_PART_CHARS:
             raise TemplateError(f"the rendered part is {len(out):,} characters long, more than the "
                                 f"{MAX_PART_CHARS:,} an email part may have", template=name)  # fmt: skip
+        if not out.isascii():
+            try:
+                out.encode("utf-8")
+            except UnicodeEncodeError as exc:  # data never holds one (clean_text): the template's own text does
+                line = out.count("\n", 0, exc.start) + 1
+                raise TemplateError(
+                    f"line {line} of its output holds {out[exc.start]!r}, half of a character (a lone surrogate, as "
+                    "JSON escapes an emoji: \\ud83d\\ude0a), which no email can carry: write the character itself",
+                    template=name,
+                ) from None
         return out
 
     def _relative(self, filename: str | None) -> str | None:
