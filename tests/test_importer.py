@@ -517,3 +517,21 @@ def test_a_spreadsheets_local_date_offset_or_amount_is_a_rejected_row_saying_wha
     [error] = errors(found)
     assert (error.file, error.line, error.key) == ("o.csv", 2, "O-1")
     assert error.reason.startswith(hint), error.reason
+
+
+def test_a_language_tag_with_a_region_is_read_as_its_language(tmp_path: Path) -> None:
+    # a shop system's export writes the customer's language as a tag with its region (Shopify, WooCommerce:
+    # en-US, id_ID; Java's old in_ID; a POSIX en_US.UTF-8): every such customer was a rejected row, never emailed
+    tags = {"C-1": "en-US", "C-2": "en_GB", "C-3": "id-ID", "C-4": "id_ID", "C-5": "in_ID", "C-6": "EN",
+            "C-7": "en_US.UTF-8", "C-8": "in", "C-9": "fr-FR", "C-10": "en-", "C-11": "english"}
+    path = write(tmp_path, "customers.csv", CUSTOMER_HEADER + "".join(
+        f"{key},{key.lower()}@example.com,Ani,{tag},,,yes,,\n" for key, tag in tags.items()))
+    found = list(read_customers(path))
+    assert {r.external_id: r.locale for r in found if isinstance(r, CustomerRecord)} == {
+        "C-1": Locale.EN, "C-2": Locale.EN, "C-3": Locale.ID, "C-4": Locale.ID, "C-5": Locale.ID, "C-6": Locale.EN,
+        "C-7": Locale.EN, "C-8": Locale.ID}  # fmt: skip
+    # another language, or no language tag at all, is still a rejected row, saying what is read
+    assert [(e.line, e.reason) for e in errors(found)] == [
+        (line, f"invalid locale {tag!r} (expected id or en, or a tag of either with its region: id-ID, en_US)")
+        for line, tag in ((10, "fr-FR"), (11, "en-"), (12, "english"))
+    ]

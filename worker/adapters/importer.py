@@ -24,8 +24,9 @@ customers.csv
     ``id`` (required), ``email`` (required; validated and normalised by
     email-validator, the domain lowercased), ``name`` (required, not blank nor only
     control, bidi or invisible characters, at most 200 characters, no NUL; anything else is kept: names are cleaned
-    when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``; default the shop's,
-    ``shop_locale``), ``time_zone`` (IANA; default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD
+    when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``, or a tag of either with
+    its region: ``en-US``, ``id_ID``, Java's ``in_ID``; default the shop's, ``shop_locale``), ``time_zone`` (IANA;
+    default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD
     or empty; 29 February allowed in leap years), ``marketing_consent``
     (required: true/false, yes/no, 1/0, ya/tidak; anything else, empty included, is saved as False and
     reported by a ``saved`` ``RowError`` after the record; so is a customer whose address, case aside, an earlier
@@ -539,12 +540,24 @@ def _email(value: str, check_dns: bool, resolver: Resolver | None) -> str:
     return f"{local}@{domain.lower()}"
 
 
+_LANGUAGE_TAG = re.compile(r"(?P<language>[a-z]{2})(?:[-_][a-z0-9]{2,8})*(?:\.[a-z0-9-]+)?(?:@[a-z0-9]+)?",
+                           re.IGNORECASE)  # fmt: skip
+"""A language tag with its region (BCP 47's en-US, POSIX's id_ID and en_US.UTF-8): the language is what is read."""
+_LANGUAGE_ALIASES = {"in": "id"}
+"""Indonesian's code before 1989, which Java's locales (in_ID) still give."""
+
+
 def _locale(row: dict[str, str], shop_locale: str) -> Locale:
-    value = row.get("locale", "").strip().lower() or shop_locale
+    given = row.get("locale", "").strip()
+    if not given:
+        return Locale(shop_locale)
+    tag = _LANGUAGE_TAG.fullmatch(given)
+    language = tag["language"].lower() if tag is not None else ""
     try:
-        return Locale(value)
+        return Locale(_LANGUAGE_ALIASES.get(language, language))
     except ValueError:
-        raise _Invalid(f"invalid locale {_show(value)} (expected 'id' or 'en')") from None
+        raise _Invalid(f"invalid locale {_show(given)} (expected id or en, or a tag of either with its region: "
+                       "id-ID, en_US)") from None
 
 
 def _zone(row: dict[str, str], shop_tz: str) -> str:
