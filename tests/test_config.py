@@ -307,6 +307,18 @@ def test_an_empty_from_name_is_taken_and_means_the_shop_name() -> None:
     assert settings.shop.from_name == "" and settings.shop.name == "Batik Sari"
 
 
+def test_a_subject_limit_past_what_a_message_carries_is_refused_with_its_line(tmp_path: Path) -> None:
+    # checks.subject_max_chars = 300 let check and preview pass a 250-character subject that every message then
+    # carried cut at 200 characters, without a word
+    path = tmp_path / "config.toml"
+    path.write_text("[checks]\nsubject_max_chars = 300\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value) == (f"{path}: line 2: 'checks.subject_max_chars' must be at most 200 (a message's "
+                                 "subject is cut there), not 300")
+    assert settings_from_dict({"checks": {"subject_max_chars": 200}}).checks.subject_max_chars == 200
+
+
 def test_max_attempts_past_any_sensible_count_is_refused_with_its_line(tmp_path: Path) -> None:
     # max_attempts = 100000 (a typo for 10) was taken: a mailbox that kept answering 4xx was retried until its
     # message expired, and past attempt 1025 the retry delay overflowed (OverflowError in the dispatcher)

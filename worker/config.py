@@ -670,6 +670,9 @@ def _check(s: Settings) -> None:
         _fail(s, "checks.html_max_bytes", "must be at least 1024")
     if s.checks.subject_max_chars < 10:
         _fail(s, "checks.subject_max_chars", "must be at least 10")
+    if s.checks.subject_max_chars > render.HEADER_TEXT_MAX_CHARS:
+        _fail(s, "checks.subject_max_chars", f"must be at most {render.HEADER_TEXT_MAX_CHARS} (a message's subject "
+              f"is cut there), not {s.checks.subject_max_chars}")
     if not 0 < s.checks.render_timeout_seconds <= 60:
         _fail(s, "checks.render_timeout_seconds", "must be more than 0 and at most 60")
     _check_daemon(s)
