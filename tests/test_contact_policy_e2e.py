@@ -223,3 +223,29 @@ def test_two_customer_records_with_one_mailbox_share_its_cap(tmp_path: Path, smt
     assert c3 == "c3@example.com" and first in ("c1@example.com", "C1@Example.com")
     assert received_on[1] == received_on[2] == []
     assert received_on[3] == [({"c1@example.com", "C1@Example.com"} - {first}).pop()], "the other record, in turn"
+
+
+def test_a_birthday_planned_ahead_keeps_its_slot_when_quiet_hours_are_off(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a shop without quiet hours, and C1, whose birthday is DAY0 and whose only order was placed 50 days
+    # before it (win-back step 1 is due)
+    base = settings_for(tmp_path, smtp_server)
+    settings = dataclasses.replace(base, policy=dataclasses.replace(base.policy, quiet_hours_start="00:00",
+                                                                    quiet_hours_end="00:00"))  # fmt: skip
+    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=50), DAY0 - timedelta(days=40),
+                    1_000_000, "IDR"),
+    ])  # fmt: skip
+    # When a cycle runs at 22:30 in Jakarta the evening before (the birthday is planned, due at midnight) and
+    # another the next morning
+    evening = datetime(2027, 2, 25, 15, 30, tzinfo=UTC)
+    clock = FakeClock(evening)
+    report = cycle_at(settings, clock, evening)
+    # Then the win-back, which would take the one slot of three days, waits for the birthday offer
+    assert report.dispatched.outcomes == {"deferred:birthday": 1}
+    assert smtp_server.messages == []
+    cycle_at(settings, clock, DAY0)
+    assert subjects(smtp_server) == ["Happy birthday, Siti! A 15% gift for you"]
+    cycle_at(settings, clock, DAY0 + timedelta(days=3))
+    assert subjects(smtp_server)[1:] == ["How are you, Siti?"]

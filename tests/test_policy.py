@@ -21,6 +21,7 @@ from worker.core.policy import (
     next_allowed,
     next_free_slot,
     priorities_from_order,
+    waits_for,
     zone_of,
 )
 from worker.domain import SkipReason
@@ -294,3 +295,15 @@ def test_holdout_positions_are_the_arithmetic_sql_reproduces() -> None:
         position = holdout_position(i, "loyalty")
         assert 0 <= position < HOLDOUT_MODULUS
         assert in_holdout(i, "loyalty", 0.05) == (position < holdout_threshold(0.05))
+
+
+def test_a_message_waits_for_a_birthday_planned_ahead_only_when_it_would_take_its_slot() -> None:
+    now = datetime(2027, 2, 25, 15, 30, tzinfo=UTC)
+    birthday = now + timedelta(minutes=90)
+    one_per_3_days = (CapWindow(1, 3),)
+    assert waits_for([birthday], [], now, one_per_3_days) == birthday
+    # the birthday cannot go at midnight anyway (something was sent yesterday): nothing to wait for
+    assert waits_for([birthday], [now - timedelta(days=1)], now, one_per_3_days) is None
+    # a cap with room for both
+    assert waits_for([birthday], [], now, (CapWindow(2, 1),)) is None
+    assert waits_for([], [], now, one_per_3_days) is None

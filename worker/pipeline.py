@@ -31,7 +31,7 @@ from worker.contact import Arbiter, judge
 from worker.core import audiences, tokens
 from worker.core import campaigns as cc
 from worker.core.campaigns import Launch
-from worker.core.policy import DeferUntil, Skip
+from worker.core.policy import DeferUntil, Skip, waits_for
 from worker.core.render import ShopInfo, TemplateRenderer, build_context, build_message
 from worker.domain import (
     ClaimedMessage,
@@ -100,6 +100,9 @@ class BatchFacts:
     """The feedback messages' orders that can still be rated (not cancelled or refunded since)."""
     news_sent: dict[str, list[datetime]] = field(default_factory=dict)
     """When each new-products message's mailbox was sent new-products news, within ``cc.NEWS_SPACING``."""
+    birthdays_ahead: dict[str, list[datetime]] = field(default_factory=dict)
+    """When the birthday offers planned ahead for these mailboxes fall due (within ``cc.BIRTHDAY_LEAD``): a
+    message of lower priority waits rather than take their slot."""
 
 
 def load_batch_facts(
@@ -116,9 +119,14 @@ def load_batch_facts(
     products: dict[int, list[ProductView]] = {}
     launches: list[Launch] = []
     news_sent: dict[str, list[datetime]] = {}
+    ahead: dict[str, list[datetime]] = {}
     if settings is not None and now is not None:
-        lookback = planning.contact_policy(settings).lookback
-        sent = store.sent_times([m.email for m in messages], since=now - lookback)
+        policy = planning.contact_policy(settings)
+        sent = store.sent_times([m.email for m in messages], since=now - policy.lookback)
+        below = [m.email for m in messages if policy.priority(m.campaign) < policy.priority(cc.BIRTHDAY)]
+        if below and settings.campaigns.birthday.enabled:
+            ahead = store.due_ahead(below, campaign=cc.BIRTHDAY, priority=policy.priority(cc.BIRTHDAY), after=now,
+                                    until=now + cc.BIRTHDAY_LEAD)  # fmt: skip
         wanting = [m.customer_id for m in messages if m.campaign == cc.NEW_PRODUCTS]
         if wanting:
             news = [m.email for m in messages if m.campaign == cc.NEW_PRODUCTS]
@@ -136,6 +144,7 @@ def load_batch_facts(
         launches=launches,
         rateable=frozenset(store.rateable_among(rated)) if rated else frozenset(),
         news_sent=news_sent,
+        birthdays_ahead=ahead,
     )
 
 
@@ -173,7 +182,8 @@ class Deferred:
     message: ClaimedMessage
     until: datetime
     why: str
-    """``cap``, ``quiet_hours`` or ``news_week`` (new-products news sent less than a week ago)."""
+    """``cap``, ``quiet_hours``, ``news_week`` (new-products news sent less than a week ago) or ``birthday`` (a
+    birthday offer planned ahead for the mailbox would lose its slot)."""
     time_zone: str = "UTC"
     """The customer's zone, in which ``until`` reads best (quiet hours end at 08:00 on their clock)."""
 
@@ -237,6 +247,13 @@ class Composer:
                 return Skipped(message, SkipReason.EXPIRED)
             return Deferred(message, news_at, "news_week", customer.time_zone)
         sent = facts.sent.get(mailbox(message.email), ())
+        # a birthday offer planned ahead (due when its window opens) is not yet claimable: without quiet hours to
+        # hold this one back until then, it would take the birthday's slot and the birthday would expire waiting
+        until = waits_for(facts.birthdays_ahead.get(mailbox(message.email), ()), sent, now, self.policy.caps)
+        if until is not None:
+            if until >= message.expires_at:
+                return Skipped(message, SkipReason.EXPIRED)
+            return Deferred(message, until, "birthday", customer.time_zone)
         decision = (
             arbiter.decide(message, customer, sent, now) if arbiter is not None
             else judge(self.policy, message, customer, sent, now)  # the ledger alone

@@ -255,7 +255,8 @@ def _show(
                                  "step": message.step, "dedupe_key": message.dedupe_key,
                                  "until": item.until.isoformat(), "why": item.why}) + "\n")
         else:
-            why = {"cap": "cap: one email at a time", "news_week": "new products: one email a week"}.get(
+            why = {"cap": "cap: one email at a time", "news_week": "new products: one email a week",
+                   "birthday": "a birthday offer due then"}.get(
                 item.why, "quiet hours")
             until = _local(item.until, item.time_zone, shop_zone)  # on the customer's clock, as the send times are
             out.write(f"{printable(_customer(message)):<14} {_label(message):<14} {'-':<22} "

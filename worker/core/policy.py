@@ -109,6 +109,21 @@ def next_free_slot(sent: Sequence[datetime], at: datetime, caps: Sequence[CapWin
     return t
 
 
+def waits_for(
+    ahead: Sequence[datetime], sent: Sequence[datetime], now: datetime, caps: Sequence[CapWindow]
+) -> datetime | None:
+    """When a message due ``now`` must wait until, so that sending it does not take the slot of a higher-priority
+    message planned for the same mailbox and due at one of ``ahead`` (a birthday planned ahead of its window):
+    the earliest of those it would push later than the cap lets it go otherwise. None: it need not wait for
+    one (the cap may still hold it back). Waiting until then, the two compete for one slot, and priority decides."""
+    if next_free_slot(sent, now, caps) > now:
+        return None  # the cap holds it back anyway
+    for at in sorted(a for a in ahead if a > now):
+        if next_free_slot([*sent, now], at, caps) > next_free_slot(sent, at, caps):
+            return at
+    return None
+
+
 # --- quiet hours -------------------------------------------------------------
 
 
