@@ -163,6 +163,15 @@ LOYALTY = [
          (o(D, 100, total=4_900_000), o(D, 1, total=200_000, currency="USD"))),
     Case("USD 6.000.000 100 days ago, Rp5.000.000 yesterday: crossed by the rupiah", 1,
          (o(D, 100, total=6_000_000, currency="USD"), o(D, 1, total=5_000_000))),
+    # an order placed and not yet paid is no purchase to reward (yet): it counts once paid
+    Case("5th order placed 3 days ago, not paid: not yet", 0,
+         (o(OrderStatus.PLACED, 3), *(o(D, 10 + 10 * i) for i in range(4)))),
+    Case("5th order paid 3 days ago, a 6th placed yesterday: the 5th", 1,
+         (o(OrderStatus.PLACED, 1), o(OrderStatus.PAID, 3), *(o(D, 10 + 10 * i) for i in range(4)))),
+    Case("Rp6.000.000 placed yesterday, not paid: no spend milestone", 0,
+         (o(OrderStatus.PLACED, 1, total=6_000_000), o(D, 50))),
+    Case("Rp4.900.000 paid 100 days ago, Rp200.000 placed yesterday: not crossed", 0,
+         (o(D, 100, total=4_900_000), o(OrderStatus.PLACED, 1, total=200_000))),
     Case("no consent", 0, tuple(o(D, 3 + i) for i in range(5)), consent=False),
     Case("already rewarded", 0, tuple(o(D, 3 + i) for i in range(5)), planned=True),
 ]

@@ -209,3 +209,23 @@ def test_a_loyalty_email_states_the_customers_order_count_when_sent_not_the_mile
         "l3@example.com": ("Terima kasih, Kak Budi! Ini pesananmu yang ke-6",
                            "Kak Budi sudah 6 kali berbelanja di Toko Kembali. Terima kasih!"),
     }  # fmt: skip
+
+
+def test_a_loyalty_milestone_no_longer_reached_by_paid_orders_is_not_rewarded_for_an_unpaid_one(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given L1, whose 5th paid order 2.5 days ago reached the orders-5 milestone (planned at night)
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("L1")], NIGHT)
+    shop.upsert_orders(engine, [order(f"L1-{i}", "L1", D, 2.5 + i) for i in range(5)], NIGHT)
+    engine.dispose()
+    assert cycle_at(settings, NIGHT).dispatched.outcomes == {"deferred:quiet_hours": 1}
+    # When overnight the 5th is refunded and a 6th order is placed but not paid
+    engine = db.create_engine(db_url)
+    shop.upsert_orders(engine, [order("L1-0", "L1", R, 2.5), order("L1-5", "L1", OrderStatus.PLACED, 0.1)], NIGHT)
+    engine.dispose()
+    morning = cycle_at(settings, MORNING)
+    # Then four paid orders are not five: no reward for an order that may never be paid
+    assert morning.dispatched.outcomes == {"skipped:no_longer_due": 1}
+    assert smtp_server.messages == []

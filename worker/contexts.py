@@ -97,7 +97,7 @@ def extra_context(
             "milestone": int(amount or 0),
             # what the customer has ordered by now: an import that brings several orders at once, or an order
             # placed since planning, takes it past the milestone (a 6th order reaching the 5th order milestone)
-            "order_count": customer.order_count,
+            "order_count": customer.order_count if customer.paid_order_count is None else customer.paid_order_count,
             "coupon_code": c.loyalty.coupon_code,
             "coupon_percent": c.loyalty.coupon_percent,
         }

@@ -82,9 +82,15 @@ class OrderStatus(enum.StrEnum):
         return self not in (OrderStatus.CANCELLED, OrderStatus.REFUNDED)
 
     @property
+    def is_paid(self) -> bool:
+        """Paid, shipped or delivered (not one placed and not paid yet, cancelled or refunded): what a loyalty
+        milestone counts and a feedback request may ask about."""
+        return self in (OrderStatus.PAID, OrderStatus.SHIPPED, OrderStatus.DELIVERED)
+
+    @property
     def can_be_rated(self) -> bool:
         """Paid, shipped or delivered: a feedback request may ask about it (not one placed and never paid)."""
-        return self in (OrderStatus.PAID, OrderStatus.SHIPPED, OrderStatus.DELIVERED)
+        return self.is_paid
 
 
 class MessageStatus(enum.StrEnum):
@@ -409,3 +415,8 @@ class SendTimeFacts:
     first_order_id: int | None = None
     """The first purchase's row id (win-back's only order)."""
     total_spent_minor: int = 0
+    paid_order_count: int | None = None
+    """Loyalty messages only: the orders paid (paid, shipped, delivered), what a milestone counts; None when not
+    read (``order_count`` stands in)."""
+    paid_spent_minor: int | None = None
+    """Loyalty messages only: what the paid orders in the shop's currency add up to (None: not read)."""

@@ -135,8 +135,15 @@ def load_batch_facts(
             within = timedelta(days=settings.campaigns.new_products.within_days)
             launches = audience_sql.launches(store.engine, since=now - within, until=now)
     rated = [int(m.payload["order_id"]) for m in messages if m.campaign == cc.FEEDBACK and "order_id" in m.payload]
+    customers = store.send_time_facts(customer_ids)
+    rewarded = [m.customer_id for m in messages if m.campaign == cc.LOYALTY]
+    if rewarded and settings is not None:  # a milestone counts the orders paid, not one placed and not paid yet
+        totals = store.paid_totals(rewarded, settings.shop.currency)
+        for customer_id in set(rewarded):
+            count, spent = totals.get(customer_id, (0, 0))
+            customers[customer_id] = replace(customers[customer_id], paid_order_count=count, paid_spent_minor=spent)
     return BatchFacts(
-        customers=store.send_time_facts(customer_ids),
+        customers=customers,
         order_products=store.order_products(order_ids),
         catalogue=catalogue,
         sent=sent,

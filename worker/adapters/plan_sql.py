@@ -57,7 +57,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from worker import log
 from worker.adapters import db
-from worker.adapters.store import PURCHASE_EXCLUDED, RATEABLE, C, M, O, _key_part, suppressed_sql
+from worker.adapters.store import RATEABLE, C, M, O, _key_part, suppressed_sql
 from worker.adapters.tables import UTCDateTime
 from worker.core.policy import HOLDOUT_MODULUS, holdout_factors, holdout_threshold
 from worker.domain import MessageStatus, PlannedMessage, SkipReason
@@ -218,27 +218,37 @@ def new_products(c: Common, *, since: datetime, before: datetime, week: str) -> 
 def loyalty(
     c: Common, *, since: datetime, orders: Sequence[int], spend_minor: Sequence[int], currency: str
 ) -> list[Plan]:
-    """Customers whose last purchase is at or after ``since``: one plan for the highest order-count
-    milestone reached, one for the highest spend milestone, each when the purchases placed before ``since``
-    had not reached it (an order since did). Spend counts the orders in ``currency`` (the shop's), as
-    ``total_spent_minor`` does."""
-    earlier = sa.select().select_from(O).where(
-        O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED), O.c.placed_at < since
-    )
+    """Customers whose last paid purchase is at or after ``since``: one plan for the highest order-count
+    milestone reached, one for the highest spend milestone, each when the paid purchases placed before ``since``
+    had not reached it (an order since did). Only orders paid (paid, shipped, delivered: ``RATEABLE``) count, not
+    one placed and not paid yet; spend counts those in ``currency`` (the shop's).
+
+    The customer row's ``last_order_at``, ``order_count`` and ``total_spent_minor`` (every purchase, unpaid ones
+    too) narrow the candidates down; the paid counts and sums are read from each candidate's orders."""
+    # correlated to the customer row explicitly: the key's copy is inside the ledger probe's EXISTS, where it would
+    # otherwise correlate to nothing and count every customer's orders
+    bought = sa.select().select_from(O).where(O.c.customer_id == C.c.id, O.c.status.in_(RATEABLE)).correlate(C)
+    earlier = O.c.placed_at < since
     plans = []
-    for prefix, column, thresholds, before in (
-        ("orders", C.c.order_count, orders, earlier.with_only_columns(sa.func.count())),
-        ("spend", C.c.total_spent_minor, spend_minor,
-         earlier.where(O.c.currency == currency).with_only_columns(sa.func.coalesce(sa.func.sum(O.c.total_minor), 0))),
-    ):  # fmt: skip
+    for prefix, column, thresholds, paid, amount in (
+        ("orders", C.c.order_count, orders, bought, sa.literal(1, sa.BigInteger)),
+        ("spend", C.c.total_spent_minor, spend_minor, bought.where(O.c.currency == currency), O.c.total_minor),
+    ):
         if not thresholds:
             continue
-        highest = sorted(thresholds, reverse=True)
-        label = sa.case(*((column >= t, _lit(f"{prefix}-{t}")) for t in highest))
-        threshold = sa.case(*((column >= t, sa.literal(t, sa.BigInteger)) for t in highest))
+        reached = sa.func.coalesce(sa.func.sum(amount), 0)
+        before = sa.func.coalesce(sa.func.sum(sa.case((earlier, amount), else_=0)), 0)
+        # one visit of the customer's paid orders gives the highest milestone reached, or NULL when none is or the
+        # orders before ``since`` had reached it already
+        due = paid.with_only_columns(sa.case(
+            *((reached >= t, sa.case((before < t, sa.literal(t, sa.BigInteger)), else_=sa.null()))
+              for t in sorted(thresholds, reverse=True)),
+            else_=sa.null(),
+        )).scalar_subquery()  # fmt: skip
+        label = _lit(f"{prefix}-") + sa.cast(due, sa.String)
         key = _lit("loyalty:") + _key_part(C.c.external_id) + _lit(":") + label
         where = [_scanned(c.dialect, C.c.last_order_at) >= since, column >= min(thresholds), *_consenting(),
-                 before.scalar_subquery() < threshold]  # fmt: skip
+                 due.is_not(None)]  # fmt: skip
         plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key,
                           json_object_sql(c.dialect, [("milestone", label)]), C, where, (C.c.id,), C.c.id,
                           c.holdout_share, probe=True))  # fmt: skip

@@ -791,6 +791,23 @@ class Store:
             facts[missing] = SendTimeFacts(customer=None, suppressed=False, order_count=0, last_order_at=None)
         return facts
 
+    def paid_totals(self, customer_ids: Iterable[int], currency: str) -> dict[int, tuple[int, int]]:
+        """Each customer's orders paid (paid, shipped, delivered) and what those in ``currency`` add up to: what a
+        loyalty milestone counts (customers without one are left out)."""
+        ids = sorted(set(customer_ids))
+        out: dict[int, tuple[int, int]] = {}
+        spent = sa.func.coalesce(sa.func.sum(sa.case((O.c.currency == currency, O.c.total_minor), else_=0)), 0)
+        with db.reading(self.engine) as conn:
+            for part in _chunks(ids):
+                query = (
+                    sa.select(O.c.customer_id, sa.func.count(), spent)
+                    .where(O.c.customer_id.in_(part), O.c.status.in_(RATEABLE))
+                    .group_by(O.c.customer_id)
+                )
+                for customer_id, count, total in conn.execute(query):
+                    out[customer_id] = (int(count), int(total))
+        return out
+
     def order_products(self, order_ids: Iterable[int]) -> dict[int, list[ProductView]]:
         """The products on each order, in line order."""
         ids = sorted(set(order_ids))

@@ -115,6 +115,12 @@ def purchases(orders: Sequence[OrderFacts]) -> list[OrderFacts]:
     return sorted((o for o in orders if o.status.counts_as_purchase), key=lambda o: o.placed_at)
 
 
+def paid(orders: Sequence[OrderFacts]) -> list[OrderFacts]:
+    """The purchases paid for (paid, shipped, delivered), oldest first: what loyalty counts and sums. An order
+    placed and not paid yet counts once it is paid (a reward is not given for an order that may never be)."""
+    return sorted((o for o in orders if o.status.is_paid), key=lambda o: o.placed_at)
+
+
 # --- birthday --------------------------------------------------------------------
 
 
@@ -393,7 +399,10 @@ def still_due(
             return SkipReason.NO_LONGER_DUE
     elif message.campaign == LOYALTY:
         kind, _, amount = message.payload.get("milestone", "").partition("-")
-        reached = {"orders": facts.order_count, "spend": facts.total_spent_minor}.get(kind)
+        reached = {
+            "orders": facts.order_count if facts.paid_order_count is None else facts.paid_order_count,
+            "spend": facts.total_spent_minor if facts.paid_spent_minor is None else facts.paid_spent_minor,
+        }.get(kind)
         if reached is not None and amount.isdigit() and reached < int(amount):
             return SkipReason.NO_LONGER_DUE
     elif message.campaign == NEW_PRODUCTS:
@@ -473,7 +482,7 @@ def new_products_due_keys(
 
 
 def loyalty_due_keys(facts: Facts, now: datetime, milestones: Milestones) -> list[str]:
-    bought = purchases(facts.orders)
+    bought = paid(facts.orders)
     if not facts.reachable or not bought:
         return []
     earlier = [o for o in bought if o.placed_at < loyalty_since(now, milestones)]
