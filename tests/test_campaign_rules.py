@@ -87,6 +87,11 @@ WINBACK = [
     Case("a repeat buyer: never", 0, (o(D, 200), o(D, 100))),
     Case("a cancelled second order does not count", 1, (o(D, 80), o(X, 5))),
     Case("the only order was cancelled: never bought", 0, (o(X, 80),)),
+    # "we hope you are enjoying your …" to someone who never paid for it: an order placed and never paid is none
+    Case("the only order placed 80 days ago and never paid: never bought", 0, (o(OrderStatus.PLACED, 80),)),
+    Case("the only order paid 80 days ago, not shipped yet: step 2", 1, (o(OrderStatus.PAID, 80),)),
+    Case("an order placed yesterday, not paid yet, after the one purchase: ordered again", 0,
+         (o(D, 80), o(OrderStatus.PLACED, 1))),
     Case("the only order was refunded: never bought", 0, (o(R, 80),)),
     Case("a refunded order before the one purchase does not count", 1, (o(R, 100), o(D, 80))),
     Case("ordered again (the sequence stops)", 0, (o(D, 80), o(D, 3))),

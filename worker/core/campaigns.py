@@ -443,7 +443,8 @@ def winback_due_keys(
     facts: Facts, now: datetime, step_days: Sequence[int], give_up_after_days: int = 0
 ) -> list[str]:
     bought = purchases(facts.orders)
-    if not facts.reachable or len(bought) != 1:
+    # one purchase, paid (an order placed and never paid is no purchase to follow up; one after it is a new order)
+    if not facts.reachable or len(bought) != 1 or not bought[0].status.is_paid:
         return []
     step = winback_step_due(bought[0].placed_at, now, step_days, give_up_after_days)
     if step is None:
