@@ -267,6 +267,24 @@ def test_send_time_recheck_skips_customers_who_ordered_or_unsubscribed_since_pla
     assert (rows["winback:C2:O2:1"]["status"], rows["winback:C2:O2:1"]["skip_reason"]) == ("skipped", "suppressed")
 
 
+def test_a_message_planned_to_an_address_suppressed_since_is_not_sent_there_after_the_customer_moved(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given a win-back email planned to c1@example.com, after which the shop's export gives C1 a new address,
+    # and the old one is suppressed (its new owner complained, say, with the address in other letter cases)
+    store = make_shop(sqlite_url, [customer("C1")], [one_time_order("O1", "C1")])
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port})
+    assert pipeline.plan(store, settings, NOW).created == {"winback": 1}
+    shop.upsert_customers(store.engine, [customer("C1", email="c1-new@example.com")], NOW)
+    store.suppress("C1@Example.com", reason="complaint", source="test", now=NOW)
+    # When a cycle runs
+    run_cycle(settings, store, FakeClock(NOW))
+    # Then nothing goes to the suppressed address the message was planned to: it is skipped as suppressed
+    assert [m.rcpt_tos for m in smtp_server.messages] == []
+    row = ledger(store)["winback:C1:O1:1"]
+    assert (row["status"], row["skip_reason"]) == ("skipped", "suppressed")
+
+
 def test_an_expired_message_is_skipped_not_sent(sqlite_url: str, smtp_server: RecordingServer) -> None:
     from worker.pipeline import plan
 

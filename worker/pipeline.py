@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from worker import contexts, planning
 from worker.adapters import audience_sql
 from worker.adapters.importer import ascii_address
-from worker.adapters.store import Store
+from worker.adapters.store import Store, suppression_address
 from worker.config import Settings
 from worker.contact import Arbiter, judge
 from worker.core import audiences, tokens
@@ -103,6 +103,9 @@ class BatchFacts:
     birthdays_ahead: dict[str, list[datetime]] = field(default_factory=dict)
     """When the birthday offers planned ahead for these mailboxes fall due (within ``cc.BIRTHDAY_LEAD``): a
     message of lower priority waits rather than take their slot."""
+    suppressed: frozenset[str] = frozenset()
+    """The messages' own addresses (as ``suppression_address`` gives them) that are on the suppression list: a
+    message goes to the address it was planned to, which is not the customer's any more if an import changed it."""
 
 
 def load_batch_facts(
@@ -152,6 +155,7 @@ def load_batch_facts(
         rateable=frozenset(store.rateable_among(rated)) if rated else frozenset(),
         news_sent=news_sent,
         birthdays_ahead=ahead,
+        suppressed=frozenset(store.suppressed_among(m.email for m in messages)),
     )
 
 
@@ -244,6 +248,8 @@ class Composer:
             message, customer_facts, now, rateable=facts.rateable, launches=facts.launches,
             within_days=self.settings.campaigns.new_products.within_days,
         )  # fmt: skip
+        if reason is None and suppression_address(message.email) in facts.suppressed:
+            reason = SkipReason.SUPPRESSED  # the customer's address now is another: the one it goes to is suppressed
         if reason is not None:
             return Skipped(message, reason)
         customer = customer_facts.customer

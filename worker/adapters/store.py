@@ -824,6 +824,15 @@ class Store:
                     out[r.order_id].append(product_view(r))
         return out
 
+    def suppressed_among(self, emails: Iterable[str]) -> set[str]:
+        """Those of these addresses on the suppression list, as ``suppression_address`` gives them."""
+        boxes = sorted({suppression_address(e) for e in emails})
+        out: set[str] = set()
+        with db.reading(self.engine) as conn:
+            for part in _chunks(boxes):
+                out.update(conn.execute(sa.select(S.c.email).where(S.c.email.in_(part))).scalars())
+        return out
+
     def rateable_among(self, order_ids: Iterable[int]) -> set[int]:
         """Those of these orders a feedback request may still ask about (paid, shipped or delivered)."""
         ids = sorted(set(order_ids))
