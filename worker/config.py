@@ -655,6 +655,7 @@ def _check(s: Settings) -> None:
         _fail(s, "unsubscribe.url", "must be ASCII, without spaces or angle brackets and at most 900 characters "
               "(it goes in every List-Unsubscribe header; an internationalised domain in its IDNA form, xn--…), "
               f"not {s.unsubscribe.url!r}")
+    _token_base(s, "unsubscribe.url", s.unsubscribe.url)
     w = s.campaigns.winback
     if w.quiet_days < 1:
         _fail(s, "campaigns.winback.quiet_days", "must be at least 1")
@@ -755,6 +756,7 @@ def _check_campaigns(s: Settings) -> None:
     if c.feedback.scale not in ("stars", "nps"):
         _fail(s, "campaigns.feedback.scale", "must be 'stars' (1-5) or 'nps' (0-10)")
     _web_url(s, "campaigns.feedback.link_url", c.feedback.link_url, ("https",))
+    _token_base(s, "campaigns.feedback.link_url", c.feedback.link_url)
     for key, pct in (("campaigns.birthday.coupon_percent", c.birthday.coupon_percent),
                      ("campaigns.loyalty.coupon_percent", c.loyalty.coupon_percent)):
         if not 0 <= pct <= 100:
@@ -867,6 +869,17 @@ def _web_url(s: Settings, key: str, url: str, schemes: tuple[str, ...]) -> None:
         example = f"{schemes[-1]}://shop.example" + ("/feedback" if "feedback" in key else "")
         _fail(s, key, f"must be an absolute {' or '.join(f'{x}://' for x in schemes)} link with a host and no spaces "
               f"or quotes, such as {example}, not {url!r}")
+
+
+def _token_base(s: Settings, key: str, url: str) -> None:
+    """``url`` can take a signed token appended as ``?t=`` or ``&t=``: after a ``#fragment`` it would never reach
+    the server (a browser keeps the fragment to itself), and a ``t`` of the URL's own would be read in its place:
+    either way every link made from it would answer "this link is not valid"."""
+    if "#" in url:
+        _fail(s, key, f"must have no #fragment: the link's token is added at the end, and a browser does not send "
+              f"what follows a '#', not {url!r}")
+    if "t" in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query, keep_blank_values=True):
+        _fail(s, key, f"must have no query parameter 't': the link's token goes there, not {url!r}")
 
 
 def _is_loopback(host: str) -> bool:
