@@ -163,9 +163,7 @@ class Site:
         locale = await self.store.call(opstore.order_locale, s, parsed.order_ref) or self._default_locale()
         shop = self.settings().shop.name
         now = self.clock.now()
-        if request.method == "HEAD":
-            return self._page(HTTPStatus.OK, b"")
-        if request.method == "GET":
+        if request.method != "POST":  # GET, or HEAD (the same headers: the server leaves the body out)
             recorded = await self.store.call(opstore.feedback_for, s, parsed.order_ref)
             if recorded is None:
                 return self._page(HTTPStatus.OK, pages.confirm_feedback(locale, shop, parsed.score, token or ""))
