@@ -146,6 +146,11 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         for t in bad:
             assert http("POST", daemon.url(f"/unsubscribe?t={t}"), ONE_CLICK, FORM)[0] == 400
             assert http("GET", daemon.url(f"/feedback?t={t}"))[0] == 400
+        # a customer whose unsubscribe link no longer verifies (cut short by a mail client, or signed with a key
+        # since retired) is not left at a dead end: the page gives the unsubscribe address to write to
+        status, page, _ = http("GET", daemon.url(f"/unsubscribe?t={token[:-3]}"))
+        assert status == 400 and '<a href="mailto:unsubscribe@toko-kembali.example">' in page, page
+        assert "mailto:" not in http("GET", daemon.url(f"/feedback?t={token[:-3]}"))[1]
         # an unsubscribe token is not a feedback token
         assert http("GET", daemon.url(f"/feedback?t={token}"))[0] == 400
         assert shop.scalar("SELECT count(*) FROM suppression") == 1

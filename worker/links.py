@@ -126,7 +126,8 @@ class Site:
         customer_id = self._verify(token, UNSUBSCRIBE_KIND)
         if customer_id is None or not customer_id.isdigit():
             log.event("link_rejected", logging.WARNING, route="unsubscribe")
-            return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(self._default_locale()))
+            mailto = self.settings().unsubscribe.mailto
+            return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(self._default_locale(), mailto))
         s = self.store.store
         customer = await self.store.call(opstore.customer, s, int(customer_id))
         locale = customer.locale if customer is not None else self._default_locale()
@@ -138,7 +139,7 @@ class Site:
             masked = log.mask_email(customer.email) if customer is not None else ""
             return self._page(HTTPStatus.OK, pages.confirm_unsubscribe(locale, shop, masked, token or ""))
         if b"List-Unsubscribe" not in request.body or b"One-Click" not in request.body:
-            return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(locale))
+            return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(locale, self.settings().unsubscribe.mailto))
         if customer is None:
             log.event("unsubscribe_unknown_customer", logging.WARNING, customer_id=customer_id)
         else:

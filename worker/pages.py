@@ -7,6 +7,7 @@ Every value from data goes through ``html.escape``; pages load nothing external
 from __future__ import annotations
 
 from html import escape
+from urllib.parse import unquote
 
 from worker.domain import Locale
 
@@ -27,6 +28,10 @@ _TEXT: dict[str, dict[Locale, str]] = {
     "bad_body": {
         Locale.ID: "Tautan ini rusak atau tidak lengkap. Coba salin seluruh tautan dari email Anda.",
         Locale.EN: "This link is broken or incomplete. Try copying the whole link from your email.",
+    },
+    "bad_unsubscribe": {
+        Locale.ID: "Untuk berhenti berlangganan, Anda juga bisa mengirim email ke {address}.",
+        Locale.EN: "To unsubscribe, you can also send an email to {address}.",
     },
     "missing_title": {Locale.ID: "Halaman tidak ditemukan", Locale.EN: "Page not found"},
     "thanks_title": {Locale.ID: "Terima kasih!", Locale.EN: "Thank you!"},
@@ -87,14 +92,30 @@ def unsubscribed(locale: Locale, shop: str) -> bytes:
     return _page(locale, _t("done_title", locale), f"<p>{_t('done_body', locale, shop=shop)}</p>")
 
 
-def bad_link(locale: Locale) -> bytes:
+def bad_link(locale: Locale, unsubscribe_mailto: str = "") -> bytes:
+    """A link that does not verify. An unsubscribe link's page gives ``unsubscribe_mailto`` (an address, or a
+    mailto: URI) to write to instead: a link cut short, or signed with a retired key, is no dead end."""
     other = Locale.EN if locale is Locale.ID else Locale.ID
+    mailto = _mailto_link(unsubscribe_mailto)
+
+    def also(lang: Locale) -> str:
+        return " " + _TEXT["bad_unsubscribe"][lang].format(address=mailto) if mailto else ""
+
     return _page(
         locale,
         _t("bad_title", locale),
-        f"<p>{_t('bad_body', locale)}</p><hr><p lang=\"{other.value}\"><strong>{_t('bad_title', other)}</strong>. "
-        f"{_t('bad_body', other)}</p>",
+        f"<p>{_t('bad_body', locale)}{also(locale)}</p><hr><p lang=\"{other.value}\">"
+        f"<strong>{_t('bad_title', other)}</strong>. {_t('bad_body', other)}{also(other)}</p>",
     )
+
+
+def _mailto_link(mailto: str) -> str:
+    """``<a href="mailto:…">address</a>`` for a plain address or a mailto: URI (shown without its ?subject=…)."""
+    if not mailto:
+        return ""
+    uri = mailto if mailto.startswith("mailto:") else f"mailto:{mailto}"
+    shown = unquote(uri.removeprefix("mailto:").partition("?")[0])
+    return f'<a href="{escape(uri, quote=True)}">{escape(shown)}</a>'
 
 
 def not_found(locale: Locale) -> bytes:
