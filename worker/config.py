@@ -532,11 +532,6 @@ def _plain_address(s: Settings, key: str, address: str) -> None:
               f"(an internationalised domain in its IDNA form, xn--…), not {address!r}")
 
 
-_NOT_IN_NAME = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-"""What the shop's name and From name may not hold: C0 and C1 controls (CR, LF, NUL, TAB, ESC…), line separators
-and bidi controls. The header writer would turn them into spaces or drop them: said here, where they were written."""
-
-
 def _shop_names(s: Settings) -> None:
     """``shop.name`` (every footer, subject and page; the From name when ``from_name`` is empty) is not blank, and
     neither it nor ``from_name`` holds a character a header or a footer line cannot show as written."""
@@ -546,7 +541,7 @@ def _shop_names(s: Settings) -> None:
     if s.shop.from_name and not s.shop.from_name.strip():
         _fail(s, "shop.from_name", "must not be only spaces (leave it empty, \"\", to use shop.name)")
     for key, value in (("shop.name", s.shop.name), ("shop.from_name", s.shop.from_name)):
-        found = _NOT_IN_NAME.search(value)
+        found = render.CONTROL_CHARACTERS.search(value)  # the header writer would drop them
         if found is not None:
             _fail(s, key, f"must not hold a control character (U+{ord(found.group()):04X} at character "
                   f"{found.start() + 1}): a line break, tab or escape cannot go in the From header, not {value!r}")

@@ -17,8 +17,8 @@ and products' optional columns, orders' ``delivered_at``).
 Column names are matched case-insensitively; values are stripped of
 surrounding whitespace except ``name``, which is kept exactly as given.
 Ids, ``category`` and the consent texts may hold no control character (C0,
-C1), line separator or bidi control (``_CONTROL``), nor an invisible character or a space other than ' '
-(``_no_invisible``): the row's error names its code point.
+C1), line separator or bidi control (``render.CONTROL_CHARACTERS``), nor an invisible character or a space
+other than ' ' (``_no_invisible``): the row's error names its code point.
 
 customers.csv
     ``id`` (required), ``email`` (required; validated and normalised by
@@ -84,7 +84,7 @@ from zoneinfo import ZoneInfo
 import email_validator
 
 from worker import money
-from worker.core.render import clean_text
+from worker.core.render import CONTROL_CHARACTERS, clean_text
 from worker.domain import (
     CustomerRecord,
     Locale,
@@ -131,11 +131,6 @@ _AMOUNT = re.compile(r"[0-9]{1,15}(\.[0-9]{1,6})?")
 _THOUSANDS = re.compile(r"[1-9][0-9]{0,2}\.[0-9]{3}")
 """An amount as a spreadsheet in an Indonesian (or German…) locale shows it, '.' separating thousands: Rp249.000."""
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-"""What an id or a short text may not hold: C0 and C1 controls (CR, ESC, NEL, CSI…), line separators, bidi
-overrides, embeddings and isolates (they make an id or a category read as another one)."""
-
-
 @dataclass(frozen=True)
 class RowError:
     """One rejected row: where it is, whose it is, and why."""
@@ -482,7 +477,7 @@ def _text(row: dict[str, str], column: str) -> str:
 
 def _no_control(value: str, column: str, limit: int) -> None:
     """Refuse a value longer than ``limit`` or holding a control character (naming its code point and place)."""
-    found = _CONTROL.search(value)
+    found = CONTROL_CHARACTERS.search(value)
     if len(value) > limit or found is not None:
         what = f": U+{ord(found.group()):04X} at character {found.start() + 1}" if found is not None else ""
         raise _Invalid(f"invalid {column} {_show(value)} (at most {limit} characters, no control characters{what})")

@@ -233,6 +233,11 @@ def build_context(
 # --- header text -------------------------------------------------------------
 
 HEADER_TEXT_MAX_CHARS = 200
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+"""What a short text that names something (an id, a category, the shop's name) may not hold, where it is read:
+C0 and C1 controls (CR, LF, NUL, TAB, ESC, NEL, CSI…), line separators, and bidi overrides, embeddings and
+isolates (they make one name read as another). The importer and the config refuse them; ``clean_text`` turns them
+into spaces or drops them in what reaches an email."""
 # Bidirectional overrides, embeddings, isolates and marks: dropped (they disguise names, product titles and
 # subjects: "Batik\u202eFFO %05" reads "Batik50% OFF"). Arabic and Hebrew text needs none of them.
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
