@@ -31,7 +31,7 @@ from worker.contact import Arbiter, judge
 from worker.core import audiences, tokens
 from worker.core import campaigns as cc
 from worker.core.campaigns import Launch
-from worker.core.policy import DeferUntil, Skip, waits_for
+from worker.core.policy import Decision, DeferUntil, Skip, deferred, waits_for
 from worker.core.render import ShopInfo, TemplateRenderer, build_context, build_message
 from worker.domain import (
     ClaimedMessage,
@@ -254,23 +254,20 @@ class Composer:
             return Skipped(message, reason)
         customer = customer_facts.customer
         assert customer is not None  # recheck skips CUSTOMER_GONE
-        news_at = cc.next_news_at(facts.news_sent.get(mailbox(message.email), ()))
+        box = mailbox(message.email)
+        news_at = cc.next_news_at(facts.news_sent.get(box, ()))
+        sent = facts.sent.get(box, ())
+        decision: Decision
         if message.campaign == cc.NEW_PRODUCTS and news_at is not None and news_at > now:
-            if news_at >= message.expires_at:
-                return Skipped(message, SkipReason.EXPIRED)
-            return Deferred(message, news_at, "news_week", customer.time_zone)
-        sent = facts.sent.get(mailbox(message.email), ())
+            decision = deferred(news_at, message.expires_at, "news_week")
         # a birthday offer planned ahead (due when its window opens) is not yet claimable: without quiet hours to
         # hold this one back until then, it would take the birthday's slot and the birthday would expire waiting
-        until = waits_for(facts.birthdays_ahead.get(mailbox(message.email), ()), sent, now, self.policy.caps)
-        if until is not None:
-            if until >= message.expires_at:
-                return Skipped(message, SkipReason.EXPIRED)
-            return Deferred(message, until, "birthday", customer.time_zone)
-        decision = (
-            arbiter.decide(message, customer, sent, now) if arbiter is not None
-            else judge(self.policy, message, customer, sent, now)  # the ledger alone
-        )  # fmt: skip
+        elif (until := waits_for(facts.birthdays_ahead.get(box, ()), sent, now, self.policy.caps)) is not None:
+            decision = deferred(until, message.expires_at, "birthday")
+        elif arbiter is not None:
+            decision = arbiter.decide(message, customer, sent, now)
+        else:
+            decision = judge(self.policy, message, customer, sent, now)  # the ledger alone
         if isinstance(decision, Skip):
             return Skipped(message, decision.reason)
         if isinstance(decision, DeferUntil):

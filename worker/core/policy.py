@@ -223,7 +223,8 @@ class SendNow:
 class DeferUntil:
     at: datetime
     why: str
-    """``cap`` or ``quiet_hours`` (for logs and preview)."""
+    """``cap`` or ``quiet_hours`` (for logs and preview); the send-time re-check adds ``news_week`` and
+    ``birthday`` (``worker.pipeline.Composer.decide``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +233,11 @@ class Skip:
 
 
 Decision = SendNow | DeferUntil | Skip
+
+
+def deferred(until: datetime, expires_at: datetime, why: str) -> DeferUntil | Skip:
+    """Wait until ``until``, or skip as ``expired`` when that is not before the message's expiry."""
+    return Skip(SkipReason.EXPIRED) if until >= expires_at else DeferUntil(until, why)
 
 
 def decide_one(
@@ -245,9 +251,7 @@ def decide_one(
     # cap windows only empty out as time passes, so a later instant is still free
     if allowed == now:
         return SendNow()
-    if allowed >= message.expires_at:
-        return Skip(SkipReason.EXPIRED)
-    return DeferUntil(allowed, "cap" if slot > now else "quiet_hours")
+    return deferred(allowed, message.expires_at, "cap" if slot > now else "quiet_hours")
 
 
 def arrange(
