@@ -19,7 +19,7 @@ from typing import Any
 
 from worker import log
 from worker.commands import arguments
-from worker.config import DEFAULT_CONFIG, Settings, load_settings, naming_the_line
+from worker.config import DEFAULT_CONFIG, LOG_LEVELS, Settings, load_settings, naming_the_line
 from worker.errors import ConfigError, KembaliError, SchemaError
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -224,7 +224,6 @@ class _KeepExamples(argparse.HelpFormatter):
 
 
 _CONFIG_HELP = "the config file (default: $KEMBALI_CONFIG or ./config.toml)"
-LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_LEVEL_HELP = ("the log level of this command, one of debug, info, warning, error (default: the config's "
                    "[logging] level; the demo's: warning); logs go to stderr, results to stdout")
 

@@ -28,6 +28,8 @@ from worker.domain import place_zones
 from worker.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+"""What ``logging.level`` (and ``--log-level``) may be."""
 
 
 @dataclass(frozen=True)
@@ -677,7 +679,7 @@ def _check(s: Settings) -> None:
     _check_upper_bounds(s)
     if s.logging.format not in ("text", "json"):
         _fail(s, "logging.format", "must be 'text' or 'json'")
-    if s.logging.level not in ("debug", "info", "warning", "error"):
+    if s.logging.level not in LOG_LEVELS:
         _fail(s, "logging.level", "must be debug, info, warning or error")
 
 
