@@ -94,16 +94,10 @@ def ping(store: Store) -> None:
         conn.execute(sa.text("SELECT 1"))
 
 
-def queue_depth(store: Store, now: datetime) -> int:
-    """Rows waiting to be sent that are due now."""
-    query = sa.select(sa.func.count()).select_from(M).where(WAITING, M.c.next_attempt_at <= now)
-    with db.reading(store.engine) as conn:
-        return int(conn.execute(query).scalar() or 0)
-
-
-def waiting(store: Store) -> int:
-    """Rows waiting to be sent, due now or later."""
-    query = sa.select(sa.func.count()).select_from(M).where(WAITING)
+def queue_depth(store: Store, now: datetime | None = None) -> int:
+    """Rows waiting to be sent that are due by ``now`` (None: due now or later)."""
+    due = [] if now is None else [M.c.next_attempt_at <= now]
+    query = sa.select(sa.func.count()).select_from(M).where(WAITING, *due)
     with db.reading(store.engine) as conn:
         return int(conn.execute(query).scalar() or 0)
 

@@ -145,7 +145,7 @@ async def _cycle_with_sink(
         sending = SendProgress()
         try:
             report = await running.stoppable(deps, observer=sending)
-            left = opstore.waiting(deps.store)
+            left = opstore.queue_depth(deps.store)  # due now or later
         finally:
             sending.progress.done()
             deps.close()
