@@ -859,3 +859,36 @@ def test_sqlite_planning_writes_without_foreign_key_checks_and_gives_every_conne
             conn.execute(sa.insert(M).values(**orphan))
     finally:
         store.close()
+
+
+def test_loyalty_spend_follows_a_changed_shop_currency_in_preview_and_in_the_ledger(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Spend totals are counted at import in the shop's currency of the day. The operator imported a shop selling
+    in dollars with the default currency (IDR) and then set ``shop.currency = "USD"``: a customer who spent USD
+    6,000,000 yesterday is due the USD 5,000,000 milestone. Preview (which writes nothing) plans it from the
+    orders, and a pass counts the stored totals again in dollars, once, saying so."""
+    spender = Case("USD 6.000.000 spent yesterday", 1, (o(D, 1, total=6_000_000, currency="USD"),))
+    table = [spender, Case("USD 100 yesterday", 0, (o(D, 1, total=100, currency="USD"),))]
+    store = Store.from_url(db_url)
+    try:
+        assert shop.settle_spend_currency(store.engine, "IDR", NOW) == shop.SpendRecount(None, 0)
+        load(store, table)  # counted in rupiah: USD orders add nothing
+        dollars = dataclasses.replace(SETTINGS, shop=dataclasses.replace(SETTINGS.shop, currency="USD"))
+        due = "loyalty:C0:spend-500000000"
+        assert set(planned_keys(store, "loyalty", dollars)) == {due}
+        assert store.send_time_facts([1])[1].total_spent_minor == 0, "preview wrote nothing"
+        with caplog.at_level("INFO", logger="kembali"):
+            assert planning.plan_into_ledger(store, dollars, "loyalty", NOW) == 1
+        assert store.send_time_facts([1])[1].total_spent_minor == 6_000_000_00
+        assert shop.spend_currency(store.engine) == "USD"
+        counted = [r for r in caplog.records if r.getMessage() == "spend_totals_counted_again"]
+        assert [(r.levelname, r.kembali_fields["was"], r.kembali_fields["customers_changed"])  # type: ignore[attr-defined]
+                for r in counted] == [("WARNING", "IDR", 2)]  # fmt: skip
+        assert planning.plan_into_ledger(store, dollars, "loyalty", NOW) == 0
+        assert len([r for r in caplog.records if r.getMessage() == "spend_totals_counted_again"]) == 1, "once"
+        # and back: the rupiah totals again (none), nothing planned in rupiah for dollars spent
+        assert shop.settle_spend_currency(store.engine, "IDR", NOW) == shop.SpendRecount("USD", 2)
+        assert set(planned_keys(store, "loyalty")) == set()
+    finally:
+        store.close()

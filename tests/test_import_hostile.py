@@ -744,3 +744,37 @@ def test_one_address_in_customers_whose_consents_disagree_is_reported_and_all_ar
            "marketing_consent" in out, out
     consent = dict(_rows(db_url, "select external_id, marketing_consent from customer"))
     assert {k: bool(v) for k, v in consent.items()} == {"C-1": True, "C-2": True, "C-3": False, "C-4": True}
+
+
+def test_orders_imported_after_shop_currency_changed_count_every_customers_spend_in_the_new_one(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a shop selling in dollars, imported while the config still had the default currency (IDR)
+    config = _config(tmp_path, db_url)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,c2@example.com,Budi,ya\n"
+    )
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,currency,total\nO-1,C-1,paid,2026-01-01,USD,120.50\n"
+    )
+    (tmp_path / "more.csv").write_text("order_id,customer_id,status,placed_at,currency,total\n"
+                                       "O-2,C-2,paid,2026-01-02,USD,7.00\n")  # fmt: skip
+    for kind, name in (("customers", "customers.csv"), ("orders", "orders.csv")):
+        assert kembali(capsys, "--config", str(config), "import", kind, str(tmp_path / name))[0] == 0
+    # When the operator sets shop.currency = "USD" and imports the next day's orders (C-2's only)
+    config.write_text(config.read_text() + '\n[shop]\ncurrency = "USD"\n', encoding="utf-8")
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "more.csv"))
+    # Then every customer's spend counts dollars, C-1's too, whose orders were not in this file, and the import
+    # says so once
+    assert code == 0, out
+    assert "note: shop.currency is USD, the customers' spend totals counted IDR: counted again in USD " \
+           "(1 changed)" in out  # fmt: skip
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            spent = dict(conn.execute(sa.text("select external_id, total_spent_minor from customer")).all())
+    finally:
+        engine.dispose()
+    assert spent == {"C-1": 12050, "C-2": 700}
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "more.csv"))
+    assert code == 0 and "counted again" not in out, out

@@ -17,14 +17,15 @@ so a campaign's lift can be measured later.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time as clock
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 
-from worker import money
-from worker.adapters import audience_sql, db, plan_sql
+from worker import log, money
+from worker.adapters import audience_sql, db, plan_sql, shop
 from worker.adapters.store import Store
 from worker.config import Settings
 from worker.core import campaigns as cc
@@ -107,8 +108,11 @@ def plans(store: Store, settings: Settings, campaign: str, now: datetime) -> lis
         return [plan_sql.new_products(common, since=now - timedelta(days=cfg.active_within_days), before=latest,
                                       week=week)]  # fmt: skip
     milestones = loyalty_milestones(settings)
+    # totals that count another currency (shop.currency changed since) cannot narrow the spend candidates down
+    totals = not milestones.spend_minor or shop.spend_currency(store.engine) == milestones.currency
     return plan_sql.loyalty(common, since=now - timedelta(days=milestones.within_days), orders=milestones.orders,
-                            spend_minor=milestones.spend_minor, currency=milestones.currency)  # fmt: skip
+                            spend_minor=milestones.spend_minor, currency=milestones.currency,
+                            totals_in_currency=totals)  # fmt: skip
 
 
 PLAN_THREADS = {"postgresql": 2, "sqlite": 2}
@@ -177,6 +181,8 @@ def plan_batches(store: Store, settings: Settings, campaign: str, now: datetime)
 def plan_into_ledger(store: Store, settings: Settings, campaign: str, now: datetime) -> int:
     """Plan the campaign at ``now`` into the ledger, once per dedupe key; returns the rows created.
     Set-based where the campaign has SQL plans: no candidate travels through Python."""
+    if campaign == cc.LOYALTY and settings.campaigns.loyalty.spend_milestones:
+        settle_spend_totals(store, settings.shop.currency)
     sql = plans(store, settings, campaign, now)
     if sql is None:
         return sum(store.insert_messages(batch, now) for batch in plan_batches(store, settings, campaign, now))
@@ -184,6 +190,19 @@ def plan_into_ledger(store: Store, settings: Settings, campaign: str, now: datet
     if created >= ANALYZE_AFTER:
         plan_sql.analyze_ledger(store.engine)
     return created
+
+
+def settle_spend_totals(store: Store, currency: str) -> shop.SpendRecount | None:
+    """Have the customers' spend totals count ``currency`` (``shop.settle_spend_currency``), logging it when they
+    were counted again: once after ``shop.currency`` changed, or on a database from before migration 0015."""
+    recount = shop.settle_spend_currency(store.engine, currency, datetime.now(UTC))
+    if recount is not None and (recount.was is not None or recount.changed):
+        log.event(
+            "spend_totals_counted_again", logging.WARNING if recount.was is not None else logging.INFO,
+            currency=currency, was=recount.was or "not recorded", customers_changed=recount.changed,
+            why=f"shop.currency is {currency}: loyalty's spend milestones count orders in it",
+        )  # fmt: skip
+    return recount
 
 
 ANALYZE_AFTER = 10_000

@@ -222,7 +222,8 @@ def new_products(c: Common, *, since: datetime, before: datetime, week: str) -> 
 
 
 def loyalty(
-    c: Common, *, since: datetime, orders: Sequence[int], spend_minor: Sequence[int], currency: str
+    c: Common, *, since: datetime, orders: Sequence[int], spend_minor: Sequence[int], currency: str,
+    totals_in_currency: bool = True,
 ) -> list[Plan]:
     """Customers whose last paid purchase is at or after ``since``: one plan for the highest order-count
     milestone reached, one for the highest spend milestone, each when the paid purchases placed before ``since``
@@ -230,7 +231,8 @@ def loyalty(
     one placed and not paid yet; spend counts those in ``currency`` (the shop's).
 
     The customer row's ``last_order_at``, ``order_count`` and ``total_spent_minor`` (every purchase, unpaid ones
-    too) narrow the candidates down; the paid counts and sums are read from each candidate's orders."""
+    too) narrow the candidates down; the paid counts and sums are read from each candidate's orders. Not
+    ``total_spent_minor`` unless ``totals_in_currency``: it adds up another currency (``shop.spend_currency``)."""
     # correlated to the customer row explicitly: the key's copy is inside the ledger probe's EXISTS, where it would
     # otherwise correlate to nothing and count every customer's orders
     bought = sa.select().select_from(O).where(O.c.customer_id == C.c.id, O.c.status.in_(RATEABLE)).correlate(C)
@@ -253,8 +255,8 @@ def loyalty(
         )).scalar_subquery()  # fmt: skip
         label = _lit(f"{prefix}-") + sa.cast(due, sa.String)
         key = _lit("loyalty:") + _key_part(C.c.external_id) + _lit(":") + label
-        where = [_scanned(c.dialect, C.c.last_order_at) >= since, column >= min(thresholds), *_consenting(),
-                 due.is_not(None)]  # fmt: skip
+        narrowed = [column >= min(thresholds)] if prefix == "orders" or totals_in_currency else []
+        where = [_scanned(c.dialect, C.c.last_order_at) >= since, *narrowed, *_consenting(), due.is_not(None)]
         plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key,
                           json_object_sql(c.dialect, [("milestone", label)]), C, where, (C.c.id,), C.c.id,
                           c.holdout_share, probe=True))  # fmt: skip

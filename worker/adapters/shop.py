@@ -22,11 +22,17 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from worker import money
+from worker.adapters import db
 from worker.adapters.store import PURCHASE_EXCLUDED, C, L, O, P, _chunks
+from worker.adapters.tables import ShopState
 from worker.domain import CustomerRecord, OrderRecord, ProductRecord
+
+STATE = ShopState.__table__  # type: ignore[attr-defined]
+SPEND_CURRENCY = "spend_currency"
 
 MAX_MINOR = 2**63 - 1
 """The most a BIGINT column holds: a customer's ``total_spent_minor``, the sum of their orders' totals."""
@@ -319,6 +325,51 @@ def _lines_of(conn: Connection, order_ids: list[int]) -> dict[int, list[dict[str
             row = dict(r._mapping)
             out.setdefault(row.pop("order_id"), []).append(row)
     return out
+
+
+@dataclass(frozen=True)
+class SpendRecount:
+    """The customers' spend totals counted again in the shop's currency: ``was`` the one they counted (None:
+    not known, a database from before migration 0015), ``changed`` how many totals that changed."""
+
+    was: str | None
+    changed: int
+
+
+def spend_currency(engine: Engine) -> str | None:
+    """The currency the customers' ``total_spent_minor`` add up (None: not recorded yet)."""
+    with db.reading(engine) as conn:
+        value: str | None = conn.execute(
+            sa.select(STATE.c.value).where(STATE.c.name == SPEND_CURRENCY)
+        ).scalar_one_or_none()
+    return value
+
+
+def settle_spend_currency(engine: Engine, currency: str, now: datetime) -> SpendRecount | None:
+    """Make every customer's ``total_spent_minor`` add up their purchases in ``currency`` (the shop's), as
+    ``refresh_customer_stats`` does for the customers an import touches. Each total counts the currency the
+    configuration named at the customer's last import of orders; when the configuration names another since,
+    (``shop_state``'s ``spend_currency`` says which), every total is counted again here, once. None when they
+    count ``currency`` already: one read by key."""
+    was = spend_currency(engine)
+    if was == currency:
+        return None
+    total = (
+        sa.select(sa.func.coalesce(sa.func.sum(O.c.total_minor), 0))
+        .where(O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED), O.c.currency == currency)
+        .scalar_subquery()
+    )
+    insert = (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(STATE)
+    with engine.begin() as conn:  # another worker doing the same meanwhile: its updates wait for these, then match
+        changed = conn.execute(
+            sa.update(C).where(C.c.total_spent_minor != total).values(total_spent_minor=total, updated_at=now)
+        ).rowcount
+        conn.execute(
+            insert.values(name=SPEND_CURRENCY, value=currency, updated_at=now).on_conflict_do_update(
+                index_elements=[STATE.c.name], set_={"value": currency, "updated_at": now}
+            )
+        )
+    return SpendRecount(was, changed)
 
 
 def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: datetime, currency: str) -> None:

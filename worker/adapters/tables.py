@@ -245,4 +245,15 @@ class RateLimit(SQLModel, table=True):
     day_count: int = 0
 
 
+class ShopState(SQLModel, table=True):
+    """What the stored data was last made to agree with, by name: ``spend_currency``, the currency each customer's
+    ``total_spent_minor`` adds up (``adapters.shop.settle_spend_currency``)."""
+
+    __tablename__ = "shop_state"
+
+    name: str = Field(max_length=100, primary_key=True)
+    value: str = Field(max_length=200)
+    updated_at: datetime = _dt()
+
+
 metadata = SQLModel.metadata

@@ -94,6 +94,12 @@ def import_file(
     store = Store.from_url(settings.database_url)
     db.check_schema(store.engine)
     now = now or datetime.now(UTC)
+    if kind == "orders":  # the totals this import adds to must count the shop's currency first
+        recount = shop.settle_spend_currency(store.engine, settings.shop.currency, now)
+        if recount is not None and recount.was is not None:
+            print(f"note: shop.currency is {settings.shop.currency}, the customers' spend totals counted "
+                  f"{recount.was}: counted again in {settings.shop.currency} ({recount.changed} changed)",
+                  file=sys.stderr)  # fmt: skip
     lines: dict[str, int] = {}
     """The line each record of the batch starts on, by external id (the batch's messages name it)."""
 
