@@ -470,8 +470,14 @@ def test_sends_on_the_wire_when_the_database_goes_away_are_finished_and_recorded
 def test_a_failing_run_cancelled_while_it_waits_for_the_sends_on_the_wire_cuts_them_off_and_ends(
     pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a run that fails (the database gone) while two messages take 4 s each on the wire
-    shop, _ = _slow_shop(pg_url, smtp_server, monkeypatch, delay_seconds=4.0)
+    # Given a run that fails (the database gone) while messages take 20 s each on the wire (long enough that a run
+    # which waited for them could not pass for one cut off, however loaded the machine): three connections and six
+    # senders for eight messages; the first three go on the wire (claimed, marked, booked and connected in turn), the
+    # third takes 3 s, and its sender then marks the seventh while the database is away: the run fails there, with
+    # the others on the wire
+    shop, emails = _slow_shop(pg_url, smtp_server, monkeypatch, delay_seconds=20.0, smtp_timeout=30.0, pool_size=3,
+                              customers=8)  # fmt: skip
+    smtp_server.on(emails[2], Behaviour(delay_at="data", delay_seconds=3.0))
     astore = AsyncStore(shop.store)
 
     async def run() -> tuple[bool, float, list[str]]:
@@ -479,11 +485,14 @@ def test_a_failing_run_cancelled_while_it_waits_for_the_sends_on_the_wire_cuts_t
         dispatcher = _rate_in_the_database(shop, astore, transport)
         try:
             task = asyncio.ensure_future(dispatcher.run_once())
-            with shop.store.engine.connect() as conn:
-                while conn.execute(sa.text("SELECT count(*) FROM message WHERE status = 'sending'")).scalar_one() < 2:
-                    await asyncio.sleep(0.02)
+            while smtp_server.data_taken < 3:
+                await asyncio.sleep(0.02)
             _allow_connections(pg_admin, pg_url, False)
-            await asyncio.sleep(1.5)  # the run has failed, and waits for the two sends
+            failed_by = time.monotonic() + 30
+            while not (dispatcher._failing and dispatcher._on_wire):  # failed, and waits for the sends on the wire
+                assert time.monotonic() < failed_by, "the run did not fail with sends on the wire"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
             # When it is cancelled meanwhile (a daemon's shutdown past its grace period)
             cancelled_at = time.monotonic()
             task.cancel()
@@ -502,7 +511,7 @@ def test_a_failing_run_cancelled_while_it_waits_for_the_sends_on_the_wire_cuts_t
         _allow_connections(pg_admin, pg_url, True)
         astore.close()
     # Then it ends at once, cancelled, and leaves no sender running on its own
-    assert cancelled and took < 1.0 and left == [], (cancelled, took, left)
+    assert cancelled and took < 5.0 and left == [], (cancelled, took, left)
     shop.close()
 
 
@@ -596,17 +605,19 @@ async def _fails_in_an_outage(run: Awaitable[object], engine: sa.Engine, pg_admi
     return None
 
 
-def _slow_shop(pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, *, delay_seconds: float
+def _slow_shop(pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, *, delay_seconds: float,
+               smtp_timeout: float = 5.0, pool_size: int = 2, customers: int = 6
                ) -> tuple[Shop, list[str]]:  # fmt: skip
-    """6 customers due a win-back, a server that takes ``delay_seconds`` at DATA over each message, two connections
-    and twice as many senders, and the ledger writer's and the store's retries cut to 0.4 s."""
+    """``customers`` due a win-back, a server that takes ``delay_seconds`` at DATA over each message, ``pool_size``
+    connections and twice as many senders (``smtp.timeout_seconds``: ``smtp_timeout``), and the ledger writer's and
+    the store's retries cut to 0.4 s."""
     monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
     monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
-    emails = [f"c{i}@test.example" for i in range(6)]
+    emails = [f"c{i}@test.example" for i in range(customers)]
     for address in emails:
         smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=delay_seconds))
-    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 2}, in_flight_per_connection=2,
-                             compose_processes=0, lease_seconds=60)  # fmt: skip
+    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": pool_size, "timeout_seconds": smtp_timeout},
+                             in_flight_per_connection=2, compose_processes=0, lease_seconds=60)  # fmt: skip
     shop = Shop(pg_url, settings, emails)
     plan(shop.store, settings, NOW)
     return shop, emails
