@@ -3,7 +3,9 @@
 * ``/unsubscribe?t=<token>``: GET shows a confirmation page with a button (mail
   scanners prefetch links, so a GET changes nothing); POST with
   ``List-Unsubscribe=One-Click`` (RFC 8058, also what the button sends)
-  suppresses the address at once and answers 200, no redirect, no cookie.
+  suppresses at once the address the email went to (the ledger row the token
+  names by its Message-ID) and the customer's address now, when an import has changed it since,
+  and answers 200, no redirect, no cookie.
   Idempotent. Senders re-check suppressions right before every send, so it
   holds for the next send in every worker.
 * ``/feedback?t=<token>``: GET shows the rating named by the token with a
@@ -22,7 +24,7 @@
   ledger's figures (``kembali_database_up 0``) but with this process's own.
 
 A token that does not verify (forged, truncated, tampered, the wrong kind) gets
-a 400 page and changes nothing. Tokens name database ids, never an address.
+a 400 page and changes nothing. Tokens name database ids and Message-IDs, never an address.
 """
 
 from __future__ import annotations
@@ -35,14 +37,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
+from typing import Any
 
 from worker import log, pages
 from worker.adapters import opstore
+from worker.adapters.store import suppression_address
 from worker.adapters.web import Request, Response
 from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.core import tokens
-from worker.domain import Locale
+from worker.domain import CustomerSnapshot, Locale
 from worker.metrics import Metrics
 from worker.ports import Clock
 
@@ -50,6 +54,7 @@ UNSUBSCRIBE_KIND = "u"
 FEEDBACK_KIND = "f"
 MAX_SCORE = 10
 MAX_ORDER_REF = 100
+MAX_MESSAGE_LOCAL = 200
 COMMENT_MAX_CHARS = 2000
 HEALTH_TIMEOUT_SECONDS = 3.0
 
@@ -58,6 +63,30 @@ HEALTH_TIMEOUT_SECONDS = 3.0
 class FeedbackToken:
     order_ref: str
     score: int
+
+
+@dataclass(frozen=True)
+class UnsubscribeToken:
+    """An unsubscribe link's value: ``<customer id>:<Message-ID before the @>``, or ``<customer id>`` in the links
+    emails carried before they named their email (those still work)."""
+
+    customer_id: int
+    message_local: str | None
+    """The Message-ID of the email that carried the link, before ``@<shop domain>``: its ledger row, whose
+    address is the one it went to."""
+
+    def message_id(self, domain: str) -> str | None:
+        return f"<{self.message_local}@{domain}>" if self.message_local is not None else None
+
+
+def parse_unsubscribe(value: str) -> UnsubscribeToken | None:
+    """``<customer id>[:<Message-ID before the @>]`` → the parts, or None when malformed."""
+    customer, colon, local = value.partition(":")
+    if not (0 < len(customer) <= 18 and customer.isascii() and customer.isdigit()):
+        return None
+    if colon and not (0 < len(local) <= MAX_MESSAGE_LOCAL and local.isascii() and local.isprintable()):
+        return None
+    return UnsubscribeToken(int(customer), local if colon else None)
 
 
 def parse_feedback(value: str) -> FeedbackToken | None:
@@ -123,31 +152,58 @@ class Site:
         if request.method not in ("GET", "HEAD", "POST"):
             return _not_allowed("GET, HEAD, POST")
         token = _token(request)
-        customer_id = self._verify(token, UNSUBSCRIBE_KIND)
-        if customer_id is None or not customer_id.isdigit():
+        value = self._verify(token, UNSUBSCRIBE_KIND)
+        link = parse_unsubscribe(value) if value is not None else None
+        if link is None:
             log.event("link_rejected", logging.WARNING, route="unsubscribe")
             mailto = self.settings().unsubscribe.mailto
             return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(self._default_locale(), mailto))
         s = self.store.store
-        customer = await self.store.call(opstore.customer, s, int(customer_id))
+        customer = await self.store.call(opstore.customer, s, link.customer_id)
         locale = customer.locale if customer is not None else self._default_locale()
         shop = self.settings().shop.name
         if request.method != "POST":
-            done = customer is not None and await self.store.call(opstore.is_suppressed, s, customer.email)
-            if done:
+            addresses = await self._addresses(link, customer, post=False)
+            if addresses and all([await self.store.call(opstore.is_suppressed, s, a) for a in addresses]):
                 return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop))
-            masked = log.mask_email(customer.email) if customer is not None else ""
+            masked = [log.mask_email(a) for a in addresses]
             return self._page(HTTPStatus.OK, pages.confirm_unsubscribe(locale, shop, masked, token or ""))
         if b"List-Unsubscribe" not in request.body or b"One-Click" not in request.body:
             return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(locale, self.settings().unsubscribe.mailto))
-        if customer is None:
-            log.event("unsubscribe_unknown_customer", logging.WARNING, customer_id=customer_id)
-        else:
-            created = await self.store.call(
-                s.suppress, customer.email, reason="unsubscribed", source="unsubscribe-link", now=self.clock.now()
+        addresses = await self._addresses(link, customer, post=True)
+        if not addresses:
+            log.event("unsubscribe_unknown_customer", logging.WARNING, customer_id=link.customer_id)
+        created = 0
+        for address in addresses:
+            created += await self.store.call(
+                s.suppress, address, reason="unsubscribed", source="unsubscribe-link", now=self.clock.now()
             )
-            log.event("unsubscribed", customer=customer.external_id, to=log.mask_email(customer.email), new=created)
-        return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop))
+        if addresses:
+            to, *also = [log.mask_email(a) for a in addresses]
+            extra: dict[str, Any] = {"also": ",".join(also)} if also else {}
+            log.event("unsubscribed", customer=customer.external_id if customer is not None else None, to=to,
+                      **extra, new=created)  # fmt: skip
+        masked = [log.mask_email(a) for a in addresses]
+        return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop, masked))
+
+    async def _addresses(self, link: UnsubscribeToken, customer: CustomerSnapshot | None, *, post: bool) -> list[str]:
+        """What the link unsubscribes: the address its email went to (the ledger's), and the customer's address
+        now. The person asked to stop: an address an import has changed since is theirs too. A link that names no
+        email (issued before links did), or one the ledger does not find (the shop's domain changed since): on the
+        POST, every address the customer was mailed at (the ledger is read whole for them: not for a GET)."""
+        s = self.store.store
+        message_id = link.message_id(self.settings().shop.domain)
+        mailed = []
+        if message_id is not None:
+            found = await self.store.call(opstore.recipient, s, link.customer_id, message_id)
+            mailed = [found] if found is not None else []
+        if post and not mailed:
+            mailed = await self.store.call(opstore.mailed_addresses, s, link.customer_id)
+        current = [customer.email] if customer is not None else []
+        unique: dict[str, str] = {}
+        for address in [*mailed, *current]:
+            unique.setdefault(suppression_address(address), address)
+        return list(unique.values())
 
     # --- feedback ---------------------------------------------------------------
 

@@ -6,6 +6,7 @@ Every value from data goes through ``html.escape``; pages load nothing external
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from html import escape
 from urllib.parse import unquote
 
@@ -18,11 +19,16 @@ _TEXT: dict[str, dict[Locale, str]] = {
         Locale.EN: "Click the button below to stop promotional emails from {shop} to {who}.",
     },
     "you": {Locale.ID: "Anda", Locale.EN: "you"},
+    "and": {Locale.ID: "dan", Locale.EN: "and"},
     "confirm_button": {Locale.ID: "Berhenti berlangganan", Locale.EN: "Unsubscribe"},
     "done_title": {Locale.ID: "Anda sudah berhenti berlangganan", Locale.EN: "You are unsubscribed"},
     "done_body": {
         Locale.ID: "Anda tidak akan menerima email promosi lagi dari {shop}. Maaf telah mengganggu.",
         Locale.EN: "You will not receive promotional emails from {shop} again. Sorry to have bothered you.",
+    },
+    "done_addresses": {
+        Locale.ID: "Alamat yang tidak akan dikirimi lagi: {who}.",
+        Locale.EN: "Addresses we will not write to again: {who}.",
     },
     "bad_title": {Locale.ID: "Tautan tidak valid", Locale.EN: "This link is not valid"},
     "bad_body": {
@@ -75,8 +81,16 @@ def _page(locale: Locale, title: str, body: str) -> bytes:
     ).encode()
 
 
-def confirm_unsubscribe(locale: Locale, shop: str, masked_email: str, token: str) -> bytes:
-    who = masked_email or _t("you", locale)
+def _both(locale: Locale, masked: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c`` (not escaped: ``_t`` escapes it)."""
+    *first, last = masked
+    return f"{', '.join(first)} {_TEXT['and'][locale]} {last}" if first else last
+
+
+def confirm_unsubscribe(locale: Locale, shop: str, masked: Sequence[str], token: str) -> bytes:
+    """The page an unsubscribe link opens; ``masked`` are the addresses the button will unsubscribe (masked): the
+    one the email went to first, then the customer's address on file now when it is another."""
+    who = _both(locale, masked) if masked else _t("you", locale)
     action = "?t=" + escape(token, quote=True)
     return _page(
         locale,
@@ -88,8 +102,10 @@ def confirm_unsubscribe(locale: Locale, shop: str, masked_email: str, token: str
     )
 
 
-def unsubscribed(locale: Locale, shop: str) -> bytes:
-    return _page(locale, _t("done_title", locale), f"<p>{_t('done_body', locale, shop=shop)}</p>")
+def unsubscribed(locale: Locale, shop: str, masked: Sequence[str] = ()) -> bytes:
+    """Done; with ``masked``, the addresses unsubscribed (masked) are named when there are more than one."""
+    more = f"<p>{_t('done_addresses', locale, who=_both(locale, masked))}</p>" if len(masked) > 1 else ""
+    return _page(locale, _t("done_title", locale), f"<p>{_t('done_body', locale, shop=shop)}</p>{more}")
 
 
 def bad_link(locale: Locale, unsubscribe_mailto: str = "") -> bytes:

@@ -207,8 +207,13 @@ class Composer:
         self.shop = ShopInfo.from_settings(settings.shop)
         self.policy = planning.contact_policy(settings)
 
-    def unsubscribe_url(self, customer: CustomerSnapshot) -> str:
-        token = tokens.sign("u", str(customer.id), self.link_key)
+    def unsubscribe_url(self, customer: CustomerSnapshot, message_id: str = "") -> str:
+        """The link that unsubscribes the customer, and with ``message_id`` (the Message-ID of the email that
+        carries it, fixed by its dedupe key: preview shows the link run --once sends) the address that email went
+        to: the token names the Message-ID's part before the shop's domain (``links.UnsubscribeToken``)."""
+        local = message_id.removeprefix("<").partition("@")[0]
+        value = f"{customer.id}:{local}" if local else str(customer.id)
+        token = tokens.sign("u", value, self.link_key)
         base = self.settings.unsubscribe.url
         return f"{base}{'&' if '?' in base else '?'}t={token}"
 
@@ -295,7 +300,7 @@ class Composer:
                     f"cannot send to {message.email!r}: letters beyond ASCII before the @ need SMTPUTF8, which "
                     "Kembali does not use"))  # fmt: skip
             message = replace(message, email=address)  # sent to, and written in To, as SMTP takes it
-        unsubscribe = self.unsubscribe_url(customer)
+        unsubscribe = self.unsubscribe_url(customer, message.message_id)
         try:
             context = build_context(
                 message.campaign,

@@ -125,6 +125,24 @@ def order_locale(store: Store, order_ref: str) -> Locale | None:
     return Locale(value) if value in ("id", "en") else None
 
 
+def recipient(store: Store, customer_id: int, message_id: str) -> str | None:
+    """The address the customer's email with this Message-ID went to (what its unsubscribe link stands for)."""
+    query = sa.select(M.c.email).where(M.c.message_id == message_id, M.c.customer_id == customer_id)
+    with db.reading(store.engine) as conn:
+        found = conn.execute(query).scalar()
+    return str(found) if found is not None else None
+
+
+def mailed_addresses(store: Store, customer_id: int) -> list[str]:
+    """Every address a message to the customer was sent to (or may have reached), oldest first: what an unsubscribe
+    link naming no email stands for (those issued before links named theirs). They are few and a click rarer:
+    the ledger has no index by customer, and this reads it whole."""
+    mailed = (MessageStatus.SENT.value, MessageStatus.UNCERTAIN.value)
+    query = sa.select(M.c.email).where(M.c.customer_id == customer_id, M.c.status.in_(mailed)).order_by(M.c.id)
+    with db.reading(store.engine) as conn:
+        return list(dict.fromkeys(str(e) for e in conn.scalars(query)))
+
+
 # --- suppressions ----------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """Signed link tokens: ``<payload>.<mac>``, both base64url, HMAC-SHA256 truncated to 128 bits.
 
-The payload is ``kind:value`` (e.g. ``u:<customer id>`` for unsubscribe), never an
+The payload is ``kind:value`` (e.g. ``u:<customer id>:<Message-ID before the @>`` for unsubscribe), never an
 email address. Tokens do not expire. ``verify`` accepts any of several keys so a
 key can be rotated: sign with the newest, keep the old ones for verifying.
 """

@@ -1,0 +1,113 @@
+"""An email's unsubscribe link, clicked after the customer's address changed: a real run sends the email (real
+SQLite file, real SMTP server), a later customers import gives the customer a new address, and the link from the
+email goes to the daemon's site, in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import urllib.parse
+from email import message_from_bytes
+
+import pytest
+
+from tests.shop import LINK_KEY, NOW, customer, make_shop, one_time_order, settings_for
+from tests.smtp_server import RecordingServer
+from tests.test_pipeline_e2e import run_cycle
+from worker.adapters import opstore, shop
+from worker.adapters.store import Store
+from worker.adapters.web import Request, Response
+from worker.asyncstore import AsyncStore
+from worker.core import tokens
+from worker.links import Site
+from worker.metrics import Metrics
+from worker.testing import FakeClock
+
+OLD = "budi.lama@example.com"
+NEW = "siti.baru@mail.example"
+ONE_CLICK = b"List-Unsubscribe=One-Click"
+
+
+@pytest.fixture(autouse=True)
+def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+
+
+def _sent_then_moved(sqlite_url: str, smtp_server: RecordingServer) -> tuple[Store, dict[str, str]]:
+    """Given a win-back email sent to OLD, after which the shop's export gives the customer the address NEW: the
+    store, and the email's links (``header``: List-Unsubscribe's https link, ``body``: the visible one)."""
+    store = make_shop(sqlite_url, [customer("C1", email=OLD)], [one_time_order("O1", "C1")])
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port})
+    assert run_cycle(settings, store, FakeClock(NOW)).dispatched.outcomes == {"sent": 1}
+    (received,) = smtp_server.messages
+    assert received.rcpt_tos == (OLD,)
+    mail = message_from_bytes(received.data)
+    header = re.search(r"<(https://[^>]+)>", str(mail["List-Unsubscribe"]))
+    text = next(p.get_payload(decode=True).decode() for p in mail.walk() if p.get_content_type() == "text/plain")
+    body = re.search(r"https://\S+/unsubscribe\?t=[\w.-]+", text)
+    assert header is not None and body is not None
+    shop.upsert_customers(store.engine, [customer("C1", email=NEW)], NOW)  # the later customers import
+    return store, {"header": header.group(1), "body": body.group(0)}
+
+
+def _click(store: Store, url: str, method: str, body: bytes = b"") -> Response:
+    """The link's request as the daemon's site answers it."""
+    site = Site(store=AsyncStore(store), keys=[LINK_KEY.encode()],
+                settings=lambda: settings_for(str(store.engine.url)), clock=FakeClock(NOW), metrics=Metrics(),
+                paused=lambda: False)  # fmt: skip
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    headers = {"content-type": "application/x-www-form-urlencoded"} if body else {}
+    try:
+        return asyncio.run(site.handle(Request(method, "/unsubscribe", query, headers, body)))
+    finally:
+        site.store.close()
+
+
+def _suppressed(store: Store) -> list[str]:
+    return sorted(str(r["email"]) for r in opstore.suppressions(store))
+
+
+@pytest.mark.parametrize("link", ["header", "body"])
+def test_the_unsubscribe_link_suppresses_the_address_the_email_went_to_after_the_customer_moved(
+    sqlite_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture, link: str
+) -> None:
+    store, links = _sent_then_moved(sqlite_url, smtp_server)
+    try:
+        # When the customer opens the link (a GET: nothing changes), the page names the address the email went to
+        page = _click(store, links[link], "GET")
+        assert page.status == 200 and "b***@example.com" in page.body.decode() and _suppressed(store) == []
+        # And presses the button (the same POST as a mailbox provider's one-click, RFC 8058)
+        with caplog.at_level(logging.INFO):
+            done = _click(store, links[link], "POST", ONE_CLICK)
+        # Then the address that got the email is suppressed, and so is the customer's address now (the person
+        # asked to stop), and the page and the log say both
+        assert done.status == 200
+        assert _suppressed(store) == [OLD, NEW]
+        assert "b***@example.com" in done.body.decode() and "s***@mail.example" in done.body.decode()
+        (event,) = [r.kembali_fields for r in caplog.records if r.getMessage() == "unsubscribed"]
+        assert "b***@example.com" in str(event) and "s***@mail.example" in str(event), event
+        assert OLD not in caplog.text and NEW not in caplog.text
+        # And a second click changes nothing and shows the page of one unsubscribed
+        assert _click(store, links[link], "POST", ONE_CLICK).status == 200 and _suppressed(store) == [OLD, NEW]
+        assert "method=\"post\"" not in _click(store, links[link], "GET").body.decode()
+    finally:
+        store.close()
+
+
+def test_an_unsubscribe_link_issued_before_links_named_their_email_suppresses_every_address_mailed_and_the_current(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given the email sent to OLD, and a link of the kind emails carried before (it names the customer alone)
+    store, _links = _sent_then_moved(sqlite_url, smtp_server)
+    try:
+        cid = store.customer_by_external_id("C1")
+        assert cid is not None
+        old_link = f"https://toko-kembali.example/unsubscribe?t={tokens.sign('u', str(cid[0].id), LINK_KEY.encode())}"
+        # When the customer clicks it in their inbox, and presses the button
+        assert _click(store, old_link, "GET").status == 200
+        assert _click(store, old_link, "POST", ONE_CLICK).status == 200
+        # Then it still works: the address that got the email (the ledger's) and the one on file now are suppressed
+        assert _suppressed(store) == [OLD, NEW]
+    finally:
+        store.close()
