@@ -260,6 +260,9 @@ class CustomerSnapshot:
     time_zone: str
     birthday: date | None
     marketing_consent: bool
+    stored_locale: str | None = None
+    """The language stored for the customer when it is none Kembali has templates for (written into the database
+    past the importer's check, e.g. ``fr``): ``locale`` is then the shop's (``shop.default_locale``)."""
 
     @property
     def first_name(self) -> str:

@@ -18,11 +18,12 @@ Theory of operation
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from worker import contexts, planning
+from worker import contexts, log, planning
 from worker.adapters import audience_sql
 from worker.adapters.importer import ascii_address
 from worker.adapters.store import Store, suppression_address
@@ -197,6 +198,21 @@ class Deferred:
     birthday offer planned ahead for the mailbox would lose its slot)."""
     time_zone: str = "UTC"
     """The customer's zone, in which ``until`` reads best (quiet hours end at 08:00 on their clock)."""
+
+
+class LocaleWarnings:
+    """Says once per customer (per run, or per daemon's dispatcher) that the language stored for them has no
+    templates and their email is written in the shop's (``CustomerSnapshot.stored_locale``)."""
+
+    def __init__(self) -> None:
+        self._warned: set[int] = set()
+
+    def note(self, customer: CustomerSnapshot) -> None:
+        if customer.stored_locale is None or customer.id in self._warned:
+            return
+        self._warned.add(customer.id)
+        log.event("customer_locale_unknown", logging.WARNING, customer=customer.external_id, customer_id=customer.id,
+                  locale=customer.stored_locale, using=customer.locale.value)  # fmt: skip
 
 
 class Composer:
@@ -377,6 +393,7 @@ def preview(
         found = store.customer_by_external_id(customer_external_id)
         one = (found[0].id, mailbox(found[0].email)) if found is not None else (0, "")
     arbiter = composer.new_arbiter()
+    locales = LocaleWarnings()
 
     def batches() -> Iterator[list[tuple[ClaimedMessage, bool]]]:
         for campaign in considered:
@@ -401,7 +418,10 @@ def preview(
             if held_out:
                 yield Skipped(message, SkipReason.HELD_OUT)
             else:
-                yield composer.compose(message, facts, now, arbiter)
+                result = composer.compose(message, facts, now, arbiter)
+                if isinstance(result, Composed):
+                    locales.note(result.customer)
+                yield result
             shown += 1
             if limit is not None and shown >= limit:
                 return

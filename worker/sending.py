@@ -79,6 +79,7 @@ from worker.pipeline import (
     Composed,
     Composer,
     Deferred,
+    LocaleWarnings,
     RenderFailed,
     Skipped,
     enabled_campaigns,
@@ -375,6 +376,7 @@ class Dispatcher:
         self._catalogue_run = -1
         self._on_wire: set[asyncio.Future[None]] = set()
         """One for each send under way, done once its outcome is handed to the writer."""
+        self._locales = LocaleWarnings()
         self._failing = False
         """The run is failing: no send begins any more (those on the wire go on to their replies)."""
         self.unwritten: list[Disposition] = []
@@ -617,6 +619,7 @@ class Dispatcher:
                 composed: list[Composed] = []
                 for item in got.items:
                     if isinstance(item, Composed):
+                        self._locales.note(item.customer)
                         decided = self._arbitrate(item, arbiter, now, got.facts_seq)
                         if decided is item:
                             composed.append(item)

@@ -105,7 +105,7 @@ def queue_depth(store: Store, now: datetime | None = None) -> int:
 def customer(store: Store, customer_id: int) -> CustomerSnapshot | None:
     with db.reading(store.engine) as conn:
         row = conn.execute(sa.select(C).where(C.c.id == customer_id)).first()
-    return customer_snapshot(row) if row is not None else None
+    return customer_snapshot(row, store.default_locale) if row is not None else None
 
 
 def order_locale(store: Store, order_ref: str) -> Locale | None:

@@ -82,17 +82,24 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]
         yield items[i : i + size]
 
 
-def customer_snapshot(row: Any) -> CustomerSnapshot:
+def customer_snapshot(row: Any, default_locale: Locale) -> CustomerSnapshot:
+    """A customer row as the core sees it; a language stored that has no templates reads as ``default_locale``
+    (the shop's), the value stored kept in ``stored_locale`` for a warning."""
+    known = row.locale in _LOCALES
     return CustomerSnapshot(
         id=row.id,
         external_id=row.external_id,
         email=row.email,
         name=row.name,
-        locale=Locale(row.locale),
+        locale=Locale(row.locale) if known else default_locale,
         time_zone=row.time_zone,
         birthday=row.birthday,
         marketing_consent=bool(row.marketing_consent),
+        stored_locale=None if known else str(row.locale),
     )
+
+
+_LOCALES = frozenset(locale.value for locale in Locale)
 
 
 def product_view(row: Any) -> ProductView:
@@ -349,16 +356,19 @@ class Stale:
 
 
 class Store:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, default_locale: Locale = Locale.ID) -> None:
         self.engine = engine
+        self.default_locale = default_locale
+        """The shop's language (``shop.default_locale``): a customer's stored language with no templates reads
+        as this one."""
         self._sql = _LedgerSql(engine)
         self._local = threading.local()
         self._ledger_connections: list[Any] = []
         """The driver connections the group commit holds (one per thread that commits), closed by ``close``."""
 
     @classmethod
-    def from_url(cls, url: str) -> Store:
-        return cls(db.create_engine(url))
+    def from_url(cls, url: str, default_locale: Locale = Locale.ID) -> Store:
+        return cls(db.create_engine(url), default_locale)
 
     @property
     def dialect(self) -> str:
@@ -400,7 +410,7 @@ class Store:
             rows = conn.execute(query).all()
         return [
             WinbackCandidate(
-                customer=customer_snapshot(r),
+                customer=customer_snapshot(r, self.default_locale),
                 first_order_id=r.first_order_id,
                 first_order_external_id=r.order_external_id,
                 first_order_at=r.first_order_at,
@@ -780,7 +790,7 @@ class Store:
                 ).where(C.c.id.in_(part))
                 for r in conn.execute(query):
                     facts[r.id] = SendTimeFacts(
-                        customer=customer_snapshot(r),
+                        customer=customer_snapshot(r, self.default_locale),
                         suppressed=bool(r.suppressed),
                         order_count=r.order_count,
                         last_order_at=r.last_order_at,
@@ -872,7 +882,7 @@ class Store:
             row = conn.execute(query).first()
         if row is None:
             return None
-        return customer_snapshot(row), row.first_order_id, row.order_external_id
+        return customer_snapshot(row, self.default_locale), row.first_order_id, row.order_external_id
 
     # --- suppressions --------------------------------------------------------
 
