@@ -249,3 +249,24 @@ def test_a_birthday_planned_ahead_keeps_its_slot_when_quiet_hours_are_off(
     assert subjects(smtp_server) == ["Happy birthday, Siti! A 15% gift for you"]
     cycle_at(settings, clock, DAY0 + timedelta(days=3))
     assert subjects(smtp_server)[1:] == ["How are you, Siti?"]
+
+
+def test_a_birthday_planned_ahead_keeps_its_slot_from_two_lower_messages_decided_in_one_run(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a shop without quiet hours whose cap is two emails in three days, and C1, whose birthday is DAY0, due a
+    # feedback request and a win-back step the evening before
+    base = given_a_customer_due_three_campaigns(tmp_path, smtp_server)
+    settings = dataclasses.replace(base, policy=dataclasses.replace(
+        base.policy, quiet_hours_start="00:00", quiet_hours_end="00:00", frequency_caps=((2, 3),)))  # fmt: skip
+    # When a cycle runs at 22:30 in Jakarta the evening before (the birthday is planned, due at midnight)
+    evening = datetime(2027, 2, 25, 15, 30, tzinfo=UTC)
+    clock = FakeClock(evening)
+    report = cycle_at(settings, clock, evening)
+    # Then the feedback request takes one of the two slots, and the win-back, decided after it in the same run
+    # (the ledger shows neither yet), waits for the birthday offer rather than take the other
+    assert report.dispatched.outcomes == {"sent": 1, "deferred:birthday": 1}, report.dispatched.outcomes
+    assert subjects(smtp_server) == ["How was your order INV-1, Siti?"]
+    # And at midnight the birthday offer goes out, within the cap
+    cycle_at(settings, clock, datetime(2027, 2, 25, 17, 0, 30, tzinfo=UTC))
+    assert subjects(smtp_server)[1:] == ["Happy birthday, Siti! A 15% gift for you"]

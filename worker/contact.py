@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from worker.core.policy import ContactPolicy, Decision, Due, SendNow, decide_one, zone_of
+from worker.core.policy import ContactPolicy, Decision, Due, SendNow, decide_one, deferred, waits_for, zone_of
 from worker.domain import ClaimedMessage, CustomerSnapshot, mailbox
 
 
@@ -49,9 +49,20 @@ class _Decided:
 
 
 def judge(
-    policy: ContactPolicy, message: ClaimedMessage, customer: CustomerSnapshot, sent: Sequence[datetime], now: datetime
+    policy: ContactPolicy,
+    message: ClaimedMessage,
+    customer: CustomerSnapshot,
+    sent: Sequence[datetime],
+    now: datetime,
+    ahead: Sequence[datetime] = (),
 ) -> Decision:
-    """The contact policy for one message against its mailbox's sends ``sent`` alone."""
+    """The contact policy for one message against its mailbox's sends ``sent`` alone. ``ahead``: when the
+    birthday offers planned ahead for its mailbox fall due (a message of lower priority waits rather than take
+    their slot, ``policy.waits_for``)."""
+    # a birthday offer planned ahead (due when its window opens) is not yet claimable: without quiet hours to
+    # hold this one back until then, it would take the birthday's slot and the birthday would expire waiting
+    if (until := waits_for(ahead, sent, now, policy.caps)) is not None:
+        return deferred(until, message.expires_at, "birthday")
     due = Due(message.dedupe_key, message.campaign, policy.priority(message.campaign), message.expires_at)
     return decide_one(due, sent, now, policy, zone_of(customer.time_zone, policy.default_zone))
 
@@ -72,14 +83,16 @@ class Arbiter:
         sent: Sequence[datetime],
         now: datetime,
         facts_seq: int | None = None,
+        ahead: Sequence[datetime] = (),
     ) -> Decision:
         """Send now, defer, or skip (expired); a "send now" takes the mailbox's slot. ``sent``: the
         mailbox's sends in the ledger as read after ``facts_seq`` commits (None: nothing this run
-        decided is in them)."""
+        decided is in them). ``ahead``: the birthday offers planned ahead for the mailbox (``judge``), which
+        must keep their slot from this run's sends too, not only the ledger's."""
         box = mailbox(message.email)
         decided = self._by_mailbox.get(box, ())
         taken = [*sent, *(d.at for d in decided if not _visible(d, facts_seq))]
-        decision = judge(self.policy, message, customer, taken, now)
+        decision = judge(self.policy, message, customer, taken, now, ahead)
         if isinstance(decision, SendNow):
             entry = _Decided(box, now)
             self._by_mailbox.setdefault(box, []).append(entry)

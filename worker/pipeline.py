@@ -32,7 +32,7 @@ from worker.contact import Arbiter, judge
 from worker.core import audiences, tokens
 from worker.core import campaigns as cc
 from worker.core.campaigns import Launch
-from worker.core.policy import Decision, DeferUntil, Skip, deferred, waits_for
+from worker.core.policy import Decision, DeferUntil, Skip, deferred
 from worker.core.render import ShopInfo, TemplateRenderer, build_context, build_message
 from worker.domain import (
     ClaimedMessage,
@@ -173,6 +173,9 @@ class Composed:
     sent: tuple[datetime, ...] = ()
     """When the message's mailbox was sent email, as the batch's facts read it from the ledger (what the
     dispatcher's arbiter decides with)."""
+    birthdays_ahead: tuple[datetime, ...] = ()
+    """When birthday offers planned ahead for the mailbox fall due (``BatchFacts.birthdays_ahead``): the arbiter
+    holds this message back for them, counting what its run has sent too."""
 
 
 @dataclass(frozen=True)
@@ -278,17 +281,14 @@ class Composer:
         box = mailbox(message.email)
         news_at = cc.next_news_at(facts.news_sent.get(box, ()))
         sent = facts.sent.get(box, ())
+        ahead = facts.birthdays_ahead.get(box, ())
         decision: Decision
         if message.campaign == cc.NEW_PRODUCTS and news_at is not None and news_at > now:
             decision = deferred(news_at, message.expires_at, "news_week")
-        # a birthday offer planned ahead (due when its window opens) is not yet claimable: without quiet hours to
-        # hold this one back until then, it would take the birthday's slot and the birthday would expire waiting
-        elif (until := waits_for(facts.birthdays_ahead.get(box, ()), sent, now, self.policy.caps)) is not None:
-            decision = deferred(until, message.expires_at, "birthday")
-        elif arbiter is not None:
-            decision = arbiter.decide(message, customer, sent, now)
+        elif arbiter is not None:  # with what this run decided to send, which the ledger cannot show yet
+            decision = arbiter.decide(message, customer, sent, now, ahead=ahead)
         else:
-            decision = judge(self.policy, message, customer, sent, now)  # the ledger alone
+            decision = judge(self.policy, message, customer, sent, now, ahead)  # the ledger alone
         if isinstance(decision, Skip):
             return Skipped(message, decision.reason)
         if isinstance(decision, DeferUntil):
@@ -342,7 +342,9 @@ class Composer:
             )
         except ValueError as exc:  # an address or header that cannot be written safely
             return RenderFailed(message, TemplateError(f"cannot build the message: {exc}"))
-        return Composed(message, rendered, data, customer, tuple(facts.sent.get(mailbox(message.email), ())))
+        box = mailbox(message.email)
+        return Composed(message, rendered, data, customer, tuple(facts.sent.get(box, ())),
+                        tuple(facts.birthdays_ahead.get(box, ())))  # fmt: skip
 
 
 # --- preview -----------------------------------------------------------------
