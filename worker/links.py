@@ -173,11 +173,9 @@ class Site:
         addresses = await self._addresses(link, customer, post=True)
         if not addresses:
             log.event("unsubscribe_unknown_customer", logging.WARNING, customer_id=link.customer_id)
-        created = 0
-        for address in addresses:
-            created += await self.store.call(
-                s.suppress, address, reason="unsubscribed", source="unsubscribe-link", now=self.clock.now()
-            )
+        created = await self.store.call(  # in one transaction: both, or neither and a 500
+            opstore.suppress_many, s, addresses, reason="unsubscribed", source="unsubscribe-link", now=self.clock.now()
+        )
         if addresses:
             to, *also = [log.mask_email(a) for a in addresses]
             extra: dict[str, Any] = {"also": ",".join(also)} if also else {}
