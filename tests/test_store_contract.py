@@ -49,10 +49,12 @@ def store(db_url: str) -> Store:
 
 
 def planned(n: int, *, due: datetime = NOW, prefix: str = "k") -> list[PlannedMessage]:
+    """Rows of a campaign the mark's re-check asks no more of than suppression and consent (win-back rows for the
+    fixture's customers, who have no orders, would be skipped there as no_longer_due)."""
     return [
         PlannedMessage(
             dedupe_key=f"{prefix}:{i}",
-            campaign="winback",
+            campaign="feedback",
             step=1,
             customer_id=1 + i % 3,
             email=f"c{i % 3}@example.com",
@@ -142,7 +144,7 @@ def test_planning_twice_creates_each_row_once(store: Store) -> None:
     assert store.insert_messages(planned(10), NOW) == 10
     assert store.insert_messages(planned(10), NOW) == 0
     assert store.insert_messages(planned(12), NOW) == 2
-    assert store.status_counts() == {("winback", "planned", None): 12}
+    assert store.status_counts() == {("feedback", "planned", None): 12}
 
 
 def test_claim_takes_only_due_rows_and_never_the_same_row_twice(store: Store) -> None:
@@ -391,17 +393,17 @@ def test_a_row_whose_customer_another_worker_is_sending_to_is_held_back(store: S
 
 def test_a_row_whose_mailbox_another_worker_holds_a_higher_priority_message_for_is_held_back(store: Store) -> None:
     """Two workers start on one day's queue: a claims customer 1's birthday offer (the highest priority), b the
-    win-back step due them the same day. Each judged the frequency cap against a ledger that shows neither, and
+    feedback request due them the same day. Each judged the frequency cap against a ledger that shows neither, and
     b may render and mark first: the mark leaves the slot to the birthday offer, as one worker would."""
     birthday = dataclasses.replace(planned(1, prefix="birthday")[0], campaign="birthday", priority=50)
-    winback = dataclasses.replace(planned(1, prefix="winback")[0], priority=30)
-    other = dataclasses.replace(planned(2, prefix="winback")[1], priority=30)  # customer 2's
-    store.insert_messages([birthday, winback, other], NOW)
+    feedback = dataclasses.replace(planned(1, prefix="feedback")[0], priority=30)
+    other = dataclasses.replace(planned(2, prefix="feedback")[1], priority=30)  # customer 2's
+    store.insert_messages([birthday, feedback, other], NOW)
     (a,) = store.claim(worker="a", now=NOW, limit=1, lease_seconds=60)
     b = {m.customer_id: m for m in store.claim(worker="b", now=NOW, limit=2, lease_seconds=60)}
-    assert (a.dedupe_key, sorted(m.dedupe_key for m in b.values())) == ("birthday:0", ["winback:0", "winback:1"])
+    assert (a.dedupe_key, sorted(m.dedupe_key for m in b.values())) == ("birthday:0", ["feedback:0", "feedback:1"])
 
-    # When b marks first, Then its win-back for customer 1 goes back to the queue, customer 2's goes out
+    # When b marks first, Then its feedback request for customer 1 goes back to the queue, customer 2's goes out
     marks = store.record_and_mark([], [m.id for m in b.values()], worker="b", now=NOW + timedelta(seconds=1))
     assert (marks.sending, marks.held) == ({b[2].id}, {b[1].id})
     # and a's birthday offer is marked
@@ -411,11 +413,11 @@ def test_a_row_whose_mailbox_another_worker_holds_a_higher_priority_message_for_
 def test_a_higher_priority_claim_whose_lease_lapsed_holds_nothing_back(store: Store) -> None:
     """A worker that claimed customer 1's birthday offer and died holds back no one once its lease lapsed."""
     birthday = dataclasses.replace(planned(1, prefix="birthday")[0], campaign="birthday", priority=50)
-    winback = dataclasses.replace(planned(1, prefix="winback")[0], priority=30)
-    store.insert_messages([birthday, winback], NOW)
+    feedback = dataclasses.replace(planned(1, prefix="feedback")[0], priority=30)
+    store.insert_messages([birthday, feedback], NOW)
     (a,) = store.claim(worker="a", now=NOW, limit=1, lease_seconds=60)
     (b,) = store.claim(worker="b", now=NOW, limit=1, lease_seconds=600)
-    assert (a.dedupe_key, b.dedupe_key) == ("birthday:0", "winback:0")
+    assert (a.dedupe_key, b.dedupe_key) == ("birthday:0", "feedback:0")
     later = NOW + timedelta(seconds=61)
     assert store.mark_sending([b.id], worker="b", now=later) == {b.id}
 

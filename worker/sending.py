@@ -34,6 +34,28 @@ it stops claiming and gives what it holds back to the queue. If a sender or the 
 fails, the run stops and raises that failure instead of waiting on a queue
 nobody empties.
 
+Where each check happens:
+
+* planning (``worker.planning``): the campaign's rule, consent, the suppression list, one row per occasion;
+* preparing the batch (``pipeline.Composer.decide``, then the run's ``Arbiter``), at the claim's time: expiry, the
+  customer still there, suppression of the customer's current address and of the one the message goes to,
+  consent, win-back's "ordered since" and "no longer due", the other campaigns' rules (``campaigns.still_due``),
+  then the contact policy (frequency cap, quiet hours, the news week, a birthday ahead) against the ledger and
+  what this run has sent;
+* the ``sending`` mark itself (``Store.record_and_mark``, one transaction, after the message waited on the queue):
+  again suppression of both addresses, consent, and win-back's "ordered since" / "no longer due", so an
+  unsubscribe, a ``kembali suppress``, an import that withdraws consent or brings a new order, made while the
+  message waited for its sender, stops it: the row ends ``skipped`` with the reason preparing would have given
+  (``email_skipped``, ``skipped:<reason>`` in the report), its quota slot is given back, nothing is sent. Then
+  the cap across workers: a mailbox another worker is sending to, holds a higher-priority claim for, or sent to
+  just before, holds the message back (``held``: back to the queue, judged again a minute later).
+
+Not checked again at the mark: expiry, the other campaigns' rules and the contact policy (the queue holds a batch
+at most, so a message waits there about ``batch_size / rate`` seconds; what these checks watch seldom changes in
+that time, and a message sent then breaks no one's wish as one sent after an unsubscribe would; one whose expiry
+passes meanwhile is still sent). A change made after the mark (the message is then ``sending``, waiting for its
+rate slot and a connection: about ``in_flight / rate`` seconds at most) is not seen.
+
 All ledger writes go through one ``LedgerWriter`` task (a group commit): it
 commits the marks and outcomes that piled up while the last commit ran, in one
 transaction, so committing per message does not cap the throughput, while each
@@ -73,7 +95,7 @@ from worker.core import lifecycle
 from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of, next_quota_day_start
 from worker.core.policy import SendNow, Skip
 from worker.core.retry import PAUSES_AT_ONCE, SERVER_TROUBLE_DOMAINS, TroubleStreak, connection_failure
-from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult
+from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult, SkipReason
 from worker.limiter import DailyQuota, Limiter, LocalBooker
 from worker.pipeline import (
     Composed,
@@ -150,8 +172,10 @@ class LedgerWriter:
 
     async def mark_sending(self, message: ClaimedMessage) -> Mark:
         """Wait until the row's mark is committed: ``sending`` (send it), ``held`` (another worker is
-        sending to the customer: it went back to the queue) or ``lost`` (the lease was lost). A sender cancelled
-        meanwhile (the run stopping) sends nothing: a row its mark made ``sending`` goes back to the queue."""
+        sending to the customer: it went back to the queue), ``lost`` (the lease was lost), or a ``SkipReason``
+        (the re-check made with the mark skipped it: suppressed, no consent, ordered since; the row is ``skipped``).
+        A sender cancelled meanwhile (the run stopping) sends nothing: a row its mark made ``sending`` goes back to
+        the queue."""
         future: asyncio.Future[Mark] = asyncio.get_running_loop().create_future()
         self._marks.append((message, future))
         self._poke()
@@ -231,7 +255,7 @@ class LedgerWriter:
                     if not future.done():
                         future.set_result(
                             "sending" if message_id in marked.sending else "held" if message_id in marked.held
-                            else "lost"
+                            else marked.skipped.get(message_id, "lost")
                         )  # fmt: skip
             except BaseException as exc:
                 # nothing is sent for these marks (their senders get the failure); should the commit have gone
@@ -266,7 +290,8 @@ class LedgerWriter:
         )  # fmt: skip
 
 
-Mark = Literal["sending", "held", "lost"]
+Mark = Literal["sending", "held", "lost"] | SkipReason
+"""What a row's ``sending`` mark made of it (``LedgerWriter.mark_sending``)."""
 _DONE: Literal["done"] = "done"
 LOCAL_CHUNK = 25
 """Messages prepared in the event loop's thread between two chances for the senders to run (~8 ms)."""
@@ -634,11 +659,7 @@ class Dispatcher:
                     else:
                         assert not isinstance(item, Composed)
                         writer.record(self._not_sent(item, now))
-                        report.count(message.campaign, _label(item))
-                        if self.observer is not None:
-                            self.observer.observe_result(
-                                message.campaign, _label(item), None, None, self.clock.monotonic()
-                            )
+                        self._count_not_sent(item, report)
                 # every batch still to come was read after this one: what it could see, they see
                 arbiter.forget_visible(got.facts_seq)
                 granted = await self.quota.take(len(composed))
@@ -744,15 +765,20 @@ class Dispatcher:
                 waiting=len(items), resumes_at=tomorrow.isoformat(),
             )  # fmt: skip
 
+    def _count_not_sent(self, item: Skipped | RenderFailed, report: DispatchReport) -> None:
+        report.count(item.message.campaign, _label(item))
+        if self.observer is not None:
+            self.observer.observe_result(item.message.campaign, _label(item), None, None, self.clock.monotonic())
+
+    def _skipped(self, item: Skipped, report: DispatchReport) -> None:
+        """A skip the mark's re-check made (the row is written ``skipped`` by the mark): told as one made when the
+        batch was prepared is."""
+        _log_skipped(item)
+        self._count_not_sent(item, report)
+
     def _not_sent(self, item: Skipped | RenderFailed, now: datetime) -> Disposition:
         if isinstance(item, Skipped):
-            log.event(
-                "email_skipped",
-                campaign=item.message.campaign,
-                dedupe_key=item.message.dedupe_key,
-                to=log.mask_email(item.message.email),
-                reason=item.reason.value,
-            )
+            _log_skipped(item)
             return Disposition(
                 message=item.message,
                 status=MessageStatus.SKIPPED,
@@ -803,7 +829,10 @@ class Dispatcher:
             mark = await writer.mark_sending(message)
             if mark != "sending":
                 writer.settled(message.id, sent=False, seq=writer.commits)  # it takes no slot after all
-                if mark == "held":
+                if isinstance(mark, SkipReason):  # the mark's re-check: the row is skipped, as at prepare time
+                    self._skipped(Skipped(message, mark), report)
+                    await self.quota.give_back(1)
+                elif mark == "held":
                     log.event("email_held_back", campaign=message.campaign, dedupe_key=message.dedupe_key,
                               customer=item.customer.external_id, retry_in_seconds=HELD_SECONDS,
                               why="another worker is sending to this customer, or just did")  # fmt: skip
@@ -928,6 +957,12 @@ def _log_stale(records: Sequence[Disposition], stale: Sequence[Stale]) -> None:
                 note="the row keeps its state: its lease lapsed before this outcome came"
                 + (" and another worker is sending it or sent it" if sent else ""),
             )  # fmt: skip
+
+
+def _log_skipped(item: Skipped) -> None:
+    message = item.message
+    log.event("email_skipped", campaign=message.campaign, dedupe_key=message.dedupe_key,
+              to=log.mask_email(message.email), reason=item.reason.value)  # fmt: skip
 
 
 def _label(item: Skipped | RenderFailed) -> str:

@@ -10,7 +10,8 @@ with ON CONFLICT DO NOTHING (on PostgreSQL a plain INSERT under a lock per
 campaign first, ``adapters.plan_sql``); claiming is one UPDATE … WHERE id IN (SELECT … FOR UPDATE
 SKIP LOCKED) RETURNING on PostgreSQL, and the same statement inside BEGIN
 IMMEDIATE on SQLite; ``mark_sending`` commits the ``sending`` state before the
-first SMTP byte.
+first SMTP byte, after a last re-check of suppression, consent and win-back's
+"ordered since" in the same transaction (``_RECHECK``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,7 +31,7 @@ from sqlalchemy.engine import Engine
 from worker.adapters import db
 from worker.adapters.importer import ascii_address
 from worker.adapters.tables import Attempt, Customer, Message, OrderLine, Product, ShopOrder, Suppression
-from worker.core.audiences import WinbackCandidate
+from worker.core.audiences import WINBACK, WinbackCandidate
 from worker.domain import (
     ClaimedMessage,
     CustomerSnapshot,
@@ -186,6 +187,44 @@ _SINCE_CLAIM = {
     "sqlite": f"strftime('%Y-%m-%d %H:%M:%f', message.updated_at, '-{HELD_SECONDS} seconds')",
     "postgresql": f"message.updated_at - interval '{HELD_SECONDS} seconds'",
 }
+# The last re-check, in the mark's own transaction (before the mark, so a row it skips is not marked): the
+# message was re-checked when its batch was prepared (``audiences.recheck`` and the suppression of the address it
+# goes to, ``pipeline.Composer.decide``), and has waited for its sender since. What may have changed meanwhile and
+# must stop it is read again here, on the customer's row by id and the suppression list's unique index: the
+# customer's address or the message's own suppressed (an unsubscribe, ``kembali suppress``, a bounce), consent
+# withdrawn (an import), a win-back customer who ordered again (an import: ``customer.order_count`` and
+# ``first_order_id`` as the prepare-time re-check reads them; its first order, refunded with no other, is
+# no_longer_due). The reason is the one the prepare-time re-check gives, in its order: the customer's row first,
+# then the message's address. A customer gone (no row) is left to the prepare-time re-check. {planned_order} is
+# the win-back row's first_order_id (its payload), as text, in the dialect's SQL.
+_RECHECK = (
+    "COALESCE((SELECT CASE"
+    f" WHEN EXISTS (SELECT 1 FROM suppression WHERE suppression.email = lower(c.email)) THEN '{SkipReason.SUPPRESSED}'"
+    f" WHEN NOT c.marketing_consent THEN '{SkipReason.NO_CONSENT}'"
+    f" WHEN message.campaign = '{WINBACK}' AND c.order_count = 0 THEN '{SkipReason.NO_LONGER_DUE}'"
+    f" WHEN message.campaign = '{WINBACK}' AND (c.order_count <> 1 OR {{planned_order}} IS NOT NULL"
+    " AND (c.first_order_id IS NULL OR CAST(c.first_order_id AS TEXT) <> {planned_order}))"
+    f" THEN '{SkipReason.ORDERED_SINCE}'"
+    " END FROM customer c WHERE c.id = message.customer_id),"
+    " CASE WHEN EXISTS (SELECT 1 FROM suppression WHERE suppression.email = lower(message.email))"
+    f" THEN '{SkipReason.SUPPRESSED}' END)"
+)
+_MARK_SKIPS = (SkipReason.SUPPRESSED, SkipReason.NO_CONSENT, SkipReason.NO_LONGER_DUE, SkipReason.ORDERED_SINCE)
+"""The reasons the mark skips a row for (``_RECHECK``)."""
+_MARK_SKIPS_SQL = ", ".join(f"'{reason}'" for reason in _MARK_SKIPS)
+_PLANNED_ORDER = {
+    "sqlite": "CAST(json_extract(message.payload, '$.first_order_id') AS TEXT)",
+    "postgresql": "(CAST(message.payload AS json) ->> 'first_order_id')",  # (no ::, read as a parameter)
+}
+_SKIPPED = MessageStatus.SKIPPED.value
+# a skip made at the mark is written as a prepare-time skip is (``_RECORD_SQL``): no attempt, the due time kept
+_SKIP_HEAD = (
+    f"UPDATE message SET status = '{_SKIPPED}', skip_reason = {_RECHECK}, claimed_by = NULL, lease_until = NULL,"
+    " next_attempt_at = due_at, updated_at = :now WHERE id IN ("
+)
+_SKIP_TAIL = (
+    f") AND claimed_by = :worker AND status = '{_CLAIMED}' AND {_RECHECK} IS NOT NULL RETURNING id, skip_reason"
+)
 _REQUEUED = str(requeued_sql(sa.column("attempts", sa.Integer)).compile(compile_kwargs={"literal_binds": True}))
 # ... and a claimed row the mark held back goes back to the queue, to be judged again against the ledger
 _HOLD_HEAD = (
@@ -193,12 +232,13 @@ _HOLD_HEAD = (
     " lease_until = NULL, next_attempt_at = :later, updated_at = :now WHERE id IN ("
 )
 _HOLD_TAIL = f") AND claimed_by = :worker AND status = '{_CLAIMED}' RETURNING id"
-_MADE_HEAD = "SELECT id, status FROM message WHERE id IN ("
+_MADE_HEAD = "SELECT id, status, skip_reason FROM message WHERE id IN ("
 # a group commit tried again (same ``now``) after one whose reply was lost finds what that commit made of its
-# rows: marked by this worker, or held back (back in the queue until ``later``)
+# rows: marked by this worker, held back (back in the queue until ``later``), or skipped by the re-check
 _MADE_TAIL = (
     f") AND updated_at = :now AND (claimed_by = :worker AND status = '{_SENDING}'"
-    " OR claimed_by IS NULL AND status IN ('planned', 'retry') AND next_attempt_at = :later)"
+    " OR claimed_by IS NULL AND status IN ('planned', 'retry') AND next_attempt_at = :later"
+    f" OR claimed_by IS NULL AND status = '{_SKIPPED}' AND skip_reason IN ({_MARK_SKIPS_SQL}))"
 )
 MAILBOX_LOCKS = 1265462377
 """PostgreSQL advisory locks (this number, a hash of the mailbox) that serialise marks per mailbox across workers
@@ -300,6 +340,9 @@ class _LedgerSql:
         self._claim_known_ids = _CLAIM_SQL.format(message_id="NULL", lock=lock)
         self._claims: dict[tuple[bool, int | None], str] = {}
         self.mark_tail = _MARK_TAIL.replace("{since_claim}", _SINCE_CLAIM[dialect.name])
+        planned_order = _PLANNED_ORDER[dialect.name]
+        self.skip_head = _SKIP_HEAD.replace("{planned_order}", planned_order)
+        self.skip_tail = _SKIP_TAIL.replace("{planned_order}", planned_order)
 
     def claim(self, *, known_ids: bool, campaigns: int | None) -> str:
         """The claim, for ``campaigns`` campaigns named ``:c0``… (None: of any campaign)."""
@@ -316,6 +359,9 @@ class _LedgerSql:
     def mark(self, count: int) -> str:
         return self._in(_MARK_HEAD, count, self.mark_tail)
 
+    def skip(self, count: int) -> str:
+        return self._in(self.skip_head, count, self.skip_tail)
+
     def hold(self, count: int) -> str:
         return self._in(_HOLD_HEAD, count, _HOLD_TAIL)
 
@@ -331,7 +377,8 @@ class _LedgerSql:
 
 @dataclass(frozen=True)
 class Marks:
-    """What the mark made of the rows it was given; a row in neither set lost its lease."""
+    """What the mark made of the rows it was given; a row in none of ``sending``, ``held`` and ``skipped`` lost its
+    lease."""
 
     sending: frozenset[int] = frozenset()
     """Committed as ``sending``: send them."""
@@ -339,6 +386,8 @@ class Marks:
     """Held back and put back in the queue (due in ``HELD_SECONDS``): another worker is sending to the
     customer, or sent them something from ``HELD_SECONDS`` before the row was claimed on. The contact policy
     judges them again."""
+    skipped: Mapping[int, SkipReason] = field(default_factory=dict)
+    """Skipped by the re-check made with the mark (``_RECHECK``), each with its reason: not to be sent, ever."""
     stale: tuple[Stale, ...] = ()
     """Outcomes given for rows the worker no longer held (their lease had lapsed): see ``Stale``."""
 
@@ -579,18 +628,23 @@ class Store:
     def _mark_rows(self, cursor: Any, ids: Sequence[int], *, worker: str, now: datetime) -> Marks:
         sql = self._sql
         common = {"now": sql.dt(now), "worker": worker, "later": sql.dt(now + timedelta(seconds=HELD_SECONDS))}
-        sending = {row[0] for row in self._select_in(cursor, sql.mark, ids, common)}
-        rest = set(ids) - sending
+        skipped = {row[0]: SkipReason(row[1]) for row in self._select_in(cursor, sql.skip, ids, common)}
+        rest = set(ids) - skipped.keys()
+        sending = {row[0] for row in self._select_in(cursor, sql.mark, rest, common)}
+        rest -= sending
         held = {row[0] for row in self._select_in(cursor, sql.hold, rest, common)}
-        # neither: the lease was lost, or this is a retry and the lost commit marked or held them
-        for message_id, status in self._select_in(cursor, sql.made, rest - held, common):
-            (sending if status == _SENDING else held).add(message_id)
-        return Marks(frozenset(sending), frozenset(held))
+        # none of these: the lease was lost, or this is a retry and the lost commit marked, held or skipped them
+        for message_id, status, reason in self._select_in(cursor, sql.made, rest - held, common):
+            if status == _SKIPPED:
+                skipped[message_id] = SkipReason(reason)
+            else:
+                (sending if status == _SENDING else held).add(message_id)
+        return Marks(frozenset(sending), frozenset(held), skipped)
 
     def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
         """Commit ``sending`` for rows this worker still holds; returns the ids marked.
-        A row not returned must not be sent: its lease was lost, or it was held back
-        (``record_and_mark``'s ``Marks.held``)."""
+        A row not returned must not be sent: its lease was lost, it was held back or skipped by the re-check
+        (``record_and_mark``'s ``Marks.held`` and ``Marks.skipped``)."""
         return set(self.record_and_mark([], ids, worker=worker, now=now).sending) if ids else set()
 
     def record(self, dispositions: Sequence[Disposition]) -> None:

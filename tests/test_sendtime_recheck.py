@@ -1,0 +1,160 @@
+"""The last re-check, at the ``sending`` mark: a customer who unsubscribes, is suppressed, withdraws consent or orders
+again while their message, already prepared (re-checked and rendered), waits for its sender gets no email; the row
+ends ``skipped`` with the reason the prepare-time re-check gives, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.sendkit import NOW, Shop, make_settings
+from tests.smtp_server import RecordingServer
+from worker.adapters import shop as shopdata
+from worker.adapters.ratestore import RateStore
+from worker.adapters.store import Marks, Store
+from worker.core.limits import quota_day
+from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, SkipReason
+from worker.limiter import QUOTA_KEY
+from worker.pipeline import plan
+
+ADDRESSES = ["unsub@test.example", "noconsent@test.example", "ordered@test.example", "stays@test.example"]
+
+
+@pytest.fixture(autouse=True)
+def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+
+
+def _before_the_first_mark(store: Store, change: Callable[[], None]) -> list[int]:
+    """Run ``change`` once, right before the first group commit that marks rows ``sending`` (the batch is prepared
+    by then: re-checked, judged and rendered); returns the ids that commit was given."""
+    record_and_mark = store.record_and_mark
+    marked: list[int] = []
+
+    def interposed(records: Any, ids: Any, **kwargs: Any) -> Marks:
+        if ids and not marked:
+            marked.extend(ids)
+            change()
+        return record_and_mark(records, ids, **kwargs)
+
+    store.record_and_mark = interposed  # type: ignore[method-assign]
+    return marked
+
+
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    return [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == name]
+
+
+def test_who_unsubscribes_withdraws_consent_or_orders_while_their_email_waits_for_its_mark_gets_none(
+    db_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given four customers due a win-back, a daily quota, and their batch claimed and prepared (each message
+    # re-checked and rendered) in one run
+    caplog.set_level(logging.INFO)
+    settings = make_settings(db_url, smtp_server.port, daily_quota=10, compose_processes=0)
+    shop = Shop(db_url, settings, ADDRESSES)
+    try:
+        plan(shop.store, settings, NOW)
+        later = NOW + timedelta(minutes=1)
+
+        def meanwhile() -> None:
+            # When, before the sender's mark, one unsubscribes (as the /unsubscribe endpoint does), an import
+            # withdraws another's consent, and a third orders again
+            assert shop.store.suppress(ADDRESSES[0], reason="unsubscribed", source="unsubscribe-link", now=later)
+            shopdata.upsert_customers(shop.store.engine, [
+                CustomerRecord("C1", ADDRESSES[1], "Pelanggan 1", Locale.ID, "Asia/Jakarta", None, False, "opt_in",
+                               "checkout"),
+            ], later)  # fmt: skip
+            shopdata.upsert_orders(shop.store.engine, [
+                OrderRecord("O2-again", "C2", OrderStatus.PAID, later, None, 85_000_00, "IDR",
+                            (OrderLineRecord("P-1", 1, 85_000_00),)),
+            ], later)  # fmt: skip
+
+        marked = _before_the_first_mark(shop.store, meanwhile)
+        report = shop.cycle()
+
+        # Then only the fourth gets an email; the others' rows end skipped, with the prepare-time re-check's reasons
+        assert marked  # the change came after the batch was prepared, before any mark
+        assert [to for m in smtp_server.messages for to in m.rcpt_tos] == [ADDRESSES[3]]
+        assert report.dispatched.outcomes == {
+            "sent": 1, "skipped:suppressed": 1, "skipped:no_consent": 1, "skipped:ordered_since": 1,
+        }  # fmt: skip
+        rows = {address: shop.row(address) for address in ADDRESSES}
+        assert {a: (r.status, r.skip_reason, r.attempts, r.claimed_by, r.lease_until) for a, r in rows.items()} == {
+            ADDRESSES[0]: ("skipped", "suppressed", 0, None, None),
+            ADDRESSES[1]: ("skipped", "no_consent", 0, None, None),
+            ADDRESSES[2]: ("skipped", "ordered_since", 0, None, None),
+            ADDRESSES[3]: ("sent", None, 1, None, None),
+        }
+        assert all(shop.attempts(address) == [] for address in ADDRESSES[:3])
+        # And the log tells each skip as a prepare-time skip does
+        skipped = {e["dedupe_key"]: e["reason"] for e in _events(caplog, "email_skipped")}
+        assert sorted(skipped.values()) == ["no_consent", "ordered_since", "suppressed"]
+        assert skipped[rows[ADDRESSES[0]].dedupe_key] == "suppressed"
+        # And the three skipped give their slots of the daily quota back
+        day = quota_day(NOW, settings.shop.time_zone).isoformat()
+        assert RateStore(shop.store.engine).used_today(QUOTA_KEY, day=day) == 1
+    finally:
+        shop.close()
+
+
+def test_a_mark_given_again_after_a_lost_reply_finds_the_rows_it_skipped(db_url: str) -> None:
+    # Given two claimed rows, one of them to an address suppressed since it was prepared, and one to an address the
+    # customer no longer has, suppressed too (the customer's current one is not)
+    settings = make_settings(db_url, 25)
+    shop = Shop(db_url, settings, ["gone@test.example", "kept@test.example", "moved@test.example"])
+    try:
+        plan(shop.store, settings, NOW)
+        store = shop.store
+        batch = store.claim(worker="a", now=NOW, limit=10, lease_seconds=60)
+        by_address = {m.email: m.id for m in batch}
+        store.suppress("Gone@Test.Example", reason="unsubscribed", source="cli", now=NOW)
+        store.suppress("moved@test.example", reason="hard_bounce", source="cli", now=NOW)
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE customer SET email = 'new@test.example' WHERE email = 'moved@test.example'"))
+        # When the mark is made, and made again with the same time (a commit whose reply was lost)
+        first = store.record_and_mark([], list(by_address.values()), worker="a", now=NOW)
+        again = store.record_and_mark([], list(by_address.values()), worker="a", now=NOW)
+        # Then both suppressed rows are skipped, the other marked, and the second try finds what the first made
+        assert first == Marks(
+            sending=frozenset({by_address["kept@test.example"]}),
+            skipped={by_address["gone@test.example"]: SkipReason.SUPPRESSED,
+                     by_address["moved@test.example"]: SkipReason.SUPPRESSED},
+        )  # fmt: skip
+        assert again == first
+        assert (shop.row("gone@test.example").status, shop.row("gone@test.example").attempts) == ("skipped", 0)
+    finally:
+        shop.close()
+
+
+def test_the_mark_skips_a_winback_whose_only_order_was_refunded_or_replaced_by_a_new_one(db_url: str) -> None:
+    # Given three claimed win-back rows, and then an import: one customer's only order refunded, another's refunded
+    # and a new one placed, the third's unchanged
+    settings = make_settings(db_url, 25)
+    emails = ["refunded@test.example", "replaced@test.example", "same@test.example"]
+    shop = Shop(db_url, settings, emails)
+    try:
+        plan(shop.store, settings, NOW)
+        batch = shop.store.claim(worker="a", now=NOW, limit=10, lease_seconds=60)
+        by_address = {m.email: m.id for m in batch}
+        placed, line = NOW - timedelta(days=60), (OrderLineRecord("P-1", 1, 85_000_00),)
+        shopdata.upsert_orders(shop.store.engine, [
+            OrderRecord("O0", "C0", OrderStatus.REFUNDED, placed, None, 85_000_00, "IDR", line),
+            OrderRecord("O1", "C1", OrderStatus.REFUNDED, placed, None, 85_000_00, "IDR", line),
+            OrderRecord("O1-new", "C1", OrderStatus.PAID, NOW, None, 85_000_00, "IDR", line),
+        ], NOW)  # fmt: skip
+        # When the rows are marked
+        marks = shop.store.record_and_mark([], list(by_address.values()), worker="a", now=NOW)
+        # Then the reasons are those of the prepare-time re-check (``audiences.recheck``)
+        assert marks == Marks(
+            sending=frozenset({by_address["same@test.example"]}),
+            skipped={by_address["refunded@test.example"]: SkipReason.NO_LONGER_DUE,
+                     by_address["replaced@test.example"]: SkipReason.ORDERED_SINCE},
+        )  # fmt: skip
+    finally:
+        shop.close()
