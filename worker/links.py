@@ -6,8 +6,9 @@
   suppresses at once the address the email went to (the ledger row the token
   names by its Message-ID) and the customer's address now, when an import has changed it since,
   and answers 200, no redirect, no cookie.
-  Idempotent. Senders re-check suppressions right before every send, so it
-  holds for the next send in every worker.
+  Idempotent. Senders re-check suppressions when they prepare a message and
+  again in the transaction that marks it ``sending`` (``Store.record_and_mark``),
+  so it holds in every worker for every message not marked yet.
 * ``/feedback?t=<token>``: GET shows the rating named by the token with a
   button and a comment form, and changes nothing (mail scanners fetch every
   link of an email: were a GET to record, the first link a scanner fetched

@@ -7,9 +7,10 @@ Theory of operation
   dedupe keys and holdouts computed in SQL (``adapters.plan_sql``; the Message-ID is given at a row's
   first claim); birthday is planned row by row (time zones).
   Planning twice, or in two processes at once, creates each row once.
-* ``Composer.compose`` takes one claimed message and the facts read right
-  before sending: re-check (expired? suppressed? consent? ordered since? is the campaign's rule still
-  met: the birthday, the order to rate, the milestone, the news?), then
+* ``Composer.compose`` takes one claimed message and the facts read when its
+  batch is prepared: re-check (expired? suppressed? consent? ordered since? is the campaign's rule still
+  met: the birthday, the order to rate, the milestone, the news?; the ``sending`` mark checks suppression,
+  consent and win-back's "ordered since" once more, see ``worker.sending``), then
   render (a template error fails this message only), then the MIME bytes.
 * ``preview(now)`` is the same two stages with no writes and no sends: it plans
   without inserting, adds the rows already due in the ledger, and composes each.
