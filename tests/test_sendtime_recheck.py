@@ -16,7 +16,7 @@ from tests.sendkit import NOW, Shop, make_settings
 from tests.smtp_server import RecordingServer
 from worker.adapters import shop as shopdata
 from worker.adapters.ratestore import RateStore
-from worker.adapters.store import Marks, Store
+from worker.adapters.store import M, Marks, Store
 from worker.core.limits import quota_day
 from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, SkipReason
 from worker.limiter import QUOTA_KEY
@@ -156,5 +156,28 @@ def test_the_mark_skips_a_winback_whose_only_order_was_refunded_or_replaced_by_a
             skipped={by_address["refunded@test.example"]: SkipReason.NO_LONGER_DUE,
                      by_address["replaced@test.example"]: SkipReason.ORDERED_SINCE},
         )  # fmt: skip
+    finally:
+        shop.close()
+
+
+def test_the_mark_skips_a_message_whose_expiry_passed_while_it_waited_for_its_sender(db_url: str) -> None:
+    # Given two claimed rows, one of them expiring at NOW + 10 s (a birthday offer at the end of its day, prepared
+    # before then)
+    settings = make_settings(db_url, 25)
+    shop = Shop(db_url, settings, ["late@test.example", "fine@test.example"])
+    try:
+        plan(shop.store, settings, NOW)
+        batch = shop.store.claim(worker="a", now=NOW, limit=10, lease_seconds=60)
+        by_address = {m.email: m.id for m in batch}
+        with shop.store.engine.begin() as conn:
+            conn.execute(sa.update(M).where(M.c.id == by_address["late@test.example"])
+                         .values(expires_at=NOW + timedelta(seconds=10)))  # fmt: skip
+        # When its sender marks it 20 s later, the expiry past
+        marks = shop.store.record_and_mark([], list(by_address.values()), worker="a", now=NOW + timedelta(seconds=20))
+        # Then it is skipped as expired, as the prepare-time re-check would have, and the other is marked
+        assert marks == Marks(sending=frozenset({by_address["fine@test.example"]}),
+                              skipped={by_address["late@test.example"]: SkipReason.EXPIRED})  # fmt: skip
+        assert (shop.row("late@test.example").status, shop.row("late@test.example").skip_reason) == \
+            ("skipped", "expired")  # fmt: skip
     finally:
         shop.close()

@@ -43,18 +43,18 @@ Where each check happens:
   then the contact policy (frequency cap, quiet hours, the news week, a birthday ahead) against the ledger and
   what this run has sent;
 * the ``sending`` mark itself (``Store.record_and_mark``, one transaction, after the message waited on the queue):
-  again suppression of both addresses, consent, and win-back's "ordered since" / "no longer due", so an
+  again expiry, suppression of both addresses, consent, and win-back's "ordered since" / "no longer due", so an
   unsubscribe, a ``kembali suppress``, an import that withdraws consent or brings a new order, made while the
   message waited for its sender, stops it: the row ends ``skipped`` with the reason preparing would have given
   (``email_skipped``, ``skipped:<reason>`` in the report), its quota slot is given back, nothing is sent. Then
   the cap across workers: a mailbox another worker is sending to, holds a higher-priority claim for, or sent to
   just before, holds the message back (``held``: back to the queue, judged again a minute later).
 
-Not checked again at the mark: expiry, the other campaigns' rules and the contact policy (the queue holds a batch
+Not checked again at the mark: the other campaigns' rules and the contact policy (the queue holds a batch
 at most, so a message waits there about ``batch_size / rate`` seconds; what these checks watch seldom changes in
-that time, and a message sent then breaks no one's wish as one sent after an unsubscribe would; one whose expiry
-passes meanwhile is still sent). A change made after the mark (the message is then ``sending``, waiting for its
-rate slot and a connection: about ``in_flight / rate`` seconds at most) is not seen.
+that time, and a message sent then breaks no one's wish as one sent after an unsubscribe would). A change made
+after the mark (the message is then ``sending``, waiting for its rate slot and a connection: about
+``in_flight / rate`` seconds at most) is not seen.
 
 All ledger writes go through one ``LedgerWriter`` task (a group commit): it
 commits the marks and outcomes that piled up while the last commit ran, in one
@@ -173,7 +173,8 @@ class LedgerWriter:
     async def mark_sending(self, message: ClaimedMessage) -> Mark:
         """Wait until the row's mark is committed: ``sending`` (send it), ``held`` (another worker is
         sending to the customer: it went back to the queue), ``lost`` (the lease was lost), or a ``SkipReason``
-        (the re-check made with the mark skipped it: suppressed, no consent, ordered since; the row is ``skipped``).
+        (the re-check made with the mark skipped it: expired, suppressed, no consent, ordered since; the row is
+        ``skipped``).
         A sender cancelled meanwhile (the run stopping) sends nothing: a row its mark made ``sending`` goes back to
         the queue."""
         future: asyncio.Future[Mark] = asyncio.get_running_loop().create_future()

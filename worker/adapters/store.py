@@ -190,14 +190,16 @@ _SINCE_CLAIM = {
 # The last re-check, in the mark's own transaction (before the mark, so a row it skips is not marked): the
 # message was re-checked when its batch was prepared (``audiences.recheck`` and the suppression of the address it
 # goes to, ``pipeline.Composer.decide``), and has waited for its sender since. What may have changed meanwhile and
-# must stop it is read again here, on the customer's row by id and the suppression list's unique index: the
-# customer's address or the message's own suppressed (an unsubscribe, ``kembali suppress``, a bounce), consent
-# withdrawn (an import), a win-back customer who ordered again (an import: ``customer.order_count`` and
-# ``first_order_id`` as the prepare-time re-check reads them; its first order, refunded with no other, is
-# no_longer_due). The reason is the one the prepare-time re-check gives, in its order: the customer's row first,
-# then the message's address. A customer gone (no row) is left to the prepare-time re-check. {planned_order} is
-# the win-back row's first_order_id (its payload), as text, in the dialect's SQL.
+# must stop it is read again here, on the customer's row by id and the suppression list's unique index: its expiry
+# passed meanwhile (a birthday offer prepared just before the end of its day), the customer's address or the
+# message's own suppressed (an unsubscribe, ``kembali suppress``, a bounce), consent withdrawn (an import), a
+# win-back customer who ordered again (an import: ``customer.order_count`` and ``first_order_id`` as the
+# prepare-time re-check reads them; its first order, refunded with no other, is no_longer_due). The reason is the
+# one the prepare-time re-check gives, in its order: expiry, the customer's row, then the message's address. A
+# customer gone (no row) is left to the prepare-time re-check. {planned_order} is the win-back row's
+# first_order_id (its payload), as text, in the dialect's SQL.
 _RECHECK = (
+    f"CASE WHEN message.expires_at <= :now THEN '{SkipReason.EXPIRED}' ELSE "
     "COALESCE((SELECT CASE"
     f" WHEN EXISTS (SELECT 1 FROM suppression WHERE suppression.email = lower(c.email)) THEN '{SkipReason.SUPPRESSED}'"
     f" WHEN NOT c.marketing_consent THEN '{SkipReason.NO_CONSENT}'"
@@ -207,9 +209,10 @@ _RECHECK = (
     f" THEN '{SkipReason.ORDERED_SINCE}'"
     " END FROM customer c WHERE c.id = message.customer_id),"
     " CASE WHEN EXISTS (SELECT 1 FROM suppression WHERE suppression.email = lower(message.email))"
-    f" THEN '{SkipReason.SUPPRESSED}' END)"
+    f" THEN '{SkipReason.SUPPRESSED}' END) END"
 )
-_MARK_SKIPS = (SkipReason.SUPPRESSED, SkipReason.NO_CONSENT, SkipReason.NO_LONGER_DUE, SkipReason.ORDERED_SINCE)
+_MARK_SKIPS = (SkipReason.EXPIRED, SkipReason.SUPPRESSED, SkipReason.NO_CONSENT, SkipReason.NO_LONGER_DUE,
+               SkipReason.ORDERED_SINCE)  # fmt: skip
 """The reasons the mark skips a row for (``_RECHECK``)."""
 _MARK_SKIPS_SQL = ", ".join(f"'{reason}'" for reason in _MARK_SKIPS)
 _PLANNED_ORDER = {
