@@ -241,6 +241,9 @@ def test_a_value_past_what_the_program_can_take_is_refused_by_name(raw: dict[str
         ("[policy]\nfrequency_caps = [\n  [1, 3],\n  [0, 30],\n]\n",
          "line 2: 'policy.frequency_caps[1]' must be [max emails, per days], both at least 1"),
         ("[web]\nhost = '0.0.0.0'\n[sending]\nbatch_size = 0\n", "line 4: 'sending.batch_size' must be at least 1"),
+        # a key without a default left out: a TypeError traceback, not the key
+        ("[[campaigns.winback.steps]]\ntemplate = 'winback'\n",
+         "line 1: 'campaigns.winback.steps[0].days' is missing (it has no default)"),
     ],
 )
 def test_a_bad_key_is_named_with_its_line(tmp_path: Path, text: str, message: str) -> None:

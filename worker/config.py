@@ -444,8 +444,10 @@ def _build(cls: type, data: Any, source: str, prefix: str, skip: frozenset[str] 
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
     kwargs: dict[str, Any] = {}
-    for name in fields:
+    for name, f in fields.items():
         if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: '{prefix}{name}' is missing (it has no default)")
             continue
         hint = hints[name]
         value = data[name]
