@@ -97,3 +97,23 @@ def test_the_shipped_config_shows_every_key_the_loader_takes() -> None:
                 break
             node = node[part]
     assert missing == []
+
+
+def test_the_readmes_mistyped_key_example_is_what_the_shipped_config_gives(tmp_path: Path) -> None:
+    """The README shows the error a mistyped key of the shipped config.toml gets: its line is the file's own."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"`config\.toml: line (\d+): unknown key '([a-z_.]+)' \(did you mean '([a-z_.]+)'\?\)`",
+                        readme.replace("\n", " "))
+    assert example is not None
+    wrong, right = example[2].rpartition(".")[2], example[3].rpartition(".")[2]
+    lines = (REPO / "config.toml").read_text(encoding="utf-8").splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"{right} = "))
+    lines[at] = lines[at].replace(right, wrong, 1)
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    try:
+        config.load_settings(path)
+    except config.ConfigError as exc:
+        assert str(exc) == f"{path}: {example[0].strip('`').removeprefix('config.toml: ')}"
+    else:
+        raise AssertionError("the mistyped key was taken")
