@@ -14,8 +14,8 @@ import pytest
 from tests.shop_fixtures import REPO, make_site
 from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.templates import JinjaTemplates
-from worker.checks import Kind, Problem, check_templates
-from worker.config import CheckSettings, Settings, settings_from_dict
+from worker.checks import Kind, Problem, check_templates, render_all
+from worker.config import CheckSettings, Settings, load_settings, settings_from_dict
 from worker.domain import Locale
 from worker.errors import TemplateError
 
@@ -265,3 +265,19 @@ def test_check_names_a_tls_mode_unusual_for_the_port(port: int, tls: str, hint: 
         assert problems == []
     else:
         assert len(problems) == 1 and hint in problems[0], problems
+
+
+def test_each_win_back_step_folder_is_rendered_with_that_steps_coupon_and_number() -> None:
+    """`kembali check` and the live preview render a step's folder as the sender does: with the step's own coupon
+    and number, and `campaign` "winback". Every folder was rendered as step 1 (the shipped reminder, no coupon), so
+    the preview of winback/ and winback-last/ showed no coupon box while every customer's email had one."""
+    settings = load_settings(REPO / "config.toml")
+    renders = [r for r in render_all(settings, JinjaTemplates(settings.resolve(settings.templates.dir)))
+               if r.campaign.startswith("winback") and r.rendered is not None]
+    shown = {(r.campaign, r.context["campaign"], r.context["step"], r.context["coupon_code"]) for r in renders}
+    assert shown == {("winback-reminder", "winback", 1, ""), ("winback", "winback", 2, "KEMBALI10"),
+                     ("winback-last", "winback", 3, "KEMBALI15")}
+    for r in renders:
+        assert r.rendered is not None
+        if r.campaign == "winback-last":
+            assert "KEMBALI15" in r.rendered.html and "KEMBALI15" in r.rendered.text

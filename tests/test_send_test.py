@@ -166,3 +166,23 @@ def test_a_template_that_does_not_render_is_named_on_stderr(tmp_path: Path, smtp
     assert done.returncode == 1, done.stdout + done.stderr
     assert "kembali send-test: render error: " in done.stderr and "body.txt" in done.stderr
     assert done.stdout == "" and smtp_server.messages == []
+
+
+def test_send_test_of_a_win_back_steps_folder_carries_that_steps_coupon(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # the win-back steps of the shipped config.toml: day 45 no coupon, day 75 KEMBALI10, day 120 KEMBALI15
+    shipped = ((45, "winback-reminder", ""), (75, "winback", 'coupon_code = "KEMBALI10"\ncoupon_percent = 10'),
+               (120, "winback-last", 'coupon_code = "KEMBALI15"\ncoupon_percent = 15'))
+    steps = "".join(f'[[campaigns.winback.steps]]\ndays = {days}\ntemplate = "{folder}"\n{coupon}\n'
+                    for days, folder, coupon in shipped)
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port, extra_toml=steps)
+
+    # the operator sends themselves the last step's email, as its customers get it
+    done = site.cli("send-test", "--campaign", "winback-last", "--to", "me@shop.example")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    (received,) = smtp_server.messages
+    parsed = BytesParser(policy=policy.default).parsebytes(received.data)
+    text = parsed.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    assert "KEMBALI15" in text and "15%" in text

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+from worker import contexts
 from worker.config import Settings
 from worker.core import samples
 from worker.core.render import TemplateRenderer, build_context, build_message
@@ -127,12 +128,14 @@ def _facts(sample: samples.Sample) -> BatchFacts:
     )  # fmt: skip
 
 
-def _sample_message(campaign: str, sample: samples.Sample, domain: str) -> ClaimedMessage:
+def _sample_message(folder: str, sample: samples.Sample, settings: Settings) -> ClaimedMessage:
+    """A message of the template folder ``folder`` (a win-back step's: that step's, ``contexts.sent_as``)."""
+    campaign, step = contexts.sent_as(settings, folder)
     return ClaimedMessage(
-        id=0, dedupe_key=f"sample:{campaign}:{sample.slug}", campaign=campaign, step=1,
+        id=0, dedupe_key=f"sample:{folder}:{sample.slug}", campaign=campaign, step=step,
         customer_id=sample.customer.id, email=sample.customer.email,
-        message_id=f"<sample-{campaign}-{sample.slug}@{domain}>", attempts=0, due_at=SAMPLE_NOW,
-        expires_at=SAMPLE_NOW, payload=dict(samples.SAMPLE_PAYLOAD),
+        message_id=f"<sample-{folder}-{sample.slug}@{settings.shop.domain}>", attempts=0, due_at=SAMPLE_NOW,
+        expires_at=SAMPLE_NOW, payload={**samples.SAMPLE_PAYLOAD, "template": folder},
     )  # fmt: skip
 
 
@@ -144,11 +147,11 @@ def render_sample(
     composer: Composer, campaign: str, locale: Locale, sample: samples.Sample, now: datetime = SAMPLE_NOW
 ) -> SampleRender:
     """One sample through the sender's context building, the renderer and the MIME writer."""
-    message = _sample_message(campaign, sample, composer.settings.shop.domain)
+    message = _sample_message(campaign, sample, composer.settings)
     customer = sample.customer
     unsubscribe = composer.unsubscribe_url(customer)
     try:
-        context = build_context(campaign, customer, shop=composer.shop, unsubscribe_url=unsubscribe,
+        context = build_context(message.campaign, customer, shop=composer.shop, unsubscribe_url=unsubscribe,
                                 extra=composer.extra_context(message, _facts(sample)))  # fmt: skip
     except (KeyError, ValueError, TypeError) as exc:
         error = TemplateError(f"cannot build the sample context: {type(exc).__name__}: {exc}")

@@ -37,6 +37,18 @@ def campaign_of(settings: Settings, name: str) -> str:
     return name
 
 
+def sent_as(settings: Settings, folder: str) -> tuple[str, int]:
+    """The campaign and step number a template folder's messages go out as: a win-back step's folder is
+    win-back's, with that step's number (and so its coupon), so that `kembali check`, the live preview and
+    `kembali send-test` render it as its customers get it; any other folder is its campaign's, step 1."""
+    campaign = campaign_of(settings, folder)
+    if campaign == WINBACK:
+        for number, step in enumerate(settings.campaigns.winback.effective_steps, start=1):
+            if step.template == folder:
+                return WINBACK, number
+    return campaign, 1
+
+
 def template_for(message: ClaimedMessage) -> str:
     """The template folder: the win-back step's own (fixed at planning), else the campaign's."""
     return message.payload.get("template", message.campaign)

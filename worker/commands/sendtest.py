@@ -15,6 +15,7 @@ import dataclasses
 import sys
 import uuid
 
+from worker import contexts
 from worker.app import Deps
 from worker.checks import SAMPLE_LINK_KEY, campaigns_to_check
 from worker.core import samples
@@ -49,8 +50,10 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     else:
         customer = samples.samples(Locale(settings.shop.default_locale))[0].customer
     now = deps.clock.now()
+    campaign, step = contexts.sent_as(settings, args.campaign)  # a win-back step's folder: with that step's coupon
+    payload["template"] = args.campaign
     message = ClaimedMessage(
-        id=0, dedupe_key=f"test:{args.campaign}:{customer.external_id}", campaign=args.campaign, step=1,
+        id=0, dedupe_key=f"test:{args.campaign}:{customer.external_id}", campaign=campaign, step=step,
         customer_id=customer.id, email=args.to, message_id=f"<test-{uuid.uuid4().hex}@{settings.shop.domain}>",
         attempts=0, due_at=now, expires_at=now, payload=payload,
     )  # fmt: skip
@@ -65,7 +68,7 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
         # the loyalty email goes to a customer who reached its milestone (the sample's): read as it would then
         facts.customers[customer.id] = dataclasses.replace(found_facts, order_count=samples.SAMPLE_ORDER_COUNT)
     unsubscribe = composer.unsubscribe_url(customer)
-    context = build_context(args.campaign, customer, shop=composer.shop, unsubscribe_url=unsubscribe,
+    context = build_context(campaign, customer, shop=composer.shop, unsubscribe_url=unsubscribe,
                             extra=composer.extra_context(message, facts))  # fmt: skip
     try:
         rendered = deps.templates.render(args.campaign, customer.locale, context)
