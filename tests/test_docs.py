@@ -117,3 +117,16 @@ def test_the_readmes_mistyped_key_example_is_what_the_shipped_config_gives(tmp_p
         assert str(exc) == f"{path}: {example[0].strip('`').removeprefix('config.toml: ')}"
     else:
         raise AssertionError("the mistyped key was taken")
+
+
+def test_the_readme_explains_every_ledger_status_skip_reason_and_attempt_outcome() -> None:
+    from worker.domain import MessageStatus, Outcome, SkipReason
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Ledger statuses and reasons"):readme.index("## Before you send")]
+    rows = set(re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.MULTILINE))
+    assert {s.value for s in MessageStatus} <= rows
+    # capped is never written: a capped message waits for its slot, then expires
+    assert {r.value for r in SkipReason if r is not SkipReason.CAPPED} <= rows
+    outcomes = section[section.index("Each attempt row has an"):]
+    assert [o.value for o in Outcome if f"`{o.value}`" not in outcomes] == []
