@@ -113,8 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Run the real planning, re-check and rendering as of --at, with no sends and "
                        "no writes, and list the messages that would go out and the ones that would be skipped. "
                        "Exit code 1 when messages would fail to render (named with template file and line), 2 for "
-                       "an unknown --campaign or --customer (or --serve's port in use), 3 when the database cannot "
-                       "be used.")
+                       "an unknown --campaign or --customer, a file --out cannot write (or --serve's port in use), 3 "
+                       "when the database cannot be used.")
     p.add_argument("--at", type=_datetime_arg, default=None,
                    help="the moment to plan for, ISO 8601 with offset (default: now), e.g. 2027-02-28T10:00+07:00")
     p.add_argument("--campaign", action="append", help="only this campaign (repeatable)")
@@ -154,12 +154,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, type=_address_arg, help="your address")
 
     p = sub.add_parser("stats", help="what the campaigns did: sends, skips, bounces, conversion, lift",
-                       description="Per campaign and step: planned, sent, failed, uncertain, skipped by reason, hard "
-                       "bounces; conversion (emailed customers who ordered within --window-days) and revenue; lift "
-                       "over the holdout group with a 95% Newcombe interval; unsubscribes and bounces from the "
-                       "suppression list; the shop's repeat purchase rate and churn over the period; feedback "
-                       "ratings given in it. Days are UTC days. --json prints one object (its keys: README, 'Did it "
-                       "work'). Exit code 2 for a bad --since, 3 when the database cannot be used.")
+                       description="Per campaign and step: planned, sent, failed, uncertain, waiting, skipped by "
+                       "reason, hard bounces; conversion (emailed customers who ordered within --window-days) and "
+                       "revenue; lift over the holdout group with a 95% Newcombe interval; unsubscribes and "
+                       "bounces from the suppression list; the shop's repeat purchase rate and churn over the "
+                       "period; feedback ratings given in it. Days are UTC days. --json prints one object (its "
+                       "keys: README, 'Did it work'). Exit code 2 for a bad --since, 3 when the database cannot "
+                       "be used.")
     p.add_argument("--since", type=_date_arg, default=None, metavar="YYYY-MM-DD",
                    help="start of the period: a day in UTC, as the report's days are, today (in UTC) "
                    "or earlier (default: the day 90 days ago, from its start)")
