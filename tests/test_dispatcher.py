@@ -549,6 +549,50 @@ def test_outcomes_a_database_outage_kept_from_the_ledger_are_written_after_a_rel
     assert shop.rows("SELECT status, count(*) FROM message GROUP BY status") == [("sent", 6)]
 
 
+@pytest.mark.postgres
+def test_the_daemons_own_maintenance_leaves_the_rows_whose_outcomes_an_outage_kept_to_it(
+    tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a daemon on PostgreSQL with one SMTP connection and four senders, 6 win-backs due, a server that takes
+    # a second over each message, and a database that goes away once four rows are `sending` (one on the wire,
+    # three waiting for the connection), for longer than the ledger writer tries again: the run fails and keeps
+    # the outcomes it could not write (the send the server took; the three it never began, back to the queue)
+    shop, emails = _daemon_shop(tmp_path, pg_url, smtp_server, monkeypatch, customers=6)
+    shop.config.write_text(shop.config.read_text().replace("pool_size = 2", "pool_size = 1"))
+
+    async def scenario() -> None:
+        daemon = Daemon(load_settings(shop.config), config_path=shop.config)
+        try:
+            plan(daemon.store, daemon.gen.settings, daemon.clock.now())
+            running = asyncio.ensure_future(daemon.gen.dispatcher.run_once())
+            while shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") < 4:
+                await asyncio.sleep(0.02)
+            _allow_connections(pg_admin, pg_url, False)
+            with contextlib.suppress(Exception):
+                await running
+            _allow_connections(pg_admin, pg_url, True)
+            assert daemon.gen.dispatcher.unwritten
+            # When the outage outlasted the rows' leases, and the daemon's maintenance runs once the database is
+            # back, before its next dispatch run writes what it kept
+            with daemon.store.engine.begin() as conn:
+                conn.execute(sa.text("UPDATE message SET lease_until = :t WHERE lease_until IS NOT NULL"),
+                             {"t": daemon.clock.now() - timedelta(minutes=1)})  # fmt: skip
+            await daemon.maintenance()
+            await daemon.gen.dispatcher.run_once()
+        finally:
+            await daemon._close()
+            daemon.store.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    finally:
+        _allow_connections(pg_admin, pg_url, True)
+    # Then the daemon does not take its own rows for a dead worker's: the send ends `sent`, the rows it never sent
+    # are sent now, nothing is left `uncertain` for the operator to decide about, and everyone gets one email
+    assert shop.rows("SELECT status, count(*) FROM message GROUP BY status") == [("sent", 6)]
+    assert sorted(m.rcpt_tos for m in smtp_server.messages) == sorted((e,) for e in emails)
+
+
 def _daemon_shop(tmp_path: Path, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, *,
                  customers: int) -> tuple[DaemonShop, list[str]]:  # fmt: skip
     """A daemon's shop on PostgreSQL with ``customers`` due a win-back (their addresses), a server that takes a

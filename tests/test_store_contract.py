@@ -504,6 +504,20 @@ def test_the_cap_s_reads_on_sqlite_use_the_mailbox_indexes(sqlite_url: str) -> N
     store.close()
 
 
+def test_lapsed_leases_of_rows_the_caller_still_works_on_are_kept(store: Store) -> None:
+    # Given a worker's claimed row and sending row, both with lapsed leases, which that worker (alive, the
+    # database away longer than a lease) still has outcomes for, and a third row it no longer works on
+    store.insert_messages(planned(3), NOW)
+    batch = store.claim(worker="me", now=NOW, limit=3, lease_seconds=60)
+    store.mark_sending([batch[0].id, batch[2].id], worker="me", now=NOW)
+    # When its own maintenance releases lapsed leases, keeping those it works on
+    released = store.release_expired_leases(NOW + timedelta(seconds=61), keep=[batch[0].id, batch[1].id])
+    # Then only the third is released; the two kept are still the worker's to record
+    assert released == (0, 1)
+    statuses = {r["dedupe_key"]: (r["status"], r["claimed_by"]) for r in store.messages()}
+    assert statuses == {"k:0": ("sending", "me"), "k:1": ("claimed", "me"), "k:2": ("uncertain", None)}
+
+
 def test_lapsed_leases_requeue_claimed_rows_and_make_sending_rows_uncertain(store: Store) -> None:
     store.insert_messages(planned(2), NOW)
     batch = store.claim(worker="dead", now=NOW, limit=2, lease_seconds=60)

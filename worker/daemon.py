@@ -466,7 +466,9 @@ class Daemon:
     async def maintenance(self) -> None:
         settings = self.gen.settings
         now = self.clock.now()
-        requeued, uncertain = await self.astore.call(self.store.release_expired_leases, now)
+        # not the rows this process still has outcomes for (a database outage outlasted their leases): it is alive
+        held = self.gen.dispatcher.holds() | (self._active.dispatcher.holds() if self._active is not None else set())
+        requeued, uncertain = await self.astore.call(self.store.release_expired_leases, now, keep=held)
         if requeued or uncertain:
             log.event("leases_released", logging.WARNING, requeued=requeued, uncertain=uncertain)
             self._wake.set()

@@ -405,6 +405,8 @@ class Dispatcher:
         self._locales = LocaleWarnings()
         self._failing = False
         """The run is failing: no send begins any more (those on the wire go on to their replies)."""
+        self._writer: LedgerWriter | None = None
+        """The ledger writer of the run under way, if any (``holds``)."""
         self.unwritten: list[Disposition] = []
         """Outcomes a failed run could not commit (the database gone longer than the writer's retries), written
         first by the next run before it claims anything: a daemon's sends the server took end ``sent``, not
@@ -414,6 +416,16 @@ class Dispatcher:
         """Stop the compose helper processes, if any (a later ``run_once`` starts them again)."""
         if self.compose_pool is not None:
             self.compose_pool.close()
+
+    def holds(self) -> set[int]:
+        """The rows whose outcome this dispatcher has yet to write: those the run under way holds, and those kept
+        through a database outage (``unwritten``). Their leases may lapse while the database is away, but this
+        process is alive and knows what became of them: its own maintenance must not take them for a dead
+        worker's (a row it never sent would become ``uncertain``, and its outcome come too late to undo that)."""
+        held = {d.message.id for d in self.unwritten}
+        if self._writer is not None:
+            held |= self._writer.holding | self._writer.uncommitted | {d.message.id for d in self._writer.unwritten()}
+        return held
 
     def stop(self) -> None:
         """Stop claiming; sends already under way finish, claimed messages not yet begun go back to the queue."""
@@ -497,12 +509,18 @@ class Dispatcher:
         twice ``smtp.timeout_seconds``) and raises that failure; what was claimed and not begun goes back to the
         queue (or, when the writer failed, is kept in ``unwritten`` with the outcomes it could not write, for the next
         run to write first)."""
+        try:
+            return await self._run_once()
+        finally:
+            self._writer = None
+
+    async def _run_once(self) -> DispatchReport:
         self._runs += 1
         self._failing, self._on_wire = False, set()
         self.quota_reached = False  # a new run, perhaps a new day: the quota tells (a daemon keeps its dispatcher)
         report = DispatchReport()
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
-        writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock, group=in_flight // 2)
+        writer = self._writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock, group=in_flight // 2)
         writer.start()
         queue: asyncio.Queue[Composed | Literal["done"]] = asyncio.Queue(maxsize=self.settings.sending.batch_size)
         wire = asyncio.Semaphore(self.settings.smtp.pool_size)
@@ -564,7 +582,7 @@ class Dispatcher:
         grace period. What is still unwritten at the end (logged by ``outcomes_not_written``)."""
         deadline = time.monotonic() + timeout
         while self.unwritten and (left := deadline - time.monotonic()) > 0:
-            writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock)
+            writer = self._writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock)
             writer.start()
             try:
                 await asyncio.wait_for(self._write_unwritten(writer), left)
@@ -573,6 +591,8 @@ class Dispatcher:
                 await writer.abort()
                 self._keep_unwritten(writer)
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            finally:
+                self._writer = None
         return self.unwritten
 
     async def _write_unwritten(self, writer: LedgerWriter) -> None:

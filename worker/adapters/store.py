@@ -762,10 +762,13 @@ class Store:
                 for part in _chunks(sorted(set(ids)))
             )
 
-    def release_expired_leases(self, now: datetime) -> tuple[int, int]:
-        """Claimed rows whose lease lapsed go back to the queue; sending rows become uncertain.
+    def release_expired_leases(self, now: datetime, *, keep: Collection[int] = ()) -> tuple[int, int]:
+        """Claimed rows whose lease lapsed go back to the queue; sending rows become uncertain; but not the rows
+        of ``keep`` (those the calling process still works on: it is alive, whatever their leases say).
         Returns (requeued, uncertain)."""
         lapsed = sa.and_(IN_FLIGHT, M.c.lease_until < now)
+        if keep:
+            lapsed = sa.and_(lapsed, M.c.id.not_in(sorted(set(keep))))
         return self.release(lapsed, now=now, why="lease lapsed while sending (worker died?)")
 
     def release(self, where: Any, *, now: datetime, why: str) -> tuple[int, int]:
