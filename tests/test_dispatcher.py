@@ -708,6 +708,45 @@ def test_a_daemon_stopped_during_a_database_outage_records_the_sends_it_kept_onc
 
 
 @pytest.mark.postgres
+def test_a_daemon_stopped_while_its_ledger_writer_still_retries_through_an_outage_exits_1_naming_the_sends(
+    tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a daemon on PostgreSQL with a grace period of 1 s, sending to a server that takes a second over each
+    # message, whose ledger writer tries a failed commit again for longer than that (a database restart)
+    shop, _ = _daemon_shop(tmp_path, pg_url, smtp_server, monkeypatch, customers=4)
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (30.0,))
+    config = shop.config.read_text()
+    shop.config.write_text(config.replace("shutdown_grace_seconds = 5.0", "shutdown_grace_seconds = 1.0"))
+
+    async def scenario() -> int:
+        daemon = Daemon(load_settings(shop.config), config_path=shop.config)
+        try:
+            running = asyncio.ensure_future(daemon.run())
+            while smtp_server.data_taken < 2:
+                await asyncio.sleep(0.02)
+            # When the database goes away with two messages past their final dot, and the daemon is told to stop
+            # while its writer waits to try their outcomes again
+            _allow_connections(pg_admin, pg_url, False)
+            await asyncio.sleep(1.5)
+            daemon._on_stop_signal(signal.SIGTERM)
+            return await running
+        finally:
+            daemon.store.close()
+
+    try:
+        code = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    finally:
+        _allow_connections(pg_admin, pg_url, True)
+    # Then it exits 1, and the log names the sends the server took (for `kembali ledger close --as sent`), rather
+    # than leave them to become `uncertain` with nothing saying they arrived
+    assert code == 1
+    kept = [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == "outcomes_not_written"]
+    assert kept, [r.getMessage() for r in caplog.records]
+    assert len(kept[-1]["sent_ids"].split(",")) == len(smtp_server.messages) >= 2
+
+
+@pytest.mark.postgres
 def test_a_daemon_stopped_during_a_database_outage_that_outlasts_its_grace_period_exits_1_naming_the_sends_it_kept(
     tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

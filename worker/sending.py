@@ -295,6 +295,8 @@ Mark = Literal["sending", "held", "lost"] | SkipReason
 """What a row's ``sending`` mark made of it (``LedgerWriter.mark_sending``)."""
 _DONE: Literal["done"] = "done"
 LOCAL_CHUNK = 25
+CANCELLED_CLOSE_SECONDS = 1.0
+"""How long a cancelled run lets its ledger writer commit what it holds before stopping it (see ``run_once``)."""
 """Messages prepared in the event loop's thread between two chances for the senders to run (~8 ms)."""
 
 
@@ -554,8 +556,11 @@ class Dispatcher:
             for task in senders:
                 task.cancel()
             await asyncio.gather(*senders, return_exceptions=True)
-            with contextlib.suppress(Exception):  # the writer's own failure is what is being raised
-                await writer.close()
+            if isinstance(failure, asyncio.CancelledError):
+                await _close_cut_short(writer)
+            else:
+                with contextlib.suppress(Exception):  # the writer's own failure is what is being raised
+                    await writer.close()
             self._keep_unwritten(writer)
             raise failure
         finally:
@@ -564,7 +569,9 @@ class Dispatcher:
                 await keeper
         try:
             await writer.close()
-        except BaseException:
+        except BaseException as failure:
+            if isinstance(failure, asyncio.CancelledError):
+                await _close_cut_short(writer)
             self._keep_unwritten(writer)
             raise
         report.paused = self.paused
@@ -959,6 +966,17 @@ class Dispatcher:
 
 def _ignore(*_args: object, **_kwargs: object) -> None:
     pass
+
+
+async def _close_cut_short(writer: LedgerWriter) -> None:
+    """Close the writer of a run cut short (a daemon's shutdown past its grace period, which waits 2 s more): what
+    does not commit within ``CANCELLED_CLOSE_SECONDS`` waits on a database in trouble, so the writer's retries are
+    stopped, and the group it was trying again is kept with the rest (``unwritten``: ``outcomes_not_written`` names
+    its sends) rather than dropped with the process."""
+    try:
+        await asyncio.wait_for(writer.close(), CANCELLED_CLOSE_SECONDS)
+    except BaseException:  # (the writer's own failure, the time run out, or a second cancel: the same)
+        await writer.abort()
 
 
 def _log_stale(records: Sequence[Disposition], stale: Sequence[Stale]) -> None:
