@@ -181,3 +181,39 @@ def test_interval_jobs_keep_their_pace_when_the_wall_clock_steps_back_an_hour() 
     # Then it goes on pinging every 0.1 s, as before the step
     assert jobs == ["watchdog"]
     assert before >= 4 and after >= 4, (before, after)
+
+
+def test_a_cron_job_due_while_the_machine_slept_runs_soon_after_it_wakes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """APScheduler 3 waits for a cron job's next time on the event loop's clock, which stands still while the
+    machine is suspended (and does not follow the wall clock stepped forward by NTP): without a look at the wall
+    clock now and then, a 09:00 run due during a 10-hour sleep would come 10 hours late."""
+    import asyncio
+
+    import time_machine
+
+    from worker.scheduler import Scheduler
+
+    monkeypatch.setattr(Scheduler, "WAKE_SECONDS", 0.1)
+    runs: list[datetime] = []
+
+    async def scenario() -> None:
+        # Given the daemon's scheduler at 23:00 in Jakarta with a planning job on "0 9 * * *"
+        with time_machine.travel(datetime(2027, 3, 1, 16, 0, tzinfo=UTC), tick=True) as clock:
+            scheduler = Scheduler(JKT)
+
+            async def job() -> None:
+                runs.append(datetime.now(UTC))
+
+            scheduler.add_cron("plan:winback", "0 9 * * *", job, now=datetime.now(UTC))
+            scheduler.start()
+            try:
+                await asyncio.sleep(0.2)
+                # When the machine sleeps until 09:00:30 (the wall clock jumps; the event loop's clock does not)
+                clock.move_to(datetime(2027, 3, 2, 2, 0, 30, tzinfo=UTC))
+                await asyncio.sleep(0.5)
+            finally:
+                scheduler.shutdown()
+
+    asyncio.run(scenario())
+    # Then the 09:00 run happens once, within moments of the wake-up, not ten hours later
+    assert len(runs) == 1, runs

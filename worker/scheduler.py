@@ -23,6 +23,12 @@ _process_jobs`` and ``executors.base.run_coroutine_job``):
   instead, one run at a time (a run that outlasts its interval is followed by
   the next at once, not by one per missed time). Cron jobs stay on the wall
   clock of the shop's time zone: that is what a cron expression means.
+* APScheduler 3 waits for the next cron time with a timer on the event loop's
+  clock (monotonic), which stands still while the machine is suspended and does
+  not follow a wall clock stepped forward: a 09:00 run due during a night's
+  sleep would come as many hours late as the sleep lasted. ``Scheduler`` wakes
+  it every ``WAKE_SECONDS`` to look at the wall clock again, so such a run comes
+  within that time of the wake-up (once: ``coalesce``).
 * The memory job store forgets everything at exit, and a job added at start-up
   gets its *next* fire time, so a run missed while the daemon was **down** would
   be lost. ``missed_run`` answers "was a run due between the last recorded run
@@ -76,8 +82,12 @@ class Scheduler:
     """An ``AsyncIOScheduler`` with Kembali's job defaults for cron jobs, and interval jobs on the event loop's
     monotonic clock; start it inside the running loop."""
 
+    WAKE_SECONDS = 30.0
+    """How often APScheduler looks at the wall clock again, whatever its timer says (see the module's notes)."""
+
     def __init__(self, time_zone: str) -> None:
         self.time_zone = time_zone
+        self._waker: asyncio.Task[None] | None = None
         self._aps = AsyncIOScheduler(timezone=ZoneInfo(time_zone), job_defaults=dict(JOB_DEFAULTS))
         self._aps.add_listener(self._on_event, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
         # Our job wrappers log failures as events; APScheduler's own lines would repeat them.
@@ -120,6 +130,7 @@ class Scheduler:
     def start(self) -> None:
         self._aps.start()
         self._started = True
+        self._waker = asyncio.get_running_loop().create_task(self._wake(), name="kembali-scheduler-wake")
         for job in self._intervals.values():
             job.start()
 
@@ -127,12 +138,24 @@ class Scheduler:
         """Stop firing; a job still running is cancelled (every job here is safe to cut short; the daemon's
         planning jobs shield their pass, which it waits for)."""
         self._started = False
+        if self._waker is not None:
+            self._waker.cancel()
+            self._waker = None
         if self._aps.running:
             self._aps.shutdown(wait=False)
         for job in [*self._intervals.values(), *self._finishing]:
             job.cancel()
         self._intervals.clear()
         self._finishing.clear()
+
+    async def _wake(self) -> None:
+        """Have APScheduler look at the wall clock every ``WAKE_SECONDS``: a cron time that passed while the machine
+        slept (or the clock was stepped forward) runs now, not when its timer on the event loop's clock runs out."""
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                await asyncio.sleep(self.WAKE_SECONDS)
+                if self._aps.running:
+                    self._aps.wakeup()
 
     def _on_event(self, event: JobEvent) -> None:
         if event.code == EVENT_JOB_MISSED:
