@@ -1101,3 +1101,53 @@ def test_the_start_line_says_which_config_database_and_smtp_server_the_daemon_us
     assert started["config"] == str(shop.config)
     assert started["database"] == str((tmp_path / "kembali.db").resolve())
     assert started["smtp"] == f"127.0.0.1:{smtp_server.port}"
+
+
+def test_a_campaigns_planning_pass_never_runs_twice_at_once_in_one_daemon(
+    tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """APScheduler's max_instances keeps one cron job from overlapping itself, but the catch-up pass at start-up runs
+    beside the scheduler: a cron time that comes while it is under way (a restart just before 09:00, a frequent
+    cron, a long pass) would start a second pass of the same campaign over the same customers."""
+    import asyncio
+    import threading
+
+    from worker.config import load_settings
+
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add(range(3), days_ago=60)
+    lock, running, most = threading.Lock(), [0], [0]
+    real_plan = daemon_module.plan
+
+    def slow_plan(*args: object, **kwargs: object) -> object:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.3)
+            return real_plan(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(daemon_module, "plan", slow_plan)
+
+    async def scenario() -> None:
+        daemon = daemon_module.Daemon(load_settings(shop.config), config_path=shop.config)
+        try:
+            # Given a daemon planning the win-backs (the catch-up pass); when the campaign's cron fires meanwhile
+            catch_up = asyncio.ensure_future(daemon._planner("winback")())
+            await asyncio.sleep(0.1)
+            await daemon._planner("winback")()
+            await catch_up
+        finally:
+            await daemon._close()
+            daemon.store.close()
+
+    asyncio.run(scenario())
+    # Then the second pass is skipped, and says so, rather than run beside the first
+    assert most[0] == 1
+    skipped = [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == "job_skipped"]
+    assert skipped and skipped[0]["job"] == "plan:winback", skipped
+    assert shop.scalar("SELECT count(*) FROM message") == 3

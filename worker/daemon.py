@@ -380,6 +380,9 @@ class Daemon:
 
     def _planner(self, campaign: str) -> Callable[[], Awaitable[None]]:
         async def run_plan() -> None:
+            if campaign in self._planning.values():  # the catch-up pass beside the cron job, say: not twice at once
+                log.event("job_skipped", logging.WARNING, job=f"plan:{campaign}", why="the previous run is still going")
+                return
             # shielded: the shutdown's cancelling the job does not cut the pass short (its thread cannot be stopped,
             # and the process would linger after saying it stopped); the shutdown waits for it to be recorded
             task = asyncio.ensure_future(self._plan_pass(campaign))
