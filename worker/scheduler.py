@@ -15,6 +15,8 @@ _process_jobs`` and ``executors.base.run_coroutine_job``):
   Planning is idempotent (unique dedupe keys), so planning late is always right.
 * ``max_instances=1``: a firing that comes while the previous run of the same
   job is still going is skipped (APScheduler logs it; we log ``job_skipped``).
+  The daemon's catch-up passes run beside the scheduler: it skips a campaign's
+  pass while another of that campaign is under way itself (``job_skipped`` too).
 * Interval jobs (maintenance, the health line, the template watcher, the
   systemd watchdog) do not go through APScheduler: its ``IntervalTrigger``
   counts on the wall clock, so when the clock steps back an hour (NTP, a VM
