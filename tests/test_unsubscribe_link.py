@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
+import time
 import urllib.parse
 from email import message_from_bytes
+from typing import Any
 
 import pytest
 
@@ -51,15 +54,24 @@ def _sent_then_moved(sqlite_url: str, smtp_server: RecordingServer) -> tuple[Sto
     return store, {"header": header.group(1), "body": body.group(0)}
 
 
-def _click(store: Store, url: str, method: str, body: bytes = b"") -> Response:
-    """The link's request as the daemon's site answers it."""
-    site = Site(store=AsyncStore(store), keys=[LINK_KEY.encode()],
+def _site(store: Store) -> Site:
+    """The daemon's site, on a thread of its own for the store's calls (the daemon's ``AsyncStore``)."""
+    return Site(store=AsyncStore(store), keys=[LINK_KEY.encode()],
                 settings=lambda: settings_for(str(store.engine.url)), clock=FakeClock(NOW), metrics=Metrics(),
                 paused=lambda: False)  # fmt: skip
+
+
+def _request(url: str, method: str, body: bytes = b"") -> Request:
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
     headers = {"content-type": "application/x-www-form-urlencoded"} if body else {}
+    return Request(method, "/unsubscribe", query, headers, body)
+
+
+def _click(store: Store, url: str, method: str, body: bytes = b"") -> Response:
+    """The link's request as the daemon's site answers it."""
+    site = _site(store)
     try:
-        return asyncio.run(site.handle(Request(method, "/unsubscribe", query, headers, body)))
+        return asyncio.run(site.handle(_request(url, method, body)))
     finally:
         site.store.close()
 
@@ -109,5 +121,48 @@ def test_an_unsubscribe_link_issued_before_links_named_their_email_suppresses_ev
         assert _click(store, old_link, "POST", ONE_CLICK).status == 200
         # Then it still works: the address that got the email (the ledger's) and the one on file now are suppressed
         assert _suppressed(store) == [OLD, NEW]
+    finally:
+        store.close()
+
+
+def test_an_old_links_read_of_every_address_mailed_holds_no_send_back(
+    sqlite_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link that names no email has the ledger read whole for the customer's addresses (it has no index by
+    customer: ~0.2 s a million rows). The daemon's store calls, the senders' group commits among them, go through
+    one thread: were the read made there, every send would wait for it, and a link POSTed again and again would
+    stop sending."""
+    store, _links = _sent_then_moved(sqlite_url, smtp_server)
+    cid = store.customer_by_external_id("C1")
+    assert cid is not None
+    old_link = f"https://toko-kembali.example/unsubscribe?t={tokens.sign('u', str(cid[0].id), LINK_KEY.encode())}"
+    reading = threading.Event()
+    real = opstore.mailed_addresses
+
+    def slow(*args: Any) -> list[str]:  # a ledger of some millions of rows
+        reading.set()
+        time.sleep(1.5)
+        return real(*args)
+
+    monkeypatch.setattr(opstore, "mailed_addresses", slow)
+
+    async def meanwhile() -> tuple[Response, float]:
+        site = _site(store)
+        try:
+            post = asyncio.ensure_future(site.handle(_request(old_link, "POST", ONE_CLICK)))
+            assert await asyncio.to_thread(reading.wait, 10)
+            # When a group commit is made while the POST reads the ledger
+            started = time.monotonic()
+            await site.store.call(store.record_and_mark, [], [], worker="w", now=NOW)
+            waited = time.monotonic() - started
+            return await post, waited
+        finally:
+            site.store.close()
+
+    try:
+        done, waited = asyncio.run(meanwhile())
+        # Then the commit does not wait for the read, and the link does what it did
+        assert waited < 0.5, waited
+        assert done.status == 200 and _suppressed(store) == [OLD, NEW]
     finally:
         store.close()
