@@ -5,6 +5,7 @@ so once. A real SQLite file, the CLI in this process, a real SMTP server."""
 from __future__ import annotations
 
 import json
+import signal
 from email import message_from_bytes
 from email.header import decode_header, make_header
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 import sqlalchemy as sa
 
 from tests.clikit import run_cli
-from tests.daemon_harness import LINK_KEY, Shop, make_shop
+from tests.daemon_harness import LINK_KEY, Daemon, Shop, http, make_shop
 from tests.smtp_server import RecordingServer
+from worker.core import tokens
 from worker.domain import Locale
 
 
@@ -83,3 +85,33 @@ def test_preview_shows_a_customer_with_a_language_without_templates_in_the_shops
     warned = sorted((str(w["customer"]), str(w["locale"]), str(w["using"])) for w in _warnings(out))
     assert warned == [("C1", "fr", "id"), ("C2", "zh-TW", "id")], out
     assert shop.scalar("SELECT count(*) FROM message") == 0
+
+
+def test_a_reload_that_changes_the_shops_language_is_the_one_a_customer_without_templates_reads_in(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon of a shop in Bahasa Indonesia, and C1, whose stored language 'fr' has no templates
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add([1], days_ago=10)
+    store = shop.store()
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE customer SET locale = 'fr' WHERE external_id = 'C1'"))
+    finally:
+        store.close()
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode())
+        status, page, _ = http("GET", daemon.url(f"/unsubscribe?t={token}"))
+        assert status == 200 and 'lang="id"' in page, page
+        # When the operator makes the shop's language English and reloads (a `shop` change a reload applies)
+        text = shop.config.read_text(encoding="utf-8")
+        shop.config.write_text(text.replace("[shop]\n", '[shop]\ndefault_locale = "en"\n'), "utf-8")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("reload_done", timeout=30)
+        # Then C1 reads in English, the shop's language now (it stayed Bahasa Indonesia until a restart)
+        status, page, _ = http("GET", daemon.url(f"/unsubscribe?t={token}"))
+        assert status == 200 and 'lang="en"' in page and ">Unsubscribe<" in page, page
+    finally:
+        assert daemon.stop() == 0

@@ -619,6 +619,9 @@ class Daemon:
             log.event("reload_stopped", trigger=why, why="the daemon is stopping")
             return False
         self.gen = gen
+        # a language stored for a customer that has no templates reads as the shop's (``Store.default_locale``):
+        # the shop's as reloaded, for the pages and this process's sends as for the compose helpers' new store
+        self.store.default_locale = Locale(settings.shop.default_locale)
         self._retired.append(old)
         if self._active is not old:
             # what the last run could not write (the database away): the new dispatcher's next run writes it (a

@@ -411,8 +411,8 @@ class Store:
     def __init__(self, engine: Engine, default_locale: Locale = Locale.ID) -> None:
         self.engine = engine
         self.default_locale = default_locale
-        """The shop's language (``shop.default_locale``): a customer's stored language with no templates reads
-        as this one."""
+        """The shop's language (``shop.default_locale``; a daemon's reload sets it again): a customer's stored
+        language with no templates reads as this one."""
         self._sql = _LedgerSql(engine)
         self._local = threading.local()
         self._ledger_connections: list[Any] = []
