@@ -99,6 +99,7 @@ def test_the_unsubscribe_link_suppresses_the_address_the_email_went_to_after_the
         assert "b***@example.com" in done.body.decode() and "s***@mail.example" in done.body.decode()
         (event,) = [r.kembali_fields for r in caplog.records if r.getMessage() == "unsubscribed"]
         assert "b***@example.com" in str(event) and "s***@mail.example" in str(event), event
+        assert event["new"] is True, event  # a boolean, as the event always gave it (log filters read it so)
         assert OLD not in caplog.text and NEW not in caplog.text
         # And a second click changes nothing and shows the page of one unsubscribed
         assert _click(store, links[link], "POST", ONE_CLICK).status == 200 and _suppressed(store) == [OLD, NEW]

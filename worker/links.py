@@ -184,7 +184,7 @@ class Site:
             to, *also = [log.mask_email(a) for a in addresses]
             extra: dict[str, Any] = {"also": ",".join(also)} if also else {}
             log.event("unsubscribed", customer=customer.external_id if customer is not None else None, to=to,
-                      **extra, new=created)  # fmt: skip
+                      **extra, new=created > 0)  # fmt: skip
         masked = [log.mask_email(a) for a in addresses]
         return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop, masked))
 
