@@ -87,11 +87,31 @@ def _ledger_row(r: Any) -> LedgerRow:
     )  # fmt: skip
 
 
-def _matching(query: sa.Select[Any], statuses: Sequence[str], campaign: str | None) -> sa.Select[Any]:
-    if statuses:
-        query = query.where(M.c.status.in_(list(statuses)))
-    if campaign:
-        query = query.where(M.c.campaign == campaign)
+@dataclass(frozen=True)
+class Selection:
+    """Which rows: every filter given must hold (an empty one holds for every row)."""
+
+    statuses: Sequence[str] = ()
+    campaign: str | None = None
+    since: datetime | None = None
+    """Rows last changed (``updated_at``: failed, left uncertain, decided) at or after this moment."""
+    until: datetime | None = None
+    """… and before this one."""
+    codes: Sequence[int] = ()
+    """The last SMTP reply's code is one of these (e.g. 421, 550)."""
+
+
+def _matching(query: sa.Select[Any], selection: Selection) -> sa.Select[Any]:
+    if selection.statuses:
+        query = query.where(M.c.status.in_(list(selection.statuses)))
+    if selection.campaign:
+        query = query.where(M.c.campaign == selection.campaign)
+    if selection.since is not None:
+        query = query.where(M.c.updated_at >= selection.since)
+    if selection.until is not None:
+        query = query.where(M.c.updated_at < selection.until)
+    if selection.codes:
+        query = query.where(M.c.last_code.in_(list(selection.codes)))
     return query
 
 
@@ -99,17 +119,23 @@ class LedgerAdmin:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def rows(self, *, statuses: Sequence[str] = (), campaign: str | None = None, limit: int = 50) -> list[LedgerRow]:
-        query = _matching(sa.select(M), statuses, campaign).order_by(M.c.updated_at.desc(), M.c.id.desc()).limit(limit)
+    def rows(self, selection: Selection, *, limit: int = 50) -> list[LedgerRow]:
+        query = _matching(sa.select(M), selection).order_by(M.c.updated_at.desc(), M.c.id.desc()).limit(limit)
         with db.reading(self.engine) as conn:
             rows = conn.execute(query).all()
         return [_ledger_row(r) for r in rows]
 
-    def matching(self, *, statuses: Sequence[str] = (), campaign: str | None = None) -> int:
+    def matching(self, selection: Selection) -> int:
         """How many rows ``rows`` would list without its limit."""
-        query = _matching(sa.select(sa.func.count()).select_from(M), statuses, campaign)
+        query = _matching(sa.select(sa.func.count()).select_from(M), selection)
         with db.reading(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
+
+    def ids(self, selection: Selection) -> list[int]:
+        """The ids of every row the selection matches, oldest change first (what a bulk resend or close takes)."""
+        query = _matching(sa.select(M.c.id), selection).order_by(M.c.updated_at, M.c.id)
+        with db.reading(self.engine) as conn:
+            return list(conn.execute(query).scalars())
 
     def campaigns(self) -> list[str]:
         """The campaigns the ledger has rows of, by name."""
@@ -122,8 +148,11 @@ class LedgerAdmin:
         with db.reading(self.engine) as conn:
             return {status: n for status, n in conn.execute(query)}
 
-    def resend(self, ids: Sequence[int], *, now: datetime, operator: str, note: str = "") -> ActionResult:
-        """Put uncertain/failed rows back to ``retry``, due now (same Message-ID)."""
+    def resend(
+        self, ids: Sequence[int], *, now: datetime, operator: str, note: str = "", dry_run: bool = False
+    ) -> ActionResult:
+        """Put uncertain/failed rows back to ``retry``, due now (same Message-ID); not one past its expiry or to a
+        suppressed address, which the next run would only skip."""
         text = "operator resend" + (f": {note}" if note else "")
 
         def queued(row: Any) -> str | None:
@@ -134,10 +163,11 @@ class LedgerAdmin:
         return self._decide(ids, now=now, operator=operator, text=text, values={
             "status": MessageStatus.RETRY.value, "next_attempt_at": now, "skip_reason": None,
             "sent_at": None,  # an uncertain send the cap counted: the resend is counted when it goes
-        }, unless_suppressed=True, already=queued)  # fmt: skip
+        }, sendable_only=True, already=queued, dry_run=dry_run)  # fmt: skip
 
     def close(
-        self, ids: Sequence[int], *, now: datetime, operator: str, status: MessageStatus, note: str = ""
+        self, ids: Sequence[int], *, now: datetime, operator: str, status: MessageStatus, note: str = "",
+        dry_run: bool = False,
     ) -> ActionResult:
         """Mark uncertain/failed rows terminal as the operator decided (``sent`` or ``failed``)."""
         if status not in (MessageStatus.SENT, MessageStatus.FAILED):
@@ -151,15 +181,17 @@ class LedgerAdmin:
         def closed(row: Any) -> str | None:  # a failed row closed as failed again takes the new note
             return row.status if row.status == status.value else None
 
-        return self._decide(ids, now=now, operator=operator, text=text, values=values, already=closed)
+        return self._decide(ids, now=now, operator=operator, text=text, values=values, already=closed, dry_run=dry_run)
 
     def _decide(
         self, ids: Sequence[int], *, now: datetime, operator: str, text: str, values: dict[str, Any],
-        unless_suppressed: bool = False, already: Callable[[Any], str | None] = lambda row: None,
+        sendable_only: bool = False, already: Callable[[Any], str | None] = lambda row: None,
+        dry_run: bool = False,
     ) -> ActionResult:
-        """``unless_suppressed``: refuse a row whose address is on the suppression list (a resend would only be
-        skipped as ``suppressed`` by the next run, its bounce reply overwritten). ``already``: what a row not
-        decidable already is when that is what was asked (it is then left alone without a refusal), else None."""
+        """``sendable_only``: refuse a row whose address is on the suppression list, or whose expiry has
+        passed (a resend would only be skipped as ``suppressed`` or ``expired`` by the next run, its reply
+        overwritten). ``already``: what a row not decidable already is when that is what was asked (it is then
+        left alone without a refusal), else None. ``dry_run``: decide the same, change nothing."""
         text = text[:500]
         ids = list(dict.fromkeys(ids))  # an id given twice is decided once (the second would find it changed)
         changed: list[int] = []
@@ -167,12 +199,12 @@ class LedgerAdmin:
         done: dict[int, str] = {}
         with self.engine.begin() as conn:
             possible = [i for i in ids if 1 <= i <= MAX_ID]  # a bigger one is not a row: SQLite would raise on it
-            query = sa.select(M.c.id, M.c.status, M.c.attempts, M.c.email, M.c.next_attempt_at).where(
+            query = sa.select(M.c.id, M.c.status, M.c.attempts, M.c.email, M.c.next_attempt_at, M.c.expires_at).where(
                 M.c.id.in_(possible)
             )
             found = {r.id: r for r in conn.execute(query)}
             suppressed: dict[str, str] = {}
-            if unless_suppressed and found:
+            if sendable_only and found:
                 listed = {suppression_address(r.email) for r in found.values()}
                 suppressed = dict(conn.execute(sa.select(S.c.email, S.c.reason).where(S.c.email.in_(listed))).all())
             for message_id in ids:
@@ -190,6 +222,13 @@ class LedgerAdmin:
                 if reason is not None:
                     refused[message_id] = (f"{row.email} is on the suppression list ({reason}), so the next run would "
                                            f"skip it; `kembali suppress remove {row.email}` first if it should go")
+                    continue
+                if sendable_only and row.expires_at <= now:
+                    refused[message_id] = (f"expired at {row.expires_at:%Y-%m-%d %H:%M} UTC, so the next run would "
+                                           "skip it as expired; `kembali ledger close` it instead")
+                    continue
+                if dry_run:
+                    changed.append(message_id)
                     continue
                 updated = conn.execute(
                     sa.update(M)

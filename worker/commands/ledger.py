@@ -1,8 +1,10 @@
 """`kembali ledger`: see uncertain and failed messages, and decide what becomes of them.
 
-    kembali ledger list [--status uncertain] [--campaign winback] [--limit 50] [--json]
-    kembali ledger resend ID... [--reason TEXT]     back to retry, due now, same Message-ID
-    kembali ledger close ID... [--as failed|sent] [--reason TEXT]
+    kembali ledger list [FILTERS] [--all] [--limit 50] [--json]
+    kembali ledger resend (ID... | FILTERS) [--dry-run] [--reason TEXT]     back to retry, due now, same Message-ID
+    kembali ledger close (ID... | FILTERS) [--dry-run] [--as failed|sent] [--reason TEXT]
+
+FILTERS: --status, --campaign, --since, --until (when the row last changed), --code (the last SMTP reply's).
 
 Kembali never resends an ``uncertain`` message by itself (it may have arrived);
 these commands are how an operator decides. Each decision is recorded as an
@@ -16,16 +18,54 @@ import getpass
 import os
 import socket
 import sys
+from datetime import UTC, datetime
 
 from worker.adapters import db
 from worker.adapters.clock import SystemClock
-from worker.adapters.ledger import ActionResult, LedgerAdmin, LedgerRow
+from worker.adapters.ledger import DECIDABLE, ActionResult, LedgerAdmin, LedgerRow, Selection
 from worker.commands import arguments
 from worker.config import Settings
 from worker.domain import MessageStatus
 from worker.log import json_line, printable
 
-EXIT_OK, EXIT_ATTENTION = 0, 1
+EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
+
+
+def moment(text: str) -> datetime:
+    """``--since``/``--until``: a day (``2026-12-01``, its 00:00 UTC) or a moment (``2026-12-01T14:30``, UTC
+    unless it names its offset: ``2026-12-01T21:30+07:00``)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a day or a moment: {text!r} (e.g. 2026-12-01, 2026-12-01T14:30 in UTC, 2026-12-01T21:30+07:00)"
+        ) from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def smtp_code(text: str) -> int:
+    return arguments.whole_number(text, 200, 599, meaning=" (an SMTP reply code)")
+
+
+def _add_filters(p: argparse.ArgumentParser, statuses: list[str], default: str) -> None:
+    p.add_argument("--status", action="append", choices=statuses,
+                   help=f"only this status (repeatable; default: {default})")  # fmt: skip
+    p.add_argument("--campaign", help="only this campaign")
+    p.add_argument("--since", type=moment, metavar="WHEN",
+                   help="only rows last changed (failed, left uncertain, decided) at or after WHEN: a day "
+                        "(2026-12-01, from 00:00 UTC) or a moment (2026-12-01T14:30, UTC unless it has an offset)")
+    p.add_argument("--until", type=moment, metavar="WHEN", help="only rows last changed before WHEN (as --since)")
+    p.add_argument("--code", type=smtp_code, action="append", dest="codes", metavar="CODE",
+                   help="only rows whose last SMTP reply had this code, e.g. 421 or 550 (repeatable)")
+
+
+def _selection(args: argparse.Namespace, default: tuple[str, ...]) -> Selection:
+    return Selection(statuses=tuple(args.status or default), campaign=args.campaign, since=args.since,
+                     until=args.until, codes=tuple(args.codes or ()))  # fmt: skip
+
+
+def _filtered(args: argparse.Namespace) -> bool:
+    return bool(args.status or args.campaign or args.since or args.until or args.codes)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,26 +78,34 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "on the suppression list: `kembali suppress remove` it first); `close` marks them "
         "final as you decide. A message already as asked (back in the queue, or sent) is left as it is, so "
         "running a command twice is safe. Kembali never resends an uncertain message by itself: it may have "
-        "arrived. Exit code 1 when a message is left alone (no such message, or another state).",
+        "arrived. `resend` and `close` take message IDs or filters (every uncertain or failed row they match: "
+        "after an outage, `resend --campaign winback --since 2026-12-01T02:00 --code 421 --dry-run` counts and "
+        "lists what a resend would take, without it changing anything). Exit code 1 when a message is left alone "
+        "(no such message, another state, or for a resend: past its expiry or to a suppressed address); 2 for "
+        "neither IDs nor a filter, or both.",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ls = actions.add_parser("list", help="list messages with their last reply")
-    ls.add_argument(
-        "--status",
-        action="append",
-        choices=[s.value for s in MessageStatus],
-        help="only this status (repeatable; default: uncertain and failed)",
-    )
+    ls = actions.add_parser(
+        "list", help="list messages with their last reply",
+        description="Newest change first. --json prints one object a line with the keys id, status, campaign, "
+        "dedupe_key, email, message_id, attempts, last_code, last_reply, last_error, skip_reason, updated_at, "
+        "next_attempt_at (these stay; new ones may be added).",
+    )  # fmt: skip
+    _add_filters(ls, [s.value for s in MessageStatus], "uncertain and failed")
     ls.add_argument("--all", action="store_true", help="every status")
-    ls.add_argument("--campaign", help="only this campaign")
     ls.add_argument("--limit", type=arguments.positive_int, default=50,
                     help="at most N rows, newest first (default 50)")
     ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     rs = actions.add_parser("resend", help="send uncertain/failed messages again (same Message-ID)")
-    rs.add_argument("ids", type=int, nargs="+", metavar="ID", help="a message's ID, as `ledger list` shows it")
+    rs.add_argument("ids", type=int, nargs="*", metavar="ID", help="a message's ID, as `ledger list` shows it")
+    _add_filters(rs, list(DECIDABLE), "uncertain and failed")
+    rs.add_argument("--dry-run", action="store_true",
+                    help="say what would be resent and what left alone; change nothing")
     rs.add_argument("--reason", type=arguments.one_line, default="", help="a note kept with the message")
     cl = actions.add_parser("close", help="mark uncertain/failed messages final")
-    cl.add_argument("ids", type=int, nargs="+", metavar="ID", help="a message's ID, as `ledger list` shows it")
+    cl.add_argument("ids", type=int, nargs="*", metavar="ID", help="a message's ID, as `ledger list` shows it")
+    _add_filters(cl, list(DECIDABLE), "uncertain and failed")
+    cl.add_argument("--dry-run", action="store_true", help="say what would be closed; change nothing")
     cl.add_argument(
         "--as",
         dest="as_status",
@@ -83,27 +131,42 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         admin = LedgerAdmin(engine)
         if args.action == "list":
             return _list(admin, args)
+        if bool(args.ids) == _filtered(args):
+            print(f"kembali ledger {args.action}: give message IDs or filters (--status, --campaign, --since, "
+                  "--until, --code), not " + ("both" if args.ids else "neither"), file=sys.stderr)
+            return EXIT_USAGE
+        ids = args.ids or admin.ids(_selection(args, DECIDABLE))
+        if not ids:
+            print(f"no {' or '.join(args.status or DECIDABLE)} messages match: nothing to {args.action}")
+            return EXIT_OK
         now = SystemClock().now()
+        would = "would be " if args.dry_run else ""
         if args.action == "resend":
-            result = admin.resend(args.ids, now=now, operator=operator(), note=args.reason)
-            return _report(result, "back in the queue (sent at the next run)")
-        result = admin.close(
-            args.ids, now=now, operator=operator(), status=MessageStatus(args.as_status), note=args.reason
-        )
-        return _report(result, f"closed as {args.as_status}")
+            result = admin.resend(ids, now=now, operator=operator(), note=args.reason, dry_run=args.dry_run)
+            return _report(result, f"{would}back in the queue (sent at the next run)", dry_run=args.dry_run)
+        result = admin.close(ids, now=now, operator=operator(), status=MessageStatus(args.as_status),
+                             note=args.reason, dry_run=args.dry_run)  # fmt: skip
+        return _report(result, f"{would}closed as {args.as_status}", dry_run=args.dry_run)
     finally:
         engine.dispose()
 
 
 def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
     statuses = [] if args.all else (args.status or ["uncertain", "failed"])
-    rows = admin.rows(statuses=statuses, campaign=args.campaign, limit=args.limit)
+    selection = Selection(statuses=statuses, campaign=args.campaign, since=args.since, until=args.until,
+                          codes=tuple(args.codes or ()))  # fmt: skip
+    rows = admin.rows(selection, limit=args.limit)
     if args.json:
         for row in rows:
             print(json_line(row.as_dict()))
         return EXIT_OK
     if not rows:
         found = "no messages" + (f" with status {', '.join(statuses)}" if statuses else "")
+        if args.codes:
+            found += f" with last reply code {', '.join(map(str, args.codes))}"
+        if args.since or args.until:
+            found += " changed" + (f" from {args.since:%Y-%m-%d %H:%M}" if args.since else "") + (
+                f" before {args.until:%Y-%m-%d %H:%M}" if args.until else "") + " UTC"
         if args.campaign:
             found += f" in campaign {args.campaign!r}"
             known = admin.campaigns()
@@ -114,7 +177,7 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
         return EXIT_OK
     for line in _table(rows):
         print(line)
-    if len(rows) == args.limit and (matching := admin.matching(statuses=statuses, campaign=args.campaign)) > len(rows):
+    if len(rows) == args.limit and (matching := admin.matching(selection)) > len(rows):
         print(f"\n{len(rows)} of {matching} messages shown (the newest); --limit {matching} shows them all")
     counts = admin.counts()
     print("\nledger: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
@@ -148,7 +211,9 @@ def _cells(row: LedgerRow) -> tuple[str, ...]:
             printable(reply[:80]))
 
 
-def _report(result: ActionResult, what: str) -> int:
+def _report(result: ActionResult, what: str, *, dry_run: bool = False) -> int:
+    if dry_run:
+        print(f"dry run: nothing changed; {len(result.changed)} message(s) {what}, {len(result.refused)} left alone")
     if result.changed:
         print(f"{len(result.changed)} message(s) {what}: {' '.join(map(str, result.changed))}")
     for message_id, state in result.already.items():  # the same command run twice: nothing needs you
