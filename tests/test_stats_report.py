@@ -165,7 +165,7 @@ def test_the_nps_follows_the_feedback_scale(tmp_path: Path, scale: str, scores: 
 def _expected_gaps(data: ShopData) -> list[int]:
     bought: dict[str, list[datetime]] = defaultdict(list)
     for o in data.orders:
-        if o.status.counts_as_purchase:
+        if o.status.is_paid:
             bought[o.customer_external_id].append(o.placed_at)
     return sorted(stats.days_between(*sorted(v)[:2]) for v in bought.values() if len(v) >= 2)
 
@@ -370,6 +370,33 @@ def test_insights_recommends_the_day_the_share_was_reached(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     # Then it is day 55: 55 of the 100 came by then
     assert json.loads(done.stdout)["recommended_quiet_days"] == 55
+
+
+def test_insights_and_repeat_purchases_count_paid_orders_only_on_each_database(db_url: str) -> None:
+    # Given customers whose second order came 10 days after the first: two paid, one placed and never paid, and
+    # one whose first order was placed and never paid, then paid ones 30 and 40 days later
+    from worker.stats import build_insights, build_stats
+
+    orders = [_order("C-1", 1, FIRST_ORDER, 1_000_00), _order("C-1", 2, FIRST_ORDER + timedelta(days=10), 1_000_00),
+              _order("C-2", 1, FIRST_ORDER, 1_000_00, OrderStatus.PAID),
+              _order("C-2", 2, FIRST_ORDER + timedelta(days=10), 1_000_00, OrderStatus.SHIPPED),
+              _order("C-3", 1, FIRST_ORDER, 1_000_00),
+              _order("C-3", 2, FIRST_ORDER + timedelta(days=10), 1_000_00, OrderStatus.PLACED),
+              _order("C-4", 1, FIRST_ORDER, 1_000_00, OrderStatus.PLACED),
+              _order("C-4", 2, FIRST_ORDER + timedelta(days=30), 1_000_00),
+              _order("C-4", 3, FIRST_ORDER + timedelta(days=70), 1_000_00)]  # fmt: skip
+    engine = db.create_engine(db_url)
+    try:
+        _load(engine, ["C-1", "C-2", "C-3", "C-4"], orders)
+        insights = build_insights(engine)
+        report = build_stats(engine, since=FIRST_ORDER - timedelta(days=1), now=NOW)
+    finally:
+        engine.dispose()
+    # Then the gaps are those between paid orders: 10, 10 and 40 days (C-3 bought once; C-4's first purchase
+    # is the paid one: the unpaid order made it a 10-day and a 30-day gap, and C-3 a second purchase)
+    assert (insights.customers, insights.gaps_days) == (4, [10, 10, 40])
+    # and the repeat purchase rate counts the same purchases: 3 of 4 buyers bought twice
+    assert (report.retention.active, report.retention.repeat) == (4, 3)
 
 
 def test_json_lists_suppression_reasons_in_one_order_on_each_database(db_url: str) -> None:
@@ -577,8 +604,9 @@ def test_refunds_placed_orders_and_a_second_email_on_each_database(db_url: str) 
         report = build_stats(engine, since=NOW - timedelta(days=60), now=NOW)
     finally:
         engine.dispose()
-    # Then 2 of the 4 customers converted (the placed order and the two orders, Rp11 + Rp17 + Rp19): the refund
-    # is no purchase, and a customer emailed twice in a step counts once, from the first email
+    # Then 1 of the 4 customers converted (the two orders, Rp17 + Rp19): the refund is no purchase, nor an order
+    # placed and not paid (as for loyalty's milestones and win-back's one purchase: it counted, Rp11 of revenue
+    # never received), and a customer emailed twice in a step counts once, from the first email
     (winback,) = report.steps
     assert winback.planned == 5 and winback.as_json()["sent"] == 5
-    assert winback.emailed == stats.Conversion(customers=4, converted=2, revenue_minor=11_00 + 17_00 + 19_00, pending=0)
+    assert winback.emailed == stats.Conversion(customers=4, converted=1, revenue_minor=17_00 + 19_00, pending=0)

@@ -14,7 +14,9 @@ Definitions (also in the README):
   capped or bounced one…), at the same moment as the held-out rows: comparing
   the emailed customers from their send time would leave out of one group only
   the customers who bought before the send (intention to treat).
-* converted: bought (not cancelled/refunded) after the moment and within the
+* a purchase: an order paid, shipped or delivered (as loyalty and win-back count them; not one placed and
+  not paid yet, which counts once it is paid, nor a cancelled or refunded one), here and in every figure below.
+* converted: bought after the moment and within the
   attribution window; revenue is the sum of those purchases (shop currency).
   Exposures whose window has not ended yet are counted as pending, not as
   non-conversions. A customer counts once per campaign and step (first moment).

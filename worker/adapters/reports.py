@@ -10,13 +10,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from worker.adapters import db
-from worker.adapters.store import PURCHASE_EXCLUDED, M, O, S
+from worker.adapters.store import PAID, M, O, S
 from worker.adapters.tables import Feedback, UTCDateTime
 from worker.core import stats
 from worker.domain import MessageStatus, SkipReason
 
 HELD_OUT = SkipReason.HELD_OUT.value
-_purchase = O.c.status.not_in(PURCHASE_EXCLUDED)
+_purchase = O.c.status.in_(PAID)
+"""A purchase, for conversions, revenue, repeat purchases, churn and insights: an order paid, shipped or delivered
+(as loyalty and win-back count them), not one placed and not paid yet, cancelled or refunded."""
 F = Feedback.__table__  # type: ignore[attr-defined]
 
 
@@ -63,7 +65,7 @@ def conversions(
     became of it), both at the moment the row became due (the later of due and planned), so that both
     groups are counted from the same moment and neither loses the customers who ordered before an email
     went out. The first moment per customer counts; ``core.stats.conversion`` defines the rest (a purchase
-    not cancelled or refunded, placed since ``since``, after the moment and at most ``window`` later;
+    paid (``_purchase``), placed since ``since``, after the moment and at most ``window`` later;
     pending when the window ends after ``now``), and the tests hold both to the same numbers.
 
     Nothing per row or per customer reaches Python: on SQLite the timestamps are compared as the text the

@@ -56,6 +56,9 @@ S = Suppression.__table__  # type: ignore[attr-defined]
 PURCHASE_EXCLUDED = ("cancelled", "refunded")
 RATEABLE = ("paid", "shipped", "delivered")
 """The orders a feedback request may ask about (``OrderStatus.can_be_rated``)."""
+PAID = RATEABLE
+"""The orders paid (``OrderStatus.is_paid``): what loyalty's milestones, win-back's one purchase and the reports
+count as a purchase (an order placed and not paid yet counts once it is)."""
 CLAIMABLE = (MessageStatus.PLANNED.value, MessageStatus.RETRY.value)
 # Literal SQL, not bound parameters: a partial index is used only when the query repeats its WHERE as is.
 WAITING = sa.text("message.status IN ('planned', 'retry')")
