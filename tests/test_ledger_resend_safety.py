@@ -169,3 +169,20 @@ def test_a_resent_message_still_waits_for_quiet_hours_and_the_frequency_cap(
 def status(shop: Shop, message_id: int) -> str:
     with shop.store.engine.connect() as conn:
         return str(conn.execute(sa.select(M.c.status).where(M.c.id == message_id)).scalar_one())
+
+
+def test_a_refusal_naming_a_hostile_address_reaches_the_terminal_escaped(
+    incident: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a failed message to an address written past the importer with a terminal escape, now suppressed
+    shop, config = incident
+    hostile = "b0\x1b]0;owned\x07@test.example"
+    failed = shop.row(BROKEN[0])
+    with shop.store.engine.begin() as conn:
+        conn.execute(sa.update(M).where(M.c.id == failed.id).values(email=hostile))
+    shop.store.suppress(hostile, reason="complaint", source="test", now=shop.clock.now())
+    # When the operator resends it, the refusal names the address with its control characters escaped
+    assert kembali(config, "resend", str(failed.id)) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err
+    assert "b0\\u001b]0;owned\\u0007@test.example is on the suppression list" in err

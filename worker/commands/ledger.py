@@ -219,5 +219,5 @@ def _report(result: ActionResult, what: str, *, dry_run: bool = False) -> int:
     for message_id, state in result.already.items():  # the same command run twice: nothing needs you
         print(f"message {message_id} is already {state}: nothing changed")
     for message_id, why in result.refused.items():
-        print(f"kembali: message {message_id} left alone: {why}", file=sys.stderr)
+        print(f"kembali: message {message_id} left alone: {printable(why)}", file=sys.stderr)
     return EXIT_ATTENTION if result.refused else EXIT_OK
