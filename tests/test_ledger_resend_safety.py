@@ -186,3 +186,38 @@ def test_a_refusal_naming_a_hostile_address_reaches_the_terminal_escaped(
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err
     assert "b0\\u001b]0;owned\\u0007@test.example is on the suppression list" in err
+
+
+def test_a_message_failed_after_its_last_attempt_gets_its_attempts_again_when_resent(
+    db_url: str, tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given a message failed after its two attempts (sending.max_attempts = 2), both a 451 from the relay
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+    address = BROKEN[0]
+    smtp_server.on(address, Behaviour(rcpt_reply="451 4.3.0 queue file write error"))
+    raw = settings_dict(db_url, smtp_server.port, max_attempts=2)
+    shop = Shop(db_url, settings_from_dict(raw, base_dir=REPO), [address])
+    monkeypatch.setattr(ledger_command, "SystemClock", lambda: shop.clock)
+    config = write_config(tmp_path / "config.toml", raw)
+    try:
+        shop.cycle()
+        shop.clock.set(shop.row(address).next_attempt_at)
+        shop.cycle()
+        assert (shop.row(address).status, shop.row(address).attempts) == ("failed", 2)
+        # When the operator resends it and the relay, not quite mended, refuses it once more
+        assert kembali(config, "resend", str(shop.row(address).id)) == 0
+        shop.clock.advance(1)
+        shop.cycle()
+        # Then it is retried later, as a new message would be (it failed at once: its third attempt was past
+        # max_attempts, so a resend after an outage had one chance, without backoff)
+        row = shop.row(address)
+        assert (row.status, row.attempts) == ("retry", 3), (row.status, row.last_error)
+        smtp_server.on(address, Behaviour())
+        shop.clock.set(row.next_attempt_at)
+        shop.cycle()
+        assert shop.row(address).status == "sent"
+        assert [a.outcome for a in shop.attempts(address)] == ["transient", "transient", "operator", "transient",
+                                                               "sent"]  # fmt: skip
+    finally:
+        shop.close()

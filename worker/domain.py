@@ -384,6 +384,14 @@ class ClaimedMessage:
     due_at: datetime
     expires_at: datetime
     payload: dict[str, str]
+    resent_after_attempts: int = 0
+    """Of ``attempts``, those made before an operator resent the message: ``sending.max_attempts`` counts the
+    others."""
+
+    @property
+    def attempt_since_resend(self) -> int:
+        """This attempt's number (1-based) since the operator's last resend, or since planning without one."""
+        return self.attempts + 1 - self.resent_after_attempts
 
 
 @dataclass(frozen=True, slots=True)

@@ -902,7 +902,7 @@ class Dispatcher:
             servers = self._observe_failures(result, domain)
             status, next_at = lifecycle.after_attempt(
                 result,
-                attempt=message.attempts + 1,
+                attempt=message.attempt_since_resend,
                 max_attempts=self.settings.sending.max_attempts,
                 now=finished,
                 base_seconds=self.settings.sending.retry_base_seconds,

@@ -163,6 +163,7 @@ class LedgerAdmin:
         return self._decide(ids, now=now, operator=operator, text=text, values={
             "status": MessageStatus.RETRY.value, "next_attempt_at": now, "skip_reason": None,
             "sent_at": None,  # an uncertain send the cap counted: the resend is counted when it goes
+            "resent_after_attempts": M.c.attempts,  # sending.max_attempts counts the attempts after the resend
         }, sendable_only=True, already=queued, dry_run=dry_run)  # fmt: skip
 
     def close(

@@ -143,13 +143,14 @@ def requeued_sql(attempts: Any) -> Any:
 
 _CLAIM_RETURNING = (
     "id, dedupe_key, campaign, step, customer_id, email, message_id, attempts, due_at, expires_at, payload,"
-    " next_attempt_at"
+    " next_attempt_at, resent_after_attempts"
 )
 
 
 def _claimed(r: Sequence[Any], dt: Callable[[Any], datetime]) -> ClaimedMessage:
     """A claimed row as the driver returns it (``_CLAIM_RETURNING``'s columns, datetimes as ``dt`` reads them)."""
-    return ClaimedMessage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], dt(r[8]), dt(r[9]), json.loads(r[10]))
+    return ClaimedMessage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], dt(r[8]), dt(r[9]), json.loads(r[10]),
+                          resent_after_attempts=r[12])
 
 
 # The group commit's statements as driver SQL (``exec_driver_sql``): per commit, SQLAlchemy's

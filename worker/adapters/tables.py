@@ -164,6 +164,9 @@ class Message(SQLModel, table=True):
     expires_at: datetime = _dt()
     next_attempt_at: datetime = _dt()
     attempts: int = 0
+    resent_after_attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    """The attempts made before an operator's last resend (migration 0016): ``sending.max_attempts`` and the
+    backoff count the attempts after it, so a message failed because its attempts ran out gets them again."""
     claimed_by: str | None = Field(default=None, max_length=100)
     lease_until: datetime | None = _dt(default=None)
     message_id: str | None = Field(default=None, max_length=250, unique=True)
