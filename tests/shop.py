@@ -71,3 +71,21 @@ def make_shop(db_url: str, customers: Sequence[CustomerRecord], orders: Sequence
     shop.upsert_customers(store.engine, list(customers), NOW)
     shop.upsert_orders(store.engine, list(orders), NOW)
     return store
+
+
+def stored_orders(engine: Any, customer_ext: str, orders: Sequence[tuple[str, str, int, str, datetime]]) -> None:
+    """(external id, status, total in minor units, currency, placed at) for ``customer_ext``, written straight into
+    the orders table, as an import before the per-currency bound stored them (none refuses them here: a database
+    imported by an older Kembali, whose totals in another currency than the shop's add up past what a BIGINT
+    holds)."""
+    import sqlalchemy as sa
+
+    from worker.adapters.store import C, O
+
+    with engine.begin() as conn:
+        cid = conn.execute(sa.select(C.c.id).where(C.c.external_id == customer_ext)).scalar_one()
+        conn.execute(sa.insert(O), [
+            {"external_id": ext, "customer_id": cid, "status": status, "placed_at": at, "settled_at": at,
+             "total_minor": total, "currency": currency, "created_at": at, "updated_at": at}
+            for ext, status, total, currency, at in orders
+        ])  # fmt: skip

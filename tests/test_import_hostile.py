@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from tests.clikit import migrated_config, run_on_a_terminal
 from tests.clikit import run_cli as kembali
+from tests.shop import stored_orders
 from worker.adapters import db, importer, tables
 from worker.cli import main
 from worker.commands import importing
@@ -376,6 +377,82 @@ def test_orders_whose_sum_is_too_large_for_the_customers_total_spent_are_rejecte
     code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
     assert code == 1 and "orders: 0 created, 0 updated, 94 unchanged, 3 rejected" in out, out
     assert f"orders.csv:96: id 'B-93'{too_large}" in out
+
+
+def test_orders_in_another_currency_whose_sum_is_too_large_are_rejected_rows_and_the_currency_can_change(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a rupiah shop's orders file in which one customer has two absurd orders in CLF (four decimals: each
+    # about 9 * 10^18 minor units, the two past 2^63 - 1), beside another customer's ordinary CLF order
+    config = _config(tmp_path, db_url)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,c2@example.com,Budi,ya\n"
+    )
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,currency,total\n"
+        "F-1,C-1,paid,2026-01-01,CLF,900000000000000\n"
+        "F-2,C-1,paid,2026-01-02,CLF,900000000000000\n"
+        "O-3,C-2,paid,2026-01-03,CLF,12.5\n"
+    )
+    (tmp_path / "more.csv").write_text("order_id,customer_id,status,placed_at,currency,total\n"
+                                       "O-4,C-2,paid,2026-01-04,CLF,1\n")  # fmt: skip
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then the order that takes C-1's CLF sum past what a total holds is a rejected row naming file, line and
+    # column, as in the shop's currency (both were stored, and a later shop.currency = "CLF" failed every import
+    # and every loyalty pass with "integer overflow" / "bigint out of range")
+    assert (code, "Traceback" in out) == (1, False), out
+    assert ("orders.csv:3: id 'F-2': total 900000000000000.0000 CLF is too large: the orders of customer 'C-1' "
+            "would add up to more than 922337203685477.5807 CLF") in out, out
+    assert "orders: 2 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+    # and the operator who then sets shop.currency = "CLF" imports the next file, every total counted in CLF
+    config.write_text(config.read_text() + '\n[shop]\ncurrency = "CLF"\n', encoding="utf-8")
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "more.csv"))
+    assert (code, "Traceback" in out) == (0, False), out
+    assert "counted again in CLF (2 changed)" in out, out
+    spent = dict(_rows(db_url, "select external_id, total_spent_minor from customer"))
+    assert spent == {"C-1": 9_000_000_000_000_000_000, "C-2": 13_5000}
+
+
+def test_stored_orders_past_what_a_total_holds_block_no_import_and_are_named(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a database imported by an older Kembali, which stored C-1's two absurd CLF orders (together past
+    # 2^63 - 1 minor units) in a rupiah shop, and an operator who now sets shop.currency = "CLF"
+    config = _config(tmp_path, db_url)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,c2@example.com,Budi,ya\n"
+    )
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    engine = db.create_engine(db_url)
+    try:
+        stored_orders(engine, "C-1", [("F-1", "paid", 9 * 10**18, "CLF", at), ("F-2", "paid", 9 * 10**18, "CLF", at)])
+    finally:
+        engine.dispose()
+    config.write_text(config.read_text() + '\n[shop]\ncurrency = "CLF"\n', encoding="utf-8")
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,currency,total\n"
+        "O-1,C-2,paid,2026-01-03,CLF,12.5\n"
+        "O-2,C-1,paid,2026-01-04,CLF,1\n"
+        "O-3,C-1,paid,2026-01-04,IDR,1000\n"
+        "F-2,C-1,cancelled,2026-01-01,CLF,900000000000000\n"
+    )
+    # When the next orders file is imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then the recount does not fail the import ("integer overflow" / "bigint out of range", every import after
+    # it too): C-1's total is the most a total holds, and the import names C-1
+    assert (code, "Traceback" in out) == (1, False), out
+    assert ("warning: the orders of customer 'C-1' in CLF add up to 922337203685477.5807 CLF or more, the most a "
+            "spend total holds: counted as that much") in out, out
+    # and the one order that would add to C-1's CLF sum is a rejected row; the rest imported, the cancellation
+    # that brings the sum back within bounds too
+    assert ("orders.csv:3: id 'O-2': total 1.0000 CLF is too large: the orders of customer 'C-1' would add up to "
+            "more than 922337203685477.5807 CLF") in out, out
+    assert "orders: 2 created, 1 updated, 0 unchanged, 1 rejected" in out, out
+    spent = dict(_rows(db_url, "select external_id, total_spent_minor from customer"))
+    assert spent == {"C-1": 9 * 10**18, "C-2": 12_5000}
 
 
 def _screen(raw: str) -> list[str]:

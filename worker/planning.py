@@ -202,6 +202,16 @@ def settle_spend_totals(store: Store, currency: str) -> shop.SpendRecount | None
             currency=currency, was=recount.was or "not recorded", customers_changed=recount.changed,
             why=f"shop.currency is {currency}: loyalty's spend milestones count orders in it",
         )  # fmt: skip
+    if recount is not None:
+        for customer in recount.named:
+            log.event(
+                "spend_total_too_large", logging.WARNING, customer=customer, currency=currency,
+                why=f"their orders in {currency} add up to the most a spend total holds or more (stored by an "
+                    "import before it checked every currency): counted as that much",
+            )  # fmt: skip
+        if recount.too_large > len(recount.named):
+            log.event("spend_total_too_large", logging.WARNING, customer=None, currency=currency,
+                      more=recount.too_large - len(recount.named))  # fmt: skip
     return recount
 
 

@@ -176,6 +176,43 @@ def message_id_sql(dialect: str, key: Any, domain: str) -> Any:
     return sa.func.kembali_message_id(key, domain, type_=sa.String)
 
 
+MAX_BIGINT = 2**63 - 1
+"""The most a BIGINT holds: an order's total, a customer's ``total_spent_minor``."""
+_LOW_BITS = 32
+_LOW: Any = sa.literal_column(str(2**_LOW_BITS - 1))
+_SHIFT: Any = sa.literal_column(str(_LOW_BITS))
+
+
+def sum_halves(amount: Any) -> tuple[Any, Any]:
+    """``sum(amount)`` over amounts from 0 to ``MAX_BIGINT`` as two sums that cannot overflow, on both dialects:
+    of each amount's upper 31 bits and of its lower 32 (exact for fewer than 2^31 amounts; ``joined`` puts them
+    together). SQLite's sum() fails the whole statement with "integer overflow" past a BIGINT (its total() is a
+    float, inexact past 2^53), PostgreSQL's cast back to bigint with "bigint out of range"; a hostile file's
+    amounts, or several customers' together, can add up that far."""
+    return (
+        sa.func.coalesce(sa.func.sum(amount.op(">>")(_SHIFT)), 0),
+        sa.func.coalesce(sa.func.sum(amount.op("&")(_LOW)), 0),
+    )
+
+
+def joined(high: Any, low: Any) -> int:
+    """The sum whose halves ``sum_halves`` gave (a Python int: any size)."""
+    return (int(high or 0) << _LOW_BITS) + int(low or 0)
+
+
+def bigint_sum(dialect: str, amount: Any) -> Any:
+    """``coalesce(sum(amount), 0)`` over amounts from 0 to ``MAX_BIGINT``, as a BIGINT: ``MAX_BIGINT`` when the
+    sum is past it, where sum() would fail the statement (``sum_halves``)."""
+    if dialect == "postgresql":  # sum(bigint) is numeric there: exact whatever its size
+        return sa.cast(sa.func.least(sa.func.coalesce(sa.func.sum(amount), 0), MAX_BIGINT), sa.BigInteger)
+    high, low = sum_halves(amount)
+    carried = (high + low.op(">>")(_SHIFT)).self_group()  # the upper bits, the lower ones' carry added
+    return sa.type_coerce(sa.case(
+        (carried > MAX_BIGINT >> _LOW_BITS, sa.literal_column(str(MAX_BIGINT))),
+        else_=carried.op("<<")(_SHIFT).self_group() + low.op("&")(_LOW).self_group(),
+    ), sa.BigInteger)  # fmt: skip
+
+
 def insert_ignore(engine: Engine, table: sa.Table) -> Any:
     """``INSERT … ON CONFLICT DO NOTHING`` in the engine's dialect."""
     if engine.dialect.name == "postgresql":

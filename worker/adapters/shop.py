@@ -4,8 +4,12 @@ Re-importing the same file changes nothing: each batch reads the existing rows
 for its ids, inserts the new ones, updates only rows whose values differ, and
 counts the three. After orders change, the per-customer purchase columns that
 audience queries scan are refreshed for the customers touched. An order that
-would take its customer's total spent past what a BIGINT holds is rejected
-(named by id), not the whole batch.
+would take what its customer's orders in its currency add up to past what a
+BIGINT holds is rejected (named by id), not the whole batch: in any currency,
+since ``shop.currency`` may name it later. The sums of orders a database holds
+already (an older import bounded the shop's currency alone) are read without
+overflowing (``db.sum_halves``), and a total past a BIGINT is stored as the most
+it holds (``db.bigint_sum``).
 
 Two imports of the same ids at once (an operator's import beside a nightly
 one) can both read an id as new; on PostgreSQL one insert wins and the other
@@ -16,6 +20,7 @@ IMMEDIATE``), so there it does not happen.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,8 +39,10 @@ from worker.domain import CustomerRecord, OrderRecord, ProductRecord
 STATE = ShopState.__table__  # type: ignore[attr-defined]
 SPEND_CURRENCY = "spend_currency"
 
-MAX_MINOR = 2**63 - 1
+MAX_MINOR = db.MAX_BIGINT
 """The most a BIGINT column holds: a customer's ``total_spent_minor``, the sum of their orders' totals."""
+MAX_NAMED = 10
+"""The customers a recount names whose orders add up past ``MAX_MINOR`` (the rest are counted)."""
 
 
 @dataclass
@@ -228,7 +235,7 @@ def _upsert_orders(
         )
         existing = {r.external_id: r for r in conn.execute(sa.select(O).where(O.c.external_id.in_(list(by_id))))}
         existing_lines = _lines_of(conn, [r.id for r in existing.values()])
-        spent = _spent(conn, {*customers.values(), *(old.customer_id for old in existing.values())}, currency)
+        spent = _spent(conn, {*customers.values(), *(old.customer_id for old in existing.values())})
         touched: set[int] = set()
         for ext, rec in by_id.items():
             customer_id = customers.get(rec.customer_external_id)
@@ -236,10 +243,14 @@ def _upsert_orders(
                 counts.rejected.append((ext, f"unknown customer id {rec.customer_external_id!r}"))
                 continue
             old = existing.get(ext)
-            after = spent[customer_id] + _spends(rec.status.value, rec.total_minor, rec.currency, currency)
-            if old is not None and old.customer_id == customer_id:
-                after -= _spends(old.status, old.total_minor, old.currency, currency)
-            if after > MAX_MINOR:  # the customer's total spent would not fit its column: the whole batch was lost
+            sum_key = (customer_id, rec.currency)
+            after = spent[sum_key] + _spends(rec.status.value, rec.total_minor)
+            if old is not None and (old.customer_id, old.currency) == sum_key:
+                after -= _spends(old.status, old.total_minor)
+            # what the customer's orders in this currency add up to would not fit a total (their total spent, once
+            # shop.currency names it): the whole batch was lost, or a recount failed later; a change that lowers a
+            # sum stored past it (by an older import) is taken
+            if after > MAX_MINOR and after > spent[sum_key]:
                 largest = f"{money.from_minor(MAX_MINOR, rec.currency):f}"
                 counts.rejected.append((ext, (
                     f"total {money.from_minor(rec.total_minor, rec.currency):f} {rec.currency} is too large: the "
@@ -248,8 +259,8 @@ def _upsert_orders(
                 )))  # fmt: skip
                 continue
             if old is not None:
-                spent[old.customer_id] -= _spends(old.status, old.total_minor, old.currency, currency)
-            spent[customer_id] += _spends(rec.status.value, rec.total_minor, rec.currency, currency)
+                spent[old.customer_id, old.currency] -= _spends(old.status, old.total_minor)
+            spent[sum_key] += _spends(rec.status.value, rec.total_minor)
             delivered_at = old.delivered_at if old is not None and "delivered_at" in rec.absent else rec.delivered_at
             values = {
                 "customer_id": customer_id,
@@ -293,22 +304,23 @@ def _upsert_orders(
     return counts, unknown
 
 
-def _spends(status: str, total_minor: int, currency: str, shop_currency: str) -> int:
-    """What an order adds to its customer's ``total_spent_minor``."""
-    return 0 if status in PURCHASE_EXCLUDED or currency != shop_currency else total_minor
+def _spends(status: str, total_minor: int) -> int:
+    """What an order adds to its customer's ``total_spent_minor`` when in the shop's currency."""
+    return 0 if status in PURCHASE_EXCLUDED else total_minor
 
 
-def _spent(conn: Connection, customer_ids: set[int], currency: str) -> dict[int, int]:
-    """Each customer's total spent as ``refresh_customer_stats`` would have it, from their orders now."""
-    out = dict.fromkeys(customer_ids, 0)
+def _spent(conn: Connection, customer_ids: set[int]) -> defaultdict[tuple[int, str], int]:
+    """What each customer's purchases add up to in each currency, from their orders now: in the shop's, their
+    total spent as ``refresh_customer_stats`` would have it (exact: past ``MAX_MINOR`` too)."""
+    out: defaultdict[tuple[int, str], int] = defaultdict(int)
     for part in _chunks(sorted(customer_ids)):
         query = (
-            sa.select(O.c.customer_id, sa.func.sum(O.c.total_minor))
-            .where(O.c.customer_id.in_(part), O.c.status.not_in(PURCHASE_EXCLUDED), O.c.currency == currency)
-            .group_by(O.c.customer_id)
+            sa.select(O.c.customer_id, O.c.currency, *db.sum_halves(O.c.total_minor))
+            .where(O.c.customer_id.in_(part), O.c.status.not_in(PURCHASE_EXCLUDED))
+            .group_by(O.c.customer_id, O.c.currency)
         )
-        for customer_id, total in conn.execute(query):
-            out[customer_id] = int(total)
+        for customer_id, currency, high, low in conn.execute(query):
+            out[customer_id, currency] = db.joined(high, low)
     return out
 
 
@@ -330,10 +342,14 @@ def _lines_of(conn: Connection, order_ids: list[int]) -> dict[int, list[dict[str
 @dataclass(frozen=True)
 class SpendRecount:
     """The customers' spend totals counted again in the shop's currency: ``was`` the one they counted (None:
-    not known, a database from before migration 0015), ``changed`` how many totals that changed."""
+    not known, a database from before migration 0015), ``changed`` how many totals that changed.
+    ``too_large``: how many customers' purchases add up to ``MAX_MINOR`` or more, their total the most it holds
+    (orders an older import stored); ``named`` the external ids of the first ``MAX_NAMED`` of them."""
 
     was: str | None
     changed: int
+    too_large: int = 0
+    named: tuple[str, ...] = ()
 
 
 def spend_currency(engine: Engine) -> str | None:
@@ -355,10 +371,11 @@ def settle_spend_currency(engine: Engine, currency: str, now: datetime) -> Spend
     if was == currency:
         return None
     total = (
-        sa.select(sa.func.coalesce(sa.func.sum(O.c.total_minor), 0))
+        sa.select(db.bigint_sum(engine.dialect.name, O.c.total_minor))
         .where(O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED), O.c.currency == currency)
         .scalar_subquery()
     )
+    at_most = C.c.total_spent_minor >= MAX_MINOR
     insert = (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(STATE)
     with engine.begin() as conn:  # another worker doing the same meanwhile: its updates wait for these, then match
         changed = conn.execute(
@@ -369,7 +386,26 @@ def settle_spend_currency(engine: Engine, currency: str, now: datetime) -> Spend
                 index_elements=[STATE.c.name], set_={"value": currency, "updated_at": now}
             )
         )
-    return SpendRecount(was, changed)
+        too_large = conn.execute(sa.select(sa.func.count()).select_from(C).where(at_most)).scalar_one()
+        named = conn.execute(
+            sa.select(C.c.external_id).where(at_most).order_by(C.c.id).limit(MAX_NAMED)
+        ).scalars().all() if too_large else []
+    return SpendRecount(was, changed, too_large, tuple(named))
+
+
+def too_large_warnings(recount: SpendRecount, currency: str) -> list[str]:
+    """What to tell the operator about the customers whose purchases in ``currency`` add up past what a total
+    holds (``SpendRecount.too_large``): one line each, the first ``MAX_NAMED``, then how many more."""
+    largest = f"{money.from_minor(MAX_MINOR, currency):f} {currency}"
+    lines = [
+        f"the orders of customer {ext!r} in {currency} add up to {largest} or more, the most a spend total holds: "
+        "counted as that much (an import before this check stored them; correct or cancel them in the orders file)"
+        for ext in recount.named
+    ]
+    if recount.too_large > len(recount.named):
+        lines.append(f"and {recount.too_large - len(recount.named)} more customers whose orders in {currency} add "
+                     f"up to {largest} or more")  # fmt: skip
+    return lines
 
 
 def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: datetime, currency: str) -> None:
@@ -394,9 +430,9 @@ def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: d
                 last_order_at=purchases().with_only_columns(sa.func.max(O.c.placed_at)).scalar_subquery(),
                 first_order_id=first_purchase(O.c.id),
                 first_order_external_id=first_purchase(O.c.external_id),
-                total_spent_minor=purchases()
+                total_spent_minor=purchases()  # the most it holds past MAX_MINOR (orders an older import stored)
                 .where(O.c.currency == currency)
-                .with_only_columns(sa.func.coalesce(sa.func.sum(O.c.total_minor), 0))
+                .with_only_columns(db.bigint_sum(conn.dialect.name, O.c.total_minor))
                 .scalar_subquery(),
                 updated_at=now,
             )

@@ -100,6 +100,9 @@ def import_file(
             print(f"note: shop.currency is {settings.shop.currency}, the customers' spend totals counted "
                   f"{recount.was}: counted again in {settings.shop.currency} ({recount.changed} changed)",
                   file=sys.stderr)  # fmt: skip
+        if recount is not None:
+            for warning in shop.too_large_warnings(recount, settings.shop.currency):
+                print(f"warning: {printable(warning)}", file=sys.stderr)
     lines: dict[str, int] = {}
     """The line each record of the batch starts on, by external id (the batch's messages name it)."""
 
