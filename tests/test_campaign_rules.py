@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from tests.shop import stored_orders
 from worker import planning
 from worker.adapters import shop
 from worker.adapters.store import Store
@@ -890,5 +891,36 @@ def test_loyalty_spend_follows_a_changed_shop_currency_in_preview_and_in_the_led
         # and back: the rupiah totals again (none), nothing planned in rupiah for dollars spent
         assert shop.settle_spend_currency(store.engine, "IDR", NOW) == shop.SpendRecount("USD", 2)
         assert set(planned_keys(store, "loyalty")) == set()
+    finally:
+        store.close()
+
+
+def test_stored_orders_past_what_a_total_holds_block_no_loyalty_pass(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database imported by an older Kembali may hold orders in another currency than the shop's whose sum, for
+    one customer, is past 2^63 - 1 minor units (its import bounded the shop's currency alone). Once
+    ``shop.currency`` names that currency, preview, a pass (which counts the totals again) and the send-time
+    re-check read them without failing (SQLite's "integer overflow", PostgreSQL's "bigint out of range" failed
+    every loyalty pass): the milestone is due, the total is the most it holds, and the customer is named."""
+    table = [Case("CLF 1.8 * 10^15, stored by an older import", 0),
+             Case("CLF 6.000.000 yesterday", 0, (o(D, 1, total=600_000_000, currency="CLF"),))]  # fmt: skip
+    store = Store.from_url(db_url)
+    try:
+        load(store, table)
+        stored_orders(store.engine, "C0", [("F-1", "delivered", 9 * 10**18, "CLF", NOW - ago(1)),
+                                           ("F-2", "delivered", 9 * 10**18, "CLF", NOW - ago(2))])  # fmt: skip
+        with store.engine.begin() as conn:  # counted in the shop's currency of the day (IDR) by that import
+            shop.refresh_customer_stats(conn, [1], NOW, "IDR")
+        clf = dataclasses.replace(SETTINGS, shop=dataclasses.replace(SETTINGS.shop, currency="CLF"))
+        due = {"loyalty:C0:spend-50000000000", "loyalty:C1:spend-50000000000"}  # CLF 5.000.000
+        assert set(planned_keys(store, "loyalty", clf)) == due
+        with caplog.at_level("INFO", logger="kembali"):
+            assert planning.plan_into_ledger(store, clf, "loyalty", NOW) == 2
+        assert store.send_time_facts([1])[1].total_spent_minor == 2**63 - 1
+        named = [r for r in caplog.records if r.getMessage() == "spend_total_too_large"]
+        assert [(r.levelname, r.kembali_fields["customer"], r.kembali_fields["currency"])  # type: ignore[attr-defined]
+                for r in named] == [("WARNING", "C0", "CLF")]  # fmt: skip
+        assert store.paid_totals([1, 2], "CLF") == {1: (2, 18 * 10**18), 2: (1, 60_000_000_000)}
     finally:
         store.close()

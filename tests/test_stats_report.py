@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.shop import stored_orders
 from tests.shop_fixtures import Site, load_shop, make_site
 from worker.adapters import db, opstore, shop
 from worker.adapters.store import M, Store
@@ -610,3 +611,28 @@ def test_refunds_placed_orders_and_a_second_email_on_each_database(db_url: str) 
     (winback,) = report.steps
     assert winback.planned == 5 and winback.as_json()["sent"] == 5
     assert winback.emailed == stats.Conversion(customers=4, converted=1, revenue_minor=17_00 + 19_00, pending=0)
+
+
+def test_revenue_past_what_a_bigint_holds_is_counted_exactly(db_url: str) -> None:
+    # Given three customers emailed 20 days ago who bought within the week: two for 5 * 10^18 minor units each (an
+    # absurd amount, each one within what a customer's total holds), and one whose two orders an older import
+    # stored though together they are past 2^63 - 1
+    sent = NOW - timedelta(days=20)
+    cs = ["C-1", "C-2", "C-3"]
+    orders = [_order(c, 1, sent + timedelta(days=2), 5 * 10**18) for c in ("C-1", "C-2")]
+    engine = db.create_engine(db_url)
+    try:
+        pk = _load(engine, cs, orders)
+        stored_orders(engine, "C-3", [("O-C-3-1", "paid", 9 * 10**18, "IDR", sent + timedelta(days=1)),
+                                      ("O-C-3-2", "paid", 9 * 10**18, "IDR", sent + timedelta(days=2))])  # fmt: skip
+        for c in cs:
+            _ledger_row(engine, pk, c, sent, status="sent", sent_at=sent, updated_at=sent, last_code=250)
+        from worker.stats import build_stats
+
+        report = build_stats(engine, since=NOW - timedelta(days=60), now=NOW, currency="IDR")
+    finally:
+        engine.dispose()
+    # Then the report is made (SQLite's sum() failed with "integer overflow") and its revenue is exact
+    (winback,) = report.steps
+    assert winback.emailed is not None
+    assert (winback.emailed.converted, winback.emailed.revenue_minor) == (3, 28 * 10**18)

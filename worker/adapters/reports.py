@@ -95,10 +95,13 @@ def conversions(
         O.c.customer_id == first.c.customer_id, closed, O.c.placed_at > since, _purchase,
         O.c.placed_at > at, O.c.placed_at <= _plus(at, window, engine.dialect.name),
     )  # fmt: skip
+    # in two halves, added up in Python: several customers' revenue (or one customer's, from orders an older import
+    # stored) can add up past what a BIGINT holds, where SQLite's sum() fails the report (db.sum_halves)
+    revenue = db.sum_halves(sa.case((O.c.currency == currency, O.c.total_minor), else_=0))
     per_customer = (
         sa.select(first.c.campaign, first.c.step, first.c.grp, closed.label("closed"),
                   sa.func.count(O.c.id).label("orders"),
-                  sa.func.sum(sa.case((O.c.currency == currency, O.c.total_minor), else_=0)).label("revenue"))
+                  *(part.label(f"revenue_{half}") for part, half in zip(revenue, ("high", "low"), strict=True)))
         .select_from(first.outerjoin(O, bought))
         .group_by(first.c.campaign, first.c.step, first.c.grp, first.c.customer_id, first.c.at)
         .subquery("per_customer")
@@ -108,12 +111,12 @@ def conversions(
     query = sa.select(
         c.campaign, c.step, c.grp,
         sa.func.sum(sa.case((c.closed, one), else_=0)), sa.func.sum(sa.case((c.orders > 0, one), else_=0)),
-        sa.func.sum(c.revenue), sa.func.sum(sa.case((c.closed, 0), else_=one)),
+        sa.func.sum(c.revenue_high), sa.func.sum(c.revenue_low), sa.func.sum(sa.case((c.closed, 0), else_=one)),
     ).group_by(c.campaign, c.step, c.grp)  # fmt: skip
     with db.reading(engine) as conn:
         return [
-            (campaign, int(step), grp, stats.Conversion(int(n), int(k), int(revenue or 0), int(pending)))
-            for campaign, step, grp, n, k, revenue, pending in conn.execute(query)
+            (campaign, int(step), grp, stats.Conversion(int(n), int(k), db.joined(high, low), int(pending)))
+            for campaign, step, grp, n, k, high, low, pending in conn.execute(query)
         ]
 
 

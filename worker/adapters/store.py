@@ -870,16 +870,17 @@ class Store:
         loyalty milestone counts (customers without one are left out)."""
         ids = sorted(set(customer_ids))
         out: dict[int, tuple[int, int]] = {}
-        spent = sa.func.coalesce(sa.func.sum(sa.case((O.c.currency == currency, O.c.total_minor), else_=0)), 0)
+        # exact past what a BIGINT holds: orders an older import stored may add up that far (db.sum_halves)
+        spent = db.sum_halves(sa.case((O.c.currency == currency, O.c.total_minor), else_=0))
         with db.reading(self.engine) as conn:
             for part in _chunks(ids):
                 query = (
-                    sa.select(O.c.customer_id, sa.func.count(), spent)
+                    sa.select(O.c.customer_id, sa.func.count(), *spent)
                     .where(O.c.customer_id.in_(part), O.c.status.in_(RATEABLE))
                     .group_by(O.c.customer_id)
                 )
-                for customer_id, count, total in conn.execute(query):
-                    out[customer_id] = (int(count), int(total))
+                for customer_id, count, high, low in conn.execute(query):
+                    out[customer_id] = (int(count), db.joined(high, low))
         return out
 
     def order_products(self, order_ids: Iterable[int]) -> dict[int, list[ProductView]]:
