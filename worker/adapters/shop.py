@@ -42,7 +42,7 @@ SPEND_CURRENCY = "spend_currency"
 MAX_MINOR = db.MAX_BIGINT
 """The most a BIGINT column holds: a customer's ``total_spent_minor``, the sum of their orders' totals."""
 MAX_NAMED = 10
-"""The customers a recount names whose orders add up past ``MAX_MINOR`` (the rest are counted)."""
+"""The customers a recount names whose orders add up to ``MAX_MINOR`` or more (the rest are counted)."""
 
 
 @dataclass
@@ -305,7 +305,7 @@ def _upsert_orders(
 
 
 def _spends(status: str, total_minor: int) -> int:
-    """What an order adds to its customer's ``total_spent_minor`` when in the shop's currency."""
+    """What an order adds to its customer's sum in its currency (their ``total_spent_minor`` in the shop's)."""
     return 0 if status in PURCHASE_EXCLUDED else total_minor
 
 
