@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -129,6 +129,15 @@ def test_the_examples_import_cleanly_and_twice_changes_nothing(tmp_path: Path) -
         assert " 0 created, 0 updated," in second.stdout
 
 
+def _weeks_ahead() -> str:
+    """``preview --at`` for a shop ``_shop_in`` made: 10:00 in Jakarta six weeks after the real now, when its
+    history (which ends at the real now) is behind it. A fixed date (2027-01-15) previewed nothing once it passed:
+    the customers were imported after it."""
+    day = (datetime.now(UTC) + timedelta(weeks=6)).date()
+    return datetime(day.year, day.month, day.day, 10, 0, tzinfo=timezone(timedelta(hours=7))).isoformat(
+        timespec="minutes")
+
+
 def _shop_in(tmp_path: Path, config: Path, customers: int) -> None:
     data = write_csvs(generate_shop(seed=3, customers=customers, now=datetime.now(UTC)), tmp_path / "data")
     assert kembali("db", "upgrade", config=config).returncode == 0
@@ -168,7 +177,7 @@ def test_preview_shows_who_would_get_what_and_writes_nothing(tmp_path: Path) -> 
     db_file = tmp_path / "shop.db"
     kembali("run", "--once", config=config, env={"KEMBALI_LINK_SECRET": LINK_KEY})  # nothing listens: all retry
     before = hashlib.sha256(db_file.read_bytes()).hexdigest()
-    result = kembali("preview", "--at", "2027-01-15T10:00+07:00", config=config)
+    result = kembali("preview", "--at", _weeks_ahead(), config=config)
     assert result.returncode == 0, result.stderr
     assert "nothing is sent or written" in result.stdout
     assert "winback/1" in result.stdout and "would be sent" in result.stdout
@@ -412,7 +421,7 @@ def test_orders_imported_before_their_products_warn_twenty_lines_then_count_the_
     assert warnings[-1].startswith("warning: orders.csv: 500 order lines in all name 7 products not imported")
 
 
-@pytest.mark.parametrize("argv", [["suppress", "list"], ["preview", "--json", "--at", "2027-01-15T10:00+07:00"]])
+@pytest.mark.parametrize("argv", [["suppress", "list"], ["preview", "--json", "--at", _weeks_ahead()]])
 def test_output_piped_into_head_stops_quietly(tmp_path: Path, argv: list[str]) -> None:
     # `kembali preview | head` printed a BrokenPipeError traceback once head had read what it wanted
     config = write_config(tmp_path)
