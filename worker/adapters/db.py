@@ -213,11 +213,14 @@ def bigint_sum(dialect: str, amount: Any) -> Any:
     ), sa.BigInteger)  # fmt: skip
 
 
+def dialect_insert(engine: Engine, table: sa.Table) -> Any:
+    """``INSERT`` in the engine's dialect, with its ``on_conflict_do_nothing`` / ``on_conflict_do_update``."""
+    return (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
 def insert_ignore(engine: Engine, table: sa.Table) -> Any:
     """``INSERT … ON CONFLICT DO NOTHING`` in the engine's dialect."""
-    if engine.dialect.name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    return sqlite.insert(table).on_conflict_do_nothing()
+    return dialect_insert(engine, table).on_conflict_do_nothing()
 
 
 def _alembic_config(engine: Engine) -> Config:
