@@ -27,7 +27,6 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from worker import money
@@ -370,13 +369,9 @@ def settle_spend_currency(engine: Engine, currency: str, now: datetime) -> Spend
     was = spend_currency(engine)
     if was == currency:
         return None
-    total = (
-        sa.select(db.bigint_sum(engine.dialect.name, O.c.total_minor))
-        .where(O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED), O.c.currency == currency)
-        .scalar_subquery()
-    )
+    total = _total_spent(engine.dialect.name, currency)
     at_most = C.c.total_spent_minor >= MAX_MINOR
-    insert = (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(STATE)
+    insert = db.dialect_insert(engine, STATE)
     with engine.begin() as conn:  # another worker doing the same meanwhile: its updates wait for these, then match
         changed = conn.execute(
             sa.update(C).where(C.c.total_spent_minor != total).values(total_spent_minor=total, updated_at=now)
@@ -408,32 +403,39 @@ def too_large_warnings(recount: SpendRecount, currency: str) -> list[str]:
     return lines
 
 
+def _purchases() -> Any:
+    """The customer row's purchases (every order but cancelled and refunded ones), correlated to it."""
+    return sa.select().select_from(O).where(O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED))
+
+
+def _total_spent(dialect: str, currency: str) -> Any:
+    """The customer row's ``total_spent_minor`` as SQL: their purchases in ``currency`` added up, the most a BIGINT
+    holds past it (orders an older import stored, ``db.bigint_sum``)."""
+    return (
+        _purchases().where(O.c.currency == currency)
+        .with_only_columns(db.bigint_sum(dialect, O.c.total_minor))
+        .scalar_subquery()
+    )
+
+
 def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: datetime, currency: str) -> None:
     """Recompute the denormalised purchase columns from the orders, for these customers. Every purchase
     counts as an order; ``total_spent_minor`` adds up those in ``currency``, the shop's (Kembali converts
     nothing: USD 100.00 added to rupiah would read as Rp100,00)."""
-    def purchases() -> Any:
-        return sa.select().select_from(O).where(
-            O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED)
-        )
-
     def first_purchase(column: Any) -> Any:
-        return purchases().with_only_columns(column).order_by(O.c.placed_at, O.c.id).limit(1).scalar_subquery()
+        return _purchases().with_only_columns(column).order_by(O.c.placed_at, O.c.id).limit(1).scalar_subquery()
 
     for part in _chunks(list(customer_ids)):
         conn.execute(
             sa.update(C)
             .where(C.c.id.in_(part))
             .values(
-                order_count=purchases().with_only_columns(sa.func.count()).scalar_subquery(),
-                first_order_at=purchases().with_only_columns(sa.func.min(O.c.placed_at)).scalar_subquery(),
-                last_order_at=purchases().with_only_columns(sa.func.max(O.c.placed_at)).scalar_subquery(),
+                order_count=_purchases().with_only_columns(sa.func.count()).scalar_subquery(),
+                first_order_at=_purchases().with_only_columns(sa.func.min(O.c.placed_at)).scalar_subquery(),
+                last_order_at=_purchases().with_only_columns(sa.func.max(O.c.placed_at)).scalar_subquery(),
                 first_order_id=first_purchase(O.c.id),
                 first_order_external_id=first_purchase(O.c.external_id),
-                total_spent_minor=purchases()  # the most it holds past MAX_MINOR (orders an older import stored)
-                .where(O.c.currency == currency)
-                .with_only_columns(db.bigint_sum(conn.dialect.name, O.c.total_minor))
-                .scalar_subquery(),
+                total_spent_minor=_total_spent(conn.dialect.name, currency),
                 updated_at=now,
             )
         )
