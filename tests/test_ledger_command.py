@@ -321,3 +321,46 @@ def test_a_list_cut_short_by_the_limit_says_so(world: tuple[Shop, Path], capsys:
     assert "1 of 2 messages shown (the newest); --limit 2 shows them all" in out
     assert kembali(config, "list", "--limit", "2") == 0
     assert "shown" not in capsys.readouterr().out
+
+
+def test_what_one_customer_was_sent_by_address_or_customer_id(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given three customers' messages (C0 uncertain, C1 failed, C2 sent), and support asking about two of them
+    shop, config = world
+
+    # When the operator lists every status for one address, typed in another case
+    assert kembali(config, "list", "--all", "--email", OK.upper()) == 0
+    lines = capsys.readouterr().out.split("\n\n")[0].splitlines()
+    # Then only that mailbox's row is listed, with when it last changed
+    assert len(lines) == 2 and OK in lines[1] and "sent" in lines[1], lines
+    changed = shop.row(OK).updated_at
+    assert "CHANGED (UTC)" in lines[0] and f"{changed:%Y-%m-%d %H:%M}" in lines[1], lines
+
+    # And by the shop's customer ID, the same
+    assert kembali(config, "list", "--all", "--customer", "C1", "--json") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["email"] == GONE
+
+    # And a resend can take the customer's undecided rows by the same filter
+    assert kembali(config, "resend", "--customer", "C0", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert f"1 message(s) would be back in the queue (sent at the next run): {shop.row(DROP).id}" in out
+    assert shop.row(DROP).status == "uncertain"
+
+
+def test_an_unknown_customer_or_a_mistyped_address_is_said_so(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _shop, config = world
+
+    assert kembali(config, "list", "--customer", "C-404") == 2
+    assert "no customer 'C-404' in the shop" in capsys.readouterr().err
+
+    assert kembali(config, "list", "--all", "--email", "nobody@test.example") == 0
+    assert capsys.readouterr().out.startswith("no messages to nobody@test.example")
+
+    with pytest.raises(SystemExit) as stopped:
+        kembali(config, "list", "--email", "not-an-address")
+    assert stopped.value.code == 2
+    assert "--email: not an email address: 'not-an-address'" in capsys.readouterr().err

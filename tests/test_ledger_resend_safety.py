@@ -94,8 +94,9 @@ def test_filters_that_match_nothing_or_no_selection_at_all(
     assert capsys.readouterr().out.strip() == "no uncertain or failed messages match: nothing to resend"
     # neither IDs nor a filter would mean every failed message: refused, as are both
     assert kembali(config, "resend") == 2
-    assert "give message IDs or filters (--status, --campaign, --since, --until, --code), not neither" in \
-        capsys.readouterr().err
+    refused = capsys.readouterr().err
+    assert "give message IDs or filters (--status, --campaign, --since, --until, --code, --email, --customer), " \
+        "not neither" in refused
     assert kembali(config, "close", str(shop.row(DISABLED).id), "--code", "550") == 2
     assert "not both" in capsys.readouterr().err
     assert shop.row(DISABLED).status == "failed"
@@ -221,3 +222,23 @@ def test_a_message_failed_after_its_last_attempt_gets_its_attempts_again_when_re
                                                                "sent"]  # fmt: skip
     finally:
         shop.close()
+
+
+def test_one_customers_rows_by_address_or_customer_id_on_each_database(
+    incident: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given five failed rows, and support asking about one customer by address and another by customer ID
+    shop, config = incident
+    before = [shop.row(a).last_error for a in BROKEN]
+
+    # When the operator closes one address's rows, typed in capitals
+    assert kembali(config, "close", "--email", BROKEN[1].upper(), "--reason", "asked us to stop") == 0
+    capsys.readouterr()
+    # Then that row alone is closed
+    after = [shop.row(a).last_error for a in BROKEN]
+    assert after == [before[0], "operator closed as failed: asked us to stop", *before[2:]]
+
+    # And a customer's rows are listed by the shop's ID, whatever their status
+    assert kembali(config, "list", "--all", "--customer", "C4", "--json") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert (json.loads(line)["email"], json.loads(line)["last_code"]) == (DISABLED, 550)

@@ -22,12 +22,13 @@ from sqlalchemy.engine import Engine
 
 from worker.adapters import db
 from worker.adapters.store import suppression_address
-from worker.adapters.tables import Attempt, Message, Suppression
+from worker.adapters.tables import Attempt, Customer, Message, Suppression
 from worker.domain import MessageStatus, Outcome
 
 M = Message.__table__  # type: ignore[attr-defined]
 A = Attempt.__table__  # type: ignore[attr-defined]
 S = Suppression.__table__  # type: ignore[attr-defined]
+C = Customer.__table__  # type: ignore[attr-defined]
 
 DECIDABLE = (MessageStatus.UNCERTAIN.value, MessageStatus.FAILED.value)
 """States an operator may resend or close."""
@@ -99,6 +100,10 @@ class Selection:
     """… and before this one."""
     codes: Sequence[int] = ()
     """The last SMTP reply's code is one of these (e.g. 421, 550)."""
+    email: str | None = None
+    """To this address, in any case (the mailbox, as the frequency cap counts it)."""
+    customer: str | None = None
+    """To the customer with this ID in the shop's data (``customers.csv``'s ``external_id``), at any address."""
 
 
 def _matching(query: sa.Select[Any], selection: Selection) -> sa.Select[Any]:
@@ -112,6 +117,10 @@ def _matching(query: sa.Select[Any], selection: Selection) -> sa.Select[Any]:
         query = query.where(M.c.updated_at < selection.until)
     if selection.codes:
         query = query.where(M.c.last_code.in_(list(selection.codes)))
+    if selection.email:
+        query = query.where(sa.func.lower(M.c.email) == sa.func.lower(sa.literal(selection.email)))
+    if selection.customer:
+        query = query.where(M.c.customer_id.in_(sa.select(C.c.id).where(C.c.external_id == selection.customer)))
     return query
 
 
@@ -136,6 +145,11 @@ class LedgerAdmin:
         query = _matching(sa.select(M.c.id), selection).order_by(M.c.updated_at, M.c.id)
         with db.reading(self.engine) as conn:
             return list(conn.execute(query).scalars())
+
+    def has_customer(self, external_id: str) -> bool:
+        """Whether the shop's data has a customer with this ID (``--customer``'s, which finds nothing otherwise)."""
+        with db.reading(self.engine) as conn:
+            return conn.execute(sa.select(C.c.id).where(C.c.external_id == external_id)).first() is not None
 
     def campaigns(self) -> list[str]:
         """The campaigns the ledger has rows of, by name."""

@@ -43,6 +43,15 @@ def one_line(text: str) -> str:
     return text
 
 
+def address(text: str) -> str:
+    """An address to look up (``ledger --email``): one line with a local part and a domain. Not validated
+    further: the ledger may hold an address an earlier version let through, and the lookup must still find it."""
+    local, at, domain = text.strip().rpartition("@")
+    if not (at and local and domain) or not text.isprintable() or any(c.isspace() for c in text.strip()):
+        raise argparse.ArgumentTypeError(f"not an email address: {text!r}")
+    return text.strip()
+
+
 MAX_REASON_CHARS = 30
 """The suppression list's reason column (PostgreSQL refuses a longer one)."""
 

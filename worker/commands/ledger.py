@@ -4,7 +4,8 @@
     kembali ledger resend (ID... | FILTERS) [--dry-run] [--reason TEXT]     back to retry, due now, same Message-ID
     kembali ledger close (ID... | FILTERS) [--dry-run] [--as failed|sent] [--reason TEXT]
 
-FILTERS: --status, --campaign, --since, --until (when the row last changed), --code (the last SMTP reply's).
+FILTERS: --status, --campaign, --since, --until (when the row last changed), --code (the last SMTP reply's),
+--email (one address, any case), --customer (the shop's customer ID): what support asks about one customer.
 
 Kembali never resends an ``uncertain`` message by itself (it may have arrived);
 these commands are how an operator decides. Each decision is recorded as an
@@ -57,15 +58,21 @@ def _add_filters(p: argparse.ArgumentParser, statuses: list[str], default: str) 
     p.add_argument("--until", type=moment, metavar="WHEN", help="only rows last changed before WHEN (as --since)")
     p.add_argument("--code", type=smtp_code, action="append", dest="codes", metavar="CODE",
                    help="only rows whose last SMTP reply had this code, e.g. 421 or 550 (repeatable)")
+    p.add_argument("--email", type=arguments.address, metavar="ADDRESS",
+                   help="only messages to this address (in any case)")
+    p.add_argument("--customer", metavar="ID",
+                   help="only messages to this customer, by the shop's customer ID (customers.csv's external_id)")
 
 
 def _selection(args: argparse.Namespace, default: tuple[str, ...]) -> Selection:
     return Selection(statuses=tuple(args.status or default), campaign=args.campaign, since=args.since,
-                     until=args.until, codes=tuple(args.codes or ()))  # fmt: skip
+                     until=args.until, codes=tuple(args.codes or ()), email=args.email,
+                     customer=args.customer)  # fmt: skip
 
 
 def _filtered(args: argparse.Namespace) -> bool:
-    return bool(args.status or args.campaign or args.since or args.until or args.codes)
+    return bool(args.status or args.campaign or args.since or args.until or args.codes or args.email
+                or args.customer)  # fmt: skip
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -82,7 +89,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "after an outage, `resend --campaign winback --since 2026-12-01T02:00 --code 421 --dry-run` counts and "
         "lists what a resend would take, without it changing anything). Exit code 1 when a message is left alone "
         "(no such message, another state, or for a resend: past its expiry or to a suppressed address); 2 for "
-        "neither IDs nor a filter, or both.",
+        "neither IDs nor a filter, or both, or a --customer the shop's data does not have. What one customer was "
+        "sent: `list --all --email ADDRESS` or `list --all --customer ID`.",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser(
@@ -129,11 +137,15 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         db.check_schema(engine)
         admin = LedgerAdmin(engine)
+        if args.customer and not admin.has_customer(args.customer):  # else it lists nothing, as if never emailed
+            print(f"kembali ledger {args.action}: no customer {printable(args.customer)!r} in the shop (give the "
+                  "customer's ID as in customers.csv, e.g. C-0001)", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
         if args.action == "list":
             return _list(admin, args)
         if bool(args.ids) == _filtered(args):
             print(f"kembali ledger {args.action}: give message IDs or filters (--status, --campaign, --since, "
-                  "--until, --code), not " + ("both" if args.ids else "neither"), file=sys.stderr)
+                  "--until, --code, --email, --customer), not " + ("both" if args.ids else "neither"), file=sys.stderr)
             return EXIT_USAGE
         ids = args.ids or admin.ids(_selection(args, DECIDABLE))
         if not ids:
@@ -154,14 +166,16 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
     statuses = [] if args.all else (args.status or ["uncertain", "failed"])
     selection = Selection(statuses=statuses, campaign=args.campaign, since=args.since, until=args.until,
-                          codes=tuple(args.codes or ()))  # fmt: skip
+                          codes=tuple(args.codes or ()), email=args.email, customer=args.customer)  # fmt: skip
     rows = admin.rows(selection, limit=args.limit)
     if args.json:
         for row in rows:
             print(json_line(row.as_dict()))
         return EXIT_OK
     if not rows:
-        found = "no messages" + (f" with status {', '.join(statuses)}" if statuses else "")
+        found = "no messages" + (f" to {args.email}" if args.email else "")
+        found += f" to customer {printable(args.customer)!r}" if args.customer else ""
+        found += f" with status {', '.join(statuses)}" if statuses else ""
         if args.codes:
             found += f" with last reply code {', '.join(map(str, args.codes))}"
         if args.since or args.until:
@@ -184,7 +198,7 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_HEADER = ("ID", "STATUS", "CAMPAIGN", "TRIES", "CODE", "EMAIL", "LAST REPLY / NOTE")
+_HEADER = ("ID", "CHANGED (UTC)", "STATUS", "CAMPAIGN", "TRIES", "CODE", "EMAIL", "LAST REPLY / NOTE")
 _RIGHT = frozenset({"ID", "TRIES", "CODE"})
 
 
@@ -207,8 +221,8 @@ def _cells(row: LedgerRow) -> tuple[str, ...]:
     code = "" if row.last_code is None else str(row.last_code)
     # a reply is the recipient's server's text, an error may quote a customer's name: neither may reach the
     # operator's terminal as control characters
-    return (str(row.id), row.status, printable(row.campaign), str(row.attempts), code, printable(row.email[:32]),
-            printable(reply[:80]))
+    return (str(row.id), f"{row.updated_at:%Y-%m-%d %H:%M}", row.status, printable(row.campaign), str(row.attempts),
+            code, printable(row.email[:32]), printable(reply[:80]))
 
 
 def _report(result: ActionResult, what: str, *, dry_run: bool = False) -> int:
