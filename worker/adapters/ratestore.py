@@ -27,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
+from worker.adapters import db
 from worker.adapters.tables import RateLimit
 from worker.core.limits import quota_grant
 
@@ -39,9 +39,7 @@ R = RateLimit.__table__  # type: ignore[attr-defined]
 class RateStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        pg = engine.dialect.name == "postgresql"
-        self._insert = postgresql.insert if pg else sqlite.insert
-        self._greatest = sa.func.greatest if pg else sa.func.max
+        self._greatest = sa.func.greatest if engine.dialect.name == "postgresql" else sa.func.max
 
     def _clock(self) -> sa.ColumnElement[float]:
         """The database's wall clock in Unix seconds, read when the expression is evaluated."""
@@ -52,11 +50,12 @@ class RateStore:
 
     def _book_stmt(self, key: str, now: float | None, step: float) -> sa.Executable:
         at = self._clock() if now is None else sa.literal(now, sa.Float)
-        stmt = self._insert(R).values(key=key, tat=at + step, day_count=0)
-        return stmt.on_conflict_do_update(
+        stmt = db.dialect_insert(self.engine, R).values(key=key, tat=at + step, day_count=0)
+        booked: sa.Executable = stmt.on_conflict_do_update(
             index_elements=[R.c.key],
             set_={"tat": self._greatest(R.c.tat, at) + step},
         ).returning(R.c.tat, at)
+        return booked
 
     def book(self, limits: Sequence[tuple[str, float, int]], now: float | None = None, n: int = 1) -> float:
         """Book ``n`` events on every ``(key, interval, burst)`` limit in one transaction;
@@ -78,7 +77,7 @@ class RateStore:
     def take_quota(self, key: str, *, day: str, quota: int, wanted: int) -> int:
         """Take up to ``wanted`` of today's ``quota`` sends; returns how many were granted."""
         with self.engine.begin() as conn:
-            conn.execute(self._insert(R).values(key=key, tat=0.0, day=day, day_count=0).on_conflict_do_nothing())
+            conn.execute(db.insert_ignore(self.engine, R).values(key=key, tat=0.0, day=day, day_count=0))
             query = sa.select(R.c.day, R.c.day_count).where(R.c.key == key)
             if self.engine.dialect.name == "postgresql":
                 query = query.with_for_update()
