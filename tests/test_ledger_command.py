@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -364,3 +365,24 @@ def test_an_unknown_customer_or_a_mistyped_address_is_said_so(
         kembali(config, "list", "--email", "not-an-address")
     assert stopped.value.code == 2
     assert "--email: not an email address: 'not-an-address'" in capsys.readouterr().err
+
+
+def test_a_waiting_row_says_when_it_is_tried_next(world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    # Given a message deferred by the frequency cap (planned, due in three days) and one waiting to retry a 421
+    shop, config = world
+    later = shop.clock.now() + timedelta(days=3)
+    with shop.store.engine.begin() as conn:
+        conn.execute(sa.update(M).where(M.c.email == OK).values(
+            status="planned", next_attempt_at=later, attempts=0, last_code=None, last_reply=None, sent_at=None))
+        conn.execute(sa.update(M).where(M.c.email == GONE).values(
+            status="retry", next_attempt_at=later, last_code=421, last_reply="421 4.7.0 Try again later"))
+
+    # When the operator lists them
+    assert kembali(config, "list", "--status", "planned", "--status", "retry") == 0
+    out = capsys.readouterr().out
+
+    # Then each says when it goes next, and the retry its last reply too
+    (planned,) = [line for line in out.splitlines() if OK in line]
+    assert planned.endswith(f"next try {later:%Y-%m-%d %H:%M} UTC"), planned
+    (retry,) = [line for line in out.splitlines() if GONE in line]
+    assert retry.endswith(f"next try {later:%Y-%m-%d %H:%M} UTC; 421 4.7.0 Try again later"), retry

@@ -30,6 +30,7 @@ from worker.domain import MessageStatus
 from worker.log import json_line, printable
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
+WAITING = frozenset({MessageStatus.PLANNED.value, MessageStatus.RETRY.value})
 
 
 def moment(text: str) -> datetime:
@@ -218,11 +219,13 @@ def _cells(row: LedgerRow) -> tuple[str, ...]:
     if row.status == "skipped" and row.skip_reason:  # why it was not sent, not the reply or note before that
         reply = f"skipped: {row.skip_reason}"
     reply = (reply or row.last_error or row.skip_reason or "").replace("\n", " ")
+    if row.status in WAITING:  # deferred by the cap or quiet hours, or a retry's backoff: when it goes next
+        reply = f"next try {row.next_attempt_at:%Y-%m-%d %H:%M} UTC" + (f"; {reply}" if reply else "")
     code = "" if row.last_code is None else str(row.last_code)
     # a reply is the recipient's server's text, an error may quote a customer's name: neither may reach the
     # operator's terminal as control characters
     return (str(row.id), f"{row.updated_at:%Y-%m-%d %H:%M}", row.status, printable(row.campaign), str(row.attempts),
-            code, printable(row.email[:32]), printable(reply[:80]))
+            code, printable(row.email[:32]), printable(reply[:110]))
 
 
 def _report(result: ActionResult, what: str, *, dry_run: bool = False) -> int:
