@@ -299,6 +299,49 @@ def test_an_outcome_after_the_lease_lapsed_leaves_the_row_to_its_new_holder_but_
     assert store.mark_sending([taken.id], worker="b", now=later) == {taken.id}
 
 
+def test_a_refusal_heard_after_the_lease_lapsed_takes_the_row_back_from_uncertain(store: Store) -> None:
+    # Given worker a sending three rows while the database was away longer than a lease: another worker's maintenance
+    # made all three uncertain (the mail may have left), and one of them an operator has since closed
+    store.insert_messages(planned(3), NOW)
+    batch = store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)
+    assert store.mark_sending([m.id for m in batch], worker="a", now=NOW) == {m.id for m in batch}
+    assert store.release_expired_leases(NOW + timedelta(seconds=61)) == (0, 3)
+    admin = LedgerAdmin(store.engine)
+    assert admin.close([batch[2].id], now=NOW + timedelta(seconds=62), operator="op", status=MessageStatus.FAILED)
+    later = NOW + timedelta(seconds=63)
+    retry_at = later + timedelta(minutes=5)
+
+    # When a's outcomes come through: the server refused the first for now (421) and the second for good (550),
+    # and the third for now (its decision is the operator's already)
+    marks = store.record_and_mark([
+        Disposition(message=batch[0], status=MessageStatus.RETRY, worker="a", started_at=NOW, finished_at=later,
+                    result=SendResult(Outcome.TRANSIENT, 421, "4.4.2 try later"), next_attempt_at=retry_at),
+        Disposition(message=batch[1], status=MessageStatus.FAILED, worker="a", started_at=NOW, finished_at=later,
+                    result=SendResult(Outcome.PERMANENT, 550, "5.1.1 no such user")),
+        Disposition(message=batch[2], status=MessageStatus.RETRY, worker="a", started_at=NOW, finished_at=later,
+                    result=SendResult(Outcome.TRANSIENT, 421, "4.4.2 try later"), next_attempt_at=retry_at),
+    ], [], worker="a", now=later)  # fmt: skip
+
+    # Then a knows the first two did not leave: they are no longer uncertain but as the replies said (the first
+    # is sent again, the cap no longer counts either); the operator's decision stands; each attempt is kept
+    assert marks.stale == (
+        Stale(batch[0].id, "uncertain", sent_late=False, refused_late=True),
+        Stale(batch[1].id, "uncertain", sent_late=False, refused_late=True),
+        Stale(batch[2].id, "failed", sent_late=False),
+    )
+    rows = {r["dedupe_key"]: r for r in store.messages()}
+    first, second, third = rows["k:0"], rows["k:1"], rows["k:2"]
+    assert (first["status"], first["next_attempt_at"], first["last_code"], first["sent_at"]) == (
+        "retry", retry_at, 421, None)
+    assert (second["status"], second["last_code"], second["sent_at"]) == ("failed", 550, None)
+    assert (third["status"], third["last_error"]) == ("failed", "operator closed as failed")
+    assert [a["outcome"] for a in store.attempts_for(batch[0].id)] == ["transient"]
+    assert [a["outcome"] for a in store.attempts_for(batch[2].id)] == ["operator", "transient"]
+    # and the retry is claimed again like any other
+    (again,) = store.claim(worker="b", now=retry_at, limit=3, lease_seconds=60)
+    assert again.id == batch[0].id
+
+
 def test_outcomes_written_again_after_a_commit_whose_reply_was_lost_change_nothing(store: Store) -> None:
     # Given a's outcomes committed, though the connection dropped before a heard so (it tries again)
     store.insert_messages(planned(2), NOW)

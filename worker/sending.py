@@ -68,8 +68,8 @@ While the run holds rows, a lease keeper renews their leases every third of
 ``lease_seconds``, so however long they wait (a slow rate, a slow server) no
 maintenance takes them from a live worker. Should they lapse anyway (the worker
 stalled), the run never works on a row twice (``LedgerWriter.holding``), and the
-store writes an outcome only over a row the worker still holds, except a send
-(``store.Stale``).
+store writes an outcome only over a row the worker still holds, except a send, or
+a refusal over the row its attempt left uncertain (``store.Stale``).
 """
 
 from __future__ import annotations
@@ -988,6 +988,9 @@ def _log_stale(records: Sequence[Disposition], stale: Sequence[Stale]) -> None:
         if row.sent_late:
             log.event("email_sent_after_lease_lapsed", logging.WARNING, campaign=message.campaign,
                       dedupe_key=message.dedupe_key, found=row.found, recorded="sent")  # fmt: skip
+        elif row.refused_late:  # the mail did not leave: the row need not wait for an operator's decision
+            log.event("email_refused_after_lease_lapsed", logging.WARNING, campaign=message.campaign,
+                      dedupe_key=message.dedupe_key, found=row.found, recorded=record.status.value)  # fmt: skip
         else:
             sent = record.status is MessageStatus.SENT
             log.event(

@@ -38,6 +38,7 @@ from worker.domain import (
     Disposition,
     Locale,
     MessageStatus,
+    Outcome,
     PlannedMessage,
     ProductView,
     SendTimeFacts,
@@ -254,7 +255,7 @@ _LOCK_MAILBOXES = (
     f"SELECT pg_advisory_xact_lock({MAILBOX_LOCKS}, h) FROM (SELECT DISTINCT hashtext(lower(email)) AS h"
     " FROM message WHERE id = ANY(%(ids)s) ORDER BY h) AS mailboxes"
 )
-_RECORD_SQL = (
+_RECORD_SET = (
     "UPDATE message SET status = :status, skip_reason = :skip_reason, next_attempt_at = :next_attempt_at,"
     " claimed_by = NULL, lease_until = NULL, attempts = attempts - :given_back,"
     # a decision without an attempt (skip, release) keeps the last attempt's reply
@@ -262,12 +263,13 @@ _RECORD_SQL = (
     " last_error = COALESCE(:last_error, last_error), sent_at = :sent_at,"
     " template_version = COALESCE(:template_version, template_version), subject = COALESCE(:subject, subject),"
     " updated_at = :updated_at"
-    f" WHERE id = :id AND claimed_by = :worker AND status IN ('{_CLAIMED}', '{_SENDING}')"
 )
+_RECORD_SQL = _RECORD_SET + f" WHERE id = :id AND claimed_by = :worker AND status IN ('{_CLAIMED}', '{_SENDING}')"
 _SENT_LATE_OVER = ("planned", "retry", _CLAIMED, MessageStatus.UNCERTAIN.value)
 # What the record finds of its rows first: a row this worker no longer holds (its lease lapsed and maintenance, or
-# another worker, took it) keeps what happened to it since; only a send is still written, below.
-_STATE_HEAD = "SELECT id, claimed_by, status FROM message WHERE id IN ("
+# another worker, took it) keeps what happened to it since; only a send, or a refusal of the attempt that left the
+# row uncertain, is still written, below.
+_STATE_HEAD = "SELECT id, claimed_by, status, attempts FROM message WHERE id IN ("
 # A message sent after its lease lapsed: the row says so unless another worker is sending it right now (then
 # nothing can help) or it already ended. A row claimed again by another worker stops at that worker's mark.
 _LATE_SENT_SQL = (
@@ -277,6 +279,14 @@ _LATE_SENT_SQL = (
     " subject = COALESCE(:subject, subject), updated_at = :updated_at"
     f" WHERE id = :id AND status IN ({', '.join(repr(s) for s in _SENT_LATE_OVER)})"
 )
+# A refusal heard after the lease lapsed, of the very attempt maintenance then left uncertain (the row's attempts
+# still count that mark, so no operator decision or later mark came in between): the mail did not leave, so the
+# row takes the outcome as if the worker still held it, instead of waiting for an operator to decide.
+_LATE_REFUSED_SQL = _RECORD_SET + (
+    f" WHERE id = :id AND status = '{MessageStatus.UNCERTAIN.value}' AND attempts = :attempt_no"
+)
+_REFUSALS = frozenset({Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.THROTTLED, Outcome.RENDER_ERROR})
+"""Outcomes of an attempt that tell the mail did not leave (not ``sent``, not ``ambiguous``)."""
 _ATTEMPT_SQL = (
     "INSERT INTO attempt (message_id, attempt_no, worker, started_at, finished_at, outcome, code, reply, error_type)"
     " VALUES (:message_id, :attempt_no, :worker, :started_at, :finished_at, :outcome, :code, :reply, :error_type)"
@@ -340,6 +350,7 @@ class _LedgerSql:
         self.read_dt: Callable[[Any], datetime] = _sqlite_read_dt if dialect.name == "sqlite" else _pg_read_dt
         self.record = self.style(_RECORD_SQL)
         self.late_sent = self.style(_LATE_SENT_SQL)
+        self.late_refused = self.style(_LATE_REFUSED_SQL)
         self.attempt = self.style(_ATTEMPT_SQL)
         self.suppress = self.style(_SUPPRESS_SQL)
         lock = " FOR UPDATE SKIP LOCKED" if dialect.name == "postgresql" else ""
@@ -409,6 +420,9 @@ class Stale:
     found: str
     """The row's status when the outcome came."""
     sent_late: bool
+    refused_late: bool = False
+    """The attempt was refused (the mail did not leave) and the row was still ``uncertain`` from it, as maintenance
+    leaves a row whose lease lapsed while sending: the refusal is written over it (``_LATE_REFUSED_SQL``)."""
 
 
 class Store:
@@ -674,7 +688,9 @@ class Store:
         dt = self._sql.dt
         # each row's (claimed_by, status): an outcome is written as usual only over a row its worker still holds
         ids = [d.message.id for d in dispositions]
-        state = {r[0]: (r[1], r[2]) for r in self._select_in(cursor, self._sql.state, ids)}
+        rows_now = self._select_in(cursor, self._sql.state, ids)
+        state = {r[0]: (r[1], r[2]) for r in rows_now}
+        marks = {r[0]: r[3] for r in rows_now}  # each row's attempts: the marks it has had
         found = [state.get(i, (None, "gone")) for i in ids]
         in_flight = (_CLAIMED, _SENDING)
         held = [by == d.worker and status in in_flight for d, (by, status) in zip(dispositions, found, strict=True)]
@@ -683,6 +699,7 @@ class Store:
         written = {(r[0], r[1], r[2]) for r in self._select_in(cursor, self._sql.attempts_of, lost)}
         stale: list[Stale] = []
         late_sent: list[dict[str, Any]] = []
+        late_refused: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
         attempts: list[dict[str, Any]] = []
         suppressions: list[dict[str, Any]] = []
@@ -721,9 +738,15 @@ class Store:
                 continue
             else:
                 late = d.status is MessageStatus.SENT and status in _SENT_LATE_OVER
-                stale.append(Stale(d.message.id, status, sent_late=late))
+                # this worker's attempt was refused, and the row is still uncertain from that attempt's mark
+                refused = (res is not None and res.outcome in _REFUSALS and status == MessageStatus.UNCERTAIN.value
+                           and marks.get(d.message.id) == d.message.attempts + 1)  # fmt: skip
+                stale.append(Stale(d.message.id, status, sent_late=late, refused_late=refused))
                 if late:
                     late_sent.append(row)
+                elif refused:
+                    late_refused.append({**row, "attempt_no": d.message.attempts + 1,
+                                         "last_error": row["last_error"] or "refused; heard after the lease lapsed"})
             if res is not None:
                 attempts.append(
                     {
@@ -742,6 +765,8 @@ class Store:
             cursor.executemany(self._sql.record, updates)
         if late_sent:
             cursor.executemany(self._sql.late_sent, late_sent)
+        if late_refused:
+            cursor.executemany(self._sql.late_refused, late_refused)
         if attempts:
             cursor.executemany(self._sql.attempt, attempts)
         if suppressions:
