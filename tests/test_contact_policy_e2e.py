@@ -101,7 +101,7 @@ def test_birthday_first_then_feedback_then_winback_one_slot_apart(tmp_path: Path
         cycle_at(settings, clock, DAY0 + timedelta(days=day))
         received_on[day] = subjects(smtp_server)[before:]
 
-    assert received_on[0] == ["Happy birthday, Siti! A 15% gift for you"]
+    assert received_on[0] == ["Happy birthday, Siti! Enjoy 15% off, on us"]
     assert received_on[1] == received_on[2] == []
     assert received_on[3] == ["How was your order INV-1, Siti?"]
     assert received_on[4] == received_on[5] == []
@@ -159,7 +159,7 @@ def test_a_message_that_cannot_get_a_slot_before_it_expires_is_skipped_expired(
     ])  # fmt: skip
     report = cycle_at(settings, FakeClock(DAY0), DAY0)
     assert report.dispatched.outcomes == {"sent": 1, "skipped:expired": 1}
-    assert subjects(smtp_server) == ["Happy birthday, Siti! A 15% gift for you"]
+    assert subjects(smtp_server) == ["Happy birthday, Siti! Enjoy 15% off, on us"]
 
 
 def test_quiet_hours_hold_mail_until_morning_in_the_customers_zone(
@@ -246,7 +246,7 @@ def test_a_birthday_planned_ahead_keeps_its_slot_when_quiet_hours_are_off(
     assert report.dispatched.outcomes == {"deferred:birthday": 1}
     assert smtp_server.messages == []
     cycle_at(settings, clock, DAY0)
-    assert subjects(smtp_server) == ["Happy birthday, Siti! A 15% gift for you"]
+    assert subjects(smtp_server) == ["Happy birthday, Siti! Enjoy 15% off, on us"]
     cycle_at(settings, clock, DAY0 + timedelta(days=3))
     assert subjects(smtp_server)[1:] == ["How are you, Siti?"]
 
@@ -269,4 +269,4 @@ def test_a_birthday_planned_ahead_keeps_its_slot_from_two_lower_messages_decided
     assert subjects(smtp_server) == ["How was your order INV-1, Siti?"]
     # And at midnight the birthday offer goes out, within the cap
     cycle_at(settings, clock, datetime(2027, 2, 25, 17, 0, 30, tzinfo=UTC))
-    assert subjects(smtp_server)[1:] == ["Happy birthday, Siti! A 15% gift for you"]
+    assert subjects(smtp_server)[1:] == ["Happy birthday, Siti! Enjoy 15% off, on us"]

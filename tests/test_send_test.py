@@ -107,8 +107,8 @@ def test_send_test_of_a_loyalty_or_feedback_email_reads_as_the_real_one_would(
                         "--to", "operator@shop.example")  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
     loyalty, feedback = (BytesParser(policy=policy.default).parsebytes(m.data) for m in smtp_server.messages)
-    assert "ke-0" not in str(loyalty["Subject"]) and "0th" not in str(loyalty["Subject"])
-    assert "ke-5" in str(loyalty["Subject"]) or "5th" in str(loyalty["Subject"]), loyalty["Subject"]
+    assert " 0 kali" not in str(loyalty["Subject"]) and " 0 orders" not in str(loyalty["Subject"])
+    assert " 5 kali" in str(loyalty["Subject"]) or " 5 orders" in str(loyalty["Subject"]), loyalty["Subject"]
     text = feedback.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert first_order in text and "INV-SAMPLE" not in text
 

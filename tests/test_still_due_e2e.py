@@ -202,12 +202,12 @@ def test_a_loyalty_email_states_the_customers_order_count_when_sent_not_the_mile
         said[message.rcpt_tos[0]] = (str(parsed["Subject"]), next(line for line in text.splitlines() if "kali" in line
                                                                   or "times" in line))  # fmt: skip
     assert said == {
-        "l1@example.com": ("Thank you, Siti! That was your order number 6",
-                           "You have now ordered from Toko Kembali 6 times. Thank you!"),
-        "l2@example.com": ("Thank you, Siti! That was your order number 7",
-                           "You have now ordered from Toko Kembali 7 times. Thank you!"),
-        "l3@example.com": ("Terima kasih, Kak Budi! Ini pesananmu yang ke-6",
-                           "Kak Budi sudah 6 kali berbelanja di Toko Kembali. Terima kasih!"),
+        "l1@example.com": ("Thank you, Siti! That's 6 orders with us",
+                           "You have now ordered from Toko Kembali 6 times. Thank you for your loyalty!"),
+        "l2@example.com": ("Thank you, Siti! That's 7 orders with us",
+                           "You have now ordered from Toko Kembali 7 times. Thank you for your loyalty!"),
+        "l3@example.com": ("Terima kasih sudah 6 kali berbelanja, Kak Budi!",
+                           "Kakak sudah 6 kali berbelanja di Toko Kembali. Terima kasih atas kepercayaan Kakak!"),
     }  # fmt: skip
 
 

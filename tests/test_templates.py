@@ -63,7 +63,7 @@ def winback_context(locale: Locale, name: str = "Siti Rahayu") -> dict[str, obje
 @pytest.mark.parametrize(
     ("locale", "subject"),
     [
-        (Locale.ID, "Kak Siti, masih suka Kopi Gayo 250g? Ada diskon 10% khusus untukmu"),
+        (Locale.ID, "Kak Siti, masih suka Kopi Gayo 250g? Diskon 10% khusus untuk Kakak"),
         (Locale.EN, "Siti, still loving your Kopi Gayo 250g? Here's 10% off, just for you"),
     ],
 )
@@ -781,7 +781,7 @@ def test_a_long_product_title_is_shortened_in_the_subject(folder: str, locale: L
     assert len(email.subject) <= 80, email.subject
     assert "Kain Batik Tulis" in email.subject and "…" in email.subject and LONG_TITLE not in email.subject
     if folder == "winback":
-        assert email.subject.endswith("khusus untukmu" if locale is Locale.ID else "just for you"), email.subject
+        assert email.subject.endswith("khusus untuk Kakak" if locale is Locale.ID else "just for you"), email.subject
     assert LONG_TITLE in email.text and LONG_TITLE in email.html
 
 
