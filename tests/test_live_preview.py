@@ -1,4 +1,5 @@
-"""`kembali preview --serve` in a real headless Chromium: content, live reload, and errors with file:line.
+"""`kembali preview --serve` in a real headless Chromium: content, live reload, and errors with file:line; and the
+shipped emails' layout on a phone's screen.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` and the ``selenium`` package;
 skips without them unless KEMBALI_REQUIRE_BROWSER=1 (set in CI), which makes
@@ -295,3 +296,26 @@ def test_serve_with_templates_dir_not_a_folder_says_so_and_stops(tmp_path: Path)
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"'templates.dir' '{tmp_path / 'nope'}' is not a folder" in done.stderr
     assert "live preview on" not in done.stdout
+
+
+@pytest.mark.parametrize("locale", ["id", "en"])
+def test_a_300_character_word_in_a_name_or_product_title_stays_inside_a_phones_screen(
+    browser: object, tmp_path: Path, locale: str
+) -> None:
+    """A title of one 300-character word (a SKU, a marketplace title without spaces) or such a name widened the
+    cell that shows it to fit: the 600px email was 3,100px wide, its text off the side of a phone's screen."""
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+    from tests.test_copy import FOLDERS, LONG_WORD, _product, render
+    from worker.domain import Locale
+
+    driver: WebDriver = browser  # type: ignore[assignment]
+    driver.set_window_size(420, 900)
+    catalogue = [_product("P-1", LONG_WORD, "Batik"), _product("P-2", "Kopi Gayo Arabika 250 g")]
+    for folder in FOLDERS:
+        email = render(folder, Locale(locale), name="Siti" + "Y" * 296, catalogue=catalogue, bought=catalogue[:1])
+        page = tmp_path / f"{folder}.html"
+        page.write_text(email.rendered.html, encoding="utf-8")
+        driver.get(page.as_uri())
+        scroll, inner = driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert scroll <= inner, (folder, scroll, inner)
