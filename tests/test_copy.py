@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 from collections.abc import Iterator
 from email import policy
 from email.parser import BytesParser
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +22,7 @@ from worker.config import Settings, load_settings
 from worker.core import samples
 from worker.core.render import build_context, build_message
 from worker.domain import CustomerSnapshot, Locale, ProductView, RenderedEmail, SendTimeFacts
+from worker.errors import TemplateError
 from worker.pipeline import BatchFacts, Composer
 
 SETTINGS = load_settings(REPO / "config.toml")
@@ -54,10 +57,12 @@ class Email:
 
 
 def render(folder: str, locale: Locale, *, name: str = "Siti Rahayu", catalogue: list[ProductView] = ORDINARY,
-           bought: list[ProductView] | None = None, scale: str = "stars") -> Email:  # fmt: skip
+           bought: list[ProductView] | None = None, scale: str = "stars",
+           templates: Path | None = None) -> Email:  # fmt: skip
     """One message of ``folder`` as the sender composes it, for a customer called ``name``."""
     settings = _with_scale(SETTINGS, scale)
-    composer = Composer(settings, JinjaTemplates(settings.resolve(settings.templates.dir)), checks.SAMPLE_LINK_KEY)
+    root = templates or settings.resolve(settings.templates.dir)
+    composer = Composer(settings, JinjaTemplates(root), checks.SAMPLE_LINK_KEY)
     customer = CustomerSnapshot(id=1, external_id="C-1", email="siti@example.com", name=name, locale=locale,
                                 time_zone="Asia/Jakarta", birthday=None, marketing_consent=True)  # fmt: skip
     sample = samples.Sample("t", "test", customer)
@@ -278,3 +283,36 @@ def test_a_300_character_product_title_keeps_the_subject_short_and_is_shown_whol
         if email.folder not in ("loyalty", "winback-last"):
             assert title in email.rendered.text, str(email)
             assert title in parsed(email.rendered.html).text, str(email)
+
+
+# --- an operator's edit gone wrong --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "named"),
+    [
+        ("_coupon.html", "{{ coupon_code }}</span>", "{{ coupon_kode }}</span>",
+         "_coupon.html:9: UndefinedError: 'coupon_kode' is undefined"),
+        ("_products.txt", "{{ p.url }}", "{{ p.link }}",
+         "_products.txt:4: UndefinedError: 'dict object' has no attribute 'link'"),
+        ("winback/id/body.html", "{% if recommendations %}", "{% if recommendations %}{% if %}",
+         "winback/id/body.html:11: syntax error: "),
+        ("winback/en/subject.txt", "{% if bought %}", "{% if bought %}{{ custmer.name }}",
+         "winback/en/subject.txt:1: UndefinedError: 'custmer' is undefined"),
+    ],
+)  # fmt: skip
+def test_a_mistake_in_an_edited_shipped_template_names_its_file_and_line(
+    tmp_path: Path, path: str, old: str, new: str, named: str
+) -> None:
+    """An operator's copy of the shipped templates with a mistyped variable (in a campaign's file or in a partial
+    every campaign includes) or a broken tag: rendering the message fails with the file and line to fix, the
+    partial's own, not the campaign file that included it (that the sender then fails this message alone, and
+    `run --once` refuses a file it cannot parse, is tested in test_pipeline_e2e and test_secrets)."""
+    root = tmp_path / "email"
+    shutil.copytree(REPO / "templates" / "email", root)
+    text = (root / path).read_text(encoding="utf-8")
+    assert text.count(old) == 1, (path, old)
+    (root / path).write_text(text.replace(old, new), encoding="utf-8")
+    with pytest.raises(TemplateError) as info:
+        render("winback", Locale.EN if "/en/" in path else Locale.ID, templates=root)
+    assert str(info.value).startswith(named), str(info.value)
