@@ -205,6 +205,7 @@ def test_the_plain_text_part_spells_out_every_link_of_the_html_part_and_holds_no
         assert not re.search(r"&(?:#\d+|#x[0-9a-f]+|[a-z]+);", text, re.IGNORECASE), (str(email), text)
         assert not re.search(r"</?[a-z][^>]*>", text), (str(email), text)
         assert "\n\n\n" not in text, (str(email), text)  # no gap of two blank lines
+        assert not re.search(r":\n- ", text), (str(email), text)  # a list is set off from the line that opens it
 
 
 def test_every_email_has_a_preheader_subject_unsubscribe_link_header_and_footer() -> None:
