@@ -257,6 +257,12 @@ def test_a_stats_period_starting_in_the_future_is_a_usage_error(
     assert "kembali stats: --since 2999-01-01 is after today (" in out and "give a day in the past" in out
     today = datetime.now(UTC).date().isoformat()
     assert kembali(capsys, "--config", str(config), "stats", "--since", today)[0] == 0
+    # and the day of --now is "today" when it is given: in UTC, as the report's days are
+    code, out = kembali(capsys, "--config", str(config), "stats", "--since", "2026-11-20", "--now",
+                        "2026-11-20T06:00+07:00")  # fmt: skip
+    assert code == 2 and "kembali stats: --since 2026-11-20 is after the day of --now (2026-11-19, UTC)" in out
+    assert kembali(capsys, "--config", str(config), "stats", "--since", "2026-11-19", "--now",
+                   "2026-11-20T06:00+07:00")[0] == 0  # fmt: skip
 
 
 def test_a_shop_currency_kembali_cannot_format_is_a_configuration_error(

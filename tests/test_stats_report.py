@@ -92,7 +92,7 @@ def test_stats_reports_the_constructed_truth(tmp_path: Path) -> None:
     _build(site)
 
     # When the operator asks for the numbers
-    done = site.cli("stats", "--since", SINCE.isoformat(), "--json")
+    done = site.cli("stats", "--since", SINCE.isoformat(), "--json", "--now", NOW.isoformat())
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
 
@@ -124,7 +124,7 @@ def test_stats_reports_the_constructed_truth(tmp_path: Path) -> None:
     assert report["feedback"] == {"responses": 0, "average": None, "nps": None}  # the daemon's (empty) table
 
     # And the text report says the same in words
-    text = site.cli("stats", "--since", SINCE.isoformat()).stdout
+    text = site.cli("stats", "--since", SINCE.isoformat(), "--now", NOW.isoformat()).stdout
     assert "conversion: 30 of 200 emailed customers ordered (15.0%)" in text
     assert "holdout: 6 of 100 held-out customers ordered (6.0%)" in text
     assert "30 of 214 customers not held out ordered (14.0%)" in text
@@ -140,7 +140,7 @@ def test_stats_without_a_holdout_and_with_a_feedback_table(tmp_path: Path) -> No
     for order, score in [("O1", 10), ("O2", 9), ("O3", 7), ("O4", 3)]:
         opstore.record_feedback(Store(engine), order, score, NOW - timedelta(days=1))
     engine.dispose()
-    report = json.loads(site.cli("stats", "--since", SINCE.isoformat(), "--json").stdout)
+    report = json.loads(site.cli("stats", "--since", SINCE.isoformat(), "--json", "--now", NOW.isoformat()).stdout)
     (winback,) = report["campaigns"]
     assert winback["holdout"] is None
     assert "no holdout group" in winback["lift"]["verdict"] and winback["lift"]["difference"] is None
@@ -157,10 +157,10 @@ def test_the_nps_follows_the_feedback_scale(tmp_path: Path, scale: str, scores: 
     for i, score in enumerate(scores):
         opstore.record_feedback(Store(engine), f"O{i}", score, NOW - timedelta(days=1))
     engine.dispose()
-    done = site.cli("stats", "--json")
+    done = site.cli("stats", "--json", "--now", NOW.isoformat())
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["feedback"] == {"responses": 4, "average": sum(scores) / 4, "nps": nps}
-    assert ("NPS -100" in site.cli("stats").stdout) is (nps is not None)
+    assert ("NPS -100" in site.cli("stats", "--now", NOW.isoformat()).stdout) is (nps is not None)
 
 
 def _expected_gaps(data: ShopData) -> list[int]:
@@ -485,23 +485,76 @@ def test_conversion_boundaries_to_the_microsecond_on_each_database(db_url: str) 
 
 
 def test_the_default_period_starts_at_midnight_utc_of_the_day_its_header_names(tmp_path: Path) -> None:
-    # Given an address suppressed in the first minute (UTC) of the day 90 days ago
+    # Given an address suppressed in the first moment (UTC) of the day 90 days before 2026-11-20, and one a second
+    # before it
     site = make_site(tmp_path / "shop")
-    start = datetime.combine((datetime.now(UTC) - timedelta(days=90)).date(), datetime.min.time(), tzinfo=UTC)
+    start = datetime(2026, 8, 22, tzinfo=UTC)
     engine = db.create_engine(site.settings.database_url)
     Store(engine).suppress("early@example.com", reason="unsubscribed", source="link", now=start)
+    Store(engine).suppress("before@example.com", reason="unsubscribed", source="link", now=start - timedelta(seconds=1))
     engine.dispose()
 
-    # When the stats are asked for without --since, and with --since that day
-    default = site.cli("stats")
-    report = json.loads(site.cli("stats", "--json").stdout)
-    named = json.loads(site.cli("stats", "--json", "--since", f"{start:%Y-%m-%d}").stdout)
+    # When the stats are asked for at 00:00:05 UTC on 2026-11-20 without --since, and with --since that day
+    at = "2026-11-20T00:00:05+00:00"
+    default = site.cli("stats", "--now", at)
+    report = json.loads(site.cli("stats", "--json", "--now", at).stdout)
+    named = json.loads(site.cli("stats", "--json", "--since", "2026-08-22", "--now", at).stdout)
 
     # Then the period starts when its header says, and is the one --since that day gives
     assert default.returncode == 0, default.stderr
-    assert default.stdout.startswith(f"Kembali stats from {start:%Y-%m-%d} to "), default.stdout
+    assert default.stdout.startswith("Kembali stats from 2026-08-22 to 2026-11-20 (UTC)"), default.stdout
     assert report["since"] == start.isoformat() == named["since"]
     assert report["suppressions"] == {"unsubscribed": 1} == named["suppressions"]
+
+
+def test_now_names_the_utc_day_the_period_ends_on(tmp_path: Path) -> None:
+    # Given an address suppressed a minute before 23:00 UTC on 2026-11-19, and one a minute after
+    site = make_site(tmp_path / "shop")
+    end = datetime(2026, 11, 19, 23, 0, tzinfo=UTC)
+    engine = db.create_engine(site.settings.database_url)
+    for email, minutes in [("before@example.com", -1), ("after@example.com", 1)]:
+        Store(engine).suppress(email, reason="unsubscribed", source="link", now=end + timedelta(minutes=minutes))
+    engine.dispose()
+
+    # When the stats are asked for as of 06:00 on 2026-11-20 in Jakarta: 23:00 UTC the day before
+    done = site.cli("stats", "--now", "2026-11-20T06:00+07:00")
+    report = json.loads(site.cli("stats", "--json", "--now", "2026-11-20T06:00+07:00").stdout)
+
+    # Then the period is the 90 days up to that UTC day, and ends at that moment
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Kembali stats from 2026-08-21 to 2026-11-19 (UTC)"), done.stdout
+    assert (report["since"], report["until"]) == ("2026-08-21T00:00:00+00:00", end.isoformat())
+    assert report["suppressions"] == {"unsubscribed": 1}
+
+
+def test_the_period_ends_at_now_on_each_database(db_url: str) -> None:
+    from worker.stats import build_stats
+
+    # Given a win-back email sent a minute before the moment of the report, and what came a minute after it: a
+    # second one planned (that failed: the address does not exist), an unsubscribe and a rating
+    end = NOW - timedelta(days=10)
+    before, after = end - timedelta(minutes=1), end + timedelta(minutes=1)
+    engine = db.create_engine(db_url)
+    try:
+        pk = _load(engine, ["C-1", "C-2"])
+        _ledger_row(engine, pk, "C-1", before, status="sent", sent_at=before, last_code=250)
+        _ledger_row(engine, pk, "C-2", after, status="failed", last_code=550,
+                    last_reply="5.1.1 <c-2@example.com>: Recipient address rejected: User unknown")  # fmt: skip
+        store = Store(engine)
+        store.suppress("before@example.com", reason="unsubscribed", source="link", now=before)
+        store.suppress("after@example.com", reason="hard_bounce", source="smtp", now=after)
+        opstore.record_feedback(store, "O1", 5, before)
+        opstore.record_feedback(store, "O2", 1, after)
+        # When the report is made as of that moment
+        report = build_stats(engine, since=end - timedelta(days=30), now=end)
+    finally:
+        engine.dispose()
+    # Then what came after it is not in it, and the email sent before it is still inside its window
+    (winback,) = report.as_json()["campaigns"]
+    assert (winback["planned"], winback["sent"], winback["failed"], winback["hard_bounces"]) == (1, 1, 0, 0)
+    assert winback["conversion"]["pending"] == 1
+    assert report.as_json()["suppressions"] == {"unsubscribed": 1}
+    assert report.as_json()["feedback"] == {"responses": 1, "average": 5.0, "nps": None}
 
 
 def test_hard_bounces_are_the_failures_the_sender_suppresses_on_each_database(db_url: str) -> None:

@@ -159,11 +159,16 @@ def _parser() -> argparse.ArgumentParser:
                        "revenue; lift over the holdout group with a 95% Newcombe interval; unsubscribes and "
                        "bounces from the suppression list; the shop's repeat purchase rate and churn over the "
                        "period; feedback ratings given in it. Days are UTC days. --json prints one object (its "
-                       "keys: README, 'Did it work'). Exit code 2 for a bad --since, 3 when the database cannot "
-                       "be used.")
+                       "keys: README, 'Did it work'). Exit code 2 for a bad --since or --now, 3 when the database "
+                       "cannot be used.")
     p.add_argument("--since", type=_date_arg, default=None, metavar="YYYY-MM-DD",
-                   help="start of the period: a day in UTC, as the report's days are, today (in UTC) "
-                   "or earlier (default: the day 90 days ago, from its start)")
+                   help="start of the period: a day in UTC, as the report's days are, the day of --now (today "
+                   "without it) or earlier (default: the day 90 days before it, from its start)")
+    p.add_argument("--now", type=_datetime_arg, default=None, metavar="MOMENT",
+                   help="end the period at this moment instead of now, ISO 8601 with offset, e.g. "
+                   "2027-03-01T00:00+07:00: its day in UTC is the report's last, what was recorded after it is "
+                   "left out, and an attribution window still open at it is pending (the messages' statuses are "
+                   "today's)")
     p.add_argument("--window-days", type=arguments.window_days, default=7, metavar="DAYS",
                    help=f"attribution window in days, 1 to {arguments.MAX_WINDOW_DAYS} (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -207,7 +212,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "check": ("kembali check", "kembali check --json"),
     "send-test": ("kembali send-test --campaign winback --to you@shop.example",
                   "kembali send-test --campaign feedback --customer C-1042 --to you@shop.example"),
-    "stats": ("kembali stats", "kembali stats --since 2027-01-01 --window-days 14 --json"),
+    "stats": ("kembali stats", "kembali stats --since 2027-01-01 --window-days 14 --json",
+              "kembali stats --since 2027-01-01 --now 2027-02-01T00:00+07:00"),
     "insights": ("kembali insights", "kembali insights --share 0.9 --plot gaps.png"),
     "ledger": ("kembali ledger list", "kembali ledger list --status failed --campaign winback --json",
                "kembali ledger resend 42 43 --reason 'server fixed'", "kembali ledger close 44 --as sent"),

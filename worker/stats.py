@@ -111,19 +111,20 @@ def build_stats(
     feedback_scale: str = "stars",
     currency: str = "IDR",
 ) -> StatsReport:
-    """The report, counted in the database; revenue adds up the purchases in ``currency`` (the shop's)."""
+    """The report of the period from ``since`` to ``now`` (what was recorded after ``now`` is left out), counted in
+    the database; revenue adds up the purchases in ``currency`` (the shop's)."""
     steps: dict[tuple[str, int], StepStats] = {}
 
     def step(campaign: str, number: int) -> StepStats:
         return steps.setdefault((campaign, number), StepStats(campaign, number))
 
-    for campaign, number, status, reason, n in reports.ledger_counts(engine, since):
+    for campaign, number, status, reason, n in reports.ledger_counts(engine, since, now):
         s = step(campaign, number)
         s.planned += n
         s.statuses[status] += n
         if status == MessageStatus.SKIPPED:
             s.skipped[reason or "unknown"] += n
-    for campaign, number, code, reply, n in reports.permanent_failures(engine, since):
+    for campaign, number, code, reply, n in reports.permanent_failures(engine, since, now):
         if limits.bounce_kind(code, reply) == "hard_bounce":  # as the sender judged it, suppressing the address
             step(campaign, number).hard_bounces += n
 
@@ -140,11 +141,11 @@ def build_stats(
                             held_out=control.customers + control.pending,
                             treated=s.treated.customers + s.treated.pending)  # fmt: skip
 
-    scores = reports.feedback_scores(engine, since)
+    scores = reports.feedback_scores(engine, since, now)
     return StatsReport(
         since=since, now=now, window_days=window_days, currency=currency,
         steps=sorted(steps.values(), key=lambda s: (s.campaign, s.step)),
-        suppressions=reports.suppressions(engine, since),
+        suppressions=reports.suppressions(engine, since, now),
         retention=stats.retention(
             chain.from_iterable(repeat((b, d), n) for b, d, n in reports.purchases_around(engine, since, now))
         ),

@@ -22,35 +22,44 @@ _purchase = O.c.status.in_(PAID)
 F = Feedback.__table__  # type: ignore[attr-defined]
 
 
-def ledger_counts(engine: Engine, since: datetime) -> list[tuple[str, int, str, str | None, int]]:
-    """(campaign, step, status, skip reason, rows) for rows planned since ``since``."""
+def _in_period(column: sa.Column[Any], since: datetime, until: datetime) -> sa.ColumnElement[bool]:
+    """``column`` from ``since`` to ``until``, both included: the report's period, which ends at its moment (``stats
+    --now``); a row recorded after it is not counted."""
+    return sa.and_(column >= since, column <= until)
+
+
+def ledger_counts(engine: Engine, since: datetime, until: datetime) -> list[tuple[str, int, str, str | None, int]]:
+    """(campaign, step, status, skip reason, rows) for rows planned from ``since`` to ``until``."""
     query = (
         sa.select(M.c.campaign, M.c.step, M.c.status, M.c.skip_reason, sa.func.count())
-        .where(M.c.created_at >= since)
+        .where(_in_period(M.c.created_at, since, until))
         .group_by(M.c.campaign, M.c.step, M.c.status, M.c.skip_reason)
     )
     with db.reading(engine) as conn:
         return [(c, int(s), st, r, int(n)) for c, s, st, r, n in conn.execute(query)]
 
 
-def permanent_failures(engine: Engine, since: datetime) -> list[tuple[str, int, int, str, int]]:
-    """(campaign, step, last code, last reply, rows) of the failed rows planned since ``since`` whose last reply
+def permanent_failures(engine: Engine, since: datetime, until: datetime) -> list[tuple[str, int, int, str, int]]:
+    """(campaign, step, last code, last reply, rows) of the failed rows planned from ``since`` to ``until`` whose last
+    reply
     was a 5xx: what the reply says (``core.limits.bounce_kind``) tells a hard bounce from a refused content or
     sender. Grouped by the reply: a few rows per reply a server gives everyone, one per address at worst (a
     reply naming the recipient), and only failed rows with a 5xx are read."""
     query = (
         sa.select(M.c.campaign, M.c.step, M.c.last_code, M.c.last_reply, sa.func.count())
-        .where(M.c.created_at >= since, M.c.status == MessageStatus.FAILED.value, M.c.last_code >= 500)
+        .where(_in_period(M.c.created_at, since, until), M.c.status == MessageStatus.FAILED.value,
+               M.c.last_code >= 500)
         .group_by(M.c.campaign, M.c.step, M.c.last_code, M.c.last_reply)
     )
     with db.reading(engine) as conn:
         return [(c, int(s), int(code), reply or "", int(n)) for c, s, code, reply, n in conn.execute(query)]
 
 
-def suppressions(engine: Engine, since: datetime) -> dict[str, int]:
-    """Addresses added to the suppression list since ``since``, by reason (unsubscribed, hard_bounce…), in the
-    reasons' order (PostgreSQL's GROUP BY returns them in hash order, which ``--json`` would show)."""
-    query = sa.select(S.c.reason, sa.func.count()).where(S.c.created_at >= since).group_by(S.c.reason)
+def suppressions(engine: Engine, since: datetime, until: datetime) -> dict[str, int]:
+    """Addresses added to the suppression list from ``since`` to ``until``, by reason (unsubscribed,
+    hard_bounce…), in the reasons' order (PostgreSQL's GROUP BY returns them in hash order, which ``--json`` would
+    show)."""
+    query = sa.select(S.c.reason, sa.func.count()).where(_in_period(S.c.created_at, since, until)).group_by(S.c.reason)
     with db.reading(engine) as conn:
         return {r: int(n) for r, n in sorted(conn.execute(query))}
 
@@ -58,7 +67,7 @@ def suppressions(engine: Engine, since: datetime) -> dict[str, int]:
 def conversions(
     engine: Engine, since: datetime, *, window: timedelta, now: datetime, currency: str
 ) -> list[tuple[str, int, str, stats.Conversion]]:
-    """(campaign, step, group, conversion) for rows planned since ``since``, counted in the database.
+    """(campaign, step, group, conversion) for rows planned from ``since`` to ``now``, counted in the database.
 
     Groups: ``emailed``, the ``sent`` rows at their send time (the conversion of the emails); and, for the
     lift, ``held_out`` (rows skipped with reason ``held_out``) and ``treated`` (every other row, whatever
@@ -74,12 +83,12 @@ def conversions(
     held = sa.and_(M.c.status == MessageStatus.SKIPPED.value, M.c.skip_reason == HELD_OUT)
     group = sa.case((held, sa.literal("held_out")), else_=sa.literal("treated"))
     planned = sa.select(M.c.campaign, M.c.step, group.label("grp"), M.c.customer_id, due.label("at")).where(
-        M.c.created_at >= since
+        _in_period(M.c.created_at, since, now)
     )
     emailed = sa.select(
         M.c.campaign, M.c.step, sa.literal("emailed").label("grp"), M.c.customer_id,
         sa.func.coalesce(M.c.sent_at, M.c.updated_at).label("at"),
-    ).where(M.c.created_at >= since, M.c.status == MessageStatus.SENT.value)  # fmt: skip
+    ).where(_in_period(M.c.created_at, since, now), M.c.status == MessageStatus.SENT.value)  # fmt: skip
     rows = sa.union_all(planned, emailed).subquery("rows")
     first = (
         sa.select(rows.c.campaign, rows.c.step, rows.c.grp, rows.c.customer_id,
@@ -169,12 +178,13 @@ def first_two_purchases(engine: Engine) -> list[tuple[datetime, datetime | None]
     return [(v[0], v[1] if len(v) > 1 else None) for v in pairs.values()]
 
 
-def feedback_scores(engine: Engine, since: datetime) -> list[float] | None:
-    """The ratings given since ``since`` (the ``feedback`` table's scores; None when the table does not exist)."""
+def feedback_scores(engine: Engine, since: datetime, until: datetime) -> list[float] | None:
+    """The ratings given from ``since`` to ``until`` (the ``feedback`` table's scores; None when the table does not
+    exist)."""
     with db.reading(engine) as conn:
         if not sa.inspect(conn).has_table("feedback"):
             return None
-        query = sa.select(F.c.score).where(F.c.created_at >= since, F.c.score.is_not(None))
+        query = sa.select(F.c.score).where(_in_period(F.c.created_at, since, until), F.c.score.is_not(None))
         return [float(v) for (v,) in conn.execute(query)]
 
 

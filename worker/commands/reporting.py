@@ -36,14 +36,15 @@ def _money(minor: int, currency: str) -> str:
 
 
 def stats_command(settings: Settings, args: argparse.Namespace) -> int:
-    now = datetime.now(UTC)
+    now: datetime = args.now or datetime.now(UTC)  # --now: in UTC (cli._datetime_arg)
     # the report's days are UTC days: the default period starts at the start of the day 90 days ago, the day its
     # header names (it started at this time of day, leaving out that day's earlier hours)
     first_day = args.since or (now - timedelta(days=90)).date()
     since = datetime.combine(first_day, time(), tzinfo=UTC)
     if since > now:  # the period would end before it starts
-        print(f"kembali stats: --since {args.since} is after today ({now:%Y-%m-%d}, UTC): give a day in the past",
-              file=sys.stderr)
+        today = "the day of --now" if args.now else "today"
+        print(f"kembali stats: --since {args.since} is after {today} ({now:%Y-%m-%d}, UTC): give a day "
+              f"{'before it' if args.now else 'in the past'}", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     engine = db.create_engine(settings.database_url)
     try:
