@@ -53,17 +53,20 @@ class OutWriteError(Exception):
 
 def write_whole(path: Path, data: bytes) -> None:
     """``data`` in ``path``, whole or not at all: written under a hidden temporary name beside it, then renamed
-    over it. A preview killed part-way leaves at most the hidden ``.partial`` file (removed by the next preview
-    into that folder, ``_clear_earlier``), never a message cut short under its own name."""
+    over it. A write that fails, or that Ctrl-C or SIGTERM stops (``stopping.Terminated``), removes the temporary
+    file; only a preview killed part-way (SIGKILL) leaves it (removed by the next preview into that folder,
+    ``_clear_earlier``), and never a message cut short under its own name."""
     partial = path.with_name(f".{path.name}{_PARTIAL}")
     try:
         with open(partial, "wb") as f:
             f.write(data)
         os.replace(partial, path)
-    except OSError as exc:
+    except BaseException as exc:  # KeyboardInterrupt too: the preview stops, leaving whole files only
         with contextlib.suppress(OSError):
             partial.unlink()
-        raise OutWriteError(path, exc) from None
+        if isinstance(exc, OSError):
+            raise OutWriteError(path, exc) from None
+        raise
 
 
 _WRITTEN = re.compile(r"\.?[0-9]{4,}-[A-Za-z0-9._-]*\.(?:eml|html)(?:\.partial)?")
@@ -225,7 +228,7 @@ def _show(
             write_whole(out_dir / f"{stem}.eml", item.data)
             try:
                 write_whole(out_dir / f"{stem}.html", item.rendered.html.encode("utf-8"))
-            except OutWriteError:  # a message's two files, or neither
+            except BaseException:  # a message's two files, or neither (also when Ctrl-C or SIGTERM stops it)
                 with contextlib.suppress(OSError):
                     (out_dir / f"{stem}.eml").unlink()
                 raise
