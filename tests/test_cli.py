@@ -73,7 +73,7 @@ def test_top_level_help_lists_the_commands() -> None:
         assert command in result.stdout
     # and what its exit codes mean (they were only in the README)
     text = " ".join(result.stdout.split())
-    assert "Exit codes: 0 done; 1 done, but something needs you" in text and "130/143 `run --once`" in text
+    assert "Exit codes: 0 done; 1 done, but something needs you" in text and "130/143 stopped by SIGINT/SIGTERM" in text
 
 
 def test_a_mistyped_key_stops_the_program_naming_the_key_and_file(tmp_path: Path) -> None:

@@ -1,13 +1,117 @@
-"""The short-lived commands (preview, check, stats…) stopped part-way by Ctrl-C (SIGINT) or SIGTERM."""
+"""The short-lived commands (preview, check, stats…) stopped part-way by Ctrl-C (SIGINT) or SIGTERM (``timeout``,
+a service manager, ``kill``): one line naming the signal, exit code 128 + its number as the shell reports it (130,
+143), no traceback, no file of ``--out`` cut short.
+
+Each test makes the command wait where it works, so that the signal finds it there whatever the machine's speed:
+preview's output fills a pipe the test does not read, a template that never finishes keeps check rendering, a
+lock held on the ledger keeps stats' first query waiting. The signal goes to the command's whole process group,
+as a terminal's Ctrl-C and ``timeout`` send it: its helper processes get it too."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+
+from tests.shop_fixtures import LINK_SECRET, load_shop, make_site
+from worker.adapters import db
+from worker.demo import generate_shop
+
+NOW = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
+STOPS = [signal.SIGINT, signal.SIGTERM]
+
+
+def _start(argv: list[str], cwd: Path) -> subprocess.Popen[str]:
+    """``python -m worker ARGV`` in a process group of its own, as a shell starts a command."""
+    env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_SECRET}
+    return subprocess.Popen([sys.executable, "-m", "worker", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+
+
+def _wait_for(condition: Callable[[], bool], child: subprocess.Popen[str], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert child.poll() is None, f"the command ended before {what}: {child.communicate()}"
+        assert time.monotonic() < deadline, f"the command never got to {what}"
+        time.sleep(0.02)
+
+
+def _stop(child: subprocess.Popen[str], sig: signal.Signals) -> tuple[str, str]:
+    os.killpg(child.pid, sig)
+    return child.communicate(timeout=60)
+
+
+def _stopped_as_the_shell_expects(child: subprocess.Popen[str], stderr: str, command: str,
+                                  sig: signal.Signals) -> None:  # fmt: skip
+    assert child.returncode == 128 + sig.value, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.splitlines()[-1] == f"kembali {command}: stopped by {sig.name}", stderr
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_a_preview_stopped_while_it_writes_its_messages_leaves_each_file_whole(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Given a shop where more messages are due than a pipe holds lines of
+    site = make_site(tmp_path / "shop")
+    load_shop(site.settings, generate_shop(seed=7, customers=3000, now=NOW), NOW)
+    out = tmp_path / "preview"
+    # When its preview writes them to --out and to a pipe the test reads one line of: the preview waits on the full
+    # pipe, mid-way, until the signal comes
+    child = _start(["--config", str(site.config), "preview", "--at", NOW.isoformat(), "--out", str(out)],
+                   site.folder)  # fmt: skip
+    assert child.stdout is not None
+    assert child.stdout.readline().startswith("Preview as of")
+    _wait_for(lambda: any(out.glob("*.eml")), child, "its first message")
+    stdout, stderr = _stop(child, sig)
+    # Then it says it stopped part-way (no summary), with the signal's exit code
+    _stopped_as_the_shell_expects(child, stderr, "preview", sig)
+    assert "considered" not in stdout
+    # and every message in --out is whole: its two files, and no file being written left behind
+    names = {p.name for p in out.iterdir()}
+    assert not [n for n in names if n.endswith(".partial")], names
+    emls = {n.removesuffix(".eml") for n in names if n.endswith(".eml")}
+    assert emls == {n.removesuffix(".html") for n in names if n.endswith(".html")}
+    assert emls
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_stats_stopped_while_its_query_waits_says_so(tmp_path: Path, pg_url: str, sig: signal.Signals) -> None:
+    # Given a PostgreSQL ledger locked by another session, so that stats' first query waits
+    site = make_site(tmp_path / "shop")
+    site.config.write_text(site.config.read_text(encoding="utf-8").replace('"sqlite:///kembali.db"', f'"{pg_url}"'),
+                           encoding="utf-8")  # fmt: skip
+    engine = db.create_engine(pg_url)
+    db.upgrade(engine)
+    try:
+        with engine.connect() as locker:
+            locker.execute(sa.text("LOCK TABLE message IN ACCESS EXCLUSIVE MODE"))
+            child = _start(["--config", str(site.config), "stats", "--now", NOW.isoformat()], site.folder)
+
+            def waiting() -> bool:
+                with engine.connect() as probe:
+                    return bool(probe.execute(sa.text(
+                        "select count(*) from pg_stat_activity where wait_event_type = 'Lock' "
+                        "and pid <> pg_backend_pid() and query ilike '%from message%'")).scalar())  # fmt: skip
+
+            # When stats waits for the lock and the signal comes
+            _wait_for(waiting, child, "its query")
+            _stdout, stderr = _stop(child, sig)
+            locker.rollback()
+    finally:
+        engine.dispose()
+    # Then it stops at once (its query cancelled, not left to run), saying so
+    _stopped_as_the_shell_expects(child, stderr, "stats", sig)
 
 
 def test_a_file_of_preview_out_stopped_while_it_is_written_is_removed(tmp_path: Path) -> None:
@@ -38,3 +142,16 @@ def test_a_file_of_preview_out_stopped_while_it_is_written_is_removed(tmp_path: 
         thread.join()
     # Then nothing of it is left: neither the message's name nor the temporary one
     assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_the_live_preview_stops_on_either_signal_as_a_server_does(tmp_path: Path, sig: signal.Signals) -> None:
+    # Given the live preview serving (SIGTERM killed it without a word; Ctrl-C stopped it)
+    site = make_site(tmp_path / "shop")
+    child = _start(["--config", str(site.config), "preview", "--serve", "--port", "0"], site.folder)
+    assert child.stdout is not None
+    assert child.stdout.readline().startswith("live preview on http://127.0.0.1:")
+    # When the signal comes, Then it stops as a server does: exit code 0, saying so
+    _stdout, stderr = _stop(child, sig)
+    assert child.returncode == 0, stderr
+    assert stderr.splitlines()[-1] == "live preview stopped" and "Traceback" not in stderr, stderr

@@ -3,7 +3,8 @@
 Exit codes: 0 done; 1 done, but something needs the operator (rejected rows,
 render errors); 2 bad usage or configuration (nothing was done); 3 the
 database or SMTP server could not be used; 141 the output's reader went away
-(``| head``); 130/143 ``run --once``, ``import`` or ``demo`` stopped by SIGINT/SIGTERM.
+(``| head``); 130/143 stopped by SIGINT/SIGTERM (``run --once``, ``import`` and ``demo`` first finish what
+is under way; the daemon and ``preview --serve`` exit 0).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from worker import log
+from worker import log, stopping
 from worker.commands import arguments
 from worker.config import DEFAULT_CONFIG, LOG_LEVELS, Settings, load_settings, naming_the_line
 from worker.errors import ConfigError, KembaliError, SchemaError
@@ -35,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         "every message and attempt in a ledger so nothing is sent twice or lost.",
         epilog="Run `kembali COMMAND --help` for each command. Start with `kembali demo`. Exit codes: 0 done; 1 done, "
         "but something needs you (rejected rows, failed or uncertain messages, template problems); 2 bad usage or "
-        "configuration, nothing done; 3 the database or the SMTP server cannot be used; 130/143 `run --once`, "
-        "`import` or `demo` stopped by SIGINT/SIGTERM; 141 the output's reader went away (`| head`).",
+        "configuration, nothing done; 3 the database or the SMTP server cannot be used; 130/143 stopped by "
+        "SIGINT/SIGTERM (Ctrl-C, `timeout`; the daemon and `preview --serve` exit 0); 141 the output's reader "
+        "went away (`| head`).",
     )
     top.add_argument("--config", type=Path, default=None, metavar="FILE", help=_CONFIG_HELP)
     top.add_argument("--log-level", choices=LOG_LEVELS, default=None, metavar="LEVEL", help=_LOG_LEVEL_HELP)
@@ -300,6 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _main(argv)
         sys.stdout.flush()  # here, not at exit: a reader gone by then is caught below, not printed as a traceback
         return code
+    except KeyboardInterrupt as exc:  # before or after the command's own work (``_command`` says which it was)
+        sig = stopping.stop_signal(exc)
+        print(f"kembali: stopped by {sig.name}", file=sys.stderr)
+        return 128 + sig.value
     except BrokenPipeError:
         if not _stdout_reader_gone():  # another pipe or socket broke: not the operator's `| head`
             raise
@@ -320,8 +326,21 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
+_OWN_STOP_SIGNALS = frozenset({"run", "import", "demo"})
+"""The commands that take SIGINT and SIGTERM themselves: they stop gracefully and say how far they got. The
+others stop where they stand, by Ctrl-C's KeyboardInterrupt or SIGTERM's ``stopping.Terminated`` raised there, and
+say which signal stopped them (SIGTERM killed them without a word)."""
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in _OWN_STOP_SIGNALS:
+        return _command(args)
+    with stopping.sigterm_raises():
+        return _command(args)
+
+
+def _command(args: argparse.Namespace) -> int:
     # named by the operator (the option or $KEMBALI_CONFIG), or the default: only the demo tells them apart
     args.config_named = args.config is not None or "KEMBALI_CONFIG" in os.environ
     args.config_given = args.config is not None  # on the command line, not by $KEMBALI_CONFIG
@@ -362,9 +381,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except KembaliError as exc:
         print(f"kembali: {exc}", file=sys.stderr)
         return EXIT_ATTENTION
-    except KeyboardInterrupt:
-        print("kembali: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # unwound: a transaction under way rolled back, a helper process stopped
+        sig = stopping.stop_signal(exc)
+        print(f"kembali {args.command}: stopped by {sig.name}", file=sys.stderr)
+        return 128 + sig.value
     except OSError as exc:
         if exc.errno not in _USAGE_ERRNOS:
             raise

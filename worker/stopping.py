@@ -14,8 +14,9 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, Literal
 
@@ -107,3 +108,33 @@ class StartupSignals:
             os._exit(1)
         log.event("shutdown_requested", signal=sig.name, during="start-up")
         self.stop = sig
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, ``timeout``, ``kill``): raised where the command stands, as Ctrl-C raises
+    KeyboardInterrupt, so that it unwinds as it does for Ctrl-C (a transaction rolled back, a helper process
+    stopped, a file being written removed) and says so, where the default action killed it without a word."""
+
+
+def stop_signal(exc: KeyboardInterrupt) -> signal.Signals:
+    """The signal that ``exc`` stands for: SIGTERM for ``Terminated``, else SIGINT."""
+    return signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+
+
+def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside: SIGTERM raises ``Terminated`` in the main thread (a command whose work has no place to stop at
+    gracefully: preview, check, stats…); the handler before it comes back after. Elsewhere than the main thread
+    (where no handler can be set), nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -26,6 +26,7 @@ from worker.config import Settings
 from worker.domain import OrderRecord
 from worker.errors import ImportRowError
 from worker.log import printable
+from worker.stopping import Terminated
 
 BATCH = 1000
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -45,10 +46,6 @@ def _reader(
                                  shop_currency=settings.shop.currency)
     return numbered_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone,
                            shop_currency=settings.shop.currency, now=now)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a service manager, ``timeout``): stops an import as Ctrl-C does, saying how far it got."""
 
 
 class _Stops:

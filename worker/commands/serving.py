@@ -203,8 +203,8 @@ def serve(settings: Settings, port: int | None) -> int:
                   "(0 picks a free one)", file=sys.stderr)  # fmt: skip
             return EXIT_USAGE
         host, bound = server.server_address[:2]
-        print(f"live preview on http://{host!s}:{bound}/ (templates: {folder}; Ctrl-C to stop)", flush=True)
-        try:
+        try:  # the line too: Ctrl-C or SIGTERM (stopping.Terminated) right after it stops the server as later
+            print(f"live preview on http://{host!s}:{bound}/ (templates: {folder}; Ctrl-C to stop)", flush=True)
             server.serve_forever(poll_interval=0.2)
         except KeyboardInterrupt:
             pass
