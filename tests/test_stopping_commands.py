@@ -9,6 +9,7 @@ as a terminal's Ctrl-C and ``timeout`` send it: its helper processes get it too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -82,6 +83,34 @@ def test_a_preview_stopped_while_it_writes_its_messages_leaves_each_file_whole(
     emls = {n.removesuffix(".eml") for n in names if n.endswith(".eml")}
     assert emls == {n.removesuffix(".html") for n in names if n.endswith(".html")}
     assert emls
+
+
+NEVER_ENDS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+
+
+def _children(pid: int) -> list[str]:
+    """The command lines of ``pid``'s child processes (Linux)."""
+    found = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(FileNotFoundError):  # gone meanwhile
+            found.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return found
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_a_check_stopped_while_it_renders_says_so_and_its_helper_too_stays_quiet(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Given a template that never finishes rendering (the check gives it checks.render_timeout_seconds, a minute)
+    site = make_site(tmp_path / "shop", copy_templates=True, extra_toml="[checks]\nrender_timeout_seconds = 60\n")
+    text = tmp_path / "shop" / "templates" / "winback" / "id" / "body.txt"
+    text.write_text(NEVER_ENDS + text.read_text(encoding="utf-8"), encoding="utf-8")
+    # When the check is rendering (its render helper started) and Ctrl-C or SIGTERM reaches its process group
+    child = _start(["--config", str(site.config), "check"], site.folder)
+    _wait_for(lambda: any("render_worker" in c for c in _children(child.pid)), child, "its render helper")
+    _stdout, stderr = _stop(child, sig)
+    # Then the check says it stopped, and the helper, which got the signal too, printed no traceback
+    _stopped_as_the_shell_expects(child, stderr, "check", sig)
 
 
 @pytest.mark.postgres

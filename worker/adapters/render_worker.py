@@ -12,7 +12,12 @@ memory is bounded too (``MEMORY_LIMIT_BYTES``): a render that keeps building
 values fails with a ``MemoryError`` at its file and line instead of taking the
 machine's memory until the deadline.
 
-The child side is ``python -m worker.adapters.render_worker ROOT``.
+The child side is ``python -m worker.adapters.render_worker ROOT``. It runs in a
+process group of its own: a Ctrl-C at the terminal, or ``timeout``'s signal to the
+command's group, reaches the process that started it, which decides when to stop
+and stops it (at once when it leaves ``with`` on an exception). In the command's
+group, the helper got the same Ctrl-C and printed a traceback below the
+command's own line, from its start-up or a render.
 """
 
 from __future__ import annotations
@@ -94,10 +99,15 @@ class TimeLimitedRenderer:
         env = {**os.environ, "PYTHONPATH": path}
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker.adapters.render_worker", str(self.root)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, process_group=0,
         )  # fmt: skip
         assert proc.stdout is not None
-        ready = _readline(proc.stdout, self.start_timeout_seconds)
+        try:
+            ready = _readline(proc.stdout, self.start_timeout_seconds)
+        except BaseException:  # stopped (Ctrl-C, SIGTERM) while it started: in a group of its own, it would live on
+            proc.kill()
+            proc.wait()
+            raise
         if ready != b"ready\n":
             proc.kill()
             proc.wait()
@@ -130,7 +140,11 @@ class TimeLimitedRenderer:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+        else:  # stopped (Ctrl-C, SIGTERM) or failed: a render under way is not waited for
+            self._kill()
+            self._proc = None
 
 
 def _readline(stream: IO[bytes], timeout_seconds: float) -> bytes | None:
@@ -165,6 +179,14 @@ def _limit_memory(limit: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    try:
+        return _serve(argv)
+    except BrokenPipeError:  # the process that started this one is gone (killed): nobody to answer
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the unwritten rest, flushed at exit
+        return 0
+
+
+def _serve(argv: list[str]) -> int:
     templates = JinjaTemplates(Path(argv[1]), time_limit=None)  # the parent kills this process past its limit
     _limit_memory(MEMORY_LIMIT_BYTES)
     out = sys.stdout.buffer
