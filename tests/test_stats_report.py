@@ -200,6 +200,18 @@ def test_insights_on_the_demo_shop(tmp_path: Path) -> None:
     assert f"recommended campaigns.winback.quiet_days = {expected_day}, resting on {len(gaps)} second" in text
 
 
+def test_a_plot_that_cannot_be_written_is_named_with_exit_2(tmp_path: Path) -> None:
+    # Given a shop with second purchases, and a --plot in a folder that does not exist
+    site = make_site(tmp_path / "site")
+    load_shop(site.settings, generate_shop(seed=7, customers=100, now=NOW), NOW)
+    plot = tmp_path / "charts" / "gaps.png"
+    # When insights writes its chart there (whole or not at all: under a temporary name, then renamed)
+    done = site.cli("insights", "--plot", str(plot))
+    # Then the file asked for is named (not the temporary one), with why and exit code 2
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"kembali: [Errno 2] No such file or directory: '{plot}'\n"
+
+
 def test_insights_recommends_the_first_step_when_win_back_has_steps(tmp_path: Path) -> None:
     # Given win-back in steps, as config.toml ships it: quiet_days then applies to nothing (the first step's days
     # decide when the first email goes), yet insights said "recommended campaigns.winback.quiet_days = N

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import secrets
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 from worker.app import Deps, link_keys
+from worker.commands import files
 from worker.commands.progress import Progress
 from worker.commands.running import check_template_folders
 from worker.config import Settings
@@ -40,8 +40,6 @@ from worker.pipeline import preview as run_preview
 
 EXIT_OK, EXIT_RENDER_ERRORS, EXIT_USAGE = 0, 1, 2
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_PARTIAL = ".partial"
-"""What a file of ``--out`` is called while it is written: ``.0001-….eml.partial``, renamed when whole."""
 
 
 class OutWriteError(Exception):
@@ -52,21 +50,13 @@ class OutWriteError(Exception):
 
 
 def write_whole(path: Path, data: bytes) -> None:
-    """``data`` in ``path``, whole or not at all: written under a hidden temporary name beside it, then renamed
-    over it. A write that fails, or that Ctrl-C or SIGTERM stops (``stopping.Terminated``), removes the temporary
-    file; only a preview killed part-way (SIGKILL) leaves it (removed by the next preview into that folder,
-    ``_clear_earlier``), and never a message cut short under its own name."""
-    partial = path.with_name(f".{path.name}{_PARTIAL}")
+    """``files.write_whole``: a preview stopped part-way (Ctrl-C, SIGTERM, a full disk) leaves no message cut short;
+    killed (SIGKILL), at most the hidden ``.partial`` file, removed by the next preview into that folder
+    (``_clear_earlier``)."""
     try:
-        with open(partial, "wb") as f:
-            f.write(data)
-        os.replace(partial, path)
-    except BaseException as exc:  # KeyboardInterrupt too: the preview stops, leaving whole files only
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        if isinstance(exc, OSError):
-            raise OutWriteError(path, exc) from None
-        raise
+        files.write_whole(path, data)
+    except OSError as exc:
+        raise OutWriteError(path, exc) from None
 
 
 _WRITTEN = re.compile(r"\.?[0-9]{4,}-[A-Za-z0-9._-]*\.(?:eml|html)(?:\.partial)?")

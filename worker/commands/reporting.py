@@ -8,6 +8,7 @@ import sys
 from datetime import UTC, datetime, time, timedelta
 
 from worker.adapters import db
+from worker.commands import files
 from worker.config import Settings
 from worker.core import png
 from worker.core import stats as core_stats
@@ -125,7 +126,7 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     if args.plot:
-        args.plot.write_bytes(png.bar_chart(found.histogram, found.recommended_quiet_days))
+        files.write_whole(args.plot, png.bar_chart(found.histogram, found.recommended_quiet_days))  # or none
     if args.json:
         print(json.dumps(found.as_json(), ensure_ascii=False, indent=2))
         return EXIT_OK
