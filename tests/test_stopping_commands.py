@@ -184,3 +184,21 @@ def test_the_live_preview_stops_on_either_signal_as_a_server_does(tmp_path: Path
     _stdout, stderr = _stop(child, sig)
     assert child.returncode == 0, stderr
     assert stderr.splitlines()[-1] == "live preview stopped" and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_a_send_test_stopped_while_it_waits_for_the_server_says_so(tmp_path: Path, sig: signal.Signals) -> None:
+    # Given an SMTP server that takes the connection and never greets
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        site = make_site(tmp_path / "shop", smtp_port=server.getsockname()[1])
+        child = _start(["--config", str(site.config), "send-test", "--campaign", "winback", "--to", "me@example.com"],
+                       site.folder)  # fmt: skip
+        # When send-test has connected (it waits for the greeting) and the signal comes
+        connection, _ = server.accept()
+        with connection:
+            stdout, stderr = _stop(child, sig)
+    # Then it says it stopped, and sent nothing
+    _stopped_as_the_shell_expects(child, stderr, "send-test", sig)
+    assert stdout == ""

@@ -10,15 +10,16 @@ and forcing on that left a run's messages in ``sending``, to become uncertain).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from worker import log
 
@@ -138,3 +139,45 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+T = TypeVar("T")
+
+
+def run_terminable(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` (a short command's, ``send-test``'s), where SIGTERM, as Ctrl-C there, cancels ``main``
+    and raises (``Terminated``) once the loop is closed. ``Terminated`` raised by ``sigterm_raises``'s handler
+    could land inside a task, whose exception asyncio then logged with its traceback ("Task exception was never
+    retrieved"). The SIGTERM handler before it comes back after."""
+    stopped = False
+
+    async def cancelled_by_sigterm() -> T | None:
+        nonlocal stopped
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            nonlocal stopped
+            stopped = True
+            task.cancel()
+
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            loop.add_signal_handler(signal.SIGTERM, stop)
+        except (ValueError, RuntimeError):  # not the main thread: SIGTERM is left as it is
+            return await main
+        try:
+            return await main
+        except asyncio.CancelledError:
+            if not stopped:
+                raise
+            return None
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)  # (it leaves SIG_DFL)
+            signal.signal(signal.SIGTERM, previous)
+
+    result = asyncio.run(cancelled_by_sigterm())
+    if stopped:
+        raise Terminated
+    return cast(T, result)  # None only when stopped

@@ -10,12 +10,11 @@ it in the test mail cannot unsubscribe the customer it was rendered for.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import sys
 import uuid
 
-from worker import contexts
+from worker import contexts, stopping
 from worker.app import Deps
 from worker.checks import SAMPLE_LINK_KEY, campaigns_to_check
 from worker.core import samples
@@ -81,7 +80,7 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
         date=now, list_unsubscribe_https=unsubscribe, list_unsubscribe_mailto=settings.unsubscribe.mailto,
         extra_headers=(("X-Kembali-Campaign", args.campaign), ("X-Kembali-Test", "yes")),
     )  # fmt: skip
-    result = asyncio.run(_send(deps, settings.shop.from_address, args.to, data))
+    result = stopping.run_terminable(_send(deps, settings.shop.from_address, args.to, data))
     who = f"customer {customer.external_id}" if args.customer else "a sample customer"
     if result.outcome is Outcome.SENT:
         # the subject carries customer data, a reply the server's text: escape what is not printable (a terminal escape)
