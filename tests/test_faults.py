@@ -10,6 +10,7 @@ fine customer got their mail, and no message arrived twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 import time
 from collections.abc import Iterator
@@ -147,6 +148,7 @@ def test_each_fault_ends_in_its_state(url: str, server: RecordingServer, case: C
         assert received.count((OK,)) == 1
         assert shop.suppressed() == ({BAD: case.suppressed} if case.suppressed else {})
         assert report.dispatched.outcomes[case.label or case.status] == 1
+        assert report.dispatched.unreachable is None  # the fine customer's message reached the server
         if case.status == "retry":
             assert bad.next_attempt_at > shop.clock.now()
 
@@ -368,6 +370,37 @@ def test_connection_failures_in_a_row_pause_the_dispatcher(url: str, server: Rec
     finally:
         shop.close()
         server.start_in_thread()  # the fixture stops it again
+
+
+def test_a_run_whose_every_attempt_met_no_server_says_so_and_exits_3(url: str, server: RecordingServer) -> None:
+    # Given a small shop (fewer messages due than sending.pause_after_failures, 20) and an SMTP server nobody
+    # listens on: too few failures in a row to pause, so `run --once` from cron said "sent 0, 3 retry" and exit 0
+    emails = [f"c{i}@test.example" for i in range(3)]
+    port = server.port
+    server.stop_in_thread()
+    settings = make_settings(url, port, smtp={"pool_size": 1}, in_flight_per_connection=1)
+    shop = Shop(url, settings, emails)
+    try:
+        report = shop.cycle()
+
+        # Then nothing is lost or counted against the messages, the run is not a pause, but it says that not one
+        # attempt reached the server, naming it, and exits 3 (the SMTP server cannot be used), as a pause does
+        assert report.dispatched.paused is None
+        assert {(shop.row(e).status, shop.row(e).attempts) for e in emails} == {("retry", 0)}
+        (line,) = [line for line in running.summary(report) if line.startswith("NOT SENT")]
+        assert f"127.0.0.1:{port}" in line and "3 attempts got through" in line and "wait in the queue" in line
+        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+
+        # and once the server is back, the next run sends them and exits 0
+        server.start_in_thread()
+        shop.deps = dataclasses.replace(shop.deps, settings=make_settings(url, server.port, smtp={"pool_size": 1}))
+        shop.clock.advance(7 * 3600)
+        report = shop.cycle()
+        assert {shop.row(e).status for e in emails} == {"sent"}
+        assert report.dispatched.unreachable is None
+        assert running._exit_code(report) == running.EXIT_OK
+    finally:
+        shop.close()
 
 
 def _six_one_at_a_time(url: str, port: int, smtp: dict[str, Any]) -> tuple[list[str], Shop]:

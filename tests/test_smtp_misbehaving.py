@@ -17,6 +17,7 @@ from aiosmtpd.smtp import SMTP
 from tests.sendkit import (
     REPO,
     Shop,
+    ledger,
     make_settings,
     message_ids,
     prepare_database,
@@ -24,7 +25,7 @@ from tests.sendkit import (
     subprocess_env,
     write_config,
 )
-from tests.smtp_server import Behaviour, RecordingServer, _FaultySMTP, _hang_up, make_message
+from tests.smtp_server import Behaviour, RecordingServer, _FaultySMTP, _hang_up, closed_port, make_message
 from worker.adapters.smtp import SmtpTransport
 from worker.commands import running
 from worker.domain import Outcome, SendResult
@@ -248,6 +249,28 @@ def test_run_once_prints_a_servers_reply_with_its_control_characters_escaped(tmp
     assert b"PAUSED" in done.stdout and b"go away" in done.stdout
     assert b"\x1b" not in done.stdout + done.stderr and b"\x07" not in done.stdout + done.stderr
     assert b"\\u001b]0;owned\\u0007\\u001b[2J go away" in done.stdout
+
+
+def test_run_once_from_cron_says_when_no_attempt_got_through_to_the_smtp_server(tmp_path: Path) -> None:
+    # Given a shop with two customers due, and an smtp.port nobody listens on (a typo, the relay down)
+    url = f"sqlite:///{tmp_path / 'kembali.db'}"
+    prepare_database(url, 2)
+    port = closed_port()
+    raw = settings_dict(url, port)
+    raw["policy"] = {"quiet_hours_start": "00:00", "quiet_hours_end": "00:00"}  # any hour the test runs at
+    config = write_config(tmp_path / "config.toml", raw)
+
+    # When cron runs it, asking for warnings only
+    argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once", "--log-level", "warning"]
+    done = subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, timeout=60, check=False)
+
+    # Then it does not end 0 in silence: exit 3, the summary and an error event name the server; nothing is lost
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"NOT SENT: not one of this run's 2 attempts got through to the SMTP server 127.0.0.1:{port}".encode() in (
+        done.stdout
+    )
+    assert b"smtp_unreachable" in done.stderr and f"127.0.0.1:{port}".encode() in done.stderr
+    assert {row.status for row in ledger(url).values()} == {"retry"}
 
 
 def _one_at_a_time(url: str, server: OddServer, emails: list[str], **sending: Any) -> Shop:

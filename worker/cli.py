@@ -93,10 +93,10 @@ def _parser() -> argparse.ArgumentParser:
                        "tests); a signal stops it the same way, with exit code 130 (SIGINT) or 143 (SIGTERM). "
                        "With --once, exit code 0 when all went out; 1 when messages failed or became uncertain "
                        "(`kembali ledger list`); 2 for a bad config or a template folder missing files (nothing "
-                       "done); 3 when the database cannot be used or sending paused (the SMTP connection, login or "
-                       "setup). The daemon exits 0 when stopped, 1 when forced by a second signal or when outcomes "
-                       "could not be written, 2 when its config or templates fail the start-up check, 3 when the "
-                       "database cannot be used at start.")
+                       "done); 3 when the database cannot be used, sending paused (the SMTP connection, login or "
+                       "setup) or not one attempt got through to the SMTP server. The daemon exits 0 when stopped, "
+                       "1 when forced by a second signal or when outcomes could not be written, 2 when its config "
+                       "or templates fail the start-up check, 3 when the database cannot be used at start.")
     p.add_argument("--once", action="store_true", help="run one cycle and exit")
 
     p = sub.add_parser("suppress", help="manage the suppression list (addresses that never get email)",

@@ -124,6 +124,14 @@ class DispatchReport:
     """Why the dispatcher paused (too many connection failures in a row), or None."""
     quota_reached: bool = False
     """The daily quota ran out; what is left waits for the next day."""
+    unreachable: str | None = None
+    """Why not one of the run's attempts reached the SMTP server (each met a refused or dropped connection, no reply
+    or the server's own trouble), naming it, when there were some and they did not pause sending (fewer than
+    ``sending.pause_after_failures``); else None. ``run --once`` says so and exits 3, as after a pause."""
+    attempts_reached: int = 0
+    """Attempts of the run that got past the connection to the server's reply about the message."""
+    attempts_unreached: int = 0
+    """Attempts of the run that did not (those the dispatcher's pause counts)."""
     remembered_peak: int = 0
     """The most sends the run's arbiter remembered beside the ledger at once (its memory; stays near
     the messages in flight however long the run)."""
@@ -398,6 +406,8 @@ class Dispatcher:
         self.pauses_in_row = 0
         """Pauses since the last attempt that got past the connection (a daemon waits longer after each)."""
         self.quota_reached = False
+        self._last_unreached = ""
+        """The reply (or error) of the last attempt that did not reach the server."""
         self._runs = 0
         self._catalogue: list[ProductView] = []
         """The product catalogue, read once per run (when batches are prepared in this process)."""
@@ -576,6 +586,13 @@ class Dispatcher:
             raise
         report.paused = self.paused
         report.quota_reached = self.quota_reached
+        if report.attempts_unreached and not report.attempts_reached and self.paused is None:
+            smtp = self.settings.smtp
+            hint = tls_port_hint(smtp)
+            report.unreachable = (
+                f"not one of this run's {report.attempts_unreached} attempts got through to the SMTP server "
+                f"{smtp.host}:{smtp.port} (last: {self._last_unreached[:120]})" + (f"; {hint}" if hint else "")
+            )
         return report
 
     def hand_over_unwritten(self, to: Dispatcher) -> None:
@@ -900,6 +917,12 @@ class Dispatcher:
             refusal = as_sender_refusal(result)
             sender_refused, result = refusal is not result, refusal
             servers = self._observe_failures(result, domain)
+            # this attempt met the connection's or the server's trouble (one cut off after the dot may have arrived)
+            if self.failures_in_row and result.outcome is not Outcome.AMBIGUOUS:
+                report.attempts_unreached += 1
+                self._last_unreached = result.reply
+            else:
+                report.attempts_reached += 1
             status, next_at = lifecycle.after_attempt(
                 result,
                 attempt=message.attempt_since_resend,

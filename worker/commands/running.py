@@ -81,6 +81,8 @@ async def cycle(
                 dispatcher.close()
         finally:
             await transport.close()
+        if dispatched.unreachable:  # too few failures to pause: said all the same, for cron and log collectors
+            log.event("smtp_unreachable", logging.ERROR, reason=dispatched.unreachable)
         return CycleReport(planned, dispatched, requeued, uncertain, holdout=holdout)
     finally:
         if own_store:
@@ -121,6 +123,9 @@ def summary(report: CycleReport) -> list[str]:
     if report.dispatched.paused:
         # the reason quotes the server's reply: its control characters escaped, as the logs show them
         lines.append(f"PAUSED: sending stopped after {log.printable(report.dispatched.paused)}; check the SMTP server")
+    if report.dispatched.unreachable:
+        lines.append(f"NOT SENT: {log.printable(report.dispatched.unreachable)}: the messages wait in the queue for "
+                     "the next run; check the SMTP server, and smtp.host, smtp.port and smtp.tls")
     if report.uncertain:
         lines.append(f"{report.uncertain} messages became uncertain (a worker died while sending): "
                      "see `kembali ledger`")
@@ -142,7 +147,7 @@ def stopped_code(report: CycleReport) -> int | None:
 def _exit_code(report: CycleReport) -> int:
     if (code := stopped_code(report)) is not None:
         return code
-    if report.dispatched.paused:
+    if report.dispatched.paused or report.dispatched.unreachable:
         return EXIT_UNAVAILABLE
     bad = sum(n for what, n in report.dispatched.outcomes.items() if what.startswith("failed") or what == "uncertain")
     return EXIT_ATTENTION if bad or report.uncertain else EXIT_OK
