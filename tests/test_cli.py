@@ -184,6 +184,16 @@ def test_preview_shows_who_would_get_what_and_writes_nothing(tmp_path: Path) -> 
     assert hashlib.sha256(db_file.read_bytes()).hexdigest() == before
 
 
+def test_preview_with_a_link_key_too_short_says_so_not_that_it_is_unset(tmp_path: Path) -> None:
+    # an operator who exported a key of 10 characters read "KEMBALI_LINK_SECRET is not set", and the run refused it
+    config = write_config(tmp_path)
+    _shop_in(tmp_path, config, customers=20)
+    result = kembali("preview", config=config, env={"KEMBALI_LINK_SECRET": "ten-chars!"})
+    assert result.returncode == 0, result.stderr
+    assert "the key in KEMBALI_LINK_SECRET is too short" in result.stderr and "is not set" not in result.stderr
+    assert "preview links use a throwaway key" in result.stderr and "ten-chars!" not in result.stderr
+
+
 @pytest.mark.parametrize("login", ["refused", "accepted"])
 def test_no_secret_is_ever_printed(tmp_path: Path, smtp_server: RecordingServer, login: str) -> None:
     password = "Sup3r-Secret-Pa55word"

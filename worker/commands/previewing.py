@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import secrets
 import sys
@@ -146,9 +147,10 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
     at: datetime = args.at or deps.clock.now()
     try:
         keys = link_keys(settings)
-    except ConfigError:  # a preview's links are never clicked: a throwaway key will do
-        print(f"note: {settings.unsubscribe.secret_env} is not set; preview links use a throwaway key",
-              file=sys.stderr)
+    except ConfigError as exc:  # a preview's links are never clicked: a throwaway key will do
+        name = settings.unsubscribe.secret_env
+        why = f"{name} is not set" if not os.environ.get(name, "").replace(",", "").strip() else str(exc)
+        print(f"note: {why}; preview links use a throwaway key", file=sys.stderr)
         keys = [secrets.token_bytes(32)]
     try:
         check_template_folders(deps)
