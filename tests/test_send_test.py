@@ -70,7 +70,10 @@ def test_send_test_with_a_sample_customer_and_a_refusing_server(tmp_path: Path, 
     assert done.stdout == ""
 
     done = site.cli("send-test", "--campaign", "nosuch", "--to", "me@shop.example")
-    assert done.returncode == 2 and "no campaign 'nosuch'" in done.stderr
+    # a mistyped --campaign is the command line's mistake, named as --customer's is: not a "configuration error"
+    # that sent the operator looking through config.toml
+    assert done.returncode == 2 and "kembali send-test: no campaign 'nosuch'" in done.stderr, done.stderr
+    assert "configuration error" not in done.stderr
     assert _ledger_rows(site.db_path) == 0
 
 

@@ -21,7 +21,7 @@ from worker.core import samples
 from worker.core.render import build_context, build_message
 from worker.core.retry import connection_failure
 from worker.domain import ClaimedMessage, Locale, Outcome, SendResult, SendTimeFacts
-from worker.errors import ConfigError, TemplateError
+from worker.errors import TemplateError
 from worker.log import printable
 from worker.pipeline import Composer, load_batch_facts, load_catalogue
 
@@ -34,7 +34,8 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     settings = deps.settings
     if args.campaign not in campaigns_to_check(settings, deps.templates):
         known = ", ".join(campaigns_to_check(settings, deps.templates))
-        raise ConfigError(f"no campaign {args.campaign!r} (campaigns: {known})")
+        print(f"kembali send-test: no campaign {args.campaign!r} (campaigns: {known})", file=sys.stderr)
+        return EXIT_USAGE
     store = deps.store
     payload = dict(samples.SAMPLE_PAYLOAD)
     if args.customer:
