@@ -228,6 +228,31 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     assert [json.loads(line)["kind"] for line in done.stdout.splitlines()] == ["syntax"]
 
 
+def test_check_says_when_the_shop_is_still_the_example_shop(tmp_path: Path) -> None:
+    # Given a config that never set [shop] (the README's "then set [shop]" forgotten): every email would go out
+    # from halo@toko-kembali.example, a reserved domain no provider delivers for, over the placeholder postal
+    # address, and `kembali check` said "no problems found"
+    site = make_site(tmp_path / "unset")
+    done = site.cli("check")
+    # Then check says so, naming each key, on stdout with its report; the exit code stays 0 (the demo's shop)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "note: still the example shop's" in done.stdout, done.stdout
+    for key in ("shop.domain", "shop.from_address", "shop.base_url", "unsubscribe.url", "unsubscribe.mailto",
+                "campaigns.feedback.link_url", "shop.postal_address"):
+        assert key in done.stdout, key
+    done = site.cli("check", "--json")
+    assert done.returncode == 0 and done.stdout == "", done.stdout
+
+    # Given the shop's own values, there is no note
+    own = make_site(tmp_path / "own", extra_toml=(
+        '[shop]\ndomain = "tokoku.co.id"\nfrom_address = "halo@tokoku.co.id"\nbase_url = "https://tokoku.co.id"\n'
+        'postal_address = "Jl. Malioboro No. 5, Yogyakarta 55213"\n'
+        '[unsubscribe]\nurl = "https://tokoku.co.id/unsubscribe"\nmailto = ""\n'
+        '[campaigns.feedback]\nlink_url = "https://tokoku.co.id/feedback"\n'))  # fmt: skip
+    done = own.cli("check")
+    assert done.returncode == 0 and "note:" not in done.stdout, done.stdout
+
+
 def test_check_reports_a_missing_link_secret(tmp_path: Path) -> None:
     site = make_site(tmp_path / "site")
     env = site.env()

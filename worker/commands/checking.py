@@ -5,11 +5,12 @@ The report (or, with --json, one object per problem) is the result: all of it go
 from __future__ import annotations
 
 import argparse
+from urllib.parse import urlsplit
 
 from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.app import link_keys, smtp_password
 from worker.checks import Kind, Problem, check_templates
-from worker.config import Settings, tls_port_hint
+from worker.config import Settings, ShopSettings, tls_port_hint
 from worker.core import samples
 from worker.domain import Locale
 from worker.errors import ConfigError
@@ -34,6 +35,35 @@ def check_config(settings: Settings, environ: dict[str, str] | None = None) -> l
     return problems
 
 
+RESERVED_TLDS = ("example", "test", "invalid", "localhost")
+"""Top-level names reserved for examples and tests (RFC 2606, RFC 6761): no mail goes to or from them."""
+
+
+def _reserved(host: str) -> bool:
+    labels = host.lower().rstrip(".").split(".")
+    return labels[-1] in RESERVED_TLDS or labels[-2:] in (["example", "com"], ["example", "net"], ["example", "org"])
+
+
+def example_shop(settings: Settings) -> list[str]:
+    """The keys that still hold the example shop's values (the shipped config.toml's, or the defaults of a config that
+    leaves [shop] out), each with its value: a reserved domain, the placeholder postal address. Sending with them
+    works against a local sink, so they are no problem for the demo, but real mail would claim a shop that is not
+    yours, from a domain no provider delivers for."""
+    shop, unsubscribe = settings.shop, settings.unsubscribe
+    found = [(key, value) for key, value, host in (
+        ("shop.domain", shop.domain, shop.domain),
+        ("shop.from_address", shop.from_address, shop.from_address.rpartition("@")[2]),
+        ("shop.base_url", shop.base_url, urlsplit(shop.base_url).hostname or ""),
+        ("unsubscribe.url", unsubscribe.url, urlsplit(unsubscribe.url).hostname or ""),
+        ("unsubscribe.mailto", unsubscribe.mailto, unsubscribe.mailto.rpartition("@")[2]),
+        ("campaigns.feedback.link_url", settings.campaigns.feedback.link_url,
+         urlsplit(settings.campaigns.feedback.link_url).hostname or ""),
+    ) if host and _reserved(host)]  # fmt: skip
+    if shop.postal_address == ShopSettings.postal_address:
+        found.append(("shop.postal_address", f"{shop.postal_address} (the placeholder)"))
+    return [f"{key} {value!r}" for key, value in found]
+
+
 def check(settings: Settings, args: argparse.Namespace) -> int:
     problems = check_config(settings)
     folder = settings.resolve(settings.templates.dir)
@@ -49,6 +79,9 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_PROBLEMS if problems else EXIT_OK
     print(f"config: {settings.source}")
     print(f"templates: {folder} (about {renders} sample renders: every campaign x language x sample customer)")
+    if example := example_shop(settings):
+        print(f"note: still the example shop's (fine for the demo; set your own before sending real mail): "
+              f"{', '.join(example)}")
     if not problems:
         print("no problems found")
         return EXIT_OK
