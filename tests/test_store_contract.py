@@ -855,3 +855,18 @@ def test_due_ahead_gives_a_campaign_s_rows_due_soon_by_mailbox(store: Store) -> 
                             priority=50, after=NOW, until=NOW + timedelta(hours=2))  # fmt: skip
     # c0's is due within the span (asked for in another case: the same mailbox); c1's after it; c2's already due
     assert ahead == {"c0@example.com": [soon]}
+
+
+def test_lapsed_leases_kept_for_a_large_run_release_the_rest(store: Store) -> None:
+    # Given a dead worker's lapsed claim, beside a live worker whose run holds more rows than one SQL statement
+    # takes parameters (sending.batch_size goes to 100,000: a claimed batch and the queue's are held at once)
+    store.insert_messages(planned(2), NOW)
+    batch = store.claim(worker="dead", now=NOW, limit=1, lease_seconds=60)
+    mine = store.claim(worker="me", now=NOW, limit=1, lease_seconds=60)
+    held = {mine[0].id, *range(10**6, 10**6 + 70_000)}
+    # When the live worker's maintenance releases lapsed leases, keeping every row its run holds
+    released = store.release_expired_leases(NOW + timedelta(seconds=61), keep=held)
+    # Then the dead worker's row goes back to the queue and the live worker's stays its own
+    assert released == (1, 0)
+    statuses = {r["dedupe_key"]: (r["status"], r["claimed_by"]) for r in store.messages()}
+    assert statuses == {batch[0].dedupe_key: ("planned", None), mine[0].dedupe_key: ("claimed", "me")}

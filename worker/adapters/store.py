@@ -796,9 +796,18 @@ class Store:
         of ``keep`` (those the calling process still works on: it is alive, whatever their leases say).
         Returns (requeued, uncertain)."""
         lapsed = sa.and_(IN_FLIGHT, M.c.lease_until < now)
-        if keep:
-            lapsed = sa.and_(lapsed, M.c.id.not_in(sorted(set(keep))))
-        return self.release(lapsed, now=now, why="lease lapsed while sending (worker died?)")
+        why = "lease lapsed while sending (worker died?)"
+        if not keep:
+            return self.release(lapsed, now=now, why=why)
+        # the kept rows are left out here, not by a NOT IN (…) of them: a run of a large sending.batch_size holds
+        # more rows than PostgreSQL takes parameters in one statement (65,535), and maintenance failed while it ran
+        with db.reading(self.engine) as conn:
+            ids = sorted(set(conn.execute(sa.select(M.c.id).where(lapsed)).scalars()) - set(keep))
+        requeued = uncertain = 0
+        for part in _chunks(ids):
+            more = self.release(sa.and_(lapsed, M.c.id.in_(part)), now=now, why=why)
+            requeued, uncertain = requeued + more[0], uncertain + more[1]
+        return requeued, uncertain
 
     def release(self, where: Any, *, now: datetime, why: str) -> tuple[int, int]:
         """Of the rows matching ``where``: claimed ones go back to the queue (no SMTP byte was sent),
