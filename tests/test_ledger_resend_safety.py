@@ -243,3 +243,32 @@ def test_one_customers_rows_by_address_or_customer_id_on_each_database(
     assert kembali(config, "list", "--all", "--customer", "C4", "--json") == 0
     (line,) = capsys.readouterr().out.splitlines()
     assert (json.loads(line)["email"], json.loads(line)["last_code"]) == (DISABLED, 550)
+
+
+def test_a_bulk_resend_dry_run_over_more_rows_than_one_statement_takes_counts_them_all(
+    incident: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a day-long relay outage's 66,000 failed messages besides the incident's (554, each to its own address):
+    # more ids than PostgreSQL takes parameters in one statement (65,535), more addresses than SQLite does (32,766)
+    shop, config = incident
+    now, many = shop.clock.now(), 66_000
+    customer = shop.row(BROKEN[0]).customer_id
+    rows = [
+        {"dedupe_key": f"outage:{i}", "campaign": "winback", "step": 1, "priority": 0, "customer_id": customer,
+         "email": f"o{i}@outage.example", "status": "failed", "due_at": now, "expires_at": now + timedelta(days=14),
+         "next_attempt_at": now, "attempts": 1, "last_code": 554, "payload": "{}", "created_at": now,
+         "updated_at": now}
+        for i in range(many)
+    ]  # fmt: skip
+    engine = sa.create_engine(shop.settings.database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.insert(M), rows)
+    finally:
+        engine.dispose()
+    # When the operator counts what a resend by code would take
+    assert kembali(config, "resend", "--code", "554", "--dry-run") == 0
+    # Then it counts every one, and changes nothing
+    out = capsys.readouterr().out
+    assert f"dry run: nothing changed; {many + len(BROKEN)} message(s) would be back in the queue" in out
+    assert {shop.row(a).status for a in BROKEN} == {"failed"}

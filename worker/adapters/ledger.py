@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from worker.adapters import db
-from worker.adapters.store import suppression_address
+from worker.adapters.store import _chunks, suppression_address
 from worker.adapters.tables import Attempt, Customer, Message, Suppression
 from worker.domain import MessageStatus, Outcome
 
@@ -214,14 +214,15 @@ class LedgerAdmin:
         done: dict[int, str] = {}
         with self.engine.begin() as conn:
             possible = [i for i in ids if 1 <= i <= MAX_ID]  # a bigger one is not a row: SQLite would raise on it
-            query = sa.select(M.c.id, M.c.status, M.c.attempts, M.c.email, M.c.next_attempt_at, M.c.expires_at).where(
-                M.c.id.in_(possible)
-            )
-            found = {r.id: r for r in conn.execute(query)}
+            # read a few hundred at a time: a bulk decision by filters (an outage's messages) can name more rows,
+            # and addresses, than a statement takes parameters (PostgreSQL: 65,535)
+            query = sa.select(M.c.id, M.c.status, M.c.attempts, M.c.email, M.c.next_attempt_at, M.c.expires_at)
+            found = {r.id: r for part in _chunks(possible) for r in conn.execute(query.where(M.c.id.in_(part)))}
             suppressed: dict[str, str] = {}
             if sendable_only and found:
-                listed = {suppression_address(r.email) for r in found.values()}
-                suppressed = dict(conn.execute(sa.select(S.c.email, S.c.reason).where(S.c.email.in_(listed))).all())
+                listed = sorted({suppression_address(r.email) for r in found.values()})
+                for part in _chunks(listed):
+                    suppressed.update(conn.execute(sa.select(S.c.email, S.c.reason).where(S.c.email.in_(part))).all())
             for message_id in ids:
                 row = found.get(message_id)
                 if row is None:
