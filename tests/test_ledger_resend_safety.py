@@ -272,3 +272,19 @@ def test_a_bulk_resend_dry_run_over_more_rows_than_one_statement_takes_counts_th
     out = capsys.readouterr().out
     assert f"dry run: nothing changed; {many + len(BROKEN)} message(s) would be back in the queue" in out
     assert {shop.row(a).status for a in BROKEN} == {"failed"}
+
+
+def test_a_list_limit_past_what_a_database_counts_to_is_a_usage_error(
+    incident: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given the incident's failed rows; when the operator asks for more rows than a database can count
+    _, config = incident
+    with pytest.raises(SystemExit) as exit_info:
+        kembali(config, "list", "--limit", str(2**63))
+    # Then it is a usage error naming the option (SQLite raised OverflowError, PostgreSQL 'bigint out of range',
+    # each a traceback), and the largest limit lists them all
+    assert exit_info.value.code == 2
+    assert "argument --limit: must be from 1 to 9223372036854775807" in capsys.readouterr().err
+    assert kembali(config, "list", "--limit", str(2**63 - 1)) == 0
+    out = capsys.readouterr().out
+    assert all(a in out for a in [*BROKEN, DISABLED])

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from worker.adapters import db
 from worker.adapters.clock import SystemClock
-from worker.adapters.ledger import DECIDABLE, ActionResult, LedgerAdmin, LedgerRow, Selection
+from worker.adapters.ledger import DECIDABLE, MAX_ID, ActionResult, LedgerAdmin, LedgerRow, Selection
 from worker.commands import arguments
 from worker.config import Settings
 from worker.domain import MessageStatus
@@ -43,6 +43,11 @@ def moment(text: str) -> datetime:
             f"not a day or a moment: {text!r} (e.g. 2026-12-01, 2026-12-01T14:30 in UTC, 2026-12-01T21:30+07:00)"
         ) from None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def row_limit(text: str) -> int:
+    """``list --limit``: a LIMIT both databases take (a larger one raised a traceback from the driver)."""
+    return arguments.whole_number(text, 1, MAX_ID)
 
 
 def smtp_code(text: str) -> int:
@@ -102,7 +107,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )  # fmt: skip
     _add_filters(ls, [s.value for s in MessageStatus], "uncertain and failed")
     ls.add_argument("--all", action="store_true", help="every status")
-    ls.add_argument("--limit", type=arguments.positive_int, default=50,
+    ls.add_argument("--limit", type=row_limit, default=50,
                     help="at most N rows, newest first (default 50)")
     ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     rs = actions.add_parser("resend", help="send uncertain/failed messages again (same Message-ID)")
