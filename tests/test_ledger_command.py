@@ -386,3 +386,18 @@ def test_a_waiting_row_says_when_it_is_tried_next(world: tuple[Shop, Path], caps
     assert planned.endswith(f"next try {later:%Y-%m-%d %H:%M} UTC"), planned
     (retry,) = [line for line in out.splitlines() if GONE in line]
     assert retry.endswith(f"next try {later:%Y-%m-%d %H:%M} UTC; 421 4.7.0 Try again later"), retry
+
+
+@pytest.mark.parametrize(
+    "option, moment", [("--since", "0001-01-01T00:00+05:00"), ("--until", "9999-12-31T23:00-05:00")]
+)
+def test_a_moment_outside_the_years_a_date_holds_in_utc_is_a_usage_error(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str], option: str, moment: str
+) -> None:
+    # Given a moment whose offset takes it, in UTC, before year 1 or past year 9999
+    _, config = world
+    # When the operator filters by it, Then it is a usage error naming the option, not an OverflowError traceback
+    with pytest.raises(SystemExit) as exit_info:
+        kembali(config, "list", option, moment)
+    assert exit_info.value.code == 2
+    assert f"argument {option}: not a moment in years 1 to 9999 in UTC: {moment!r}" in capsys.readouterr().err

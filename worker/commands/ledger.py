@@ -42,7 +42,10 @@ def moment(text: str) -> datetime:
         raise argparse.ArgumentTypeError(
             f"not a day or a moment: {text!r} (e.g. 2026-12-01, 2026-12-01T14:30 in UTC, 2026-12-01T21:30+07:00)"
         ) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # its offset takes it before year 1 or past 9999 (argparse would print a traceback)
+        raise argparse.ArgumentTypeError(f"not a moment in years 1 to 9999 in UTC: {text!r}") from None
 
 
 def row_limit(text: str) -> int:
