@@ -288,3 +288,29 @@ def test_a_list_limit_past_what_a_database_counts_to_is_a_usage_error(
     assert kembali(config, "list", "--limit", str(2**63 - 1)) == 0
     out = capsys.readouterr().out
     assert all(a in out for a in [*BROKEN, DISABLED])
+
+
+def test_a_bulk_resend_leaves_out_what_an_operator_closed_but_a_resend_by_id_takes_it(
+    incident: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given four messages the broken relay refused, one of which the operator has since closed as failed (the
+    # customer asked by phone not to get it)
+    shop, config = incident
+    closed = shop.row(BROKEN[0]).id
+    assert kembali(config, "close", str(closed), "--reason", "customer asked by phone") == 0
+    capsys.readouterr()
+
+    # When the operator resends the relay's refusals by filter, a dry run first
+    assert kembali(config, "resend", "--code", "554", "--dry-run") == 0
+    out = capsys.readouterr().out
+    # Then the closed one is left out, and the operator is told so and how to take it after all
+    assert "dry run: nothing changed; 3 message(s) would be back in the queue" in out
+    assert f"1 message(s) an operator closed left out (resend them by ID to send them after all): {closed}" in out
+    assert kembali(config, "resend", "--code", "554") == 0
+    capsys.readouterr()
+    assert [shop.row(a).status for a in BROKEN] == ["failed", "retry", "retry", "retry"]
+    assert shop.row(BROKEN[0]).last_error == "operator closed as failed: customer asked by phone"
+
+    # And named by its ID, it is resent: the operator changed their mind
+    assert kembali(config, "resend", str(closed)) == 0
+    assert shop.row(BROKEN[0]).status == "retry"

@@ -30,6 +30,8 @@ A = Attempt.__table__  # type: ignore[attr-defined]
 S = Suppression.__table__  # type: ignore[attr-defined]
 C = Customer.__table__  # type: ignore[attr-defined]
 
+CLOSED = "operator closed as "
+"""How the note of a row an operator closed begins (``last_error``): a bulk resend leaves those rows out."""
 DECIDABLE = (MessageStatus.UNCERTAIN.value, MessageStatus.FAILED.value)
 """States an operator may resend or close."""
 MAX_ID = 2**63 - 1
@@ -100,6 +102,8 @@ class Selection:
     """… and before this one."""
     codes: Sequence[int] = ()
     """The last SMTP reply's code is one of these (e.g. 421, 550)."""
+    closed: bool | None = None
+    """True: only rows an operator closed as failed (``CLOSED``); False: none of them; None: either."""
     email: str | None = None
     """To this address, in any case (the mailbox, as the frequency cap counts it)."""
     customer: str | None = None
@@ -117,6 +121,11 @@ def _matching(query: sa.Select[Any], selection: Selection) -> sa.Select[Any]:
         query = query.where(M.c.updated_at < selection.until)
     if selection.codes:
         query = query.where(M.c.last_code.in_(list(selection.codes)))
+    if selection.closed is not None:
+        # coalesce: a row without a note is not closed, where NOT (NULL LIKE …) would leave it out too
+        closed = sa.and_(M.c.status == MessageStatus.FAILED.value,
+                         sa.func.coalesce(M.c.last_error, "").startswith(CLOSED))  # fmt: skip
+        query = query.where(closed if selection.closed else ~closed)
     if selection.email:
         query = query.where(sa.func.lower(M.c.email) == sa.func.lower(sa.literal(selection.email)))
     if selection.customer:
@@ -187,7 +196,7 @@ class LedgerAdmin:
         """Mark uncertain/failed rows terminal as the operator decided (``sent`` or ``failed``)."""
         if status not in (MessageStatus.SENT, MessageStatus.FAILED):
             raise ValueError("an operator closes a message as sent or failed")
-        text = f"operator closed as {status.value}" + (f": {note}" if note else "")
+        text = f"{CLOSED}{status.value}" + (f": {note}" if note else "")
         # sent: when it may have left (an uncertain send's time), else now; failed: it did not arrive, the
         # frequency cap stops counting it
         values: dict[str, Any] = {"status": status.value}

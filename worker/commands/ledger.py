@@ -15,6 +15,7 @@ attempt row with outcome ``operator``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import os
 import socket
@@ -113,7 +114,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ls.add_argument("--limit", type=row_limit, default=50,
                     help="at most N rows, newest first (default 50)")
     ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    rs = actions.add_parser("resend", help="send uncertain/failed messages again (same Message-ID)")
+    rs = actions.add_parser(
+        "resend", help="send uncertain/failed messages again (same Message-ID)",
+        description="Puts uncertain or failed messages back in the queue, due now, with the same Message-ID. By "
+        "filters it leaves out the messages an operator closed as failed (a decision a filter does not undo; it "
+        "says which, and their IDs resend them).",
+    )  # fmt: skip
     rs.add_argument("ids", type=int, nargs="*", metavar="ID", help="a message's ID, as `ledger list` shows it")
     _add_filters(rs, list(DECIDABLE), "uncertain and failed")
     rs.add_argument("--dry-run", action="store_true",
@@ -156,7 +162,15 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             print(f"kembali ledger {args.action}: give message IDs or filters (--status, --campaign, --since, "
                   "--until, --code, --email, --customer), not " + ("both" if args.ids else "neither"), file=sys.stderr)
             return EXIT_USAGE
-        ids = args.ids or admin.ids(_selection(args, DECIDABLE))
+        selection = _selection(args, DECIDABLE)
+        closed: list[int] = []
+        if args.action == "resend" and not args.ids:  # a decision made by ID is not undone by a filter
+            closed = admin.ids(dataclasses.replace(selection, closed=True))
+            selection = dataclasses.replace(selection, closed=False)
+        ids = args.ids or admin.ids(selection)
+        if closed:
+            print(f"{len(closed)} message(s) an operator closed left out (resend them by ID to send them after all): "
+                  + " ".join(map(str, closed)))  # fmt: skip
         if not ids:
             print(f"no {' or '.join(args.status or DECIDABLE)} messages match: nothing to {args.action}")
             return EXIT_OK
