@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from datetime import UTC, date, datetime, timedelta
@@ -309,6 +310,55 @@ def test_two_imports_of_the_same_new_ids_at_once_both_finish(tmp_path: Path, pg_
     assert (child.returncode, "Traceback" in err) == (0, False), err
     assert "customers: 1 created, 1 updated, 0 unchanged, 0 rejected" in out
     assert _ids(pg_url, "customer") == {"C-1", "C-2"}
+
+
+@pytest.mark.postgres
+def test_an_import_that_deadlocks_with_another_writer_does_its_batch_again(tmp_path: Path, pg_url: str) -> None:
+    # Given two customers, and another writer (a second import, the spend recount of a currency change) holding C-2
+    engine = db.create_engine(pg_url)
+    db.upgrade(engine)
+    config = _config(tmp_path, pg_url)
+    path = tmp_path / "customers.csv"
+    path.write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,c2@example.com,Budi,ya\n",
+                    encoding="utf-8")  # fmt: skip
+    command = [sys.executable, "-m", "worker", "--config", str(config), "import", "customers", str(path)]
+    assert subprocess.run(command, capture_output=True, check=False).returncode == 0
+    path.write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani S,ya\nC-2,c2@example.com,Budi S,ya\n",
+                    encoding="utf-8")  # fmt: skip
+    customer = tables.Customer.__table__
+    errors: list[BaseException] = []
+
+    def other_writer_takes_c1(other: sa.Connection) -> None:
+        try:  # waits for the import's lock on C-1: a deadlock, which PostgreSQL ends by failing the import's
+            other.execute(sa.update(customer).where(customer.c.external_id == "C-1").values(locale="en"))
+            other.commit()
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        with engine.connect() as other:
+            other.begin()
+            other.execute(sa.update(customer).where(customer.c.external_id == "C-2").values(locale="en"))
+            # When this import updates C-1, then waits for C-2, and the other writer then asks for C-1
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                _wait_for_a_lock_wait(engine)
+                writer = threading.Thread(target=other_writer_takes_c1, args=(other,))
+                writer.start()
+                writer.join(timeout=60)
+                out, err = child.communicate(timeout=60)
+            finally:
+                child.kill()
+    finally:
+        engine.dispose()
+    # Then the import, the one PostgreSQL failed, does its batch again once the other has committed (it exited 3,
+    # "the database could not be used", and its batch was not imported)
+    assert errors == []
+    assert (child.returncode, "Traceback" in err) == (0, False), err
+    assert "customers: 0 created, 2 updated, 0 unchanged, 0 rejected" in out
+    names = {str(ext): (name, locale) for ext, name, locale in
+             _rows(pg_url, "select external_id, name, locale from customer")}  # fmt: skip
+    assert names == {"C-1": ("Ani S", "en"), "C-2": ("Budi S", "en")}
 
 
 def _wait_for_a_lock_wait(engine: sa.Engine) -> None:

@@ -14,12 +14,14 @@ it holds (``db.bigint_sum``).
 Two imports of the same ids at once (an operator's import beside a nightly
 one) can both read an id as new; on PostgreSQL one insert wins and the other
 batch fails on the unique constraint. That batch is done again (``_retried``),
-and then reads the id as existing. SQLite's writers take turns (``BEGIN
+and then reads the id as existing. So is a batch PostgreSQL ended as one side
+of a deadlock (two writers updating the same customers in another order). SQLite's writers take turns (``BEGIN
 IMMEDIATE``), so there it does not happen.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from worker import money
+from worker import log, money
 from worker.adapters import db
 from worker.adapters.store import PURCHASE_EXCLUDED, C, L, O, P, _chunks
 from worker.adapters.tables import ShopState
@@ -157,14 +159,25 @@ _ATTEMPTS = 3
 T = TypeVar("T")
 
 
+_ROLLED_BACK_FOR_ANOTHER = frozenset({"40P01", "40001"})
+"""PostgreSQL's deadlock_detected and serialization_failure: the transaction was ended for another's sake, and
+the same work done again is expected to succeed."""
+
+
 def _retried(work: Callable[[], T]) -> T:
-    """``work()`` (one transaction), done again when it broke a unique constraint: another import inserted one of
-    its ids after it looked (see the module docstring)."""
+    """``work()`` (one transaction), done again when it broke a unique constraint (another import inserted one of
+    its ids after it looked, see the module docstring), or when PostgreSQL ended it as one side of a deadlock (two
+    writers updating the same customers in another order: a second import, the spend recount of a currency
+    change)."""
     for _ in range(_ATTEMPTS - 1):
         try:
             return work()
         except sa.exc.IntegrityError:
             continue
+        except sa.exc.OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) not in _ROLLED_BACK_FOR_ANOTHER:
+                raise
+            log.event("import_batch_retried", logging.WARNING, why=str(exc.orig).splitlines()[0])
     return work()
 
 
