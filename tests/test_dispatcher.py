@@ -480,7 +480,7 @@ def test_a_failing_run_cancelled_while_it_waits_for_the_sends_on_the_wire_cuts_t
     smtp_server.on(emails[2], Behaviour(delay_at="data", delay_seconds=3.0))
     astore = AsyncStore(shop.store)
 
-    async def run() -> tuple[bool, float, list[str]]:
+    async def run() -> tuple[bool, set[tuple[str, ...]], list[str]]:
         transport = shop.deps.transport()
         dispatcher = _rate_in_the_database(shop, astore, transport)
         try:
@@ -494,24 +494,27 @@ def test_a_failing_run_cancelled_while_it_waits_for_the_sends_on_the_wire_cuts_t
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.2)
             # When it is cancelled meanwhile (a daemon's shutdown past its grace period)
-            cancelled_at = time.monotonic()
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-            took = time.monotonic() - cancelled_at
+            # (what the server had taken in whole by the time the run ended: a run that waited for the sends on the
+            # wire ended after their 20 s at DATA, once the server had them)
+            arrived = {m.rcpt_tos for m in smtp_server.messages}
             left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("kembali-sender")]
-            return task.cancelled(), took, left
+            return task.cancelled(), arrived, left
         finally:
             _allow_connections(pg_admin, pg_url, True)
             await transport.close()
 
     try:
-        cancelled, took, left = asyncio.run(asyncio.wait_for(run(), timeout=60))
+        cancelled, arrived, left = asyncio.run(asyncio.wait_for(run(), timeout=60))
     finally:
         _allow_connections(pg_admin, pg_url, True)
         astore.close()
-    # Then it ends at once, cancelled, and leaves no sender running on its own
-    assert cancelled and took < 5.0 and left == [], (cancelled, took, left)
+    # Then it ends at once, cancelled, before any send held 20 s at DATA is through (the server may or may not have
+    # the third's yet, as the load decides which database call fails first), and leaves no sender running on its own
+    assert cancelled and left == [], (cancelled, left)
+    assert arrived <= {(emails[2],)}, arrived
     shop.close()
 
 
