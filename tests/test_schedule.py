@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -147,6 +148,17 @@ def test_schedule_config_is_checked_by_key(schedule: dict[str, object], message:
         settings_from_dict({"schedule": schedule})
 
 
+async def _until(condition: Callable[[], object], why: str, timeout_s: float = 10.0) -> None:
+    """Wait on the event loop's clock (which no wall-clock step moves) until ``condition()`` holds."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, why
+        await asyncio.sleep(0.01)
+
+
 def test_interval_jobs_keep_their_pace_when_the_wall_clock_steps_back_an_hour() -> None:
     """Maintenance, the health line, the template watcher and the systemd watchdog count seconds on the event
     loop's clock: an NTP step back (or a restored VM) must not silence them for the hour (the watchdog's silence
@@ -168,17 +180,17 @@ def test_interval_jobs_keep_their_pace_when_the_wall_clock_steps_back_an_hour() 
         scheduler.add_interval("watchdog", 0.1, watchdog)
         scheduler.start()
         try:
-            await asyncio.sleep(0.55)
+            await _until(lambda: len(pings) >= 4, "the watchdog never pinged four times")
             before = len(pings)
             # When the system clock steps back an hour
             with time_machine.travel(datetime.now(UTC) - timedelta(hours=1), tick=True):
-                await asyncio.sleep(0.55)
+                await _until(lambda: len(pings) >= before + 4, f"no pings after the step back: {len(pings)}")
             return before, len(pings) - before, scheduler.job_ids()
         finally:
             scheduler.shutdown()
 
     before, after, jobs = asyncio.run(scenario())
-    # Then it goes on pinging every 0.1 s, as before the step
+    # Then it goes on pinging every 0.1 s, as before the step (not once an hour has passed)
     assert jobs == ["watchdog"]
     assert before >= 4 and after >= 4, (before, after)
 
@@ -210,7 +222,8 @@ def test_a_cron_job_due_while_the_machine_slept_runs_soon_after_it_wakes(monkeyp
                 await asyncio.sleep(0.2)
                 # When the machine sleeps until 09:00:30 (the wall clock jumps; the event loop's clock does not)
                 clock.move_to(datetime(2027, 3, 2, 2, 0, 30, tzinfo=UTC))
-                await asyncio.sleep(0.5)
+                await _until(lambda: runs, "the 09:00 run did not come after the wake-up")
+                await asyncio.sleep(0.3)  # three looks at the wall clock more: no second run
             finally:
                 scheduler.shutdown()
 
