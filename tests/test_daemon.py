@@ -1118,28 +1118,36 @@ def test_a_campaigns_planning_pass_never_runs_twice_at_once_in_one_daemon(
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
     shop.add(range(3), days_ago=60)
     lock, running, most = threading.Lock(), [0], [0]
+    planning, release = threading.Event(), threading.Event()
     real_plan = daemon_module.plan
 
-    def slow_plan(*args: object, **kwargs: object) -> object:
+    def held_plan(*args: object, **kwargs: object) -> object:
+        """The real pass; the first one is held under way until the test lets it go on."""
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
+            first = not planning.is_set()
+            planning.set()
         try:
-            time.sleep(0.3)
+            if first:
+                release.wait(30)
             return real_plan(*args, **kwargs)  # type: ignore[arg-type]
         finally:
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(daemon_module, "plan", slow_plan)
+    monkeypatch.setattr(daemon_module, "plan", held_plan)
 
     async def scenario() -> None:
         daemon = daemon_module.Daemon(load_settings(shop.config), config_path=shop.config)
         try:
             # Given a daemon planning the win-backs (the catch-up pass); when the campaign's cron fires meanwhile
             catch_up = asyncio.ensure_future(daemon._planner("winback")())
-            await asyncio.sleep(0.1)
-            await daemon._planner("winback")()
+            try:
+                assert await asyncio.to_thread(planning.wait, 30), "the catch-up pass never started planning"
+                await daemon._planner("winback")()
+            finally:
+                release.set()
             await catch_up
         finally:
             await daemon._close()
