@@ -729,7 +729,6 @@ def test_sqlite_plans_two_campaigns_at_once_only_with_its_memory_statistics_off(
     threads are slower than one: SQLite then plans one campaign at a time, and each reads and inserts in turn
     on its own thread instead of reading ahead on a second one."""
     import threading
-    import time
 
     from worker.adapters import db, plan_sql
 
@@ -743,18 +742,21 @@ def test_sqlite_plans_two_campaigns_at_once_only_with_its_memory_statistics_off(
 
     monkeypatch.setattr(plan_sql, "_new_idents", reading)
     real = planning.plan_into_ledger
-    running, most, lock = 0, 0, threading.Lock()
+    running, most, changed = 0, 0, threading.Condition()
 
     def counted(store: Store, settings: Settings, campaign: str, now: datetime) -> int:
         nonlocal running, most
-        with lock:
+        with changed:
             running += 1
             most = max(most, running)
+            changed.notify_all()
+            # the first campaign waits for a second to plan beside it: as long as it takes where two go at once,
+            # a moment where one should (long enough for a second thread, were there one, to start meanwhile)
+            changed.wait_for(lambda: most >= 2, timeout=10 if at_once == 2 else 0.2)
         try:
-            time.sleep(0.05)  # long enough that a second thread, if there is one, is planning meanwhile
             return real(store, settings, campaign, now)
         finally:
-            with lock:
+            with changed:
                 running -= 1
 
     monkeypatch.setattr(planning, "plan_into_ledger", counted)
