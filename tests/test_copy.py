@@ -30,6 +30,13 @@ FOLDERS = checks.required_folders(SETTINGS)
 BASE = "https://toko.example/produk/"
 
 
+def test_every_shipped_template_folder_is_among_those_checked() -> None:
+    # the folders come from the shipped config.toml: a campaign turned off there must not quietly drop its copy's
+    # checks, so every folder with a language in it is one of them
+    shipped = sorted({path.parent.parent.name for path in (REPO / "templates" / "email").glob("*/*/body.html")})
+    assert shipped and sorted(FOLDERS) == shipped
+
+
 def _with_scale(settings: Settings, scale: str) -> Settings:
     feedback = dataclasses.replace(settings.campaigns.feedback, scale=scale)
     return dataclasses.replace(settings, campaigns=dataclasses.replace(settings.campaigns, feedback=feedback))
