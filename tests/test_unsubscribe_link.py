@@ -126,6 +126,27 @@ def test_an_unsubscribe_link_issued_before_links_named_their_email_suppresses_ev
         store.close()
 
 
+def test_an_old_link_whose_current_address_is_suppressed_still_offers_to_stop_the_address_mailed(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given the email sent to OLD, the customer's address now (NEW) already suppressed, and a link of the kind
+    # emails carried before (it names the customer alone, not the address its email went to)
+    store, _links = _sent_then_moved(sqlite_url, smtp_server)
+    try:
+        opstore.suppress_many(store, [NEW], reason="unsubscribed", source="test", now=NOW)
+        cid = store.customer_by_external_id("C1")
+        assert cid is not None
+        old_link = f"https://toko-kembali.example/unsubscribe?t={tokens.sign('u', str(cid[0].id), LINK_KEY.encode())}"
+        # When the customer opens it, Then the page still has the button (it said "unsubscribed" from the current
+        # address alone, while OLD, which the GET does not look up, went on getting what was planned to it)
+        assert 'method="post"' in _click(store, old_link, "GET").body.decode()
+        # And pressing it stops OLD too
+        assert _click(store, old_link, "POST", ONE_CLICK).status == 200
+        assert _suppressed(store) == [OLD, NEW]
+    finally:
+        store.close()
+
+
 def test_an_old_links_read_of_every_address_mailed_holds_no_send_back(
     sqlite_url: str, smtp_server: RecordingServer
 ) -> None:

@@ -167,14 +167,17 @@ class Site:
         locale = customer.locale if customer is not None else self._default_locale()
         shop = self.settings().shop.name
         if request.method != "POST":
-            addresses = await self._addresses(link, customer, post=False)
-            if addresses and all([await self.store.call(opstore.is_suppressed, s, a) for a in addresses]):
+            addresses, mailed_known = await self._addresses(link, customer, post=False)
+            # "already unsubscribed" only when the address the email went to is among those looked at: an old link
+            # (or one the ledger does not find) shows the button, and its POST finds every address mailed
+            if (mailed_known and addresses
+                    and all([await self.store.call(opstore.is_suppressed, s, a) for a in addresses])):  # fmt: skip
                 return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop))
             masked = [log.mask_email(a) for a in addresses]
             return self._page(HTTPStatus.OK, pages.confirm_unsubscribe(locale, shop, masked, token or ""))
         if b"List-Unsubscribe" not in request.body or b"One-Click" not in request.body:
             return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(locale, self.settings().unsubscribe.mailto))
-        addresses = await self._addresses(link, customer, post=True)
+        addresses, _ = await self._addresses(link, customer, post=True)
         if not addresses:
             log.event("unsubscribe_unknown_customer", logging.WARNING, customer_id=link.customer_id)
         created = await self.store.call(  # in one transaction: both, or neither and a 500
@@ -188,11 +191,14 @@ class Site:
         masked = [log.mask_email(a) for a in addresses]
         return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop, masked))
 
-    async def _addresses(self, link: UnsubscribeToken, customer: CustomerSnapshot | None, *, post: bool) -> list[str]:
+    async def _addresses(
+        self, link: UnsubscribeToken, customer: CustomerSnapshot | None, *, post: bool
+    ) -> tuple[list[str], bool]:
         """What the link unsubscribes: the address its email went to (the ledger's), and the customer's address
         now. The person asked to stop: an address an import has changed since is theirs too. A link that names no
         email (issued before links did), or one the ledger does not find (the shop's domain changed since): on the
-        POST, every address the customer was mailed at (the ledger is read whole for them: not for a GET)."""
+        POST, every address the customer was mailed at (the ledger is read whole for them: not for a GET). With
+        whether the address (or addresses) mailed are among them: not for such a link's GET."""
         s = self.store.store
         message_id = link.message_id(self.settings().shop.domain)
         mailed = []
@@ -205,7 +211,7 @@ class Site:
         unique: dict[str, str] = {}
         for address in [*mailed, *current]:
             unique.setdefault(suppression_address(address), address)
-        return list(unique.values())
+        return list(unique.values()), bool(mailed)
 
     async def _mailed_addresses(self, customer_id: int) -> list[str]:
         """``opstore.mailed_addresses``, on a thread of its own and one at a time. It reads the ledger whole (no
