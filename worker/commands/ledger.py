@@ -187,9 +187,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
-    statuses = [] if args.all else (args.status or ["uncertain", "failed"])
-    selection = Selection(statuses=statuses, campaign=args.campaign, since=args.since, until=args.until,
-                          codes=tuple(args.codes or ()), email=args.email, customer=args.customer)  # fmt: skip
+    selection = _selection(args, DECIDABLE)
+    if args.all:
+        selection = dataclasses.replace(selection, statuses=())
     rows = admin.rows(selection, limit=args.limit)
     if args.json:
         for row in rows:
@@ -198,7 +198,7 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
     if not rows:
         found = "no messages" + (f" to {args.email}" if args.email else "")
         found += f" to customer {printable(args.customer)!r}" if args.customer else ""
-        found += f" with status {', '.join(statuses)}" if statuses else ""
+        found += f" with status {', '.join(selection.statuses)}" if selection.statuses else ""
         if args.codes:
             found += f" with last reply code {', '.join(map(str, args.codes))}"
         if args.since or args.until:
