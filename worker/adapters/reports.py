@@ -40,11 +40,10 @@ def ledger_counts(engine: Engine, since: datetime, until: datetime) -> list[tupl
 
 
 def permanent_failures(engine: Engine, since: datetime, until: datetime) -> list[tuple[str, int, int, str, int]]:
-    """(campaign, step, last code, last reply, rows) of the failed rows planned from ``since`` to ``until`` whose last
-    reply
-    was a 5xx: what the reply says (``core.limits.bounce_kind``) tells a hard bounce from a refused content or
-    sender. Grouped by the reply: a few rows per reply a server gives everyone, one per address at worst (a
-    reply naming the recipient), and only failed rows with a 5xx are read."""
+    """(campaign, step, last code, last reply, rows) of the failed rows planned from ``since`` to ``until`` whose
+    last reply was a 5xx: what the reply says (``core.limits.bounce_kind``) tells a hard bounce from a refused
+    content or sender. Grouped by the reply: a few rows per reply a server gives everyone, one per address at
+    worst (a reply naming the recipient), and only failed rows with a 5xx are read."""
     query = (
         sa.select(M.c.campaign, M.c.step, M.c.last_code, M.c.last_reply, sa.func.count())
         .where(_in_period(M.c.created_at, since, until), M.c.status == MessageStatus.FAILED.value,

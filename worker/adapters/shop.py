@@ -15,8 +15,8 @@ Two imports of the same ids at once (an operator's import beside a nightly
 one) can both read an id as new; on PostgreSQL one insert wins and the other
 batch fails on the unique constraint. That batch is done again (``_retried``),
 and then reads the id as existing. So is a batch PostgreSQL ended as one side
-of a deadlock (two writers updating the same customers in another order). SQLite's writers take turns (``BEGIN
-IMMEDIATE``), so there it does not happen.
+of a deadlock (two writers updating the same customers in another order).
+SQLite's writers take turns (``BEGIN IMMEDIATE``), so there neither happens.
 """
 
 from __future__ import annotations
