@@ -706,6 +706,7 @@ class Store:
         for d, (claimed_by, status), mine in zip(dispositions, found, held, strict=True):
             res = d.result
             finished = dt(d.finished_at)
+            attempt_no = d.message.attempts + 1  # this attempt's: the row's attempts count its mark
             if d.suppress_reason is not None:
                 source = f"smtp:{d.message.dedupe_key}"[:100]
                 suppressions.append(
@@ -731,7 +732,7 @@ class Store:
             if mine:
                 updates.append(row)
             elif (
-                (d.message.id, d.message.attempts + 1, d.worker) in written
+                (d.message.id, attempt_no, d.worker) in written
                 if res is not None
                 else claimed_by is None and status == d.status.value
             ):
@@ -740,18 +741,18 @@ class Store:
                 late = d.status is MessageStatus.SENT and status in _SENT_LATE_OVER
                 # this worker's attempt was refused, and the row is still uncertain from that attempt's mark
                 refused = (res is not None and res.outcome in _REFUSALS and status == MessageStatus.UNCERTAIN.value
-                           and marks.get(d.message.id) == d.message.attempts + 1)  # fmt: skip
+                           and marks.get(d.message.id) == attempt_no)  # fmt: skip
                 stale.append(Stale(d.message.id, status, sent_late=late, refused_late=refused))
                 if late:
                     late_sent.append(row)
                 elif refused:
-                    late_refused.append({**row, "attempt_no": d.message.attempts + 1,
+                    late_refused.append({**row, "attempt_no": attempt_no,
                                          "last_error": row["last_error"] or "refused; heard after the lease lapsed"})
             if res is not None:
                 attempts.append(
                     {
                         "message_id": d.message.id,
-                        "attempt_no": d.message.attempts + 1,
+                        "attempt_no": attempt_no,
                         "worker": d.worker,
                         "started_at": dt(d.started_at),
                         "finished_at": finished,
