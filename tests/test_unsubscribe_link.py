@@ -76,6 +76,13 @@ def _click(store: Store, url: str, method: str, body: bytes = b"") -> Response:
         site.store.close()
 
 
+def _old_link(store: Store) -> str:
+    """C1's unsubscribe link of the kind emails carried before links named their email: the customer alone."""
+    cid = store.customer_by_external_id("C1")
+    assert cid is not None
+    return f"https://toko-kembali.example/unsubscribe?t={tokens.sign('u', str(cid[0].id), LINK_KEY.encode())}"
+
+
 def _suppressed(store: Store) -> list[str]:
     return sorted(str(r["email"]) for r in opstore.suppressions(store))
 
@@ -114,9 +121,7 @@ def test_an_unsubscribe_link_issued_before_links_named_their_email_suppresses_ev
     # Given the email sent to OLD, and a link of the kind emails carried before (it names the customer alone)
     store, _links = _sent_then_moved(sqlite_url, smtp_server)
     try:
-        cid = store.customer_by_external_id("C1")
-        assert cid is not None
-        old_link = f"https://toko-kembali.example/unsubscribe?t={tokens.sign('u', str(cid[0].id), LINK_KEY.encode())}"
+        old_link = _old_link(store)
         # When the customer clicks it in their inbox, and presses the button
         assert _click(store, old_link, "GET").status == 200
         assert _click(store, old_link, "POST", ONE_CLICK).status == 200
@@ -134,9 +139,7 @@ def test_an_old_link_whose_current_address_is_suppressed_still_offers_to_stop_th
     store, _links = _sent_then_moved(sqlite_url, smtp_server)
     try:
         opstore.suppress_many(store, [NEW], reason="unsubscribed", source="test", now=NOW)
-        cid = store.customer_by_external_id("C1")
-        assert cid is not None
-        old_link = f"https://toko-kembali.example/unsubscribe?t={tokens.sign('u', str(cid[0].id), LINK_KEY.encode())}"
+        old_link = _old_link(store)
         # When the customer opens it, Then the page still has the button (it said "unsubscribed" from the current
         # address alone, while OLD, which the GET does not look up, went on getting what was planned to it)
         assert 'method="post"' in _click(store, old_link, "GET").body.decode()
@@ -155,9 +158,7 @@ def test_an_old_links_read_of_every_address_mailed_holds_no_send_back(
     one thread: were the read made there, every send would wait for it, and a link POSTed again and again would
     stop sending."""
     store, _links = _sent_then_moved(sqlite_url, smtp_server)
-    cid = store.customer_by_external_id("C1")
-    assert cid is not None
-    old_link = f"https://toko-kembali.example/unsubscribe?t={tokens.sign('u', str(cid[0].id), LINK_KEY.encode())}"
+    old_link = _old_link(store)
     # Given a ledger whose read of the customer's addresses (some millions of rows) lasts until the test ends it
     reading, release, read = threading.Event(), threading.Event(), threading.Event()
 
