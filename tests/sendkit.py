@@ -97,7 +97,7 @@ class Shop:
         engine = db.create_engine(db_url)
         db.upgrade(engine)
         engine.dispose()
-        self.store = Store.from_url(db_url)
+        self.store = Store(db.engine_for(settings))  # with its [database] settings (the lock timeout, say)
         seed_shop(self.store.engine, emails, self.clock.now())
         self.settings = settings
         templates = JinjaTemplates(REPO / "templates" / "email")

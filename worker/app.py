@@ -17,7 +17,6 @@ from worker.adapters.templates import JinjaTemplates
 from worker.asyncstore import AsyncStore
 from worker.composing import ComposerPool, ComposerSpec
 from worker.config import Settings
-from worker.domain import Locale
 from worker.errors import ConfigError
 from worker.limiter import Booker, DbBooker, Limiter, LocalBooker
 from worker.pipeline import Composer
@@ -104,7 +103,7 @@ class Deps:
 
     @classmethod
     def build(cls, settings: Settings, *, check_schema: bool = True) -> Deps:
-        store = Store.from_url(settings.database_url, Locale(settings.shop.default_locale))
+        store = Store.for_settings(settings)
         if check_schema:
             db.check_schema(store.engine)
         templates_dir = settings.resolve(settings.templates.dir)

@@ -58,7 +58,7 @@ from pathlib import Path
 from worker import log
 from worker.adapters.store import Store
 from worker.config import Settings
-from worker.domain import ClaimedMessage, Locale, ProductView
+from worker.domain import ClaimedMessage, ProductView
 from worker.pipeline import Composed, Composer, Deferred, RenderFailed, Skipped, load_batch_facts, load_catalogue
 
 MIN_BATCH = 64
@@ -104,7 +104,7 @@ def _start(spec: ComposerSpec) -> None:
 
     renderer = JinjaTemplates(spec.templates_root, recheck_seconds=spec.recheck_seconds,
                               time_limit=spec.settings.checks.render_timeout_seconds)
-    store = Store.from_url(spec.settings.database_url, Locale(spec.settings.shop.default_locale))
+    store = Store.for_settings(spec.settings)
     _helper = _Helper(Composer(spec.settings, renderer, spec.link_key), store)
 
 

@@ -51,6 +51,12 @@ class ShopSettings:
 class DatabaseSettings:
     url: str = "sqlite:///kembali.db"
     """SQLAlchemy URL: ``sqlite:///path.db`` or ``postgresql+psycopg://user@host/db``."""
+    lock_timeout_seconds: float = 30.0
+    """PostgreSQL: how long a statement waits for a lock another session holds before the server cancels it
+    (``lock_timeout``; logged as ``db_lock_timeout``, the work tried again); 0: for ever."""
+    idle_in_transaction_timeout_seconds: float = 60.0
+    """PostgreSQL: how long a session may sit idle inside a transaction before the server ends it, rolling the
+    transaction back and releasing its locks (``idle_in_transaction_session_timeout``): a stuck worker's; 0: never."""
 
 
 @dataclass(frozen=True)
@@ -579,6 +585,11 @@ def _check(s: Settings) -> None:
     _web_url(s, "shop.base_url", s.shop.base_url, ("http", "https"))
     if not s.database.url.startswith(("sqlite://", "postgresql")):  # the rest as the engine reads it: db.check_url
         _fail(s, "database.url", f"must be {DATABASE_URL_FORMS}")
+    for key, timeout in (("database.lock_timeout_seconds", s.database.lock_timeout_seconds),
+                         ("database.idle_in_transaction_timeout_seconds",
+                          s.database.idle_in_transaction_timeout_seconds)):  # fmt: skip
+        if timeout != 0 and not 0.001 <= timeout <= _DAY_SECONDS:  # PostgreSQL counts them in whole milliseconds
+            _fail(s, key, f"must be 0 (no limit) or from 0.001 to {_DAY_SECONDS} seconds (a day), not {timeout:g}")
     for key, name in (("smtp.password_env", s.smtp.password_env), ("unsubscribe.secret_env", s.unsubscribe.secret_env)):
         if not _ENV_NAME.fullmatch(name):  # not shown: what is written here by mistake is the secret itself
             default = getattr(SmtpSettings if key.startswith("smtp") else UnsubscribeSettings, key.partition(".")[2])

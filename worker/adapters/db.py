@@ -18,8 +18,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from worker import log
-from worker.config import DATABASE_URL_FORMS, Settings
+from worker.config import DATABASE_URL_FORMS, DatabaseSettings, Settings
 from worker.core.audiences import message_id_for
 from worker.errors import ConfigError, SchemaError
 
@@ -46,6 +48,13 @@ PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 
 """TCP keepalives on every PostgreSQL connection, each unless the URL sets its own: a host that goes silent once
 connected (a failover that moved its address, a dropped route) is given up after about a minute idle, where the
 system's defaults (two hours idle) left a pooled connection, and the thread waiting on it, hanging that long."""
+LOCK_NOT_AVAILABLE = "55P03"
+"""PostgreSQL's SQLSTATE for a statement cancelled by ``lock_timeout`` (also ``NOWAIT``'s, which Kembali does not
+use): the lock's holder is left alone, the waiter's transaction is aborted, and the same work tried again later
+succeeds once the holder is gone."""
+IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
+"""PostgreSQL's SQLSTATE for a session it ended because it sat idle in a transaction past
+``idle_in_transaction_session_timeout``: the transaction rolled back, the connection closed."""
 _SQLITE_CONFIG_MEMSTATUS = 9
 """``sqlite3_config`` verb: memory statistics on (1) or off (0); SQLite's default is on."""
 _memstatus_lock = threading.Lock()
@@ -123,8 +132,39 @@ def check_url(settings: Settings) -> None:
                           "through psycopg 3 (synchronous), which it installs; write postgresql+psycopg://")
 
 
-def create_engine(url: str) -> Engine:
-    """An engine with Kembali's transaction discipline for the URL's dialect."""
+@dataclass(frozen=True)
+class SessionLimits:
+    """The server-side timeouts of a PostgreSQL engine's sessions (``[database]``), in seconds; 0 is none."""
+
+    lock_timeout_seconds: float = DatabaseSettings.lock_timeout_seconds
+    idle_in_transaction_timeout_seconds: float = DatabaseSettings.idle_in_transaction_timeout_seconds
+
+    def options(self, given: str) -> str:
+        """libpq's ``options`` (the server's ``-c name=value`` settings at session start): these, then ``given``,
+        the URL's own ``?options=``, which the server applies after them, so what the URL says wins."""
+        ours = (f"-c lock_timeout={round(self.lock_timeout_seconds * 1000)} "
+                f"-c idle_in_transaction_session_timeout={round(self.idle_in_transaction_timeout_seconds * 1000)}")
+        return f"{ours} {given}".strip()
+
+
+_LIMITS: weakref.WeakKeyDictionary[Engine, SessionLimits] = weakref.WeakKeyDictionary()
+"""Each PostgreSQL engine's ``SessionLimits``, for ``note_failure``."""
+
+
+def engine_for(settings: Settings) -> Engine:
+    """``create_engine`` for the config's database, with its ``[database]`` settings: every engine a command or the
+    daemon opens on it comes from here."""
+    d = settings.database
+    return create_engine(settings.database_url, SessionLimits(d.lock_timeout_seconds,
+                                                              d.idle_in_transaction_timeout_seconds))
+
+
+def create_engine(url: str, limits: SessionLimits | None = None) -> Engine:
+    """An engine with Kembali's transaction discipline for the URL's dialect. On PostgreSQL every session starts
+    with ``limits`` (the defaults when None): a statement waiting on another session's lock gives up after
+    ``lock_timeout_seconds``, and a session left idle in a transaction (its process stopped, its host suspended or
+    cut off) is ended by the server, its locks released, after ``idle_in_transaction_timeout_seconds``; either is
+    logged when this process meets it (``note_failure``)."""
     if url.startswith("sqlite"):
         without_sqlite_memstatus()
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
@@ -147,11 +187,49 @@ def create_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
-    given = {key.lower() for key in sa.make_url(url).query}
+    query = sa.make_url(url).query
+    given = {key.lower() for key in query}
     defaults = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS, **PG_KEEPALIVES}
-    connect_args = {key: value for key, value in defaults.items() if key not in given}
-    return sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, pool_size=5, max_overflow=5,
-                            hide_parameters=True)
+    connect_args: dict[str, Any] = {key: value for key, value in defaults.items() if key not in given}
+    limits = limits or SessionLimits()
+    url_options = query.get("options", "")
+    connect_args["options"] = limits.options(url_options if isinstance(url_options, str) else " ".join(url_options))
+    engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                              hide_parameters=True)
+    _LIMITS[engine] = limits
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _on_error(context: sa.engine.ExceptionContext) -> None:
+        if context.engine is not None:
+            note_failure(context.engine, context.original_exception, context.statement)
+
+    return engine
+
+
+def note_failure(engine: Engine, exc: BaseException, statement: str | None) -> None:
+    """Log, by name, a PostgreSQL failure of the session timeouts: ``db_lock_timeout`` (a statement gave up
+    waiting for another session's lock: what it ran and what it waited for) or ``db_idle_in_transaction_timeout``
+    (the server ended this session, idle in a transaction too long). Called for every failed statement of the
+    engine's, and by the group commit for its driver statements; others are left to the caller."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    limits = _LIMITS.get(engine, SessionLimits())
+    if sqlstate == LOCK_NOT_AVAILABLE:
+        context = (getattr(getattr(exc, "diag", None), "context", None) or "").strip()
+        # a row's lock: 'while locking tuple (0,1) in relation "rate_limit"'; a table's or an advisory one: nothing
+        waiting_for = context.splitlines()[0] if context else "a table or advisory lock (the server gives no more)"
+        log.event("db_lock_timeout", logging.WARNING, statement=_opening(statement), waiting_for=waiting_for,
+                  lock_timeout_seconds=limits.lock_timeout_seconds, setting="database.lock_timeout_seconds")
+    elif sqlstate == IDLE_IN_TRANSACTION_TIMEOUT:
+        log.event("db_idle_in_transaction_timeout", logging.WARNING, statement=_opening(statement),
+                  idle_in_transaction_timeout_seconds=limits.idle_in_transaction_timeout_seconds,
+                  setting="database.idle_in_transaction_timeout_seconds",
+                  note="the server ended this session: its transaction was rolled back and its locks released")
+
+
+def _opening(statement: str | None) -> str:
+    """A statement's first words, on one line (its values are parameters: never in it)."""
+    words = " ".join((statement or "").split())
+    return words if len(words) <= 80 else words[:80] + "…"
 
 
 _READ_ONLY = "kembali_read_only"

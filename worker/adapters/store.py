@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine
 from worker.adapters import db
 from worker.adapters.importer import ascii_address
 from worker.adapters.tables import Attempt, Customer, Message, OrderLine, Product, ShopOrder, Suppression
+from worker.config import Settings
 from worker.core.audiences import WINBACK, WinbackCandidate
 from worker.domain import (
     ClaimedMessage,
@@ -440,6 +441,11 @@ class Store:
     def from_url(cls, url: str, default_locale: Locale = Locale.ID) -> Store:
         return cls(db.create_engine(url), default_locale)
 
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Store:
+        """The Store of the config's database, with its ``[database]`` settings and the shop's language."""
+        return cls(db.engine_for(settings), Locale(settings.shop.default_locale))
+
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
@@ -623,7 +629,8 @@ class Store:
             if stale:
                 marked = replace(marked, stale=stale)
             raw.commit()
-        except BaseException:
+        except BaseException as exc:
+            db.note_failure(self.engine, exc, "(the group commit: outcomes and sending marks)")
             self._drop_ledger_connection(raw)
             raise
         finally:

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo shop: {len(shop.customers)} customers, {len(shop.products)} products, "
           f"{len(shop.orders)} orders, written to {out / 'data'}")
 
-    engine = db.create_engine(settings.database_url)
+    engine = db.engine_for(settings)
     db.upgrade(engine)
     engine.dispose()
     for kind in ("customers", "products", "orders"):

@@ -88,7 +88,7 @@ def import_file(
     if path.is_dir() or not path.exists():  # a pipe is read as a file: <(gunzip -c customers.csv.gz), /dev/stdin
         print(f"kembali import: {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}", file=sys.stderr)
         return EXIT_USAGE
-    store = Store.from_url(settings.database_url)
+    store = Store(db.engine_for(settings))
     db.check_schema(store.engine)
     now = now or datetime.now(UTC)
     if kind == "orders":  # the totals this import adds to must count the shop's currency first

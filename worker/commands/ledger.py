@@ -148,7 +148,7 @@ def operator() -> str:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    engine = db.create_engine(settings.database_url)
+    engine = db.engine_for(settings)
     try:
         db.check_schema(engine)
         admin = LedgerAdmin(engine)

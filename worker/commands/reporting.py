@@ -47,7 +47,7 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"kembali stats: --since {args.since} is after {today} ({now:%Y-%m-%d}, UTC): give a day "
               f"{'before it' if args.now else 'in the past'}", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
-    engine = db.create_engine(settings.database_url)
+    engine = db.engine_for(settings)
     try:
         db.check_schema(engine)
         report = build_stats(engine, since=since, now=now, window_days=args.window_days,
@@ -119,7 +119,7 @@ def stats_lines(report: StatsReport) -> list[str]:
 
 
 def insights_command(settings: Settings, args: argparse.Namespace) -> int:
-    engine = db.create_engine(settings.database_url)
+    engine = db.engine_for(settings)
     try:
         db.check_schema(engine)
         found = build_insights(engine, share=args.share, bin_days=args.bin_days)

@@ -18,7 +18,7 @@ EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
 
 
 def suppress(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store.from_url(settings.database_url)
+    store = Store(db.engine_for(settings))
     try:
         db.check_schema(store.engine)
         action = args.action

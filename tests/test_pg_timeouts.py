@@ -1,0 +1,313 @@
+"""PostgreSQL's lock_timeout and idle_in_transaction_session_timeout on every connection a worker opens.
+
+A worker stuck in a transaction (SIGSTOPped, its host suspended, cut off after BEGIN) held its row locks for
+ever, and every worker that needed those rows waited for ever, saying nothing. With the two settings the
+server ends the stuck session (its transaction rolled back, its locks released), and a waiter gives up its
+statement with a logged ``db_lock_timeout`` and tries again, so nothing hangs, nothing is lost and nothing is
+sent twice. The tests hold real locks from a second, raw connection to the real PostgreSQL server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from tests.clikit import run_cli
+from tests.db_fixtures import PG_ADMIN_URL
+from tests.sendkit import LINK_SECRET, Shop, message_ids, settings_dict
+from tests.smtp_server import RecordingServer
+from worker.adapters import db
+from worker.adapters.ratestore import RateStore
+from worker.adapters.store import MAILBOX_LOCKS, Store
+from worker.asyncstore import AsyncStore
+from worker.config import Settings, settings_from_dict
+from worker.errors import ConfigError
+from worker.limiter import DbBooker
+from worker.sending import LedgerWriter
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK = (0.01, 0.01, 0.01, 0.01, 0.01)
+
+
+def _settings(url: str, smtp_port: int = 25, **database: Any) -> Settings:
+    raw = settings_dict(url, smtp_port, batch_size=10, compose_processes=0, lease_seconds=120,
+                        shared_limits="database")  # fmt: skip
+    raw["database"].update(database)
+    return settings_from_dict(raw, base_dir=REPO)
+
+
+def _driver_url(url: str) -> str:
+    """The libpq form of a SQLAlchemy URL, for a raw psycopg connection of the test's own."""
+    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _shown(engine: sa.Engine, setting: str) -> str:
+    with engine.connect() as conn:
+        return str(conn.exec_driver_sql(f"SHOW {setting}").scalar_one())
+
+
+class _OnEvent(logging.Handler):
+    """Calls ``action`` (once) when the event ``name`` is logged, on the thread that logs it."""
+
+    def __init__(self, name: str, action: Callable[[], None]) -> None:
+        super().__init__()
+        self.name_ = name
+        self.action: Callable[[], None] | None = action
+        self.fields: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == self.name_:
+            self.fields.append(dict(getattr(record, "kembali_fields", {})))
+            action, self.action = self.action, None
+            if action is not None:
+                action()
+
+
+@pytest.fixture
+def on_event() -> Iterator[Callable[[str, Callable[[], None]], _OnEvent]]:
+    logger = logging.getLogger("kembali")
+    added: list[_OnEvent] = []
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+
+    def add(name: str, action: Callable[[], None]) -> _OnEvent:
+        handler = _OnEvent(name, action)
+        logger.addHandler(handler)
+        added.append(handler)
+        return handler
+
+    yield add
+    for handler in added:
+        logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+# --- the settings ------------------------------------------------------------------------------------------------
+
+
+def test_the_defaults_give_up_a_lock_wait_after_30_s_and_end_a_session_idle_in_a_transaction_after_60_s() -> None:
+    settings = Settings()
+    assert settings.database.lock_timeout_seconds == 30
+    assert settings.database.idle_in_transaction_timeout_seconds == 60
+
+
+@pytest.mark.parametrize("key", ["lock_timeout_seconds", "idle_in_transaction_timeout_seconds"])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (-1, "must be 0 (no limit) or from 0.001 to 86400 seconds (a day), not -1"),
+        (0.0001, "must be 0 (no limit) or from 0.001 to 86400 seconds (a day), not 0.0001"),
+        (86401, "must be 0 (no limit) or from 0.001 to 86400 seconds (a day), not 86401"),
+        ("30s", "must be float, not str ('30s')"),
+    ],
+)
+def test_a_timeout_out_of_range_or_not_a_number_is_refused_by_name(key: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_dict({"database": {key: value}})
+    assert f"'database.{key}' {message}" in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [0, 0.001, 1.5, 86400])
+def test_zero_turns_a_timeout_off_and_fractions_of_a_second_are_taken(value: float) -> None:
+    settings = settings_from_dict({"database": {"lock_timeout_seconds": value,
+                                                "idle_in_transaction_timeout_seconds": value}})  # fmt: skip
+    assert settings.database.lock_timeout_seconds == value == settings.database.idle_in_transaction_timeout_seconds
+
+
+# --- on PostgreSQL -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("lock", "idle", "shown_lock", "shown_idle"),
+    [(30, 60, "30s", "1min"), (1.5, 0.25, "1500ms", "250ms"), (0, 0, "0", "0")],
+)
+def test_every_connection_of_the_worker_has_the_configured_timeouts(
+    pg_url: str, lock: float, idle: float, shown_lock: str, shown_idle: str
+) -> None:
+    settings = _settings(pg_url, lock_timeout_seconds=lock, idle_in_transaction_timeout_seconds=idle)
+    store = Store.for_settings(settings)
+    try:
+        assert _shown(store.engine, "lock_timeout") == shown_lock
+        assert _shown(store.engine, "idle_in_transaction_session_timeout") == shown_idle
+        raw = store.engine.raw_connection()  # the group commit's own driver connection
+        try:
+            cursor = raw.cursor()
+            cursor.execute("SHOW lock_timeout")
+            assert cursor.fetchone() == (shown_lock,)
+        finally:
+            raw.close()
+    finally:
+        store.close()
+    engine = db.engine_for(settings)  # the commands' engine (db upgrade, ledger, reports)
+    try:
+        assert _shown(engine, "lock_timeout") == shown_lock
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_options_written_in_the_url_win_over_the_config(pg_url: str) -> None:
+    url = sa.make_url(pg_url).update_query_dict({"options": "-c lock_timeout=5s -c application_name=mine"})
+    settings = _settings(url.render_as_string(hide_password=False), lock_timeout_seconds=1)
+    engine = db.engine_for(settings)
+    try:
+        assert _shown(engine, "lock_timeout") == "5s"
+        assert _shown(engine, "application_name") == "mine"
+        assert _shown(engine, "idle_in_transaction_session_timeout") == "1min"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_booking_behind_a_stuck_workers_rate_row_gives_up_says_why_and_goes_through_once_it_is_released(
+    pg_url: str, on_event: Callable[[str, Callable[[], None]], _OnEvent]
+) -> None:
+    # Given the shared rate's row, locked by another worker's transaction that does not end (a stuck worker), and a
+    # worker whose lock waits give up after a fifth of a second
+    settings = _settings(pg_url, lock_timeout_seconds=0.2)
+    store = Store.for_settings(settings)
+    db.upgrade(store.engine)
+    rates = RateStore(store.engine)
+    rates.book([("global", 0.01, 10)])
+    stuck = psycopg.connect(_driver_url(pg_url))
+    stuck.execute("SELECT tat FROM rate_limit WHERE key = 'global' FOR UPDATE")
+    # (the stuck transaction ends once the worker has said why it waits)
+    said = on_event("db_lock_timeout", stuck.rollback)
+    retried = on_event("rate_booking_retried", lambda: None)
+    astore = AsyncStore(store)
+    astore.RETRY_SECONDS = QUICK
+    try:
+        # When the worker books a send, Then it does not hang: the wait is given up, logged by name with the table
+        # and the setting, tried again, and booked once the lock is released
+        wait = asyncio.run(asyncio.wait_for(DbBooker(astore, rates).book([("global", 0.01, 10)]), timeout=60))
+    finally:
+        astore.close()
+        stuck.close()
+        store.close()
+    assert wait >= 0
+    [first, *_] = said.fields
+    assert 'relation "rate_limit"' in first["waiting_for"]
+    assert first["setting"] == "database.lock_timeout_seconds" and first["lock_timeout_seconds"] == 0.2
+    assert "INSERT INTO rate_limit" in first["statement"]
+    assert "canceling statement due to lock timeout" in retried.fields[0]["error"]
+
+
+@pytest.mark.postgres
+def test_a_session_left_idle_in_a_transaction_is_ended_by_the_server_and_its_locks_released(
+    pg_url: str, on_event: Callable[[str, Callable[[], None]], _OnEvent]
+) -> None:
+    # Given a worker whose sessions may stay idle in a transaction a fifth of a second, which takes a rate row's
+    # lock and then stops (its process stopped, say) before ending the transaction
+    settings = _settings(pg_url, idle_in_transaction_timeout_seconds=0.2, lock_timeout_seconds=30)
+    store = Store.for_settings(settings)
+    db.upgrade(store.engine)
+    RateStore(store.engine).book([("global", 0.01, 10)])
+    said = on_event("db_idle_in_transaction_timeout", lambda: None)
+    stuck = store.engine.connect()
+    stuck.begin()
+    pid = stuck.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    stuck.exec_driver_sql("SELECT tat FROM rate_limit WHERE key = 'global' FOR UPDATE").all()
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        # When it stays stopped, Then the server ends its session (its transaction rolled back, its lock released)
+        with admin.connect() as conn:
+            for _ in range(600):  # at most a minute, on a loaded machine: a bound, not a measure
+                if not conn.execute(sa.text("SELECT 1 FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}).first():
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the server did not end the session idle in a transaction")
+        # And another worker takes the row at once (a lock wait would give up after 30 s and fail this test)
+        other = psycopg.connect(_driver_url(pg_url), options="-c lock_timeout=30s")
+        with other:
+            other.execute("UPDATE rate_limit SET tat = tat WHERE key = 'global'")
+        # And the stopped worker, once it runs again, learns its session was ended, with the setting named
+        with pytest.raises(sa.exc.DBAPIError, match="idle-in-transaction timeout") as caught:
+            stuck.exec_driver_sql("SELECT 1")
+        assert caught.value.connection_invalidated
+        assert said.fields and said.fields[0]["setting"] == "database.idle_in_transaction_timeout_seconds"
+        stuck.close()
+        # And its next work runs on a new connection
+        assert RateStore(store.engine).used_today("quota:x", day="2026-01-01") == 0
+    finally:
+        admin.dispose()
+        store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("held", ["the shared rate's row", "a recipient's mailbox lock"])
+def test_a_run_behind_a_stuck_workers_lock_sends_every_message_once(
+    pg_url: str, held: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
+    on_event: Callable[[str, Callable[[], None]], _OnEvent],
+) -> None:  # fmt: skip
+    # Given 12 customers due a win-back on PostgreSQL, the shared rate in the database, lock waits given up
+    # after a fifth of a second, and a stuck worker holding the rate's row or the lock the group commit takes
+    # on a recipient's mailbox
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_SECRET)
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", QUICK)
+    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", QUICK)
+    emails = [f"c{i}@test.example" for i in range(12)]
+    settings = _settings(pg_url, smtp_server.port, lock_timeout_seconds=0.2)
+    shop = Shop(pg_url, settings, emails)
+    RateStore(shop.store.engine).book([("global", 0.01, 10)])
+    stuck = psycopg.connect(_driver_url(pg_url))
+    if held == "the shared rate's row":
+        stuck.execute("SELECT tat FROM rate_limit WHERE key = 'global' FOR UPDATE")
+    else:
+        stuck.execute("SELECT pg_advisory_xact_lock(%s, hashtext(lower(%s)))", (MAILBOX_LOCKS, emails[5]))
+    said = on_event("db_lock_timeout", stuck.rollback)
+    try:
+        # When a run sends what is due
+        report = shop.cycle()
+    finally:
+        stuck.close()
+        shop.close()
+    # Then the wait was given up and said so, and every message went out exactly once, each row sent
+    assert said.fields, "no lock wait was given up"
+    assert report.dispatched.outcomes["sent"] == 12
+    assert sorted(message_ids(smtp_server.messages).values()) == [1] * 12
+    engine = db.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            statuses = Counter(conn.exec_driver_sql("SELECT status FROM message").scalars())
+            attempts = conn.exec_driver_sql("SELECT count(*) FROM attempt").scalar_one()
+    finally:
+        engine.dispose()
+    assert statuses == {"sent": 12} and attempts == 12
+
+
+@pytest.mark.postgres
+def test_a_command_behind_a_held_lock_stops_with_exit_3_and_says_why(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given the suppression list locked against writes by a transaction that does not end, and lock waits given up
+    # after a fifth of a second
+    engine = db.create_engine(pg_url)
+    db.upgrade(engine)
+    engine.dispose()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{pg_url}"\nlock_timeout_seconds = 0.2\n', encoding="utf-8")
+    holder = psycopg.connect(_driver_url(pg_url))
+    holder.execute("LOCK TABLE suppression IN SHARE MODE")
+    try:
+        # When an address is suppressed, Then the command does not hang: it stops with exit 3 (try again later),
+        # naming the lock wait it gave up
+        code, printed = run_cli(capsys, "--config", str(config), "suppress", "add", "budi@example.com")
+        assert code == 3, printed
+        assert 'db_lock_timeout statement="INSERT INTO suppression' in printed
+        assert "could not be used: canceling statement due to lock timeout" in printed
+    finally:
+        holder.close()
+    # And once the lock is gone, the same command works
+    code, printed = run_cli(capsys, "--config", str(config), "suppress", "add", "budi@example.com")
+    assert code == 0, printed
