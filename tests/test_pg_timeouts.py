@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from alembic import command
 
 from tests.clikit import run_cli
 from tests.db_fixtures import PG_ADMIN_URL
@@ -284,6 +285,38 @@ def test_a_run_behind_a_stuck_workers_lock_sends_every_message_once(
     finally:
         engine.dispose()
     assert statuses == {"sent": 12} and attempts == 12
+
+
+@pytest.mark.postgres
+def test_a_migration_behind_a_long_transaction_gives_up_changes_nothing_and_says_why(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a database one schema behind, a transaction that has read the ledger and not ended (a long report,
+    # a stuck worker), and lock waits given up after a fifth of a second
+    engine = db.create_engine(pg_url)
+    cfg = db._alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0015")
+    engine.dispose()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{pg_url}"\nlock_timeout_seconds = 0.2\n', encoding="utf-8")
+    reader = psycopg.connect(_driver_url(pg_url))
+    reader.execute("SELECT count(*) FROM message")
+    try:
+        # When the schema is upgraded, Then the migration (which must alter the ledger's table) does not wait
+        # for ever, queueing every worker's statements on that table behind it: it gives up, changes nothing,
+        # and says why, exiting 3 (try again later)
+        code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+        assert code == 3, printed
+        assert "waited 0.2 s (database.lock_timeout_seconds) for a lock another session holds" in printed
+        assert "nothing was changed" in printed
+        assert run_cli(capsys, "--config", str(config), "db", "status")[1].startswith("current: 0015")
+    finally:
+        reader.close()
+    # And once that transaction has ended, the same command upgrades
+    code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    assert code == 0 and "schema upgraded: 0015 -> 0016" in printed, printed
 
 
 @pytest.mark.postgres

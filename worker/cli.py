@@ -433,7 +433,7 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
 
     from worker.adapters import db
 
-    engine = db.create_engine(settings.database_url)
+    engine = db.engine_for(settings)
     path = db.sqlite_path(engine)
     try:
         if args.action == "status" and path is not None and not path.exists():  # look, but do not create it
@@ -453,6 +453,12 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             print(f"schema upgraded: {before or '(empty)'} -> {after} ({db.describe(engine)})")
         return EXIT_OK
     except sa_exc.OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) == db.LOCK_NOT_AVAILABLE:  # not waited for ever: workers queue behind
+            print(f"kembali: the {'migration' if args.action == 'upgrade' else 'schema check'} waited "
+                  f"{settings.database.lock_timeout_seconds:g} s (database.lock_timeout_seconds) for a lock another "
+                  f"session holds on {db.describe(engine)} (a long report, a worker stuck in a transaction): nothing "
+                  "was changed; try again, or stop the workers first", file=sys.stderr)  # fmt: skip
+            return EXIT_UNAVAILABLE
         return _cannot_open(engine, path, exc)
     finally:
         engine.dispose()
