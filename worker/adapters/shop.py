@@ -133,8 +133,9 @@ def _upsert_simple(
             )
         }
         new = [{**v, "created_at": now, "updated_at": now} for k, v in by_id.items() if k not in existing]
+        keepable = [k for k in keys if any(k in columns for columns in keep.values())]
         changed = [
-            {**{f"v_{k}": getattr(existing[ext], k) if k in keep.get(ext, ()) else v[k] for k in keys},
+            {**{f"v_{k}": v[k] for k in keys}, **{f"k_{k}": k in keep.get(ext, ()) for k in keepable},
              "b_ext": ext, "v_updated_at": now}
             for ext, v in by_id.items()
             if ext in existing
@@ -143,10 +144,18 @@ def _upsert_simple(
         if new:
             conn.execute(sa.insert(table), new)
         if changed:
+            # a kept column is set to what it holds when the row is written, not to what was read above: on
+            # PostgreSQL another writer (a second import, the spend recount) may have changed it since, and committed
+            # while this UPDATE waited for its row; writing back the value read would undo that change
+            kept_as_is = {
+                k: sa.case((sa.bindparam(f"k_{k}", type_=sa.Boolean()), table.c[k]),
+                           else_=sa.bindparam(f"v_{k}", type_=table.c[k].type))
+                for k in keepable
+            }  # fmt: skip
             conn.execute(
                 sa.update(table)
                 .where(table.c.external_id == sa.bindparam("b_ext"))
-                .values({k: sa.bindparam(f"v_{k}") for k in [*keys, "updated_at"]}),
+                .values({**{k: sa.bindparam(f"v_{k}") for k in [*keys, "updated_at"]}, **kept_as_is}),
                 changed,
             )
     counts.created = len(new)
