@@ -61,7 +61,7 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
         ({"campaigns": {"feedback": {"link_url": "http://toko.example/f"}}},
          "'campaigns.feedback.link_url' must be an absolute https:// link"),
         # the token is appended to these links: after a #fragment a browser never sends it, and a "t" of their
-        # own would be read in place of it (every unsubscribe and rating link a "this link is not valid" page)
+        # own would be read in place of it (every unsubscribe and rating link a "this link doesn't work" page)
         ({"unsubscribe": {"url": "https://shop.example/u#top"}}, "'unsubscribe.url' must have no #fragment"),
         ({"unsubscribe": {"url": "https://shop.example/u?src=mail&t=1"}},
          "'unsubscribe.url' must have no query parameter 't'"),

@@ -161,7 +161,7 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         ratings = {n: tokens.sign("f", f"O1:{n}", LINK_KEY.encode()) for n in range(1, 6)}
         for n, t in ratings.items():
             status, page, _ = http("GET", daemon.url(f"/feedback?t={t}"))
-            assert status == 200 and f"Anda memilih nilai {n}" in page and 'method="post"' in page, page
+            assert status == 200 and f"Kakak memilih nilai {n}" in page and 'method="post"' in page, page
             assert "<textarea" in page
             # a HEAD (a prefetcher's) answers as the GET would, the same headers without the body
             status, nothing, head = http("HEAD", daemon.url(f"/feedback?t={t}"))

@@ -884,7 +884,7 @@ def _web_url(s: Settings, key: str, url: str, schemes: tuple[str, ...]) -> None:
 def _token_base(s: Settings, key: str, url: str) -> None:
     """``url`` can take a signed token appended as ``?t=`` or ``&t=``: after a ``#fragment`` it would never reach
     the server (a browser keeps the fragment to itself), and a ``t`` of the URL's own would be read in its place:
-    either way every link made from it would answer "this link is not valid"."""
+    either way every link made from it would answer "this link doesn't work"."""
     if "#" in url:
         _fail(s, key, f"must have no #fragment: the link's token is added at the end, and a browser does not send "
               f"what follows a '#', not {url!r}")

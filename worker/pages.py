@@ -13,58 +13,75 @@ from urllib.parse import unquote
 from worker.domain import Locale
 
 _TEXT: dict[str, dict[Locale, str]] = {
+    # The shop's voice, as in its emails: Bahasa Indonesia calls the customer "Kakak" (never "Anda"), in short,
+    # casual-polite sentences; English is as warm ("Just click…", "we'll"). tests/test_customer_pages.py holds
+    # every sentence.
     "confirm_title": {Locale.ID: "Berhenti berlangganan?", Locale.EN: "Unsubscribe?"},
     "confirm_body": {
-        Locale.ID: "Klik tombol di bawah agar {who} tidak lagi menerima email promosi dari {shop}.",
-        Locale.EN: "Click the button below to stop promotional emails from {shop} to {who}.",
+        Locale.ID: "Cukup klik tombol di bawah agar {who} tidak lagi menerima email promosi dari {shop}.",
+        Locale.EN: "Just click the button below and we'll stop sending promotional emails from {shop} to {who}.",
     },
-    "you": {Locale.ID: "Anda", Locale.EN: "you"},
+    "you": {Locale.ID: "Kakak", Locale.EN: "you"},
     "and": {Locale.ID: "dan", Locale.EN: "and"},
     "confirm_button": {Locale.ID: "Berhenti berlangganan", Locale.EN: "Unsubscribe"},
-    "done_title": {Locale.ID: "Anda sudah berhenti berlangganan", Locale.EN: "You are unsubscribed"},
+    "done_title": {Locale.ID: "Kakak sudah berhenti berlangganan", Locale.EN: "You're unsubscribed"},
     "done_body": {
-        Locale.ID: "Anda tidak akan menerima email promosi lagi dari {shop}. Maaf telah mengganggu.",
-        Locale.EN: "You will not receive promotional emails from {shop} again. Sorry to have bothered you.",
+        Locale.ID: "Kakak tidak akan menerima email promosi dari {shop} lagi. Maaf sudah mengganggu, ya.",
+        Locale.EN: "You won't get promotional emails from {shop} any more. Sorry for the bother.",
     },
     "done_addresses": {
-        Locale.ID: "Alamat yang tidak akan dikirimi lagi: {who}.",
-        Locale.EN: "Addresses we will not write to again: {who}.",
+        Locale.ID: "Alamat yang tidak akan kami kirimi email lagi: {who}.",
+        Locale.EN: "Addresses we won't write to again: {who}.",
     },
-    "bad_title": {Locale.ID: "Tautan tidak valid", Locale.EN: "This link is not valid"},
+    "bad_title": {Locale.ID: "Maaf, tautan ini tidak bisa dibuka", Locale.EN: "Sorry, this link doesn't work"},
     "bad_body": {
-        Locale.ID: "Tautan ini rusak atau tidak lengkap. Coba salin seluruh tautan dari email Anda.",
-        Locale.EN: "This link is broken or incomplete. Try copying the whole link from your email.",
+        Locale.ID: "Mungkin tautannya terpotong. Coba salin seluruh tautan dari email kami, lalu buka lagi.",
+        Locale.EN: "It may have been cut short. Try copying the whole link from our email and opening it again.",
     },
     "bad_unsubscribe": {
-        Locale.ID: "Untuk berhenti berlangganan, Anda juga bisa mengirim email ke {address}.",
-        Locale.EN: "To unsubscribe, you can also send an email to {address}.",
+        Locale.ID: "Kakak juga bisa berhenti berlangganan dengan mengirim email ke {address}.",
+        Locale.EN: "You can also unsubscribe by sending an email to {address}.",
     },
     "missing_title": {Locale.ID: "Halaman tidak ditemukan", Locale.EN: "Page not found"},
+    "missing_body": {
+        Locale.ID: "Coba buka lagi tautan dari email kami, ya.",
+        Locale.EN: "Try opening the link in our email again.",
+    },
+    "trouble_title": {Locale.ID: "Maaf, ada gangguan", Locale.EN: "Sorry, something went wrong"},
+    "trouble_body": {
+        Locale.ID: "Maaf, ada gangguan di sistem kami. Coba lagi beberapa menit lagi, ya.",
+        Locale.EN: "Sorry, something went wrong on our side. Please try again in a few minutes.",
+    },
     "thanks_title": {Locale.ID: "Terima kasih!", Locale.EN: "Thank you!"},
     "thanks_first": {
-        Locale.ID: "Nilai Anda ({score}) sudah kami catat. Masukan Anda membantu {shop} menjadi lebih baik.",
-        Locale.EN: "We have recorded your rating ({score}). Your feedback helps {shop} get better.",
+        Locale.ID: "Nilai dari Kakak ({score}) sudah kami catat. Masukan Kakak membantu {shop} menjadi lebih baik.",
+        Locale.EN: "We've recorded your rating ({score}). Your feedback helps {shop} improve.",
     },
     "thanks_again": {
-        Locale.ID: "Kami sudah mencatat nilai Anda ({score}) sebelumnya. Terima kasih!",
+        Locale.ID: "Nilai dari Kakak ({score}) sudah kami catat sebelumnya. Terima kasih, ya!",
         Locale.EN: "We already have your rating ({score}). Thank you!",
     },
-    "comment_label": {Locale.ID: "Ada yang ingin Anda sampaikan? (opsional)",
-                      Locale.EN: "Anything you would like to tell us? (optional)"},
+    "comment_label": {Locale.ID: "Ada yang ingin Kakak sampaikan? (opsional)",
+                      Locale.EN: "Anything you'd like to tell us? (optional)"},
     "comment_button": {Locale.ID: "Kirim", Locale.EN: "Send"},
-    "your_comment": {Locale.ID: "Komentar Anda:", Locale.EN: "Your comment:"},
-    "rate_title": {Locale.ID: "Kirim penilaian Anda", Locale.EN: "Send your rating"},
+    "your_comment": {Locale.ID: "Komentar Kakak:", Locale.EN: "Your comment:"},
+    "rate_title": {Locale.ID: "Kirim penilaian Kakak", Locale.EN: "Send your rating"},
     "rate_body": {
-        Locale.ID: "Anda memilih nilai {score}. Klik tombol di bawah untuk mengirimkannya ke {shop}.",
-        Locale.EN: "You chose {score}. Click the button below to send it to {shop}.",
+        Locale.ID: "Kakak memilih nilai {score}. Cukup klik tombol di bawah untuk mengirimkannya ke {shop}.",
+        Locale.EN: "You chose {score}. Just click the button below to send it to {shop}.",
     },
     "rate_button": {Locale.ID: "Kirim penilaian", Locale.EN: "Send my rating"},
 }
 
+# overflow-wrap: a 300-character word (an address's domain, a comment) wraps rather than widen the page past a
+# phone's screen; buttons at least 44px high, for a thumb; box-sizing keeps the 100%-wide textarea inside.
 _STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:34em;margin:3em auto;padding:0 1em;color:#222;line-height:1.5}"
-    "button{font-size:1em;padding:.6em 1.2em;border:0;border-radius:.3em;background:#b3261e;color:#fff}"
-    "textarea{width:100%;min-height:6em}blockquote{border-left:3px solid #ccc;margin:1em 0;padding-left:1em}"
+    "body{font-family:system-ui,sans-serif;max-width:34em;margin:3em auto;padding:0 1em;color:#222;line-height:1.5;"
+    "overflow-wrap:anywhere}"
+    "button{font-size:1em;min-height:44px;padding:.6em 1.2em;border:0;border-radius:.3em;background:#b3261e;"
+    "color:#fff}"
+    "textarea{box-sizing:border-box;width:100%;min-height:6em;font:inherit}"
+    "blockquote{border-left:3px solid #ccc;margin:1em 0;padding-left:1em;white-space:pre-wrap}"
 )
 
 
@@ -111,6 +128,18 @@ def unsubscribed(locale: Locale, shop: str, masked: Sequence[str] = ()) -> bytes
 def bad_link(locale: Locale, unsubscribe_mailto: str = "") -> bytes:
     """A link that does not verify. An unsubscribe link's page gives ``unsubscribe_mailto`` (an address, or a
     mailto: URI) to write to instead: a link cut short, or signed with a retired key, is no dead end."""
+    return _in_both_languages(locale, "bad_title", "bad_body", unsubscribe_mailto)
+
+
+def trouble(locale: Locale, unsubscribe_mailto: str = "") -> bytes:
+    """Something failed on our side (the database): sorry, try again later; an unsubscribe link's page gives
+    ``unsubscribe_mailto`` to write to meanwhile."""
+    return _in_both_languages(locale, "trouble_title", "trouble_body", unsubscribe_mailto)
+
+
+def _in_both_languages(locale: Locale, title: str, body: str, unsubscribe_mailto: str) -> bytes:
+    """A page in ``locale`` with the same said in the other language below it: it comes before we know whose link
+    it is (or when we could not find out), so the shop's language may not be the customer's."""
     other = Locale.EN if locale is Locale.ID else Locale.ID
     mailto = _mailto_link(unsubscribe_mailto)
 
@@ -119,9 +148,9 @@ def bad_link(locale: Locale, unsubscribe_mailto: str = "") -> bytes:
 
     return _page(
         locale,
-        _t("bad_title", locale),
-        f"<p>{_t('bad_body', locale)}{also(locale)}</p><hr><p lang=\"{other.value}\">"
-        f"<strong>{_t('bad_title', other)}</strong>. {_t('bad_body', other)}{also(other)}</p>",
+        _t(title, locale),
+        f"<p>{_t(body, locale)}{also(locale)}</p><hr><p lang=\"{other.value}\">"
+        f"<strong>{_t(title, other)}</strong>. {_t(body, other)}{also(other)}</p>",
     )
 
 
@@ -135,7 +164,7 @@ def _mailto_link(mailto: str) -> str:
 
 
 def not_found(locale: Locale) -> bytes:
-    return _page(locale, _t("missing_title", locale), "")
+    return _page(locale, _t("missing_title", locale), f"<p>{_t('missing_body', locale)}</p>")
 
 
 def confirm_feedback(locale: Locale, shop: str, score: int, token: str) -> bytes:

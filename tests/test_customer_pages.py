@@ -1,0 +1,324 @@
+"""The pages a customer reaches from an email (unsubscribe, rating, thanks, a link that does not work), as a phone
+gets them: the daemon's site on a real HTTP server (port 0) over a real SQLite file, in both languages, and, for
+the layout, in a real headless Chromium at a phone's width (``tests.test_live_preview``'s ``browser``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import sqlite3
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_harness import Shop, http, make_shop
+from tests.test_copy import ENGLISH, OTHER_REGISTER
+from tests.test_live_preview import browser  # noqa: F401 - the fixture
+from worker.adapters.clock import SystemClock
+from worker.adapters.web import HttpServer
+from worker.asyncstore import AsyncStore
+from worker.config import load_settings
+from worker.core import tokens
+from worker.domain import Locale
+from worker.links import Site
+from worker.metrics import Metrics
+
+KEY = b"k" * 32
+ONE_CLICK = b"List-Unsubscribe=One-Click"
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+LONG_WORD = "BATIK" + "X" * 295
+HOSTILE_COMMENT = f'<img src=x onerror=alert(1)> "kutip" \'satu\' \u202eterbalik\u202c {LONG_WORD} selesai'
+
+
+_BLOCKS = ("h1", "p", "blockquote", "form", "hr", "label", "button", "textarea", "br")
+
+
+class _Page(HTMLParser):
+    """What a page holds for a reader: its visible text (by language), title, meta tags, buttons and labels."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.lang = ""
+        self.title = ""
+        self.metas: list[dict[str, str | None]] = []
+        self.buttons: list[str] = []
+        self.labels: dict[str, str] = {}
+        self.fields: list[str] = []
+        self.tags: list[str] = []
+        self.text: dict[str, list[str]] = {}
+        self._stack: list[tuple[str, str]] = []  # (tag, language)
+        self._button: list[str] | None = None
+        self._label: tuple[str, list[str]] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.tags.append(tag)
+        lang = a.get("lang") or (self._stack[-1][1] if self._stack else "")
+        if tag == "html":
+            self.lang = lang
+        if tag == "meta":
+            self.metas.append(a)
+        if tag == "button":
+            self._button = []
+        if tag == "label":
+            self._label = (a.get("for") or "", [])
+        if tag in ("textarea", "input") and a.get("type") != "hidden":
+            self.fields.append(a.get("id") or "")
+        if tag not in ("meta", "input", "br", "hr"):
+            self._stack.append((tag, lang))
+        if tag in _BLOCKS:
+            self.text.setdefault(lang, []).append(" ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _BLOCKS:
+            self.text.setdefault(self._stack[-1][1] if self._stack else "", []).append(" ")
+        if tag == "button" and self._button is not None:
+            self.buttons.append("".join(self._button).strip())
+            self._button = None
+        if tag == "label" and self._label is not None:
+            self.labels[self._label[0]] = "".join(self._label[1]).strip()
+            self._label = None
+        while self._stack:
+            if self._stack.pop()[0] == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        tag, lang = self._stack[-1] if self._stack else ("", "")
+        if tag == "title":
+            self.title += data
+        if tag in ("style", "title"):
+            return
+        self.text.setdefault(lang, []).append(data)
+        if self._button is not None:
+            self._button.append(data)
+        if self._label is not None:
+            self._label[1].append(data)
+
+    def words(self, lang: str) -> str:
+        return " ".join("".join(self.text.get(lang, [])).split())
+
+
+def read(html: str) -> _Page:
+    page = _Page()
+    page.feed(html)
+    page.close()
+    return page
+
+
+@dataclass
+class Served:
+    shop: Shop
+    url: str
+
+    def link(self, route: str, kind: str, value: str) -> str:
+        return f"{self.url}/{route}?t={tokens.sign(kind, value, KEY)}"
+
+    def unsubscribe(self, external_id: str) -> str:
+        return self.link("unsubscribe", "u", str(self.shop.customer_id(external_id)))
+
+    def rating(self, external_id: str, score: int) -> str:
+        order = self.shop.scalar("SELECT o.id FROM shop_order o JOIN customer c ON c.id = o.customer_id "
+                                 "WHERE c.external_id = :e", e=external_id)  # fmt: skip
+        return self.link("feedback", "f", f"{order}:{score}")
+
+
+@contextlib.contextmanager
+def serving(shop: Shop) -> Iterator[str]:
+    """The daemon's site for ``shop`` on a real HTTP server on 127.0.0.1, port 0, its loop on a thread."""
+    store = shop.store()
+    astore = AsyncStore(store)
+    settings = load_settings(shop.config)
+    site = Site(store=astore, keys=[KEY], settings=lambda: settings, clock=SystemClock(), metrics=Metrics(),
+                paused=lambda: False)  # fmt: skip
+    loop = asyncio.new_event_loop()
+    server = HttpServer(site.handle, host="127.0.0.1", port=0)
+    port = loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()
+        astore.close()
+        store.close()
+
+
+def _shop(tmp_path: Path, default_locale: str = "id") -> Shop:
+    """C1 reads Bahasa Indonesia, C2 English; each has one order."""
+    shop = make_shop(tmp_path, smtp_port=25)
+    shop.add([1], days_ago=20, locale=Locale.ID)
+    shop.add([2], days_ago=20, locale=Locale.EN)
+    if default_locale != "id":
+        text = shop.config.read_text(encoding="utf-8")
+        shop.config.write_text(text.replace("[shop]\n", f'[shop]\ndefault_locale = "{default_locale}"\n'), "utf-8")
+    return shop
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    shop = _shop(tmp_path)
+    with serving(shop) as url:
+        yield Served(shop, url)
+
+
+def _every_page(served: Served, external_id: str) -> dict[str, tuple[int, str]]:
+    """Every page customer ``external_id`` can reach, in the order they reach them: name → (status, HTML)."""
+    pages: dict[str, tuple[int, str]] = {}
+    unsubscribe, rating = served.unsubscribe(external_id), served.rating(external_id, 4)
+    for name, method, url, body in (
+        ("confirm unsubscribe", "GET", unsubscribe, None),
+        ("unsubscribed", "POST", unsubscribe, ONE_CLICK),
+        ("confirm rating", "GET", rating, None),
+        ("thanks", "POST", rating, b"comment="),
+        ("thanks again", "GET", rating, None),
+    ):
+        status, html, _ = http(method, url, body, FORM if body else None)
+        pages[name] = (status, html)
+    return pages
+
+
+def _elsewhere(served: Served) -> dict[str, tuple[int, str]]:
+    """The pages in the shop's language: a link that does not verify, and no page at all."""
+    good = served.unsubscribe("C1")
+    return {
+        "bad unsubscribe link": http("GET", good[:-3])[:2],
+        "bad rating link": http("GET", served.rating("C1", 4)[:-3])[:2],
+        "tampered link": http("GET", good.replace("?t=", "?t=x"))[:2],
+        "no such page": http("GET", served.url + "/unsubscribe/extra/path")[:2],
+    }
+
+
+def test_the_indonesian_pages_call_the_customer_kakak_as_the_emails_do(served: Served) -> None:
+    pages = {**_every_page(served, "C1"), **_elsewhere(served)}
+    for name, (_status, html) in pages.items():
+        page = read(html)
+        assert page.lang == "id", name
+        words = page.words("id")
+        # no "Anda" (formal) or "kamu" (familiar) beside the emails' "Kak Siti"/"Kakak", and no English
+        assert not OTHER_REGISTER.findall(words), (name, OTHER_REGISTER.findall(words), words)
+        prose = re.sub(r"\S+@\S+", "", words.replace("Toko Kembali", ""))  # addresses are no words
+        assert not ENGLISH.findall(prose), (name, ENGLISH.findall(prose), words)
+        if name in ("unsubscribed", "confirm rating", "thanks", "thanks again"):
+            assert "Kakak" in words, (name, words)
+    text = {name: read(html).words("id") for name, (_s, html) in pages.items()}
+    assert "Cukup klik tombol di bawah agar c***@example.com tidak lagi menerima email promosi dari Toko Kembali." \
+        in text["confirm unsubscribe"]
+    assert text["unsubscribed"].startswith("Kakak sudah berhenti berlangganan Kakak tidak akan menerima email "
+                                           "promosi dari Toko Kembali lagi. Maaf sudah mengganggu, ya.")
+    assert "Kakak memilih nilai 4. Cukup klik tombol di bawah untuk mengirimkannya ke Toko Kembali." \
+        in text["confirm rating"]
+    assert "Ada yang ingin Kakak sampaikan? (opsional)" in text["confirm rating"]
+    assert "Nilai dari Kakak (4) sudah kami catat. Masukan Kakak membantu Toko Kembali menjadi lebih baik." \
+        in text["thanks"]
+    assert "Nilai dari Kakak (4) sudah kami catat sebelumnya. Terima kasih, ya!" in text["thanks again"]
+    assert "Coba salin seluruh tautan dari email kami, lalu buka lagi." in text["bad rating link"]
+    assert "Kakak juga bisa berhenti berlangganan dengan mengirim email ke unsubscribe@toko-kembali.example." \
+        in text["bad unsubscribe link"]
+    assert "Coba buka lagi tautan dari email kami, ya." in text["no such page"]
+
+
+def test_the_english_pages_speak_as_the_english_emails_do(tmp_path: Path) -> None:
+    shop = _shop(tmp_path, default_locale="en")
+    with serving(shop) as url:
+        served = Served(shop, url)
+        pages = {**_every_page(served, "C2"), **_elsewhere(served)}
+    text = {name: read(html).words("en") for name, (_s, html) in pages.items()}
+    for name, (_status, html) in pages.items():
+        assert read(html).lang == "en", name
+    assert "Just click the button below and we'll stop sending promotional emails from Toko Kembali to " \
+        "c***@example.com." in text["confirm unsubscribe"]
+    assert text["unsubscribed"].startswith("You're unsubscribed You won't get promotional emails from Toko Kembali "
+                                           "any more. Sorry for the bother.")
+    assert "You chose 4. Just click the button below to send it to Toko Kembali." in text["confirm rating"]
+    assert "Anything you'd like to tell us? (optional)" in text["confirm rating"]
+    assert "We've recorded your rating (4). Your feedback helps Toko Kembali improve." in text["thanks"]
+    assert "We already have your rating (4). Thank you!" in text["thanks again"]
+    assert "Try copying the whole link from our email and opening it again." in text["bad rating link"]
+    assert "You can also unsubscribe by sending an email to unsubscribe@toko-kembali.example." \
+        in text["bad unsubscribe link"]
+    assert "Try opening the link in our email again." in text["no such page"]
+
+
+def test_every_page_has_a_language_title_viewport_and_labelled_controls_and_no_script(served: Served) -> None:
+    pages = {**_every_page(served, "C1"), **_every_page(served, "C2"), **_elsewhere(served)}
+    statuses = {name: status for name, (status, _html) in pages.items()}
+    assert statuses == {"confirm unsubscribe": 200, "unsubscribed": 200, "confirm rating": 200, "thanks": 200,
+                        "thanks again": 200, "bad unsubscribe link": 400, "bad rating link": 400,
+                        "tampered link": 400, "no such page": 404}  # fmt: skip
+    for name, (_status, html) in pages.items():
+        page = read(html)
+        assert page.lang in ("id", "en") and page.title.strip(), name
+        assert {"name": "viewport", "content": "width=device-width,initial-scale=1"} in page.metas, name
+        assert "script" not in page.tags and "img" not in page.tags, name
+        assert all(page.buttons), (name, page.buttons)  # every button says what it does
+        assert all(field and page.labels.get(field) for field in page.fields), (name, page.fields, page.labels)
+        # readable without CSS: a heading, and below it more than the heading (what happened, or what to do)
+        assert page.tags.count("h1") == 1 and len(page.words(page.lang)) > len(page.title) + 20, (name, html)
+        assert "@example.com" not in html.replace("c***@example.com", ""), name  # addresses masked
+        assert KEY.decode() not in html and "test-link-key" not in html, name
+
+
+def test_a_link_cut_short_or_tampered_with_says_in_both_languages_what_to_do(served: Served) -> None:
+    for name, (status, html) in _elsewhere(served).items():
+        if name == "no such page":
+            continue
+        page = read(html)
+        assert status == 400, name
+        assert "Maaf, tautan ini tidak bisa dibuka" in page.words("id"), (name, page.words("id"))
+        assert "Sorry, this link doesn't work" in page.words("en"), (name, page.words("en"))
+    # and the unsubscribe link's page gives the address to write to instead, in both
+    html = _elsewhere(served)["bad unsubscribe link"][1]
+    assert html.count('<a href="mailto:unsubscribe@toko-kembali.example">') == 2
+
+
+def _letters(text: str) -> str:
+    """``text`` without spaces, line breaks (a long word wraps) or bidi controls."""
+    return re.sub(r"[\s\u202a-\u202e\u2066-\u2069]", "", text)
+
+
+@pytest.mark.parametrize("locale", ["id", "en"])
+def test_hostile_data_on_the_pages_is_shown_as_text_and_stays_inside_a_phones_screen(
+    browser: object, tmp_path: Path, locale: str  # noqa: F811 - the fixture
+) -> None:
+    """A comment (which the thanks page shows back) with HTML, quotes, a right-to-left override and a 300-character
+    word, and an address whose domain is one long word: shown as the customer typed them, on a 360px screen."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+    driver: WebDriver = browser  # type: ignore[assignment]
+    driver.set_window_size(360, 800)
+    shop = _shop(tmp_path)
+    external_id = "C1" if locale == "id" else "C2"
+    domain = ".".join(["d" * 60] * 3) + ".example"
+    with contextlib.closing(sqlite3.connect(tmp_path / "kembali.db")) as conn, conn:
+        conn.execute("UPDATE customer SET email = :e WHERE external_id = :c",
+                     {"e": f"budi@{domain}", "c": external_id})  # fmt: skip
+    with serving(shop) as url:
+        served = Served(shop, url)
+        rating = served.rating(external_id, 2)
+        comment = urllib.parse.urlencode({"comment": HOSTILE_COMMENT}).encode()
+        assert http("POST", rating, comment, FORM)[0] == 200
+        # (a link that does not verify, and no page, are in the shop's language, Bahasa Indonesia)
+        for page_url, lang in ((served.unsubscribe(external_id), locale), (rating, locale),
+                               (served.unsubscribe(external_id)[:-3], "id"), (url + "/nothing", "id")):  # fmt: skip
+            driver.get(page_url)
+            assert driver.find_element(By.TAG_NAME, "html").get_attribute("lang") == lang
+            scroll, inner = driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+            assert scroll <= inner, (page_url, scroll, inner)
+            assert driver.find_elements(By.TAG_NAME, "img") == [] and driver.find_elements(By.TAG_NAME, "script") == []
+            for button in driver.find_elements(By.TAG_NAME, "button"):  # on the screen, big enough for a thumb
+                assert button.is_displayed() and button.size["height"] >= 44, (page_url, button.size)
+        driver.get(rating)  # the thanks page, with the comment shown back as typed
+        quoted = driver.find_element(By.TAG_NAME, "blockquote").text
+        assert _letters(quoted) == _letters(HOSTILE_COMMENT), quoted
+        paragraphs = [p.text for p in driver.find_elements(By.TAG_NAME, "p")]
+        assert any("(2)" in p for p in paragraphs), paragraphs
