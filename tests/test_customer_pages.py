@@ -280,6 +280,32 @@ def test_a_link_cut_short_or_tampered_with_says_in_both_languages_what_to_do(ser
     assert html.count('<a href="mailto:unsubscribe@toko-kembali.example">') == 2
 
 
+def test_a_database_failure_gives_a_kind_page_in_both_languages_not_a_bare_error(tmp_path: Path) -> None:
+    # Given a shop whose database refuses new suppressions and ratings (as a full disk or a lock would)
+    shop = _shop(tmp_path)
+    with contextlib.closing(sqlite3.connect(tmp_path / "kembali.db")) as conn, conn:
+        conn.execute("CREATE TRIGGER no_suppression BEFORE INSERT ON suppression "
+                     "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+        conn.execute("CREATE TRIGGER no_feedback BEFORE INSERT ON feedback "
+                     "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    with serving(shop) as url:
+        served = Served(shop, url)
+        # When a customer presses the unsubscribe button, and sends a rating
+        answers = [http("POST", served.unsubscribe(c), ONE_CLICK, FORM) for c in ("C1", "C2")]
+        answers += [http("POST", served.rating(c, 5), b"comment=", FORM) for c in ("C1", "C2")]
+    # Then each gets a 500 with a page that says sorry and what to do, in the shop's language and English
+    for status, html, headers in answers:
+        assert status == 500 and headers["Content-Type"] == "text/html; charset=utf-8", (status, html)
+        page = read(html)
+        assert page.lang == "id" and page.title.strip()
+        assert "Maaf, ada gangguan di sistem kami. Coba lagi beberapa menit lagi, ya." in page.words("id"), html
+        assert "Sorry, something went wrong on our side. Please try again in a few minutes." in page.words("en")
+        assert "disk says no" not in html and "Traceback" not in html
+    # the unsubscribe button's page gives the address to write to meanwhile; the rating's does not
+    assert all("mailto:unsubscribe@toko-kembali.example" in html for _s, html, _h in answers[:2])
+    assert not any("mailto:" in html for _s, html, _h in answers[2:])
+
+
 def _letters(text: str) -> str:
     """``text`` without spaces, line breaks (a long word wraps) or bidi controls."""
     return re.sub(r"[\s\u202a-\u202e\u2066-\u2069]", "", text)

@@ -25,7 +25,10 @@
   ledger's figures (``kembali_database_up 0``) but with this process's own.
 
 A token that does not verify (forged, truncated, tampered, the wrong kind) gets
-a 400 page and changes nothing. Tokens name database ids and Message-IDs, never an address.
+a 400 page and changes nothing. A customer's click the database fails gets a 500
+page that says sorry and to try again (an unsubscribe link's, the address to
+write to meanwhile), in the shop's language and the other. Tokens name database
+ids and Message-IDs, never an address.
 """
 
 from __future__ import annotations
@@ -138,10 +141,13 @@ class Site:
 
     async def handle(self, request: Request) -> Response:
         route = request.path.rstrip("/") or "/"
-        if route == "/unsubscribe":
-            return await self.unsubscribe(request)
-        if route == "/feedback":
-            return await self.feedback(request)
+        if route in ("/unsubscribe", "/feedback"):
+            try:
+                return await (self.unsubscribe if route == "/unsubscribe" else self.feedback)(request)
+            except Exception as exc:  # the database failed: a customer gets a page that says sorry, not a bare 500
+                log.event("web_handler_failed", logging.ERROR, path=request.path, error=log.error_line(exc))
+                mailto = self.settings().unsubscribe.mailto if route == "/unsubscribe" else ""
+                return self._page(HTTPStatus.INTERNAL_SERVER_ERROR, pages.trouble(self._default_locale(), mailto))
         if route in ("/healthz", "/metrics") and request.method not in ("GET", "HEAD"):
             return _not_allowed("GET, HEAD")
         if route == "/healthz":
