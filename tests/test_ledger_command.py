@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from tests.sendkit import Shop, make_settings, message_ids, settings_dict, write_config
 from tests.smtp_server import Behaviour, RecordingServer
 from worker import cli
+from worker.adapters.importer import normalize_email
 from worker.adapters.store import M
 from worker.commands import ledger as ledger_command
 
@@ -401,3 +402,24 @@ def test_a_moment_outside_the_years_a_date_holds_in_utc_is_a_usage_error(
         kembali(config, "list", option, moment)
     assert exit_info.value.code == 2
     assert f"argument {option}: not a moment in years 1 to 9999 in UTC: {moment!r}" in capsys.readouterr().err
+
+
+def test_an_address_with_an_internationalised_domain_is_found_as_the_csv_wrote_it(
+    tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a customer whose customers.csv address has a Unicode domain, stored as the import stores it
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    stored = normalize_email("sari@tokó.example")
+    shop = Shop(url, make_settings(url, smtp_server.port), [stored])
+    try:
+        shop.cycle()
+        config = write_config(tmp_path / "config.toml", settings_dict(url, smtp_server.port))
+        # When support asks what she got, typing the address as the CSV (and her email) shows it, in any case
+        for typed in ("sari@tokó.example", "SARI@TOKÓ.EXAMPLE"):
+            assert kembali(config, "list", "--all", "--email", typed, "--json") == 0
+            # Then her sent win-back is listed, not "no messages to sari@tokó.example"
+            (line,) = capsys.readouterr().out.splitlines()
+            assert (json.loads(line)["email"], json.loads(line)["status"]) == (stored, "sent")
+    finally:
+        shop.close()

@@ -45,11 +45,14 @@ def one_line(text: str) -> str:
 
 def address(text: str) -> str:
     """An address to look up (``ledger --email``): one line with a local part and a domain. Not validated
-    further: the ledger may hold an address an earlier version let through, and the lookup must still find it."""
+    further: the ledger may hold an address an earlier version let through, and the lookup must still find it.
+    A Unicode domain (``sari@tokó.id``, as customers.csv wrote it) is looked up in the IDNA form imports store."""
+    from worker.adapters.importer import ascii_address  # email-validator: only when an address is given
+
     local, at, domain = text.strip().rpartition("@")
     if not (at and local and domain) or not text.isprintable() or any(c.isspace() for c in text.strip()):
         raise argparse.ArgumentTypeError(f"not an email address: {text!r}")
-    return text.strip()
+    return ascii_address(text.strip())
 
 
 MAX_REASON_CHARS = 30
