@@ -374,7 +374,8 @@ RUNAWAY = (
 def test_sighup_with_a_runaway_template_is_refused_within_the_time_limit(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
-    """The sandbox does not bound CPU; the reload check renders in a helper process it kills on time."""
+    """The sandbox does not bound CPU; the reload check renders in a helper process that stops the render on time
+    (and is killed, should it not)."""
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, extra="[checks]\nrender_timeout_seconds = 0.5\n")
     shop.add([1], days_ago=60)
     daemon = Daemon.start(shop)
@@ -384,7 +385,8 @@ def test_sighup_with_a_runaway_template_is_refused_within_the_time_limit(
         daemon.signal(signal.SIGHUP)
         problem = daemon.wait_event("template_problem")
         daemon.wait_event("reload_rejected")
-        assert problem["file"] == "winback/id/" and "0.5" in problem["error"], problem
+        # named at the runaway loop's file and line, as preview and the ledger name a render error
+        assert problem["file"] == "winback/id/body.txt:3" and "0.5" in problem["error"], problem
         # the daemon kept the old set and is still sending
         shop.add([2], days_ago=60)
         daemon.wait_for(lambda: len(smtp_server.messages) == 2, why="an email from the old templates")

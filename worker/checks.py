@@ -221,7 +221,7 @@ def _kind_of(error: TemplateError) -> Kind:
         return Kind.SYNTAX
     if "UndefinedError" in text or "is undefined" in text or "undefined variable" in text:
         return Kind.UNDEFINED
-    if "longer than" in text and "stopped" in text:
+    if "took more than" in text and "stopped" in text:
         return Kind.TIMEOUT
     if "subject is empty" in text:
         return Kind.SUBJECT_EMPTY

@@ -4,9 +4,12 @@ The Jinja2 sandbox limits what a template may *touch*, not how long it *runs*:
 ``{% for i in range(10**9) %}`` or a recursive macro would hold a CPU forever.
 A thread cannot be stopped from outside in Python (a runaway render in a thread
 keeps burning a core until the process exits), so each render goes to a helper
-process over a pipe, one JSON line per request and per reply; when a reply does
-not arrive within ``timeout_seconds`` the helper is killed, the render fails with
-a ``TemplateError``, and the next render starts a fresh helper. The helper loads
+process over a pipe, one JSON line per request and per reply. The helper stops a
+render past ``timeout_seconds`` itself (``JinjaTemplates``' watchdog), so the error
+names the template's file and line, as a render in ``run`` does; when no reply
+arrives ``KILL_GRACE_SECONDS`` after that (one long step of C, which the watchdog
+stops only when it returns) the helper is killed, the render fails with a
+``TemplateError`` naming the folder, and the next render starts a fresh helper. The helper loads
 the same templates folder (with Jinja2's mtime reloading), so edits show up. Its
 memory is bounded too (``MEMORY_LIMIT_BYTES``): a render that keeps building
 values fails with a ``MemoryError`` at its file and line instead of taking the
@@ -38,6 +41,10 @@ from worker.domain import Locale, RenderedEmail
 from worker.errors import TemplateError
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
+
+
+KILL_GRACE_SECONDS = 1.0
+"""How long after ``timeout_seconds`` the helper is killed when it has not stopped the render itself."""
 
 
 class TimeLimitedRenderer:
@@ -75,11 +82,11 @@ class TimeLimitedRenderer:
         except (BrokenPipeError, OSError):
             self._kill()
             raise TemplateError("the render helper process stopped", template=f"{campaign}/{locale}/") from None
-        line = _readline(proc.stdout, self.timeout_seconds)
+        line = _readline(proc.stdout, self.timeout_seconds + KILL_GRACE_SECONDS)
         if line is None:
             self._kill()
             raise TemplateError(
-                f"rendering took longer than {self.timeout_seconds:g} s and was stopped (a loop that never ends?)",
+                f"the render took more than {self.timeout_seconds:g} s and was stopped (a loop that does not end?)",
                 template=f"{campaign}/{locale}/",
             )
         if not line:
@@ -98,7 +105,7 @@ class TimeLimitedRenderer:
         path = os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.adapters.render_worker", str(self.root)],
+            [sys.executable, "-m", "worker.adapters.render_worker", str(self.root), repr(self.timeout_seconds)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, process_group=0,
         )  # fmt: skip
         assert proc.stdout is not None
@@ -187,7 +194,8 @@ def main(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    templates = JinjaTemplates(Path(argv[1]), time_limit=None)  # the parent kills this process past its limit
+    # the render stops itself at its limit, at its file and line; the parent kills this process a little later
+    templates = JinjaTemplates(Path(argv[1]), time_limit=float(argv[2]) if len(argv) > 2 else None)
     _limit_memory(MEMORY_LIMIT_BYTES)
     out = sys.stdout.buffer
     out.write(b"ready\n")
