@@ -687,3 +687,26 @@ def test_every_command_help_says_what_its_exit_codes_mean(command: str) -> None:
 def test_the_run_help_tells_the_daemons_exit_codes_from_once() -> None:
     text = " ".join(kembali("run", "--help").stdout.split())
     assert "With --once, exit code 0" in text and "The daemon exits 0" in text
+
+
+@pytest.mark.parametrize("customers", ["0", "-5"])
+def test_the_demo_refuses_a_shop_without_customers(tmp_path: Path, customers: str) -> None:
+    # When the operator asks for a demo shop of no (or fewer than no) customers
+    result = kembali("demo", "--out", str(tmp_path / "demo"), "--customers", customers)
+    # Then it is refused as bad usage, naming the option, instead of a demo that sends nothing and exits 0
+    assert result.returncode == 2, result.stdout
+    assert f"argument --customers: must be at least 1, not {customers}" in result.stderr
+    assert not (tmp_path / "demo").exists()
+
+
+def test_the_demo_names_an_out_that_is_a_file(tmp_path: Path) -> None:
+    # Given a file where the operator points the demo's folder
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n", encoding="utf-8")
+    # When the demo is asked to write there
+    result = kembali("demo", "--out", str(notes))
+    # Then it says so, naming the option and the file, exit code 2, and leaves the file alone
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"kembali demo: --out {notes}: is a file, not a folder" in result.stderr
+    assert "Errno" not in result.stderr + result.stdout
+    assert notes.read_text(encoding="utf-8") == "mine\n"

@@ -49,12 +49,14 @@ def _parser() -> argparse.ArgumentParser:
                        "free loopback port, run one full cycle (plan, render, send, record) against it, save what "
                        "the sink received as .eml files, and print what was sent. Touches nothing outside --out. Reads "
                        "--config (default ./config.toml, else the config.toml and templates/email/ of the project's "
-                       "folder it is installed from). Exit code 1 if a message was not sent; 2 for a bad config; "
+                       "folder it is installed from). Exit code 1 if a message was not sent; 2 for a bad config or an "
+                       "--out that is a file; "
                        "130/143 when stopped by Ctrl-C/SIGTERM (sends under way finish; it says what was sent and "
                        "how many planned messages were not).")
     p.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR",
                    help="folder for the demo (default: demo-out)")
-    p.add_argument("--customers", type=int, default=120, help="customers in the demo shop (default: 120)")
+    p.add_argument("--customers", type=arguments.positive_int, default=120,
+                   help="customers in the demo shop (default: 120)")
     p.add_argument("--seed", type=int, default=7, help="random seed for the demo data (default: 7)")
     p.add_argument("--now", type=_datetime_arg, default=None,
                    help="pretend it is this moment (ISO 8601 with offset): the shop's history ends here and "

@@ -28,6 +28,8 @@ from worker.demo import generate_shop, write_csvs
 from worker.errors import ConfigError
 from worker.testing import FakeClock
 
+EXIT_USAGE = 2
+
 PROJECT = Path(__file__).resolve().parent.parent.parent
 """The project's folder, with the shipped config.toml and templates/email/ (a source checkout or editable install)."""
 
@@ -46,6 +48,9 @@ def config_path(given: Path, *, named: bool) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        print(f"kembali demo: --out {args.out}: is a file, not a folder", file=sys.stderr)
+        return EXIT_USAGE
     args.config = config_path(args.config, named=args.config_named)
     base = load_settings(args.config)
     out = args.out.resolve()
