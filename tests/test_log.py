@@ -14,7 +14,7 @@ import pytest
 from tests import sendkit
 from tests.clikit import run_cli
 from tests.shop import TEMPLATES
-from tests.smtp_server import RecordingServer
+from tests.smtp_server import Behaviour, RecordingServer
 from worker import log
 
 
@@ -151,3 +151,30 @@ def test_a_message_that_fails_to_render_is_logged_with_its_recipient(
     assert len(failed) == len(emails) and smtp_server.messages == []
     assert sorted(re.search(r" to=(\S+)", line).group(1) for line in failed) == sorted(  # type: ignore[union-attr]
         log.mask_email(email) for email in emails)
+
+
+def test_a_server_reply_that_quotes_the_recipient_is_logged_with_the_address_masked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, smtp_server: RecordingServer
+) -> None:
+    # Given a server that refuses one customer quoting the address (Postfix: "550 5.1.1 <addr>: Recipient address
+    # rejected") and puts another off the same way (a 4xx), the log's addresses being masked (deploy/README)
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", sendkit.LINK_SECRET)
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    emails = sendkit.prepare_database(url, 3)
+    gone, later = emails[0], emails[1]
+    smtp_server.on(gone, Behaviour(rcpt_reply=f"550 5.1.1 <{gone}>: Recipient address rejected: User unknown"))
+    smtp_server.on(later, Behaviour(rcpt_reply=f"450 4.2.0 <{later.upper()}>: Recipient address rejected: Greylisted"))
+    raw = sendkit.settings_dict(url, smtp_server.port)
+    raw["policy"] = {"quiet_hours_start": "00:00", "quiet_hours_end": "00:00"}
+    config = sendkit.write_config(tmp_path / "config.toml", raw)
+
+    # When a run sends
+    code, out = run_cli(capsys, "--config", str(config), "run", "--once")
+
+    # Then the events name the server's reply with the addresses in it masked, as their to= is
+    assert code == 1, out
+    (failed,) = [line for line in out.splitlines() if " email_failed " in line]
+    (deferred,) = [line for line in out.splitlines() if " email_deferred " in line]
+    assert f"<{log.mask_email(gone)}>: Recipient address rejected" in failed, failed
+    assert f"<{log.mask_email(later.upper())}>: Recipient address rejected" in deferred, deferred
+    assert gone not in out and later.upper() not in out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -29,6 +30,15 @@ def mask_email(address: str) -> str:
     """``budi.santoso@gmail.com`` → ``b***@gmail.com``: enough to recognise, not to harvest."""
     local, _, domain = address.partition("@")
     return f"{local[:1]}***@{domain}" if domain else "***"
+
+
+_ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+
+
+def mask_addresses(text: str) -> str:
+    """``text`` (a server's reply: ``550 5.1.1 <budi@gmail.com>: Recipient address rejected``) with each
+    address in it masked as ``mask_email`` masks one (``<b***@gmail.com>``): replies often quote the recipient."""
+    return _ADDRESS.sub(lambda m: mask_email(m.group()), text)
 
 
 def error_line(exc: BaseException) -> str:

@@ -497,7 +497,7 @@ class Dispatcher:
             return servers
         self.pauses_in_row += 1
         log.event(
-            "dispatcher_paused", logging.ERROR, reason=self.paused, smtp_host=smtp.host,
+            "dispatcher_paused", logging.ERROR, reason=log.mask_addresses(self.paused), smtp_host=smtp.host,
             failures_in_row=self.failures_in_row, code=result.code, stage=result.stage,
             **({"setting": result.setup} if result.setup else {}),
         )  # fmt: skip
@@ -942,7 +942,7 @@ class Dispatcher:
                     log.event(
                         "content_rejected", logging.ERROR, campaign=message.campaign,
                         template_version=item.rendered.template_version, dedupe_key=message.dedupe_key,
-                        code=result.code, reply=result.reply[:200],
+                        code=result.code, reply=log.mask_addresses(result.reply)[:200],
                         hint="the server refused the message for its content: check the template, not the customer",
                     )  # fmt: skip
             elif result.outcome is Outcome.THROTTLED:
@@ -951,7 +951,7 @@ class Dispatcher:
                 label = f"{status.value}:sender_refused"
                 log.event(
                     "sender_refused", logging.ERROR, domain=domain, dedupe_key=message.dedupe_key,
-                    code=result.code, reply=result.reply[:200], status=status.value,
+                    code=result.code, reply=log.mask_addresses(result.reply)[:200], status=status.value,
                     hint=f"{domain} refuses mail from this sender (authentication or reputation), whatever the "
                     f"message: check SPF, DKIM and DMARC for the domain of shop.from_address and the sending IP's "
                     "standing; " + ("the message is tried again in an hour or more" if status is MessageStatus.RETRY
@@ -1051,6 +1051,6 @@ def _log_outcome(message: ClaimedMessage, status: MessageStatus, result: SendRes
         to=log.mask_email(message.email),
         attempt=message.attempts + 1,
         code=result.code,
-        reply=result.reply[:120],
+        reply=log.mask_addresses(result.reply)[:120],
         error=result.error_type,
     )
