@@ -42,6 +42,10 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
         ({"shop": {"time_zone": "localtime"}}, "'shop.time_zone' is not an IANA time zone"),
         ({"shop": {"time_zone": "Factory"}}, "'shop.time_zone' is not an IANA time zone"),
         ({"shop": {"time_zone": "posix/Asia/Jakarta"}}, "'shop.time_zone' is not an IANA time zone"),
+        # what an Indonesian shop writes first: the zone's name as a clock shows it, or the IANA name in lower case
+        ({"shop": {"time_zone": "WIB"}}, "is not an IANA time zone: 'WIB' (did you mean 'Asia/Jakarta'?)"),
+        ({"shop": {"time_zone": "asia/jakarta"}},
+         "is not an IANA time zone: 'asia/jakarta' (did you mean 'Asia/Jakarta'?)"),
         ({"sending": {"rate_per_second": 0}}, "'sending.rate_per_second' must be positive"),
         ({"campaigns": {"winback": {"steps": [{"days": 45, "template": "winback"}, {"days": 120, "template": "w"}],
                                     "give_up_after_days": 120}}},

@@ -433,6 +433,20 @@ def test_a_zone_file_that_is_no_place_is_a_rejected_row(tmp_path: Path, zone: st
     assert [r.time_zone for r in results if isinstance(r, CustomerRecord)] == ["Asia/Makassar"]
 
 
+@pytest.mark.parametrize(("zone", "meant"), [
+    ("WIB", "Asia/Jakarta"), ("wita", "Asia/Makassar"), ("WIT", "Asia/Jayapura"),
+    ("asia/jakarta", "Asia/Jakarta"), ("ASIA/MAKASSAR", "Asia/Makassar"), ("europe/london", "Europe/London"),
+])
+def test_a_zone_written_as_a_clock_shows_it_or_in_another_case_is_rejected_saying_which_was_meant(
+    tmp_path: Path, zone: str, meant: str
+) -> None:
+    path = write(tmp_path, "customers.csv", CUSTOMER_HEADER + f"C-1,ani@example.com,Ani,id,{zone},,yes,,\n")
+    [error] = errors(read_customers(path))
+    assert (error.line, error.key) == (2, "C-1")
+    assert f"invalid time_zone '{zone}' (expected an IANA name such as 'Asia/Jakarta'; did you mean '{meant}'?)" \
+        in error.reason, error.reason
+
+
 def test_an_id_with_an_invisible_character_is_a_rejected_row_not_a_second_customer(tmp_path: Path) -> None:
     # "C-1" and "C-1\u200b" (a zero-width space copied from a web page) were taken as two customers, the second's
     # orders attached to a customer no email reaches; a BOM mid-file (two exports joined) and a no-break space the same

@@ -24,7 +24,7 @@ from typing import Any
 
 from worker import money
 from worker.core import render
-from worker.domain import place_zones
+from worker.domain import place_zones, zone_meant
 from worker.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -560,7 +560,9 @@ def _shop_names(s: Settings) -> None:
 def _check(s: Settings) -> None:
     """Cross-field and range checks, each naming its key."""
     if s.shop.time_zone not in place_zones():
-        _fail(s, "shop.time_zone", f"is not an IANA time zone: {s.shop.time_zone!r}")
+        meant = zone_meant(s.shop.time_zone)
+        _fail(s, "shop.time_zone", f"is not an IANA time zone: {s.shop.time_zone!r}"
+              + (f" (did you mean {meant!r}?)" if meant else ""))
     if not money.known(s.shop.currency):  # its minor units unknown, amounts would be read with 2 decimals, right or not
         _fail(s, "shop.currency", f"must be an ISO 4217 currency code such as IDR, not {s.shop.currency!r}")
     if s.shop.default_locale not in ("id", "en"):

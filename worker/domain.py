@@ -25,6 +25,22 @@ def place_zones() -> frozenset[str]:
     return frozenset(available_timezones()) - {"localtime", "Factory", "posixrules"}
 
 
+_CLOCK_ZONES = {"WIB": "Asia/Jakarta", "WITA": "Asia/Makassar", "WIT": "Asia/Jayapura"}
+"""Indonesia's zones as clocks and shops name them (Waktu Indonesia Barat, Tengah, Timur)."""
+
+
+def zone_meant(name: str) -> str | None:
+    """The IANA zone a name that is none most likely means: Indonesia's ``WIB``/``WITA``/``WIT``, or a zone's
+    name in another case (``asia/jakarta``); None when there is no such one."""
+    upper = name.strip().upper()
+    return _CLOCK_ZONES.get(upper) or _zones_by_upper_case().get(upper)
+
+
+@functools.cache
+def _zones_by_upper_case() -> dict[str, str]:
+    return {zone.upper(): zone for zone in sorted(place_zones())}
+
+
 _T = TypeVar("_T")
 
 

@@ -93,6 +93,7 @@ from worker.domain import (
     OrderStatus,
     ProductRecord,
     place_zones,
+    zone_meant,
 )
 from worker.errors import ImportRowError
 
@@ -558,7 +559,9 @@ def _locale(row: dict[str, str], shop_locale: str) -> Locale:
 def _zone(row: dict[str, str], shop_tz: str) -> str:
     value = row.get("time_zone", "").strip() or shop_tz
     if value not in place_zones():
-        raise _Invalid(f"invalid time_zone {_show(value)} (expected an IANA name such as 'Asia/Jakarta')")
+        meant = zone_meant(value)
+        raise _Invalid(f"invalid time_zone {_show(value)} (expected an IANA name such as 'Asia/Jakarta'"
+                       + (f"; did you mean {meant!r}?)" if meant else ")"))
     return value
 
 
