@@ -345,7 +345,8 @@ def test_an_order_for_an_unknown_customer_is_named_by_line(tmp_path: Path) -> No
         (["stats", "--now", "2027-02-28"], "argument --now: give an offset, e.g. 2027-02-28T10:00+07:00"),
         (["stats", "--now", "9999-01-01T00:00Z"], "argument --now: out of range: '9999-01-01T00:00Z'"),
         (["send-test", "--campaign", "winback", "--to", "not-an-address"], "invalid email address 'not-an-address'"),
-        (["suppress", "import", "/nonexistent/bounces.txt"], "No such file or directory: '/nonexistent/bounces.txt'"),
+        (["suppress", "import", "/nonexistent/bounces.txt"],
+         "suppress: /nonexistent/bounces.txt: no such folder: /nonexistent"),
     ],
 )
 def test_a_mistake_on_the_command_line_is_named_with_exit_2_and_no_traceback(
@@ -710,3 +711,19 @@ def test_the_demo_names_an_out_that_is_a_file(tmp_path: Path) -> None:
     assert f"kembali demo: --out {notes}: is a file, not a folder" in result.stderr
     assert "Errno" not in result.stderr + result.stdout
     assert notes.read_text(encoding="utf-8") == "mine\n"
+
+
+def test_a_file_or_folder_that_cannot_be_used_is_named_in_words(tmp_path: Path) -> None:
+    # Given a config, a file where a folder is asked for, and a folder where a file is
+    config = write_config(tmp_path)
+    kembali("db", "upgrade", config=config)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n", encoding="utf-8")
+    # When the operator points commands at them
+    out_is_a_file = kembali("preview", "--out", str(notes), config=config)
+    file_is_a_folder = kembali("suppress", "import", str(tmp_path), config=config)
+    # Then each says what is wrong with which path, exit code 2, without Python's "[Errno N]"
+    assert (out_is_a_file.returncode, out_is_a_file.stderr) == (
+        2, f"kembali preview: {notes}: is a file, not a folder\n")
+    assert (file_is_a_folder.returncode, file_is_a_folder.stderr) == (
+        2, f"kembali suppress: {tmp_path}: is a folder, not a file\n")

@@ -209,7 +209,7 @@ def test_a_plot_that_cannot_be_written_is_named_with_exit_2(tmp_path: Path) -> N
     done = site.cli("insights", "--plot", str(plot))
     # Then the file asked for is named (not the temporary one), with why and exit code 2
     assert done.returncode == 2, done.stderr
-    assert done.stderr == f"kembali: [Errno 2] No such file or directory: '{plot}'\n"
+    assert done.stderr == f"kembali insights: {plot}: no such folder: {plot.parent}\n"
 
 
 def test_insights_recommends_the_first_step_when_win_back_has_steps(tmp_path: Path) -> None:

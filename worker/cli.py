@@ -391,7 +391,7 @@ def _command(args: argparse.Namespace) -> int:
         if exc.errno not in _USAGE_ERRNOS:
             raise
         # a file or folder given on the command line or in the config, or a port already taken: say which
-        print(f"kembali: {exc}", file=sys.stderr)
+        print(f"kembali{_os_error_text(exc, args)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
         reason = _database_failure(exc)
@@ -404,6 +404,24 @@ def _command(args: argparse.Namespace) -> int:
         where = f" {db.describe_url(settings.database_url)}" if settings is not None else ""  # (demo: its own)
         print(f"kembali: the database{where} could not be used: {reason}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+
+
+def _os_error_text(exc: OSError, args: argparse.Namespace) -> str:
+    """What is wrong with which path, in words (``kembali insights: charts/gaps.png: no such folder: charts``), not
+    Python's ``[Errno 2] No such file or directory: '…'``; a port's error as it is."""
+    if exc.filename is None or not exc.strerror:
+        return f": {exc}"
+    path = Path(os.fsdecode(exc.filename))
+    if exc.errno == errno.ENOENT and not path.parent.is_dir():
+        why = f"no such folder: {path.parent}"
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR) and path.is_file():
+        why = "is a file, not a folder"
+    elif exc.errno == errno.EISDIR:
+        why = "is a folder, not a file"
+    else:
+        why = exc.strerror[:1].lower() + exc.strerror[1:]
+    command = f" {args.command}" if getattr(args, "command", None) else ""
+    return f"{command}: {path}: {why}"
 
 
 def _naming_the_variable(message: str, args: argparse.Namespace) -> str:
