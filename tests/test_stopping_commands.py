@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.shop_fixtures import LINK_SECRET, load_shop, make_site
+from worker import stopping
 from worker.adapters import db
 from worker.demo import generate_shop
 
@@ -202,3 +205,93 @@ def test_a_send_test_stopped_while_it_waits_for_the_server_says_so(tmp_path: Pat
     # Then it says it stopped, and sent nothing
     _stopped_as_the_shell_expects(child, stderr, "send-test", sig)
     assert stdout == ""
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The processor time ``pid`` has used so far (Linux): user and system."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_stats_stopped_while_an_sqlite_query_runs_stops_the_query(tmp_path: Path, sig: signal.Signals) -> None:
+    # Given a ledger whose first query stats makes runs for ever: the message table behind a view that repeats its
+    # rows without end (as a query over a ledger of many millions would keep SQLite busy, in C, for minutes)
+    site = make_site(tmp_path / "shop")
+    with sqlite3.connect(site.db_path) as conn:
+        conn.executescript("""
+            ALTER TABLE message RENAME TO message_rows;
+            CREATE VIEW message AS
+                WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n)
+                SELECT message_rows.* FROM n CROSS JOIN message_rows;
+        """)
+    # and the processor time stats takes when its queries end (on the database as make_site left it)
+    whole = make_site(tmp_path / "whole")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finished = whole.cli("stats", "--now", NOW.isoformat())
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert finished.returncode == 0, finished.stderr
+    baseline = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    # When stats has spent well more than that, so it is in its query, and the signal comes
+    child = _start(["--config", str(site.config), "stats", "--now", NOW.isoformat()], site.folder)
+    try:
+        _wait_for(lambda: _cpu_seconds(child.pid) > 2 * baseline + 1, child, "its query")
+        _stdout, stderr = _stop(child, sig)
+    finally:
+        if child.poll() is None:  # (its query never ends)
+            child.kill()
+            child.communicate()
+    # Then the query is stopped (not waited for: it never ends) and stats says it stopped, as it does elsewhere
+    _stopped_as_the_shell_expects(child, stderr, "stats", sig)
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_a_transaction_stopped_in_a_long_sqlite_statement_is_rolled_back_and_says_which_signal(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Given a transaction that has written a row and then runs a statement that never ends
+    site = make_site(tmp_path / "shop")
+    engine = db.create_engine(site.settings.database_url)
+    started, done, late = threading.Event(), threading.Event(), threading.Event()
+    opened: list[sqlite3.Connection] = []
+
+    @sa.event.listens_for(engine, "connect")
+    def _with_started(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+        dbapi_conn.create_function("started", 0, started.set)  # called once the statement runs (NULL)
+        opened.append(dbapi_conn)
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE scratch (x INTEGER)")
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def stopper() -> None:
+        if started.wait(60):
+            signal.pthread_kill(main, sig)
+        if not done.wait(60):  # the signal did not stop it: end the test, as a failure
+            late.set()
+            for c in opened:
+                c.interrupt()
+
+    thread = threading.Thread(target=stopper)
+    thread.start()
+    try:
+        # When the signal comes while the statement runs (as the command's own handlers take it)
+        with stopping.sigterm_raises(), pytest.raises(KeyboardInterrupt) as stopped, engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO scratch VALUES (1)")
+            conn.exec_driver_sql("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
+                                 "SELECT count(*) FROM n WHERE (SELECT started()) IS NULL")  # fmt: skip
+    finally:
+        done.set()
+        started.set()
+        thread.join()
+    # Then the statement stops at the signal, raising the stop of that signal (no database error in its place)
+    assert not late.is_set()
+    assert stopping.stop_signal(stopped.value) is sig
+    # and the transaction is rolled back whole, the database open to the next writer
+    try:
+        with engine.begin() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM scratch").scalar() == 0
+            conn.exec_driver_sql("INSERT INTO scratch VALUES (2)")
+    finally:
+        engine.dispose()

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, NoReturn, TypeVar, cast
 
 from worker import log
 
@@ -122,8 +122,28 @@ def stop_signal(exc: KeyboardInterrupt) -> signal.Signals:
     return signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
 
 
+_raised: KeyboardInterrupt | None = None
+
+
+def raise_stop(stop: type[KeyboardInterrupt]) -> NoReturn:
+    """Raise ``stop`` (from a signal handler), noting it for ``take_raised_stop``. A handler runs at the next
+    instruction of Python in the main thread, which during an SQLite query is a callback SQLite makes (its progress
+    handler, a function of ours in the query): SQLite drops what the callback raised and fails the query instead
+    ("interrupted"), and the database adapter, seeing it, raises the stop noted here in its place."""
+    global _raised
+    _raised = stop()
+    raise _raised
+
+
+def take_raised_stop() -> KeyboardInterrupt | None:
+    """The stop ``raise_stop`` raised last, if any since the last call; forgotten here."""
+    global _raised
+    raised, _raised = _raised, None
+    return raised
+
+
 def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
-    raise Terminated
+    raise_stop(Terminated)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sqlite3
 import threading
 import weakref
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from worker import log
+from worker import log, stopping
 from worker.config import DATABASE_URL_FORMS, DatabaseSettings, Settings
 from worker.core.audiences import message_id_for
 from worker.errors import ConfigError, SchemaError
@@ -180,7 +181,18 @@ def create_engine(url: str, limits: SessionLimits | None = None) -> Engine:
             cur.close()
             # the Message-IDs preview shows: the pure function itself (PostgreSQL computes the same value with
             # its own sha256(); see adapters.plan_sql)
-            dbapi_conn.create_function("kembali_message_id", 2, message_id_for, deterministic=True)
+            dbapi_conn.create_function("kembali_message_id", 2, _noting_failures(message_id_for), deterministic=True)
+            dbapi_conn.set_progress_handler(_let_signals_in, SQLITE_PROGRESS_STEPS)
+
+        @sa.event.listens_for(engine, "before_cursor_execute")
+        def _on_execute(*_args: Any) -> None:
+            if threading.current_thread() is threading.main_thread():
+                stopping.take_raised_stop()  # one before this statement is not its own
+                _callback_failures.clear()
+
+        @sa.event.listens_for(engine, "handle_error")
+        def _on_error(context: sa.engine.ExceptionContext) -> BaseException | None:
+            return _stop_lost_in_query(context.original_exception)
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
@@ -199,7 +211,7 @@ def create_engine(url: str, limits: SessionLimits | None = None) -> Engine:
     _LIMITS[engine] = limits
 
     @sa.event.listens_for(engine, "handle_error")
-    def _on_error(context: sa.engine.ExceptionContext) -> None:
+    def _note_timeouts(context: sa.engine.ExceptionContext) -> None:
         if context.engine is not None:
             note_failure(context.engine, context.original_exception, context.statement)
 
@@ -230,6 +242,59 @@ def _opening(statement: str | None) -> str:
     """A statement's first words, on one line (its values are parameters: never in it)."""
     words = " ".join((statement or "").split())
     return words if len(words) <= 80 else words[:80] + "…"
+
+
+SQLITE_PROGRESS_STEPS = 10_000
+"""How often SQLite calls ``_let_signals_in`` in a query: every so many steps of its virtual machine (a fraction of
+a millisecond; the call costs a microsecond)."""
+
+_LOST_IN_CALLBACK = frozenset({"interrupted", "user-defined function raised exception"})
+"""What the sqlite3 module says when a callback it made raised (the exception itself is dropped)."""
+
+_callback_failures: list[BaseException] = []
+"""What ``_noting_failures``' function raised in the main thread's statement under way."""
+
+
+def _let_signals_in() -> int:
+    """SQLite's progress handler, which lets a stop signal stop a query. A long query runs in C, in the main
+    thread, where Python runs a signal's handler only at its next instruction: a Ctrl-C or SIGTERM waited for the
+    query's end (minutes, over a large ledger). Being Python, this call is where the handler runs; what it
+    raises fails the query ("interrupted") and ``_stop_lost_in_query`` raises the stop instead. 0: go on."""
+    return 0
+
+
+def _noting_failures(function: Any) -> Any:
+    """``function``, for SQLite to call in a query, noting what it raises (which SQLite drops)."""
+
+    def noted(*args: Any) -> Any:
+        try:
+            return function(*args)
+        except BaseException as exc:
+            if threading.current_thread() is threading.main_thread():
+                _callback_failures.append(exc)
+            raise
+
+    return noted
+
+
+def _stop_lost_in_query(exc: BaseException) -> BaseException | None:
+    """The stop to raise in place of ``exc``, an SQLite statement's failure, when a stop signal's handler raised
+    it in a callback of the statement (SQLite then drops it and fails the statement): ``stopping.raise_stop``'s,
+    noted; one raised in our function, noted too; else, when the statement failed as a callback's failure does
+    and none of ours failed, Python's own SIGINT handler's ``KeyboardInterrupt``, raised at the first instruction
+    of a callback and noted nowhere. None: ``exc`` stands."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    raised = stopping.take_raised_stop()
+    failed = _callback_failures[-1] if _callback_failures else None
+    _callback_failures.clear()
+    if raised is not None and raised is not exc:
+        return raised
+    if isinstance(failed, KeyboardInterrupt):
+        return failed
+    if failed is None and isinstance(exc, sqlite3.OperationalError) and str(exc) in _LOST_IN_CALLBACK:
+        return KeyboardInterrupt()
+    return None
 
 
 _READ_ONLY = "kembali_read_only"

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from worker import stopping
 from worker.adapters import db, shop
 from worker.adapters.importer import (
     SHARED_ADDRESS,
@@ -61,7 +62,7 @@ class _Stops:
     def handler(self, stop: type[KeyboardInterrupt]) -> Callable[[int, FrameType | None], None]:
         def on_signal(_signum: int, _frame: FrameType | None) -> None:
             if not self.holding or self.pending is not None:
-                raise stop
+                stopping.raise_stop(stop)
             self.pending = stop
 
         return on_signal
