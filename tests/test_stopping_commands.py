@@ -295,3 +295,48 @@ def test_a_transaction_stopped_in_a_long_sqlite_statement_is_rolled_back_and_say
             conn.exec_driver_sql("INSERT INTO scratch VALUES (2)")
     finally:
         engine.dispose()
+
+
+RENDERING_PARENT = """
+import sys
+from pathlib import Path
+from worker.adapters.render_worker import TimeLimitedRenderer
+from worker.domain import Locale
+renderer = TimeLimitedRenderer(Path(sys.argv[1]), timeout_seconds=3600)
+print(renderer._helper().pid, flush=True)
+renderer.render("demo", Locale.ID, {})
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not ended (Linux: one ended but not yet reaped is a zombie, "Z")."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_render_helper_ends_with_the_process_that_started_it_even_mid_render(tmp_path: Path) -> None:
+    # Given a process rendering, in its helper, a template that never ends (within a time limit of an hour)
+    for name, text in {"demo/id/subject.txt": "Halo", "demo/id/body.html": "<p>Halo</p>",
+                       "demo/id/body.txt": NEVER_ENDS + "Halo"}.items():  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    parent = subprocess.Popen([sys.executable, "-c", RENDERING_PARENT, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    assert parent.stdout is not None
+    helper = int(parent.stdout.readline())
+    try:
+        idle = _cpu_seconds(helper)  # started, waiting for the request: then rendering, it keeps using the processor
+        _wait_for(lambda: _cpu_seconds(helper) > idle + 1, parent, "the render")
+        # When that process is killed (SIGKILL: nothing of its own runs, to stop the helper)
+        parent.kill()
+        parent.communicate()
+        # Then the helper ends too, not rendering on for the hour (or for ever) with nobody to answer
+        deadline = time.monotonic() + 60
+        while _running(helper):
+            assert time.monotonic() < deadline, "the render helper outlived the process that started it"
+            time.sleep(0.05)
+    finally:
+        if _running(helper):
+            os.kill(helper, signal.SIGKILL)

@@ -20,7 +20,8 @@ process group of its own: a Ctrl-C at the terminal, or ``timeout``'s signal to t
 command's group, reaches the process that started it, which decides when to stop
 and stops it (at once when it leaves ``with`` on an exception). In the command's
 group, the helper got the same Ctrl-C and printed a traceback below the
-command's own line, from its start-up or a render.
+command's own line, from its start-up or a render. It ends with the process that
+started it, even mid-render, when that one is killed (``_end_with_parent``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import os
 import selectors
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -185,6 +188,28 @@ def _limit_memory(limit: int) -> None:
         pass
 
 
+PARENT_WATCH_SECONDS = 0.5
+"""How often the helper looks whether the process that started it is still there."""
+
+
+def _end_with_parent() -> None:
+    """Exit when the process that started this one is gone: killed (SIGKILL, the OOM killer), it stopped nothing,
+    and a render under way, a loop that never ends, say, went on for its time limit or for ever, with nobody to
+    answer. Between renders the end of input says so; mid-render a thread watches the parent process id, which
+    becomes another's (init's, a subreaper's) when the parent dies. (``PR_SET_PDEATHSIG`` would not do: it follows
+    the *thread* that started the helper, a pool's thread in the daemon.) Where a dead parent's id stays (Windows),
+    the watch never fires, and the end of input is all there is."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_WATCH_SECONDS)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
     try:
         return _serve(argv)
@@ -194,6 +219,7 @@ def main(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
+    _end_with_parent()
     # the render stops itself at its limit, at its file and line; the parent kills this process a little later
     templates = JinjaTemplates(Path(argv[1]), time_limit=float(argv[2]) if len(argv) > 2 else None)
     _limit_memory(MEMORY_LIMIT_BYTES)
