@@ -182,11 +182,15 @@ def create_engine(url: str, limits: SessionLimits | None = None) -> Engine:
             # the Message-IDs preview shows: the pure function itself (PostgreSQL computes the same value with
             # its own sha256(); see adapters.plan_sql)
             dbapi_conn.create_function("kembali_message_id", 2, _noting_failures(message_id_for), deterministic=True)
-            dbapi_conn.set_progress_handler(_let_signals_in, SQLITE_PROGRESS_STEPS)
 
         @sa.event.listens_for(engine, "before_cursor_execute")
-        def _on_execute(*_args: Any) -> None:
-            if threading.current_thread() is threading.main_thread():
+        def _on_execute(conn: sa.Connection, *_args: Any) -> None:
+            # in the main thread only, where signal handlers run: elsewhere each call would wait for the GIL
+            main = threading.current_thread() is threading.main_thread()
+            raw = conn.connection.driver_connection
+            if raw is not None:
+                raw.set_progress_handler(_let_signals_in if main else None, SQLITE_PROGRESS_STEPS)
+            if main:
                 stopping.take_raised_stop()  # one before this statement is not its own
                 _callback_failures.clear()
 
