@@ -268,7 +268,7 @@ def test_send_time_recheck_skips_customers_who_ordered_or_unsubscribed_since_pla
     assert (rows["winback:C2:O2:1"]["status"], rows["winback:C2:O2:1"]["skip_reason"]) == ("skipped", "suppressed")
 
 
-def test_a_message_planned_to_an_address_suppressed_since_is_not_sent_there_after_the_customer_moved(
+def test_a_message_planned_to_an_address_suppressed_since_goes_to_the_customers_new_address_not_there(
     sqlite_url: str, smtp_server: RecordingServer
 ) -> None:
     # Given a win-back email planned to c1@example.com, after which the shop's export gives C1 a new address,
@@ -280,10 +280,10 @@ def test_a_message_planned_to_an_address_suppressed_since_is_not_sent_there_afte
     store.suppress("C1@Example.com", reason="complaint", source="test", now=NOW)
     # When a cycle runs
     run_cycle(settings, store, FakeClock(NOW))
-    # Then nothing goes to the suppressed address the message was planned to: it is skipped as suppressed
-    assert [m.rcpt_tos for m in smtp_server.messages] == []
+    # Then nothing goes to the suppressed address the message was planned to: it goes to the customer's address now
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("c1-new@example.com",)]
     row = ledger(store)["winback:C1:O1:1"]
-    assert (row["status"], row["skip_reason"]) == ("skipped", "suppressed")
+    assert (row["status"], row["email"]) == ("sent", "c1-new@example.com")
 
 
 def test_an_expired_message_is_skipped_not_sent(sqlite_url: str, smtp_server: RecordingServer) -> None:

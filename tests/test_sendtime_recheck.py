@@ -4,6 +4,7 @@ ends ``skipped`` with the reason the prepare-time re-check gives, on SQLite and 
 
 from __future__ import annotations
 
+import email
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -179,5 +180,34 @@ def test_the_mark_skips_a_message_whose_expiry_passed_while_it_waited_for_its_se
                               skipped={by_address["late@test.example"]: SkipReason.EXPIRED})  # fmt: skip
         assert (shop.row("late@test.example").status, shop.row("late@test.example").skip_reason) == \
             ("skipped", "expired")  # fmt: skip
+    finally:
+        shop.close()
+
+
+def test_a_planned_email_goes_to_the_address_the_customer_has_when_it_is_sent(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given two customers due a win-back, planned to the addresses they had
+    settings = make_settings(db_url, smtp_server.port, compose_processes=0)
+    shop = Shop(db_url, settings, ["old@test.example", "other-old@test.example"])
+    try:
+        plan(shop.store, settings, NOW)
+        # When a customers import gives both new addresses before the sender's run, the second's suppressed
+        shopdata.upsert_customers(shop.store.engine, [
+            CustomerRecord("C0", "baru@test.example", "Pelanggan 0", Locale.ID, "Asia/Jakarta", None, True, "opt_in",
+                           "checkout"),
+            CustomerRecord("C1", "Gone@Test.Example", "Pelanggan 1", Locale.ID, "Asia/Jakarta", None, True, "opt_in",
+                           "checkout"),
+        ], NOW)  # fmt: skip
+        shop.store.suppress("gone@test.example", reason="hard_bounce", source="cli", now=NOW)
+        report = shop.cycle()
+        # Then the first email reaches the address the customer has now (the one they left may be abandoned, or
+        # someone else's by now), and the ledger says where it went; the second is skipped as suppressed
+        received = [(m.rcpt_tos, email.message_from_bytes(m.data)["To"]) for m in smtp_server.messages]
+        assert received == [(("baru@test.example",), "Pelanggan 0 <baru@test.example>")]
+        assert report.dispatched.outcomes == {"sent": 1, "skipped:suppressed": 1}
+        assert (shop.row("baru@test.example").status, shop.row("Gone@Test.Example").status) == ("sent", "skipped")
+        with shop.store.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(M).where(M.c.email.like("%old@%"))).scalar() == 0
     finally:
         shop.close()

@@ -294,10 +294,13 @@ _ATTEMPT_SQL = (
 )
 # The claim, one priority at a time: an ordered range of the partial index ix_message_queue (the literal
 # status list is what lets SQLite use a partial index). {lock} is PostgreSQL's row lock, {message_id}
-# the SQL of core.audiences.message_id_for for rows planned without one.
+# the SQL of core.audiences.message_id_for for rows planned without one. The row takes the customer's address as
+# it is now: a customers import that changed it since planning sends the email there, and the ledger says so (the
+# address left may be abandoned, or another person's by now).
 _CLAIM_SQL = (
     f"UPDATE message SET status = '{_CLAIMED}', claimed_by = :worker, lease_until = :lease_until,"
-    " updated_at = :now, message_id = COALESCE(message_id, {message_id})"
+    " updated_at = :now, message_id = COALESCE(message_id, {message_id}),"
+    " email = COALESCE((SELECT customer.email FROM customer WHERE customer.id = message.customer_id), email)"
     " WHERE id IN (SELECT id FROM message WHERE message.status IN ('planned', 'retry') AND priority = :priority"
     " AND next_attempt_at <= :now{{only}} ORDER BY next_attempt_at, id LIMIT :limit{lock})"
     f" AND message.status IN ('planned', 'retry') RETURNING {_CLAIM_RETURNING}"
@@ -578,10 +581,10 @@ class Store:
         """Rows a claim at ``now`` could take, in keyset batches, without claiming them (preview); a row
         planned without a Message-ID shows the one its claim will give (``message_id_for`` on ``domain``)."""
         given = sa.func.coalesce(M.c.message_id, db.message_id_sql(self.dialect, M.c.dedupe_key, domain))
-        columns = [
-            given.label("message_id") if name == "message_id" else M.c[name]
-            for name in (n.strip() for n in _CLAIM_RETURNING.split(","))
-        ]
+        # the address the claim will give the row: the customer's as it is now
+        to = sa.func.coalesce(sa.select(C.c.email).where(C.c.id == M.c.customer_id).scalar_subquery(), M.c.email)
+        computed = {"message_id": given.label("message_id"), "email": to.label("email")}
+        columns = [computed.get(name, M.c[name]) for name in (n.strip() for n in _CLAIM_RETURNING.split(","))]
         after = 0
         while True:
             query = (
