@@ -88,6 +88,25 @@ def test_a_preview_stopped_while_it_writes_its_messages_leaves_each_file_whole(
     assert emls
 
 
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_a_stop_during_steps_that_go_together_stops_the_command_once_they_are_done(sig: signal.Signals) -> None:
+    # Given steps that must all happen or none (a preview's two files of one message), and the stop handlers a
+    # short command has (Ctrl-C's KeyboardInterrupt, SIGTERM's Terminated)
+    done: list[str] = []
+    with stopping.sigterm_raises(), pytest.raises(KeyboardInterrupt) as stopped:
+        with stopping.stops_held():
+            done.append("first")
+            # When the stop comes between them
+            os.kill(os.getpid(), sig)
+            time.sleep(0.01)  # a few instructions: the handler, were it not held, would have run by now
+            done.append("second")
+        done.append("after")
+    # Then both steps are done, and the command stops right after them, as that signal stops it
+    assert done == ["first", "second"]
+    assert stopping.stop_signal(stopped.value) == sig
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 NEVER_ENDS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
 
 

@@ -161,6 +161,31 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def stops_held() -> Iterator[None]:
+    """Inside: a SIGINT or SIGTERM waits until the block is done, then stops the command as it would have (its
+    handler from before, run once the block ends): for a few steps that must all happen or none, such as a
+    preview's two files of one message. Elsewhere than the main thread (where no handler can be set), nothing
+    changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, _frame: FrameType | None) -> None:
+        pending.append(signum)
+
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {stop: signal.signal(stop, hold) for stop in stops}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # to the handler from before: it stops the command now
+
+
 T = TypeVar("T")
 
 

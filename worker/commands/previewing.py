@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
+from worker import stopping
 from worker.app import Deps, link_keys
 from worker.commands import files
 from worker.commands.progress import Progress
@@ -217,13 +218,16 @@ def _show(
         files: dict[str, str] = {}
         if out_dir is not None:
             stem = file_stem(summary.would_send, message.dedupe_key)
-            write_whole(out_dir / f"{stem}.eml", item.data)
-            try:
-                write_whole(out_dir / f"{stem}.html", item.rendered.html.encode("utf-8"))
-            except BaseException:  # a message's two files, or neither (also when Ctrl-C or SIGTERM stops it)
-                with contextlib.suppress(OSError):
-                    (out_dir / f"{stem}.eml").unlink()
-                raise
+            # a message's two files, or neither: Ctrl-C or SIGTERM stops the preview once both are written (a stop
+            # raised between the two left an .eml without its .html, when it came as the first write returned)
+            with stopping.stops_held():
+                write_whole(out_dir / f"{stem}.eml", item.data)
+                try:
+                    write_whole(out_dir / f"{stem}.html", item.rendered.html.encode("utf-8"))
+                except BaseException:  # a full disk, say
+                    with contextlib.suppress(OSError):
+                        (out_dir / f"{stem}.eml").unlink()
+                    raise
             files = {"eml": str(out_dir / f"{stem}.eml"), "html": str(out_dir / f"{stem}.html")}
         if json_lines:
             row = {"action": "send", "customer": item.customer.external_id, "campaign": message.campaign,
