@@ -152,3 +152,25 @@ def test_a_reason_with_a_line_break_or_too_long_is_refused(
     assert f"argument --reason: {says}" in capsys.readouterr().err
     assert run(config, "list") == 0
     assert "0 suppressed address(es)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("separator", [";", "\t"], ids=["semicolon", "tab"])
+def test_import_of_a_file_separated_by_semicolons_is_refused_as_import_refuses_it(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], separator: str
+) -> None:
+    # Given a bounce list as Excel in an Indonesian locale saves "CSV" (a decimal comma, so ';' between columns)
+    file = tmp_path / "bounces.csv"
+    file.write_text(f"Email{separator}Reason\nx1@example.com{separator}bounce\nx2@example.com{separator}bounce\n",
+                    encoding="utf-8")  # fmt: skip
+    # When it is imported
+    code = run(config, "import", str(file))
+    # Then it is refused as `kembali import` refuses such a file, naming the separator (it rejected every line as
+    # an invalid address), and nothing is imported
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert captured.err.splitlines() == [
+        f"kembali suppress import: {file}: line 1: the columns are separated by {separator!r}: save the file "
+        "comma-separated: nothing was imported"
+    ]
+    assert run(config, "list") == 0
+    assert "0 suppressed address(es)" in capsys.readouterr().err

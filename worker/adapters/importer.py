@@ -941,10 +941,8 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
     for name in required:
         if name not in columns:
             hint = ""
-            # a spreadsheet in a comma-decimal locale (id-ID) saves ";"; "Unicode text" is tab-separated
-            separator = next((s for s in (";", "\t", "|") if len(columns) == 1 and s in columns[0]), None)
-            if separator is not None:
-                hint = f"; the columns are separated by {separator!r}: save the file comma-separated"
+            if (separator := other_separator(columns)) is not None:
+                hint = f"; {comma_separated(separator)}"
             elif (close := _close(name, unknown)) is not None:
                 hint = f"; rename {close!r} to {name!r}"
             raise ImportRowError(line, f"missing column {name!r} (found: {', '.join(columns)}){hint}")
@@ -961,6 +959,17 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
         warn(f"{path.name}:{line}: {unnamed} column(s) without a name ignored")
     rows.columns = columns
     rows.key_column = columns.index(required[0])
+
+
+def other_separator(header: list[str]) -> str | None:
+    """The separator a header row read as CSV holds when it is one column with another separator in it: a
+    spreadsheet in a comma-decimal locale (id-ID) saves ';', its "Unicode text" is tab-separated; None otherwise."""
+    return next((s for s in (";", "\t", "|") if len(header) == 1 and s in header[0]), None)
+
+
+def comma_separated(separator: str) -> str:
+    """What to say of a file whose columns are separated by ``separator`` (``other_separator``)."""
+    return f"the columns are separated by {separator!r}: save the file comma-separated"
 
 
 def _close(name: str, candidates: list[str]) -> str | None:

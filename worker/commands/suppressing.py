@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from worker.adapters import db, opstore
-from worker.adapters.importer import normalize_email
+from worker.adapters.importer import comma_separated, normalize_email, other_separator
 from worker.adapters.store import Store, suppression_address
 from worker.config import Settings
 
@@ -74,11 +74,21 @@ def _list(store: Store, reason: str | None, email: str | None = None) -> int:
 _LINE_BREAK = re.compile(r"\r\n|[\r\n]")
 
 
+class Refused(ValueError):
+    """A file of addresses read as none: "line N: why" (its columns separated by ';'…), nothing imported."""
+
+
 def read_addresses(text: str) -> tuple[list[str], list[str]]:
     """Addresses from a file: one a line (``#`` comments and blank lines skipped), or a CSV with an
-    ``email`` column. Returns (normalised addresses, "line N: why" for each rejected one)."""
+    ``email`` column. Returns (normalised addresses, "line N: why" for each rejected one); ``Refused`` for a CSV
+    whose header has an ``email`` column separated by another separator than ',' (as ``kembali import`` refuses
+    it: every line would be rejected as an address)."""
     lines = _LINE_BREAK.split(text)  # not splitlines(): NEL, U+2028, a form feed… in a comment are no line break
-    first = next((line for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
+    number, first = next(((i, line) for i, line in enumerate(lines, 1)
+                          if line.strip() and not line.lstrip().startswith("#")), (0, ""))  # fmt: skip
+    separator = other_separator([first]) if "," not in first else None
+    if separator is not None and "email" in (name.strip().lower() for name in first.split(separator)):
+        raise Refused(f"line {number}: {comma_separated(separator)}")
     good: list[str] = []
     bad: list[str] = []
     if "," in first or first.strip().lower() == "email":
@@ -120,7 +130,11 @@ def _import(store: Store, target: str, reason: str) -> int:
         print(f"kembali suppress import: {target}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
               "save the file as UTF-8: nothing was imported", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
-    good, bad = read_addresses(text)
+    try:
+        good, bad = read_addresses(text)
+    except Refused as exc:
+        print(f"kembali suppress import: {target}: {exc}: nothing was imported", file=sys.stderr)
+        return EXIT_USAGE
     good = list(dict.fromkeys(good))
     for problem in bad:
         print(f"{target}: {problem}", file=sys.stderr)
