@@ -60,11 +60,33 @@ def test_a_quote_left_open_in_a_big_file_names_the_lines_it_swallowed(
     code, out = _import_with_a_quote_left_open(tmp_path, config, capsys, customers=4999)
     assert code == 1
     [rejected] = [line for line in out.splitlines() if line.startswith("rejected")]
-    assert rejected.startswith("rejected customers.csv:2: unreadable CSV (field larger than field limit")
+    assert rejected.startswith("rejected customers.csv:2: id 'C-1': unreadable CSV: column 3 'name' holds more than "
+                               "131072 characters, the most one field may hold; ")  # fmt: skip
     assert "it takes in lines 2 to " in rejected and "none of which is imported" in rejected
     last = int(rejected.split("it takes in lines 2 to ")[1].split(",")[0])
     created = int(out.split("customers: ")[1].split(" created")[0])
     assert created == 5000 - last  # every other line of the file is either imported or named as lost
+
+
+def test_a_field_past_the_csv_field_limit_is_named_by_line_and_column_and_the_rest_is_imported(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a customers file one of whose names is a megabyte (a picture pasted into a cell), quoted or not
+    big = "x" * 1_000_000
+    (tmp_path / "customers.csv").write_text(
+        CUSTOMERS + f"C-1,c1@example.com,{big},true\nC-2,c2@example.com,Budi,true\n"
+        f'C-3,c3@example.com,"{big}",true\nC-4,c4@example.com,Ani,true\n',
+        encoding="utf-8",
+    )
+    # When it is imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then each such row is rejected naming its line, its id and the column, and the limit in words (it said
+    # "unreadable CSV (field larger than field limit (131072))"), and the other rows are imported
+    assert code == 1, out
+    for line, key in ((2, "C-1"), (4, "C-3")):
+        assert f"rejected customers.csv:{line}: id {key!r}: unreadable CSV: column 3 'name' holds more than 131072 " \
+               "characters, the most one field may hold" in out, out
+    assert "customers: 2 created, 0 updated, 0 unchanged, 2 rejected" in out, out
 
 
 def test_a_date_time_out_of_range_in_utc_is_a_rejected_row(

@@ -174,3 +174,23 @@ def test_import_of_a_file_separated_by_semicolons_is_refused_as_import_refuses_i
     ]
     assert run(config, "list") == 0
     assert "0 suppressed address(es)" in capsys.readouterr().err
+
+
+def test_import_of_a_csv_with_a_field_past_the_field_limit_names_it_and_imports_the_rest(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a bounce export one of whose notes holds a whole bounce message of 200,000 characters
+    file = tmp_path / "bounces.csv"
+    file.write_text(f'email,note\na@example.com,"{"z" * 200_000}"\nb@example.com,x\n', encoding="utf-8")
+    # When it is imported (it stopped with the CSV reader's traceback)
+    code = run(config, "import", str(file))
+    # Then that row is named as the import of customers names it, and the other is imported
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    assert captured.err.splitlines() == [f"{file}: line 2: unreadable CSV: column 2 'note' holds more than 131072 "
+                                         "characters, the most one field may hold"]  # fmt: skip
+    assert "imported 1 address(es): 1 newly suppressed" in captured.out
+    # and a bad address after it is named after it
+    file.write_text(f'email,note\nbad address,x\na@example.com,"{"z" * 200_000}"\nworse@,y\n', encoding="utf-8")
+    assert run(config, "import", str(file)) == 1
+    assert [line.split(": ")[1] for line in capsys.readouterr().err.splitlines()] == ["line 2", "line 3", "line 4"]

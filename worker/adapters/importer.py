@@ -10,7 +10,8 @@ A missing required column raises ``ImportRowError`` (line 1) from the first
 ``next()``, before any row;
 unknown columns, and columns without a name (trailing commas), are ignored and
 reported through ``on_warning``. A row with more
-or fewer fields than the header is an error (a stray comma shifts columns).
+or fewer fields than the header is an error (a stray comma shifts columns), and so is one with a field past the CSV
+field limit (``unreadable``: named by its column; the reader goes on after the line it stopped on).
 Records carry the optional columns the file lacks (``absent``): the upsert
 leaves those stored values alone (see ``worker.adapters.shop``: customers'
 and products' optional columns, orders' ``delivered_at``).
@@ -800,7 +801,9 @@ class _Rows:
     def __init__(self, handle: TextIO, path: Path) -> None:
         self._handle = handle
         self._path = path
-        self._reader = csv.reader(handle)
+        self._taken: list[str] = []
+        """The lines the reader has taken for the row being read (to say which field is too long)."""
+        self._reader = csv.reader(self._lines(handle))
         self.columns: list[str] = []
         self.key_column = 0
 
@@ -808,6 +811,12 @@ class _Rows:
         """The file's first bytes (some of them), before anything is read; b"" when they cannot be looked at."""
         buffer = getattr(self._handle, "buffer", None)
         return bytes(buffer.peek(size)[:size]) if isinstance(buffer, io.BufferedReader) else b""
+
+    def _lines(self, handle: TextIO) -> Iterator[str]:
+        taken = self._taken
+        for line in handle:
+            taken.append(line)
+            yield line
 
     def __enter__(self) -> _Rows:
         return self
@@ -820,18 +829,25 @@ class _Rows:
         reader = self._reader
         while True:
             start = reader.line_num + 1
+            self._taken.clear()
             try:
                 fields = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
-                reason = f"unreadable CSV ({exc})" + _swallowed(start, reader.line_num)
-                yield start, reader.line_num, _Broken("", reason)
+                why = self._unreadable(exc)
+                yield start, reader.line_num, _Broken(why.key, why.reason + _swallowed(start, reader.line_num))
                 continue
             if any(field.strip() for field in fields):
                 columns, key = self.columns, self.key_column
                 broken = _not_utf8(fields, columns, key) or _mojibake(fields, columns, key)
                 yield start, reader.line_num, broken or fields
+
+    def _unreadable(self, exc: csv.Error) -> _Broken:
+        reason, before = unreadable(exc, "".join(self._taken), self.columns)
+        self._taken.clear()
+        key = before[self.key_column].strip() if self.columns and self.key_column < len(before) else ""
+        return _Broken(key, reason)
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, str] | _Broken]]:
         """(first line, last line, the row) per non-blank row."""
@@ -846,6 +862,46 @@ class _Rows:
                 yield line, end, _Broken(key, reason)
             else:
                 yield line, end, dict(zip(self.columns, fields, strict=True))
+
+
+def unreadable(exc: csv.Error, text: str, columns: list[str]) -> tuple[str, list[str]]:
+    """Why the row ``text`` (from its first line to the one the reader stopped on) is unreadable, and the values of
+    its fields before the bad one when they could be found. A field past the CSV field limit (the reader drops the
+    rest of its line and goes on after it) is named by its column, with ``columns``' name for it."""
+    limit = csv.field_size_limit()
+    if not str(exc).startswith("field larger than field limit"):
+        return f"unreadable CSV ({exc})", []
+    found = _long_field(text, limit)
+    where, before = "a field", list[str]()
+    if found is not None:
+        index, before = found
+        name = f" {columns[index]!r}" if index < len(columns) and columns[index] else ""
+        where = f"column {index + 1}{name}"
+    return f"unreadable CSV: {where} holds more than {limit} characters, the most one field may hold", before
+
+
+_FIELD = re.compile(r'"([^"]*(?:""[^"]*)*)"?([^,\r\n]*)|([^,\r\n]*)')
+"""A field as the CSV reader reads it: quoted (a doubled quote is one; text after the closing quote is kept), or
+not (up to a comma or a line break)."""
+
+
+def _long_field(text: str, limit: int) -> tuple[int, list[str]] | None:
+    """The index of the first field of the row ``text`` starts with that is longer than ``limit``, and the values of
+    the fields before it; None when there is none."""
+    before: list[str] = []
+    at = 0
+    while True:
+        field = _FIELD.match(text, at)
+        assert field is not None  # the unquoted form matches the empty string
+        quoted, after, plain = field.groups()
+        length = len(plain) if plain is not None else len(quoted) - quoted.count('""') + len(after)
+        if length > limit:
+            return len(before), before
+        before.append(plain if plain is not None else quoted.replace('""', '"') + after)
+        at = field.end()
+        if not text.startswith(",", at):
+            return None
+        at += 1
 
 
 def _swallowed(start: int, end: int) -> str:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from worker.adapters import db, opstore
-from worker.adapters.importer import comma_separated, normalize_email, other_separator
+from worker.adapters.importer import comma_separated, normalize_email, other_separator, unreadable
 from worker.adapters.store import Store, suppression_address
 from worker.config import Settings
 
@@ -93,20 +93,33 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
     bad: list[str] = []
     if "," in first or first.strip().lower() == "email":
         reader = csv.reader(io.StringIO(text, newline=""))
-        fields = [f.strip().lower() for f in next(reader, [])]
-        if "email" not in fields:
-            return [], ["line 1: a CSV needs an 'email' column"]
-        column = fields.index("email")
-        values = []
+        fields: list[str] | None = None
+        values: list[tuple[int, str | csv.Error]] = []
         while True:  # a row quoted across lines is named by its first line, as imports name theirs
             start = reader.line_num + 1  # line_num is the last line read
-            row = next(reader, None)
+            try:
+                row = next(reader, None)
+            except csv.Error as exc:  # a field past the CSV field limit: the reader goes on after its line
+                why, _ = unreadable(exc, "\n".join(lines[start - 1 : reader.line_num]), fields or [])
+                if fields is None:
+                    return [], [f"line {start}: {why}"]
+                values.append((start, csv.Error(why)))
+                continue
+            if fields is None:  # the header
+                fields = [f.strip().lower() for f in row or []]
+                if "email" not in fields:
+                    return [], ["line 1: a CSV needs an 'email' column"]
+                column = fields.index("email")
+                continue
             if row is None:
                 break
             values.append((start, row[column] if column < len(row) else ""))
     else:
         values = [(i, line) for i, line in enumerate(lines, 1)]
     for line_no, value in values:
+        if isinstance(value, csv.Error):
+            bad.append(f"line {line_no}: {value}")
+            continue
         value = value.strip()
         if not value or value.startswith("#"):
             continue
