@@ -755,6 +755,32 @@ def test_an_order_placed_or_delivered_in_the_future_is_a_rejected_row(
     assert str(last[0][0])[:10] == placed[:10], last  # O-4's (the day it was placed, also a run over midnight)
 
 
+def test_a_birthday_in_the_future_is_a_rejected_row_as_an_order_placed_in_the_future_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given customers, one born "in 2030" (a mistyped year), one yesterday, one before 1900
+    config = migrated_config(tmp_path)
+    yesterday = datetime.now(UTC).date() - timedelta(days=1)
+    later = date(datetime.now(UTC).year + 4, 1, 1)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent,time_zone,birthday\n"
+        f"C-1,c1@example.com,Ani,ya,,{later}\n"
+        f"C-2,c2@example.com,Budi,ya,Pacific/Kiritimati,{yesterday}\n"
+        "C-3,c3@example.com,Sari,ya,,1899-12-31\n"
+        "C-4,c4@example.com,Dewi,ya,,1990-05-01\n"
+    )
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then the one born in the future is rejected naming its line and value (it was imported: a birthday offer
+    # would never come), as the one born before 1900 is, and the others are imported
+    assert code == 1, out
+    assert f"customers.csv:2: id 'C-1': invalid birthday '{later}' (in the future: after today, " in out, out
+    assert "customers.csv:4: id 'C-3': invalid birthday '1899-12-31' (year before 1900)" in out, out
+    assert "customers: 2 created, 0 updated, 0 unchanged, 2 rejected" in out, out
+    born = dict(_rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id, birthday from customer"))
+    assert {key: str(value) for key, value in born.items()} == {"C-2": str(yesterday), "C-4": "1990-05-01"}
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"], ids=["bom", "le", "be"])
 def test_a_utf16_file_from_excels_unicode_text_is_named_as_such(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], encoding: str

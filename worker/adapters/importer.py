@@ -28,7 +28,8 @@ customers.csv
     when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``, or a tag of either with
     its region: ``en-US``, ``id_ID``, Java's ``in_ID``; default the shop's, ``shop_locale``), ``time_zone`` (IANA;
     default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD
-    or empty; 29 February allowed in leap years), ``marketing_consent``
+    or empty; 29 February allowed in leap years; from 1900, and with ``now`` not after its day in the customer's
+    time zone), ``marketing_consent``
     (required: true/false, yes/no, 1/0, ya/tidak; anything else, empty included, is saved as False and
     reported by a ``saved`` ``RowError`` after the record; so is a customer whose address, case aside, an earlier
     one of the file has with the other answer: ``_consents_agree``), ``consent_basis`` and
@@ -161,23 +162,25 @@ class _Invalid(Exception):
 
 def read_customers(
     path: Path, *, check_dns: bool = False, shop_tz: str = "Asia/Jakarta", shop_locale: str = "id",
-    on_warning: Warn | None = None,
+    on_warning: Warn | None = None, now: datetime | None = None,
 ) -> Iterator[CustomerRecord | RowError]:
     """Yield a ``CustomerRecord`` or a ``RowError`` per row of a customers CSV; a customer without a time zone
-    gets the shop's (``shop_tz``), one without a language the shop's (``shop_locale``)."""
+    gets the shop's (``shop_tz``), one without a language the shop's (``shop_locale``). With ``now``, a birthday
+    after its day in the customer's time zone is a bad row."""
     return (item for _, _, item in numbered_customers(path, check_dns=check_dns, shop_tz=shop_tz,
-                                                      shop_locale=shop_locale, on_warning=on_warning))  # fmt: skip
+                                                      shop_locale=shop_locale, on_warning=on_warning,
+                                                      now=now))  # fmt: skip
 
 
 def numbered_customers(
     path: Path, *, check_dns: bool = False, shop_tz: str = "Asia/Jakarta", shop_locale: str = "id",
-    on_warning: Warn | None = None,
+    on_warning: Warn | None = None, now: datetime | None = None,
 ) -> Iterator[tuple[int, int, CustomerRecord | RowError]]:
     """``read_customers`` with the lines each record starts and ends on."""
     resolver = email_validator.caching_resolver(timeout=10) if check_dns else None
     return _consents_agree(path.name, _numbered_by_id(
         path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning,
-        lambda row, key, absent: _customer(row, key, absent, check_dns, resolver, shop_tz, shop_locale),
+        lambda row, key, absent: _customer(row, key, absent, check_dns, resolver, shop_tz, shop_locale, now),
     ))  # fmt: skip
 
 
@@ -314,17 +317,19 @@ def numbered_orders(
 
 def _customer(
     row: dict[str, str], key: str, absent: frozenset[str], check_dns: bool, resolver: Resolver | None,
-    shop_tz: str, shop_locale: str,
+    shop_tz: str, shop_locale: str, now: datetime | None,
 ) -> tuple[CustomerRecord, str]:
     """The customer, and why its consent was saved as none ("" when it was read as given)."""
     consent, unclear = _consent(row)
+    email, name, locale, zone = (_email(_required(row, "email"), check_dns, resolver), _name(row),
+                                 _locale(row, shop_locale), _zone(row, shop_tz))  # in this order: the first is said
     return CustomerRecord(
         external_id=key,
-        email=_email(_required(row, "email"), check_dns, resolver),
-        name=_name(row),
-        locale=_locale(row, shop_locale),
-        time_zone=_zone(row, shop_tz),
-        birthday=_birthday(row),
+        email=email,
+        name=name,
+        locale=locale,
+        time_zone=zone,
+        birthday=_birthday(row, now.astimezone(ZoneInfo(zone)).date() if now is not None else None, zone),
         marketing_consent=consent,
         consent_basis=_text(row, "consent_basis"),
         consent_source=_text(row, "consent_source"),
@@ -566,7 +571,8 @@ def _zone(row: dict[str, str], shop_tz: str) -> str:
     return value
 
 
-def _birthday(row: dict[str, str]) -> date | None:
+def _birthday(row: dict[str, str], today: date | None, zone: str) -> date | None:
+    """The birthday, refused before 1900 or after ``today`` (the customer's, in ``zone``): a mistyped year."""
     value = row.get("birthday", "").strip()
     if not value:
         return None
@@ -578,6 +584,9 @@ def _birthday(row: dict[str, str]) -> date | None:
         raise _Invalid(f"invalid birthday {_show(value)} ({exc})") from None
     if born.year < 1900:
         raise _Invalid(f"invalid birthday {_show(value)} (year before 1900)")
+    if today is not None and born > today:
+        raise _Invalid(f"invalid birthday {_show(value)} (in the future: after today, {today} in {zone}; check the "
+                       "year)")  # fmt: skip
     return born
 
 

@@ -41,7 +41,7 @@ def _reader(
 ) -> Iterator[tuple[int, int, Any]]:
     if kind == "customers":
         return numbered_customers(path, check_dns=check_dns, on_warning=warn, shop_tz=settings.shop.time_zone,
-                                  shop_locale=settings.shop.default_locale)
+                                  shop_locale=settings.shop.default_locale, now=now)
     if kind == "products":
         return numbered_products(path, on_warning=warn, shop_tz=settings.shop.time_zone,
                                  shop_currency=settings.shop.currency)
@@ -85,7 +85,7 @@ def import_file(
 ) -> int:
     """Import ``path``: the exit code (``EXIT_INTERRUPTED``/``EXIT_TERMINATED`` when a signal stopped it, after saying
     how far it got and then ``again``, what to do about it). ``now`` (default: the clock) is when it happens: an
-    order placed after it is rejected."""
+    order placed after it, or a customer born after its day, is rejected."""
     if path.is_dir() or not path.exists():  # a pipe is read as a file: <(gunzip -c customers.csv.gz), /dev/stdin
         print(f"kembali import: {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}", file=sys.stderr)
         return EXIT_USAGE
