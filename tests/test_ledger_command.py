@@ -358,6 +358,9 @@ def test_an_unknown_customer_or_a_mistyped_address_is_said_so(
 
     assert kembali(config, "list", "--customer", "C-404") == 2
     assert "no customer 'C-404' in the shop" in capsys.readouterr().err
+    # an id in the wrong case is answered with the one meant (it said only "no customer 'c1' in the shop")
+    assert kembali(config, "list", "--customer", "c1") == 2
+    assert "kembali ledger list: no customer 'c1' in the shop; did you mean 'C1'?" in capsys.readouterr().err
 
     assert kembali(config, "list", "--all", "--email", "nobody@test.example") == 0
     assert capsys.readouterr().out.startswith("no messages to nobody@test.example")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from tests.shop import PRODUCTS, customer, one_time_order
 from tests.shop_fixtures import load_shop, make_site
 from tests.smtp_server import Behaviour, RecordingServer
 from worker.adapters.store import M
-from worker.demo import generate_shop
+from worker.demo import ShopData, generate_shop
 
 NOW = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 
@@ -95,6 +96,21 @@ def test_an_unknown_customer_is_named_on_stderr(tmp_path: Path) -> None:
                  ["preview", "--customer", "NOPE"]):  # fmt: skip
         done = site.cli(*argv)
         assert done.returncode == 2 and "no customer with id 'NOPE'" in done.stderr, (argv, done.stdout, done.stderr)
+
+
+def test_a_customer_id_in_the_wrong_case_is_answered_with_the_id_meant(tmp_path: Path) -> None:
+    # Given a shop whose customers' ids are C-0001 and C-0002
+    site = make_site(tmp_path / "site")
+    load_shop(site.settings, ShopData([customer("C-0001"), customer("C-0002")], PRODUCTS,
+                                      [one_time_order("O-1", "C-0001")]), NOW)  # fmt: skip
+    # When an operator types c-0001 (it said only "no customer with id 'c-0001'"), or an id of no customer
+    for argv in (["send-test", "--campaign", "winback", "--to", "me@shop.example"], ["preview"]):
+        done = site.cli(*argv, "--customer", "c-0001")
+        # Then the id that differs only in case is suggested
+        assert done.returncode == 2, (argv, done.stdout, done.stderr)
+        assert "no customer with id 'c-0001'; did you mean 'C-0001'?" in done.stderr, (argv, done.stderr)
+        done = site.cli(*argv, "--customer", "C-0003")
+        assert done.returncode == 2 and "no customer with id 'C-0003'\n" in done.stderr, (argv, done.stderr)
 
 
 def test_send_test_of_a_loyalty_or_feedback_email_reads_as_the_real_one_would(

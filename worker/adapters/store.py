@@ -125,6 +125,20 @@ def _key_part(column: Any) -> Any:
     return sa.func.replace(sa.func.replace(column, "%", "%25"), ":", "%3A")
 
 
+def ids_in_other_case(engine: Engine, external_id: str, *, limit: int = 3) -> list[str]:
+    """The shop's customer ids that differ from ``external_id`` only in case (``C-0001`` for ``c-0001``: what an
+    operator surely meant), at most ``limit``, in order; [] when there is none. The database lowers both sides
+    (ASCII letters only, in SQLite)."""
+    query = (
+        sa.select(C.c.external_id)
+        .where(sa.func.lower(C.c.external_id) == sa.func.lower(external_id), C.c.external_id != external_id)
+        .order_by(C.c.external_id)
+        .limit(limit)
+    )
+    with db.reading(engine) as conn:
+        return list(conn.execute(query).scalars())
+
+
 def suppression_address(email: str) -> str:
     """An address as the suppression list holds it: an internationalised domain in its IDNA form, as imports
     store addresses, and ASCII letters in lower case, so that ``Budi@Example.com`` and ``budi@example.com``

@@ -1,9 +1,21 @@
 """argparse types the commands share: each refuses a bad value with a message naming it (argparse adds the
-option's name and exits 2)."""
+option's name and exits 2); and what the commands add when a value names nothing (``customer_meant``)."""
 
 from __future__ import annotations
 
 import argparse
+
+from sqlalchemy.engine import Engine
+
+from worker.adapters.store import ids_in_other_case
+from worker.log import printable
+
+
+def customer_meant(engine: Engine, given: str) -> str:
+    """``; did you mean 'C-0001'?`` after "no customer 'c-0001'" when the shop has ids that differ from ``given``
+    only in case (ids are compared exactly); "" when it has none."""
+    meant = ids_in_other_case(engine, given)
+    return f"; did you mean {' or '.join(repr(printable(m)) for m in meant)}?" if meant else ""
 
 
 def whole_number(text: str, low: int, high: int | None = None, *, meaning: str = "") -> int:

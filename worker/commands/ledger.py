@@ -153,8 +153,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         db.check_schema(engine)
         admin = LedgerAdmin(engine)
         if args.customer and not admin.has_customer(args.customer):  # else it lists nothing, as if never emailed
-            print(f"kembali ledger {args.action}: no customer {printable(args.customer)!r} in the shop (give the "
-                  "customer's ID as in customers.csv, e.g. C-0001)", file=sys.stderr)  # fmt: skip
+            meant = arguments.customer_meant(engine, args.customer) or (
+                " (give the customer's ID as in customers.csv, e.g. C-0001)")  # fmt: skip
+            print(f"kembali ledger {args.action}: no customer {printable(args.customer)!r} in the shop{meant}",
+                  file=sys.stderr)  # fmt: skip
             return EXIT_USAGE
         if args.action == "list":
             return _list(admin, args)

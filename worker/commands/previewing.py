@@ -28,7 +28,7 @@ from typing import TextIO
 
 from worker import stopping
 from worker.app import Deps, link_keys
-from worker.commands import files
+from worker.commands import arguments, files
 from worker.commands.progress import Progress
 from worker.commands.running import check_template_folders
 from worker.config import Settings
@@ -142,8 +142,9 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     deps = Deps.build(settings)
     if args.customer and deps.store.customer_by_external_id(args.customer) is None:
+        meant = arguments.customer_meant(deps.store.engine, args.customer)
         deps.close()
-        print(f"kembali: no customer with id {args.customer!r}", file=sys.stderr)
+        print(f"kembali: no customer with id {printable(args.customer)!r}{meant}", file=sys.stderr)
         return EXIT_USAGE
     at: datetime = args.at or deps.clock.now()
     try:

@@ -17,6 +17,7 @@ import uuid
 from worker import contexts, stopping
 from worker.app import Deps
 from worker.checks import SAMPLE_LINK_KEY, campaigns_to_check
+from worker.commands import arguments
 from worker.core import samples
 from worker.core.render import build_context, build_message
 from worker.core.retry import connection_failure
@@ -41,7 +42,8 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     if args.customer:
         found = store.customer_by_external_id(args.customer)
         if found is None:
-            print(f"kembali send-test: no customer with id {args.customer!r}", file=sys.stderr)
+            meant = arguments.customer_meant(store.engine, args.customer)
+            print(f"kembali send-test: no customer with id {printable(args.customer)!r}{meant}", file=sys.stderr)
             return EXIT_USAGE
         customer, order_id, order_external_id = found
         if order_id is not None:  # the customer's own order, for win-back's "you bought" and feedback's rating
