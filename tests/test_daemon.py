@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from tests.daemon_harness import LINK_KEY, NOW, REPO, Daemon, customer, http, make_shop, order
 from tests.smtp_server import Behaviour, RecordingServer
 from worker import daemon as daemon_module
+from worker import log
 from worker.adapters import shop as shop_data
 from worker.adapters.plan_sql import PLAN_LOCKS
 from worker.core import tokens
@@ -1161,3 +1162,41 @@ def test_a_campaigns_planning_pass_never_runs_twice_at_once_in_one_daemon(
     skipped = [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == "job_skipped"]
     assert skipped and skipped[0]["job"] == "plan:winback", skipped
     assert shop.scalar("SELECT count(*) FROM message") == 3
+
+
+def test_a_pause_for_a_relay_that_quotes_its_recipients_logs_and_shows_them_masked_at_every_step(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a relay in trouble that quotes each recipient in its reply (Postfix: "452 4.3.1 <addr>: Insufficient
+    # system storage"), recipients at three domains, and a daemon that pauses and tries again after 0.2 s
+    sending = ("\n[sending]\npause_after_failures = 3\nretry_base_seconds = 0.05\nretry_max_seconds = 0.1\n"
+               "max_attempts = 3\npause_retry_seconds = 0.2\n")  # fmt: skip
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", extra=sending, pool_size=1)
+    ids = range(1, 4)
+    emails = [f"pelanggan{i}@toko{i}.example" for i in ids]
+    store = shop.store()
+    try:
+        shop_data.upsert_customers(store.engine, [replace(customer(i), email=emails[i - 1]) for i in ids], NOW)
+        shop_data.upsert_orders(store.engine, [order(i, days_ago=60) for i in ids], NOW)
+    finally:
+        store.close()
+    for email in emails:
+        smtp_server.on(email, Behaviour(rcpt_reply=f"452 4.3.1 <{email}>: Insufficient system storage"))
+    daemon = Daemon.start(shop)
+    try:
+        # When it pauses, waits and tries again
+        daemon.wait_event("dispatcher_paused", timeout=30)
+        daemon.wait_event("dispatcher_retry_scheduled", timeout=30)
+        daemon.wait_event("dispatcher_resumed", timeout=30)
+        status, body, _ = http("GET", daemon.url("/healthz"))
+    finally:
+        assert daemon.stop() == 0
+    # Then every line that gives the pause's reason names the reply with the address masked (deploy/README: the
+    # log's addresses are masked), as dispatcher_paused does, and so does /healthz
+    reasons = [e.get("reason") or e.get("was") for e in daemon.events
+               if e.get("event") in ("dispatcher_paused", "dispatcher_retry_scheduled", "dispatcher_resumed")]
+    assert len(reasons) >= 3 and all("Insufficient system storage" in r for r in reasons), reasons
+    assert any(f"<{log.mask_email(e)}>" in r for r in reasons for e in emails), reasons
+    leaked = [line for line in daemon.lines for e in emails if e in line]
+    assert leaked == [], leaked
+    assert not any(e in body for e in emails), (status, body)

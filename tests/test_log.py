@@ -178,3 +178,14 @@ def test_a_server_reply_that_quotes_the_recipient_is_logged_with_the_address_mas
     assert f"<{log.mask_email(gone)}>: Recipient address rejected" in failed, failed
     assert f"<{log.mask_email(later.upper())}>: Recipient address rejected" in deferred, deferred
     assert gone not in out and later.upper() not in out
+
+
+def test_a_reply_keeps_the_shops_own_address_whole_and_masks_the_customers() -> None:
+    # a relay refusing the sender names shop.from_address (the setting the operator is told to check), one
+    # refusing to relay names the customer; the hint quotes the sender as Python does ('halo@…')
+    reply = ("550 5.1.0 <Halo@Toko.example>: Sender address rejected; 554 5.7.1 <budi@gmail.com>: Relay access "
+             "denied: check the envelope sender 'halo@toko.example'")  # fmt: skip
+    masked = log.mask_addresses(reply, keep=("halo@toko.example", ""))
+    assert masked == ("550 5.1.0 <Halo@Toko.example>: Sender address rejected; 554 5.7.1 <b***@gmail.com>: Relay "
+                      "access denied: check the envelope sender 'halo@toko.example'")  # fmt: skip
+    assert log.mask_addresses("rejected: 'budi@gmail.com'") == "rejected: 'b***@gmail.com'"

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -35,10 +36,21 @@ def mask_email(address: str) -> str:
 _ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 
 
-def mask_addresses(text: str) -> str:
+def mask_addresses(text: str, keep: Iterable[str] = ()) -> str:
     """``text`` (a server's reply: ``550 5.1.1 <budi@gmail.com>: Recipient address rejected``) with each
-    address in it masked as ``mask_email`` masks one (``<b***@gmail.com>``): replies often quote the recipient."""
-    return _ADDRESS.sub(lambda m: mask_email(m.group()), text)
+    address in it masked as ``mask_email`` masks one (``<b***@gmail.com>``): replies often quote the recipient.
+    ``keep``: the shop's own addresses (``shop.from_address``, the SMTP login), left whole: a reply refusing the
+    sender names it, and the operator is to check that very setting."""
+    kept = {address.lower() for address in keep if address}
+
+    def masked(m: re.Match[str]) -> str:
+        found = m.group()
+        bare = found.lstrip("'")  # a hint's repr quotes it: 'shop@toko.id'
+        if bare.lower() in kept:
+            return found
+        return found[: len(found) - len(bare)] + mask_email(bare)
+
+    return _ADDRESS.sub(masked, text)
 
 
 def error_line(exc: BaseException) -> str:

@@ -473,11 +473,14 @@ class Dispatcher:
         if not limit or self.paused is not None:
             return servers
         smtp = self.settings.smtp
+        # the server's reply as every line that gives the pause's reason shows it (dispatcher_retry_scheduled,
+        # dispatcher_resumed, the run's summary): it may quote the recipient, whose address is masked there too
+        reply = log.mask_addresses(result.reply, keep=(self.settings.shop.from_address, smtp.username))
         if trouble in PAUSES_AT_ONCE:  # every message would fail alike until something is fixed: pause at once
             self.paused = (
-                f"an SMTP setup problem ({result.setup}): {result.reply}"  # the reply names host:port and the fix
+                f"an SMTP setup problem ({result.setup}): {reply}"  # the reply names host:port and the fix
                 if trouble == "setup"
-                else f"an SMTP authentication failure ({result.reply[:120]}): check smtp.username "
+                else f"an SMTP authentication failure ({reply[:120]}): check smtp.username "
                 f"({smtp.username!r}) and the password in ${smtp.password_env}"
             )
         elif self.failures_in_row >= limit and servers:
@@ -485,19 +488,19 @@ class Dispatcher:
             self.paused = (
                 f"{self.failures_in_row} failures in a row, the server's own trouble: {smtp.host}:{smtp.port} gives "
                 f"recipients at {SERVER_TROUBLE_DOMAINS} or more different domains the same temporary failure "
-                f"at {where} (last: {result.reply[:120]})"
+                f"at {where} (last: {reply[:120]})"
             )
         elif self.failures_in_row >= limit:
             hint = tls_port_hint(smtp)
             self.paused = (
                 f"{self.failures_in_row} connection failures in a row (last: {result.error_type or 'no reply'}: "
-                f"{result.reply[:120]})" + (f"; {hint}" if hint else "")
+                f"{reply[:120]})" + (f"; {hint}" if hint else "")
             )
         else:
             return servers
         self.pauses_in_row += 1
         log.event(
-            "dispatcher_paused", logging.ERROR, reason=log.mask_addresses(self.paused), smtp_host=smtp.host,
+            "dispatcher_paused", logging.ERROR, reason=self.paused, smtp_host=smtp.host,
             failures_in_row=self.failures_in_row, code=result.code, stage=result.stage,
             **({"setting": result.setup} if result.setup else {}),
         )  # fmt: skip
