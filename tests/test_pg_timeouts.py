@@ -344,3 +344,39 @@ def test_a_command_behind_a_held_lock_stops_with_exit_3_and_says_why(
     # And once the lock is gone, the same command works
     code, printed = run_cli(capsys, "--config", str(config), "suppress", "add", "budi@example.com")
     assert code == 0, printed
+
+
+@pytest.mark.postgres
+def test_an_import_behind_a_held_row_lock_stops_saying_how_far_it_got_and_finishes_when_run_again(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given 1,500 customers imported, one of them locked by a transaction that does not end (a stuck worker),
+    # lock waits given up after a fifth of a second, and the file again with every name changed
+    engine = db.create_engine(pg_url)
+    db.upgrade(engine)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{pg_url}"\nlock_timeout_seconds = 0.2\n', encoding="utf-8")
+    csv = tmp_path / "customers.csv"
+    rows = [f"c{i},Budi,c{i}@example.com,yes" for i in range(1500)]
+    csv.write_text("\n".join(["id,name,email,marketing_consent", *rows]) + "\n", encoding="utf-8")
+    assert run_cli(capsys, "--config", str(config), "import", "customers", str(csv))[0] == 0
+    csv.write_text("\n".join(["id,name,email,marketing_consent", *(r.replace(",Budi,", ",Sari,") for r in rows)])
+                   + "\n", encoding="utf-8")  # fmt: skip
+    holder = psycopg.connect(_driver_url(pg_url))
+    holder.execute("SELECT 1 FROM customer WHERE external_id = 'c1200' FOR UPDATE")
+    try:
+        # When it is imported: the first 1,000 rows go in, the batch with the locked customer gives up
+        code, printed = run_cli(capsys, "--config", str(config), "import", "customers", str(csv))
+    finally:
+        holder.close()
+
+    # Then the import stops with exit 3 (try again later) and says what is in, as an interrupted one does: the
+    # rows up to line 1001 are, and importing the file again finishes it
+    with engine.connect() as conn:
+        renamed = conn.exec_driver_sql("SELECT count(*) FROM customer WHERE name = 'Sari'").scalar_one()
+    assert code == 3 and renamed == 1000, printed
+    assert "customers.csv is imported up to line 1001, the rows after it are not (0 created, 1000 updated" in printed
+    assert "Import the file again to finish" in printed
+    code, printed = run_cli(capsys, "--config", str(config), "import", "customers", str(csv))
+    assert code == 0 and "0 created, 500 updated, 1000 unchanged" in printed, printed
+    engine.dispose()

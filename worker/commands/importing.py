@@ -12,6 +12,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import sqlalchemy as sa
+
 from worker import stopping
 from worker.adapters import db, shop
 from worker.adapters.importer import (
@@ -182,15 +184,20 @@ def import_file(
         progress.done()
         print(f"kembali import: {printable(path.name)}: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt as exc:  # each batch is one transaction, and a stop waits for the one being written
+    except (KeyboardInterrupt, sa.exc.OperationalError) as exc:  # each batch is one transaction, and a stop waits
+        # for the one being written; a batch the database gave up (a lock wait past database.lock_timeout_seconds,
+        # the server gone) is rolled back whole, the batches before it are in
         progress.done()
         done = f"{path.name} is imported up to line {saved}, the rows after it are not" if saved else (
             f"none of {path.name} is imported")
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped: the database failed"
         print(
-            f"kembali import: interrupted: {done} ({total.created} created, {total.updated} updated, "
+            f"kembali import: {why}: {done} ({total.created} created, {total.updated} updated, "
             f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear, shared)}). {again}",
             file=sys.stderr,
         )
+        if not isinstance(exc, KeyboardInterrupt):
+            raise  # said as for any command: which database, why, exit 3 (try again later)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     finally:
         if on_main_thread:
