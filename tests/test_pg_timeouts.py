@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from tests.db_fixtures import PG_ADMIN_URL
 from tests.sendkit import LINK_SECRET, Shop, message_ids, settings_dict
 from tests.smtp_server import RecordingServer
 from worker.adapters import db
+from worker.adapters.plan_sql import PLAN_LOCKS
 from worker.adapters.ratestore import RateStore
 from worker.adapters.store import MAILBOX_LOCKS, Store
 from worker.asyncstore import AsyncStore
@@ -380,3 +382,44 @@ def test_an_import_behind_a_held_row_lock_stops_saying_how_far_it_got_and_finish
     code, printed = run_cli(capsys, "--config", str(config), "import", "customers", str(csv))
     assert code == 0 and "0 created, 500 updated, 1000 unchanged" in printed, printed
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_run_while_another_worker_plans_the_campaign_longer_than_the_lock_timeout_waits_for_it_and_sends(
+    pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 3 customers due a win-back on PostgreSQL, lock waits given up after a fifth of a second, and another
+    # worker planning win-back (it holds the campaign's planning lock: a large shop's pass takes its time)
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_SECRET)
+    emails = [f"c{i}@test.example" for i in range(3)]
+    settings = _settings(pg_url, smtp_server.port, lock_timeout_seconds=0.2)
+    shop = Shop(pg_url, settings, emails)
+    planner = psycopg.connect(_driver_url(pg_url), autocommit=True)
+    planner.execute("SELECT pg_advisory_lock(%s, hashtext('winback'))", (PLAN_LOCKS,))
+    done = threading.Event()
+
+    def finish_planning() -> None:  # once the run waits on the lock, longer than the lock timeout
+        with psycopg.connect(_driver_url(pg_url), autocommit=True) as watcher:
+            while not done.is_set():
+                waiting = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' "
+                                          "AND datname = current_database()").fetchone()  # fmt: skip
+                if waiting and waiting[0]:
+                    time.sleep(1.0)
+                    break
+                time.sleep(0.02)
+        planner.execute("SELECT pg_advisory_unlock(%s, hashtext('winback'))", (PLAN_LOCKS,))
+
+    other = threading.Thread(target=finish_planning)
+    other.start()
+    try:
+        # When a run plans and sends
+        report = shop.cycle()
+    finally:
+        done.set()
+        other.join()
+        planner.close()
+        shop.close()
+    # Then it waited for the other worker's pass (the planning lock is not given up at the lock timeout: its holder
+    # is a pass at work, or ended by the server when idle) and sent every message once
+    assert report.dispatched.outcomes["sent"] == 3
+    assert sorted(message_ids(smtp_server.messages).values()) == [1] * 3

@@ -450,8 +450,14 @@ def _insert_locked(engine: Engine, plan: Plan, stmt: Any) -> int:
     NOTHING. READ COMMITTED whatever the database's default: the INSERT must see what committed while it
     waited for the lock, not what was there when the transaction began."""
     with engine.connect().execution_options(isolation_level="READ COMMITTED") as conn, conn.begin():
+        # waited for past database.lock_timeout_seconds: its holder is another worker's pass at work (a large shop's
+        # takes minutes), or one ended by the server once idle in its transaction; given up, every other worker's
+        # pass of the campaign failed (a run --once sent nothing) while one took longer than the lock timeout
+        limit = conn.execute(sa.text("SELECT current_setting('lock_timeout')")).scalar_one()
+        conn.execute(sa.text("SET LOCAL lock_timeout = 0"))
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:space, hashtext(:campaign))"),
                      {"space": PLAN_LOCKS, "campaign": plan.campaign})  # fmt: skip
+        conn.execute(sa.text("SELECT set_config('lock_timeout', :limit, true)"), {"limit": limit})
         _tune(conn, plan)
         return int(conn.execution_options(preserve_rowcount=True).execute(stmt).rowcount)
 
