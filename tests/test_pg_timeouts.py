@@ -172,6 +172,31 @@ def test_options_written_in_the_url_win_over_the_config(pg_url: str) -> None:
 
 
 @pytest.mark.postgres
+def test_options_in_pgoptions_still_reach_the_server_and_win_over_the_config(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given settings libpq takes from $PGOPTIONS (as deploy/README's PGPASSWORD=… from its environment): a
+    # statement timeout of the operator's, and a lock timeout of their own
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=12345 -c lock_timeout=7s")
+    engine = db.engine_for(_settings(pg_url, lock_timeout_seconds=1))
+    try:
+        # Then the sessions have them (the options Kembali gives libpq replaced the variable, which went unused),
+        # over the config as the URL's own are, with the config's other timeout beside them
+        assert _shown(engine, "statement_timeout") == "12345ms"
+        assert _shown(engine, "lock_timeout") == "7s"
+        assert _shown(engine, "idle_in_transaction_session_timeout") == "1min"
+    finally:
+        engine.dispose()
+    # And options in the URL win over $PGOPTIONS whole, as libpq has it
+    url = sa.make_url(pg_url).update_query_dict({"options": "-c lock_timeout=5s"})
+    engine = db.engine_for(_settings(url.render_as_string(hide_password=False), lock_timeout_seconds=1))
+    try:
+        assert _shown(engine, "lock_timeout") == "5s" and _shown(engine, "statement_timeout") == "0"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
 def test_a_booking_behind_a_stuck_workers_rate_row_gives_up_says_why_and_goes_through_once_it_is_released(
     pg_url: str, on_event: Callable[[str, Callable[[], None]], _OnEvent]
 ) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sqlite3
 import threading
 import weakref
@@ -208,7 +209,9 @@ def create_engine(url: str, limits: SessionLimits | None = None) -> Engine:
     defaults = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS, **PG_KEEPALIVES}
     connect_args: dict[str, Any] = {key: value for key, value in defaults.items() if key not in given}
     limits = limits or SessionLimits()
-    url_options = query.get("options", "")
+    # libpq takes $PGOPTIONS only when no options are given, and ours always are: the variable's go after ours
+    # (winning over the config, as the URL's do), unless the URL has its own, which replace it as libpq has it
+    url_options = query.get("options", os.environ.get("PGOPTIONS", ""))
     connect_args["options"] = limits.options(url_options if isinstance(url_options, str) else " ".join(url_options))
     engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, pool_size=5, max_overflow=5,
                               hide_parameters=True)
