@@ -438,14 +438,17 @@ def test_a_paused_daemon_tries_the_server_again_later_and_at_once_on_sighup(
         assert daemon.stop() == 0
 
 
+PAUSING_SOON = ("\n[sending]\npause_after_failures = 3\nretry_base_seconds = 0.05\nretry_max_seconds = 0.1\n"
+                "max_attempts = 3\npause_retry_seconds = 0.2\n")  # fmt: skip
+"""Sending that pauses after three failures, retries due at once, and tries the server again after 0.2 s."""
+
+
 def test_a_daemon_pausing_for_a_relay_in_trouble_counts_no_more_attempts_each_time_it_tries_again(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     # Given a relay whose disk is full: every RCPT TO gets "452 4.3.1 Insufficient system storage", whatever the
     # recipient's domain; retries due at once and a daemon that tries the server again after 0.2 s
-    sending = ("\n[sending]\npause_after_failures = 3\nretry_base_seconds = 0.05\nretry_max_seconds = 0.1\n"
-               "max_attempts = 3\npause_retry_seconds = 0.2\n")  # fmt: skip
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", extra=sending, pool_size=1)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", extra=PAUSING_SOON, pool_size=1)
     ids = range(1, 7)
     store = shop.store()
     try:
@@ -1169,9 +1172,7 @@ def test_a_pause_for_a_relay_that_quotes_its_recipients_logs_and_shows_them_mask
 ) -> None:
     # Given a relay in trouble that quotes each recipient in its reply (Postfix: "452 4.3.1 <addr>: Insufficient
     # system storage"), recipients at three domains, and a daemon that pauses and tries again after 0.2 s
-    sending = ("\n[sending]\npause_after_failures = 3\nretry_base_seconds = 0.05\nretry_max_seconds = 0.1\n"
-               "max_attempts = 3\npause_retry_seconds = 0.2\n")  # fmt: skip
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", extra=sending, pool_size=1)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", extra=PAUSING_SOON, pool_size=1)
     ids = range(1, 4)
     emails = [f"pelanggan{i}@toko{i}.example" for i in ids]
     store = shop.store()

@@ -53,6 +53,13 @@ def _driver_url(url: str) -> str:
     return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def _quick_to_give_up(folder: Path, url: str) -> Path:
+    """A config.toml in ``folder`` for the database at ``url``, whose lock waits give up after a fifth of a second."""
+    config = folder / "config.toml"
+    config.write_text(f'[database]\nurl = "{url}"\nlock_timeout_seconds = 0.2\n', encoding="utf-8")
+    return config
+
+
 def _shown(engine: sa.Engine, setting: str) -> str:
     with engine.connect() as conn:
         return str(conn.exec_driver_sql(f"SHOW {setting}").scalar_one())
@@ -326,8 +333,7 @@ def test_a_migration_behind_a_long_transaction_gives_up_changes_nothing_and_says
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "0015")
     engine.dispose()
-    config = tmp_path / "config.toml"
-    config.write_text(f'[database]\nurl = "{pg_url}"\nlock_timeout_seconds = 0.2\n', encoding="utf-8")
+    config = _quick_to_give_up(tmp_path, pg_url)
     reader = psycopg.connect(_driver_url(pg_url))
     reader.execute("SELECT count(*) FROM message")
     try:
@@ -355,8 +361,7 @@ def test_a_command_behind_a_held_lock_stops_with_exit_3_and_says_why(
     engine = db.create_engine(pg_url)
     db.upgrade(engine)
     engine.dispose()
-    config = tmp_path / "config.toml"
-    config.write_text(f'[database]\nurl = "{pg_url}"\nlock_timeout_seconds = 0.2\n', encoding="utf-8")
+    config = _quick_to_give_up(tmp_path, pg_url)
     holder = psycopg.connect(_driver_url(pg_url))
     holder.execute("LOCK TABLE suppression IN SHARE MODE")
     try:
@@ -381,8 +386,7 @@ def test_an_import_behind_a_held_row_lock_stops_saying_how_far_it_got_and_finish
     # lock waits given up after a fifth of a second, and the file again with every name changed
     engine = db.create_engine(pg_url)
     db.upgrade(engine)
-    config = tmp_path / "config.toml"
-    config.write_text(f'[database]\nurl = "{pg_url}"\nlock_timeout_seconds = 0.2\n', encoding="utf-8")
+    config = _quick_to_give_up(tmp_path, pg_url)
     csv = tmp_path / "customers.csv"
     rows = [f"c{i},Budi,c{i}@example.com,yes" for i in range(1500)]
     csv.write_text("\n".join(["id,name,email,marketing_consent", *rows]) + "\n", encoding="utf-8")
