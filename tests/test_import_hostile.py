@@ -14,6 +14,7 @@ import time
 import zipfile
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 from tests.clikit import migrated_config, run_on_a_terminal
 from tests.clikit import run_cli as kembali
 from tests.shop import stored_orders
-from worker.adapters import db, importer, tables
+from worker.adapters import db, importer, shop, tables
 from worker.cli import main
 from worker.commands import importing
 
@@ -587,6 +588,36 @@ def test_a_stop_just_after_a_batch_is_committed_counts_the_batch_as_imported(
     assert f"interrupted: orders.csv is imported up to line {importing.BATCH + 1}, the rows after it are not " \
            f"({importing.BATCH} created, 0 updated, 0 unchanged, 0 rejected)" in stderr.getvalue()  # fmt: skip
     assert len(_ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order")) == importing.BATCH
+
+
+def test_ctrl_c_pressed_again_while_a_batch_is_written_stops_the_import_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a customers file of two batches, whose second batch takes long to write (as one waiting for a lock)
+    config = migrated_config(tmp_path)
+    rows = importing.BATCH + 500
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\n" + "".join(f"C-{i},c{i}@example.com,Name {i},ya\n" for i in range(rows)),
+        encoding="utf-8",
+    )
+    real, batches = shop.upsert_customers, []
+
+    def slow_second_batch(*args: Any, **kwargs: Any) -> Any:
+        batches.append(len(batches) + 1)
+        if len(batches) == 2:  # When the operator presses Ctrl-C while it is written, and again
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)  # (a person's second press: not the first's echo)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shop, "upsert_customers", slow_second_batch)
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then the import stops at once, without that batch (the first press alone waits for it), and says so
+    assert code == 130, out
+    assert f"interrupted: customers.csv is imported up to line {importing.BATCH + 1}, the rows after it are not " \
+           f"({importing.BATCH} created, 0 updated, 0 unchanged, 0 rejected)" in out  # fmt: skip
+    assert len(_ids(f"sqlite:///{tmp_path / 'k.db'}", "customer")) == importing.BATCH
 
 
 def test_the_progress_line_of_an_orders_import_counts_lines_read(tmp_path: Path) -> None:

@@ -107,6 +107,45 @@ def test_a_stop_during_steps_that_go_together_stops_the_command_once_they_are_do
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.parametrize(("first", "second", "apart"), [
+    (signal.SIGTERM, signal.SIGINT, 0.0),  # `timeout`, or a service manager, and then a person's Ctrl-C
+    (signal.SIGINT, signal.SIGTERM, 0.0),
+    (signal.SIGINT, signal.SIGINT, 0.3),  # Ctrl-C pressed again: a person's second press comes this late or later
+    (signal.SIGTERM, signal.SIGTERM, stopping.ECHO_SECONDS + 0.1),  # `kill` again
+], ids=["SIGTERM-then-SIGINT", "SIGINT-then-SIGTERM", "SIGINT-twice", "SIGTERM-twice"])
+def test_a_second_stop_during_steps_that_go_together_stops_the_command_at_once(
+    first: signal.Signals, second: signal.Signals, apart: float
+) -> None:
+    # Given steps that must all happen or none, held for a stop, under a short command's stop handlers
+    done: list[str] = []
+    with stopping.sigterm_raises(), pytest.raises(KeyboardInterrupt) as stopped, stopping.stops_held():
+        done.append("first")
+        # When a stop comes, and then a second one (the steps take long: a batch waiting for a lock, say)
+        os.kill(os.getpid(), first)
+        time.sleep(apart)
+        os.kill(os.getpid(), second)
+        time.sleep(0.01)  # a few instructions: the handler has run by now
+        done.append("second")  # (it waited here for the steps' end, however long they took)
+    # Then the second one does not wait: the command stops at once, as the first stop would have outside the steps
+    assert done == ["first"]
+    assert stopping.stop_signal(stopped.value) == first
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_echo_of_a_stop_during_steps_that_go_together_still_waits_for_them() -> None:
+    # Given steps that must all happen or none, held for a stop, under a short command's stop handlers
+    done: list[str] = []
+    with stopping.sigterm_raises(), pytest.raises(stopping.Terminated), stopping.stops_held():
+        done.append("first")
+        # When SIGTERM comes twice at once, as `timeout` sends it: to the process, then to its process group
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        done.append("second")
+    # Then that is one stop, not a second one: the steps are done, and the command stops right after them
+    assert done == ["first", "second"]
+
+
 NEVER_ENDS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
 
 

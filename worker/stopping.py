@@ -165,25 +165,43 @@ def sigterm_raises() -> Iterator[None]:
 def stops_held() -> Iterator[None]:
     """Inside: a SIGINT or SIGTERM waits until the block is done, then stops the command as it would have (its
     handler from before, run once the block ends): for a few steps that must all happen or none, such as a
-    preview's two files of one message. Elsewhere than the main thread (where no handler can be set), nothing
-    changes."""
+    preview's two files of one message, an import's batch written and counted. A second stop signal inside does
+    not wait (the block takes long: a batch waiting for a lock): the handlers from before take the first and then
+    it, at once. The echo of the first (``StopSignals``) is no second one. A signal ignored before stays ignored.
+    Elsewhere than the main thread (where no handler can be set), nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pending: list[int] = []
+    signals = StopSignals()
+    held: list[signal.Signals] = []
+    previous: dict[signal.Signals, Any] = {}
+
+    def let_go() -> list[signal.Signals]:
+        """The handlers from before back in place; the signals held, for them to take."""
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+        previous.clear()
+        taken = held.copy()
+        held.clear()
+        return taken
 
     def hold(signum: int, _frame: FrameType | None) -> None:
-        pending.append(signum)
+        sig = signal.Signals(signum)
+        verdict = signals.take(sig)
+        if verdict == "stop":
+            held.append(sig)
+        elif verdict == "force":
+            for stop in [*let_go(), sig]:
+                signal.raise_signal(stop)  # to the handler from before: the first stops the command now
 
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {stop: signal.signal(stop, hold) for stop in stops}
+    for stop in STOP_SIGNALS:
+        if signal.getsignal(stop) is not signal.SIG_IGN:  # (SIGINT, in a shell's background job)
+            previous[stop] = signal.signal(stop, hold)
     try:
         yield
     finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
-        if pending:
-            signal.raise_signal(pending[0])  # to the handler from before: it stops the command now
+        for stop in let_go():
+            signal.raise_signal(stop)  # to the handler from before: it stops the command now
 
 
 T = TypeVar("T")

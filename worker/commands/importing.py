@@ -51,31 +51,16 @@ def _reader(
                            shop_currency=settings.shop.currency, now=now)
 
 
-class _Stops:
-    """SIGINT and SIGTERM stop an import (``KeyboardInterrupt``, ``Terminated``), but not while a batch is being
-    written: one arriving then is held until the batch is committed and counted (``release``), so that the
-    import says exactly what is in. Raised at once, it could land after the commit and before the count, and
-    the import would say the batch is not in when it is. A second one while holding stops at once."""
+def _stop_now(stop: type[KeyboardInterrupt]) -> Callable[[int, FrameType | None], None]:
+    """A handler that stops the import at once (``KeyboardInterrupt``, ``Terminated``), but not while a batch is
+    being written (``stopping.stops_held``): one arriving then waits until the batch is committed and counted, so
+    that the import says exactly what is in. Raised at once, it could land after the commit and before the count,
+    and the import would say the batch is not in when it is. A second one while a batch is written stops at once."""
 
-    def __init__(self) -> None:
-        self.holding = False
-        self.pending: type[KeyboardInterrupt] | None = None
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stopping.raise_stop(stop)
 
-    def handler(self, stop: type[KeyboardInterrupt]) -> Callable[[int, FrameType | None], None]:
-        def on_signal(_signum: int, _frame: FrameType | None) -> None:
-            if not self.holding or self.pending is not None:
-                stopping.raise_stop(stop)
-            self.pending = stop
-
-        return on_signal
-
-    def hold(self) -> None:
-        self.holding = True
-
-    def release(self) -> None:
-        self.holding = False
-        if self.pending is not None:
-            raise self.pending
+    return on_signal
 
 
 AGAIN = "Import the file again to finish: the rows already imported are left unchanged."
@@ -143,14 +128,13 @@ def import_file(
     batch: list[Any] = []
     last = saved = 0
     """The line the batch's last record ends on (an order's last row); the last line of the last batch committed."""
-    stops = _Stops()
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = previous_int = None
     if on_main_thread:
-        previous = signal.signal(signal.SIGTERM, stops.handler(Terminated))
+        previous = signal.signal(signal.SIGTERM, _stop_now(Terminated))
         previous_int = signal.getsignal(signal.SIGINT)
         if previous_int is signal.default_int_handler:  # not when SIGINT is ignored (a shell's background job)
-            signal.signal(signal.SIGINT, stops.handler(KeyboardInterrupt))
+            signal.signal(signal.SIGINT, _stop_now(KeyboardInterrupt))
     try:
         for line, end, item in _reader(kind, path, settings, check_dns, warn, now):
             if isinstance(item, RowError) and item.saved:
@@ -171,15 +155,13 @@ def import_file(
                 first_foreign = first_foreign or line
             last = end
             if len(batch) >= BATCH:
-                stops.hold()
-                errors += _flush(upsert, batch, lines, total, path, say)
-                saved = last
-                stops.release()
+                with stopping.stops_held():
+                    errors += _flush(upsert, batch, lines, total, path, say)
+                    saved = last
             progress.update(end, f"lines read, {errors} rejected")
-        stops.hold()
-        errors += _flush(upsert, batch, lines, total, path, say)
-        saved = last
-        stops.release()
+        with stopping.stops_held():
+            errors += _flush(upsert, batch, lines, total, path, say)
+            saved = last
     except ImportRowError as exc:
         progress.done()
         print(f"kembali import: {printable(path.name)}: {printable(str(exc))}", file=sys.stderr)
