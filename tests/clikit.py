@@ -60,3 +60,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
         code = int(exc.code or 0)
     captured = capsys.readouterr()
     return code, captured.out + captured.err
+
+
+def waiting_for_a_lock(pid: int) -> bool:
+    """Whether process ``pid``'s main thread sleeps in nanosleep (Linux), as SQLite does between its tries for a
+    lock another connection holds (the commands sleep nowhere else)."""
+    return Path(f"/proc/{pid}/wchan").read_text() in ("hrtimer_nanosleep", "do_nanosleep")

@@ -7,6 +7,7 @@ import io
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.clikit import migrated_config, run_on_a_terminal
+from tests.clikit import migrated_config, run_on_a_terminal, waiting_for_a_lock
 from tests.clikit import run_cli as kembali
 from tests.shop import stored_orders
 from worker.adapters import db, importer, shop, tables
@@ -618,6 +619,43 @@ def test_ctrl_c_pressed_again_while_a_batch_is_written_stops_the_import_at_once(
     assert f"interrupted: customers.csv is imported up to line {importing.BATCH + 1}, the rows after it are not " \
            f"({importing.BATCH} created, 0 updated, 0 unchanged, 0 rejected)" in out  # fmt: skip
     assert len(_ids(f"sqlite:///{tmp_path / 'k.db'}", "customer")) == importing.BATCH
+
+
+def test_a_second_stop_while_a_batch_waits_for_the_sqlite_write_lock_stops_the_import_at_once(tmp_path: Path) -> None:
+    # Given an import whose first batch waits for the write lock another program holds on the SQLite file (up to
+    # SQLite's busy timeout, 30 s)
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\n" + "".join(f"C-{i},c{i}@example.com,Name {i},ya\n" for i in range(10)),
+        encoding="utf-8",
+    )
+    locker = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        child = subprocess.Popen(_import_command(config, "customers", tmp_path / "customers.csv"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not waiting_for_a_lock(child.pid):
+                assert child.poll() is None and time.monotonic() < deadline, "the import never waited for the lock"
+                time.sleep(0.02)
+            # When Ctrl-C comes (it waits for the batch), and then SIGTERM
+            child.send_signal(signal.SIGINT)
+            signalled = time.monotonic()
+            time.sleep(0.1)
+            child.send_signal(signal.SIGTERM)
+            _, err = child.communicate(timeout=60)
+            waited = time.monotonic() - signalled
+        finally:
+            child.kill()
+        locker.rollback()
+    finally:
+        locker.close()
+    # Then the import stops without waiting out the lock (it waited the whole 30 s, in SQLite), saying what is in
+    assert child.returncode == 130, err
+    assert "interrupted: none of customers.csv is imported" in err, err
+    assert waited < db.SQLITE_BUSY_TIMEOUT_MS / 1000 / 2, waited
+    assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == set()
 
 
 def test_the_progress_line_of_an_orders_import_counts_lines_read(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tests.clikit import migrated_config, run_cli
 from worker.adapters import db
@@ -90,6 +91,33 @@ def test_a_command_that_writes_behind_a_long_writer_ends_with_a_message_naming_t
     assert code == 3, out
     assert f"the database {tmp_path / 'kembali.db'} could not be used: database is locked" in out, out
     assert "Traceback" not in out and "[SQL:" not in out
+
+
+def test_a_write_behind_a_long_writer_waits_in_slices_then_gives_up_as_sqlite_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a writer holding the SQLite write lock longer than SQLite waits for it (five of the slices the main
+    # thread waits in, here; 30 s as shipped)
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 5 * db.SQLITE_BUSY_SLICE_MS)
+    migrated_config(tmp_path)
+    engine = db.create_engine(f"sqlite:///{tmp_path / 'k.db'}")
+    holder = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+    try:
+        with engine.connect() as conn:
+            ours = conn.connection.driver_connection
+        holder.execute("BEGIN IMMEDIATE")
+        # When this process begins a write in its main thread
+        with pytest.raises(sa.exc.OperationalError, match="database is locked"), engine.begin():
+            pass
+        holder.rollback()
+        # Then it gives up as SQLite did, and its connection keeps the whole busy timeout for its next user (a
+        # thread, which waits in SQLite)
+        with engine.begin() as conn:
+            assert conn.connection.driver_connection is ours
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == db.SQLITE_BUSY_TIMEOUT_MS
+    finally:
+        holder.close()
+        engine.dispose()
 
 
 def test_healthz_says_the_database_is_ok_while_another_program_writes_to_it(

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.clikit import waiting_for_a_lock
 from tests.shop_fixtures import LINK_SECRET, load_shop, make_site
 from worker import stopping
 from worker.adapters import db
@@ -202,6 +203,32 @@ def test_stats_stopped_while_its_query_waits_says_so(tmp_path: Path, pg_url: str
         engine.dispose()
     # Then it stops at once (its query cancelled, not left to run), saying so
     _stopped_as_the_shell_expects(child, stderr, "stats", sig)
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_a_command_stopped_while_it_waits_for_the_sqlite_write_lock_stops_without_waiting_it_out(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Given an SQLite ledger whose write lock another process holds (a command waits for it up to SQLite's busy
+    # timeout, 30 seconds, before it gives up)
+    site = make_site(tmp_path / "shop")
+    locker = sqlite3.connect(site.db_path, isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        # When a command that writes waits for it (SQLite sleeping between its tries) and the signal comes
+        child = _start(["--config", str(site.config), "suppress", "add", "someone@example.com"], site.folder)
+        _wait_for(lambda: waiting_for_a_lock(child.pid), child, "its wait for the lock")
+        signalled = time.monotonic()
+        _stdout, stderr = _stop(child, sig)
+        waited = time.monotonic() - signalled
+        locker.rollback()
+        # Then it stops without waiting out the busy timeout (it waited the whole 30 seconds, in SQLite), saying so
+        _stopped_as_the_shell_expects(child, stderr, "suppress", sig)
+        assert waited < db.SQLITE_BUSY_TIMEOUT_MS / 1000 / 2, waited
+        # having written nothing
+        assert locker.execute("SELECT count(*) FROM suppression").fetchone() == (0,)
+    finally:
+        locker.close()
 
 
 def test_a_file_of_preview_out_stopped_while_it_is_written_is_removed(tmp_path: Path) -> None:

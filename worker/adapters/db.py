@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -201,7 +201,10 @@ def create_engine(url: str, limits: SessionLimits | None = None) -> Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
-            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
+            if conn.get_execution_options().get(_READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                _begin_writing(conn)
 
         return engine
     query = sa.make_url(url).query
@@ -249,6 +252,37 @@ def _opening(statement: str | None) -> str:
     """A statement's first words, on one line (its values are parameters: never in it)."""
     words = " ".join((statement or "").split())
     return words if len(words) <= 80 else words[:80] + "…"
+
+
+SQLITE_BUSY_SLICE_MS = 200
+"""The main thread waits for SQLite's write lock in slices of this long, the busy timeout in all (``_begin_writing``):
+a stop signal waits at most this long."""
+
+
+def _begin_writing(conn: sa.Connection) -> None:
+    """``BEGIN IMMEDIATE``: the database's write lock, waited for up to the busy timeout while another connection
+    holds it. SQLite waits sleeping between its tries, in C, calling no progress handler, so that a Ctrl-C or SIGTERM
+    to a command waiting there (its handler runs once SQLite returns) waited out the whole timeout, 30 seconds,
+    before the command stopped. In the main thread, where handlers run, it waits in slices, and the handler runs
+    between two; elsewhere, as SQLite does."""
+    raw = conn.connection.driver_connection
+    if threading.current_thread() is not threading.main_thread() or raw is None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        return
+    slice_ms = min(SQLITE_BUSY_SLICE_MS, SQLITE_BUSY_TIMEOUT_MS)
+    raw.execute(f"PRAGMA busy_timeout = {slice_ms}")
+    try:
+        for _ in range(SQLITE_BUSY_TIMEOUT_MS // slice_ms - 1):
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                    break  # (another failure: said by the last try, as any statement's)
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # the last slice: a lock still held fails as it did after 30 s
+    finally:
+        with suppress(sqlite3.Error):  # (a connection that failed otherwise keeps its failure)
+            raw.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
 
 
 SQLITE_PROGRESS_STEPS = 10_000
