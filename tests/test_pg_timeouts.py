@@ -414,6 +414,67 @@ def test_an_import_behind_a_held_row_lock_stops_saying_how_far_it_got_and_finish
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("ended", ["idle in a transaction too long", "by pg_terminate_backend"])
+def test_an_import_whose_session_the_server_ends_stops_saying_how_far_it_got_and_finishes_when_run_again(
+    pg_url: str, ended: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given 1,500 customers, sessions that may stay idle in a transaction a second, and 1,500 orders of theirs
+    engine = db.create_engine(pg_url)
+    db.upgrade(engine)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{pg_url}"\nidle_in_transaction_timeout_seconds = 1\n', encoding="utf-8")
+    customers, orders = tmp_path / "customers.csv", tmp_path / "orders.csv"
+    customers.write_text("\n".join(["id,name,email,marketing_consent",
+                                    *(f"c{i},Budi,c{i}@example.com,yes" for i in range(1500))]) + "\n", "utf-8")
+    orders.write_text("\n".join(["order_id,customer_id,status,placed_at,total",
+                                 *(f"o{i},c{i},paid,2026-01-01T10:00:00,100000" for i in range(1500))]) + "\n", "utf-8")
+    assert run_cli(capsys, "--config", str(config), "import", "customers", str(customers))[0] == 0
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    reads = 0
+
+    def stall_the_second_batch(conn: sa.Connection, _cursor: Any, statement: str, *_: Any) -> None:
+        # the import's second batch, in its transaction (its customers read), stops before it reads the products
+        # (its process stopped, say) until the server has ended its session: of its own accord when idle in a
+        # transaction too long, or at an operator's pg_terminate_backend
+        nonlocal reads
+        if not statement.startswith("SELECT product.external_id"):
+            return
+        reads += 1
+        if reads != 2:
+            return
+        pid = conn.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
+        with admin.connect() as other:
+            if ended == "by pg_terminate_backend":
+                other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            for _ in range(600):  # at most a minute, on a loaded machine: a bound, not a measure
+                if not other.execute(sa.text("SELECT 1 FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}).first():
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the server did not end the import's session")
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", stall_the_second_batch)
+    try:
+        # When the orders are imported: the first 1,000 go in, the server ends the session in the second batch
+        code, printed = run_cli(capsys, "--config", str(config), "import", "orders", str(orders))
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", stall_the_second_batch)
+        admin.dispose()
+
+    # Then the import stops with exit 3 (try again later) and says what is in, in the words it has for a batch that
+    # gave up a lock wait: the orders up to line 1001 are, and importing the file again finishes it
+    with engine.connect() as conn:
+        imported = conn.exec_driver_sql("SELECT count(*) FROM shop_order").scalar_one()
+    assert reads == 2 and code == 3 and imported == 1000, printed
+    assert ("kembali import: stopped: the database failed: orders.csv is imported up to line 1001, the rows after it "
+            "are not (1000 created, 0 updated, 0 unchanged, 0 rejected). Import the file again to finish") in printed
+    assert "could not be used: " in printed and "Traceback" not in printed, printed
+    code, printed = run_cli(capsys, "--config", str(config), "import", "orders", str(orders))
+    assert code == 0 and "500 created, 0 updated, 1000 unchanged" in printed, printed
+    engine.dispose()
+
+
+@pytest.mark.postgres
 def test_a_run_while_another_worker_plans_the_campaign_longer_than_the_lock_timeout_waits_for_it_and_sends(
     pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

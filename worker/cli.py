@@ -436,9 +436,14 @@ def _naming_the_variable(message: str, args: argparse.Namespace) -> str:
 
 
 def _database_failure(exc: BaseException) -> str | None:
-    """The first line of the driver's reason when ``exc`` is the database failing (not a bug): else None."""
+    """The first line of the driver's reason when ``exc`` is the database failing (not a bug): else None. A
+    connection the server ended is one whatever the driver's class for it (PostgreSQL's idle-in-transaction timeout,
+    25P03, is psycopg's InternalError)."""
     sa_exc = sys.modules.get("sqlalchemy.exc")
-    if sa_exc is None or not isinstance(exc, sa_exc.OperationalError | sa_exc.TimeoutError):
+    if sa_exc is None:
+        return None
+    ended = isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    if not (ended or isinstance(exc, sa_exc.OperationalError | sa_exc.TimeoutError)):
         return None
     orig = getattr(exc, "orig", None) or exc
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]

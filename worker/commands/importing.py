@@ -166,9 +166,10 @@ def import_file(
         progress.done()
         print(f"kembali import: {printable(path.name)}: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
-    except (KeyboardInterrupt, sa.exc.OperationalError) as exc:  # each batch is one transaction, and a stop waits
-        # for the one being written; a batch the database gave up (a lock wait past database.lock_timeout_seconds,
-        # the server gone) is rolled back whole, the batches before it are in
+    except (KeyboardInterrupt, sa.exc.DBAPIError) as exc:  # each batch is one transaction, and a stop waits for
+        # the one being written; a batch the database failed (a lock wait past database.lock_timeout_seconds, the
+        # session ended by the server: idle in a transaction too long, pg_terminate_backend; the server gone) is
+        # rolled back whole, the batches before it are in
         progress.done()
         done = f"{path.name} is imported up to line {saved}, the rows after it are not" if saved else (
             f"none of {path.name} is imported")
