@@ -176,6 +176,42 @@ def test_import_of_a_file_separated_by_semicolons_is_refused_as_import_refuses_i
     assert "0 suppressed address(es)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("separator", [";", "\t"], ids=["semicolon", "tab"])
+def test_import_of_a_file_separated_by_semicolons_without_a_header_is_refused_as_a_whole(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], separator: str
+) -> None:
+    # Given a bounce list saved with ';' between its columns and no header line (an export of address and reason)
+    file = tmp_path / "bounces.csv"
+    file.write_text(f"# bounced in May\nx1@example.com{separator}bounce\nx2@example.com{separator}bounce\n",
+                    encoding="utf-8")  # fmt: skip
+    # When it is imported
+    code = run(config, "import", str(file))
+    # Then it is refused once, naming the file, the line and the separator (each line was rejected as an invalid
+    # address), and nothing is imported
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert captured.err.splitlines() == [
+        f"kembali suppress import: {file}: line 2: the columns are separated by {separator!r}: save the file "
+        "comma-separated, with a first line naming its 'email' column: nothing was imported"
+    ]
+    assert captured.out == ""
+    assert run(config, "list") == 0
+    assert "0 suppressed address(es)" in capsys.readouterr().err
+
+
+def test_a_file_of_one_address_a_line_with_a_semicolon_in_a_comment_or_a_bad_line_is_imported(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given one address a line, a comment with a ';' before them, and a line further down with a stray ';'
+    file = tmp_path / "bounces.txt"
+    file.write_text("# bounced; May\nsiti@example.com\nagus@example.com;\n", encoding="utf-8")
+    # When it is imported, Then the addresses are, and the bad line is named as before
+    assert run(config, "import", str(file)) == 1
+    captured = capsys.readouterr()
+    assert [line.split(": invalid")[0] for line in captured.err.splitlines()] == [f"{file}: line 3"], captured
+    assert "imported 1 address(es): 1 newly suppressed, 0 already suppressed, 1 rejected" in captured.out
+
+
 def test_import_of_a_csv_with_a_field_past_the_field_limit_names_it_and_imports_the_rest(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -82,13 +82,16 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
     """Addresses from a file: one a line (``#`` comments and blank lines skipped), or a CSV with an
     ``email`` column. Returns (normalised addresses, "line N: why" for each rejected one); ``Refused`` for a CSV
     whose header has an ``email`` column separated by another separator than ',' (as ``kembali import`` refuses
-    it: every line would be rejected as an address)."""
+    it: every line would be rejected as an address), or whose first line, without a header, is columns so
+    separated, one of them an address."""
     lines = _LINE_BREAK.split(text)  # not splitlines(): NEL, U+2028, a form feed… in a comment are no line break
     number, first = next(((i, line) for i, line in enumerate(lines, 1)
                           if line.strip() and not line.lstrip().startswith("#")), (0, ""))  # fmt: skip
     separator = other_separator([first]) if "," not in first else None
     if separator is not None and "email" in (name.strip().lower() for name in first.split(separator)):
         raise Refused(f"line {number}: {comma_separated(separator)}")
+    if separator is not None and _columns_of_addresses(first, separator):
+        raise Refused(f"line {number}: {comma_separated(separator)}, with a first line naming its 'email' column")
     good: list[str] = []
     bad: list[str] = []
     if "," in first or first.strip().lower() == "email":
@@ -130,6 +133,23 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
         except ValueError as exc:
             bad.append(f"line {line_no}: {exc}")
     return good, bad
+
+
+def _columns_of_addresses(line: str, separator: str) -> bool:
+    """Whether ``line`` is a row of columns, one an address (``x@example.com;bounce``), not one address: a file
+    without a header line whose every line would be rejected as an address."""
+    fields = [field.strip() for field in line.split(separator) if field.strip()]
+    if len(fields) < 2 or _is_address(line):
+        return False
+    return any(_is_address(field) for field in fields)
+
+
+def _is_address(value: str) -> bool:
+    try:
+        normalize_email(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _import(store: Store, target: str, reason: str) -> int:
