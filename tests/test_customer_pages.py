@@ -214,12 +214,12 @@ def test_the_indonesian_pages_call_the_customer_kakak_as_the_emails_do(served: S
         in text["confirm unsubscribe"]
     assert text["unsubscribed"].startswith("Kakak sudah berhenti berlangganan Kakak tidak akan menerima email "
                                            "promosi dari Toko Kembali lagi. Maaf sudah mengganggu, ya.")
-    assert "Kakak memilih nilai 4. Cukup klik tombol di bawah untuk mengirimkannya ke Toko Kembali." \
+    assert "Kakak memilih 4 bintang. Cukup klik tombol di bawah untuk mengirimkannya ke Toko Kembali." \
         in text["confirm rating"]
     assert "Ada yang ingin Kakak sampaikan? (opsional)" in text["confirm rating"]
-    assert "Nilai dari Kakak (4) sudah kami catat. Masukan Kakak membantu Toko Kembali menjadi lebih baik." \
-        in text["thanks"]
-    assert "Nilai dari Kakak (4) sudah kami catat sebelumnya. Terima kasih, ya!" in text["thanks again"]
+    assert "Penilaian dari Kakak (4 bintang) sudah kami catat. Masukan Kakak membantu Toko Kembali menjadi lebih " \
+        "baik." in text["thanks"]
+    assert "Penilaian dari Kakak (4 bintang) sudah kami catat sebelumnya. Terima kasih, ya!" in text["thanks again"]
     assert "Coba salin seluruh tautan dari email kami, lalu buka lagi." in text["bad rating link"]
     assert "Kakak juga bisa berhenti berlangganan dengan mengirim email ke unsubscribe@toko-kembali.example." \
         in text["bad unsubscribe link"]
@@ -238,14 +238,51 @@ def test_the_english_pages_speak_as_the_english_emails_do(tmp_path: Path) -> Non
         "c***@example.com." in text["confirm unsubscribe"]
     assert text["unsubscribed"].startswith("You're unsubscribed You won't get promotional emails from Toko Kembali "
                                            "any more. Sorry for the bother.")
-    assert "You chose 4. Just click the button below to send it to Toko Kembali." in text["confirm rating"]
+    assert "You chose 4 stars. Just click the button below to send it to Toko Kembali." in text["confirm rating"]
     assert "Anything you'd like to tell us? (optional)" in text["confirm rating"]
-    assert "We've recorded your rating (4). Your feedback helps Toko Kembali improve." in text["thanks"]
-    assert "We already have your rating (4). Thank you!" in text["thanks again"]
+    assert "We've recorded your rating (4 stars). Your feedback helps Toko Kembali improve." in text["thanks"]
+    assert "We already have your rating (4 stars). Thank you!" in text["thanks again"]
     assert "Try copying the whole link from our email and opening it again." in text["bad rating link"]
     assert "You can also unsubscribe by sending an email to unsubscribe@toko-kembali.example." \
         in text["bad unsubscribe link"]
     assert "Try opening the link in our email again." in text["no such page"]
+
+
+def _rated(served: Served, external_id: str, score: int, lang: str) -> tuple[str, str, str]:
+    """The words of the rating page of ``score``, its thanks, and its thanks again, over HTTP."""
+    rating = served.rating(external_id, score)
+    said = [http("GET", rating), http("POST", rating, b"comment=", FORM), http("GET", rating)]
+    assert [status for status, _html, _ in said] == [200, 200, 200]
+    confirm, thanks, again = (read(html).words(lang) for _status, html, _ in said)
+    return confirm, thanks, again
+
+
+@pytest.mark.parametrize(
+    ("scale", "external_id", "score", "lang", "chose", "recorded"),
+    [
+        ("stars", "C1", 5, "id", "Kakak memilih 5 bintang.", "Penilaian dari Kakak (5 bintang) sudah kami catat"),
+        ("stars", "C2", 1, "en", "You chose 1 star.", "We've recorded your rating (1 star)."),
+        ("nps", "C1", 4, "id", "Kakak memilih nilai 4 dari 10.", "Penilaian dari Kakak (4 dari 10) sudah kami catat"),
+        ("nps", "C2", 0, "en", "You chose 0 out of 10.", "We've recorded your rating (0 out of 10)."),
+        # a link of a 0-10 request sent before the scale became stars: a score past 5 is no number of stars
+        ("stars", "C2", 9, "en", "You chose 9 out of 10.", "We've recorded your rating (9 out of 10)."),
+    ],
+)
+def test_the_rating_pages_say_stars_for_a_star_rating_and_the_score_out_of_10_for_a_0_10_one(
+    tmp_path: Path, scale: str, external_id: str, score: int, lang: str, chose: str, recorded: str
+) -> None:
+    # Given a shop whose feedback requests ask for stars (1-5) or a 0-10 score (campaigns.feedback.scale)
+    shop = _shop(tmp_path)
+    text = shop.config.read_text(encoding="utf-8")
+    shop.config.write_text(text + f'\n[campaigns.feedback]\nscale = "{scale}"\n', encoding="utf-8")
+    # When the customer opens a rating link, sends it, and opens it again
+    with serving(shop) as url:
+        confirm, thanks, again = _rated(Served(shop, url), external_id, score, lang)
+    # Then each page says the rating as the request asked for it (a star rating was thanked as "nilai 4")
+    assert chose in confirm, confirm
+    assert recorded in thanks, thanks
+    assert recorded.replace("We've recorded", "We already have").replace("sudah kami catat", "sudah kami catat "
+                                                                          "sebelumnya") in again, again  # fmt: skip
 
 
 def test_every_page_has_a_language_title_viewport_and_labelled_controls_and_no_script(served: Served) -> None:
@@ -347,4 +384,4 @@ def test_hostile_data_on_the_pages_is_shown_as_text_and_stays_inside_a_phones_sc
         quoted = driver.find_element(By.TAG_NAME, "blockquote").text
         assert _letters(quoted) == _letters(HOSTILE_COMMENT), quoted
         paragraphs = [p.text for p in driver.find_elements(By.TAG_NAME, "p")]
-        assert any("(2)" in p for p in paragraphs), paragraphs
+        assert any(("(2 bintang)" if locale == "id" else "(2 stars)") in p for p in paragraphs), paragraphs

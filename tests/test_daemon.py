@@ -162,14 +162,14 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         ratings = {n: tokens.sign("f", f"O1:{n}", LINK_KEY.encode()) for n in range(1, 6)}
         for n, t in ratings.items():
             status, page, _ = http("GET", daemon.url(f"/feedback?t={t}"))
-            assert status == 200 and f"Kakak memilih nilai {n}" in page and 'method="post"' in page, page
+            assert status == 200 and f"Kakak memilih {n} bintang" in page and 'method="post"' in page, page
             assert "<textarea" in page
             # a HEAD (a prefetcher's) answers as the GET would, the same headers without the body
             status, nothing, head = http("HEAD", daemon.url(f"/feedback?t={t}"))
             assert status == 200 and nothing == "" and head["Content-Length"] == str(len(page.encode()))
         assert shop.scalar("SELECT count(*) FROM feedback") == 0
         status, page, _ = http("POST", daemon.url(f"/feedback?t={ratings[5]}"), b"comment=", FORM)
-        assert status == 200 and "(5)" in page
+        assert status == 200 and "(5 bintang)" in page
         # (control characters are dropped: PostgreSQL's text cannot hold a NUL, and none belongs in a comment)
         comment = urllib.parse.urlencode({"comment": "<script>alert(1)</script>\x00 man\x1btap\r\nterima kasih"})
         status, page, _ = http("POST", daemon.url(f"/feedback?t={ratings[2]}"), comment.encode(), FORM)
@@ -183,7 +183,7 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         assert shop.scalar("SELECT comment FROM feedback") == "<script>alert(1)</script> mantap\nterima kasih"
         # once recorded, a GET shows what was recorded
         status, page, _ = http("GET", daemon.url(f"/feedback?t={ratings[1]}"))
-        assert status == 200 and "(5)" in page and "mantap" in page
+        assert status == 200 and "(5 bintang)" in page and "mantap" in page
 
         # Probes
         status, body, _ = http("GET", daemon.url("/healthz"))

@@ -50,6 +50,7 @@ from worker.adapters.web import Request, Response
 from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.core import tokens
+from worker.core.campaigns import rating_scores
 from worker.domain import CustomerSnapshot, Locale
 from worker.metrics import Metrics
 from worker.ports import Clock
@@ -245,9 +246,11 @@ class Site:
         if request.method != "POST":  # GET, or HEAD (the same headers: the server leaves the body out)
             recorded = await self.store.call(opstore.feedback_for, s, parsed.order_ref)
             if recorded is None:
-                return self._page(HTTPStatus.OK, pages.confirm_feedback(locale, shop, parsed.score, token or ""))
+                return self._page(HTTPStatus.OK, pages.confirm_feedback(locale, shop, parsed.score, token or "",
+                                                                        stars=self._stars(parsed.score)))  # fmt: skip
             return self._page(HTTPStatus.OK, pages.feedback_thanks(locale, shop, recorded.score, recorded.comment,
-                                                                   first=False, token=token or ""))  # fmt: skip
+                                                                   first=False, token=token or "",
+                                                                   stars=self._stars(recorded.score)))  # fmt: skip
         created, row = await self.store.call(opstore.record_feedback, s, parsed.order_ref, parsed.score, now)
         if created:
             log.event("feedback_recorded", order=parsed.order_ref, score=parsed.score)
@@ -259,9 +262,8 @@ class Site:
                     stored, row = updated
                     if stored:  # a later comment is thanked and kept nowhere
                         log.event("feedback_commented", order=parsed.order_ref, chars=len(row.comment or ""))
-        return self._page(
-            HTTPStatus.OK, pages.feedback_thanks(locale, shop, row.score, row.comment, first=created, token=token or "")
-        )
+        return self._page(HTTPStatus.OK, pages.feedback_thanks(locale, shop, row.score, row.comment, first=created,
+                                                               token=token or "", stars=self._stars(row.score)))
 
     # --- operators --------------------------------------------------------------
 
@@ -324,6 +326,12 @@ class Site:
         if verified is None or verified[0] != kind:
             return None
         return verified[1]
+
+    def _stars(self, score: int) -> bool:
+        """Whether ``score`` is a star rating (1-5), for the page to say so: the link names no scale, and the feedback
+        request's is the config's (``campaigns.feedback.scale``, as ``stats`` reads the ratings); a score outside
+        1-5 is out of 10 whatever the config says now (a link sent before the scale changed)."""
+        return self.settings().campaigns.feedback.scale == "stars" and score in rating_scores("stars")
 
     def _default_locale(self) -> Locale:
         return Locale(self.settings().shop.default_locale)

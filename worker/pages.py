@@ -54,12 +54,13 @@ _TEXT: dict[str, dict[Locale, str]] = {
     },
     "thanks_title": {Locale.ID: "Terima kasih!", Locale.EN: "Thank you!"},
     "thanks_first": {
-        Locale.ID: "Nilai dari Kakak ({score}) sudah kami catat. Masukan Kakak membantu {shop} menjadi lebih baik.",
-        Locale.EN: "We've recorded your rating ({score}). Your feedback helps {shop} improve.",
+        Locale.ID: "Penilaian dari Kakak ({rating}) sudah kami catat. Masukan Kakak membantu {shop} menjadi lebih "
+                   "baik.",
+        Locale.EN: "We've recorded your rating ({rating}). Your feedback helps {shop} improve.",
     },
     "thanks_again": {
-        Locale.ID: "Nilai dari Kakak ({score}) sudah kami catat sebelumnya. Terima kasih, ya!",
-        Locale.EN: "We already have your rating ({score}). Thank you!",
+        Locale.ID: "Penilaian dari Kakak ({rating}) sudah kami catat sebelumnya. Terima kasih, ya!",
+        Locale.EN: "We already have your rating ({rating}). Thank you!",
     },
     "comment_label": {Locale.ID: "Ada yang ingin Kakak sampaikan? (opsional)",
                       Locale.EN: "Anything you'd like to tell us? (optional)"},
@@ -67,9 +68,14 @@ _TEXT: dict[str, dict[Locale, str]] = {
     "your_comment": {Locale.ID: "Komentar Kakak:", Locale.EN: "Your comment:"},
     "rate_title": {Locale.ID: "Kirim penilaian Kakak", Locale.EN: "Send your rating"},
     "rate_body": {
-        Locale.ID: "Kakak memilih nilai {score}. Cukup klik tombol di bawah untuk mengirimkannya ke {shop}.",
-        Locale.EN: "You chose {score}. Just click the button below to send it to {shop}.",
+        Locale.ID: "Kakak memilih {rating}. Cukup klik tombol di bawah untuk mengirimkannya ke {shop}.",
+        Locale.EN: "You chose {rating}. Just click the button below to send it to {shop}.",
     },
+    # a rating as the pages say it: stars (1-5) or a score out of 10 (0-10), the feedback request's scale
+    "stars": {Locale.ID: "{score} bintang", Locale.EN: "{score} stars"},
+    "one_star": {Locale.ID: "1 bintang", Locale.EN: "1 star"},
+    "chose_score": {Locale.ID: "nilai {score} dari 10", Locale.EN: "{score} out of 10"},
+    "score": {Locale.ID: "{score} dari 10", Locale.EN: "{score} out of 10"},
     "rate_button": {Locale.ID: "Kirim penilaian", Locale.EN: "Send my rating"},
 }
 
@@ -167,10 +173,19 @@ def not_found(locale: Locale) -> bytes:
     return _page(locale, _t("missing_title", locale), f"<p>{_t('missing_body', locale)}</p>")
 
 
-def confirm_feedback(locale: Locale, shop: str, score: int, token: str) -> bytes:
+def _rating(locale: Locale, score: int, stars: bool, *, chosen: bool = False) -> str:
+    """``4 bintang``/``4 stars`` for a star rating, ``8 dari 10``/``8 out of 10`` for a score (``chosen``: as what
+    the customer chose, ``nilai 8 dari 10``); not escaped: ``_t`` escapes it."""
+    if stars:
+        return _TEXT["one_star" if score == 1 else "stars"][locale].format(score=score)
+    return _TEXT["chose_score" if chosen else "score"][locale].format(score=score)
+
+
+def confirm_feedback(locale: Locale, shop: str, score: int, token: str, *, stars: bool) -> bytes:
     """The page a rating link opens: the rating is sent by its button (a POST), because mail scanners fetch every
-    link of an email (with a GET that recorded, the first link a scanner fetched would be the rating)."""
-    body = f"<p>{_t('rate_body', locale, score=str(score), shop=shop)}</p>"
+    link of an email (with a GET that recorded, the first link a scanner fetched would be the rating). ``stars``:
+    the rating is 1-5 stars, else a score out of 10."""
+    body = f"<p>{_t('rate_body', locale, rating=_rating(locale, score, stars, chosen=True), shop=shop)}</p>"
     body += _comment_form(locale, token, "rate_button")
     return _page(locale, _t("rate_title", locale), body)
 
@@ -186,10 +201,10 @@ def _comment_form(locale: Locale, token: str, button: str) -> str:
 
 
 def feedback_thanks(
-    locale: Locale, shop: str, score: int, comment: str | None, *, first: bool, token: str
+    locale: Locale, shop: str, score: int, comment: str | None, *, first: bool, token: str, stars: bool
 ) -> bytes:
     key = "thanks_first" if first else "thanks_again"
-    body = f"<p>{_t(key, locale, score=str(score), shop=shop)}</p>"
+    body = f"<p>{_t(key, locale, rating=_rating(locale, score, stars), shop=shop)}</p>"
     if comment:
         body += f"<p>{_t('your_comment', locale)}</p><blockquote>{escape(comment)}</blockquote>"
     else:
