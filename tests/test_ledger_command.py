@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shlex
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -23,8 +25,21 @@ DROP, GONE, OK = "drop@test.example", "gone@test.example", "ok@test.example"
 @pytest.fixture
 def world(tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Shop, Path]]:
     """Given one uncertain message (dropped after the dot), one failed (550) and one sent."""
+    yield from _world(f"sqlite:///{tmp_path / 'ledger.db'}", tmp_path, smtp_server, monkeypatch)
+
+
+@pytest.fixture
+def world_on_either(
+    db_url: str, tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Shop, Path]]:
+    """``world`` on SQLite and on PostgreSQL."""
+    yield from _world(db_url, tmp_path, smtp_server, monkeypatch)
+
+
+def _world(
+    url: str, tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Shop, Path]]:
     monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
     smtp_server.on(DROP, Behaviour(drop_after_dot=True))
     smtp_server.on(GONE, Behaviour(rcpt_reply="550 5.2.1 Mailbox disabled"))
     shop = Shop(url, make_settings(url, smtp_server.port), [DROP, GONE, OK])
@@ -320,9 +335,83 @@ def test_a_list_cut_short_by_the_limit_says_so(world: tuple[Shop, Path], capsys:
     assert kembali(config, "list", "--limit", "1") == 0
     out = capsys.readouterr().out
     # Then it says that one more needs a decision (the table showed one row, and nothing said a second existed)
-    assert "1 of 2 messages shown (the newest); --limit 2 shows them all" in out
+    assert f"1 of 2 messages shown (the newest); the next: kembali --config {config} ledger list --limit 1 " \
+        "--after " in out
     assert kembali(config, "list", "--limit", "2") == 0
     assert "shown" not in capsys.readouterr().out
+
+
+def _next_page(said: str) -> list[str] | None:
+    """The command a list says shows the next page (without its ``kembali``), or None when it says none."""
+    for line in said.splitlines():
+        if "; the next: kembali " in line:
+            return shlex.split(line.split("; the next: kembali ", 1)[1])
+    return None
+
+
+def _ids(table: str) -> list[int]:
+    return [int(line.split()[0]) for line in table.split("\n\n")[0].splitlines()[1:]]
+
+
+def test_the_next_page_of_a_list_is_the_command_it_says_and_every_row_is_on_one_page(
+    world_on_either: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given three messages (uncertain, failed, sent), changed at the same moment (the shop's clock)
+    _shop, config = world_on_either
+    assert kembali(config, "list", "--all") == 0
+    every = _ids(capsys.readouterr().out)
+    assert len(every) == 3
+    # When the operator lists every status one at a time, and runs the command each page says shows the next
+    assert kembali(config, "list", "--all", "--limit", "1") == 0
+    said = capsys.readouterr().out
+    pages, shown = [_ids(said)], [said]
+    while (command := _next_page(said)) is not None and len(pages) < 5:
+        assert cli.main(command) == 0
+        said = capsys.readouterr().out
+        pages.append(_ids(said))
+        shown.append(said)
+    # Then each page holds the next row, newest change first, every row once, and the last page names no next
+    assert pages == [[every[0]], [every[1]], [every[2]]], shown
+    assert f"1 of 3 messages shown (the newest); the next: kembali --config {config} ledger list --all --limit 1 " \
+        f"--after {every[0]}" in shown[0]
+    assert f"1 of the 2 messages after message {every[0]} shown; the next: kembali --config {config} ledger list " \
+        f"--all --limit 1 --after {every[1]}" in shown[1]
+    assert "shown" not in shown[2]
+    # And a filter is kept in the next page's command; --json says it on stderr, its output staying JSON lines
+    assert kembali(config, "list", "--status", "failed", "--status", "uncertain", "--json", "--limit", "1") == 0
+    captured = capsys.readouterr()
+    (line,) = captured.out.splitlines()
+    first = json.loads(line)["id"]
+    assert captured.err.strip() == (
+        f"kembali ledger list: 1 of 2 messages shown (the newest); the next: kembali --config {config} ledger list "
+        f"--status failed --status uncertain --limit 1 --json --after {first}")
+    assert cli.main(shlex.split(captured.err.split("the next: kembali ")[1])) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in captured.out.splitlines()] != [first] and captured.err == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("x", "argument --after: not a whole number: 'x'"),
+     ("0", "argument --after: must be from 1 to 9223372036854775807, not 0"),
+     ("999", "kembali ledger list: --after 999: no message 999 in the ledger (give an ID a list showed)")],
+)
+def test_a_next_page_after_no_message_is_refused_with_exit_2(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str], value: str, says: str
+) -> None:
+    _shop, config = world
+    with pytest.raises(SystemExit) if value != "999" else contextlib.nullcontext() as stopped:
+        code = kembali(config, "list", "--all", "--after", value)
+    captured = capsys.readouterr()
+    assert (stopped.value.code if stopped is not None else code) == 2, captured
+    assert says in captured.err and captured.out == "", captured
+
+
+def test_list_help_tells_how_to_see_the_next_page(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["ledger", "list", "--help"])
+    assert stopped.value.code == 0
+    assert "--after ID" in " ".join(capsys.readouterr().out.split())
 
 
 def test_what_one_customer_was_sent_by_address_or_customer_id(

@@ -108,6 +108,9 @@ class Selection:
     """To this address, in any case (the mailbox, as the frequency cap counts it)."""
     customer: str | None = None
     """To the customer with this ID in the shop's data (``customers.csv``'s ``external_id``), at any address."""
+    after: int | None = None
+    """Listed after the row with this id, as ``rows`` orders them (newest change first): changed before it, or at
+    the same moment with a lower id. A page's last row, for the next page (keyset paging: no row on two pages)."""
 
 
 def _matching(query: sa.Select[Any], selection: Selection) -> sa.Select[Any]:
@@ -130,6 +133,10 @@ def _matching(query: sa.Select[Any], selection: Selection) -> sa.Select[Any]:
         query = query.where(sa.func.lower(M.c.email) == sa.func.lower(sa.literal(selection.email)))
     if selection.customer:
         query = query.where(M.c.customer_id.in_(sa.select(C.c.id).where(C.c.external_id == selection.customer)))
+    if selection.after is not None:
+        changed = sa.select(M.c.updated_at).where(M.c.id == selection.after).scalar_subquery()
+        query = query.where(sa.or_(M.c.updated_at < changed,
+                                   sa.and_(M.c.updated_at == changed, M.c.id < selection.after)))  # fmt: skip
     return query
 
 
@@ -154,6 +161,11 @@ class LedgerAdmin:
         query = _matching(sa.select(M.c.id), selection).order_by(M.c.updated_at, M.c.id)
         with db.reading(self.engine) as conn:
             return list(conn.execute(query).scalars())
+
+    def has_message(self, message_id: int) -> bool:
+        """Whether the ledger has a row with this id (``list --after``'s, which lists nothing otherwise)."""
+        with db.reading(self.engine) as conn:
+            return conn.execute(sa.select(M.c.id).where(M.c.id == message_id)).first() is not None
 
     def has_customer(self, external_id: str) -> bool:
         """Whether the shop's data has a customer with this ID (``--customer``'s, which finds nothing otherwise)."""

@@ -1,6 +1,6 @@
 """`kembali ledger`: see uncertain and failed messages, and decide what becomes of them.
 
-    kembali ledger list [FILTERS] [--all] [--limit 50] [--json]
+    kembali ledger list [FILTERS] [--all] [--limit 50] [--after ID] [--json]
     kembali ledger resend (ID... | FILTERS) [--dry-run] [--reason TEXT]     back to retry, due now, same Message-ID
     kembali ledger close (ID... | FILTERS) [--dry-run] [--as failed|sent] [--reason TEXT]
 
@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import getpass
 import os
+import shlex
 import socket
 import sys
 from datetime import UTC, datetime
@@ -113,6 +114,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ls.add_argument("--all", action="store_true", help="every status")
     ls.add_argument("--limit", type=row_limit, default=50,
                     help="at most N rows, newest first (default 50)")
+    ls.add_argument("--after", type=row_limit, metavar="ID",
+                    help="the next page: the rows listed after message ID (the last row of the page before); a "
+                         "list cut short by --limit ends with the command for its next page")  # fmt: skip
     ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     rs = actions.add_parser(
         "resend", help="send uncertain/failed messages again (same Message-ID)",
@@ -189,13 +193,24 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
-    selection = _selection(args, DECIDABLE)
+    selection = dataclasses.replace(_selection(args, DECIDABLE), after=args.after)
     if args.all:
         selection = dataclasses.replace(selection, statuses=())
+    if args.after is not None and not admin.has_message(args.after):  # else it lists nothing, as if none were left
+        print(f"kembali ledger list: --after {args.after}: no message {args.after} in the ledger (give an ID a list "
+              "showed)", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     rows = admin.rows(selection, limit=args.limit)
+    more = ""
+    if len(rows) == args.limit and (matching := admin.matching(selection)) > len(rows):
+        of = (f"{matching} messages shown (the newest)" if args.after is None
+              else f"the {matching} messages after message {args.after} shown")  # fmt: skip
+        more = f"{len(rows)} of {of}; the next: {_next_page(args, rows[-1].id)}"
     if args.json:
         for row in rows:
             print(json_line(row.as_dict()))
+        if more:  # not among the JSON lines
+            print(f"kembali ledger list: {more}", file=sys.stderr)
         return EXIT_OK
     if not rows:
         found = "no messages" + (f" to {args.email}" if args.email else "")
@@ -216,11 +231,29 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
         return EXIT_OK
     for line in _table(rows):
         print(line)
-    if len(rows) == args.limit and (matching := admin.matching(selection)) > len(rows):
-        print(f"\n{len(rows)} of {matching} messages shown (the newest); --limit {matching} shows them all")
+    if more:
+        print(f"\n{more}")
     counts = admin.counts()
     print("\nledger: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return EXIT_OK
+
+
+def _next_page(args: argparse.Namespace, last: int) -> str:
+    """The command that lists the next page: this one's filters and options, ``--after`` the page's last row."""
+    words = ["kembali"]
+    if getattr(args, "config_given", False):
+        words += ["--config", str(args.config)]
+    words += ["ledger", "list"]
+    words += [w for status in args.status or () for w in ("--status", status)]
+    words += ["--campaign", args.campaign] if args.campaign else []
+    words += ["--since", args.since.isoformat()] if args.since else []
+    words += ["--until", args.until.isoformat()] if args.until else []
+    words += [w for code in args.codes or () for w in ("--code", str(code))]
+    words += ["--email", args.email] if args.email else []
+    words += ["--customer", args.customer] if args.customer else []
+    words += ["--all"] if args.all else []
+    words += ["--limit", str(args.limit), *(["--json"] if args.json else []), "--after", str(last)]
+    return shlex.join(words)
 
 
 _HEADER = ("ID", "CHANGED (UTC)", "STATUS", "CAMPAIGN", "TRIES", "CODE", "EMAIL", "LAST REPLY / NOTE")
