@@ -211,3 +211,40 @@ def test_a_planned_email_goes_to_the_address_the_customer_has_when_it_is_sent(
             assert conn.execute(sa.select(sa.func.count()).select_from(M).where(M.c.email.like("%old@%"))).scalar() == 0
     finally:
         shop.close()
+
+
+def test_a_message_whose_lease_was_lost_before_its_mark_gives_its_daily_quota_slot_back(
+    db_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a daily quota of 2 and two customers due a win-back, their batch claimed and prepared by one worker
+    caplog.set_level(logging.INFO)
+    settings = make_settings(db_url, smtp_server.port, daily_quota=2, compose_processes=0)
+    shop = Shop(db_url, settings, ["satu@test.example", "dua@test.example"])
+    try:
+        plan(shop.store, settings, NOW)
+        lapsed = NOW + timedelta(seconds=settings.sending.lease_seconds + 1)
+
+        def meanwhile() -> None:
+            # When, before its marks, the worker stalls past its leases: another worker's maintenance puts the rows
+            # back in the queue and that worker claims them (it dies before sending: its lease lapses in a second)
+            assert shop.store.release_expired_leases(lapsed) == (2, 0)
+            assert len(shop.store.claim(worker="other", now=lapsed, limit=10, lease_seconds=1)) == 2
+
+        marked = _before_the_first_mark(shop.store, meanwhile)
+        first = shop.cycle()
+        # Then the first worker sends nothing, says its leases were lost, and keeps none of the day's quota
+        assert marked and smtp_server.messages == []
+        assert first.dispatched.outcomes == {}
+        assert len(_events(caplog, "email_lease_lost")) == 2
+        day = quota_day(NOW, settings.shop.time_zone).isoformat()
+        assert RateStore(shop.store.engine).used_today(QUOTA_KEY, day=day) == 0
+        # And once the other worker's leases lapse, the next run sends both the same day: the quota counts what went
+        shop.clock.advance(600)
+        second = shop.cycle()
+        received = sorted(to for m in smtp_server.messages for to in m.rcpt_tos)
+        assert received == ["dua@test.example", "satu@test.example"]
+        assert second.dispatched.outcomes == {"sent": 2}
+        assert not second.dispatched.quota_reached
+        assert RateStore(shop.store.engine).used_today(QUOTA_KEY, day=day) == 2
+    finally:
+        shop.close()

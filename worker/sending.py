@@ -879,15 +879,15 @@ class Dispatcher:
                 writer.settled(message.id, sent=False, seq=writer.commits)  # it takes no slot after all
                 if isinstance(mark, SkipReason):  # the mark's re-check: the row is skipped, as at prepare time
                     self._skipped(Skipped(message, mark), report)
-                    await self.quota.give_back(1)
                 elif mark == "held":
                     log.event("email_held_back", campaign=message.campaign, dedupe_key=message.dedupe_key,
                               customer=item.customer.external_id, retry_in_seconds=HELD_SECONDS,
                               why="another worker is sending to this customer, or just did")  # fmt: skip
                     report.count(message.campaign, "deferred:another_worker")
-                    await self.quota.give_back(1)
                 else:
                     log.event("email_lease_lost", logging.WARNING, dedupe_key=message.dedupe_key)
+                # nor a slot of the day's quota: skipped, held back or its lease lost (whoever took it takes their own)
+                await self.quota.give_back(1)
                 continue
             result: SendResult | None = None
             begun = False
