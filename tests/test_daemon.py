@@ -501,6 +501,28 @@ def test_sigterm_mid_campaign_finishes_sends_under_way_and_exits_0(
     assert daemon.named("shutdown_requested") and daemon.named("daemon_stopped")
 
 
+def test_sigterm_while_emails_wait_for_a_slow_rate_gives_them_and_their_daily_quota_back_at_once(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a slow rate (an email every 10 s: the next slots lie past the 5 s grace period), a daily quota, and six
+    # customers due a win-back
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *",
+                     extra="[sending]\nrate_per_second = 0.1\nburst = 1\ndaily_quota = 20\n")  # fmt: skip
+    shop.add(range(1, 7), days_ago=60)
+    daemon = Daemon.start(shop)
+    daemon.wait_for(lambda: len(smtp_server.messages) >= 1, why="the first email")
+
+    # When SIGTERM arrives while the other five wait for their slots
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+
+    # Then they go back to the queue at once (the grace period is not used up: no send was under way), and the
+    # day's quota counts the one email sent, not the five that wait for the next start
+    assert not daemon.named("shutdown_grace_expired"), daemon.log()
+    assert dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status")) == {"sent": 1, "planned": 5}
+    assert shop.scalar("SELECT day_count FROM rate_limit WHERE key = 'quota:daily'") == 1
+
+
 def test_healthz_says_stopping_during_the_grace_period_while_the_links_still_work(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

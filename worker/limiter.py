@@ -19,6 +19,7 @@ The daily quota always lives in the database (it must survive restarts).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Protocol
@@ -105,8 +106,12 @@ class Limiter:
         burst = self._burst(domain) if rate.current >= rate.ceiling else 1
         return [(GLOBAL_KEY, 1.0 / s.rate_per_second, s.burst), (f"domain:{domain}", 1.0 / rate.current, burst)]
 
-    async def acquire(self, domain: str) -> float:
+    async def acquire(self, domain: str, *, stop: asyncio.Event | None = None) -> float:
         """Wait for a slot on the global and the domain rate; returns the seconds waited.
+
+        ``stop`` set (the dispatcher stopping or pausing) ends the wait at once, the slot not used: a slow rate's
+        slots can lie further off than a daemon's grace period, and a message that waits for one has not begun
+        (its sender gives it back to the queue, with its slot of the day's quota).
 
         A sender that wakes well after its slot (the process was starved of CPU, or the
         event loop was busy) gives the slot up and books again: sent late, it would go
@@ -121,14 +126,27 @@ class Limiter:
             if wait <= 0:
                 break
             due = self.clock.monotonic() + wait
-            await self.clock.sleep(wait)
+            await self._sleep(wait, stop)
             waited += wait
             late = self.clock.monotonic() - due
-            if late <= LATE_SECONDS or tries == REBOOKS:
+            if late <= LATE_SECONDS or tries == REBOOKS or (stop is not None and stop.is_set()):
                 break
             self.late_rebookings += 1
             log.event("rate_slot_missed", logging.DEBUG, domain=domain, late_seconds=round(late, 3))
         return waited
+
+    async def _sleep(self, seconds: float, stop: asyncio.Event | None) -> None:
+        """Sleep ``seconds``, or until ``stop`` is set."""
+        if stop is None:
+            await self.clock.sleep(seconds)
+            return
+        sleep = asyncio.ensure_future(self.clock.sleep(seconds))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({sleep, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleep.cancel()
+            stopped.cancel()
 
     def observe(self, domain: str, result: SendResult) -> None:
         """Feed the domain's adaptive rate with the attempt's result as the server gave it: a throttling reply or

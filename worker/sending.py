@@ -894,8 +894,8 @@ class Dispatcher:
             on_wire = asyncio.get_running_loop().create_future()
             try:
                 # the rate slot is taken last, right before the first SMTP byte, so commit
-                # latency cannot bunch messages up on the wire
-                await self.limiter.acquire(domain)
+                # latency cannot bunch messages up on the wire; a stop ends the wait (its message has not begun)
+                await self.limiter.acquire(domain, stop=self.stopping)
                 async with wire:  # one of the pool's connections is free: the send begins now, or not at all
                     if not (self.stopping.is_set() or self._failing):
                         started = self.clock.now()
