@@ -114,6 +114,12 @@ CASES = [
          Kind.UNDEFINED, "_coupon.html", "{{ coupon_label }}"),
     Case("a syntax error in a shared partial", _edit("_products.txt", "{% endfor %}", "{% endfor %}{% endif %}"),
          Kind.SYNTAX, "_products.txt", "{% endif %}"),
+    Case("a filter that does not exist, in the shared layout",
+         _edit("_layout.html", "{{ shop.postal_address }}", "{{ shop.postal_address | idr }}"),
+         Kind.SYNTAX, "_layout.html", "shop.postal_address | idr"),
+    Case("a test that does not exist (Jinja2 finds it only as it renders the condition)",
+         _edit("winback/en/body.txt", "{% block content %}", "{% block content %}{% if false is empty %}{% endif %}"),
+         Kind.RENDER, "winback/en/body.txt", "is empty"),
 ]  # fmt: skip
 
 
@@ -230,6 +236,19 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     done = broken.cli("check", "--json")
     assert done.returncode == 1 and done.stderr == ""
     assert [json.loads(line)["kind"] for line in done.stdout.splitlines()] == ["syntax"]
+
+
+def test_check_names_a_filter_that_does_not_exist_with_its_file_and_line(tmp_path: Path) -> None:
+    # Given the layout every email extends, edited with a filter Kembali does not have (`money` is the real one)
+    site = make_site(tmp_path / "shop", copy_templates=True)
+    _edit("_layout.html", "{{ shop.postal_address }}", "{{ shop.postal_address | idr }}")(site.folder / "templates")
+    line = _line_of(site.folder / "templates", "_layout.html", "| idr")
+    # When the operator checks the templates
+    done = site.cli("check")
+    # Then the filter is named at its file and line, once, where `kembali check` ended in a traceback
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"syntax: _layout.html:{line}: syntax error: No filter named 'idr'." in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr and done.stderr == "", done.stderr
 
 
 def test_check_says_when_the_shop_is_still_the_example_shop(tmp_path: Path) -> None:

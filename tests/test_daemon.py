@@ -282,6 +282,30 @@ def test_sighup_with_a_broken_template_keeps_the_old_set_and_a_fixed_one_is_used
         assert daemon.stop() == 0
 
 
+def test_a_reload_refusing_a_filter_that_does_not_exist_names_its_file_and_line(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        # When the layout every email extends is saved with a filter Kembali does not have, and SIGHUP comes
+        layout = shop.templates / "_layout.txt"
+        text = layout.read_text(encoding="utf-8")
+        assert "{{ shop.postal_address }}" in text
+        layout.write_text(text.replace("{{ shop.postal_address }}", "{{ shop.postal_address | idr }}"))
+        line = next(i for i, row in enumerate(layout.read_text().splitlines(), start=1) if "| idr" in row)
+        daemon.signal(signal.SIGHUP)
+        # Then the log names the file and line, as for any other template problem (it said only
+        # error="TemplateAssertionError: No filter named 'idr'.")
+        problem = daemon.wait_event("template_problem")
+        rejected = daemon.wait_event("reload_rejected")
+        assert problem["file"] == f"_layout.txt:{line}" and "No filter named 'idr'" in problem["error"], problem
+        assert f"_layout.txt:{line}" in rejected["first"], rejected
+    finally:
+        assert daemon.stop() == 0
+
+
 SLOW = (
     "{% extends \"_layout.txt\" %}\n{% block content %}\nHalo {{ customer.first_name }}\n{{ unsubscribe_url }}\n"
     "{% for a in range(1500) %}{% for b in range(1500) %}{% endfor %}{% endfor %}{% endblock %}\n"

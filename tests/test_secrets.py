@@ -228,6 +228,8 @@ def test_a_bad_event_loop_variable_is_one_clear_line(tmp_path: Path) -> None:
     ("_products.txt", "{% endfor %}", "{% endfor %}{% endif %}", "_products.txt:"),
     ("winback/id/body.txt", '{% include "_products.txt" %}', '{% include "_produk.txt" %}',
      "template not found: _produk.txt"),
+    ("_layout.html", "{{ shop.postal_address }}", "{{ shop.postal_address | idr }}",
+     "_layout.html:35: syntax error: No filter named 'idr'."),
 ])
 def test_run_once_with_a_template_that_cannot_be_parsed_stops_before_planning(
     tmp_path: Path, smtp_server: RecordingServer, path: str, old: str, new: str, named: str

@@ -889,6 +889,13 @@ class JinjaTemplates:
             message = f"not UTF-8 text (byte 0x{data[exc.start]:02x}): save the file as UTF-8"
             raise TemplateError(message, template=name, line=line) from None
 
+    def _parse(self, name: str, source: str) -> nodes.Template:
+        """``name``'s syntax tree; a TemplateSyntaxError, at its line, also for what Jinja2 finds only as it compiles
+        the file (a filter or a test that does not exist: ``| idr``), which the parser lets through."""
+        filename = str(self.root / name)
+        self._env.compile(source, name, filename, raw=True)
+        return self._env.parse(source, name, filename)
+
     def _exists(self, name: str) -> bool:
         """Whether the loader finds ``name`` (no ``..``, a file under the root)."""
         try:
@@ -909,7 +916,7 @@ class JinjaTemplates:
             seen.add(name)
             source = self._source(name)
             try:
-                tree = self._env.parse(source, name, str(self.root / name))
+                tree = self._parse(name, source)
             except jinja2.TemplateSyntaxError as exc:
                 raise TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno) from None
             for node in tree.find_all(_REFERENCES):
@@ -1089,7 +1096,7 @@ class _Lint:
         if name not in self._trees:
             try:
                 source = self.templates._source(name)
-                self._trees[name] = self.templates._env.parse(source, name, str(self.templates.root / name))
+                self._trees[name] = self.templates._parse(name, source)
             except TemplateError as exc:
                 self.problems.append(exc)
                 self._trees[name] = None
