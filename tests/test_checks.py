@@ -251,6 +251,21 @@ def test_check_names_a_filter_that_does_not_exist_with_its_file_and_line(tmp_pat
     assert "Traceback" not in done.stderr and done.stderr == "", done.stderr
 
 
+def test_a_birthday_template_that_prints_the_birthday_as_the_readme_shows_passes_the_check(tmp_path: Path) -> None:
+    # Given birthday templates that print the day being celebrated, `{{ birthday | date }}`, as
+    # templates/email/README.md says to
+    site = make_site(tmp_path / "shop", copy_templates=True, extra_toml="[campaigns.birthday]\nenabled = true\n")
+    root = site.folder / "templates"
+    _edit("birthday/id/body.txt", "Selamat ulang tahun!", "Selamat ulang tahun ({{ birthday | date }})!")(root)
+    _edit("birthday/en/body.html", "Happy birthday!", "Happy birthday ({{ birthday | date }})!")(root)
+    # When the operator checks them
+    done = site.cli("check")
+    # Then they pass (the samples had no birthday: "ValueError: Invalid isoformat string: ''", and a daemon
+    # refused the set)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no problems found" in done.stdout
+
+
 def test_check_says_when_the_shop_is_still_the_example_shop(tmp_path: Path) -> None:
     # Given a config that never set [shop] (the README's "then set [shop]" forgotten): every email would go out
     # from halo@toko-kembali.example, a reserved domain no provider delivers for, over the placeholder postal

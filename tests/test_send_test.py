@@ -205,3 +205,21 @@ def test_send_test_of_a_win_back_steps_folder_carries_that_steps_coupon(
     parsed = BytesParser(policy=policy.default).parsebytes(received.data)
     text = parsed.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
     assert "KEMBALI15" in text and "15%" in text
+
+
+def test_send_test_of_a_birthday_template_printing_the_birthday(tmp_path: Path, smtp_server: RecordingServer) -> None:
+    # Given a birthday template that prints the day being celebrated, as templates/email/README.md shows
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port, copy_templates=True,
+                     extra_toml="[campaigns.birthday]\nenabled = true\n")  # fmt: skip
+    body = site.folder / "templates" / "birthday" / "id" / "body.txt"
+    text = body.read_text(encoding="utf-8")
+    assert "Selamat ulang tahun!" in text
+    body.write_text(text.replace("Selamat ulang tahun!", "Selamat ulang tahun ({{ birthday | date }})!"))
+    # When the operator sends themselves a test of it
+    done = site.cli("send-test", "--campaign", "birthday", "--to", "me@shop.example")
+    # Then it is sent, the day written in Indonesian (it failed: "render error: … Invalid isoformat string: ''")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (received,) = smtp_server.messages
+    parsed = BytesParser(policy=policy.default).parsebytes(received.data)
+    sent = parsed.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    assert "Selamat ulang tahun (28 Februari 2027)!" in sent, sent

@@ -96,5 +96,6 @@ SAMPLE_PAYLOAD = {
     "order_id": str(SAMPLE_ORDER_ID),
     "order": "INV-SAMPLE-1",
     "milestone": f"orders-{SAMPLE_ORDER_COUNT}",
+    "birthday": "2027-02-28",
 }
 """Planning payload keys campaigns read when composing (a new campaign adds its keys here)."""
