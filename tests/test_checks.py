@@ -238,6 +238,22 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     assert [json.loads(line)["kind"] for line in done.stdout.splitlines()] == ["syntax"]
 
 
+def test_a_typo_in_a_variable_is_one_problem(tmp_path: Path) -> None:
+    # Given a greeting whose variable is mistyped, on a line every sample customer reaches
+    site = make_site(tmp_path / "shop", copy_templates=True)
+    _edit("winback/id/body.html", "Halo {{ sapaan }},", "Halo {{ sapan }},")(site.folder / "templates")
+    line = _line_of(site.folder / "templates", "winback/id/body.html", "{{ sapan }}")
+    # When the operator checks the templates
+    done = site.cli("check")
+    # Then the typo is one problem, named once at its file and line: the renders' "UndefinedError: 'sapan' is
+    # undefined" and the scan's "undefined variable 'sapan'" were two, "2 problems found"
+    assert done.returncode == 1
+    named = [row for row in done.stdout.splitlines() if "sapan" in row]
+    assert named == [f"undefined: winback/id/body.html:{line}: UndefinedError: 'sapan' is undefined "
+                     "[winback/id, samples: siti, single, noname, long +5]"], done.stdout  # fmt: skip
+    assert "\n1 problem found\n" in done.stdout, done.stdout
+
+
 def test_check_names_a_filter_that_does_not_exist_with_its_file_and_line(tmp_path: Path) -> None:
     # Given the layout every email extends, edited with a filter Kembali does not have (`money` is the real one)
     site = make_site(tmp_path / "shop", copy_templates=True)

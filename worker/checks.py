@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import html
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -312,6 +313,16 @@ def check_templates(settings: Settings, renderer: TemplateRenderer) -> list[Prob
         if r.context:
             known.setdefault(r.campaign, set()).update(r.context)
     # the scan finds again what a render already reported (a syntax error, say): that one is listed once
-    rendered = {(p.kind, p.template, p.line, p.message) for p in problems}
-    unseen = [p for p in lint_problems(renderer, known) if (p.kind, p.template, p.line, p.message) not in rendered]
+    rendered = {_mistake(p) for p in problems}
+    unseen = [p for p in lint_problems(renderer, known) if _mistake(p) not in rendered]
     return _merge(problems + unseen)
+
+
+_UNDEFINED_NAME = re.compile(r"^(?:UndefinedError: '([^']*)' is undefined|undefined variable '([^']*)')$")
+
+
+def _mistake(p: Problem) -> tuple[object, ...]:
+    """What tells one mistake from another: a render's "UndefinedError: 'sapan' is undefined" and the scan's
+    "undefined variable 'sapan'" at the same line are one typo."""
+    found = _UNDEFINED_NAME.match(p.message) if p.kind is Kind.UNDEFINED else None
+    return (p.kind, p.template, p.line, found.group(1) or found.group(2) if found else p.message)
