@@ -170,6 +170,22 @@ def test_preview_of_a_template_run_once_would_refuse_says_so(tmp_path: Path) -> 
     assert "winback/en/body.txt:2: syntax error" in done.stderr
 
 
+def test_preview_of_templates_run_once_would_refuse_exits_1_when_no_message_uses_them(tmp_path: Path) -> None:
+    # Given a shop with no customers yet, and an English text layout saved with a mistyped include
+    site = make_site(tmp_path / "shop", copy_templates=True)
+    body = site.folder / "templates" / "winback" / "en" / "body.txt"
+    text = body.read_text(encoding="utf-8")
+    assert '{% include "_products.txt" %}' in text
+    body.write_text(text.replace('{% include "_products.txt" %}', '{% include "_produk.txt" %}'))
+    # When the operator previews before the first run
+    done = site.cli("preview", "--at", "2026-11-22T10:00+07:00")
+    # Then it says the run would stop, and its exit code says so too: it was 0, so `kembali preview &&
+    # kembali run --once` went on to a run that refused to start
+    assert "`kembali run --once` would stop before planning" in done.stderr, done.stderr
+    assert "template not found: _produk.txt" in done.stderr
+    assert done.returncode == 1, done.stdout + done.stderr
+
+
 def test_customer_data_reaches_the_table_with_what_is_not_printable_escaped(tmp_path: Path) -> None:
     # Given customers whose names carry a terminal escape and a line separator, and whose ids a C1 control
     site = make_site(tmp_path / "shop")

@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preview", help="dry run: who would get what, without sending or writing",
                        description="Run the real planning, re-check and rendering as of --at, with no sends and "
                        "no writes, and list the messages that would go out and the ones that would be skipped. "
-                       "Exit code 1 when messages would fail to render (named with template file and line), 2 for "
+                       "Exit code 1 when messages would fail to render (named with template file and line) or "
+                       "`run --once` would refuse the templates (a file missing or that cannot be parsed), 2 for "
                        "an unknown --campaign or --customer, a file --out cannot write (or --serve's port in use), 3 "
                        "when the database cannot be used.")
     p.add_argument("--at", type=_datetime_arg, default=None,

@@ -154,9 +154,11 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         why = f"{name} is not set" if not os.environ.get(name, "").replace(",", "").strip() else str(exc)
         print(f"note: {why}; preview links use a throwaway key", file=sys.stderr)
         keys = [secrets.token_bytes(32)]
+    refused = False  # the run would refuse these templates: exit code 1, even when no message previewed uses them
     try:
         check_template_folders(deps)
     except ConfigError as exc:  # the preview goes on: it lists what each message would get, errors included
+        refused = True
         why = str(exc).split("; nothing was planned")[0]  # (the run's own words: the preview plans nothing)
         print(f"note: with these templates `kembali run --once` would stop before planning, and the daemon not "
               f"start: {why}", file=sys.stderr)  # fmt: skip
@@ -199,7 +201,7 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         out.write(json_line(summary.as_json()) + "\n")
     else:
         _print_summary(summary, out, out_dir)
-    return EXIT_RENDER_ERRORS if summary.errors else EXIT_OK
+    return EXIT_RENDER_ERRORS if summary.errors or refused else EXIT_OK
 
 
 def _show(
