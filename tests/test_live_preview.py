@@ -169,6 +169,24 @@ def test_a_connection_that_sends_nothing_does_not_stop_the_page(served: tuple[Si
                 raise AssertionError(f"{path} was served")
 
 
+def test_a_filter_that_does_not_exist_is_shown_at_its_file_and_line(served: tuple[Site, str]) -> None:
+    import html
+    import urllib.request
+
+    site, url = served
+    # When the operator saves the text layout with a filter Kembali does not have
+    layout = site.folder / "templates" / "_layout.txt"
+    _edit(layout, "{{ shop.postal_address }}", "{{ shop.postal_address | idr }}")
+    line = next(i for i, row in enumerate(layout.read_text().splitlines(), start=1) if "| idr" in row)
+    with urllib.request.urlopen(url, timeout=60) as reply:  # noqa: S310 - a loopback test URL
+        page = html.unescape(reply.read().decode())
+    # Then the page names it at its file and line, above the cards and in each: it showed only
+    # "TemplateAssertionError: No filter named 'idr'." in place of the checks
+    assert f'class="error lint-error">_layout.txt:{line}: syntax error: No filter named \'idr\'.' in page
+    assert f'class="error template-error">_layout.txt:{line}: syntax error: No filter named \'idr\'.' in page
+    assert "TemplateAssertionError" not in page
+
+
 def test_a_request_naming_another_host_is_refused_so_a_rebinding_web_page_cannot_read_the_preview(
     served: tuple[Site, str],
 ) -> None:
