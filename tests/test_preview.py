@@ -461,3 +461,6 @@ def test_out_into_a_folder_of_an_earlier_preview_holds_only_this_previews_messag
     assert sorted(p.name[:5] for p in out.glob("*.eml")) == ["0001-", "0002-"]
     assert len(list(out.glob("*.html"))) == 2
     assert (out / "notes.txt").read_text() == "mine"
+    # and one message is "1 message written", not "1 messages"
+    done = site.cli("preview", "--at", T.isoformat(), "--out", str(out), "--limit", "1")
+    assert done.returncode == 0 and f"\n1 message written to {out} (.eml and .html)\n" in done.stdout, done.stdout

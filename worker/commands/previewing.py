@@ -289,7 +289,10 @@ def _print_summary(summary: PreviewSummary, out: TextIO, out_dir: Path | None) -
         for reason, n in summary.by_reason.most_common():
             out.write(f"  {reason:<16} {n:>7}\n")
     if out_dir is not None and summary.would_send:
-        out.write(f"\n{summary.would_send} messages written to {out_dir} (.eml and .html each)\n")
+        if summary.would_send == 1:
+            out.write(f"\n1 message written to {out_dir} (.eml and .html)\n")
+        else:
+            out.write(f"\n{summary.would_send} messages written to {out_dir} (.eml and .html each)\n")
     for error, keys in summary.errors.items():
         more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
         out.write(f"\nrender error ({len(keys)} messages): {printable(error)}\n  e.g. "
