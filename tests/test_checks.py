@@ -254,6 +254,27 @@ def test_a_typo_in_a_variable_is_one_problem(tmp_path: Path) -> None:
     assert "\n1 problem found\n" in done.stdout, done.stdout
 
 
+def test_a_mistake_in_the_shared_layout_is_one_problem_naming_the_folders_it_breaks(tmp_path: Path) -> None:
+    # Given the text layout every email extends, saved with a stray {% endif %}
+    site = make_site(tmp_path / "shop", copy_templates=True, extra_toml="[campaigns.birthday]\nenabled = true\n")
+    _edit("_layout.txt", "{{ shop.postal_address }}", "{{ shop.postal_address }}{% endif %}")(site.folder / "templates")
+    line = _line_of(site.folder / "templates", "_layout.txt", "{{ shop.postal_address }}{% endif %}")
+    # When the operator checks the templates
+    done = site.cli("check")
+    # Then it is one problem, on one line naming the campaign folders and languages it breaks: it was a line for
+    # each of them, "14 problems found" for one mistake
+    assert done.returncode == 1
+    named = [row for row in done.stdout.splitlines() if "_layout.txt" in row]
+    assert len(named) == 1, done.stdout
+    assert named[0].startswith(f"syntax: _layout.txt:{line}: syntax error: Encountered unknown tag 'endif'. "
+                               "[birthday/id, birthday/en, "), named  # fmt: skip
+    assert "feedback/en +10, samples: siti," in named[0], named
+    assert "\n1 problem found\n" in done.stdout, done.stdout
+    # --json keeps one object per folder and language
+    lines = site.cli("check", "--json").stdout.splitlines()
+    assert len(lines) > 2 and {json.loads(row)["template"] for row in lines} == {"_layout.txt"}
+
+
 def test_check_names_a_filter_that_does_not_exist_with_its_file_and_line(tmp_path: Path) -> None:
     # Given the layout every email extends, edited with a filter Kembali does not have (`money` is the real one)
     site = make_site(tmp_path / "shop", copy_templates=True)
@@ -265,6 +286,7 @@ def test_check_names_a_filter_that_does_not_exist_with_its_file_and_line(tmp_pat
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"syntax: _layout.html:{line}: syntax error: No filter named 'idr'." in done.stdout, done.stdout
     assert "Traceback" not in done.stderr and done.stderr == "", done.stderr
+    assert "\n1 problem found\n" in done.stdout, done.stdout
 
 
 def test_a_birthday_template_that_prints_the_birthday_as_the_readme_shows_passes_the_check(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ The report (or, with --json, one object per problem) is the result: all of it go
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from urllib.parse import urlsplit
 
 from worker.adapters.render_worker import TimeLimitedRenderer
@@ -85,7 +86,26 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     if not problems:
         print("no problems found")
         return EXIT_OK
-    for p in problems:
-        print(f"{p.kind.value}: {p}")
-    print(f"\n{len(problems)} problem{'s' if len(problems) != 1 else ''} found")
+    report = _one_line_per_mistake(problems)
+    for line in report:
+        print(line)
+    print(f"\n{len(report)} problem{'s' if len(report) != 1 else ''} found")
     return EXIT_PROBLEMS
+
+
+def _one_line_per_mistake(problems: list[Problem]) -> list[str]:
+    """The text report: a problem a shared file (the layout, a partial) gives every campaign folder and language
+    that uses it is one line naming them, not a line each (``--json`` keeps one object each)."""
+    groups: dict[tuple[object, ...], list[Problem]] = {}
+    for p in problems:
+        groups.setdefault((p.kind, p.where, p.message), []).append(p)
+    lines = []
+    for same in groups.values():
+        first = same[0]
+        if len(same) > 1:
+            scopes = [s for p in same if (s := "/".join(x for x in (p.campaign, p.locale) if x))]
+            shown = ", ".join(scopes[:4]) + (f" +{len(scopes) - 4}" if len(scopes) > 4 else "")
+            seen = [s for p in same for s in p.samples]
+            first = dataclasses.replace(first, campaign=shown, locale="", samples=tuple(dict.fromkeys(seen)))
+        lines.append(f"{first.kind.value}: {first}")
+    return lines
