@@ -275,6 +275,21 @@ def test_a_mistake_in_the_shared_layout_is_one_problem_naming_the_folders_it_bre
     assert len(lines) > 2 and {json.loads(row)["template"] for row in lines} == {"_layout.txt"}
 
 
+def test_a_copy_of_a_campaign_folder_that_no_campaign_uses_is_a_note_not_a_problem(tmp_path: Path) -> None:
+    # Given the operator's backup of the birthday templates beside them, a folder no campaign sends from
+    site = make_site(tmp_path / "shop", copy_templates=True, extra_toml="[campaigns.birthday]\nenabled = true\n")
+    shutil.copytree(site.folder / "templates" / "birthday", site.folder / "templates" / "birthday-old")
+    # When the operator checks the templates
+    done = site.cli("check")
+    # Then the check passes, with a note that the folder is not checked and why: it failed with "cannot build the
+    # sample context: ValueError: unknown campaign 'birthday-old'" and undefined variables in every file of it,
+    # and a daemon refused to start
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no problems found" in done.stdout
+    assert "note: birthday-old/ is no campaign's folder, not checked and never sent" in done.stdout, done.stdout
+    assert "unknown campaign" not in done.stdout
+
+
 def test_check_names_a_filter_that_does_not_exist_with_its_file_and_line(tmp_path: Path) -> None:
     # Given the layout every email extends, edited with a filter Kembali does not have (`money` is the real one)
     site = make_site(tmp_path / "shop", copy_templates=True)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -302,6 +303,21 @@ def test_a_reload_refusing_a_filter_that_does_not_exist_names_its_file_and_line(
         rejected = daemon.wait_event("reload_rejected")
         assert problem["file"] == f"_layout.txt:{line}" and "No filter named 'idr'" in problem["error"], problem
         assert f"_layout.txt:{line}" in rejected["first"], rejected
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_daemon_starts_beside_a_copy_of_a_campaign_folder_that_no_campaign_uses(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given the operator's backup of the win-back templates under a name no campaign sends from
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shutil.copytree(shop.templates / "winback", shop.templates / "backup")
+    # When the daemon starts, it starts (it refused: exit 2, "unknown campaign 'backup'")
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        assert not any("template_problem" in line for line in daemon.lines), daemon.log()
     finally:
         assert daemon.stop() == 0
 

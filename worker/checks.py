@@ -24,6 +24,7 @@ from typing import Protocol
 
 from worker import contexts
 from worker.config import Settings
+from worker.core import campaigns as cc
 from worker.core import samples
 from worker.core.render import TemplateRenderer, build_context, build_message
 from worker.domain import ClaimedMessage, Locale, RenderedEmail, SendTimeFacts
@@ -97,7 +98,7 @@ class Problem:
 
 
 class Lintable(Protocol):
-    def lint(self, known: Mapping[str, Iterable[str]]) -> list[TemplateError]: ...
+    def lint(self, known: Mapping[str, Iterable[str]], skip: Iterable[str] = ()) -> list[TemplateError]: ...
 
     def campaigns(self) -> list[str]: ...
 
@@ -189,7 +190,15 @@ def required_folders(settings: Settings) -> list[str]:
 def campaigns_to_check(settings: Settings, renderer: object) -> list[str]:
     """The folders sending will use (``required_folders``), and any other campaign folder on disk."""
     found = renderer.campaigns() if hasattr(renderer, "campaigns") else []
-    return sorted(set(required_folders(settings)) | set(found))
+    return sorted((set(required_folders(settings)) | set(found)) - set(unused_folders(settings, renderer)))
+
+
+def unused_folders(settings: Settings, renderer: object) -> list[str]:
+    """Folders on disk that no campaign can send from (a copy kept as a backup, ``birthday-old``): not checked, as
+    there is no campaign's variables to render them with; `kembali check` names them in a note."""
+    found: list[str] = renderer.campaigns() if hasattr(renderer, "campaigns") else []
+    used = set(required_folders(settings))
+    return sorted(f for f in found if f not in used and contexts.campaign_of(settings, f) not in cc.CAMPAIGNS)
 
 
 def locales_to_check(campaign: str, settings: Settings, renderer: object) -> list[Locale]:
@@ -290,17 +299,18 @@ def _merge(problems: Iterable[Problem]) -> list[Problem]:
     return list(merged.values())
 
 
-def lint_problems(renderer: object, known: Mapping[str, set[str]]) -> list[Problem]:
+def lint_problems(renderer: object, known: Mapping[str, set[str]], unused: Iterable[str] = ()) -> list[Problem]:
     """Problems found without rendering (syntax, undefined variables in branches no sample takes).
 
-    ``known``: campaign → the context keys its samples had; shared files get the keys all share."""
+    ``known``: campaign → the context keys its samples had; shared files get the keys all share. Files in the
+    ``unused`` folders (``unused_folders``) are not reported on."""
     if not hasattr(renderer, "lint") or not known:
         return []
     lint: Lintable = renderer  # type: ignore[assignment]
     shared = set.intersection(*known.values())
     return [
         Problem(_kind_of(error), _bare(error), error.template, error.line)
-        for error in lint.lint({"": shared, **known})
+        for error in lint.lint({"": shared, **known}, unused)
     ]
 
 
@@ -314,7 +324,8 @@ def check_templates(settings: Settings, renderer: TemplateRenderer) -> list[Prob
             known.setdefault(r.campaign, set()).update(r.context)
     # the scan finds again what a render already reported (a syntax error, say): that one is listed once
     rendered = {_mistake(p) for p in problems}
-    unseen = [p for p in lint_problems(renderer, known) if _mistake(p) not in rendered]
+    unused = unused_folders(settings, renderer)
+    unseen = [p for p in lint_problems(renderer, known, unused) if _mistake(p) not in rendered]
     return _merge(problems + unseen)
 
 

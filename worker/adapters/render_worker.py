@@ -69,8 +69,8 @@ class TimeLimitedRenderer:
     def locales(self, campaign: str) -> list[Locale]:
         return self.local.locales(campaign)
 
-    def lint(self, known: Mapping[str, Iterable[str]]) -> list[TemplateError]:
-        return self.local.lint(known)
+    def lint(self, known: Mapping[str, Iterable[str]], skip: Iterable[str] = ()) -> list[TemplateError]:
+        return self.local.lint(known, skip)
 
     def files(self) -> list[str]:
         return self.local.files()

@@ -944,7 +944,7 @@ class JinjaTemplates:
             if p.is_file() and p.suffix in (".html", ".htm", ".txt") and not p.name.startswith(".")
         )
 
-    def lint(self, known: Mapping[str, Iterable[str]]) -> list[TemplateError]:
+    def lint(self, known: Mapping[str, Iterable[str]], skip: Iterable[str] = ()) -> list[TemplateError]:
         """Parse every file: syntax errors, and variables a file reads that its context lacks.
 
         ``known`` maps a campaign folder to the context keys its templates receive;
@@ -958,10 +958,13 @@ class JinjaTemplates:
         include (``{% set %}``, ``{% with %}``, the loop variable of an enclosing
         ``{% for %}``); ``without context``, only the Jinja2 globals. A variable it
         lacks is reported at the included file's line, naming where it was included.
+
+        The files of the ``skip`` folders are not checked (folders no campaign sends from).
         """
         problems: list[TemplateError] = []
         lint = _Lint(self, problems)
-        files = self.files()
+        skipped = tuple(f"{folder}/" for folder in skip)  # folders no campaign sends from: not checked at all
+        files = [name for name in self.files() if not (skipped and name.startswith(skipped))]
         trees = {name: lint.tree(name) for name in files}
         included = {target for name, tree in trees.items() if tree is not None
                     for site in lint.scopes(name, tree).includes for target in site.targets}  # fmt: skip

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.app import link_keys, smtp_password
-from worker.checks import Kind, Problem, check_templates
+from worker.checks import Kind, Problem, check_templates, unused_folders
 from worker.config import Settings, ShopSettings, tls_port_hint
 from worker.core import samples
 from worker.domain import Locale
@@ -69,10 +69,12 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     problems = check_config(settings)
     folder = settings.resolve(settings.templates.dir)
     renders = 0
+    unused: list[str] = []
     if folder.is_dir():
         with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
             problems += check_templates(settings, renderer)
-            campaigns = sorted(renderer.campaigns())
+            unused = unused_folders(settings, renderer)
+            campaigns = sorted(set(renderer.campaigns()) - set(unused))
             renders = len(campaigns) * len(Locale) * len(samples.samples(Locale.ID))
     if args.json:
         for p in problems:
@@ -83,6 +85,9 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     if example := example_shop(settings):
         print(f"note: still the example shop's (fine for the demo; set your own before sending real mail): "
               f"{', '.join(example)}")
+    for name in unused:
+        print(f"note: {name}/ is no campaign's folder, not checked and never sent (a campaign sends from the folder "
+              "named for it; win-back's steps, from the folders [[campaigns.winback.steps]] names)")
     if not problems:
         print("no problems found")
         return EXIT_OK

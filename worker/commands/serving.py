@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.adapters.render_worker import TimeLimitedRenderer
-from worker.checks import lint_problems, problems_of, render_all
+from worker.checks import lint_problems, problems_of, render_all, unused_folders
 from worker.config import Settings
 from worker.errors import ConfigError
 
@@ -103,7 +103,7 @@ def render_page(settings: Settings, renderer: TimeLimitedRenderer, version: str)
                         f'<pre class="text-part">{html.escape(rendered.text)}</pre></div>')
         cards.append(f'<section class="card" id="{anchor}" data-campaign="{r.campaign}" data-locale="{r.locale}" '
                      f'data-sample="{r.sample.slug}"><h2>{html.escape(title)}</h2>{"".join(body)}</section>')
-    lint = lint_problems(renderer, known)
+    lint = lint_problems(renderer, known, unused_folders(settings, renderer))
     top = "".join(f'<div class="error lint-error">{html.escape(str(p))}</div>' for p in lint)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Kembali live preview</title><style>{_STYLE}</style></head>
