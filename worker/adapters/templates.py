@@ -801,6 +801,8 @@ class JinjaTemplates:
         self._env.filters["money"] = _money_filter
         self._env.filters["date"] = _date_filter
         self._versions: dict[tuple[str, str], tuple[_Signature, str]] = {}
+        self._generated: set[tuple[str, int, int]] = set()
+        """Files (name, mtime, size) Jinja2's code generator took: a layout is checked once, not per folder."""
 
     # --- discovery and versions --------------------------------------------
 
@@ -889,13 +891,6 @@ class JinjaTemplates:
             message = f"not UTF-8 text (byte 0x{data[exc.start]:02x}): save the file as UTF-8"
             raise TemplateError(message, template=name, line=line) from None
 
-    def _parse(self, name: str, source: str) -> nodes.Template:
-        """``name``'s syntax tree; a TemplateSyntaxError, at its line, also for what Jinja2 finds only as it compiles
-        the file (a filter or a test that does not exist: ``| idr``), which the parser lets through."""
-        filename = str(self.root / name)
-        self._env.compile(source, name, filename, raw=True)
-        return self._env.parse(source, name, filename)
-
     def _exists(self, name: str) -> bool:
         """Whether the loader finds ``name`` (no ``..``, a file under the root)."""
         try:
@@ -914,12 +909,20 @@ class JinjaTemplates:
             if not (self.root / name).is_file():
                 raise TemplateError("template not found", template=name)
             seen.add(name)
+            signature = self._signature([name])  # before the read: a file saved meanwhile is checked again
             source = self._source(name)
             try:
-                tree = self._parse(name, source)
+                tree = self._env.parse(source, name, str(self.root / name))
             except jinja2.TemplateSyntaxError as exc:
                 raise TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno) from None
-            for node in tree.find_all(_REFERENCES):
+            references = list(tree.find_all(_REFERENCES))
+            if not signature or signature[0] not in self._generated:
+                try:  # what the parser lets through and Jinja2's code generator refuses: a filter that does not exist
+                    self._env.compile(tree, name, str(self.root / name), raw=True)
+                except jinja2.TemplateSyntaxError as exc:
+                    raise TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno) from None
+                self._generated.update(signature)
+            for node in references:
                 assert isinstance(node, _REFERENCES)
                 names = _template_names(node.template)
                 if not names:  # a computed name: count every shared file
@@ -1099,7 +1102,9 @@ class _Lint:
         if name not in self._trees:
             try:
                 source = self.templates._source(name)
-                self._trees[name] = self.templates._parse(name, source)
+                tree = self.templates._env.parse(source, name, str(self.templates.root / name))
+                self.scopes(name, tree)  # runs Jinja2's code generator: `| idr` fails there, not in the parser
+                self._trees[name] = tree
             except TemplateError as exc:
                 self.problems.append(exc)
                 self._trees[name] = None
