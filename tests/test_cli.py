@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -171,6 +172,27 @@ def test_two_runs_started_together_deliver_each_email_exactly_once(
     assert sum(int(line.split()[1]) for line in sent_lines) == len(rows)
 
 
+def test_run_once_ends_saying_how_many_messages_wait_and_when_the_first_falls_due(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # "planned 2 new birthday emails" then "sent 1 birthday email" said nothing of the other: planned ahead of its
+    # day, or held back by the frequency cap, it waits in the queue, and the run now says so and until when
+    news = "[campaigns.new_products]\nenabled = true\n[policy]\nfrequency_caps = [[1, 3]]\n"
+    config = write_config(tmp_path, smtp_port=smtp_server.port, extra=news)
+    _shop_in(tmp_path, config, customers=120)
+    result = kembali("run", "--once", config=config)
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(tmp_path / "shop.db") as conn:
+        waiting, first = conn.execute("SELECT count(*), min(next_attempt_at) FROM message "
+                                      "WHERE status IN ('planned', 'retry')").fetchone()  # fmt: skip
+    # customers due win-back and news on one day: the cap holds the second back
+    assert waiting > 1, result.stdout
+    local = datetime.fromisoformat(first).replace(tzinfo=UTC).astimezone(ZoneInfo("Asia/Jakarta"))
+    assert local > datetime.now(UTC)
+    assert (f"{waiting} messages wait in the queue for a later run (the first falls due "
+            f"{local:%Y-%m-%d %H:%M} WIB)") in result.stdout.splitlines(), result.stdout
+
+
 def test_preview_shows_who_would_get_what_and_writes_nothing(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     _shop_in(tmp_path, config, customers=60)
@@ -244,6 +266,9 @@ def test_the_demo_sends_win_back_emails_to_a_local_sink(tmp_path: Path) -> None:
     assert re.search(r"^planned \d+ new win-back emails \(5% of the audience held out: no email, to measure the "
                      r"lift\)$", result.stdout, re.M), result.stdout
     assert {"birthday", "feedback-request", "loyalty", "new-product"} & {line.split()[2] for line in summary}
+    # and what the frequency cap held back is said to wait, not left to be found
+    assert re.search(r"^\d+ messages wait in the queue for a later run \(the first falls due "
+                     r"\d{4}-\d\d-\d\d \d\d:\d\d WIB\)$", result.stdout, re.M), result.stdout
     sent = sum(int(line.split()[1]) for line in summary)  # every campaign's line
     files = sorted((out / "sent").glob("*.eml"))
     assert len(files) == sent

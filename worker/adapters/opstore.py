@@ -102,6 +102,30 @@ def queue_depth(store: Store, now: datetime | None = None) -> int:
         return int(conn.execute(query).scalar() or 0)
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """What waits in the queue after a run: planned or to be tried again."""
+
+    messages: int
+    due: int
+    """Of them, due already (a run stopped early, paused, or the day's quota used up)."""
+    first: datetime | None
+    """When the first of the others falls due (held back by the frequency cap, quiet hours, planned ahead)."""
+
+
+def waiting(store: Store, now: datetime) -> Waiting:
+    """The queue as ``now`` finds it: one read of the waiting rows (an index of them only)."""
+    later = M.c.next_attempt_at > now
+    query = sa.select(
+        sa.func.count(),
+        sa.func.coalesce(sa.func.sum(sa.case((later, 0), else_=1)), 0),
+        sa.func.min(sa.case((later, M.c.next_attempt_at), else_=sa.null()), type_=M.c.next_attempt_at.type),
+    ).where(WAITING)
+    with db.reading(store.engine) as conn:
+        messages, due, first = conn.execute(query).one()
+    return Waiting(int(messages), int(due), first)
+
+
 def customer(store: Store, customer_id: int) -> CustomerSnapshot | None:
     with db.reading(store.engine) as conn:
         row = conn.execute(sa.select(C).where(C.c.id == customer_id)).first()

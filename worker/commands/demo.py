@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     sink = SmtpSink(folder=out / "sent")
     report, received, left = asyncio.run(_cycle_with_sink(settings, sink, FakeClock(now) if args.now else None))
     print()
-    for line in running.summary(report):
+    for line in running.summary(report, left, settings.shop.time_zone):
         print(line)
     print(f"the local SMTP sink received {len(received)} messages, saved as .eml files in {out / 'sent'}")
     parser = BytesParser(policy=policy.default)
@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  … and {len(received) - 5} more")
     stopped = running.stopped_code(report)
     if stopped is not None:  # Ctrl-C or SIGTERM while it planned or sent: what it did, and what it left
-        print(f"kembali demo: stopped by {report.stopped_by}: {left} planned "
-              f"message{'s' if left != 1 else ''} not sent; run it again to start over")
+        print(f"kembali demo: stopped by {report.stopped_by}: {left.messages} planned "
+              f"message{'s' if left.messages != 1 else ''} not sent; run it again to start over")
     demo_config = _write_demo_config(args.config, settings, out)
     print(f"\ndatabase: {out / 'kembali-demo.db'}")
     if demo_config:
@@ -137,7 +137,7 @@ def _write_demo_config(source: Path, settings: Settings, out: Path) -> Path | No
 
 async def _cycle_with_sink(
     settings: Settings, sink: SmtpSink, clock: FakeClock | None = None
-) -> tuple[running.CycleReport, list, int]:  # type: ignore[type-arg]
+) -> tuple[running.CycleReport, list, opstore.Waiting]:  # type: ignore[type-arg]
     """The cycle's report, what the sink received, and how many planned messages are left unsent. A first SIGINT
     or SIGTERM stops it as it stops ``run --once``: the sends under way finish, the rest is left planned."""
     await sink.start()
@@ -150,7 +150,7 @@ async def _cycle_with_sink(
         sending = SendProgress()
         try:
             report = await running.stoppable(deps, observer=sending)
-            left = opstore.queue_depth(deps.store)  # due now or later
+            left = opstore.waiting(deps.store, deps.clock.now())  # due now or later
         finally:
             sending.progress.done()
             deps.close()

@@ -17,6 +17,7 @@ from worker.app import Deps, link_keys, smtp_password, worker_id
 from worker.asyncstore import AsyncStore
 from worker.commands.progress import SendProgress
 from worker.config import Settings
+from worker.core.policy import zone_of
 from worker.domain import Locale
 from worker.errors import ConfigError, TemplateError
 from worker.pipeline import PlanReport, enabled_campaigns, plan
@@ -89,7 +90,9 @@ async def cycle(
             astore.close()
 
 
-def summary(report: CycleReport) -> list[str]:
+def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zone: str = "UTC") -> list[str]:
+    """The run's lines for its operator; with ``waiting`` (``opstore.waiting`` after the run), what it left in the
+    queue and when the first of it falls due, on the clock of ``time_zone`` (the shop's)."""
     lines = []
     for campaign, created in report.planned.created.items():
         share = report.holdout.get(campaign, 0.0)
@@ -133,10 +136,27 @@ def summary(report: CycleReport) -> list[str]:
     if dropped:
         lines.append(f"{dropped} messages are uncertain (the connection died after they were handed over: they "
                      "may have arrived) and are never resent by themselves: decide with `kembali ledger list`")
+    if waiting is not None and waiting.messages:
+        lines.append(_waiting_line(waiting, time_zone))
     if report.stopped_by:
         lines.append(f"stopped early by {report.stopped_by}: the sends under way finished, the rest waits in "
                      "the queue for the next run")
     return lines
+
+
+def _waiting_line(waiting: opstore.Waiting, time_zone: str) -> str:
+    """``planned 2 new birthday emails`` and ``sent 1 birthday email`` leave the other one to be found: planned ahead
+    of its day, held back by the frequency cap or quiet hours, it waits; this line says how many and until when."""
+    noun = "message waits" if waiting.messages == 1 else "messages wait"
+    first = None if waiting.first is None else waiting.first.astimezone(zone_of(time_zone, "UTC"))
+    at = "" if first is None else f"{first:%Y-%m-%d %H:%M %Z}"
+    if not waiting.due:
+        when = f"the first falls due {at}"
+    elif first is None:
+        when = "due already"  # the run stopped early, paused, or used up the day's quota: its line says which
+    else:
+        when = f"{waiting.due} due already; the first of the others falls due {at}"
+    return f"{waiting.messages} {noun} in the queue for a later run ({when})"
 
 
 def stopped_code(report: CycleReport) -> int | None:
@@ -194,11 +214,12 @@ def once(settings: Settings) -> int:
     try:
         check_template_folders(deps)
         report = eventloop.run(stoppable(deps, observer=sending))
+        left = opstore.waiting(deps.store, deps.clock.now())
     finally:
         if sending is not None:
             sending.progress.done()
         deps.close()
-    for line in summary(report):
+    for line in summary(report, left, settings.shop.time_zone):
         print(line)
     return _exit_code(report)
 
