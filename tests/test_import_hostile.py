@@ -222,6 +222,24 @@ def test_an_amount_too_large_for_the_database_is_a_rejected_row(
     assert _ids(db_url, "product") == {"P-2"}
 
 
+def test_a_price_of_more_digits_than_an_amount_takes_is_said_to_be_too_large(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # it was "expected an amount such as 249000 or 249000.50", as if the digits were not a number
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "shop.db"}"\n', encoding="utf-8")
+    (tmp_path / "products.csv").write_text("id,name,price,currency\nP-1,Emas,1000000000000000,IDR\n"
+                                           "P-2,Tas,1,IDR\nP-3,Cincin,12345678901234567.5,JPY\n")  # fmt: skip
+    assert kembali(capsys, "--config", str(config), "db", "upgrade")[0] == 0
+    code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "products.csv"))
+    assert code == 1, out
+    assert "products.csv:2: id 'P-1': invalid price '1000000000000000' (too large: at most 999999999999999.99 IDR)" \
+        in out
+    assert "products.csv:4: id 'P-3': invalid price '12345678901234567.5' (too large: at most 999999999999999 JPY)" \
+        in out
+    assert "products: 1 created, 0 updated, 0 unchanged, 2 rejected" in out
+
+
 def test_a_file_read_from_a_pipe_is_imported(tmp_path: Path) -> None:
     # Given a compressed export, decompressed on the fly: `kembali import customers <(gunzip -c customers.csv.gz)`
     config = migrated_config(tmp_path)

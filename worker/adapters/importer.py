@@ -635,6 +635,9 @@ def _money(row: dict[str, str], column: str, currency: str) -> int:
         if re.fullmatch(r"[0-9][0-9,.]*[0-9]", value) and "," in value:  # 1,234.50 or 249,50: not guessed
             raise _Invalid(f"invalid {column} {_show(value)} (write amounts without thousands separators and with "
                            "'.' before decimals, such as 249000 or 249000.50)")  # fmt: skip
+        if re.fullmatch(r"[0-9]{16,}(\.[0-9]+)?", value.lstrip("0") or "0"):  # a number, of more digits than taken
+            largest = _largest_written(currency)
+            raise _Invalid(f"invalid {column} {_show(value)} (too large: at most {largest} {currency})")
         raise _Invalid(f"invalid {column} {_show(value)} (expected an amount such as 249000 or 249000.50)")
     decimals = money.exponent(currency)
     if decimals < 3 and _THOUSANDS.fullmatch(value):  # read as decimals, Rp249.000 would be Rp249
@@ -651,6 +654,13 @@ def _money(row: dict[str, str], column: str, currency: str) -> int:
 
 def _largest(currency: str) -> str:
     return f"{money.from_minor(MAX_MINOR, currency):f}"
+
+
+def _largest_written(currency: str) -> str:
+    """The largest amount a cell may hold: ``_AMOUNT``'s 15 digits before the point, or less where the currency's
+    minor units fill a BIGINT first (CLF's 4 decimals)."""
+    digits = Decimal(10**15) - Decimal(1).scaleb(-money.exponent(currency))
+    return f"{min(money.from_minor(MAX_MINOR, currency), digits):f}"
 
 
 def _url(row: dict[str, str], column: str) -> str:
