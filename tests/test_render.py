@@ -78,12 +78,35 @@ def test_format_date_is_babel_long(locale: str, expected: str) -> None:
         ("family 👨\u200d👩\u200d👧", "family 👨\u200d👩\u200d👧"),
         ("\r\n\t ", ""),
         ("", ""),
-        ("x" * 500, "x" * 200),
-        ("a " * 150, ("a " * 100).strip()),
+        # past 200 characters: cut, and said to be cut
+        ("x" * 500, "x" * 197 + "..."),
+        ("a " * 150, ("a " * 99).strip() + "..."),
+        ("x" * 200, "x" * 200),
     ],
 )
 def test_sanitize_header_text(raw: str, expected: str) -> None:
     assert sanitize_header_text(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("head", "tail", "kept"),
+    [
+        # what a reader sees as one character is cut whole, never into parts (a flag's second letter alone shows as
+        # a boxed 'D'; a family without its last member is another emoji); the cut: 197 characters, then "..."
+        (195, "🇮🇩🇮🇩", "🇮🇩"),  # regional indicators: the cut falls between two flags
+        (196, "🇮🇩🇮🇩", ""),  # … and between a flag's two letters
+        (194, "👨\u200d👩\u200d👧", ""),  # joined by zero-width joiners
+        (196, "👨\u200d👩", ""),
+        (196, "👍🏽", ""),  # a skin tone modifier
+        (196, "e\u0301", ""),  # a letter and its combining accent
+        (196, "❤\ufe0f", ""),  # a variation selector
+        (196, "ab", "a"),
+    ],
+)
+def test_a_long_header_text_is_not_cut_inside_what_shows_as_one_character(head: int, tail: str, kept: str) -> None:
+    out = sanitize_header_text("x" * head + tail + "y" * 50)
+    assert out == "x" * head + kept + "...", [hex(ord(c)) for c in out[190:]]
+    assert len(out) <= 200
 
 
 def test_sanitize_output_is_one_printable_line() -> None:

@@ -287,8 +287,38 @@ def sanitize_header_text(value: str, max_chars: int = HEADER_TEXT_MAX_CHARS) -> 
     if "=?" in value:
         value = value.replace("=?", "= ?")
     if len(value) > max_chars:
-        value = value[:max_chars].rstrip()
+        value = _cut(value, max_chars - 3) + "..."  # ASCII: a cut ASCII name or subject stays plain, not encoded
     return value
+
+
+_ZWJ = "\u200d"
+_REGIONAL = range(0x1F1E6, 0x1F200)
+"""A flag is two of these letters (🇮🇩 is I, D)."""
+
+
+def _cut(value: str, end: int) -> str:
+    """``value[:end]``, the end moved back to where one character a reader sees ends (not between a flag's two
+    letters, an emoji's parts joined by ZWJ, a letter and its accent or modifier), spaces before it dropped."""
+    while 0 < end < len(value) and _inside(value, end):
+        end -= 1
+    return value[:end].rstrip()
+
+
+def _inside(value: str, i: int) -> bool:
+    """Whether ``value[i]`` belongs with ``value[i - 1]``: an approximation of Unicode's grapheme clusters (UAX 29)
+    good for the cases a name or subject holds."""
+    after, before = value[i], value[i - 1]
+    if after == _ZWJ or before == _ZWJ or unicodedata.category(after) in ("Mn", "Me", "Mc"):
+        return True
+    code = ord(after)
+    if 0xFE00 <= code <= 0xFE0F or 0x1F3FB <= code <= 0x1F3FF or 0xE0020 <= code <= 0xE007F:
+        return True  # a variation selector, a skin tone, a tag (the flags of England, Scotland, Wales)
+    if code in _REGIONAL and ord(before) in _REGIONAL:
+        letters = 0  # the regional indicators before ``i``: an odd number ends inside a flag
+        while i - letters - 1 >= 0 and ord(value[i - letters - 1]) in _REGIONAL:
+            letters += 1
+        return letters % 2 == 1
+    return False
 
 
 # --- header encoding -----------------------------------------------------------
