@@ -7,9 +7,11 @@ import json
 import logging
 import re
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tests import sendkit
 from tests.clikit import run_cli
@@ -151,6 +153,40 @@ def test_a_message_that_fails_to_render_is_logged_with_its_recipient(
     assert len(failed) == len(emails) and smtp_server.messages == []
     assert sorted(re.search(r" to=(\S+)", line).group(1) for line in failed) == sorted(  # type: ignore[union-attr]
         log.mask_email(email) for email in emails)
+
+
+def test_a_message_the_contact_policy_holds_back_is_logged_with_its_customer_and_recipient(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, smtp_server: RecordingServer
+) -> None:
+    # email_deferred_by_policy named the campaign and the dedupe key only: a feedback or loyalty key names no
+    # customer, so "who was held back, and which mailbox?" meant a trip to the ledger
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", sendkit.LINK_SECRET)
+    # Given two customers sharing one mailbox (a guest checkout), both due a win-back, under a cap of one in 3 days
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    sendkit.prepare_database(url, 0)
+    engine = sa.create_engine(url)
+    try:
+        sendkit.seed_shop(engine, ["budi@gmail.com", "budi@gmail.com"], datetime.now(UTC))
+    finally:
+        engine.dispose()
+    raw = sendkit.settings_dict(url, smtp_server.port)
+    raw["policy"] = {"quiet_hours_start": "00:00", "quiet_hours_end": "00:00", "frequency_caps": [[1, 3]]}
+    raw["campaigns"] = {"winback": {"holdout_share": 0.0}}
+    config = sendkit.write_config(tmp_path / "config.toml", raw)
+
+    # When a run sends one of them
+    code, out = run_cli(capsys, "--config", str(config), "run", "--once")
+
+    # Then the other's line says whose email waits, and for which (masked) mailbox
+    assert code == 0, out
+    assert len(smtp_server.messages) == 1
+    held = [line for line in out.splitlines() if " email_deferred_by_policy " in line]
+    assert len(held) == 1, out
+    sent = re.search(r" email_sent .* customer=(\S+)", out)
+    assert sent is not None, out
+    assert re.search(r" customer=(\S+)", held[0]).group(1) in {"C0", "C1"} - {sent.group(1)}, held[0]  # type: ignore[union-attr]
+    assert " to=b***@gmail.com " in held[0] + " ", held[0]
+    assert "budi@gmail.com" not in out
 
 
 def test_a_server_reply_that_quotes_the_recipient_is_logged_with_the_address_masked(

@@ -202,6 +202,8 @@ class Deferred:
     birthday offer planned ahead for the mailbox would lose its slot)."""
     time_zone: str = "UTC"
     """The customer's zone, in which ``until`` reads best (quiet hours end at 08:00 on their clock)."""
+    customer: str = ""
+    """The customer's id in the shop (``C-0001``), for the log line that says whose email waits."""
 
 
 class LocaleWarnings:
@@ -293,7 +295,7 @@ class Composer:
         if isinstance(decision, Skip):
             return Skipped(message, decision.reason)
         if isinstance(decision, DeferUntil):
-            return Deferred(message, decision.at, decision.why, customer.time_zone)
+            return Deferred(message, decision.at, decision.why, customer.time_zone, customer.external_id)
         return None
 
     def prepare(

@@ -703,7 +703,8 @@ class Dispatcher:
                         writer.record(self._release(message, now, until=item.until))
                         report.count(message.campaign, f"deferred:{item.why}")
                         log.event("email_deferred_by_policy", campaign=message.campaign,
-                                  dedupe_key=message.dedupe_key, until=item.until.isoformat(), why=item.why)
+                                  dedupe_key=message.dedupe_key, customer=item.customer,
+                                  to=log.mask_email(message.email), until=item.until.isoformat(), why=item.why)
                     else:
                         assert not isinstance(item, Composed)
                         writer.record(self._not_sent(item, now))
@@ -742,7 +743,7 @@ class Dispatcher:
             return item
         if isinstance(decision, Skip):
             return Skipped(item.message, decision.reason)
-        return Deferred(item.message, decision.at, decision.why, item.customer.time_zone)
+        return Deferred(item.message, decision.at, decision.why, item.customer.time_zone, item.customer.external_id)
 
     async def _next_batch(self, writer: LedgerWriter) -> _Batch | None:
         """Claim the next batch and prepare it (in the helper when the batch is big enough); None when
