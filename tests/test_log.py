@@ -153,6 +153,9 @@ def test_a_message_that_fails_to_render_is_logged_with_its_recipient(
     assert len(failed) == len(emails) and smtp_server.messages == []
     assert sorted(re.search(r" to=(\S+)", line).group(1) for line in failed) == sorted(  # type: ignore[union-attr]
         log.mask_email(email) for email in emails)
+    # and the customer it was for
+    assert sorted(re.search(r" customer=(\S+)", line).group(1) for line in failed) == [  # type: ignore[union-attr]
+        "C0", "C1", "C2"]
 
 
 def test_a_message_the_contact_policy_holds_back_is_logged_with_its_customer_and_recipient(

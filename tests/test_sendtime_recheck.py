@@ -248,3 +248,32 @@ def test_a_message_whose_lease_was_lost_before_its_mark_gives_its_daily_quota_sl
         assert RateStore(shop.store.engine).used_today(QUOTA_KEY, day=day) == 2
     finally:
         shop.close()
+
+
+def test_a_skipped_email_is_logged_with_its_customer_whether_skipped_when_prepared_or_at_its_mark(
+    db_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # email_skipped named the campaign, the dedupe key and the masked address, not the customer (as email_sent does):
+    # "whose email was skipped?" meant a trip to the ledger
+    caplog.set_level(logging.INFO, logger="kembali")
+    settings = make_settings(db_url, smtp_server.port, compose_processes=0)
+    shop = Shop(db_url, settings, ADDRESSES)
+    try:
+        # Given four customers planned a win-back, one of whom then withdraws consent (skipped when prepared)
+        plan(shop.store, settings, NOW)
+        later = NOW + timedelta(minutes=1)
+        shopdata.upsert_customers(shop.store.engine, [
+            CustomerRecord("C1", ADDRESSES[1], "Pelanggan 1", Locale.ID, "Asia/Jakarta", None, False, "opt_in",
+                           "checkout"),
+        ], later)  # fmt: skip
+        # and another unsubscribes after the batch is prepared (skipped at the sending mark)
+        _before_the_first_mark(shop.store, lambda: shop.store.suppress(
+            ADDRESSES[0], reason="unsubscribed", source="unsubscribe-link", now=later))
+
+        shop.cycle()
+
+        # Then each email_skipped line names the customer, with the address masked
+        skipped = {e["customer"]: (e["reason"], e["to"]) for e in _events(caplog, "email_skipped")}
+        assert skipped == {"C0": ("suppressed", "u***@test.example"), "C1": ("no_consent", "n***@test.example")}
+    finally:
+        shop.close()

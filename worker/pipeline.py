@@ -183,12 +183,16 @@ class Composed:
 class Skipped:
     message: ClaimedMessage
     reason: SkipReason
+    customer: str = ""
+    """The customer's id in the shop (``C-0001``) for the log line; "" when the customer is gone."""
 
 
 @dataclass(frozen=True)
 class RenderFailed:
     message: ClaimedMessage
     error: TemplateError
+    customer: str = ""
+    """The customer's id in the shop (``C-0001``), for the log line."""
 
 
 @dataclass(frozen=True)
@@ -277,9 +281,9 @@ class Composer:
         )  # fmt: skip
         if reason is None and suppression_address(message.email) in facts.suppressed:
             reason = SkipReason.SUPPRESSED  # the customer's address now is another: the one it goes to is suppressed
-        if reason is not None:
-            return Skipped(message, reason)
         customer = customer_facts.customer
+        if reason is not None:
+            return Skipped(message, reason, customer.external_id if customer is not None else "")  # "": gone
         assert customer is not None  # recheck skips CUSTOMER_GONE
         box = mailbox(message.email)
         news_at = cc.next_news_at(facts.news_sent.get(box, ()))
@@ -293,7 +297,7 @@ class Composer:
         else:
             decision = judge(self.policy, message, customer, sent, now, ahead)  # the ledger alone
         if isinstance(decision, Skip):
-            return Skipped(message, decision.reason)
+            return Skipped(message, decision.reason, customer.external_id)
         if isinstance(decision, DeferUntil):
             return Deferred(message, decision.at, decision.why, customer.time_zone, customer.external_id)
         return None
@@ -317,7 +321,7 @@ class Composer:
             if not address.isascii():
                 return RenderFailed(message, TemplateError(
                     f"cannot send to {message.email!r}: letters beyond ASCII before the @ need SMTPUTF8, which "
-                    "Kembali does not use"))  # fmt: skip
+                    "Kembali does not use"), customer.external_id)  # fmt: skip
             message = replace(message, email=address)  # sent to, and written in To, as SMTP takes it
         unsubscribe = self.unsubscribe_url(customer, message.message_id)
         try:
@@ -330,7 +334,7 @@ class Composer:
             )
             rendered = self.renderer.render(contexts.template_for(message), customer.locale, context)
         except TemplateError as exc:
-            return RenderFailed(message, exc)
+            return RenderFailed(message, exc, customer.external_id)
         try:
             data = build_message(
                 rendered,
@@ -344,7 +348,7 @@ class Composer:
                 extra_headers=(("X-Kembali-Campaign", message.campaign),),
             )
         except ValueError as exc:  # an address or header that cannot be written safely
-            return RenderFailed(message, TemplateError(f"cannot build the message: {exc}"))
+            return RenderFailed(message, TemplateError(f"cannot build the message: {exc}"), customer.external_id)
         box = mailbox(message.email)
         return Composed(message, rendered, data, customer, tuple(facts.sent.get(box, ())),
                         tuple(facts.birthdays_ahead.get(box, ())))  # fmt: skip

@@ -742,7 +742,7 @@ class Dispatcher:
         if isinstance(decision, SendNow):
             return item
         if isinstance(decision, Skip):
-            return Skipped(item.message, decision.reason)
+            return Skipped(item.message, decision.reason, item.customer.external_id)
         return Deferred(item.message, decision.at, decision.why, item.customer.time_zone, item.customer.external_id)
 
     async def _next_batch(self, writer: LedgerWriter) -> _Batch | None:
@@ -841,6 +841,7 @@ class Dispatcher:
             logging.ERROR,
             campaign=item.message.campaign,
             dedupe_key=item.message.dedupe_key,
+            customer=item.customer,
             to=log.mask_email(item.message.email),
             error=str(item.error),
         )
@@ -879,7 +880,7 @@ class Dispatcher:
             if mark != "sending":
                 writer.settled(message.id, sent=False, seq=writer.commits)  # it takes no slot after all
                 if isinstance(mark, SkipReason):  # the mark's re-check: the row is skipped, as at prepare time
-                    self._skipped(Skipped(message, mark), report)
+                    self._skipped(Skipped(message, mark, item.customer.external_id), report)
                 elif mark == "held":
                     log.event("email_held_back", campaign=message.campaign, dedupe_key=message.dedupe_key,
                               customer=item.customer.external_id, retry_in_seconds=HELD_SECONDS,
@@ -1030,7 +1031,7 @@ def _log_stale(records: Sequence[Disposition], stale: Sequence[Stale]) -> None:
 
 def _log_skipped(item: Skipped) -> None:
     message = item.message
-    log.event("email_skipped", campaign=message.campaign, dedupe_key=message.dedupe_key,
+    log.event("email_skipped", campaign=message.campaign, dedupe_key=message.dedupe_key, customer=item.customer,
               to=log.mask_email(message.email), reason=item.reason.value)  # fmt: skip
 
 
