@@ -236,6 +236,9 @@ def test_a_message_whose_lease_was_lost_before_its_mark_gives_its_daily_quota_sl
         assert marked and smtp_server.messages == []
         assert first.dispatched.outcomes == {}
         assert len(_events(caplog, "email_lease_lost")) == 2
+        # (each line saying whose email it was: the key alone named no address, and a feedback key no customer)
+        assert sorted((e["campaign"], e["customer"], e["to"]) for e in _events(caplog, "email_lease_lost")) == [
+            ("winback", "C0", "s***@test.example"), ("winback", "C1", "d***@test.example")]
         day = quota_day(NOW, settings.shop.time_zone).isoformat()
         assert RateStore(shop.store.engine).used_today(QUOTA_KEY, day=day) == 0
         # And once the other worker's leases lapse, the next run sends both the same day: the quota counts what went

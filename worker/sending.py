@@ -887,7 +887,9 @@ class Dispatcher:
                               why="another worker is sending to this customer, or just did")  # fmt: skip
                     report.count(message.campaign, "deferred:another_worker")
                 else:
-                    log.event("email_lease_lost", logging.WARNING, dedupe_key=message.dedupe_key)
+                    log.event("email_lease_lost", logging.WARNING, campaign=message.campaign,
+                              dedupe_key=message.dedupe_key, customer=item.customer.external_id,
+                              to=log.mask_email(message.email))  # fmt: skip
                 # nor a slot of the day's quota: skipped, held back or its lease lost (whoever took it takes their own)
                 await self.quota.give_back(1)
                 continue
