@@ -1263,3 +1263,48 @@ def test_a_pause_for_a_relay_that_quotes_its_recipients_logs_and_shows_them_mask
     leaked = [line for line in daemon.lines for e in emails if e in line]
     assert leaked == [], leaked
     assert not any(e in body for e in emails), (status, body)
+
+
+def test_a_restart_after_a_crash_names_each_email_it_finds_left_uncertain(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # The daemon that came after a crash logged `leases_released uncertain=16` and no more: which customers' emails
+    # may have arrived, to decide about, took a trip to the ledger (the health line counts only this process's sends)
+    _restart_after_a_crash(tmp_path, smtp_server, None)
+
+
+def test_a_restart_after_a_crash_names_each_email_it_finds_left_uncertain_on_postgresql(
+    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+) -> None:
+    _restart_after_a_crash(tmp_path, smtp_server, pg_url)
+
+
+def _restart_after_a_crash(tmp_path: Path, smtp_server: RecordingServer, db_url: str | None) -> None:
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, db_url=db_url, extra="[sending]\nlease_seconds = 2\n"
+                     "[campaigns.winback]\nholdout_share = 0.0\n")  # fmt: skip
+    shop.add([1, 2], days_ago=60)
+    # Given a daemon killed while the server holds C1's message after its final dot (C2's went out)
+    smtp_server.on("c1@example.com", Behaviour(delay_at="data", delay_seconds=30))
+    first = Daemon.start(shop)
+    try:
+        first.wait_for(lambda: smtp_server.data_taken == 2 and first.named("email_sent"), timeout=30,
+                       why="C2 sent, C1's message on the wire")  # fmt: skip
+        first.signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+    assert shop.scalar("SELECT status FROM message WHERE email = 'c1@example.com'") == "sending"
+    # When another starts, and finds the lease lapsed
+    second = Daemon.start(shop)
+    try:
+        second.wait_event("leases_released", timeout=20)
+        # Then it says whose email became uncertain, and where (masked), as a send that ended so does
+        uncertain = second.wait_event("email_uncertain", timeout=5)
+        assert (uncertain["campaign"], uncertain["customer"], uncertain["to"]) == ("winback", "C1", "c***@example.com")
+        assert uncertain["dedupe_key"] == shop.scalar("SELECT dedupe_key FROM message WHERE email = 'c1@example.com'")
+        assert "c1@example.com" not in "\n".join(second.lines)
+    finally:
+        assert second.stop() == 0
+    # And nothing is sent again
+    assert sorted(to for m in smtp_server.messages for to in m.rcpt_tos).count("c1@example.com") <= 1

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-from worker.adapters import db
+from worker import log
+from worker.adapters import db, opstore
 from worker.adapters.clock import SystemClock
 from worker.adapters.ratestore import RateStore
 from worker.adapters.smtp import SmtpTransport
@@ -26,6 +30,23 @@ from worker.sending import Dispatcher
 _INSTANCE = secrets.token_hex(3)
 """Drawn when the process starts: two containers given one hostname, each running Kembali as PID 1, still get
 two names (claims, leases and the cross-worker frequency-cap check tell workers apart by name)."""
+
+
+async def release_lapsed_leases(store: Store, astore: AsyncStore, now: datetime, *,
+                                keep: Collection[int] = ()) -> tuple[int, int]:
+    """Maintenance's first step (``Store.release_expired_leases``), logged: ``leases_released``, then one
+    ``email_uncertain`` for each row a dead worker left ``sending`` (the first 100), saying whose email may have
+    arrived; returns (requeued, uncertain)."""
+    requeued, uncertain = await astore.call(store.release_expired_leases, now, keep=keep)
+    if requeued or uncertain:
+        log.event("leases_released", logging.WARNING, requeued=requeued, uncertain=uncertain)
+    if uncertain:
+        for row in await astore.call(opstore.left_uncertain, store, now):
+            log.event("email_uncertain", logging.WARNING, campaign=row.campaign, dedupe_key=row.dedupe_key,
+                      customer=row.customer, to=log.mask_email(row.email),
+                      why="its worker stopped while sending it (its lease lapsed): it may have arrived, and is not "
+                          "sent again; see kembali ledger list --status uncertain")  # fmt: skip
+    return requeued, uncertain
 
 
 def worker_id() -> str:

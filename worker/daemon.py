@@ -72,7 +72,7 @@ from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.smtp import SmtpTransport
 from worker.adapters.templates import JinjaTemplates
 from worker.adapters.web import HttpServer
-from worker.app import Deps, compose_pool, link_keys, make_limiter, smtp_password, worker_id
+from worker.app import Deps, compose_pool, link_keys, make_limiter, release_lapsed_leases, smtp_password, worker_id
 from worker.asyncstore import AsyncStore
 from worker.checks import Problem, check_templates
 from worker.config import Settings, load_settings
@@ -471,9 +471,7 @@ class Daemon:
         now = self.clock.now()
         # not the rows this process still has outcomes for (a database outage outlasted their leases): it is alive
         held = self.gen.dispatcher.holds() | (self._active.dispatcher.holds() if self._active is not None else set())
-        requeued, uncertain = await self.astore.call(self.store.release_expired_leases, now, keep=held)
-        if requeued or uncertain:
-            log.event("leases_released", logging.WARNING, requeued=requeued, uncertain=uncertain)
+        if any(await release_lapsed_leases(self.store, self.astore, now, keep=held)):
             self._wake.set()
         expired = await self.astore.call(opstore.expire_messages, self.store, now)
         if expired:

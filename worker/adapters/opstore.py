@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from worker.adapters import db
-from worker.adapters.store import WAITING, C, M, O, S, Store, customer_snapshot, suppression_address
+from worker.adapters.store import LAPSED_WHY, WAITING, C, M, O, S, Store, customer_snapshot, suppression_address
 from worker.adapters.tables import Attempt, Feedback, JobRun
 from worker.domain import CustomerSnapshot, Locale, MessageStatus, SkipReason
 
@@ -57,6 +57,30 @@ def prune_attempts(store: Store, older_than: datetime, batch: int = PRUNE_BATCH)
         total += deleted
         if deleted < batch:
             return total
+
+
+@dataclass(frozen=True)
+class LeftUncertain:
+    """A ``sending`` row whose lease lapsed, made ``uncertain`` by ``Store.release_expired_leases``."""
+
+    campaign: str
+    dedupe_key: str
+    customer: str
+    """The customer's id in the shop; "" when the customer is gone."""
+    email: str
+
+
+def left_uncertain(store: Store, at: datetime, limit: int = 100) -> list[LeftUncertain]:
+    """The rows ``Store.release_expired_leases(at)`` made ``uncertain`` (at most ``limit``, the oldest first)."""
+    query = (
+        sa.select(M.c.campaign, M.c.dedupe_key, C.c.external_id, M.c.email)
+        .select_from(M.outerjoin(C, C.c.id == M.c.customer_id))
+        .where(M.c.status == MessageStatus.UNCERTAIN.value, M.c.updated_at == at, M.c.last_error == LAPSED_WHY)
+        .order_by(M.c.id)
+        .limit(limit)
+    )
+    with db.reading(store.engine) as conn:
+        return [LeftUncertain(r[0], r[1], r[2] or "", r[3]) for r in conn.execute(query)]
 
 
 def abandon(store: Store, *, worker: str, now: datetime, why: str) -> tuple[int, int]:

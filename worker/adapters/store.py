@@ -152,6 +152,10 @@ def suppressed_sql(email: Any) -> Any:
     return sa.exists().where(S.c.email == sa.func.lower(email))
 
 
+LAPSED_WHY = "lease lapsed while sending (worker died?)"
+"""The note (``last_error``) of a ``sending`` row that ``release_expired_leases`` made ``uncertain``."""
+
+
 def requeued_sql(attempts: Any) -> Any:
     """``core.lifecycle.requeued`` in SQL: the status of a claimed row given back to the queue unsent."""
     return sa.case((attempts > 0, MessageStatus.RETRY.value), else_=MessageStatus.PLANNED.value)
@@ -821,7 +825,7 @@ class Store:
         of ``keep`` (those the calling process still works on: it is alive, whatever their leases say).
         Returns (requeued, uncertain)."""
         lapsed = sa.and_(IN_FLIGHT, M.c.lease_until < now)
-        why = "lease lapsed while sending (worker died?)"
+        why = LAPSED_WHY
         if not keep:
             return self.release(lapsed, now=now, why=why)
         # the kept rows are left out here, not by a NOT IN (…) of them: a run of a large sending.batch_size holds

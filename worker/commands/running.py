@@ -13,7 +13,7 @@ from pathlib import Path
 from worker import checks, eventloop, log
 from worker.adapters import opstore
 from worker.adapters.templates import PARTS
-from worker.app import Deps, link_keys, smtp_password, worker_id
+from worker.app import Deps, link_keys, release_lapsed_leases, smtp_password, worker_id
 from worker.asyncstore import AsyncStore
 from worker.commands.progress import SendProgress
 from worker.config import Settings
@@ -57,9 +57,7 @@ async def cycle(
     astore = async_store or AsyncStore(deps.store)
     try:
         now = deps.clock.now()
-        requeued, uncertain = await astore.call(deps.store.release_expired_leases, now)
-        if requeued or uncertain:
-            log.event("leases_released", logging.WARNING, requeued=requeued, uncertain=uncertain)
+        requeued, uncertain = await release_lapsed_leases(deps.store, astore, now)
         planned = await astore.call(plan, deps.store, deps.settings, now)
         holdout = {c: getattr(deps.settings.campaigns, c).holdout_share for c in planned.created}
         for campaign, created in planned.created.items():
