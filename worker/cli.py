@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                        "(`kembali ledger list`); 2 for a bad config or a template folder missing files (nothing "
                        "done); 3 when the database cannot be used, sending paused (the SMTP connection, login or "
                        "setup) or not one attempt got through to the SMTP server. The daemon exits 0 when stopped, "
-                       "1 when forced by a second signal or when outcomes could not be written, 2 when its config "
+                       "1 when forced by a second signal, when outcomes could not be written, or when the grace "
+                       "period ran out and the database could not mark the sends cut short, 2 when its config "
                        "or templates fail the start-up check, 3 when the database cannot be used at start.")
     p.add_argument("--once", action="store_true", help="run one cycle and exit")
 
