@@ -381,10 +381,10 @@ def test_the_next_page_of_a_list_is_the_command_it_says_and_every_row_is_on_one_
     assert kembali(config, "list", "--status", "failed", "--status", "uncertain", "--json", "--limit", "1") == 0
     captured = capsys.readouterr()
     (line,) = captured.out.splitlines()
-    first = json.loads(line)["id"]
+    first, changed = json.loads(line)["id"], json.loads(line)["updated_at"]
     assert captured.err.strip() == (
         f"kembali ledger list: 1 of 2 messages shown (the newest); the next: kembali --config {config} ledger list "
-        f"--status failed --status uncertain --limit 1 --json --after {first}")
+        f"--status failed --status uncertain --limit 1 --json --after {first}@{changed}")
     assert cli.main(shlex.split(captured.err.split("the next: kembali ")[1])) == 0
     captured = capsys.readouterr()
     assert [json.loads(line)["id"] for line in captured.out.splitlines()] != [first] and captured.err == ""
@@ -515,3 +515,24 @@ def test_an_address_with_an_internationalised_domain_is_found_as_the_csv_wrote_i
             assert (json.loads(line)["email"], json.loads(line)["status"]) == (stored, "sent")
     finally:
         shop.close()
+
+
+def test_a_next_page_is_where_the_page_ended_when_its_last_row_changed_meanwhile(
+    world_on_either: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given three messages, and a page of the two newest
+    shop, config = world_on_either
+    assert kembali(config, "list", "--all") == 0
+    every = _ids(capsys.readouterr().out)
+    assert kembali(config, "list", "--all", "--limit", "2") == 0
+    said = capsys.readouterr().out
+    assert _ids(said) == every[:2]
+    command = _next_page(said)
+    assert command is not None
+    # When the page's last row changes before the next page is listed (the daemon retries it, an operator decides it)
+    with shop.store.engine.begin() as conn:
+        changed = conn.execute(sa.select(M.c.updated_at).where(M.c.id == every[1])).scalar_one()
+        conn.execute(sa.update(M).where(M.c.id == every[1]).values(updated_at=changed + timedelta(hours=1)))
+    assert cli.main(command) == 0
+    # Then the next page is the row after the page, not the page again (the changed row moved to the top)
+    assert _ids(capsys.readouterr().out) == every[2:]

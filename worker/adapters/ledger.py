@@ -111,6 +111,9 @@ class Selection:
     after: int | None = None
     """Listed after the row with this id, as ``rows`` orders them (newest change first): changed before it, or at
     the same moment with a lower id. A page's last row, for the next page (keyset paging: no row on two pages)."""
+    after_changed: datetime | None = None
+    """When the ``after`` row changed, as its page listed it: the next page begins where that page ended even when
+    the row changed since (retried, decided), where its new time would list the page again. None: its time now."""
 
 
 def _matching(query: sa.Select[Any], selection: Selection) -> sa.Select[Any]:
@@ -134,7 +137,9 @@ def _matching(query: sa.Select[Any], selection: Selection) -> sa.Select[Any]:
     if selection.customer:
         query = query.where(M.c.customer_id.in_(sa.select(C.c.id).where(C.c.external_id == selection.customer)))
     if selection.after is not None:
-        changed = sa.select(M.c.updated_at).where(M.c.id == selection.after).scalar_subquery()
+        changed: Any = selection.after_changed
+        if changed is None:
+            changed = sa.select(M.c.updated_at).where(M.c.id == selection.after).scalar_subquery()
         query = query.where(sa.or_(M.c.updated_at < changed,
                                    sa.and_(M.c.updated_at == changed, M.c.id < selection.after)))  # fmt: skip
     return query

@@ -55,6 +55,13 @@ def row_limit(text: str) -> int:
     return arguments.whole_number(text, 1, MAX_ID)
 
 
+def page_after(text: str) -> tuple[int, datetime | None]:
+    """``list --after``: ``ID``, or ``ID@WHEN`` as a list's next page says it (the row's change as that page listed
+    it: the next page begins there even when the row changed since)."""
+    number, at, when = text.partition("@")
+    return row_limit(number), moment(when) if at else None
+
+
 def smtp_code(text: str) -> int:
     return arguments.whole_number(text, 200, 599, meaning=" (an SMTP reply code)")
 
@@ -114,9 +121,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ls.add_argument("--all", action="store_true", help="every status")
     ls.add_argument("--limit", type=row_limit, default=50,
                     help="at most N rows, newest first (default 50)")
-    ls.add_argument("--after", type=row_limit, metavar="ID",
-                    help="the next page: the rows listed after message ID (the last row of the page before); a "
-                         "list cut short by --limit ends with the command for its next page")  # fmt: skip
+    ls.add_argument("--after", type=page_after, metavar="ID",
+                    help="the next page: the rows listed after message ID (the last row of the page before; "
+                         "ID@WHEN: as it changed then); a list cut short by --limit ends with the command for its "
+                         "next page")  # fmt: skip
     ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     rs = actions.add_parser(
         "resend", help="send uncertain/failed messages again (same Message-ID)",
@@ -193,19 +201,20 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
-    selection = dataclasses.replace(_selection(args, DECIDABLE), after=args.after)
+    after, after_changed = args.after or (None, None)
+    selection = dataclasses.replace(_selection(args, DECIDABLE), after=after, after_changed=after_changed)
     if args.all:
         selection = dataclasses.replace(selection, statuses=())
-    if args.after is not None and not admin.has_message(args.after):  # else it lists nothing, as if none were left
-        print(f"kembali ledger list: --after {args.after}: no message {args.after} in the ledger (give an ID a list "
+    if after is not None and not admin.has_message(after):  # else it lists nothing, as if none were left
+        print(f"kembali ledger list: --after {after}: no message {after} in the ledger (give an ID a list "
               "showed)", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     rows = admin.rows(selection, limit=args.limit)
     more = ""
     if len(rows) == args.limit and (matching := admin.matching(selection)) > len(rows):
-        of = (f"{matching} messages shown (the newest)" if args.after is None
-              else f"the {matching} messages after message {args.after} shown")  # fmt: skip
-        more = f"{len(rows)} of {of}; the next: {_next_page(args, rows[-1].id)}"
+        of = (f"{matching} messages shown (the newest)" if after is None
+              else f"the {matching} messages after message {after} shown")  # fmt: skip
+        more = f"{len(rows)} of {of}; the next: {_next_page(args, rows[-1])}"
     if args.json:
         for row in rows:
             print(json_line(row.as_dict()))
@@ -238,8 +247,9 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _next_page(args: argparse.Namespace, last: int) -> str:
-    """The command that lists the next page: this one's filters and options, ``--after`` the page's last row."""
+def _next_page(args: argparse.Namespace, last: LedgerRow) -> str:
+    """The command that lists the next page: this one's filters and options, ``--after`` the page's last row and
+    when it changed (a row changed since moves to the top; its new time would list this page again)."""
     words = ["kembali"]
     if getattr(args, "config_given", False):
         words += ["--config", str(args.config)]
@@ -252,7 +262,8 @@ def _next_page(args: argparse.Namespace, last: int) -> str:
     words += ["--email", args.email] if args.email else []
     words += ["--customer", args.customer] if args.customer else []
     words += ["--all"] if args.all else []
-    words += ["--limit", str(args.limit), *(["--json"] if args.json else []), "--after", str(last)]
+    words += ["--limit", str(args.limit), *(["--json"] if args.json else []), "--after",
+              f"{last.id}@{last.updated_at.isoformat()}"]
     return shlex.join(words)
 
 
