@@ -536,3 +536,18 @@ def test_a_next_page_is_where_the_page_ended_when_its_last_row_changed_meanwhile
     assert cli.main(command) == 0
     # Then the next page is the row after the page, not the page again (the changed row moved to the top)
     assert _ids(capsys.readouterr().out) == every[2:]
+
+
+def test_a_page_after_the_last_row_says_there_are_none_after_it_not_none_at_all(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an uncertain and a failed message, listed
+    _shop, config = world
+    assert kembali(config, "list") == 0
+    every = _ids(capsys.readouterr().out)
+    assert len(every) == 2
+    # When the operator lists the page after the last of them (its rows resent meanwhile, say)
+    assert kembali(config, "list", "--after", str(every[-1])) == 0
+    # Then the list says none are left after it, not that the ledger has none needing a decision
+    said = capsys.readouterr().out.strip()
+    assert said == f"no messages with status uncertain, failed after message {every[-1]}", said

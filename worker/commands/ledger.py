@@ -230,6 +230,7 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
         if args.since or args.until:
             found += " changed" + (f" from {args.since:%Y-%m-%d %H:%M}" if args.since else "") + (
                 f" before {args.until:%Y-%m-%d %H:%M}" if args.until else "") + " UTC"
+        found += f" after message {after}" if after is not None else ""  # (a page past the last: some before it)
         if args.campaign:
             found += f" in campaign {args.campaign!r}"
             known = admin.campaigns()
