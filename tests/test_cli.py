@@ -588,7 +588,13 @@ def test_a_demo_stopped_while_it_imports_stops_and_sends_nothing(
         return counts
 
     monkeypatch.setattr(shop, "upsert_orders", upsert_then_stop)
-    code, out = run_cli(capsys, "demo", "--customers", "30")
+    # Ctrl-C as at a terminal: where the tests run as a background job (nohup … &), SIGINT comes ignored, as it
+    # does to the demo started that way, and the demo rightly goes on
+    terminal = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, out = run_cli(capsys, "demo", "--customers", "30")
+    finally:
+        signal.signal(signal.SIGINT, terminal)
     assert code == (130 if stop == "SIGINT" else 143), out
     assert "kembali demo: stopped" in out and "Import the file again" not in out
     assert "local SMTP sink" not in out and not list((tmp_path / "demo-out").glob("sent/*.eml"))
