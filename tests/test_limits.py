@@ -473,20 +473,6 @@ def test_bookings_queued_behind_a_stalled_worker_still_go_out_one_interval_apart
     assert go_at[-1] - go_at[0] >= 17 * interval * 0.9
 
 
-def test_the_daily_quota_is_counted_per_day(db_url: str) -> None:
-    engine = db.create_engine(db_url)
-    try:
-        rates = RateStore(engine)
-        assert rates.take_quota("quota:daily", day="2026-11-22", quota=10, wanted=6) == 6
-        assert rates.take_quota("quota:daily", day="2026-11-22", quota=10, wanted=6) == 4
-        assert rates.take_quota("quota:daily", day="2026-11-22", quota=10, wanted=6) == 0
-        rates.give_back_quota("quota:daily", day="2026-11-22", count=3)
-        assert rates.used_today("quota:daily", day="2026-11-22") == 7
-        assert rates.take_quota("quota:daily", day="2026-11-23", quota=10, wanted=6) == 6
-    finally:
-        engine.dispose()
-
-
 @pytest.mark.postgres
 def test_concurrent_bookings_on_postgresql_never_share_a_slot(pg_url: str) -> None:
     engine = db.create_engine(pg_url)

@@ -16,7 +16,8 @@ from alembic.migration import MigrationContext
 from worker import migrations
 from worker.adapters import db, opstore, shop
 from worker.adapters.ledger import LedgerAdmin
-from worker.adapters.store import HELD_SECONDS, M, Marks, Stale, Store
+from worker.adapters.ratestore import RateStore
+from worker.adapters.store import HELD_SECONDS, DayQuota, M, Marks, Stale, Store
 from worker.adapters.tables import metadata
 from worker.core.audiences import message_id_for
 from worker.domain import (
@@ -374,6 +375,39 @@ def test_marks_made_again_after_a_commit_whose_reply_was_lost_are_given_as_made(
     assert store.record_and_mark([], ids[:1], worker="a", now=later) == Marks()
     # nor is another worker's
     assert store.record_and_mark([], ids[:1], worker="b", now=NOW) == Marks()
+
+
+def test_the_mark_takes_a_slot_of_the_days_quota_and_a_marked_row_given_back_unsent_returns_it(store: Store) -> None:
+    # Given a's three rows claimed and a daily quota of two (the day of NOW in Jakarta began at 17:00 UTC)
+    store.insert_messages(planned(3), NOW)
+    batch = store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)
+    ids = [m.id for m in batch]
+    quota = DayQuota("quota:daily", "2026-11-22", since=datetime(2026, 11, 21, 17, 0, tzinfo=UTC), limit=2)
+    rates = RateStore(store.engine)
+    # When a's group commit marks the three, Then two are marked and take the day's two slots; the third is not
+    # marked (still a's, to give back until tomorrow)
+    two = Marks(sending=frozenset(ids[:2]), over_quota=frozenset(ids[2:]))
+    assert store.record_and_mark([], ids, worker="a", now=NOW, quota=quota) == two
+    assert rates.used_today("quota:daily", day="2026-11-22") == 2
+    assert {r["dedupe_key"]: r["status"] for r in store.messages()} == {"k:0": "sending", "k:1": "sending",
+                                                                       "k:2": "claimed"}  # fmt: skip
+    # and the same group again (a commit whose reply was lost): the marks are given as made, each counted once
+    assert store.record_and_mark([], ids, worker="a", now=NOW, quota=quota) == two
+    assert rates.used_today("quota:daily", day="2026-11-22") == 2
+    # When a marked row goes back to the queue unsent (its sender stopped before the first SMTP byte), Then its
+    # slot comes back in that commit, and the third row's mark takes it
+    back = Disposition(message=batch[0], status=MessageStatus.PLANNED, worker="a", started_at=NOW, finished_at=NOW,
+                       next_attempt_at=NOW, counts_as_attempt=False)  # fmt: skip
+    later = NOW + timedelta(seconds=1)
+    assert store.record_and_mark([back], ids[2:], worker="a", now=later, quota=quota) == Marks(
+        sending=frozenset(ids[2:])
+    )
+    assert rates.used_today("quota:daily", day="2026-11-22") == 2
+    # And a row marked on an earlier day gives nothing back to this one
+    tomorrow = DayQuota("quota:daily", "2026-11-23", since=datetime(2026, 11, 22, 17, 0, tzinfo=UTC), limit=2)
+    back = dataclasses.replace(back, message=batch[1])
+    assert store.record_and_mark([back], [], worker="a", now=NOW + timedelta(days=1), quota=tomorrow) == Marks()
+    assert rates.used_today("quota:daily", day="2026-11-22") == 2
 
 
 def test_a_hold_made_again_after_a_commit_whose_reply_was_lost_is_given_as_held(store: Store) -> None:

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Protocol
 
 from worker import log
 from worker.adapters.ratestore import RateStore
+from worker.adapters.store import DayQuota
 from worker.asyncstore import AsyncStore
 from worker.config import SendingSettings
-from worker.core.limits import AdaptiveRate, book, quota_day, slows_domain
+from worker.core.limits import AdaptiveRate, book, quota_day, quota_day_start, quota_grant, slows_domain
 from worker.domain import Outcome, SendResult
 from worker.ports import Clock
 
@@ -164,7 +166,8 @@ class Limiter:
 
 
 class DailyQuota:
-    """Today's sends across every worker, counted in the database."""
+    """Today's sends across every worker, counted in the database by the ledger's group commit: each ``sending``
+    mark takes a slot in its own transaction (``Store.record_and_mark`` with ``at``'s ``DayQuota``)."""
 
     def __init__(self, store: AsyncStore, rates: RateStore, clock: Clock, *, quota: int, zone: str) -> None:
         self.store = store
@@ -173,16 +176,17 @@ class DailyQuota:
         self.quota = quota
         self.zone = zone
 
-    def _day(self) -> str:
-        return quota_day(self.clock.now(), self.zone).isoformat()
+    def at(self, now: datetime) -> DayQuota | None:
+        """The quota the group commit made at ``now`` counts in (None: no quota)."""
+        if self.quota <= 0:
+            return None
+        return DayQuota(QUOTA_KEY, quota_day(now, self.zone).isoformat(), quota_day_start(now, self.zone), self.quota)
 
-    async def take(self, wanted: int) -> int:
+    async def room(self, wanted: int, taking: Callable[[], int] = lambda: 0) -> int:
+        """How many of ``wanted`` today's quota has room for as it stands, less the slots ``taking`` says this
+        process's marks under way will take (a hint: the marks take the slots, and refuse once they are spent)."""
         if self.quota <= 0 or wanted <= 0:
             return wanted
-        return await self.store.call_retrying("daily_quota_retried", self.rates.take_quota, QUOTA_KEY, day=self._day(),
-                                              quota=self.quota, wanted=wanted)  # fmt: skip
-
-    async def give_back(self, count: int) -> None:
-        if self.quota > 0 and count > 0:
-            await self.store.call_retrying("daily_quota_retried", self.rates.give_back_quota, QUOTA_KEY,
-                                           day=self._day(), count=count)  # fmt: skip
+        day = quota_day(self.clock.now(), self.zone).isoformat()
+        used = await self.store.call_retrying("daily_quota_retried", self.rates.used_today, QUOTA_KEY, day=day)
+        return quota_grant(used + taking(), self.quota, wanted)

@@ -8,9 +8,9 @@ judged against the contact policy as the ledger stands, and rendered to MIME
 bytes; in a compose helper process for full batches (``worker.composing``),
 in this one for small ones. The run's ``Arbiter`` then has the last word on
 every rendered message (it knows what this run sent that the ledger could not
-show yet); skips, defers and render failures are recorded at once, the daily
-quota is taken for the rest (what it does not cover goes back to the queue
-until the next local day) and they go on a bounded queue. While one batch is
+show yet); skips, defers and render failures are recorded at once, what the
+daily quota has no room left for goes back to the queue until the next local
+day, and the rest go on a bounded queue. While one batch is
 sent, the next is claimed and prepared.
 
 ``pool_size * in_flight_per_connection`` sender tasks take them off the queue
@@ -46,9 +46,14 @@ Where each check happens:
   again expiry, suppression of both addresses, consent, and win-back's "ordered since" / "no longer due", so an
   unsubscribe, a ``kembali suppress``, an import that withdraws consent or brings a new order, made while the
   message waited for its sender, stops it: the row ends ``skipped`` with the reason preparing would have given
-  (``email_skipped``, ``skipped:<reason>`` in the report), its quota slot is given back, nothing is sent. Then
+  (``email_skipped``, ``skipped:<reason>`` in the report), nothing is sent. Then
   the cap across workers: a mailbox another worker is sending to, holds a higher-priority claim for, or sent to
-  just before, holds the message back (``held``: back to the queue, judged again a minute later).
+  just before, holds the message back (``held``: back to the queue, judged again a minute later). Last, the day's
+  quota: the mark takes the message's slot in the same transaction, and is refused once the day's slots are all
+  taken (``daily_quota_reached``: back to the queue until the next local day). So the quota counts the messages
+  marked, those that may have been handed to SMTP, across workers: a worker killed with a batch claimed took no
+  slot for the messages it never marked, and a marked one given back unsent gives its slot back in the commit
+  that writes it.
 
 Not checked again at the mark: the other campaigns' rules and the contact policy (the queue holds a batch
 at most, so a message waits there about ``batch_size / rate`` seconds; what these checks watch seldom changes in
@@ -86,7 +91,7 @@ from typing import Literal, Protocol
 
 from worker import log
 from worker.adapters.ratestore import RateStore
-from worker.adapters.store import HELD_SECONDS, Marks, Stale
+from worker.adapters.store import HELD_SECONDS, DayQuota, Marks, Stale
 from worker.asyncstore import RETRY_SECONDS, AsyncStore, retrying
 from worker.composing import ComposerPool
 from worker.config import Settings, tls_port_hint
@@ -151,9 +156,19 @@ class LedgerWriter:
     (~0.2 ms of SQLite), so groups of 6 cost twice what groups of 30 do per message. Most senders
     whose mark waits hold a message for a busy connection anyway."""
 
-    def __init__(self, store: AsyncStore, *, worker: str, clock: Clock, group: int = 1) -> None:
-        """``group``: a group this big is committed at once; a smaller one lingers ``LINGER_SECONDS``."""
+    def __init__(
+        self,
+        store: AsyncStore,
+        *,
+        worker: str,
+        clock: Clock,
+        group: int = 1,
+        quota: Callable[[datetime], DayQuota | None] = lambda _now: None,
+    ) -> None:
+        """``group``: a group this big is committed at once; a smaller one lingers ``LINGER_SECONDS``. ``quota``: the
+        day's quota at a commit's time (``DailyQuota.at``), counted by the commit itself (``Store.record_and_mark``)."""
         self.store = store
+        self.quota = quota
         self.worker = worker
         self.clock = clock
         self.group = group
@@ -166,6 +181,9 @@ class LedgerWriter:
         self._task: asyncio.Task[None] | None = None
         self.commits = 0
         """Transactions committed so far."""
+        self.unmarked = 0
+        """Messages put on the senders' queue whose marks are not made yet: the slots of the day's quota they will
+        take (``Dispatcher._produce_with`` leaves them out of the room it sees)."""
         self.holding: set[int] = set()
         """The rows this run claimed and has not given an outcome yet (see ``Dispatcher._next_batch``)."""
         self.uncommitted: set[int] = set()
@@ -179,8 +197,9 @@ class LedgerWriter:
         self._task = asyncio.create_task(self._run(), name="kembali-ledger-writer")
 
     async def mark_sending(self, message: ClaimedMessage) -> Mark:
-        """Wait until the row's mark is committed: ``sending`` (send it), ``held`` (another worker is
-        sending to the customer: it went back to the queue), ``lost`` (the lease was lost), or a ``SkipReason``
+        """Wait until the row's mark is committed: ``sending`` (send it; it took a slot of the day's quota),
+        ``held`` (another worker is sending to the customer: it went back to the queue), ``quota`` (the day's quota
+        is spent: not marked, still claimed), ``lost`` (the lease was lost), or a ``SkipReason``
         (the re-check made with the mark skipped it: expired, suppressed, no consent, ordered since; the row is
         ``skipped``).
         A sender cancelled meanwhile (the run stopping) sends nothing: a row its mark made ``sending`` goes back to
@@ -250,6 +269,7 @@ class LedgerWriter:
             try:
                 marked = await self._commit(records, [m.id for m, _ in marks])
                 self.commits += 1
+                self.unmarked -= len(marks)
                 self.uncommitted.difference_update(record.message.id for record in records)
                 for record in records:
                     self.settled(record.message.id, sent=record.status in MAY_HAVE_ARRIVED, seq=self.commits)
@@ -264,6 +284,7 @@ class LedgerWriter:
                     if not future.done():
                         future.set_result(
                             "sending" if message_id in marked.sending else "held" if message_id in marked.held
+                            else "quota" if message_id in marked.over_quota
                             else marked.skipped.get(message_id, "lost")
                         )  # fmt: skip
             except BaseException as exc:
@@ -292,14 +313,15 @@ class LedgerWriter:
         comes back when its leases lapse)."""
         store = self.store.store
         now = self.clock.now()  # each try the same: a try after a commit whose reply was lost finds its marks by it
+        quota = self.quota(now)
         return await retrying(
             "ledger_write_retried",
-            lambda: self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now),
+            lambda: self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now, quota=quota),
             self.RETRY_SECONDS, outcomes=len(records), marks=len(ids),
         )  # fmt: skip
 
 
-Mark = Literal["sending", "held", "lost"] | SkipReason
+Mark = Literal["sending", "held", "quota", "lost"] | SkipReason
 """What a row's ``sending`` mark made of it (``LedgerWriter.mark_sending``)."""
 _DONE: Literal["done"] = "done"
 LOCAL_CHUNK = 25
@@ -535,7 +557,9 @@ class Dispatcher:
         self.quota_reached = False  # a new run, perhaps a new day: the quota tells (a daemon keeps its dispatcher)
         report = DispatchReport()
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
-        writer = self._writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock, group=in_flight // 2)
+        writer = self._writer = LedgerWriter(
+            self.store, worker=self.worker, clock=self.clock, group=in_flight // 2, quota=self.quota.at
+        )
         writer.start()
         queue: asyncio.Queue[Composed | Literal["done"]] = asyncio.Queue(maxsize=self.settings.sending.batch_size)
         wire = asyncio.Semaphore(self.settings.smtp.pool_size)
@@ -609,7 +633,7 @@ class Dispatcher:
         grace period. What is still unwritten at the end (logged by ``outcomes_not_written``)."""
         deadline = time.monotonic() + timeout
         while self.unwritten and (left := deadline - time.monotonic()) > 0:
-            writer = self._writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock)
+            writer = self._writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock, quota=self.quota.at)
             writer.start()
             try:
                 await asyncio.wait_for(self._write_unwritten(writer), left)
@@ -711,15 +735,17 @@ class Dispatcher:
                         self._count_not_sent(item, report)
                 # every batch still to come was read after this one: what it could see, they see
                 arbiter.forget_visible(got.facts_seq)
-                granted = await self.quota.take(len(composed))
+                # what the day's quota has room for, as it stands (each mark takes its slot, and refuses the mark
+                # once the quota is spent: workers side by side may leave one another less room than this tells)
+                granted = await self.quota.room(len(composed), taking=lambda: writer.unmarked)
                 if granted < len(composed):
                     self._quota_reached(composed[granted:], writer, now)
                 for index, item in enumerate(composed[:granted]):
                     if self.stopping.is_set():
                         for left in composed[index:granted]:
                             writer.record(self._release(left.message, now))
-                        await self.quota.give_back(granted - index)
                         return
+                    writer.unmarked += 1
                     await queue.put(item)
                 if self.quota_reached:
                     return
@@ -873,14 +899,16 @@ class Dispatcher:
             message = item.message
             domain = domain_of(message.email)
             if self.stopping.is_set():  # stopped or paused: not begun, back to the queue
+                writer.unmarked -= 1
                 writer.record(self._release(message, self.clock.now()))
-                await self.quota.give_back(1)
                 continue
             mark = await writer.mark_sending(message)
             if mark != "sending":
                 writer.settled(message.id, sent=False, seq=writer.commits)  # it takes no slot after all
                 if isinstance(mark, SkipReason):  # the mark's re-check: the row is skipped, as at prepare time
                     self._skipped(Skipped(message, mark, item.customer.external_id), report)
+                elif mark == "quota":  # the day's quota spent (other workers took the rest): back until tomorrow
+                    self._quota_reached([item], writer, self.clock.now())
                 elif mark == "held":
                     log.event("email_held_back", campaign=message.campaign, dedupe_key=message.dedupe_key,
                               customer=item.customer.external_id, retry_in_seconds=HELD_SECONDS,
@@ -890,8 +918,7 @@ class Dispatcher:
                     log.event("email_lease_lost", logging.WARNING, campaign=message.campaign,
                               dedupe_key=message.dedupe_key, customer=item.customer.external_id,
                               to=log.mask_email(message.email))  # fmt: skip
-                # nor a slot of the day's quota: skipped, held back or its lease lost (whoever took it takes their own)
-                await self.quota.give_back(1)
+                # nor a slot of the day's quota: only a mark takes one (whoever marks a row lost here takes their own)
                 continue
             result: SendResult | None = None
             begun = False
@@ -917,8 +944,8 @@ class Dispatcher:
                     writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
                 raise
             if result is None:  # stopped while it waited for the rate or a connection: nothing sent, give it back
+                # (with its slot of the day's quota: the commit that writes it gives that back)
                 writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
-                await self.quota.give_back(1)
                 continue
             self.limiter.observe(domain, result)  # the reply as the server gave it
             refusal = as_sender_refusal(result)

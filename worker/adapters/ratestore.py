@@ -18,8 +18,8 @@ workers on several hosts then share one clock, and a booking that queued behind
 another worker's lock does not carry a stale "now" that would let it, and every
 booking queued with it, take slots in the past and go out together.
 
-``take_quota`` counts today's sends in a ``quota:*`` row inside one short
-transaction (``SELECT … FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite).
+The daily quota's ``quota:*`` row is counted by the ledger's group commit, in the
+transaction of the ``sending`` marks (``Store.record_and_mark``); ``used_today`` reads it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from sqlalchemy.engine import Engine
 
 from worker.adapters import db
 from worker.adapters.tables import RateLimit
-from worker.core.limits import quota_grant
 
 R = RateLimit.__table__  # type: ignore[attr-defined]
 
@@ -73,30 +72,6 @@ class RateStore:
                 start = float(tat) - step
                 wait = max(wait, start - interval * (burst - 1) - float(at))
         return max(0.0, wait)
-
-    def take_quota(self, key: str, *, day: str, quota: int, wanted: int) -> int:
-        """Take up to ``wanted`` of today's ``quota`` sends; returns how many were granted."""
-        with self.engine.begin() as conn:
-            conn.execute(db.insert_ignore(self.engine, R).values(key=key, tat=0.0, day=day, day_count=0))
-            query = sa.select(R.c.day, R.c.day_count).where(R.c.key == key)
-            if self.engine.dialect.name == "postgresql":
-                query = query.with_for_update()
-            row = conn.execute(query).one()
-            used = row.day_count if row.day == day else 0
-            granted = quota_grant(used, quota, wanted)
-            conn.execute(sa.update(R).where(R.c.key == key).values(day=day, day_count=used + granted))
-        return granted
-
-    def give_back_quota(self, key: str, *, day: str, count: int) -> None:
-        """Return unused grants (messages that were not sent after all)."""
-        if count <= 0:
-            return
-        with self.engine.begin() as conn:
-            conn.execute(
-                sa.update(R)
-                .where(R.c.key == key, R.c.day == day)
-                .values(day_count=sa.case((R.c.day_count > count, R.c.day_count - count), else_=0))
-            )
 
     def used_today(self, key: str, *, day: str) -> int:
         with self.engine.begin() as conn:

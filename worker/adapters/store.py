@@ -284,6 +284,25 @@ _RECORD_SET = (
     " updated_at = :updated_at"
 )
 _RECORD_SQL = _RECORD_SET + f" WHERE id = :id AND claimed_by = :worker AND status IN ('{_CLAIMED}', '{_SENDING}')"
+# A row marked `sending` given back to the queue without an attempt (its sender stopped, or cancelled, before the
+# first SMTP byte): written alone, so the day's quota gets its slot back only if the row was still this worker's and
+# `sending` (its updated_at, the mark's time, tells the day that counted it).
+_GIVE_BACK_SQL = _RECORD_SET + (
+    f" WHERE id = :id AND claimed_by = :worker AND status = '{_SENDING}' RETURNING id, updated_at"
+)
+# The day's quota (``DayQuota``) counted in its rate_limit row, in the group commit's own transaction: locked
+# (PostgreSQL; SQLite's write lock is the transaction's) while the marks are made, so workers side by side never mark
+# more between them than the day allows.
+_QUOTA_ROW_SQL = (
+    "INSERT INTO rate_limit (key, tat, day, day_count) VALUES (:key, 0.0, :day, 0) ON CONFLICT (key) DO NOTHING"
+)
+_QUOTA_READ_SQL = "SELECT day, day_count FROM rate_limit WHERE key = :key"
+_QUOTA_SET_SQL = "UPDATE rate_limit SET day = :day, day_count = :count WHERE key = :key"
+_QUOTA_GIVE_BACK_SQL = (
+    "UPDATE rate_limit SET day_count = CASE WHEN day_count > :count THEN day_count - :count ELSE 0 END"
+    " WHERE key = :key AND day = :day"
+)
+_REQUEUED_STATUSES = frozenset({MessageStatus.PLANNED, MessageStatus.RETRY})
 _SENT_LATE_OVER = ("planned", "retry", _CLAIMED, MessageStatus.UNCERTAIN.value)
 # What the record finds of its rows first: a row this worker no longer holds (its lease lapsed and maintenance, or
 # another worker, took it) keeps what happened to it since; only a send, or a refusal of the attempt that left the
@@ -375,6 +394,11 @@ class _LedgerSql:
         self.late_refused = self.style(_LATE_REFUSED_SQL)
         self.attempt = self.style(_ATTEMPT_SQL)
         self.suppress = self.style(_SUPPRESS_SQL)
+        self.give_back = self.style(_GIVE_BACK_SQL)
+        self.quota_row = self.style(_QUOTA_ROW_SQL)
+        self.quota_read = self.style(_QUOTA_READ_SQL + (" FOR UPDATE" if dialect.name == "postgresql" else ""))
+        self.quota_set = self.style(_QUOTA_SET_SQL)
+        self.quota_give_back = self.style(_QUOTA_GIVE_BACK_SQL)
         lock = " FOR UPDATE SKIP LOCKED" if dialect.name == "postgresql" else ""
         self._claim = _CLAIM_SQL.format(message_id=_MESSAGE_ID_SQL[dialect.name], lock=lock)
         self._claim_known_ids = _CLAIM_SQL.format(message_id="NULL", lock=lock)
@@ -430,6 +454,25 @@ class Marks:
     """Skipped by the re-check made with the mark (``_RECHECK``), each with its reason: not to be sent, ever."""
     stale: tuple[Stale, ...] = ()
     """Outcomes given for rows the worker no longer held (their lease had lapsed): see ``Stale``."""
+    over_quota: frozenset[int] = frozenset()
+    """Not marked: the day's quota (``DayQuota``) was spent. Still claimed by the worker, which gives them back to the
+    queue until the next day."""
+
+
+@dataclass(frozen=True)
+class DayQuota:
+    """The day's sending quota, as the group commit counts it: a row marked ``sending`` takes a slot in the same
+    transaction as its mark (none is marked once ``limit`` are), and one given back to the queue without an attempt
+    gives its slot back. So the count is the day's marks, whatever becomes of a worker (one killed with a batch
+    claimed and not marked took nothing for it)."""
+
+    key: str
+    """The ``rate_limit`` row that counts it."""
+    day: str
+    """The shop-local day (ISO) of the commit's ``now``."""
+    since: datetime
+    """When that day began: a row marked before took a slot of an earlier day, and gives none back to this one."""
+    limit: int
 
 
 @dataclass(frozen=True)
@@ -624,7 +667,13 @@ class Store:
             yield [_claimed(r, _as_is) for r in rows]
 
     def record_and_mark(
-        self, dispositions: Sequence[Disposition], ids: Sequence[int], *, worker: str, now: datetime
+        self,
+        dispositions: Sequence[Disposition],
+        ids: Sequence[int],
+        *,
+        worker: str,
+        now: datetime,
+        quota: DayQuota | None = None,
     ) -> Marks:
         """``record`` and ``mark_sending`` in ONE transaction (one commit for the group commit).
 
@@ -634,7 +683,11 @@ class Store:
         caller may try again, with the same ``now``: outcomes it finds already written (the commit went
         through, its reply was lost) are left alone, and rows it finds marked or held back by this worker at
         ``now`` are given as such. The marks come back with the outcomes given for rows the worker no longer held
-        (``Marks.stale``)."""
+        (``Marks.stale``).
+
+        With ``quota``, the day's quota is counted in the same transaction: each row marked takes a slot, those the
+        quota leaves no slot for are not marked (``Marks.over_quota``), and a ``sending`` row given back to the
+        queue without an attempt gives its slot back (``DayQuota``)."""
         raw = self._ledger_connection()
         cursor = raw.cursor()
         try:
@@ -645,8 +698,12 @@ class Store:
                 # workers' group commits cannot wait on each other in a circle
                 cursor.execute(_LOCK_MAILBOXES, {"ids": sorted(set(ids))})
                 cursor.fetchall()
-            stale = self._record_rows(cursor, dispositions) if dispositions else ()
-            marked = self._mark_rows(cursor, ids, worker=worker, now=now) if ids else Marks()
+            stale, given_back = self._record_rows(cursor, dispositions, quota) if dispositions else ((), 0)
+            marked = Marks()
+            if ids:
+                marked = self._mark_rows(cursor, ids, worker=worker, now=now, quota=quota, given_back=given_back)
+            elif given_back and quota is not None:
+                cursor.execute(self._sql.quota_give_back, {"key": quota.key, "day": quota.day, "count": given_back})
             if stale:
                 marked = replace(marked, stale=stale)
             raw.commit()
@@ -674,21 +731,54 @@ class Store:
         with contextlib.suppress(ValueError):
             self._ledger_connections.remove(raw)
 
-    def _mark_rows(self, cursor: Any, ids: Sequence[int], *, worker: str, now: datetime) -> Marks:
+    def _mark_rows(
+        self,
+        cursor: Any,
+        ids: Sequence[int],
+        *,
+        worker: str,
+        now: datetime,
+        quota: DayQuota | None = None,
+        given_back: int = 0,
+    ) -> Marks:
         sql = self._sql
         common = {"now": sql.dt(now), "worker": worker, "later": sql.dt(now + timedelta(seconds=HELD_SECONDS))}
         skipped = {row[0]: SkipReason(row[1]) for row in self._select_in(cursor, sql.skip, ids, common)}
         rest = set(ids) - skipped.keys()
-        sending = {row[0] for row in self._select_in(cursor, sql.mark, rest, common)}
-        rest -= sending
+        over: set[int] = set()
+        if quota is None:
+            sending = {row[0] for row in self._select_in(cursor, sql.mark, rest, common)}
+        else:
+            used = self._quota_used(cursor, quota, given_back)
+            # in the order the senders asked, as many as the day has slots left; a row the mark leaves (held back,
+            # lease lost) takes none, so the next ones are tried in its place
+            waiting = [i for i in dict.fromkeys(ids) if i in rest]
+            sending = set()
+            while waiting and used < quota.limit:
+                part, waiting = waiting[: quota.limit - used], waiting[quota.limit - used :]
+                marked_now = {row[0] for row in self._select_in(cursor, sql.mark, part, common)}
+                sending |= marked_now
+                used += len(marked_now)
+            over = set(waiting)
+            cursor.execute(sql.quota_set, {"key": quota.key, "day": quota.day, "count": used})
+        rest -= sending | over
         held = {row[0] for row in self._select_in(cursor, sql.hold, rest, common)}
         # none of these: the lease was lost, or this is a retry and the lost commit marked, held or skipped them
-        for message_id, status, reason in self._select_in(cursor, sql.made, rest - held, common):
+        # (its marks counted in the day's quota by that commit)
+        for message_id, status, reason in self._select_in(cursor, sql.made, (rest | over) - held, common):
+            over.discard(message_id)
             if status == _SKIPPED:
                 skipped[message_id] = SkipReason(reason)
             else:
                 (sending if status == _SENDING else held).add(message_id)
-        return Marks(frozenset(sending), frozenset(held), skipped)
+        return Marks(frozenset(sending), frozenset(held), skipped, over_quota=frozenset(over))
+
+    def _quota_used(self, cursor: Any, quota: DayQuota, given_back: int) -> int:
+        """The slots of ``quota``'s day taken so far, less ``given_back``; its row locked until the commit."""
+        cursor.execute(self._sql.quota_row, {"key": quota.key, "day": quota.day})
+        cursor.execute(self._sql.quota_read, {"key": quota.key})
+        day, count = cursor.fetchone()
+        return max(0, (count if day == quota.day else 0) - given_back)
 
     def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
         """Commit ``sending`` for rows this worker still holds; returns the ids marked.
@@ -712,7 +802,11 @@ class Store:
             rows += cursor.fetchall()
         return rows
 
-    def _record_rows(self, cursor: Any, dispositions: Sequence[Disposition]) -> tuple[Stale, ...]:
+    def _record_rows(
+        self, cursor: Any, dispositions: Sequence[Disposition], quota: DayQuota | None = None
+    ) -> tuple[tuple[Stale, ...], int]:
+        """Write the outcomes; returns those for rows no longer held (``Stale``) and the slots of ``quota``'s day
+        that ``sending`` rows given back to the queue without an attempt give back."""
         dt = self._sql.dt
         # each row's (claimed_by, status): an outcome is written as usual only over a row its worker still holds
         ids = [d.message.id for d in dispositions]
@@ -729,6 +823,7 @@ class Store:
         late_sent: list[dict[str, Any]] = []
         late_refused: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
+        give_back: list[dict[str, Any]] = []
         attempts: list[dict[str, Any]] = []
         suppressions: list[dict[str, Any]] = []
         for d, (claimed_by, status), mine in zip(dispositions, found, held, strict=True):
@@ -757,7 +852,9 @@ class Store:
                 "subject": d.subject[:400] if d.subject else None,
                 "updated_at": finished,
             }
-            if mine:
+            if mine and quota is not None and status == _SENDING and res is None and d.status in _REQUEUED_STATUSES:
+                give_back.append(row)  # marked, never begun: its slot of the day's quota comes back
+            elif mine:
                 updates.append(row)
             elif (
                 (d.message.id, attempt_no, d.worker) in written
@@ -792,6 +889,12 @@ class Store:
                 )
         if updates:
             cursor.executemany(self._sql.record, updates)
+        given_back = 0
+        for row in give_back:  # seldom (a stop, a cancelled run): one by one, counting the rows still `sending`
+            cursor.execute(self._sql.give_back, row)
+            for _id, marked_at in cursor.fetchall():
+                assert quota is not None
+                given_back += self._sql.read_dt(marked_at) >= quota.since
         if late_sent:
             cursor.executemany(self._sql.late_sent, late_sent)
         if late_refused:
@@ -800,7 +903,7 @@ class Store:
             cursor.executemany(self._sql.attempt, attempts)
         if suppressions:
             cursor.executemany(self._sql.suppress, suppressions)
-        return tuple(stale)
+        return tuple(stale), given_back
 
     def renew_leases(
         self, *, worker: str, now: datetime, lease_seconds: int, ids: Iterable[int] | None = None

@@ -123,6 +123,12 @@ def quota_day(now: datetime, zone: str) -> date:
     return now.astimezone(ZoneInfo(zone)).date()
 
 
+def quota_day_start(now: datetime, zone: str) -> datetime:
+    """The local midnight that began the day ``now`` falls in, as an aware datetime."""
+    tz = ZoneInfo(zone)
+    return datetime.combine(now.astimezone(tz).date(), time(0, 0), tzinfo=tz)
+
+
 def next_quota_day_start(now: datetime, zone: str) -> datetime:
     """The next local midnight, as an aware datetime."""
     tz = ZoneInfo(zone)

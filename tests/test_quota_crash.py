@@ -1,0 +1,104 @@
+"""The daily quota counts the messages marked ``sending`` (those that may have been handed to SMTP), whatever
+happens to a worker: one SIGKILLed with a batch claimed costs the day no slot for the messages it never marked,
+and workers side by side never send more than the quota between them.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from tests.sendkit import REPO, ledger, prepare_database, settings_dict, subprocess_env, write_config
+from tests.smtp_server import ACCEPT, Behaviour, RecordingServer
+from worker.adapters import db
+
+QUOTA = 10
+
+
+def _statuses(url: str) -> Counter[str]:
+    return Counter(row.status for row in ledger(url).values())
+
+
+def _quota_used(url: str) -> int:
+    engine = db.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            used = conn.execute(sa.text("SELECT day_count FROM rate_limit WHERE key = 'quota:daily'")).scalar()
+    finally:
+        engine.dispose()
+    return int(used or 0)
+
+
+def test_a_worker_sigkilled_with_a_claimed_batch_costs_the_day_only_the_slot_of_the_message_it_marked(
+    db_url: str, tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given ten customers due a win-back, a daily quota of ten, one connection and one message in flight, and a
+    # server that holds the first message it gets at DATA
+    emails = prepare_database(db_url, QUOTA)
+    for email in emails:
+        smtp_server.on(email, Behaviour(delay_at="data", delay_seconds=30.0))
+    raw = settings_dict(db_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 60.0},
+                        in_flight_per_connection=1, batch_size=QUOTA, daily_quota=QUOTA, lease_seconds=2)  # fmt: skip
+    raw["logging"] = {"level": "warning"}
+    config = write_config(tmp_path / "config.toml", raw)
+    argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"]
+    log_path = tmp_path / "worker.log"
+    with log_path.open("ab") as log:
+        # When a worker claims the ten, marks the first `sending` and is held at its DATA (nine wait, unmarked)
+        first = subprocess.Popen(argv, cwd=REPO, env=subprocess_env(), stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 60
+            while _statuses(db_url)["sending"] != 1 or not smtp_server.connections:
+                assert first.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.02)
+            time.sleep(0.2)  # (its one sender holds the connection: the other nine wait on its queue)
+            # and is SIGKILLed there
+            first.kill()
+            assert first.wait(10) == -signal.SIGKILL
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+        statuses = _statuses(db_url)
+        assert statuses["sending"] == 1 and statuses["claimed"] == QUOTA - 1, statuses
+        # and, once its leases lapse, a worker starts again the same day (the server now takes every message)
+        for email in emails:
+            smtp_server.on(email, ACCEPT)
+        time.sleep(2.5)
+        again = subprocess.run(argv, cwd=REPO, env=subprocess_env(), stdout=log, stderr=log, timeout=120)
+    # Then it sends the nine the first never marked: the quota counted only the one that may have gone out
+    # (it is `uncertain`: 1 asks for a decision), not the ten the first worker had claimed
+    assert again.returncode == 1, log_path.read_text()[-3000:]
+    statuses = _statuses(db_url)
+    assert statuses == {"sent": QUOTA - 1, "uncertain": 1}, (statuses, log_path.read_text()[-3000:])
+    assert len(smtp_server.messages) == QUOTA - 1
+    assert _quota_used(db_url) == QUOTA
+    assert "daily_quota_reached" not in log_path.read_text()
+
+
+def test_workers_side_by_side_send_the_daily_quota_and_not_one_message_more(
+    db_url: str, tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given 60 customers due a win-back and a daily quota of 25, small batches
+    prepare_database(db_url, 60)
+    raw = settings_dict(db_url, smtp_server.port, batch_size=7, daily_quota=25, rate_per_second=10_000.0,
+                        burst=1000, domain_rate_per_second=10_000.0, domain_burst=1000)  # fmt: skip
+    raw["logging"] = {"level": "warning"}
+    config = write_config(tmp_path / "config.toml", raw)
+    argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"]
+    # When three workers send side by side
+    with (tmp_path / "workers.log").open("wb") as log:
+        procs = [subprocess.Popen(argv, cwd=REPO, env=subprocess_env(), stdout=log, stderr=log) for _ in range(3)]
+        codes = [p.wait(timeout=120) for p in procs]
+    # Then 25 were sent between them, not one more; the rest wait for tomorrow, and the quota counts the 25
+    assert codes == [0, 0, 0], (tmp_path / "workers.log").read_text()[-3000:]
+    statuses = _statuses(db_url)
+    assert statuses["sent"] == 25 and len(smtp_server.messages) == 25, statuses
+    assert statuses["sent"] + statuses["planned"] + statuses["retry"] == 60, statuses
+    assert _quota_used(db_url) == 25
