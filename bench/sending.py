@@ -332,6 +332,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, metavar="R",
                         help="instead: rate fidelity on the real clock, with a global limit of R/s (burst 20) and "
                              "R/4 per s for gmail.com, measured at each SMTP transaction's start")  # fmt: skip
+    parser.add_argument("--daily-quota", type=int, default=0, metavar="N",
+                        help="sending.daily_quota (default 0: none); above --messages it costs the marks, stops none")
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default=None,
                         help="event loop for both raw and end to end (default: KEMBALI_EVENT_LOOP, else auto: "
                              "uvloop when installed)")  # fmt: skip
@@ -362,7 +364,8 @@ def main() -> None:
                 raw = None if args.no_raw else eventloop.run(raw_ceiling(port, message, args.messages, args.pool))
                 run_dir = folder / kind
                 run_dir.mkdir()
-                e2e = kembali_end_to_end(port, args.messages, args.pool, args.in_flight, run_dir)
+                limits = {**UNLIMITED, "daily_quota": args.daily_quota} if args.daily_quota else None
+                e2e = kembali_end_to_end(port, args.messages, args.pool, args.in_flight, run_dir, limits)
             rss = {k: v for k, v in e2e.items() if k.startswith("rss@")}
             print(f"\n[{kind}] message {len(message)} bytes")
             if raw is not None:
