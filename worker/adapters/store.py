@@ -459,6 +459,11 @@ class Marks:
     queue until the next day."""
 
 
+def _may_give_back(dispositions: Sequence[Disposition]) -> bool:
+    """Whether a commit of ``dispositions`` may give a slot of the day's quota back (``Store._record_rows``)."""
+    return any(d.result is None and d.status in _REQUEUED_STATUSES for d in dispositions)
+
+
 @dataclass(frozen=True)
 class DayQuota:
     """The day's sending quota, as the group commit counts it: a row marked ``sending`` takes a slot in the same
@@ -698,6 +703,11 @@ class Store:
                 # workers' group commits cannot wait on each other in a circle
                 cursor.execute(_LOCK_MAILBOXES, {"ids": sorted(set(ids))})
                 cursor.fetchall()
+            if self.dialect != "sqlite" and quota is not None and (ids or _may_give_back(dispositions)):
+                # the quota's row next, before any message row: a commit that writes a row another worker has
+                # claimed since (a late outcome) and then waits for the quota would otherwise deadlock with
+                # that worker's commit, holding the quota and marking the same row
+                self._quota_used(cursor, quota, 0)
             stale, given_back = self._record_rows(cursor, dispositions, quota) if dispositions else ((), 0)
             marked = Marks()
             if ids:
