@@ -18,8 +18,21 @@ from tests.smtp_server import RecordingServer
 from worker.adapters import shop as shopdata
 from worker.adapters.ratestore import RateStore
 from worker.adapters.store import M, Marks, Store
+from worker.core.audiences import message_id_for
 from worker.core.limits import quota_day
-from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, SkipReason
+from worker.domain import (
+    CustomerRecord,
+    Disposition,
+    Locale,
+    MessageStatus,
+    OrderLineRecord,
+    OrderRecord,
+    OrderStatus,
+    Outcome,
+    PlannedMessage,
+    SendResult,
+    SkipReason,
+)
 from worker.limiter import QUOTA_KEY
 from worker.pipeline import plan
 
@@ -278,5 +291,38 @@ def test_a_skipped_email_is_logged_with_its_customer_whether_skipped_when_prepar
         # Then each email_skipped line names the customer, with the address masked
         skipped = {e["customer"]: (e["reason"], e["to"]) for e in _events(caplog, "email_skipped")}
         assert skipped == {"C0": ("suppressed", "u***@test.example"), "C1": ("no_consent", "n***@test.example")}
+    finally:
+        shop.close()
+
+
+def test_an_email_held_back_for_another_workers_send_is_logged_with_its_masked_address(
+    db_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a customer due a win-back, their message claimed and prepared by one worker
+    caplog.set_level(logging.INFO)
+    settings = make_settings(db_url, smtp_server.port, compose_processes=0)
+    shop = Shop(db_url, settings, ["satu@test.example"])
+    try:
+        plan(shop.store, settings, NOW)
+        customer_id = shop.row("satu@test.example").customer_id
+
+        def meanwhile() -> None:
+            # When, before its mark, another worker sends that customer another email
+            other = PlannedMessage(dedupe_key="feedback:other", campaign="feedback", step=1, customer_id=customer_id,
+                                   email="satu@test.example", due_at=NOW, expires_at=NOW + timedelta(days=14),
+                                   message_id=message_id_for("feedback:other", "shop.example"))  # fmt: skip
+            assert shop.store.insert_messages([other], NOW) == 1
+            [claimed] = shop.store.claim(worker="other", now=NOW, limit=10, lease_seconds=60)
+            shop.store.record([Disposition(message=claimed, status=MessageStatus.SENT, worker="other", started_at=NOW,
+                                           finished_at=NOW, result=SendResult(Outcome.SENT, 250, "ok"))])  # fmt: skip
+
+        marked = _before_the_first_mark(shop.store, meanwhile)
+        report = shop.cycle()
+        # Then the win-back is held back, and the line says whose mailbox it was, as email_lease_lost and
+        # email_skipped do: it named the customer's id and dedupe key but not the (masked) address
+        assert marked and smtp_server.messages == []
+        assert report.dispatched.outcomes == {"deferred:another_worker": 1}
+        held = _events(caplog, "email_held_back")
+        assert [(e["campaign"], e["customer"], e["to"]) for e in held] == [("winback", "C0", "s***@test.example")]
     finally:
         shop.close()

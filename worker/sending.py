@@ -911,7 +911,8 @@ class Dispatcher:
                     self._quota_reached([item], writer, self.clock.now())
                 elif mark == "held":
                     log.event("email_held_back", campaign=message.campaign, dedupe_key=message.dedupe_key,
-                              customer=item.customer.external_id, retry_in_seconds=HELD_SECONDS,
+                              customer=item.customer.external_id, to=log.mask_email(message.email),
+                              retry_in_seconds=HELD_SECONDS,
                               why="another worker is sending to this customer, or just did")  # fmt: skip
                     report.count(message.campaign, "deferred:another_worker")
                 else:
