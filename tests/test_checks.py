@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.shop_fixtures import REPO, make_site
+from worker import contexts
 from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.templates import JinjaTemplates
 from worker.checks import Kind, Problem, check_templates, render_all
@@ -126,6 +127,11 @@ CASES = [
 def test_the_shipped_templates_have_no_problems() -> None:
     root = REPO / "templates" / "email"
     assert check_templates(_settings(root), JinjaTemplates(root)) == []
+    # with the shipped config's three win-back steps, whose folders (winback-reminder/, winback-last/) the one-step
+    # default does not send from, so does not check
+    settings = load_settings(REPO / "config.toml")
+    assert settings.resolve(settings.templates.dir) == root
+    assert check_templates(settings, JinjaTemplates(root)) == []
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -268,7 +274,7 @@ def test_a_mistake_in_the_shared_layout_is_one_problem_naming_the_folders_it_bre
     assert len(named) == 1, done.stdout
     assert named[0].startswith(f"syntax: _layout.txt:{line}: syntax error: Encountered unknown tag 'endif'. "
                                "[birthday/id, birthday/en, "), named  # fmt: skip
-    assert "feedback/en +10, samples: siti," in named[0], named
+    assert "feedback/en +6, samples: siti," in named[0], named
     assert "\n1 problem found\n" in done.stdout, done.stdout
     # --json keeps one object per folder and language
     lines = site.cli("check", "--json").stdout.splitlines()
@@ -288,6 +294,40 @@ def test_a_copy_of_a_campaign_folder_that_no_campaign_uses_is_a_note_not_a_probl
     assert "no problems found" in done.stdout
     assert "note: birthday-old/ is no campaign's folder, not checked and never sent" in done.stdout, done.stdout
     assert "unknown campaign" not in done.stdout
+
+
+STEPS_TOML = ("[[campaigns.winback.steps]]\ndays = 45\ntemplate = \"winback-1\"\n\n"
+              "[[campaigns.winback.steps]]\ndays = 75\ntemplate = \"winback-2\"\n")
+
+
+@pytest.mark.parametrize("backup", ["winback-1-old", "winback-old", "winback-2.bak"])
+def test_a_copy_of_a_win_back_step_folder_that_no_step_uses_is_a_note_not_a_problem(
+    tmp_path: Path, backup: str
+) -> None:
+    # Given two win-back steps sending from winback-1/ and winback-2/, and beside them the operator's backup of a
+    # step's folder, an older version with a mistake in it
+    site = make_site(tmp_path / "shop", copy_templates=True, extra_toml=STEPS_TOML)
+    root = site.folder / "templates"
+    shutil.move(root / "winback-reminder", root / "winback-1")
+    shutil.move(root / "winback-last", root / "winback-2")
+    shutil.copytree(root / "winback-2", root / backup)
+    _edit(f"{backup}/id/body.txt", "{% block content %}", "{% block content %}{{ oops(")(root)
+    # When the operator checks the templates, and a daemon checks them as it starts
+    done = site.cli("check")
+    # Then the check passes with a note naming the backup, as for a copy of another campaign's folder: it was taken
+    # for a win-back step's folder (its name starts with "winback"), checked, its mistake reported, and a daemon
+    # refused to start over a folder nothing sends from
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no problems found" in done.stdout
+    assert f"note: {backup}/ is no campaign's folder, not checked and never sent" in done.stdout, done.stdout
+    assert check_templates(site.settings, JinjaTemplates(root)) == []
+    assert (contexts.campaign_of(site.settings, backup), contexts.campaign_of(site.settings, "winback-2")) == \
+        (backup, "winback")  # fmt: skip
+    # and the folders the steps use are checked still: the same mistake in one of them is a problem
+    _edit("winback-2/id/body.txt", "{% block content %}", "{% block content %}{{ oops(")(root)
+    done = site.cli("check")
+    assert done.returncode == 1 and "syntax: winback-2/id/body.txt:" in done.stdout, done.stdout
+    assert f"note: {backup}/ is no campaign's folder" in done.stdout, done.stdout
 
 
 def test_check_names_a_filter_that_does_not_exist_with_its_file_and_line(tmp_path: Path) -> None:
@@ -341,7 +381,7 @@ def test_check_says_when_the_shop_is_still_the_example_shop(tmp_path: Path) -> N
         '[unsubscribe]\nurl = "https://tokoku.co.id/unsubscribe"\nmailto = ""\n'
         '[campaigns.feedback]\nlink_url = "https://tokoku.co.id/feedback"\n'))  # fmt: skip
     done = own.cli("check")
-    assert done.returncode == 0 and "note:" not in done.stdout, done.stdout
+    assert done.returncode == 0 and "note: still the example shop" not in done.stdout, done.stdout
 
 
 def test_check_reports_a_missing_link_secret(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from worker import contexts
 from worker.config import Settings
 from worker.core import campaigns as cc
 from worker.core import samples
+from worker.core.audiences import WINBACK
 from worker.core.render import TemplateRenderer, build_context, build_message
 from worker.domain import ClaimedMessage, Locale, RenderedEmail, SendTimeFacts
 from worker.errors import TemplateError
@@ -194,11 +195,18 @@ def campaigns_to_check(settings: Settings, renderer: object) -> list[str]:
 
 
 def unused_folders(settings: Settings, renderer: object) -> list[str]:
-    """Folders on disk that no campaign can send from (a copy kept as a backup, ``birthday-old``): not checked, as
-    there is no campaign's variables to render them with; `kembali check` names them in a note."""
-    found: list[str] = renderer.campaigns() if hasattr(renderer, "campaigns") else []
-    used = set(required_folders(settings))
-    return sorted(f for f in found if f not in used and contexts.campaign_of(settings, f) not in cc.CAMPAIGNS)
+    """Folders on disk that no campaign can send from (a copy kept as a backup, ``birthday-old``, ``winback-2.bak``):
+    not checked, as there is no campaign's variables to render them with; `kembali check` names them in a note.
+    A folder is win-back's only when a step sends from it (``contexts.step_folders``), not for its name: the
+    backup ``winback-last-old`` was checked as a step's and could fail the check, and stop a daemon starting."""
+    found = set(renderer.campaigns() if hasattr(renderer, "campaigns") else [])
+    # and a folder whose name no campaign's can have (``birthday.bak``): never rendered, but the scan read its files
+    files: list[str] = renderer.files() if hasattr(renderer, "files") else []
+    found |= {path[0] for path in (f.split("/") for f in files)
+              if len(path) == 3 and path[1] in {loc.value for loc in Locale} and path[2] == "subject.txt"}  # fmt: skip
+    used = set(required_folders(settings)) | contexts.step_folders(settings)  # a step's, even with win-back off
+    return sorted(f for f in found if f not in used
+                  and (f == WINBACK or contexts.campaign_of(settings, f) not in cc.CAMPAIGNS))  # fmt: skip
 
 
 def locales_to_check(campaign: str, settings: Settings, renderer: object) -> list[Locale]:

@@ -28,13 +28,20 @@ class CampaignFacts:
 
 
 def campaign_of(settings: Settings, name: str) -> str:
-    """A campaign, or the campaign a template folder belongs to (``winback-last`` → ``winback``),
-    so `kembali check` can render every folder with the right variables."""
+    """A campaign, or the campaign a template folder belongs to (``winback-last`` → ``winback`` when a
+    ``[[campaigns.winback.steps]]`` names it), so `kembali check` can render every folder with the right variables.
+    Any other folder is its own name, no campaign's: ``winback-last-old``, an operator's backup, is not win-back's
+    for its name (``checks.unused_folders``)."""
     if name in cc.CAMPAIGNS:
         return name
-    if name in {step.template for step in settings.campaigns.winback.effective_steps} or name.startswith(WINBACK):
+    if name in step_folders(settings):
         return WINBACK
     return name
+
+
+def step_folders(settings: Settings) -> set[str]:
+    """The template folders win-back's steps send from (``winback`` alone without ``[[campaigns.winback.steps]]``)."""
+    return {step.template for step in settings.campaigns.winback.effective_steps}
 
 
 def sent_as(settings: Settings, folder: str) -> tuple[str, int]:
