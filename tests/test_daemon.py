@@ -1004,7 +1004,8 @@ def test_the_health_line_and_metrics_keep_their_counts_while_the_database_is_dow
         allow_connections(False)
         # Then the line still comes, says the database is unreachable and the queue unknown, and counts the sends
         down = daemon.wait_event("health", timeout=15, where=lambda e: e["database"] == "unreachable")
-        assert down["queue_depth"] is None and "OperationalError" in down["error"], down
+        assert down["queue_depth"] is None and down["uncertain_in_ledger"] is None, down
+        assert "OperationalError" in down["error"], down
         assert sum(e["sent"] for e in daemon.named("health")) == 2, daemon.named("health")
         # And Prometheus still gets this process's figures, without the ledger's (not a 500 for the whole scrape)
         status, body, _ = http("GET", daemon.url("/metrics"))
@@ -1308,3 +1309,48 @@ def _restart_after_a_crash(tmp_path: Path, smtp_server: RecordingServer, db_url:
         assert second.stop() == 0
     # And nothing is sent again
     assert sorted(to for m in smtp_server.messages for to in m.rcpt_tos).count("c1@example.com") <= 1
+
+
+def test_the_health_line_counts_the_ledgers_uncertain_messages_not_only_this_workers(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a ledger where another worker died while sending: its row became uncertain when its lease lapsed (the
+    # mail may have left), for an operator to decide on with `kembali ledger`
+    from worker.adapters.store import M
+    from worker.core.audiences import message_id_for
+    from worker.domain import PlannedMessage
+
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add([1, 2], days_ago=60)
+    shop.add([3], days_ago=5)
+    store = shop.store()
+    try:
+        row = PlannedMessage(dedupe_key="feedback:O3", campaign="feedback", step=1, customer_id=shop.customer_id("C3"),
+                             email="c3@example.com", due_at=NOW, expires_at=NOW + timedelta(days=14),
+                             message_id=message_id_for("feedback:O3", "shop.example"))  # fmt: skip
+        store.insert_messages([row], NOW)
+        [claimed] = store.claim(worker="other-host:41", now=NOW, limit=1, lease_seconds=60)
+        assert store.mark_sending([claimed.id], worker="other-host:41", now=NOW) == {claimed.id}
+        assert store.release_expired_leases(NOW + timedelta(seconds=61)) == (0, 1)
+    finally:
+        store.close()
+    assert shop.scalar("SELECT count(*) FROM message WHERE status = 'uncertain'") == 1
+    # When this worker runs and sends its own two emails, none of them uncertain
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: len(daemon.named("email_sent")) == 2, why="two email_sent events")
+        # Then its health lines say there is one uncertain message in the ledger, and that none became uncertain
+        # here since the previous line: the line said uncertain=0 throughout, counting this worker's alone
+        health = daemon.wait_event("health", after=len(daemon.named("health")))
+        assert health["uncertain_in_ledger"] == 1, health
+        assert sum(e["uncertain"] for e in daemon.named("health")) == 0, daemon.named("health")
+        # And once the operator has decided on it, the count goes back to 0
+        store = shop.store()
+        try:
+            with store.engine.begin() as conn:
+                conn.execute(sa.update(M).where(M.c.id == claimed.id).values(status="sent"))
+        finally:
+            store.close()
+        daemon.wait_event("health", where=lambda e: e["uncertain_in_ledger"] == 0, after=len(daemon.named("health")))
+    finally:
+        assert daemon.stop() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -579,6 +580,37 @@ def test_the_cap_s_reads_on_sqlite_use_the_mailbox_indexes(sqlite_url: str) -> N
         assert "ix_message_claimed_mailbox" in mark_plan, mark_plan
         assert "SCAN other" not in mark_plan, mark_plan
     store.close()
+
+
+def test_the_health_lines_counts_are_the_ledgers_and_read_their_partial_indexes(store: Store) -> None:
+    """The health line's ``uncertain_in_ledger`` is every worker's uncertain rows, not only the ones this worker
+    left; it is read every minute from a ledger of millions of rows, so from the partial indexes that hold only
+    the rows it counts, not by a scan of the ledger."""
+    # Given six rows: a dead worker's two in flight, made uncertain when their leases lapsed, and four waiting
+    store.insert_messages(planned(6), NOW)
+    dead = store.claim(worker="dead", now=NOW, limit=2, lease_seconds=60)
+    store.mark_sending([m.id for m in dead], worker="dead", now=NOW)
+    assert store.release_expired_leases(NOW + timedelta(seconds=61)) == (0, 2)
+    seen: list[tuple[str, Any]] = []
+
+    def remember(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        seen.append((statement, parameters))
+
+    sa.event.listen(store.engine, "before_cursor_execute", remember)
+    try:
+        # Then another worker's health line counts them, and the four due
+        assert opstore.health_counts(store, NOW + timedelta(seconds=61)) == (4, 2)
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", remember)
+    ((sql, params),) = [(q, p) for q, p in seen if "uncertain" in q]
+    with store.engine.connect() as conn:
+        if store.engine.dialect.name == "sqlite":
+            plan = " | ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params))
+        else:  # a table this small is read whole whatever the indexes: ask whether the index can be used
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            plan = " | ".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + sql, params))
+        assert "ix_message_uncertain" in plan, plan
+        assert not re.search(r"SCAN message(?! USING)|Seq Scan", plan), plan
 
 
 def test_lapsed_leases_of_rows_the_caller_still_works_on_are_kept(store: Store) -> None:

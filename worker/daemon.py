@@ -483,21 +483,27 @@ class Daemon:
                 log.event("attempts_pruned", count=pruned, older_than_days=days)
 
     async def health(self) -> None:
-        """The health line: what happened since the last one, and the queue. When the database cannot be read,
-        the line still comes (its counts are not lost with it), with ``queue_depth`` null and the error."""
+        """The health line: what happened here since the last one, the queue, and the ledger's ``uncertain`` rows
+        (``uncertain`` counts those this worker left since the last line; ``uncertain_in_ledger``, all of them, any
+        worker's, an operator's to decide on). When the database cannot be read, the line still comes (its counts
+        are not lost with it), with ``queue_depth`` and ``uncertain_in_ledger`` null and the error."""
         error = ""
+        depth: int | None = None
+        uncertain: int | None = None
         try:
-            depth: int | None = await self.astore.call(opstore.queue_depth, self.store, self.clock.now())
+            depth, uncertain = await self.astore.call(opstore.health_counts, self.store, self.clock.now())
         except Exception as exc:
-            depth, error = None, log.error_line(exc)
+            error = log.error_line(exc)
         line = self.metrics.health(self.clock.monotonic())
-        fields = dataclasses.asdict(line) | {"queue_depth": depth, "paused": self.paused(),
-                                             "database": "unreachable" if error else "ok"}
+        fields = dataclasses.asdict(line) | {"queue_depth": depth, "uncertain_in_ledger": uncertain,
+                                             "paused": self.paused(), "database": "unreachable" if error else "ok"}
         if error:
             log.event("health", logging.WARNING, **fields, error=error)
         else:
             log.event("health", **fields)
         queue = f"queue {depth}" if depth is not None else "database unreachable"
+        if uncertain:
+            queue += f", {uncertain} uncertain in the ledger"
         systemd.notify(f"STATUS=sent {line.sent}, failed {line.failed}, {queue}, "
                        f"{line.rate_per_minute}/min (last {self.gen.settings.daemon.health_summary_seconds:g}s)")
 

@@ -16,7 +16,18 @@ from typing import Any
 import sqlalchemy as sa
 
 from worker.adapters import db
-from worker.adapters.store import LAPSED_WHY, WAITING, C, M, O, S, Store, customer_snapshot, suppression_address
+from worker.adapters.store import (
+    LAPSED_WHY,
+    UNCERTAIN,
+    WAITING,
+    C,
+    M,
+    O,
+    S,
+    Store,
+    customer_snapshot,
+    suppression_address,
+)
 from worker.adapters.tables import Attempt, Feedback, JobRun
 from worker.domain import CustomerSnapshot, Locale, MessageStatus, SkipReason
 
@@ -75,7 +86,7 @@ def left_uncertain(store: Store, at: datetime, limit: int = 100) -> list[LeftUnc
     query = (
         sa.select(M.c.campaign, M.c.dedupe_key, C.c.external_id, M.c.email)
         .select_from(M.outerjoin(C, C.c.id == M.c.customer_id))
-        .where(M.c.status == MessageStatus.UNCERTAIN.value, M.c.updated_at == at, M.c.last_error == LAPSED_WHY)
+        .where(UNCERTAIN, M.c.updated_at == at, M.c.last_error == LAPSED_WHY)
         .order_by(M.c.id)
         .limit(limit)
     )
@@ -124,6 +135,17 @@ def queue_depth(store: Store, now: datetime | None = None) -> int:
     query = sa.select(sa.func.count()).select_from(M).where(WAITING, *due)
     with db.reading(store.engine) as conn:
         return int(conn.execute(query).scalar() or 0)
+
+
+def health_counts(store: Store, now: datetime) -> tuple[int, int]:
+    """The health line's reads, in one statement: rows due to be sent by ``now`` (``queue_depth``), and the ledger's
+    ``uncertain`` rows, whichever worker left them, for an operator to decide on (``kembali ledger``): each a read
+    of a partial index (of the waiting rows; ``ix_message_uncertain``), not of the whole ledger."""
+    due = sa.select(sa.func.count()).select_from(M).where(WAITING, M.c.next_attempt_at <= now).scalar_subquery()
+    uncertain = sa.select(sa.func.count()).select_from(M).where(UNCERTAIN).scalar_subquery()
+    with db.reading(store.engine) as conn:
+        row = conn.execute(sa.select(due, uncertain)).one()
+        return int(row[0] or 0), int(row[1] or 0)
 
 
 @dataclass(frozen=True)

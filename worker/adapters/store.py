@@ -67,6 +67,8 @@ WAITING = sa.text("message.status IN ('planned', 'retry')")
 """The rows of the partial indexes ``ix_message_queue`` and ``ix_message_expiry``."""
 IN_FLIGHT = sa.text("message.status IN ('claimed', 'sending')")
 """The rows of the partial index ``ix_message_inflight``."""
+UNCERTAIN = sa.text("message.status = 'uncertain'")
+"""The rows of the partial index ``ix_message_uncertain``."""
 _WAITING_PRIORITIES = sa.text(
     # the distinct priorities of waiting rows, highest first: one index seek each (a loose index scan)
     "WITH RECURSIVE p(v) AS ("

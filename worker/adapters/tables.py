@@ -128,6 +128,7 @@ _IN_FLIGHT = sa.text("status IN ('claimed', 'sending')")
 _SENT = sa.text("sent_at IS NOT NULL")
 _SENDING = sa.text("status = 'sending'")
 _CLAIMED = sa.text("status = 'claimed'")
+_UNCERTAIN = sa.text("status = 'uncertain'")
 _MAILBOX = sa.text("lower(email)")
 
 
@@ -147,6 +148,8 @@ class Message(SQLModel, table=True):
         sa.Index("ix_message_sending_mailbox", _MAILBOX, sqlite_where=_SENDING, postgresql_where=_SENDING),
         # migration 0014: the mark's "does another worker hold a claim of a higher priority for this mailbox?"
         sa.Index("ix_message_claimed_mailbox", _MAILBOX, sqlite_where=_CLAIMED, postgresql_where=_CLAIMED),
+        # migration 0017: the health line's count of the ledger's uncertain rows, and the rows a release made so
+        sa.Index("ix_message_uncertain", "updated_at", sqlite_where=_UNCERTAIN, postgresql_where=_UNCERTAIN),
     )
 
     id: int | None = Field(default=None, primary_key=True)
