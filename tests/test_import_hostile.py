@@ -1013,3 +1013,124 @@ def test_orders_imported_after_shop_currency_changed_count_every_customers_spend
     assert dict(_rows(db_url, "select external_id, total_spent_minor from customer")) == {"C-1": 12050, "C-2": 700}
     code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "more.csv"))
     assert code == 0 and "counted again" not in out, out
+
+
+def _customers(path: Path, n: int) -> Path:
+    rows = "".join(f"C-{i},c{i}@example.com,Ani {i},ya\n" for i in range(1, n + 1))
+    path.write_text("id,email,name,marketing_consent\n" + rows, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def on_each_connection() -> Any:
+    """Statements to run on each connection the command opens (SQLite's limits are the connection's own)."""
+    listeners: list[Any] = []
+
+    def add(*statements: str) -> None:
+        def run(dbapi_connection: Any, _record: Any) -> None:
+            for statement in statements:
+                dbapi_connection.execute(statement)
+
+        sa.event.listen(sa.Engine, "connect", run)
+        listeners.append(run)
+
+    yield add
+    for run in listeners:
+        sa.event.remove(sa.Engine, "connect", run)
+
+
+@pytest.mark.parametrize("case", ["full", "read-only", "locked"])
+def test_a_batch_sqlite_refuses_is_named_with_what_happened_and_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, case: str,
+    on_each_connection: Any,
+) -> None:
+    # Given a SQLite file that cannot take the import's rows: full (its size capped where it stands, as a full disk
+    # stops it), read-only (as a file the user cannot write; chmod does not stop root, PRAGMA query_only does), or
+    # locked by another writer for longer than SQLite waits (0.2 s here, 30 s as shipped)
+    config = migrated_config(tmp_path)
+    path = _customers(tmp_path / "customers.csv", 3000 if case == "full" else 2)
+    database = tmp_path / "k.db"
+    holder = sqlite3.connect(database, isolation_level=None)
+    try:
+        if case == "full":
+            pages = holder.execute("PRAGMA page_count").fetchone()[0]
+            on_each_connection(f"PRAGMA max_page_count = {pages}")
+        elif case == "read-only":
+            on_each_connection("PRAGMA query_only = ON")
+        else:
+            monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
+            holder.execute("BEGIN IMMEDIATE")
+        # When the customers are imported
+        code, printed = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    finally:
+        holder.close()
+    # Then it stops with exit 3, saying what happened and what to do about it, where it said "the database failed"
+    expected = {
+        "full": ("the database is full (SQLite: database or disk is full)",
+                 f"Free space on the disk that holds {database}."),
+        "read-only": ("the database cannot be written (SQLite: attempt to write a readonly database)",
+                      f"Let the user running kembali write {database} and its folder"),
+        "locked": ("another program held the database's write lock longer than the 0.2 s SQLite waits for it "
+                   "(SQLite: database is locked)", "Wait for the other writer to finish"),
+    }[case]  # fmt: skip
+    assert code == 3, printed
+    assert f"kembali import: stopped: {expected[0]}: none of customers.csv is imported (0 created" in printed, printed
+    assert f"0 rejected). {expected[1]}" in printed, printed
+    assert "Import the file again to finish: the rows already imported are left unchanged." in printed, printed
+    assert "database failed" not in printed and "Traceback" not in printed, printed
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("case", ["disk full", "read-only", "lock timeout"])
+def test_a_batch_postgresql_refuses_is_named_with_what_happened_and_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pg_url: str, case: str
+) -> None:
+    # Given a PostgreSQL database that takes the first batch of 1,000 customers, then fails the second: its disk full
+    # (53100, raised here by a trigger at the 1,500th customer, as the server raises it when a file cannot grow), or
+    # that takes no writes at all (a standby, or default_transaction_read_only: 25006), or whose customers another
+    # session holds locked past database.lock_timeout_seconds (55P03)
+    engine = db.create_engine(pg_url)
+    db.upgrade(engine)
+    name = sa.make_url(pg_url).database
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{pg_url}"\nlock_timeout_seconds = 0.2\n', encoding="utf-8")
+    path = _customers(tmp_path / "customers.csv", 1500)
+    holder = engine.connect()
+    try:
+        if case == "disk full":
+            with engine.begin() as conn:
+                conn.exec_driver_sql(
+                    "CREATE FUNCTION full_disk() RETURNS trigger AS $$ BEGIN IF NEW.external_id = 'C-1500' THEN "
+                    "RAISE EXCEPTION 'could not extend file \"base/1/2\": No space left on device' "
+                    "USING ERRCODE = 'disk_full'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql")
+                conn.exec_driver_sql("CREATE TRIGGER full_disk BEFORE INSERT ON customer FOR EACH ROW "
+                                     "EXECUTE FUNCTION full_disk()")  # fmt: skip
+        elif case == "read-only":
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        else:
+            holder.begin()
+            holder.exec_driver_sql("LOCK TABLE customer IN SHARE MODE")
+        # When the customers are imported
+        code, printed = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    finally:
+        holder.close()
+        engine.dispose()
+    # Then it stops with exit 3, saying what happened, how far it got and what to do
+    expected = {
+        "disk full": ("the database server's disk is full (PostgreSQL 53100: could not extend file",
+                      "customers.csv is imported up to line 1001, the rows after it are not (1000 created,",
+                      "Free space on the database server's disk"),
+        "read-only": ("the database takes no writes (PostgreSQL 25006: cannot execute INSERT in a read-only "
+                      "transaction)", "none of customers.csv is imported",
+                      "Point [database] url at the primary server, not a standby, or turn default_transaction_"
+                      "read_only off"),
+        "lock timeout": ("another session held a lock the import needed longer than database.lock_timeout_seconds "
+                         "(0.2 s) (PostgreSQL 55P03: canceling statement due to lock timeout)",
+                         "none of customers.csv is imported", "Wait for the other session to finish"),
+    }[case]  # fmt: skip
+    assert code == 3, printed
+    assert f"kembali import: stopped: {expected[0]}" in printed, printed
+    assert expected[1] in printed and expected[2] in printed, printed
+    assert "Import the file again to finish: the rows already imported are left unchanged." in printed, printed
+    assert "database failed" not in printed and "Traceback" not in printed, printed

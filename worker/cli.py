@@ -445,7 +445,9 @@ def _database_failure(exc: BaseException) -> str | None:
     if sa_exc is None:
         return None
     ended = isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
-    if not (ended or isinstance(exc, sa_exc.OperationalError | sa_exc.TimeoutError)):
+    # a write to a standby, or with default_transaction_read_only on (25006: psycopg's InternalError), was a traceback
+    read_only = isinstance(exc, sa_exc.DBAPIError) and getattr(exc.orig, "sqlstate", None) == "25006"
+    if not (ended or read_only or isinstance(exc, sa_exc.OperationalError | sa_exc.TimeoutError)):
         return None
     orig = getattr(exc, "orig", None) or exc
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]

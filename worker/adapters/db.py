@@ -502,6 +502,74 @@ def check_schema(engine: Engine) -> None:
         raise SchemaError(f"the database {where} {state}: run `kembali db upgrade`")
 
 
+@dataclass(frozen=True)
+class WriteFailure:
+    """Why the database refused a write, in words, and what the operator can do about it (``write_failure``)."""
+
+    what: str
+    """What happened, the driver's words after it: ``the database is full (SQLite: database or disk is full)``."""
+    remedy: str
+    """What to do before trying again: ``Free space on the disk that holds /srv/kembali/kembali.db.``"""
+
+
+def write_failure(exc: BaseException, engine: Engine, database: DatabaseSettings) -> WriteFailure | None:
+    """``exc``, a write the database failed, when its cause can be known: a full disk, a database that takes no
+    writes, another writer's lock waited out, a connection lost or ended by the server; else None. ``database``:
+    the ``[database]`` settings the session ran with (its timeouts)."""
+    orig = getattr(exc, "orig", None)
+    if not isinstance(exc, sa.exc.DBAPIError) or orig is None:
+        return None
+    said = (str(orig).strip().splitlines() or [type(orig).__name__])[0][:200]
+    if isinstance(orig, sqlite3.Error):
+        path = sqlite_path(engine)
+        code = getattr(orig, "sqlite_errorcode", 0) & 0xFF
+        said = f"SQLite: {said}"
+        if code == sqlite3.SQLITE_FULL:
+            return WriteFailure(f"the database is full ({said})", f"Free space on the disk that holds {path}.")
+        if code == sqlite3.SQLITE_READONLY:
+            return WriteFailure(f"the database cannot be written ({said})",
+                                f"Let the user running kembali write {path} and its folder (SQLite writes its -wal "
+                                "and -shm files beside it), on a disk not mounted read-only.")  # fmt: skip
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return WriteFailure(f"another program held the database's write lock longer than the "
+                                f"{SQLITE_BUSY_TIMEOUT_MS / 1000:g} s SQLite waits for it ({said})",
+                                "Wait for the other writer to finish (a `kembali run`, another import, a program "
+                                f"with {path} open in a transaction).")  # fmt: skip
+        return None
+    sqlstate = str(getattr(orig, "sqlstate", None) or "")
+    said = f"PostgreSQL {sqlstate}: {said}" if sqlstate else f"PostgreSQL: {said}"
+    if sqlstate == DISK_FULL:
+        return WriteFailure(f"the database server's disk is full ({said})",
+                            "Free space on the database server's disk (its data folder, or its WAL's).")
+    if sqlstate == READ_ONLY_TRANSACTION:
+        return WriteFailure(f"the database takes no writes ({said})",
+                            "Point [database] url at the primary server, not a standby, or turn "
+                            "default_transaction_read_only off for this database or user.")  # fmt: skip
+    if sqlstate == LOCK_NOT_AVAILABLE:
+        return WriteFailure(f"another session held a lock the import needed longer than "
+                            f"database.lock_timeout_seconds ({database.lock_timeout_seconds:g} s) ({said})",
+                            "Wait for the other session to finish (a worker's long transaction, a report, a "
+                            "migration), or raise database.lock_timeout_seconds.")  # fmt: skip
+    if sqlstate == IDLE_IN_TRANSACTION_TIMEOUT:
+        return WriteFailure(f"the database server ended the session, idle in a transaction longer than "
+                            f"database.idle_in_transaction_timeout_seconds "
+                            f"({database.idle_in_transaction_timeout_seconds:g} s) ({said})",
+                            "If the import stalls that long between two statements (a machine suspended, a file "
+                            "read slowly over a network), raise database.idle_in_transaction_timeout_seconds.")
+    if exc.connection_invalidated or sqlstate.startswith("08") or sqlstate in _SESSION_ENDED:
+        return WriteFailure(f"the connection to the database was lost ({said})",
+                            f"Check that the database server {describe(engine)} is up and reachable (a batch under "
+                            "way as the connection went may be in or not: importing again is safe either way).")
+    return None
+
+
+DISK_FULL = "53100"
+READ_ONLY_TRANSACTION = "25006"
+"""A write in a read-only transaction: a standby's, or ``default_transaction_read_only`` on."""
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
+"""The server ended the session: an administrator's command, its shutdown or crash."""
+
+
 def describe(engine: Engine) -> str:
     """The database for messages: an SQLite file's path, or the URL without its password, in the user part
     (``user:***@host``) or as libpq's ``password`` or ``sslpassword`` parameter (``?password=***``)."""

@@ -173,10 +173,14 @@ def import_file(
         progress.done()
         done = f"{path.name} is imported up to line {saved}, the rows after it are not" if saved else (
             f"none of {path.name} is imported")
-        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped: the database failed"
+        failure = None if isinstance(exc, KeyboardInterrupt) else db.write_failure(exc, store.engine,
+                                                                                   settings.database)
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else (
+            f"stopped: {failure.what}" if failure else "stopped: the database failed")
+        remedy = f" {failure.remedy}" if failure else ""
         print(
             f"kembali import: {why}: {done} ({total.created} created, {total.updated} updated, "
-            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear, shared)}). {again}",
+            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear, shared)}).{remedy} {again}",
             file=sys.stderr,
         )
         if not isinstance(exc, KeyboardInterrupt):
