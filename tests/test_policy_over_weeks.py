@@ -3,13 +3,15 @@
 A small generated shop (customers in six time zones, birthdays, recent deliveries, one-time buyers of every age,
 repeat buyers near a loyalty milestone, product launches) is run every few hours on a fake clock for 60 days
 through a real SQLite file (and PostgreSQL) and a real SMTP server (aiosmtpd, port 0). Midway, customers order
-again, products launch, an address is suppressed and the shop changes its cap twice. Then what the server
+again, products launch, an address is suppressed, a customer withdraws consent and the shop changes its cap
+twice. Then what the server
 received and what the ledger says are checked against the policy, with reference computations of this module's
 own (nothing here asks the worker's policy code what it would have done):
 
 * no mailbox got more than the cap configured at the time in any rolling window;
 * nothing arrived during the customer's local quiet hours (21:00-08:00 on their clock);
-* no message arrived twice; nothing to an address after its suppression; no win-back after the customer ordered;
+* no message arrived twice; nothing to an address after its suppression, nor to a customer after they withdrew
+  their consent; no win-back after the customer ordered;
 * every ledger row ends terminal with its reason, or waits for a time still to come;
 * a deferred message went at the first run at which it could (quiet hours, cap, news week and a birthday due
   within the hour being the only things that hold one back), and one skipped ``expired`` had no free run left
@@ -53,6 +55,7 @@ START = datetime(2027, 3, 1, 0, 0, tzinfo=UTC)
 """Covers the clocks changing in New York (14 March), Amsterdam (28 March) and Sydney (4 April)."""
 DAYS = 60
 RUN_EVERY = timedelta(hours=3)
+"""The runs' usual spacing (a cron line every three hours); ``run_times`` makes them irregular."""
 ZONES = ("Asia/Jakarta", "Asia/Makassar", "Asia/Jayapura", "Europe/Amsterdam", "America/New_York",
          "Australia/Sydney")  # fmt: skip
 QUIET = (time(21, 0), time(8, 0))
@@ -117,6 +120,8 @@ class ShopPlan:
     """Imported on their placed_at (the run at or after it)."""
     suppress: tuple[str, datetime]
     """An address and when it is suppressed (its customer unsubscribes by mail)."""
+    withdraw: tuple[str, datetime]
+    """A customer and when an import says they no longer consent to marketing email."""
 
 
 def order(
@@ -149,9 +154,9 @@ def generated_shop(seed: int = 3) -> ShopPlan:
         placed = START - timedelta(days=days_before_start, hours=rng.randrange(24))
         p.orders.append(order(f"O-{p.ext}-{len(p.orders) + 1}", p.ext, placed, **kw))
 
-    # the issue's case: birthday, feedback and win-back step 1 due on the same day (day 6), five times over; the
-    # second orders again and the third unsubscribes while the others wait for their slot
-    trio = [person("TRIO", birthday=date(1990, 3, 7)) for _ in range(5)]
+    # the issue's case: birthday, feedback and win-back step 1 due on the same day (day 6), six times over; the
+    # second orders again, the third unsubscribes and the sixth withdraws consent while the others wait for their slot
+    trio = [person("TRIO", birthday=date(1990, 3, 7)) for _ in range(6)]
     for p in trio:  # on their clock: win-back due at 10:00 on 7 March, the feedback request at 09:00
         zone = ZoneInfo(p.zone)
         placed = datetime(2027, 1, 21, 10, 0, tzinfo=zone).astimezone(UTC)  # 45 days before
@@ -193,7 +198,7 @@ def generated_shop(seed: int = 3) -> ShopPlan:
         later.append(order(f"O-{p.ext}-3", p.ext, at(day), delivered_after=2, product="P-KOPI"))
     later.append(order(f"O-{trio[1].ext}-2", trio[1].ext, at(7.5), delivered_after=None))
     later.sort(key=lambda o: o.placed_at)
-    return ShopPlan(people, later, (trio[2].email, at(7.5)))
+    return ShopPlan(people, later, (trio[2].email, at(7.5)), (trio[5].ext, at(7.5)))
 
 
 # --- running it --------------------------------------------------------------
@@ -245,15 +250,28 @@ class Story:
         return self.customers[next(r.customer_id for r in self.rows if r.message_id == message_id)]
 
 
+def record(p: Person, i: int) -> CustomerRecord:
+    return CustomerRecord(p.ext, p.email, f"Siti {p.ext}", Locale.EN if i % 2 else Locale.ID, p.zone, p.birthday,
+                          p.consent, "opt_in", "checkout")  # fmt: skip
+
+
+def run_times(days: int, irregular: bool) -> list[datetime]:
+    """Every ``RUN_EVERY`` on the hour; irregular: one to four hours apart at any minute (a daemon's cycles)."""
+    rng = random.Random(11)
+    out, now = [], START
+    while now <= START + timedelta(days=days):
+        out.append(now)
+        now += timedelta(hours=rng.randint(1, 4), minutes=rng.randrange(60)) if irregular else RUN_EVERY
+    return out
+
+
 def run_the_weeks(db_url: str, server: RecordingServer, plan: ShopPlan, cap_plan: Sequence[tuple[datetime, Caps]],
-                  *, days: int = DAYS) -> Story:  # fmt: skip
+                  *, days: int = DAYS, irregular: bool = False) -> Story:  # fmt: skip
     engine = db.create_engine(db_url)
     db.upgrade(engine)
     shop.upsert_products(engine, PRODUCTS, START)
     shop.upsert_customers(engine, [
-        CustomerRecord(p.ext, p.email, f"Siti {p.ext}", Locale.EN if i % 2 else Locale.ID, p.zone, p.birthday,
-                       p.consent, "opt_in", "checkout")
-        for i, p in enumerate(plan.people)
+        record(p, i) for i, p in enumerate(plan.people)
     ], START)  # fmt: skip
     shop.upsert_orders(engine, [o for p in plan.people for o in p.orders], START)
     engine.dispose()
@@ -264,12 +282,11 @@ def run_the_weeks(db_url: str, server: RecordingServer, plan: ShopPlan, cap_plan
     store = Store(db.engine_for(settings))
     pending_orders = list(plan.later_orders)
     launches = sorted((at(day), products) for day, products in LAUNCHES.items())
-    suppressed = False
+    suppressed = withdrawn = False
     runs: list[datetime] = []
     deliveries: list[Delivery] = []
     try:
-        now = START
-        while now <= START + timedelta(days=days):
+        for now in run_times(days, irregular):
             clock.set(now)
             while pending_orders and pending_orders[0].placed_at <= now:
                 shop.upsert_orders(store.engine, [pending_orders.pop(0)], now)
@@ -278,6 +295,10 @@ def run_the_weeks(db_url: str, server: RecordingServer, plan: ShopPlan, cap_plan
             if not suppressed and plan.suppress[1] <= now:
                 store.suppress(plan.suppress[0], reason="unsubscribe", source="test", now=now)
                 suppressed = True
+            if not withdrawn and plan.withdraw[1] <= now:
+                i, p = next((i, p) for i, p in enumerate(plan.people) if p.ext == plan.withdraw[0])
+                shop.upsert_customers(store.engine, [replace(record(p, i), marketing_consent=False)], now)
+                withdrawn = True
             wanted = [caps for since, caps in cap_plan if since <= now][-1]
             if wanted != caps_now:
                 caps_now = wanted
@@ -296,7 +317,6 @@ def run_the_weeks(db_url: str, server: RecordingServer, plan: ShopPlan, cap_plan
                     deliveries.append(Delivery(now, to.lower(), str(parsed["Message-ID"]).strip(),
                                                str(parsed["X-Kembali-Campaign"])))  # fmt: skip
             runs.append(now)
-            now += RUN_EVERY
         with store.engine.connect() as conn:
             rows = [Row.of(r) for r in conn.execute(sa.select(M).order_by(M.c.id))]
             customers = {r[0]: r[1] for r in conn.execute(sa.text("SELECT id, external_id FROM customer"))}
@@ -451,6 +471,12 @@ def suppression_violations(story: Story) -> list[str]:
             for d in story.deliveries if d.to == address.lower() and d.at >= since]  # fmt: skip
 
 
+def consent_violations(story: Story) -> list[str]:
+    who, since = story.plan.withdraw
+    return [f"{d.campaign} to {who} at {d.at} after they withdrew consent at {since}"
+            for d in story.deliveries if d.at >= since and story.who(d.message_id) == who]  # fmt: skip
+
+
 def winback_violations(story: Story) -> list[str]:
     placed: dict[str, list[datetime]] = defaultdict(list)
     for o in [*(o for p in story.plan.people for o in p.orders), *story.plan.later_orders]:
@@ -562,8 +588,18 @@ def holdout_violations(story: Story) -> list[str]:
     return out
 
 
-CHECKS = (cap_violations, quiet_violations, duplicate_violations, suppression_violations, winback_violations,
-          ledger_violations, timing_violations, priority_violations, holdout_violations)  # fmt: skip
+CHECKS = (
+    cap_violations,
+    quiet_violations,
+    duplicate_violations,
+    suppression_violations,
+    consent_violations,
+    winback_violations,
+    ledger_violations,
+    timing_violations,
+    priority_violations,
+    holdout_violations,
+)
 
 
 # --- the tests ---------------------------------------------------------------
@@ -594,7 +630,7 @@ def test_the_story_exercises_every_campaign_and_skip(story_sqlite: Story) -> Non
     campaigns = Counter(d.campaign for d in story.deliveries)
     assert set(campaigns) == set(PRIORITY), campaigns
     reasons = Counter(r.skip_reason for r in story.rows if r.status == "skipped")
-    assert {"held_out", "expired", "ordered_since", "suppressed"} <= set(reasons), reasons
+    assert {"held_out", "expired", "ordered_since", "suppressed", "no_consent"} <= set(reasons), reasons
     assert len(story.deliveries) >= 40
 
 
@@ -614,13 +650,15 @@ def test_the_birthday_wins_the_day_and_the_others_follow_within_the_cap(story_sq
         got = [(d.at, d.campaign) for d in story.deliveries if d.to == p.email]
         assert got[0][1] == "birthday", (p.ext, got)
         assert got[0][0].astimezone(ZoneInfo(p.zone)).date() == date(2027, 3, 7)
-        if p.email != story.plan.suppress[0]:
+        if p.email != story.plan.suppress[0] and p.ext != story.plan.withdraw[0]:
             assert got[1][1] == "feedback", (p.ext, got)
             assert got[1][0] - got[0][0] == timedelta(days=3)
     held = {story.customers[r.customer_id] for r in story.rows if r.skip_reason == "held_out"}
-    stopped = {p.ext for p in trio if p.email == story.plan.suppress[0]} | {
-        o.customer_external_id for o in story.plan.later_orders
-    }
+    stopped = (
+        {p.ext for p in trio if p.email == story.plan.suppress[0]}
+        | {story.plan.withdraw[0]}
+        | {o.customer_external_id for o in story.plan.later_orders}
+    )
     free = [p for p in trio if p.ext not in held | stopped]
     assert free, "a TRIO customer who gets all three"
     for p in free:
@@ -640,8 +678,9 @@ def test_a_second_shop_run_holds_out_the_same_customers(
 
 
 @pytest.mark.postgres
-def test_the_same_weeks_on_postgresql(pg_url: str, smtp_server: RecordingServer) -> None:
-    story = run_the_weeks(pg_url, smtp_server, generated_shop(), CAP_PLAN, days=30)
+def test_the_same_weeks_on_postgresql_run_at_irregular_times(pg_url: str, smtp_server: RecordingServer) -> None:
+    """A month on PostgreSQL, the runs one to four hours apart at any minute (a daemon's cycles, not cron's)."""
+    story = run_the_weeks(pg_url, smtp_server, generated_shop(), CAP_PLAN, days=30, irregular=True)
     problems = [p for check in CHECKS for p in check(story)]
     assert problems == [], "\n".join(problems)
 
@@ -670,6 +709,11 @@ def test_each_check_catches_a_story_that_breaks_it(story_sqlite: Story) -> None:
     address, since = s.plan.suppress
     assert suppression_violations(broken(s, deliveries=[*s.deliveries, replace(
         first, to=address.lower(), at=since + timedelta(days=1))]))  # fmt: skip
+    # an email to the customer who withdrew consent, after that: their row skipped `no_consent`, delivered anyway
+    refused = next(r for r in s.rows if r.skip_reason == "no_consent")
+    rows = [replace(r, message_id="<nc@x>") if r.id == refused.id else r for r in s.rows]
+    assert consent_violations(broken(s, rows=rows, deliveries=[*s.deliveries, Delivery(
+        s.plan.withdraw[1] + timedelta(days=2), refused.email, "<nc@x>", refused.campaign)]))  # fmt: skip
     # a win-back to a customer after they ordered again: the one skipped `ordered_since`, delivered anyway
     stopped = next(r for r in s.rows if r.skip_reason == "ordered_since")
     rows = [replace(r, message_id="<wb@x>") if r.id == stopped.id else r for r in s.rows]
