@@ -4,17 +4,16 @@ A small generated shop (customers in six time zones, birthdays, recent deliverie
 repeat buyers near a loyalty milestone, product launches) is run every few hours on a fake clock for 60 days
 through a real SQLite file (and PostgreSQL) and a real SMTP server (aiosmtpd, port 0). Midway, customers order
 again, products launch, an address is suppressed, a customer withdraws consent and the shop changes its cap
-twice. Then what the server
-received and what the ledger says are checked against the policy, with reference computations of this module's
-own (nothing here asks the worker's policy code what it would have done):
+twice. Then what the server received and what the ledger says are checked against the policy, with reference
+computations of this module's own (nothing here asks the worker's policy code what it would have done):
 
 * no mailbox got more than the cap configured at the time in any rolling window;
 * nothing arrived during the customer's local quiet hours (21:00-08:00 on their clock);
 * no message arrived twice; nothing to an address after its suppression, nor to a customer after they withdrew
   their consent; no win-back after the customer ordered;
 * every ledger row ends terminal with its reason, or waits for a time still to come;
-* a deferred message went at the first run at which it could (quiet hours, cap, news week and a birthday due
-  within the hour being the only things that hold one back), and one skipped ``expired`` had no free run left
+* a deferred message went at the first run at which it could (quiet hours, cap, news week and a birthday offer
+  due within two hours being the only things that hold one back), and one skipped ``expired`` had no free run left
   before its expiry;
 * where several messages compete for a mailbox's slot, the one sent is the highest priority;
 * holdouts are per customer and campaign, and get no email.
@@ -72,10 +71,6 @@ CAP_PLAN: list[tuple[datetime, Caps]] = [
     (START + timedelta(days=22, hours=5), ((1, 5), (3, 30))),  # tighter
     (START + timedelta(days=41, hours=7), ((2, 3), (6, 30))),  # looser: two can go on one day
 ]
-
-
-def caps_at(when: datetime) -> Caps:
-    return [caps for since, caps in CAP_PLAN if since <= when][-1]
 
 
 # --- the shop ----------------------------------------------------------------
