@@ -378,6 +378,46 @@ def test_a_birthday_next_to_a_clock_change_is_planned_by_one_daily_pass_whatever
                     assert opens <= plan[1] < cc.birthday_expires(born, zone) and plan[1] >= now, (now, plan)
 
 
+THREE_DAYS = timedelta(days=3)
+
+
+@pytest.mark.parametrize(
+    ("born", "now", "zone", "days_before", "expected"),
+    [
+        # the window opens at the customer's midnight, within the horizon: (the birthday, that midnight)
+        (date(1990, 2, 26), datetime(2027, 2, 25, 13, 0, tzinfo=UTC), JKT, 0,
+         (date(2027, 2, 26), datetime(2027, 2, 25, 17, 0, tzinfo=UTC))),
+        # open already (the day itself): the window's opening, in the past
+        (date(1990, 2, 26), datetime(2027, 2, 26, 3, 0, tzinfo=UTC), JKT, 0,
+         (date(2027, 2, 26), datetime(2027, 2, 25, 17, 0, tzinfo=UTC))),
+        # days_before = 3: it opens three days before the birthday
+        (date(1990, 3, 1), datetime(2027, 2, 25, 13, 0, tzinfo=UTC), JKT, 3,
+         (date(2027, 3, 1), datetime(2027, 2, 25, 17, 0, tzinfo=UTC))),
+        # opens later than the horizon: nothing to keep a slot for yet
+        (date(1990, 3, 1), datetime(2027, 2, 25, 16, 59, tzinfo=UTC), JKT, 0, None),
+        # just within it
+        (date(1990, 3, 1), datetime(2027, 2, 25, 17, 0, tzinfo=UTC), JKT, 0,
+         (date(2027, 3, 1), datetime(2027, 2, 28, 17, 0, tzinfo=UTC))),
+        # 29 February, in a year without one: the 28th
+        (date(1992, 2, 29), datetime(2027, 2, 26, 12, 0, tzinfo=UTC), JKT, 0,
+         (date(2027, 2, 28), datetime(2027, 2, 27, 17, 0, tzinfo=UTC))),
+        # the birthday is over on the customer's clock (New York, 00:30 on the 27th): next year's is a year away
+        (date(1990, 2, 26), datetime(2027, 2, 27, 5, 30, tzinfo=UTC), "America/New_York", 0, None),
+        # still the birthday in New York at 04:30 UTC on the 27th (23:30 on the 26th there)
+        (date(1990, 2, 26), datetime(2027, 2, 27, 4, 30, tzinfo=UTC), "America/New_York", 0,
+         (date(2027, 2, 26), datetime(2027, 2, 26, 5, 0, tzinfo=UTC))),
+        # across the new year: a 1 January birthday seen on 30 December
+        (date(1990, 1, 1), datetime(2027, 12, 30, 12, 0, tzinfo=UTC), JKT, 0,
+         (date(2028, 1, 1), datetime(2027, 12, 31, 17, 0, tzinfo=UTC))),
+        (None, datetime(2027, 2, 25, 13, 0, tzinfo=UTC), JKT, 0, None),
+    ],
+)  # fmt: skip
+def test_a_birthday_to_come_is_seen_when_its_window_opens_within_the_horizon_or_is_open(
+    born: date | None, now: datetime, zone: str, days_before: int, expected: tuple[date, datetime] | None
+) -> None:
+    assert cc.birthday_to_come(born, now, ZoneInfo(zone), days_before, THREE_DAYS) == expected
+
+
 def test_birthday_messages_expire_at_the_end_of_the_day_in_their_zone() -> None:
     assert cc.birthday_expires(date(2027, 2, 28), ZoneInfo(JKT)) == datetime(2027, 2, 28, 17, 0, tzinfo=UTC)
 

@@ -16,6 +16,7 @@ from email.header import decode_header, make_header
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tests.smtp_server import ACCEPT, Behaviour, RecordingServer
 from worker.adapters import db, shop
@@ -270,3 +271,52 @@ def test_a_birthday_planned_ahead_keeps_its_slot_from_two_lower_messages_decided
     # And at midnight the birthday offer goes out, within the cap
     cycle_at(settings, clock, datetime(2027, 2, 25, 17, 0, 30, tzinfo=UTC))
     assert subjects(smtp_server)[1:] == ["Happy birthday, Siti! Enjoy 15% off, on us"]
+
+
+def test_a_birthday_no_pass_has_planned_yet_keeps_its_slot_from_an_email_the_evening_before(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given C1, whose birthday is DAY0 (an offer on the day itself, days_before = 0), due a feedback request and a
+    # win-back step since the morning before, in a shop whose cap is one email in three days
+    settings = given_a_customer_due_three_campaigns(tmp_path, smtp_server)
+    # When a cycle runs at 20:00 in Jakarta the evening before (before quiet hours; too early for any pass to plan
+    # the birthday offer, whose window opens at midnight)
+    evening = datetime(2027, 2, 25, 13, 0, tzinfo=UTC)
+    clock = FakeClock(evening)
+    report = cycle_at(settings, clock, evening)
+    # Then neither takes the birthday offer's slot (sent that evening, either would have left the offer capped
+    # until after the birthday, and skipped as expired)
+    assert report.dispatched.outcomes == {"deferred:birthday": 2}, report.dispatched.outcomes
+    assert smtp_server.messages == []
+    # And the next morning the birthday offer goes out, the others later within the cap
+    for day in range(7):
+        cycle_at(settings, clock, DAY0 + timedelta(days=day))
+    assert subjects(smtp_server) == ["Happy birthday, Siti! Enjoy 15% off, on us", "How was your order INV-1, Siti?",
+                                     "How are you, Siti?"]  # fmt: skip
+
+
+@pytest.mark.parametrize("why", ["held out of the birthday campaign", "this year's offer already sent"])
+def test_an_email_does_not_wait_for_a_birthday_offer_that_will_not_be_sent(
+    tmp_path: Path, smtp_server: RecordingServer, why: str
+) -> None:
+    # Given C1, whose birthday is DAY0, due a feedback request and a win-back step the evening before, and no
+    # birthday offer to come for them
+    settings = given_a_customer_due_three_campaigns(tmp_path, smtp_server)
+    engine = db.create_engine(settings.database_url)
+    if why.startswith("held out"):  # customer 1 sits at 0.72 of the birthday campaign's holdout order
+        birthday = dataclasses.replace(settings.campaigns.birthday, holdout_share=0.75)
+        settings = dataclasses.replace(settings, campaigns=dataclasses.replace(settings.campaigns, birthday=birthday))
+    else:  # sent early in the year by hand (a resend), say: the ledger has this year's key
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO message (dedupe_key, campaign, step, priority, customer_id, email, status, due_at,"
+                " expires_at, next_attempt_at, attempts, resent_after_attempts, payload, created_at, updated_at)"
+                " VALUES ('birthday:C1:2027', 'birthday', 1, 100, 1, 'c1@example.com', 'skipped', :t, :t, :t, 0, 0,"
+                " '{}', :t, :t)"), {"t": datetime(2027, 1, 2, tzinfo=UTC)})  # fmt: skip
+    engine.dispose()
+    # When a cycle runs at 20:00 in Jakarta the evening before
+    evening = datetime(2027, 2, 25, 13, 0, tzinfo=UTC)
+    report = cycle_at(settings, FakeClock(evening), evening)
+    # Then the feedback request goes out (the win-back is capped behind it)
+    assert report.dispatched.outcomes["sent"] == 1, (why, report.dispatched.outcomes)
+    assert subjects(smtp_server) == ["How was your order INV-1, Siti?"]

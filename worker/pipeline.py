@@ -33,7 +33,7 @@ from worker.contact import Arbiter, judge
 from worker.core import audiences, tokens
 from worker.core import campaigns as cc
 from worker.core.campaigns import Launch
-from worker.core.policy import Decision, DeferUntil, Skip, deferred
+from worker.core.policy import Decision, DeferUntil, Skip, deferred, in_holdout, zone_of
 from worker.core.render import ShopInfo, TemplateRenderer, build_context, build_message
 from worker.domain import (
     ClaimedMessage,
@@ -125,13 +125,17 @@ def load_batch_facts(
     launches: list[Launch] = []
     news_sent: dict[str, list[datetime]] = {}
     ahead: dict[str, list[datetime]] = {}
+    customers = store.send_time_facts(customer_ids)
     if settings is not None and now is not None:
         policy = planning.contact_policy(settings)
         sent = store.sent_times([m.email for m in messages], since=now - policy.lookback)
-        below = [m.email for m in messages if policy.priority(m.campaign) < policy.priority(cc.BIRTHDAY)]
+        below = [m for m in messages if policy.priority(m.campaign) < policy.priority(cc.BIRTHDAY)]
         if below and settings.campaigns.birthday.enabled:
-            ahead = store.due_ahead(below, campaign=cc.BIRTHDAY, priority=policy.priority(cc.BIRTHDAY), after=now,
+            ahead = store.due_ahead([m.email for m in below], campaign=cc.BIRTHDAY,
+                                    priority=policy.priority(cc.BIRTHDAY), after=now,
                                     until=now + cc.BIRTHDAY_LEAD)  # fmt: skip
+            for box, at in _birthdays_to_come(store, settings, below, customers, now).items():
+                ahead.setdefault(box, []).append(at)
         wanting = [m.customer_id for m in messages if m.campaign == cc.NEW_PRODUCTS]
         if wanting:
             news = [m.email for m in messages if m.campaign == cc.NEW_PRODUCTS]
@@ -140,7 +144,6 @@ def load_batch_facts(
             within = timedelta(days=settings.campaigns.new_products.within_days)
             launches = audience_sql.launches(store.engine, since=now - within, until=now)
     rated = [int(m.payload["order_id"]) for m in messages if m.campaign == cc.FEEDBACK and "order_id" in m.payload]
-    customers = store.send_time_facts(customer_ids)
     rewarded = [m.customer_id for m in messages if m.campaign == cc.LOYALTY]
     if rewarded and settings is not None:  # a milestone counts the orders paid, not one placed and not paid yet
         totals = store.paid_totals(rewarded, settings.shop.currency)
@@ -159,6 +162,43 @@ def load_batch_facts(
         birthdays_ahead=ahead,
         suppressed=frozenset(store.suppressed_among(m.email for m in messages)),
     )
+
+
+def _birthdays_to_come(
+    store: Store, settings: Settings, messages: Sequence[ClaimedMessage], customers: dict[int, SendTimeFacts],
+    now: datetime,
+) -> dict[str, datetime]:
+    """For these messages' mailboxes, when the birthday offers that no pass has planned yet fall due, for those
+    a message sent now could take the slot of (their window opens within the longest cap window, or is open): a
+    daily pass plans a birthday offer only hours ahead of its window, or hours into it, and a message of lower
+    priority sent meanwhile would leave it capped until it expired. One whose window is open already counts as due
+    ``cc.UNPLANNED_BIRTHDAY_WAIT`` from now (the message waits that long, and looks again). Only for customers
+    the birthday campaign would plan (reachable, with a birthday, not held out of it) and whose offer for that
+    birthday the ledger has no row of."""
+    cfg = settings.campaigns.birthday
+    horizon = planning.contact_policy(settings).lookback
+    found: dict[str, tuple[str, datetime]] = {}
+    for message in messages:
+        facts = customers.get(message.customer_id)
+        customer = facts.customer if facts is not None else None
+        if facts is None or customer is None or facts.suppressed or not customer.marketing_consent:
+            continue
+        if in_holdout(customer.id, cc.BIRTHDAY, cfg.holdout_share):
+            continue  # its row would say held_out: no email to keep a slot for
+        zone = zone_of(customer.time_zone, settings.shop.time_zone)
+        window = cc.birthday_to_come(customer.birthday, now, zone, cfg.days_before, horizon)
+        if window is not None:
+            day, opens = window
+            at = opens if opens > now else min(now + cc.UNPLANNED_BIRTHDAY_WAIT, cc.birthday_expires(day, zone))
+            found[cc.birthday_key(customer.external_id, day.year)] = (mailbox(message.email), at)
+    if not found:
+        return {}
+    known = audience_sql.existing_keys(store.engine, found)  # planned (due_ahead sees it), sent, or skipped
+    out: dict[str, datetime] = {}
+    for key, (box, at) in found.items():
+        if key not in known:
+            out[box] = min(at, out.get(box, at))
+    return out
 
 
 def load_catalogue(store: Store) -> list[ProductView]:

@@ -165,6 +165,31 @@ def birthday_plan(
     return day, max(opens, now)
 
 
+UNPLANNED_BIRTHDAY_WAIT = timedelta(hours=1)
+"""How long a message of lower priority waits, at a time, for a birthday offer whose window is open but which no
+pass has planned yet (the daemon plans once a day, at ``schedule``'s hour): long enough not to churn, short
+enough that it goes soon after the birthday offer does."""
+
+
+def birthday_to_come(
+    birthday: date | None, now: datetime, zone: ZoneInfo, days_before: int, horizon: timedelta
+) -> tuple[date, datetime] | None:
+    """(the birthday, when its offer's window opens) for the customer's next birthday whose window has not
+    closed and opens within ``horizon`` of ``now`` (it may be open already): the birthday offer a message of lower
+    priority sent at ``now`` could take the slot of, before any pass has planned it. None without a birthday, or
+    when the next window opens later than that."""
+    if birthday is None:
+        return None
+    today = local_today(now, zone)
+    for year in (today.year, today.year + 1):
+        day = birthday_in(birthday, year)
+        if birthday_expires(day, zone) <= now:
+            continue
+        opens = datetime.combine(day - timedelta(days=days_before), time(0, 0), tzinfo=zone).astimezone(UTC)
+        return (day, opens) if opens - now <= horizon else None
+    return None
+
+
 def birthday_key(customer_external_id: str, year: int) -> str:
     return f"{BIRTHDAY}:{key_part(customer_external_id)}:{year}"
 
