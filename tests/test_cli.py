@@ -564,7 +564,8 @@ def test_import_help_says_what_to_import_first_and_what_its_exit_codes_mean() ->
     assert "Exit code 1 if any row was rejected, or imported with a warning (an unclear marketing_consent, one " \
            "address whose customers' consents disagree); 2 if the file is missing or cannot be read as CSV of " \
            "that kind " \
-           "(nothing imported); 130/143 when stopped by Ctrl-C/SIGTERM" in text  # fmt: skip
+           "(nothing imported); 3 when the database cannot be used; 130/143 when stopped by Ctrl-C/SIGTERM" \
+           in text  # fmt: skip
     assert "file the CSV file (UTF-8, a header row)" in text
 
 

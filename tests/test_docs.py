@@ -4,6 +4,7 @@ and its stop sequence."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import configparser
 import dataclasses
@@ -12,6 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.clikit import run_cli
 from worker import config, daemon
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,3 +134,40 @@ def test_the_readme_explains_every_ledger_status_skip_reason_and_attempt_outcome
     assert {r.value for r in SkipReason if r is not SkipReason.CAPPED} <= rows
     outcomes = section[section.index("Each attempt row has an"):]
     assert [o.value for o in Outcome if f"`{o.value}`" not in outcomes] == []
+
+
+def _help(command: str) -> str:
+    from worker.cli import _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return " ".join((sub.choices[command].description or "").split())
+
+
+# (argv, the words of its --help naming exit code 3): each command that opens the database
+_NEED_THE_DATABASE = [
+    (["import", "customers", str(REPO / "examples" / "customers.csv")], "3 when the database cannot be used"),
+    (["run", "--once"], "3 when the database cannot be used"),
+    (["suppress", "list"], "3 when the database cannot be used"),
+    (["preview"], "3 when the database cannot be used"),
+    (["send-test", "--campaign", "winback", "--to", "me@shop.example"], "3 when the database"),
+    (["stats"], "3 when the database cannot be used"),
+    (["insights"], "3 when the database cannot be used"),
+    (["ledger", "list"], "3 when the database cannot be used"),
+]
+
+
+@pytest.mark.parametrize(("argv", "said"), _NEED_THE_DATABASE, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_every_command_that_needs_the_database_gives_exit_code_3_in_its_help(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        argv: list[str], said: str) -> None:
+    """Each command's --help lists its exit codes; one that stops with 3 on a database it cannot use says so (the
+    import's, the ledger's and send-test's did not)."""
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-key-0123456789abcdef")
+    path = tmp_path / "config.toml"
+    path.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "none.db"}"\n[templates]\n'
+                    f'dir = "{REPO / "templates" / "email"}"\n', encoding="utf-8")
+    code, printed = run_cli(capsys, "--config", str(path), *argv)
+    assert code == 3, printed
+    assert "does not exist" in printed
+    assert said in _help(argv[0])
+

@@ -76,9 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                        "and skipped; the rest is imported. Import customers before their orders (an order of an "
                        "unknown customer is rejected). Exit code 1 if any row was rejected, or imported with a "
                        "warning (an unclear marketing_consent, one address whose customers' consents disagree); 2 if "
-                       "the file is "
-                       "missing or cannot be read as CSV of that kind (nothing imported); 130/143 when stopped by "
-                       "Ctrl-C/SIGTERM (it says up to which line the file is imported).")
+                       "the file is missing or cannot be read as CSV of that kind (nothing imported); 3 when the "
+                       "database cannot be used; 130/143 when stopped by Ctrl-C/SIGTERM (it says up to which line the "
+                       "file is imported).")
     p.add_argument("kind", choices=["customers", "products", "orders"], help="what the file holds")
     p.add_argument("file", type=Path, help="the CSV file (UTF-8, a header row); a pipe is read too: "
                    "<(gunzip -c orders.csv.gz)")
@@ -153,7 +153,8 @@ def _parser() -> argparse.ArgumentParser:
                        "does not work (it cannot unsubscribe the customer). What was sent, and the server's reply, "
                        "is printed on stdout; why nothing was sent, on stderr. Exit code 1 if the server refuses the "
                        "message (or does not confirm it) or the template does not render, 2 for an unknown "
-                       "--campaign or --customer, 3 if the server cannot be used (connection, login, TLS setup).")
+                       "--campaign or --customer, 3 when the database cannot be used (it reads the customer and the "
+                       "products from it) or the server cannot be used (connection, login, TLS setup).")
     p.add_argument("--campaign", required=True,
                    help="the campaign, e.g. winback, or a win-back step's template folder, e.g. winback-reminder")
     p.add_argument("--customer", help="render for this customer (default: a sample customer)")

@@ -107,7 +107,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "after an outage, `resend --campaign winback --since 2026-12-01T02:00 --code 421 --dry-run` counts and "
         "lists what a resend would take, without it changing anything). Exit code 1 when a message is left alone "
         "(no such message, another state, or for a resend: past its expiry or to a suppressed address); 2 for "
-        "neither IDs nor a filter, or both, or a --customer the shop's data does not have. What one customer was "
+        "neither IDs nor a filter, or both, or a --customer the shop's data does not have, or a list's --after ID "
+        "the ledger does not have; 3 when the database cannot be used. What one customer was "
         "sent: `list --all --email ADDRESS` or `list --all --customer ID`.",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
