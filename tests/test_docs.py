@@ -225,3 +225,34 @@ def test_every_command_line_the_documents_show_is_one_kembali_takes(document: st
             if exc.code and "arguments are required" not in stderr.getvalue():
                 refused.append((line, stderr.getvalue().strip().splitlines()[-1]))
     assert refused == []
+
+
+# The keys config.toml sets to other than their defaults, each with a comment that says what leaving it out gives
+_SHIPPED_NOT_DEFAULT = {
+    "shop.postal_address",  # "When missing, a placeholder (…)"
+    "campaigns.winback.steps",  # "Without [[campaigns.winback.steps]] below, one step is sent quiet_days after…"
+    *(f"campaigns.{name}.holdout_share" for name in ("winback", "birthday", "new_products", "loyalty")),
+    *(f"campaigns.{name}.enabled" for name in ("birthday", "feedback", "new_products", "loyalty")),  # "Off when…"
+    "policy.quiet_hours_start", "policy.quiet_hours_end",  # "(also what you get when both keys are missing…)"
+    "schedule.plan_cron",  # winback's is default_plan_cron's: "Campaigns not listed use default_plan_cron"
+}
+
+
+def _differing(shipped: Any, default: Any, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for f in dataclasses.fields(shipped):
+        if f.name in ("source", "base_dir"):
+            continue
+        ours, theirs = getattr(shipped, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(ours):
+            keys |= _differing(ours, theirs, f"{prefix}{f.name}.")
+        elif ours != theirs:
+            keys.add(prefix + f.name)
+    return keys
+
+
+def test_the_shipped_config_shows_the_defaults_but_where_its_comments_say_otherwise() -> None:
+    """config.toml's first line: "a missing key takes the default shown here, unless its comment says otherwise". A
+    default changed in the code, or a value changed in the file, without the other is a claim gone false."""
+    shipped = config.load_settings(REPO / "config.toml")
+    assert _differing(shipped, config.Settings()) == _SHIPPED_NOT_DEFAULT
