@@ -256,3 +256,17 @@ def test_the_shipped_config_shows_the_defaults_but_where_its_comments_say_otherw
     default changed in the code, or a value changed in the file, without the other is a claim gone false."""
     shipped = config.load_settings(REPO / "config.toml")
     assert _differing(shipped, config.Settings()) == _SHIPPED_NOT_DEFAULT
+
+
+def test_the_deployment_notes_list_every_metric_family() -> None:
+    """deploy/README's /metrics row names what a scrape holds, for dashboards and alerts built from it."""
+    from worker.metrics import Metrics
+
+    text = Metrics().render(ledger={}, queue_depth=0, rate_limit_per_second=1.0, rate_burst=1, paused=False, now=0.0)
+    families = set(re.findall(r"^# TYPE (\S+) ", text, flags=re.MULTILINE))
+    notes = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in notes.splitlines() if line.startswith("| `/metrics` |"))
+    listed = set(re.findall(r"`(kembali_[a-z_]+)", row))
+    assert len(families) > 5
+    assert sorted(families - listed) == []
+    assert sorted(listed - families) == []  # nor one it no longer serves
