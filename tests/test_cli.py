@@ -6,6 +6,7 @@ import csv
 import hashlib
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -275,6 +276,23 @@ def test_the_demo_sends_win_back_emails_to_a_local_sink(tmp_path: Path) -> None:
     for path in files:
         message = BytesParser(policy=policy.default).parsebytes(path.read_bytes())
         assert message.get_content_type() == "multipart/alternative" and message["List-Unsubscribe"]
+
+
+def test_a_demo_whose_templates_fail_for_some_customers_exits_1(tmp_path: Path) -> None:
+    # `kembali demo --help` said "Exit code 1 if a message was not sent"; a demo run on templates being edited, whose
+    # win-back failed for some customers ("12 failed:render_error" in its summary), exited 0
+    shutil.copytree(TEMPLATES.parent, tmp_path / "templates")
+    shutil.copy(ROOT / "config.toml", tmp_path / "config.toml")
+    for body in (tmp_path / "templates" / "email").glob("winback*/*/body.html"):
+        text = body.read_text(encoding="utf-8")
+        body.write_text(text.replace("{% block content %}", "{% block content %}{% if customer.first_name[:1] in "
+                                     "'ABCDEFGHIJ' %}{{ 1 // 0 }}{% endif %}", 1), encoding="utf-8")
+    env = {**os.environ, "KEMBALI_LINK_SECRET": ""}
+    env.pop("KEMBALI_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "worker", "demo", "--customers", "60"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert re.search(r"^sent \d+ win-back emails?, .*\d+ failed:render_error", result.stdout, re.M), result.stdout
+    assert result.returncode == 1, result.stdout
 
 
 def test_the_demo_runs_from_a_folder_without_a_config(tmp_path: Path) -> None:

@@ -203,7 +203,7 @@ def test_a_451_try_again_later_is_the_messages_own_temporary_failure_not_throttl
         assert [(a.outcome, a.code) for a in shop.attempts(BAD)] == [("transient", 451)]
         assert report.dispatched.outcomes == {"sent": 1, "retry": 1}
         assert _events(caplog, "domain_throttled") == []  # the domain's rate is left alone
-        assert running._exit_code(report) == running.EXIT_OK
+        assert running.exit_code(report) == running.EXIT_OK
 
         # the attempts run out like any other temporary failure's, instead of retrying until it expires
         shop.clock.set(row.next_attempt_at)
@@ -211,7 +211,7 @@ def test_a_451_try_again_later_is_the_messages_own_temporary_failure_not_throttl
         row = shop.row(BAD)
         assert (row.status, row.attempts) == ("failed", 2)
         assert report.dispatched.outcomes == {"failed": 1}
-        assert running._exit_code(report) == running.EXIT_ATTENTION
+        assert running.exit_code(report) == running.EXIT_ATTENTION
         assert [m.rcpt_tos for m in server.messages] == [(OK,)]
     finally:
         shop.close()
@@ -303,7 +303,7 @@ def test_a_421_greeting_retries_without_counting_the_attempt_and_pauses(
         # the whole server said "not now": that pauses sending, it does not slow down one recipient domain
         paused = report.dispatched.paused
         assert paused is not None and "421 4.3.2 Service not available" in paused
-        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+        assert running.exit_code(report) == running.EXIT_UNAVAILABLE
         assert _events(caplog, "domain_throttled") == []
 
         server.greeting = None
@@ -366,7 +366,7 @@ def test_connection_failures_in_a_row_pause_the_dispatcher(url: str, server: Rec
         assert statuses.count("planned") == 9  # the rest was given back untouched
         assert sum(len(shop.attempts(e)) for e in emails) == 3
         assert any("PAUSED" in line for line in running.summary(report))
-        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+        assert running.exit_code(report) == running.EXIT_UNAVAILABLE
     finally:
         shop.close()
         server.start_in_thread()  # the fixture stops it again
@@ -389,7 +389,7 @@ def test_a_run_whose_every_attempt_met_no_server_says_so_and_exits_3(url: str, s
         assert {(shop.row(e).status, shop.row(e).attempts) for e in emails} == {("retry", 0)}
         (line,) = [line for line in running.summary(report) if line.startswith("NOT SENT")]
         assert f"127.0.0.1:{port}" in line and "3 attempts got through" in line and "wait in the queue" in line
-        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+        assert running.exit_code(report) == running.EXIT_UNAVAILABLE
 
         # and once the server is back, the next run sends them and exits 0
         server.start_in_thread()
@@ -398,7 +398,7 @@ def test_a_run_whose_every_attempt_met_no_server_says_so_and_exits_3(url: str, s
         report = shop.cycle()
         assert {shop.row(e).status for e in emails} == {"sent"}
         assert report.dispatched.unreachable is None
-        assert running._exit_code(report) == running.EXIT_OK
+        assert running.exit_code(report) == running.EXIT_OK
     finally:
         shop.close()
 
@@ -430,7 +430,7 @@ def test_a_wrong_smtp_password_pauses_at_once_and_fails_no_one(
         tried = [r for r in rows if shop.attempts(r.email)]
         assert [(r.status, r.attempts, r.last_code) for r in tried] == [("retry", 0, 535)]
         assert [r.status for r in rows if r not in tried] == ["planned"] * 5
-        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+        assert running.exit_code(report) == running.EXIT_UNAVAILABLE
         assert any(line.startswith("PAUSED") and "535" in line for line in running.summary(report))
         (event,) = _events(caplog, "dispatcher_paused")
         assert "535" in event["reason"]
@@ -502,7 +502,7 @@ def test_a_554_greeting_pauses_after_the_failures_in_a_row_and_fails_no_one(url:
         rows = [shop.row(e) for e in emails]
         tried = [("retry", 0, 554)] * 3  # refused at the greeting: back to the queue, the attempt not counted
         assert sorted((r.status, r.attempts, r.last_code) for r in rows) == [("planned", 0, None)] * 3 + tried
-        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+        assert running.exit_code(report) == running.EXIT_UNAVAILABLE
 
         server.greeting = None
         shop.clock.advance(7 * 3600)
@@ -525,7 +525,7 @@ def test_a_run_that_finds_a_dead_workers_sends_uncertain_says_so_and_exits_1(url
         report = shop.cycle()
         assert report.uncertain == 1 and report.dispatched.outcomes == {"sent": 2}
         assert any("1 messages became uncertain" in line for line in running.summary(report))
-        assert running._exit_code(report) == running.EXIT_ATTENTION  # done, but something needs the operator
+        assert running.exit_code(report) == running.EXIT_ATTENTION  # done, but something needs the operator
     finally:
         shop.close()
 
@@ -687,7 +687,7 @@ def test_a_setup_that_cannot_work_pauses_at_once_naming_what_to_fix(
         (event,) = _events(caplog, "dispatcher_paused")
         assert (event["reason"], event["setting"]) == (paused, case.setting)
         assert any(line.startswith("PAUSED") and case.setting in line for line in running.summary(report))
-        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+        assert running.exit_code(report) == running.EXIT_UNAVAILABLE
         assert "hunter2" not in caplog.text + paused
     finally:
         shop.close()

@@ -181,7 +181,7 @@ def test_a_server_that_will_not_be_greeted_pauses_after_the_failures_in_a_row_an
         rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
         assert rows == [("planned", 0)] * 3 + [("retry", 0)] * 3  # back to the queue, the attempt not counted
         assert shop.suppressed() == {}
-        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+        assert running.exit_code(report) == running.EXIT_UNAVAILABLE
 
         server.ehlo_reply = server.helo_reply = None
         server.hang_up_after_greeting = False
@@ -316,7 +316,7 @@ def _paused_at_once_failing_no_one(shop: Shop, server: OddServer, emails: list[s
     rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
     assert rows == [("planned", 0)] * 5 + [("retry", 0)]
     assert shop.suppressed() == {}
-    assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+    assert running.exit_code(report) == running.EXIT_UNAVAILABLE
     _each_sent_once_when_the_server_takes_mail_again(shop, server, emails)
 
 
@@ -516,7 +516,7 @@ def test_the_same_temporary_failure_for_recipients_at_different_domains_is_the_s
         rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
         assert rows == [("planned", 0)] * 4 + [("retry", 0)] * (4 - counted) + [("retry", 1)] * counted
         assert shop.suppressed() == {}
-        assert running._exit_code(report) == running.EXIT_UNAVAILABLE
+        assert running.exit_code(report) == running.EXIT_UNAVAILABLE
 
         _each_sent_once_when_the_server_takes_mail_again(shop, server, emails)
     finally:

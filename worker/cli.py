@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                        "free loopback port, run one full cycle (plan, render, send, record) against it, save what "
                        "the sink received as .eml files, and print what was sent. Touches nothing outside --out. Reads "
                        "--config (default ./config.toml, else the config.toml and templates/email/ of the project's "
-                       "folder it is installed from). Exit code 1 if a message was not sent; 2 for a bad config or an "
-                       "--out that is a file; "
+                       "folder it is installed from). Exit code 1 if a message failed (a template that fails for a "
+                       "customer, say) or became uncertain, as for `run --once`; 2 for a bad config or an --out that "
+                       "is a file; "
                        "130/143 when stopped by Ctrl-C/SIGTERM (sends under way finish; it says what was sent and "
                        "how many planned messages were not).")
     p.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR",

@@ -109,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"look around: {look}   (the demo's settings, its database)")
     if stopped is not None:
         return stopped
-    return 0 if report.dispatched.outcomes.get("sent", 0) == len(received) else 1
+    if report.dispatched.outcomes.get("sent", 0) != len(received):  # the sink and the ledger disagree
+        return running.EXIT_ATTENTION
+    return running.exit_code(report)  # as run --once: 1 for a message failed or uncertain, 3 when none got through
 
 
 def _command() -> str:

@@ -162,7 +162,7 @@ def stopped_code(report: CycleReport) -> int | None:
     return 128 + signal.Signals[report.stopped_by].value if report.stopped_by else None
 
 
-def _exit_code(report: CycleReport) -> int:
+def exit_code(report: CycleReport) -> int:
     if (code := stopped_code(report)) is not None:
         return code
     if report.dispatched.paused or report.dispatched.unreachable:
@@ -219,7 +219,7 @@ def once(settings: Settings) -> int:
         deps.close()
     for line in summary(report, left, settings.shop.time_zone):
         print(line)
-    return _exit_code(report)
+    return exit_code(report)
 
 
 def check_template_folders(deps: Deps) -> None:
