@@ -270,3 +270,20 @@ def test_the_deployment_notes_list_every_metric_family() -> None:
     assert len(families) > 5
     assert sorted(families - listed) == []
     assert sorted(listed - families) == []  # nor one it no longer serves
+
+
+def test_the_deployment_notes_list_the_debug_only_events_as_such() -> None:
+    """deploy/README's "at logging.level = "debug" only:" line names the events an operator sees only at debug: one
+    moved to debug and still listed above it would be looked for in vain at info."""
+    debug: set[str] = set()
+    for path in (REPO / "worker").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "event"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "log" and node.args
+                    and isinstance(node.args[0], ast.Constant) and len(node.args) > 1
+                    and ast.unparse(node.args[1]) == "logging.DEBUG"):
+                debug.add(node.args[0].value)
+    notes = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    at = notes.index('at `logging.level = "debug"` only:')
+    listed = set(re.findall(r"`([a-z_]+)`", notes[at:notes.index("\n\n", at)]))
+    assert debug and listed == debug
