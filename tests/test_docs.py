@@ -287,3 +287,15 @@ def test_the_deployment_notes_list_the_debug_only_events_as_such() -> None:
     at = notes.index('at `logging.level = "debug"` only:')
     listed = set(re.findall(r"`([a-z_]+)`", notes[at:notes.index("\n\n", at)]))
     assert debug and listed == debug
+
+
+def test_the_readmes_layout_names_every_module() -> None:
+    """README's Layout is where a newcomer looks for a module: one left out of it (fourteen were) is one they do not
+    know exists."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):readme.index("## License")]
+    adapters = layout[layout.index("  adapters/"):layout.index("\n  pipeline.py")]
+    named = set(re.findall(r"\b([a-z_]+)\.py\b", layout)) | set(re.findall(r"\b([a-z_]+)\b", adapters))
+    modules = {p.stem for p in (REPO / "worker").glob("*.py")}
+    modules |= {p.stem for p in (REPO / "worker" / "adapters").glob("*.py")}
+    assert sorted(modules - named - {"__init__", "__main__"}) == []
