@@ -79,7 +79,7 @@ def _add_filters(p: argparse.ArgumentParser, statuses: list[str], default: str) 
     p.add_argument("--email", type=arguments.address, metavar="ADDRESS",
                    help="only messages to this address (in any case)")
     p.add_argument("--customer", metavar="ID",
-                   help="only messages to this customer, by the shop's customer ID (customers.csv's external_id)")
+                   help="only messages to this customer, by the shop's customer ID (the id column of customers.csv)")
 
 
 def _selection(args: argparse.Namespace, default: tuple[str, ...]) -> Selection:
