@@ -299,3 +299,18 @@ def test_the_readmes_layout_names_every_module() -> None:
     modules = {p.stem for p in (REPO / "worker").glob("*.py")}
     modules |= {p.stem for p in (REPO / "worker" / "adapters").glob("*.py")}
     assert sorted(modules - named - {"__init__", "__main__"}) == []
+
+
+@pytest.mark.parametrize("document", ["README.md", "deploy/README.md"])
+def test_the_documents_toml_examples_are_valid_config_and_show_the_defaults(document: str) -> None:
+    """A ```toml block of the documents is config an operator copies: every key in it is one the loader takes, and a
+    value it shows is the default unless it is an example of a setting (a rate for gmail.com, quiet hours, a cron
+    for win-back)."""
+    examples = {"policy.quiet_hours_start", "policy.quiet_hours_end", "sending.domains", "schedule.plan_cron"}
+    text = (REPO / document).read_text(encoding="utf-8")
+    blocks = re.findall(r"^```toml\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    assert blocks
+    for block in blocks:
+        raw = tomllib.loads(block)
+        shown = config.settings_from_dict(raw)  # an unknown key or a bad value raises, naming it
+        assert sorted(_differing(shown, config.Settings()) - examples) == [], block
