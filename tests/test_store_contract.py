@@ -411,6 +411,39 @@ def test_the_mark_takes_a_slot_of_the_days_quota_and_a_marked_row_given_back_uns
     assert rates.used_today("quota:daily", day="2026-11-22") == 2
 
 
+def test_a_row_marked_before_local_midnight_and_given_back_after_gives_the_new_day_nothing(store: Store) -> None:
+    # Given a's two rows marked at 23:59 in Jakarta on the 22nd (16:59 UTC), taking two of that day's slots
+    store.insert_messages(planned(3), NOW)
+    batch = store.claim(worker="a", now=NOW, limit=3, lease_seconds=7200)
+    ids = [m.id for m in batch]
+    rates = RateStore(store.engine)
+    before = datetime(2026, 11, 22, 16, 59, tzinfo=UTC)
+    day22 = DayQuota("quota:daily", "2026-11-22", since=datetime(2026, 11, 21, 17, 0, tzinfo=UTC), limit=2)
+    assert store.record_and_mark([], ids[:2], worker="a", now=before, quota=day22) == Marks(
+        sending=frozenset(ids[:2])
+    )
+    # and the 23rd's only slot taken by the third row's mark just after midnight
+    after = datetime(2026, 11, 22, 17, 1, tzinfo=UTC)
+    day23 = DayQuota("quota:daily", "2026-11-23", since=datetime(2026, 11, 22, 17, 0, tzinfo=UTC), limit=1)
+    assert store.record_and_mark([], ids[2:], worker="a", now=after, quota=day23) == Marks(sending=frozenset(ids[2:]))
+    assert rates.used_today("quota:daily", day="2026-11-23") == 1
+    # When the sender of a row marked on the 22nd stops before its first SMTP byte, after midnight: the row goes
+    # back to the queue in a commit of the 23rd (alone, and with a mark)
+    def back(message: Any) -> Disposition:
+        return Disposition(message=message, status=MessageStatus.PLANNED, worker="a", started_at=after,
+                           finished_at=after, next_attempt_at=after, counts_as_attempt=False)  # fmt: skip
+
+    assert store.record_and_mark([back(batch[0])], [], worker="a", now=after, quota=day23) == Marks()
+    # Then the 23rd's count keeps its one mark: the row took a slot of the 22nd, not of the 23rd
+    assert rates.used_today("quota:daily", day="2026-11-23") == 1
+    store.insert_messages(planned(1, prefix="n"), after)
+    [extra] = store.claim(worker="a", now=after, limit=1, lease_seconds=60)
+    assert store.record_and_mark([back(batch[1])], [extra.id], worker="a", now=after, quota=day23) == Marks(
+        over_quota=frozenset({extra.id})
+    )
+    assert rates.used_today("quota:daily", day="2026-11-23") == 1
+
+
 def test_a_hold_made_again_after_a_commit_whose_reply_was_lost_is_given_as_held(store: Store) -> None:
     # Given b sending to customer 1, and a's group commit marking its three rows (customers 1-3), committed though
     # a never heard so: a's row for customer 1 was held back, the others marked

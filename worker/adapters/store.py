@@ -288,10 +288,10 @@ _RECORD_SET = (
 _RECORD_SQL = _RECORD_SET + f" WHERE id = :id AND claimed_by = :worker AND status IN ('{_CLAIMED}', '{_SENDING}')"
 # A row marked `sending` given back to the queue without an attempt (its sender stopped, or cancelled, before the
 # first SMTP byte): written alone, so the day's quota gets its slot back only if the row was still this worker's and
-# `sending` (its updated_at, the mark's time, tells the day that counted it).
-_GIVE_BACK_SQL = _RECORD_SET + (
-    f" WHERE id = :id AND claimed_by = :worker AND status = '{_SENDING}' RETURNING id, updated_at"
-)
+# `sending`, and its mark (its updated_at before this write: RETURNING gives the new one, the give-back's time) was
+# made on the quota's day.
+_MARKED_AT_SQL = f"SELECT updated_at FROM message WHERE id = :id AND claimed_by = :worker AND status = '{_SENDING}'"
+_GIVE_BACK_SQL = _RECORD_SET + f" WHERE id = :id AND claimed_by = :worker AND status = '{_SENDING}' RETURNING id"
 # The day's quota (``DayQuota``) counted in its rate_limit row, in the group commit's own transaction: locked
 # (PostgreSQL; SQLite's write lock is the transaction's) while the marks are made, so workers side by side never mark
 # more between them than the day allows.
@@ -396,6 +396,7 @@ class _LedgerSql:
         self.late_refused = self.style(_LATE_REFUSED_SQL)
         self.attempt = self.style(_ATTEMPT_SQL)
         self.suppress = self.style(_SUPPRESS_SQL)
+        self.marked_at = self.style(_MARKED_AT_SQL)
         self.give_back = self.style(_GIVE_BACK_SQL)
         self.quota_row = self.style(_QUOTA_ROW_SQL)
         self.quota_read = self.style(_QUOTA_READ_SQL + (" FOR UPDATE" if dialect.name == "postgresql" else ""))
@@ -903,10 +904,12 @@ class Store:
             cursor.executemany(self._sql.record, updates)
         given_back = 0
         for row in give_back:  # seldom (a stop, a cancelled run): one by one, counting the rows still `sending`
+            assert quota is not None
+            cursor.execute(self._sql.marked_at, {"id": row["id"], "worker": row["worker"]})
+            marked = [self._sql.read_dt(at) for (at,) in cursor.fetchall()]
             cursor.execute(self._sql.give_back, row)
-            for _id, marked_at in cursor.fetchall():
-                assert quota is not None
-                given_back += self._sql.read_dt(marked_at) >= quota.since
+            if cursor.fetchall() and marked and marked[0] >= quota.since:
+                given_back += 1  # marked on the quota's day: a row marked the day before took none of its slots
         if late_sent:
             cursor.executemany(self._sql.late_sent, late_sent)
         if late_refused:
