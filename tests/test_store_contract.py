@@ -444,6 +444,27 @@ def test_a_row_marked_before_local_midnight_and_given_back_after_gives_the_new_d
     assert rates.used_today("quota:daily", day="2026-11-23") == 1
 
 
+def test_a_commit_made_at_a_time_before_local_midnight_does_not_reset_the_new_days_count(store: Store) -> None:
+    # Given the 23rd (Jakarta) begun, and its quota of two spent by b's marks
+    store.insert_messages(planned(3), NOW)
+    a = store.claim(worker="a", now=NOW, limit=1, lease_seconds=7200)
+    b = store.claim(worker="b", now=NOW, limit=2, lease_seconds=7200)
+    rates = RateStore(store.engine)
+    after = datetime(2026, 11, 22, 17, 0, 1, tzinfo=UTC)
+    day23 = DayQuota("quota:daily", "2026-11-23", since=datetime(2026, 11, 22, 17, 0, tzinfo=UTC), limit=2)
+    assert store.record_and_mark([], [m.id for m in b], worker="b", now=after, quota=day23).sending == {
+        m.id for m in b
+    }
+    assert rates.used_today("quota:daily", day="2026-11-23") == 2
+    # When a's group commit made at 23:59:59 on the 22nd (its host's clock a second behind, or the commit waited
+    # for the lock, or was tried again, past midnight) comes after: it counts in the 22nd's quota
+    before = datetime(2026, 11, 22, 16, 59, 59, tzinfo=UTC)
+    day22 = DayQuota("quota:daily", "2026-11-22", since=datetime(2026, 11, 21, 17, 0, tzinfo=UTC), limit=2)
+    store.record_and_mark([], [a[0].id], worker="a", now=before, quota=day22)
+    # Then the 23rd's two marks still count: workers do not get the 23rd's quota a second time
+    assert rates.used_today("quota:daily", day="2026-11-23") >= 2
+
+
 def test_a_hold_made_again_after_a_commit_whose_reply_was_lost_is_given_as_held(store: Store) -> None:
     # Given b sending to customer 1, and a's group commit marking its three rows (customers 1-3), committed though
     # a never heard so: a's row for customer 1 was held back, the others marked

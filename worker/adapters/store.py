@@ -762,7 +762,7 @@ class Store:
         if quota is None:
             sending = {row[0] for row in self._select_in(cursor, sql.mark, rest, common)}
         else:
-            used = self._quota_used(cursor, quota, given_back)
+            day, used = self._quota_used(cursor, quota, given_back)
             # in the order the senders asked, as many as the day has slots left; a row the mark leaves (held back,
             # lease lost) takes none, so the next ones are tried in its place
             waiting = [i for i in dict.fromkeys(ids) if i in rest]
@@ -773,7 +773,7 @@ class Store:
                 sending |= marked_now
                 used += len(marked_now)
             over = set(waiting)
-            cursor.execute(sql.quota_set, {"key": quota.key, "day": quota.day, "count": used})
+            cursor.execute(sql.quota_set, {"key": quota.key, "day": day, "count": used})
         rest -= sending | over
         held = {row[0] for row in self._select_in(cursor, sql.hold, rest, common)}
         # none of these: the lease was lost, or this is a retry and the lost commit marked, held or skipped them
@@ -786,12 +786,18 @@ class Store:
                 (sending if status == _SENDING else held).add(message_id)
         return Marks(frozenset(sending), frozenset(held), skipped, over_quota=frozenset(over))
 
-    def _quota_used(self, cursor: Any, quota: DayQuota, given_back: int) -> int:
-        """The slots of ``quota``'s day taken so far, less ``given_back``; its row locked until the commit."""
+    def _quota_used(self, cursor: Any, quota: DayQuota, given_back: int) -> tuple[str, int]:
+        """(the day the commit's marks count in, the slots of it taken so far, less ``given_back``); the quota's row
+        locked until the commit. That day is ``quota``'s, or a later one the row counts already: a commit whose
+        ``now`` was taken before local midnight (it waited for the lock, was tried again, or its host's clock is
+        behind another worker's) counts its marks in the new day rather than start that day's count again (ISO
+        days sort as strings)."""
         cursor.execute(self._sql.quota_row, {"key": quota.key, "day": quota.day})
         cursor.execute(self._sql.quota_read, {"key": quota.key})
         day, count = cursor.fetchone()
-        return max(0, (count if day == quota.day else 0) - given_back)
+        if day is not None and day > quota.day:
+            return day, count  # (what this commit gives back was counted by the earlier day, if at all)
+        return quota.day, max(0, (count if day == quota.day else 0) - given_back)
 
     def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
         """Commit ``sending`` for rows this worker still holds; returns the ids marked.
