@@ -22,10 +22,11 @@ from tests.daemon_harness import Shop as DaemonShop
 from tests.daemon_harness import make_shop
 from tests.sendkit import NOW, Shop, TimedSink, make_settings, message_ids
 from tests.smtp_server import Behaviour, RecordingServer, closed_port
-from worker.adapters.store import Store
+from worker.adapters.store import DayQuota, Store
 from worker.app import make_limiter
 from worker.asyncstore import AsyncStore
 from worker.config import load_settings
+from worker.core.limits import quota_day, quota_day_start
 from worker.daemon import Daemon
 from worker.domain import Outcome, SendResult
 from worker.pipeline import plan
@@ -778,3 +779,39 @@ def test_a_daemon_stopped_during_a_database_outage_that_outlasts_its_grace_perio
     assert "shutdown_outcomes_not_written" in [r.getMessage() for r in caplog.records]
     kept = [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == "outcomes_not_written"]
     assert len(kept[-1]["sent_ids"].split(",")) == len(smtp_server.messages) >= 2
+
+
+def test_rows_the_days_quota_left_unmarked_for_senders_cut_off_go_back_to_the_queue(tmp_path: Path) -> None:
+    # Given three customers due a win-back, claimed by w1, and a daily quota of one
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    settings = make_settings(url, closed_port(), batch_size=10, compose_processes=0, lease_seconds=600)
+    shop = Shop(url, settings, [f"c{i}@test.example" for i in range(3)])
+    plan(shop.store, settings, NOW)
+    batch = shop.store.claim(worker="w1", now=NOW, limit=3, lease_seconds=600)
+    assert len(batch) == 3
+    zone = settings.shop.time_zone
+    day = DayQuota("quota:daily", quota_day(NOW, zone).isoformat(), quota_day_start(NOW, zone), limit=1)
+    astore = AsyncStore(shop.store)
+
+    async def cut_off() -> None:
+        writer = LedgerWriter(astore, worker="w1", clock=shop.clock, group=10, quota=lambda _now: day)
+        writer.start()
+        senders = [asyncio.create_task(writer.mark_sending(message)) for message in batch]
+        await asyncio.sleep(0)  # each sender waits for its mark
+        # When the run is cut off (stopped, or a sender failed) while they wait, and the writer commits the marks
+        for sender in senders:
+            sender.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+        await writer.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(cut_off(), timeout=60))
+    finally:
+        astore.close()
+    # Then no row is left claimed until its lease lapses: the one marked and the two the quota left unmarked are
+    # back in the queue, none of them attempted
+    with shop.store.engine.connect() as conn:
+        rows = {r.id: (r.status, r.claimed_by, r.attempts)
+                for r in conn.execute(sa.text("SELECT id, status, claimed_by, attempts FROM message"))}  # fmt: skip
+    assert sorted(rows.values()) == [("planned", None, 0)] * 3
+    shop.close()

@@ -277,7 +277,11 @@ class LedgerWriter:
                     _log_stale(records, marked.stale)
                 for message, future in marks:
                     message_id = message.id
-                    if message_id not in marked.sending:
+                    if message_id in marked.over_quota and future.cancelled():
+                        # not marked, still claimed, and nobody will give it back: back to the queue now (not
+                        # when its lease lapses), with no attempt to take back
+                        self.record(self._requeued(message, counts_as_attempt=True))
+                    elif message_id not in marked.sending:
                         self.holding.discard(message_id)
                     elif future.cancelled():  # nobody will send it: back to the queue, the attempt not counted
                         self.record(self._requeued(message, counts_as_attempt=False))
@@ -300,7 +304,8 @@ class LedgerWriter:
                 self._idle.set()
 
     def _requeued(self, message: ClaimedMessage, *, counts_as_attempt: bool) -> Disposition:
-        """A marked row given back to the queue unsent."""
+        """A marked row (or, ``counts_as_attempt``, one left claimed: the day's quota spent) given back to the queue
+        unsent."""
         now = self.clock.now()
         return Disposition(message=message, status=lifecycle.requeued(message.attempts), worker=self.worker,
                            started_at=now, finished_at=now, next_attempt_at=now,
