@@ -320,3 +320,29 @@ def test_an_email_does_not_wait_for_a_birthday_offer_that_will_not_be_sent(
     # Then the feedback request goes out (the win-back is capped behind it)
     assert report.dispatched.outcomes["sent"] == 1, (why, report.dispatched.outcomes)
     assert subjects(smtp_server) == ["How was your order INV-1, Siti?"]
+
+
+def test_an_email_does_not_wait_for_a_birthday_offer_it_only_moves_later_within_its_window(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given C1, whose birthday is DAY0 (26 February), offered from three days before it (days_before = 3), and
+    # whose win-back step is due
+    base = given_a_customer_due_three_campaigns(tmp_path, smtp_server)
+    birthday = dataclasses.replace(base.campaigns.birthday, days_before=3)
+    settings = dataclasses.replace(base, campaigns=dataclasses.replace(base.campaigns, birthday=birthday))
+    # When cycles run at 20:00 in Jakarta from the evening before the offer's window opens
+    evening = datetime(2027, 2, 22, 13, 0, tzinfo=UTC)
+    clock = FakeClock(evening)
+    report = cycle_at(settings, clock, evening)
+    # Then the win-back goes that evening: the birthday offer, three days later, still comes before the birthday
+    assert report.dispatched.outcomes["sent"] == 1, report.dispatched.outcomes
+    assert subjects(smtp_server) == ["How are you, Siti?"]
+    for day in range(1, 4):
+        cycle_at(settings, clock, evening + timedelta(days=day))
+    assert subjects(smtp_server)[1:] == ["Happy birthday, Siti! Enjoy 15% off, on us"]
+    store = Store.from_url(settings.database_url)
+    try:
+        sent_at = {r["campaign"]: r["sent_at"] for r in store.messages(limit=10) if r["status"] == "sent"}
+    finally:
+        store.close()
+    assert sent_at == {"winback": evening, "birthday": evening + timedelta(days=3)}

@@ -297,13 +297,24 @@ def test_holdout_positions_are_the_arithmetic_sql_reproduces() -> None:
         assert in_holdout(i, "loyalty", 0.05) == (position < holdout_threshold(0.05))
 
 
-def test_a_message_waits_for_a_birthday_planned_ahead_only_when_it_would_take_its_slot() -> None:
-    now = datetime(2027, 2, 25, 15, 30, tzinfo=UTC)
-    birthday = now + timedelta(minutes=90)
+def test_a_message_waits_for_a_birthday_ahead_only_when_it_would_leave_it_no_slot_before_it_expires() -> None:
+    now = datetime(2027, 2, 25, 15, 30, tzinfo=UTC)  # 22:30 in Jakarta
+    birthday = now + timedelta(minutes=90)  # its window opens at midnight
+    on_the_day = (birthday, birthday + d(1))  # days_before = 0: it expires at the end of the birthday
+    three_days = (birthday, birthday + d(4))  # days_before = 3
     one_per_3_days = (CapWindow(1, 3),)
-    assert waits_for([birthday], [], now, one_per_3_days) == birthday
+    assert waits_for([on_the_day], [], now, one_per_3_days) == birthday
+    # pushed three days later it still goes before the birthday: nothing to wait for
+    assert waits_for([three_days], [], now, one_per_3_days) is None
+    # ... unless that slot falls in the customer's quiet hours, whose end is past its expiry
+    quiet = QuietHours(time(21, 0), time(8, 0))
+    late = (birthday, now + d(3) + timedelta(hours=1))  # expires at 23:30 local, three days on
+    assert waits_for([late], [], now, one_per_3_days) is None
+    assert waits_for([late], [], now, one_per_3_days, JKT, quiet) == birthday
     # the birthday cannot go at midnight anyway (something was sent yesterday): nothing to wait for
-    assert waits_for([birthday], [now - timedelta(days=1)], now, one_per_3_days) is None
+    assert waits_for([on_the_day], [now - timedelta(days=1)], now, one_per_3_days) is None
+    # nor for one that could not go before it expires even without this message (quiet until 08:00, gone at 01:00)
+    assert waits_for([(birthday, birthday + timedelta(hours=1))], [], now, one_per_3_days, JKT, quiet) is None
     # a cap with room for both
-    assert waits_for([birthday], [], now, (CapWindow(2, 1),)) is None
+    assert waits_for([on_the_day], [], now, (CapWindow(2, 1),)) is None
     assert waits_for([], [], now, one_per_3_days) is None

@@ -54,17 +54,18 @@ def judge(
     customer: CustomerSnapshot,
     sent: Sequence[datetime],
     now: datetime,
-    ahead: Sequence[datetime] = (),
+    ahead: Sequence[tuple[datetime, datetime]] = (),
 ) -> Decision:
     """The contact policy for one message against its mailbox's sends ``sent`` alone. ``ahead``: when the
-    birthday offers planned ahead for its mailbox fall due (a message of lower priority waits rather than take
-    their slot, ``policy.waits_for``)."""
+    birthday offers to come for its mailbox fall due and expire (a message of lower priority waits rather than
+    leave one no slot before it expires, ``policy.waits_for``)."""
     # a birthday offer planned ahead (due when its window opens) is not yet claimable: without quiet hours to
     # hold this one back until then, it would take the birthday's slot and the birthday would expire waiting
-    if (until := waits_for(ahead, sent, now, policy.caps)) is not None:
+    zone = zone_of(customer.time_zone, policy.default_zone)
+    if (until := waits_for(ahead, sent, now, policy.caps, zone, policy.quiet)) is not None:
         return deferred(until, message.expires_at, "birthday")
     due = Due(message.dedupe_key, message.campaign, policy.priority(message.campaign), message.expires_at)
-    return decide_one(due, sent, now, policy, zone_of(customer.time_zone, policy.default_zone))
+    return decide_one(due, sent, now, policy, zone)
 
 
 class Arbiter:
@@ -83,7 +84,7 @@ class Arbiter:
         sent: Sequence[datetime],
         now: datetime,
         facts_seq: int | None = None,
-        ahead: Sequence[datetime] = (),
+        ahead: Sequence[tuple[datetime, datetime]] = (),
     ) -> Decision:
         """Send now, defer, or skip (expired); a "send now" takes the mailbox's slot. ``sent``: the
         mailbox's sends in the ledger as read after ``facts_seq`` commits (None: nothing this run

@@ -102,7 +102,7 @@ class BatchFacts:
     """The feedback messages' orders that can still be rated (not cancelled or refunded since)."""
     news_sent: dict[str, list[datetime]] = field(default_factory=dict)
     """When each new-products message's mailbox was sent new-products news, within ``cc.NEWS_SPACING``."""
-    birthdays_ahead: dict[str, list[datetime]] = field(default_factory=dict)
+    birthdays_ahead: dict[str, list[tuple[datetime, datetime]]] = field(default_factory=dict)
     """When the birthday offers planned ahead for these mailboxes fall due (within ``cc.BIRTHDAY_LEAD``): a
     message of lower priority waits rather than take their slot."""
     suppressed: frozenset[str] = frozenset()
@@ -124,7 +124,7 @@ def load_batch_facts(
     products: dict[int, list[ProductView]] = {}
     launches: list[Launch] = []
     news_sent: dict[str, list[datetime]] = {}
-    ahead: dict[str, list[datetime]] = {}
+    ahead: dict[str, list[tuple[datetime, datetime]]] = {}
     customers = store.send_time_facts(customer_ids)
     if settings is not None and now is not None:
         policy = planning.contact_policy(settings)
@@ -134,8 +134,8 @@ def load_batch_facts(
             ahead = store.due_ahead([m.email for m in below], campaign=cc.BIRTHDAY,
                                     priority=policy.priority(cc.BIRTHDAY), after=now,
                                     until=now + cc.BIRTHDAY_LEAD)  # fmt: skip
-            for box, at in _birthdays_to_come(store, settings, below, customers, now).items():
-                ahead.setdefault(box, []).append(at)
+            for box, to_come in _birthdays_to_come(store, settings, below, customers, now).items():
+                ahead.setdefault(box, []).extend(to_come)
         wanting = [m.customer_id for m in messages if m.campaign == cc.NEW_PRODUCTS]
         if wanting:
             news = [m.email for m in messages if m.campaign == cc.NEW_PRODUCTS]
@@ -167,9 +167,9 @@ def load_batch_facts(
 def _birthdays_to_come(
     store: Store, settings: Settings, messages: Sequence[ClaimedMessage], customers: dict[int, SendTimeFacts],
     now: datetime,
-) -> dict[str, datetime]:
-    """For these messages' mailboxes, when the birthday offers that no pass has planned yet fall due, for those
-    a message sent now could take the slot of (their window opens within the longest cap window, or is open): a
+) -> dict[str, list[tuple[datetime, datetime]]]:
+    """For these messages' mailboxes, when the birthday offers that no pass has planned yet fall due and expire, for
+    those a message sent now could take the slot of (their window opens within the longest cap window, or is open): a
     daily pass plans a birthday offer only hours ahead of its window, or hours into it, and a message of lower
     priority sent meanwhile would leave it capped until it expired. One whose window is open already counts as due
     ``cc.UNPLANNED_BIRTHDAY_WAIT`` from now (the message waits that long, and looks again). Only for customers
@@ -177,7 +177,7 @@ def _birthdays_to_come(
     birthday the ledger has no row of."""
     cfg = settings.campaigns.birthday
     horizon = planning.contact_policy(settings).lookback
-    found: dict[str, tuple[str, datetime]] = {}
+    found: dict[str, tuple[str, datetime, datetime]] = {}
     for message in messages:
         facts = customers.get(message.customer_id)
         customer = facts.customer if facts is not None else None
@@ -189,15 +189,16 @@ def _birthdays_to_come(
         window = cc.birthday_to_come(customer.birthday, now, zone, cfg.days_before, horizon)
         if window is not None:
             day, opens = window
-            at = opens if opens > now else min(now + cc.UNPLANNED_BIRTHDAY_WAIT, cc.birthday_expires(day, zone))
-            found[cc.birthday_key(customer.external_id, day.year)] = (mailbox(message.email), at)
+            expires = cc.birthday_expires(day, zone)
+            at = opens if opens > now else min(now + cc.UNPLANNED_BIRTHDAY_WAIT, expires)
+            found[cc.birthday_key(customer.external_id, day.year)] = (mailbox(message.email), at, expires)
     if not found:
         return {}
     known = audience_sql.existing_keys(store.engine, found)  # planned (due_ahead sees it), sent, or skipped
-    out: dict[str, datetime] = {}
-    for key, (box, at) in found.items():
+    out: dict[str, list[tuple[datetime, datetime]]] = {}
+    for key, (box, at, expires) in found.items():
         if key not in known:
-            out[box] = min(at, out.get(box, at))
+            out.setdefault(box, []).append((at, expires))
     return out
 
 
@@ -214,7 +215,7 @@ class Composed:
     sent: tuple[datetime, ...] = ()
     """When the message's mailbox was sent email, as the batch's facts read it from the ledger (what the
     dispatcher's arbiter decides with)."""
-    birthdays_ahead: tuple[datetime, ...] = ()
+    birthdays_ahead: tuple[tuple[datetime, datetime], ...] = ()
     """When birthday offers planned ahead for the mailbox fall due (``BatchFacts.birthdays_ahead``): the arbiter
     holds this message back for them, counting what its run has sent too."""
 

@@ -1013,20 +1013,20 @@ class Store:
 
     def due_ahead(
         self, addresses: Iterable[str], *, campaign: str, priority: int, after: datetime, until: datetime
-    ) -> dict[str, list[datetime]]:
-        """When ``campaign``'s messages waiting for these addresses' mailboxes fall due, for those due in
-        ``(after, until]`` (a birthday planned ahead of its window): keyed by mailbox. Read through the queue
+    ) -> dict[str, list[tuple[datetime, datetime]]]:
+        """When ``campaign``'s messages waiting for these addresses' mailboxes fall due and expire, for those due
+        in ``(after, until]`` (a birthday planned ahead of its window): keyed by mailbox. Read through the queue
         index (the campaign's priority and a short span of due times), so it costs a handful of rows."""
         boxes = {mailbox(a) for a in addresses}
-        out: dict[str, list[datetime]] = {}
-        query = sa.select(sa.func.lower(M.c.email), M.c.next_attempt_at).where(
+        out: dict[str, list[tuple[datetime, datetime]]] = {}
+        query = sa.select(sa.func.lower(M.c.email), M.c.next_attempt_at, M.c.expires_at).where(
             WAITING, M.c.priority == priority, M.c.next_attempt_at > after, M.c.next_attempt_at <= until,
             M.c.campaign == campaign,
         )  # fmt: skip
         with db.reading(self.engine) as conn:
-            for box, due in conn.execute(query):
+            for box, due, expires in conn.execute(query):
                 if box in boxes:
-                    out.setdefault(box, []).append(due)
+                    out.setdefault(box, []).append((due, expires))
         return out
 
     # --- facts for the send-time re-check and for rendering -----------------

@@ -110,16 +110,28 @@ def next_free_slot(sent: Sequence[datetime], at: datetime, caps: Sequence[CapWin
 
 
 def waits_for(
-    ahead: Sequence[datetime], sent: Sequence[datetime], now: datetime, caps: Sequence[CapWindow]
+    ahead: Sequence[tuple[datetime, datetime]],
+    sent: Sequence[datetime],
+    now: datetime,
+    caps: Sequence[CapWindow],
+    zone: ZoneInfo | None = None,
+    quiet: QuietHours | None = None,
 ) -> datetime | None:
-    """When a message due ``now`` must wait until, so that sending it does not take the slot of a higher-priority
-    message planned for the same mailbox and due at one of ``ahead`` (a birthday planned ahead of its window):
-    the earliest of those it would push later than the cap lets it go otherwise. None: it need not wait for
-    one (the cap may still hold it back). Waiting until then, the two compete for one slot, and priority decides."""
+    """When a message due ``now`` must wait until, so that sending it does not cost a higher-priority message for
+    the same mailbox, due at one of ``ahead``'s times and expiring at its other (a birthday offer ahead of its
+    window), its one chance: the earliest of those that could go before they expire (the cap's next free slot,
+    out of the customer's quiet hours in ``zone``) but not after this message. One only pushed later within its
+    window (a birthday offer three days before the birthday goes one day before) does not hold it back. None: it
+    need not wait (the cap may still hold it back). Waiting until then, the two compete for one slot, and priority
+    decides."""
     if next_free_slot(sent, now, caps) > now:
         return None  # the cap holds it back anyway
-    for at in sorted(a for a in ahead if a > now):
-        if next_free_slot([*sent, now], at, caps) > next_free_slot(sent, at, caps):
+    def goes(at: datetime) -> datetime:
+        return at if zone is None else next_allowed(at, zone, quiet)
+
+    for at, expires in sorted(a for a in ahead if a[0] > now):
+        alone, after = goes(next_free_slot(sent, at, caps)), goes(next_free_slot([*sent, now], at, caps))
+        if alone < expires <= after:
             return at
     return None
 
