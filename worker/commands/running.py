@@ -65,27 +65,36 @@ async def cycle(
             log.event("campaign_planned", campaign=campaign, created=created, considered=planned.considered[campaign])
         if stop is not None and stop.is_set():
             return CycleReport(planned, DispatchReport(), requeued, uncertain, holdout=holdout)
-        transport = deps.transport()
-        try:
-            dispatcher = deps.dispatcher(astore, transport)
-            dispatcher.observer = observer
-            stopper = None if stop is None else asyncio.create_task(stop.wait())
-            if stopper is not None:
-                stopper.add_done_callback(lambda t: None if t.cancelled() else dispatcher.stop())
-            try:
-                dispatched = await dispatcher.run_once()
-            finally:
-                if stopper is not None:
-                    stopper.cancel()
-                dispatcher.close()
-        finally:
-            await transport.close()
-        if dispatched.unreachable:  # too few failures to pause: said all the same, for cron and log collectors
-            log.event("smtp_unreachable", logging.ERROR, reason=dispatched.unreachable)
+        dispatched = await dispatch(deps, astore, stop=stop, observer=observer)
         return CycleReport(planned, dispatched, requeued, uncertain, holdout=holdout)
     finally:
         if own_store:
             astore.close()
+
+
+async def dispatch(
+    deps: Deps, astore: AsyncStore, *, stop: asyncio.Event | None = None, observer: SendObserver | None = None
+) -> DispatchReport:
+    """Send everything due, planning nothing: ``cycle``'s sending half, as the daemon sends between its planning
+    passes (``Dispatcher.run_once`` over a transport of the run's own)."""
+    transport = deps.transport()
+    try:
+        dispatcher = deps.dispatcher(astore, transport)
+        dispatcher.observer = observer
+        stopper = None if stop is None else asyncio.create_task(stop.wait())
+        if stopper is not None:
+            stopper.add_done_callback(lambda t: None if t.cancelled() else dispatcher.stop())
+        try:
+            dispatched = await dispatcher.run_once()
+        finally:
+            if stopper is not None:
+                stopper.cancel()
+            dispatcher.close()
+    finally:
+        await transport.close()
+    if dispatched.unreachable:  # too few failures to pause: said all the same, for cron and log collectors
+        log.event("smtp_unreachable", logging.ERROR, reason=dispatched.unreachable)
+    return dispatched
 
 
 def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zone: str = "UTC") -> list[str]:
