@@ -107,7 +107,9 @@ BIRTHDAY = [
     Case("born 28 Feb, in Jayapura where it is already 1 March", 0, birthday=date(1990, 2, 28), zone=JAYA),
     Case("born 1 March, in Jayapura where it is 1 March", 1, birthday=date(1990, 3, 1), zone=JAYA),
     Case("born 1 March, in Jakarta half an hour before (planned, due at midnight)", 1, birthday=date(1990, 3, 1)),
-    Case("born 1 March, in Kabul where it is 21:00 the day before", 0, birthday=date(1990, 3, 1), zone="Asia/Kabul"),
+    Case("born 1 March, in Kabul where it is 21:00 the day before (planned, due at midnight)", 1,
+         birthday=date(1990, 3, 1), zone="Asia/Kabul"),
+    Case("born 3 March, in Jakarta: more than a day before its window opens", 0, birthday=date(1990, 3, 3)),
     Case("born 29 Feb, in Jayapura: the 28th has passed there", 0, birthday=date(1996, 2, 29), zone=JAYA),
     Case("born 27 Feb: passed", 0, birthday=date(1990, 2, 27)),
     Case("no birthday: never", 0),
@@ -340,7 +342,7 @@ def test_birthday_dates(born: date | None, today: date, days_before: int, expect
 
 def test_birthday_prefilter_covers_every_zone_and_the_leap_day() -> None:
     mmdd = cc.birthday_mmdd_candidates(NOW, 0)
-    assert mmdd == [228, 229, 301]  # 28 Feb (UTC-12) to 1 Mar (UTC+14); 29 Feb rides with 28 Feb in 2027
+    assert mmdd == [228, 229, 301, 302]  # 28 Feb (UTC-12) to 2 Mar (UTC+14, a day ahead); 29 Feb rides with 28 Feb
     assert 229 not in cc.birthday_mmdd_candidates(datetime(2028, 3, 10, tzinfo=UTC), 3)
     # the same instant given on another clock (05:30 on 28 February in Pago Pago) asks for the same days
     assert cc.birthday_mmdd_candidates(NOW.astimezone(ZoneInfo("Pacific/Pago_Pago")), 0) == mmdd
@@ -359,7 +361,9 @@ def test_a_birthday_next_to_a_clock_change_is_planned_by_one_daily_pass_whatever
     zone_name: str, days_before: int
 ) -> None:
     """Planning runs once a day; a local day is 23 hours long when the clocks go forward. Whatever the hour of
-    the daily pass, every birthday around a clock change is planned, due within its window, never earlier."""
+    the daily pass, every birthday around a clock change is planned, due within its window, never earlier; and
+    planned before its window opens, due when it opens: a pass that first saw it on the day, in the evening of
+    the customer's clock, would leave it in quiet hours until it expired."""
     zone = ZoneInfo(zone_name)
     changes = _clock_changes(zone, 2026)
     assert len(changes) == 2, changes
@@ -372,10 +376,24 @@ def test_a_birthday_next_to_a_clock_change_is_planned_by_one_daily_pass_whatever
                 passes = [first + timedelta(days=d, minutes=minute) for d in range(days_before + 6)]
                 planned = [now for now in passes if cc.birthday_due_keys(facts, now, days_before, zone)]
                 assert planned, f"born {born}, daily pass at {minute // 60:02}:{minute % 60:02} UTC: never planned"
+                first_plan = cc.birthday_plan(facts.birthday, planned[0], zone, days_before)
+                assert first_plan is not None and first_plan[1] == opens.astimezone(UTC), (born, minute, first_plan)
                 for now in planned:
                     plan = cc.birthday_plan(facts.birthday, now, zone, days_before)
                     assert plan is not None and plan[0] == born
                     assert opens <= plan[1] < cc.birthday_expires(born, zone) and plan[1] >= now, (now, plan)
+
+
+def test_the_daemons_pass_at_nine_in_jakarta_plans_a_new_york_birthday_the_evening_before() -> None:
+    """The daemon plans at 09:00 in Jakarta: 21:00 the evening before in New York (EST). That pass plans a birthday
+    offer of the next day (``days_before = 0``), due at midnight, to go at 08:00 when quiet hours end: the next
+    pass, at 21:00 on the birthday, is in quiet hours until the offer expires (it was skipped expired)."""
+    ny = ZoneInfo("America/New_York")
+    now = datetime(2027, 3, 6, 9, 0, tzinfo=ZoneInfo(JKT))  # 5 March, 21:00 in New York
+    assert now.astimezone(ny).hour == 21
+    assert cc.birthday_plan(date(1990, 3, 6), now, ny, 0) == (
+        date(2027, 3, 6), datetime(2027, 3, 6, 0, 0, tzinfo=ny).astimezone(UTC))
+    assert 306 in cc.birthday_mmdd_candidates(now, 0)
 
 
 THREE_DAYS = timedelta(days=3)

@@ -143,10 +143,12 @@ def birthday_due(birthday: date | None, today: date, days_before: int) -> date |
     return None
 
 
-BIRTHDAY_LEAD = timedelta(hours=2)
+BIRTHDAY_LEAD = timedelta(hours=26)
 """How far ahead a pass plans a birthday whose window is about to open (due when it opens). Planning runs once a
-day, and a customer's local day can be 23 hours long (the clocks go forward; 23.5 on Lord Howe): with
-``days_before = 0`` that day could fall wholly between two passes and the birthday be missed."""
+day (the daemon's ``schedule``, on the shop's clock, 25 hours apart when that clock goes back): a pass that first
+saw the window open would plan the offer due at once, which on the customer's clock may be the evening of the
+birthday (09:00 in Jakarta is 21:00 in New York), quiet hours until it expired. So the pass before the window
+opens plans it: more than a day ahead."""
 
 
 def birthday_plan(
@@ -158,11 +160,8 @@ def birthday_plan(
     day = birthday_due(birthday, local_today(now, zone), days_before)
     if day is not None:
         return day, now
-    day = birthday_due(birthday, local_today(now + BIRTHDAY_LEAD, zone), days_before)
-    if day is None:
-        return None
-    opens = datetime.combine(day - timedelta(days=days_before), time(0, 0), tzinfo=zone).astimezone(UTC)
-    return day, max(opens, now)
+    window = birthday_to_come(birthday, now, zone, days_before, BIRTHDAY_LEAD)
+    return None if window is None else (window[0], max(window[1], now))
 
 
 UNPLANNED_BIRTHDAY_WAIT = timedelta(hours=1)
