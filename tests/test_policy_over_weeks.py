@@ -42,9 +42,11 @@ from worker.adapters import db, shop
 from worker.adapters.store import Store
 from worker.adapters.tables import Message
 from worker.app import Deps
+from worker.asyncstore import AsyncStore
 from worker.commands import running
 from worker.config import Settings, settings_from_dict
 from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
+from worker.pipeline import enabled_campaigns, plan
 from worker.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +135,8 @@ def order(
                        (OrderLineRecord(product, 1, total),))  # fmt: skip
 
 
-def generated_shop(seed: int = 3) -> ShopPlan:
+def generated_shop(seed: int = 3, *, far: bool = False) -> ShopPlan:
+    """``far``: also the FAR customers (``far_birthdays``)."""
     rng = random.Random(seed)
     people: list[Person] = []
     later: list[OrderRecord] = []
@@ -193,7 +196,36 @@ def generated_shop(seed: int = 3) -> ShopPlan:
         later.append(order(f"O-{p.ext}-3", p.ext, at(day), delivered_after=2, product="P-KOPI"))
     later.append(order(f"O-{trio[1].ext}-2", trio[1].ext, at(7.5), delivered_after=None))
     later.sort(key=lambda o: o.placed_at)
+    if far:
+        far_birthdays(person)
     return ShopPlan(people, later, (trio[2].email, at(7.5)), (trio[5].ext, at(7.5)))
+
+
+FAR_BIRTHDAYS = {  # far from the shop's clock (Jakarta), before and after their clocks change
+    "America/New_York": (date(1990, 3, 6), date(1985, 3, 26)),
+    "Australia/Sydney": (date(1991, 3, 9), date(1987, 4, 21)),
+}
+
+
+def far_birthdays(person: Any) -> None:
+    """Customers in New York and Sydney with a birthday (``days_before = 0``) and a message of lower priority due
+    the evening before it (a feedback request at 20:00 on their clock) or the morning of it (a win-back step at
+    08:30), or neither; the daemon plans at 09:00 in Jakarta, 21:00 or 22:00 the evening before in New York and
+    midday in Sydney."""
+    for zone_name, days in FAR_BIRTHDAYS.items():
+        zone = ZoneInfo(zone_name)
+        for born in days:
+            day = born.replace(year=2027)
+            eve = datetime.combine(day - timedelta(days=1), time(20, 0), zone).astimezone(UTC)
+            morning = datetime.combine(day, time(8, 30), zone).astimezone(UTC)
+            for due in ("eve", "morning", "morning", None, "eve"):
+                p = person("FAR", birthday=born)
+                p.zone = zone_name
+                if due == "morning":  # one order, placed 45 days before: its win-back step 1 due then
+                    p.orders.append(order(f"O-{p.ext}-1", p.ext, morning - timedelta(days=45), delivered_after=1))
+                elif due == "eve":  # two orders (no win-back), the last delivered 7 days before: feedback due then
+                    p.orders.append(order(f"O-{p.ext}-1", p.ext, eve - timedelta(days=120)))
+                    p.orders.append(order(f"O-{p.ext}-2", p.ext, eve - timedelta(days=9), product="P-BATIK"))
 
 
 # --- running it --------------------------------------------------------------
@@ -251,18 +283,40 @@ def record(p: Person, i: int) -> CustomerRecord:
                           p.consent, "opt_in", "checkout")  # fmt: skip
 
 
-def run_times(days: int, irregular: bool) -> list[datetime]:
-    """Every ``RUN_EVERY`` on the hour; irregular: one to four hours apart at any minute (a daemon's cycles)."""
+def run_times(days: int, irregular: bool, every: timedelta = RUN_EVERY) -> list[datetime]:
+    """Every ``every`` on the hour; irregular: one to four hours apart at any minute (a daemon's cycles)."""
     rng = random.Random(11)
     out, now = [], START
     while now <= START + timedelta(days=days):
         out.append(now)
-        now += timedelta(hours=rng.randint(1, 4), minutes=rng.randrange(60)) if irregular else RUN_EVERY
+        now += timedelta(hours=rng.randint(1, 4), minutes=rng.randrange(60)) if irregular else every
     return out
 
 
+SHOP_ZONE = ZoneInfo("Asia/Jakarta")
+DAEMON_PLANS_AT = time(9, 0)
+"""``[schedule] default_plan_cron = "0 9 * * *"``, on the shop's clock (Jakarta)."""
+DAEMON_SENDS_EVERY = timedelta(hours=1)
+
+
+async def daemon_run(deps: Deps, now: datetime) -> None:
+    """What ``kembali run`` (the daemon) does at ``now``: every campaign's planning pass when its cron fires (as
+    ``Daemon._plan_pass``, one campaign at a time), then the dispatcher sends what is due; at other hours it only
+    sends."""
+    astore = AsyncStore(deps.store)
+    try:
+        if now.astimezone(SHOP_ZONE).time() == DAEMON_PLANS_AT:
+            for campaign in enabled_campaigns(deps.settings):
+                await astore.call(plan, deps.store, deps.settings, now, [campaign])
+        await running.dispatch(deps, astore)
+    finally:
+        astore.close()
+
+
 def run_the_weeks(db_url: str, server: RecordingServer, plan: ShopPlan, cap_plan: Sequence[tuple[datetime, Caps]],
-                  *, days: int = DAYS, irregular: bool = False) -> Story:  # fmt: skip
+                  *, days: int = DAYS, irregular: bool = False, daemon: bool = False) -> Story:  # fmt: skip
+    """Runs as ``kembali run --once`` from cron (each plans every campaign, then sends), or with ``daemon`` as the
+    daemon: planning once a day on its schedule, sending every hour in between."""
     engine = db.create_engine(db_url)
     db.upgrade(engine)
     shop.upsert_products(engine, PRODUCTS, START)
@@ -282,7 +336,7 @@ def run_the_weeks(db_url: str, server: RecordingServer, plan: ShopPlan, cap_plan
     runs: list[datetime] = []
     deliveries: list[Delivery] = []
     try:
-        for now in run_times(days, irregular):
+        for now in run_times(days, irregular, DAEMON_SENDS_EVERY if daemon else RUN_EVERY):
             clock.set(now)
             while pending_orders and pending_orders[0].placed_at <= now:
                 shop.upsert_orders(store.engine, [pending_orders.pop(0)], now)
@@ -300,10 +354,10 @@ def run_the_weeks(db_url: str, server: RecordingServer, plan: ShopPlan, cap_plan
                 caps_now = wanted
                 settings = settings_for(db_url, server.port, caps_now)
             before = len(server.messages)
-            deps = Deps.build(settings)  # a run as `kembali run --once` makes it, on the fake clock
+            deps = Deps.build(settings)  # a run as `kembali run --once` makes it, or the daemon's, on the fake clock
             deps.clock = clock
             try:
-                asyncio.run(running.cycle(deps))
+                asyncio.run(daemon_run(deps, now) if daemon else running.cycle(deps))
             finally:
                 deps.close()
             assert clock.now() == now, "the run moved the clock: delivery times below would be wrong"
@@ -584,6 +638,41 @@ def holdout_violations(story: Story) -> list[str]:
     return out
 
 
+def birthday_violations(story: Story) -> list[str]:
+    """No birthday offer a customer was eligible for is lost (skipped ``expired``, left unsent past its expiry, or
+    never planned) while an email of lower priority went to their mailbox within the cap window before the offer's
+    expiry: it would have taken the offer's slot."""
+    ref = Reference(story)
+    withdrawn, at = story.plan.withdraw
+    gone = {story.plan.suppress[0].lower(): story.plan.suppress[1]}
+    rows = {r.dedupe_key: r for r in story.rows if r.campaign == "birthday"}
+    out = []
+    for p in story.plan.people:
+        if p.birthday is None or not p.consent:
+            continue
+        zone = ZoneInfo(p.zone)
+        for year in (START.year, START.year + 1):
+            day = p.birthday.replace(year=year) if (p.birthday.month, p.birthday.day) != (2, 29) else date(year, 2, 28)
+            opens = datetime.combine(day, time(0, 0), zone).astimezone(UTC)
+            expires = datetime.combine(day + timedelta(days=1), time(0, 0), zone).astimezone(UTC)
+            if opens < START or expires > story.end:
+                continue
+            if (p.ext == withdrawn and at < expires) or gone.get(p.email.lower(), expires) < expires:
+                continue  # not eligible (or not to the end of its window)
+            row = rows.get(f"birthday:{p.ext}:{year}")
+            if row is not None and (row.status == "sent" or row.skip_reason not in (None, "expired")):
+                continue
+            caps_then = ref.caps_between(max(START, opens - timedelta(days=30)), expires)
+            window = max(days for caps in caps_then for _, days in caps)
+            lower = [d for d in story.deliveries if d.to == p.email.lower() and d.campaign != "birthday"
+                     and expires - timedelta(days=window) < d.at < expires]  # fmt: skip
+            what = "never planned" if row is None else f"{row.status} {row.skip_reason or ''}".strip()
+            if lower:
+                took = ", ".join(f"{d.campaign} at {d.at.astimezone(zone):%m-%d %H:%M}" for d in lower)
+                out.append(f"{p.ext} ({p.zone}): birthday {day} {what}, after {took} (their clock)")
+    return out
+
+
 CHECKS = (
     cap_violations,
     quiet_violations,
@@ -595,6 +684,7 @@ CHECKS = (
     timing_violations,
     priority_violations,
     holdout_violations,
+    birthday_violations,
 )
 
 
@@ -615,6 +705,21 @@ def story_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
     try:
         folder = tmp_path_factory.mktemp("weeks")
         yield run_the_weeks(f"sqlite:///{folder / 'kembali.db'}", server, generated_shop(), CAP_PLAN)
+    finally:
+        server.stop_in_thread()
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def story_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KEMBALI_LINK_SECRET", "a-test-key-of-enough-length")
+    server = RecordingServer()
+    server.start_in_thread()
+    try:
+        folder = tmp_path_factory.mktemp("daemon")
+        yield run_the_weeks(f"sqlite:///{folder / 'kembali.db'}", server, generated_shop(far=True), CAP_PLAN,
+                            daemon=True)  # fmt: skip
     finally:
         server.stop_in_thread()
         mp.undo()
@@ -679,6 +784,23 @@ def test_the_same_weeks_on_postgresql_run_at_irregular_times(pg_url: str, smtp_s
     story = run_the_weeks(pg_url, smtp_server, generated_shop(), CAP_PLAN, days=30, irregular=True)
     problems = [p for check in CHECKS for p in check(story)]
     assert problems == [], "\n".join(problems)
+
+
+def test_the_daemon_plans_once_a_day_and_no_birthday_is_lost(story_daemon: Story) -> None:
+    """As the daemon runs: planning at 09:00 in Jakarta only, sending every hour. Every invariant holds, and the
+    FAR customers (New York, Sydney) get their birthday offer on their birthday, whatever is due the evening before
+    or that morning (before this fix, the pass at 21:00 in New York planned an offer only on the evening of the
+    birthday: skipped expired, after a feedback request sent that evening)."""
+    story = story_daemon
+    problems = [p for check in CHECKS for p in check(story)]
+    assert problems == [], "\n".join(problems)
+    far = [p for p in story.plan.people if p.ext.startswith("FAR")]
+    assert far
+    for p in far:
+        assert p.birthday is not None
+        got = [(d.at.astimezone(ZoneInfo(p.zone)), d.campaign) for d in story.deliveries if d.to == p.email]
+        bday = [at for at, campaign in got if campaign == "birthday"]
+        assert [at.date() for at in bday] == [p.birthday.replace(year=2027)], (p.ext, got)
 
 
 # --- the checks catch what they are for ---------------------------------------
