@@ -13,10 +13,15 @@ computations of this module's own (nothing here asks the worker's policy code wh
   their consent; no win-back after the customer ordered;
 * every ledger row ends terminal with its reason, or waits for a time still to come;
 * a deferred message went at the first run at which it could (quiet hours, cap, news week and a birthday offer
-  due within two hours being the only things that hold one back), and one skipped ``expired`` had no free run left
-  before its expiry;
+  to come that sending it would leave no time to go before it expires being the only things that hold one back),
+  and one skipped ``expired`` had no free run left before its expiry;
 * where several messages compete for a mailbox's slot, the one sent is the highest priority;
-* holdouts are per customer and campaign, and get no email.
+* holdouts are per customer and campaign, and get no email;
+* no birthday offer is lost (expired, unsent, never planned) after an email of lower priority took its slot.
+
+The same checks hold with the runs the daemon makes (``daemon=True``): planning once a day at 09:00 on the shop's
+clock (Jakarta), sending every hour in between, with customers in New York and Sydney whose birthday comes with
+other messages due the evening before and that morning.
 """
 
 from __future__ import annotations
@@ -63,8 +68,6 @@ QUIET = (time(21, 0), time(8, 0))
 PRIORITY = {"birthday": 5, "feedback": 4, "winback": 3, "loyalty": 2, "new_products": 1}
 """The shop's default order, written out here rather than read from the worker."""
 WINBACK_HOLDOUT = 0.25
-BIRTHDAY_LEAD = timedelta(hours=2)
-"""A birthday offer is planned this long before its day begins; a lower message waits for it meanwhile."""
 NEWS_SPACING = timedelta(days=7)
 
 Caps = tuple[tuple[int, float], ...]
@@ -209,23 +212,27 @@ FAR_BIRTHDAYS = {  # far from the shop's clock (Jakarta), before and after their
 
 def far_birthdays(person: Any) -> None:
     """Customers in New York and Sydney with a birthday (``days_before = 0``) and a message of lower priority due
-    the evening before it (a feedback request at 20:00 on their clock) or the morning of it (a win-back step at
-    08:30), or neither; the daemon plans at 09:00 in Jakarta, 21:00 or 22:00 the evening before in New York and
-    midday in Sydney."""
+    before it: a win-back step at 08:30 that morning, or a feedback request at 20:00 or 10:00 the evening before or
+    at 10:00 two days before (the daemon plans at 09:00 in Jakarta, 21:00 or 22:00 the evening before in New York
+    and midday in Sydney: only those due before that hour are in the ledger before the birthday), or nothing."""
     for zone_name, days in FAR_BIRTHDAYS.items():
         zone = ZoneInfo(zone_name)
         for born in days:
             day = born.replace(year=2027)
-            eve = datetime.combine(day - timedelta(days=1), time(20, 0), zone).astimezone(UTC)
             morning = datetime.combine(day, time(8, 30), zone).astimezone(UTC)
-            for due in ("eve", "morning", "morning", None, "eve"):
+            feedback = {  # when each variant's feedback request falls due
+                "eve": datetime.combine(day - timedelta(days=1), time(20, 0), zone).astimezone(UTC),
+                "eve at 10": datetime.combine(day - timedelta(days=1), time(10, 0), zone).astimezone(UTC),
+                "two days before": datetime.combine(day - timedelta(days=2), time(10, 0), zone).astimezone(UTC),
+            }
+            for due in ("eve", "morning", "morning", None, "eve at 10", "two days before"):
                 p = person("FAR", birthday=born)
                 p.zone = zone_name
                 if due == "morning":  # one order, placed 45 days before: its win-back step 1 due then
                     p.orders.append(order(f"O-{p.ext}-1", p.ext, morning - timedelta(days=45), delivered_after=1))
-                elif due == "eve":  # two orders (no win-back), the last delivered 7 days before: feedback due then
-                    p.orders.append(order(f"O-{p.ext}-1", p.ext, eve - timedelta(days=120)))
-                    p.orders.append(order(f"O-{p.ext}-2", p.ext, eve - timedelta(days=9), product="P-BATIK"))
+                elif due is not None:  # two orders (no win-back), the last delivered 7 days before: feedback due then
+                    p.orders.append(order(f"O-{p.ext}-1", p.ext, feedback[due] - timedelta(days=120)))
+                    p.orders.append(order(f"O-{p.ext}-2", p.ext, feedback[due] - timedelta(days=9), product="P-BATIK"))
 
 
 # --- running it --------------------------------------------------------------
@@ -426,10 +433,10 @@ class Reference:
             self.sends[d.to].append(d.at)
             if d.campaign == "new_products":
                 self.news[d.to].append(d.at)
-        self.birthdays_due: dict[str, list[datetime]] = defaultdict(list)
+        self.birthdays_due: dict[str, list[tuple[datetime, datetime]]] = defaultdict(list)
         for r in story.rows:
-            if r.campaign == "birthday":
-                self.birthdays_due[r.email.lower()].append(r.due_at)
+            if r.campaign == "birthday" and r.skip_reason != "held_out":
+                self.birthdays_due[r.email.lower()].append((r.due_at, r.expires_at))
 
     def caps_at(self, when: datetime) -> Caps:
         return [caps for since, caps in self.story.caps if since <= when][-1]
@@ -468,10 +475,42 @@ class Reference:
         if row.campaign == "new_products" and any(when - NEWS_SPACING < s < when for s in self.news.get(box, [])):
             return "news_week"
         if PRIORITY[row.campaign] < PRIORITY["birthday"] and any(
-            when < b <= when + BIRTHDAY_LEAD for b in self.birthdays_due.get(box, [])
+            self.costs_birthday(row.customer_id, box, when, due, expires, caps or [self.caps_at(when)])
+            for due, expires in self.birthdays_due.get(box, [])
         ):
             return "birthday_ahead"
         return ""
+
+    def costs_birthday(
+        self, customer_id: int, box: str, when: datetime, due: datetime, expires: datetime, caps: Sequence[Caps]
+    ) -> bool:
+        """Whether an email to ``box`` at ``when`` would leave a birthday offer due later no time to go before it
+        expires (the cap's first free time from its due time, then out of quiet hours), where alone it had one."""
+        if due <= when:
+            return False
+        before = [s for s in self.sends.get(box, []) if s < when]
+        return any(
+            self.goes(customer_id, self.free_from(before, due, c)) < expires
+            <= self.goes(customer_id, self.free_from(sorted([*before, when]), due, c))
+            for c in caps
+        )
+
+    @staticmethod
+    def free_from(sends: list[datetime], start: datetime, caps: Caps) -> datetime:
+        """The first time from ``start`` at which one more email to a mailbox with these ``sends`` fits the cap."""
+        for t in sorted({start, *(s + timedelta(days=d) for s in sends for _, d in caps)}):
+            if t >= start and not any(len([s for s in sends if t - timedelta(days=d) < s <= t]) >= n for n, d in caps):
+                return t
+        raise AssertionError("unreachable: the last send's window always ends")
+
+    def goes(self, customer_id: int, at: datetime) -> datetime:
+        """``at``, or the end of the customer's quiet hours it falls in."""
+        zone = self.zone_of[customer_id]
+        if not self.quiet(customer_id, at):
+            return at
+        local = at.astimezone(zone)
+        day = local.date() + timedelta(days=1) if local.time() >= QUIET[0] else local.date()
+        return datetime.combine(day, QUIET[1], zone).astimezone(UTC)
 
     def waiting_runs(self, row: Any, until: datetime) -> Iterator[datetime]:
         """The runs at which ``row`` was in the ledger, due and not expired, before ``until``."""
