@@ -900,4 +900,11 @@ def test_each_check_catches_a_story_that_breaks_it(story_sqlite: Story) -> None:
     # a customer held out of one win-back step and not the next
     rows = [replace(r, status="sent", skip_reason=None) if r.id == held.id else r for r in s.rows]
     assert holdout_violations(broken(s, rows=rows))
+    # a birthday offer skipped expired after a win-back step took its slot the evening before
+    sent_bday = next(r for r in s.rows if r.campaign == "birthday" and r.status == "sent")
+    rows = [replace(r, status="skipped", skip_reason="expired") if r.id == sent_bday.id else r for r in s.rows]
+    lower = Delivery(sent_bday.expires_at - timedelta(hours=28), sent_bday.email.lower(), "<lower@x>", "winback")
+    kept = [d for d in s.deliveries if d.message_id != sent_bday.message_id]
+    assert birthday_violations(broken(s, rows=rows, deliveries=[*kept, lower]))
+    assert not birthday_violations(broken(s, rows=rows, deliveries=kept))  # lost, but to no lower email
     assert box_sends
