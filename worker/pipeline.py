@@ -103,8 +103,9 @@ class BatchFacts:
     news_sent: dict[str, list[datetime]] = field(default_factory=dict)
     """When each new-products message's mailbox was sent new-products news, within ``cc.NEWS_SPACING``."""
     birthdays_ahead: dict[str, list[tuple[datetime, datetime]]] = field(default_factory=dict)
-    """When the birthday offers planned ahead for these mailboxes fall due (within ``cc.BIRTHDAY_LEAD``): a
-    message of lower priority waits rather than take their slot."""
+    """When the birthday offers to come for these mailboxes fall due and expire: those planned ahead of their window
+    (within ``cc.BIRTHDAY_LEAD``) and those no pass has planned yet (``_birthdays_to_come``). A message of lower
+    priority waits rather than leave one no slot before it expires (``policy.waits_for``)."""
     suppressed: frozenset[str] = frozenset()
     """The messages' own addresses (as ``suppression_address`` gives them) that are on the suppression list: a
     message goes to the address it was planned to, which is not the customer's any more if an import changed it."""
@@ -216,7 +217,7 @@ class Composed:
     """When the message's mailbox was sent email, as the batch's facts read it from the ledger (what the
     dispatcher's arbiter decides with)."""
     birthdays_ahead: tuple[tuple[datetime, datetime], ...] = ()
-    """When birthday offers planned ahead for the mailbox fall due (``BatchFacts.birthdays_ahead``): the arbiter
+    """When birthday offers to come for the mailbox fall due and expire (``BatchFacts.birthdays_ahead``): the arbiter
     holds this message back for them, counting what its run has sent too."""
 
 
