@@ -462,9 +462,10 @@ class Marks:
     queue until the next day."""
 
 
-def _may_give_back(dispositions: Sequence[Disposition]) -> bool:
-    """Whether a commit of ``dispositions`` may give a slot of the day's quota back (``Store._record_rows``)."""
-    return any(d.result is None and d.status in _REQUEUED_STATUSES for d in dispositions)
+def _unsent_release(d: Disposition) -> bool:
+    """A row given back to the queue without an attempt: if its mark made it ``sending``, the slot of the day's
+    quota that mark took comes back (``Store._record_rows``)."""
+    return d.result is None and d.status in _REQUEUED_STATUSES
 
 
 @dataclass(frozen=True)
@@ -706,7 +707,7 @@ class Store:
                 # workers' group commits cannot wait on each other in a circle
                 cursor.execute(_LOCK_MAILBOXES, {"ids": sorted(set(ids))})
                 cursor.fetchall()
-            if self.dialect != "sqlite" and quota is not None and (ids or _may_give_back(dispositions)):
+            if self.dialect != "sqlite" and quota is not None and (ids or any(map(_unsent_release, dispositions))):
                 # the quota's row next, before any message row: a commit that writes a row another worker has
                 # claimed since (a late outcome) and then waits for the quota would otherwise deadlock with
                 # that worker's commit, holding the quota and marking the same row
@@ -871,7 +872,7 @@ class Store:
                 "subject": d.subject[:400] if d.subject else None,
                 "updated_at": finished,
             }
-            if mine and quota is not None and status == _SENDING and res is None and d.status in _REQUEUED_STATUSES:
+            if mine and quota is not None and status == _SENDING and _unsent_release(d):
                 give_back.append(row)  # marked, never begun: its slot of the day's quota comes back
             elif mine:
                 updates.append(row)
