@@ -135,7 +135,7 @@ def load_batch_facts(
             ahead = store.due_ahead([m.email for m in below], campaign=cc.BIRTHDAY,
                                     priority=policy.priority(cc.BIRTHDAY), after=now,
                                     until=now + cc.BIRTHDAY_LEAD)  # fmt: skip
-            for box, to_come in _birthdays_to_come(store, settings, below, customers, now).items():
+            for box, to_come in _birthdays_to_come(store, settings, below, customers, now, policy.lookback).items():
                 ahead.setdefault(box, []).extend(to_come)
         wanting = [m.customer_id for m in messages if m.campaign == cc.NEW_PRODUCTS]
         if wanting:
@@ -167,17 +167,16 @@ def load_batch_facts(
 
 def _birthdays_to_come(
     store: Store, settings: Settings, messages: Sequence[ClaimedMessage], customers: dict[int, SendTimeFacts],
-    now: datetime,
+    now: datetime, horizon: timedelta,
 ) -> dict[str, list[tuple[datetime, datetime]]]:
     """For these messages' mailboxes, when the birthday offers that no pass has planned yet fall due and expire, for
-    those a message sent now could take the slot of (their window opens within the longest cap window, or is open): a
-    daily pass plans a birthday offer only hours ahead of its window, or hours into it, and a message of lower
-    priority sent meanwhile would leave it capped until it expired. One whose window is open already counts as due
-    ``cc.UNPLANNED_BIRTHDAY_WAIT`` from now (the message waits that long, and looks again). Only for customers
-    the birthday campaign would plan (reachable, with a birthday, not held out of it) and whose offer for that
-    birthday the ledger has no row of."""
+    those a message sent now could take the slot of (their window opens within ``horizon``, the longest cap window,
+    or is open): a daily pass plans a birthday offer only hours ahead of its window, or hours into it, and a message
+    of lower priority sent meanwhile would leave it capped until it expired. One whose window is open already
+    counts as due ``cc.UNPLANNED_BIRTHDAY_WAIT`` from now (the message waits that long, and looks again). Only for
+    customers the birthday campaign would plan (reachable, with a birthday, not held out of it) and whose offer for
+    that birthday the ledger has no row of."""
     cfg = settings.campaigns.birthday
-    horizon = planning.contact_policy(settings).lookback
     found: dict[str, tuple[str, datetime, datetime]] = {}
     for message in messages:
         facts = customers.get(message.customer_id)
