@@ -735,33 +735,30 @@ def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEMBALI_LINK_SECRET", "a-test-key-of-enough-length")
 
 
-@pytest.fixture(scope="module")
-def story_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
+def _story_on_sqlite(
+    tmp_path_factory: pytest.TempPathFactory, name: str, plan: ShopPlan, **how: Any
+) -> Iterator[Story]:
+    """The weeks run on an SQLite file of their own, against a sink of their own (a module's fixture)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("KEMBALI_LINK_SECRET", "a-test-key-of-enough-length")
     server = RecordingServer()
     server.start_in_thread()
     try:
-        folder = tmp_path_factory.mktemp("weeks")
-        yield run_the_weeks(f"sqlite:///{folder / 'kembali.db'}", server, generated_shop(), CAP_PLAN)
+        folder = tmp_path_factory.mktemp(name)
+        yield run_the_weeks(f"sqlite:///{folder / 'kembali.db'}", server, plan, CAP_PLAN, **how)
     finally:
         server.stop_in_thread()
         mp.undo()
+
+
+@pytest.fixture(scope="module")
+def story_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
+    yield from _story_on_sqlite(tmp_path_factory, "weeks", generated_shop())
 
 
 @pytest.fixture(scope="module")
 def story_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KEMBALI_LINK_SECRET", "a-test-key-of-enough-length")
-    server = RecordingServer()
-    server.start_in_thread()
-    try:
-        folder = tmp_path_factory.mktemp("daemon")
-        yield run_the_weeks(f"sqlite:///{folder / 'kembali.db'}", server, generated_shop(far=True), CAP_PLAN,
-                            daemon=True)  # fmt: skip
-    finally:
-        server.stop_in_thread()
-        mp.undo()
+    yield from _story_on_sqlite(tmp_path_factory, "daemon", generated_shop(far=True), daemon=True)
 
 
 def test_the_story_exercises_every_campaign_and_skip(story_sqlite: Story) -> None:
