@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +20,20 @@ import sqlalchemy as sa
 
 from tests.daemon_harness import Shop as DaemonShop
 from tests.daemon_harness import make_shop
-from tests.sendkit import NOW, Shop, TimedSink, make_settings, message_ids
+from tests.sendkit import NOW, REPO, Shop, TimedSink, make_settings, message_ids, settings_dict
 from tests.smtp_server import Behaviour, RecordingServer, closed_port
+from worker.adapters.ratestore import RateStore
 from worker.adapters.store import DayQuota, Store
 from worker.app import make_limiter
 from worker.asyncstore import AsyncStore
-from worker.config import load_settings
+from worker.config import load_settings, settings_from_dict
 from worker.core.limits import quota_day, quota_day_start
 from worker.daemon import Daemon
 from worker.domain import Outcome, SendResult
+from worker.limiter import DailyQuota
 from worker.pipeline import plan
 from worker.sending import Dispatcher, DispatchReport, LedgerWriter
-from worker.testing import RecordingTransport
+from worker.testing import FakeClock, RecordingTransport
 
 
 @pytest.fixture(autouse=True)
@@ -815,3 +817,75 @@ def test_rows_the_days_quota_left_unmarked_for_senders_cut_off_go_back_to_the_qu
                 for r in conn.execute(sa.text("SELECT id, status, claimed_by, attempts FROM message"))}  # fmt: skip
     assert sorted(rows.values()) == [("planned", None, 0)] * 3
     shop.close()
+
+
+@pytest.mark.parametrize(
+    ("zone", "last_second", "next_day"),
+    [
+        # 23:59:59 in Jakarta (no DST): the 23rd begins at 17:00 UTC
+        ("Asia/Jakarta", datetime(2026, 11, 22, 16, 59, 59, tzinfo=UTC), datetime(2026, 11, 22, 17, 0, tzinfo=UTC)),
+        # 23:59:59 CET on the 25th of October, Berlin's 25-hour day (the clocks went back at 03:00 CEST)
+        ("Europe/Berlin", datetime(2026, 10, 25, 22, 59, 59, tzinfo=UTC), datetime(2026, 10, 25, 23, 0, tzinfo=UTC)),
+        # 23:59:59 EDT on the 8th of March, New York's 23-hour day (the clocks went forward at 02:00 EST)
+        ("America/New_York", datetime(2026, 3, 9, 3, 59, 59, tzinfo=UTC), datetime(2026, 3, 9, 4, 0, tzinfo=UTC)),
+    ],
+)
+def test_a_mark_the_days_quota_refused_and_handled_after_local_midnight_waits_only_for_the_next_day(
+    db_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture, zone: str, last_second: datetime,
+    next_day: datetime,
+) -> None:
+    # Given a shop in `zone` with a daily quota of one, at the last second of its day, and two customers due a
+    # win-back: w2 has claimed one, the dispatcher (w1) claims the other and sees the day's one slot free
+    raw = settings_dict(db_url, smtp_server.port, batch_size=10, compose_processes=0, daily_quota=1)
+    raw["shop"] = {"time_zone": zone}
+    settings = settings_from_dict(raw, base_dir=REPO)
+    emails = ["c0@test.example", "c1@test.example"]
+    shop = Shop(db_url, settings, emails, clock=FakeClock(last_second))
+    plan(shop.store, settings, shop.clock.now())
+    [w2_row] = shop.store.claim(worker="w2", now=shop.clock.now(), limit=1, lease_seconds=600)
+    quota = DailyQuota(AsyncStore(shop.store), RateStore(shop.store.engine), shop.clock, quota=1, zone=zone)
+    record_and_mark = shop.store.record_and_mark
+    raced = False
+
+    def w2_marks_first(dispositions: Any, ids: Any, **kwargs: Any) -> Any:
+        # When w2's mark takes the day's slot just before w1's group commit (made at 23:59:59), which refuses w1's
+        # mark, and w1's sender hears so after local midnight
+        nonlocal raced
+        if ids and not raced:
+            raced = True
+            assert record_and_mark([], [w2_row.id], worker="w2", now=kwargs["now"], quota=quota.at(kwargs["now"]))
+            marked = record_and_mark(dispositions, ids, **kwargs)
+            assert marked.over_quota == set(ids), marked
+            shop.clock.advance(2)
+            return marked
+        return record_and_mark(dispositions, ids, **kwargs)
+
+    shop.store.record_and_mark = w2_marks_first  # type: ignore[method-assign]
+    astore = AsyncStore(shop.store)
+
+    async def runs() -> tuple[DispatchReport, datetime, DispatchReport]:
+        transport = shop.deps.transport()
+        dispatcher = shop.deps.dispatcher(astore, transport)
+        try:
+            first = await dispatcher.run_once()
+            waits = shop.due_time(w1_email)
+            return first, waits, await dispatcher.run_once()
+        finally:
+            await transport.close()
+
+    w1_email = next(e for e in emails if e != w2_row.email)
+    try:
+        first, waits, second = asyncio.run(asyncio.wait_for(runs(), timeout=60))
+        # Then the refused row went back to the queue until the day after the one whose quota refused it (the day
+        # that has begun: due at once), not until the midnight after that
+        assert raced and first.quota_reached and first.outcomes.get("sent", 0) == 0
+        assert shop.clock.now() - timedelta(seconds=1) <= waits <= shop.clock.now()
+        assert waits >= next_day
+        events = [r for r in caplog.records if r.getMessage() == "daily_quota_reached"]
+        assert [datetime.fromisoformat(getattr(r, "kembali_fields", {})["resumes_at"]) for r in events] == [next_day]
+        # and the next run, a second into the new day, sends it: that day's quota has its slot
+        assert second.outcomes == {"sent": 1} and not second.quota_reached, second
+        assert len(smtp_server.messages) == 1 and shop.row(w1_email).status == "sent"
+    finally:
+        astore.close()
+        shop.close()

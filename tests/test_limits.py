@@ -26,8 +26,8 @@ from worker.core.limits import (
     bounce_kind,
     domain_of,
     is_throttling,
-    next_quota_day_start,
     quota_day,
+    quota_day_end,
     quota_grant,
     slows_domain,
 )
@@ -339,7 +339,7 @@ def test_a_throttled_attempt_retries_soon_even_after_the_last_attempt() -> None:
 )
 def test_quota_days_are_shop_local(now: datetime, day: str, next_start: datetime) -> None:
     assert quota_day(now, "Asia/Jakarta").isoformat() == day
-    assert next_quota_day_start(now, "Asia/Jakarta") == next_start
+    assert quota_day_end(quota_day(now, "Asia/Jakarta"), "Asia/Jakarta") == next_start
 
 
 @pytest.mark.parametrize(

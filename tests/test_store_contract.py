@@ -386,8 +386,8 @@ def test_the_mark_takes_a_slot_of_the_days_quota_and_a_marked_row_given_back_uns
     quota = DayQuota("quota:daily", "2026-11-22", since=datetime(2026, 11, 21, 17, 0, tzinfo=UTC), limit=2)
     rates = RateStore(store.engine)
     # When a's group commit marks the three, Then two are marked and take the day's two slots; the third is not
-    # marked (still a's, to give back until tomorrow)
-    two = Marks(sending=frozenset(ids[:2]), over_quota=frozenset(ids[2:]))
+    # marked (still a's, to give back until the day after the one whose quota refused it)
+    two = Marks(sending=frozenset(ids[:2]), over_quota=frozenset(ids[2:]), quota_day="2026-11-22")
     assert store.record_and_mark([], ids, worker="a", now=NOW, quota=quota) == two
     assert rates.used_today("quota:daily", day="2026-11-22") == 2
     assert {r["dedupe_key"]: r["status"] for r in store.messages()} == {"k:0": "sending", "k:1": "sending",
@@ -439,7 +439,7 @@ def test_a_row_marked_before_local_midnight_and_given_back_after_gives_the_new_d
     store.insert_messages(planned(1, prefix="n"), after)
     [extra] = store.claim(worker="a", now=after, limit=1, lease_seconds=60)
     assert store.record_and_mark([back(batch[1])], [extra.id], worker="a", now=after, quota=day23) == Marks(
-        over_quota=frozenset({extra.id})
+        over_quota=frozenset({extra.id}), quota_day="2026-11-23"
     )
     assert rates.used_today("quota:daily", day="2026-11-23") == 1
 
@@ -460,9 +460,12 @@ def test_a_commit_made_at_a_time_before_local_midnight_does_not_reset_the_new_da
     # for the lock, or was tried again, past midnight) comes after: it counts in the 22nd's quota
     before = datetime(2026, 11, 22, 16, 59, 59, tzinfo=UTC)
     day22 = DayQuota("quota:daily", "2026-11-22", since=datetime(2026, 11, 21, 17, 0, tzinfo=UTC), limit=2)
-    store.record_and_mark([], [a[0].id], worker="a", now=before, quota=day22)
+    marks = store.record_and_mark([], [a[0].id], worker="a", now=before, quota=day22)
     # Then the 23rd's two marks still count: workers do not get the 23rd's quota a second time
     assert rates.used_today("quota:daily", day="2026-11-23") >= 2
+    # and a's mark, refused by the 23rd's quota, is told so: it waits until the 24th begins, not the 23rd (a second
+    # later by a's clock, to be claimed and refused again)
+    assert marks == Marks(over_quota=frozenset({a[0].id}), quota_day="2026-11-23")
 
 
 def test_a_hold_made_again_after_a_commit_whose_reply_was_lost_is_given_as_held(store: Store) -> None:

@@ -86,7 +86,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import date, datetime
 from typing import Literal, Protocol
 
 from worker import log
@@ -97,7 +97,7 @@ from worker.composing import ComposerPool
 from worker.config import Settings, tls_port_hint
 from worker.contact import Arbiter
 from worker.core import lifecycle
-from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of, next_quota_day_start
+from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of, quota_day, quota_day_end
 from worker.core.policy import SendNow, Skip
 from worker.core.retry import PAUSES_AT_ONCE, SERVER_TROUBLE_DOMAINS, TroubleStreak, connection_failure
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult, SkipReason
@@ -198,8 +198,8 @@ class LedgerWriter:
 
     async def mark_sending(self, message: ClaimedMessage) -> Mark:
         """Wait until the row's mark is committed: ``sending`` (send it; it took a slot of the day's quota),
-        ``held`` (another worker is sending to the customer: it went back to the queue), ``quota`` (the day's quota
-        is spent: not marked, still claimed), ``lost`` (the lease was lost), or a ``SkipReason``
+        ``held`` (another worker is sending to the customer: it went back to the queue), ``OverQuota`` (the day's
+        quota is spent: not marked, still claimed), ``lost`` (the lease was lost), or a ``SkipReason``
         (the re-check made with the mark skipped it: expired, suppressed, no consent, ordered since; the row is
         ``skipped``).
         A sender cancelled meanwhile (the run stopping) sends nothing: a row its mark made ``sending`` goes back to
@@ -275,6 +275,7 @@ class LedgerWriter:
                     self.settled(record.message.id, sent=record.status in MAY_HAVE_ARRIVED, seq=self.commits)
                 if marked.stale:
                     _log_stale(records, marked.stale)
+                refused = OverQuota(date.fromisoformat(marked.quota_day)) if marked.quota_day else None
                 for message, future in marks:
                     message_id = message.id
                     if message_id in marked.over_quota and future.cancelled():
@@ -288,7 +289,7 @@ class LedgerWriter:
                     if not future.done():
                         future.set_result(
                             "sending" if message_id in marked.sending else "held" if message_id in marked.held
-                            else "quota" if message_id in marked.over_quota
+                            else refused if refused is not None and message_id in marked.over_quota
                             else marked.skipped.get(message_id, "lost")
                         )  # fmt: skip
             except BaseException as exc:
@@ -326,7 +327,16 @@ class LedgerWriter:
         )  # fmt: skip
 
 
-Mark = Literal["sending", "held", "quota", "lost"] | SkipReason
+@dataclass(frozen=True)
+class OverQuota:
+    """A mark the day's quota had no slot left for (``Marks.over_quota``): not made, the row still claimed."""
+
+    day: date
+    """The shop-local day whose quota refused it (``Marks.quota_day``): the row waits until the next one begins,
+    however late the refusal is heard."""
+
+
+Mark = Literal["sending", "held", "lost"] | OverQuota | SkipReason
 """What a row's ``sending`` mark made of it (``LedgerWriter.mark_sending``)."""
 _DONE: Literal["done"] = "done"
 LOCAL_CHUNK = 25
@@ -433,6 +443,8 @@ class Dispatcher:
         self.pauses_in_row = 0
         """Pauses since the last attempt that got past the connection (a daemon waits longer after each)."""
         self.quota_reached = False
+        self._quota_resumes: datetime | None = None
+        """Once ``quota_reached``: when the day after the latest one whose quota refused this run's messages begins."""
         self._last_unreached = ""
         """The reply (or error) of the last attempt that did not reach the server."""
         self._runs = 0
@@ -560,6 +572,7 @@ class Dispatcher:
         self._runs += 1
         self._failing, self._on_wire = False, set()
         self.quota_reached = False  # a new run, perhaps a new day: the quota tells (a daemon keeps its dispatcher)
+        self._quota_resumes = None
         report = DispatchReport()
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
         writer = self._writer = LedgerWriter(
@@ -744,7 +757,7 @@ class Dispatcher:
                 # once the quota is spent: workers side by side may leave one another less room than this tells)
                 granted = await self.quota.room(len(composed), taking=lambda: writer.unmarked)
                 if granted < len(composed):
-                    self._quota_reached(composed[granted:], writer, now)
+                    self._quota_reached(composed[granted:], writer, now, quota_day(now, self.settings.shop.time_zone))
                 for index, item in enumerate(composed[:granted]):
                     if self.stopping.is_set():
                         for left in composed[index:granted]:
@@ -830,19 +843,23 @@ class Dispatcher:
         got = await ahead
         if got is None:
             return
-        until = next_quota_day_start(got.now, self.settings.shop.time_zone) if self.quota_reached else None
+        # the refusal's day decides, not the claim's: a batch claimed after local midnight would wait a day too long
+        until = self._quota_resumes if self.quota_reached else None
         for item in got.items:
             writer.record(self._release(item.message, got.now, until=until))
 
-    def _quota_reached(self, items: list[Composed], writer: LedgerWriter, now: datetime) -> None:
-        tomorrow = next_quota_day_start(now, self.settings.shop.time_zone)
+    def _quota_reached(self, items: list[Composed], writer: LedgerWriter, now: datetime, day: date) -> None:
+        """``day``'s quota had no slot left for ``items``: back to the queue until the next day begins, whenever the
+        refusal is heard (one heard after local midnight makes them due at once, not a day later)."""
+        resumes = quota_day_end(day, self.settings.shop.time_zone)
         for item in items:
-            writer.record(self._release(item.message, now, until=tomorrow))
+            writer.record(self._release(item.message, now, until=resumes))
+        self._quota_resumes = max(resumes, self._quota_resumes or resumes)
         if not self.quota_reached:
             self.quota_reached = True
             log.event(
                 "daily_quota_reached", logging.WARNING, quota=self.settings.sending.daily_quota,
-                waiting=len(items), resumes_at=tomorrow.isoformat(),
+                waiting=len(items), resumes_at=resumes.isoformat(),
             )  # fmt: skip
 
     def _count_not_sent(self, item: Skipped | RenderFailed, report: DispatchReport) -> None:
@@ -912,8 +929,8 @@ class Dispatcher:
                 writer.settled(message.id, sent=False, seq=writer.commits)  # it takes no slot after all
                 if isinstance(mark, SkipReason):  # the mark's re-check: the row is skipped, as at prepare time
                     self._skipped(Skipped(message, mark, item.customer.external_id), report)
-                elif mark == "quota":  # the day's quota spent (other workers took the rest): back until tomorrow
-                    self._quota_reached([item], writer, self.clock.now())
+                elif isinstance(mark, OverQuota):  # the day's quota spent (other workers took the rest)
+                    self._quota_reached([item], writer, self.clock.now(), mark.day)
                 elif mark == "held":
                     log.event("email_held_back", campaign=message.campaign, dedupe_key=message.dedupe_key,
                               customer=item.customer.external_id, to=log.mask_email(message.email),

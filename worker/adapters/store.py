@@ -459,7 +459,11 @@ class Marks:
     """Outcomes given for rows the worker no longer held (their lease had lapsed): see ``Stale``."""
     over_quota: frozenset[int] = frozenset()
     """Not marked: the day's quota (``DayQuota``) was spent. Still claimed by the worker, which gives them back to the
-    queue until the next day."""
+    queue until the day after ``quota_day``."""
+    quota_day: str | None = None
+    """With ``over_quota``: the shop-local day (ISO) whose quota refused them, the one the commit counted its marks
+    in (``DayQuota.day``, or a later day the quota's row counted already), whatever the time when they are given
+    back."""
 
 
 def _unsent_release(d: Disposition) -> bool:
@@ -760,6 +764,7 @@ class Store:
         skipped = {row[0]: SkipReason(row[1]) for row in self._select_in(cursor, sql.skip, ids, common)}
         rest = set(ids) - skipped.keys()
         over: set[int] = set()
+        day: str | None = None
         if quota is None:
             sending = {row[0] for row in self._select_in(cursor, sql.mark, rest, common)}
         else:
@@ -785,7 +790,8 @@ class Store:
                 skipped[message_id] = SkipReason(reason)
             else:
                 (sending if status == _SENDING else held).add(message_id)
-        return Marks(frozenset(sending), frozenset(held), skipped, over_quota=frozenset(over))
+        return Marks(frozenset(sending), frozenset(held), skipped, over_quota=frozenset(over),
+                     quota_day=day if over else None)  # fmt: skip
 
     def _quota_used(self, cursor: Any, quota: DayQuota, given_back: int) -> tuple[str, int]:
         """(the day the commit's marks count in, the slots of it taken so far, less ``given_back``); the quota's row

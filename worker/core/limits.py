@@ -125,15 +125,21 @@ def quota_day(now: datetime, zone: str) -> date:
 
 def quota_day_start(now: datetime, zone: str) -> datetime:
     """The local midnight that began the day ``now`` falls in, as an aware datetime."""
-    tz = ZoneInfo(zone)
-    return datetime.combine(now.astimezone(tz).date(), time(0, 0), tzinfo=tz)
+    return _day_begins(quota_day(now, zone), zone)
 
 
-def next_quota_day_start(now: datetime, zone: str) -> datetime:
-    """The next local midnight, as an aware datetime."""
-    tz = ZoneInfo(zone)
-    tomorrow = now.astimezone(tz).date() + timedelta(days=1)
-    return datetime.combine(tomorrow, time(0, 0), tzinfo=tz)
+def quota_day_end(day: date, zone: str) -> datetime:
+    """The local midnight that ends the shop-local ``day`` (and begins the next), as an aware datetime: when what
+    ``day``'s quota refused is due again. 23 or 25 hours after the day began, on a day the clocks change."""
+    return _day_begins(day + timedelta(days=1), zone)
+
+
+def _day_begins(day: date, zone: str) -> datetime:
+    """The first instant of ``day`` in ``zone``: its midnight, the first one where the clocks go back to 00:00, and
+    the instant they skip to 01:00 where they go forward at midnight (fold 0 takes the offset before a change).
+    In ``zone``'s time, as logs show it; compare it by order or in UTC (Python's ``==`` across zones takes a local
+    time the clocks skip or repeat for unequal to every instant)."""
+    return datetime.combine(day, time(0, 0), tzinfo=ZoneInfo(zone))
 
 
 def quota_grant(used: int, quota: int, wanted: int) -> int:
