@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -28,6 +28,7 @@ from worker.core.limits import (
     is_throttling,
     quota_day,
     quota_day_end,
+    quota_day_start,
     quota_grant,
     slows_domain,
 )
@@ -340,6 +341,42 @@ def test_a_throttled_attempt_retries_soon_even_after_the_last_attempt() -> None:
 def test_quota_days_are_shop_local(now: datetime, day: str, next_start: datetime) -> None:
     assert quota_day(now, "Asia/Jakarta").isoformat() == day
     assert quota_day_end(quota_day(now, "Asia/Jakarta"), "Asia/Jakarta") == next_start
+
+
+def _utc(year: int, month: int, day: int, hour: int) -> datetime:
+    return datetime(year, month, day, hour, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("zone", "day", "begins", "ends", "hours"),
+    [
+        ("Asia/Jakarta", date(2026, 11, 22), _utc(2026, 11, 21, 17), _utc(2026, 11, 22, 17), 24),
+        # the day before the clocks go forward at 02:00: its end keeps the winter offset
+        ("Europe/Berlin", date(2026, 3, 28), _utc(2026, 3, 27, 23), _utc(2026, 3, 28, 23), 24),
+        ("Europe/Berlin", date(2026, 3, 29), _utc(2026, 3, 28, 23), _utc(2026, 3, 29, 22), 23),
+        ("Europe/Berlin", date(2026, 10, 25), _utc(2026, 10, 24, 22), _utc(2026, 10, 25, 23), 25),
+        ("America/New_York", date(2026, 3, 8), _utc(2026, 3, 8, 5), _utc(2026, 3, 9, 4), 23),
+        ("America/New_York", date(2026, 11, 1), _utc(2026, 11, 1, 4), _utc(2026, 11, 2, 5), 25),
+        # clocks that skip midnight (00:00 → 01:00): the 6th begins at its 01:00
+        ("America/Santiago", date(2026, 9, 5), _utc(2026, 9, 5, 4), _utc(2026, 9, 6, 4), 24),
+        ("America/Santiago", date(2026, 9, 6), _utc(2026, 9, 6, 4), _utc(2026, 9, 7, 3), 23),
+        # clocks that go back from 01:00 to 00:00: the 1st begins at the first of its two midnights
+        ("America/Havana", date(2026, 10, 31), _utc(2026, 10, 31, 4), _utc(2026, 11, 1, 4), 24),
+        ("America/Havana", date(2026, 11, 1), _utc(2026, 11, 1, 4), _utc(2026, 11, 2, 5), 25),
+    ],
+)
+def test_a_quota_day_ends_at_the_next_local_midnight_however_long_the_day(
+    zone: str, day: date, begins: datetime, ends: datetime, hours: int
+) -> None:
+    # What ``day``'s quota refused is due again when the next local day begins: the first instant whose quota day
+    # is the next one, whenever the refusal is heard (its last instant, or the next day already)
+    last = ends - timedelta(microseconds=1)
+    assert quota_day(begins, zone) == quota_day(last, zone) == day
+    assert quota_day(begins - timedelta(microseconds=1), zone) == day - timedelta(days=1)
+    assert quota_day(ends, zone) == day + timedelta(days=1)
+    # (in UTC: Python's == across zones calls a local time the clocks skip or repeat unequal to every instant)
+    assert quota_day_start(last, zone).astimezone(UTC) == begins and quota_day_end(day, zone).astimezone(UTC) == ends
+    assert ends - begins == timedelta(hours=hours)
 
 
 @pytest.mark.parametrize(
