@@ -73,6 +73,8 @@ def test_an_sqlite_database_in_a_folder_named_with_a_percent_sign_can_be_created
 
 @pytest.mark.parametrize("url", ["postgresql+psycopg://shop:S3cret-pw@db.internal:54x2/kembali",
                                  "postgresql+asyncpg://shop:S3cret-pw@db.internal/kembali",
+                                 # a password's @ not percent-encoded: the rest of it would be read as the host
+                                 "postgresql+psycopg://shop:pw@S3cret-tail@127.0.0.1:1/kembali",
                                  "sqlite://kembali.db"])
 @pytest.mark.parametrize("command", [("db", "status"), ("db", "upgrade"), ("stats",), ("check",)])
 def test_a_database_url_the_engine_cannot_read_stops_every_command_by_name(

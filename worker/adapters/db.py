@@ -122,6 +122,9 @@ def check_url(settings: Settings) -> None:
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError):
         raise ConfigError(f"{where} is not a URL SQLAlchemy can read: it must be {forms} (a password with @, :, / "
                           "or % in it percent-encoded: %40, %3A, %2F, %25)") from None
+    if "@" in (url.host or ""):  # SQLAlchemy reads user:pw@rest@host as the password pw and the host rest@host
+        raise ConfigError(f"{where} has an @ after the one that ends the user part: a password (or user name) with "
+                          "@ in it must be percent-encoded as %40 (and :, /, % as %3A, %2F, %25)")
     if url.get_backend_name() == "sqlite":
         if url.host:
             raise ConfigError(f"{where} has one slash too few: an SQLite file is sqlite:///{url.host} (three "
