@@ -231,6 +231,30 @@ def test_a_command_stopped_while_it_waits_for_the_sqlite_write_lock_stops_withou
         locker.close()
 
 
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_an_import_stopped_before_it_reads_its_file_says_so_as_the_other_commands_do(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Given an SQLite ledger whose write lock another process holds, and a first orders import, which counts the
+    # customers' spend totals in the shop's currency (a write) before it reads its file and takes the signals itself
+    site = make_site(tmp_path / "shop")
+    orders = site.folder / "orders.csv"
+    orders.write_text("order_id,customer_id,status,placed_at,total\nO-1,C-1,paid,2026-11-01T10:00,1000\n",
+                      encoding="utf-8")
+    locker = sqlite3.connect(site.db_path, isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        # When the signal comes while that count waits for the lock
+        child = _start(["--config", str(site.config), "import", "orders", str(orders)], site.folder)
+        _wait_for(lambda: waiting_for_a_lock(child.pid), child, "its wait for the lock")
+        _stdout, stderr = _stop(child, sig)
+        locker.rollback()
+        # Then it says which signal stopped it, with 128 + its number (SIGTERM killed it without a word)
+        _stopped_as_the_shell_expects(child, stderr, "import", sig)
+    finally:
+        locker.close()
+
+
 def test_a_file_of_preview_out_stopped_while_it_is_written_is_removed(tmp_path: Path) -> None:
     # Given a message's file being written into a reader that takes one byte and then the signal comes: the file's
     # temporary name is a FIFO here, so that the write waits there, mid-file, for the test

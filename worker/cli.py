@@ -333,15 +333,14 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
-_OWN_STOP_SIGNALS = frozenset({"run", "import", "demo"})
-"""The commands that take SIGINT and SIGTERM themselves: they stop gracefully and say how far they got. The
-others stop where they stand, by Ctrl-C's KeyboardInterrupt or SIGTERM's ``stopping.Terminated`` raised there, and
-say which signal stopped them (SIGTERM killed them without a word)."""
-
-
 def _main(argv: Sequence[str] | None) -> int:
+    """Commands stop where they stand, by Ctrl-C's KeyboardInterrupt or SIGTERM's ``stopping.Terminated`` raised
+    there, and say which signal stopped them (SIGTERM killed them without a word). ``run --once``, ``import`` and
+    ``demo`` take both signals themselves while they send or read the file, to stop gracefully and say how far they
+    got; before that (the demo building its shop, an orders import counting spend totals again) they stop as the
+    others do. The daemon takes them from its first steps (``StartupSignals``), to exit 0."""
     args = _parser().parse_args(argv)
-    if args.command in _OWN_STOP_SIGNALS:
+    if args.command == "run" and not args.once:
         return _command(args)
     with stopping.sigterm_raises():
         return _command(args)
