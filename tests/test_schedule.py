@@ -48,11 +48,23 @@ def test_crontab_fields_with_crontab_weekday_numbers(expr: str, fields: tuple[st
         ("0 9-5 * * *", "runs backwards"),
         ("*/0 9 * * *", "step '0'"),
         ("5/2 9 * * *", "a step needs"),
+        # a day no month it names has: the campaign would never be planned, and nothing would say so
+        ("0 9 30 2 *", r"never runs: no month it names \(2\) has a day 30"),
+        ("0 9 31 4,6,9,11 *", r"never runs: no month it names \(4, 6, 9, 11\) has a day 31"),
+        ("0 9 30-31 feb */2", "never runs"),
     ],
 )
 def test_bad_cron_expressions_say_what_is_wrong(expr: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         parse_cron(expr)
+
+
+@pytest.mark.parametrize("expr", ["0 9 29 2 *", "0 9 31 1-4 *", "0 9 30 2 1", "0 9 */30 2 *"])
+def test_a_day_some_month_it_names_has_or_a_weekday_beside_it_runs(expr: str) -> None:
+    # 29 February in leap years, the 31st of January and March, Mondays of February (crontab: the day *or* the
+    # weekday), the 1st of February (*/30 is days 1 and 31)
+    trigger = cron_trigger(expr, JKT)
+    assert trigger.get_next_fire_time(None, datetime(2026, 1, 1, tzinfo=UTC)) is not None
 
 
 def test_monday_in_crontab_is_monday_in_the_trigger() -> None:
@@ -138,6 +150,8 @@ def test_a_run_missed_while_down_is_found_once(last_run: str | None, now: str, m
         ({"plan_cron": {"winbak": "0 9 * * *"}}, "schedule.plan_cron.winbak' is not a campaign"),
         ({"plan_cron": {"winback": "0 25 * * *"}}, "schedule.plan_cron.winback' is not a cron expression"),
         ({"plan_cron": {"winback": 9}}, "schedule.plan_cron.winback' must be str"),
+        ({"plan_cron": {"winback": "0 9 30 2 *"}}, "schedule.plan_cron.winback' is not a cron expression: '0 9 30 2 "
+                                                    r"\*' never runs"),
         ({"default_plan_cron": "daily"}, "schedule.default_plan_cron"),
         ({"dispatch_poll_seconds": 0}, "schedule.dispatch_poll_seconds' must be positive"),
         ({"attempt_retention_days": -1}, "schedule.attempt_retention_days"),

@@ -61,8 +61,38 @@ def parse_cron(expr: str) -> CronFields:
     values = dict(zip(FIELDS, parts, strict=True))
     for name, text in values.items():
         _check_field(name, text)
+    _check_some_day_comes(expr, values["day"], values["month"], values["day_of_week"])
     values["day_of_week"] = _weekday_names(values["day_of_week"])
     return CronFields(**values)
+
+
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+"""The most days each month has (February's 29 in a leap year)."""
+
+
+def _check_some_day_comes(expr: str, day: str, month: str, weekday: str) -> None:
+    """Raise ValueError when the days of the month ``expr`` names come in none of its months (``0 9 30 2 *``):
+    APScheduler takes such a trigger and never fires it. With the weekday restricted too, crontab runs on the
+    days either matches, so some day always comes."""
+    if not day.startswith("*") and not weekday.startswith("*"):
+        return
+    first_day, months = min(_values("day", day)), sorted(_values("month", month))
+    if all(first_day > _MONTH_DAYS[m - 1] for m in months):
+        raise ValueError(f"{expr!r} never runs: no month it names ({', '.join(map(str, months))}) has a day "
+                         f"{first_day}")
+
+
+def _values(name: str, text: str) -> set[int]:
+    """The numbers a checked field of the day or the month names."""
+    low, high = _RANGES[name]
+    found: set[int] = set()
+    for item in text.split(","):
+        base, _, step = item.partition("/")
+        first, _, last = base.partition("-")
+        a = low if base == "*" else _number(name, first)
+        b = high if base == "*" else _number(name, last) if last else a
+        found.update(range(a, b + 1, int(step) if step else 1))
+    return found
 
 
 def schedule(expr: str) -> tuple[CronFields, ...]:
