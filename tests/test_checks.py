@@ -437,3 +437,28 @@ def test_each_win_back_step_folder_is_rendered_with_that_steps_coupon_and_number
         assert r.rendered is not None
         if r.campaign == "winback-last":
             assert "KEMBALI15" in r.rendered.html and "KEMBALI15" in r.rendered.text
+
+
+def test_text_outside_any_block_of_a_template_that_extends_a_layout_is_a_note(tmp_path: Path) -> None:
+    # Given the operator's edits to a body that extends the layout: a line added after the content block, where
+    # Jinja2 drops it (a child template sends only its blocks), and one before the extends, where it comes out
+    # ahead of the layout's first line
+    site = make_site(tmp_path / "shop", copy_templates=True)
+    root = site.folder / "templates"
+    body = root / "feedback" / "en" / "body.txt"
+    body.write_text(body.read_text(encoding="utf-8") + "P.S. Free shipping this week!\n", encoding="utf-8")
+    html = root / "feedback" / "id" / "body.html"
+    html.write_text("Promo {{ shop.name }}\n" + html.read_text(encoding="utf-8"), encoding="utf-8")
+    # When the operator checks the templates
+    done = site.cli("check")
+    # Then the check still passes (the emails render), with a note at each line saying what becomes of the text:
+    # before, nothing said the P.S. never reached a customer
+    assert done.returncode == 0, done.stdout + done.stderr
+    last = len(body.read_text(encoding="utf-8").splitlines())
+    assert (f"note: feedback/en/body.txt:{last}: text outside any {{% block %}} ('P.S. Free shipping this week!') "
+            "is never sent: a template that extends a layout sends only its blocks") in done.stdout, done.stdout
+    assert ("note: feedback/id/body.html:1: text outside any {% block %} ('Promo {{ … }}') comes before the "
+            "layout's first line") in done.stdout, done.stdout
+    # and the shipped templates, whose text is all in blocks, get no such note
+    pristine = make_site(tmp_path / "pristine", copy_templates=True).cli("check")
+    assert pristine.returncode == 0 and "outside any {% block %}" not in pristine.stdout, pristine.stdout

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from worker.adapters.templates import JinjaTemplates
+from worker.adapters.templates import JinjaTemplates, StrayText
 from worker.domain import Locale, RenderedEmail
 from worker.errors import TemplateError
 
@@ -74,6 +74,9 @@ class TimeLimitedRenderer:
 
     def files(self) -> list[str]:
         return self.local.files()
+
+    def stray_text(self, skip: Iterable[str] = ()) -> list[StrayText]:
+        return self.local.stray_text(skip)
 
     def render(self, campaign: str, locale: Locale, context: Mapping[str, object]) -> RenderedEmail:
         proc = self._helper()

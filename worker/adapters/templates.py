@@ -947,6 +947,29 @@ class JinjaTemplates:
             if p.is_file() and p.suffix in (".html", ".htm", ".txt") and not p.name.startswith(".")
         )
 
+    def stray_text(self, skip: Iterable[str] = ()) -> list[StrayText]:
+        """Text a file that extends a layout writes outside any ``{% block %}``: after the ``{% extends %}`` Jinja2
+        drops it (a child template sends only its blocks), before it the text comes ahead of the layout's first
+        line. Neither is an error (the email renders), so ``kembali check`` notes it. Files of the ``skip``
+        folders, and files that do not parse (``lint`` reports those), are left out."""
+        skipped = tuple(f"{folder}/" for folder in skip)
+        found: list[StrayText] = []
+        for name in self.files():
+            if skipped and name.startswith(skipped):
+                continue
+            try:
+                tree = self._env.parse(self._source(name), name, str(self.root / name))
+            except (TemplateError, jinja2.TemplateSyntaxError):
+                continue
+            layout = next((i for i, node in enumerate(tree.body) if isinstance(node, nodes.Extends)), None)
+            if layout is None:
+                continue
+            for index, node in enumerate(tree.body):
+                for output in _outputs_outside_blocks(node):
+                    if (shown := _shown(output)) is not None:
+                        found.append(StrayText(name, shown[0], shown[1], before_layout=index < layout))
+        return found
+
     def lint(self, known: Mapping[str, Iterable[str]], skip: Iterable[str] = ()) -> list[TemplateError]:
         """Parse every file: syntax errors, and variables a file reads that its context lacks.
 
@@ -1084,6 +1107,50 @@ class JinjaTemplates:
 
 _Site = tuple[str, int]
 """Where a file is included: the including file and line."""
+
+
+@dataclass(frozen=True)
+class StrayText:
+    """Text written outside any block by a file that extends a layout (``JinjaTemplates.stray_text``)."""
+
+    template: str
+    line: int
+    excerpt: str
+    """The text, its expressions shown as ``{{ … }}``, whitespace collapsed, cut at 40 characters."""
+    before_layout: bool
+    """Before the ``{% extends %}``: sent ahead of the layout's first line; after it, never sent."""
+
+
+def _outputs_outside_blocks(node: nodes.Node) -> Iterator[nodes.Output]:
+    """The output nodes under a top-level node of a template, but those of blocks and macros (whose text is written
+    where they are used)."""
+    if isinstance(node, nodes.Block | nodes.Macro):
+        return
+    if isinstance(node, nodes.Output):
+        yield node
+        return
+    for child in node.iter_child_nodes():
+        yield from _outputs_outside_blocks(child)
+
+
+def _shown(output: nodes.Output) -> tuple[int, str] | None:
+    """(the line the output's first non-blank text or expression is on, an excerpt of it); None when it writes
+    only whitespace."""
+    parts: list[str] = []
+    line: int | None = None
+    for child in output.nodes:
+        if isinstance(child, nodes.TemplateData):
+            text = child.data
+            if line is None and text.strip():
+                line = child.lineno + text[: len(text) - len(text.lstrip())].count("\n")
+            parts.append(text)
+        else:
+            line = child.lineno if line is None else line
+            parts.append("{{ … }}")
+    if line is None:
+        return None
+    excerpt = " ".join("".join(parts).split())
+    return line, excerpt if len(excerpt) <= 40 else excerpt[:39] + "…"
 
 
 class _Lint:

@@ -9,6 +9,7 @@ import dataclasses
 from urllib.parse import urlsplit
 
 from worker.adapters.render_worker import TimeLimitedRenderer
+from worker.adapters.templates import StrayText
 from worker.app import link_keys, smtp_password
 from worker.checks import Kind, Problem, check_templates, unused_folders
 from worker.config import Settings, ShopSettings, tls_port_hint
@@ -70,10 +71,12 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     folder = settings.resolve(settings.templates.dir)
     renders = 0
     unused: list[str] = []
+    stray: list[StrayText] = []
     if folder.is_dir():
         with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
             problems += check_templates(settings, renderer)
             unused = unused_folders(settings, renderer)
+            stray = renderer.stray_text(unused)
             campaigns = sorted(set(renderer.campaigns()) - set(unused))
             renders = len(campaigns) * len(Locale) * len(samples.samples(Locale.ID))
     if args.json:
@@ -88,6 +91,10 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     for name in unused:
         print(f"note: {name}/ is no campaign's folder, not checked and never sent (a campaign sends from the folder "
               "named for it; win-back's steps, from the folders [[campaigns.winback.steps]] names)")
+    for text in stray:
+        print(f"note: {text.template}:{text.line}: text outside any {{% block %}} ({text.excerpt!r}) "
+              + ("comes before the layout's first line" if text.before_layout else
+                 "is never sent: a template that extends a layout sends only its blocks"))
     if not problems:
         print("no problems found")
         return EXIT_OK
