@@ -21,7 +21,9 @@ computations of this module's own (nothing here asks the worker's policy code wh
 
 The same checks hold with the runs the daemon makes (``daemon=True``): planning once a day at 09:00 on the shop's
 clock (Jakarta), sending every hour in between, with customers in New York and Sydney whose birthday comes with
-other messages due the evening before and that morning.
+other messages due the evening before and that morning. And they hold for a month on PostgreSQL made by three
+worker processes side by side (``Workers``, ``tests/weeks_worker.py``), each with its own engine and worker id,
+planning and then sending at every run together, for all that the server received from them.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import pickle
 import random
+import subprocess
+import sys
 from bisect import bisect_right
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -42,11 +47,12 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
+from tests.sendkit import A, subprocess_env
 from tests.smtp_server import RecordingServer
 from worker.adapters import db, shop
 from worker.adapters.store import Store
 from worker.adapters.tables import Message
-from worker.app import Deps
+from worker.app import Deps, release_lapsed_leases
 from worker.asyncstore import AsyncStore
 from worker.commands import running
 from worker.config import Settings, settings_from_dict
@@ -238,12 +244,14 @@ def far_birthdays(person: Any) -> None:
 # --- running it --------------------------------------------------------------
 
 
-def settings_for(db_url: str, port: int, caps: Caps) -> Settings:
+def settings_for(db_url: str, port: int, caps: Caps, **sending: Any) -> Settings:
+    """``sending``: more of that section (the workers side by side claim in small batches)."""
     return settings_from_dict({
         "database": {"url": db_url},
         "smtp": {"host": "127.0.0.1", "port": port, "tls": "none", "timeout_seconds": 5.0, "pool_size": 2},
         # rates out of the way: on PostgreSQL they book on the server's real clock, and the runs come fast
-        "sending": {"rate_per_second": 1000.0, "burst": 1000, "domain_rate_per_second": 1000.0, "domain_burst": 1000},
+        "sending": {"rate_per_second": 1000.0, "burst": 1000, "domain_rate_per_second": 1000.0, "domain_burst": 1000,
+                    **sending},
         "templates": {"dir": str(ROOT / "templates" / "email")},
         "campaigns": {
             "winback": {"expires_after_days": 14, "holdout_share": WINBACK_HOLDOUT, "steps": [
@@ -306,7 +314,7 @@ DAEMON_PLANS_AT = time(9, 0)
 DAEMON_SENDS_EVERY = timedelta(hours=1)
 
 
-async def daemon_run(deps: Deps, now: datetime) -> None:
+async def daemon_run(deps: Deps, now: datetime) -> Counter[tuple[str, str]]:
     """What ``kembali run`` (the daemon) does at ``now``: every campaign's planning pass when its cron fires (as
     ``Daemon._plan_pass``, one campaign at a time), then the dispatcher sends what is due; at other hours it only
     sends."""
@@ -315,15 +323,117 @@ async def daemon_run(deps: Deps, now: datetime) -> None:
         if now.astimezone(SHOP_ZONE).time() == DAEMON_PLANS_AT:
             for campaign in enabled_campaigns(deps.settings):
                 await astore.call(plan, deps.store, deps.settings, now, [campaign])
-        await running.dispatch(deps, astore)
+        return (await running.dispatch(deps, astore)).by_campaign
     finally:
         astore.close()
 
 
+async def run_as(
+    deps: Deps, now: datetime, *, daemon: bool = False, planned: Callable[[], None] | None = None
+) -> Counter[tuple[str, str]]:
+    """A run at ``now``, as ``kembali run --once`` makes it (``running.cycle``) or the daemon (``daemon_run``); what
+    its sending did to each campaign's messages (``DispatchReport.by_campaign``). ``planned``: called between the
+    run's planning and its sending (``cycle``'s two halves), where workers side by side wait for each other."""
+    if daemon:
+        return await daemon_run(deps, now)
+    if planned is None:
+        return (await running.cycle(deps)).dispatched.by_campaign
+    astore = AsyncStore(deps.store)
+    try:
+        await release_lapsed_leases(deps.store, astore, now)
+        await astore.call(plan, deps.store, deps.settings, now)
+        await asyncio.to_thread(planned)
+        return (await running.dispatch(deps, astore)).by_campaign
+    finally:
+        astore.close()
+
+
+def one_run(settings: Settings, clock: FakeClock, now: datetime, **how: Any) -> Counter[tuple[str, str]]:
+    """A run (``run_as``, ``how`` it says) at ``now`` on ``clock``, with the dependencies a run builds."""
+    clock.set(now)
+    deps = Deps.build(settings, check_schema=False)  # (migrated before the first run: alembic's files are slow)
+    deps.clock = clock
+    try:
+        done = asyncio.run(run_as(deps, now, **how))
+    finally:
+        deps.close()
+    assert clock.now() == now, "the run moved the clock: delivery times below would be wrong"
+    return done
+
+
+class OneWorker:
+    """The runs made in this process, one after the other (``Workers`` makes them in several at once)."""
+
+    def __init__(self, daemon: bool) -> None:
+        self.clock = FakeClock(START)
+        self.daemon = daemon
+
+    def run(self, settings: Settings, now: datetime) -> None:
+        one_run(settings, self.clock, now, daemon=self.daemon)
+
+
+class Workers:
+    """``count`` worker processes (``tests/weeks_worker.py``), each with its own engine and worker id, that make
+    every run together: each plans, and once all have planned, each sends, so they claim and mark side by side."""
+
+    def __init__(self, count: int, log: Path) -> None:
+        self.log = log
+        self.done: Counter[tuple[str, str]] = Counter()
+        """What their runs did to each campaign's messages (``DispatchReport.by_campaign``), added up."""
+        with log.open("wb") as out:
+            self.procs = [
+                subprocess.Popen([sys.executable, "-m", "tests.weeks_worker"], cwd=ROOT, env=subprocess_env(),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=out)
+                for _ in range(count)
+            ]  # fmt: skip
+
+    def run(self, settings: Settings, now: datetime) -> None:
+        self._tell((settings, now))
+        assert self._replies() == ["planned"] * len(self.procs)
+        self._tell("send")
+        for done in self._replies():
+            self.done += done
+
+    def _tell(self, what: object) -> None:
+        for p in self.procs:
+            assert p.stdin is not None
+            pickle.dump(what, p.stdin)
+            p.stdin.flush()
+
+    def _replies(self) -> list[Any]:
+        """Each worker's reply; a worker's failure (its traceback, or its end) fails the test."""
+        out = []
+        for p in self.procs:
+            assert p.stdout is not None
+            try:
+                reply = pickle.load(p.stdout)  # noqa: S301 (our own worker's reply)
+            except EOFError:
+                reply = f"worker {p.pid} ended (exit code {p.wait()})"
+            assert not (isinstance(reply, str) and reply != "planned"), f"{reply}\n{self.log.read_text()[-3000:]}"
+            out.append(reply)
+        return out
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """The workers told there is no more (their stdin closed): they end, or are killed after a failure."""
+        for p in self.procs:
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.close()
+            if exc[0] is not None:
+                p.kill()
+            code = p.wait(timeout=30)
+            p.stdout.close()
+            assert exc[0] is not None or code == 0, f"worker {p.pid} exited {code}: {self.log.read_text()[-3000:]}"
+
+
 def run_the_weeks(db_url: str, server: RecordingServer, plan: ShopPlan, cap_plan: Sequence[tuple[datetime, Caps]],
-                  *, days: int = DAYS, irregular: bool = False, daemon: bool = False) -> Story:  # fmt: skip
+                  *, days: int = DAYS, irregular: bool = False, daemon: bool = False, workers: Workers | None = None,
+                  **sending: Any) -> Story:  # fmt: skip
     """Runs as ``kembali run --once`` from cron (each plans every campaign, then sends), or with ``daemon`` as the
-    daemon: planning once a day on its schedule, sending every hour in between."""
+    daemon: planning once a day on its schedule, sending every hour in between; all in this process, or by
+    ``workers`` side by side."""
     engine = db.create_engine(db_url)
     db.upgrade(engine)
     shop.upsert_products(engine, PRODUCTS, START)
@@ -333,18 +443,17 @@ def run_the_weeks(db_url: str, server: RecordingServer, plan: ShopPlan, cap_plan
     shop.upsert_orders(engine, [o for p in plan.people for o in p.orders], START)
     engine.dispose()
 
-    clock = FakeClock(START)
     caps_now = cap_plan[0][1]
-    settings = settings_for(db_url, server.port, caps_now)
+    settings = settings_for(db_url, server.port, caps_now, **sending)
     store = Store(db.engine_for(settings))
     pending_orders = list(plan.later_orders)
     launches = sorted((at(day), products) for day, products in LAUNCHES.items())
     suppressed = withdrawn = False
     runs: list[datetime] = []
     deliveries: list[Delivery] = []
+    runner = workers or OneWorker(daemon)
     try:
         for now in run_times(days, irregular, DAEMON_SENDS_EVERY if daemon else RUN_EVERY):
-            clock.set(now)
             while pending_orders and pending_orders[0].placed_at <= now:
                 shop.upsert_orders(store.engine, [pending_orders.pop(0)], now)
             while launches and launches[0][0] <= now:
@@ -359,15 +468,9 @@ def run_the_weeks(db_url: str, server: RecordingServer, plan: ShopPlan, cap_plan
             wanted = [caps for since, caps in cap_plan if since <= now][-1]
             if wanted != caps_now:
                 caps_now = wanted
-                settings = settings_for(db_url, server.port, caps_now)
+                settings = settings_for(db_url, server.port, caps_now, **sending)
             before = len(server.messages)
-            deps = Deps.build(settings)  # a run as `kembali run --once` makes it, or the daemon's, on the fake clock
-            deps.clock = clock
-            try:
-                asyncio.run(daemon_run(deps, now) if daemon else running.cycle(deps))
-            finally:
-                deps.close()
-            assert clock.now() == now, "the run moved the clock: delivery times below would be wrong"
+            runner.run(settings, now)
             for m in server.messages[before:]:
                 parsed = email.message_from_bytes(m.data, policy=email.policy.compat32)
                 for to in m.rcpt_tos:
@@ -814,12 +917,41 @@ def test_a_second_shop_run_holds_out_the_same_customers(
     assert second and second <= first
 
 
+def _month_on_postgresql(pg_url: str, smtp_server: RecordingServer, **how: Any) -> Story:
+    """A month on PostgreSQL, the runs one to four hours apart at any minute; every invariant holds."""
+    story = run_the_weeks(pg_url, smtp_server, generated_shop(), CAP_PLAN, days=30, irregular=True, **how)
+    problems = [p for check in CHECKS for p in check(story)]
+    assert problems == [], "\n".join(problems)
+    return story
+
+
 @pytest.mark.postgres
 def test_the_same_weeks_on_postgresql_run_at_irregular_times(pg_url: str, smtp_server: RecordingServer) -> None:
     """A month on PostgreSQL, the runs one to four hours apart at any minute (a daemon's cycles, not cron's)."""
-    story = run_the_weeks(pg_url, smtp_server, generated_shop(), CAP_PLAN, days=30, irregular=True)
-    problems = [p for check in CHECKS for p in check(story)]
-    assert problems == [], "\n".join(problems)
+    _month_on_postgresql(pg_url, smtp_server)
+
+
+@pytest.mark.postgres
+def test_three_workers_side_by_side_keep_the_policy_over_a_month(
+    pg_url: str, smtp_server: RecordingServer, tmp_path: Path
+) -> None:
+    """The same month on PostgreSQL made by three ``run --once`` processes at each run, as workers on three hosts
+    sharing the database: each plans every campaign, then they claim one row at a time side by side (so one worker
+    takes a mailbox's birthday offer while another takes its feedback request). Every invariant holds for all they
+    sent together: no mailbox gets two emails within the cap from two workers, nothing arrives twice, no birthday
+    offer is lost to another worker's email of lower priority."""
+    with Workers(3, tmp_path / "workers.log") as workers:
+        # (composing in a helper process is beside the point here, and would start one per worker and run)
+        story = _month_on_postgresql(pg_url, smtp_server, workers=workers, batch_size=1, compose_processes=0)
+    engine = db.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            senders = Counter(conn.execute(sa.select(A.c.worker).where(A.c.outcome == "sent")).scalars())
+    finally:
+        engine.dispose()
+    assert len(senders) == 3 and sum(senders.values()) == len(story.deliveries), senders
+    # and the workers did meet at a mailbox: one held a message back because another was sending to it
+    assert any(what == "deferred:another_worker" for _, what in workers.done), workers.done
 
 
 def test_the_daemon_plans_once_a_day_and_no_birthday_is_lost(story_daemon: Story) -> None:
