@@ -346,3 +346,30 @@ def test_an_email_does_not_wait_for_a_birthday_offer_it_only_moves_later_within_
     finally:
         store.close()
     assert sent_at == {"winback": evening, "birthday": evening + timedelta(days=3)}
+
+
+def test_an_email_waits_for_the_birthday_offer_to_come_of_another_record_with_its_mailbox(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given two customer records with one mailbox (a guest checkout typed the address in another case): C1, a
+    # one-time buyer due win-back step 1, and C2, whose birthday is DAY0 (an offer on the day itself), in a shop
+    # whose cap is one email in three days
+    settings = settings_for(tmp_path, smtp_server)
+    given_a_shop(settings, [("C1", None), ("C2", date(1990, 2, 26))], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=50), None, 1_000_000, "IDR"),
+    ])  # fmt: skip
+    engine = db.create_engine(settings.database_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE customer SET email = 'C1@Example.com' WHERE external_id = 'C2'")
+    engine.dispose()
+    # When a cycle runs two days before the birthday (too early for any pass to plan C2's offer)
+    clock = FakeClock(DAY0 - timedelta(days=2))
+    report = cycle_at(settings, clock, DAY0 - timedelta(days=2))
+    # Then C1's win-back waits, as it would for C1's own birthday offer: sent then, it would leave C2's offer
+    # capped until after the birthday
+    assert report.dispatched.outcomes == {"deferred:birthday": 1}, report.dispatched.outcomes
+    assert smtp_server.messages == []
+    # And on the birthday the offer goes out, the win-back three days later
+    for day in range(-1, 4):
+        cycle_at(settings, clock, DAY0 + timedelta(days=day))
+    assert subjects(smtp_server) == ["Happy birthday, Siti! Enjoy 15% off, on us", "How are you, Siti?"]

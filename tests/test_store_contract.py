@@ -15,10 +15,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from worker import migrations
-from worker.adapters import db, opstore, shop
+from worker.adapters import audience_sql, db, opstore, shop
 from worker.adapters.ledger import LedgerAdmin
 from worker.adapters.ratestore import RateStore
-from worker.adapters.store import HELD_SECONDS, DayQuota, M, Marks, Stale, Store
+from worker.adapters.store import HELD_SECONDS, C, DayQuota, M, Marks, Stale, Store
 from worker.adapters.tables import metadata
 from worker.core.audiences import message_id_for
 from worker.domain import (
@@ -114,12 +114,12 @@ def test_autogenerate_proposes_nothing_for_a_migrated_database(store: Store) -> 
 def test_the_indexes_on_an_expression_are_built_as_declared(store: Store) -> None:
     """What Alembic cannot compare on SQLite: the migrated database's ``lower(email)`` indexes have the declared
     columns and partial conditions, as the database itself gives their definition."""
-    declared = {i.name: i for i in M.indexes if i.name in migrations.EXPRESSION_INDEXES}
+    declared = {i.name: i for i in [*M.indexes, *C.indexes] if i.name in migrations.EXPRESSION_INDEXES}
     assert set(declared) == migrations.EXPRESSION_INDEXES
     with store.engine.connect() as conn:
         definitions = (
             "SELECT name, sql FROM sqlite_master WHERE type = 'index'" if store.dialect == "sqlite"
-            else "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'message'"
+            else "SELECT indexname, indexdef FROM pg_indexes WHERE tablename IN ('message', 'customer')"
         )  # fmt: skip
         built = {name: sql for name, sql in conn.exec_driver_sql(definitions)}
     for name, index in declared.items():
@@ -993,3 +993,36 @@ def test_lapsed_leases_kept_for_a_large_run_release_the_rest(store: Store) -> No
     assert released == (1, 0)
     statuses = {r["dedupe_key"]: (r["status"], r["claimed_by"]) for r in store.messages()}
     assert statuses == {batch[0].dedupe_key: ("planned", None), mine[0].dedupe_key: ("claimed", "me")}
+
+
+def test_the_birthdays_of_a_batchs_mailboxes_are_read_from_the_mailbox_index(store: Store) -> None:
+    """The send path asks, per batch, for the records with a birthday of its messages' mailboxes (the birthday
+    offers no pass has planned yet): found whatever the address's case, through ``ix_customer_mailbox``, never by
+    a scan of the customers."""
+    # Given C1 as the fixture has it, and two more records: C3, with C1's mailbox typed in another case, and C4,
+    # someone else, both with a birthday
+    shop.upsert_customers(store.engine, [
+        CustomerRecord(ext, email, ext, Locale.ID, "Asia/Jakarta", datetime(1990, 3, 1).date(), True, "", "")
+        for ext, email in (("C3", "C1@Example.com"), ("C4", "c4@example.com"))
+    ], NOW)  # fmt: skip
+    seen: list[tuple[str, Any]] = []
+
+    def remember(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        seen.append((statement, parameters))
+
+    sa.event.listen(store.engine, "before_cursor_execute", remember)
+    try:
+        # When the records of C1's mailbox are asked for, Then C3 is found (C1 has no birthday)
+        assert [r.customer_external_id for r in audience_sql.birthdays_of_mailboxes(store.engine, ["c1@example.com"])
+                ] == ["C3"]  # fmt: skip
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", remember)
+    ((sql, params),) = [(q, p) for q, p in seen if "lower(customer.email)" in q]
+    with store.engine.connect() as conn:
+        if store.engine.dialect.name == "sqlite":
+            plan = " | ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params))
+        else:  # a table this small is read whole whatever the indexes: ask whether the index can be used
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            plan = " | ".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + sql, params))
+        assert "ix_customer_mailbox" in plan, plan
+        assert not re.search(r"SCAN customer(?! USING)|Seq Scan", plan), plan

@@ -135,7 +135,7 @@ def load_batch_facts(
             ahead = store.due_ahead([m.email for m in below], campaign=cc.BIRTHDAY,
                                     priority=policy.priority(cc.BIRTHDAY), after=now,
                                     until=now + cc.BIRTHDAY_LEAD)  # fmt: skip
-            for box, to_come in _birthdays_to_come(store, settings, below, customers, now, policy.lookback).items():
+            for box, to_come in _birthdays_to_come(store, settings, below, now, policy.lookback).items():
                 ahead.setdefault(box, []).extend(to_come)
         wanting = [m.customer_id for m in messages if m.campaign == cc.NEW_PRODUCTS]
         if wanting:
@@ -166,8 +166,7 @@ def load_batch_facts(
 
 
 def _birthdays_to_come(
-    store: Store, settings: Settings, messages: Sequence[ClaimedMessage], customers: dict[int, SendTimeFacts],
-    now: datetime, horizon: timedelta,
+    store: Store, settings: Settings, messages: Sequence[ClaimedMessage], now: datetime, horizon: timedelta
 ) -> dict[str, list[tuple[datetime, datetime]]]:
     """For these messages' mailboxes, when the birthday offers that no pass has planned yet fall due and expire, for
     those a message sent now could take the slot of (their window opens within ``horizon``, the longest cap window,
@@ -175,23 +174,20 @@ def _birthdays_to_come(
     of lower priority sent meanwhile would leave it capped until it expired. One whose window is open already
     counts as due ``cc.UNPLANNED_BIRTHDAY_WAIT`` from now (the message waits that long, and looks again). Only for
     customers the birthday campaign would plan (reachable, with a birthday, not held out of it) and whose offer for
-    that birthday the ledger has no row of."""
+    that birthday the ledger has no row of: any customer record with the message's mailbox, as the cap counts per
+    mailbox (a shop's guest checkouts can give one person several records), not only the message's own."""
     cfg = settings.campaigns.birthday
     found: dict[str, tuple[str, datetime, datetime]] = {}
-    for message in messages:
-        facts = customers.get(message.customer_id)
-        customer = facts.customer if facts is not None else None
-        if facts is None or customer is None or facts.suppressed or not customer.marketing_consent:
-            continue
-        if in_holdout(customer.id, cc.BIRTHDAY, cfg.holdout_share):
+    for row in audience_sql.birthdays_of_mailboxes(store.engine, {mailbox(m.email) for m in messages}):
+        if in_holdout(row.customer_id, cc.BIRTHDAY, cfg.holdout_share):
             continue  # its row would say held_out: no email to keep a slot for
-        zone = zone_of(customer.time_zone, settings.shop.time_zone)
-        window = cc.birthday_to_come(customer.birthday, now, zone, cfg.days_before, horizon)
+        zone = zone_of(row.time_zone, settings.shop.time_zone)
+        window = cc.birthday_to_come(row.birthday, now, zone, cfg.days_before, horizon)
         if window is not None:
             day, opens = window
             expires = cc.birthday_expires(day, zone)
             at = opens if opens > now else min(now + cc.UNPLANNED_BIRTHDAY_WAIT, expires)
-            found[cc.birthday_key(customer.external_id, day.year)] = (mailbox(message.email), at, expires)
+            found[cc.birthday_key(row.customer_external_id, day.year)] = (mailbox(row.email), at, expires)
     if not found:
         return {}
     known = audience_sql.existing_keys(store.engine, found)  # planned (due_ahead sees it), sent, or skipped

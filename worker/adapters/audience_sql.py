@@ -45,6 +45,21 @@ def birthday_rows(engine: Engine, *, mmdd: int, after_id: int, limit: int) -> li
     return [AudienceRow(r.id, r.external_id, r.email, r.time_zone, birthday=r.birthday) for r in _rows(engine, query)]
 
 
+def birthdays_of_mailboxes(engine: Engine, boxes: Iterable[str]) -> list[AudienceRow]:
+    """The reachable customers with a birthday whose address reaches one of ``boxes`` (``domain.mailbox``): every
+    customer record of those mailboxes the birthday campaign could plan for. One probe of the partial index
+    ``ix_customer_mailbox`` (migration 0018) per mailbox."""
+    wanted = sorted(set(boxes))
+    out: list[AudienceRow] = []
+    for part in _chunks(wanted):
+        query = sa.select(*_CUSTOMER, C.c.birthday).where(
+            sa.func.lower(C.c.email).in_(part), C.c.birthday.is_not(None), *_reachable()
+        )
+        out.extend(AudienceRow(r.id, r.external_id, r.email, r.time_zone, birthday=r.birthday)
+                   for r in _rows(engine, query))  # fmt: skip
+    return out
+
+
 def existing_keys(engine: Engine, keys: Iterable[str]) -> set[str]:
     """The dedupe keys among ``keys`` the ledger already has."""
     wanted = sorted(set(keys))

@@ -47,6 +47,10 @@ class Customer(SQLModel, table=True):
         sa.Index("ix_customer_winback", "order_count", "first_order_at"),
         sa.Index("ix_customer_birthday", "birthday_mmdd", "id"),
         sa.Index("ix_customer_last_order", "last_order_at", "id"),
+        # migration 0018: the records of a mailbox (lower(email)) with a birthday, whose offers to come the send
+        # path holds a lesser message back for
+        sa.Index("ix_customer_mailbox", sa.text("lower(email)"), sqlite_where=sa.text("birthday IS NOT NULL"),
+                 postgresql_where=sa.text("birthday IS NOT NULL")),
     )
 
     id: int | None = Field(default=None, primary_key=True)

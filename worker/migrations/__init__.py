@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-EXPRESSION_INDEXES = frozenset({"ix_message_mailbox", "ix_message_sending_mailbox", "ix_message_claimed_mailbox"})
-"""The ledger's indexes on ``lower(email)`` (migrations 0013 and 0014). SQLAlchemy cannot reflect an index on an
-expression from SQLite, so Alembic cannot compare them there: they are left out of SQLite's comparison, and the
-schema test reads their SQL from ``sqlite_master`` instead."""
+EXPRESSION_INDEXES = frozenset({"ix_message_mailbox", "ix_message_sending_mailbox", "ix_message_claimed_mailbox",
+                                "ix_customer_mailbox"})
+"""The ledger's and the customers' indexes on ``lower(email)`` (migrations 0013, 0014 and 0018). SQLAlchemy
+cannot reflect an index on an expression from SQLite, so Alembic cannot compare them there: they are left out of
+SQLite's comparison, and the schema test reads their SQL from ``sqlite_master`` instead."""
 UNREFLECTABLE = "Skipped unsupported reflection of expression-based index"
 """The start of SQLAlchemy's warning for each of them when it reflects SQLite's indexes."""
 
