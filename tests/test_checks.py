@@ -462,3 +462,21 @@ def test_text_outside_any_block_of_a_template_that_extends_a_layout_is_a_note(tm
     # and the shipped templates, whose text is all in blocks, get no such note
     pristine = make_site(tmp_path / "pristine", copy_templates=True).cli("check")
     assert pristine.returncode == 0 and "outside any {% block %}" not in pristine.stdout, pristine.stdout
+
+
+def test_check_notes_a_birthday_planning_schedule_with_gaps_longer_than_a_birthday_offer_needs(tmp_path: Path) -> None:
+    # Given birthdays planned on weekdays only: a pass plans an offer from 26 hours before its window opens, so
+    # the offers of Sundays and Mondays are planned late in their window, or never
+    site = make_site(tmp_path / "weekdays", extra_toml=(
+        '[campaigns.birthday]\nenabled = true\n[schedule]\nplan_cron = { birthday = "0 9 * * mon-fri" }\n'))
+    # When the operator checks the config
+    done = site.cli("check")
+    # Then check says so, naming the key and the gap; the exit code stays 0 (it may be meant)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "note: schedule.plan_cron.birthday '0 9 * * mon-fri' leaves 72 hours between planning passes" in (
+        done.stdout), done.stdout
+    # Given the daily default, or birthdays off, there is no note
+    for name, toml in (("daily", "[campaigns.birthday]\nenabled = true\n"),
+                       ("off", '[schedule]\ndefault_plan_cron = "0 9 * * mon-fri"\n')):
+        done = make_site(tmp_path / name, extra_toml=toml).cli("check")
+        assert done.returncode == 0 and "between planning passes" not in done.stdout, (name, done.stdout)

@@ -373,3 +373,25 @@ def test_an_email_waits_for_the_birthday_offer_to_come_of_another_record_with_it
     for day in range(-1, 4):
         cycle_at(settings, clock, DAY0 + timedelta(days=day))
     assert subjects(smtp_server) == ["Happy birthday, Siti! Enjoy 15% off, on us", "How are you, Siti?"]
+
+
+@pytest.mark.parametrize(("birthday_cron", "waits"), [
+    ("0 9 * * fri", True),  # 09:00 on the birthday, a Friday: that pass plans the offer, which keeps its slot
+    ("0 9 * * mon", False),  # no pass falls between 26 hours before the birthday and its end: no offer will come
+])  # fmt: skip
+def test_an_email_waits_for_a_birthday_offer_to_come_only_if_a_planning_pass_will_plan_it(
+    tmp_path: Path, smtp_server: RecordingServer, birthday_cron: str, waits: bool
+) -> None:
+    # Given C1, whose birthday is DAY0 (Friday 26 February; an offer on the day itself) and whose win-back step is
+    # due, in a shop that plans birthdays once a week (schedule.plan_cron) and caps one email in three days
+    base = settings_for(tmp_path, smtp_server)
+    settings = dataclasses.replace(base, schedule=dataclasses.replace(base.schedule,
+                                                                      plan_cron={"birthday": birthday_cron}))
+    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=50), None, 1_000_000, "IDR"),
+    ])  # fmt: skip
+    # When the sender looks two days before the birthday (no pass has planned the offer)
+    report = cycle_at(settings, FakeClock(DAY0 - timedelta(days=2)), DAY0 - timedelta(days=2))
+    # Then the win-back waits for the offer only if a pass will plan it before it expires; else it goes
+    expected = {"deferred:birthday": 1} if waits else {"sent": 1}
+    assert report.dispatched.outcomes == expected, report.dispatched.outcomes

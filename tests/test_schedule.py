@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from worker.config import settings_from_dict
-from worker.core.cron import parse_cron
+from worker.core.cron import first_gap, parse_cron
 from worker.errors import ConfigError
 from worker.scheduler import cron_trigger, missed_run
 
@@ -244,3 +244,40 @@ def test_a_cron_job_due_while_the_machine_slept_runs_soon_after_it_wakes(monkeyp
     asyncio.run(scenario())
     # Then the 09:00 run happens once, within moments of the wake-up, not ten hours later
     assert len(runs) == 1, runs
+
+
+GAP_CASES = [
+    # (why, expr, zone, after, the first gap longer than 26 hours: its two fire times, or None)
+    ("daily at 09:00: 24 hours apart", "0 9 * * *", JKT, datetime(2026, 1, 1, tzinfo=UTC), None),
+    ("daily in New York: 25 hours the night its clock goes back, still within", "0 9 * * *", "America/New_York",
+     datetime(2026, 1, 1, tzinfo=UTC), None),
+    ("every 30 seconds: no gap, and no fire time looked at one by one", "*/30 * * * * *", JKT,
+     datetime(2026, 1, 1, tzinfo=UTC), None),
+    ("weekdays only: Friday to Monday", "0 9 * * mon-fri", JKT, datetime(2026, 1, 1, tzinfo=UTC),
+     ("2026-01-02T09:00:00+07:00", "2026-01-05T09:00:00+07:00")),
+    ("every minute of Mondays: from the last to the next Monday", "* * * * 1", JKT,
+     datetime(2026, 1, 4, 17, tzinfo=UTC), ("2026-01-05T23:59:00+07:00", "2026-01-12T00:00:00+07:00")),
+    ("every minute of Mondays, from a Thursday: until the first", "* * * * 1", JKT, datetime(2026, 1, 1, tzinfo=UTC),
+     ("2026-01-01T00:00:00+00:00", "2026-01-05T00:00:00+07:00")),
+    ("daily in December only: from the last of December to the first of the next", "0 9 * 12 *", JKT,
+     datetime(2026, 12, 1, 2, tzinfo=UTC), ("2026-12-31T09:00:00+07:00", "2027-12-01T09:00:00+07:00")),
+    ("29 February only", "0 9 29 2 *", JKT, datetime(2026, 1, 1, tzinfo=UTC),
+     ("2026-01-01T00:00:00+00:00", "2028-02-29T09:00:00+07:00")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("why", "expr", "zone", "after", "gap"), GAP_CASES, ids=[c[0] for c in GAP_CASES])
+def test_the_first_wait_between_fire_times_longer_than_a_limit(why: str, expr: str, zone: str, after: datetime,
+                                                               gap: tuple[str, str] | None) -> None:
+    calls = 0
+    trigger = cron_trigger(expr, zone)
+
+    def next_fire(at: datetime) -> datetime | None:
+        nonlocal calls
+        calls += 1
+        found: datetime | None = trigger.get_next_fire_time(None, at)
+        return found
+
+    found = first_gap(next_fire, after, after + timedelta(days=366), timedelta(hours=26))
+    assert (None if found is None else (found[0].isoformat(), found[1].isoformat() if found[1] else "")) == gap
+    assert calls < 10_000, calls

@@ -287,6 +287,10 @@ class ScheduleSettings:
     attempt_retention_days: int = 180
     """Attempt rows older than this are deleted by maintenance; 0 keeps them forever."""
 
+    def cron_of(self, campaign: str) -> str:
+        """When ``campaign`` is planned: its ``plan_cron``, else ``default_plan_cron``."""
+        return self.plan_cron.get(campaign, self.default_plan_cron)
+
 
 @dataclass(frozen=True)
 class DaemonSettings:

@@ -127,7 +127,7 @@ class Generation:
 
 
 def plan_cron(settings: Settings, campaign: str) -> str:
-    return settings.schedule.plan_cron.get(campaign, settings.schedule.default_plan_cron)
+    return settings.schedule.cron_of(campaign)
 
 
 def snapshot_templates(settings: Settings) -> Path:

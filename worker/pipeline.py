@@ -46,6 +46,7 @@ from worker.domain import (
     mailbox,
 )
 from worker.errors import TemplateError
+from worker.scheduler import next_fire_time
 
 
 def enabled_campaigns(settings: Settings) -> list[str]:
@@ -175,8 +176,11 @@ def _birthdays_to_come(
     counts as due ``cc.UNPLANNED_BIRTHDAY_WAIT`` from now (the message waits that long, and looks again). Only for
     customers the birthday campaign would plan (reachable, with a birthday, not held out of it) and whose offer for
     that birthday the ledger has no row of: any customer record with the message's mailbox, as the cap counts per
-    mailbox (a shop's guest checkouts can give one person several records), not only the message's own."""
+    mailbox (a shop's guest checkouts can give one person several records), not only the message's own. And only
+    for offers a planning pass will plan before they expire (the daemon's ``schedule.plan_cron`` for birthday):
+    with passes rarer than daily, a birthday that none falls near gets no offer, and nothing waits for it."""
     cfg = settings.campaigns.birthday
+    cron = settings.schedule.cron_of(cc.BIRTHDAY)
     found: dict[str, tuple[str, datetime, datetime]] = {}
     for row in audience_sql.birthdays_of_mailboxes(store.engine, {mailbox(m.email) for m in messages}):
         if in_holdout(row.customer_id, cc.BIRTHDAY, cfg.holdout_share):
@@ -186,6 +190,10 @@ def _birthdays_to_come(
         if window is not None:
             day, opens = window
             expires = cc.birthday_expires(day, zone)
+            # a pass plans the offer from BIRTHDAY_LEAD before its window opens until it expires (cc.birthday_plan)
+            planned_by = next_fire_time(cron, settings.shop.time_zone, max(now, opens - cc.BIRTHDAY_LEAD))
+            if planned_by is None or planned_by >= expires:
+                continue  # no planning pass falls there (schedule.plan_cron): no offer will come to keep a slot for
             at = opens if opens > now else min(now + cc.UNPLANNED_BIRTHDAY_WAIT, expires)
             found[cc.birthday_key(row.customer_external_id, day.year)] = (mailbox(row.email), at, expires)
     if not found:

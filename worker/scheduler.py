@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -54,7 +55,7 @@ from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 
 from worker import log
-from worker.core.cron import schedule
+from worker.core.cron import first_gap, schedule
 
 JobFunc = Callable[[], Awaitable[None]]
 
@@ -67,6 +68,34 @@ def cron_trigger(expr: str, time_zone: str) -> BaseTrigger:
     zone = ZoneInfo(time_zone)
     triggers = [CronTrigger(timezone=zone, **fields.as_kwargs()) for fields in schedule(expr)]
     return triggers[0] if len(triggers) == 1 else OrTrigger(triggers)
+
+
+@functools.lru_cache(maxsize=16)
+def _trigger(expr: str, time_zone: str) -> BaseTrigger:
+    """``cron_trigger``, built once per expression and zone (its fire times are computed, not stored)."""
+    return cron_trigger(expr, time_zone)
+
+
+def next_fire_time(expr: str, time_zone: str, at: datetime) -> datetime | None:
+    """The first time the cron expression fires at or after ``at`` (None: never again)."""
+    found: datetime | None = _trigger(expr, time_zone).get_next_fire_time(None, at)
+    return found
+
+
+LOOK_AHEAD = timedelta(days=366)
+"""How far ahead ``first_long_wait`` looks: a year holds every month and weekday a cron expression can name."""
+
+
+def first_long_wait(
+    expr: str, time_zone: str, now: datetime, longer_than: timedelta
+) -> tuple[datetime, datetime | None] | None:
+    """The first wait longer than ``longer_than`` from one of the expression's fire times to the next, of those
+    within ``LOOK_AHEAD`` of its first fire time after ``now`` (``core.cron.first_gap``): (the fire time, the
+    next or None when none comes); None when it never waits that long."""
+    first = next_fire_time(expr, time_zone, now)
+    if first is None:
+        return now, None
+    return first_gap(lambda at: next_fire_time(expr, time_zone, at), first, first + LOOK_AHEAD, longer_than)
 
 
 def missed_run(expr: str, time_zone: str, last_run: datetime | None, now: datetime) -> datetime | None:

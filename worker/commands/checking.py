@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.templates import StrayText
 from worker.app import link_keys, smtp_password
 from worker.checks import Kind, Problem, check_templates, unused_folders
 from worker.config import Settings, ShopSettings, tls_port_hint
+from worker.core import campaigns as cc
 from worker.core import samples
 from worker.domain import Locale
 from worker.errors import ConfigError
 from worker.log import json_line
+from worker.scheduler import first_long_wait
 
 EXIT_OK, EXIT_PROBLEMS = 0, 1
 
@@ -66,6 +70,31 @@ def example_shop(settings: Settings) -> list[str]:
     return [f"{key} {value!r}" for key, value in found]
 
 
+def birthday_planning_gap(settings: Settings, now: datetime) -> str | None:
+    """With birthdays on, what the daemon's birthday schedule leaves too long between two passes: a pass plans an
+    offer from ``cc.BIRTHDAY_LEAD`` before its window opens, so a longer wait plans some offers late in their
+    window (the customer's evening, quiet hours until they expire) or, when no pass falls in the window, never."""
+    if not settings.campaigns.birthday.enabled:
+        return None
+    expr = settings.schedule.cron_of(cc.BIRTHDAY)
+    gap = first_long_wait(expr, settings.shop.time_zone, now, cc.BIRTHDAY_LEAD)
+    if gap is None:
+        return None
+    key = "schedule.plan_cron.birthday" if cc.BIRTHDAY in settings.schedule.plan_cron else "schedule.default_plan_cron"
+    zone = ZoneInfo(settings.shop.time_zone)
+    start, end = gap
+    if end is None:
+        wait = f"no planning pass after {start.astimezone(zone):%Y-%m-%d %H:%M} ({settings.shop.time_zone})"
+    else:
+        hours = (end - start).total_seconds() / 3600
+        wait = (f"{hours:.0f} hours between planning passes ({start.astimezone(zone):%Y-%m-%d %H:%M} to "
+                f"{end.astimezone(zone):%Y-%m-%d %H:%M}, {settings.shop.time_zone})")
+    lead = cc.BIRTHDAY_LEAD.total_seconds() / 3600
+    return (f"{key} {expr!r} leaves {wait}: a pass plans a birthday offer from {lead:.0f} hours before its window "
+            "opens, so over a longer wait some offers are planned late in their window, or never (then nothing waits "
+            "for them); plan birthday at least daily")
+
+
 def check(settings: Settings, args: argparse.Namespace) -> int:
     problems = check_config(settings)
     folder = settings.resolve(settings.templates.dir)
@@ -88,6 +117,8 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     if example := example_shop(settings):
         print(f"note: still the example shop's (fine for the demo; set your own before sending real mail): "
               f"{', '.join(example)}")
+    if gap := birthday_planning_gap(settings, datetime.now(UTC)):
+        print(f"note: {gap}")
     for name in unused:
         print(f"note: {name}/ is no campaign's folder, not checked and never sent (a campaign sends from the folder "
               "named for it; win-back's steps, from the folders [[campaigns.winback.steps]] names)")

@@ -145,10 +145,11 @@ def birthday_due(birthday: date | None, today: date, days_before: int) -> date |
 
 BIRTHDAY_LEAD = timedelta(hours=26)
 """How far ahead a pass plans a birthday whose window is about to open (due when it opens). Planning runs once a
-day (the daemon's ``schedule``, on the shop's clock, 25 hours apart when that clock goes back): a pass that first
-saw the window open would plan the offer due at once, which on the customer's clock may be the evening of the
+day (the daemon's default ``schedule``, on the shop's clock, 25 hours apart when that clock goes back): a pass that
+first saw the window open would plan the offer due at once, which on the customer's clock may be the evening of the
 birthday (09:00 in Jakarta is 21:00 in New York), quiet hours until it expired. So the pass before the window
-opens plans it: more than a day ahead."""
+opens plans it: more than a day ahead. A birthday schedule whose passes are further apart plans some offers late,
+or never (``kembali check`` notes it)."""
 
 
 def birthday_plan(
@@ -166,8 +167,9 @@ def birthday_plan(
 
 UNPLANNED_BIRTHDAY_WAIT = timedelta(hours=1)
 """How long a message of lower priority waits, at a time, for a birthday offer whose window is open but which no
-pass has planned yet (the daemon plans once a day, at ``schedule``'s hour): long enough not to churn, short
-enough that it goes soon after the birthday offer does."""
+pass has planned yet (the daemon plans at ``schedule.plan_cron``'s times, by default once a day; an offer no pass
+will plan before it expires is not waited for): long enough not to churn, short enough that it goes soon after the
+birthday offer does."""
 
 
 def birthday_to_come(

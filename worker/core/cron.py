@@ -1,4 +1,5 @@
-"""Crontab expressions → the fields of a cron trigger (pure: strings in, strings out).
+"""Crontab expressions → the fields of a cron trigger (pure: strings in, strings out), and the first long wait
+between a trigger's fire times (``first_gap``: the fire times come from a function given, the scheduler's).
 
 Accepts the five classic fields (``minute hour day month weekday``) or six with
 seconds first (``second minute hour day month weekday``, for tests and fast
@@ -19,7 +20,9 @@ comes first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
 FIELDS = ("second", "minute", "hour", "day", "month", "day_of_week")
 _RANGES = {
@@ -104,6 +107,36 @@ def schedule(expr: str) -> tuple[CronFields, ...]:
     if day.startswith("*") or weekday.startswith("*"):
         return (fields,)
     return replace(fields, day_of_week="*"), replace(fields, day="*")
+
+
+def first_gap(
+    next_fire: Callable[[datetime], datetime | None], start: datetime, until: datetime, longer_than: timedelta
+) -> tuple[datetime, datetime | None] | None:
+    """The first stretch longer than ``longer_than`` with no fire time, of those beginning from ``start`` to before
+    ``until``: (the fire time it begins at, or ``start`` when none came before it; the fire time that ends it, or
+    None when none ever comes). None when there is none. ``next_fire(at)`` gives the first fire time at or after
+    ``at`` (a trigger's, as the scheduler computes them), None when no more come; fire times are whole seconds.
+
+    Each step finds the last fire time within ``longer_than`` of the previous one by halving (no more than 18
+    calls for 26 hours), so a schedule firing every second costs no more to look over than a daily one."""
+    second = timedelta(seconds=1)
+    last, at = start, start
+    while last < until:
+        nxt = next_fire(at)
+        if nxt is None or nxt - last > longer_than:
+            return last, nxt
+        reach = last + longer_than
+        low, high = 0, int((reach - nxt) / second)  # offsets from nxt, in seconds, whose next fire may be <= reach
+        while low < high:
+            mid = (low + high + 1) // 2
+            found = next_fire(nxt + mid * second)
+            if found is not None and found <= reach:
+                low = mid
+            else:
+                high = mid - 1
+        last = next_fire(nxt + low * second) or nxt
+        at = last + second
+    return None
 
 
 def _number(name: str, token: str) -> int:
