@@ -449,6 +449,10 @@ def test_text_outside_any_block_of_a_template_that_extends_a_layout_is_a_note(tm
     body.write_text(body.read_text(encoding="utf-8") + "P.S. Free shipping this week!\n", encoding="utf-8")
     html = root / "feedback" / "id" / "body.html"
     html.write_text("Promo {{ shop.name }}\n" + html.read_text(encoding="utf-8"), encoding="utf-8")
+    # and, in another body, a P.S. set aside outside the blocks and written in the content block (it is sent)
+    kept = root / "winback" / "en" / "body.txt"
+    kept.write_text(kept.read_text(encoding="utf-8").replace("{% block content %}", "{% set ps %}P.S. Kept{% endset %}"
+                    "{% block content %}{{ ps }}", 1), encoding="utf-8")  # fmt: skip
     # When the operator checks the templates
     done = site.cli("check")
     # Then the check still passes (the emails render), with a note at each line saying what becomes of the text:
@@ -459,6 +463,7 @@ def test_text_outside_any_block_of_a_template_that_extends_a_layout_is_a_note(tm
             "is never sent: a template that extends a layout sends only its blocks") in done.stdout, done.stdout
     assert ("note: feedback/id/body.html:1: text outside any {% block %} ('Promo {{ … }}') comes before the "
             "layout's first line") in done.stdout, done.stdout
+    assert "winback/en/body.txt" not in done.stdout, done.stdout
     # and the shipped templates, whose text is all in blocks, get no such note
     pristine = make_site(tmp_path / "pristine", copy_templates=True).cli("check")
     assert pristine.returncode == 0 and "outside any {% block %}" not in pristine.stdout, pristine.stdout

@@ -1122,9 +1122,9 @@ class StrayText:
 
 
 def _outputs_outside_blocks(node: nodes.Node) -> Iterator[nodes.Output]:
-    """The output nodes under a top-level node of a template, but those of blocks and macros (whose text is written
-    where they are used)."""
-    if isinstance(node, nodes.Block | nodes.Macro):
+    """The output nodes under a top-level node of a template, but those of blocks, macros and ``{% set %}`` blocks
+    (whose text is written where they are used)."""
+    if isinstance(node, nodes.Block | nodes.Macro | nodes.AssignBlock):
         return
     if isinstance(node, nodes.Output):
         yield node
