@@ -485,3 +485,17 @@ def test_check_notes_a_birthday_planning_schedule_with_gaps_longer_than_a_birthd
                        ("off", '[schedule]\ndefault_plan_cron = "0 9 * * mon-fri"\n')):
         done = make_site(tmp_path / name, extra_toml=toml).cli("check")
         assert done.returncode == 0 and "between planning passes" not in done.stdout, (name, done.stdout)
+
+
+def test_check_notes_an_enabled_campaign_whose_planning_cron_never_runs(tmp_path: Path) -> None:
+    # Given win-back planned on 31 February (crontab's way to pause a job), and birthdays off with the same cron
+    site = make_site(tmp_path / "shop", extra_toml='[schedule]\nplan_cron = { winback = "0 0 31 2 *", '
+                     'birthday = "0 0 31 2 *" }\n')
+    # When the operator checks the config
+    done = site.cli("check")
+    # Then the config is valid (a daemon starts), and check says win-back is never planned and why: nothing said
+    # so but a job_scheduled line with an empty next_run
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("note: schedule.plan_cron.winback '0 0 31 2 *' never runs (no month it names (2) has a day 31): winback "
+            "is enabled but never planned") in done.stdout, done.stdout
+    assert "plan_cron.birthday" not in done.stdout, done.stdout

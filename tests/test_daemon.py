@@ -322,6 +322,23 @@ def test_a_daemon_starts_beside_a_copy_of_a_campaign_folder_that_no_campaign_use
         assert daemon.stop() == 0
 
 
+def test_a_daemon_warns_of_a_campaign_whose_planning_cron_never_runs(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given planning on 31 February, a cron no day matches (crontab's way to pause a job)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 0 31 2 *")
+    # When the daemon starts, it starts, and warns that win-back is never planned, naming the key and why: its only
+    # trace was job_scheduled with an empty next_run
+    daemon = Daemon.start(shop)
+    try:
+        warning = daemon.wait_event("campaign_never_planned", where=lambda e: e.get("campaign") == "winback")
+        assert (warning["level"], warning["setting"], warning["cron"], warning["why"]) == (
+            "warning", "schedule.default_plan_cron", "0 0 31 2 *", "no month it names (2) has a day 31"), warning
+        daemon.wait_event("daemon_started")
+    finally:
+        assert daemon.stop() == 0
+
+
 SLOW = (
     "{% extends \"_layout.txt\" %}\n{% block content %}\nHalo {{ customer.first_name }}\n{{ unsubscribe_url }}\n"
     "{% for a in range(1500) %}{% for b in range(1500) %}{% endfor %}{% endfor %}{% endblock %}\n"

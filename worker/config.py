@@ -291,6 +291,10 @@ class ScheduleSettings:
         """When ``campaign`` is planned: its ``plan_cron``, else ``default_plan_cron``."""
         return self.plan_cron.get(campaign, self.default_plan_cron)
 
+    def cron_key(self, campaign: str) -> str:
+        """The key ``cron_of(campaign)`` comes from, as an error or a note names it."""
+        return f"schedule.plan_cron.{campaign}" if campaign in self.plan_cron else "schedule.default_plan_cron"
+
 
 @dataclass(frozen=True)
 class DaemonSettings:

@@ -76,6 +76,7 @@ from worker.app import Deps, compose_pool, link_keys, make_limiter, release_laps
 from worker.asyncstore import AsyncStore
 from worker.checks import Problem, check_templates
 from worker.config import Settings, load_settings
+from worker.core.cron import never_runs
 from worker.core.retry import pause_retry_seconds
 from worker.domain import Locale, RenderedEmail
 from worker.errors import ConfigError
@@ -348,6 +349,10 @@ class Daemon:
                                           now=now)
             log.event("job_scheduled", job=f"plan:{campaign}", cron=plan_cron(settings, campaign),
                       next_run=nxt.isoformat() if nxt else "")
+            if nxt is None:  # a valid cron no day matches (0 0 31 2 *): a way to pause a job, or a mistake
+                log.event("campaign_never_planned", logging.WARNING, campaign=campaign,
+                          cron=plan_cron(settings, campaign), setting=settings.schedule.cron_key(campaign),
+                          why=never_runs(plan_cron(settings, campaign)) or "no time to come matches it")
         self.scheduler.add_interval("maintenance", settings.schedule.maintenance_interval_seconds, self.maintenance)
         if settings.daemon.health_summary_seconds:
             self.scheduler.add_interval("health", settings.daemon.health_summary_seconds, self.health)

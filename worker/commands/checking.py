@@ -17,9 +17,11 @@ from worker.checks import Kind, Problem, check_templates, unused_folders
 from worker.config import Settings, ShopSettings, tls_port_hint
 from worker.core import campaigns as cc
 from worker.core import samples
+from worker.core.cron import never_runs
 from worker.domain import Locale
 from worker.errors import ConfigError
 from worker.log import json_line
+from worker.pipeline import enabled_campaigns
 from worker.scheduler import first_long_wait
 
 EXIT_OK, EXIT_PROBLEMS = 0, 1
@@ -80,7 +82,7 @@ def birthday_planning_gap(settings: Settings, now: datetime) -> str | None:
     gap = first_long_wait(expr, settings.shop.time_zone, now, cc.BIRTHDAY_LEAD)
     if gap is None:
         return None
-    key = "schedule.plan_cron.birthday" if cc.BIRTHDAY in settings.schedule.plan_cron else "schedule.default_plan_cron"
+    key = settings.schedule.cron_key(cc.BIRTHDAY)
     zone = ZoneInfo(settings.shop.time_zone)
     start, end = gap
     if end is None:
@@ -93,6 +95,17 @@ def birthday_planning_gap(settings: Settings, now: datetime) -> str | None:
     return (f"{key} {expr!r} leaves {wait}: a pass plans a birthday offer from {lead:.0f} hours before its window "
             "opens, so over a longer wait some offers are planned late in their window, or never (then nothing waits "
             "for them); plan birthday at least daily")
+
+
+def never_planned(settings: Settings) -> list[str]:
+    """The enabled campaigns whose planning cron never fires (``0 0 31 2 *``), each as a note naming the key."""
+    notes = []
+    for campaign in enabled_campaigns(settings):
+        expr = settings.schedule.cron_of(campaign)
+        if why := never_runs(expr):
+            notes.append(f"{settings.schedule.cron_key(campaign)} {expr!r} never runs ({why}): {campaign} is enabled "
+                         "but never planned")
+    return notes
 
 
 def check(settings: Settings, args: argparse.Namespace) -> int:
@@ -117,6 +130,8 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     if example := example_shop(settings):
         print(f"note: still the example shop's (fine for the demo; set your own before sending real mail): "
               f"{', '.join(example)}")
+    for note in never_planned(settings):
+        print(f"note: {note}")
     if gap := birthday_planning_gap(settings, datetime.now(UTC)):
         print(f"note: {gap}")
     for name in unused:

@@ -64,7 +64,6 @@ def parse_cron(expr: str) -> CronFields:
     values = dict(zip(FIELDS, parts, strict=True))
     for name, text in values.items():
         _check_field(name, text)
-    _check_some_day_comes(expr, values["day"], values["month"], values["day_of_week"])
     values["day_of_week"] = _weekday_names(values["day_of_week"])
     return CronFields(**values)
 
@@ -73,16 +72,19 @@ _MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 """The most days each month has (February's 29 in a leap year)."""
 
 
-def _check_some_day_comes(expr: str, day: str, month: str, weekday: str) -> None:
-    """Raise ValueError when the days of the month ``expr`` names come in none of its months (``0 9 30 2 *``):
-    APScheduler takes such a trigger and never fires it. With the weekday restricted too, crontab runs on the
-    days either matches, so some day always comes."""
+def never_runs(expr: str) -> str | None:
+    """Why a valid ``expr`` never fires (``0 9 30 2 *``: no month it names has a day 30), or None when it does.
+    Not an error: ``0 0 31 2 *`` is a known way to pause a cron job. But APScheduler takes such a trigger and never
+    fires it, so what it plans is never planned: the daemon warns and ``kembali check`` notes it. With the weekday
+    restricted too, crontab runs on the days either matches, so some day always comes."""
+    fields = parse_cron(expr)
+    day, weekday = fields.day, expr.split()[-1]
     if not day.startswith("*") and not weekday.startswith("*"):
-        return
-    first_day, months = min(_values("day", day)), sorted(_values("month", month))
+        return None
+    first_day, months = min(_values("day", day)), sorted(_values("month", fields.month))
     if all(first_day > _MONTH_DAYS[m - 1] for m in months):
-        raise ValueError(f"{expr!r} never runs: no month it names ({', '.join(map(str, months))}) has a day "
-                         f"{first_day}")
+        return f"no month it names ({', '.join(map(str, months))}) has a day {first_day}"
+    return None
 
 
 def _values(name: str, text: str) -> set[int]:
