@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
 from datetime import timedelta
 from email import policy
 from email.message import EmailMessage
@@ -18,11 +19,12 @@ import pytest
 
 from tests.shop import LINK_KEY, NOW, customer, edited_templates, make_shop, one_time_order, settings_for
 from tests.smtp_server import Behaviour, RecordingServer
-from worker import pipeline
+from worker import pipeline, stopping
 from worker.adapters import shop
 from worker.adapters.store import Store
 from worker.adapters.templates import JinjaTemplates
 from worker.app import Deps
+from worker.commands import running
 from worker.commands.running import CycleReport, cycle
 from worker.config import Settings
 from worker.core import tokens
@@ -325,3 +327,21 @@ def test_a_campaign_turned_off_holds_what_it_had_planned_until_it_is_on_again(
         assert sorted(m.rcpt_tos for m in smtp_server.messages) == [("c1@example.com",), ("c2@example.com",)]
     finally:
         store.close()
+
+
+def test_a_run_gives_back_the_stop_handlers_it_found_once_it_has_sent(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given a command that turns SIGTERM into its "stopped by SIGTERM" exit (the CLI does so for run --once and the
+    # demo, for the steps before and after sending), and a due win-back
+    store = make_shop(sqlite_url, [customer("C1")], [one_time_order("O1", "C1")])
+    deps = deps_for(settings_for(sqlite_url, smtp={"port": smtp_server.port}), store, FakeClock(NOW))
+    with stopping.sigterm_raises():
+        before = signal.getsignal(signal.SIGTERM)
+        # When the run, which takes SIGINT and SIGTERM itself while it plans and sends, is done
+        report = asyncio.run(running.stoppable(deps))
+        # Then the handlers from before are back for the steps after it (its summary, closing the database): a
+        # SIGTERM there took the default action, killing the command without a word
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert report.dispatched.outcomes == {"sent": 1}

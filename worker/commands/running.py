@@ -199,13 +199,16 @@ async def stoppable(deps: Deps, *, observer: SendObserver | None = None) -> Cycl
         log.event("stop_requested", signal=sig.name, note="sends under way finish; the rest goes back to the queue")
         stop.set()
 
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         report = await cycle(deps, stop=stop, observer=observer)
     finally:
         for sig in STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(sig)  # (it leaves SIGTERM's default action: killed without a word)
+            if (handler := previous[sig]) is not None:  # (None: one set outside Python, which cannot be put back)
+                signal.signal(sig, handler)
     if signals.first is not None:
         report.stopped_by = signals.first.name
     return report
