@@ -86,6 +86,17 @@ def test_a_database_url_the_engine_cannot_read_stops_every_command_by_name(
     assert "Traceback" not in result.stderr and "S3cret" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("url", ["postgresql+psycopg://shop:pw@S3cret-tail@127.0.0.1:5432/kembali",
+                                 # and with a colon after the @: SQLAlchemy read the rest as a port
+                                 "postgresql+psycopg://shop:p@S3cret:1234@db.internal:5432/kembali"])
+def test_a_password_with_an_at_sign_not_percent_encoded_is_named_as_such(tmp_path: Path, url: str) -> None:
+    result = kembali("check", config=config_for(tmp_path, url))
+    assert result.returncode == 2, result.stderr
+    assert "'database.url' has an @ after the one that ends the user part" in result.stdout + result.stderr, (
+        result.stderr)
+    assert "%40" in result.stderr and "S3cret" not in result.stdout + result.stderr
+
+
 def _nothing_planned_or_sent(config: Path, smtp_server: RecordingServer) -> bool:
     """The ledger is as empty as before and the server received nothing (exit 2: nothing was done)."""
     store = Store.from_url(load_settings(config).database_url)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import sqlite3
 import threading
 import weakref
@@ -106,11 +107,19 @@ def _memstatus_off() -> bool:
         return False
 
 
+_USER_PART = re.compile(r"^[^:/]*(?::[^@]*)?@")
+"""The user part of a URL's authority as SQLAlchemy reads it (a user name without : or /, a password without @)."""
+
+
 def check_url(settings: Settings) -> None:
     """Raise ConfigError naming ``database.url`` unless the engine can use it: every command checks it right after
     the config is loaded, so a mistake stops it there, by name, rather than as a traceback where the first engine
     is made. The URL itself is not shown: it may hold a password."""
     forms, where = DATABASE_URL_FORMS, f"{settings.source}: 'database.url'"
+    # SQLAlchemy reads user:pw@rest@host as the password pw and the host (or a port) rest@host: said as such
+    if "@" in (_USER_PART.sub("", settings.database.url.split("://", 1)[-1], count=1).split("/", 1)[0]):
+        raise ConfigError(f"{where} has an @ after the one that ends the user part: a password (or user name) with "
+                          "@ in it must be percent-encoded as %40 (and :, /, % as %3A, %2F, %25)")
     try:
         url = sa.make_url(settings.database.url)
         if url.port is not None and not 0 < url.port < 65536:
@@ -122,9 +131,6 @@ def check_url(settings: Settings) -> None:
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError):
         raise ConfigError(f"{where} is not a URL SQLAlchemy can read: it must be {forms} (a password with @, :, / "
                           "or % in it percent-encoded: %40, %3A, %2F, %25)") from None
-    if "@" in (url.host or ""):  # SQLAlchemy reads user:pw@rest@host as the password pw and the host rest@host
-        raise ConfigError(f"{where} has an @ after the one that ends the user part: a password (or user name) with "
-                          "@ in it must be percent-encoded as %40 (and :, /, % as %3A, %2F, %25)")
     if url.get_backend_name() == "sqlite":
         if url.host:
             raise ConfigError(f"{where} has one slash too few: an SQLite file is sqlite:///{url.host} (three "
