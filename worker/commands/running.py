@@ -129,7 +129,7 @@ def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zo
         lines.append(f"{retried + failed} messages were refused for who sent them, not what they say (SPF, DKIM, "
                      f"DMARC, a block list, the sending IP's standing): fix the sending setup; {' and '.join(fates)}")
     if report.dispatched.quota_reached:
-        lines.append("the daily quota is used up: the rest waits for tomorrow")
+        lines.append("the daily quota is used up: the rest waits for the next day's, from midnight on the shop's clock")
     if report.dispatched.paused:
         # the reason quotes the server's reply: its control characters escaped, as the logs show them
         lines.append(f"PAUSED: sending stopped after {log.printable(report.dispatched.paused)}; check the SMTP server")

@@ -15,7 +15,7 @@ datetime) as an argument.
 * ``AdaptiveRate`` is additive-increase / multiplicative-decrease per domain:
   a throttling reply halves the rate (never below a floor); each good reply
   adds back a twentieth of the configured rate.
-* ``quota_day`` and ``next_quota_day_start`` cut days in the shop's time zone.
+* ``quota_day``, ``quota_day_start`` and ``quota_day_end`` cut days in the shop's time zone.
 * ``bounce_kind`` reads a permanent reply: ``hard_bounce`` (5.1.x, no such
   user) suppresses the address; ``sender`` (5.7.x about the sender, not the
   message: SPF, DKIM, DMARC, reverse DNS, a block list, the sending IP's
