@@ -33,6 +33,7 @@ import email
 import email.policy
 import pickle
 import random
+import select
 import subprocess
 import sys
 from bisect import bisect_right
@@ -372,6 +373,10 @@ class OneWorker:
         one_run(settings, self.clock, now, daemon=self.daemon)
 
 
+REPLY_SECONDS = 120
+"""How long a worker may take over one run's half before the test fails (instead of hanging there)."""
+
+
 class Workers:
     """``count`` worker processes (``tests/weeks_worker.py``), each with its own engine and worker id, that make
     every run together: each plans, and once all have planned, each sends, so they claim and mark side by side."""
@@ -405,6 +410,9 @@ class Workers:
         out = []
         for p in self.procs:
             assert p.stdout is not None
+            # (one reply per request, each read whole: nothing waits in the reader's buffer for select to miss)
+            ready, _, _ = select.select([p.stdout], [], [], REPLY_SECONDS)
+            assert ready, f"worker {p.pid} gave no reply in {REPLY_SECONDS} s\n{self.log.read_text()[-3000:]}"
             try:
                 reply = pickle.load(p.stdout)  # noqa: S301 (our own worker's reply)
             except EOFError:
