@@ -47,7 +47,7 @@ def birthday_rows(engine: Engine, *, mmdd: int, after_id: int, limit: int) -> li
 
 def birthdays_of_mailboxes(engine: Engine, boxes: Iterable[str]) -> list[AudienceRow]:
     """The reachable customers with a birthday whose address reaches one of ``boxes`` (``domain.mailbox``): every
-    customer record of those mailboxes the birthday campaign could plan for. One probe of the partial index
+    customer record of those mailboxes the birthday campaign could plan for. One probe of the index
     ``ix_customer_mailbox`` (migration 0018) per mailbox."""
     wanted = sorted(set(boxes))
     out: list[AudienceRow] = []

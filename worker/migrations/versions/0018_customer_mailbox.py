@@ -4,9 +4,12 @@ The frequency cap counts per mailbox, and a message of lower priority waits
 rather than leave a birthday offer no slot before it expires. For an offer no
 pass has planned yet, the sender looked only at the message's own customer
 record, not at the other records with its mailbox (a shop's guest checkouts).
-It now asks for every record of the batch's mailboxes that has a birthday:
-this partial index on ``lower(email)`` (``domain.mailbox``) holds only the
-customers with a birthday, so the question costs one probe per mailbox.
+It now asks for every record of the batch's mailboxes that has a birthday: an
+index on ``lower(email)`` (``domain.mailbox``) answers it with one probe per
+mailbox. It takes the place of ``ix_customer_email`` on ``email`` as typed,
+which no query used: an import writes one customer index as before (a second
+one, partial on the customers with a birthday, cost 7-20 % of an import's
+speed).
 
 Building it reads ``customer`` and locks it against writes: stop the workers
 (and imports) before ``kembali db upgrade``.
@@ -26,14 +29,14 @@ down_revision = "0017"
 branch_labels = None
 depends_on = None
 
-BORN = sa.text("birthday IS NOT NULL")
 MAILBOX = sa.text("lower(email)")
 
 
 def upgrade() -> None:
-    op.create_index("ix_customer_mailbox", "customer", [MAILBOX], unique=False, sqlite_where=BORN,
-                    postgresql_where=BORN)  # fmt: skip
+    op.drop_index("ix_customer_email", table_name="customer")
+    op.create_index("ix_customer_mailbox", "customer", [MAILBOX], unique=False)
 
 
 def downgrade() -> None:
     op.drop_index("ix_customer_mailbox", table_name="customer")
+    op.create_index("ix_customer_email", "customer", ["email"], unique=False)
