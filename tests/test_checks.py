@@ -499,3 +499,11 @@ def test_check_notes_an_enabled_campaign_whose_planning_cron_never_runs(tmp_path
     assert ("note: schedule.plan_cron.winback '0 0 31 2 *' never runs (no month it names (2) has a day 31): winback "
             "is enabled but never planned") in done.stdout, done.stdout
     assert "plan_cron.birthday" not in done.stdout, done.stdout
+    # and with birthdays on, one note says so: not a second one about the wait between its planning passes
+    site = make_site(tmp_path / "birthdays", extra_toml='[campaigns.birthday]\nenabled = true\n[schedule]\n'
+                     'plan_cron = { birthday = "0 0 31 2 *" }\n')
+    done = site.cli("check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line for line in done.stdout.splitlines() if "plan_cron.birthday" in line] == [
+        "note: schedule.plan_cron.birthday '0 0 31 2 *' never runs (no month it names (2) has a day 31): birthday "
+        "is enabled but never planned"], done.stdout

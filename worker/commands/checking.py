@@ -79,6 +79,8 @@ def birthday_planning_gap(settings: Settings, now: datetime) -> str | None:
     if not settings.campaigns.birthday.enabled:
         return None
     expr = settings.schedule.cron_of(cc.BIRTHDAY)
+    if never_runs(expr):
+        return None  # never_planned says so
     gap = first_long_wait(expr, settings.shop.time_zone, now, cc.BIRTHDAY_LEAD)
     if gap is None:
         return None
