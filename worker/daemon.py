@@ -127,10 +127,6 @@ class Generation:
         shutil.rmtree(self.snapshot, ignore_errors=True)
 
 
-def plan_cron(settings: Settings, campaign: str) -> str:
-    return settings.schedule.cron_of(campaign)
-
-
 def snapshot_templates(settings: Settings) -> Path:
     """Copy the templates folder somewhere private; the copy is what this generation renders."""
     source = settings.resolve(settings.templates.dir)
@@ -345,14 +341,13 @@ class Daemon:
         self.scheduler.remove_all()
         now = self.clock.now()
         for campaign in enabled_campaigns(settings):
-            nxt = self.scheduler.add_cron(f"plan:{campaign}", plan_cron(settings, campaign), self._planner(campaign),
-                                          now=now)
-            log.event("job_scheduled", job=f"plan:{campaign}", cron=plan_cron(settings, campaign),
-                      next_run=nxt.isoformat() if nxt else "")
+            cron = settings.schedule.cron_of(campaign)
+            nxt = self.scheduler.add_cron(f"plan:{campaign}", cron, self._planner(campaign), now=now)
+            log.event("job_scheduled", job=f"plan:{campaign}", cron=cron, next_run=nxt.isoformat() if nxt else "")
             if nxt is None:  # a valid cron no day matches (0 0 31 2 *): a way to pause a job, or a mistake
-                log.event("campaign_never_planned", logging.WARNING, campaign=campaign,
-                          cron=plan_cron(settings, campaign), setting=settings.schedule.cron_key(campaign),
-                          why=never_runs(plan_cron(settings, campaign)) or "no time to come matches it")
+                log.event("campaign_never_planned", logging.WARNING, campaign=campaign, cron=cron,
+                          setting=settings.schedule.cron_key(campaign),
+                          why=never_runs(cron) or "no time to come matches it")
         self.scheduler.add_interval("maintenance", settings.schedule.maintenance_interval_seconds, self.maintenance)
         if settings.daemon.health_summary_seconds:
             self.scheduler.add_interval("health", settings.daemon.health_summary_seconds, self.health)
@@ -372,7 +367,7 @@ class Daemon:
                 return
             try:
                 last = await self.astore.call(opstore.last_run, self.store, f"plan:{campaign}")
-                due = missed_run(plan_cron(settings, campaign), settings.shop.time_zone, last, now)
+                due = missed_run(settings.schedule.cron_of(campaign), settings.shop.time_zone, last, now)
                 if due is not None:
                     log.event("plan_catch_up", campaign=campaign, missed=due.isoformat(),
                               last_run=last.isoformat() if last else "never")
