@@ -442,9 +442,9 @@ class Dispatcher:
         domains met it (kept across pauses: a daemon that tries again finds it still there)."""
         self.pauses_in_row = 0
         """Pauses since the last attempt that got past the connection (a daemon waits longer after each)."""
-        self.quota_reached = False
         self._quota_resumes: datetime | None = None
-        """Once ``quota_reached``: when the day after the latest one whose quota refused this run's messages begins."""
+        """Once this run's quota is reached: when the day after the latest one whose quota refused its messages
+        begins (None: not reached)."""
         self._last_unreached = ""
         """The reply (or error) of the last attempt that did not reach the server."""
         self._runs = 0
@@ -571,8 +571,7 @@ class Dispatcher:
     async def _run_once(self) -> DispatchReport:
         self._runs += 1
         self._failing, self._on_wire = False, set()
-        self.quota_reached = False  # a new run, perhaps a new day: the quota tells (a daemon keeps its dispatcher)
-        self._quota_resumes = None
+        self._quota_resumes = None  # a new run, perhaps a new day: the quota tells (a daemon keeps its dispatcher)
         report = DispatchReport()
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
         writer = self._writer = LedgerWriter(
@@ -844,9 +843,14 @@ class Dispatcher:
         if got is None:
             return
         # the refusal's day decides, not the claim's: a batch claimed after local midnight would wait a day too long
-        until = self._quota_resumes if self.quota_reached else None
+        until = self._quota_resumes
         for item in got.items:
             writer.record(self._release(item.message, got.now, until=until))
+
+    @property
+    def quota_reached(self) -> bool:
+        """Whether the day's quota refused some of this run's messages."""
+        return self._quota_resumes is not None
 
     def _quota_reached(self, items: list[Composed], writer: LedgerWriter, now: datetime, day: date) -> None:
         """``day``'s quota had no slot left for ``items``: back to the queue until the next day begins, whenever the
@@ -854,9 +858,9 @@ class Dispatcher:
         resumes = quota_day_end(day, self.settings.shop.time_zone)
         for item in items:
             writer.record(self._release(item.message, now, until=resumes))
+        first = not self.quota_reached
         self._quota_resumes = max(resumes, self._quota_resumes or resumes)
-        if not self.quota_reached:
-            self.quota_reached = True
+        if first:
             log.event(
                 "daily_quota_reached", logging.WARNING, quota=self.settings.sending.daily_quota,
                 waiting=len(items), resumes_at=resumes.isoformat(),
