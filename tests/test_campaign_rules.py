@@ -436,6 +436,25 @@ def test_a_birthday_to_come_is_seen_when_its_window_opens_within_the_horizon_or_
     assert cc.birthday_to_come(born, now, ZoneInfo(zone), days_before, THREE_DAYS) == expected
 
 
+OPENS = datetime(2027, 2, 25, 17, 0, tzinfo=UTC)
+"""Midnight in Jakarta, when a birthday offer's window opens."""
+
+
+@pytest.mark.parametrize(
+    ("planned_by", "expected", "why"),
+    [
+        (OPENS - timedelta(hours=8), OPENS, "the pass before the window opens plans it ahead: due when it opens"),
+        (OPENS, OPENS + cc.PLANNING_MARGIN, "a pass at the very opening plans it due at once: just after that pass"),
+        (OPENS + timedelta(hours=9), OPENS + timedelta(hours=9) + cc.PLANNING_MARGIN,
+         "open already, the pass nine hours later: just after it, not an hour from now"),
+    ],
+)  # fmt: skip
+def test_a_birthday_offer_no_pass_has_planned_falls_due_at_its_window_or_just_after_the_pass_that_plans_it(
+    planned_by: datetime, expected: datetime, why: str
+) -> None:
+    assert cc.birthday_offer_due(OPENS, planned_by) == expected, why
+
+
 def test_birthday_messages_expire_at_the_end_of_the_day_in_their_zone() -> None:
     assert cc.birthday_expires(date(2027, 2, 28), ZoneInfo(JKT)) == datetime(2027, 2, 28, 17, 0, tzinfo=UTC)
 

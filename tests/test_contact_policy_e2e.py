@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from email import message_from_bytes
 from email.header import decode_header, make_header
@@ -19,12 +20,15 @@ import pytest
 import sqlalchemy as sa
 
 from tests.smtp_server import ACCEPT, Behaviour, RecordingServer
-from worker.adapters import db, shop
+from worker.adapters import db, opstore, shop
 from worker.adapters.store import Store
 from worker.app import Deps
+from worker.asyncstore import AsyncStore
 from worker.commands import running
 from worker.config import Settings, settings_from_dict
 from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus
+from worker.pipeline import plan
+from worker.scheduler import next_fire_time
 from worker.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -395,3 +399,65 @@ def test_an_email_waits_for_a_birthday_offer_to_come_only_if_a_planning_pass_wil
     # Then the win-back waits for the offer only if a pass will plan it before it expires; else it goes
     expected = {"deferred:birthday": 1} if waits else {"sent": 1}
     assert report.dispatched.outcomes == expected, report.dispatched.outcomes
+
+
+def daemon_from(settings: Settings, clock: FakeClock, start: datetime, end: datetime) -> Counter[str]:
+    """What a daemon does from ``start`` to ``end`` with the rows planned so far: it plans birthday at its
+    ``schedule.plan_cron`` times and sends each row as it falls due (its sender looks every few seconds); the
+    outcomes of its sends, counted."""
+    cron, zone = settings.schedule.cron_of("birthday"), settings.shop.time_zone
+    outcomes: Counter[str] = Counter()
+    at: datetime | None = start
+    while at is not None and at <= end:
+        clock.set(at)
+        deps = Deps.build(settings)
+        deps.clock = clock
+        try:
+            if next_fire_time(cron, zone, at) == at:
+                plan(deps.store, settings, at, ["birthday"])
+            astore = AsyncStore(deps.store)
+            try:
+                outcomes.update(asyncio.run(running.dispatch(deps, astore)).outcomes)
+            finally:
+                astore.close()
+            due = opstore.waiting(deps.store, at).first
+        finally:
+            deps.close()
+        passes = next_fire_time(cron, zone, at + timedelta(seconds=1))
+        at = min((t for t in (due, passes) if t is not None), default=None)
+    return outcomes
+
+
+def test_an_email_waits_for_an_open_birthday_offer_until_the_pass_that_plans_it_not_an_hour_at_a_time(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given C1, whose birthday is DAY0 (Friday 26 February), offered from the day before (days_before = 1), in a
+    # shop that plans birthdays on Fridays at 09:00 (schedule.plan_cron) and caps one email in three days; C1's
+    # win-back step, planned at 09:00 on Thursday, when the offer's window is open but no pass has planned it
+    base = settings_for(tmp_path, smtp_server)
+    birthday = dataclasses.replace(base.campaigns.birthday, days_before=1)
+    settings = dataclasses.replace(base, campaigns=dataclasses.replace(base.campaigns, birthday=birthday),
+                                   schedule=dataclasses.replace(base.schedule, plan_cron={"birthday": "0 9 * * fri"}))
+    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=50), None, 1_000_000, "IDR"),
+    ])  # fmt: skip
+    thursday = DAY0 - timedelta(days=1, hours=1)  # 09:00 in Jakarta
+    store = Store.from_url(settings.database_url)
+    try:
+        assert plan(store, settings, thursday, ["winback"]).created == {"winback": 1}
+    finally:
+        store.close()
+    # When the daemon runs from then until the birthday is over
+    clock = FakeClock(thursday)
+    outcomes = daemon_from(settings, clock, thursday, DAY0 + timedelta(hours=14))
+    # Then the win-back waits once, until just after Friday's pass plans the offer (not an hour at a time: 24
+    # deferrals before), and the offer goes out that morning, the win-back later within the cap
+    assert outcomes["deferred:birthday"] == 1, outcomes
+    assert subjects(smtp_server) == ["Happy birthday, Siti! Enjoy 15% off, on us"]
+    store = Store.from_url(settings.database_url)
+    try:
+        rows = {r["campaign"]: r for r in store.messages(limit=10)}
+    finally:
+        store.close()
+    assert rows["birthday"]["sent_at"] == DAY0 - timedelta(hours=1), "at Friday's pass (09:00 in Jakarta)"
+    assert rows["winback"]["status"] == "planned"

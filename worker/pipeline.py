@@ -172,8 +172,9 @@ def _birthdays_to_come(
     """For these messages' mailboxes, when the birthday offers that no pass has planned yet fall due and expire, for
     those a message sent now could take the slot of (their window opens within ``horizon``, the longest cap window,
     or is open): a daily pass plans a birthday offer only hours ahead of its window, or hours into it, and a message
-    of lower priority sent meanwhile would leave it capped until it expired. One whose window is open already
-    counts as due ``cc.UNPLANNED_BIRTHDAY_WAIT`` from now (the message waits that long, and looks again). Only for
+    of lower priority sent meanwhile would leave it capped until it expired. One counts as due when its window
+    opens, or, when the pass that plans it comes later (its window is open already, say), just after that pass
+    (``cc.birthday_offer_due``): the message waits that long at once, not a little at a time. Only for
     customers the birthday campaign would plan (reachable, with a birthday, not held out of it) and whose offer for
     that birthday the ledger has no row of: any customer record with the message's mailbox, as the cap counts per
     mailbox (a shop's guest checkouts can give one person several records), not only the message's own. And only
@@ -194,7 +195,7 @@ def _birthdays_to_come(
             planned_by = next_fire_time(cron, settings.shop.time_zone, max(now, opens - cc.BIRTHDAY_LEAD))
             if planned_by is None or planned_by >= expires:
                 continue  # no planning pass falls there (schedule.plan_cron): no offer will come to keep a slot for
-            at = opens if opens > now else min(now + cc.UNPLANNED_BIRTHDAY_WAIT, expires)
+            at = cc.birthday_offer_due(opens, planned_by)  # (at or after expires: nothing waits, policy.waits_for)
             found[cc.birthday_key(row.customer_external_id, day.year)] = (mailbox(row.email), at, expires)
     if not found:
         return {}

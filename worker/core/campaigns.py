@@ -165,11 +165,18 @@ def birthday_plan(
     return None if window is None else (window[0], max(window[1], now))
 
 
-UNPLANNED_BIRTHDAY_WAIT = timedelta(hours=1)
-"""How long a message of lower priority waits, at a time, for a birthday offer whose window is open but which no
-pass has planned yet (the daemon plans at ``schedule.plan_cron``'s times, by default once a day; an offer no pass
-will plan before it expires is not waited for): long enough not to churn, short enough that it goes soon after the
-birthday offer does."""
+PLANNING_MARGIN = timedelta(minutes=5)
+"""How long after a planning pass's time a message of lower priority waits, for a birthday offer that pass will plan
+due at once: time for the pass to run (the daemon holds its sender while a pass is under way, up to two minutes)."""
+
+
+def birthday_offer_due(opens: datetime, planned_by: datetime) -> datetime:
+    """When a birthday offer no pass has planned yet falls due, as a message of lower priority waits for it:
+    ``opens``, when its window opens, if the pass that will plan it (at ``planned_by``, the first after
+    ``BIRTHDAY_LEAD`` before ``opens`` or now) comes before that (it plans the offer ahead, due then); else just
+    after that pass (``PLANNING_MARGIN``), which plans it due at once. Not sooner: waiting an hour at a time for a
+    pass a day away, the message would only be claimed, deferred and given back again and again."""
+    return opens if planned_by < opens else planned_by + PLANNING_MARGIN
 
 
 def birthday_to_come(
