@@ -15,9 +15,10 @@ import sys
 import time
 import urllib.parse
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from email import message_from_bytes
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -28,8 +29,10 @@ from worker import daemon as daemon_module
 from worker import log
 from worker.adapters import shop as shop_data
 from worker.adapters.plan_sql import PLAN_LOCKS
+from worker.config import load_settings
 from worker.core import tokens
 from worker.domain import OrderRecord, OrderStatus
+from worker.pipeline import plan
 from worker.stopping import StopSignals
 
 ONE_CLICK = b"List-Unsubscribe=One-Click"
@@ -1171,6 +1174,76 @@ def test_the_daemon_sends_nothing_while_a_planning_pass_is_under_way_so_priority
     finally:
         holder.dispose()
         assert daemon.stop() == 0
+
+
+@pytest.mark.postgres
+def test_a_birthday_offer_its_catch_up_pass_plans_keeps_its_slot_from_an_email_already_due_when_the_daemon_starts(
+    tmp_path: Path, smtp_server: RecordingServer, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a daemon that was down over the birthday pass that would have planned C1's offer: C1's birthday is
+    # today on their clock (midday there), their win-back step, planned before, is due, and the shop plans once a
+    # day at an hour that passed an hour ago (no pass comes again before the birthday is over); one email in three
+    # days, no quiet hours
+    now = datetime.now(UTC)
+    offset = 12 - now.hour  # the customer's clock shows 12:xx
+    zone = f"Etc/GMT{-offset:+d}" if offset else "UTC"
+    local = now.astimezone(ZoneInfo(zone))
+    passed = (now - timedelta(hours=1)).astimezone(ZoneInfo("Asia/Jakarta"))
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron=f"{passed.minute} {passed.hour} * * *",
+                     db_url=pg_url, extra='''
+[policy]
+frequency_caps = [[1, 3]]
+quiet_hours_start = "00:00"
+quiet_hours_end = "00:00"
+
+[campaigns.birthday]
+enabled = true
+days_before = 0
+holdout_share = 0.0
+
+[campaigns.winback]
+holdout_share = 0.0
+''')  # fmt: skip
+    store = shop.store()
+    try:
+        shop_data.upsert_customers(store.engine, [replace(customer(1), time_zone=zone,
+                                                          birthday=date(1990, local.month, local.day))], now)
+        shop_data.upsert_orders(store.engine, [order(1, days_ago=50)], now)
+        monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+        assert plan(store, load_settings(shop.config), now, ["winback"]).created == {"winback": 1}
+    finally:
+        store.close()
+    holder = sa.create_engine(pg_url)
+    daemon = None
+    try:
+        with holder.connect() as conn:
+            # (its catch-up pass is held up as it writes the offer, as a large shop's pass takes its time)
+            conn.execute(sa.text(
+                "INSERT INTO message (dedupe_key, campaign, step, priority, customer_id, email, status, due_at,"
+                " expires_at, next_attempt_at, attempts, resent_after_attempts, payload, created_at, updated_at)"
+                " VALUES (:key, 'birthday', 1, 100, :id, 'c1@example.com', 'planned', :t, :t, :t, 0, 0, '{}', :t,"
+                " :t)"), {"key": f"birthday:C1:{local.year}", "id": shop.customer_id("C1"), "t": now})  # fmt: skip
+            # When the daemon starts
+            daemon = Daemon.start(shop)
+            daemon.wait_event("plan_catch_up", timeout=30, where=lambda e: e["campaign"] == "birthday")
+            with holder.connect().execution_options(isolation_level="AUTOCOMMIT") as watcher:
+                daemon.wait_for(lambda: watcher.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'")).scalar_one() > 0, why="the catch-up pass writing the offer")
+            time.sleep(2.0)  # four dispatcher polls
+            # Then the win-back does not go out while the pass that plans the offer is under way (sent, it would
+            # leave the offer capped until the birthday was over: skipped as expired)
+            assert smtp_server.messages == []
+            conn.rollback()
+        # And the birthday offer goes out, the win-back waiting for the next slot
+        daemon.wait_for(lambda: smtp_server.messages and daemon.named("email_deferred_by_policy"), timeout=30,
+                        why="an email sent and one deferred")  # fmt: skip
+        assert [message_from_bytes(m.data)["X-Kembali-Campaign"] for m in smtp_server.messages] == ["birthday"]
+        assert dict(shop.rows("SELECT campaign, status FROM message")) == {"birthday": "sent", "winback": "planned"}
+    finally:
+        holder.dispose()
+        if daemon is not None:
+            assert daemon.stop() == 0
 
 
 def test_the_start_line_says_which_config_database_and_smtp_server_the_daemon_uses(

@@ -15,7 +15,8 @@ Theory of operation
   messages, old attempt rows), the health line and the template watcher. A
   planning run missed while the daemon was down runs once at start-up, before
   ``READY=1`` (each such pass first asks systemd for ``CATCH_UP_PASS_SECONDS``
-  more with ``EXTEND_TIMEOUT_USEC``). Planning
+  more with ``EXTEND_TIMEOUT_USEC``). The dispatcher claims nothing while a pass,
+  or the catch-up, is under way (``PLANNING_HOLD_SECONDS`` at most). Planning
   runs on a thread of its own, beside the store's thread that serves the dispatcher.
 * The **dispatch loop** runs the dispatcher until the queue is empty, then waits
   for a planning run to wake it or ``dispatch_poll_seconds``. When the dispatcher
@@ -214,7 +215,11 @@ class Daemon:
         self._planning: dict[asyncio.Future[None], str] = {}
         """Planning passes under way, and their campaigns: the shutdown waits for them."""
         self._planning_since = 0.0
-        """When the passes under way began, without a break (the clock's monotonic seconds)."""
+        """When the passes under way began, without a break (the clock's monotonic seconds); or the catch-up."""
+        self._catching_up = False
+        """The start-up's catch-up planning is under way (``_catch_up``): the dispatcher is held from before its
+        first claim, not only during each pass, as a message already due must not take the slot of one a pass is
+        about to plan (a birthday offer, on the birthday: it would be capped until it expired)."""
         self._halt = threading.Event()
         """Set when the daemon begins to stop (the stop signal, or its close): a reload's template check (on a thread)
         gives up at its next render, and ``phase`` is ``stopping``."""
@@ -293,6 +298,7 @@ class Daemon:
                 log.event("web_started", host=settings.web.host, port=port)
             self._schedule(settings)
             self.scheduler.start()
+            self._catching_up, self._planning_since = True, self.clock.monotonic()
             dispatch = asyncio.create_task(self._dispatch_loop(), name="kembali-dispatch")
             await self._catch_up(settings)
             if self._stop.is_set():  # stopped while catching up: it never was up
@@ -358,7 +364,15 @@ class Daemon:
             self.scheduler.add_interval("watchdog", watchdog, self._watchdog)
 
     async def _catch_up(self, settings: Settings) -> None:
-        """Plan once now for every campaign whose last scheduled run was missed (the daemon was down)."""
+        """Plan once now for every campaign whose last scheduled run was missed (the daemon was down). The
+        dispatcher is held meanwhile (``_holding``), as during any pass; then it sends what they planned."""
+        try:
+            await self._catch_up_passes(settings)
+        finally:
+            self._catching_up = False
+            self._wake.set()
+
+    async def _catch_up_passes(self, settings: Settings) -> None:
         now = self.clock.now()
         campaigns = enabled_campaigns(settings)
         for i, campaign in enumerate(campaigns):
@@ -386,7 +400,7 @@ class Daemon:
             # shielded: the shutdown's cancelling the job does not cut the pass short (its thread cannot be stopped,
             # and the process would linger after saying it stopped); the shutdown waits for it to be recorded
             task = asyncio.ensure_future(self._plan_pass(campaign))
-            if not self._planning:
+            if not self._planning and not self._catching_up:  # (the catch-up's hold began with it)
                 self._planning_since = self.clock.monotonic()
             self._planning[task] = campaign
             task.add_done_callback(self._planned)
@@ -399,9 +413,10 @@ class Daemon:
         return run_plan
 
     def _holding(self) -> bool:
-        """Whether the dispatcher claims nothing for now: a planning pass is under way (for at most
-        ``PLANNING_HOLD_SECONDS`` without a break)."""
-        return bool(self._planning) and self.clock.monotonic() - self._planning_since < PLANNING_HOLD_SECONDS
+        """Whether the dispatcher claims nothing for now: a planning pass, or the start-up's catch-up planning, is
+        under way (for at most ``PLANNING_HOLD_SECONDS`` without a break)."""
+        planning = bool(self._planning) or self._catching_up
+        return planning and self.clock.monotonic() - self._planning_since < PLANNING_HOLD_SECONDS
 
     def _planned(self, task: asyncio.Future[None]) -> None:
         """A planning pass ended: once none is under way, the dispatcher (held meanwhile) sends what they planned."""
