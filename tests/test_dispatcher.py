@@ -889,3 +889,66 @@ def test_a_mark_the_days_quota_refused_and_handled_after_local_midnight_waits_on
     finally:
         astore.close()
         shop.close()
+
+
+def test_a_batch_claimed_before_local_midnight_and_refused_by_the_new_days_full_quota_waits_for_its_end_at_once(
+    db_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a shop in Jakarta with a daily quota of one, at the last second of the 22nd, and two customers due a
+    # win-back: w2 (whose clock is a little ahead) has already sent one of them on the 23rd, taking its one slot
+    zone = "Asia/Jakarta"
+    last_second = datetime(2026, 11, 22, 16, 59, 59, tzinfo=UTC)
+    day_after = datetime(2026, 11, 23, 17, 0, tzinfo=UTC)  # the 24th begins
+    raw = settings_dict(db_url, smtp_server.port, batch_size=10, compose_processes=0, daily_quota=1)
+    raw["shop"] = {"time_zone": zone}
+    settings = settings_from_dict(raw, base_dir=REPO)
+    emails = ["c0@test.example", "c1@test.example"]
+    shop = Shop(db_url, settings, emails, clock=FakeClock(last_second))
+    plan(shop.store, settings, shop.clock.now())
+    [w2_row] = shop.store.claim(worker="w2", now=shop.clock.now(), limit=1, lease_seconds=600)
+    quota = DailyQuota(AsyncStore(shop.store), RateStore(shop.store.engine), shop.clock, quota=1, zone=zone)
+    w2_now = last_second + timedelta(seconds=2)
+    assert shop.store.record_and_mark([], [w2_row.id], worker="w2", now=w2_now, quota=quota.at(w2_now)).sending
+    w1_email = next(e for e in emails if e != w2_row.email)
+    claim = shop.store.claim
+    rounds = 0
+
+    def claimed_across_midnight(**kwargs: Any) -> Any:
+        # When w1 claims the other one at 23:59:59 and has it ready a moment after local midnight, when the 23rd's
+        # quota (full) is the one that tells whether it may go
+        nonlocal rounds
+        batch = claim(**kwargs)
+        if any(message.email == w1_email for message in batch):
+            rounds += 1
+            if rounds == 1:
+                shop.clock.advance(2)
+        return batch
+
+    shop.store.claim = claimed_across_midnight  # type: ignore[method-assign]
+    astore = AsyncStore(shop.store)
+
+    async def runs() -> tuple[DispatchReport, datetime, DispatchReport]:
+        transport = shop.deps.transport()
+        dispatcher = shop.deps.dispatcher(astore, transport)
+        try:
+            first = await dispatcher.run_once()
+            waits = shop.due_time(w1_email)
+            return first, waits, await dispatcher.run_once()
+        finally:
+            await transport.close()
+
+    try:
+        first, waits, second = asyncio.run(asyncio.wait_for(runs(), timeout=60))
+        # Then the first refusal puts the row off until the 23rd's end (the 24th's start), not the 22nd's (due at
+        # once): the next run (a restart, the daemon's next cycle) a moment later does not claim it only to be
+        # refused again
+        assert first.quota_reached and first.outcomes.get("sent", 0) == 0, first
+        assert waits == day_after, waits
+        assert shop.due_time(w1_email) == day_after
+        assert rounds == 1 and not second.quota_reached, (rounds, second)
+        events = [r for r in caplog.records if r.getMessage() == "daily_quota_reached"]
+        assert [datetime.fromisoformat(getattr(r, "kembali_fields", {})["resumes_at"]) for r in events] == [day_after]
+        assert smtp_server.messages == []
+    finally:
+        astore.close()
+        shop.close()

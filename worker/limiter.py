@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Protocol
 
 from worker import log
@@ -182,11 +182,14 @@ class DailyQuota:
             return None
         return DayQuota(QUOTA_KEY, quota_day(now, self.zone).isoformat(), quota_day_start(now, self.zone), self.quota)
 
-    async def room(self, wanted: int, taking: Callable[[], int] = lambda: 0) -> int:
+    async def room(self, wanted: int, taking: Callable[[], int] = lambda: 0) -> tuple[int, date]:
         """How many of ``wanted`` today's quota has room for as it stands, less the slots ``taking`` says this
-        process's marks under way will take (a hint: the marks take the slots, and refuse once they are spent)."""
+        process's marks under way will take (a hint: the marks take the slots, and refuse once they are spent), and
+        the shop-local day it told of: the clock's as the room is read, which may be a day after the batch's
+        claim (what that day's quota has no room for waits until that day ends, not until the claim's day does)."""
+        day = quota_day(self.clock.now(), self.zone)
         if self.quota <= 0 or wanted <= 0:
-            return wanted
-        day = quota_day(self.clock.now(), self.zone).isoformat()
-        used = await self.store.call_retrying("daily_quota_retried", self.rates.used_today, QUOTA_KEY, day=day)
-        return quota_grant(used + taking(), self.quota, wanted)
+            return wanted, day
+        used = await self.store.call_retrying("daily_quota_retried", self.rates.used_today, QUOTA_KEY,
+                                              day=day.isoformat())  # fmt: skip
+        return quota_grant(used + taking(), self.quota, wanted), day

@@ -97,7 +97,7 @@ from worker.composing import ComposerPool
 from worker.config import Settings, tls_port_hint
 from worker.contact import Arbiter
 from worker.core import lifecycle
-from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of, quota_day, quota_day_end
+from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of, quota_day_end
 from worker.core.policy import SendNow, Skip
 from worker.core.retry import PAUSES_AT_ONCE, SERVER_TROUBLE_DOMAINS, TroubleStreak, connection_failure
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult, SkipReason
@@ -754,9 +754,10 @@ class Dispatcher:
                 arbiter.forget_visible(got.facts_seq)
                 # what the day's quota has room for, as it stands (each mark takes its slot, and refuses the mark
                 # once the quota is spent: workers side by side may leave one another less room than this tells)
-                granted = await self.quota.room(len(composed), taking=lambda: writer.unmarked)
-                if granted < len(composed):
-                    self._quota_reached(composed[granted:], writer, now, quota_day(now, self.settings.shop.time_zone))
+                granted, day = await self.quota.room(len(composed), taking=lambda: writer.unmarked)
+                if granted < len(composed):  # (the room's day decides: a batch claimed before midnight may be told
+                    # it by the new day's quota, and waits until that day ends, not to be claimed again at once)
+                    self._quota_reached(composed[granted:], writer, now, day)
                 for index, item in enumerate(composed[:granted]):
                     if self.stopping.is_set():
                         for left in composed[index:granted]:
