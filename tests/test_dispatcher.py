@@ -23,11 +23,11 @@ from tests.daemon_harness import make_shop
 from tests.sendkit import NOW, REPO, Shop, TimedSink, make_settings, message_ids, settings_dict
 from tests.smtp_server import Behaviour, RecordingServer, closed_port
 from worker.adapters.ratestore import RateStore
-from worker.adapters.store import DayQuota, Store
+from worker.adapters.store import Store
 from worker.app import make_limiter
 from worker.asyncstore import AsyncStore
 from worker.config import load_settings, settings_from_dict
-from worker.core.limits import quota_day, quota_day_start
+from worker.core.limits import quota_day, quota_day_end
 from worker.daemon import Daemon
 from worker.domain import Outcome, SendResult
 from worker.limiter import DailyQuota
@@ -792,11 +792,11 @@ def test_rows_the_days_quota_left_unmarked_for_senders_cut_off_go_back_to_the_qu
     batch = shop.store.claim(worker="w1", now=NOW, limit=3, lease_seconds=600)
     assert len(batch) == 3
     zone = settings.shop.time_zone
-    day = DayQuota("quota:daily", quota_day(NOW, zone).isoformat(), quota_day_start(NOW, zone), limit=1)
     astore = AsyncStore(shop.store)
+    quota = DailyQuota(astore, RateStore(shop.store.engine), shop.clock, quota=1, zone=zone)
 
     async def cut_off() -> None:
-        writer = LedgerWriter(astore, worker="w1", clock=shop.clock, group=10, quota=lambda _now: day)
+        writer = LedgerWriter(astore, worker="w1", clock=shop.clock, group=10, quota=quota)
         writer.start()
         senders = [asyncio.create_task(writer.mark_sending(message)) for message in batch]
         await asyncio.sleep(0)  # each sender waits for its mark
@@ -952,3 +952,43 @@ def test_a_batch_claimed_before_local_midnight_and_refused_by_the_new_days_full_
     finally:
         astore.close()
         shop.close()
+
+
+def test_rows_the_days_quota_refused_for_senders_cut_off_wait_until_the_day_ends(db_url: str) -> None:
+    # Given three customers due a win-back, claimed by w1, and a daily quota of one
+    settings = make_settings(db_url, closed_port(), batch_size=10, compose_processes=0, lease_seconds=600)
+    emails = [f"c{i}@test.example" for i in range(3)]
+    shop = Shop(db_url, settings, emails)
+    plan(shop.store, settings, NOW)
+    batch = shop.store.claim(worker="w1", now=NOW, limit=3, lease_seconds=600)
+    assert len(batch) == 3
+    zone = settings.shop.time_zone
+    astore = AsyncStore(shop.store)
+    quota = DailyQuota(astore, RateStore(shop.store.engine), shop.clock, quota=1, zone=zone)
+
+    async def cut_off() -> None:
+        writer = LedgerWriter(astore, worker="w1", clock=shop.clock, group=10, quota=quota)
+        writer.start()
+        senders = [asyncio.create_task(writer.mark_sending(message)) for message in batch]
+        await asyncio.sleep(0)  # each sender waits for its mark
+        # When the run is stopped (or shut down) while they wait, and the writer commits the marks: the day's one
+        # slot goes to the first, the quota refuses the other two
+        for sender in senders:
+            sender.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+        await writer.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(cut_off(), timeout=60))
+    finally:
+        astore.close()
+    # Then the two the quota refused wait until the day ends, as they would had their senders heard the refusal;
+    # the one marked (and never sent) is due again at once
+    day_ends = quota_day_end(quota_day(NOW, zone), zone)
+    due = sorted(shop.due_time(email) for email in emails)
+    assert due == [NOW, day_ends, day_ends], due
+    assert sorted(shop.row(email).status for email in emails) == ["planned"] * 3
+    # so a restart a moment later claims the one marked alone, not the two only for the day's quota to refuse them
+    again = shop.store.claim(worker="w1b", now=NOW + timedelta(seconds=1), limit=3, lease_seconds=600)
+    assert [message.email for message in again] == [e for e in emails if shop.due_time(e) == NOW] == [again[0].email]
+    shop.close()

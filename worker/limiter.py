@@ -30,7 +30,15 @@ from worker.adapters.ratestore import RateStore
 from worker.adapters.store import DayQuota
 from worker.asyncstore import AsyncStore
 from worker.config import SendingSettings
-from worker.core.limits import AdaptiveRate, book, quota_day, quota_day_start, quota_grant, slows_domain
+from worker.core.limits import (
+    AdaptiveRate,
+    book,
+    quota_day,
+    quota_day_end,
+    quota_day_start,
+    quota_grant,
+    slows_domain,
+)
 from worker.domain import Outcome, SendResult
 from worker.ports import Clock
 
@@ -181,6 +189,10 @@ class DailyQuota:
         if self.quota <= 0:
             return None
         return DayQuota(QUOTA_KEY, quota_day(now, self.zone).isoformat(), quota_day_start(now, self.zone), self.quota)
+
+    def ends(self, day: date) -> datetime:
+        """When what ``day``'s quota refused is due again: the first instant of the next shop-local day."""
+        return quota_day_end(day, self.zone)
 
     async def room(self, wanted: int, taking: Callable[[], int] = lambda: 0) -> tuple[int, date]:
         """How many of ``wanted`` today's quota has room for as it stands, less the slots ``taking`` says this

@@ -91,13 +91,13 @@ from typing import Literal, Protocol
 
 from worker import log
 from worker.adapters.ratestore import RateStore
-from worker.adapters.store import HELD_SECONDS, DayQuota, Marks, Stale
+from worker.adapters.store import HELD_SECONDS, Marks, Stale
 from worker.asyncstore import RETRY_SECONDS, AsyncStore, retrying
 from worker.composing import ComposerPool
 from worker.config import Settings, tls_port_hint
 from worker.contact import Arbiter
 from worker.core import lifecycle
-from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of, quota_day_end
+from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of
 from worker.core.policy import SendNow, Skip
 from worker.core.retry import PAUSES_AT_ONCE, SERVER_TROUBLE_DOMAINS, TroubleStreak, connection_failure
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult, SkipReason
@@ -163,10 +163,11 @@ class LedgerWriter:
         worker: str,
         clock: Clock,
         group: int = 1,
-        quota: Callable[[datetime], DayQuota | None] = lambda _now: None,
+        quota: DailyQuota | None = None,
     ) -> None:
         """``group``: a group this big is committed at once; a smaller one lingers ``LINGER_SECONDS``. ``quota``: the
-        day's quota at a commit's time (``DailyQuota.at``), counted by the commit itself (``Store.record_and_mark``)."""
+        daily quota, whose day at a commit's time (``DailyQuota.at``) the commit itself counts
+        (``Store.record_and_mark``); None: no quota."""
         self.store = store
         self.quota = quota
         self.worker = worker
@@ -280,8 +281,10 @@ class LedgerWriter:
                     message_id = message.id
                     if message_id in marked.over_quota and future.cancelled():
                         # not marked, still claimed, and nobody will give it back: back to the queue now (not
-                        # when its lease lapses), with no attempt to take back
-                        self.record(self._requeued(message, counts_as_attempt=True))
+                        # when its lease lapses), with no attempt to take back, due when the refusing day ends
+                        # (as its sender would have given it back: not due at once, to be claimed and refused again)
+                        assert refused is not None and self.quota is not None
+                        self.record(self._requeued(message, counts_as_attempt=True, until=self.quota.ends(refused.day)))
                     elif message_id not in marked.sending:
                         self.holding.discard(message_id)
                     elif future.cancelled():  # nobody will send it: back to the queue, the attempt not counted
@@ -304,12 +307,14 @@ class LedgerWriter:
             if not (self._marks or self._records):
                 self._idle.set()
 
-    def _requeued(self, message: ClaimedMessage, *, counts_as_attempt: bool) -> Disposition:
+    def _requeued(
+        self, message: ClaimedMessage, *, counts_as_attempt: bool, until: datetime | None = None
+    ) -> Disposition:
         """A marked row (or, ``counts_as_attempt``, one left claimed: the day's quota spent) given back to the queue
-        unsent."""
+        unsent, due at once or ``until``."""
         now = self.clock.now()
         return Disposition(message=message, status=lifecycle.requeued(message.attempts), worker=self.worker,
-                           started_at=now, finished_at=now, next_attempt_at=now,
+                           started_at=now, finished_at=now, next_attempt_at=until or now,
                            counts_as_attempt=counts_as_attempt)  # fmt: skip
 
     async def _commit(self, records: list[Disposition], ids: list[int]) -> Marks:
@@ -319,7 +324,7 @@ class LedgerWriter:
         comes back when its leases lapse)."""
         store = self.store.store
         now = self.clock.now()  # each try the same: a try after a commit whose reply was lost finds its marks by it
-        quota = self.quota(now)
+        quota = self.quota.at(now) if self.quota is not None else None
         return await retrying(
             "ledger_write_retried",
             lambda: self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now, quota=quota),
@@ -575,7 +580,7 @@ class Dispatcher:
         report = DispatchReport()
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
         writer = self._writer = LedgerWriter(
-            self.store, worker=self.worker, clock=self.clock, group=in_flight // 2, quota=self.quota.at
+            self.store, worker=self.worker, clock=self.clock, group=in_flight // 2, quota=self.quota
         )
         writer.start()
         queue: asyncio.Queue[Composed | Literal["done"]] = asyncio.Queue(maxsize=self.settings.sending.batch_size)
@@ -650,7 +655,7 @@ class Dispatcher:
         grace period. What is still unwritten at the end (logged by ``outcomes_not_written``)."""
         deadline = time.monotonic() + timeout
         while self.unwritten and (left := deadline - time.monotonic()) > 0:
-            writer = self._writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock, quota=self.quota.at)
+            writer = self._writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock, quota=self.quota)
             writer.start()
             try:
                 await asyncio.wait_for(self._write_unwritten(writer), left)
@@ -856,7 +861,7 @@ class Dispatcher:
     def _quota_reached(self, items: list[Composed], writer: LedgerWriter, now: datetime, day: date) -> None:
         """``day``'s quota had no slot left for ``items``: back to the queue until the next day begins, whenever the
         refusal is heard (one heard after local midnight makes them due at once, not a day later)."""
-        resumes = quota_day_end(day, self.settings.shop.time_zone)
+        resumes = self.quota.ends(day)
         for item in items:
             writer.record(self._release(item.message, now, until=resumes))
         first = not self.quota_reached
