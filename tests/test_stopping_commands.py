@@ -449,3 +449,88 @@ def test_the_render_helper_ends_with_the_process_that_started_it_even_mid_render
     finally:
         if _running(helper):
             os.kill(helper, signal.SIGKILL)
+
+
+def _state(pid: int) -> str:
+    """Process ``pid``'s state letter (Linux): R running, S sleeping, T stopped, Z ended…"""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (Linux: the SigCgt mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (sig.value - 1)))
+
+
+LOADING = ("sqlalchemy", "pydantic_core")
+"""Libraries kembali's modules load (C extensions mapped into the process once imported), Python's own do not."""
+
+
+def _frozen_while_loading(child: subprocess.Popen[str]) -> bool:
+    """Stop ``child`` (SIGSTOP) at the first look that finds it loading kembali's modules (one of ``LOADING`` is
+    mapped), however fast or slow the machine: the process is looked at only while stopped, so what is seen is
+    what it is when the signal comes. Returns whether it has a SIGTERM handler there."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert child.poll() is None and time.monotonic() < deadline, "the command ended before it loaded kembali"
+        os.kill(child.pid, signal.SIGSTOP)
+        while _state(child.pid) not in "Tt":
+            time.sleep(0.0005)
+        maps = Path(f"/proc/{child.pid}/maps").read_text()
+        if any(f"/{library}/" in maps for library in LOADING):
+            return _catches(child.pid, signal.SIGTERM)
+        os.kill(child.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("how", ["kembali", "python -m worker"])
+def test_a_sigterm_while_python_loads_kembali_says_so_as_later_with_exit_code_143(tmp_path: Path, how: str) -> None:
+    # Given a command that, once loaded, waits (its config file is a FIFO nobody writes to), started as the console
+    # script or as `python -m worker`
+    config = tmp_path / "config.toml"
+    os.mkfifo(config)
+    start = [str(Path(sys.executable).parent / "kembali")] if how == "kembali" else [sys.executable, "-m", "worker"]
+    for _ in range(3):
+        child = subprocess.Popen([*start, "--config", str(config), "stats"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+        try:
+            # When SIGTERM comes while Python is still importing kembali's modules (the first half second: before
+            # the command has parsed its arguments and set its own handlers)
+            caught = _frozen_while_loading(child)
+            os.kill(child.pid, signal.SIGTERM)
+            os.kill(child.pid, signal.SIGCONT)
+            _stdout, stderr = child.communicate(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+        # Then kembali already had its handler there, and it stops as a SIGTERM stops it later: one line naming
+        # the signal and exit code 143, not killed without a word
+        assert caught, "no SIGTERM handler while kembali's modules load"
+        assert child.returncode == 128 + signal.SIGTERM.value, (child.returncode, stderr)
+        assert "Traceback" not in stderr, stderr
+        assert stderr.splitlines()[-1] in ("kembali: stopped by SIGTERM", "kembali stats: stopped by SIGTERM"), stderr
+
+
+def test_a_sigterm_while_python_loads_the_daemon_stops_its_start_up_with_exit_code_0(tmp_path: Path) -> None:
+    # Given the daemon's command, started as a service manager starts it (the console script)
+    site = make_site(tmp_path / "shop")
+    env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_SECRET}
+    child = subprocess.Popen([str(Path(sys.executable).parent / "kembali"), "--config", str(site.config),
+                              "--log-level", "info", "run"], cwd=site.folder, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        # When the service manager stops it while Python is still importing kembali's modules
+        caught = _frozen_while_loading(child)
+        os.kill(child.pid, signal.SIGTERM)
+        os.kill(child.pid, signal.SIGCONT)
+        _stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    # Then its start-up takes that stop as a later one during start-up: it says so and exits 0, as systemd expects
+    assert caught, "no SIGTERM handler while kembali's modules load"
+    assert child.returncode == 0, stderr
+    assert "daemon_stopped during=start-up signal=SIGTERM" in stderr, stderr

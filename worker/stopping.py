@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
 from typing import Any, Literal, NoReturn, TypeVar, cast
 
-from worker import log
+from worker import launch, log
 
 ECHO_SECONDS = 1.0
 INT_ECHO_SECONDS = 0.05
@@ -80,6 +80,8 @@ class StartupSignals:
     def install(self) -> StartupSignals:
         for sig in (*STOP_SIGNALS, signal.SIGHUP):
             self._previous[sig] = signal.signal(sig, self._take)
+        if launch.early_sigterm():  # one came while Python loaded kembali: the first stop, taken now
+            self._take(signal.SIGTERM, None)
         return self
 
     def restore(self) -> None:
@@ -156,6 +158,8 @@ def sigterm_raises() -> Iterator[None]:
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if launch.early_sigterm():  # one came while Python loaded kembali: the command stops before it begins
+            raise_stop(Terminated)
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
