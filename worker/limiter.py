@@ -30,15 +30,7 @@ from worker.adapters.ratestore import RateStore
 from worker.adapters.store import DayQuota
 from worker.asyncstore import AsyncStore
 from worker.config import SendingSettings
-from worker.core.limits import (
-    AdaptiveRate,
-    book,
-    quota_day,
-    quota_day_end,
-    quota_day_start,
-    quota_grant,
-    slows_domain,
-)
+from worker.core.limits import AdaptiveRate, book, quota_day, quota_day_end, quota_day_start, quota_grant, slows_domain
 from worker.domain import Outcome, SendResult
 from worker.ports import Clock
 
