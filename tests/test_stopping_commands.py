@@ -9,6 +9,7 @@ as a terminal's Ctrl-C and ``timeout`` send it: its helper processes get it too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -314,6 +315,33 @@ def test_a_send_test_stopped_while_it_waits_for_the_server_says_so(tmp_path: Pat
     # Then it says it stopped, and sent nothing
     _stopped_as_the_shell_expects(child, stderr, "send-test", sig)
     assert stdout == ""
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_a_short_command_stops_even_when_its_work_drops_the_first_cancel(sig: signal.Signals) -> None:
+    # Given a command's work that drops the first cancel, as Python 3.11's asyncio.wait_for (aiosmtplib's, for each
+    # connection and reply) does when it comes as the awaited thing completes, then waits for the next reply
+    replies: list[str] = []
+
+    async def work() -> str:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, os.kill, os.getpid(), sig)
+        try:
+            await asyncio.sleep(30)  # the server's connection, made as the signal came
+        except asyncio.CancelledError:
+            replies.append("cancel dropped")
+        await asyncio.sleep(30)  # the greeting that never comes
+        replies.append("greeted")
+        return "sent"
+
+    # When the signal comes: then the command stops, and does not wait out the second step
+    expected = stopping.Terminated if sig is signal.SIGTERM else KeyboardInterrupt
+    with pytest.raises(expected):
+        stopping.run_terminable(work())
+    assert replies == ["cancel dropped"]
+    # and the stop handlers are back as they were
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def _cpu_seconds(pid: int) -> float:

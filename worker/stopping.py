@@ -211,11 +211,21 @@ def stops_held() -> Iterator[None]:
 T = TypeVar("T")
 
 
+RECANCEL_SECONDS = 0.5
+"""How often ``run_terminable`` cancels its work again until it ends, once a stop signal has come."""
+
+
 def run_terminable(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)`` (a short command's, ``send-test``'s), where SIGTERM, as Ctrl-C there, cancels ``main``
     and raises (``Terminated``) once the loop is closed. ``Terminated`` raised by ``sigterm_raises``'s handler
     could land inside a task, whose exception asyncio then logged with its traceback ("Task exception was never
-    retrieved"). The SIGTERM handler before it comes back after."""
+    retrieved"). The SIGTERM handler before it comes back after.
+
+    ``main`` runs as a task of its own, cancelled again every ``RECANCEL_SECONDS`` until it ends: Python 3.11's
+    ``asyncio.wait_for``, which aiosmtplib awaits each connection and reply with, drops a cancel that comes as the
+    awaited thing completes, so one cancel at the moment the server's connection was made left ``send-test``
+    waiting for the greeting until its timeout, to exit 3, "could not be used", and a Ctrl-C as a reply came would
+    have let it send."""
     stopped = False
 
     async def cancelled_by_sigterm() -> T | None:
@@ -223,22 +233,30 @@ def run_terminable(main: Coroutine[Any, Any, T]) -> T:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        work = asyncio.ensure_future(main)
 
         def stop() -> None:
             nonlocal stopped
-            stopped = True
-            task.cancel()
+            if not stopped:
+                stopped = True
+                task.cancel()
 
         previous = signal.getsignal(signal.SIGTERM)
         try:
             loop.add_signal_handler(signal.SIGTERM, stop)
         except (ValueError, RuntimeError):  # not the main thread: SIGTERM is left as it is
-            return await main
+            return await work
         try:
-            return await main
+            await asyncio.wait({work})  # (cancelled, by SIGTERM or asyncio.run's Ctrl-C, it leaves the work running)
+            return work.result()
         except asyncio.CancelledError:
+            while not work.done():  # cancelled again until it ends: a cancel it dropped (above) is no stop
+                work.cancel()
+                await asyncio.wait({work}, timeout=RECANCEL_SECONDS)
+            if not work.cancelled():
+                work.exception()  # (retrieved: what it ended with is the stop's to tell now, not a log's)
             if not stopped:
-                raise
+                raise  # Ctrl-C: asyncio.run raises KeyboardInterrupt
             return None
         finally:
             loop.remove_signal_handler(signal.SIGTERM)  # (it leaves SIG_DFL)
