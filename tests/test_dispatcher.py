@@ -992,3 +992,41 @@ def test_rows_the_days_quota_refused_for_senders_cut_off_wait_until_the_day_ends
     again = shop.store.claim(worker="w1b", now=NOW + timedelta(seconds=1), limit=3, lease_seconds=600)
     assert [message.email for message in again] == [e for e in emails if shop.due_time(e) == NOW] == [again[0].email]
     shop.close()
+
+
+def test_a_sender_cut_off_as_its_mark_comes_gives_its_row_back(db_url: str) -> None:
+    # Given two customers due a win-back, claimed by w1
+    settings = make_settings(db_url, closed_port(), batch_size=10, compose_processes=0, lease_seconds=600)
+    emails = ["first@test.example", "second@test.example"]
+    shop = Shop(db_url, settings, emails)
+    plan(shop.store, settings, NOW)
+    batch = shop.store.claim(worker="w1", now=NOW, limit=2, lease_seconds=600)
+    assert [message.email for message in batch] == emails
+    astore = AsyncStore(shop.store)
+    outcomes: list[object] = []
+
+    async def cut_off() -> None:
+        writer = LedgerWriter(astore, worker="w1", clock=shop.clock, group=10)
+        writer.start()
+        first, second = (asyncio.create_task(writer.mark_sending(message)) for message in batch)
+        await asyncio.sleep(0)  # each sender waits for its mark
+        marks = [future for _, future in writer._marks]
+        assert len(marks) == 2
+        # When the run stops (a shutdown cancels its senders) just as both rows are marked `sending`: the second
+        # sender is cancelled once its mark is in, before it has run again to hear it (asyncio runs the first's
+        # wake-up, then this, then the second's)
+        marks[0].add_done_callback(lambda _: second.cancel())
+        outcomes.extend(await asyncio.gather(first, second, return_exceptions=True))
+        await writer.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(cut_off(), timeout=60))
+    finally:
+        astore.close()
+    # Then the first sender heard its mark (it would send now); the second, cut off, sends nothing, and its row is
+    # back in the queue due at once, not left `sending` to turn `uncertain` when its lease lapses
+    assert outcomes[0] == "sending"
+    assert isinstance(outcomes[1], asyncio.CancelledError)
+    assert shop.row(emails[1]).status == "planned"
+    assert shop.due_time(emails[1]) == NOW
+    shop.close()

@@ -208,7 +208,23 @@ class LedgerWriter:
         future: asyncio.Future[Mark] = asyncio.get_running_loop().create_future()
         self._marks.append((message, future))
         self._poke()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                # cancelled as its mark came, before it ran again to hear it: the writer, seeing the mark taken,
+                # left the row to it; nobody will send it or give it back (it would stay so until its lease lapsed,
+                # a `sending` row then `uncertain`)
+                self._given_back(message, future.result())
+            raise
+
+    def _given_back(self, message: ClaimedMessage, mark: Mark) -> None:
+        """A row whose mark its sender will never act on, back to the queue: one marked ``sending``, its attempt not
+        counted; one the day's quota refused, due when that day ends."""
+        if mark == "sending":
+            self.record(self._requeued(message, counts_as_attempt=False))
+        elif isinstance(mark, OverQuota) and self.quota is not None:
+            self.record(self._requeued(message, counts_as_attempt=True, until=self.quota.ends(mark.day)))
 
     def record(self, disposition: Disposition) -> None:
         self.holding.discard(disposition.message.id)
@@ -283,12 +299,12 @@ class LedgerWriter:
                         # not marked, still claimed, and nobody will give it back: back to the queue now (not
                         # when its lease lapses), with no attempt to take back, due when the refusing day ends
                         # (as its sender would have given it back: not due at once, to be claimed and refused again)
-                        assert refused is not None and self.quota is not None
-                        self.record(self._requeued(message, counts_as_attempt=True, until=self.quota.ends(refused.day)))
+                        assert refused is not None
+                        self._given_back(message, refused)
                     elif message_id not in marked.sending:
                         self.holding.discard(message_id)
                     elif future.cancelled():  # nobody will send it: back to the queue, the attempt not counted
-                        self.record(self._requeued(message, counts_as_attempt=False))
+                        self._given_back(message, "sending")
                     if not future.done():
                         future.set_result(
                             "sending" if message_id in marked.sending else "held" if message_id in marked.held
