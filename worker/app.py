@@ -125,11 +125,15 @@ class Deps:
     @classmethod
     def build(cls, settings: Settings, *, check_schema: bool = True) -> Deps:
         store = Store.for_settings(settings)
-        if check_schema:
-            db.check_schema(store.engine)
-        templates_dir = settings.resolve(settings.templates.dir)
-        if not templates_dir.is_dir():
-            raise ConfigError(f"{settings.source}: 'templates.dir' {str(templates_dir)!r} is not a folder")
+        try:
+            if check_schema:
+                db.check_schema(store.engine)
+            templates_dir = settings.resolve(settings.templates.dir)
+            if not templates_dir.is_dir():
+                raise ConfigError(f"{settings.source}: 'templates.dir' {str(templates_dir)!r} is not a folder")
+        except BaseException:  # the engine's connections (the schema check's) go, not left to the collector
+            store.close()
+            raise
         templates = JinjaTemplates(Path(templates_dir), recheck_seconds=1.0,
                                    time_limit=settings.checks.render_timeout_seconds)  # fmt: skip
         return cls(settings=settings, store=store, templates=templates, clock=SystemClock())

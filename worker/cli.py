@@ -66,8 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", help="create or migrate the database schema",
                        description="Database maintenance. `kembali db upgrade` creates the schema in an empty "
                        "database or migrates an older one to this version (SQLite or PostgreSQL, from "
-                       "database.url). Exit code 2 for a bad config or an SQLite file that cannot be opened (does "
-                       "its folder exist?), 3 when the PostgreSQL server cannot be used (try again later).")
+                       "database.url). On PostgreSQL a second `db upgrade` run meanwhile waits for the first, then "
+                       "finds nothing to do. Exit code 2 for a bad config or an SQLite file that cannot be opened "
+                       "(does its folder exist?), 3 when the PostgreSQL server cannot be used (try again later), or "
+                       "when the database's schema is newer than this kembali (a newer one upgraded it: install that "
+                       "version here; nothing is changed).")
     p.add_argument("action", choices=["upgrade", "status"], help="upgrade: migrate to the newest schema; "
                    "status: show the current and newest revision")
 
@@ -475,9 +478,12 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
         except sa_exc.DatabaseError as exc:  # also a file that is no SQLite database ("file is not a database")
             return _cannot_open(engine, path, exc)
         if args.action == "status":
-            print(f"current: {current or '(empty)'}  newest: {db.head_revision(engine)}")
+            newer = " (newer than this kembali)" if db.is_newer_than_this(engine, current) else ""
+            print(f"current: {current or '(empty)'}{newer}  newest: {db.head_revision(engine)}")
             return EXIT_OK
-        before, after = db.upgrade(engine)
+        before, after = db.upgrade(engine, waiting=lambda: print(
+            f"kembali: another `kembali db upgrade` is migrating {db.describe(engine)}: waiting for it to finish",
+            file=sys.stderr, flush=True))
         if before == after:
             print(f"schema already at {after}")
         else:

@@ -22,7 +22,7 @@ import re
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from importlib import resources
@@ -34,6 +34,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
@@ -432,13 +433,45 @@ def head_revision(engine: Engine) -> str:
     return head
 
 
+def is_newer_than_this(engine: Engine, revision: str | None) -> bool:
+    """Whether ``revision`` (the database's) is one this code does not have: a newer Kembali's, run on another
+    host (or after this one was downgraded)."""
+    if revision is None:
+        return False
+    try:
+        return ScriptDirectory.from_config(_alembic_config(engine)).get_revision(revision) is None
+    except CommandError:  # alembic's "No such revision or branch"
+        return True
+
+
+def newer_schema(engine: Engine, current: str, head: str) -> SchemaError:
+    """The error for a database whose schema is newer than this code's: ``kembali db upgrade`` cannot help (it was
+    a traceback), and running on it could write rows the newer code does not expect."""
+    return SchemaError(f"the database {describe(engine)} is at schema {current}, newer than this kembali (its newest "
+                       f"is {head}): a newer kembali has upgraded it; install the newer kembali on this host "
+                       "(nothing was changed)")  # fmt: skip
+
+
 def current_revision(engine: Engine) -> str | None:
     with reading(engine) as conn:  # no SQLite write lock: a read-only command must not wait for a long writer
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: Engine) -> tuple[str | None, str]:
+MIGRATION_LOCK = 1265462379
+"""The PostgreSQL advisory lock (``pg_advisory_xact_lock(MIGRATION_LOCK, 0)``) a migration holds: two hosts running
+``kembali db upgrade`` at once migrate one after the other (the DDL of two transactions interleaving failed the
+second one with a traceback: ``index "ix_customer_email" does not exist``). Beside ``store.MAILBOX_LOCKS`` and
+``plan_sql.PLAN_LOCKS``."""
+
+
+def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None) -> tuple[str | None, str]:
     """Create or migrate the schema to the newest revision; returns (before, after).
+
+    On PostgreSQL the migration holds ``MIGRATION_LOCK``: another ``kembali db upgrade`` under way is waited for
+    (``waiting`` is called first), however long it takes (its statements give up on their own locks after
+    ``database.lock_timeout_seconds``), and the revision is read again once the lock is held, so the second finds
+    nothing left to do. SQLite's ``BEGIN IMMEDIATE`` does the same for a file. A database newer than this code
+    (``is_newer_than_this``) raises SchemaError and is left as it is.
 
     On SQLite the migrations run with foreign key checks off: a revision that changes a column there
     rebuilds its table (copies it, drops the old one, renames the copy), and with the checks on, dropping
@@ -448,8 +481,17 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     before, head = current_revision(engine), head_revision(engine)
     if before == head:
         return before, head
+    if is_newer_than_this(engine, before):
+        raise newer_schema(engine, str(before), head)
     cfg = _alembic_config(engine)
     with writing_without_foreign_keys(engine) as conn:
+        if engine.dialect.name == "postgresql":
+            _take_migration_lock(conn, waiting)
+        before = MigrationContext.configure(conn).get_current_revision()  # another host's upgrade may have run
+        if before == head:
+            return before, head
+        if is_newer_than_this(engine, before):
+            raise newer_schema(engine, str(before), head)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
         if engine.dialect.name == "sqlite" and before is not None:  # a new database has no rows to check
@@ -459,6 +501,19 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
                 raise SchemaError(f"after the migration {len(broken)} references are broken (first: {table} row "
                                   f"{rowid} names a missing {parent}); nothing was changed")  # fmt: skip
     return before, head
+
+
+def _take_migration_lock(conn: sa.Connection, waiting: Callable[[], None] | None) -> None:
+    """``MIGRATION_LOCK`` for the transaction of ``conn``, waited for without the session's lock timeout (another
+    migration is worth waiting for: it ends, or its own lock waits give up), which is then as it was."""
+    if conn.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK}, 0)").scalar_one():
+        return
+    if waiting is not None:
+        waiting()
+    timeout = conn.exec_driver_sql("SELECT current_setting('lock_timeout')").scalar_one()
+    conn.exec_driver_sql("SET LOCAL lock_timeout = 0")
+    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK}, 0)")
+    conn.execute(sa.text("SELECT set_config('lock_timeout', :t, true)"), {"t": timeout})
 
 
 @contextmanager
@@ -506,6 +561,8 @@ def check_schema(engine: Engine) -> None:
     except sa.exc.DatabaseError as exc:  # also an SQLite file that is no database ("file is not a database")
         raise SchemaError(f"cannot open the database {where}: {exc.orig}") from None
     head = head_revision(engine)
+    if is_newer_than_this(engine, current):
+        raise newer_schema(engine, str(current), head)
     if current != head:
         state = "has no schema" if current is None else f"is at schema {current}, the code needs {head}"
         raise SchemaError(f"the database {where} {state}: run `kembali db upgrade`")
