@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -121,3 +126,69 @@ def test_two_hosts_upgrading_postgresql_at_once_one_waits_for_the_other_and_neit
     assert said[1].startswith("schema upgraded: 0017 -> 0018"), results
     assert _query(pg_url, "SELECT version_num FROM alembic_version") == [("0018",)]
 
+
+def _cpu_seconds(pid: int) -> float:
+    """The processor time ``pid`` has used so far (Linux): user and system."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_an_sqlite_migration_stopped_while_it_copies_a_table_says_so_and_leaves_the_schema_as_it_was(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Given an SQLite database at 0007, whose next migration copies the ledger into a rebuilt table, and a ledger
+    # that copy never gets to the end of (a view repeating its one row without end, as a copy of many millions
+    # keeps SQLite busy, in C, for minutes)
+    path = tmp_path / "k.db"
+    _schema_at(f"sqlite:///{path}", "0007")
+    with sqlite3.connect(path) as conn:
+        conn.executescript("""
+            INSERT INTO customer (id, external_id, email, name, locale, time_zone, marketing_consent, consent_basis,
+                consent_source, order_count, total_spent_minor, created_at, updated_at)
+                VALUES (1, 'C1', 'c1@example.com', 'C 1', 'id', 'Asia/Jakarta', 1, '', '', 1, 0, '2026-01-01',
+                '2026-01-01');
+            ALTER TABLE message RENAME TO message_rows;
+            INSERT INTO message_rows (dedupe_key, campaign, step, priority, customer_id, email, status, due_at,
+                expires_at, next_attempt_at, attempts, message_id, payload, created_at, updated_at)
+                VALUES ('k', 'winback', 1, 0, 1, 'c1@example.com', 'sent', '2026-01-01', '2026-01-01', '2026-01-01',
+                1, '<1@x>', '{}', '2026-01-01', '2026-01-01');
+            CREATE VIEW message AS
+                WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n)
+                SELECT message_rows.* FROM n CROSS JOIN message_rows;
+        """)
+    conn.close()
+    config = tmp_path / "config.toml"
+    config.write_text('[database]\nurl = "sqlite:///k.db"\n', encoding="utf-8")
+    # and the processor time `db status` takes (the start of every db command: Python, SQLAlchemy, Alembic)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    status = subprocess.run([sys.executable, "-m", "worker", "--config", str(config), "db", "status"], cwd=ROOT,
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert status.stdout.startswith("current: 0007"), status
+    baseline = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    # When `db upgrade` has spent well more than that, so it is copying, and the signal comes (to its process group,
+    # as Ctrl-C and `timeout` send it)
+    child = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(config), "db", "upgrade"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for _ in range(3000):  # (a bound on a hung test only)
+            if _cpu_seconds(child.pid) > 2 * baseline + 1 or child.poll() is not None:
+                break
+            time.sleep(0.02)
+        os.killpg(child.pid, sig)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    # Then it says it stopped, by which signal, as the other commands do, with the shell's exit code (it said it
+    # could not open the database, exit 2: the failure of Alembic's clean-up after SQLite had rolled back)
+    assert child.returncode == 128 + sig.value, stderr
+    assert stderr.strip().splitlines() == [f"kembali db: stopped by {sig.name}"], stderr
+    # And the database is as it was: at 0007, whole, its ledger in place; the next `db status` says so
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0007",)]
+        assert conn.execute("SELECT count(*) FROM message_rows").fetchone() == (1,)
+    conn.close()

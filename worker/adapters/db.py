@@ -493,7 +493,13 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None) -> tup
         if is_newer_than_this(engine, before):
             raise newer_schema(engine, str(before), head)
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        try:
+            command.upgrade(cfg, "head")
+        except Exception as exc:
+            stop = _stop_behind(exc)
+            if stop is not None:
+                raise stop from None
+            raise
         if engine.dialect.name == "sqlite" and before is not None:  # a new database has no rows to check
             broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
             if broken:
@@ -501,6 +507,17 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None) -> tup
                 raise SchemaError(f"after the migration {len(broken)} references are broken (first: {table} row "
                                   f"{rowid} names a missing {parent}); nothing was changed")  # fmt: skip
     return before, head
+
+
+def _stop_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The stop signal's exception that ``exc`` was raised in the handling of, if any. Alembic rebuilding an SQLite
+    table drops its copy when the copy fails; stopped by a signal mid-copy, SQLite had rolled the whole transaction
+    back, copy and all, so that the drop failed (``no such table: _alembic_tmp_message``) and took the stop's place:
+    ``db upgrade`` said it could not open the database, exit 2, not that it stopped."""
+    seen = exc.__context__
+    while seen is not None and not isinstance(seen, KeyboardInterrupt):
+        seen = seen.__context__
+    return seen
 
 
 def _take_migration_lock(conn: sa.Connection, waiting: Callable[[], None] | None) -> None:
