@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -20,6 +20,7 @@ from alembic import command
 from tests.clikit import run_cli
 from tests.shop import LINK_KEY, ROOT
 from worker.adapters import db, shop
+from worker.adapters.store import Store
 from worker.domain import CustomerRecord, Locale
 
 AHEAD = "0019_from_a_newer_kembali"
@@ -192,3 +193,93 @@ def test_an_sqlite_migration_stopped_while_it_copies_a_table_says_so_and_leaves_
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0007",)]
         assert conn.execute("SELECT count(*) FROM message_rows").fetchone() == (1,)
     conn.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("pg", marks=pytest.mark.postgres)])
+def test_a_shop_from_the_first_schema_upgrades_to_the_newest_with_its_data_and_the_facts_derived_from_it(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    # Given a database as the first Kembali left it (0001), holding a shop (customers, a product, an order and its
+    # line), a suppression and a ledger that has sent (a message, its attempt)
+    url = request.getfixturevalue(f"{kind}_url")
+    _schema_at(url, "0001")
+    placed, delivered = NOW - timedelta(days=60), NOW - timedelta(days=57)
+    engine = db.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for cid, email, birthday in ((1, "budi@example.com", date(1990, 3, 7)), (2, "siti@BÜCHER.de", None)):
+                conn.execute(sa.text(
+                    "INSERT INTO customer (id, external_id, email, name, locale, time_zone, birthday,"
+                    " marketing_consent, consent_basis, consent_source, order_count, first_order_id, first_order_at,"
+                    " last_order_at, total_spent_minor, created_at, updated_at) VALUES (:id, :ext, :email, 'N', 'id',"
+                    " 'Asia/Jakarta', :birthday, true, 'opt_in', 'checkout', :orders, :first, :placed, :placed,"
+                    " :spent, :t, :t)"
+                ), {"id": cid, "ext": f"C{cid}", "email": email, "birthday": birthday, "orders": 1 if cid == 1 else 0,
+                    "first": 1 if cid == 1 else None, "placed": placed if cid == 1 else None,
+                    "spent": 150_000 if cid == 1 else 0, "t": NOW})  # fmt: skip
+            conn.execute(sa.text(
+                "INSERT INTO product (id, external_id, name, category, price_minor, currency, url, image_url, active,"
+                " created_at, updated_at) VALUES (1, 'P1', 'Batik', 'kain', 75000, 'IDR', '', '', true, :t, :t)"
+            ), {"t": NOW})  # fmt: skip
+            conn.execute(sa.text(
+                "INSERT INTO shop_order (id, external_id, customer_id, status, placed_at, delivered_at, total_minor,"
+                " currency, created_at, updated_at) VALUES (1, 'O-1', 1, 'delivered', :p, :d, 150000, 'IDR', :t, :t)"
+            ), {"p": placed, "d": delivered, "t": NOW})  # fmt: skip
+            conn.execute(sa.text(
+                "INSERT INTO order_line (id, order_id, line_no, product_external_id, product_id, quantity,"
+                " unit_price_minor) VALUES (1, 1, 1, 'P1', 1, 2, 75000)"
+            ))  # fmt: skip
+            conn.execute(sa.text(
+                "INSERT INTO suppression (id, email, reason, source, created_at) VALUES (1, 'Ani@Example.COM',"
+                " 'complaint', 'import', :t)"
+            ), {"t": NOW})  # fmt: skip
+            conn.execute(sa.text(
+                "INSERT INTO message (id, dedupe_key, campaign, step, priority, customer_id, email, status, due_at,"
+                " expires_at, next_attempt_at, attempts, message_id, payload, created_at, updated_at, sent_at)"
+                " VALUES (1, 'winback:C1:O-1:1', 'winback', 1, 0, 1, 'budi@example.com', 'sent', :t, :t, :t, 1,"
+                " '<a@shop.example>', '{}', :t, :t, :t)"
+            ), {"t": NOW})  # fmt: skip
+            conn.execute(sa.text(
+                "INSERT INTO attempt (id, message_id, attempt_no, worker, started_at, finished_at, outcome, code,"
+                " reply, error_type) VALUES (1, 1, 1, 'w', :t, :t, 'sent', 250, '2.0.0 Ok', '')"
+            ), {"t": NOW})  # fmt: skip
+        # When it is upgraded to the newest schema
+        assert db.upgrade(engine) == ("0001", db.head_revision(engine))
+        db.check_schema(engine)
+        # Then every row is there, and what later revisions derive from the data was filled in for the old rows
+        with engine.connect() as conn:
+            def rows(sql: str) -> list[tuple[object, ...]]:
+                return [tuple(r) for r in conn.execute(sa.text(sql))]
+
+            assert rows("SELECT external_id, email, birthday_mmdd, first_order_external_id, order_count,"
+                        " total_spent_minor FROM customer ORDER BY id") == [
+                ("C1", "budi@example.com", 307, "O-1", 1, 150_000),
+                ("C2", "siti@xn--bcher-kva.de", None, None, 0, 0),  # the domain in the form imports store (0012)
+            ]  # fmt: skip
+            assert rows("SELECT external_id, name, price_minor FROM product") == [("P1", "Batik", 75000)]
+            assert rows("SELECT external_id, customer_id, total_minor FROM shop_order") == [("O-1", 1, 150000)]
+            settled = conn.execute(sa.text("SELECT settled_at FROM shop_order")).scalar_one()
+            assert rows("SELECT order_id, product_id, quantity FROM order_line") == [(1, 1, 2)]
+            assert rows("SELECT email, reason FROM suppression") == [("ani@example.com", "complaint")]
+            assert rows("SELECT message_id, outcome, code FROM attempt") == [(1, "sent", 250)]
+        assert _as_utc(settled) == delivered  # 0006: an order settles when it is delivered
+        # And the code reads the ledger as it was: the message sent, its Message-ID and attempt kept
+        store = Store.from_url(url)
+        try:
+            [message] = store.messages()
+            assert (message["dedupe_key"], message["status"], message["message_id"], message["attempts"]) == (
+                "winback:C1:O-1:1", "sent", "<a@shop.example>", 1)
+            assert message["resent_after_attempts"] == 0
+            assert len(store.attempts_for(message["id"])) == 1
+        finally:
+            store.close()
+    finally:
+        engine.dispose()
+
+
+def _as_utc(value: object) -> datetime:
+    """A timestamp as either database returns it (SQLite: text or a naive datetime in UTC)."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(moment, datetime)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
