@@ -18,7 +18,9 @@ import sqlalchemy as sa
 from alembic import command
 
 from tests.clikit import run_cli
+from tests.daemon_harness import Daemon, make_shop
 from tests.shop import LINK_KEY, ROOT
+from tests.smtp_server import RecordingServer
 from worker.adapters import db, shop
 from worker.adapters.store import Store
 from worker.domain import CustomerRecord, Locale
@@ -283,3 +285,29 @@ def _as_utc(value: object) -> datetime:
     assert isinstance(moment, datetime)
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
+
+def test_a_running_daemon_stops_when_another_host_upgrades_the_database_past_it(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon up on a database at this Kembali's newest schema
+    shop_ = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    daemon = Daemon.start(shop_)
+    try:
+        daemon.wait_event("daemon_started")
+        # When another host's newer Kembali upgrades the database under it
+        engine = db.create_engine(shop_.db_url)
+        head = db.head_revision(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = :v"), {"v": AHEAD})
+        engine.dispose()
+        # Then at its next maintenance it says so, naming both revisions, and stops as on SIGTERM, exiting 3 (it
+        # went on claiming and writing rows in a schema it does not know)
+        changed = daemon.wait_event("schema_changed", timeout=60)
+        code = daemon.wait(60)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.stop()
+    assert code == 3, daemon.log()
+    assert (changed["schema"], changed["newest_known"]) == (AHEAD, head), changed
+    assert "install the newer kembali on this host" in changed["what_to_do"], changed
+    assert daemon.named("daemon_stopped")[-1]["exit_code"] == 3, daemon.log()

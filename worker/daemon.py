@@ -88,7 +88,7 @@ from worker.scheduler import Scheduler, missed_run
 from worker.sending import Dispatcher
 from worker.stopping import STOP_SIGNALS, StartupSignals, StartupStopped, StopSignals
 
-EXIT_OK, EXIT_FORCED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FORCED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 ABANDON_SECONDS, STUCK_CLOSE_SECONDS = 10.0, 2.0
 """After the grace period, how long the shutdown waits for the database to mark this worker's rows in flight: one
 that does not answer (a lock held by a long transaction, a host gone silent) is given up, the daemon closes what
@@ -231,6 +231,10 @@ class Daemon:
         """The database did not answer the shutdown: the exit waits for no thread (``os._exit``)."""
         self._up = False
         """``READY=1`` has been sent: the start-up (and its catch-up planning) is done."""
+        self._schema = db.head_revision(self.store.engine)
+        """The schema this code needs (``Deps.build`` checked it): maintenance stops the daemon when it changes."""
+        self._exit_code = EXIT_OK
+        """The exit code of a stop the daemon chose (a schema changed under it), unless the shutdown's is worse."""
 
     @property
     def phase(self) -> str:
@@ -482,6 +486,8 @@ class Daemon:
         dispatcher.resume(why=f"retrying after {delay:g} s")
 
     async def maintenance(self) -> None:
+        if await self._schema_changed():
+            return
         settings = self.gen.settings
         now = self.clock.now()
         # not the rows this process still has outcomes for (a database outage outlasted their leases): it is alive
@@ -496,6 +502,28 @@ class Daemon:
             pruned = await self.astore.call(opstore.prune_attempts, self.store, now - timedelta(days=days))
             if pruned:
                 log.event("attempts_pruned", count=pruned, older_than_days=days)
+
+    async def _schema_changed(self) -> bool:
+        """Whether the database's schema is no longer the one this code needs (another host's ``kembali db
+        upgrade``, a database restored from an older copy): then the daemon says so and stops, exit 3, as a start on
+        that schema is refused, rather than go on claiming and writing rows in a schema it does not know. A database
+        that cannot be read is not a change: the outage is waited out as everywhere else."""
+        engine = self.store.engine
+        try:
+            current = await self.astore.call(db.current_revision, engine)
+            if current == self._schema:
+                return False
+            newer = await self.astore.call(db.is_newer_than_this, engine, current)
+        except Exception:
+            return False
+        log.event("schema_changed", logging.ERROR, database=db.describe(engine), schema=current or "(none)",
+                  newest_known=self._schema, what_to_do="install the newer kembali on this host" if newer
+                  else f"run `kembali db upgrade`, or restore the database at schema {self._schema}",
+                  note="the daemon stops, as on SIGTERM (exit 3)")  # fmt: skip
+        self._exit_code = EXIT_UNAVAILABLE
+        self._halt.set()
+        self._stop.set()
+        return True
 
     async def health(self) -> None:
         """The health line: what happened here since the last one, the queue, and the ledger's ``uncertain`` rows
@@ -703,7 +731,7 @@ class Daemon:
         grace = self.gen.settings.daemon.shutdown_grace_seconds
         began = time.monotonic()
         done, _ = await asyncio.wait({dispatch}, timeout=grace)
-        code = EXIT_OK
+        code = self._exit_code
         if done and self.gen.dispatcher.unwritten:  # kept through a database outage: the rest of the grace period
             log.event("shutdown_writing_kept_outcomes", outcomes=len(self.gen.dispatcher.unwritten))
             left = await self.gen.dispatcher.write_kept(max(grace - (time.monotonic() - began), KEPT_SECONDS))
