@@ -252,8 +252,9 @@ def test_missing_link_key_is_a_clear_configuration_error_and_nothing_is_planned(
 
 
 def test_running_without_a_schema_says_what_to_do(tmp_path: Path) -> None:
-    result = kembali("run", "--once", config=write_config(tmp_path))
-    assert result.returncode == 3 and "kembali db upgrade" in result.stderr
+    config = write_config(tmp_path)
+    result = kembali("run", "--once", config=config)
+    assert result.returncode == 3 and f"`kembali --config {config} db upgrade`" in result.stderr, result.stderr
 
 
 def test_the_demo_sends_win_back_emails_to_a_local_sink(tmp_path: Path) -> None:

@@ -311,3 +311,60 @@ def test_a_running_daemon_stops_when_another_host_upgrades_the_database_past_it(
     assert (changed["schema"], changed["newest_known"]) == (AHEAD, head), changed
     assert "install the newer kembali on this host" in changed["what_to_do"], changed
     assert daemon.named("daemon_stopped")[-1]["exit_code"] == 3, daemon.log()
+
+
+def test_a_kembali_newer_than_the_database_does_not_migrate_it_but_gives_the_exact_command_that_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a database as the previous Kembali left it (one schema behind), and its config in a folder of its own
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    _schema_at(url, "0017")
+    config = tmp_path / "etc kembali" / "config.toml"
+    config.parent.mkdir()
+    config.write_text(f'[database]\nurl = "{url}"\n[templates]\ndir = "{ROOT / "templates" / "email"}"\n',
+                      encoding="utf-8")
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    # When this Kembali is run on it with that config
+    code, printed = run_cli(capsys, "--config", str(config), "run", "--once")
+    # Then it refuses (exit 3), naming both revisions and the command to run, with the config it was given (the bare
+    # `kembali db upgrade` would look for ./config.toml wherever the operator stands)
+    assert code == 3, printed
+    assert (f"is at schema 0017, the code needs 0018: run `kembali --config '{config}' db upgrade`") in printed, printed
+    # and has not migrated it by itself
+    assert _query(url, "SELECT version_num FROM alembic_version") == [("0017",)]
+    # And that command, as given, upgrades it, after which the run starts
+    code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    assert code == 0 and printed.startswith("schema upgraded: 0017 -> 0018"), printed
+    code, printed = run_cli(capsys, "--config", str(config), "run", "--once")
+    assert code == 0, printed
+
+
+def test_an_sqlite_upgrade_behind_a_long_writer_gives_up_says_why_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an SQLite database one schema behind, whose write lock another program holds longer than SQLite waits
+    # for it (0.2 s here, 30 s as shipped): a daemon not stopped, an import, another `db upgrade` still migrating
+    path = tmp_path / "k.db"
+    _schema_at(f"sqlite:///{path}", "0017")
+    config = tmp_path / "config.toml"
+    config.write_text('[database]\nurl = "sqlite:///k.db"\n', encoding="utf-8")
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        # When the schema is upgraded
+        code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    finally:
+        writer.rollback()
+        writer.close()
+    # Then it gives up, saying so and that nothing was changed, exit 3 (try again), as on PostgreSQL: it said it could
+    # not open the database, exit 2 (a bad config), of a database it had just read
+    assert code == 3, printed
+    assert (f"kembali: the migration waited 0.2 s for the write lock another program holds on {path} (a kembali "
+            "run or import, another `db upgrade`): nothing was changed; try again, or stop the workers first"
+            ) in printed, printed  # fmt: skip
+    assert "cannot open" not in printed and "Traceback" not in printed
+    assert _query(f"sqlite:///{path}", "SELECT version_num FROM alembic_version") == [("0017",)]
+    # And once the writer is done, the same command upgrades
+    code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    assert code == 0 and printed.startswith("schema upgraded: 0017 -> 0018"), printed

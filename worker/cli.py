@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
@@ -68,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                        "database or migrates an older one to this version (SQLite or PostgreSQL, from "
                        "database.url). On PostgreSQL a second `db upgrade` run meanwhile waits for the first, then "
                        "finds nothing to do. Exit code 2 for a bad config or an SQLite file that cannot be opened "
-                       "(does its folder exist?), 3 when the PostgreSQL server cannot be used (try again later), or "
-                       "when the database's schema is newer than this kembali (a newer one upgraded it: install that "
+                       "(does its folder exist?), 3 when the PostgreSQL server cannot be used (try again later), "
+                       "another program held an SQLite file's write lock longer than 30 s (nothing is changed), or "
+                       "the database's schema is newer than this kembali (a newer one upgraded it: install that "
                        "version here; nothing is changed).")
     p.add_argument("action", choices=["upgrade", "status"], help="upgrade: migrate to the newest schema; "
                    "status: show the current and newest revision")
@@ -385,7 +387,7 @@ def _command(args: argparse.Namespace) -> int:
         print(f"kembali: configuration error: {_naming_the_variable(str(exc), args)}", file=sys.stderr)
         return EXIT_USAGE
     except SchemaError as exc:
-        print(f"kembali: {exc}", file=sys.stderr)
+        print(f"kembali: {_with_the_config(str(exc), args)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KembaliError as exc:
         print(f"kembali: {exc}", file=sys.stderr)
@@ -429,6 +431,15 @@ def _os_error_text(exc: OSError, args: argparse.Namespace) -> str:
         why = exc.strerror[:1].lower() + exc.strerror[1:]
     command = f" {args.command}" if getattr(args, "command", None) else ""
     return f"{command}: {path}: {why}"
+
+
+def _with_the_config(message: str, args: argparse.Namespace) -> str:
+    """``message`` with the ``kembali db upgrade`` it advises given the ``--config`` of this command, when it had one:
+    the bare command, run where the operator stands, looked for ./config.toml there (and a service's config is
+    rarely in the operator's folder)."""
+    if not args.config_given:
+        return message
+    return message.replace("`kembali db upgrade`", f"`kembali --config {shlex.quote(str(args.config))} db upgrade`")
 
 
 def _naming_the_variable(message: str, args: argparse.Namespace) -> str:
@@ -496,9 +507,23 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
                   f"session holds on {db.describe(engine)} (a long report, a worker stuck in a transaction): nothing "
                   "was changed; try again, or stop the workers first", file=sys.stderr)  # fmt: skip
             return EXIT_UNAVAILABLE
+        if path is not None and args.action == "upgrade" and _sqlite_busy(exc):  # the file opened: it was read
+            print(f"kembali: the migration waited {db.SQLITE_BUSY_TIMEOUT_MS / 1000:g} s for the write lock another "
+                  f"program holds on {path} (a kembali run or import, another `db upgrade`): nothing was changed; "
+                  "try again, or stop the workers first", file=sys.stderr)  # fmt: skip
+            return EXIT_UNAVAILABLE
         return _cannot_open(engine, path, exc)
     finally:
         engine.dispose()
+
+
+def _sqlite_busy(exc: Any) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked": another connection held the write lock past the busy
+    timeout."""
+    import sqlite3
+
+    return isinstance(exc.orig, sqlite3.OperationalError) and (
+        getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED))
 
 
 def _cannot_open(engine: Any, path: Path | None, exc: Any) -> int:

@@ -57,6 +57,7 @@ import errno
 import functools
 import logging
 import os
+import shlex
 import shutil
 import signal
 import tempfile
@@ -518,7 +519,8 @@ class Daemon:
             return False
         log.event("schema_changed", logging.ERROR, database=db.describe(engine), schema=current or "(none)",
                   newest_known=self._schema, what_to_do="install the newer kembali on this host" if newer
-                  else f"run `kembali db upgrade`, or restore the database at schema {self._schema}",
+                  else f"run `kembali --config {shlex.quote(str(self.config_path))} db upgrade`, or restore the "
+                  f"database at schema {self._schema}",
                   note="the daemon stops, as on SIGTERM (exit 3)")  # fmt: skip
         self._exit_code = EXIT_UNAVAILABLE
         self._halt.set()
