@@ -126,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
                        "no writes, and list the messages that would go out and the ones that would be skipped. "
                        "Exit code 1 when messages would fail to render (named with template file and line) or "
                        "`run --once` would refuse the templates (a file missing or that cannot be parsed), 2 for "
-                       "an unknown --campaign or --customer, a file --out cannot write (or --serve's port in use), 3 "
+                       "an unknown --campaign or --customer, a file --out cannot write (or --serve's port in use), an "
+                       "option of the other mode (--port without --serve; --serve with --at, --campaign, --customer, "
+                       "--limit, --json or --out), 3 "
                        "when the database cannot be used.")
     p.add_argument("--at", type=_datetime_arg, default=None,
                    help="the moment to plan for, ISO 8601 with offset (default: now), e.g. 2027-02-28T10:00+07:00")
@@ -562,6 +564,20 @@ def _cmd_suppress(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_preview(settings: Settings, args: argparse.Namespace) -> int:
+    # each mode's options refused in the other, not ignored (`--serve --campaign winback` served every campaign,
+    # `--port 0` without --serve ran the dry run)
+    dry_run_only = {"--at": args.at, "--campaign": args.campaign, "--customer": args.customer,
+                    "--limit": args.limit, "--json": args.json, "--out": args.out}  # fmt: skip
+    given = [name for name, value in dry_run_only.items() if value not in (None, False)]
+    if args.serve and given:
+        print(f"kembali preview: {' and '.join(given)} {'is' if len(given) == 1 else 'are'} for the dry run, not "
+              "--serve (its page shows every campaign x language x sample customer): leave one or the other out",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    if args.port is not None and not args.serve:
+        print("kembali preview: --port is the live page's port: add --serve for the page, or leave --port out for "
+              "the dry run", file=sys.stderr)
+        return EXIT_USAGE
     if args.serve:
         from worker.commands.serving import serve
 
