@@ -230,3 +230,34 @@ def test_import_of_a_csv_with_a_field_past_the_field_limit_names_it_and_imports_
     file.write_text(f'email,note\nbad address,x\na@example.com,"{"z" * 200_000}"\nworse@,y\n', encoding="utf-8")
     assert run(config, "import", str(file)) == 1
     assert [line.split(": ")[1] for line in capsys.readouterr().err.splitlines()] == ["line 2", "line 3", "line 4"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["# hard bounces, exported 2026-12-01\nemail,reason\nsiti@example.com,bounce\nagus@example.com,bounce\n",
+     "\nemail\nsiti@example.com\nagus@example.com\n",
+     "# one column\n\nEmail\nsiti@example.com\nagus@example.com\n"],
+    ids=["comment", "blank line", "comment, blank line, one column"],
+)
+def test_a_csv_after_comment_or_blank_lines_is_read_from_its_header(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    # the header was looked for on line 1 (a comment, or blank): "line 1: a CSV needs an 'email' column", nothing
+    # suppressed, and "1 rejected" said of a file whose every address was good
+    file = tmp_path / "bounces.csv"
+    file.write_text(text, encoding="utf-8")
+    assert run(config, "import", str(file), "--reason", "hard_bounce") == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert "imported 2 address(es): 2 newly suppressed" in captured.out
+
+
+def test_a_csv_after_a_comment_names_its_bad_lines_by_their_line_in_the_file(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "bounces.csv"
+    file.write_text("# exported\n\nemail,reason\nsiti@example.com,x\nbad address,y\n", encoding="utf-8")
+    assert run(config, "import", str(file)) == 1
+    captured = capsys.readouterr()
+    assert f"{file}: line 5: invalid email address 'bad address'" in captured.err
+    assert "imported 1 address(es): 1 newly suppressed, 0 already suppressed, 1 rejected" in captured.out

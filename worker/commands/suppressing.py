@@ -80,7 +80,7 @@ class Refused(ValueError):
 
 def read_addresses(text: str) -> tuple[list[str], list[str]]:
     """Addresses from a file: one a line (``#`` comments and blank lines skipped), or a CSV with an
-    ``email`` column. Returns (normalised addresses, "line N: why" for each rejected one); ``Refused`` for a CSV
+    ``email`` column (its header the first line that is neither). Returns (normalised addresses, "line N: why" for each rejected one); ``Refused`` for a CSV
     whose header has an ``email`` column separated by another separator than ',' (as ``kembali import`` refuses
     it: every line would be rejected as an address), or whose first line, without a header, is columns so
     separated, one of them an address."""
@@ -95,15 +95,18 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
     good: list[str] = []
     bad: list[str] = []
     if "," in first or first.strip().lower() == "email":
-        reader = csv.reader(io.StringIO(text, newline=""))
+        # read from the header: the comment and blank lines before it are no CSV (it looked for the header on line 1)
+        before = number - 1
+        offset = next((m.end() for i, m in enumerate(_LINE_BREAK.finditer(text), 1) if i == before), 0)
+        reader = csv.reader(io.StringIO(text[offset:], newline=""))
         fields: list[str] | None = None
         values: list[tuple[int, str | csv.Error]] = []
         while True:  # a row quoted across lines is named by its first line, as imports name theirs
-            start = reader.line_num + 1  # line_num is the last line read
+            start = before + reader.line_num + 1  # line_num is the last line read (of those from the header on)
             try:
                 row = next(reader, None)
             except csv.Error as exc:  # a field past the CSV field limit: the reader goes on after its line
-                why, _ = unreadable(exc, "\n".join(lines[start - 1 : reader.line_num]), fields or [])
+                why, _ = unreadable(exc, "\n".join(lines[start - 1 : before + reader.line_num]), fields or [])
                 if fields is None:
                     return [], [f"line {start}: {why}"]
                 values.append((start, csv.Error(why)))
@@ -111,7 +114,7 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
             if fields is None:  # the header
                 fields = [f.strip().lower() for f in row or []]
                 if "email" not in fields:
-                    return [], ["line 1: a CSV needs an 'email' column"]
+                    return [], [f"line {number}: a CSV needs an 'email' column"]
                 column = fields.index("email")
                 continue
             if row is None:
