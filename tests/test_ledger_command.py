@@ -551,3 +551,12 @@ def test_a_page_after_the_last_row_says_there_are_none_after_it_not_none_at_all(
     # Then the list says none are left after it, not that the ledger has none needing a decision
     said = capsys.readouterr().out.strip()
     assert said == f"no messages with status uncertain, failed after message {every[-1]}", said
+
+
+def test_list_all_with_a_status_lists_that_status(world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    # --all overrode --status: `list --all --status sent` listed the uncertain and failed rows too
+    assert kembali(config := world[1], "list", "--all", "--status", "sent", "--json") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(row["email"], row["status"]) for row in rows] == [(OK, "sent")]
+    assert kembali(config, "list", "--all", "--json") == 0  # --all alone: every status
+    assert len(capsys.readouterr().out.splitlines()) == 3

@@ -119,7 +119,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "next_attempt_at (these stay; new ones may be added).",
     )  # fmt: skip
     _add_filters(ls, [s.value for s in MessageStatus], "uncertain and failed")
-    ls.add_argument("--all", action="store_true", help="every status")
+    ls.add_argument("--all", action="store_true", help="every status (with --status: the ones it names)")
     ls.add_argument("--limit", type=row_limit, default=50,
                     help="at most N rows, newest first (default 50)")
     ls.add_argument("--after", type=page_after, metavar="ID",
@@ -204,7 +204,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
     after, after_changed = args.after or (None, None)
     selection = dataclasses.replace(_selection(args, DECIDABLE), after=after, after_changed=after_changed)
-    if args.all:
+    if args.all and not args.status:  # every status, unless --status names some (it was ignored)
         selection = dataclasses.replace(selection, statuses=())
     if after is not None and not admin.has_message(after):  # else it lists nothing, as if none were left
         print(f"kembali ledger list: --after {after}: no message {after} in the ledger (give an ID a list "
