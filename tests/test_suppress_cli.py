@@ -261,3 +261,15 @@ def test_a_csv_after_a_comment_names_its_bad_lines_by_their_line_in_the_file(
     captured = capsys.readouterr()
     assert f"{file}: line 5: invalid email address 'bad address'" in captured.err
     assert "imported 1 address(es): 1 newly suppressed, 0 already suppressed, 1 rejected" in captured.out
+
+
+def test_remove_with_a_reason_is_refused_and_removes_nothing(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --reason was accepted and ignored: `remove budi@… --reason hard_bounce` removed an unsubscribe too
+    assert run(config, "add", "budi@example.com", "--reason", "unsubscribed") == 0
+    capsys.readouterr()
+    assert run(config, "remove", "budi@example.com", "--reason", "hard_bounce") == 2
+    assert "kembali suppress remove: --reason is for add, import and list" in capsys.readouterr().err
+    assert run(config, "list", "budi@example.com") == 0
+    assert "budi@example.com,unsubscribed,cli," in capsys.readouterr().out

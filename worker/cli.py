@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("suppress", help="manage the suppression list (addresses that never get email)",
                        description="Addresses on the suppression list are never sent to (checked right before "
                        "every send). Unsubscribe links add to it with reason 'unsubscribed'. Exit code 1 when `import` "
-                       "rejected lines (named on stderr; the rest is imported), 2 for a missing or invalid address "
+                       "rejected lines (named on stderr; the rest is imported), 2 for a missing or invalid address, a "
+                       "--reason given to remove, "
                        "or an `import` file that is missing, not UTF-8 text or a CSV separated by ';' or a tab "
                        "(nothing imported), 3 when the database cannot be used.")
     p.add_argument("action", choices=["add", "remove", "list", "import"])

@@ -22,6 +22,10 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
     try:
         db.check_schema(store.engine)
         action = args.action
+        if action == "remove" and args.reason is not None:  # else ignored: it removed the address whatever its reason
+            print("kembali suppress remove: --reason is for add, import and list; remove takes the address alone",
+                  file=sys.stderr)
+            return EXIT_USAGE
         if action == "list" and not args.target:
             return _list(store, args.reason)
         if not args.target:
