@@ -84,10 +84,10 @@ class Refused(ValueError):
 
 def read_addresses(text: str) -> tuple[list[str], list[str]]:
     """Addresses from a file: one a line (``#`` comments and blank lines skipped), or a CSV with an
-    ``email`` column (its header the first line that is neither). Returns (normalised addresses, "line N: why" for each rejected one); ``Refused`` for a CSV
-    whose header has an ``email`` column separated by another separator than ',' (as ``kembali import`` refuses
-    it: every line would be rejected as an address), or whose first line, without a header, is columns so
-    separated, one of them an address."""
+    ``email`` column (its header the first line that is neither). Returns (normalised addresses, "line N: why" for
+    each rejected one); ``Refused`` for a CSV whose header has an ``email`` column separated by another separator
+    than ',' (as ``kembali import`` refuses it: every line would be rejected as an address), or whose first line,
+    without a header, is columns so separated, one of them an address."""
     lines = _LINE_BREAK.split(text)  # not splitlines(): NEL, U+2028, a form feed… in a comment are no line break
     number, first = next(((i, line) for i, line in enumerate(lines, 1)
                           if line.strip() and not line.lstrip().startswith("#")), (0, ""))  # fmt: skip
