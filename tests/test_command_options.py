@@ -38,3 +38,15 @@ def test_preview_refuses_an_option_the_chosen_mode_would_ignore(
     assert code == 2 and "Traceback" not in out, out
     assert f"kembali preview: {refused} " in out
     assert "live preview on" not in out
+
+
+def test_insights_says_where_its_chart_went_when_there_is_nothing_to_recommend(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # with no second purchases it returned before saying so, though the (empty) chart was written all the same
+    plot = tmp_path / "gaps.png"
+    code, out = kembali(capsys, "--config", str(config), "insights", "--plot", str(plot))
+    assert code == 0, out
+    assert "no second purchases yet: nothing to recommend" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"chart written to {plot}" in out

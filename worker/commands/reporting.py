@@ -134,6 +134,8 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
     print(f"{found.customers} customers have bought; {n} of them bought a second time.")
     if not n:
         print("no second purchases yet: nothing to recommend")
+        if args.plot:  # an empty chart, written all the same: said as the full report says it
+            print(f"chart written to {args.plot}")
         return EXIT_OK
     print("\ndays from the first to the second purchase:")
     most = max(c for _, _, c in found.histogram)
