@@ -188,13 +188,14 @@ def test_stats_stopped_while_its_query_waits_says_so(tmp_path: Path, pg_url: str
     try:
         with engine.connect() as locker:
             locker.execute(sa.text("LOCK TABLE message IN ACCESS EXCLUSIVE MODE"))
+            holder = locker.execute(sa.text("select pg_backend_pid()")).scalar_one()
             child = _start(["--config", str(site.config), "stats", "--now", NOW.isoformat()], site.folder)
 
-            def waiting() -> bool:
+            def waiting() -> bool:  # a query blocked by this lock: not another test's, run beside this one
                 with engine.connect() as probe:
                     return bool(probe.execute(sa.text(
-                        "select count(*) from pg_stat_activity where wait_event_type = 'Lock' "
-                        "and pid <> pg_backend_pid() and query ilike '%from message%'")).scalar())  # fmt: skip
+                        "select count(*) from pg_stat_activity where :holder = any(pg_blocking_pids(pid)) "
+                        "and query ilike '%from message%'"), {"holder": holder}).scalar())  # fmt: skip
 
             # When stats waits for the lock and the signal comes
             _wait_for(waiting, child, "its query")
