@@ -501,6 +501,27 @@ def test_output_piped_into_head_stops_quietly(tmp_path: Path, argv: list[str]) -
     assert first and "Traceback" not in errors and "BrokenPipeError" not in errors, errors
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("argv", [["stats"], ["suppress", "list"]], ids=" ".join)
+def test_output_to_a_full_disk_is_said_in_one_line_with_exit_1(tmp_path: Path, argv: list[str]) -> None:
+    # Given a shop whose report fills more than Python's output buffer
+    config = write_config(tmp_path)
+    _shop_in(tmp_path, config, customers=600)
+    addresses = tmp_path / "bounces.txt"
+    addresses.write_text("".join(f"bounced-{i}@example.com\n" for i in range(4000)), encoding="utf-8")
+    assert kembali("suppress", "import", str(addresses), config=config).returncode == 0
+    # When its output goes to a disk that is full (`kembali suppress list > backup.csv`)
+    env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "worker", "--config", str(config), *argv], cwd=ROOT, env=env,
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, check=False)  # fmt: skip
+    # Then it says why the output is missing, in one line, and exits 1 (the operator must look), not with a traceback
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        "kembali: could not write: no space left on device (what it printed, or a file it wrote, is cut short)"
+    ], done.stderr
+
+
 def test_a_run_whose_sends_became_uncertain_exits_1_and_says_what_to_do(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

@@ -1,7 +1,7 @@
 """The `kembali` command: parse, call, print, exit code. The work happens elsewhere.
 
 Exit codes: 0 done; 1 done, but something needs the operator (rejected rows,
-render errors); 2 bad usage or configuration (nothing was done); 3 the
+render errors, output cut short by a full disk); 2 bad usage or configuration (nothing was done); 3 the
 database or SMTP server could not be used; 141 the output's reader went away
 (``| head``); 130/143 stopped by SIGINT/SIGTERM (``run --once``, ``import`` and ``demo`` first finish what
 is under way; the daemon and ``preview --serve`` exit 0).
@@ -10,6 +10,7 @@ is under way; the daemon and ``preview --serve`` exit 0).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shlex
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         "data, renders them from templates/email/, sends them over SMTP with rate limits, and records "
         "every message and attempt in a ledger so nothing is sent twice or lost.",
         epilog="Run `kembali COMMAND --help` for each command. Start with `kembali demo`. Exit codes: 0 done; 1 done, "
-        "but something needs you (rejected rows, failed or uncertain messages, template problems); 2 bad usage or "
+        "but something needs you (rejected rows, failed or uncertain messages, template problems, output cut short by "
+        "a full disk); 2 bad usage or "
         "configuration, nothing done; 3 the database or the SMTP server cannot be used; 130/143 stopped by "
         "SIGINT/SIGTERM (Ctrl-C, `timeout`; the daemon and `preview --serve` exit 0); 141 the output's reader "
         "went away (`| head`).",
@@ -325,8 +327,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _stdout_reader_gone():  # another pipe or socket broke: not the operator's `| head`
             raise
         # what kembali printed had no reader left (`kembali preview | head`): stop quietly, as cat or grep do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the unwritten rest, flushed at exit
+        _discard_stdout()
         return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS:
+            raise
+        # `kembali suppress list > backup.csv` on a full disk: the output is cut short, which the operator must know
+        # (a write error names no file: the output, or a file the command writes, such as preview's --out)
+        why = os.strerror(exc.errno)
+        print(f"kembali: could not write: {why[:1].lower() + why[1:]} (what it printed, or a file it wrote, is cut "
+              "short)", file=sys.stderr)  # fmt: skip
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()  # what it holds, if it can
+        _discard_stdout()
+        return EXIT_ATTENTION
+
+
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+"""Why a write can fail where it goes: a full disk or quota, a file too big, a device's error."""
+
+
+def _discard_stdout() -> None:
+    """Standard output to /dev/null from here on: the unwritten rest, flushed at exit, goes nowhere (not to a
+    traceback of its own)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _stdout_reader_gone() -> bool:
