@@ -253,6 +253,22 @@ def test_replies_and_errors_with_terminal_escapes_are_listed_escaped(
             assert (rows[GONE]["last_reply"], rows[DROP]["last_error"]) == (HOSTILE_REPLY, HOSTILE_ERROR)
 
 
+def test_a_failed_message_closed_as_sent_counts_as_sent_when_it_was_tried(
+    world_on_either: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a message that failed (the server refused it), which the operator then finds in the customer's mailbox
+    shop, config = world_on_either
+    failed = shop.row(GONE)
+    assert failed.status == "failed" and failed.sent_at is None
+    tried = shop.attempts(GONE)[-1].started_at
+    # When they close it as sent, two days later
+    shop.clock.advance(2 * 86400)
+    assert kembali(config, "close", str(failed.id), "--as", "sent") == 0
+    capsys.readouterr()
+    # Then it counts as sent when it was tried (for the frequency cap and the stats), not when it was closed
+    assert shop.row(GONE).sent_at == tried
+
+
 def test_a_decision_made_again_is_a_no_op_that_says_so(
     world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -214,10 +214,12 @@ class LedgerAdmin:
         if status not in (MessageStatus.SENT, MessageStatus.FAILED):
             raise ValueError("an operator closes a message as sent or failed")
         text = f"{CLOSED}{status.value}" + (f": {note}" if note else "")
-        # sent: when it may have left (an uncertain send's time), else now; failed: it did not arrive, the
-        # frequency cap stops counting it
+        # sent: when it may have left (an uncertain send's time, else a failed one's last try: closed days later,
+        # the cap and the stats would count it then), else now; failed: it did not arrive, the cap stops counting it
         values: dict[str, Any] = {"status": status.value}
-        values["sent_at"] = sa.func.coalesce(M.c.sent_at, now) if status is MessageStatus.SENT else None
+        tried = (sa.select(sa.func.max(A.c.started_at))
+                 .where(A.c.message_id == M.c.id, A.c.outcome != Outcome.OPERATOR.value).scalar_subquery())  # fmt: skip
+        values["sent_at"] = sa.func.coalesce(M.c.sent_at, tried, now) if status is MessageStatus.SENT else None
 
         def closed(row: Any) -> str | None:  # a failed row closed as failed again takes the new note
             return row.status if row.status == status.value else None
