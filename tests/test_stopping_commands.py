@@ -345,6 +345,30 @@ def test_a_short_command_stops_even_when_its_work_drops_the_first_cancel(sig: si
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+@pytest.mark.parametrize(("first", "second"), [STOPS, STOPS[::-1]], ids=lambda s: s.name)
+def test_a_short_command_stopped_by_one_signal_and_then_the_other_while_its_work_ends_says_it_stopped(
+    first: signal.Signals, second: signal.Signals
+) -> None:
+    # Given a command's work that, cancelled by a stop signal, takes a moment to end (it drops the cancel, as
+    # Python 3.11's asyncio.wait_for may), and meanwhile the other stop signal comes (Ctrl-C pressed after a
+    # `timeout`'s SIGTERM, or the other way round)
+    async def work() -> str:
+        asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), first)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            os.kill(os.getpid(), second)
+        await asyncio.sleep(30)
+        return "sent"
+
+    # When it stops: then it says it was stopped by a signal (KeyboardInterrupt, or Terminated, its kind), not a
+    # CancelledError that escaped as a traceback
+    with pytest.raises(KeyboardInterrupt):
+        stopping.run_terminable(work())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def _cpu_seconds(pid: int) -> float:
     """The processor time ``pid`` has used so far (Linux): user and system."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
