@@ -252,10 +252,10 @@ def run_terminable(main: Coroutine[Any, Any, T]) -> T:
         except asyncio.CancelledError:
             while not work.done():  # cancelled again until it ends: a cancel it dropped (above) is no stop
                 work.cancel()
-                try:
+                # (the other stop signal meanwhile, SIGTERM after Ctrl-C or the reverse, is the same stop: let out
+                # of this loop, it left the work running and asyncio.run raising CancelledError)
+                with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({work}, timeout=RECANCEL_SECONDS)
-                except asyncio.CancelledError:  # the other stop signal meanwhile (SIGTERM after Ctrl-C, or the
-                    pass  # reverse): the same stop; left here, the work ran on and asyncio.run raised CancelledError
             if not work.cancelled():
                 work.exception()  # (retrieved: what it ended with is the stop's to tell now, not a log's)
             if not stopped:
