@@ -155,11 +155,12 @@ class Daemon:
     _reader: threading.Thread | None = None
 
     @classmethod
-    def start(cls, s: Shop, env: dict[str, str] | None = None) -> Daemon:
+    def start(cls, s: Shop, env: dict[str, str] | None = None, cwd: Path = REPO) -> Daemon:
+        """``cwd``: the folder whose ``worker`` package runs (``python -m worker``): the repository's, or a copy."""
         environ = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY, **(env or {})}
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "--config", str(s.config), "run"],
-            cwd=REPO, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=cwd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         daemon = cls(proc)
         daemon._reader = threading.Thread(target=daemon._read, daemon=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -311,6 +312,55 @@ def test_a_running_daemon_stops_when_another_host_upgrades_the_database_past_it(
     assert (changed["schema"], changed["newest_known"]) == (AHEAD, head), changed
     assert "install the newer kembali on this host" in changed["what_to_do"], changed
     assert daemon.named("daemon_stopped")[-1]["exit_code"] == 3, daemon.log()
+
+
+NEWER_MIGRATION = '''"""a revision a newer kembali brings"""
+
+revision = "0019"
+down_revision = "{head}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+def test_a_daemon_running_when_its_host_installs_a_newer_kembali_and_upgrades_does_not_advise_a_restore(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon up, run from its installed package (a copy of it, to be replaced by a newer one)
+    shop_ = make_shop(tmp_path / "shop", smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    installed = tmp_path / "site-packages"
+    shutil.copytree(ROOT / "worker", installed / "worker", ignore=shutil.ignore_patterns("__pycache__"))
+    daemon = Daemon.start(shop_, cwd=installed)
+    try:
+        daemon.wait_event("daemon_started")
+        head = db.head_revision(db.create_engine(shop_.db_url))
+        # When a newer kembali, one revision ahead, is installed on this host over it (pip install -U) and its
+        # `db upgrade` migrates the database, the daemon not stopped first
+        (installed / "worker" / "migrations" / "versions" / "0019_newer.py").write_text(
+            NEWER_MIGRATION.format(head=head), encoding="utf-8")
+        upgrade = subprocess.run([sys.executable, "-m", "worker", "--config", str(shop_.config), "db", "upgrade"],
+                                 cwd=installed, capture_output=True, text=True, check=False)  # fmt: skip
+        assert upgrade.returncode == 0 and f"{head} -> 0019" in upgrade.stdout, upgrade
+        # Then the daemon stops (exit 3) saying the database is newer than it: a newer kembali to run, not "run `db
+        # upgrade`, or restore the database at schema 0018", which would throw away what was written since (it read
+        # the migrations installed now, not those it runs with, and found 0019 among them)
+        changed = daemon.wait_event("schema_changed", timeout=60)
+        code = daemon.wait(60)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.stop()
+    assert code == 3, daemon.log()
+    assert (changed["schema"], changed["newest_known"]) == ("0019", head), changed
+    assert "install the newer kembali on this host" in changed["what_to_do"], changed
+    assert "restore" not in changed["what_to_do"], changed
 
 
 def test_a_kembali_newer_than_the_database_does_not_migrate_it_but_gives_the_exact_command_that_does(

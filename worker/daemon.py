@@ -234,6 +234,8 @@ class Daemon:
         """``READY=1`` has been sent: the start-up (and its catch-up planning) is done."""
         self._schema = db.head_revision(self.store.engine)
         """The schema this code needs (``Deps.build`` checked it): maintenance stops the daemon when it changes."""
+        self._known = db.known_revisions(self.store.engine)
+        """The revisions this code has, read now: a newer Kembali installed over it later does not add its own."""
         self._exit_code = EXIT_OK
         """The exit code of a stop the daemon chose (a schema changed under it), unless the shutdown's is worse."""
 
@@ -512,11 +514,11 @@ class Daemon:
         engine = self.store.engine
         try:
             current = await self.astore.call(db.current_revision, engine)
-            if current == self._schema:
-                return False
-            newer = await self.astore.call(db.is_newer_than_this, engine, current)
         except Exception:
             return False
+        if current == self._schema:
+            return False
+        newer = current is not None and current not in self._known
         log.event("schema_changed", logging.ERROR, database=db.describe(engine), schema=current or "(none)",
                   newest_known=self._schema, what_to_do="install the newer kembali on this host" if newer
                   else f"run `kembali --config {shlex.quote(str(self.config_path))} db upgrade`, or restore the "

@@ -444,6 +444,14 @@ def is_newer_than_this(engine: Engine, revision: str | None) -> bool:
         return True
 
 
+def known_revisions(engine: Engine) -> frozenset[str]:
+    """Every revision this code has, as its migrations are installed now: what a long-running process reads once,
+    at its start, to tell a newer schema by later (``is_newer_than_this`` reads them anew: installed over the
+    running code, a newer Kembali's would count as this one's)."""
+    scripts = ScriptDirectory.from_config(_alembic_config(engine))
+    return frozenset(script.revision for script in scripts.walk_revisions())
+
+
 def newer_schema(engine: Engine, current: str, head: str) -> SchemaError:
     """The error for a database whose schema is newer than this code's: ``kembali db upgrade`` cannot help (it was
     a traceback), and running on it could write rows the newer code does not expect."""
