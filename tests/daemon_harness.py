@@ -155,11 +155,12 @@ class Daemon:
     _reader: threading.Thread | None = None
 
     @classmethod
-    def start(cls, s: Shop, env: dict[str, str] | None = None, cwd: Path = REPO) -> Daemon:
-        """``cwd``: the folder whose ``worker`` package runs (``python -m worker``): the repository's, or a copy."""
+    def start(cls, s: Shop, env: dict[str, str] | None = None, cwd: Path = REPO, config: str | None = None) -> Daemon:
+        """``cwd``: the folder whose ``worker`` package runs (``python -m worker``): the repository's, or a copy.
+        ``config``: the ``--config`` as given (relative to ``cwd``), the shop's by its full path unless given."""
         environ = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY, **(env or {})}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--config", str(s.config), "run"],
+            [sys.executable, "-m", "worker", "--config", config or str(s.config), "run"],
             cwd=cwd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         daemon = cls(proc)

@@ -314,6 +314,31 @@ def test_a_running_daemon_stops_when_another_host_upgrades_the_database_past_it(
     assert daemon.named("daemon_stopped")[-1]["exit_code"] == 3, daemon.log()
 
 
+def test_a_daemon_whose_database_is_put_back_to_an_older_schema_names_its_config_by_its_full_path(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon up, started in its folder with a relative --config (as `kembali --config config.toml run`)
+    shop_ = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    daemon = Daemon.start(shop_, cwd=tmp_path, config="config.toml")
+    try:
+        daemon.wait_event("daemon_started")
+        # When its database is put back to the previous schema (restored from an older copy)
+        engine = db.create_engine(shop_.db_url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '0017'"))
+        engine.dispose()
+        # Then it stops saying which command migrates it: with the config by its full path, which the operator can
+        # run from any folder (`--config config.toml` works only where the daemon was started)
+        changed = daemon.wait_event("schema_changed", timeout=60)
+        code = daemon.wait(60)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.stop()
+    assert code == 3, daemon.log()
+    assert changed["schema"] == "0017", changed
+    assert f"run `kembali --config {shop_.config.resolve()} db upgrade`" in changed["what_to_do"], changed
+
+
 NEWER_MIGRATION = '''"""a revision a newer kembali brings"""
 
 revision = "0019"

@@ -519,10 +519,10 @@ class Daemon:
         if current == self._schema:
             return False
         newer = current is not None and current not in self._known
+        config = shlex.quote(str(self.config_path.resolve()))  # (the operator runs it from another folder)
         log.event("schema_changed", logging.ERROR, database=db.describe(engine), schema=current or "(none)",
                   newest_known=self._schema, what_to_do="install the newer kembali on this host" if newer
-                  else f"run `kembali --config {shlex.quote(str(self.config_path))} db upgrade`, or restore the "
-                  f"database at schema {self._schema}",
+                  else f"run `kembali --config {config} db upgrade`, or restore the database at schema {self._schema}",
                   note="the daemon stops, as on SIGTERM (exit 3)")  # fmt: skip
         self._exit_code = EXIT_UNAVAILABLE
         self._halt.set()
