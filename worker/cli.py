@@ -534,7 +534,7 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
                   f"session holds on {db.describe(engine)} (a long report, a worker stuck in a transaction): nothing "
                   "was changed; try again, or stop the workers first", file=sys.stderr)  # fmt: skip
             return EXIT_UNAVAILABLE
-        if path is not None and args.action == "upgrade" and _sqlite_busy(exc):  # the file opened: it was read
+        if path is not None and args.action == "upgrade" and db.sqlite_busy(exc):  # the file opened: it was read
             print(f"kembali: the migration waited {db.SQLITE_BUSY_TIMEOUT_MS / 1000:g} s for the write lock another "
                   f"program holds on {path} (a kembali run or import, another `db upgrade`): nothing was changed; "
                   "try again, or stop the workers first", file=sys.stderr)  # fmt: skip
@@ -542,15 +542,6 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
         return _cannot_open(engine, path, exc)
     finally:
         engine.dispose()
-
-
-def _sqlite_busy(exc: Any) -> bool:
-    """Whether ``exc`` is SQLite's "database is locked": another connection held the write lock past the busy
-    timeout."""
-    import sqlite3
-
-    return isinstance(exc.orig, sqlite3.OperationalError) and (
-        getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED))
 
 
 def _cannot_open(engine: Any, path: Path | None, exc: Any) -> int:

@@ -603,6 +603,14 @@ class WriteFailure:
     """What to do before trying again: ``Free space on the disk that holds /srv/kembali/kembali.db.``"""
 
 
+def sqlite_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked": another connection held the write lock past the busy
+    timeout."""
+    orig = getattr(exc, "orig", None)
+    return isinstance(orig, sqlite3.Error) and (
+        getattr(orig, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED))
+
+
 def write_failure(exc: BaseException, engine: Engine, database: DatabaseSettings) -> WriteFailure | None:
     """``exc``, a write the database failed, when its cause can be known: a full disk, a database that takes no
     writes, another writer's lock waited out, a connection lost or ended by the server; else None. ``database``:
@@ -621,7 +629,7 @@ def write_failure(exc: BaseException, engine: Engine, database: DatabaseSettings
             return WriteFailure(f"the database cannot be written ({said})",
                                 f"Let the user running kembali write {path} and its folder (SQLite writes its -wal "
                                 "and -shm files beside it), on a disk not mounted read-only.")  # fmt: skip
-        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        if sqlite_busy(exc):
             return WriteFailure(f"another program held the database's write lock longer than the "
                                 f"{SQLITE_BUSY_TIMEOUT_MS / 1000:g} s SQLite waits for it ({said})",
                                 "Wait for the other writer to finish (a `kembali run`, another import, a program "
