@@ -341,7 +341,7 @@ def test_a_daemon_whose_database_is_put_back_to_an_older_schema_names_its_config
 
 NEWER_MIGRATION = '''"""a revision a newer kembali brings"""
 
-revision = "0019"
+revision = "9999"
 down_revision = "{head}"
 branch_labels = None
 depends_on = None
@@ -369,21 +369,21 @@ def test_a_daemon_running_when_its_host_installs_a_newer_kembali_and_upgrades_do
         head = db.head_revision(db.create_engine(shop_.db_url))
         # When a newer kembali, one revision ahead, is installed on this host over it (pip install -U) and its
         # `db upgrade` migrates the database, the daemon not stopped first
-        (installed / "worker" / "migrations" / "versions" / "0019_newer.py").write_text(
+        (installed / "worker" / "migrations" / "versions" / "9999_newer.py").write_text(
             NEWER_MIGRATION.format(head=head), encoding="utf-8")
         upgrade = subprocess.run([sys.executable, "-m", "worker", "--config", str(shop_.config), "db", "upgrade"],
                                  cwd=installed, capture_output=True, text=True, check=False)  # fmt: skip
-        assert upgrade.returncode == 0 and f"{head} -> 0019" in upgrade.stdout, upgrade
+        assert upgrade.returncode == 0 and f"{head} -> 9999" in upgrade.stdout, upgrade
         # Then the daemon stops (exit 3) saying the database is newer than it: a newer kembali to run, not "run `db
         # upgrade`, or restore the database at schema 0018", which would throw away what was written since (it read
-        # the migrations installed now, not those it runs with, and found 0019 among them)
+        # the migrations installed now, not those it runs with, and found the newer one among them)
         changed = daemon.wait_event("schema_changed", timeout=60)
         code = daemon.wait(60)
     finally:
         if daemon.proc.poll() is None:
             daemon.stop()
     assert code == 3, daemon.log()
-    assert (changed["schema"], changed["newest_known"]) == ("0019", head), changed
+    assert (changed["schema"], changed["newest_known"]) == ("9999", head), changed
     assert "install the newer kembali on this host" in changed["what_to_do"], changed
     assert "restore" not in changed["what_to_do"], changed
 
