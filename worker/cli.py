@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                        "setup) or not one attempt got through to the SMTP server. The daemon exits 0 when stopped, "
                        "1 when forced by a second signal, when outcomes could not be written, or when the grace "
                        "period ran out and the database could not mark the sends cut short, 2 when its config "
-                       "or templates fail the start-up check, 3 when the database cannot be used at start.")
+                       "or templates fail the start-up check, 3 when the database cannot be used at start, or when its "
+                       "schema changes while it runs (another host's `db upgrade`: it stops as on SIGTERM).")
     p.add_argument("--once", action="store_true", help="run one cycle and exit")
 
     p = sub.add_parser("suppress", help="manage the suppression list (addresses that never get email)",
