@@ -211,10 +211,10 @@ class LedgerWriter:
         try:
             return await future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                # cancelled as its mark came, before it ran again to hear it: the writer, seeing the mark taken,
-                # left the row to it; nobody will send it or give it back (it would stay so until its lease lapsed,
-                # a `sending` row then `uncertain`)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # cancelled as its mark came, before it ran again to hear it: the writer, seeing the mark taken, left
+                # the row to it; nobody will send it or give it back (it would stay so until its lease lapsed, a
+                # `sending` row then `uncertain`). A writer's failure instead: nothing was marked, nothing to give back
                 self._given_back(message, future.result())
             raise
 
