@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from tests.clikit import waiting_for_a_lock
 from tests.shop_fixtures import LINK_SECRET, load_shop, make_site
-from worker import stopping
+from worker import launch, stopping
 from worker.adapters import db
 from worker.demo import generate_shop
 
@@ -367,6 +367,27 @@ def test_a_short_command_stopped_by_one_signal_and_then_the_other_while_its_work
         stopping.run_terminable(work())
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_sigterm_as_a_command_ends_is_not_told_as_one_that_came_before_it_began() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        # Given the entry point noting SIGTERMs, and a command that set its own handler (and took none noted)
+        launch.note_sigterm()
+        with stopping.sigterm_raises():
+            pass  # the command's work, done
+        # When a SIGTERM comes as it exits, its handler given back (`timeout` running out just then)
+        signal.raise_signal(signal.SIGTERM)
+        # Then the entry point does not tell it as a stop before the command began (a second "stopped by SIGTERM"
+        # after the command's own, or 143 after its work was done): the command had its say
+        assert not launch.unanswered()
+        # while one before any command's handler (`--help`, a usage error) is told
+        launch.note_sigterm()
+        signal.raise_signal(signal.SIGTERM)
+        assert launch.unanswered()
+    finally:
+        launch.early_sigterm()  # forgotten: the next command's handler in this process must not take it
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -17,10 +17,10 @@ def main() -> int:
     try:
         code = command()
     except SystemExit:  # --help, --version, a usage error
-        if not launch.noted():
+        if not launch.unanswered():
             raise
         code = 0
-    if launch.early_sigterm():  # no handler took it: it came before anything began that could stop gracefully
+    if launch.unanswered():  # no handler took it: it came before anything began that could stop gracefully
         print("kembali: stopped by SIGTERM", file=sys.stderr)
         return 128 + signal.SIGTERM.value
     return code

@@ -17,6 +17,8 @@ import signal
 from types import FrameType
 
 _noted = False
+_answered = False
+"""A command's own handler has taken over (``early_sigterm`` was called as it was set)."""
 
 
 def _note(_signum: int, _frame: FrameType | None) -> None:
@@ -26,16 +28,21 @@ def _note(_signum: int, _frame: FrameType | None) -> None:
 
 def note_sigterm() -> None:
     """From now on a SIGTERM is noted (``early_sigterm``) until a handler of the command's replaces this one."""
+    global _noted, _answered
+    _noted = _answered = False
     signal.signal(signal.SIGTERM, _note)
 
 
 def early_sigterm() -> bool:
-    """Whether a SIGTERM was noted (then forgotten: it is the caller's to act on now)."""
-    global _noted
-    noted, _noted = _noted, False
+    """Whether a SIGTERM was noted (then forgotten: it is the caller's to act on now); the caller, a command's
+    handler as it is set, answers for SIGTERM from now on."""
+    global _noted, _answered
+    noted, _noted, _answered = _noted, False, True
     return noted
 
 
-def noted() -> bool:
-    """Whether a SIGTERM was noted and not taken yet."""
-    return _noted
+def unanswered() -> bool:
+    """Whether a SIGTERM was noted before any command's handler was set (``--help``, a usage error: none is), for
+    the entry point to tell. One noted after the command gave its handler back, as it ended, is no stop of a
+    command that has not begun: the command has had its say (a stop of its own, or its work done)."""
+    return _noted and not _answered
