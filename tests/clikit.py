@@ -66,3 +66,9 @@ def waiting_for_a_lock(pid: int) -> bool:
     """Whether process ``pid``'s main thread sleeps in nanosleep (Linux), as SQLite does between its tries for a
     lock another connection holds (the commands sleep nowhere else)."""
     return Path(f"/proc/{pid}/wchan").read_text() in ("hrtimer_nanosleep", "do_nanosleep")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The processor time ``pid`` has used so far (Linux): user and system."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

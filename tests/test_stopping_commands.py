@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.clikit import waiting_for_a_lock
+from tests.clikit import cpu_seconds, waiting_for_a_lock
 from tests.shop_fixtures import LINK_SECRET, load_shop, make_site
 from worker import launch, stopping
 from worker.adapters import db
@@ -390,12 +390,6 @@ def test_a_sigterm_as_a_command_ends_is_not_told_as_one_that_came_before_it_bega
         signal.signal(signal.SIGTERM, previous)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """The processor time ``pid`` has used so far (Linux): user and system."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
 def test_stats_stopped_while_an_sqlite_query_runs_stops_the_query(tmp_path: Path, sig: signal.Signals) -> None:
     # Given a ledger whose first query stats makes runs for ever: the message table behind a view that repeats its
@@ -418,7 +412,7 @@ def test_stats_stopped_while_an_sqlite_query_runs_stops_the_query(tmp_path: Path
     # When stats has spent well more than that, so it is in its query, and the signal comes
     child = _start(["--config", str(site.config), "stats", "--now", NOW.isoformat()], site.folder)
     try:
-        _wait_for(lambda: _cpu_seconds(child.pid) > 2 * baseline + 1, child, "its query")
+        _wait_for(lambda: cpu_seconds(child.pid) > 2 * baseline + 1, child, "its query")
         _stdout, stderr = _stop(child, sig)
     finally:
         if child.poll() is None:  # (its query never ends)
@@ -510,8 +504,8 @@ def test_the_render_helper_ends_with_the_process_that_started_it_even_mid_render
     assert parent.stdout is not None
     helper = int(parent.stdout.readline())
     try:
-        idle = _cpu_seconds(helper)  # started, waiting for the request: then rendering, it keeps using the processor
-        _wait_for(lambda: _cpu_seconds(helper) > idle + 1, parent, "the render")
+        idle = cpu_seconds(helper)  # started, waiting for the request: then rendering, it keeps using the processor
+        _wait_for(lambda: cpu_seconds(helper) > idle + 1, parent, "the render")
         # When that process is killed (SIGKILL: nothing of its own runs, to stop the helper)
         parent.kill()
         parent.communicate()

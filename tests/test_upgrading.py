@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from tests.clikit import run_cli
+from tests.clikit import cpu_seconds, run_cli
 from tests.daemon_harness import Daemon, make_shop
 from tests.shop import LINK_KEY, ROOT
 from tests.smtp_server import RecordingServer
@@ -131,12 +131,6 @@ def test_two_hosts_upgrading_postgresql_at_once_one_waits_for_the_other_and_neit
     assert _query(pg_url, "SELECT version_num FROM alembic_version") == [("0018",)]
 
 
-def _cpu_seconds(pid: int) -> float:
-    """The processor time ``pid`` has used so far (Linux): user and system."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_an_sqlite_migration_stopped_while_it_copies_a_table_says_so_and_leaves_the_schema_as_it_was(
     tmp_path: Path, sig: signal.Signals
@@ -177,7 +171,7 @@ def test_an_sqlite_migration_stopped_while_it_copies_a_table_says_so_and_leaves_
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         for _ in range(3000):  # (a bound on a hung test only)
-            if _cpu_seconds(child.pid) > 2 * baseline + 1 or child.poll() is not None:
+            if cpu_seconds(child.pid) > 2 * baseline + 1 or child.poll() is not None:
                 break
             time.sleep(0.02)
         os.killpg(child.pid, sig)
