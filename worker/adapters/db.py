@@ -34,7 +34,6 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
@@ -433,23 +432,18 @@ def head_revision(engine: Engine) -> str:
     return head
 
 
-def is_newer_than_this(engine: Engine, revision: str | None) -> bool:
-    """Whether ``revision`` (the database's) is one this code does not have: a newer Kembali's, run on another
-    host (or after this one was downgraded)."""
-    if revision is None:
-        return False
-    try:
-        return ScriptDirectory.from_config(_alembic_config(engine)).get_revision(revision) is None
-    except CommandError:  # alembic's "No such revision or branch"
-        return True
-
-
 def known_revisions(engine: Engine) -> frozenset[str]:
     """Every revision this code has, as its migrations are installed now: what a long-running process reads once,
     at its start, to tell a newer schema by later (``is_newer_than_this`` reads them anew: installed over the
     running code, a newer Kembali's would count as this one's)."""
     scripts = ScriptDirectory.from_config(_alembic_config(engine))
     return frozenset(script.revision for script in scripts.walk_revisions())
+
+
+def is_newer_than_this(engine: Engine, revision: str | None) -> bool:
+    """Whether ``revision`` (the database's) is one this code does not have: a newer Kembali's, run on another
+    host (or after this one was downgraded)."""
+    return revision is not None and revision not in known_revisions(engine)
 
 
 def newer_schema(engine: Engine, current: str, head: str) -> SchemaError:
