@@ -552,6 +552,21 @@ def _frozen_while_loading(child: subprocess.Popen[str]) -> bool:
         os.kill(child.pid, signal.SIGCONT)
 
 
+def _sigterm_while_loading(child: subprocess.Popen[str]) -> tuple[bool, str]:
+    """SIGTERM to ``child`` while Python imports kembali's modules (``_frozen_while_loading``), and its stderr once
+    it has ended: (whether it had a SIGTERM handler then, stderr)."""
+    try:
+        caught = _frozen_while_loading(child)
+        os.kill(child.pid, signal.SIGTERM)
+        os.kill(child.pid, signal.SIGCONT)
+        _stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    return caught, stderr
+
+
 @pytest.mark.parametrize("how", ["kembali", "python -m worker"])
 def test_a_sigterm_while_python_loads_kembali_says_so_as_later_with_exit_code_143(tmp_path: Path, how: str) -> None:
     # Given a command that, once loaded, waits (its config file is a FIFO nobody writes to), started as the console
@@ -562,17 +577,9 @@ def test_a_sigterm_while_python_loads_kembali_says_so_as_later_with_exit_code_14
     for _ in range(3):
         child = subprocess.Popen([*start, "--config", str(config), "stats"], cwd=tmp_path, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-        try:
-            # When SIGTERM comes while Python is still importing kembali's modules (the first half second: before
-            # the command has parsed its arguments and set its own handlers)
-            caught = _frozen_while_loading(child)
-            os.kill(child.pid, signal.SIGTERM)
-            os.kill(child.pid, signal.SIGCONT)
-            _stdout, stderr = child.communicate(timeout=60)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.communicate()
+        # When SIGTERM comes while Python is still importing kembali's modules (the first half second: before the
+        # command has parsed its arguments and set its own handlers)
+        caught, stderr = _sigterm_while_loading(child)
         # Then kembali already had its handler there, and it stops as a SIGTERM stops it later: one line naming
         # the signal and exit code 143, not killed without a word
         assert caught, "no SIGTERM handler while kembali's modules load"
@@ -588,16 +595,8 @@ def test_a_sigterm_while_python_loads_the_daemon_stops_its_start_up_with_exit_co
     child = subprocess.Popen([str(Path(sys.executable).parent / "kembali"), "--config", str(site.config),
                               "--log-level", "info", "run"], cwd=site.folder, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    try:
-        # When the service manager stops it while Python is still importing kembali's modules
-        caught = _frozen_while_loading(child)
-        os.kill(child.pid, signal.SIGTERM)
-        os.kill(child.pid, signal.SIGCONT)
-        _stdout, stderr = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
+    # When the service manager stops it while Python is still importing kembali's modules
+    caught, stderr = _sigterm_while_loading(child)
     # Then its start-up takes that stop as a later one during start-up: it says so and exits 0, as systemd expects
     assert caught, "no SIGTERM handler while kembali's modules load"
     assert child.returncode == 0, stderr
