@@ -32,10 +32,11 @@ import asyncio
 import email
 import email.policy
 import pickle
+import queue
 import random
-import select
 import subprocess
 import sys
+import threading
 from bisect import bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -374,12 +375,16 @@ class OneWorker:
 
 
 REPLY_SECONDS = 120
-"""How long a worker may take over one run's half before the test fails (instead of hanging there)."""
+"""How long a worker may take over one run's half, or one turn to claim, before the test fails (instead of hanging
+there)."""
 
 
 class Workers:
     """``count`` worker processes (``tests/weeks_worker.py``), each with its own engine and worker id, that make
-    every run together: each plans, and once all have planned, each sends, so they claim and mark side by side."""
+    every run together: each plans, and once all have planned, each sends, so they mark, send and record side by
+    side. Their claims (one row each, ``batch_size = 1``) take turns in a fixed order, worker 0, 1, 2, 0 …, one
+    claim at a time, a worker whose run ended left out: which worker takes which row, and so where two of them
+    meet at a mailbox, is the same at every run of the test, however the machine schedules them."""
 
     def __init__(self, count: int, log: Path) -> None:
         self.log = log
@@ -391,47 +396,70 @@ class Workers:
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=out)
                 for _ in range(count)
             ]  # fmt: skip
+        # each worker's replies, read whole by a thread of their own (a reply may follow another at once)
+        self.replies: list[queue.Queue[Any]] = [queue.Queue() for _ in self.procs]
+        self.readers = [threading.Thread(target=self._read, args=(p, replies), daemon=True)
+                        for p, replies in zip(self.procs, self.replies, strict=True)]  # fmt: skip
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _read(p: subprocess.Popen[bytes], replies: queue.Queue[Any]) -> None:
+        assert p.stdout is not None
+        while True:
+            try:
+                replies.put(pickle.load(p.stdout))  # noqa: S301 (our own worker's reply)
+            except (EOFError, OSError, ValueError):
+                replies.put(f"worker {p.pid} ended (exit code {p.wait()})")
+                return
 
     def run(self, settings: Settings, now: datetime) -> None:
-        self._tell((settings, now))
-        assert self._replies() == ["planned"] * len(self.procs)
-        self._tell("send")
-        for done in self._replies():
-            self.done += done
+        self._tell(self.procs, (settings, now))
+        assert [self._reply(i) for i in range(len(self.procs))] == ["planned"] * len(self.procs)
+        self._tell(self.procs, "send")
+        # the claims in turn: the next worker in order asks for its turn (then claims, and says so) or ends its run
+        sending = list(range(len(self.procs)))
+        turn = 0
+        while sending:
+            i = sending[turn % len(sending)]
+            reply = self._reply(i)
+            if reply == "claim":
+                self._tell([self.procs[i]], "go")
+                assert self._reply(i) == "claimed"
+                turn += 1
+            else:
+                self.done += reply
+                sending.remove(i)  # (the next in order now sits at the same place)
 
-    def _tell(self, what: object) -> None:
-        for p in self.procs:
+    def _tell(self, procs: list[subprocess.Popen[bytes]], what: object) -> None:
+        for p in procs:
             assert p.stdin is not None
             pickle.dump(what, p.stdin)
             p.stdin.flush()
 
-    def _replies(self) -> list[Any]:
-        """Each worker's reply; a worker's failure (its traceback, or its end) fails the test."""
-        out = []
-        for p in self.procs:
-            assert p.stdout is not None
-            # (one reply per request, each read whole: nothing waits in the reader's buffer for select to miss)
-            ready, _, _ = select.select([p.stdout], [], [], REPLY_SECONDS)
-            assert ready, f"worker {p.pid} gave no reply in {REPLY_SECONDS} s\n{self.log.read_text()[-3000:]}"
-            try:
-                reply = pickle.load(p.stdout)  # noqa: S301 (our own worker's reply)
-            except EOFError:
-                reply = f"worker {p.pid} ended (exit code {p.wait()})"
-            assert not (isinstance(reply, str) and reply != "planned"), f"{reply}\n{self.log.read_text()[-3000:]}"
-            out.append(reply)
-        return out
+    def _reply(self, i: int) -> Any:
+        """Worker ``i``'s next reply; a worker's failure (its traceback, or its end) fails the test."""
+        try:
+            reply = self.replies[i].get(timeout=REPLY_SECONDS)
+        except queue.Empty:
+            raise AssertionError(f"worker {self.procs[i].pid} gave no reply in {REPLY_SECONDS} s\n"
+                                 f"{self.log.read_text()[-3000:]}") from None  # fmt: skip
+        ok = ("planned", "claim", "claimed")
+        assert not (isinstance(reply, str) and reply not in ok), f"{reply}\n{self.log.read_text()[-3000:]}"
+        return reply
 
     def __enter__(self) -> Workers:
         return self
 
     def __exit__(self, *exc: object) -> None:
         """The workers told there is no more (their stdin closed): they end, or are killed after a failure."""
-        for p in self.procs:
+        for p, reader in zip(self.procs, self.readers, strict=True):
             assert p.stdin is not None and p.stdout is not None
             p.stdin.close()
             if exc[0] is not None:
                 p.kill()
             code = p.wait(timeout=30)
+            reader.join(timeout=30)  # (it read the end of the worker's replies)
             p.stdout.close()
             assert exc[0] is not None or code == 0, f"worker {p.pid} exited {code}: {self.log.read_text()[-3000:]}"
 
@@ -944,10 +972,12 @@ def test_three_workers_side_by_side_keep_the_policy_over_a_month(
     pg_url: str, smtp_server: RecordingServer, tmp_path: Path
 ) -> None:
     """The same month on PostgreSQL made by three ``run --once`` processes at each run, as workers on three hosts
-    sharing the database: each plans every campaign, then they claim one row at a time side by side (so one worker
-    takes a mailbox's birthday offer while another takes its feedback request). Every invariant holds for all they
-    sent together: no mailbox gets two emails within the cap from two workers, nothing arrives twice, no birthday
-    offer is lost to another worker's email of lower priority."""
+    sharing the database: each plans every campaign, then they claim one row at a time, in turn (so one worker
+    takes a mailbox's birthday offer while another takes its feedback request), and mark, send and record side by
+    side. Every invariant holds for all they sent together: no mailbox gets two emails within the cap from two
+    workers, nothing arrives twice, no birthday offer is lost to another worker's email of lower priority. The
+    claims' fixed order (``Workers``) makes where the workers meet the same at every run of the test: before it,
+    that each worker sent some and that two met at a mailbox hung on how the machine scheduled three processes."""
     with Workers(3, tmp_path / "workers.log") as workers:
         # (composing in a helper process is beside the point here, and would start one per worker and run)
         story = _month_on_postgresql(pg_url, smtp_server, workers=workers, batch_size=1, compose_processes=0)
