@@ -378,3 +378,45 @@ def test_four_workers_planning_every_campaign_at_once_plan_each_message_once_and
     per_mailbox = Counter(m.rcpt_tos[0].lower() for m in received)
     assert max(per_mailbox.values()) == 1, [box for box, n in per_mailbox.items() if n > 1][:5]
     assert {r.status for r in rows.values()} <= {"sent", "planned", "retry", "skipped"}
+
+
+DOMAIN_RATE, DOMAIN_BURST = 20.0, 2
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_three_workers_share_each_recipient_domains_rate(pg_url: str, tmp_path: Path) -> None:
+    """The rate per recipient domain across processes: three `kembali run --once` workers with a generous global rate
+    send to each domain no faster between them than the one domain rate allows (not three times it)."""
+    # Given 240 customers due a win-back at three domains (80 each), a domain rate of 20/s (burst 2) and a global
+    # rate that never holds anything back
+    prepare_database(pg_url, 240)
+    with TimedSink() as sink:
+        raw = settings_dict(pg_url, sink.port, batch_size=20, rate_per_second=10_000.0, burst=1000,
+                            domain_rate_per_second=DOMAIN_RATE, domain_burst=DOMAIN_BURST)  # fmt: skip
+        raw["logging"] = {"level": "warning"}
+        config = write_config(tmp_path / "config.toml", raw)
+        # When three workers start together
+        codes = _run_workers(config, tmp_path / "workers.log")
+        received = list(sink.messages)
+
+    assert codes == [0, 0, 0], (tmp_path / "workers.log").read_text()[-2000:]
+    assert set(message_ids(received).values()) == {1}, "a message arrived twice"
+    engine = db.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            tried = conn.execute(sa.select(A.c.worker, A.c.started_at, M.c.email).join(M, M.c.id == A.c.message_id)
+                                 ).all()  # fmt: skip
+    finally:
+        engine.dispose()
+    assert len(tried) == 240 and len({t.worker for t in tried}) >= 2, Counter(t.worker for t in tried)
+    for domain in ("gmail.com", "yahoo.co.id", "test.example"):
+        starts = sorted(t.started_at.timestamp() for t in tried if t.email.endswith("@" + domain))
+        assert len(starts) == 80
+        # Then each domain's sends, whichever worker made them, keep to its one rate: at most rate + burst in any
+        # second (0.1 s of slots allowed for scheduling jitter), and 80 of them take (80 - burst) / rate seconds;
+        # three workers each on a rate of their own would have sent at 60/s, in about 1.3 s
+        busiest = max(bisect.bisect_left(starts, t + 1.0) - i for i, t in enumerate(starts))
+        assert busiest <= DOMAIN_RATE * 1.1 + DOMAIN_BURST, f"{busiest} sends to {domain} started in one second"
+        elapsed = starts[-1] - starts[0]
+        assert elapsed >= (80 - DOMAIN_BURST) / DOMAIN_RATE * 0.97, f"80 sends to {domain} in {elapsed:.2f} s"
