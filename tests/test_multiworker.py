@@ -420,3 +420,99 @@ def test_three_workers_share_each_recipient_domains_rate(pg_url: str, tmp_path: 
         assert busiest <= DOMAIN_RATE * 1.1 + DOMAIN_BURST, f"{busiest} sends to {domain} started in one second"
         elapsed = starts[-1] - starts[0]
         assert elapsed >= (80 - DOMAIN_BURST) / DOMAIN_RATE * 0.97, f"80 sends to {domain} in {elapsed:.2f} s"
+
+
+@pytest.mark.postgres
+def test_a_worker_killed_mid_batch_leaves_its_unsent_rows_to_the_next_and_the_one_the_server_took_uncertain(
+    pg_url: str, tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    """SIGKILL while a batch is claimed: the rows never sent come back once their leases lapse and another worker
+    sends them, each once; the one whose message the server had whole (after the final dot, its reply not yet
+    given: it may have arrived) is `uncertain`, and not sent again."""
+    # Given 30 customers due a win-back, leases of 2 s, one message in flight at a time, and a server that takes
+    # 4 s over each message once it has it whole
+    emails = prepare_database(pg_url, 30)
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=4.0))
+    raw = settings_dict(pg_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 10.0},
+                        in_flight_per_connection=1, batch_size=30, lease_seconds=2, compose_processes=0,
+                        rate_per_second=1000.0, burst=10, domain_rate_per_second=1000.0, domain_burst=10)  # fmt: skip
+    raw["logging"] = {"level": "warning"}
+    config = write_config(tmp_path / "config.toml", raw)
+    argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"]
+    # When worker A claims the whole batch and is killed while the server holds its first message
+    a = subprocess.Popen(argv, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while smtp_server.data_taken < 1:
+        assert time.monotonic() < deadline and a.poll() is None, "worker A never sent its first email"
+        time.sleep(0.01)
+    a.kill()
+    assert a.wait(10) == -signal.SIGKILL
+    engine = db.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            left = Counter(conn.execute(sa.select(M.c.status)).scalars())
+        assert left == {"sending": 1, "claimed": 29}, left
+        for address in emails:  # (the server quick again for the rest)
+            smtp_server.on(address, Behaviour())
+        # and worker B runs once A's leases have lapsed
+        time.sleep(2.2)
+        b = subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+        time.sleep(4.5)  # (the server's 4 s over A's message are over)
+        with engine.connect() as conn:
+            rows = {r.message_id: r for r in conn.execute(sa.select(M))}
+            tried = Counter(conn.execute(sa.select(A.c.message_id)).scalars())
+    finally:
+        engine.dispose()
+    # Then B sent the 29 A never began, each once, and left the one A's server took uncertain, saying so (exit 1)
+    assert b.returncode == 1, b.stdout + b.stderr
+    assert "1 messages became uncertain" in b.stdout, b.stdout
+    assert Counter(r.status for r in rows.values()) == {"sent": 29, "uncertain": 1}
+    arrived = message_ids(smtp_server.messages)
+    [uncertain] = [r for r in rows.values() if r.status == "uncertain"]
+    assert set(arrived) - {uncertain.message_id} == set(rows) - {uncertain.message_id}
+    assert set(arrived.values()) == {1}, "an email arrived twice"
+    assert uncertain.id not in tried  # (A's attempt was never recorded: nobody tried it again either)
+    assert all(tried[r.id] == 1 for r in rows.values() if r.status == "sent")
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_worker_whose_server_is_slower_than_a_lease_keeps_its_rows_while_other_workers_run(
+    pg_url: str, tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    """Lease renewal across processes: a worker whose SMTP server takes longer over each message than a lease, its
+    batch held for four leases, keeps every row while other workers start beside it and release lapsed leases:
+    nothing becomes `uncertain` or goes back to the queue, each message is sent once, by it."""
+    # Given 4 customers due a win-back, leases of 2 s, one message at a time, and a server that takes 3 s over each
+    emails = prepare_database(pg_url, 4)
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=3.0))
+    raw = settings_dict(pg_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 10.0},
+                        in_flight_per_connection=1, batch_size=10, lease_seconds=2, compose_processes=0)  # fmt: skip
+    raw["logging"] = {"level": "warning"}
+    config = write_config(tmp_path / "config.toml", raw)
+    argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"]
+    # When worker A sends them (12 s) while another worker runs every 2.5 s
+    a = subprocess.Popen(argv, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    others = []
+    while a.poll() is None:
+        time.sleep(2.5)
+        others.append(subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=60))
+    out, _ = a.communicate()
+    # Then A sent all four, once each, and the others found nothing lapsed and nothing to send
+    assert a.returncode == 0, out.decode()[-2000:]
+    assert len(others) >= 3
+    for other in others:
+        assert other.returncode == 0 and "became uncertain" not in other.stdout, other.stdout + other.stderr
+        assert "leases_released" not in other.stderr, other.stderr
+    rows = ledger(pg_url)
+    assert Counter(r.status for r in rows.values()) == {"sent": 4}
+    assert set(message_ids(smtp_server.messages).values()) == {1} and len(smtp_server.messages) == 4
+    engine = db.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            workers = Counter(conn.execute(sa.select(A.c.worker)).scalars())
+    finally:
+        engine.dispose()
+    assert len(workers) == 1 and sum(workers.values()) == 4, workers
