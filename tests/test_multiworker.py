@@ -484,12 +484,12 @@ def test_a_worker_whose_server_is_slower_than_a_lease_keeps_its_rows_while_other
     """Lease renewal across processes: a worker whose SMTP server takes longer over each message than a lease, its
     batch held for four leases, keeps every row while other workers start beside it and release lapsed leases:
     nothing becomes `uncertain` or goes back to the queue, each message is sent once, by it."""
-    # Given 4 customers due a win-back, leases of 2 s, one message at a time, and a server that takes 3 s over each
-    emails = prepare_database(pg_url, 4)
+    # Given 3 customers due a win-back, leases of 3 s, one message at a time, and a server that takes 4 s over each
+    emails = prepare_database(pg_url, 3)
     for address in emails:
-        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=3.0))
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=4.0))
     raw = settings_dict(pg_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 10.0},
-                        in_flight_per_connection=1, batch_size=10, lease_seconds=2, compose_processes=0)  # fmt: skip
+                        in_flight_per_connection=1, batch_size=10, lease_seconds=3, compose_processes=0)  # fmt: skip
     raw["logging"] = {"level": "warning"}
     config = write_config(tmp_path / "config.toml", raw)
     argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"]
@@ -500,19 +500,19 @@ def test_a_worker_whose_server_is_slower_than_a_lease_keeps_its_rows_while_other
         time.sleep(2.5)
         others.append(subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=60))
     out, _ = a.communicate()
-    # Then A sent all four, once each, and the others found nothing lapsed and nothing to send
+    # Then A sent all three, once each, and the others found nothing lapsed and nothing to send
     assert a.returncode == 0, out.decode()[-2000:]
     assert len(others) >= 3
     for other in others:
         assert other.returncode == 0 and "became uncertain" not in other.stdout, other.stdout + other.stderr
         assert "leases_released" not in other.stderr, other.stderr
     rows = ledger(pg_url)
-    assert Counter(r.status for r in rows.values()) == {"sent": 4}
-    assert set(message_ids(smtp_server.messages).values()) == {1} and len(smtp_server.messages) == 4
+    assert Counter(r.status for r in rows.values()) == {"sent": 3}
+    assert set(message_ids(smtp_server.messages).values()) == {1} and len(smtp_server.messages) == 3
     engine = db.create_engine(pg_url)
     try:
         with engine.connect() as conn:
             workers = Counter(conn.execute(sa.select(A.c.worker)).scalars())
     finally:
         engine.dispose()
-    assert len(workers) == 1 and sum(workers.values()) == 4, workers
+    assert len(workers) == 1 and sum(workers.values()) == 3, workers
