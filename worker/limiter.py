@@ -11,8 +11,9 @@ Where the booking happens is a ``Booker``: ``LocalBooker`` keeps the GCRA
 state in this process (SQLite, one worker); ``DbBooker`` keeps it in the
 ``rate_limit`` table, so several workers on one PostgreSQL database share the
 limits (one upsert per limit per message). The adaptive factor itself stays in
-each process: a throttled worker slows the shared domain row for everyone,
-since every booking uses the booker's current interval.
+each process: a throttled worker books the shared domain row at its slower
+interval, which puts every worker's next slot later, but the other workers
+book at their own interval until a throttling reply reaches them too.
 
 The daily quota always lives in the database (it must survive restarts).
 """
