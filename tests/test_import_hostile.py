@@ -1134,3 +1134,36 @@ def test_a_batch_postgresql_refuses_is_named_with_what_happened_and_what_to_do(
     assert expected[1] in printed and expected[2] in printed, printed
     assert "Import the file again to finish: the rows already imported are left unchanged." in printed, printed
     assert "database failed" not in printed and "Traceback" not in printed, printed
+
+
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [(b"INV-1,C-1,paid,2026-10-01,P-2,1,2000,\n", "row has 8 fields, the header has 7"),
+     (b"INV-1,C-1,paid,2026-10-01,P-\xe9,1,2000\n", "not UTF-8 text: byte 0xe9 in column 5"),
+     (b'INV-1,C-1,paid,2026-10-01,P-2,1,"' + b"9" * 140_000 + b'"\n',
+      "unreadable CSV: column 7 'unit_price' holds more than 131072")],
+    ids=["stray comma", "latin-1", "field too long"],
+)  # fmt: skip
+def test_an_unreadable_row_of_an_order_drops_the_whole_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: bytes, words: str
+) -> None:
+    # Given an order of three lines whose second row cannot be read, in the middle or at the start of its order
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    header = b"order_id,customer_id,status,placed_at,product_id,quantity,unit_price\n"
+    line = "{},C-1,paid,2026-10-01,{},1,{}\n".format
+    (tmp_path / "orders.csv").write_bytes(
+        header + line("INV-1", "P-1", 1000).encode() + bad + line("INV-1", "P-3", 4000).encode()
+        + bad.replace(b"INV-1", b"INV-2") + line("INV-2", "P-1", 1000).encode() + line("INV-2", "P-3", 4000).encode()
+        + line("INV-3", "P-1", 1000).encode()
+    )
+    # When the orders are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then each order is skipped whole, as an order with any other bad row is: none is stored without the line
+    # that could not be read, at a total short of it (it stored INV-1 at 5000 and INV-2 at 5000)
+    assert code == 1, out
+    assert f"orders.csv:3: id 'INV-1': {words}" in out and "the whole order is skipped" in out, out
+    assert f"orders.csv:5: id 'INV-2': {words}" in out, out
+    assert "orders: 1 created, 0 updated, 0 unchanged, 2 rejected" in out, out
+    assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order") == {"INV-3"}

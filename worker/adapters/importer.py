@@ -273,6 +273,10 @@ def read_orders(
                                                    on_warning=on_warning, now=now))  # fmt: skip
 
 
+ORDER_SKIPPED = "; the whole order is skipped"
+"""After the reason of a row that could not be read, of an order of which no row is imported for it."""
+
+
 def numbered_orders(
     path: Path, *, shop_tz: str = "Asia/Jakarta", shop_currency: str = "IDR", on_warning: Warn | None = None,
     now: datetime | None = None,
@@ -289,7 +293,18 @@ def numbered_orders(
         absent = frozenset(name for name in ORDER_COLUMNS if name not in rows.columns)
         for line, end, row in rows:
             if isinstance(row, _Broken):
-                yield line, end, RowError(path.name, line, row.key, row.reason)
+                reason = row.reason
+                if row.key and row.key == current:  # a row of the order being read: none of its rows is imported
+                    reason += ORDER_SKIPPED if group else ""
+                    group = []
+                elif row.key:  # the first row of an order: its next rows are skipped, as a dropped order's are
+                    if group:
+                        yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency), group[0][0],
+                                             group_end)  # fmt: skip
+                    current, group = row.key, []
+                    seen.add(row.key, line)
+                    reason += ORDER_SKIPPED
+                yield line, end, RowError(path.name, line, row.key, reason)
                 continue
             key = row.get("order_id", "").strip()
             if not key:
