@@ -549,3 +549,17 @@ def test_a_language_tag_with_a_region_is_read_as_its_language(tmp_path: Path) ->
         (line, f"invalid locale {tag!r} (expected id or en, or a tag of either with its region: id-ID, en_US)")
         for line, tag in ((10, "fr-FR"), (11, "en-"), (12, "english"))
     ]
+
+
+def test_an_unreadable_row_of_an_order_seen_before_names_the_line_it_was_seen_at(tmp_path: Path) -> None:
+    text = ORDER_HEADER + (
+        "INV-1,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n"
+        "INV-2,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n"
+        "INV-1,C-1,paid,2026-11-22 10:00,,,,P-2,1,1000,\n"
+    )
+    results = list(read_orders(write(tmp_path, "o.csv", text)))
+    [error] = errors(results)
+    # INV-1 was imported from line 2: the row is not said to skip it
+    assert (error.line, error.key) == (4, "INV-1")
+    assert error.reason.endswith("; order 'INV-1' already seen at line 2; keep an order's lines together")
+    assert [r.external_id for r in results if isinstance(r, OrderRecord)] == ["INV-1", "INV-2"]

@@ -302,8 +302,9 @@ def numbered_orders(
                         yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency), group[0][0],
                                              group_end)  # fmt: skip
                     current, group = row.key, []
-                    seen.add(row.key, line)
-                    reason += ORDER_SKIPPED
+                    first = seen.add(row.key, line)
+                    reason += ORDER_SKIPPED if first is None else (
+                        f"; order {row.key!r} already seen at line {first}; keep an order's lines together")
                 yield line, end, RowError(path.name, line, row.key, reason)
                 continue
             key = row.get("order_id", "").strip()
