@@ -563,3 +563,15 @@ def test_an_unreadable_row_of_an_order_seen_before_names_the_line_it_was_seen_at
     assert (error.line, error.key) == (4, "INV-1")
     assert error.reason.endswith("; order 'INV-1' already seen at line 2; keep an order's lines together")
     assert [r.external_id for r in results if isinstance(r, OrderRecord)] == ["INV-1", "INV-2"]
+
+
+def test_an_id_too_long_is_cut_short_where_the_message_names_the_row(tmp_path: Path) -> None:
+    # a column of notes exported as the id column: the message named the row by all of it, then cut it short
+    path = write(tmp_path, "c.csv", f"id,email,name,marketing_consent\nC-{'x' * 20_000},a@example.com,Ani,1\n")
+    [error] = read_customers(path)
+    assert str(error).startswith(f"c.csv:2: id 'C-{'x' * 98}'…(20002 chars): invalid id "), str(error)[:300]
+    assert len(str(error)) < 400
+    # an id as long as one may be is named whole
+    path = write(tmp_path, "c.csv", f"id,email,name,marketing_consent\nC-{'x' * 98},bad,Ani,1\n")
+    [error] = read_customers(path)
+    assert str(error).startswith(f"c.csv:2: id 'C-{'x' * 98}': invalid email address 'bad'"), str(error)

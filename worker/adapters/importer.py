@@ -149,7 +149,7 @@ class RowError:
     says the other (``SHARED_ADDRESS``): a warning, not a rejected row."""
 
     def __str__(self) -> str:
-        who = f" id {self.key!r}:" if self.key else ""
+        who = f" id {_show(self.key, MAX_ID)}:" if self.key else ""  # an id longer than one may be, cut short
         return f"{self.file}:{self.line}:{who} {self.reason}"
 
 
