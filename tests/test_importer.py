@@ -515,6 +515,17 @@ def test_an_order_naming_its_customer_or_product_with_an_invisible_character_is_
                                            "or -07:00 after the time, or none for the shop's time zone; 'GMT+7' is "
                                            "read either way round)"),
         ("2026-01-02T10:00:00 UTC+7", "1000", "invalid placed_at '2026-01-02T10:00:00 UTC+7' (write the offset as"),
+        # a zone by its name, as Ruby's Time#to_s writes UTC (Rails exports) or a shop writes WIB: it said
+        # "(Invalid isoformat string: '2026-01-02 10:00:00 UTC')", naming the value twice and what to write nowhere
+        ("2026-01-02 10:00:00 UTC", "1000", "invalid placed_at '2026-01-02 10:00:00 UTC' (a time zone written by its "
+                                            "name, 'UTC', is not read: write its offset after the time, as in "
+                                            "2026-11-22T10:00:00+07:00, or none for the shop's time zone)"),
+        ("2026-01-02T10:00 WIB", "1000", "invalid placed_at '2026-01-02T10:00 WIB' (a time zone written by its name, "
+                                         "'WIB', is not read"),
+        ("2026-01-02 10:00:00 Asia/Jakarta", "1000", "invalid placed_at '2026-01-02 10:00:00 Asia/Jakarta' (a time "
+                                                     "zone written by its name, 'Asia/Jakarta', is not read"),
+        ("2026-01-02 at 10:00", "1000", "invalid placed_at '2026-01-02 at 10:00' (expected ISO 8601, e.g. "
+                                        "2026-11-22T10:00:00+07:00)"),
         # thousands separators: 1,234.50 is clear, but 249,50 is Rp249.50 in Indonesian and 24950 in English
         ("2026-01-02", "1,234.50", "invalid total '1,234.50' (write amounts without thousands separators and with "
                                    "'.' before decimals, such as 249000 or 249000.50)"),

@@ -707,6 +707,9 @@ def _optional_datetime(row: dict[str, str], column: str, zone: ZoneInfo) -> date
 _LOCAL_DATE = re.compile(r"[0-9]{1,4}[/.-][0-9]{1,2}[/.-][0-9]{1,4}\b")
 """A date as a spreadsheet shows it in its locale: 12/31/2026, 31.12.2026, 31-12-26."""
 _NAMED_OFFSET = re.compile(r"(?:GMT|UTC)\s*[+-]", re.IGNORECASE)
+_ISO = "expected ISO 8601, e.g. 2026-11-22T10:00:00+07:00"
+_ZONE_NAME = re.compile(r"[0-9]\s*([A-Za-z][A-Za-z_]+(?:/[A-Za-z_+-]+)*)$")
+"""A time followed by a zone's name or abbreviation: ``10:00:00 UTC`` (Ruby's Time#to_s), ``10:00 WIB``."""
 
 
 def _datetime(row: dict[str, str], column: str, zone: ZoneInfo) -> datetime:
@@ -717,13 +720,20 @@ def _datetime(row: dict[str, str], column: str, zone: ZoneInfo) -> datetime:
         if _LOCAL_DATE.match(value):
             raise _Invalid(f"invalid {column} {_show(value)} (a date as a spreadsheet shows it: is it month/day or "
                            "day/month? write it as YYYY-MM-DD, e.g. 2026-11-22 or 2026-11-22T10:00:00+07:00)")
-        raise _Invalid(f"invalid {column} {_show(value)} (expected ISO 8601, e.g. 2026-11-22T10:00:00+07:00)")
+        raise _Invalid(f"invalid {column} {_show(value)} ({_ISO})")
     if _NAMED_OFFSET.search(value):
         raise _Invalid(f"invalid {column} {_show(value)} (write the offset as +07:00 or -07:00 after the time, or none "
                        "for the shop's time zone; 'GMT+7' is read either way round)")  # fmt: skip
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
+        named = _ZONE_NAME.search(value)
+        if named is not None and named[1].upper() not in ("AM", "PM"):
+            raise _Invalid(f"invalid {column} {_show(value)} (a time zone written by its name, {named[1]!r}, is not "
+                           "read: write its offset after the time, as in 2026-11-22T10:00:00+07:00, or none for the "
+                           "shop's time zone)") from None  # fmt: skip
+        if str(exc).startswith("Invalid isoformat string"):  # Python's words, naming the value again
+            raise _Invalid(f"invalid {column} {_show(value)} ({_ISO})") from None
         raise _Invalid(f"invalid {column} {_show(value)} ({exc})") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=zone)
