@@ -253,6 +253,19 @@ def test_a_file_read_from_a_pipe_is_imported(tmp_path: Path) -> None:
     assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1", "C-2"}
 
 
+def test_a_file_named_as_a_dash_is_read_from_standard_input(tmp_path: Path) -> None:
+    # Given an export piped in as other commands take one (`suppress import -`): `gunzip -c c.csv.gz | kembali ... -`
+    config = migrated_config(tmp_path)
+    csv = "id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,bad,Budi,ya\n"
+    command = [sys.executable, "-m", "worker", "--config", str(config), "import", "customers", "-"]
+    result = subprocess.run(command, input=csv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    # Then it is read (it said "kembali import: -: no such file"), its rows named as standard input's
+    assert result.returncode == 1, result.stderr
+    assert "customers: 1 created, 0 updated, 0 unchanged, 1 rejected (from standard input)" in result.stdout
+    assert "rejected stdin:3: id 'C-2': invalid email address 'bad'" in result.stderr, result.stderr
+    assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1"}
+
+
 @pytest.mark.parametrize(
     ("name", "what"),
     [("customers.csv.gz", "is compressed with gzip: decompress it first (gunzip)"),

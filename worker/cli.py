@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                        "file is imported).")
     p.add_argument("kind", choices=["customers", "products", "orders"], help="what the file holds")
     p.add_argument("file", type=Path, help="the CSV file (UTF-8, a header row); a pipe is read too: "
-                   "<(gunzip -c orders.csv.gz)")
+                   "<(gunzip -c orders.csv.gz), or '-' for standard input")
     p.add_argument("--check-dns", action="store_true",
                    help="also check that each address's domain accepts mail (needs network; off by default)")
 

@@ -73,6 +73,9 @@ def import_file(
     """Import ``path``: the exit code (``EXIT_INTERRUPTED``/``EXIT_TERMINATED`` when a signal stopped it, after saying
     how far it got and then ``again``, what to do about it). ``now`` (default: the clock) is when it happens: an
     order placed after it, or a customer born after its day, is rejected."""
+    shown = str(path)
+    if shown == "-":  # standard input, as `suppress import -` reads it; rows are named 'stdin:LINE'
+        path, shown = Path("/dev/stdin"), "standard input"
     if path.is_dir() or not path.exists():  # a pipe is read as a file: <(gunzip -c customers.csv.gz), /dev/stdin
         print(f"kembali import: {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}", file=sys.stderr)
         return EXIT_USAGE
@@ -204,7 +207,7 @@ def import_file(
                   "stats shows (Kembali converts no currency)", file=sys.stderr)  # fmt: skip
     print(
         f"{kind}: {total.created} created, {total.updated} updated, {total.unchanged} unchanged, "
-        f"{errors} rejected{_unclear(unclear, shared)} (from {path})"
+        f"{errors} rejected{_unclear(unclear, shared)} (from {shown})"
     )
     return EXIT_REJECTED if errors or unclear or shared else EXIT_OK
 
