@@ -239,7 +239,9 @@ def test_products_money_is_exact_and_dates_become_utc(tmp_path: Path) -> None:
         ("P-1,Kopi,Kopi,89000,Rp,,,,", ["currency", "'Rp'"]),
         # a code whose minor units Kembali does not know: 89000.50 could not be read right, so it is not read
         ("P-1,Kopi,Kopi,89000.50,XYZ,,,,", ["unknown currency 'XYZ'", "an ISO 4217 code such as IDR"]),
-        ("P-1,Kopi,Kopi,1.2345,KWD,,,,", ["price", "too many decimal places for KWD"]),  # it has three
+        ("P-1,Kopi,Kopi,1.2345,KWD,,,,", ["price '1.2345' (too many decimal places for KWD, which has 3)"]),
+        # said in words, not as Python's Decimal('89000.5')
+        ("P-1,Kopi,Kopi,89000.5,JPY,,,,", ["price '89000.5' (too many decimal places for JPY, which has none)"]),
         ("P-1,Kopi,Kopi,89000,,javascript:alert(1),,,", ["url", "'javascript:alert(1)'"]),
         ("P-1,Kopi,Kopi,89000,,,ftp://x.example/a.jpg,,", ["image_url"]),
         ("P-1,Kopi,Kopi,89000,,,,kemarin,", ["launched_at", "'kemarin'"]),

@@ -661,8 +661,9 @@ def _money(row: dict[str, str], column: str, currency: str) -> int:
                        f"thousands separator? write {value.replace('.', '')} for that amount)")  # fmt: skip
     try:
         minor = money.to_minor(Decimal(value), currency)
-    except ValueError as exc:
-        raise _Invalid(f"invalid {column} {_show(value)} ({exc})") from None
+    except ValueError:  # the form is checked above: only its decimals can be too many
+        raise _Invalid(f"invalid {column} {_show(value)} (too many decimal places for {currency}, which has "
+                       f"{decimals or 'none'})") from None
     if minor > MAX_MINOR:
         raise _Invalid(f"invalid {column} {_show(value)} (too large: at most {_largest(currency)} {currency})")
     return minor
