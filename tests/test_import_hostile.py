@@ -921,6 +921,31 @@ def test_text_decoded_in_another_encoding_and_saved_as_utf8_is_a_rejected_row(
     assert [name for (name,) in stored] == names
 
 
+def test_bytes_that_are_not_utf8_in_a_column_kembali_ignores_reject_no_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a shop's export saved by a spreadsheet in Windows-1252, with columns Kembali does not read (an address,
+    # a note) beside the ones it does: names in ASCII, as most are, and one that is not
+    config = migrated_config(tmp_path)
+    path = tmp_path / "customers.csv"
+    path.write_bytes("id,email,name,marketing_consent,alamat,catatan\n"
+                     "C-1,c1@example.com,Ani,ya,Jl. Kenari,ok\n"
+                     "C-2,c2@example.com,Budi,ya,Caf\u00e9 Menteng,ok\n"  # a byte 0xe9 in 'alamat'
+                     "C-3,c3@example.com,Citra,ya,Jl. Melati,pesan \u2013 kirim cepat\n"  # 0x96 in 'catatan'
+                     "C-4,c4@example.com,Andr\u00e9,ya,Jl. Mawar,ok\n".encode("cp1252")  # 0xe9 in 'name'
+                     + b"C-5,c5@example.com,Dewi,ya,Jl. Anggrek," + "Béni".encode().decode("cp1252").encode()
+                     + b"\n")  # fmt: skip
+    # When it is imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    # Then only the row whose name cannot be read is rejected: those were rejected too, for bytes in a column that
+    # is ignored (it said "not UTF-8 text: byte 0xe9 in column 5 'alamat'")
+    assert code == 1, out
+    assert "customers.csv:5: id 'C-4': not UTF-8 text: byte 0xe9 in column 3 'name'" in out, out
+    assert "alamat" not in out.replace("unknown column(s) 'alamat'", ""), out
+    assert "customers: 4 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+    assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1", "C-2", "C-3", "C-5"}
+
+
 def test_an_orders_file_without_delivered_at_leaves_the_delivery_dates_stored(
     tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

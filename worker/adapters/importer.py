@@ -11,7 +11,9 @@ A missing required column raises ``ImportRowError`` (line 1) from the first
 unknown columns, and columns without a name (trailing commas), are ignored and
 reported through ``on_warning``. A row with more
 or fewer fields than the header is an error (a stray comma shifts columns), and so is one with a field past the CSV
-field limit (``unreadable``: named by its column; the reader goes on after the line it stopped on).
+field limit (``unreadable``: named by its column; the reader goes on after the line it stopped on), and one with
+bytes that are not UTF-8 or with UTF-8 text decoded in another encoding (``_not_utf8``, ``_mojibake``) in a column
+that is read: an ignored column's text is not checked.
 Records carry the optional columns the file lacks (``absent``): the upsert
 leaves those stored values alone (see ``worker.adapters.shop``: customers'
 and products' optional columns, orders' ``delivered_at``).
@@ -852,6 +854,8 @@ class _Rows:
         self._reader = csv.reader(self._lines(handle))
         self.columns: list[str] = []
         self.key_column = 0
+        self.ignored: frozenset[int] = frozenset()
+        """The indexes of the columns that are not read (unknown, or without a name): their text is not checked."""
 
     def peek(self, size: int) -> bytes:
         """The file's first bytes (some of them), before anything is read; b"" when they cannot be looked at."""
@@ -885,8 +889,10 @@ class _Rows:
                 yield start, reader.line_num, _Broken(why.key, why.reason + _swallowed(start, reader.line_num))
                 continue
             if any(field.strip() for field in fields):
-                columns, key = self.columns, self.key_column
-                broken = _not_utf8(fields, columns, key) or _mojibake(fields, columns, key)
+                columns, key, ignored = self.columns, self.key_column, self.ignored
+                # bytes that are not UTF-8 in a column that is not read (an address, a note) reject no row
+                read = [("" if i in ignored else field) for i, field in enumerate(fields)] if ignored else fields
+                broken = _not_utf8(read, columns, key) or _mojibake(read, columns, key)
                 yield start, reader.line_num, broken or fields
 
     def _unreadable(self, exc: csv.Error) -> _Broken:
@@ -1061,6 +1067,7 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
         warn(f"{path.name}:{line}: {unnamed} column(s) without a name ignored")
     rows.columns = columns
     rows.key_column = columns.index(required[0])
+    rows.ignored = frozenset(i for i, name in enumerate(columns) if name not in known)
 
 
 def other_separator(header: list[str]) -> str | None:
