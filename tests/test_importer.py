@@ -588,3 +588,23 @@ def test_an_id_too_long_is_cut_short_where_the_message_names_the_row(tmp_path: P
     path = write(tmp_path, "c.csv", f"id,email,name,marketing_consent\nC-{'x' * 98},bad,Ani,1\n")
     [error] = read_customers(path)
     assert str(error).startswith(f"c.csv:2: id 'C-{'x' * 98}': invalid email address 'bad'"), str(error)
+
+
+def test_a_row_without_an_order_id_after_an_orders_rows_drops_that_order(tmp_path: Path) -> None:
+    # a marketplace export whose order columns were merged cells: only an order's first row holds them
+    text = ORDER_HEADER + (
+        "INV-1,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n"
+        ",,,,,,,P-2,1,2000\n"
+        ",,,,,,,P-3,1,4000\n"
+        "INV-2,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n"
+    )
+    results = list(read_orders(write(tmp_path, "o.csv", text)))
+    # INV-1 is not stored at 1000, without the lines after it (it was, the two rows reported only as "missing
+    # order_id (required)")
+    assert [r.external_id for r in results if isinstance(r, OrderRecord)] == ["INV-2"]
+    assert [(e.line, e.key, e.reason) for e in errors(results)] == [
+        (3, "", "missing order_id (required); the order above it, 'INV-1' from line 2, is skipped: this row may be "
+                "one of its lines (a spreadsheet's merged cells leave them empty); write the order's columns on "
+                "each of its rows"),
+        (4, "", "missing order_id (required)"),
+    ]

@@ -311,7 +311,13 @@ def numbered_orders(
                 continue
             key = row.get("order_id", "").strip()
             if not key:
-                yield line, end, RowError(path.name, line, "", "missing order_id (required)")
+                reason = "missing order_id (required)"
+                if group:  # right after an order's rows: perhaps one of its lines, which it would be stored without
+                    reason += (f"; the order above it, {current!r} from line {group[0][0]}, is skipped: this row may "
+                               "be one of its lines (a spreadsheet's merged cells leave them empty); write the "
+                               "order's columns on each of its rows")  # fmt: skip
+                    group = []
+                yield line, end, RowError(path.name, line, "", reason)
                 continue
             if key == current:
                 if group:
