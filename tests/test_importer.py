@@ -608,3 +608,22 @@ def test_a_row_without_an_order_id_after_an_orders_rows_drops_that_order(tmp_pat
                 "each of its rows"),
         (4, "", "missing order_id (required)"),
     ]
+
+
+def test_a_zero_date_is_a_rejected_row_saying_what_it_is(tmp_path: Path) -> None:
+    # MySQL's 0000-00-00 for a date that is not known (WooCommerce's date_completed of an order not delivered): it
+    # said "(year 0 is out of range)"
+    path = write(tmp_path, "o.csv", ORDER_HEADER
+                 + "O-1,C-1,paid,2026-11-22 10:00,0000-00-00 00:00:00,,,P-1,1,1000\n"
+                 + "O-2,C-1,paid,0000-00-00,,,,P-1,1,1000\n")  # fmt: skip
+    assert [(e.line, e.reason) for e in errors(read_orders(path))] == [
+        (2, "invalid delivered_at '0000-00-00 00:00:00' (a zero date, as MySQL writes one that is not known: leave "
+            "the cell empty)"),
+        (3, "invalid placed_at '0000-00-00' (a zero date, as MySQL writes one that is not known: placed_at is "
+            "required)"),
+    ]
+    path = write(tmp_path, "c.csv", "id,email,name,marketing_consent,birthday\nC-1,a@example.com,Ani,1,0000-00-00\n")
+    [error] = read_customers(path)
+    assert isinstance(error, RowError)
+    assert error.reason == ("invalid birthday '0000-00-00' (a zero date, as MySQL writes one that is not known: leave "
+                            "the cell empty)")

@@ -602,6 +602,7 @@ def _birthday(row: dict[str, str], today: date | None, zone: str) -> date | None
         return None
     if not _DATE.fullmatch(value):
         raise _Invalid(f"invalid birthday {_show(value)} (expected YYYY-MM-DD)")
+    _not_zero(value, "birthday", False)
     try:
         born = date(int(value[:4]), int(value[5:7]), int(value[8:]))
     except ValueError as exc:
@@ -710,7 +711,14 @@ def _status(row: dict[str, str]) -> OrderStatus:
 
 
 def _optional_datetime(row: dict[str, str], column: str, zone: ZoneInfo) -> datetime | None:
-    return _datetime(row, column, zone) if row.get(column, "").strip() else None
+    return _datetime(row, column, zone, required=False) if row.get(column, "").strip() else None
+
+
+def _not_zero(value: str, column: str, required: bool) -> None:
+    """Refuse MySQL's zero date (``0000-00-00``, a date that is not known), saying what it is."""
+    if value.startswith("0000-00-00"):
+        raise _Invalid(f"invalid {column} {_show(value)} (a zero date, as MySQL writes one that is not known: "
+                       + (f"{column} is required)" if required else "leave the cell empty)"))
 
 
 _LOCAL_DATE = re.compile(r"[0-9]{1,4}[/.-][0-9]{1,2}[/.-][0-9]{1,4}\b")
@@ -721,10 +729,11 @@ _ZONE_NAME = re.compile(r"[0-9]\s*([A-Za-z][A-Za-z_]+(?:/[A-Za-z_+-]+)*)$")
 """A time followed by a zone's name or abbreviation: ``10:00:00 UTC`` (Ruby's Time#to_s), ``10:00 WIB``."""
 
 
-def _datetime(row: dict[str, str], column: str, zone: ZoneInfo) -> datetime:
+def _datetime(row: dict[str, str], column: str, zone: ZoneInfo, *, required: bool = True) -> datetime:
     """Refused, not guessed: a spreadsheet's local date (01/02/2026 is 1 February or 2 January) and an offset
     written GMT+7 (UTC+7 to most, UTC-7 to POSIX and the Etc/GMT+7 zone)."""
     value = _required(row, column)
+    _not_zero(value, column, required)
     if not _DATE.match(value):
         if _LOCAL_DATE.match(value):
             raise _Invalid(f"invalid {column} {_show(value)} (a date as a spreadsheet shows it: is it month/day or "
