@@ -276,7 +276,7 @@ def read_orders(
 
 
 ORDER_SKIPPED = "; the whole order is skipped"
-"""After the reason of a row that could not be read, of an order of which no row is imported for it."""
+"""Said after why a row of an order could not be read (``_Broken``): none of the order's rows is imported."""
 
 
 def numbered_orders(
