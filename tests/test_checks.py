@@ -244,6 +244,20 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     assert [json.loads(line)["kind"] for line in done.stdout.splitlines()] == ["syntax"]
 
 
+def test_a_postal_address_with_an_apostrophe_or_quotes_passes_the_check(tmp_path: Path) -> None:
+    # Given a shop on a street whose name has an apostrophe (Jl. Sa'adah), in a building named in quotes
+    address = "Jl. Sa'adah No. 8, Ruko \\\"Kemang\\\", Jakarta Selatan 12730"
+    site = make_site(tmp_path / "shop", extra_toml=f'[shop]\npostal_address = "{address}"\n')
+    # When the operator checks the shipped templates
+    done = site.cli("check")
+    # Then there is no problem: every footer prints the address, escaped as HTML escapes it (Sa&#39;adah), which the
+    # check did not recognise: "the HTML part lacks the shop's postal address" for every folder, and a daemon that
+    # refused to start
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no problems found" in done.stdout
+    assert "postal address" not in done.stdout
+
+
 def test_a_typo_in_a_variable_is_one_problem(tmp_path: Path) -> None:
     # Given a greeting whose variable is mistyped, on a line every sample customer reaches
     site = make_site(tmp_path / "shop", copy_templates=True)
