@@ -244,6 +244,20 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     assert [json.loads(line)["kind"] for line in done.stdout.splitlines()] == ["syntax"]
 
 
+def test_the_templates_own_script_tag_is_not_taken_for_data_printed_raw(templates: Path) -> None:
+    # Given an email that carries schema.org markup in a script tag of its own (as Gmail reads it), and a comment
+    # that names the tag
+    _edit("winback/en/body.html", "{% block content %}",
+          '{% block content %}<script type="application/ld+json">{"@context": "https://schema.org", '
+          '"@type": "Organization", "name": {{ shop.name | tojson }}}</script>\n'
+          "<!-- no <SCRIPT> of ours runs in a mail reader -->")(templates)  # fmt: skip
+    # When the templates are checked
+    problems = check_templates(_settings(templates), JinjaTemplates(templates))
+    # Then nothing is reported: it was "customer or product data came out as raw HTML (is `| safe` used on data?)"
+    # for every sample, which no data had
+    assert problems == [], "\n".join(map(str, problems))
+
+
 def test_a_postal_address_with_an_apostrophe_or_quotes_passes_the_check(tmp_path: Path) -> None:
     # Given a shop on a street whose name has an apostrophe (Jl. Sa'adah), in a building named in quotes
     address = "Jl. Sa'adah No. 8, Ruko \\\"Kemang\\\", Jakarta Selatan 12730"

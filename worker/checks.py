@@ -254,6 +254,11 @@ def _bare(error: TemplateError) -> str:
     return text[len(where) + 2 :] if where and text.startswith(where + ": ") else text
 
 
+_SAMPLE_MARKUP = ("<script>alert(", "<b>tas</b>")
+"""The HTML of the sample data (``samples.SCRIPT_NAME``, the products' ``<b>Tas</b>``) as it would come out printed
+raw: a template's own tags (a ``<script type="application/ld+json">`` of schema.org markup) are no sign of it."""
+
+
 def problems_of(r: SampleRender, settings: Settings) -> list[Problem]:
     """What is wrong with one sample render (empty if nothing)."""
     base = {"campaign": r.campaign, "locale": str(r.locale), "samples": (r.sample.slug,)}
@@ -277,7 +282,7 @@ def problems_of(r: SampleRender, settings: Settings) -> list[Problem]:
         add(Kind.SUBJECT_TOO_LONG, f"the subject is {len(rendered.subject)} characters, over "
             f"checks.subject_max_chars ({limits.subject_max_chars}): {rendered.subject[:60]!r}…", "subject.txt")
     lowered = rendered.html.lower()
-    if "<script" in lowered or "<b>tas</b>" in lowered:
+    if any(markup in lowered for markup in _SAMPLE_MARKUP):
         add(Kind.UNESCAPED, "customer or product data came out as raw HTML (is `| safe` used on data?)",
             "body.html")
     # the HTML part as a reader sees its text: autoescaping writes ' and " as &#39; and &#34;, not as html.escape
