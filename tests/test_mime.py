@@ -175,8 +175,13 @@ def test_deterministic_bytes() -> None:
         "Bahasa Jepang: ありがとうございました。" * 40,  # mostly non-ASCII: base64
         "😊" * 1000,
         "= =3D =\n=\n",
+        # one line too long to send as it is, and no line break at all (minified HTML saved without a final
+        # newline): quoted-printable breaks it, with CRLF as everywhere else, not with bare LFs
+        '<td style="padding:8px">Kak Siti 😊</td>' * 40,
+        "x" * 1200,
     ],
-    ids=["empty", "no-eol", "crlf", "cr", "trailing-ws", "long-lines", "dots-and-dashes", "cjk", "emoji", "equals"],
+    ids=["empty", "no-eol", "crlf", "cr", "trailing-ws", "long-lines", "dots-and-dashes", "cjk", "emoji", "equals",
+         "one-long-line", "one-long-ascii-line"],
 )
 def test_bodies_round_trip(body: str) -> None:
     raw = build(text=body, html=f"<pre>{body}</pre>")

@@ -469,7 +469,10 @@ def _encode_body(text: str) -> tuple[str, bytes]:
         return "7bit", data
     if extra * 5 > len(data):  # mostly non-ASCII: base64 is smaller than quoted-printable
         return "base64", base64.encodebytes(data).replace(b"\n", b"\r\n")
-    return "quoted-printable", binascii.b2a_qp(data, istext=True)
+    encoded = binascii.b2a_qp(data, istext=True)
+    if b"\r\n" not in data:  # binascii breaks lines the way the first one ends: with no line end, a bare LF
+        encoded = encoded.replace(b"\n", b"\r\n")
+    return "quoted-printable", encoded
 
 
 def _short_lines(data: bytes) -> bool:
