@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import errno
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
@@ -415,7 +414,9 @@ def _command(args: argparse.Namespace) -> int:
         print(f"kembali: configuration error: {_naming_the_variable(str(exc), args)}", file=sys.stderr)
         return EXIT_USAGE
     except SchemaError as exc:
-        print(f"kembali: {_with_the_config(str(exc), args)}", file=sys.stderr)
+        # the upgrade it advises with this command's --config, when it had one: the bare command, run where the
+        # operator stands, looks for ./config.toml there (and a service's config is rarely in the operator's folder)
+        print(f"kembali: {exc.telling(args.config if args.config_given else None)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KembaliError as exc:
         print(f"kembali: {exc}", file=sys.stderr)
@@ -461,13 +462,6 @@ def _os_error_text(exc: OSError, args: argparse.Namespace) -> str:
     return f"{command}: {path}: {why}"
 
 
-def _with_the_config(message: str, args: argparse.Namespace) -> str:
-    """``message`` with the ``kembali db upgrade`` it advises given the ``--config`` of this command, when it had one:
-    the bare command, run where the operator stands, looked for ./config.toml there (and a service's config is
-    rarely in the operator's folder)."""
-    if not args.config_given:
-        return message
-    return message.replace("`kembali db upgrade`", f"`kembali --config {shlex.quote(str(args.config))} db upgrade`")
 
 
 def _naming_the_variable(message: str, args: argparse.Namespace) -> str:

@@ -57,7 +57,6 @@ import errno
 import functools
 import logging
 import os
-import shlex
 import shutil
 import signal
 import tempfile
@@ -81,7 +80,7 @@ from worker.config import Settings, load_settings
 from worker.core.cron import never_runs
 from worker.core.retry import pause_retry_seconds
 from worker.domain import Locale, RenderedEmail
-from worker.errors import ConfigError
+from worker.errors import ConfigError, db_upgrade_command
 from worker.links import Site
 from worker.metrics import Metrics
 from worker.pipeline import Composer, enabled_campaigns, plan
@@ -519,10 +518,10 @@ class Daemon:
         if current == self._schema:
             return False
         newer = current is not None and current not in self._known
-        config = shlex.quote(str(self.config_path.resolve()))  # (the operator runs it from another folder)
         log.event("schema_changed", logging.ERROR, database=db.describe(engine), schema=current or "(none)",
                   newest_known=self._schema, what_to_do="install the newer kembali on this host" if newer
-                  else f"run `kembali --config {config} db upgrade`, or restore the database at schema {self._schema}",
+                  else f"run `{db_upgrade_command(self.config_path.resolve())}`, or restore the database at schema "
+                  f"{self._schema}",  # (the full path: the operator runs it from another folder)
                   note="the daemon stops, as on SIGTERM (exit 3)")  # fmt: skip
         self._exit_code = EXIT_UNAVAILABLE
         self._halt.set()

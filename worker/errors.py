@@ -13,6 +13,9 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+
 
 class KembaliError(Exception):
     """Something Kembali knows how to explain went wrong."""
@@ -27,6 +30,28 @@ class ConfigError(KembaliError):
 
 class SchemaError(KembaliError):
     """The database schema is missing or out of date: run `kembali db upgrade`."""
+
+    def __init__(self, message: str | None = None, *, upgrade: str = "") -> None:
+        """``upgrade``: the advice that ends with the command upgrading the schema (``run``, ``check database.url, or
+        create it with``), when an upgrade is what to do; ``telling`` completes it with the command for the config
+        the operator named."""
+        self.problem = message or (self.__doc__ or "").strip()
+        self.upgrade = upgrade
+        super().__init__(self.telling())
+
+    def telling(self, config: str | os.PathLike[str] | None = None) -> str:
+        """The message, its advice naming ``db_upgrade_command(config)``."""
+        if not self.upgrade:
+            return self.problem
+        return f"{self.problem}: {self.upgrade} `{db_upgrade_command(config)}`"
+
+
+def db_upgrade_command(config: str | os.PathLike[str] | None = None) -> str:
+    """The command that upgrades the schema: ``kembali db upgrade``, reading ./config.toml or $KEMBALI_CONFIG; with
+    ``config``, ``kembali --config FILE db upgrade`` (quoted for a shell)."""
+    if config is None:
+        return "kembali db upgrade"
+    return f"kembali --config {shlex.quote(os.fspath(config))} db upgrade"
 
 
 class ImportRowError(KembaliError):

@@ -573,8 +573,7 @@ def check_schema(engine: Engine) -> None:
     where = describe(engine)
     path = sqlite_path(engine)
     if path is not None and not path.exists():
-        raise SchemaError(f"the database {where} does not exist: check database.url, or create it with "
-                          "`kembali db upgrade`")  # fmt: skip
+        raise SchemaError(f"the database {where} does not exist", upgrade="check database.url, or create it with")
     try:
         current = current_revision(engine)
     except sa.exc.DatabaseError as exc:  # also an SQLite file that is no database ("file is not a database")
@@ -584,7 +583,7 @@ def check_schema(engine: Engine) -> None:
         raise newer_schema(engine, str(current), head)
     if current != head:
         state = "has no schema" if current is None else f"is at schema {current}, the code needs {head}"
-        raise SchemaError(f"the database {where} {state}: run `kembali db upgrade`")
+        raise SchemaError(f"the database {where} {state}", upgrade="run")
 
 
 @dataclass(frozen=True)
