@@ -146,6 +146,23 @@ def _help(command: str) -> str:
     return " ".join((sub.choices[command].description or "").split())
 
 
+def test_every_command_and_action_says_in_its_help_what_it_does() -> None:
+    """``kembali ledger close --help`` showed its options alone: what closing does (failed or sent, and what each
+    means for the frequency cap) was in the README only."""
+    from worker.cli import _parser
+
+    def commands(parser: argparse.ArgumentParser, prefix: str) -> list[tuple[str, argparse.ArgumentParser]]:
+        found = [(prefix, parser)]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += commands(sub, f"{prefix} {name}")
+        return found
+
+    silent = [name for name, parser in commands(_parser(), "kembali") if not (parser.description or "").strip()]
+    assert silent == [], silent
+
+
 # (argv, the words of its --help naming exit code 3): each command that opens the database
 _NEED_THE_DATABASE = [
     (["import", "customers", str(REPO / "examples" / "customers.csv")], "3 when the database cannot be used"),

@@ -138,7 +138,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     rs.add_argument("--dry-run", action="store_true",
                     help="say what would be resent and what left alone; change nothing")
     rs.add_argument("--reason", type=arguments.one_line, default="", help="a note kept with the message")
-    cl = actions.add_parser("close", help="mark uncertain/failed messages final")
+    cl = actions.add_parser(
+        "close", help="mark uncertain/failed messages final",
+        description="Marks uncertain or failed messages final: --as failed (the default) frees their place under "
+        "the frequency cap, and a resend by filters leaves them out (their IDs still resend them); --as sent, "
+        "for messages you know arrived, counts them as sent (for the cap and `stats`) from when they were last "
+        "tried. Each decision is recorded as an attempt with outcome 'operator'.",
+    )  # fmt: skip
     cl.add_argument("ids", type=int, nargs="*", metavar="ID", help="a message's ID, as `ledger list` shows it")
     _add_filters(cl, list(DECIDABLE), "uncertain and failed")
     cl.add_argument("--dry-run", action="store_true", help="say what would be closed; change nothing")
