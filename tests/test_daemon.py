@@ -426,6 +426,26 @@ def test_templates_that_cannot_be_copied_are_a_rejected_reload_or_a_refused_star
     assert list(tmp.iterdir()) == []
 
 
+def test_sighup_with_a_templates_folder_that_is_not_there_names_the_line_of_its_key(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        # When the config names a templates folder that is not there (a typo) and SIGHUP comes
+        text = shop.config.read_text(encoding="utf-8")
+        shop.config.write_text(text.replace(f'dir = "{shop.templates}"', 'dir = "templatez"'), encoding="utf-8")
+        line = shop.config.read_text(encoding="utf-8").splitlines().index('dir = "templatez"') + 1
+        daemon.signal(signal.SIGHUP)
+        # Then the reload is rejected naming the file, the line and the key, as a start with it is (no line before)
+        rejected = daemon.wait_event("reload_rejected")
+        assert rejected["error"] == f"{shop.config}: line {line}: 'templates.dir' '{tmp_path / 'templatez'}' is not " \
+                                    "a folder", rejected["error"]
+    finally:
+        assert daemon.stop() == 0
+
+
 RUNAWAY = (
     "{% extends \"_layout.txt\" %}\n{% block content %}\n"
     "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\n{% endblock %}\n"

@@ -266,8 +266,29 @@ def test_a_web_port_already_taken_names_the_key_and_the_address(config: Path) ->
         done = subprocess.run([sys.executable, "-m", "worker", "--config", str(config), "run"], env=env,
                               capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert f"configuration error: {config}: 'web.port': cannot listen on 127.0.0.1:{port} (address already in use): " \
-           "another program listens there" in done.stderr
+    # with the line of the key, as every other configuration error names it (it named none)
+    line = config.read_text().splitlines().index(f"port = {port}") + 1
+    assert f"configuration error: {config}: line {line}: 'web.port': cannot listen on 127.0.0.1:{port} (address " \
+           "already in use): another program listens there" in done.stderr, done.stderr
+
+
+def test_a_templates_folder_that_is_not_there_is_named_with_the_line_of_its_key(config: Path) -> None:
+    # `run --once`, `preview` and the daemon found the folder missing after the file was read, and named no line
+    config.write_text(config.read_text() + '[templates]\n# the folder with the email templates\ndir = "nowhere"\n')
+    line = config.read_text().splitlines().index('dir = "nowhere"') + 1
+    env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}
+    for argv in (["run", "--once"], ["preview"], ["run"]):
+        done = subprocess.run([sys.executable, "-m", "worker", "--config", str(config), *argv], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (argv, done.stderr)
+        assert f"configuration error: {config}: line {line}: 'templates.dir' '{config.parent / 'nowhere'}' is not a " \
+               "folder" in done.stderr, (argv, done.stderr)
+    # and `check` reports it as a problem (exit 1) with the file and line too, as its secrets' problems name the file
+    done = subprocess.run([sys.executable, "-m", "worker", "--config", str(config), "check"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"config: {config}: line {line}: 'templates.dir' '{config.parent / 'nowhere'}' is not a folder\n" \
+           in done.stdout, done.stdout
 
 
 def test_a_stats_period_starting_in_the_future_is_a_usage_error(

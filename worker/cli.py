@@ -402,16 +402,16 @@ def _command(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
         from worker.adapters import db
 
-        try:
-            db.check_url(settings)
-        except ConfigError as exc:  # found after the file was read: named with its line as the loader's errors are
-            raise ConfigError(naming_the_line(str(exc), settings)) from None
+        db.check_url(settings)
         log.configure(settings.logging.level, settings.logging.format)
         handler = _COMMANDS[args.command]
         code: int = handler(settings, args)
         return code
     except ConfigError as exc:
-        print(f"kembali: configuration error: {_naming_the_variable(str(exc), args)}", file=sys.stderr)
+        # one found after the file was read (the database URL, a templates folder that is not there, a web port
+        # taken) is named with its key's line, as the loader's own are (which, naming their line already, it leaves)
+        message = naming_the_line(str(exc), settings) if settings is not None else str(exc)
+        print(f"kembali: configuration error: {_naming_the_variable(message, args)}", file=sys.stderr)
         return EXIT_USAGE
     except SchemaError as exc:
         # the upgrade it advises with this command's --config, when it had one: the bare command, run where the

@@ -76,7 +76,7 @@ from worker.adapters.web import HttpServer
 from worker.app import Deps, compose_pool, link_keys, make_limiter, release_lapsed_leases, smtp_password, worker_id
 from worker.asyncstore import AsyncStore
 from worker.checks import Problem, check_templates
-from worker.config import Settings, load_settings
+from worker.config import Settings, load_settings, naming_the_line
 from worker.core.cron import never_runs
 from worker.core.retry import pause_retry_seconds
 from worker.domain import Locale, RenderedEmail
@@ -659,9 +659,9 @@ class Daemon:
             log.event("reload_rejected", logging.ERROR, trigger=why, problems=len(exc.problems),
                       first=str(exc.problems[0]), kept="the previous templates and config")
             return False
-        except ConfigError as exc:
+        except ConfigError as exc:  # found after the file was read (a templates folder that is not there): its line
             self._builds.discard(build)
-            log.event("reload_rejected", logging.ERROR, trigger=why, error=str(exc))
+            log.event("reload_rejected", logging.ERROR, trigger=why, error=naming_the_line(str(exc), settings))
             return False
         self._builds.discard(build)
         if self._stop.is_set():  # the check was done when the stop signal came: the daemon stops with the old set

@@ -14,7 +14,7 @@ from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.templates import StrayText
 from worker.app import link_keys, smtp_password
 from worker.checks import Kind, Problem, check_templates, unused_folders
-from worker.config import Settings, ShopSettings, tls_port_hint
+from worker.config import Settings, ShopSettings, naming_the_line, tls_port_hint
 from worker.core import campaigns as cc
 from worker.core import samples
 from worker.core.cron import never_runs
@@ -34,12 +34,13 @@ def check_config(settings: Settings, environ: dict[str, str] | None = None) -> l
         try:
             probe(settings, environ)
         except ConfigError as exc:
-            problems.append(Problem(Kind.CONFIG, str(exc)))
+            problems.append(Problem(Kind.CONFIG, naming_the_line(str(exc), settings)))
     if (hint := tls_port_hint(settings.smtp)) is not None:
         problems.append(Problem(Kind.CONFIG, hint))
     folder = settings.resolve(settings.templates.dir)
-    if not folder.is_dir():
-        problems.append(Problem(Kind.CONFIG, f"'templates.dir' {str(folder)!r} is not a folder"))
+    if not folder.is_dir():  # named as `run` names it: the file, the key's line
+        missing = f"{settings.source}: 'templates.dir' {str(folder)!r} is not a folder"
+        problems.append(Problem(Kind.CONFIG, naming_the_line(missing, settings)))
     return problems
 
 
