@@ -265,3 +265,31 @@ def test_run_once_with_a_template_that_cannot_be_parsed_stops_before_planning(
     assert named in result.stderr, result.stderr
     assert "nothing was planned or sent" in result.stderr
     assert _nothing_planned_or_sent(config, smtp_server)
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "says"),
+    [
+        ("smtp", "password", "the SMTP password goes in the environment variable 'smtp.password_env' names "
+                             "(KEMBALI_SMTP_PASSWORD by default)"),
+        ("smtp", "smtp_pass", "the SMTP password goes in the environment variable 'smtp.password_env' names "
+                              "(KEMBALI_SMTP_PASSWORD by default)"),
+        ("unsubscribe", "secret", "the link key goes in the environment variable 'unsubscribe.secret_env' names "
+                                  "(KEMBALI_LINK_SECRET by default)"),
+        ("database", "password", "PostgreSQL's password goes in $PGPASSWORD or ~/.pgpass (read by libpq), or "
+                                 "percent-encoded in 'database.url'"),
+    ],
+)
+def test_a_secret_written_into_the_config_file_is_refused_saying_where_it_goes_and_never_printed(
+    tmp_path: Path, table: str, key: str, says: str
+) -> None:
+    # An operator new to Kembali writes the password into the file: `password = "…"` under [smtp] was refused as
+    # "unknown key 'smtp.password' (did you mean 'smtp.password_env'?)", which invites writing the password there
+    # next (refused as well, but a second round), and [database] password named nothing at all
+    config = tmp_path / "config.toml"
+    config.write_text(f'[templates]\ndir = "{TEMPLATES}"\n[{table}]\n{key} = "hunter2-S3CRET"\n', encoding="utf-8")
+    result = kembali("check", config=config)
+    assert result.returncode == 2, result.stderr
+    assert f"{config}: line 4: unknown key '{table}.{key}': secrets never live in the file: {says}" in result.stderr, \
+        result.stderr
+    assert "hunter2" not in result.stdout + result.stderr

@@ -447,6 +447,23 @@ def settings_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir:
     return settings
 
 
+def _secret_goes(prefix: str, key: str) -> str | None:
+    """Where the secret a key of this name would hold goes instead, for a key that looks like one (``smtp.password``,
+    ``unsubscribe.secret``, ``database.password``): "did you mean 'smtp.password_env'?" invited the password there.
+    The variable is named by its default: the file's own ``*_env`` may hold the secret too, and is not shown."""
+    word = key.lower()
+    if prefix == "smtp." and "pass" in word:
+        return ("the SMTP password goes in the environment variable 'smtp.password_env' names "
+                f"({SmtpSettings.password_env} by default)")  # fmt: skip
+    if prefix == "unsubscribe." and ("secret" in word or "key" in word):
+        return ("the link key goes in the environment variable 'unsubscribe.secret_env' names "
+                f"({UnsubscribeSettings.secret_env} by default)")  # fmt: skip
+    if prefix == "database." and "pass" in word:
+        return ("PostgreSQL's password goes in $PGPASSWORD or ~/.pgpass (read by libpq), or percent-encoded in "
+                "'database.url'")  # fmt: skip
+    return None
+
+
 def _build(cls: type, data: Any, source: str, prefix: str, skip: frozenset[str] | set[str] = frozenset()) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table")
@@ -454,6 +471,8 @@ def _build(cls: type, data: Any, source: str, prefix: str, skip: frozenset[str] 
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
     for key in data:
         if key not in fields:
+            if (elsewhere := _secret_goes(prefix, key)) is not None:
+                raise ConfigError(f"{source}: unknown key '{prefix}{key}': secrets never live in the file: {elsewhere}")
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
