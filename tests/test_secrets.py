@@ -293,3 +293,22 @@ def test_a_secret_written_into_the_config_file_is_refused_saying_where_it_goes_a
     assert f"{config}: line 4: unknown key '{table}.{key}': secrets never live in the file: {says}" in result.stderr, \
         result.stderr
     assert "hunter2" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "meant"),
+    [("smtp", "password-env", "smtp.password_env"), ("smtp", "password_envv", "smtp.password_env"),
+     ("unsubscribe", "secret-env", "unsubscribe.secret_env")],
+)  # fmt: skip
+def test_a_misspelt_name_of_the_secrets_variable_is_not_taken_for_a_secret(
+    tmp_path: Path, table: str, key: str, meant: str
+) -> None:
+    # An operator who writes the variable's name, as the file should, under a key spelt a little wrong (a hyphen
+    # for the underscore): it was "secrets never live in the file: … goes in the environment variable
+    # 'smtp.password_env' names", an alarm about a secret the file does not hold, and no word of the typo
+    config = tmp_path / "config.toml"
+    config.write_text(f'[templates]\ndir = "{TEMPLATES}"\n[{table}]\n{key} = "SHOP_MAIL_VAR"\n', encoding="utf-8")
+    result = kembali("check", config=config)
+    assert result.returncode == 2, result.stderr
+    assert f"{config}: line 4: unknown key '{table}.{key}' (did you mean '{meant}'?)" in result.stderr, result.stderr
+    assert "secrets never live in the file" not in result.stderr, result.stderr

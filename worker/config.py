@@ -450,8 +450,11 @@ def settings_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir:
 def _secret_goes(prefix: str, key: str) -> str | None:
     """Where the secret a key of this name would hold goes instead, for a key that looks like one (``smtp.password``,
     ``unsubscribe.secret``, ``database.password``): "did you mean 'smtp.password_env'?" invited the password there.
-    The variable is named by its default: the file's own ``*_env`` may hold the secret too, and is not shown."""
+    The variable is named by its default: the file's own ``*_env`` may hold the secret too, and is not shown. A key
+    naming a variable (``password-env``, a misspelt ``password_env``) holds its name, no secret: None."""
     word = key.lower()
+    if "env" in word or "var" in word:
+        return None
     if prefix == "smtp." and "pass" in word:
         return ("the SMTP password goes in the environment variable 'smtp.password_env' names "
                 f"({SmtpSettings.password_env} by default)")  # fmt: skip
