@@ -627,3 +627,30 @@ def test_a_zero_date_is_a_rejected_row_saying_what_it_is(tmp_path: Path) -> None
     assert isinstance(error, RowError)
     assert error.reason == ("invalid birthday '0000-00-00' (a zero date, as MySQL writes one that is not known: leave "
                             "the cell empty)")
+
+
+def test_a_broken_row_without_an_order_id_after_an_orders_rows_drops_that_order(tmp_path: Path) -> None:
+    # a marketplace export of merged cells, one of whose later lines also has a stray comma: it was reported only
+    # as "row has 11 fields", and the order above it stored without that line, at a total short of it
+    text = ORDER_HEADER + (
+        "INV-1,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n"
+        ",,,,,,,P-2,1,2000,\n"
+        "INV-2,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n"
+    )
+    results = list(read_orders(write(tmp_path, "o.csv", text)))
+    assert [r.external_id for r in results if isinstance(r, OrderRecord)] == ["INV-2"]
+    [error] = errors(results)
+    assert (error.line, error.key) == (3, "")
+    assert error.reason.startswith("row has 11 fields, the header has 10"), error.reason
+    assert "the order above it, 'INV-1' from line 2, is skipped: this row may be one of its lines" in error.reason
+
+
+def test_a_broken_row_whose_order_id_cannot_be_read_leaves_the_order_above_it(tmp_path: Path) -> None:
+    # an id in bytes that are not UTF-8 is an id, not an empty cell: the order above it is whole and imported
+    path = tmp_path / "o.csv"
+    path.write_bytes((ORDER_HEADER + "INV-1,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n").encode()
+                     + b"INV-\xe9,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n")  # fmt: skip
+    results = list(read_orders(path))
+    assert [r.external_id for r in results if isinstance(r, OrderRecord)] == ["INV-1"]
+    [error] = errors(results)
+    assert "not UTF-8 text: byte 0xe9 in column 1 'order_id'" in error.reason and "above" not in error.reason

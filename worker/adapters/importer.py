@@ -279,6 +279,12 @@ ORDER_SKIPPED = "; the whole order is skipped"
 """Said after why a row of an order could not be read (``_Broken``): none of the order's rows is imported."""
 
 
+_ABOVE_SKIPPED = ("; the order above it, {current!r} from line {line}, is skipped: this row may be one of its lines (a "
+                  "spreadsheet's merged cells leave them empty); write the order's columns on each of its rows")
+"""Said after why a row without an ``order_id`` (empty, or a broken row's empty) right after an order's rows is
+rejected."""
+
+
 def numbered_orders(
     path: Path, *, shop_tz: str = "Asia/Jakarta", shop_currency: str = "IDR", on_warning: Warn | None = None,
     now: datetime | None = None,
@@ -296,7 +302,10 @@ def numbered_orders(
         for line, end, row in rows:
             if isinstance(row, _Broken):
                 reason = row.reason
-                if row.key and row.key == current:  # a row of the order being read: none of its rows is imported
+                if row.blank and group:  # as a row without an order_id is (below): perhaps a line of that order
+                    reason += _ABOVE_SKIPPED.format(current=current, line=group[0][0])
+                    group = []
+                elif row.key and row.key == current:  # a row of the order being read: none of its rows is imported
                     reason += ORDER_SKIPPED if group else ""
                     group = []
                 elif row.key:  # the first row of an order: its next rows are skipped, as a dropped order's are
@@ -313,9 +322,7 @@ def numbered_orders(
             if not key:
                 reason = "missing order_id (required)"
                 if group:  # right after an order's rows: perhaps one of its lines, which it would be stored without
-                    reason += (f"; the order above it, {current!r} from line {group[0][0]}, is skipped: this row may "
-                               "be one of its lines (a spreadsheet's merged cells leave them empty); write the "
-                               "order's columns on each of its rows")  # fmt: skip
+                    reason += _ABOVE_SKIPPED.format(current=current, line=group[0][0])
                     group = []
                 yield line, end, RowError(path.name, line, "", reason)
                 continue
@@ -852,6 +859,9 @@ class _Broken:
     key: str
     """The row's id if it could be found, else ""."""
     reason: str
+    blank: bool = False
+    """The row's id column is there and empty (not an id that could not be read): a later line of the order above
+    it, perhaps, as a row without an ``order_id`` may be."""
 
 
 class _Rows:
@@ -901,7 +911,8 @@ class _Rows:
                 return
             except csv.Error as exc:
                 why = self._unreadable(exc)
-                yield start, reader.line_num, _Broken(why.key, why.reason + _swallowed(start, reader.line_num))
+                yield start, reader.line_num, _Broken(why.key, why.reason + _swallowed(start, reader.line_num),
+                                                           why.blank)
                 continue
             if any(field.strip() for field in fields):
                 columns, key, ignored = self.columns, self.key_column, self.ignored
@@ -913,8 +924,9 @@ class _Rows:
     def _unreadable(self, exc: csv.Error) -> _Broken:
         reason, before = unreadable(exc, "".join(self._taken), self.columns)
         self._taken.clear()
-        key = before[self.key_column].strip() if self.columns and self.key_column < len(before) else ""
-        return _Broken(key, reason)
+        there = bool(self.columns) and self.key_column < len(before)
+        key = before[self.key_column].strip() if there else ""
+        return _Broken(key, reason, there and not key)
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, str] | _Broken]]:
         """(first line, last line, the row) per non-blank row."""
@@ -926,7 +938,7 @@ class _Rows:
                 key = fields[self.key_column].strip() if self.key_column < len(fields) else ""
                 reason = (f"row has {len(fields)} fields, the header has {width} (a stray comma or quote?)"
                           + _swallowed(line, end))  # fmt: skip
-                yield line, end, _Broken(key, reason)
+                yield line, end, _Broken(key, reason, self.key_column < len(fields) and not key)
             else:
                 yield line, end, dict(zip(self.columns, fields, strict=True))
 
@@ -1000,7 +1012,7 @@ def _not_utf8(fields: list[str], columns: list[str], key_column: int) -> _Broken
                 key = fields[key_column].strip() if columns and key_column < len(fields) else ""
                 return _Broken("" if _UNDECODED.search(key) else key, (
                     f"not UTF-8 text: byte 0x{byte:02x} in column {i}{name} (save the file as UTF-8; a spreadsheet "
-                    "calls it 'CSV UTF-8')"))  # fmt: skip
+                    "calls it 'CSV UTF-8')"), bool(columns) and key_column < len(fields) and not key)  # fmt: skip
     return None
 
 
@@ -1034,7 +1046,8 @@ def _mojibake(fields: list[str], columns: list[str], key_column: int) -> _Broken
                 key = fields[key_column].strip() if columns and key_column < len(fields) else ""
                 return _Broken(key if key.isascii() else "", (
                     f"column {i}{name} {_show(field)} reads {_show(text)} in UTF-8: the file was opened in another "
-                    "encoding and saved again (export it again, or open it in the spreadsheet as UTF-8)"))  # fmt: skip
+                    "encoding and saved again (export it again, or open it in the spreadsheet as UTF-8)"),
+                    bool(columns) and key_column < len(fields) and not key)  # fmt: skip
     return None
 
 
