@@ -1205,3 +1205,15 @@ def test_an_unreadable_row_of_an_order_drops_the_whole_order(
     assert f"orders.csv:5: id 'INV-2': {words}" in out, out
     assert "orders: 1 created, 0 updated, 0 unchanged, 2 rejected" in out, out
     assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order") == {"INV-3"}
+
+
+def test_a_file_named_as_a_dash_is_read_when_written_as_a_path(tmp_path: Path) -> None:
+    # Given a file whose name is '-' (an export saved under a name left empty), written ./- as for any program
+    config = migrated_config(tmp_path)
+    (tmp_path / "-").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n", encoding="utf-8")
+    command = [sys.executable, "-m", "worker", "--config", str(config), "import", "customers", "./-"]
+    result = subprocess.run(command, input="", capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    # Then the file is imported: './-' was read as '-', standard input (here empty; on a terminal, a wait for input)
+    assert result.returncode == 0, result.stderr
+    assert "customers: 1 created, 0 updated, 0 unchanged, 0 rejected (from -)" in result.stdout, result.stdout
+    assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1"}

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                        "database cannot be used; 130/143 when stopped by Ctrl-C/SIGTERM (it says up to which line the "
                        "file is imported).")
     p.add_argument("kind", choices=["customers", "products", "orders"], help="what the file holds")
-    p.add_argument("file", type=Path, help="the CSV file (UTF-8, a header row); a pipe is read too: "
+    p.add_argument("file", help="the CSV file (UTF-8, a header row); a pipe is read too: "
                    "<(gunzip -c orders.csv.gz), or '-' for standard input")
     p.add_argument("--check-dns", action="store_true",
                    help="also check that each address's domain accepts mail (needs network; off by default)")
@@ -549,9 +549,11 @@ def _cannot_open(engine: Any, path: Path | None, exc: Any) -> int:
 
 
 def _cmd_import(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.commands.importing import import_file
+    from worker.commands.importing import STDIN, import_file
 
-    return import_file(settings, args.kind, args.file, check_dns=args.check_dns)
+    # '-' as written: a Path reads './-' (a file of that name) as '-' too
+    path = STDIN if args.file == "-" else Path(args.file)
+    return import_file(settings, args.kind, path, check_dns=args.check_dns)
 
 
 def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:

@@ -66,6 +66,10 @@ def _stop_now(stop: type[KeyboardInterrupt]) -> Callable[[int, FrameType | None]
 AGAIN = "Import the file again to finish: the rows already imported are left unchanged."
 
 
+STDIN = Path("/dev/stdin")
+"""The file ``kembali import KIND -`` reads."""
+
+
 def import_file(
     settings: Settings, kind: str, path: Path, *, check_dns: bool = False, now: datetime | None = None,
     again: str = AGAIN,
@@ -73,9 +77,8 @@ def import_file(
     """Import ``path``: the exit code (``EXIT_INTERRUPTED``/``EXIT_TERMINATED`` when a signal stopped it, after saying
     how far it got and then ``again``, what to do about it). ``now`` (default: the clock) is when it happens: an
     order placed after it, or a customer born after its day, is rejected."""
-    shown = str(path)
-    if shown == "-":  # standard input, as `suppress import -` reads it; rows are named 'stdin:LINE'
-        path, shown = Path("/dev/stdin"), "standard input"
+    # standard input (`kembali import KIND -`, as `suppress import -` reads it): its rows are named 'stdin:LINE'
+    shown = "standard input" if path == STDIN else str(path)
     if path.is_dir() or not path.exists():  # a pipe is read as a file: <(gunzip -c customers.csv.gz), /dev/stdin
         print(f"kembali import: {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}", file=sys.stderr)
         return EXIT_USAGE
