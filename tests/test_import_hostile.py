@@ -266,6 +266,18 @@ def test_a_file_named_as_a_dash_is_read_from_standard_input(tmp_path: Path) -> N
     assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1"}
 
 
+def test_a_dash_with_standard_input_closed_says_so(tmp_path: Path) -> None:
+    # Given `kembali import customers -` run with its standard input closed (`<&-`, a cron line missing its pipe)
+    config = migrated_config(tmp_path)
+    command = [sys.executable, "-m", "worker", "--config", str(config), "import", "customers", "-"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                            preexec_fn=lambda: os.close(0))  # fmt: skip
+    # Then it names '-' and what to do (it said "kembali import: /dev/stdin: no such file"), exit 2
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("kembali import: -: standard input ('-') is closed: pipe or redirect the CSV "
+                                     "into the command")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("name", "what"),
     [("customers.csv.gz", "is compressed with gzip: decompress it first (gunzip)"),

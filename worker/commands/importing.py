@@ -80,7 +80,10 @@ def import_file(
     # standard input (`kembali import KIND -`, as `suppress import -` reads it): its rows are named 'stdin:LINE'
     shown = "standard input" if path == STDIN else str(path)
     if path.is_dir() or not path.exists():  # a pipe is read as a file: <(gunzip -c customers.csv.gz), /dev/stdin
-        print(f"kembali import: {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}", file=sys.stderr)
+        what = "a folder, not a file" if path.is_dir() else "no such file"
+        if path == STDIN:  # closed (`<&-`) or not given to the process
+            what = "standard input ('-') is closed: pipe or redirect the CSV into the command"
+        print(f"kembali import: {path if path != STDIN else '-'}: {what}", file=sys.stderr)
         return EXIT_USAGE
     store = Store(db.engine_for(settings))
     db.check_schema(store.engine)
