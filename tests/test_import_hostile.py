@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import pty
 import re
 import signal
 import sqlite3
@@ -264,6 +265,25 @@ def test_a_file_named_as_a_dash_is_read_from_standard_input(tmp_path: Path) -> N
     assert "customers: 1 created, 0 updated, 0 unchanged, 1 rejected (from standard input)" in result.stdout
     assert "rejected stdin:3: id 'C-2': invalid email address 'bad'" in result.stderr, result.stderr
     assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1"}
+
+
+def test_a_dash_on_a_terminal_says_it_reads_standard_input(tmp_path: Path) -> None:
+    # Given `kembali import customers -` typed at a terminal (no pipe): it waits for the CSV
+    config = migrated_config(tmp_path)
+    command = [sys.executable, "-m", "worker", "--config", str(config), "import", "customers", "-"]
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(command, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, cwd=tmp_path)  # fmt: skip
+        os.write(controller, b"id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n\x04")
+        out, err = process.communicate(timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    # Then it says what it waits for, and reads what is typed up to Ctrl-D
+    assert err == "kembali import: reading customers CSV from standard input (end with Ctrl-D)\n"
+    assert process.returncode == 0
+    assert "customers: 1 created, 0 updated, 0 unchanged, 0 rejected (from standard input)" in out
 
 
 def test_a_dash_with_standard_input_closed_says_so(tmp_path: Path) -> None:

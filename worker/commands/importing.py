@@ -87,6 +87,8 @@ def import_file(
         return EXIT_USAGE
     store = Store(db.engine_for(settings))
     db.check_schema(store.engine)
+    if path == STDIN and sys.stdin.isatty():  # typed by hand, or a pipe forgotten: say what it waits for
+        print(f"kembali import: reading {kind} CSV from standard input (end with Ctrl-D)", file=sys.stderr)
     now = now or datetime.now(UTC)
     if kind == "orders":  # the totals this import adds to must count the shop's currency first
         recount = shop.settle_spend_currency(store.engine, settings.shop.currency, now)
