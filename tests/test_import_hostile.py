@@ -887,6 +887,29 @@ def test_an_order_placed_or_delivered_in_the_future_is_a_rejected_row(
     assert str(last[0][0])[:10] == placed[:10], last  # O-4's (the day it was placed, also a run over midnight)
 
 
+def test_a_placeholder_birthday_of_an_age_no_one_reaches_is_a_rejected_row_saying_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an export whose shop wrote 1900-01-01 for a birthday it does not know, and a customer of 100
+    config = migrated_config(tmp_path)
+    today = datetime.now(UTC).date()
+    hundred = date(today.year - 100, 1, 1)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent,birthday\n"
+        "C-1,c1@example.com,Ani,ya,1900-01-01\n"
+        f"C-2,c2@example.com,Budi,ya,{hundred}\n"
+    )
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then the placeholder is a rejected row saying what it looks like (it was imported: a birthday offer every
+    # 1 January to a customer whose birthday no one knows), and the customer of 100 is imported
+    assert code == 1, out
+    assert (f"customers.csv:2: id 'C-1': invalid birthday '1900-01-01' (an age of {today.year - 1900}, over 120: "
+            "a placeholder for a birthday not known? leave the cell empty)") in out, out  # fmt: skip
+    assert "customers: 1 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+    born = dict(_rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id, birthday from customer"))
+    assert {key: str(value) for key, value in born.items()} == {"C-2": str(hundred)}
+
+
 def test_a_birthday_in_the_future_is_a_rejected_row_as_an_order_placed_in_the_future_is(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

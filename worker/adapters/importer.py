@@ -602,8 +602,13 @@ def _zone(row: dict[str, str], shop_tz: str) -> str:
     return value
 
 
+MAX_AGE = 120
+"""The oldest a customer's birthday may make them: an older one is a placeholder (``1900-01-01``), not a birthday."""
+
+
 def _birthday(row: dict[str, str], today: date | None, zone: str) -> date | None:
-    """The birthday, refused before 1900 or after ``today`` (the customer's, in ``zone``): a mistyped year."""
+    """The birthday, refused before 1900, after ``today`` (the customer's, in ``zone``: a mistyped year) or more
+    than ``MAX_AGE`` years before it (a placeholder)."""
     value = row.get("birthday", "").strip()
     if not value:
         return None
@@ -616,6 +621,10 @@ def _birthday(row: dict[str, str], today: date | None, zone: str) -> date | None
         raise _Invalid(f"invalid birthday {_show(value)} ({exc})") from None
     if born.year < 1900:
         raise _Invalid(f"invalid birthday {_show(value)} (year before 1900)")
+    age = today.year - born.year - ((today.month, today.day) < (born.month, born.day)) if today is not None else 0
+    if age > MAX_AGE:  # 1900-01-01, a shop's "not known": a birthday offer every 1 January to no one's birthday
+        raise _Invalid(f"invalid birthday {_show(value)} (an age of {age}, over {MAX_AGE}: a placeholder for a "
+                       "birthday not known? leave the cell empty)")  # fmt: skip
     if today is not None and born > today:
         raise _Invalid(f"invalid birthday {_show(value)} (in the future: after today, {today} in {zone}; check the "
                        "year)")  # fmt: skip
