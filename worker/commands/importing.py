@@ -79,11 +79,12 @@ def import_file(
     order placed after it, or a customer born after its day, is rejected."""
     # standard input (`kembali import KIND -`, as `suppress import -` reads it): its rows are named 'stdin:LINE'
     shown = "standard input" if path == STDIN else str(path)
+    if path == STDIN and not path.exists():  # closed (`<&-`) or not given to the process
+        print("kembali import: -: standard input ('-') is closed: pipe or redirect the CSV into the command",
+              file=sys.stderr)
+        return EXIT_USAGE
     if path.is_dir() or not path.exists():  # a pipe is read as a file: <(gunzip -c customers.csv.gz), /dev/stdin
-        what = "a folder, not a file" if path.is_dir() else "no such file"
-        if path == STDIN:  # closed (`<&-`) or not given to the process
-            what = "standard input ('-') is closed: pipe or redirect the CSV into the command"
-        print(f"kembali import: {path if path != STDIN else '-'}: {what}", file=sys.stderr)
+        print(f"kembali import: {path}: {'a folder, not a file' if path.is_dir() else 'no such file'}", file=sys.stderr)
         return EXIT_USAGE
     store = Store(db.engine_for(settings))
     db.check_schema(store.engine)
