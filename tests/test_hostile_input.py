@@ -289,6 +289,9 @@ def test_a_templates_folder_that_is_not_there_is_named_with_the_line_of_its_key(
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"config: {config}: line {line}: 'templates.dir' '{config.parent / 'nowhere'}' is not a folder\n" \
            in done.stdout, done.stdout
+    # its header said "about 0 sample renders", as if the templates were there and checked
+    assert f"templates: {config.parent / 'nowhere'} (not checked: no such folder)\n" in done.stdout, done.stdout
+    assert "sample renders" not in done.stdout
 
 
 def test_a_stats_period_starting_in_the_future_is_a_usage_error(

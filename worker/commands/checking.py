@@ -117,7 +117,8 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     renders = 0
     unused: list[str] = []
     stray: list[StrayText] = []
-    if folder.is_dir():
+    present = folder.is_dir()  # check_config reports it when not
+    if present:
         with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
             problems += check_templates(settings, renderer)
             unused = unused_folders(settings, renderer)
@@ -129,7 +130,10 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
             print(json_line(p.as_json()))
         return EXIT_PROBLEMS if problems else EXIT_OK
     print(f"config: {settings.source}")
-    print(f"templates: {folder} (about {renders} sample renders: every campaign x language x sample customer)")
+    if present:
+        print(f"templates: {folder} (about {renders} sample renders: every campaign x language x sample customer)")
+    else:
+        print(f"templates: {folder} (not checked: no such folder)")
     if example := example_shop(settings):
         print(f"note: still the example shop's (fine for the demo; set your own before sending real mail): "
               f"{', '.join(example)}")
