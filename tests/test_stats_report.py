@@ -163,12 +163,15 @@ def test_the_nps_follows_the_feedback_scale(tmp_path: Path, scale: str, scores: 
     assert ("NPS -100" in site.cli("stats", "--now", NOW.isoformat()).stdout) is (nps is not None)
 
 
-def _expected_gaps(data: ShopData) -> list[int]:
+def _expected_gaps(data: ShopData, *, within: bool = False) -> list[int]:
+    """Whole days from each customer's first purchase to the second; ``within``: the days within which it came
+    (rounded up: what a win-back ``days`` is compared with)."""
     bought: dict[str, list[datetime]] = defaultdict(list)
     for o in data.orders:
         if o.status.is_paid:
             bought[o.customer_external_id].append(o.placed_at)
-    return sorted(stats.days_between(*sorted(v)[:2]) for v in bought.values() if len(v) >= 2)
+    days = stats.days_within if within else stats.days_between
+    return sorted(days(*sorted(v)[:2]) for v in bought.values() if len(v) >= 2)
 
 
 def test_insights_on_the_demo_shop(tmp_path: Path) -> None:
@@ -176,8 +179,8 @@ def test_insights_on_the_demo_shop(tmp_path: Path) -> None:
     site = make_site(tmp_path / "site")
     data = generate_shop(seed=7, customers=400, now=NOW)
     load_shop(site.settings, data, NOW)
-    gaps = _expected_gaps(data)
-    expected_day = gaps[-(-len(gaps) * 8 // 10) - 1]  # the ceil(0.8 n)-th smallest gap
+    gaps = _expected_gaps(data, within=True)
+    expected_day = gaps[-(-len(gaps) * 8 // 10) - 1]  # the ceil(0.8 n)-th smallest gap, in days rounded up
 
     # When the operator asks when customers buy again
     plot = tmp_path / "gaps.png"
@@ -222,7 +225,7 @@ def test_insights_recommends_the_first_step_when_win_back_has_steps(tmp_path: Pa
         '[[campaigns.winback.steps]]\ndays = 400\ntemplate = "winback"\n'))
     data = generate_shop(seed=7, customers=200, now=NOW)
     load_shop(site.settings, data, NOW)
-    gaps = _expected_gaps(data)
+    gaps = _expected_gaps(data, within=True)
     expected_day = gaps[-(-len(gaps) * 8 // 10) - 1]
 
     # When the operator asks when customers buy again
@@ -381,8 +384,32 @@ def test_insights_recommends_the_day_the_share_was_reached(tmp_path: Path) -> No
     # When the operator asks by when 55 % of second purchases happened
     done = site.cli("insights", "--share", "0.55", "--json")
     assert done.returncode == 0, done.stderr
-    # Then it is day 55: 55 of the 100 came by then
-    assert json.loads(done.stdout)["recommended_quiet_days"] == 55
+    # Then it is day 56: 55 of the 100 came within 56 days (the 55th after 55 days and an hour, after a first email
+    # 55 days after the first order)
+    assert json.loads(done.stdout)["recommended_quiet_days"] == 56
+
+
+def test_the_recommended_day_comes_after_the_second_purchases_it_counts(tmp_path: Path) -> None:
+    # Given 10 customers who all bought again 10 days and 6 hours after their first purchase
+    site = make_site(tmp_path / "site")
+    cs = [f"C{i:02d}" for i in range(10)]
+    orders = [_order(c, 1, FIRST_ORDER, 1_000_00) for c in cs]
+    orders += [_order(c, 2, FIRST_ORDER + timedelta(days=10, hours=6), 1_000_00) for c in cs]
+    engine = db.create_engine(site.settings.database_url)
+    _load(engine, cs, orders)
+    engine.dispose()
+    # When the operator asks for the first win-back day
+    done = site.cli("insights", "--json")
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    # Then it is 11 days: a win-back email goes once the order was placed more than that many days ago, and one
+    # after 10 days would reach every one of them six hours before they came back on their own
+    assert found["recommended_quiet_days"] == 11
+    # while the histogram still puts them on day 10 (from 10 days to just under 11)
+    assert found["histogram"][-1] == {"from_day": 7, "to_day": 13, "customers": 10}
+    text = site.cli("insights").stdout
+    assert "80% of second purchases happened within 11 days" in text, text
+    assert "recommended campaigns.winback.quiet_days = 11, resting on 10 second purchases" in text, text
 
 
 def test_insights_and_repeat_purchases_count_paid_orders_only_on_each_database(db_url: str) -> None:

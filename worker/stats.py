@@ -161,6 +161,7 @@ class Insights:
     """Days from the first to the second purchase, one per customer who bought twice."""
     share: float
     recommended_quiet_days: int | None
+    """The least whole days within which ``share`` of the second purchases came (the first win-back day)."""
     histogram: list[tuple[int, int, int]]
 
     def as_json(self) -> dict[str, object]:
@@ -173,7 +174,11 @@ class Insights:
 def build_insights(engine: Engine, *, share: float = 0.8, bin_days: int = 7) -> Insights:
     pairs = reports.first_two_purchases(engine)
     gaps = [stats.days_between(first, second) for first, second in pairs if second is not None]
+    # the recommendation is a win-back `days`: an email once the first order is more than that many days old, so
+    # the day by which the second purchases came is the ceiling of their gaps (10 days and an hour: 11), where the
+    # histogram's days are whole days passed (day 10: from 10 days to just under 11)
+    within = [stats.days_within(first, second) for first, second in pairs if second is not None]
     return Insights(
         customers=len(pairs), gaps_days=sorted(gaps), share=share,
-        recommended_quiet_days=stats.quantile_day(gaps, share), histogram=stats.histogram(gaps, bin_days),
+        recommended_quiet_days=stats.quantile_day(within, share), histogram=stats.histogram(gaps, bin_days),
     )  # fmt: skip

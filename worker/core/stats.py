@@ -204,6 +204,12 @@ def days_between(first: datetime, second: datetime) -> int:
     return int((second - first) / timedelta(days=1))
 
 
+def days_within(first: datetime, second: datetime) -> int:
+    """Whole days within which the second purchase came (10 days and an hour: 11): the least win-back
+    ``days`` whose email (once the first order was placed more than that many days ago) comes after it."""
+    return -((first - second) // timedelta(days=1))  # the ceiling, in whole microseconds
+
+
 def quantile_day(days: Sequence[int], share: float) -> int | None:
     """The smallest day d such that at least ``share`` of the gaps are at most d."""
     if not days:
