@@ -439,6 +439,32 @@ def test_insights_and_repeat_purchases_count_paid_orders_only_on_each_database(d
     assert (report.retention.active, report.retention.repeat) == (4, 3)
 
 
+def test_insights_counts_days_to_the_microsecond_on_each_database(db_url: str) -> None:
+    # Given second purchases on each side of a whole number of days, to the microsecond (across a second's change
+    # too), one on the moment of the first, and a customer who bought once
+    from worker.stats import build_insights
+
+    at = FIRST_ORDER.replace(microsecond=999_999)
+    us, ten = timedelta(microseconds=1), timedelta(days=10)
+    seconds = {"A": (at, at + ten), "B": (at, at + ten - us), "C": (at, at + ten + us), "D": (at, at),
+               "F": (at, at + ten + 2 * us), "G": (at + us, at + us + ten - us)}  # fmt: skip
+    orders = [_order(c, n, placed, 1_000_00) for c, pair in seconds.items() for n, placed in enumerate(pair)]
+    orders.append(_order("E", 0, at, 1_000_00))
+    engine = db.create_engine(db_url)
+    try:
+        _load(engine, [*seconds, "E"], orders)
+        found = {share: build_insights(engine, share=share) for share in (0.5, 0.7)}
+    finally:
+        engine.dispose()
+    # Then the days passed are those core.stats counts, and the recommendation rounds each gap up
+    insights = found[0.5]
+    assert insights.customers == 7
+    assert insights.gaps_days == sorted(stats.days_between(*pair) for pair in seconds.values()) == [0, 9, 9, 10, 10, 10]
+    assert [stats.days_within(*pair) for pair in seconds.values()] == [10, 10, 11, 0, 11, 10]
+    assert (found[0.5].recommended_quiet_days, found[0.7].recommended_quiet_days) == (10, 11)
+    assert insights.histogram == [(0, 6, 1), (7, 13, 5)]
+
+
 def test_json_lists_suppression_reasons_in_one_order_on_each_database(db_url: str) -> None:
     from worker.stats import build_stats
 

@@ -172,13 +172,18 @@ class Insights:
 
 
 def build_insights(engine: Engine, *, share: float = 0.8, bin_days: int = 7) -> Insights:
-    pairs = reports.first_two_purchases(engine)
-    gaps = [stats.days_between(first, second) for first, second in pairs if second is not None]
+    customers = 0
+    passed: list[int] = []
+    within: list[int] = []
+    for days, days_within, n in reports.second_purchase_days(engine):  # counted in the database
+        customers += n
+        if days is not None and days_within is not None:
+            passed += repeat(days, n)
+            within += repeat(days_within, n)
     # the recommendation is a win-back `days`: an email once the first order is more than that many days old, so
     # the day by which the second purchases came is the ceiling of their gaps (10 days and an hour: 11), where the
     # histogram's days are whole days passed (day 10: from 10 days to just under 11)
-    within = [stats.days_within(first, second) for first, second in pairs if second is not None]
     return Insights(
-        customers=len(pairs), gaps_days=sorted(gaps), share=share,
-        recommended_quiet_days=stats.quantile_day(within, share), histogram=stats.histogram(gaps, bin_days),
+        customers=customers, gaps_days=sorted(passed), share=share,
+        recommended_quiet_days=stats.quantile_day(within, share), histogram=stats.histogram(passed, bin_days),
     )  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -161,20 +160,38 @@ def purchases_around(engine: Engine, since: datetime, until: datetime) -> list[t
         return [(int(b), int(d), int(n)) for b, d, n in conn.execute(query)]
 
 
-def first_two_purchases(engine: Engine) -> list[tuple[datetime, datetime | None]]:
-    """Per customer with a purchase: (first purchase, second purchase or None)."""
-    rank = sa.func.row_number().over(partition_by=O.c.customer_id, order_by=(O.c.placed_at, O.c.id)).label("rank")
-    ranked = sa.select(O.c.customer_id, O.c.placed_at, rank).where(_purchase).subquery()
-    query = (
-        sa.select(ranked.c.customer_id, ranked.c.rank, ranked.c.placed_at)
-        .where(ranked.c.rank <= 2)
-        .order_by(ranked.c.customer_id, ranked.c.rank)
-    )
-    pairs: dict[int, list[datetime]] = defaultdict(list)
+_DAY_US = 86_400_000_000
+
+
+def second_purchase_days(engine: Engine) -> list[tuple[int | None, int | None, int]]:
+    """(whole days passed, whole days within, customers) from the first purchase to the second, over the customers
+    with a purchase (``None, None`` for those who bought once), as ``core.stats.days_between`` and ``days_within``
+    count them (to the microsecond), in the database: a few hundred rows where a row per purchase would be
+    millions."""
+    in_order = {"partition_by": O.c.customer_id, "order_by": (O.c.placed_at, O.c.id)}
+    ranked = sa.select(
+        O.c.placed_at.label("first_at"), sa.func.lead(O.c.placed_at).over(**in_order).label("second_at"),
+        sa.func.row_number().over(**in_order).label("rank"),
+    ).where(_purchase).subquery("ranked")  # fmt: skip
+    first, second = ranked.c.first_at, ranked.c.second_at
+    if engine.dialect.name == "sqlite":  # the text stored, 'YYYY-MM-DD HH:MM:SS.ffffff', to microseconds
+
+        def micros(at: sa.ColumnElement[Any]) -> sa.ColumnElement[int]:
+            whole = sa.cast(sa.func.strftime("%s", sa.func.substr(at, 1, 19)), sa.BigInteger)
+            return whole * 1_000_000 + sa.cast(sa.func.substr(at, 21, 6), sa.BigInteger)
+
+        gap = micros(second) - micros(first)
+    else:  # an interval's epoch is an exact numeric (PostgreSQL 14 and later)
+        gap = sa.cast(sa.extract("epoch", second.op("-")(first)) * 1_000_000, sa.BigInteger)
+    gap = gap.label("gap")
+    gaps = sa.select(gap).where(ranked.c.rank == 1).subquery("gaps")
+    day = sa.literal(_DAY_US, sa.BigInteger)
+    passed = (gaps.c.gap // day).label("passed")  # of whole numbers: the floor, as the gaps are not negative
+    within = ((gaps.c.gap + (_DAY_US - 1)) // day).label("within")
+    query = sa.select(passed, within, sa.func.count()).group_by(passed, within)
     with db.reading(engine) as conn:
-        for cid, _rank, placed in conn.execute(query):
-            pairs[cid].append(_aware(placed))
-    return [(v[0], v[1] if len(v) > 1 else None) for v in pairs.values()]
+        rows = conn.execute(query).all()
+    return [(None if p is None else int(p), None if w is None else int(w), int(n)) for p, w, n in rows]
 
 
 def feedback_scores(engine: Engine, since: datetime, until: datetime) -> list[float] | None:
@@ -186,9 +203,3 @@ def feedback_scores(engine: Engine, since: datetime, until: datetime) -> list[fl
         query = sa.select(F.c.score).where(_in_period(F.c.created_at, since, until), F.c.score.is_not(None))
         return [float(v) for (v,) in conn.execute(query)]
 
-
-def _aware(value: Any) -> datetime:
-    """Window-function results skip the column type on SQLite: make them aware UTC again."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return UTCDateTime().process_result_value(value, sa.engine.default.DefaultDialect())  # type: ignore[return-value]
