@@ -549,6 +549,26 @@ def test_conversion_boundaries_to_the_microsecond_on_each_database(db_url: str) 
 
 
 
+def test_a_now_after_the_current_time_says_its_open_windows_are_counted_as_closed(tmp_path: Path) -> None:
+    # Given a customer emailed yesterday who has not ordered (yet)
+    site = make_site(tmp_path / "site")
+    sent = datetime.now(UTC) - timedelta(days=1)
+    engine = db.create_engine(site.settings.database_url)
+    pk = _load(engine, ["C-1"], [_order("C-1", 0, FIRST_ORDER, 1_000_00)])
+    _ledger_row(engine, pk, "C-1", sent, status="sent", sent_at=sent, updated_at=sent, last_code=250)
+    engine.dispose()
+    # When the operator gives a --now a month ahead (2027 for 2026, say)
+    ahead = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    done = site.cli("stats", "--now", ahead)
+    # Then the report is made, but it says that its week still open is counted as a week without an order
+    assert done.returncode == 0, done.stderr
+    assert "conversion: 0 of 1 emailed customers ordered (0.0%)" in done.stdout
+    assert done.stderr.startswith(f"kembali stats: note: --now {ahead} is after the current time: "), done.stderr
+    assert "attribution window still open now counts as closed, with the orders imported so far" in done.stderr
+    # And a --now already past says nothing of it
+    assert site.cli("stats", "--now", NOW.isoformat()).stderr == ""
+
+
 def test_the_default_period_starts_at_midnight_utc_of_the_day_its_header_names(tmp_path: Path) -> None:
     # Given an address suppressed in the first moment (UTC) of the day 90 days before 2026-11-20, and one a second
     # before it

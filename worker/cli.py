@@ -187,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="end the period at this moment instead of now, ISO 8601 with offset, e.g. "
                    "2027-03-01T00:00+07:00: its day in UTC is the report's last, what was recorded after it is "
                    "left out, and an attribution window still open at it is pending (the messages' statuses are "
-                   "today's)")
+                   "today's; after the current time, a window still open today counts as closed, as stderr notes)")
     p.add_argument("--window-days", type=arguments.window_days, default=7, metavar="DAYS",
                    help=f"attribution window in days, 1 to {arguments.MAX_WINDOW_DAYS} (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -47,6 +47,9 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"kembali stats: --since {args.since} is after {today} ({now:%Y-%m-%d}, UTC): give a day "
               f"{'before it' if args.now else 'in the past'}", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    if args.now and args.now > datetime.now(UTC):  # a year mistyped, or a demo's simulated clock
+        print(f"kembali stats: note: --now {args.now.isoformat()} is after the current time: an attribution window "
+              "still open now counts as closed, with the orders imported so far", file=sys.stderr)  # fmt: skip
     engine = db.engine_for(settings)
     try:
         db.check_schema(engine)
