@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -567,6 +568,24 @@ def test_a_now_after_the_current_time_says_its_open_windows_are_counted_as_close
     assert "attribution window still open now counts as closed, with the orders imported so far" in done.stderr
     # And a --now already past says nothing of it
     assert site.cli("stats", "--now", NOW.isoformat()).stderr == ""
+
+
+@pytest.mark.parametrize(("command", "figures"), [
+    ("stats", ["planned", "sent", "failed", "hard bounces", "uncertain", "waiting", "skipped", "conversion",
+               "revenue", "holdout", "against", "still inside the window", "lift", "verdict", "deliverability",
+               "repeat purchase rate", "churn", "feedback"]),
+    ("insights", ["customers have bought", "days from the first to the second purchase", "median", "recommended"]),
+])  # fmt: skip
+def test_the_help_says_what_each_figure_of_the_report_is(tmp_path: Path, command: str, figures: list[str]) -> None:
+    # the help listed the figures' names alone: what "waiting", "against" or "churn" count, or whether an order
+    # before the email converts, was in the README only
+    site = make_site(tmp_path / "site")
+    help_text = site.cli(command, "--help").stdout
+    assert "\nfigures: " in help_text, help_text
+    defined = help_text.split("\nfigures: ", 1)[1].split("\nexamples:\n", 1)[0]
+    for figure in figures:  # each the start of a definition: "  waiting  …"
+        assert re.search(rf"^  {re.escape(figure)}(?=[ :\n])", defined, re.M), (figure, defined)
+    assert max(len(line) for line in defined.splitlines()) <= 80
 
 
 def test_the_default_period_starts_at_midnight_utc_of_the_day_its_header_names(tmp_path: Path) -> None:

@@ -212,8 +212,66 @@ def _parser() -> argparse.ArgumentParser:
     for command, lines in EXAMPLES.items():
         parser = sub.choices[command]
         parser.formatter_class = _KeepExamples
-        parser.epilog = "\n".join(["examples:", *(f"  {line}" for line in lines)])
+        parser.epilog = FIGURES.get(command, "") + "\n".join(["examples:", *(f"  {line}" for line in lines)])
     return top
+
+
+FIGURES = {
+    "stats": """\
+figures: per campaign and step; a purchase is an order paid, shipped or
+delivered (not placed and unpaid, cancelled or refunded)
+  planned        ledger rows planned in the period: one per message, however
+                 often it was tried or resent
+  sent           the server accepted it
+  failed         refused for good, or out of attempts
+  hard bounces   of the failed, those whose reply says the address does not
+                 exist (the address is now suppressed)
+  uncertain      the connection died after the message was handed over: it
+                 may have arrived (`kembali ledger` decides)
+  waiting        planned, claimed, sending or retry: not settled yet
+  skipped        not sent, by reason (held_out: the holdout group)
+  conversion     of the customers emailed (each once per campaign and step,
+                 from the first email), those who bought after the email and
+                 within --window-days; an order before it does not count
+  revenue        those purchases, in the shop's currency only
+  holdout        the same for the held-out customers (never emailed), from
+                 when their email was due
+  against        every customer not held out, emailed or not, from when the
+                 email was due: what the holdout is compared with
+  still inside the window
+                 customers whose window had not closed at the period's end:
+                 left out of the counts above, not counted as no order
+  lift           against's rate minus the holdout's, in percentage points,
+                 with its 95% interval
+  verdict        "sample too small to tell" under 30 customers, or 5
+                 conversions or non-conversions, in a group; else whether
+                 the 95% interval is above, below or across zero
+  deliverability
+                 addresses added to the suppression list in the period, by
+                 reason (unsubscribed, hard_bounce…)
+  repeat purchase rate
+                 of the customers who bought in the period, those with two
+                 purchases or more in all
+  churn          of the customers who had bought before the period, those
+                 who did not buy in it
+  feedback       ratings given in the period: average, and NPS (0-10 scale)
+
+""",
+    "insights": """\
+figures: a purchase is an order paid, shipped or delivered
+  customers have bought
+                 customers with a purchase, and those with a second one
+  days from the first to the second purchase
+                 per customer who bought again, the whole days passed (day
+                 10: from 10 days to just under 11)
+  median         half the second purchases came by then
+  recommended    the least whole days within which --share of the second
+                 purchases came: a first win-back email that late follows
+                 them (customers yet to come back are not in the sample)
+
+""",
+}
+"""What each figure of the command's report counts, before its examples in its --help."""
 
 
 EXAMPLES: dict[str, tuple[str, ...]] = {
@@ -244,7 +302,7 @@ class _KeepExamples(argparse.HelpFormatter):
     """Wraps the description as argparse does, but keeps the examples' lines as they are."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if text.startswith("examples:\n"):
+        if text.startswith(("examples:\n", "figures:")):
             return text
         return super()._fill_text(text, width, indent)
 
