@@ -466,6 +466,46 @@ def test_insights_counts_days_to_the_microsecond_on_each_database(db_url: str) -
     assert insights.histogram == [(0, 6, 1), (7, 13, 5)]
 
 
+def test_insights_says_how_many_second_purchases_came_after_a_win_back_email_on_each_database(db_url: str) -> None:
+    # Given 10 customers who bought again 10 days and 6 hours after their first purchase: 3 of them had been sent a
+    # win-back email the day before, 1 was sent one after it, 1 was held out, and 1 had a birthday offer before it
+    from worker.stats import build_insights
+
+    cs = [f"C-{i:02d}" for i in range(10)]
+    back = FIRST_ORDER + timedelta(days=10, hours=6)
+    orders = [_order(c, 1, FIRST_ORDER, 1_000_00) for c in cs] + [_order(c, 2, back, 1_000_00) for c in cs]
+    engine = db.create_engine(db_url)
+    try:
+        pk = _load(engine, cs, orders)
+        day_before, day_after = back - timedelta(days=1), back + timedelta(days=1)
+        for c in cs[:3]:
+            _ledger_row(engine, pk, c, day_before, status="sent", sent_at=day_before, last_code=250)
+        _ledger_row(engine, pk, cs[3], day_after, status="sent", sent_at=day_after, last_code=250)
+        _ledger_row(engine, pk, cs[4], day_before, status="skipped", skip_reason="held_out")
+        _ledger_row(engine, pk, cs[5], day_before, campaign="birthday", key="birthday:C-05", status="sent",
+                    sent_at=day_before, last_code=250)  # fmt: skip
+        insights = build_insights(engine)
+    finally:
+        engine.dispose()
+    # Then 3 of the 10 second purchases are said to have come after a win-back email, which may have brought them
+    assert (len(insights.gaps_days), insights.after_winback) == (10, 3)
+    assert insights.as_json()["second_purchases_after_a_winback_email"] == 3
+
+
+def test_insights_warns_that_win_back_emails_may_have_brought_the_second_purchases(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "site")
+    cs = [f"C-{i:02d}" for i in range(4)]
+    back = FIRST_ORDER + timedelta(days=10, hours=6)
+    engine = db.create_engine(site.settings.database_url)
+    orders = [_order(c, 1, FIRST_ORDER, 1_000_00) for c in cs] + [_order(c, 2, back, 1_000_00) for c in cs]
+    pk = _load(engine, cs, orders)
+    _ledger_row(engine, pk, "C-00", back - timedelta(days=1), status="sent", sent_at=back - timedelta(days=1))
+    engine.dispose()
+    text = site.cli("insights").stdout
+    assert ("1 of the 4 second purchases came after a win-back email, which may have brought it on: the days set "
+            "now pull this figure towards themselves") in " ".join(text.split()), text
+
+
 def test_json_lists_suppression_reasons_in_one_order_on_each_database(db_url: str) -> None:
     from worker.stats import build_stats
 
@@ -574,7 +614,8 @@ def test_a_now_after_the_current_time_says_its_open_windows_are_counted_as_close
     ("stats", ["planned", "sent", "failed", "hard bounces", "uncertain", "waiting", "skipped", "conversion",
                "revenue", "holdout", "against", "still inside the window", "lift", "verdict", "deliverability",
                "repeat purchase rate", "churn", "feedback"]),
-    ("insights", ["customers have bought", "days from the first to the second purchase", "median", "recommended"]),
+    ("insights", ["customers have bought", "days from the first to the second purchase", "median", "recommended",
+                  "after a win-back email"]),
 ])  # fmt: skip
 def test_the_help_says_what_each_figure_of_the_report_is(tmp_path: Path, command: str, figures: list[str]) -> None:
     # the help listed the figures' names alone: what "waiting", "against" or "churn" count, or whether an order

@@ -268,6 +268,9 @@ figures: a purchase is an order paid, shipped or delivered
   recommended    the least whole days within which --share of the second
                  purchases came: a first win-back email that late follows
                  them (customers yet to come back are not in the sample)
+  after a win-back email
+                 second purchases that came after a win-back email to the
+                 customer: it may have brought them on
 
 """,
 }

@@ -163,27 +163,32 @@ class Insights:
     recommended_quiet_days: int | None
     """The least whole days within which ``share`` of the second purchases came (the first win-back day)."""
     histogram: list[tuple[int, int, int]]
+    after_winback: int = 0
+    """Second purchases that came after a win-back email to the customer, which may have brought them on."""
 
     def as_json(self) -> dict[str, object]:
         return {"customers": self.customers, "second_purchases": len(self.gaps_days), "share": self.share,
+                "second_purchases_after_a_winback_email": self.after_winback,
                 "recommended_quiet_days": self.recommended_quiet_days,
                 "median_days": stats.quantile_day(self.gaps_days, 0.5),
                 "histogram": [{"from_day": a, "to_day": b, "customers": n} for a, b, n in self.histogram]}  # fmt: skip
 
 
 def build_insights(engine: Engine, *, share: float = 0.8, bin_days: int = 7) -> Insights:
-    customers = 0
+    customers = after_winback = 0
     passed: list[int] = []
     within: list[int] = []
-    for days, days_within, n in reports.second_purchase_days(engine):  # counted in the database
+    for days, days_within, after_email, n in reports.second_purchase_days(engine):  # counted in the database
         customers += n
         if days is not None and days_within is not None:
             passed += repeat(days, n)
             within += repeat(days_within, n)
+            after_winback += n if after_email else 0
     # the recommendation is a win-back `days`: an email once the first order is more than that many days old, so
     # the day by which the second purchases came is the ceiling of their gaps (10 days and an hour: 11), where the
     # histogram's days are whole days passed (day 10: from 10 days to just under 11)
     return Insights(
         customers=customers, gaps_days=sorted(passed), share=share,
         recommended_quiet_days=stats.quantile_day(within, share), histogram=stats.histogram(passed, bin_days),
+        after_winback=after_winback,
     )  # fmt: skip

@@ -163,14 +163,16 @@ def purchases_around(engine: Engine, since: datetime, until: datetime) -> list[t
 _DAY_US = 86_400_000_000
 
 
-def second_purchase_days(engine: Engine) -> list[tuple[int | None, int | None, int]]:
-    """(whole days passed, whole days within, customers) from the first purchase to the second, over the customers
-    with a purchase (``None, None`` for those who bought once), as ``core.stats.days_between`` and ``days_within``
-    count them (to the microsecond), in the database: a few hundred rows where a row per purchase would be
-    millions."""
+def second_purchase_days(engine: Engine) -> list[tuple[int | None, int | None, bool, int]]:
+    """(whole days passed, whole days within, after a win-back email, customers) from the first purchase to the
+    second, over the customers with a purchase (``None, None, False`` for those who bought once), as
+    ``core.stats.days_between`` and ``days_within`` count them (to the microsecond), in the database: a few hundred
+    rows where a row per purchase would be millions. After a win-back email: one was sent to the customer between
+    the first purchase and the second (the email may have brought it on)."""
     in_order = {"partition_by": O.c.customer_id, "order_by": (O.c.placed_at, O.c.id)}
     ranked = sa.select(
-        O.c.placed_at.label("first_at"), sa.func.lead(O.c.placed_at).over(**in_order).label("second_at"),
+        O.c.customer_id, O.c.placed_at.label("first_at"),
+        sa.func.lead(O.c.placed_at).over(**in_order).label("second_at"),
         sa.func.row_number().over(**in_order).label("rank"),
     ).where(_purchase).subquery("ranked")  # fmt: skip
     first, second = ranked.c.first_at, ranked.c.second_at
@@ -183,15 +185,28 @@ def second_purchase_days(engine: Engine) -> list[tuple[int | None, int | None, i
         gap = micros(second) - micros(first)
     else:  # an interval's epoch is an exact numeric (PostgreSQL 14 and later)
         gap = sa.cast(sa.extract("epoch", second.op("-")(first)) * 1_000_000, sa.BigInteger)
-    gap = gap.label("gap")
-    gaps = sa.select(gap).where(ranked.c.rank == 1).subquery("gaps")
+    # each customer's first win-back email sent (win-back emails only go after the one purchase, so the first is
+    # the one to compare): a GROUP BY of the ledger, joined by customer (no index on the ledger leads with it)
+    emailed = (
+        sa.select(M.c.customer_id, sa.func.min(M.c.sent_at).label("sent_at"))
+        .where(M.c.campaign == "winback", M.c.status == MessageStatus.SENT.value, M.c.sent_at.is_not(None))
+        .group_by(M.c.customer_id)
+        .subquery("emailed")
+    )
+    prompted = sa.case((sa.and_(emailed.c.sent_at > first, emailed.c.sent_at < second), True), else_=False)
+    gaps = (
+        sa.select(gap.label("gap"), prompted.label("prompted"))
+        .select_from(ranked.outerjoin(emailed, emailed.c.customer_id == ranked.c.customer_id))
+        .where(ranked.c.rank == 1)
+        .subquery("gaps")
+    )
     day = sa.literal(_DAY_US, sa.BigInteger)
     passed = (gaps.c.gap // day).label("passed")  # of whole numbers: the floor, as the gaps are not negative
     within = ((gaps.c.gap + (_DAY_US - 1)) // day).label("within")
-    query = sa.select(passed, within, sa.func.count()).group_by(passed, within)
+    query = sa.select(passed, within, gaps.c.prompted, sa.func.count()).group_by(passed, within, gaps.c.prompted)
     with db.reading(engine) as conn:
         rows = conn.execute(query).all()
-    return [(None if p is None else int(p), None if w is None else int(w), int(n)) for p, w, n in rows]
+    return [(None if p is None else int(p), None if w is None else int(w), bool(e), int(n)) for p, w, e, n in rows]
 
 
 def feedback_scores(engine: Engine, since: datetime, until: datetime) -> list[float] | None:

@@ -159,6 +159,10 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
     print(f"recommended {key} = {value}, resting on {n} second purchases{caveat}")
     print(f"(currently {current}; customers who have not come back yet are not in this sample, so the true gaps run "
           "somewhat longer)")
+    if found.after_winback:
+        k = found.after_winback
+        print(f"{k} of the {n} second purchases came after a win-back email, which may have brought "
+              f"{'it' if k == 1 else 'them'} on: the days set now pull this figure towards themselves")
     if args.plot:
         print(f"chart written to {args.plot}")
     return EXIT_OK
