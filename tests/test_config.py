@@ -37,6 +37,9 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
         ({"smtp": {"host": "mail.example.com:587"}}, "(the port goes in smtp.port)"),
         ({"smtp": {"username": "halo@shop.example\n"}}, "'smtp.username' must not hold a line break"),
         ({"smtp": {"host": "mail.example.com"}}, "'smtp.tls' is 'none' but smtp.host"),
+        # asyncio reads an empty host as every interface: /metrics and the links open to the network, unsaid
+        ({"web": {"host": ""}}, "'web.host' must be the address to listen on, such as 127.0.0.1"),
+        ({"web": {"host": " "}}, "an empty one would listen on every interface"),
         ({"shop": {"time_zone": "Asia/Atlantis"}}, "'shop.time_zone' is not an IANA time zone"),
         # names the zone database holds that are no place: this host's own zone, and the "-00" placeholder
         ({"shop": {"time_zone": "localtime"}}, "'shop.time_zone' is not an IANA time zone"),

@@ -756,6 +756,9 @@ def _check_daemon(s: Settings) -> None:
         _fail(s, "schedule.attempt_retention_days", "must be 0 (keep forever) or more")
     if s.daemon.health_summary_seconds < 0:
         _fail(s, "daemon.health_summary_seconds", "must be 0 (off) or more")
+    if not s.web.host.strip():  # asyncio would listen on every interface: the links, and /metrics, open to all
+        _fail(s, "web.host", "must be the address to listen on, such as 127.0.0.1 behind your HTTPS proxy (an empty "
+              "one would listen on every interface, /metrics and /healthz included: write 0.0.0.0 if that is meant)")
     if not 0 <= s.web.port < 65536:
         _fail(s, "web.port", "must be between 0 and 65535")
     if s.web.max_connections < 1:
