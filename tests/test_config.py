@@ -126,6 +126,26 @@ def test_link_keys_allow_rotation_and_refuse_short_keys() -> None:
         link_keys(settings, {})
 
 
+def test_a_short_key_among_several_is_named_by_its_place_and_never_shown() -> None:
+    # Given three keys in rotation, the second one too short (a stray comma inside a key, a truncated paste)
+    environ = {"KEMBALI_LINK_SECRET": "new-key-0123456789,sh0rt,old-key-0123456789"}
+    # Then the error says which one, counting from the newest, and shows none of them
+    with pytest.raises(ConfigError) as caught:
+        link_keys(Settings(), environ)
+    message = str(caught.value)
+    assert "the 2nd of the 3 keys in KEMBALI_LINK_SECRET (newest first) is too short" in message, message
+    assert "5 characters" in message and "at least 16" in message, message
+    assert not any(key in message for key in ("sh0rt", "new-key", "old-key")), message
+
+
+def test_a_key_that_is_not_utf8_signs_links_as_its_bytes() -> None:
+    # Given a key saved in Latin-1 (Python reads the environment's other bytes as lone surrogates)
+    raw = b"kunci-rahasia-\xe9t\xe9-0123"
+    keys = link_keys(Settings(), {"KEMBALI_LINK_SECRET": raw.decode("utf-8", "surrogateescape")})
+    # Then it is a key as good as any, its very bytes (it was a traceback from every command)
+    assert keys == [raw]
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [

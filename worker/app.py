@@ -60,7 +60,8 @@ def link_keys(settings: Settings, environ: dict[str, str] | None = None) -> list
     env = os.environ if environ is None else environ
     name = settings.unsubscribe.secret_env
     raw = env.get(name, "")
-    keys = [k.strip().encode() for k in raw.split(",") if k.strip()]
+    # a key's very bytes: one saved in Latin-1 comes as lone surrogates, which .encode() refused with a traceback
+    keys = [k.strip().encode("utf-8", "surrogateescape") for k in raw.split(",") if k.strip()]
     if not keys:
         raise ConfigError(
             f"{settings.source}: 'unsubscribe.secret_env' names the environment variable {name}, "
@@ -69,9 +70,22 @@ def link_keys(settings: Settings, environ: dict[str, str] | None = None) -> list
                 "{name}", name
             )
         )
-    if any(len(k) < 16 for k in keys):
-        raise ConfigError(f"{settings.source}: the key in {name} is too short (use at least 16 characters)")
+    for place, key in enumerate(keys, 1):  # a key is never shown: one of several is named by its place
+        if (chars := len(key.decode("utf-8", "surrogateescape"))) < MIN_LINK_KEY_CHARS:
+            which = f"the {_ordinal(place)} of the {len(keys)} keys in {name} (newest first)" if len(keys) > 1 else (
+                f"the key in {name}")
+            raise ConfigError(f"{settings.source}: {which} is too short ({chars} characters; use at least "
+                              f"{MIN_LINK_KEY_CHARS})")
     return keys
+
+
+MIN_LINK_KEY_CHARS = 16
+
+
+def _ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th… 11th, 12th, 13th, 21st."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def smtp_password(settings: Settings, environ: dict[str, str] | None = None) -> str | None:
