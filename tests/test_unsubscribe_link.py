@@ -9,6 +9,7 @@ import logging
 import re
 import threading
 import urllib.parse
+from datetime import timedelta
 from email import message_from_bytes
 from typing import Any
 
@@ -23,8 +24,10 @@ from worker.adapters.store import Store
 from worker.adapters.web import Request, Response
 from worker.asyncstore import AsyncStore
 from worker.core import tokens
+from worker.domain import OrderLineRecord, OrderRecord, OrderStatus
 from worker.links import Site
 from worker.metrics import Metrics
+from worker.pipeline import plan
 from worker.testing import FakeClock
 
 OLD = "budi.lama@example.com"
@@ -191,4 +194,44 @@ def test_an_old_links_read_of_every_address_mailed_holds_no_send_back(
         assert done.status == 200 and _suppressed(store) == [OLD, NEW]
     finally:
         release.set()
+        store.close()
+
+
+def test_an_unsubscribe_click_stops_the_email_already_planned_to_the_customer(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given two customers sent a win-back email (a real run, a real SMTP server), who then order again and are
+    # planned a rating request each, not sent yet
+    store = make_shop(db_url, [customer("C1"), customer("C2")],
+                      [one_time_order("O1", "C1"), one_time_order("O2", "C2")])  # fmt: skip
+    settings = settings_for(db_url, smtp={"port": smtp_server.port}, campaigns={"feedback": {"enabled": True}})
+    try:
+        assert run_cycle(settings, store, FakeClock(NOW)).dispatched.outcomes == {"sent": 2}
+        c1_mail = next(m for m in smtp_server.messages if m.rcpt_tos == ("c1@example.com",))
+        header = re.search(r"<(https://[^>]+)>", str(message_from_bytes(c1_mail.data)["List-Unsubscribe"]))
+        assert header is not None
+        later = NOW + timedelta(days=10)
+        shop.upsert_orders(store.engine, [
+            OrderRecord(f"O{n}-again", f"C{n}", OrderStatus.DELIVERED, NOW + timedelta(days=1),
+                        NOW + timedelta(days=2), 89_000_00, "IDR", (OrderLineRecord("P-KOPI", 1, 89_000_00),))
+            for n in (1, 2)
+        ], later)  # fmt: skip
+        plan(store, settings, later)
+        planned = store.messages(limit=100)
+        assert sorted((r["email"], r["status"]) for r in planned if r["campaign"] == "feedback") == [
+            ("c1@example.com", "planned"), ("c2@example.com", "planned")]
+
+        # When customer 1 presses the button behind the win-back email's unsubscribe link (a mailbox provider's
+        # one-click POST is the same request)
+        assert _click(store, header.group(1), "POST", ONE_CLICK).status == 200
+
+        # Then the next run sends customer 2's rating request only: customer 1's ends skipped, as suppressed
+        smtp_server.messages.clear()
+        report = run_cycle(settings, store, FakeClock(later))
+        assert [m.rcpt_tos for m in smtp_server.messages] == [("c2@example.com",)]
+        assert report.dispatched.outcomes == {"sent": 1, "skipped:suppressed": 1}
+        rows = {r["email"]: (r["status"], r["skip_reason"]) for r in store.messages(limit=100)
+                if r["campaign"] == "feedback"}  # fmt: skip
+        assert rows == {"c1@example.com": ("skipped", "suppressed"), "c2@example.com": ("sent", None)}
+    finally:
         store.close()
