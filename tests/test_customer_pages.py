@@ -317,6 +317,32 @@ def test_a_link_cut_short_or_tampered_with_says_in_both_languages_what_to_do(ser
     assert html.count('<a href="mailto:unsubscribe@toko-kembali.example">') == 2
 
 
+def test_an_unsubscribe_link_whose_customer_the_database_lacks_says_so_and_where_to_write_not_that_it_worked(
+    served: Served,
+) -> None:
+    """A link from an email the database has no record of (restored from a copy older than the email, rebuilt from
+    the exports): nothing can be suppressed, as the token names no address. The customer was told "You're
+    unsubscribed" and went on getting what the shop sends once their record is imported again."""
+    gone = served.shop.scalar("SELECT max(id) FROM customer") + 100
+    for value in (f"{gone}:0123abcd.kembali", str(gone)):  # a link naming its email, and one of before
+        link = served.link("unsubscribe", "u", value)
+        # When the customer opens it, and when they (or their mailbox provider's one-click) POST it
+        answers = {"GET": http("GET", link), "POST": http("POST", link, ONE_CLICK, FORM)}
+        # Then neither says they are unsubscribed, nor offers a button that does nothing: both say the address was
+        # not found and give the address to write to, in the shop's language and the other (whose link it is, and
+        # so their language, is not known)
+        for method, (status, html, _headers) in answers.items():
+            page = read(html)
+            assert status == 404, (method, status, html)
+            assert page.buttons == [] and "berhenti berlangganan Kakak tidak akan" not in page.words("id"), method
+            assert "Maaf, alamat email Kakak tidak kami temukan" in page.words("id"), (method, page.words("id"))
+            assert "Sorry, we couldn't find your address" in page.words("en"), (method, page.words("en"))
+            assert html.count('<a href="mailto:unsubscribe@toko-kembali.example">') == 2, (method, html)
+            said = re.sub(r"\S+@\S+", "", page.words("id"))  # (as the emails say it: "Kakak", and no English)
+            assert not OTHER_REGISTER.findall(said) and not ENGLISH.findall(said), said
+    assert served.shop.scalar("SELECT count(*) FROM suppression") == 0
+
+
 def test_a_database_failure_gives_a_kind_page_in_both_languages_not_a_bare_error(tmp_path: Path) -> None:
     # Given a shop whose database refuses new suppressions and ratings (as a full disk or a lock would)
     shop = _shop(tmp_path)

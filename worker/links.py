@@ -25,7 +25,9 @@
   ledger's figures (``kembali_database_up 0``) but with this process's own.
 
 A token that does not verify (forged, truncated, tampered, the wrong kind) gets
-a 400 page and changes nothing. A customer's click the database fails gets a 500
+a 400 page and changes nothing; an unsubscribe token whose customer the database
+lacks (restored from an older copy), a 404 page that says so and where to write.
+A customer's click the database fails gets a 500
 page that says sorry and to try again (an unsubscribe link's, the address to
 write to meanwhile), in the shop's language and the other. Tokens name database
 ids and Message-IDs, never an address.
@@ -175,6 +177,9 @@ class Site:
         shop = self.settings().shop.name
         if request.method != "POST":
             addresses, mailed_known = await self._addresses(link, customer, post=False)
+            if not addresses:  # no such customer: a button would do nothing, and its page say it worked
+                mailto = self.settings().unsubscribe.mailto
+                return self._page(HTTPStatus.NOT_FOUND, pages.unknown_unsubscriber(self._default_locale(), mailto))
             # "already unsubscribed" only when the address the email went to is among those looked at: an old link
             # (or one the ledger does not find) shows the button, and its POST finds every address mailed
             if (mailed_known and addresses
@@ -185,16 +190,17 @@ class Site:
         if b"List-Unsubscribe" not in request.body or b"One-Click" not in request.body:
             return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(locale, self.settings().unsubscribe.mailto))
         addresses, _ = await self._addresses(link, customer, post=True)
-        if not addresses:
+        if not addresses:  # the token names no address: nothing to suppress, and the customer is told so
             log.event("unsubscribe_unknown_customer", logging.WARNING, customer_id=link.customer_id)
+            mailto = self.settings().unsubscribe.mailto
+            return self._page(HTTPStatus.NOT_FOUND, pages.unknown_unsubscriber(self._default_locale(), mailto))
         created = await self.store.call(  # in one transaction: both, or neither and a 500
             opstore.suppress_many, s, addresses, reason="unsubscribed", source="unsubscribe-link", now=self.clock.now()
         )
-        if addresses:
-            to, *also = [log.mask_email(a) for a in addresses]
-            extra: dict[str, Any] = {"also": ",".join(also)} if also else {}
-            log.event("unsubscribed", customer=customer.external_id if customer is not None else None, to=to,
-                      **extra, new=created > 0)  # fmt: skip
+        to, *also = [log.mask_email(a) for a in addresses]
+        extra: dict[str, Any] = {"also": ",".join(also)} if also else {}
+        log.event("unsubscribed", customer=customer.external_id if customer is not None else None, to=to,
+                  **extra, new=created > 0)  # fmt: skip
         masked = [log.mask_email(a) for a in addresses]
         return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop, masked))
 

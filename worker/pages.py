@@ -42,6 +42,13 @@ _TEXT: dict[str, dict[Locale, str]] = {
         Locale.ID: "Kakak juga bisa berhenti berlangganan dengan mengirim email ke {address}.",
         Locale.EN: "You can also unsubscribe by sending an email to {address}.",
     },
+    "unknown_title": {Locale.ID: "Maaf, alamat email Kakak tidak kami temukan",
+                      Locale.EN: "Sorry, we couldn't find your address"},
+    "unknown_body": {
+        Locale.ID: "Tautan ini berasal dari email yang tidak ada lagi di catatan kami, jadi belum bisa dipakai "
+                   "untuk berhenti berlangganan.",
+        Locale.EN: "This link is from an email we no longer have on record, so it can't unsubscribe you.",
+    },
     "missing_title": {Locale.ID: "Halaman tidak ditemukan", Locale.EN: "Page not found"},
     "missing_body": {
         Locale.ID: "Coba buka lagi tautan dari email kami, ya.",
@@ -135,6 +142,12 @@ def bad_link(locale: Locale, unsubscribe_mailto: str = "") -> bytes:
     """A link that does not verify. An unsubscribe link's page gives ``unsubscribe_mailto`` (an address, or a
     mailto: URI) to write to instead: a link cut short, or signed with a retired key, is no dead end."""
     return _in_both_languages(locale, "bad_title", "bad_body", unsubscribe_mailto)
+
+
+def unknown_unsubscriber(locale: Locale, unsubscribe_mailto: str = "") -> bytes:
+    """An unsubscribe link whose customer the database has no record of (restored from a copy older than the
+    email): the token names no address, so nothing was done; ``unsubscribe_mailto`` is where to write instead."""
+    return _in_both_languages(locale, "unknown_title", "unknown_body", unsubscribe_mailto)
 
 
 def trouble(locale: Locale, unsubscribe_mailto: str = "") -> bytes:
