@@ -171,6 +171,35 @@ def test_a_connection_that_sends_nothing_does_not_stop_the_page(served: tuple[Si
                 raise AssertionError(f"{path} was served")
 
 
+def test_a_head_is_answered_as_a_get_without_the_body_and_other_methods_get_405(served: tuple[Site, str]) -> None:
+    """A HEAD (a link checker's, curl -I) got 501 "Unsupported method", and a POST the same, where HTTP says 405 and
+    which methods the page takes."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    _site, url = served
+    parts = urlsplit(url)
+
+    def ask(method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 0, timeout=60)
+        try:
+            conn.request(method, path, body=b"" if method in ("POST", "PUT") else None)
+            reply = conn.getresponse()
+            return reply.status, dict(reply.getheaders()), reply.read()
+        finally:
+            conn.close()
+
+    for path in ("/", "/version", "/nothing"):
+        got, got_headers, body = ask("GET", path)
+        status, headers, nothing = ask("HEAD", path)
+        assert (status, nothing) == (got, b""), (path, status, nothing)
+        assert headers["Content-Type"] == got_headers["Content-Type"], path
+        assert path == "/" or headers["Content-Length"] == str(len(body)), path  # (the page's /version may change)
+    for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+        status, headers, _body = ask(method, "/")
+        assert status == 405 and headers["Allow"] == "GET, HEAD", (method, status, headers)
+
+
 def test_a_filter_that_does_not_exist_is_shown_at_its_file_and_line(served: tuple[Site, str]) -> None:
     import html
     import urllib.request
