@@ -446,6 +446,35 @@ def test_sighup_with_a_templates_folder_that_is_not_there_names_the_line_of_its_
         assert daemon.stop() == 0
 
 
+def test_sighup_with_another_link_key_variable_is_rejected_until_a_restart_and_links_keep_working(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon whose links are signed with KEMBALI_LINK_SECRET, and another key in SHOP_LINK_KEY
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add([1], days_ago=60)
+    other = "shop-link-key-abcdef0123456789"
+    daemon = Daemon.start(shop, env={"SHOP_LINK_KEY": other})
+    try:
+        daemon.wait_event("daemon_started")
+        # When the config is changed to name SHOP_LINK_KEY and SIGHUP comes
+        text = shop.config.read_text(encoding="utf-8")
+        shop.config.write_text(text.replace("[unsubscribe]\n", '[unsubscribe]\nsecret_env = "SHOP_LINK_KEY"\n', 1),
+                               encoding="utf-8")  # fmt: skip
+        daemon.signal(signal.SIGHUP)
+        # Then the reload is rejected saying a restart applies it: the daemon's keys are read once, at start, so it
+        # went on verifying with the old key while `run --once` and `preview` signed with the new one (every link
+        # they sent a "this link doesn't work" page)
+        rejected = daemon.wait_event("reload_rejected")
+        assert "unsubscribe.secret_env" in rejected["error"] and "restart the daemon" in rejected["error"], rejected
+        assert not daemon.named("reload_done") and not daemon.named("config_reloaded")
+        # And links signed with the key it started with still work
+        token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode())
+        assert http("POST", daemon.url(f"/unsubscribe?t={token}"), ONE_CLICK, FORM)[0] == 200
+    finally:
+        assert daemon.stop() == 0
+    assert other not in daemon.log()
+
+
 RUNAWAY = (
     "{% extends \"_layout.txt\" %}\n{% block content %}\n"
     "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\n{% endblock %}\n"

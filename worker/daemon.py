@@ -635,6 +635,8 @@ class Daemon:
             log.event("reload_rejected", logging.ERROR, trigger=why, error=str(exc))
             return False
         changed = [name for name in RESTART_ONLY if getattr(settings, name) != getattr(old.settings, name)]
+        if settings.unsubscribe.secret_env != old.settings.unsubscribe.secret_env:  # the keys are read at start
+            changed.append("unsubscribe.secret_env")
         if changed:
             log.event("reload_rejected", logging.ERROR, trigger=why,
                       error=f"[{', '.join(changed)}] changed: restart the daemon to apply")
