@@ -99,6 +99,7 @@ def test_gcra_rejects_nonsense(rate: float, burst: int) -> None:
 
 
 KEY, OLD_KEY = b"k" * 32, b"o" * 32
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 def test_tokens_round_trip_and_rotate() -> None:
@@ -118,11 +119,23 @@ def test_tokens_round_trip_and_rotate() -> None:
         lambda t: t + ".x",                       # extra part
         lambda t: "",                             # empty
         lambda t: "!!!.???",                      # not base64
+        # characters base64 decoding skipped, and the same bytes spelt another way: each was taken as the token
+        lambda t: t[:4] + "!!!!" + t[4:],         # characters outside the alphabet, inside the payload
+        lambda t: t + "%%%%",                     # … after the MAC
+        lambda t: t.replace(".", ".    "),        # spaces
+        lambda t: t[:-1] + _B64[_B64.index(t[-1]) ^ 1],  # the MAC's last character, an unused low bit changed
     ],
 )
 def test_forged_tokens_are_rejected(mangle: object) -> None:
     token = tokens.sign("u", "42", KEY)
     assert tokens.verify(mangle(token), [KEY]) is None  # type: ignore[operator]
+
+
+def test_a_token_padded_with_equals_signs_still_verifies() -> None:
+    # (a mail client that leaves base64 padding, or a quoted-printable soft break's '=', on the end of a link)
+    token = tokens.sign("u", "42", KEY)
+    assert tokens.verify(token + "=", [KEY]) == ("u", "42")
+    assert tokens.verify(token + "==", [KEY]) == ("u", "42")
 
 
 def test_tokens_carry_no_readable_email() -> None:

@@ -36,11 +36,16 @@ def sign(kind: str, value: str, key: bytes) -> str:
 
 
 def verify(token: str, keys: Sequence[bytes]) -> tuple[str, str] | None:
-    """(kind, value) when the token was signed by one of ``keys``; None otherwise."""
+    """(kind, value) when the token was signed by one of ``keys``; None otherwise. Each part must be the very
+    base64url that ``sign`` writes (padding ``=`` at its end aside, which a mail client may leave): decoding skips
+    characters outside the alphabet and ignores the last character's unused bits, so tokens with characters
+    added or changed were taken for the one signed."""
     try:
         payload_part, mac_part = token.split(".")
         payload, mac = _unb64(payload_part), _unb64(mac_part)
     except (ValueError, binascii.Error):
+        return None
+    if _b64(payload) != payload_part.rstrip("=") or _b64(mac) != mac_part.rstrip("="):
         return None
     if len(mac) != MAC_BYTES or not any(hmac.compare_digest(_mac(k, payload), mac) for k in keys):
         return None
