@@ -8,6 +8,7 @@ recipient address may be given a ``Behaviour``; anything else is accepted::
     server.greeting = "421 4.3.2 Service not available"   # every new connection
     server.on("new@test", Behaviour(greylist=True))      # 450 the first time, then accepted
     server.client_limit = 4                              # then "451 … too many messages" per client IP
+    server.messages_per_connection = 2                   # then MAIL gets "421 … too many messages" and a hang-up
     server.login = ("shop", "right-password")            # offer AUTH (plaintext); other credentials get 535
     server.login_mechanisms = ("GSSAPI",)                # …with these mechanisms only (default LOGIN, PLAIN)
     RecordingServer(tls_context=ctx)                     # offer STARTTLS with this server-side context
@@ -56,6 +57,8 @@ class Behaviour:
 ACCEPT = Behaviour()
 GREYLIST_REPLY = "450 4.7.1 Greylisted, please try again in 60 seconds"
 CLIENT_LIMIT_REPLY = "451 4.7.1 Too many messages from your IP, slow down"
+CONNECTION_LIMIT_REPLY = "421 4.7.0 mx.test.example Too many messages in this connection"
+"""Exim's answer to MAIL FROM past ``smtp_accept_max_per_connection``, before it closes the connection."""
 
 
 class _FaultyHandler(SinkHandler):
@@ -115,6 +118,15 @@ class _FaultySMTP(SMTP):
             return
         await self.push(self._owner.ehlo_reply)  # the client falls back to HELO, which aiosmtpd takes
 
+    async def smtp_MAIL(self, arg: str) -> None:
+        limit = self._owner.messages_per_connection
+        self._mails = getattr(self, "_mails", 0) + 1
+        if limit is not None and self._mails > limit:
+            await self.push(CONNECTION_LIMIT_REPLY)
+            _hang_up(self)
+            return
+        await super().smtp_MAIL(arg)
+
     async def smtp_DATA(self, arg: str) -> None:
         rcpts = list(self.envelope.rcpt_tos) if self.envelope is not None else []
         if not any(self._owner.behaviour(r).drop_mid_data for r in rcpts):
@@ -137,6 +149,8 @@ class RecordingServer:
         self.client_limit: int | None = None
         """Recipients accepted per client IP before every further RCPT gets ``CLIENT_LIMIT_REPLY``."""
         self.accepted_from: Counter[str] = Counter()
+        self.messages_per_connection: int | None = None
+        """MAIL FROMs taken on one connection; the next gets ``CONNECTION_LIMIT_REPLY`` and the connection is closed."""
         self.data_taken = 0
         """Messages whose whole DATA the server has read (before any delay at "data" and its reply)."""
         self.ehlo_reply: str | None = None

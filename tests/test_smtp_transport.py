@@ -98,6 +98,34 @@ def test_reconnects_after_the_server_closes_the_connection(
     assert smtp_server.connections == 2
 
 
+def test_a_421_to_mail_from_on_a_reused_connection_opens_a_new_one_for_that_message(
+    smtp_server: RecordingServer,
+) -> None:
+    # Given a server that takes two messages a connection, then answers MAIL FROM with a 421 and hangs up (Exim's
+    # smtp_accept_max_per_connection)
+    smtp_server.messages_per_connection = 2
+
+    async def main() -> list[SendResult]:
+        async with SmtpTransport(smtp_server.settings(pool_size=1)) as transport:
+            return [await transport.send(SENDER, f"c{i}@test.example", make_message(i)) for i in range(5)]
+
+    results = run(main())
+
+    # Then nothing of the third message had been said: it goes out on a new connection, as every one does
+    assert [(r.outcome, r.code) for r in results] == [(Outcome.SENT, 250)] * 5
+    assert [m.rcpt_tos for m in smtp_server.messages] == [(f"c{i}@test.example",) for i in range(5)]
+    assert smtp_server.connections == 3
+
+
+def test_a_421_to_mail_from_on_a_new_connection_is_the_servers_trouble(smtp_server: RecordingServer) -> None:
+    smtp_server.messages_per_connection = 0
+
+    result = run(send_one(smtp_server.settings(), "x@test.example"))
+
+    assert (result.outcome, result.code, result.stage) == (Outcome.TRANSIENT, 421, "mail")
+    assert smtp_server.connections == 1
+
+
 SLOW = 1.0
 """Server delay for the slow cases; the client's timeout is 0.3 s."""
 

@@ -51,7 +51,8 @@ than ``SmtpTransport.IDLE_REUSE_SECONDS``: then it is opened anew). After a repl
 MAIL/RCPT/DATA the connection is RSET and kept; after an error reply to the
 final dot it is kept as is; after anything else (drop, timeout, garbled reply,
 any 421) it is closed and the slot reconnects next time. A pooled connection that
-turns out dead at MAIL (nothing of the message sent yet) is reopened once.
+turns out dead at MAIL, or is closed there with a 421 (Exim's limit of messages
+per connection), nothing of the message sent yet, is reopened once.
 
 TLS is explicit: ``tls`` is implicit TLS, ``starttls`` REQUIRES the STARTTLS
 upgrade (never a silent plaintext fallback, and AUTH only after it), ``none``
@@ -239,11 +240,13 @@ class SmtpTransport:
             attempt.stage = "mail"
             try:
                 await _mail(client, sender)
-            except SMTPServerDisconnected:
-                if not reused:
+            except (SMTPServerDisconnected, SMTPSenderRefused) as exc:
+                if not reused or (isinstance(exc, SMTPSenderRefused) and exc.code != 421):
                     raise
-                # the server closed the pooled connection while it sat idle and we
-                # had not noticed yet: nothing of this message was sent, reopen once
+                # the server closed the pooled connection while it sat idle and we had not noticed yet, or closes
+                # it now with a 421 (a limit of messages per connection, an idle timeout): nothing of this
+                # message was said yet, reopen once
+                slot.discard()
                 attempt.stage = "connect"
                 client, _ = await self._ready_client(slot, attempt)
                 attempt.stage = "mail"
