@@ -8,6 +8,7 @@ from email import policy
 from email.parser import BytesParser
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from tests.shop import PRODUCTS, customer, one_time_order
@@ -223,3 +224,22 @@ def test_send_test_of_a_birthday_template_printing_the_birthday(tmp_path: Path, 
     parsed = BytesParser(policy=policy.default).parsebytes(received.data)
     sent = parsed.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
     assert "Selamat ulang tahun (28 Februari 2027)!" in sent, sent
+
+
+def test_a_server_on_the_implicit_tls_port_without_tls_is_told_what_to_check(tmp_path: Path) -> None:
+    # Given smtp.port 465 (SMTPS) with smtp.tls = "starttls": a real server there waits for TLS while kembali waits
+    # for its greeting, and the attempt times out like a hung server (here nothing listens: refused)
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 465)) == 0:
+            pytest.skip("something listens on 127.0.0.1:465")
+    site = make_site(tmp_path / "site", smtp_port=465)
+    site.config.write_text(site.config.read_text().replace("pool_size = 2\n", 'pool_size = 2\ntls = "starttls"\n'))
+
+    done = site.cli("send-test", "--campaign", "winback", "--to", "me@shop.example")
+
+    # Then it says what `run --once` and `check` say: 465 is the implicit-TLS port, smtp.tls is usually 'tls'
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "kembali send-test: not sent: the SMTP server 127.0.0.1:465 could not be used: " in done.stderr
+    assert "smtp.port 465 is the implicit-TLS port (SMTPS), where smtp.tls is usually 'tls', not 'starttls'" in (
+        done.stderr
+    )

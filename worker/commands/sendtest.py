@@ -18,6 +18,7 @@ from worker import contexts, stopping
 from worker.app import Deps
 from worker.checks import SAMPLE_LINK_KEY, campaigns_to_check
 from worker.commands import arguments
+from worker.config import tls_port_hint
 from worker.core import samples
 from worker.core.render import build_context, build_message
 from worker.core.retry import connection_failure
@@ -94,8 +95,10 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
         return EXIT_OK
     failure = connection_failure(result)
     if failure is not None:  # before RCPT TO: the server or the setup, not this message (exit 3, as documented)
+        hint = tls_port_hint(settings.smtp)  # 465 without "tls" times out like a hung server: as `run --once` says
         fix = {"setup": f"; check {result.setup}",
-               "auth": f"; check smtp.username and the password in ${settings.smtp.password_env}"}.get(failure, "")
+               "auth": f"; check smtp.username and the password in ${settings.smtp.password_env}"}.get(
+                   failure, f"; {hint}" if hint else "")  # fmt: skip
         print(f"kembali send-test: not sent: the SMTP server {settings.smtp.host}:{settings.smtp.port} could not be "
               f"used: {printable(result.reply or result.error_type)}{fix}", file=sys.stderr)  # fmt: skip
         return EXIT_UNAVAILABLE
