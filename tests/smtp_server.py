@@ -159,6 +159,8 @@ class RecordingServer:
         """When set, AUTH is offered (without TLS: loopback tests) and only this (username, password) is
         accepted; aiosmtpd answers anything else with "535 5.7.8 Authentication credentials invalid"."""
         self.login_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN")
+        self.login_refusal: str | None = None
+        """When set, the reply to a refused login instead of aiosmtpd's 535 (e.g. a 454 temporary failure)."""
         """The AUTH mechanisms offered when ``login`` is set (of LOGIN, PLAIN and GSSAPI)."""
         self._tls_context = tls_context
 
@@ -181,7 +183,8 @@ class RecordingServer:
 
     def _authenticate(self, server: SMTP, session: Any, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
         ok = isinstance(data, LoginPassword) and (data.login.decode(), data.password.decode()) == self.login
-        return AuthResult(success=ok, handled=False)  # aiosmtpd answers a failure with its 535
+        # aiosmtpd answers a failure with its 535 unless told another reply
+        return AuthResult(success=ok, handled=False, message=None if ok else self.login_refusal)
 
     def on(self, recipient: str, behaviour: Behaviour) -> None:
         self.behaviours[recipient] = behaviour

@@ -447,6 +447,32 @@ def test_a_wrong_smtp_password_pauses_at_once_and_fails_no_one(
         shop.close()
 
 
+def test_a_temporary_refusal_of_the_login_pauses_without_blaming_the_password(
+    url: str, server: RecordingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a relay whose login service is down for now (or that saw too many logins): every login gets a 454
+    server.login = ("shop", "another-password")
+    server.login_refusal = "454 4.7.0 Temporary authentication failure"
+    monkeypatch.setenv("KEMBALI_SMTP_PASSWORD", "right-password")
+    emails, shop = _six_one_at_a_time(url, server.port, {"username": "shop"})
+    try:
+        report = shop.cycle()
+
+        # Then the run pauses at once (each login would meet it), fails no one, and says it is the server's for now,
+        # not a password to check
+        paused = report.dispatched.paused
+        assert paused is not None and "454 4.7.0 Temporary authentication failure" in paused
+        assert "temporary" in paused and "not a wrong password" in paused
+        assert "check smtp.username" not in paused
+        rows = [shop.row(e) for e in emails]
+        assert sorted(r.status for r in rows) == ["planned"] * 5 + ["retry"]
+        assert running.exit_code(report) == running.EXIT_UNAVAILABLE
+        (event,) = _events(caplog, "dispatcher_paused")
+        assert event["reason"] == paused
+    finally:
+        shop.close()
+
+
 def test_pauses_in_a_row_are_counted_until_a_send_gets_past_the_connection(
     url: str, server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

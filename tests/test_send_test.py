@@ -243,3 +243,23 @@ def test_a_server_on_the_implicit_tls_port_without_tls_is_told_what_to_check(tmp
     assert "smtp.port 465 is the implicit-TLS port (SMTPS), where smtp.tls is usually 'tls', not 'starttls'" in (
         done.stderr
     )
+
+
+def test_a_login_refused_for_now_is_not_blamed_on_the_password(
+    tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a relay whose login service is down for now: it answers every login with a 454
+    smtp_server.login = ("shop", "another-password")
+    smtp_server.login_refusal = "454 4.7.0 Temporary authentication failure"
+    monkeypatch.setenv("KEMBALI_SMTP_PASSWORD", "right-password-hunter2")
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port)
+    site.config.write_text(site.config.read_text().replace("pool_size = 2\n", 'pool_size = 2\nusername = "shop"\n'))
+
+    done = site.cli("send-test", "--campaign", "winback", "--to", "me@shop.example")
+
+    # Then it says the server refuses logins for now, not to check the password
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "could not be used: 454 4.7.0 Temporary authentication failure; " in done.stderr
+    assert "refuses logins for now" in done.stderr and "not a wrong password" in done.stderr
+    assert "check smtp.username" not in done.stderr and "hunter2" not in done.stderr
+    assert smtp_server.messages == []

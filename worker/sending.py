@@ -537,12 +537,22 @@ class Dispatcher:
         # dispatcher_resumed, the run's summary): it may quote the recipient, whose address is masked there too
         reply = log.mask_addresses(result.reply, keep=(self.settings.shop.from_address, smtp.username))
         if trouble in PAUSES_AT_ONCE:  # every message would fail alike until something is fixed: pause at once
-            self.paused = (
-                f"an SMTP setup problem ({result.setup}): {reply}"  # the reply names host:port and the fix
-                if trouble == "setup"
-                else f"an SMTP authentication failure ({reply[:120]}): check smtp.username "
-                f"({smtp.username!r}) and the password in ${smtp.password_env}"
-            )
+            if trouble == "setup":
+                # the reply names host:port and the fix
+                self.paused = f"an SMTP setup problem ({result.setup}): {reply}"
+            elif result.code is not None and 400 <= result.code < 500:
+                # "454 4.7.0 Temporary authentication failure" (its login service down), Gmail's "too many login
+                # attempts": every login would meet it for now, but the password is not what to check
+                self.paused = (
+                    f"{smtp.host}:{smtp.port} refuses logins for now ({reply[:120]}): a temporary refusal on the "
+                    "server's side (its login service down, or too many logins), not a wrong password; sending "
+                    "tries the login again later"
+                )
+            else:
+                self.paused = (
+                    f"an SMTP authentication failure ({reply[:120]}): check smtp.username "
+                    f"({smtp.username!r}) and the password in ${smtp.password_env}"
+                )
         elif self.failures_in_row >= limit and servers:
             where = {"rcpt": "RCPT TO", "data": "DATA"}.get(result.stage, "the end of the message")
             self.paused = (

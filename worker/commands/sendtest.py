@@ -96,8 +96,10 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     failure = connection_failure(result)
     if failure is not None:  # before RCPT TO: the server or the setup, not this message (exit 3, as documented)
         hint = tls_port_hint(settings.smtp)  # 465 without "tls" times out like a hung server: as `run --once` says
+        refused_for_now = result.code is not None and 400 <= result.code < 500  # a 454 at AUTH: the server's, for now
         fix = {"setup": f"; check {result.setup}",
-               "auth": f"; check smtp.username and the password in ${settings.smtp.password_env}"}.get(
+               "auth": "; the server refuses logins for now (not a wrong password): try again later"
+               if refused_for_now else f"; check smtp.username and the password in ${settings.smtp.password_env}"}.get(
                    failure, f"; {hint}" if hint else "")  # fmt: skip
         print(f"kembali send-test: not sent: the SMTP server {settings.smtp.host}:{settings.smtp.port} could not be "
               f"used: {printable(result.reply or result.error_type)}{fix}", file=sys.stderr)  # fmt: skip
