@@ -83,6 +83,7 @@ def test_classify_reply(code: int | None, stage: str, expected: Outcome) -> None
          "connection"),
         (SendResult(T, 450, "450 4.7.25 Client host rejected: cannot find your hostname", stage="rcpt"), "connection"),
         (SendResult(T, 450, "450 4.2.0 <a@b.example>: Recipient address rejected: Greylisted", stage="rcpt"), None),
+        (SendResult(T, 451, "451 Could not complete sender verify callout", stage="rcpt"), "connection"),
         # a setup every message would meet alike (the transport names what to fix): pauses at once
         (SendResult(T, None, "does not offer STARTTLS", stage="connect", setup="smtp.tls"), "setup"),
         (SendResult(T, None, "certificate verify failed", stage="connect", setup="certificates"), "setup"),
@@ -140,6 +141,10 @@ def test_a_reply_that_wants_a_login_is_told_from_one_about_the_recipient_or_the_
         (554, "reply", "5.7.1 Message rejected as spam", False),
         (554, "data", "5.7.1 Sender address rejected", False),
         (None, "mail", "Connection lost", False),
+        # Exim's sender verification: a "no such user" (or a 5.1.1 quoted from its callout) about the sender
+        (550, "rcpt", "Verification failed for <shop@x.example>\nNo Such User Here\nSender verify failed", True),
+        (550, "rcpt", "Verification failed for <shop@x.example>\nResponse: 550 5.1.1 <shop@x.example>: Recipient "
+                      "address rejected: User unknown\nSender verify failed", True),
         # Amazon SES's sandbox names the identities it has not verified: the sender's, or the recipient's alone
         (554, "reply", "Message rejected: Email address is not verified. The following identities failed the check "
                        "in region US-EAST-1: Shop@X.example", True),

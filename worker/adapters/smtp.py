@@ -30,7 +30,7 @@ a ``reply`` that says how (the dispatcher pauses at once on it, see
                    not relay (``retry.needs_login``)
     shop.from_address  any other 5xx at MAIL FROM (it names the sender alone,
                    the same for every message: a 5.1.x there is no bounce),
-                   "Sender address rejected" at RCPT TO, a login that may not
+                   "Sender address rejected" or Exim's "Sender verify failed" at RCPT TO, a login that may not
                    send as the sender, Amazon SES's sandbox naming the
                    sender not verified (``retry.refuses_the_sender``)
     sending.daily_quota  the provider's daily sending limit reached, at any
@@ -92,6 +92,7 @@ from worker.core.retry import (
     refuses_the_client,
     refuses_the_sender,
     unverified_identities,
+    verifies_the_sender,
 )
 from worker.domain import Outcome, SendResult
 
@@ -407,6 +408,8 @@ class SmtpTransport:
             hint = (f"{s.host}:{s.port} refuses the envelope sender {sender!r}, as it would for every message: "
                     + ("verify shop.from_address (or its domain) in Amazon SES, in the region the reply names"
                        if unverified_identities(exc.message) else
+                       "make shop.from_address an address that takes mail: the server checked that it exists, "
+                       "and found it does not" if verifies_the_sender(exc.message) else
                        "check shop.from_address (an address this relay lets the client send as, on a domain that "
                        "exists) and the relay's own limits"))  # fmt: skip
             return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {hint}", exc, stage, setup="shop.from_address")

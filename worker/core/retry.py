@@ -190,10 +190,19 @@ def needs_login(code: int | None, reply: str) -> bool:
     return code is not None and 400 <= code < 600 and _RELAY_DENIED.search(reply) is not None
 
 
-_SENDER_REJECTED = re.compile(r"sender address rejected|sendasdenied|send as this sender", re.IGNORECASE)
-"""Postfix's sender rules, Microsoft 365's refusals of a login that may not send as the sender."""
-_NOT_THE_RECIPIENT = re.compile(r"(?:sender address|client host|helo command) rejected", re.IGNORECASE)
-"""Postfix's words for a refusal at RCPT TO that is about the sender or this client, not the recipient."""
+_SENDER_VERIFY = r"sender verif(?:y|ication)"
+"""Exim's sender verification: "550-Verification failed for <noreply@shop.example>\n550-No Such User Here\n550 Sender
+verify failed", or with the sender's own server quoted from its callout ("550-Response: 550 5.1.1 <noreply@…>:
+Recipient address rejected: User unknown …\n550 Sender verify failed"), and "451 Could not complete sender verify
+callout": words of a "no such user" and a 5.1.1 that are about the sender, not the recipient."""
+_SENDER_REJECTED = re.compile(rf"sender address rejected|sendasdenied|send as this sender|{_SENDER_VERIFY}",
+                              re.IGNORECASE)  # fmt: skip
+"""Postfix's sender rules, Microsoft 365's refusals of a login that may not send as the sender, Exim's sender
+verification."""
+_NOT_THE_RECIPIENT = re.compile(rf"(?:sender address|client host|helo command) rejected|{_SENDER_VERIFY}",
+                                re.IGNORECASE)  # fmt: skip
+"""Postfix's words for a refusal at RCPT TO that is about the sender or this client, not the recipient; Exim's
+sender verification."""
 
 
 _UNVERIFIED = re.compile(r"address is not verified.*?identities failed the check[^:]*:(?P<who>.*)",
@@ -209,6 +218,12 @@ def unverified_identities(reply: str) -> frozenset[str]:
     if found is None:
         return frozenset()
     return frozenset(word.strip("<>.;\"'").lower() for word in re.split(r"[,\s]+", found["who"])) - {""}
+
+
+def verifies_the_sender(reply: str) -> bool:
+    """Whether a refusal says the server checked that the sender exists and found it does not (Exim's sender
+    verification): ``shop.from_address`` must be an address that takes mail."""
+    return re.search(_SENDER_VERIFY, reply, re.IGNORECASE) is not None
 
 
 def refuses_the_sender(code: int | None, stage: str, reply: str, sender: str = "") -> bool:
