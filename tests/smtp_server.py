@@ -108,6 +108,10 @@ class _FaultySMTP(SMTP):
         await self.push(greeting)
         _hang_up(self)
 
+    async def smtp_AUTH(self, arg: str) -> None:
+        self._owner.logins_tried += 1
+        await super().smtp_AUTH(arg)
+
     async def auth_GSSAPI(self, _: Any, args: list[str]) -> AuthResult:  # aiosmtpd's mechanism hook name
         """A mechanism aiosmtplib does not speak (only offered when in ``login_mechanisms``)."""
         return AuthResult(success=False, handled=False)
@@ -159,6 +163,8 @@ class RecordingServer:
         """When set, AUTH is offered (without TLS: loopback tests) and only this (username, password) is
         accepted; aiosmtpd answers anything else with "535 5.7.8 Authentication credentials invalid"."""
         self.login_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN")
+        self.logins_tried = 0
+        """AUTH commands received: each refused one counts toward a lockout (fail2ban, a provider's)."""
         self.login_refusal: str | None = None
         """When set, the reply to a refused login instead of aiosmtpd's 535 (e.g. a 454 temporary failure)."""
         """The AUTH mechanisms offered when ``login`` is set (of LOGIN, PLAIN and GSSAPI)."""

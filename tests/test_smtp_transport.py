@@ -265,6 +265,34 @@ def test_a_refused_login_is_transient_at_the_auth_stage(smtp_server: RecordingSe
     assert len(smtp_server.messages) == 1
 
 
+@pytest.mark.parametrize("refusal", [None, "454 4.7.0 Temporary authentication failure"])
+def test_a_refused_login_is_tried_once_not_once_per_connection_and_mechanism(
+    smtp_server: RecordingServer, refusal: str | None
+) -> None:
+    # Given a relay that offers LOGIN and PLAIN, refuses the password given, and may lock out (fail2ban, a
+    # provider) whoever fails a few logins in a row
+    smtp_server.login = ("shop", "right-password")
+    smtp_server.login_refusal = refusal
+
+    async def main(password: str) -> list[SendResult]:
+        async with SmtpTransport(smtp_server.settings(username="shop", pool_size=4), password=password) as transport:
+            return await asyncio.gather(
+                *(transport.send(SENDER, f"c{i}@test.example", make_message(i)) for i in range(4))
+            )
+
+    refused = run(main("wrong-password"))
+
+    # Then the four connections opened at once make one login between them, and all four report its refusal
+    assert smtp_server.logins_tried == 1
+    code = 454 if refusal else 535
+    assert [(r.outcome, r.code, r.stage) for r in refused] == [(Outcome.TRANSIENT, code, "auth")] * 4
+    assert len({r.reply for r in refused}) == 1
+    # And with the right password every connection logs in and sends
+    accepted = run(main("right-password"))
+    assert [r.outcome for r in accepted] == [Outcome.SENT] * 4
+    assert len(smtp_server.messages) == 4
+
+
 def test_a_5xx_greeting_is_transient_at_the_connect_stage(smtp_server: RecordingServer) -> None:
     smtp_server.greeting = "554 5.7.1 No SMTP service here"
 

@@ -6,7 +6,8 @@ for delivery problems: it runs one transaction in explicit steps and reports a
 the reply code (or its absence) and the stage the attempt reached:
 
     connect  TCP, greeting, EHLO, STARTTLS           (any failure → transient, not the message's fault)
-    auth     AUTH                                    (a refusal → transient; the dispatcher pauses)
+    auth     AUTH, one mechanism (a refusal → transient; the dispatcher pauses);
+             until a login succeeded the pool's connections take turns
     mail     MAIL FROM                               (4xx transient, 5xx a setup problem: never the message's)
     rcpt     RCPT TO                                 (4xx transient, 5xx permanent)
     data     DATA, 354 expected                      (4xx transient, 5xx permanent)
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import re
 import ssl
 from dataclasses import dataclass
@@ -72,6 +74,7 @@ from typing import cast
 
 from aiosmtplib import (
     SMTP,
+    SMTPAuthenticationError,
     SMTPDataError,
     SMTPException,
     SMTPHeloError,
@@ -142,6 +145,8 @@ class _Slot:
 @dataclass
 class _Attempt:
     stage: str = "connect"
+    login_failures: int = 0
+    """The transport's failed logins when the send began (``SmtpTransport._login``)."""
 
 
 class SmtpTransport:
@@ -176,6 +181,12 @@ class SmtpTransport:
         for _ in range(settings.pool_size):
             self._idle.put_nowait(_Slot())
         self._closed = False
+        self._login_lock = asyncio.Lock()
+        self._logged_in = False
+        """Whether a login has succeeded: until then the pool's connections log in one at a time."""
+        self._login_failures = 0
+        self._login_failure: BaseException | None = None
+        """The last login that failed while the pool's connections took turns (``_login``)."""
 
     def __repr__(self) -> str:
         s = self._settings
@@ -194,11 +205,12 @@ class SmtpTransport:
 
     async def send(self, sender: str, recipient: str, message: bytes) -> SendResult:
         """Send ``message`` (RFC 5322 bytes) from ``sender`` to ``recipient``; classify what happened."""
+        attempt = _Attempt(login_failures=self._login_failures)  # before it waits for a connection of the pool
         slot = await self._idle.get()
         try:
             if self._closed:
                 raise RuntimeError("SmtpTransport is closed")
-            return await self._transaction(slot, sender, recipient, message)
+            return await self._transaction(slot, attempt, sender, recipient, message)
         except BaseException:
             slot.discard()  # cancelled mid-transaction: the connection state is unknown
             raise
@@ -229,8 +241,9 @@ class SmtpTransport:
 
     # --- one transaction -----------------------------------------------------
 
-    async def _transaction(self, slot: _Slot, sender: str, recipient: str, message: bytes) -> SendResult:
-        attempt = _Attempt()
+    async def _transaction(
+        self, slot: _Slot, attempt: _Attempt, sender: str, recipient: str, message: bytes
+    ) -> SendResult:
         for stage, address in (("mail", sender), ("rcpt", recipient)):
             try:
                 _check_address(address)
@@ -312,12 +325,36 @@ class SmtpTransport:
             if s.username:
                 attempt.stage = "auth"
                 _check_auth_offered(client, s)
-                await client.login(s.username, self._password or "")
+                await self._login(client, attempt)
                 attempt.stage = "connect"
         except BaseException:
             client.close()
             raise
         return client
+
+    async def _login(self, client: SMTP, attempt: _Attempt) -> None:
+        """Log in, with one mechanism (``_log_in``). Until a login has succeeded, the pool's connections, opened
+        at once, take turns, and a login that fails is the answer for the sends begun before it: a wrong password
+        costs one refused login, not one per connection and mechanism (eight with four connections), which a
+        relay's fail2ban or a provider's lockout counts toward blocking this host or the account."""
+        s = self._settings
+        if self._logged_in:
+            try:
+                await _log_in(client, s.username, self._password or "", tls=s.tls != "none")
+            except SMTPAuthenticationError:
+                self._logged_in = False  # the password changed under us: take turns again
+                raise
+            return
+        async with self._login_lock:
+            if self._login_failures != attempt.login_failures and self._login_failure is not None:
+                raise copy.copy(self._login_failure)  # failed after this send began (it waited its turn)
+            try:
+                await _log_in(client, s.username, self._password or "", tls=s.tls != "none")
+            except (SMTPException, OSError) as exc:
+                self._login_failures += 1
+                self._login_failure = exc
+                raise
+            self._logged_in = True
 
     async def _data(self, client: SMTP, message: bytes, attempt: _Attempt) -> SMTPResponse:
         """DATA done by hand, so we know whether the final dot was handed over.
@@ -444,6 +481,29 @@ async def _greet(client: SMTP) -> None:
             if not client.is_connected:
                 raise
             await client.helo()
+
+
+_NEXT_MECHANISM = frozenset({504, 534, 538})
+"""Replies to AUTH that refuse the mechanism, not the password (RFC 4954: not supported, too weak, needs
+encryption): the next mechanism offered is tried."""
+
+
+async def _log_in(client: SMTP, username: str, password: str, *, tls: bool) -> None:
+    """Log in with the first mechanism offered of PLAIN, LOGIN and CRAM-MD5 (CRAM-MD5 first on a plaintext
+    connection, where it keeps the password off the wire), trying the next one only when the server refuses the
+    mechanism (``_NEXT_MECHANISM``). aiosmtplib's ``login`` tries every mechanism offered whatever the refusal:
+    a wrong password was refused two or three times a connection."""
+    offered = client.supported_auth_methods  # aiosmtplib's order: cram-md5, plain, login
+    if tls:
+        offered = sorted(offered, key=lambda name: name == "cram-md5")
+    for i, name in enumerate(offered):
+        method = getattr(client, f"auth_{name.replace('-', '')}")
+        try:
+            await method(username, password)
+            return
+        except SMTPAuthenticationError as exc:
+            if exc.code not in _NEXT_MECHANISM or i == len(offered) - 1:
+                raise
 
 
 def _check_auth_offered(client: SMTP, s: SmtpSettings) -> None:
