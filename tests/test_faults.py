@@ -91,6 +91,13 @@ CASES = [
          "retry", 1, "transient", 550, 0, label="retry:sender_refused"),
     Case("553 block list at RCPT", Behaviour(rcpt_reply="553 5.7.1 [BL21] the ip is in Spamhaus's list"),
          "retry", 1, "transient", 553, 0, label="retry:sender_refused"),
+    # a 5.1.x about the sender (Exchange's sender filter, an unknown sender domain) is no "no such user": the
+    # customer is not suppressed
+    Case("554 5.1.0 Sender Denied at RCPT", Behaviour(rcpt_reply="554 5.1.0 Sender Denied"),
+         "retry", 1, "transient", 554, 0, label="retry:sender_refused"),
+    Case("550 5.1.0 sender rejected after DATA",
+         Behaviour(data_reply="550 5.1.0 <shop@test.example> sender rejected : invalid sender domain"),
+         "retry", 1, "transient", 550, 0, label="retry:sender_refused"),
     Case("552 after DATA", Behaviour(data_reply="552 5.3.4 Message size exceeds fixed limit"),
          "failed", 1, "permanent", 552, 0),
     # the body fits the socket buffers, so the dot is written before the server hangs up:

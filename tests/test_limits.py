@@ -288,6 +288,10 @@ BOUNCES = [
     (550, "550 5.7.1 Message rejected: the URL in the message body is listed on the Spamhaus DBL", "content"),
     (554, "554 5.7.1 Message rejected: URL reputation (Cisco Talos) is poor", "content"),
     (554, "554 5.7.1 Message blocked by Barracuda Email Security Service: Spam content", "content"),
+    # a 5.1.x that names the sender, not the recipient: Exchange's sender filter, an unknown sender domain
+    (554, "554 5.1.0 Sender Denied", "sender"),
+    (550, "550 5.1.0 <shop@x.example> sender rejected : invalid sender domain", "sender"),
+    (550, "550 <shop@x.example>: Sender address rejected: User unknown in local recipient table", "sender"),
     (552, "552 5.3.4 Message size exceeds fixed limit", None),
     (550, "550 5.2.1 Mailbox disabled", None),
     (550, "550 Requested action not taken", None),

@@ -17,7 +17,8 @@ datetime) as an argument.
   adds back a twentieth of the configured rate.
 * ``quota_day``, ``quota_day_start`` and ``quota_day_end`` cut days in the shop's time zone.
 * ``bounce_kind`` reads a permanent reply: ``hard_bounce`` (5.1.x, no such
-  user) suppresses the address; ``sender`` (5.7.x about the sender, not the
+  user, unless it says the sender was denied or rejected) suppresses the address; ``sender`` (5.7.x about the
+  sender, or such a 5.1.x, not the
   message: SPF, DKIM, DMARC, reverse DNS, a block list, the sending IP's
   reputation) refuses every message to that domain alike until the operator
   fixes the sending setup, so it is retried later, never failed on the first
@@ -177,6 +178,12 @@ _CONTENT_TEXT = re.compile(r"\b(?:url|uri|links?|content|attachments?|virus|malw
 on a block list is the template's, not the sender's)."""
 
 
+_SENDER_REFUSED = re.compile(r"\bsender (?:address )?(?:denied|rejected)\b", re.IGNORECASE)
+"""A 5.1.x, or a "no such user", that is about the sender, not the recipient: Exchange's sender filter ("554 5.1.0
+Sender Denied"), "5.1.0 <shop@…> sender rejected : invalid sender domain", Postfix's "Sender address rejected: User
+unknown in local recipient table"."""
+
+
 def _about_the_sender(detail: int) -> bool:
     """5.7.``detail`` codes that name the sender's setup: RFC 7372's 5.7.20-5.7.26 (DKIM, SPF, reverse DNS, several
     checks), Gmail's 5.7.27-5.7.28, Microsoft's 5.7.509-5.7.515 (DMARC, authentication level), 5.7.606-5.7.649
@@ -194,12 +201,12 @@ def bounce_kind(code: int | None, reply: str) -> str | None:
     if enhanced is not None and enhanced.group(1) == "5":
         subject = enhanced.group(2)
         if subject == "1" and enhanced.group(3) in ("1", "0", "2", "3", "6", "10"):
-            return "hard_bounce"
+            return "sender" if _SENDER_REFUSED.search(reply) else "hard_bounce"
         if subject == "7":
             return "sender" if _about_the_sender(int(enhanced.group(3))) or _names_the_sender(reply) else "content"
         return None
     if code in (550, 551, 553) and _NO_SUCH_USER.search(reply):
-        return "hard_bounce"
+        return "sender" if _SENDER_REFUSED.search(reply) else "hard_bounce"
     if code in (550, 553, 554) and _names_the_sender(reply):
         return "sender"
     return None
