@@ -194,6 +194,17 @@ def test_each_server_behaviour_gives_its_outcome(
         assert result.reply.startswith(str(code))
 
 
+@pytest.mark.parametrize("stage", ["rcpt", "data"])
+def test_a_timeout_names_the_setting_that_set_it(smtp_server: RecordingServer, stage: str) -> None:
+    # a server slower than smtp.timeout_seconds, at RCPT TO or at the reply to the final dot (uncertain): the reply
+    # kept in the ledger and shown by `ledger list`, send-test and the logs says which setting gave up, and when
+    smtp_server.on("x@test.example", Behaviour(delay_at=stage, delay_seconds=SLOW))
+
+    result = run(send_one(smtp_server.settings(timeout_seconds=0.3), "x@test.example"))
+
+    assert result.reply == "Timed out waiting for server response (after smtp.timeout_seconds, 0.3 s)"
+
+
 def test_a_4xx_hint_becomes_retry_after(smtp_server: RecordingServer) -> None:
     smtp_server.on("x@test.example", Behaviour(rcpt_reply="450 4.7.1 Greylisted, try again in 300 seconds"))
 

@@ -276,7 +276,10 @@ class SmtpTransport:
             if setup is not None:
                 cause, setting, text = setup
                 return _result(classify_reply(None, attempt.stage), None, text, cause, attempt.stage, setup=setting)
-            return _result(classify_reply(None, attempt.stage), None, _text(exc), exc, attempt.stage)
+            text = _text(exc)
+            if isinstance(exc, SMTPTimeoutError):  # which setting gave up, and when: the fix may be to raise it
+                text = f"{text} (after smtp.timeout_seconds, {self._settings.timeout_seconds:g} s)"
+            return _result(classify_reply(None, attempt.stage), None, text, exc, attempt.stage)
         except (ValueError, UnicodeError) as exc:
             if attempt.stage not in ("mail", "rcpt"):
                 raise
