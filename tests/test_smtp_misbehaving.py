@@ -345,6 +345,22 @@ def test_a_relay_that_wants_a_login_pauses_at_once_naming_smtp_username_and_fail
         shop.close()
 
 
+def test_a_relay_that_takes_mail_only_over_tls_pauses_at_once_naming_smtp_tls_not_a_login(
+    sqlite_url: str, server: OddServer
+) -> None:
+    # Given the shop's relay, which takes mail only after STARTTLS (Postfix's smtpd_tls_security_level = encrypt,
+    # Gmail on 587), and smtp.tls = "none"
+    emails = [f"c{i}@test.example" for i in range(6)]
+    _refusing(server, emails, "mail", "530 5.7.0 Must issue a STARTTLS command first")
+    shop = _one_at_a_time(sqlite_url, server, emails)
+    try:
+        # Then the pause names smtp.tls, where it said "set smtp.username", a login the relay never asked for
+        report_words = ("smtp.tls", "530 5.7.0 Must issue a STARTTLS command first", "'starttls'")
+        _paused_at_once_failing_no_one(shop, server, emails, *report_words)
+    finally:
+        shop.close()
+
+
 SENDER_UNKNOWN = "550 5.1.0 <halo@toko-kembali.example>: Sender address rejected: User unknown in local recipient table"
 
 

@@ -190,6 +190,16 @@ def needs_login(code: int | None, reply: str) -> bool:
     return code is not None and 400 <= code < 600 and _RELAY_DENIED.search(reply) is not None
 
 
+_WANTS_TLS = re.compile(r"\bstarttls\b", re.IGNORECASE)
+
+
+def wants_tls(code: int | None, reply: str) -> bool:
+    """Whether a reply to MAIL FROM or RCPT TO says the server takes mail only over TLS: "530 5.7.0 Must issue a
+    STARTTLS command first" (Postfix's ``smtpd_tls_security_level = encrypt``, Gmail on 587). Not a login it wants
+    (``needs_login``): ``smtp.tls``."""
+    return code == 530 and _WANTS_TLS.search(reply) is not None
+
+
 _SENDER_VERIFY = r"sender verif(?:y|ication)"
 """Exim's sender verification: "550-Verification failed for <noreply@shop.example>\n550-No Such User Here\n550 Sender
 verify failed", or with the sender's own server quoted from its callout ("550-Response: 550 5.1.1 <noreply@…>:
