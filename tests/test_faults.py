@@ -454,6 +454,24 @@ def test_a_wrong_smtp_password_pauses_at_once_and_fails_no_one(
         shop.close()
 
 
+def test_a_limit_of_messages_per_connection_costs_no_message_an_attempt(url: str, server: RecordingServer) -> None:
+    # Given a server that takes two messages a connection, then answers MAIL FROM with a 421 and hangs up (Exim's
+    # smtp_accept_max_per_connection), and six customers due over one connection
+    server.messages_per_connection = 2
+    emails, shop = _six_one_at_a_time(url, server.port, {})
+    try:
+        report = shop.cycle()
+
+        # Then each is sent on the first try, its one attempt row a send: the 421s were the connection's, not theirs
+        assert report.dispatched.outcomes == {"sent": 6}
+        for email in emails:
+            assert (shop.row(email).status, shop.row(email).attempts) == ("sent", 1)
+            assert [(a.outcome, a.code) for a in shop.attempts(email)] == [("sent", 250)]
+        assert server.connections == 3
+    finally:
+        shop.close()
+
+
 def test_a_temporary_refusal_of_the_login_pauses_without_blaming_the_password(
     url: str, server: RecordingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
