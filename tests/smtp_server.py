@@ -110,6 +110,9 @@ class _FaultySMTP(SMTP):
 
     async def smtp_AUTH(self, arg: str) -> None:
         self._owner.logins_tried += 1
+        if self._owner.logins_tried <= self._owner.logins_dropped:
+            _hang_up(self)
+            return
         await super().smtp_AUTH(arg)
 
     async def auth_GSSAPI(self, _: Any, args: list[str]) -> AuthResult:  # aiosmtpd's mechanism hook name
@@ -165,6 +168,8 @@ class RecordingServer:
         self.login_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN")
         self.logins_tried = 0
         """AUTH commands received: each refused one counts toward a lockout (fail2ban, a provider's)."""
+        self.logins_dropped = 0
+        """The first AUTH commands that get no reply: the connection is closed instead."""
         self.login_refusal: str | None = None
         """When set, the reply to a refused login instead of aiosmtpd's 535 (e.g. a 454 temporary failure)."""
         """The AUTH mechanisms offered when ``login`` is set (of LOGIN, PLAIN and GSSAPI)."""

@@ -304,6 +304,27 @@ def test_a_refused_login_is_tried_once_not_once_per_connection_and_mechanism(
     assert len(smtp_server.messages) == 4
 
 
+def test_a_login_cut_off_is_that_connections_alone(smtp_server: RecordingServer) -> None:
+    # Given a relay that drops the first connection during its login (a network blip), and four sends at once
+    smtp_server.login = ("shop", "right-password")
+    smtp_server.logins_dropped = 1
+
+    async def main() -> list[SendResult]:
+        settings = smtp_server.settings(username="shop", pool_size=4)
+        async with SmtpTransport(settings, password="right-password") as transport:
+            return await asyncio.gather(
+                *(transport.send(SENDER, f"c{i}@test.example", make_message(i)) for i in range(4))
+            )
+
+    results = run(main())
+
+    # Then the connections that waited their turn log in themselves: one send is cut off, three go out
+    assert sorted((r.outcome, r.stage) for r in results) == [(Outcome.SENT, "reply")] * 3 + [
+        (Outcome.TRANSIENT, "auth")
+    ]
+    assert len(smtp_server.messages) == 3
+
+
 def test_a_5xx_greeting_is_transient_at_the_connect_stage(smtp_server: RecordingServer) -> None:
     smtp_server.greeting = "554 5.7.1 No SMTP service here"
 

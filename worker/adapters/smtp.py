@@ -355,8 +355,8 @@ class SmtpTransport:
                 raise copy.copy(self._login_failure)  # failed after this send began (it waited its turn)
             try:
                 await _log_in(client, s.username, self._password or "", tls=s.tls != "none")
-            except (SMTPException, OSError) as exc:
-                self._login_failures += 1
+            except (SMTPResponseException, SMTPTimeoutError) as exc:  # refused, or no answer in time (the waits
+                self._login_failures += 1  # would add up); a connection dropped during it is this connection's
                 self._login_failure = exc
                 raise
             self._logged_in = True
