@@ -454,6 +454,27 @@ def test_a_wrong_smtp_password_pauses_at_once_and_fails_no_one(
         shop.close()
 
 
+def test_the_log_of_a_hard_bounce_says_the_address_was_suppressed(
+    url: str, server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a server that says one customer's mailbox does not exist and refuses another's message as too big
+    big = "big@test.example"
+    server.on(BAD, Behaviour(rcpt_reply="550 5.1.1 <bad@test.example>: User unknown"))
+    server.on(big, Behaviour(data_reply="552 5.3.4 Message size exceeds fixed limit"))
+    shop = shop_for(url, server, [BAD, big, OK])
+    try:
+        shop.cycle()
+    finally:
+        shop.close()
+
+    # Then the log line of the failure says the address went on the suppression list, and the other's does not
+    failed = {event["customer"]: event for event in _events(caplog, "email_failed")}
+    assert len(failed) == 2
+    bounced, refused = (next(e for e in failed.values() if e["code"] == code) for code in (550, 552))
+    assert bounced["suppressed"] == "hard_bounce"
+    assert "suppressed" not in refused
+
+
 def test_a_limit_of_messages_per_connection_costs_no_message_an_attempt(url: str, server: RecordingServer) -> None:
     # Given a server that takes two messages a connection, then answers MAIL FROM with a 421 and hangs up (Exim's
     # smtp_accept_max_per_connection), and six customers due over one connection

@@ -1071,7 +1071,7 @@ class Dispatcher:
                 self.observer.observe_result(
                     message.campaign, status.value, result.outcome.value, finished_mono - started_mono, finished_mono
                 )
-            _log_outcome(message, status, result, item.customer.external_id)
+            _log_outcome(message, status, result, item.customer.external_id, suppressed=suppress)
 
     def _off_wire(self, on_wire: asyncio.Future[None]) -> None:
         """A send is over, its outcome (if any) handed to the writer."""
@@ -1127,7 +1127,10 @@ def _label(item: Skipped | RenderFailed) -> str:
     return f"skipped:{item.reason.value}" if isinstance(item, Skipped) else "failed:render_error"
 
 
-def _log_outcome(message: ClaimedMessage, status: MessageStatus, result: SendResult, customer: str) -> None:
+def _log_outcome(
+    message: ClaimedMessage, status: MessageStatus, result: SendResult, customer: str, *, suppressed: str | None = None
+) -> None:
+    """``suppressed``: the reason the address went on the suppression list with this outcome (``hard_bounce``)."""
     name = {
         MessageStatus.SENT: "email_sent",
         MessageStatus.RETRY: "email_deferred",
@@ -1146,4 +1149,5 @@ def _log_outcome(message: ClaimedMessage, status: MessageStatus, result: SendRes
         code=result.code,
         reply=log.mask_addresses(result.reply)[:120],
         error=result.error_type,
+        **({"suppressed": suppressed} if suppressed else {}),
     )
