@@ -437,3 +437,70 @@ def test_an_sqlite_upgrade_behind_a_long_writer_gives_up_says_why_and_changes_no
     # And once the writer is done, the same command upgrades
     code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
     assert code == 0 and printed.startswith("schema upgraded: 0017 -> 0018"), printed
+
+
+@pytest.mark.parametrize("case", ["full", "read-only"])
+def test_an_sqlite_upgrade_the_file_cannot_take_says_what_to_do_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    # Given an SQLite database two schemas behind that cannot take the migration's writes: full (its size capped
+    # where it stands, as a full disk stops it), or read-only (as a file the user cannot write; chmod does not stop
+    # root, PRAGMA query_only does)
+    path = tmp_path / "k.db"
+    _schema_at(f"sqlite:///{path}", "0016")
+    config = tmp_path / "config.toml"
+    config.write_text('[database]\nurl = "sqlite:///k.db"\n', encoding="utf-8")
+    pages = sqlite3.connect(path).execute("PRAGMA page_count").fetchone()[0]
+    statement = f"PRAGMA max_page_count = {pages}" if case == "full" else "PRAGMA query_only = ON"
+
+    def limit(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        dbapi_connection.execute(statement)
+
+    sa.event.listen(sa.Engine, "connect", limit)
+    try:
+        # When the schema is upgraded
+        code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    finally:
+        sa.event.remove(sa.Engine, "connect", limit)
+    # Then it stops with exit 3, as an import does, saying what happened, that the database is at its old schema and
+    # what to do: it said it could not open the database it had just read, exit 2 (a bad config)
+    said, remedy = {
+        "full": ("the database is full (SQLite: database or disk is full)",
+                 f"Free space on the disk that holds {path}."),
+        "read-only": ("the database cannot be written (SQLite: attempt to write a readonly database)",
+                      f"Let the user running kembali write {path} and its folder"),
+    }[case]  # fmt: skip
+    assert code == 3, printed
+    assert (f"kembali: the migration of {path} stopped: {said}: nothing was changed, it is at schema 0016. "
+            f"{remedy}") in printed, printed
+    assert "cannot open" not in printed and "Traceback" not in printed, printed
+    assert _query(f"sqlite:///{path}", "SELECT version_num FROM alembic_version") == [("0016",)]
+    # And once the file can take it, the same command upgrades
+    code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    assert code == 0 and printed.startswith("schema upgraded: 0016 -> 0018"), printed
+
+
+@pytest.mark.postgres
+def test_a_postgresql_upgrade_on_a_database_that_takes_no_writes_says_what_to_do_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pg_url: str
+) -> None:
+    # Given a PostgreSQL database one schema behind that takes no writes (a standby, default_transaction_read_only)
+    _schema_at(pg_url, "0017")
+    name = sa.make_url(pg_url).database
+    engine = db.create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    finally:
+        engine.dispose()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{pg_url}"\n', encoding="utf-8")
+    # When the schema is upgraded
+    code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    # Then it stops with exit 3, saying what happened and what to do, and that nothing was changed
+    assert code == 3, printed
+    assert ("stopped: the database takes no writes (PostgreSQL 25006: cannot execute DROP INDEX in a read-only "
+            "transaction): nothing was changed, it is at schema 0017. Point [database] url at the primary server"
+            ) in printed, printed  # fmt: skip
+    assert "Traceback" not in printed, printed
+    assert _query(pg_url, "SELECT version_num FROM alembic_version") == [("0017",)]

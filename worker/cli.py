@@ -575,9 +575,18 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             newer = " (newer than this kembali)" if db.is_newer_than_this(engine, current) else ""
             print(f"current: {current or '(empty)'}{newer}  newest: {db.head_revision(engine)}")
             return EXIT_OK
-        before, after = db.upgrade(engine, waiting=lambda: print(
-            f"kembali: another `kembali db upgrade` is migrating {db.describe(engine)}: waiting for it to finish",
-            file=sys.stderr, flush=True))
+        try:
+            before, after = db.upgrade(engine, waiting=lambda: print(
+                f"kembali: another `kembali db upgrade` is migrating {db.describe(engine)}: waiting for it to finish",
+                file=sys.stderr, flush=True))
+        except sa_exc.DBAPIError as exc:
+            refused = db.storage_refused(exc, engine)
+            if refused is None:
+                raise
+            # the migration is one transaction: rolled back whole, the database at the revision read above
+            print(f"kembali: the migration of {db.describe(engine)} stopped: {refused.what}: nothing was changed, "
+                  f"it is at schema {current or '(empty)'}. {refused.remedy}", file=sys.stderr)  # fmt: skip
+            return EXIT_UNAVAILABLE
         if before == after:
             print(f"schema already at {after}")
         else:

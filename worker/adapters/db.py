@@ -604,6 +604,16 @@ def sqlite_busy(exc: BaseException) -> bool:
         getattr(orig, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED))
 
 
+def storage_refused(exc: BaseException, engine: Engine) -> WriteFailure | None:
+    """``write_failure`` of ``exc`` when the database's storage refused the write, whoever wrote: a full disk, or a
+    database that takes no writes (a read-only SQLite file, a PostgreSQL standby); else None."""
+    orig = getattr(exc, "orig", None)
+    refused = (isinstance(orig, sqlite3.Error)
+               and getattr(orig, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY)
+               ) or getattr(orig, "sqlstate", None) in (DISK_FULL, READ_ONLY_TRANSACTION)  # fmt: skip
+    return write_failure(exc, engine, DatabaseSettings()) if refused else None
+
+
 def write_failure(exc: BaseException, engine: Engine, database: DatabaseSettings) -> WriteFailure | None:
     """``exc``, a write the database failed, when its cause can be known: a full disk, a database that takes no
     writes, another writer's lock waited out, a connection lost or ended by the server; else None. ``database``:
