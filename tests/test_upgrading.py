@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import signal
@@ -18,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from tests.clikit import cpu_seconds, run_cli
+from tests.clikit import cpu_seconds, run_cli, run_on_a_terminal
 from tests.daemon_harness import Daemon, make_shop
 from tests.shop import LINK_KEY, ROOT
 from tests.smtp_server import RecordingServer
@@ -504,3 +505,23 @@ def test_a_postgresql_upgrade_on_a_database_that_takes_no_writes_says_what_to_do
             ) in printed, printed  # fmt: skip
     assert "Traceback" not in printed, printed
     assert _query(pg_url, "SELECT version_num FROM alembic_version") == [("0017",)]
+
+
+def test_an_upgrade_on_a_terminal_names_each_revision_as_it_runs_it(tmp_path: Path) -> None:
+    # Given a database three schemas behind: on a big ledger a revision takes minutes (0008 rebuilds the ledger's
+    # table on SQLite: 8 s for a million rows), and the terminal stayed silent all that time, as if it had hung
+    path = tmp_path / "k.db"
+    _schema_at(f"sqlite:///{path}", "0015")
+    config = tmp_path / "config.toml"
+    config.write_text('[database]\nurl = "sqlite:///k.db"\n', encoding="utf-8")
+    # When it is upgraded on a terminal
+    code, seen = run_on_a_terminal(["--config", str(config), "db", "upgrade"], stdout_too=True, cwd=ROOT)
+    # Then a progress line names each revision before it runs, with how many there are, and is gone before the result
+    assert code == 0, seen
+    text = seen.decode()
+    lines = re.findall(r"\r(migrating: [^\r]*)\x1b\[K", text)
+    assert lines == ["migrating: 1 of 3: 0016 message.resent_after_attempts: an operator's…",
+                     "migrating: 2 of 3: 0017 the ledger's uncertain rows, counted for every…",
+                     "migrating: 3 of 3: 0018 the customer records of a mailbox, for the…"], text
+    assert all(len(line) < 80 for line in lines), lines  # a line that wraps is not erased by the next
+    assert "\r\x1b[Kschema upgraded: 0015 -> 0018" in text, text

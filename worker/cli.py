@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -575,11 +576,24 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             newer = " (newer than this kembali)" if db.is_newer_than_this(engine, current) else ""
             print(f"current: {current or '(empty)'}{newer}  newest: {db.head_revision(engine)}")
             return EXIT_OK
+        from worker.commands.progress import Progress
+
+        # on a terminal, each revision named before it runs (on a big table one may take minutes), in a line
+        # shorter than 80 columns: one that wraps is not erased by the next
+        progress = Progress("migrating", every_seconds=0)
+
+        def migrating(n: int, total: int, revision: str, title: str) -> None:
+            progress.update(n, f"of {total}: {revision} {textwrap.shorten(title, 48, placeholder='…')}")
+
+        def waiting() -> None:
+            progress.clear()
+            print(f"kembali: another `kembali db upgrade` is migrating {db.describe(engine)}: waiting for it to "
+                  "finish", file=sys.stderr, flush=True)
+
         try:
-            before, after = db.upgrade(engine, waiting=lambda: print(
-                f"kembali: another `kembali db upgrade` is migrating {db.describe(engine)}: waiting for it to finish",
-                file=sys.stderr, flush=True))
+            before, after = db.upgrade(engine, waiting=waiting, migrating=migrating)
         except sa_exc.DBAPIError as exc:
+            progress.done()
             refused = db.storage_refused(exc, engine)
             if refused is None:
                 raise
@@ -587,6 +601,8 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             print(f"kembali: the migration of {db.describe(engine)} stopped: {refused.what}: nothing was changed, "
                   f"it is at schema {current or '(empty)'}. {refused.remedy}", file=sys.stderr)  # fmt: skip
             return EXIT_UNAVAILABLE
+        finally:
+            progress.done()
         if before == after:
             print(f"schema already at {after}")
         else:

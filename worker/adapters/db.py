@@ -466,8 +466,12 @@ second one with a traceback: ``index "ix_customer_email" does not exist``). Besi
 ``plan_sql.PLAN_LOCKS``."""
 
 
-def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None) -> tuple[str | None, str]:
+def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
+            migrating: Callable[[int, int, str, str], None] | None = None) -> tuple[str | None, str]:
     """Create or migrate the schema to the newest revision; returns (before, after).
+
+    ``migrating(n, total, revision, title)`` is called before each revision runs: the n-th of the ``total`` this
+    upgrade runs, and the first line of its docstring (one revision may take minutes on a big table).
 
     On PostgreSQL the migration holds ``MIGRATION_LOCK``: another ``kembali db upgrade`` under way is waited for
     (``waiting`` is called first), however long it takes (its statements give up on their own locks after
@@ -495,6 +499,8 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None) -> tup
         if is_newer_than_this(engine, before):
             raise newer_schema(engine, str(before), head)
         cfg.attributes["connection"] = conn
+        if migrating is not None:
+            cfg.attributes["on_version_apply"] = _announcing(cfg, before, migrating)
         try:
             command.upgrade(cfg, "head")
         except Exception as exc:
@@ -509,6 +515,30 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None) -> tup
                 raise SchemaError(f"after the migration {len(broken)} references are broken (first: {table} row "
                                   f"{rowid} names a missing {parent}); nothing was changed")  # fmt: skip
     return before, head
+
+
+def _announcing(cfg: Config, before: str | None,
+                migrating: Callable[[int, int, str, str], None]) -> Callable[..., None]:
+    """Call ``migrating`` for the first revision after ``before`` now, and for each next one as the one before it
+    is applied (Alembic's ``on_version_apply``)."""
+    oldest_first = list(reversed(list(ScriptDirectory.from_config(cfg).walk_revisions())))
+    start = next((i + 1 for i, script in enumerate(oldest_first) if script.revision == before), 0)
+    pending = oldest_first[start:]
+
+    def announce(n: int) -> None:
+        if n < len(pending):
+            title = (pending[n].doc or "").strip().splitlines()[0] if pending[n].doc else ""
+            migrating(n + 1, len(pending), pending[n].revision, title)
+
+    applied = 0
+    announce(0)
+
+    def on_version_apply(**_kw: Any) -> None:
+        nonlocal applied
+        applied += 1
+        announce(applied)
+
+    return on_version_apply
 
 
 def _stop_behind(exc: BaseException) -> KeyboardInterrupt | None:

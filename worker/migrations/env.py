@@ -23,6 +23,7 @@ def _run(connection: object) -> None:
         target_metadata=metadata,
         render_as_batch=True,  # SQLite needs table rebuilds for ALTERs
         **comparison(connection.dialect.name),  # type: ignore[attr-defined]
+        on_version_apply=config.attributes.get("on_version_apply", ()),  # db.upgrade's progress
     )
     with context.begin_transaction():
         context.run_migrations()
