@@ -331,3 +331,18 @@ def test_the_documents_toml_examples_are_valid_config_and_show_the_defaults(docu
         raw = tomllib.loads(block)
         shown = config.settings_from_dict(raw)  # an unknown key or a bad value raises, naming it
         assert sorted(_differing(shown, config.Settings()) - examples) == [], block
+
+
+def test_the_readmes_upgrading_advice_names_every_migration_that_builds_an_index() -> None:
+    # Building an index locks its table against writes (SHARE on PostgreSQL) until the upgrade commits: the README
+    # named 0011, 0013, 0014 and 0018 as the reason to stop the workers, not 0017, whose own docstring says so too
+    building = set()
+    for path in sorted((REPO / "worker" / "migrations" / "versions").glob("0*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        ups = [node for node in tree.body if not (isinstance(node, ast.FunctionDef) and node.name == "downgrade")]
+        if any(isinstance(node, ast.Attribute) and node.attr == "create_index" for up in ups for node in ast.walk(up)):
+            building.add(path.name[:4])
+    upgrading = " ".join((REPO / "README.md").read_text(encoding="utf-8").split("### Upgrading", 1)[1]
+                         .split("\n\n", 2)[:2])
+    named = set(re.search(r"stop the workers \(([^)]*)\)", upgrading).group(1).replace(",", " ").split())  # type: ignore[union-attr]
+    assert building - {"0001"} <= named, sorted(building - named)
