@@ -525,3 +525,44 @@ def test_an_upgrade_on_a_terminal_names_each_revision_as_it_runs_it(tmp_path: Pa
                      "migrating: 3 of 3: 0018 the customer records of a mailbox, for the…"], text
     assert all(len(line) < 80 for line in lines), lines  # a line that wraps is not erased by the next
     assert "\r\x1b[Kschema upgraded: 0015 -> 0018" in text, text
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("pg", marks=pytest.mark.postgres)])
+def test_an_upgrade_of_a_database_holding_another_programs_tables_of_kembalis_names_refuses_by_name(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given database.url pointing at a database with no Kembali schema that holds another program's tables, two of
+    # them named as Kembali's are (the shop's own database: its products and orders)
+    url = request.getfixturevalue(f"{kind}_url")
+    engine = db.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE product (id INTEGER PRIMARY KEY, sku VARCHAR(20))")
+            conn.exec_driver_sql("CREATE TABLE shop_order (id INTEGER PRIMARY KEY)")
+            conn.exec_driver_sql("CREATE TABLE cart (id INTEGER PRIMARY KEY)")
+            conn.exec_driver_sql("INSERT INTO product VALUES (1, 'BATIK-1')")
+        where = db.describe(engine)
+    finally:
+        engine.dispose()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    # When the schema is created there
+    code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    # Then it refuses, naming the database and the tables in the way, and changes nothing: on PostgreSQL it was a
+    # traceback (exit 1), on SQLite "cannot open the database …: table product already exists" (exit 2)
+    assert code == 3, printed
+    assert (f"kembali: the database {where} has no Kembali schema but holds tables of the names Kembali's take: "
+            "product, shop_order (another program's?): nothing was changed; point database.url at a database of "
+            "Kembali's own") in printed, printed  # fmt: skip
+    assert "Traceback" not in printed and "cannot open" not in printed, printed
+    assert _query(url, "SELECT id, sku FROM product") == [(1, "BATIK-1")]
+    engine = db.create_engine(url)
+    try:
+        with db.reading(engine) as conn:
+            assert sorted(sa.inspect(conn).get_table_names()) == ["cart", "product", "shop_order"]
+    finally:
+        engine.dispose()
+    # And `db status` says so too, where it called such a database empty
+    code, printed = run_cli(capsys, "--config", str(config), "db", "status")
+    assert code == 0 and printed.startswith(
+        "current: (no Kembali schema; other tables, of Kembali's names: product, shop_order)  newest: 0018"), printed

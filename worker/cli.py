@@ -574,7 +574,10 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             return _cannot_open(engine, path, exc)
         if args.action == "status":
             newer = " (newer than this kembali)" if db.is_newer_than_this(engine, current) else ""
-            print(f"current: {current or '(empty)'}{newer}  newest: {db.head_revision(engine)}")
+            in_the_way = db.tables_in_the_way(engine) if current is None else []
+            empty = (f"(no Kembali schema; other tables, of Kembali's names: {', '.join(in_the_way)})" if in_the_way
+                     else "(empty)")  # fmt: skip
+            print(f"current: {current or empty}{newer}  newest: {db.head_revision(engine)}")
             return EXIT_OK
         from worker.commands.progress import Progress
 

@@ -496,6 +496,11 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
         before = MigrationContext.configure(conn).get_current_revision()  # another host's upgrade may have run
         if before == head:
             return before, head
+        in_the_way = _tables_in_the_way(conn) if before is None else []
+        if in_the_way:  # the first CREATE TABLE failed on one of them: a traceback on PostgreSQL
+            raise SchemaError(f"the database {describe(engine)} has no Kembali schema but holds tables of the names "
+                              f"Kembali's take: {', '.join(in_the_way)} (another program's?): nothing was changed; "
+                              "point database.url at a database of Kembali's own")  # fmt: skip
         if is_newer_than_this(engine, before):
             raise newer_schema(engine, str(before), head)
         cfg.attributes["connection"] = conn
@@ -515,6 +520,19 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
                 raise SchemaError(f"after the migration {len(broken)} references are broken (first: {table} row "
                                   f"{rowid} names a missing {parent}); nothing was changed")  # fmt: skip
     return before, head
+
+
+def tables_in_the_way(engine: Engine) -> list[str]:
+    """The tables of the names Kembali's schema takes that a database without it holds (``database.url`` pointing
+    at another program's database: the shop's own, say); none in an empty one."""
+    with reading(engine) as conn:
+        return _tables_in_the_way(conn)
+
+
+def _tables_in_the_way(conn: sa.Connection) -> list[str]:
+    from worker.adapters.tables import metadata
+
+    return sorted(set(metadata.tables) & set(sa.inspect(conn).get_table_names()))
 
 
 def _announcing(cfg: Config, before: str | None,
