@@ -566,3 +566,35 @@ def test_an_upgrade_of_a_database_holding_another_programs_tables_of_kembalis_na
     code, printed = run_cli(capsys, "--config", str(config), "db", "status")
     assert code == 0 and printed.startswith(
         "current: (no Kembali schema; other tables, of Kembali's names: product, shop_order)  newest: 0018"), printed
+
+
+@pytest.mark.postgres
+def test_a_postgresql_upgrade_by_a_user_who_may_not_create_tables_says_what_to_grant_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pg_url: str
+) -> None:
+    # Given a PostgreSQL database owned by another user, and Kembali's own user, who may connect but, as PostgreSQL
+    # 15 and later have it, not create tables in its public schema
+    role = f"kembali_upgrade_{os.getpid()}"
+    admin = db.create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP ROLE IF EXISTS {role}")
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+    url = sa.make_url(pg_url).set(username=role, password=None).render_as_string(hide_password=False)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    try:
+        # When that user creates the schema
+        code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+        admin.dispose()
+    # Then it stops with exit 3, saying what the server refused and what to grant, where it was a traceback (exit 1)
+    assert code == 3, printed
+    assert ("stopped: the database user may not do this (PostgreSQL 42501: permission denied for schema public): "
+            "nothing was changed, it is at schema (empty). Grant the user of [database] url what it needs") \
+        in printed, printed  # fmt: skip
+    assert "GRANT CREATE ON SCHEMA public TO" in printed, printed
+    assert "Traceback" not in printed, printed
+    assert _query(pg_url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]

@@ -653,12 +653,13 @@ def sqlite_busy(exc: BaseException) -> bool:
 
 
 def storage_refused(exc: BaseException, engine: Engine) -> WriteFailure | None:
-    """``write_failure`` of ``exc`` when the database's storage refused the write, whoever wrote: a full disk, or a
-    database that takes no writes (a read-only SQLite file, a PostgreSQL standby); else None."""
+    """``write_failure`` of ``exc`` when the database's storage refused the write, whoever wrote: a full disk, a
+    database that takes no writes (a read-only SQLite file, a PostgreSQL standby), a PostgreSQL user without the
+    privilege; else None."""
     orig = getattr(exc, "orig", None)
     refused = (isinstance(orig, sqlite3.Error)
                and getattr(orig, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY)
-               ) or getattr(orig, "sqlstate", None) in (DISK_FULL, READ_ONLY_TRANSACTION)  # fmt: skip
+               ) or getattr(orig, "sqlstate", None) in (DISK_FULL, READ_ONLY_TRANSACTION, INSUFFICIENT_PRIVILEGE)
     return write_failure(exc, engine, DatabaseSettings()) if refused else None
 
 
@@ -695,6 +696,12 @@ def write_failure(exc: BaseException, engine: Engine, database: DatabaseSettings
         return WriteFailure(f"the database takes no writes ({said})",
                             "Point [database] url at the primary server, not a standby, or turn "
                             "default_transaction_read_only off for this database or user.")  # fmt: skip
+    if sqlstate == INSUFFICIENT_PRIVILEGE:
+        return WriteFailure(f"the database user may not do this ({said})",
+                            "Grant the user of [database] url what it needs on Kembali's tables, or use the user "
+                            "that owns them (the one that ran `kembali db upgrade` first); PostgreSQL 15 and later "
+                            "let no other user create tables in the public schema: `GRANT CREATE ON SCHEMA public TO "
+                            f"{engine.url.username or 'the user'}` as the database's owner.")  # fmt: skip
     if sqlstate == LOCK_NOT_AVAILABLE:
         return WriteFailure(f"another session held a lock the import needed longer than "
                             f"database.lock_timeout_seconds ({database.lock_timeout_seconds:g} s) ({said})",
@@ -714,6 +721,8 @@ def write_failure(exc: BaseException, engine: Engine, database: DatabaseSettings
 
 
 DISK_FULL = "53100"
+INSUFFICIENT_PRIVILEGE = "42501"
+"""The user may not: create in a schema (PostgreSQL 15's public one), write a table, alter another user's."""
 READ_ONLY_TRANSACTION = "25006"
 """A write in a read-only transaction: a standby's, or ``default_transaction_read_only`` on."""
 _SESSION_ENDED = frozenset({"57P01", "57P02", "57P03"})
