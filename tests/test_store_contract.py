@@ -944,28 +944,41 @@ def test_a_ledger_that_has_sent_upgrades_from_schema_0007_with_every_row(
 
 def test_an_sqlite_upgrade_that_would_leave_a_broken_reference_changes_nothing(sqlite_url: str) -> None:
     """The upgrade runs with foreign key checks off, so it checks every reference before its commit: a ledger
-    row naming a missing customer (written here behind the checks' back) stops it, and the schema stays."""
+    row naming a missing customer written during the migration (here by a trigger on its revision's update,
+    behind the checks' back) stops it, and the schema stays. One that was there before (a customer deleted in the
+    sqlite3 shell) does not: the migration did not make it, and kept it as it was."""
     import sqlite3
 
     from worker.errors import SchemaError
 
     engine = db.create_engine(sqlite_url)
+    orphan = (
+        "INSERT INTO message (dedupe_key, campaign, step, priority, customer_id, email, status, due_at,"
+        " expires_at, next_attempt_at, attempts, payload, created_at, updated_at) VALUES ('{key}', 'winback', 1, 0,"
+        " 999, 'x@example.com', 'planned', '2026-01-01', '2026-01-01', '2026-01-01', 0, '{{}}', '2026-01-01',"
+        " '2026-01-01')"
+    )  # fmt: skip
     try:
         _schema_at(engine, "0010")
         raw = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
-        raw.execute(
-            "INSERT INTO message (dedupe_key, campaign, step, priority, customer_id, email, status, due_at,"
-            " expires_at, next_attempt_at, attempts, payload, created_at, updated_at) VALUES ('k', 'winback', 1, 0,"
-            " 999, 'x@example.com', 'planned', '2026-01-01', '2026-01-01', '2026-01-01', 0, '{}', '2026-01-01',"
-            " '2026-01-01')"
-        )  # fmt: skip
+        raw.execute(f"CREATE TRIGGER breaks AFTER UPDATE ON alembic_version BEGIN "
+                    f"{orphan.format(key='k').replace('INSERT', 'INSERT OR IGNORE')}; END")  # once, at the first
         raw.commit()
         raw.close()
-        with pytest.raises(SchemaError, match="message row 1 names a missing customer"):
+        with pytest.raises(SchemaError, match=re.escape("would break 1 reference (first: message row 1 would name a "
+                                                        "missing customer); nothing was changed")):  # fmt: skip
             db.upgrade(engine)
         assert db.current_revision(engine) == "0010"
         with pytest.raises(sa.exc.IntegrityError, match="FOREIGN KEY"), engine.begin() as conn:
-            conn.execute(sa.text("UPDATE message SET customer_id = 998"))  # the checks are on again
+            conn.execute(sa.text(orphan.format(key="k2")))  # the checks are on again
+        raw = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+        raw.execute("DROP TRIGGER breaks")
+        raw.execute(orphan.format(key="k"))
+        raw.commit()
+        raw.close()
+        notes: list[str] = []
+        assert db.upgrade(engine, noting=notes.append) == ("0010", db.head_revision(engine))
+        assert len(notes) == 1 and "had 1 broken reference before the migration" in notes[0], notes
     finally:
         engine.dispose()
 

@@ -598,3 +598,39 @@ def test_a_postgresql_upgrade_by_a_user_who_may_not_create_tables_says_what_to_g
     assert "GRANT CREATE ON SCHEMA public TO" in printed, printed
     assert "Traceback" not in printed, printed
     assert _query(pg_url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+
+
+def test_an_sqlite_ledger_whose_customer_was_deleted_by_hand_still_upgrades_and_the_upgrade_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an SQLite database one schema behind whose customer C1, named by a sent message and an order, was deleted
+    # in the sqlite3 shell, which checks no foreign keys unless told to
+    path = tmp_path / "k.db"
+    url = f"sqlite:///{path}"
+    _schema_at(url, "0017")
+    shell = sqlite3.connect(path, isolation_level=None)
+    try:
+        shell.execute("INSERT INTO customer (id, external_id, email, name, locale, time_zone, marketing_consent,"
+                          " consent_basis, consent_source, order_count, total_spent_minor, created_at, updated_at)"
+                      " VALUES (1, 'C1', 'budi@example.com', 'Budi', 'id', 'Asia/Jakarta', 1, 'opt_in', 'x', 1,"
+                      " 0, '2026-11-01 00:00:00', '2026-11-01 00:00:00')")  # fmt: skip
+        shell.execute("INSERT INTO message (id, dedupe_key, campaign, step, priority, customer_id, email, status,"
+                      " due_at, expires_at, next_attempt_at, attempts, message_id, payload, created_at, updated_at,"
+                      " sent_at, resent_after_attempts) VALUES (7, 'winback:C1:O-1:1', 'winback', 1, 0, 1,"
+                      " 'budi@example.com', 'sent', '2026-11-01', '2026-11-02', '2026-11-01', 1, '<a@shop.example>',"
+                      " '{}', '2026-11-01', '2026-11-01', '2026-11-01', 0)")  # fmt: skip
+        shell.execute("DELETE FROM customer WHERE id = 1")
+    finally:
+        shell.close()
+    config = tmp_path / "config.toml"
+    config.write_text('[database]\nurl = "sqlite:///k.db"\n', encoding="utf-8")
+    # When it is upgraded
+    code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    # Then it upgrades, the ledger row kept, and says what it found and that the migration left it as it was: it
+    # refused for ever ('after the migration 1 references are broken … nothing was changed'), blaming the migration
+    assert code == 0, printed
+    assert printed.startswith(f"schema upgraded: 0017 -> 0018 ({path})"), printed
+    assert (f"note: {path} had 1 broken reference before the migration (first: message row 7 names a missing "
+            "customer, deleted with foreign key checks off, as the sqlite3 shell has them); the migration left it "
+            "as it was") in printed, printed
+    assert _query(url, "SELECT id, status FROM message") == [(7, "sent")]

@@ -593,8 +593,9 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             print(f"kembali: another `kembali db upgrade` is migrating {db.describe(engine)}: waiting for it to "
                   "finish", file=sys.stderr, flush=True)
 
+        notes: list[str] = []
         try:
-            before, after = db.upgrade(engine, waiting=waiting, migrating=migrating)
+            before, after = db.upgrade(engine, waiting=waiting, migrating=migrating, noting=notes.append)
         except sa_exc.DBAPIError as exc:
             progress.done()
             refused = db.storage_refused(exc, engine)
@@ -610,6 +611,8 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             print(f"schema already at {after}")
         else:
             print(f"schema upgraded: {before or '(empty)'} -> {after} ({db.describe(engine)})")
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         return EXIT_OK
     except sa_exc.OperationalError as exc:
         if getattr(exc.orig, "sqlstate", None) == db.LOCK_NOT_AVAILABLE:  # not waited for ever: workers queue behind

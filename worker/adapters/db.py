@@ -467,7 +467,8 @@ second one with a traceback: ``index "ix_customer_email" does not exist``). Besi
 
 
 def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
-            migrating: Callable[[int, int, str, str], None] | None = None) -> tuple[str | None, str]:
+            migrating: Callable[[int, int, str, str], None] | None = None,
+            noting: Callable[[str], None] | None = None) -> tuple[str | None, str]:
     """Create or migrate the schema to the newest revision; returns (before, after).
 
     ``migrating(n, total, revision, title)`` is called before each revision runs: the n-th of the ``total`` this
@@ -483,7 +484,9 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
     rebuilds its table (copies it, drops the old one, renames the copy), and with the checks on, dropping
     ``message`` under its ``attempt`` rows failed. SQLite's ``foreign_key_check`` then confirms, before the
     commit, that every reference still holds (a read of every table that refers to another: only when a
-    revision ran on a database that had one)."""
+    revision ran on a database that had one). References broken before the migration (a customer deleted in the
+    sqlite3 shell, which checks no foreign keys unless told to) do not stop it: the migration keeps them as they
+    were, and ``noting`` is told of them."""
     before, head = current_revision(engine), head_revision(engine)
     if before == head:
         return before, head
@@ -503,6 +506,8 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
                               "point database.url at a database of Kembali's own")  # fmt: skip
         if is_newer_than_this(engine, before):
             raise newer_schema(engine, str(before), head)
+        checking = engine.dialect.name == "sqlite" and before is not None  # a new database has no rows to check
+        broken_before = set(conn.exec_driver_sql("PRAGMA foreign_key_check").all()) if checking else set()
         cfg.attributes["connection"] = conn
         if migrating is not None:
             cfg.attributes["on_version_apply"] = _announcing(cfg, before, migrating)
@@ -513,12 +518,21 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
             if stop is not None:
                 raise stop from None
             raise
-        if engine.dialect.name == "sqlite" and before is not None:  # a new database has no rows to check
+        if checking:
             broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
-            if broken:
+            new = [row for row in broken if tuple(row) not in broken_before]
+            if new:
+                table, rowid, parent, _ = new[0]
+                many = f"{len(new)} references" if len(new) > 1 else "1 reference"
+                raise SchemaError(f"the migration of {describe(engine)} would break {many} (first: {table} row "
+                                  f"{rowid} would name a missing {parent}); nothing was changed")
+            if broken and noting is not None:
                 table, rowid, parent, _ = broken[0]
-                raise SchemaError(f"after the migration {len(broken)} references are broken (first: {table} row "
-                                  f"{rowid} names a missing {parent}); nothing was changed")  # fmt: skip
+                many, them = (f"{len(broken)} broken references", "them as they were") if len(broken) > 1 else (
+                    "1 broken reference", "it as it was")
+                noting(f"{describe(engine)} had {many} before the migration (first: {table} row {rowid} names a "
+                       f"missing {parent}, deleted with foreign key checks off, as the sqlite3 shell has them); the "
+                       f"migration left {them}")
     return before, head
 
 
