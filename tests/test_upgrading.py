@@ -634,3 +634,36 @@ def test_an_sqlite_ledger_whose_customer_was_deleted_by_hand_still_upgrades_and_
             "customer, deleted with foreign key checks off, as the sqlite3 shell has them); the migration left it "
             "as it was") in printed, printed
     assert _query(url, "SELECT id, status FROM message") == [(7, "sent")]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("pg", marks=pytest.mark.postgres)])
+def test_a_database_another_program_migrates_with_alembic_is_not_taken_for_a_newer_kembalis(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given database.url pointing at the shop's own database, which its own application migrates with Alembic too:
+    # an alembic_version table with that application's revision, and none of Kembali's tables
+    url = request.getfixturevalue(f"{kind}_url")
+    engine = db.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+            conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('3f2a9c1d7e4b')")
+            conn.exec_driver_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+        where = db.describe(engine)
+    finally:
+        engine.dispose()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    # When kembali's commands are run on it
+    for argv in (["db", "upgrade"], ["stats"]):
+        code, printed = run_cli(capsys, "--config", str(config), *argv)
+        # Then they refuse, saying the database is another program's, where they said a newer kembali had upgraded
+        # it and to install that on this host
+        assert code == 3, (argv, printed)
+        assert (f"kembali: the database {where} is another program's: its alembic_version holds 3f2a9c1d7e4b, "
+                "not a revision of Kembali's, and none of Kembali's tables are there; point database.url at a "
+                "database of Kembali's own (nothing was changed)") in printed, (argv, printed)
+        assert "newer" not in printed, (argv, printed)
+    code, printed = run_cli(capsys, "--config", str(config), "db", "status")
+    assert code == 0 and printed.startswith("current: 3f2a9c1d7e4b (another program's)  newest: 0018"), printed
+    assert _query(url, "SELECT version_num FROM alembic_version") == [("3f2a9c1d7e4b",)]

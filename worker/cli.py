@@ -573,7 +573,8 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
         except sa_exc.DatabaseError as exc:  # also a file that is no SQLite database ("file is not a database")
             return _cannot_open(engine, path, exc)
         if args.action == "status":
-            newer = " (newer than this kembali)" if db.is_newer_than_this(engine, current) else ""
+            newer = "" if not db.is_newer_than_this(engine, current) else (
+                " (another program's)" if db.is_another_programs(engine) else " (newer than this kembali)")
             in_the_way = db.tables_in_the_way(engine) if current is None else []
             empty = (f"(no Kembali schema; other tables, of Kembali's names: {', '.join(in_the_way)})" if in_the_way
                      else "(empty)")  # fmt: skip

@@ -446,9 +446,26 @@ def is_newer_than_this(engine: Engine, revision: str | None) -> bool:
     return revision is not None and revision not in known_revisions(engine)
 
 
+KEMBALIS_OWN = frozenset({"message", "attempt", "suppression"})
+"""Tables every schema of Kembali's has: a database whose revision this code does not know, without them, is
+another program's that migrates with Alembic too (its ``alembic_version``), not a newer Kembali's."""
+
+
+def is_another_programs(engine: Engine) -> bool:
+    """Whether the database holds none of ``KEMBALIS_OWN``: with a revision this code does not know, another
+    program's (the shop's own application, migrated with Alembic)."""
+    return not KEMBALIS_OWN & set(tables_in_the_way(engine))
+
+
 def newer_schema(engine: Engine, current: str, head: str) -> SchemaError:
     """The error for a database whose schema is newer than this code's: ``kembali db upgrade`` cannot help (it was
-    a traceback), and running on it could write rows the newer code does not expect."""
+    a traceback), and running on it could write rows the newer code does not expect. A database with none of
+    Kembali's tables is another program's instead (it was taken for a newer Kembali's: "install the newer
+    kembali")."""
+    if is_another_programs(engine):
+        return SchemaError(f"the database {describe(engine)} is another program's: its alembic_version holds "
+                           f"{current}, not a revision of Kembali's, and none of Kembali's tables are there; point "
+                           "database.url at a database of Kembali's own (nothing was changed)")  # fmt: skip
     return SchemaError(f"the database {describe(engine)} is at schema {current}, newer than this kembali (its newest "
                        f"is {head}): a newer kembali has upgraded it; install the newer kembali on this host "
                        "(nothing was changed)")  # fmt: skip
