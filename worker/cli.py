@@ -599,7 +599,7 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             before, after = db.upgrade(engine, waiting=waiting, migrating=migrating, noting=notes.append)
         except sa_exc.DBAPIError as exc:
             progress.done()
-            refused = db.storage_refused(exc, engine)
+            refused = db.write_refused(exc, engine)
             if refused is None:
                 raise
             # the migration is one transaction: rolled back whole, the database at the revision read above

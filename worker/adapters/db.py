@@ -683,8 +683,8 @@ def sqlite_busy(exc: BaseException) -> bool:
         getattr(orig, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED))
 
 
-def storage_refused(exc: BaseException, engine: Engine) -> WriteFailure | None:
-    """``write_failure`` of ``exc`` when the database's storage refused the write, whoever wrote: a full disk, a
+def write_refused(exc: BaseException, engine: Engine) -> WriteFailure | None:
+    """``write_failure`` of ``exc`` when the database refused the write outright, whoever wrote: a full disk, a
     database that takes no writes (a read-only SQLite file, a PostgreSQL standby), a PostgreSQL user without the
     privilege; else None."""
     orig = getattr(exc, "orig", None)
