@@ -304,6 +304,28 @@ def test_a_refused_login_is_tried_once_not_once_per_connection_and_mechanism(
     assert len(smtp_server.messages) == 4
 
 
+def test_gmails_534_refusing_the_account_is_not_tried_again_with_the_next_mechanism(
+    smtp_server: RecordingServer,
+) -> None:
+    # Given a relay that answers a login with Gmail's 534s, which refuse the account (an app password needed, a login
+    # in the browser first), not the mechanism: LOGIN would meet the same, and each refusal counts toward a lockout
+    smtp_server.login = ("shop", "right-password")
+    smtp_server.login_refusal = (
+        "534 5.7.9 Application-specific password required. Learn more at "
+        "https://support.google.com/mail/?p=InvalidSecondFactor"
+    )
+
+    async def main() -> SendResult:
+        async with SmtpTransport(smtp_server.settings(username="shop"), password="wrong-password") as transport:
+            return await transport.send(SENDER, "x@test.example", make_message())
+
+    result = run(main())
+
+    # Then one login was tried, not one per mechanism offered (PLAIN, then LOGIN)
+    assert smtp_server.logins_tried == 1
+    assert (result.outcome, result.code, result.stage) == (Outcome.TRANSIENT, 534, "auth")
+
+
 def test_a_login_cut_off_is_that_connections_alone(smtp_server: RecordingServer) -> None:
     # Given a relay that drops the first connection during its login (a network blip), and four sends at once
     smtp_server.login = ("shop", "right-password")

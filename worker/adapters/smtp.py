@@ -495,7 +495,11 @@ async def _greet(client: SMTP) -> None:
 
 _NEXT_MECHANISM = frozenset({504, 534, 538})
 """Replies to AUTH that refuse the mechanism, not the password (RFC 4954: not supported, too weak, needs
-encryption): the next mechanism offered is tried."""
+encryption): the next mechanism offered is tried; after a 534 only a stronger one (``_STRONGER``)."""
+_STRONGER = frozenset({"cram-md5"})
+"""The mechanism a 534 ("too weak") may be worth another try with: PLAIN and LOGIN send the same password alike, and
+Gmail's 534s refuse the account ("5.7.9 Application-specific password required", "5.7.14 Please log in via your web
+browser"), which every mechanism would meet, each refusal counting toward a lockout."""
 
 
 async def _log_in(client: SMTP, username: str, password: str, *, tls: bool) -> None:
@@ -506,13 +510,16 @@ async def _log_in(client: SMTP, username: str, password: str, *, tls: bool) -> N
     offered = client.supported_auth_methods  # aiosmtplib's order: cram-md5, plain, login
     if tls:
         offered = sorted(offered, key=lambda name: name == "cram-md5")
-    for i, name in enumerate(offered):
+    while offered:
+        name, *offered = offered
         method = getattr(client, f"auth_{name.replace('-', '')}")
         try:
             await method(username, password)
             return
         except SMTPAuthenticationError as exc:
-            if exc.code not in _NEXT_MECHANISM or i == len(offered) - 1:
+            if exc.code == 534:
+                offered = [m for m in offered if m in _STRONGER]
+            if exc.code not in _NEXT_MECHANISM or not offered:
                 raise
 
 
