@@ -10,7 +10,8 @@ recipient address may be given a ``Behaviour``; anything else is accepted::
     server.client_limit = 4                              # then "451 … too many messages" per client IP
     server.messages_per_connection = 2                   # then MAIL gets "421 … too many messages" and a hang-up
     server.login = ("shop", "right-password")            # offer AUTH (plaintext); other credentials get 535
-    server.login_mechanisms = ("GSSAPI",)                # …with these mechanisms only (default LOGIN, PLAIN)
+    server.login_mechanisms = ("GSSAPI",)                # …with these mechanisms only (default LOGIN, PLAIN;
+                                                         # also CRAM-MD5, which it refuses whatever the password)
     RecordingServer(tls_context=ctx)                     # offer STARTTLS with this server-side context
     RecordingServer(implicit_tls=ctx)                    # TLS from the first byte (as on port 465)
 
@@ -119,6 +120,12 @@ class _FaultySMTP(SMTP):
         """A mechanism aiosmtplib does not speak (only offered when in ``login_mechanisms``)."""
         return AuthResult(success=False, handled=False)
 
+    async def auth_CRAM__MD5(self, _: Any, args: list[str]) -> AuthResult:  # aiosmtpd's hook name for CRAM-MD5
+        """Offered (only when in ``login_mechanisms``) but never verified, as by a server whose passwords are stored
+        hashed (Dovecot's cram-md5 over a passdb of hashes): every CRAM-MD5 login is refused, right password or not."""
+        await self.challenge_auth("<1.2@test.example>")
+        return AuthResult(success=False, handled=False)
+
     async def smtp_EHLO(self, hostname: str) -> None:
         if self._owner.ehlo_reply is None:
             await super().smtp_EHLO(hostname)
@@ -172,7 +179,7 @@ class RecordingServer:
         """The first AUTH commands that get no reply: the connection is closed instead."""
         self.login_refusal: str | None = None
         """When set, the reply to a refused login instead of aiosmtpd's 535 (e.g. a 454 temporary failure)."""
-        """The AUTH mechanisms offered when ``login`` is set (of LOGIN, PLAIN and GSSAPI)."""
+        """The AUTH mechanisms offered when ``login`` is set (of LOGIN, PLAIN, GSSAPI and CRAM-MD5)."""
         self._tls_context = tls_context
 
         def handler_factory(sink: SmtpSink) -> SinkHandler:
@@ -187,7 +194,7 @@ class RecordingServer:
 
     def _smtp(self, handler: Any, **kwargs: Any) -> SMTP:
         if self.login is not None:
-            excluded = [m for m in ("LOGIN", "PLAIN", "GSSAPI") if m not in self.login_mechanisms]
+            excluded = [m for m in ("LOGIN", "PLAIN", "GSSAPI", "CRAM-MD5") if m not in self.login_mechanisms]
             kwargs |= {"authenticator": self._authenticate, "auth_require_tls": False,
                        "auth_exclude_mechanism": excluded}  # fmt: skip
         return _FaultySMTP(self, handler, tls_context=self._tls_context, **kwargs)

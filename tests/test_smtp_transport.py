@@ -326,6 +326,28 @@ def test_gmails_534_refusing_the_account_is_not_tried_again_with_the_next_mechan
     assert (result.outcome, result.code, result.stage) == (Outcome.TRANSIENT, 534, "auth")
 
 
+def test_a_cram_md5_the_server_cannot_verify_is_followed_by_plain_on_a_plaintext_connection(
+    smtp_server: RecordingServer,
+) -> None:
+    # Given a relay without TLS that offers CRAM-MD5 but refuses every CRAM-MD5 login (its passwords stored hashed),
+    # and PLAIN and LOGIN, which take the right password: aiosmtplib's own login went on to PLAIN, and sent
+    smtp_server.login = ("shop", "right-password")
+    smtp_server.login_mechanisms = ("CRAM-MD5", "PLAIN", "LOGIN")
+
+    async def main(password: str) -> SendResult:
+        async with SmtpTransport(smtp_server.settings(username="shop"), password=password) as transport:
+            return await transport.send(SENDER, "x@test.example", make_message())
+
+    # Then the right password logs in with PLAIN after CRAM-MD5 was refused, and the message goes
+    sent = run(main("right-password"))
+    assert (sent.outcome, sent.code) == (Outcome.SENT, 250)
+    assert smtp_server.logins_tried == 2
+    # And a wrong one costs those two refusals, not a third with LOGIN
+    refused = run(main("wrong-password"))
+    assert (refused.outcome, refused.code, refused.stage) == (Outcome.TRANSIENT, 535, "auth")
+    assert smtp_server.logins_tried == 4
+
+
 def test_a_login_cut_off_is_that_connections_alone(smtp_server: RecordingServer) -> None:
     # Given a relay that drops the first connection during its login (a network blip), and four sends at once
     smtp_server.login = ("shop", "right-password")

@@ -505,8 +505,9 @@ browser"), which every mechanism would meet, each refusal counting toward a lock
 async def _log_in(client: SMTP, username: str, password: str, *, tls: bool) -> None:
     """Log in with the first mechanism offered of PLAIN, LOGIN and CRAM-MD5 (CRAM-MD5 first on a plaintext
     connection, where it keeps the password off the wire), trying the next one only when the server refuses the
-    mechanism (``_NEXT_MECHANISM``). aiosmtplib's ``login`` tries every mechanism offered whatever the refusal:
-    a wrong password was refused two or three times a connection."""
+    mechanism (``_NEXT_MECHANISM``), or refuses CRAM-MD5 (which it may offer and not verify). aiosmtplib's
+    ``login`` tries every mechanism offered whatever the refusal: a wrong password was refused two or three times a
+    connection."""
     offered = client.supported_auth_methods  # aiosmtplib's order: cram-md5, plain, login
     if tls:
         offered = sorted(offered, key=lambda name: name == "cram-md5")
@@ -519,7 +520,10 @@ async def _log_in(client: SMTP, username: str, password: str, *, tls: bool) -> N
         except SMTPAuthenticationError as exc:
             if exc.code == 534:
                 offered = [m for m in offered if m in _STRONGER]
-            if exc.code not in _NEXT_MECHANISM or not offered:
+            # a server may offer CRAM-MD5 it cannot verify (its passwords stored hashed): refused, PLAIN may take
+            # the same password (aiosmtplib's own login went on, and sent); a refusal of PLAIN then ends it
+            cannot_verify = name == "cram-md5" and exc.code == 535
+            if (exc.code not in _NEXT_MECHANISM and not cannot_verify) or not offered:
                 raise
 
 
