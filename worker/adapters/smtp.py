@@ -351,6 +351,9 @@ class SmtpTransport:
                 raise
             return
         async with self._login_lock:
+            if self._logged_in:  # another connection's login succeeded while this one waited its turn
+                await _log_in(client, s.username, self._password or "", tls=s.tls != "none")
+                return
             if self._login_failures != attempt.login_failures and self._login_failure is not None:
                 raise copy.copy(self._login_failure)  # failed after this send began (it waited its turn)
             try:
