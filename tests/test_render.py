@@ -220,6 +220,18 @@ def test_first_name_empty_for_empty_name() -> None:
         ("SITI-NUR Halim", "Siti-Nur"),
         ("李 明", "李"),
         ("<script>x</script> O'Brien", "<script>x</script>"),  # data, not a name: left as it is (and escaped)
+        ("M. Rizky Pratama", "Rizky"),  # Muhammad Rizky: not "Halo Kak M.,"
+        ("Moh. Arif", "Arif"),
+        ("MUH YUSUF", "Yusuf"),
+        ("A. Yani", "Yani"),
+        ("M Rizky", "Rizky"),
+        ("R. A. Kartini", "Kartini"),
+        ("KH. Ahmad Dahlan", "Ahmad"),
+        ("Raden Mas Said", "Said"),
+        ("Teuku Umar", "Umar"),
+        ("siti.rahayu@gmail.com", ""),  # the address typed as the name: "Kakak" / "there" instead
+        ("R.", ""),
+        ("Siti R.", "Siti"),
     ],
 )
 def test_first_name_is_the_name_to_greet_by(name: str, first_name: str) -> None:

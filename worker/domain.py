@@ -253,14 +253,34 @@ class OrderRecord:
 _TITLES = frozenset({
     "bapak", "bpk", "pak", "ibu", "bu", "kak", "kakak", "mbak", "mba", "mas", "sdr", "sdri", "saudara", "saudari",
     "tuan", "nyonya", "ny", "nona", "nn", "dr", "drs", "dra", "ir", "prof", "h", "hj", "mr", "mrs", "ms", "miss",
-    "i", "ni",
+    "i", "ni", "raden", "rd", "teuku", "tengku", "kh", "haji", "hajah", "hajjah", "ust", "ustadz", "ustaz",
+    "ustadzah", "muh", "moh", "moch", "mochd", "mhd", "muhd", "mohd",
 })  # fmt: skip
-"""Titles and forms of address before a name, casefolded, without the trailing dot; and the Balinese ``I`` and
-``Ni`` (``I Made Wirawan`` is greeted as Made)."""
+"""Titles and forms of address before a name, casefolded, without the trailing dot; the Balinese ``I`` and
+``Ni`` (``I Made Wirawan`` is greeted as Made); and the short forms of Muhammad written before the name people go
+by (``Moh. Arif``, ``Muh Yusuf``)."""
 
 
 def _has_letter(word: str) -> bool:
     return any(ch.isalpha() for ch in word)
+
+
+def _not_a_name(word: str) -> bool:
+    """A word no one is greeted by: a title, no letter at all, an initial or an abbreviation (``M.``, ``R``,
+    ``Sdr.``: ``M. Rizky`` is Muhammad Rizky), an email address typed as the name."""
+    return (
+        word.casefold().rstrip(".") in _TITLES
+        or not _has_letter(word)
+        or word.endswith(".")
+        or (len(word) == 1 and word.isascii())
+        or "@" in word
+    )
+
+
+def _initial_or_address(word: str) -> bool:
+    """``R.``, ``M`` or ``siti@example.com`` as the whole name: "Halo Kak R.," greets no one; a title alone
+    (``Ibu``) is still said."""
+    return "@" in word or (len(word.rstrip(".")) == 1 and word.isascii())
 
 
 @pickled_by_fields
@@ -283,13 +303,14 @@ class CustomerSnapshot:
     @property
     def first_name(self) -> str:
         """The name to greet the customer by: the first word of ``name`` after a title people type into
-        checkout forms (``Ibu``, ``Bpk.``, ``Hj.``, ``Dr.``…), with a name typed in capitals or in lower case
-        written the usual way (``SITI`` and ``siti`` → ``Siti``); "" when nothing is left (the templates then
-        write "Kakak" / "there")."""
+        checkout forms (``Ibu``, ``Bpk.``, ``Hj.``, ``Dr.``, ``Raden``…) and after initials and abbreviations
+        (``M. Rizky``, ``Moh. Arif``: Muhammad), with a name typed in capitals or in lower case written the
+        usual way (``SITI`` and ``siti`` → ``Siti``); "" when nothing is left, or only an initial or an email
+        address typed as the name (the templates then write "Kakak" / "there")."""
         parts = self.name.split()
-        while len(parts) > 1 and (parts[0].casefold().rstrip(".") in _TITLES or not _has_letter(parts[0])):
+        while len(parts) > 1 and _not_a_name(parts[0]):
             parts = parts[1:]
-        if not parts or not _has_letter(parts[0]):
+        if not parts or not _has_letter(parts[0]) or _initial_or_address(parts[0]):
             return ""
         first = parts[0]
         shouted_or_lower = first.isupper() or first.islower()
