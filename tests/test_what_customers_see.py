@@ -5,20 +5,24 @@ link)."""
 from __future__ import annotations
 
 import asyncio
+import re
+from datetime import timedelta
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
+from html.parser import HTMLParser
 
 import pytest
 
 from tests.shop import LINK_KEY, NOW, customer, make_shop, one_time_order, settings_for
 from tests.smtp_server import RecordingServer
+from worker.adapters import shop
 from worker.adapters.store import Store
 from worker.adapters.templates import JinjaTemplates
 from worker.app import Deps
 from worker.commands.running import cycle
 from worker.config import Settings
-from worker.domain import Locale
+from worker.domain import Locale, ProductRecord
 from worker.testing import FakeClock
 
 
@@ -75,3 +79,61 @@ def test_a_customer_is_greeted_by_their_name_not_an_initial_a_title_or_their_add
     assert str(message["Subject"]).startswith(subject_start), message["Subject"]
     assert greeting in text.splitlines(), text
     assert f">{greeting}</p>" in html
+
+
+class _Table(HTMLParser):
+    """The products table of an HTML part: for each row, its cells' widths in columns and the links in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[int]] = []
+        self.hrefs: list[str | None] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "tr":
+            self.rows.append([])
+        elif tag == "td" and self.rows:
+            self.rows[-1].append(int(found.get("colspan") or 1))
+        elif tag == "a":
+            self.hrefs.append(found.get("href"))
+
+
+def test_products_without_a_picture_or_a_link_are_shown_whole_and_link_nowhere_empty(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given a shop whose products.csv gives a picture for some products only, and no link for some
+    store = make_shop(sqlite_url, [customer("C1", locale=Locale.EN), customer("C2")],
+                      [one_time_order("O1", "C1"), one_time_order("O2", "C2")])  # fmt: skip
+    shop.upsert_products(store.engine, [
+        ProductRecord("P-KOPI", "Kopi Gayo 250g", "Kopi", 89_000_00, "IDR", "", "", NOW - timedelta(days=300), True),
+        ProductRecord("P-KOPI2", "Kopi Toraja 250g", "Kopi", 99_000_00, "IDR", "https://toko.example/p/kopi2",
+                      "https://toko.example/img/kopi2.jpg", NOW - timedelta(days=100), True),
+        ProductRecord("P-KOPI3", "Kopi Kintamani 200g", "Kopi", 79_000_00, "IDR", "", "",
+                      NOW - timedelta(days=90), True),
+    ], NOW)  # fmt: skip
+    # When a cycle sends both customers their win-back email (the one they bought, and two recommendations)
+    _send(settings_for(sqlite_url, smtp={"port": smtp_server.port}), store)
+    received = _received(smtp_server)
+    assert set(received) == {"c1@example.com", "c2@example.com"}
+    for message in received.values():
+        text, html = _parts(message)
+        # Then in the HTML every row of the product table spans the same columns (a row without a picture is not
+        # squeezed into the pictures' narrow column), and no link is empty (a click that goes nowhere)
+        table = _Table()
+        products = re.search(r"<table(?:(?!<table).)*?Kopi Toraja 250g.*?</table>", html, re.DOTALL)
+        assert products is not None, html
+        table.feed(products.group())
+        widths = {sum(cells) for cells in table.rows if cells}
+        assert len(widths) == 1, table.rows
+        assert all(href for href in table.hrefs), table.hrefs
+        full = _Table()
+        full.feed(html)
+        assert all(href for href in full.hrefs), full.hrefs
+        # and the text part has no line that is only spaces, and no "…:" left hanging before a link that is not there
+        lines = text.splitlines()
+        assert all(line.strip() or not line for line in lines), lines
+        for i, line in enumerate(lines):
+            if line.endswith(":") and "Kopi Gayo 250g" in line:
+                assert lines[i + 1].startswith("https://"), lines[i : i + 2]
+        assert "Kopi Kintamani 200g: Rp79.000" in text and "Kopi Toraja 250g: Rp99.000" in text

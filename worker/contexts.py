@@ -71,6 +71,7 @@ def extra_context(
     now: datetime,
 ) -> dict[str, object]:
     c = settings.campaigns
+    shop_url = settings.shop.base_url
     campaign = campaign_of(settings, message.campaign)
     if campaign == WINBACK:
         steps = c.winback.effective_steps
@@ -78,8 +79,8 @@ def extra_context(
         bought = facts.order_products.get(int(message.payload.get("first_order_id", 0)), [])
         picks = recommend(bought, facts.catalogue, c.winback.recommendations)
         return {
-            "bought": [product_dict(p) for p in bought],
-            "recommendations": [product_dict(p) for p in picks],
+            "bought": [product_dict(p, shop_url) for p in bought],
+            "recommendations": [product_dict(p, shop_url) for p in picks],
             "coupon_code": step.coupon_code,
             "coupon_percent": step.coupon_percent,
             "step": message.step,
@@ -89,13 +90,13 @@ def extra_context(
             "birthday": message.payload.get("birthday", ""),
             "coupon_code": c.birthday.coupon_code,
             "coupon_percent": c.birthday.coupon_percent,
-            "recommendations": [product_dict(p) for p in facts.catalogue[:3]],
+            "recommendations": [product_dict(p, shop_url) for p in facts.catalogue[:3]],
         }
     if campaign == cc.FEEDBACK:
         order_id = int(message.payload.get("order_id", 0))
         return {
             "order": {"id": clean_text(message.payload.get("order", ""))},
-            "bought": [product_dict(p) for p in facts.order_products.get(order_id, [])],
+            "bought": [product_dict(p, shop_url) for p in facts.order_products.get(order_id, [])],
             "scale": c.feedback.scale,
             "ratings": cc.rating_links(order_id, c.feedback.scale, c.feedback.link_url, link_key),
         }
@@ -105,7 +106,7 @@ def extra_context(
         new = cc.new_since(customer.last_order_at, facts.launches, now, cfg.within_days)
         picks = cc.pick_new_products(new, bought, facts.catalogue, cfg.max_products)
         return {
-            "products": [product_dict(p) for p in picks],
+            "products": [product_dict(p, shop_url) for p in picks],
             # the picks are new ones exactly when some are (else best sellers, which need not be new)
             "new": bool(cc.new_in_their_categories(new, bought)),
         }

@@ -147,15 +147,17 @@ _RESERVED_KEYS = frozenset({"campaign", "customer", "shop", "unsubscribe_url", "
 _Plain = str | int | float | bool | None | dict[str, "_Plain"] | list["_Plain"]
 
 
-def product_dict(p: ProductView) -> dict[str, object]:
-    """A product as templates see it: plain strings (its texts cleaned, see ``clean_text``) and an integer price."""
+def product_dict(p: ProductView, shop_url: str = "") -> dict[str, object]:
+    """A product as templates see it: plain strings (its texts cleaned, see ``clean_text``) and an integer price.
+    A product that products.csv gives no link for links to ``shop_url`` (the shop's ``base_url``): a name, a
+    picture or a "View product" linked to ``href=""`` went nowhere, and the text part printed an empty line."""
     return {
         "external_id": clean_text(p.external_id),
         "name": clean_text(p.name),
         "category": clean_text(p.category),
         "price_minor": p.price_minor,
         "currency": p.currency,
-        "url": p.url,
+        "url": p.url or shop_url,
         "image_url": p.image_url,
     }
 
