@@ -343,7 +343,7 @@ def test_an_email_does_not_wait_for_a_birthday_offer_it_only_moves_later_within_
     assert subjects(smtp_server) == ["How are you, Siti?"]
     for day in range(1, 4):
         cycle_at(settings, clock, evening + timedelta(days=day))
-    assert subjects(smtp_server)[1:] == ["Happy birthday, Siti! Enjoy 15% off, on us"]
+    assert subjects(smtp_server)[1:] == ["Happy early birthday, Siti! Enjoy 15% off, on us"]  # before the day
     store = Store.from_url(settings.database_url)
     try:
         sent_at = {r["campaign"]: r["sent_at"] for r in store.messages(limit=10) if r["status"] == "sent"}

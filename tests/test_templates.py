@@ -734,7 +734,7 @@ def campaign_context(
 
 
 NO_COUPON = {
-    "birthday": {"birthday": "2027-02-28", "coupon_code": "", "coupon_percent": 0,
+    "birthday": {"birthday": "2027-02-28", "days_to_birthday": 0, "coupon_code": "", "coupon_percent": 0,
                  "recommendations": [_product(2, "French Press", 24900000)]},
     "loyalty": {"milestone_kind": "orders", "milestone": 5, "order_count": 5, "coupon_code": "", "coupon_percent": 0},
 }  # fmt: skip

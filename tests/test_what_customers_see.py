@@ -5,8 +5,9 @@ link)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
-from datetime import timedelta
+from datetime import date, timedelta
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -137,3 +138,33 @@ def test_products_without_a_picture_or_a_link_are_shown_whole_and_link_nowhere_e
             if line.endswith(":") and "Kopi Gayo 250g" in line:
                 assert lines[i + 1].startswith("https://"), lines[i : i + 2]
         assert "Kopi Kintamani 200g: Rp79.000" in text and "Kopi Toraja 250g: Rp99.000" in text
+
+
+def test_a_birthday_offer_sent_before_the_day_says_when_the_birthday_is(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given birthday offers sent three days ahead (as the shipped config.toml does), on 22 November 2026 at 10:00
+    # in Jakarta: C1's birthday is on the 25th, C2's is today, C3's (in English) on the 24th
+    born = {"C1": date(1990, 11, 25), "C2": date(1991, 11, 22), "C3": date(1992, 11, 24)}
+    people = [dataclasses.replace(customer(ext, name=f"Siti {ext}", locale=Locale.EN if ext == "C3" else Locale.ID),
+                                  birthday=day) for ext, day in born.items()]  # fmt: skip
+    store = make_shop(sqlite_url, people, [])
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port},
+                            campaigns={"winback": {"enabled": False},
+                                       "birthday": {"enabled": True, "days_before": 3}})  # fmt: skip
+    # When a cycle sends them
+    _send(settings, store)
+    received = _received(smtp_server)
+    assert set(received) == {"c1@example.com", "c2@example.com", "c3@example.com"}
+    early_id, today_id, early_en = (_parts(received[f"c{i}@example.com"]) for i in (1, 2, 3))
+    # Then an offer before the day names the day and wishes it early, in the subject, the text and the HTML;
+    # on the day it wishes a happy birthday
+    assert "Selamat ulang tahun lebih awal" in str(received["c1@example.com"]["Subject"])
+    for part in early_id:
+        assert "tanggal 25 November 2026" in part and "Selamat ulang tahun lebih awal!" in part, part
+    assert "Happy early birthday" in str(received["c3@example.com"]["Subject"])
+    for part in early_en:
+        assert "on November 24, 2026" in part and "Happy early birthday!" in part, part
+    assert str(received["c2@example.com"]["Subject"]).startswith("Selamat ulang tahun, Kak Siti!")
+    for part in today_id:
+        assert "Selamat ulang tahun! Semoga sehat" in part and "lebih awal" not in part and "tanggal" not in part

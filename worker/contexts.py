@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from worker.config import Settings
 from worker.core import campaigns as cc
 from worker.core.audiences import WINBACK
+from worker.core.policy import zone_of
 from worker.core.recommend import recommend
 from worker.core.render import clean_text, product_dict
 from worker.domain import ClaimedMessage, ProductView, SendTimeFacts
@@ -86,8 +87,10 @@ def extra_context(
             "step": message.step,
         }
     if campaign == cc.BIRTHDAY:
+        birthday = message.payload.get("birthday", "")
         return {
-            "birthday": message.payload.get("birthday", ""),
+            "birthday": birthday,
+            "days_to_birthday": _days_to(birthday, customer, settings, now),
             "coupon_code": c.birthday.coupon_code,
             "coupon_percent": c.birthday.coupon_percent,
             "recommendations": [product_dict(p, shop_url) for p in facts.catalogue[:3]],
@@ -122,3 +125,13 @@ def extra_context(
             "coupon_percent": c.loyalty.coupon_percent,
         }
     raise ValueError(f"unknown campaign {message.campaign!r}")
+
+
+def _days_to(birthday: str, customer: SendTimeFacts, settings: Settings, now: datetime) -> int:
+    """Whole days from the customer's today (in their time zone) to ``birthday`` (ISO), 0 on the day: an offer
+    sent ``days_before`` it says when the day is, where it wished a happy birthday three days early."""
+    if not birthday:
+        return 0
+    zone = customer.customer.time_zone if customer.customer is not None else ""
+    today = now.astimezone(zone_of(zone, settings.shop.time_zone)).date()
+    return max(0, (date.fromisoformat(birthday) - today).days)
