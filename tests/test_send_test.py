@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import socket
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -223,7 +225,8 @@ def test_send_test_of_a_birthday_template_printing_the_birthday(tmp_path: Path, 
     (received,) = smtp_server.messages
     parsed = BytesParser(policy=policy.default).parsebytes(received.data)
     sent = parsed.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
-    assert "(28 Februari 2027) Semoga sehat" in sent, sent
+    months = "Januari|Februari|Maret|April|Mei|Juni|Juli|Agustus|September|Oktober|November|Desember"
+    assert re.search(rf"\(\d{{1,2}} ({months}) \d{{4}}\) Semoga sehat", sent), sent
 
 
 def test_a_server_on_the_implicit_tls_port_without_tls_is_told_what_to_check(tmp_path: Path) -> None:
@@ -263,3 +266,26 @@ def test_a_login_refused_for_now_is_not_blamed_on_the_password(
     assert "refuses logins for now" in done.stderr and "not a wrong password" in done.stderr
     assert "check smtp.username" not in done.stderr and "hunter2" not in done.stderr
     assert smtp_server.messages == []
+
+
+def test_send_test_of_a_birthday_offer_shows_the_day_its_customer_celebrates(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given birthday offers sent on the day (days_before = 0), and C1, whose birthday is 5 March
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port,
+                     extra_toml="[campaigns.birthday]\nenabled = true\ndays_before = 0\n")  # fmt: skip
+    c1 = customer("C1", name="Siti Rahayu")
+    load_shop(site.settings, ShopData([dataclasses.replace(c1, birthday=date(1990, 3, 5))], PRODUCTS, []),
+              datetime.now(UTC))  # fmt: skip
+    # When the operator sends themselves a test with the sample customer, then one for C1
+    for extra in ((), ("--customer", "C1")):
+        done = site.cli("send-test", "--campaign", "birthday", "--to", "me@shop.example", *extra)
+        assert done.returncode == 0, done.stdout + done.stderr
+    sample, own = (BytesParser(policy=policy.default).parsebytes(m.data) for m in smtp_server.messages)
+    sample_text, own_text = (m.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+                             for m in (sample, own))  # fmt: skip
+    # Then the sample's reads as its customers get it, on the day (it wished early for 28 February of next year)
+    assert "Selamat ulang tahun! Semoga sehat" in sample_text and "lebih awal" not in sample_text, sample_text
+    assert "28 Februari 2027" not in sample_text
+    # and C1's names C1's birthday, not the sample's
+    assert "tanggal 5 Maret" in own_text, own_text

@@ -131,14 +131,17 @@ def _facts(sample: samples.Sample) -> BatchFacts:
     )  # fmt: skip
 
 
-def _sample_message(folder: str, sample: samples.Sample, settings: Settings) -> ClaimedMessage:
+def _sample_message(
+    folder: str, sample: samples.Sample, settings: Settings, now: datetime = SAMPLE_NOW
+) -> ClaimedMessage:
     """A message of the template folder ``folder`` (a win-back step's: that step's, ``contexts.sent_as``)."""
     campaign, step = contexts.sent_as(settings, folder)
+    birthday = contexts.birthday_to_show(settings, sample.customer, now)
     return ClaimedMessage(
         id=0, dedupe_key=f"sample:{folder}:{sample.slug}", campaign=campaign, step=step,
         customer_id=sample.customer.id, email=sample.customer.email,
         message_id=f"<sample-{folder}-{sample.slug}@{settings.shop.domain}>", attempts=0, due_at=SAMPLE_NOW,
-        expires_at=SAMPLE_NOW, payload={**samples.SAMPLE_PAYLOAD, "template": folder},
+        expires_at=SAMPLE_NOW, payload={**samples.SAMPLE_PAYLOAD, "template": folder, "birthday": birthday},
     )  # fmt: skip
 
 
@@ -150,7 +153,7 @@ def render_sample(
     composer: Composer, campaign: str, locale: Locale, sample: samples.Sample, now: datetime = SAMPLE_NOW
 ) -> SampleRender:
     """One sample through the sender's context building, the renderer and the MIME writer."""
-    message = _sample_message(campaign, sample, composer.settings)
+    message = _sample_message(campaign, sample, composer.settings, now)
     customer = sample.customer
     unsubscribe = composer.unsubscribe_url(customer)
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 from worker.config import Settings
 from worker.core import campaigns as cc
@@ -15,7 +15,7 @@ from worker.core.audiences import WINBACK
 from worker.core.policy import zone_of
 from worker.core.recommend import recommend
 from worker.core.render import clean_text, product_dict
-from worker.domain import ClaimedMessage, ProductView, SendTimeFacts
+from worker.domain import ClaimedMessage, CustomerSnapshot, ProductView, SendTimeFacts
 
 
 @dataclass(frozen=True)
@@ -135,3 +135,14 @@ def _days_to(birthday: str, customer: SendTimeFacts, settings: Settings, now: da
     zone = customer.customer.time_zone if customer.customer is not None else ""
     today = now.astimezone(zone_of(zone, settings.shop.time_zone)).date()
     return max(0, (date.fromisoformat(birthday) - today).days)
+
+
+def birthday_to_show(settings: Settings, customer: CustomerSnapshot, now: datetime) -> str:
+    """The birthday (ISO) a rendering outside planning celebrates (`kembali send-test`, `check`, the live preview):
+    the customer's next one, from their today, when they have one; else the day an offer sent now would be for
+    (``days_before`` ahead), so the copy reads as the campaign's customers get it."""
+    today = now.astimezone(zone_of(customer.time_zone, settings.shop.time_zone)).date()
+    if customer.birthday is not None:
+        this_year = cc.birthday_in(customer.birthday, today.year)
+        return (this_year if this_year >= today else cc.birthday_in(customer.birthday, today.year + 1)).isoformat()
+    return (today + timedelta(days=settings.campaigns.birthday.days_before)).isoformat()

@@ -53,6 +53,7 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     else:
         customer = samples.samples(Locale(settings.shop.default_locale))[0].customer
     now = deps.clock.now()
+    payload["birthday"] = contexts.birthday_to_show(settings, customer, now)
     campaign, step = contexts.sent_as(settings, args.campaign)  # a win-back step's folder: with that step's coupon
     payload["template"] = args.campaign
     message = ClaimedMessage(
