@@ -215,6 +215,8 @@ def test_first_name_empty_for_empty_name() -> None:
         (". Siti", "Siti"),
         ("-", ""),  # not "Halo Kak -,": the templates' fallback instead
         ("Ibu", "Ibu"),  # nothing after the title: the title is all there is
+        ("Kak", ""),  # the templates say "Kakak": not "Halo Kak Kak,"
+        ("kakak", ""),
         ("McDonald Ray", "McDonald"),
         ("O'BRIEN", "O'Brien"),
         ("SITI-NUR Halim", "Siti-Nur"),

@@ -65,6 +65,7 @@ def _parts(message: EmailMessage) -> tuple[str, str]:
         ("Teuku Umar", Locale.EN, "Hi Umar,", "Umar, "),
         ("siti.rahayu@gmail.com", Locale.ID, "Halo Kakak,", "Kakak, "),  # the address typed as the name
         ("R.", Locale.EN, "Hi there,", "Still "),  # an initial alone is no name to greet by
+        ("KAKAK", Locale.ID, "Halo Kakak,", "Kakak, "),  # not "Halo Kak Kakak,"
     ],
 )
 def test_a_customer_is_greeted_by_their_name_not_an_initial_a_title_or_their_address(

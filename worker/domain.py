@@ -278,9 +278,9 @@ def _not_a_name(word: str) -> bool:
 
 
 def _initial_or_address(word: str) -> bool:
-    """``R.``, ``M`` or ``siti@example.com`` as the whole name: "Halo Kak R.," greets no one; a title alone
-    (``Ibu``) is still said."""
-    return "@" in word or (len(word.rstrip(".")) == 1 and word.isascii())
+    """``R.``, ``M`` or ``siti@example.com`` as the whole name: "Halo Kak R.," greets no one; nor ``Kakak``,
+    which the templates say themselves ("Halo Kak Kakak,"); another title alone (``Ibu``) is still said."""
+    return "@" in word or (len(word.rstrip(".")) == 1 and word.isascii()) or word.casefold() in ("kak", "kakak")
 
 
 @pickled_by_fields
