@@ -140,16 +140,17 @@ def waits_for(
 
 
 def next_allowed(at: datetime, zone: ZoneInfo, quiet: QuietHours | None) -> datetime:
-    """``at`` itself when outside quiet hours on the customer's clock, else the instant they end (UTC)."""
+    """``at`` itself when outside quiet hours on the customer's clock, else the instant they end (UTC). On a day
+    the calendar skipped whole (Apia's 30 December 2011) the clock jumps from the night before to the midnight
+    after, past the end: quiet hours then end on the day after, as they would have that night."""
     if quiet is None:
         return at
-    local = at.astimezone(zone)
-    if not quiet.contains(local.time().replace(tzinfo=None)):
-        return at
-    end_day: date = local.date()
-    if quiet.start > quiet.end and local.time().replace(tzinfo=None) >= quiet.start:
-        end_day += timedelta(days=1)
-    return _clock_reaches(datetime.combine(end_day, quiet.end), zone, at)
+    while quiet.contains((local := at.astimezone(zone)).time().replace(tzinfo=None)):
+        end_day: date = local.date()
+        if quiet.start > quiet.end and local.time().replace(tzinfo=None) >= quiet.start:
+            end_day += timedelta(days=1)
+        at = _clock_reaches(datetime.combine(end_day, quiet.end), zone, at)
+    return at
 
 
 def _clock_reaches(wall: datetime, zone: ZoneInfo, at: datetime) -> datetime:
