@@ -265,12 +265,13 @@ def _message_ids(site: Site) -> list[tuple[str, str | None]]:
     return out
 
 
-@pytest.mark.parametrize("zone", ["Mars/Olympus", ""])
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "", "localtime", "Factory"])
 def test_a_customer_whose_time_zone_is_unknown_is_shown_on_the_shops_clock_that_the_policy_used(
     tmp_path: Path, zone: str
 ) -> None:
     # Given a one-time buyer due win-back whose stored time zone this machine does not know (a database written
-    # by a host with newer time zone data, or by hand): the contact policy reads the shop's clock for them
+    # by a host with newer time zone data, or by hand), or is one the importer refuses as saying where no customer
+    # is (localtime: the reading host's own zone; Factory: "-00"): the contact policy reads the shop's clock for them
     site = make_site(tmp_path / "shop", extra_toml='[policy]\nquiet_hours_start = "21:00"\nquiet_hours_end = "08:00"\n')
     load_shop(site.settings, ShopData([customer("C1", locale=Locale.EN)], PRODUCTS, [one_time_order("O1", "C1")]), T)
     engine = sa.create_engine(site.settings.database_url)

@@ -24,6 +24,7 @@ from worker.core.policy import (
     decide_one,
     next_allowed,
     next_free_slot,
+    zone_of,
 )
 from worker.domain import SkipReason
 
@@ -225,3 +226,17 @@ def test_a_birthday_is_on_the_customers_calendar(
         ends = cc.birthday_expires(plan[0], tz)
         assert ends.astimezone(tz).date() == plan[0] + timedelta(days=1) and ends.astimezone(tz).time() == time(0)
         assert plan[1] < ends
+
+
+@pytest.mark.parametrize(
+    "name", ["localtime", "Factory", "posixrules", "posix/America/New_York", "Mars/Olympus", "", "../zoneinfo/UTC"]
+)
+def test_a_zone_name_that_says_where_no_customer_is_reads_as_the_shops(name: str) -> None:
+    # the importer refuses these (tests/test_importer.py); a row an older Kembali or another program wrote is
+    # planned on the shop's clock, not on the clock of whichever host reads it ("localtime") or on "-00"
+    assert zone_of(name, "Asia/Jakarta") == ZoneInfo("Asia/Jakarta")
+
+
+def test_a_customers_zone_is_taken_as_written() -> None:
+    assert zone_of("Pacific/Apia", "Asia/Jakarta") == ZoneInfo("Pacific/Apia")
+    assert zone_of("America/New_York", "Asia/Jakarta") == ZoneInfo("America/New_York")

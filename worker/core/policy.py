@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from worker.domain import SkipReason
+from worker.domain import SkipReason, place_zones
 
 DEFAULT_PRIORITY_ORDER = ("birthday", "feedback", "winback", "loyalty", "new_products")
 
@@ -79,9 +79,11 @@ def priorities_from_order(order: Sequence[str]) -> dict[str, int]:
 
 
 def zone_of(name: str, default: str) -> ZoneInfo:
-    """The customer's zone, or the default when the name is empty or unknown."""
+    """The customer's zone, or the default when the name is empty, unknown, or a name the zone database holds that
+    says where no one is (``domain.place_zones``, which the importer and the config check too): ``localtime`` is
+    the zone of whichever host reads it, ``Factory`` reads every time as "-00"."""
     for candidate in (name, default):
-        if candidate:
+        if candidate and candidate in place_zones():
             try:
                 return ZoneInfo(candidate)
             except (ZoneInfoNotFoundError, ValueError):
