@@ -325,6 +325,29 @@ def test_a_daemon_starts_beside_a_copy_of_a_campaign_folder_that_no_campaign_use
         assert daemon.stop() == 0
 
 
+def test_the_daemons_cron_runs_on_the_shops_clock_whatever_the_hosts_zone(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a shop in Jakarta planning every second of one hour of its clock, the hour it is there now, on a host
+    # whose clock is set to New York (that hour there is 11 or 12 hours away)
+    jakarta = ZoneInfo("Asia/Jakarta")
+    if datetime.now(jakarta).minute == 59:
+        time.sleep(61 - datetime.now(jakarta).second)  # not the hour's last minute: it would be over before a run
+    hour = datetime.now(jakarta).hour
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron=f"* * {hour} * * *")
+    daemon = Daemon.start(shop, env={"TZ": "America/New_York"})
+    try:
+        # When the daemon starts, then it schedules win-back in that hour of Jakarta's, and runs it there: the
+        # start's catch-up pass and then passes of the schedule's
+        scheduled = daemon.wait_event("job_scheduled", where=lambda e: e.get("job") == "plan:winback")
+        next_run = datetime.fromisoformat(scheduled["next_run"])
+        assert (next_run.utcoffset(), next_run.hour) == (timedelta(hours=7), hour), scheduled
+        daemon.wait_for(lambda: len([e for e in daemon.named("campaign_planned") if e["campaign"] == "winback"]) >= 3,
+                        timeout=20, why="win-back planned by its schedule on the shop's clock")
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_a_daemon_warns_of_a_campaign_whose_planning_cron_never_runs(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
