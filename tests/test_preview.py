@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from email import policy
 from email.parser import BytesParser
@@ -289,6 +290,26 @@ def test_a_customer_whose_time_zone_is_unknown_is_shown_on_the_shops_clock_that_
         ["C1", "winback/1", "d45", "2026-11-22", "10:00", "WIB"]]
     assert night.returncode == 0, night.stderr
     assert "defer until 2026-11-23 08:00 WIB (quiet hours)" in night.stdout
+
+
+def test_json_lines_give_when_as_iso_8601_on_the_customers_clock_on_the_night_its_hour_repeats(
+    tmp_path: Path,
+) -> None:
+    # Given a one-time buyer in New York due win-back, and no quiet hours
+    site = make_site(tmp_path / "shop")
+    buyer = replace(customer("C1", locale=Locale.EN), time_zone="America/New_York")
+    load_shop(site.settings, ShopData([buyer], PRODUCTS, [one_time_order("O1", "C1", days_ago=80)]), T)
+
+    # When the operator previews as JSON lines at 01:30 the second time, the night New York's clocks go back
+    at = datetime(2026, 11, 1, 6, 30, tzinfo=UTC)
+    done = site.cli("preview", "--at", at.isoformat(), "--json")
+
+    # Then "when" is ISO 8601, as a deferral's "until" is, with the offset of the customer's clock then (EST,
+    # -05:00): it was "2026-11-01 01:30 EST", the table's text, which jq and datetime.fromisoformat cannot read
+    assert done.returncode == 0, done.stderr
+    send = [row for row in map(json.loads, done.stdout.splitlines()) if row["action"] == "send"]
+    assert [row["when"] for row in send] == ["2026-11-01T01:30:00-05:00"]
+    assert datetime.fromisoformat(str(send[0]["when"])) == at
 
 
 def test_customers_imported_without_a_time_zone_keep_quiet_hours_on_the_shops_clock(tmp_path: Path) -> None:

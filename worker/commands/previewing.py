@@ -217,7 +217,8 @@ def _show(
     message = item.message
     if isinstance(item, Composed):
         summary.would_send += 1
-        when = _local(max(at, message.due_at), item.customer.time_zone, shop_zone)
+        goes = max(at, message.due_at).astimezone(zone_of(item.customer.time_zone, shop_zone))
+        when = _local(goes, item.customer.time_zone, shop_zone)
         files: dict[str, str] = {}
         if out_dir is not None:
             stem = file_stem(summary.would_send, message.dedupe_key)
@@ -234,7 +235,8 @@ def _show(
             files = {"eml": str(out_dir / f"{stem}.eml"), "html": str(out_dir / f"{stem}.html")}
         if json_lines:
             row = {"action": "send", "customer": item.customer.external_id, "campaign": message.campaign,
-                   "step": message.step, "when": when, "subject": item.rendered.subject,
+                   # ISO 8601 on the customer's clock (the table's text, "01:30 EST", no program reads)
+                   "step": message.step, "when": goes.isoformat(), "subject": item.rendered.subject,
                    "dedupe_key": message.dedupe_key, "template_version": item.rendered.template_version, **files}
             out.write(json_line(row) + "\n")
         else:
