@@ -348,6 +348,33 @@ def test_the_daemons_cron_runs_on_the_shops_clock_whatever_the_hosts_zone(
         assert daemon.stop() == 0
 
 
+def test_a_reload_that_moves_the_shop_to_another_zone_moves_its_cron_times_there(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon of a shop in Jakarta (the default) planning at 09:00 every day
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        first = datetime.fromisoformat(daemon.named("job_scheduled")[-1]["next_run"])
+        assert (first.utcoffset(), first.hour) == (timedelta(hours=7), 9)
+
+        # When the operator moves the shop to London (a reload takes [shop]) and sends SIGHUP
+        text = shop.config.read_text(encoding="utf-8")
+        shop.config.write_text(text.replace("[shop]\n", '[shop]\ntime_zone = "Europe/London"\n', 1), encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("reload_done")
+
+        # Then the plan runs at 09:00 on London's clock, as shop.time_zone says cron times are: it stayed at 09:00
+        # in Jakarta (02:00 in London) until a restart, while quiet hours and the daily quota moved to London
+        london = ZoneInfo("Europe/London")
+        after = [e for e in daemon.named("job_scheduled") if e["job"] == "plan:winback"][-1]
+        moved = datetime.fromisoformat(after["next_run"])
+        assert (moved.astimezone(london).hour, moved.astimezone(london).minute) == (9, 0), after
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_a_daemon_warns_of_a_campaign_whose_planning_cron_never_runs(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

@@ -354,7 +354,8 @@ class Daemon:
         now = self.clock.now()
         for campaign in enabled_campaigns(settings):
             cron = settings.schedule.cron_of(campaign)
-            nxt = self.scheduler.add_cron(f"plan:{campaign}", cron, self._planner(campaign), now=now)
+            nxt = self.scheduler.add_cron(f"plan:{campaign}", cron, self._planner(campaign), now=now,
+                                          time_zone=settings.shop.time_zone)  # a reload's, which may be another
             log.event("job_scheduled", job=f"plan:{campaign}", cron=cron, next_run=nxt.isoformat() if nxt else "")
             if nxt is None:  # a valid cron no day matches (0 0 31 2 *): a way to pause a job, or a mistake
                 log.event("campaign_never_planned", logging.WARNING, campaign=campaign, cron=cron,

@@ -128,9 +128,12 @@ class Scheduler:
         """Removed interval jobs whose last run is still going (cancelled too by ``shutdown``)."""
         self._started = False
 
-    def add_cron(self, job_id: str, expr: str, func: JobFunc, *, now: datetime) -> datetime | None:
-        """Schedule ``func`` on a cron expression; returns its first fire time after ``now``."""
-        trigger = cron_trigger(expr, self.time_zone)
+    def add_cron(
+        self, job_id: str, expr: str, func: JobFunc, *, now: datetime, time_zone: str | None = None
+    ) -> datetime | None:
+        """Schedule ``func`` on a cron expression in ``time_zone`` (None: the scheduler's, the shop's when it was
+        made; a reload passes the shop's as it is now); returns its first fire time after ``now``."""
+        trigger = cron_trigger(expr, time_zone or self.time_zone)
         self._aps.add_job(_guarded(job_id, func), trigger, id=job_id, name=job_id, replace_existing=True)
         first: datetime | None = trigger.get_next_fire_time(None, now)
         return first
