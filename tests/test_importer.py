@@ -438,6 +438,9 @@ def test_a_zone_file_that_is_no_place_is_a_rejected_row(tmp_path: Path, zone: st
 @pytest.mark.parametrize(("zone", "meant"), [
     ("WIB", "Asia/Jakarta"), ("wita", "Asia/Makassar"), ("WIT", "Asia/Jayapura"),
     ("asia/jakarta", "Asia/Jakarta"), ("ASIA/MAKASSAR", "Asia/Makassar"), ("europe/london", "Europe/London"),
+    # a letter or two wrong, and a city alone (as a form's drop-down shows it): the name they stand for
+    ("America/New_Yrok", "America/New_York"), ("Asia/Jakata", "Asia/Jakarta"), ("Europe/Londn", "Europe/London"),
+    ("Jakarta", "Asia/Jakarta"), ("New York", "America/New_York"), ("kathmandu", "Asia/Kathmandu"),
 ])
 def test_a_zone_written_as_a_clock_shows_it_or_in_another_case_is_rejected_saying_which_was_meant(
     tmp_path: Path, zone: str, meant: str
@@ -447,6 +450,16 @@ def test_a_zone_written_as_a_clock_shows_it_or_in_another_case_is_rejected_sayin
     assert (error.line, error.key) == (2, "C-1")
     assert f"invalid time_zone '{zone}' (expected an IANA name such as 'Asia/Jakarta'; did you mean '{meant}'?)" \
         in error.reason, error.reason
+
+
+@pytest.mark.parametrize("zone", ["Pacific", "GMT+7", "UTC+7", "+07:00", "Mars/Olympus"])
+def test_a_zone_no_name_is_near_is_rejected_with_no_guess(tmp_path: Path, zone: str) -> None:
+    # "Pacific" is the city of no zone (US/Pacific, Canada/Pacific are old names for countries' zones), and
+    # Etc/GMT+7 is UTC-7, the opposite of the GMT+7 a clock shows: neither is offered
+    path = write(tmp_path, "customers.csv", CUSTOMER_HEADER + f"C-1,ani@example.com,Ani,id,{zone},,yes,,\n")
+    [error] = errors(read_customers(path))
+    assert (error.line, error.key) == (2, "C-1")
+    assert error.reason == f"invalid time_zone '{zone}' (expected an IANA name such as 'Asia/Jakarta')"
 
 
 def test_an_id_with_an_invisible_character_is_a_rejected_row_not_a_second_customer(tmp_path: Path) -> None:

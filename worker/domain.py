@@ -9,6 +9,7 @@ rendering produces; ``SendResult`` is what a transport reports.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import functools
 from dataclasses import dataclass, field
@@ -30,15 +31,43 @@ _CLOCK_ZONES = {"WIB": "Asia/Jakarta", "WITA": "Asia/Makassar", "WIT": "Asia/Jay
 
 
 def zone_meant(name: str) -> str | None:
-    """The IANA zone a name that is none most likely means: Indonesia's ``WIB``/``WITA``/``WIT``, or a zone's
-    name in another case (``asia/jakarta``); None when there is no such one."""
+    """The IANA zone a name that is none most likely means: Indonesia's ``WIB``/``WITA``/``WIT``, a zone's name in
+    another case (``asia/jakarta``), its city alone (``Jakarta``, ``New York``) or with a letter or two wrong
+    (``America/New_Yrok``, ``Europe/Londn``); None when there is no such one."""
     upper = name.strip().upper()
-    return _CLOCK_ZONES.get(upper) or _zones_by_upper_case().get(upper)
+    return _CLOCK_ZONES.get(upper) or _zones_by_upper_case().get(upper) or _zone_near(upper)
 
 
 @functools.cache
 def _zones_by_upper_case() -> dict[str, str]:
     return {zone.upper(): zone for zone in sorted(place_zones())}
+
+
+_AREAS = frozenset({"Africa", "America", "Antarctica", "Arctic", "Asia", "Atlantic", "Australia", "Europe", "Indian",
+                    "Pacific"})
+
+
+@functools.cache
+def _zones_by_city() -> dict[str, str]:
+    """``JAKARTA`` → ``Asia/Jakarta``: the last part of each name in a continent or an ocean (not ``Etc/GMT+7``,
+    which is UTC-7, not the "GMT+7" a clock shows, nor ``US/Pacific``); of two names for one city
+    (America/Indianapolis, America/Indiana/Indianapolis) the first in order."""
+    out: dict[str, str] = {}
+    for zone in sorted(place_zones()):
+        if zone.split("/", 1)[0] in _AREAS and "/" in zone:
+            out.setdefault(zone.rsplit("/", 1)[1].upper(), zone)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _zone_near(upper: str) -> str | None:
+    """The zone whose city is ``upper`` (spaces for underscores), else whose name is within a letter or two of it
+    (cached: a file's rows repeat a mistake)."""
+    city = _zones_by_city().get(upper.replace(" ", "_"))
+    if city is not None:
+        return city
+    near = difflib.get_close_matches(upper, _zones_by_upper_case(), n=1, cutoff=0.85)
+    return _zones_by_upper_case()[near[0]] if near else None
 
 
 _T = TypeVar("_T")
