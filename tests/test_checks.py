@@ -515,6 +515,24 @@ def test_check_notes_a_birthday_planning_schedule_with_gaps_longer_than_a_birthd
         assert done.returncode == 0 and "between planning passes" not in done.stdout, (name, done.stdout)
 
 
+def test_check_notes_quiet_hours_that_leave_only_the_night_for_sending(tmp_path: Path) -> None:
+    # Given quiet hours written the wrong way round, as the hours to send in: 08:00 to 21:00
+    site = make_site(tmp_path / "shop", extra_toml='[policy]\nquiet_hours_start = "08:00"\nquiet_hours_end = "21:00"\n')
+    # When the operator checks the config
+    done = site.cli("check")
+    # Then the config is valid (it may be meant), and check says when emails would go out and what was likely meant:
+    # nothing said so, and every email waited for the customer's night
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("note: policy.quiet_hours_start '08:00' and quiet_hours_end '21:00' hold every email from 08:00 until "
+            "21:00 on the customer's clock: emails go out only from 21:00 to 08:00, at night (quiet hours are when "
+            "nothing is sent; for the night, start '21:00' and end '08:00')") in done.stdout, done.stdout
+    # Given quiet hours at night, a lunch break, or none, there is no note
+    for name, hours in (("night", ("21:00", "08:00")), ("lunch", ("12:00", "13:00")), ("none", ("00:00", "00:00"))):
+        toml = f'[policy]\nquiet_hours_start = "{hours[0]}"\nquiet_hours_end = "{hours[1]}"\n'
+        done = make_site(tmp_path / name, extra_toml=toml).cli("check")
+        assert done.returncode == 0 and "note: policy.quiet_hours" not in done.stdout, (name, done.stdout)
+
+
 def test_check_notes_an_enabled_campaign_whose_planning_cron_never_runs(tmp_path: Path) -> None:
     # Given win-back planned on 31 February (crontab's way to pause a job), and birthdays off with the same cron
     site = make_site(tmp_path / "shop", extra_toml='[schedule]\nplan_cron = { winback = "0 0 31 2 *", '

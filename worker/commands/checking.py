@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
@@ -18,6 +18,7 @@ from worker.config import Settings, ShopSettings, naming_the_line, tls_port_hint
 from worker.core import campaigns as cc
 from worker.core import samples
 from worker.core.cron import never_runs
+from worker.core.policy import QuietHours
 from worker.domain import Locale
 from worker.errors import ConfigError
 from worker.log import json_line
@@ -100,6 +101,24 @@ def birthday_planning_gap(settings: Settings, now: datetime) -> str | None:
             "for them); plan birthday at least daily")
 
 
+def quiet_by_day(settings: Settings) -> str | None:
+    """A note when quiet hours are the day (half of it or more, midday in it: ``08:00``-``21:00``), likely written as
+    the hours to send in: every email would wait for the customer's night."""
+    start, end = settings.policy.quiet_hours_start, settings.policy.quiet_hours_end
+    quiet = QuietHours(time.fromisoformat(start), time.fromisoformat(end))
+    minutes = (_minutes(end) - _minutes(start)) % (24 * 60)
+    if start == end or minutes < 12 * 60 or not quiet.contains(time(12, 0)):
+        return None
+    return (f"policy.quiet_hours_start {start!r} and quiet_hours_end {end!r} hold every email from {start} until {end} "
+            f"on the customer's clock: emails go out only from {end} to {start}, at night (quiet hours are when "
+            f"nothing is sent; for the night, start {end!r} and end {start!r})")
+
+
+def _minutes(clock: str) -> int:
+    hours, minutes = clock.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
 def never_planned(settings: Settings) -> list[str]:
     """The enabled campaigns whose planning cron never fires (``0 0 31 2 *``), each as a note naming the key."""
     notes = []
@@ -139,6 +158,8 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
               f"{', '.join(example)}")
     for note in never_planned(settings):
         print(f"note: {note}")
+    if by_day := quiet_by_day(settings):
+        print(f"note: {by_day}")
     if gap := birthday_planning_gap(settings, datetime.now(UTC)):
         print(f"note: {gap}")
     for name in unused:
