@@ -125,6 +125,14 @@ FIRE_CASES = [
     ("Lord Howe's half-hour jump forward skips 02:00-02:30: 02:15 runs at 02:45", "15 2 * * *",
      "Australia/Lord_Howe", datetime(2026, 10, 3, tzinfo=UTC),
      ["2026-10-04T02:15:00+10:30", "2026-10-05T02:15:00+11:00"]),
+    ("midnight does not exist in Santiago on 6 September 2026 (00:00 to 01:00): that day's run is an hour late, "
+     "once, not lost", "0 0 * * *", "America/Santiago", datetime(2026, 9, 4, 12, tzinfo=UTC),
+     ["2026-09-05T00:00:00-04:00", "2026-09-06T01:00:00-03:00", "2026-09-07T00:00:00-03:00"]),
+    ("00:30 does not exist in Havana on 8 March 2026: 01:30 that day", "30 0 * * *", "America/Havana",
+     datetime(2026, 3, 7, 12, tzinfo=UTC),
+     ["2026-03-08T01:30:00-04:00", "2026-03-09T00:30:00-04:00"]),
+    ("Beirut's clocks skip midnight on 29 March 2026: 01:00 that day", "0 0 * * *", "Asia/Beirut",
+     datetime(2026, 3, 28, tzinfo=UTC), ["2026-03-29T01:00:00+03:00", "2026-03-30T00:00:00+03:00"]),
 ]  # fmt: skip
 
 
@@ -261,6 +269,8 @@ GAP_CASES = [
     # (why, expr, zone, after, the first gap longer than 26 hours: its two fire times, or None)
     ("daily at 09:00: 24 hours apart", "0 9 * * *", JKT, datetime(2026, 1, 1, tzinfo=UTC), None),
     ("daily in New York: 25 hours the night its clock goes back, still within", "0 9 * * *", "America/New_York",
+     datetime(2026, 1, 1, tzinfo=UTC), None),
+    ("daily at midnight in Santiago, which skips one: 25 hours, still within", "0 0 * * *", "America/Santiago",
      datetime(2026, 1, 1, tzinfo=UTC), None),
     ("every 30 seconds: no gap, and no fire time looked at one by one", "*/30 * * * * *", JKT,
      datetime(2026, 1, 1, tzinfo=UTC), None),

@@ -44,7 +44,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -64,10 +64,47 @@ JOB_DEFAULTS: dict[str, Any] = {"coalesce": True, "misfire_grace_time": None, "m
 
 def cron_trigger(expr: str, time_zone: str) -> BaseTrigger:
     """A cron trigger in ``time_zone`` (crontab weekday numbers, 5 or 6 fields; see core.cron): one
-    ``CronTrigger``, or the earliest of two when crontab would run on a day of the month *or* a weekday."""
+    ``CronTrigger``, or the earliest of two when crontab would run on a day of the month *or* a weekday; a time the
+    clocks skip runs as late as their jump is long (``_SkippedTimesToo``)."""
     zone = ZoneInfo(time_zone)
-    triggers = [CronTrigger(timezone=zone, **fields.as_kwargs()) for fields in schedule(expr)]
-    return triggers[0] if len(triggers) == 1 else OrTrigger(triggers)
+
+    def built(tz: ZoneInfo | timezone) -> BaseTrigger:
+        triggers = [CronTrigger(timezone=tz, **fields.as_kwargs()) for fields in schedule(expr)]
+        return triggers[0] if len(triggers) == 1 else OrTrigger(triggers)
+
+    return _SkippedTimesToo(built(zone), built(UTC), zone)
+
+
+class _SkippedTimesToo(BaseTrigger):  # type: ignore[misc]
+    """``trigger``, and a time it names that the clocks skip, read with the offset before the jump (as late as the
+    jump is long): 02:30 on the night 02:00 becomes 03:00 runs at 03:30. ``CronTrigger`` does so for a time within a
+    day, but one at the start of a day whose first hour the clocks skip (00:00 going to 01:00 in Santiago, Havana,
+    Beirut, the Azores) it left out: no run that day, 48 hours between two daily runs. ``wall``: the expression on
+    a clock that never changes (UTC), whose fire times are the wall times it names."""
+
+    def __init__(self, trigger: BaseTrigger, wall: BaseTrigger, zone: ZoneInfo) -> None:
+        self.trigger, self.wall, self.zone = trigger, wall, zone
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+        found: datetime | None = self.trigger.get_next_fire_time(previous_fire_time, now)
+        if found is None:  # it names no time to come (0 9 31 4 *): none skipped either
+            return None
+        at = now.astimezone(self.zone).replace(tzinfo=UTC)  # the wall time now, on the unchanging clock
+        for _ in range(100):  # the wall times it names up to ``found``: one or two, more only around a change
+            named: datetime | None = self.wall.get_next_fire_time(None, at)
+            if named is None:
+                return found
+            wall = named.replace(tzinfo=self.zone)  # (fold 0: a skipped time read with the offset before the jump)
+            instant = wall.astimezone(UTC)
+            if instant >= found:
+                return found
+            if instant.astimezone(self.zone).replace(tzinfo=None) != named.replace(tzinfo=None):  # skipped
+                return instant.astimezone(self.zone)
+            at = named + timedelta(seconds=1)
+        return found
+
+    def __str__(self) -> str:
+        return str(self.trigger)
 
 
 @functools.lru_cache(maxsize=16)
