@@ -11,6 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from worker import planning
+from worker.adapters import shop
+from worker.adapters.store import Store
 from worker.config import ConfigError, settings_from_dict
 from worker.core import campaigns as cc
 from worker.core.policy import (
@@ -26,7 +28,7 @@ from worker.core.policy import (
     next_free_slot,
     zone_of,
 )
-from worker.domain import SkipReason
+from worker.domain import CustomerRecord, Locale, SkipReason
 
 NIGHT = QuietHours(time(21, 0), time(8, 0))
 
@@ -240,3 +242,42 @@ def test_a_zone_name_that_says_where_no_customer_is_reads_as_the_shops(name: str
 def test_a_customers_zone_is_taken_as_written() -> None:
     assert zone_of("Pacific/Apia", "Asia/Jakarta") == ZoneInfo("Pacific/Apia")
     assert zone_of("America/New_York", "Asia/Jakarta") == ZoneInfo("America/New_York")
+
+
+# (name, instant, the customers planned a birthday offer for then, by the year of their birthday key): planned at
+# once on the day, or ahead when the day begins within the planning lead (26 hours, cc.BIRTHDAY_LEAD)
+LEAP_DAY_PLANS = [
+    ("26 Feb 2027, 07:59:59 UTC: +14's 28 February begins in 26 hours and a second: no one yet",
+     "2027-02-26T07:59:59+00:00", {}),
+    ("26 Feb 2027, 08:00 UTC: +14's 28 February begins in 26 hours: planned ahead", "2027-02-26T08:00:00+00:00",
+     {"KIRI": 2027}),
+    ("28 Feb 2027, 10:00 UTC: 1 March at +14; 28 February in Jakarta; at -11 it begins in an hour",
+     "2027-02-28T10:00:00+00:00", {"JKT": 2027, "PAGO": 2027}),
+    ("28 Feb 2027, 17:00 UTC: 1 March in Jakarta too; 28 February at -11 until 11:00 UTC the next day",
+     "2027-02-28T17:00:00+00:00", {"PAGO": 2027}),
+    ("1 Mar 2027, 11:00 UTC: 1 March everywhere: no one", "2027-03-01T11:00:00+00:00", {}),
+    ("28 Feb 2028, 10:00 UTC: a leap year, 29 February begins at +14, and within the lead elsewhere",
+     "2028-02-28T10:00:00+00:00", {"KIRI": 2028, "JKT": 2028, "PAGO": 2028}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "now", "planned"), LEAP_DAY_PLANS, ids=[c[0] for c in LEAP_DAY_PLANS])
+def test_planning_offers_a_29_february_birthday_on_28_february_of_a_common_year_on_each_customers_calendar(
+    db_url: str, name: str, now: str, planned: dict[str, int]
+) -> None:
+    # Given customers born on 29 February at +14, in the shop's Jakarta, and at -11 (a birthday in a common year is
+    # celebrated on 28 February), birthday offers on the day itself
+    zones = {"KIRI": "Pacific/Kiritimati", "JKT": "Asia/Jakarta", "PAGO": "Pacific/Pago_Pago"}
+    people = [CustomerRecord(ext, f"{ext.lower()}@example.com", ext, Locale.EN, zone, date(1992, 2, 29), True,
+                             "opt_in", "checkout") for ext, zone in zones.items()]  # fmt: skip
+    cfg = settings_from_dict({"shop": {"time_zone": "Asia/Jakarta"},
+                              "campaigns": {"birthday": {"enabled": True, "days_before": 0}}})  # fmt: skip
+    store = Store.from_url(db_url)
+    try:
+        shop.upsert_customers(store.engine, people, utc("2027-01-01T00:00+00:00"))
+        # When a planning pass runs then (the store's pre-filter by month and day, then the pure rules)
+        keys = {m.dedupe_key for batch in planning.plan_batches(store, cfg, "birthday", utc(now)) for m in batch}
+    finally:
+        store.close()
+    # Then exactly the customers whose 28 February (29th in a leap year) it is, or begins within the lead
+    assert keys == {cc.birthday_key(ext, year) for ext, year in planned.items()}
