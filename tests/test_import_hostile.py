@@ -887,7 +887,7 @@ def test_an_order_placed_or_delivered_in_the_future_is_a_rejected_row(
     assert str(last[0][0])[:10] == placed[:10], last  # O-4's (the day it was placed, also a run over midnight)
 
 
-def test_a_placeholder_birthday_of_an_age_no_one_reaches_is_a_rejected_row_saying_so(
+def test_a_placeholder_birthday_of_an_age_no_one_reaches_is_left_out_with_a_warning_saying_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given an export whose shop wrote 1900-01-01 for a birthday it does not know, and a customer of 100
@@ -900,20 +900,23 @@ def test_a_placeholder_birthday_of_an_age_no_one_reaches_is_a_rejected_row_sayin
         f"C-2,c2@example.com,Budi,ya,{hundred}\n"
     )
     code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
-    # Then the placeholder is a rejected row saying what it looks like (it was imported: a birthday offer every
-    # 1 January to a customer whose birthday no one knows), and the customer of 100 is imported
+    # Then the placeholder is a warning saying what it looks like (as a birthday, it gave a birthday offer every
+    # 1 January to a customer whose birthday no one knows), and the customer is imported without it (it was a
+    # rejected row: a customer lost for a column the shop does not even know), as the customer of 100 is with it
     assert code == 1, out
-    assert (f"customers.csv:2: id 'C-1': invalid birthday '1900-01-01' (an age of {today.year - 1900}, over 120: "
-            "a placeholder for a birthday not known? leave the cell empty)") in out, out  # fmt: skip
-    assert "customers: 1 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+    assert (f"warning: customers.csv:2: id 'C-1': invalid birthday '1900-01-01' (an age of {today.year - 1900}, "
+            "over 120: a placeholder for a birthday not known? leave the cell empty); the customer is imported "
+            "without it") in out, out  # fmt: skip
+    assert "customers: 2 created, 0 updated, 0 unchanged, 0 rejected, 1 imported without their birthday" in out, out
     born = dict(_rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id, birthday from customer"))
-    assert {key: str(value) for key, value in born.items()} == {"C-2": str(hundred)}
+    assert {key: str(value) for key, value in born.items()} == {"C-1": "None", "C-2": str(hundred)}
 
 
-def test_a_birthday_in_the_future_is_a_rejected_row_as_an_order_placed_in_the_future_is(
+def test_a_birthday_in_the_future_is_left_out_with_a_warning_and_the_customer_imported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Given customers, one born "in 2030" (a mistyped year), one yesterday, one before 1900
+    # Given customers, one born "in 2030" (a mistyped year), one yesterday, one before 1900, one on 30 February,
+    # one in a spreadsheet's local form
     config = migrated_config(tmp_path)
     yesterday = datetime.now(UTC).date() - timedelta(days=1)
     later = date(datetime.now(UTC).year + 4, 1, 1)
@@ -923,17 +926,50 @@ def test_a_birthday_in_the_future_is_a_rejected_row_as_an_order_placed_in_the_fu
         f"C-2,c2@example.com,Budi,ya,Pacific/Kiritimati,{yesterday}\n"
         "C-3,c3@example.com,Sari,ya,,1899-12-31\n"
         "C-4,c4@example.com,Dewi,ya,,1990-05-01\n"
+        "C-5,c5@example.com,Eka,ya,,1990-02-30\n"
+        "C-6,c6@example.com,Fitri,ya,,12/31/1990\n"
     )
     # When they are imported
     code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
-    # Then the one born in the future is rejected naming its line and value (it was imported: a birthday offer
-    # would never come), as the one born before 1900 is, and the others are imported
+    # Then each birthday that cannot be one is a warning naming the file, line, column and value, and every
+    # customer is imported (a bad birthday rejected the whole customer), the bad birthdays left out: a customer
+    # without one is never chosen for a birthday offer; the import exits 1, something needs the operator
     assert code == 1, out
-    assert f"customers.csv:2: id 'C-1': invalid birthday '{later}' (in the future: after today, " in out, out
-    assert "customers.csv:4: id 'C-3': invalid birthday '1899-12-31' (year before 1900)" in out, out
-    assert "customers: 2 created, 0 updated, 0 unchanged, 2 rejected" in out, out
+    assert f"warning: customers.csv:2: id 'C-1': invalid birthday '{later}' (in the future: after today, " in out, out
+    assert "warning: customers.csv:4: id 'C-3': invalid birthday '1899-12-31' (year before 1900)" in out, out
+    assert "warning: customers.csv:6: id 'C-5': invalid birthday '1990-02-30' (day is out of range" in out, out
+    assert "warning: customers.csv:7: id 'C-6': invalid birthday '12/31/1990' (expected YYYY-MM-DD)" in out, out
+    assert "rejected" not in out.replace("0 rejected", ""), out
+    assert "customers: 6 created, 0 updated, 0 unchanged, 0 rejected, 4 imported without their birthday" in out, out
     born = dict(_rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id, birthday from customer"))
-    assert {key: str(value) for key, value in born.items()} == {"C-2": str(yesterday), "C-4": "1990-05-01"}
+    assert {key: str(value) for key, value in born.items()} == {
+        "C-1": "None", "C-2": str(yesterday), "C-3": "None", "C-4": "1990-05-01", "C-5": "None", "C-6": "None",
+    }  # fmt: skip
+
+
+def test_a_bad_birthday_imported_again_keeps_the_birthday_stored_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a customer imported with a good birthday
+    config = migrated_config(tmp_path)
+    path = tmp_path / "customers.csv"
+    path.write_text("id,email,name,marketing_consent,birthday\nC-1,c1@example.com,Ani,ya,1990-05-01\n")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(path))[0] == 0
+    # When a later export gives a placeholder for it (and a new name)
+    path.write_text("id,email,name,marketing_consent,birthday\nC-1,c1@example.com,Ani Lestari,ya,1900-01-01\n")
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    # Then the name is updated, the birthday stored before kept (not wiped by one that is no birthday), with a
+    # warning saying so
+    assert code == 1, out
+    assert "warning: customers.csv:2: id 'C-1': invalid birthday '1900-01-01'" in out, out
+    assert "(a birthday stored before is kept)" in out, out
+    assert "customers: 0 created, 1 updated, 0 unchanged, 0 rejected, 1 imported without their birthday" in out, out
+    stored = _rows(f"sqlite:///{tmp_path / 'k.db'}", "select name, birthday from customer")
+    assert [(name, str(born)) for name, born in stored] == [("Ani Lestari", "1990-05-01")]
+    # And an empty cell, which says "no birthday", still clears it
+    path.write_text("id,email,name,marketing_consent,birthday\nC-1,c1@example.com,Ani Lestari,ya,\n")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(path))[0] == 0
+    assert _rows(f"sqlite:///{tmp_path / 'k.db'}", "select birthday from customer") == [(None,)]
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"], ids=["bom", "le", "be"])

@@ -39,10 +39,10 @@ BAD_ROWS = [
     (8, "C-0107", ["unclear marketing_consent ''", "saved as no consent"]),
     (9, "C-0101", ["duplicate id", "first seen at line 2"]),
     (10, "C-0108", ["time_zone", "'Mars/Olympus_Mons'"]),
-    (11, "C-0109", ["birthday", "'2026-02-30'"]),
+    (11, "C-0109", ["birthday", "'2026-02-30'", "imported without it"]),
     (12, "C-0110", ["locale", "'fr'"]),
     (16, "C-0113", ["unclear marketing_consent 'maybe'", "saved as no consent"]),
-    (17, "C-0114", ["birthday", "'1990-02-29'"]),
+    (17, "C-0114", ["birthday", "'1990-02-29'", "imported without it"]),
     (20, "C-0116", ["email", "'maya@toko.test'"]),
     (21, "C-0117", ["10 fields", "header has 9"]),
     (22, "", ["missing id"]),
@@ -68,9 +68,12 @@ def test_each_bad_row_is_reported_at_its_line_naming_the_column(
 def test_bad_file_reports_nothing_else_and_keeps_the_good_rows(bad_results: list[CustomerRecord | RowError]) -> None:
     assert sorted(e.line for e in errors(bad_results)) == [line for line, _, _ in BAD_ROWS]
     good = {r.external_id: r for r in bad_results if isinstance(r, CustomerRecord)}
-    assert sorted(good) == ["C-0101", "C-0107", "C-0111", "C-0112", "C-0113", "C-0115", "C-0118"]
-    # an unclear consent is saved as none, with a warning at its line (``saved``), not a rejected row
-    assert [(e.line, e.saved) for e in errors(bad_results) if e.saved] == [(8, True), (16, True)]
+    assert sorted(good) == ["C-0101", "C-0107", "C-0109", "C-0111", "C-0112", "C-0113", "C-0114", "C-0115",
+                            "C-0118"]
+    # an unclear consent is saved as none, and a birthday that is none (30 February, 29 February 1990) left out,
+    # with a warning at its line (``saved``), not a rejected row
+    assert [e.line for e in errors(bad_results) if e.saved] == [8, 11, 16, 17]
+    assert good["C-0109"].birthday is good["C-0114"].birthday is None
     assert good["C-0107"].marketing_consent is good["C-0113"].marketing_consent is False
     assert good["C-0101"].email == "budi.santoso@example.com"  # the first C-0101 wins
     assert good["C-0111"].name == "=?UTF-8?Q?=0A?=Bcc: x@example.com"  # hostile, yet valid: rendering sanitises
@@ -636,10 +639,11 @@ def test_a_zero_date_is_a_rejected_row_saying_what_it_is(tmp_path: Path) -> None
             "required)"),
     ]
     path = write(tmp_path, "c.csv", "id,email,name,marketing_consent,birthday\nC-1,a@example.com,Ani,1,0000-00-00\n")
-    [error] = read_customers(path)
-    assert isinstance(error, RowError)
-    assert error.reason == ("invalid birthday '0000-00-00' (a zero date, as MySQL writes one that is not known: leave "
-                            "the cell empty)")
+    customer, error = read_customers(path)  # the customer is imported without it (a warning, ``saved``)
+    assert isinstance(customer, CustomerRecord) and customer.birthday is None and "birthday" in customer.absent
+    assert isinstance(error, RowError) and error.saved
+    assert error.reason.startswith("invalid birthday '0000-00-00' (a zero date, as MySQL writes one that is not "
+                                   "known: leave the cell empty); the customer is imported without it")
 
 
 def test_a_broken_row_without_an_order_id_after_an_orders_rows_drops_that_order(tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ customers.csv
     its region: ``en-US``, ``id_ID``, Java's ``in_ID``; default the shop's, ``shop_locale``), ``time_zone`` (IANA;
     default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD
     or empty; 29 February allowed in leap years; from 1900, and with ``now`` not after its day in the customer's
-    time zone), ``marketing_consent``
+    time zone nor an age over ``MAX_AGE``: any other is left out, the customer imported without it and keeping
+    one stored before, and reported by a ``saved`` ``RowError`` after the record), ``marketing_consent``
     (required: true/false, yes/no, 1/0, ya/tidak; anything else, empty included, is saved as False and
     reported by a ``saved`` ``RowError`` after the record; so is a customer whose address, case aside, an earlier
     one of the file has with the other answer: ``_consents_agree``), ``consent_basis`` and
@@ -239,11 +240,11 @@ def _numbered_by_id(
     columns: tuple[str, ...],
     required: tuple[str, ...],
     on_warning: Warn | None,
-    build: Callable[[dict[str, str], str, frozenset[str]], tuple[R, str]],
+    build: Callable[[dict[str, str], str, frozenset[str]], tuple[R, tuple[str, ...]]],
 ) -> Iterator[tuple[int, int, R | RowError]]:
     """One record or ``RowError`` per row of a file keyed by a unique ``id`` column. ``build`` makes the record
-    from the row, its id and the optional columns the file lacks, with a value it replaced (a reason, or ""):
-    that is yielded after the record, as a ``RowError`` that is ``saved``."""
+    from the row, its id and the optional columns the file lacks, with why it replaced or left out a value (none
+    or more reasons): each is yielded after the record, as a ``RowError`` that is ``saved``."""
     seen = _SeenIds()
     with _open(path) as rows:
         _header(rows, path, columns, required, on_warning)
@@ -258,8 +259,8 @@ def _numbered_by_id(
                 _not_seen(seen, key, line, "id")
                 record, replaced = build(row, key, absent)
                 yield line, end, record
-                if replaced:
-                    yield line, end, RowError(path.name, line, key, replaced, saved=True)
+                for reason in replaced:
+                    yield line, end, RowError(path.name, line, key, reason, saved=True)
             except _Invalid as exc:
                 yield line, end, RowError(path.name, line, key, str(exc))
 
@@ -349,28 +350,42 @@ def numbered_orders(
 def _customer(
     row: dict[str, str], key: str, absent: frozenset[str], check_dns: bool, resolver: Resolver | None,
     shop_tz: str, shop_locale: str, now: datetime | None,
-) -> tuple[CustomerRecord, str]:
-    """The customer, and why its consent was saved as none ("" when it was read as given)."""
+) -> tuple[CustomerRecord, tuple[str, ...]]:
+    """The customer, and why its consent was saved as none or its birthday left out (none when all was read as
+    given). A birthday that cannot be one (unreadable, impossible, a placeholder, in the future) rejects no
+    customer: it is left out as if the file had no ``birthday`` column (``absent``), so a customer who has one
+    stored keeps it, and a new one has none (and is never chosen for a birthday offer)."""
     consent, unclear = _consent(row)
     email, name, locale, zone = (_email(_required(row, "email"), check_dns, resolver), _name(row),
                                  _locale(row, shop_locale), _zone(row, shop_tz))  # in this order: the first is said
-    return CustomerRecord(
+    left_out = ""
+    try:
+        birthday = _birthday(row, now.astimezone(ZoneInfo(zone)).date() if now is not None else None, zone)
+    except _Invalid as exc:
+        birthday, absent, left_out = None, absent | {"birthday"}, f"{exc}{BIRTHDAY_LEFT_OUT}"
+    record = CustomerRecord(
         external_id=key,
         email=email,
         name=name,
         locale=locale,
         time_zone=zone,
-        birthday=_birthday(row, now.astimezone(ZoneInfo(zone)).date() if now is not None else None, zone),
+        birthday=birthday,
         marketing_consent=consent,
         consent_basis=_text(row, "consent_basis"),
         consent_source=_text(row, "consent_source"),
         absent=absent,
-    ), unclear
+    )
+    return record, tuple(reason for reason in (unclear, left_out) if reason)
+
+
+BIRTHDAY_LEFT_OUT = ("; the customer is imported without it (a birthday stored before is kept), and a customer "
+                     "without a birthday gets no birthday offer: correct it and import the file again")
+"""Said after why a birthday could not be read: the customer's other columns are imported (a ``saved`` warning)."""
 
 
 def _product(
     row: dict[str, str], key: str, absent: frozenset[str], zone: ZoneInfo, shop_currency: str
-) -> tuple[ProductRecord, str]:
+) -> tuple[ProductRecord, tuple[str, ...]]:
     currency = _currency(row, shop_currency)
     return ProductRecord(
         external_id=key,
@@ -383,7 +398,7 @@ def _product(
         launched_at=_optional_datetime(row, "launched_at", zone),
         active=_bool(row, "active", True),
         absent=absent,
-    ), ""
+    ), ()
 
 
 def _numbered(

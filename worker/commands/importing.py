@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from worker import stopping
 from worker.adapters import db, shop
 from worker.adapters.importer import (
+    BIRTHDAY_LEFT_OUT,
     SHARED_ADDRESS,
     RowError,
     numbered_customers,
@@ -127,9 +128,10 @@ def import_file(
     }[kind]
     total = shop.UpsertCounts()
     errors = 0
-    unclear = shared = 0
+    unclear = shared = birthdays = 0
     """Rows imported with a value replaced by the safe one (``RowError.saved``: an unclear consent saved as none);
-    ``shared``: customers imported beside one of the same address whose consent says the other."""
+    ``shared``: customers imported beside one of the same address whose consent says the other; ``birthdays``:
+    customers imported without the birthday the file gave them, which could not be one."""
     foreign: Counter[str] = Counter()
     """Orders in another currency than the shop's, by currency; ``first_foreign``: the line of the first."""
     first_foreign = 0
@@ -152,6 +154,8 @@ def import_file(
             if isinstance(item, RowError) and item.saved:
                 if SHARED_ADDRESS in item.reason:
                     shared += 1
+                elif item.reason.endswith(BIRTHDAY_LEFT_OUT):
+                    birthdays += 1
                 else:
                     unclear += 1
                 say(f"warning: {printable(str(item))}")
@@ -192,7 +196,7 @@ def import_file(
         remedy = f" {failure.remedy}" if failure else ""
         print(
             f"kembali import: {why}: {done} ({total.created} created, {total.updated} updated, "
-            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear, shared)}).{remedy} {again}",
+            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear, shared, birthdays)}).{remedy} {again}",
             file=sys.stderr,
         )
         if not isinstance(exc, KeyboardInterrupt):
@@ -216,14 +220,15 @@ def import_file(
                   "stats shows (Kembali converts no currency)", file=sys.stderr)  # fmt: skip
     print(
         f"{kind}: {total.created} created, {total.updated} updated, {total.unchanged} unchanged, "
-        f"{errors} rejected{_unclear(unclear, shared)} (from {shown})"
+        f"{errors} rejected{_unclear(unclear, shared, birthdays)} (from {shown})"
     )
-    return EXIT_REJECTED if errors or unclear or shared else EXIT_OK
+    return EXIT_REJECTED if errors or unclear or shared or birthdays else EXIT_OK
 
 
-def _unclear(count: int, shared: int) -> str:
+def _unclear(count: int, shared: int, birthdays: int) -> str:
     return ((f", {count} with an unclear marketing_consent" if count else "")
-            + (f", {shared} sharing an address with another marketing_consent" if shared else ""))  # fmt: skip
+            + (f", {shared} sharing an address with another marketing_consent" if shared else "")
+            + (f", {birthdays} imported without their birthday" if birthdays else ""))  # fmt: skip
 
 
 def _flush(
