@@ -1267,7 +1267,7 @@ def test_a_batch_postgresql_refuses_is_named_with_what_happened_and_what_to_do(
 
 @pytest.mark.parametrize(
     ("bad", "words"),
-    [(b"INV-1,C-1,paid,2026-10-01,P-2,1,2000,\n", "row has 8 fields, the header has 7"),
+    [(b"INV-1,C-1,paid,2026-10-01,P-2,1,2,000\n", "row has 8 fields, the header has 7: field 8 holds '000'"),
      (b"INV-1,C-1,paid,2026-10-01,P-\xe9,1,2000\n", "not UTF-8 text: byte 0xe9 in column 5"),
      (b'INV-1,C-1,paid,2026-10-01,P-2,1,"' + b"9" * 140_000 + b'"\n',
       "unreadable CSV: column 7 'unit_price' holds more than 131072")],
@@ -1308,3 +1308,37 @@ def test_a_file_named_as_a_dash_is_read_when_written_as_a_path(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     assert "customers: 1 created, 0 updated, 0 unchanged, 0 rejected (from -)" in result.stdout, result.stdout
     assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1"}
+
+
+def test_trailing_empty_fields_past_the_header_are_read_and_a_field_with_data_there_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given exports of a sheet once wider than its header: rows ending in empty cells ('a,b,c,,'), one of them
+    # quoted or blank-padded, and one row whose extra field holds data
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\n"
+        "C-1,c1@example.com,Ani,ya,,\n"
+        'C-2,c2@example.com,Budi,ya,"", \n'
+        "C-3,c3@example.com,Citra,ya\n"
+        "C-4,c4@example.com,Dewi,ya,,note\n"
+    )
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,product_id,quantity,unit_price\n"
+        "INV-1,C-1,paid,2026-10-01,P-1,1,1000,,,\n"
+        "INV-1,C-1,paid,2026-10-01,P-2,2,2000,,,\n"
+        "INV-2,C-2,paid,2026-10-01,P-1,1,1000\n"
+    )
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then the empty trailing fields are dropped and the rows imported (each was 'row has 6 fields, the header has
+    # 4'), and the row whose extra field holds data is rejected, naming its line, the field and its value
+    assert code == 1, out
+    assert ("customers.csv:5: id 'C-4': row has 6 fields, the header has 4: field 6 holds 'note' (a stray comma or "
+            "quote?)") in out, out  # fmt: skip
+    assert "customers: 3 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+    assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1", "C-2", "C-3"}
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    assert "\nrejected " not in out and "orders: 2 created, 0 updated, 0 unchanged, 0 rejected" in out, out
+    totals = dict(_rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id, total_minor from shop_order"))
+    assert totals == {"INV-1": 500000, "INV-2": 100000}, totals

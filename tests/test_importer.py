@@ -584,7 +584,7 @@ def test_an_unreadable_row_of_an_order_seen_before_names_the_line_it_was_seen_at
     text = ORDER_HEADER + (
         "INV-1,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n"
         "INV-2,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n"
-        "INV-1,C-1,paid,2026-11-22 10:00,,,,P-2,1,1000,\n"
+        "INV-1,C-1,paid,2026-11-22 10:00,,,,P-2,1,1,000\n"
     )
     results = list(read_orders(write(tmp_path, "o.csv", text)))
     [error] = errors(results)
@@ -651,7 +651,7 @@ def test_a_broken_row_without_an_order_id_after_an_orders_rows_drops_that_order(
     # as "row has 11 fields", and the order above it stored without that line, at a total short of it
     text = ORDER_HEADER + (
         "INV-1,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n"
-        ",,,,,,,P-2,1,2000,\n"
+        ",,,,,,,P-2,1,2,000\n"
         "INV-2,C-1,paid,2026-11-22 10:00,,,,P-1,1,1000\n"
     )
     results = list(read_orders(write(tmp_path, "o.csv", text)))

@@ -10,7 +10,8 @@ A missing required column raises ``ImportRowError`` (line 1) from the first
 ``next()``, before any row;
 unknown columns, and columns without a name (trailing commas), are ignored and
 reported through ``on_warning``. A row with more
-or fewer fields than the header is an error (a stray comma shifts columns), and so is one with a field past the CSV
+or fewer fields than the header is an error (a stray comma shifts columns), unless its fields past the header's
+are all empty (a spreadsheet's trailing empty columns: they are dropped), and so is one with a field past the CSV
 field limit (``unreadable``: named by its column; the reader goes on after the line it stopped on), and one with
 bytes that are not UTF-8 or with UTF-8 text decoded in another encoding (``_not_utf8``, ``_mojibake``) in a column
 that is read: an ignored column's text is not checked.
@@ -958,9 +959,15 @@ class _Rows:
         for line, end, fields in self.raw():
             if isinstance(fields, _Broken):
                 yield line, end, fields
+            elif len(fields) > width and not any(field.strip() for field in fields[width:]):
+                # empty cells past the header's last column (a spreadsheet's export of a sheet once wider, or a
+                # trailing comma): nothing is shifted, nothing lost
+                yield line, end, dict(zip(self.columns, fields[:width], strict=True))
             elif len(fields) != width:
                 key = fields[self.key_column].strip() if self.key_column < len(fields) else ""
-                reason = (f"row has {len(fields)} fields, the header has {width} (a stray comma or quote?)"
+                extra = next((i for i in range(width, len(fields)) if fields[i].strip()), None)
+                holds = f": field {extra + 1} holds {_show(fields[extra].strip())}" if extra is not None else ""
+                reason = (f"row has {len(fields)} fields, the header has {width}{holds} (a stray comma or quote?)"
                           + _swallowed(line, end))  # fmt: skip
                 yield line, end, _Broken(key, reason, self.key_column < len(fields) and not key)
             else:
