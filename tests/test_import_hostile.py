@@ -1342,3 +1342,40 @@ def test_trailing_empty_fields_past_the_header_are_read_and_a_field_with_data_th
     assert "\nrejected " not in out and "orders: 2 created, 0 updated, 0 unchanged, 0 rejected" in out, out
     totals = dict(_rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id, total_minor from shop_order"))
     assert totals == {"INV-1": 500000, "INV-2": 100000}, totals
+
+
+@pytest.mark.parametrize("through", ["file", "pipe"])
+def test_an_order_whose_rows_are_not_together_is_skipped_whole_naming_both_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], through: str
+) -> None:
+    # Given an export sorted by something else than the order: O-1's rows, then O-2's, then O-1's again, one of O-3
+    # in a later batch of the import coming back after that batch
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    rows = ["order_id,customer_id,status,placed_at,product_id,quantity,unit_price\n",
+            "O-1,C-1,paid,2026-10-01,P-1,1,1000\n", "O-1,C-1,paid,2026-10-01,P-2,1,2000\n",
+            "O-2,C-1,paid,2026-10-01,P-1,1,1000\n", "O-1,C-1,paid,2026-10-01,P-3,1,5000\n",
+            "O-3,C-1,paid,2026-10-01,P-1,1,1000\n"]  # fmt: skip
+    rows += [f"F-{n},C-1,paid,2026-10-01,P-1,1,1000\n" for n in range(importing.BATCH + 5)]
+    rows += ["O-3,C-1,paid,2026-10-01,P-2,1,2000\n", "O-4,C-1,paid,2026-10-01,P-1,1,1000\n"]
+    (tmp_path / "orders.csv").write_text("".join(rows))
+    # When they are imported (from the file, or from a pipe, which is read once)
+    if through == "file":
+        code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    else:
+        result = subprocess.run(
+            [sys.executable, "-m", "worker", "--config", str(config), "import", "orders", "-"],
+            input=(tmp_path / "orders.csv").read_bytes(), capture_output=True, timeout=120, check=False,
+        )
+        code, out = result.returncode, (result.stdout + result.stderr).decode()
+    # Then each such order is skipped whole, named with the lines its rows start at and come back at: O-1 was
+    # stored from its first rows at 3000 of its 8000, O-3 at 1000 of 3000 (and the customer's spend short)
+    name = "orders.csv" if through == "file" else "stdin"
+    assert code == 1, out
+    assert (f"{name}:2: id 'O-1': order 'O-1' has rows at line 2 and again at line 5, other orders' rows between "
+            "them: keep an order's rows together (sort the file by order_id); the whole order is skipped") in out, out
+    assert f"{name}:6: id 'O-3': order 'O-3' has rows at line 6 and again at line {len(rows) - 1}," in out, out
+    assert f"orders: {importing.BATCH + 7} created, 0 updated, 0 unchanged, 2 rejected" in out, out
+    stored = _ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order")
+    assert {"O-1", "O-3"} & stored == set() and {"O-2", "O-4"} <= stored, out

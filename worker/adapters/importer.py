@@ -58,8 +58,9 @@ orders.csv: one row per order line, the order's columns repeated on each
     ``unit_price`` (major units). An order with no lines is one row with an
     empty ``product_id`` and a ``total``. Consecutive rows with the same
     ``order_id`` form one order; all of them must repeat the same order
-    columns, and an order's rows must be kept together. Any bad row drops its
-    whole order.
+    columns, and an order's rows must be kept together: one whose rows come
+    back after another order's is skipped whole (found by a first read of the
+    file, ``_scattered``). Any bad row drops its whole order.
 
 Date-times: ``2026-11-22T10:00:00+07:00``, ``2026-11-22T03:00:00Z``,
 ``2026-11-22 10:00`` or ``2026-11-22``. Values without an offset are in the
@@ -76,9 +77,12 @@ import difflib
 import hashlib
 import io
 import re
+import shutil
+import tempfile
 import unicodedata
 from array import array
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -292,57 +296,103 @@ def numbered_orders(
     now: datetime | None = None,
 ) -> Iterator[tuple[int, int, OrderRecord | RowError]]:
     """``read_orders`` with the lines each order (or bad row) starts and ends on; a rejected row of an order ends
-    where the order does (none of its rows is imported)."""
+    where the order does (none of its rows is imported).
+
+    The file is read twice: first for the orders whose rows are not kept together (``_scattered``), which are
+    skipped whole, never stored from their first rows alone; a pipe or standard input is copied to a temporary
+    file for that (``_rereadable``)."""
     zone = ZoneInfo(shop_tz)
-    seen = _SeenIds()
     group: list[tuple[int, dict[str, str]]] = []
     group_end = 0
     current = ""
-    with _open(path) as rows:
-        _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, on_warning)
-        absent = frozenset(name for name in ORDER_COLUMNS if name not in rows.columns)
-        for line, end, row in rows:
-            if isinstance(row, _Broken):
-                reason = row.reason
-                if row.blank and group:  # as a row without an order_id is (below): perhaps a line of that order
-                    reason += _ABOVE_SKIPPED.format(current=current, line=group[0][0])
-                    group = []
-                elif row.key and row.key == current:  # a row of the order being read: none of its rows is imported
-                    reason += ORDER_SKIPPED if group else ""
-                    group = []
-                elif row.key:  # the first row of an order: its next rows are skipped, as a dropped order's are
+    with _rereadable(path) as source:
+        scattered = _scattered(source, path)
+        with _open(source) as rows:
+            _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, on_warning)
+            absent = frozenset(name for name in ORDER_COLUMNS if name not in rows.columns)
+            for line, end, row in rows:
+                if isinstance(row, _Broken):
+                    reason = row.reason
+                    if row.blank and group:  # as a row without an order_id is (below): perhaps a line of that order
+                        reason += _ABOVE_SKIPPED.format(current=current, line=group[0][0])
+                        group = []
+                    elif row.key and row.key == current:  # a row of the order being read: none of its rows is in
+                        reason += ORDER_SKIPPED if group else ""
+                        group = []
+                    elif row.key:  # the first row of an order: its next rows are skipped, as a dropped order's are
+                        if group:
+                            yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency),
+                                                 group[0][0], group_end)  # fmt: skip
+                        current, group = row.key, []
+                        parts = scattered.get(row.key)
+                        reason += ORDER_SKIPPED if parts is None else f"; {_apart(row.key, parts)}"
+                    yield line, end, RowError(path.name, line, row.key, reason)
+                    continue
+                key = row.get("order_id", "").strip()
+                if not key:
+                    reason = "missing order_id (required)"
+                    if group:  # right after an order's rows: perhaps one of its lines, stored without it otherwise
+                        reason += _ABOVE_SKIPPED.format(current=current, line=group[0][0])
+                        group = []
+                    yield line, end, RowError(path.name, line, "", reason)
+                    continue
+                if key == current:
                     if group:
-                        yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency), group[0][0],
-                                             group_end)  # fmt: skip
-                    current, group = row.key, []
-                    first = seen.add(row.key, line)
-                    reason += ORDER_SKIPPED if first is None else (
-                        f"; order {row.key!r} already seen at line {first}; keep an order's lines together")
-                yield line, end, RowError(path.name, line, row.key, reason)
-                continue
-            key = row.get("order_id", "").strip()
-            if not key:
-                reason = "missing order_id (required)"
-                if group:  # right after an order's rows: perhaps one of its lines, which it would be stored without
-                    reason += _ABOVE_SKIPPED.format(current=current, line=group[0][0])
-                    group = []
-                yield line, end, RowError(path.name, line, "", reason)
-                continue
-            if key == current:
+                        group.append((line, row))
+                        group_end = end
+                    continue  # rows of a dropped, re-appearing order: reported once
                 if group:
-                    group.append((line, row))
-                    group_end = end
-                continue  # rows of a dropped, re-appearing order: reported once
+                    yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency), group[0][0],
+                                         group_end)  # fmt: skip
+                current, group, group_end = key, [(line, row)], end
+                parts = scattered.get(key)
+                if parts is not None:  # said at its first rows; the rows that come back are skipped unsaid
+                    group = []
+                    if parts[0] == line:
+                        yield line, end, RowError(path.name, line, key, _apart(key, parts))
             if group:
-                yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency), group[0][0], group_end)
-            current, group, group_end = key, [(line, row)], end
+                yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency), group[0][0],
+                                     group_end)  # fmt: skip
+
+
+def _apart(key: str, parts: tuple[int, int]) -> str:
+    """Why the order ``key``, whose rows start at line ``parts[0]`` and come back at ``parts[1]``, is skipped."""
+    return (f"order {key!r} has rows at line {parts[0]} and again at line {parts[1]}, other orders' rows between "
+            f"them: keep an order's rows together (sort the file by order_id){ORDER_SKIPPED}")  # fmt: skip
+
+
+def _scattered(source: Path, path: Path) -> dict[str, tuple[int, int]]:
+    """The orders of the orders file ``source`` (named ``path``) whose rows are not all consecutive (rows without an
+    ``order_id`` aside): order id → the line its rows start at and the first line they come back at. Held: an
+    8-byte digest and a line per order (``_SeenIds``), and those orders."""
+    seen = _SeenIds()
+    scattered: dict[str, tuple[int, int]] = {}
+    current = ""
+    with _open(source) as rows:
+        _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, None)
+        for line, _end, row in rows:
+            key = row.key if isinstance(row, _Broken) else row.get("order_id", "").strip()
+            if not key or key == current:
+                continue
+            current = key
             first = seen.add(key, line)
-            if first is not None:
-                group = []
-                reason = f"order {key!r} already seen at line {first}; keep an order's lines together"
-                yield line, end, RowError(path.name, line, key, reason)
-        if group:
-            yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency), group[0][0], group_end)
+            if first is not None and key not in scattered:
+                scattered[key] = (first, line)
+    return scattered
+
+
+@contextmanager
+def _rereadable(path: Path) -> Iterator[Path]:
+    """``path``, or when it is no regular file (a pipe, standard input from one) a temporary copy of what it gives,
+    which can be read again; removed afterwards."""
+    if path.is_file():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="kembali-import-") as folder:
+        copy = Path(folder) / "orders.csv"
+        with path.open("rb") as given, copy.open("wb") as kept:
+            shutil.copyfileobj(given, kept, 1 << 20)
+        yield copy
 
 
 # --- rows → records --------------------------------------------------------------
