@@ -105,6 +105,28 @@ def test_columns_without_a_name_from_trailing_commas_are_ignored(
     assert "customers.csv:1: 2 column(s) without a name ignored" in out
 
 
+def test_a_column_not_read_twice_in_the_header_is_ignored_and_one_read_twice_is_named_with_both_places(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an export with two 'Note' columns (a shop's own, not read by Kembali), and one with 'email' twice
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,Note,name,marketing_consent,note\nC-1,c1@example.com,vip,Ani,ya,call first\n"
+    )
+    (tmp_path / "twice.csv").write_text("id,email,name,Email,marketing_consent\nC-1,c1@example.com,Ani,c@x.id,ya\n")
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then the column that is not read is ignored with a warning naming it once (the whole file was refused:
+    # "duplicate column 'note'"), and the rows imported
+    assert code == 0, out
+    assert "customers.csv:1: unknown column(s) 'note' ignored" in out, out
+    assert "customers: 1 created, 0 updated, 0 unchanged, 0 rejected" in out, out
+    # And a column that is read, given twice, refuses the file naming both places: which one is meant is not guessed
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "twice.csv"))
+    assert code == 2, out
+    assert "twice.csv: line 1: duplicate column 'email' (columns 2 and 4): keep one of them" in out, out
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it(
     tmp_path: Path, sig: signal.Signals, code: int

@@ -8,8 +8,8 @@ physical line where a row starts (the header is line 1), so a quoted field
 spanning lines does not shift the numbers after it. Blank lines are skipped.
 A missing required column raises ``ImportRowError`` (line 1) from the first
 ``next()``, before any row;
-unknown columns, and columns without a name (trailing commas), are ignored and
-reported through ``on_warning``. A row with more
+unknown columns (also given twice), and columns without a name (trailing commas), are ignored and
+reported through ``on_warning``; a known column given twice raises ``ImportRowError``. A row with more
 or fewer fields than the header is an error (a stray comma shifts columns), unless its fields past the header's
 are all empty (a spreadsheet's trailing empty columns: they are dropped), and so is one with a field past the CSV
 field limit (``unreadable``: named by its column; the reader goes on after the line it stopped on), and one with
@@ -1151,10 +1151,12 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
     if isinstance(fields, _Broken):
         raise ImportRowError(line, f"{path.name}: header: {fields.reason}")
     columns = [name.strip().lower() for name in fields]
-    for name in columns:
-        if name and columns.count(name) > 1:  # columns without a name (a spreadsheet's trailing commas) are ignored
-            raise ImportRowError(line, f"duplicate column {name!r}")
-    unknown = [name for name in columns if name and name not in known]
+    for name in known:  # one not read (a shop's two 'Note' columns), or without a name (trailing commas), is ignored
+        if columns.count(name) > 1:
+            places = [str(i) for i, column in enumerate(columns, 1) if column == name]
+            raise ImportRowError(line, f"duplicate column {name!r} (columns {', '.join(places[:-1])} and "
+                                       f"{places[-1]}): keep one of them")  # fmt: skip
+    unknown = list(dict.fromkeys(name for name in columns if name and name not in known))
     for name in required:
         if name not in columns:
             hint = ""
