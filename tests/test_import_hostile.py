@@ -127,6 +127,29 @@ def test_a_column_not_read_twice_in_the_header_is_ignored_and_one_read_twice_is_
     assert "twice.csv: line 1: duplicate column 'email' (columns 2 and 4): keep one of them" in out, out
 
 
+def test_excels_separator_line_before_the_header_is_read_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given exports that start with Excel's separator hint ('sep=,' or 'sep=;'), then the header
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_bytes(
+        b"\xef\xbb\xbfsep=,\r\nid,email,name,marketing_consent\r\nC-1,c1@example.com,Ani,ya\r\nC-2,bad@,Budi,ya\r\n"
+    )
+    (tmp_path / "semicolons.csv").write_text("sep=;\nid;email;name;marketing_consent\nC-1;c1@example.com;Ani;ya\n")
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then 'sep=,' is skipped and the header read on the line after it, the rows named by their lines (the file was
+    # refused: "missing column 'id' (found: sep=, )")
+    assert code == 1, out
+    assert "customers.csv:4: id 'C-2': invalid email address 'bad@'" in out, out
+    assert "customers: 1 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+    # And 'sep=;' says what the file is and what to do
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "semicolons.csv"))
+    assert code == 2, out
+    assert ("semicolons.csv: line 1: 'sep=;' says the columns are separated by ';': save the file comma-separated"
+            in out), out
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it(
     tmp_path: Path, sig: signal.Signals, code: int

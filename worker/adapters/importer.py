@@ -1,6 +1,6 @@
 """CSV files → validated records, streamed one row at a time, with line numbers.
 
-Each reader opens the file (UTF-8, a leading BOM tolerated), checks the header,
+Each reader opens the file (UTF-8, a leading BOM tolerated), checks the header (after Excel's 'sep=,' line),
 then yields a record or a ``RowError`` per row. Only the current row (and, for
 orders, the current order's rows) is held in memory, plus a duplicate-id
 detector of about 25 bytes per id (see ``_SeenIds``). Line numbers are the
@@ -1148,6 +1148,14 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
     if first is None:
         raise ImportRowError(1, f"{path.name} is empty (expected a header row: {', '.join(known)})")
     line, _end, fields = first
+    if isinstance(fields, list) and _SEPARATOR_HINT.fullmatch(",".join(fields)):  # Excel's 'sep=,' before the header
+        hint = ",".join(fields)
+        if hint[4] != ",":
+            raise ImportRowError(line, f"{hint!r} says {comma_separated(hint[4])}")
+        first = next(rows.raw(), None)
+        if first is None:
+            raise ImportRowError(line, f"{path.name} has no header after {hint!r} (expected: {', '.join(known)})")
+        line, _end, fields = first
     if isinstance(fields, _Broken):
         raise ImportRowError(line, f"{path.name}: header: {fields.reason}")
     columns = [name.strip().lower() for name in fields]
@@ -1179,6 +1187,10 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
     rows.columns = columns
     rows.key_column = columns.index(required[0])
     rows.ignored = frozenset(i for i, name in enumerate(columns) if name not in known)
+
+
+_SEPARATOR_HINT = re.compile(r"sep=[^\w\s\"']", re.IGNORECASE)
+"""The line Excel writes (and reads) before the header to say which separator the file uses: 'sep=,', 'sep=;'."""
 
 
 def other_separator(header: list[str]) -> str | None:
