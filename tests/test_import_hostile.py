@@ -983,7 +983,7 @@ def test_a_birthday_in_the_future_is_left_out_with_a_warning_and_the_customer_im
     assert f"warning: customers.csv:2: id 'C-1': invalid birthday '{later}' (in the future: after today, " in out, out
     assert "warning: customers.csv:4: id 'C-3': invalid birthday '1899-12-31' (year before 1900)" in out, out
     assert "warning: customers.csv:6: id 'C-5': invalid birthday '1990-02-30' (day is out of range" in out, out
-    assert "warning: customers.csv:7: id 'C-6': invalid birthday '12/31/1990' (expected YYYY-MM-DD)" in out, out
+    assert "warning: customers.csv:7: id 'C-6': invalid birthday '12/31/1990' (a date as a spreadsheet shows" in out
     assert "rejected" not in out.replace("0 rejected", ""), out
     assert "customers: 6 created, 0 updated, 0 unchanged, 0 rejected, 4 imported without their birthday" in out, out
     born = dict(_rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id, birthday from customer"))
@@ -1424,3 +1424,29 @@ def test_an_order_whose_rows_are_not_together_is_skipped_whole_naming_both_lines
     assert f"orders: {importing.BATCH + 7} created, 0 updated, 0 unchanged, 2 rejected" in out, out
     stored = _ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order")
     assert {"O-1", "O-3"} & stored == set() and {"O-2", "O-4"} <= stored, out
+
+
+def test_a_birthday_with_a_midnight_time_from_a_database_export_is_read_and_a_spreadsheets_date_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a database's export (MySQL's DATETIME: '1990-05-01 00:00:00') and a spreadsheet's local date
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent,birthday\n"
+        "C-1,c1@example.com,Ani,ya,1990-05-01 00:00:00\n"
+        "C-2,c2@example.com,Budi,ya,1985-12-31T00:00\n"
+        "C-3,c3@example.com,Citra,ya,1985-12-31 13:45:00\n"
+        "C-4,c4@example.com,Dewi,ya,01/05/1990\n"
+    )
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then a date at midnight is that day (it was left out: '(expected YYYY-MM-DD)'), a time of day is not
+    # guessed, and a spreadsheet's date says it may be read either way round
+    assert code == 1, out
+    assert "customers.csv:2:" not in out and "customers.csv:3:" not in out, out
+    assert "customers.csv:4: id 'C-3': invalid birthday '1985-12-31 13:45:00' (expected YYYY-MM-DD)" in out, out
+    assert ("customers.csv:5: id 'C-4': invalid birthday '01/05/1990' (a date as a spreadsheet shows it: is it "
+            "month/day or day/month? write it as YYYY-MM-DD)") in out, out
+    born = dict(_rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id, birthday from customer"))
+    assert {key: str(value) for key, value in born.items()} == {
+        "C-1": "1990-05-01", "C-2": "1985-12-31", "C-3": "None", "C-4": "None"}

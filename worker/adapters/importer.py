@@ -30,7 +30,7 @@ customers.csv
     control, bidi or invisible characters, at most 200 characters, no NUL; anything else is kept: names are cleaned
     when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``, or a tag of either with
     its region: ``en-US``, ``id_ID``, Java's ``in_ID``; default the shop's, ``shop_locale``), ``time_zone`` (IANA;
-    default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD
+    default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD, also at midnight: ``1990-05-01 00:00:00``,
     or empty; 29 February allowed in leap years; from 1900, and with ``now`` not after its day in the customer's
     time zone nor an age over ``MAX_AGE``: any other is left out, the customer imported without it and keeping
     one stored before, and reported by a ``saved`` ``RowError`` after the record), ``marketing_consent``
@@ -668,6 +668,8 @@ def _zone(row: dict[str, str], shop_tz: str) -> str:
     return value
 
 
+_MIDNIGHT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ]00:00(:00(\.0+)?)?")
+"""A date written as a date-time at midnight, without an offset, as a database exports a date kept as one."""
 MAX_AGE = 120
 """The oldest a customer's birthday may make them: an older one is a placeholder (``1900-01-01``), not a birthday."""
 
@@ -678,7 +680,12 @@ def _birthday(row: dict[str, str], today: date | None, zone: str) -> date | None
     value = row.get("birthday", "").strip()
     if not value:
         return None
+    if _MIDNIGHT.fullmatch(value):  # a database's DATETIME of a date (MySQL's '1990-05-01 00:00:00'): that day
+        value = value[:10]
     if not _DATE.fullmatch(value):
+        if _LOCAL_DATE.fullmatch(value) and not re.match("[0-9]{4}-", value):  # 1990-5-1 is no puzzle
+            raise _Invalid(f"invalid birthday {_show(value)} (a date as a spreadsheet shows it: is it month/day or "
+                           "day/month? write it as YYYY-MM-DD)")  # fmt: skip
         raise _Invalid(f"invalid birthday {_show(value)} (expected YYYY-MM-DD)")
     _not_zero(value, "birthday", False)
     try:
