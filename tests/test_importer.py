@@ -338,6 +338,17 @@ def test_order_id_seen_again_later_is_an_error(tmp_path: Path) -> None:
     ]
 
 
+def test_a_file_sorted_by_product_skips_each_order_of_more_than_one_line_once(tmp_path: Path) -> None:
+    # every order of two lines comes back after the others' first lines: each is said once, at its first row
+    first = [f"INV-{n},C-1,delivered,2026-11-22 10:00,,,,P-1,1,1000\n" for n in range(3000)]
+    second = [f"INV-{n},C-1,delivered,2026-11-22 10:00,,,,P-2,1,1000\n" for n in range(0, 3000, 2)]
+    results = list(read_orders(write(tmp_path, "o.csv", ORDER_HEADER + "".join(first + second))))
+    assert sorted(r.external_id for r in results if isinstance(r, OrderRecord)) == sorted(
+        f"INV-{n}" for n in range(1, 3000, 2))
+    assert [(e.line, e.key) for e in errors(results)] == [(n + 2, f"INV-{n}") for n in range(0, 3000, 2)]
+    assert errors(results)[-1].reason.startswith("order 'INV-2998' has rows at line 3000 and again at line 4501,")
+
+
 def test_rows_that_disagree_on_order_columns_drop_the_whole_order(tmp_path: Path) -> None:
     text = ORDER_HEADER + (
         "INV-1,C-1,delivered,2026-11-22 10:00,,,,P-1,1,1000\n"

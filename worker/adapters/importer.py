@@ -361,12 +361,31 @@ def _apart(key: str, parts: tuple[int, int]) -> str:
             f"them: keep an order's rows together (sort the file by order_id){ORDER_SKIPPED}")  # fmt: skip
 
 
-def _scattered(source: Path, path: Path) -> dict[str, tuple[int, int]]:
+class _Scattered:
+    """Orders whose rows are not all consecutive: order id → the line its rows start at and the first line they come
+    back at, in two ``_SeenIds`` (about 25 bytes an order each, however many there are: a file sorted by product
+    has every order of two lines among them)."""
+
+    def __init__(self) -> None:
+        self._first, self._again = _SeenIds(), _SeenIds()
+
+    def add(self, key: str, first: int, again: int) -> None:
+        if self._again.add(key, again) is None:
+            self._first.add(key, first)
+
+    def get(self, key: str) -> tuple[int, int] | None:
+        if not self._first:
+            return None
+        first = self._first.find(key)
+        again = self._again.find(key)
+        return None if first is None or again is None else (first, again)
+
+
+def _scattered(source: Path, path: Path) -> _Scattered:
     """The orders of the orders file ``source`` (named ``path``) whose rows are not all consecutive (rows without an
-    ``order_id`` aside): order id → the line its rows start at and the first line they come back at. Held: an
-    8-byte digest and a line per order (``_SeenIds``), and those orders."""
+    ``order_id`` aside). Held: an 8-byte digest and a line per order (``_SeenIds``), freed when it returns."""
     seen = _SeenIds()
-    scattered: dict[str, tuple[int, int]] = {}
+    scattered = _Scattered()
     current = ""
     with _open(source) as rows:
         _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, None)
@@ -376,8 +395,8 @@ def _scattered(source: Path, path: Path) -> dict[str, tuple[int, int]]:
                 continue
             current = key
             first = seen.add(key, line)
-            if first is not None and key not in scattered:
-                scattered[key] = (first, line)
+            if first is not None:
+                scattered.add(key, first, line)
     return scattered
 
 
