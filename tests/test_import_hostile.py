@@ -150,6 +150,25 @@ def test_excels_separator_line_before_the_header_is_read_as_such(
             in out), out
 
 
+def test_rows_without_the_trailing_commas_of_columns_without_a_name_are_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given Excel's export of a sheet whose used range is wider than its columns: the header and the first rows end
+    # in empty fields of columns without a name, and the rows after the 16th lack them (as Excel may leave them out)
+    config = migrated_config(tmp_path)
+    rows = [f"C-{n},c{n}@example.com,Ani {n},ya,," for n in range(1, 17)]
+    rows += [f"C-{n},c{n}@example.com,Ani {n},ya" for n in range(17, 21)]
+    rows += ["C-21,c21@example.com,ya"]  # a field of a named column missing: still rejected
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent,,\n" + "\n".join(rows) + "\n")
+    # When it is imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then the short rows are read (each was 'row has 4 fields, the header has 6'), and the one lacking a field of
+    # a column that is read is not
+    assert code == 1, out
+    assert "customers.csv:22: id 'C-21': row has 3 fields, the header has 6 (a stray comma or quote?)" in out, out
+    assert "customers: 20 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it(
     tmp_path: Path, sig: signal.Signals, code: int

@@ -11,7 +11,9 @@ A missing required column raises ``ImportRowError`` (line 1) from the first
 unknown columns (also given twice), and columns without a name (trailing commas), are ignored and
 reported through ``on_warning``; a known column given twice raises ``ImportRowError``. A row with more
 or fewer fields than the header is an error (a stray comma shifts columns), unless its fields past the header's
-are all empty (a spreadsheet's trailing empty columns: they are dropped), and so is one with a field past the CSV
+are all empty (a spreadsheet's trailing empty columns: they are dropped), or unless the fields it lacks are all
+of columns without a name at the header's end (Excel may leave their empty fields out after the first rows), and
+so is one with a field past the CSV
 field limit (``unreadable``: named by its column; the reader goes on after the line it stopped on), and one with
 bytes that are not UTF-8 or with UTF-8 text decoded in another encoding (``_not_utf8``, ``_mojibake``) in a column
 that is read: an ignored column's text is not checked.
@@ -1039,6 +1041,10 @@ class _Rows:
                 # empty cells past the header's last column (a spreadsheet's export of a sheet once wider, or a
                 # trailing comma): nothing is shifted, nothing lost
                 yield line, end, dict(zip(self.columns, fields[:width], strict=True))
+            elif len(fields) < width and not any(self.columns[len(fields):]):
+                # the header's columns without a name (a sheet's used range wider than its columns), whose empty
+                # fields Excel may leave out after the first rows: nothing of a column that is read is missing
+                yield line, end, dict(zip(self.columns, fields + [""] * (width - len(fields)), strict=True))
             elif len(fields) != width:
                 key = fields[self.key_column].strip() if self.key_column < len(fields) else ""
                 extra = next((i for i in range(width, len(fields)) if fields[i].strip()), None)
