@@ -1469,3 +1469,32 @@ def test_a_birthday_with_a_midnight_time_from_a_database_export_is_read_and_a_sp
     born = dict(_rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id, birthday from customer"))
     assert {key: str(value) for key, value in born.items()} == {
         "C-1": "1990-05-01", "C-2": "1985-12-31", "C-3": "None", "C-4": "None"}
+
+
+def test_an_orders_later_rows_that_leave_the_order_columns_empty_are_its_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an export as Shopify's: an order's columns on its first row only, its later rows giving the order id
+    # and the line; and an order whose later row gives another status
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,delivered_at,currency,total,product_id,quantity,unit_price\n"
+        "#1001,C-1,paid,2026-10-01 10:00:00 +0700,2026-10-03,IDR,8000,P-1,1,1000\n"
+        "#1001,,,,,,,P-2,1,2000\n"
+        "#1001,,,,,,,P-3,1,5000\n"
+        "#1002,C-1,paid,2026-10-02,,,,P-1,1,1000\n"
+        "#1002,,refunded,,,,,P-2,1,2000\n"
+    )
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then the first order is whole, with its three lines (it was skipped: "order columns disagree with line 2:
+    # customer_id '' here, 'C-1' there"), and the one whose rows say two statuses is still skipped, naming both
+    assert code == 1, out
+    assert ("orders.csv:6: id '#1002': order columns disagree with line 5: status 'refunded' here, 'paid' there"
+            in out), out
+    assert "orders: 1 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    assert _rows(url, "select external_id, total_minor from shop_order") == [("#1001", 800000)]
+    assert _rows(url, "select count(*) from order_line") == [(3,)]

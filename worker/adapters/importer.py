@@ -60,9 +60,10 @@ orders.csv: one row per order line, the order's columns repeated on each
     ``unit_price`` (major units). An order with no lines is one row with an
     empty ``product_id`` and a ``total``. Consecutive rows with the same
     ``order_id`` form one order; all of them must repeat the same order
-    columns, and an order's rows must be kept together: one whose rows come
-    back after another order's is skipped whole (found by a first read of the
-    file, ``_scattered``). Any bad row drops its whole order.
+    columns or leave them empty (then they are the first row's), and an
+    order's rows must be kept together: one whose rows come back after
+    another order's is skipped whole (found by a first read of the file,
+    ``_scattered``). Any bad row drops its whole order.
 
 Date-times: ``2026-11-22T10:00:00+07:00``, ``2026-11-22T03:00:00Z``,
 ``2026-11-22 10:00`` or ``2026-11-22``. Values without an offset are in the
@@ -510,9 +511,9 @@ def _order(
         currency, total, head_ok = shop_currency, None, False
     for line, row in group:
         if line != first_line:
-            for column in _ORDER_HEAD:
+            for column in _ORDER_HEAD:  # an empty cell is the first row's (Shopify gives them on the first alone)
                 here, there = row.get(column, "").strip(), head.get(column, "").strip()
-                if here != there:
+                if here and here != there:
                     errors.append(RowError(file, line, key, (
                         f"order columns disagree with line {first_line}: {column} {_show(here)} here, "
                         f"{_show(there)} there; the whole order is skipped"
