@@ -1498,3 +1498,31 @@ def test_an_orders_later_rows_that_leave_the_order_columns_empty_are_its_lines(
     url = f"sqlite:///{tmp_path / 'k.db'}"
     assert _rows(url, "select external_id, total_minor from shop_order") == [("#1001", 800000)]
     assert _rows(url, "select count(*) from order_line") == [(3,)]
+
+
+def test_orders_from_a_pipe_with_no_room_for_their_copy_say_so_and_what_to_do(tmp_path: Path) -> None:
+    # Given orders piped in, and a temporary folder with room for less than them (a file size limit stands in for
+    # a full /tmp)
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    assert subprocess.run(_import_command(config, "customers", tmp_path / "customers.csv"), timeout=60).returncode == 0
+    data = ("order_id,customer_id,status,placed_at,product_id,quantity,unit_price\n"
+            + "".join(f"O-{n},C-1,paid,2026-10-01,P-1,1,1000\n" for n in range(60_000))).encode()  # fmt: skip
+    limit = (tmp_path / "k.db").stat().st_size * 4 + 1_000_000
+
+    def small_files() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    # When they are imported from standard input
+    result = subprocess.run(_import_command(config, "orders", Path("-")), input=data, capture_output=True,
+                            timeout=120, preexec_fn=small_files, check=False)  # fmt: skip
+    err = result.stderr.decode()
+    # Then the import says the copy a pipe needs could not be written, where, and what to do (it was a traceback,
+    # or 'could not write: … (what it printed … is cut short)'), and nothing is imported
+    assert result.returncode == 2, err
+    assert "Traceback" not in err, err
+    assert ("kembali import: standard input: could not be copied to a temporary file (File too large), which orders "
+            "read from a pipe need: set TMPDIR to a folder with room for the file, or give the file's path") in err
+    assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order") == set()

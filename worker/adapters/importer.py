@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import errno
 import hashlib
 import io
 import re
@@ -413,8 +414,23 @@ def _rereadable(path: Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="kembali-import-") as folder:
         copy = Path(folder) / "orders.csv"
         with path.open("rb") as given, copy.open("wb") as kept:
-            shutil.copyfileobj(given, kept, 1 << 20)
+            try:
+                shutil.copyfileobj(given, kept, 1 << 20)
+                kept.flush()
+            except OSError as exc:
+                if exc.errno not in _NO_ROOM:  # the pipe's own error: said as such
+                    raise
+                raise NoRoomForCopy(f"could not be copied to a temporary file ({exc.strerror}), which orders read "
+                                    "from a pipe need: set TMPDIR to a folder with room for the file, or give the "
+                                    "file's path") from None  # fmt: skip
         yield copy
+
+
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class NoRoomForCopy(Exception):
+    """The temporary copy of orders read from a pipe (``_rereadable``) could not be written: why, and what to do."""
 
 
 # --- rows → records --------------------------------------------------------------

@@ -19,6 +19,7 @@ from worker.adapters import db, shop
 from worker.adapters.importer import (
     BIRTHDAY_LEFT_OUT,
     SHARED_ADDRESS,
+    NoRoomForCopy,
     RowError,
     numbered_customers,
     numbered_orders,
@@ -181,6 +182,10 @@ def import_file(
     except ImportRowError as exc:
         progress.done()
         print(f"kembali import: {printable(path.name)}: {printable(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except NoRoomForCopy as exc:  # before any row is read: nothing is imported
+        progress.done()
+        print(f"kembali import: {printable(shown)}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (KeyboardInterrupt, sa.exc.DBAPIError) as exc:  # each batch is one transaction, and a stop waits for
         # the one being written; a batch the database failed (a lock wait past database.lock_timeout_seconds, the
