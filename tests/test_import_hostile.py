@@ -1526,3 +1526,21 @@ def test_orders_from_a_pipe_with_no_room_for_their_copy_say_so_and_what_to_do(tm
     assert ("kembali import: standard input: could not be copied to a temporary file (File too large), which orders "
             "read from a pipe need: set TMPDIR to a folder with room for the file, or give the file's path") in err
     assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order") == set()
+
+
+def test_the_header_again_in_the_middle_of_a_file_joined_from_two_exports_is_skipped_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given two monthly exports joined (cat october.csv november.csv), the second with its BOM and its header
+    config = migrated_config(tmp_path)
+    october = "\ufeffid,email,name,marketing_consent\r\nC-1,c1@example.com,Ani,ya\r\n"
+    november = "\ufeffID,Email,Name,Marketing_Consent\r\nC-2,c2@example.com,Budi,ya\r\n"
+    (tmp_path / "customers.csv").write_text(october + november, encoding="utf-8")
+    # When it is imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then the second header is skipped, with a warning naming its line (it was a rejected row: "invalid id
+    # '\ufeffID' (no invisible characters…)", or without the BOM an invalid address 'Email'), and both customers
+    # are imported
+    assert code == 0, out
+    assert "warning: customers.csv:3: the header again (files joined?): skipped" in out, out
+    assert "customers: 2 created, 0 updated, 0 unchanged, 0 rejected" in out, out

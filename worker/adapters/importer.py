@@ -5,7 +5,8 @@ then yields a record or a ``RowError`` per row. Only the current row (and, for
 orders, the current order's rows) is held in memory, plus a duplicate-id
 detector of about 25 bytes per id (see ``_SeenIds``). Line numbers are the
 physical line where a row starts (the header is line 1), so a quoted field
-spanning lines does not shift the numbers after it. Blank lines are skipped.
+spanning lines does not shift the numbers after it. Blank lines are skipped, and so is the header's line again
+(two exports joined), with a warning.
 A missing required column raises ``ImportRowError`` (line 1) from the first
 ``next()``, before any row;
 unknown columns (also given twice), and columns without a name (trailing commas), are ignored and
@@ -1001,6 +1002,8 @@ class _Rows:
         self.key_column = 0
         self.ignored: frozenset[int] = frozenset()
         """The indexes of the columns that are not read (unknown, or without a name): their text is not checked."""
+        self.warn: Warn | None = None
+        """Told of a row skipped as the header again (files joined)."""
 
     def peek(self, size: int) -> bytes:
         """The file's first bytes (some of them), before anything is read; b"" when they cannot be looked at."""
@@ -1041,6 +1044,14 @@ class _Rows:
                 broken = _not_utf8(read, columns, key) or _mojibake(read, columns, key)
                 yield start, reader.line_num, broken or fields
 
+    def _header_again(self, fields: list[str], width: int) -> bool:
+        """The row is the header's line again (case, spaces, a BOM and empty fields past its end aside)."""
+        key = self.key_column
+        if len(fields) < width or _column_name(fields[key]) != self.columns[key]:  # most rows: one field looked at
+            return False
+        return ([_column_name(field) for field in fields[:width]] == self.columns
+                and not any(field.strip() for field in fields[width:]))  # fmt: skip
+
     def _unreadable(self, exc: csv.Error) -> _Broken:
         reason, before = unreadable(exc, "".join(self._taken), self.columns)
         self._taken.clear()
@@ -1054,6 +1065,10 @@ class _Rows:
         for line, end, fields in self.raw():
             if isinstance(fields, _Broken):
                 yield line, end, fields
+            elif self._header_again(fields, width):
+                # two exports joined (cat october.csv november.csv): the second one's header, BOM and all
+                if self.warn is not None:
+                    self.warn(f"{self._path.name}:{line}: the header again (files joined?): skipped")
             elif len(fields) > width and not any(field.strip() for field in fields[width:]):
                 # empty cells past the header's last column (a spreadsheet's export of a sheet once wider, or a
                 # trailing comma): nothing is shifted, nothing lost
@@ -1207,7 +1222,7 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
         line, _end, fields = first
     if isinstance(fields, _Broken):
         raise ImportRowError(line, f"{path.name}: header: {fields.reason}")
-    columns = [name.strip().lower() for name in fields]
+    columns = [_column_name(name) for name in fields]
     for name in known:  # one not read (a shop's two 'Note' columns), or without a name (trailing commas), is ignored
         if columns.count(name) > 1:
             places = [str(i) for i, column in enumerate(columns, 1) if column == name]
@@ -1234,12 +1249,18 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
     if unnamed and warn is not None:
         warn(f"{path.name}:{line}: {unnamed} column(s) without a name ignored")
     rows.columns = columns
+    rows.warn = warn
     rows.key_column = columns.index(required[0])
     rows.ignored = frozenset(i for i, name in enumerate(columns) if name not in known)
 
 
 _SEPARATOR_HINT = re.compile(r"sep=[^\w\s\"']", re.IGNORECASE)
 """The line Excel writes (and reads) before the header to say which separator the file uses: 'sep=,', 'sep=;'."""
+
+
+def _column_name(text: str) -> str:
+    """A header's field as a column's name: case and surrounding spaces aside (and a BOM, on a header again)."""
+    return text.strip().lstrip("\ufeff").lower()
 
 
 def other_separator(header: list[str]) -> str | None:
