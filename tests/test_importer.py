@@ -687,3 +687,11 @@ def test_a_broken_row_whose_order_id_cannot_be_read_leaves_the_order_above_it(tm
     assert [r.external_id for r in results if isinstance(r, OrderRecord)] == ["INV-1"]
     [error] = errors(results)
     assert "not UTF-8 text: byte 0xe9 in column 1 'order_id'" in error.reason and "above" not in error.reason
+
+
+def test_a_header_with_two_boms_is_read(tmp_path: Path) -> None:
+    # a BOM'd export saved again by a tool that adds its own: the first column was "'\ufeffid'", a missing 'id'
+    path = tmp_path / "c.csv"
+    path.write_bytes(b"\xef\xbb\xbf\xef\xbb\xbfid,email,name,marketing_consent\nC-1,a@example.com,Ani,ya\n")
+    [customer] = read_customers(path)
+    assert isinstance(customer, CustomerRecord) and customer.external_id == "C-1"
