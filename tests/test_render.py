@@ -234,6 +234,11 @@ def test_first_name_empty_for_empty_name() -> None:
         ("siti.rahayu@gmail.com", ""),  # the address typed as the name: "Kakak" / "there" instead
         ("R.", ""),
         ("Siti R.", "Siti"),
+        ("M.Rizky Pratama", "Rizky"),  # the same without the space after the dot: not "Halo Kak M.Rizky,"
+        ("Hj.Siti Aminah", "Siti"),
+        ("Bpk.Andi", "Andi"),
+        ("Drs.H.Ahmad", "Ahmad"),
+        ("Siti, Aminah", "Siti"),  # not "Halo Kak Siti,,"
     ],
 )
 def test_first_name_is_the_name_to_greet_by(name: str, first_name: str) -> None:

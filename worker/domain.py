@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import enum
 import functools
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, TypeVar
@@ -290,6 +291,10 @@ _TITLES = frozenset({
 by (``Moh. Arif``, ``Muh Yusuf``)."""
 
 
+_AFTER_A_DOT = re.compile(r"(?<=\.)(?=[^\W\d_])")
+"""Between a dot and the letter right after it: ``M.Rizky`` is ``M.`` and ``Rizky``."""
+
+
 def _has_letter(word: str) -> bool:
     return any(ch.isalpha() for ch in word)
 
@@ -336,12 +341,15 @@ class CustomerSnapshot:
         (``M. Rizky``, ``Moh. Arif``: Muhammad), with a name typed in capitals or in lower case written the
         usual way (``SITI`` and ``siti`` → ``Siti``); "" when nothing is left, or only an initial or an email
         address typed as the name (the templates then write "Kakak" / "there")."""
-        parts = self.name.split()
+        # a title or an initial typed without the space after its dot (``M.Rizky``, ``Hj.Siti``) is a word of
+        # its own; an address typed as the name stays one word
+        parts = [part for word in self.name.split()
+                 for part in ([word] if "@" in word else _AFTER_A_DOT.split(word)) if part]  # fmt: skip
         while len(parts) > 1 and _not_a_name(parts[0]):
             parts = parts[1:]
         if not parts or not _has_letter(parts[0]) or _initial_or_address(parts[0]):
             return ""
-        first = parts[0]
+        first = parts[0].rstrip(",;:")  # "Siti, Aminah": not "Halo Kak Siti,,"
         shouted_or_lower = first.isupper() or first.islower()
         if len(first) > 1 and shouted_or_lower and first.replace("-", "").replace("'", "").isalpha():
             return first.title()
