@@ -239,6 +239,12 @@ def test_first_name_empty_for_empty_name() -> None:
         ("Bpk.Andi", "Andi"),
         ("Drs.H.Ahmad", "Ahmad"),
         ("Siti, Aminah", "Siti"),  # not "Halo Kak Siti,,"
+        ("Anak Agung Gede Agung", "Gede"),  # a Balinese title of two words: not "Halo Kak Anak" (a child)
+        ("Ida Bagus Made Oka", "Made"),
+        ("I Gusti Ngurah Rai", "Rai"),
+        ("Raden Ajeng Kartini", "Kartini"),
+        ("Ida Rahayu", "Ida"),  # a name of its own where no title of two words begins with it
+        ("Agung Wijaya", "Agung"),
     ],
 )
 def test_first_name_is_the_name_to_greet_by(name: str, first_name: str) -> None:

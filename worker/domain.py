@@ -295,6 +295,18 @@ _AFTER_A_DOT = re.compile(r"(?<=\.)(?=[^\W\d_])")
 """Between a dot and the letter right after it: ``M.Rizky`` is ``M.`` and ``Rizky``."""
 
 
+_TWO_WORD_TITLES = frozenset({
+    ("anak", "agung"), ("ida", "bagus"), ("ida", "ayu"), ("gusti", "ngurah"), ("gusti", "ayu"), ("gusti", "agung"),
+    ("raden", "ajeng"), ("raden", "ayu"),
+})  # fmt: skip
+"""Balinese and Javanese titles of two words (``Anak Agung Gede``, ``I Gusti Ngurah Rai``, ``Raden Ajeng
+Kartini``) whose words are names too (``Ida``, ``Agung``, ``Ayu``): a title only together."""
+
+
+def _two_word_title(first: str, second: str) -> bool:
+    return (first.casefold().rstrip("."), second.casefold().rstrip(".")) in _TWO_WORD_TITLES
+
+
 def _has_letter(word: str) -> bool:
     return any(ch.isalpha() for ch in word)
 
@@ -345,8 +357,13 @@ class CustomerSnapshot:
         # its own; an address typed as the name stays one word
         parts = [part for word in self.name.split()
                  for part in ([word] if "@" in word else _AFTER_A_DOT.split(word)) if part]  # fmt: skip
-        while len(parts) > 1 and _not_a_name(parts[0]):
-            parts = parts[1:]
+        while len(parts) > 1:
+            if len(parts) > 2 and _two_word_title(parts[0], parts[1]):
+                parts = parts[2:]
+            elif _not_a_name(parts[0]):
+                parts = parts[1:]
+            else:
+                break
         if not parts or not _has_letter(parts[0]) or _initial_or_address(parts[0]):
             return ""
         first = parts[0].rstrip(",;:")  # "Siti, Aminah": not "Halo Kak Siti,,"
