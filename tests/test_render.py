@@ -245,6 +245,9 @@ def test_first_name_empty_for_empty_name() -> None:
         ("Raden Ajeng Kartini", "Kartini"),
         ("Ida Rahayu", "Ida"),  # a name of its own where no title of two words begins with it
         ("Agung Wijaya", "Agung"),
+        ("Ö Demir", "Demir"),  # an initial beyond ASCII is an initial too: not "Hi Ö,"
+        ("Ø", ""),
+        ("李 明 Wei", "李"),  # a character of a script without capitals is a name, not an initial
     ],
 )
 def test_first_name_is_the_name_to_greet_by(name: str, first_name: str) -> None:

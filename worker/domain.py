@@ -318,7 +318,7 @@ def _not_a_name(word: str) -> bool:
         word.casefold().rstrip(".") in _TITLES
         or not _has_letter(word)
         or word.endswith(".")
-        or (len(word) == 1 and word.isascii())
+        or _initial(word)
         or "@" in word
     )
 
@@ -326,7 +326,12 @@ def _not_a_name(word: str) -> bool:
 def _initial_or_address(word: str) -> bool:
     """``R.``, ``M`` or ``siti@example.com`` as the whole name: "Halo Kak R.," greets no one; nor ``Kakak``,
     which the templates say themselves ("Halo Kak Kakak,"); another title alone (``Ibu``) is still said."""
-    return "@" in word or (len(word.rstrip(".")) == 1 and word.isascii()) or word.casefold() in ("kak", "kakak")
+    return "@" in word or _initial(word.rstrip(".")) or word.casefold() in ("kak", "kakak")
+
+
+def _initial(word: str) -> bool:
+    """One letter of a script with capitals (``M``, ``Ö``): an initial; one of a script without (``李``) is a name."""
+    return len(word) == 1 and word.isalpha() and word.upper() != word.lower()
 
 
 @pickled_by_fields
