@@ -469,10 +469,11 @@ def test_a_zone_written_as_a_clock_shows_it_or_in_another_case_is_rejected_sayin
         in error.reason, error.reason
 
 
-@pytest.mark.parametrize("zone", ["Pacific", "GMT+7", "UTC+7", "+07:00", "Mars/Olympus"])
+@pytest.mark.parametrize("zone", ["Pacific", "GMT+7", "UTC+7", "+07:00", "Mars/Olympus", "Portland"])
 def test_a_zone_no_name_is_near_is_rejected_with_no_guess(tmp_path: Path, zone: str) -> None:
     # "Pacific" is the city of no zone (US/Pacific, Canada/Pacific are old names for countries' zones), and
-    # Etc/GMT+7 is UTC-7, the opposite of the GMT+7 a clock shows: neither is offered
+    # Etc/GMT+7 is UTC-7, the opposite of the GMT+7 a clock shows: neither is offered; nor Poland, Warsaw's old name,
+    # for Portland (Oregon's, or Maine's), two letters from it
     path = write(tmp_path, "customers.csv", CUSTOMER_HEADER + f"C-1,ani@example.com,Ani,id,{zone},,yes,,\n")
     [error] = errors(read_customers(path))
     assert (error.line, error.key) == (2, "C-1")

@@ -67,8 +67,15 @@ def _zone_near(upper: str) -> str | None:
     city = _zones_by_city().get(upper.replace(" ", "_"))
     if city is not None:
         return city
-    near = difflib.get_close_matches(upper, _zones_by_upper_case(), n=1, cutoff=0.85)
+    # only a name of a continent's or an ocean's: the short old names of countries (Poland, Egypt) are a letter or
+    # two from the names of cities elsewhere ('Portland' is not Warsaw's)
+    near = difflib.get_close_matches(upper, _zones_in_areas_by_upper_case(), n=1, cutoff=0.85)
     return _zones_by_upper_case()[near[0]] if near else None
+
+
+@functools.cache
+def _zones_in_areas_by_upper_case() -> list[str]:
+    return [upper for upper, zone in _zones_by_upper_case().items() if zone.split("/", 1)[0] in _AREAS and "/" in zone]
 
 
 _T = TypeVar("_T")
