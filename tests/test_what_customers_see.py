@@ -169,3 +169,34 @@ def test_a_birthday_offer_sent_before_the_day_says_when_the_birthday_is(
     assert str(received["c2@example.com"]["Subject"]).startswith("Selamat ulang tahun, Kak Siti!")
     for part in today_id:
         assert "Selamat ulang tahun! Semoga sehat" in part and "lebih awal" not in part and "tanggal" not in part
+
+
+def test_a_birthday_offer_whose_planned_day_cannot_be_read_does_not_stop_the_others(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given a birthday offer in the ledger whose day is not the ISO date planning writes (edited by hand: 25-11-2026),
+    # and another customer's birthday on the 25th, offers sent three days ahead
+    born = {"C1": date(1990, 11, 25), "C2": date(1991, 11, 25)}
+    people = [dataclasses.replace(customer(ext, name=f"Siti {ext}"), birthday=day) for ext, day in born.items()]
+    store = make_shop(sqlite_url, people, [])
+    with store.engine.begin() as conn:
+        c1 = conn.exec_driver_sql("SELECT id FROM customer WHERE external_id = 'C1'").scalar_one()
+        conn.exec_driver_sql(
+            "INSERT INTO message (dedupe_key, campaign, step, priority, customer_id, email, status, due_at, expires_at,"
+            " next_attempt_at, attempts, payload, created_at, updated_at, resent_after_attempts) VALUES"
+            f" ('birthday:C1:2026', 'birthday', 1, 50, {c1}, 'c1@example.com', 'planned', '2026-11-22 00:00:00',"
+            " '2026-11-26 00:00:00', '2026-11-22 00:00:00', 0, '{\"birthday\": \"25-11-2026\"}',"
+            " '2026-11-22 00:00:00', '2026-11-22 00:00:00', 0)")
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port},
+                            campaigns={"winback": {"enabled": False},
+                                       "birthday": {"enabled": True, "days_before": 3}})  # fmt: skip
+    # When a cycle sends
+    _send(settings, store)
+    # Then the other customer's offer goes, naming the day, where a ValueError stopped every cycle at the row; the
+    # row edited by hand is skipped, its day not confirmed
+    received = _received(smtp_server)
+    assert set(received) == {"c2@example.com"}
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql(f"SELECT status, skip_reason FROM message WHERE customer_id = {c1}").all() == [
+            ("skipped", "no_longer_due")]
+    assert all("tanggal 25 November 2026" in part for part in _parts(received["c2@example.com"]))

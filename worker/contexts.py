@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 
 from worker.config import Settings
 from worker.core import campaigns as cc
@@ -130,11 +130,12 @@ def extra_context(
 def _days_to(birthday: str, customer: SendTimeFacts, settings: Settings, now: datetime) -> int:
     """Whole days from the customer's today (in their time zone) to ``birthday`` (ISO), 0 on the day: an offer
     sent ``days_before`` it says when the day is, where it wished a happy birthday three days early."""
-    if not birthday:
+    day = cc.iso_day(birthday)
+    if day is None:  # none planned (or one edited by hand): the copy for the day itself
         return 0
     zone = customer.customer.time_zone if customer.customer is not None else ""
     today = now.astimezone(zone_of(zone, settings.shop.time_zone)).date()
-    return max(0, (date.fromisoformat(birthday) - today).days)
+    return max(0, (day - today).days)
 
 
 def birthday_to_show(settings: Settings, customer: CustomerSnapshot, now: datetime) -> str:

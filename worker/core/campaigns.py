@@ -124,6 +124,15 @@ def paid(orders: Sequence[OrderFacts]) -> list[OrderFacts]:
 # --- birthday --------------------------------------------------------------------
 
 
+def iso_day(text: object) -> date | None:
+    """A birthday offer's planned day (``payload["birthday"]``, ISO as planning writes it); None when it is not one
+    (a row edited by hand), where ``date.fromisoformat``'s ValueError stopped every cycle at that row."""
+    try:
+        return date.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+
+
 def birthday_in(birthday: date, year: int) -> date:
     """The day a birthday is celebrated in ``year``: 29 February becomes 28 February in other years."""
     if birthday.month == 2 and birthday.day == 29 and not calendar.isleap(year):
@@ -423,9 +432,9 @@ def still_due(
         planned_day = message.payload.get("birthday")
         if planned_day is None:
             return None
-        day = date.fromisoformat(planned_day)
-        if customer.birthday is None or birthday_in(customer.birthday, day.year) != day:
-            return SkipReason.NO_LONGER_DUE
+        day = iso_day(planned_day)
+        if day is None or customer.birthday is None or birthday_in(customer.birthday, day.year) != day:
+            return SkipReason.NO_LONGER_DUE  # a day that cannot be read (edited by hand) cannot be confirmed either
     elif message.campaign == FEEDBACK:
         order_id = message.payload.get("order_id")
         if order_id is not None and int(order_id) not in rateable:
