@@ -534,18 +534,11 @@ def test_an_upgrade_of_a_database_holding_another_programs_tables_of_kembalis_na
     # Given database.url pointing at a database with no Kembali schema that holds another program's tables, two of
     # them named as Kembali's are (the shop's own database: its products and orders)
     url = request.getfixturevalue(f"{kind}_url")
-    engine = db.create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("CREATE TABLE product (id INTEGER PRIMARY KEY, sku VARCHAR(20))")
-            conn.exec_driver_sql("CREATE TABLE shop_order (id INTEGER PRIMARY KEY)")
-            conn.exec_driver_sql("CREATE TABLE cart (id INTEGER PRIMARY KEY)")
-            conn.exec_driver_sql("INSERT INTO product VALUES (1, 'BATIK-1')")
-        where = db.describe(engine)
-    finally:
-        engine.dispose()
-    config = tmp_path / "config.toml"
-    config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    where, config = _another_programs_database(
+        url, tmp_path, "CREATE TABLE product (id INTEGER PRIMARY KEY, sku VARCHAR(20))",
+        "CREATE TABLE shop_order (id INTEGER PRIMARY KEY)", "CREATE TABLE cart (id INTEGER PRIMARY KEY)",
+        "INSERT INTO product VALUES (1, 'BATIK-1')",
+    )  # fmt: skip
     # When the schema is created there
     code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
     # Then it refuses, naming the database and the tables in the way, and changes nothing: on PostgreSQL it was a
@@ -643,17 +636,10 @@ def test_a_database_another_program_migrates_with_alembic_is_not_taken_for_a_new
     # Given database.url pointing at the shop's own database, which its own application migrates with Alembic too:
     # an alembic_version table with that application's revision, and none of Kembali's tables
     url = request.getfixturevalue(f"{kind}_url")
-    engine = db.create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
-            conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('3f2a9c1d7e4b')")
-            conn.exec_driver_sql("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
-        where = db.describe(engine)
-    finally:
-        engine.dispose()
-    config = tmp_path / "config.toml"
-    config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    where, config = _another_programs_database(
+        url, tmp_path, "CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)",
+        "INSERT INTO alembic_version VALUES ('3f2a9c1d7e4b')", "CREATE TABLE orders (id INTEGER PRIMARY KEY)",
+    )  # fmt: skip
     # When kembali's commands are run on it
     for argv in (["db", "upgrade"], ["stats"]):
         code, printed = run_cli(capsys, "--config", str(config), *argv)
@@ -667,3 +653,18 @@ def test_a_database_another_program_migrates_with_alembic_is_not_taken_for_a_new
     code, printed = run_cli(capsys, "--config", str(config), "db", "status")
     assert code == 0 and printed.startswith("current: 3f2a9c1d7e4b (another program's)  newest: 0018"), printed
     assert _query(url, "SELECT version_num FROM alembic_version") == [("3f2a9c1d7e4b",)]
+
+
+def _another_programs_database(url: str, tmp_path: Path, *statements: str) -> tuple[str, Path]:
+    """The database at ``url`` as another program left it (``statements``), and a config pointing at it."""
+    engine = db.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+        where = db.describe(engine)
+    finally:
+        engine.dispose()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    return where, config
