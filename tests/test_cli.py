@@ -422,7 +422,7 @@ def test_a_mistyped_database_path_is_named_and_no_empty_file_is_left(
         code, out = run_cli(capsys, "--config", str(config), *argv)
         assert code == 3 and f"the database {missing} does not exist" in out, (argv, out)
     code, out = run_cli(capsys, "--config", str(config), "db", "status")
-    assert code == 0 and f"no database file at {missing}" in out
+    assert code == 1 and f"no database file at {missing}" in out  # `db upgrade` needed: it creates the file
     assert not missing.exists()
     # and a folder that does not exist is named when the schema is created
     (tmp_path / "cfg").mkdir()

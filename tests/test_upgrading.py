@@ -83,7 +83,7 @@ def test_a_kembali_older_than_the_database_refuses_to_start_says_so_and_changes_
         assert "Traceback" not in printed and "db upgrade`" not in printed, printed
     # And `db status` says which is newer
     code, printed = run_cli(capsys, "--config", str(config), "db", "status")
-    assert code == 0 and printed.startswith(f"current: {AHEAD} (newer than this kembali)  newest: {head}"), printed
+    assert code == 3 and printed.startswith(f"current: {AHEAD} (newer than this kembali)  newest: {head}"), printed
     # And nothing was changed: no message planned, the revision as the newer Kembali left it
     assert _query(url, "SELECT count(*) FROM message") == [(0,)]
     assert _query(url, "SELECT version_num FROM alembic_version") == [(AHEAD,)]
@@ -557,7 +557,7 @@ def test_an_upgrade_of_a_database_holding_another_programs_tables_of_kembalis_na
         engine.dispose()
     # And `db status` says so too, where it called such a database empty
     code, printed = run_cli(capsys, "--config", str(config), "db", "status")
-    assert code == 0 and printed.startswith(
+    assert code == 3 and printed.startswith(
         "current: (no Kembali schema; other tables, of Kembali's names: product, shop_order)  newest: 0018"), printed
 
 
@@ -651,7 +651,7 @@ def test_a_database_another_program_migrates_with_alembic_is_not_taken_for_a_new
                 "database of Kembali's own (nothing was changed)") in printed, (argv, printed)
         assert "newer" not in printed, (argv, printed)
     code, printed = run_cli(capsys, "--config", str(config), "db", "status")
-    assert code == 0 and printed.startswith("current: 3f2a9c1d7e4b (another program's)  newest: 0018"), printed
+    assert code == 3 and printed.startswith("current: 3f2a9c1d7e4b (another program's)  newest: 0018"), printed
     assert _query(url, "SELECT version_num FROM alembic_version") == [("3f2a9c1d7e4b",)]
 
 
@@ -668,3 +668,27 @@ def _another_programs_database(url: str, tmp_path: Path, *statements: str) -> tu
     config = tmp_path / "config.toml"
     config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
     return where, config
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("pg", marks=pytest.mark.postgres)])
+def test_db_status_exits_1_while_an_upgrade_is_needed_and_0_once_the_schema_is_current(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an empty database (on SQLite: no file yet), and a deploy script that asks `db status` whether to upgrade
+    url = request.getfixturevalue(f"{kind}_url")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    head = db.head_revision(db.create_engine(url))
+    # When it asks, then it is told an upgrade is needed, by exit 1 as well as by the line it prints (it exited 0
+    # whatever the schema, so a script could not tell)
+    code, printed = run_cli(capsys, "--config", str(config), "db", "status")
+    assert code == 1, printed
+    assert printed.startswith("current: (no database file at" if kind == "sqlite" else "current: (empty)"), printed
+    # And so for a schema an older kembali left
+    _schema_at(url, "0007")
+    code, printed = run_cli(capsys, "--config", str(config), "db", "status")
+    assert code == 1 and printed.startswith(f"current: 0007  newest: {head}"), printed
+    # And once upgraded, exit 0
+    assert run_cli(capsys, "--config", str(config), "db", "upgrade")[0] == 0
+    code, printed = run_cli(capsys, "--config", str(config), "db", "status")
+    assert code == 0 and printed.startswith(f"current: {head}  newest: {head}"), printed

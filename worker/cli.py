@@ -74,9 +74,13 @@ def _parser() -> argparse.ArgumentParser:
                        "(does its folder exist?), 3 when the PostgreSQL server cannot be used (try again later), "
                        "another program held an SQLite file's write lock longer than 30 s (nothing is changed), or "
                        "the database's schema is newer than this kembali (a newer one upgraded it: install that "
-                       "version here; nothing is changed).")
+                       "version here; nothing is changed). `kembali db status` exits 0 when the schema is the "
+                       "newest, 1 when `db upgrade` is needed (an older schema, an empty database or none yet), 3 "
+                       "when the database cannot be used: a newer kembali's or another program's schema, or another "
+                       "program's tables where Kembali's go.")
     p.add_argument("action", choices=["upgrade", "status"], help="upgrade: migrate to the newest schema; "
-                   "status: show the current and newest revision")
+                   "status: show the current and newest revision (exit 0: current; 1: an upgrade is needed; 3: the "
+                   "database cannot be used)")
 
     p = sub.add_parser("import", help="import customers, products or orders from CSV",
                        description="Import a CSV file (columns in the README). Rows are upserted by their id, so "
@@ -567,7 +571,7 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.action == "status" and path is not None and not path.exists():  # look, but do not create it
             print(f"current: (no database file at {path})  newest: {db.head_revision(engine)}")
-            return EXIT_OK
+            return EXIT_ATTENTION  # `db upgrade` creates it: a deploy script tells by the exit code
         try:
             current = db.current_revision(engine)
         except sa_exc.DatabaseError as exc:  # also a file that is no SQLite database ("file is not a database")
@@ -578,8 +582,13 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             in_the_way = db.tables_in_the_way(engine) if current is None else []
             empty = (f"(no Kembali schema; other tables, of Kembali's names: {', '.join(in_the_way)})" if in_the_way
                      else "(empty)")  # fmt: skip
-            print(f"current: {current or empty}{newer}  newest: {db.head_revision(engine)}")
-            return EXIT_OK
+            head = db.head_revision(engine)
+            print(f"current: {current or empty}{newer}  newest: {head}")
+            # for a deploy script: 1 when `db upgrade` would migrate, 3 when it would refuse (a newer kembali's or
+            # another program's schema, tables in the way), 0 when there is nothing to do
+            if newer or in_the_way:
+                return EXIT_UNAVAILABLE
+            return EXIT_OK if current == head else EXIT_ATTENTION
         from worker.commands.progress import Progress
 
         # on a terminal, each revision named before it runs (on a big table one may take minutes), in a line
