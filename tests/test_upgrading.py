@@ -692,3 +692,36 @@ def test_db_status_exits_1_while_an_upgrade_is_needed_and_0_once_the_schema_is_c
     assert run_cli(capsys, "--config", str(config), "db", "upgrade")[0] == 0
     code, printed = run_cli(capsys, "--config", str(config), "db", "status")
     assert code == 0 and printed.startswith(f"current: {head}  newest: {head}"), printed
+
+
+def test_an_sqlite_upgrade_that_must_wait_for_the_write_lock_says_so_then_migrates(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an SQLite file one schema behind, whose write lock another program holds for a second and a half
+    # (another `kembali db upgrade` migrating it, a worker not stopped)
+    import threading
+
+    _schema_at(sqlite_url, "0017")
+    path = tmp_path / "kembali.db"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "{sqlite_url}"\n', encoding="utf-8")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(1.5, holder.rollback)
+    release.start()
+    try:
+        # When `kembali db upgrade` runs
+        code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    finally:
+        release.cancel()
+        holder.rollback()
+        holder.close()
+    # Then it says, before it waits, what it waits for (it waited silently, as on PostgreSQL it did not), and once
+    # the lock is free it migrates
+    assert code == 0, printed
+    assert (f"kembali: another program holds the write lock on {path} (another `kembali db upgrade` migrating it, "
+            "a kembali run or import): waiting up to 30 s for it to finish") in printed, printed
+    assert f"schema upgraded: 0017 -> 0018 ({path})" in printed, printed
+    # And an upgrade that need not wait says nothing of waiting
+    code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    assert code == 0 and printed.strip() == "schema already at 0018", printed

@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Database maintenance. `kembali db upgrade` creates the schema in an empty "
                        "database or migrates an older one to this version (SQLite or PostgreSQL, from "
                        "database.url). On PostgreSQL a second `db upgrade` run meanwhile waits for the first, then "
-                       "finds nothing to do. Exit code 2 for a bad config or an SQLite file that cannot be opened "
+                       "finds nothing to do; on SQLite it waits up to 30 s for the file's write lock, saying so. "
+                       "Exit code 2 for a bad config or an SQLite file that cannot be opened "
                        "(does its folder exist?), 3 when the PostgreSQL server cannot be used (try again later), "
                        "another program held an SQLite file's write lock longer than 30 s (nothing is changed), or "
                        "the database's schema is newer than this kembali (a newer one upgraded it: install that "
@@ -600,6 +601,11 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
 
         def waiting() -> None:
             progress.clear()
+            if path is not None:  # SQLite's write lock: whose, the file does not say
+                print(f"kembali: another program holds the write lock on {path} (another `kembali db upgrade` "
+                      f"migrating it, a kembali run or import): waiting up to {db.SQLITE_BUSY_TIMEOUT_MS / 1000:g} s "
+                      "for it to finish", file=sys.stderr, flush=True)  # fmt: skip
+                return
             print(f"kembali: another `kembali db upgrade` is migrating {db.describe(engine)}: waiting for it to "
                   "finish", file=sys.stderr, flush=True)
 

@@ -210,10 +210,11 @@ def create_engine(url: str, limits: SessionLimits | None = None) -> Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
-            if conn.get_execution_options().get(_READ_ONLY):
+            options = conn.get_execution_options()
+            if options.get(_READ_ONLY):
                 conn.exec_driver_sql("BEGIN")
             else:
-                _begin_writing(conn)
+                _begin_writing(conn, options.get(_WAITING))
 
         return engine
     query = sa.make_url(url).query
@@ -268,12 +269,18 @@ SQLITE_BUSY_SLICE_MS = 200
 a stop signal waits at most this long."""
 
 
-def _begin_writing(conn: sa.Connection) -> None:
+_WAITING = "kembali_waiting"
+"""The execution option of a connection whose ``BEGIN IMMEDIATE`` calls it (no arguments) once, when its first slice
+finds the write lock held: ``kembali db upgrade`` says what it waits for, as on PostgreSQL."""
+
+
+def _begin_writing(conn: sa.Connection, waiting: Callable[[], None] | None = None) -> None:
     """``BEGIN IMMEDIATE``: the database's write lock, waited for up to the busy timeout while another connection
     holds it. SQLite waits sleeping between its tries, in C, calling no progress handler, so that a Ctrl-C or SIGTERM
     to a command waiting there (its handler runs once SQLite returns) waited out the whole timeout, 30 seconds,
     before the command stopped. In the main thread, where handlers run, it waits in slices, and the handler runs
-    between two; elsewhere, as SQLite does."""
+    between two; elsewhere, as SQLite does. ``waiting`` (main thread only) is called once the first slice found the
+    lock held."""
     raw = conn.connection.driver_connection
     if threading.current_thread() is not threading.main_thread() or raw is None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -288,6 +295,9 @@ def _begin_writing(conn: sa.Connection) -> None:
             except sqlite3.OperationalError as exc:
                 if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
                     break  # (another failure: said by the last try, as any statement's)
+                if waiting is not None:
+                    waiting()
+                    waiting = None
         conn.exec_driver_sql("BEGIN IMMEDIATE")  # the last slice: a lock still held fails as it did after 30 s
     finally:
         with suppress(sqlite3.Error):  # (a connection that failed otherwise keeps its failure)
@@ -494,7 +504,8 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
     On PostgreSQL the migration holds ``MIGRATION_LOCK``: another ``kembali db upgrade`` under way is waited for
     (``waiting`` is called first), however long it takes (its statements give up on their own locks after
     ``database.lock_timeout_seconds``), and the revision is read again once the lock is held, so the second finds
-    nothing left to do. SQLite's ``BEGIN IMMEDIATE`` does the same for a file. A database newer than this code
+    nothing left to do. SQLite's ``BEGIN IMMEDIATE`` does the same for a file (``waiting`` is called when its
+first try finds the write lock held), up to the busy timeout. A database newer than this code
     (``is_newer_than_this``) raises SchemaError and is left as it is.
 
     On SQLite the migrations run with foreign key checks off: a revision that changes a column there
@@ -510,7 +521,7 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
     if is_newer_than_this(engine, before):
         raise newer_schema(engine, str(before), head)
     cfg = _alembic_config(engine)
-    with writing_without_foreign_keys(engine) as conn:
+    with writing_without_foreign_keys(engine, waiting) as conn:  # (SQLite: while another holds the write lock)
         if engine.dialect.name == "postgresql":
             _take_migration_lock(conn, waiting)
         before = MigrationContext.configure(conn).get_current_revision()  # another host's upgrade may have run
@@ -615,8 +626,9 @@ def _take_migration_lock(conn: sa.Connection, waiting: Callable[[], None] | None
 
 
 @contextmanager
-def writing_without_foreign_keys(engine: Engine) -> Iterator[sa.Connection]:
-    """A write transaction; on SQLite on a connection with its foreign key checks off, on again after.
+def writing_without_foreign_keys(engine: Engine, waiting: Callable[[], None] | None = None) -> Iterator[sa.Connection]:
+    """A write transaction; on SQLite on a connection with its foreign key checks off, on again after, and
+    ``waiting`` called if its ``BEGIN IMMEDIATE`` finds the write lock held (``_begin_writing``).
 
     The connection goes back to the pool with its checks on, or not at all. SQLite takes the setting only
     outside a transaction, hence before the BEGIN. PostgreSQL checks as always."""
@@ -628,6 +640,8 @@ def writing_without_foreign_keys(engine: Engine) -> Iterator[sa.Connection]:
         raw = conn.connection.dbapi_connection
         assert raw is not None
         raw.cursor().execute("PRAGMA foreign_keys = OFF")
+        if waiting is not None:
+            conn.execution_options(**{_WAITING: waiting})
         try:
             with conn.begin():
                 yield conn
