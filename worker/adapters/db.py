@@ -505,7 +505,7 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
     (``waiting`` is called first), however long it takes (its statements give up on their own locks after
     ``database.lock_timeout_seconds``), and the revision is read again once the lock is held, so the second finds
     nothing left to do. SQLite's ``BEGIN IMMEDIATE`` does the same for a file (``waiting`` is called when its
-first try finds the write lock held), up to the busy timeout. A database newer than this code
+    first try finds the write lock held), up to the busy timeout. A database newer than this code
     (``is_newer_than_this``) raises SchemaError and is left as it is.
 
     On SQLite the migrations run with foreign key checks off: a revision that changes a column there
