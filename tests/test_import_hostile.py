@@ -1036,6 +1036,71 @@ def test_a_bad_birthday_imported_again_keeps_the_birthday_stored_before(
     assert _rows(f"sqlite:///{tmp_path / 'k.db'}", "select birthday from customer") == [(None,)]
 
 
+def test_a_bad_time_zone_or_locale_is_left_out_with_a_warning_and_the_customer_imported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given customers, one in a mistyped zone, one in a zone no name is near, one speaking a language the shop has
+    # no templates in, and one as they should be
+    config = migrated_config(tmp_path)
+    (tmp_path / "config.toml").write_text(
+        (tmp_path / "config.toml").read_text() + '[shop]\ntime_zone = "Asia/Makassar"\ndefault_locale = "en"\n')
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent,locale,time_zone\n"
+        "C-1,c1@example.com,Ani,ya,id,Asia/Jakata\n"
+        "C-2,c2@example.com,Budi,ya,id,GMT+7\n"
+        "C-3,c3@example.com,Sari,ya,fr-FR,Asia/Jakarta\n"
+        "C-4,c4@example.com,Dewi,ya,id,Asia/Jakarta\n"
+    )
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then each value that cannot be read is a warning naming the file, line, column and value (with the zone it
+    # looks like, if any), and every customer is imported (a bad zone or locale rejected the whole customer: never
+    # emailed), with the shop's zone or language, as a customer with an empty cell is; the import exits 1
+    assert code == 1, out
+    assert ("warning: customers.csv:2: id 'C-1': invalid time_zone 'Asia/Jakata' (expected an IANA name such as "
+            "'Asia/Jakarta'; did you mean 'Asia/Jakarta'?); the customer is imported with the shop's "
+            "(a time_zone stored before is kept)") in out, out  # fmt: skip
+    assert ("warning: customers.csv:3: id 'C-2': invalid time_zone 'GMT+7' (expected an IANA name such as "
+            "'Asia/Jakarta'); the customer is imported with the shop's") in out, out
+    assert ("warning: customers.csv:4: id 'C-3': invalid locale 'fr-FR' (expected id or en, or a tag of either with "
+            "its region: id-ID, en_US); the customer is imported with the shop's (a locale stored before is "
+            "kept)") in out, out  # fmt: skip
+    assert "rejected" not in out.replace("0 rejected", ""), out
+    assert ("customers: 4 created, 0 updated, 0 unchanged, 0 rejected, 2 imported without their time_zone, "
+            "1 imported without their locale") in out, out  # fmt: skip
+    stored = _rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id, locale, time_zone from customer")
+    assert sorted(stored) == [("C-1", "id", "Asia/Makassar"), ("C-2", "id", "Asia/Makassar"),
+                              ("C-3", "en", "Asia/Jakarta"), ("C-4", "id", "Asia/Jakarta")]
+
+
+def test_a_bad_time_zone_or_locale_imported_again_keeps_the_one_stored_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a customer imported with a good zone and language
+    config = migrated_config(tmp_path)
+    path = tmp_path / "customers.csv"
+    path.write_text("id,email,name,marketing_consent,locale,time_zone\nC-1,c1@example.com,Ani,ya,en,Asia/Jayapura\n")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(path))[0] == 0
+    # When a later export mistypes both (and gives a new name)
+    path.write_text("id,email,name,marketing_consent,locale,time_zone\nC-1,c1@example.com,Ani Lestari,ya,english,"
+                    "WIT\n")
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    # Then the name is updated, the zone and language stored before kept (not replaced by the shop's), with a
+    # warning for each
+    assert code == 1, out
+    assert "warning: customers.csv:2: id 'C-1': invalid time_zone 'WIT'" in out, out
+    assert "did you mean 'Asia/Jayapura'?); the customer is imported with the shop's" in out, out
+    assert "warning: customers.csv:2: id 'C-1': invalid locale 'english'" in out, out
+    assert ("customers: 0 created, 1 updated, 0 unchanged, 0 rejected, 1 imported without their time_zone, "
+            "1 imported without their locale") in out, out  # fmt: skip
+    stored = _rows(f"sqlite:///{tmp_path / 'k.db'}", "select name, locale, time_zone from customer")
+    assert stored == [("Ani Lestari", "en", "Asia/Jayapura")]
+    # And an empty cell, which says "the shop's", still gives the shop's
+    path.write_text("id,email,name,marketing_consent,locale,time_zone\nC-1,c1@example.com,Ani Lestari,ya,,\n")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(path))[0] == 0
+    assert _rows(f"sqlite:///{tmp_path / 'k.db'}", "select locale, time_zone from customer") == [("id", "Asia/Jakarta")]
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"], ids=["bom", "le", "be"])
 def test_a_utf16_file_from_excels_unicode_text_is_named_as_such(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], encoding: str

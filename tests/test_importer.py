@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.adapters.importer import RowError, _SeenIds, read_customers, read_orders, read_products
+from worker.adapters.importer import LOCALE_LEFT_OUT, RowError, _SeenIds, read_customers, read_orders, read_products
 from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
 from worker.errors import ImportRowError
 
@@ -38,9 +38,9 @@ BAD_ROWS = [
     (7, "C-0106", ["missing name"]),
     (8, "C-0107", ["unclear marketing_consent ''", "saved as no consent"]),
     (9, "C-0101", ["duplicate id", "first seen at line 2"]),
-    (10, "C-0108", ["time_zone", "'Mars/Olympus_Mons'"]),
+    (10, "C-0108", ["time_zone", "'Mars/Olympus_Mons'", "imported with the shop's"]),
     (11, "C-0109", ["birthday", "'2026-02-30'", "imported without it"]),
-    (12, "C-0110", ["locale", "'fr'"]),
+    (12, "C-0110", ["locale", "'fr'", "imported with the shop's"]),
     (16, "C-0113", ["unclear marketing_consent 'maybe'", "saved as no consent"]),
     (17, "C-0114", ["birthday", "'1990-02-29'", "imported without it"]),
     (20, "C-0116", ["email", "'maya@toko.test'"]),
@@ -68,12 +68,15 @@ def test_each_bad_row_is_reported_at_its_line_naming_the_column(
 def test_bad_file_reports_nothing_else_and_keeps_the_good_rows(bad_results: list[CustomerRecord | RowError]) -> None:
     assert sorted(e.line for e in errors(bad_results)) == [line for line, _, _ in BAD_ROWS]
     good = {r.external_id: r for r in bad_results if isinstance(r, CustomerRecord)}
-    assert sorted(good) == ["C-0101", "C-0107", "C-0109", "C-0111", "C-0112", "C-0113", "C-0114", "C-0115",
-                            "C-0118"]
-    # an unclear consent is saved as none, and a birthday that is none (30 February, 29 February 1990) left out,
-    # with a warning at its line (``saved``), not a rejected row
-    assert [e.line for e in errors(bad_results) if e.saved] == [8, 11, 16, 17]
+    assert sorted(good) == ["C-0101", "C-0107", "C-0108", "C-0109", "C-0110", "C-0111", "C-0112", "C-0113",
+                            "C-0114", "C-0115", "C-0118"]
+    # an unclear consent is saved as none, and a birthday that is none (30 February, 29 February 1990), a zone
+    # that is none or a language the shop has no templates in left out, with a warning at its line (``saved``),
+    # not a rejected row
+    assert [e.line for e in errors(bad_results) if e.saved] == [8, 10, 11, 12, 16, 17]
     assert good["C-0109"].birthday is good["C-0114"].birthday is None
+    assert (good["C-0108"].time_zone, good["C-0110"].locale) == ("Asia/Jakarta", Locale.ID)  # the shop's
+    assert {"time_zone"} <= good["C-0108"].absent and {"locale"} <= good["C-0110"].absent
     assert good["C-0107"].marketing_consent is good["C-0113"].marketing_consent is False
     assert good["C-0101"].email == "budi.santoso@example.com"  # the first C-0101 wins
     assert good["C-0111"].name == "=?UTF-8?Q?=0A?=Bcc: x@example.com"  # hostile, yet valid: rendering sanitises
@@ -440,7 +443,7 @@ def test_an_id_with_a_c1_control_or_a_bidi_control_is_a_rejected_row(tmp_path: P
 
 
 @pytest.mark.parametrize("zone", ["localtime", "Factory", "posixrules", "posix/Asia/Jakarta", "right/UTC"])
-def test_a_zone_file_that_is_no_place_is_a_rejected_row(tmp_path: Path, zone: str) -> None:
+def test_a_zone_file_that_is_no_place_is_left_out_with_a_warning(tmp_path: Path, zone: str) -> None:
     # "localtime" is whatever zone the importing host is set to (another on each host), "Factory" reads every time
     # as "-00": the zone database holds them, but neither says where a customer is
     path = write(tmp_path, "customers.csv", CUSTOMER_HEADER + f"C-1,ani@example.com,Ani,id,{zone},,yes,,\n"
@@ -448,8 +451,8 @@ def test_a_zone_file_that_is_no_place_is_a_rejected_row(tmp_path: Path, zone: st
     results = list(read_customers(path))
     [error] = errors(results)
     assert (error.line, error.key) == (2, "C-1")
-    assert f"invalid time_zone '{zone}'" in error.reason
-    assert [r.time_zone for r in results if isinstance(r, CustomerRecord)] == ["Asia/Makassar"]
+    assert f"invalid time_zone '{zone}'" in error.reason and error.saved  # the customer imported with the shop's
+    assert [r.time_zone for r in results if isinstance(r, CustomerRecord)] == ["Asia/Jakarta", "Asia/Makassar"]
 
 
 @pytest.mark.parametrize(("zone", "meant"), [
@@ -459,7 +462,7 @@ def test_a_zone_file_that_is_no_place_is_a_rejected_row(tmp_path: Path, zone: st
     ("America/New_Yrok", "America/New_York"), ("Asia/Jakata", "Asia/Jakarta"), ("Europe/Londn", "Europe/London"),
     ("Jakarta", "Asia/Jakarta"), ("New York", "America/New_York"), ("kathmandu", "Asia/Kathmandu"),
 ])
-def test_a_zone_written_as_a_clock_shows_it_or_in_another_case_is_rejected_saying_which_was_meant(
+def test_a_zone_written_as_a_clock_shows_it_or_in_another_case_is_left_out_saying_which_was_meant(
     tmp_path: Path, zone: str, meant: str
 ) -> None:
     path = write(tmp_path, "customers.csv", CUSTOMER_HEADER + f"C-1,ani@example.com,Ani,id,{zone},,yes,,\n")
@@ -470,14 +473,15 @@ def test_a_zone_written_as_a_clock_shows_it_or_in_another_case_is_rejected_sayin
 
 
 @pytest.mark.parametrize("zone", ["Pacific", "GMT+7", "UTC+7", "+07:00", "Mars/Olympus", "Portland"])
-def test_a_zone_no_name_is_near_is_rejected_with_no_guess(tmp_path: Path, zone: str) -> None:
+def test_a_zone_no_name_is_near_is_left_out_with_no_guess(tmp_path: Path, zone: str) -> None:
     # "Pacific" is the city of no zone (US/Pacific, Canada/Pacific are old names for countries' zones), and
     # Etc/GMT+7 is UTC-7, the opposite of the GMT+7 a clock shows: neither is offered; nor Poland, Warsaw's old name,
     # for Portland (Oregon's, or Maine's), two letters from it
     path = write(tmp_path, "customers.csv", CUSTOMER_HEADER + f"C-1,ani@example.com,Ani,id,{zone},,yes,,\n")
     [error] = errors(read_customers(path))
     assert (error.line, error.key) == (2, "C-1")
-    assert error.reason == f"invalid time_zone '{zone}' (expected an IANA name such as 'Asia/Jakarta')"
+    assert error.reason.startswith(f"invalid time_zone '{zone}' (expected an IANA name such as 'Asia/Jakarta'); "
+                                   "the customer is imported with the shop's"), error.reason
 
 
 def test_an_id_with_an_invisible_character_is_a_rejected_row_not_a_second_customer(tmp_path: Path) -> None:
@@ -587,10 +591,12 @@ def test_a_language_tag_with_a_region_is_read_as_its_language(tmp_path: Path) ->
     found = list(read_customers(path))
     assert {r.external_id: r.locale for r in found if isinstance(r, CustomerRecord)} == {
         "C-1": Locale.EN, "C-2": Locale.EN, "C-3": Locale.ID, "C-4": Locale.ID, "C-5": Locale.ID, "C-6": Locale.EN,
-        "C-7": Locale.EN, "C-8": Locale.ID}  # fmt: skip
-    # another language, or no language tag at all, is still a rejected row, saying what is read
-    assert [(e.line, e.reason) for e in errors(found)] == [
-        (line, f"invalid locale {tag!r} (expected id or en, or a tag of either with its region: id-ID, en_US)")
+        "C-7": Locale.EN, "C-8": Locale.ID, "C-9": Locale.ID, "C-10": Locale.ID, "C-11": Locale.ID}  # fmt: skip
+    # another language, or no language tag at all, is a warning saying what is read, the customer imported with
+    # the shop's language
+    assert [(e.line, e.reason, e.saved) for e in errors(found)] == [
+        (line, f"invalid locale {tag!r} (expected id or en, or a tag of either with its region: id-ID, en_US)"
+               + LOCALE_LEFT_OUT, True)
         for line, tag in ((10, "fr-FR"), (11, "en-"), (12, "english"))
     ]
 

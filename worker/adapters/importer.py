@@ -33,7 +33,9 @@ customers.csv
     control, bidi or invisible characters, at most 200 characters, no NUL; anything else is kept: names are cleaned
     when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``, or a tag of either with
     its region: ``en-US``, ``id_ID``, Java's ``in_ID``; default the shop's, ``shop_locale``), ``time_zone`` (IANA;
-    default the shop's, ``shop_tz``), ``birthday`` (YYYY-MM-DD, also at midnight: ``1990-05-01 00:00:00``,
+    default the shop's, ``shop_tz``; either, when it cannot be read, is the shop's, keeping one stored before, and
+    reported by a ``saved`` ``RowError`` after the record), ``birthday`` (YYYY-MM-DD, also at midnight:
+    ``1990-05-01 00:00:00``,
     or empty; 29 February allowed in leap years; from 1900, and with ``now`` not after its day in the customer's
     time zone nor an age over ``MAX_AGE``: any other is left out, the customer imported without it and keeping
     one stored before, and reported by a ``saved`` ``RowError`` after the record), ``marketing_consent``
@@ -441,14 +443,22 @@ def _customer(
     row: dict[str, str], key: str, absent: frozenset[str], check_dns: bool, resolver: Resolver | None,
     shop_tz: str, shop_locale: str, now: datetime | None,
 ) -> tuple[CustomerRecord, tuple[str, ...]]:
-    """The customer, and why its consent was saved as none or its birthday left out (none when all was read as
-    given). A birthday that cannot be one (unreadable, impossible, a placeholder, in the future) rejects no
-    customer: it is left out as if the file had no ``birthday`` column (``absent``), so a customer who has one
-    stored keeps it, and a new one has none (and is never chosen for a birthday offer)."""
+    """The customer, and why its consent was saved as none or its locale, time zone or birthday left out (none
+    when all was read as given). A birthday that cannot be one (unreadable, impossible, a placeholder, in the
+    future) rejects no customer: it is left out as if the file had no ``birthday`` column (``absent``), so a
+    customer who has one stored keeps it, and a new one has none (and is never chosen for a birthday offer). So is
+    a locale or a time zone that cannot be read: a new customer has the shop's, as with an empty cell."""
     consent, unclear = _consent(row)
-    email, name, locale, zone = (_email(_required(row, "email"), check_dns, resolver), _name(row),
-                                 _locale(row, shop_locale), _zone(row, shop_tz))  # in this order: the first is said
-    left_out = ""
+    email, name = _email(_required(row, "email"), check_dns, resolver), _name(row)  # in this order: the first is said
+    locale_left_out = zone_left_out = left_out = ""
+    try:
+        locale = _locale(row, shop_locale)
+    except _Invalid as exc:
+        locale, absent, locale_left_out = Locale(shop_locale), absent | {"locale"}, f"{exc}{LOCALE_LEFT_OUT}"
+    try:
+        zone = _zone(row, shop_tz)
+    except _Invalid as exc:
+        zone, absent, zone_left_out = shop_tz, absent | {"time_zone"}, f"{exc}{ZONE_LEFT_OUT}"
     try:
         birthday = _birthday(row, now.astimezone(ZoneInfo(zone)).date() if now is not None else None, zone)
     except _Invalid as exc:
@@ -465,12 +475,18 @@ def _customer(
         consent_source=_text(row, "consent_source"),
         absent=absent,
     )
-    return record, tuple(reason for reason in (unclear, left_out) if reason)
+    return record, tuple(reason for reason in (unclear, locale_left_out, zone_left_out, left_out) if reason)
 
 
 BIRTHDAY_LEFT_OUT = ("; the customer is imported without it (a birthday stored before is kept), and a customer "
                      "without a birthday gets no birthday offer: correct it and import the file again")
 """Said after why a birthday could not be read: the customer's other columns are imported (a ``saved`` warning)."""
+LOCALE_LEFT_OUT = ("; the customer is imported with the shop's (a locale stored before is kept): correct it and "
+                   "import the file again")
+ZONE_LEFT_OUT = ("; the customer is imported with the shop's (a time_zone stored before is kept), its clock the one "
+                 "quiet hours and birthdays are read on: correct it and import the file again")
+"""Said after why a locale or a time zone could not be read: the customer is imported with the shop's, as with an
+empty cell, or keeps the one stored before (a ``saved`` warning)."""
 
 
 def _product(

@@ -18,7 +18,9 @@ from worker import stopping
 from worker.adapters import db, shop
 from worker.adapters.importer import (
     BIRTHDAY_LEFT_OUT,
+    LOCALE_LEFT_OUT,
     SHARED_ADDRESS,
+    ZONE_LEFT_OUT,
     NoRoomForCopy,
     RowError,
     numbered_customers,
@@ -129,10 +131,11 @@ def import_file(
     }[kind]
     total = shop.UpsertCounts()
     errors = 0
-    unclear = shared = birthdays = 0
+    unclear = shared = birthdays = zones = locales = 0
     """Rows imported with a value replaced by the safe one (``RowError.saved``: an unclear consent saved as none);
     ``shared``: customers imported beside one of the same address whose consent says the other; ``birthdays``:
-    customers imported without the birthday the file gave them, which could not be one."""
+    customers imported without the birthday the file gave them, which could not be one; ``zones``, ``locales``:
+    customers imported with the shop's time zone or locale (or the one stored before) for one that cannot be read."""
     foreign: Counter[str] = Counter()
     """Orders in another currency than the shop's, by currency; ``first_foreign``: the line of the first."""
     first_foreign = 0
@@ -157,6 +160,10 @@ def import_file(
                     shared += 1
                 elif item.reason.endswith(BIRTHDAY_LEFT_OUT):
                     birthdays += 1
+                elif item.reason.endswith(ZONE_LEFT_OUT):
+                    zones += 1
+                elif item.reason.endswith(LOCALE_LEFT_OUT):
+                    locales += 1
                 else:
                     unclear += 1
                 say(f"warning: {printable(str(item))}")
@@ -201,7 +208,8 @@ def import_file(
         remedy = f" {failure.remedy}" if failure else ""
         print(
             f"kembali import: {why}: {done} ({total.created} created, {total.updated} updated, "
-            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear, shared, birthdays)}).{remedy} {again}",
+            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear, shared, birthdays, zones, locales)})."
+            f"{remedy} {again}",
             file=sys.stderr,
         )
         if not isinstance(exc, KeyboardInterrupt):
@@ -225,15 +233,17 @@ def import_file(
                   "stats shows (Kembali converts no currency)", file=sys.stderr)  # fmt: skip
     print(
         f"{kind}: {total.created} created, {total.updated} updated, {total.unchanged} unchanged, "
-        f"{errors} rejected{_unclear(unclear, shared, birthdays)} (from {shown})"
+        f"{errors} rejected{_unclear(unclear, shared, birthdays, zones, locales)} (from {shown})"
     )
-    return EXIT_REJECTED if errors or unclear or shared or birthdays else EXIT_OK
+    return EXIT_REJECTED if errors or unclear or shared or birthdays or zones or locales else EXIT_OK
 
 
-def _unclear(count: int, shared: int, birthdays: int) -> str:
+def _unclear(count: int, shared: int, birthdays: int, zones: int, locales: int) -> str:
     return ((f", {count} with an unclear marketing_consent" if count else "")
             + (f", {shared} sharing an address with another marketing_consent" if shared else "")
-            + (f", {birthdays} imported without their birthday" if birthdays else ""))  # fmt: skip
+            + (f", {birthdays} imported without their birthday" if birthdays else "")
+            + (f", {zones} imported without their time_zone" if zones else "")
+            + (f", {locales} imported without their locale" if locales else ""))  # fmt: skip
 
 
 def _flush(
