@@ -802,8 +802,30 @@ def test_the_progress_line_of_an_orders_import_counts_lines_read(tmp_path: Path)
     # Then the progress line, drawn at the first order, says how far into the file it is, in lines (it said
     # "1 rows" after the first order's three rows)
     assert code == 0
-    first = raw.split("\x1b[K")[0].lstrip("\r")
+    first = next(drawn for drawn in (part.lstrip("\r") for part in raw.split("\x1b[K")) if "lines read" in drawn)
     assert first == "importing orders from orders.csv: 4 lines read, 0 rejected", raw
+
+
+def test_on_a_terminal_the_orders_import_shows_its_first_read_of_the_file(tmp_path: Path) -> None:
+    # Given orders, their customer and product imported
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    (tmp_path / "products.csv").write_text("id,name,price\nP-0,Tas,1000\n")
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,product_id,quantity,unit_price\n"
+        + "".join(f"O-{i},C-1,paid,2026-01-01,P-0,1,1000\n" for i in range(3)),
+        encoding="utf-8",
+    )
+    for kind in ("customers", "products"):
+        assert subprocess.run(_import_command(config, kind, tmp_path / f"{kind}.csv"), timeout=60).returncode == 0
+    # When they are imported on a terminal
+    code, raw = _on_a_terminal(config, "orders", tmp_path / "orders.csv")
+    # Then the file's first read (for orders whose rows are apart) has a progress line of its own, as the import
+    # has, where a large file showed nothing for as long as that read took; the import's line is drawn after it
+    assert code == 0
+    drawn = [part.lstrip("\r") for part in raw.split("\x1b[K") if part.strip("\r")]
+    assert drawn[0] == "importing orders from orders.csv: 2 lines checked for orders whose rows are apart", raw
+    assert drawn[1] == "importing orders from orders.csv: 2 lines read, 0 rejected", raw
 
 
 def test_orders_in_another_currency_count_as_orders_but_not_as_spend(

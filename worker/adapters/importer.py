@@ -300,20 +300,20 @@ rejected."""
 
 def numbered_orders(
     path: Path, *, shop_tz: str = "Asia/Jakarta", shop_currency: str = "IDR", on_warning: Warn | None = None,
-    now: datetime | None = None,
+    now: datetime | None = None, on_first_read: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, int, OrderRecord | RowError]]:
     """``read_orders`` with the lines each order (or bad row) starts and ends on; a rejected row of an order ends
     where the order does (none of its rows is imported).
 
     The file is read twice: first for the orders whose rows are not kept together (``_scattered``), which are
     skipped whole, never stored from their first rows alone; a pipe or standard input is copied to a temporary
-    file for that (``_rereadable``)."""
+    file for that (``_rereadable``). ``on_first_read`` is told the line each row of that first read ends on."""
     zone = ZoneInfo(shop_tz)
     group: list[tuple[int, dict[str, str]]] = []
     group_end = 0
     current = ""
     with _rereadable(path) as source:
-        scattered = _scattered(source, path)
+        scattered = _scattered(source, path, on_first_read)
         with _open(source) as rows:
             _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, on_warning)
             absent = frozenset(name for name in ORDER_COLUMNS if name not in rows.columns)
@@ -388,15 +388,18 @@ class _Scattered:
         return None if first is None or again is None else (first, again)
 
 
-def _scattered(source: Path, path: Path) -> _Scattered:
+def _scattered(source: Path, path: Path, on_line: Callable[[int], None] | None = None) -> _Scattered:
     """The orders of the orders file ``source`` (named ``path``) whose rows are not all consecutive (rows without an
-    ``order_id`` aside). Held: an 8-byte digest and a line per order (``_SeenIds``), freed when it returns."""
+    ``order_id`` aside), telling ``on_line`` the line each row ends on (a progress line). Held: an 8-byte digest and
+    a line per order (``_SeenIds``), freed when it returns."""
     seen = _SeenIds()
     scattered = _Scattered()
     current = ""
     with _open(source) as rows:
         _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, None)
-        for line, _end, row in rows:
+        for line, end, row in rows:
+            if on_line is not None:
+                on_line(end)
             key = row.key if isinstance(row, _Broken) else row.get("order_id", "").strip()
             if not key or key == current:
                 continue

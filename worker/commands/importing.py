@@ -43,7 +43,8 @@ MAX_UNKNOWN_WARNINGS = 20
 
 
 def _reader(
-    kind: str, path: Path, settings: Settings, check_dns: bool, warn: Callable[[str], None], now: datetime
+    kind: str, path: Path, settings: Settings, check_dns: bool, warn: Callable[[str], None], now: datetime,
+    on_first_read: Callable[[int], None],
 ) -> Iterator[tuple[int, int, Any]]:
     if kind == "customers":
         return numbered_customers(path, check_dns=check_dns, on_warning=warn, shop_tz=settings.shop.time_zone,
@@ -52,7 +53,7 @@ def _reader(
         return numbered_products(path, on_warning=warn, shop_tz=settings.shop.time_zone,
                                  shop_currency=settings.shop.currency)
     return numbered_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone,
-                           shop_currency=settings.shop.currency, now=now)
+                           shop_currency=settings.shop.currency, now=now, on_first_read=on_first_read)
 
 
 def _stop_now(stop: type[KeyboardInterrupt]) -> Callable[[int, FrameType | None], None]:
@@ -154,7 +155,16 @@ def import_file(
         if previous_int is signal.default_int_handler:  # not when SIGINT is ignored (a shell's background job)
             signal.signal(signal.SIGINT, _stop_now(KeyboardInterrupt))
     try:
-        for line, end, item in _reader(kind, path, settings, check_dns, warn, now):
+        first_read = True
+        """Until the first row is yielded: an orders import reads the file once before (``numbered_orders``)."""
+
+        def checked(end: int) -> None:  # that first read's progress, on the import's line
+            progress.update(end, "lines checked for orders whose rows are apart")
+
+        for line, end, item in _reader(kind, path, settings, check_dns, warn, now, checked):
+            if first_read:  # the import's progress is drawn at once, in place of the first read's
+                first_read = False
+                progress.clear()
             if isinstance(item, RowError) and item.saved:
                 if SHARED_ADDRESS in item.reason:
                     shared += 1
