@@ -67,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import re
 import ssl
 from dataclasses import dataclass
@@ -343,26 +344,25 @@ class SmtpTransport:
         costs one refused login, not one per connection and mechanism (eight with four connections), which a
         relay's fail2ban or a provider's lockout counts toward blocking this host or the account."""
         s = self._settings
-        if self._logged_in:
-            try:
-                await _log_in(client, s.username, self._password or "", tls=s.tls != "none")
-            except SMTPAuthenticationError:
-                self._logged_in = False  # the password changed under us: take turns again
-                raise
-            return
-        async with self._login_lock:
-            if self._logged_in:  # another connection's login succeeded while this one waited its turn
-                await _log_in(client, s.username, self._password or "", tls=s.tls != "none")
-                return
-            if self._login_failures != attempt.login_failures and self._login_failure is not None:
-                raise copy.copy(self._login_failure)  # failed after this send began (it waited its turn)
-            try:
-                await _log_in(client, s.username, self._password or "", tls=s.tls != "none")
-            except (SMTPResponseException, SMTPTimeoutError) as exc:  # refused, or no answer in time (the waits
-                self._login_failures += 1  # would add up); a connection dropped during it is this connection's
-                self._login_failure = exc
-                raise
-            self._logged_in = True
+        log_in = functools.partial(_log_in, client, s.username, self._password or "", tls=s.tls != "none")
+        if not self._logged_in:
+            async with self._login_lock:
+                if not self._logged_in:  # (else another connection's login succeeded while this one waited its turn)
+                    if self._login_failures != attempt.login_failures and self._login_failure is not None:
+                        raise copy.copy(self._login_failure)  # failed after this send began (it waited its turn)
+                    try:
+                        await log_in()
+                    except (SMTPResponseException, SMTPTimeoutError) as exc:  # refused, or no answer in time (the
+                        self._login_failures += 1  # waits would add up); a connection dropped during it is its own
+                        self._login_failure = exc
+                        raise
+                    self._logged_in = True
+                    return
+        try:
+            await log_in()
+        except SMTPAuthenticationError:
+            self._logged_in = False  # the password changed under us: take turns again
+            raise
 
     async def _data(self, client: SMTP, message: bytes, attempt: _Attempt) -> SMTPResponse:
         """DATA done by hand, so we know whether the final dot was handed over.
