@@ -200,3 +200,44 @@ def test_a_birthday_offer_whose_planned_day_cannot_be_read_does_not_stop_the_oth
         assert conn.exec_driver_sql(f"SELECT status, skip_reason FROM message WHERE customer_id = {c1}").all() == [
             ("skipped", "no_longer_due")]
     assert all("tanggal 25 November 2026" in part for part in _parts(received["c2@example.com"]))
+
+
+def _hand_edited_row(store: Store, ext: str, key: str, campaign: str, payload: str) -> int:
+    with store.engine.begin() as conn:
+        cid = conn.exec_driver_sql(f"SELECT id FROM customer WHERE external_id = '{ext}'").scalar_one()
+        conn.exec_driver_sql(
+            "INSERT INTO message (dedupe_key, campaign, step, priority, customer_id, email, status, due_at, expires_at,"
+            " next_attempt_at, attempts, payload, created_at, updated_at, resent_after_attempts) VALUES"
+            f" ('{key}', '{campaign}', 1, 30, {cid}, '{ext.lower()}@example.com', 'planned', '2026-11-21 00:00:00',"
+            f" '2026-12-20 00:00:00', '2026-11-21 00:00:00', 0, '{payload}', '2026-11-21 00:00:00',"
+            " '2026-11-21 00:00:00', 0)")
+    return int(cid)
+
+
+def test_rows_whose_order_or_milestone_cannot_be_read_do_not_stop_the_others(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given rows edited by hand in the ledger: a win-back whose order is written as the shop's order number (O1), a
+    # feedback request whose order is 'O2', a loyalty reward whose milestone is 'orders-five'; and a customer (C4)
+    # due a win-back as planning writes it
+    people = [customer(f"C{i}", name=f"Siti C{i}") for i in range(1, 5)]
+    orders = [one_time_order(f"O{i}", f"C{i}", days_ago=60) for i in range(1, 5)]
+    store = make_shop(sqlite_url, people, orders)
+    edited = [
+        _hand_edited_row(store, "C1", "winback:C1:O1", "winback", '{"first_order_id": "O1"}'),
+        _hand_edited_row(store, "C2", "feedback:O2", "feedback", '{"order_id": "O2", "order": "O2"}'),
+        _hand_edited_row(store, "C3", "loyalty:C3:orders-five", "loyalty", '{"milestone": "orders-five"}'),
+    ]
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port},
+                            campaigns={"feedback": {"enabled": True}, "loyalty": {"enabled": True}})  # fmt: skip
+    # When a cycle sends
+    _send(settings, store)
+    # Then C4's win-back goes, where int('O1') stopped every cycle at the first such row and nothing else went; the
+    # rows edited by hand are skipped, what they name not confirmed
+    assert "c4@example.com" in _received(smtp_server)
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT customer_id, status, skip_reason FROM message WHERE customer_id IN"
+            f" ({', '.join(map(str, edited))}) AND dedupe_key IN"
+            " ('winback:C1:O1', 'feedback:O2', 'loyalty:C3:orders-five') ORDER BY customer_id").all()
+    assert rows == [(cid, "skipped", "no_longer_due") for cid in edited]

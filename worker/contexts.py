@@ -77,7 +77,7 @@ def extra_context(
     if campaign == WINBACK:
         steps = c.winback.effective_steps
         step = steps[min(message.step, len(steps)) - 1]
-        bought = facts.order_products.get(int(message.payload.get("first_order_id", 0)), [])
+        bought = facts.order_products.get(message.payload_id("first_order_id") or 0, [])
         picks = recommend(bought, facts.catalogue, c.winback.recommendations)
         return {
             "bought": [product_dict(p, shop_url) for p in bought],
@@ -96,7 +96,7 @@ def extra_context(
             "recommendations": [product_dict(p, shop_url) for p in facts.catalogue[:3]],
         }
     if campaign == cc.FEEDBACK:
-        order_id = int(message.payload.get("order_id", 0))
+        order_id = message.payload_id("order_id") or 0
         return {
             "order": {"id": clean_text(message.payload.get("order", ""))},
             "bought": [product_dict(p, shop_url) for p in facts.order_products.get(order_id, [])],
@@ -114,10 +114,10 @@ def extra_context(
             "new": bool(cc.new_in_their_categories(new, bought)),
         }
     if campaign == cc.LOYALTY:
-        kind, _, amount = message.payload.get("milestone", "orders-0").partition("-")
+        kind, amount = cc.milestone_of(message.payload) or ("orders", 0)
         return {
             "milestone_kind": kind,
-            "milestone": int(amount or 0),
+            "milestone": amount,
             # what the customer has ordered by now: an import that brings several orders at once, or an order
             # placed since planning, takes it past the milestone (a 6th order reaching the 5th order milestone)
             "order_count": customer.order_count if customer.paid_order_count is None else customer.paid_order_count,

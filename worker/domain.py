@@ -491,6 +491,17 @@ class ClaimedMessage:
     """Of ``attempts``, those made before an operator resent the message: ``sending.max_attempts`` counts the
     others."""
 
+    def payload_id(self, key: str) -> int | None:
+        """A row id planning wrote in the payload (``order_id``, ``first_order_id``); None when it is missing or is
+        not one (a row edited by hand: the shop's order number 'O-17'), where ``int()``'s ValueError stopped every
+        cycle at that row. A message naming an order that cannot be read is skipped as ``no_longer_due``."""
+        value: object = self.payload.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            return int(value)
+        return None
+
     @property
     def attempt_since_resend(self) -> int:
         """This attempt's number (1-based) since the operator's last resend, or since planning without one."""

@@ -120,7 +120,7 @@ def load_batch_facts(
     settings: Settings | None = None,
     now: datetime | None = None,
 ) -> BatchFacts:
-    order_ids = [int(m.payload[k]) for m in messages for k in ("first_order_id", "order_id") if k in m.payload]
+    order_ids = [i for m in messages for k in ("first_order_id", "order_id") if (i := m.payload_id(k)) is not None]
     customer_ids = [m.customer_id for m in messages]
     sent: dict[str, list[datetime]] = {}
     products: dict[int, list[ProductView]] = {}
@@ -145,7 +145,7 @@ def load_batch_facts(
             products = audience_sql.customer_products(store.engine, wanting)
             within = timedelta(days=settings.campaigns.new_products.within_days)
             launches = audience_sql.launches(store.engine, since=now - within, until=now)
-    rated = [int(m.payload["order_id"]) for m in messages if m.campaign == cc.FEEDBACK and "order_id" in m.payload]
+    rated = [i for m in messages if m.campaign == cc.FEEDBACK and (i := m.payload_id("order_id")) is not None]
     rewarded = [m.customer_id for m in messages if m.campaign == cc.LOYALTY]
     if rewarded and settings is not None:  # a milestone counts the orders paid, not one placed and not paid yet
         totals = store.paid_totals(rewarded, settings.shop.currency)

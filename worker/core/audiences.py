@@ -109,7 +109,9 @@ def recheck(message: ClaimedMessage, facts: SendTimeFacts, now: datetime) -> Ski
     if message.campaign == WINBACK:
         if facts.order_count == 0:  # the only order was cancelled or refunded: no longer a buyer at all
             return SkipReason.NO_LONGER_DUE
-        planned_order = message.payload.get("first_order_id")
-        if facts.order_count != 1 or (planned_order is not None and facts.first_order_id != int(planned_order)):
+        planned_order = message.payload_id("first_order_id")
+        if planned_order is None and "first_order_id" in message.payload:
+            return SkipReason.NO_LONGER_DUE  # an order that cannot be read (edited by hand) cannot be confirmed
+        if facts.order_count != 1 or (planned_order is not None and facts.first_order_id != planned_order):
             return SkipReason.ORDERED_SINCE  # a second order, or a new one in place of a refunded one
     return None

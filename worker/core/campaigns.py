@@ -16,7 +16,7 @@ tests run one table of cases through both.
 from __future__ import annotations
 
 import calendar
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -401,6 +401,18 @@ def loyalty_since(now: datetime, m: Milestones) -> datetime:
     return now - timedelta(days=m.within_days)
 
 
+def milestone_of(payload: Mapping[str, object]) -> tuple[str, int] | None:
+    """A loyalty message's milestone (``payload["milestone"]``, a label ``loyalty_milestones`` writes) as its kind
+    and amount; None when it is missing or not such a label (a row edited by hand: 'orders-five')."""
+    label = payload.get("milestone")
+    if not isinstance(label, str):
+        return None
+    kind, _, amount = label.partition("-")
+    if kind not in ("orders", "spend") or not amount.isascii() or not amount.isdigit():
+        return None
+    return kind, int(amount)
+
+
 def loyalty_key(customer_external_id: str, milestone: str) -> str:
     return f"{LOYALTY}:{key_part(customer_external_id)}:{milestone}"
 
@@ -436,17 +448,23 @@ def still_due(
         if day is None or customer.birthday is None or birthday_in(customer.birthday, day.year) != day:
             return SkipReason.NO_LONGER_DUE  # a day that cannot be read (edited by hand) cannot be confirmed either
     elif message.campaign == FEEDBACK:
-        order_id = message.payload.get("order_id")
-        if order_id is not None and int(order_id) not in rateable:
-            return SkipReason.NO_LONGER_DUE
+        if "order_id" in message.payload:
+            order_id = message.payload_id("order_id")
+            if order_id is None or order_id not in rateable:
+                return SkipReason.NO_LONGER_DUE
     elif message.campaign == LOYALTY:
-        kind, _, amount = message.payload.get("milestone", "").partition("-")
-        reached = {
-            "orders": facts.order_count if facts.paid_order_count is None else facts.paid_order_count,
-            "spend": facts.total_spent_minor if facts.paid_spent_minor is None else facts.paid_spent_minor,
-        }.get(kind)
-        if reached is not None and amount.isdigit() and reached < int(amount):
-            return SkipReason.NO_LONGER_DUE
+        if "milestone" in message.payload:
+            milestone = milestone_of(message.payload)
+            if milestone is None:  # one that cannot be read (edited by hand) cannot be confirmed
+                return SkipReason.NO_LONGER_DUE
+            kind, amount = milestone
+            paid_count, paid_spent = facts.paid_order_count, facts.paid_spent_minor
+            reached = {
+                "orders": facts.order_count if paid_count is None else paid_count,
+                "spend": facts.total_spent_minor if paid_spent is None else paid_spent,
+            }[kind]
+            if reached < amount:
+                return SkipReason.NO_LONGER_DUE
     elif message.campaign == NEW_PRODUCTS:
         if new_since(facts.last_order_at, launches, now, within_days):
             return None
