@@ -14,6 +14,7 @@ from worker import planning
 from worker.adapters import shop
 from worker.adapters.store import Store
 from worker.config import ConfigError, settings_from_dict
+from worker.contexts import birthday_to_show
 from worker.core import campaigns as cc
 from worker.core.policy import (
     CapWindow,
@@ -28,7 +29,7 @@ from worker.core.policy import (
     next_free_slot,
     zone_of,
 )
-from worker.domain import CustomerRecord, Locale, SkipReason
+from worker.domain import CustomerRecord, CustomerSnapshot, Locale, SkipReason
 
 NIGHT = QuietHours(time(21, 0), time(8, 0))
 
@@ -281,3 +282,23 @@ def test_planning_offers_a_29_february_birthday_on_28_february_of_a_common_year_
         store.close()
     # Then exactly the customers whose 28 February (29th in a leap year) it is, or begins within the lead
     assert keys == {cc.birthday_key(ext, year) for ext, year in planned.items()}
+
+
+# (birthday, the instant send-test renders at, the customer's zone, the birthday the copy celebrates)
+NEXT_BIRTHDAYS = [
+    (date(1992, 2, 29), "2027-03-01T10:00+07:00", "Asia/Jakarta", "2028-02-29"),  # 28 Feb passed: next is 366 away
+    (date(1992, 2, 29), "2027-02-28T10:00+07:00", "Asia/Jakarta", "2027-02-28"),  # on the day it is celebrated
+    (date(1990, 12, 31), "2027-01-01T06:00+07:00", "Asia/Jakarta", "2027-12-31"),  # the day after: a year ahead
+    (date(1990, 12, 6), "2026-12-06T12:00+00:00", "Pacific/Kiritimati", "2027-12-06"),  # already the 7th there
+    (date(1990, 12, 6), "2026-12-06T10:00+00:00", "Pacific/Pago_Pago", "2026-12-06"),  # still the 5th there
+    (None, "2026-12-06T10:00+07:00", "Asia/Jakarta", "2026-12-09"),  # no birthday: days_before (3) ahead
+]
+
+
+@pytest.mark.parametrize(("birthday", "at", "zone", "shown"), NEXT_BIRTHDAYS)
+def test_a_rendering_outside_planning_celebrates_the_customers_next_birthday_on_their_clock(
+    birthday: date | None, at: str, zone: str, shown: str
+) -> None:
+    settings = settings_from_dict({"campaigns": {"birthday": {"days_before": 3}}}, source="t.toml")
+    customer = CustomerSnapshot(1, "C1", "c1@example.com", "Siti", Locale.ID, zone, birthday, True)
+    assert birthday_to_show(settings, customer, datetime.fromisoformat(at)) == shown

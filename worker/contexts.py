@@ -134,16 +134,13 @@ def _days_to(birthday: str, customer: SendTimeFacts, settings: Settings, now: da
     if day is None:  # none planned (or one edited by hand): the copy for the day itself
         return 0
     zone = customer.customer.time_zone if customer.customer is not None else ""
-    today = now.astimezone(zone_of(zone, settings.shop.time_zone)).date()
-    return max(0, (day - today).days)
+    return max(0, (day - cc.local_today(now, zone_of(zone, settings.shop.time_zone))).days)
 
 
 def birthday_to_show(settings: Settings, customer: CustomerSnapshot, now: datetime) -> str:
     """The birthday (ISO) a rendering outside planning celebrates (`kembali send-test`, `check`, the live preview):
     the customer's next one, from their today, when they have one; else the day an offer sent now would be for
     (``days_before`` ahead), so the copy reads as the campaign's customers get it."""
-    today = now.astimezone(zone_of(customer.time_zone, settings.shop.time_zone)).date()
-    if customer.birthday is not None:
-        this_year = cc.birthday_in(customer.birthday, today.year)
-        return (this_year if this_year >= today else cc.birthday_in(customer.birthday, today.year + 1)).isoformat()
-    return (today + timedelta(days=settings.campaigns.birthday.days_before)).isoformat()
+    today = cc.local_today(now, zone_of(customer.time_zone, settings.shop.time_zone))
+    next_one = cc.birthday_due(customer.birthday, today, 366)  # (a year and a day: 29 February's next is 366 away)
+    return (next_one or today + timedelta(days=settings.campaigns.birthday.days_before)).isoformat()
