@@ -453,19 +453,12 @@ def _customer(
     a locale or a time zone that cannot be read: a new customer has the shop's, as with an empty cell."""
     consent, unclear = _consent(row)
     email, name = _email(_required(row, "email"), check_dns, resolver), _name(row)  # in this order: the first is said
-    locale_left_out = zone_left_out = left_out = ""
-    try:
-        locale = _locale(row, shop_locale)
-    except _Invalid as exc:
-        locale, absent, locale_left_out = Locale(shop_locale), absent | {"locale"}, f"{exc}{LOCALE_LEFT_OUT}"
-    try:
-        zone = _zone(row, shop_tz)
-    except _Invalid as exc:
-        zone, absent, zone_left_out = shop_tz, absent | {"time_zone"}, f"{exc}{ZONE_LEFT_OUT}"
-    try:
-        birthday = _birthday(row, now.astimezone(ZoneInfo(zone)).date() if now is not None else None, zone)
-    except _Invalid as exc:
-        birthday, absent, left_out = None, absent | {"birthday"}, f"{exc}{BIRTHDAY_LEFT_OUT}"
+    locale, locale_left_out = _or_left_out(lambda: _locale(row, shop_locale), Locale(shop_locale), LOCALE_LEFT_OUT)
+    zone, zone_left_out = _or_left_out(lambda: _zone(row, shop_tz), shop_tz, ZONE_LEFT_OUT)
+    today = now.astimezone(ZoneInfo(zone)).date() if now is not None else None
+    birthday, left_out = _or_left_out(lambda: _birthday(row, today, zone), None, BIRTHDAY_LEFT_OUT)
+    absent |= {column for column, why in (("locale", locale_left_out), ("time_zone", zone_left_out),
+                                          ("birthday", left_out)) if why}  # fmt: skip
     record = CustomerRecord(
         external_id=key,
         email=email,
@@ -479,6 +472,14 @@ def _customer(
         absent=absent,
     )
     return record, tuple(reason for reason in (unclear, locale_left_out, zone_left_out, left_out) if reason)
+
+
+def _or_left_out(read: Callable[[], R], instead: R, said_after: str) -> tuple[R, str]:
+    """A column's value as ``read`` gives it, or ``instead`` and why it was left out when it cannot be read."""
+    try:
+        return read(), ""
+    except _Invalid as exc:
+        return instead, f"{exc}{said_after}"
 
 
 BIRTHDAY_LEFT_OUT = ("; the customer is imported without it (a birthday stored before is kept), and a customer "
