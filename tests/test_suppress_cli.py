@@ -273,3 +273,46 @@ def test_remove_with_a_reason_is_refused_and_removes_nothing(
     assert "kembali suppress remove: --reason is for add, import and list" in capsys.readouterr().err
     assert run(config, "list", "budi@example.com") == 0
     assert "budi@example.com,unsubscribed,cli," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("x1@example.com,hard bounce\nx2@example.com,hard bounce\n",
+      "line 1: a CSV needs an 'email' column (found: x1@example.com, hard bounce): give it a first line naming its "
+      "'email' column"),
+     ("# cleaned\nEmail Address,First Name\nx1@example.com,Siti\nx2@example.com,Agus\n",
+      "line 2: a CSV needs an 'email' column (found: email address, first name): rename 'email address' to "
+      "'email'"),
+     ("address,reason\nx1@example.com,bounce\n",
+      "line 1: a CSV needs an 'email' column (found: address, reason)")],
+    ids=["no header", "Mailchimp's header", "another column"],
+)
+def test_import_of_a_csv_without_an_email_column_is_refused_as_a_whole(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, why: str
+) -> None:
+    # Given a bounce list of address and reason without a header line, or a CSV whose address column has another
+    # name (Mailchimp exports 'Email Address')
+    file = tmp_path / "bounces.csv"
+    file.write_text(text, encoding="utf-8")
+    # When it is imported
+    code = run(config, "import", str(file))
+    # Then it is refused whole, naming the columns it found and what to change, exit code 2 (it said "imported 0
+    # address(es): …, 1 rejected" and exited 1, "the rest imported", of a file none of whose lines was read)
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert captured.err.splitlines() == [f"kembali suppress import: {file}: {why}: nothing was imported"]
+    assert captured.out == ""
+    assert run(config, "list") == 0
+    assert "0 suppressed address(es)" in capsys.readouterr().err
+
+
+def test_an_address_given_twice_in_other_cases_is_counted_once(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a file naming one mailbox three times in different cases, none of them suppressed before
+    file = tmp_path / "bounces.txt"
+    file.write_text("Case@example.com\ncase@example.com\nCASE@EXAMPLE.COM\nother@example.com\n", encoding="utf-8")
+    # When it is imported, Then it is one address, newly suppressed (it said "3 address(es): 1 newly suppressed,
+    # 2 already suppressed" of an address that was not)
+    assert run(config, "import", str(file)) == 0
+    assert capsys.readouterr().out == "imported 2 address(es): 2 newly suppressed, 0 already suppressed\n"

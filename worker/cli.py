@@ -121,8 +121,8 @@ def _parser() -> argparse.ArgumentParser:
                        "every send). Unsubscribe links add to it with reason 'unsubscribed'. Exit code 1 when `import` "
                        "rejected lines (named on stderr; the rest is imported), 2 for a missing or invalid address, a "
                        "--reason given to remove, "
-                       "or an `import` file that is missing, not UTF-8 text or a CSV separated by ';' or a tab "
-                       "(nothing imported), 3 when the database cannot be used.")
+                       "or an `import` file that is missing, not UTF-8 text, a CSV separated by ';' or a tab "
+                       "or one without an 'email' column (nothing imported), 3 when the database cannot be used.")
     p.add_argument("action", choices=["add", "remove", "list", "import"])
     p.add_argument("target", nargs="?", help="add/remove: an email address; list: only this address (optional); "
                    "import: a file with one address a line, or a CSV with an 'email' column ('-' for standard input)")

@@ -13,6 +13,7 @@ from worker.adapters import db, opstore
 from worker.adapters.importer import comma_separated, normalize_email, other_separator, unreadable
 from worker.adapters.store import Store, suppression_address
 from worker.config import Settings
+from worker.log import printable
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
 
@@ -87,7 +88,8 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
     ``email`` column (its header the first line that is neither). Returns (normalised addresses, "line N: why" for
     each rejected one); ``Refused`` for a CSV whose header has an ``email`` column separated by another separator
     than ',' (as ``kembali import`` refuses it: every line would be rejected as an address), or whose first line,
-    without a header, is columns so separated, one of them an address."""
+    without a header, is columns so separated, one of them an address; and for a CSV whose header has no ``email``
+    column (none of its lines would be read)."""
     lines = _LINE_BREAK.split(text)  # not splitlines(): NEL, U+2028, a form feed… in a comment are no line break
     number, first = next(((i, line) for i, line in enumerate(lines, 1)
                           if line.strip() and not line.lstrip().startswith("#")), (0, ""))  # fmt: skip
@@ -118,7 +120,7 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
             if fields is None:  # the header
                 fields = [f.strip().lower() for f in row or []]
                 if "email" not in fields:
-                    return [], [f"line {number}: a CSV needs an 'email' column"]
+                    raise Refused(f"line {number}: {_no_email_column(fields)}")
                 column = fields.index("email")
                 continue
             if row is None:
@@ -140,6 +142,16 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
         except ValueError as exc:
             bad.append(f"line {line_no}: {exc}")
     return good, bad
+
+
+def _no_email_column(fields: list[str]) -> str:
+    """Why a CSV header without an ``email`` column is refused, and what to change: a first line that is an address
+    and a reason (a file without a header), or a column named otherwise (Mailchimp's ``Email Address``)."""
+    why = f"a CSV needs an 'email' column (found: {printable(', '.join(fields))})"
+    if any(_is_address(field) for field in fields):
+        return f"{why}: give it a first line naming its 'email' column"
+    named = next((field for field in fields if "email" in field.replace("-", "")), None)
+    return f"{why}: rename {printable(named)!r} to 'email'" if named is not None else why
 
 
 def _columns_of_addresses(line: str, separator: str) -> bool:
@@ -175,7 +187,7 @@ def _import(store: Store, target: str, reason: str) -> int:
     except Refused as exc:
         print(f"kembali suppress import: {target}: {exc}: nothing was imported", file=sys.stderr)
         return EXIT_USAGE
-    good = list(dict.fromkeys(good))
+    good = list(dict.fromkeys(map(suppression_address, good)))  # one mailbox in several cases is one address
     for problem in bad:
         print(f"{target}: {problem}", file=sys.stderr)
     new = opstore.suppress_many(store, good, reason=reason, source=f"import:{Path(target).name}"[:100],
