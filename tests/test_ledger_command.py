@@ -295,8 +295,8 @@ def test_a_decision_made_again_is_a_no_op_that_says_so(
     assert [a.outcome for a in shop.attempts(GONE)] == ["permanent", "operator"]
     # and a row in another state than the one asked for is still refused (exit 1)
     assert kembali(config, "close", str(failed.id), "--as", "failed") == 1
-    assert f"message {failed.id} left alone: is sent; only uncertain or failed messages can be changed" in \
-        capsys.readouterr().err
+    assert (f"message {failed.id} left alone: is sent; only uncertain, failed, planned or retry messages can be "
+            "changed") in capsys.readouterr().err
 
 
 def test_an_empty_list_names_the_campaign_it_was_filtered_by(
@@ -576,3 +576,58 @@ def test_list_all_with_a_status_lists_that_status(world: tuple[Shop, Path], caps
     assert [(row["email"], row["status"]) for row in rows] == [(OK, "sent")]
     assert kembali(config, "list", "--all", "--json") == 0  # --all alone: every status
     assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_a_planned_or_retrying_message_is_cancelled_by_closing_it_and_never_sent(
+    world: tuple[Shop, Path], smtp_server: RecordingServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a message planned for three days on (deferred by the cap) and one waiting to retry a 421
+    shop, config = world
+    later = shop.clock.now() + timedelta(days=3)
+    with shop.store.engine.begin() as conn:
+        conn.execute(sa.update(M).where(M.c.email == OK).values(
+            status="planned", next_attempt_at=later, attempts=0, last_code=None, last_reply=None, sent_at=None))
+        conn.execute(sa.update(M).where(M.c.email == GONE).values(
+            status="retry", next_attempt_at=later, last_code=421, last_reply="421 4.7.0 Try again later"))
+    planned, retrying = shop.row(OK), shop.row(GONE)
+    smtp_server.on(GONE, Behaviour())
+    sent_before = len(smtp_server.messages)
+
+    # When the operator closes them as sent, that is refused: they never left (it said "is planned; only
+    # uncertain or failed messages can be changed", and no command could stop one message)
+    assert kembali(config, "close", str(planned.id), "--as", "sent") == 1
+    assert (f"message {planned.id} left alone: is planned; a planned or retrying message can only be closed as "
+            "failed (it was not sent)") in capsys.readouterr().err
+    # and a dry run by filters names them without changing them
+    assert kembali(config, "close", "--status", "planned", "--status", "retry", "--dry-run") == 0
+    assert "2 message(s) would be closed as failed" in capsys.readouterr().out
+    assert shop.row(OK).status == "planned"
+    # When they are closed (as failed, the default)
+    assert kembali(config, "close", str(planned.id), str(retrying.id), "--reason", "wrong offer") == 0
+    assert f"2 message(s) closed as failed: {planned.id} {retrying.id}" in capsys.readouterr().out
+
+    # Then they are final with the operator's note, and when they fall due nothing is sent
+    assert (shop.row(OK).status, shop.row(OK).last_error) == ("failed", "operator closed as failed: wrong offer")
+    assert shop.row(GONE).status == "failed"
+    assert shop.attempts(OK)[-1].outcome == "operator"
+    shop.clock.set(later + timedelta(hours=1))
+    shop.cycle()
+    assert len(smtp_server.messages) == sent_before
+    assert (shop.row(OK).status, shop.row(GONE).status) == ("failed", "failed")
+    # and a resend by filters leaves them out, as any message an operator closed
+    assert kembali(config, "resend", "--status", "failed", "--dry-run") == 0
+    assert "2 message(s) an operator closed left out" in capsys.readouterr().out
+
+
+def test_a_message_a_worker_has_claimed_is_not_cancelled_by_closing_it(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a message a worker has taken from the queue (claimed, its send under way)
+    shop, config = world
+    with shop.store.engine.begin() as conn:
+        conn.execute(sa.update(M).where(M.c.email == OK).values(status="claimed", claimed_by="w1", sent_at=None))
+    # When the operator closes it, Then it is left alone, saying which states a close takes
+    assert kembali(config, "close", str(shop.row(OK).id)) == 1
+    assert (f"message {shop.row(OK).id} left alone: is claimed; only uncertain, failed, planned or retry messages "
+            "can be changed") in capsys.readouterr().err
+    assert (shop.row(OK).status, shop.row(OK).claimed_by) == ("claimed", "w1")

@@ -1,7 +1,8 @@
 """Operator access to the ledger (``kembali ledger``): list rows, resend or close them.
 
 Only rows that need an operator's decision can be changed: ``uncertain`` (the
-mail may have arrived) and ``failed``. Every action leaves an attempt row with
+mail may have arrived) and ``failed``; and a message waiting in the queue (``planned``, ``retry``) can be
+closed as failed, which cancels it. Every action leaves an attempt row with
 outcome ``operator`` (who, when, what was decided, the note) and the note in
 ``last_error``, so the history shows that a person, not the worker, decided.
 A resend puts the row back to ``retry``, due now, with the same Message-ID.
@@ -34,6 +35,9 @@ CLOSED = "operator closed as "
 """How the note of a row an operator closed begins (``last_error``): a bulk resend leaves those rows out."""
 DECIDABLE = (MessageStatus.UNCERTAIN.value, MessageStatus.FAILED.value)
 """States an operator may resend or close."""
+WAITING = (MessageStatus.PLANNED.value, MessageStatus.RETRY.value)
+"""States of a message in the queue, not sent yet: an operator may close one as failed (cancel it), not as sent.
+A claimed one (``claimed``, ``sending``) is a worker's: the close's conditional update leaves it alone."""
 MAX_ID = 2**63 - 1
 """The largest row id either database can hold (a 64-bit integer)."""
 
@@ -210,7 +214,8 @@ class LedgerAdmin:
         self, ids: Sequence[int], *, now: datetime, operator: str, status: MessageStatus, note: str = "",
         dry_run: bool = False,
     ) -> ActionResult:
-        """Mark uncertain/failed rows terminal as the operator decided (``sent`` or ``failed``)."""
+        """Mark uncertain/failed rows terminal as the operator decided (``sent`` or ``failed``); as failed, a row
+        waiting in the queue too (``WAITING``: the operator cancels it; no worker holds it)."""
         if status not in (MessageStatus.SENT, MessageStatus.FAILED):
             raise ValueError("an operator closes a message as sent or failed")
         text = f"{CLOSED}{status.value}" + (f": {note}" if note else "")
@@ -224,18 +229,22 @@ class LedgerAdmin:
         def closed(row: Any) -> str | None:  # a failed row closed as failed again takes the new note
             return row.status if row.status == status.value else None
 
-        return self._decide(ids, now=now, operator=operator, text=text, values=values, already=closed, dry_run=dry_run)
+        states = DECIDABLE + WAITING if status is MessageStatus.FAILED else DECIDABLE
+        return self._decide(ids, now=now, operator=operator, text=text, values=values, already=closed, dry_run=dry_run,
+                            states=states)  # fmt: skip
 
     def _decide(
         self, ids: Sequence[int], *, now: datetime, operator: str, text: str, values: dict[str, Any],
         sendable_only: bool = False, already: Callable[[Any], str | None] = lambda row: None,
-        dry_run: bool = False,
+        dry_run: bool = False, states: Sequence[str] = DECIDABLE,
     ) -> ActionResult:
-        """``sendable_only``: refuse a row whose address is on the suppression list, or whose expiry has
+        """``states``: the states of the rows it changes (the others are left alone, saying why).
+        ``sendable_only``: refuse a row whose address is on the suppression list, or whose expiry has
         passed (a resend would only be skipped as ``suppressed`` or ``expired`` by the next run, its reply
-        overwritten). ``already``: what a row not decidable already is when that is what was asked (it is then
+        overwritten). ``already``: what a row not in ``states`` already is when that is what was asked (it is then
         left alone without a refusal), else None. ``dry_run``: decide the same, change nothing."""
         text = text[:500]
+        which = f"{', '.join(states[:-1])} or {states[-1]}"  # uncertain or failed
         ids = list(dict.fromkeys(ids))  # an id given twice is decided once (the second would find it changed)
         changed: list[int] = []
         refused: dict[int, str] = {}
@@ -256,11 +265,15 @@ class LedgerAdmin:
                 if row is None:
                     refused[message_id] = "no such message"
                     continue
-                if row.status not in DECIDABLE and (state := already(row)) is not None:
+                if row.status not in states and (state := already(row)) is not None:
                     done[message_id] = state
                     continue
-                if row.status not in DECIDABLE:
-                    refused[message_id] = f"is {row.status}; only uncertain or failed messages can be changed"
+                if row.status in WAITING and not sendable_only and row.status not in states:
+                    refused[message_id] = (f"is {row.status}; a planned or retrying message can only be closed as "
+                                           "failed (it was not sent)")
+                    continue
+                if row.status not in states:
+                    refused[message_id] = f"is {row.status}; only {which} messages can be changed"
                     continue
                 reason = suppressed.get(suppression_address(row.email))
                 if reason is not None:
@@ -276,7 +289,7 @@ class LedgerAdmin:
                     continue
                 updated = conn.execute(
                     sa.update(M)
-                    .where(M.c.id == message_id, M.c.status.in_(DECIDABLE))
+                    .where(M.c.id == message_id, M.c.status.in_(list(states)))
                     .values(last_error=text, updated_at=now, claimed_by=None, lease_until=None, **values)
                 ).rowcount
                 if not updated:  # changed under us

@@ -109,7 +109,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "(no such message, another state, or for a resend: past its expiry or to a suppressed address); 2 for "
         "neither IDs nor a filter, or both, or a --customer the shop's data does not have, or a list's --after ID "
         "the ledger does not have; 3 when the database cannot be used. What one customer was "
-        "sent: `list --all --email ADDRESS` or `list --all --customer ID`.",
+        "sent: `list --all --email ADDRESS` or `list --all --customer ID`. To cancel a message not sent yet: "
+        "`close ID` (planned or retry), or `kembali suppress add ADDRESS` for every message to an address.",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser(
@@ -143,10 +144,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Marks uncertain or failed messages final: --as failed (the default) frees their place under "
         "the frequency cap, and a resend by filters leaves them out (their IDs still resend them); --as sent, "
         "for messages you know arrived, counts them as sent (for the cap and `stats`) from when they were last "
-        "tried. Each decision is recorded as an attempt with outcome 'operator'.",
+        "tried. A message waiting in the queue (planned or retry, e.g. `close --status planned --campaign "
+        "new_products`) is cancelled by closing it as failed: it is never sent (one a worker has taken is being "
+        "sent and is left alone). Each decision is recorded as an attempt with outcome 'operator'.",
     )  # fmt: skip
     cl.add_argument("ids", type=int, nargs="*", metavar="ID", help="a message's ID, as `ledger list` shows it")
-    _add_filters(cl, list(DECIDABLE), "uncertain and failed")
+    _add_filters(cl, [*DECIDABLE, *sorted(WAITING)], "uncertain and failed; planned or retry to cancel them")
     cl.add_argument("--dry-run", action="store_true", help="say what would be closed; change nothing")
     cl.add_argument(
         "--as",
