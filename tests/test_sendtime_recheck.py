@@ -8,13 +8,15 @@ import email
 import logging
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from tests.sendkit import NOW, Shop, make_settings
+from tests.sendkit import NOW, Shop, make_settings, settings_dict, write_config
 from tests.smtp_server import RecordingServer
+from worker import cli
 from worker.adapters import shop as shopdata
 from worker.adapters.ratestore import RateStore
 from worker.adapters.store import M, Marks, Store
@@ -324,5 +326,36 @@ def test_an_email_held_back_for_another_workers_send_is_logged_with_its_masked_a
         assert report.dispatched.outcomes == {"deferred:another_worker": 1}
         held = _events(caplog, "email_held_back")
         assert [(e["campaign"], e["customer"], e["to"]) for e in held] == [("winback", "C0", "s***@test.example")]
+    finally:
+        shop.close()
+
+
+def test_an_operators_kembali_suppress_made_while_the_daemon_sends_stops_the_prepared_email(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path
+) -> None:
+    # Given four customers due a win-back, their batch claimed and prepared (re-checked, rendered) in one run
+    settings = make_settings(db_url, smtp_server.port, compose_processes=0)
+    shop = Shop(db_url, settings, ADDRESSES)
+    config = write_config(tmp_path / "config.toml", settings_dict(db_url, smtp_server.port))
+    bounces = tmp_path / "bounces.txt"
+    bounces.write_text(f"# from the ESP\n{ADDRESSES[1].upper()}\nnot an address\n", encoding="utf-8")
+    try:
+        plan(shop.store, settings, NOW)
+
+        def meanwhile() -> None:
+            # When, before the sender's mark, the operator types `kembali suppress add` with the address in
+            # another case and spaces around it, and imports a bounce list naming another in capitals
+            assert cli.main(["--config", str(config), "suppress", "add", f"  {ADDRESSES[0].title()} "]) == 0
+            assert cli.main(["--config", str(config), "suppress", "import", str(bounces), "--reason",
+                             "hard_bounce"]) == 1  # fmt: skip
+
+        marked = _before_the_first_mark(shop.store, meanwhile)
+        report = shop.cycle()
+
+        # Then neither of them gets the email already prepared for them; the other two do
+        assert marked
+        assert sorted(to for m in smtp_server.messages for to in m.rcpt_tos) == sorted(ADDRESSES[2:])
+        assert report.dispatched.outcomes == {"sent": 2, "skipped:suppressed": 2}
+        assert [(shop.row(a).status, shop.row(a).skip_reason) for a in ADDRESSES[:2]] == [("skipped", "suppressed")] * 2
     finally:
         shop.close()
