@@ -316,3 +316,43 @@ def test_an_address_given_twice_in_other_cases_is_counted_once(
     # 2 already suppressed" of an address that was not)
     assert run(config, "import", str(file)) == 0
     assert capsys.readouterr().out == "imported 2 address(es): 2 newly suppressed, 0 already suppressed\n"
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["Budi Santoso <Budi@Example.com>", '"Santoso, Budi" <budi@example.com>', "<budi@example.com>",
+     " Budi <budi@example.com> "],
+)
+def test_an_address_copied_with_its_name_from_a_mail_client_is_suppressed(
+    config: Path, capsys: pytest.CaptureFixture[str], given: str
+) -> None:
+    # Given the sender of an unsubscribe request to unsubscribe.mailto, as a mail client copies it (it was refused:
+    # "A display name and angle brackets around the email address are not permitted here")
+    # When the operator adds it, Then the address in the angle brackets is suppressed, and removed the same way
+    assert run(config, "add", given) == 0
+    assert capsys.readouterr().out == "budi@example.com: suppressed\n"
+    assert run(config, "list", given) == 0
+    assert "budi@example.com,manual,cli," in capsys.readouterr().out
+    assert run(config, "remove", given) == 0
+    assert capsys.readouterr().out == "budi@example.com: removed from the suppression list\n"
+
+
+@pytest.mark.parametrize("given", ["Budi <budi@example.com>, Siti <siti@example.com>", "Budi <not an address>",
+                                   "Budi <budi@example.com> later", "<budi@example.com"])
+def test_names_with_two_addresses_or_a_bad_one_are_still_refused(
+    config: Path, capsys: pytest.CaptureFixture[str], given: str
+) -> None:
+    assert run(config, "add", given) == 2
+    assert "invalid email address" in capsys.readouterr().err
+
+
+def test_import_of_senders_as_a_mail_client_exports_them_takes_their_addresses(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "unsubscribe-requests.csv"
+    file.write_text('email,subject\n"Budi Santoso <budi@example.com>",unsubscribe\n"Siti, A <SITI@example.com>",stop\n'
+                    "Agus <agus@>,x\n", encoding="utf-8")  # fmt: skip
+    assert run(config, "import", str(file), "--reason", "unsubscribed") == 1
+    captured = capsys.readouterr()
+    assert "imported 2 address(es): 2 newly suppressed, 0 already suppressed, 1 rejected" in captured.out
+    assert f"{file}: line 4: invalid email address 'Agus <agus@>'" in captured.err

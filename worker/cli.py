@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                        "or an `import` file that is missing, not UTF-8 text, a CSV separated by ';' or a tab "
                        "or one without an 'email' column (nothing imported), 3 when the database cannot be used.")
     p.add_argument("action", choices=["add", "remove", "list", "import"])
-    p.add_argument("target", nargs="?", help="add/remove: an email address; list: only this address (optional); "
+    p.add_argument("target", nargs="?", help="add/remove: an email address (or 'Name <address>' as a mail client "
+                   "copies it); list: only this address (optional); "
                    "import: a file with one address a line, or a CSV with an 'email' column ('-' for standard input)")
     p.add_argument("--reason", type=arguments.suppression_reason, default=None,
                    help="add/import: the reason stored (default: "

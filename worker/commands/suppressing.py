@@ -36,7 +36,7 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
         if action == "import":
             return _import(store, args.target, args.reason or "manual")
         try:
-            email = normalize_email(args.target)
+            email = address(args.target)
         except ValueError as exc:
             print(f"kembali suppress {action}: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -77,6 +77,21 @@ def _list(store: Store, reason: str | None, email: str | None = None) -> int:
 
 
 _LINE_BREAK = re.compile(r"\r\n|[\r\n]")
+_NAMED = re.compile(r'\s*(?:"[^"]*"|[^"<>]*)\s*<([^<>]*)>\s*')
+"""An address as a mail client copies a sender: ``Budi Santoso <budi@example.com>``, ``"Santoso, Budi" <…>``."""
+
+
+def address(value: str) -> str:
+    """``value`` normalised as customer imports store addresses; ValueError saying why when it is invalid. An address
+    with a display name (an unsubscribe request's sender, copied from a mail client) is the address in its angle
+    brackets; one with two addresses is no address."""
+    named = _NAMED.fullmatch(value)
+    if named is None:
+        return normalize_email(value)
+    try:
+        return normalize_email(named.group(1))
+    except ValueError as exc:  # said of what was given, not of the part of it read
+        raise ValueError(str(exc).replace(repr(named.group(1).strip()), repr(value.strip()), 1)) from None
 
 
 class Refused(ValueError):
@@ -138,7 +153,7 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
         if value.startswith("'") and value[1:].startswith(FORMULA_START):
             value = value[1:]  # as ``suppress list`` wrote it for spreadsheets
         try:
-            good.append(normalize_email(value))
+            good.append(address(value))
         except ValueError as exc:
             bad.append(f"line {line_no}: {exc}")
     return good, bad
@@ -165,7 +180,7 @@ def _columns_of_addresses(line: str, separator: str) -> bool:
 
 def _is_address(value: str) -> bool:
     try:
-        normalize_email(value)
+        address(value)
     except ValueError:
         return False
     return True
