@@ -140,7 +140,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     help="say what would be resent and what left alone; change nothing")
     rs.add_argument("--reason", type=arguments.one_line, default="", help="a note kept with the message")
     cl = actions.add_parser(
-        "close", help="mark uncertain/failed messages final",
+        "close", help="mark uncertain/failed messages final; cancel planned ones",
         description="Marks uncertain or failed messages final: --as failed (the default) frees their place under "
         "the frequency cap, and a resend by filters leaves them out (their IDs still resend them); --as sent, "
         "for messages you know arrived, counts them as sent (for the cap and `stats`) from when they were last "
