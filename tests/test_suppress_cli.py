@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -334,7 +335,8 @@ def test_an_address_copied_with_its_name_from_a_mail_client_is_suppressed(
     assert run(config, "list", given) == 0
     assert "budi@example.com,manual,cli," in capsys.readouterr().out
     assert run(config, "remove", given) == 0
-    assert capsys.readouterr().out == "budi@example.com: removed from the suppression list\n"
+    assert capsys.readouterr().out.startswith("budi@example.com: removed from the suppression list (it was there as "
+                                              "'manual', from cli, since ")
 
 
 @pytest.mark.parametrize("given", ["Budi <budi@example.com>, Siti <siti@example.com>", "Budi <not an address>",
@@ -356,3 +358,23 @@ def test_import_of_senders_as_a_mail_client_exports_them_takes_their_addresses(
     captured = capsys.readouterr()
     assert "imported 2 address(es): 2 newly suppressed, 0 already suppressed, 1 rejected" in captured.out
     assert f"{file}: line 4: invalid email address 'Agus <agus@>'" in captured.err
+
+
+def test_remove_says_why_the_address_was_suppressed(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Given an address the customer's unsubscribe link put on the list
+    from worker.adapters import db
+    from worker.adapters.store import Store
+    from worker.config import load_settings
+
+    store = Store(db.engine_for(load_settings(config)))
+    try:
+        assert store.suppress("budi@example.com", reason="unsubscribed", source="unsubscribe-link",
+                              now=datetime(2026, 12, 1, 3, 4, tzinfo=UTC))  # fmt: skip
+    finally:
+        store.close()
+    # When the operator removes it (to resend a message the ledger refused: "on the suppression list"), Then it
+    # says what was removed: the customer's own unsubscribe, not a bounce (it said only "removed")
+    assert run(config, "remove", "Budi@example.com") == 0
+    said = capsys.readouterr().out
+    assert said == ("budi@example.com: removed from the suppression list (it was there as 'unsubscribed', from "
+                    "unsubscribe-link, since 2026-12-01 03:04 UTC)\n")

@@ -217,10 +217,14 @@ def mailed_addresses(store: Store, customer_id: int) -> list[str]:
 # --- suppressions ----------------------------------------------------------------
 
 
-def unsuppress(store: Store, email: str) -> bool:
-    """Remove an address from the suppression list; False if it was not there."""
+def unsuppress(store: Store, email: str) -> dict[str, Any] | None:
+    """Remove an address from the suppression list: its entry as it was (``reason``, ``source``, ``created_at``),
+    None if it was not there."""
+    statement = (sa.delete(S).where(S.c.email == suppression_address(email))
+                 .returning(S.c.reason, S.c.source, S.c.created_at))  # fmt: skip
     with store.engine.begin() as conn:
-        return bool(conn.execute(sa.delete(S).where(S.c.email == suppression_address(email))).rowcount)
+        row = conn.execute(statement).first()
+    return None if row is None else dict(row._mapping)
 
 
 def suppress_many(store: Store, emails: Iterable[str], *, reason: str, source: str, now: datetime) -> int:

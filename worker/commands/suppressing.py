@@ -7,6 +7,7 @@ import csv
 import io
 import re
 import sys
+from datetime import UTC
 from pathlib import Path
 
 from worker.adapters import db, opstore
@@ -49,8 +50,13 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{suppression_address(email)}: {'suppressed' if new else 'already suppressed'}")  # as listed
             return EXIT_OK
         removed = opstore.unsuppress(store, email)
-        print(f"{suppression_address(email)}: "
-              f"{'removed from the suppression list' if removed else 'was not suppressed'}")
+        if removed is None:
+            print(f"{suppression_address(email)}: was not suppressed")
+            return EXIT_OK
+        # what was undone: a customer's own unsubscribe is not a bounce to clear
+        print(f"{suppression_address(email)}: removed from the suppression list (it was there as "
+              f"{printable(removed['reason'])!r}, from {printable(removed['source'])}, since "
+              f"{removed['created_at'].astimezone(UTC):%Y-%m-%d %H:%M} UTC)")  # fmt: skip
         return EXIT_OK
     finally:
         store.close()
