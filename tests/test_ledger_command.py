@@ -617,6 +617,12 @@ def test_a_planned_or_retrying_message_is_cancelled_by_closing_it_and_never_sent
     # and a resend by filters leaves them out, as any message an operator closed
     assert kembali(config, "resend", "--status", "failed", "--dry-run") == 0
     assert "2 message(s) an operator closed left out" in capsys.readouterr().out
+    # and the one never tried cannot be closed as sent afterwards (it was: "1 message(s) closed as sent", counted
+    # as sent at the moment it was closed, for the cap and the stats)
+    assert kembali(config, "close", str(planned.id), "--as", "sent") == 1
+    assert (f"message {planned.id} left alone: was never handed to an SMTP server (0 tries), so it cannot have "
+            "arrived") in capsys.readouterr().err
+    assert (shop.row(OK).status, shop.row(OK).sent_at) == ("failed", None)
 
 
 def test_a_message_a_worker_has_claimed_is_not_cancelled_by_closing_it(

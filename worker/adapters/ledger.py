@@ -231,14 +231,16 @@ class LedgerAdmin:
 
         states = DECIDABLE + WAITING if status is MessageStatus.FAILED else DECIDABLE
         return self._decide(ids, now=now, operator=operator, text=text, values=values, already=closed, dry_run=dry_run,
-                            states=states)  # fmt: skip
+                            states=states, tried_only=status is MessageStatus.SENT)  # fmt: skip
 
     def _decide(
         self, ids: Sequence[int], *, now: datetime, operator: str, text: str, values: dict[str, Any],
         sendable_only: bool = False, already: Callable[[Any], str | None] = lambda row: None,
-        dry_run: bool = False, states: Sequence[str] = DECIDABLE,
+        dry_run: bool = False, states: Sequence[str] = DECIDABLE, tried_only: bool = False,
     ) -> ActionResult:
-        """``states``: the states of the rows it changes (the others are left alone, saying why).
+        """``states``: the states of the rows it changes (the others are left alone, saying why). ``tried_only``:
+        refuse a row never handed to an SMTP server (no tries: cancelled while planned, a template error), which a
+        close as sent would count as sent at the moment it was closed.
         ``sendable_only``: refuse a row whose address is on the suppression list, or whose expiry has
         passed (a resend would only be skipped as ``suppressed`` or ``expired`` by the next run, its reply
         overwritten). ``already``: what a row not in ``states`` already is when that is what was asked (it is then
@@ -283,6 +285,9 @@ class LedgerAdmin:
                 if sendable_only and row.expires_at <= now:
                     refused[message_id] = (f"expired at {row.expires_at:%Y-%m-%d %H:%M} UTC, so the next run would "
                                            "skip it as expired; `kembali ledger close` it instead")
+                    continue
+                if tried_only and row.attempts == 0:
+                    refused[message_id] = "was never handed to an SMTP server (0 tries), so it cannot have arrived"
                     continue
                 if dry_run:
                     changed.append(message_id)
