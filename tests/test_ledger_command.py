@@ -637,3 +637,15 @@ def test_a_message_a_worker_has_claimed_is_not_cancelled_by_closing_it(
     assert (f"message {shop.row(OK).id} left alone: is claimed; only uncertain, failed, planned or retry messages "
             "can be changed") in capsys.readouterr().err
     assert (shop.row(OK).status, shop.row(OK).claimed_by) == ("claimed", "w1")
+
+
+def test_an_address_copied_with_its_name_finds_the_customers_messages(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given support pasting the sender of a customer's email, as their mail client copies it (it was refused: "not
+    # an email address"; `kembali suppress` takes it)
+    _shop, config = world
+    # When the operator lists that address's messages, Then they are the mailbox's
+    assert kembali(config, "list", "--all", "--email", f'"Ok, Customer" <{OK.upper()}>', "--json") == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["email"] == OK

@@ -4,6 +4,7 @@ option's name and exits 2); and what the commands add when a value names nothing
 from __future__ import annotations
 
 import argparse
+import re
 
 from sqlalchemy.engine import Engine
 
@@ -55,12 +56,25 @@ def one_line(text: str) -> str:
     return text
 
 
+NAMED = re.compile(r'\s*(?:"[^"]*"|[^"<>]*)\s*<([^<>]*)>\s*')
+"""An address as a mail client copies a sender: ``Budi Santoso <budi@example.com>``, ``"Santoso, Budi" <…>``; the
+address is the group (one with two addresses does not match)."""
+
+
+def unnamed(text: str) -> str:
+    """``text`` without the display name and angle brackets a mail client gives an address (``NAMED``)."""
+    named = NAMED.fullmatch(text)
+    return text if named is None else named.group(1)
+
+
 def address(text: str) -> str:
     """An address to look up (``ledger --email``): one line with a local part and a domain. Not validated
     further: the ledger may hold an address an earlier version let through, and the lookup must still find it.
-    A Unicode domain (``sari@tokó.id``, as customers.csv wrote it) is looked up in the IDNA form imports store."""
+    A Unicode domain (``sari@tokó.id``, as customers.csv wrote it) is looked up in the IDNA form imports store;
+    ``Name <address>`` as its address."""
     from worker.adapters.importer import ascii_address  # email-validator: only when an address is given
 
+    text = unnamed(text)
     local, at, domain = text.strip().rpartition("@")
     if not (at and local and domain) or not text.isprintable() or any(c.isspace() for c in text.strip()):
         raise argparse.ArgumentTypeError(f"not an email address: {text!r}")

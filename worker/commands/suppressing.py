@@ -13,6 +13,7 @@ from pathlib import Path
 from worker.adapters import db, opstore
 from worker.adapters.importer import comma_separated, normalize_email, other_separator, unreadable
 from worker.adapters.store import Store, suppression_address
+from worker.commands import arguments
 from worker.config import Settings
 from worker.log import printable
 
@@ -83,15 +84,13 @@ def _list(store: Store, reason: str | None, email: str | None = None) -> int:
 
 
 _LINE_BREAK = re.compile(r"\r\n|[\r\n]")
-_NAMED = re.compile(r'\s*(?:"[^"]*"|[^"<>]*)\s*<([^<>]*)>\s*')
-"""An address as a mail client copies a sender: ``Budi Santoso <budi@example.com>``, ``"Santoso, Budi" <…>``."""
 
 
 def address(value: str) -> str:
     """``value`` normalised as customer imports store addresses; ValueError saying why when it is invalid. An address
     with a display name (an unsubscribe request's sender, copied from a mail client) is the address in its angle
     brackets; one with two addresses is no address."""
-    named = _NAMED.fullmatch(value)
+    named = arguments.NAMED.fullmatch(value)
     if named is None:
         return normalize_email(value)
     try:
