@@ -378,3 +378,17 @@ def test_remove_says_why_the_address_was_suppressed(config: Path, capsys: pytest
     said = capsys.readouterr().out
     assert said == ("budi@example.com: removed from the suppression list (it was there as 'unsubscribed', from "
                     "unsubscribe-link, since 2026-12-01 03:04 UTC)\n")
+
+
+def test_a_reason_with_spaces_around_it_is_stored_without_them(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a reason typed ' complaint' or only spaces was stored as typed: `list --reason complaint` did not find it, and
+    # the list showed a blank reason
+    assert run(config, "add", "budi@example.com", "--reason", " complaint ") == 0
+    assert run(config, "add", "siti@example.com", "--reason", "   ") == 0
+    capsys.readouterr()
+    assert run(config, "list", "--reason", "complaint") == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("budi@example.com,complaint,cli,")
+    assert run(config, "list", "siti@example.com") == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("siti@example.com,manual,cli,")

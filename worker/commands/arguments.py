@@ -86,6 +86,8 @@ MAX_REASON_CHARS = 30
 
 
 def suppression_reason(text: str) -> str:
-    if len(one_line(text)) > MAX_REASON_CHARS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_REASON_CHARS} characters, not {len(text)}: {text!r}")
-    return text
+    """A reason without the spaces around it (``list --reason complaint`` finds it; one of spaces alone is none)."""
+    if len(one_line(text).strip()) > MAX_REASON_CHARS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_REASON_CHARS} characters, not {len(text.strip())}: {text!r}")  # fmt: skip
+    return text.strip()
