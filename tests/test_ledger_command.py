@@ -649,3 +649,21 @@ def test_an_address_copied_with_its_name_finds_the_customers_messages(
     assert kembali(config, "list", "--all", "--email", f'"Ok, Customer" <{OK.upper()}>', "--json") == 0
     (line,) = capsys.readouterr().out.splitlines()
     assert json.loads(line)["email"] == OK
+
+
+def test_a_message_an_operator_closed_leaves_the_list_of_what_needs_a_decision(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given the failed message closed by the operator (decided: nothing left to decide)
+    shop, config = world
+    assert kembali(config, "close", str(shop.row(GONE).id), "--reason", "address gone") == 0
+    capsys.readouterr()
+    # When the operator lists what needs a decision
+    assert kembali(config, "list") == 0
+    # Then only the uncertain message is there, where a cancelled campaign's closed rows filled the list
+    out = capsys.readouterr().out
+    assert DROP in out and GONE not in out
+    # and the closed one is still found when asked for by status or with every row
+    for asked in (["--status", "failed"], ["--all"]):
+        assert kembali(config, "list", *asked) == 0
+        assert GONE in capsys.readouterr().out

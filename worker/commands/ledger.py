@@ -98,7 +98,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "ledger",
         help="list uncertain/failed messages; resend or close them",
         description="The ledger holds one row per planned message. `list` shows rows (by default the ones "
-        "that need a decision: uncertain and failed) with their attempts and the server's last reply. "
+        "that need a decision: uncertain and failed, not those closed already) with their attempts and the "
+        "server's last reply. "
         "`resend` puts uncertain or failed rows back in the queue (same Message-ID; not one whose address is "
         "on the suppression list: `kembali suppress remove` it first); `close` marks them "
         "final as you decide. A message already as asked (back in the queue, or sent) is left as it is, so "
@@ -215,6 +216,8 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
     selection = dataclasses.replace(_selection(args, DECIDABLE), after=after, after_changed=after_changed)
     if args.all and not args.status:  # every status, unless --status names some (it was ignored)
         selection = dataclasses.replace(selection, statuses=())
+    elif not args.status:  # what needs a decision: not a message an operator closed (decided, or cancelled)
+        selection = dataclasses.replace(selection, closed=False)
     if after is not None and not admin.has_message(after):  # else it lists nothing, as if none were left
         print(f"kembali ledger list: --after {after}: no message {after} in the ledger (give an ID a list "
               "showed)", file=sys.stderr)  # fmt: skip
