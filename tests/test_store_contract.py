@@ -1036,3 +1036,24 @@ def test_the_birthdays_of_a_batchs_mailboxes_are_read_from_the_mailbox_index(sto
     assert found == [["C3"]]
     assert "ix_customer_mailbox" in plan, plan
     assert not re.search(r"SCAN customer(?! USING)|Seq Scan", plan), plan
+
+
+def test_a_dead_workers_send_made_uncertain_after_the_facts_were_read_holds_the_mark_back(store: Store) -> None:
+    """Worker a dies with its message to customer 1 on the wire (the server took it): the row stays `sending` until
+    its lease lapses. b's own message to customer 1 was held back at each mark meanwhile, and is claimed again; its
+    facts are read while a's row is still `sending` (which the frequency cap does not count: nothing has a
+    ``sent_at`` yet). Maintenance then turns a's row `uncertain`, its ``sent_at`` the mark's time, minutes ago.
+    b's mark must still hold its message back: its facts never saw that send."""
+    store.insert_messages(planned(6), NOW)
+    (a,) = store.claim(worker="a", now=NOW, limit=1, lease_seconds=300)
+    assert store.mark_sending([a.id], worker="a", now=NOW) == {a.id}
+    # When b claims customer 1's other message after a's lease has lapsed, and reads the ledger
+    later = NOW + timedelta(seconds=301)
+    b = {m.customer_id: m for m in store.claim(worker="b", now=later, limit=3, lease_seconds=300)}
+    assert sorted(b) == [1, 2, 3]
+    assert store.sent_times(["c0@example.com"], since=NOW - timedelta(days=3)) == {"c0@example.com": []}
+    # and maintenance makes a's row uncertain before b marks
+    assert store.release_expired_leases(later + timedelta(seconds=1)) == (0, 1)
+    marks = store.record_and_mark([], [m.id for m in b.values()], worker="b", now=later + timedelta(seconds=2))
+    # Then b's message to customer 1 is held back (the next claim's facts count a's send); 2 and 3 go out
+    assert (marks.sending, marks.held) == ({b[2].id, b[3].id}, {b[1].id})

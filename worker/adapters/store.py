@@ -190,9 +190,12 @@ _MARK_HEAD = f"UPDATE message SET status = '{_SENDING}', attempts = attempts + 1
 # sent or uncertain, then the attempt that gave it: one of another worker, or none, as when a dead worker's lease
 # lapsed). The cap counts per mailbox (``domain.mailbox``, lower(email) in SQL), so several customer records with
 # one address share it. The minute before the claim covers a send whose record was committed only after this
-# row's facts were read, and clocks of different hosts that disagree by less than that. This worker's own sends
-# are its arbiter's business. On PostgreSQL the mailboxes are locked first (_LOCK_MAILBOXES), so of two marks for
-# one mailbox the second sees the first. {since_claim} is the claim's time less HELD_SECONDS, in the dialect's SQL.
+# row's facts were read, and clocks of different hosts that disagree by less than that; a row whose sent_at is
+# older but which was written since (its updated_at: a dead worker's `sending` row that maintenance made
+# uncertain, its sent_at the mark's time minutes before) holds it back too, as the facts saw no send then. This
+# worker's own sends are its arbiter's business. On PostgreSQL the mailboxes are locked first (_LOCK_MAILBOXES),
+# so of two marks for one mailbox the second sees the first. {since_claim} is the claim's time less HELD_SECONDS,
+# in the dialect's SQL.
 _MARK_TAIL = (
     f") AND claimed_by = :worker AND status = '{_CLAIMED}'"
     " AND NOT EXISTS (SELECT 1 FROM message other WHERE lower(other.email) = lower(message.email)"
@@ -201,7 +204,8 @@ _MARK_TAIL = (
     f" AND other.status = '{_CLAIMED}' AND other.claimed_by <> :worker AND other.priority > message.priority"
     " AND other.lease_until > :now)"
     " AND NOT EXISTS (SELECT 1 FROM message other WHERE lower(other.email) = lower(message.email)"
-    " AND other.sent_at >= {since_claim} AND other.id <> message.id"
+    " AND other.sent_at IS NOT NULL AND (other.sent_at >= {since_claim} OR other.updated_at >= {since_claim})"
+    " AND other.id <> message.id"
     " AND NOT EXISTS (SELECT 1 FROM attempt mine WHERE mine.message_id = other.id"
     " AND mine.attempt_no = other.attempts AND mine.worker = :worker))"
     " RETURNING id"
