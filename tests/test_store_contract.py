@@ -1057,3 +1057,28 @@ def test_a_dead_workers_send_made_uncertain_after_the_facts_were_read_holds_the_
     marks = store.record_and_mark([], [m.id for m in b.values()], worker="b", now=later + timedelta(seconds=2))
     # Then b's message to customer 1 is held back (the next claim's facts count a's send); 2 and 3 go out
     assert (marks.sending, marks.held) == ({b[2].id, b[3].id}, {b[1].id})
+
+
+def test_another_workers_send_written_long_after_it_ended_holds_the_mark_back(store: Store) -> None:
+    """Worker a sent its message to customer 1, and could not write that for minutes (its database connection
+    gone: the outcome is kept and written by its next run). b claims customer 1's other message meanwhile and
+    reads the ledger, where a's row is still `sending` (which the frequency cap does not count). a's outcome is
+    written, ``sent_at`` when the send ended, minutes ago. b's mark must still hold its message back: its facts
+    never saw that send."""
+    store.insert_messages(planned(6), NOW)
+    (a,) = store.claim(worker="a", now=NOW, limit=1, lease_seconds=600)
+    assert store.mark_sending([a.id], worker="a", now=NOW) == {a.id}
+    # When b claims customer 1's other message two minutes later, and reads the ledger
+    later = NOW + timedelta(seconds=120)
+    b = {m.customer_id: m for m in store.claim(worker="b", now=later, limit=3, lease_seconds=300)}
+    assert sorted(b) == [1, 2, 3]
+    assert store.sent_times(["c0@example.com"], since=NOW - timedelta(days=3)) == {"c0@example.com": []}
+    # and a's outcome of the send that ended a second after its mark is written then
+    sent = Disposition(message=a, status=MessageStatus.SENT, worker="a", started_at=NOW,
+                       finished_at=NOW + timedelta(seconds=1), result=SendResult(Outcome.SENT, 250, "ok"))  # fmt: skip
+    assert store.record_and_mark([sent], [], worker="a", now=later + timedelta(seconds=1)) == Marks()
+    marks = store.record_and_mark([], [m.id for m in b.values()], worker="b", now=later + timedelta(seconds=2))
+    # Then b's message to customer 1 is held back (the next claim's facts count a's send); 2 and 3 go out
+    assert (marks.sending, marks.held) == ({b[2].id, b[3].id}, {b[1].id})
+    row = {r["id"]: r for r in store.messages()}[a.id]
+    assert (row["status"], row["sent_at"]) == ("sent", NOW + timedelta(seconds=1))  # when it was sent, still

@@ -720,7 +720,7 @@ class Store:
                 # claimed since (a late outcome) and then waits for the quota would otherwise deadlock with
                 # that worker's commit, holding the quota and marking the same row
                 self._quota_used(cursor, quota, 0)
-            stale, given_back = self._record_rows(cursor, dispositions, quota) if dispositions else ((), 0)
+            stale, given_back = self._record_rows(cursor, dispositions, now, quota) if dispositions else ((), 0)
             marked = Marks()
             if ids:
                 marked = self._mark_rows(cursor, ids, worker=worker, now=now, quota=quota, given_back=given_back)
@@ -819,7 +819,7 @@ class Store:
     def record(self, dispositions: Sequence[Disposition]) -> None:
         """Write outcomes and attempt rows, in one transaction."""
         if dispositions:
-            self.record_and_mark(dispositions, [], worker="", now=dispositions[0].finished_at)
+            self.record_and_mark(dispositions, [], worker="", now=min(d.finished_at for d in dispositions))
 
     def _select_in(
         self, cursor: Any, statement: Callable[[int], str], ids: Iterable[int], params: Mapping[str, Any] | None = None
@@ -833,10 +833,13 @@ class Store:
         return rows
 
     def _record_rows(
-        self, cursor: Any, dispositions: Sequence[Disposition], quota: DayQuota | None = None
+        self, cursor: Any, dispositions: Sequence[Disposition], now: datetime, quota: DayQuota | None = None
     ) -> tuple[tuple[Stale, ...], int]:
         """Write the outcomes; returns those for rows no longer held (``Stale``) and the slots of ``quota``'s day
-        that ``sending`` rows given back to the queue without an attempt give back."""
+        that ``sending`` rows given back to the queue without an attempt give back. A row's ``updated_at`` is when
+        its outcome is written (``now``, the commit's), not when the attempt ended: an outcome written minutes late
+        (the database away, kept for the next run) holds back another worker's mark to the mailbox, whose facts
+        could not see it (``_MARK_TAIL``)."""
         dt = self._sql.dt
         # each row's (claimed_by, status): an outcome is written as usual only over a row its worker still holds
         ids = [d.message.id for d in dispositions]
@@ -880,7 +883,7 @@ class Store:
                 "sent_at": finished if d.status in (MessageStatus.SENT, MessageStatus.UNCERTAIN) else None,
                 "template_version": d.template_version,
                 "subject": d.subject[:400] if d.subject else None,
-                "updated_at": finished,
+                "updated_at": dt(max(d.finished_at, now)),
             }
             if mine and quota is not None and status == _SENDING and _unsent_release(d):
                 give_back.append(row)  # marked, never begun: its slot of the day's quota comes back
