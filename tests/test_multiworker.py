@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -516,3 +517,72 @@ def test_a_worker_whose_server_is_slower_than_a_lease_keeps_its_rows_while_other
     finally:
         engine.dispose()
     assert len(workers) == 1 and sum(workers.values()) == 3, workers
+
+
+def _feedback_and_winback_side_by_side(url: str, config: Path) -> None:
+    """Plan both campaigns (each customer is due a feedback request and a win-back), then order the win-backs
+    backwards: the first ones claimed are those of the customers whose feedback requests go out last, so one
+    worker claims a customer's win-back while another is sending them their feedback request."""
+    from worker.config import load_settings
+    from worker.pipeline import plan
+
+    store = Store.from_url(url)
+    try:
+        planned = plan(store, load_settings(config), datetime.now(UTC))
+        assert set(planned.created) >= {"feedback", "winback"}, planned.created
+        with store.engine.begin() as conn:
+            rows = conn.execute(sa.select(M.c.id, M.c.campaign, M.c.customer_id, M.c.next_attempt_at)).all()
+            feedback = sorted((r for r in rows if r.campaign == "feedback"), key=lambda r: (r.next_attempt_at, r.id))
+            first = min(r.next_attempt_at for r in rows)
+            order = {r.customer_id: i for i, r in enumerate(reversed(feedback))}
+            for r in rows:
+                if r.campaign == "winback":
+                    conn.execute(sa.update(M).where(M.c.id == r.id).values(
+                        next_attempt_at=first + timedelta(microseconds=order[r.customer_id])))  # fmt: skip
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_workers_sending_two_campaigns_to_one_customer_side_by_side_send_them_one_email(
+    kind: str, tmp_path: Path, smtp_server: RecordingServer, request: pytest.FixtureRequest
+) -> None:
+    """The frequency cap (one email per three days) across worker processes and campaigns: each customer is due a
+    feedback request and a win-back; three `run --once` processes claim one message at a time, the win-backs of the
+    customers whose feedback requests go out last first, and the server takes 0.2 s over each message, so a worker
+    claims a customer's win-back while another is sending them their feedback request."""
+    url = f"sqlite:///{tmp_path / 'kembali.db'}" if kind == "sqlite" else request.getfixturevalue("pg_url")
+    emails = prepare_database(url, 12)
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=0.2))
+    raw = settings_dict(url, smtp_server.port, smtp={"pool_size": 1}, batch_size=1, in_flight_per_connection=1,
+                        rate_per_second=10_000.0, burst=1000, domain_rate_per_second=10_000.0,
+                        domain_burst=1000)  # fmt: skip
+    raw["campaigns.feedback"] = {"enabled": True, "days_after": 7, "lookback_days": 90}
+    raw["logging"] = {"level": "warning"}
+    config = write_config(tmp_path / "config.toml", raw)
+    _feedback_and_winback_side_by_side(url, config)
+
+    codes = _run_workers(config, tmp_path / "workers.log")
+
+    assert codes == [0, 0, 0], (tmp_path / "workers.log").read_text()[-3000:]
+    per_address = Counter(m.rcpt_tos[0] for m in smtp_server.messages)
+    assert sorted(per_address) == sorted(emails)
+    twice = {address: n for address, n in per_address.items() if n > 1}
+    assert not twice, f"{len(twice)} customers got two emails at once: {twice}"
+    rows = list(ledger(url).values())
+    workers = {a.worker for a in _attempts(url)}
+    assert len(workers) > 1, "one worker did all the sending: nothing was side by side"
+    by_status = Counter((r.campaign, r.status) for r in rows)
+    assert by_status[("feedback", "sent")] + by_status[("winback", "sent")] == len(emails), by_status
+    assert all(r.status in ("sent", "planned", "retry") for r in rows), by_status
+
+
+def _attempts(url: str) -> list[Any]:
+    engine = db.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.select(A)))
+    finally:
+        engine.dispose()
