@@ -214,12 +214,13 @@ def test_a_worker_does_not_send_a_customer_a_second_email_while_another_workers_
     """The frequency cap across workers when the first email's outcome is `uncertain` (it may have arrived): a
     worker that read the ledger while the other worker was still sending it, and marks its own message after
     that send ended, holds its message back as it would after a plain `sent`."""
-    # Given a customer due two emails and 60 others, a slow global rate, and a server that takes 5 s over the
-    # customer's email and then drops the connection after the final dot (the mail is stored: it arrived)
+    # Given a customer due two emails and 60 others, a slow global rate, and a server that takes 15 s over the
+    # customer's email and then drops the connection after the final dot (the mail is stored: it arrived): long
+    # enough for worker B's process to start and claim on a loaded machine, where 5 s was sometimes not
     emails = prepare_database(pg_url, 61)
     customer = emails[0]
-    smtp_server.on(customer, Behaviour(delay_at="data", delay_seconds=5.0, drop_after_dot=True))
-    raw = settings_dict(pg_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 10.0},
+    smtp_server.on(customer, Behaviour(delay_at="data", delay_seconds=15.0, drop_after_dot=True))
+    raw = settings_dict(pg_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 30.0},
                         in_flight_per_connection=1, batch_size=100,
                         rate_per_second=10.0, burst=1, domain_rate_per_second=1000.0, domain_burst=100)  # fmt: skip
     raw["logging"] = {"level": "warning"}
