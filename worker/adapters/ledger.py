@@ -38,6 +38,9 @@ DECIDABLE = (MessageStatus.UNCERTAIN.value, MessageStatus.FAILED.value)
 WAITING = (MessageStatus.PLANNED.value, MessageStatus.RETRY.value)
 """States of a message in the queue, not sent yet: an operator may close one as failed (cancel it), not as sent.
 A claimed one (``claimed``, ``sending``) is a worker's: the close's conditional update leaves it alone."""
+CUSTOMERS_OWN = ("unsubscribed", "complaint")
+"""Suppression reasons that are the customer's own wish (an unsubscribe link, a spam complaint): a resend refused
+for one advises closing the message, not clearing the entry as for a bounce or an operator's own."""
 MAX_ID = 2**63 - 1
 """The largest row id either database can hold (a 64-bit integer)."""
 
@@ -279,8 +282,11 @@ class LedgerAdmin:
                     continue
                 reason = suppressed.get(suppression_address(row.email))
                 if reason is not None:
+                    advice = (f"the customer asked for no more email: `kembali ledger close {message_id}` it instead"
+                              if reason in CUSTOMERS_OWN else
+                              f"`kembali suppress remove {row.email}` first if it should go")  # fmt: skip
                     refused[message_id] = (f"{row.email} is on the suppression list ({reason}), so the next run would "
-                                           f"skip it; `kembali suppress remove {row.email}` first if it should go")
+                                           f"skip it; {advice}")
                     continue
                 if sendable_only and row.expires_at <= now:
                     refused[message_id] = (f"expired at {row.expires_at:%Y-%m-%d %H:%M} UTC, so the next run would "
