@@ -229,3 +229,32 @@ def test_a_loyalty_milestone_no_longer_reached_by_paid_orders_is_not_rewarded_fo
     # Then four paid orders are not five: no reward for an order that may never be paid
     assert morning.dispatched.outcomes == {"skipped:no_longer_due": 1}
     assert smtp_server.messages == []
+
+
+def test_a_feedback_request_whose_order_is_delivered_later_than_planning_knew_waits_days_after_the_delivery(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given orders shipped 9 days ago with no delivery time yet: their feedback requests are planned at night from
+    # the placement (days_after 7; the requests expire 7 days after planning)
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("F1"), customer("F2"), customer("F3")], NIGHT)
+    shop.upsert_orders(engine, [order(f"{c}-1", c, OrderStatus.SHIPPED, 9) for c in ("F1", "F2", "F3")], NIGHT)
+    engine.dispose()
+    assert cycle_at(settings, NIGHT).dispatched.outcomes == {"deferred:quiet_hours": 3}
+    # When overnight an import says F1's was delivered yesterday, F2's this night (7 days on is past the
+    # request's expiry), and F3's 8 days ago
+    engine = db.create_engine(db_url)
+    shop.upsert_orders(engine, [order("F1-1", "F1", D, 9, 1, at=MORNING), order("F2-1", "F2", D, 9, 0.1, at=MORNING),
+                                order("F3-1", "F3", D, 9, 8, at=MORNING)], NIGHT)  # fmt: skip
+    engine.dispose()
+    morning = cycle_at(settings, MORNING)
+    # Then only F3 is asked this morning ("how was your order?" a day after it arrived was too early): F1's
+    # request waits until 7 days after the delivery, F2's cannot be sent before it expires
+    assert morning.dispatched.outcomes == {"sent": 1, "deferred:after_delivery": 1, "skipped:expired": 1}
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["f3@example.com"]
+    cycle_at(settings, MORNING + timedelta(days=5, hours=23))
+    assert len(smtp_server.messages) == 1
+    cycle_at(settings, MORNING + timedelta(days=6, hours=1))
+    assert ledger(settings) == {"feedback:F1-1": ("sent", None), "feedback:F2-1": ("skipped", "expired"),
+                                "feedback:F3-1": ("sent", None)}  # fmt: skip

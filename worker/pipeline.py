@@ -20,7 +20,7 @@ Theory of operation
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -99,8 +99,9 @@ class BatchFacts:
     """When each mailbox (``domain.mailbox``) was actually sent email, within the longest cap window."""
     customer_products: dict[int, list[ProductView]] = field(default_factory=dict)
     launches: list[Launch] = field(default_factory=list)
-    rateable: frozenset[int] = frozenset()
-    """The feedback messages' orders that can still be rated (not cancelled or refunded since)."""
+    rateable: Mapping[int, datetime] = field(default_factory=dict)
+    """The feedback messages' orders that can still be rated (not cancelled or refunded since), each with when it
+    settled (delivered, else placed) as the shop's data says now."""
     news_sent: dict[str, list[datetime]] = field(default_factory=dict)
     """When each new-products message's mailbox was sent new-products news, within ``cc.NEWS_SPACING``."""
     birthdays_ahead: dict[str, list[tuple[datetime, datetime]]] = field(default_factory=dict)
@@ -159,7 +160,7 @@ def load_batch_facts(
         sent=sent,
         customer_products=products,
         launches=launches,
-        rateable=frozenset(store.rateable_among(rated)) if rated else frozenset(),
+        rateable=store.rateable_among(rated) if rated else {},
         news_sent=news_sent,
         birthdays_ahead=ahead,
         suppressed=frozenset(store.suppressed_among(m.email for m in messages)),
@@ -248,8 +249,9 @@ class Deferred:
     message: ClaimedMessage
     until: datetime
     why: str
-    """``cap``, ``quiet_hours``, ``news_week`` (new-products news sent less than a week ago) or ``birthday`` (a
-    birthday offer planned ahead for the mailbox would lose its slot)."""
+    """``cap``, ``quiet_hours``, ``news_week`` (new-products news sent less than a week ago), ``after_delivery`` (a
+    feedback request's order delivered later than planning knew: it waits ``days_after`` days from the delivery)
+    or ``birthday`` (a birthday offer planned ahead for the mailbox would lose its slot)."""
     time_zone: str = "UTC"
     """The customer's zone, in which ``until`` reads best (quiet hours end at 08:00 on their clock)."""
     customer: str = ""
@@ -336,8 +338,11 @@ class Composer:
         sent = facts.sent.get(box, ())
         ahead = facts.birthdays_ahead.get(box, ())
         decision: Decision
+        ready_at = self._feedback_ready_at(message, facts)
         if message.campaign == cc.NEW_PRODUCTS and news_at is not None and news_at > now:
             decision = deferred(news_at, message.expires_at, "news_week")
+        elif ready_at is not None and ready_at > now:  # delivered later than planning knew
+            decision = deferred(ready_at, message.expires_at, "after_delivery")
         elif arbiter is not None:  # with what this run decided to send, which the ledger cannot show yet
             decision = arbiter.decide(message, customer, sent, now, ahead=ahead)
         else:
@@ -347,6 +352,13 @@ class Composer:
         if isinstance(decision, DeferUntil):
             return Deferred(message, decision.at, decision.why, customer.time_zone, customer.external_id)
         return None
+
+    def _feedback_ready_at(self, message: ClaimedMessage, facts: BatchFacts) -> datetime | None:
+        """A feedback request's earliest send time by its order as it is now (``cc.feedback_ready_at``)."""
+        if message.campaign != cc.FEEDBACK or "order_id" not in message.payload:
+            return None
+        settled = facts.rateable.get(int(message.payload["order_id"]))
+        return None if settled is None else cc.feedback_ready_at(settled, self.settings.campaigns.feedback.days_after)
 
     def prepare(
         self, message: ClaimedMessage, facts: BatchFacts, now: datetime

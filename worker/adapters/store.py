@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 
 from worker.adapters import db
 from worker.adapters.importer import ascii_address
-from worker.adapters.tables import Attempt, Customer, Message, OrderLine, Product, ShopOrder, Suppression
+from worker.adapters.tables import Attempt, Customer, Message, OrderLine, Product, ShopOrder, Suppression, UTCDateTime
 from worker.config import Settings
 from worker.core.audiences import WINBACK, WinbackCandidate
 from worker.domain import (
@@ -1109,14 +1109,17 @@ class Store:
                 out.update(conn.execute(sa.select(S.c.email).where(S.c.email.in_(part))).scalars())
         return out
 
-    def rateable_among(self, order_ids: Iterable[int]) -> set[int]:
-        """Those of these orders a feedback request may still ask about (paid, shipped or delivered)."""
+    def rateable_among(self, order_ids: Iterable[int]) -> dict[int, datetime]:
+        """Those of these orders a feedback request may still ask about (paid, shipped or delivered), each with
+        when it settled (delivered, else placed) as the shop's data says now: an import may have given a delivery
+        time since the request was planned."""
         ids = sorted(set(order_ids))
-        out: set[int] = set()
+        out: dict[int, datetime] = {}
+        settled = sa.func.coalesce(O.c.settled_at, O.c.placed_at, type_=UTCDateTime())
         with db.reading(self.engine) as conn:
             for part in _chunks(ids):
-                query = sa.select(O.c.id).where(O.c.id.in_(part), O.c.status.in_(RATEABLE))
-                out.update(conn.execute(query).scalars())
+                query = sa.select(O.c.id, settled).where(O.c.id.in_(part), O.c.status.in_(RATEABLE))
+                out.update((order_id, at) for order_id, at in conn.execute(query))
         return out
 
     def catalogue(self) -> list[tuple[ProductView, int]]:

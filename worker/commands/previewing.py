@@ -260,6 +260,7 @@ def _show(
                                  "until": item.until.isoformat(), "why": item.why}) + "\n")
         else:
             why = {"cap": "cap: one email at a time", "news_week": "new products: one email a week",
+                   "after_delivery": "feedback: days_after from the delivery",
                    "birthday": "a birthday offer due then"}.get(
                 item.why, "quiet hours")
             until = _local(item.until, item.time_zone, shop_zone)  # on the customer's clock, as the send times are

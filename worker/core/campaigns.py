@@ -257,6 +257,14 @@ def feedback_due(order: OrderFacts, now: datetime, days_after: int, lookback_day
     return after < settled <= not_after
 
 
+def feedback_ready_at(settled: datetime, days_after: int) -> datetime:
+    """When a feedback request for an order settled (delivered, else placed) at ``settled`` may go: ``days_after``
+    days on. Right before sending it is reckoned again from the order as it is then, since an import may have
+    given it a delivery time after the request was planned from its placement (or a later one): the request
+    waits for that, as it would have been planned."""
+    return settled + timedelta(days=days_after)
+
+
 def feedback_key(order_external_id: str) -> str:
     return f"{FEEDBACK}:{key_part(order_external_id)}"
 

@@ -238,8 +238,8 @@ class SendNow:
 class DeferUntil:
     at: datetime
     why: str
-    """``cap`` or ``quiet_hours`` (for logs and preview); the send-time re-check adds ``news_week`` and
-    ``birthday`` (``worker.pipeline.Composer.decide``)."""
+    """``cap`` or ``quiet_hours`` (for logs and preview); the send-time re-check adds ``news_week``,
+    ``after_delivery`` and ``birthday`` (``worker.pipeline.Composer.decide``)."""
 
 
 @dataclass(frozen=True, slots=True)
