@@ -291,7 +291,7 @@ def sample_message(port: int, folder: Path) -> bytes:
     plan(deps.store, deps.settings, now)
     (claimed,) = deps.store.claim(worker="bench", now=now, limit=1, lease_seconds=60,
                                   domain=deps.settings.shop.domain)
-    facts = load_batch_facts(deps.store, [claimed], load_catalogue(deps.store))
+    facts = load_batch_facts(deps.store, [claimed], load_catalogue(deps.store, now))
     composed = deps.composer().compose(claimed, facts, now)
     deps.close()
     data: bytes = composed.data  # type: ignore[union-attr]

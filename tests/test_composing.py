@@ -55,7 +55,7 @@ def _pool(settings: Settings, templates: Path) -> tuple[ComposerPool, Composer]:
 
 
 def _in_process(composer: Composer, store: Store, batch: list[ClaimedMessage]) -> list[Item]:
-    return prepare_batch(composer, store, batch, load_catalogue(store), NOW)
+    return prepare_batch(composer, store, batch, load_catalogue(store, NOW), NOW)
 
 
 def _same(in_helper: list[Item], in_process: list[Item]) -> None:

@@ -241,3 +241,34 @@ def test_rows_whose_order_or_milestone_cannot_be_read_do_not_stop_the_others(
             f" ({', '.join(map(str, edited))}) AND dedupe_key IN"
             " ('winback:C1:O1', 'feedback:O2', 'loyalty:C3:orders-five') ORDER BY customer_id").all()
     assert rows == [(cid, "skipped", "no_longer_due") for cid in edited]
+
+
+def test_a_product_launched_later_is_not_recommended_nor_shown_as_a_best_seller_before_its_launch(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given a shop whose products.csv lists a coffee launched in three days (a pre-announced product, its page not
+    # live yet), and a tea launched two days ago; C1 bought coffee once, 60 days ago (win-back, whose
+    # recommendations come from the bought categories), C2 bought coffee 10 days ago (the tea is news to C2 in a
+    # category C2 never bought from: new products shows the shop's best sellers instead)
+    store = make_shop(sqlite_url, [customer("C1"), customer("C2", locale=Locale.EN)],
+                      [one_time_order("O1", "C1"), one_time_order("O2", "C2", days_ago=10),
+                       one_time_order("O3", "C2", days_ago=11)])  # fmt: skip
+    shop.upsert_products(store.engine, [
+        ProductRecord("P-SOON", "Kopi Kintamani Pre-order", "Kopi", 79_000_00, "IDR", "https://toko.example/p/soon", "",
+                      NOW + timedelta(days=3), True),
+        ProductRecord("P-TEH", "Teh Melati", "Teh", 39_000_00, "IDR", "https://toko.example/p/teh", "",
+                      NOW - timedelta(days=2), True),
+    ], NOW)  # fmt: skip
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port},
+                            campaigns={"new_products": {"enabled": True, "max_products": 4}})  # fmt: skip
+    # When a cycle sends C1's win-back email and C2's new-products email
+    _send(settings, store)
+    sent = {(m.rcpt_tos[0], BytesParser(policy=policy.default).parsebytes(m.data)["X-Kembali-Campaign"])
+            for m in smtp_server.messages}  # fmt: skip
+    assert sent == {("c1@example.com", "winback"), ("c2@example.com", "new_products")}
+    # Then neither shows the coffee of three days from now, nor links to its page
+    for message in _received(smtp_server).values():
+        for part in _parts(message):
+            assert "Kintamani" not in part and "/p/soon" not in part, part
+    _, news = _parts(_received(smtp_server)["c2@example.com"])
+    assert "Teh Melati" in news and "Kemeja Batik Parang" in news

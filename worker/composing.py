@@ -140,7 +140,7 @@ def _prepare_in_helper(batch: Sequence[ClaimedMessage], now: datetime, run: int)
     helper = _helper
     assert helper is not None, "helper process not started"
     if helper.run != run or helper.catalogue is None:  # once per dispatch run, as in-process
-        helper.catalogue, helper.run = load_catalogue(helper.store), run
+        helper.catalogue, helper.run = load_catalogue(helper.store, now), run
     return [_slim(item) for item in prepare_batch(helper.composer, helper.store, batch, helper.catalogue, now)]
 
 

@@ -208,8 +208,9 @@ def _birthdays_to_come(
     return out
 
 
-def load_catalogue(store: Store) -> list[ProductView]:
-    return [product for product, _units in store.catalogue()]
+def load_catalogue(store: Store, now: datetime) -> list[ProductView]:
+    """The products emails may show at ``now`` (recommendations, best sellers), best sellers first."""
+    return [product for product, _units in store.catalogue(now)]
 
 
 @dataclass(frozen=True)
@@ -449,7 +450,7 @@ def preview(
     ``campaigns`` and ``customer_external_id`` choose what is shown, not what is decided: a message of a campaign
     not shown that a claim would take first (a higher priority) still takes its mailbox's slot (it is judged, not
     rendered), as does one to the shown customer's mailbox from another customer record."""
-    catalogue = load_catalogue(store)
+    catalogue = load_catalogue(store, now)
     enabled = enabled_campaigns(settings)  # highest priority first, as a claim would take them
     shown_campaigns = set(campaigns or enabled)
     last = max((i for i, c in enumerate(enabled) if c in shown_campaigns), default=len(enabled) - 1)

@@ -859,7 +859,7 @@ class Dispatcher:
                 log.event("compose_facts_failed", logging.WARNING, error=log.error_line(exc), messages=len(batch))
         if items is None:
             if self._catalogue_run != self._runs:
-                self._catalogue = await self.store.call_retrying("facts_read_retried", load_catalogue, store)
+                self._catalogue = await self.store.call_retrying("facts_read_retried", load_catalogue, store, now)
                 self._catalogue_run = self._runs
             facts = await self.store.call_retrying("facts_read_retried", load_batch_facts, store, batch,
                                                    self._catalogue, settings=self.settings, now=now)  # fmt: skip

@@ -1122,8 +1122,10 @@ class Store:
                 out.update((order_id, at) for order_id, at in conn.execute(query))
         return out
 
-    def catalogue(self) -> list[tuple[ProductView, int]]:
-        """Active products with their units sold, best sellers first."""
+    def catalogue(self, launched_by: datetime) -> list[tuple[ProductView, int]]:
+        """Active products launched by ``launched_by`` (or with no launch time), with their units sold, best sellers
+        first. A product products.csv gives a later launch time (announced ahead, its page not live yet) is in no
+        email's recommendations or best sellers before then."""
         sold = (
             sa.select(L.c.product_id, sa.func.sum(L.c.quantity).label("units"))
             .join(O, O.c.id == L.c.order_id)
@@ -1134,7 +1136,7 @@ class Store:
         query = (
             sa.select(P, sa.func.coalesce(sold.c.units, 0).label("units"))
             .outerjoin(sold, sold.c.product_id == P.c.id)
-            .where(P.c.active.is_(True))
+            .where(P.c.active.is_(True), sa.or_(P.c.launched_at.is_(None), P.c.launched_at <= launched_by))
             .order_by(sa.desc("units"), P.c.id)
         )
         with db.reading(self.engine) as conn:

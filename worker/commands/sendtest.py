@@ -62,7 +62,7 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
         attempts=0, due_at=now, expires_at=now, payload=payload,
     )  # fmt: skip
     composer = Composer(settings, deps.templates, SAMPLE_LINK_KEY)
-    facts = load_batch_facts(store, [message], load_catalogue(store))
+    facts = load_batch_facts(store, [message], load_catalogue(store, now))
     found_facts = facts.customers[customer.id]
     if found_facts.customer is None:  # a sample customer: not in the database
         facts.customers[customer.id] = SendTimeFacts(
