@@ -403,7 +403,7 @@ def test_campaign_and_customer_choose_what_preview_shows_not_what_it_decides(tmp
     # When the operator previews everything, then one campaign, one customer, two campaigns named low first
     everything = lines()
     # Then the birthday offer takes the mailbox's slot today in every preview, shown or not
-    later = "defer until 2026-11-25 10:00 WIB (cap: one email at a time)"
+    later = "defer until 2026-11-25 10:00 WIB (cap: 1 email per 3 days, 4 emails per 30 days)"
     assert everything == [
         "C1 birthday 2026-11-22 10:00 WIB Happy birthday, Ani! Enjoy 15% off, on us",
         f"C1 feedback - {later}", f"C1 winback/1 d45 - {later}", f"C2 winback/1 d45 - {later}",

@@ -119,6 +119,22 @@ class PreviewSummary:
         }
 
 
+def _per(count: int, unit: str) -> str:
+    return f"{count} {unit}{'' if count == 1 else 's'}"
+
+
+def deferral_reasons(settings: Settings) -> dict[str, str]:
+    """What a deferral's ``why`` means, in the preview's words, with this config's figures (the caps as set, where it
+    said "one email at a time" whatever they were)."""
+    caps = ", ".join(f"{_per(n, 'email')} per {_per(days, 'day')}" for n, days in settings.policy.frequency_caps)
+    return {
+        "cap": f"cap: {caps}",
+        "news_week": "new products: one email a week",
+        "after_delivery": f"feedback: {_per(settings.campaigns.feedback.days_after, 'day')} after the delivery",
+        "birthday": "a birthday offer due then",
+    }
+
+
 def _label(message: ClaimedMessage) -> str:
     """``birthday``, or ``winback/2 d75`` for a win-back step (its number and day count)."""
     if message.campaign == WINBACK:
@@ -182,11 +198,12 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
             campaigns=args.campaign, customer_external_id=args.customer, limit=args.limit,
         )  # fmt: skip
         seen = 0
+        why_deferred = deferral_reasons(settings)
         try:
             for seen, item in enumerate(items, start=1):
                 progress.update(seen, f"considered, {summary.would_send:,} would be sent")
                 _show(item, at, summary, out, json_lines=args.json, out_dir=out_dir,
-                      shop_zone=settings.shop.time_zone)  # fmt: skip
+                      shop_zone=settings.shop.time_zone, why_deferred=why_deferred)  # fmt: skip
         except OutWriteError as exc:
             out.flush()
             print(f"kembali preview: {exc}; the preview stopped there ({summary.would_send - 1:,} messages written "
@@ -213,6 +230,7 @@ def _show(
     json_lines: bool,
     out_dir: Path | None,
     shop_zone: str,
+    why_deferred: dict[str, str],
 ) -> None:
     message = item.message
     if isinstance(item, Composed):
@@ -259,10 +277,7 @@ def _show(
                                  "step": message.step, "dedupe_key": message.dedupe_key,
                                  "until": item.until.isoformat(), "why": item.why}) + "\n")
         else:
-            why = {"cap": "cap: one email at a time", "news_week": "new products: one email a week",
-                   "after_delivery": "feedback: days_after from the delivery",
-                   "birthday": "a birthday offer due then"}.get(
-                item.why, "quiet hours")
+            why = why_deferred.get(item.why, "quiet hours")
             until = _local(item.until, item.time_zone, shop_zone)  # on the customer's clock, as the send times are
             out.write(f"{printable(_customer(message)):<14} {_label(message):<14} {'-':<22} "
                       f"defer until {until} ({why})\n")
