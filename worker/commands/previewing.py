@@ -26,13 +26,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-from worker import stopping
+from worker import money, stopping
 from worker.app import Deps, link_keys
 from worker.commands import arguments, files
 from worker.commands.progress import Progress
 from worker.commands.running import check_template_folders
 from worker.config import Settings
 from worker.core.audiences import WINBACK, key_part_value
+from worker.core.campaigns import LOYALTY
 from worker.core.policy import zone_of
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
@@ -135,10 +136,17 @@ def deferral_reasons(settings: Settings) -> dict[str, str]:
     }
 
 
-def _label(message: ClaimedMessage) -> str:
-    """``birthday``, or ``winback/2 d75`` for a win-back step (its number and day count)."""
+def _label(message: ClaimedMessage, currency: str) -> str:
+    """``birthday``, ``winback/2 d75`` for a win-back step (its number and day count), or ``loyalty/orders-5`` and
+    ``loyalty/spend-5000000`` for a loyalty reward (its milestone as config.toml writes it, the amount in whole units
+    of ``currency``, the shop's): a customer whose order reached both is listed twice."""
     if message.campaign == WINBACK:
         return f"winback/{message.step}" + (f" d{message.payload['days']}" if "days" in message.payload else "")
+    if message.campaign == LOYALTY:
+        kind, _, amount = str(message.payload.get("milestone", "")).partition("-")
+        if kind == "spend" and amount.isdigit():
+            amount = f"{money.from_minor(int(amount), currency).normalize():f}"  # 5000000, 1234.56
+        return f"loyalty/{printable(kind)}-{printable(amount)}" if kind else LOYALTY
     return message.campaign
 
 
@@ -202,8 +210,8 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         try:
             for seen, item in enumerate(items, start=1):
                 progress.update(seen, f"considered, {summary.would_send:,} would be sent")
-                _show(item, at, summary, out, json_lines=args.json, out_dir=out_dir,
-                      shop_zone=settings.shop.time_zone, why_deferred=why_deferred)  # fmt: skip
+                _show(item, at, summary, out, json_lines=args.json, out_dir=out_dir, shop_zone=settings.shop.time_zone,
+                      currency=settings.shop.currency, why_deferred=why_deferred)  # fmt: skip
         except OutWriteError as exc:
             out.flush()
             print(f"kembali preview: {exc}; the preview stopped there ({summary.would_send - 1:,} messages written "
@@ -230,6 +238,7 @@ def _show(
     json_lines: bool,
     out_dir: Path | None,
     shop_zone: str,
+    currency: str,
     why_deferred: dict[str, str],
 ) -> None:
     message = item.message
@@ -259,7 +268,7 @@ def _show(
             out.write(json_line(row) + "\n")
         else:
             # customer data reaches the operator's terminal: escape what is not printable (a terminal escape, say)
-            out.write(f"{printable(item.customer.external_id):<14} {_label(message):<14} {when:<22} "
+            out.write(f"{printable(item.customer.external_id):<14} {_label(message, currency):<14} {when:<22} "
                       f"{printable(item.rendered.subject)}\n")
     elif isinstance(item, Skipped):
         summary.by_reason[item.reason.value] += 1
@@ -268,7 +277,7 @@ def _show(
                                  "step": message.step, "dedupe_key": message.dedupe_key,
                                  "reason": item.reason.value}) + "\n")
         else:
-            out.write(f"{printable(_customer(message)):<14} {_label(message):<14} {'-':<22} "
+            out.write(f"{printable(_customer(message)):<14} {_label(message, currency):<14} {'-':<22} "
                       f"skip: {item.reason.value}  [{printable(message.dedupe_key)}]\n")
     elif isinstance(item, Deferred):
         summary.deferred[item.why] += 1
@@ -279,7 +288,7 @@ def _show(
         else:
             why = why_deferred.get(item.why, "quiet hours")
             until = _local(item.until, item.time_zone, shop_zone)  # on the customer's clock, as the send times are
-            out.write(f"{printable(_customer(message)):<14} {_label(message):<14} {'-':<22} "
+            out.write(f"{printable(_customer(message)):<14} {_label(message, currency):<14} {'-':<22} "
                       f"defer until {until} ({why})\n")
     else:
         summary.by_reason["render_error"] += 1
