@@ -356,9 +356,8 @@ class Composer:
 
     def _feedback_ready_at(self, message: ClaimedMessage, facts: BatchFacts) -> datetime | None:
         """A feedback request's earliest send time by its order as it is now (``cc.feedback_ready_at``)."""
-        if message.campaign != cc.FEEDBACK or "order_id" not in message.payload:
-            return None
-        settled = facts.rateable.get(int(message.payload["order_id"]))
+        order_id = message.payload_id("order_id") if message.campaign == cc.FEEDBACK else None
+        settled = facts.rateable.get(order_id) if order_id is not None else None
         return None if settled is None else cc.feedback_ready_at(settled, self.settings.campaigns.feedback.days_after)
 
     def prepare(
