@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.sendkit import Shop, make_settings, message_ids
+from tests.sendkit import NOW, Shop, make_settings, message_ids
 from tests.smtp_server import CLIENT_LIMIT_REPLY, GREYLIST_REPLY, Behaviour, RecordingServer
 from tests.test_smtp_transport import _self_signed, _tls_server
 from worker.asyncstore import AsyncStore
@@ -765,3 +767,42 @@ def test_a_setup_that_cannot_work_pauses_at_once_naming_what_to_fix(
         shop.close()
         if target is not server:
             target.stop_in_thread()
+
+
+def test_a_slow_domain_does_not_hold_every_sender_while_other_domains_wait(
+    url: str, server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given 12 customers at a domain allowed one message every 10 s (a slow provider's own limit, or one a
+    # throttling reply halved down to it), claimed ahead of 4 customers at another domain, and 8 senders
+    slow = [f"s{i}@slow.example" for i in range(12)]
+    others = [f"o{i}@other.example" for i in range(4)]
+    shop = shop_for(url, server, slow + others, compose_processes=0,
+                    domains={"slow.example": {"rate_per_second": 0.1, "burst": 1}})  # fmt: skip
+    try:
+        # When the run sends what is due (on a fake clock: every wait is a jump of its time)
+        with caplog.at_level("INFO", logger="kembali"):
+            report = shop.cycle()
+
+        # Then the other domain's customers go out at once, not after the slow domain's backlog
+        for address in others:
+            row = shop.row(address)
+            assert row.status == "sent"
+            assert (row.sent_at.replace(tzinfo=UTC) - NOW).total_seconds() < 5, address
+        # and the slow domain's messages that would wait longer for its slot wait for it in the ledger, spaced
+        # by its interval, no attempt counted, instead of in a sender each
+        rows = sorted((shop.row(a) for a in slow), key=lambda r: r.next_attempt_at)
+        waiting = [r for r in rows if r.status != "sent"]
+        assert 1 <= len(rows) - len(waiting) <= 2
+        assert {(r.status, r.attempts) for r in waiting} == {("planned", 0)}
+        times = [r.next_attempt_at.replace(tzinfo=UTC) for r in waiting]
+        assert all((b - a).total_seconds() >= 10 - 1e-3 for a, b in itertools.pairwise(times))
+        assert report.dispatched.outcomes["deferred:domain_rate"] == len(waiting)
+        told = _events(caplog, "email_waits_for_domain_rate")
+        assert len(told) == len(waiting) and {e["domain"] for e in told} == {"slow.example"}
+
+        # And when their time comes, they are sent in turn
+        shop.clock.set(times[0])
+        shop.cycle()
+        assert shop.row(waiting[0].email).status == "sent"
+    finally:
+        shop.close()

@@ -7,7 +7,7 @@ import bisect
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
@@ -35,7 +35,7 @@ from worker.core.limits import (
 from worker.core.ratelimit import Gcra
 from worker.domain import MessageStatus, Outcome, SendResult
 from worker.errors import ConfigError
-from worker.limiter import Limit, Limiter, LocalBooker
+from worker.limiter import Booking, Later, Limit, Limiter, LocalBooker
 from worker.testing import FakeClock
 
 # --- GCRA booking ---------------------------------------------------------------
@@ -148,9 +148,9 @@ class BusyBooker:
     def __init__(self) -> None:
         self.bookings = 0
 
-    async def book(self, limits: Sequence[Limit]) -> float:
+    async def book(self, limits: Sequence[Limit], longest: Mapping[str, float] | None = None) -> Booking:
         self.bookings += 1
-        return 0.1
+        return Booking(0.1)
 
 
 @pytest.mark.parametrize(
@@ -440,6 +440,39 @@ def test_the_database_books_like_the_pure_rule(db_url: str) -> None:
         assert rates.book([("domain:gmail.com", 10.0, 1)], 103.0) == pytest.approx(10.0)
     finally:
         engine.dispose()
+
+
+def test_a_booking_one_limit_would_wait_too_long_for_books_nothing(db_url: str) -> None:
+    engine = db.create_engine(db_url)
+    try:
+        rates = RateStore(engine)
+        limits = [("global", 0.5, 1), ("domain:slow.example", 10.0, 1)]
+        patience = {"domain:slow.example": 5.0}
+        assert rates.try_book(limits, patience, 100.0) == (0.0, True)
+        # the domain's next slot is 10 s off: neither limit is booked
+        assert rates.try_book(limits, patience, 100.0) == (pytest.approx(10.0), False)
+        assert rates.try_book(limits, patience, 100.0) == (pytest.approx(10.0), False)
+        assert rates.book([("global", 0.5, 1)], 100.0) == pytest.approx(0.5)  # the one slot booked above
+        # once the domain's slot is near enough, both are booked
+        assert rates.try_book(limits, patience, 106.0) == (pytest.approx(4.0), True)
+        assert rates.book([("domain:slow.example", 10.0, 1)], 106.0) == pytest.approx(14.0)
+    finally:
+        engine.dispose()
+
+
+def test_the_limiter_tells_messages_to_a_slow_domain_to_come_back_one_interval_apart() -> None:
+    clock = FakeClock()
+    settings = SendingSettings(rate_per_second=50.0, burst=1, domains={"slow.example": DomainRate(0.1, 1)})
+    limiter = Limiter(settings, clock, LocalBooker(clock))
+
+    async def main() -> list[float | Later]:
+        return [await limiter.acquire("slow.example", hold=5.0) for _ in range(4)]
+
+    assert asyncio.run(main()) == [0.0, Later(10.0), Later(20.0), Later(30.0)]
+    assert clock.slept == 0.0  # nothing waited for in the sender
+    clock.advance(10.0)
+    assert asyncio.run(limiter.acquire("slow.example", hold=5.0)) == 0.0  # its slot was left free
+    assert asyncio.run(limiter.acquire("other.example", hold=5.0)) == pytest.approx(0.02)  # the global rate's
 
 
 def test_without_a_given_time_the_database_books_on_its_own_clock(db_url: str) -> None:

@@ -5,7 +5,8 @@ Before each message a sender calls ``acquire(domain)``: it books a slot on the
 global rate and on the domain's rate together and sleeps until both allow it.
 After the attempt, ``observe(domain, result)`` feeds the domain's adaptive rate
 (a throttling reply, or a refusal of the sender, halves it; good replies restore
-it step by step).
+it step by step). A domain slot further off than ``HOLD_SECONDS`` is not waited for in a
+sender: ``acquire`` books nothing and says ``Later``, and the message waits in the ledger.
 
 Where the booking happens is a ``Booker``: ``LocalBooker`` keeps the GCRA
 state in this process (SQLite, one worker); ``DbBooker`` keeps it in the
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from worker import log
 from worker.adapters.ratestore import RateStore
@@ -46,9 +49,31 @@ LATE_SECONDS = 0.02
 REBOOKS = 3
 
 
+HOLD_SECONDS = 5.0
+"""The longest a sender waits for a slot of its message's recipient domain (``acquire``'s ``hold``): a later slot is
+waited for in the ledger (``Later``), so that a slow or throttled domain cannot hold every sender while the global
+rate has room for the other domains' messages."""
+
+
+class Booking(NamedTuple):
+    wait: float
+    """Seconds until the latest of the limits allows the event (booked), or until the limit that would have made it
+    wait too long does (not booked)."""
+    booked: bool = True
+
+
+@dataclass(frozen=True)
+class Later:
+    """The recipient domain's next slot for this message lies further off than a sender waits: nothing is booked,
+    the message waits in the ledger for ``seconds`` (then books its slot when it is claimed again)."""
+
+    seconds: float
+
+
 class Booker(Protocol):
-    async def book(self, limits: Sequence[Limit]) -> float:
-        """Book one event on every limit; return the seconds to wait for the latest of them."""
+    async def book(self, limits: Sequence[Limit], longest: Mapping[str, float] | None = None) -> Booking:
+        """Book one event on every limit; return the seconds to wait for the latest of them. Unless a limit whose
+        key ``longest`` names would wait longer than the seconds it gives: then book nothing, and say so."""
         ...
 
 
@@ -59,13 +84,17 @@ class LocalBooker:
         self.clock = clock
         self.tats: dict[str, float] = {}
 
-    async def book(self, limits: Sequence[Limit]) -> float:
+    async def book(self, limits: Sequence[Limit], longest: Mapping[str, float] | None = None) -> Booking:
         now = self.clock.monotonic()
         wait = 0.0
+        tats: dict[str, float] = {}
         for key, interval, burst in limits:
-            self.tats[key], w = book(self.tats.get(key, 0.0), now, interval=interval, burst=burst)
+            tats[key], w = book(self.tats.get(key, 0.0), now, interval=interval, burst=burst)
+            if longest and w > longest.get(key, math.inf):
+                return Booking(w, booked=False)
             wait = max(wait, w)
-        return wait
+        self.tats.update(tats)
+        return Booking(wait)
 
 
 class DbBooker:
@@ -75,11 +104,14 @@ class DbBooker:
         self.store = store
         self.rates = rates
 
-    async def book(self, limits: Sequence[Limit]) -> float:
+    async def book(self, limits: Sequence[Limit], longest: Mapping[str, float] | None = None) -> Booking:
         # the wait is measured on the database's clock, the one every worker shares; the time
         # its answer takes to come back is added on top, which errs on the slow side. A booking that fails
         # (the database restarting) is tried again: one whose reply was lost only wastes a slot.
-        return await self.store.call_retrying("rate_booking_retried", self.rates.book, limits)
+        wait, booked = await self.store.call_retrying(
+            "rate_booking_retried", self.rates.try_book, limits, longest or {}
+        )
+        return Booking(wait, booked)
 
 
 class Limiter:
@@ -89,6 +121,9 @@ class Limiter:
         self.booker = booker
         self.rates: dict[str, AdaptiveRate] = {}
         self.late_rebookings = 0
+        self.later: dict[str, float] = {}
+        """Per domain, the monotonic time the last message this process sent to wait in the ledger was told to
+        come back at: the next one is told one interval after it, so they do not all come back at once."""
 
     def _rate(self, domain: str) -> AdaptiveRate:
         rate = self.rates.get(domain)
@@ -109,8 +144,16 @@ class Limiter:
         burst = self._burst(domain) if rate.current >= rate.ceiling else 1
         return [(GLOBAL_KEY, 1.0 / s.rate_per_second, s.burst), (f"domain:{domain}", 1.0 / rate.current, burst)]
 
-    async def acquire(self, domain: str, *, stop: asyncio.Event | None = None) -> float:
+    async def acquire(
+        self, domain: str, *, stop: asyncio.Event | None = None, hold: float | None = None
+    ) -> float | Later:
         """Wait for a slot on the global and the domain rate; returns the seconds waited.
+
+        ``hold`` given, a slot of the domain's further off than ``hold`` seconds is not booked nor waited for: the
+        result is ``Later``, when the message may try again (the domain's next free slot, or one interval after
+        the last message this process told to come back later, whichever is later). A sender that waited for it
+        would be one sender fewer for every other domain: with enough such messages claimed, all of them, and a
+        slow domain (a throttled one at ``throttle_floor_per_second``) would stop the others.
 
         ``stop`` set (the dispatcher stopping or pausing) ends the wait at once, the slot not used: a slow rate's
         slots can lie further off than a daemon's grace period, and a message that waits for one has not begun
@@ -124,8 +167,12 @@ class Limiter:
         so an overloaded machine slows down rather than stops. Returns the seconds it was
         told to wait, not the time it overslept."""
         waited = 0.0
+        key = f"domain:{domain}"
         for tries in range(REBOOKS + 1):
-            wait = await self.booker.book(self.limits(domain))
+            limits = self.limits(domain)
+            wait, booked = await self.booker.book(limits, {key: hold} if hold is not None else None)
+            if not booked:
+                return self._later(domain, wait, interval=limits[-1][1])
             if wait <= 0:
                 break
             due = self.clock.monotonic() + wait
@@ -137,6 +184,16 @@ class Limiter:
             self.late_rebookings += 1
             log.event("rate_slot_missed", logging.DEBUG, domain=domain, late_seconds=round(late, 3))
         return waited
+
+    def _later(self, domain: str, wait: float, *, interval: float) -> Later:
+        now = self.clock.monotonic()
+        at = now + wait
+        last = self.later.get(domain)
+        if last is not None and last + interval > at:
+            at = last + interval
+        self.later = {d: t for d, t in self.later.items() if t > now}  # those passed tell nothing any more
+        self.later[domain] = at
+        return Later(at - now)
 
     async def _sleep(self, seconds: float, stop: asyncio.Event | None) -> None:
         """Sleep ``seconds``, or until ``stop`` is set."""

@@ -86,7 +86,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Literal, Protocol
 
 from worker import log
@@ -101,7 +101,7 @@ from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, dom
 from worker.core.policy import SendNow, Skip
 from worker.core.retry import PAUSES_AT_ONCE, SERVER_TROUBLE_DOMAINS, TroubleStreak, connection_failure
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult, SkipReason
-from worker.limiter import DailyQuota, Limiter, LocalBooker
+from worker.limiter import HOLD_SECONDS, DailyQuota, Later, Limiter, LocalBooker
 from worker.pipeline import (
     Composed,
     Composer,
@@ -985,7 +985,17 @@ class Dispatcher:
             try:
                 # the rate slot is taken last, right before the first SMTP byte, so commit
                 # latency cannot bunch messages up on the wire; a stop ends the wait (its message has not begun)
-                await self.limiter.acquire(domain, stop=self.stopping)
+                slot = await self.limiter.acquire(domain, stop=self.stopping, hold=HOLD_SECONDS)
+                if isinstance(slot, Later):  # the domain's slot is far off: wait in the ledger, not in a sender
+                    now = self.clock.now()
+                    until = now + timedelta(seconds=slot.seconds)
+                    writer.record(replace(self._release(message, now, until=until), counts_as_attempt=False))
+                    report.count(message.campaign, "deferred:domain_rate")
+                    log.event("email_waits_for_domain_rate", campaign=message.campaign,
+                              dedupe_key=message.dedupe_key, customer=item.customer.external_id,
+                              to=log.mask_email(message.email), domain=domain, until=until.isoformat(),
+                              retry_in_seconds=round(slot.seconds, 1))  # fmt: skip
+                    continue
                 async with wire:  # one of the pool's connections is free: the send begins now, or not at all
                     if not (self.stopping.is_set() or self._failing):
                         started = self.clock.now()

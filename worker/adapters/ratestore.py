@@ -24,7 +24,8 @@ transaction of the ``sending`` marks (``Store.record_and_mark``); ``used_today``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -61,6 +62,18 @@ class RateStore:
         returns the seconds from now until the first may happen (the longest of the limits).
 
         ``now`` is the database's clock unless given (tests give it)."""
+        return self.try_book(limits, {}, now, n)[0]
+
+    def try_book(
+        self,
+        limits: Sequence[tuple[str, float, int]],
+        longest: Mapping[str, float],
+        now: float | None = None,
+        n: int = 1,
+    ) -> tuple[float, bool]:
+        """``book``, unless a limit whose key ``longest`` names would have its first event wait longer than the
+        seconds it gives: then nothing is booked (the transaction rolled back) and the result is that wait and
+        False. Else the wait for the latest of the limits and True."""
         wait = 0.0
         with self.engine.begin() as conn:
             if self.engine.dialect.name == "postgresql":
@@ -70,8 +83,12 @@ class RateStore:
                 step = n * interval
                 tat, at = conn.execute(self._book_stmt(key, now, step)).one()
                 start = float(tat) - step
-                wait = max(wait, start - interval * (burst - 1) - float(at))
-        return max(0.0, wait)
+                this = max(0.0, start - interval * (burst - 1) - float(at))
+                if this > longest.get(key, math.inf):
+                    conn.rollback()
+                    return this, False
+                wait = max(wait, this)
+        return wait, True
 
     def used_today(self, key: str, *, day: str) -> int:
         with self.engine.begin() as conn:
