@@ -404,6 +404,11 @@ def test_domains_are_read_from_a_table() -> None:
     [
         ({"domains": {"gmail.com": {"rate": 3}}}, "unknown key 'sending.domains.gmail.com.rate'"),
         ({"domains": {"Gmail.com": {}}}, "'sending.domains.Gmail.com' must be a lower-case domain"),
+        # addresses are stored and sent with an internationalised domain in its IDNA form: a limit for the
+        # Unicode form, or with a dot at the end, would never be met
+        ({"domains": {"bücher.de": {}}}, "'sending.domains.bücher.de' must be .* in its IDNA form: 'xn--bcher-kva.de'"),
+        ({"domains": {"gmail.com.": {}}}, "'sending.domains.gmail.com.' must be a lower-case domain"),
+        ({"domains": {" gmail.com": {}}}, "'sending.domains. gmail.com' must be a lower-case domain"),
         ({"domains": {"gmail.com": {"burst": 0}}}, "'sending.domains.gmail.com.burst' must be at least 1"),
         ({"domains": {"gmail.com": 5}}, "[sending.domains.gmail.com] must be a table"),
         ({"daily_quota": -1}, "'sending.daily_quota' must be 0"),

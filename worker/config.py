@@ -557,6 +557,20 @@ def _fail(settings: Settings, key: str, why: str) -> typing.NoReturn:
     raise ConfigError(f"{settings.source}: '{key}' {why}")
 
 
+_DOMAIN = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)+")
+"""A recipient domain as ``core.limits.domain_of`` gives it: ASCII labels joined by dots, none empty."""
+
+
+def _idna(domain: str) -> str:
+    """``domain``'s IDNA form (``xn--…``), as imports store addresses; ``domain`` itself when it has none."""
+    import idna  # email_validator's own dependency, which the importer uses for the same conversion
+
+    try:
+        return idna.encode(domain.lower(), uts46=True).decode("ascii")
+    except idna.IDNAError:
+        return domain
+
+
 def _writable(address: str) -> bool:
     try:
         render.check_address(address, "")
@@ -683,7 +697,10 @@ def _check(s: Settings) -> None:
     if s.sending.domain_burst < 1:
         _fail(s, "sending.domain_burst", "must be at least 1")
     for domain, limit in s.sending.domains.items():
-        if domain != domain.lower() or "@" in domain or "." not in domain:
+        if not domain.isascii():  # addresses are stored and sent with their domain in its IDNA form
+            _fail(s, f"sending.domains.{domain}", "must be a lower-case domain such as gmail.com, an internationalised "
+                  f"one in its IDNA form: {_idna(domain)!r} (the form the addresses it limits are stored in)")
+        if domain != domain.lower() or not _DOMAIN.fullmatch(domain):
             _fail(s, f"sending.domains.{domain}", "must be a lower-case domain such as gmail.com")
         if limit.rate_per_second <= 0:
             _fail(s, f"sending.domains.{domain}.rate_per_second", "must be positive")
