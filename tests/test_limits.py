@@ -10,13 +10,16 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from tests.daemon_harness import make_shop
+from tests.smtp_server import closed_port
 from worker.adapters import db
 from worker.adapters.ratestore import RateStore
-from worker.config import DomainRate, SendingSettings, settings_from_dict
+from worker.config import DomainRate, SendingSettings, load_settings, settings_from_dict
 from worker.core import lifecycle
 from worker.core.limits import (
     AdaptiveRate,
@@ -33,9 +36,10 @@ from worker.core.limits import (
     slows_domain,
 )
 from worker.core.ratelimit import Gcra
+from worker.daemon import Daemon
 from worker.domain import MessageStatus, Outcome, SendResult
 from worker.errors import ConfigError
-from worker.limiter import Booking, Later, Limit, Limiter, LocalBooker
+from worker.limiter import HOLD_SECONDS, Booking, Later, Limit, Limiter, LocalBooker
 from worker.testing import FakeClock
 
 # --- GCRA booking ---------------------------------------------------------------
@@ -579,3 +583,37 @@ def test_concurrent_bookings_on_postgresql_never_share_a_slot(pg_url: str) -> No
 def test_the_rate_settings_round_trip_through_replace() -> None:
     s = replace(SendingSettings(), daily_quota=5)
     assert s.daily_quota == 5
+
+
+# --- a reload -------------------------------------------------------------------------
+
+
+def test_a_reload_keeps_the_slots_booked_and_the_throttled_domains_slowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a daemon on SQLite (its limits in the process) allowed one message every 100 s, whose one slot was just
+    # taken, and a domain a throttling reply halved
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+    shop = make_shop(tmp_path, smtp_port=closed_port(),
+                     extra="[sending]\nrate_per_second = 0.01\nburst = 1\ndomain_rate_per_second = 8.0\n")  # fmt: skip
+
+    async def scenario() -> tuple[float, float]:
+        daemon = Daemon(load_settings(shop.config), config_path=shop.config)
+        try:
+            limiter = daemon.gen.dispatcher.limiter
+            assert await limiter.acquire("a.example", hold=HOLD_SECONDS) == 0.0
+            limiter.observe("yahoo.com", SendResult(Outcome.THROTTLED, 421, "421 4.7.0 [TS01] slow down"))
+            # When the operator sends SIGHUP (to load a template, say)
+            assert await daemon.reload("SIGHUP")
+            limiter = daemon.gen.dispatcher.limiter
+            # Then the next message still waits for the next slot, not a fresh burst, and yahoo.com stays slowed
+            wait, booked = await limiter.booker.book(limiter.limits("b.example"))
+            assert booked
+            return wait, limiter.rates["yahoo.com"].current
+        finally:
+            await daemon._close()
+            daemon.store.close()
+
+    seconds, yahoo = asyncio.run(scenario())
+    assert 90.0 < seconds <= 100.0
+    assert yahoo == 4.0

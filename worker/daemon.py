@@ -671,6 +671,7 @@ class Daemon:
             await gen.close()
             log.event("reload_stopped", trigger=why, why="the daemon is stopping")
             return False
+        gen.dispatcher.limiter.take_over(old.dispatcher.limiter)  # the slots booked, the domains slowed down
         self.gen = gen
         # a language stored for a customer that has no templates reads as the shop's (``Store.default_locale``):
         # the shop's as reloaded, for the pages and this process's sends as for the compose helpers' new store

@@ -125,6 +125,20 @@ class Limiter:
         """Per domain, the monotonic time the last message this process sent to wait in the ledger was told to
         come back at: the next one is told one interval after it, so they do not all come back at once."""
 
+    def take_over(self, old: Limiter) -> None:
+        """Carry on from ``old``, the limiter of the configuration a reload replaces: the slots it booked in this
+        process (the same ones, as the runs of the two never overlap but on the slots they book together), the
+        domains a throttling reply slowed down (kept as slow, within this configuration's rates) and the
+        messages it told to come back later. A fresh limiter would let a burst out on every reload, and send a
+        throttled domain at its full rate again."""
+        if isinstance(self.booker, LocalBooker) and isinstance(old.booker, LocalBooker):
+            self.booker.tats = old.booker.tats
+        for domain, rate in old.rates.items():
+            if rate.current < rate.ceiling:
+                now = self._rate(domain)
+                now.current = max(now.floor, min(now.ceiling, rate.current))
+        self.later = dict(old.later)
+
     def _rate(self, domain: str) -> AdaptiveRate:
         rate = self.rates.get(domain)
         if rate is None:
