@@ -788,21 +788,15 @@ def test_a_slow_domain_does_not_hold_every_sender_while_other_domains_wait(
             row = shop.row(address)
             assert row.status == "sent"
             assert (row.sent_at.replace(tzinfo=UTC) - NOW).total_seconds() < 5, address
-        # and the slow domain's messages that would wait longer for its slot wait for it in the ledger, spaced
-        # by its interval, no attempt counted, instead of in a sender each
-        rows = sorted((shop.row(a) for a in slow), key=lambda r: r.next_attempt_at)
-        waiting = [r for r in rows if r.status != "sent"]
-        assert 1 <= len(rows) - len(waiting) <= 2
-        assert {(r.status, r.attempts) for r in waiting} == {("planned", 0)}
-        times = [r.next_attempt_at.replace(tzinfo=UTC) for r in waiting]
+        # and the slow domain's messages that would have waited longer for its slot waited for it in the ledger (no
+        # attempt counted), the run claiming them again as they came due: all sent in this run, 10 s apart
+        rows = [shop.row(a) for a in slow]
+        assert {(r.status, r.attempts) for r in rows} == {("sent", 1)}
+        times = sorted(r.sent_at.replace(tzinfo=UTC) for r in rows)
         assert all((b - a).total_seconds() >= 10 - 1e-3 for a, b in itertools.pairwise(times))
-        assert report.dispatched.outcomes["deferred:domain_rate"] == len(waiting)
+        deferred = report.dispatched.outcomes["deferred:domain_rate"]
+        assert deferred >= len(slow) - 2
         told = _events(caplog, "email_waits_for_domain_rate")
-        assert len(told) == len(waiting) and {e["domain"] for e in told} == {"slow.example"}
-
-        # And when their time comes, they are sent in turn
-        shop.clock.set(times[0])
-        shop.cycle()
-        assert shop.row(waiting[0].email).status == "sent"
+        assert len(told) == deferred and {e["domain"] for e in told} == {"slow.example"}
     finally:
         shop.close()

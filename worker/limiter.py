@@ -190,7 +190,7 @@ class Limiter:
             if wait <= 0:
                 break
             due = self.clock.monotonic() + wait
-            await self._sleep(wait, stop)
+            await self.sleep(wait, stop)
             waited += wait
             late = self.clock.monotonic() - due
             if late <= LATE_SECONDS or tries == REBOOKS or (stop is not None and stop.is_set()):
@@ -209,7 +209,7 @@ class Limiter:
         self.later[domain] = at
         return Later(at - now)
 
-    async def _sleep(self, seconds: float, stop: asyncio.Event | None) -> None:
+    async def sleep(self, seconds: float, stop: asyncio.Event | None) -> None:
         """Sleep ``seconds``, or until ``stop`` is set."""
         if stop is None:
             await self.clock.sleep(seconds)

@@ -467,6 +467,8 @@ class Dispatcher:
         """Once this run's quota is reached: when the day after the latest one whose quota refused its messages
         begins (None: not reached)."""
         self._last_unreached = ""
+        self._rate_later: list[datetime] = []
+        """When the messages this run sent back to the queue to wait for their recipient domain's slot come due."""
         """The reply (or error) of the last attempt that did not reach the server."""
         self._runs = 0
         self._catalogue: list[ProductView] = []
@@ -611,17 +613,30 @@ class Dispatcher:
         writer.start()
         queue: asyncio.Queue[Composed | Literal["done"]] = asyncio.Queue(maxsize=self.settings.sending.batch_size)
         wire = asyncio.Semaphore(self.settings.smtp.pool_size)
-        senders = [
-            asyncio.create_task(self._sender(queue, writer, report, wire), name=f"kembali-sender-{i}")
-            for i in range(in_flight)
-        ]
+        self._rate_later = []
+        senders: list[asyncio.Task[None]] = []
         keeper = asyncio.create_task(self._keep_leases(writer), name="kembali-lease-keeper")
         try:
             await self._write_unwritten(writer)
-            await _unless_one_fails(self._produce(queue, writer, report), senders)
-            for _ in senders:
-                await _unless_one_fails(queue.put(_DONE), senders)
-            await asyncio.gather(*senders)
+            while True:
+                senders = [
+                    asyncio.create_task(self._sender(queue, writer, report, wire), name=f"kembali-sender-{i}")
+                    for i in range(in_flight)
+                ]
+                await _unless_one_fails(self._produce(queue, writer, report), senders)
+                for _ in senders:
+                    await _unless_one_fails(queue.put(_DONE), senders)
+                await asyncio.gather(*senders)
+                # what this run sent back to the queue to wait for its domain's slot comes due again in seconds: the
+                # run waits for it and claims again (a cron's `run --once` sends a slow domain's backlog at its rate,
+                # not one message a run), once what it sent is in the ledger for the contact policy's next judgement
+                wait = self._rate_wait()
+                if wait is None:
+                    break
+                await writer.flush()
+                await self.limiter.sleep(wait, self.stopping)
+                if self.stopping.is_set():
+                    break
         except BaseException as failure:
             self._failing = True
             now = self.clock.now()
@@ -669,6 +684,15 @@ class Dispatcher:
                 f"{smtp.host}:{smtp.port} (last: {self._last_unreached[:120]})" + (f"; {hint}" if hint else "")
             )
         return report
+
+    def _rate_wait(self) -> float | None:
+        """Seconds until the first message this run sent back to the queue for its domain's slot comes due, or None
+        when there is none, or the run is stopping, paused or out of the day's quota."""
+        now = self.clock.now()
+        self._rate_later = [at for at in self._rate_later if at > now]  # those come due were claimed (or taken)
+        if not self._rate_later or self.stopping.is_set() or self.paused is not None or self.quota_reached:
+            return None
+        return (min(self._rate_later) - now).total_seconds()
 
     def hand_over_unwritten(self, to: Dispatcher) -> None:
         """Give what this dispatcher's runs could not write to ``to`` (a reload's), whose next run writes it first."""
@@ -738,7 +762,7 @@ class Dispatcher:
         try:
             await self._produce_with(arbiter, queue, writer, report)
         finally:
-            report.remembered_peak = arbiter.peak
+            report.remembered_peak = max(report.remembered_peak, arbiter.peak)
 
     async def _produce_with(
         self,
@@ -991,6 +1015,7 @@ class Dispatcher:
                     until = now + timedelta(seconds=slot.seconds)
                     writer.record(replace(self._release(message, now, until=until), counts_as_attempt=False))
                     report.count(message.campaign, "deferred:domain_rate")
+                    self._rate_later.append(until)
                     log.event("email_waits_for_domain_rate", campaign=message.campaign,
                               dedupe_key=message.dedupe_key, customer=item.customer.external_id,
                               to=log.mask_email(message.email), domain=domain, until=until.isoformat(),
