@@ -104,3 +104,35 @@ def test_healthz_probes_share_one_ping_while_the_database_host_does_not_answer(
     assert all(status == 503 and b"unreachable" in body for status, body in answers), answers
     # And one ping was under way for all of them: not one thread per probe, each held by the silent host
     assert accepted(silent_listener) == 1
+
+
+def test_metrics_are_served_without_the_ledgers_figures_while_the_database_host_does_not_answer(
+    tmp_path: Path, silent_listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the daemon's site, its database on a host that accepts connections and never answers
+    port = silent_listener.getsockname()[1]
+    store = Store(db.create_engine(f"postgresql+psycopg://kembali@127.0.0.1:{port}/kembali?connect_timeout=2"))
+    astore = AsyncStore(store)
+    settings = load_settings(make_shop(tmp_path, smtp_port=25).config)
+    metrics = Metrics()
+    metrics.observe_result("winback", "sent", "sent", 0.2, at=0.0)
+    site = Site(store=astore, keys=[b"k" * 32], settings=lambda: settings, clock=SystemClock(), metrics=metrics,
+                paused=lambda: False)
+    monkeypatch.setattr(links, "METRICS_DATABASE_SECONDS", 0.05)
+
+    async def scrape() -> tuple[int, str, bool]:
+        # When Prometheus scrapes /metrics (its scrape times out at 10 s, as the database's connect timeout does)
+        response = await site.handle(Request("GET", "/metrics", {}, {}))
+        assert site._ledger_read is not None
+        return response.status, response.body.decode(), site._ledger_read.done()
+
+    try:
+        status, text, read_done = asyncio.run(scrape())
+    finally:
+        astore.close()
+        store.close()
+    # Then the answer comes without waiting for the database: the process's own figures, and the database down
+    assert status == 200
+    assert "kembali_database_up 0" in text
+    assert 'kembali_results_total{campaign="winback",result="sent"} 1' in text
+    assert not read_done  # (the read still waited for the silent host when the scrape was answered)

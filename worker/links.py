@@ -21,8 +21,9 @@
   ``ok``, ``starting``, ``stopping`` or ``unhealthy``. It is no liveness probe:
   restarting cures none of these states (a restart during start-up or shutdown
   only starts it over); any answer at all, even a 503, shows the process alive.
-  ``/metrics``: Prometheus text; while the database cannot be read, without the
-  ledger's figures (``kembali_database_up 0``) but with this process's own.
+  ``/metrics``: Prometheus text; while the database cannot be read (or does not
+  answer within ``METRICS_DATABASE_SECONDS``), without the ledger's figures
+  (``kembali_database_up 0``) but with this process's own.
 
 A token that does not verify (forged, truncated, tampered, the wrong kind) gets
 a 400 page and changes nothing; an unsubscribe token whose customer the database
@@ -64,6 +65,11 @@ MAX_ORDER_REF = 100
 MAX_MESSAGE_LOCAL = 200
 COMMENT_MAX_CHARS = 2000
 HEALTH_TIMEOUT_SECONDS = 3.0
+METRICS_DATABASE_SECONDS = 5.0
+"""How long a ``/metrics`` scrape waits for the ledger's figures: past it, the scrape is answered without them
+(``kembali_database_up 0``), as when the database cannot be read; the read goes on, for the next scrape. A database
+host that does not answer held the scrape for libpq's connect timeout (10 s) or the keepalives' minute, past
+Prometheus's own scrape timeout (10 s): the scrape failed whole, the process's figures with it, during an outage."""
 
 
 @dataclass(frozen=True)
@@ -297,11 +303,12 @@ class Site:
         settings = self.settings()
         if self._ledger_read is None or self._ledger_read.done():
             self._ledger_read = asyncio.ensure_future(asyncio.to_thread(self._read_ledger, self.clock.now()))
+            self._ledger_read.add_done_callback(_retrieve)  # its failure may come after every scrape stopped waiting
         ledger: dict[tuple[str, str], int] | None
         depth: int | None
         try:
-            ledger, depth = await asyncio.shield(self._ledger_read)
-        except Exception:  # the database is down: the process's own figures matter all the more (health says why)
+            ledger, depth = await asyncio.wait_for(asyncio.shield(self._ledger_read), METRICS_DATABASE_SECONDS)
+        except Exception:  # the database is down or silent: the process's own figures matter all the more
             ledger, depth = None, None
         text = self.metrics.render(
             ledger=ledger,
@@ -347,7 +354,7 @@ class Site:
         return Response(status.value, body)
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
+def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
 
