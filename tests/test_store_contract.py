@@ -681,6 +681,22 @@ def test_the_health_lines_counts_are_the_ledgers_and_read_their_partial_indexes(
     assert not re.search(r"SCAN message(?! USING)|Seq Scan", plan), plan
 
 
+def test_the_queue_depth_counts_the_rows_a_worker_has_claimed_and_not_yet_begun_to_send(store: Store) -> None:
+    """A daemon claims a batch (``sending.batch_size``, and the next one ahead) and sends it at its rate: minutes
+    of a slow rate during which those rows wait as the unclaimed ones do. The health line's and ``/metrics``'s
+    ``queue_depth`` said 0 all that time, the queue seemingly empty while hundreds of messages still waited to go."""
+    # Given six due rows: a worker has claimed three of them, and begun to send one of those
+    store.insert_messages(planned(6), NOW)
+    batch = store.claim(worker="me", now=NOW, limit=3, lease_seconds=60)
+    store.mark_sending([batch[0].id], worker="me", now=NOW)
+    # Then the queue is the five not sent yet (three waiting, two claimed), read from the partial indexes
+    counted: list[tuple[int, int]] = []
+    plan = _plan_of(store, lambda: counted.append(opstore.health_counts(store, NOW)), "uncertain")
+    assert counted == [(5, 0)]
+    assert opstore.queue_depth(store, NOW) == 5
+    assert not re.search(r"SCAN message(?! USING)|Seq Scan", plan), plan
+
+
 def test_lapsed_leases_of_rows_the_caller_still_works_on_are_kept(store: Store) -> None:
     # Given a worker's claimed row and sending row, both with lapsed leases, which that worker (alive, the
     # database away longer than a lease) still has outcomes for, and a third row it no longer works on

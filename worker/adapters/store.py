@@ -69,6 +69,8 @@ IN_FLIGHT = sa.text("message.status IN ('claimed', 'sending')")
 """The rows of the partial index ``ix_message_inflight``."""
 UNCERTAIN = sa.text("message.status = 'uncertain'")
 """The rows of the partial index ``ix_message_uncertain``."""
+CLAIMED = sa.text("message.status = 'claimed'")
+"""The rows of the partial index ``ix_message_claimed_mailbox``: claimed, not yet being sent."""
 _WAITING_PRIORITIES = sa.text(
     # the distinct priorities of waiting rows, highest first: one index seek each (a loose index scan)
     "WITH RECURSIVE p(v) AS ("
