@@ -834,6 +834,29 @@ def test_sends_outliving_the_grace_period_become_uncertain_and_a_second_signal_e
     assert list(tmp.iterdir()) == []  # not even then is its template copy left behind
 
 
+def test_sends_the_grace_period_cut_short_are_each_named_as_uncertain_with_their_customer(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon with two sends under way that outlast its grace period
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    text = shop.config.read_text().replace("shutdown_grace_seconds = 5.0", "shutdown_grace_seconds = 0.5")
+    shop.config.write_text(text)
+    shop.add([1, 2], days_ago=60)
+    for i in (1, 2):
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=3))
+    daemon = Daemon.start(shop)
+    daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 2,
+                    timeout=60, why="two sends under way")
+    # When it is stopped
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    # Then the log names each email left uncertain, whose customer may have it: the operator decides on each
+    assert daemon.named("shutdown_abandoned")[0]["uncertain"] == 2
+    named = sorted((e["campaign"], e["customer"], e["to"]) for e in daemon.named("email_uncertain"))
+    assert named == [("winback", "C1", "c***@example.com"), ("winback", "C2", "c***@example.com")]
+    assert all("grace period" in e["why"] for e in daemon.named("email_uncertain"))
+
+
 SLOW_LAYOUT = "{% for a in range(3000) %}{% for b in range(1000) %}{% endfor %}{% endfor %}"
 """Put before the shared text layout: every render takes a while (the start-up check, ~130 renders, some 20 s)."""
 

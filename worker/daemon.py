@@ -64,7 +64,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from worker import eventloop, log
@@ -750,10 +750,10 @@ class Daemon:
             log.event("shutdown_grace_expired", logging.WARNING, grace_seconds=grace)
             dispatch.cancel()
             await asyncio.wait({dispatch}, timeout=2)
+            now, why = self.clock.now(), "shutdown grace period ran out while sending"
             try:
                 requeued, uncertain = await asyncio.wait_for(self.astore.call(
-                    opstore.abandon, self.store, worker=self.worker, now=self.clock.now(),
-                    why="shutdown grace period ran out while sending",
+                    opstore.abandon, self.store, worker=self.worker, now=now, why=why,
                 ), ABANDON_SECONDS)
             except TimeoutError:  # its thread is held by a call that does not return: leave it to the exit
                 self._stuck = True
@@ -769,11 +769,31 @@ class Daemon:
                 code = EXIT_FORCED
             else:
                 log.event("shutdown_abandoned", logging.WARNING, requeued=requeued, uncertain=uncertain)
+                if uncertain:
+                    await self._name_abandoned(now, why)
         if self._planning and not self._stuck:  # idempotent, but a pass cannot be stopped midway: let finish
             log.event("shutdown_waiting_for_planning", campaigns=",".join(sorted(set(self._planning.values()))))
             await asyncio.wait(list(self._planning))
         log.event("daemon_stopped", worker=self.worker, exit_code=code)
         return code
+
+    async def _name_abandoned(self, at: datetime, why: str) -> None:
+        """One ``email_uncertain`` for each row ``abandon`` made uncertain (the first 100), saying whose email may
+        have arrived: ``shutdown_abandoned`` counted them, and the operator decides on each."""
+        try:
+            rows = await asyncio.wait_for(self.astore.call(opstore.left_uncertain, self.store, at, why=why),
+                                          ABANDON_SECONDS)
+        except Exception as exc:  # the ledger has them all the same: kembali ledger lists them
+            if isinstance(exc, TimeoutError):  # its thread is held by a call that does not return: as abandon's
+                self._stuck = True
+            log.event("shutdown_abandoned_not_named", logging.WARNING, error=log.error_line(exc),
+                      note="see kembali ledger list --status uncertain")
+            return
+        for row in rows:
+            log.event("email_uncertain", logging.WARNING, campaign=row.campaign, dedupe_key=row.dedupe_key,
+                      customer=row.customer, to=log.mask_email(row.email),
+                      why="the shutdown's grace period ran out while it was being sent: it may have arrived, and "
+                          "is not sent again; see kembali ledger list --status uncertain")  # fmt: skip
 
     async def _close(self) -> None:
         self._halt.set()

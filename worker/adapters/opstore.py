@@ -73,7 +73,8 @@ def prune_attempts(store: Store, older_than: datetime, batch: int = PRUNE_BATCH)
 
 @dataclass(frozen=True)
 class LeftUncertain:
-    """A ``sending`` row whose lease lapsed, made ``uncertain`` by ``Store.release_expired_leases``."""
+    """A ``sending`` row whose lease lapsed, made ``uncertain`` by ``Store.release_expired_leases`` (or by
+    ``abandon``: the shutdown's grace period ran out while it was being sent)."""
 
     campaign: str
     dedupe_key: str
@@ -82,12 +83,13 @@ class LeftUncertain:
     email: str
 
 
-def left_uncertain(store: Store, at: datetime, limit: int = 100) -> list[LeftUncertain]:
-    """The rows ``Store.release_expired_leases(at)`` made ``uncertain`` (at most ``limit``, the oldest first)."""
+def left_uncertain(store: Store, at: datetime, limit: int = 100, *, why: str = LAPSED_WHY) -> list[LeftUncertain]:
+    """The rows ``Store.release_expired_leases(at)`` made ``uncertain`` (at most ``limit``, the oldest first); or
+    ``abandon`` did, given its ``why``."""
     query = (
         sa.select(M.c.campaign, M.c.dedupe_key, C.c.external_id, M.c.email)
         .select_from(M.outerjoin(C, C.c.id == M.c.customer_id))
-        .where(UNCERTAIN, M.c.updated_at == at, M.c.last_error == LAPSED_WHY)
+        .where(UNCERTAIN, M.c.updated_at == at, M.c.last_error == why[:500])
         .order_by(M.c.id)
         .limit(limit)
     )
