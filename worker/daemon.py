@@ -751,6 +751,7 @@ class Daemon:
             dispatch.cancel()
             await asyncio.wait({dispatch}, timeout=2)
             now, why = self.clock.now(), "shutdown grace period ran out while sending"
+            abandoning = time.monotonic()
             try:
                 requeued, uncertain = await asyncio.wait_for(self.astore.call(
                     opstore.abandon, self.store, worker=self.worker, now=now, why=why,
@@ -769,20 +770,19 @@ class Daemon:
                 code = EXIT_FORCED
             else:
                 log.event("shutdown_abandoned", logging.WARNING, requeued=requeued, uncertain=uncertain)
-                if uncertain:
-                    await self._name_abandoned(now, why)
+                if uncertain:  # within what is left of ABANDON_SECONDS: TimeoutStopSec is counted on it
+                    await self._name_abandoned(now, why, max(ABANDON_SECONDS - (time.monotonic() - abandoning), 0.5))
         if self._planning and not self._stuck:  # idempotent, but a pass cannot be stopped midway: let finish
             log.event("shutdown_waiting_for_planning", campaigns=",".join(sorted(set(self._planning.values()))))
             await asyncio.wait(list(self._planning))
         log.event("daemon_stopped", worker=self.worker, exit_code=code)
         return code
 
-    async def _name_abandoned(self, at: datetime, why: str) -> None:
+    async def _name_abandoned(self, at: datetime, why: str, timeout: float) -> None:
         """One ``email_uncertain`` for each row ``abandon`` made uncertain (the first 100), saying whose email may
         have arrived: ``shutdown_abandoned`` counted them, and the operator decides on each."""
         try:
-            rows = await asyncio.wait_for(self.astore.call(opstore.left_uncertain, self.store, at, why=why),
-                                          ABANDON_SECONDS)
+            rows = await asyncio.wait_for(self.astore.call(opstore.left_uncertain, self.store, at, why=why), timeout)
         except Exception as exc:  # the ledger has them all the same: kembali ledger lists them
             if isinstance(exc, TimeoutError):  # its thread is held by a call that does not return: as abandon's
                 self._stuck = True
