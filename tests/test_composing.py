@@ -274,3 +274,44 @@ def test_the_helper_stops_a_render_that_runs_past_the_configured_limit(sqlite_ur
     (failed,) = [i for i in in_helper if isinstance(i, RenderFailed)]
     assert (failed.error.template, failed.error.line) == ("winback/en/body.txt", 1)
     assert "took more than 0.5 s" in str(failed.error)
+
+
+HELPER_STARTING = """
+import os, signal, sys
+from tests.shop import TEMPLATES, settings_for
+from worker.adapters.templates import JinjaTemplates
+from worker.app import compose_pool
+from worker.pipeline import Composer
+
+if __name__ == "__main__":
+    settings = settings_for(sys.argv[1])
+    renderer = JinjaTemplates(TEMPLATES)
+    pool = compose_pool(settings, renderer, Composer(settings, renderer, b"k" * 32))
+    pool.start()  # the helpers' Python still importing, as a Ctrl-C reaches the process group
+    assert not pool._started.done()
+    for pid in pool._executor._processes:
+        os.kill(pid, signal.SIGINT)
+    pool.wait_started(timeout=60)
+    print("alive:", all(p.is_alive() for p in pool._executor._processes.values()), flush=True)
+    pool.close()
+"""
+
+
+def test_a_ctrl_c_while_the_helper_is_still_starting_leaves_it_running_without_a_traceback(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Ctrl-C at the terminal reaches the whole process group: the helper too, which ignores it once its start
+    (``_start``) sets it so; a Ctrl-C during its second of imports before that printed a KeyboardInterrupt
+    traceback on the daemon's terminal and killed the helper. (In a process of its own, as the daemon's: the first
+    helper it starts also starts multiprocessing's resource tracker.)"""
+    # Given a process starting its compose helper, when a Ctrl-C reaches the helper during its imports
+    script = tmp_path / "parent.py"
+    script.write_text(HELPER_STARTING)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, str(script), sqlite_url], capture_output=True, text=True, cwd=repo,
+                          env=env, timeout=120)  # fmt: skip
+    # Then the helper starts all the same, and says nothing
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "alive: True\n"
+    assert "KeyboardInterrupt" not in done.stderr and "Traceback" not in done.stderr, done.stderr

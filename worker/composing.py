@@ -41,6 +41,7 @@ needs the usual ``if __name__ == "__main__":`` guard (``kembali`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -48,11 +49,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from datetime import datetime
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 from worker import log
@@ -99,8 +101,10 @@ def _start(spec: ComposerSpec) -> None:
     from worker.adapters.templates import JinjaTemplates  # the helper's own templates, loaded once
 
     _exit_with_parent(spec.parent_pid)
-    # Ctrl-C reaches the terminal's whole process group: the process that started this helper decides when to stop
+    # Ctrl-C reaches the terminal's whole process group: the process that started this helper decides when to stop.
+    # The helper began with SIGINT blocked (``_sigint_held``): one that came while it started waits, and is dropped
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     renderer = JinjaTemplates(spec.templates_root, recheck_seconds=spec.recheck_seconds,
                               time_limit=spec.settings.checks.render_timeout_seconds)
@@ -109,6 +113,22 @@ def _start(spec: ComposerSpec) -> None:
 
 
 PARENT_CHECK_SECONDS = 1.0
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Inside: SIGINT blocked in this thread, and so in the helper processes it starts (a process starts with the
+    signals its parent's thread blocked): a Ctrl-C at the terminal, which reaches the whole process group, waits
+    in a helper until its ``_start`` ignores it, where during its second of imports it printed a KeyboardInterrupt
+    traceback and killed the helper. This process takes the Ctrl-C all the same, on another thread or after.
+    multiprocessing's resource tracker is started first, if it is not up: starting it (with the first helper) ends
+    by unblocking SIGINT in this thread, before the helper is started."""
+    resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -169,7 +189,8 @@ class ComposerPool:
         """Start the helpers in the background (~0.5-1 s of importing): batches are prepared in-process
         until they are up, so a run never waits for them."""
         if self.failures < MAX_FAILURES and (self._started is None or self._executor is None):
-            self._started = self._pool().submit(_ready)
+            with _sigint_held():  # (the executor starts its processes as work is submitted)
+                self._started = self._pool().submit(_ready)
 
     def wanted(self, size: int) -> bool:
         """Whether a batch of ``size`` messages goes to the helpers (else: prepare it in-process): big
@@ -203,9 +224,10 @@ class ComposerPool:
         loop = asyncio.get_running_loop()
         try:
             pool = self._pool()
-            results = await asyncio.gather(
-                *(loop.run_in_executor(pool, _prepare_in_helper, part, now, run) for part in parts)
-            )
+            with _sigint_held():  # (the executor starts its processes as work is submitted)
+                submitted = [asyncio.wrap_future(pool.submit(_prepare_in_helper, part, now, run), loop=loop)
+                             for part in parts]
+            results = await asyncio.gather(*submitted)
         except BrokenProcessPool as exc:
             self.failures += 1
             log.event(
