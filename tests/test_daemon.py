@@ -525,6 +525,32 @@ def test_sighup_with_another_link_key_variable_is_rejected_until_a_restart_and_l
     assert other not in daemon.log()
 
 
+def test_sighup_changing_a_setting_only_a_restart_applies_names_the_key_and_its_line_never_the_value(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon on its SQLite file
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started", timeout=60)
+        # When the operator changes a [web] setting and the database's URL (with a password), and sends SIGHUP
+        text = shop.config.read_text(encoding="utf-8")
+        text = text.replace("[web]\nport = 0\n", "[web]\nport = 0\nrequest_timeout_seconds = 30.0\n", 1)
+        text = re.sub(r'url = "sqlite[^"]*"', 'url = "postgresql+psycopg://kembali:Sup3rSecret@db.example/kembali"',
+                      text, count=1)
+        shop.config.write_text(text, encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        # Then the reload is rejected naming each key a restart applies, and the line of the first, not only a
+        # section ("[database, web] changed"), and not the URL's password
+        rejected = daemon.wait_event("reload_rejected", timeout=30)
+        line = 1 + text.split("\n").index('url = "postgresql+psycopg://kembali:Sup3rSecret@db.example/kembali"')
+        assert f"line {line}: 'database.url'" in rejected["error"], rejected
+        assert "'web.request_timeout_seconds'" in rejected["error"] and "restart the daemon" in rejected["error"]
+    finally:
+        assert daemon.stop(30) == 0
+    assert "Sup3rSecret" not in daemon.log()
+
+
 RUNAWAY = (
     "{% extends \"_layout.txt\" %}\n{% block content %}\n"
     "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}\n{% endblock %}\n"

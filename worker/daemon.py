@@ -635,12 +635,13 @@ class Daemon:
         except ConfigError as exc:
             log.event("reload_rejected", logging.ERROR, trigger=why, error=str(exc))
             return False
-        changed = [name for name in RESTART_ONLY if getattr(settings, name) != getattr(old.settings, name)]
-        if settings.unsubscribe.secret_env != old.settings.unsubscribe.secret_env:  # the keys are read at start
-            changed.append("unsubscribe.secret_env")
-        if changed:
-            log.event("reload_rejected", logging.ERROR, trigger=why,
-                      error=f"[{', '.join(changed)}] changed: restart the daemon to apply")
+        changed = _restart_only_changes(old.settings, settings)
+        if changed:  # each key by name, the first with its line (never a value: the database URL's password)
+            first, *others = changed
+            more = f" (and {', '.join(repr(key) for key in others)})" if others else ""
+            log.event("reload_rejected", logging.ERROR, trigger=why, error=naming_the_line(
+                f"{settings.source}: '{first}'{more} changed: a reload cannot apply it, restart the daemon to apply "
+                "(the running daemon keeps the value it started with)", settings))
             return False
         build = asyncio.ensure_future(asyncio.to_thread(self._build_generation, settings, stop_check=self._halted))
         self._builds.add(build)
@@ -815,6 +816,17 @@ class Daemon:
     def _remove_snapshots(self) -> None:
         for snapshot in list(self._snapshots):
             shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def _restart_only_changes(old: Settings, new: Settings) -> list[str]:
+    """The keys of ``RESTART_ONLY``'s sections, and ``unsubscribe.secret_env`` (the link keys are read at start),
+    whose value ``new`` changes: a reload cannot apply them."""
+    changed = [f"{section}.{f.name}" for section in RESTART_ONLY
+               for f in dataclasses.fields(getattr(new, section))
+               if getattr(getattr(new, section), f.name) != getattr(getattr(old, section), f.name)]
+    if new.unsubscribe.secret_env != old.unsubscribe.secret_env:
+        changed.append("unsubscribe.secret_env")
+    return changed
 
 
 def _log_failed_pass(campaign: str, task: asyncio.Future[None]) -> None:
