@@ -871,11 +871,15 @@ def test_sends_the_grace_period_cut_short_are_each_named_as_uncertain_with_their
     for i in (1, 2):
         smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=3))
     daemon = Daemon.start(shop)
-    daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 2,
-                    timeout=60, why="two sends under way")
-    # When it is stopped
-    daemon.signal(signal.SIGTERM)
-    assert daemon.wait(30) == 0
+    try:
+        daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 2,
+                        timeout=60, why="two sends under way")
+        # When it is stopped
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    finally:
+        if daemon.proc.poll() is None:  # (a failed wait above: no daemon left running after the test)
+            daemon.stop()
     # Then the log names each email left uncertain, whose customer may have it: the operator decides on each
     assert daemon.named("shutdown_abandoned")[0]["uncertain"] == 2
     named = sorted((e["campaign"], e["customer"], e["to"]) for e in daemon.named("email_uncertain"))
