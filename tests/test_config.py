@@ -294,6 +294,44 @@ def test_a_bad_key_of_the_shipped_config_is_named_with_its_line(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
+    ("after", "line", "message"),
+    [
+        # added "at the end of [sending]", which the shipped file follows with its empty [sending.domains]
+        ('# "yahoo.com" = { rate_per_second = 5.0, burst = 5 }', "daily_quota = 1000",
+         "'sending.domains.daily_quota' is no domain's rate: a key of [sending], not of [sending.domains]: a key "
+         "belongs to the table of the header above it; write it above [sending.domains]"),
+        # added "at the end of [campaigns.winback]", after its [[campaigns.winback.steps]]
+        ('coupon_percent = 15', "holdout_share = 0.1",
+         "unknown key 'campaigns.winback.steps[2].holdout_share': a key of [campaigns.winback], not of "
+         "[[campaigns.winback.steps]]: a key belongs to the table of the header above it; write it above the first "
+         "[[campaigns.winback.steps]]"),
+        ('within_days = 30', "quiet_hours_start = '22:00'",
+         "unknown key 'campaigns.loyalty.quiet_hours_start': a key of [policy], not of [campaigns.loyalty]: a key "
+         "belongs to the table of the header above it; write it under [policy]"),
+        ("# Kembali configuration. Every key is optional: a missing key takes the default", "batch_size = 10",
+         "unknown key 'batch_size': a key of [sending]: a key belongs to the table of the header above it; write it "
+         "under [sending]"),
+        ('lock_timeout_seconds = 30', "host = 'db.internal'",
+         "unknown key 'database.host': a key of [smtp] and [web], not of [database]: a key belongs to the table of "
+         "the header above it; write it under the one meant"),
+    ],
+)
+def test_a_key_written_under_another_tables_header_is_told_where_it_belongs(
+    tmp_path: Path, after: str, line: str, message: str
+) -> None:
+    # a key added below the last one of its table in the shipped file lands in the table whose header follows:
+    # it was "[sending.domains.daily_quota] must be a table", "unknown key 'campaigns.winback.steps[2].holdout_share'"
+    lines = (ROOT / "config.toml").read_text(encoding="utf-8").splitlines()
+    at = next(i for i, text in enumerate(lines) if text.startswith(after)) + 1
+    lines.insert(at, line)
+    path = tmp_path / "config.toml"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value) == f"{path}: line {at + 1}: {message}"
+
+
+@pytest.mark.parametrize(
     ("raw", "key"),
     [
         ({"database": {"url": ["postgresql+psycopg://shop:S3cretPW@db.example/shop"]}}, "database.url"),

@@ -467,6 +467,52 @@ def _secret_goes(prefix: str, key: str) -> str | None:
     return None
 
 
+_KEYED_BY = {"sending.domains": "domain's rate"}
+"""What the keys of a table of tables name, for a key that names none (``sending.domains.daily_quota``)."""
+
+
+def _tables(cls: type = Settings, path: str = "") -> list[tuple[str, bool, frozenset[str]]]:
+    """Every table of the file under ``path``: its dotted name, whether it is an array of tables
+    (``[[campaigns.winback.steps]]``) and the names of its own keys (not of the tables in it)."""
+    hints = typing.get_type_hints(cls)
+    keys: set[str] = set()
+    found: list[tuple[str, bool, frozenset[str]]] = []
+    for f in dataclasses.fields(cls):
+        hint, inner = hints[f.name], typing.get_args(hints[f.name])
+        dotted = f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(hint):
+            found += _tables(hint, dotted)  # type: ignore[arg-type]
+        elif typing.get_origin(hint) is tuple and inner and dataclasses.is_dataclass(inner[0]):
+            found += [(dotted, True, frozenset(x.name for x in dataclasses.fields(inner[0])))]
+        elif cls is not Settings:  # its source and base_dir are no keys of the file
+            keys.add(f.name)
+    return [(path, False, frozenset(keys)), *found] if path else found
+
+
+def _belongs_elsewhere(prefix: str, key: str) -> str | None:
+    """Where a key unknown in the table ``prefix`` names belongs, when it is a key of other tables: TOML puts a key
+    in the table of the last header above it, so one added below the last key of its table in the shipped file
+    lands in the table that follows (``daily_quota`` in ``[sending.domains]``, a win-back key in its last step)."""
+    here = re.sub(r"\[[0-9]+\]", "", prefix.rstrip("."))
+    tables = _tables()
+    homes = [(name, array) for name, array, keys in tables if name != here and key in keys]
+    if not homes:
+        return None
+    header = {name: f"[[{name}]]" if array else f"[{name}]" for name, array, _keys in tables}
+    this = header.get(here, f"[{here}]")
+    above = [(name, array) for name, array in homes if here.startswith(f"{name}.")]  # [sending] of [sending.domains]
+    homes = above or homes
+    shown = " and ".join(header[name] for name, _array in homes)
+    if above:
+        where = f"write it above {'the first ' if '[' in prefix else ''}{this}"
+    elif len(homes) == 1:
+        where = f"write it under {shown}"
+    else:
+        where = "write it under the one meant"
+    of_this = f", not of {this}" if here else ""
+    return f"a key of {shown}{of_this}: a key belongs to the table of the header above it; {where}"
+
+
 def _build(cls: type, data: Any, source: str, prefix: str, skip: frozenset[str] | set[str] = frozenset()) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table")
@@ -477,8 +523,10 @@ def _build(cls: type, data: Any, source: str, prefix: str, skip: frozenset[str] 
             if (elsewhere := _secret_goes(prefix, key)) is not None:
                 raise ConfigError(f"{source}: unknown key '{prefix}{key}': secrets never live in the file: {elsewhere}")
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+            if close:
+                raise ConfigError(f"{source}: unknown key '{prefix}{key}' (did you mean '{prefix}{close[0]}'?)")
+            elsewhere = _belongs_elsewhere(prefix, key)
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'" + (f": {elsewhere}" if elsewhere else ""))
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         if name not in data:
@@ -509,6 +557,9 @@ def _coerce(hint: Any, value: Any, source: str, dotted: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{dotted}' must be a table")
         if dataclasses.is_dataclass(inner):
+            for k, v in value.items():
+                if not isinstance(v, dict) and (elsewhere := _belongs_elsewhere(f"{dotted}.", str(k))) is not None:
+                    raise ConfigError(f"{source}: '{dotted}.{k}' is no {_KEYED_BY.get(dotted, 'entry')}: {elsewhere}")
             return {str(k): _build(inner, v, source, f"{dotted}.{k}.") for k, v in value.items()}  # type: ignore[arg-type]
         return {str(k): _coerce(inner, v, source, f"{dotted}.{k}") for k, v in value.items()}
     if origin is tuple:
