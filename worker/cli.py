@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                        "importing the same file twice changes nothing. A bad row is reported with its line number "
                        "and skipped; the rest is imported. Import customers before their orders (an order of an "
                        "unknown customer is rejected). Exit code 1 if any row was rejected, or imported with a "
-                       "warning (an unclear marketing_consent, one address whose customers' consents disagree); 2 if "
+                       "warning (an unclear marketing_consent, a birthday, time_zone or locale left out, one "
+                       "address whose customers' consents disagree); 2 if "
                        "the file is missing or cannot be read as CSV of that kind (nothing imported); 3 when the "
                        "database cannot be used; 130/143 when stopped by Ctrl-C/SIGTERM (it says up to which line the "
                        "file is imported).")
