@@ -288,6 +288,21 @@ def test_a_typo_in_a_variable_is_one_problem(tmp_path: Path) -> None:
     assert "\n1 problem found\n" in done.stdout, done.stdout
 
 
+def test_a_typo_in_a_field_name_is_told_the_field_meant(tmp_path: Path) -> None:
+    # Given a greeting that reads a customer's field by a mistyped name
+    site = make_site(tmp_path / "shop", copy_templates=True)
+    _edit("winback/id/body.html", "Halo {{ sapaan }},", "Halo {{ customer.frist_name }},")(site.folder / "templates")
+    line = _line_of(site.folder / "templates", "winback/id/body.html", "frist_name")
+    # When the operator checks the templates
+    done = site.cli("check")
+    # Then the problem names the field meant: it said only "'dict object' has no attribute 'frist_name'", the
+    # operator left to find the fields a customer has in templates/email/README.md
+    assert done.returncode == 1
+    named = [row for row in done.stdout.splitlines() if "frist_name" in row]
+    assert named == [f"undefined: winback/id/body.html:{line}: UndefinedError: 'dict object' has no attribute "
+                     "'frist_name' (did you mean 'first_name'?) [winback/id, samples: siti, single, noname, long +5]"]
+
+
 def test_a_mistake_in_the_shared_layout_is_one_problem_naming_the_folders_it_breaks(tmp_path: Path) -> None:
     # Given the text layout every email extends, saved with a stray {% endif %}
     site = make_site(tmp_path / "shop", copy_templates=True, extra_toml="[campaigns.birthday]\nenabled = true\n")

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import difflib
 import functools
 import hashlib
 import itertools
@@ -574,6 +575,23 @@ def _parsing_line(tb: TracebackType | None) -> int:
     return line
 
 
+class _Undefined(jinja2.StrictUndefined):
+    """StrictUndefined whose error for a field a dict lacks names the field meant: ``'dict object' has no attribute
+    'frist_name' (did you mean 'first_name'?)``. Only the dict's key names are shown, never its values."""
+
+    __slots__ = ()
+
+    @property
+    def _undefined_message(self) -> str:
+        message: str = super()._undefined_message
+        owner, name = self._undefined_obj, self._undefined_name
+        if not self._undefined_hint and isinstance(owner, Mapping) and isinstance(name, str) and len(name) <= 100:
+            close = difflib.get_close_matches(name, [key for key in owner if isinstance(key, str)], n=1)
+            if close:
+                message += f" (did you mean '{close[0]}'?)"
+        return message
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     """Jinja2's immutable sandbox, refusing values larger than ``MAX_PART_CHARS`` before it builds them (the
     operators, filters and methods that can build them in one step of C, which no time limit stops), with a
@@ -791,7 +809,7 @@ class JinjaTemplates:
         """When the files were last compared with the cached versions (monotonic), with recheck_seconds > 0."""
         self._env = _Sandbox(
             loader=jinja2.FileSystemLoader(self.root, encoding="utf-8-sig"),  # without the BOM an editor may write
-            undefined=jinja2.StrictUndefined,
+            undefined=_Undefined,
             autoescape=jinja2.select_autoescape(enabled_extensions=("html", "htm"), default_for_string=False),
             trim_blocks=True,
             lstrip_blocks=True,
