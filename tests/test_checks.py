@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -464,6 +466,21 @@ def test_check_names_a_tls_mode_unusual_for_the_port(port: int, tls: str, hint: 
         assert problems == []
     else:
         assert len(problems) == 1 and hint in problems[0], problems
+
+
+def test_check_names_an_event_loop_choice_that_run_would_refuse(tmp_path: Path) -> None:
+    # Given the environment's KEMBALI_EVENT_LOOP misspelt, which `run --once` and the daemon refuse (exit code 2)
+    site = make_site(tmp_path / "shop")
+    env = {**site.env(), "KEMBALI_EVENT_LOOP": "uv-loop"}
+    # When the operator checks before running
+    done = subprocess.run([sys.executable, "-m", "worker", "--config", str(site.config), "check"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    # Then check names it as a problem, as run will: it said "no problems found" and exit code 0
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "config: KEMBALI_EVENT_LOOP must be 'auto', 'asyncio' or 'uvloop', not 'uv-loop'" in done.stdout
+    ran = subprocess.run([sys.executable, "-m", "worker", "--config", str(site.config), "run", "--once"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert ran.returncode == 2 and "KEMBALI_EVENT_LOOP must be" in ran.stderr, ran.stderr
 
 
 def test_each_win_back_step_folder_is_rendered_with_that_steps_coupon_and_number() -> None:

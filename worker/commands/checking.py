@@ -10,6 +10,7 @@ from datetime import UTC, datetime, time
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
+from worker import eventloop
 from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.templates import StrayText
 from worker.app import link_keys, smtp_password
@@ -29,13 +30,18 @@ EXIT_OK, EXIT_PROBLEMS = 0, 1
 
 
 def check_config(settings: Settings, environ: dict[str, str] | None = None) -> list[Problem]:
-    """Settings that load fine but fail when used: secrets missing from the environment, no templates folder."""
+    """Settings that load fine but fail when used: secrets missing from the environment, an event loop that cannot
+    be used, no templates folder."""
     problems: list[Problem] = []
     for probe in (link_keys, smtp_password):
         try:
             probe(settings, environ)
         except ConfigError as exc:
             problems.append(Problem(Kind.CONFIG, naming_the_line(str(exc), settings)))
+    try:  # `run` and the daemon refuse a KEMBALI_EVENT_LOOP they cannot use
+        eventloop.choice(environ)
+    except ConfigError as exc:
+        problems.append(Problem(Kind.CONFIG, str(exc)))
     if (hint := tls_port_hint(settings.smtp)) is not None:
         problems.append(Problem(Kind.CONFIG, hint))
     folder = settings.resolve(settings.templates.dir)
