@@ -118,7 +118,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "list", help="list messages with their last reply",
         description="Newest change first. --json prints one object a line with the keys id, status, campaign, "
         "dedupe_key, email, message_id, attempts, last_code, last_reply, last_error, skip_reason, updated_at, "
-        "next_attempt_at (these stay; new ones may be added).",
+        "next_attempt_at (these stay; new ones may be added). Exit code 2 for a --customer the shop's data does "
+        "not have or an --after ID the ledger does not have; 3 when the database cannot be used.",
     )  # fmt: skip
     _add_filters(ls, [s.value for s in MessageStatus], "uncertain and failed")
     ls.add_argument("--all", action="store_true", help="every status (with --status: the ones it names)")
@@ -133,7 +134,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "resend", help="send uncertain/failed messages again (same Message-ID)",
         description="Puts uncertain or failed messages back in the queue, due now, with the same Message-ID. By "
         "filters it leaves out the messages an operator closed as failed (a decision a filter does not undo; it "
-        "says which, and their IDs resend them).",
+        "says which, and their IDs resend them). Exit code 1 when a message is left alone (no such message, "
+        "another state, past its expiry or to a suppressed address); 2 for neither IDs nor a filter, or both, or a "
+        "--customer the shop's data does not have; 3 when the database cannot be used.",
     )  # fmt: skip
     rs.add_argument("ids", type=int, nargs="*", metavar="ID", help="a message's ID, as `ledger list` shows it")
     _add_filters(rs, list(DECIDABLE), "uncertain and failed")
@@ -147,7 +150,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "for messages you know arrived, counts them as sent (for the cap and `stats`) from when they were last "
         "tried. A message waiting in the queue (planned or retry, e.g. `close --status planned --campaign "
         "new_products`) is cancelled by closing it as failed: it is never sent (one a worker has taken is being "
-        "sent and is left alone). Each decision is recorded as an attempt with outcome 'operator'.",
+        "sent and is left alone). Each decision is recorded as an attempt with outcome 'operator'. Exit code 1 "
+        "when a message is left alone (no such message, another state, or a planned one closed --as sent); 2 for "
+        "neither IDs nor a filter, or both, or a --customer the shop's data does not have; 3 when the database "
+        "cannot be used.",
     )  # fmt: skip
     cl.add_argument("ids", type=int, nargs="*", metavar="ID", help="a message's ID, as `ledger list` shows it")
     _add_filters(cl, [*DECIDABLE, *sorted(WAITING)], "uncertain and failed; planned or retry to cancel them")
