@@ -433,7 +433,12 @@ def test_a_mistyped_database_path_is_named_and_no_empty_file_is_left(
     nowhere = write_config(tmp_path / "cfg")
     nowhere.write_text(nowhere.read_text().replace(str(tmp_path / "cfg" / "shop.db"), str(tmp_path / "no" / "x.db")))
     code, out = run_cli(capsys, "--config", str(nowhere), "db", "upgrade")
-    assert code == 2 and f"cannot open the database {tmp_path / 'no' / 'x.db'} (does its folder exist?)" in out
+    named = f"cannot open the database {tmp_path / 'no' / 'x.db'}: its folder {tmp_path / 'no'} does not exist"
+    assert code == 2 and named in out, out
+    # and `db status` says so too, rather than that `db upgrade` is needed: the upgrade would stop on it
+    code, out = run_cli(capsys, "--config", str(nowhere), "db", "status")
+    assert code == 2 and named in out and "no database file" not in out, out
+    assert not (tmp_path / "no").exists()
 
 
 def test_db_upgrade_against_a_postgresql_server_that_is_not_up_exits_3_not_2_and_shows_no_password(

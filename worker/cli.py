@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                        "database.url). On PostgreSQL a second `db upgrade` run meanwhile waits for the first, then "
                        "finds nothing to do; on SQLite it waits up to 30 s for the file's write lock, saying so. "
                        "Exit code 2 for a bad config or an SQLite file that cannot be opened "
-                       "(does its folder exist?), 3 when the PostgreSQL server cannot be used (try again later), "
+                       "(its folder missing, say), 3 when the PostgreSQL server cannot be used (try again later), "
                        "another program held an SQLite file's write lock longer than 30 s (nothing is changed), or "
                        "the database's schema is newer than this kembali (a newer one upgraded it: install that "
                        "version here; nothing is changed). `kembali db status` exits 0 when the schema is the "
@@ -572,6 +572,8 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     engine = db.engine_for(settings)
     path = db.sqlite_path(engine)
     try:
+        if args.action == "status" and path is not None and not path.parent.is_dir():  # `db upgrade` stops there
+            return _cannot_open(engine, path, None)
         if args.action == "status" and path is not None and not path.exists():  # look, but do not create it
             print(f"current: (no database file at {path})  newest: {db.head_revision(engine)}")
             return EXIT_ATTENTION  # `db upgrade` creates it: a deploy script tells by the exit code
@@ -652,8 +654,11 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
 def _cannot_open(engine: Any, path: Path | None, exc: Any) -> int:
     from worker.adapters import db
 
-    hint = " (does its folder exist?)" if path is not None and not path.parent.is_dir() else ""
-    print(f"kembali: cannot open the database {db.describe(engine)}{hint}: {exc.orig}", file=sys.stderr)
+    if path is not None and not path.parent.is_dir():
+        print(f"kembali: cannot open the database {db.describe(engine)}: its folder {path.parent} does not exist: "
+              "create it, or correct database.url", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    print(f"kembali: cannot open the database {db.describe(engine)}: {exc.orig}", file=sys.stderr)
     # a SQLite path is the config's to fix; a server that does not answer (not up yet) may later, as for every command
     return EXIT_USAGE if path is not None else EXIT_UNAVAILABLE
 
