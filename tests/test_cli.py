@@ -438,6 +438,9 @@ def test_a_mistyped_database_path_is_named_and_no_empty_file_is_left(
     # and `db status` says so too, rather than that `db upgrade` is needed: the upgrade would stop on it
     code, out = run_cli(capsys, "--config", str(nowhere), "db", "status")
     assert code == 2 and named in out and "no database file" not in out, out
+    # and the other commands tell to create the folder, not only to run `db upgrade`, which would stop on it
+    code, out = run_cli(capsys, "--config", str(nowhere), "preview")
+    assert code == 3 and f"nor its folder {tmp_path / 'no'}: correct database.url, or create that folder" in out, out
     assert not (tmp_path / "no").exists()
 
 

@@ -665,6 +665,9 @@ def check_schema(engine: Engine) -> None:
     connection): a mistyped path would otherwise leave an empty file behind, and an upgrade run on it."""
     where = describe(engine)
     path = sqlite_path(engine)
+    if path is not None and not path.parent.is_dir():  # `db upgrade` alone would stop on it
+        raise SchemaError(f"the database {where} does not exist, nor its folder {path.parent}",
+                          upgrade="correct database.url, or create that folder, then the database with")
     if path is not None and not path.exists():
         raise SchemaError(f"the database {where} does not exist", upgrade="check database.url, or create it with")
     try:
