@@ -616,8 +616,9 @@ def test_import_help_says_what_to_import_first_and_what_its_exit_codes_mean() ->
     text = " ".join(result.stdout.split())
     # (it left out that orders need their customers imported first, and every exit code but 1)
     assert "Import customers before their orders (an order of an unknown customer is rejected)." in text
-    assert "Exit code 1 if any row was rejected, or imported with a warning (an unclear marketing_consent, one " \
-           "address whose customers' consents disagree); 2 if the file is missing or cannot be read as CSV of " \
+    assert "Exit code 1 if any row was rejected, or imported with a warning (an unclear marketing_consent, a " \
+           "birthday, time_zone or locale left out, one address whose customers' consents disagree); 2 if the " \
+           "file is missing or cannot be read as CSV of " \
            "that kind " \
            "(nothing imported); 3 when the database cannot be used; 130/143 when stopped by Ctrl-C/SIGTERM" \
            in text  # fmt: skip
