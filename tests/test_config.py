@@ -28,6 +28,9 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
     [
         ({"smtp": {"prot": 25}}, "unknown key 'smtp.prot' (did you mean 'smtp.port'?)"),
         ({"campaign": {}}, "unknown key 'campaign' (did you mean 'campaigns'?)"),
+        ({"schedule": {"plan_cron": {"winbak": "0 9 * * *"}}},
+         "'schedule.plan_cron.winbak' is not a campaign (did you mean 'winback'?): the campaigns are birthday, "
+         "feedback, loyalty, new_products, winback"),
         ({"campaigns": {"winback": {"quiet_days": "45"}}}, "'campaigns.winback.quiet_days' must be int"),
         ({"smtp": {"port": 70000}}, "'smtp.port' must be between 1 and 65535"),
         ({"smtp": {"tls": "ssl"}}, "'smtp.tls' must be 'starttls', 'tls' or 'none'"),

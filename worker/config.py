@@ -802,7 +802,10 @@ def _check_daemon(s: Settings) -> None:
     known = {f.name for f in dataclasses.fields(CampaignSettings)}
     for campaign, expr in s.schedule.plan_cron.items():
         if campaign not in known:
-            _fail(s, f"schedule.plan_cron.{campaign}", f"is not a campaign (known: {', '.join(sorted(known))})")
+            close = difflib.get_close_matches(campaign, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            _fail(s, f"schedule.plan_cron.{campaign}",
+                  f"is not a campaign{hint}: the campaigns are {', '.join(sorted(known))}")
         try:
             parse_cron(expr)
         except ValueError as exc:
