@@ -392,3 +392,16 @@ def test_a_reason_with_spaces_around_it_is_stored_without_them(
     assert capsys.readouterr().out.splitlines()[1].startswith("budi@example.com,complaint,cli,")
     assert run(config, "list", "siti@example.com") == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("siti@example.com,manual,cli,")
+
+
+def test_a_list_of_senders_whose_first_name_has_a_comma_is_read_one_a_line(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given the senders of unsubscribe requests pasted one a line as a mail client copies them, the first with a
+    # name written 'Last, First' (it was read as a CSV whose header had no 'email' column: refused whole)
+    file = tmp_path / "unsubscribe-requests.txt"
+    file.write_text('"Santoso, Budi" <budi@example.com>\nSiti <siti@example.com>\n', encoding="utf-8")
+    # When it is imported, Then both addresses are suppressed
+    assert run(config, "import", str(file), "--reason", "unsubscribed") == 0
+    assert capsys.readouterr().out == "imported 2 address(es): 2 newly suppressed, 0 already suppressed\n"
+

@@ -120,7 +120,8 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
         raise Refused(f"line {number}: {comma_separated(separator)}, with a first line naming its 'email' column")
     good: list[str] = []
     bad: list[str] = []
-    if "," in first or first.strip().lower() == "email":
+    # a first line that is one address is no CSV header, even with a comma in its name ('"Santoso, Budi" <…>')
+    if ("," in first and not _is_address(first)) or first.strip().lower() == "email":
         # read from the header: the comment and blank lines before it are no CSV (it looked for the header on line 1)
         before = number - 1
         offset = next((m.end() for i, m in enumerate(_LINE_BREAK.finditer(text), 1) if i == before), 0)
