@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -405,3 +407,15 @@ def test_a_list_of_senders_whose_first_name_has_a_comma_is_read_one_a_line(
     assert run(config, "import", str(file), "--reason", "unsubscribed") == 0
     assert capsys.readouterr().out == "imported 2 address(es): 2 newly suppressed, 0 already suppressed\n"
 
+
+
+def test_a_line_of_many_spaces_is_rejected_in_one_pass(tmp_path: Path) -> None:
+    # Given a file whose one line is two words with 400,000 spaces between (hostile, or a broken export)
+    file = tmp_path / "bounces.txt"
+    file.write_text("a" + " " * 400_000 + "b>\n", encoding="utf-8")
+    script = ("import sys; from pathlib import Path; from worker.commands.suppressing import read_addresses; "
+              "good, bad = read_addresses(Path(sys.argv[1]).read_text()); print(len(good), len(bad))")
+    # When it is read, Then it is rejected as no address, at once: reading it as 'Name <address>' backtracked
+    # quadratically (half an hour for this line), the command hanging (the bound is 100 times what it takes now)
+    done = subprocess.run([sys.executable, "-c", script, str(file)], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "0 1\n"), done.stderr[-2000:]
