@@ -8,6 +8,7 @@ import shlex
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,6 +19,8 @@ from worker import cli
 from worker.adapters.importer import normalize_email
 from worker.adapters.store import M
 from worker.commands import ledger as ledger_command
+from worker.core.audiences import message_id_for
+from worker.domain import PlannedMessage
 
 DROP, GONE, OK = "drop@test.example", "gone@test.example", "ok@test.example"
 
@@ -673,3 +676,40 @@ def test_a_message_an_operator_closed_leaves_the_list_of_what_needs_a_decision(
     for asked in (["--status", "failed"], ["--all"]):
         assert kembali(config, "list", *asked) == 0
         assert GONE in capsys.readouterr().out
+
+
+def test_a_campaign_cancelled_by_filters_is_closed_a_few_hundred_rows_a_statement(
+    world_on_either: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given 1,200 new-products messages planned for the shop's three customers
+    shop, config = world_on_either
+    now = shop.clock.now()
+    customers = {row.email: row.customer_id for row in (shop.row(DROP), shop.row(GONE), shop.row(OK))}
+    emails = sorted(customers)
+    shop.store.insert_messages([
+        PlannedMessage(dedupe_key=f"new_products:x{i}", campaign="new_products", step=1,
+                       customer_id=customers[emails[i % 3]], email=emails[i % 3], due_at=now + timedelta(days=1),
+                       expires_at=now + timedelta(days=8), message_id=message_id_for(f"new_products:x{i}", "t.example"))
+        for i in range(1200)], now)  # fmt: skip
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    # When the operator cancels the campaign by filters
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", count)
+    try:
+        assert kembali(config, "close", "--status", "planned", "--campaign", "new_products") == 0
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", count)
+    # Then every one is closed as failed, each with the operator's attempt row
+    assert "1200 message(s) closed as failed" in capsys.readouterr().out
+    with shop.store.engine.connect() as conn:
+        statuses = conn.execute(sa.select(M.c.status, sa.func.count()).where(M.c.campaign == "new_products")
+                                .group_by(M.c.status)).all()  # fmt: skip
+        attempts = conn.execute(sa.text("SELECT count(*) FROM attempt WHERE outcome = 'operator'")).scalar_one()
+    assert statuses == [("failed", 1200)] and attempts == 1200
+    # in a few statements per few hundred rows, where it ran two per message in one transaction: SQLite's write
+    # lock held for as long (20,000 rows: 31 s, past the 30 s a worker's write waits for it, failing its run)
+    writes = [s for s in statements if s.lstrip().upper().startswith(("UPDATE", "INSERT"))]
+    assert len(writes) <= 20, f"{len(writes)} writes"
