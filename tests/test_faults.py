@@ -800,3 +800,29 @@ def test_a_slow_domain_does_not_hold_every_sender_while_other_domains_wait(
         assert len(told) == deferred and {e["domain"] for e in told} == {"slow.example"}
     finally:
         shop.close()
+
+
+def test_a_message_to_another_domain_coming_due_while_the_run_waits_for_a_slow_domain_goes_at_the_next_poll(
+    url: str, server: RecordingServer
+) -> None:
+    # Given two customers at a domain allowed one message every 500 s, and one at another domain whose server
+    # greylists the first try (due again a minute later)
+    slow = ["s0@slow.example", "s1@slow.example"]
+    other = "o0@other.example"
+    server.on(other, Behaviour(greylist=True))
+    shop = shop_for(url, server, [*slow, other], compose_processes=0,
+                    domains={"slow.example": {"rate_per_second": 0.002, "burst": 1}})  # fmt: skip
+    try:
+        # When the run sends what is due, the second slow message waiting 500 s in the ledger for its slot (on a
+        # fake clock: every wait is a jump of its time)
+        shop.cycle()
+
+        # Then the greylisted message went again once due (within a poll of the daemon's), not when the slow
+        # domain's next slot came: the run's wait for that slot does not hold back the other domains' due messages
+        row = shop.row(other)
+        assert (row.status, row.attempts) == ("sent", 2)
+        retried = shop.attempts(other)[0].finished_at.replace(tzinfo=UTC)
+        assert (row.sent_at.replace(tzinfo=UTC) - retried).total_seconds() < 100
+        assert {shop.row(a).status for a in slow} == {"sent"}
+    finally:
+        shop.close()

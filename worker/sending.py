@@ -687,12 +687,14 @@ class Dispatcher:
 
     def _rate_wait(self) -> float | None:
         """Seconds until the first message this run sent back to the queue for its domain's slot comes due, or None
-        when there is none, or the run is stopping, paused or out of the day's quota."""
+        when there is none, or the run is stopping, paused or out of the day's quota. At most
+        ``schedule.dispatch_poll_seconds``: what else comes due meanwhile (a retry, another worker's plan, to any
+        domain) is claimed as the daemon's poll would, not when a slow domain's slot, minutes off, comes."""
         now = self.clock.now()
         self._rate_later = [at for at in self._rate_later if at > now]  # those come due were claimed (or taken)
         if not self._rate_later or self.stopping.is_set() or self.paused is not None or self.quota_reached:
             return None
-        return (min(self._rate_later) - now).total_seconds()
+        return min((min(self._rate_later) - now).total_seconds(), self.settings.schedule.dispatch_poll_seconds)
 
     def hand_over_unwritten(self, to: Dispatcher) -> None:
         """Give what this dispatcher's runs could not write to ``to`` (a reload's), whose next run writes it first."""
