@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email
+import email.policy
 import itertools
 import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,10 @@ import pytest
 from tests.sendkit import NOW, Shop, make_settings, message_ids
 from tests.smtp_server import CLIENT_LIMIT_REPLY, GREYLIST_REPLY, Behaviour, RecordingServer
 from tests.test_smtp_transport import _self_signed, _tls_server
+from worker.adapters.shop import upsert_products
 from worker.asyncstore import AsyncStore
 from worker.commands import running
+from worker.domain import ProductRecord
 from worker.pipeline import plan
 
 BAD, OK = "bad@test.example", "ok@test.example"
@@ -826,3 +830,35 @@ def test_a_message_to_another_domain_coming_due_while_the_run_waits_for_a_slow_d
         assert {shop.row(a).status for a in slow} == {"sent"}
     finally:
         shop.close()
+
+
+def test_a_run_waiting_for_a_slow_domain_reads_the_catalogue_again_for_what_it_claims_later(
+    url: str, server: RecordingServer
+) -> None:
+    # Given two customers at a domain allowed one message every 500 s, and a product announced to launch 100 s
+    # after the run begins
+    slow = ["s0@slow.example", "s1@slow.example"]
+    shop = shop_for(url, server, slow, compose_processes=0,
+                    domains={"slow.example": {"rate_per_second": 0.002, "burst": 1}})  # fmt: skip
+    launched = NOW + timedelta(seconds=100)
+    new = ProductRecord("P-2", "Kopi Baru Toraja", "kopi", 95_000_00, "IDR", "https://shop.example/p/2", "", launched,
+                        True)  # fmt: skip
+    upsert_products(shop.store.engine, [new], NOW)
+    try:
+        # When the run sends both, the second 500 s later (on a fake clock: every wait is a jump of its time)
+        shop.cycle()
+
+        # Then the first email could not show the product, and the second, sent after its launch, may: the run read
+        # the catalogue again for what it claimed after its wait, as a new run would (not the one of its start)
+        bodies = {m.rcpt_tos: _text(m.data) for m in server.messages}
+        first, second = sorted(slow, key=lambda a: shop.row(a).sent_at)
+        assert shop.row(second).sent_at.replace(tzinfo=UTC) >= launched
+        assert "Kopi Baru Toraja" not in bodies[(first,)]
+        assert "Kopi Baru Toraja" in bodies[(second,)]
+    finally:
+        shop.close()
+
+
+def _text(data: bytes) -> str:
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    return "\n".join(str(part.get_content()) for part in parsed.walk() if part.get_content_maintype() == "text")

@@ -637,6 +637,7 @@ class Dispatcher:
                 await self.limiter.sleep(wait, self.stopping)
                 if self.stopping.is_set():
                     break
+                self._runs += 1  # what it claims now reads the catalogue as of now, as a new run would
         except BaseException as failure:
             self._failing = True
             now = self.clock.now()
