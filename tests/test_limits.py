@@ -411,6 +411,8 @@ def test_domains_are_read_from_a_table() -> None:
         # addresses are stored and sent with an internationalised domain in its IDNA form: a limit for the
         # Unicode form, or with a dot at the end, would never be met
         ({"domains": {"bücher.de": {}}}, "'sending.domains.bücher.de' must be .* in its IDNA form: 'xn--bcher-kva.de'"),
+        # one that has no IDNA form is not told it has one (its own text, as it was)
+        ({"domains": {"bü..de": {}}}, "'sending.domains.bü..de' must be a lower-case domain such as gmail.com$"),
         ({"domains": {"gmail.com.": {}}}, "'sending.domains.gmail.com.' must be a lower-case domain"),
         ({"domains": {" gmail.com": {}}}, "'sending.domains. gmail.com' must be a lower-case domain"),
         ({"domains": {"gmail.com": {"burst": 0}}}, "'sending.domains.gmail.com.burst' must be at least 1"),

@@ -748,9 +748,9 @@ def _check(s: Settings) -> None:
     if s.sending.domain_burst < 1:
         _fail(s, "sending.domain_burst", "must be at least 1")
     for domain, limit in s.sending.domains.items():
-        if not domain.isascii():  # addresses are stored and sent with their domain in its IDNA form
+        if not domain.isascii() and (idna_form := _idna(domain)).isascii():  # as addresses are stored and sent
             _fail(s, f"sending.domains.{domain}", "must be a lower-case domain such as gmail.com, an internationalised "
-                  f"one in its IDNA form: {_idna(domain)!r} (the form the addresses it limits are stored in)")
+                  f"one in its IDNA form: {idna_form!r} (the form the addresses it limits are stored in)")
         if domain != domain.lower() or not _DOMAIN.fullmatch(domain):
             _fail(s, f"sending.domains.{domain}", "must be a lower-case domain such as gmail.com")
         if limit.rate_per_second <= 0:
