@@ -672,7 +672,14 @@ def test_a_message_an_operator_closed_leaves_the_list_of_what_needs_a_decision(
     # Then only the uncertain message is there, where a cancelled campaign's closed rows filled the list
     out = capsys.readouterr().out
     assert DROP in out and GONE not in out
-    # and the closed one is still found when asked for by status or with every row
+    # and a list that finds nothing else says the closed ones were left out, and how to see them
+    shop_drop = shop.row(DROP).id
+    assert kembali(config, "close", str(shop_drop)) == 0
+    capsys.readouterr()
+    assert kembali(config, "list") == 0
+    assert capsys.readouterr().out.strip() == ("no messages with status uncertain, failed (2 closed by an operator "
+                                               "not shown: --status failed lists them)")
+    # and the closed ones are still found when asked for by status or with every row
     for asked in (["--status", "failed"], ["--all"]):
         assert kembali(config, "list", *asked) == 0
         assert GONE in capsys.readouterr().out

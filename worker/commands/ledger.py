@@ -256,6 +256,8 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
             if args.campaign not in known:  # a misspelt name finds nothing, which is no news about the campaign
                 found += (f" (the ledger has no campaign {args.campaign!r}; "
                           f"its campaigns: {', '.join(known) or 'none yet'})")  # fmt: skip
+        if selection.closed is False and (hidden := admin.matching(dataclasses.replace(selection, closed=True))):
+            found += f" ({hidden} closed by an operator not shown: --status failed lists them)"
         print(found)
         return EXIT_OK
     for line in _table(rows):
