@@ -63,6 +63,12 @@ def test_preview_on_the_29_february_eve(tmp_path: Path) -> None:
     milestones = {r[1] for r in rows if r[1:2] and r[1].startswith("loyalty")}
     assert milestones, done.stdout
     assert all(re.fullmatch(r"loyalty/(orders-(5|10|25)|spend-5000000)", m) for m in milestones), milestones
+    # in the column the header gives, whatever the label's length: each row's third column begins under "when"
+    lines = done.stdout.splitlines()
+    column = next(line for line in lines if line.startswith("customer")).index("when (their time)")
+    listed = [line for line in lines if line.startswith("C-")]
+    assert all(line[column - 1] == " " and line[column] != " " for line in listed), [
+        line for line in listed if line[column - 1] != " " or line[column] == " "][:3]
     assert any("skip: held_out" in line for line in done.stdout.splitlines())
     deferred = [line for line in done.stdout.splitlines() if "defer until" in line and "(cap" in line]
     assert deferred

@@ -120,6 +120,10 @@ class PreviewSummary:
         }
 
 
+LABEL_WIDTH = 22
+"""The campaign/step column's width: ``winback/3 d120``, and a loyalty milestone such as ``loyalty/spend-5000000``."""
+
+
 def _per(count: int, unit: str) -> str:
     return f"{count} {unit}{'' if count == 1 else 's'}"
 
@@ -200,7 +204,7 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if not args.json:
             out.write(f"Preview as of {_local(at, settings.shop.time_zone, 'UTC')} (nothing is sent or written)\n\n")
-            out.write(f"{'customer':<14} {'campaign/step':<14} {'when (their time)':<22} subject\n")
+            out.write(f"{'customer':<14} {'campaign/step':<{LABEL_WIDTH}} {'when (their time)':<22} subject\n")
         items = run_preview(
             deps.store, settings, composer, at,
             campaigns=args.campaign, customer_external_id=args.customer, limit=args.limit,
@@ -268,8 +272,8 @@ def _show(
             out.write(json_line(row) + "\n")
         else:
             # customer data reaches the operator's terminal: escape what is not printable (a terminal escape, say)
-            out.write(f"{printable(item.customer.external_id):<14} {_label(message, currency):<14} {when:<22} "
-                      f"{printable(item.rendered.subject)}\n")
+            out.write(f"{printable(item.customer.external_id):<14} {_label(message, currency):<{LABEL_WIDTH}} "
+                      f"{when:<22} {printable(item.rendered.subject)}\n")
     elif isinstance(item, Skipped):
         summary.by_reason[item.reason.value] += 1
         if json_lines:
@@ -277,7 +281,7 @@ def _show(
                                  "step": message.step, "dedupe_key": message.dedupe_key,
                                  "reason": item.reason.value}) + "\n")
         else:
-            out.write(f"{printable(_customer(message)):<14} {_label(message, currency):<14} {'-':<22} "
+            out.write(f"{printable(_customer(message)):<14} {_label(message, currency):<{LABEL_WIDTH}} {'-':<22} "
                       f"skip: {item.reason.value}  [{printable(message.dedupe_key)}]\n")
     elif isinstance(item, Deferred):
         summary.deferred[item.why] += 1
@@ -288,7 +292,7 @@ def _show(
         else:
             why = why_deferred.get(item.why, "quiet hours")
             until = _local(item.until, item.time_zone, shop_zone)  # on the customer's clock, as the send times are
-            out.write(f"{printable(_customer(message)):<14} {_label(message, currency):<14} {'-':<22} "
+            out.write(f"{printable(_customer(message)):<14} {_label(message, currency):<{LABEL_WIDTH}} {'-':<22} "
                       f"defer until {until} ({why})\n")
     else:
         summary.by_reason["render_error"] += 1
