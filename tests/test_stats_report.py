@@ -19,7 +19,7 @@ from worker.adapters.store import M, Store
 from worker.core import stats
 from worker.core.audiences import message_id_for
 from worker.demo import ShopData, generate_shop
-from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus, PlannedMessage
+from worker.domain import CustomerRecord, Locale, MessageStatus, OrderRecord, OrderStatus, PlannedMessage
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 EXPOSED = NOW - timedelta(days=20)
@@ -611,9 +611,9 @@ def test_a_now_after_the_current_time_says_its_open_windows_are_counted_as_close
 
 
 @pytest.mark.parametrize(("command", "figures"), [
-    ("stats", ["planned", "sent", "failed", "hard bounces", "uncertain", "waiting", "skipped", "conversion",
-               "revenue", "holdout", "against", "still inside the window", "lift", "verdict", "deliverability",
-               "repeat purchase rate", "churn", "feedback"]),
+    ("stats", ["planned", "sent", "failed", "hard bounces", "cancelled", "uncertain", "waiting", "skipped",
+               "conversion", "revenue", "holdout", "against", "still inside the window", "lift", "verdict",
+               "deliverability", "repeat purchase rate", "churn", "feedback"]),
     ("insights", ["customers have bought", "days from the first to the second purchase", "median", "recommended",
                   "after a win-back email"]),
 ])  # fmt: skip
@@ -735,6 +735,52 @@ def test_hard_bounces_are_the_failures_the_sender_suppresses_on_each_database(db
     from worker.commands.reporting import stats_lines
 
     assert "  planned 5: sent 0, failed 5 (1 hard bounce)," in "\n".join(stats_lines(report))
+
+
+def test_messages_an_operator_cancelled_are_counted_apart_from_failures_on_each_database(db_url: str) -> None:
+    from worker.adapters.ledger import LedgerAdmin
+    from worker.adapters.store import A
+    from worker.commands.reporting import stats_lines
+    from worker.stats import build_stats
+
+    # Given a win-back step of five messages: two still planned and one in retry after a 451 (tried once), a
+    # failed one whose address does not exist, and one failed on its template (nothing handed to a server)
+    planned_at = NOW - timedelta(days=3)
+    tried_at = planned_at + timedelta(hours=1)
+    cs = [f"C-{i}" for i in range(5)]
+    engine = db.create_engine(db_url)
+    try:
+        pk = _load(engine, cs)
+        _ledger_row(engine, pk, "C-0", planned_at, status="planned")
+        _ledger_row(engine, pk, "C-1", planned_at, status="planned")
+        _ledger_row(engine, pk, "C-2", planned_at, status="retry", attempts=1, last_code=451,
+                    last_reply="4.7.1 Greylisted, please try again later")  # fmt: skip
+        _ledger_row(engine, pk, "C-3", planned_at, status="failed", attempts=1, last_code=550,
+                    last_reply="5.1.1 <c-3@example.com>: Recipient address rejected: User unknown")  # fmt: skip
+        _ledger_row(engine, pk, "C-4", planned_at, status="failed", last_error="UndefinedError")
+        with engine.begin() as conn:
+            ids = dict(conn.execute(sa.select(M.c.email, M.c.id)).all())
+            conn.execute(sa.insert(A), [
+                {"message_id": ids[email], "attempt_no": 1, "worker": "w1", "started_at": tried_at,
+                 "finished_at": tried_at, "outcome": outcome, "code": code, "reply": "", "error_type": ""}
+                for email, outcome, code in [("c-2@example.com", "transient", 451),
+                                             ("c-3@example.com", "permanent", 550),
+                                             ("c-4@example.com", "render_error", None)]
+            ])  # fmt: skip
+        # When the operator cancels the campaign's waiting messages (`ledger close --status planned,retry`), and
+        # closes the template's failure as failed after looking at it
+        result = LedgerAdmin(engine).close([ids[f"c-{i}@example.com"] for i in (0, 1, 2, 4)],
+                                           now=NOW - timedelta(days=1), operator="ops", status=MessageStatus.FAILED)
+        assert len(result.changed) == 4, result
+        report = build_stats(engine, since=NOW - timedelta(days=60), now=NOW)
+    finally:
+        engine.dispose()
+
+    # Then the two never tried are counted as cancelled, not failed; the one tried before its cancel, the hard
+    # bounce and the template's failure stay failed, and planned is still the sum of all
+    (winback,) = report.as_json()["campaigns"]
+    assert (winback["planned"], winback["failed"], winback["cancelled"], winback["hard_bounces"]) == (5, 3, 2, 1)
+    assert "  planned 5: sent 0, failed 3 (1 hard bounce), cancelled 2, uncertain 0, waiting 0" in stats_lines(report)
 
 
 def test_feedback_counts_the_ratings_given_in_the_period_on_each_database(db_url: str) -> None:

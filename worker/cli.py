@@ -181,13 +181,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, type=_address_arg, help="your address")
 
     p = sub.add_parser("stats", help="what the campaigns did: sends, skips, bounces, conversion, lift",
-                       description="Per campaign and step: planned, sent, failed, uncertain, waiting, skipped by "
-                       "reason, hard bounces; conversion (emailed customers who ordered within --window-days) and "
-                       "revenue; lift over the holdout group with a 95% Newcombe interval; unsubscribes and "
-                       "bounces from the suppression list; the shop's repeat purchase rate and churn over the "
-                       "period; feedback ratings given in it. Days are UTC days. --json prints one object (its "
-                       "keys: README, 'Did it work'). Exit code 2 for a bad --since or --now, 3 when the database "
-                       "cannot be used.")
+                       description="Per campaign and step: planned, sent, failed, cancelled, uncertain, waiting, "
+                       "skipped by reason, hard bounces; conversion (emailed customers who ordered within "
+                       "--window-days) and revenue; lift over the holdout group with a 95% Newcombe interval; "
+                       "unsubscribes and bounces from the suppression list; the shop's repeat purchase rate and "
+                       "churn over the period; feedback ratings given in it. Days are UTC days. --json prints one "
+                       "object (its keys: README, 'Did it work'). Exit code 2 for a bad --since or --now, 3 when "
+                       "the database cannot be used.")
     p.add_argument("--since", type=_date_arg, default=None, metavar="YYYY-MM-DD",
                    help="start of the period: a day in UTC, as the report's days are, the day of --now (today "
                    "without it) or earlier (default: the day 90 days before it, from its start)")
@@ -231,9 +231,13 @@ delivered (not placed and unpaid, cancelled or refunded)
   planned        ledger rows planned in the period: one per message, however
                  often it was tried or resent
   sent           the server accepted it
-  failed         refused for good, or out of attempts
+  failed         refused for good, out of attempts, a template error, or
+                 closed as failed by an operator after a try
   hard bounces   of the failed, those whose reply says the address does not
                  exist (the address is now suppressed)
+  cancelled      closed as failed by an operator (`kembali ledger close`)
+                 before any try: cancelled while it waited in the queue;
+                 not counted as failed (shown when there are any)
   uncertain      the connection died after the message was handed over: it
                  may have arrived (`kembali ledger` decides)
   waiting        planned, claimed, sending or retry: not settled yet

@@ -23,6 +23,8 @@ Definitions (also in the README):
 * hard bounces: failed rows whose last reply says the address does not exist (``core.limits.bounce_kind``,
   as the sender judged it when it put the address on the suppression list); not a refused content or sender,
   nor a full mailbox.
+* cancelled: failed rows an operator closed as failed (``kembali ledger close``) that were never tried (no
+  attempt row but the operator's): cancelled while they waited in the queue; not counted as failed.
 * repeat purchase rate: of the customers who bought during the period, the
   share with two or more purchases in all; churn: of the customers who had
   bought before the period, the share who did not buy during it.
@@ -51,6 +53,8 @@ class StepStats:
     statuses: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
     hard_bounces: int = 0
+    cancelled: int = 0
+    """Of the ``failed`` rows, those an operator cancelled (``reports.cancelled``): not counted as failed."""
     emailed: stats.Conversion | None = None
     held_out: stats.Conversion | None = None
     treated: stats.Conversion | None = None
@@ -66,7 +70,8 @@ class StepStats:
 
         return {
             "campaign": self.campaign, "step": self.step, "planned": self.planned,
-            "sent": self.statuses[MessageStatus.SENT], "failed": self.statuses[MessageStatus.FAILED],
+            "sent": self.statuses[MessageStatus.SENT],
+            "failed": self.statuses[MessageStatus.FAILED] - self.cancelled, "cancelled": self.cancelled,
             "uncertain": self.statuses[MessageStatus.UNCERTAIN],
             "waiting": sum(self.statuses[s] for s in ("planned", "claimed", "sending", "retry")),
             "skipped": dict(sorted(self.skipped.items())), "hard_bounces": self.hard_bounces,
@@ -127,6 +132,8 @@ def build_stats(
     for campaign, number, code, reply, n in reports.permanent_failures(engine, since, now):
         if limits.bounce_kind(code, reply) == "hard_bounce":  # as the sender judged it, suppressing the address
             step(campaign, number).hard_bounces += n
+    for campaign, number, n in reports.cancelled(engine, since, now):
+        step(campaign, number).cancelled += n
 
     found = {(campaign, number, group): c for campaign, number, group, c in
              reports.conversions(engine, since, window=timedelta(days=window_days), now=now,

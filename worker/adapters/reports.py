@@ -9,16 +9,18 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from worker.adapters import db
+from worker.adapters.ledger import CLOSED
 from worker.adapters.store import PAID, M, O, S
-from worker.adapters.tables import Feedback, UTCDateTime
+from worker.adapters.tables import Attempt, Feedback, UTCDateTime
 from worker.core import stats
-from worker.domain import MessageStatus, SkipReason
+from worker.domain import MessageStatus, Outcome, SkipReason
 
 HELD_OUT = SkipReason.HELD_OUT.value
 _purchase = O.c.status.in_(PAID)
 """A purchase, for conversions, revenue, repeat purchases, churn and insights: an order paid, shipped or delivered
 (as loyalty and win-back count them), not one placed and not paid yet, cancelled or refunded."""
 F = Feedback.__table__  # type: ignore[attr-defined]
+A = Attempt.__table__  # type: ignore[attr-defined]
 
 
 def _in_period(column: sa.Column[Any], since: datetime, until: datetime) -> sa.ColumnElement[bool]:
@@ -36,6 +38,22 @@ def ledger_counts(engine: Engine, since: datetime, until: datetime) -> list[tupl
     )
     with db.reading(engine) as conn:
         return [(c, int(s), st, r, int(n)) for c, s, st, r, n in conn.execute(query)]
+
+
+def cancelled(engine: Engine, since: datetime, until: datetime) -> list[tuple[str, int, int]]:
+    """(campaign, step, rows) of the failed rows planned from ``since`` to ``until`` that an operator cancelled:
+    closed as failed (``ledger.CLOSED``) and never tried, no attempt row but the operator's (no SMTP attempt, no
+    template rendered): a message closed while it waited in the queue. One tried before (a 4xx in ``retry``, a
+    template error, a 5xx) stays a failure, closed or not."""
+    tried = sa.exists().where(A.c.message_id == M.c.id, A.c.outcome != Outcome.OPERATOR.value)
+    query = (
+        sa.select(M.c.campaign, M.c.step, sa.func.count())
+        .where(_in_period(M.c.created_at, since, until), M.c.status == MessageStatus.FAILED.value,
+               M.c.last_error.startswith(f"{CLOSED}{MessageStatus.FAILED.value}"), ~tried)
+        .group_by(M.c.campaign, M.c.step)
+    )  # fmt: skip
+    with db.reading(engine) as conn:
+        return [(c, int(s), int(n)) for c, s, n in conn.execute(query)]
 
 
 def permanent_failures(engine: Engine, since: datetime, until: datetime) -> list[tuple[str, int, int, str, int]]:

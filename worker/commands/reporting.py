@@ -76,7 +76,8 @@ def stats_lines(report: StatsReport) -> list[str]:
         out.append(f"\n{s.campaign} step {s.step}")
         out.append(f"  planned {s.planned}: sent {j['sent']}, failed {j['failed']} ({s.hard_bounces} hard "
                    f"bounce{'' if s.hard_bounces == 1 else 's'}), "
-                   f"uncertain {j['uncertain']}, waiting {j['waiting']}")  # fmt: skip
+                   + (f"cancelled {s.cancelled}, " if s.cancelled else "")
+                   + f"uncertain {j['uncertain']}, waiting {j['waiting']}")  # fmt: skip
         if s.skipped:
             out.append("  skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(s.skipped.items())))
         if s.emailed is not None:
