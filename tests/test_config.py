@@ -84,6 +84,12 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
          "'policy.priorities' 'bday' is not a campaign (did you mean 'birthday'?)"),
         ({"policy": {"priorities": ["winback", "feedback", "winback"]}},
          "'policy.priorities' lists 'winback' more than once"),
+        # an enabled campaign left out went silently last, below every one listed
+        ({"campaigns": {"loyalty": {"enabled": True}, "feedback": {"enabled": True}},
+          "policy": {"priorities": ["birthday", "winback"]}},
+         "'policy.priorities' leaves out 'feedback', 'loyalty', which are enabled: list every enabled campaign"),
+        ({"campaigns": {"loyalty": {"enabled": True}}, "policy": {"priorities": []}},
+         "'policy.priorities' leaves out 'loyalty', 'winback', which are enabled"),
     ],
 )
 def test_bad_settings_name_the_key(raw: dict[str, object], message: str) -> None:
@@ -91,6 +97,12 @@ def test_bad_settings_name_the_key(raw: dict[str, object], message: str) -> None
         settings_from_dict(raw, source="shop.toml")
     assert str(caught.value).startswith("shop.toml: ")
     assert message in str(caught.value)
+
+
+def test_priorities_may_leave_out_the_campaigns_turned_off() -> None:
+    # an older config, written before loyalty and new products, lists the campaigns it has: it still loads
+    settings = settings_from_dict({"policy": {"priorities": ["birthday", "feedback", "winback"]}})
+    assert settings.policy.priorities == ("birthday", "feedback", "winback")
 
 
 def test_plaintext_to_a_remote_host_can_be_forced() -> None:

@@ -909,6 +909,10 @@ def _check_policy(s: Settings) -> None:
     repeated = sorted({name for name in p.priorities if p.priorities.count(name) > 1})
     if repeated:
         _fail(s, "policy.priorities", f"lists {repeated[0]!r} more than once: each campaign at most once")
+    left_out = [name for name in sorted(known) if getattr(s.campaigns, name).enabled and name not in p.priorities]
+    if left_out:  # it would go last, below every campaign listed, without a word
+        _fail(s, "policy.priorities", f"leaves out {', '.join(map(repr, left_out))}, which "
+              f"{'is' if len(left_out) == 1 else 'are'} enabled: list every enabled campaign, highest priority first")
 
 
 _TEN_YEARS_DAYS = 3650
