@@ -283,6 +283,14 @@ def test_a_value_past_what_the_program_can_take_is_refused_by_name(raw: dict[str
         ("[policy]\nfrequency_caps = [\n  [1, 3],\n  [0, 30],\n]\n",
          "line 2: 'policy.frequency_caps[1]' must be [max emails, per days], both at least 1"),
         ("[web]\nhost = '0.0.0.0'\n[sending]\nbatch_size = 0\n", "line 4: 'sending.batch_size' must be at least 1"),
+        # milestones out of order or repeated were taken as given: a typo (50 for 5) went unseen
+        ("[campaigns.loyalty]\nenabled = true\norder_milestones = [10, 5]\n",
+         "line 3: 'campaigns.loyalty.order_milestones' must each be greater than the one before, not [10, 5]"),
+        ("[campaigns.loyalty]\norder_milestones = [5, 5]\n",
+         "line 2: 'campaigns.loyalty.order_milestones' must each be greater than the one before, not [5, 5]"),
+        ("[campaigns.loyalty]\nspend_milestones = [\n  5000000,\n  1000000,\n]\n",
+         "line 2: 'campaigns.loyalty.spend_milestones' must each be greater than the one before, "
+         "not [5000000, 1000000]"),
         # a key without a default left out: a TypeError traceback, not the key
         ("[[campaigns.winback.steps]]\ntemplate = 'winback'\n",
          "line 1: 'campaigns.winback.steps[0].days' is missing (it has no default)"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import itertools
 import math
 import re
 import tomllib
@@ -881,6 +882,10 @@ def _check_campaigns(s: Settings) -> None:
         _fail(s, "campaigns.loyalty.order_milestones", "must be order counts of at least 1")
     if any(n < 1 for n in c.loyalty.spend_milestones):
         _fail(s, "campaigns.loyalty.spend_milestones", "must be positive amounts")
+    for key, milestones in (("campaigns.loyalty.order_milestones", c.loyalty.order_milestones),
+                            ("campaigns.loyalty.spend_milestones", c.loyalty.spend_milestones)):
+        if any(later <= earlier for earlier, later in itertools.pairwise(milestones)):  # a typo: 50 for 5, 5 twice
+            _fail(s, key, f"must each be greater than the one before, not [{', '.join(map(str, milestones))}]")
 
 
 _YEAR_SECONDS = 365 * 86400
