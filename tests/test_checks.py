@@ -450,9 +450,9 @@ def test_problem_text() -> None:
 @pytest.mark.parametrize(
     ("port", "tls", "hint"),
     [
-        (465, "starttls", "smtp.port 465 is the implicit-TLS port (SMTPS), where smtp.tls is usually 'tls'"),
+        (465, "starttls", "'smtp.port' 465 is the implicit-TLS port (SMTPS), where smtp.tls is usually 'tls'"),
         (465, "tls", None),
-        (587, "tls", "smtp.port 587 usually takes STARTTLS"),
+        (587, "tls", "'smtp.port' 587 usually takes STARTTLS"),
         (587, "starttls", None),
         (2525, "none", None),
     ],
@@ -466,6 +466,19 @@ def test_check_names_a_tls_mode_unusual_for_the_port(port: int, tls: str, hint: 
         assert problems == []
     else:
         assert len(problems) == 1 and hint in problems[0], problems
+
+
+def test_check_names_the_file_and_line_of_a_tls_mode_unusual_for_the_port(tmp_path: Path) -> None:
+    from worker.commands.checking import check_config
+
+    # Given port 465 with smtp.tls left at 'none', in a config file
+    site = make_site(tmp_path / "shop", smtp_port=465)
+    line = site.config.read_text(encoding="utf-8").splitlines().index("port = 465") + 1
+    # When check looks at the config
+    problems = [str(p) for p in check_config(site.settings, {"KEMBALI_LINK_SECRET": "k" * 32})]
+    # Then it names the file and the line, as it names every other config problem: it said 'smtp.port 465 …' alone
+    assert problems == [f"{site.config}: line {line}: 'smtp.port' 465 is the implicit-TLS port (SMTPS), where smtp.tls "
+                        "is usually 'tls', not 'none': the server waits for TLS while Kembali waits for its greeting"]
 
 
 def test_check_names_an_event_loop_choice_that_run_would_refuse(tmp_path: Path) -> None:

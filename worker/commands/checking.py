@@ -42,8 +42,9 @@ def check_config(settings: Settings, environ: dict[str, str] | None = None) -> l
         eventloop.choice(environ)
     except ConfigError as exc:
         problems.append(Problem(Kind.CONFIG, str(exc)))
-    if (hint := tls_port_hint(settings.smtp)) is not None:
-        problems.append(Problem(Kind.CONFIG, hint))
+    if (hint := tls_port_hint(settings.smtp)) is not None:  # named as the others: the file, smtp.port's line
+        named = f"{settings.source}: 'smtp.port' {hint.removeprefix('smtp.port ')}"
+        problems.append(Problem(Kind.CONFIG, naming_the_line(named, settings)))
     folder = settings.resolve(settings.templates.dir)
     if not folder.is_dir():  # named as `run` names it: the file, the key's line
         missing = f"{settings.source}: 'templates.dir' {str(folder)!r} is not a folder"
