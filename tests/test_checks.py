@@ -578,6 +578,22 @@ def test_check_notes_quiet_hours_that_leave_only_the_night_for_sending(tmp_path:
         assert done.returncode == 0 and "note: policy.quiet_hours" not in done.stdout, (name, done.stdout)
 
 
+def test_check_notes_a_contact_policy_without_any_frequency_cap(tmp_path: Path) -> None:
+    # Given frequency caps emptied (no cap at all)
+    site = make_site(tmp_path / "shop", extra_toml="[policy]\nfrequency_caps = []\n")
+    # When the operator checks the config
+    done = site.cli("check")
+    # Then the config is valid (it may be meant), and check says what it means: nothing said so, and a customer due
+    # several campaigns got them all the same day
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("note: policy.frequency_caps is [] (no cap): a customer due several campaigns gets each one as soon as it "
+            "is due, several the same day (the shipped caps, [[1, 3], [4, 30]]: at most 1 email per 3 days and 4 per "
+            "30 days)") in done.stdout, done.stdout
+    # Given the shipped caps, there is no note
+    done = make_site(tmp_path / "capped", extra_toml="[policy]\nfrequency_caps = [[1, 3], [4, 30]]\n").cli("check")
+    assert done.returncode == 0 and "frequency_caps" not in done.stdout, done.stdout
+
+
 def test_check_notes_an_enabled_campaign_whose_planning_cron_never_runs(tmp_path: Path) -> None:
     # Given win-back planned on 31 February (crontab's way to pause a job), and birthdays off with the same cron
     site = make_site(tmp_path / "shop", extra_toml='[schedule]\nplan_cron = { winback = "0 0 31 2 *", '

@@ -121,6 +121,16 @@ def quiet_by_day(settings: Settings) -> str | None:
             f"nothing is sent; for the night, start {end!r} and end {start!r})")
 
 
+def no_frequency_cap(settings: Settings) -> str | None:
+    """A note when ``policy.frequency_caps`` is empty: valid (a test shop may mean it), but the contact policy then
+    never holds an email back for the ones sent before."""
+    if settings.policy.frequency_caps:
+        return None
+    return ("policy.frequency_caps is [] (no cap): a customer due several campaigns gets each one as soon as it is "
+            "due, several the same day (the shipped caps, [[1, 3], [4, 30]]: at most 1 email per 3 days and 4 per "
+            "30 days)")
+
+
 def _minutes(clock: str) -> int:
     hours, minutes = clock.split(":")
     return int(hours) * 60 + int(minutes)
@@ -167,6 +177,8 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
         print(f"note: {note}")
     if by_day := quiet_by_day(settings):
         print(f"note: {by_day}")
+    if uncapped := no_frequency_cap(settings):
+        print(f"note: {uncapped}")
     if gap := birthday_planning_gap(settings, datetime.now(UTC)):
         print(f"note: {gap}")
     for name in unused:
