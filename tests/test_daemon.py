@@ -1599,3 +1599,44 @@ def test_the_health_line_counts_the_ledgers_uncertain_messages_not_only_this_wor
         daemon.wait_event("health", where=lambda e: e["uncertain_in_ledger"] == 0, after=len(daemon.named("health")))
     finally:
         assert daemon.stop() == 0
+
+
+def _start_failure(shop_config: Path, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """``kembali run`` with ``shop_config`` as a service runs it: its exit code and its stderr's lines."""
+    proc = subprocess.run([sys.executable, "-m", "worker", "--config", str(shop_config), "run"], cwd=REPO,
+                          env={**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY, **(env or {})},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return proc.returncode, proc.stderr.splitlines()
+
+
+def test_a_daemon_that_cannot_start_says_why_in_one_json_line_when_its_config_asks_for_json(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")  # [logging] format = "json"
+    text = shop.config.read_text(encoding="utf-8")
+    # When the SMTP login's password variable is not set (a config error found after the file was read)
+    shop.config.write_text(text.replace("[smtp]\n", '[smtp]\nusername = "u"\npassword_env = "KEMBALI_NO_SUCH"\n'),
+                           encoding="utf-8")
+    code, lines = _start_failure(shop.config)
+    # Then the one line on stderr is a JSON event a log collector reads, with the whole message
+    assert code == 2 and len(lines) == 1, lines
+    failed = json.loads(lines[0])
+    assert failed["event"] == "command_failed" and failed["level"] == "error" and failed["exit_code"] == 2, failed
+    assert "KEMBALI_NO_SUCH" in failed["message"] and failed["message"].startswith("configuration error: "), failed
+    # When the database is a PostgreSQL server nothing listens at (libpq's reason is two lines)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    pg = f"postgresql+psycopg://kembali:Sup3rSecret@127.0.0.1:{port}/kembali"
+    shop.config.write_text(re.sub(r'url = "sqlite[^"]*"', f'url = "{pg}"', text), encoding="utf-8")
+    code, lines = _start_failure(shop.config)
+    # Then it is one JSON line too, holding both of libpq's lines, the password masked
+    assert code == 3 and len(lines) == 1, lines
+    failed = json.loads(lines[0])
+    assert failed["event"] == "command_failed" and failed["exit_code"] == 3, failed
+    assert f"127.0.0.1:{port}" in failed["message"] and "\n\tIs the server running" in failed["message"], failed
+    assert "Sup3rSecret" not in lines[0] and "kembali:***@" in failed["message"], failed
+    # But a config that cannot be read says so in plain text: which format it asks for is unknown
+    shop.config.write_text(text + "\n[logging\n", encoding="utf-8")
+    code, lines = _start_failure(shop.config)
+    assert code == 2 and lines[0].startswith("kembali: configuration error: ") and "invalid TOML" in lines[0], lines

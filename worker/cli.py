@@ -484,16 +484,13 @@ def _command(args: argparse.Namespace) -> int:
         # one found after the file was read (the database URL, a templates folder that is not there, a web port
         # taken) is named with its key's line, as the loader's own are (which, naming their line already, it leaves)
         message = naming_the_line(str(exc), settings) if settings is not None else str(exc)
-        print(f"kembali: configuration error: {_naming_the_variable(message, args)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(args, settings, f"configuration error: {_naming_the_variable(message, args)}", EXIT_USAGE)
     except SchemaError as exc:
         # the upgrade it advises with this command's --config, when it had one: the bare command, run where the
         # operator stands, looks for ./config.toml there (and a service's config is rarely in the operator's folder)
-        print(f"kembali: {exc.telling(args.config if args.config_given else None)}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return _failed(args, settings, exc.telling(args.config if args.config_given else None), EXIT_UNAVAILABLE)
     except KembaliError as exc:
-        print(f"kembali: {exc}", file=sys.stderr)
-        return EXIT_ATTENTION
+        return _failed(args, settings, str(exc), EXIT_ATTENTION)
     except KeyboardInterrupt as exc:  # unwound: a transaction under way rolled back, a helper process stopped
         sig = stopping.stop_signal(exc)
         print(f"kembali {args.command}: stopped by {sig.name}", file=sys.stderr)
@@ -502,8 +499,8 @@ def _command(args: argparse.Namespace) -> int:
         if exc.errno not in _USAGE_ERRNOS:
             raise
         # a file or folder given on the command line or in the config, or a port already taken: say which
-        print(f"kembali{_os_error_text(exc, args)}", file=sys.stderr)
-        return EXIT_USAGE
+        said = _os_error_text(exc, args)
+        return _failed(args, settings, said.lstrip().removeprefix(": "), EXIT_USAGE, plain=f"kembali{said}")
     except Exception as exc:
         reason = _database_failure(exc)
         if reason is None:
@@ -513,8 +510,20 @@ def _command(args: argparse.Namespace) -> int:
         # the schema was there when the command began: the database went away, or another writer held it longer
         # than SQLite waits (30 s), or a PostgreSQL host stopped answering (a connect timeout)
         where = f" {db.describe_url(settings.database_url)}" if settings is not None else ""  # (demo: its own)
-        print(f"kembali: the database{where} could not be used: {reason}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return _failed(args, settings, f"the database{where} could not be used: {reason}", EXIT_UNAVAILABLE)
+
+
+def _failed(args: argparse.Namespace, settings: Settings | None, message: str, code: int,
+            plain: str | None = None) -> int:
+    """Say on stderr why the command failed (``kembali: message``, or ``plain``) and return ``code``. ``run``'s (a
+    service's, whose stderr a log collector reads) is the event ``command_failed`` when its config, read, asks for
+    JSON logs: one JSON line, a reason of several lines (libpq's hint) whole in it. Before the config is read the
+    format is not known: plain text."""
+    if args.command == "run" and settings is not None and settings.logging.format == "json":
+        print(log.json_event_line("command_failed", message=message, exit_code=code), file=sys.stderr)
+    else:
+        print(plain or f"kembali: {message}", file=sys.stderr)
+    return code
 
 
 def _os_error_text(exc: OSError, args: argparse.Namespace) -> str:

@@ -124,6 +124,13 @@ class JsonFormatter(logging.Formatter):
         return json_line(body)
 
 
+def json_event_line(name: str, level: int = logging.ERROR, **fields: Any) -> str:
+    """The JSON line ``event(name, level, **fields)`` logs with ``logging.format = "json"``, made without the
+    logger: for a command's failure said before (or whatever) ``configure`` set it up."""
+    record = LOGGER.makeRecord(LOGGER.name, level, __file__, 0, name, (), None, extra={"kembali_fields": fields})
+    return JsonFormatter().format(record)
+
+
 class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is when it writes (a test's capture of it may have ended since)."""
 
