@@ -1640,3 +1640,23 @@ def test_a_daemon_that_cannot_start_says_why_in_one_json_line_when_its_config_as
     shop.config.write_text(text + "\n[logging\n", encoding="utf-8")
     code, lines = _start_failure(shop.config)
     assert code == 2 and lines[0].startswith("kembali: configuration error: ") and "invalid TOML" in lines[0], lines
+
+
+def test_a_config_read_but_refused_says_why_in_json_when_it_asks_for_json_logs(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")  # [logging] format = "json"
+    text = shop.config.read_text(encoding="utf-8")
+    # When a key's value is refused (valid TOML: its [logging] table can be read)
+    shop.config.write_text(text.replace('url = "https://shop.example/unsubscribe"', 'url = "http://shop.example/u"'),
+                           encoding="utf-8")
+    code, lines = _start_failure(shop.config)
+    # Then the refusal, naming its line, is one JSON line
+    assert code == 2 and len(lines) == 1, lines
+    failed = json.loads(lines[0])
+    assert failed["event"] == "command_failed" and failed["exit_code"] == 2, failed
+    assert "'unsubscribe.url' must be an https:// URL" in failed["message"] and "line " in failed["message"], failed
+    # But one whose [logging] format is the refused value is said in plain text
+    shop.config.write_text(text.replace('format = "json"', 'format = "jsonl"'), encoding="utf-8")
+    code, lines = _start_failure(shop.config)
+    assert code == 2 and lines[0].startswith("kembali: configuration error: ") and "logging.format" in lines[0], lines

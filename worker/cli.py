@@ -484,7 +484,8 @@ def _command(args: argparse.Namespace) -> int:
         # one found after the file was read (the database URL, a templates folder that is not there, a web port
         # taken) is named with its key's line, as the loader's own are (which, naming their line already, it leaves)
         message = naming_the_line(str(exc), settings) if settings is not None else str(exc)
-        return _failed(args, settings, f"configuration error: {_naming_the_variable(message, args)}", EXIT_USAGE)
+        return _failed(args, settings, f"configuration error: {_naming_the_variable(message, args)}", EXIT_USAGE,
+                       log_format=exc.log_format)
     except SchemaError as exc:
         # the upgrade it advises with this command's --config, when it had one: the bare command, run where the
         # operator stands, looks for ./config.toml there (and a service's config is rarely in the operator's folder)
@@ -514,12 +515,14 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _failed(args: argparse.Namespace, settings: Settings | None, message: str, code: int,
-            plain: str | None = None) -> int:
+            plain: str | None = None, log_format: str | None = None) -> int:
     """Say on stderr why the command failed (``kembali: message``, or ``plain``) and return ``code``. ``run``'s (a
     service's, whose stderr a log collector reads) is the event ``command_failed`` when its config, read, asks for
-    JSON logs: one JSON line, a reason of several lines (libpq's hint) whole in it. Before the config is read the
-    format is not known: plain text."""
-    if args.command == "run" and settings is not None and settings.logging.format == "json":
+    JSON logs: one JSON line, a reason of several lines (libpq's hint) whole in it; or when a config refused asked
+    for them (``log_format``). Before the config is read the format is not known: plain text."""
+    if log_format is None and settings is not None:
+        log_format = settings.logging.format
+    if args.command == "run" and log_format == "json":
         print(log.json_event_line("command_failed", message=message, exit_code=code), file=sys.stderr)
     else:
         print(plain or f"kembali: {message}", file=sys.stderr)

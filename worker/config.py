@@ -378,7 +378,10 @@ def load_settings(path: Path | str = DEFAULT_CONFIG) -> Settings:
     try:
         return settings_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
     except ConfigError as exc:
-        raise ConfigError(_with_line(str(exc), str(path), text)) from None
+        refused = ConfigError(_with_line(str(exc), str(path), text))
+        table = raw.get("logging")
+        refused.log_format = table.get("format") if isinstance(table, dict) else None  # to say it in JSON if asked
+        raise refused from None
 
 
 _NAMED_KEY = re.compile(r"(?:unknown key )?'([^'\n]+)'|\[([^\]\n]*)\] must be a table")

@@ -27,6 +27,9 @@ class KembaliError(Exception):
 class ConfigError(KembaliError):
     """The configuration is invalid."""
 
+    log_format: str | None = None
+    """A config file that was read but refused: its ``[logging] format``, as written (None if not there)."""
+
 
 class SchemaError(KembaliError):
     """The database schema is missing or out of date: run `kembali db upgrade`."""
