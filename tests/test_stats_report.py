@@ -880,3 +880,34 @@ def test_revenue_past_what_a_bigint_holds_is_counted_exactly(db_url: str) -> Non
     (winback,) = report.steps
     assert winback.emailed is not None
     assert (winback.emailed.converted, winback.emailed.revenue_minor) == (3, 28 * 10**18)
+
+
+def test_a_message_whose_worker_died_while_sending_closed_as_failed_is_a_failure_not_a_cancel(db_url: str) -> None:
+    from worker.adapters.ledger import LedgerAdmin
+    from worker.commands.reporting import stats_lines
+    from worker.stats import build_stats
+
+    # Given a win-back message marked sending (handed to the SMTP server: its try counted) whose worker died: the
+    # lease lapsed and it became uncertain, with no attempt row (none was written for the send cut short)
+    planned_at = NOW - timedelta(days=3)
+    engine = db.create_engine(db_url)
+    try:
+        pk = _load(engine, ["C-0"])
+        _ledger_row(engine, pk, "C-0", planned_at, status="sending", attempts=1, claimed_by="w1",
+                    lease_until=planned_at + timedelta(minutes=5), updated_at=planned_at + timedelta(minutes=1))
+        assert Store(engine).release(M.c.dedupe_key == "winback:C-0:O-C-0-0:1", now=planned_at + timedelta(hours=1),
+                                     why="worker died") == (0, 1)
+        # When the operator decides it did not arrive: `ledger close ID` (as failed)
+        with engine.begin() as conn:
+            (message_id,) = conn.execute(sa.select(M.c.id)).scalars().all()
+        result = LedgerAdmin(engine).close([message_id], now=NOW - timedelta(days=1), operator="ops",
+                                           status=MessageStatus.FAILED)
+        assert len(result.changed) == 1, result
+        report = build_stats(engine, since=NOW - timedelta(days=60), now=NOW)
+    finally:
+        engine.dispose()
+
+    # Then it is a failure (it was tried: it may even have left), not a message cancelled before any try
+    (winback,) = report.as_json()["campaigns"]
+    assert (winback["planned"], winback["failed"], winback["cancelled"]) == (1, 1, 0), winback
+    assert "  planned 1: sent 0, failed 1 (0 hard bounces), uncertain 0, waiting 0" in stats_lines(report)

@@ -24,7 +24,7 @@ Definitions (also in the README):
   as the sender judged it when it put the address on the suppression list); not a refused content or sender,
   nor a full mailbox.
 * cancelled: failed rows an operator closed as failed (``kembali ledger close``) that were never tried (no
-  attempt row but the operator's): cancelled while they waited in the queue; not counted as failed.
+  attempt row but the operator's, no try counted): cancelled while they waited in the queue; not counted as failed.
 * repeat purchase rate: of the customers who bought during the period, the
   share with two or more purchases in all; churn: of the customers who had
   bought before the period, the share who did not buy during it.
