@@ -550,6 +550,9 @@ def _frozen_while_loading(child: subprocess.Popen[str]) -> bool:
         if any(f"/{library}/" in maps for library in LOADING):
             return _catches(child.pid, signal.SIGTERM)
         os.kill(child.pid, signal.SIGCONT)
+        # let it run a little before the next look: stopped again at once, a child the scheduler had not run yet
+        # (two cores, other work) made no progress from one look to the next, and never reached kembali's modules
+        time.sleep(0.002)
 
 
 def _sigterm_while_loading(child: subprocess.Popen[str]) -> tuple[bool, str]:
