@@ -467,9 +467,9 @@ class Dispatcher:
         """Once this run's quota is reached: when the day after the latest one whose quota refused its messages
         begins (None: not reached)."""
         self._last_unreached = ""
+        """The reply (or error) of the last attempt that did not reach the server."""
         self._rate_later: list[datetime] = []
         """When the messages this run sent back to the queue to wait for their recipient domain's slot come due."""
-        """The reply (or error) of the last attempt that did not reach the server."""
         self._runs = 0
         self._catalogue: list[ProductView] = []
         """The product catalogue, read once per run (when batches are prepared in this process)."""
