@@ -90,13 +90,14 @@ def address(value: str) -> str:
     """``value`` normalised as customer imports store addresses; ValueError saying why when it is invalid. An address
     with a display name (an unsubscribe request's sender, copied from a mail client) is the address in its angle
     brackets; one with two addresses is no address."""
-    named = arguments.NAMED.fullmatch(value)
-    if named is None:
-        return normalize_email(value)
+    inner = arguments.unnamed(value)
     try:
-        return normalize_email(named.group(1))
-    except ValueError as exc:  # said of what was given, not of the part of it read
-        raise ValueError(str(exc).replace(repr(named.group(1).strip()), repr(value.strip()), 1)) from None
+        return normalize_email(inner)
+    except ValueError as exc:
+        if inner is value:
+            raise
+        # said of what was given, not of the part of it read
+        raise ValueError(str(exc).replace(repr(inner.strip()), repr(value.strip()), 1)) from None
 
 
 class Refused(ValueError):
