@@ -123,6 +123,13 @@ class Selection:
     the row changed since (retried, decided), where its new time would list the page again. None: its time now."""
 
 
+def closed_as_failed() -> sa.ColumnElement[bool]:
+    """A row an operator closed as failed (decided, or cancelled while it waited): failed, its note ``CLOSED``'s.
+    The coalesce: a row without a note is not closed, where NOT (NULL LIKE …) would leave it out of the negation
+    too."""
+    return sa.and_(M.c.status == MessageStatus.FAILED.value, sa.func.coalesce(M.c.last_error, "").startswith(CLOSED))
+
+
 def _matching(query: sa.Select[Any], selection: Selection) -> sa.Select[Any]:
     if selection.statuses:
         query = query.where(M.c.status.in_(list(selection.statuses)))
@@ -135,9 +142,7 @@ def _matching(query: sa.Select[Any], selection: Selection) -> sa.Select[Any]:
     if selection.codes:
         query = query.where(M.c.last_code.in_(list(selection.codes)))
     if selection.closed is not None:
-        # coalesce: a row without a note is not closed, where NOT (NULL LIKE …) would leave it out too
-        closed = sa.and_(M.c.status == MessageStatus.FAILED.value,
-                         sa.func.coalesce(M.c.last_error, "").startswith(CLOSED))  # fmt: skip
+        closed = closed_as_failed()
         query = query.where(closed if selection.closed else ~closed)
     if selection.email:
         query = query.where(sa.func.lower(M.c.email) == sa.func.lower(sa.literal(selection.email)))

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from worker.adapters import db
-from worker.adapters.ledger import CLOSED
+from worker.adapters.ledger import closed_as_failed
 from worker.adapters.store import PAID, M, O, S
 from worker.adapters.tables import Attempt, Feedback, UTCDateTime
 from worker.core import stats
@@ -42,15 +42,14 @@ def ledger_counts(engine: Engine, since: datetime, until: datetime) -> list[tupl
 
 def cancelled(engine: Engine, since: datetime, until: datetime) -> list[tuple[str, int, int]]:
     """(campaign, step, rows) of the failed rows planned from ``since`` to ``until`` that an operator cancelled:
-    closed as failed (``ledger.CLOSED``) and never tried, no attempt row but the operator's (no SMTP attempt, no
-    template rendered) and no try counted (``attempts``: a send whose worker died left it ``uncertain`` without an
-    attempt row): a message closed while it waited in the queue. One tried before (a 4xx in ``retry``, a template
-    error, a 5xx, a send cut short) stays a failure, closed or not."""
+    closed as failed (``ledger.closed_as_failed``) and never tried, no attempt row but the operator's (no SMTP
+    attempt, no template rendered) and no try counted (``attempts``: a send whose worker died left it
+    ``uncertain`` without an attempt row): a message closed while it waited in the queue. One tried before (a 4xx
+    in ``retry``, a template error, a 5xx, a send cut short) stays a failure, closed or not."""
     tried = sa.exists().where(A.c.message_id == M.c.id, A.c.outcome != Outcome.OPERATOR.value)
     query = (
         sa.select(M.c.campaign, M.c.step, sa.func.count())
-        .where(_in_period(M.c.created_at, since, until), M.c.status == MessageStatus.FAILED.value,
-               M.c.last_error.startswith(f"{CLOSED}{MessageStatus.FAILED.value}"), M.c.attempts == 0, ~tried)
+        .where(_in_period(M.c.created_at, since, until), closed_as_failed(), M.c.attempts == 0, ~tried)
         .group_by(M.c.campaign, M.c.step)
     )  # fmt: skip
     with db.reading(engine) as conn:
