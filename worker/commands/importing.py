@@ -132,11 +132,10 @@ def import_file(
     }[kind]
     total = shop.UpsertCounts()
     errors = 0
-    unclear = shared = birthdays = zones = locales = 0
-    """Rows imported with a value replaced by the safe one (``RowError.saved``: an unclear consent saved as none);
-    ``shared``: customers imported beside one of the same address whose consent says the other; ``birthdays``:
-    customers imported without the birthday the file gave them, which could not be one; ``zones``, ``locales``:
-    customers imported with the shop's time zone or locale (or the one stored before) for one that cannot be read."""
+    replaced: Counter[str] = Counter()
+    """Rows imported with a value replaced by the safe one (``RowError.saved``), by what was replaced
+    (``_saved_as``): an unclear consent saved as none; a customer beside one of the same address whose consent says
+    the other; a birthday, time zone or locale that could not be one, left out."""
     foreign: Counter[str] = Counter()
     """Orders in another currency than the shop's, by currency; ``first_foreign``: the line of the first."""
     first_foreign = 0
@@ -166,16 +165,7 @@ def import_file(
                 first_read = False
                 progress.clear()
             if isinstance(item, RowError) and item.saved:
-                if SHARED_ADDRESS in item.reason:
-                    shared += 1
-                elif item.reason.endswith(BIRTHDAY_LEFT_OUT):
-                    birthdays += 1
-                elif item.reason.endswith(ZONE_LEFT_OUT):
-                    zones += 1
-                elif item.reason.endswith(LOCALE_LEFT_OUT):
-                    locales += 1
-                else:
-                    unclear += 1
+                replaced[_saved_as(item.reason)] += 1
                 say(f"warning: {printable(str(item))}")
                 continue
             if isinstance(item, RowError):
@@ -218,7 +208,7 @@ def import_file(
         remedy = f" {failure.remedy}" if failure else ""
         print(
             f"kembali import: {why}: {done} ({total.created} created, {total.updated} updated, "
-            f"{total.unchanged} unchanged, {errors} rejected{_unclear(unclear, shared, birthdays, zones, locales)})."
+            f"{total.unchanged} unchanged, {errors} rejected{_unclear(replaced)})."
             f"{remedy} {again}",
             file=sys.stderr,
         )
@@ -243,17 +233,33 @@ def import_file(
                   "stats shows (Kembali converts no currency)", file=sys.stderr)  # fmt: skip
     print(
         f"{kind}: {total.created} created, {total.updated} updated, {total.unchanged} unchanged, "
-        f"{errors} rejected{_unclear(unclear, shared, birthdays, zones, locales)} (from {shown})"
+        f"{errors} rejected{_unclear(replaced)} (from {shown})"
     )
-    return EXIT_REJECTED if errors or unclear or shared or birthdays or zones or locales else EXIT_OK
+    return EXIT_REJECTED if errors or replaced.total() else EXIT_OK
 
 
-def _unclear(count: int, shared: int, birthdays: int, zones: int, locales: int) -> str:
-    return ((f", {count} with an unclear marketing_consent" if count else "")
-            + (f", {shared} sharing an address with another marketing_consent" if shared else "")
-            + (f", {birthdays} imported without their birthday" if birthdays else "")
-            + (f", {zones} imported without their time_zone" if zones else "")
-            + (f", {locales} imported without their locale" if locales else ""))  # fmt: skip
+_SAVED = (
+    ("unclear", "with an unclear marketing_consent"),
+    ("shared", "sharing an address with another marketing_consent"),
+    ("birthday", "imported without their birthday"),
+    ("time_zone", "imported without their time_zone"),
+    ("locale", "imported without their locale"),
+)
+"""What a saved row's value replaced is counted as (``_saved_as``), and the summary's words for it, in its order."""
+
+
+def _saved_as(reason: str) -> str:
+    if SHARED_ADDRESS in reason:
+        return "shared"
+    for left_out, column in ((BIRTHDAY_LEFT_OUT, "birthday"), (ZONE_LEFT_OUT, "time_zone"),
+                             (LOCALE_LEFT_OUT, "locale")):  # fmt: skip
+        if reason.endswith(left_out):
+            return column
+    return "unclear"
+
+
+def _unclear(replaced: Counter[str]) -> str:
+    return "".join(f", {replaced[kind]} {words}" for kind, words in _SAVED if replaced[kind])
 
 
 def _flush(
