@@ -33,7 +33,7 @@ from worker.commands.progress import Progress
 from worker.commands.running import check_template_folders
 from worker.config import Settings
 from worker.core.audiences import WINBACK, key_part_value
-from worker.core.campaigns import LOYALTY
+from worker.core.campaigns import LOYALTY, milestone_of
 from worker.core.policy import zone_of
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
@@ -147,10 +147,12 @@ def _label(message: ClaimedMessage, currency: str) -> str:
     if message.campaign == WINBACK:
         return f"winback/{message.step}" + (f" d{message.payload['days']}" if "days" in message.payload else "")
     if message.campaign == LOYALTY:
-        kind, _, amount = str(message.payload.get("milestone", "")).partition("-")
-        if kind == "spend" and amount.isdigit():
-            amount = f"{money.from_minor(int(amount), currency).normalize():f}"  # 5000000, 1234.56
-        return f"loyalty/{printable(kind)}-{printable(amount)}" if kind else LOYALTY
+        milestone = milestone_of(message.payload)
+        if milestone is None:  # a row edited by hand
+            return LOYALTY
+        kind, amount = milestone
+        shown = f"{money.from_minor(amount, currency).normalize():f}" if kind == "spend" else str(amount)  # 1234.56
+        return f"loyalty/{kind}-{shown}"
     return message.campaign
 
 
