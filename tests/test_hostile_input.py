@@ -457,3 +457,62 @@ def test_a_render_error_quoting_a_lot_of_data_logs_a_line_of_bounded_length(
         replies = list(conn.execute(query).scalars())
     engine.dispose()
     assert replies and all(r.startswith("winback/") and r.endswith(" chars)") for r in replies), replies
+
+
+@pytest.mark.parametrize(
+    ("hidden", "named"),
+    [("\u202e", "U+202E RIGHT-TO-LEFT OVERRIDE"), ("\x9b", "U+009B"), ("\u200b", "U+200B ZERO WIDTH SPACE"),
+     ("\u2028", "U+2028 LINE SEPARATOR"), ("\u00a0", "U+00A0 NO-BREAK SPACE"), ("\x1b", "U+001B")],
+)
+def test_a_product_link_with_a_bidi_control_or_an_invisible_character_is_a_rejected_row(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str], hidden: str, named: str
+) -> None:
+    # a link is printed as it is in the text part of every email naming the product: "https://toko.example/p/
+    # \u202emoc.live" reads as another address, a C1 CSI (U+009B) is a terminal's escape; only ASCII controls and
+    # spaces were refused
+    (tmp_path / "products.csv").write_text(
+        "id,name,price,url,image_url\n"
+        f"P-1,Batik,100000,https://toko.example/p/{hidden}moc.live,\n"
+        f"P-2,Kopi,100000,https://toko.example/p/kopi,https://toko.example/i/{hidden}kopi.jpg\n"
+        "P-3,Teh,100000,https://toko.example/p/teh-hijau-\u00e9,https://toko.example/i/teh.jpg\n",
+        encoding="utf-8",
+    )
+    code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "products.csv"))
+    assert code == 1 and hidden not in out, out
+    shown = f"https://toko.example/p/{hidden}moc.live"
+    assert f"products.csv:2: id 'P-1': invalid url {shown!r} (expected an http(s) URL: {named} at character 24)" \
+        in out, out
+    assert "products.csv:3: id 'P-2': invalid image_url" in out, out
+    assert "products: 1 created, 0 updated, 0 unchanged, 2 rejected" in out, out  # a letter with an accent is a link
+
+
+def test_a_product_link_stored_with_a_bidi_control_links_the_email_to_the_shop_instead(tmp_path: Path) -> None:
+    # Given products whose links an earlier Kembali imported with a bidi override, a C1 control and a zero-width
+    # space in them (it refused only ASCII controls and spaces)
+    site = make_site(tmp_path / "shop")
+    now = datetime(2026, 12, 5, 3, 0, tzinfo=UTC)
+    from tests.shop import customer, one_time_order
+    from worker.adapters import db, shop
+    from worker.domain import Locale, ProductRecord
+
+    engine = db.create_engine(site.settings.database_url)
+    try:
+        shop.upsert_products(engine, [ProductRecord("P-KOPI", "Kopi", "Kopi", 89_000_00, "IDR",
+                                                    "https://toko.example/p/\u202emoc.live\x9b2J",
+                                                    "https://toko.example/i/\u200bkopi.jpg", None, True)], now)
+        shop.upsert_customers(engine, [customer("C-1", locale=Locale.EN)], now)
+        shop.upsert_orders(engine, [one_time_order("O-1", "C-1", days_ago=60)], now)
+    finally:
+        engine.dispose()
+    # When the win-back email is previewed into a folder
+    out = tmp_path / "out"
+    done = site.cli("preview", "--at", "2026-12-05T10:00+07:00", "--campaign", "winback", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Then neither part carries the link as stored: the product links to the shop, and shows no picture
+    [eml] = out.glob("*.eml")
+    parsed = BytesParser(policy=policy.default).parsebytes(eml.read_bytes())
+    text, html = (part.get_content() for part in parsed.iter_parts())
+    for part in (text, html):
+        assert "moc.live" not in part and "kopi.jpg" not in part, part
+        assert not any(ch in part for ch in "\u202e\x9b\u200b"), part
+    assert f"Kopi from Toko Kembali:\n{site.settings.shop.base_url}\n" in text.replace("\r\n", "\n"), text

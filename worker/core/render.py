@@ -157,9 +157,16 @@ def product_dict(p: ProductView, shop_url: str = "") -> dict[str, object]:
         "category": clean_text(p.category),
         "price_minor": p.price_minor,
         "currency": p.currency,
-        "url": p.url or shop_url,
-        "image_url": p.image_url,
+        "url": _link(p.url) or shop_url,
+        "image_url": _link(p.image_url),
     }
+
+
+def _link(url: str) -> str:
+    """``url``, or "" when it holds a space, a control, bidi or invisible character (the importer refuses such a
+    link; an earlier one stored it): the text part prints a link as it is, and "https://toko.example/p/\u202emoc.live"
+    reads as another address."""
+    return url if url.isprintable() and not any(ch.isspace() for ch in url) else ""
 
 
 _SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
