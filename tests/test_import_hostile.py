@@ -1631,3 +1631,41 @@ def test_the_header_again_in_the_middle_of_a_file_joined_from_two_exports_is_ski
     assert code == 0, out
     assert "warning: customers.csv:3: the header again (files joined?): skipped" in out, out
     assert "customers: 2 created, 0 updated, 0 unchanged, 0 rejected" in out, out
+
+
+def test_a_header_of_huge_or_countless_column_names_is_named_on_lines_of_bounded_length(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given exports whose header has a column name of 10,000 characters, or 3,000 columns Kembali does not read
+    config = migrated_config(tmp_path)
+    big = "Q" * 10_000
+    many = ",".join(f"note{i}" for i in range(3_000))
+    files = {
+        "big.csv": f"id,email,name,marketing_consent,{big}\nC-1,c1@example.com,Ani,ya,1\n",
+        "many.csv": f"id,email,name,marketing_consent,{many}\nC-2,c2@example.com,Budi,ya{',' * 3_000}\n",
+        "missing.csv": f"key,email,name,marketing_consent,{big},{many}\nC-3,c3@example.com,Citra,ya,1{',' * 3_000}\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    # When they are imported
+    said = {name: kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / name))
+            for name in files}  # fmt: skip
+    # Then the warning, and the missing column's error, name the columns cut short and say how many there are
+    # (each was one line as long as the header: 10,000 characters, or all 3,000 names)
+    for name, (code, out) in said.items():
+        assert code == (2 if name == "missing.csv" else 0), out
+        assert max(map(len, out.splitlines())) < 1000, (name, [len(line) for line in out.splitlines()])
+    assert "big.csv:1: unknown column(s) 'qqqqqqqqqq" in said["big.csv"][1]
+    assert "…(10000 chars) ignored (known: id, email, name," in said["big.csv"][1]
+    assert "many.csv:1: unknown column(s) 'note0', 'note1'" in said["many.csv"][1]
+    assert "and 2990 more ignored (known: " in said["many.csv"][1]
+    assert "customers: 1 created, 0 updated, 0 unchanged, 0 rejected" in said["many.csv"][1]
+    assert "missing.csv: line 1: missing column 'id' (found: key, email, name, marketing_consent, qqqq" \
+        in said["missing.csv"][1]
+    assert "…(10000 chars), note0, note1, note2, note3, note4, and 2995 more)" in said["missing.csv"][1]
+    # And a suppression list's header without an 'email' column is named so too
+    (tmp_path / "bounces.csv").write_text(f"address,{big},{many}\nx@example.com\n", encoding="utf-8")
+    code, out = kembali(capsys, "--config", str(config), "suppress", "import", str(tmp_path / "bounces.csv"))
+    assert code == 2 and max(map(len, out.splitlines())) < 1000, [len(line) for line in out.splitlines()]
+    assert "line 1: a CSV needs an 'email' column (found: address, qqqq" in out
+    assert "…(10000 chars), note0, note1, note2, note3, note4, note5, note6, note7, and 2992 more)" in out

@@ -1264,14 +1264,14 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
                 hint = f"; {comma_separated(separator)}"
             elif (close := _close(name, unknown)) is not None:
                 hint = f"; rename {close!r} to {name!r}"
-            raise ImportRowError(line, f"missing column {name!r} (found: {', '.join(columns)}){hint}")
+            raise ImportRowError(line, f"missing column {name!r} (found: {listed_columns(columns)}){hint}")
     if unknown and warn is not None:
         # a near miss of a column the file lacks ('timezone') is surely meant as it: its values would be lost
         absent = [name for name in known if name not in columns]
-        names = ", ".join(
-            repr(name) + (f" (did you mean {close!r}?)" if (close := _close(name, absent)) is not None else "")
-            for name in unknown
-        )
+        names = _listed([
+            _show(name, _SHOWN) + (f" (did you mean {close!r}?)" if (close := _close(name, absent)) is not None else "")
+            for name in unknown[:_LISTED]
+        ], len(unknown))  # fmt: skip
         warn(f"{path.name}:{line}: unknown column(s) {names} ignored (known: {', '.join(known)})")
     unnamed = columns.count("")
     if unnamed and warn is not None:
@@ -1280,6 +1280,25 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
     rows.warn = warn
     rows.key_column = columns.index(required[0])
     rows.ignored = frozenset(i for i, name in enumerate(columns) if name not in known)
+
+
+_SHOWN = 60
+"""The characters of a column's name a message shows (a hostile export's header may name one of 10,000)."""
+_LISTED = 10
+"""The columns a message names (an export may have thousands): the others are counted."""
+
+
+def listed_columns(columns: list[str]) -> str:
+    """A header's columns as a message names them: the first ``_LISTED``, each cut to ``_SHOWN`` characters."""
+    return _listed([column if len(column) <= _SHOWN else f"{column[:_SHOWN]}…({len(column)} chars)"
+                    for column in columns[:_LISTED]], len(columns))  # fmt: skip
+
+
+def _listed(names: list[str], count: int | None = None) -> str:
+    """The first ``_LISTED`` of ``names`` (of ``count``, when only those were given), and how many more there are."""
+    count = len(names) if count is None else count
+    more = f", and {count - _LISTED} more" if count > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
 
 
 _SEPARATOR_HINT = re.compile(r"sep=[^\w\s\"']", re.IGNORECASE)

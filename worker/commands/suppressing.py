@@ -11,7 +11,7 @@ from datetime import UTC
 from pathlib import Path
 
 from worker.adapters import db, opstore
-from worker.adapters.importer import comma_separated, normalize_email, other_separator, unreadable
+from worker.adapters.importer import comma_separated, listed_columns, normalize_email, other_separator, unreadable
 from worker.adapters.store import Store, suppression_address
 from worker.commands import arguments
 from worker.config import Settings
@@ -169,7 +169,7 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
 def _no_email_column(fields: list[str]) -> str:
     """Why a CSV header without an ``email`` column is refused, and what to change: a first line that is an address
     and a reason (a file without a header), or a column named otherwise (Mailchimp's ``Email Address``)."""
-    why = f"a CSV needs an 'email' column (found: {printable(', '.join(fields))})"
+    why = f"a CSV needs an 'email' column (found: {printable(listed_columns(fields))})"
     if any(_is_address(field) for field in fields):
         return f"{why}: give it a first line naming its 'email' column"
     named = next((field for field in fields if "email" in field.replace("-", "")), None)
