@@ -228,3 +228,34 @@ def test_a_reply_keeps_the_shops_own_address_whole_and_masks_the_customers() -> 
     assert masked == ("550 5.1.0 <Halo@Toko.example>: Sender address rejected; 554 5.7.1 <b***@gmail.com>: Relay "
                       "access denied: check the envelope sender 'halo@toko.example'")  # fmt: skip
     assert log.mask_addresses("rejected: 'budi@gmail.com'") == "rejected: 'b***@gmail.com'"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_librarys_error_with_a_traceback_is_one_line_of_bounded_length(fmt: str) -> None:
+    # asyncio logs an error of a task nobody awaited ("Task exception was never retrieved") with its traceback:
+    # the text log wrote the traceback raw on the lines after it, the exception's text with them (a server's reply
+    # quoted with a terminal escape, a line break and what reads as a line of the log; 30,000 characters of it),
+    # and the JSON log carried all of it in one field
+    logger, root = logging.getLogger("kembali"), logging.getLogger()
+    saved = (logger.handlers[:], logger.level, logger.propagate, root.handlers[:])
+    out = io.StringIO()
+    log.configure("info", fmt, stream=out)
+    forged = "\x1b[2J\n2026-12-06T00:00:00Z info    email_sent campaign=winback"
+    try:
+        try:
+            raise ConnectionError("x" * 30_000 + f" 421 {forged} closing")
+        except ConnectionError:
+            logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
+    finally:
+        logger.handlers[:], logger.level, logger.propagate, root.handlers[:] = saved
+    text = out.getvalue()
+    assert len(text.splitlines()) == 1 and text[:-1].isprintable(), text[:3000]
+    assert len(text) < 2 * log.MAX_VALUE_CHARS + 400, len(text)
+    # the end of the traceback, where its error is said, is kept
+    if fmt == "json":
+        body = json.loads(text)
+        assert body["event"] == "library_error" and body["message"] == "Task exception was never retrieved"
+        assert body["exception"].startswith("…(") and body["exception"].endswith(f" 421 {forged} closing")
+    else:
+        assert 'library_error logger=asyncio message="Task exception was never retrieved" exception="…(' in text
+        assert text.endswith(' 421 \\u001b[2J\\n2026-12-06T00:00:00Z info    email_sent campaign=winback closing"\n')

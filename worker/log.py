@@ -66,6 +66,18 @@ def _capped(text: str) -> str:
     return f"{text[:MAX_VALUE_CHARS]}…({len(text):,} chars)"
 
 
+def _traceback(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    """The record's traceback (another library's: asyncio's "Task exception was never retrieved"), as a field: its
+    last ``MAX_VALUE_CHARS`` characters, where the error is said, after ``…(N chars)`` when it was longer. Its
+    exception's text may quote a server's reply or a customer's data: written raw after the line, a line break in
+    it started what read as a line of the log, and a terminal escape reached the operator's terminal."""
+    text = formatter.formatException(record.exc_info)  # type: ignore[arg-type]
+    if len(text) <= MAX_VALUE_CHARS:
+        return text
+    said = f"…({len(text):,} chars) "
+    return said + text[len(text) - MAX_VALUE_CHARS + len(said):]
+
+
 def _fmt_value(value: Any) -> str:
     """A value as text logs show it: bare when it is one printable word, else a JSON string in which every
     character that is not printable is escaped (a customer's name with a line separator, NEL or a terminal
@@ -103,10 +115,9 @@ class TextFormatter(logging.Formatter):
         when = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         parts = [when, record.levelname.lower().ljust(7), name]
         parts += [f"{k}={_fmt_value(v)}" for k, v in fields.items()]
-        line = " ".join(parts)
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+            parts.append(f"exception={_fmt_value(_traceback(self, record))}")  # on the line, as the JSON log has it
+        return " ".join(parts)
 
 
 class JsonFormatter(logging.Formatter):
@@ -120,7 +131,7 @@ class JsonFormatter(logging.Formatter):
         body.update({k: v if isinstance(v, int | float | bool) or v is None else _capped(str(v))
                      for k, v in fields.items()})
         if record.exc_info:
-            body["exception"] = self.formatException(record.exc_info)
+            body["exception"] = _traceback(self, record)
         return json_line(body)
 
 
