@@ -419,3 +419,21 @@ def test_a_line_of_many_spaces_is_rejected_in_one_pass(tmp_path: Path) -> None:
     # quadratically (half an hour for this line), the command hanging (the bound is 100 times what it takes now)
     done = subprocess.run([sys.executable, "-c", script, str(file)], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout) == (0, "0 1\n"), done.stderr[-2000:]
+
+
+def test_the_name_of_an_imported_file_is_listed_as_the_source_without_its_control_characters(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a bounce list saved under the name its provider gave it: a reason with a line break is refused, but the
+    # source, "import:<file name>", was stored as the name was and listed raw (a terminal escape, a line break)
+    file = tmp_path / "bounces\x1b[2J\n\u202eevil.txt"
+    file.write_text("siti@example.com\n", encoding="utf-8")
+    assert run(config, "import", str(file)) == 0
+    capsys.readouterr()
+    assert run(config, "list") == 0
+    listed = capsys.readouterr().out
+    assert "siti@example.com,manual,import:bounces\\u001b[2J\\n\\u202eevil.txt," in listed, listed
+    assert listed[:-1].replace("\n", "").isprintable() and len(listed.splitlines()) == 2, repr(listed)
+    # and `suppress remove` says where it came from the same way
+    assert run(config, "remove", "siti@example.com") == 0
+    assert "from import:bounces\\u001b[2J\\n\\u202eevil.txt, since" in capsys.readouterr().out

@@ -212,7 +212,8 @@ def _import(store: Store, target: str, reason: str) -> int:
     good = list(dict.fromkeys(map(suppression_address, good)))  # one mailbox in several cases is one address
     for problem in bad:
         print(f"{target}: {problem}", file=sys.stderr)
-    new = opstore.suppress_many(store, good, reason=reason, source=f"import:{Path(target).name}"[:100],
+    # the list shows the source on a line of its own, as it shows the reason (which may hold no control character)
+    new = opstore.suppress_many(store, good, reason=reason, source=f"import:{printable(Path(target).name)}"[:100],
                                 now=SystemClock().now())
     print(f"imported {len(good)} address(es): {new} newly suppressed, {len(good) - new} already suppressed"
           + (f", {len(bad)} rejected" if bad else ""))
