@@ -490,6 +490,10 @@ class ClaimedMessage:
     resent_after_attempts: int = 0
     """Of ``attempts``, those made before an operator resent the message: ``sending.max_attempts`` counts the
     others."""
+    unreadable: str = ""
+    """What of the row could not be read as Kembali writes it (a payload that is no JSON object, a date and time in
+    another format: an operator's edit, a copy cut short), "" when all of it could; such a message fails alone,
+    its row named (``Composer.unreadable``), with ``payload`` empty and the times it lacks the epoch's."""
 
     def payload_id(self, key: str) -> int | None:
         """A row id planning wrote in the payload (``order_id``, ``first_order_id``); None when it is missing or is

@@ -5,6 +5,7 @@
     ├── SchemaError            the database schema is missing or behind
     ├── ImportRowError         one input row is invalid (file, line, reason)
     ├── TemplateError          a template failed to load or render
+    ├── LedgerRowError         a ledger row cannot be read as written (edited by hand, cut short)
     └── DeliveryError          one SMTP attempt failed
         ├── TransientDeliveryError    worth retrying (4xx, drop before DATA ended)
         ├── PermanentDeliveryError    not worth retrying (5xx)
@@ -80,6 +81,11 @@ class TemplateError(KembaliError):
             message = f"{message[: self.MAX_MESSAGE_CHARS]}…({len(message):,} chars)"
         where = template + (f":{line}" if line else "")
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class LedgerRowError(KembaliError):
+    """A ledger row cannot be read as Kembali writes it (an operator's edit, a copy cut short): its message fails
+    alone, the row named."""
 
 
 class DeliveryError(KembaliError):

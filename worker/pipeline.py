@@ -45,7 +45,7 @@ from worker.domain import (
     SkipReason,
     mailbox,
 )
-from worker.errors import TemplateError
+from worker.errors import LedgerRowError, TemplateError
 from worker.scheduler import next_fire_time
 
 
@@ -238,7 +238,8 @@ class Skipped:
 @dataclass(frozen=True)
 class RenderFailed:
     message: ClaimedMessage
-    error: TemplateError
+    error: TemplateError | LedgerRowError
+    """``LedgerRowError``: the ledger row could not be read (``Composer.unreadable``), nothing was rendered."""
     customer: str = ""
     """The customer's id in the shop (``C-0001``), for the log line."""
 
@@ -316,8 +317,25 @@ class Composer:
     ) -> Composed | Skipped | RenderFailed | Deferred:
         """Re-check, apply the contact policy, render. ``arbiter`` carries the run's earlier decisions
         (a fresh one judges this message against the ledger alone)."""
+        if (unreadable := self.unreadable(message, facts)) is not None:
+            return unreadable
         decision = self.decide(message, facts, now, arbiter)
         return decision if decision is not None else self.render_message(message, facts, now)
+
+    @staticmethod
+    def unreadable(message: ClaimedMessage, facts: BatchFacts) -> RenderFailed | None:
+        """A message whose ledger row could not be read as Kembali writes it (``ClaimedMessage.unreadable``): it
+        fails, naming its row and what to do, before anything judges it on a payload or times it does not have."""
+        if not message.unreadable:
+            return None
+        found = facts.customers.get(message.customer_id)
+        customer = found.customer.external_id if found is not None and found.customer is not None else ""
+        whose = f"customer {customer}" if customer else f"customer row {message.customer_id}"
+        error = LedgerRowError(
+            f"ledger row {message.id} ({message.campaign}, {whose}) cannot be read: {message.unreadable} (edited by "
+            f"hand?); correct it in the database and `kembali ledger resend {message.id}`, or `kembali ledger close "
+            f"{message.id}`")
+        return RenderFailed(message, error, customer)
 
     def decide(
         self, message: ClaimedMessage, facts: BatchFacts, now: datetime, arbiter: Arbiter | None = None
@@ -366,6 +384,8 @@ class Composer:
         """Re-check and judge the message against the ledger alone, and render it if that says "send now".
         It keeps no state, so a helper process can do it (``worker.composing``); the dispatcher then
         decides each ``Composed`` again with what its run has sent meanwhile (``Composed.sent``)."""
+        if (unreadable := self.unreadable(message, facts)) is not None:
+            return unreadable
         decision = self.decide(message, facts, now)
         return decision if decision is not None else self.render_message(message, facts, now)
 
@@ -479,7 +499,7 @@ def preview(
         for message, held_out in batch:
             show = message.campaign in shown_campaigns and (one is None or message.customer_id == one[0])
             if not show:
-                if not held_out:  # judged as the run would, so that it takes its slot; not rendered
+                if not held_out and not message.unreadable:  # judged as the run would, so that it takes its slot
                     composer.decide(message, facts, now, arbiter)
                 continue
             if held_out:

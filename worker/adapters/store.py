@@ -171,10 +171,47 @@ _CLAIM_RETURNING = (
 )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _claimed(r: Sequence[Any], dt: Callable[[Any], datetime]) -> ClaimedMessage:
-    """A claimed row as the driver returns it (``_CLAIM_RETURNING``'s columns, datetimes as ``dt`` reads them)."""
-    return ClaimedMessage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], dt(r[8]), dt(r[9]), json.loads(r[10]),
-                          resent_after_attempts=r[12])
+    """A claimed row as the driver returns it (``_CLAIM_RETURNING``'s columns, datetimes as ``dt`` reads them). A
+    value that cannot be read as Kembali writes it (a row edited by hand) is named in ``unreadable``, for that
+    message alone to fail: an exception here stopped every claim, each run, with the whole batch left claimed."""
+    problems: list[str] = []
+    times = []
+    for name, value in (("due_at", r[8]), ("expires_at", r[9])):
+        try:
+            times.append(dt(value))
+        except (TypeError, ValueError, OverflowError):
+            problems.append(f"its {name} {str(value)[:40]!r} is not a date and time as Kembali writes it")
+            times.append(_EPOCH)
+    payload = _payload(r[10], problems)
+    return ClaimedMessage(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], times[0], times[1], payload,
+                          resent_after_attempts=r[12], unreadable="; ".join(problems))
+
+
+def _payload(text: Any, problems: list[str]) -> dict[str, str]:
+    """A row's payload: the JSON object of texts (or numbers) planning writes; {} with the reason in ``problems``
+    when it is not one."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"its payload {str(text)[:40]!r} is not valid JSON ({exc})")
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"its payload {str(text)[:40]!r} is not a JSON object")
+        return {}
+    payload: dict[str, str] = {}
+    for key, item in value.items():
+        if isinstance(item, str):
+            payload[key] = item
+        elif isinstance(item, int | float) and not isinstance(item, bool):
+            payload[key] = str(item)
+        else:
+            problems.append(f"its payload's {key!r} is {json.dumps(item)[:40]}, not a text")
+            return {}
+    return payload
 
 
 # The group commit's statements as driver SQL (``exec_driver_sql``): per commit, SQLAlchemy's
@@ -664,6 +701,10 @@ class Store:
         # the address the claim will give the row: the customer's as it is now
         to = sa.func.coalesce(sa.select(C.c.email).where(C.c.id == M.c.customer_id).scalar_subquery(), M.c.email)
         computed = {"message_id": given.label("message_id"), "email": to.label("email")}
+        read: Callable[[Any], datetime] = _as_is
+        if self.dialect == "sqlite":  # read as the claim reads them: a row edited by hand is named, not a traceback
+            computed |= {name: sa.type_coerce(M.c[name], sa.Text).label(name) for name in ("due_at", "expires_at")}
+            read = self._sql.read_dt
         columns = [computed.get(name, M.c[name]) for name in (n.strip() for n in _CLAIM_RETURNING.split(","))]
         after = 0
         while True:
@@ -683,7 +724,7 @@ class Store:
             if not rows:
                 return
             after = rows[-1].id
-            yield [_claimed(r, _as_is) for r in rows]
+            yield [_claimed(r, read) for r in rows]
 
     def record_and_mark(
         self,

@@ -302,8 +302,8 @@ def _show(
         if json_lines:
             out.write(json_line({"action": "render_error", "customer": _customer(message),
                                  "campaign": message.campaign, "step": message.step,
-                                 "dedupe_key": message.dedupe_key, "template": item.error.template,
-                                 "line": item.error.line, "error": str(item.error)}) + "\n")
+                                 "dedupe_key": message.dedupe_key, "template": getattr(item.error, "template", ""),
+                                 "line": getattr(item.error, "line", None), "error": str(item.error)}) + "\n")
 
 
 def _print_summary(summary: PreviewSummary, out: TextIO, out_dir: Path | None) -> None:
