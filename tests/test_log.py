@@ -17,7 +17,8 @@ from tests import sendkit
 from tests.clikit import run_cli
 from tests.shop import TEMPLATES
 from tests.smtp_server import Behaviour, RecordingServer
-from worker import log
+from worker import cli, log
+from worker.adapters import db
 
 
 @pytest.fixture
@@ -259,3 +260,37 @@ def test_a_librarys_error_with_a_traceback_is_one_line_of_bounded_length(fmt: st
     else:
         assert 'library_error logger=asyncio message="Task exception was never retrieved" exception="…(' in text
         assert text.endswith(' 421 \\u001b[2J\\n2026-12-06T00:00:00Z info    email_sent campaign=winback closing"\n')
+
+
+def test_run_once_with_json_logs_says_an_unexpected_error_in_one_json_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, smtp_server: RecordingServer
+) -> None:
+    # Given a service's `run --once` whose config asks for JSON logs, and a ledger row whose next try an operator
+    # edited by hand into a text no date and time reads as (what kembali makes of it is no matter here: an error
+    # nobody foresaw)
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", sendkit.LINK_SECRET)
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    sendkit.prepare_database(url, 2)
+    raw = sendkit.settings_dict(url, smtp_server.port)
+    raw["logging"] = {"format": "json"}
+    config = sendkit.write_config(tmp_path / "config.toml", raw)
+    engine = db.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO message (dedupe_key, campaign, step, customer_id, email, status, priority,"
+                             " attempts, resent_after_attempts, due_at, expires_at, next_attempt_at, payload,"
+                             " created_at, updated_at) SELECT 'hand:1', 'winback', 1, id, email, 'planned', 30, 0, 0,"
+                             " '2030-01-01 00:00:00.000000', '2030-02-01 00:00:00.000000', 'next week', '{}',"
+                             " '2026-01-01 00:00:00.000000', '2026-01-01 00:00:00.000000' FROM customer LIMIT 1"))
+    engine.dispose()
+    capsys.readouterr()
+
+    code = cli.main(["--config", str(config), "run", "--once"])
+
+    # Then it fails with exit code 1 and says why in one JSON line, the traceback inside it: it was Python's
+    # traceback, a dozen lines the log collector took for a dozen events it could not parse
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    failed = [line for line in lines if line["event"] == "command_failed"]
+    assert len(failed) == 1 and failed[0]["exit_code"] == 1, lines
+    assert "ValueError" in failed[0]["message"] and "Traceback" in failed[0]["exception"], failed

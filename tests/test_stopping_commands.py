@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -604,3 +605,41 @@ def test_a_sigterm_while_python_loads_the_daemon_stops_its_start_up_with_exit_co
     assert caught, "no SIGTERM handler while kembali's modules load"
     assert child.returncode == 0, stderr
     assert "daemon_stopped during=start-up signal=SIGTERM" in stderr, stderr
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_run_once_with_json_logs_stopped_during_its_start_up_says_so_in_one_json_line(
+    tmp_path: Path, pg_url: str, sig: signal.Signals
+) -> None:
+    # Given a service's `run --once` whose config asks for JSON logs (a collector reads its stderr), and a PostgreSQL
+    # ledger whose schema table another session locks, so that its start-up (the schema check) waits
+    site = make_site(tmp_path / "shop")
+    site.config.write_text(site.config.read_text(encoding="utf-8").replace('"sqlite:///kembali.db"', f'"{pg_url}"')
+                           .replace("[logging]\n", '[logging]\nformat = "json"\n'), encoding="utf-8")  # fmt: skip
+    engine = db.create_engine(pg_url)
+    db.upgrade(engine)
+    try:
+        with engine.connect() as locker:
+            locker.execute(sa.text("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE"))
+            holder = locker.execute(sa.text("select pg_backend_pid()")).scalar_one()
+            child = _start(["--config", str(site.config), "run", "--once"], site.folder)
+
+            def waiting() -> bool:
+                with engine.connect() as probe:
+                    return bool(probe.execute(sa.text(
+                        "select count(*) from pg_stat_activity where :holder = any(pg_blocking_pids(pid))"),
+                        {"holder": holder}).scalar())  # fmt: skip
+
+            # When the signal comes while it waits
+            _wait_for(waiting, child, "its schema check")
+            _stdout, stderr = _stop(child, sig)
+            locker.rollback()
+    finally:
+        engine.dispose()
+    # Then it stops with the exit code the shell expects, and says so in one JSON line, as its other lines are: it
+    # was the plain "kembali run: stopped by SIGTERM", a line the collector could not parse
+    assert child.returncode == 128 + sig.value, stderr
+    (line,) = stderr.splitlines()
+    said = json.loads(line)
+    assert (said["event"], said["signal"], said["exit_code"]) == ("command_stopped", sig.name, 128 + sig.value), said

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import os
 import sys
 import textwrap
@@ -494,7 +495,11 @@ def _command(args: argparse.Namespace) -> int:
         return _failed(args, settings, str(exc), EXIT_ATTENTION)
     except KeyboardInterrupt as exc:  # unwound: a transaction under way rolled back, a helper process stopped
         sig = stopping.stop_signal(exc)
-        print(f"kembali {args.command}: stopped by {sig.name}", file=sys.stderr)
+        if _json_log(args, settings):  # `run --once` stopped in its start-up: one line the log collector reads
+            print(log.json_event_line("command_stopped", logging.WARNING, signal=sig.name, exit_code=128 + sig.value),
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(f"kembali {args.command}: stopped by {sig.name}", file=sys.stderr)
         return 128 + sig.value
     except OSError as exc:
         if exc.errno not in _USAGE_ERRNOS:
@@ -505,13 +510,24 @@ def _command(args: argparse.Namespace) -> int:
     except Exception as exc:
         reason = _database_failure(exc)
         if reason is None:
-            raise
+            if not _json_log(args, settings):
+                raise
+            # a service's unforeseen error: one JSON line, its traceback in it, not a dozen lines no collector parses
+            print(log.json_event_line("command_failed", message=f"unexpected error: {log.error_line(exc)}",
+                                      exit_code=EXIT_ATTENTION, exc=exc), file=sys.stderr)  # fmt: skip
+            return EXIT_ATTENTION
         from worker.adapters import db
 
         # the schema was there when the command began: the database went away, or another writer held it longer
         # than SQLite waits (30 s), or a PostgreSQL host stopped answering (a connect timeout)
         where = f" {db.describe_url(settings.database_url)}" if settings is not None else ""  # (demo: its own)
         return _failed(args, settings, f"the database{where} could not be used: {reason}", EXIT_UNAVAILABLE)
+
+
+def _json_log(args: argparse.Namespace, settings: Settings | None) -> bool:
+    """Whether what the command says on stderr is JSON lines: ``run``'s once its config, read, asks for JSON logs
+    (``_failed``)."""
+    return args.command == "run" and settings is not None and settings.logging.format == "json"
 
 
 def _failed(args: argparse.Namespace, settings: Settings | None, message: str, code: int,

@@ -135,10 +135,13 @@ class JsonFormatter(logging.Formatter):
         return json_line(body)
 
 
-def json_event_line(name: str, level: int = logging.ERROR, **fields: Any) -> str:
+def json_event_line(name: str, level: int = logging.ERROR, *, exc: BaseException | None = None, **fields: Any) -> str:
     """The JSON line ``event(name, level, **fields)`` logs with ``logging.format = "json"``, made without the
-    logger: for a command's failure said before (or whatever) ``configure`` set it up."""
-    record = LOGGER.makeRecord(LOGGER.name, level, __file__, 0, name, (), None, extra={"kembali_fields": fields})
+    logger: for a command's failure said before (or whatever) ``configure`` set it up. ``exc``: its traceback,
+    whole, in the line's ``exception``."""
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    record = LOGGER.makeRecord(LOGGER.name, level, __file__, 0, name, (), exc_info,
+                               extra={"kembali_fields": fields})  # fmt: skip
     return JsonFormatter().format(record)
 
 
