@@ -240,10 +240,11 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     # on stdout as "no problems found" is (it went to stderr: `kembali check > report.txt` kept the list, not the count)
     assert done.stdout.count("syntax: ") == 1 and "\n1 problem found\n" in done.stdout, done.stdout + done.stderr
     assert done.stderr == ""
-    # --json: one object per problem, nothing else on stdout
+    # --json: one object per problem (with the notes and a summary, each of its type), nothing else on stdout
     done = broken.cli("check", "--json")
     assert done.returncode == 1 and done.stderr == ""
-    assert [json.loads(line)["kind"] for line in done.stdout.splitlines()] == ["syntax"]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [row["kind"] for row in rows if row["type"] == "problem"] == ["syntax"]
 
 
 def test_the_templates_own_script_tag_is_not_taken_for_data_printed_raw(templates: Path) -> None:
@@ -322,8 +323,9 @@ def test_a_mistake_in_the_shared_layout_is_one_problem_naming_the_folders_it_bre
     assert "feedback/en +6, samples: siti," in named[0], named
     assert "\n1 problem found\n" in done.stdout, done.stdout
     # --json keeps one object per folder and language
-    lines = site.cli("check", "--json").stdout.splitlines()
-    assert len(lines) > 2 and {json.loads(row)["template"] for row in lines} == {"_layout.txt"}
+    rows = [json.loads(line) for line in site.cli("check", "--json").stdout.splitlines()]
+    problems = [row for row in rows if row["type"] == "problem"]
+    assert len(problems) > 2 and {row["template"] for row in problems} == {"_layout.txt"}
 
 
 def test_a_copy_of_a_campaign_folder_that_no_campaign_uses_is_a_note_not_a_problem(tmp_path: Path) -> None:
@@ -416,8 +418,10 @@ def test_check_says_when_the_shop_is_still_the_example_shop(tmp_path: Path) -> N
     for key in ("shop.domain", "shop.from_address", "shop.base_url", "unsubscribe.url", "unsubscribe.mailto",
                 "campaigns.feedback.link_url", "shop.postal_address"):
         assert key in done.stdout, key
-    done = site.cli("check", "--json")
-    assert done.returncode == 0 and done.stdout == "", done.stdout
+    done = site.cli("check", "--json")  # a note there too, no problem
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 0 and [row["type"] for row in rows if row["type"] != "note"] == ["summary"], rows
+    assert next(row["kind"] for row in rows if row["type"] == "note") == "example_shop", rows
 
     # Given the shop's own values, there is no note
     own = make_site(tmp_path / "own", extra_toml=(
@@ -614,3 +618,34 @@ def test_check_notes_an_enabled_campaign_whose_planning_cron_never_runs(tmp_path
     assert [line for line in done.stdout.splitlines() if "plan_cron.birthday" in line] == [
         "note: schedule.plan_cron.birthday '0 0 31 2 *' never runs (no month it names (2) has a day 31): birthday "
         "is enabled but never planned"], done.stdout
+
+
+def test_check_json_says_all_the_plain_report_says_each_note_and_a_summary(tmp_path: Path) -> None:
+    # Given a config check notes things in (the example shop's values, no frequency cap, a backup folder of
+    # templates) and a template with a problem
+    site = make_site(tmp_path / "shop", copy_templates=True, extra_toml="[policy]\nfrequency_caps = []\n")
+    shutil.copytree(site.folder / "templates" / "winback", site.folder / "templates" / "winback-old")
+    _edit("winback/id/body.html", "{% if bought %}", "{% if bought %}{{ oops(")(site.folder / "templates")
+    plain = site.cli("check")
+    # When the operator's script checks it with --json
+    done = site.cli("check", "--json")
+    # Then each line is one object with its type; the notes were left out of --json (`check --json` of a shop whose
+    # config caps nothing printed nothing at all)
+    assert done.returncode == plain.returncode == 1 and done.stderr == "", done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {row["type"] for row in rows} == {"problem", "note", "summary"}, rows
+    # every note of the plain report, word for word, each with its kind
+    noted = [line.removeprefix("note: ") for line in plain.stdout.splitlines() if line.startswith("note: ")]
+    notes = [row for row in rows if row["type"] == "note"]
+    assert [row["message"] for row in notes] == noted, (noted, notes)
+    assert [row["kind"] for row in notes][:2] == ["example_shop", "no_frequency_cap"], notes
+    assert "winback-old" in [row["template"] for row in notes if row["kind"] == "unused_folder"], notes
+    # the problems as before (one object each, their kind)
+    assert [row["kind"] for row in rows if row["type"] == "problem"] == ["syntax"], rows
+    # and, last, what the plain report says around them
+    summary = rows[-1]
+    assert summary == {"type": "summary", "config": summary["config"], "templates": summary["templates"],
+                       "templates_checked": True, "renders": summary["renders"], "problems": 1,
+                       "notes": len(noted)}, summary
+    assert f"config: {summary['config']}\ntemplates: {summary['templates']} (about {summary['renders']} sample " \
+        "renders" in plain.stdout, plain.stdout

@@ -165,7 +165,8 @@ def _parser() -> argparse.ArgumentParser:
                        "checks.render_timeout_seconds, empty or too long subjects, unescaped data and a missing "
                        "unsubscribe link or postal address, all on stdout. Exit code 1 on any problem; 2 when the "
                        "config file cannot be read or is invalid (nothing else is checked).")
-    p.add_argument("--json", action="store_true", help="print one JSON object per problem")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object a line: each problem, each note, then a summary")
 
     p = sub.add_parser("send-test", help="send one rendered message to yourself, marked as a test",
                        description="Render one message of a campaign for a customer (--customer, the shop's id) or "

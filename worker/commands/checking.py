@@ -1,6 +1,7 @@
 """`kembali check`: the config, then every template in every language against the sample customers.
 
-The report (or, with --json, one object per problem) is the result: all of it goes to stdout."""
+The report (or, with --json, one object a line: each problem, each note, a summary) is the result: all of it goes
+to stdout."""
 
 from __future__ import annotations
 
@@ -147,6 +148,47 @@ def never_planned(settings: Settings) -> list[str]:
     return notes
 
 
+@dataclasses.dataclass(frozen=True)
+class Note:
+    """A ``note:`` line of the report: no problem (the exit code stays as it is), but something to know."""
+
+    kind: str
+    """``example_shop``, ``never_planned``, ``quiet_by_day``, ``no_frequency_cap``, ``birthday_planning_gap``,
+    ``unused_folder``, ``stray_text``."""
+    message: str
+    """The line's text after ``note: ``."""
+    template: str = ""
+    """The template folder or file it is about (``unused_folder``, ``stray_text``)."""
+    line: int | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {"type": "note", "kind": self.kind, "message": self.message, "template": self.template,
+                "line": self.line}  # fmt: skip
+
+
+def notes(settings: Settings, unused: list[str], stray: list[StrayText]) -> list[Note]:
+    """The report's notes, in its order: the text report and --json say the same ones."""
+    found: list[Note] = []
+    if example := example_shop(settings):
+        found.append(Note("example_shop", "still the example shop's (fine for the demo; set your own before sending "
+                                          f"real mail): {', '.join(example)}"))  # fmt: skip
+    found += [Note("never_planned", note) for note in never_planned(settings)]
+    if by_day := quiet_by_day(settings):
+        found.append(Note("quiet_by_day", by_day))
+    if uncapped := no_frequency_cap(settings):
+        found.append(Note("no_frequency_cap", uncapped))
+    if gap := birthday_planning_gap(settings, datetime.now(UTC)):
+        found.append(Note("birthday_planning_gap", gap))
+    found += [Note("unused_folder", f"{name}/ is no campaign's folder, not checked and never sent (a campaign sends "
+                                    "from the folder named for it; win-back's steps, from the folders "
+                                    "[[campaigns.winback.steps]] names)", template=name) for name in unused]
+    found += [Note("stray_text", f"{text.template}:{text.line}: text outside any {{% block %}} ({text.excerpt!r}) "
+                   + ("comes before the layout's first line" if text.before_layout else
+                      "is never sent: a template that extends a layout sends only its blocks"),
+                   template=text.template, line=text.line) for text in stray]  # fmt: skip
+    return found
+
+
 def check(settings: Settings, args: argparse.Namespace) -> int:
     problems = check_config(settings)
     folder = settings.resolve(settings.templates.dir)
@@ -161,33 +203,23 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
             stray = renderer.stray_text(unused)
             campaigns = sorted(set(renderer.campaigns()) - set(unused))
             renders = len(campaigns) * len(Locale) * len(samples.samples(Locale.ID))
+    said = notes(settings, unused, stray)
     if args.json:
         for p in problems:
-            print(json_line(p.as_json()))
+            print(json_line({"type": "problem", **p.as_json()}))
+        for note in said:
+            print(json_line(note.as_json()))
+        print(json_line({"type": "summary", "config": str(settings.source), "templates": str(folder),
+                         "templates_checked": present, "renders": renders, "problems": len(problems),
+                         "notes": len(said)}))  # fmt: skip
         return EXIT_PROBLEMS if problems else EXIT_OK
     print(f"config: {settings.source}")
     if present:
         print(f"templates: {folder} (about {renders} sample renders: every campaign x language x sample customer)")
     else:
         print(f"templates: {folder} (not checked: no such folder)")
-    if example := example_shop(settings):
-        print(f"note: still the example shop's (fine for the demo; set your own before sending real mail): "
-              f"{', '.join(example)}")
-    for note in never_planned(settings):
-        print(f"note: {note}")
-    if by_day := quiet_by_day(settings):
-        print(f"note: {by_day}")
-    if uncapped := no_frequency_cap(settings):
-        print(f"note: {uncapped}")
-    if gap := birthday_planning_gap(settings, datetime.now(UTC)):
-        print(f"note: {gap}")
-    for name in unused:
-        print(f"note: {name}/ is no campaign's folder, not checked and never sent (a campaign sends from the folder "
-              "named for it; win-back's steps, from the folders [[campaigns.winback.steps]] names)")
-    for text in stray:
-        print(f"note: {text.template}:{text.line}: text outside any {{% block %}} ({text.excerpt!r}) "
-              + ("comes before the layout's first line" if text.before_layout else
-                 "is never sent: a template that extends a layout sends only its blocks"))
+    for note in said:
+        print(f"note: {note.message}")
     if not problems:
         print("no problems found")
         return EXIT_OK
