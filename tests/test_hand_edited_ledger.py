@@ -99,3 +99,22 @@ def test_preview_shows_the_unreadable_row_as_an_error_and_the_others_as_sends(
     (error,) = [row for row in lines if row.get("action") == "render_error"]
     assert f"ledger row {row_id}" in json.dumps(error), error
     assert code == 1
+
+
+@pytest.mark.parametrize("command", [["ledger", "list", "--all"], ["ledger", "close", "2"], ["ledger", "resend", "2"]])
+def test_a_ledger_command_over_a_hand_edited_time_names_the_value_without_a_traceback(
+    shop: Shop, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    if shop.store.dialect != "sqlite":
+        pytest.skip("PostgreSQL's timestamp column takes no such value")
+    row_id = _edit(shop, "expires_at", "end of March")
+    assert row_id == 2
+    config = write_config(tmp_path / "config.toml", settings_dict(shop.settings.database_url, smtp_server.port))
+
+    code = cli.main(["--config", str(config), *command])
+
+    # it was a traceback: ValueError: Invalid isoformat string: 'end of March'
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    (line,) = err.splitlines()
+    assert line.startswith("kembali: ") and "'end of March'" in line and "edited by hand" in line, line

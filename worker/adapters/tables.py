@@ -14,6 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
+from worker.errors import LedgerRowError
+
 
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
     """Aware datetimes in, aware UTC datetimes out, on SQLite and PostgreSQL alike."""
@@ -35,6 +37,25 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        """On SQLite, where a date and time is text anyone can write: one Kembali never writes (a row edited by
+        hand) is said as such, with its value, not Python's traceback of ``Invalid isoformat string``."""
+        read = super().result_processor(dialect, coltype)
+        if read is None or dialect.name != "sqlite":
+            return read
+
+        def process(value: Any) -> datetime | None:
+            try:
+                result: datetime | None = read(value)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise LedgerRowError(
+                    f"the database holds {str(value)[:40]!r} where a date and time belongs (a row edited by hand?): "
+                    "Kembali writes them as '2026-11-22 03:00:00.000000', in UTC; correct it, then try again"
+                ) from exc
+            return result
+
+        return process
 
 
 def _dt(**kw: Any) -> Any:
