@@ -138,7 +138,7 @@ class JsonFormatter(logging.Formatter):
 def json_event_line(name: str, level: int = logging.ERROR, *, exc: BaseException | None = None, **fields: Any) -> str:
     """The JSON line ``event(name, level, **fields)`` logs with ``logging.format = "json"``, made without the
     logger: for a command's failure said before (or whatever) ``configure`` set it up. ``exc``: its traceback,
-    whole, in the line's ``exception``."""
+    in the line's ``exception`` (its end, where the error is said, when it is long: ``_traceback``)."""
     exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
     record = LOGGER.makeRecord(LOGGER.name, level, __file__, 0, name, (), exc_info,
                                extra={"kembali_fields": fields})  # fmt: skip
