@@ -120,9 +120,15 @@ CASES = [
     Case("a filter that does not exist, in the shared layout",
          _edit("_layout.html", "{{ shop.postal_address }}", "{{ shop.postal_address | idr }}"),
          Kind.SYNTAX, "_layout.html", "shop.postal_address | idr"),
-    Case("a test that does not exist (Jinja2 finds it only as it renders the condition)",
+    Case("a test that does not exist (Jinja2 itself finds it only as it renders the condition)",
          _edit("winback/en/body.txt", "{% block content %}", "{% block content %}{% if false is empty %}{% endif %}"),
-         Kind.RENDER, "winback/en/body.txt", "is empty"),
+         Kind.SYNTAX, "winback/en/body.txt", "is empty"),
+    Case("a filter that does not exist, in a branch no sample takes (Jinja2 itself defers it to the render)",
+         _edit("winback/en/body.txt", "{% endblock %}", "{% if step == 9 %}{{ shop.name | uppercase }}{% endif %}\n"
+               "{% endblock %}"), Kind.SYNTAX, "winback/en/body.txt", "| uppercase"),
+    Case("a test that does not exist, in a branch no sample takes",
+         _edit("winback/id/body.html", "{% endblock %}", "{% if step == 9 %}{% if bought is empty %}{% endif %}"
+               "{% endif %}\n{% endblock %}"), Kind.SYNTAX, "winback/id/body.html", "is empty"),
 ]  # fmt: skip
 
 

@@ -935,7 +935,9 @@ class JinjaTemplates:
                 raise TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno) from None
             references = list(tree.find_all(_REFERENCES))
             if not signature or signature[0] not in self._generated:
-                try:  # what the parser lets through and Jinja2's code generator refuses: a filter that does not exist
+                if (unknown := _unknown_filter_or_test(self._env, tree)) is not None:  # in an {% if %} too
+                    raise TemplateError(f"syntax error: {unknown.message}", template=name, line=unknown.lineno)
+                try:  # what the parser lets through and Jinja2's code generator refuses
                     self._env.compile(tree, name, str(self.root / name), raw=True)
                 except jinja2.TemplateSyntaxError as exc:
                     raise TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno) from None
@@ -1188,7 +1190,9 @@ class _Lint:
             try:
                 source = self.templates._source(name)
                 tree = self.templates._env.parse(source, name, str(self.templates.root / name))
-                self.scopes(name, tree)  # runs Jinja2's code generator: `| idr` fails there, not in the parser
+                if (unknown := _unknown_filter_or_test(self.templates._env, tree)) is not None:  # in an {% if %} too
+                    raise unknown
+                self.scopes(name, tree)  # runs Jinja2's code generator, which refuses what the parser lets through
                 self._trees[name] = tree
             except TemplateError as exc:
                 self.problems.append(exc)
@@ -1364,6 +1368,25 @@ def _template_names(expr: nodes.Expr) -> tuple[str, ...]:
     ):
         return tuple(item.value for item in expr.items)  # type: ignore[attr-defined]
     return ()
+
+
+def _unknown_filter_or_test(env: jinja2.Environment, tree: nodes.Template) -> jinja2.TemplateSyntaxError | None:
+    """The first filter or test ``tree`` uses that ``env`` does not have, as Jinja2's code generator words it.
+
+    Jinja2 refuses one when it compiles the template, but not inside an ``{% if %}`` or ``… if … else …``: there it
+    fails as the render reaches it, so only the customers that take the branch find it (each message failed).
+    A name the template tests for itself (``{% if "markdown" is filter %}``) is left to the render, as Jinja2 does."""
+    guarded = {node.node.value for node in tree.find_all(nodes.Test)
+               if node.name in ("filter", "test") and isinstance(node.node, nodes.Const)}  # fmt: skip
+    for node in tree.find_all((nodes.Filter, nodes.Test)):
+        known = env.filters if isinstance(node, nodes.Filter) else env.tests
+        if node.name in known or node.name in guarded:
+            continue
+        kind = "filter" if isinstance(node, nodes.Filter) else "test"
+        close = difflib.get_close_matches(node.name, [n for n in known if n.isidentifier()], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return jinja2.TemplateSyntaxError(f"No {kind} named '{node.name}'.{hint}", node.lineno)
+    return None
 
 
 def _stored(target: nodes.Node) -> set[str]:
