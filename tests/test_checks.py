@@ -129,6 +129,9 @@ CASES = [
     Case("a test that does not exist, in a branch no sample takes",
          _edit("winback/id/body.html", "{% endblock %}", "{% if step == 9 %}{% if bought is empty %}{% endif %}"
                "{% endif %}\n{% endblock %}"), Kind.SYNTAX, "winback/id/body.html", "is empty"),
+    Case("the second product of an order read where most customers bought one (win-back's usual case)",
+         _edit("winback/en/body.txt", "{{ bought[0].url }}", "{{ bought[0].url }} and {{ bought[1].name }}"),
+         Kind.UNDEFINED, "winback/en/body.txt", "bought[1].name"),
 ]  # fmt: skip
 
 
@@ -293,7 +296,7 @@ def test_a_typo_in_a_variable_is_one_problem(tmp_path: Path) -> None:
     assert done.returncode == 1
     named = [row for row in done.stdout.splitlines() if "sapan" in row]
     assert named == [f"undefined: winback/id/body.html:{line}: UndefinedError: 'sapan' is undefined "
-                     "[winback/id, samples: siti, single, noname, long +5]"], done.stdout  # fmt: skip
+                     "[winback/id, samples: siti, single, noname, long +6]"], done.stdout  # fmt: skip
     assert "\n1 problem found\n" in done.stdout, done.stdout
 
 
@@ -309,7 +312,7 @@ def test_a_typo_in_a_field_name_is_told_the_field_meant(tmp_path: Path) -> None:
     assert done.returncode == 1
     named = [row for row in done.stdout.splitlines() if "frist_name" in row]
     assert named == [f"undefined: winback/id/body.html:{line}: UndefinedError: 'dict object' has no attribute "
-                     "'frist_name' (did you mean 'first_name'?) [winback/id, samples: siti, single, noname, long +5]"]
+                     "'frist_name' (did you mean 'first_name'?) [winback/id, samples: siti, single, noname, long +6]"]
 
 
 def test_a_mistake_in_the_shared_layout_is_one_problem_naming_the_folders_it_breaks(tmp_path: Path) -> None:

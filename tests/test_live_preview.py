@@ -115,7 +115,7 @@ def test_live_preview_shows_reloads_and_reports_errors(browser: object, served: 
     cards = driver.find_elements(By.CSS_SELECTOR, "section.card")
     # winback, birthday, …; not the shipped winback-last/ and winback-reminder/, no step of this one-step config's
     folders = campaigns_to_check(site.settings, JinjaTemplates(site.folder / "templates"))
-    assert len(folders) >= 5 and len(cards) == 2 * 9 * len(folders)
+    assert len(folders) >= 5 and len(cards) == 2 * 10 * len(folders)
     siti_en = driver.find_element(By.ID, "winback-en-siti")
     assert siti_en.find_element(By.CLASS_NAME, "subject-text").text.startswith("Siti, still loving your")
     assert "Unsubscribe: https://" in siti_en.find_element(By.CLASS_NAME, "text-part").text

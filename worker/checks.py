@@ -120,13 +120,13 @@ class SampleRender:
 
 
 def _facts(sample: samples.Sample) -> BatchFacts:
-    catalogue = samples.products() if sample.with_products else []
+    catalogue = samples.catalogue(sample)
     customer = sample.customer
     return BatchFacts(
         customers={customer.id: SendTimeFacts(customer=customer, suppressed=False,
                                               order_count=samples.SAMPLE_ORDER_COUNT,
                                               last_order_at=SAMPLE_NOW)},
-        order_products={samples.SAMPLE_ORDER_ID: samples.bought() if sample.with_products else []},
+        order_products={samples.SAMPLE_ORDER_ID: samples.bought_by(sample)},
         catalogue=catalogue,
     )  # fmt: skip
 

@@ -2,7 +2,8 @@
 
 Chosen to break templates: hostile names (CR/LF header injection, an RFC 2047
 encoded-word, HTML, bidi overrides), a long name, a single name, no name at
-all, both locales, and a customer with and without products to show.
+all, both locales, and a customer with products to show, with none, and with one
+(one order line, one product in the shop).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ class Sample:
     label: str
     customer: CustomerSnapshot
     with_products: bool = True
+    one_product: bool = False
+    """One order line and one product in the shop (a win-back's usual order): ``bought[1]``, ``recommendations[1]``
+    are not there."""
 
 
 _NAMES = (
@@ -51,13 +55,29 @@ def _customer(i: int, name: str, locale: Locale) -> CustomerSnapshot:
 
 
 def samples(locale: Locale) -> list[Sample]:
-    """Every sample customer in one locale; the last one has no products to show."""
+    """Every sample customer in one locale; the last two have no products to show, and one of each."""
     out = [
         Sample(slug, label, _customer(i, name, locale)) for i, (slug, label, name) in enumerate(_NAMES, start=1)
     ]
     out.append(Sample("noproducts", "no order lines, no recommendations",
                       _customer(len(_NAMES) + 1, "Agus Santoso", locale), with_products=False))  # fmt: skip
+    out.append(Sample("oneproduct", "one order line, one product in the shop",
+                      _customer(len(_NAMES) + 2, "Wulan Sari", locale), one_product=True))  # fmt: skip
     return out
+
+
+def catalogue(sample: Sample) -> list[ProductView]:
+    """The shop's products as ``sample`` sees them (recommendations, best sellers, new products)."""
+    if not sample.with_products:
+        return []
+    return [products()[1]] if sample.one_product else products()
+
+
+def bought_by(sample: Sample) -> list[ProductView]:
+    """The products of ``sample``'s order."""
+    if not sample.with_products:
+        return []
+    return bought()[:1] if sample.one_product else bought()
 
 
 _BASE = "https://toko-kembali.example/produk/"
