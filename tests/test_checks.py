@@ -132,6 +132,12 @@ CASES = [
     Case("the second product of an order read where most customers bought one (win-back's usual case)",
          _edit("winback/en/body.txt", "{{ bought[0].url }}", "{{ bought[0].url }} and {{ bought[1].name }}"),
          Kind.UNDEFINED, "winback/en/body.txt", "bought[1].name"),
+    Case("a '}}' too many: it is printed as text in every email",
+         _edit("winback/id/body.html", "{{ shop.name }}. Semoga", "{{ shop.name }}}}. Semoga"),
+         Kind.SYNTAX, "winback/id/body.html", "}}}}. Semoga"),
+    Case("a '{' missing: the whole tag is printed as text, '{ customer.first_name }}'",
+         _edit("winback/en/body.txt", "Hi {{ customer.first_name", "Hi { customer.first_name"),
+         Kind.SYNTAX, "winback/en/body.txt", "Hi { customer"),
 ]  # fmt: skip
 
 
@@ -658,3 +664,19 @@ def test_check_json_says_all_the_plain_report_says_each_note_and_a_summary(tmp_p
                        "notes": len(noted)}, summary
     assert f"config: {summary['config']}\ntemplates: {summary['templates']} (about {summary['renders']} sample " \
         "renders" in plain.stdout, plain.stdout
+
+
+def test_braces_of_css_a_script_or_a_raw_block_are_not_taken_for_a_stray_tag(templates: Path) -> None:
+    # Given a layout with a media query (whose rules end in '}}'), a script, and a {% raw %} block
+    _edit("_layout.html", "</head>", "<style>@media (max-width:600px){.col{width:100%}}</style>"
+          '<script type="application/ld+json">{"@type":"Order","seller":{"name":"{{ shop.name }}"}}</script>'
+          "</head>")(templates)
+    _edit("winback/en/body.txt", "{% block content %}", "{% block content %}{% raw %}{{ }}{% endraw %}")(templates)
+    # When the operator checks the templates, Then none of these is a problem
+    problems = check_templates(_settings(templates), JinjaTemplates(templates))
+    assert [p for p in problems if p.kind is Kind.SYNTAX] == [], "\n".join(map(str, problems))
+    # and a stray '}}' is named with what to do about it
+    _edit("winback/id/body.txt", "Tim {{ shop.name }}", "Tim {{ shop.name }}}}")(templates)
+    (problem,) = check_templates(_settings(templates), JinjaTemplates(templates))
+    assert str(problem).startswith(f"winback/id/body.txt:{_line_of(templates, 'winback/id/body.txt', 'Tim ')}: ")
+    assert "'}}' is printed as text" in problem.message, problem.message

@@ -44,6 +44,7 @@ which are built together before they are counted (as many as the line has).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import difflib
@@ -790,6 +791,11 @@ _RENDER_CODE = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (jinja2
 _WATCHDOG = _Watchdog()
 
 
+_STRAY = re.compile(r"\}\}|%\}")
+"""What closes a tag, met in a file's text (``JinjaTemplates._stray_delimiters``)."""
+_HIDDEN = re.compile(r"<(style|script)\b.*?(?:</\1\s*>|\Z)", re.S | re.I)
+"""An HTML part's CSS and scripts, whose braces are their own."""
+
 _REFERENCES = (nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)
 """The tags that name another template file."""
 
@@ -1015,6 +1021,9 @@ class JinjaTemplates:
         included = {target for name, tree in trees.items() if tree is not None
                     for site in lint.scopes(name, tree).includes for target in site.targets}  # fmt: skip
         for name in files:
+            if trees[name] is not None:
+                problems += self._stray_delimiters(name)
+        for name in files:
             tree = trees[name]
             entry = name.count("/") == 2 and name.rsplit("/", 1)[1] in PARTS
             if tree is None or (name in included and not entry):
@@ -1023,6 +1032,34 @@ class JinjaTemplates:
             allowed = set(known.get(folder, known.get("", ()))) | set(self._env.globals)
             lint.check(name, tree, frozenset(allowed), ())
         return problems + lint.undefined_in_includes()
+
+    def _stray_delimiters(self, name: str) -> list[TemplateError]:
+        """A ``}}`` or ``%}`` in a file's text, where Jinja2 prints it as it is: ``{ customer.name }}`` (a ``{``
+        missing) or ``{{ shop.name }}}}``, in every email. Not in a ``{% raw %}`` block, nor, in HTML, inside
+        ``<style>`` or ``<script>`` (a media query's rules end in ``}}``)."""
+        pieces: list[tuple[int, int, str]] = []
+        """(offset in ``text``, line, the data) of each piece of text outside tags and raw blocks."""
+        text = ""
+        raw = False
+        for line, kind, value in self._env.lex(self._source(name), name):
+            if kind in ("raw_begin", "raw_end"):
+                raw = kind == "raw_begin"
+            elif kind == "data" and not raw:
+                pieces.append((len(text), line, value))
+                text += value
+                continue
+            text += "\0"  # a tag: no '}}' across it
+        if name.endswith((".html", ".htm")):
+            text = _HIDDEN.sub(lambda m: "\0" * len(m[0]), text)
+        found = []
+        for m in _STRAY.finditer(text):
+            start, line, value = pieces[bisect.bisect_right([p[0] for p in pieces], m.start()) - 1]
+            line += value[: m.start() - start].count("\n")
+            opening = "{{" if m[0] == "}}" else "{%"
+            found.append(TemplateError(
+                f"syntax error: '{m[0]}' is printed as text: a '{opening}' missing before it, or one '{m[0]}' "
+                f"too many? (to print the characters themselves: {{{{ '{m[0]}' }}}})", template=name, line=line))
+        return found
 
     # --- rendering ---------------------------------------------------------
 
