@@ -680,3 +680,30 @@ def test_braces_of_css_a_script_or_a_raw_block_are_not_taken_for_a_stray_tag(tem
     (problem,) = check_templates(_settings(templates), JinjaTemplates(templates))
     assert str(problem).startswith(f"winback/id/body.txt:{_line_of(templates, 'winback/id/body.txt', 'Tim ')}: ")
     assert "'}}' is printed as text" in problem.message, problem.message
+
+
+@pytest.mark.parametrize(("old", "new", "closing"), [
+    ("{% endif %}\n{% if recommendations %}", "\n{% if recommendations %}", "{% endif %}"),  # met {% endblock %}
+    ("{% endfor %}", "", "{% endfor %}"),  # in a partial, met the end of the file
+])
+def test_a_tag_left_open_is_named_at_the_line_it_opens(templates: Path, old: str, new: str, closing: str) -> None:
+    # Given a template whose {% if %} (or a partial whose {% for %}) lost its closing tag
+    path = "winback/id/body.html" if closing == "{% endif %}" else "_products.txt"
+    opening = "{% if bought %}" if closing == "{% endif %}" else "{% for p in items %}"
+    _edit(path, old, new)(templates)
+    opened = _line_of(templates, path, opening)
+    # When the operator checks the templates
+    problems = [p for p in check_templates(_settings(templates), JinjaTemplates(templates)) if p.kind is Kind.SYNTAX]
+    # Then the problem says where the tag left open is, and how to close it: Jinja2 names only the line where it
+    # noticed (the {% endblock %} many lines on, or the end of the file)
+    assert problems and all(p.template == path for p in problems), "\n".join(map(str, problems))
+    assert f"opened at line {opened}: close it with {closing}" in problems[0].message, problems[0].message
+
+
+def test_an_end_tag_too_many_is_not_taken_for_one_missing(templates: Path) -> None:
+    # Given a body with one {% endif %} too many (Jinja2: "The innermost block that needs to be closed is 'block'")
+    _edit("winback/en/body.html", "{% endif %}", "{% endif %}{% endif %}")(templates)
+    (problem,) = [p for p in check_templates(_settings(templates), JinjaTemplates(templates)) if p.kind is Kind.SYNTAX]
+    # Then the problem says to remove it, not to close the {% block %}, which is closed
+    assert "This {% endif %} closes no {% if %}: remove it" in problem.message, problem.message
+    assert "close it with {% endblock %}" not in problem.message, problem.message

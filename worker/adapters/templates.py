@@ -938,7 +938,8 @@ class JinjaTemplates:
             try:
                 tree = self._env.parse(source, name, str(self.root / name))
             except jinja2.TemplateSyntaxError as exc:
-                raise TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno) from None
+                message = _syntax_message(exc, self._env, source)
+                raise TemplateError(message, template=name, line=exc.lineno) from None
             references = list(tree.find_all(_REFERENCES))
             if not signature or signature[0] not in self._generated:
                 if (unknown := _unknown_filter_or_test(self._env, tree)) is not None:  # in an {% if %} too
@@ -1224,6 +1225,7 @@ class _Lint:
     def tree(self, name: str) -> nodes.Template | None:
         """The file parsed (once); None after reporting a syntax error."""
         if name not in self._trees:
+            source = ""
             try:
                 source = self.templates._source(name)
                 tree = self.templates._env.parse(source, name, str(self.templates.root / name))
@@ -1235,7 +1237,8 @@ class _Lint:
                 self.problems.append(exc)
                 self._trees[name] = None
             except jinja2.TemplateSyntaxError as exc:
-                self.problems.append(TemplateError(f"syntax error: {exc.message}", template=name, line=exc.lineno))
+                message = _syntax_message(exc, self.templates._env, source)
+                self.problems.append(TemplateError(message, template=name, line=exc.lineno))
                 self._trees[name] = None
         return self._trees[name]
 
@@ -1424,6 +1427,44 @@ def _unknown_filter_or_test(env: jinja2.Environment, tree: nodes.Template) -> ji
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return jinja2.TemplateSyntaxError(f"No {kind} named '{node.name}'.{hint}", node.lineno)
     return None
+
+
+_OPENING_TAGS = frozenset({"if", "for", "block", "macro", "call", "filter", "with", "set", "autoescape", "trans"})
+_INNERMOST = re.compile(r"The innermost block that needs to be closed is '(\w+)'\.")
+
+
+def _syntax_message(exc: jinja2.TemplateSyntaxError, env: jinja2.Environment, source: str) -> str:
+    """``syntax error: …`` for ``exc``; for a tag left open, with the line it opens at. Jinja2 names only the line
+    where it noticed (a ``{% endblock %}`` many lines on, the end of the file), where nothing is to be fixed."""
+    message = f"syntax error: {exc.message}"
+    innermost = _INNERMOST.search(exc.message or "")
+    if innermost is None:
+        return message
+    opened: list[tuple[str, int]] = []
+    try:
+        tokens = list(env.lex(source))
+    except jinja2.TemplateSyntaxError:
+        return message
+    for i, (line, kind, _) in enumerate(tokens):
+        if kind != "block_begin":
+            continue
+        names = [v for _, k, v in tokens[i + 1 : i + 3] if k == "name"]
+        tag = names[0] if names else ""
+        if tag in _OPENING_TAGS:
+            rest = itertools.takewhile(lambda token: token[1] != "block_end", tokens[i + 1 :])
+            if tag != "set" or not any(k == "assign" for _, k, _ in rest):  # {% set x = … %} closes itself
+                opened.append((tag, line))
+        elif tag.startswith("end") and tag[3:] in _OPENING_TAGS:
+            if not opened or opened[-1][0] != tag[3:]:  # where Jinja2 stopped
+                if all(opener != tag[3:] for opener, _ in opened):  # an end tag too many, not one missing
+                    return (f"{message} This {{% {tag} %}} closes no {{% {tag[3:]} %}}: remove it, or add the "
+                            f"{{% {tag[3:]} %}} it was meant to close.")
+                break  # it closes an outer tag: the one still open inside it is the one to close
+            opened.pop()
+    if not opened or opened[-1][0] != innermost[1]:
+        return message
+    tag, line = opened[-1]
+    return f"{message} The {{% {tag} %}} opened at line {line}: close it with {{% end{tag} %}} where it should end."
 
 
 def _stored(target: nodes.Node) -> set[str]:
