@@ -707,3 +707,22 @@ def test_an_end_tag_too_many_is_not_taken_for_one_missing(templates: Path) -> No
     # Then the problem says to remove it, not to close the {% block %}, which is closed
     assert "This {% endif %} closes no {% if %}: remove it" in problem.message, problem.message
     assert "close it with {% endblock %}" not in problem.message, problem.message
+
+
+def test_a_macro_imported_by_a_name_its_file_does_not_have_is_named(templates: Path) -> None:
+    # Given a file of macros, and a body importing one of them misspelt, used only in a branch no sample takes
+    (templates / "_macros.html").write_text('{% macro button(url, text) %}<a href="{{ url }}">{{ text }}</a>'
+                                            "{% endmacro %}\n", encoding="utf-8")
+    _edit("winback/en/body.html", "{% block content %}", '{% block content %}{% from "_macros.html" import buton %}'
+          '{% if step == 9 %}{{ buton(shop.base_url, "Shop") }}{% endif %}')(templates)
+    # When the operator checks the templates
+    problems = check_templates(_settings(templates), JinjaTemplates(templates))
+    # Then the import is named at its line, with the names the file has: Jinja2 fails only the messages that call it
+    line = _line_of(templates, "winback/en/body.html", "import buton")
+    assert [str(p) for p in problems] == [f"winback/en/body.html:{line}: undefined variable 'buton': _macros.html has "
+                                          "no macro 'buton' (it has: button)"], "\n".join(map(str, problems))
+
+    # and one a sample reaches is one problem, not the render's and the scan's
+    _edit("winback/en/body.html", "{% if step == 9 %}{{ buton(", "{% if step == 1 %}{{ buton(")(templates)
+    (problem,) = check_templates(_settings(templates), JinjaTemplates(templates))
+    assert problem.kind is Kind.UNDEFINED and problem.line == line and "'buton'" in problem.message, problem

@@ -347,11 +347,13 @@ def check_templates(settings: Settings, renderer: TemplateRenderer) -> list[Prob
     return _merge(problems + unseen)
 
 
-_UNDEFINED_NAME = re.compile(r"^(?:UndefinedError: '([^']*)' is undefined|undefined variable '([^']*)')$")
+_UNDEFINED_NAME = re.compile(r"^(?:UndefinedError: '([^']*)' is undefined|undefined variable '([^']*)'(?:: .*)?"
+                             r"|UndefinedError: .* does not export the requested name '([^']*)')$")
 
 
 def _mistake(p: Problem) -> tuple[object, ...]:
     """What tells one mistake from another: a render's "UndefinedError: 'sapan' is undefined" and the scan's
-    "undefined variable 'sapan'" at the same line are one typo."""
+    "undefined variable 'sapan'" at the same line are one typo (so are a render's "… does not export the requested
+    name 'buton'" and the scan's "undefined variable 'buton': _macros.html has no macro 'buton'")."""
     found = _UNDEFINED_NAME.match(p.message) if p.kind is Kind.UNDEFINED else None
-    return (p.kind, p.template, p.line, found.group(1) or found.group(2) if found else p.message)
+    return (p.kind, p.template, p.line, next(g for g in found.groups() if g is not None) if found else p.message)

@@ -1022,8 +1022,9 @@ class JinjaTemplates:
         included = {target for name, tree in trees.items() if tree is not None
                     for site in lint.scopes(name, tree).includes for target in site.targets}  # fmt: skip
         for name in files:
-            if trees[name] is not None:
+            if (tree := trees[name]) is not None:
                 problems += self._stray_delimiters(name)
+                problems += self._imports_missing(name, tree, lint)
         for name in files:
             tree = trees[name]
             entry = name.count("/") == 2 and name.rsplit("/", 1)[1] in PARTS
@@ -1033,6 +1034,25 @@ class JinjaTemplates:
             allowed = set(known.get(folder, known.get("", ()))) | set(self._env.globals)
             lint.check(name, tree, frozenset(allowed), ())
         return problems + lint.undefined_in_includes()
+
+    def _imports_missing(self, name: str, tree: nodes.Template, lint: _Lint) -> list[TemplateError]:
+        """A ``{% from "_macros.html" import buton %}`` whose file has no such macro: Jinja2 fails only the renders
+        that call it (those in a branch no sample takes are never found by rendering)."""
+        found = []
+        for node in tree.find_all(nodes.FromImport):
+            target = next((n for n in _template_names(node.template) if self._exists(n)), None)
+            source = lint.tree(target) if target is not None else None
+            if source is None:
+                continue  # not there (reported with the includes), computed, or not parsed (reported)
+            exported = sorted({m.name for m in source.body if isinstance(m, nodes.Macro)}
+                              | {n for a in source.body if isinstance(a, nodes.Assign) for n in _stored(a.target)})
+            for imported in node.names:
+                wanted = imported if isinstance(imported, str) else imported[0]
+                if wanted not in exported:
+                    has = f"it has: {', '.join(exported)}" if exported else "it has none"
+                    found.append(TemplateError(f"undefined variable '{wanted}': {target} has no macro '{wanted}' "
+                                               f"({has})", template=name, line=node.lineno))  # fmt: skip
+        return found
 
     def _stray_delimiters(self, name: str) -> list[TemplateError]:
         """A ``}}`` or ``%}`` in a file's text, where Jinja2 prints it as it is: ``{ customer.name }}`` (a ``{``
