@@ -25,7 +25,7 @@ from worker.errors import ConfigError
 from worker.limiter import Booker, DbBooker, Limiter, LocalBooker
 from worker.pipeline import Composer
 from worker.ports import Clock
-from worker.sending import Dispatcher
+from worker.sending import ClockGuard, Dispatcher
 
 _INSTANCE = secrets.token_hex(3)
 """Drawn when the process starts: two containers given one hostname, each running Kembali as PID 1, still get
@@ -121,6 +121,12 @@ def make_limiter(settings: Settings, async_store: AsyncStore, clock: Clock) -> L
     return Limiter(settings.sending, clock, booker)
 
 
+def clock_guard(settings: Settings, async_store: AsyncStore, clock: Clock) -> ClockGuard | None:
+    """The check of this host's clock against the database's (``sending.ClockGuard``), for the real clock only: a
+    simulated one (the demo's, the tests') is another time by design."""
+    return ClockGuard(async_store, clock, settings.sending.lease_seconds) if isinstance(clock, SystemClock) else None
+
+
 def compose_pool(settings: Settings, templates: JinjaTemplates, composer: Composer) -> ComposerPool | None:
     """Helper processes that compose like ``composer`` over the same templates, per ``sending.compose_processes``."""
     if settings.sending.compose_processes < 1:
@@ -161,6 +167,9 @@ class Deps:
     def limiter(self, async_store: AsyncStore) -> Limiter:
         return make_limiter(self.settings, async_store, self.clock)
 
+    def clock_guard(self, async_store: AsyncStore) -> ClockGuard | None:
+        return clock_guard(self.settings, async_store, self.clock)
+
     def dispatcher(self, async_store: AsyncStore, transport: SmtpTransport) -> Dispatcher:
         composer = self.composer()
         return Dispatcher(
@@ -172,6 +181,7 @@ class Deps:
             worker=worker_id(),
             limiter=self.limiter(async_store),
             compose_pool=compose_pool(self.settings, self.templates, composer),
+            clock_guard=self.clock_guard(async_store),
         )
 
     def close(self) -> None:

@@ -73,7 +73,16 @@ from worker.adapters.render_worker import TimeLimitedRenderer
 from worker.adapters.smtp import SmtpTransport
 from worker.adapters.templates import JinjaTemplates
 from worker.adapters.web import HttpServer
-from worker.app import Deps, compose_pool, link_keys, make_limiter, release_lapsed_leases, smtp_password, worker_id
+from worker.app import (
+    Deps,
+    clock_guard,
+    compose_pool,
+    link_keys,
+    make_limiter,
+    release_lapsed_leases,
+    smtp_password,
+    worker_id,
+)
 from worker.asyncstore import AsyncStore
 from worker.checks import Problem, check_templates
 from worker.config import Settings, load_settings, naming_the_line
@@ -274,6 +283,7 @@ class Daemon:
             worker=self.worker,
             limiter=make_limiter(settings, self.astore, self.clock),
             compose_pool=compose_pool(settings, templates, composer),
+            clock_guard=clock_guard(settings, self.astore, self.clock),
         )
         dispatcher.observer = self.metrics
         dispatcher.held = self._holding  # priority decides only between rows that exist: wait for them
@@ -492,6 +502,11 @@ class Daemon:
         if await self._schema_changed():
             return
         settings = self.gen.settings
+        dispatcher = self.gen.dispatcher
+        if dispatcher.clock_guard is not None and (problem := await dispatcher.clock_guard.check()):
+            # lapsed leases and expiries judged on this clock would be another worker's live ones, or early
+            dispatcher.pause_for_clock(problem)
+            return
         now = self.clock.now()
         # not the rows this process still has outcomes for (a database outage outlasted their leases): it is alive
         held = self.gen.dispatcher.holds() | (self._active.dispatcher.holds() if self._active is not None else set())
@@ -542,8 +557,11 @@ class Daemon:
         except Exception as exc:
             error = log.error_line(exc)
         line = self.metrics.health(self.clock.monotonic())
+        guard = self.gen.dispatcher.clock_guard
+        offset = None if guard is None or guard.offset is None else round(guard.offset, 1)
         fields = dataclasses.asdict(line) | {"queue_depth": depth, "uncertain_in_ledger": uncertain,
-                                             "paused": self.paused(), "database": "unreachable" if error else "ok"}
+                                             "paused": self.paused(), "database": "unreachable" if error else "ok",
+                                             "clock_offset_seconds": offset}
         if error:
             log.event("health", logging.WARNING, **fields, error=error)
         else:

@@ -120,13 +120,49 @@ MAY_HAVE_ARRIVED = frozenset({MessageStatus.SENT, MessageStatus.UNCERTAIN})
 """Outcomes that take the mailbox's slot under the frequency cap: sent, and uncertain (it may have arrived)."""
 
 
+class ClockGuard:
+    """Compares this host's clock with the database's (``Store.database_now``, PostgreSQL's; SQLite has none, as
+    every process on its file reads this host's clock): the leases, claims and sends are stamped on this host's
+    clock, and workers whose clocks disagree by more than ``core.lifecycle.max_clock_offset`` take each other's live
+    leases and miss each other's sends at the mark's frequency-cap check. ``check`` logs ``clock_off`` (an error)
+    when the offset goes past it and ``clock_in_step`` when it comes back."""
+
+    def __init__(self, store: AsyncStore, clock: Clock, lease_seconds: int) -> None:
+        self.store, self.clock, self.lease_seconds = store, clock, lease_seconds
+        self.offset: float | None = None
+        """Seconds this host's clock was ahead of the database's (behind: negative) at the last check; None on
+        SQLite, or before the first."""
+        self.problem: str | None = None
+
+    async def check(self) -> str | None:
+        """Measure the offset (within half the query's round trip); what is wrong, or None."""
+        before = self.clock.now()
+        at = await self.store.call(self.store.store.database_now)
+        after = self.clock.now()
+        if at is None:
+            return None
+        half = (after - before) / 2
+        self.offset = (before + half - at).total_seconds()
+        problem = lifecycle.clock_offset_problem(self.offset, half.total_seconds(), self.lease_seconds)
+        if problem and not self.problem:
+            log.event("clock_off", logging.ERROR, offset_seconds=round(self.offset, 1),
+                      allowed_seconds=lifecycle.max_clock_offset(self.lease_seconds), reason=problem)  # fmt: skip
+        elif self.problem and not problem:
+            log.event("clock_in_step", logging.WARNING, offset_seconds=round(self.offset, 1))
+        self.problem = problem
+        return problem
+
+
 @dataclass
 class DispatchReport:
     outcomes: Counter[str] = field(default_factory=Counter)
     """Final statuses of this run's messages (``sent``, ``retry``, ``skipped:suppressed``…)."""
     by_campaign: Counter[tuple[str, str]] = field(default_factory=Counter)
     paused: str | None = None
-    """Why the dispatcher paused (too many connection failures in a row), or None."""
+    """Why the dispatcher paused (too many connection failures in a row, this host's clock off the database's), or
+    None."""
+    clock_off: str | None = None
+    """``paused`` when this host's clock is too far off the database's (``ClockGuard``), else None."""
     quota_reached: bool = False
     """The daily quota ran out; what is left waits for the next day."""
     unreachable: str | None = None
@@ -427,8 +463,13 @@ class Dispatcher:
         limiter: Limiter | None = None,
         quota: DailyQuota | None = None,
         compose_pool: ComposerPool | None = None,
+        clock_guard: ClockGuard | None = None,
     ) -> None:
         self.settings = settings
+        self.clock_guard = clock_guard
+        """Checks this host's clock against the database's before each run and at each lease renewal; None: not
+        checked (a simulated clock)."""
+        self._clock_paused = False
         self.store = store
         self.composer = composer
         self.compose_pool = compose_pool
@@ -511,8 +552,17 @@ class Dispatcher:
         if self.paused is not None:
             log.event("dispatcher_resumed", logging.WARNING, why=why, was=self.paused)
         self.paused = None
+        self._clock_paused = False
         self.failures_in_row = 0
         self.stopping.clear()
+
+    def pause_for_clock(self, problem: str) -> None:
+        """This host's clock is too far off the database's (``ClockGuard``): claim nothing more until it is right
+        (what is on the wire finishes, what is claimed goes back to the queue). Not counted as a pause in a row: the
+        daemon tries again after ``sending.pause_retry_seconds`` each time, and the next run checks again."""
+        if self.paused is None:
+            self.paused, self._clock_paused = problem, True
+        self.stop()
 
     def _observe_failures(self, result: SendResult, domain: str) -> bool:
         """Count attempts that failed before RCPT TO (the connection, greeting, EHLO, STARTTLS, login, MAIL FROM), got
@@ -596,6 +646,9 @@ class Dispatcher:
         twice ``smtp.timeout_seconds``) and raises that failure; what was claimed and not begun goes back to the
         queue (or, when the writer failed, is kept in ``unwritten`` with the outcomes it could not write, for the next
         run to write first)."""
+        if self.clock_guard is not None and (problem := await self.clock_guard.check()):
+            self.pause_for_clock(problem)
+            return DispatchReport(paused=self.paused, clock_off=problem if self._clock_paused else None)
         try:
             return await self._run_once()
         finally:
@@ -676,6 +729,7 @@ class Dispatcher:
             self._keep_unwritten(writer)
             raise
         report.paused = self.paused
+        report.clock_off = self.paused if self._clock_paused else None
         report.quota_reached = self.quota_reached
         if report.attempts_unreached and not report.attempts_reached and self.paused is None:
             smtp = self.settings.smtp
@@ -756,6 +810,10 @@ class Dispatcher:
                                       lease_seconds=lease, ids=writer.holding | writer.uncommitted)  # fmt: skip
             except Exception as exc:
                 log.event("lease_renewal_failed", logging.WARNING, error=log.error_line(exc))
+                continue
+            with contextlib.suppress(Exception):  # (a database that cannot be read: the renewal said so)
+                if self.clock_guard is not None and (problem := await self.clock_guard.check()):
+                    self.pause_for_clock(problem)
 
     async def _produce(
         self, queue: asyncio.Queue[Composed | Literal["done"]], writer: LedgerWriter, report: DispatchReport

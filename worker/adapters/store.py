@@ -983,6 +983,15 @@ class Store:
             cursor.executemany(self._sql.suppress, suppressions)
         return tuple(stale), given_back
 
+    def database_now(self) -> datetime | None:
+        """The database server's clock (PostgreSQL's ``clock_timestamp()``), to compare a worker's with: None on
+        SQLite, whose file, and so every process writing it, is on this host and reads its clock."""
+        if self.dialect == "sqlite":
+            return None
+        with self.engine.connect() as conn:
+            now: datetime = conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
+        return now
+
     def renew_leases(
         self, *, worker: str, now: datetime, lease_seconds: int, ids: Iterable[int] | None = None
     ) -> int:

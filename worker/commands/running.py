@@ -56,6 +56,10 @@ async def cycle(
     own_store = async_store is None
     astore = async_store or AsyncStore(deps.store)
     try:
+        # a clock too far off the database's would take live workers' leases and miss their sends: nothing at all
+        guard = deps.clock_guard(astore)
+        if guard is not None and (problem := await guard.check()):
+            return CycleReport(PlanReport(), DispatchReport(paused=problem, clock_off=problem))
         now = deps.clock.now()
         requeued, uncertain = await release_lapsed_leases(deps.store, astore, now)
         planned = await astore.call(plan, deps.store, deps.settings, now)
@@ -115,7 +119,7 @@ def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zo
         parts = [f"sent {sent} {label} {'email' if sent == 1 else 'emails'}"]
         parts += [f"{n} {what}" for what, n in sorted(counts.items())]
         lines.append(", ".join(parts))
-    if not by_campaign:
+    if not by_campaign and not report.dispatched.clock_off:  # (then nothing was even looked at)
         lines.append("nothing was due to send")
     content = sum(n for what, n in report.dispatched.outcomes.items() if what == "failed:content_rejected")
     if content:
@@ -130,7 +134,9 @@ def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zo
                      f"DMARC, a block list, the sending IP's standing): fix the sending setup; {' and '.join(fates)}")
     if report.dispatched.quota_reached:
         lines.append("the daily quota is used up: the rest waits for the next day's, from midnight on the shop's clock")
-    if report.dispatched.paused:
+    if report.dispatched.clock_off:
+        lines.append(f"NOT SENT: {report.dispatched.clock_off}")
+    elif report.dispatched.paused:
         # the reason quotes the server's reply: its control characters escaped, as the logs show them
         lines.append(f"PAUSED: sending stopped after {log.printable(report.dispatched.paused)}; check the SMTP server")
     if report.dispatched.unreachable:

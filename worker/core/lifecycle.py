@@ -27,6 +27,28 @@ def requeued(attempts: int) -> MessageStatus:
     return MessageStatus.RETRY if attempts > 0 else MessageStatus.PLANNED
 
 
+def max_clock_offset(lease_seconds: int) -> float:
+    """How far (seconds) a worker's clock may be from the database's before it sends nothing. Leases, claims, sends
+    and the mark's look back for another worker's send are stamped on each worker's clock, so two workers each that
+    far off, on either side, are twice as far apart, and that must stay within what these rules allow: a live
+    worker's lease has two thirds of ``lease_seconds`` left at worst (it renews every third), so a sixth of a lease
+    each; the mark looks a minute back for another worker's send to the mailbox (``adapters.store.HELD_SECONDS``),
+    so at most 15 s each."""
+    return min(15.0, lease_seconds / 6)
+
+
+def clock_offset_problem(offset: float, uncertainty: float, lease_seconds: int) -> str | None:
+    """What is wrong when this host's clock is ``offset`` seconds ahead of the database's (behind when negative),
+    measured within ``uncertainty`` seconds (half the query's round trip); None within ``max_clock_offset``."""
+    bound = max_clock_offset(lease_seconds)
+    if abs(offset) - uncertainty <= bound:
+        return None
+    side = "ahead of" if offset > 0 else "behind"
+    return (f"this host's clock is {abs(offset):.1f} s {side} the database's, more than the {bound:g} s allowed (a "
+            "sixth of sending.lease_seconds, at most 15 s): workers that far apart take each other's live leases and "
+            "miss each other's sends at the frequency cap; nothing is sent until the clock is set right (NTP)")
+
+
 def counts_as_attempt(result: SendResult, *, server_trouble: bool = False) -> bool:
     """Whether the attempt counts against ``max_attempts``: not when the server said "slow down", nor when it
     stopped before RCPT TO (connection, greeting, login, MAIL FROM: not the message's fault), nor when its
