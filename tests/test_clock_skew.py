@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +22,7 @@ import pytest
 
 from tests.daemon_harness import LINK_KEY, make_shop
 from tests.sendkit import Shop, make_settings
-from tests.smtp_server import RecordingServer
+from tests.smtp_server import Behaviour, RecordingServer
 from worker.adapters import db, shop
 from worker.adapters.clock import SystemClock
 from worker.adapters.store import Marks, Store
@@ -221,3 +224,38 @@ def test_a_daemon_whose_clock_goes_off_pauses_sending_and_maintenance_and_says_s
     assert [m.rcpt_tos for m in smtp_server.messages] == [("c2@example.com",)]
     assert s.rows("SELECT id, status, claimed_by FROM message WHERE id IN (:a, :b) ORDER BY id", a=held[0],
                   b=held[1]) == [(held[0], "sending", "other"), (held[1], "claimed", "other")]  # fmt: skip
+
+
+def test_a_run_whose_clock_jumps_off_the_databases_while_it_sends_stops_claiming(
+    pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 8 win-backs due, one connection, a server that takes half a second over each message, a lease of 3 s
+    # (renewed, and the clock compared, every second; 0.5 s allowed)
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+    emails = [f"c{i}@example.com" for i in range(8)]
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=0.5))
+    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 1}, in_flight_per_connection=1,
+                             compose_processes=0, lease_seconds=3)  # fmt: skip
+    clock = SkewedClock(0)
+    shop_ = Shop(pg_url, settings, emails, clock=clock)  # type: ignore[arg-type]
+
+    def jump() -> None:  # When the host's clock jumps 5 minutes ahead once the first message arrived
+        while not smtp_server.messages:
+            time.sleep(0.01)
+        clock.skew = timedelta(minutes=5)
+
+    jumper = threading.Thread(target=jump)
+    jumper.start()
+    try:
+        report = shop_.cycle()
+        statuses = Counter(r["status"] for r in shop_.store.messages())
+    finally:
+        jumper.join()
+        shop_.close()
+    # Then the run stops claiming at the next lease renewal, says why and exits 3; what it sent is recorded, what it
+    # held goes back to the queue, no row is left claimed, sending or uncertain
+    assert report.dispatched.clock_off is not None and "ahead of the database's" in report.dispatched.clock_off
+    assert running.exit_code(report) == 3
+    sent = len(smtp_server.messages)
+    assert 1 <= sent < len(emails) and statuses == Counter(sent=sent, planned=len(emails) - sent), statuses
