@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from worker.core import tokens
-from worker.core.lifecycle import after_attempt, backoff_seconds, requeued
+from worker.core.lifecycle import after_attempt, backoff_seconds, clock_offset_problem, requeued
 from worker.core.ratelimit import Gcra
 from worker.core.recommend import recommend
 from worker.domain import MessageStatus, Outcome, ProductView, SendResult
@@ -23,6 +23,27 @@ def test_a_row_given_back_unsent_waits_as_planned_until_an_attempt_was_made(
     attempts: int, expected: MessageStatus
 ) -> None:
     assert requeued(attempts) is expected
+
+
+@pytest.mark.parametrize(
+    ("offset", "uncertainty", "lease", "refused"),
+    [
+        (0.0, 0.0, 300, False),
+        (15.0, 0.0, 300, False),  # a sixth of 300 s is 50 s: 15 s at most (the mark looks back 60 s)
+        (15.5, 0.0, 300, True),
+        (-15.5, 0.0, 300, True),  # behind as well as ahead
+        (16.0, 2.0, 300, False),  # within 15 s of it, given the query's round trip: not refused
+        (5.5, 0.0, 30, True),  # a lease of 30 s allows 5 s
+        (300.0, 0.0, 3600, True),
+    ],
+)
+def test_a_clock_is_refused_past_a_sixth_of_a_lease_and_at_most_15_s_off_the_databases(
+    offset: float, uncertainty: float, lease: int, refused: bool
+) -> None:
+    problem = clock_offset_problem(offset, uncertainty, lease)
+    assert (problem is not None) is refused
+    if problem:
+        assert f"{abs(offset):.1f} s {'ahead of' if offset > 0 else 'behind'} the database's" in problem
 
 
 @pytest.mark.parametrize(
