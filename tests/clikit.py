@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.adapters import db
+from tests.db_fixtures import migrated_sqlite
 from worker.cli import main
 
 
@@ -20,9 +20,7 @@ def migrated_config(folder: Path) -> Path:
     """A config.toml in ``folder`` for a fresh SQLite database (``k.db``) with the schema."""
     path = folder / "config.toml"
     path.write_text(f'[database]\nurl = "sqlite:///{folder / "k.db"}"\n', encoding="utf-8")
-    engine = db.create_engine(f"sqlite:///{folder / 'k.db'}")
-    db.upgrade(engine)
-    engine.dispose()
+    migrated_sqlite(folder / "k.db")
     return path
 
 

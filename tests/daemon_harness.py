@@ -22,7 +22,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from worker.adapters import db, shop
+from tests.db_fixtures import migrate
+from worker.adapters import shop
 from worker.adapters.store import Store
 from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus
 
@@ -138,9 +139,7 @@ port = 0
 """,
         encoding="utf-8",
     )
-    engine = db.create_engine(db_url)
-    db.upgrade(engine)
-    engine.dispose()
+    migrate(db_url)
     return Shop(tmp, config, db_url, templates)
 
 

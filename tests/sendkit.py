@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from tests.db_fixtures import migrate
 from worker.adapters import db, shop
 from worker.adapters.sink import ReceivedMessage
 from worker.adapters.store import Store
@@ -94,9 +95,7 @@ class Shop:
 
     def __init__(self, db_url: str, settings: Settings, emails: Sequence[str], clock: FakeClock | None = None) -> None:
         self.clock = clock or FakeClock(NOW)
-        engine = db.create_engine(db_url)
-        db.upgrade(engine)
-        engine.dispose()
+        migrate(db_url)
         self.store = Store(db.engine_for(settings))  # with its [database] settings (the lock timeout, say)
         seed_shop(self.store.engine, emails, self.clock.now())
         self.settings = settings
@@ -189,9 +188,9 @@ def subprocess_env() -> dict[str, str]:
 def prepare_database(url: str, count: int) -> list[str]:
     """A migrated database with ``count`` customers due a win-back now (real clock); their addresses."""
     emails = [f"c{i}@{('gmail.com', 'yahoo.co.id', 'test.example')[i % 3]}" for i in range(count)]
+    migrate(url)
     engine = db.create_engine(url)
     try:
-        db.upgrade(engine)
         seed_shop(engine, emails, datetime.now(UTC))
     finally:
         engine.dispose()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from tests.db_fixtures import migrate
 from worker.adapters import db, shop
 from worker.config import Settings, load_settings
 from worker.demo import ShopData
@@ -56,9 +57,7 @@ def make_site(folder: Path, *, smtp_port: int = 2525, extra_toml: str = "", copy
         encoding="utf-8",
     )
     settings = load_settings(config)
-    engine = db.create_engine(settings.database_url)
-    db.upgrade(engine)
-    engine.dispose()
+    migrate(settings.database_url)
     return Site(folder, config, settings)
 
 
