@@ -798,10 +798,39 @@ def test_a_slow_domain_does_not_hold_every_sender_while_other_domains_wait(
         assert {(r.status, r.attempts) for r in rows} == {("sent", 1)}
         times = sorted(r.sent_at.replace(tzinfo=UTC) for r in rows)
         assert all((b - a).total_seconds() >= 10 - 1e-3 for a, b in itertools.pairwise(times))
-        deferred = report.dispatched.outcomes["deferred:domain_rate"]
-        assert deferred >= len(slow) - 2
+        deferred = report.dispatched.rate_waits["slow.example"]
+        assert deferred >= len(slow) - 2 and report.dispatched.outcomes == {"sent": len(slow) + len(others)}
         told = _events(caplog, "email_waits_for_domain_rate")
         assert len(told) == deferred and {e["domain"] for e in told} == {"slow.example"}
+    finally:
+        shop.close()
+
+
+def test_a_message_that_waited_for_its_domains_rate_then_went_is_counted_once_in_the_runs_summary(
+    url: str, server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given 5 customers at a domain allowed one message every 20 s, and one at another domain whose server greylists
+    # the first try (due again a minute later)
+    slow = [f"s{i}@slow.example" for i in range(5)]
+    other = "o0@other.example"
+    server.on(other, Behaviour(greylist=True))
+    shop = shop_for(url, server, [*slow, other], compose_processes=0,
+                    domains={"slow.example": {"rate_per_second": 0.05, "burst": 1}})  # fmt: skip
+    try:
+        # When the run sends what is due, 4 of the slow domain's messages waiting in the ledger for their slot and
+        # the greylisted one for its retry, each claimed again and sent in this run
+        with caplog.at_level("INFO", logger="kembali"):
+            report = shop.cycle()
+        assert {shop.row(a).status for a in [*slow, other]} == {"sent"}
+        assert len(_events(caplog, "email_waits_for_domain_rate")) == 4
+
+        # Then the summary tells what became of each of the 6 messages once: sent, not also "deferred" or "retry"
+        assert report.dispatched.outcomes == {"sent": 6}
+        lines = running.summary(report)
+        assert "sent 6 win-back emails" in lines
+        # and the waits for the slow domain's rate are told as such, naming the domain
+        assert any(line.startswith("4 messages waited in the queue for a slot of their recipient domain's rate")
+                   and "slow.example" in line for line in lines), lines
     finally:
         shop.close()
 

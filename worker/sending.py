@@ -87,7 +87,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from worker import log
 from worker.adapters.ratestore import RateStore
@@ -156,8 +156,13 @@ class ClockGuard:
 @dataclass
 class DispatchReport:
     outcomes: Counter[str] = field(default_factory=Counter)
-    """Final statuses of this run's messages (``sent``, ``retry``, ``skipped:suppressed``…)."""
+    """Final statuses of this run's messages (``sent``, ``retry``, ``skipped:suppressed``…), each message once: one
+    the run sent back to the queue (to wait for its domain's rate slot, a retry) then claimed again and sent counts
+    as ``sent`` alone."""
     by_campaign: Counter[tuple[str, str]] = field(default_factory=Counter)
+    rate_waits: Counter[str] = field(default_factory=Counter)
+    """Per recipient domain, the messages of the run that waited in the queue for a slot of its rate (each once,
+    however many times it waited), whatever became of them after."""
     paused: str | None = None
     """Why the dispatcher paused (too many connection failures in a row, this host's clock off the database's), or
     None."""
@@ -177,9 +182,35 @@ class DispatchReport:
     """The most sends the run's arbiter remembered beside the ledger at once (its memory; stays near
     the messages in flight however long the run)."""
 
-    def count(self, campaign: str, what: str) -> None:
+    _back: dict[int, tuple[str, str]] = field(default_factory=dict, repr=False)
+    """The (campaign, outcome) counted for each message the run sent back to the queue (a retry, a deferral), which
+    it may claim again: what becomes of it then takes its place. Not those it is done with (its memory stays near the
+    messages waiting, however long the run)."""
+    _rate_waited: set[int] = field(default_factory=set, repr=False)
+
+    def count(self, message: ClaimedMessage, what: str) -> None:
+        """What became of ``message``, in place of what the run counted for it before (its final outcome)."""
+        before = self._back.pop(message.id, None)
+        if before is not None:
+            _take_one(self.outcomes, before[1])
+            _take_one(self.by_campaign, before)
+        if what.startswith(("retry", "deferred:")):
+            self._back[message.id] = (message.campaign, what)
         self.outcomes[what] += 1
-        self.by_campaign[(campaign, what)] += 1
+        self.by_campaign[(message.campaign, what)] += 1
+
+    def waited_for_rate(self, message: ClaimedMessage, domain: str) -> None:
+        """``message`` goes back to the queue to wait for a slot of ``domain``'s rate."""
+        if message.id not in self._rate_waited:
+            self._rate_waited.add(message.id)
+            self.rate_waits[domain] += 1
+        self.count(message, "deferred:domain_rate")
+
+
+def _take_one(counter: Counter[Any], key: object) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 class LedgerWriter:
@@ -858,7 +889,7 @@ class Dispatcher:
                     message = item.message
                     if isinstance(item, Deferred):  # the contact policy: not yet (cap or quiet hours)
                         writer.record(self._release(message, now, until=item.until))
-                        report.count(message.campaign, f"deferred:{item.why}")
+                        report.count(message, f"deferred:{item.why}")
                         log.event("email_deferred_by_policy", campaign=message.campaign,
                                   dedupe_key=message.dedupe_key, customer=item.customer,
                                   to=log.mask_email(message.email), until=item.until.isoformat(), why=item.why)
@@ -984,7 +1015,7 @@ class Dispatcher:
             )  # fmt: skip
 
     def _count_not_sent(self, item: Skipped | RenderFailed, report: DispatchReport) -> None:
-        report.count(item.message.campaign, _label(item))
+        report.count(item.message, _label(item))
         if self.observer is not None:
             self.observer.observe_result(item.message.campaign, _label(item), None, None, self.clock.monotonic())
 
@@ -1057,7 +1088,7 @@ class Dispatcher:
                               customer=item.customer.external_id, to=log.mask_email(message.email),
                               retry_in_seconds=HELD_SECONDS,
                               why="another worker is sending to this customer, or just did")  # fmt: skip
-                    report.count(message.campaign, "deferred:another_worker")
+                    report.count(message, "deferred:another_worker")
                 else:
                     log.event("email_lease_lost", logging.WARNING, campaign=message.campaign,
                               dedupe_key=message.dedupe_key, customer=item.customer.external_id,
@@ -1075,7 +1106,7 @@ class Dispatcher:
                     now = self.clock.now()
                     until = now + timedelta(seconds=slot.seconds)
                     writer.record(replace(self._release(message, now, until=until), counts_as_attempt=False))
-                    report.count(message.campaign, "deferred:domain_rate")
+                    report.waited_for_rate(message, domain)
                     self._rate_later.append(until)
                     log.event("email_waits_for_domain_rate", campaign=message.campaign,
                               dedupe_key=message.dedupe_key, customer=item.customer.external_id,
@@ -1162,7 +1193,7 @@ class Dispatcher:
                 )
             )
             self._off_wire(on_wire)
-            report.count(message.campaign, label)
+            report.count(message, label)
             if self.observer is not None:
                 self.observer.observe_result(
                     message.campaign, status.value, result.outcome.value, finished_mono - started_mono, finished_mono

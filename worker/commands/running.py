@@ -121,6 +121,13 @@ def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zo
         lines.append(", ".join(parts))
     if not by_campaign and not report.dispatched.clock_off:  # (then nothing was even looked at)
         lines.append("nothing was due to send")
+    waits = report.dispatched.rate_waits
+    if waits:
+        waited = sum(waits.values())
+        domains = ", ".join(f"{domain} {n}" for domain, n in waits.most_common(5))
+        lines.append(f"{waited} {'message' if waited == 1 else 'messages'} waited in the queue for a slot of their "
+                     f"recipient domain's rate ({domains}{', …' if len(waits) > 5 else ''}): sending.domains and a "
+                     "throttling reply set how fast a domain is sent to")
     content = sum(n for what, n in report.dispatched.outcomes.items() if what == "failed:content_rejected")
     if content:
         lines.append(f"{content} messages were refused for their content (5.7.x): check the templates, "
