@@ -1155,6 +1155,28 @@ def test_a_stop_signal_during_a_scheduled_planning_pass_waits_for_it_and_says_so
 
 
 @pytest.mark.postgres
+def test_the_queue_depth_counts_the_messages_waiting_for_their_domains_rate(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon whose customers' domain is allowed one message every 1000 s, and 6 customers due a win-back
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *",
+                     extra='[sending.domains]\n"example.com" = { rate_per_second = 0.001, burst = 1 }\n')  # fmt: skip
+    shop.add(range(1, 7), days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        # When it has sent the first and sent the 5 others back to the ledger to wait for the domain's next slots
+        daemon.wait_for(lambda: len(daemon.named("email_waits_for_domain_rate")) == 5, why="5 messages waiting")
+        assert len(smtp_server.messages) == 1
+        # Then the health line (and the STATUS= line from it) counts them in the queue, and says why they wait
+        health = daemon.wait_event("health", after=len(daemon.named("health")))
+        assert (health["queue_depth"], health["waiting_for_domain_rate"]) == (5, 5), health
+        # and so does /metrics
+        _, body, _ = http("GET", daemon.url("/metrics"))
+        assert "\nkembali_queue_depth 5\n" in body, body
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_the_health_line_and_metrics_keep_their_counts_while_the_database_is_down(
     tmp_path: Path, smtp_server: RecordingServer, pg_url: str, pg_admin: sa.Engine
 ) -> None:

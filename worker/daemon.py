@@ -293,6 +293,11 @@ class Daemon:
         """Whether sending is paused (the dispatcher's consecutive-failure pause, when it has one)."""
         return bool(getattr(self.gen.dispatcher, "paused", False))
 
+    def waiting_for_domain_rate(self) -> int:
+        """The messages this daemon sent back to the ledger to wait for their recipient domain's slot, not due yet
+        (``Limiter.waiting``, carried over by a reload's ``take_over``)."""
+        return self.gen.dispatcher.limiter.waiting()
+
     # --- running ---------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -306,7 +311,8 @@ class Daemon:
                 self.starting.check()  # a stop signal that came before the loop took the signals over
             if settings.web.enabled:
                 site = Site(store=self.astore, keys=self.keys, settings=lambda: self.gen.settings, clock=self.clock,
-                            metrics=self.metrics, paused=self.paused, phase=lambda: self.phase)
+                            metrics=self.metrics, paused=self.paused, phase=lambda: self.phase,
+                            waiting=self.waiting_for_domain_rate)
                 self.web = HttpServer(site.handle, host=settings.web.host, port=settings.web.port,
                                       timeout_seconds=settings.web.request_timeout_seconds,
                                       max_connections=settings.web.max_connections)
@@ -559,14 +565,20 @@ class Daemon:
         line = self.metrics.health(self.clock.monotonic())
         guard = self.gen.dispatcher.clock_guard
         offset = None if guard is None or guard.offset is None else round(guard.offset, 1)
-        fields = dataclasses.asdict(line) | {"queue_depth": depth, "uncertain_in_ledger": uncertain,
-                                             "paused": self.paused(), "database": "unreachable" if error else "ok",
-                                             "clock_offset_seconds": offset}
+        waiting = self.waiting_for_domain_rate()
+        if depth is not None:
+            depth += waiting
+        fields = dataclasses.asdict(line) | {"queue_depth": depth, "waiting_for_domain_rate": waiting,
+                                             "uncertain_in_ledger": uncertain, "paused": self.paused(),
+                                             "database": "unreachable" if error else "ok",
+                                             "clock_offset_seconds": offset}  # fmt: skip
         if error:
             log.event("health", logging.WARNING, **fields, error=error)
         else:
             log.event("health", **fields)
         queue = f"queue {depth}" if depth is not None else "database unreachable"
+        if waiting and depth is not None:
+            queue += f" ({waiting} waiting for their domain's rate)"
         if uncertain:
             queue += f", {uncertain} uncertain in the ledger"
         systemd.notify(f"STATUS=sent {line.sent}, failed {line.failed}, {queue}, "

@@ -22,6 +22,7 @@ The daily quota always lives in the database (it must survive restarts).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -124,6 +125,9 @@ class Limiter:
         self.later: dict[str, float] = {}
         """Per domain, the monotonic time the last message this process sent to wait in the ledger was told to
         come back at: the next one is told one interval after it, so they do not all come back at once."""
+        self._told: list[float] = []
+        """A heap of the monotonic times the messages told to wait in the ledger (``Later``) were told to come back
+        at (see ``waiting``)."""
 
     def take_over(self, old: Limiter) -> None:
         """Carry on from ``old``, the limiter of the configuration a reload replaces: the slots it booked in this
@@ -138,6 +142,7 @@ class Limiter:
                 now = self._rate(domain)
                 now.current = max(now.floor, min(now.ceiling, rate.current))
         self.later = dict(old.later)
+        self._told = list(old._told)
 
     def _rate(self, domain: str) -> AdaptiveRate:
         rate = self.rates.get(domain)
@@ -207,7 +212,17 @@ class Limiter:
             at = last + interval
         self.later = {d: t for d, t in self.later.items() if t > now}  # those passed tell nothing any more
         self.later[domain] = at
+        heapq.heappush(self._told, at)
         return Later(at - now)
+
+    def waiting(self) -> int:
+        """The messages this process told to wait in the ledger for their domain's slot (``Later``) whose time has
+        not come yet: not due, not claimed, they are in no count of the queue the ledger can make (the health line
+        and ``/metrics`` add them to it). Those come due are the ledger's due rows again."""
+        now = self.clock.monotonic()
+        while self._told and self._told[0] <= now:
+            heapq.heappop(self._told)
+        return len(self._told)
 
     async def sleep(self, seconds: float, stop: asyncio.Event | None) -> None:
         """Sleep ``seconds``, or until ``stop`` is set."""

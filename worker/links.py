@@ -133,6 +133,7 @@ class Site:
         metrics: Metrics,
         paused: Callable[[], bool],
         phase: Callable[[], str] = lambda: "running",
+        waiting: Callable[[], int] = lambda: 0,
     ) -> None:
         self.store = store
         self.keys = list(keys)
@@ -142,6 +143,9 @@ class Site:
         self.paused = paused
         self.phase = phase
         """The daemon's phase: ``starting``, ``running`` or ``stopping``."""
+        self.waiting = waiting
+        """The messages sent back to the ledger to wait for their domain's rate, not due yet (``queue_depth`` counts
+        them: ``Daemon.waiting_for_domain_rate``)."""
         self._ledger_read: asyncio.Future[tuple[dict[tuple[str, str], int], int]] | None = None
         self._ping: asyncio.Future[None] | None = None
         self._whole_ledger = asyncio.Lock()
@@ -312,7 +316,7 @@ class Site:
             ledger, depth = None, None
         text = self.metrics.render(
             ledger=ledger,
-            queue_depth=depth,
+            queue_depth=depth + self.waiting() if depth is not None else None,
             rate_limit_per_second=settings.sending.rate_per_second,
             rate_burst=settings.sending.burst,
             paused=self.paused(),

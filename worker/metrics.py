@@ -126,7 +126,9 @@ class Metrics:
                [("", int(ledger is not None))])
         family("kembali_messages", "gauge", "Ledger rows by campaign and state.",
                ((_labels(campaign=c, state=s), n) for (c, s), n in sorted((ledger or {}).items())))
-        family("kembali_queue_depth", "gauge", "Rows due to be sent now, claimed ones included.",
+        family("kembali_queue_depth", "gauge",
+               "Rows due to be sent now, claimed ones and those this worker sent back to wait for their domain's rate "
+               "included.",
                [("", queue_depth)] if queue_depth is not None else [])
         family("kembali_planned_total", "counter", "Rows created by planning in this process.",
                ((_labels(campaign=c), n) for c, n in sorted(self.planned.items())))
