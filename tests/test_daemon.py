@@ -1165,7 +1165,8 @@ def test_the_queue_depth_counts_the_messages_waiting_for_their_domains_rate(
     daemon = Daemon.start(shop)
     try:
         # When it has sent the first and sent the 5 others back to the ledger to wait for the domain's next slots
-        daemon.wait_for(lambda: len(daemon.named("email_waits_for_domain_rate")) == 5, why="5 messages waiting")
+        daemon.wait_for(lambda: len(daemon.named("email_waits_for_domain_rate")) == 5, timeout=30,
+                        why="5 messages waiting")
         assert len(smtp_server.messages) == 1
         # Then the health line (and the STATUS= line from it) counts them in the queue, and says why they wait
         health = daemon.wait_event("health", after=len(daemon.named("health")))
@@ -1173,6 +1174,32 @@ def test_the_queue_depth_counts_the_messages_waiting_for_their_domains_rate(
         # and so does /metrics
         _, body, _ = http("GET", daemon.url("/metrics"))
         assert "\nkembali_queue_depth 5\n" in body, body
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_reload_that_raises_a_slow_domains_rate_brings_its_waiting_messages_forward(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon whose customers' domain is allowed one message every 1000 s (a rate set too low), which sent the
+    # first of 6 win-backs and sent the 5 others back to the ledger to wait for the domain's next slots (the last
+    # 5000 s off)
+    slow = '[sending.domains]\n"example.com" = { rate_per_second = 0.001, burst = 1 }\n'
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", extra=slow)
+    shop.add(range(1, 7), days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: len(daemon.named("email_waits_for_domain_rate")) == 5, timeout=30,
+                        why="5 messages waiting")
+        # When the operator raises the domain's rate to 2 a second and sends SIGHUP
+        shop.config.write_text(shop.config.read_text().replace("rate_per_second = 0.001", "rate_per_second = 2.0"))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("reload_done")
+        # Then the messages waiting go at the new rate, not at the slots the old one gave them (up to 5000 s off)
+        daemon.wait_for(lambda: len(smtp_server.messages) == 6, timeout=15, why="the 5 waiting messages sent")
+        assert len(daemon.named("email_waits_for_domain_rate")) == 5  # none sent back to wait again
+        (moved,) = daemon.named("domain_rate_waits_brought_forward")
+        assert (moved["domain"], moved["messages"]) == ("example.com", 5), moved
     finally:
         assert daemon.stop() == 0
 

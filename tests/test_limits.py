@@ -619,3 +619,28 @@ def test_a_reload_keeps_the_slots_booked_and_the_throttled_domains_slowed(
     seconds, yahoo = asyncio.run(scenario())
     assert 90.0 < seconds <= 100.0
     assert yahoo == 4.0
+
+
+def test_a_reload_that_raises_a_domains_rate_gives_the_messages_waiting_for_it_the_new_rates_slots() -> None:
+    # Given a limiter that sent one message to a domain allowed one every 1000 s and told four to wait for it
+    clock = FakeClock()
+    slow = SendingSettings(rate_per_second=50.0, burst=1, domains={"slow.example": DomainRate(0.001, 1)})
+    old = Limiter(slow, clock, LocalBooker(clock))
+
+    async def told(limiter: Limiter, ids: range) -> list[float | Later]:
+        return [await limiter.acquire("slow.example", hold=5.0, message=i) for i in ids]
+
+    assert asyncio.run(told(old, range(5))) == [0.0, Later(1000.0), Later(2000.0), Later(3000.0), Later(4000.0)]
+    assert old.waiting() == 4
+    clock.advance(100.0)
+    # When a reload raises the rate to 2 a second, the messages keep their places, 0.5 s apart from now on
+    faster = Limiter(replace(slow, domains={"slow.example": DomainRate(2.0, 1)}), clock, LocalBooker(clock))
+    sooner = faster.take_over(old)
+    start = clock.monotonic()
+    assert sooner == {"slow.example": {1: start, 2: start + 0.5, 3: start + 1.0, 4: start + 1.5}}
+    assert faster.waiting() == 3  # the first is due now
+    # and a message told to wait next is told to come after them, at the new rate
+    assert faster.later["slow.example"] == start + 1.5
+    # A reload that lowers the rate leaves them where they are: the ledger's slots are further apart already
+    slower = Limiter(replace(slow, domains={"slow.example": DomainRate(0.0005, 1)}), clock, LocalBooker(clock))
+    assert slower.take_over(faster) == {"slow.example": {}}

@@ -697,6 +697,25 @@ def test_the_queue_depth_counts_the_rows_a_worker_has_claimed_and_not_yet_begun_
     assert not re.search(r"SCAN message(?! USING)|Seq Scan", plan), plan
 
 
+def test_bringing_waiting_rows_forward_moves_only_those_still_waiting_and_never_later(store: Store) -> None:
+    # Given five claimed rows: three sent back to the queue to fall due an hour on, one due in 5 s, one still held
+    store.insert_messages(planned(5), NOW)
+    rows = store.claim(worker="me", now=NOW, limit=5, lease_seconds=60)
+    hour, soonest = NOW + timedelta(hours=1), NOW + timedelta(seconds=5)
+    store.record([Disposition(message=m, status=MessageStatus.PLANNED, worker="me", started_at=NOW, finished_at=NOW,
+                              next_attempt_at=soonest if m.dedupe_key == "k:4" else hour, counts_as_attempt=False)
+                  for m in rows if m.dedupe_key != "k:3"])  # fmt: skip
+    # When a reload brings all five forward to 10 s on
+    soon = NOW + timedelta(seconds=10)
+    moved = store.bring_forward({m.id: soon for m in rows})
+    # Then the three waiting to fall due later are moved; the held row and the one due sooner are not
+    assert moved == 3
+    due = {r["dedupe_key"]: (r["status"], r["next_attempt_at"].replace(tzinfo=UTC)) for r in store.messages()}
+    assert due["k:3"][0] == "claimed"
+    assert due["k:4"] == ("planned", soonest)
+    assert [due[f"k:{i}"] for i in range(3)] == [("planned", soon)] * 3
+
+
 def test_lapsed_leases_of_rows_the_caller_still_works_on_are_kept(store: Store) -> None:
     # Given a worker's claimed row and sending row, both with lapsed leases, which that worker (alive, the
     # database away longer than a lease) still has outcomes for, and a third row it no longer works on

@@ -702,8 +702,10 @@ class Daemon:
             await gen.close()
             log.event("reload_stopped", trigger=why, why="the daemon is stopping")
             return False
-        gen.dispatcher.limiter.take_over(old.dispatcher.limiter)  # the slots booked, the domains slowed down
+        # the slots booked, the domains slowed down, the messages told to wait for a domain's slot
+        sooner = gen.dispatcher.limiter.take_over(old.dispatcher.limiter)
         self.gen = gen
+        await self._bring_forward(sooner)
         # a language stored for a customer that has no templates reads as the shop's (``Store.default_locale``):
         # the shop's as reloaded, for the pages and this process's sends as for the compose helpers' new store
         self.store.default_locale = Locale(settings.shop.default_locale)
@@ -723,6 +725,25 @@ class Daemon:
         log.event("reload_done", trigger=why, templates=",".join(f"{c}@{v}" for c, v in sorted(versions.items())))
         self._wake.set()
         return True
+
+    async def _bring_forward(self, sooner: dict[str, dict[int, float]]) -> None:
+        """Write in the ledger the new times a reload gave the messages waiting for a domain whose rate it raised
+        (``Limiter.take_over``): they go at the new rate, not at the old one's slots. Should the database fail, they
+        keep their old times (logged)."""
+        now, mono = self.clock.now(), self.clock.monotonic()
+        for domain, moves in sooner.items():
+            if not moves:
+                continue
+            at = {message: now + timedelta(seconds=max(0.0, t - mono)) for message, t in moves.items()}
+            try:
+                moved = await self.astore.call(self.store.bring_forward, at)
+            except Exception as exc:
+                log.event("domain_rate_waits_not_brought_forward", logging.WARNING, domain=domain, messages=len(at),
+                          error=log.error_line(exc), note="they go at the slots the old rate gave them")  # fmt: skip
+                continue
+            log.event("domain_rate_waits_brought_forward", domain=domain, messages=moved,
+                      last_due=max(at.values()).isoformat())  # fmt: skip
+            self._wake.set()
 
     def _halted(self) -> None:
         """Raise ReloadStopped once the daemon has begun to stop (called on the reload's thread)."""

@@ -22,7 +22,7 @@ The daily quota always lives in the database (it must survive restarts).
 from __future__ import annotations
 
 import asyncio
-import heapq
+import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -125,16 +125,23 @@ class Limiter:
         self.later: dict[str, float] = {}
         """Per domain, the monotonic time the last message this process sent to wait in the ledger was told to
         come back at: the next one is told one interval after it, so they do not all come back at once."""
-        self._told: list[float] = []
-        """A heap of the monotonic times the messages told to wait in the ledger (``Later``) were told to come back
-        at (see ``waiting``)."""
+        self.told: dict[str, dict[int, float]] = {}
+        """Per domain, the messages told to wait in the ledger (``Later``), by message id, and the monotonic time each
+        was told to come back at (see ``waiting`` and ``take_over``); those come due are dropped as they are seen."""
+        self._unnamed = itertools.count(-1, -1)
 
-    def take_over(self, old: Limiter) -> None:
+    def take_over(self, old: Limiter) -> dict[str, dict[int, float]]:
         """Carry on from ``old``, the limiter of the configuration a reload replaces: the slots it booked in this
         process (the same ones, as the runs of the two never overlap but on the slots they book together), the
         domains a throttling reply slowed down (kept as slow, within this configuration's rates) and the
         messages it told to come back later. A fresh limiter would let a burst out on every reload, and send a
-        throttled domain at its full rate again."""
+        throttled domain at its full rate again.
+
+        A domain this configuration sends to faster than ``old`` did (its rate raised) has the messages told to wait
+        for it given new times, one of its new intervals apart from now on, where they would keep the old rate's
+        slots (a backlog told to come back every 1000 s would still go at that pace, however high the new rate), and
+        the next slot booked for it here is one new interval after the last one. Returns those new times, per domain
+        and message id (monotonic): the caller writes them in the ledger."""
         if isinstance(self.booker, LocalBooker) and isinstance(old.booker, LocalBooker):
             self.booker.tats = old.booker.tats
         for domain, rate in old.rates.items():
@@ -142,7 +149,31 @@ class Limiter:
                 now = self._rate(domain)
                 now.current = max(now.floor, min(now.ceiling, rate.current))
         self.later = dict(old.later)
-        self._told = list(old._told)
+        self.told = {domain: dict(told) for domain, told in old.told.items()}
+        self._unnamed = old._unnamed
+        self._drop_passed()
+        return {domain: self._sooner(domain, was=old.limits(domain)[-1][1]) for domain in list(self.told)}
+
+    def _sooner(self, domain: str, *, was: float) -> dict[int, float]:
+        """New times for the messages told to wait for ``domain``, whose interval was ``was``, if it is shorter now
+        (else none)."""
+        key, interval, _ = self.limits(domain)[-1]
+        told = self.told.get(domain, {})
+        if interval >= was or not told:
+            return {}
+        now = self.clock.monotonic()
+        start = now
+        if isinstance(self.booker, LocalBooker) and key in self.booker.tats:
+            self.booker.tats[key] -= was - interval  # the next slot: one new interval after the last one booked
+            start = max(now, self.booker.tats[key])
+        moved = {}
+        for n, (message, at) in enumerate(sorted(told.items(), key=lambda item: item[1])):
+            sooner = start + n * interval
+            if sooner < at:
+                moved[message] = told[message] = sooner
+        if told:
+            self.later[domain] = max(told.values())
+        return moved
 
     def _rate(self, domain: str) -> AdaptiveRate:
         rate = self.rates.get(domain)
@@ -164,13 +195,14 @@ class Limiter:
         return [(GLOBAL_KEY, 1.0 / s.rate_per_second, s.burst), (f"domain:{domain}", 1.0 / rate.current, burst)]
 
     async def acquire(
-        self, domain: str, *, stop: asyncio.Event | None = None, hold: float | None = None
+        self, domain: str, *, stop: asyncio.Event | None = None, hold: float | None = None, message: int | None = None
     ) -> float | Later:
         """Wait for a slot on the global and the domain rate; returns the seconds waited.
 
         ``hold`` given, a slot of the domain's further off than ``hold`` seconds is not booked nor waited for: the
         result is ``Later``, when the message may try again (the domain's next free slot, or one interval after
-        the last message this process told to come back later, whichever is later). A sender that waited for it
+        the last message this process told to come back later, whichever is later; ``message``, its id, is kept with
+        that time: ``waiting``, ``take_over``). A sender that waited for it
         would be one sender fewer for every other domain: with enough such messages claimed, all of them, and a
         slow domain (a throttled one at ``throttle_floor_per_second``) would stop the others.
 
@@ -191,7 +223,7 @@ class Limiter:
             limits = self.limits(domain)
             wait, booked = await self.booker.book(limits, {key: hold} if hold is not None else None)
             if not booked:
-                return self._later(domain, wait, interval=limits[-1][1])
+                return self._later(domain, wait, interval=limits[-1][1], message=message)
             if wait <= 0:
                 break
             due = self.clock.monotonic() + wait
@@ -204,7 +236,7 @@ class Limiter:
             log.event("rate_slot_missed", logging.DEBUG, domain=domain, late_seconds=round(late, 3))
         return waited
 
-    def _later(self, domain: str, wait: float, *, interval: float) -> Later:
+    def _later(self, domain: str, wait: float, *, interval: float, message: int | None) -> Later:
         now = self.clock.monotonic()
         at = now + wait
         last = self.later.get(domain)
@@ -212,17 +244,19 @@ class Limiter:
             at = last + interval
         self.later = {d: t for d, t in self.later.items() if t > now}  # those passed tell nothing any more
         self.later[domain] = at
-        heapq.heappush(self._told, at)
+        self.told.setdefault(domain, {})[next(self._unnamed) if message is None else message] = at
         return Later(at - now)
 
     def waiting(self) -> int:
         """The messages this process told to wait in the ledger for their domain's slot (``Later``) whose time has
         not come yet: not due, not claimed, they are in no count of the queue the ledger can make (the health line
         and ``/metrics`` add them to it). Those come due are the ledger's due rows again."""
+        self._drop_passed()
+        return sum(len(told) for told in self.told.values())
+
+    def _drop_passed(self) -> None:
         now = self.clock.monotonic()
-        while self._told and self._told[0] <= now:
-            heapq.heappop(self._told)
-        return len(self._told)
+        self.told = {d: left for d, told in self.told.items() if (left := {m: t for m, t in told.items() if t > now})}
 
     async def sleep(self, seconds: float, stop: asyncio.Event | None) -> None:
         """Sleep ``seconds``, or until ``stop`` is set."""

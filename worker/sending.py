@@ -1101,7 +1101,7 @@ class Dispatcher:
             try:
                 # the rate slot is taken last, right before the first SMTP byte, so commit
                 # latency cannot bunch messages up on the wire; a stop ends the wait (its message has not begun)
-                slot = await self.limiter.acquire(domain, stop=self.stopping, hold=HOLD_SECONDS)
+                slot = await self.limiter.acquire(domain, stop=self.stopping, hold=HOLD_SECONDS, message=message.id)
                 if isinstance(slot, Later):  # the domain's slot is far off: wait in the ledger, not in a sender
                     now = self.clock.now()
                     until = now + timedelta(seconds=slot.seconds)

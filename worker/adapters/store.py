@@ -992,6 +992,23 @@ class Store:
             now: datetime = conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
         return now
 
+    def bring_forward(self, moves: Mapping[int, datetime]) -> int:
+        """Make each row of ``moves`` due at its new time, if it still waits in the queue (nobody holds it) to fall due
+        later than that: the messages a worker told to wait for their domain's slot, whose rate a reload raised.
+        Never later: a row an operator, another worker or the contact policy made due later keeps that. Returns the rows
+        moved."""
+        if not moves:
+            return 0
+        dt = sa.bindparam("at", type_=M.c.next_attempt_at.type)
+        query = (
+            sa.update(M)
+            .where(M.c.id == sa.bindparam("row"), WAITING, M.c.claimed_by.is_(None), M.c.next_attempt_at > dt)
+            .values(next_attempt_at=dt)
+        )
+        with self.engine.begin() as conn:
+            params = [{"row": row, "at": at} for row, at in moves.items()]
+            return int(conn.execute(query, params).rowcount)
+
     def renew_leases(
         self, *, worker: str, now: datetime, lease_seconds: int, ids: Iterable[int] | None = None
     ) -> int:
