@@ -16,6 +16,7 @@ import email.policy
 import itertools
 import ssl
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, timedelta
@@ -23,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
-from tests.sendkit import NOW, Shop, make_settings, message_ids
+from tests.sendkit import NOW, M, Shop, make_settings, message_ids
 from tests.smtp_server import CLIENT_LIMIT_REPLY, GREYLIST_REPLY, Behaviour, RecordingServer
 from tests.test_smtp_transport import _self_signed, _tls_server
 from worker.adapters.shop import upsert_products
@@ -831,6 +833,36 @@ def test_a_message_that_waited_for_its_domains_rate_then_went_is_counted_once_in
         # and the waits for the slow domain's rate are told as such, naming the domain
         assert any(line.startswith("4 messages waited in the queue for a slot of their recipient domain's rate")
                    and "slow.example" in line for line in lines), lines
+    finally:
+        shop.close()
+
+
+def test_a_run_fits_what_waits_for_a_slow_domain_between_what_an_earlier_run_left_waiting_for_it(
+    url: str, server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given 15 customers at a domain allowed one message every 10 s: 10 of their messages left waiting in the ledger
+    # for its slots by an earlier run (a process since ended: a daemon restarted, a cron's run --once), 10 s apart,
+    # and 5 due now
+    slow = [f"s{i}@slow.example" for i in range(15)]
+    shop = shop_for(url, server, slow, compose_processes=0,
+                    domains={"slow.example": {"rate_per_second": 0.1, "burst": 1}})  # fmt: skip
+    plan(shop.store, shop.settings, NOW)
+    with shop.store.engine.begin() as conn:
+        for n, address in enumerate(slow[:10]):
+            later = NOW + timedelta(seconds=10 * (n + 1))
+            conn.execute(sa.update(M).where(M.c.email == address).values(next_attempt_at=later))
+    try:
+        # When a new run sends what is due (on a fake clock: every wait is a jump of its time)
+        with caplog.at_level("INFO", logger="kembali"):
+            shop.cycle()
+
+        # Then all go, 10 s apart, and each of the 4 new ones that must wait is told a slot none of the others has:
+        # it waits once, where it was told the slots of those already waiting and sent back again and again
+        assert {shop.row(a).status for a in slow} == {"sent"}
+        times = sorted(shop.row(a).sent_at for a in slow)
+        assert all((b - a).total_seconds() >= 10 - 1e-3 for a, b in itertools.pairwise(times))
+        waits = Counter(e["dedupe_key"] for e in _events(caplog, "email_waits_for_domain_rate"))
+        assert sorted(waits.values()) == [1] * 4, waits
     finally:
         shop.close()
 

@@ -716,6 +716,18 @@ def test_bringing_waiting_rows_forward_moves_only_those_still_waiting_and_never_
     assert [due[f"k:{i}"] for i in range(3)] == [("planned", soon)] * 3
 
 
+def test_the_times_messages_waiting_for_a_domain_fall_due_are_read_for_that_domain_alone(store: Store) -> None:
+    # Given rows to five addresses, due 10 s to 50 s on: two at A_B.example (one written in capitals), one at a domain
+    # whose name ends the same, one where the underscore is another letter, and one at it that a worker holds
+    addresses = ["x@a_b.example", "Y@A_B.Example", "z@xa_b.example", "w@axb.example", "v@a_b.example"]
+    store.insert_messages([dataclasses.replace(m, email=e, due_at=NOW + timedelta(seconds=10 * (n + 1)))
+                           for n, (m, e) in enumerate(zip(planned(5), addresses, strict=True))], NOW)  # fmt: skip
+    store.claim(worker="me", now=NOW + timedelta(seconds=60), limit=1, lease_seconds=60)  # the first due: x@
+    # Then what waits for a_b.example and falls due after now is the other two of its rows, soonest first
+    assert store.waiting_for_domain("a_b.example", NOW) == [NOW + timedelta(seconds=20), NOW + timedelta(seconds=50)]
+    assert store.waiting_for_domain("a_b.example", NOW + timedelta(seconds=20)) == [NOW + timedelta(seconds=50)]
+
+
 def test_lapsed_leases_of_rows_the_caller_still_works_on_are_kept(store: Store) -> None:
     # Given a worker's claimed row and sending row, both with lapsed leases, which that worker (alive, the
     # database away longer than a lease) still has outcomes for, and a third row it no longer works on

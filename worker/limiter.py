@@ -22,10 +22,11 @@ The daily quota always lives in the database (it must survive restarts).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import NamedTuple, Protocol
@@ -129,6 +130,13 @@ class Limiter:
         """Per domain, the messages told to wait in the ledger (``Later``), by message id, and the monotonic time each
         was told to come back at (see ``waiting`` and ``take_over``); those come due are dropped as they are seen."""
         self._unnamed = itertools.count(-1, -1)
+        self.taken: dict[str, list[float]] = {}
+        """Per domain whose waiting messages were read from the ledger (``learn``), the monotonic times (sorted) that
+        the messages waiting for it fall due at, with those told since: a message told to wait is told a time one
+        interval clear of each of them, not one a message left waiting by an earlier process (or another worker)
+        already has."""
+        self._free: dict[str, float] = {}
+        """Per domain, its next free slot as its last ``Later`` found it (monotonic; for ``tell_again``)."""
 
     def take_over(self, old: Limiter) -> dict[str, dict[int, float]]:
         """Carry on from ``old``, the limiter of the configuration a reload replaces: the slots it booked in this
@@ -150,6 +158,8 @@ class Limiter:
                 now.current = max(now.floor, min(now.ceiling, rate.current))
         self.later = dict(old.later)
         self.told = {domain: dict(told) for domain, told in old.told.items()}
+        self.taken = {domain: list(times) for domain, times in old.taken.items()}
+        self._free = dict(old._free)
         self._unnamed = old._unnamed
         self._drop_passed()
         return {domain: self._sooner(domain, was=old.limits(domain)[-1][1]) for domain in list(self.told)}
@@ -171,9 +181,37 @@ class Limiter:
             sooner = start + n * interval
             if sooner < at:
                 moved[message] = told[message] = sooner
+                self._untake(domain, at)
+                bisect.insort(self.taken.get(domain, []), sooner)
         if told:
             self.later[domain] = max(told.values())
         return moved
+
+    def knows(self, domain: str) -> bool:
+        """Whether the messages waiting in the ledger for ``domain`` were read (``learn``)."""
+        return domain in self.taken
+
+    def learn(self, domain: str, due: Iterable[float]) -> None:
+        """The monotonic times the messages waiting in the ledger for ``domain`` fall due (read once a message to it
+        must wait, as those an earlier process left waiting are not in this one's memory): what this process tells
+        to wait next is told a slot clear of them."""
+        now = self.clock.monotonic()
+        self.taken[domain] = sorted(t for t in due if t > now)  # the ledger's: what this process told is written
+        self.later.pop(domain, None)  # a free slot may be found before the last one told
+
+    def tell_again(self, domain: str, message: int, *, interval: float) -> Later:
+        """``message``'s ``Later`` again, after ``learn``, in place of the one told before (not written yet): a slot
+        clear of the messages waiting for ``domain``."""
+        self.told.get(domain, {}).pop(message, None)
+        now = self.clock.monotonic()
+        return self._later(domain, max(0.0, self._free.get(domain, now) - now), interval=interval, message=message)
+
+    def _untake(self, domain: str, at: float) -> None:
+        taken = self.taken.get(domain)
+        if taken:
+            i = bisect.bisect_left(taken, at)
+            if i < len(taken) and taken[i] == at:
+                del taken[i]
 
     def _rate(self, domain: str) -> AdaptiveRate:
         rate = self.rates.get(domain)
@@ -239,9 +277,18 @@ class Limiter:
     def _later(self, domain: str, wait: float, *, interval: float, message: int | None) -> Later:
         now = self.clock.monotonic()
         at = now + wait
+        self._free[domain] = at
         last = self.later.get(domain)
         if last is not None and last + interval > at:
             at = last + interval
+        taken = self.taken.get(domain)
+        if taken is not None:  # clear of every message waiting for it: the first gap of an interval each side
+            del taken[: bisect.bisect_right(taken, now)]
+            for t in taken[bisect.bisect_right(taken, at - interval) :]:
+                if t >= at + interval:
+                    break
+                at = t + interval
+            bisect.insort(taken, at)
         self.later = {d: t for d, t in self.later.items() if t > now}  # those passed tell nothing any more
         self.later[domain] = at
         self.told.setdefault(domain, {})[next(self._unnamed) if message is None else message] = at

@@ -541,6 +541,8 @@ class Dispatcher:
         self._last_unreached = ""
         """The reply (or error) of the last attempt that did not reach the server."""
         self._rate_later: list[datetime] = []
+        self._learning: dict[str, asyncio.Future[list[datetime]]] = {}
+        """Per domain, the read of the messages waiting in the ledger for it (``_learn_waiting``)."""
         """When the messages this run sent back to the queue to wait for their recipient domain's slot come due."""
         self._runs = 0
         self._catalogue: list[ProductView] = []
@@ -1103,6 +1105,9 @@ class Dispatcher:
                 # latency cannot bunch messages up on the wire; a stop ends the wait (its message has not begun)
                 slot = await self.limiter.acquire(domain, stop=self.stopping, hold=HOLD_SECONDS, message=message.id)
                 if isinstance(slot, Later):  # the domain's slot is far off: wait in the ledger, not in a sender
+                    if not self.limiter.knows(domain):  # the first to: a slot clear of those already waiting there
+                        await self._learn_waiting(domain)
+                        slot = self.limiter.tell_again(domain, message.id, interval=self.limiter.limits(domain)[-1][1])
                     now = self.clock.now()
                     until = now + timedelta(seconds=slot.seconds)
                     writer.record(replace(self._release(message, now, until=until), counts_as_attempt=False))
@@ -1199,6 +1204,26 @@ class Dispatcher:
                     message.campaign, status.value, result.outcome.value, finished_mono - started_mono, finished_mono
                 )
             _log_outcome(message, status, result, item.customer.external_id, suppressed=suppress)
+
+    async def _learn_waiting(self, domain: str) -> None:
+        """Tell the limiter when the messages waiting in the ledger for ``domain`` fall due (``Limiter.learn``): those
+        an earlier process or another worker sent back to wait for its slots are in no memory of this one, which
+        would tell its own the same slots (each claimed with one of them, found its slot taken, and sent back again
+        and again). Read once per domain, by the first sender that must wait for it; a read that fails leaves the
+        limiter as it was (its own memory alone)."""
+        learning = self._learning.get(domain)
+        if learning is None:
+            learning = self._learning[domain] = asyncio.ensure_future(
+                self.store.call(self.store.store.waiting_for_domain, domain, self.clock.now())
+            )
+        try:
+            due = await asyncio.shield(learning)
+        except Exception as exc:
+            log.event("domain_waits_not_read", logging.WARNING, domain=domain, error=log.error_line(exc))
+            return
+        if not self.limiter.knows(domain):
+            now, mono = self.clock.now(), self.clock.monotonic()
+            self.limiter.learn(domain, (mono + (at - now).total_seconds() for at in due))
 
     def _off_wire(self, on_wire: asyncio.Future[None]) -> None:
         """A send is over, its outcome (if any) handed to the writer."""

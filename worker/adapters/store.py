@@ -992,6 +992,22 @@ class Store:
             now: datetime = conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
         return now
 
+    def waiting_for_domain(self, domain: str, now: datetime, limit: int = 100_000) -> list[datetime]:
+        """When the messages to ``domain`` that wait in the queue to fall due after ``now`` (nobody holds them) fall
+        due, soonest first, at most ``limit``: those sent back to wait for its rate slots, by any worker, and those
+        the contact policy deferred. A read of the waiting rows due later (the queue's partial index), not of the
+        rows due now."""
+        pattern = "%@" + domain.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = (
+            sa.select(M.c.next_attempt_at)
+            .where(WAITING, M.c.claimed_by.is_(None), M.c.next_attempt_at > now,
+                   sa.func.lower(M.c.email).like(pattern, escape="\\"))
+            .order_by(M.c.next_attempt_at)
+            .limit(limit)
+        )  # fmt: skip
+        with db.reading(self.engine) as conn:
+            return [at if at.tzinfo else at.replace(tzinfo=UTC) for at in conn.execute(query).scalars()]
+
     def bring_forward(self, moves: Mapping[int, datetime]) -> int:
         """Make each row of ``moves`` due at its new time, if it still waits in the queue (nobody holds it) to fall due
         later than that: the messages a worker told to wait for their domain's slot, whose rate a reload raised.
