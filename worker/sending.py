@@ -1209,8 +1209,8 @@ class Dispatcher:
         """Tell the limiter when the messages waiting in the ledger for ``domain`` fall due (``Limiter.learn``): those
         an earlier process or another worker sent back to wait for its slots are in no memory of this one, which
         would tell its own the same slots (each claimed with one of them, found its slot taken, and sent back again
-        and again). Read once per domain, by the first sender that must wait for it; a read that fails leaves the
-        limiter as it was (its own memory alone)."""
+        and again). Read once per domain, by the first sender that must wait for it; a read that fails is not tried
+        again: the limiter goes by its own memory alone."""
         learning = self._learning.get(domain)
         if learning is None:
             learning = self._learning[domain] = asyncio.ensure_future(
@@ -1219,7 +1219,9 @@ class Dispatcher:
         try:
             due = await asyncio.shield(learning)
         except Exception as exc:
-            log.event("domain_waits_not_read", logging.WARNING, domain=domain, error=log.error_line(exc))
+            if not self.limiter.knows(domain):  # (said once: the senders that waited for the read with it say nothing)
+                log.event("domain_waits_not_read", logging.WARNING, domain=domain, error=log.error_line(exc))
+                self.limiter.learn(domain, ())
             return
         if not self.limiter.knows(domain):
             now, mono = self.clock.now(), self.clock.monotonic()
