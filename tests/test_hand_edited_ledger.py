@@ -118,3 +118,25 @@ def test_a_ledger_command_over_a_hand_edited_time_names_the_value_without_a_trac
     assert code == 1 and "Traceback" not in err, err
     (line,) = err.splitlines()
     assert line.startswith("kembali: ") and "'end of March'" in line and "edited by hand" in line, line
+
+
+def test_a_value_no_retry_can_read_is_not_retried(
+    tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a shop whose customer row an operator edited by hand on SQLite: a birthday no date reads as
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+    shop = Shop(url, make_settings(url, smtp_server.port), [GOOD, EDITED, ALSO_GOOD])
+    try:
+        pipeline.plan(shop.store, shop.settings, NOW)
+        with shop.store.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE customer SET birthday = 'someday' WHERE email = :email"), {"email": EDITED})
+        # When a run reads it
+        with pytest.raises(Exception) as raised:
+            shop.cycle()
+    finally:
+        shop.close()
+    # Then it fails saying the value, at once: reading it again cannot help (it was retried for 15.5 s, each try
+    # logged as a database failure)
+    assert "'someday'" in str(raised.value), raised.value
+    assert [r.getMessage() for r in caplog.records if r.getMessage().endswith("_retried")] == []

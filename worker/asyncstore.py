@@ -16,6 +16,11 @@ from typing import ParamSpec, TypeVar
 
 from worker import log
 from worker.adapters.store import Store
+from worker.errors import LedgerRowError
+
+UNREADABLE = (LedgerRowError, ValueError, TypeError)
+"""What a call that read a value it cannot make sense of raises (a row edited by hand: a birthday 'someday' on
+SQLite): reading it again gives the same, so ``retrying`` does not (a database away raises SQLAlchemy's errors)."""
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -29,10 +34,12 @@ async def retrying(
     event: str, attempt: Callable[[], Awaitable[T]], delays: Sequence[float] = RETRY_SECONDS, **fields: object
 ) -> T:
     """``attempt()``, tried again after each of ``delays`` when it fails (each failure logged as ``event`` with
-    its first line, the wait and ``fields``), then given up with the last failure."""
+    its first line, the wait and ``fields``), then given up with the last failure; at once when it is ``UNREADABLE``."""
     for delay in delays:
         try:
             return await attempt()
+        except UNREADABLE:
+            raise
         except Exception as exc:
             log.event(event, logging.WARNING, error=log.error_line(exc)[:300], retry_in_seconds=delay, **fields)
             await asyncio.sleep(delay)
