@@ -205,16 +205,15 @@ def test_options_in_pgoptions_still_reach_the_server_and_win_over_the_config(
 
 @pytest.mark.postgres
 def test_a_booking_behind_a_stuck_workers_rate_row_gives_up_says_why_and_goes_through_once_it_is_released(
-    pg_url: str, on_event: Callable[[str, Callable[[], None]], _OnEvent]
+    pg_migrated_url: str, on_event: Callable[[str, Callable[[], None]], _OnEvent]
 ) -> None:
     # Given the shared rate's row, locked by another worker's transaction that does not end (a stuck worker), and a
     # worker whose lock waits give up after a fifth of a second
-    settings = _settings(pg_url, lock_timeout_seconds=0.2)
+    settings = _settings(pg_migrated_url, lock_timeout_seconds=0.2)
     store = Store.for_settings(settings)
-    db.upgrade(store.engine)
     rates = RateStore(store.engine)
     rates.book([("global", 0.01, 10)])
-    stuck = psycopg.connect(_driver_url(pg_url))
+    stuck = psycopg.connect(_driver_url(pg_migrated_url))
     stuck.execute("SELECT tat FROM rate_limit WHERE key = 'global' FOR UPDATE")
     # (the stuck transaction ends once the worker has said why it waits)
     said = on_event("db_lock_timeout", stuck.rollback)
@@ -239,13 +238,12 @@ def test_a_booking_behind_a_stuck_workers_rate_row_gives_up_says_why_and_goes_th
 
 @pytest.mark.postgres
 def test_a_session_left_idle_in_a_transaction_is_ended_by_the_server_and_its_locks_released(
-    pg_url: str, on_event: Callable[[str, Callable[[], None]], _OnEvent]
+    pg_migrated_url: str, on_event: Callable[[str, Callable[[], None]], _OnEvent]
 ) -> None:
     # Given a worker whose sessions may stay idle in a transaction a fifth of a second, which takes a rate row's
     # lock and then stops (its process stopped, say) before ending the transaction
-    settings = _settings(pg_url, idle_in_transaction_timeout_seconds=0.2, lock_timeout_seconds=30)
+    settings = _settings(pg_migrated_url, idle_in_transaction_timeout_seconds=0.2, lock_timeout_seconds=30)
     store = Store.for_settings(settings)
-    db.upgrade(store.engine)
     RateStore(store.engine).book([("global", 0.01, 10)])
     said = on_event("db_idle_in_transaction_timeout", lambda: None)
     stuck = store.engine.connect()
@@ -263,7 +261,7 @@ def test_a_session_left_idle_in_a_transaction_is_ended_by_the_server_and_its_loc
             else:
                 raise AssertionError("the server did not end the session idle in a transaction")
         # And another worker takes the row at once (a lock wait would give up after 30 s and fail this test)
-        other = psycopg.connect(_driver_url(pg_url), options="-c lock_timeout=30s")
+        other = psycopg.connect(_driver_url(pg_migrated_url), options="-c lock_timeout=30s")
         with other:
             other.execute("UPDATE rate_limit SET tat = tat WHERE key = 'global'")
         # And the stopped worker, once it runs again, learns its session was ended, with the setting named
