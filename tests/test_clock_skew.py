@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from tests.daemon_harness import LINK_KEY, make_shop
 from tests.sendkit import Shop, make_settings
@@ -259,3 +260,49 @@ def test_a_run_whose_clock_jumps_off_the_databases_while_it_sends_stops_claiming
     assert running.exit_code(report) == 3
     sent = len(smtp_server.messages)
     assert 1 <= sent < len(emails) and statuses == Counter(sent=sent, planned=len(emails) - sent), statuses
+
+
+def test_a_run_whose_clock_jumps_behind_the_databases_while_it_sends_leaves_its_leases_live(
+    pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 8 win-backs due, one connection, a server that takes a second over each message, a lease of 6 s (renewed,
+    # and the clock compared, every 2 s; 1 s allowed)
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+    emails = [f"c{i}@example.com" for i in range(8)]
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=1))
+    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 1}, in_flight_per_connection=1,
+                             compose_processes=0, lease_seconds=6)  # fmt: skip
+    clock = SkewedClock(0)
+    shop_ = Shop(pg_url, settings, emails, clock=clock)  # type: ignore[arg-type]
+    lapsed_seen: list[int] = []
+    done = threading.Event()
+    watcher_engine = db.create_engine(pg_url)
+
+    def jump_and_watch() -> None:
+        # When the host's clock jumps 5 minutes behind once the first message arrived, while another worker (on the
+        # database's clock) watches for this live worker's rows whose leases it would take for lapsed
+        while not smtp_server.messages and not done.is_set():
+            time.sleep(0.01)
+        clock.skew = timedelta(minutes=-5)
+        while not done.is_set():
+            with watcher_engine.connect() as conn:
+                lapsed_seen.append(conn.execute(sa.text(
+                    "SELECT count(*) FROM message WHERE status IN ('claimed', 'sending')"
+                    " AND lease_until < clock_timestamp()")).scalar_one())  # fmt: skip
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=jump_and_watch)
+    watcher.start()
+    try:
+        report = shop_.cycle()
+    finally:
+        done.set()
+        watcher.join()
+        watcher_engine.dispose()
+        shop_.close()
+    # Then the run stops at the next lease renewal, and until it has given its rows back their leases stay live: it
+    # does not renew them on its clock (5 minutes behind: leases that lapsed 5 minutes ago, for another worker's
+    # maintenance to take, its `sending` row made uncertain though it is alive and sending it)
+    assert report.dispatched.clock_off is not None and "behind the database's" in report.dispatched.clock_off
+    assert max(lapsed_seen, default=0) == 0, Counter(lapsed_seen)

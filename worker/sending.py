@@ -838,15 +838,20 @@ class Dispatcher:
         lease = self.settings.sending.lease_seconds
         while True:
             await asyncio.sleep(lease / 3)
+            off: float | None = None
+            with contextlib.suppress(Exception):  # (a database that cannot be read: the renewal says so)
+                if self.clock_guard is not None and (problem := await self.clock_guard.check()):
+                    self.pause_for_clock(problem)
+                    off = self.clock_guard.offset
+            # compared first: renewed on a clock minutes behind, the leases of the rows this run still sends or gives
+            # back would have lapsed minutes ago, for another worker's maintenance to take; on the database's time
+            # they stay live while the run winds down
+            now = self.clock.now() - timedelta(seconds=off or 0)
             try:
-                await self.store.call(self.store.store.renew_leases, worker=self.worker, now=self.clock.now(),
+                await self.store.call(self.store.store.renew_leases, worker=self.worker, now=now,
                                       lease_seconds=lease, ids=writer.holding | writer.uncommitted)  # fmt: skip
             except Exception as exc:
                 log.event("lease_renewal_failed", logging.WARNING, error=log.error_line(exc))
-                continue
-            with contextlib.suppress(Exception):  # (a database that cannot be read: the renewal said so)
-                if self.clock_guard is not None and (problem := await self.clock_guard.check()):
-                    self.pause_for_clock(problem)
 
     async def _produce(
         self, queue: asyncio.Queue[Composed | Literal["done"]], writer: LedgerWriter, report: DispatchReport
