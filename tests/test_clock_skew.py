@@ -8,6 +8,7 @@ last ones show the guard: a worker whose clock is too far from the database's se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -306,3 +307,45 @@ def test_a_run_whose_clock_jumps_behind_the_databases_while_it_sends_leaves_its_
     # maintenance to take, its `sending` row made uncertain though it is alive and sending it)
     assert report.dispatched.clock_off is not None and "behind the database's" in report.dispatched.clock_off
     assert max(lapsed_seen, default=0) == 0, Counter(lapsed_seen)
+
+
+def test_a_daemon_paused_for_its_clock_sends_again_once_the_clock_is_right_without_a_sighup(
+    tmp_path: Path, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a daemon on PostgreSQL told to stay paused until SIGHUP after a pause (an SMTP server's trouble is for an
+    # operator to look at), with a win-back due
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    s = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url,
+                  extra="[sending]\npause_retry_seconds = 0\n")  # fmt: skip
+    s.add([1], days_ago=60)
+    settings = load_settings(s.config)
+    deps = Deps.build(settings)
+    deps.clock = clock = SkewedClock(0)
+
+    async def scenario() -> tuple[bool, bool, int]:
+        daemon = Daemon(settings, config_path=s.config, deps=deps)
+        try:
+            plan(daemon.store, settings, clock.now())
+            # When its host's clock is five minutes ahead: the dispatcher pauses, the daemon waits for the retry
+            clock.skew = timedelta(minutes=5)
+            await daemon.gen.dispatcher.run_once()
+            waiting = asyncio.ensure_future(daemon._wait_out_pause(daemon.gen))
+            await asyncio.sleep(0)
+            paused_while_off = daemon.paused()
+            # and NTP sets it right: the daemon's next maintenance sees it
+            clock.skew = timedelta(0)
+            await daemon.maintenance()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiting), 5)
+            resumed = waiting.done() and not daemon.paused()
+            waiting.cancel()
+            sent = (await daemon.gen.dispatcher.run_once()).outcomes["sent"]
+        finally:
+            await daemon._close()
+            daemon.store.close()
+        return paused_while_off, resumed, sent
+
+    paused_while_off, resumed, sent = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    # Then the pause ends with the clock's problem (not at a SIGHUP nobody sends: the clock was never an operator's
+    # decision), and the daemon sends
+    assert paused_while_off and resumed and sent == 1

@@ -513,6 +513,11 @@ class Daemon:
             # lapsed leases and expiries judged on this clock would be another worker's live ones, or early
             dispatcher.pause_for_clock(problem)
             return
+        if dispatcher.clock_paused and self._active is None:
+            # the clock is right again: no operator's decision to wait for (a SIGHUP, when pause_retry_seconds is 0),
+            # nor a retry doubled by the SMTP server's earlier pauses in a row
+            dispatcher.resume(why="this host's clock is in step with the database's again")
+            self._resume_now.set()
         now = self.clock.now()
         # not the rows this process still has outcomes for (a database outage outlasted their leases): it is alive
         held = self.gen.dispatcher.holds() | (self._active.dispatcher.holds() if self._active is not None else set())

@@ -589,6 +589,11 @@ class Dispatcher:
         self.failures_in_row = 0
         self.stopping.clear()
 
+    @property
+    def clock_paused(self) -> bool:
+        """Whether the pause is this host's clock's (``pause_for_clock``), not the SMTP server's."""
+        return self.paused is not None and self._clock_paused
+
     def pause_for_clock(self, problem: str) -> None:
         """This host's clock is too far off the database's (``ClockGuard``): claim nothing more until it is right
         (what is on the wire finishes, what is claimed goes back to the queue). Not counted as a pause in a row: the
