@@ -32,7 +32,7 @@ from worker.daemon import Daemon
 from worker.domain import Outcome, SendResult
 from worker.limiter import DailyQuota
 from worker.pipeline import plan
-from worker.sending import Dispatcher, DispatchReport, LedgerWriter
+from worker.sending import ClockGuard, Dispatcher, DispatchReport, LedgerWriter
 from worker.testing import FakeClock, RecordingTransport
 
 
@@ -432,6 +432,49 @@ def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorde
                                          " ORDER BY a.finished_at, m.id LIMIT 2")).scalars().all()  # fmt: skip
     assert sorted(int(i) for i in kept["sent_ids"].split(",")) == sorted(first_two)
     assert "kembali ledger close --as sent" in kept["note"]
+    shop.close()
+
+
+@pytest.mark.postgres
+def test_sends_a_database_outage_kept_from_the_ledger_are_recorded_though_the_clock_is_then_off(
+    pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a run that the database left, as above, with two sends the server took and could not record
+    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
+    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
+    emails = [f"c{i}@test.example" for i in range(6)]
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=1.0))
+    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 2}, in_flight_per_connection=1,
+                             compose_processes=0, lease_seconds=60)  # fmt: skip
+    shop = Shop(pg_url, settings, emails)
+    plan(shop.store, settings, NOW)
+    astore = AsyncStore(shop.store)
+
+    async def run() -> tuple[BaseException | None, DispatchReport]:
+        transport = shop.deps.transport()
+        clock = _FlowingClock(NOW)
+        dispatcher = Dispatcher(settings=settings, store=astore, composer=shop.deps.composer(), transport=transport,
+                                clock=clock, worker="w1")  # fmt: skip
+        try:
+            failure = await _fails_in_an_outage(dispatcher.run_once(), shop.store.engine, pg_admin, pg_url)
+            # When the database is back but this host's clock is now far off the database's (NOW: days ago), as
+            # after a host's suspend and resume, before NTP sets it right
+            dispatcher.clock_guard = ClockGuard(astore, clock, settings.sending.lease_seconds)
+            return failure, await dispatcher.run_once()
+        finally:
+            await transport.close()
+
+    try:
+        failure, report = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    finally:
+        _allow_connections(pg_admin, pg_url, True)
+        astore.close()
+    # Then the run sends nothing, but records the two sends it knows the server took: left `sending`, their leases
+    # would lapse meanwhile and another worker's maintenance make them `uncertain`, an operator's decision
+    assert failure is not None and report.clock_off is not None
+    assert len(smtp_server.messages) == 2
+    assert _statuses(shop)["sent"] == 2, _statuses(shop)
     shop.close()
 
 

@@ -686,6 +686,7 @@ class Dispatcher:
         run to write first)."""
         if self.clock_guard is not None and (problem := await self.clock_guard.check()):
             self.pause_for_clock(problem)
+            await self._write_unwritten_alone()
             return DispatchReport(paused=self.paused, clock_off=problem if self._clock_paused else None)
         try:
             return await self._run_once()
@@ -823,6 +824,30 @@ class Dispatcher:
         await writer.flush()
         log.event("outcomes_written_late", logging.WARNING, outcomes=len(carried),
                   sent=sum(1 for d in carried if d.status is MessageStatus.SENT))  # fmt: skip
+
+    async def _write_unwritten_alone(self) -> None:
+        """Commit what the last run could not (a database outage), though this run sends nothing (the clock is off):
+        sends the server took, left ``sending``, would become ``uncertain`` at another worker's maintenance once their
+        leases lapse, and the rows given back would stay claimed until then. Their outcomes were stamped when they
+        happened; a failure keeps them for the next run, as any run's."""
+        if not self.unwritten:
+            return
+        in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
+        writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock, group=in_flight // 2,
+                              quota=self.quota)  # fmt: skip
+        writer.start()
+        try:
+            await self._write_unwritten(writer)
+        except asyncio.CancelledError:
+            await _close_cut_short(writer)
+            self._keep_unwritten(writer)
+            raise
+        except Exception:
+            with contextlib.suppress(Exception):  # the writer's own failure is what is being raised
+                await writer.close()
+            self._keep_unwritten(writer)
+            raise
+        await writer.close()
 
     def _keep_unwritten(self, writer: LedgerWriter) -> None:
         self.unwritten = writer.unwritten()
