@@ -187,6 +187,7 @@ class DispatchReport:
     it may claim again: what becomes of it then takes its place. Not those it is done with (its memory stays near the
     messages waiting, however long the run)."""
     _rate_waited: set[int] = field(default_factory=set, repr=False)
+    """The messages counted in ``rate_waits`` that may come back to wait again (not those the run is done with)."""
 
     def count(self, message: ClaimedMessage, what: str) -> None:
         """What became of ``message``, in place of what the run counted for it before (its final outcome)."""
@@ -196,6 +197,8 @@ class DispatchReport:
             _take_one(self.by_campaign, before)
         if what.startswith(("retry", "deferred:")):
             self._back[message.id] = (message.campaign, what)
+        else:  # done with it: it waits for its domain no more (a long run remembers only those that may come back)
+            self._rate_waited.discard(message.id)
         self.outcomes[what] += 1
         self.by_campaign[(message.campaign, what)] += 1
 
@@ -541,9 +544,9 @@ class Dispatcher:
         self._last_unreached = ""
         """The reply (or error) of the last attempt that did not reach the server."""
         self._rate_later: list[datetime] = []
+        """When the messages this run sent back to the queue to wait for their recipient domain's slot come due."""
         self._learning: dict[str, asyncio.Future[list[datetime]]] = {}
         """Per domain, the read of the messages waiting in the ledger for it (``_learn_waiting``)."""
-        """When the messages this run sent back to the queue to wait for their recipient domain's slot come due."""
         self._runs = 0
         self._catalogue: list[ProductView] = []
         """The product catalogue, read once per run (when batches are prepared in this process)."""

@@ -1,0 +1,31 @@
+"""The run's report: each message counted once, and a long run's memory of them stays near what still waits."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from worker.domain import ClaimedMessage
+from worker.sending import DispatchReport
+
+_AT = datetime(2026, 12, 6, 12, tzinfo=UTC)
+
+
+def _message(n: int) -> ClaimedMessage:
+    return ClaimedMessage(id=n, dedupe_key=f"k{n}", campaign="winback", step=1, customer_id=n,
+                          email=f"c{n}@gmail.com", message_id=f"<{n}@kembali>", attempts=0, due_at=_AT,
+                          expires_at=_AT, payload={})  # fmt: skip
+
+
+def test_a_long_runs_report_forgets_the_messages_that_waited_for_their_domain_once_they_are_done() -> None:
+    # a daemon's run lasts as long as a slow domain's backlog (it waits for what it sent back to come due): it must
+    # not remember every message that ever waited, only those that may still come back
+    report = DispatchReport()
+    for n in range(1, 10_001):
+        message = _message(n)
+        report.waited_for_rate(message, "gmail.com")
+        report.count(message, "retry")  # greylisted once it went, then back for another slot
+        report.waited_for_rate(message, "gmail.com")
+        report.count(message, "sent")
+    assert report.outcomes == {"sent": 10_000}
+    assert report.rate_waits == {"gmail.com": 10_000}  # each message once, however many times it waited
+    assert not report._rate_waited and not report._back  # its memory of the done messages
