@@ -1178,6 +1178,36 @@ def test_the_queue_depth_counts_the_messages_waiting_for_their_domains_rate(
         assert daemon.stop() == 0
 
 
+def test_messages_waiting_for_their_domains_rate_that_an_operator_cancels_leave_the_queue_depth(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon that sent the first of 6 win-backs to a domain allowed one message every 1000 s and sent the 5
+    # others back to the ledger to wait for its next slots (the last 5000 s off)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *",
+                     extra='[sending.domains]\n"example.com" = { rate_per_second = 0.001, burst = 1 }\n')  # fmt: skip
+    shop.add(range(1, 7), days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: len(daemon.named("email_waits_for_domain_rate")) == 5, timeout=30,
+                        why="5 messages waiting")
+        # When the operator cancels them (closes the waiting messages as failed)
+        waiting = [str(r[0]) for r in shop.rows("SELECT id FROM message WHERE status IN ('planned', 'retry')")]
+        assert len(waiting) == 5
+        proc = subprocess.run([sys.executable, "-m", "worker", "--config", str(shop.config), "ledger", "close",
+                               *waiting, "--reason", "domain too slow"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert shop.scalar("SELECT count(*) FROM message WHERE status = 'failed'") == 5
+        # Then the health line no longer counts them in the queue, nor as waiting for the domain's rate
+        daemon.wait_event("health", after=len(daemon.named("health")))
+        health = daemon.wait_event("health", after=len(daemon.named("health")))
+        assert (health["queue_depth"], health["waiting_for_domain_rate"]) == (0, 0), health
+        _, body, _ = http("GET", daemon.url("/metrics"))
+        assert "\nkembali_queue_depth 0\n" in body, body
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_a_reload_that_raises_a_slow_domains_rate_brings_its_waiting_messages_forward(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

@@ -1129,3 +1129,19 @@ def test_another_workers_send_written_long_after_it_ended_holds_the_mark_back(st
     assert (marks.sending, marks.held) == ({b[2].id, b[3].id}, {b[1].id})
     row = {r["id"]: r for r in store.messages()}[a.id]
     assert (row["status"], row["sent_at"]) == ("sent", NOW + timedelta(seconds=1))  # when it was sent, still
+
+def test_what_still_waits_of_the_messages_told_to_wait_is_read_from_the_ledger(store: Store) -> None:
+    # Given five claimed rows: three sent back to wait an hour, one of them then cancelled by the operator, one due
+    # again already, and one this worker still holds (its release not written yet)
+    store.insert_messages(planned(5), NOW)
+    rows = store.claim(worker="me", now=NOW, limit=5, lease_seconds=60)
+    hour = NOW + timedelta(hours=1)
+    store.record([Disposition(message=m, status=MessageStatus.PLANNED, worker="me", started_at=NOW, finished_at=NOW,
+                              next_attempt_at=NOW if m.dedupe_key == "k:3" else hour, counts_as_attempt=False)
+                  for m in rows if m.dedupe_key != "k:4"])  # fmt: skip
+    ids = {m.dedupe_key: m.id for m in rows}
+    LedgerAdmin(store.engine).close([ids["k:2"]], now=NOW, operator="op", status=MessageStatus.FAILED)
+    # Then those still waiting to fall due later, and the one held, are what still waits
+    still = store.still_waiting(ids.values(), now=NOW + timedelta(seconds=1), worker="me")
+    assert still == {ids["k:0"], ids["k:1"], ids["k:4"]}
+    assert store.still_waiting(ids.values(), now=NOW + timedelta(seconds=1), worker="other") == {ids["k:0"], ids["k:1"]}

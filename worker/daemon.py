@@ -567,6 +567,9 @@ class Daemon:
             depth, uncertain = await self.astore.call(opstore.health_counts, self.store, self.clock.now())
         except Exception as exc:
             error = log.error_line(exc)
+        else:
+            with contextlib.suppress(Exception):  # (unread: the count stays as this process's memory has it)
+                await self._forget_not_waiting()
         line = self.metrics.health(self.clock.monotonic())
         guard = self.gen.dispatcher.clock_guard
         offset = None if guard is None or guard.offset is None else round(guard.offset, 1)
@@ -588,6 +591,16 @@ class Daemon:
             queue += f", {uncertain} uncertain in the ledger"
         systemd.notify(f"STATUS=sent {line.sent}, failed {line.failed}, {queue}, "
                        f"{line.rate_per_minute}/min (last {self.gen.settings.daemon.health_summary_seconds:g}s)")
+
+    async def _forget_not_waiting(self) -> None:
+        """Drop from the count of the messages waiting for their domain's rate those the ledger says wait no more (an
+        operator cancelled them, or they were claimed or sent since): counted until their slot came, days off at a
+        slow rate, and brought forward by a reload that raised the rate (one a contact policy had since deferred)."""
+        limiter = self.gen.dispatcher.limiter
+        told = limiter.told_ids()
+        if told:
+            still = await self.astore.call(self.store.still_waiting, told, now=self.clock.now(), worker=self.worker)
+            limiter.forget(set(told) - still)
 
     async def _watchdog(self) -> None:
         systemd.notify("WATCHDOG=1")

@@ -301,6 +301,19 @@ class Limiter:
         self._drop_passed()
         return sum(len(told) for told in self.told.values())
 
+    def told_ids(self) -> list[int]:
+        """The ids of the messages told to wait for their domain's slot whose time has not come yet."""
+        self._drop_passed()
+        return [m for told in self.told.values() for m in told if m >= 0]
+
+    def forget(self, messages: Iterable[int]) -> None:
+        """``messages`` wait for their domain's slot no more (the ledger says: cancelled, claimed, sent, come due):
+        ``waiting`` does not count them, a reload does not bring them forward."""
+        gone = set(messages)
+        if gone:
+            self.told = {d: left for d, told in self.told.items() if (left := {m: t for m, t in told.items()
+                                                                               if m not in gone})}  # fmt: skip
+
     def _drop_passed(self) -> None:
         now = self.clock.monotonic()
         self.told = {d: left for d, told in self.told.items() if (left := {m: t for m, t in told.items() if t > now})}

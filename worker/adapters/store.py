@@ -1008,6 +1008,19 @@ class Store:
         with db.reading(self.engine) as conn:
             return [at if at.tzinfo else at.replace(tzinfo=UTC) for at in conn.execute(query).scalars()]
 
+    def still_waiting(self, ids: Iterable[int], *, now: datetime, worker: str) -> set[int]:
+        """Of ``ids`` (the messages ``worker`` told to wait for their domain's slot), those that still wait in the
+        queue to fall due after ``now`` (nobody holds them), or that ``worker`` holds (the release that sends one back
+        to wait may not be written yet): not one an operator cancelled, nor one come due, claimed or sent since. A read
+        by primary key."""
+        later = sa.and_(WAITING, M.c.claimed_by.is_(None), M.c.next_attempt_at > now)
+        found: set[int] = set()
+        with db.reading(self.engine) as conn:
+            for part in _chunks(sorted(set(ids))):
+                query = sa.select(M.c.id).where(M.c.id.in_(part), sa.or_(later, M.c.claimed_by == worker))
+                found.update(conn.execute(query).scalars())
+        return found
+
     def bring_forward(self, moves: Mapping[int, datetime]) -> int:
         """Make each row of ``moves`` due at its new time, if it still waits in the queue (nobody holds it) to fall due
         later than that: the messages a worker told to wait for their domain's slot, whose rate a reload raised.
