@@ -182,6 +182,11 @@ class _StoppableChecker(TimeLimitedRenderer):
         return super().render(campaign, locale, context)
 
 
+TOLD_CHECKED_PER_LINE = 5_000
+"""The messages told to wait for their domain's rate that one health line checks in the ledger (``still_waiting``):
+100,000 took 1.7 s of the database thread on PostgreSQL, 0.5 s on SQLite; 5,000 a line check such a backlog in 20."""
+
+
 class Daemon:
     def __init__(self, settings: Settings, *, config_path: Path, deps: Deps | None = None,
                  starting: StartupSignals | None = None) -> None:
@@ -191,6 +196,8 @@ class Daemon:
         self.store = self.deps.store
         self.clock = self.deps.clock
         self.worker = worker_id()
+        self._told_checked = 0
+        """Where the next health line goes on checking the messages told to wait for their domain's rate."""
         self.keys = link_keys(settings)
         self.metrics = Metrics()
         self.astore = AsyncStore(self.store)
@@ -598,9 +605,12 @@ class Daemon:
         slow rate, and brought forward by a reload that raised the rate (one a contact policy had since deferred)."""
         limiter = self.gen.dispatcher.limiter
         told = limiter.told_ids()
-        if told:
-            still = await self.astore.call(self.store.still_waiting, told, now=self.clock.now(), worker=self.worker)
-            limiter.forget(set(told) - still)
+        start = self._told_checked if self._told_checked < len(told) else 0
+        part = told[start : start + TOLD_CHECKED_PER_LINE]  # a big backlog a part a line: the database thread is shared
+        self._told_checked = start + len(part)
+        if part:
+            still = await self.astore.call(self.store.still_waiting, part, now=self.clock.now(), worker=self.worker)
+            limiter.forget(set(part) - still)
 
     async def _watchdog(self) -> None:
         systemd.notify("WATCHDOG=1")
