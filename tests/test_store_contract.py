@@ -1131,17 +1131,21 @@ def test_another_workers_send_written_long_after_it_ended_holds_the_mark_back(st
     assert (row["status"], row["sent_at"]) == ("sent", NOW + timedelta(seconds=1))  # when it was sent, still
 
 def test_what_still_waits_of_the_messages_told_to_wait_is_read_from_the_ledger(store: Store) -> None:
-    # Given five claimed rows: three sent back to wait an hour, one of them then cancelled by the operator, one due
-    # again already, and one this worker still holds (its release not written yet)
-    store.insert_messages(planned(5), NOW)
-    rows = store.claim(worker="me", now=NOW, limit=5, lease_seconds=60)
+    # Given six claimed rows told to wait an hour for their domain's slot: two written so, one then cancelled by the
+    # operator, one due again already, one the contact policy deferred to 8 hours on since, and one this worker still
+    # holds (its release not written yet)
+    store.insert_messages(planned(6), NOW)
+    rows = store.claim(worker="me", now=NOW, limit=6, lease_seconds=60)
     hour = NOW + timedelta(hours=1)
+    written = {"k:0": hour, "k:1": hour + timedelta(seconds=1), "k:2": hour, "k:3": NOW,
+               "k:5": NOW + timedelta(hours=8)}
     store.record([Disposition(message=m, status=MessageStatus.PLANNED, worker="me", started_at=NOW, finished_at=NOW,
-                              next_attempt_at=NOW if m.dedupe_key == "k:3" else hour, counts_as_attempt=False)
-                  for m in rows if m.dedupe_key != "k:4"])  # fmt: skip
+                              next_attempt_at=written[m.dedupe_key], counts_as_attempt=False)
+                  for m in rows if m.dedupe_key in written])  # fmt: skip
     ids = {m.dedupe_key: m.id for m in rows}
     LedgerAdmin(store.engine).close([ids["k:2"]], now=NOW, operator="op", status=MessageStatus.FAILED)
-    # Then those still waiting to fall due later, and the one held, are what still waits
-    still = store.still_waiting(ids.values(), now=NOW + timedelta(seconds=1), worker="me")
-    assert still == {ids["k:0"], ids["k:1"], ids["k:4"]}
-    assert store.still_waiting(ids.values(), now=NOW + timedelta(seconds=1), worker="other") == {ids["k:0"], ids["k:1"]}
+    told = {i: hour for i in ids.values()}
+    # Then those still waiting to fall due at (about) the time they were told, and the one held, are what still waits
+    later = NOW + timedelta(seconds=1)
+    assert store.still_waiting(told, now=later, worker="me") == {ids["k:0"], ids["k:1"], ids["k:4"]}
+    assert store.still_waiting(told, now=later, worker="other") == {ids["k:0"], ids["k:1"]}

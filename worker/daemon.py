@@ -604,12 +604,14 @@ class Daemon:
         operator cancelled them, or they were claimed or sent since): counted until their slot came, days off at a
         slow rate, and brought forward by a reload that raised the rate (one a contact policy had since deferred)."""
         limiter = self.gen.dispatcher.limiter
-        told = limiter.told_ids()
+        told = limiter.told_times()
         start = self._told_checked if self._told_checked < len(told) else 0
-        part = told[start : start + TOLD_CHECKED_PER_LINE]  # a big backlog a part a line: the database thread is shared
-        self._told_checked = start + len(part)
-        if part:
-            still = await self.astore.call(self.store.still_waiting, part, now=self.clock.now(), worker=self.worker)
+        ids = list(told)[start : start + TOLD_CHECKED_PER_LINE]  # a big backlog a part a line: the database is shared
+        self._told_checked = start + len(ids)
+        if ids:
+            now, mono = self.clock.now(), self.clock.monotonic()
+            part = {m: now + timedelta(seconds=told[m] - mono) for m in ids}
+            still = await self.astore.call(self.store.still_waiting, part, now=now, worker=self.worker)
             limiter.forget(set(part) - still)
 
     async def _watchdog(self) -> None:

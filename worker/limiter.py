@@ -301,10 +301,10 @@ class Limiter:
         self._drop_passed()
         return sum(len(told) for told in self.told.values())
 
-    def told_ids(self) -> list[int]:
-        """The ids of the messages told to wait for their domain's slot whose time has not come yet."""
+    def told_times(self) -> dict[int, float]:
+        """The messages told to wait for their domain's slot whose time has not come yet, and that time (monotonic)."""
         self._drop_passed()
-        return [m for told in self.told.values() for m in told if m >= 0]
+        return {m: t for told in self.told.values() for m, t in told.items() if m >= 0}
 
     def forget(self, messages: Iterable[int]) -> None:
         """``messages`` wait for their domain's slot no more (the ledger says: cancelled, claimed, sent, come due):

@@ -546,6 +546,11 @@ class Stale:
     leaves a row whose lease lapsed while sending: the refusal is written over it (``_LATE_REFUSED_SQL``)."""
 
 
+TOLD_SLACK = timedelta(seconds=2)
+"""How far a waiting row's time may be from the one its worker told it (``still_waiting``): the worker told a monotonic
+time and wrote the wall clock's."""
+
+
 class Store:
     def __init__(self, engine: Engine, default_locale: Locale = Locale.ID) -> None:
         self.engine = engine
@@ -1008,17 +1013,23 @@ class Store:
         with db.reading(self.engine) as conn:
             return [at if at.tzinfo else at.replace(tzinfo=UTC) for at in conn.execute(query).scalars()]
 
-    def still_waiting(self, ids: Iterable[int], *, now: datetime, worker: str) -> set[int]:
-        """Of ``ids`` (the messages ``worker`` told to wait for their domain's slot), those that still wait in the
-        queue to fall due after ``now`` (nobody holds them), or that ``worker`` holds (the release that sends one back
-        to wait may not be written yet): not one an operator cancelled, nor one come due, claimed or sent since. A read
-        by primary key."""
-        later = sa.and_(WAITING, M.c.claimed_by.is_(None), M.c.next_attempt_at > now)
+    def still_waiting(self, told: Mapping[int, datetime], *, now: datetime, worker: str) -> set[int]:
+        """Of ``told`` (the messages ``worker`` told to wait for their domain's slot, and the time each was told),
+        those that still wait in the queue to fall due after ``now`` at that time (within ``TOLD_SLACK`` of it; nobody
+        holds them), or that ``worker`` holds (the release that sends one back to wait may not be written yet): not
+        one an operator cancelled, nor one come due, claimed, sent or deferred to another time (the contact policy)
+        since. A read by primary key."""
         found: set[int] = set()
+        query = sa.select(M.c.id, M.c.status, M.c.claimed_by, M.c.next_attempt_at)
         with db.reading(self.engine) as conn:
-            for part in _chunks(sorted(set(ids))):
-                query = sa.select(M.c.id).where(M.c.id.in_(part), sa.or_(later, M.c.claimed_by == worker))
-                found.update(conn.execute(query).scalars())
+            for part in _chunks(sorted(told)):
+                for row in conn.execute(query.where(M.c.id.in_(part))):
+                    at = row.next_attempt_at if row.next_attempt_at.tzinfo else row.next_attempt_at.replace(tzinfo=UTC)
+                    expected = told[row.id]
+                    slack = TOLD_SLACK + abs(expected - now) / 1000  # the host's clocks drift apart (NTP slews them)
+                    if row.claimed_by == worker or (row.status in ("planned", "retry") and row.claimed_by is None
+                                                    and at > now and abs(at - expected) <= slack):  # fmt: skip
+                        found.add(row.id)
         return found
 
     def bring_forward(self, moves: Mapping[int, datetime]) -> int:
