@@ -1000,8 +1000,9 @@ class Store:
     def waiting_for_domain(self, domain: str, now: datetime, limit: int = 100_000) -> list[datetime]:
         """When the messages to ``domain`` that wait in the queue to fall due after ``now`` (nobody holds them) fall
         due, soonest first, at most ``limit``: those sent back to wait for its rate slots, by any worker, and those
-        the contact policy deferred. A read of the waiting rows due later (the queue's partial index), not of the
-        rows due now."""
+        the contact policy deferred. No index serves the domain: SQLite scans every waiting row, PostgreSQL the
+        whole table (1.2M rows waiting after a first planning pass, 200k of them due later: 0.5-1.9 s on SQLite,
+        0.3-0.7 s on PostgreSQL, on the one database thread), so a process asks once per slow domain."""
         pattern = "%@" + domain.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = (
             sa.select(M.c.next_attempt_at)
