@@ -726,3 +726,24 @@ def test_a_macro_imported_by_a_name_its_file_does_not_have_is_named(templates: P
     _edit("winback/en/body.html", "{% if step == 9 %}{{ buton(", "{% if step == 1 %}{{ buton(")(templates)
     (problem,) = check_templates(_settings(templates), JinjaTemplates(templates))
     assert problem.kind is Kind.UNDEFINED and problem.line == line and "'buton'" in problem.message, problem
+
+
+def test_css_outside_a_style_tag_of_its_file_is_not_taken_for_a_stray_tag(templates: Path) -> None:
+    # Given CSS kept in a partial the layout includes inside its <style>, and a body filling a CSS block of the layout
+    _edit("_layout.html", "</head>", '<style>{% include "_styles.html" %}{% block css %}{% endblock %}</style>'
+          "</head>")(templates)
+    (templates / "_styles.html").write_text("@media (max-width:600px){.col{width:100%}}\n", encoding="utf-8")
+    _edit("winback/en/body.html", "{% block content %}",
+          "{% block css %}@media (max-width:480px){.hero{padding:0}}{% endblock %}{% block content %}")(templates)
+    # and a data attribute holding JSON
+    _edit("_layout.html", '<body style="', '<body data-track=\'{"a":{"b":1}}\' style="')(templates)
+    # When the operator checks the templates, Then none of these is a problem
+    problems = check_templates(_settings(templates), JinjaTemplates(templates))
+    assert [p for p in problems if p.kind is Kind.SYNTAX] == [], "\n".join(map(str, problems))
+    # and a stray tag end beside them is still named: one '{' missing before a tag, and a '%}' whose '{%' lost a '%'
+    _edit("winback/en/body.html", "{% block content %}", "{% block content %}{ customer.first_name }}")(templates)
+    _edit("winback/id/body.txt", "Tim {{ shop.name }}", "Tim {{ shop.name }}{ if x %}")(templates)
+    found = sorted((p.template, p.message.split(":")[1].strip()) for p in check_templates(
+        _settings(templates), JinjaTemplates(templates)))  # fmt: skip
+    assert found == [("winback/en/body.html", "'}}' is printed as text"),
+                     ("winback/id/body.txt", "'%}' is printed as text")], found

@@ -791,8 +791,10 @@ _RENDER_CODE = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (jinja2
 _WATCHDOG = _Watchdog()
 
 
-_STRAY = re.compile(r"\}\}|%\}")
-"""What closes a tag, met in a file's text (``JinjaTemplates._stray_delimiters``)."""
+_STRAY = re.compile(r"\}\}|(?<!\d)%\}|[{}]")
+"""What closes a tag, met in a file's text (``JinjaTemplates._stray_delimiters``), and the braces it counts: a ``}}``
+closing two ``{`` of the text is CSS's or JSON's (a partial of styles, a layout's CSS block, a data attribute), as is
+a ``%}`` after a digit (``width:100%}``)."""
 _HIDDEN = re.compile(r"<(style|script)\b.*?(?:</\1\s*>|\Z)", re.S | re.I)
 """An HTML part's CSS and scripts, whose braces are their own."""
 
@@ -1057,7 +1059,8 @@ class JinjaTemplates:
     def _stray_delimiters(self, name: str) -> list[TemplateError]:
         """A ``}}`` or ``%}`` in a file's text, where Jinja2 prints it as it is: ``{ customer.name }}`` (a ``{``
         missing) or ``{{ shop.name }}}}``, in every email. Not in a ``{% raw %}`` block, nor, in HTML, inside
-        ``<style>`` or ``<script>`` (a media query's rules end in ``}}``)."""
+        ``<style>`` or ``<script>`` (a media query's rules end in ``}}``), nor where it closes braces the text opened
+        (CSS kept in a partial or a block the layout puts in its ``<style>``, JSON in an attribute)."""
         pieces: list[tuple[int, int, str]] = []
         """(offset in ``text``, line, the data) of each piece of text outside tags and raw blocks."""
         text = ""
@@ -1073,7 +1076,12 @@ class JinjaTemplates:
         if name.endswith((".html", ".htm")):
             text = _HIDDEN.sub(lambda m: "\0" * len(m[0]), text)
         found = []
+        depth = 0  # the braces the text opened and has not closed
         for m in _STRAY.finditer(text):
+            if m[0] == "{" or (m[0] == "}}" and depth >= 2) or m[0] == "}":
+                depth = depth + 1 if m[0] == "{" else max(0, depth - len(m[0]))
+                continue
+            depth = max(0, depth - 1)
             start, line, value = pieces[bisect.bisect_right([p[0] for p in pieces], m.start()) - 1]
             line += value[: m.start() - start].count("\n")
             opening = "{{" if m[0] == "}}" else "{%"
