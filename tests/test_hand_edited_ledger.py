@@ -118,6 +118,8 @@ def test_a_ledger_command_over_a_hand_edited_time_names_the_value_without_a_trac
     assert code == 1 and "Traceback" not in err, err
     (line,) = err.splitlines()
     assert line.startswith("kembali: ") and "'end of March'" in line and "edited by hand" in line, line
+    # and where it is: the table and column (a ledger of thousands of rows has several date and time columns)
+    assert "message.expires_at" in line, line
 
 
 def test_a_value_no_retry_can_read_is_not_retried(

@@ -22,6 +22,8 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
+    where = ""
+    """``table.column`` of the column it types (set below, for every table), for the error naming a value there."""
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -49,8 +51,9 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
             try:
                 result: datetime | None = read(value)
             except (TypeError, ValueError, OverflowError) as exc:
+                place = f"{where} holds" if (where := self.where) else "the database holds"
                 raise LedgerRowError(
-                    f"the database holds {str(value)[:40]!r} where a date and time belongs (a row edited by hand?): "
+                    f"{place} {str(value)[:40]!r} where a date and time belongs (a row edited by hand?): "
                     "Kembali writes them as '2026-11-22 03:00:00.000000', in UTC; correct it, then try again"
                 ) from exc
             return result
@@ -287,3 +290,8 @@ class ShopState(SQLModel, table=True):
 
 
 metadata = SQLModel.metadata
+
+for _table in metadata.tables.values():
+    for _column in _table.columns:
+        if isinstance(_column.type, UTCDateTime):
+            _column.type.where = f"{_table.name}.{_column.name}"
