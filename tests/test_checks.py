@@ -747,3 +747,17 @@ def test_css_outside_a_style_tag_of_its_file_is_not_taken_for_a_stray_tag(templa
         _settings(templates), JinjaTemplates(templates)))  # fmt: skip
     assert found == [("winback/en/body.html", "'}}' is printed as text"),
                      ("winback/id/body.txt", "'%}' is printed as text")], found
+
+
+def test_a_name_a_file_exports_otherwise_than_by_a_macro_is_imported_without_a_problem(templates: Path) -> None:
+    # Given a file of macros whose names are set by a block {% set %} and by a macro inside a top-level {% if %}:
+    # Jinja2 exports both
+    (templates / "_macros.html").write_text(
+        "{% set signature %}<p>Salam</p>{% endset %}\n"
+        "{% if true %}{% macro button(url) %}<a href=\"{{ url }}\">Shop</a>{% endmacro %}{% endif %}\n",
+        encoding="utf-8")
+    _edit("winback/en/body.html", "{% block content %}", '{% block content %}{% from "_macros.html" import '
+          "signature, button %}{{ signature }}{{ button(shop.base_url) }}")(templates)
+    # When the operator checks the templates, Then nothing is wrong: every message renders
+    problems = check_templates(_settings(templates), JinjaTemplates(templates))
+    assert problems == [], "\n".join(map(str, problems))

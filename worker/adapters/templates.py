@@ -1046,8 +1046,7 @@ class JinjaTemplates:
             source = lint.tree(target) if target is not None else None
             if source is None:
                 continue  # not there (reported with the includes), computed, or not parsed (reported)
-            exported = sorted({m.name for m in source.body if isinstance(m, nodes.Macro)}
-                              | {n for a in source.body if isinstance(a, nodes.Assign) for n in _stored(a.target)})
+            exported = sorted(_exported(source.body))
             for imported in node.names:
                 wanted = imported if isinstance(imported, str) else imported[0]
                 if wanted not in exported:
@@ -1493,6 +1492,20 @@ def _syntax_message(exc: jinja2.TemplateSyntaxError, env: jinja2.Environment, so
         return message
     tag, line = opened[-1]
     return f"{message} The {{% {tag} %}} opened at line {line}: close it with {{% end{tag} %}} where it should end."
+
+
+def _exported(body: list[nodes.Node]) -> set[str]:
+    """The names a file's top level exports to ``{% from … import %}``, as Jinja2 does: its macros and sets (a block
+    ``{% set x %}…{% endset %}`` too), also inside a top-level ``{% if %}``; not a name starting with ``_``."""
+    names: set[str] = set()
+    for node in body:
+        if isinstance(node, nodes.Macro):
+            names.add(node.name)
+        elif isinstance(node, nodes.Assign | nodes.AssignBlock):
+            names |= _stored(node.target)
+        elif isinstance(node, nodes.If):
+            names |= _exported([*node.body, *node.elif_, *node.else_])  # an elif is an If
+    return {name for name in names if not name.startswith("_")}
 
 
 def _stored(target: nodes.Node) -> set[str]:
