@@ -761,3 +761,16 @@ def test_a_name_a_file_exports_otherwise_than_by_a_macro_is_imported_without_a_p
     # When the operator checks the templates, Then nothing is wrong: every message renders
     problems = check_templates(_settings(templates), JinjaTemplates(templates))
     assert problems == [], "\n".join(map(str, problems))
+
+
+def test_a_tag_left_open_is_named_also_after_a_set_with_a_value(templates: Path) -> None:
+    # Given win-back's {% if bought %} that sets a name ({% set x = … %} closes itself) and lost its {% endif %}
+    path = "winback/id/body.html"
+    _edit(path, "{% if bought %}\n", "{% if bought %}{% set first = bought[0] %}\n")(templates)
+    _edit(path, "{% endif %}\n{% if recommendations %}", "\n{% if recommendations %}")(templates)
+    opened = _line_of(templates, path, "{% if bought %}")
+    # When the operator checks the templates
+    problems = [p for p in check_templates(_settings(templates), JinjaTemplates(templates)) if p.kind is Kind.SYNTAX]
+    # Then the problem still names the {% if %} left open
+    assert problems and problems[0].template == path, "\n".join(map(str, problems))
+    assert f"opened at line {opened}: close it with {{% endif %}}" in problems[0].message, problems[0].message

@@ -1479,7 +1479,7 @@ def _syntax_message(exc: jinja2.TemplateSyntaxError, env: jinja2.Environment, so
         tag = names[0] if names else ""
         if tag in _OPENING_TAGS:
             rest = itertools.takewhile(lambda token: token[1] != "block_end", tokens[i + 1 :])
-            if tag != "set" or not any(k == "assign" for _, k, _ in rest):  # {% set x = … %} closes itself
+            if tag != "set" or not any((k, v) == ("operator", "=") for _, k, v in rest):  # {% set x = … %} ends itself
                 opened.append((tag, line))
         elif tag.startswith("end") and tag[3:] in _OPENING_TAGS:
             if not opened or opened[-1][0] != tag[3:]:  # where Jinja2 stopped
