@@ -516,3 +516,17 @@ def test_a_product_link_stored_with_a_bidi_control_links_the_email_to_the_shop_i
         assert "moc.live" not in part and "kopi.jpg" not in part, part
         assert not any(ch in part for ch in "\u202e\x9b\u200b"), part
     assert f"Kopi from Toko Kembali:\n{site.settings.shop.base_url}\n" in text.replace("\r\n", "\n"), text
+
+
+@pytest.mark.parametrize("hidden", ["\u3164", "\u115f", "\u034f", "\ufe0f"])
+def test_a_stored_product_link_with_an_invisible_letter_the_importer_refuses_is_not_printed(hidden: str) -> None:
+    # the importer refuses these in a link (Hangul fillers, the grapheme joiner, a variation selector: printable to
+    # Python, invisible on screen); a product an earlier import stored so links to the shop, as one with a bidi
+    # control does, and shows no picture
+    from worker.core.render import product_dict
+    from worker.domain import ProductView
+
+    product = ProductView("P-1", "Kopi", "", 89_000_00, "IDR", f"https://toko.example/p/{hidden}kopi",
+                          f"https://toko.example/i/{hidden}kopi.jpg")
+    shown = product_dict(product, "https://toko.example/")
+    assert (shown["url"], shown["image_url"]) == ("https://toko.example/", ""), shown

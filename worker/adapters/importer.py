@@ -101,7 +101,7 @@ from zoneinfo import ZoneInfo
 import email_validator
 
 from worker import money
-from worker.core.render import CONTROL_CHARACTERS, clean_text
+from worker.core.render import CONTROL_CHARACTERS, INVISIBLE_CHARACTERS, clean_text
 from worker.domain import (
     CustomerRecord,
     Locale,
@@ -646,9 +646,9 @@ def _no_control(value: str, column: str, limit: int) -> None:
         raise _Invalid(f"invalid {column} {_show(value)} (at most {limit} characters, no control characters{what})")
 
 
-_IGNORABLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0" + "".join(map(chr, range(0xFE00, 0xFE10))))
+_IGNORABLE = INVISIBLE_CHARACTERS
 """Invisible characters Unicode does not class as format characters (Cf): the combining grapheme joiner, Hangul
-fillers, Khmer inherent vowels, variation selectors."""
+fillers, Khmer inherent vowels, variation selectors (the same ones a stored link is not printed with)."""
 _AFTER_A_LETTER = frozenset("\u200c\u200d" + "".join(map(chr, range(0xFE00, 0xFE10))))
 """What a text (a category, a consent note) may hold right after a character that is not ASCII: the joiners of
 emoji sequences and Persian or Indic words, and the selectors of emoji (☕️)."""

@@ -162,11 +162,18 @@ def product_dict(p: ProductView, shop_url: str = "") -> dict[str, object]:
     }
 
 
+INVISIBLE_CHARACTERS = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0"
+                                 + "".join(map(chr, range(0xFE00, 0xFE10))))
+"""Invisible characters Unicode does not class as format characters (Cf), so printable to Python: the combining
+grapheme joiner, Hangul fillers, Khmer inherent vowels, variation selectors."""
+
+
 def _link(url: str) -> str:
     """``url``, or "" when it holds a space, a control, bidi or invisible character (the importer refuses such a
     link; an earlier one stored it): the text part prints a link as it is, and "https://toko.example/p/\u202emoc.live"
     reads as another address."""
-    return url if url.isprintable() and not any(ch.isspace() for ch in url) else ""
+    clean = url.isprintable() and not any(ch.isspace() or ch in INVISIBLE_CHARACTERS for ch in url)
+    return url if clean else ""
 
 
 _SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
