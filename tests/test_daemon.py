@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from tests.daemon_harness import LINK_KEY, NOW, REPO, Daemon, customer, http, make_shop, order
+from tests.daemon_harness import LINK_KEY, NOW, REPO, Daemon, Shop, customer, http, make_shop, order
 from tests.smtp_server import Behaviour, RecordingServer
 from worker import daemon as daemon_module
 from worker import log
@@ -1154,19 +1154,30 @@ def test_a_stop_signal_during_a_scheduled_planning_pass_waits_for_it_and_says_so
     assert all(line.startswith("{") for line in daemon.lines), daemon.log()
 
 
-@pytest.mark.postgres
-def test_the_queue_depth_counts_the_messages_waiting_for_their_domains_rate(
-    tmp_path: Path, smtp_server: RecordingServer
-) -> None:
-    # Given a daemon whose customers' domain is allowed one message every 1000 s, and 6 customers due a win-back
+def _slow_domain_backlog(tmp_path: Path, smtp_server: RecordingServer) -> tuple[Shop, Daemon]:
+    """A daemon whose customers' domain is allowed one message every 1000 s, which sent the first of 6 win-backs and
+    sent the 5 others back to the ledger to wait for the domain's next slots (the last 5000 s off)."""
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *",
                      extra='[sending.domains]\n"example.com" = { rate_per_second = 0.001, burst = 1 }\n')  # fmt: skip
     shop.add(range(1, 7), days_ago=60)
     daemon = Daemon.start(shop)
     try:
-        # When it has sent the first and sent the 5 others back to the ledger to wait for the domain's next slots
         daemon.wait_for(lambda: len(daemon.named("email_waits_for_domain_rate")) == 5, timeout=30,
                         why="5 messages waiting")
+    except BaseException:
+        daemon.stop()
+        raise
+    return shop, daemon
+
+
+@pytest.mark.postgres
+def test_the_queue_depth_counts_the_messages_waiting_for_their_domains_rate(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon whose customers' domain is allowed one message every 1000 s, and 6 customers due a win-back
+    # When it has sent the first and sent the 5 others back to the ledger to wait for the domain's next slots
+    _, daemon = _slow_domain_backlog(tmp_path, smtp_server)
+    try:
         assert len(smtp_server.messages) == 1
         # Then the health line (and the STATUS= line from it) counts them in the queue, and says why they wait
         health = daemon.wait_event("health", after=len(daemon.named("health")))
@@ -1183,13 +1194,8 @@ def test_messages_waiting_for_their_domains_rate_that_an_operator_cancels_leave_
 ) -> None:
     # Given a daemon that sent the first of 6 win-backs to a domain allowed one message every 1000 s and sent the 5
     # others back to the ledger to wait for its next slots (the last 5000 s off)
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *",
-                     extra='[sending.domains]\n"example.com" = { rate_per_second = 0.001, burst = 1 }\n')  # fmt: skip
-    shop.add(range(1, 7), days_ago=60)
-    daemon = Daemon.start(shop)
+    shop, daemon = _slow_domain_backlog(tmp_path, smtp_server)
     try:
-        daemon.wait_for(lambda: len(daemon.named("email_waits_for_domain_rate")) == 5, timeout=30,
-                        why="5 messages waiting")
         # When the operator cancels them (closes the waiting messages as failed)
         waiting = [str(r[0]) for r in shop.rows("SELECT id FROM message WHERE status IN ('planned', 'retry')")]
         assert len(waiting) == 5
@@ -1214,13 +1220,8 @@ def test_a_reload_that_raises_a_slow_domains_rate_brings_its_waiting_messages_fo
     # Given a daemon whose customers' domain is allowed one message every 1000 s (a rate set too low), which sent the
     # first of 6 win-backs and sent the 5 others back to the ledger to wait for the domain's next slots (the last
     # 5000 s off)
-    slow = '[sending.domains]\n"example.com" = { rate_per_second = 0.001, burst = 1 }\n'
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", extra=slow)
-    shop.add(range(1, 7), days_ago=60)
-    daemon = Daemon.start(shop)
+    shop, daemon = _slow_domain_backlog(tmp_path, smtp_server)
     try:
-        daemon.wait_for(lambda: len(daemon.named("email_waits_for_domain_rate")) == 5, timeout=30,
-                        why="5 messages waiting")
         # When the operator raises the domain's rate to 2 a second and sends SIGHUP
         shop.config.write_text(shop.config.read_text().replace("rate_per_second = 0.001", "rate_per_second = 2.0"))
         daemon.signal(signal.SIGHUP)
