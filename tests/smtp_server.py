@@ -156,6 +156,8 @@ class RecordingServer:
 
     def __init__(self, *, folder: Path | None = None, tls_context: Any = None, implicit_tls: Any = None) -> None:
         self.behaviours: dict[str, Behaviour] = {}
+        self.default = ACCEPT
+        """The behaviour of every recipient ``behaviours`` does not name."""
         self.greeting: str | None = None
         """When set, every new connection gets this greeting and is closed."""
         self.greylisted: set[str] = set()
@@ -208,7 +210,7 @@ class RecordingServer:
         self.behaviours[recipient] = behaviour
 
     def behaviour(self, recipient: str) -> Behaviour:
-        return self.behaviours.get(recipient, ACCEPT)
+        return self.behaviours.get(recipient, self.default)
 
     def _reply_for(self, stage: str, recipient: str) -> str | None:
         behaviour = self.behaviour(recipient)

@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from sqlalchemy.engine import make_url
 
 from tests.clikit import run_cli
 from tests.shop import LINK_KEY, ROOT, TEMPLATES
-from tests.smtp_server import RecordingServer
+from tests.smtp_server import Behaviour, RecordingServer
 from tests.test_cli import _shop_in as shop_in
 from tests.test_cli import write_config
 from worker.adapters.store import Store
@@ -315,3 +317,48 @@ def test_a_misspelt_name_of_the_secrets_variable_is_not_taken_for_a_secret(
     assert result.returncode == 2, result.stderr
     assert f"{config}: line 4: unknown key '{table}.{key}' (did you mean '{meant}'?)" in result.stderr, result.stderr
     assert "secrets never live in the file" not in result.stderr, result.stderr
+
+
+def test_run_once_renders_the_whole_run_from_the_templates_it_checked_at_its_start(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a long run (a slow SMTP server, one message at a time; batches of 2, each rendered as it is claimed)
+    # over the shop's own copy of the templates
+    templates = tmp_path / "email"
+    shutil.copytree(TEMPLATES, templates)
+    config = write_config(tmp_path, smtp_port=smtp_server.port, extra="batch_size = 2\nin_flight_per_connection = 1\n")
+    config.write_text(config.read_text().replace('tls = "none"', 'tls = "none"\npool_size = 1'))
+    shop_in(tmp_path, config, customers=40)  # customers due a win-back, in both languages
+    config.write_text(config.read_text().replace(f'dir = "{TEMPLATES}"', f'dir = "{templates}"'))
+    smtp_server.default = Behaviour(delay_at="data", delay_seconds=0.3)
+    argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"]
+    scratch = tmp_path / "tmp"  # where the run's private copy of the templates goes
+    scratch.mkdir()
+    env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY, "TMPDIR": str(scratch)}
+    run = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # When the operator saves the shared layout with a syntax error once the first messages have gone
+        while smtp_server.data_taken < 2 and run.poll() is None:
+            time.sleep(0.05)
+        layout = templates / "_layout.html"
+        layout.write_text(layout.read_text(encoding="utf-8") + "{% if %}\n", encoding="utf-8")
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    # Then the run went on with the templates it checked: every message was sent, none failed to render
+    assert run.returncode == 0, out + err
+    store = Store.from_url(load_settings(config).database_url)
+    try:
+        rows = store.messages(limit=10_000)
+    finally:
+        store.close()
+    assert len(rows) > 4, "too few messages for the edit to fall mid-run"
+    assert {row["status"] for row in rows} == {"sent"}, Counter(row["status"] for row in rows)
+    assert len(smtp_server.messages) == len(rows)
+    assert "render_error" not in err
+    assert list(scratch.iterdir()) == [], "the run left its copy of the templates behind"
+    # and the edit takes effect at the next run: it refuses to start, naming the file
+    result = kembali("run", "--once", config=config)
+    assert result.returncode == 2 and "_layout.html" in result.stderr, result.stderr

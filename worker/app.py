@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -135,28 +137,54 @@ def compose_pool(settings: Settings, templates: JinjaTemplates, composer: Compos
     return ComposerPool(spec, processes=settings.sending.compose_processes)
 
 
+def snapshot_templates(settings: Settings) -> Path:
+    """Copy the templates folder somewhere private (its ``t`` folder): the copy is what a daemon's generation, or a
+    ``run --once``, renders, so a file edited meanwhile changes nothing until the next one checks it."""
+    source = settings.resolve(settings.templates.dir)
+    if not source.is_dir():
+        raise ConfigError(f"{settings.source}: 'templates.dir' {str(source)!r} is not a folder")
+    target = Path(tempfile.mkdtemp(prefix="kembali-templates-"))
+    try:
+        shutil.copytree(source, target / "t")
+    except OSError as exc:  # a file that cannot be read, a dangling link, a full temporary folder
+        shutil.rmtree(target, ignore_errors=True)
+        # shutil.Error holds a list of (source, target, why): the first why says enough
+        why = exc.args[0][0][2] if isinstance(exc, shutil.Error) and exc.args and exc.args[0] else str(exc)
+        raise ConfigError(f"{settings.source}: 'templates.dir': cannot copy {str(source)!r}: {why}") from None
+    return target
+
+
+
 @dataclass
 class Deps:
     settings: Settings
     store: Store
     templates: JinjaTemplates
     clock: Clock
+    snapshot: Path | None = None
+    """The private copy ``templates`` renders (``snapshot_templates``), if it is one: ``close`` removes it."""
 
     @classmethod
-    def build(cls, settings: Settings, *, check_schema: bool = True) -> Deps:
+    def build(cls, settings: Settings, *, check_schema: bool = True, private_templates: bool = False) -> Deps:
+        """With ``private_templates``, ``templates`` renders a copy of the folder taken now (``run --once``: a file
+        saved while it runs takes effect at the next run), else the folder itself, edits seen within a second."""
         store = Store.for_settings(settings)
+        snapshot = None
         try:
             if check_schema:
                 db.check_schema(store.engine)
             templates_dir = settings.resolve(settings.templates.dir)
             if not templates_dir.is_dir():
                 raise ConfigError(f"{settings.source}: 'templates.dir' {str(templates_dir)!r} is not a folder")
+            if private_templates:
+                snapshot = snapshot_templates(settings)
         except BaseException:  # the engine's connections (the schema check's) go, not left to the collector
             store.close()
             raise
-        templates = JinjaTemplates(Path(templates_dir), recheck_seconds=1.0,
-                                   time_limit=settings.checks.render_timeout_seconds)  # fmt: skip
-        return cls(settings=settings, store=store, templates=templates, clock=SystemClock())
+        limit = settings.checks.render_timeout_seconds
+        templates = (JinjaTemplates(Path(templates_dir), recheck_seconds=1.0, time_limit=limit) if snapshot is None
+                     else JinjaTemplates(snapshot / "t", recheck_seconds=None, time_limit=limit))  # never edited
+        return cls(settings=settings, store=store, templates=templates, clock=SystemClock(), snapshot=snapshot)
 
     def composer(self, keys: list[bytes] | None = None) -> Composer:
         return Composer(self.settings, self.templates, (keys or link_keys(self.settings))[0])
@@ -186,3 +214,8 @@ class Deps:
 
     def close(self) -> None:
         self.store.close()
+        self.remove_snapshot()
+
+    def remove_snapshot(self) -> None:
+        if self.snapshot is not None:
+            shutil.rmtree(self.snapshot, ignore_errors=True)

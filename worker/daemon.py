@@ -59,7 +59,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -81,6 +80,7 @@ from worker.app import (
     make_limiter,
     release_lapsed_leases,
     smtp_password,
+    snapshot_templates,
     worker_id,
 )
 from worker.asyncstore import AsyncStore
@@ -135,22 +135,6 @@ class Generation:
         await self.transport.close()
         await asyncio.to_thread(self.dispatcher.close)  # joins the compose helpers, if any
         shutil.rmtree(self.snapshot, ignore_errors=True)
-
-
-def snapshot_templates(settings: Settings) -> Path:
-    """Copy the templates folder somewhere private; the copy is what this generation renders."""
-    source = settings.resolve(settings.templates.dir)
-    if not source.is_dir():
-        raise ConfigError(f"{settings.source}: 'templates.dir' {str(source)!r} is not a folder")
-    target = Path(tempfile.mkdtemp(prefix="kembali-templates-"))
-    try:
-        shutil.copytree(source, target / "t")
-    except OSError as exc:  # a file that cannot be read, a dangling link, a full temporary folder
-        shutil.rmtree(target, ignore_errors=True)
-        # shutil.Error holds a list of (source, target, why): the first why says enough
-        why = exc.args[0][0][2] if isinstance(exc, shutil.Error) and exc.args and exc.args[0] else str(exc)
-        raise ConfigError(f"{settings.source}: 'templates.dir': cannot copy {str(source)!r}: {why}") from None
-    return target
 
 
 def folder_signature(*paths: Path) -> tuple[tuple[str, int, int], ...]:

@@ -208,6 +208,7 @@ async def stoppable(deps: Deps, *, observer: SendObserver | None = None) -> Cycl
             log.event("stop_forced", logging.WARNING, signal=sig.name,
                       note="rows in flight become uncertain when their lease lapses")  # fmt: skip
             logging.shutdown()
+            deps.remove_snapshot()  # (the one thing that would outlive the process)
             os._exit(128 + sig.value)
         log.event("stop_requested", signal=sig.name, note="sends under way finish; the rest goes back to the queue")
         stop.set()
@@ -231,7 +232,9 @@ def once(settings: Settings) -> int:
     # the secrets sending needs, before anything is planned: a missing one stops the run with nothing done
     link_keys(settings)
     smtp_password(settings)
-    deps = Deps.build(settings)
+    # the run renders a copy of the templates taken now, the set checked below: one saved while it runs (a
+    # mistake halfway through an edit) changes nothing before the next run, as the daemon's copy before a reload
+    deps = Deps.build(settings, private_templates=True)
     # with the log at info, its line per email shows the run going on; quieter, a progress line does (on a terminal)
     sending = None if log.LOGGER.isEnabledFor(logging.INFO) else SendProgress()
     try:
@@ -256,6 +259,7 @@ def check_template_folders(deps: Deps) -> None:
     file is not there, a file not saved as UTF-8): the run stops too, naming its file and line. The daemon refuses
     to start on these as on any template problem; ``kembali check`` lists them all."""
     settings = deps.settings
+    root = settings.resolve(settings.templates.dir).resolve()  # named, not the private copy ``deps`` may render
     steps = {step.template for step in settings.campaigns.winback.effective_steps} if "winback" in \
         enabled_campaigns(settings) else set()
     folders = checks.required_folders(settings)
@@ -264,12 +268,12 @@ def check_template_folders(deps: Deps) -> None:
             continue
         key = "campaigns.winback.steps[].template" if folder in steps and folder != "winback" else "templates.dir"
         raise ConfigError(f"{settings.source}: '{key}': there are no templates for {folder!r} in "
-                          f"{deps.templates.root} (no {folder}/id/subject.txt or {folder}/en/subject.txt); "
+                          f"{root} (no {folder}/id/subject.txt or {folder}/en/subject.txt); "
                           "nothing was planned or sent (`kembali check` lists what it finds)")
     missing = [name for folder in folders for name in deps.templates.missing_parts(folder)]
     if missing:  # a language's: every customer in it would get a failed message, every run
         raise ConfigError(f"{settings.source}: 'templates.dir': {', '.join(missing)} missing in "
-                          f"{deps.templates.root} (each language needs {', '.join(PARTS)}: a customer in one "
+                          f"{root} (each language needs {', '.join(PARTS)}: a customer in one "
                           "without them would get a failed message); nothing was planned or sent "
                           "(`kembali check` lists what it finds)")
     broken: list[str] = []  # a file that cannot be parsed (a syntax error, an include not found, not UTF-8)
@@ -281,7 +285,7 @@ def check_template_folders(deps: Deps) -> None:
                 if str(exc) not in broken:  # a partial's, once for every folder that includes it
                     broken.append(str(exc))
     if broken:  # every due message of that folder and language would fail, each left failed, every run
-        raise ConfigError(f"{settings.source}: 'templates.dir': {'; '.join(broken)} (in {deps.templates.root}); "
+        raise ConfigError(f"{settings.source}: 'templates.dir': {'; '.join(broken)} (in {root}); "
                           "nothing was planned or sent (`kembali check` lists what it finds)")
 
 
