@@ -349,3 +349,46 @@ def test_a_daemon_paused_for_its_clock_sends_again_once_the_clock_is_right_witho
     # Then the pause ends with the clock's problem (not at a SIGHUP nobody sends: the clock was never an operator's
     # decision), and the daemon sends
     assert paused_while_off and resumed and sent == 1
+
+
+def test_a_daemon_whose_clock_is_off_plans_nothing_and_plans_once_the_clock_is_right(
+    tmp_path: Path, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a daemon on PostgreSQL that never planned its win-backs (its start-up catches them up), two customers due
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    s = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    s.add([1, 2], days_ago=60)
+    settings = load_settings(s.config)
+    deps = Deps.build(settings)
+    deps.clock = clock = SkewedClock(0)
+
+    async def scenario() -> tuple[list[Any], list[Any], bool, list[Any]]:
+        daemon = Daemon(settings, config_path=s.config, deps=deps)
+        try:
+            # When it starts on a host whose clock is two days ahead: the catch-up, then the cron job
+            clock.skew = timedelta(days=2)
+            await daemon._catch_up(settings)
+            await daemon._planner("winback")()
+            while_off = s.rows("SELECT dedupe_key FROM message")
+            runs_while_off = s.rows("SELECT * FROM job_run")
+            paused = daemon.paused()
+            # and NTP sets it right: its next maintenance sees it
+            clock.skew = timedelta(0)
+            await daemon.maintenance()
+            while daemon._planning or daemon._tasks:
+                await asyncio.sleep(0.05)
+            planned = s.rows("SELECT dedupe_key FROM message")
+        finally:
+            await daemon._close()
+            daemon.store.close()
+        return while_off, runs_while_off, paused, planned
+
+    while_off, runs_while_off, paused, planned = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    # Then nothing was planned (nor recorded as planned) on the wrong clock, the log says why, sending is paused
+    assert while_off == [] and runs_while_off == [] and paused
+    skipped = [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == "plan_skipped"]
+    assert skipped and all(f["campaign"] == "winback" and "ahead of the database's" in f["reason"] for f in skipped)
+    # and once the clock is right, the daemon plans at once, not at the next day's cron
+    assert len(planned) == 2

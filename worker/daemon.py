@@ -17,7 +17,9 @@ Theory of operation
   ``READY=1`` (each such pass first asks systemd for ``CATCH_UP_PASS_SECONDS``
   more with ``EXTEND_TIMEOUT_USEC``). The dispatcher claims nothing while a pass,
   or the catch-up, is under way (``PLANNING_HOLD_SECONDS`` at most). Planning
-  runs on a thread of its own, beside the store's thread that serves the dispatcher.
+  runs on a thread of its own, beside the store's thread that serves the dispatcher. A pass while this host's
+  clock is too far off the database's plans nothing (``plan_skipped``; the dispatcher pauses, as for sending):
+  the first maintenance that finds the clock right runs it.
 * The **dispatch loop** runs the dispatcher until the queue is empty, then waits
   for a planning run to wake it or ``dispatch_poll_seconds``. When the dispatcher
   paused (connection failures in a row, a refused login, an SMTP setup that
@@ -214,6 +216,9 @@ class Daemon:
         """A reload asked for during the catch-up planning (the signals are the loop's, not yet READY=1)."""
         self._planning: dict[asyncio.Future[None], str] = {}
         """Planning passes under way, and their campaigns: the shutdown waits for them."""
+        self._plan_skipped: set[str] = set()
+        """Campaigns whose planning pass was skipped for this host's clock (``_plan_pass``): planned at the first
+        maintenance that finds the clock right again."""
         self._planning_since = 0.0
         """When the passes under way began, without a break (the clock's monotonic seconds); or the catch-up."""
         self._catching_up = False
@@ -442,6 +447,16 @@ class Daemon:
         settings = self.gen.settings
         if campaign not in enabled_campaigns(settings):
             return
+        # a clock off the database's plans with the wrong due times and dedupe keys (a week's or year's, for a clock
+        # a day off at a boundary), as it sends nothing: the pass waits for the clock (as `run --once` refuses)
+        dispatcher = self.gen.dispatcher
+        if dispatcher.clock_guard is not None and (problem := await dispatcher.clock_guard.check()):
+            dispatcher.pause_for_clock(problem)
+            self._plan_skipped.add(campaign)
+            log.event("plan_skipped", logging.WARNING, campaign=campaign, reason=problem,
+                      note="planned once this host's clock is in step with the database's again")
+            return
+        self._plan_skipped.discard(campaign)
         now = self.clock.now()
         # on a thread of its own, not the store's: a pass mostly reads (no SQLite write lock), and the
         # dispatcher's claims and commits must not queue behind it for seconds
@@ -509,6 +524,15 @@ class Daemon:
             # nor a retry doubled by the SMTP server's earlier pauses in a row
             dispatcher.resume(why="this host's clock is in step with the database's again")
             self._resume_now.set()
+        for campaign in sorted(self._plan_skipped - set(self._planning.values())):  # the clock is right: plan now
+            if self._stop.is_set():
+                break
+            self._plan_skipped.discard(campaign)  # (the pass adds it again should the clock be off again by then)
+            log.event("plan_catch_up", campaign=campaign, missed="skipped while this host's clock was off")
+            task = asyncio.ensure_future(self._planner(campaign)())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(_log_failed_pass, campaign))
         now = self.clock.now()
         # not the rows this process still has outcomes for (a database outage outlasted their leases): it is alive
         held = self.gen.dispatcher.holds() | (self._active.dispatcher.holds() if self._active is not None else set())
