@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -319,11 +320,9 @@ def test_a_misspelt_name_of_the_secrets_variable_is_not_taken_for_a_secret(
     assert "secrets never live in the file" not in result.stderr, result.stderr
 
 
-def test_run_once_renders_the_whole_run_from_the_templates_it_checked_at_its_start(
-    tmp_path: Path, smtp_server: RecordingServer
-) -> None:
-    # Given a long run (a slow SMTP server, one message at a time; batches of 2, each rendered as it is claimed)
-    # over the shop's own copy of the templates
+def _slow_run(tmp_path: Path, smtp_server: RecordingServer) -> tuple[Path, Path, Path, subprocess.Popen[str]]:
+    """A `run --once` started over the shop's own copy of the templates, sending slowly (one message at a time, 0.3 s
+    each; batches of 2, each rendered as it is claimed): its config, templates, TMPDIR and process."""
     templates = tmp_path / "email"
     shutil.copytree(TEMPLATES, templates)
     config = write_config(tmp_path, smtp_port=smtp_server.port, extra="batch_size = 2\nin_flight_per_connection = 1\n")
@@ -336,6 +335,14 @@ def test_run_once_renders_the_whole_run_from_the_templates_it_checked_at_its_sta
     scratch.mkdir()
     env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY, "TMPDIR": str(scratch)}
     run = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return config, templates, scratch, run
+
+
+def test_run_once_renders_the_whole_run_from_the_templates_it_checked_at_its_start(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a long run (a slow SMTP server) over the shop's own copy of the templates
+    config, templates, scratch, run = _slow_run(tmp_path, smtp_server)
     try:
         # When the operator saves the shared layout with a syntax error once the first messages have gone
         while smtp_server.data_taken < 2 and run.poll() is None:
@@ -362,3 +369,25 @@ def test_run_once_renders_the_whole_run_from_the_templates_it_checked_at_its_sta
     # and the edit takes effect at the next run: it refuses to start, naming the file
     result = kembali("run", "--once", config=config)
     assert result.returncode == 2 and "_layout.html" in result.stderr, result.stderr
+
+
+def test_run_once_stopped_at_once_by_a_second_signal_leaves_no_copy_of_the_templates(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a long run, sending
+    _, _, scratch, run = _slow_run(tmp_path, smtp_server)
+    try:
+        while smtp_server.data_taken < 1 and run.poll() is None:
+            time.sleep(0.05)
+        # When Ctrl-C is pressed twice
+        run.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    # Then it exits at once, leaving nothing of its private copy of the templates behind
+    assert run.returncode == 128 + signal.SIGINT.value, out + err
+    assert list(scratch.iterdir()) == []
