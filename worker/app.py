@@ -154,7 +154,6 @@ def snapshot_templates(settings: Settings) -> Path:
     return target
 
 
-
 @dataclass
 class Deps:
     settings: Settings
