@@ -74,12 +74,11 @@ def test_a_payload_that_is_no_json_object_fails_its_message_alone(
     _sends_the_others_and_fails_the_edited_row(shop, smtp_server, row_id, "payload", caplog)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # PostgreSQL's timestamp column takes no such value
 @pytest.mark.parametrize(("column", "value"), TIMES)
 def test_a_date_and_time_in_a_format_kembali_never_writes_fails_its_message_alone(
     shop: Shop, smtp_server: RecordingServer, column: str, value: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if shop.store.dialect != "sqlite":
-        pytest.skip("PostgreSQL's timestamp column takes no such value")
     row_id = _edit(shop, column, value)
     _sends_the_others_and_fails_the_edited_row(shop, smtp_server, row_id, column, caplog)
 
@@ -101,12 +100,11 @@ def test_preview_shows_the_unreadable_row_as_an_error_and_the_others_as_sends(
     assert code == 1
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # PostgreSQL's timestamp column takes no such value
 @pytest.mark.parametrize("command", [["ledger", "list", "--all"], ["ledger", "close", "2"], ["ledger", "resend", "2"]])
 def test_a_ledger_command_over_a_hand_edited_time_names_the_value_without_a_traceback(
     shop: Shop, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
-    if shop.store.dialect != "sqlite":
-        pytest.skip("PostgreSQL's timestamp column takes no such value")
     row_id = _edit(shop, "expires_at", "end of March")
     assert row_id == 2
     config = write_config(tmp_path / "config.toml", settings_dict(shop.settings.database_url, smtp_server.port))
