@@ -389,15 +389,8 @@ def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorde
 ) -> None:
     # Given 6 customers due a win-back, a server that takes a second over each message, and a database that stays
     # away longer than the ledger writer tries again (here 0.4 s; 15.5 s as shipped: a failover takes longer)
-    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
-    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
-    emails = [f"c{i}@test.example" for i in range(6)]
-    for address in emails:
-        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=1.0))
-    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 2}, in_flight_per_connection=1,
-                             compose_processes=0, lease_seconds=60)  # fmt: skip
-    shop = Shop(pg_url, settings, emails)
-    plan(shop.store, settings, NOW)
+    shop, emails = _slow_shop(pg_url, smtp_server, monkeypatch, delay_seconds=1.0, in_flight_per_connection=1)
+    settings = shop.settings
     astore = AsyncStore(shop.store)
 
     async def run() -> tuple[BaseException | None, DispatchReport]:
@@ -440,15 +433,8 @@ def test_sends_a_database_outage_kept_from_the_ledger_are_recorded_though_the_cl
     pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a run that the database left, as above, with two sends the server took and could not record
-    monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
-    monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
-    emails = [f"c{i}@test.example" for i in range(6)]
-    for address in emails:
-        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=1.0))
-    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 2}, in_flight_per_connection=1,
-                             compose_processes=0, lease_seconds=60)  # fmt: skip
-    shop = Shop(pg_url, settings, emails)
-    plan(shop.store, settings, NOW)
+    shop, _ = _slow_shop(pg_url, smtp_server, monkeypatch, delay_seconds=1.0, in_flight_per_connection=1)
+    settings = shop.settings
     astore = AsyncStore(shop.store)
 
     async def run() -> tuple[BaseException | None, DispatchReport]:
@@ -699,18 +685,19 @@ async def _fails_in_an_outage(run: Awaitable[object], engine: sa.Engine, pg_admi
 
 
 def _slow_shop(pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, *, delay_seconds: float,
-               smtp_timeout: float = 5.0, pool_size: int = 2, customers: int = 6
+               smtp_timeout: float = 5.0, pool_size: int = 2, customers: int = 6, in_flight_per_connection: int = 2
                ) -> tuple[Shop, list[str]]:  # fmt: skip
     """``customers`` due a win-back, a server that takes ``delay_seconds`` at DATA over each message, ``pool_size``
-    connections and twice as many senders (``smtp.timeout_seconds``: ``smtp_timeout``), and the ledger writer's and
-    the store's retries cut to 0.4 s."""
+    connections and ``in_flight_per_connection`` senders each (``smtp.timeout_seconds``: ``smtp_timeout``), and the
+    ledger writer's and the store's retries cut to 0.4 s."""
     monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (0.2, 0.2))
     monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", (0.2, 0.2))
     emails = [f"c{i}@test.example" for i in range(customers)]
     for address in emails:
         smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=delay_seconds))
     settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": pool_size, "timeout_seconds": smtp_timeout},
-                             in_flight_per_connection=2, compose_processes=0, lease_seconds=60)  # fmt: skip
+                             in_flight_per_connection=in_flight_per_connection, compose_processes=0,
+                             lease_seconds=60)  # fmt: skip
     shop = Shop(pg_url, settings, emails)
     plan(shop.store, settings, NOW)
     return shop, emails
