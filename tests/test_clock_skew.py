@@ -228,19 +228,26 @@ def test_a_daemon_whose_clock_goes_off_pauses_sending_and_maintenance_and_says_s
                   b=held[1]) == [(held[0], "sending", "other"), (held[1], "claimed", "other")]  # fmt: skip
 
 
+def _one_connection_shop(pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, *,
+                         delay_seconds: float, lease_seconds: int) -> tuple[Shop, SkewedClock, list[str]]:  # fmt: skip
+    """8 win-backs due on a worker whose clock can be set off (``SkewedClock``), one connection, one message at a
+    time, a server that takes ``delay_seconds`` over each, a lease of ``lease_seconds``."""
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+    emails = [f"c{i}@example.com" for i in range(8)]
+    for address in emails:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=delay_seconds))
+    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 1}, in_flight_per_connection=1,
+                             compose_processes=0, lease_seconds=lease_seconds)  # fmt: skip
+    clock = SkewedClock(0)
+    return Shop(pg_url, settings, emails, clock=clock), clock, emails  # type: ignore[arg-type]
+
+
 def test_a_run_whose_clock_jumps_off_the_databases_while_it_sends_stops_claiming(
     pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given 8 win-backs due, one connection, a server that takes half a second over each message, a lease of 3 s
     # (renewed, and the clock compared, every second; 0.5 s allowed)
-    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
-    emails = [f"c{i}@example.com" for i in range(8)]
-    for address in emails:
-        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=0.5))
-    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 1}, in_flight_per_connection=1,
-                             compose_processes=0, lease_seconds=3)  # fmt: skip
-    clock = SkewedClock(0)
-    shop_ = Shop(pg_url, settings, emails, clock=clock)  # type: ignore[arg-type]
+    shop_, clock, emails = _one_connection_shop(pg_url, smtp_server, monkeypatch, delay_seconds=0.5, lease_seconds=3)
 
     def jump() -> None:  # When the host's clock jumps 5 minutes ahead once the first message arrived
         while not smtp_server.messages:
@@ -268,14 +275,7 @@ def test_a_run_whose_clock_jumps_behind_the_databases_while_it_sends_leaves_its_
 ) -> None:
     # Given 8 win-backs due, one connection, a server that takes a second over each message, a lease of 6 s (renewed,
     # and the clock compared, every 2 s; 1 s allowed)
-    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
-    emails = [f"c{i}@example.com" for i in range(8)]
-    for address in emails:
-        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=1))
-    settings = make_settings(pg_url, smtp_server.port, smtp={"pool_size": 1}, in_flight_per_connection=1,
-                             compose_processes=0, lease_seconds=6)  # fmt: skip
-    clock = SkewedClock(0)
-    shop_ = Shop(pg_url, settings, emails, clock=clock)  # type: ignore[arg-type]
+    shop_, clock, _ = _one_connection_shop(pg_url, smtp_server, monkeypatch, delay_seconds=1, lease_seconds=6)
     lapsed_seen: list[int] = []
     done = threading.Event()
     watcher_engine = db.create_engine(pg_url)
