@@ -124,9 +124,12 @@ def make_limiter(settings: Settings, async_store: AsyncStore, clock: Clock) -> L
 
 
 def clock_guard(settings: Settings, async_store: AsyncStore, clock: Clock) -> ClockGuard | None:
-    """The check of this host's clock against the database's (``sending.ClockGuard``), for the real clock only: a
-    simulated one (the demo's, the tests') is another time by design."""
-    return ClockGuard(async_store, clock, settings.sending.lease_seconds) if isinstance(clock, SystemClock) else None
+    """The check of this host's clock against the database's (``sending.ClockGuard``), for the real clock on
+    PostgreSQL only: a simulated one (the demo's, the tests') is another time by design, and SQLite's file has no
+    clock of its own (``Store.database_now``: every process on it reads this host's)."""
+    if not isinstance(clock, SystemClock) or async_store.store.dialect == "sqlite":
+        return None  # (asked, it would answer None: a trip to the database thread each run and lease renewal)
+    return ClockGuard(async_store, clock, settings.sending.lease_seconds)
 
 
 def compose_pool(settings: Settings, templates: JinjaTemplates, composer: Composer) -> ComposerPool | None:
