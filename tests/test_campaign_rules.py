@@ -619,7 +619,7 @@ def test_inserted_rows_match_preview_and_the_pure_functions(db_url: str, campaig
         assert {m.held_out for m in shown} == {True, False} or len(shown) < 4
         expected = {
             m.dedupe_key: (m.step, m.customer_id, m.email, m.message_id, m.payload, m.expires_at, m.priority,
-                           ("skipped", "held_out") if m.held_out else ("planned", None))
+                           ("planned", None) if m.skip_reason is None else ("skipped", m.skip_reason.value))
             for m in shown
         }  # fmt: skip
         assert planning.plan_into_ledger(store, HELD, campaign, NOW) == len(shown)
@@ -630,11 +630,11 @@ def test_inserted_rows_match_preview_and_the_pure_functions(db_url: str, campaig
         assert list(planning.plan_batches(store, HELD, campaign, NOW)) == []
         due = [m for batch in store.due_messages(now=NOW, campaigns=[campaign], domain=domain) for m in batch]
         assert {m.dedupe_key: m.message_id for m in due} == {
-            m.dedupe_key: m.message_id for m in shown if not m.held_out
+            m.dedupe_key: m.message_id for m in shown if m.skip_reason is None
         }
         claimed = store.claim(worker="w", now=NOW, limit=1000, lease_seconds=60, domain=domain)
         assert {c.dedupe_key: c.message_id for c in claimed} == {
-            m.dedupe_key: m.message_id for m in shown if not m.held_out
+            m.dedupe_key: m.message_id for m in shown if m.skip_reason is None
         }
     finally:
         store.close()

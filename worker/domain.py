@@ -197,6 +197,10 @@ class SkipReason(enum.StrEnum):
     """The customer is in the campaign's holdout group."""
     CUSTOMER_GONE = "customer_gone"
     """The customer record no longer exists."""
+    MERGED = "merged"
+    """A loyalty milestone reached by the same order as another one planned in the same pass (the 5th order that
+    also takes the spend past its threshold): it goes with that one's email (``payload["merged_into"]`` names its
+    dedupe key), not in a second email of its own."""
 
 
 class Outcome(enum.StrEnum):
@@ -440,6 +444,16 @@ class PlannedMessage:
     """Small campaign facts fixed at planning (e.g. the first order's id)."""
     held_out: bool = False
     """In the campaign's holdout group: stored as skipped (``held_out``), never sent."""
+
+    @property
+    def skip_reason(self) -> SkipReason | None:
+        """Why the row is stored as skipped and never sent: held out, or a loyalty milestone merged into another
+        one's email (``payload["merged_into"]``, see ``SkipReason.MERGED``); None for a row to send."""
+        if self.held_out:
+            return SkipReason.HELD_OUT
+        if self.payload.get("merged_into"):
+            return SkipReason.MERGED
+        return None
 
 
 @pickled_by_fields

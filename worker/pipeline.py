@@ -482,28 +482,28 @@ def preview(
     arbiter = composer.new_arbiter()
     locales = LocaleWarnings()
 
-    def batches() -> Iterator[list[tuple[ClaimedMessage, bool]]]:
+    def batches() -> Iterator[list[tuple[ClaimedMessage, SkipReason | None]]]:
         for campaign in considered:
             for due in store.due_messages(now=now, campaigns=[campaign], domain=settings.shop.domain):
-                yield [(m, False) for m in due]
-            for batch in plan_batches(store, settings, campaign, now):
-                yield [(as_claimed(m), m.held_out) for m in batch]
+                yield [(m, None) for m in due]
+            for batch in plan_batches(store, settings, campaign, now):  # held out, or merged: stored as skipped
+                yield [(as_claimed(m), m.skip_reason) for m in batch]
 
     shown = 0
     for batch in batches():
         if one is not None:  # one customer: only their messages, and others to their mailbox, can matter
-            batch = [(m, held) for m, held in batch if m.customer_id == one[0] or mailbox(m.email) == one[1]]
+            batch = [(m, skipped) for m, skipped in batch if m.customer_id == one[0] or mailbox(m.email) == one[1]]
         if not batch:
             continue
         facts = load_batch_facts(store, [m for m, _ in batch], catalogue, settings=settings, now=now)
-        for message, held_out in batch:
+        for message, skipped in batch:
             show = message.campaign in shown_campaigns and (one is None or message.customer_id == one[0])
             if not show:
-                if not held_out and not message.unreadable:  # judged as the run would, so that it takes its slot
+                if skipped is None and not message.unreadable:  # judged as the run would, so that it takes its slot
                     composer.decide(message, facts, now, arbiter)
                 continue
-            if held_out:
-                yield Skipped(message, SkipReason.HELD_OUT)
+            if skipped is not None:
+                yield Skipped(message, skipped)
             else:
                 result = composer.compose(message, facts, now, arbiter)
                 if isinstance(result, Composed):

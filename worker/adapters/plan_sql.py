@@ -101,6 +101,9 @@ class Plan:
     checked_last: tuple[Any, ...] = ()
     """Conditions of the rule that probe another table per candidate: checked after the ledger probe, which in the
     steady state leaves out nearly every candidate first (win-back's "the only order was paid")."""
+    merged: Any = None
+    """When true for a row (an SQL condition), the row is stored as skipped, ``merged`` (``SkipReason.MERGED``):
+    another row of this pass carries it (loyalty's milestones reached by one order). None: never."""
 
 
 # --- the SQL of the pure functions -------------------------------------------------------
@@ -230,6 +233,11 @@ def loyalty(
     had not reached it (an order since did). Only orders paid (paid, shipped, delivered: ``RATEABLE``) count, not
     one placed and not paid yet; spend counts those in ``currency`` (the shop's).
 
+    One email per occasion: a spend milestone due for a customer whose order-count milestone is due and new in the
+    same pass (one order reached both) is stored as skipped, ``merged``, its payload's ``merged_into`` naming the
+    order milestone's key: that email is the reward, and the milestone is not planned again. The spend plan comes
+    first, so that it still sees the order milestone's key missing from the ledger, in ``insert`` as in ``stream``.
+
     The customer row's ``last_order_at``, ``order_count`` and ``total_spent_minor`` (every purchase, unpaid ones
     too) narrow the candidates down; the paid counts and sums are read from each candidate's orders. Not
     ``total_spent_minor`` unless ``totals_in_currency``: it adds up another currency (``shop.spend_currency``)."""
@@ -237,10 +245,10 @@ def loyalty(
     # otherwise correlate to nothing and count every customer's orders
     bought = sa.select().select_from(O).where(O.c.customer_id == C.c.id, O.c.status.in_(RATEABLE)).correlate(C)
     earlier = O.c.placed_at < since
-    plans = []
-    for prefix, column, thresholds, paid, amount in (
-        ("orders", C.c.order_count, orders, bought, sa.literal(1, sa.BigInteger)),
-        ("spend", C.c.total_spent_minor, spend_minor, bought.where(O.c.currency == currency), O.c.total_minor),
+    labels: dict[str, Any] = {}
+    for prefix, thresholds, paid, amount in (
+        ("orders", orders, bought, sa.literal(1, sa.BigInteger)),
+        ("spend", spend_minor, bought.where(O.c.currency == currency), O.c.total_minor),
     ):
         if not thresholds:
             continue
@@ -257,13 +265,31 @@ def loyalty(
               for t in sorted(thresholds, reverse=True)),
             else_=sa.null(),
         )).scalar_subquery()  # fmt: skip
-        label = _lit(f"{prefix}-") + sa.cast(due, sa.String)
-        key = _lit("loyalty:") + _key_part(C.c.external_id) + _lit(":") + label
+        labels[prefix] = (due, _lit(f"{prefix}-") + sa.cast(due, sa.String))
+
+    def key_of(label: Any) -> Any:
+        return _lit("loyalty:") + _key_part(C.c.external_id) + _lit(":") + label
+
+    plans = []
+    for prefix, column, thresholds in (("spend", C.c.total_spent_minor, spend_minor),
+                                       ("orders", C.c.order_count, orders)):  # fmt: skip
+        if prefix not in labels:
+            continue
+        due, label = labels[prefix]
+        key = key_of(label)
+        payload = json_object_sql(c.dialect, [("milestone", label)])
+        merged = None
+        if prefix == "spend" and "orders" in labels:
+            # the order milestone is due too, and this pass plans it (its key is not in the ledger yet): one email
+            due_orders, orders_label = labels["orders"]
+            orders_key = key_of(orders_label)
+            merged = sa.and_(due_orders.is_not(None), ~sa.exists().where(M.c.dedupe_key == orders_key))
+            payload = sa.case((merged, json_object_sql(c.dialect, [("milestone", label), ("merged_into", orders_key)])),
+                              else_=payload)  # fmt: skip
         narrowed = [column >= min(thresholds)] if prefix == "orders" or totals_in_currency else []
         where = [_scanned(c.dialect, C.c.last_order_at) >= since, *narrowed, *_consenting(), due.is_not(None)]
-        plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key,
-                          json_object_sql(c.dialect, [("milestone", label)]), C, where, (C.c.id,), C.c.id,
-                          c.holdout_share, probe=True))  # fmt: skip
+        plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key, payload, C, where,
+                          (C.c.id,), C.c.id, c.holdout_share, probe=True, merged=merged))  # fmt: skip
     return plans
 
 
@@ -274,9 +300,13 @@ def _columns(plan: Plan, dialect: str, domain: str, *, message_id: bool) -> dict
     """The ``message`` row, column by column, as labelled SQL; without ``message_id`` the Message-ID is
     left NULL for the first claim to give (migration 0008)."""
     held = holdout_position_sql(plan.campaign, C.c.id) < holdout_threshold(plan.holdout_share)
-    if plan.holdout_share > 0:
-        status: Any = sa.case((held, MessageStatus.SKIPPED.value), else_=MessageStatus.PLANNED.value)
-        reason: Any = sa.case((held, SkipReason.HELD_OUT.value), else_=sa.null())
+    skips = [(held, SkipReason.HELD_OUT)] if plan.holdout_share > 0 else []  # held out first: no email at all
+    if plan.merged is not None:
+        skips.append((plan.merged, SkipReason.MERGED))
+    if skips:
+        status: Any = sa.case(*((when, MessageStatus.SKIPPED.value) for when, _ in skips),
+                              else_=MessageStatus.PLANNED.value)  # fmt: skip
+        reason: Any = sa.case(*((when, why.value) for when, why in skips), else_=sa.null())
     else:
         status, reason = sa.literal(MessageStatus.PLANNED.value), sa.null()
     due = sa.literal(plan.due_at, UTCDateTime())
@@ -518,7 +548,7 @@ def stream(engine: Engine, plan: Plan, domain: str, *, limit: int) -> Iterator[l
     """The plan's rows as ``PlannedMessage`` values, ``limit`` candidates per keyset batch; writes nothing."""
     dialect = engine.dialect.name
     columns = _columns(plan, dialect, domain, message_id=True)
-    wanted = ("dedupe_key", "step", "customer_id", "email", "status", "message_id", "payload")
+    wanted = ("dedupe_key", "step", "customer_id", "email", "status", "skip_reason", "message_id", "payload")
     keys = [f"_k{i}" for i in range(len(plan.order))]
     cursor: Sequence[Any] | None = None
     while True:
@@ -549,7 +579,7 @@ def stream(engine: Engine, plan: Plan, domain: str, *, limit: int) -> Iterator[l
                 message_id=r.message_id,
                 priority=plan.priority,
                 payload=json.loads(r.payload),
-                held_out=r.status == MessageStatus.SKIPPED.value,
+                held_out=r.skip_reason == SkipReason.HELD_OUT.value,
             )
             for r in rows
         ]

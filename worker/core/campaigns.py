@@ -11,6 +11,10 @@ tests run one table of cases through both.
     feedback      days_after days after delivery (else placement)          feedback:<order>
     new_products  products launched since their last order                 new_products:<cust>:<news week>
     loyalty       the highest order-count / spend milestone reached        loyalty:<cust>:<milestone>
+
+Loyalty's two milestones reached by one order (both new in one pass) are one email: the spend milestone's row is
+stored as skipped, ``merged`` into the order milestone's (``adapters.plan_sql.loyalty``), so it is never planned
+again nor sent on its own.
 """
 
 from __future__ import annotations

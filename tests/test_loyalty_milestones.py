@@ -1,0 +1,153 @@
+"""Loyalty milestones end to end: real SQLite and PostgreSQL, a real SMTP server, the shipped templates.
+
+One order that reaches two milestones at once (the 5th paid order and the spend threshold) is one event for the
+customer: one thank-you email with one coupon, not two a few days apart. The milestone not mailed is not lost:
+its ledger row says ``skipped: merged`` and names the email it went with, so no later pass plans it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.smtp_server import RecordingServer
+from worker import pipeline
+from worker.adapters import db, shop
+from worker.adapters.store import Store
+from worker.app import Deps
+from worker.commands import running
+from worker.config import Settings, settings_from_dict
+from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, SkipReason
+from worker.testing import FakeClock
+
+ROOT = Path(__file__).resolve().parent.parent
+DAY = datetime(2027, 3, 1, 4, 0, tzinfo=UTC)
+"""11:00 on 1 March 2027 in Jakarta."""
+D = OrderStatus.DELIVERED
+RP = 100
+"""Minor units per rupiah."""
+
+
+@pytest.fixture(autouse=True)
+def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "a-test-key-of-enough-length")
+
+
+def settings_for(db_url: str, server: RecordingServer) -> Settings:
+    return settings_from_dict({
+        "database": {"url": db_url},
+        "smtp": {"host": "127.0.0.1", "port": server.port, "tls": "none", "timeout_seconds": 5.0, "pool_size": 2},
+        "templates": {"dir": str(ROOT / "templates" / "email")},
+        "campaigns": {
+            "winback": {"enabled": False},
+            "loyalty": {"enabled": True, "order_milestones": [5, 10], "spend_milestones": [5_000_000],
+                        "within_days": 30, "expires_after_days": 14},
+        },
+        "policy": {"frequency_caps": [[1, 3], [4, 30]]},
+    })  # fmt: skip
+
+
+def customer(ext: str) -> CustomerRecord:
+    return CustomerRecord(ext, f"{ext.lower()}@example.com", f"Siti {ext}", Locale.EN, "Asia/Jakarta", None, True,
+                          "opt_in", "checkout")  # fmt: skip
+
+
+def order(ext: str, cust: str, days_ago: float, rupiah: int) -> OrderRecord:
+    return OrderRecord(ext, cust, D, DAY - timedelta(days=days_ago), None, rupiah * RP, "IDR",
+                       (OrderLineRecord("P-1", 1, rupiah * RP),))  # fmt: skip
+
+
+def cycle_at(settings: Settings, when: datetime) -> running.CycleReport:
+    deps = Deps.build(settings)
+    deps.clock = FakeClock(when)
+    try:
+        return asyncio.run(running.cycle(deps))
+    finally:
+        deps.close()
+
+
+def ledger(settings: Settings) -> dict[str, tuple[str, str | None, dict[str, str]]]:
+    store = Store.from_url(settings.database_url)
+    try:
+        return {r["dedupe_key"]: (r["status"], r["skip_reason"], json.loads(r["payload"] or "{}"))
+                for r in store.messages(limit=100)}  # fmt: skip
+    finally:
+        store.close()
+
+
+def test_one_order_reaching_two_milestones_gets_one_reward_email_and_the_other_is_merged_into_it(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given M1, whose 5th order (2 days ago, Rp1.200.000) is also the one that takes their spend past Rp5.000.000;
+    # O1, whose 5th order reaches only the order milestone; S1, whose one large order reaches only the spend one
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("M1"), customer("O1"), customer("S1")], DAY)
+    shop.upsert_orders(engine, [
+        *(order(f"M1-{i}", "M1", 40 + 10 * i, 1_200_000) for i in range(4)), order("M1-4", "M1", 2, 1_200_000),
+        *(order(f"O1-{i}", "O1", 40 + 10 * i, 100_000) for i in range(4)), order("O1-4", "O1", 2, 100_000),
+        order("S1-0", "S1", 2, 6_000_000),
+    ], DAY)  # fmt: skip
+    engine.dispose()
+
+    # When Kembali runs today, and every day for the next two weeks (the reward's expiry, past the 3-day cap)
+    received: list[str] = []
+    for days in range(16):
+        before = len(smtp_server.messages)
+        cycle_at(settings, DAY + timedelta(days=days))
+        received += [to for m in smtp_server.messages[before:] for to in m.rcpt_tos]
+
+    # Then every customer gets one reward email: M1 too, whose one order reached two milestones
+    assert sorted(received) == ["m1@example.com", "o1@example.com", "s1@example.com"]
+    rows = ledger(settings)
+    assert {k: v[:2] for k, v in rows.items()} == {
+        "loyalty:M1:orders-5": ("sent", None),
+        "loyalty:M1:spend-500000000": ("skipped", "merged"),
+        "loyalty:O1:orders-5": ("sent", None),
+        "loyalty:S1:spend-500000000": ("sent", None),
+    }
+    # and the milestone not mailed on its own names the email it went with
+    assert rows["loyalty:M1:spend-500000000"][2]["merged_into"] == "loyalty:M1:orders-5"
+
+
+def test_a_spend_milestone_reached_by_a_later_order_gets_its_own_email_and_preview_shows_the_merge(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given M1, whose 5th order (2 days ago) reached the order milestone and whose spend is still below Rp5.000.000,
+    # and M2, whose 5th order reaches both milestones at once
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("M1"), customer("M2")], DAY)
+    shop.upsert_orders(engine, [
+        *(order(f"M1-{i}", "M1", 2 + 10 * i, 900_000) for i in range(5)),
+        *(order(f"M2-{i}", "M2", 40 + 10 * i, 1_200_000) for i in range(4)), order("M2-4", "M2", 2, 1_200_000),
+    ], DAY)  # fmt: skip
+    engine.dispose()
+    # When the operator previews today: M2's spend milestone shows as merged, not as a second email
+    deps = Deps.build(settings)
+    try:
+        shown = {(r.message.dedupe_key, getattr(r, "reason", None)) for r in
+                 pipeline.preview(deps.store, settings, deps.composer(), DAY, campaigns=["loyalty"])}  # fmt: skip
+    finally:
+        deps.close()
+    assert shown == {("loyalty:M1:orders-5", None), ("loyalty:M2:orders-5", None),
+                     ("loyalty:M2:spend-500000000", SkipReason.MERGED)}  # fmt: skip
+    # and Kembali runs today; M1's 6th order, 5 days later, takes their spend past Rp5.000.000; it runs again
+    cycle_at(settings, DAY)
+    engine = db.create_engine(db_url)
+    shop.upsert_orders(engine, [order("M1-5", "M1", -5, 900_000)], DAY + timedelta(days=5))
+    engine.dispose()
+    for days in range(5, 10):
+        cycle_at(settings, DAY + timedelta(days=days))
+
+    # Then M1 is thanked twice, once per order that reached a milestone; M2 once
+    assert sorted(to for m in smtp_server.messages for to in m.rcpt_tos) == [
+        "m1@example.com", "m1@example.com", "m2@example.com"]
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("sent", None),
+        "loyalty:M2:orders-5": ("sent", None), "loyalty:M2:spend-500000000": ("skipped", "merged"),
+    }
