@@ -629,31 +629,60 @@ def test_the_help_says_what_each_figure_of_the_report_is(tmp_path: Path, command
     assert max(len(line) for line in defined.splitlines()) <= 80
 
 
-def test_the_default_period_starts_at_midnight_utc_of_the_day_its_header_names(tmp_path: Path) -> None:
-    # Given an address suppressed in the first moment (UTC) of the day 90 days before 2026-11-20, and one a second
-    # before it
+def test_the_default_period_starts_at_midnight_in_the_shops_zone_of_the_day_its_header_names(tmp_path: Path) -> None:
+    # Given a Jakarta shop (shop.time_zone's default), an address suppressed in the first moment of the day 90 days
+    # before 2026-11-20 in Jakarta (17:00 UTC the day before), and one a second before it
     site = make_site(tmp_path / "shop")
-    start = datetime(2026, 8, 22, tzinfo=UTC)
+    start = datetime(2026, 8, 21, 17, 0, tzinfo=UTC)
     engine = db.create_engine(site.settings.database_url)
     Store(engine).suppress("early@example.com", reason="unsubscribed", source="link", now=start)
     Store(engine).suppress("before@example.com", reason="unsubscribed", source="link", now=start - timedelta(seconds=1))
     engine.dispose()
 
-    # When the stats are asked for at 00:00:05 UTC on 2026-11-20 without --since, and with --since that day
-    at = "2026-11-20T00:00:05+00:00"
+    # When the stats are asked for at 00:00:05 on 2026-11-20 in Jakarta without --since, and with --since that day
+    at = "2026-11-20T00:00:05+07:00"
     default = site.cli("stats", "--now", at)
     report = json.loads(site.cli("stats", "--json", "--now", at).stdout)
     named = json.loads(site.cli("stats", "--json", "--since", "2026-08-22", "--now", at).stdout)
 
-    # Then the period starts when its header says, and is the one --since that day gives
+    # Then the period starts when its header says, on the shop's clock, and is the one --since that day gives
     assert default.returncode == 0, default.stderr
-    assert default.stdout.startswith("Kembali stats from 2026-08-22 to 2026-11-20 (UTC)"), default.stdout
-    assert report["since"] == start.isoformat() == named["since"]
+    assert default.stdout.startswith("Kembali stats from 2026-08-22 to 2026-11-20 (Asia/Jakarta)"), default.stdout
+    assert report["since"] == "2026-08-22T00:00:00+07:00" == named["since"]
+    assert report["time_zone"] == "Asia/Jakarta"
     assert report["suppressions"] == {"unsubscribed": 1} == named["suppressions"]
 
 
-def test_now_names_the_utc_day_the_period_ends_on(tmp_path: Path) -> None:
-    # Given an address suppressed a minute before 23:00 UTC on 2026-11-19, and one a minute after
+def test_since_is_a_day_on_the_shops_clock(tmp_path: Path) -> None:
+    # Given a Jakarta shop where one customer unsubscribed at 23:30 on 30 November and one at 00:30 on 1 December,
+    # Jakarta time (16:30 and 17:30 UTC on 30 November), and one rating at 06:00 on 1 December in Jakarta
+    site = make_site(tmp_path / "shop")
+    engine = db.create_engine(site.settings.database_url)
+    store = Store(engine)
+    store.suppress("november@example.com", reason="unsubscribed", source="link",
+                   now=datetime(2026, 11, 30, 16, 30, tzinfo=UTC))  # fmt: skip
+    store.suppress("december@example.com", reason="unsubscribed", source="link",
+                   now=datetime(2026, 11, 30, 17, 30, tzinfo=UTC))  # fmt: skip
+    opstore.record_feedback(store, "O1", 5, datetime(2026, 11, 30, 23, 0, tzinfo=UTC))
+    engine.dispose()
+
+    # When the operator in Jakarta asks for the stats since 1 December, as of 10:00 on 2 December there
+    done = site.cli("stats", "--since", "2026-12-01", "--now", "2026-12-02T10:00+07:00")
+    report = json.loads(site.cli("stats", "--json", "--since", "2026-12-01", "--now", "2026-12-02T10:00+07:00").stdout)
+
+    # Then December's first hours in Jakarta are in it and November's last are not
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Kembali stats from 2026-12-01 to 2026-12-02 (Asia/Jakarta)"), done.stdout
+    assert report["suppressions"] == {"unsubscribed": 1}
+    assert report["feedback"]["responses"] == 1
+    assert (report["since"], report["until"]) == ("2026-12-01T00:00:00+07:00", "2026-12-02T10:00:00+07:00")
+    # and the help says the days are the shop's
+    assert "shop.time_zone" in site.cli("stats", "--help").stdout
+
+
+def test_now_names_the_day_in_the_shops_zone_the_period_ends_on(tmp_path: Path) -> None:
+    # Given an address suppressed a minute before 06:00 on 2026-11-20 in Jakarta (23:00 UTC the day before), and one
+    # a minute after
     site = make_site(tmp_path / "shop")
     end = datetime(2026, 11, 19, 23, 0, tzinfo=UTC)
     engine = db.create_engine(site.settings.database_url)
@@ -661,14 +690,14 @@ def test_now_names_the_utc_day_the_period_ends_on(tmp_path: Path) -> None:
         Store(engine).suppress(email, reason="unsubscribed", source="link", now=end + timedelta(minutes=minutes))
     engine.dispose()
 
-    # When the stats are asked for as of 06:00 on 2026-11-20 in Jakarta: 23:00 UTC the day before
+    # When the stats are asked for as of 06:00 on 2026-11-20 in Jakarta
     done = site.cli("stats", "--now", "2026-11-20T06:00+07:00")
     report = json.loads(site.cli("stats", "--json", "--now", "2026-11-20T06:00+07:00").stdout)
 
-    # Then the period is the 90 days up to that UTC day, and ends at that moment
+    # Then the period is the 90 days up to that day in Jakarta, and ends at that moment
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("Kembali stats from 2026-08-21 to 2026-11-19 (UTC)"), done.stdout
-    assert (report["since"], report["until"]) == ("2026-08-21T00:00:00+00:00", end.isoformat())
+    assert done.stdout.startswith("Kembali stats from 2026-08-22 to 2026-11-20 (Asia/Jakarta)"), done.stdout
+    assert (report["since"], report["until"]) == ("2026-08-22T00:00:00+07:00", "2026-11-20T06:00:00+07:00")
     assert report["suppressions"] == {"unsubscribed": 1}
 
 

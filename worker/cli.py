@@ -187,17 +187,20 @@ def _parser() -> argparse.ArgumentParser:
                        "skipped by reason, hard bounces; conversion (emailed customers who ordered within "
                        "--window-days) and revenue; lift over the holdout group with a 95% Newcombe interval; "
                        "unsubscribes and bounces from the suppression list; the shop's repeat purchase rate and "
-                       "churn over the period; feedback ratings given in it. Days are UTC days. --json prints one "
+                       "churn over the period; feedback ratings given in it. Days are the shop's (shop.time_zone, "
+                       "default Asia/Jakarta): --since 2026-12-01 starts at 00:00 there. --json prints one "
                        "object (its keys: README, 'Did it work'). Exit code 2 for a bad --since or --now, 3 when "
                        "the database cannot be used.")
     p.add_argument("--since", type=_date_arg, default=None, metavar="YYYY-MM-DD",
-                   help="start of the period: a day in UTC, as the report's days are, the day of --now (today "
-                   "without it) or earlier (default: the day 90 days before it, from its start)")
+                   help="start of the period: a day on the shop's clock (shop.time_zone), as the report's days "
+                   "are, from its 00:00 there; the day of --now (today without it) or earlier (default: the day 90 "
+                   "days before it, from its start)")
     p.add_argument("--now", type=_datetime_arg, default=None, metavar="MOMENT",
                    help="end the period at this moment instead of now, ISO 8601 with offset, e.g. "
-                   "2027-03-01T00:00+07:00: its day in UTC is the report's last, what was recorded after it is "
-                   "left out, and an attribution window still open at it is pending (the messages' statuses are "
-                   "today's; after the current time, a window still open today counts as closed, as stderr notes)")
+                   "2027-03-01T00:00+07:00: its day in shop.time_zone is the report's last, what was recorded "
+                   "after it is left out, and an attribution window still open at it is pending (the messages' "
+                   "statuses are today's; after the current time, a window still open today counts as closed, "
+                   "as stderr notes)")
     p.add_argument("--window-days", type=arguments.window_days, default=7, metavar="DAYS",
                    help=f"attribution window in days, 1 to {arguments.MAX_WINDOW_DAYS} (default 7)")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -29,6 +29,8 @@ Definitions (also in the README):
   share with two or more purchases in all; churn: of the customers who had
   bought before the period, the share who did not buy during it.
 * feedback: the ratings given in the period (when the customer clicked), average and NPS.
+* the period: from the start of its first day to its moment (``now``), days on the shop's clock
+  (``shop.time_zone``): what an operator in Jakarta means by "since 1 December".
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from sqlalchemy.engine import Engine
 
 from worker.adapters import reports
 from worker.core import limits, stats
+from worker.core.policy import zone_of
 from worker.domain import MessageStatus
 
 
@@ -92,12 +95,20 @@ class StatsReport:
     retention: stats.Retention
     feedback: stats.Feedback | None
     """None: no feedback table yet."""
+    time_zone: str = "UTC"
+    """The shop's (``shop.time_zone``): the zone whose days the period starts and ends on, and ``since`` and
+    ``until`` are shown in."""
+
+    def local(self, moment: datetime) -> datetime:
+        """``moment`` on the shop's clock."""
+        return moment.astimezone(zone_of(self.time_zone, "UTC"))
 
     def as_json(self) -> dict[str, object]:
         r = self.retention
         fb = self.feedback
         return {
-            "since": self.since.isoformat(), "until": self.now.isoformat(), "attribution_window_days": self.window_days,
+            "since": self.local(self.since).isoformat(), "until": self.local(self.now).isoformat(),
+            "time_zone": self.time_zone, "attribution_window_days": self.window_days,
             "currency": self.currency,
             "campaigns": [s.as_json() for s in self.steps],
             "suppressions": self.suppressions,
@@ -115,6 +126,7 @@ def build_stats(
     window_days: int = 7,
     feedback_scale: str = "stars",
     currency: str = "IDR",
+    time_zone: str = "UTC",
 ) -> StatsReport:
     """The report of the period from ``since`` to ``now`` (what was recorded after ``now`` is left out), counted in
     the database; revenue adds up the purchases in ``currency`` (the shop's)."""
@@ -150,7 +162,7 @@ def build_stats(
 
     scores = reports.feedback_scores(engine, since, now)
     return StatsReport(
-        since=since, now=now, window_days=window_days, currency=currency,
+        since=since, now=now, window_days=window_days, currency=currency, time_zone=time_zone,
         steps=sorted(steps.values(), key=lambda s: (s.campaign, s.step)),
         suppressions=reports.suppressions(engine, since, now),
         retention=stats.retention(

@@ -12,6 +12,7 @@ from worker.commands import files
 from worker.config import Settings
 from worker.core import png
 from worker.core import stats as core_stats
+from worker.core.policy import zone_of
 from worker.core.render import format_money
 from worker.stats import StatsReport, build_insights, build_stats
 
@@ -38,13 +39,16 @@ def _money(minor: int, currency: str) -> str:
 
 def stats_command(settings: Settings, args: argparse.Namespace) -> int:
     now: datetime = args.now or datetime.now(UTC)  # --now: in UTC (cli._datetime_arg)
-    # the report's days are UTC days: the default period starts at the start of the day 90 days ago, the day its
-    # header names (it started at this time of day, leaving out that day's earlier hours)
-    first_day = args.since or (now - timedelta(days=90)).date()
-    since = datetime.combine(first_day, time(), tzinfo=UTC)
+    # the report's days are the shop's (shop.time_zone): "since 2026-12-01" in Jakarta starts at 00:00 there (17:00
+    # UTC the day before), and the default period starts at the start of the day 90 days ago, the day its header names
+    zone_name = settings.shop.time_zone
+    zone = zone_of(zone_name, "UTC")
+    local_now = now.astimezone(zone)
+    first_day = args.since or (local_now - timedelta(days=90)).date()
+    since = datetime.combine(first_day, time(), tzinfo=zone).astimezone(UTC)
     if since > now:  # the period would end before it starts
         today = "the day of --now" if args.now else "today"
-        print(f"kembali stats: --since {args.since} is after {today} ({now:%Y-%m-%d}, UTC): give a day "
+        print(f"kembali stats: --since {args.since} is after {today} ({local_now:%Y-%m-%d}, {zone_name}): give a day "
               f"{'before it' if args.now else 'in the past'}", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     if args.now and args.now > datetime.now(UTC):  # a year mistyped, or a demo's simulated clock
@@ -55,7 +59,7 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
         db.check_schema(engine)
         report = build_stats(engine, since=since, now=now, window_days=args.window_days,
                              feedback_scale=settings.campaigns.feedback.scale,
-                             currency=settings.shop.currency)  # fmt: skip
+                             currency=settings.shop.currency, time_zone=zone_name)  # fmt: skip
     finally:
         engine.dispose()
     if args.json:
@@ -67,7 +71,8 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def stats_lines(report: StatsReport) -> list[str]:
-    out = [f"Kembali stats from {report.since:%Y-%m-%d} to {report.now:%Y-%m-%d} (UTC); "
+    out = [f"Kembali stats from {report.local(report.since):%Y-%m-%d} to {report.local(report.now):%Y-%m-%d} "
+           f"({report.time_zone}); "
            f"conversion = bought within {report.window_days} days of the email"]  # fmt: skip
     if not report.steps:
         out.append("\nno messages were planned in this period")
