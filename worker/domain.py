@@ -198,7 +198,7 @@ class SkipReason(enum.StrEnum):
     CUSTOMER_GONE = "customer_gone"
     """The customer record no longer exists."""
     MERGED = "merged"
-    """A loyalty milestone reached by the same order as another one planned in the same pass (the 5th order that
+    """A loyalty spend milestone that became due in the same planning pass as an order-count one (the 5th order that
     also takes the spend past its threshold): it goes with that one's email (``payload["merged_into"]`` names its
     dedupe key), not in a second email of its own."""
 
