@@ -235,3 +235,32 @@ def test_an_unsubscribe_click_stops_the_email_already_planned_to_the_customer(
         assert rows == {"c1@example.com": ("skipped", "suppressed"), "c2@example.com": ("sent", None)}
     finally:
         store.close()
+
+
+def test_a_link_acts_only_for_its_purpose_and_its_shops_key(sqlite_url: str, smtp_server: RecordingServer) -> None:
+    """Review evidence (links.py): a token names its purpose (``u`` unsubscribe, ``f`` rating) inside what is
+    signed, and the site checks it; a token signed with another shop's key verifies nowhere."""
+    store, links = _sent_then_moved(sqlite_url, smtp_server)
+    unsubscribe_token = urllib.parse.parse_qs(urllib.parse.urlsplit(links["header"]).query)["t"][0]
+    cid = store.customer_by_external_id("C1")
+    assert cid is not None
+    rating_token = tokens.sign("f", f"{cid[0].id}:5", LINK_KEY.encode())  # a rating token with the same digits
+    other_shop = tokens.sign("u", str(cid[0].id), b"another-shops-key-of-length")
+    site = _site(store)
+    try:
+        def post(path: str, token: str, body: bytes) -> int:
+            request = Request("POST", path, {"t": [token]}, {"content-type": "application/x-www-form-urlencoded"}, body)
+            return asyncio.run(site.handle(request)).status
+
+        # When the unsubscribe token is posted as a rating, a rating token and another shop's token as unsubscribes
+        assert post("/feedback", unsubscribe_token, b"comment=x") == 400
+        # (an unsubscribe token whose value would read as a rating: order 1, score 5)
+        assert post("/feedback", tokens.sign("u", "1:5", LINK_KEY.encode()), b"comment=x") == 400
+        assert post("/unsubscribe", rating_token, ONE_CLICK) == 400
+        assert post("/unsubscribe", other_shop, ONE_CLICK) == 400
+        # Then nothing was rated or suppressed; and the real link still works, once, for its own customer only
+        assert opstore.feedback(store) == [] and _suppressed(store) == []
+        assert post("/unsubscribe", unsubscribe_token, ONE_CLICK) == 200
+        assert _suppressed(store) == sorted([OLD, NEW])
+    finally:
+        site.store.close()
