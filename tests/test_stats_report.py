@@ -680,6 +680,16 @@ def test_since_is_a_day_on_the_shops_clock(tmp_path: Path) -> None:
     assert "shop.time_zone" in site.cli("stats", "--help").stdout
 
 
+def test_since_the_first_day_there_is_every_day_in_a_zone_east_of_utc(tmp_path: Path) -> None:
+    # Given a Jakarta shop: 00:00 on 1 January of year 1 there is before the first moment Python's datetime holds
+    site = make_site(tmp_path / "shop")
+    # When the operator asks for everything there is
+    done = site.cli("stats", "--since", "0001-01-01", "--now", "2026-11-20T06:00+07:00")
+    # Then the report starts at the first day, with no traceback
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Kembali stats from 0001-01-01 to 2026-11-20 (Asia/Jakarta)"), done.stdout
+
+
 def test_now_names_the_day_in_the_shops_zone_the_period_ends_on(tmp_path: Path) -> None:
     # Given an address suppressed a minute before 06:00 on 2026-11-20 in Jakarta (23:00 UTC the day before), and one
     # a minute after

@@ -100,8 +100,11 @@ class StatsReport:
     ``until`` are shown in."""
 
     def local(self, moment: datetime) -> datetime:
-        """``moment`` on the shop's clock."""
-        return moment.astimezone(zone_of(self.time_zone, "UTC"))
+        """``moment`` on the shop's clock (in UTC where that is before year 1 or after 9999: ``--since 0001-01-01``)."""
+        try:
+            return moment.astimezone(zone_of(self.time_zone, "UTC"))
+        except OverflowError:
+            return moment
 
     def as_json(self) -> dict[str, object]:
         r = self.retention

@@ -45,7 +45,10 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
     zone = zone_of(zone_name, "UTC")
     local_now = now.astimezone(zone)
     first_day = args.since or (local_now - timedelta(days=90)).date()
-    since = datetime.combine(first_day, time(), tzinfo=zone).astimezone(UTC)
+    try:
+        since = datetime.combine(first_day, time(), tzinfo=zone).astimezone(UTC)
+    except OverflowError:  # 0001-01-01 east of UTC starts before the first moment a datetime holds: from that moment
+        since = datetime.min.replace(tzinfo=UTC)
     if since > now:  # the period would end before it starts
         today = "the day of --now" if args.now else "today"
         print(f"kembali stats: --since {args.since} is after {today} ({local_now:%Y-%m-%d}, {zone_name}): give a day "
@@ -71,7 +74,7 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def stats_lines(report: StatsReport) -> list[str]:
-    out = [f"Kembali stats from {report.local(report.since):%Y-%m-%d} to {report.local(report.now):%Y-%m-%d} "
+    out = [f"Kembali stats from {report.local(report.since).date()} to {report.local(report.now).date()} "
            f"({report.time_zone}); "
            f"conversion = bought within {report.window_days} days of the email"]  # fmt: skip
     if not report.steps:
