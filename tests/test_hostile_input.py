@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -301,13 +302,13 @@ def test_a_stats_period_starting_in_the_future_is_a_usage_error(
     code, out = kembali(capsys, "--config", str(config), "stats", "--since", "2999-01-01")
     assert code == 2 and "Traceback" not in out and "Kembali stats from" not in out
     assert "kembali stats: --since 2999-01-01 is after today (" in out and "give a day in the past" in out
-    today = datetime.now(UTC).date().isoformat()
+    today = datetime.now(ZoneInfo("Asia/Jakarta")).date().isoformat()  # the shop's (shop.time_zone's default)
     assert kembali(capsys, "--config", str(config), "stats", "--since", today)[0] == 0
-    # and the day of --now is "today" when it is given: in UTC, as the report's days are
-    code, out = kembali(capsys, "--config", str(config), "stats", "--since", "2026-11-20", "--now",
+    # and the day of --now is "today" when it is given: on the shop's clock, as the report's days are
+    code, out = kembali(capsys, "--config", str(config), "stats", "--since", "2026-11-21", "--now",
                         "2026-11-20T06:00+07:00")  # fmt: skip
-    assert code == 2 and "kembali stats: --since 2026-11-20 is after the day of --now (2026-11-19, UTC)" in out
-    assert kembali(capsys, "--config", str(config), "stats", "--since", "2026-11-19", "--now",
+    assert code == 2 and "kembali stats: --since 2026-11-21 is after the day of --now (2026-11-20, Asia/Jakarta)" in out
+    assert kembali(capsys, "--config", str(config), "stats", "--since", "2026-11-20", "--now",
                    "2026-11-20T06:00+07:00")[0] == 0  # fmt: skip
 
 
