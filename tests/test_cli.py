@@ -224,6 +224,33 @@ def test_preview_with_a_link_key_too_short_says_so_not_that_it_is_unset(tmp_path
     assert "preview links use a throwaway key" in result.stderr and "ten-chars!" not in result.stderr
 
 
+def test_preview_with_a_link_key_exported_empty_says_it_is_empty_not_unset(tmp_path: Path) -> None:
+    # `KEMBALI_LINK_SECRET= kembali preview` (or an unexpanded ${VAR}) read "KEMBALI_LINK_SECRET is not set"
+    config = write_config(tmp_path)
+    _shop_in(tmp_path, config, customers=20)
+    result = kembali("preview", config=config, env={"KEMBALI_LINK_SECRET": ""})
+    assert result.returncode == 0, result.stderr
+    assert "note: KEMBALI_LINK_SECRET is set but empty; preview links use a throwaway key" in result.stderr
+
+
+def test_the_demo_refuses_a_link_key_too_short_before_it_builds_anything(tmp_path: Path) -> None:
+    # Given a key exported too short (a truncated paste): the demo built and imported the whole shop, started the
+    # sink, and only then stopped on it
+    out = tmp_path / "demo"
+    result = kembali("demo", "--out", str(out), "--customers", "30", env={"KEMBALI_LINK_SECRET": "ten-chars!"})
+    # Then it stops at once, exit code 2 (nothing done), saying what is wrong with the key, never showing it
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "the key in KEMBALI_LINK_SECRET is too short (10 characters; use at least 16)" in result.stderr
+    assert "ten-chars!" not in result.stdout + result.stderr
+    assert not out.exists() and "local SMTP sink" not in result.stdout
+
+
+def test_the_demo_with_a_link_key_exported_empty_says_so_and_signs_with_a_throwaway_key(tmp_path: Path) -> None:
+    result = kembali("demo", "--out", str(tmp_path / "demo"), "--customers", "30", env={"KEMBALI_LINK_SECRET": ""})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(demo) KEMBALI_LINK_SECRET is set but empty: signing links with a throwaway key" in result.stdout
+
+
 @pytest.mark.parametrize("login", ["refused", "accepted"])
 def test_no_secret_is_ever_printed(tmp_path: Path, smtp_server: RecordingServer, login: str) -> None:
     password = "Sup3r-Secret-Pa55word"

@@ -141,6 +141,20 @@ def test_link_keys_allow_rotation_and_refuse_short_keys() -> None:
         link_keys(settings, {})
 
 
+@pytest.mark.parametrize(("raw", "state"), [(None, "which is not set"), ("", "which is set but empty"),
+                                            (" , ", "which holds no key (only commas and spaces)")])
+def test_a_link_key_variable_without_a_key_says_which_way_and_how_to_make_one(raw: str | None, state: str) -> None:
+    # Given KEMBALI_LINK_SECRET unset, exported empty (an unexpanded ${VAR} in a unit file), or only separators
+    environ = {} if raw is None else {"KEMBALI_LINK_SECRET": raw}
+    with pytest.raises(ConfigError) as caught:
+        link_keys(Settings(), environ)
+    message = str(caught.value)
+    # Then the error says which of these it is, not "not set" for a variable the operator did set
+    assert f"names the environment variable KEMBALI_LINK_SECRET, {state}:" in message, message
+    # and the command it suggests runs where Python 3 has no `python` (Debian, Ubuntu: the README's python3)
+    assert "$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')" in message, message
+
+
 def test_a_short_key_among_several_is_named_by_its_place_and_never_shown() -> None:
     # Given three keys in rotation, the second one too short (a stray comma inside a key, a truncated paste)
     environ = {"KEMBALI_LINK_SECRET": "new-key-0123456789,sh0rt,old-key-0123456789"}

@@ -8,7 +8,7 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -66,11 +66,10 @@ def link_keys(settings: Settings, environ: dict[str, str] | None = None) -> list
     keys = [k.strip().encode("utf-8", "surrogateescape") for k in raw.split(",") if k.strip()]
     if not keys:
         raise ConfigError(
-            f"{settings.source}: 'unsubscribe.secret_env' names the environment variable {name}, "
-            "which is not set: it must hold the key that signs unsubscribe links "
-            "(for example: export {name}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))'))".replace(
-                "{name}", name
-            )
+            f"{settings.source}: 'unsubscribe.secret_env' names the environment variable {name}, which "
+            f"{link_key_missing(name, env)}: "
+            "it must hold the key that signs unsubscribe links (for example: export "
+            f"{name}=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))'))"
         )
     for place, key in enumerate(keys, 1):  # a key is never shown: one of several is named by its place
         if (chars := len(key.decode("utf-8", "surrogateescape"))) < MIN_LINK_KEY_CHARS:
@@ -82,6 +81,18 @@ def link_keys(settings: Settings, environ: dict[str, str] | None = None) -> list
 
 
 MIN_LINK_KEY_CHARS = 16
+
+
+def link_key_missing(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """How the variable ``name`` holds no link key ("is not set", "is set but empty", "holds no key (only commas and
+    spaces)"), or None when it holds one (good or not: `link_keys` judges it)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(name)
+    if raw is None:
+        return "is not set"
+    if not raw.strip():
+        return "is set but empty"
+    return "holds no key (only commas and spaces)" if not raw.replace(",", "").strip() else None
 
 
 def _ordinal(n: int) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from worker import log
 from worker.adapters import db, opstore
 from worker.adapters.sink import SmtpSink
-from worker.app import Deps
+from worker.app import Deps, link_key_missing, link_keys
 from worker.commands import running
 from worker.commands.importing import EXIT_INTERRUPTED, EXIT_TERMINATED, import_file
 from worker.commands.progress import SendProgress
@@ -53,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     args.config = config_path(args.config, named=args.config_named)
     base = load_settings(args.config)
+    name = base.unsubscribe.secret_env
+    if missing := link_key_missing(name):
+        os.environ[name] = secrets.token_urlsafe(32)
+        print(f"(demo) {name} {missing}: signing links with a throwaway key")
+    link_keys(base)  # a key too short stops the demo here, before it builds anything
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("kembali-demo.db", "kembali-demo.db-wal", "kembali-demo.db-shm"):
@@ -67,9 +72,6 @@ def run(args: argparse.Namespace) -> int:
         # the demo runs whenever you try it: quiet hours would hold everything until morning
         policy=dataclasses.replace(base.policy, quiet_hours_start="00:00", quiet_hours_end="00:00"),
     )
-    if not os.environ.get(settings.unsubscribe.secret_env):
-        os.environ[settings.unsubscribe.secret_env] = secrets.token_urlsafe(32)
-        print(f"(demo) {settings.unsubscribe.secret_env} is not set: signing links with a throwaway key")
 
     now = args.now or datetime.now(UTC)
     shop = generate_shop(seed=args.seed, customers=args.customers, now=now)

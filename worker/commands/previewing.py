@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import secrets
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 from worker import money, stopping
-from worker.app import Deps, link_keys
+from worker.app import Deps, link_key_missing, link_keys
 from worker.commands import arguments, files
 from worker.commands.progress import Progress
 from worker.commands.running import check_template_folders
@@ -181,7 +180,7 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         keys = link_keys(settings)
     except ConfigError as exc:  # a preview's links are never clicked: a throwaway key will do
         name = settings.unsubscribe.secret_env
-        why = f"{name} is not set" if not os.environ.get(name, "").replace(",", "").strip() else str(exc)
+        why = f"{name} {missing}" if (missing := link_key_missing(name)) else str(exc)
         print(f"note: {why}; preview links use a throwaway key", file=sys.stderr)
         keys = [secrets.token_bytes(32)]
     refused = False  # the run would refuse these templates: exit code 1, even when no message previewed uses them
