@@ -117,6 +117,25 @@ def test_a_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
         load_settings(path)
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    # a key added to a table that already has it (the shop's time zone pasted under [shop] from the README)
+    ('[shop]\nname = "Toko"\ntime_zone = "Asia/Jakarta"\n\n[smtp]\nport = 25\n\n[shop]\ntime_zone = "Asia/Makassar"\n',
+     "line 8: table [shop] is written twice (first at line 1): keep one, with all its keys"),
+    ('[smtp]\nhost = "mail.example.com"\nport = 587\n  port = 25  # the relay\n',
+     "line 4: 'smtp.port' is written twice (first at line 3): keep one of them"),
+    ('[sending.domains]\n"gmail.com" = { rate_per_second = 10.0 }\n"gmail.com" = { rate_per_second = 5.0 }\n',
+     "line 3: 'sending.domains.gmail.com' is written twice (first at line 2): keep one of them"),
+])
+def test_a_key_or_table_written_twice_is_named_with_both_lines(tmp_path: Path, text: str, expected: str) -> None:
+    # TOML refuses the second one; the operator read "invalid TOML: Cannot overwrite a value (at line 4, column
+    # 13)" or "Cannot declare ('shop',) twice", with no key named and no word of where the first one is
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value) == f"{path}: {expected}"
+
+
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.toml: config file not found"):
         load_settings(tmp_path / "nope.toml")

@@ -19,6 +19,7 @@ import tomllib
 import types
 import typing
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -374,7 +375,7 @@ def load_settings(path: Path | str = DEFAULT_CONFIG) -> Settings:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raise ConfigError(f"{path}: {_written_twice(str(exc), text) or f'invalid TOML: {exc}'}") from None
     try:
         return settings_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
     except ConfigError as exc:
@@ -422,25 +423,52 @@ def naming_the_line(message: str, settings: Settings) -> str:
 def _key_lines(text: str) -> dict[str, int]:
     """The first line each table and key of a TOML text is written on, by dotted name (arrays of tables as
     ``a.b[0]``; a key quoted as ``"gmail.com"`` as ``sending.domains.gmail.com``)."""
+    found: dict[str, int] = {}
+    for number, dotted in _named_lines(text):
+        found.setdefault(dotted, number)
+    return found
+
+
+def _named_lines(text: str) -> Iterator[tuple[int, str]]:
+    """Each table and key of a TOML text with the line it is on, in the file's order: a table header gives the
+    tables it writes (``[campains.winback]`` writes ``campains`` too), the table itself last."""
 
     def name(part: str) -> str:
         return ".".join(p.strip().strip("\"'") for p in part.split(".")) if part[:1] not in "\"'" else part[1:-1]
 
-    found: dict[str, int] = {}
     table, counts = "", dict[str, int]()
     for number, line in enumerate(text.splitlines(), start=1):
         if (header := _HEADER.fullmatch(line)) is not None:
             table = name(header.group(2))
-            for end in range(1, table.count(".") + 1):  # [campains.winback] writes campains too
-                found.setdefault(".".join(table.split(".")[:end]), number)
+            for end in range(1, table.count(".") + 1):
+                yield number, ".".join(table.split(".")[:end])
             if header.group(1) == "[[":
                 counts[table] = counts.get(table, -1) + 1
-                found.setdefault(table, number)
+                yield number, table
                 table = f"{table}[{counts[table]}]"
-            found.setdefault(table, number)
+            yield number, table
         elif (key := _KEY_LINE.match(line)) is not None and not line.lstrip().startswith("#"):
-            found.setdefault(f"{table}.{name(key.group(1))}" if table else name(key.group(1)), number)
-    return found
+            yield number, f"{table}.{name(key.group(1))}" if table else name(key.group(1))
+
+
+_TWICE = re.compile(r"(Cannot overwrite a value|Cannot declare \(.*\) twice) \(at line (\d+), column \d+\)")
+
+
+def _written_twice(error: str, text: str) -> str | None:
+    """tomllib's "Cannot overwrite a value (at line 4, column 13)" or "Cannot declare ('shop',) twice (…)" in words
+    that name the key or table and the line of its first one; None for another error, or a line not found."""
+    if (found := _TWICE.fullmatch(error)) is None:
+        return None
+    number = int(found.group(2))
+    names = [dotted for at, dotted in _named_lines(text) if at == number]
+    first = _key_lines(text).get(names[-1]) if names else None
+    if first is None or first == number:
+        return None
+    twice = f"line {number}: '{names[-1]}' is written twice (first at line {first}): keep one of them"
+    if _HEADER.fullmatch(text.splitlines()[number - 1]) is not None:
+        twice = (f"line {number}: table [{names[-1]}] is written twice (first at line {first}): keep one, with all "
+                 "its keys")
+    return twice
 
 
 def settings_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir: Path = Path(".")) -> Settings:
