@@ -852,3 +852,15 @@ def test_a_file_or_folder_that_cannot_be_used_is_named_in_words(tmp_path: Path) 
         2, f"kembali preview: {notes}: is a file, not a folder\n")
     assert (file_is_a_folder.returncode, file_is_a_folder.stderr) == (
         2, f"kembali suppress: {tmp_path}: is a folder, not a file\n")
+
+
+def test_db_status_and_a_second_upgrade_name_the_database_they_looked_at(tmp_path: Path) -> None:
+    # an operator with a staging and a live config read "current: 0018  newest: 0018" and "schema already at 0018"
+    # with no word of which database that was (the first `db upgrade` names it; a relative path is the config's)
+    config = write_config(tmp_path)
+    assert kembali("db", "upgrade", config=config).returncode == 0
+    again, status = kembali("db", "upgrade", config=config), kembali("db", "status", config=config)
+    assert again.returncode == 0 and status.returncode == 0, again.stderr + status.stderr
+    head = status.stdout.split()[1]
+    assert again.stdout == f"schema already at {head} ({tmp_path / 'shop.db'})\n", again.stdout
+    assert status.stdout == f"current: {head}  newest: {head}  ({tmp_path / 'shop.db'})\n", status.stdout

@@ -125,8 +125,8 @@ def test_two_hosts_upgrading_postgresql_at_once_one_waits_for_the_other_and_neit
     # Then both succeed: one migrates, the other waits for it and finds nothing left to do
     assert [code for code, _ in results] == [0, 0], results
     said = sorted(out.strip().splitlines()[-1] for _, out in results)
-    assert said[0] == "schema already at 0018", results
-    waited = next(out for _, out in results if out.strip().endswith("schema already at 0018"))
+    assert said[0].startswith("schema already at 0018 (postgresql+psycopg://"), results
+    waited = next(out for _, out in results if "schema already at 0018" in out)
     assert "another `kembali db upgrade` is migrating" in waited and "waiting for it to finish" in waited, waited
     assert said[1].startswith("schema upgraded: 0017 -> 0018"), results
     assert _query(pg_url, "SELECT version_num FROM alembic_version") == [("0018",)]
@@ -724,4 +724,4 @@ def test_an_sqlite_upgrade_that_must_wait_for_the_write_lock_says_so_then_migrat
     assert f"schema upgraded: 0017 -> 0018 ({path})" in printed, printed
     # And an upgrade that need not wait says nothing of waiting
     code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
-    assert code == 0 and printed.strip() == "schema already at 0018", printed
+    assert code == 0 and printed.strip() == f"schema already at 0018 ({path})", printed

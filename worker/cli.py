@@ -624,7 +624,7 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             empty = (f"(no Kembali schema; other tables, of Kembali's names: {', '.join(in_the_way)})" if in_the_way
                      else "(empty)")  # fmt: skip
             head = db.head_revision(engine)
-            print(f"current: {current or empty}{newer}  newest: {head}")
+            print(f"current: {current or empty}{newer}  newest: {head}  ({db.describe(engine)})")  # which, too
             # for a deploy script: 1 when `db upgrade` would migrate, 3 when it would refuse (a newer kembali's or
             # another program's schema, tables in the way), 0 when there is nothing to do
             if newer or in_the_way:
@@ -664,7 +664,7 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             progress.done()
         if before == after:
-            print(f"schema already at {after}")
+            print(f"schema already at {after} ({db.describe(engine)})")
         else:
             print(f"schema upgraded: {before or '(empty)'} -> {after} ({db.describe(engine)})")
         for note in notes:
