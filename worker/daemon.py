@@ -193,7 +193,8 @@ class Daemon:
         if starting is not None:
             starting.before_forced_exit.append(self._remove_snapshots)
         try:
-            self.gen = self._build_generation(settings, stop_check=starting.check if starting is not None else None)
+            self.gen = self._build_generation(settings, stop_check=starting.check if starting is not None else None,
+                                              starting=True)
         except BaseException:
             self.astore.close()
             raise
@@ -250,12 +251,19 @@ class Daemon:
 
     # --- generations ---------------------------------------------------------------
 
-    def _build_generation(self, settings: Settings, *, stop_check: Callable[[], None] | None = None) -> Generation:
+    def _build_generation(self, settings: Settings, *, stop_check: Callable[[], None] | None = None,
+                          starting: bool = False) -> Generation:
         """A checked generation; raises TemplatesRejected or ConfigError, or what ``stop_check`` raises (it is
-        called before each render of the check) when a stop signal has come; nothing is left behind."""
+        called before each render of the check) when a stop signal has come; nothing is left behind. ``starting``:
+        the daemon's first, said in the log before its check (a reload says ``reload_started``)."""
+        password = smtp_password(settings)  # an unset variable is said before the seconds of the check, not after
         snapshot = snapshot_templates(settings)
         self._snapshots.add(snapshot)
         try:
+            if starting:  # rendering every template for the sample customers takes seconds (more on a busy host)
+                log.event("daemon_starting", worker=self.worker, config=str(self.config_path.resolve()),
+                          templates=str(settings.resolve(settings.templates.dir)),
+                          doing="checking the templates against sample customers")
             templates = JinjaTemplates(snapshot / "t", recheck_seconds=None,  # a private copy: never edited
                                        time_limit=settings.checks.render_timeout_seconds)
             # the sandbox does not bound CPU: check in a helper process that is killed past the time limit
@@ -265,7 +273,7 @@ class Daemon:
                 problems = check_templates(settings, checker)
             if problems:
                 raise TemplatesRejected(problems)
-            transport = SmtpTransport(settings.smtp, password=smtp_password(settings))
+            transport = SmtpTransport(settings.smtp, password=password)
         except BaseException:
             shutil.rmtree(snapshot, ignore_errors=True)
             raise
