@@ -9,7 +9,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -23,9 +23,10 @@ from worker.adapters.templates import JinjaTemplates
 from worker.asyncstore import AsyncStore
 from worker.composing import ComposerPool, ComposerSpec
 from worker.config import Settings
+from worker.core.campaigns import CAMPAIGNS as ALL_CAMPAIGNS
 from worker.errors import ConfigError
 from worker.limiter import Booker, DbBooker, Limiter, LocalBooker
-from worker.pipeline import Composer
+from worker.pipeline import Composer, enabled_campaigns
 from worker.ports import Clock
 from worker.sending import ClockGuard, Dispatcher
 
@@ -49,6 +50,47 @@ async def release_lapsed_leases(store: Store, astore: AsyncStore, now: datetime,
                       why="its worker stopped while sending it (its lease lapsed): it may have arrived, and is not "
                           "sent again; see kembali ledger list --status uncertain")  # fmt: skip
     return requeued, uncertain
+
+
+@dataclass(frozen=True)
+class NotSent:
+    """What waits in the queue of campaigns this worker does not send (``campaigns_not_sent``)."""
+
+    failed: tuple[opstore.UnknownCampaignRow, ...] = ()
+    """Rows of a campaign Kembali does not know, failed just now."""
+    off: dict[str, int] = field(default_factory=dict)
+    """Campaign turned off → how many of its rows wait (until it is on again, or they expire)."""
+
+
+CLOSE_OFF = "kembali ledger close --status planned --status retry --campaign {campaign}"
+"""The command that cancels what a campaign turned off left waiting."""
+
+
+async def campaigns_not_sent(store: Store, astore: AsyncStore, settings: Settings, now: datetime) -> NotSent:
+    """At a start (``run --once``, the daemon's, each reload's): rows of a campaign Kembali does not know (edited by
+    hand) fail with ``LedgerRowError`` and ``unknown_campaign_failed`` names them, as no claim ever takes them; each
+    campaign turned off that has rows waiting is named (``campaign_off_messages_waiting``) with their count and the
+    command that cancels them: they wait, not sent, until it is on again, or are skipped as ``expired``. One read of
+    the waiting rows."""
+    counts = await astore.call(opstore.waiting_by_campaign, store)
+    on = set(enabled_campaigns(settings))
+    failed: list[opstore.UnknownCampaignRow] = []
+    if any(name not in ALL_CAMPAIGNS for name in counts):
+        failed = await astore.call(opstore.fail_unknown_campaigns, store, now, ALL_CAMPAIGNS, worker_id())
+        if failed:
+            log.event("unknown_campaign_failed", logging.WARNING, count=len(failed),
+                      campaigns=",".join(sorted({r.campaign for r in failed})),
+                      ids=",".join(str(r.id) for r in failed[:20]) + (",…" if len(failed) > 20 else ""),
+                      why="no campaign Kembali knows by that name (a row edited by hand?): never sent",
+                      what_to_do="kembali ledger list --status failed; correct the campaign and `kembali ledger resend "
+                                 "ID`, or leave them failed")  # fmt: skip
+    off = {name: n for name, n in sorted(counts.items()) if name in ALL_CAMPAIGNS and name not in on}
+    for name, n in off.items():
+        log.event("campaign_off_messages_waiting", logging.WARNING, campaign=name, count=n,
+                  why="the campaign is turned off (enabled = false): its planned messages are not sent; they wait "
+                      "until it is on again, or are skipped as expired",
+                  what_to_do=f"turn it on again to send them, or cancel them: {CLOSE_OFF.format(campaign=name)}")
+    return NotSent(tuple(failed), off)
 
 
 def worker_id() -> str:

@@ -76,6 +76,7 @@ from worker.adapters.templates import JinjaTemplates
 from worker.adapters.web import HttpServer
 from worker.app import (
     Deps,
+    campaigns_not_sent,
     clock_guard,
     compose_pool,
     link_keys,
@@ -218,6 +219,10 @@ class Daemon:
         self._planning: dict[asyncio.Future[None], str] = {}
         """Planning passes under way, and their campaigns: the shutdown waits for them."""
         self._plan_skipped: set[str] = set()
+        self._campaigns_checked = False
+        """Whether this generation's first maintenance has failed the waiting rows of unknown campaigns and named the
+        campaigns turned off that leave rows waiting (``app.campaigns_not_sent``): once a start and a reload, as it
+        reads every waiting row."""
         """Campaigns whose planning pass was skipped for this host's clock (``_plan_pass``): planned at the first
         maintenance that finds the clock right again."""
         self._planning_since = 0.0
@@ -549,6 +554,9 @@ class Daemon:
         expired = await self.astore.call(opstore.expire_messages, self.store, now)
         if expired:
             log.event("messages_expired", count=expired)
+        if not self._campaigns_checked:
+            await campaigns_not_sent(self.store, self.astore, settings, now)
+            self._campaigns_checked = True
         days = settings.schedule.attempt_retention_days
         if days:
             pruned = await self.astore.call(opstore.prune_attempts, self.store, now - timedelta(days=days))
@@ -767,6 +775,7 @@ class Daemon:
                                                                 old.settings.logging.format):
             log.configure(settings.logging.level, settings.logging.format)
         self._schedule(settings)
+        self._campaigns_checked = False  # a campaign turned off or on: said again at the next maintenance
         versions = {c: gen.templates.template_version(c, "id") for c in gen.templates.campaigns()}
         log.event("reload_done", trigger=why, templates=",".join(f"{c}@{v}" for c, v in sorted(versions.items())))
         self._wake.set()

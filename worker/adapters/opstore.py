@@ -30,7 +30,8 @@ from worker.adapters.store import (
     suppression_address,
 )
 from worker.adapters.tables import Attempt, Feedback, JobRun
-from worker.domain import CustomerSnapshot, Locale, MessageStatus, SkipReason
+from worker.domain import CustomerSnapshot, Locale, MessageStatus, Outcome, SkipReason
+from worker.errors import LedgerRowError
 
 A = Attempt.__table__  # type: ignore[attr-defined]
 F = Feedback.__table__  # type: ignore[attr-defined]
@@ -42,11 +43,13 @@ PRUNE_BATCH = 5000
 # --- maintenance ---------------------------------------------------------------
 
 
-def expire_messages(store: Store, now: datetime) -> int:
-    """Waiting rows whose expiry passed become ``skipped: expired``; returns how many."""
+def expire_messages(store: Store, now: datetime, campaigns: Iterable[str] | None = None) -> int:
+    """Waiting rows whose expiry passed become ``skipped: expired`` (only those of ``campaigns``, if given); returns
+    how many."""
+    only = [] if campaigns is None else [M.c.campaign.in_(sorted(campaigns))]
     stmt = (
         sa.update(M)
-        .where(WAITING, M.c.expires_at < now)
+        .where(WAITING, M.c.expires_at < now, *only)
         .values(
             status=MessageStatus.SKIPPED.value,
             skip_reason=SkipReason.EXPIRED.value,
@@ -57,6 +60,61 @@ def expire_messages(store: Store, now: datetime) -> int:
     )
     with store.engine.begin() as conn:
         return int(conn.execute(stmt).rowcount)
+
+
+def waiting_by_campaign(store: Store) -> dict[str, int]:
+    """How many rows wait in the queue (``planned``, ``retry``) for each campaign named on them, whatever the name:
+    one read of the waiting rows, for ``app.campaigns_not_sent``."""
+    query = sa.select(M.c.campaign, sa.func.count()).where(WAITING).group_by(M.c.campaign)
+    with db.reading(store.engine) as conn:
+        return {campaign: int(n) for campaign, n in conn.execute(query)}
+
+
+@dataclass(frozen=True)
+class UnknownCampaignRow:
+    """A waiting row of a campaign Kembali does not know, failed by ``fail_unknown_campaigns``."""
+
+    id: int
+    campaign: str
+    customer: str
+    """The customer's id in the shop; "" when the customer is gone."""
+
+
+def unknown_campaign_reply(row_id: int, campaign: str, customer: str, known: Iterable[str]) -> str:
+    """What ``ledger list`` shows of a row failed for its campaign (``last_reply``): which row, why, what to do."""
+    whose = f", customer {customer}" if customer else ""
+    text = (f"ledger row {row_id} ({campaign!r}{whose}) cannot be sent: no campaign Kembali knows by that name "
+            f"(known: {', '.join(sorted(known))}; edited by hand?); correct the campaign in the database and "
+            f"`kembali ledger resend {row_id}`, or leave it closed: `kembali ledger close {row_id}`")
+    return text[:500]
+
+
+def fail_unknown_campaigns(store: Store, now: datetime, known: Iterable[str], worker: str) -> list[UnknownCampaignRow]:
+    """Waiting rows no worker holds whose campaign is none of ``known`` (a row edited by hand, or written by another
+    program) become ``failed`` (``LedgerRowError``), each with an attempt row saying why: no claim ever takes them
+    (it takes the enabled campaigns' rows), so they would wait in the queue for ever, counted in its depth."""
+    known = sorted(known)
+    who = sa.select(C.c.external_id).where(C.c.id == M.c.customer_id).scalar_subquery()
+    query = sa.select(M.c.id, M.c.campaign, M.c.attempts, who.label("customer")).where(
+        WAITING, M.c.claimed_by.is_(None), M.c.campaign.not_in(known)
+    )
+    failed: list[UnknownCampaignRow] = []
+    with store.engine.begin() as conn:
+        for row in conn.execute(query).all():
+            reply = unknown_campaign_reply(row.id, row.campaign, row.customer or "", known)
+            done = conn.execute(
+                sa.update(M)
+                .where(M.c.id == row.id, WAITING, M.c.claimed_by.is_(None), M.c.campaign == row.campaign)
+                .values(status=MessageStatus.FAILED.value, last_code=None,  # (never handed to a server: 0 tries more)
+                        last_reply=reply, last_error=LedgerRowError.__name__, lease_until=None, updated_at=now)
+            ).rowcount  # fmt: skip
+            if not done:  # claimed or edited meanwhile
+                continue
+            conn.execute(sa.insert(A).values(
+                message_id=row.id, attempt_no=row.attempts + 1, worker=worker[:100], started_at=now, finished_at=now,
+                outcome=Outcome.RENDER_ERROR.value, code=None, reply=reply, error_type=LedgerRowError.__name__))
+            failed.append(UnknownCampaignRow(row.id, row.campaign, row.customer or ""))
+    return failed
 
 
 def prune_attempts(store: Store, older_than: datetime, batch: int = PRUNE_BATCH) -> int:

@@ -13,10 +13,20 @@ from pathlib import Path
 from worker import checks, eventloop, log
 from worker.adapters import opstore
 from worker.adapters.templates import PARTS
-from worker.app import Deps, link_keys, release_lapsed_leases, smtp_password, worker_id
+from worker.app import (
+    CLOSE_OFF,
+    Deps,
+    NotSent,
+    campaigns_not_sent,
+    link_keys,
+    release_lapsed_leases,
+    smtp_password,
+    worker_id,
+)
 from worker.asyncstore import AsyncStore
 from worker.commands.progress import SendProgress
 from worker.config import Settings
+from worker.core.campaigns import CAMPAIGNS as ALL_CAMPAIGNS
 from worker.core.policy import zone_of
 from worker.domain import Locale
 from worker.errors import ConfigError, TemplateError
@@ -37,6 +47,10 @@ class CycleReport:
     uncertain: int = 0
     stopped_by: str | None = None
     """The signal that stopped the run early (``run --once``), if one did."""
+    not_sent: NotSent = field(default_factory=NotSent)
+    """Rows of an unknown campaign failed at the start, and the rows campaigns turned off leave waiting."""
+    expired: int = 0
+    """Waiting rows skipped as ``expired`` at the start (a campaign turned off leaves its rows to no claim)."""
     holdout: dict[str, float] = field(default_factory=dict)
     """Each planned campaign's holdout share: that part of what it planned gets no email."""
 
@@ -62,15 +76,25 @@ async def cycle(
             return CycleReport(PlanReport(), DispatchReport(paused=problem, clock_off=problem))
         now = deps.clock.now()
         requeued, uncertain = await release_lapsed_leases(deps.store, astore, now)
+        # what no claim takes: a campaign's turned off (their expiry, which the daemon's maintenance judges), unknown
+        off = [c for c in ALL_CAMPAIGNS if c not in enabled_campaigns(deps.settings)]
+        expired = 0
+        if off:  # (the claim's re-check skips the others as expired)
+            expired = await astore.call(opstore.expire_messages, deps.store, now, off)
+            if expired:
+                log.event("messages_expired", count=expired, campaigns=",".join(off))
+        not_sent = await campaigns_not_sent(deps.store, astore, deps.settings, now)
         planned = await astore.call(plan, deps.store, deps.settings, now)
         holdout = {c: getattr(deps.settings.campaigns, c).holdout_share for c in planned.created}
         for campaign, created in planned.created.items():
             await astore.call(opstore.record_run, deps.store, f"plan:{campaign}", at=now, worker=worker_id())
             log.event("campaign_planned", campaign=campaign, created=created, considered=planned.considered[campaign])
         if stop is not None and stop.is_set():
-            return CycleReport(planned, DispatchReport(), requeued, uncertain, holdout=holdout)
+            return CycleReport(planned, DispatchReport(), requeued, uncertain, holdout=holdout, not_sent=not_sent,
+                               expired=expired)
         dispatched = await dispatch(deps, astore, stop=stop, observer=observer)
-        return CycleReport(planned, dispatched, requeued, uncertain, holdout=holdout)
+        return CycleReport(planned, dispatched, requeued, uncertain, holdout=holdout, not_sent=not_sent,
+                           expired=expired)
     finally:
         if own_store:
             astore.close()
@@ -152,6 +176,14 @@ def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zo
     if report.uncertain:
         lines.append(f"{report.uncertain} messages became uncertain (a worker died while sending): "
                      "see `kembali ledger`")
+    if failed_rows := report.not_sent.failed:
+        names = ", ".join(repr(c) for c in sorted({r.campaign for r in failed_rows}))
+        lines.append(f"{len(failed_rows)} {'message' if len(failed_rows) == 1 else 'messages'} of a campaign Kembali "
+                     f"does not know ({names}; edited by hand?) failed, not sent: see `kembali ledger list`")
+    for campaign, n in report.not_sent.off.items():
+        label = CAMPAIGN_LABELS.get(campaign, campaign)
+        lines.append(f"{n} {label} {'message waits' if n == 1 else 'messages wait'}, not sent: the campaign is turned "
+                     f"off (enabled = false); turn it on again, or cancel them: {CLOSE_OFF.format(campaign=campaign)}")
     dropped = report.dispatched.outcomes.get("uncertain", 0)
     if dropped:
         lines.append(f"{dropped} messages are uncertain (the connection died after they were handed over: they "

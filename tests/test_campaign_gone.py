@@ -1,0 +1,100 @@
+"""Ledger rows of a campaign the worker does not send: one it does not know at all (a row edited by hand, a name from
+another program) fails, named, and never blocks the others; one turned off waits, said so, and expires."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from tests.sendkit import NOW, REPO, Shop, make_settings, settings_dict
+from tests.smtp_server import RecordingServer
+from worker import pipeline
+from worker.adapters.store import A, M
+from worker.commands import running
+from worker.config import settings_from_dict
+
+GOOD, ODD, ALSO_GOOD = "a@test.example", "b@test.example", "c@test.example"
+
+
+@pytest.fixture
+def shop(db_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shop]:
+    """Three win-back emails planned, not sent."""
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+    shop = Shop(db_url, make_settings(db_url, smtp_server.port), [GOOD, ODD, ALSO_GOOD])
+    pipeline.plan(shop.store, shop.settings, NOW)
+    try:
+        yield shop
+    finally:
+        shop.close()
+
+
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, object]]:
+    return [r.kembali_fields for r in caplog.records if r.getMessage() == name]  # type: ignore[attr-defined]
+
+
+def test_a_row_of_a_campaign_kembali_does_not_know_fails_named_and_the_others_are_sent(
+    shop: Shop, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a row an operator renamed by hand to a campaign no Kembali sends
+    with shop.store.engine.begin() as conn:
+        conn.execute(sa.update(M).where(M.c.email == ODD).values(campaign="xmas_2025"))
+    row_id = shop.row(ODD).id
+    caplog.set_level(logging.INFO)
+
+    # When a run goes (it waited in the queue, `planned`, for ever, counted in every health line's queue)
+    report = shop.cycle()
+
+    # Then the others are sent, and the row is failed, saying which row, which campaign and what to do
+    assert sorted(r for m in smtp_server.messages for r in m.rcpt_tos) == [GOOD, ALSO_GOOD]
+    assert report.dispatched.outcomes["sent"] == 2
+    row = shop.row(ODD)
+    assert row.status == "failed", row
+    assert f"ledger row {row_id}" in row.last_reply and "'xmas_2025'" in row.last_reply, row.last_reply
+    assert "no campaign" in row.last_reply and f"kembali ledger close {row_id}" in row.last_reply, row.last_reply
+    assert row.last_error == "LedgerRowError"
+    with shop.store.engine.connect() as conn:
+        (attempt,) = conn.execute(sa.select(A).where(A.c.message_id == row_id)).all()
+    assert attempt.error_type == "LedgerRowError" and attempt.outcome == "render_error"
+    (logged,) = _events(caplog, "unknown_campaign_failed")
+    assert logged["count"] == 1 and logged["campaigns"] == "xmas_2025" and str(row_id) in str(logged["ids"]), logged
+    assert "failed" in running.summary(report)[-1] or any("xmas_2025" in line for line in running.summary(report))
+
+    # and a second run finds nothing more to do with it
+    caplog.clear()
+    shop.cycle()
+    assert shop.row(ODD).status == "failed" and not _events(caplog, "unknown_campaign_failed")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_campaign_turned_off_keeps_its_rows_waiting_says_so_and_they_expire_in_run_once(
+    shop: Shop, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given win-back turned off after it planned three emails
+    raw = settings_dict(shop.settings.database_url, smtp_server.port)
+    raw["campaigns"] = {"winback": {"enabled": False}}
+    off = settings_from_dict(raw, base_dir=REPO)
+    shop.deps = dataclasses.replace(shop.deps, settings=off)
+    caplog.set_level(logging.INFO)
+
+    # When a run --once goes: nothing is sent, and the operator is told what waits and how to close it
+    report = shop.cycle()
+    assert smtp_server.messages == []
+    assert {shop.row(a).status for a in (GOOD, ODD, ALSO_GOOD)} == {"planned"}
+    (logged,) = _events(caplog, "campaign_off_messages_waiting")
+    assert logged["campaign"] == "winback" and logged["count"] == 3, logged
+    assert "kembali ledger close --status planned --status retry --campaign winback" in str(logged["what_to_do"])
+    lines = running.summary(report)
+    assert any("3 winback" in line or ("3" in line and "turned off" in line) for line in lines), lines
+
+    # When a run --once goes after their expiry (a cron user runs no daemon, whose maintenance expires them)
+    shop.clock.advance(timedelta(days=15).total_seconds())
+    shop.cycle()
+
+    # Then they are skipped as expired, as the README says, not left planned for ever
+    assert {(shop.row(a).status, shop.row(a).skip_reason) for a in (GOOD, ODD, ALSO_GOOD)} == {("skipped", "expired")}
+    assert smtp_server.messages == []
