@@ -93,6 +93,21 @@ async def campaigns_not_sent(store: Store, astore: AsyncStore, settings: Setting
     return NotSent(tuple(failed), off)
 
 
+async def hand_written_times(store: Store, astore: AsyncStore, now: datetime) -> int:
+    """At a start (``run --once``, the daemon's, each reload's), on SQLite: the waiting rows' times written by hand in
+    another form than Kembali's, rewritten as the times they name (``ledger_time_normalised``), or their row failed
+    when they name none (``ledger_time_unreadable``): ``opstore.hand_written_times``. Returns how many."""
+    found = await astore.call(opstore.hand_written_times, store, now, worker_id())
+    for t in found[:100]:
+        if t.reads_as is not None:
+            log.event("ledger_time_normalised", logging.WARNING, id=t.id, column=t.column, value=t.value,
+                      reads_as=t.reads_as, note="a time with no offset is read as UTC")
+        else:
+            log.event("ledger_time_unreadable", logging.WARNING, id=t.id, column=t.column, value=t.value[:40],
+                      what_to_do=f"the message failed; correct it and `kembali ledger resend {t.id}`")
+    return len(found)
+
+
 def worker_id() -> str:
     """host:pid:instance, so attempts and claims say which process did what, and no two processes share a name."""
     return f"{socket.gethostname()[:64]}:{os.getpid()}:{_INSTANCE}"

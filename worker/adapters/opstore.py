@@ -8,9 +8,10 @@ for pages, health and metrics.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -115,6 +116,95 @@ def fail_unknown_campaigns(store: Store, now: datetime, known: Iterable[str], wo
                 outcome=Outcome.RENDER_ERROR.value, code=None, reply=reply, error_type=LedgerRowError.__name__))
             failed.append(UnknownCampaignRow(row.id, row.campaign, row.customer or ""))
     return failed
+
+
+SQLITE_TIME = "-".join(["[0-9]" * 4, "[0-9]" * 2, "[0-9]" * 2]) + " " + ":".join(["[0-9]" * 2] * 3) + "." + "[0-9]" * 6
+"""A time as Kembali writes it on SQLite (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC), a GLOB pattern: the one form whose
+text order is time order, as the claim, the expiry and the queue's index compare them."""
+TIME_COLUMNS = ("next_attempt_at", "expires_at", "due_at")
+
+
+@dataclass(frozen=True)
+class HandWrittenTime:
+    """A waiting row's time in another form than Kembali writes (``hand_written_times``)."""
+
+    id: int
+    column: str
+    """``message.next_attempt_at`` and so on."""
+    value: str
+    reads_as: str | None
+    """As Kembali writes it (an offset taken into account, none read as UTC); None: no date and time at all, and the
+    row was failed."""
+
+
+def _read_hand_written(value: object) -> datetime | None:
+    """A time as a person writes it in ISO 8601 ('2026-12-06T03:00:00Z', '+07:00', a 'T' or a space, no seconds,
+    a day alone: its midnight); no offset is UTC, as Kembali's. A number (seconds? milliseconds?) is none."""
+    if not isinstance(value, str):
+        return None
+    try:
+        read = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return read.replace(tzinfo=UTC) if read.tzinfo is None else read.astimezone(UTC)
+
+
+def _sqlite_text(at: datetime) -> str:
+    return at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def hand_written_times(store: Store, now: datetime, worker: str) -> list[HandWrittenTime]:
+    """On SQLite, where a time is text compared as text: each waiting row no worker holds whose times are not all in
+    Kembali's form (``SQLITE_TIME``; a row edited by hand) has them rewritten in it, as the times they name
+    ('2026-12-06T03:00:00Z' sorted after every '2026-12-06 …', so the claim took it up to a day late, an offset's
+    hours off, 'tomorrow' never); a row whose ``next_attempt_at`` no reading makes sense of becomes ``failed``
+    (``LedgerRowError``, the value in its reply and attempt row; its ``next_attempt_at`` then ``now``, so the ledger
+    reads it); one of the other times is left to the claim, which fails the row, naming it, when it is due. One read
+    of the waiting rows. PostgreSQL's timestamp columns hold no such value: nothing to do."""
+    if store.dialect != "sqlite":
+        return []
+    odd = " OR ".join(f"typeof({c}) != 'text' OR {c} NOT GLOB '{SQLITE_TIME}'" for c in TIME_COLUMNS)
+    query = (f"SELECT message.id, campaign, {', '.join(TIME_COLUMNS)}, customer.external_id FROM message"
+             " LEFT JOIN customer ON customer.id = message.customer_id"
+             f" WHERE status IN ('planned', 'retry') AND claimed_by IS NULL AND ({odd})")  # fmt: skip
+    found: list[HandWrittenTime] = []
+    with store.engine.begin() as conn:
+        for row in conn.exec_driver_sql(query).all():
+            row_id, campaign, values, customer = row[0], row[1], dict(zip(TIME_COLUMNS, row[2:5], strict=True)), row[5]
+            odd_ones = {c: v for c, v in values.items()
+                        if not (isinstance(v, str) and fnmatch.fnmatchcase(v, SQLITE_TIME))}  # fmt: skip
+            reads = {c: _read_hand_written(v) for c, v in odd_ones.items()}
+            same = " AND ".join(f"{c} IS ?" for c in odd_ones)
+            if reads.get("next_attempt_at", now) is not None:
+                # (a due_at or expires_at no reading makes sense of is left to the claim: it fails its row when due)
+                texts = {c: _sqlite_text(at) for c, at in reads.items() if at is not None}
+                sets = ", ".join(f"{c} = ?" for c in texts)
+                done = texts and conn.exec_driver_sql(
+                    f"UPDATE message SET {sets} WHERE id = ? AND status IN ('planned', 'retry') AND claimed_by IS NULL"
+                    f" AND {same}", (*texts.values(), row_id, *odd_ones.values())).rowcount  # fmt: skip
+                if done:
+                    found += [HandWrittenTime(row_id, f"message.{c}", str(odd_ones[c]), t) for c, t in texts.items()]
+                continue
+            column = "next_attempt_at"  # never claimed at its time: failed here, naming it
+            whose = f", customer {customer}" if customer else ""
+            reply = (f"ledger row {row_id} ({campaign}{whose}) cannot be read: message.{column} holds "
+                     f"{str(odd_ones[column])[:40]!r} where a date and time belongs (edited by hand?): Kembali writes "
+                     f"them as '2026-11-22 03:00:00.000000', in UTC; correct it and `kembali ledger resend {row_id}` "
+                     f"(due now), or `kembali ledger close {row_id}`")[:500]  # fmt: skip
+            done = conn.exec_driver_sql(
+                "UPDATE message SET status = ?, last_code = NULL, last_reply = ?, last_error = ?, lease_until = NULL,"
+                " next_attempt_at = ?, updated_at = ? WHERE id = ? AND status IN ('planned', 'retry')"
+                f" AND claimed_by IS NULL AND {same}",
+                (MessageStatus.FAILED.value, reply, LedgerRowError.__name__, _sqlite_text(now), _sqlite_text(now),
+                 row_id, *odd_ones.values())).rowcount  # fmt: skip
+            if not done:
+                continue
+            attempts = conn.exec_driver_sql("SELECT attempts FROM message WHERE id = ?", (row_id,)).scalar() or 0
+            conn.execute(sa.insert(A).values(
+                message_id=row_id, attempt_no=int(attempts) + 1, worker=worker[:100], started_at=now, finished_at=now,
+                outcome=Outcome.RENDER_ERROR.value, code=None, reply=reply, error_type=LedgerRowError.__name__))
+            found.append(HandWrittenTime(row_id, f"message.{column}", str(odd_ones[column]), None))
+    return found
 
 
 def prune_attempts(store: Store, older_than: datetime, batch: int = PRUNE_BATCH) -> int:

@@ -413,7 +413,9 @@ def _as_is(value: datetime) -> datetime:
 
 
 def _sqlite_read_dt(value: str) -> datetime:
-    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    """A time as SQLite holds it: Kembali's UTC text; one written by hand with an offset is read at that offset."""
+    read = datetime.fromisoformat(value)
+    return read.replace(tzinfo=UTC) if read.tzinfo is None else read.astimezone(UTC)
 
 
 def _pg_read_dt(value: datetime) -> datetime:

@@ -18,6 +18,7 @@ from worker.app import (
     Deps,
     NotSent,
     campaigns_not_sent,
+    hand_written_times,
     link_keys,
     release_lapsed_leases,
     smtp_password,
@@ -77,6 +78,7 @@ async def cycle(
         now = deps.clock.now()
         requeued, uncertain = await release_lapsed_leases(deps.store, astore, now)
         # what no claim takes: a campaign's turned off (their expiry, which the daemon's maintenance judges), unknown
+        await hand_written_times(deps.store, astore, now)  # (SQLite: before anything compares them as text)
         off = [c for c in ALL_CAMPAIGNS if c not in enabled_campaigns(deps.settings)]
         expired = 0
         if off:  # (the claim's re-check skips the others as expired)
