@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
@@ -208,21 +209,72 @@ def compose_pool(settings: Settings, templates: JinjaTemplates, composer: Compos
     return ComposerPool(spec, processes=settings.sending.compose_processes)
 
 
+SNAPSHOT_PREFIX = "kembali-templates-"
+OWNER_FILE = ".owner"
+"""In each snapshot: a file its process holds an exclusive ``flock`` on while it lives. The kernel lets go of it when
+the process ends, however (SIGKILL, the OOM killer), and whatever its PID namespace: a lock that can be taken is a
+copy no process uses."""
+_OWNED: dict[Path, int] = {}
+"""This process's snapshots → the descriptor holding its owner lock."""
+
+
+def remove_stale_snapshots(root: Path) -> list[Path]:
+    """Remove the snapshots in ``root`` whose process is gone (SIGKILL left them: ~300 KB each, for ever): those whose
+    owner lock can be taken. Another worker's, alive, holds its lock: left alone; so is a folder with no owner file
+    (an older Kembali's, which may still run, or one being made this instant). Returns those removed."""
+    removed = []
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(SNAPSHOT_PREFIX) and p not in _OWNED]
+    except OSError:
+        return []
+    for folder in candidates:
+        try:
+            fd = os.open(folder / OWNER_FILE, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:  # none (see above), or not ours to open: another user's
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its process runs
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            os.close(fd)
+    if removed:
+        log.event("stale_snapshots_removed", count=len(removed), folder=str(root))
+    return removed
+
+
 def snapshot_templates(settings: Settings) -> Path:
     """Copy the templates folder somewhere private (its ``t`` folder): the copy is what a daemon's generation, or a
-    ``run --once``, renders, so a file edited meanwhile changes nothing until the next one checks it."""
+    ``run --once``, renders, so a file edited meanwhile changes nothing until the next one checks it. The copy holds
+    its owner lock (``OWNER_FILE``) until ``remove_snapshot``; first, the copies of processes gone are removed."""
     source = settings.resolve(settings.templates.dir)
     if not source.is_dir():
         raise ConfigError(f"{settings.source}: 'templates.dir' {str(source)!r} is not a folder")
-    target = Path(tempfile.mkdtemp(prefix="kembali-templates-"))
+    remove_stale_snapshots(Path(tempfile.gettempdir()))
+    target = Path(tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX))
     try:
+        fd = os.open(target / OWNER_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        _OWNED[target] = fd
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a new file: no other process can hold it)
         shutil.copytree(source, target / "t")
     except OSError as exc:  # a file that cannot be read, a dangling link, a full temporary folder
-        shutil.rmtree(target, ignore_errors=True)
+        remove_snapshot(target)
         # shutil.Error holds a list of (source, target, why): the first why says enough
         why = exc.args[0][0][2] if isinstance(exc, shutil.Error) and exc.args and exc.args[0] else str(exc)
         raise ConfigError(f"{settings.source}: 'templates.dir': cannot copy {str(source)!r}: {why}") from None
     return target
+
+
+def remove_snapshot(snapshot: Path) -> None:
+    """Remove a snapshot this process made, and let go of its owner lock."""
+    shutil.rmtree(snapshot, ignore_errors=True)
+    fd = _OWNED.pop(snapshot, None)
+    if fd is not None:
+        os.close(fd)
 
 
 @dataclass
@@ -288,4 +340,4 @@ class Deps:
 
     def remove_snapshot(self) -> None:
         if self.snapshot is not None:
-            shutil.rmtree(self.snapshot, ignore_errors=True)
+            remove_snapshot(self.snapshot)

@@ -59,7 +59,6 @@ import errno
 import functools
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -83,6 +82,7 @@ from worker.app import (
     link_keys,
     make_limiter,
     release_lapsed_leases,
+    remove_snapshot,
     smtp_password,
     snapshot_templates,
     worker_id,
@@ -138,7 +138,7 @@ class Generation:
     async def close(self) -> None:
         await self.transport.close()
         await asyncio.to_thread(self.dispatcher.close)  # joins the compose helpers, if any
-        shutil.rmtree(self.snapshot, ignore_errors=True)
+        remove_snapshot(self.snapshot)
 
 
 def folder_signature(*paths: Path) -> tuple[tuple[str, int, int], ...]:
@@ -281,7 +281,7 @@ class Daemon:
                 raise TemplatesRejected(problems)
             transport = SmtpTransport(settings.smtp, password=password)
         except BaseException:
-            shutil.rmtree(snapshot, ignore_errors=True)
+            remove_snapshot(snapshot)
             raise
         composer = Composer(settings, templates, self.keys[0])
         dispatcher = Dispatcher(
@@ -923,7 +923,7 @@ class Daemon:
 
     def _remove_snapshots(self) -> None:
         for snapshot in list(self._snapshots):
-            shutil.rmtree(snapshot, ignore_errors=True)
+            remove_snapshot(snapshot)
 
 
 def _restart_only_changes(old: Settings, new: Settings) -> list[str]:
