@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from tests.daemon_harness import Daemon, make_shop
 from tests.sendkit import NOW, REPO, Shop, make_settings, settings_dict
 from tests.smtp_server import RecordingServer
 from worker import pipeline
@@ -98,3 +100,43 @@ def test_a_campaign_turned_off_keeps_its_rows_waiting_says_so_and_they_expire_in
     # Then they are skipped as expired, as the README says, not left planned for ever
     assert {(shop.row(a).status, shop.row(a).skip_reason) for a in (GOOD, ODD, ALSO_GOOD)} == {("skipped", "expired")}
     assert smtp_server.messages == []
+
+
+def test_the_daemon_fails_an_unknown_campaigns_row_and_reads_a_hand_written_time_at_its_first_maintenance(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a ledger where an operator renamed one sent row's campaign and put it back in the queue, and wrote
+    # another's due time by hand in another ISO form, an hour ago
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *")
+    shop.add([1, 2, 3], days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: len(daemon.named("email_sent")) == 3, timeout=60, why="three win-back emails")
+    finally:
+        assert daemon.stop() == 0
+    an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    store = shop.store()
+    try:
+        with store.engine.begin() as conn:
+            ids = list(conn.execute(sa.select(M.c.id).order_by(M.c.id)).scalars())
+            conn.execute(sa.text("UPDATE message SET status = 'planned', campaign = 'xmas_2025' WHERE id = :i"),
+                         {"i": ids[0]})
+            conn.execute(sa.text("UPDATE message SET status = 'retry', sent_at = NULL, next_attempt_at = :at"
+                                 " WHERE id = :i"), {"i": ids[1], "at": an_hour_ago})  # fmt: skip
+    finally:
+        store.close()
+
+    # When the daemon starts again
+    daemon = Daemon.start(shop)
+    try:
+        # Then its first maintenance fails the unknown campaign's row, naming it, and reads the time written by hand
+        failed = daemon.wait_event("unknown_campaign_failed", timeout=60)
+        assert failed["campaigns"] == "xmas_2025" and failed["ids"] == str(ids[0]), failed
+        normalised = daemon.wait_event("ledger_time_normalised", timeout=60)
+        assert normalised["id"] == ids[1] and normalised["value"] == an_hour_ago, normalised
+        # (and it is sent again now, not at midnight UTC: the claim compared '…T…' as text)
+        daemon.wait_for(lambda: len(daemon.named("email_sent")) == 1, timeout=60, why="the resent row")
+    finally:
+        assert daemon.stop() == 0
+    assert shop.scalar("SELECT status FROM message WHERE id = :i", i=ids[0]) == "failed"
+    assert "'xmas_2025'" in shop.scalar("SELECT last_reply FROM message WHERE id = :i", i=ids[0])
