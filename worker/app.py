@@ -61,23 +61,31 @@ class NotSent:
     """Rows of a campaign Kembali does not know, failed just now."""
     off: dict[str, int] = field(default_factory=dict)
     """Campaign turned off → how many of its rows wait (until it is on again, or they expire)."""
+    expired: int = 0
+    """Rows of campaigns turned off skipped as ``expired`` (``expire_off``)."""
 
 
 CLOSE_OFF = "kembali ledger close --status planned --status retry --campaign {campaign}"
 """The command that cancels what a campaign turned off left waiting."""
 
 
-async def campaigns_not_sent(store: Store, astore: AsyncStore, settings: Settings, now: datetime) -> NotSent:
-    """At a start (``run --once``, the daemon's, each reload's): rows of a campaign Kembali does not know (edited by
-    hand) fail with ``LedgerRowError`` and ``unknown_campaign_failed`` names them, as no claim ever takes them; each
-    campaign turned off that has rows waiting is named (``campaign_off_messages_waiting``) with their count and the
-    command that cancels them: they wait, not sent, until it is on again, or are skipped as ``expired``. One read of
-    the waiting rows."""
-    counts = await astore.call(opstore.waiting_by_campaign, store)
-    on = set(enabled_campaigns(settings))
+async def campaigns_not_sent(
+    store: Store, astore: AsyncStore, settings: Settings, now: datetime, *, expire_off: bool = False
+) -> NotSent:
+    """At a start (``run --once``, the daemon's, each reload's), ONE read of the waiting rows
+    (``opstore.odd_waiting_rows``) for what no claim judges right: rows of a campaign Kembali does not know (edited by
+    hand) fail with ``LedgerRowError`` and ``unknown_campaign_failed`` names them, as no claim ever takes them; on
+    SQLite, times written by hand in another form than Kembali's are rewritten as the times they name
+    (``ledger_time_normalised``), or their row fails when ``next_attempt_at`` names none (``ledger_time_unreadable``).
+    Then, only if some campaign is turned off, each that has rows waiting is named
+    (``campaign_off_messages_waiting``) with their count and the command that cancels them: they wait, not sent, until
+    it is on again, or are skipped as ``expired`` (``expire_off``: here, first, for ``run --once``, which runs no
+    maintenance; the claim's re-check skips the others' as expired)."""
+    odd = await astore.call(opstore.odd_waiting_rows, store, ALL_CAMPAIGNS)
     failed: list[opstore.UnknownCampaignRow] = []
-    if any(name not in ALL_CAMPAIGNS for name in counts):
-        failed = await astore.call(opstore.fail_unknown_campaigns, store, now, ALL_CAMPAIGNS, worker_id())
+    if odd.unknown_campaign:
+        failed = await astore.call(opstore.fail_unknown_campaigns, store, odd.unknown_campaign, now, ALL_CAMPAIGNS,
+                                   worker_id())  # fmt: skip
         if failed:
             log.event("unknown_campaign_failed", logging.WARNING, count=len(failed),
                       campaigns=",".join(sorted({r.campaign for r in failed})),
@@ -85,28 +93,29 @@ async def campaigns_not_sent(store: Store, astore: AsyncStore, settings: Setting
                       why="no campaign Kembali knows by that name (a row edited by hand?): never sent",
                       what_to_do="kembali ledger list --status failed; correct the campaign and `kembali ledger resend "
                                  "ID`, or leave them failed")  # fmt: skip
-    off = {name: n for name, n in sorted(counts.items()) if name in ALL_CAMPAIGNS and name not in on}
-    for name, n in off.items():
+    if odd.odd_time:
+        found = await astore.call(opstore.hand_written_times, store, odd.odd_time, now, worker_id())
+        for t in found[:100]:
+            if t.reads_as is not None:
+                log.event("ledger_time_normalised", logging.WARNING, id=t.id, column=t.column, value=t.value,
+                          reads_as=t.reads_as, note="a time with no offset is read as UTC")
+            else:
+                log.event("ledger_time_unreadable", logging.WARNING, id=t.id, column=t.column, value=t.value[:40],
+                          what_to_do=f"the message failed; correct it and `kembali ledger resend {t.id}`")
+    on = set(enabled_campaigns(settings))
+    off_campaigns = [name for name in ALL_CAMPAIGNS if name not in on]
+    expired = 0
+    if off_campaigns and expire_off:
+        expired = await astore.call(opstore.expire_messages, store, now, off_campaigns)
+        if expired:
+            log.event("messages_expired", count=expired, campaigns=",".join(off_campaigns))
+    off = await astore.call(opstore.waiting_of, store, off_campaigns) if off_campaigns else {}
+    for name, n in sorted(off.items()):
         log.event("campaign_off_messages_waiting", logging.WARNING, campaign=name, count=n,
                   why="the campaign is turned off (enabled = false): its planned messages are not sent; they wait "
                       "until it is on again, or are skipped as expired",
                   what_to_do=f"turn it on again to send them, or cancel them: {CLOSE_OFF.format(campaign=name)}")
-    return NotSent(tuple(failed), off)
-
-
-async def hand_written_times(store: Store, astore: AsyncStore, now: datetime) -> int:
-    """At a start (``run --once``, the daemon's, each reload's), on SQLite: the waiting rows' times written by hand in
-    another form than Kembali's, rewritten as the times they name (``ledger_time_normalised``), or their row failed
-    when they name none (``ledger_time_unreadable``): ``opstore.hand_written_times``. Returns how many."""
-    found = await astore.call(opstore.hand_written_times, store, now, worker_id())
-    for t in found[:100]:
-        if t.reads_as is not None:
-            log.event("ledger_time_normalised", logging.WARNING, id=t.id, column=t.column, value=t.value,
-                      reads_as=t.reads_as, note="a time with no offset is read as UTC")
-        else:
-            log.event("ledger_time_unreadable", logging.WARNING, id=t.id, column=t.column, value=t.value[:40],
-                      what_to_do=f"the message failed; correct it and `kembali ledger resend {t.id}`")
-    return len(found)
+    return NotSent(tuple(failed), dict(sorted(off.items())), expired)
 
 
 def worker_id() -> str:

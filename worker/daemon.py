@@ -78,7 +78,6 @@ from worker.app import (
     campaigns_not_sent,
     clock_guard,
     compose_pool,
-    hand_written_times,
     link_keys,
     make_limiter,
     release_lapsed_leases,
@@ -556,7 +555,6 @@ class Daemon:
         if expired:
             log.event("messages_expired", count=expired)
         if not self._campaigns_checked:
-            await hand_written_times(self.store, self.astore, now)
             await campaigns_not_sent(self.store, self.astore, settings, now)
             self._campaigns_checked = True
         days = settings.schedule.attempt_retention_days

@@ -41,6 +41,10 @@ J = JobRun.__table__  # type: ignore[attr-defined]
 PRUNE_BATCH = 5000
 
 
+def _chunks(ids: list[int], size: int = 500) -> list[list[int]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
 # --- maintenance ---------------------------------------------------------------
 
 
@@ -63,10 +67,36 @@ def expire_messages(store: Store, now: datetime, campaigns: Iterable[str] | None
         return int(conn.execute(stmt).rowcount)
 
 
-def waiting_by_campaign(store: Store) -> dict[str, int]:
-    """How many rows wait in the queue (``planned``, ``retry``) for each campaign named on them, whatever the name:
-    one read of the waiting rows, for ``app.campaigns_not_sent``."""
-    query = sa.select(M.c.campaign, sa.func.count()).where(WAITING).group_by(M.c.campaign)
+@dataclass(frozen=True)
+class OddRows:
+    """Waiting rows a claim would never judge right (``odd_waiting_rows``), by id."""
+
+    unknown_campaign: tuple[int, ...] = ()
+    odd_time: tuple[int, ...] = ()
+
+
+def odd_waiting_rows(store: Store, known: Iterable[str]) -> OddRows:
+    """ONE read of the waiting rows (``planned``, ``retry``; the claim's, the expiry's and the queue's counts read index
+    ranges instead), for what a start looks at: those whose campaign is none of ``known``, and on SQLite, where a time
+    is text compared as text, those whose ``next_attempt_at`` or ``expires_at`` is not 26 characters with a space as
+    the 11th, as Kembali writes them (``SQLITE_TIME``; ``hand_written_times`` looks closer)."""
+    known = sorted(known)
+    unknown = M.c.campaign.not_in(known)
+    where: sa.ColumnElement[bool] = unknown
+    if store.dialect == "sqlite":
+        for c in (M.c.next_attempt_at, M.c.expires_at):
+            text = sa.type_coerce(c, sa.Text)
+            where = sa.or_(where, sa.func.length(text) != 26, sa.func.substr(text, 11, 1) != " ")
+    query = sa.select(M.c.id, unknown.label("unknown")).where(WAITING, where)
+    with db.reading(store.engine) as conn:
+        rows = conn.execute(query).all()
+    return OddRows(tuple(r.id for r in rows if r.unknown), tuple(r.id for r in rows if not r.unknown))
+
+
+def waiting_of(store: Store, campaigns: Iterable[str]) -> dict[str, int]:
+    """How many rows of each of ``campaigns`` wait in the queue (a read of the waiting rows)."""
+    query = (sa.select(M.c.campaign, sa.func.count()).where(WAITING, M.c.campaign.in_(sorted(campaigns)))
+             .group_by(M.c.campaign))  # fmt: skip
     with db.reading(store.engine) as conn:
         return {campaign: int(n) for campaign, n in conn.execute(query)}
 
@@ -90,10 +120,13 @@ def unknown_campaign_reply(row_id: int, campaign: str, customer: str, known: Ite
     return text[:500]
 
 
-def fail_unknown_campaigns(store: Store, now: datetime, known: Iterable[str], worker: str) -> list[UnknownCampaignRow]:
-    """Waiting rows no worker holds whose campaign is none of ``known`` (a row edited by hand, or written by another
-    program) become ``failed`` (``LedgerRowError``), each with an attempt row saying why: no claim ever takes them
-    (it takes the enabled campaigns' rows), so they would wait in the queue for ever, counted in its depth."""
+def fail_unknown_campaigns(
+    store: Store, ids: Iterable[int], now: datetime, known: Iterable[str], worker: str
+) -> list[UnknownCampaignRow]:
+    """Of ``ids`` (``OddRows.unknown_campaign``), the waiting rows no worker holds whose campaign is none of ``known``
+    (a row edited by hand, or written by another program) become ``failed`` (``LedgerRowError``), each with an
+    attempt row saying why: no claim ever takes them (it takes the enabled campaigns' rows), so they would wait in the
+    queue for ever, counted in its depth."""
     known = sorted(known)
     who = sa.select(C.c.external_id).where(C.c.id == M.c.customer_id).scalar_subquery()
     query = sa.select(M.c.id, M.c.campaign, M.c.attempts, who.label("customer")).where(
@@ -101,7 +134,7 @@ def fail_unknown_campaigns(store: Store, now: datetime, known: Iterable[str], wo
     )
     failed: list[UnknownCampaignRow] = []
     with store.engine.begin() as conn:
-        for row in conn.execute(query).all():
+        for row in [r for part in _chunks(sorted(ids)) for r in conn.execute(query.where(M.c.id.in_(part))).all()]:
             reply = unknown_campaign_reply(row.id, row.campaign, row.customer or "", known)
             done = conn.execute(
                 sa.update(M)
@@ -153,23 +186,25 @@ def _sqlite_text(at: datetime) -> str:
     return at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
-def hand_written_times(store: Store, now: datetime, worker: str) -> list[HandWrittenTime]:
-    """On SQLite, where a time is text compared as text: each waiting row no worker holds whose times are not all in
+def hand_written_times(store: Store, ids: Iterable[int], now: datetime, worker: str) -> list[HandWrittenTime]:
+    """On SQLite, where a time is text compared as text: of ``ids`` (``OddRows.odd_time``), each waiting row no worker
+    holds whose times are not all in
     Kembali's form (``SQLITE_TIME``; a row edited by hand) has them rewritten in it, as the times they name
     ('2026-12-06T03:00:00Z' sorted after every '2026-12-06 …', so the claim took it up to a day late, an offset's
     hours off, 'tomorrow' never); a row whose ``next_attempt_at`` no reading makes sense of becomes ``failed``
     (``LedgerRowError``, the value in its reply and attempt row; its ``next_attempt_at`` then ``now``, so the ledger
-    reads it); one of the other times is left to the claim, which fails the row, naming it, when it is due. One read
-    of the waiting rows. PostgreSQL's timestamp columns hold no such value: nothing to do."""
+    reads it); one of the other times is left to the claim, which fails the row, naming it, when it is due.
+    PostgreSQL's timestamp columns hold no such value: nothing to do."""
     if store.dialect != "sqlite":
         return []
-    odd = " OR ".join(f"typeof({c}) != 'text' OR {c} NOT GLOB '{SQLITE_TIME}'" for c in TIME_COLUMNS)
     query = (f"SELECT message.id, campaign, {', '.join(TIME_COLUMNS)}, customer.external_id FROM message"
              " LEFT JOIN customer ON customer.id = message.customer_id"
-             f" WHERE status IN ('planned', 'retry') AND claimed_by IS NULL AND ({odd})")  # fmt: skip
+             " WHERE message.id IN ({ids}) AND status IN ('planned', 'retry') AND claimed_by IS NULL")  # fmt: skip
     found: list[HandWrittenTime] = []
     with store.engine.begin() as conn:
-        for row in conn.exec_driver_sql(query).all():
+        rows = [r for part in _chunks(sorted(ids))
+                for r in conn.exec_driver_sql(query.format(ids=", ".join("?" * len(part))), tuple(part)).all()]
+        for row in rows:
             row_id, campaign, values, customer = row[0], row[1], dict(zip(TIME_COLUMNS, row[2:5], strict=True)), row[5]
             odd_ones = {c: v for c, v in values.items()
                         if not (isinstance(v, str) and fnmatch.fnmatchcase(v, SQLITE_TIME))}  # fmt: skip

@@ -18,7 +18,6 @@ from worker.app import (
     Deps,
     NotSent,
     campaigns_not_sent,
-    hand_written_times,
     link_keys,
     release_lapsed_leases,
     smtp_password,
@@ -27,7 +26,6 @@ from worker.app import (
 from worker.asyncstore import AsyncStore
 from worker.commands.progress import SendProgress
 from worker.config import Settings
-from worker.core.campaigns import CAMPAIGNS as ALL_CAMPAIGNS
 from worker.core.policy import zone_of
 from worker.domain import Locale
 from worker.errors import ConfigError, TemplateError
@@ -77,15 +75,10 @@ async def cycle(
             return CycleReport(PlanReport(), DispatchReport(paused=problem, clock_off=problem))
         now = deps.clock.now()
         requeued, uncertain = await release_lapsed_leases(deps.store, astore, now)
-        # what no claim takes: a campaign's turned off (their expiry, which the daemon's maintenance judges), unknown
-        await hand_written_times(deps.store, astore, now)  # (SQLite: before anything compares them as text)
-        off = [c for c in ALL_CAMPAIGNS if c not in enabled_campaigns(deps.settings)]
-        expired = 0
-        if off:  # (the claim's re-check skips the others as expired)
-            expired = await astore.call(opstore.expire_messages, deps.store, now, off)
-            if expired:
-                log.event("messages_expired", count=expired, campaigns=",".join(off))
-        not_sent = await campaigns_not_sent(deps.store, astore, deps.settings, now)
+        # what no claim takes or judges right: a campaign's unknown or turned off (whose rows' expiry the daemon's
+        # maintenance judges: here, once their times are read right), a time written by hand
+        not_sent = await campaigns_not_sent(deps.store, astore, deps.settings, now, expire_off=True)
+        expired = not_sent.expired
         planned = await astore.call(plan, deps.store, deps.settings, now)
         holdout = {c: getattr(deps.settings.campaigns, c).holdout_share for c in planned.created}
         for campaign, created in planned.created.items():
