@@ -8,6 +8,8 @@ recipient address may be given a ``Behaviour``; anything else is accepted::
     server.greeting = "421 4.3.2 Service not available"   # every new connection
     server.on("new@test", Behaviour(greylist=True))      # 450 the first time, then accepted
     server.client_limit = 4                              # then "451 … too many messages" per client IP
+    server.relay_rate = RelayRate(5, at="rcpt")          # more than 5 messages a second: "451 … slow down" at RCPT
+    server.relay_rate = RelayRate(5, at="mail")          # …or "421 … slow down" at MAIL FROM, and a hang-up
     server.messages_per_connection = 2                   # then MAIL gets "421 … too many messages" and a hang-up
     server.login = ("shop", "right-password")            # offer AUTH (plaintext); other credentials get 535
     server.login_mechanisms = ("GSSAPI",)                # …with these mechanisms only (default LOGIN, PLAIN;
@@ -25,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,35 @@ CONNECTION_LIMIT_REPLY = "421 4.7.0 mx.test.example Too many messages in this co
 """Exim's answer to MAIL FROM past ``smtp_accept_max_per_connection``, before it closes the connection."""
 
 
+RELAY_RATE_REPLY = "451 4.7.1 Too many messages, slow down"
+RELAY_RATE_HANG_UP = "421 4.7.0 relay.test.example Too many messages, slow down; closing connection"
+
+
+@dataclass
+class RelayRate:
+    """A relay's own limit, whoever the mail is for: at most ``per_second`` messages in any second (a sliding
+    window, across every client and connection); past it, RCPT TO gets ``RELAY_RATE_REPLY`` (``at="rcpt"``), or
+    MAIL FROM gets ``RELAY_RATE_HANG_UP`` and the connection is closed (``at="mail"``). ``accepted`` and
+    ``refused`` note when (``time.monotonic``) each message was taken or turned away."""
+
+    per_second: int
+    at: str = "rcpt"
+    accepted: list[float] = field(default_factory=list)
+    refused: list[float] = field(default_factory=list)
+
+    def take(self) -> bool:
+        """Whether one more message fits in the last second (noted as accepted or refused)."""
+        now = time.monotonic()
+        recent = sum(1 for t in self.accepted if t > now - 1.0)
+        (self.accepted if recent < self.per_second else self.refused).append(now)
+        return recent < self.per_second
+
+    def fastest_second(self) -> int:
+        """The most messages accepted within any one second."""
+        times = self.accepted
+        return max((sum(1 for u in times if t <= u < t + 1.0) for t in times), default=0)
+
+
 class _FaultyHandler(SinkHandler):
     owner: RecordingServer
 
@@ -74,6 +106,9 @@ class _FaultyHandler(SinkHandler):
         if behaviour.greylist and address not in self.owner.greylisted:
             self.owner.greylisted.add(address)
             return GREYLIST_REPLY
+        relay = self.owner.relay_rate
+        if relay is not None and relay.at == "rcpt" and not relay.take():
+            return RELAY_RATE_REPLY
         limit = self.owner.client_limit
         client = str(session.peer[0]) if session.peer else ""
         if limit is not None and self.owner.accepted_from[client] >= limit:
@@ -139,6 +174,11 @@ class _FaultySMTP(SMTP):
             await self.push(CONNECTION_LIMIT_REPLY)
             _hang_up(self)
             return
+        relay = self._owner.relay_rate
+        if relay is not None and relay.at == "mail" and not relay.take():
+            await self.push(RELAY_RATE_HANG_UP)
+            _hang_up(self)
+            return
         await super().smtp_MAIL(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
@@ -165,6 +205,8 @@ class RecordingServer:
         self.client_limit: int | None = None
         """Recipients accepted per client IP before every further RCPT gets ``CLIENT_LIMIT_REPLY``."""
         self.accepted_from: Counter[str] = Counter()
+        self.relay_rate: RelayRate | None = None
+        """When set, the relay's own rate limit for every message (see ``RelayRate``)."""
         self.messages_per_connection: int | None = None
         """MAIL FROMs taken on one connection; the next gets ``CONNECTION_LIMIT_REPLY`` and the connection is closed."""
         self.data_taken = 0

@@ -108,7 +108,9 @@ def test_a_throttled_domain_halves_and_then_recovers() -> None:
     clock = FakeClock()
     settings = SendingSettings(domain_rate_per_second=8.0, domain_burst=1, throttle_floor_per_second=1.0)
     limiter = Limiter(settings, clock, LocalBooker(clock))
-    throttled = SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Too many messages, slow down")
+    # a "slow down" about the domain's mailboxes (a 421, or one for several domains, is the relay's: test_pace)
+    throttled = SendResult(Outcome.THROTTLED, 450, "450 4.2.1 The user is receiving mail at a rate that prevents "
+                                                   "additional messages from being delivered")  # fmt: skip
     sent = SendResult(Outcome.SENT, 250, "250 ok")
 
     rates = []
@@ -128,7 +130,7 @@ def test_a_throttled_domain_sends_at_its_reduced_rate_in_a_simulated_minute() ->
     clock = FakeClock()
     settings = SendingSettings(rate_per_second=100.0, burst=1, domain_rate_per_second=8.0, domain_burst=8)
     limiter = Limiter(settings, clock, LocalBooker(clock))
-    limiter.observe("gmail.com", SendResult(Outcome.THROTTLED, 421, "421 slow down"))
+    limiter.observe("gmail.com", SendResult(Outcome.THROTTLED, 450, "450 4.2.1 mailbox receiving at a high rate"))
 
     events = _simulate(limiter, clock, ["gmail.com"], 60.0)
 
@@ -604,7 +606,8 @@ def test_a_reload_keeps_the_slots_booked_and_the_throttled_domains_slowed(
         try:
             limiter = daemon.gen.dispatcher.limiter
             assert await limiter.acquire("a.example", hold=HOLD_SECONDS) == 0.0
-            limiter.observe("yahoo.com", SendResult(Outcome.THROTTLED, 421, "421 4.7.0 [TS01] slow down"))
+            slow_down = SendResult(Outcome.THROTTLED, 450, "450 4.2.1 mailbox receiving at a high rate")
+            limiter.observe("yahoo.com", slow_down)
             # When the operator sends SIGHUP (to load a template, say)
             assert await daemon.reload("SIGHUP")
             limiter = daemon.gen.dispatcher.limiter
@@ -644,3 +647,19 @@ def test_a_reload_that_raises_a_domains_rate_gives_the_messages_waiting_for_it_t
     # A reload that lowers the rate leaves them where they are: the ledger's slots are further apart already
     slower = Limiter(replace(slow, domains={"slow.example": DomainRate(0.0005, 1)}), clock, LocalBooker(clock))
     assert slower.take_over(faster) == {"slow.example": {}}
+
+
+def test_a_reload_keeps_the_relays_throttling_of_the_global_rate() -> None:
+    # Given a limiter whose global rate a relay's 421 halved
+    clock = FakeClock()
+    old = Limiter(SendingSettings(rate_per_second=40.0), clock, LocalBooker(clock))
+    old.observe("a.example", SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Too many messages, slow down", stage="rcpt"),
+                began=clock.monotonic())  # fmt: skip
+    assert old.pace.current == 20.0 and old.relay_cuts == 1
+    # When a reload brings a configuration with another global rate
+    new = Limiter(SendingSettings(rate_per_second=30.0), clock, LocalBooker(clock))
+    new.take_over(old)
+    # Then the global rate stays slowed (within the new configured rate), with no burst, and the run's note says so
+    assert new.pace.current == 20.0 and new.limits("b.example")[0] == ("global", 0.05, 1)
+    note = new.relay_note(0)
+    assert note is not None and "went down to 20/s of sending.rate_per_second 30/s, now 20/s" in note

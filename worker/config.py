@@ -110,7 +110,8 @@ class SendingSettings:
     domains: dict[str, DomainRate] = field(default_factory=dict)
     """Per-domain rates, e.g. ``"gmail.com" = {rate_per_second = 10, burst = 10}``."""
     throttle_floor_per_second: float = 0.2
-    """Throttling replies halve a domain's rate, but never below this."""
+    """Throttling replies halve a domain's rate (or the relay's own, the global rate: ``core.pace``), but never below
+    this."""
     pause_after_failures: int = 20
     """Consecutive connection failures (before RCPT TO, or no reply at all; or the server's own trouble at RCPT TO
     or after, ``retry.TroubleStreak``) that pause the dispatcher; a refused login pauses it at once; 0 = never."""

@@ -607,7 +607,10 @@ class Daemon:
         waiting = self.waiting_for_domain_rate()
         if depth is not None:
             depth += waiting
-        fields = dataclasses.asdict(line) | {"queue_depth": depth, "waiting_for_domain_rate": waiting,
+        pace = self.gen.dispatcher.limiter.pace
+        relay = {"relay_pace_per_second": round(pace.current, 3),
+                 "relay_throttled": self.gen.dispatcher.limiter.relay_why}
+        fields = dataclasses.asdict(line) | relay | {"queue_depth": depth, "waiting_for_domain_rate": waiting,
                                              "uncertain_in_ledger": uncertain, "paused": self.paused(),
                                              "database": "unreachable" if error else "ok",
                                              "clock_offset_seconds": offset}  # fmt: skip
@@ -620,6 +623,8 @@ class Daemon:
             queue += f" ({waiting} waiting for their domain's rate)"
         if uncertain:
             queue += f", {uncertain} uncertain in the ledger"
+        if pace.slowed:
+            queue += f", the relay's throttling slowed sending to {pace.current:.3g}/s"
         systemd.notify(f"STATUS=sent {line.sent}, failed {line.failed}, {queue}, "
                        f"{line.rate_per_minute}/min (last {self.gen.settings.daemon.health_summary_seconds:g}s)")
 

@@ -4,9 +4,12 @@ and a daily quota.
 Before each message a sender calls ``acquire(domain)``: it books a slot on the
 global rate and on the domain's rate together and sleeps until both allow it.
 After the attempt, ``observe(domain, result)`` feeds the domain's adaptive rate
-(a throttling reply, or a refusal of the sender, halves it; good replies restore
-it step by step). A domain slot further off than ``HOLD_SECONDS`` is not waited for in a
-sender: ``acquire`` books nothing and says ``Later``, and the message waits in the ledger.
+(a throttling reply about that domain, or a refusal of the sender, halves it; good
+replies restore it step by step), or the relay's pace (``core.pace``: a throttling
+reply that is the relay's own, a 421, a dropped connection, halve the global rate and
+hold every send back a moment; good replies restore it step by step). A domain slot
+further off than ``HOLD_SECONDS`` is not waited for in a sender: ``acquire`` books
+nothing and says ``Later``, and the message waits in the ledger.
 
 Where the booking happens is a ``Booker``: ``LocalBooker`` keeps the GCRA
 state in this process (SQLite, one worker); ``DbBooker`` keeps it in the
@@ -37,6 +40,7 @@ from worker.adapters.store import DayQuota
 from worker.asyncstore import AsyncStore
 from worker.config import SendingSettings
 from worker.core.limits import AdaptiveRate, book, quota_day, quota_day_end, quota_day_start, quota_grant, slows_domain
+from worker.core.pace import RelayPace
 from worker.domain import Outcome, SendResult
 from worker.ports import Clock
 
@@ -137,6 +141,14 @@ class Limiter:
         already has."""
         self._free: dict[str, float] = {}
         """Per domain, its next free slot as its last ``Later`` found it (monotonic; for ``tell_again``)."""
+        self.pace = RelayPace(ceiling=settings.rate_per_second, floor=settings.throttle_floor_per_second)
+        """The global rate, slowed by the relay's own throttling (``core.pace``)."""
+        self.relay_cuts = 0
+        """Times the relay's throttling slowed the global rate down (since this process started)."""
+        self.relay_lowest = settings.rate_per_second
+        """The slowest the relay's throttling made the global rate."""
+        self.relay_why = ""
+        """The reply (or dropped connection) behind the last cut, addresses masked."""
 
     def take_over(self, old: Limiter) -> dict[str, dict[int, float]]:
         """Carry on from ``old``, the limiter of the configuration a reload replaces: the slots it booked in this
@@ -156,6 +168,13 @@ class Limiter:
             if rate.current < rate.ceiling:
                 now = self._rate(domain)
                 now.current = max(now.floor, min(now.ceiling, rate.current))
+        pace = old.pace
+        if pace.slowed:
+            self.pace.current = max(self.pace.floor, min(self.pace.ceiling, pace.current))
+            self.pace.cut_at, self.pace.stepped_at = pace.cut_at, pace.stepped_at
+            self.pace.quiet_until = pace.quiet_until
+        self.relay_cuts, self.relay_why = old.relay_cuts, old.relay_why
+        self.relay_lowest = min(old.relay_lowest, self.pace.current)
         self.later = dict(old.later)
         self.told = {domain: dict(told) for domain, told in old.told.items()}
         self.taken = {domain: list(times) for domain, times in old.taken.items()}
@@ -230,7 +249,10 @@ class Limiter:
         rate = self._rate(domain)
         # a throttled domain loses its burst until it is back at full rate
         burst = self._burst(domain) if rate.current >= rate.ceiling else 1
-        return [(GLOBAL_KEY, 1.0 / s.rate_per_second, s.burst), (f"domain:{domain}", 1.0 / rate.current, burst)]
+        # so does the global rate while the relay's throttling keeps it below the configured one
+        pace = self.pace
+        return [(GLOBAL_KEY, 1.0 / pace.current, 1 if pace.slowed else s.burst),
+                (f"domain:{domain}", 1.0 / rate.current, burst)]  # fmt: skip
 
     async def acquire(
         self, domain: str, *, stop: asyncio.Event | None = None, hold: float | None = None, message: int | None = None
@@ -257,7 +279,14 @@ class Limiter:
         told to wait, not the time it overslept."""
         waited = 0.0
         key = f"domain:{domain}"
-        for tries in range(REBOOKS + 1):
+        tries = 0
+        while True:
+            quiet = self.pace.wait(self.clock.monotonic())
+            if quiet > 0:  # the relay just said "slow down" or hung up: no send begins until it has had a rest
+                await self.sleep(quiet, stop)
+                waited += quiet
+                if stop is not None and stop.is_set():
+                    break
             limits = self.limits(domain)
             wait, booked = await self.booker.book(limits, {key: hold} if hold is not None else None)
             if not booked:
@@ -265,10 +294,16 @@ class Limiter:
             if wait <= 0:
                 break
             due = self.clock.monotonic() + wait
+            cuts = self.relay_cuts
             await self.sleep(wait, stop)
             waited += wait
             late = self.clock.monotonic() - due
-            if late <= LATE_SECONDS or tries == REBOOKS or (stop is not None and stop.is_set()):
+            if tries == REBOOKS or (stop is not None and stop.is_set()):
+                break
+            tries += 1
+            if self.relay_cuts != cuts:  # the slot was booked at the pace before the relay's throttling: book again
+                continue
+            if late <= LATE_SECONDS:
                 break
             self.late_rebookings += 1
             log.event("rate_slot_missed", logging.DEBUG, domain=domain, late_seconds=round(late, 3))
@@ -331,19 +366,53 @@ class Limiter:
             sleep.cancel()
             stopped.cancel()
 
-    def observe(self, domain: str, result: SendResult) -> None:
-        """Feed the domain's adaptive rate with the attempt's result as the server gave it: a throttling reply or
-        a refusal of the sender (``core.limits.slows_domain``) halves it, a send restores it step by step."""
+    def observe(self, domain: str, result: SendResult, *, began: float | None = None) -> None:
+        """Feed the adaptive rates with the attempt's result as the server gave it (``began``: when the attempt
+        began, monotonic). A throttling reply about the recipient's domain, or a refusal of the sender
+        (``core.limits.slows_domain``), halves the domain's rate; one that is the relay's own (``core.pace``: a 421,
+        a dropped connection, a "slow down" met for several domains) halves the global rate instead; a send
+        restores each step by step."""
+        now = self.clock.monotonic()
         rate = self._rate(domain)
-        if slows_domain(result):
+        scope = self.pace.scope(result, domain, now)
+        if scope == "relay":
+            before = self.pace.current
+            if self.pace.throttled(now, began=now if began is None else began):
+                self.relay_cuts += 1
+                self.relay_lowest = min(self.relay_lowest, self.pace.current)
+                self.relay_why = log.mask_addresses(result.reply or result.error_type)[:200]
+                log.event(
+                    "relay_throttled", logging.WARNING, domain=domain, code=result.code, reply=self.relay_why,
+                    rate_before=round(before, 3), rate_now=round(self.pace.current, 3),
+                    why="the SMTP relay's own limit (a 421, a dropped connection, or the same \"slow down\" for "
+                    "several domains): the global rate is halved, and comes back step by step as mail goes through",
+                )  # fmt: skip
+        elif slows_domain(result):
             before = rate.current
             rate.throttled()
             log.event(
                 "domain_throttled", logging.WARNING, domain=domain, code=result.code,
                 rate_before=round(before, 3), rate_now=round(rate.current, 3),
             )  # fmt: skip
-        elif result.outcome is Outcome.SENT and rate.current < rate.ceiling:
-            rate.succeeded()
+        elif result.outcome is Outcome.SENT:
+            if rate.current < rate.ceiling:
+                rate.succeeded()
+            if self.pace.succeeded(now):
+                back = not self.pace.slowed
+                log.event("relay_pace_restored" if back else "relay_pace_raised", logging.INFO,
+                          rate_now=round(self.pace.current, 3), rate_configured=self.pace.ceiling)  # fmt: skip
+
+    def relay_note(self, cuts_before: int) -> str | None:
+        """What the relay's throttling did to the global rate since ``relay_cuts`` was ``cuts_before`` (None:
+        nothing): for the run's summary."""
+        cuts = self.relay_cuts - cuts_before
+        if cuts <= 0 and not self.pace.slowed:
+            return None
+        pace = self.pace
+        now = f"{pace.current:.3g}/s" if pace.slowed else "back at the configured rate"
+        return (f"the SMTP relay asked to slow down ({cuts} {'time' if cuts == 1 else 'times'}, last: "
+                f"{self.relay_why[:120]}): the global rate went down to {self.relay_lowest:.3g}/s of "
+                f"sending.rate_per_second {pace.ceiling:g}/s, now {now}")
 
 
 class DailyQuota:

@@ -178,6 +178,8 @@ class DispatchReport:
     """Attempts of the run that got past the connection to the server's reply about the message."""
     attempts_unreached: int = 0
     """Attempts of the run that did not (those the dispatcher's pause counts)."""
+    relay_slowed: str | None = None
+    """What the relay's own throttling did to the global rate during the run (``Limiter.relay_note``), or None."""
     remembered_peak: int = 0
     """The most sends the run's arbiter remembered beside the ledger at once (its memory; stays near
     the messages in flight however long the run)."""
@@ -701,6 +703,7 @@ class Dispatcher:
         self._failing, self._on_wire = False, set()
         self._quota_resumes = None  # a new run, perhaps a new day: the quota tells (a daemon keeps its dispatcher)
         report = DispatchReport()
+        relay_cuts = self.limiter.relay_cuts
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
         writer = self._writer = LedgerWriter(
             self.store, worker=self.worker, clock=self.clock, group=in_flight // 2, quota=self.quota
@@ -771,6 +774,7 @@ class Dispatcher:
             self._keep_unwritten(writer)
             raise
         report.paused = self.paused
+        report.relay_slowed = self.limiter.relay_note(relay_cuts)
         report.clock_off = self.paused if self._clock_paused else None
         report.quota_reached = self.quota_reached
         if report.attempts_unreached and not report.attempts_reached and self.paused is None:
@@ -1176,7 +1180,7 @@ class Dispatcher:
                 # (with its slot of the day's quota: the commit that writes it gives that back)
                 writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
                 continue
-            self.limiter.observe(domain, result)  # the reply as the server gave it
+            self.limiter.observe(domain, result, began=started_mono)  # the reply as the server gave it
             refusal = as_sender_refusal(result)
             sender_refused, result = refusal is not result, refusal
             servers = self._observe_failures(result, domain)

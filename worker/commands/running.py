@@ -147,6 +147,9 @@ def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zo
         lines.append(f"{waited} {'message' if waited == 1 else 'messages'} waited in the queue for a slot of their "
                      f"recipient domain's rate ({domains}{', …' if len(waits) > 5 else ''}): sending.domains and a "
                      "throttling reply set how fast a domain is sent to")
+    if report.dispatched.relay_slowed:
+        lines.append(f"{log.printable(report.dispatched.relay_slowed)}; the throttled messages wait in the queue, "
+                     "their attempts not counted")
     content = sum(n for what, n in report.dispatched.outcomes.items() if what == "failed:content_rejected")
     if content:
         lines.append(f"{content} messages were refused for their content (5.7.x): check the templates, "

@@ -1,0 +1,101 @@
+"""The relay's pace (``worker.core.pace``): which "slow down" is the relay's, and how the global rate follows it.
+Pure: time is an argument, nothing sleeps."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.core.limits import as_throttled
+from worker.core.pace import REST_SECONDS, RelayPace, throttle_scope
+from worker.domain import Outcome, SendResult
+
+
+def _result(code: int | None, reply: str, stage: str = "rcpt", error: str = "", outcome: Outcome = Outcome.TRANSIENT
+            ) -> SendResult:  # fmt: skip
+    return as_throttled(SendResult(outcome, code, reply, error, stage=stage))
+
+
+@pytest.mark.parametrize(
+    ("result", "scope"),
+    [
+        (_result(421, "421 4.7.0 Too many messages, slow down; closing connection"), "relay"),
+        (_result(421, "421 4.7.0 Too many messages, slow down", stage="mail"), "relay"),
+        (_result(450, "450 4.7.1 Error: too much mail from 10.0.0.1", stage="mail"), "relay"),
+        (_result(421, "421 4.3.2 Service not available", stage="connect"), "relay"),
+        (_result(None, "Connection lost", "data", "SMTPServerDisconnected"), "relay"),
+        (_result(None, "Connection lost", "reply", "SMTPServerDisconnected", Outcome.AMBIGUOUS), "relay"),
+        (_result(451, "451 4.7.1 Too many messages, slow down"), "maybe_relay"),
+        (_result(454, "454 Throttling failure: Maximum sending rate exceeded"), "maybe_relay"),
+        (_result(450, "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents "
+                      "additional messages from being delivered"), "domain"),
+        (_result(452, "452 Too many recipients for this mailbox, slow down"), "domain"),
+        # not throttling: the message's own temporary failure, the dispatcher's pause, or not a failure at all
+        (_result(451, "451 4.3.0 try again later"), None),
+        (_result(450, "450 4.7.1 Greylisted, please try again in 60 seconds"), None),
+        (_result(None, "Connection refused", "connect", "SMTPConnectError"), None),
+        (_result(535, "535 5.7.8 Authentication credentials invalid", stage="auth"), None),
+        (_result(250, "250 OK", "reply", outcome=Outcome.SENT), None),
+    ],
+)
+def test_where_a_slow_down_belongs(result: SendResult, scope: str | None) -> None:
+    assert throttle_scope(result) == scope
+
+
+SLOW = _result(451, "451 4.7.1 Too many messages, slow down")
+
+
+@pytest.mark.parametrize(
+    ("seen", "scope"),
+    [
+        ([(0.0, "a.example")], "domain"),  # one domain alone so far: its own limit
+        ([(0.0, "a.example"), (1.0, "a.example")], "domain"),
+        ([(0.0, "a.example"), (3.0, "b.example")], "relay"),  # a second domain within the window: the relay's
+        ([(0.0, "a.example"), (11.0, "b.example")], "domain"),  # …not once the first is 10 s old
+    ],
+)
+def test_a_slow_down_for_several_domains_is_the_relays(seen: list[tuple[float, str]], scope: str) -> None:
+    pace = RelayPace(ceiling=50.0, floor=0.2)
+    scopes = [pace.scope(SLOW, domain, now) for now, domain in seen]
+    assert scopes[-1] == scope
+
+
+def test_one_cut_per_round_then_a_rest() -> None:
+    pace = RelayPace(ceiling=50.0, floor=0.2)
+    assert pace.throttled(10.0, began=9.9) and pace.current == 25.0
+    assert pace.wait(10.0) == REST_SECONDS  # no send begins for a second: the relay's window moves on
+    # the replies of attempts that began before the cut went at the old pace: they say nothing new
+    assert not pace.throttled(10.05, began=9.95) and pace.current == 25.0
+    assert pace.throttled(11.5, began=11.1) and pace.current == 12.5
+    assert pace.wait(12.0) == pytest.approx(0.5)
+
+
+def test_never_below_the_floor_and_the_rest_is_one_interval_when_longer() -> None:
+    pace = RelayPace(ceiling=1.0, floor=0.2)
+    for n in range(6):
+        pace.throttled(100.0 * n, began=100.0 * n)
+    assert pace.current == 0.2
+    assert pace.wait(500.0) == pytest.approx(5.0)  # one interval at 0.2/s
+
+
+@pytest.mark.parametrize(
+    ("sends_at", "rates"),
+    [
+        ([1.0, 4.9], [25.0, 25.0]),  # within RECOVER_SECONDS of the cut: no step
+        ([5.0, 6.0, 10.0], [31.25, 31.25, 39.0625]),  # a quarter up every 5 s of sends without a cut
+        ([5.0, 10.0, 15.0, 20.0], [31.25, 39.0625, 48.828125, 50.0]),  # never above the configured rate
+    ],
+)
+def test_sends_bring_the_rate_back_step_by_step(sends_at: list[float], rates: list[float]) -> None:
+    pace = RelayPace(ceiling=50.0, floor=0.2)
+    pace.throttled(0.0, began=0.0)
+    seen = []
+    for at in sends_at:
+        pace.succeeded(at)
+        seen.append(pace.current)
+    assert seen == rates
+    assert pace.slowed is (rates[-1] < 50.0)
+
+
+def test_pace_validates() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        RelayPace(ceiling=0.0, floor=0.2)

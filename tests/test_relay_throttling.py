@@ -1,0 +1,112 @@
+"""A relay that throttles the whole account: the real Dispatcher, a real SQLite ledger, a real aiosmtpd relay that
+takes at most a few messages a second (whoever they are for) and answers the rest "slow down".
+
+Given a backlog for recipients at many domains, when a run sends it, then the sender slows its global pace to what
+the relay takes (instead of hammering it at the configured rate with every message, each throttled one sent back to
+wait), says so in the log and the run's summary, and recovers once the relay takes mail again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.sendkit import Shop, make_settings, message_ids
+from tests.smtp_server import Behaviour, RecordingServer, RelayRate
+from worker.adapters.clock import SystemClock
+from worker.commands import running
+
+DOMAINS = [f"d{n}.example" for n in range(8)]
+
+
+@pytest.fixture(autouse=True)
+def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+
+
+@pytest.fixture
+def server() -> Iterator[RecordingServer]:
+    server = RecordingServer()
+    server.start_in_thread()
+    try:
+        yield server
+    finally:
+        server.stop_in_thread()
+
+
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
+    return [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == name]
+
+
+def _shop(tmp_path: Path, server: RecordingServer, count: int, **sending: Any) -> tuple[Shop, list[str]]:
+    emails = [f"c{i}@{DOMAINS[i % len(DOMAINS)]}" for i in range(count)]
+    settings = make_settings(f"sqlite:///{tmp_path / 'ledger.db'}", server.port, smtp={"timeout_seconds": 2.0},
+                             rate_per_second=50.0, burst=50, **sending)  # fmt: skip
+    return Shop(f"sqlite:///{tmp_path / 'ledger.db'}", settings, emails, clock=SystemClock()), emails  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("at", ["rcpt", "mail"], ids=["451 at RCPT TO", "421 at MAIL FROM and a hang-up"])
+def test_a_relay_that_says_slow_down_gets_a_slower_global_pace(
+    tmp_path: Path, server: RecordingServer, at: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a relay that takes 5 messages a second, whoever they are for, and 40 due for 8 domains (each domain's
+    # own rate, 20/s, and the global one, 50/s, far above what the relay takes)
+    server.relay_rate = relay = RelayRate(5, at=at)
+    shop, emails = _shop(tmp_path, server, 40)
+    try:
+        # When a run sends them
+        report = shop.cycle()
+
+        # Then it slowed its global pace to what the relay takes: before, it sent at 50/s whatever the relay said,
+        # so 35 of 40 attempts (451) were refused, each domain halved in turn (35 domain_throttled); with the 421
+        # and hang-up, 23 reconnections were refused in 0.6 s, 20 in a row paused the run with 14 never tried
+        rows = [shop.row(e) for e in emails]
+        statuses = Counter(r.status for r in rows)
+        assert len(relay.refused) <= 12, (len(relay.refused), statuses)
+        assert statuses["sent"] >= 30 and statuses["sent"] + statuses["retry"] == 40, statuses
+        assert report.dispatched.paused is None
+        # the throttled messages wait in the queue, their attempts not counted; nothing arrived twice
+        assert all(r.attempts == 0 for r in rows if r.status == "retry")
+        assert len(server.messages) == statuses["sent"] and set(message_ids(server.messages).values()) == {1}
+        # the log says what slowed, to what rate, and why; the domains were not blamed for the relay's limit
+        throttled = _events(caplog, "relay_throttled")
+        assert 1 <= len(throttled) <= 6
+        assert throttled[0]["rate_before"] == 50.0 and throttled[-1]["rate_now"] <= 6.25
+        assert all("slow down" in e["reply"] for e in throttled)
+        assert len(_events(caplog, "domain_throttled")) <= 1  # the first "451" alone (at RCPT TO) is a domain's
+        (line,) = [line for line in running.summary(report) if "relay" in line]
+        assert line.startswith("the SMTP relay asked to slow down (")
+        assert "the global rate went down to " in line and "Too many messages, slow down" in line
+    finally:
+        shop.close()
+
+
+def test_a_domain_whose_mailboxes_say_slow_down_slows_that_domain_alone(
+    tmp_path: Path, server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given one recipient domain whose mailboxes are throttled (Gmail's 4.2.1 "receiving mail at a rate"), and 35
+    # messages for seven other domains
+    shop, emails = _shop(tmp_path, server, 40)
+    slow = [e for e in emails if e.endswith("@d0.example")]
+    for address in slow:
+        server.on(address, Behaviour(rcpt_reply="450 4.2.1 The user you are trying to contact is receiving mail at "
+                                                "a rate that prevents additional messages from being delivered"))
+    try:
+        started = time.monotonic()
+        report = shop.cycle()
+        took = time.monotonic() - started
+
+        # Then that domain is slowed down, the global pace is not: the others' 35 go out at once
+        assert {shop.row(e).status for e in emails if e not in slow} == {"sent"}
+        assert {shop.row(e).status for e in slow} == {"retry"}
+        assert {e["domain"] for e in _events(caplog, "domain_throttled")} == {"d0.example"}
+        assert _events(caplog, "relay_throttled") == []
+        assert report.dispatched.relay_slowed is None
+        assert took < 10
+    finally:
+        shop.close()

@@ -1,0 +1,135 @@
+"""The relay's pace: the global rate, slowed when the SMTP relay itself says "slow down". Pure: ``now`` is an
+argument (seconds on the caller's monotonic clock).
+
+Kembali hands every message to one relay (``smtp.host``), so a throttling reply may be that relay's own limit
+(every message alike, whoever it is for) or a limit it keeps for one recipient domain. ``throttle_scope`` tells
+them apart:
+
+* ``"relay"``: the relay hung up on us or said so for everyone: a 421 (it closes the channel), a connection it
+  dropped without a reply, a refusal at or before MAIL FROM that asks to slow down (nothing about a recipient
+  was said yet), or a
+  "slow down" that is not about a mailbox met for recipients at ``RELAY_DOMAINS`` different domains within
+  ``RELAY_WINDOW_SECONDS``;
+* ``"domain"``: a "slow down" about a mailbox (a 4.2.x status, "mailbox", "recipient", "user": Gmail's
+  ``450 4.2.1 The user you are trying to contact is receiving mail at a rate…``), or one met for one domain alone
+  so far: that domain's adaptive rate (``limits.AdaptiveRate``) takes it;
+* None: not throttling.
+
+``RelayPace`` slows the global rate down fast and brings it back gradually: a relay-wide signal halves it (never
+below a floor) and holds every send back ``REST_SECONDS`` (or one new interval), once per round (a signal from an
+attempt that began before the last cut was booked at the old pace and says nothing new); after ``RECOVER_SECONDS``
+without a signal, a send raises it by a quarter, up to the configured rate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from worker.core.limits import is_throttling
+from worker.core.retry import connection_failure
+from worker.domain import Outcome, SendResult
+
+Scope = Literal["relay", "domain"]
+
+RELAY_DOMAINS = 2
+"""Recipient domains that must meet a "slow down" (not about a mailbox) within ``RELAY_WINDOW_SECONDS`` before it is
+the relay's own limit."""
+RELAY_WINDOW_SECONDS = 10.0
+REST_SECONDS = 1.0
+"""After a cut no send begins for this long (or one new interval, if longer): a relay counts its limits over a second
+or more, and what is sent before its window has moved on is refused too (and would cut the rate again)."""
+RECOVER_SECONDS = 5.0
+"""Seconds without a relay-wide signal before each step back up."""
+RECOVER_FACTOR = 1.25
+
+DROPPED = "SMTPServerDisconnected"
+"""The error type of a connection the server closed without a reply (``adapters.smtp``)."""
+_ABOUT_A_MAILBOX = re.compile(r"\b4\.2\.\d{1,3}\b|mailbox|recipient|\buser\b", re.IGNORECASE)
+
+
+def throttle_scope(result: SendResult) -> Scope | Literal["maybe_relay"] | None:
+    """Where a result's "slow down" belongs, from the reply alone: ``"relay"``, ``"domain"``, ``"maybe_relay"`` (a
+    "slow down" not about a mailbox: the relay's when other domains meet it too, ``RelayPace.scope``), or None (not
+    throttling)."""
+    if result.code is None and result.error_type == DROPPED and result.outcome in (Outcome.TRANSIENT,
+                                                                                   Outcome.AMBIGUOUS):
+        return "relay"  # the relay dropped the connection, whatever it carried
+    kind = connection_failure(result)
+    if kind is not None:  # before RCPT TO: nothing about a recipient was said yet
+        if kind == "connection" and (result.code == 421 or is_throttling(result.code, result.reply)):
+            return "relay"
+        return None  # setup, login, a refused connection: the dispatcher's pause, not a pace
+    if result.outcome is not Outcome.THROTTLED:
+        return None
+    if _ABOUT_A_MAILBOX.search(result.reply):
+        return "domain"
+    return "relay" if result.code == 421 else "maybe_relay"
+
+
+@dataclass
+class RelayPace:
+    """The global rate, adaptive to the relay's throttling (see the module docstring)."""
+
+    ceiling: float
+    """The configured global rate (``sending.rate_per_second``); never exceeded."""
+    floor: float
+    """Never slower than this (``sending.throttle_floor_per_second``)."""
+    current: float = 0.0
+    cut_at: float | None = None
+    """When the last cut was made."""
+    stepped_at: float | None = None
+    """When the last step back up was made."""
+    quiet_until: float = 0.0
+    """No send begins before this (``REST_SECONDS`` or one new interval after a cut: the relay just hung up or said
+    "slow down")."""
+    seen: dict[str, float] = field(default_factory=dict)
+    """Per recipient domain, when it last met a "slow down" not about a mailbox."""
+
+    def __post_init__(self) -> None:
+        if self.ceiling <= 0 or self.floor <= 0:
+            raise ValueError("rates must be positive")
+        self.floor = min(self.floor, self.ceiling)
+        if self.current <= 0:
+            self.current = self.ceiling
+
+    @property
+    def slowed(self) -> bool:
+        return self.current < self.ceiling
+
+    def scope(self, result: SendResult, domain: str, now: float) -> Scope | None:
+        """``throttle_scope``, with a "maybe" settled by what other domains met within ``RELAY_WINDOW_SECONDS``."""
+        scope = throttle_scope(result)
+        if scope != "maybe_relay":
+            return scope
+        self.seen = {d: t for d, t in self.seen.items() if now - t <= RELAY_WINDOW_SECONDS}
+        self.seen[domain] = now
+        return "relay" if len(self.seen) >= RELAY_DOMAINS else "domain"
+
+    def throttled(self, now: float, *, began: float) -> bool:
+        """A relay-wide signal at ``now`` from an attempt that began at ``began``: halve the rate and hold the next
+        send back one new interval, unless the attempt began before the last cut (it went at the old pace). Whether
+        it cut."""
+        if self.cut_at is not None and began < self.cut_at:
+            return False
+        self.current = max(self.floor, self.current / 2.0)
+        self.cut_at = now
+        self.quiet_until = max(self.quiet_until, now + max(REST_SECONDS, 1.0 / self.current))
+        return True
+
+    def succeeded(self, now: float) -> bool:
+        """A send went through at ``now``: one step back up once ``RECOVER_SECONDS`` passed since the last cut or
+        step. Whether it stepped."""
+        if not self.slowed:
+            return False
+        last = max(t for t in (self.cut_at, self.stepped_at, -1e18) if t is not None)
+        if now - last < RECOVER_SECONDS:
+            return False
+        self.current = min(self.ceiling, self.current * RECOVER_FACTOR)
+        self.stepped_at = now
+        return True
+
+    def wait(self, now: float) -> float:
+        """Seconds before a send may begin (after a cut), 0 if now."""
+        return max(0.0, self.quiet_until - now)
