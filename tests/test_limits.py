@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import threading
 import time
 from collections import Counter
@@ -663,3 +664,33 @@ def test_a_reload_keeps_the_relays_throttling_of_the_global_rate() -> None:
     assert new.pace.current == 20.0 and new.limits("b.example")[0] == ("global", 0.05, 1)
     note = new.relay_note(0)
     assert note is not None and "went down to 20/s of sending.rate_per_second 30/s, now 20/s" in note
+
+
+def test_the_relays_throttling_slows_the_global_rate_and_sends_bring_it_back(caplog: pytest.LogCaptureFixture) -> None:
+    # Given a limiter sending to several domains, whose relay says "slow down" for two of them, then takes mail again
+    caplog.set_level(logging.INFO, logger="kembali")
+    clock = FakeClock()
+    limiter = Limiter(SendingSettings(rate_per_second=40.0, burst=40), clock, LocalBooker(clock))
+    slow_down = SendResult(Outcome.THROTTLED, 451, "451 4.7.1 Too many messages, slow down", stage="rcpt")
+    limiter.observe("a.example", slow_down, began=clock.monotonic())
+    assert limiter.pace.current == 40.0 and limiter.rates["a.example"].current == 10.0  # one domain: its own
+    clock.advance(0.5)
+    limiter.observe("b.example", slow_down, began=clock.monotonic())
+    # Then the global rate is halved, without its burst, the second domain is not blamed, and the log says why
+    assert limiter.pace.current == 20.0 and limiter.limits("c.example")[0] == ("global", 0.05, 1)
+    assert limiter.rates["b.example"].current == 20.0
+    (event,) = [r for r in caplog.records if r.getMessage() == "relay_throttled"]
+    assert event.kembali_fields["rate_now"] == 20.0
+    # and no send begins for a second (the relay's window moves on)
+    assert asyncio.run(limiter.acquire("c.example")) == pytest.approx(1.0)
+    # When mail goes through again, each 5 s of it brings the rate a quarter back, up to the configured one
+    sent = SendResult(Outcome.SENT, 250, "250 ok")
+    rates = []
+    for _ in range(6):
+        clock.advance(5.0)
+        limiter.observe("c.example", sent)
+        rates.append(limiter.pace.current)
+    assert rates == [25.0, 31.25, 39.0625, 40.0, 40.0, 40.0]
+    assert limiter.limits("c.example")[0] == ("global", 0.025, 40)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("relay_pace")] == \
+        ["relay_pace_raised"] * 3 + ["relay_pace_restored"]

@@ -8,6 +8,7 @@ wait), says so in the log and the run's summary, and recovers once the relay tak
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -136,7 +137,7 @@ def test_a_sigterm_while_messages_wait_on_the_relays_pace_loses_nothing_and_leav
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
         assert len(relay.refused) >= 2, "the relay's throttling"
-        time.sleep(0.5)  # the senders wait on the slowed pace
+        time.sleep(0.5 if command != "daemon" else 2.5)  # the senders wait on the slowed pace (a health line comes)
         # When SIGTERM comes (cron's `timeout`, systemd)
         proc.send_signal(signal.SIGTERM)
         stopped = time.monotonic()
@@ -158,5 +159,17 @@ def test_a_sigterm_while_messages_wait_on_the_relays_pace_loses_nothing_and_leav
     assert all(r[2] == 0 for r in rows if r[0] != "sent")  # the relay's throttling is counted against no message
     assert len(rows) == 40
     assert "relay_throttled" in err
-    if command != "daemon":
+    if command == "daemon":  # the health line says what slowed sending, to what rate, and why
+        health = [e for e in map(_json, err.splitlines()) if e.get("event") == "health"]
+        slowed = [e for e in health if e["relay_pace_per_second"] < 50.0]
+        assert slowed and "slow down" in slowed[-1]["relay_throttled"], health[-3:]
+    else:
         assert "stopped early by SIGTERM" in out and "the SMTP relay asked to slow down" in out, out
+
+
+def _json(line: str) -> dict[str, Any]:
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return event if isinstance(event, dict) else {}
