@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from worker.adapters import db, shop
+from tests.db_fixtures import migrate
+from worker.adapters import shop
 from worker.adapters.store import Store
 from worker.config import Settings, settings_from_dict
 from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, ProductRecord
@@ -65,8 +66,8 @@ def one_time_order(ext: str, customer_ext: str, *, days_ago: float = 60, product
 
 
 def make_shop(db_url: str, customers: Sequence[CustomerRecord], orders: Sequence[OrderRecord]) -> Store:
+    migrate(db_url)  # (a new SQLite file: a copy of the session's migrated one)
     store = Store.from_url(db_url)
-    db.upgrade(store.engine)
     shop.upsert_products(store.engine, PRODUCTS, NOW)
     shop.upsert_customers(store.engine, list(customers), NOW)
     shop.upsert_orders(store.engine, list(orders), NOW)

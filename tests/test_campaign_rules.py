@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from tests.db_fixtures import migrate
 from tests.shop import stored_orders
 from worker import planning
 from worker.adapters import shop
@@ -556,11 +557,7 @@ def test_the_skeletons_single_step_config_still_plans_one_step() -> None:
 
 
 def test_holdout_rows_are_planned_as_skipped_held_out(sqlite_url: str) -> None:
-    from worker.adapters import db
-
-    engine = db.create_engine(sqlite_url)
-    db.upgrade(engine)
-    engine.dispose()
+    migrate(sqlite_url)
     store = Store.from_url(sqlite_url)
     held = dataclasses.replace(SETTINGS, campaigns=dataclasses.replace(
         SETTINGS.campaigns, winback=dataclasses.replace(SETTINGS.campaigns.winback, holdout_share=0.5)))
@@ -680,12 +677,12 @@ def test_an_sqlite_insert_that_fails_midway_ends_the_read_that_ran_ahead_of_it(
 
     import sqlalchemy as sa
 
-    from worker.adapters import db, plan_sql
+    from worker.adapters import plan_sql
 
     monkeypatch.setattr(plan_sql, "INSERT_IDS", 2)
+    migrate(sqlite_url)
     store = Store.from_url(sqlite_url)
     try:
-        db.upgrade(store.engine)
         load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(23)])
         with store.engine.begin() as conn:
             conn.exec_driver_sql(
@@ -718,11 +715,9 @@ def test_a_pass_that_finds_nothing_new_never_waits_for_the_writer(sqlite_url: st
 
     import sqlalchemy as sa
 
-    from worker.adapters import db
-
+    migrate(sqlite_url)
     store = Store.from_url(sqlite_url)
     try:
-        db.upgrade(store.engine)
         load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(7)])
         assert planning.plan_into_ledger(store, SETTINGS, "winback", NOW) == 7
         store.engine.dispose()
@@ -837,9 +832,9 @@ def test_sqlite_plans_two_campaigns_at_once_only_with_its_memory_statistics_off(
                 running -= 1
 
     monkeypatch.setattr(planning, "plan_into_ledger", counted)
+    migrate(sqlite_url)
     store = Store.from_url(sqlite_url)
     try:
-        db.upgrade(store.engine)
         load(store, [case for table in TABLES.values() for case in table])
         planning.plan_campaigns(store, SETTINGS, list(TABLES), NOW)
         assert most == at_once
@@ -850,7 +845,7 @@ def test_sqlite_plans_two_campaigns_at_once_only_with_its_memory_statistics_off(
 
 @pytest.mark.postgres
 def test_a_row_of_the_campaign_written_beside_the_planning_lock_is_left_alone(
-    pg_url: str, caplog: pytest.LogCaptureFixture
+    pg_migrated_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """PostgreSQL plans with a plain INSERT (no ON CONFLICT), relying on the planning lock and NOT EXISTS.
     A row of the same campaign written without the lock, still uncommitted when the plan reads the ledger,
@@ -860,13 +855,10 @@ def test_a_row_of_the_campaign_written_beside_the_planning_lock_is_left_alone(
 
     import sqlalchemy as sa
 
-    from worker.adapters import db, plan_sql
+    from worker.adapters import plan_sql
     from worker.adapters.store import M
 
-    engine = db.create_engine(pg_url)
-    db.upgrade(engine)
-    engine.dispose()
-    store = Store.from_url(pg_url)
+    store = Store.from_url(pg_migrated_url)
     try:
         load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(5)])
         first = next(m for batch in planning.plan_batches(store, SETTINGS, "winback", NOW) for m in batch)
@@ -915,9 +907,9 @@ def test_sqlite_planning_writes_without_foreign_key_checks_and_gives_every_conne
     from worker.adapters import db
     from worker.adapters.store import M
 
+    migrate(sqlite_url)
     store = Store.from_url(sqlite_url)
     try:
-        db.upgrade(store.engine)
         load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(5)])
         with db.writing_without_foreign_keys(store.engine) as conn:
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 0

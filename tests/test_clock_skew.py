@@ -43,11 +43,8 @@ LEASE = 300  # sending.lease_seconds as shipped
 
 
 @pytest.fixture
-def store(pg_url: str) -> Iterator[Store]:
-    engine = db.create_engine(pg_url)
-    db.upgrade(engine)
-    engine.dispose()
-    s = Store.from_url(pg_url)
+def store(pg_migrated_url: str) -> Iterator[Store]:
+    s = Store.from_url(pg_migrated_url)
     shop.upsert_customers(
         s.engine, [CustomerRecord("C0", "c0@example.com", "C 0", Locale.ID, "Asia/Jakarta", None, True, "", "")], NOW
     )
@@ -142,11 +139,11 @@ def _other_worker_busy(store: Store) -> list[int]:
 
 @pytest.mark.parametrize("skew", [300, -300, 30])
 def test_a_run_whose_clock_is_off_the_databases_refuses_to_send_and_takes_no_lease(
-    pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, skew: int
+    pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, skew: int
 ) -> None:
     monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
-    settings = make_settings(pg_url, smtp_server.port)
-    shop_ = Shop(pg_url, settings, ["c0@example.com", "c1@example.com"], clock=SkewedClock(skew))  # type: ignore[arg-type]
+    settings = make_settings(pg_migrated_url, smtp_server.port)
+    shop_ = Shop(pg_migrated_url, settings, ["c0@example.com", "c1@example.com"], clock=SkewedClock(skew))  # type: ignore[arg-type]
     try:
         held = _other_worker_busy(shop_.store)
         report = shop_.cycle()
@@ -166,11 +163,11 @@ def test_a_run_whose_clock_is_off_the_databases_refuses_to_send_and_takes_no_lea
 
 
 def test_a_run_whose_clock_is_seconds_off_the_databases_sends(
-    pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
-    settings = make_settings(pg_url, smtp_server.port)
-    shop_ = Shop(pg_url, settings, ["c0@example.com", "c1@example.com"], clock=SkewedClock(3))  # type: ignore[arg-type]
+    settings = make_settings(pg_migrated_url, smtp_server.port)
+    shop_ = Shop(pg_migrated_url, settings, ["c0@example.com", "c1@example.com"], clock=SkewedClock(3))  # type: ignore[arg-type]
     try:
         report = shop_.cycle()
     finally:
@@ -179,13 +176,13 @@ def test_a_run_whose_clock_is_seconds_off_the_databases_sends(
 
 
 def test_a_daemon_whose_clock_goes_off_pauses_sending_and_maintenance_and_says_so_in_the_health_line(
-    tmp_path: Path, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given a daemon on PostgreSQL with two win-backs due, and another worker holding two rows with live leases
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
-    s = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    s = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url)
     s.add([1, 2], days_ago=60)
     other = s.store()
     held = _other_worker_busy(other)
@@ -243,11 +240,12 @@ def _one_connection_shop(pg_url: str, smtp_server: RecordingServer, monkeypatch:
 
 
 def test_a_run_whose_clock_jumps_off_the_databases_while_it_sends_stops_claiming(
-    pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given 8 win-backs due, one connection, a server that takes half a second over each message, a lease of 3 s
     # (renewed, and the clock compared, every second; 0.5 s allowed)
-    shop_, clock, emails = _one_connection_shop(pg_url, smtp_server, monkeypatch, delay_seconds=0.5, lease_seconds=3)
+    shop_, clock, emails = _one_connection_shop(pg_migrated_url, smtp_server, monkeypatch, delay_seconds=0.5,
+                                                lease_seconds=3)  # fmt: skip
 
     def jump() -> None:  # When the host's clock jumps 5 minutes ahead once the first message arrived
         while not smtp_server.messages:
@@ -271,14 +269,14 @@ def test_a_run_whose_clock_jumps_off_the_databases_while_it_sends_stops_claiming
 
 
 def test_a_run_whose_clock_jumps_behind_the_databases_while_it_sends_leaves_its_leases_live(
-    pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given 8 win-backs due, one connection, a server that takes a second over each message, a lease of 6 s (renewed,
     # and the clock compared, every 2 s; 1 s allowed)
-    shop_, clock, _ = _one_connection_shop(pg_url, smtp_server, monkeypatch, delay_seconds=1, lease_seconds=6)
+    shop_, clock, _ = _one_connection_shop(pg_migrated_url, smtp_server, monkeypatch, delay_seconds=1, lease_seconds=6)
     lapsed_seen: list[int] = []
     done = threading.Event()
-    watcher_engine = db.create_engine(pg_url)
+    watcher_engine = db.create_engine(pg_migrated_url)
 
     def jump_and_watch() -> None:
         # When the host's clock jumps 5 minutes behind once the first message arrived, while another worker (on the
@@ -310,12 +308,12 @@ def test_a_run_whose_clock_jumps_behind_the_databases_while_it_sends_leaves_its_
 
 
 def test_a_daemon_paused_for_its_clock_sends_again_once_the_clock_is_right_without_a_sighup(
-    tmp_path: Path, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a daemon on PostgreSQL told to stay paused until SIGHUP after a pause (an SMTP server's trouble is for an
     # operator to look at), with a win-back due
     monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
-    s = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url,
+    s = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url,
                   extra="[sending]\npause_retry_seconds = 0\n")  # fmt: skip
     s.add([1], days_ago=60)
     settings = load_settings(s.config)
@@ -352,13 +350,13 @@ def test_a_daemon_paused_for_its_clock_sends_again_once_the_clock_is_right_witho
 
 
 def test_a_daemon_whose_clock_is_off_plans_nothing_and_plans_once_the_clock_is_right(
-    tmp_path: Path, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given a daemon on PostgreSQL that never planned its win-backs (its start-up catches them up), two customers due
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
-    s = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    s = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url)
     s.add([1, 2], days_ago=60)
     settings = load_settings(s.config)
     deps = Deps.build(settings)

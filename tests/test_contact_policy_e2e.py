@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.db_fixtures import migrate
 from tests.smtp_server import ACCEPT, Behaviour, RecordingServer
 from worker.adapters import db, opstore, shop
 from worker.adapters.store import Store
@@ -55,8 +56,8 @@ def settings_for(tmp_path: Path, server: RecordingServer) -> Settings:
 
 
 def given_a_shop(settings: Settings, customers: list[tuple[str, date | None]], orders: list[OrderRecord]) -> None:
+    migrate(settings.database_url)  # (a new SQLite file: a copy of the session's migrated one)
     engine = db.create_engine(settings.database_url)
-    db.upgrade(engine)
     shop.upsert_customers(engine, [
         CustomerRecord(ext, f"{ext.lower()}@example.com", f"Siti {ext}", Locale.EN, "Asia/Jakarta", born, True,
                        "opt_in", "checkout")

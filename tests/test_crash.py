@@ -116,6 +116,8 @@ def test_sigkilled_workers_on_sqlite_lose_nothing_and_send_nothing_twice(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_sigkilled_workers_on_postgresql_lose_nothing_and_send_nothing_twice(pg_url: str, tmp_path: Path) -> None:
-    rows, kills, sink = crash_until_done(pg_url, tmp_path, seed=5)
+def test_sigkilled_workers_on_postgresql_lose_nothing_and_send_nothing_twice(
+    pg_migrated_url: str, tmp_path: Path
+) -> None:
+    rows, kills, sink = crash_until_done(pg_migrated_url, tmp_path, seed=5)
     check(rows, kills, sink)

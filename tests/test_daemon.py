@@ -1012,12 +1012,12 @@ def test_a_stop_signal_during_a_reload_stops_its_check_and_leaves_nothing_in_the
 
 @pytest.mark.postgres
 def test_a_database_error_in_catch_up_planning_is_logged_and_the_daemon_starts_all_the_same(
-    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str
 ) -> None:
     # Given a daemon that was down over a planning time, whose catch-up pass is held up (as a large shop's is)
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url)
     shop.add([1], days_ago=60)
-    holder = sa.create_engine(pg_url)
+    holder = sa.create_engine(pg_migrated_url)
     daemon = None
     try:
         with holder.connect() as conn:
@@ -1048,16 +1048,16 @@ def test_a_database_error_in_catch_up_planning_is_logged_and_the_daemon_starts_a
 
 @pytest.mark.postgres
 def test_when_the_database_is_gone_as_the_grace_period_runs_out_the_daemon_says_so_and_exits_1(
-    tmp_path: Path, smtp_server: RecordingServer, pg_url: str, pg_admin: sa.Engine
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str, pg_admin: sa.Engine
 ) -> None:
     # Given a daemon with two sends under way to a slow server and a short grace period
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url)
     text = shop.config.read_text().replace("shutdown_grace_seconds = 5.0", "shutdown_grace_seconds = 1")
     shop.config.write_text(text)
     shop.add([1, 2], days_ago=60)
     for i in (1, 2):
         smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=5))
-    name = sa.engine.make_url(pg_url).database
+    name = sa.engine.make_url(pg_migrated_url).database
     daemon = Daemon.start(shop)
     try:
         daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 2,
@@ -1085,13 +1085,13 @@ def test_when_the_database_is_gone_as_the_grace_period_runs_out_the_daemon_says_
 
 @pytest.mark.postgres
 def test_a_sighup_during_catch_up_planning_reloads_once_the_daemon_is_up_not_before(
-    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str
 ) -> None:
     # Given a daemon under a (fake) systemd notify socket, whose catch-up pass is held up
     notify, notify_path = _notify_socket(tmp_path, timeout=30)
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url)
     shop.add([1], days_ago=60)
-    holder = sa.create_engine(pg_url)
+    holder = sa.create_engine(pg_migrated_url)
     daemon = None
     try:
         with holder.connect() as conn:
@@ -1118,13 +1118,13 @@ def test_a_sighup_during_catch_up_planning_reloads_once_the_daemon_is_up_not_bef
 
 @pytest.mark.postgres
 def test_a_stop_signal_during_a_scheduled_planning_pass_waits_for_it_and_says_so(
-    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str
 ) -> None:
     # Given a running daemon planning every second, whose scheduled pass is held up (as a large shop's is)
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *", db_url=pg_url)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *", db_url=pg_migrated_url)
     shop.add([1], days_ago=60)
     daemon = Daemon.start(shop)
-    holder = sa.create_engine(pg_url)
+    holder = sa.create_engine(pg_migrated_url)
     try:
         # (the email sent first: with the queue empty, the sender reads no customer row, only planning does)
         daemon.wait_for(lambda: daemon.named("email_sent"), timeout=30, why="the email_sent event")
@@ -1236,14 +1236,14 @@ def test_a_reload_that_raises_a_slow_domains_rate_brings_its_waiting_messages_fo
 
 
 def test_the_health_line_and_metrics_keep_their_counts_while_the_database_is_down(
-    tmp_path: Path, smtp_server: RecordingServer, pg_url: str, pg_admin: sa.Engine
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str, pg_admin: sa.Engine
 ) -> None:
     # Given a daemon on PostgreSQL whose first health line is due a while after it has sent two emails
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url)
     text = shop.config.read_text().replace("health_summary_seconds = 1.0", "health_summary_seconds = 5")
     shop.config.write_text(text)
     shop.add([1, 2], days_ago=60)
-    name = sa.engine.make_url(pg_url).database
+    name = sa.engine.make_url(pg_migrated_url).database
 
     def allow_connections(allow: bool) -> None:
         with pg_admin.connect() as conn:
@@ -1278,14 +1278,14 @@ def test_the_health_line_and_metrics_keep_their_counts_while_the_database_is_dow
 
 @pytest.mark.postgres
 def test_a_stop_signal_during_catch_up_planning_leaves_the_other_campaigns_to_the_next_start(
-    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str
 ) -> None:
     # Given a daemon that was down over every campaign's planning time, on PostgreSQL, whose first catch-up
     # pass is held up (another session holds the customer table), as a large shop's pass takes a while
     every = "".join(f"[campaigns.{c}]\nenabled = true\n" for c in ("birthday", "feedback", "new_products", "loyalty"))
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url, extra=every)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url, extra=every)
     shop.add([1, 2], days_ago=60)
-    holder = sa.create_engine(pg_url)
+    holder = sa.create_engine(pg_migrated_url)
     try:
         with holder.connect() as conn:
             conn.execute(sa.text("LOCK TABLE customer IN ACCESS EXCLUSIVE MODE"))
@@ -1313,17 +1313,17 @@ def test_a_stop_signal_during_catch_up_planning_leaves_the_other_campaigns_to_th
 
 @pytest.mark.postgres
 def test_when_the_database_hangs_as_the_grace_period_runs_out_the_daemon_gives_up_on_it_and_exits_1(
-    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str
 ) -> None:
     # Given a daemon with two sends under way to a slow server and a short grace period
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_url)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url)
     text = shop.config.read_text().replace("shutdown_grace_seconds = 5.0", "shutdown_grace_seconds = 1")
     shop.config.write_text(text)
     shop.add([1, 2], days_ago=60)
     for i in (1, 2):
         smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=3))
     daemon = Daemon.start(shop)
-    holder = sa.create_engine(pg_url)
+    holder = sa.create_engine(pg_migrated_url)
     try:
         daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 2,
                         why="two sends under way")
@@ -1373,13 +1373,13 @@ def test_a_catch_up_pass_asks_systemd_for_more_start_up_time_before_ready(
 
 @pytest.mark.postgres
 def test_the_daemon_sends_nothing_while_a_planning_pass_is_under_way_so_priority_decides(
-    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str
 ) -> None:
     # Given a running daemon planning win-back and feedback requests every second, under the default cap
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *", db_url=pg_url,
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *", db_url=pg_migrated_url,
                      extra="[campaigns.feedback]\nenabled = true\n\n[campaigns.winback]\nholdout_share = 0.0\n")
     daemon = Daemon.start(shop)
-    holder = sa.create_engine(pg_url)
+    holder = sa.create_engine(pg_migrated_url)
     try:
         daemon.wait_event("daemon_started")
         with holder.connect() as conn:
@@ -1413,7 +1413,7 @@ def test_the_daemon_sends_nothing_while_a_planning_pass_is_under_way_so_priority
 
 @pytest.mark.postgres
 def test_a_birthday_offer_its_catch_up_pass_plans_keeps_its_slot_from_an_email_already_due_when_the_daemon_starts(
-    tmp_path: Path, smtp_server: RecordingServer, pg_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a daemon that was down over the birthday pass that would have planned C1's offer: C1's birthday is
     # today on their clock (midday there), their win-back step, planned before, is due, and the shop plans once a
@@ -1425,7 +1425,7 @@ def test_a_birthday_offer_its_catch_up_pass_plans_keeps_its_slot_from_an_email_a
     local = now.astimezone(ZoneInfo(zone))
     passed = (now - timedelta(hours=1)).astimezone(ZoneInfo("Asia/Jakarta"))
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron=f"{passed.minute} {passed.hour} * * *",
-                     db_url=pg_url, extra='''
+                     db_url=pg_migrated_url, extra='''
 [policy]
 frequency_caps = [[1, 3]]
 quiet_hours_start = "00:00"
@@ -1448,7 +1448,7 @@ holdout_share = 0.0
         assert plan(store, load_settings(shop.config), now, ["winback"]).created == {"winback": 1}
     finally:
         store.close()
-    holder = sa.create_engine(pg_url)
+    holder = sa.create_engine(pg_migrated_url)
     daemon = None
     try:
         with holder.connect() as conn:
@@ -1600,9 +1600,9 @@ def test_a_restart_after_a_crash_names_each_email_it_finds_left_uncertain(
 
 
 def test_a_restart_after_a_crash_names_each_email_it_finds_left_uncertain_on_postgresql(
-    tmp_path: Path, smtp_server: RecordingServer, pg_url: str
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str
 ) -> None:
-    _restart_after_a_crash(tmp_path, smtp_server, pg_url)
+    _restart_after_a_crash(tmp_path, smtp_server, pg_migrated_url)
 
 
 def _restart_after_a_crash(tmp_path: Path, smtp_server: RecordingServer, db_url: str | None) -> None:

@@ -291,18 +291,18 @@ def test_rows_an_earlier_failed_run_left_claimed_lapse_while_a_later_run_of_the_
 
 @pytest.mark.postgres
 def test_a_database_connection_lost_mid_run_is_reopened_and_nothing_is_lost(
-    pg_url: str, smtp_server: RecordingServer
+    pg_migrated_url: str, smtp_server: RecordingServer
 ) -> None:
     # Given 20 customers due a win-back and a slow SMTP server
     emails = [f"c{i}@test.example" for i in range(20)]
     for address in emails:
         smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=0.1))
-    settings = make_settings(pg_url, smtp_server.port, compose_processes=0)
-    shop = Shop(pg_url, settings, emails)
+    settings = make_settings(pg_migrated_url, smtp_server.port, compose_processes=0)
+    shop = Shop(pg_migrated_url, settings, emails)
     plan(shop.store, settings, NOW)
     deps = replace(shop.deps, clock=_FlowingClock(NOW))
     astore = AsyncStore(shop.store)
-    admin = sa.create_engine(pg_url)
+    admin = sa.create_engine(pg_migrated_url)
 
     async def run() -> DispatchReport:
         transport = deps.transport()
@@ -336,18 +336,18 @@ def test_a_database_connection_lost_mid_run_is_reopened_and_nothing_is_lost(
 
 @pytest.mark.postgres
 def test_a_database_that_refuses_connections_for_a_moment_mid_run_sends_everyone_once_and_leaves_nothing_uncertain(
-    pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer
+    pg_admin: sa.Engine, pg_migrated_url: str, smtp_server: RecordingServer
 ) -> None:
     # Given 120 customers due a win-back, claimed 10 at a time and sent at 40 a second (each slot booked in the
     # database, which every worker shares)
     emails = [f"c{i}@test.example" for i in range(120)]
-    settings = make_settings(pg_url, smtp_server.port, compose_processes=0, batch_size=10, rate_per_second=40.0,
-                             burst=1, domain_rate_per_second=40.0, domain_burst=1)  # fmt: skip
-    shop = Shop(pg_url, settings, emails)
+    settings = make_settings(pg_migrated_url, smtp_server.port, compose_processes=0, batch_size=10,
+                             rate_per_second=40.0, burst=1, domain_rate_per_second=40.0, domain_burst=1)  # fmt: skip
+    shop = Shop(pg_migrated_url, settings, emails)
     plan(shop.store, settings, NOW)
     deps = replace(shop.deps, clock=_FlowingClock(NOW))
     astore = AsyncStore(shop.store)
-    name = sa.make_url(pg_url).database
+    name = sa.make_url(pg_migrated_url).database
 
     async def run() -> DispatchReport:
         transport = deps.transport()
@@ -384,12 +384,12 @@ def test_a_database_that_refuses_connections_for_a_moment_mid_run_sends_everyone
 
 @pytest.mark.postgres
 def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorded_by_the_next_run(
-    pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
+    pg_admin: sa.Engine, pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given 6 customers due a win-back, a server that takes a second over each message, and a database that stays
     # away longer than the ledger writer tries again (here 0.4 s; 15.5 s as shipped: a failover takes longer)
-    shop, emails = _slow_shop(pg_url, smtp_server, monkeypatch, delay_seconds=1.0, in_flight_per_connection=1)
+    shop, emails = _slow_shop(pg_migrated_url, smtp_server, monkeypatch, delay_seconds=1.0, in_flight_per_connection=1)
     settings = shop.settings
     astore = AsyncStore(shop.store)
 
@@ -400,7 +400,7 @@ def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorde
         try:
             # When the database goes away while two messages are on the wire (the server takes them), for longer
             # than the run waits for it: the run stops with the database's error
-            failure = await _fails_in_an_outage(dispatcher.run_once(), shop.store.engine, pg_admin, pg_url)
+            failure = await _fails_in_an_outage(dispatcher.run_once(), shop.store.engine, pg_admin, pg_migrated_url)
             # And once it is back, the next run goes on
             return failure, await dispatcher.run_once()
         finally:
@@ -409,7 +409,7 @@ def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorde
     try:
         failure, report = asyncio.run(asyncio.wait_for(run(), timeout=60))
     finally:
-        _allow_connections(pg_admin, pg_url, True)
+        _allow_connections(pg_admin, pg_migrated_url, True)
         astore.close()
     assert failure is not None and type(failure).__name__ == "OperationalError", failure
     # Then the two sends the server took are recorded as sent by the next run, not left `sending` to become
@@ -430,10 +430,10 @@ def test_sends_whose_outcomes_a_database_outage_kept_from_the_ledger_are_recorde
 
 @pytest.mark.postgres
 def test_sends_a_database_outage_kept_from_the_ledger_are_recorded_though_the_clock_is_then_off(
-    pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    pg_admin: sa.Engine, pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a run that the database left, as above, with two sends the server took and could not record
-    shop, _ = _slow_shop(pg_url, smtp_server, monkeypatch, delay_seconds=1.0, in_flight_per_connection=1)
+    shop, _ = _slow_shop(pg_migrated_url, smtp_server, monkeypatch, delay_seconds=1.0, in_flight_per_connection=1)
     settings = shop.settings
     astore = AsyncStore(shop.store)
 
@@ -443,7 +443,7 @@ def test_sends_a_database_outage_kept_from_the_ledger_are_recorded_though_the_cl
         dispatcher = Dispatcher(settings=settings, store=astore, composer=shop.deps.composer(), transport=transport,
                                 clock=clock, worker="w1")  # fmt: skip
         try:
-            failure = await _fails_in_an_outage(dispatcher.run_once(), shop.store.engine, pg_admin, pg_url)
+            failure = await _fails_in_an_outage(dispatcher.run_once(), shop.store.engine, pg_admin, pg_migrated_url)
             # When the database is back but this host's clock is now far off the database's (NOW: days ago), as
             # after a host's suspend and resume, before NTP sets it right
             dispatcher.clock_guard = ClockGuard(astore, clock, settings.sending.lease_seconds)
@@ -454,7 +454,7 @@ def test_sends_a_database_outage_kept_from_the_ledger_are_recorded_though_the_cl
     try:
         failure, report = asyncio.run(asyncio.wait_for(run(), timeout=60))
     finally:
-        _allow_connections(pg_admin, pg_url, True)
+        _allow_connections(pg_admin, pg_migrated_url, True)
         astore.close()
     # Then the run sends nothing, but records the two sends it knows the server took: left `sending`, their leases
     # would lapse meanwhile and another worker's maintenance make them `uncertain`, an operator's decision
@@ -466,18 +466,18 @@ def test_sends_a_database_outage_kept_from_the_ledger_are_recorded_though_the_cl
 
 @pytest.mark.postgres
 def test_sends_on_the_wire_when_the_database_goes_away_are_finished_and_recorded_by_the_next_run(
-    pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    pg_admin: sa.Engine, pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given 6 customers due a win-back, a server that takes 2 s over each message, and a database that goes away
     # for longer than the ledger writer tries again (0.4 s here) while two messages are on the wire
-    shop, emails = _slow_shop(pg_url, smtp_server, monkeypatch, delay_seconds=2.0)
+    shop, emails = _slow_shop(pg_migrated_url, smtp_server, monkeypatch, delay_seconds=2.0)
     astore = AsyncStore(shop.store)
 
     async def run() -> BaseException | None:
         transport = shop.deps.transport()
         dispatcher = _rate_in_the_database(shop, astore, transport)
         try:
-            failure = await _fails_in_an_outage(dispatcher.run_once(), shop.store.engine, pg_admin, pg_url)
+            failure = await _fails_in_an_outage(dispatcher.run_once(), shop.store.engine, pg_admin, pg_migrated_url)
             await dispatcher.run_once()
             return failure
         finally:
@@ -486,7 +486,7 @@ def test_sends_on_the_wire_when_the_database_goes_away_are_finished_and_recorded
     try:
         failure = asyncio.run(asyncio.wait_for(run(), timeout=60))
     finally:
-        _allow_connections(pg_admin, pg_url, True)
+        _allow_connections(pg_admin, pg_migrated_url, True)
         astore.close()
     # Then the run stops with the database's error, but only once the two messages on the wire are through: they
     # arrive and are recorded as sent by the next run (before, they were cut off mid-DATA: not delivered, and left
@@ -500,15 +500,15 @@ def test_sends_on_the_wire_when_the_database_goes_away_are_finished_and_recorded
 
 @pytest.mark.postgres
 def test_a_failing_run_cancelled_while_it_waits_for_the_sends_on_the_wire_cuts_them_off_and_ends(
-    pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    pg_admin: sa.Engine, pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a run that fails (the database gone) while messages take 20 s each on the wire (long enough that a run
     # which waited for them could not pass for one cut off, however loaded the machine): three connections and six
     # senders for eight messages; the first three go on the wire (claimed, marked, booked and connected in turn), the
     # third takes 3 s, and its sender then marks the seventh while the database is away: the run fails there, with
     # the others on the wire
-    shop, emails = _slow_shop(pg_url, smtp_server, monkeypatch, delay_seconds=20.0, smtp_timeout=30.0, pool_size=3,
-                              customers=8)  # fmt: skip
+    shop, emails = _slow_shop(pg_migrated_url, smtp_server, monkeypatch, delay_seconds=20.0, smtp_timeout=30.0,
+                              pool_size=3, customers=8)  # fmt: skip
     smtp_server.on(emails[2], Behaviour(delay_at="data", delay_seconds=3.0))
     astore = AsyncStore(shop.store)
 
@@ -519,7 +519,7 @@ def test_a_failing_run_cancelled_while_it_waits_for_the_sends_on_the_wire_cuts_t
             task = asyncio.ensure_future(dispatcher.run_once())
             while smtp_server.data_taken < 3:
                 await asyncio.sleep(0.02)
-            _allow_connections(pg_admin, pg_url, False)
+            _allow_connections(pg_admin, pg_migrated_url, False)
             failed_by = time.monotonic() + 30
             while not (dispatcher._failing and dispatcher._on_wire):  # failed, and waits for the sends on the wire
                 assert time.monotonic() < failed_by, "the run did not fail with sends on the wire"
@@ -535,13 +535,13 @@ def test_a_failing_run_cancelled_while_it_waits_for_the_sends_on_the_wire_cuts_t
             left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("kembali-sender")]
             return task.cancelled(), arrived, left
         finally:
-            _allow_connections(pg_admin, pg_url, True)
+            _allow_connections(pg_admin, pg_migrated_url, True)
             await transport.close()
 
     try:
         cancelled, arrived, left = asyncio.run(asyncio.wait_for(run(), timeout=60))
     finally:
-        _allow_connections(pg_admin, pg_url, True)
+        _allow_connections(pg_admin, pg_migrated_url, True)
         astore.close()
     # Then it ends at once, cancelled, before any send held 20 s at DATA is through (the server may or may not have
     # the third's yet, as the load decides which database call fails first), and leaves no sender running on its own
@@ -552,11 +552,12 @@ def test_a_failing_run_cancelled_while_it_waits_for_the_sends_on_the_wire_cuts_t
 
 @pytest.mark.postgres
 def test_outcomes_a_database_outage_kept_from_the_ledger_are_written_after_a_reload_between_runs(
-    tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pg_admin: sa.Engine, pg_migrated_url: str, smtp_server: RecordingServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given a daemon on PostgreSQL, 6 customers due a win-back, a server that takes a second over each message,
     # and a database that stays away longer than the ledger writer tries again (here 0.4 s)
-    shop, emails = _daemon_shop(tmp_path, pg_url, smtp_server, monkeypatch, customers=6)
+    shop, emails = _daemon_shop(tmp_path, pg_migrated_url, smtp_server, monkeypatch, customers=6)
 
     async def scenario() -> BaseException | None:
         daemon = Daemon(load_settings(shop.config), config_path=shop.config)
@@ -564,7 +565,7 @@ def test_outcomes_a_database_outage_kept_from_the_ledger_are_written_after_a_rel
             plan(daemon.store, daemon.gen.settings, daemon.clock.now())
             # When the database goes away while messages are on the wire: the run stops with its error
             failure = await _fails_in_an_outage(daemon.gen.dispatcher.run_once(), daemon.store.engine, pg_admin,
-                                                pg_url)  # fmt: skip
+                                                pg_migrated_url)  # fmt: skip
             # And a reload (SIGHUP, a saved template) comes between that run and the next
             assert await daemon.reload("SIGHUP")
             await daemon.gen.dispatcher.run_once()
@@ -576,7 +577,7 @@ def test_outcomes_a_database_outage_kept_from_the_ledger_are_written_after_a_rel
     try:
         failure = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     finally:
-        _allow_connections(pg_admin, pg_url, True)
+        _allow_connections(pg_admin, pg_migrated_url, True)
     assert failure is not None and type(failure).__name__ == "OperationalError", failure
     # Then the sends the server took before the outage are recorded as sent by the new configuration's run, not
     # left `sending` to become `uncertain` when their leases lapse; everyone gets one email
@@ -586,13 +587,14 @@ def test_outcomes_a_database_outage_kept_from_the_ledger_are_written_after_a_rel
 
 @pytest.mark.postgres
 def test_the_daemons_own_maintenance_leaves_the_rows_whose_outcomes_an_outage_kept_to_it(
-    tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pg_admin: sa.Engine, pg_migrated_url: str, smtp_server: RecordingServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given a daemon on PostgreSQL with one SMTP connection and four senders, 6 win-backs due, a server that takes
     # a second over each message, and a database that goes away once four rows are `sending` (one on the wire,
     # three waiting for the connection), for longer than the ledger writer tries again: the run fails and keeps
     # the outcomes it could not write (the send the server took; the three it never began, back to the queue)
-    shop, emails = _daemon_shop(tmp_path, pg_url, smtp_server, monkeypatch, customers=6)
+    shop, emails = _daemon_shop(tmp_path, pg_migrated_url, smtp_server, monkeypatch, customers=6)
     shop.config.write_text(shop.config.read_text().replace("pool_size = 2", "pool_size = 1"))
 
     async def scenario() -> None:
@@ -602,10 +604,10 @@ def test_the_daemons_own_maintenance_leaves_the_rows_whose_outcomes_an_outage_ke
             running = asyncio.ensure_future(daemon.gen.dispatcher.run_once())
             while shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") < 4:
                 await asyncio.sleep(0.02)
-            _allow_connections(pg_admin, pg_url, False)
+            _allow_connections(pg_admin, pg_migrated_url, False)
             with contextlib.suppress(Exception):
                 await running
-            _allow_connections(pg_admin, pg_url, True)
+            _allow_connections(pg_admin, pg_migrated_url, True)
             assert daemon.gen.dispatcher.unwritten
             # When the outage outlasted the rows' leases, and the daemon's maintenance runs once the database is
             # back, before its next dispatch run writes what it kept
@@ -621,7 +623,7 @@ def test_the_daemons_own_maintenance_leaves_the_rows_whose_outcomes_an_outage_ke
     try:
         asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     finally:
-        _allow_connections(pg_admin, pg_url, True)
+        _allow_connections(pg_admin, pg_migrated_url, True)
     # Then the daemon does not take its own rows for a dead worker's: the send ends `sent`, the rows it never sent
     # are sent now, nothing is left `uncertain` for the operator to decide about, and everyone gets one email
     assert shop.rows("SELECT status, count(*) FROM message GROUP BY status") == [("sent", 6)]
@@ -712,21 +714,22 @@ def _rate_in_the_database(shop: Shop, astore: AsyncStore, transport: Any) -> Dis
 
 @pytest.mark.postgres
 def test_a_daemon_stopped_during_a_database_outage_records_the_sends_it_kept_once_the_database_is_back(
-    tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pg_admin: sa.Engine, pg_migrated_url: str, smtp_server: RecordingServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Given a daemon on PostgreSQL sending 6 win-backs to a server that takes a second over each message, and a
     # database that goes away once messages are on the wire, for longer than the ledger writer tries again (0.4 s)
-    shop, _ = _daemon_shop(tmp_path, pg_url, smtp_server, monkeypatch, customers=6)
+    shop, _ = _daemon_shop(tmp_path, pg_migrated_url, smtp_server, monkeypatch, customers=6)
 
     async def scenario() -> int:
         daemon = Daemon(load_settings(shop.config), config_path=shop.config)
         try:
-            running = await _failing_in_an_outage(daemon, smtp_server, pg_admin, pg_url)
+            running = await _failing_in_an_outage(daemon, smtp_server, pg_admin, pg_migrated_url)
             # When it is told to stop while the database is still away, and the database comes back within the
             # grace period (5 s)
             daemon._on_stop_signal(signal.SIGTERM)
             await asyncio.sleep(1.0)
-            _allow_connections(pg_admin, pg_url, True)
+            _allow_connections(pg_admin, pg_migrated_url, True)
             return await running
         finally:
             daemon.store.close()
@@ -734,7 +737,7 @@ def test_a_daemon_stopped_during_a_database_outage_records_the_sends_it_kept_onc
     try:
         code = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     finally:
-        _allow_connections(pg_admin, pg_url, True)
+        _allow_connections(pg_admin, pg_migrated_url, True)
     # Then before it exits it records the sends the server took as sent, rather than leave them `sending` to
     # become `uncertain` (an operator's decision) when their leases lapse; the others wait for the next start
     taken = len(smtp_server.messages)
@@ -745,14 +748,14 @@ def test_a_daemon_stopped_during_a_database_outage_records_the_sends_it_kept_onc
 
 @pytest.mark.postgres
 def test_a_daemon_stopped_while_its_ledger_writer_still_retries_through_an_outage_exits_1_naming_the_sends(
-    tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, pg_admin: sa.Engine, pg_migrated_url: str, smtp_server: RecordingServer,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given a daemon on PostgreSQL with a grace period of 1 s, sending two messages side by side (its pool of two)
     # to a server that takes two seconds over each, whose ledger writer tries a failed commit again for longer than
     # that (a database restart). Two messages only: a third begun later could still be at DATA when the grace
     # period ends, recorded by the server but never answered, which no log names (it becomes `uncertain`)
-    shop, emails = _daemon_shop(tmp_path, pg_url, smtp_server, monkeypatch, customers=2)
+    shop, emails = _daemon_shop(tmp_path, pg_migrated_url, smtp_server, monkeypatch, customers=2)
     for address in emails:  # a second more than the helper's: the first reply cannot come before the second DATA
         smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=2.0))
     monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", (30.0,))
@@ -767,7 +770,7 @@ def test_a_daemon_stopped_while_its_ledger_writer_still_retries_through_an_outag
                 await asyncio.sleep(0.02)
             # When the database goes away with two messages past their final dot, and the daemon is told to stop
             # while its writer waits to try their outcomes again
-            _allow_connections(pg_admin, pg_url, False)
+            _allow_connections(pg_admin, pg_migrated_url, False)
             await asyncio.sleep(2.5)
             daemon._on_stop_signal(signal.SIGTERM)
             return await running
@@ -777,7 +780,7 @@ def test_a_daemon_stopped_while_its_ledger_writer_still_retries_through_an_outag
     try:
         code = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     finally:
-        _allow_connections(pg_admin, pg_url, True)
+        _allow_connections(pg_admin, pg_migrated_url, True)
     # Then it exits 1, and the log names the sends the server took (for `kembali ledger close --as sent`), rather
     # than leave them to become `uncertain` with nothing saying they arrived
     assert code == 1
@@ -788,16 +791,16 @@ def test_a_daemon_stopped_while_its_ledger_writer_still_retries_through_an_outag
 
 @pytest.mark.postgres
 def test_a_daemon_stopped_during_a_database_outage_that_outlasts_its_grace_period_exits_1_naming_the_sends_it_kept(
-    tmp_path: Path, pg_admin: sa.Engine, pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, pg_admin: sa.Engine, pg_migrated_url: str, smtp_server: RecordingServer,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given a daemon on PostgreSQL whose run failed when the database went away with messages on the wire
-    shop, _ = _daemon_shop(tmp_path, pg_url, smtp_server, monkeypatch, customers=3)
+    shop, _ = _daemon_shop(tmp_path, pg_migrated_url, smtp_server, monkeypatch, customers=3)
 
     async def scenario() -> tuple[int, float]:
         daemon = Daemon(load_settings(shop.config), config_path=shop.config)
         try:
-            running = await _failing_in_an_outage(daemon, smtp_server, pg_admin, pg_url)
+            running = await _failing_in_an_outage(daemon, smtp_server, pg_admin, pg_migrated_url)
             # When it is told to stop and the database stays away past the grace period (5 s)
             began = time.monotonic()
             daemon._on_stop_signal(signal.SIGTERM)
@@ -808,7 +811,7 @@ def test_a_daemon_stopped_during_a_database_outage_that_outlasts_its_grace_perio
     try:
         code, took = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     finally:
-        _allow_connections(pg_admin, pg_url, True)
+        _allow_connections(pg_admin, pg_migrated_url, True)
     # Then it gives up at the end of the grace period and exits 1, not 0: the log names the sends the server took,
     # for `kembali ledger close --as sent`
     assert code == 1 and took < 9, (code, took)

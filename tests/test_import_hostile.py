@@ -407,11 +407,10 @@ def test_a_misspelt_column_is_named_with_the_column_it_surely_means(
 
 
 @pytest.mark.postgres
-def test_two_imports_of_the_same_new_ids_at_once_both_finish(tmp_path: Path, pg_url: str) -> None:
+def test_two_imports_of_the_same_new_ids_at_once_both_finish(tmp_path: Path, pg_migrated_url: str) -> None:
     # Given another import that has inserted C-1 but not committed yet (PostgreSQL: each batch reads, then inserts)
-    engine = db.create_engine(pg_url)
-    db.upgrade(engine)
-    config = _config(tmp_path, pg_url)
+    engine = db.create_engine(pg_migrated_url)
+    config = _config(tmp_path, pg_migrated_url)
     (tmp_path / "customers.csv").write_text(
         "id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,c2@example.com,Budi,ya\n", encoding="utf-8"
     )
@@ -438,15 +437,16 @@ def test_two_imports_of_the_same_new_ids_at_once_both_finish(tmp_path: Path, pg_
     # Then it does its batch again and finishes (it failed with an IntegrityError traceback, none of it imported)
     assert (child.returncode, "Traceback" in err) == (0, False), err
     assert "customers: 1 created, 1 updated, 0 unchanged, 0 rejected" in out
-    assert _ids(pg_url, "customer") == {"C-1", "C-2"}
+    assert _ids(pg_migrated_url, "customer") == {"C-1", "C-2"}
 
 
 @pytest.mark.postgres
-def test_an_import_that_deadlocks_with_another_writer_does_its_batch_again(tmp_path: Path, pg_url: str) -> None:
+def test_an_import_that_deadlocks_with_another_writer_does_its_batch_again(
+    tmp_path: Path, pg_migrated_url: str
+) -> None:
     # Given two customers, and another writer (a second import, the spend recount of a currency change) holding C-2
-    engine = db.create_engine(pg_url)
-    db.upgrade(engine)
-    config = _config(tmp_path, pg_url)
+    engine = db.create_engine(pg_migrated_url)
+    config = _config(tmp_path, pg_migrated_url)
     path = tmp_path / "customers.csv"
     path.write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,c2@example.com,Budi,ya\n",
                     encoding="utf-8")  # fmt: skip
@@ -486,7 +486,7 @@ def test_an_import_that_deadlocks_with_another_writer_does_its_batch_again(tmp_p
     assert (child.returncode, "Traceback" in err) == (0, False), err
     assert "customers: 0 created, 2 updated, 0 unchanged, 0 rejected" in out
     names = {str(ext): (name, locale) for ext, name, locale in
-             _rows(pg_url, "select external_id, name, locale from customer")}  # fmt: skip
+             _rows(pg_migrated_url, "select external_id, name, locale from customer")}  # fmt: skip
     assert names == {"C-1": ("Ani S", "en"), "C-2": ("Budi S", "en")}
 
 
@@ -1363,17 +1363,16 @@ def test_a_batch_sqlite_refuses_is_named_with_what_happened_and_what_to_do(
 @pytest.mark.postgres
 @pytest.mark.parametrize("case", ["disk full", "read-only", "lock timeout"])
 def test_a_batch_postgresql_refuses_is_named_with_what_happened_and_what_to_do(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], pg_url: str, case: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pg_migrated_url: str, case: str
 ) -> None:
     # Given a PostgreSQL database that takes the first batch of 1,000 customers, then fails the second: its disk full
     # (53100, raised here by a trigger at the 1,500th customer, as the server raises it when a file cannot grow), or
     # that takes no writes at all (a standby, or default_transaction_read_only: 25006), or whose customers another
     # session holds locked past database.lock_timeout_seconds (55P03)
-    engine = db.create_engine(pg_url)
-    db.upgrade(engine)
-    name = sa.make_url(pg_url).database
+    engine = db.create_engine(pg_migrated_url)
+    name = sa.make_url(pg_migrated_url).database
     config = tmp_path / "config.toml"
-    config.write_text(f'[database]\nurl = "{pg_url}"\nlock_timeout_seconds = 0.2\n', encoding="utf-8")
+    config.write_text(f'[database]\nurl = "{pg_migrated_url}"\nlock_timeout_seconds = 0.2\n', encoding="utf-8")
     path = _customers(tmp_path / "customers.csv", 1500)
     holder = engine.connect()
     try:

@@ -562,9 +562,8 @@ def test_bookings_queued_behind_a_stalled_worker_still_go_out_one_interval_apart
 
 
 @pytest.mark.postgres
-def test_concurrent_bookings_on_postgresql_never_share_a_slot(pg_url: str) -> None:
-    engine = db.create_engine(pg_url)
-    db.upgrade(engine)
+def test_concurrent_bookings_on_postgresql_never_share_a_slot(pg_migrated_url: str) -> None:
+    engine = db.create_engine(pg_migrated_url)
     rates = [RateStore(engine) for _ in range(4)]
     waits: list[float] = []
     lock = threading.Lock()

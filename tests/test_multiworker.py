@@ -58,14 +58,14 @@ def _run_workers(config: Path, log_path: Path, count: int = 3) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, tmp_path: Path) -> None:
-    prepare_database(pg_url, MESSAGES)
+def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_migrated_url: str, tmp_path: Path) -> None:
+    prepare_database(pg_migrated_url, MESSAGES)
     # the sink is a thread of this process, whose heap holds the whole test session: a full garbage
     # collection would freeze it for a moment and make it log the messages that waited as one clump
     gc.disable()
     try:
         with TimedSink() as sink:
-            raw = settings_dict(pg_url, sink.port, smtp={"pool_size": 3}, rate_per_second=RATE, burst=BURST,
+            raw = settings_dict(pg_migrated_url, sink.port, smtp={"pool_size": 3}, rate_per_second=RATE, burst=BURST,
                                 batch_size=50, domain_rate_per_second=1000.0, domain_burst=100)  # fmt: skip
             raw["logging"] = {"level": "warning"}
             config = write_config(tmp_path / "config.toml", raw)
@@ -76,14 +76,14 @@ def test_three_workers_deliver_exactly_once_within_the_shared_rate(pg_url: str, 
         gc.enable()
 
     assert codes == [0, 0, 0], (tmp_path / "workers.log").read_text()[-2000:]
-    rows = ledger(pg_url)
+    rows = ledger(pg_migrated_url)
     assert len(rows) == MESSAGES
     assert Counter(r.status for r in rows.values()) == {"sent": MESSAGES}
     arrived = message_ids(received)
     assert set(arrived) == set(rows)
     assert set(arrived.values()) == {1}, "a message arrived twice"
 
-    engine = db.create_engine(pg_url)
+    engine = db.create_engine(pg_migrated_url)
     with engine.connect() as conn:
         workers = Counter(conn.execute(sa.select(A.c.worker)).scalars())
         starts = sorted(t.timestamp() for t in conn.execute(sa.select(A.c.started_at)).scalars())
@@ -142,16 +142,16 @@ def _two_due_per_customer(url: str, config: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_workers_side_by_side_never_send_one_customer_two_emails(pg_url: str, tmp_path: Path) -> None:
+def test_workers_side_by_side_never_send_one_customer_two_emails(pg_migrated_url: str, tmp_path: Path) -> None:
     """The frequency cap (one email per three days) across workers: two workers that claim a customer's
     two messages at the same moment do not both send; one waits and is judged again."""
-    prepare_database(pg_url, CUSTOMERS)
+    prepare_database(pg_migrated_url, CUSTOMERS)
     with TimedSink() as sink:
-        raw = settings_dict(pg_url, sink.port, smtp={"pool_size": 2}, batch_size=2, rate_per_second=10_000.0,
+        raw = settings_dict(pg_migrated_url, sink.port, smtp={"pool_size": 2}, batch_size=2, rate_per_second=10_000.0,
                             burst=1000, domain_rate_per_second=10_000.0, domain_burst=1000)  # fmt: skip
         raw["logging"] = {"level": "warning"}
         config = write_config(tmp_path / "config.toml", raw)
-        _two_due_per_customer(pg_url, config)
+        _two_due_per_customer(pg_migrated_url, config)
         codes = _run_workers(config, tmp_path / "workers.log")
         received = list(sink.messages)
 
@@ -160,7 +160,7 @@ def test_workers_side_by_side_never_send_one_customer_two_emails(pg_url: str, tm
     assert len(per_customer) == CUSTOMERS
     twice = {address: n for address, n in per_customer.items() if n > 1}
     assert not twice, f"{len(twice)} customers got two emails at once, e.g. {sorted(twice)[:5]}"
-    rows = ledger(pg_url).values()
+    rows = ledger(pg_migrated_url).values()
     assert Counter(r.status for r in rows)["sent"] == CUSTOMERS
     waiting = [r for r in rows if r.status != "sent"]
     assert len(waiting) == CUSTOMERS
@@ -209,7 +209,7 @@ def _only_first_due(url: str, config: Path, first: str) -> tuple[int, int]:
 
 @pytest.mark.postgres
 def test_a_worker_does_not_send_a_customer_a_second_email_while_another_workers_first_became_uncertain(
-    pg_url: str, tmp_path: Path, smtp_server: RecordingServer
+    pg_migrated_url: str, tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     """The frequency cap across workers when the first email's outcome is `uncertain` (it may have arrived): a
     worker that read the ledger while the other worker was still sending it, and marks its own message after
@@ -217,20 +217,20 @@ def test_a_worker_does_not_send_a_customer_a_second_email_while_another_workers_
     # Given a customer due two emails and 60 others, a slow global rate, and a server that takes 15 s over the
     # customer's email and then drops the connection after the final dot (the mail is stored: it arrived): long
     # enough for worker B's process to start and claim on a loaded machine, where 5 s was sometimes not
-    emails = prepare_database(pg_url, 61)
+    emails = prepare_database(pg_migrated_url, 61)
     customer = emails[0]
     smtp_server.on(customer, Behaviour(delay_at="data", delay_seconds=15.0, drop_after_dot=True))
-    raw = settings_dict(pg_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 30.0},
+    raw = settings_dict(pg_migrated_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 30.0},
                         in_flight_per_connection=1, batch_size=100,
                         rate_per_second=10.0, burst=1, domain_rate_per_second=1000.0, domain_burst=100)  # fmt: skip
     raw["logging"] = {"level": "warning"}
     config = write_config(tmp_path / "config.toml", raw)
-    first, second = _only_first_due(pg_url, config, customer)
+    first, second = _only_first_due(pg_migrated_url, config, customer)
     argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"]
     with (tmp_path / "workers.log").open("wb") as log:
         # When worker A sends the first email (nothing else is due yet)
         a = subprocess.Popen(argv, cwd=REPO, env=subprocess_env(), stdout=log, stderr=log)
-        engine = db.create_engine(pg_url)
+        engine = db.create_engine(pg_migrated_url)
         try:
             deadline = time.monotonic() + 30
             with engine.connect() as conn:
@@ -269,7 +269,7 @@ def test_a_worker_does_not_send_a_customer_a_second_email_while_another_workers_
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_daemons_sharing_a_database_through_kills_stops_and_dropped_connections_send_each_email_once(
-    pg_url: str, tmp_path: Path, smtp_server: RecordingServer
+    pg_migrated_url: str, tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     """Three `kembali run` daemons and a `run --once` on one PostgreSQL database: the database drops every
     connection, one daemon is SIGKILLed mid-send, another stopped with SIGTERM; the rest finish the queue."""
@@ -280,10 +280,11 @@ def test_daemons_sharing_a_database_through_kills_stops_and_dropped_connections_
         smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=0.05))
     extra = ('[sending]\nlease_seconds = 3\nrate_per_second = 100.0\nburst = 5\nbatch_size = 20\n'
              'domain_rate_per_second = 100.0\nshared_limits = "database"\n')  # fmt: skip
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, db_url=pg_url, extra=extra, plan_cron="*/2 * * * * *")
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, db_url=pg_migrated_url, extra=extra,
+                     plan_cron="*/2 * * * * *")  # fmt: skip
     shop.config.write_text(shop.config.read_text().replace('level = "debug"', 'level = "info"'))
     shop.add(range(300), days_ago=60)
-    admin = sa.create_engine(pg_url)
+    admin = sa.create_engine(pg_migrated_url)
     daemons = [Daemon.start(shop) for _ in range(3)]
     once = None
     try:
@@ -335,7 +336,7 @@ def test_daemons_sharing_a_database_through_kills_stops_and_dropped_connections_
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_four_workers_planning_every_campaign_at_once_plan_each_message_once_and_send_it_once(
-    pg_url: str, tmp_path: Path
+    pg_migrated_url: str, tmp_path: Path
 ) -> None:
     """Every campaign enabled on a demo shop (birthdays, feedback requests, win-backs, new products, loyalty):
     four `run --once` processes started together plan the same campaigns at the same instant, then share the
@@ -346,16 +347,15 @@ def test_four_workers_planning_every_campaign_at_once_plan_each_message_once_and
     # Given a demo shop of 800 customers
     now = datetime.now(UTC)
     data = generate_shop(seed=7, customers=800, now=now)
-    engine = db.create_engine(pg_url)
+    engine = db.create_engine(pg_migrated_url)
     try:
-        db.upgrade(engine)
         shop.upsert_products(engine, data.products, now)
         shop.upsert_customers(engine, data.customers, now)
         shop.upsert_orders(engine, data.orders, now)
     finally:
         engine.dispose()
     with TimedSink() as sink:
-        raw = settings_dict(pg_url, sink.port, batch_size=50, rate_per_second=10_000.0, burst=1000,
+        raw = settings_dict(pg_migrated_url, sink.port, batch_size=50, rate_per_second=10_000.0, burst=1000,
                             domain_rate_per_second=10_000.0, domain_burst=1000)  # fmt: skip
         for campaign in ("birthday", "feedback", "new_products", "loyalty"):
             raw[f"campaigns.{campaign}"] = {"enabled": True}
@@ -368,7 +368,7 @@ def test_four_workers_planning_every_campaign_at_once_plan_each_message_once_and
     # Then each exits 0; each message was planned once (the dedupe key is unique: a second planner's row would
     # have failed the run), and every campaign planned something
     assert codes == [0, 0, 0, 0], (tmp_path / "workers.log").read_text()[-3000:]
-    rows = ledger(pg_url)
+    rows = ledger(pg_migrated_url)
     assert {r.campaign for r in rows.values()} == {"birthday", "feedback", "winback", "new_products", "loyalty"}
     log = (tmp_path / "workers.log").read_text()
     planned = sum(int(n) for n in re.findall(r"^planned (\d+) new", log, re.MULTILINE))
@@ -387,14 +387,14 @@ DOMAIN_RATE, DOMAIN_BURST = 20.0, 2
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_three_workers_share_each_recipient_domains_rate(pg_url: str, tmp_path: Path) -> None:
+def test_three_workers_share_each_recipient_domains_rate(pg_migrated_url: str, tmp_path: Path) -> None:
     """The rate per recipient domain across processes: three `kembali run --once` workers with a generous global rate
     send to each domain no faster between them than the one domain rate allows (not three times it)."""
     # Given 240 customers due a win-back at three domains (80 each), a domain rate of 20/s (burst 2) and a global
     # rate that never holds anything back
-    prepare_database(pg_url, 240)
+    prepare_database(pg_migrated_url, 240)
     with TimedSink() as sink:
-        raw = settings_dict(pg_url, sink.port, batch_size=20, rate_per_second=10_000.0, burst=1000,
+        raw = settings_dict(pg_migrated_url, sink.port, batch_size=20, rate_per_second=10_000.0, burst=1000,
                             domain_rate_per_second=DOMAIN_RATE, domain_burst=DOMAIN_BURST)  # fmt: skip
         raw["logging"] = {"level": "warning"}
         config = write_config(tmp_path / "config.toml", raw)
@@ -404,7 +404,7 @@ def test_three_workers_share_each_recipient_domains_rate(pg_url: str, tmp_path: 
 
     assert codes == [0, 0, 0], (tmp_path / "workers.log").read_text()[-2000:]
     assert set(message_ids(received).values()) == {1}, "a message arrived twice"
-    engine = db.create_engine(pg_url)
+    engine = db.create_engine(pg_migrated_url)
     try:
         with engine.connect() as conn:
             tried = conn.execute(sa.select(A.c.worker, A.c.started_at, M.c.email).join(M, M.c.id == A.c.message_id)
@@ -426,17 +426,17 @@ def test_three_workers_share_each_recipient_domains_rate(pg_url: str, tmp_path: 
 
 @pytest.mark.postgres
 def test_a_worker_killed_mid_batch_leaves_its_unsent_rows_to_the_next_and_the_one_the_server_took_uncertain(
-    pg_url: str, tmp_path: Path, smtp_server: RecordingServer
+    pg_migrated_url: str, tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     """SIGKILL while a batch is claimed: the rows never sent come back once their leases lapse and another worker
     sends them, each once; the one whose message the server had whole (after the final dot, its reply not yet
     given: it may have arrived) is `uncertain`, and not sent again."""
     # Given 30 customers due a win-back, leases of 2 s, one message in flight at a time, and a server that takes
     # 4 s over each message once it has it whole
-    emails = prepare_database(pg_url, 30)
+    emails = prepare_database(pg_migrated_url, 30)
     for address in emails:
         smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=4.0))
-    raw = settings_dict(pg_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 10.0},
+    raw = settings_dict(pg_migrated_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 10.0},
                         in_flight_per_connection=1, batch_size=30, lease_seconds=2, compose_processes=0,
                         rate_per_second=1000.0, burst=10, domain_rate_per_second=1000.0, domain_burst=10)  # fmt: skip
     raw["logging"] = {"level": "warning"}
@@ -450,7 +450,7 @@ def test_a_worker_killed_mid_batch_leaves_its_unsent_rows_to_the_next_and_the_on
         time.sleep(0.01)
     a.kill()
     assert a.wait(10) == -signal.SIGKILL
-    engine = db.create_engine(pg_url)
+    engine = db.create_engine(pg_migrated_url)
     try:
         with engine.connect() as conn:
             left = Counter(conn.execute(sa.select(M.c.status)).scalars())
@@ -481,16 +481,16 @@ def test_a_worker_killed_mid_batch_leaves_its_unsent_rows_to_the_next_and_the_on
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_a_worker_whose_server_is_slower_than_a_lease_keeps_its_rows_while_other_workers_run(
-    pg_url: str, tmp_path: Path, smtp_server: RecordingServer
+    pg_migrated_url: str, tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     """Lease renewal across processes: a worker whose SMTP server takes longer over each message than a lease, its
     batch held for four leases, keeps every row while other workers start beside it and release lapsed leases:
     nothing becomes `uncertain` or goes back to the queue, each message is sent once, by it."""
     # Given 3 customers due a win-back, leases of 3 s, one message at a time, and a server that takes 4 s over each
-    emails = prepare_database(pg_url, 3)
+    emails = prepare_database(pg_migrated_url, 3)
     for address in emails:
         smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=4.0))
-    raw = settings_dict(pg_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 10.0},
+    raw = settings_dict(pg_migrated_url, smtp_server.port, smtp={"pool_size": 1, "timeout_seconds": 10.0},
                         in_flight_per_connection=1, batch_size=10, lease_seconds=3, compose_processes=0)  # fmt: skip
     raw["logging"] = {"level": "warning"}
     config = write_config(tmp_path / "config.toml", raw)
@@ -508,10 +508,10 @@ def test_a_worker_whose_server_is_slower_than_a_lease_keeps_its_rows_while_other
     for other in others:
         assert other.returncode == 0 and "became uncertain" not in other.stdout, other.stdout + other.stderr
         assert "leases_released" not in other.stderr, other.stderr
-    rows = ledger(pg_url)
+    rows = ledger(pg_migrated_url)
     assert Counter(r.status for r in rows.values()) == {"sent": 3}
     assert set(message_ids(smtp_server.messages).values()) == {1} and len(smtp_server.messages) == 3
-    engine = db.create_engine(pg_url)
+    engine = db.create_engine(pg_migrated_url)
     try:
         with engine.connect() as conn:
             workers = Counter(conn.execute(sa.select(A.c.worker)).scalars())
@@ -553,7 +553,7 @@ def test_workers_sending_two_campaigns_to_one_customer_side_by_side_send_them_on
     feedback request and a win-back; three `run --once` processes claim one message at a time, the win-backs of the
     customers whose feedback requests go out last first, and the server takes 0.2 s over each message, so a worker
     claims a customer's win-back while another is sending them their feedback request."""
-    url = f"sqlite:///{tmp_path / 'kembali.db'}" if kind == "sqlite" else request.getfixturevalue("pg_url")
+    url = f"sqlite:///{tmp_path / 'kembali.db'}" if kind == "sqlite" else request.getfixturevalue("pg_migrated_url")
     emails = prepare_database(url, 12)
     for address in emails:
         smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=0.2))

@@ -280,7 +280,7 @@ def test_a_session_left_idle_in_a_transaction_is_ended_by_the_server_and_its_loc
 @pytest.mark.postgres
 @pytest.mark.parametrize("held", ["the shared rate's row", "a recipient's mailbox lock"])
 def test_a_run_behind_a_stuck_workers_lock_sends_every_message_once(
-    pg_url: str, held: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
+    pg_migrated_url: str, held: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
     on_event: Callable[[str, Callable[[], None]], _OnEvent],
 ) -> None:  # fmt: skip
     # Given 12 customers due a win-back on PostgreSQL, the shared rate in the database, lock waits given up
@@ -290,10 +290,10 @@ def test_a_run_behind_a_stuck_workers_lock_sends_every_message_once(
     monkeypatch.setattr(LedgerWriter, "RETRY_SECONDS", QUICK)
     monkeypatch.setattr(AsyncStore, "RETRY_SECONDS", QUICK)
     emails = [f"c{i}@test.example" for i in range(12)]
-    settings = _settings(pg_url, smtp_server.port, lock_timeout_seconds=0.2)
-    shop = Shop(pg_url, settings, emails)
+    settings = _settings(pg_migrated_url, smtp_server.port, lock_timeout_seconds=0.2)
+    shop = Shop(pg_migrated_url, settings, emails)
     RateStore(shop.store.engine).book([("global", 0.01, 10)])
-    stuck = psycopg.connect(_driver_url(pg_url))
+    stuck = psycopg.connect(_driver_url(pg_migrated_url))
     if held == "the shared rate's row":
         stuck.execute("SELECT tat FROM rate_limit WHERE key = 'global' FOR UPDATE")
     else:
@@ -309,7 +309,7 @@ def test_a_run_behind_a_stuck_workers_lock_sends_every_message_once(
     assert said.fields, "no lock wait was given up"
     assert report.dispatched.outcomes["sent"] == 12
     assert sorted(message_ids(smtp_server.messages).values()) == [1] * 12
-    engine = db.create_engine(pg_url)
+    engine = db.create_engine(pg_migrated_url)
     try:
         with engine.connect() as conn:
             statuses = Counter(conn.exec_driver_sql("SELECT status FROM message").scalars())
@@ -352,15 +352,12 @@ def test_a_migration_behind_a_long_transaction_gives_up_changes_nothing_and_says
 
 @pytest.mark.postgres
 def test_a_command_behind_a_held_lock_stops_with_exit_3_and_says_why(
-    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg_migrated_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given the suppression list locked against writes by a transaction that does not end, and lock waits given up
     # after a fifth of a second
-    engine = db.create_engine(pg_url)
-    db.upgrade(engine)
-    engine.dispose()
-    config = _quick_to_give_up(tmp_path, pg_url)
-    holder = psycopg.connect(_driver_url(pg_url))
+    config = _quick_to_give_up(tmp_path, pg_migrated_url)
+    holder = psycopg.connect(_driver_url(pg_migrated_url))
     holder.execute("LOCK TABLE suppression IN SHARE MODE")
     try:
         # When an address is suppressed, Then the command does not hang: it stops with exit 3 (try again later),
@@ -378,20 +375,19 @@ def test_a_command_behind_a_held_lock_stops_with_exit_3_and_says_why(
 
 @pytest.mark.postgres
 def test_an_import_behind_a_held_row_lock_stops_saying_how_far_it_got_and_finishes_when_run_again(
-    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg_migrated_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given 1,500 customers imported, one of them locked by a transaction that does not end (a stuck worker),
     # lock waits given up after a fifth of a second, and the file again with every name changed
-    engine = db.create_engine(pg_url)
-    db.upgrade(engine)
-    config = _quick_to_give_up(tmp_path, pg_url)
+    engine = db.create_engine(pg_migrated_url)
+    config = _quick_to_give_up(tmp_path, pg_migrated_url)
     csv = tmp_path / "customers.csv"
     rows = [f"c{i},Budi,c{i}@example.com,yes" for i in range(1500)]
     csv.write_text("\n".join(["id,name,email,marketing_consent", *rows]) + "\n", encoding="utf-8")
     assert run_cli(capsys, "--config", str(config), "import", "customers", str(csv))[0] == 0
     csv.write_text("\n".join(["id,name,email,marketing_consent", *(r.replace(",Budi,", ",Sari,") for r in rows)])
                    + "\n", encoding="utf-8")  # fmt: skip
-    holder = psycopg.connect(_driver_url(pg_url))
+    holder = psycopg.connect(_driver_url(pg_migrated_url))
     holder.execute("SELECT 1 FROM customer WHERE external_id = 'c1200' FOR UPDATE")
     try:
         # When it is imported: the first 1,000 rows go in, the batch with the locked customer gives up
@@ -414,13 +410,13 @@ def test_an_import_behind_a_held_row_lock_stops_saying_how_far_it_got_and_finish
 @pytest.mark.postgres
 @pytest.mark.parametrize("ended", ["idle in a transaction too long", "by pg_terminate_backend"])
 def test_an_import_whose_session_the_server_ends_stops_saying_how_far_it_got_and_finishes_when_run_again(
-    pg_url: str, ended: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pg_migrated_url: str, ended: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given 1,500 customers, sessions that may stay idle in a transaction a second, and 1,500 orders of theirs
-    engine = db.create_engine(pg_url)
-    db.upgrade(engine)
+    engine = db.create_engine(pg_migrated_url)
     config = tmp_path / "config.toml"
-    config.write_text(f'[database]\nurl = "{pg_url}"\nidle_in_transaction_timeout_seconds = 1\n', encoding="utf-8")
+    config.write_text(f'[database]\nurl = "{pg_migrated_url}"\nidle_in_transaction_timeout_seconds = 1\n',
+                      encoding="utf-8")  # fmt: skip
     customers, orders = tmp_path / "customers.csv", tmp_path / "orders.csv"
     customers.write_text("\n".join(["id,name,email,marketing_consent",
                                     *(f"c{i},Budi,c{i}@example.com,yes" for i in range(1500))]) + "\n", "utf-8")
@@ -480,20 +476,20 @@ def test_an_import_whose_session_the_server_ends_stops_saying_how_far_it_got_and
 
 @pytest.mark.postgres
 def test_a_run_while_another_worker_plans_the_campaign_longer_than_the_lock_timeout_waits_for_it_and_sends(
-    pg_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+    pg_migrated_url: str, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given 3 customers due a win-back on PostgreSQL, lock waits given up after a fifth of a second, and another
     # worker planning win-back (it holds the campaign's planning lock: a large shop's pass takes its time)
     monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_SECRET)
     emails = [f"c{i}@test.example" for i in range(3)]
-    settings = _settings(pg_url, smtp_server.port, lock_timeout_seconds=0.2)
-    shop = Shop(pg_url, settings, emails)
-    planner = psycopg.connect(_driver_url(pg_url), autocommit=True)
+    settings = _settings(pg_migrated_url, smtp_server.port, lock_timeout_seconds=0.2)
+    shop = Shop(pg_migrated_url, settings, emails)
+    planner = psycopg.connect(_driver_url(pg_migrated_url), autocommit=True)
     planner.execute("SELECT pg_advisory_lock(%s, hashtext('winback'))", (PLAN_LOCKS,))
     done = threading.Event()
 
     def finish_planning() -> None:  # once the run waits on the lock, longer than the lock timeout
-        with psycopg.connect(_driver_url(pg_url), autocommit=True) as watcher:
+        with psycopg.connect(_driver_url(pg_migrated_url), autocommit=True) as watcher:
             while not done.is_set():
                 waiting = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' "
                                           "AND datname = current_database()").fetchone()  # fmt: skip

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tests.clikit import run_on_a_terminal
-from worker.adapters import db
+from tests.db_fixtures import migrate
 from worker.commands.importing import import_file
 from worker.config import load_settings
 from worker.demo import generate_shop, write_csvs
@@ -28,9 +28,7 @@ def _demo_shop(tmp_path: Path) -> Path:
     config = tmp_path / "config.toml"
     config.write_text(text, encoding="utf-8")
     settings = load_settings(config)
-    engine = db.create_engine(settings.database_url)
-    db.upgrade(engine)
-    engine.dispose()
+    migrate(settings.database_url)  # (a new SQLite file: a copy of the session's migrated one)
     files = write_csvs(generate_shop(seed=7, customers=120, now=DEMO_NOW), tmp_path / "data")
     for kind in ("customers", "products", "orders"):
         import_file(settings, kind, files[kind], now=DEMO_NOW)

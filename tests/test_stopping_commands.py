@@ -179,13 +179,13 @@ def test_a_check_stopped_while_it_renders_says_so_and_its_helper_too_stays_quiet
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
-def test_stats_stopped_while_its_query_waits_says_so(tmp_path: Path, pg_url: str, sig: signal.Signals) -> None:
+def test_stats_stopped_while_its_query_waits_says_so(tmp_path: Path, pg_migrated_url: str, sig: signal.Signals) -> None:
     # Given a PostgreSQL ledger locked by another session, so that stats' first query waits
     site = make_site(tmp_path / "shop")
-    site.config.write_text(site.config.read_text(encoding="utf-8").replace('"sqlite:///kembali.db"', f'"{pg_url}"'),
+    site.config.write_text(site.config.read_text(encoding="utf-8")
+                           .replace('"sqlite:///kembali.db"', f'"{pg_migrated_url}"'),
                            encoding="utf-8")  # fmt: skip
-    engine = db.create_engine(pg_url)
-    db.upgrade(engine)
+    engine = db.create_engine(pg_migrated_url)
     try:
         with engine.connect() as locker:
             locker.execute(sa.text("LOCK TABLE message IN ACCESS EXCLUSIVE MODE"))
@@ -610,15 +610,15 @@ def test_a_sigterm_while_python_loads_the_daemon_stops_its_start_up_with_exit_co
 @pytest.mark.postgres
 @pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
 def test_run_once_with_json_logs_stopped_during_its_start_up_says_so_in_one_json_line(
-    tmp_path: Path, pg_url: str, sig: signal.Signals
+    tmp_path: Path, pg_migrated_url: str, sig: signal.Signals
 ) -> None:
     # Given a service's `run --once` whose config asks for JSON logs (a collector reads its stderr), and a PostgreSQL
     # ledger whose schema table another session locks, so that its start-up (the schema check) waits
     site = make_site(tmp_path / "shop")
-    site.config.write_text(site.config.read_text(encoding="utf-8").replace('"sqlite:///kembali.db"', f'"{pg_url}"')
+    site.config.write_text(site.config.read_text(encoding="utf-8")
+                           .replace('"sqlite:///kembali.db"', f'"{pg_migrated_url}"')
                            .replace("[logging]\n", '[logging]\nformat = "json"\n'), encoding="utf-8")  # fmt: skip
-    engine = db.create_engine(pg_url)
-    db.upgrade(engine)
+    engine = db.create_engine(pg_migrated_url)
     try:
         with engine.connect() as locker:
             locker.execute(sa.text("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE"))

@@ -15,6 +15,7 @@ from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from tests.db_fixtures import migrate
 from worker import migrations
 from worker.adapters import audience_sql, db, opstore, shop
 from worker.adapters.ledger import LedgerAdmin
@@ -198,8 +199,8 @@ def test_a_claim_for_some_campaigns_leaves_the_others_rows_waiting_whatever_thei
 def test_the_claim_reads_the_queue_index_in_order_and_never_sorts_the_queue(sqlite_url: str) -> None:
     """With a million rows waiting, a claim that sorts every due row takes seconds; one that walks the
     partial queue index takes milliseconds. SQLite's plans say which (PostgreSQL's depend on statistics)."""
+    migrate(sqlite_url)
     store = Store.from_url(sqlite_url)
-    db.upgrade(store.engine)
     shop.upsert_customers(store.engine, [CustomerRecord("C0", "c0@example.com", "C", Locale.ID, "Asia/Jakarta", None,
                                                         True, "", "")], NOW)  # fmt: skip
     store.insert_messages([dataclasses.replace(m, customer_id=1) for m in planned(50)], NOW)
@@ -613,8 +614,8 @@ def test_the_cap_and_the_mark_count_per_mailbox_not_per_customer_record(store: S
 def test_the_cap_s_reads_on_sqlite_use_the_mailbox_indexes(sqlite_url: str) -> None:
     """``lower(email)`` finds its rows through the indexes on that expression only if SQLite sees the same
     expression: else each mark and each batch's facts would scan the ledger."""
+    migrate(sqlite_url)
     store = Store.from_url(sqlite_url)
-    db.upgrade(store.engine)
     seen: list[tuple[str, Any]] = []
 
     def remember(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
