@@ -17,7 +17,7 @@ import threading
 import traceback
 from typing import Any
 
-from tests.test_policy_over_weeks import START, one_run
+from tests.test_policy_over_weeks import START, Renderer, one_run
 from worker.adapters.store import Store
 from worker.domain import ClaimedMessage
 from worker.testing import FakeClock
@@ -52,13 +52,14 @@ def main() -> None:
 
     Store.claim = claim_in_turn  # type: ignore[method-assign]
     clock = FakeClock(START)
+    renderer = Renderer()
     while True:
         try:
             settings, now = pickle.load(sys.stdin.buffer)  # noqa: S301 (from the test)
         except EOFError:
             return
         try:
-            reply(one_run(settings, clock, now, planned=planned))
+            reply(one_run(settings, clock, now, renderer, planned=planned))
         except BaseException:
             reply(traceback.format_exc())
 
