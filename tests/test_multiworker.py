@@ -448,6 +448,7 @@ def test_a_worker_killed_mid_batch_leaves_its_unsent_rows_to_the_next_and_the_on
     while smtp_server.data_taken < 1:
         assert time.monotonic() < deadline and a.poll() is None, "worker A never sent its first email"
         time.sleep(0.01)
+    taken = time.monotonic()  # (the server had A's first message whole by then: its 4 s over it began)
     a.kill()
     assert a.wait(10) == -signal.SIGKILL
     engine = db.create_engine(pg_migrated_url)
@@ -460,7 +461,7 @@ def test_a_worker_killed_mid_batch_leaves_its_unsent_rows_to_the_next_and_the_on
         # and worker B runs once A's leases have lapsed
         time.sleep(2.2)
         b = subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=60)
-        time.sleep(4.5)  # (the server's 4 s over A's message are over)
+        time.sleep(max(0.0, taken + 4.5 - time.monotonic()))  # (the server's 4 s over A's message are over)
         with engine.connect() as conn:
             rows = {r.message_id: r for r in conn.execute(sa.select(M))}
             tried = Counter(conn.execute(sa.select(A.c.message_id)).scalars())
