@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tests.clikit import run_cli, run_on_a_terminal
+from tests.db_fixtures import migrate
 from tests.shop import LINK_KEY, ROOT, TEMPLATES
 from tests.smtp_server import Behaviour, RecordingServer, closed_port
 from worker.adapters.store import Store
@@ -147,9 +148,16 @@ def _weeks_ahead() -> str:
         timespec="minutes")
 
 
+def _migrated(config: Path) -> None:
+    """The config's new SQLite file with the newest schema, a copy of the session's migrated one, where the tests
+    ran `kembali db upgrade` (1-2 s of starting a process and migrating) to set up what they test (the tests above
+    run it as the README's steps do)."""
+    migrate(load_settings(config).database_url)
+
+
 def _shop_in(tmp_path: Path, config: Path, customers: int) -> None:
     data = write_csvs(generate_shop(seed=3, customers=customers, now=datetime.now(UTC)), tmp_path / "data")
-    assert kembali("db", "upgrade", config=config).returncode == 0
+    _migrated(config)
     for kind in ("customers", "products", "orders"):
         result = kembali("import", kind, str(data[kind]), config=config)
         assert result.returncode == 0, result.stderr
@@ -393,7 +401,7 @@ def test_the_demo_without_a_config_anywhere_says_what_it_needs(
 
 def test_an_order_for_an_unknown_customer_is_named_by_line(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    kembali("db", "upgrade", config=config)
+    _migrated(config)
     kembali("import", "customers", str(ROOT / "examples" / "customers.csv"), config=config)
     orders = tmp_path / "orders.csv"
     orders.write_text(
@@ -431,7 +439,7 @@ def test_a_mistake_on_the_command_line_is_named_with_exit_2_and_no_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
 ) -> None:
     config = write_config(tmp_path)
-    assert kembali("db", "upgrade", config=config).returncode == 0
+    _migrated(config)
     code, out = run_cli(capsys, "--config", str(config), *argv)
     assert code == 2, out
     assert says in out and "Traceback" not in out
@@ -439,7 +447,7 @@ def test_a_mistake_on_the_command_line_is_named_with_exit_2_and_no_traceback(
 
 def test_the_offset_the_hint_suggests_is_taken(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path)
-    assert kembali("db", "upgrade", config=config).returncode == 0
+    _migrated(config)
     code, out = run_cli(capsys, "--config", str(config), "preview", "--at", "2027-02-28T10:00+07:00")
     assert code == 0 and "Preview as of 2027-02-28 10:00 WIB" in out
 
@@ -489,7 +497,7 @@ def test_db_upgrade_against_a_postgresql_server_that_is_not_up_exits_3_not_2_and
 
 def test_an_order_naming_an_unknown_product_is_warned_about_at_its_line(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    assert kembali("db", "upgrade", config=config).returncode == 0
+    _migrated(config)
     (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,1\n")
     (tmp_path / "orders.csv").write_text(
         "order_id,customer_id,status,placed_at,currency,total,product_id,quantity,unit_price\n"
@@ -505,7 +513,7 @@ def test_an_order_naming_an_unknown_product_is_warned_about_at_its_line(tmp_path
 
 def test_orders_imported_before_their_products_warn_twenty_lines_then_count_the_rest(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    assert kembali("db", "upgrade", config=config).returncode == 0
+    _migrated(config)
     (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,1\n")
     (tmp_path / "orders.csv").write_text(
         "order_id,customer_id,status,placed_at,currency,total,product_id,quantity,unit_price\n"
@@ -693,7 +701,7 @@ def test_config_is_taken_after_the_command_too(
 ) -> None:
     # `kembali preview --config demo-out/config.toml`, as operators type it, was "unrecognized arguments: --config"
     config = write_config(tmp_path)
-    assert kembali("db", "upgrade", config=config).returncode == 0
+    _migrated(config)
     monkeypatch.chdir(tmp_path / "..")  # no config.toml here: only the one named is read
     monkeypatch.delenv("KEMBALI_CONFIG", raising=False)
     monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
@@ -841,7 +849,7 @@ def test_the_demo_names_an_out_that_is_a_file(tmp_path: Path) -> None:
 def test_a_file_or_folder_that_cannot_be_used_is_named_in_words(tmp_path: Path) -> None:
     # Given a config, a file where a folder is asked for, and a folder where a file is
     config = write_config(tmp_path)
-    kembali("db", "upgrade", config=config)
+    _migrated(config)
     notes = tmp_path / "notes.txt"
     notes.write_text("mine\n", encoding="utf-8")
     # When the operator points commands at them

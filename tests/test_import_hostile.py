@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from tests.clikit import migrated_config, run_on_a_terminal, waiting_for_a_lock
 from tests.clikit import run_cli as kembali
+from tests.db_fixtures import migrated_sqlite
 from tests.shop import stored_orders
 from worker.adapters import db, importer, shop, tables
 from worker.cli import main
@@ -295,7 +296,7 @@ def test_a_price_of_more_digits_than_an_amount_takes_is_said_to_be_too_large(
     config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "shop.db"}"\n', encoding="utf-8")
     (tmp_path / "products.csv").write_text("id,name,price,currency\nP-1,Emas,1000000000000000,IDR\n"
                                            "P-2,Tas,1,IDR\nP-3,Cincin,12345678901234567.5,JPY\n")  # fmt: skip
-    assert kembali(capsys, "--config", str(config), "db", "upgrade")[0] == 0
+    migrated_sqlite(tmp_path / "shop.db")
     code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "products.csv"))
     assert code == 1, out
     assert "products.csv:2: id 'P-1': invalid price '1000000000000000' (too large: at most 999999999999999.99 IDR)" \

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from tests.clikit import run_cli
 from tests.shop import LINK_KEY, ROOT, TEMPLATES
 from tests.smtp_server import Behaviour, RecordingServer
+from tests.test_cli import _migrated as migrated
 from tests.test_cli import _shop_in as shop_in
 from tests.test_cli import write_config
 from worker.adapters.store import Store
@@ -231,7 +232,7 @@ def test_run_once_with_a_template_missing_in_one_language_stops_before_planning(
 
 def test_a_bad_event_loop_variable_is_one_clear_line(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    assert kembali("db", "upgrade", config=config).returncode == 0
+    migrated(config)
     result = kembali("run", "--once", config=config, env={"KEMBALI_EVENT_LOOP": "bogus"})
     assert result.returncode == 2
     assert result.stderr == ("kembali: configuration error: KEMBALI_EVENT_LOOP must be 'auto', 'asyncio' or "
