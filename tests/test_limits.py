@@ -693,3 +693,57 @@ def test_the_relays_throttling_slows_the_global_rate_and_sends_bring_it_back(cap
     assert limiter.limits("c.example")[0] == ("global", 0.025, 40)
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("relay_pace")] == \
         ["relay_pace_raised"] * 3 + ["relay_pace_restored"]
+
+
+def _send_for(
+    limiter: Limiter, clock: FakeClock, seconds: float, fail_every: float, failure: SendResult
+) -> list[float]:
+    """One sender sending as fast as the limits allow for ``seconds``, over many domains; every ``fail_every``
+    seconds one attempt meets ``failure``, every other one is sent. When each send went (seconds from the start)."""
+    sent: list[float] = []
+    start = clock.monotonic()
+    ok = SendResult(Outcome.SENT, 250, "250 2.0.0 Ok: queued", stage="reply")
+
+    async def main() -> None:
+        i, next_failure = 0, fail_every
+        while clock.monotonic() - start < seconds:
+            domain = f"d{i % 50}.example"
+            await limiter.acquire(domain)
+            began = clock.monotonic()
+            if began - start >= next_failure:
+                next_failure += fail_every
+                limiter.observe(domain, failure, began=began)
+            else:
+                limiter.observe(domain, ok, began=began)
+                sent.append(began - start)
+            i += 1
+
+    asyncio.run(main())
+    return sent
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        # a flaky network: the connection drops mid-message now and then (the server said nothing)
+        SendResult(Outcome.TRANSIENT, None, "Connection lost while sending the message body", "SMTPServerDisconnected",
+                   stage="message"),
+        SendResult(Outcome.AMBIGUOUS, None, "Connection lost", "SMTPServerDisconnected", stage="reply"),
+        # a relay restarted now and then: one greeting says it is not available
+        SendResult(Outcome.TRANSIENT, 421, "421 4.3.2 Service not available, closing transmission channel",
+                   stage="connect"),
+    ],
+)
+def test_a_failure_now_and_then_that_asks_nothing_of_the_rate_keeps_the_configured_global_rate(
+    failure: SendResult,
+) -> None:
+    # Given a worker at 20 messages/s whose connection to the relay fails once every 10 s (no "slow down" said)
+    clock = FakeClock()
+    limiter = Limiter(SendingSettings(rate_per_second=20.0, burst=1, domain_rate_per_second=20.0), clock,
+                      LocalBooker(clock))  # fmt: skip
+    # When it sends for two minutes
+    sent = _send_for(limiter, clock, 120.0, 10.0, failure)
+    # Then it sent at the configured rate the whole time: such failures are the dispatcher's pause's, not the pace's
+    last_minute = [t for t in sent if t >= 60.0]
+    assert len(last_minute) >= 20 * 60 - 10, f"{len(last_minute)} sent in the last minute at 20/s"
+    assert limiter.pace.current == 20.0 and limiter.relay_cuts == 0

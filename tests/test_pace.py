@@ -21,9 +21,9 @@ def _result(code: int | None, reply: str, stage: str = "rcpt", error: str = "", 
         (_result(421, "421 4.7.0 Too many messages, slow down; closing connection"), "relay"),
         (_result(421, "421 4.7.0 Too many messages, slow down", stage="mail"), "relay"),
         (_result(450, "450 4.7.1 Error: too much mail from 10.0.0.1", stage="mail"), "relay"),
-        (_result(421, "421 4.3.2 Service not available", stage="connect"), "relay"),
-        (_result(None, "Connection lost", "data", "SMTPServerDisconnected"), "relay"),
-        (_result(None, "Connection lost", "reply", "SMTPServerDisconnected", Outcome.AMBIGUOUS), "relay"),
+        (_result(421, "421 4.7.0 Too many connections from your host, slow down", stage="connect"), "relay"),
+        (_result(421, "421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, closing "
+                      "transmission channel", stage="connect"), "relay"),  # Microsoft's greeting
         (_result(451, "451 4.7.1 Too many messages, slow down"), "maybe_relay"),
         (_result(454, "454 Throttling failure: Maximum sending rate exceeded"), "maybe_relay"),
         (_result(450, "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents "
@@ -31,6 +31,14 @@ def _result(code: int | None, reply: str, stage: str = "rcpt", error: str = "", 
         (_result(452, "452 Too many recipients for this mailbox, slow down"), "domain"),
         # not throttling: the message's own temporary failure, the dispatcher's pause, or not a failure at all
         (_result(451, "451 4.3.0 try again later"), None),
+        # an outage or a flaky network, not a rate: the dispatcher's pause takes a relay that keeps failing
+        (_result(421, "421 4.3.2 Service not available, closing transmission channel", stage="connect"), None),
+        (_result(None, "Connection lost", "connect", "SMTPServerDisconnected"), None),
+        (_result(None, "Connection lost", "data", "SMTPServerDisconnected"), None),
+        (_result(None, "Connection lost", "reply", "SMTPServerDisconnected", Outcome.AMBIGUOUS), None),
+        (_result(None, "[SSL: WRONG_VERSION_NUMBER] wrong version number", "connect", "SSLError"), None),
+        (SendResult(Outcome.TRANSIENT, None, "certificate verify failed", "SSLCertVerificationError", stage="connect",
+                    setup="smtp.tls"), None),
         (_result(450, "450 4.7.1 Greylisted, please try again in 60 seconds"), None),
         (_result(None, "Connection refused", "connect", "SMTPConnectError"), None),
         (_result(535, "535 5.7.8 Authentication credentials invalid", stage="auth"), None),

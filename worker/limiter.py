@@ -6,7 +6,7 @@ global rate and on the domain's rate together and sleeps until both allow it.
 After the attempt, ``observe(domain, result)`` feeds the domain's adaptive rate
 (a throttling reply about that domain, or a refusal of the sender, halves it; good
 replies restore it step by step), or the relay's pace (``core.pace``: a throttling
-reply that is the relay's own, a 421, a dropped connection, halve the global rate and
+reply that is the relay's own, a 421, one for several domains, halve the global rate and
 hold every send back a moment; good replies restore it step by step). A domain slot
 further off than ``HOLD_SECONDS`` is not waited for in a sender: ``acquire`` books
 nothing and says ``Later``, and the message waits in the ledger.
@@ -148,7 +148,7 @@ class Limiter:
         self.relay_lowest = settings.rate_per_second
         """The slowest the relay's throttling made the global rate."""
         self.relay_why = ""
-        """The reply (or dropped connection) behind the last cut, addresses masked."""
+        """The reply behind the last cut, addresses masked."""
 
     def take_over(self, old: Limiter) -> dict[str, dict[int, float]]:
         """Carry on from ``old``, the limiter of the configuration a reload replaces: the slots it booked in this
@@ -282,7 +282,7 @@ class Limiter:
         tries = 0
         while True:
             quiet = self.pace.wait(self.clock.monotonic())
-            if quiet > 0:  # the relay just said "slow down" or hung up: no send begins until it has had a rest
+            if quiet > 0:  # the relay just said "slow down": no send begins until it has had a rest
                 await self.sleep(quiet, stop)
                 waited += quiet
                 if stop is not None and stop.is_set():
@@ -370,7 +370,7 @@ class Limiter:
         """Feed the adaptive rates with the attempt's result as the server gave it (``began``: when the attempt
         began, monotonic). A throttling reply about the recipient's domain, or a refusal of the sender
         (``core.limits.slows_domain``), halves the domain's rate; one that is the relay's own (``core.pace``: a 421,
-        a dropped connection, a "slow down" met for several domains) halves the global rate instead; a send
+        a "slow down" met for several domains) halves the global rate instead; a send
         restores each step by step."""
         now = self.clock.monotonic()
         rate = self._rate(domain)
@@ -384,7 +384,7 @@ class Limiter:
                 log.event(
                     "relay_throttled", logging.WARNING, domain=domain, code=result.code, reply=self.relay_why,
                     rate_before=round(before, 3), rate_now=round(self.pace.current, 3),
-                    why="the SMTP relay's own limit (a 421, a dropped connection, or the same \"slow down\" for "
+                    why="the SMTP relay's own limit (a 421, or the same \"slow down\" for "
                     "several domains): the global rate is halved, and comes back step by step as mail goes through",
                 )  # fmt: skip
         elif slows_domain(result):

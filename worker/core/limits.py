@@ -69,8 +69,13 @@ def is_throttling(code: int | None, reply: str) -> bool:
     if code == 421:
         return True
     if code in (450, 451, 452, 454):
-        return _THROTTLE_TEXT.search(reply) is not None
+        return asks_to_slow_down(reply)
     return False
+
+
+def asks_to_slow_down(reply: str) -> bool:
+    """Whether a reply's text is about our rate or volume (``is_throttling``, whatever its code)."""
+    return _THROTTLE_TEXT.search(reply) is not None
 
 
 def as_throttled(result: SendResult) -> SendResult:

@@ -5,11 +5,13 @@ Kembali hands every message to one relay (``smtp.host``), so a throttling reply 
 (every message alike, whoever it is for) or a limit it keeps for one recipient domain. ``throttle_scope`` tells
 them apart:
 
-* ``"relay"``: the relay hung up on us or said so for everyone: a 421 (it closes the channel), a connection it
-  dropped without a reply, a refusal at or before MAIL FROM that asks to slow down (nothing about a recipient
-  was said yet), or a
-  "slow down" that is not about a mailbox met for recipients at ``RELAY_DOMAINS`` different domains within
-  ``RELAY_WINDOW_SECONDS``;
+* ``"relay"``: the relay said "slow down" for everyone: a 421 once the session is open (it closes the channel),
+  a refusal at MAIL FROM that asks to slow down, or a greeting that does ("too many connections", "rate", "a
+  limit": nothing about a recipient was said yet), or a "slow down" that is not about a mailbox met for
+  recipients at ``RELAY_DOMAINS`` different domains within ``RELAY_WINDOW_SECONDS``. Not a connection dropped
+  without a reply (a flaky network drops them too) nor a greeting that says nothing of rate ("421 Service not
+  available": an outage, a restart): those say nothing about the pace, and the dispatcher's pause
+  (``sending.pause_after_failures``) takes a relay that keeps failing;
 * ``"domain"``: a "slow down" about a mailbox (a 4.2.x status, "mailbox", "recipient", "user": Gmail's
   ``450 4.2.1 The user you are trying to contact is receiving mail at a rate…``), or one met for one domain alone
   so far: that domain's adaptive rate (``limits.AdaptiveRate``) takes it;
@@ -27,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from worker.core.limits import is_throttling
+from worker.core.limits import asks_to_slow_down, is_throttling
 from worker.core.retry import connection_failure
 from worker.domain import Outcome, SendResult
 
@@ -44,8 +46,9 @@ RECOVER_SECONDS = 5.0
 """Seconds without a relay-wide signal before each step back up."""
 RECOVER_FACTOR = 1.25
 
-DROPPED = "SMTPServerDisconnected"
-"""The error type of a connection the server closed without a reply (``adapters.smtp``)."""
+_LIMIT = re.compile(r"\blimit", re.IGNORECASE)
+"""What a greeting says of a limit besides ``asks_to_slow_down``: Microsoft's "421 4.3.2 The maximum number of
+concurrent server connections has exceeded a limit"."""
 _ABOUT_A_MAILBOX = re.compile(r"\b4\.2\.\d{1,3}\b|mailbox|recipient|\buser\b", re.IGNORECASE)
 
 
@@ -53,14 +56,13 @@ def throttle_scope(result: SendResult) -> Scope | Literal["maybe_relay"] | None:
     """Where a result's "slow down" belongs, from the reply alone: ``"relay"``, ``"domain"``, ``"maybe_relay"`` (a
     "slow down" not about a mailbox: the relay's when other domains meet it too, ``RelayPace.scope``), or None (not
     throttling)."""
-    if result.code is None and result.error_type == DROPPED and result.outcome in (Outcome.TRANSIENT,
-                                                                                   Outcome.AMBIGUOUS):
-        return "relay"  # the relay dropped the connection, whatever it carried
     kind = connection_failure(result)
     if kind is not None:  # before RCPT TO: nothing about a recipient was said yet
-        if kind == "connection" and (result.code == 421 or is_throttling(result.code, result.reply)):
-            return "relay"
-        return None  # setup, login, a refused connection: the dispatcher's pause, not a pace
+        if kind != "connection" or result.code is None:
+            return None  # setup, login, a refused or dropped connection: the dispatcher's pause, not a pace
+        if result.stage == "connect":  # a greeting or EHLO: an outage says 421 too, only a "slow down" counts
+            return "relay" if asks_to_slow_down(result.reply) or _LIMIT.search(result.reply) else None
+        return "relay" if is_throttling(result.code, result.reply) else None
     if result.outcome is not Outcome.THROTTLED:
         return None
     if _ABOUT_A_MAILBOX.search(result.reply):
