@@ -747,3 +747,23 @@ def test_a_failure_now_and_then_that_asks_nothing_of_the_rate_keeps_the_configur
     last_minute = [t for t in sent if t >= 60.0]
     assert len(last_minute) >= 20 * 60 - 10, f"{len(last_minute)} sent in the last minute at 20/s"
     assert limiter.pace.current == 20.0 and limiter.relay_cuts == 0
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "452 4.5.3 Too many recipients ([AS:RecipientRateLimit])",  # Microsoft's recipients per sender and minute
+        "451 4.7.0 [TSS04] Messages from 203.0.113.5 temporarily deferred due to unexpected volume or user complaints",
+    ],
+)
+def test_a_relays_limit_on_the_sender_that_names_recipients_or_users_slows_the_global_rate(reply: str) -> None:
+    # Given a relay that counts the sender's recipients (or its volume) and says so for messages to two domains
+    clock = FakeClock()
+    limiter = Limiter(SendingSettings(rate_per_second=40.0, burst=40), clock, LocalBooker(clock))
+    slow_down = as_throttled(SendResult(Outcome.TRANSIENT, int(reply[:3]), reply, stage="rcpt"))
+    for domain in ("a.example", "b.example"):
+        limiter.observe(domain, slow_down, began=clock.monotonic())
+        clock.advance(0.5)
+    # Then it is the relay's limit, not each domain's: the global rate is halved, the second domain not blamed
+    assert limiter.pace.current == 20.0 and limiter.relay_cuts == 1
+    assert limiter.rates["b.example"].current == 20.0

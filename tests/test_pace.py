@@ -29,6 +29,18 @@ def _result(code: int | None, reply: str, stage: str = "rcpt", error: str = "", 
         (_result(450, "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents "
                       "additional messages from being delivered"), "domain"),
         (_result(452, "452 Too many recipients for this mailbox, slow down"), "domain"),
+        # the real providers' replies: about the sender (its IP, its recipients per session or hour), not a mailbox
+        (_result(421, "421 4.7.0 [TSS04] Messages from 203.0.113.5 temporarily deferred due to unexpected volume or "
+                      "user complaints - 4.16.56; see https://postmaster.yahooinc.com/error-codes"), "relay"),
+        (_result(451, "451 4.7.0 [TSS04] Messages from 203.0.113.5 temporarily deferred due to unexpected volume or "
+                      "user complaints - 4.16.56; see https://postmaster.yahooinc.com/error-codes"), "maybe_relay"),
+        (_result(452, "452 4.5.3 Your message has too many recipients. For more information regarding Google's "
+                      "sending limits, visit https://support.google.com/mail/answer/6592"), "maybe_relay"),
+        (_result(452, "452 4.5.3 Too many recipients ([AS:RecipientRateLimit])"), "maybe_relay"),
+        (_result(451, "451 4.7.500 Server busy. Please try again later from [203.0.113.5]. (S77719)"), "maybe_relay"),
+        (_result(421, "421 4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your IP "
+                      "address. To protect our users from spam, mail sent from your IP address has been temporarily "
+                      "rate limited."), "relay"),
         # not throttling: the message's own temporary failure, the dispatcher's pause, or not a failure at all
         (_result(451, "451 4.3.0 try again later"), None),
         # an outage or a flaky network, not a rate: the dispatcher's pause takes a relay that keeps failing

@@ -49,7 +49,11 @@ RECOVER_FACTOR = 1.25
 _LIMIT = re.compile(r"\blimit", re.IGNORECASE)
 """What a greeting says of a limit besides ``asks_to_slow_down``: Microsoft's "421 4.3.2 The maximum number of
 concurrent server connections has exceeded a limit"."""
-_ABOUT_A_MAILBOX = re.compile(r"\b4\.2\.\d{1,3}\b|mailbox|recipient|\buser\b", re.IGNORECASE)
+_ABOUT_A_MAILBOX = re.compile(r"\b4\.2\.\d{1,3}\b|mailbox|\brecipients?\b|\buser\b", re.IGNORECASE)
+_ABOUT_THE_SENDER = re.compile(r"too many recipients|\buser complaints|\[TSS?0[1-4]\]", re.IGNORECASE)
+"""What names recipients or users but is about the sender: its recipients per session or hour (Gmail's and
+Microsoft's ``452 4.5.3 … too many recipients``; Kembali sends one recipient a message), Yahoo's deferrals of the
+sending IP (``[TSS04] Messages from … unexpected volume or user complaints``)."""
 
 
 def throttle_scope(result: SendResult) -> Scope | Literal["maybe_relay"] | None:
@@ -65,7 +69,8 @@ def throttle_scope(result: SendResult) -> Scope | Literal["maybe_relay"] | None:
         return "relay" if is_throttling(result.code, result.reply) else None
     if result.outcome is not Outcome.THROTTLED:
         return None
-    if _ABOUT_A_MAILBOX.search(result.reply):
+    reply = _ABOUT_THE_SENDER.sub("", result.reply)
+    if _ABOUT_A_MAILBOX.search(reply):
         return "domain"
     return "relay" if result.code == 421 else "maybe_relay"
 
