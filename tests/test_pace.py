@@ -24,6 +24,8 @@ def _result(code: int | None, reply: str, stage: str = "rcpt", error: str = "", 
         (_result(421, "421 4.7.0 Too many connections from your host, slow down", stage="connect"), "relay"),
         (_result(421, "421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, closing "
                       "transmission channel", stage="connect"), "relay"),  # Microsoft's greeting
+        (_result(421, "421 4.7.0 Try again later, closing connection. (EHLO)", stage="connect"), "relay"),  # Gmail's
+        (_result(421, "421 4.4.5 Server busy, try again later.", stage="connect"), "relay"),
         (_result(451, "451 4.7.1 Too many messages, slow down"), "maybe_relay"),
         (_result(454, "454 Throttling failure: Maximum sending rate exceeded"), "maybe_relay"),
         (_result(450, "450 4.2.1 The user you are trying to contact is receiving mail at a rate that prevents "
@@ -45,6 +47,7 @@ def _result(code: int | None, reply: str, stage: str = "rcpt", error: str = "", 
         (_result(451, "451 4.3.0 try again later"), None),
         # an outage or a flaky network, not a rate: the dispatcher's pause takes a relay that keeps failing
         (_result(421, "421 4.3.2 Service not available, closing transmission channel", stage="connect"), None),
+        (_result(421, "421 4.3.0 Temporary System Problem. Try again later", stage="connect"), None),
         (_result(None, "Connection lost", "connect", "SMTPServerDisconnected"), None),
         (_result(None, "Connection lost", "data", "SMTPServerDisconnected"), None),
         (_result(None, "Connection lost", "reply", "SMTPServerDisconnected", Outcome.AMBIGUOUS), None),

@@ -46,9 +46,10 @@ RECOVER_SECONDS = 5.0
 """Seconds without a relay-wide signal before each step back up."""
 RECOVER_FACTOR = 1.25
 
-_LIMIT = re.compile(r"\blimit", re.IGNORECASE)
+_LIMIT = re.compile(r"\blimit|try again later, closing connection", re.IGNORECASE)
 """What a greeting says of a limit besides ``asks_to_slow_down``: Microsoft's "421 4.3.2 The maximum number of
-concurrent server connections has exceeded a limit"."""
+concurrent server connections has exceeded a limit", Gmail's "421 4.7.0 Try again later, closing connection" (its
+SMTP relay's limit at HELO); not "Service not available" nor Gmail's "Temporary System Problem"."""
 _ABOUT_A_MAILBOX = re.compile(r"\b4\.2\.\d{1,3}\b|mailbox|\brecipients?\b|\buser\b", re.IGNORECASE)
 _ABOUT_THE_SENDER = re.compile(r"too many recipients|\buser complaints|\[TSS?0[1-4]\]", re.IGNORECASE)
 """What names recipients or users but is about the sender: its recipients per session or hour (Gmail's and
