@@ -767,3 +767,22 @@ def test_a_relays_limit_on_the_sender_that_names_recipients_or_users_slows_the_g
     # Then it is the relay's limit, not each domain's: the global rate is halved, the second domain not blamed
     assert limiter.pace.current == 20.0 and limiter.relay_cuts == 1
     assert limiter.rates["b.example"].current == 20.0
+
+
+def test_a_daemon_idle_for_an_hour_after_the_relays_throttling_sends_its_next_batch_at_the_configured_rate() -> None:
+    # Given a daemon's limiter whose relay throttled it down to the floor at the end of the morning's batch
+    clock = FakeClock()
+    limiter = Limiter(SendingSettings(rate_per_second=20.0, burst=1, domain_rate_per_second=20.0,
+                                      throttle_floor_per_second=0.2), clock, LocalBooker(clock))  # fmt: skip
+    relay_421 = SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Too many messages, slow down", stage="rcpt")
+    for _ in range(8):
+        limiter.observe("a.example", relay_421, began=clock.monotonic())
+        clock.advance(0.1)
+    assert limiter.pace.current == 0.2
+    # When the next batch comes an hour later (nothing said "slow down" in between)
+    clock.advance(3600.0)
+    sent = _send_for(limiter, clock, 10.0, 1e9, relay_421)
+    # Then it goes at the configured rate after its first send (booked at the old pace: one interval, 5 s), not at
+    # 0.2/s climbing a quarter every 5 s of sends (4 sent in those 10 s)
+    assert len(sent) >= 20 * 5 - 5, f"{len(sent)} sent in the batch's first 10 s at 20/s"
+    assert limiter.pace.current == 20.0

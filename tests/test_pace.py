@@ -122,3 +122,12 @@ def test_sends_bring_the_rate_back_step_by_step(sends_at: list[float], rates: li
 def test_pace_validates() -> None:
     with pytest.raises(ValueError, match="positive"):
         RelayPace(ceiling=0.0, floor=0.2)
+
+
+@pytest.mark.parametrize(("idle", "rate"), [(12.0, 0.2 * 1.25**2), (3600.0, 50.0), (3.2e7, 50.0)])
+def test_a_send_after_a_quiet_spell_takes_a_step_for_each_5_s_of_it(idle: float, rate: float) -> None:
+    pace = RelayPace(ceiling=50.0, floor=0.2)
+    for n in range(10):
+        pace.throttled(float(n), began=float(n))
+    assert pace.current == 0.2
+    assert pace.succeeded(9.0 + idle) and pace.current == pytest.approx(rate)

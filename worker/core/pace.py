@@ -20,7 +20,8 @@ them apart:
 ``RelayPace`` slows the global rate down fast and brings it back gradually: a relay-wide signal halves it (never
 below a floor) and holds every send back ``REST_SECONDS`` (or one new interval), once per round (a signal from an
 attempt that began before the last cut was booked at the old pace and says nothing new); after ``RECOVER_SECONDS``
-without a signal, a send raises it by a quarter, up to the configured rate.
+without a signal, a send raises it by a quarter (a step for each such spell: all the way back after a quiet hour),
+up to the configured rate.
 """
 
 from __future__ import annotations
@@ -127,15 +128,17 @@ class RelayPace:
         return True
 
     def succeeded(self, now: float) -> bool:
-        """A send went through at ``now``: one step back up once ``RECOVER_SECONDS`` passed since the last cut or
-        step. Whether it stepped."""
+        """A send went through at ``now``: one step back up for each ``RECOVER_SECONDS`` passed since the last cut
+        or step (a daemon idle for an hour after a cut is back at the configured rate at its next send, not a
+        quarter up every 5 s of sends from the floor). Whether it stepped."""
         if not self.slowed:
             return False
         last = max(t for t in (self.cut_at, self.stepped_at, -1e18) if t is not None)
-        if now - last < RECOVER_SECONDS:
+        steps = int(min(now - last, 1e6) // RECOVER_SECONDS)
+        if steps < 1:
             return False
-        self.current = min(self.ceiling, self.current * RECOVER_FACTOR)
-        self.stepped_at = now
+        self.current = min(self.ceiling, self.current * RECOVER_FACTOR ** min(steps, 100))
+        self.stepped_at = last + steps * RECOVER_SECONDS
         return True
 
     def wait(self, now: float) -> float:
