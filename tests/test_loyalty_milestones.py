@@ -8,6 +8,7 @@ its ledger row says ``skipped: merged`` and names the email it went with, so no 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -151,3 +152,38 @@ def test_a_spend_milestone_reached_by_a_later_order_gets_its_own_email_and_previ
         "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("sent", None),
         "loyalty:M2:orders-5": ("sent", None), "loyalty:M2:spend-500000000": ("skipped", "merged"),
     }
+
+
+def test_a_merged_spend_milestone_is_sent_on_its_own_when_the_order_milestone_it_went_with_is_no_longer_due(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given M1, whose 5th order (2 days ago, Rp1.700.000) reaches both milestones: the order one, and the spend one
+    # (Rp100.000 + 3 x Rp1.600.000 before it: Rp4.900.000), planned today as one email, the spend one merged into it
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("M1")], DAY)
+    shop.upsert_orders(engine, [
+        order("M1-0", "M1", 70, 100_000), *(order(f"M1-{i}", "M1", 40 + 5 * i, 1_600_000) for i in range(1, 4)),
+        order("M1-4", "M1", 2, 1_700_000),
+    ], DAY)  # fmt: skip
+    store = Store.from_url(db_url)
+    try:
+        pipeline.plan(store, settings, DAY, campaigns=["loyalty"])
+    finally:
+        store.close()
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("planned", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+    # and before it is sent, the small first order is refunded: 4 paid orders, Rp6.500.000 spent
+    refunded = dataclasses.replace(order("M1-0", "M1", 70, 100_000), status=OrderStatus.REFUNDED)
+    shop.upsert_orders(engine, [refunded], DAY + timedelta(minutes=30))
+    engine.dispose()
+
+    # When Kembali runs today and the next days
+    for days in range(4):
+        cycle_at(settings, DAY + timedelta(hours=1) + timedelta(days=days))
+
+    # Then the order milestone is no longer reached, and not mailed; the spend one, still reached, is: M1 is thanked
+    # once, not silently never
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["m1@example.com"]
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("skipped", "no_longer_due"), "loyalty:M1:spend-500000000": ("sent", None)}

@@ -286,6 +286,14 @@ def loyalty(
             merged = sa.and_(due_orders.is_not(None), ~sa.exists().where(M.c.dedupe_key == orders_key))
             payload = sa.case((merged, json_object_sql(c.dialect, [("milestone", label), ("merged_into", orders_key)])),
                               else_=payload)  # fmt: skip
+        if prefix == "orders" and "spend" in labels:
+            # the spend milestone this pass merged into this email (planned just before): named, so that if this one
+            # is found no longer due when it is sent (an earlier order refunded), that one is sent on its own
+            spend_key = key_of(labels["spend"][1])
+            carries = sa.exists().where(M.c.dedupe_key == spend_key,
+                                        M.c.skip_reason == SkipReason.MERGED.value)  # fmt: skip
+            payload = sa.case((carries, json_object_sql(c.dialect, [("milestone", label), ("carries", spend_key)])),
+                              else_=payload)  # fmt: skip
         narrowed = [column >= min(thresholds)] if prefix == "orders" or totals_in_currency else []
         where = [_scanned(c.dialect, C.c.last_order_at) >= since, *narrowed, *_consenting(), due.is_not(None)]
         plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key, payload, C, where,

@@ -396,6 +396,14 @@ _SUPPRESS_SQL = (
     "INSERT INTO suppression (email, reason, source, created_at) VALUES (:email, :reason, :source, :created_at)"
     " ON CONFLICT DO NOTHING"
 )
+# A loyalty spend milestone stored as skipped ``merged`` into an order milestone's email (``plan_sql.loyalty``) that
+# was found no longer due when it was to be sent (an earlier order refunded: 4 paid orders, the spend still reached):
+# that email is not sent, so the spend milestone goes back to the queue, to be sent on its own (re-checked as any).
+_UNMERGE_SQL = (
+    f"UPDATE message SET status = '{MessageStatus.PLANNED.value}', skip_reason = NULL, next_attempt_at = :now,"
+    f" updated_at = :now WHERE dedupe_key = :key AND status = '{MessageStatus.SKIPPED.value}'"
+    f" AND skip_reason = '{SkipReason.MERGED.value}'"
+)
 _NAMED = re.compile(r":(\w+)")
 
 
@@ -441,6 +449,7 @@ class _LedgerSql:
         self.late_refused = self.style(_LATE_REFUSED_SQL)
         self.attempt = self.style(_ATTEMPT_SQL)
         self.suppress = self.style(_SUPPRESS_SQL)
+        self.unmerge = self.style(_UNMERGE_SQL)
         self.marked_at = self.style(_MARKED_AT_SQL)
         self.give_back = self.style(_GIVE_BACK_SQL)
         self.quota_row = self.style(_QUOTA_ROW_SQL)
@@ -909,6 +918,7 @@ class Store:
         give_back: list[dict[str, Any]] = []
         attempts: list[dict[str, Any]] = []
         suppressions: list[dict[str, Any]] = []
+        unmerge: list[dict[str, Any]] = []
         for d, (claimed_by, status), mine in zip(dispositions, found, held, strict=True):
             res = d.result
             finished = dt(d.finished_at)
@@ -939,6 +949,9 @@ class Store:
                 give_back.append(row)  # marked, never begun: its slot of the day's quota comes back
             elif mine:
                 updates.append(row)
+                carried = d.message.payload.get("carries")
+                if d.skip_reason is SkipReason.NO_LONGER_DUE and isinstance(carried, str):
+                    unmerge.append({"key": carried, "now": dt(now)})
             elif (
                 (d.message.id, attempt_no, d.worker) in written
                 if res is not None
@@ -972,6 +985,8 @@ class Store:
                 )
         if updates:
             cursor.executemany(self._sql.record, updates)
+        if unmerge:
+            cursor.executemany(self._sql.unmerge, unmerge)
         given_back = 0
         for row in give_back:  # seldom (a stop, a cancelled run): one by one, counting the rows still `sending`
             assert quota is not None
