@@ -102,3 +102,22 @@ def test_a_time_no_reading_makes_sense_of_fails_its_row_named(
     with shop.store.engine.connect() as conn:
         (attempt,) = conn.execute(sa.select(A).where(A.c.message_id == row_id)).all()
     assert attempt.error_type == "LedgerRowError"
+
+
+@pytest.mark.parametrize(("column", "value", "reads_as"), [
+    ("expires_at", "9999-12-31T23:00:00-05:00", "9999-12-31 23:59:59.999999"),  # 'never expires', past year 9999 in UTC
+    ("next_attempt_at", "0001-01-01T03:00:00+07:00", "0001-01-01 00:00:00.000000"),  # 'long ago', before year 1
+])  # fmt: skip
+def test_a_time_written_by_hand_past_the_ends_of_the_calendar_in_utc_is_read_as_that_end_not_a_crash(
+    shop: Shop, smtp_server: RecordingServer, column: str, value: str, reads_as: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with shop.store.engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE message SET {column} = :v WHERE email = :e"), {"v": value, "e": EDITED})
+        row_id: int = conn.execute(sa.select(M.c.id).where(M.c.email == EDITED)).scalar_one()
+
+    shop.cycle()  # it stopped the start with an OverflowError (a traceback) on every run
+
+    assert _sent(smtp_server) == [GOOD, EDITED, ALSO_GOOD]
+    (logged,) = [r.kembali_fields for r in caplog.records if r.getMessage() == "ledger_time_normalised"]  # type: ignore[attr-defined]
+    assert (logged["id"], logged["column"], logged["reads_as"]) == (row_id, f"message.{column}", reads_as), logged

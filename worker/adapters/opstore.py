@@ -179,7 +179,10 @@ def _read_hand_written(value: object) -> datetime | None:
         read = datetime.fromisoformat(value.strip())
     except ValueError:
         return None
-    return read.replace(tzinfo=UTC) if read.tzinfo is None else read.astimezone(UTC)
+    try:
+        return read.replace(tzinfo=UTC) if read.tzinfo is None else read.astimezone(UTC)
+    except OverflowError:  # past year 9999, or before year 1, in UTC ('9999-12-31T23:00-05:00': never): that end
+        return datetime.max.replace(tzinfo=UTC) if read.year == datetime.max.year else datetime.min.replace(tzinfo=UTC)
 
 
 def _sqlite_text(at: datetime) -> str:
