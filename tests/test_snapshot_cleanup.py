@@ -79,3 +79,47 @@ def test_a_folder_of_another_program_or_an_older_kembali_is_left_alone(
     remove_snapshot(mine)
 
     assert (older / "t").is_dir() and other.is_dir()
+
+
+CLEAN = """
+import sys
+from pathlib import Path
+from worker.app import remove_stale_snapshots
+print(len(remove_stale_snapshots(Path(sys.argv[1]))), flush=True)
+"""
+
+
+def test_another_process_starting_while_a_snapshot_is_made_leaves_it_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given another worker whose start removes stale snapshots at the very moment this one makes its own: after its
+    # owner file exists, before this process has locked it (two `run --once` started by the same timer)
+    import worker.app as app
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    real_flock = app.fcntl.flock
+    removed_by_other: list[str] = []
+
+    def flock_after_the_other_start(fd: int, operation: int) -> None:
+        if not removed_by_other:  # the first lock this process takes: its new snapshot's
+            env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+            done = subprocess.run([sys.executable, "-c", CLEAN, str(tmp_path)], cwd=REPO, env=env, check=True,
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+            removed_by_other.append(done.stdout.strip())
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(app.fcntl, "flock", flock_after_the_other_start)
+
+    # When this process makes its snapshot
+    mine = snapshot_templates(make_settings("sqlite:///unused.db", 25))  # it failed: 'cannot copy …'
+    try:
+        # Then the other start removed nothing, and this process's copy is whole and its own
+        assert removed_by_other == ["0"]
+        assert sorted(p.name for p in (mine / "t").iterdir()) == sorted(
+            p.name for p in (REPO / "templates" / "email").iterdir())  # fmt: skip
+        env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+        again = subprocess.run([sys.executable, "-c", CLEAN, str(tmp_path)], cwd=REPO, env=env, check=True,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert again.stdout.strip() == "0" and (mine / "t").is_dir()  # locked: a live worker's
+    finally:
+        remove_snapshot(mine)

@@ -266,9 +266,12 @@ def snapshot_templates(settings: Settings) -> Path:
     remove_stale_snapshots(Path(tempfile.gettempdir()))
     target = Path(tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX))
     try:
-        fd = os.open(target / OWNER_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # locked before it is named: another start's cleanup that found an owner file not locked yet took it for a
+        # dead process's and removed the copy being made
+        fd = os.open(target / f"{OWNER_FILE}.new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         _OWNED[target] = fd
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a new file: no other process can hold it)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a file no other process looks for: none holds it)
+        os.rename(target / f"{OWNER_FILE}.new", target / OWNER_FILE)  # the lock is the file's: it goes with it
         shutil.copytree(source, target / "t")
     except OSError as exc:  # a file that cannot be read, a dangling link, a full temporary folder
         remove_snapshot(target)
