@@ -140,3 +140,65 @@ def test_the_daemon_fails_an_unknown_campaigns_row_and_reads_a_hand_written_time
         assert daemon.stop() == 0
     assert shop.scalar("SELECT status FROM message WHERE id = :i", i=ids[0]) == "failed"
     assert "'xmas_2025'" in shop.scalar("SELECT last_reply FROM message WHERE id = :i", i=ids[0])
+
+
+def test_failing_many_rows_of_an_unknown_campaign_holds_neither_the_database_nor_the_workers_database_thread(
+    shop: Shop,
+) -> None:
+    import asyncio
+    import threading
+    import time
+
+    from worker.app import campaigns_not_sent
+    from worker.asyncstore import AsyncStore
+
+    # Given 20,000 waiting rows an operator renamed by hand to a campaign no Kembali sends (a bulk UPDATE)
+    many = 20_000
+    with shop.store.engine.begin() as conn:
+        conn.execute(sa.update(M).where(M.c.email == ODD).values(campaign="xmas_2025"))
+        odd = conn.execute(sa.select(M).where(M.c.email == ODD)).one()._asdict()
+        rows = [{**odd, "id": None, "dedupe_key": f"xmas_2025:{n}", "message_id": None} for n in range(many)]
+        conn.execute(sa.insert(M), [{k: v for k, v in r.items() if k != "id"} for r in rows])
+    astore = AsyncStore(shop.store)
+    waits: list[float] = []
+    others: list[float] = []
+    done = threading.Event()
+
+    def another_worker_writing() -> None:  # another process's short writes (a claim, an outcome) meanwhile
+        engine = sa.create_engine(shop.store.engine.url, connect_args={"timeout": 120} if shop.store.dialect ==
+                                  "sqlite" else {})  # fmt: skip
+        try:
+            while not done.is_set():
+                started = time.monotonic()
+                with engine.begin() as conn:
+                    conn.execute(sa.update(M).where(M.c.email == GOOD).values(priority=M.c.priority))
+                waits.append(time.monotonic() - started)
+                time.sleep(0.02)
+        finally:
+            engine.dispose()
+
+    async def start() -> int:
+        task = asyncio.ensure_future(campaigns_not_sent(shop.store, astore, shop.settings, NOW))
+        await asyncio.sleep(0.5)
+        while not task.done():  # this worker's own database calls (a claim, a health line) meanwhile
+            started = time.monotonic()
+            await astore.call(shop.store.messages, limit=1)
+            others.append(time.monotonic() - started)
+            await asyncio.sleep(0.05)
+        return len((await task).failed)
+
+    writer = threading.Thread(target=another_worker_writing)
+    writer.start()
+    try:
+        # When a worker starts
+        failed = asyncio.run(start())
+    finally:
+        done.set()
+        writer.join(timeout=300)
+        astore.close()
+
+    # Then every one of them is failed, in short transactions and short calls of the worker's database thread: no
+    # other worker waits seconds for the database, nor this worker's own claims and health line
+    assert failed == many + 1
+    assert max(waits) < 2.0, f"another worker waited {max(waits):.1f} s to write"
+    assert not others or max(others) < 2.0, f"this worker's own database calls waited {max(others):.1f} s"

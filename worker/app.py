@@ -84,8 +84,8 @@ async def campaigns_not_sent(
     odd = await astore.call(opstore.odd_waiting_rows, store, ALL_CAMPAIGNS)
     failed: list[opstore.UnknownCampaignRow] = []
     if odd.unknown_campaign:
-        failed = await astore.call(opstore.fail_unknown_campaigns, store, odd.unknown_campaign, now, ALL_CAMPAIGNS,
-                                   worker_id())  # fmt: skip
+        for part in _chunks(odd.unknown_campaign, opstore.CHUNK):  # the database thread given back between them
+            failed += await astore.call(opstore.fail_unknown_campaigns, store, part, now, ALL_CAMPAIGNS, worker_id())
         if failed:
             log.event("unknown_campaign_failed", logging.WARNING, count=len(failed),
                       campaigns=",".join(sorted({r.campaign for r in failed})),
@@ -94,7 +94,9 @@ async def campaigns_not_sent(
                       what_to_do="kembali ledger list --status failed; correct the campaign and `kembali ledger resend "
                                  "ID`, or leave them failed")  # fmt: skip
     if odd.odd_time:
-        found = await astore.call(opstore.hand_written_times, store, odd.odd_time, now, worker_id())
+        found = []
+        for part in _chunks(odd.odd_time, opstore.CHUNK):
+            found += await astore.call(opstore.hand_written_times, store, part, now, worker_id())
         for t in found[:100]:
             if t.reads_as is not None:
                 log.event("ledger_time_normalised", logging.WARNING, id=t.id, column=t.column, value=t.value,
@@ -116,6 +118,10 @@ async def campaigns_not_sent(
                       "until it is on again, or are skipped as expired",
                   what_to_do=f"turn it on again to send them, or cancel them: {CLOSE_OFF.format(campaign=name)}")
     return NotSent(tuple(failed), dict(sorted(off.items())), expired)
+
+
+def _chunks(ids: tuple[int, ...], size: int) -> list[tuple[int, ...]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
 def worker_id() -> str:
