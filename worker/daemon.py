@@ -219,12 +219,12 @@ class Daemon:
         self._planning: dict[asyncio.Future[None], str] = {}
         """Planning passes under way, and their campaigns: the shutdown waits for them."""
         self._plan_skipped: set[str] = set()
+        """Campaigns whose planning pass was skipped for this host's clock (``_plan_pass``): planned at the first
+        maintenance that finds the clock right again."""
         self._campaigns_checked = False
         """Whether this generation's first maintenance has failed the waiting rows of unknown campaigns and named the
         campaigns turned off that leave rows waiting (``app.campaigns_not_sent``): once a start and a reload, as it
         reads every waiting row."""
-        """Campaigns whose planning pass was skipped for this host's clock (``_plan_pass``): planned at the first
-        maintenance that finds the clock right again."""
         self._planning_since = 0.0
         """When the passes under way began, without a break (the clock's monotonic seconds); or the catch-up."""
         self._catching_up = False
