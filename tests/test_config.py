@@ -125,6 +125,9 @@ def test_a_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
      "line 4: 'smtp.port' is written twice (first at line 3): keep one of them"),
     ('[sending.domains]\n"gmail.com" = { rate_per_second = 10.0 }\n"gmail.com" = { rate_per_second = 5.0 }\n',
      "line 3: 'sending.domains.gmail.com' is written twice (first at line 2): keep one of them"),
+    # a line inside a multi-line string that reads like the key is text, not the first one
+    ('[shop]\nsignature = """\nname = Toko Kita\n"""\nname = "Toko"\nname = "Toko Kita"\n',
+     "line 6: 'shop.name' is written twice (first at line 5): keep one of them"),
 ])
 def test_a_key_or_table_written_twice_is_named_with_both_lines(tmp_path: Path, text: str, expected: str) -> None:
     # TOML refuses the second one; the operator read "invalid TOML: Cannot overwrite a value (at line 4, column

@@ -438,7 +438,16 @@ def _named_lines(text: str) -> Iterator[tuple[int, str]]:
         return ".".join(p.strip().strip("\"'") for p in part.split(".")) if part[:1] not in "\"'" else part[1:-1]
 
     table, counts = "", dict[str, int]()
+    open_string: str | None = None  # the quotes of a multi-line string the line is in: its lines are text
     for number, line in enumerate(text.splitlines(), start=1):
+        if open_string is not None:
+            if line.count(open_string) % 2:
+                open_string = None
+            continue
+        for quotes in ('"""', "'''"):
+            if line.split("#")[0].count(quotes) % 2 and quotes in line.split("=", 1)[-1]:
+                open_string = quotes  # (the key on this line, before the string, is still named below)
+                break
         if (header := _HEADER.fullmatch(line)) is not None:
             table = name(header.group(2))
             for end in range(1, table.count(".") + 1):
