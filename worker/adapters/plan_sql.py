@@ -289,9 +289,12 @@ def loyalty(
         if prefix == "orders" and "spend" in labels:
             # the spend milestone this pass merged into this email (planned just before): named, so that if this one
             # is found no longer due when it is sent (an earlier order refunded), that one is sent on its own
-            spend_key = key_of(labels["spend"][1])
-            carries = sa.exists().where(M.c.dedupe_key == spend_key, M.c.skip_reason == SkipReason.MERGED.value,
-                                        M.c.payload.contains(key))  # fmt: skip  (into this one, not an earlier one)
+            # (preview, which writes nothing, finds no spend row yet: the one this pass would merge)
+            spend_due, spend_label = labels["spend"]
+            spend_key = key_of(spend_label)
+            into_this = sa.and_(sa.func.coalesce(M.c.skip_reason, "") == SkipReason.MERGED.value,
+                                M.c.payload.contains(key))  # not into an earlier one  # fmt: skip
+            carries = sa.and_(spend_due.is_not(None), ~sa.exists().where(M.c.dedupe_key == spend_key, ~into_this))
             payload = sa.case((carries, json_object_sql(c.dialect, [("milestone", label), ("carries", spend_key)])),
                               else_=payload)  # fmt: skip
         narrowed = [column >= min(thresholds)] if prefix == "orders" or totals_in_currency else []
