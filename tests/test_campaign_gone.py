@@ -96,11 +96,14 @@ def test_a_campaign_turned_off_keeps_its_rows_waiting_says_so_and_they_expire_in
 
     # When a run --once goes after their expiry (a cron user runs no daemon, whose maintenance expires them)
     shop.clock.advance(timedelta(days=15).total_seconds())
-    shop.cycle()
+    report = shop.cycle()
 
     # Then they are skipped as expired, as the README says, not left planned for ever
     assert {(shop.row(a).status, shop.row(a).skip_reason) for a in (GOOD, ODD, ALSO_GOOD)} == {("skipped", "expired")}
     assert smtp_server.messages == []
+    # and the run's summary says so (it said nothing of them: the three messages it waited on were gone, unsaid)
+    assert ("3 messages of campaigns turned off expired, not sent (skipped: expired; `kembali ledger list --status "
+            "skipped`)") in running.summary(report), running.summary(report)  # fmt: skip
 
 
 def test_the_daemon_fails_an_unknown_campaigns_row_and_reads_a_hand_written_time_at_its_first_maintenance(

@@ -178,6 +178,9 @@ def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zo
         names = ", ".join(repr(c) for c in sorted({r.campaign for r in failed_rows}))
         lines.append(f"{len(failed_rows)} {'message' if len(failed_rows) == 1 else 'messages'} of a campaign Kembali "
                      f"does not know ({names}; edited by hand?) failed, not sent: see `kembali ledger list`")
+    if report.expired:
+        lines.append(f"{report.expired} {'message' if report.expired == 1 else 'messages'} of campaigns turned off "
+                     "expired, not sent (skipped: expired; `kembali ledger list --status skipped`)")
     for campaign, n in report.not_sent.off.items():
         label = CAMPAIGN_LABELS.get(campaign, campaign)
         lines.append(f"{n} {label} {'message waits' if n == 1 else 'messages wait'}, not sent: the campaign is turned "
