@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.smtp_server import RecordingServer
+from tests.smtp_server import Behaviour, RecordingServer
 from worker import pipeline
 from worker.adapters import db, shop
+from worker.adapters.ledger import LedgerAdmin
 from worker.adapters.store import Store
 from worker.app import Deps
 from worker.commands import running
@@ -187,3 +188,42 @@ def test_a_merged_spend_milestone_is_sent_on_its_own_when_the_order_milestone_it
     assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["m1@example.com"]
     assert {k: v[:2] for k, v in ledger(settings).items()} == {
         "loyalty:M1:orders-5": ("skipped", "no_longer_due"), "loyalty:M1:spend-500000000": ("sent", None)}
+
+
+def test_a_merged_spend_milestone_stays_merged_when_its_email_that_may_have_arrived_is_resent_and_no_longer_due(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given M1's 5th order reaching both milestones, planned as one email (the spend one merged into it), whose
+    # connection the server drops after the final dot: the email may have arrived (uncertain)
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("M1")], DAY)
+    shop.upsert_orders(engine, [
+        order("M1-0", "M1", 70, 100_000), *(order(f"M1-{i}", "M1", 40 + 5 * i, 1_600_000) for i in range(1, 4)),
+        order("M1-4", "M1", 2, 1_700_000),
+    ], DAY)  # fmt: skip
+    smtp_server.on("m1@example.com", Behaviour(drop_after_dot=True))
+    cycle_at(settings, DAY + timedelta(minutes=10))
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("uncertain", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+    # and then the small first order is refunded, and the operator resends the uncertain email
+    smtp_server.on("m1@example.com", Behaviour())
+    refunded = dataclasses.replace(order("M1-0", "M1", 70, 100_000), status=OrderStatus.REFUNDED)
+    shop.upsert_orders(engine, [refunded], DAY + timedelta(minutes=30))
+    store = Store.from_url(db_url)
+    try:
+        order_row = next(r["id"] for r in store.messages(limit=100) if r["dedupe_key"] == "loyalty:M1:orders-5")
+    finally:
+        store.close()
+    LedgerAdmin(engine).resend([order_row], now=DAY + timedelta(minutes=40), operator="test")
+    engine.dispose()
+
+    # When Kembali runs today and the next days
+    for days in range(4):
+        cycle_at(settings, DAY + timedelta(hours=1) + timedelta(days=days))
+
+    # Then the resend is no longer due and not sent; the spend milestone went with the email that may have
+    # arrived, so it is not sent a second time on its own: M1 got one email at most, the one that may have arrived
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["m1@example.com"]
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("skipped", "no_longer_due"), "loyalty:M1:spend-500000000": ("skipped", "merged")}

@@ -398,11 +398,14 @@ _SUPPRESS_SQL = (
 )
 # A loyalty spend milestone stored as skipped ``merged`` into an order milestone's email (``plan_sql.loyalty``) that
 # was found no longer due when it was to be sent (an earlier order refunded: 4 paid orders, the spend still reached):
-# that email is not sent, so the spend milestone goes back to the queue, to be sent on its own (re-checked as any).
+# that email is not sent, so the spend milestone goes back to the queue, to be sent on its own (re-checked as any);
+# not when an earlier attempt of that email may have arrived (uncertain, then resent by the operator): the spend
+# milestone went with it, and would be a second email.
 _UNMERGE_SQL = (
     f"UPDATE message SET status = '{MessageStatus.PLANNED.value}', skip_reason = NULL, next_attempt_at = :now,"
     f" updated_at = :now WHERE dedupe_key = :key AND status = '{MessageStatus.SKIPPED.value}'"
-    f" AND skip_reason = '{SkipReason.MERGED.value}'"
+    f" AND skip_reason = '{SkipReason.MERGED.value}' AND NOT EXISTS (SELECT 1 FROM attempt WHERE"
+    f" attempt.message_id = :order_id AND attempt.outcome IN ('{Outcome.AMBIGUOUS.value}', '{Outcome.SENT.value}'))"
 )
 _NAMED = re.compile(r":(\w+)")
 
@@ -951,7 +954,7 @@ class Store:
                 updates.append(row)
                 carried = d.message.payload.get("carries")
                 if d.skip_reason is SkipReason.NO_LONGER_DUE and isinstance(carried, str):
-                    unmerge.append({"key": carried, "now": dt(now)})
+                    unmerge.append({"key": carried, "now": dt(now), "order_id": d.message.id})
             elif (
                 (d.message.id, attempt_no, d.worker) in written
                 if res is not None
