@@ -48,6 +48,10 @@ def _result(code: int | None, reply: str, stage: str = "rcpt", error: str = "", 
         # an outage or a flaky network, not a rate: the dispatcher's pause takes a relay that keeps failing
         (_result(421, "421 4.3.2 Service not available, closing transmission channel", stage="connect"), None),
         (_result(421, "421 4.3.0 Temporary System Problem. Try again later", stage="connect"), None),
+        # a 5xx greeting refuses this client outright (a block list, complaints): no pace helps; at MAIL FROM alike
+        (_result(554, "554 5.7.1 Service unavailable; too many complaints from 203.0.113.5, blocked", stage="connect"),
+         None),
+        (_result(554, "554 5.7.1 Too many spam reports from your IP: rejected", stage="mail"), None),
         (_result(None, "Connection lost", "connect", "SMTPServerDisconnected"), None),
         (_result(None, "Connection lost", "data", "SMTPServerDisconnected"), None),
         (_result(None, "Connection lost", "reply", "SMTPServerDisconnected", Outcome.AMBIGUOUS), None),

@@ -6,7 +6,7 @@ Kembali hands every message to one relay (``smtp.host``), so a throttling reply 
 them apart:
 
 * ``"relay"``: the relay said "slow down" for everyone: a 421 once the session is open (it closes the channel),
-  a refusal at MAIL FROM that asks to slow down, or a greeting that does ("too many connections", "rate", "a
+  a refusal at MAIL FROM that asks to slow down, or a 4xx greeting that does ("too many connections", "rate", "a
   limit": nothing about a recipient was said yet), or a "slow down" that is not about a mailbox met for
   recipients at ``RELAY_DOMAINS`` different domains within ``RELAY_WINDOW_SECONDS``. Not a connection dropped
   without a reply (a flaky network drops them too) nor a greeting that says nothing of rate ("421 Service not
@@ -64,8 +64,10 @@ def throttle_scope(result: SendResult) -> Scope | Literal["maybe_relay"] | None:
     throttling)."""
     kind = connection_failure(result)
     if kind is not None:  # before RCPT TO: nothing about a recipient was said yet
-        if kind != "connection" or result.code is None:
-            return None  # setup, login, a refused or dropped connection: the dispatcher's pause, not a pace
+        if kind != "connection" or result.code is None or result.code >= 500:
+            # setup, login, a refused or dropped connection, a 5xx greeting refusing this client (a block list,
+            # "too many complaints"): the dispatcher's pause, not a pace
+            return None
         if result.stage == "connect":  # a greeting or EHLO: an outage says 421 too, only a "slow down" counts
             return "relay" if asks_to_slow_down(result.reply) or _LIMIT.search(result.reply) else None
         return "relay" if is_throttling(result.code, result.reply) else None
