@@ -293,7 +293,8 @@ def loyalty(
             spend_due, spend_label = labels["spend"]
             spend_key = key_of(spend_label)
             into_this = sa.and_(sa.func.coalesce(M.c.skip_reason, "") == SkipReason.MERGED.value,
-                                M.c.payload.contains(key))  # not into an earlier one  # fmt: skip
+                                # merged into this one, not an earlier one (the closing quote: not 'orders-50')
+                                M.c.payload.contains(key + _lit('"')))  # fmt: skip
             carries = sa.and_(spend_due.is_not(None), ~sa.exists().where(M.c.dedupe_key == spend_key, ~into_this))
             payload = sa.case((carries, json_object_sql(c.dialect, [("milestone", label), ("carries", spend_key)])),
                               else_=payload)  # fmt: skip
