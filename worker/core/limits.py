@@ -92,8 +92,9 @@ def as_throttled(result: SendResult) -> SendResult:
 
 
 @dataclass
-class AdaptiveRate:
-    """AIMD rate for one domain: halve on throttling, recover step by step on good replies."""
+class BoundedRate:
+    """A rate that moves between a floor and the configured ceiling, starting at the ceiling (``AdaptiveRate``,
+    ``pace.RelayPace``)."""
 
     ceiling: float
     """The configured rate (events per second); never exceeded."""
@@ -107,6 +108,11 @@ class AdaptiveRate:
         self.floor = min(self.floor, self.ceiling)
         if self.current <= 0:
             self.current = self.ceiling
+
+
+@dataclass
+class AdaptiveRate(BoundedRate):
+    """AIMD rate for one domain: halve on throttling, recover step by step on good replies."""
 
     @property
     def step(self) -> float:

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from worker.core.limits import asks_to_slow_down, is_throttling
+from worker.core.limits import BoundedRate, asks_to_slow_down, is_throttling
 from worker.core.retry import connection_failure
 from worker.domain import Outcome, SendResult
 
@@ -80,14 +80,10 @@ def throttle_scope(result: SendResult) -> Scope | Literal["maybe_relay"] | None:
 
 
 @dataclass
-class RelayPace:
-    """The global rate, adaptive to the relay's throttling (see the module docstring)."""
+class RelayPace(BoundedRate):
+    """The global rate, adaptive to the relay's throttling (see the module docstring): ``ceiling`` is
+    ``sending.rate_per_second``, ``floor`` ``sending.throttle_floor_per_second``."""
 
-    ceiling: float
-    """The configured global rate (``sending.rate_per_second``); never exceeded."""
-    floor: float
-    """Never slower than this (``sending.throttle_floor_per_second``)."""
-    current: float = 0.0
     cut_at: float | None = None
     """When the last cut was made."""
     stepped_at: float | None = None
@@ -97,13 +93,6 @@ class RelayPace:
     "slow down")."""
     seen: dict[str, float] = field(default_factory=dict)
     """Per recipient domain, when it last met a "slow down" not about a mailbox."""
-
-    def __post_init__(self) -> None:
-        if self.ceiling <= 0 or self.floor <= 0:
-            raise ValueError("rates must be positive")
-        self.floor = min(self.floor, self.ceiling)
-        if self.current <= 0:
-            self.current = self.ceiling
 
     @property
     def slowed(self) -> bool:
