@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from tests.smtp_server import Behaviour, RecordingServer
 from worker import pipeline
@@ -155,18 +156,25 @@ def test_a_spend_milestone_reached_by_a_later_order_gets_its_own_email_and_previ
     }
 
 
-def test_a_merged_spend_milestone_is_sent_on_its_own_when_the_order_milestone_it_went_with_is_no_longer_due(
-    db_url: str, smtp_server: RecordingServer
-) -> None:
-    # Given M1, whose 5th order (2 days ago, Rp1.700.000) reaches both milestones: the order one, and the spend one
-    # (Rp100.000 + 3 x Rp1.600.000 before it: Rp4.900.000), planned today as one email, the spend one merged into it
-    settings = settings_for(db_url, smtp_server)
+def m1_at_five_orders(db_url: str) -> sa.Engine:
+    """M1, whose 5th order (2 days ago, Rp1.700.000) reaches both milestones: the order one, and the spend one
+    (Rp100.000 + 3 x Rp1.600.000 before it: Rp4.900.000); the first, small order is the one a test refunds."""
     engine = db.create_engine(db_url)
     shop.upsert_customers(engine, [customer("M1")], DAY)
     shop.upsert_orders(engine, [
         order("M1-0", "M1", 70, 100_000), *(order(f"M1-{i}", "M1", 40 + 5 * i, 1_600_000) for i in range(1, 4)),
         order("M1-4", "M1", 2, 1_700_000),
     ], DAY)  # fmt: skip
+    return engine
+
+
+def test_a_merged_spend_milestone_is_sent_on_its_own_when_the_order_milestone_it_went_with_is_no_longer_due(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given M1, whose 5th order (2 days ago, Rp1.700.000) reaches both milestones: the order one, and the spend one
+    # (Rp100.000 + 3 x Rp1.600.000 before it: Rp4.900.000), planned today as one email, the spend one merged into it
+    settings = settings_for(db_url, smtp_server)
+    engine = m1_at_five_orders(db_url)
     store = Store.from_url(db_url)
     try:
         pipeline.plan(store, settings, DAY, campaigns=["loyalty"])
@@ -196,12 +204,7 @@ def test_a_merged_spend_milestone_stays_merged_when_its_email_that_may_have_arri
     # Given M1's 5th order reaching both milestones, planned as one email (the spend one merged into it), whose
     # connection the server drops after the final dot: the email may have arrived (uncertain)
     settings = settings_for(db_url, smtp_server)
-    engine = db.create_engine(db_url)
-    shop.upsert_customers(engine, [customer("M1")], DAY)
-    shop.upsert_orders(engine, [
-        order("M1-0", "M1", 70, 100_000), *(order(f"M1-{i}", "M1", 40 + 5 * i, 1_600_000) for i in range(1, 4)),
-        order("M1-4", "M1", 2, 1_700_000),
-    ], DAY)  # fmt: skip
+    engine = m1_at_five_orders(db_url)
     smtp_server.on("m1@example.com", Behaviour(drop_after_dot=True))
     cycle_at(settings, DAY + timedelta(minutes=10))
     assert {k: v[:2] for k, v in ledger(settings).items()} == {
