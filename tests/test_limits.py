@@ -215,6 +215,14 @@ THROTTLING = [
     (451, "451 4.7.1 Ratelimit exceeded for sender", True),
     (450, "450 4.7.1 Client host throttled", True),
     (454, "454 4.7.1 Rate-limited: try again in 300 seconds", True),
+    # the relay's (the sending account's) own limits on concurrency or its peak rate: Microsoft 365's sender thread
+    # limit (at the final dot), Google Workspace's SMTP relay peak limit (its 4.2.1 is the relay's, not a mailbox's)
+    (432, "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [Hostname=AM0PR01MB1234.eurprd01.prod."
+          "exchangelabs.com]", True),
+    (450, "450 4.2.1 Peak SMTP relay limit exceeded for customer. This is a temporary error. For more information "
+          "on SMTP relay limits, please contact your administrator or visit https://support.google.com/a/answer/"
+          "6140680", True),
+    (432, "432 4.3.2 System not accepting network messages", False),
     # a temporary failure for this message (greylisting, a local problem): counted, retried with backoff
     (451, "451 4.3.0 try again later", False),
     (451, "451 4.3.0 Please try later", False),

@@ -43,6 +43,15 @@ def _result(code: int | None, reply: str, stage: str = "rcpt", error: str = "", 
         (_result(421, "421 4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your IP "
                       "address. To protect our users from spam, mail sent from your IP address has been temporarily "
                       "rate limited."), "relay"),
+        # the relay's own limits, whatever recipient they met: Microsoft 365's sender thread limit (after the dot),
+        # Google Workspace's SMTP relay peak limit (its 4.2.1 is not a mailbox's)
+        (_result(432, "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [Hostname=AM0PR01MB1234."
+                      "eurprd01.prod.exchangelabs.com]", stage="reply"), "relay"),
+        (_result(450, "450 4.2.1 Peak SMTP relay limit exceeded for customer. This is a temporary error. For more "
+                      "information on SMTP relay limits, please contact your administrator or visit "
+                      "https://support.google.com/a/answer/6140680"), "relay"),
+        (_result(450, "450 4.2.1 Peak SMTP relay limit exceeded for customer. This is a temporary error.",
+                 stage="mail"), "relay"),
         # not throttling: the message's own temporary failure, the dispatcher's pause, or not a failure at all
         (_result(451, "451 4.3.0 try again later"), None),
         # an outage or a flaky network, not a rate: the dispatcher's pause takes a relay that keeps failing

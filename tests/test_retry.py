@@ -189,6 +189,8 @@ Q, U = "sending.daily_quota", "smtp.username"
         (454, "reply", "Throttling failure: Daily message quota exceeded.", Q),
         (550, "rcpt", "5.4.5 Daily user sending limit exceeded. For more information on Gmail sending limits", Q),
         (550, "mail", "5.4.5 Daily SMTP relay limit exceeded for user. To learn more about SMTP relay sending", Q),
+        (550, "rcpt", "5.4.5 Daily SMTP relay limit exceeded for customer. For more information on SMTP relay", Q),
+        (550, "reply", "5.4.5 Daily user sending quota exceeded. d2-20020a05600c0d8200b0040e3 - gsmtp", Q),
         (554, "reply", "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process", Q),
         (554, "reply", "Message rejected: Sending paused for this account. For more information, please check", U),
         (554, "mail", "Access denied: Sending suspended for this account. For more information, please check", U),

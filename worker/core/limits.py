@@ -6,7 +6,7 @@ datetime) as an argument.
 * ``book(tat, now, interval, burst, n)`` is GCRA for ``n`` events at once: the
   same arithmetic as ``ratelimit.Gcra``, in the form the shared (database)
   limiter needs, since the database keeps only ``tat``.
-* ``is_throttling(code, reply)`` tells a "slow down" reply (421; 450/451/452/454
+* ``is_throttling(code, reply)`` tells a "slow down" reply (421; 432/450/451/452/454
   that say rate, too many, too much mail, throttled, slow down or server busy)
   from other failures. A bare "try again later" or a greylisting reply is not
   one: it is that message's ordinary temporary failure (the attempt counts).
@@ -55,20 +55,23 @@ def book(tat: float, now: float, *, interval: float, burst: int, n: int = 1) -> 
 
 _THROTTLE_TEXT = re.compile(
     r"\brate\b|ratelimit|too many|too much mail|throttl|slow down|server busy"
-    r"|unexpected volume|\[TSS?0[1-4]\]",  # Yahoo's deferrals for volume: [TS01]…[TSS04]
+    r"|unexpected volume|\[TSS?0[1-4]\]"  # Yahoo's deferrals for volume: [TS01]…[TSS04]
+    r"|relay limit exceeded|sender thread limit",  # Google Workspace's SMTP relay, Microsoft 365's submission
     re.IGNORECASE,
 )
 """What a 4xx reply says when it is about our rate: "rate limited", "at a rate that prevents…" (Gmail), "too
-many messages/recipients/connections", "throttled", Outlook's "4.7.500 Server busy". Not "try again later":
-greylisting and every other temporary failure say that too."""
+many messages/recipients/connections", "throttled", Outlook's "4.7.500 Server busy", Google Workspace's "450 4.2.1
+Peak SMTP relay limit exceeded for customer", Microsoft 365's "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit
+exceeded" (more messages at once than the mailbox may submit). Not "try again later": greylisting and every other
+temporary failure say that too."""
 
 
 def is_throttling(code: int | None, reply: str) -> bool:
     """Does this reply ask us to slow down (rather than say this message failed for now)? A 421 once the session
-    is open ("closing connection") always does; a 450, 451, 452 or 454 when its text is about rate or volume."""
+    is open ("closing connection") always does; a 432, 450, 451, 452 or 454 when its text is about rate or volume."""
     if code == 421:
         return True
-    if code in (450, 451, 452, 454):
+    if code in (432, 450, 451, 452, 454):
         return asks_to_slow_down(reply)
     return False
 

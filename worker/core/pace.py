@@ -5,11 +5,12 @@ Kembali hands every message to one relay (``smtp.host``), so a throttling reply 
 (every message alike, whoever it is for) or a limit it keeps for one recipient domain. ``throttle_scope`` tells
 them apart:
 
-* ``"relay"``: the relay said "slow down" for everyone: a 421 once the session is open (it closes the channel),
-  a refusal at MAIL FROM that asks to slow down, or a 4xx greeting that does ("too many connections", "rate", "a
-  limit": nothing about a recipient was said yet), or a "slow down" that is not about a mailbox met for
-  recipients at ``RELAY_DOMAINS`` different domains within ``RELAY_WINDOW_SECONDS``. Not a connection dropped
-  without a reply (a flaky network drops them too) nor a greeting that says nothing of rate ("421 Service not
+* ``"relay"``: the relay said "slow down" for everyone: a 421 once the session is open (it closes the channel), a
+  refusal at MAIL FROM that asks to slow down, or a 4xx greeting that does ("too many connections", "rate", "a limit":
+  nothing about a recipient was said yet), a reply that names the relay's own limit (``_RELAYS_OWN``: Google's "Peak
+  SMTP relay limit exceeded", Microsoft 365's "sender thread limit exceeded"), or a "slow down" that is not about a
+  mailbox met for recipients at ``RELAY_DOMAINS`` different domains within ``RELAY_WINDOW_SECONDS``. Not a connection
+  dropped without a reply (a flaky network drops them too) nor a greeting that says nothing of rate ("421 Service not
   available": an outage, a restart): those say nothing about the pace, and the dispatcher's pause
   (``sending.pause_after_failures``) takes a relay that keeps failing;
 * ``"domain"``: a "slow down" about a mailbox (a 4.2.x status, "mailbox", "recipient", "user": Gmail's
@@ -57,6 +58,11 @@ _ABOUT_THE_SENDER = re.compile(r"too many recipients|\buser complaints|\[TSS?0[1
 Microsoft's ``452 4.5.3 … too many recipients``; Kembali sends one recipient a message), Yahoo's deferrals of the
 sending IP (``[TSS04] Messages from … unexpected volume or user complaints``)."""
 
+_RELAYS_OWN = re.compile(r"\brelay limit exceeded|sender thread limit", re.IGNORECASE)
+"""What names the relay's (the sending account's) own limit, whoever the recipient: Google Workspace's "450 4.2.1 Peak
+SMTP relay limit exceeded for customer" (its 4.2.1 is not a mailbox's), Microsoft 365's "432 4.3.2
+STOREDRV.ClientSubmit; sender thread limit exceeded"."""
+
 
 def throttle_scope(result: SendResult) -> Scope | Literal["maybe_relay"] | None:
     """Where a result's "slow down" belongs, from the reply alone: ``"relay"``, ``"domain"``, ``"maybe_relay"`` (a
@@ -73,6 +79,8 @@ def throttle_scope(result: SendResult) -> Scope | Literal["maybe_relay"] | None:
         return "relay" if is_throttling(result.code, result.reply) else None
     if result.outcome is not Outcome.THROTTLED:
         return None
+    if _RELAYS_OWN.search(result.reply):
+        return "relay"
     reply = _ABOUT_THE_SENDER.sub("", result.reply)
     if _ABOUT_A_MAILBOX.search(reply):
         return "domain"
