@@ -10,6 +10,7 @@ recipient address may be given a ``Behaviour``; anything else is accepted::
     server.client_limit = 4                              # then "451 … too many messages" per client IP
     server.relay_rate = RelayRate(5, at="rcpt")          # more than 5 messages a second: "451 … slow down" at RCPT
     server.relay_rate = RelayRate(5, at="mail")          # …or "421 … slow down" at MAIL FROM, and a hang-up
+    server.account_quota = (5, "550 5.4.5 Daily user sending quota exceeded.", "rcpt")  # after 5 messages
     server.messages_per_connection = 2                   # then MAIL gets "421 … too many messages" and a hang-up
     server.login = ("shop", "right-password")            # offer AUTH (plaintext); other credentials get 535
     server.login_mechanisms = ("GSSAPI",)                # …with these mechanisms only (default LOGIN, PLAIN;
@@ -78,6 +79,8 @@ class RelayRate:
 
     per_second: int
     at: str = "rcpt"
+    reply: str = RELAY_RATE_REPLY
+    """What RCPT TO gets past the limit (``at="rcpt"``)."""
     accepted: list[float] = field(default_factory=list)
     refused: list[float] = field(default_factory=list)
 
@@ -108,7 +111,13 @@ class _FaultyHandler(SinkHandler):
             return GREYLIST_REPLY
         relay = self.owner.relay_rate
         if relay is not None and relay.at == "rcpt" and not relay.take():
-            return RELAY_RATE_REPLY
+            return relay.reply
+        quota = self.owner.account_quota
+        if quota is not None and quota[2] == "rcpt":
+            if self.owner.quota_taken >= quota[0]:
+                self.owner.quota_refused += 1
+                return quota[1]
+            self.owner.quota_taken += 1
         limit = self.owner.client_limit
         client = str(session.peer[0]) if session.peer else ""
         if limit is not None and self.owner.accepted_from[client] >= limit:
@@ -124,6 +133,12 @@ class _FaultyHandler(SinkHandler):
         for behaviour in behaviours:
             if behaviour.delay_at == "data":
                 await asyncio.sleep(behaviour.delay_seconds)
+        quota = self.owner.account_quota
+        if quota is not None and quota[2] == "data":
+            if self.owner.quota_taken >= quota[0]:
+                self.owner.quota_refused += 1
+                return quota[1]
+            self.owner.quota_taken += 1
         if any(b.drop_after_dot for b in behaviours):
             self.sink.record(envelope)
             _hang_up(server)
@@ -206,6 +221,13 @@ class RecordingServer:
         """Recipients accepted per client IP before every further RCPT gets ``CLIENT_LIMIT_REPLY``."""
         self.accepted_from: Counter[str] = Counter()
         self.relay_rate: RelayRate | None = None
+        self.account_quota: tuple[int, str, str] | None = None
+        """When set, (N, reply, "rcpt" or "data"): past N messages, every RCPT TO (or final dot) gets the reply (a
+        provider's daily limit)."""
+        self.quota_taken = 0
+        """Messages ``account_quota`` let through (counted at RCPT TO, or at the final dot)."""
+        self.quota_refused = 0
+        """RCPT TOs refused by ``account_quota``."""
         """When set, the relay's own rate limit for every message (see ``RelayRate``)."""
         self.messages_per_connection: int | None = None
         """MAIL FROMs taken on one connection; the next gets ``CONNECTION_LIMIT_REPLY`` and the connection is closed."""

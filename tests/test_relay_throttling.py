@@ -173,3 +173,74 @@ def _json(line: str) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return event if isinstance(event, dict) else {}
+
+
+PEAK = ("450 4.2.1 Peak SMTP relay limit exceeded for customer. This is a temporary error. For more information on "
+        "SMTP relay limits, please contact your administrator or visit https://support.google.com/a/answer/6140680")
+
+
+def test_googles_peak_relay_limit_slows_the_global_pace_not_each_domain(
+    tmp_path: Path, server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given Google Workspace's SMTP relay, which takes 5 messages a second from the account and answers the rest
+    # "450 4.2.1 Peak SMTP relay limit exceeded for customer" (a 4.2.1 that is the relay's, not a mailbox's)
+    server.relay_rate = relay = RelayRate(5, at="rcpt", reply=PEAK)
+    shop, emails = _shop(tmp_path, server, 40)
+    try:
+        report = shop.cycle()
+
+        # Then the global pace comes down as for any relay-wide "slow down" (before: not throttling at all, each
+        # refusal an ordinary attempt counted against the message, 35 of 40 refused at 50/s)
+        rows = [shop.row(e) for e in emails]
+        statuses = Counter(r.status for r in rows)
+        assert len(relay.refused) <= 12, (len(relay.refused), statuses)
+        assert statuses["sent"] >= 30 and statuses["sent"] + statuses["retry"] == 40, statuses
+        assert all(r.attempts == 0 for r in rows if r.status == "retry")
+        throttled = _events(caplog, "relay_throttled")
+        assert throttled and all("Peak SMTP relay limit" in e["reply"] for e in throttled)
+        assert _events(caplog, "domain_throttled") == []
+        assert report.dispatched.relay_slowed is not None
+    finally:
+        shop.close()
+
+
+GMAIL_QUOTA = "550 5.4.5 Daily user sending quota exceeded. d2-20020a05600c0d8200b0040e3 - gsmtp"
+GOOGLE_RELAY_QUOTA = ("550 5.4.5 Daily SMTP relay limit exceeded for customer. For more information on SMTP relay "
+                      "sending limits please contact your administrator or visit https://support.google.com/a/answer/"
+                      "6140680")
+MICROSOFT_QUOTA = ("554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process "
+                   "message due to a permanent exception with message Cannot submit message.")
+
+
+@pytest.mark.parametrize(
+    ("reply", "at"),
+    [(GMAIL_QUOTA, "rcpt"), (GOOGLE_RELAY_QUOTA, "rcpt"), (MICROSOFT_QUOTA, "data")],
+    ids=["Gmail's user quota at RCPT TO", "Google's relay daily limit at RCPT TO", "Microsoft 365 after the dot"],
+)
+def test_run_once_stops_at_the_relays_daily_quota_and_fails_no_one(
+    tmp_path: Path, server: RecordingServer, reply: str, at: str
+) -> None:
+    # Given a relay whose account may send 5 more messages today, then answers every one with its daily limit, and
+    # 15 customers due a win-back
+    server.account_quota = (5, reply, at)
+    shop = make_shop(tmp_path, smtp_port=server.port)
+    shop.add(range(1, 16), days_ago=60)
+    argv = [sys.executable, "-m", "worker", "--config", str(shop.config), "run", "--once"]
+    done = subprocess.run(argv, cwd=REPO, env={**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+    # Then the run stops at the first refusals with the documented exit code for "not all sent" (3), saying why and
+    # what setting keeps Kembali under the limit; the 5 arrived, the other 10 wait in the queue, not failed and no
+    # attempt counted against them, and the relay was not hammered with the rest
+    assert done.returncode == 3, done.stderr[-3000:]
+    paused = [line for line in done.stdout.splitlines() if line.startswith("PAUSED")]
+    assert paused and "daily sending limit" in paused[0] and "sending.daily_quota" in paused[0], done.stdout
+    assert reply[:30] in paused[0], paused
+    rows = shop.rows("SELECT status, attempts FROM message")
+    statuses = Counter(r[0] for r in rows)
+    assert len(rows) == 15 and statuses["sent"] == 5 == len(server.messages), statuses
+    assert set(statuses) <= {"sent", "planned", "retry"}, statuses
+    assert all(r[1] == 0 for r in rows if r[0] != "sent")
+    assert server.quota_refused <= 2, server.quota_refused  # at most one per pooled connection already under way
+    events = [e for e in map(_json, done.stderr.splitlines()) if e.get("event") == "dispatcher_paused"]
+    assert events and events[0].get("setting") == "sending.daily_quota", events
