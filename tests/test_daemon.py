@@ -580,6 +580,32 @@ def test_sighup_with_a_runaway_template_is_refused_within_the_time_limit(
         assert daemon.stop() == 0
 
 
+def test_a_daemon_paused_by_the_relays_daily_quota_waits_an_hour_and_fails_no_one(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a relay whose account may send 1 more message today, then answers Gmail's daily quota, and 4 customers
+    smtp_server.account_quota = (1, "550 5.4.5 Daily user sending quota exceeded. d2si1 - gsmtp", "rcpt")
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", pool_size=1)
+    shop.add([1, 2, 3, 4], days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        # Then it pauses at once saying why, and tries again in an hour, not in a minute (before: 60 s, doubling up
+        # to every 15 minutes, each try a refused message); the health line says it is paused and why
+        paused = daemon.wait_event("dispatcher_paused")
+        assert "daily sending limit" in paused["reason"] and paused["setting"] == "sending.daily_quota", paused
+        scheduled = daemon.wait_event("dispatcher_retry_scheduled")
+        assert scheduled["in_seconds"] == 3600, scheduled
+        assert http("GET", daemon.url("/healthz"))[0] == 503
+        health = daemon.wait_event("health", where=lambda e: e["paused"])
+        assert "daily sending limit" in health["paused_why"], health
+        rows = shop.rows("SELECT status, attempts FROM message ORDER BY status")
+        assert [r[0] for r in rows].count("sent") == 1 and len(rows) == 4, rows
+        assert all(r[0] in ("planned", "retry") and r[1] == 0 for r in rows if r[0] != "sent"), rows
+        assert smtp_server.quota_refused == 1
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_a_paused_daemon_tries_the_server_again_later_and_at_once_on_sighup(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

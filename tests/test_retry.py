@@ -6,6 +6,7 @@ import pytest
 
 from worker.core import lifecycle
 from worker.core.retry import (
+    ACCOUNT_LIMIT_RETRY_SECONDS,
     TroubleStreak,
     account_limit,
     classify_reply,
@@ -249,6 +250,15 @@ def test_a_failure_before_mail_from_retries_even_after_the_last_attempt() -> Non
 )
 def test_a_paused_daemon_waits_longer_after_each_pause_in_a_row(first: float, pauses: int, seconds: float) -> None:
     assert pause_retry_seconds(first, pauses) == seconds
+
+
+@pytest.mark.parametrize(
+    ("first", "pauses", "seconds"),
+    [(60, 1, 3600), (60, 5, 3600), (0.5, 1, 3600), (7200, 1, 7200), (7200, 3, 7200)],
+)
+def test_a_pause_at_the_accounts_daily_limit_waits_an_hour_at_least(first: float, pauses: int, seconds: float) -> None:
+    # a provider's daily limit is not lifted in a minute: each try before costs a refused message (never hammering)
+    assert pause_retry_seconds(first, pauses, at_least=ACCOUNT_LIMIT_RETRY_SECONDS) == seconds
 
 
 def test_classify_reply_rejects_an_unknown_stage() -> None:

@@ -90,7 +90,7 @@ from worker.asyncstore import AsyncStore
 from worker.checks import Problem, check_templates
 from worker.config import Settings, load_settings, naming_the_line
 from worker.core.cron import never_runs
-from worker.core.retry import pause_retry_seconds
+from worker.core.retry import ACCOUNT_LIMIT_RETRY_SECONDS, pause_retry_seconds
 from worker.domain import Locale, RenderedEmail
 from worker.errors import ConfigError, db_upgrade_command
 from worker.links import Site
@@ -508,7 +508,9 @@ class Daemon:
         A reload (SIGHUP, a watched change) ends the wait at once, and so does a stop."""
         dispatcher = gen.dispatcher
         first = gen.settings.sending.pause_retry_seconds
-        delay = pause_retry_seconds(first, max(1, dispatcher.pauses_in_row)) if first > 0 else None
+        # the provider's daily limit is lifted in hours: trying sooner only costs refused messages
+        at_least = ACCOUNT_LIMIT_RETRY_SECONDS if dispatcher.paused_setting == "sending.daily_quota" else 0.0
+        delay = pause_retry_seconds(first, max(1, dispatcher.pauses_in_row), at_least=at_least) if first > 0 else None
         log.event("dispatcher_retry_scheduled", logging.WARNING, reason=dispatcher.paused,
                   in_seconds=delay if delay is not None else "never (sending.pause_retry_seconds = 0): send SIGHUP",
                   pauses_in_row=dispatcher.pauses_in_row)  # fmt: skip
@@ -612,6 +614,7 @@ class Daemon:
                  "relay_throttled": self.gen.dispatcher.limiter.relay_why}
         fields = dataclasses.asdict(line) | relay | {"queue_depth": depth, "waiting_for_domain_rate": waiting,
                                              "uncertain_in_ledger": uncertain, "paused": self.paused(),
+                                             "paused_why": self.gen.dispatcher.paused or "",
                                              "database": "unreachable" if error else "ok",
                                              "clock_offset_seconds": offset}  # fmt: skip
         if error:

@@ -534,6 +534,9 @@ class Dispatcher:
         self.paused: str | None = None
         """Set when too many connection failures in a row, a refused login or an SMTP setup that cannot work
         paused sending (health checks read it)."""
+        self.paused_setting: str | None = None
+        """The setting an SMTP setup problem that paused sending names (``SendResult.setup``): the daemon waits an
+        hour at least after ``sending.daily_quota``, the provider's daily limit."""
         self.failures_in_row = 0
         self.trouble = TroubleStreak()
         """The same temporary failure in a row at RCPT TO or after: the server's own once recipients at several
@@ -590,6 +593,7 @@ class Dispatcher:
         if self.paused is not None:
             log.event("dispatcher_resumed", logging.WARNING, why=why, was=self.paused)
         self.paused = None
+        self.paused_setting = None
         self._clock_paused = False
         self.failures_in_row = 0
         self.stopping.clear()
@@ -635,6 +639,7 @@ class Dispatcher:
             if trouble == "setup":
                 # the reply names host:port and the fix
                 self.paused = f"an SMTP setup problem ({result.setup}): {reply}"
+                self.paused_setting = result.setup
             elif result.code is not None and 400 <= result.code < 500:
                 # "454 4.7.0 Temporary authentication failure" (its login service down), Gmail's "too many login
                 # attempts": every login would meet it for now, but the password is not what to check

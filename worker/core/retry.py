@@ -309,12 +309,19 @@ PAUSE_RETRY_CAP_SECONDS = 900.0
 """The longest a paused daemon waits before it tries the server again (unless the first wait is longer)."""
 
 
-def pause_retry_seconds(first: float, pauses_in_row: int) -> float:
+ACCOUNT_LIMIT_RETRY_SECONDS = 3600.0
+"""The least a daemon paused by the provider's daily sending limit (``account_limit``: ``sending.daily_quota``)
+waits before it tries again: such a limit is lifted in hours (Gmail's and Microsoft 365's over a rolling 24 hours),
+and each try before costs a refused message."""
+
+
+def pause_retry_seconds(first: float, pauses_in_row: int, *, at_least: float = 0.0) -> float:
     """How long a paused daemon waits before it tries again: ``first`` after the first pause, doubling with each
-    pause in a row, at most ``PAUSE_RETRY_CAP_SECONDS`` (or ``first``, if that is longer)."""
+    pause in a row, at most ``PAUSE_RETRY_CAP_SECONDS`` (or ``first``, if that is longer); never less than
+    ``at_least`` (``ACCOUNT_LIMIT_RETRY_SECONDS`` for a pause at the account's daily limit)."""
     if first <= 0 or pauses_in_row < 1:
         raise ValueError("needs a positive first delay and at least one pause")
-    return min(max(first, PAUSE_RETRY_CAP_SECONDS), first * 2.0 ** min(pauses_in_row - 1, 30))
+    return max(at_least, min(max(first, PAUSE_RETRY_CAP_SECONDS), first * 2.0 ** min(pauses_in_row - 1, 30)))
 
 
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
