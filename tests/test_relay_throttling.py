@@ -208,14 +208,17 @@ GMAIL_QUOTA = "550 5.4.5 Daily user sending quota exceeded. d2-20020a05600c0d820
 GOOGLE_RELAY_QUOTA = ("550 5.4.5 Daily SMTP relay limit exceeded for customer. For more information on SMTP relay "
                       "sending limits please contact your administrator or visit https://support.google.com/a/answer/"
                       "6140680")
+OUTLOOK_RECIPIENTS = ("550 5.1.90 Your message can't be sent because you've reached your daily limit for message "
+                      "recipients.")
 MICROSOFT_QUOTA = ("554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process "
                    "message due to a permanent exception with message Cannot submit message.")
 
 
 @pytest.mark.parametrize(
     ("reply", "at"),
-    [(GMAIL_QUOTA, "rcpt"), (GOOGLE_RELAY_QUOTA, "rcpt"), (MICROSOFT_QUOTA, "data")],
-    ids=["Gmail's user quota at RCPT TO", "Google's relay daily limit at RCPT TO", "Microsoft 365 after the dot"],
+    [(GMAIL_QUOTA, "rcpt"), (GOOGLE_RELAY_QUOTA, "rcpt"), (MICROSOFT_QUOTA, "data"), (OUTLOOK_RECIPIENTS, "data")],
+    ids=["Gmail's user quota at RCPT TO", "Google's relay daily limit at RCPT TO", "Microsoft 365 after the dot",
+         "Microsoft's daily recipient limit after the dot"],
 )
 def test_run_once_stops_at_the_relays_daily_quota_and_fails_no_one(
     tmp_path: Path, server: RecordingServer, reply: str, at: str

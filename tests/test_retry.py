@@ -193,6 +193,14 @@ Q, U = "sending.daily_quota", "smtp.username"
         (550, "rcpt", "5.4.5 Daily SMTP relay limit exceeded for customer. For more information on SMTP relay", Q),
         (550, "reply", "5.4.5 Daily user sending quota exceeded. d2-20020a05600c0d8200b0040e3 - gsmtp", Q),
         (554, "reply", "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process", Q),
+        (550, "mail", "5.7.1 Daily SMTP relay limit exceeded for IP. For more information on SMTP relay sending", Q),
+        # Microsoft's daily recipient limits of the sending mailbox or tenant (they name recipients: still the sender's)
+        (550, "reply", "5.1.90 Your message can't be sent because you've reached your daily limit for message "
+                       "recipients", Q),
+        (550, "reply", "5.7.232 Your message can't be sent because your trial tenant has exceeded its daily limit for "
+                       "sending email to external recipients (tenant external recipient rate limit)", Q),
+        (550, "reply", "5.7.233 Your message can't be sent because your tenant exceeded its daily limit for sending "
+                       "email to external recipients (tenant external recipient rate limit)", Q),
         (554, "reply", "Message rejected: Sending paused for this account. For more information, please check", U),
         (554, "mail", "Access denied: Sending suspended for this account. For more information, please check", U),
         # a per-second rate is the recipient domain's "slow down", not the day's limit

@@ -262,6 +262,13 @@ quota (or limit) exceeded" and "Daily SMTP relay limit exceeded"."""
 _SUBMISSION_QUOTA = re.compile(r"submissionquotaexceeded", re.IGNORECASE)
 """Microsoft 365's "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException" (the mailbox's
 sending limits: its 5.2.0 is the store driver's, not a recipient's mailbox)."""
+_DAILY_RECIPIENTS = re.compile(r"you'?ve reached your daily limit for message recipients|"
+                               r"tenant (?:has )?exceeded its daily limit|tenant external recipient rate limit",
+                               re.IGNORECASE)  # fmt: skip
+"""Microsoft's daily recipient limits of the sending mailbox ("550 5.1.90 Your message can't be sent because you've
+reached your daily limit for message recipients") or tenant ("550 5.7.232/5.7.233 … your (trial) tenant has exceeded
+its daily limit for sending email to external recipients (tenant external recipient rate limit)"): they name
+recipients, but the limit is the sender's."""
 _ACCOUNT_PAUSED = re.compile(r"\bsending (?:paused|suspended) for this account", re.IGNORECASE)
 """Amazon SES's "Sending paused for this account" (its review of the account's bounces or complaints) and
 "Sending suspended for this account"."""
@@ -274,15 +281,16 @@ AccountLimit = Literal["sending.daily_quota", "smtp.username"]
 def account_limit(code: int | None, stage: str, reply: str) -> AccountLimit | None:
     """Whether a reply past the connection (at MAIL FROM, RCPT TO, DATA or the final dot) says the provider has
     stopped the whole account, so every message would meet it alike until the provider lets it send again:
-    ``"sending.daily_quota"`` when its daily sending limit is reached (``_DAILY_LIMIT``, ``_SUBMISSION_QUOTA``:
-    the setting that keeps Kembali under it), ``"smtp.username"`` when it has paused or suspended the account's
-    sending (``_ACCOUNT_PAUSED``: the account the login names); else None. A reply about a recipient's mailbox
-    is never one (a 4.2.x/5.2.x mailbox status, "recipient", "mailbox": "552 5.2.2 Mailbox quota exceeded")."""
+    ``"sending.daily_quota"`` when its daily sending limit is reached (``_DAILY_LIMIT``, ``_SUBMISSION_QUOTA``,
+    ``_DAILY_RECIPIENTS``: the setting that keeps Kembali under it), ``"smtp.username"`` when it has paused or
+    suspended the account's sending (``_ACCOUNT_PAUSED``: the account the login names); else None. A reply about a
+    recipient's mailbox is never one (a 4.2.x/5.2.x mailbox status, "recipient", "mailbox": "552 5.2.2 Mailbox quota
+    exceeded")."""
     if code is None or not 400 <= code < 600 or stage not in ("mail", "rcpt", "data", "reply"):
         return None
     if _ACCOUNT_PAUSED.search(reply) is not None:
         return "smtp.username"
-    if _SUBMISSION_QUOTA.search(reply) is not None:
+    if _SUBMISSION_QUOTA.search(reply) is not None or _DAILY_RECIPIENTS.search(reply) is not None:
         return "sending.daily_quota"
     if _DAILY_LIMIT.search(reply) is not None and _ABOUT_A_MAILBOX.search(reply) is None:
         return "sending.daily_quota"
