@@ -193,6 +193,9 @@ Q, U = "sending.daily_quota", "smtp.username"
         (550, "rcpt", "5.4.5 Daily SMTP relay limit exceeded for customer. For more information on SMTP relay", Q),
         (550, "reply", "5.4.5 Daily user sending quota exceeded. d2-20020a05600c0d8200b0040e3 - gsmtp", Q),
         (554, "reply", "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process", Q),
+        # Gmail's reply in full, several lines as aiosmtplib joins them
+        (550, "rcpt", "5.4.5 Daily user sending limit exceeded. For more information on Gmail\n5.4.5 sending limits go "
+                      "to\n5.4.5  https://support.google.com/a/answer/166852 a1-20020a170906 - gsmtp", Q),
         (550, "mail", "5.7.1 Daily SMTP relay limit exceeded for IP. For more information on SMTP relay sending", Q),
         # Microsoft's daily recipient limits of the sending mailbox or tenant (they name recipients: still the sender's)
         (550, "reply", "5.1.90 Your message can't be sent because you've reached your daily limit for message "
