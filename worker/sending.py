@@ -638,7 +638,9 @@ class Dispatcher:
         if trouble in PAUSES_AT_ONCE:  # every message would fail alike until something is fixed: pause at once
             if trouble == "setup":
                 # the reply names host:port and the fix
-                self.paused = f"an SMTP setup problem ({result.setup}): {reply}"
+                what = ("the provider's daily sending limit" if result.setup == "sending.daily_quota"  # nothing to fix
+                        else "an SMTP setup problem")  # fmt: skip
+                self.paused = f"{what} ({result.setup}): {reply}"
                 self.paused_setting = result.setup
             elif result.code is not None and 400 <= result.code < 500:
                 # "454 4.7.0 Temporary authentication failure" (its login service down), Gmail's "too many login
