@@ -794,3 +794,26 @@ def test_a_daemon_idle_for_an_hour_after_the_relays_throttling_sends_its_next_ba
     # 0.2/s climbing a quarter every 5 s of sends (4 sent in those 10 s)
     assert len(sent) >= 20 * 5 - 5, f"{len(sent)} sent in the batch's first 10 s at 20/s"
     assert limiter.pace.current == 20.0
+
+
+def test_the_health_lines_relay_fields_clear_once_the_pace_is_back() -> None:
+    # Given a limiter whose relay said "421 … slow down" once
+    clock = FakeClock()
+    limiter = Limiter(SendingSettings(rate_per_second=40.0, burst=40), clock, LocalBooker(clock))
+    limiter.observe("a.example", SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Too many messages, slow down",
+                                            stage="rcpt"), began=clock.monotonic())  # fmt: skip
+    # Then the health line says the pace and why it is slowed
+    status = limiter.relay_status()
+    assert status["relay_pace_per_second"] == 20.0 and "slow down" in str(status["relay_throttled"])
+    # When mail goes through for long enough that the pace is back at the configured rate
+    for _ in range(4):
+        clock.advance(5.0)
+        limiter.observe("c.example", SendResult(Outcome.SENT, 250, "250 ok"))
+    assert not limiter.pace.slowed
+    # Then the health line no longer shows the old throttling reply as if it were current, and says when it was
+    status = limiter.relay_status()
+    assert status["relay_pace_per_second"] == 40.0 and status["relay_throttled"] == ""
+    assert status["relay_throttled_seconds_ago"] == 20.0
+    # while the run's summary still tells what happened
+    note = limiter.relay_note(0)
+    assert note is not None and "slow down" in note and "back at the configured rate" in note

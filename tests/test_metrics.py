@@ -125,6 +125,55 @@ def test_scrapes_of_a_big_ledger_do_not_hold_up_the_senders_database_thread(tmp_
     assert len(counts) == 1, counts
 
 
+def test_metrics_show_the_relays_pace_and_whether_its_throttling_slowed_it(tmp_path: Path) -> None:
+    import asyncio
+    import dataclasses
+
+    from tests.daemon_harness import make_shop
+    from worker.adapters.web import Request
+    from worker.asyncstore import AsyncStore
+    from worker.config import load_settings
+    from worker.domain import Outcome, SendResult
+    from worker.limiter import Limiter, LocalBooker
+    from worker.links import Site
+    from worker.testing import FakeClock
+
+    # Given a daemon's /metrics, and its limiter sending at 40/s
+    shop = make_shop(tmp_path, smtp_port=25)
+    store = shop.store()
+    astore = AsyncStore(store)
+    settings = load_settings(shop.config)
+    clock = FakeClock()
+    limiter = Limiter(dataclasses.replace(settings.sending, rate_per_second=40.0), clock, LocalBooker(clock))
+    site = Site(store=astore, keys=[b"k" * 32], settings=lambda: settings, clock=clock, metrics=Metrics(),
+                paused=lambda: False, relay_pace=lambda: limiter.pace)
+
+    def scrape() -> list[str]:
+        response = asyncio.run(site.handle(Request("GET", "/metrics", {}, {})))
+        assert response.status == 200
+        return response.body.decode().splitlines()
+
+    try:
+        before = scrape()
+        # When the relay says "421 … slow down"
+        limiter.observe("a.example", SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Too many messages, slow down",
+                                                stage="rcpt"), began=clock.monotonic())  # fmt: skip
+        during = scrape()
+        # and mail goes through again long enough for the pace to come back
+        for _ in range(4):
+            clock.advance(5.0)
+            limiter.observe("b.example", SendResult(Outcome.SENT, 250, "250 ok"))
+        after = scrape()
+    finally:
+        astore.close()
+        store.close()
+    # Then the gauges show the pace at each moment, and whether the relay's throttling slowed it
+    assert "# TYPE kembali_relay_pace_per_second gauge" in before
+    assert {"kembali_relay_pace_per_second 40", "kembali_relay_pace_slowed 0"} <= set(before)
+    assert {"kembali_relay_pace_per_second 20", "kembali_relay_pace_slowed 1"} <= set(during)
+    assert {"kembali_relay_pace_per_second 40", "kembali_relay_pace_slowed 0"} <= set(after)
+
+
 def test_every_line_is_prometheus_text_even_with_a_hostile_label_value() -> None:
     import re
 

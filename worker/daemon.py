@@ -321,7 +321,8 @@ class Daemon:
             if settings.web.enabled:
                 site = Site(store=self.astore, keys=self.keys, settings=lambda: self.gen.settings, clock=self.clock,
                             metrics=self.metrics, paused=self.paused, phase=lambda: self.phase,
-                            waiting=self.waiting_for_domain_rate)
+                            waiting=self.waiting_for_domain_rate,
+                            relay_pace=lambda: self.gen.dispatcher.limiter.pace)
                 self.web = HttpServer(site.handle, host=settings.web.host, port=settings.web.port,
                                       timeout_seconds=settings.web.request_timeout_seconds,
                                       max_connections=settings.web.max_connections)
@@ -610,8 +611,7 @@ class Daemon:
         if depth is not None:
             depth += waiting
         pace = self.gen.dispatcher.limiter.pace
-        relay = {"relay_pace_per_second": round(pace.current, 3),
-                 "relay_throttled": self.gen.dispatcher.limiter.relay_why}
+        relay = self.gen.dispatcher.limiter.relay_status()
         fields = dataclasses.asdict(line) | relay | {"queue_depth": depth, "waiting_for_domain_rate": waiting,
                                              "uncertain_in_ledger": uncertain, "paused": self.paused(),
                                              "paused_why": self.gen.dispatcher.paused or "",

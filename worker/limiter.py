@@ -402,6 +402,16 @@ class Limiter:
                 log.event("relay_pace_restored" if back else "relay_pace_raised", logging.INFO,
                           rate_now=round(self.pace.current, 3), rate_configured=self.pace.ceiling)  # fmt: skip
 
+    def relay_status(self) -> dict[str, float | str | None]:
+        """The health line's relay fields: the global pace now, the reply that slowed it (only while it is slowed:
+        once the pace is back at the configured rate, an old reply is not news) and how long ago the last cut was
+        (None: never)."""
+        pace = self.pace
+        ago = None if pace.cut_at is None else round(self.clock.monotonic() - pace.cut_at, 1)
+        return {"relay_pace_per_second": round(pace.current, 3),
+                "relay_throttled": self.relay_why if pace.slowed else "",
+                "relay_throttled_seconds_ago": ago}
+
     def relay_note(self, cuts_before: int) -> str | None:
         """What the relay's throttling did to the global rate since ``relay_cuts`` was ``cuts_before`` (None:
         nothing): for the run's summary."""

@@ -54,6 +54,7 @@ from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.core import tokens
 from worker.core.campaigns import rating_scores
+from worker.core.pace import RelayPace
 from worker.domain import CustomerSnapshot, Locale
 from worker.metrics import Metrics
 from worker.ports import Clock
@@ -134,6 +135,7 @@ class Site:
         paused: Callable[[], bool],
         phase: Callable[[], str] = lambda: "running",
         waiting: Callable[[], int] = lambda: 0,
+        relay_pace: Callable[[], RelayPace | None] = lambda: None,
     ) -> None:
         self.store = store
         self.keys = list(keys)
@@ -146,6 +148,8 @@ class Site:
         self.waiting = waiting
         """The messages sent back to the ledger to wait for their domain's rate, not due yet (``queue_depth`` counts
         them: ``Daemon.waiting_for_domain_rate``)."""
+        self.relay_pace = relay_pace
+        """The dispatcher's global pace (``core.pace``; the current limiter's: a reload makes a new one)."""
         self._ledger_read: asyncio.Future[tuple[dict[tuple[str, str], int], int]] | None = None
         self._ping: asyncio.Future[None] | None = None
         self._whole_ledger = asyncio.Lock()
@@ -314,6 +318,7 @@ class Site:
             ledger, depth = await asyncio.wait_for(asyncio.shield(self._ledger_read), METRICS_DATABASE_SECONDS)
         except Exception:  # the database is down or silent: the process's own figures matter all the more
             ledger, depth = None, None
+        pace = self.relay_pace()
         text = self.metrics.render(
             ledger=ledger,
             queue_depth=depth + self.waiting() if depth is not None else None,
@@ -321,6 +326,8 @@ class Site:
             rate_burst=settings.sending.burst,
             paused=self.paused(),
             now=self.clock.monotonic(),
+            relay_pace_per_second=pace.current if pace is not None else None,
+            relay_slowed=pace is not None and pace.slowed,
         )
         return Response(HTTPStatus.OK.value, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 

@@ -112,9 +112,13 @@ class Metrics:
         rate_burst: int,
         paused: bool,
         now: float,
+        relay_pace_per_second: float | None = None,
+        relay_slowed: bool = False,
     ) -> str:
         """The Prometheus text exposition (format 0.0.4). ``ledger`` and ``queue_depth`` are None when the database
-        could not be read: their families have no samples, ``kembali_database_up`` is 0, the rest is as always."""
+        could not be read: their families have no samples, ``kembali_database_up`` is 0, the rest is as always.
+        ``relay_pace_per_second``: the global rate as the relay's throttling left it (``core.pace``; None: the
+        configured one), ``relay_slowed`` whether that throttling holds it below the configured rate."""
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
@@ -149,6 +153,12 @@ class Metrics:
         family("kembali_rate_limit_per_second", "gauge", "The configured global sending rate.",
                [("", rate_limit_per_second)])
         family("kembali_rate_limit_burst", "gauge", "The configured burst.", [("", rate_burst)])
+        family("kembali_relay_pace_per_second", "gauge",
+               "The global sending rate now: the configured one, or lower while the SMTP relay's throttling slows it.",
+               [("", rate_limit_per_second if relay_pace_per_second is None else relay_pace_per_second)])
+        family("kembali_relay_pace_slowed", "gauge",
+               "1 while the SMTP relay's throttling holds the global rate below the configured one.",
+               [("", int(relay_slowed))])
         family("kembali_dispatcher_paused", "gauge", "1 when the dispatcher is paused.", [("", int(paused))])
         return "\n".join(out) + "\n"
 
