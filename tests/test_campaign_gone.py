@@ -206,3 +206,52 @@ def test_failing_many_rows_of_an_unknown_campaign_holds_neither_the_database_nor
     assert failed == many + 1
     assert max(waits) < 2.0, f"another worker waited {max(waits):.1f} s to write"
     assert not others or max(others) < 2.0, f"this worker's own database calls waited {max(others):.1f} s"
+
+
+def test_check_names_the_rows_the_worker_will_not_send_before_a_config_that_turns_their_campaign_off(
+    tmp_path: Path,
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.daemon_harness import LINK_KEY
+    from tests.daemon_harness import NOW as HARNESS_NOW
+    from worker.config import load_settings
+
+    # Given a ledger with five win-back emails planned, two of them renamed by hand to a campaign no Kembali sends
+    shop = make_shop(tmp_path, smtp_port=25)
+    shop.add(range(1, 6), days_ago=60)
+    store = shop.store()
+    try:
+        assert pipeline.plan(store, load_settings(shop.config), HARNESS_NOW, ["winback"]).created == {"winback": 5}
+        with store.engine.begin() as conn:
+            two = sa.select(M.c.id).order_by(M.c.id).limit(2).scalar_subquery()
+            conn.execute(sa.update(M).where(M.c.id.in_(two)).values(campaign="xmas_2025"))
+    finally:
+        store.close()
+
+    def check(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "worker", "--config", str(shop.config), "check", *flags],
+                              cwd=REPO, env={**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+
+    before = check().stdout  # win-back on: its three rows go out, nothing to say of them
+    assert "winback messages wait" not in before and "note: 2 messages of campaign 'xmas_2025'" in before, before
+    # When the operator checks a config that turns win-back off, before deploying it
+    shop.config.write_text(shop.config.read_text() + "\n[campaigns.winback]\nenabled = false\n")
+    done = check()
+    # Then check names the rows no worker will send, with their count and the command that closes them, as notes
+    # (the config itself is fine: the exit code stays 0)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("note: 3 winback messages wait in the ledger (planned or retry) and will not be sent while winback is "
+            "turned off") in done.stdout, done.stdout
+    assert "kembali ledger close --status planned --status retry --campaign winback" in done.stdout, done.stdout
+    assert "note: 2 messages of campaign 'xmas_2025' wait in the ledger" in done.stdout, done.stdout
+    assert "kembali ledger close --status planned --status retry --campaign xmas_2025" in done.stdout, done.stdout
+    rows = [json.loads(line) for line in check("--json").stdout.splitlines()]
+    notes = {row["kind"]: row for row in rows if row["type"] == "note"}
+    assert notes["campaign_off_waiting"]["count"] == 3 and notes["campaign_off_waiting"]["campaign"] == "winback"
+    assert notes["unknown_campaign_waiting"]["count"] == 2, notes
+    assert rows[-1]["type"] == "summary" and rows[-1]["problems"] == 0

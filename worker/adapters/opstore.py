@@ -93,6 +93,14 @@ def odd_waiting_rows(store: Store, known: Iterable[str]) -> OddRows:
     return OddRows(tuple(r.id for r in rows if r.unknown), tuple(r.id for r in rows if not r.unknown))
 
 
+def waiting_by_campaign(store: Store) -> dict[str, int]:
+    """How many rows of each campaign wait in the queue, whatever its name (``kembali check``): one count of the
+    waiting rows (the queue's partial index), no row read into Python."""
+    query = sa.select(M.c.campaign, sa.func.count()).where(WAITING).group_by(M.c.campaign)
+    with db.reading(store.engine) as conn:
+        return {campaign: int(n) for campaign, n in conn.execute(query)}
+
+
 def waiting_of(store: Store, campaigns: Iterable[str]) -> dict[str, int]:
     """How many rows of each of ``campaigns`` wait in the queue (a read of the waiting rows)."""
     query = (sa.select(M.c.campaign, sa.func.count()).where(WAITING, M.c.campaign.in_(sorted(campaigns)))

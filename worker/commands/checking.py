@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 from datetime import UTC, datetime, time
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from worker import eventloop
+from worker import eventloop, log
+from worker.adapters import db, opstore
 from worker.adapters.render_worker import TimeLimitedRenderer
+from worker.adapters.store import Store
 from worker.adapters.templates import StrayText
-from worker.app import link_keys, smtp_password
+from worker.app import CLOSE_OFF, link_keys, smtp_password
 from worker.checks import Kind, Problem, check_templates, unused_folders
 from worker.config import Settings, ShopSettings, naming_the_line, tls_port_hint
 from worker.core import campaigns as cc
@@ -23,7 +26,7 @@ from worker.core.cron import never_runs
 from worker.core.policy import QuietHours
 from worker.domain import Locale
 from worker.errors import ConfigError
-from worker.log import json_line
+from worker.log import json_line, printable
 from worker.pipeline import enabled_campaigns
 from worker.scheduler import first_long_wait
 
@@ -154,16 +157,63 @@ class Note:
 
     kind: str
     """``example_shop``, ``never_planned``, ``quiet_by_day``, ``no_frequency_cap``, ``birthday_planning_gap``,
-    ``unused_folder``, ``stray_text``."""
+    ``unused_folder``, ``stray_text``, ``campaign_off_waiting``, ``unknown_campaign_waiting``,
+    ``ledger_not_read``."""
     message: str
     """The line's text after ``note: ``."""
     template: str = ""
     """The template folder or file it is about (``unused_folder``, ``stray_text``)."""
     line: int | None = None
+    campaign: str = ""
+    """The campaign whose waiting rows it counts (``campaign_off_waiting``, ``unknown_campaign_waiting``)."""
+    count: int | None = None
+    """How many rows (the same notes)."""
 
     def as_json(self) -> dict[str, object]:
-        return {"type": "note", "kind": self.kind, "message": self.message, "template": self.template,
-                "line": self.line}  # fmt: skip
+        found: dict[str, object] = {"type": "note", "kind": self.kind, "message": self.message,
+                                    "template": self.template, "line": self.line}  # fmt: skip
+        if self.count is not None:
+            found |= {"campaign": self.campaign, "count": self.count}
+        return found
+
+
+def waiting_notes(settings: Settings) -> list[Note]:
+    """The ledger's waiting rows (``planned``, ``retry``) no worker with this config will send, by campaign: those of a
+    campaign it turns off (they wait until it is on again, or expire) and those of a campaign Kembali does not know
+    (a row edited by hand: a worker's start fails them), each with the command that closes them. One count of the
+    waiting rows; nothing is written (an SQLite file that does not exist is not created: nothing waits in it). A
+    ledger that cannot be read is a note too: the config may be checked away from its database."""
+    engine = db.engine_for(settings)
+    try:
+        path = db.sqlite_path(engine)
+        if path is not None and not path.exists():
+            return []
+        try:
+            db.check_schema(engine)
+            waiting = opstore.waiting_by_campaign(Store(engine))
+        except Exception as exc:  # unreachable, not migrated: what the config says is checked all the same
+            return [Note("ledger_not_read", f"the ledger was not read, so rows waiting for a campaign this config "
+                                            f"does not send are not counted: {log.error_line(exc)}")]  # fmt: skip
+    finally:
+        engine.dispose()
+    on = set(enabled_campaigns(settings))
+    found = []
+    for campaign, n in sorted(waiting.items()):
+        close = CLOSE_OFF.format(campaign=shlex.quote(campaign))
+        if campaign in on:
+            continue
+        if campaign in cc.CAMPAIGNS:
+            found.append(Note("campaign_off_waiting", (
+                f"{n} {campaign} message{'s' if n != 1 else ''} wait in the ledger (planned or retry) and will not "
+                f"be sent while {campaign} is turned off (campaigns.{campaign}.enabled = false): they wait until it "
+                f"is on again, or are skipped as expired; to cancel them: {close}"), campaign=campaign, count=n))
+        else:
+            found.append(Note("unknown_campaign_waiting", (
+                f"{n} message{'s' if n != 1 else ''} of campaign {printable(campaign)!r} wait in the ledger (planned "
+                f"or retry): no campaign Kembali knows by that name (edited by hand?), never sent; a worker's start "
+                f"fails them (unknown_campaign_failed); to close them now: {close}"),
+                campaign=campaign, count=n))  # fmt: skip
+    return found
 
 
 def notes(settings: Settings, unused: list[str], stray: list[StrayText]) -> list[Note]:
@@ -203,7 +253,7 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
             stray = renderer.stray_text(unused)
             campaigns = sorted(set(renderer.campaigns()) - set(unused))
             renders = len(campaigns) * len(Locale) * len(samples.samples(Locale.ID))
-    said = notes(settings, unused, stray)
+    said = notes(settings, unused, stray) + waiting_notes(settings)
     if args.json:
         for p in problems:
             print(json_line({"type": "problem", **p.as_json()}))
