@@ -255,3 +255,47 @@ def test_check_names_the_rows_the_worker_will_not_send_before_a_config_that_turn
     assert notes["campaign_off_waiting"]["count"] == 3 and notes["campaign_off_waiting"]["campaign"] == "winback"
     assert notes["unknown_campaign_waiting"]["count"] == 2, notes
     assert rows[-1]["type"] == "summary" and rows[-1]["problems"] == 0
+
+
+def test_a_start_stopped_by_a_busy_database_still_names_the_rows_it_already_failed(
+    shop: Shop, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    from worker.adapters.opstore import CHUNK
+    from worker.app import campaigns_not_sent
+    from worker.asyncstore import AsyncStore
+
+    # Given 1,200 waiting rows renamed by hand to a campaign no Kembali sends (three chunks of 500 at a start)
+    with shop.store.engine.begin() as conn:
+        conn.execute(sa.update(M).where(M.c.email == ODD).values(campaign="xmas_2025"))
+        odd = conn.execute(sa.select(M).where(M.c.email == ODD)).one()._asdict()
+        conn.execute(sa.insert(M), [{**{k: v for k, v in odd.items() if k != "id"}, "dedupe_key": f"xmas_2025:{n}",
+                                     "message_id": None} for n in range(1_199)])  # fmt: skip
+    # and a database that says "busy" when the start reads the second chunk (another program's long write)
+    reads: list[str] = []
+
+    @sa.event.listens_for(shop.store.engine, "before_cursor_execute")
+    def _busy(conn: object, cursor: object, statement: str, *args: object) -> None:
+        text = statement.lstrip().upper()
+        if text.startswith("SELECT") and "MESSAGE.ATTEMPTS" in text and "NOT IN" in text:  # a chunk's read
+            reads.append(statement)
+            if len(reads) == 2:
+                raise sa.exc.OperationalError(statement, {}, Exception("database is locked"))
+
+    caplog.set_level(logging.INFO)
+    astore = AsyncStore(shop.store)
+    try:
+        # When a worker starts, and the second chunk fails
+        with pytest.raises(sa.exc.OperationalError):
+            asyncio.run(campaigns_not_sent(shop.store, astore, shop.settings, NOW))
+    finally:
+        sa.event.remove(shop.store.engine, "before_cursor_execute", _busy)
+        astore.close()
+    # Then the first chunk's rows stay failed (committed), and the log names them and says the rest was not done
+    with shop.store.engine.connect() as conn:
+        failed = conn.execute(sa.select(sa.func.count()).where(M.c.status == "failed")).scalar()
+    assert failed == CHUNK
+    (logged,) = _events(caplog, "unknown_campaign_failed")
+    assert logged["count"] == CHUNK and logged["campaigns"] == "xmas_2025", logged
+    assert "database is locked" in str(logged["stopped_by"]) and logged["not_done"] == 1_200 - CHUNK, logged

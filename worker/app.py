@@ -84,15 +84,16 @@ async def campaigns_not_sent(
     odd = await astore.call(opstore.odd_waiting_rows, store, ALL_CAMPAIGNS)
     failed: list[opstore.UnknownCampaignRow] = []
     if odd.unknown_campaign:
-        for part in _chunks(odd.unknown_campaign, opstore.CHUNK):  # the database thread given back between them
-            failed += await astore.call(opstore.fail_unknown_campaigns, store, part, now, ALL_CAMPAIGNS, worker_id())
-        if failed:
-            log.event("unknown_campaign_failed", logging.WARNING, count=len(failed),
-                      campaigns=",".join(sorted({r.campaign for r in failed})),
-                      ids=",".join(str(r.id) for r in failed[:20]) + (",…" if len(failed) > 20 else ""),
-                      why="no campaign Kembali knows by that name (a row edited by hand?): never sent",
-                      what_to_do="kembali ledger list --status failed; correct the campaign and `kembali ledger resend "
-                                 "ID`, or leave them failed")  # fmt: skip
+        done = 0
+        try:
+            for part in _chunks(odd.unknown_campaign, opstore.CHUNK):  # the database thread given back between them
+                failed += await astore.call(opstore.fail_unknown_campaigns, store, part, now, ALL_CAMPAIGNS,
+                                            worker_id())  # fmt: skip
+                done += len(part)
+        except BaseException as exc:  # the chunks committed before it stay failed: the log says which they are
+            _unknown_campaign_failed(failed, stopped_by=log.error_line(exc), not_done=len(odd.unknown_campaign) - done)
+            raise
+        _unknown_campaign_failed(failed)
     if odd.odd_time:
         found = []
         for part in _chunks(odd.odd_time, opstore.CHUNK):
@@ -118,6 +119,19 @@ async def campaigns_not_sent(
                       "until it is on again, or are skipped as expired",
                   what_to_do=f"turn it on again to send them, or cancel them: {CLOSE_OFF.format(campaign=name)}")
     return NotSent(tuple(failed), dict(sorted(off.items())), expired)
+
+
+def _unknown_campaign_failed(failed: list[opstore.UnknownCampaignRow], **stopped: object) -> None:
+    """Log the rows ``campaigns_not_sent`` failed for their campaign; ``stopped``: ``stopped_by`` (the error that
+    ended it) and ``not_done`` (the rows of the chunks it did not get to, left waiting for the next start)."""
+    if not failed and not stopped:
+        return
+    log.event("unknown_campaign_failed", logging.WARNING, count=len(failed),
+              campaigns=",".join(sorted({r.campaign for r in failed})),
+              ids=",".join(str(r.id) for r in failed[:20]) + (",…" if len(failed) > 20 else ""),
+              why="no campaign Kembali knows by that name (a row edited by hand?): never sent",
+              what_to_do="kembali ledger list --status failed; correct the campaign and `kembali ledger resend "
+                         "ID`, or leave them failed", **stopped)  # fmt: skip
 
 
 def _chunks(ids: tuple[int, ...], size: int) -> list[tuple[int, ...]]:
