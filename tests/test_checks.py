@@ -774,3 +774,23 @@ def test_a_tag_left_open_is_named_also_after_a_set_with_a_value(templates: Path)
     # Then the problem still names the {% if %} left open
     assert problems and problems[0].template == path, "\n".join(map(str, problems))
     assert f"opened at line {opened}: close it with {{% endif %}}" in problems[0].message, problems[0].message
+
+
+def test_check_away_from_its_ledger_creates_no_database_and_says_when_it_cannot_read_one(tmp_path: Path) -> None:
+    import sqlite3
+
+    # Given a config whose SQLite ledger does not exist (checked on a build machine, before the first deploy)
+    site = make_site(tmp_path)
+    site.config.write_text(site.config.read_text().replace("sqlite:///kembali.db", "sqlite:///nowhere.db"))
+    done = site.cli("check")
+    # Then check creates no database file and has nothing to say of the ledger; the exit code is the config's
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (tmp_path / "nowhere.db").exists() and "ledger" not in done.stdout, done.stdout
+    # Given a file there that is no Kembali ledger (never migrated)
+    sqlite3.connect(tmp_path / "nowhere.db").execute("CREATE TABLE other (x)").connection.close()
+    done = site.cli("check", "--json")
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    # Then a note says the ledger was not read, and why; still exit 0, no problem
+    (note,) = [row for row in rows if row["type"] == "note" and row["kind"] == "ledger_not_read"]
+    assert "has no schema" in note["message"], note
+    assert done.returncode == 0 and rows[-1]["problems"] == 0, rows
