@@ -86,7 +86,8 @@ async def campaigns_not_sent(
     if odd.unknown_campaign:
         done = 0
         try:
-            for part in _chunks(odd.unknown_campaign, opstore.CHUNK):  # the database thread given back between them
+            # the database thread given back between them
+            for part in opstore.chunks(odd.unknown_campaign, opstore.CHUNK):
                 failed += await astore.call(opstore.fail_unknown_campaigns, store, part, now, ALL_CAMPAIGNS,
                                             worker_id())  # fmt: skip
                 done += len(part)
@@ -96,7 +97,7 @@ async def campaigns_not_sent(
         _unknown_campaign_failed(failed)
     if odd.odd_time:
         found = []
-        for part in _chunks(odd.odd_time, opstore.CHUNK):
+        for part in opstore.chunks(odd.odd_time, opstore.CHUNK):
             found += await astore.call(opstore.hand_written_times, store, part, now, worker_id())
         for t in found[:100]:
             if t.reads_as is not None:
@@ -132,10 +133,6 @@ def _unknown_campaign_failed(failed: list[opstore.UnknownCampaignRow], **stopped
               why="no campaign Kembali knows by that name (a row edited by hand?): never sent",
               what_to_do="kembali ledger list --status failed; correct the campaign and `kembali ledger resend "
                          "ID`, or leave them failed", **stopped)  # fmt: skip
-
-
-def _chunks(ids: tuple[int, ...], size: int) -> list[tuple[int, ...]]:
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
 def worker_id() -> str:
