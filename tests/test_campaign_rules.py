@@ -464,13 +464,14 @@ def test_rating_links_carry_signed_tokens() -> None:
     from worker.core import tokens
 
     key = b"k" * 32
-    stars = cc.rating_links(42, "stars", "https://shop.example/feedback", key)
+    stars = cc.rating_links(42, "stars", "https://shop.example/feedback", key, "shop.example")
     assert [x["score"] for x in stars] == [1, 2, 3, 4, 5]
-    nps = cc.rating_links(42, "nps", "https://shop.example/feedback?src=mail", key)
+    nps = cc.rating_links(42, "nps", "https://shop.example/feedback?src=mail", key, "Shop.Example")
     assert [x["score"] for x in nps] == list(range(11))
     url = str(nps[10]["url"])
     assert url.startswith("https://shop.example/feedback?src=mail&t=")
-    assert tokens.verify(url.split("t=")[1], [key]) == ("f", "42:10")
+    assert tokens.verify(url.split("t=")[1], [key], shop="shop.example") == ("f", "42:10")  # signed for the shop
+    assert tokens.verify(url.split("t=")[1], [key], shop="") is None
 
 
 def _claimed(campaign: str, payload: dict[str, str]) -> ClaimedMessage:

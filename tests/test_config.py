@@ -426,6 +426,10 @@ def test_a_secret_written_with_the_wrong_type_is_not_shown(raw: dict[str, Any], 
          "line 2: 'shop.name' must not hold a control character (U+000A at character 5)"),
         ('[shop]\nfrom_name = "Toko \\u202eilabmeK"\n',
          "line 2: 'shop.from_name' must not hold a control character (U+202E at character 6)"),
+        # a former domain that no Message-ID could have ended in: a typo, the links of then would stay refused
+        ('[shop]\ndomain = "baru.example"\nprevious_domains = ["lama.example", "lama example"]\n',
+         "line 3: 'shop.previous_domains[1]' must be a domain name such as shop.example, as shop.domain was once, "
+         "not 'lama example'"),
     ],
 )
 def test_a_shop_name_that_headers_and_footers_cannot_show_is_refused_with_its_line(

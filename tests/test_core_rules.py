@@ -123,11 +123,31 @@ KEY, OLD_KEY = b"k" * 32, b"o" * 32
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
+SHOP = "toko-kembali.example"
+
+
 def test_tokens_round_trip_and_rotate() -> None:
-    token = tokens.sign("u", "42", KEY)
-    assert tokens.verify(token, [KEY]) == ("u", "42")
-    assert tokens.verify(tokens.sign("u", "42", OLD_KEY), [KEY, OLD_KEY]) == ("u", "42")
-    assert tokens.verify(tokens.sign("u", "42", OLD_KEY), [KEY]) is None
+    token = tokens.sign("u", "42", KEY, shop=SHOP)
+    assert tokens.verify(token, [KEY], shop=SHOP) == ("u", "42")
+    assert tokens.verify(tokens.sign("u", "42", OLD_KEY, shop=SHOP), [KEY, OLD_KEY], shop=SHOP) == ("u", "42")
+    assert tokens.verify(tokens.sign("u", "42", OLD_KEY, shop=SHOP), [KEY], shop=SHOP) is None
+
+
+def test_a_token_verifies_only_for_the_shop_it_was_signed_for() -> None:
+    # Given two shops with the same key, and a token of before, signed for no shop
+    token = tokens.sign("u", "5:abc", KEY, shop=SHOP)
+    unbound = tokens.sign("u", "5:abc", KEY, shop="")
+    # Then the token verifies for its shop alone (however its domain is written), the one of before for none
+    assert tokens.verify(token, [KEY], shop=tokens.shop_scope("Toko-Kembali.Example.")) == ("u", "5:abc")
+    assert tokens.verify(token, [KEY], shop="toko-lain.example") is None
+    assert tokens.verify(token, [KEY], shop="") is None
+    assert tokens.verify(unbound, [KEY], shop=SHOP) is None
+    assert tokens.verify(unbound, [KEY], shop="") == ("u", "5:abc")
+    # And the token's text is as before: the same payload, a MAC of the same length
+    assert token.split(".")[0] == unbound.split(".")[0] and len(token) == len(unbound) and token != unbound
+    # And no kind can make a token of before stand for a bound one (a bound MAC's message starts with a digit)
+    with pytest.raises(ValueError):
+        tokens.sign("20", f"{SHOP}u:5", KEY, shop="")
 
 
 @pytest.mark.parametrize(
@@ -148,19 +168,19 @@ def test_tokens_round_trip_and_rotate() -> None:
     ],
 )
 def test_forged_tokens_are_rejected(mangle: object) -> None:
-    token = tokens.sign("u", "42", KEY)
-    assert tokens.verify(mangle(token), [KEY]) is None  # type: ignore[operator]
+    token = tokens.sign("u", "42", KEY, shop=SHOP)
+    assert tokens.verify(mangle(token), [KEY], shop=SHOP) is None  # type: ignore[operator]
 
 
 def test_a_token_padded_with_equals_signs_still_verifies() -> None:
     # (a mail client that leaves base64 padding, or a quoted-printable soft break's '=', on the end of a link)
-    token = tokens.sign("u", "42", KEY)
-    assert tokens.verify(token + "=", [KEY]) == ("u", "42")
-    assert tokens.verify(token + "==", [KEY]) == ("u", "42")
+    token = tokens.sign("u", "42", KEY, shop=SHOP)
+    assert tokens.verify(token + "=", [KEY], shop=SHOP) == ("u", "42")
+    assert tokens.verify(token + "==", [KEY], shop=SHOP) == ("u", "42")
 
 
 def test_tokens_carry_no_readable_email() -> None:
-    assert "@" not in tokens.sign("u", "42", KEY)
+    assert "@" not in tokens.sign("u", "42", KEY, shop=SHOP)
 
 
 def _p(ext: str, category: str) -> ProductView:

@@ -117,7 +117,7 @@ class Served:
     url: str
 
     def link(self, route: str, kind: str, value: str) -> str:
-        return f"{self.url}/{route}?t={tokens.sign(kind, value, KEY)}"
+        return f"{self.url}/{route}?t={tokens.sign(kind, value, KEY, shop='shop.example')}"
 
     def unsubscribe(self, external_id: str) -> str:
         return self.link("unsubscribe", "u", str(self.shop.customer_id(external_id)))

@@ -95,7 +95,7 @@ def test_fast_cron_plans_and_sends_and_an_unsubscribed_customer_gets_nothing_aft
         assert shop.scalar("SELECT reason FROM suppression WHERE email = 'c1@example.com'") == "unsubscribed"
 
         # And customer 3 unsubscribes before they are due, customer 4 does not
-        token = tokens.sign("u", str(shop.customer_id("C3")), LINK_KEY.encode())
+        token = tokens.sign("u", str(shop.customer_id("C3")), LINK_KEY.encode(), shop="shop.example")
         assert http("POST", daemon.url(f"/unsubscribe?t={token}"), ONE_CLICK, FORM)[0] == 200
 
         # When both become due, the next cron firings plan again
@@ -130,7 +130,7 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         assert b"READY=1" in _after_extensions(notify)  # (the catch-up pass asks for more start-up time first)
         daemon.wait_for(lambda: smtp_server.messages, why="the email")
         cid = shop.customer_id("C1")
-        token = tokens.sign("u", str(cid), LINK_KEY.encode())
+        token = tokens.sign("u", str(cid), LINK_KEY.encode(), shop="shop.example")
 
         # A GET (what a link scanner does) shows a page with a button and changes nothing
         status, page, _ = http("GET", daemon.url(f"/unsubscribe?t={token}"))
@@ -146,8 +146,9 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         assert shop.rows("SELECT email, reason FROM suppression") == [("c1@example.com", "unsubscribed")]
 
         # A tampered, truncated or forged token → 400 and nothing changes
-        payload, mac = tokens.sign("u", str(cid + 1), LINK_KEY.encode()).split(".")
-        bad = [token[:-3], payload + "." + token.split(".")[1], tokens.sign("u", str(cid + 1), b"x" * 32), "", mac]
+        payload, mac = tokens.sign("u", str(cid + 1), LINK_KEY.encode(), shop="shop.example").split(".")
+        forged = tokens.sign("u", str(cid + 1), b"x" * 32, shop="shop.example")
+        bad = [token[:-3], payload + "." + token.split(".")[1], forged, "", mac]
         for t in bad:
             assert http("POST", daemon.url(f"/unsubscribe?t={t}"), ONE_CLICK, FORM)[0] == 400
             assert http("GET", daemon.url(f"/feedback?t={t}"))[0] == 400
@@ -163,7 +164,7 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
 
         # Feedback: a GET of every rating link (what a link scanner does) shows the rating with a button and
         # records nothing; the customer's button (a POST) records it, and a later one changes nothing
-        ratings = {n: tokens.sign("f", f"O1:{n}", LINK_KEY.encode()) for n in range(1, 6)}
+        ratings = {n: tokens.sign("f", f"O1:{n}", LINK_KEY.encode(), shop="shop.example") for n in range(1, 6)}
         for n, t in ratings.items():
             status, page, _ = http("GET", daemon.url(f"/feedback?t={t}"))
             assert status == 200 and f"Kakak memilih {n} bintang" in page and 'method="post"' in page, page
@@ -227,8 +228,8 @@ def test_a_failing_database_write_is_a_500_and_the_log_names_no_address_or_comme
                      "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
     daemon = Daemon.start(shop)
     try:
-        token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode())
-        rating = tokens.sign("f", "O1:5", LINK_KEY.encode())
+        token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode(), shop="shop.example")
+        rating = tokens.sign("f", "O1:5", LINK_KEY.encode(), shop="shop.example")
         # When the customer unsubscribes, and comments on a rating
         status, page, _ = http("POST", daemon.url(f"/unsubscribe?t={token}"), ONE_CLICK, FORM)
         assert status == 500 and "Traceback" not in page
@@ -518,7 +519,7 @@ def test_sighup_with_another_link_key_variable_is_rejected_until_a_restart_and_l
         assert "unsubscribe.secret_env" in rejected["error"] and "restart the daemon" in rejected["error"], rejected
         assert not daemon.named("reload_done") and not daemon.named("config_reloaded")
         # And links signed with the key it started with still work
-        token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode())
+        token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode(), shop="shop.example")
         assert http("POST", daemon.url(f"/unsubscribe?t={token}"), ONE_CLICK, FORM)[0] == 200
     finally:
         assert daemon.stop() == 0
@@ -754,7 +755,7 @@ def test_healthz_says_stopping_during_the_grace_period_while_the_links_still_wor
     # Then, while the send finishes, a load balancer's probe is told to send nothing more here; a customer's
     # click is still served
     assert _readiness(daemon) == (503, "stopping")
-    token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode())
+    token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode(), shop="shop.example")
     assert http("GET", daemon.url(f"/unsubscribe?t={token}"))[0] == 200
     assert daemon.wait(20) == 0
     assert shop.scalar("SELECT status FROM message") == "sent"

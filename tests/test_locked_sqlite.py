@@ -181,8 +181,8 @@ def test_a_customers_unsubscribe_and_rating_pages_open_while_another_program_wri
     key = b"k" * 32
     site = Site(store=astore, keys=[key], settings=lambda: settings, clock=SystemClock(), metrics=Metrics(),
                 paused=lambda: False)
-    unsubscribe = {"t": [tokens.sign("u", str(customer), key)]}
-    rating = {"t": [tokens.sign("f", f"{order}:9", key)]}
+    unsubscribe = {"t": [tokens.sign("u", str(customer), key, shop="shop.example")]}
+    rating = {"t": [tokens.sign("f", f"{order}:9", key, shop="shop.example")]}
     conn = sqlite3.connect(tmp_path / "kembali.db", isolation_level=None)
 
     async def clicks() -> list[int]:

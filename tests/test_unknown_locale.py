@@ -102,7 +102,7 @@ def test_a_reload_that_changes_the_shops_language_is_the_one_a_customer_without_
     daemon = Daemon.start(shop)
     try:
         daemon.wait_event("daemon_started")
-        token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode())
+        token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode(), shop="shop.example")
         status, page, _ = http("GET", daemon.url(f"/unsubscribe?t={token}"))
         assert status == 200 and 'lang="id"' in page, page
         # When the operator makes the shop's language English and reloads (a `shop` change a reload applies)

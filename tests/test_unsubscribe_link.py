@@ -23,6 +23,7 @@ from worker.adapters import opstore, shop
 from worker.adapters.store import Store
 from worker.adapters.web import Request, Response
 from worker.asyncstore import AsyncStore
+from worker.config import Settings
 from worker.core import tokens
 from worker.domain import OrderLineRecord, OrderRecord, OrderStatus
 from worker.links import Site
@@ -79,11 +80,13 @@ def _click(store: Store, url: str, method: str, body: bytes = b"") -> Response:
         site.store.close()
 
 
-def _old_link(store: Store) -> str:
-    """C1's unsubscribe link of the kind emails carried before links named their email: the customer alone."""
+def _old_link(store: Store, shop: str = "toko-kembali.example") -> str:
+    """C1's unsubscribe link of the kind emails carried before links named their email: the customer alone; signed
+    for ``shop`` (``""``: for none, as links were before they named their shop)."""
     cid = store.customer_by_external_id("C1")
     assert cid is not None
-    return f"https://toko-kembali.example/unsubscribe?t={tokens.sign('u', str(cid[0].id), LINK_KEY.encode())}"
+    token = tokens.sign("u", str(cid[0].id), LINK_KEY.encode(), shop=shop)
+    return f"https://toko-kembali.example/unsubscribe?t={token}"
 
 
 def _suppressed(store: Store) -> list[str]:
@@ -118,10 +121,10 @@ def test_the_unsubscribe_link_suppresses_the_address_the_email_went_to_after_the
         store.close()
 
 
-def test_an_unsubscribe_link_issued_before_links_named_their_email_suppresses_every_address_mailed_and_the_current(
+def test_an_unsubscribe_link_naming_no_email_suppresses_every_address_mailed_and_the_current(
     sqlite_url: str, smtp_server: RecordingServer
 ) -> None:
-    # Given the email sent to OLD, and a link of the kind emails carried before (it names the customer alone)
+    # Given the email sent to OLD, and a link that names the customer alone (as emails carried before)
     store, _links = _sent_then_moved(sqlite_url, smtp_server)
     try:
         old_link = _old_link(store)
@@ -129,6 +132,73 @@ def test_an_unsubscribe_link_issued_before_links_named_their_email_suppresses_ev
         assert _click(store, old_link, "GET").status == 200
         assert _click(store, old_link, "POST", ONE_CLICK).status == 200
         # Then it still works: the address that got the email (the ledger's) and the one on file now are suppressed
+        assert _suppressed(store) == [OLD, NEW]
+    finally:
+        store.close()
+
+
+def _unbound(url: str) -> str:
+    """The link ``url`` as it was signed before links named their shop: the same value, signed for no shop."""
+    token = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["t"][0]
+    verified = tokens.verify(token, [LINK_KEY.encode()], shop="toko-kembali.example")
+    assert verified is not None
+    return f"https://toko-kembali.example/unsubscribe?t={tokens.sign(*verified, LINK_KEY.encode(), shop='')}"
+
+
+def test_a_link_sent_before_links_named_their_shop_works_when_the_shops_ledger_has_its_email(
+    sqlite_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given the email sent to OLD, its link as it was signed before links named their shop, and a link of before
+    # that names the customer alone (nothing in the ledger shows it this shop's rather than another's with the key)
+    store, links = _sent_then_moved(sqlite_url, smtp_server)
+    try:
+        old_link, customer_alone = _unbound(links["header"]), _old_link(store, shop="")
+        # When the customer opens the one naming no email and presses its button
+        with caplog.at_level(logging.INFO):
+            refused = [_click(store, customer_alone, "GET"), _click(store, customer_alone, "POST", ONE_CLICK)]
+        # Then it gets the bad-link page, which gives the address to write to, and the log says why
+        assert [r.status for r in refused] == [400, 400] and _suppressed(store) == []
+        assert "unsubscribe@toko-kembali.example" in refused[1].body.decode()
+        rejected = [r.kembali_fields for r in caplog.records if r.getMessage() == "link_rejected"]
+        assert [(e["route"], "naming no email" in str(e["reason"])) for e in rejected] == [("unsubscribe", True)] * 2
+        assert customer_alone.split("t=")[1] not in caplog.text
+        # And the link from the email (its Message-ID is the ledger's row of the customer, on this shop's domain)
+        # works as ever: the address that got the email and the one on file now are suppressed
+        assert 'method="post"' in _click(store, old_link, "GET").body.decode()
+        assert _click(store, old_link, "POST", ONE_CLICK).status == 200
+        assert _suppressed(store) == [OLD, NEW]
+    finally:
+        store.close()
+
+
+def test_after_the_shops_domain_changed_its_links_of_before_still_work_once_listed_as_previous_domains(
+    sqlite_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given the email sent to OLD (its Message-ID and its link's token on toko-kembali.example), after which the
+    # operator changed shop.domain
+    store, links = _sent_then_moved(sqlite_url, smtp_server)
+    moved = settings_for(str(store.engine.url), shop={"domain": "toko-baru.example"})
+    listed = settings_for(str(store.engine.url), shop={"domain": "toko-baru.example",
+                                                       "previous_domains": ["toko-kembali.example"]})  # fmt: skip
+
+    def click(settings: Settings, url: str, method: str, body: bytes = b"") -> Response:
+        site = Site(store=AsyncStore(store), keys=[LINK_KEY.encode()], settings=lambda: settings,
+                    clock=FakeClock(NOW), metrics=Metrics(), paused=lambda: False)  # fmt: skip
+        try:
+            return asyncio.run(site.handle(_request(url, method, body)))
+        finally:
+            site.store.close()
+
+    try:
+        # When the link is pressed while the old domain is not listed, Then it is refused (signed for another shop)
+        with caplog.at_level(logging.INFO):
+            assert click(moved, links["header"], "POST", ONE_CLICK).status == 400 and _suppressed(store) == []
+        (rejected,) = [r.kembali_fields for r in caplog.records if r.getMessage() == "link_rejected"]
+        assert "not signed" in str(rejected["reason"])
+        # And once shop.previous_domains lists it, the link and its link of before (signed for no shop, found in
+        # the ledger by its Message-ID on the old domain) work: the page names the address the email went to
+        assert "b***@example.com" in click(listed, _unbound(links["body"]), "GET").body.decode()
+        assert click(listed, links["header"], "POST", ONE_CLICK).status == 200
         assert _suppressed(store) == [OLD, NEW]
     finally:
         store.close()
@@ -244,8 +314,9 @@ def test_a_link_acts_only_for_its_purpose_and_its_shops_key(sqlite_url: str, smt
     unsubscribe_token = urllib.parse.parse_qs(urllib.parse.urlsplit(links["header"]).query)["t"][0]
     cid = store.customer_by_external_id("C1")
     assert cid is not None
-    rating_token = tokens.sign("f", f"{cid[0].id}:5", LINK_KEY.encode())  # a rating token with the same digits
-    other_shop = tokens.sign("u", str(cid[0].id), b"another-shops-key-of-length")
+    shop = "toko-kembali.example"
+    rating_token = tokens.sign("f", f"{cid[0].id}:5", LINK_KEY.encode(), shop=shop)  # a rating token, the same digits
+    other_shop = tokens.sign("u", str(cid[0].id), b"another-shops-key-of-length", shop=shop)
     site = _site(store)
     try:
         def post(path: str, token: str, body: bytes) -> int:
@@ -255,7 +326,7 @@ def test_a_link_acts_only_for_its_purpose_and_its_shops_key(sqlite_url: str, smt
         # When the unsubscribe token is posted as a rating, a rating token and another shop's token as unsubscribes
         assert post("/feedback", unsubscribe_token, b"comment=x") == 400
         # (an unsubscribe token whose value would read as a rating: order 1, score 5)
-        assert post("/feedback", tokens.sign("u", "1:5", LINK_KEY.encode()), b"comment=x") == 400
+        assert post("/feedback", tokens.sign("u", "1:5", LINK_KEY.encode(), shop=shop), b"comment=x") == 400
         assert post("/unsubscribe", rating_token, ONE_CLICK) == 400
         assert post("/unsubscribe", other_shop, ONE_CLICK) == 400
         # Then nothing was rated or suppressed; and the real link still works, once, for its own customer only

@@ -38,7 +38,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class ShopSettings:
     name: str = "Toko Kembali"
     domain: str = "toko-kembali.example"
-    """Domain used in Message-IDs."""
+    """Domain used in Message-IDs; link tokens are signed for it (``core.tokens``)."""
+    previous_domains: tuple[str, ...] = ()
+    """The domains ``domain`` was before: links in emails sent then (signed for the domain of the day) still work."""
     from_address: str = "halo@toko-kembali.example"
     from_name: str = "Toko Kembali"
     reply_to: str = ""
@@ -719,6 +721,10 @@ def _check(s: Settings) -> None:
     if not s.shop.domain or "." not in s.shop.domain or not _writable(f"x@{s.shop.domain}"):
         _fail(s, "shop.domain", "must be a domain name such as shop.example (an internationalised one in its "
               f"IDNA form, xn--…; it ends every Message-ID), not {s.shop.domain!r}")
+    for i, before in enumerate(s.shop.previous_domains):
+        if not before or "." not in before or not _writable(f"x@{before}"):
+            _fail(s, f"shop.previous_domains[{i}]", "must be a domain name such as shop.example, as shop.domain was "
+                  f"once, not {before!r}")
     if not s.shop.postal_address.strip():
         _fail(s, "shop.postal_address", "must not be empty (it goes in every footer)")
     _web_url(s, "shop.base_url", s.shop.base_url, ("http", "https"))

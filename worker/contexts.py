@@ -101,7 +101,8 @@ def extra_context(
             "order": {"id": clean_text(message.payload.get("order", ""))},
             "bought": [product_dict(p, shop_url) for p in facts.order_products.get(order_id, [])],
             "scale": c.feedback.scale,
-            "ratings": cc.rating_links(order_id, c.feedback.scale, c.feedback.link_url, link_key),
+            "ratings": cc.rating_links(order_id, c.feedback.scale, c.feedback.link_url, link_key,
+                                      settings.shop.domain),
         }
     if campaign == cc.NEW_PRODUCTS:
         cfg = c.new_products

@@ -25,9 +25,10 @@
   answer within ``METRICS_DATABASE_SECONDS``), without the ledger's figures
   (``kembali_database_up 0``) but with this process's own.
 
-A token that does not verify (forged, truncated, tampered, the wrong kind) gets
-a 400 page and changes nothing; an unsubscribe token whose customer the database
-lacks (restored from an older copy), a 404 page that says so and where to write.
+A token that does not verify (forged, truncated, tampered, the wrong kind, or another shop's: tokens are signed
+for ``shop.domain``, ``core.tokens``) gets a 400 page and changes nothing, and so does one signed for no shop (a link
+of before) that this shop's ledger does not show its own (``Site.unsubscribe``, ``Site.feedback``); an unsubscribe
+token whose customer the database lacks (restored from an older copy), a 404 page that says so and where to write.
 A customer's click the database fails gets a 500
 page that says sorry and to try again (an unsubscribe link's, the address to
 write to meanwhile), in the shop's language and the other. Tokens name database
@@ -73,6 +74,24 @@ host that does not answer held the scrape for libpq's connect timeout (10 s) or 
 Prometheus's own scrape timeout (10 s): the scrape failed whole, the process's figures with it, during an outage."""
 
 
+NOT_VERIFIED = "not signed with this shop's key, altered, cut short, or for another purpose"
+UNBOUND_NO_EMAIL = ("signed for no shop (sent before links named theirs) and naming no email: the ledger cannot show "
+                    "it this shop's (another shop's with the same key?)")
+UNBOUND_NOT_IN_LEDGER = ("signed for no shop (sent before links named theirs), and this shop's ledger has no email to "
+                         "the customer with its Message-ID: another shop's with the same key?")
+UNBOUND_NO_REQUEST = ("signed for no shop (sent before links named theirs), and this shop's ledger has mailed no "
+                      "feedback request for the order: another shop's with the same key?")
+"""``link_rejected``'s reasons."""
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A token that verified: its value, and the shop domain it is signed for (None: a token signed for no shop)."""
+
+    value: str
+    domain: str | None
+
+
 @dataclass(frozen=True)
 class FeedbackToken:
     order_ref: str
@@ -89,8 +108,8 @@ class UnsubscribeToken:
     """The Message-ID of the email that carried the link, before ``@<shop domain>``: its ledger row, whose
     address is the one it went to."""
 
-    def message_id(self, domain: str) -> str | None:
-        return f"<{self.message_local}@{domain}>" if self.message_local is not None else None
+    def message_id(self, domain: str) -> str:
+        return f"<{self.message_local}@{domain}>"
 
 
 def parse_unsubscribe(value: str) -> UnsubscribeToken | None:
@@ -179,18 +198,20 @@ class Site:
         if request.method not in ("GET", "HEAD", "POST"):
             return _not_allowed("GET, HEAD, POST")
         token = _token(request)
-        value = self._verify(token, UNSUBSCRIBE_KIND)
-        link = parse_unsubscribe(value) if value is not None else None
-        if link is None:
-            log.event("link_rejected", logging.WARNING, route="unsubscribe")
-            mailto = self.settings().unsubscribe.mailto
-            return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(self._default_locale(), mailto))
+        verified = self._verify(token, UNSUBSCRIBE_KIND)
+        link = parse_unsubscribe(verified.value) if verified is not None else None
+        if verified is None or link is None:
+            return self._reject("unsubscribe", NOT_VERIFIED)
         s = self.store.store
+        mailed = await self._recipient(link, verified.domain) if link.message_local is not None else None
+        if verified.domain is None and mailed is None:  # a link signed for no shop: this shop's only if the ledger
+            why = UNBOUND_NO_EMAIL if link.message_local is None else UNBOUND_NOT_IN_LEDGER  # has its email
+            return self._reject("unsubscribe", why, customer_id=link.customer_id)
         customer = await self.store.call(opstore.customer, s, link.customer_id)
         locale = customer.locale if customer is not None else self._default_locale()
         shop = self.settings().shop.name
         if request.method != "POST":
-            addresses, mailed_known = await self._addresses(link, customer, post=False)
+            addresses, mailed_known = await self._addresses(link, mailed, customer, post=False)
             if not addresses:  # no such customer: a button would do nothing, and its page say it worked
                 mailto = self.settings().unsubscribe.mailto
                 return self._page(HTTPStatus.NOT_FOUND, pages.unknown_unsubscriber(self._default_locale(), mailto))
@@ -203,7 +224,7 @@ class Site:
             return self._page(HTTPStatus.OK, pages.confirm_unsubscribe(locale, shop, masked, token or ""))
         if b"List-Unsubscribe" not in request.body or b"One-Click" not in request.body:
             return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(locale, self.settings().unsubscribe.mailto))
-        addresses, _ = await self._addresses(link, customer, post=True)
+        addresses, _ = await self._addresses(link, mailed, customer, post=True)
         if not addresses:  # the token names no address: nothing to suppress, and the customer is told so
             log.event("unsubscribe_unknown_customer", logging.WARNING, customer_id=link.customer_id)
             mailto = self.settings().unsubscribe.mailto
@@ -218,20 +239,29 @@ class Site:
         masked = [log.mask_email(a) for a in addresses]
         return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop, masked))
 
-    async def _addresses(
-        self, link: UnsubscribeToken, customer: CustomerSnapshot | None, *, post: bool
-    ) -> tuple[list[str], bool]:
-        """What the link unsubscribes: the address its email went to (the ledger's), and the customer's address
-        now. The person asked to stop: an address an import has changed since is theirs too. A link that names no
-        email (issued before links did), or one the ledger does not find (the shop's domain changed since): on the
-        POST, every address the customer was mailed at (the ledger is read whole for them: not for a GET). With
-        whether the address (or addresses) mailed are among them: not for such a link's GET."""
+    async def _recipient(self, link: UnsubscribeToken, bound: str | None) -> str | None:
+        """The address the link's email went to: the customer's ledger row whose Message-ID is the link's on
+        this shop's domain, the one the token is signed for first (``shop.domain``, or one of
+        ``shop.previous_domains``: emails sent before it changed), then the others. None: no such row."""
         s = self.store.store
-        message_id = link.message_id(self.settings().shop.domain)
-        mailed = []
-        if message_id is not None:
-            found = await self.store.call(opstore.recipient, s, link.customer_id, message_id)
-            mailed = [found] if found is not None else []
+        shop = self.settings().shop
+        domains = dict.fromkeys([*([bound] if bound is not None else []), shop.domain, *shop.previous_domains])
+        for domain in domains:
+            found = await self.store.call(opstore.recipient, s, link.customer_id, link.message_id(domain))
+            if found is not None:
+                return found
+        return None
+
+    async def _addresses(
+        self, link: UnsubscribeToken, recipient: str | None, customer: CustomerSnapshot | None, *, post: bool
+    ) -> tuple[list[str], bool]:
+        """What the link unsubscribes: the address its email went to (``recipient``, the ledger's), and the
+        customer's address now. The person asked to stop: an address an import has changed since is theirs too. A
+        link that names no email (issued before links did), or one the ledger does not find: on the POST, every
+        address the customer was mailed at (the ledger is read whole for them: not for a GET). With whether the
+        address (or addresses) mailed are among them: not for such a link's GET. Only for a link signed for this
+        shop: one signed for none is refused unless the ledger has its email (``unsubscribe``)."""
+        mailed = [recipient] if recipient is not None else []
         if post and not mailed:
             mailed = await self._mailed_addresses(link.customer_id)
         current = [customer.email] if customer is not None else []
@@ -254,12 +284,13 @@ class Site:
         if request.method not in ("GET", "HEAD", "POST"):
             return _not_allowed("GET, HEAD, POST")
         token = _token(request)
-        value = self._verify(token, FEEDBACK_KIND)
-        parsed = parse_feedback(value) if value is not None else None
-        if parsed is None:
-            log.event("link_rejected", logging.WARNING, route="feedback")
-            return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(self._default_locale()))
+        verified = self._verify(token, FEEDBACK_KIND)
+        parsed = parse_feedback(verified.value) if verified is not None else None
+        if verified is None or parsed is None:
+            return self._reject("feedback", NOT_VERIFIED)
         s = self.store.store
+        if verified.domain is None and not await self.store.call(opstore.feedback_requested, s, parsed.order_ref):
+            return self._reject("feedback", UNBOUND_NO_REQUEST, order=parsed.order_ref)
         locale = await self.store.call(opstore.order_locale, s, parsed.order_ref) or self._default_locale()
         shop = self.settings().shop.name
         now = self.clock.now()
@@ -343,13 +374,25 @@ class Site:
 
     # --- helpers ----------------------------------------------------------------
 
-    def _verify(self, token: str | None, kind: str) -> str | None:
+    def _verify(self, token: str | None, kind: str) -> Verified | None:
+        """The token's value when it is of ``kind`` and signed with one of the keys: for this shop (its
+        ``shop.domain``, or one of its ``shop.previous_domains``), or for no shop (a link sent before tokens named
+        their shop; the caller must find it this shop's in the ledger). None otherwise: another shop's among them."""
         if not token or len(token) > 512:
             return None
-        verified = tokens.verify(token, self.keys)
-        if verified is None or verified[0] != kind:
-            return None
-        return verified[1]
+        shop = self.settings().shop
+        for domain in (shop.domain, *shop.previous_domains, None):
+            verified = tokens.verify(token, self.keys, shop=tokens.shop_scope(domain) if domain is not None else "")
+            if verified is not None:
+                return Verified(verified[1], domain) if verified[0] == kind else None
+        return None
+
+    def _reject(self, route: str, why: str, **fields: Any) -> Response:
+        """The bad-link page (an unsubscribe link's with the address to write to instead), and ``link_rejected``
+        saying why: no token, nor address (a token names none)."""
+        log.event("link_rejected", logging.WARNING, route=route, reason=why, **fields)
+        mailto = self.settings().unsubscribe.mailto if route == "unsubscribe" else ""
+        return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(self._default_locale(), mailto))
 
     def _stars(self, score: int) -> bool:
         """Whether ``score`` is a star rating (1-5), for the page to say so: the link names no scale, and the feedback

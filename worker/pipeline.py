@@ -289,7 +289,7 @@ class Composer:
         to: the token names the Message-ID's part before the shop's domain (``links.UnsubscribeToken``)."""
         local = message_id.removeprefix("<").partition("@")[0]
         value = f"{customer.id}:{local}" if local else str(customer.id)
-        token = tokens.sign("u", value, self.link_key)
+        token = tokens.sign("u", value, self.link_key, shop=tokens.shop_scope(self.settings.shop.domain))
         base = self.settings.unsubscribe.url
         return f"{base}{'&' if '?' in base else '?'}t={token}"
 

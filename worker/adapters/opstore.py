@@ -31,6 +31,7 @@ from worker.adapters.store import (
     suppression_address,
 )
 from worker.adapters.tables import Attempt, Feedback, JobRun
+from worker.core.campaigns import feedback_key
 from worker.domain import CustomerSnapshot, Locale, MessageStatus, Outcome, SkipReason
 from worker.errors import LedgerRowError
 
@@ -420,6 +421,23 @@ def recipient(store: Store, customer_id: int, message_id: str) -> str | None:
     with db.reading(store.engine) as conn:
         found = conn.execute(query).scalar()
     return str(found) if found is not None else None
+
+
+def feedback_requested(store: Store, order_ref: str) -> bool:
+    """Whether this ledger mailed a feedback request for the order named by ``order_ref`` (database id or shop id,
+    as ``order_locale`` reads it), to the order's customer: what shows a rating link signed for no shop to be this
+    shop's (``links.Site.feedback``). One look-up by the dedupe key's unique index per order so named."""
+    match = O.c.external_id == order_ref
+    if order_ref.isdigit():
+        match = sa.or_(O.c.id == int(order_ref), match)
+    mailed = (MessageStatus.SENT.value, MessageStatus.UNCERTAIN.value)
+    with db.reading(store.engine) as conn:
+        for order in conn.execute(sa.select(O.c.external_id, O.c.customer_id).where(match)).all():
+            found = sa.select(M.c.id).where(M.c.dedupe_key == feedback_key(order.external_id),
+                                            M.c.customer_id == order.customer_id, M.c.status.in_(mailed))  # fmt: skip
+            if conn.execute(found).first() is not None:
+                return True
+    return False
 
 
 def mailed_addresses(store: Store, customer_id: int) -> list[str]:

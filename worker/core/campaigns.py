@@ -279,11 +279,12 @@ def rating_scores(scale: str) -> range:
     return range(0, 11) if scale == "nps" else range(1, 6)
 
 
-def rating_links(order_id: int, scale: str, base_url: str, key: bytes) -> list[dict[str, object]]:
-    """One link per score, each carrying a signed token ``f:<order id>:<score>``."""
+def rating_links(order_id: int, scale: str, base_url: str, key: bytes, shop: str) -> list[dict[str, object]]:
+    """One link per score, each carrying a token ``f:<order id>:<score>`` signed for ``shop`` (its domain)."""
     sep = "&" if "?" in base_url else "?"
+    scope = tokens.shop_scope(shop)
     return [
-        {"score": score, "url": f"{base_url}{sep}t={tokens.sign('f', f'{order_id}:{score}', key)}"}
+        {"score": score, "url": f"{base_url}{sep}t={tokens.sign('f', f'{order_id}:{score}', key, shop=scope)}"}
         for score in rating_scores(scale)
     ]
 

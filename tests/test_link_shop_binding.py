@@ -1,0 +1,152 @@
+"""Two shops whose operators use the same link key: a link from one shop's email does nothing at the other's site.
+Each shop is a real SQLite file; its emails go through a real SMTP server; the links from the emails are clicked
+at the daemon's site, in this process. Links sent before tokens named their shop still work where the shop's
+ledger shows them its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from email import message_from_bytes
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from tests.shop import LINK_KEY, NOW, customer, make_shop, one_time_order, settings_for
+from tests.smtp_server import RecordingServer
+from tests.test_pipeline_e2e import run_cycle
+from worker.adapters import opstore
+from worker.adapters.store import Store
+from worker.adapters.web import Request
+from worker.asyncstore import AsyncStore
+from worker.config import Settings
+from worker.core import tokens
+from worker.links import Site
+from worker.metrics import Metrics
+from worker.testing import FakeClock
+
+ONE_CLICK = b"List-Unsubscribe=One-Click"
+FEEDBACK = {"feedback": {"enabled": True, "days_after": 7, "lookback_days": 14}}
+
+
+@pytest.fixture(autouse=True)
+def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+
+
+class Shop(NamedTuple):
+    store: Store
+    settings: Settings
+
+
+def _settings(store: Store, domain: str, port: int = 25, **shop: object) -> Settings:
+    return settings_for(str(store.engine.url), smtp={"port": port}, shop={"domain": domain, **shop},
+                        campaigns=FEEDBACK)  # fmt: skip
+
+
+def _shop(tmp_path: Path, name: str, email: str) -> Store:
+    """A shop whose one customer C1 (database id 1) has one delivered order O1 (database id 1), 8 days old: due a
+    feedback request."""
+    return make_shop(f"sqlite:///{tmp_path / name}.db", [customer("C1", email=email)],
+                     [one_time_order("O1", "C1", days_ago=8)])  # fmt: skip
+
+
+def _links(server: RecordingServer) -> tuple[str, dict[int, str]]:
+    """The last email's unsubscribe token (List-Unsubscribe's https link) and its rating tokens by score."""
+    mail = message_from_bytes(server.messages[-1].data)
+    header = re.search(r"<https://[^>]+\?t=([\w.-]+)>", str(mail["List-Unsubscribe"]))
+    assert header is not None
+    text = next(p.get_payload(decode=True).decode() for p in mail.walk() if p.get_content_type() == "text/plain")
+    ratings = {}
+    for token in re.findall(r"https://\S+/feedback\?t=([\w.-]+)", text):
+        verified = tokens.verify(token, [LINK_KEY.encode()], shop="toko-a.example")  # f:<order id>:<score>
+        assert verified is not None
+        ratings[int(verified[1].rpartition(":")[2])] = token
+    return header.group(1), ratings
+
+
+def _post(settings: Settings, store: Store, route: str, token: str, body: bytes) -> tuple[int, str]:
+    site = Site(store=AsyncStore(store), keys=[LINK_KEY.encode()], settings=lambda: settings, clock=FakeClock(NOW),
+                metrics=Metrics(), paused=lambda: False)  # fmt: skip
+    try:
+        headers = {"content-type": "application/x-www-form-urlencoded"}
+        response = asyncio.run(site.handle(Request("POST", route, {"t": [token]}, headers, body)))
+        return response.status, response.body.decode()
+    finally:
+        site.store.close()
+
+
+def _rejections(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    return [r.kembali_fields for r in caplog.records if r.getMessage() == "link_rejected"]  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _two_shops(tmp_path: Path, server: RecordingServer) -> Iterator[tuple[Shop, Shop, str, dict[int, str]]]:
+    """Shop A, which sent its customer 1 a feedback request through ``server``, and shop B, whose customer 1 is
+    someone else and whose order 1 is another order: (A, B, the email's unsubscribe token, its rating tokens)."""
+    a, b = _shop(tmp_path, "a", "ani@example.com"), _shop(tmp_path, "b", "bayu@example.net")
+    try:
+        shop_a = _settings(a, "toko-a.example", server.port)
+        assert run_cycle(shop_a, a, FakeClock(NOW)).dispatched.outcomes == {"sent": 1}
+        unsubscribe, ratings = _links(server)
+        yield Shop(a, shop_a), Shop(b, _settings(b, "toko-b.example")), unsubscribe, ratings
+    finally:
+        a.close()
+        b.close()
+
+
+def test_one_shops_links_do_nothing_at_another_shop_with_the_same_key(
+    tmp_path: Path, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given shop A, which sent its customer 1 a feedback request, and shop B, whose customer 1 is someone else and
+    # whose order 1 is another order: both operators export the same KEMBALI_LINK_SECRET
+    with _two_shops(tmp_path, smtp_server) as ((a, shop_a), (b, shop_b), unsubscribe, ratings):
+        # When A's links are pressed at B's site (the same key verifies them there)
+        with caplog.at_level(logging.INFO):
+            refused = _post(shop_b, b, "/unsubscribe", unsubscribe, ONE_CLICK)
+            rated = _post(shop_b, b, "/feedback", ratings[1], b"comment=awful")
+        # Then B's site shows the bad-link page for both, and B's customer 1 and order 1 are left alone
+        assert refused[0] == 400 and rated[0] == 400
+        assert opstore.suppressions(b) == [] and opstore.feedback(b) == []
+        assert [e["route"] for e in _rejections(caplog)] == ["unsubscribe", "feedback"]
+        assert LINK_KEY not in caplog.text and unsubscribe not in caplog.text and ratings[1] not in caplog.text
+        # And at A's own site they work
+        assert _post(shop_a, a, "/unsubscribe", unsubscribe, ONE_CLICK)[0] == 200
+        assert [s["email"] for s in opstore.suppressions(a)] == ["ani@example.com"]
+        assert _post(shop_a, a, "/feedback", ratings[4], b"comment=ok")[0] == 200
+        assert [(f.order_ref, f.score) for f in opstore.feedback(a)] == [("1", 4)]
+
+
+def _unbound(token: str) -> str:
+    """``token`` as it was signed before tokens named their shop: the same value, signed for no shop."""
+    verified = tokens.verify(token, [LINK_KEY.encode()], shop="toko-a.example")
+    assert verified is not None
+    return tokens.sign(*verified, LINK_KEY.encode(), shop="")
+
+
+def test_links_sent_before_tokens_named_their_shop_work_where_the_ledger_shows_them_its_own_and_nowhere_else(
+    tmp_path: Path, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given shop A's feedback request, its links as they were signed before tokens named their shop, and shop B with
+    # the same key, whose customer 1 and order 1 are others (B's ledger has no email of A's, nor a feedback request)
+    with _two_shops(tmp_path, smtp_server) as ((a, shop_a), (b, shop_b), bound, ratings):
+        unsubscribe, rating = _unbound(bound), _unbound(ratings[2])
+        # When they are pressed at B's site, Then the bad-link page, nothing done, and the log says why
+        with caplog.at_level(logging.INFO):
+            assert _post(shop_b, b, "/unsubscribe", unsubscribe, ONE_CLICK)[0] == 400
+            assert _post(shop_b, b, "/feedback", rating, b"comment=")[0] == 400
+        assert opstore.suppressions(b) == [] and opstore.feedback(b) == []
+        reasons = {str(e["route"]): str(e["reason"]) for e in _rejections(caplog)}
+        assert "no email to the customer with its Message-ID" in reasons["unsubscribe"], reasons
+        assert "no feedback request for the order" in reasons["feedback"], reasons
+        assert unsubscribe not in caplog.text and rating not in caplog.text and "@example" not in caplog.text
+        # And at A's site, whose ledger has the email (its Message-ID on A's domain) and the feedback request, they
+        # work as they always did
+        assert _post(shop_a, a, "/feedback", rating, b"comment=")[0] == 200
+        assert [(f.order_ref, f.score) for f in opstore.feedback(a)] == [("1", 2)]
+        assert _post(shop_a, a, "/unsubscribe", unsubscribe, ONE_CLICK)[0] == 200
+        assert [s["email"] for s in opstore.suppressions(a)] == ["ani@example.com"]
