@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.clikit import run_cli
+from tests.sendkit import write_config
 from tests.smtp_server import Behaviour, RecordingServer
 from worker import pipeline
 from worker.adapters import db, shop
 from worker.adapters.ledger import LedgerAdmin
 from worker.adapters.store import Store
 from worker.app import Deps
+from worker.commands import ledger as ledger_command
 from worker.commands import running
 from worker.config import Settings, settings_from_dict
 from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, SkipReason
@@ -230,3 +233,83 @@ def test_a_merged_spend_milestone_stays_merged_when_its_email_that_may_have_arri
     assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["m1@example.com"]
     assert {k: v[:2] for k, v in ledger(settings).items()} == {
         "loyalty:M1:orders-5": ("skipped", "no_longer_due"), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+
+
+def row_ids(db_url: str) -> dict[str, int]:
+    store = Store.from_url(db_url)
+    try:
+        return {r["dedupe_key"]: r["id"] for r in store.messages(limit=100)}
+    finally:
+        store.close()
+
+
+def operator_at(monkeypatch: pytest.MonkeyPatch, when: datetime) -> None:
+    """`kembali ledger` acting at ``when`` (a resend refuses a message past its expiry, two weeks after planning)."""
+    monkeypatch.setattr(ledger_command, "SystemClock", lambda: FakeClock(when))
+
+
+def test_closing_the_email_a_spend_milestone_was_merged_into_closes_it_too_and_says_how_to_send_it_on_its_own(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given M1's 5th order reaching both milestones, planned today as one email, the spend one merged into it
+    settings = settings_for(db_url, smtp_server)
+    m1_at_five_orders(db_url).dispose()
+    store = Store.from_url(db_url)
+    try:
+        pipeline.plan(store, settings, DAY, campaigns=["loyalty"])
+    finally:
+        store.close()
+    ids = row_ids(db_url)
+    carrier, spend = ids["loyalty:M1:orders-5"], ids["loyalty:M1:spend-500000000"]
+    config = write_config(tmp_path / "config.toml", {"database": {"url": db_url}})
+
+    # When the operator cancels the order milestone's email
+    operator_at(monkeypatch, DAY + timedelta(minutes=20))
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier))
+
+    # Then the output says what became of the spend milestone merged into it: closed with it, and how to send it
+    assert code == 0
+    assert f"1 message(s) closed as failed: {carrier}" in out
+    assert (f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) closed as failed with it: "
+            f"`kembali ledger resend {spend}` sends it on its own") in out
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
+    # and a resend by filters leaves both out (the operator's decision), the resend by ID sends the spend reward
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "resend", "--campaign", "loyalty", "--dry-run")
+    assert "2 message(s) an operator closed left out" in out
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "resend", str(spend))
+    assert (code, out.splitlines()[0]) == (0, f"1 message(s) back in the queue (sent at the next run): {spend}")
+    cycle_at(settings, DAY + timedelta(hours=1))
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["m1@example.com"]
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("sent", None)}
+
+
+def test_closing_as_sent_the_email_a_spend_milestone_was_merged_into_says_it_went_with_it(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given M1's one email for both milestones, whose connection the server dropped after the final dot (uncertain)
+    settings = settings_for(db_url, smtp_server)
+    m1_at_five_orders(db_url).dispose()
+    smtp_server.on("m1@example.com", Behaviour(drop_after_dot=True))
+    cycle_at(settings, DAY + timedelta(minutes=10))
+    ids = row_ids(db_url)
+    carrier, spend = ids["loyalty:M1:orders-5"], ids["loyalty:M1:spend-500000000"]
+    config = write_config(tmp_path / "config.toml", {"database": {"url": db_url}})
+
+    # When the operator, who knows it arrived, closes it as sent (a dry run first)
+    operator_at(monkeypatch, DAY + timedelta(hours=1))
+    capsys.readouterr()
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier), "--as", "sent", "--dry-run")
+    assert f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) went with it" in out
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier), "--as", "sent")
+
+    # Then the spend milestone merged into it went with it: it stays merged, and the output says so
+    assert code == 0
+    assert (f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) went with it: "
+            "it stays skipped (merged)") in out
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+

@@ -13,18 +13,19 @@ running the same command twice is safe.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from worker.adapters import db
 from worker.adapters.store import _chunks, suppression_address
 from worker.adapters.tables import Attempt, Customer, Message, Suppression
-from worker.domain import MessageStatus, Outcome
+from worker.domain import MessageStatus, Outcome, SkipReason
 
 M = Message.__table__  # type: ignore[attr-defined]
 A = Attempt.__table__  # type: ignore[attr-defined]
@@ -88,6 +89,23 @@ class ActionResult:
     """id → why it was left alone (unknown id, or a state an operator cannot change)."""
     already: dict[int, str] = field(default_factory=dict)
     """id → the state that already is what was asked (``"sent"``), left as it is."""
+    carried: list[Carried] = field(default_factory=list)
+    """The loyalty milestones merged into the messages closed, and what became of each."""
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A loyalty milestone stored as skipped, ``merged`` into a message an operator closed (that message's payload
+    ``carries`` its dedupe key, see ``SkipReason.MERGED``): it shares that message's fate. Closed as sent, it went
+    with it and stays merged; closed as failed (or cancelled), it is closed as failed with it, so that it is neither
+    left waiting for ever on an email that will not go, nor sent unasked: its ID resends it on its own."""
+
+    id: int
+    dedupe_key: str
+    carrier: int
+    """The id of the message it was merged into."""
+    closed: bool
+    """Closed as failed with it; False: it went with it, and stays skipped (merged)."""
 
 
 def _ledger_row(r: Any) -> LedgerRow:
@@ -238,13 +256,22 @@ class LedgerAdmin:
             return row.status if row.status == status.value else None
 
         states = DECIDABLE + WAITING if status is MessageStatus.FAILED else DECIDABLE
+        failed = status is MessageStatus.FAILED
+
+        def carried(conn: Connection, closing: list[int]) -> list[Carried]:
+            found = [Carried(i, key, carrier, failed) for i, key, carrier in _merged_into(conn, closing)]
+            if failed and not dry_run:
+                _close_with(conn, found, now=now, operator=operator, note=note)
+            return found
+
         return self._decide(ids, now=now, operator=operator, text=text, values=values, already=closed, dry_run=dry_run,
-                            states=states, tried_only=status is MessageStatus.SENT)  # fmt: skip
+                            states=states, tried_only=not failed, then=carried)  # fmt: skip
 
     def _decide(
         self, ids: Sequence[int], *, now: datetime, operator: str, text: str, values: dict[str, Any],
         sendable_only: bool = False, already: Callable[[Any], str | None] = lambda row: None,
         dry_run: bool = False, states: Sequence[str] = DECIDABLE, tried_only: bool = False,
+        then: Callable[[Connection, list[int]], list[Carried]] = lambda conn, changed: [],
     ) -> ActionResult:
         """``states``: the states of the rows it changes (the others are left alone, saying why). ``tried_only``:
         refuse a row never handed to an SMTP server (no tries: cancelled while planned, a template error), which a
@@ -252,7 +279,8 @@ class LedgerAdmin:
         ``sendable_only``: refuse a row whose address is on the suppression list, or whose expiry has
         passed (a resend would only be skipped as ``suppressed`` or ``expired`` by the next run, its reply
         overwritten). ``already``: what a row not in ``states`` already is when that is what was asked (it is then
-        left alone without a refusal), else None. ``dry_run``: decide the same, change nothing."""
+        left alone without a refusal), else None. ``dry_run``: decide the same, change nothing. ``then``: what else
+        the decision changes, done in its transaction with the ids it changes (or would, in a dry run)."""
         text = text[:500]
         which = f"{', '.join(states[:-1])} or {states[-1]}"  # uncertain or failed
         ids = list(dict.fromkeys(ids))  # an id given twice is decided once (the second would find it changed)
@@ -302,7 +330,7 @@ class LedgerAdmin:
                     continue
                 changed.append(message_id)
             if dry_run or not changed:
-                return ActionResult(changed, refused, done)
+                return ActionResult(changed, refused, done, then(conn, changed) if changed else [])
             # a few hundred rows a statement, where two statements a row held SQLite's write lock past a worker's
             # busy timeout for a campaign's rows (20,000: 31 s); each only if still in ``states`` (a worker's claim)
             update = (sa.update(M).where(M.c.status.in_(list(states)))
@@ -320,4 +348,52 @@ class LedgerAdmin:
                          "reply": text, "error_type": ""} for message_id in changed]  # fmt: skip
             for part in _chunks(attempts):
                 conn.execute(sa.insert(A), list(part))
-        return ActionResult(changed, refused, done)
+            carried = then(conn, changed)
+        return ActionResult(changed, refused, done, carried)
+
+
+def _merged_into(conn: Connection, carriers: Sequence[int]) -> list[tuple[int, str, int]]:
+    """(id, dedupe key, carrier's id) of each row still stored as skipped, ``merged`` into one of ``carriers``
+    (named by the carrier's payload ``carries``, and naming it back in its own ``merged_into``)."""
+    keys: dict[str, tuple[int, str]] = {}  # carried key → (carrier id, carrier key)
+    query = sa.select(M.c.id, M.c.dedupe_key, M.c.payload).where(M.c.campaign == "loyalty")
+    for part in _chunks(list(carriers)):
+        for r in conn.execute(query.where(M.c.id.in_(part))):
+            carries = _payload(r.payload).get("carries")
+            if isinstance(carries, str):
+                keys[carries] = (r.id, r.dedupe_key)
+    found: list[tuple[int, str, int]] = []
+    merged = query.where(M.c.status == MessageStatus.SKIPPED.value, M.c.skip_reason == SkipReason.MERGED.value)
+    for part in _chunks(sorted(keys)):
+        for r in conn.execute(merged.where(M.c.dedupe_key.in_(part)).order_by(M.c.id)):
+            carrier, carrier_key = keys[r.dedupe_key]
+            if _payload(r.payload).get("merged_into") == carrier_key:
+                found.append((r.id, r.dedupe_key, carrier))
+    return found
+
+
+def _close_with(conn: Connection, carried: Sequence[Carried], *, now: datetime, operator: str, note: str) -> None:
+    """Close as failed the rows merged into messages an operator closed as failed, each noted as closed with the
+    email it was merged into (``CLOSED``: a resend by filters leaves it out, as it does that one), with an
+    ``operator`` attempt; a few hundred a statement, as ``_decide`` does."""
+    text = (f"{CLOSED}{MessageStatus.FAILED.value}: with the email it was merged into"
+            + (f": {note}" if note else ""))[:500]  # fmt: skip
+    update = (sa.update(M).where(M.c.status == MessageStatus.SKIPPED.value,
+                                 M.c.skip_reason == SkipReason.MERGED.value)
+              .values(status=MessageStatus.FAILED.value, skip_reason=None, last_error=text, updated_at=now)
+              .returning(M.c.id, M.c.attempts))  # fmt: skip
+    for part in _chunks([c.id for c in carried]):
+        attempts = [{"message_id": r.id, "attempt_no": r.attempts, "worker": operator[:100], "started_at": now,
+                     "finished_at": now, "outcome": Outcome.OPERATOR.value, "code": None, "reply": text,
+                     "error_type": ""} for r in conn.execute(update.where(M.c.id.in_(part)))]  # fmt: skip
+        if attempts:
+            conn.execute(sa.insert(A), attempts)
+
+
+def _payload(text: str | None) -> dict[str, Any]:
+    """A row's payload as a dict; {} for one that is not a JSON object (edited by hand)."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

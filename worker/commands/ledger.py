@@ -150,7 +150,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "for messages you know arrived, counts them as sent (for the cap and `stats`) from when they were last "
         "tried. A message waiting in the queue (planned or retry, e.g. `close --status planned --campaign "
         "new_products`) is cancelled by closing it as failed: it is never sent (one a worker has taken is being "
-        "sent and is left alone). Each decision is recorded as an attempt with outcome 'operator'. Exit code 1 "
+        "sent and is left alone). A loyalty email that carries a spend milestone merged into it takes it along: "
+        "closed as failed with it (its ID resends it on its own), or, closed as sent, left merged; the output names "
+        "it. Each decision is recorded as an attempt with outcome 'operator'. Exit code 1 "
         "when a message is left alone (no such message, another state, or a planned one closed --as sent); 2 for "
         "neither IDs nor a filter, or both, or a --customer the shop's data does not have; 3 when the database "
         "cannot be used.",
@@ -325,6 +327,13 @@ def _report(result: ActionResult, what: str, *, dry_run: bool = False) -> int:
         print(f"{len(result.changed)} message(s) {what}: {' '.join(map(str, result.changed))}")
     for message_id, state in result.already.items():  # the same command run twice: nothing needs you
         print(f"message {message_id} is already {state}: nothing changed")
+    for c in result.carried:  # a loyalty milestone merged into a message closed: what became of it
+        merged = f"message {c.id} ({printable(c.dedupe_key)}, merged into message {c.carrier})"
+        if c.closed:
+            print(f"{merged} {'would be ' if dry_run else ''}closed as failed with it: `kembali ledger resend {c.id}` "
+                  "sends it on its own")  # fmt: skip
+        else:
+            print(f"{merged} went with it: it stays skipped (merged)")
     for message_id, why in result.refused.items():
         print(f"kembali: message {message_id} left alone: {printable(why)}", file=sys.stderr)
     return EXIT_ATTENTION if result.refused else EXIT_OK

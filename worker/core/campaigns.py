@@ -15,7 +15,8 @@ tests run one table of cases through both.
 Loyalty's two milestones reached by one order (both new in one pass) are one email: the spend milestone's row is
 stored as skipped, ``merged`` into the order milestone's (``adapters.plan_sql.loyalty``), so it is never planned
 again nor sent on its own, unless that email is found no longer due when it is to go (its payload's ``carries``
-names the merged row, which then goes back to the queue: ``Store.record``).
+names the merged row, which then goes back to the queue: ``Store.record``). An operator who closes that email
+closes the merged row with it, or, closing it as sent, leaves it merged (``adapters.ledger.Carried``).
 """
 
 from __future__ import annotations
