@@ -20,7 +20,7 @@ from tests.clikit import run_cli
 from tests.sendkit import write_config
 from tests.smtp_server import Behaviour, RecordingServer
 from worker import pipeline
-from worker.adapters import db, shop
+from worker.adapters import db, opstore, shop
 from worker.adapters.ledger import LedgerAdmin
 from worker.adapters.store import Store
 from worker.app import Deps
@@ -313,3 +313,33 @@ def test_closing_as_sent_the_email_a_spend_milestone_was_merged_into_says_it_wen
     assert {k: v[:2] for k, v in ledger(settings).items()} == {
         "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
 
+
+def test_a_merged_spend_milestone_stays_merged_when_the_attempts_of_its_email_that_may_have_arrived_were_pruned(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given M1's one email for both milestones, whose connection the server dropped after the final dot (uncertain),
+    # and a short attempt_retention_days: maintenance prunes that attempt before the operator looks at it
+    settings = settings_for(db_url, smtp_server)
+    engine = m1_at_five_orders(db_url)
+    smtp_server.on("m1@example.com", Behaviour(drop_after_dot=True))
+    cycle_at(settings, DAY + timedelta(minutes=10))
+    smtp_server.on("m1@example.com", Behaviour())
+    store = Store.from_url(db_url)
+    try:
+        opstore.prune_attempts(store, DAY + timedelta(days=3))
+    finally:
+        store.close()
+    # and then the small first order is refunded, and the operator resends the uncertain email three days later
+    refunded = dataclasses.replace(order("M1-0", "M1", 70, 100_000), status=OrderStatus.REFUNDED)
+    shop.upsert_orders(engine, [refunded], DAY + timedelta(days=3))
+    LedgerAdmin(engine).resend([row_ids(db_url)["loyalty:M1:orders-5"]], now=DAY + timedelta(days=3), operator="t")
+    engine.dispose()
+
+    # When Kembali runs then and the next days
+    for days in range(3, 7):
+        cycle_at(settings, DAY + timedelta(hours=1) + timedelta(days=days))
+
+    # Then the spend milestone, which went with the email that may have arrived, is not sent a second time
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["m1@example.com"]
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("skipped", "no_longer_due"), "loyalty:M1:spend-500000000": ("skipped", "merged")}

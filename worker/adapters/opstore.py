@@ -268,11 +268,27 @@ def hand_written_times(store: Store, ids: Iterable[int], now: datetime, worker: 
     return found
 
 
+def merge_guard(older_than: datetime) -> sa.ColumnElement[bool]:
+    """The attempts ``Store.record``'s un-merge reads (``store._UNMERGE_SQL``) while they may still be read: an
+    attempt that may have arrived (sent, ambiguous) of a loyalty email that carries a milestone merged into it, as
+    long as that email may still be sent (not sent nor skipped, its expiry not long past: resent by an operator,
+    then found no longer due). Pruned, the merged milestone would go back to the queue, a second email."""
+    carrier = sa.exists().where(
+        M.c.id == A.c.message_id,
+        M.c.payload.contains('"carries"'),
+        M.c.status.not_in([MessageStatus.SENT.value, MessageStatus.SKIPPED.value]),
+        M.c.expires_at >= older_than,
+    )
+    return sa.and_(A.c.outcome.in_([Outcome.SENT.value, Outcome.AMBIGUOUS.value]), carrier)
+
+
 def prune_attempts(store: Store, older_than: datetime, batch: int = PRUNE_BATCH) -> int:
-    """Delete attempt rows finished before ``older_than``, in short batches; returns how many."""
+    """Delete attempt rows finished before ``older_than``, in short batches; returns how many. Not those a merged
+    loyalty milestone's fate still depends on (``merge_guard``)."""
     total = 0
     while True:
-        ids = sa.select(A.c.id).where(A.c.finished_at < older_than).order_by(A.c.id).limit(batch)
+        ids = (sa.select(A.c.id).where(A.c.finished_at < older_than, ~merge_guard(older_than))
+               .order_by(A.c.id).limit(batch))  # fmt: skip
         with store.engine.begin() as conn:
             deleted = int(conn.execute(sa.delete(A).where(A.c.id.in_(ids.scalar_subquery()))).rowcount)
         total += deleted

@@ -400,7 +400,7 @@ _SUPPRESS_SQL = (
 # was found no longer due when it was to be sent (an earlier order refunded: 4 paid orders, the spend still reached):
 # that email is not sent, so the spend milestone goes back to the queue, to be sent on its own (re-checked as any);
 # not when an earlier attempt of that email may have arrived (uncertain, then resent by the operator): the spend
-# milestone went with it, and would be a second email.
+# milestone went with it, and would be a second email (maintenance keeps those attempts: ``opstore.merge_guard``).
 _UNMERGE_SQL = (
     f"UPDATE message SET status = '{MessageStatus.PLANNED.value}', skip_reason = NULL, next_attempt_at = :now,"
     f" updated_at = :now WHERE dedupe_key = :key AND status = '{MessageStatus.SKIPPED.value}'"
