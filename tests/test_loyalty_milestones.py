@@ -201,8 +201,17 @@ def test_a_merged_spend_milestone_is_sent_on_its_own_when_the_order_milestone_it
         "loyalty:M1:orders-5": ("skipped", "no_longer_due"), "loyalty:M1:spend-500000000": ("sent", None)}
 
 
+def row_ids(db_url: str) -> dict[str, int]:
+    store = Store.from_url(db_url)
+    try:
+        return {r["dedupe_key"]: r["id"] for r in store.messages(limit=100)}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["attempts-kept", "attempts-pruned"])
 def test_a_merged_spend_milestone_stays_merged_when_its_email_that_may_have_arrived_is_resent_and_no_longer_due(
-    db_url: str, smtp_server: RecordingServer
+    db_url: str, smtp_server: RecordingServer, pruned: bool
 ) -> None:
     # Given M1's 5th order reaching both milestones, planned as one email (the spend one merged into it), whose
     # connection the server drops after the final dot: the email may have arrived (uncertain)
@@ -212,21 +221,25 @@ def test_a_merged_spend_milestone_stays_merged_when_its_email_that_may_have_arri
     cycle_at(settings, DAY + timedelta(minutes=10))
     assert {k: v[:2] for k, v in ledger(settings).items()} == {
         "loyalty:M1:orders-5": ("uncertain", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+    # (pruned: a short attempt_retention_days, maintenance pruning attempts before the operator's resend 3 days on)
+    later = timedelta(days=3) if pruned else timedelta(minutes=30)
+    if pruned:
+        store = Store.from_url(db_url)
+        try:
+            opstore.prune_attempts(store, DAY + later)
+        finally:
+            store.close()
     # and then the small first order is refunded, and the operator resends the uncertain email
     smtp_server.on("m1@example.com", Behaviour())
     refunded = dataclasses.replace(order("M1-0", "M1", 70, 100_000), status=OrderStatus.REFUNDED)
-    shop.upsert_orders(engine, [refunded], DAY + timedelta(minutes=30))
-    store = Store.from_url(db_url)
-    try:
-        order_row = next(r["id"] for r in store.messages(limit=100) if r["dedupe_key"] == "loyalty:M1:orders-5")
-    finally:
-        store.close()
-    LedgerAdmin(engine).resend([order_row], now=DAY + timedelta(minutes=40), operator="test")
+    shop.upsert_orders(engine, [refunded], DAY + later)
+    LedgerAdmin(engine).resend([row_ids(db_url)["loyalty:M1:orders-5"]], now=DAY + later + timedelta(minutes=10),
+                               operator="test")  # fmt: skip
     engine.dispose()
 
-    # When Kembali runs today and the next days
+    # When Kembali runs then and the next days
     for days in range(4):
-        cycle_at(settings, DAY + timedelta(hours=1) + timedelta(days=days))
+        cycle_at(settings, DAY + later + timedelta(minutes=30) + timedelta(days=days))
 
     # Then the resend is no longer due and not sent; the spend milestone went with the email that may have
     # arrived, so it is not sent a second time on its own: M1 got one email at most, the one that may have arrived
@@ -235,12 +248,11 @@ def test_a_merged_spend_milestone_stays_merged_when_its_email_that_may_have_arri
         "loyalty:M1:orders-5": ("skipped", "no_longer_due"), "loyalty:M1:spend-500000000": ("skipped", "merged")}
 
 
-def row_ids(db_url: str) -> dict[str, int]:
-    store = Store.from_url(db_url)
-    try:
-        return {r["dedupe_key"]: r["id"] for r in store.messages(limit=100)}
-    finally:
-        store.close()
+def operator_config(db_url: str, tmp_path: Path) -> tuple[Path, int, int]:
+    """A config.toml for `kembali ledger`, and the ids of M1's order milestone and of the spend one merged into it."""
+    ids = row_ids(db_url)
+    config = write_config(tmp_path / "config.toml", {"database": {"url": db_url}})
+    return config, ids["loyalty:M1:orders-5"], ids["loyalty:M1:spend-500000000"]
 
 
 def operator_at(monkeypatch: pytest.MonkeyPatch, when: datetime) -> None:
@@ -260,9 +272,7 @@ def test_closing_the_email_a_spend_milestone_was_merged_into_closes_it_too_and_s
         pipeline.plan(store, settings, DAY, campaigns=["loyalty"])
     finally:
         store.close()
-    ids = row_ids(db_url)
-    carrier, spend = ids["loyalty:M1:orders-5"], ids["loyalty:M1:spend-500000000"]
-    config = write_config(tmp_path / "config.toml", {"database": {"url": db_url}})
+    config, carrier, spend = operator_config(db_url, tmp_path)
 
     # When the operator cancels the order milestone's email
     operator_at(monkeypatch, DAY + timedelta(minutes=20))
@@ -295,9 +305,7 @@ def test_closing_as_sent_the_email_a_spend_milestone_was_merged_into_says_it_wen
     m1_at_five_orders(db_url).dispose()
     smtp_server.on("m1@example.com", Behaviour(drop_after_dot=True))
     cycle_at(settings, DAY + timedelta(minutes=10))
-    ids = row_ids(db_url)
-    carrier, spend = ids["loyalty:M1:orders-5"], ids["loyalty:M1:spend-500000000"]
-    config = write_config(tmp_path / "config.toml", {"database": {"url": db_url}})
+    config, carrier, spend = operator_config(db_url, tmp_path)
 
     # When the operator, who knows it arrived, closes it as sent (a dry run first)
     operator_at(monkeypatch, DAY + timedelta(hours=1))
@@ -314,32 +322,27 @@ def test_closing_as_sent_the_email_a_spend_milestone_was_merged_into_says_it_wen
         "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
 
 
-def test_a_merged_spend_milestone_stays_merged_when_the_attempts_of_its_email_that_may_have_arrived_were_pruned(
+@pytest.mark.xfail(strict=True, reason="the shop's data has no paid time and Kembali stores none (shop_order has "
+                   "placed_at only): counting by when an order was paid needs a column, migration 0019")  # fmt: skip
+def test_a_milestone_reached_by_an_order_placed_before_the_window_and_paid_inside_it_is_rewarded(
     db_url: str, smtp_server: RecordingServer
 ) -> None:
-    # Given M1's one email for both milestones, whose connection the server dropped after the final dot (uncertain),
-    # and a short attempt_retention_days: maintenance prunes that attempt before the operator looks at it
+    # Given P1's four paid orders (90 to 60 days ago) and a 5th placed 35 days ago, unpaid (a bank transfer awaited),
+    # imported then; it is paid today (the next import says so), and P1 orders again in a week
     settings = settings_for(db_url, smtp_server)
-    engine = m1_at_five_orders(db_url)
-    smtp_server.on("m1@example.com", Behaviour(drop_after_dot=True))
-    cycle_at(settings, DAY + timedelta(minutes=10))
-    smtp_server.on("m1@example.com", Behaviour())
-    store = Store.from_url(db_url)
-    try:
-        opstore.prune_attempts(store, DAY + timedelta(days=3))
-    finally:
-        store.close()
-    # and then the small first order is refunded, and the operator resends the uncertain email three days later
-    refunded = dataclasses.replace(order("M1-0", "M1", 70, 100_000), status=OrderStatus.REFUNDED)
-    shop.upsert_orders(engine, [refunded], DAY + timedelta(days=3))
-    LedgerAdmin(engine).resend([row_ids(db_url)["loyalty:M1:orders-5"]], now=DAY + timedelta(days=3), operator="t")
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("P1")], DAY - timedelta(days=100))
+    fifth = dataclasses.replace(order("P1-4", "P1", 35, 100_000), status=OrderStatus.PLACED)
+    shop.upsert_orders(engine, [*(order(f"P1-{i}", "P1", 90 - 10 * i, 100_000) for i in range(4)), fifth],
+                       DAY - timedelta(days=35))  # fmt: skip
+    shop.upsert_orders(engine, [dataclasses.replace(fifth, status=OrderStatus.PAID)], DAY)
+
+    # When Kembali runs every day for two weeks
+    for days in range(14):
+        if days == 7:
+            shop.upsert_orders(engine, [order("P1-5", "P1", -7, 100_000)], DAY + timedelta(days=7))
+        cycle_at(settings, DAY + timedelta(days=days))
     engine.dispose()
 
-    # When Kembali runs then and the next days
-    for days in range(3, 7):
-        cycle_at(settings, DAY + timedelta(hours=1) + timedelta(days=days))
-
-    # Then the spend milestone, which went with the email that may have arrived, is not sent a second time
-    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["m1@example.com"]
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("skipped", "no_longer_due"), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+    # Then P1 is thanked for their 5th paid order, which became one today (placed or not, it was not one before)
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["p1@example.com"]
