@@ -260,9 +260,10 @@ def operator_at(monkeypatch: pytest.MonkeyPatch, when: datetime) -> None:
     monkeypatch.setattr(ledger_command, "SystemClock", lambda: FakeClock(when))
 
 
+@pytest.mark.parametrize("resent", ["spend", "orders"])
 def test_closing_the_email_a_spend_milestone_was_merged_into_closes_it_too_and_says_how_to_send_it_on_its_own(
     db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], resent: str,
 ) -> None:
     # Given M1's 5th order reaching both milestones, planned today as one email, the spend one merged into it
     settings = settings_for(db_url, smtp_server)
@@ -285,15 +286,26 @@ def test_closing_the_email_a_spend_milestone_was_merged_into_closes_it_too_and_s
             f"`kembali ledger resend {spend}` sends it on its own") in out
     assert {k: v[:2] for k, v in ledger(settings).items()} == {
         "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
-    # and a resend by filters leaves both out (the operator's decision), the resend by ID sends the spend reward
+    # and a resend by filters leaves both out (the operator's decision)
     code, out = run_cli(capsys, "--config", str(config), "ledger", "resend", "--campaign", "loyalty", "--dry-run")
     assert "2 message(s) an operator closed left out" in out
-    code, out = run_cli(capsys, "--config", str(config), "ledger", "resend", str(spend))
-    assert (code, out.splitlines()[0]) == (0, f"1 message(s) back in the queue (sent at the next run): {spend}")
+
+    # When the operator resends by ID the spend milestone (on its own), or the order milestone's email after all
+    message = spend if resent == "spend" else carrier
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "resend", str(message))
     cycle_at(settings, DAY + timedelta(hours=1))
+
+    # Then M1 gets that one email; resent, the order milestone's takes the spend one along again, and says so
+    assert (code, out.splitlines()[0]) == (0, f"1 message(s) back in the queue (sent at the next run): {message}")
     assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["m1@example.com"]
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("sent", None)}
+    rows = {k: v[:2] for k, v in ledger(settings).items()}
+    again = f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) merged into it again"
+    if resent == "spend":
+        assert rows == {"loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("sent", None)}
+        assert again not in out
+    else:
+        assert rows == {"loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+        assert again in out
 
 
 def test_closing_as_sent_the_email_a_spend_milestone_was_merged_into_says_it_went_with_it(

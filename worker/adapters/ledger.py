@@ -9,6 +9,7 @@ A resend puts the row back to ``retry``, due now, with the same Message-ID.
 A decision the row already reflects (a resend of a row in ``retry``, a close as
 sent of a ``sent`` row) changes nothing and is reported as such, not refused:
 running the same command twice is safe.
+A loyalty spend milestone merged into a message closed or resent shares its fate (``Carried``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ C = Customer.__table__  # type: ignore[attr-defined]
 
 CLOSED = "operator closed as "
 """How the note of a row an operator closed begins (``last_error``): a bulk resend leaves those rows out."""
+CLOSED_WITH = f"{CLOSED}{MessageStatus.FAILED.value}: with the email it was merged into"
+"""How the note of a merged loyalty milestone closed with the email it was merged into begins (``Carried``)."""
 DECIDABLE = (MessageStatus.UNCERTAIN.value, MessageStatus.FAILED.value)
 """States an operator may resend or close."""
 WAITING = (MessageStatus.PLANNED.value, MessageStatus.RETRY.value)
@@ -90,22 +93,24 @@ class ActionResult:
     already: dict[int, str] = field(default_factory=dict)
     """id → the state that already is what was asked (``"sent"``), left as it is."""
     carried: list[Carried] = field(default_factory=list)
-    """The loyalty milestones merged into the messages closed, and what became of each."""
+    """The loyalty milestones merged into the messages closed or resent, and what became of each."""
 
 
 @dataclass(frozen=True)
 class Carried:
-    """A loyalty milestone stored as skipped, ``merged`` into a message an operator closed (that message's payload
-    ``carries`` its dedupe key, see ``SkipReason.MERGED``): it shares that message's fate. Closed as sent, it went
-    with it and stays merged; closed as failed (or cancelled), it is closed as failed with it, so that it is neither
-    left waiting for ever on an email that will not go, nor sent unasked: its ID resends it on its own."""
+    """A loyalty milestone stored as skipped, ``merged`` into a message an operator closed or resent (that message's
+    payload ``carries`` its dedupe key, see ``SkipReason.MERGED``): it shares that message's fate. Closed as sent, it
+    went with it and stays merged; closed as failed (or cancelled), it is closed as failed with it (``CLOSED_WITH``),
+    so that it is neither left waiting for ever on an email that will not go, nor sent unasked: its ID resends it on
+    its own. That message resent, one closed with it is merged into it again (``Store.record`` sends it on its own
+    should that message be found no longer due)."""
 
     id: int
     dedupe_key: str
     carrier: int
     """The id of the message it was merged into."""
-    closed: bool
-    """Closed as failed with it; False: it went with it, and stays skipped (merged)."""
+    fate: str
+    """``"closed"`` with it, ``"went"`` with it (stays merged), or ``"merged again"`` into it."""
 
 
 def _ledger_row(r: Any) -> LedgerRow:
@@ -230,11 +235,19 @@ class LedgerAdmin:
                 return None
             return f"back in the queue (next attempt {row.next_attempt_at:%Y-%m-%d %H:%M} UTC)"
 
+        def carried(conn: Connection, resent: list[int]) -> list[Carried]:
+            found = [Carried(i, key, carrier, "merged again") for i, key, carrier in _merged_into(conn, resent,
+                                                                                            closed_with=True)]
+            if not dry_run:
+                _change(conn, found, now=now, operator=operator, text=f"{text}: merged again into the email resent",
+                        status=MessageStatus.SKIPPED, reason=SkipReason.MERGED, closed_with=True)
+            return found
+
         return self._decide(ids, now=now, operator=operator, text=text, values={
             "status": MessageStatus.RETRY.value, "next_attempt_at": now, "skip_reason": None,
             "sent_at": None,  # an uncertain send the cap counted: the resend is counted when it goes
             "resent_after_attempts": M.c.attempts,  # sending.max_attempts counts the attempts after the resend
-        }, sendable_only=True, already=queued, dry_run=dry_run)  # fmt: skip
+        }, sendable_only=True, already=queued, dry_run=dry_run, then=carried)  # fmt: skip
 
     def close(
         self, ids: Sequence[int], *, now: datetime, operator: str, status: MessageStatus, note: str = "",
@@ -259,9 +272,11 @@ class LedgerAdmin:
         failed = status is MessageStatus.FAILED
 
         def carried(conn: Connection, closing: list[int]) -> list[Carried]:
-            found = [Carried(i, key, carrier, failed) for i, key, carrier in _merged_into(conn, closing)]
+            fate = "closed" if failed else "went"
+            found = [Carried(i, key, carrier, fate) for i, key, carrier in _merged_into(conn, closing)]
             if failed and not dry_run:
-                _close_with(conn, found, now=now, operator=operator, note=note)
+                _change(conn, found, now=now, operator=operator, text=CLOSED_WITH + (f": {note}" if note else ""),
+                        status=MessageStatus.FAILED, reason=None)
             return found
 
         return self._decide(ids, now=now, operator=operator, text=text, values=values, already=closed, dry_run=dry_run,
@@ -352,9 +367,10 @@ class LedgerAdmin:
         return ActionResult(changed, refused, done, carried)
 
 
-def _merged_into(conn: Connection, carriers: Sequence[int]) -> list[tuple[int, str, int]]:
+def _merged_into(conn: Connection, carriers: Sequence[int], *, closed_with: bool = False) -> list[tuple[int, str, int]]:
     """(id, dedupe key, carrier's id) of each row still stored as skipped, ``merged`` into one of ``carriers``
-    (named by the carrier's payload ``carries``, and naming it back in its own ``merged_into``)."""
+    (named by the carrier's payload ``carries``, and naming it back in its own ``merged_into``); ``closed_with``:
+    of each row closed as failed with it instead (``CLOSED_WITH``)."""
     keys: dict[str, tuple[int, str]] = {}  # carried key → (carrier id, carrier key)
     query = sa.select(M.c.id, M.c.dedupe_key, M.c.payload).where(M.c.campaign == "loyalty")
     for part in _chunks(list(carriers)):
@@ -363,24 +379,33 @@ def _merged_into(conn: Connection, carriers: Sequence[int]) -> list[tuple[int, s
             if isinstance(carries, str):
                 keys[carries] = (r.id, r.dedupe_key)
     found: list[tuple[int, str, int]] = []
-    merged = query.where(M.c.status == MessageStatus.SKIPPED.value, M.c.skip_reason == SkipReason.MERGED.value)
     for part in _chunks(sorted(keys)):
-        for r in conn.execute(merged.where(M.c.dedupe_key.in_(part)).order_by(M.c.id)):
+        for r in conn.execute(query.where(M.c.dedupe_key.in_(part), _fate(closed_with)).order_by(M.c.id)):
             carrier, carrier_key = keys[r.dedupe_key]
             if _payload(r.payload).get("merged_into") == carrier_key:
                 found.append((r.id, r.dedupe_key, carrier))
     return found
 
 
-def _close_with(conn: Connection, carried: Sequence[Carried], *, now: datetime, operator: str, note: str) -> None:
-    """Close as failed the rows merged into messages an operator closed as failed, each noted as closed with the
-    email it was merged into (``CLOSED``: a resend by filters leaves it out, as it does that one), with an
-    ``operator`` attempt; a few hundred a statement, as ``_decide`` does."""
-    text = (f"{CLOSED}{MessageStatus.FAILED.value}: with the email it was merged into"
-            + (f": {note}" if note else ""))[:500]  # fmt: skip
-    update = (sa.update(M).where(M.c.status == MessageStatus.SKIPPED.value,
-                                 M.c.skip_reason == SkipReason.MERGED.value)
-              .values(status=MessageStatus.FAILED.value, skip_reason=None, last_error=text, updated_at=now)
+def _fate(closed_with: bool) -> sa.ColumnElement[bool]:
+    """A merged row as planning stored it (skipped, ``merged``), or, ``closed_with``, as a close of the email it was
+    merged into left it (failed, ``CLOSED_WITH``)."""
+    if closed_with:
+        return sa.and_(M.c.status == MessageStatus.FAILED.value,
+                       sa.func.coalesce(M.c.last_error, "").startswith(CLOSED_WITH))  # fmt: skip
+    return sa.and_(M.c.status == MessageStatus.SKIPPED.value, M.c.skip_reason == SkipReason.MERGED.value)
+
+
+def _change(
+    conn: Connection, carried: Sequence[Carried], *, now: datetime, operator: str, text: str, status: MessageStatus,
+    reason: SkipReason | None, closed_with: bool = False,
+) -> None:
+    """Give the merged rows ``carried`` (as ``_merged_into(closed_with=...)`` found them, and still so) ``status`` and
+    ``reason``, noted ``text`` with an ``operator`` attempt each; a few hundred a statement, as ``_decide`` does."""
+    text = text[:500]
+    update = (sa.update(M).where(_fate(closed_with))
+              .values(status=status.value, skip_reason=reason.value if reason else None, last_error=text,
+                      updated_at=now)
               .returning(M.c.id, M.c.attempts))  # fmt: skip
     for part in _chunks([c.id for c in carried]):
         attempts = [{"message_id": r.id, "attempt_no": r.attempts, "worker": operator[:100], "started_at": now,

@@ -145,17 +145,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     rs.add_argument("--reason", type=arguments.one_line, default="", help="a note kept with the message")
     cl = actions.add_parser(
         "close", help="mark uncertain/failed messages final; cancel planned ones",
-        description="Marks uncertain or failed messages final: --as failed (the default) frees their place under "
-        "the frequency cap, and a resend by filters leaves them out (their IDs still resend them); --as sent, "
-        "for messages you know arrived, counts them as sent (for the cap and `stats`) from when they were last "
-        "tried. A message waiting in the queue (planned or retry, e.g. `close --status planned --campaign "
-        "new_products`) is cancelled by closing it as failed: it is never sent (one a worker has taken is being "
-        "sent and is left alone). A loyalty email that carries a spend milestone merged into it takes it along: "
-        "closed as failed with it (its ID resends it on its own), or, closed as sent, left merged; the output names "
-        "it. Each decision is recorded as an attempt with outcome 'operator'. Exit code 1 "
-        "when a message is left alone (no such message, another state, or a planned one closed --as sent); 2 for "
-        "neither IDs nor a filter, or both, or a --customer the shop's data does not have; 3 when the database "
-        "cannot be used.",
+        description="Marks uncertain or failed messages final: --as failed (the default) frees their place under the "
+        "frequency cap, and a resend by filters leaves them out (their IDs still resend them); --as sent, for "
+        "messages you know arrived, counts them as sent (for the cap and `stats`) from when they were last tried. A "
+        "message waiting in the queue (planned or retry, e.g. `close --status planned --campaign new_products`) is "
+        "cancelled by closing it as failed: it is never sent (one a worker has taken is being sent and is left "
+        "alone). A loyalty email that carries a spend milestone merged into it takes it along: closed as failed with "
+        "it (its ID resends it on its own; resending that email merges it again), or, closed as sent, left merged; "
+        "the output names it. Each decision is recorded as an attempt with outcome 'operator'. Exit code 1 when a "
+        "message is left alone (no such message, another state, or a planned one closed --as sent); 2 for neither IDs "
+        "nor a filter, or both, or a --customer the shop's data does not have; 3 when the database cannot be used.",
     )  # fmt: skip
     cl.add_argument("ids", type=int, nargs="*", metavar="ID", help="a message's ID, as `ledger list` shows it")
     _add_filters(cl, [*DECIDABLE, *sorted(WAITING)], "uncertain and failed; planned or retry to cancel them")
@@ -327,13 +326,16 @@ def _report(result: ActionResult, what: str, *, dry_run: bool = False) -> int:
         print(f"{len(result.changed)} message(s) {what}: {' '.join(map(str, result.changed))}")
     for message_id, state in result.already.items():  # the same command run twice: nothing needs you
         print(f"message {message_id} is already {state}: nothing changed")
-    for c in result.carried:  # a loyalty milestone merged into a message closed: what became of it
+    would = "would be " if dry_run else ""
+    for c in result.carried:  # a loyalty milestone merged into a message closed or resent: what became of it
         merged = f"message {c.id} ({printable(c.dedupe_key)}, merged into message {c.carrier})"
-        if c.closed:
-            print(f"{merged} {'would be ' if dry_run else ''}closed as failed with it: `kembali ledger resend {c.id}` "
-                  "sends it on its own")  # fmt: skip
-        else:
+        if c.fate == "closed":
+            print(f"{merged} {would}closed as failed with it: `kembali ledger resend {c.id}` sends it on its own")
+        elif c.fate == "went":
             print(f"{merged} went with it: it stays skipped (merged)")
+        else:
+            print(f"{merged} {would}merged into it again: it goes with it (on its own should that one no longer be "
+                  "due)")  # fmt: skip
     for message_id, why in result.refused.items():
         print(f"kembali: message {message_id} left alone: {printable(why)}", file=sys.stderr)
     return EXIT_ATTENTION if result.refused else EXIT_OK
