@@ -12,6 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 from tests.daemon_harness import make_shop
+from tests.shop_fixtures import Site as ShopSite
+from tests.shop_fixtures import make_site
 from worker import links
 from worker.adapters import db
 from worker.adapters.clock import SystemClock
@@ -136,3 +138,42 @@ def test_metrics_are_served_without_the_ledgers_figures_while_the_database_host_
     assert "kembali_database_up 0" in text
     assert 'kembali_results_total{campaign="winback",result="sent"} 1' in text
     assert not read_done  # (the read still waited for the silent host when the scrape was answered)
+
+
+def _site_on(tmp_path: Path, url: str) -> ShopSite:
+    site = make_site(tmp_path)
+    site.config.write_text(site.config.read_text().replace('"sqlite:///kembali.db"', f'"{url}"'))
+    return site
+
+
+def test_the_operators_commands_name_a_database_host_that_does_not_answer_and_what_to_look_at(
+    tmp_path: Path, silent_listener: socket.socket
+) -> None:
+    # Given a config whose PostgreSQL host accepts connections and never answers (a hung server; a firewall that drops
+    # the packets looks the same, only without the connection)
+    port = silent_listener.getsockname()[1]
+    site = _site_on(tmp_path, f"postgresql+psycopg://kembali:s3cret@127.0.0.1:{port}/kembali")
+    # When the operator checks the config, the schema, the ledger
+    for args in (("check", "--json"), ("db", "status"), ("ledger", "list")):
+        done = site.cli(*args)
+        said = done.stdout + done.stderr
+        # Then each gives up after the short wait of a command (not the daemon's 10 s) and says which host and port
+        # did not answer, and what to look at; the password is not shown
+        assert f"PostgreSQL at 127.0.0.1:{port} did not answer within 3 s" in said, (args, said)
+        assert "is the server up" in said and "s3cret" not in said, (args, said)
+    # And check still checks the config: the ledger is a note, the exit code the config's
+    assert done.returncode == 3 and site.cli("check").returncode == 0
+
+
+def test_the_operators_commands_say_when_nothing_listens_on_the_databases_port(tmp_path: Path) -> None:
+    # Given a config whose PostgreSQL port has nothing listening on it (the server down, or another port)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    site = _site_on(tmp_path, f"postgresql+psycopg://kembali:s3cret@127.0.0.1:{port}/kembali")
+    for args in (("check",), ("db", "status")):
+        done = site.cli(*args)
+        said = done.stdout + done.stderr
+        # Then the command says nothing listens there, and what to look at
+        assert f"nothing listens on 127.0.0.1:{port} (connection refused)" in said, (args, said)
+        assert "is PostgreSQL running" in said and "s3cret" not in said, (args, said)

@@ -605,7 +605,7 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
 
     from worker.adapters import db
 
-    engine = db.engine_for(settings)
+    engine = db.command_engine(settings)
     path = db.sqlite_path(engine)
     try:
         if args.action == "status" and path is not None and not path.parent.is_dir():  # `db upgrade` stops there
@@ -694,7 +694,8 @@ def _cannot_open(engine: Any, path: Path | None, exc: Any) -> int:
         print(f"kembali: cannot open the database {db.describe(engine)}: its folder {path.parent} does not exist: "
               "create it, or correct database.url", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
-    print(f"kembali: cannot open the database {db.describe(engine)}: {exc.orig}", file=sys.stderr)
+    print(f"kembali: cannot open the database {db.describe(engine)}: {db.connect_failure(engine, exc) or exc.orig}",
+          file=sys.stderr)  # fmt: skip
     # a SQLite path is the config's to fix; a server that does not answer (not up yet) may later, as for every command
     return EXIT_USAGE if path is not None else EXIT_UNAVAILABLE
 

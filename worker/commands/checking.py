@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, time
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
@@ -183,7 +184,7 @@ def waiting_notes(settings: Settings) -> list[Note]:
     (a row edited by hand: a worker's start fails them), each with the command that closes them. One count of the
     waiting rows; nothing is written (an SQLite file that does not exist is not created: nothing waits in it). A
     ledger that cannot be read is a note too: the config may be checked away from its database."""
-    engine = db.engine_for(settings)
+    engine = db.command_engine(settings)
     try:
         path = db.sqlite_path(engine)
         if path is not None and not path.exists():
@@ -246,14 +247,18 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     unused: list[str] = []
     stray: list[StrayText] = []
     present = folder.is_dir()  # check_config reports it when not
-    if present:
-        with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
-            problems += check_templates(settings, renderer)
-            unused = unused_folders(settings, renderer)
-            stray = renderer.stray_text(unused)
-            campaigns = sorted(set(renderer.campaigns()) - set(unused))
-            renders = len(campaigns) * len(Locale) * len(samples.samples(Locale.ID))
-    said = notes(settings, unused, stray) + waiting_notes(settings)
+    # the ledger read while the templates render: a database host that does not answer costs its connect timeout
+    # once, beside the renders (2-5 s), not after them
+    with ThreadPoolExecutor(1, thread_name_prefix="check-ledger") as pool:
+        waiting = pool.submit(waiting_notes, settings)
+        if present:
+            with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
+                problems += check_templates(settings, renderer)
+                unused = unused_folders(settings, renderer)
+                stray = renderer.stray_text(unused)
+                campaigns = sorted(set(renderer.campaigns()) - set(unused))
+                renders = len(campaigns) * len(Locale) * len(samples.samples(Locale.ID))
+        said = notes(settings, unused, stray) + waiting.result()
     if args.json:
         for p in problems:
             print(json_line({"type": "problem", **p.as_json()}))

@@ -178,7 +178,7 @@ def operator() -> str:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    engine = db.engine_for(settings)
+    engine = db.command_engine(settings)
     try:
         db.check_schema(engine)
         admin = LedgerAdmin(engine)

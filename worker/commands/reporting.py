@@ -57,7 +57,7 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.now and args.now > datetime.now(UTC):  # a year mistyped, or a demo's simulated clock
         print(f"kembali stats: note: --now {args.now.isoformat()} is after the current time: an attribution window "
               "still open now counts as closed, with the orders imported so far", file=sys.stderr)  # fmt: skip
-    engine = db.engine_for(settings)
+    engine = db.command_engine(settings)
     try:
         db.check_schema(engine)
         report = build_stats(engine, since=since, now=now, window_days=args.window_days,
@@ -131,7 +131,7 @@ def stats_lines(report: StatsReport) -> list[str]:
 
 
 def insights_command(settings: Settings, args: argparse.Namespace) -> int:
-    engine = db.engine_for(settings)
+    engine = db.command_engine(settings)
     try:
         db.check_schema(engine)
         found = build_insights(engine, share=args.share, bin_days=args.bin_days)

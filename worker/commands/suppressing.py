@@ -21,7 +21,7 @@ EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
 
 
 def suppress(settings: Settings, args: argparse.Namespace) -> int:
-    store = Store(db.engine_for(settings))
+    store = Store(db.command_engine(settings))
     try:
         db.check_schema(store.engine)
         action = args.action
