@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from tests.daemon_harness import Shop as DaemonShop
 from tests.daemon_harness import make_shop
 from tests.sendkit import NOW, REPO, Shop, TimedSink, make_settings, message_ids, settings_dict
-from tests.smtp_server import Behaviour, RecordingServer, closed_port
+from tests.smtp_server import Behaviour, RecordingServer, RelayRate, closed_port
 from worker.adapters.ratestore import RateStore
 from worker.adapters.store import Store
 from worker.app import make_limiter
@@ -188,6 +188,45 @@ class _FlowingClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+def test_messages_whose_rate_slots_passed_while_a_slow_message_held_the_connection_go_out_at_the_rate(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given 40 customers at one domain sent at most 10 a second (burst 1; on PostgreSQL the slots booked in the
+    # database, as every worker shares them), over one connection shared by eight senders, to a server that takes a
+    # second over every twentieth message (the others at once)
+    url = db_url
+    emails = [f"c{i}@test.example" for i in range(40)]
+    for address in emails[::20]:
+        smtp_server.on(address, Behaviour(delay_at="data", delay_seconds=1.0))
+    seen = smtp_server.relay_rate = RelayRate(10_000, at="mail")  # a limit never reached: it notes each MAIL FROM
+    settings = make_settings(url, smtp_server.port, smtp={"pool_size": 1}, in_flight_per_connection=8,
+                             compose_processes=0, batch_size=40, rate_per_second=10_000.0, burst=1000,
+                             domain_rate_per_second=10.0, domain_burst=1)  # fmt: skip
+    shop = Shop(url, settings, emails)
+    plan(shop.store, settings, NOW)
+    astore = AsyncStore(shop.store)
+
+    async def run() -> DispatchReport:
+        transport = shop.deps.transport()
+        try:
+            return await _rate_in_the_database(shop, astore, transport).run_once()
+        finally:
+            await transport.close()
+
+    # When one run sends them (while a slow message holds the connection, the slots the other senders booked
+    # pass)
+    try:
+        report = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    finally:
+        astore.close()
+    # Then the server saw them come no faster than the domain's rate: the messages whose slots passed while they
+    # waited for the connection do not all go out the moment it is free, on top of those whose slots are now (17
+    # in one second, before). One more than rate + burst for the moment between a slot and its MAIL FROM
+    assert report.outcomes == {"sent": 40}
+    assert seen.fastest_second() <= 10 + 1 + 1, sorted(round(t - seen.accepted[0], 3) for t in seen.accepted)
+    shop.close()
 
 
 def _run_beside_maintenance(

@@ -55,6 +55,12 @@ LATE_SECONDS = 0.02
 REBOOKS = 3
 
 
+WIRE_HOLD_SECONDS = 0.25
+"""The longest a sender holding one of the pool's connections waits on it for a slot of its message's recipient
+domain, once the slot it had passed while it waited for the connection (about one SMTP transaction: the
+connection idles that long at most; a later slot is waited for without it, the connection free for other
+domains' messages)."""
+
 HOLD_SECONDS = 5.0
 """The longest a sender waits for a slot of its message's recipient domain (``acquire``'s ``hold``): a later slot is
 waited for in the ledger (``Later``), so that a slow or throttled domain cannot hold every sender while the global
@@ -255,14 +261,21 @@ class Limiter:
                 (f"domain:{domain}", 1.0 / rate.current, burst)]  # fmt: skip
 
     async def acquire(
-        self, domain: str, *, stop: asyncio.Event | None = None, hold: float | None = None, message: int | None = None
+        self,
+        domain: str,
+        *,
+        stop: asyncio.Event | None = None,
+        hold: float | None = None,
+        message: int | None = None,
+        tell: bool = True,
     ) -> float | Later:
         """Wait for a slot on the global and the domain rate; returns the seconds waited.
 
         ``hold`` given, a slot of the domain's further off than ``hold`` seconds is not booked nor waited for: the
         result is ``Later``, when the message may try again (the domain's next free slot, or one interval after
         the last message this process told to come back later, whichever is later; ``message``, its id, is kept with
-        that time: ``waiting``, ``take_over``). A sender that waited for it
+        that time: ``waiting``, ``take_over``; ``tell`` False: the result is only the seconds until the domain's next
+        free slot, nothing kept, for a caller that waits for it itself). A sender that waited for it
         would be one sender fewer for every other domain: with enough such messages claimed, all of them, and a
         slow domain (a throttled one at ``throttle_floor_per_second``) would stop the others.
 
@@ -290,7 +303,7 @@ class Limiter:
             limits = self.limits(domain)
             wait, booked = await self.booker.book(limits, {key: hold} if hold is not None else None)
             if not booked:
-                return self._later(domain, wait, interval=limits[-1][1], message=message)
+                return self._later(domain, wait, interval=limits[-1][1], message=message) if tell else Later(wait)
             if wait <= 0:
                 break
             due = self.clock.monotonic() + wait
@@ -308,6 +321,19 @@ class Limiter:
             self.late_rebookings += 1
             log.event("rate_slot_missed", logging.DEBUG, domain=domain, late_seconds=round(late, 3))
         return waited
+
+    def passed(self, domain: str, granted: float) -> bool:
+        """Whether the slot ``acquire`` gave at ``granted`` (monotonic, when it returned) passed by more than
+        ``LATE_SECONDS`` before its message could begin (it waited for one of the pool's connections, or the
+        process for the CPU): begun now, it would go out together with the messages whose slots are now. Such a
+        slot is given up (not given back: a slowed sender sends below the rate, never above it), and counted."""
+        late = self.clock.monotonic() - granted
+        if late <= LATE_SECONDS:
+            return False
+        self.late_rebookings += 1
+        log.event("rate_slot_missed", logging.DEBUG, domain=domain, late_seconds=round(late, 3),
+                  why="waited for a connection")  # fmt: skip
+        return True
 
     def _later(self, domain: str, wait: float, *, interval: float, message: int | None) -> Later:
         now = self.clock.monotonic()

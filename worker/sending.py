@@ -17,7 +17,8 @@ sent, the next is claimed and prepared.
 (more senders than connections, so the next marks are committed while the
 current messages are on the wire); each waits for its own ``sending`` mark to be committed, then for a slot of the
 global rate and of the recipient domain's rate (``worker.limiter``: last, so
-commit latency cannot bunch messages up on the wire), and only then speaks
+commit latency cannot bunch messages up on the wire), then for one of the pool's connections (a slot that passed
+meanwhile is booked again: ``Dispatcher._slot_and_connection``), and only then speaks
 SMTP. The outcome goes back to the ledger with an attempt row. A throttling reply slows that domain
 down and retries the message without counting the attempt; a 5.1.x "no such
 user" suppresses the address; a 5.7.x refusal is logged as a content problem.
@@ -101,7 +102,7 @@ from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, dom
 from worker.core.policy import SendNow, Skip
 from worker.core.retry import PAUSES_AT_ONCE, SERVER_TROUBLE_DOMAINS, TroubleStreak, connection_failure
 from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult, SkipReason
-from worker.limiter import HOLD_SECONDS, DailyQuota, Later, Limiter, LocalBooker
+from worker.limiter import HOLD_SECONDS, REBOOKS, WIRE_HOLD_SECONDS, DailyQuota, Later, Limiter, LocalBooker
 from worker.pipeline import (
     Composed,
     Composer,
@@ -1150,9 +1151,9 @@ class Dispatcher:
             begun = False
             on_wire = asyncio.get_running_loop().create_future()
             try:
-                # the rate slot is taken last, right before the first SMTP byte, so commit
-                # latency cannot bunch messages up on the wire; a stop ends the wait (its message has not begun)
-                slot = await self.limiter.acquire(domain, stop=self.stopping, hold=HOLD_SECONDS, message=message.id)
+                # the rate slot is taken last, right before the first SMTP byte, so commit latency (nor a wait for
+                # a connection) cannot bunch messages up on the wire; a stop ends the wait (its message has not begun)
+                slot = await self._slot_and_connection(domain, message.id, wire)
                 if isinstance(slot, Later):  # the domain's slot is far off: wait in the ledger, not in a sender
                     if not self.limiter.knows(domain):  # the first to: a slot clear of those already waiting there
                         await self._learn_waiting(domain)
@@ -1167,7 +1168,7 @@ class Dispatcher:
                               to=log.mask_email(message.email), domain=domain, until=until.isoformat(),
                               retry_in_seconds=round(slot.seconds, 1))  # fmt: skip
                     continue
-                async with wire:  # one of the pool's connections is free: the send begins now, or not at all
+                try:  # one of the pool's connections is this sender's: the send begins now, or not at all
                     if not (self.stopping.is_set() or self._failing):
                         started = self.clock.now()
                         started_mono = self.clock.monotonic()
@@ -1176,6 +1177,8 @@ class Dispatcher:
                         result = as_throttled(await self.transport.send(sender, message.email, item.data))
                         finished = self.clock.now()
                         finished_mono = self.clock.monotonic()
+                finally:
+                    wire.release()
             except BaseException:
                 # the run is failing (the rate's database gone past its retries) or being cancelled: a message
                 # whose first SMTP byte was not sent goes back to the queue, not to `uncertain` at its lease's end
@@ -1253,6 +1256,41 @@ class Dispatcher:
                     message.campaign, status.value, result.outcome.value, finished_mono - started_mono, finished_mono
                 )
             _log_outcome(message, status, result, item.customer.external_id, suppressed=suppress)
+
+    async def _slot_and_connection(self, domain: str, message: int, wire: asyncio.Semaphore) -> float | Later:
+        """Wait for the message's slot of the rates (``Limiter.acquire``), then for one of the pool's connections
+        (``wire``: this sender's on return, but for a ``Later``, which the caller tells the message to wait for in
+        the ledger).
+
+        A slot that passed while the message waited for the connection (``Limiter.passed``: a slow message held
+        it, or every connection was busy) is not used: the messages waiting with it would all begin the moment
+        connections are free, on top of those whose slots are now (17 in one second at a domain rate of 10/s
+        behind a message that held the only connection a second). The sender books again holding the
+        connection: a slot within ``WIRE_HOLD_SECONDS`` it waits for on it; a later one without it, and then
+        waits for a connection again. After ``REBOOKS`` such misses it waits on the connection for whatever slot
+        the domain has (up to ``HOLD_SECONDS``), so a message whose connection always comes late still goes, at
+        the rate, with the connection idle meanwhile."""
+        misses = 0
+        while True:
+            slot = await self.limiter.acquire(domain, stop=self.stopping, hold=HOLD_SECONDS, message=message)
+            if isinstance(slot, Later):
+                return slot
+            granted = self.clock.monotonic()
+            await wire.acquire()
+            try:
+                while not self.stopping.is_set() and self.limiter.passed(domain, granted):
+                    misses += 1
+                    hold = HOLD_SECONDS if misses > REBOOKS else WIRE_HOLD_SECONDS
+                    slot = await self.limiter.acquire(domain, stop=self.stopping, hold=hold, tell=False)
+                    if isinstance(slot, Later):
+                        break
+                    granted = self.clock.monotonic()
+                else:
+                    return slot
+            except BaseException:
+                wire.release()
+                raise
+            wire.release()  # the domain's next slot is further off: waited for without the connection
 
     async def _learn_waiting(self, domain: str) -> None:
         """Tell the limiter when the messages waiting in the ledger for ``domain`` fall due (``Limiter.learn``): those
