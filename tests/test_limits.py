@@ -497,6 +497,23 @@ def test_the_limiter_tells_messages_to_a_slow_domain_to_come_back_one_interval_a
     assert asyncio.run(limiter.acquire("other.example", hold=5.0)) == pytest.approx(0.02)  # the global rate's
 
 
+def test_a_sender_that_waits_for_a_slow_domains_slot_itself_is_told_when_and_nothing_is_kept() -> None:
+    # Given a domain sent one message every 10 s, its slot just taken
+    clock = FakeClock()
+    settings = SendingSettings(rate_per_second=50.0, burst=1, domains={"slow.example": DomainRate(0.1, 1)})
+    limiter = Limiter(settings, clock, LocalBooker(clock))
+    assert asyncio.run(limiter.acquire("slow.example", hold=5.0)) == 0.0
+
+    # When a sender holding a connection asks for a slot within 0.25 s, to wait for a later one itself
+    later = asyncio.run(limiter.acquire("slow.example", hold=0.25, message=7, tell=False))
+
+    # Then it learns how far off the next slot is, and no message is counted as told to wait in the ledger, nor
+    # does the next one told so come an interval after it
+    assert later == Later(10.0)
+    assert limiter.waiting() == 0 and limiter.told_times() == {}
+    assert asyncio.run(limiter.acquire("slow.example", hold=5.0, message=8)) == Later(10.0)
+
+
 def test_without_a_given_time_the_database_books_on_its_own_clock(db_url: str) -> None:
     engine = db.create_engine(db_url)
     try:
