@@ -19,7 +19,10 @@ import sqlalchemy as sa
 from tests.daemon_harness import make_shop
 from tests.smtp_server import closed_port
 from worker.adapters import db
+from worker.adapters.clock import SystemClock
 from worker.adapters.ratestore import RateStore
+from worker.adapters.store import Store
+from worker.asyncstore import AsyncStore
 from worker.config import DomainRate, SendingSettings, load_settings, settings_from_dict
 from worker.core import lifecycle
 from worker.core.limits import (
@@ -40,7 +43,7 @@ from worker.core.ratelimit import Gcra
 from worker.daemon import Daemon
 from worker.domain import MessageStatus, Outcome, SendResult
 from worker.errors import ConfigError
-from worker.limiter import HOLD_SECONDS, Booking, Later, Limit, Limiter, LocalBooker
+from worker.limiter import HOLD_SECONDS, Booking, DbBooker, Later, Limit, Limiter, LocalBooker
 from worker.testing import FakeClock
 
 # --- GCRA booking ---------------------------------------------------------------
@@ -834,3 +837,41 @@ def test_the_health_lines_relay_fields_clear_once_the_pace_is_back() -> None:
     # while the run's summary still tells what happened
     note = limiter.relay_note(0)
     assert note is not None and "slow down" in note and "back at the configured rate" in note
+
+
+def test_workers_sharing_the_database_share_the_relays_pace(db_url: str) -> None:
+    """Three workers' limiters on one database: the relay's "slow down" met by one slows the others' global rate and
+    shows on their health line; one met by another for an attempt of the same round cuts nothing more."""
+    stores = [AsyncStore(Store.from_url(db_url)) for _ in range(3)]
+    clock = SystemClock()
+    a, b, c = (Limiter(SendingSettings(rate_per_second=50.0, burst=50), clock,
+                       DbBooker(s, RateStore(s.store.engine))) for s in stores)  # fmt: skip
+    hang_up = SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Too many messages, slow down", stage="mail")
+
+    async def scenario() -> None:
+        before = clock.monotonic()
+        for limiter in (a, b, c):
+            await limiter.acquire("a.example")
+        # Given worker A told "slow down" by the relay: its pace is halved, and its next booking shares the cut
+        a.observe("a.example", hang_up, began=clock.monotonic())
+        assert a.pace.current == 25.0
+        await a.acquire("a.example")  # (after the second's rest)
+        # Then worker B, which met no "slow down", books at the halved pace without its burst, and says so
+        await b.refresh_pace()
+        assert b.limits("b.example")[0] == ("global", 1 / 25.0, 1)
+        assert b.relay_status()["relay_pace_per_second"] == 25.0
+        assert b.relay_note(0) is not None and "another worker" in b.relay_note(0)  # type: ignore[operator]
+        # When worker C is told "slow down" for an attempt that began before A's cut (the same round)
+        c.observe("c.example", hang_up, began=before)
+        await c.acquire("c.example")
+        # Then the shared pace is not cut again: C follows A's cut
+        assert c.pace.current == 25.0
+        await b.refresh_pace()
+        assert b.pace.current == 25.0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for s in stores:
+            s.close()
+            s.store.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from worker.core.limits import as_throttled
-from worker.core.pace import REST_SECONDS, RelayPace, throttle_scope
+from worker.core.pace import REST_SECONDS, RelayPace, SharedCut, shared_cut, throttle_scope
 from worker.domain import Outcome, SendResult
 
 
@@ -144,3 +144,27 @@ def test_a_send_after_a_quiet_spell_takes_a_step_for_each_5_s_of_it(idle: float,
         pace.throttled(float(n), began=float(n))
     assert pace.current == 0.2
     assert pace.succeeded(9.0 + idle) and pace.current == pytest.approx(rate)
+
+
+def test_a_shared_pace_is_cut_once_per_round_whichever_worker_meets_the_signal() -> None:
+    # Given no cut yet: a relay-wide signal halves the configured rate
+    first = shared_cut(None, ceiling=50.0, floor=0.2, now=100.0, began=99.9)
+    assert first == SharedCut(100.0, 25.0)
+    # another worker's signal from an attempt that began before the rest after that cut was over (it went at the
+    # old pace, or before that worker knew of the cut) cuts nothing; one that began after it halves again
+    assert shared_cut(first, ceiling=50.0, floor=0.2, now=100.5, began=99.95) is None
+    assert shared_cut(first, ceiling=50.0, floor=0.2, now=100.9, began=100.6) is None
+    assert shared_cut(first, ceiling=50.0, floor=0.2, now=101.3, began=101.1) == SharedCut(101.3, 12.5)
+    # ten quiet seconds later the pace is two steps back up, for every worker that follows the cut
+    later = shared_cut(first, ceiling=50.0, floor=0.2, now=110.5, began=110.4)
+    assert later is not None and later.rate == pytest.approx(25.0 * 1.25**2 / 2)
+
+
+def test_a_worker_following_a_shared_cut_rests_and_steps_back_up_from_the_cuts_time() -> None:
+    pace = RelayPace(ceiling=50.0, floor=0.2)
+    pace.follow(SharedCut(100.0, 6.25), now=100.2)
+    assert pace.current == 6.25 and pace.wait(100.2) == pytest.approx(0.8)
+    pace.follow(SharedCut(100.0, 6.25), now=111.0)  # read again later: two steps up, as every other worker has it
+    assert pace.current == pytest.approx(6.25 * 1.25**2) and pace.wait(111.0) == 0.0
+    pace.follow(SharedCut(40.0, 0.2), now=4000.0)  # an hour-old cut: back at the configured rate
+    assert not pace.slowed

@@ -610,8 +610,11 @@ class Daemon:
         waiting = self.waiting_for_domain_rate()
         if depth is not None:
             depth += waiting
-        pace = self.gen.dispatcher.limiter.pace
-        relay = self.gen.dispatcher.limiter.relay_status()
+        limiter = self.gen.dispatcher.limiter
+        with contextlib.suppress(Exception):  # (unread: the pace as this worker last saw it)
+            await limiter.refresh_pace()  # shared through the database: another worker's cut shows here too
+        pace = limiter.pace
+        relay = limiter.relay_status()
         fields = dataclasses.asdict(line) | relay | {"queue_depth": depth, "waiting_for_domain_rate": waiting,
                                              "uncertain_in_ledger": uncertain, "paused": self.paused(),
                                              "paused_why": self.gen.dispatcher.paused or "",

@@ -19,6 +19,13 @@ each process: a throttled worker books the shared domain row at its slower
 interval, which puts every worker's next slot later, but the other workers
 book at their own interval until a throttling reply reaches them too.
 
+The relay's pace is shared with ``DbBooker``: every worker sends to the one relay, whose "slow down" is about all
+of them. A cut is made here at once (``observe``), then written to the database before this worker's next booking
+(``core.pace.shared_cut`` decides it there against the last cut any worker made: one cut per round, however many
+workers met the signal); each booking reads the last cut, and a worker that finds a new one follows it
+(``RelayPace.follow``) and books again at the new pace. Recovery is counted from the shared cut's time alone, so
+every worker steps back up together.
+
 The daily quota always lives in the database (it must survive restarts).
 """
 
@@ -35,12 +42,12 @@ from datetime import date, datetime
 from typing import NamedTuple, Protocol
 
 from worker import log
-from worker.adapters.ratestore import RateStore
+from worker.adapters.ratestore import PaceRead, RateStore
 from worker.adapters.store import DayQuota
 from worker.asyncstore import AsyncStore
 from worker.config import SendingSettings
 from worker.core.limits import AdaptiveRate, book, quota_day, quota_day_end, quota_day_start, quota_grant, slows_domain
-from worker.core.pace import RelayPace
+from worker.core.pace import RelayPace, SharedCut, shared_cut
 from worker.domain import Outcome, SendResult
 from worker.ports import Clock
 
@@ -115,15 +122,24 @@ class DbBooker:
     def __init__(self, store: AsyncStore, rates: RateStore) -> None:
         self.store = store
         self.rates = rates
+        self.pace: PaceRead | None = None
+        """The relay's pace shared through the database as the last booking found it."""
 
     async def book(self, limits: Sequence[Limit], longest: Mapping[str, float] | None = None) -> Booking:
         # the wait is measured on the database's clock, the one every worker shares; the time
         # its answer takes to come back is added on top, which errs on the slow side. A booking that fails
         # (the database restarting) is tried again: one whose reply was lost only wastes a slot.
-        wait, booked = await self.store.call_retrying(
-            "rate_booking_retried", self.rates.try_book, limits, longest or {}
+        wait, booked, pace = await self.store.call_retrying(
+            "rate_booking_retried", self.rates.try_book_reading_pace, limits, longest or {}
         )
+        self.pace = pace
         return Booking(wait, booked)
+
+    async def read_pace(self) -> PaceRead:
+        return await self.store.call(self.rates.read_pace)  # not retried: the pace as last read serves meanwhile
+
+    async def cut_pace(self, decide: Callable[[SharedCut | None, float], SharedCut | None]) -> PaceRead:
+        return await self.store.call_retrying("relay_pace_cut_retried", self.rates.cut_pace, decide)
 
 
 class Limiter:
@@ -155,6 +171,13 @@ class Limiter:
         """The slowest the relay's throttling made the global rate."""
         self.relay_why = ""
         """The reply behind the last cut, addresses masked."""
+        self.shared_at: float | None = None
+        """With ``DbBooker``: when (the database's clock) the shared pace's last cut that ``pace`` follows was made."""
+        self.shared_cut_at = 0.0
+        """That cut's time on this process's monotonic clock."""
+        self.unshared: tuple[float, float] | None = None
+        """With ``DbBooker``: a cut made here not written to the database yet: when, and when its attempt began
+        (monotonic)."""
 
     def take_over(self, old: Limiter) -> dict[str, dict[int, float]]:
         """Carry on from ``old``, the limiter of the configuration a reload replaces: the slots it booked in this
@@ -180,6 +203,7 @@ class Limiter:
             self.pace.cut_at, self.pace.stepped_at = pace.cut_at, pace.stepped_at
             self.pace.quiet_until = pace.quiet_until
         self.relay_cuts, self.relay_why = old.relay_cuts, old.relay_why
+        self.shared_at, self.shared_cut_at, self.unshared = old.shared_at, old.shared_cut_at, old.unshared
         self.relay_lowest = min(old.relay_lowest, self.pace.current)
         self.later = dict(old.later)
         self.told = {domain: dict(told) for domain, told in old.told.items()}
@@ -294,6 +318,8 @@ class Limiter:
         key = f"domain:{domain}"
         tries = 0
         while True:
+            if self.unshared is not None:
+                await self.share_cut()
             quiet = self.pace.wait(self.clock.monotonic())
             if quiet > 0:  # the relay just said "slow down": no send begins until it has had a rest
                 await self.sleep(quiet, stop)
@@ -302,19 +328,23 @@ class Limiter:
                     break
             limits = self.limits(domain)
             wait, booked = await self.booker.book(limits, {key: hold} if hold is not None else None)
+            shared = self.booker.pace if isinstance(self.booker, DbBooker) else None
+            if self.follow(shared) and tries < REBOOKS:  # another worker cut the pace: book at the new one
+                tries += 1
+                continue
             if not booked:
                 return self._later(domain, wait, interval=limits[-1][1], message=message) if tell else Later(wait)
             if wait <= 0:
                 break
             due = self.clock.monotonic() + wait
-            cuts = self.relay_cuts
+            cut = self.pace.cut_at
             await self.sleep(wait, stop)
             waited += wait
             late = self.clock.monotonic() - due
             if tries == REBOOKS or (stop is not None and stop.is_set()):
                 break
             tries += 1
-            if self.relay_cuts != cuts:  # the slot was booked at the pace before the relay's throttling: book again
+            if self.pace.cut_at != cut:  # the slot was booked at the pace before the relay's throttling: book again
                 continue
             if late <= LATE_SECONDS:
                 break
@@ -403,7 +433,10 @@ class Limiter:
         scope = self.pace.scope(result, domain, now)
         if scope == "relay":
             before = self.pace.current
-            if self.pace.throttled(now, began=now if began is None else began):
+            began = now if began is None else began
+            if self.pace.throttled(now, began=began):
+                if isinstance(self.booker, DbBooker):  # written before this worker's next booking
+                    self.unshared = (now, began)
                 self.relay_cuts += 1
                 self.relay_lowest = min(self.relay_lowest, self.pace.current)
                 self.relay_why = log.mask_addresses(result.reply or result.error_type)[:200]
@@ -428,15 +461,56 @@ class Limiter:
                 log.event("relay_pace_restored" if back else "relay_pace_raised", logging.INFO,
                           rate_now=round(self.pace.current, 3), rate_configured=self.pace.ceiling)  # fmt: skip
 
+    async def share_cut(self) -> None:
+        """Write the cut made here (``unshared``) to the pace shared through the database, unless another worker's
+        was made after its attempt began (``core.pace.shared_cut``); follow what the database then holds."""
+        if self.unshared is None or not isinstance(self.booker, DbBooker):
+            return
+        (cut, began), self.unshared = self.unshared, None
+        sent = self.clock.monotonic()
+        pace = self.pace
+
+        def decide(last: SharedCut | None, now: float) -> SharedCut | None:  # on the database's clock
+            return shared_cut(last, ceiling=pace.ceiling, floor=pace.floor, now=now - (sent - cut),
+                              began=now - (sent - began))  # fmt: skip
+
+        self.follow(await self.booker.cut_pace(decide), again=True)
+
+    async def refresh_pace(self) -> None:
+        """Bring ``pace`` up to date with the one shared through the database (for the health line and
+        ``/metrics``: a worker that sends nothing books nothing, and reads no other worker's cut); else nothing."""
+        if isinstance(self.booker, DbBooker):
+            self.follow(await self.booker.read_pace(), again=True)
+
+    def follow(self, read: PaceRead | None, *, again: bool = False) -> bool:
+        """Follow the last cut of the pace shared through the database, if ``read`` (None: not shared) found one
+        this worker did not follow yet (or ``again``: once more, stepped up to now), unless a cut made here is still
+        to be written. Whether it did."""
+        if read is None:
+            return False
+        if read.cut is None or self.unshared is not None:
+            return False
+        now = self.clock.monotonic()
+        if read.cut.at != self.shared_at:
+            self.shared_at, self.shared_cut_at = read.cut.at, now - (read.now - read.cut.at)
+        elif not again:
+            return False
+        before = self.pace.cut_at
+        self.pace.follow(SharedCut(self.shared_cut_at, read.cut.rate), now)
+        self.relay_lowest = min(self.relay_lowest, self.pace.current)
+        return before != self.pace.cut_at
+
     def relay_status(self) -> dict[str, float | str | None]:
         """The health line's relay fields: the global pace now, the reply that slowed it (only while it is slowed:
         once the pace is back at the configured rate, an old reply is not news) and how long ago the last cut was
         (None: never)."""
         pace = self.pace
         ago = None if pace.cut_at is None else round(self.clock.monotonic() - pace.cut_at, 1)
-        return {"relay_pace_per_second": round(pace.current, 3),
-                "relay_throttled": self.relay_why if pace.slowed else "",
-                "relay_throttled_seconds_ago": ago}
+        return {
+            "relay_pace_per_second": round(pace.current, 3),
+            "relay_throttled": self.relay_why if pace.slowed else "",
+            "relay_throttled_seconds_ago": ago,
+        }
 
     def relay_note(self, cuts_before: int) -> str | None:
         """What the relay's throttling did to the global rate since ``relay_cuts`` was ``cuts_before`` (None:
@@ -446,9 +520,16 @@ class Limiter:
             return None
         pace = self.pace
         now = f"{pace.current:.3g}/s" if pace.slowed else "back at the configured rate"
-        return (f"the SMTP relay asked to slow down ({cuts} {'time' if cuts == 1 else 'times'}, last: "
-                f"{self.relay_why[:120]}): the global rate went down to {self.relay_lowest:.3g}/s of "
-                f"sending.rate_per_second {pace.ceiling:g}/s, now {now}")
+        if cuts <= 0 and isinstance(self.booker, DbBooker) and not self.relay_why:  # another worker's cut, followed
+            return (
+                f"the SMTP relay asked another worker sharing the database to slow down: the global rate went "
+                f"down to {self.relay_lowest:.3g}/s of sending.rate_per_second {pace.ceiling:g}/s, now {now}"
+            )
+        return (
+            f"the SMTP relay asked to slow down ({cuts} {'time' if cuts == 1 else 'times'}, last: "
+            f"{self.relay_why[:120]}): the global rate went down to {self.relay_lowest:.3g}/s of "
+            f"sending.rate_per_second {pace.ceiling:g}/s, now {now}"
+        )
 
 
 class DailyQuota:

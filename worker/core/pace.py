@@ -23,6 +23,11 @@ below a floor) and holds every send back ``REST_SECONDS`` (or one new interval),
 attempt that began before the last cut was booked at the old pace and says nothing new); after ``RECOVER_SECONDS``
 without a signal, a send raises it by a quarter (a step for each such spell: all the way back after a quiet hour),
 up to the configured rate.
+
+Workers that share their limits through a database share the pace too (``SharedCut``): a cut one of them makes is
+the last cut for all of them (``shared_cut`` decides it once, against the last cut any of them made), and each
+follows it (``RelayPace.follow``): the same rate, the same rest, and the same steps back up, counted from the cut's
+time alone, so that every worker is back at the same rate at the same moment.
 """
 
 from __future__ import annotations
@@ -140,6 +145,36 @@ class RelayPace(BoundedRate):
         self.stepped_at = last + steps * RECOVER_SECONDS
         return True
 
+    def follow(self, cut: SharedCut, now: float) -> None:
+        """Take ``cut`` (made by this worker or another sharing the pace; ``cut.at`` on this pace's clock) as the last
+        cut: its rate, its rest, and the steps back up made since (``succeeded``: from the cut's time alone)."""
+        self.current = max(self.floor, min(self.ceiling, cut.rate))
+        self.cut_at, self.stepped_at = cut.at, None
+        self.quiet_until = max(self.quiet_until, cut.at + max(REST_SECONDS, 1.0 / self.current))
+        self.succeeded(now)
+
     def wait(self, now: float) -> float:
         """Seconds before a send may begin (after a cut), 0 if now."""
         return max(0.0, self.quiet_until - now)
+
+
+@dataclass(frozen=True)
+class SharedCut:
+    """The last cut of a pace several workers share: when it was made (on the clock they share) and the rate it
+    left."""
+
+    at: float
+    rate: float
+
+
+def shared_cut(last: SharedCut | None, *, ceiling: float, floor: float, now: float, began: float) -> SharedCut | None:
+    """A relay-wide signal at ``now`` from an attempt that began at ``began``, given the shared pace's ``last`` cut
+    (any worker's; None: never cut): the cut to share, or None when the attempt began before the rest after ``last``
+    was over: it went at the old pace, or from a worker that did not know of the cut yet (one that knew would have
+    rested). One cut per round, however many workers met the signal."""
+    pace = RelayPace(ceiling=ceiling, floor=floor)
+    if last is not None:
+        pace.follow(last, now)
+        if began < pace.quiet_until:
+            return None
+    return SharedCut(now, pace.current) if pace.throttled(now, began=began) else None
