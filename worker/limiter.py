@@ -327,9 +327,11 @@ class Limiter:
                 if stop is not None and stop.is_set():
                     break
             limits = self.limits(domain)
+            cut = self.pace.cut_at
             wait, booked = await self.booker.book(limits, {key: hold} if hold is not None else None)
-            shared = self.booker.pace if isinstance(self.booker, DbBooker) else None
-            if self.follow(shared) and tries < REBOOKS:  # another worker cut the pace: book at the new one
+            if isinstance(self.booker, DbBooker):
+                self.follow(self.booker.pace)
+            if self.pace.cut_at != cut and tries < REBOOKS:  # booked at the pace before a cut: book at the new one
                 tries += 1
                 continue
             if not booked:
