@@ -187,6 +187,19 @@ def test_preview_of_templates_run_once_would_refuse_exits_1_when_no_message_uses
     assert done.returncode == 1, done.stdout + done.stderr
 
 
+def test_preview_names_the_line_of_a_misspelt_win_back_step_folder(tmp_path: Path) -> None:
+    # Given a config whose second win-back step names a folder that is not there ("winback-remnder")
+    steps = ('[[campaigns.winback.steps]]\ndays = 45\ntemplate = "winback-reminder"\n\n'
+             '[[campaigns.winback.steps]]\ndays = 75\ntemplate = "winback-remnder"\n')
+    site = make_site(tmp_path / "shop", extra_toml=steps)
+    line = site.config.read_text(encoding="utf-8").splitlines().index('template = "winback-remnder"') + 1
+    # When the operator previews
+    done = site.cli("preview", "--at", "2026-11-22T10:00+07:00")
+    # Then the note says which step of the file, by its line (it said 'campaigns.winback.steps[].template': which?)
+    assert f"config.toml: line {line}: 'campaigns.winback.steps[1].template'" in done.stderr, done.stderr
+    assert done.returncode == 1, done.stdout + done.stderr
+
+
 def test_customer_data_reaches_the_table_with_what_is_not_printable_escaped(tmp_path: Path) -> None:
     # Given customers whose names carry a terminal escape and a line separator, and whose ids a C1 control
     site = make_site(tmp_path / "shop")

@@ -183,23 +183,28 @@ def test_an_empty_kembali_config_is_named_rather_than_read_as_the_current_folder
     assert not (tmp_path / "demo").exists()
 
 
-@pytest.mark.parametrize(("edit", "key"), [
-    (lambda text: text.replace(f'dir = "{TEMPLATES}"', f'dir = "{TEMPLATES.parent}"'), "'templates.dir'"),
-    (lambda text: text + '[[campaigns.winback.steps]]\ndays = 30\ntemplate = "winback-remnder"\n',
-     "'campaigns.winback.steps[].template'"),
+@pytest.mark.parametrize(("edit", "key", "written"), [
+    (lambda text: text.replace(f'dir = "{TEMPLATES}"', f'dir = "{TEMPLATES.parent}"'), "'templates.dir'", "dir = "),
+    (lambda text: text + '[[campaigns.winback.steps]]\ndays = 30\ntemplate = "winback-reminder"\n'
+     '[[campaigns.winback.steps]]\ndays = 60\ntemplate = "winback-remnder"\n',
+     "'campaigns.winback.steps[1].template'", 'template = "winback-remnder"'),
 ])
 def test_run_once_without_templates_for_a_campaign_stops_before_planning(
-    tmp_path: Path, smtp_server: RecordingServer, edit: Any, key: str
+    tmp_path: Path, smtp_server: RecordingServer, edit: Any, key: str, written: str
 ) -> None:
     # Given templates.dir one level off (templates/ for templates/email/), or a win-back step's folder misspelt
     config = write_config(tmp_path, smtp_port=smtp_server.port)
     shop_in(tmp_path, config, customers=40)  # customers due a win-back
     config.write_text(edit(config.read_text()))
+    lines = config.read_text().splitlines()
+    line = next(n for n, text in enumerate(lines, 1) if text.startswith(written))
     # When cron runs a cycle
     result = kembali("run", "--once", config=config)
-    # Then it stops with exit 2 naming the setting, and plans nothing (rather than failing every due message)
+    # Then it stops with exit 2 naming the setting and its line (the second step's, not `steps[]` and no line: which
+    # of three steps was it?), and plans nothing (rather than failing every due message)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert key in result.stderr and "nothing was planned or sent" in result.stderr
+    assert f"config.toml: line {line}: {key}" in result.stderr, result.stderr
+    assert "nothing was planned or sent" in result.stderr
     assert _nothing_planned_or_sent(config, smtp_server)
 
 

@@ -30,7 +30,7 @@ from worker.app import Deps, link_key_missing, link_keys
 from worker.commands import arguments, files
 from worker.commands.progress import Progress
 from worker.commands.running import check_template_folders
-from worker.config import Settings
+from worker.config import Settings, naming_the_line
 from worker.core.audiences import WINBACK, key_part_value
 from worker.core.campaigns import LOYALTY, milestone_of
 from worker.core.policy import zone_of
@@ -188,7 +188,7 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         check_template_folders(deps)
     except ConfigError as exc:  # the preview goes on: it lists what each message would get, errors included
         refused = True
-        why = str(exc).split("; nothing was planned")[0]  # (the run's own words: the preview plans nothing)
+        why = naming_the_line(str(exc), settings).split("; nothing was planned")[0]  # (the run's words, and line)
         print(f"note: with these templates `kembali run --once` would stop before planning, and the daemon not "
               f"start: {why}", file=sys.stderr)  # fmt: skip
     composer = deps.composer(keys)

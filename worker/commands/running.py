@@ -293,13 +293,15 @@ def check_template_folders(deps: Deps) -> None:
     to start on these as on any template problem; ``kembali check`` lists them all."""
     settings = deps.settings
     root = settings.resolve(settings.templates.dir).resolve()  # named, not the private copy ``deps`` may render
-    steps = {step.template for step in settings.campaigns.winback.effective_steps} if "winback" in \
-        enabled_campaigns(settings) else set()
+    steps = [step.template for step in settings.campaigns.winback.effective_steps] if "winback" in \
+        enabled_campaigns(settings) else []
     folders = checks.required_folders(settings)
     for folder in folders:
         if deps.templates.locales(folder):
             continue
-        key = "campaigns.winback.steps[].template" if folder in steps and folder != "winback" else "templates.dir"
+        # the step that names it (the first, if several do), so the message gets that key's line of the file
+        key = f"campaigns.winback.steps[{steps.index(folder)}].template" if folder in steps and \
+            folder != "winback" else "templates.dir"
         raise ConfigError(f"{settings.source}: '{key}': there are no templates for {folder!r} in "
                           f"{root} (no {folder}/id/subject.txt or {folder}/en/subject.txt); "
                           "nothing was planned or sent (`kembali check` lists what it finds)")
