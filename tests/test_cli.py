@@ -846,6 +846,32 @@ def test_the_demo_names_an_out_that_is_a_file(tmp_path: Path) -> None:
     assert notes.read_text(encoding="utf-8") == "mine\n"
 
 
+def test_the_demo_leaves_a_folder_of_the_operators_files_alone(tmp_path: Path) -> None:
+    # Given the operator's shop folder: their config.toml, their data/customers.csv and a sent/ folder of theirs
+    shop = tmp_path / "shop"
+    (shop / "data").mkdir(parents=True)
+    (shop / "sent").mkdir()
+    (shop / "config.toml").write_text("# my shop\n", encoding="utf-8")
+    (shop / "data" / "customers.csv").write_text("id,email,name,marketing_consent\n", encoding="utf-8")
+    (shop / "sent" / "invoice.eml").write_text("mine\n", encoding="utf-8")
+    before = {path: path.read_bytes() for path in shop.rglob("*") if path.is_file()}
+    # When the demo is pointed there (`kembali demo --out .` in the shop's folder)
+    result = kembali("demo", "--out", str(shop), "--customers", "30")
+    # Then it refuses, exit code 2, naming the folder and what it holds; before, it replaced config.toml and
+    # data/customers.csv with the demo's and deleted sent/ with everything in it
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"kembali demo: --out {shop}: holds files the demo did not write (config.toml, data, sent)" in \
+        result.stderr, result.stderr
+    assert {path: path.read_bytes() for path in shop.rglob("*") if path.is_file()} == before
+    assert "local SMTP sink" not in result.stdout
+    # while a folder the demo made is the demo's to write again
+    demo = tmp_path / "demo"
+    for _ in range(2):
+        again = kembali("demo", "--out", str(demo), "--customers", "30")
+        assert again.returncode == 0, again.stdout + again.stderr
+    assert (demo / "config.toml").is_file() and list((demo / "sent").glob("*.eml"))
+
+
 def test_a_file_or_folder_that_cannot_be_used_is_named_in_words(tmp_path: Path) -> None:
     # Given a config, a file where a folder is asked for, and a folder where a file is
     config = write_config(tmp_path)

@@ -55,11 +55,12 @@ def _parser() -> argparse.ArgumentParser:
                        "--config (default ./config.toml, else the config.toml and templates/email/ of the project's "
                        "folder it is installed from). Exit code 1 if a message failed (a template that fails for a "
                        "customer, say) or became uncertain, as for `run --once`; 2 for a bad config or an --out that "
-                       "is a file; "
+                       "is a file or a folder of other files (the shop's); "
                        "130/143 when stopped by Ctrl-C/SIGTERM (sends under way finish; it says what was sent and "
                        "how many planned messages were not).")
     p.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR",
-                   help="folder for the demo (default: demo-out)")
+                   help="folder for the demo: a new or empty one, or one an earlier demo made, whose config.toml, "
+                   "data/ and sent/ it replaces (default: demo-out)")
     p.add_argument("--customers", type=arguments.positive_int, default=120,
                    help="customers in the demo shop (default: 120)")
     p.add_argument("--seed", type=int, default=7, help="random seed for the demo data (default: 7)")

@@ -47,9 +47,27 @@ def config_path(given: Path, *, named: bool) -> Path:
                       "(templates/email/): run it in the project's folder or give --config FILE")
 
 
+MARK = ".kembali-demo"
+"""The file that says a folder is the demo's: written first, so a demo stopped halfway may start over there."""
+
+
+def not_the_demos(out: Path) -> list[str]:
+    """What a folder holds when it is not one the demo made (its mark, or the database of a demo before the mark),
+    sorted; nothing for a new or empty folder, which the demo may take."""
+    if not out.is_dir() or (out / MARK).is_file() or (out / "kembali-demo.db").is_file():
+        return []
+    return sorted(path.name for path in out.iterdir())
+
+
 def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         print(f"kembali demo: --out {args.out}: is a file, not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    if held := not_the_demos(args.out):  # the shop's folder (`--out .`), a home folder: its config.toml, its sent/
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        print(f"kembali demo: --out {args.out}: holds files the demo did not write ({shown}); it would replace "
+              "config.toml, data/ and sent/ there with its own: give a new or empty folder (default: demo-out)",
+              file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     args.config = config_path(args.config, named=args.config_named)
     base = load_settings(args.config)
@@ -60,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     link_keys(base)  # a key too short stops the demo here, before it builds anything
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).write_text("a folder kembali demo made: it replaces what it wrote here each time it runs\n",
+                            encoding="utf-8")
     for stale in ("kembali-demo.db", "kembali-demo.db-wal", "kembali-demo.db-shm"):
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / "sent", ignore_errors=True)
