@@ -974,6 +974,37 @@ def test_an_order_placed_or_delivered_in_the_future_is_a_rejected_row(
     assert str(last[0][0])[:10] == placed[:10], last  # O-4's (the day it was placed, also a run over midnight)
 
 
+def test_an_order_placed_before_any_web_shop_is_a_rejected_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given orders dated at the Unix epoch (an export's placeholder for a date it does not know), in the year 26 (a
+    # two-digit year saved as four) and in 1989, and one of 1999
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,c2@example.com,Budi,ya\n"
+        "C-3,c3@example.com,Cici,ya\nC-4,c4@example.com,Dodi,ya\n"
+    )
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,total\n"
+        "O-1,C-1,paid,1970-01-01T00:00:00Z,1000\n"
+        "O-2,C-2,paid,0026-09-01,1000\n"
+        "O-3,C-3,paid,1989-06-30 10:00:00,1000\n"
+        "O-4,C-4,paid,1999-12-31,1000\n"
+    )
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then the first three are rejected, named by line and column (each was its customer's only order, decades
+    # old: a win-back's last step at once, and `insights` recommending a first win-back day 739,832 days on)
+    assert code == 1, out
+    for line, key, value in ((2, "O-1", "1970-01-01T00:00:00Z"), (3, "O-2", "0026-09-01"),
+                             (4, "O-3", "1989-06-30 10:00:00")):  # fmt: skip
+        assert f"orders.csv:{line}: id {key!r}: invalid placed_at {value!r} (before 1990: no web shop took orders " \
+            "then; a placeholder for a date not known, such as the Unix epoch 1970-01-01? check the year)" in out, out
+    assert "orders: 1 created, 0 updated, 0 unchanged, 3 rejected" in out, out
+    assert _rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id from shop_order") == [("O-4",)]
+
+
 def test_a_placeholder_birthday_of_an_age_no_one_reaches_is_left_out_with_a_warning_saying_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -919,14 +919,22 @@ def _datetime(row: dict[str, str], column: str, zone: ZoneInfo, *, required: boo
 
 AHEAD = timedelta(days=1)
 """How far after the import's clock an order's date may be (a date of today in a zone east of the shop's)."""
+EARLIEST = datetime(1990, 1, 1, tzinfo=UTC)
+"""No order of a web shop is older: one dated before is a placeholder (the Unix epoch) or a mistyped year."""
 
 
 def _not_ahead(row: dict[str, str], column: str, value: datetime, now: datetime | None) -> datetime:
     """``value``, refused when it is more than ``AHEAD`` after ``now``: a mistyped year (2062 for 2026) would make
-    the order its customer's last for decades, and no win-back would ever reach them."""
+    the order its customer's last for decades, and no win-back would ever reach them. Refused too before
+    ``EARLIEST`` (1970-01-01, an export's date not known; 0026 for 2026): the order would be its customer's first
+    purchase of decades ago, a one-time buyer's due a win-back's last step at once."""
     if now is not None and value > now + AHEAD:
         raise _Invalid(f"invalid {column} {_show(row[column].strip())} (in the future: after {now:%Y-%m-%d %H:%M} "
                        "UTC; check the year and the time zone)")  # fmt: skip
+    if value < EARLIEST - AHEAD:  # (a day's margin: 1990-01-01 in any zone)
+        raise _Invalid(f"invalid {column} {_show(row[column].strip())} (before {EARLIEST.year}: no web shop took "
+                       "orders then; a placeholder for a date not known, such as the Unix epoch 1970-01-01? check "
+                       "the year)")  # fmt: skip
     return value
 
 
