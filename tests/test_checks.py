@@ -238,6 +238,12 @@ def test_a_missing_or_mistyped_winback_step_folder_is_reported(templates: Path) 
     assert missing == [("winback-lastt", "en"), ("winback-lastt", "id"), ("winback-reminder", "en"),
                        ("winback-reminder", "id")]  # fmt: skip
     assert [p for p in problems if p.kind is not Kind.MISSING] == []
+    # each naming the setting that names the folder, so that a misspelt name is found in the config, not looked for
+    # among the templates (`kembali check` and a daemon refusing to start said "template not found" alone)
+    for p in problems:
+        step = 2 if p.campaign == "winback-lastt" else 0
+        assert p.message == (f"template not found: there is no folder {p.campaign}/ at all, the one "
+                             f"'campaigns.winback.steps[{step}].template' names (misspelt?)"), p.message
 
 
 def test_check_command_exit_codes(tmp_path: Path) -> None:

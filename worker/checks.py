@@ -14,6 +14,7 @@ address. An empty list means all is well.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import html
 import re
@@ -191,6 +192,24 @@ def required_folders(settings: Settings) -> list[str]:
     return list(dict.fromkeys(folders))
 
 
+def folder_setting(settings: Settings, folder: str) -> str:
+    """The setting that names a folder sending uses (``required_folders``): the first win-back step's ``template``
+    naming it, else ``templates.dir``, where each campaign's folder is looked for by the campaign's name."""
+    steps = [step.template for step in settings.campaigns.winback.effective_steps] if WINBACK in \
+        enabled_campaigns(settings) else []  # fmt: skip
+    if folder in steps and folder != WINBACK:
+        return f"campaigns.winback.steps[{steps.index(folder)}].template"
+    return "templates.dir"
+
+
+def _no_folder(settings: Settings, folder: str) -> str:
+    """Why a folder sending uses has no file at all: a name misspelt in the config, or templates.dir one level off."""
+    key = folder_setting(settings, folder)
+    if key == "templates.dir":
+        return f"template not found: there is no folder {folder}/ at all in 'templates.dir' (one level off?)"
+    return f"template not found: there is no folder {folder}/ at all, the one '{key}' names (misspelt?)"
+
+
 def campaigns_to_check(settings: Settings, renderer: object) -> list[str]:
     """The folders sending will use (``required_folders``), and any other campaign folder on disk."""
     found = renderer.campaigns() if hasattr(renderer, "campaigns") else []
@@ -344,6 +363,10 @@ def check_templates(settings: Settings, renderer: TemplateRenderer) -> list[Prob
     rendered = {_mistake(p) for p in problems}
     unused = unused_folders(settings, renderer)
     unseen = [p for p in lint_problems(renderer, known, unused) if _mistake(p) not in rendered]
+    # a folder with no file at all: said with the setting that names it (a step's misspelt template, say)
+    absent = {f for f in required_folders(settings) if hasattr(renderer, "locales") and not renderer.locales(f)}
+    problems = [dataclasses.replace(p, message=_no_folder(settings, p.campaign))
+                if p.kind is Kind.MISSING and p.campaign in absent else p for p in problems]  # fmt: skip
     return _merge(problems + unseen)
 
 

@@ -29,7 +29,7 @@ from worker.config import Settings
 from worker.core.policy import zone_of
 from worker.domain import Locale
 from worker.errors import ConfigError, TemplateError
-from worker.pipeline import PlanReport, enabled_campaigns, plan
+from worker.pipeline import PlanReport, plan
 from worker.sending import DispatchReport, SendObserver
 from worker.stopping import STOP_SIGNALS, StartupSignals, StopSignals
 
@@ -293,15 +293,11 @@ def check_template_folders(deps: Deps) -> None:
     to start on these as on any template problem; ``kembali check`` lists them all."""
     settings = deps.settings
     root = settings.resolve(settings.templates.dir).resolve()  # named, not the private copy ``deps`` may render
-    steps = [step.template for step in settings.campaigns.winback.effective_steps] if "winback" in \
-        enabled_campaigns(settings) else []
     folders = checks.required_folders(settings)
     for folder in folders:
         if deps.templates.locales(folder):
             continue
-        # the step that names it (the first, if several do), so the message gets that key's line of the file
-        key = f"campaigns.winback.steps[{steps.index(folder)}].template" if folder in steps and \
-            folder != "winback" else "templates.dir"
+        key = checks.folder_setting(settings, folder)  # (the message gets that key's line of the file)
         raise ConfigError(f"{settings.source}: '{key}': there are no templates for {folder!r} in "
                           f"{root} (no {folder}/id/subject.txt or {folder}/en/subject.txt); "
                           "nothing was planned or sent (`kembali check` lists what it finds)")
