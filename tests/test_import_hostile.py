@@ -1618,6 +1618,27 @@ def test_an_orders_later_rows_that_leave_the_order_columns_empty_are_its_lines(
     assert _rows(url, "select count(*) from order_line") == [(3,)]
 
 
+def test_a_row_with_two_faults_is_one_rejected_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Given an order of two rows, the first without its product, the second without it too and naming another
+    # customer
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n"
+                                            "C-2,c2@example.com,Budi,ya\n")  # fmt: skip
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,total\n"
+        "O-1,C-1,paid,2026-09-01,10\n"
+        "O-1,C-2,paid,2026-09-01,10\n"
+    )
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then each fault is named, and the summary counts the two rows rejected (it said "3 rejected" of a file of two)
+    assert code == 1, out
+    assert "orders.csv:3: id 'O-1': order columns disagree with line 2: customer_id 'C-2' here" in out, out
+    assert out.count("orders.csv:3: id 'O-1'") == 2 and out.count("orders.csv:2: id 'O-1'") == 1, out
+    assert "orders: 0 created, 0 updated, 0 unchanged, 2 rejected" in out, out
+
+
 def test_orders_from_a_pipe_with_no_room_for_their_copy_say_so_and_what_to_do(tmp_path: Path) -> None:
     # Given orders piped in, and a temporary folder with room for less than them (a file size limit stands in for
     # a full /tmp)

@@ -155,6 +155,8 @@ def import_file(
             signal.signal(signal.SIGINT, _stop_now(KeyboardInterrupt))
     try:
         first_read = True
+        rejected_line = -1
+        """The line of the last rejected row: each of its faults is said, the row counted once."""
         """Until the first row is yielded: an orders import reads the file once before (``numbered_orders``)."""
 
         def checked(end: int) -> None:  # that first read's progress, on the import's line
@@ -169,7 +171,8 @@ def import_file(
                 say(f"warning: {printable(str(item))}")
                 continue
             if isinstance(item, RowError):
-                errors += 1
+                errors += item.line != rejected_line  # a row of two faults (an order's) is one rejected row
+                rejected_line = item.line
                 say(f"rejected {printable(str(item))}")
                 continue
             batch.append(item)
