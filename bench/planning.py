@@ -5,7 +5,8 @@
 
 The shop goes straight into the database (Core executemany on SQLite, COPY on PostgreSQL; no CSV import):
 about 70 % of customers have exactly one order, the rest 2-10, 2.5 orders per customer on average, over the
-400 days before the planning instant, with the denormalised per-customer columns filled in. Then, in a fresh
+400 days before the planning instant, every order paid (one in 50 paid 3 days after it was placed), with the
+denormalised per-customer columns filled in. Then, in a fresh
 process each (so peak RSS is planning's alone), these passes, in order, on one ledger:
 
 * ``dry``: every enabled campaign's planned messages streamed as values, nothing written (what `preview` does);
@@ -90,8 +91,12 @@ def shop_rows(customers: int, seed: int) -> Iterator[tuple[list[dict[str, Any]],
         placed = sorted(NOW - timedelta(days=rng.uniform(1, 400)) for _ in range(n))
         total = 0
         first_id = order_id + 1
+        last_paid = placed[0]
         for when in placed:
             order_id += 1
+            # paid when placed, but one order in 50 paid 3 days later (a bank transfer: a later import said so)
+            paid = min(when + timedelta(days=3), NOW) if order_id % 50 == 0 else when
+            last_paid = max(last_paid, paid)
             amount = rng.randint(50, 2_000) * 1_000_00
             total += amount
             delivered = when + timedelta(days=rng.randint(2, 6)) if rng.random() < 0.9 else None
@@ -100,8 +105,8 @@ def shop_rows(customers: int, seed: int) -> Iterator[tuple[list[dict[str, Any]],
             orders.append({
                 "id": order_id, "external_id": f"INV-{order_id:08d}", "customer_id": cid, "status":
                 "delivered" if delivered else "paid", "placed_at": when, "delivered_at": delivered,
-                "settled_at": delivered or when, "total_minor": amount, "currency": "IDR", "created_at": NOW,
-                "updated_at": NOW,
+                "settled_at": delivered or when, "paid_at": paid, "total_minor": amount, "currency": "IDR",
+                "created_at": NOW, "updated_at": NOW,
             })  # fmt: skip
         born = date(rng.randint(1965, 2005), rng.randint(1, 12), rng.randint(1, 28)) if rng.random() < 0.7 else None
         people.append({
@@ -110,8 +115,8 @@ def shop_rows(customers: int, seed: int) -> Iterator[tuple[list[dict[str, Any]],
             "birthday_mmdd": born.month * 100 + born.day if born else None, "marketing_consent": cid % 10 != 0,
             "consent_basis": "opt_in", "consent_source": "checkout", "order_count": n, "first_order_id": first_id,
             "first_order_external_id": f"INV-{first_id:08d}",
-            "first_order_at": placed[0], "last_order_at": placed[-1], "total_spent_minor": total,
-            "created_at": NOW, "updated_at": NOW,
+            "first_order_at": placed[0], "last_order_at": placed[-1], "last_paid_at": last_paid,
+            "total_spent_minor": total, "created_at": NOW, "updated_at": NOW,
         })  # fmt: skip
         if len(people) >= CHUNK:
             yield people, orders

@@ -72,8 +72,10 @@ class Case:
 
 
 def o(status: OrderStatus, placed: float, delivered: float | None = None, total: int = 100_000,
-      currency: str = "IDR") -> Any:  # fmt: skip
-    return (status, ago(placed), None if delivered is None else ago(delivered), total, currency)
+      currency: str = "IDR", paid: float | None = None) -> Any:  # fmt: skip
+    """An order; with ``paid``, one imported unpaid when placed and seen ``status`` by the import ``paid`` days ago."""
+    return (status, ago(placed), None if delivered is None else ago(delivered), total, currency,
+            None if paid is None else ago(paid))  # fmt: skip
 
 
 WINBACK = [
@@ -181,6 +183,13 @@ LOYALTY = [
          (o(OrderStatus.PLACED, 1, total=6_000_000), o(D, 50))),
     Case("Rp4.900.000 paid 100 days ago, Rp200.000 placed yesterday: not crossed", 0,
          (o(D, 100, total=4_900_000), o(OrderStatus.PLACED, 1, total=200_000))),
+    # counted from when it was paid: the import that first said so (migration 0020), not when it was placed
+    Case("5th order placed 40 days ago, paid 2 days ago: reached in the window", 1,
+         (o(OrderStatus.PAID, 40, paid=2), *(o(D, 50 + 10 * i) for i in range(4)))),
+    Case("5th order placed 40 days ago, paid 35 days ago: before the window", 0,
+         (o(OrderStatus.PAID, 40, paid=35), *(o(D, 50 + 10 * i) for i in range(4)))),
+    Case("Rp4.900.000 paid 100 days ago, Rp200.000 placed 45 days ago and paid yesterday: crossed", 1,
+         (o(D, 100, total=4_900_000), o(S, 45, total=200_000, paid=1))),
     Case("no consent", 0, tuple(o(D, 3 + i) for i in range(5)), consent=False),
     Case("already rewarded", 0, tuple(o(D, 3 + i) for i in range(5)), planned=True),
 ]
@@ -197,8 +206,8 @@ def facts(i: int, case: Case, planned: frozenset[str] = frozenset()) -> cc.Facts
         birthday=case.birthday,
         orders=tuple(
             OrderFacts(f"O{i}-{j}", status, NOW - placed, None if delivered is None else NOW - delivered, total * 100,
-                       currency)
-            for j, (status, placed, delivered, total, currency) in enumerate(case.orders)
+                       currency, None if paid is None else NOW - paid)
+            for j, (status, placed, delivered, total, currency, paid) in enumerate(case.orders)
         ),
         consent=case.consent,
         suppressed=case.suppressed,
@@ -258,12 +267,19 @@ def load(store: Store, table: list[Case]) -> None:
         for ext, when, active in LAUNCHES
     ], NOW)  # fmt: skip
     orders = [
-        OrderRecord(f"O{i}-{j}", f"C{i}", status, NOW - placed, None if delivered is None else NOW - delivered,
-                    total * 100, currency)
+        (OrderRecord(f"O{i}-{j}", f"C{i}", status, NOW - placed, None if delivered is None else NOW - delivered,
+                     total * 100, currency), paid)
         for i, c in enumerate(table)
-        for j, (status, placed, delivered, total, currency) in enumerate(c.orders)
+        for j, (status, placed, delivered, total, currency, paid) in enumerate(c.orders)
     ]  # fmt: skip
-    shop.upsert_orders(store.engine, orders, NOW)
+    # an order paid later than placed: imported unpaid when placed, then paid by the import that says so
+    for record, paid in orders:
+        if paid is not None:
+            shop.upsert_orders(store.engine, [dataclasses.replace(record, status=OrderStatus.PLACED)], record.placed_at)
+    for record, paid in orders:
+        if paid is not None:
+            shop.upsert_orders(store.engine, [record], NOW - paid)
+    shop.upsert_orders(store.engine, [record for record, _ in orders], NOW)
     for i, c in enumerate(table):
         if c.suppressed:
             store.suppress(f"c{i}@example.com", reason="manual", source="test", now=NOW)

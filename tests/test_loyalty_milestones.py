@@ -334,8 +334,6 @@ def test_closing_as_sent_the_email_a_spend_milestone_was_merged_into_says_it_wen
         "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
 
 
-@pytest.mark.xfail(strict=True, reason="the shop's data has no paid time and Kembali stores none (shop_order has "
-                   "placed_at only): counting by when an order was paid needs a column, migration 0019")  # fmt: skip
 def test_a_milestone_reached_by_an_order_placed_before_the_window_and_paid_inside_it_is_rewarded(
     db_url: str, smtp_server: RecordingServer
 ) -> None:
@@ -350,11 +348,46 @@ def test_a_milestone_reached_by_an_order_placed_before_the_window_and_paid_insid
     shop.upsert_orders(engine, [dataclasses.replace(fifth, status=OrderStatus.PAID)], DAY)
 
     # When Kembali runs every day for two weeks
+    sent_today = []
     for days in range(14):
         if days == 7:
             shop.upsert_orders(engine, [order("P1-5", "P1", -7, 100_000)], DAY + timedelta(days=7))
         cycle_at(settings, DAY + timedelta(days=days))
+        if days == 0:
+            sent_today = [to for m in smtp_server.messages for to in m.rcpt_tos]
     engine.dispose()
 
-    # Then P1 is thanked for their 5th paid order, which became one today (placed or not, it was not one before)
+    # Then P1 is thanked for their 5th paid order, which became one today (placed or not, it was not one before),
+    # today, and once
+    assert sent_today == ["p1@example.com"]
     assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["p1@example.com"]
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {"loyalty:P1:orders-5": ("sent", None)}
+
+
+def test_an_order_paid_before_the_window_stays_paid_then_however_often_it_is_imported_again(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given P1's four paid orders and a 5th placed 50 days ago, unpaid, which the import 40 days ago saw paid (the
+    # campaign was off then); every night since, the shop's whole export is imported again, the 5th shipped and then
+    # delivered on the way, and a week ago refunded by mistake and corrected back to delivered today
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("P1")], DAY - timedelta(days=100))
+    earlier = [order(f"P1-{i}", "P1", 90 - 10 * i, 100_000) for i in range(4)]
+    fifth = order("P1-4", "P1", 50, 100_000)
+    shop.upsert_orders(engine, [*earlier, dataclasses.replace(fifth, status=OrderStatus.PLACED)],
+                       DAY - timedelta(days=50))  # fmt: skip
+    for days_ago in range(40, -1, -1):
+        status = (OrderStatus.PAID if days_ago > 30 else OrderStatus.SHIPPED if days_ago > 20
+                  else OrderStatus.REFUNDED if days_ago in range(1, 8) else D)  # fmt: skip
+        shop.upsert_orders(engine, [*earlier, dataclasses.replace(fifth, status=status)],
+                           DAY - timedelta(days=days_ago))  # fmt: skip
+    engine.dispose()
+
+    # When Kembali runs today and the next days
+    for days in range(3):
+        cycle_at(settings, DAY + timedelta(days=days))
+
+    # Then P1, whose 5th order was paid 40 days ago, before the window, is not thanked for it now
+    assert smtp_server.messages == []
+    assert ledger(settings) == {}

@@ -412,6 +412,8 @@ class OrderFacts:
     delivered_at: datetime | None = None
     total_minor: int = 0
     currency: str = "IDR"
+    paid_at: datetime | None = None
+    """When it was first seen paid (``shop_order.paid_at``); None: when placed, or never (the status says)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -228,23 +228,25 @@ def loyalty(
     c: Common, *, since: datetime, orders: Sequence[int], spend_minor: Sequence[int], currency: str,
     totals_in_currency: bool = True,
 ) -> list[Plan]:
-    """Customers whose last paid purchase is at or after ``since``: one plan for the highest order-count
-    milestone reached, one for the highest spend milestone, each when the paid purchases placed before ``since``
-    had not reached it (an order since did). Only orders paid (paid, shipped, delivered: ``RATEABLE``) count, not
-    one placed and not paid yet; spend counts those in ``currency`` (the shop's).
+    """Customers with a purchase paid at or after ``since``: one plan for the highest order-count milestone
+    reached, one for the highest spend milestone, each when the purchases paid before ``since`` had not reached it
+    (an order paid since did). Only orders paid (paid, shipped, delivered: ``RATEABLE``) count, not one placed and
+    not paid yet, each from its ``paid_at`` (migration 0020; ``placed_at`` where it has none); spend counts those in
+    ``currency`` (the shop's).
 
     One email per occasion: a spend milestone due for a customer whose order-count milestone is due and new in the
     same pass (one order reached both) is stored as skipped, ``merged``, its payload's ``merged_into`` naming the
     order milestone's key: that email is the reward, and the milestone is not planned again. The spend plan comes
     first, so that it still sees the order milestone's key missing from the ledger, in ``insert`` as in ``stream``.
 
-    The customer row's ``last_order_at``, ``order_count`` and ``total_spent_minor`` (every purchase, unpaid ones
-    too) narrow the candidates down; the paid counts and sums are read from each candidate's orders. Not
+    The customer row's ``last_order_at`` (or a ``last_paid_at`` after it: an order paid later than the last was
+    placed, ``ix_customer_paid_late``), ``order_count`` and ``total_spent_minor`` (every purchase, unpaid ones too)
+    narrow the candidates down; the paid counts and sums are read from each candidate's orders. Not
     ``total_spent_minor`` unless ``totals_in_currency``: it adds up another currency (``shop.spend_currency``)."""
     # correlated to the customer row explicitly: the key's copy is inside the ledger probe's EXISTS, where it would
     # otherwise correlate to nothing and count every customer's orders
     bought = sa.select().select_from(O).where(O.c.customer_id == C.c.id, O.c.status.in_(RATEABLE)).correlate(C)
-    earlier = O.c.placed_at < since
+    earlier = sa.func.coalesce(O.c.paid_at, O.c.placed_at) < since
     labels: dict[str, Any] = {}
     for prefix, thresholds, paid, amount in (
         ("orders", orders, bought, sa.literal(1, sa.BigInteger)),
@@ -270,6 +272,10 @@ def loyalty(
     def key_of(label: Any) -> Any:
         return _lit("loyalty:") + _key_part(C.c.external_id) + _lit(":") + label
 
+    # a purchase paid since ``since``: one placed since (paid when placed, or later), or one paid later than the
+    # last was placed (a few customers: ``ix_customer_paid_late``'s); SQLite visits every customer in id order
+    paid_late = sa.and_(_scanned(c.dialect, C.c.last_paid_at) >= since, C.c.last_paid_at > C.c.last_order_at)
+    recent = sa.or_(_scanned(c.dialect, C.c.last_order_at) >= since, paid_late)
     plans = []
     for prefix, column, thresholds in (("spend", C.c.total_spent_minor, spend_minor),
                                        ("orders", C.c.order_count, orders)):  # fmt: skip
@@ -299,7 +305,7 @@ def loyalty(
             payload = sa.case((carries, json_object_sql(c.dialect, [("milestone", label), ("carries", spend_key)])),
                               else_=payload)  # fmt: skip
         narrowed = [column >= min(thresholds)] if prefix == "orders" or totals_in_currency else []
-        where = [_scanned(c.dialect, C.c.last_order_at) >= since, *narrowed, *_consenting(), due.is_not(None)]
+        where = [recent, *narrowed, *_consenting(), due.is_not(None)]
         plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key, payload, C, where,
                           (C.c.id,), C.c.id, c.holdout_share, probe=True, merged=merged))  # fmt: skip
     return plans

@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from worker import log, money
 from worker.adapters import db
-from worker.adapters.store import PURCHASE_EXCLUDED, C, L, O, P, _chunks
+from worker.adapters.store import PURCHASE_EXCLUDED, RATEABLE, C, L, O, P, _chunks
 from worker.adapters.tables import ShopState
 from worker.domain import CustomerRecord, OrderRecord, ProductRecord
 
@@ -284,6 +284,7 @@ def _upsert_orders(
             spent[sum_key] += _spends(rec.status.value, rec.total_minor)
             delivered_at = old.delivered_at if old is not None and "delivered_at" in rec.absent else rec.delivered_at
             values = {
+                "paid_at": _paid_at(old, rec, now),
                 "customer_id": customer_id,
                 "status": rec.status.value,
                 "placed_at": rec.placed_at,
@@ -323,6 +324,19 @@ def _upsert_orders(
             touched.add(customer_id)
         refresh_customer_stats(conn, sorted(touched), now, currency)
     return counts, unknown
+
+
+def _paid_at(old: Any, rec: OrderRecord, now: datetime) -> datetime | None:
+    """When the order was first seen paid (``shop_order.paid_at``): kept once known; else ``placed_at`` when the
+    import that brings it says it is paid (nothing tells when: most are paid at checkout, and a first import of a
+    shop's history then reaches no milestone "today"); else ``now`` when this import is the first to say so (it was
+    paid since the last one that said otherwise). A refunded or cancelled order keeps it: its status says it no
+    longer counts, and a refund corrected back to paid does not make the order newly paid."""
+    if old is not None and old.paid_at is not None:
+        return old.paid_at  # type: ignore[no-any-return]
+    if not rec.status.is_paid:
+        return None
+    return rec.placed_at if old is None or old.status in RATEABLE else now
 
 
 def _spends(status: str, total_minor: int) -> int:
@@ -430,6 +444,11 @@ def _purchases() -> Any:
     return sa.select().select_from(O).where(O.c.customer_id == C.c.id, O.c.status.not_in(PURCHASE_EXCLUDED))
 
 
+def _paid() -> Any:
+    """The customer row's orders paid (paid, shipped, delivered), correlated to it."""
+    return sa.select().select_from(O).where(O.c.customer_id == C.c.id, O.c.status.in_(RATEABLE))
+
+
 def _total_spent(dialect: str, currency: str) -> Any:
     """The customer row's ``total_spent_minor`` as SQL: their purchases in ``currency`` added up, the most a BIGINT
     holds past it (orders an older import stored, ``db.bigint_sum``)."""
@@ -455,6 +474,7 @@ def refresh_customer_stats(conn: Connection, customer_ids: Sequence[int], now: d
                 order_count=_purchases().with_only_columns(sa.func.count()).scalar_subquery(),
                 first_order_at=_purchases().with_only_columns(sa.func.min(O.c.placed_at)).scalar_subquery(),
                 last_order_at=_purchases().with_only_columns(sa.func.max(O.c.placed_at)).scalar_subquery(),
+                last_paid_at=_paid().with_only_columns(sa.func.max(O.c.paid_at)).scalar_subquery(),
                 first_order_id=first_purchase(O.c.id),
                 first_order_external_id=first_purchase(O.c.external_id),
                 total_spent_minor=_total_spent(conn.dialect.name, currency),

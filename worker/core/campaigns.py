@@ -122,9 +122,15 @@ def purchases(orders: Sequence[OrderFacts]) -> list[OrderFacts]:
 
 
 def paid(orders: Sequence[OrderFacts]) -> list[OrderFacts]:
-    """The purchases paid for (paid, shipped, delivered), oldest first: what loyalty counts and sums. An order
-    placed and not paid yet counts once it is paid (a reward is not given for an order that may never be)."""
-    return sorted((o for o in orders if o.status.is_paid), key=lambda o: o.placed_at)
+    """The purchases paid for (paid, shipped, delivered), the first paid first: what loyalty counts and sums. An
+    order placed and not paid yet counts once it is paid (a reward is not given for an order that may never be),
+    from when it was (``paid_time``)."""
+    return sorted((o for o in orders if o.status.is_paid), key=paid_time)
+
+
+def paid_time(order: OrderFacts) -> datetime:
+    """When a paid order was paid: ``paid_at``, or ``placed_at`` where none is known."""
+    return order.paid_at or order.placed_at
 
 
 # --- birthday --------------------------------------------------------------------
@@ -390,18 +396,19 @@ def loyalty_milestones(order_count: int, total_spent_minor: int, m: Milestones) 
 def loyalty_due(
     order_count: int,
     total_spent_minor: int,
-    last_order_at: datetime | None,
+    last_paid_at: datetime | None,
     now: datetime,
     m: Milestones,
     *,
     count_before: int,
     spent_before: int,
 ) -> list[str]:
-    """The highest milestones reached (``loyalty_milestones``), each only when an order within ``within_days``
-    reached it: the purchases placed before that window (``count_before`` of them, ``spent_before`` in all) had
-    not. So a customer whose 5th order was months ago is not thanked for it now because they ordered again
-    (nor a shop's whole history on the day the campaign is turned on)."""
-    if last_order_at is None or last_order_at < loyalty_since(now, m):
+    """The highest milestones reached (``loyalty_milestones``), each only when an order paid within
+    ``within_days`` reached it (``last_paid_at``: when the last was paid): the purchases paid before that window
+    (``count_before`` of them, ``spent_before`` in all) had not. So a customer whose 5th order was months ago is not
+    thanked for it now because they ordered again (nor a shop's whole history on the day the campaign is turned
+    on); one whose 5th order, placed before the window, was paid in it is."""
+    if last_paid_at is None or last_paid_at < loyalty_since(now, m):
         return []
     out = []
     for label in loyalty_milestones(order_count, total_spent_minor, m):
@@ -412,7 +419,7 @@ def loyalty_due(
 
 
 def loyalty_since(now: datetime, m: Milestones) -> datetime:
-    """The start of the window in which the order that reached a milestone must have been placed."""
+    """The start of the window in which the order that reached a milestone must have been paid."""
     return now - timedelta(days=m.within_days)
 
 
@@ -561,12 +568,12 @@ def loyalty_due_keys(facts: Facts, now: datetime, milestones: Milestones) -> lis
     bought = paid(facts.orders)
     if not facts.reachable or not bought:
         return []
-    earlier = [o for o in bought if o.placed_at < loyalty_since(now, milestones)]
+    earlier = [o for o in bought if paid_time(o) < loyalty_since(now, milestones)]
 
     def spent(orders: Sequence[OrderFacts]) -> int:
         return sum(o.total_minor for o in orders if o.currency == milestones.currency)
 
-    labels = loyalty_due(len(bought), spent(bought), bought[-1].placed_at, now, milestones,
+    labels = loyalty_due(len(bought), spent(bought), paid_time(bought[-1]), now, milestones,
                          count_before=len(earlier), spent_before=spent(earlier))  # fmt: skip
     keys = [loyalty_key(facts.customer_external_id, label) for label in labels]
     return [k for k in keys if k not in facts.planned_keys]
