@@ -20,7 +20,7 @@ from worker import migrations
 from worker.adapters import audience_sql, db, opstore, shop
 from worker.adapters.ledger import LedgerAdmin
 from worker.adapters.ratestore import RateStore
-from worker.adapters.store import HELD_SECONDS, C, DayQuota, M, Marks, Stale, Store
+from worker.adapters.store import HELD_SECONDS, C, DayQuota, M, Marks, O, Stale, Store
 from worker.adapters.tables import metadata
 from worker.core.audiences import message_id_for
 from worker.domain import (
@@ -927,6 +927,38 @@ def test_migration_0012_folds_the_suppression_list_to_lower_case_keeping_the_ear
                                             ("siti@example.com", "hard_bounce", "c")]  # fmt: skip
         # a customer's address stored with its domain in Unicode takes the form imports store now
         assert emails == {"C0": "c0@example.com", "C1": "eko@xn--bcher-kva.de", "C2": "c2@example.com"}
+    finally:
+        engine.dispose()
+
+
+def test_migration_0020_takes_the_orders_paid_already_as_paid_when_placed_and_later_payments_as_the_imports(
+    store: Store,
+) -> None:
+    # Given orders as an import before 0020 left them: C0's delivered 100 days ago, placed 50 days ago and not paid,
+    # refunded; C1's paid 10 days ago
+    engine = store.engine
+    day = timedelta(days=1)
+    shop.upsert_orders(engine, [
+        OrderRecord("O1", "C0", OrderStatus.DELIVERED, NOW - 100 * day, None, 100, "IDR"),
+        OrderRecord("O2", "C0", OrderStatus.PLACED, NOW - 50 * day, None, 100, "IDR"),
+        OrderRecord("O3", "C0", OrderStatus.REFUNDED, NOW - 20 * day, None, 100, "IDR"),
+        OrderRecord("O4", "C1", OrderStatus.PAID, NOW - 10 * day, None, 100, "IDR"),
+    ], NOW - 5 * day)  # fmt: skip
+    try:
+        alembic_command.downgrade(db._alembic_config(engine), "0018")
+        # When it is upgraded
+        db.upgrade(engine)
+        # Then the orders paid count as paid when placed (nothing tells more), the others as never paid
+        with engine.connect() as conn:
+            paid = dict(conn.execute(sa.select(O.c.external_id, O.c.paid_at)).all())
+            last = dict(conn.execute(sa.select(C.c.external_id, C.c.last_paid_at)).all())
+        assert paid == {"O1": NOW - 100 * day, "O2": None, "O3": None, "O4": NOW - 10 * day}
+        assert last == {"C0": NOW - 100 * day, "C1": NOW - 10 * day, "C2": None}
+        # and the next import that says O2 is paid counts it as paid then (C0's last payment, after their last order)
+        shop.upsert_orders(engine, [OrderRecord("O2", "C0", OrderStatus.PAID, NOW - 50 * day, None, 100, "IDR")], NOW)
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(O.c.paid_at).where(O.c.external_id == "O2")).scalar_one() == NOW
+            assert conn.execute(sa.select(C.c.last_paid_at).where(C.c.external_id == "C0")).scalar_one() == NOW
     finally:
         engine.dispose()
 
