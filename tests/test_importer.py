@@ -395,6 +395,35 @@ def test_bad_order_rows_are_named(tmp_path: Path, rows: list[str], line: int, wo
         assert word in error.reason
 
 
+PAID_HEADER = "order_id,customer_id,status,placed_at,paid_at,total\n"
+
+
+@pytest.mark.parametrize(
+    ("row", "words"),
+    [
+        ("INV-1,C-1,paid,2026-01-05,2026-01-04,10", ["paid_at '2026-01-04' is before placed_at '2026-01-05'"]),
+        ("INV-1,C-1,paid,2026-01-05,05/01/2026,10", ["paid_at", "'05/01/2026'"]),
+        ("INV-1,C-1,paid,2026-01-05,2062-01-05,10", ["paid_at", "2062"]),
+    ],
+)
+def test_a_bad_paid_at_is_a_rejected_row_naming_it(tmp_path: Path, row: str, words: list[str]) -> None:
+    results = list(read_orders(write(tmp_path, "o.csv", PAID_HEADER + row + "\n"),
+                               now=datetime(2026, 1, 6, tzinfo=UTC)))  # fmt: skip
+    [error] = results
+    assert isinstance(error, RowError) and error.line == 2, results
+    for word in words:
+        assert word in error.reason, error.reason
+
+
+def test_paid_at_is_read_for_an_order_paid_and_left_out_for_one_that_is_not(tmp_path: Path) -> None:
+    rows = ["INV-1,C-1,shipped,2026-01-05 10:00,2026-01-09 08:30,10", "INV-2,C-1,placed,2026-01-05,2026-01-09,10",
+            "INV-3,C-1,refunded,2026-01-05,2026-01-06,10", "INV-4,C-1,paid,2026-01-05,,10"]  # fmt: skip
+    orders = list(read_orders(write(tmp_path, "o.csv", PAID_HEADER + "\n".join(rows) + "\n")))
+    assert all(isinstance(o, OrderRecord) for o in orders), orders
+    assert [o.paid_at for o in orders if isinstance(o, OrderRecord)] == [
+        datetime(2026, 1, 9, 1, 30, tzinfo=UTC), None, None, None]  # fmt: skip
+
+
 def test_missing_order_column_fails_before_any_row(tmp_path: Path) -> None:
     path = write(tmp_path, "o.csv", "order_id,customer_id,status\nINV-1,C-1,paid\n")
     with pytest.raises(ImportRowError, match="missing column 'placed_at'"):

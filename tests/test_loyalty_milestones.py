@@ -21,6 +21,7 @@ from tests.sendkit import write_config
 from tests.smtp_server import Behaviour, RecordingServer
 from worker import pipeline
 from worker.adapters import db, opstore, shop
+from worker.adapters.importer import read_orders
 from worker.adapters.ledger import LedgerAdmin
 from worker.adapters.store import Store
 from worker.app import Deps
@@ -391,3 +392,39 @@ def test_an_order_paid_before_the_window_stays_paid_then_however_often_it_is_imp
     # Then P1, whose 5th order was paid 40 days ago, before the window, is not thanked for it now
     assert smtp_server.messages == []
     assert ledger(settings) == {}
+
+
+def test_the_paid_time_an_orders_file_gives_is_the_one_loyalty_counts_from(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path
+) -> None:
+    # Given a shop whose orders.csv says when each order was paid: P1's four orders, paid when placed 90 to 60 days
+    # ago, and a 5th placed 40 days ago and paid 3 days ago (a bank transfer), imported for the first time today;
+    # Q1's the same, but its 5th paid 39 days ago
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("P1"), customer("Q1")], DAY - timedelta(days=100))
+
+    def at(days_ago: int) -> str:
+        return (DAY - timedelta(days=days_ago)).isoformat()
+
+    rows = [f"{c}-{i},{c},delivered,{at(90 - 10 * i)},{at(90 - 10 * i)},100000" for c in ("P1", "Q1") for i in range(4)]
+    rows += [f"P1-4,P1,paid,{at(40)},{at(3)},100000", f"Q1-4,Q1,paid,{at(40)},{at(39)},100000"]
+    path = tmp_path / "orders.csv"
+    path.write_text("order_id,customer_id,status,placed_at,paid_at,total\n" + "\n".join(rows) + "\n", "utf-8")
+    records = [r for r in read_orders(path, now=DAY) if isinstance(r, OrderRecord)]
+    assert len(records) == 10
+    shop.upsert_orders(engine, records, DAY)
+    # and tomorrow's file says P1's 5th was paid 40 days ago (a correction the shop made): the first time stays
+    corrected = path.read_text("utf-8").replace(f"P1-4,P1,paid,{at(40)},{at(3)}", f"P1-4,P1,paid,{at(40)},{at(40)}")
+    path.write_text(corrected, "utf-8")
+    shop.upsert_orders(engine, [r for r in read_orders(path, now=DAY) if isinstance(r, OrderRecord)],
+                       DAY + timedelta(days=1))  # fmt: skip
+    engine.dispose()
+
+    # When Kembali runs today and the next days
+    for days in range(3):
+        cycle_at(settings, DAY + timedelta(hours=1) + timedelta(days=days))
+
+    # Then P1, whose 5th order was paid within the window, is thanked; Q1, whose 5th was paid before it, is not
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["p1@example.com"]
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {"loyalty:P1:orders-5": ("sent", None)}

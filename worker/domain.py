@@ -283,6 +283,9 @@ class OrderRecord:
     total_minor: int
     currency: str
     lines: tuple[OrderLineRecord, ...] = ()
+    paid_at: datetime | None = None
+    """When it was paid, as the shop's file says (aware, UTC; None: not said, or not paid): the first time an order
+    is seen paid, its ``shop_order.paid_at``."""
     absent: frozenset[str] = field(default=frozenset(), compare=False)
     """Optional columns the file did not have: an existing order keeps its stored ``delivered_at`` when the file
     has no such column."""

@@ -57,7 +57,8 @@ products.csv
 orders.csv: one row per order line, the order's columns repeated on each
     ``order_id``, ``customer_id``, ``status`` (placed, paid, shipped, delivered,
     cancelled, refunded) and ``placed_at`` (required); ``delivered_at`` (not on a
-    day before ``placed_at``),
+    day before ``placed_at``), ``paid_at`` (when it was paid, as the shop knows it; not on a day before
+    ``placed_at``; read only when the status says paid, shipped or delivered),
     ``currency`` (default the shop's), ``total`` (major units; default the sum of the
     lines); the line: ``product_id``, ``quantity`` (integer ≥ 1),
     ``unit_price`` (major units). An order with no lines is one row with an
@@ -128,11 +129,11 @@ CUSTOMER_REQUIRED = ("id", "email", "name", "marketing_consent")
 PRODUCT_COLUMNS = ("id", "name", "category", "price", "currency", "url", "image_url", "launched_at", "active")
 PRODUCT_REQUIRED = ("id", "name", "price")
 ORDER_COLUMNS = (
-    "order_id", "customer_id", "status", "placed_at", "delivered_at", "currency", "total",
+    "order_id", "customer_id", "status", "placed_at", "delivered_at", "paid_at", "currency", "total",
     "product_id", "quantity", "unit_price",
 )  # fmt: skip
 ORDER_REQUIRED = ("order_id", "customer_id", "status", "placed_at")
-_ORDER_HEAD = ("customer_id", "status", "placed_at", "delivered_at", "currency", "total")
+_ORDER_HEAD = ("customer_id", "status", "placed_at", "delivered_at", "paid_at", "currency", "total")
 
 # the widths of the columns these values are stored in (worker/adapters/tables.py): PostgreSQL refuses a longer
 # value, and with it the whole batch, so a longer value is a rejected row here (tests check they agree)
@@ -542,6 +543,13 @@ def _order(
             # date is a date-only delivered_at beside a placed_at with its time: fine)
             raise _Invalid(f"delivered_at {_show(head['delivered_at'].strip())} is before placed_at "
                            f"{_show(head['placed_at'].strip())}")  # fmt: skip
+        paid_at = _optional_datetime(head, "paid_at", zone)
+        if paid_at is not None:
+            _not_ahead(head, "paid_at", paid_at, now)
+            if paid_at.astimezone(zone).date() < placed_at.astimezone(zone).date():
+                # loyalty would count the order from before it was placed
+                raise _Invalid(f"paid_at {_show(head['paid_at'].strip())} is before placed_at "
+                               f"{_show(head['placed_at'].strip())}")  # fmt: skip
         total = _optional_money(head, "total", currency)
     except _Invalid as exc:
         errors.append(RowError(file, first_line, key, str(exc)))
@@ -585,6 +593,7 @@ def _order(
         total_minor=total,
         currency=currency,
         lines=tuple(lines),
+        paid_at=paid_at if status.is_paid else None,
         absent=absent,
     )
 

@@ -327,15 +327,18 @@ def _upsert_orders(
 
 
 def _paid_at(old: Any, rec: OrderRecord, now: datetime) -> datetime | None:
-    """When the order was first seen paid (``shop_order.paid_at``): kept once known; else ``placed_at`` when the
-    import that brings it says it is paid (nothing tells when: most are paid at checkout, and a first import of a
-    shop's history then reaches no milestone "today"); else ``now`` when this import is the first to say so (it was
-    paid since the last one that said otherwise). A refunded or cancelled order keeps it: its status says it no
-    longer counts, and a refund corrected back to paid does not make the order newly paid."""
+    """When the order was first seen paid (``shop_order.paid_at``): kept once known; else the file's ``paid_at``
+    when it gives one; else ``placed_at`` when the import that brings it says it is paid (nothing tells when: most
+    are paid at checkout, and a first import of a shop's history then reaches no milestone "today"); else ``now``
+    when this import is the first to say so (it was paid since the last one that said otherwise). A refunded or
+    cancelled order keeps it: its status says it no longer counts, and a refund corrected back to paid does not
+    make the order newly paid."""
     if old is not None and old.paid_at is not None:
         return old.paid_at  # type: ignore[no-any-return]
     if not rec.status.is_paid:
         return None
+    if rec.paid_at is not None:
+        return rec.paid_at
     return rec.placed_at if old is None or old.status in RATEABLE else now
 
 
