@@ -335,17 +335,25 @@ def test_closing_as_sent_the_email_a_spend_milestone_was_merged_into_says_it_wen
         "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
 
 
+def p1_with_a_fifth_order_placed(db_url: str, days_ago: int) -> tuple[sa.Engine, list[OrderRecord], OrderRecord]:
+    """P1's four paid orders (90 to 60 days ago) and a 5th placed ``days_ago``, unpaid, imported then: the engine,
+    the four, and the 5th (delivered: replace its status)."""
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("P1")], DAY - timedelta(days=100))
+    earlier = [order(f"P1-{i}", "P1", 90 - 10 * i, 100_000) for i in range(4)]
+    fifth = order("P1-4", "P1", days_ago, 100_000)
+    shop.upsert_orders(engine, [*earlier, dataclasses.replace(fifth, status=OrderStatus.PLACED)],
+                       DAY - timedelta(days=days_ago))  # fmt: skip
+    return engine, earlier, fifth
+
+
 def test_a_milestone_reached_by_an_order_placed_before_the_window_and_paid_inside_it_is_rewarded(
     db_url: str, smtp_server: RecordingServer
 ) -> None:
     # Given P1's four paid orders (90 to 60 days ago) and a 5th placed 35 days ago, unpaid (a bank transfer awaited),
     # imported then; it is paid today (the next import says so), and P1 orders again in a week
     settings = settings_for(db_url, smtp_server)
-    engine = db.create_engine(db_url)
-    shop.upsert_customers(engine, [customer("P1")], DAY - timedelta(days=100))
-    fifth = dataclasses.replace(order("P1-4", "P1", 35, 100_000), status=OrderStatus.PLACED)
-    shop.upsert_orders(engine, [*(order(f"P1-{i}", "P1", 90 - 10 * i, 100_000) for i in range(4)), fifth],
-                       DAY - timedelta(days=35))  # fmt: skip
+    engine, _, fifth = p1_with_a_fifth_order_placed(db_url, 35)
     shop.upsert_orders(engine, [dataclasses.replace(fifth, status=OrderStatus.PAID)], DAY)
 
     # When Kembali runs every day for two weeks
@@ -372,12 +380,7 @@ def test_an_order_paid_before_the_window_stays_paid_then_however_often_it_is_imp
     # campaign was off then); every night since, the shop's whole export is imported again, the 5th shipped and then
     # delivered on the way, and a week ago refunded by mistake and corrected back to delivered today
     settings = settings_for(db_url, smtp_server)
-    engine = db.create_engine(db_url)
-    shop.upsert_customers(engine, [customer("P1")], DAY - timedelta(days=100))
-    earlier = [order(f"P1-{i}", "P1", 90 - 10 * i, 100_000) for i in range(4)]
-    fifth = order("P1-4", "P1", 50, 100_000)
-    shop.upsert_orders(engine, [*earlier, dataclasses.replace(fifth, status=OrderStatus.PLACED)],
-                       DAY - timedelta(days=50))  # fmt: skip
+    engine, earlier, fifth = p1_with_a_fifth_order_placed(db_url, 50)
     for days_ago in range(40, -1, -1):
         status = (OrderStatus.PAID if days_ago > 30 else OrderStatus.SHIPPED if days_ago > 20
                   else OrderStatus.REFUNDED if days_ago in range(1, 8) else D)  # fmt: skip
