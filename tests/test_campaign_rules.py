@@ -183,7 +183,7 @@ LOYALTY = [
          (o(OrderStatus.PLACED, 1, total=6_000_000), o(D, 50))),
     Case("Rp4.900.000 paid 100 days ago, Rp200.000 placed yesterday: not crossed", 0,
          (o(D, 100, total=4_900_000), o(OrderStatus.PLACED, 1, total=200_000))),
-    # counted from when it was paid: the import that first said so (migration 0020), not when it was placed
+    # counted from when it was paid: the import that first said so (migration 0019), not when it was placed
     Case("5th order placed 40 days ago, paid 2 days ago: reached in the window", 1,
          (o(OrderStatus.PAID, 40, paid=2), *(o(D, 50 + 10 * i) for i in range(4)))),
     Case("5th order placed 40 days ago, paid 35 days ago: before the window", 0,

@@ -931,10 +931,10 @@ def test_migration_0012_folds_the_suppression_list_to_lower_case_keeping_the_ear
         engine.dispose()
 
 
-def test_migration_0020_takes_the_orders_paid_already_as_paid_when_placed_and_later_payments_as_the_imports(
+def test_migration_0019_takes_the_orders_paid_already_as_paid_when_placed_and_later_payments_as_the_imports(
     store: Store,
 ) -> None:
-    # Given orders as an import before 0020 left them: C0's delivered 100 days ago, placed 50 days ago and not paid,
+    # Given orders as an import before 0019 left them: C0's delivered 100 days ago, placed 50 days ago and not paid,
     # refunded; C1's paid 10 days ago
     engine = store.engine
     day = timedelta(days=1)

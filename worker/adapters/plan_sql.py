@@ -231,7 +231,7 @@ def loyalty(
     """Customers with a purchase paid at or after ``since``: one plan for the highest order-count milestone
     reached, one for the highest spend milestone, each when the purchases paid before ``since`` had not reached it
     (an order paid since did). Only orders paid (paid, shipped, delivered: ``RATEABLE``) count, not one placed and
-    not paid yet, each from its ``paid_at`` (migration 0020; ``placed_at`` where it has none); spend counts those in
+    not paid yet, each from its ``paid_at`` (migration 0019; ``placed_at`` where it has none); spend counts those in
     ``currency`` (the shop's).
 
     One email per occasion: a spend milestone due for a customer whose order-count milestone is due and new in the

@@ -77,7 +77,7 @@ class Customer(SQLModel, table=True):
         # migration 0018: the records of a mailbox (lower(email)), whose birthday offers to come the send path holds
         # a lesser message back for (in place of an index on email as typed, which no query used)
         sa.Index("ix_customer_mailbox", sa.text("lower(email)")),
-        # migration 0020: the customers whose last payment came after their last order was placed (an order paid
+        # migration 0019: the customers whose last payment came after their last order was placed (an order paid
         # in a later import than the one that brought it): loyalty's candidates beside ix_customer_last_order
         sa.Index("ix_customer_paid_late", "last_paid_at", sqlite_where=_PAID_LATE, postgresql_where=_PAID_LATE),
     )
@@ -105,7 +105,7 @@ class Customer(SQLModel, table=True):
     last_order_at: datetime | None = _dt(default=None)
     last_paid_at: datetime | None = _dt(default=None)
     """When the last of the orders paid (paid, shipped, delivered) was paid: the latest ``shop_order.paid_at``
-    (migration 0020), the loyalty window's candidates."""
+    (migration 0019), the loyalty window's candidates."""
     total_spent_minor: int = Field(default=0, sa_type=sa.BigInteger())
     created_at: datetime = _dt()
     updated_at: datetime = _dt()
@@ -141,7 +141,7 @@ class ShopOrder(SQLModel, table=True):
     settled_at: datetime | None = _dt(default=None)
     """``delivered_at``, or ``placed_at`` when no delivery time is known (the feedback clock)."""
     paid_at: datetime | None = _dt(default=None)
-    """When the order was first seen paid (paid, shipped or delivered; migration 0020): ``placed_at`` when the import
+    """When the order was first seen paid (paid, shipped or delivered; migration 0019): ``placed_at`` when the import
     that brought it said so already, else the time of the import that first did; kept after (a refund does not
     clear it; the status says the order no longer counts). None: never seen paid."""
     total_minor: int = Field(sa_type=sa.BigInteger())

@@ -17,7 +17,7 @@ this changes no milestone due today.
 Building it rewrites every paid order and every customer: stop the workers
 (and imports) before ``kembali db upgrade``.
 
-Revision ID: 0020
+Revision ID: 0019
 Revises: 0018
 Create Date: 2026-12-06
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0020"
+revision = "0019"
 down_revision = "0018"
 branch_labels = None
 depends_on = None
