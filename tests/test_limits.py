@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.daemon_harness import make_shop
+from tests.db_fixtures import migrated_sqlite
 from tests.smtp_server import closed_port
 from worker.adapters import db
 from worker.adapters.clock import SystemClock
@@ -39,6 +41,7 @@ from worker.core.limits import (
     quota_grant,
     slows_domain,
 )
+from worker.core.pace import SharedCut
 from worker.core.ratelimit import Gcra
 from worker.daemon import Daemon
 from worker.domain import MessageStatus, Outcome, SendResult
@@ -875,3 +878,35 @@ def test_workers_sharing_the_database_share_the_relays_pace(db_url: str) -> None
         for s in stores:
             s.close()
             s.store.close()
+
+
+def _shared_limiter(url: str, settings: SendingSettings) -> tuple[Limiter, AsyncStore]:
+    store = AsyncStore(Store.from_url(url))
+    return Limiter(settings, SystemClock(), DbBooker(store, RateStore(store.store.engine))), store
+
+
+def _close(*stores: AsyncStore) -> None:
+    for s in stores:
+        s.close()
+        s.store.close()
+
+
+def test_the_health_lines_read_of_the_shared_pace_does_not_wait_for_sqlites_write_lock(tmp_path: Path) -> None:
+    # Given workers sharing their limits through a SQLite file, whose pace another worker cut
+    migrated_sqlite(tmp_path / "kembali.db")
+    settings = SendingSettings(rate_per_second=50.0, burst=50, shared_limits="database")
+    limiter, store = _shared_limiter(f"sqlite:///{tmp_path / 'kembali.db'}", settings)
+    RateStore(store.store.engine).cut_pace(lambda last, now: SharedCut(now, 25.0))
+    # When another process holds the database's write lock (a planning pass, an operator's command) as the daemon
+    # writes its health line
+    writer = sqlite3.connect(tmp_path / "kembali.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        # Then the health line reads the shared pace beside it, as it reads the queue (WAL: readers do not wait for
+        # the writer), instead of waiting up to the 30 s busy timeout for a write lock it does not need
+        asyncio.run(asyncio.wait_for(limiter.refresh_pace(), 5.0))
+    finally:
+        writer.rollback()
+        writer.close()
+        _close(store)
+    assert limiter.relay_status()["relay_pace_per_second"] == 25.0

@@ -127,8 +127,9 @@ class RateStore:
         return wait, True
 
     def read_pace(self) -> PaceRead:
-        """The relay's pace every worker on the database shares: its last cut, and the database's clock."""
-        with self.engine.connect() as conn:
+        """The relay's pace every worker on the database shares: its last cut, and the database's clock. Read only:
+        on SQLite it does not wait for the write lock another process holds."""
+        with db.reading(self.engine) as conn:
             return self._read_pace(conn)
 
     def _read_pace(self, conn: sa.Connection) -> PaceRead:
