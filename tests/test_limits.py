@@ -891,6 +891,23 @@ def _close(*stores: AsyncStore) -> None:
         s.store.close()
 
 
+def test_a_worker_started_long_after_a_shared_cut_books_its_first_slot_once(db_url: str) -> None:
+    # Given the relay's pace, shared through the database, cut an hour ago (long back at the configured rate), and a
+    # domain that takes a message every 2 s
+    settings = SendingSettings(rate_per_second=50.0, burst=50, domains={"slow.example": DomainRate(0.5, 1)})
+    limiter, store = _shared_limiter(db_url, settings)
+    RateStore(store.store.engine).cut_pace(lambda last, now: SharedCut(now - 3600.0, 25.0))
+    try:
+        # When a worker that just started sends its first message to that domain
+        waited = asyncio.run(limiter.acquire("slow.example", hold=HOLD_SECONDS))
+    finally:
+        _close(store)
+    # Then it goes at once: the slot it booked is not given up for another one interval later (the pace it read is
+    # the configured one it booked at; 2.0 s, its domain's second slot, before)
+    assert not limiter.pace.slowed
+    assert waited == 0.0
+
+
 def test_the_health_lines_read_of_the_shared_pace_does_not_wait_for_sqlites_write_lock(tmp_path: Path) -> None:
     # Given workers sharing their limits through a SQLite file, whose pace another worker cut
     migrated_sqlite(tmp_path / "kembali.db")

@@ -331,8 +331,8 @@ class Limiter:
             wait, booked = await self.booker.book(limits, {key: hold} if hold is not None else None)
             if isinstance(self.booker, DbBooker):
                 self.follow(self.booker.pace)
-            if self.pace.cut_at != cut and tries < REBOOKS:  # booked at the pace before a cut: book at the new one
-                tries += 1
+            if self.pace.cut_at != cut and tries < REBOOKS and self.rebook(domain, limits):
+                tries += 1  # booked at the pace before a cut: book at the new one
                 continue
             if not booked:
                 return self._later(domain, wait, interval=limits[-1][1], message=message) if tell else Later(wait)
@@ -346,13 +346,19 @@ class Limiter:
             if tries == REBOOKS or (stop is not None and stop.is_set()):
                 break
             tries += 1
-            if self.pace.cut_at != cut:  # the slot was booked at the pace before the relay's throttling: book again
+            if self.pace.cut_at != cut and self.rebook(domain, limits):  # booked at the pace before a cut: again
                 continue
             if late <= LATE_SECONDS:
                 break
             self.late_rebookings += 1
             log.event("rate_slot_missed", logging.DEBUG, domain=domain, late_seconds=round(late, 3))
         return waited
+
+    def rebook(self, domain: str, booked: Sequence[Limit]) -> bool:
+        """Whether a slot booked on ``booked`` is to be booked again now that the pace has a new last cut: its limits
+        are not what they were (a cut halved the rate, took the burst away) or a rest is due. A cut long past, read
+        by a worker that just started (the pace back at the configured rate), changes nothing: its slot stands."""
+        return list(booked) != self.limits(domain) or self.pace.wait(self.clock.monotonic()) > 0
 
     def passed(self, domain: str, granted: float) -> bool:
         """Whether the slot ``acquire`` gave at ``granted`` (monotonic, when it returned) passed by more than
