@@ -908,6 +908,29 @@ def test_a_worker_started_long_after_a_shared_cut_books_its_first_slot_once(db_u
     assert waited == 0.0
 
 
+def test_a_reload_that_raises_the_rate_follows_the_shared_pace_the_old_rate_was_under(db_url: str) -> None:
+    # Given another worker's shared cut to 20/s, and this worker configured at 10/s: under it, nothing to slow
+    old, store = _shared_limiter(db_url, SendingSettings(rate_per_second=10.0, burst=10))
+    RateStore(store.store.engine).cut_pace(lambda last, now: SharedCut(now, 20.0))
+
+    async def scenario() -> Limiter:
+        await old.acquire("a.example")
+        assert not old.pace.slowed
+        # When a reload raises sending.rate_per_second to 50/s (burst 50)
+        new = Limiter(SendingSettings(rate_per_second=50.0, burst=50), old.clock, old.booker)
+        new.take_over(old)
+        await new.acquire("a.example")
+        return new
+
+    try:
+        new = asyncio.run(scenario())
+    finally:
+        _close(store)
+    # Then it books at the shared pace, as every other worker does (20/s, no burst), not at 50/s with a burst of 50
+    assert new.limits("b.example")[0] == ("global", 1 / 20.0, 1)
+    assert new.relay_status()["relay_pace_per_second"] == 20.0
+
+
 def test_the_health_lines_read_of_the_shared_pace_does_not_wait_for_sqlites_write_lock(tmp_path: Path) -> None:
     # Given workers sharing their limits through a SQLite file, whose pace another worker cut
     migrated_sqlite(tmp_path / "kembali.db")

@@ -203,7 +203,9 @@ class Limiter:
             self.pace.cut_at, self.pace.stepped_at = pace.cut_at, pace.stepped_at
             self.pace.quiet_until = pace.quiet_until
         self.relay_cuts, self.relay_why = old.relay_cuts, old.relay_why
-        self.shared_at, self.shared_cut_at, self.unshared = old.shared_at, old.shared_cut_at, old.unshared
+        # the shared pace's last cut is followed again at the next booking, against this configuration's rates: one
+        # the old rate was under (nothing to slow) slows a raised one
+        self.unshared = old.unshared
         self.relay_lowest = min(old.relay_lowest, self.pace.current)
         self.later = dict(old.later)
         self.told = {domain: dict(told) for domain, told in old.told.items()}
