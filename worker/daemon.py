@@ -611,8 +611,9 @@ class Daemon:
         if depth is not None:
             depth += waiting
         limiter = self.gen.dispatcher.limiter
-        with contextlib.suppress(Exception):  # (unread: the pace as this worker last saw it)
-            await limiter.refresh_pace()  # shared through the database: another worker's cut shows here too
+        if not error:  # (a database that did not answer the counts would hold the line a connect timeout more)
+            with contextlib.suppress(Exception):  # (unread: the pace as this worker last saw it)
+                await limiter.refresh_pace()  # shared through the database: another worker's cut shows here too
         pace = limiter.pace
         relay = limiter.relay_status()
         fields = dataclasses.asdict(line) | relay | {"queue_depth": depth, "waiting_for_domain_rate": waiting,
