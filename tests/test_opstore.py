@@ -92,6 +92,34 @@ def test_old_attempt_rows_are_pruned(db_url: str) -> None:
         store.close()
 
 
+def test_pruning_keeps_the_attempts_a_merged_milestone_needs_and_prunes_every_other_batch_after_them(
+    db_url: str,
+) -> None:
+    # Given 4 sent messages with an old attempt each, the first two (the lowest attempt ids) rows that carry a
+    # merged loyalty milestone and may still be sent (resent: retry, not expired)
+    store = Store.from_url(db_url)
+    try:
+        _shop(store, 4)
+        _plan(store)
+        rows = sorted(store.claim(worker="w", now=NOW, limit=4, lease_seconds=60), key=lambda r: r.id)
+        store.mark_sending([r.id for r in rows], worker="w", now=NOW)
+        store.record([Disposition(r, MessageStatus.SENT, "w", NOW - timedelta(days=200), NOW - timedelta(days=200),
+                                  SendResult(Outcome.SENT, 250, "ok")) for r in rows])  # fmt: skip
+        m = sa.table("message", sa.column("id"), sa.column("payload"), sa.column("status"))
+        with store.engine.begin() as conn:
+            conn.execute(sa.update(m).where(m.c.id.in_([rows[0].id, rows[1].id]))
+                         .values(payload='{"carries": "loyalty:C0:spend-1"}', status="retry"))  # fmt: skip
+
+        # When attempts are pruned one a batch
+        pruned = opstore.prune_attempts(store, NOW - timedelta(days=150), batch=1)
+
+        # Then the guarded two stay, and the batches after them still prune the other two
+        assert pruned == 2
+        assert [len(store.attempts_for(r.id)) for r in rows] == [1, 1, 0, 0]
+    finally:
+        store.close()
+
+
 def test_job_runs_only_move_forward(db_url: str) -> None:
     store = Store.from_url(db_url)
     try:

@@ -27,6 +27,7 @@ from worker.adapters.store import (
     O,
     S,
     Store,
+    _chunks,
     customer_snapshot,
     suppression_address,
 )
@@ -269,30 +270,47 @@ def hand_written_times(store: Store, ids: Iterable[int], now: datetime, worker: 
 
 
 def merge_guard(older_than: datetime) -> sa.ColumnElement[bool]:
-    """The attempts ``Store.record``'s un-merge reads (``store._UNMERGE_SQL``) while they may still be read: an
-    attempt that may have arrived (sent, ambiguous) of a loyalty email that carries a milestone merged into it, as
-    long as that email may still be sent (not sent nor skipped, its expiry not long past: resent by an operator,
-    then found no longer due). Pruned, the merged milestone would go back to the queue, a second email."""
-    carrier = sa.exists().where(
-        M.c.id == A.c.message_id,
+    """The messages whose attempts ``Store.record``'s un-merge reads (``store._UNMERGE_SQL``) while they may still be
+    read: a loyalty email that carries a milestone merged into it, as long as that email may still be sent (not sent
+    nor skipped, its expiry not long past: resent by an operator, then found no longer due). Its attempts that may
+    have arrived (sent, ambiguous) are kept: pruned, the merged milestone would go back to the queue, a second
+    email."""
+    return sa.and_(
         M.c.payload.contains('"carries"'),
         M.c.status.not_in([MessageStatus.SENT.value, MessageStatus.SKIPPED.value]),
         M.c.expires_at >= older_than,
     )
-    return sa.and_(A.c.outcome.in_([Outcome.SENT.value, Outcome.AMBIGUOUS.value]), carrier)
+
+
+MAY_HAVE_ARRIVED = (Outcome.SENT.value, Outcome.AMBIGUOUS.value)
+"""The attempts of a message in ``merge_guard`` that pruning keeps."""
 
 
 def prune_attempts(store: Store, older_than: datetime, batch: int = PRUNE_BATCH) -> int:
-    """Delete attempt rows finished before ``older_than``, in short batches; returns how many. Not those a merged
-    loyalty milestone's fate still depends on (``merge_guard``)."""
+    """Delete attempt rows finished before ``older_than``, in short batches (by id, each past the last); returns how
+    many. Not those a merged loyalty milestone's fate still depends on (``merge_guard``): each batch looks up the
+    messages of its attempts that may have arrived by their ids. As a NOT EXISTS in the batch's query,
+    PostgreSQL read the whole message table each batch (a hashed subplan: 0.4 s a batch of 200,000 messages,
+    ``bench/pruning.py``)."""
     total = 0
+    after = 0
     while True:
-        ids = (sa.select(A.c.id).where(A.c.finished_at < older_than, ~merge_guard(older_than))
-               .order_by(A.c.id).limit(batch))  # fmt: skip
+        rows = (sa.select(A.c.id, A.c.message_id, A.c.outcome).where(A.c.finished_at < older_than, A.c.id > after)
+                .order_by(A.c.id).limit(batch))  # fmt: skip
         with store.engine.begin() as conn:
-            deleted = int(conn.execute(sa.delete(A).where(A.c.id.in_(ids.scalar_subquery()))).rowcount)
-        total += deleted
-        if deleted < batch:
+            found = conn.execute(rows).all()
+            if not found:
+                return total
+            first, after = after, found[-1].id
+            maybe = sorted({r.message_id for r in found if r.outcome in MAY_HAVE_ARRIVED})
+            guarded: set[int] = set()
+            carriers = sa.select(M.c.id).where(merge_guard(older_than))
+            for part in _chunks(maybe):
+                guarded.update(conn.execute(carriers.where(M.c.id.in_(part))).scalars())
+            kept = [r.id for r in found if r.message_id in guarded and r.outcome in MAY_HAVE_ARRIVED]
+            total += int(conn.execute(sa.delete(A).where(A.c.id > first, A.c.id <= after, A.c.finished_at < older_than,
+                                                         A.c.id.not_in(kept))).rowcount)  # fmt: skip
+        if len(found) < batch:
             return total
 
 
