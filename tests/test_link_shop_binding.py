@@ -135,18 +135,23 @@ def test_links_sent_before_tokens_named_their_shop_work_where_the_ledger_shows_t
     # the same key, whose customer 1 and order 1 are others (B's ledger has no email of A's, nor a feedback request)
     with _two_shops(tmp_path, smtp_server) as ((a, shop_a), (b, shop_b), bound, ratings):
         unsubscribe, rating = _unbound(bound), _unbound(ratings[2])
+        customer_alone = tokens.sign("u", "1", LINK_KEY.encode(), shop="")  # a link of before naming no email
         # When they are pressed at B's site, Then the bad-link page, nothing done, and the log says why
         with caplog.at_level(logging.INFO):
             assert _post(shop_b, b, "/unsubscribe", unsubscribe, ONE_CLICK)[0] == 400
             assert _post(shop_b, b, "/feedback", rating, b"comment=")[0] == 400
+            assert _post(shop_b, b, "/unsubscribe", customer_alone, ONE_CLICK)[0] == 400
         assert opstore.suppressions(b) == [] and opstore.feedback(b) == []
-        reasons = {str(e["route"]): str(e["reason"]) for e in _rejections(caplog)}
-        assert "no email to the customer with its Message-ID" in reasons["unsubscribe"], reasons
-        assert "no feedback request for the order" in reasons["feedback"], reasons
+        reasons = [(str(e["route"]), str(e["reason"])) for e in _rejections(caplog)]
+        assert "no email to the customer with its Message-ID" in reasons[0][1], reasons
+        assert "no feedback request for the order" in reasons[1][1], reasons
+        assert "has mailed the customer nothing" in reasons[2][1], reasons
         assert unsubscribe not in caplog.text and rating not in caplog.text and "@example" not in caplog.text
+        assert customer_alone not in caplog.text
         # And at A's site, whose ledger has the email (its Message-ID on A's domain) and the feedback request, they
         # work as they always did
         assert _post(shop_a, a, "/feedback", rating, b"comment=")[0] == 200
         assert [(f.order_ref, f.score) for f in opstore.feedback(a)] == [("1", 2)]
         assert _post(shop_a, a, "/unsubscribe", unsubscribe, ONE_CLICK)[0] == 200
         assert [s["email"] for s in opstore.suppressions(a)] == ["ani@example.com"]
+        assert _post(shop_a, a, "/unsubscribe", customer_alone, ONE_CLICK)[0] == 200  # A mailed its customer 1

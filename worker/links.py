@@ -75,8 +75,8 @@ Prometheus's own scrape timeout (10 s): the scrape failed whole, the process's f
 
 
 NOT_VERIFIED = "not signed with this shop's key, altered, cut short, or for another purpose"
-UNBOUND_NO_EMAIL = ("signed for no shop (sent before links named theirs) and naming no email: the ledger cannot show "
-                    "it this shop's (another shop's with the same key?)")
+UNBOUND_NO_EMAIL = ("signed for no shop (sent before links named theirs) and naming no email, and this shop's ledger "
+                    "has mailed the customer nothing: another shop's with the same key?")
 UNBOUND_NOT_IN_LEDGER = ("signed for no shop (sent before links named theirs), and this shop's ledger has no email to "
                          "the customer with its Message-ID: another shop's with the same key?")
 UNBOUND_NO_REQUEST = ("signed for no shop (sent before links named theirs), and this shop's ledger has mailed no "
@@ -204,9 +204,9 @@ class Site:
             return self._reject("unsubscribe", NOT_VERIFIED)
         s = self.store.store
         mailed = await self._recipient(link, verified.domain) if link.message_local is not None else None
-        if verified.domain is None and mailed is None:  # a link signed for no shop: this shop's only if the ledger
-            why = UNBOUND_NO_EMAIL if link.message_local is None else UNBOUND_NOT_IN_LEDGER  # has its email
-            return self._reject("unsubscribe", why, customer_id=link.customer_id)
+        unbound = verified.domain is None  # a link signed for no shop: this shop's only if the ledger has its email
+        if unbound and mailed is None and link.message_local is not None:
+            return self._reject("unsubscribe", UNBOUND_NOT_IN_LEDGER, customer_id=link.customer_id)
         customer = await self.store.call(opstore.customer, s, link.customer_id)
         locale = customer.locale if customer is not None else self._default_locale()
         shop = self.settings().shop.name
@@ -224,7 +224,9 @@ class Site:
             return self._page(HTTPStatus.OK, pages.confirm_unsubscribe(locale, shop, masked, token or ""))
         if b"List-Unsubscribe" not in request.body or b"One-Click" not in request.body:
             return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(locale, self.settings().unsubscribe.mailto))
-        addresses, _ = await self._addresses(link, mailed, customer, post=True)
+        addresses, mailed_known = await self._addresses(link, mailed, customer, post=True)
+        if unbound and not mailed_known:  # one naming no email (every email's before 2026-12-05): this shop's only
+            return self._reject("unsubscribe", UNBOUND_NO_EMAIL, customer_id=link.customer_id)  # if it mailed them
         if not addresses:  # the token names no address: nothing to suppress, and the customer is told so
             log.event("unsubscribe_unknown_customer", logging.WARNING, customer_id=link.customer_id)
             mailto = self.settings().unsubscribe.mailto
@@ -260,7 +262,8 @@ class Site:
         link that names no email (issued before links did), or one the ledger does not find: on the POST, every
         address the customer was mailed at (the ledger is read whole for them: not for a GET). With whether the
         address (or addresses) mailed are among them: not for such a link's GET. Only for a link signed for this
-        shop: one signed for none is refused unless the ledger has its email (``unsubscribe``)."""
+        shop, or one signed for none whose email the ledger has (``unsubscribe``); one signed for none that names no
+        email is refused on the POST unless the ledger has mailed the customer (its GET changes nothing)."""
         mailed = [recipient] if recipient is not None else []
         if post and not mailed:
             mailed = await self._mailed_addresses(link.customer_id)
