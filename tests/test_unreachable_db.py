@@ -177,3 +177,46 @@ def test_the_operators_commands_say_when_nothing_listens_on_the_databases_port(t
         # Then the command says nothing listens there, and what to look at
         assert f"nothing listens on 127.0.0.1:{port} (connection refused)" in said, (args, said)
         assert "is PostgreSQL running" in said and "s3cret" not in said, (args, said)
+
+
+def _closed_port(family: socket.AddressFamily = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    with socket.socket(family) as closed:
+        closed.bind((host, 0))
+        return int(closed.getsockname()[1])
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        _closed_port(socket.AF_INET6, "::1")
+    except OSError:
+        return False
+    return True
+
+
+def test_the_operators_commands_name_the_host_and_port_the_url_gives_in_every_form(tmp_path: Path) -> None:
+    # Given configs naming their PostgreSQL server as libpq's parameters (host and port in the query), several hosts,
+    # an IPv6 address and a unix socket's folder, with nothing listening at any of them
+    p1, p2 = _closed_port(), _closed_port()
+    folder = tmp_path / "pg-socket"
+    folder.mkdir()
+    stale = socket.socket(socket.AF_UNIX)  # a socket file left behind by a server that is gone: connection refused
+    stale.bind(str(folder / ".s.PGSQL.5433"))
+    forms = {
+        f"/kembali?host=127.0.0.1&port={p1}": f"127.0.0.1:{p1}",
+        f"/kembali?host=127.0.0.1:{p1}&host=127.0.0.1:{p2}": f"127.0.0.1:{p1}, 127.0.0.1:{p2}",
+        f"/kembali?host={folder}&port=5433": f"the socket {folder}/.s.PGSQL.5433",
+    }
+    if _ipv6_loopback():
+        p6 = _closed_port(socket.AF_INET6, "::1")
+        forms[f"[::1]:{p6}/kembali"] = f"[::1]:{p6}"
+    try:
+        for n, (rest, where) in enumerate(forms.items()):
+            site = _site_on(tmp_path / str(n), f"postgresql+psycopg://kembali:s3cret@{rest}")
+            # When the operator asks for the schema's state
+            done = site.cli("db", "status")
+            # Then the command names where the URL sends it, not a localhost:5432 it never tried
+            said = done.stdout + done.stderr
+            assert f"nothing listens on {where} (connection refused)" in said, (rest, said)
+            assert "s3cret" not in said and done.returncode != 0, (rest, said)
+    finally:
+        stale.close()

@@ -824,8 +824,7 @@ def connect_failure(engine: Engine, exc: BaseException) -> str | None:
     if engine.dialect.name != "postgresql":
         return None
     text = str(getattr(exc, "orig", None) or exc)
-    url = engine.url
-    where = f"{url.host or 'localhost'}:{url.port or 5432}"
+    where = _servers(engine)
     if "timeout expired" in text:
         return (f"PostgreSQL at {where} did not answer within {_CONNECT_TIMEOUTS.get(engine, '?')} s "
                 "(connect_timeout): is the server up, do database.url's host and port name it, and does no firewall "
@@ -834,6 +833,28 @@ def connect_failure(engine: Engine, exc: BaseException) -> str | None:
         return (f"nothing listens on {where} (connection refused): is PostgreSQL running there, and on the port "
                 "database.url names?")
     return None
+
+
+def _servers(engine: Engine) -> str:
+    """The servers a PostgreSQL engine connects to, as libpq is given them (the URL's host and port, or its
+    ``?host=...&port=...``, several hosts, $PGHOST/$PGPORT): ``host:port``, ``[v6]:port``, or the socket of a
+    folder; a URL without a host names the local socket (libpq's default folder), not ``localhost:5432``."""
+    _, params = engine.dialect.create_connect_args(engine.url)
+    hosts = str(params.get("host") or os.environ.get("PGHOST") or "").split(",")
+    ports = str(params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
+    ports = ports * len(hosts) if len(ports) == 1 else ports
+    named = []
+    for host, port in zip(hosts, ports, strict=False):
+        port = port or "5432"
+        if not host:
+            named.append(f"the local socket .s.PGSQL.{port}")
+        elif host.startswith("/"):
+            named.append(f"the socket {host.rstrip('/')}/.s.PGSQL.{port}")
+        elif ":" in host:
+            named.append(f"[{host}]:{port}")
+        else:
+            named.append(f"{host}:{port}")
+    return ", ".join(named)
 
 
 def sqlite_path(engine: Engine) -> Path | None:
