@@ -4,7 +4,10 @@ dropped route or a hung server looks like to the client), and the real PostgreSQ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,3 +223,52 @@ def test_the_operators_commands_name_the_host_and_port_the_url_gives_in_every_fo
             assert "s3cret" not in said and done.returncode != 0, (rest, said)
     finally:
         stale.close()
+
+
+@pytest.fixture
+def waking_server(pg_migrated_url: str) -> Iterator[str]:
+    """``pg_migrated_url`` through a proxy that answers its first connection after 4 s, as a PostgreSQL host that
+    sleeps when idle (a serverless or scaled-to-zero database) does when it wakes; the others at once."""
+    real = sa.make_url(pg_migrated_url)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    first = [True]
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            if first[0]:
+                first[0] = False
+                time.sleep(4.0)
+            upstream = socket.create_connection((real.host or "127.0.0.1", real.port or 5432))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield real.set(host="127.0.0.1", port=listener.getsockname()[1]).render_as_string(False)
+    finally:
+        listener.close()
+
+
+@pytest.mark.postgres
+def test_db_upgrade_waits_for_a_database_host_as_long_as_the_daemon_does(tmp_path: Path, waking_server: str) -> None:
+    # Given a deploy's PostgreSQL host that takes 4 s to answer its first connection (waking up), which the daemon
+    # waits for (10 s)
+    site = _site_on(tmp_path, waking_server)
+    # When the deploy migrates the schema before it starts the daemon
+    done = site.cli("db", "upgrade")
+    # Then the migration is not given up after the 3 s of an operator's look at the ledger: the deploy goes on
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "schema already at" in done.stdout

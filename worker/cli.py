@@ -606,7 +606,8 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
 
     from worker.adapters import db
 
-    engine = db.command_engine(settings)
+    # `db upgrade` is a deploy's step before the daemon: it waits for the host as long as the daemon does
+    engine = db.engine_for(settings) if args.action == "upgrade" else db.command_engine(settings)
     path = db.sqlite_path(engine)
     try:
         if args.action == "status" and path is not None and not path.parent.is_dir():  # `db upgrade` stops there

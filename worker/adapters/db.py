@@ -48,11 +48,12 @@ PG_CONNECT_TIMEOUT_SECONDS = 10
 that does not answer (a dropped route, a listener that never speaks) held each new connection for minutes, or for
 ever, and every thread that asked for one with it."""
 PG_COMMAND_CONNECT_TIMEOUT_SECONDS = 3
-"""``connect_timeout`` for the commands an operator waits on (``check``, ``db``, ``ledger``, ``stats``, ``insights``,
-``suppress``) unless the URL sets its own: with the daemon's 10 s, ``kembali check`` on a host that did not answer
-took 12.6 s, ``db status`` 11.2 s, and said only "connection timeout expired". They now give up after 3 s (about 5 s
-in all for check) and say which host and port did not answer (``connect_failure``). Enough for a TCP, TLS and
-password handshake across a continent; the daemon, ``run`` and ``import`` keep the longer wait."""
+"""``connect_timeout`` for the commands an operator waits on (``check``, ``db status``, ``ledger``, ``stats``,
+``insights``, ``suppress``) unless the URL sets its own: with the daemon's 10 s, ``kembali check`` on a host that did
+not answer took 12.6 s, ``db status`` 11.2 s, and said only "connection timeout expired". They now give up after 3 s
+(about 5 s in all for check) and say which host and port did not answer (``connect_failure``). Enough for a TCP, TLS
+and password handshake across a continent; the daemon, ``run``, ``import`` and ``db upgrade`` (a deploy's step before
+the daemon, on a host that may be waking up) keep the longer wait."""
 PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 """TCP keepalives on every PostgreSQL connection, each unless the URL sets its own: a host that goes silent once
 connected (a failover that moved its address, a dropped route) is given up after about a minute idle, where the
