@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.daemon_harness import make_shop
+from tests.sendkit import REPO
 from tests.shop_fixtures import Site as ShopSite
 from tests.shop_fixtures import make_site
 from worker import links
@@ -272,3 +277,24 @@ def test_db_upgrade_waits_for_a_database_host_as_long_as_the_daemon_does(tmp_pat
     # Then the migration is not given up after the 3 s of an operator's look at the ledger: the deploy goes on
     assert done.returncode == 0, done.stdout + done.stderr
     assert "schema already at" in done.stdout
+
+
+def test_ctrl_c_stops_check_while_it_waits_for_a_database_host_that_does_not_answer(
+    tmp_path: Path, silent_listener: socket.socket
+) -> None:
+    # Given a config whose PostgreSQL host never answers, with a long connect_timeout of the URL's own (a slow link)
+    port = silent_listener.getsockname()[1]
+    site = _site_on(tmp_path, f"postgresql+psycopg://kembali@127.0.0.1:{port}/kembali?connect_timeout=60")
+    check = subprocess.Popen([sys.executable, "-m", "worker", "--config", str(site.config), "check"], cwd=REPO,
+                             env=site.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        # When the operator presses Ctrl-C once check is waiting for the host
+        assert select.select([silent_listener], [], [], 30)[0], "check never connected"
+        check.send_signal(signal.SIGINT)
+        # Then check stops (130), not after the host's minute
+        _, err = check.communicate(timeout=20)
+    finally:
+        check.kill()
+        check.wait()
+    assert check.returncode == 130, err
+    assert "stopped by SIGINT" in err

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, time
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
@@ -240,6 +241,30 @@ def notes(settings: Settings, unused: list[str], stray: list[StrayText]) -> list
     return found
 
 
+class _InThread:
+    """``work`` run in a daemon thread: ``result`` waits for it (a signal interrupts the wait) and returns what it
+    returned, or raises what it raised."""
+
+    def __init__(self, work: Callable[[], list[Note]]) -> None:
+        self._work = work
+        self._value: list[list[Note]] = []
+        self._error: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name="check-ledger", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value.append(self._work())
+        except BaseException as exc:  # handed to the caller of result
+            self._error.append(exc)
+
+    def result(self) -> list[Note]:
+        self._thread.join()
+        if self._error:
+            raise self._error[0]
+        return self._value[0]
+
+
 def check(settings: Settings, args: argparse.Namespace) -> int:
     problems = check_config(settings)
     folder = settings.resolve(settings.templates.dir)
@@ -248,17 +273,17 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     stray: list[StrayText] = []
     present = folder.is_dir()  # check_config reports it when not
     # the ledger read while the templates render: a database host that does not answer costs its connect timeout
-    # once, beside the renders (2-5 s), not after them
-    with ThreadPoolExecutor(1, thread_name_prefix="check-ledger") as pool:
-        waiting = pool.submit(waiting_notes, settings)
-        if present:
-            with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
-                problems += check_templates(settings, renderer)
-                unused = unused_folders(settings, renderer)
-                stray = renderer.stray_text(unused)
-                campaigns = sorted(set(renderer.campaigns()) - set(unused))
-                renders = len(campaigns) * len(Locale) * len(samples.samples(Locale.ID))
-        said = notes(settings, unused, stray) + waiting.result()
+    # once, beside the renders (2-5 s), not after them. In a daemon thread, joined where Ctrl-C reaches it: a
+    # pool's thread is waited for on the way out, for as long as the host's connect_timeout (the URL's may be long)
+    waiting = _InThread(lambda: waiting_notes(settings))
+    if present:
+        with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
+            problems += check_templates(settings, renderer)
+            unused = unused_folders(settings, renderer)
+            stray = renderer.stray_text(unused)
+            campaigns = sorted(set(renderer.campaigns()) - set(unused))
+            renders = len(campaigns) * len(Locale) * len(samples.samples(Locale.ID))
+    said = notes(settings, unused, stray) + waiting.result()
     if args.json:
         for p in problems:
             print(json_line({"type": "problem", **p.as_json()}))
