@@ -1730,18 +1730,19 @@ def test_a_daemon_that_cannot_start_says_why_in_one_json_line_when_its_config_as
     failed = json.loads(lines[0])
     assert failed["event"] == "command_failed" and failed["level"] == "error" and failed["exit_code"] == 2, failed
     assert "KEMBALI_NO_SUCH" in failed["message"] and failed["message"].startswith("configuration error: "), failed
-    # When the database is a PostgreSQL server nothing listens at (libpq's reason is two lines)
+    # When the database is a PostgreSQL server nothing listens at
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     pg = f"postgresql+psycopg://kembali:Sup3rSecret@127.0.0.1:{port}/kembali"
     shop.config.write_text(re.sub(r'url = "sqlite[^"]*"', f'url = "{pg}"', text), encoding="utf-8")
     code, lines = _start_failure(shop.config)
-    # Then it is one JSON line too, holding both of libpq's lines, the password masked
+    # Then it is one JSON line too, naming where nothing listens and what to look at, the password masked
     assert code == 3 and len(lines) == 1, lines
     failed = json.loads(lines[0])
     assert failed["event"] == "command_failed" and failed["exit_code"] == 3, failed
-    assert f"127.0.0.1:{port}" in failed["message"] and "\n\tIs the server running" in failed["message"], failed
+    assert f"nothing listens on 127.0.0.1:{port} (connection refused)" in failed["message"], failed
+    assert "is PostgreSQL running there" in failed["message"], failed
     assert "Sup3rSecret" not in lines[0] and "kembali:***@" in failed["message"], failed
     # But a config that cannot be read says so in plain text: which format it asks for is unknown
     shop.config.write_text(text + "\n[logging\n", encoding="utf-8")
