@@ -431,3 +431,27 @@ def test_the_paid_time_an_orders_file_gives_is_the_one_loyalty_counts_from(
     # Then P1, whose 5th order was paid within the window, is thanked; Q1, whose 5th was paid before it, is not
     assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["p1@example.com"]
     assert {k: v[:2] for k, v in ledger(settings).items()} == {"loyalty:P1:orders-5": ("sent", None)}
+
+
+def test_an_order_first_seen_refunded_and_corrected_back_to_paid_is_not_newly_paid(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given P1's four paid orders and a 5th placed 50 days ago, which the import 40 days ago saw already refunded (a
+    # refund made by mistake: an order refunded was paid), and today's import says it is delivered after all
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("P1")], DAY - timedelta(days=100))
+    earlier = [order(f"P1-{i}", "P1", 90 - 10 * i, 100_000) for i in range(4)]
+    fifth = order("P1-4", "P1", 50, 100_000)
+    shop.upsert_orders(engine, [*earlier, dataclasses.replace(fifth, status=OrderStatus.REFUNDED)],
+                       DAY - timedelta(days=40))  # fmt: skip
+    shop.upsert_orders(engine, [*earlier, fifth], DAY)
+    engine.dispose()
+
+    # When Kembali runs today
+    cycle_at(settings, DAY + timedelta(hours=1))
+
+    # Then P1, whose 5th order was paid before the window (a refund corrected is not a new payment), is not thanked
+    assert smtp_server.messages == []
+    assert ledger(settings) == {}
+

@@ -35,7 +35,7 @@ from worker import log, money
 from worker.adapters import db
 from worker.adapters.store import PURCHASE_EXCLUDED, RATEABLE, C, L, O, P, _chunks
 from worker.adapters.tables import ShopState
-from worker.domain import CustomerRecord, OrderRecord, ProductRecord
+from worker.domain import CustomerRecord, OrderRecord, OrderStatus, ProductRecord
 
 STATE = ShopState.__table__  # type: ignore[attr-defined]
 SPEND_CURRENCY = "spend_currency"
@@ -332,14 +332,15 @@ def _paid_at(old: Any, rec: OrderRecord, now: datetime) -> datetime | None:
     are paid at checkout, and a first import of a shop's history then reaches no milestone "today"); else ``now``
     when this import is the first to say so (it was paid since the last one that said otherwise). A refunded or
     cancelled order keeps it: its status says it no longer counts, and a refund corrected back to paid does not
-    make the order newly paid."""
+    make the order newly paid, nor does one first seen refunded (by an import, or before migration 0019): it was
+    paid before that import, counted as an order first seen paid."""
     if old is not None and old.paid_at is not None:
         return old.paid_at  # type: ignore[no-any-return]
     if not rec.status.is_paid:
         return None
     if rec.paid_at is not None:
         return rec.paid_at
-    return rec.placed_at if old is None or old.status in RATEABLE else now
+    return rec.placed_at if old is None or old.status in (*RATEABLE, OrderStatus.REFUNDED.value) else now
 
 
 def _spends(status: str, total_minor: int) -> int:
