@@ -12,6 +12,7 @@ import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DAY = datetime(2027, 3, 1, 4, 0, tzinfo=UTC)
 """11:00 on 1 March 2027 in Jakarta."""
 D = OrderStatus.DELIVERED
+JAKARTA = ZoneInfo("Asia/Jakarta")
 RP = 100
 """Minor units per rupiah."""
 
@@ -455,3 +457,29 @@ def test_an_order_first_seen_refunded_and_corrected_back_to_paid_is_not_newly_pa
     assert smtp_server.messages == []
     assert ledger(settings) == {}
 
+
+def test_a_paid_date_without_a_time_on_the_day_the_order_was_placed_counts_it_from_when_it_was_placed(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path
+) -> None:
+    # Given P1's four orders (90 to 60 days ago) and a 5th placed at 13:00 Jakarta 30 days ago, just inside the
+    # window (which opened at 11:00 that day), paid that day: the shop's file gives the date it was paid, no time
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("P1")], DAY - timedelta(days=100))
+    placed = DAY - timedelta(days=30) + timedelta(hours=2)
+    rows = [f"P1-{i},P1,delivered,{(DAY - timedelta(days=90 - 10 * i)).isoformat()},,100000" for i in range(4)]
+    rows.append(f"P1-4,P1,paid,{placed.isoformat()},{placed.astimezone(JAKARTA).date().isoformat()},100000")
+    path = tmp_path / "orders.csv"
+    path.write_text("order_id,customer_id,status,placed_at,paid_at,total\n" + "\n".join(rows) + "\n", "utf-8")
+    records = [r for r in read_orders(path, now=DAY) if isinstance(r, OrderRecord)]
+    assert len(records) == 5
+    shop.upsert_orders(engine, records, DAY)
+    engine.dispose()
+
+    # When Kembali runs today
+    cycle_at(settings, DAY)
+
+    # Then P1's 5th order, placed and paid within the window, is rewarded (not counted from midnight, before it was
+    # placed and before the window)
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["p1@example.com"]
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {"loyalty:P1:orders-5": ("sent", None)}

@@ -550,6 +550,8 @@ def _order(
                 # loyalty would count the order from before it was placed
                 raise _Invalid(f"paid_at {_show(head['paid_at'].strip())} is before placed_at "
                                f"{_show(head['placed_at'].strip())}")  # fmt: skip
+            # a date without a time on the day it was placed (its midnight): paid when placed, not before it
+            paid_at = max(paid_at, placed_at)
         total = _optional_money(head, "total", currency)
     except _Invalid as exc:
         errors.append(RowError(file, first_line, key, str(exc)))
