@@ -872,6 +872,23 @@ def test_the_demo_leaves_a_folder_of_the_operators_files_alone(tmp_path: Path) -
     assert (demo / "config.toml").is_file() and list((demo / "sent").glob("*.eml"))
 
 
+def test_the_demo_takes_a_folder_that_looks_empty_and_leaves_what_it_held(tmp_path: Path) -> None:
+    # Given a new folder opened in macOS Finder (its .DS_Store) and a freshly mounted volume (its lost+found)
+    finder = tmp_path / "demo-out"
+    finder.mkdir()
+    (finder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    volume = tmp_path / "volume"
+    (volume / "lost+found").mkdir(parents=True)
+    for out in (finder, volume):
+        # When the demo is pointed there
+        result = kembali("demo", "--out", str(out), "--customers", "30")
+        # Then it runs there (it refused with exit code 2: "holds files the demo did not write (.DS_Store)"), and
+        # leaves those be
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert list((out / "sent").glob("*.eml"))
+    assert (finder / ".DS_Store").read_bytes() == b"\x00\x00\x00\x01Bud1" and (volume / "lost+found").is_dir()
+
+
 def test_a_file_or_folder_that_cannot_be_used_is_named_in_words(tmp_path: Path) -> None:
     # Given a config, a file where a folder is asked for, and a folder where a file is
     config = write_config(tmp_path)

@@ -51,12 +51,17 @@ MARK = ".kembali-demo"
 """The file that says a folder is the demo's: written first, so a demo stopped halfway may start over there."""
 
 
+LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "lost+found"})
+"""What a folder that looks empty holds: a file manager's notes (macOS Finder's, Windows Explorer's), a mounted
+volume's lost+found; the demo writes none of them, and leaves them be."""
+
+
 def not_the_demos(out: Path) -> list[str]:
     """What a folder holds when it is not one the demo made (its mark, or the database of a demo before the mark),
-    sorted; nothing for a new or empty folder, which the demo may take."""
+    sorted; nothing for a new or empty folder (``LITTER`` aside), which the demo may take."""
     if not out.is_dir() or (out / MARK).is_file() or (out / "kembali-demo.db").is_file():
         return []
-    return sorted(path.name for path in out.iterdir())
+    return sorted(path.name for path in out.iterdir() if path.name not in LITTER)
 
 
 def run(args: argparse.Namespace) -> int:
