@@ -483,3 +483,27 @@ def test_a_paid_date_without_a_time_on_the_day_the_order_was_placed_counts_it_fr
     # placed and before the window)
     assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["p1@example.com"]
     assert {k: v[:2] for k, v in ledger(settings).items()} == {"loyalty:P1:orders-5": ("sent", None)}
+
+
+def test_an_order_paid_when_placed_whose_placed_at_is_corrected_counts_from_the_corrected_time(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given P1's four paid orders (90 to 60 days ago) and a 5th, paid at checkout 8 days ago, that the shop's export
+    # first gave with a mistyped month (placed 39 days ago), and Q1's the same the other way round: its 5th, placed
+    # 39 days ago, first given as placed 8 days ago; the next import (today) corrects both placed_at
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("P1"), customer("Q1")], DAY - timedelta(days=100))
+    earlier = [order(f"{c}-{i}", c, 90 - 10 * i, 100_000) for c in ("P1", "Q1") for i in range(4)]
+    shop.upsert_orders(engine, [*earlier, order("P1-4", "P1", 39, 100_000), order("Q1-4", "Q1", 8, 100_000)],
+                       DAY - timedelta(hours=2))  # fmt: skip
+    shop.upsert_orders(engine, [*earlier, order("P1-4", "P1", 8, 100_000), order("Q1-4", "Q1", 39, 100_000)],
+                       DAY - timedelta(hours=1))  # fmt: skip
+    engine.dispose()
+
+    # When Kembali runs today
+    cycle_at(settings, DAY)
+
+    # Then P1, whose 5th order was placed and paid 8 days ago, is thanked; Q1, whose 5th was 39 days ago, is not
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["p1@example.com"]
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {"loyalty:P1:orders-5": ("sent", None)}

@@ -327,7 +327,8 @@ def _upsert_orders(
 
 
 def _paid_at(old: Any, rec: OrderRecord, now: datetime) -> datetime | None:
-    """When the order was first seen paid (``shop_order.paid_at``): kept once known; else the file's ``paid_at``
+    """When the order was first seen paid (``shop_order.paid_at``): kept once known (one paid when placed follows a
+    later file's corrected ``placed_at``, and none is before it); else the file's ``paid_at``
     when it gives one; else ``placed_at`` when the import that brings it says it is paid (nothing tells when: most
     are paid at checkout, and a first import of a shop's history then reaches no milestone "today"); else ``now``
     when this import is the first to say so (it was paid since the last one that said otherwise). A refunded or
@@ -335,7 +336,9 @@ def _paid_at(old: Any, rec: OrderRecord, now: datetime) -> datetime | None:
     make the order newly paid, nor does one first seen refunded (by an import, or before migration 0019): it was
     paid before that import, counted as an order first seen paid."""
     if old is not None and old.paid_at is not None:
-        return old.paid_at  # type: ignore[no-any-return]
+        if old.paid_at == old.placed_at:  # paid when placed: when it was placed, as a later file corrects it
+            return rec.placed_at
+        return max(old.paid_at, rec.placed_at)  # type: ignore[no-any-return]
     if not rec.status.is_paid:
         return None
     if rec.paid_at is not None:
