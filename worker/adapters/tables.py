@@ -142,8 +142,9 @@ class ShopOrder(SQLModel, table=True):
     """``delivered_at``, or ``placed_at`` when no delivery time is known (the feedback clock)."""
     paid_at: datetime | None = _dt(default=None)
     """When the order was first seen paid (paid, shipped or delivered; migration 0019): ``placed_at`` when the import
-    that brought it said so already, else the time of the import that first did; kept after (a refund does not
-    clear it; the status says the order no longer counts). None: never seen paid."""
+    that brought it said so already (or first said it refunded), else the time of the import that first did (or the
+    file's ``paid_at``); kept after (a refund does not clear it; the status says the order no longer counts), but
+    never before ``placed_at``, and one paid when placed follows a corrected ``placed_at``. None: never seen paid."""
     total_minor: int = Field(sa_type=sa.BigInteger())
     currency: str = Field(max_length=3, default="IDR")
     created_at: datetime = _dt()
