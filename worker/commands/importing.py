@@ -155,9 +155,9 @@ def import_file(
             signal.signal(signal.SIGINT, _stop_now(KeyboardInterrupt))
     try:
         first_read = True
+        """Until the first row is yielded: an orders import reads the file once before (``numbered_orders``)."""
         rejected_line = -1
         """The line of the last rejected row: each of its faults is said, the row counted once."""
-        """Until the first row is yielded: an orders import reads the file once before (``numbered_orders``)."""
 
         def checked(end: int) -> None:  # that first read's progress, on the import's line
             progress.update(end, "lines checked for orders whose rows are apart")
