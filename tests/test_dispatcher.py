@@ -344,12 +344,16 @@ def test_rows_an_earlier_failed_run_left_claimed_lapse_while_a_later_run_of_the_
         report, _ = _run_beside_maintenance(url, shop, clock, lambda astore, transport: Dispatcher(
             settings=settings, store=astore, composer=deps.composer(), transport=transport, clock=clock, worker="w1"))
         # Then the run renews only its own leases: it sends the others once each, and the row left behind has
-        # lapsed back to the queue for the next run (it is not kept claimed, by nobody, as long as runs go on)
+        # lapsed back to the queue (it is not kept claimed, by nobody, as long as runs go on): waiting for the next
+        # run, or, on a machine slow enough that this run claimed again after it lapsed, sent by this one, once
         others = [e for e in emails if e != left.email]
-        assert report.outcomes == {"sent": 9}
-        assert Counter(m.rcpt_tos[0] for m in sink.messages) == {e: 1 for e in others}
-        assert _statuses(shop) == {"sent": 9, "planned": 1}
-        assert shop.row(left.email).status == "planned"
+        received = Counter(m.rcpt_tos[0] for m in sink.messages)
+        assert {e: received[e] for e in others} == {e: 1 for e in others}
+        left_now = shop.row(left.email).status
+        assert left_now in ("planned", "sent"), left_now
+        assert received[left.email] == (1 if left_now == "sent" else 0)
+        assert report.outcomes == {"sent": 9 + received[left.email]}
+        assert _statuses(shop) == ({"sent": 10} if left_now == "sent" else {"sent": 9, "planned": 1})
         shop.close()
 
 
