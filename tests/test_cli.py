@@ -209,6 +209,28 @@ def test_run_once_ends_saying_how_many_messages_wait_and_when_the_first_falls_du
             f"{local:%Y-%m-%d %H:%M} WIB)") in result.stdout.splitlines(), result.stdout
 
 
+def test_with_no_cap_a_second_run_a_minute_later_sends_without_holding_for_another_worker(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # frequency_caps = [] and one worker: a run that sent win-back emails, then one a minute later with the news
+    # turned on, sent half the news and said "33 deferred:another_worker" (held back a minute at the mark for the
+    # cap, for the first run's sends), with no other worker and no cap to keep
+    config = write_config(tmp_path, smtp_port=smtp_server.port, extra="[policy]\nfrequency_caps = []\n")
+    _shop_in(tmp_path, config, customers=120)
+    first = kembali("run", "--once", config=config)
+    assert first.returncode == 0 and re.search(r"^sent \d+ win-back emails$", first.stdout, re.M), first.stdout
+    news = "[campaigns.new_products]\nenabled = true\n[policy]\nfrequency_caps = []\n"
+    config = write_config(tmp_path, smtp_port=smtp_server.port, extra=news)
+    second = kembali("run", "--once", config=config)
+    assert second.returncode == 0, second.stderr
+    planned = re.search(r"^planned (\d+) new new-product emails$", second.stdout, re.M)
+    assert planned and int(planned[1]) > 10, second.stdout
+    assert f"sent {planned[1]} new-product emails" in second.stdout.splitlines(), second.stdout
+    assert "another_worker" not in second.stdout + second.stderr
+    with sqlite3.connect(tmp_path / "shop.db") as conn:
+        assert conn.execute("SELECT count(*) FROM message WHERE status <> 'sent'").fetchone() == (0,)
+
+
 def test_preview_shows_who_would_get_what_and_writes_nothing(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     _shop_in(tmp_path, config, customers=60)

@@ -237,12 +237,15 @@ class LedgerWriter:
         clock: Clock,
         group: int = 1,
         quota: DailyQuota | None = None,
+        capped: bool = True,
     ) -> None:
         """``group``: a group this big is committed at once; a smaller one lingers ``LINGER_SECONDS``. ``quota``: the
         daily quota, whose day at a commit's time (``DailyQuota.at``) the commit itself counts
-        (``Store.record_and_mark``); None: no quota."""
+        (``Store.record_and_mark``); None: no quota. ``capped``: whether the contact policy has a frequency cap for
+        the mark to keep across workers (``Store.record_and_mark``)."""
         self.store = store
         self.quota = quota
+        self.capped = capped
         self.worker = worker
         self.clock = clock
         self.group = group
@@ -416,7 +419,8 @@ class LedgerWriter:
         quota = self.quota.at(now) if self.quota is not None else None
         return await retrying(
             "ledger_write_retried",
-            lambda: self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now, quota=quota),
+            lambda: self.store.call(store.record_and_mark, records, ids, worker=self.worker, now=now, quota=quota,
+                                    capped=self.capped),
             self.RETRY_SECONDS, outcomes=len(records), marks=len(ids),
         )  # fmt: skip
 
@@ -713,9 +717,9 @@ class Dispatcher:
         report = DispatchReport()
         relay_cuts = self.limiter.relay_cuts
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
-        writer = self._writer = LedgerWriter(
-            self.store, worker=self.worker, clock=self.clock, group=in_flight // 2, quota=self.quota
-        )
+        capped = bool(self.settings.policy.frequency_caps)
+        writer = self._writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock, group=in_flight // 2,
+                                             quota=self.quota, capped=capped)  # fmt: skip
         writer.start()
         queue: asyncio.Queue[Composed | Literal["done"]] = asyncio.Queue(maxsize=self.settings.sending.batch_size)
         wire = asyncio.Semaphore(self.settings.smtp.pool_size)
@@ -1139,7 +1143,9 @@ class Dispatcher:
                     log.event("email_held_back", campaign=message.campaign, dedupe_key=message.dedupe_key,
                               customer=item.customer.external_id, to=log.mask_email(message.email),
                               retry_in_seconds=HELD_SECONDS,
-                              why="another worker is sending to this customer, or just did")  # fmt: skip
+                              why="another worker is sending to this mailbox, or another worker or an earlier "
+                                  "run sent to it from a minute before the claim (the frequency cap across "
+                                  "workers)")  # fmt: skip
                     report.count(message, "deferred:another_worker")
                 else:
                     log.event("email_lease_lost", logging.WARNING, campaign=message.campaign,

@@ -17,6 +17,7 @@ first SMTP byte, after a last re-check of suppression, consent and win-back's
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import threading
@@ -33,6 +34,7 @@ from worker.adapters.importer import ascii_address
 from worker.adapters.tables import Attempt, Customer, Message, OrderLine, Product, ShopOrder, Suppression, UTCDateTime
 from worker.config import Settings
 from worker.core.audiences import WINBACK, WinbackCandidate
+from worker.core.campaigns import NEW_PRODUCTS
 from worker.domain import (
     ClaimedMessage,
     CustomerSnapshot,
@@ -249,6 +251,14 @@ _MARK_TAIL = (
     " AND mine.attempt_no = other.attempts AND mine.worker = :worker))"
     " RETURNING id"
 )
+# With no frequency cap (``policy.frequency_caps = []``) there is no slot to keep across workers: the mark holds a
+# row back only for the news week, a new-products email for another worker's new-products email to its mailbox (a
+# second run a minute after one that sent win-back emails held back every news email to those mailboxes, with no
+# other worker and nothing to hold them for).
+_SAME_MAILBOX = "WHERE lower(other.email) = lower(message.email)"
+_MARK_TAIL_UNCAPPED = _MARK_TAIL.replace(
+    _SAME_MAILBOX, f"{_SAME_MAILBOX} AND message.campaign = '{NEW_PRODUCTS}' AND other.campaign = '{NEW_PRODUCTS}'"
+)
 HELD_SECONDS = 60
 """How long a message held back at the mark waits before it is claimed and judged again; also how long before
 its claim another worker's send still holds it back."""
@@ -464,6 +474,7 @@ class _LedgerSql:
         self._claim_known_ids = _CLAIM_SQL.format(message_id="NULL", lock=lock)
         self._claims: dict[tuple[bool, int | None], str] = {}
         self.mark_tail = _MARK_TAIL.replace("{since_claim}", _SINCE_CLAIM[dialect.name])
+        self.mark_tail_uncapped = _MARK_TAIL_UNCAPPED.replace("{since_claim}", _SINCE_CLAIM[dialect.name])
         planned_order = _PLANNED_ORDER[dialect.name]
         self.skip_head = _SKIP_HEAD.replace("{planned_order}", planned_order)
         self.skip_tail = _SKIP_TAIL.replace("{planned_order}", planned_order)
@@ -480,8 +491,8 @@ class _LedgerSql:
     def _in(self, head: str, count: int, tail: str) -> str:
         return self.style(head + _placeholders("i", count) + tail)
 
-    def mark(self, count: int) -> str:
-        return self._in(_MARK_HEAD, count, self.mark_tail)
+    def mark(self, count: int, *, capped: bool = True) -> str:
+        return self._in(_MARK_HEAD, count, self.mark_tail if capped else self.mark_tail_uncapped)
 
     def skip(self, count: int) -> str:
         return self._in(self.skip_head, count, self.skip_tail)
@@ -753,6 +764,7 @@ class Store:
         worker: str,
         now: datetime,
         quota: DayQuota | None = None,
+        capped: bool = True,
     ) -> Marks:
         """``record`` and ``mark_sending`` in ONE transaction (one commit for the group commit).
 
@@ -766,7 +778,10 @@ class Store:
 
         With ``quota``, the day's quota is counted in the same transaction: each row marked takes a slot, those the
         quota leaves no slot for are not marked (``Marks.over_quota``), and a ``sending`` row given back to the
-        queue without an attempt gives its slot back (``DayQuota``)."""
+        queue without an attempt gives its slot back (``DayQuota``).
+
+        ``capped``: whether the contact policy has a frequency cap; without one the mark holds a row back only for
+        the news week (``_MARK_TAIL_UNCAPPED``)."""
         raw = self._ledger_connection()
         cursor = raw.cursor()
         try:
@@ -785,7 +800,8 @@ class Store:
             stale, given_back = self._record_rows(cursor, dispositions, now, quota) if dispositions else ((), 0)
             marked = Marks()
             if ids:
-                marked = self._mark_rows(cursor, ids, worker=worker, now=now, quota=quota, given_back=given_back)
+                marked = self._mark_rows(cursor, ids, worker=worker, now=now, quota=quota, given_back=given_back,
+                                         capped=capped)  # fmt: skip
             elif given_back and quota is not None:
                 cursor.execute(self._sql.quota_give_back, {"key": quota.key, "day": quota.day, "count": given_back})
             if stale:
@@ -824,15 +840,17 @@ class Store:
         now: datetime,
         quota: DayQuota | None = None,
         given_back: int = 0,
+        capped: bool = True,
     ) -> Marks:
         sql = self._sql
+        mark = functools.partial(sql.mark, capped=capped)
         common = {"now": sql.dt(now), "worker": worker, "later": sql.dt(now + timedelta(seconds=HELD_SECONDS))}
         skipped = {row[0]: SkipReason(row[1]) for row in self._select_in(cursor, sql.skip, ids, common)}
         rest = set(ids) - skipped.keys()
         over: set[int] = set()
         day: str | None = None
         if quota is None:
-            sending = {row[0] for row in self._select_in(cursor, sql.mark, rest, common)}
+            sending = {row[0] for row in self._select_in(cursor, mark, rest, common)}
         else:
             day, used = self._quota_used(cursor, quota, given_back)
             # in the order the senders asked, as many as the day has slots left; a row the mark leaves (held back,
@@ -841,7 +859,7 @@ class Store:
             sending = set()
             while waiting and used < quota.limit:
                 part, waiting = waiting[: quota.limit - used], waiting[quota.limit - used :]
-                marked_now = {row[0] for row in self._select_in(cursor, sql.mark, part, common)}
+                marked_now = {row[0] for row in self._select_in(cursor, mark, part, common)}
                 sending |= marked_now
                 used += len(marked_now)
             over = set(waiting)
