@@ -289,3 +289,24 @@ def test_send_test_of_a_birthday_offer_shows_the_day_its_customer_celebrates(
     assert "28 Februari 2027" not in sample_text
     # and C1's names C1's birthday, not the sample's
     assert "tanggal 5 Maret" in own_text, own_text
+
+
+def test_send_test_to_an_address_with_a_display_name_sends_to_the_address(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # `--to 'Name <a@b.example>'` (copied from a mail client) was refused ("A display name and angle brackets around
+    # the email address are not permitted here") while `kembali suppress add` took the same text as its address
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port)
+    done = site.cli("send-test", "--campaign", "winback", "--to", "Sari Operator <Operator@Shop.example>")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (received,) = smtp_server.messages
+    assert received.rcpt_tos == ("Operator@shop.example",)
+    sent = next(line for line in done.stdout.splitlines() if line.startswith("sent a test winback email"))
+    assert " to Operator@shop.example: " in sent, sent
+
+    # a really bad address is named as given, and nothing is sent
+    done = site.cli("send-test", "--campaign", "winback", "--to", "Sari Operator <operator@>")
+    assert done.returncode == 2 and "argument --to: invalid email address 'Sari Operator <operator@>'" in done.stderr, (
+        done.stderr
+    )
+    assert len(smtp_server.messages) == 1

@@ -385,10 +385,8 @@ def _share_arg(text: str) -> float:
 
 
 def _address_arg(text: str) -> str:
-    from worker.adapters.importer import normalize_email
-
     try:
-        return normalize_email(text)
+        return arguments.mail_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -69,6 +69,22 @@ def unnamed(text: str) -> str:
     return text if named is None else named.group(1)
 
 
+def mail_address(value: str) -> str:
+    """``value`` normalised as customer imports store addresses (``suppress add``, ``send-test --to``); ValueError
+    saying why when it is invalid. An address with a display name (an unsubscribe request's sender, an address
+    copied from a mail client) is the address in its angle brackets; one with two addresses is no address."""
+    from worker.adapters.importer import normalize_email  # email-validator: only when an address is given
+
+    inner = unnamed(value)
+    try:
+        return normalize_email(inner)
+    except ValueError as exc:
+        if inner is value:
+            raise
+        # said of what was given, not of the part of it read
+        raise ValueError(str(exc).replace(repr(inner.strip()), repr(value.strip()), 1)) from None
+
+
 def address(text: str) -> str:
     """An address to look up (``ledger --email``): one line with a local part and a domain. Not validated
     further: the ledger may hold an address an earlier version let through, and the lookup must still find it.

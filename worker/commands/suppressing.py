@@ -11,7 +11,7 @@ from datetime import UTC
 from pathlib import Path
 
 from worker.adapters import db, opstore
-from worker.adapters.importer import comma_separated, listed_columns, normalize_email, other_separator, unreadable
+from worker.adapters.importer import comma_separated, listed_columns, other_separator, unreadable
 from worker.adapters.store import Store, suppression_address
 from worker.commands import arguments
 from worker.config import Settings
@@ -38,7 +38,7 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
         if action == "import":
             return _import(store, args.target, args.reason or "manual")
         try:
-            email = address(args.target)
+            email = arguments.mail_address(args.target)
         except ValueError as exc:
             print(f"kembali suppress {action}: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -84,20 +84,6 @@ def _list(store: Store, reason: str | None, email: str | None = None) -> int:
 
 
 _LINE_BREAK = re.compile(r"\r\n|[\r\n]")
-
-
-def address(value: str) -> str:
-    """``value`` normalised as customer imports store addresses; ValueError saying why when it is invalid. An address
-    with a display name (an unsubscribe request's sender, copied from a mail client) is the address in its angle
-    brackets; one with two addresses is no address."""
-    inner = arguments.unnamed(value)
-    try:
-        return normalize_email(inner)
-    except ValueError as exc:
-        if inner is value:
-            raise
-        # said of what was given, not of the part of it read
-        raise ValueError(str(exc).replace(repr(inner.strip()), repr(value.strip()), 1)) from None
 
 
 class Refused(ValueError):
@@ -160,7 +146,7 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
         if value.startswith("'") and value[1:].startswith(FORMULA_START):
             value = value[1:]  # as ``suppress list`` wrote it for spreadsheets
         try:
-            good.append(address(value))
+            good.append(arguments.mail_address(value))
         except ValueError as exc:
             bad.append(f"line {line_no}: {exc}")
     return good, bad
@@ -187,7 +173,7 @@ def _columns_of_addresses(line: str, separator: str) -> bool:
 
 def _is_address(value: str) -> bool:
     try:
-        address(value)
+        arguments.mail_address(value)
     except ValueError:
         return False
     return True
