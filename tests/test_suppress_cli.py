@@ -437,3 +437,25 @@ def test_the_name_of_an_imported_file_is_listed_as_the_source_without_its_contro
     # and `suppress remove` says where it came from the same way
     assert run(config, "remove", "siti@example.com") == 0
     assert "from import:bounces\\u001b[2J\\n\\u202eevil.txt, since" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"], ids=["no-bytes", "blank-lines"])
+def test_import_of_an_empty_file_is_refused_as_an_empty_customers_file_is(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    # an empty file (a bounce export that came out empty, the wrong file) said "imported 0 address(es)" with exit 0,
+    # while `kembali import customers` of an empty file is refused with exit 2
+    file = tmp_path / "bounces.txt"
+    file.write_text(content, encoding="utf-8")
+    code = run(config, "import", str(file))
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    assert captured.err.splitlines() == [
+        f"kembali suppress import: {file}: the file is empty (expected one address a line, or a CSV with an email "
+        "column): nothing was imported"
+    ]
+    assert captured.out == ""
+    # a file of comments alone was written on purpose: imported, as a customers file of its header alone is
+    file.write_text("# no bounces this week\n", encoding="utf-8")
+    assert run(config, "import", str(file)) == 0
+    assert "imported 0 address(es)" in capsys.readouterr().out

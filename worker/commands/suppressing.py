@@ -190,6 +190,12 @@ def _import(store: Store, target: str, reason: str) -> int:
         print(f"kembali suppress import: {target}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
               "save the file as UTF-8: nothing was imported", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    if not text.strip() and target != "-":
+        # a file with nothing in it is the wrong file or an export that failed, refused as an empty customers file
+        # is; standard input with nothing (a pipe whose search found no address) is imported as nothing
+        print(f"kembali suppress import: {target}: the file is empty (expected one address a line, or a CSV with an "
+              "email column): nothing was imported", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     try:
         good, bad = read_addresses(text)
     except Refused as exc:
