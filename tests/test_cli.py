@@ -623,6 +623,31 @@ def test_the_demo_shows_its_sending_progress_on_a_terminal(tmp_path: Path) -> No
     assert seen.endswith(b"\r\x1b[K")  # and the line is gone before the summary
 
 
+def test_the_sending_progress_line_shows_the_rate_and_what_is_still_due_now(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # a 20,000-customer demo showed "sending: 8,336 messages done" for minutes, with neither how fast nor how much
+    # was left; a total is not known ahead (the cap defers some of what is due), so the line says the rate and how
+    # many rows are still due now, read again as the run goes
+    config = write_config(tmp_path, smtp_port=smtp_server.port)
+    config.write_text(config.read_text(encoding="utf-8").replace("rate_per_second = 2000.0", "rate_per_second = 15.0")
+                      .replace("burst = 500", "burst = 1"), encoding="utf-8")  # fmt: skip
+    _shop_in(tmp_path, config, customers=60)
+    env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}
+    code, seen = run_on_a_terminal(["--config", str(config), "--log-level", "warning", "run", "--once"],
+                                   stdout_too=True, env=env, cwd=ROOT)  # fmt: skip
+    assert code == 0, seen
+    sent = int(re.search(rb"^sent (\d+) win-back emails", seen, re.M)[1])  # type: ignore[index]
+    lines = re.findall(rb"\rsending: ([0-9,]+) messages done \(([0-9,]+) sent\), ([0-9.,]+)/s, ([0-9,]+) more due now",
+                       seen)  # fmt: skip
+    assert lines, seen
+    for done, _, rate, left in lines:
+        # at 15 a second (a burst of 1): a rate near it, and what is done and what is left make up the queue
+        assert 5 < float(rate) < 30, seen
+        assert int(done) + int(left) <= sent + 5, seen
+    assert int(lines[-1][3]) < int(lines[0][3]), seen  # what is left goes down as the run sends
+
+
 def test_run_once_with_its_log_quietened_shows_its_sending_progress_on_a_terminal(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

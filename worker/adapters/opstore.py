@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from worker.adapters import db
 from worker.adapters.store import (
     CLAIMED,
+    IN_FLIGHT,
     LAPSED_WHY,
     UNCERTAIN,
     WAITING,
@@ -390,6 +391,15 @@ def queue_depth(store: Store, now: datetime | None = None) -> int:
     """The queue's depth (``_queue``)."""
     with db.reading(store.engine) as conn:
         return int(conn.execute(sa.select(_queue(now))).scalar() or 0)
+
+
+def still_to_send(store: Store, now: datetime) -> int:
+    """The rows due by ``now`` and those claimed or being sent (``ix_message_queue``, ``ix_message_inflight``): what
+    the runs sending now still have to do, by ``now`` (``run --once``'s progress line)."""
+    due = sa.select(sa.func.count()).select_from(M).where(WAITING, M.c.next_attempt_at <= now).scalar_subquery()
+    in_flight = sa.select(sa.func.count()).select_from(M).where(IN_FLIGHT).scalar_subquery()
+    with db.reading(store.engine) as conn:
+        return int(conn.execute(sa.select(due + in_flight)).scalar() or 0)
 
 
 def health_counts(store: Store, now: datetime) -> tuple[int, int]:

@@ -176,7 +176,7 @@ async def _cycle_with_sink(
         deps = Deps.build(live)
         if clock is not None:
             deps.clock = clock
-        sending = SendProgress()
+        sending = SendProgress(running.due_now(deps))
         try:
             report = await running.stoppable(deps, observer=sending)
             left = opstore.waiting(deps.store, deps.clock.now())  # due now or later

@@ -3,9 +3,12 @@ is written (the line is drawn again at the next update), so a warning never runs
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
@@ -57,14 +60,54 @@ class Progress:
 class SendProgress:
     """The progress line while a run sends (on a terminal; a ``SendObserver``): a day's queue sends for many
     minutes at ``sending.rate_per_second``, and a log quiet below warnings (the demo's, ``--log-level warning``)
-    says nothing meanwhile."""
+    says nothing meanwhile. No total: what the run will send is not known ahead (the frequency cap, quiet hours and
+    the domains' rates defer some of what is due, retries come due meanwhile), and a total never reached would
+    mislead. It shows the rate so far, and ``due_now`` (the rows due by now, claimed and being sent ones included:
+    what is still to do now, less what was deferred meanwhile), read again every ``COUNT_EVERY_SECONDS`` off the
+    loop, less the results observed since that read began."""
 
-    def __init__(self) -> None:
+    COUNT_EVERY_SECONDS = 1.0
+
+    def __init__(self, due_now: Callable[[], int] | None = None) -> None:
         self.progress = Progress("sending")
         self.done = 0
         self.sent = 0
+        self.due_now = due_now
+        self.left: int | None = None
+        self._left_at_done = 0
+        """``done`` when the read that gave ``left`` began."""
+        self._first_at: float | None = None
+        self._counted_at = -math.inf
+        self._counting = False
 
     def observe_result(self, campaign: str, result: str, outcome: str | None, seconds: float | None, at: float) -> None:
         self.done += 1
         self.sent += result == "sent"
-        self.progress.update(self.done, f"messages done ({self.sent:,} sent)")
+        if not self.progress.enabled:
+            return
+        now = time.monotonic()
+        if self._first_at is None:
+            self._first_at = now
+        self._count(now)
+        detail = f"messages done ({self.sent:,} sent)"
+        if now - self._first_at >= 1.0:  # the rate after the first result, once there is a second to measure
+            detail += f", {(self.done - 1) / (now - self._first_at):,.1f}/s"
+        if self.left is not None:
+            detail += f", {max(0, self.left - (self.done - self._left_at_done)):,} more due now"
+        self.progress.update(self.done, detail)
+
+    def _count(self, now: float) -> None:
+        """Read ``due_now`` again in a thread, when the last count is older than ``COUNT_EVERY_SECONDS`` and done;
+        a count that fails (the database busy) leaves the last one shown."""
+        if self.due_now is None or self._counting or now - self._counted_at < self.COUNT_EVERY_SECONDS:
+            return
+        self._counting, self._counted_at = True, now
+        counting = asyncio.get_running_loop().run_in_executor(None, self.due_now)
+        done = self.done
+
+        def counted(future: asyncio.Future[int]) -> None:
+            self._counting = False
+            if not future.cancelled() and future.exception() is None:
+                self.left, self._left_at_done = future.result(), done
+
+        counting.add_done_callback(counted)

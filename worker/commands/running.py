@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,7 +270,7 @@ def once(settings: Settings) -> int:
     # mistake halfway through an edit) changes nothing before the next run, as the daemon's copy before a reload
     deps = Deps.build(settings, private_templates=True)
     # with the log at info, its line per email shows the run going on; quieter, a progress line does (on a terminal)
-    sending = None if log.LOGGER.isEnabledFor(logging.INFO) else SendProgress()
+    sending = None if log.LOGGER.isEnabledFor(logging.INFO) else SendProgress(due_now(deps))
     try:
         check_template_folders(deps)
         report = eventloop.run(stoppable(deps, observer=sending))
@@ -281,6 +282,11 @@ def once(settings: Settings) -> int:
     for line in summary(report, left, settings.shop.time_zone):
         print(line)
     return exit_code(report)
+
+
+def due_now(deps: Deps) -> Callable[[], int]:
+    """The rows due by now, claimed or being sent ones included (``SendProgress``'s "more due now")."""
+    return lambda: opstore.still_to_send(deps.store, deps.clock.now())
 
 
 def check_template_folders(deps: Deps) -> None:
