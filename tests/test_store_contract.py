@@ -1182,3 +1182,20 @@ def test_what_still_waits_of_the_messages_told_to_wait_is_read_from_the_ledger(s
     later = NOW + timedelta(seconds=1)
     assert store.still_waiting(told, now=later, worker="me") == {ids["k:0"], ids["k:1"], ids["k:4"]}
     assert store.still_waiting(told, now=later, worker="other") == {ids["k:0"], ids["k:1"]}
+
+
+def test_without_a_cap_the_mark_holds_back_only_news_for_another_workers_news(store: Store) -> None:
+    # Given worker b sending one email of each campaign to c0's mailbox: a feedback request and a new-products email
+    rows = [dataclasses.replace(m, campaign=c, dedupe_key=f"{c}:{i}", message_id=message_id_for(f"{c}:{i}", "s.x"),
+                                customer_id=1, email="c0@example.com")
+            for i, (m, c) in enumerate(zip(planned(4), ["feedback", "new_products"] * 2, strict=True))]  # fmt: skip
+    store.insert_messages(rows, NOW)
+    theirs = store.claim(worker="b", now=NOW, limit=2, lease_seconds=300)
+    assert store.mark_sending([m.id for m in theirs], worker="b", now=NOW) == {m.id for m in theirs}
+    ours = store.claim(worker="a", now=NOW, limit=2, lease_seconds=300)
+    by_campaign = {m.campaign: m.id for m in ours}
+    assert set(by_campaign) == {"feedback", "new_products"}
+    # When worker a marks the other two with no frequency cap (policy.frequency_caps = [])
+    marks = store.record_and_mark([], list(by_campaign.values()), worker="a", now=NOW, capped=False)
+    # Then the feedback request goes (no cap to keep), the news waits (the news week, against b's news)
+    assert marks == Marks(sending=frozenset({by_campaign["feedback"]}), held=frozenset({by_campaign["new_products"]}))
