@@ -9,7 +9,7 @@ for pages, health and metrics.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -44,9 +44,9 @@ J = JobRun.__table__  # type: ignore[attr-defined]
 PRUNE_BATCH = 5000
 
 
-def chunks(ids: Sequence[int], size: int = 500) -> list[Sequence[int]]:
-    """``ids`` in runs of at most ``size`` (``CHUNK``): each one statement's IN list, or one short transaction."""
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
+chunks = _chunks
+"""``store._chunks``, the adapters' one slicing of ids into runs (each one statement's IN list, or one short
+transaction), for the start's chunking in ``app``."""
 
 
 # --- maintenance ---------------------------------------------------------------
@@ -156,7 +156,7 @@ def fail_unknown_campaigns(
                 updated_at=now)
     )  # fmt: skip
     failed: list[UnknownCampaignRow] = []
-    for part in chunks(sorted(ids), CHUNK):
+    for part in _chunks(sorted(ids), CHUNK):
         # SQLite: BEGIN IMMEDIATE, no other writer between the read and the writes; PostgreSQL: the rows locked
         with store.engine.begin() as conn:
             rows = conn.execute(query.where(M.c.id.in_(part))).all()
@@ -230,7 +230,7 @@ def hand_written_times(store: Store, ids: Iterable[int], now: datetime, worker: 
              " WHERE message.id IN ({ids}) AND status IN ('planned', 'retry') AND claimed_by IS NULL")  # fmt: skip
     found: list[HandWrittenTime] = []
     with store.engine.begin() as conn:
-        rows = [r for part in chunks(sorted(ids))
+        rows = [r for part in _chunks(sorted(ids))
                 for r in conn.exec_driver_sql(query.format(ids=", ".join("?" * len(part))), tuple(part)).all()]
         for row in rows:
             row_id, campaign, values, customer = row[0], row[1], dict(zip(TIME_COLUMNS, row[2:5], strict=True)), row[5]
