@@ -16,6 +16,18 @@ class _Terminal(io.StringIO):
         return True
 
 
+def _report_results(progress: SendProgress, *, seconds: float) -> None:
+    """A run that sends a message every 20 ms for ``seconds``, as the dispatcher reports its results."""
+
+    async def sending() -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            progress.observe_result("winback", "sent", "sent", 0.01, time.monotonic())
+            await asyncio.sleep(0.02)
+
+    asyncio.run(sending())
+
+
 def test_a_slow_count_of_what_is_due_is_read_at_most_a_tenth_of_the_time() -> None:
     # Given a count of the messages due that takes 0.3 s (a large ledger: 0.4-0.7 s on SQLite with 1.7M rows due)
     reads: list[float] = []
@@ -31,14 +43,8 @@ def test_a_slow_count_of_what_is_due_is_read_at_most_a_tenth_of_the_time() -> No
     terminal = _Terminal()
     progress.progress = Progress("sending", stream=terminal, every_seconds=0.0)
 
-    async def sending() -> None:
-        # When a run reports a result every 20 ms for 2.5 s
-        until = time.monotonic() + 2.5
-        while time.monotonic() < until:
-            progress.observe_result("winback", "sent", "sent", 0.01, time.monotonic())
-            await asyncio.sleep(0.02)
-
-    asyncio.run(sending())
+    # When a run reports a result every 20 ms for 2.5 s
+    _report_results(progress, seconds=2.5)
 
     # Then the count was read once: the next read waits ten times what the last took (3 s), not the 1 s of a quick
     # one, which would have read it three times, the ledger busy with it 0.9 s of the 2.5
@@ -54,14 +60,8 @@ def test_a_quick_count_of_what_is_due_is_read_again_every_second() -> None:
     progress = SendProgress(lambda: reads.append(time.monotonic()) or 7)
     progress.progress = Progress("sending", stream=_Terminal(), every_seconds=0.0)
 
-    async def sending() -> None:
-        # When a run reports a result every 20 ms for 2.5 s
-        until = time.monotonic() + 2.5
-        while time.monotonic() < until:
-            progress.observe_result("winback", "sent", "sent", 0.01, time.monotonic())
-            await asyncio.sleep(0.02)
-
-    asyncio.run(sending())
+    # When a run reports a result every 20 ms for 2.5 s
+    _report_results(progress, seconds=2.5)
 
     # Then it is read about once a second (at 0, 1 and 2 s), not at every result
     assert 2 <= len(reads) <= 3, [round(t - reads[0], 2) for t in reads]
