@@ -442,6 +442,13 @@ def test_a_shop_name_that_headers_and_footers_cannot_show_is_refused_with_its_li
     assert str(caught.value).startswith(f"{path}: {message}")
 
 
+def test_the_shops_domains_are_taken_lower_cased_without_a_final_dot() -> None:
+    # a domain's case and a final dot name the same domain: Message-IDs, links and the ledger's look-ups all agree
+    settings = settings_from_dict({"shop": {"domain": "Toko-Baru.Example.", "previous_domains": ["TOKO.example"]}})
+    assert settings.shop.domain == "toko-baru.example"
+    assert settings.shop.previous_domains == ("toko.example",)
+
+
 def test_an_empty_from_name_is_taken_and_means_the_shop_name() -> None:
     settings = settings_from_dict({"shop": {"name": "Batik Sari", "from_name": ""}})
     assert settings.shop.from_name == "" and settings.shop.name == "Batik Sari"

@@ -201,6 +201,53 @@ def test_after_the_shops_domain_changed_its_links_of_before_still_work_once_list
         store.close()
 
 
+def _ledger_domain(store: Store, domain: str) -> None:
+    """The ledger's Message-IDs on ``domain``, as a version before domains were lower-cased wrote them for a
+    ``shop.domain`` written so."""
+    with store.engine.begin() as conn:
+        for row_id, message_id in conn.execute(sa.text("SELECT id, message_id FROM message")).all():
+            local = message_id.rpartition("@")[0]
+            conn.execute(sa.text("UPDATE message SET message_id = :m WHERE id = :i"),
+                         {"m": f"{local}@{domain}>", "i": row_id})  # fmt: skip
+
+
+@pytest.mark.parametrize(("sent_for", "listed"), [("Toko-Kembali.Example", "toko-kembali.example"),
+                                                  ("toko-kembali.example", "Toko-Kembali.EXAMPLE")])  # fmt: skip
+def test_a_previous_domain_is_the_old_one_whatever_the_case_either_was_written_in(
+    sqlite_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture, sent_for: str, listed: str
+) -> None:
+    # Given the email sent to OLD while shop.domain was written `sent_for` (its Message-ID on that domain, as the
+    # ledger keeps it), and its links of before (signed for no shop: the ledger must show them this shop's), after
+    # which the operator changed shop.domain and listed the old one, written `listed`
+    store, links = _sent_then_moved(sqlite_url, smtp_server)
+    _ledger_domain(store, sent_for)
+    url = str(store.engine.url)
+    listed_so = settings_for(url, shop={"domain": "toko-baru.example", "previous_domains": [listed]})
+    another = settings_for(url, shop={"domain": "toko-baru.example", "previous_domains": ["toko-lain.example"]})
+
+    def click(settings: Settings, link: str, method: str, body: bytes = b"") -> Response:
+        site = Site(store=AsyncStore(store), keys=[LINK_KEY.encode()], settings=lambda: settings,
+                    clock=FakeClock(NOW), metrics=Metrics(), paused=lambda: False)  # fmt: skip
+        try:
+            return asyncio.run(site.handle(_request(link, method, body)))
+        finally:
+            site.store.close()
+
+    try:
+        # When they are pressed while a truly different domain is listed, Then they are refused, nothing done
+        with caplog.at_level(logging.INFO):
+            assert click(another, _unbound(links["header"]), "POST", ONE_CLICK).status == 400
+        assert _suppressed(store) == []
+        (rejected,) = [r.kembali_fields for r in caplog.records if r.getMessage() == "link_rejected"]
+        assert "no email to the customer with its Message-ID" in str(rejected["reason"]), rejected
+        # And with the old domain listed, in whatever case, they work: domains name the same domain in any case
+        assert "b***@example.com" in click(listed_so, _unbound(links["body"]), "GET").body.decode()
+        assert click(listed_so, _unbound(links["header"]), "POST", ONE_CLICK).status == 200
+        assert _suppressed(store) == [OLD, NEW]
+    finally:
+        store.close()
+
+
 def test_an_old_link_whose_current_address_is_suppressed_still_offers_to_stop_the_address_mailed(
     sqlite_url: str, smtp_server: RecordingServer
 ) -> None:

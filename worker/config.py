@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from worker import money
-from worker.core import render
+from worker.core import render, tokens
 from worker.domain import place_zones, zone_meant
 from worker.errors import ConfigError
 
@@ -38,9 +38,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class ShopSettings:
     name: str = "Toko Kembali"
     domain: str = "toko-kembali.example"
-    """Domain used in Message-IDs; link tokens are signed for it (``core.tokens``)."""
+    """Domain used in Message-IDs; link tokens are signed for it (``core.tokens``). Lower-cased, without a final dot
+    (``core.tokens.shop_scope``): a domain's case names the same domain."""
     previous_domains: tuple[str, ...] = ()
-    """The domains ``domain`` was before: links in emails sent then (signed for the domain of the day) still work."""
+    """The domains ``domain`` was before: links in emails sent then (signed for the domain of the day) still work.
+    Lower-cased as ``domain`` is, whatever case the domain was (or is) written in."""
     from_address: str = "halo@toko-kembali.example"
     from_name: str = "Toko Kembali"
     reply_to: str = ""
@@ -49,6 +51,10 @@ class ShopSettings:
     time_zone: str = "Asia/Jakarta"
     default_locale: str = "id"
     currency: str = "IDR"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "domain", tokens.shop_scope(self.domain))
+        object.__setattr__(self, "previous_domains", tuple(tokens.shop_scope(d) for d in self.previous_domains))
 
 
 @dataclass(frozen=True)

@@ -203,8 +203,9 @@ class Site:
         if verified is None or link is None:
             return self._reject("unsubscribe", NOT_VERIFIED)
         s = self.store.store
-        mailed = await self._recipient(link, verified.domain) if link.message_local is not None else None
         unbound = verified.domain is None  # a link signed for no shop: this shop's only if the ledger has its email
+        thorough = unbound or request.method == "POST"
+        mailed = await self._recipient(link, verified.domain, thorough) if link.message_local is not None else None
         if unbound and mailed is None and link.message_local is not None:
             return self._reject("unsubscribe", UNBOUND_NOT_IN_LEDGER, customer_id=link.customer_id)
         customer = await self.store.call(opstore.customer, s, link.customer_id)
@@ -241,10 +242,12 @@ class Site:
         masked = [log.mask_email(a) for a in addresses]
         return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop, masked))
 
-    async def _recipient(self, link: UnsubscribeToken, bound: str | None) -> str | None:
+    async def _recipient(self, link: UnsubscribeToken, bound: str | None, thorough: bool) -> str | None:
         """The address the link's email went to: the customer's ledger row whose Message-ID is the link's on
         this shop's domain, the one the token is signed for first (``shop.domain``, or one of
-        ``shop.previous_domains``: emails sent before it changed), then the others. None: no such row."""
+        ``shop.previous_domains``: emails sent before it changed), then the others; ``thorough`` (a link signed for
+        no shop, which only such a row shows this shop's, or a POST), failing those, on any of them in any case (a
+        Message-ID written while ``shop.domain`` had capitals: the ledger read whole). None: no such row."""
         s = self.store.store
         shop = self.settings().shop
         domains = dict.fromkeys([*([bound] if bound is not None else []), shop.domain, *shop.previous_domains])
@@ -252,7 +255,11 @@ class Site:
             found = await self.store.call(opstore.recipient, s, link.customer_id, link.message_id(domain))
             if found is not None:
                 return found
-        return None
+        if not thorough:
+            return None
+        async with self._whole_ledger:  # as ``_mailed_addresses``: not on the store's thread, one at a time
+            return await asyncio.to_thread(opstore.recipient_any_case, s, link.customer_id,
+                                           [link.message_id(d) for d in domains])  # fmt: skip
 
     async def _addresses(
         self, link: UnsubscribeToken, recipient: str | None, customer: CustomerSnapshot | None, *, post: bool

@@ -9,7 +9,7 @@ for pages, health and metrics.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -464,6 +464,18 @@ def recipient(store: Store, customer_id: int, message_id: str) -> str | None:
     query = sa.select(M.c.email).where(M.c.message_id == message_id, M.c.customer_id == customer_id)
     with db.reading(store.engine) as conn:
         found = conn.execute(query).scalar()
+    return str(found) if found is not None else None
+
+
+def recipient_any_case(store: Store, customer_id: int, message_ids: Sequence[str]) -> str | None:
+    """``recipient`` of any of ``message_ids``, compared in any case: a Message-ID written while ``shop.domain`` had
+    capitals (before it was lower-cased, ``config.ShopSettings``) is on the same domain. No index has the ledger's
+    Message-IDs lower-cased: this reads it whole, so the site calls it off the daemon's store thread, and only when
+    ``recipient`` found none."""
+    wanted = [m.lower() for m in message_ids]
+    query = sa.select(M.c.email).where(sa.func.lower(M.c.message_id).in_(wanted), M.c.customer_id == customer_id)
+    with db.reading(store.engine) as conn:
+        found = conn.execute(query.limit(1)).scalar()
     return str(found) if found is not None else None
 
 
