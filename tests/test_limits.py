@@ -19,10 +19,11 @@ import sqlalchemy as sa
 
 from tests.daemon_harness import make_shop
 from tests.db_fixtures import migrated_sqlite
-from tests.smtp_server import closed_port
+from tests.smtp_server import RecordingServer, RelayRate, closed_port, make_message
 from worker.adapters import db
 from worker.adapters.clock import SystemClock
 from worker.adapters.ratestore import RateStore
+from worker.adapters.smtp import SmtpTransport
 from worker.adapters.store import Store
 from worker.asyncstore import AsyncStore
 from worker.config import DomainRate, SendingSettings, load_settings, settings_from_dict
@@ -878,6 +879,48 @@ def test_workers_sharing_the_database_share_the_relays_pace(db_url: str) -> None
         for s in stores:
             s.close()
             s.store.close()
+
+
+def test_workers_told_to_slow_down_in_one_round_log_one_cut_and_the_others_join_it(
+    db_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two workers' limiters on one database, each with its own connection to a real relay that hangs up on every
+    MAIL FROM with "421 … slow down": the database makes one cut of the round, and the log says one cut, not two."""
+    smtp_server.relay_rate = RelayRate(0, at="mail")
+    (a, store_a), (b, store_b) = (_shared_limiter(db_url, SendingSettings(rate_per_second=50.0, burst=50))
+                                  for _ in range(2))  # fmt: skip
+
+    async def scenario() -> list[SendResult]:
+        for limiter in (a, b):
+            await limiter.acquire("a.example")
+        # Given both workers' attempts under way at once, and both told "421 … slow down" by the relay
+        began = a.clock.monotonic()
+        async with SmtpTransport(smtp_server.settings()) as ta, SmtpTransport(smtp_server.settings()) as tb:
+            results = list(await asyncio.gather(ta.send("shop@toko.example", "x@a.example", make_message(0)),
+                                                tb.send("shop@toko.example", "y@b.example", make_message(1))))
+        a.observe("a.example", results[0], began=began)
+        b.observe("b.example", results[1], began=began)
+        # When each books its next slot (where its cut is written to the shared pace)
+        await a.acquire("a.example")
+        await b.acquire("b.example")
+        return results
+
+    try:
+        with caplog.at_level(logging.INFO):
+            results = asyncio.run(scenario())
+    finally:
+        _close(store_a, store_b)
+    assert [r.code for r in results] == [421, 421], results
+    # Then one cut is logged (a WARNING, with the rate it left), by the worker whose cut the database took
+    cuts = [r for r in caplog.records if r.getMessage() == "relay_throttled"]
+    assert [(r.levelno, r.kembali_fields["rate_now"]) for r in cuts] == [(logging.WARNING, 25.0)]  # type: ignore[attr-defined]
+    # And the other says at INFO that it follows that shared pace, no cut of its own
+    (joined,) = [r for r in caplog.records if r.getMessage() == "relay_throttled_joined"]
+    assert joined.levelno == logging.INFO and joined.kembali_fields["shared_rate"] == 25.0  # type: ignore[attr-defined]
+    assert (a.relay_cuts, b.relay_cuts) == (1, 0) and a.pace.current == b.pace.current == 25.0
+    # And each run's summary says the same
+    assert "(1 time, last: 421" in str(a.relay_note(0))
+    assert "another worker sharing the database had already cut" in str(b.relay_note(0))
 
 
 def _shared_limiter(url: str, settings: SendingSettings) -> tuple[Limiter, AsyncStore]:

@@ -68,6 +68,26 @@ domain, once the slot it had passed while it waited for the connection (about on
 connection idles that long at most; a later slot is waited for without it, the connection free for other
 domains' messages)."""
 
+RELAY_WHY = ("the SMTP relay's own limit (a 421, or the same \"slow down\" for several domains): the global rate is "
+             "halved, and comes back step by step as mail goes through")
+JOINED_WHY = ("the SMTP relay's \"slow down\" came in a round another worker sharing the database had already cut: "
+              "this worker follows that shared pace, no new cut")
+
+
+@dataclass(frozen=True)
+class RelaySignal:
+    """A relay-wide "slow down" met here, cut into ``pace`` and not written to the shared pace yet: when it came and
+    when its attempt began (monotonic), and what the log says of it once the database has decided whether it was a
+    cut of its own or part of one another worker made (``Limiter.share_cut``)."""
+
+    at: float
+    began: float
+    domain: str
+    code: int | None
+    reply: str
+    rate_before: float
+
+
 HOLD_SECONDS = 5.0
 """The longest a sender waits for a slot of its message's recipient domain (``acquire``'s ``hold``): a later slot is
 waited for in the ledger (``Later``), so that a slow or throttled domain cannot hold every sender while the global
@@ -166,7 +186,10 @@ class Limiter:
         self.pace = RelayPace(ceiling=settings.rate_per_second, floor=settings.throttle_floor_per_second)
         """The global rate, slowed by the relay's own throttling (``core.pace``)."""
         self.relay_cuts = 0
-        """Times the relay's throttling slowed the global rate down (since this process started)."""
+        """Times the relay's throttling slowed the global rate down (since this process started): with ``DbBooker``,
+        the cuts the database took as new, not the signals of a round another worker had cut (``relay_joined``)."""
+        self.relay_joined = 0
+        """With ``DbBooker``: relay-wide signals met here that the database counted in a cut another worker made."""
         self.relay_lowest = settings.rate_per_second
         """The slowest the relay's throttling made the global rate."""
         self.relay_why = ""
@@ -175,9 +198,8 @@ class Limiter:
         """With ``DbBooker``: when (the database's clock) the shared pace's last cut that ``pace`` follows was made."""
         self.shared_cut_at = 0.0
         """That cut's time on this process's monotonic clock."""
-        self.unshared: tuple[float, float] | None = None
-        """With ``DbBooker``: a cut made here not written to the database yet: when, and when its attempt began
-        (monotonic)."""
+        self.unshared: RelaySignal | None = None
+        """With ``DbBooker``: a cut made here not written to the database yet."""
 
     def take_over(self, old: Limiter) -> dict[str, dict[int, float]]:
         """Carry on from ``old``, the limiter of the configuration a reload replaces: the slots it booked in this
@@ -202,7 +224,7 @@ class Limiter:
             self.pace.current = max(self.pace.floor, min(self.pace.ceiling, pace.current))
             self.pace.cut_at, self.pace.stepped_at = pace.cut_at, pace.stepped_at
             self.pace.quiet_until = pace.quiet_until
-        self.relay_cuts, self.relay_why = old.relay_cuts, old.relay_why
+        self.relay_cuts, self.relay_joined, self.relay_why = old.relay_cuts, old.relay_joined, old.relay_why
         # the shared pace's last cut is followed again at the next booking, against this configuration's rates: one
         # the old rate was under (nothing to slow) slows a raised one
         self.unshared = old.unshared
@@ -445,17 +467,12 @@ class Limiter:
             before = self.pace.current
             began = now if began is None else began
             if self.pace.throttled(now, began=began):
-                if isinstance(self.booker, DbBooker):  # written before this worker's next booking
-                    self.unshared = (now, began)
-                self.relay_cuts += 1
-                self.relay_lowest = min(self.relay_lowest, self.pace.current)
                 self.relay_why = log.mask_addresses(result.reply or result.error_type)[:200]
-                log.event(
-                    "relay_throttled", logging.WARNING, domain=domain, code=result.code, reply=self.relay_why,
-                    rate_before=round(before, 3), rate_now=round(self.pace.current, 3),
-                    why="the SMTP relay's own limit (a 421, or the same \"slow down\" for "
-                    "several domains): the global rate is halved, and comes back step by step as mail goes through",
-                )  # fmt: skip
+                signal = RelaySignal(now, began, domain, result.code, self.relay_why, before)
+                if isinstance(self.booker, DbBooker):  # written (and logged) before this worker's next booking
+                    self.unshared = signal
+                else:
+                    self._cut_made(signal, self.pace.current)
         elif slows_domain(result):
             before = rate.current
             rate.throttled()
@@ -471,20 +488,40 @@ class Limiter:
                 log.event("relay_pace_restored" if back else "relay_pace_raised", logging.INFO,
                           rate_now=round(self.pace.current, 3), rate_configured=self.pace.ceiling)  # fmt: skip
 
+    def _cut_made(self, signal: RelaySignal, rate: float) -> None:
+        """``signal`` cut the global rate to ``rate``: count it, and log ``relay_throttled``."""
+        self.relay_cuts += 1
+        self.relay_lowest = min(self.relay_lowest, rate)
+        log.event("relay_throttled", logging.WARNING, domain=signal.domain, code=signal.code, reply=signal.reply,
+                  rate_before=round(signal.rate_before, 3), rate_now=round(rate, 3), why=RELAY_WHY)  # fmt: skip
+
     async def share_cut(self) -> None:
         """Write the cut made here (``unshared``) to the pace shared through the database, unless another worker's
-        was made after its attempt began (``core.pace.shared_cut``); follow what the database then holds."""
+        was made after its attempt began (``core.pace.shared_cut``); follow what the database then holds. The log
+        says which it was: ``relay_throttled`` (WARNING) for a cut of this worker's, ``relay_throttled_joined``
+        (INFO, naming the shared pace followed) for a signal the database counted in another worker's cut, so that
+        N workers met by one round of throttling log one cut, not N."""
         if self.unshared is None or not isinstance(self.booker, DbBooker):
             return
-        (cut, began), self.unshared = self.unshared, None
+        signal, self.unshared = self.unshared, None
         sent = self.clock.monotonic()
         pace = self.pace
+        made: list[SharedCut | None] = [None]
 
         def decide(last: SharedCut | None, now: float) -> SharedCut | None:  # on the database's clock
-            return shared_cut(last, ceiling=pace.ceiling, floor=pace.floor, now=now - (sent - cut),
-                              began=now - (sent - began))  # fmt: skip
+            made[0] = shared_cut(last, ceiling=pace.ceiling, floor=pace.floor, now=now - (sent - signal.at),
+                                 began=now - (sent - signal.began))  # fmt: skip
+            return made[0]  # the last call's, should a failed transaction be tried again
 
-        self.follow(await self.booker.cut_pace(decide), again=True)
+        read = await self.booker.cut_pace(decide)
+        if made[0] is not None:
+            self._cut_made(signal, made[0].rate)
+        elif read.cut is not None:
+            self.relay_joined += 1
+            log.event("relay_throttled_joined", logging.INFO, domain=signal.domain, code=signal.code,
+                      reply=signal.reply, shared_rate=round(read.cut.rate, 3),
+                      shared_cut_seconds_ago=round(max(0.0, read.now - read.cut.at), 3), why=JOINED_WHY)  # fmt: skip
+        self.follow(read, again=True)
 
     async def refresh_pace(self) -> None:
         """Bring ``pace`` up to date with the one shared through the database (for the health line and
@@ -522,14 +559,21 @@ class Limiter:
             "relay_throttled_seconds_ago": ago,
         }
 
-    def relay_note(self, cuts_before: int) -> str | None:
-        """What the relay's throttling did to the global rate since ``relay_cuts`` was ``cuts_before`` (None:
-        nothing): for the run's summary."""
+    def relay_note(self, cuts_before: int, joined_before: int = 0) -> str | None:
+        """What the relay's throttling did to the global rate since ``relay_cuts`` was ``cuts_before`` (and
+        ``relay_joined`` ``joined_before``) (None: nothing): for the run's summary."""
         cuts = self.relay_cuts - cuts_before
-        if cuts <= 0 and not self.pace.slowed:
+        joined = self.relay_joined - joined_before
+        if cuts <= 0 and joined <= 0 and not self.pace.slowed:
             return None
         pace = self.pace
         now = f"{pace.current:.3g}/s" if pace.slowed else "back at the configured rate"
+        if cuts <= 0 and joined > 0:  # told too, in rounds another worker's cut had counted
+            return (
+                f"the SMTP relay asked this worker to slow down ({joined} {'time' if joined == 1 else 'times'}, last: "
+                f"{self.relay_why[:120]}) in a round another worker sharing the database had already cut: the global "
+                f"rate went down to {self.relay_lowest:.3g}/s of sending.rate_per_second {pace.ceiling:g}/s, now {now}"
+            )
         if cuts <= 0 and isinstance(self.booker, DbBooker) and not self.relay_why:  # another worker's cut, followed
             return (
                 f"the SMTP relay asked another worker sharing the database to slow down: the global rate went "

@@ -715,7 +715,7 @@ class Dispatcher:
         self._failing, self._on_wire = False, set()
         self._quota_resumes = None  # a new run, perhaps a new day: the quota tells (a daemon keeps its dispatcher)
         report = DispatchReport()
-        relay_cuts = self.limiter.relay_cuts
+        relay_cuts, relay_joined = self.limiter.relay_cuts, self.limiter.relay_joined
         in_flight = self.settings.smtp.pool_size * self.settings.sending.in_flight_per_connection
         capped = bool(self.settings.policy.frequency_caps)
         writer = self._writer = LedgerWriter(self.store, worker=self.worker, clock=self.clock, group=in_flight // 2,
@@ -785,8 +785,10 @@ class Dispatcher:
                 await _close_cut_short(writer)
             self._keep_unwritten(writer)
             raise
+        with contextlib.suppress(Exception):  # the run's last cut, for the others to follow (and the log to tell);
+            await self.limiter.share_cut()  # a database gone meanwhile: its retries are logged, the run's done
         report.paused = self.paused
-        report.relay_slowed = self.limiter.relay_note(relay_cuts)
+        report.relay_slowed = self.limiter.relay_note(relay_cuts, relay_joined)
         report.clock_off = self.paused if self._clock_paused else None
         report.quota_reached = self.quota_reached
         if report.attempts_unreached and not report.attempts_reached and self.paused is None:
