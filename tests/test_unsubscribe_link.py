@@ -58,11 +58,12 @@ def _sent_then_moved(sqlite_url: str, smtp_server: RecordingServer) -> tuple[Sto
     return store, {"header": header.group(1), "body": body.group(0)}
 
 
-def _site(store: Store) -> Site:
-    """The daemon's site, on a thread of its own for the store's calls (the daemon's ``AsyncStore``)."""
-    return Site(store=AsyncStore(store), keys=[LINK_KEY.encode()],
-                settings=lambda: settings_for(str(store.engine.url)), clock=FakeClock(NOW), metrics=Metrics(),
-                paused=lambda: False)  # fmt: skip
+def _site(store: Store, settings: Settings | None = None) -> Site:
+    """The daemon's site, on a thread of its own for the store's calls (the daemon's ``AsyncStore``); ``settings``
+    (default: the shop's as the email was sent)."""
+    shop_settings = settings or settings_for(str(store.engine.url))
+    return Site(store=AsyncStore(store), keys=[LINK_KEY.encode()], settings=lambda: shop_settings,
+                clock=FakeClock(NOW), metrics=Metrics(), paused=lambda: False)  # fmt: skip
 
 
 def _request(url: str, method: str, body: bytes = b"") -> Request:
@@ -71,9 +72,9 @@ def _request(url: str, method: str, body: bytes = b"") -> Request:
     return Request(method, "/unsubscribe", query, headers, body)
 
 
-def _click(store: Store, url: str, method: str, body: bytes = b"") -> Response:
-    """The link's request as the daemon's site answers it."""
-    site = _site(store)
+def _click(store: Store, url: str, method: str, body: bytes = b"", settings: Settings | None = None) -> Response:
+    """The link's request as the daemon's site answers it (with ``settings``, see ``_site``)."""
+    site = _site(store, settings)
     try:
         return asyncio.run(site.handle(_request(url, method, body)))
     finally:
@@ -178,24 +179,17 @@ def test_after_the_shops_domain_changed_its_links_of_before_still_work_once_list
     listed = settings_for(str(store.engine.url), shop={"domain": "toko-baru.example",
                                                        "previous_domains": ["toko-kembali.example"]})  # fmt: skip
 
-    def click(settings: Settings, url: str, method: str, body: bytes = b"") -> Response:
-        site = Site(store=AsyncStore(store), keys=[LINK_KEY.encode()], settings=lambda: settings,
-                    clock=FakeClock(NOW), metrics=Metrics(), paused=lambda: False)  # fmt: skip
-        try:
-            return asyncio.run(site.handle(_request(url, method, body)))
-        finally:
-            site.store.close()
-
     try:
         # When the link is pressed while the old domain is not listed, Then it is refused (signed for another shop)
         with caplog.at_level(logging.INFO):
-            assert click(moved, links["header"], "POST", ONE_CLICK).status == 400 and _suppressed(store) == []
+            assert _click(store, links["header"], "POST", ONE_CLICK, settings=moved).status == 400
+        assert _suppressed(store) == []
         (rejected,) = [r.kembali_fields for r in caplog.records if r.getMessage() == "link_rejected"]
         assert "not signed" in str(rejected["reason"])
         # And once shop.previous_domains lists it, the link and its link of before (signed for no shop, found in
         # the ledger by its Message-ID on the old domain) work: the page names the address the email went to
-        assert "b***@example.com" in click(listed, _unbound(links["body"]), "GET").body.decode()
-        assert click(listed, links["header"], "POST", ONE_CLICK).status == 200
+        assert "b***@example.com" in _click(store, _unbound(links["body"]), "GET", settings=listed).body.decode()
+        assert _click(store, links["header"], "POST", ONE_CLICK, settings=listed).status == 200
         assert _suppressed(store) == [OLD, NEW]
     finally:
         store.close()
@@ -225,24 +219,16 @@ def test_a_previous_domain_is_the_old_one_whatever_the_case_either_was_written_i
     listed_so = settings_for(url, shop={"domain": "toko-baru.example", "previous_domains": [listed]})
     another = settings_for(url, shop={"domain": "toko-baru.example", "previous_domains": ["toko-lain.example"]})
 
-    def click(settings: Settings, link: str, method: str, body: bytes = b"") -> Response:
-        site = Site(store=AsyncStore(store), keys=[LINK_KEY.encode()], settings=lambda: settings,
-                    clock=FakeClock(NOW), metrics=Metrics(), paused=lambda: False)  # fmt: skip
-        try:
-            return asyncio.run(site.handle(_request(link, method, body)))
-        finally:
-            site.store.close()
-
     try:
         # When they are pressed while a truly different domain is listed, Then they are refused, nothing done
         with caplog.at_level(logging.INFO):
-            assert click(another, _unbound(links["header"]), "POST", ONE_CLICK).status == 400
+            assert _click(store, _unbound(links["header"]), "POST", ONE_CLICK, settings=another).status == 400
         assert _suppressed(store) == []
         (rejected,) = [r.kembali_fields for r in caplog.records if r.getMessage() == "link_rejected"]
         assert "no email to the customer with its Message-ID" in str(rejected["reason"]), rejected
         # And with the old domain listed, in whatever case, they work: domains name the same domain in any case
-        assert "b***@example.com" in click(listed_so, _unbound(links["body"]), "GET").body.decode()
-        assert click(listed_so, _unbound(links["header"]), "POST", ONE_CLICK).status == 200
+        assert "b***@example.com" in _click(store, _unbound(links["body"]), "GET", settings=listed_so).body.decode()
+        assert _click(store, _unbound(links["header"]), "POST", ONE_CLICK, settings=listed_so).status == 200
         assert _suppressed(store) == [OLD, NEW]
     finally:
         store.close()
