@@ -120,6 +120,30 @@ def test_pruning_keeps_the_attempts_a_merged_milestone_needs_and_prunes_every_ot
         store.close()
 
 
+def test_a_message_id_is_found_on_its_domain_in_any_case_and_on_no_other(db_url: str) -> None:
+    # Given a ledger row written while shop.domain had capitals (as versions before it was lower-cased wrote it)
+    store = Store.from_url(db_url)
+    try:
+        _shop(store, 2)
+        candidates = store.winback_candidates(cutoff=NOW - timedelta(days=45))
+        store.insert_messages([plan_winback(c, now=NOW, expires_after_days=14, domain="S.Example")
+                               for c in candidates], NOW)  # fmt: skip
+        with store.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT customer_id, message_id, email FROM message ORDER BY id")).all()
+        customer_id, message_id, email = rows[0]
+        local = message_id.rpartition("@")[0]
+        assert message_id == f"{local}@S.Example>"
+        # When the link's Message-ID is looked up on the domain as it is written now, Then the exact look-up misses
+        # it, and the look-up in any case finds its address; not for another customer, nor on another domain
+        assert opstore.recipient(store, customer_id, f"{local}@s.example>") is None
+        found = opstore.recipient_any_case(store, customer_id, [f"{local}@other.example>", f"{local}@s.example>"])
+        assert found == email
+        assert opstore.recipient_any_case(store, rows[1][0], [f"{local}@s.example>"]) is None
+        assert opstore.recipient_any_case(store, customer_id, [f"{local}@other.example>"]) is None
+    finally:
+        store.close()
+
+
 def test_job_runs_only_move_forward(db_url: str) -> None:
     store = Store.from_url(db_url)
     try:
