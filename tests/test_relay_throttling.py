@@ -24,6 +24,7 @@ from tests.daemon_harness import LINK_KEY, REPO, make_shop
 from tests.sendkit import Shop, make_settings, message_ids
 from tests.smtp_server import Behaviour, RecordingServer, RelayRate
 from worker.adapters.clock import SystemClock
+from worker.adapters.ratestore import RateStore
 from worker.commands import running
 
 DOMAINS = [f"d{n}.example" for n in range(8)]
@@ -93,6 +94,27 @@ def test_a_relay_that_says_slow_down_gets_a_slower_global_pace(
         assert "the global rate went down to " in line and "Too many messages, slow down" in line
     finally:
         shop.close()
+
+
+def test_a_run_whose_last_send_the_relay_throttles_shares_the_cut_before_it_ends(
+    tmp_path: Path, server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given limits shared through the ledger's SQLite file, one message due, and a relay that hangs up on it with
+    # "421 … slow down" at MAIL FROM
+    server.relay_rate = RelayRate(0, at="mail")
+    shop, emails = _shop(tmp_path, server, 1, shared_limits="database")
+    try:
+        # When a `run --once` sends it: its last send, no booking after it to write the cut at
+        report = shop.cycle()
+        pace = RateStore(shop.store.engine).read_pace()
+        assert shop.row(emails[0]).status == "retry"
+    finally:
+        shop.close()
+    # Then the run wrote its cut to the shared pace before it ended (other workers follow it; it was left unwritten
+    # and the log told of a cut no other worker knew of), and logged it once, as the run's summary says
+    assert pace.cut is not None and pace.cut.rate == 25.0
+    assert [e["rate_now"] for e in _events(caplog, "relay_throttled")] == [25.0]
+    assert report.dispatched.relay_slowed is not None and "(1 time, last: 421" in report.dispatched.relay_slowed
 
 
 def test_a_domain_whose_mailboxes_say_slow_down_slows_that_domain_alone(
