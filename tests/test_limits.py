@@ -993,3 +993,29 @@ def test_the_health_lines_read_of_the_shared_pace_does_not_wait_for_sqlites_writ
         writer.close()
         _close(store)
     assert limiter.relay_status()["relay_pace_per_second"] == 25.0
+
+
+def test_a_cut_the_database_could_not_take_is_still_logged_and_counted_by_this_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a worker sharing its limits through a SQLite file, told "421 … slow down" by the relay (its own pace cut,
+    # the cut to be written to the shared pace)
+    migrated_sqlite(tmp_path / "kembali.db")
+    limiter, store = _shared_limiter(f"sqlite:///{tmp_path / 'kembali.db'}", SendingSettings(rate_per_second=50.0,
+                                                                                               burst=50))
+    store.RETRY_SECONDS = ()  # given up at the first failure (the retries are another test's)
+    hang_up = SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Too many messages, slow down", stage="mail")
+    limiter.observe("a.example", hang_up, began=limiter.clock.monotonic())
+    # When the database fails as the cut is written (its table gone: a real failure, not a stand-in)
+    with sqlite3.connect(tmp_path / "kembali.db") as conn:
+        conn.execute("DROP TABLE rate_limit")
+    try:
+        with caplog.at_level(logging.INFO), pytest.raises(sa.exc.OperationalError):
+            asyncio.run(limiter.share_cut())
+    finally:
+        _close(store)
+    # Then the cut this worker made is still logged (once) and counted, and the run's summary says one, not none
+    cuts = [r for r in caplog.records if r.getMessage() == "relay_throttled"]
+    assert [r.kembali_fields["rate_now"] for r in cuts] == [25.0]  # type: ignore[attr-defined]
+    assert limiter.relay_cuts == 1 and limiter.pace.current == 25.0
+    assert "(1 time, last: 421" in str(limiter.relay_note(0))

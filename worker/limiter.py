@@ -500,7 +500,8 @@ class Limiter:
         was made after its attempt began (``core.pace.shared_cut``); follow what the database then holds. The log
         says which it was: ``relay_throttled`` (WARNING) for a cut of this worker's, ``relay_throttled_joined``
         (INFO, naming the shared pace followed) for a signal the database counted in another worker's cut, so that
-        N workers met by one round of throttling log one cut, not N."""
+        N workers met by one round of throttling log one cut, not N. A write that fails (the database gone, the run
+        cancelled) logs and counts the cut as this worker's (its pace was cut), and raises."""
         if self.unshared is None or not isinstance(self.booker, DbBooker):
             return
         signal, self.unshared = self.unshared, None
@@ -513,7 +514,11 @@ class Limiter:
                                  began=now - (sent - signal.began))  # fmt: skip
             return made[0]  # the last call's, should a failed transaction be tried again
 
-        read = await self.booker.cut_pace(decide)
+        try:
+            read = await self.booker.cut_pace(decide)
+        except BaseException:  # the database failed (or the run stopped): this worker's own pace was cut all the same
+            self._cut_made(signal, self.pace.current)
+            raise
         if made[0] is not None:
             self._cut_made(signal, made[0].rate)
         elif read.cut is not None:
