@@ -206,13 +206,15 @@ def _ledger_domain(store: Store, domain: str) -> None:
 
 
 @pytest.mark.parametrize(("sent_for", "listed"), [("Toko-Kembali.Example", "toko-kembali.example"),
-                                                  ("toko-kembali.example", "Toko-Kembali.EXAMPLE")])  # fmt: skip
+                                                  ("toko-kembali.example", "Toko-Kembali.EXAMPLE"),
+                                                  ("toko-kembali.example.", "toko-kembali.example."),
+                                                  ("Toko-Kembali.Example.", "toko-kembali.example")])  # fmt: skip
 def test_a_previous_domain_is_the_old_one_whatever_the_case_either_was_written_in(
     sqlite_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture, sent_for: str, listed: str
 ) -> None:
     # Given the email sent to OLD while shop.domain was written `sent_for` (its Message-ID on that domain, as the
-    # ledger keeps it), and its links of before (signed for no shop: the ledger must show them this shop's), after
-    # which the operator changed shop.domain and listed the old one, written `listed`
+    # ledger keeps it, a final dot too), and its links of before (signed for no shop: the ledger must show them this
+    # shop's), after which the operator changed shop.domain and listed the old one, written `listed`
     store, links = _sent_then_moved(sqlite_url, smtp_server)
     _ledger_domain(store, sent_for)
     url = str(store.engine.url)
@@ -365,3 +367,19 @@ def test_a_link_acts_only_for_its_purpose_and_its_shops_key(sqlite_url: str, smt
         assert _suppressed(store) == sorted([OLD, NEW])
     finally:
         site.store.close()
+
+
+def test_a_link_sent_while_shop_domain_had_a_final_dot_names_the_address_mailed_on_its_page(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given the email sent to OLD while shop.domain was written "toko-kembali.example." (its Message-ID so in the
+    # ledger, as versions before domains were taken without a final dot wrote it), the customer now at NEW
+    store, links = _sent_then_moved(sqlite_url, smtp_server)
+    _ledger_domain(store, "toko-kembali.example.")
+    try:
+        # When its link is opened (a GET, which reads no ledger whole)
+        page = _click(store, links["body"], "GET").body.decode()
+    finally:
+        store.close()
+    # Then the page names the address the email went to, as it did before, beside the one on file
+    assert "b***@example.com" in page and "s***@mail.example" in page

@@ -245,21 +245,23 @@ class Site:
     async def _recipient(self, link: UnsubscribeToken, bound: str | None, thorough: bool) -> str | None:
         """The address the link's email went to: the customer's ledger row whose Message-ID is the link's on
         this shop's domain, the one the token is signed for first (``shop.domain``, or one of
-        ``shop.previous_domains``: emails sent before it changed), then the others; ``thorough`` (a link signed for
+        ``shop.previous_domains``: emails sent before it changed), then the others, then each with a final dot (a
+        Message-ID written while ``shop.domain`` had one); ``thorough`` (a link signed for
         no shop, which only such a row shows this shop's, or a POST), failing those, on any of them in any case (a
         Message-ID written while ``shop.domain`` had capitals: the ledger read whole). None: no such row."""
         s = self.store.store
         shop = self.settings().shop
         domains = dict.fromkeys([*([bound] if bound is not None else []), shop.domain, *shop.previous_domains])
-        for domain in domains:
-            found = await self.store.call(opstore.recipient, s, link.customer_id, link.message_id(domain))
+        # then with a final dot: written so (the domain so written, before it was taken without one) it is the same
+        message_ids = [link.message_id(d) for d in [*domains, *(f"{d}." for d in domains)]]
+        for message_id in message_ids:
+            found = await self.store.call(opstore.recipient, s, link.customer_id, message_id)
             if found is not None:
                 return found
         if not thorough:
             return None
         async with self._whole_ledger:  # as ``_mailed_addresses``: not on the store's thread, one at a time
-            return await asyncio.to_thread(opstore.recipient_any_case, s, link.customer_id,
-                                           [link.message_id(d) for d in domains])  # fmt: skip
+            return await asyncio.to_thread(opstore.recipient_any_case, s, link.customer_id, message_ids)
 
     async def _addresses(
         self, link: UnsubscribeToken, recipient: str | None, customer: CustomerSnapshot | None, *, post: bool
