@@ -1019,3 +1019,31 @@ def test_a_cut_the_database_could_not_take_is_still_logged_and_counted_by_this_w
     assert [r.kembali_fields["rate_now"] for r in cuts] == [25.0]  # type: ignore[attr-defined]
     assert limiter.relay_cuts == 1 and limiter.pace.current == 25.0
     assert "(1 time, last: 421" in str(limiter.relay_note(0))
+
+
+def test_a_round_of_slow_downs_met_by_one_worker_before_it_shares_the_cut_logs_the_cut_from_the_configured_rate(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attempts already under way when the relay first said "slow down" (booked before it, begun after it) are told
+    so too, each before this worker books again and writes its cut: the database takes one cut of the round."""
+    limiter, store = _shared_limiter(db_url, SendingSettings(rate_per_second=50.0, burst=50))
+    hang_up = SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Too many messages, slow down", stage="mail")
+
+    async def scenario() -> None:
+        await limiter.acquire("a.example")
+        # Given the relay's "slow down" to one attempt, and then to two more that began after it
+        for domain in ("a.example", "b.example", "c.example"):
+            limiter.observe(domain, hang_up, began=limiter.clock.monotonic())
+        # When this worker books its next slot (its cut written to the shared pace)
+        await limiter.acquire("a.example")
+
+    try:
+        with caplog.at_level(logging.INFO):
+            asyncio.run(scenario())
+    finally:
+        _close(store)
+    # Then the log says one cut, from the configured 50/s to the 25/s the shared pace now holds (not from 12.5/s up to
+    # 25/s, the last attempt's rate before it), and the pace is that one
+    cuts = [r.kembali_fields for r in caplog.records if r.getMessage() == "relay_throttled"]  # type: ignore[attr-defined]
+    assert [(c["rate_before"], c["rate_now"]) for c in cuts] == [(50.0, 25.0)], cuts
+    assert limiter.relay_cuts == 1 and limiter.pace.current == 25.0

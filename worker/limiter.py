@@ -37,7 +37,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import NamedTuple, Protocol
 
@@ -470,6 +470,8 @@ class Limiter:
                 self.relay_why = log.mask_addresses(result.reply or result.error_type)[:200]
                 signal = RelaySignal(now, began, domain, result.code, self.relay_why, before)
                 if isinstance(self.booker, DbBooker):  # written (and logged) before this worker's next booking
+                    if self.unshared is not None:  # one round's: the rate before it is the one before its first
+                        signal = replace(signal, rate_before=self.unshared.rate_before)
                     self.unshared = signal
                 else:
                     self._cut_made(signal, self.pace.current)
