@@ -1047,3 +1047,19 @@ def test_a_round_of_slow_downs_met_by_one_worker_before_it_shares_the_cut_logs_t
     cuts = [r.kembali_fields for r in caplog.records if r.getMessage() == "relay_throttled"]  # type: ignore[attr-defined]
     assert [(c["rate_before"], c["rate_now"]) for c in cuts] == [(50.0, 25.0)], cuts
     assert limiter.relay_cuts == 1 and limiter.pace.current == 25.0
+
+
+def test_a_run_the_relay_asked_nothing_of_says_the_rate_is_still_slowed_not_that_it_asked_0_times() -> None:
+    # Given a daemon whose run met the relay's "slow down" (the global rate halved to 20/s)
+    clock = FakeClock()
+    limiter = Limiter(SendingSettings(rate_per_second=40.0, burst=40), clock, LocalBooker(clock))
+    limiter.observe("a.example", SendResult(Outcome.THROTTLED, 421, "421 4.7.0 slow down", stage="mail"),
+                    began=clock.monotonic())  # fmt: skip
+    # When its next run, a second later, meets none (the rate still slowed)
+    cuts, joined = limiter.relay_cuts, limiter.relay_joined
+    clock.advance(1.0)
+    note = str(limiter.relay_note(cuts, joined))
+    # Then its summary says the rate is still slowed, and by what, not that the relay asked "0 times"
+    assert "0 times" not in note, note
+    assert "did not ask this worker to slow down in this run" in note and "now 20/s" in note
+    assert "421 4.7.0 slow down" in note

@@ -586,6 +586,12 @@ class Limiter:
                 f"the SMTP relay asked another worker sharing the database to slow down: the global rate went "
                 f"down to {self.relay_lowest:.3g}/s of sending.rate_per_second {pace.ceiling:g}/s, now {now}"
             )
+        if cuts <= 0 and joined <= 0:  # slowed by an earlier run's cut (or one another worker made since)
+            return (
+                f"the SMTP relay did not ask this worker to slow down in this run, but the global rate is still "
+                f"below sending.rate_per_second {pace.ceiling:g}/s (the relay's last request: "
+                f"{self.relay_why[:120]}), now {now}"
+            )
         return (
             f"the SMTP relay asked to slow down ({cuts} {'time' if cuts == 1 else 'times'}, last: "
             f"{self.relay_why[:120]}): the global rate went down to {self.relay_lowest:.3g}/s of "
