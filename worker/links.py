@@ -171,9 +171,10 @@ class Site:
         """The dispatcher's global pace (``core.pace``; the current limiter's: a reload makes a new one)."""
         self._ledger_read: asyncio.Future[tuple[dict[tuple[str, str], int], int]] | None = None
         self._ping: asyncio.Future[None] | None = None
-        self._whole_ledger = asyncio.Lock()
-        """Held while an unsubscribe link naming no email reads the ledger whole: one such read at a time."""
         """The database ping under way: probes that come while it runs wait for it rather than start their own."""
+        self._whole_ledger = asyncio.Lock()
+        """Held while an unsubscribe link reads the ledger whole (one naming no email, or a Message-ID looked up in any
+        case: ``_recipient``): one such read at a time."""
 
     async def handle(self, request: Request) -> Response:
         route = request.path.rstrip("/") or "/"
