@@ -263,20 +263,30 @@ def operator_at(monkeypatch: pytest.MonkeyPatch, when: datetime) -> None:
     monkeypatch.setattr(ledger_command, "SystemClock", lambda: FakeClock(when))
 
 
-@pytest.mark.parametrize("resent", ["spend", "orders"])
-def test_closing_the_email_a_spend_milestone_was_merged_into_closes_it_too_and_says_how_to_send_it_on_its_own(
-    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str], resent: str,
-) -> None:
-    # Given M1's 5th order reaching both milestones, planned today as one email, the spend one merged into it
-    settings = settings_for(db_url, smtp_server)
+EXPIRES = DAY + timedelta(days=14)
+"""When M1's loyalty rows planned at ``DAY`` expire (``expires_after_days``)."""
+
+
+def m1_planned(db_url: str, server: RecordingServer, tmp_path: Path) -> tuple[Settings, Path, int, int]:
+    """M1's 5th order reaching both milestones, planned at ``DAY`` as one email, the spend one merged into it: the
+    settings, a config.toml for `kembali ledger`, and the ids of the order milestone's row and of the spend one."""
+    settings = settings_for(db_url, server)
     m1_at_five_orders(db_url).dispose()
     store = Store.from_url(db_url)
     try:
         pipeline.plan(store, settings, DAY, campaigns=["loyalty"])
     finally:
         store.close()
-    config, carrier, spend = operator_config(db_url, tmp_path)
+    return settings, *operator_config(db_url, tmp_path)
+
+
+@pytest.mark.parametrize("resent", ["spend", "orders"])
+def test_closing_the_email_a_spend_milestone_was_merged_into_closes_it_too_and_says_how_to_send_it_on_its_own(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], resent: str,
+) -> None:
+    # Given M1's 5th order reaching both milestones, planned today as one email, the spend one merged into it
+    settings, config, carrier, spend = m1_planned(db_url, smtp_server, tmp_path)
 
     # When the operator cancels the order milestone's email
     operator_at(monkeypatch, DAY + timedelta(minutes=20))
@@ -286,7 +296,8 @@ def test_closing_the_email_a_spend_milestone_was_merged_into_closes_it_too_and_s
     assert code == 0
     assert f"1 message(s) closed as failed: {carrier}" in out
     assert (f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) closed as failed with it: "
-            f"`kembali ledger resend {spend}` sends it on its own") in out
+            f"`kembali ledger resend {spend}` sends it on its own until {EXPIRES:%Y-%m-%d %H:%M} UTC (its expiry)"
+            ) in out
     assert {k: v[:2] for k, v in ledger(settings).items()} == {
         "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
     # and a resend by filters leaves both out (the operator's decision)
@@ -335,6 +346,63 @@ def test_closing_as_sent_the_email_a_spend_milestone_was_merged_into_says_it_wen
             "it stays skipped (merged)") in out
     assert {k: v[:2] for k, v in ledger(settings).items()} == {
         "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+
+
+def sent_to(server: RecordingServer) -> list[str]:
+    return [to for m in server.messages for to in m.rcpt_tos]
+
+
+def cycles_at(settings: Settings, start: datetime, days: int) -> None:
+    """Kembali run at ``start`` and each day after for ``days`` days (past the 3-day cap, which would hold a second
+    email to M1 back, not stop it)."""
+    for day in range(days):
+        cycle_at(settings, start + timedelta(days=day))
+
+
+def test_the_close_says_until_when_its_resend_hint_works_and_the_resend_past_it_says_why_it_cannot(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given M1's one email for both milestones, cancelled by the operator, the spend milestone closed with it
+    settings, config, carrier, spend = m1_planned(db_url, smtp_server, tmp_path)
+    operator_at(monkeypatch, DAY + timedelta(minutes=20))
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier))
+
+    # Then the hint to send the spend milestone on its own says until when it can
+    assert (f"closed as failed with it: `kembali ledger resend {spend}` sends it on its own until "
+            f"{EXPIRES:%Y-%m-%d %H:%M} UTC (its expiry)") in out
+
+    # When the operator follows the hint after that
+    operator_at(monkeypatch, EXPIRES + timedelta(hours=1))
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "resend", str(spend))
+    cycles_at(settings, EXPIRES + timedelta(hours=2), 1)
+
+    # Then the resend is refused, saying why, and not advising to close a message closed already; nothing is sent
+    assert code == 1
+    assert (f"kembali: message {spend} left alone: expired at {EXPIRES:%Y-%m-%d %H:%M} UTC, so it can no longer be "
+            "sent; it stays closed as failed") in out
+    assert "`kembali ledger close` it instead" not in out
+    assert sent_to(smtp_server) == []
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
+
+
+def test_closing_the_email_a_spend_milestone_was_merged_into_after_its_expiry_gives_no_resend_hint(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given M1's one email for both milestones, still planned past its expiry (the worker stopped)
+    _, config, carrier, spend = m1_planned(db_url, smtp_server, tmp_path)
+
+    # When the operator cancels it then
+    operator_at(monkeypatch, EXPIRES + timedelta(hours=1))
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier))
+
+    # Then the spend milestone is closed with it, and the output says it cannot be sent on its own, and why; no hint
+    assert code == 0
+    assert (f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) closed as failed with it: "
+            f"it expired at {EXPIRES:%Y-%m-%d %H:%M} UTC, so it cannot be sent on its own") in out
+    assert "ledger resend" not in out
 
 
 def p1_with_a_fifth_order_placed(db_url: str, days_ago: int) -> tuple[sa.Engine, list[OrderRecord], OrderRecord]:

@@ -102,13 +102,15 @@ class Carried:
     payload ``carries`` its dedupe key, see ``SkipReason.MERGED``): it shares that message's fate. Closed as sent, it
     went with it and stays merged; closed as failed (or cancelled), it is closed as failed with it (``CLOSED_WITH``),
     so that it is neither left waiting for ever on an email that will not go, nor sent unasked: its ID resends it on
-    its own. That message resent, one closed with it is merged into it again (``Store.record`` sends it on its own
-    should that message be found no longer due)."""
+    its own until its expiry. That message resent, one closed with it is merged into it again (``Store.record`` sends
+    it on its own should that message be found no longer due)."""
 
     id: int
     dedupe_key: str
     carrier: int
     """The id of the message it was merged into."""
+    expires_at: datetime
+    """Its own expiry: closed with it, its ID resends it on its own until then (a resend refuses it after)."""
     fate: str
     """``"closed"`` with it, ``"went"`` with it (stays merged), or ``"merged again"`` into it."""
 
@@ -236,8 +238,7 @@ class LedgerAdmin:
             return f"back in the queue (next attempt {row.next_attempt_at:%Y-%m-%d %H:%M} UTC)"
 
         def carried(conn: Connection, resent: list[int]) -> list[Carried]:
-            found = [Carried(i, key, carrier, "merged again") for i, key, carrier in _merged_into(conn, resent,
-                                                                                            closed_with=True)]
+            found = [Carried(*row, fate="merged again") for row in _merged_into(conn, resent, closed_with=True)]
             if not dry_run:
                 _change(conn, found, now=now, operator=operator, text=f"{text}: merged again into the email resent",
                         status=MessageStatus.SKIPPED, reason=SkipReason.MERGED, closed_with=True)
@@ -273,7 +274,7 @@ class LedgerAdmin:
 
         def carried(conn: Connection, closing: list[int]) -> list[Carried]:
             fate = "closed" if failed else "went"
-            found = [Carried(i, key, carrier, fate) for i, key, carrier in _merged_into(conn, closing)]
+            found = [Carried(*row, fate=fate) for row in _merged_into(conn, closing)]
             if failed and not dry_run:
                 _change(conn, found, now=now, operator=operator, text=CLOSED_WITH + (f": {note}" if note else ""),
                         status=MessageStatus.FAILED, reason=None)
@@ -306,7 +307,8 @@ class LedgerAdmin:
             possible = [i for i in ids if 1 <= i <= MAX_ID]  # a bigger one is not a row: SQLite would raise on it
             # read a few hundred at a time: a bulk decision by filters (an outage's messages) can name more rows,
             # and addresses, than a statement takes parameters (PostgreSQL: 65,535)
-            query = sa.select(M.c.id, M.c.status, M.c.attempts, M.c.email, M.c.next_attempt_at, M.c.expires_at)
+            query = sa.select(M.c.id, M.c.status, M.c.attempts, M.c.email, M.c.next_attempt_at, M.c.expires_at,
+                              M.c.last_error)  # fmt: skip
             found = {r.id: r for part in _chunks(possible) for r in conn.execute(query.where(M.c.id.in_(part)))}
             suppressed: dict[str, str] = {}
             if sendable_only and found:
@@ -336,9 +338,11 @@ class LedgerAdmin:
                     refused[message_id] = (f"{row.email} is on the suppression list ({reason}), so the next run would "
                                            f"skip it; {advice}")
                     continue
-                if sendable_only and row.expires_at <= now:
-                    refused[message_id] = (f"expired at {row.expires_at:%Y-%m-%d %H:%M} UTC, so the next run would "
-                                           "skip it as expired; `kembali ledger close` it instead")
+                if sendable_only and row.expires_at <= now:  # one an operator closed: no advice to close it
+                    closed = row.status == MessageStatus.FAILED.value and (row.last_error or "").startswith(CLOSED)
+                    refused[message_id] = f"expired at {row.expires_at:%Y-%m-%d %H:%M} UTC, so " + (
+                        "it can no longer be sent; it stays closed as failed" if closed else
+                        "the next run would skip it as expired; `kembali ledger close` it instead")  # fmt: skip
                     continue
                 if tried_only and row.attempts == 0:
                     refused[message_id] = "was never handed to an SMTP server (0 tries), so it cannot have arrived"
@@ -367,23 +371,25 @@ class LedgerAdmin:
         return ActionResult(changed, refused, done, carried)
 
 
-def _merged_into(conn: Connection, carriers: Sequence[int], *, closed_with: bool = False) -> list[tuple[int, str, int]]:
-    """(id, dedupe key, carrier's id) of each row still stored as skipped, ``merged`` into one of ``carriers``
+def _merged_into(
+    conn: Connection, carriers: Sequence[int], *, closed_with: bool = False
+) -> list[tuple[int, str, int, datetime]]:
+    """(id, dedupe key, carrier's id, expiry) of each row still stored as skipped, ``merged`` into one of ``carriers``
     (named by the carrier's payload ``carries``, and naming it back in its own ``merged_into``); ``closed_with``:
     of each row closed as failed with it instead (``CLOSED_WITH``)."""
     keys: dict[str, tuple[int, str]] = {}  # carried key → (carrier id, carrier key)
-    query = sa.select(M.c.id, M.c.dedupe_key, M.c.payload).where(M.c.campaign == "loyalty")
+    query = sa.select(M.c.id, M.c.dedupe_key, M.c.payload, M.c.expires_at).where(M.c.campaign == "loyalty")
     for part in _chunks(list(carriers)):
         for r in conn.execute(query.where(M.c.id.in_(part))):
             carries = _payload(r.payload).get("carries")
             if isinstance(carries, str):
                 keys[carries] = (r.id, r.dedupe_key)
-    found: list[tuple[int, str, int]] = []
+    found: list[tuple[int, str, int, datetime]] = []
     for part in _chunks(sorted(keys)):
         for r in conn.execute(query.where(M.c.dedupe_key.in_(part), _fate(closed_with)).order_by(M.c.id)):
             carrier, carrier_key = keys[r.dedupe_key]
             if _payload(r.payload).get("merged_into") == carrier_key:
-                found.append((r.id, r.dedupe_key, carrier))
+                found.append((r.id, r.dedupe_key, carrier, r.expires_at))
     return found
 
 

@@ -151,7 +151,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "message waiting in the queue (planned or retry, e.g. `close --status planned --campaign new_products`) is "
         "cancelled by closing it as failed: it is never sent (one a worker has taken is being sent and is left "
         "alone). A loyalty email that carries a spend milestone merged into it takes it along: closed as failed with "
-        "it (its ID resends it on its own; resending that email merges it again), or, closed as sent, left merged; "
+        "it (its ID resends it on its own until its expiry; resending that email merges it again), or, closed as "
+        "sent, left merged; "
         "the output names it. Each decision is recorded as an attempt with outcome 'operator'. Exit code 1 when a "
         "message is left alone (no such message, another state, or a planned one closed --as sent); 2 for neither IDs "
         "nor a filter, or both, or a --customer the shop's data does not have; 3 when the database cannot be used.",
@@ -210,10 +211,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         would = "would be " if args.dry_run else ""
         if args.action == "resend":
             result = admin.resend(ids, now=now, operator=operator(), note=args.reason, dry_run=args.dry_run)
-            return _report(result, f"{would}back in the queue (sent at the next run)", dry_run=args.dry_run)
+            return _report(result, f"{would}back in the queue (sent at the next run)", now, dry_run=args.dry_run)
         result = admin.close(ids, now=now, operator=operator(), status=MessageStatus(args.as_status),
                              note=args.reason, dry_run=args.dry_run)  # fmt: skip
-        return _report(result, f"{would}closed as {args.as_status}", dry_run=args.dry_run)
+        return _report(result, f"{would}closed as {args.as_status}", now, dry_run=args.dry_run)
     finally:
         engine.dispose()
 
@@ -319,7 +320,7 @@ def _cells(row: LedgerRow) -> tuple[str, ...]:
             code, printable(row.email[:32]), printable(reply[:110]))
 
 
-def _report(result: ActionResult, what: str, *, dry_run: bool = False) -> int:
+def _report(result: ActionResult, what: str, now: datetime, *, dry_run: bool = False) -> int:
     if dry_run:
         print(f"dry run: nothing changed; {len(result.changed)} message(s) {what}, {len(result.refused)} left alone")
     if result.changed:
@@ -329,8 +330,12 @@ def _report(result: ActionResult, what: str, *, dry_run: bool = False) -> int:
     would = "would be " if dry_run else ""
     for c in result.carried:  # a loyalty milestone merged into a message closed or resent: what became of it
         merged = f"message {c.id} ({printable(c.dedupe_key)}, merged into message {c.carrier})"
-        if c.fate == "closed":
-            print(f"{merged} {would}closed as failed with it: `kembali ledger resend {c.id}` sends it on its own")
+        expiry = f"{c.expires_at:%Y-%m-%d %H:%M} UTC"
+        if c.fate == "closed" and c.expires_at <= now:  # a resend would be refused: no hint that cannot work
+            print(f"{merged} {would}closed as failed with it: it expired at {expiry}, so it cannot be sent on its own")
+        elif c.fate == "closed":
+            print(f"{merged} {would}closed as failed with it: `kembali ledger resend {c.id}` sends it on its own "
+                  f"until {expiry} (its expiry)")  # fmt: skip
         elif c.fate == "went":
             print(f"{merged} went with it: it stays skipped (merged)")
         else:
