@@ -348,6 +348,19 @@ def test_closing_as_sent_the_email_a_spend_milestone_was_merged_into_says_it_wen
         "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
 
 
+def m1_cancelled(
+    db_url: str, server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> tuple[Settings, Path, int, int, str]:
+    """``m1_planned``, its email cancelled by the operator 20 minutes later (the spend milestone closed with it): what
+    ``m1_planned`` gives, and what the close printed."""
+    settings, config, carrier, spend = m1_planned(db_url, server, tmp_path)
+    operator_at(monkeypatch, DAY + timedelta(minutes=20))
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier))
+    assert code == 0, out
+    return settings, config, carrier, spend, out
+
+
 def sent_to(server: RecordingServer) -> list[str]:
     return [to for m in server.messages for to in m.rcpt_tos]
 
@@ -359,14 +372,87 @@ def cycles_at(settings: Settings, start: datetime, days: int) -> None:
         cycle_at(settings, start + timedelta(days=day))
 
 
+@pytest.mark.parametrize("order", ["together", "orders-first", "spend-first", "spend-then-orders-together"])
+def test_resending_both_a_merged_spend_milestone_and_the_email_it_was_merged_into_sends_one_email(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], order: str,
+) -> None:
+    # Given M1's one email for both milestones, cancelled by the operator (the spend milestone closed with it)
+    settings, config, carrier, spend, _ = m1_cancelled(db_url, smtp_server, tmp_path, monkeypatch, capsys)
+    merged = f"loyalty:M1:spend-500000000 (message {spend})"
+
+    # When the operator resends both rows: in one command, or one after the other
+    def resend(*ids: int) -> tuple[int, str]:
+        return run_cli(capsys, "--config", str(config), "ledger", "resend", *map(str, ids))
+
+    if order == "together":
+        (code, out), second = resend(spend, carrier), None
+    elif order == "orders-first":
+        (code, out), second = resend(carrier), resend(spend)
+    else:  # the spend milestone first: on its own, then the email it was merged into (alone or with it)
+        (code, out), second = resend(spend), resend(carrier) if order == "spend-first" else resend(spend, carrier)
+    cycles_at(settings, DAY + timedelta(hours=1), 5)
+
+    # Then M1 gets one email, not two for one order; the second resend is refused, naming the row and why, and each
+    # row says what became of it
+    assert code == 0, out
+    assert sent_to(smtp_server) == ["m1@example.com"]
+    rows = {k: v[:2] for k, v in ledger(settings).items()}
+    if order == "together":
+        assert f"1 message(s) back in the queue (sent at the next run): {carrier}" in out
+        assert (f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) merged into it again"
+                in out)
+        assert rows == {"loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+    elif order == "orders-first":
+        assert second is not None
+        assert second[0] == 1
+        assert (f"kembali: message {spend} left alone: merged into message {carrier} (loyalty:M1:orders-5), which "
+                "is retry: the milestone goes with that email, not in a second one") in second[1]
+        assert rows == {"loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+    else:
+        assert second is not None
+        assert second[0] == 1
+        assert (f"kembali: message {carrier} left alone: the spend milestone merged into it, {merged}, is retry "
+                "on its own: resending this one too would send a second email for the same order") in second[1]
+        assert rows == {"loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("sent", None)}
+
+
+def test_a_filter_that_selects_both_a_spend_milestone_and_the_email_it_was_merged_into_resends_one(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given M1's one email for both milestones, cancelled by the operator, then each resent by ID on its own (the
+    # spend milestone, then that email, whose spend milestone had failed), both refused by M1's server (550)
+    settings, config, carrier, spend, _ = m1_cancelled(db_url, smtp_server, tmp_path, monkeypatch, capsys)
+    smtp_server.on("m1@example.com", Behaviour(rcpt_reply="550 5.2.1 Mailbox disabled"))
+    for message in (spend, carrier):
+        assert run_cli(capsys, "--config", str(config), "ledger", "resend", str(message))[0] == 0
+        cycle_at(settings, DAY + timedelta(minutes=30))
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
+
+    # When the mailbox works again and the operator resends the campaign's failed messages by a filter
+    smtp_server.on("m1@example.com", Behaviour())
+    operator_at(monkeypatch, DAY + timedelta(hours=1))
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "resend", "--campaign", "loyalty")
+    cycles_at(settings, DAY + timedelta(hours=2), 5)
+
+    # Then M1 gets one email: the spend milestone is left alone, saying it goes with the email it was merged into
+    assert sent_to(smtp_server) == ["m1@example.com"]
+    assert code == 1
+    assert f"1 message(s) back in the queue (sent at the next run): {carrier}" in out
+    assert (f"kembali: message {spend} left alone: merged into message {carrier} (loyalty:M1:orders-5), which this "
+            "resend puts back in the queue: the milestone goes with that email, not in a second one") in out
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("failed", None)}
+
+
 def test_the_close_says_until_when_its_resend_hint_works_and_the_resend_past_it_says_why_it_cannot(
     db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Given M1's one email for both milestones, cancelled by the operator, the spend milestone closed with it
-    settings, config, carrier, spend = m1_planned(db_url, smtp_server, tmp_path)
-    operator_at(monkeypatch, DAY + timedelta(minutes=20))
-    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier))
+    settings, config, _, spend, out = m1_cancelled(db_url, smtp_server, tmp_path, monkeypatch, capsys)
 
     # Then the hint to send the spend milestone on its own says until when it can
     assert (f"closed as failed with it: `kembali ledger resend {spend}` sends it on its own until "

@@ -9,7 +9,8 @@ A resend puts the row back to ``retry``, due now, with the same Message-ID.
 A decision the row already reflects (a resend of a row in ``retry``, a close as
 sent of a ``sent`` row) changes nothing and is reported as such, not refused:
 running the same command twice is safe.
-A loyalty spend milestone merged into a message closed or resent shares its fate (``Carried``).
+A loyalty spend milestone merged into a message closed or resent shares its fate (``Carried``), and a resend
+never sends both it and that message: one email for one order (``_one_email``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ DECIDABLE = (MessageStatus.UNCERTAIN.value, MessageStatus.FAILED.value)
 WAITING = (MessageStatus.PLANNED.value, MessageStatus.RETRY.value)
 """States of a message in the queue, not sent yet: an operator may close one as failed (cancel it), not as sent.
 A claimed one (``claimed``, ``sending``) is a worker's: the close's conditional update leaves it alone."""
+GOES = (MessageStatus.PLANNED.value, MessageStatus.CLAIMED.value, MessageStatus.SENDING.value,
+        MessageStatus.RETRY.value, MessageStatus.SENT.value, MessageStatus.UNCERTAIN.value)
+"""States of a message that went, may have gone, or is to go: a spend milestone and the email it was merged into
+are not resent while the other one is in one (``_one_email``)."""
 CUSTOMERS_OWN = ("unsubscribed", "complaint")
 """Suppression reasons that are the customer's own wish (an unsubscribe link, a spam complaint): a resend refused
 for one advises closing the message, not clearing the entry as for a bounce or an operator's own."""
@@ -248,7 +253,7 @@ class LedgerAdmin:
             "status": MessageStatus.RETRY.value, "next_attempt_at": now, "skip_reason": None,
             "sent_at": None,  # an uncertain send the cap counted: the resend is counted when it goes
             "resent_after_attempts": M.c.attempts,  # sending.max_attempts counts the attempts after the resend
-        }, sendable_only=True, already=queued, dry_run=dry_run, then=carried)  # fmt: skip
+        }, sendable_only=True, already=queued, dry_run=dry_run, then=carried, vet=_one_email)  # fmt: skip
 
     def close(
         self, ids: Sequence[int], *, now: datetime, operator: str, status: MessageStatus, note: str = "",
@@ -288,6 +293,7 @@ class LedgerAdmin:
         sendable_only: bool = False, already: Callable[[Any], str | None] = lambda row: None,
         dry_run: bool = False, states: Sequence[str] = DECIDABLE, tried_only: bool = False,
         then: Callable[[Connection, list[int]], list[Carried]] = lambda conn, changed: [],
+        vet: Callable[[Connection, list[int], list[int]], dict[int, str | None]] = lambda conn, ids, changing: {},
     ) -> ActionResult:
         """``states``: the states of the rows it changes (the others are left alone, saying why). ``tried_only``:
         refuse a row never handed to an SMTP server (no tries: cancelled while planned, a template error), which a
@@ -296,7 +302,9 @@ class LedgerAdmin:
         passed (a resend would only be skipped as ``suppressed`` or ``expired`` by the next run, its reply
         overwritten). ``already``: what a row not in ``states`` already is when that is what was asked (it is then
         left alone without a refusal), else None. ``dry_run``: decide the same, change nothing. ``then``: what else
-        the decision changes, done in its transaction with the ids it changes (or would, in a dry run)."""
+        the decision changes, done in its transaction with the ids it changes (or would, in a dry run). ``vet``: the
+        rows found (their ids) it leaves alone after all, given those it would change: id → why (replacing the reason
+        it gave, if any), or None for one ``then`` takes care of (no longer refused)."""
         text = text[:500]
         which = f"{', '.join(states[:-1])} or {states[-1]}"  # uncertain or failed
         ids = list(dict.fromkeys(ids))  # an id given twice is decided once (the second would find it changed)
@@ -348,6 +356,14 @@ class LedgerAdmin:
                     refused[message_id] = "was never handed to an SMTP server (0 tries), so it cannot have arrived"
                     continue
                 changed.append(message_id)
+            for message_id, why in vet(conn, list(found), changed).items():
+                if message_id in done:  # as asked already: nothing changes it
+                    continue
+                changed = [i for i in changed if i != message_id]
+                if why is None:
+                    refused.pop(message_id, None)
+                else:
+                    refused[message_id] = why
             if dry_run or not changed:
                 return ActionResult(changed, refused, done, then(conn, changed) if changed else [])
             # a few hundred rows a statement, where two statements a row held SQLite's write lock past a worker's
@@ -391,6 +407,58 @@ def _merged_into(
             if _payload(r.payload).get("merged_into") == carrier_key:
                 found.append((r.id, r.dedupe_key, carrier, r.expires_at))
     return found
+
+
+def _one_email(conn: Connection, ids: Sequence[int], resent: Sequence[int]) -> dict[int, str | None]:
+    """Of the rows ``ids`` a resend names, the ones it leaves alone so that a loyalty spend milestone merged into an
+    email (``Carried``) and that email do not both go, two emails for one order: id → why. That email, when the
+    milestone went, may have gone or is to go on its own (``GOES``: resent by its ID, or sent before that email was
+    resent); the milestone, when that email is (or this resend puts it back in the queue: resent together, or by a
+    filter taking both). None: a milestone closed with that email, which this resend merges into it again
+    (``Carried``). ``resent``: the rows the resend would put back in the queue."""
+    query = sa.select(M.c.id, M.c.dedupe_key, M.c.payload, M.c.status, M.c.last_error).where(
+        M.c.campaign == "loyalty")  # fmt: skip
+    named = {r.id: r for part in _chunks(list(ids)) for r in conn.execute(query.where(M.c.id.in_(part)))}
+    pairs: dict[int, tuple[str, str]] = {}  # id → ("carries" or "merged_into", the other row's dedupe key)
+    for r in named.values():
+        payload = _payload(r.payload)
+        pairs.update((r.id, (kind, payload[kind])) for kind in ("carries", "merged_into")
+                     if isinstance(payload.get(kind), str))  # fmt: skip
+    keys = sorted({key for _, key in pairs.values()})
+    others = {r.dedupe_key: r for part in _chunks(keys) for r in conn.execute(query.where(M.c.dedupe_key.in_(part)))}
+
+    def other(message_id: int, kind: str) -> Any:
+        """The row the pair names, if it names this one back."""
+        named_kind, key = pairs[message_id]
+        back = "merged_into" if kind == "carries" else "carries"
+        row = others.get(key)
+        if named_kind != kind or row is None or _payload(row.payload).get(back) != named[message_id].dedupe_key:
+            return None
+        return row
+
+    left: dict[int, str | None] = {}
+    for message_id in [i for i in resent if i in pairs]:  # the emails first: the milestone goes with those resent
+        merged = other(message_id, "carries")
+        if merged is not None and merged.status in GOES:
+            left[message_id] = (f"the spend milestone merged into it, {merged.dedupe_key} (message {merged.id}), is "
+                                f"{merged.status} on its own: resending this one too would send a second email for "
+                                "the same order")  # fmt: skip
+    going = set(resent) - set(left)
+    for message_id in pairs:
+        carrier = other(message_id, "merged_into")
+        if carrier is None or (carrier.id not in going and carrier.status not in GOES):
+            continue
+        row = named[message_id]
+        if carrier.id in going and row.status == MessageStatus.FAILED.value and (
+                (row.last_error or "").startswith(CLOSED_WITH)):
+            left[message_id] = None
+            continue
+        which = "this resend puts back in the queue" if carrier.id in going else f"is {carrier.status}"
+        goes = "goes" if carrier.id in going else {"sent": "went", "uncertain": "may have gone"}.get(carrier.status,
+                                                                                                       "goes")
+        left[message_id] = (f"merged into message {carrier.id} ({carrier.dedupe_key}), which {which}: the milestone "
+                            f"{goes} with that email, not in a second one")  # fmt: skip
+    return left
 
 
 def _fate(closed_with: bool) -> sa.ColumnElement[bool]:

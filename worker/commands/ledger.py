@@ -134,7 +134,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "resend", help="send uncertain/failed messages again (same Message-ID)",
         description="Puts uncertain or failed messages back in the queue, due now, with the same Message-ID. By "
         "filters it leaves out the messages an operator closed as failed (a decision a filter does not undo; it "
-        "says which, and their IDs resend them). Exit code 1 when a message is left alone (no such message, "
+        "says which, and their IDs resend them). A loyalty spend milestone merged into an email and that email are "
+        "never both sent: resent together, the email takes it along; either is left alone while the other is in "
+        "the queue, sent or may have arrived. Exit code 1 when a message is left alone (no such message, "
         "another state, past its expiry or to a suppressed address); 2 for neither IDs nor a filter, or both, or a "
         "--customer the shop's data does not have; 3 when the database cannot be used.",
     )  # fmt: skip
