@@ -213,10 +213,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         would = "would be " if args.dry_run else ""
         if args.action == "resend":
             result = admin.resend(ids, now=now, operator=operator(), note=args.reason, dry_run=args.dry_run)
-            return _report(result, f"{would}back in the queue (sent at the next run)", now, dry_run=args.dry_run)
+            return _report(result, f"{would}back in the queue (sent at the next run)", now, args)
         result = admin.close(ids, now=now, operator=operator(), status=MessageStatus(args.as_status),
                              note=args.reason, dry_run=args.dry_run)  # fmt: skip
-        return _report(result, f"{would}closed as {args.as_status}", now, dry_run=args.dry_run)
+        return _report(result, f"{would}closed as {args.as_status}", now, args)
     finally:
         engine.dispose()
 
@@ -273,13 +273,16 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _kembali(args: argparse.Namespace) -> list[str]:
+    """How a command this one prints begins: ``kembali``, with the ``--config`` this one was given (so that it runs
+    on the same ledger)."""
+    return ["kembali", *(["--config", str(args.config)] if getattr(args, "config_given", False) else [])]
+
+
 def _next_page(args: argparse.Namespace, last: LedgerRow) -> str:
     """The command that lists the next page: this one's filters and options, ``--after`` the page's last row and
     when it changed (a row changed since moves to the top; its new time would list this page again)."""
-    words = ["kembali"]
-    if getattr(args, "config_given", False):
-        words += ["--config", str(args.config)]
-    words += ["ledger", "list"]
+    words = [*_kembali(args), "ledger", "list"]
     words += [w for status in args.status or () for w in ("--status", status)]
     words += ["--campaign", args.campaign] if args.campaign else []
     words += ["--since", args.since.isoformat()] if args.since else []
@@ -322,7 +325,8 @@ def _cells(row: LedgerRow) -> tuple[str, ...]:
             code, printable(row.email[:32]), printable(reply[:110]))
 
 
-def _report(result: ActionResult, what: str, now: datetime, *, dry_run: bool = False) -> int:
+def _report(result: ActionResult, what: str, now: datetime, args: argparse.Namespace) -> int:
+    dry_run = args.dry_run
     if dry_run:
         print(f"dry run: nothing changed; {len(result.changed)} message(s) {what}, {len(result.refused)} left alone")
     if result.changed:
@@ -336,7 +340,8 @@ def _report(result: ActionResult, what: str, now: datetime, *, dry_run: bool = F
         if c.fate == "closed" and c.expires_at <= now:  # a resend would be refused: no hint that cannot work
             print(f"{merged} {would}closed as failed with it: it expired at {expiry}, so it cannot be sent on its own")
         elif c.fate == "closed":
-            print(f"{merged} {would}closed as failed with it: `kembali ledger resend {c.id}` sends it on its own "
+            resend = shlex.join([*_kembali(args), "ledger", "resend", str(c.id)])
+            print(f"{merged} {would}closed as failed with it: `{resend}` sends it on its own "
                   f"until {expiry} (its expiry)")  # fmt: skip
         elif c.fate == "went":
             print(f"{merged} went with it: it stays skipped (merged)")
