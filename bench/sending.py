@@ -1,6 +1,7 @@
 """Sending throughput: the raw aiosmtplib ceiling vs Kembali end to end, against two sinks.
 
     .venv/bin/python bench/sending.py [--messages 20000] [--pool 8] [--sinks smtp-sink,aiosmtpd]
+    .venv/bin/python bench/sending.py --mixed 2 [--slow-share 0.1] [--wire-hold S] [--backend postgresql]
 
 For each sink (Postfix's C ``smtp-sink`` when installed, and aiosmtpd in its own
 process) it measures, in one run:
@@ -13,6 +14,10 @@ process) it measures, in one run:
 and prints messages per second for each and the ratio kembali/raw, plus the
 process RSS when half and all of the messages were sent (memory must stay flat).
 Figures are noisy on a shared machine: run it twice.
+
+``--mixed R`` measures instead what a slow recipient domain costs the others: ``--slow-share`` of the
+recipients (default a tenth) on a domain limited to R/s, the rest on fast ones, until every fast
+message is sent (``--mixed 0``: the same recipients, the slow domain unlimited: the baseline).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from aiosmtplib import SMTP  # noqa: E402
 
-from worker import eventloop, log  # noqa: E402
+from worker import eventloop, log, sending  # noqa: E402
 from worker.adapters import db, shop  # noqa: E402
 from worker.app import Deps  # noqa: E402
 from worker.commands import running  # noqa: E402
@@ -51,9 +56,11 @@ from worker.domain import (  # noqa: E402
     ProductRecord,
     SendResult,
 )
+from worker.limiter import HOLD_SECONDS, REBOOKS, Later, Limiter  # noqa: E402
 
 SMTP_SINK = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None)
 SENDER = "halo@toko-kembali.example"
+PG_ADMIN = os.environ.get("KEMBALI_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PROFILE = os.environ.get("KEMBALI_BENCH_PROFILE")
 """A file to write cProfile stats of the end-to-end run to."""
 
@@ -162,7 +169,12 @@ async def raw_ceiling(port: int, message: bytes, count: int, pool: int) -> float
 # --- Kembali end to end ----------------------------------------------------------------
 
 
-def seed(url: str, count: int, now: datetime) -> None:
+SLOW_DOMAIN = "lambat.example"
+"""``--mixed``'s slow recipient domain."""
+
+
+def seed(url: str, count: int, now: datetime, slow_every: int = 0) -> None:
+    """``count`` customers due a win-back; with ``slow_every``, every such customer's address is at ``SLOW_DOMAIN``."""
     engine = db.create_engine(url)
     db.upgrade(engine)
     products = [ProductRecord(f"P-{i}", f"Produk {i}", "kopi", (50 + i) * 1000_00, "IDR",
@@ -170,10 +182,14 @@ def seed(url: str, count: int, now: datetime) -> None:
     shop.upsert_products(engine, products, now)
     placed = now - timedelta(days=60)
     domains = ("gmail.com", "yahoo.co.id", "outlook.com", "ymail.com", "toko.example")
+
+    def domain(i: int) -> str:
+        return SLOW_DOMAIN if slow_every and not i % slow_every else domains[i % 5]
+
     for start in range(0, count, 5000):
         ids = range(start, min(count, start + 5000))
         shop.upsert_customers(engine, [
-            CustomerRecord(f"C{i}", f"pelanggan{i}@{domains[i % 5]}", f"Pelanggan Nomor {i}",
+            CustomerRecord(f"C{i}", f"pelanggan{i}@{domain(i)}", f"Pelanggan Nomor {i}",
                            Locale.ID if i % 4 else Locale.EN, "Asia/Jakarta", None, True, "opt_in", "checkout")
             for i in ids], now)  # fmt: skip
         shop.upsert_orders(engine, [
@@ -337,6 +353,14 @@ def main() -> None:
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default=None,
                         help="event loop for both raw and end to end (default: KEMBALI_EVENT_LOOP, else auto: "
                              "uvloop when installed)")  # fmt: skip
+    parser.add_argument("--mixed", type=float, metavar="R",
+                        help="instead: a slow recipient domain limited to R/s among fast ones, until every fast "
+                             "message is sent (0: the same run, that domain unlimited)")  # fmt: skip
+    parser.add_argument("--slow-share", type=float, default=0.1, help="--mixed: the slow domain's share (0.1)")
+    parser.add_argument("--wire-hold", type=float, metavar="S",
+                        help=f"--mixed: worker.sending.WIRE_HOLD_SECONDS for the run (default {wire_hold():g})")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="--mixed: the database (postgresql: KEMBALI_TEST_PG_URL's server, shared limits)")
     parser.add_argument("--serve-aiosmtpd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_aiosmtpd:
@@ -355,6 +379,12 @@ def main() -> None:
         sinks.remove("smtp-sink")
     with tempfile.TemporaryDirectory(prefix="kembali-bench-") as tmp:
         folder = Path(tmp)
+        if args.mixed is not None:
+            if args.wire_hold is not None:
+                vars(sending)["WIRE_HOLD_SECONDS"] = args.wire_hold
+            mixed_run(sinks[-1], args.mixed, args.slow_share, args.messages, args.pool, args.in_flight, folder,
+                      args.backend)  # fmt: skip
+            return
         if args.rate:
             rate_run(sinks[0], args.rate, args.messages, args.pool, args.in_flight, folder)
             return
@@ -381,6 +411,137 @@ def main() -> None:
             print("  RSS of compose helpers : "
                   + ", ".join(f"{v:.0f} MB after {k[7:]} sent" for k, v in helpers.items()))
             print(f"  contact policy memory  : at most {e2e['remembered_peak']} sends remembered beside the ledger")
+
+
+# --- a slow recipient domain among fast ones ---------------------------------------------
+
+
+class MixedProbe:
+    """Wraps the transport: counts the fast domains' sends and the slow one's, and sets ``done`` once every fast
+    message is sent (the slow domain's backlog would take its count / R seconds more)."""
+
+    def __init__(self, inner: object, fast: int, done: asyncio.Event) -> None:
+        self.inner, self.fast_total, self.done = inner, fast, done
+        self.fast = self.slow = 0
+        self.first: float | None = None
+        self.last_fast = 0.0
+
+    async def send(self, sender: str, recipient: str, message: bytes) -> SendResult:
+        if self.first is None:
+            self.first = time.monotonic()
+        result: SendResult = await self.inner.send(sender, recipient, message)  # type: ignore[attr-defined]
+        if recipient.endswith("@" + SLOW_DOMAIN):
+            self.slow += 1
+        else:
+            self.fast += 1
+            if self.fast == self.fast_total:
+                self.last_fast = time.monotonic()
+                self.done.set()
+        return result
+
+    async def close(self) -> None:
+        await self.inner.close()  # type: ignore[attr-defined]
+
+
+@contextmanager
+def held_waits() -> Iterator[dict[str, float]]:
+    """The slot waits the senders make holding one of the pool's connections (``Limiter.acquire`` with
+    ``tell=False``: ``Dispatcher._slot_and_connection``), summed: the time the connections idle. The seconds are
+    those each was told to wait (not its oversleep); patched around the limiter's method for the run. With the
+    limiter's count of slots given up (``late_rebookings``), and of those because they passed while the sender waited
+    for a connection (``passed``)."""
+    held = {"seconds": 0.0, "waits": 0, "long": 0.0, "longs": 0, "missed": 0, "passed": 0}
+    original, original_passed = Limiter.acquire, Limiter.passed
+
+    async def acquire(self: Limiter, domain: str, **kwargs: Any) -> float | Later:
+        waited = await original(self, domain, **kwargs)
+        held["missed"] = self.late_rebookings  # slots given up: passed while the sender waited for a connection
+        if not kwargs.get("tell", True) and not isinstance(waited, Later) and waited > 0:
+            held["seconds"] += waited
+            held["waits"] += 1
+            if kwargs.get("hold") == HOLD_SECONDS:  # after REBOOKS misses: whatever slot the domain has
+                held["long"] += waited
+                held["longs"] += 1
+        return waited
+
+    def passed(self: Limiter, domain: str, granted: float) -> bool:
+        gone = original_passed(self, domain, granted)
+        held["passed"] += gone
+        return gone
+
+    Limiter.acquire, Limiter.passed = acquire, passed  # type: ignore[method-assign]
+    try:
+        yield held
+    finally:
+        Limiter.acquire, Limiter.passed = original, original_passed  # type: ignore[method-assign]
+
+
+def wire_hold() -> float:
+    """The sender's ``WIRE_HOLD_SECONDS`` as the run has it (``--wire-hold`` sets it)."""
+    hold: float = vars(sending)["WIRE_HOLD_SECONDS"]
+    return hold
+
+
+@contextmanager
+def bench_database(backend: str, folder: Path) -> Iterator[str]:
+    """A fresh database's URL: a SQLite file in ``folder``, or a PostgreSQL database (``KEMBALI_TEST_PG_URL``'s
+    server) dropped afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite:///{folder / 'mixed.db'}"
+        return
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    name = f"kembali_bench_sending_{os.getpid()}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def mixed_run(sink: str, slow_rate: float, share: float, count: int, pool: int, in_flight: int, folder: Path,
+              backend: str) -> None:  # fmt: skip
+    slow_every = round(1 / share)
+    fast = count - len(range(0, count, slow_every))
+    limits = {**UNLIMITED, "domains": {SLOW_DOMAIN: {"rate_per_second": slow_rate, "burst": 1}}} if slow_rate \
+        else UNLIMITED  # fmt: skip
+    done = asyncio.Event()
+    probe: MixedProbe | None = None
+    with sink_process(sink) as port, bench_database(backend, folder) as url:
+        seed(url, count, datetime.now(UTC), slow_every)
+        deps = Deps.build(bench_settings(url, port, pool, in_flight, limits))
+        original = deps.transport
+
+        def transport() -> MixedProbe:
+            nonlocal probe
+            probe = MixedProbe(original(), fast, done)
+            return probe
+
+        deps.transport = transport  # type: ignore[method-assign,assignment]
+        with held_waits() as held:
+            eventloop.run(running.cycle(deps, stop=done))
+        deps.close()
+    assert probe is not None and probe.first is not None
+    if probe.fast != fast:
+        raise RuntimeError(f"only {probe.fast} of {fast} messages to the fast domains sent")
+    seconds = probe.last_fast - probe.first
+    slow = f"{slow_rate:g}/s" if slow_rate else "unlimited"
+    print(f"\n[{sink}] mixed domains on {backend}: {fast} fast + {count - fast} at {SLOW_DOMAIN} ({slow}), "
+          f"a connection held for a slot due within {wire_hold():g} s")  # fmt: skip
+    print(f"  fast domains           : {fast / seconds:8.0f} msg/s  ({fast} in {seconds:.1f} s, the first send to "
+          "the last fast one)")  # fmt: skip
+    print(f"  all domains            : {(fast + probe.slow) / seconds:8.0f} msg/s")
+    print(f"  {SLOW_DOMAIN:<22} : {probe.slow:8d} sent meanwhile ({probe.slow / seconds:.2f}/s), "
+          f"{held['missed']:.0f} slots given up ({held['passed']:.0f} passed while waiting for a connection)")
+    print(f"  connections held idle  : {held['seconds']:8.2f} s waiting for a slot ({held['waits']:.0f} waits), "
+          f"{held['seconds'] / (pool * seconds):.2%} of {pool} connections x {seconds:.1f} s; of them "
+          f"{held['long']:.2f} s ({held['longs']:.0f} waits) for a slot up to {HOLD_SECONDS:g} s off, after "
+          f"{REBOOKS} missed")  # fmt: skip
 
 
 def rate_run(sink: str, rate: float, count: int, pool: int, in_flight: int, folder: Path) -> None:
