@@ -81,6 +81,10 @@ def test_workers_joining_one_the_relay_slowed_down_start_at_its_pace(
     # Then the relay refused few of the joiners' sends, and few sends at all once they joined: with a pace of their
     # own, each started at 50/s (burst 50) and was refused until its own pace came down (19 or 20 of the joiners'
     # sends refused, 25 to 29 in all after they joined; now 3, and 5)
+    # and a joiner that was told nothing itself slowed down all the same, and says whose "slow down" it followed (a
+    # pace of its own is not slowed by another worker's: its summary says nothing of the relay, or its own cuts)
+    followed = "the SMTP relay asked another worker sharing the database to slow down"
+    assert any(followed in text for text in texts[1:]), texts[1][-2000:] + texts[2][-2000:]
     joiners_refused = sum(" email_deferred " in line and "slow down" in line
                           for text in texts[1:] for line in text.splitlines())  # fmt: skip
     assert joiners_refused <= 8, (joiners_refused, after)
