@@ -332,8 +332,9 @@ def test_a_run_holding_rows_longer_than_a_lease_never_sends_one_twice(tmp_path: 
 
 
 def test_rows_an_earlier_failed_run_left_claimed_lapse_while_a_later_run_of_the_worker_goes_on(tmp_path: Path) -> None:
-    # Given 10 customers due a win-back, a lease of 1 s, and one row a failed run of this same worker left claimed
-    # (it never came to send it), and another worker's maintenance releasing lapsed leases every 0.1 s
+    # Given 10 customers due a win-back, a lease of 1 s, and two rows a failed run of this same worker left claimed
+    # (it never came to send them): one whose lease of 1 s lapses during the next run, one claimed for 60 s, alive
+    # through it; and another worker's maintenance releasing lapsed leases every 0.1 s
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     emails = [f"c{i}@test.example" for i in range(10)]
     with TimedSink() as sink:
@@ -344,20 +345,26 @@ def test_rows_an_earlier_failed_run_left_claimed_lapse_while_a_later_run_of_the_
         clock = _FlowingClock(NOW)
         deps = replace(shop.deps, clock=clock)
         [left] = shop.store.claim(worker="w1", now=clock.now(), limit=1, lease_seconds=1, domain="shop.example")
-        # When a later run of the worker sends the rest, holding its rows for 2.5 s
+        [alive] = shop.store.claim(worker="w1", now=clock.now(), limit=1, lease_seconds=60, domain="shop.example")
+        alive_until = shop.row(alive.email).lease_until
+        # When a later run of the worker sends the rest, holding its rows for 2 s and more
         report, _ = _run_beside_maintenance(url, shop, clock, lambda astore, transport: Dispatcher(
             settings=settings, store=astore, composer=deps.composer(), transport=transport, clock=clock, worker="w1"))
-        # Then the run renews only its own leases: it sends the others once each, and the row left behind has
-        # lapsed back to the queue (it is not kept claimed, by nobody, as long as runs go on): waiting for the next
-        # run, or, on a machine slow enough that this run claimed again after it lapsed, sent by this one, once
-        others = [e for e in emails if e != left.email]
+        # Then the run renews only its own leases: the row claimed for 60 s keeps the lease it was claimed with
+        # (renewed, it would be pushed on as long as runs go on, never to lapse); it sends the others once each, and
+        # the row left for 1 s has lapsed back to the queue: waiting for the next run, or, on a machine slow enough
+        # that this run claimed again after it lapsed (before its first renewal: that row cannot tell), sent by
+        # this one, once
+        assert (shop.row(alive.email).status, shop.row(alive.email).lease_until) == ("claimed", alive_until)
+        others = [e for e in emails if e not in (left.email, alive.email)]
         received = Counter(m.rcpt_tos[0] for m in sink.messages)
-        assert {e: received[e] for e in others} == {e: 1 for e in others}
+        assert {e: received[e] for e in [*others, alive.email]} == {**{e: 1 for e in others}, alive.email: 0}
         left_now = shop.row(left.email).status
         assert left_now in ("planned", "sent"), left_now
         assert received[left.email] == (1 if left_now == "sent" else 0)
-        assert report.outcomes == {"sent": 9 + received[left.email]}
-        assert _statuses(shop) == ({"sent": 10} if left_now == "sent" else {"sent": 9, "planned": 1})
+        assert report.outcomes == {"sent": 8 + received[left.email]}
+        sent = 8 + received[left.email]
+        assert _statuses(shop) == {"sent": sent, "claimed": 1, **({"planned": 1} if left_now == "planned" else {})}
         shop.close()
 
 
