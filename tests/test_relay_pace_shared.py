@@ -83,8 +83,10 @@ def test_workers_joining_one_the_relay_slowed_down_start_at_its_pace(
     # sends refused, 25 to 29 in all after they joined; now 3, and 5)
     # and a joiner that was told nothing itself slowed down all the same, and says whose "slow down" it followed (a
     # pace of its own is not slowed by another worker's: its summary says nothing of the relay, or its own cuts)
-    followed = "the SMTP relay asked another worker sharing the database to slow down"
-    assert any(followed in text for text in texts[1:]), texts[1][-2000:] + texts[2][-2000:]
+    # (a joiner the relay refused too says so, and that another worker had already cut that round: both joiners may)
+    followed = ("the SMTP relay asked another worker sharing the database to slow down",
+                "in a round another worker sharing the database had already cut")
+    assert any(f in text for text in texts[1:] for f in followed), texts[1][-2000:] + texts[2][-2000:]
     joiners_refused = sum(" email_deferred " in line and "slow down" in line
                           for text in texts[1:] for line in text.splitlines())  # fmt: skip
     assert joiners_refused <= 8, (joiners_refused, after)
