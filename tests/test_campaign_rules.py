@@ -490,8 +490,8 @@ def test_rating_links_carry_signed_tokens() -> None:
     assert tokens.verify(url.split("t=")[1], [key], shop="") is None
 
 
-def _claimed(campaign: str, payload: dict[str, str]) -> ClaimedMessage:
-    return ClaimedMessage(0, f"{campaign}:C1", campaign, 1, 1, "c1@example.com", "<m@x>", 0, NOW, NOW + ago(5),
+def _claimed(campaign: str, payload: dict[str, str], step: int = 1) -> ClaimedMessage:
+    return ClaimedMessage(0, f"{campaign}:C1", campaign, step, 1, "c1@example.com", "<m@x>", 0, NOW, NOW + ago(5),
                           payload)  # fmt: skip
 
 
@@ -499,37 +499,53 @@ TEN_DAYS_AGO = NOW - ago(10)
 
 
 def _send_time(birthday: date | None = None, orders: int = 1, spent: int = 100_000,
-               last: datetime | None = TEN_DAYS_AGO) -> SendTimeFacts:  # fmt: skip
+               last: datetime | None = TEN_DAYS_AGO, first: datetime | None = None) -> SendTimeFacts:  # fmt: skip
     snapshot = CustomerSnapshot(1, "C1", "c1@example.com", "Siti", Locale.ID, JKT, birthday, True)
-    return SendTimeFacts(snapshot, False, orders, last, first_order_id=7, total_spent_minor=spent)
+    return SendTimeFacts(snapshot, False, orders, last, first_order_id=7, first_order_at=first,
+                         total_spent_minor=spent)  # fmt: skip
+
+
+def _winback(step: int, age_days: float) -> tuple[str, dict[str, str], int, SendTimeFacts]:
+    """A win-back step's message (steps of 45, 75 and 120 days) and its customer's only order, ``age_days`` old."""
+    placed = NOW - ago(age_days)
+    return "winback", {"first_order_id": "7"}, step, _send_time(last=placed, first=placed)
 
 
 _NEWS = (cc.Launch(ProductView("N", "N", "Batik", 100, "IDR", "", ""), NOW - ago(3)),)
-STILL_DUE = [  # (case, campaign, payload, facts at send time, launches, reason to skip)
-    ("birthday unchanged", "birthday", {"birthday": "2027-03-01"}, _send_time(date(1990, 3, 1)), (), None),
-    ("born 29 Feb, planned for the 28th", "birthday", {"birthday": "2027-02-28"}, _send_time(date(1992, 2, 29)),
+STILL_DUE = [  # (case, campaign, payload, step, facts at send time, launches, reason to skip)
+    ("win-back step 1, the order 60 days old", *_winback(1, 60), (), None),
+    ("win-back step 1, the order exactly 75 days old: still step 1's time", *_winback(1, 75), (), None),
+    ("win-back step 1 waited until the order is 76 days old: step 2's time", *_winback(1, 76), (), "no_longer_due"),
+    ("win-back step 2, the order 100 days old", *_winback(2, 100), (), None),
+    ("win-back step 2 waited until step 3's time", *_winback(2, 121), (), "no_longer_due"),
+    ("win-back step 3, the last, a year on", *_winback(3, 365), (), None),
+    ("win-back, the order's time not read", "winback", {"first_order_id": "7"}, 1, _send_time(), (), None),
+    ("birthday unchanged", "birthday", {"birthday": "2027-03-01"}, 1, _send_time(date(1990, 3, 1)), (), None),
+    ("born 29 Feb, planned for the 28th", "birthday", {"birthday": "2027-02-28"}, 1, _send_time(date(1992, 2, 29)),
      (), None),
-    ("birthday corrected", "birthday", {"birthday": "2027-03-01"}, _send_time(date(1990, 8, 17)), (),
+    ("birthday corrected", "birthday", {"birthday": "2027-03-01"}, 1, _send_time(date(1990, 8, 17)), (),
      "no_longer_due"),
-    ("birthday removed", "birthday", {"birthday": "2027-03-01"}, _send_time(None), (), "no_longer_due"),
-    ("the rated order still counts", "feedback", {"order_id": "7"}, _send_time(), (), None),
-    ("the rated order refunded", "feedback", {"order_id": "8"}, _send_time(), (), "no_longer_due"),
-    ("5 orders still", "loyalty", {"milestone": "orders-5"}, _send_time(orders=5), (), None),
-    ("one refunded: 4 orders", "loyalty", {"milestone": "orders-5"}, _send_time(orders=4), (), "no_longer_due"),
-    ("spend fell below", "loyalty", {"milestone": "spend-500"}, _send_time(spent=499), (), "no_longer_due"),
-    ("news still new", "new_products", {}, _send_time(), _NEWS, None),
-    ("ordered after the news", "new_products", {}, _send_time(last=NOW - ago(1)), _NEWS, "ordered_since"),
-    ("nothing new any more (deactivated)", "new_products", {}, _send_time(), (), "no_longer_due"),
-    ("every purchase refunded", "new_products", {}, _send_time(orders=0, last=None), _NEWS, "no_longer_due"),
+    ("birthday removed", "birthday", {"birthday": "2027-03-01"}, 1, _send_time(None), (), "no_longer_due"),
+    ("the rated order still counts", "feedback", {"order_id": "7"}, 1, _send_time(), (), None),
+    ("the rated order refunded", "feedback", {"order_id": "8"}, 1, _send_time(), (), "no_longer_due"),
+    ("5 orders still", "loyalty", {"milestone": "orders-5"}, 1, _send_time(orders=5), (), None),
+    ("one refunded: 4 orders", "loyalty", {"milestone": "orders-5"}, 1, _send_time(orders=4), (), "no_longer_due"),
+    ("spend fell below", "loyalty", {"milestone": "spend-500"}, 1, _send_time(spent=499), (), "no_longer_due"),
+    ("news still new", "new_products", {}, 1, _send_time(), _NEWS, None),
+    ("ordered after the news", "new_products", {}, 1, _send_time(last=NOW - ago(1)), _NEWS, "ordered_since"),
+    ("nothing new any more (deactivated)", "new_products", {}, 1, _send_time(), (), "no_longer_due"),
+    ("every purchase refunded", "new_products", {}, 1, _send_time(orders=0, last=None), _NEWS, "no_longer_due"),
 ]
 
 
-@pytest.mark.parametrize(("campaign", "payload", "facts", "launches", "reason"), [x[1:] for x in STILL_DUE],
+@pytest.mark.parametrize(("campaign", "payload", "step", "facts", "launches", "reason"), [x[1:] for x in STILL_DUE],
                          ids=[x[0] for x in STILL_DUE])  # fmt: skip
 def test_the_campaign_rule_is_checked_again_right_before_sending(
-    campaign: str, payload: dict[str, str], facts: SendTimeFacts, launches: tuple[cc.Launch, ...], reason: str | None
+    campaign: str, payload: dict[str, str], step: int, facts: SendTimeFacts, launches: tuple[cc.Launch, ...],
+    reason: str | None,
 ) -> None:
-    got = cc.still_due(_claimed(campaign, payload), facts, NOW, rateable={7}, launches=launches, within_days=14)
+    got = cc.still_due(_claimed(campaign, payload, step), facts, NOW, rateable={7}, launches=launches, within_days=14,
+                       winback_steps=(45, 75, 120))  # fmt: skip
     assert got == (None if reason is None else SkipReason(reason))
 
 

@@ -462,3 +462,36 @@ def test_an_email_waits_for_an_open_birthday_offer_until_the_pass_that_plans_it_
         store.close()
     assert rows["birthday"]["sent_at"] == DAY0 - timedelta(hours=1), "at Friday's pass (09:00 in Jakarta)"
     assert rows["winback"]["status"] == "planned"
+
+
+def test_a_winback_step_still_waiting_when_the_next_step_falls_due_gives_way_to_it(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given C1, whose birthday is DAY0 and whose only order was placed 73 days before it: win-back step 1 (day 45) is
+    # due, and the birthday offer takes the day's slot, so step 1 waits 3 days for the cap, by when the order is 76
+    # days old and step 2 (day 75) is due
+    settings = settings_for(tmp_path, smtp_server)
+    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=73), None, 1_000_000, "IDR"),
+    ])  # fmt: skip
+    clock = FakeClock(DAY0)
+    # When Kembali runs every morning for a week
+    received_on: dict[int, list[str]] = {}
+    for day in range(7):
+        before = len(smtp_server.messages)
+        cycle_at(settings, clock, DAY0 + timedelta(days=day))
+        received_on[day] = subjects(smtp_server)[before:]
+    # Then on day 3 C1 gets step 2, the step due by then; the reminder of step 1, whose time has passed, is not sent
+    # late beside it (three days before or after step 2's coupon)
+    assert received_on[0] == ["Happy birthday, Siti! Enjoy 15% off, on us"]
+    assert [len(received_on[d]) for d in range(1, 7)] == [0, 0, 1, 0, 0, 0], received_on
+    store = Store.from_url(settings.database_url)
+    try:
+        rows = {(r["campaign"], r["step"]): r for r in store.messages(limit=10)}
+    finally:
+        store.close()
+    assert {k: (r["status"], r["skip_reason"]) for k, r in rows.items()} == {
+        ("birthday", 1): ("sent", None),
+        ("winback", 1): ("skipped", "no_longer_due"),
+        ("winback", 2): ("sent", None),
+    }

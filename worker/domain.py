@@ -188,7 +188,8 @@ class SkipReason(enum.StrEnum):
     """The customer ordered again after the message was planned (win-back), or after the news (new products)."""
     NO_LONGER_DUE = "no_longer_due"
     """The campaign's rule no longer holds: the order it is about was cancelled or refunded, the birthday was
-    changed or removed, the milestone is no longer reached, nothing launched is new any more."""
+    changed or removed, the milestone is no longer reached, nothing launched is new any more, the win-back step's
+    time has passed (the next step is due)."""
     CAPPED = "capped"
     """The frequency cap left no slot."""
     EXPIRED = "expired"
@@ -562,6 +563,8 @@ class SendTimeFacts:
     last_order_at: datetime | None
     first_order_id: int | None = None
     """The first purchase's row id (win-back's only order)."""
+    first_order_at: datetime | None = None
+    """When the first purchase was placed (win-back: which step its age has reached); None when not read."""
     total_spent_minor: int = 0
     paid_order_count: int | None = None
     """Loyalty messages only: the orders paid (paid, shipped, delivered), what a milestone counts; None when not

@@ -1212,6 +1212,7 @@ class Store:
                         order_count=r.order_count,
                         last_order_at=r.last_order_at,
                         first_order_id=r.first_order_id,
+                        first_order_at=r.first_order_at,
                         total_spent_minor=r.total_spent_minor,
                     )
         for missing in set(ids) - facts.keys():
