@@ -495,3 +495,40 @@ def test_a_winback_step_still_waiting_when_the_next_step_falls_due_gives_way_to_
         ("winback", 1): ("skipped", "no_longer_due"),
         ("winback", 2): ("sent", None),
     }
+
+
+def test_an_email_waits_for_a_birthday_offer_whose_planning_pass_is_in_the_hour_the_clocks_repeat(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a shop in Berlin that plans birthdays daily at 02:30 (a time shown twice on 31 October 2027, when its
+    # clocks go back from 03:00 to 02:00), and C1, in Jakarta, whose birthday is that day and whose win-back step is
+    # due, imported at 02:40 (CEST, between the two 02:30s) after the day before's pass: no pass has planned the
+    # offer, whose window opened at midnight in Jakarta; the next pass is at 02:30 CET (01:30 UTC)
+    base = settings_for(tmp_path, smtp_server)
+    settings = dataclasses.replace(base, shop=dataclasses.replace(base.shop, time_zone="Europe/Berlin"),
+                                   schedule=dataclasses.replace(base.schedule, plan_cron={"birthday": "30 2 * * *"}))
+    now = datetime(2027, 10, 31, 0, 40, tzinfo=UTC)
+    migrate(settings.database_url)
+    engine = db.create_engine(settings.database_url)
+    shop.upsert_customers(engine, [CustomerRecord("C1", "c1@example.com", "Siti C1", Locale.EN, "Asia/Jakarta",
+                                                  date(1990, 10, 31), True, "opt_in", "checkout")], now)  # fmt: skip
+    shop.upsert_orders(engine, [OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, now - timedelta(days=50), None,
+                                            1_000_000, "IDR")], now)  # fmt: skip
+    engine.dispose()
+    store = Store.from_url(settings.database_url)
+    try:
+        assert plan(store, settings, now, ["winback"]).created == {"winback": 1}
+    finally:
+        store.close()
+    # When the daemon runs from then until the birthday is over in Jakarta
+    outcomes = daemon_from(settings, FakeClock(now), now, datetime(2027, 10, 31, 17, 0, tzinfo=UTC))
+    # Then the win-back waits for that pass (five minutes after it: 01:35 UTC, not 00:35, an hour before it, read on
+    # the wall clock of the hour shown first) and the offer goes out at the pass, the win-back later within the cap
+    assert subjects(smtp_server) == ["Happy birthday, Siti! Enjoy 15% off, on us"], outcomes
+    store = Store.from_url(settings.database_url)
+    try:
+        rows = {r["campaign"]: r for r in store.messages(limit=10)}
+    finally:
+        store.close()
+    assert rows["birthday"]["sent_at"] == datetime(2027, 10, 31, 1, 30, tzinfo=UTC)
+    assert rows["winback"]["status"] == "planned"

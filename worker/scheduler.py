@@ -114,9 +114,12 @@ def _trigger(expr: str, time_zone: str) -> BaseTrigger:
 
 
 def next_fire_time(expr: str, time_zone: str, at: datetime) -> datetime | None:
-    """The first time the cron expression fires at or after ``at`` (None: never again)."""
+    """The first time the cron expression fires at or after ``at`` (None: never again), in UTC: the trigger gives it
+    on the shop's clock, where adding to it is wall-clock arithmetic and two such times compare ignoring ``fold``, so
+    a pass at 02:30 in the hour the clocks go back (the second 02:30) plus five minutes was the first 02:35, an hour
+    before the pass."""
     found: datetime | None = _trigger(expr, time_zone).get_next_fire_time(None, at)
-    return found
+    return None if found is None else found.astimezone(UTC)
 
 
 LOOK_AHEAD = timedelta(days=366)
