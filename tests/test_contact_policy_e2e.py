@@ -81,6 +81,17 @@ def cycle_at(settings: Settings, clock: FakeClock, when: datetime) -> running.Cy
         deps.close()
 
 
+def each_morning(settings: Settings, server: RecordingServer, days: range) -> dict[int, list[str]]:
+    """The subjects received on each of ``days`` (counted from DAY0), Kembali running one cycle each morning."""
+    clock = FakeClock(DAY0)
+    received_on: dict[int, list[str]] = {}
+    for day in days:
+        before = len(server.messages)
+        cycle_at(settings, clock, DAY0 + timedelta(days=day))
+        received_on[day] = subjects(server)[before:]
+    return received_on
+
+
 @pytest.fixture(autouse=True)
 def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEMBALI_LINK_SECRET", "a-test-key-of-enough-length")
@@ -99,13 +110,7 @@ def given_a_customer_due_three_campaigns(tmp_path: Path, server: RecordingServer
 
 def test_birthday_first_then_feedback_then_winback_one_slot_apart(tmp_path: Path, smtp_server: RecordingServer) -> None:
     settings = given_a_customer_due_three_campaigns(tmp_path, smtp_server)
-    clock = FakeClock(DAY0)
-
-    received_on: dict[int, list[str]] = {}
-    for day in range(8):
-        before = len(smtp_server.messages)
-        cycle_at(settings, clock, DAY0 + timedelta(days=day))
-        received_on[day] = subjects(smtp_server)[before:]
+    received_on = each_morning(settings, smtp_server, range(8))
 
     assert received_on[0] == ["Happy birthday, Siti! Enjoy 15% off, on us"]
     assert received_on[1] == received_on[2] == []
@@ -474,13 +479,8 @@ def test_a_winback_step_still_waiting_when_the_next_step_falls_due_gives_way_to_
     given_a_shop(settings, [("C1", date(1990, 2, 26))], [
         OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=73), None, 1_000_000, "IDR"),
     ])  # fmt: skip
-    clock = FakeClock(DAY0)
     # When Kembali runs every morning for a week
-    received_on: dict[int, list[str]] = {}
-    for day in range(7):
-        before = len(smtp_server.messages)
-        cycle_at(settings, clock, DAY0 + timedelta(days=day))
-        received_on[day] = subjects(smtp_server)[before:]
+    received_on = each_morning(settings, smtp_server, range(7))
     # Then on day 3 C1 gets step 2, the step due by then; the reminder of step 1, whose time has passed, is not sent
     # late beside it (three days before or after step 2's coupon)
     assert received_on[0] == ["Happy birthday, Siti! Enjoy 15% off, on us"]
