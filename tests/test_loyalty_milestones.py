@@ -676,3 +676,26 @@ def test_an_order_paid_when_placed_whose_placed_at_is_corrected_counts_from_the_
 
     # Then P1, whose 5th order was placed and paid 8 days ago, is thanked; Q1, whose 5th was 39 days ago, is not
     p1_thanked_once(settings, smtp_server)
+
+
+def test_closing_both_the_email_and_the_spend_milestone_merged_into_it_by_id_is_not_refused(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given M1's one email for both milestones, planned, the spend one merged into it
+    settings, config, carrier, spend = m1_planned(db_url, smtp_server, tmp_path)
+
+    # When the operator cancels both rows `ledger list --customer M1` shows, by their IDs (a dry run first)
+    operator_at(monkeypatch, DAY + timedelta(minutes=20))
+    dry = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier), str(spend), "--dry-run")
+    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier), str(spend))
+    cycles_at(settings, DAY + timedelta(hours=1), 2)
+
+    # Then both are closed, the spend milestone with the email, and nothing is said to be left alone: exit code 0
+    assert (dry[0], code) == (0, 0), dry[1] + out
+    assert "left alone:" not in dry[1] + out
+    assert (f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) closed as failed with it"
+            in out)
+    assert sent_to(smtp_server) == []
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}

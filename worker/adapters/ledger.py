@@ -285,8 +285,13 @@ class LedgerAdmin:
                         status=MessageStatus.FAILED, reason=None)
             return found
 
+        def named_too(conn: Connection, named: list[int], closing: list[int]) -> dict[int, str | None]:
+            # a merged row named with the email it was merged into: closed (or left merged) with it, not refused
+            given = set(named)
+            return {row[0]: None for row in _merged_into(conn, closing) if row[0] in given}
+
         return self._decide(ids, now=now, operator=operator, text=text, values=values, already=closed, dry_run=dry_run,
-                            states=states, tried_only=not failed, then=carried)  # fmt: skip
+                            states=states, tried_only=not failed, then=carried, vet=named_too)  # fmt: skip
 
     def _decide(
         self, ids: Sequence[int], *, now: datetime, operator: str, text: str, values: dict[str, Any],
