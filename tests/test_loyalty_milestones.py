@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import shlex
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -24,8 +25,9 @@ from tests.smtp_server import Behaviour, RecordingServer
 from worker import pipeline
 from worker.adapters import db, opstore, shop
 from worker.adapters.importer import read_orders
-from worker.adapters.ledger import LedgerAdmin
+from worker.adapters.ledger import ActionResult, LedgerAdmin
 from worker.adapters.store import Store
+from worker.adapters.tables import Message
 from worker.app import Deps
 from worker.commands import ledger as ledger_command
 from worker.commands import running
@@ -38,6 +40,7 @@ DAY = datetime(2027, 3, 1, 4, 0, tzinfo=UTC)
 """11:00 on 1 March 2027 in Jakarta."""
 D = OrderStatus.DELIVERED
 JAKARTA = ZoneInfo("Asia/Jakarta")
+MESSAGE = Message.__table__  # type: ignore[attr-defined]
 RP = 100
 """Minor units per rupiah."""
 
@@ -699,3 +702,43 @@ def test_closing_both_the_email_and_the_spend_milestone_merged_into_it_by_id_is_
     assert sent_to(smtp_server) == []
     assert {k: v[:2] for k, v in ledger(settings).items()} == {
         "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
+
+
+def test_two_operators_resending_a_spend_milestone_and_its_email_at_once_send_one_email(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite: a resend's BEGIN IMMEDIATE waits for the other's commit before it reads anything")
+    # Given M1's one email for both milestones, cancelled by the operator (the spend milestone closed with it)
+    settings, _, carrier, spend, _ = m1_cancelled(db_url, smtp_server, tmp_path, monkeypatch, capsys)
+    engine = db.create_engine(db_url)
+    try:
+        # When one operator's resend of the spend milestone has put it back in the queue, not committed yet, and
+        # another operator resends the email it was merged into meanwhile
+        other = engine.connect()
+        other.begin()
+        other.execute(sa.update(MESSAGE).where(MESSAGE.c.id == spend).values(
+            status="retry", next_attempt_at=DAY + timedelta(minutes=30), last_error="operator resend"))
+        results: list[ActionResult] = []
+        resend = threading.Thread(target=lambda: results.append(LedgerAdmin(engine).resend(
+            [carrier], now=DAY + timedelta(minutes=30), operator="second operator")))
+        resend.start()
+        waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                          "AND wait_event_type = 'Lock'")
+        with engine.connect() as watch:  # until it waits for the first one's row, or is done without waiting
+            for _ in range(6000):
+                if not resend.is_alive() or watch.execute(waiting).scalar_one():
+                    break
+                resend.join(0.01)
+        other.commit()
+        other.close()
+        resend.join(60)
+    finally:
+        engine.dispose()
+    cycles_at(settings, DAY + timedelta(hours=1), 5)
+
+    # Then the second resend sees the first: the email is left alone, and M1 gets one email, not two for one order
+    assert sent_to(smtp_server) == ["m1@example.com"]
+    assert results and results[0].changed == [], results
+    assert "is retry on its own" in results[0].refused[carrier]

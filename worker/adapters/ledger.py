@@ -431,6 +431,14 @@ def _one_email(conn: Connection, ids: Sequence[int], resent: Sequence[int]) -> d
                      if isinstance(payload.get(kind), str))  # fmt: skip
     keys = sorted({key for _, key in pairs.values()})
     others = {r.dedupe_key: r for part in _chunks(keys) for r in conn.execute(query.where(M.c.dedupe_key.in_(part)))}
+    # PostgreSQL: each row of a pair locked, in id order, and read again as locked: another operator's resend of the
+    # other row, not committed yet, is waited for and seen (read before, both went: two emails); on SQLite the
+    # transaction's BEGIN IMMEDIATE already waited for it
+    paired = sorted({*pairs, *(r.id for r in others.values())})
+    locked = {r.id: r for part in _chunks(paired)
+              for r in conn.execute(query.where(M.c.id.in_(part)).order_by(M.c.id).with_for_update())}  # fmt: skip
+    named = {i: locked.get(i, r) for i, r in named.items()}
+    others = {key: locked.get(r.id, r) for key, r in others.items()}
 
     def other(message_id: int, kind: str) -> Any:
         """The row the pair names, if it names this one back."""
