@@ -14,6 +14,7 @@ import shlex
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -716,24 +717,9 @@ def test_two_operators_resending_a_spend_milestone_and_its_email_at_once_send_on
     try:
         # When one operator's resend of the spend milestone has put it back in the queue, not committed yet, and
         # another operator resends the email it was merged into meanwhile
-        other = engine.connect()
-        other.begin()
-        other.execute(sa.update(MESSAGE).where(MESSAGE.c.id == spend).values(
-            status="retry", next_attempt_at=DAY + timedelta(minutes=30), last_error="operator resend"))
-        results: list[ActionResult] = []
-        resend = threading.Thread(target=lambda: results.append(LedgerAdmin(engine).resend(
-            [carrier], now=DAY + timedelta(minutes=30), operator="second operator")))
-        resend.start()
-        waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                          "AND wait_event_type = 'Lock'")
-        with engine.connect() as watch:  # until it waits for the first one's row, or is done without waiting
-            for _ in range(6000):
-                if not resend.is_alive() or watch.execute(waiting).scalar_one():
-                    break
-                resend.join(0.01)
-        other.commit()
-        other.close()
-        resend.join(60)
+        results = resend_beside(engine, carrier, [
+            sa.update(MESSAGE).where(MESSAGE.c.id == spend).values(
+                status="retry", next_attempt_at=DAY + timedelta(minutes=30), last_error="operator resend")], [])
     finally:
         engine.dispose()
     cycles_at(settings, DAY + timedelta(hours=1), 5)
@@ -742,3 +728,53 @@ def test_two_operators_resending_a_spend_milestone_and_its_email_at_once_send_on
     assert sent_to(smtp_server) == ["m1@example.com"]
     assert results and results[0].changed == [], results
     assert "is retry on its own" in results[0].refused[carrier]
+
+
+def resend_beside(engine: sa.Engine, message: int, first: list[Any], then: list[Any]) -> list[ActionResult]:
+    """An operator's resend of ``message`` while another transaction (another operator's command) has made the
+    changes ``first`` and not committed yet: once the resend waits for it (or is done without waiting), that
+    transaction makes the changes ``then`` and commits. The resend's result (none if it failed)."""
+    other = engine.connect()
+    other.begin()
+    for change in first:
+        other.execute(change)
+    results: list[ActionResult] = []
+    resend = threading.Thread(target=lambda: results.append(LedgerAdmin(engine).resend(
+        [message], now=DAY + timedelta(minutes=30), operator="second operator")))
+    resend.start()
+    waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                      "AND wait_event_type = 'Lock'")
+    with engine.connect() as watch:  # until it waits for the other's rows, or is done without waiting
+        for _ in range(6000):
+            if not resend.is_alive() or watch.execute(waiting).scalar_one():
+                break
+            resend.join(0.01)
+    for change in then:
+        other.execute(change)
+    other.commit()
+    other.close()
+    resend.join(60)
+    return results
+
+
+def test_a_resend_of_a_spend_milestone_beside_a_close_of_its_email_does_not_deadlock(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path,
+) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite: a resend's BEGIN IMMEDIATE waits for the other's commit before it reads anything")
+    # Given M1's one email for both milestones, planned, the spend one merged into it
+    settings, _, carrier, spend = m1_planned(db_url, smtp_server, tmp_path)
+    engine = db.create_engine(db_url)
+    try:
+        # When one operator's close of the email has closed it, and not yet the spend milestone with it (as a close
+        # changes them: the email, then the milestone), and another operator resends the spend milestone meanwhile
+        results = resend_beside(
+            engine, spend, [sa.update(MESSAGE).where(MESSAGE.c.id == carrier).values(status="failed")],
+            [sa.update(MESSAGE).where(MESSAGE.c.id == spend).values(status="failed", skip_reason=None)])
+    finally:
+        engine.dispose()
+
+    # Then neither command fails on a deadlock: the close commits, and the resend answers
+    assert results, "the resend failed"
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}

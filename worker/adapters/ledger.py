@@ -431,11 +431,13 @@ def _one_email(conn: Connection, ids: Sequence[int], resent: Sequence[int]) -> d
                      if isinstance(payload.get(kind), str))  # fmt: skip
     keys = sorted({key for _, key in pairs.values()})
     others = {r.dedupe_key: r for part in _chunks(keys) for r in conn.execute(query.where(M.c.dedupe_key.in_(part)))}
-    # PostgreSQL: each row of a pair locked, in id order, and read again as locked: another operator's resend of the
-    # other row, not committed yet, is waited for and seen (read before, both went: two emails); on SQLite the
-    # transaction's BEGIN IMMEDIATE already waited for it
-    paired = sorted({*pairs, *(r.id for r in others.values())})
-    locked = {r.id: r for part in _chunks(paired)
+    # PostgreSQL: each row of a pair locked and read again as locked: another operator's resend of the other row, not
+    # committed yet, is waited for and seen (read before, both went: two emails); on SQLite the transaction's BEGIN
+    # IMMEDIATE already waited for it. The emails first, then the milestones, as a close or resend of an email
+    # changes them (the other order could deadlock with one)
+    rows = {r.id: r for r in [*(named[i] for i in pairs), *others.values()]}
+    carriers = sorted(i for i, r in rows.items() if "carries" in _payload(r.payload))
+    locked = {r.id: r for part in [*_chunks(carriers), *_chunks(sorted(set(rows) - set(carriers)))]
               for r in conn.execute(query.where(M.c.id.in_(part)).order_by(M.c.id).with_for_update())}  # fmt: skip
     named = {i: locked.get(i, r) for i, r in named.items()}
     others = {key: locked.get(r.id, r) for key, r in others.items()}
