@@ -705,15 +705,15 @@ def test_closing_both_the_email_and_the_spend_milestone_merged_into_it_by_id_is_
         "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
 
 
+@pytest.mark.postgres
 def test_two_operators_resending_a_spend_milestone_and_its_email_at_once_send_one_email(
-    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    pg_migrated_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    if not db_url.startswith("postgresql"):
-        pytest.skip("SQLite: a resend's BEGIN IMMEDIATE waits for the other's commit before it reads anything")
+    # PostgreSQL only (SQLite: a resend's BEGIN IMMEDIATE waits for the other's commit before it reads anything)
     # Given M1's one email for both milestones, cancelled by the operator (the spend milestone closed with it)
-    settings, _, carrier, spend, _ = m1_cancelled(db_url, smtp_server, tmp_path, monkeypatch, capsys)
-    engine = db.create_engine(db_url)
+    settings, _, carrier, spend, _ = m1_cancelled(pg_migrated_url, smtp_server, tmp_path, monkeypatch, capsys)
+    engine = db.create_engine(pg_migrated_url)
     try:
         # When one operator's resend of the spend milestone has put it back in the queue, not committed yet, and
         # another operator resends the email it was merged into meanwhile
@@ -757,14 +757,14 @@ def resend_beside(engine: sa.Engine, message: int, first: list[Any], then: list[
     return results
 
 
+@pytest.mark.postgres
 def test_a_resend_of_a_spend_milestone_beside_a_close_of_its_email_does_not_deadlock(
-    db_url: str, smtp_server: RecordingServer, tmp_path: Path,
+    pg_migrated_url: str, smtp_server: RecordingServer, tmp_path: Path,
 ) -> None:
-    if not db_url.startswith("postgresql"):
-        pytest.skip("SQLite: a resend's BEGIN IMMEDIATE waits for the other's commit before it reads anything")
+    # PostgreSQL only (SQLite: a resend's BEGIN IMMEDIATE waits for the other's commit before it reads anything)
     # Given M1's one email for both milestones, planned, the spend one merged into it
-    settings, _, carrier, spend = m1_planned(db_url, smtp_server, tmp_path)
-    engine = db.create_engine(db_url)
+    settings, _, carrier, spend = m1_planned(pg_migrated_url, smtp_server, tmp_path)
+    engine = db.create_engine(pg_migrated_url)
     try:
         # When one operator's close of the email has closed it, and not yet the spend milestone with it (as a close
         # changes them: the email, then the milestone), and another operator resends the spend milestone meanwhile
