@@ -710,7 +710,12 @@ def test_sigterm_mid_campaign_finishes_sends_under_way_and_exits_0(
     assert "sending" not in statuses and "claimed" not in statuses and "uncertain" not in statuses
     assert statuses["sent"] == len(smtp_server.messages)
     assert statuses["sent"] + statuses.get("planned", 0) == 30 and statuses.get("planned", 0) > 0
-    assert daemon.named("shutdown_requested") and daemon.named("daemon_stopped")
+    assert daemon.named("shutdown_requested")
+    # and the last line says what this daemon did since it started, as `run --once`'s summary does: stopped
+    # before its first health line, the per-message lines were the only trace of its sends
+    stopped = daemon.named("daemon_stopped")[0]
+    assert (stopped["planned"], stopped["sent"], stopped["failed"], stopped["uncertain"]) == (
+        30, statuses["sent"], 0, 0)
 
 
 def test_sigterm_while_emails_wait_for_a_slow_rate_gives_them_and_their_daily_quota_back_at_once(

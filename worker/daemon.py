@@ -894,7 +894,7 @@ class Daemon:
         if self._planning and not self._stuck:  # idempotent, but a pass cannot be stopped midway: let finish
             log.event("shutdown_waiting_for_planning", campaigns=",".join(sorted(set(self._planning.values()))))
             await asyncio.wait(list(self._planning))
-        log.event("daemon_stopped", worker=self.worker, exit_code=code)
+        log.event("daemon_stopped", worker=self.worker, exit_code=code, **self.metrics.since_start())
         return code
 
     async def _name_abandoned(self, at: datetime, why: str, timeout: float) -> None:

@@ -88,20 +88,16 @@ class Metrics:
             totals[result.split(":")[0]] += n
         return totals
 
+    def since_start(self) -> dict[str, int]:
+        """What this process did since it started (the daemon's last line says it, as `run --once`'s summary does)."""
+        return _counts(self._totals())
+
     def health(self, now: float) -> HealthLine:
         """Counts since the previous call, and the current send rate."""
         totals = self._totals()
         since = totals - self._last_health
         self._last_health = totals
-        return HealthLine(
-            planned=since["planned"],
-            sent=since["sent"],
-            failed=since["failed"],
-            uncertain=since["uncertain"],
-            skipped=since["skipped"],
-            retried=since["retry"],
-            rate_per_minute=round(self.rate_per_second(now) * 60, 1),
-        )
+        return HealthLine(**_counts(since), rate_per_minute=round(self.rate_per_second(now) * 60, 1))
 
     def render(
         self,
@@ -161,6 +157,12 @@ class Metrics:
                [("", int(relay_slowed))])
         family("kembali_dispatcher_paused", "gauge", "1 when the dispatcher is paused.", [("", int(paused))])
         return "\n".join(out) + "\n"
+
+
+def _counts(totals: Counter[str]) -> dict[str, int]:
+    """The health line's counts (and the daemon's last line's) from ``Metrics._totals``."""
+    return {"planned": totals["planned"], "sent": totals["sent"], "failed": totals["failed"],
+            "uncertain": totals["uncertain"], "skipped": totals["skipped"], "retried": totals["retry"]}
 
 
 def _escape(value: str) -> str:
