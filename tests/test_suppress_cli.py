@@ -459,3 +459,52 @@ def test_import_of_an_empty_file_is_refused_as_an_empty_customers_file_is(
     file.write_text("# no bounces this week\n", encoding="utf-8")
     assert run(config, "import", str(file)) == 0
     assert "imported 0 address(es)" in capsys.readouterr().out
+
+
+def test_the_list_imported_into_another_database_keeps_each_address_reason(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a list with a complaint, a hard bounce and an unsubscribe, exported as `suppress list` writes it
+    assert run(config, "add", "siti@example.com", "--reason", "complaint") == 0
+    assert run(config, "add", "agus@example.com", "--reason", "hard_bounce") == 0
+    assert run(config, "add", "budi@example.com", "--reason", "unsubscribed") == 0
+    capsys.readouterr()
+    assert run(config, "list") == 0
+    exported = tmp_path / "list.csv"
+    exported.write_text(capsys.readouterr().out, encoding="utf-8")
+    # When another database (a move to PostgreSQL, a second shop) imports it
+    (tmp_path / "other").mkdir()
+    other = migrated_config(tmp_path / "other")
+    assert run(other, "import", str(exported)) == 0
+    capsys.readouterr()
+    # Then each address keeps its reason: every one became 'manual', and `stats` counted no unsubscribe nor bounce
+    assert run(other, "list") == 0
+    listed = {r.split(",")[0]: r.split(",")[1] for r in capsys.readouterr().out.splitlines()[1:]}
+    assert listed == {"siti@example.com": "complaint", "agus@example.com": "hard_bounce",
+                      "budi@example.com": "unsubscribed"}  # fmt: skip
+
+
+def test_a_reason_column_gives_each_address_its_reason_unless_reason_is_given(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "bounces.csv"
+    file.write_text("email,reason\nsiti@example.com,complaint\nagus@example.com,\n"
+                    f"budi@example.com,{'x' * 31}\nani@example.com,'-spam\n", encoding="utf-8")  # fmt: skip
+    # an empty reason or one the list cannot hold takes the default (the address is suppressed all the same), the
+    # latter named by its line; an apostrophe `suppress list` put before a formula's start is taken off
+    assert run(config, "import", str(file)) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"{file}: line 4: reason must be at most 30 characters, not 31: "
+                                         f"{'x' * 31!r}: suppressed as 'manual'"]  # fmt: skip
+    assert "imported 4 address(es): 4 newly suppressed" in captured.out
+    assert run(config, "list") == 0
+    listed = {r.split(",")[0]: r.split(",")[1] for r in capsys.readouterr().out.splitlines()[1:]}
+    assert listed == {"siti@example.com": "complaint", "agus@example.com": "manual", "budi@example.com": "manual",
+                      "ani@example.com": "'-spam"}  # fmt: skip
+    # --reason names every address of the file, whatever its column says
+    other = tmp_path / "more.csv"
+    other.write_text("email,reason\nwati@example.com,complaint\n", encoding="utf-8")
+    assert run(config, "import", str(other), "--reason", "hard_bounce") == 0
+    capsys.readouterr()
+    assert run(config, "list", "wati@example.com") == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("wati@example.com,hard_bounce,")

@@ -122,17 +122,19 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("suppress", help="manage the suppression list (addresses that never get email)",
                        description="Addresses on the suppression list are never sent to (checked right before "
                        "every send). Unsubscribe links add to it with reason 'unsubscribed'. Exit code 1 when `import` "
-                       "rejected lines (named on stderr; the rest is imported), 2 for a missing or invalid address, a "
-                       "--reason given to remove, "
+                       "rejected lines or reasons (named on stderr; the rest is imported), 2 for a missing or "
+                       "invalid address, a --reason given to remove, "
                        "or an `import` file that is missing, not UTF-8 text, a CSV separated by ';' or a tab "
                        "or one without an 'email' column (nothing imported), 3 when the database cannot be used.")
     p.add_argument("action", choices=["add", "remove", "list", "import"])
     p.add_argument("target", nargs="?", help="add/remove: an email address (or 'Name <address>' as a mail client "
                    "copies it); list: only this address (optional); "
-                   "import: a file with one address a line, or a CSV with an 'email' column ('-' for standard input)")
+                   "import: a file with one address a line, or a CSV with an 'email' column and perhaps a "
+                   "'reason' one, as `list` writes it ('-' for standard input)")
     p.add_argument("--reason", type=arguments.suppression_reason, default=None,
-                   help="add/import: the reason stored (default: "
-                   f"manual; one line, at most {arguments.MAX_REASON_CHARS} characters); list: only this reason")
+                   help="add/import: the reason stored (default: a CSV's "
+                   f"'reason' column, else manual; one line, at most {arguments.MAX_REASON_CHARS} characters); "
+                   "list: only this reason")
 
     p = sub.add_parser("preview", help="dry run: who would get what, without sending or writing",
                        description="Run the real planning, re-check and rendering as of --at, with no sends and "

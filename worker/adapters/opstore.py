@@ -9,7 +9,7 @@ for pages, health and metrics.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -520,10 +520,13 @@ def unsuppress(store: Store, email: str) -> dict[str, Any] | None:
     return None if row is None else dict(row._mapping)
 
 
-def suppress_many(store: Store, emails: Iterable[str], *, reason: str, source: str, now: datetime) -> int:
-    """Add many addresses at once; returns how many were new."""
+def suppress_many(store: Store, emails: Iterable[str], *, reason: str, source: str, now: datetime,
+                  reasons: Mapping[str, str] | None = None) -> int:
+    """Add many addresses at once, in one transaction, each with ``reasons[address]`` or else ``reason``; returns how
+    many were new."""
     unique = dict.fromkeys(suppression_address(e) for e in emails)
-    rows = [{"email": e, "reason": reason, "source": source, "created_at": now} for e in unique]
+    rows = [{"email": e, "reason": (reasons or {}).get(e, reason), "source": source, "created_at": now}
+            for e in unique]
     if not rows:
         return 0
     stmt = db.insert_ignore(store.engine, S).returning(S.c.id)

@@ -36,7 +36,7 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
             print(f"kembali suppress {action}: give {what}", file=sys.stderr)
             return EXIT_USAGE
         if action == "import":
-            return _import(store, args.target, args.reason or "manual")
+            return _import(store, args.target, args.reason)
         try:
             email = arguments.mail_address(args.target)
         except ValueError as exc:
@@ -69,8 +69,13 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 def _cell(value: str) -> str:
     """A CSV cell a spreadsheet shows as text: one that would start a formula gets a leading apostrophe
-    (``read_addresses`` takes it off again, so the list imports back as it was)."""
+    (``read_addresses`` takes it off again, so the list imports back as it was, each address with its reason)."""
     return f"'{value}" if value.startswith(FORMULA_START) else value
+
+
+def _uncell(value: str) -> str:
+    """``value`` without the apostrophe ``_cell`` put before it."""
+    return value[1:] if value.startswith("'") and value[1:].startswith(FORMULA_START) else value
 
 
 def _list(store: Store, reason: str | None, email: str | None = None) -> int:
@@ -90,10 +95,11 @@ class Refused(ValueError):
     """A file of addresses read as none: "line N: why" (its columns separated by ';'…), nothing imported."""
 
 
-def read_addresses(text: str) -> tuple[list[str], list[str]]:
+def read_addresses(text: str) -> tuple[dict[str, tuple[int, str]], list[str]]:
     """Addresses from a file: one a line (``#`` comments and blank lines skipped), or a CSV with an
-    ``email`` column (its header the first line that is neither). Returns (normalised addresses, "line N: why" for
-    each rejected one); ``Refused`` for a CSV whose header has an ``email`` column separated by another separator
+    ``email`` column (its header the first line that is neither) and perhaps a ``reason`` column (as ``suppress list``
+    writes them). Returns ({normalised address: (its line, its reason cell, "" for none)}, "line N: why" for each
+    rejected one); ``Refused`` for a CSV whose header has an ``email`` column separated by another separator
     than ',' (as ``kembali import`` refuses it: every line would be rejected as an address), or whose first line,
     without a header, is columns so separated, one of them an address; and for a CSV whose header has no ``email``
     column (none of its lines would be read)."""
@@ -105,8 +111,9 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
         raise Refused(f"line {number}: {comma_separated(separator)}")
     if separator is not None and _columns_of_addresses(first, separator):
         raise Refused(f"line {number}: {comma_separated(separator)}, with a first line naming its 'email' column")
-    good: list[str] = []
+    good: dict[str, tuple[int, str]] = {}
     bad: list[str] = []
+    reasons: dict[int, str] = {}  # the reason cell of a CSV's row, by its line
     # a first line that is one address is no CSV header, even with a comma in its name ('"Santoso, Budi" <…>')
     if ("," in first and not _is_address(first)) or first.strip().lower() == "email":
         # read from the header: the comment and blank lines before it are no CSV (it looked for the header on line 1)
@@ -122,7 +129,7 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
             except csv.Error as exc:  # a field past the CSV field limit: the reader goes on after its line
                 why, _ = unreadable(exc, "\n".join(lines[start - 1 : before + reader.line_num]), fields or [])
                 if fields is None:
-                    return [], [f"line {start}: {why}"]
+                    return {}, [f"line {start}: {why}"]
                 values.append((start, csv.Error(why)))
                 continue
             if fields is None:  # the header
@@ -130,10 +137,13 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
                 if "email" not in fields:
                     raise Refused(f"line {number}: {_no_email_column(fields)}")
                 column = fields.index("email")
+                reason = fields.index("reason") if "reason" in fields else len(fields)
                 continue
             if row is None:
                 break
             values.append((start, row[column] if column < len(row) else ""))
+            if reason < len(row):
+                reasons[start] = _uncell(row[reason].strip())
     else:
         values = [(i, line) for i, line in enumerate(lines, 1)]
     for line_no, value in values:
@@ -143,10 +153,8 @@ def read_addresses(text: str) -> tuple[list[str], list[str]]:
         value = value.strip()
         if not value or value.startswith("#"):
             continue
-        if value.startswith("'") and value[1:].startswith(FORMULA_START):
-            value = value[1:]  # as ``suppress list`` wrote it for spreadsheets
         try:
-            good.append(arguments.mail_address(value))
+            good.setdefault(arguments.mail_address(_uncell(value)), (line_no, reasons.get(line_no, "")))
         except ValueError as exc:
             bad.append(f"line {line_no}: {exc}")
     return good, bad
@@ -179,7 +187,8 @@ def _is_address(value: str) -> bool:
     return True
 
 
-def _import(store: Store, target: str, reason: str) -> int:
+def _import(store: Store, target: str, given: str | None) -> int:
+    """``given``: the --reason for every address; without it, each address's reason cell, else 'manual'."""
     from worker.adapters.clock import SystemClock
 
     data = sys.stdin.buffer.read() if target == "-" else Path(target).read_bytes()
@@ -201,12 +210,26 @@ def _import(store: Store, target: str, reason: str) -> int:
     except Refused as exc:
         print(f"kembali suppress import: {target}: {exc}: nothing was imported", file=sys.stderr)
         return EXIT_USAGE
-    good = list(dict.fromkeys(map(suppression_address, good)))  # one mailbox in several cases is one address
+    reasons: dict[str, str] = {}
+    for address, (line, cell) in good.items():  # one mailbox in several cases is one address
+        reasons.setdefault(suppression_address(address), _reason(cell, given, f"line {line}", bad))
     for problem in bad:
         print(f"{target}: {problem}", file=sys.stderr)
     # the list shows the source on a line of its own, as it shows the reason (which may hold no control character)
-    new = opstore.suppress_many(store, good, reason=reason, source=f"import:{printable(Path(target).name)}"[:100],
-                                now=SystemClock().now())
-    print(f"imported {len(good)} address(es): {new} newly suppressed, {len(good) - new} already suppressed"
+    new = opstore.suppress_many(store, reasons, reason="manual", reasons=reasons,
+                                source=f"import:{printable(Path(target).name)}"[:100], now=SystemClock().now())
+    print(f"imported {len(reasons)} address(es): {new} newly suppressed, {len(reasons) - new} already suppressed"
           + (f", {len(bad)} rejected" if bad else ""))
     return EXIT_ATTENTION if bad else EXIT_OK
+
+
+def _reason(cell: str, given: str | None, where: str, problems: list[str]) -> str:
+    """An imported address's reason: ``given`` (--reason), else its reason cell, else 'manual'. A cell the list cannot
+    hold is named in ``problems`` (the address is suppressed all the same: a bad note keeps no mail going)."""
+    if given is not None or not cell:
+        return given or "manual"
+    try:
+        return arguments.suppression_reason(cell)
+    except argparse.ArgumentTypeError as exc:
+        problems.append(f"{where}: reason {exc}: suppressed as 'manual'")
+        return "manual"
