@@ -177,6 +177,17 @@ def test_missing_required_column_fails_before_any_row(tmp_path: Path) -> None:
     assert info.value.reason == "missing column 'email' (found: id, name, marketing_consent)"
 
 
+def test_every_missing_required_column_is_named_at_once(tmp_path: Path) -> None:
+    # an export whose columns have other names was refused one column at a time: "missing column 'id'", renamed,
+    # then "missing column 'email'", and so on, four runs for the four required columns
+    path = write(tmp_path, "c.csv", "customer_id,e-mail,full_name,consent\nC-1,a@example.com,Ani,1\n")
+    with pytest.raises(ImportRowError) as info:
+        next(read_customers(path))
+    assert info.value.line == 1
+    assert info.value.reason == ("missing columns 'id', 'email', 'name' and 'marketing_consent' (found: customer_id, "
+                                 "e-mail, full_name, consent); rename 'e-mail' to 'email'")  # fmt: skip
+
+
 @pytest.mark.parametrize("text", ["", "\n\n"])
 def test_empty_file_is_an_error(tmp_path: Path, text: str) -> None:
     with pytest.raises(ImportRowError, match="empty"):

@@ -1276,14 +1276,16 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
             raise ImportRowError(line, f"duplicate column {name!r} (columns {', '.join(places[:-1])} and "
                                        f"{places[-1]}): keep one of them")  # fmt: skip
     unknown = list(dict.fromkeys(name for name in columns if name and name not in known))
-    for name in required:
-        if name not in columns:
-            hint = ""
-            if (separator := other_separator(columns)) is not None:
-                hint = f"; {comma_separated(separator)}"
-            elif (close := _close(name, unknown)) is not None:
-                hint = f"; rename {close!r} to {name!r}"
-            raise ImportRowError(line, f"missing column {name!r} (found: {listed_columns(columns)}){hint}")
+    if missing := [name for name in required if name not in columns]:
+        # every one at once (one a run took a run per column of an export whose columns have other names), with a
+        # rename for each close to a column found; or, when the file has another separator, the first and that
+        if (separator := other_separator(columns)) is not None:
+            missing, hints = missing[:1], [comma_separated(separator)]
+        else:
+            hints = [f"rename {close!r} to {name!r}" for name in missing if (close := _close(name, unknown))]
+        named = ", ".join(map(repr, missing[:-1])) + (" and " if len(missing) > 1 else "") + repr(missing[-1])
+        raise ImportRowError(line, f"missing column{'s' if len(missing) > 1 else ''} {named} "
+                                   f"(found: {listed_columns(columns)})" + "".join(f"; {h}" for h in hints))
     if unknown and warn is not None:
         # a near miss of a column the file lacks ('timezone') is surely meant as it: its values would be lost
         absent = [name for name in known if name not in columns]
