@@ -188,6 +188,23 @@ def test_every_missing_required_column_is_named_at_once(tmp_path: Path) -> None:
                                  "e-mail, full_name, consent); rename 'e-mail' to 'email'")  # fmt: skip
 
 
+@pytest.mark.parametrize(("name", "header", "kind"), [
+    ("orders.csv", "order_id,customer_id,status,placed_at,product_id,quantity,unit_price", "orders"),
+    ("customers.csv", "id,email,name,marketing_consent,locale", "customers"),
+    ("products.csv", "id,name,price,category", "products"),
+])
+def test_a_file_of_another_kind_is_named_as_such(tmp_path: Path, name: str, header: str, kind: str) -> None:
+    # `kembali import customers orders.csv` listed the four columns a customers file needs, not the slip
+    path = write(tmp_path, name, header + "\n")
+    for read in (read_customers, read_products, read_orders):
+        if read.__name__ != f"read_{kind}":
+            with pytest.raises(ImportRowError) as info:
+                next(iter(read(path)))
+            article = "an" if kind == "orders" else "a"
+            assert info.value.reason.endswith(f"; its columns are those of {article} {kind} file: import it with "
+                                              f"`kembali import {kind}`")  # fmt: skip
+
+
 @pytest.mark.parametrize("text", ["", "\n\n"])
 def test_empty_file_is_an_error(tmp_path: Path, text: str) -> None:
     with pytest.raises(ImportRowError, match="empty"):

@@ -133,6 +133,8 @@ ORDER_COLUMNS = (
     "product_id", "quantity", "unit_price",
 )  # fmt: skip
 ORDER_REQUIRED = ("order_id", "customer_id", "status", "placed_at")
+_REQUIRED_OF = {"customers": CUSTOMER_REQUIRED, "products": PRODUCT_REQUIRED, "orders": ORDER_REQUIRED}
+"""The columns each kind of file needs: a file with all of another kind's is that kind's (a slip of the command)."""
 _ORDER_HEAD = ("customer_id", "status", "placed_at", "delivered_at", "paid_at", "currency", "total")
 
 # the widths of the columns these values are stored in (worker/adapters/tables.py): PostgreSQL refuses a longer
@@ -1283,6 +1285,9 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
             missing, hints = missing[:1], [comma_separated(separator)]
         else:
             hints = [f"rename {close!r} to {name!r}" for name in missing if (close := _close(name, unknown))]
+            hints += [f"its columns are those of {'an' if kind == 'orders' else 'a'} {kind} file: import it with "
+                      f"`kembali import {kind}`"
+                      for kind, needs in _REQUIRED_OF.items() if needs != required and set(needs) <= set(columns)]
         named = ", ".join(map(repr, missing[:-1])) + (" and " if len(missing) > 1 else "") + repr(missing[-1])
         raise ImportRowError(line, f"missing column{'s' if len(missing) > 1 else ''} {named} "
                                    f"(found: {listed_columns(columns)})" + "".join(f"; {h}" for h in hints))
