@@ -506,7 +506,8 @@ def _send_time(birthday: date | None = None, orders: int = 1, spent: int = 100_0
 
 
 def _winback(step: int, age_days: float) -> tuple[str, dict[str, str], int, SendTimeFacts]:
-    """A win-back step's message (steps of 45, 75 and 120 days) and its customer's only order, ``age_days`` old."""
+    """A win-back step's message (steps of 45, 75 and 120 days, given up after 730) and its customer's only order,
+    ``age_days`` old."""
     placed = NOW - ago(age_days)
     return "winback", {"first_order_id": "7"}, step, _send_time(last=placed, first=placed)
 
@@ -519,6 +520,9 @@ STILL_DUE = [  # (case, campaign, payload, step, facts at send time, launches, r
     ("win-back step 2, the order 100 days old", *_winback(2, 100), (), None),
     ("win-back step 2 waited until step 3's time", *_winback(2, 121), (), "no_longer_due"),
     ("win-back step 3, the last, a year on", *_winback(3, 365), (), None),
+    ("win-back step 3 waited until the order is exactly 730 days old", *_winback(3, 730), (), None),
+    ("win-back step 3 waited past give_up_after_days (730)", *_winback(3, 731), (), "no_longer_due"),
+    ("win-back step 2 waited past give_up_after_days (730)", *_winback(2, 731), (), "no_longer_due"),
     ("win-back, the order's time not read", "winback", {"first_order_id": "7"}, 1, _send_time(), (), None),
     ("birthday unchanged", "birthday", {"birthday": "2027-03-01"}, 1, _send_time(date(1990, 3, 1)), (), None),
     ("born 29 Feb, planned for the 28th", "birthday", {"birthday": "2027-02-28"}, 1, _send_time(date(1992, 2, 29)),
@@ -545,7 +549,7 @@ def test_the_campaign_rule_is_checked_again_right_before_sending(
     reason: str | None,
 ) -> None:
     got = cc.still_due(_claimed(campaign, payload, step), facts, NOW, rateable={7}, launches=launches, within_days=14,
-                       winback_steps=(45, 75, 120))  # fmt: skip
+                       winback_steps=(45, 75, 120), give_up_after_days=730)  # fmt: skip
     assert got == (None if reason is None else SkipReason(reason))
 
 

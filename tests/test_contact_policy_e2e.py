@@ -497,6 +497,36 @@ def test_a_winback_step_still_waiting_when_the_next_step_falls_due_gives_way_to_
     }
 
 
+def test_a_winback_step_still_waiting_when_its_order_passes_give_up_after_days_is_not_sent(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a shop that gives up on one-time buyers whose only order is more than 77 days old, and C1, whose birthday
+    # is DAY0 and whose only order was placed 76.5 days before it: step 2 (day 75), the last, is due and planned, and
+    # the birthday offer takes the day's slot, so step 2 waits 3 days for the cap, by when the order is 79.5 days old
+    base = settings_for(tmp_path, smtp_server)
+    campaigns = dataclasses.replace(base.campaigns, winback=dataclasses.replace(base.campaigns.winback,
+                                                                                give_up_after_days=77))
+    settings = dataclasses.replace(base, campaigns=campaigns)
+    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=76, hours=12), None, 1_000_000, "IDR"),
+    ])  # fmt: skip
+    # When Kembali runs every morning for a week
+    received_on = each_morning(settings, smtp_server, range(7))
+    # Then C1 gets the birthday offer only: no win-back email once the order is older than give_up_after_days, the
+    # last step no more than an earlier one (which gives way to a next step that is never planned)
+    assert received_on[0] == ["Happy birthday, Siti! Enjoy 15% off, on us"]
+    assert [len(received_on[d]) for d in range(1, 7)] == [0, 0, 0, 0, 0, 0], received_on
+    store = Store.from_url(settings.database_url)
+    try:
+        rows = {(r["campaign"], r["step"]): r for r in store.messages(limit=10)}
+    finally:
+        store.close()
+    assert {k: (r["status"], r["skip_reason"]) for k, r in rows.items()} == {
+        ("birthday", 1): ("sent", None),
+        ("winback", 2): ("skipped", "no_longer_due"),
+    }
+
+
 def test_an_email_waits_for_a_birthday_offer_whose_planning_pass_is_in_the_hour_the_clocks_repeat(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

@@ -189,7 +189,7 @@ class SkipReason(enum.StrEnum):
     NO_LONGER_DUE = "no_longer_due"
     """The campaign's rule no longer holds: the order it is about was cancelled or refunded, the birthday was
     changed or removed, the milestone is no longer reached, nothing launched is new any more, the win-back step's
-    time has passed (the next step is due)."""
+    time has passed (the next step is due) or its order is older than ``give_up_after_days``."""
     CAPPED = "capped"
     """The frequency cap left no slot."""
     EXPIRED = "expired"
