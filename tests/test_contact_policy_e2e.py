@@ -92,6 +92,24 @@ def each_morning(settings: Settings, server: RecordingServer, days: range) -> di
     return received_on
 
 
+def a_week_from_a_birthday_with_one_order(
+    settings: Settings, server: RecordingServer, order_age: timedelta
+) -> tuple[dict[int, list[str]], dict[tuple[str, int], tuple[str, str | None]]]:
+    """C1, whose birthday is DAY0 and whose only order (delivered) was placed ``order_age`` before it, and Kembali
+    running each morning for a week: the subjects received each day, and each (campaign, step)'s status and skip
+    reason in the ledger then."""
+    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - order_age, None, 1_000_000, "IDR"),
+    ])  # fmt: skip
+    received_on = each_morning(settings, server, range(7))
+    store = Store.from_url(settings.database_url)
+    try:
+        rows = store.messages(limit=10)
+    finally:
+        store.close()
+    return received_on, {(r["campaign"], r["step"]): (r["status"], r["skip_reason"]) for r in rows}
+
+
 @pytest.fixture(autouse=True)
 def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEMBALI_LINK_SECRET", "a-test-key-of-enough-length")
@@ -476,21 +494,13 @@ def test_a_winback_step_still_waiting_when_the_next_step_falls_due_gives_way_to_
     # due, and the birthday offer takes the day's slot, so step 1 waits 3 days for the cap, by when the order is 76
     # days old and step 2 (day 75) is due
     settings = settings_for(tmp_path, smtp_server)
-    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
-        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=73), None, 1_000_000, "IDR"),
-    ])  # fmt: skip
     # When Kembali runs every morning for a week
-    received_on = each_morning(settings, smtp_server, range(7))
+    received_on, statuses = a_week_from_a_birthday_with_one_order(settings, smtp_server, timedelta(days=73))
     # Then on day 3 C1 gets step 2, the step due by then; the reminder of step 1, whose time has passed, is not sent
     # late beside it (three days before or after step 2's coupon)
     assert received_on[0] == ["Happy birthday, Siti! Enjoy 15% off, on us"]
     assert [len(received_on[d]) for d in range(1, 7)] == [0, 0, 1, 0, 0, 0], received_on
-    store = Store.from_url(settings.database_url)
-    try:
-        rows = {(r["campaign"], r["step"]): r for r in store.messages(limit=10)}
-    finally:
-        store.close()
-    assert {k: (r["status"], r["skip_reason"]) for k, r in rows.items()} == {
+    assert statuses == {
         ("birthday", 1): ("sent", None),
         ("winback", 1): ("skipped", "no_longer_due"),
         ("winback", 2): ("sent", None),
@@ -507,21 +517,14 @@ def test_a_winback_step_still_waiting_when_its_order_passes_give_up_after_days_i
     campaigns = dataclasses.replace(base.campaigns, winback=dataclasses.replace(base.campaigns.winback,
                                                                                 give_up_after_days=77))
     settings = dataclasses.replace(base, campaigns=campaigns)
-    given_a_shop(settings, [("C1", date(1990, 2, 26))], [
-        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, DAY0 - timedelta(days=76, hours=12), None, 1_000_000, "IDR"),
-    ])  # fmt: skip
     # When Kembali runs every morning for a week
-    received_on = each_morning(settings, smtp_server, range(7))
+    received_on, statuses = a_week_from_a_birthday_with_one_order(settings, smtp_server,
+                                                                  timedelta(days=76, hours=12))  # fmt: skip
     # Then C1 gets the birthday offer only: no win-back email once the order is older than give_up_after_days, the
     # last step no more than an earlier one (which gives way to a next step that is never planned)
     assert received_on[0] == ["Happy birthday, Siti! Enjoy 15% off, on us"]
     assert [len(received_on[d]) for d in range(1, 7)] == [0, 0, 0, 0, 0, 0], received_on
-    store = Store.from_url(settings.database_url)
-    try:
-        rows = {(r["campaign"], r["step"]): r for r in store.messages(limit=10)}
-    finally:
-        store.close()
-    assert {k: (r["status"], r["skip_reason"]) for k, r in rows.items()} == {
+    assert statuses == {
         ("birthday", 1): ("sent", None),
         ("winback", 2): ("skipped", "no_longer_due"),
     }
