@@ -5,6 +5,7 @@ lined up with events (no sleeps, no timing)."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -124,3 +125,70 @@ def test_a_sender_cancelled_takes_no_connection_and_the_next_one_gets_it(when: s
         return got
 
     assert asyncio.run(scenario()) == ["second", "third"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_acquires_cancels_and_releases_never_lose_or_make_a_connection(seed: int) -> None:
+    """Random interleavings of senders (booked or not) waiting, cancelled while waiting or as they are handed one or
+    while holding one, and freeing theirs: at every quiet point the free connections and those held add up to the
+    pool's size, none is free while a sender waits, and at the end every sender not cancelled got one."""
+    rng = random.Random(seed)
+
+    async def scenario() -> None:
+        size = rng.randint(1, 3)
+        wire = Wire(size)
+        holding: dict[int, asyncio.Event] = {}  # sender -> its "free it now" event
+        tasks: dict[int, asyncio.Task[None]] = {}
+        served: set[int] = set()
+
+        async def sender(i: int, due: bool) -> None:
+            await wire.acquire(due=due)
+            served.add(i)
+            done = holding[i] = asyncio.Event()
+            try:
+                await done.wait()
+            finally:
+                del holding[i]
+                wire.release()
+
+        async def settle() -> None:  # (no timing: the loop's ready callbacks run until nothing changes)
+            for _ in range(20):
+                await asyncio.sleep(0)
+
+        def check() -> None:
+            waiting = sum(not f.done() for line in (wire._due, wire._fresh) for f in line)
+            assert wire._free + len(holding) == size, (wire._free, len(holding), size)
+            assert waiting == 0 or wire._free == 0, (waiting, wire._free)
+
+        for step in range(rng.randint(10, 60)):
+            action = rng.random()
+            if action < 0.45:
+                tasks[step] = asyncio.create_task(sender(step, due=rng.random() < 0.5))
+            elif action < 0.7 and holding:
+                holding[rng.choice(sorted(holding))].set()
+            elif tasks:
+                tasks[rng.choice(sorted(tasks))].cancel()
+            turn = rng.random()
+            if turn < 0.3:
+                await settle()
+                check()
+            elif turn < 0.6:
+                await asyncio.sleep(0)  # part-way: a handover or a cancellation may be pending
+            # (else the next action follows at once: a release right after a cancellation, say)
+        await settle()
+        check()
+        while holding or not all(t.done() for t in tasks.values()):
+            for event in list(holding.values()):
+                event.set()
+            await settle()
+        check()
+        # (and as a sender sees it: the pool's size taken at once, one more waits)
+        takers = [asyncio.create_task(wire.acquire(due=rng.random() < 0.5)) for _ in range(size + 1)]
+        await settle()
+        assert [t.done() for t in takers] == [True] * size + [False]
+        wire.release()
+        await settle()
+        assert takers[-1].done()
+        assert all(i in served for i, t in tasks.items() if not t.cancelled()), (served, tasks)
+
+    asyncio.run(scenario())
