@@ -508,3 +508,39 @@ def test_a_reason_column_gives_each_address_its_reason_unless_reason_is_given(
     capsys.readouterr()
     assert run(config, "list", "wati@example.com") == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("wati@example.com,hard_bounce,")
+
+
+def test_the_list_imported_into_another_database_keeps_each_entry_as_it_was(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given entries of last year: an unsubscribe (its link) and an operator's own, exported as `suppress list` writes
+    file = tmp_path / "list.csv"
+    file.write_text("email,reason,source,created_at\n"
+                    "budi@example.com,unsubscribed,unsubscribe-link,2025-03-01T08:00:00+00:00\n"
+                    "siti@example.com,manual,cli,2025-04-02T09:30:00+00:00\n", encoding="utf-8")  # fmt: skip
+    # When another database imports it
+    assert run(config, "import", str(file)) == 0
+    capsys.readouterr()
+    # Then each entry lists back as it was exported: an unsubscribe of last year is no unsubscribe of this week in
+    # `stats` (it was dated the moment of the import, from import:list.csv)
+    assert run(config, "list") == 0
+    assert capsys.readouterr().out == file.read_text(encoding="utf-8")
+
+
+def test_a_source_or_date_the_list_cannot_hold_is_the_import_s_own_named_by_its_line(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "list.csv"
+    file.write_text("email,source,created_at\nbudi@example.com,link\x1b[2J,2025-03-01T08:00:00+00:00\n"
+                    "siti@example.com,cli,yesterday\nani@example.com,cli,2999-01-01T00:00:00+00:00\n",
+                    encoding="utf-8")  # fmt: skip
+    assert run(config, "import", str(file)) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [e.split(": ")[1] for e in err] == ["line 2", "line 3", "line 4"]
+    assert "source must be one line of text without control characters" in err[0]
+    assert "created_at 'yesterday' is no ISO 8601 time" in err[1] and "later than now" in err[2]
+    assert run(config, "list") == 0
+    rows = {r.split(",")[0]: r.split(",")[2:] for r in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["budi@example.com"] == ["import:list.csv", "2025-03-01T08:00:00+00:00"]
+    assert rows["siti@example.com"][0] == "cli" and rows["ani@example.com"][0] == "cli"
+    assert not rows["siti@example.com"][1].startswith("2025") and not rows["ani@example.com"][1].startswith("2999")

@@ -129,8 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["add", "remove", "list", "import"])
     p.add_argument("target", nargs="?", help="add/remove: an email address (or 'Name <address>' as a mail client "
                    "copies it); list: only this address (optional); "
-                   "import: a file with one address a line, or a CSV with an 'email' column and perhaps a "
-                   "'reason' one, as `list` writes it ('-' for standard input)")
+                   "import: a file with one address a line, or a CSV with an 'email' column and perhaps the "
+                   "'reason', 'source' and 'created_at' ones `list` writes ('-' for standard input)")
     p.add_argument("--reason", type=arguments.suppression_reason, default=None,
                    help="add/import: the reason stored (default: a CSV's "
                    f"'reason' column, else manual; one line, at most {arguments.MAX_REASON_CHARS} characters); "

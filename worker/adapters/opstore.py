@@ -521,11 +521,12 @@ def unsuppress(store: Store, email: str) -> dict[str, Any] | None:
 
 
 def suppress_many(store: Store, emails: Iterable[str], *, reason: str, source: str, now: datetime,
-                  reasons: Mapping[str, str] | None = None) -> int:
-    """Add many addresses at once, in one transaction, each with ``reasons[address]`` or else ``reason``; returns how
-    many were new."""
+                  entries: Mapping[str, Mapping[str, Any]] | None = None) -> int:
+    """Add many addresses at once, in one transaction, each with the reason, source and created_at of
+    ``entries[address]`` or else ``reason``, ``source`` and ``now``; returns how many were new (an address already
+    suppressed keeps its entry)."""
     unique = dict.fromkeys(suppression_address(e) for e in emails)
-    rows = [{"email": e, "reason": (reasons or {}).get(e, reason), "source": source, "created_at": now}
+    rows = [{"email": e, "reason": reason, "source": source, "created_at": now, **(entries or {}).get(e, {})}
             for e in unique]
     if not rows:
         return 0

@@ -7,8 +7,9 @@ import csv
 import io
 import re
 import sys
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from worker.adapters import db, opstore
 from worker.adapters.importer import comma_separated, listed_columns, other_separator, unreadable
@@ -18,6 +19,8 @@ from worker.config import Settings
 from worker.log import printable
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
+MAX_SOURCE_CHARS = 100
+"""The width of the suppression list's source column."""
 
 
 def suppress(settings: Settings, args: argparse.Namespace) -> int:
@@ -95,14 +98,14 @@ class Refused(ValueError):
     """A file of addresses read as none: "line N: why" (its columns separated by ';'…), nothing imported."""
 
 
-def read_addresses(text: str) -> tuple[dict[str, tuple[int, str]], list[str]]:
+def read_addresses(text: str) -> tuple[dict[str, tuple[int, dict[str, str]]], list[str]]:
     """Addresses from a file: one a line (``#`` comments and blank lines skipped), or a CSV with an
-    ``email`` column (its header the first line that is neither) and perhaps a ``reason`` column (as ``suppress list``
-    writes them). Returns ({normalised address: (its line, its reason cell, "" for none)}, "line N: why" for each
-    rejected one); ``Refused`` for a CSV whose header has an ``email`` column separated by another separator
-    than ',' (as ``kembali import`` refuses it: every line would be rejected as an address), or whose first line,
-    without a header, is columns so separated, one of them an address; and for a CSV whose header has no ``email``
-    column (none of its lines would be read)."""
+    ``email`` column (its header the first line that is neither) and perhaps ``reason``, ``source`` and ``created_at``
+    columns (as ``suppress list`` writes them). Returns ({normalised address: (its line, {column: its cell} for those
+    of ``ENTRY_COLUMNS`` the row has)}, "line N: why" for each rejected one); ``Refused`` for a CSV whose header has
+    an ``email`` column separated by another separator than ',' (as ``kembali import`` refuses it: every line would
+    be rejected as an address), or whose first line, without a header, is columns so separated, one of them an
+    address; and for a CSV whose header has no ``email`` column (none of its lines would be read)."""
     lines = _LINE_BREAK.split(text)  # not splitlines(): NEL, U+2028, a form feed… in a comment are no line break
     number, first = next(((i, line) for i, line in enumerate(lines, 1)
                           if line.strip() and not line.lstrip().startswith("#")), (0, ""))  # fmt: skip
@@ -111,9 +114,9 @@ def read_addresses(text: str) -> tuple[dict[str, tuple[int, str]], list[str]]:
         raise Refused(f"line {number}: {comma_separated(separator)}")
     if separator is not None and _columns_of_addresses(first, separator):
         raise Refused(f"line {number}: {comma_separated(separator)}, with a first line naming its 'email' column")
-    good: dict[str, tuple[int, str]] = {}
+    good: dict[str, tuple[int, dict[str, str]]] = {}
     bad: list[str] = []
-    reasons: dict[int, str] = {}  # the reason cell of a CSV's row, by its line
+    cells: dict[int, dict[str, str]] = {}  # the reason, source and created_at cells of a CSV's row, by its line
     # a first line that is one address is no CSV header, even with a comma in its name ('"Santoso, Budi" <…>')
     if ("," in first and not _is_address(first)) or first.strip().lower() == "email":
         # read from the header: the comment and blank lines before it are no CSV (it looked for the header on line 1)
@@ -137,13 +140,12 @@ def read_addresses(text: str) -> tuple[dict[str, tuple[int, str]], list[str]]:
                 if "email" not in fields:
                     raise Refused(f"line {number}: {_no_email_column(fields)}")
                 column = fields.index("email")
-                reason = fields.index("reason") if "reason" in fields else len(fields)
+                entry = {name: fields.index(name) for name in ENTRY_COLUMNS if name in fields}
                 continue
             if row is None:
                 break
             values.append((start, row[column] if column < len(row) else ""))
-            if reason < len(row):
-                reasons[start] = _uncell(row[reason].strip())
+            cells[start] = {name: _uncell(row[i].strip()) for name, i in entry.items() if i < len(row)}
     else:
         values = [(i, line) for i, line in enumerate(lines, 1)]
     for line_no, value in values:
@@ -154,10 +156,15 @@ def read_addresses(text: str) -> tuple[dict[str, tuple[int, str]], list[str]]:
         if not value or value.startswith("#"):
             continue
         try:
-            good.setdefault(arguments.mail_address(_uncell(value)), (line_no, reasons.get(line_no, "")))
+            good.setdefault(arguments.mail_address(_uncell(value)), (line_no, cells.get(line_no, {})))
         except ValueError as exc:
             bad.append(f"line {line_no}: {exc}")
     return good, bad
+
+
+ENTRY_COLUMNS = ("reason", "source", "created_at")
+"""The columns of ``suppress list`` an import keeps besides the address: its list imports back as it was (an
+unsubscribe of last year stays one of last year in ``stats``, from its link, not one of the import)."""
 
 
 def _no_email_column(fields: list[str]) -> str:
@@ -210,26 +217,50 @@ def _import(store: Store, target: str, given: str | None) -> int:
     except Refused as exc:
         print(f"kembali suppress import: {target}: {exc}: nothing was imported", file=sys.stderr)
         return EXIT_USAGE
-    reasons: dict[str, str] = {}
+    now = SystemClock().now()
+    source = f"import:{printable(Path(target).name)}"[:100]
+    entries: dict[str, dict[str, Any]] = {}
     for address, (line, cell) in good.items():  # one mailbox in several cases is one address
-        reasons.setdefault(suppression_address(address), _reason(cell, given, f"line {line}", bad))
+        entries.setdefault(suppression_address(address), _entry(cell, given, source, now, f"line {line}", bad))
     for problem in bad:
         print(f"{target}: {problem}", file=sys.stderr)
     # the list shows the source on a line of its own, as it shows the reason (which may hold no control character)
-    new = opstore.suppress_many(store, reasons, reason="manual", reasons=reasons,
-                                source=f"import:{printable(Path(target).name)}"[:100], now=SystemClock().now())
-    print(f"imported {len(reasons)} address(es): {new} newly suppressed, {len(reasons) - new} already suppressed"
+    new = opstore.suppress_many(store, entries, reason="manual", source=source, now=now, entries=entries)
+    print(f"imported {len(entries)} address(es): {new} newly suppressed, {len(entries) - new} already suppressed"
           + (f", {len(bad)} rejected" if bad else ""))
     return EXIT_ATTENTION if bad else EXIT_OK
 
 
-def _reason(cell: str, given: str | None, where: str, problems: list[str]) -> str:
-    """An imported address's reason: ``given`` (--reason), else its reason cell, else 'manual'. A cell the list cannot
-    hold is named in ``problems`` (the address is suppressed all the same: a bad note keeps no mail going)."""
-    if given is not None or not cell:
-        return given or "manual"
-    try:
-        return arguments.suppression_reason(cell)
-    except argparse.ArgumentTypeError as exc:
-        problems.append(f"{where}: reason {exc}: suppressed as 'manual'")
-        return "manual"
+def _entry(cells: dict[str, str], given: str | None, source: str, now: datetime, where: str,
+           problems: list[str]) -> dict[str, Any]:
+    """An imported address's entry: its reason ``given`` (--reason), else its reason cell, else 'manual'; its source
+    and created_at cells, else ``source`` and ``now``. A cell the list cannot hold is named in ``problems`` and the
+    default taken (the address is suppressed all the same: a bad note keeps no mail going)."""
+    entry: dict[str, Any] = {"reason": given or "manual", "source": source, "created_at": now}
+    if given is None and cells.get("reason"):
+        try:
+            entry["reason"] = arguments.suppression_reason(cells["reason"])
+        except argparse.ArgumentTypeError as exc:
+            problems.append(f"{where}: reason {exc}: suppressed as 'manual'")
+    if cells.get("source"):
+        try:
+            entry["source"] = arguments.one_line(cells["source"])
+            if len(entry["source"]) > MAX_SOURCE_CHARS:
+                raise argparse.ArgumentTypeError(f"must be at most {MAX_SOURCE_CHARS} characters, not "
+                                                 f"{len(cells['source'])}: {cells['source']!r}")
+        except argparse.ArgumentTypeError as exc:
+            entry["source"] = source
+            problems.append(f"{where}: source {exc}: suppressed from {source}")
+    if cells.get("created_at"):
+        try:
+            at = datetime.fromisoformat(cells["created_at"])
+        except ValueError:
+            problems.append(f"{where}: created_at {cells['created_at']!r} is no ISO 8601 time "
+                            f"(as `suppress list` writes it): suppressed as of now")
+        else:
+            at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # as the list writes it: in UTC
+            if at > now:  # counted by `stats` in a week to come
+                problems.append(f"{where}: created_at {cells['created_at']!r} is later than now: suppressed as of now")
+            else:
+                entry["created_at"] = at
+    return entry
