@@ -544,3 +544,21 @@ def test_a_source_or_date_the_list_cannot_hold_is_the_import_s_own_named_by_its_
     assert rows["budi@example.com"] == ["import:list.csv", "2025-03-01T08:00:00+00:00"]
     assert rows["siti@example.com"][0] == "cli" and rows["ani@example.com"][0] == "cli"
     assert not rows["siti@example.com"][1].startswith("2025") and not rows["ani@example.com"][1].startswith("2999")
+
+
+def test_an_address_listed_twice_keeps_the_customer_s_own_wish_whichever_line_comes_first(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given the lists of two shops joined into one file: an address an operator added in the first, and that the
+    # customer unsubscribed (or complained) from in the second, once in another case
+    file = tmp_path / "joined.csv"
+    file.write_text("email,reason\nbudi@example.com,manual\nsiti@example.com,hard_bounce\n"
+                    "budi@example.com,unsubscribed\nSITI@example.com,complaint\n", encoding="utf-8")  # fmt: skip
+    # When it is imported
+    assert run(config, "import", str(file)) == 0
+    assert "imported 2 address(es): 2 newly suppressed" in capsys.readouterr().out
+    # Then each is listed as the customer's own wish (a resend refused for it advises closing the message, not
+    # clearing the entry as for an operator's own or a bounce): the first line won, 'manual' and 'hard_bounce'
+    assert run(config, "list") == 0
+    listed = {r.split(",")[0]: r.split(",")[1] for r in capsys.readouterr().out.splitlines()[1:]}
+    assert listed == {"budi@example.com": "unsubscribed", "siti@example.com": "complaint"}

@@ -13,6 +13,7 @@ from typing import Any
 
 from worker.adapters import db, opstore
 from worker.adapters.importer import comma_separated, listed_columns, other_separator, unreadable
+from worker.adapters.ledger import CUSTOMERS_OWN
 from worker.adapters.store import Store, suppression_address
 from worker.commands import arguments
 from worker.config import Settings
@@ -156,7 +157,7 @@ def read_addresses(text: str) -> tuple[dict[str, tuple[int, dict[str, str]]], li
         if not value or value.startswith("#"):
             continue
         try:
-            good.setdefault(arguments.mail_address(_uncell(value)), (line_no, cells.get(line_no, {})))
+            _keep(good, arguments.mail_address(_uncell(value)), (line_no, cells.get(line_no, {})))
         except ValueError as exc:
             bad.append(f"line {line_no}: {exc}")
     return good, bad
@@ -165,6 +166,15 @@ def read_addresses(text: str) -> tuple[dict[str, tuple[int, dict[str, str]]], li
 ENTRY_COLUMNS = ("reason", "source", "created_at")
 """The columns of ``suppress list`` an import keeps besides the address: its list imports back as it was (an
 unsubscribe of last year stays one of last year in ``stats``, from its link, not one of the import)."""
+
+
+def _keep(rows: dict[str, tuple[int, dict[str, str]]], address: str, row: tuple[int, dict[str, str]]) -> None:
+    """``row`` as ``address``'s in ``rows`` unless one is there already: the first line of an address listed twice,
+    or the first whose reason is the customer's own wish (lists of two shops joined: an unsubscribe in the second is
+    no operator's 'manual' of the first)."""
+    if address not in rows or (row[1].get("reason") in CUSTOMERS_OWN
+                               and rows[address][1].get("reason") not in CUSTOMERS_OWN):  # fmt: skip
+        rows[address] = row
 
 
 def _no_email_column(fields: list[str]) -> str:
@@ -219,9 +229,10 @@ def _import(store: Store, target: str, given: str | None) -> int:
         return EXIT_USAGE
     now = SystemClock().now()
     source = f"import:{printable(Path(target).name)}"[:100]
-    entries: dict[str, dict[str, Any]] = {}
-    for address, (line, cell) in good.items():  # one mailbox in several cases is one address
-        entries.setdefault(suppression_address(address), _entry(cell, given, source, now, f"line {line}", bad))
+    rows: dict[str, tuple[int, dict[str, str]]] = {}
+    for address, row in good.items():  # one mailbox in several cases is one address
+        _keep(rows, suppression_address(address), row)
+    entries = {address: _entry(cell, given, source, now, f"line {line}", bad) for address, (line, cell) in rows.items()}
     for problem in bad:
         print(f"{target}: {problem}", file=sys.stderr)
     # the list shows the source on a line of its own, as it shows the reason (which may hold no control character)
