@@ -759,3 +759,16 @@ def test_a_header_with_two_boms_is_read(tmp_path: Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf\xef\xbb\xbfid,email,name,marketing_consent\nC-1,a@example.com,Ani,ya\n")
     [customer] = read_customers(path)
     assert isinstance(customer, CustomerRecord) and customer.external_id == "C-1"
+
+
+def test_a_file_with_the_columns_of_two_kinds_is_named_as_the_kind_most_of_its_columns_are(tmp_path: Path) -> None:
+    # Given an orders export whose line items carry their product's id, name and price (every column a products
+    # file needs), imported as customers by a slip
+    path = write(tmp_path, "orders.csv", "order_id,customer_id,status,placed_at,total,id,name,price\n")
+    with pytest.raises(ImportRowError) as info:
+        next(iter(read_customers(path)))
+    # Then the refusal names it an orders file alone: it also told to `kembali import products` it, which would
+    # import each order line as a product
+    assert info.value.reason.endswith("(found: order_id, customer_id, status, placed_at, total, id, name, price); "
+                                      "its columns are those of an orders file: import it with "
+                                      "`kembali import orders`")  # fmt: skip

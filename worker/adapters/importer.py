@@ -133,8 +133,10 @@ ORDER_COLUMNS = (
     "product_id", "quantity", "unit_price",
 )  # fmt: skip
 ORDER_REQUIRED = ("order_id", "customer_id", "status", "placed_at")
-_REQUIRED_OF = {"customers": CUSTOMER_REQUIRED, "products": PRODUCT_REQUIRED, "orders": ORDER_REQUIRED}
-"""The columns each kind of file needs: a file with all of another kind's is that kind's (a slip of the command)."""
+_REQUIRED_OF = {"customers": (CUSTOMER_REQUIRED, CUSTOMER_COLUMNS), "products": (PRODUCT_REQUIRED, PRODUCT_COLUMNS),
+                "orders": (ORDER_REQUIRED, ORDER_COLUMNS)}
+"""The columns each kind of file needs, and those it reads: a file with all of another kind's is that kind's (a slip
+of the command); with all of two kinds', that of the kind most of its columns are."""
 _ORDER_HEAD = ("customer_id", "status", "placed_at", "delivered_at", "paid_at", "currency", "total")
 
 # the widths of the columns these values are stored in (worker/adapters/tables.py): PostgreSQL refuses a longer
@@ -1285,9 +1287,9 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
             missing, hints = missing[:1], [comma_separated(separator)]
         else:
             hints = [f"rename {close!r} to {name!r}" for name in missing if (close := _close(name, unknown))]
-            hints += [f"its columns are those of {'an' if kind == 'orders' else 'a'} {kind} file: import it with "
-                      f"`kembali import {kind}`"
-                      for kind, needs in _REQUIRED_OF.items() if needs != required and set(needs) <= set(columns)]
+            if (kind := _kind_of(columns, required)) is not None:
+                hints.append(f"its columns are those of {'an' if kind == 'orders' else 'a'} {kind} file: import it "
+                             f"with `kembali import {kind}`")
         named = ", ".join(map(repr, missing[:-1])) + (" and " if len(missing) > 1 else "") + repr(missing[-1])
         raise ImportRowError(line, f"missing column{'s' if len(missing) > 1 else ''} {named} "
                                    f"(found: {listed_columns(columns)})" + "".join(f"; {h}" for h in hints))
@@ -1345,6 +1347,15 @@ def other_separator(header: list[str]) -> str | None:
 def comma_separated(separator: str) -> str:
     """What to say of a file whose columns are separated by ``separator`` (``other_separator``)."""
     return f"the columns are separated by {separator!r}: save the file comma-separated"
+
+
+def _kind_of(columns: list[str], required: tuple[str, ...]) -> str | None:
+    """The other kind of file whose every needed column is among ``columns``; of two, the one that reads more of them
+    (an orders file whose lines carry their product's id, name and price is no products file); None for none or a
+    tie."""
+    fits = sorted(((len(set(columns) & set(reads)), kind) for kind, (needs, reads) in _REQUIRED_OF.items()
+                   if needs != required and set(needs) <= set(columns)), reverse=True)  # fmt: skip
+    return fits[0][1] if fits and (len(fits) == 1 or fits[0][0] > fits[1][0]) else None
 
 
 def _close(name: str, candidates: list[str]) -> str | None:
