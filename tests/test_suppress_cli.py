@@ -527,6 +527,26 @@ def test_the_list_imported_into_another_database_keeps_each_entry_as_it_was(
     assert capsys.readouterr().out == file.read_text(encoding="utf-8")
 
 
+@pytest.mark.postgres
+def test_the_list_moved_to_postgresql_keeps_each_entry_as_it_was(
+    config: Path, pg_migrated_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a list on SQLite with an unsubscribe, exported
+    assert run(config, "add", "budi@example.com", "--reason", "unsubscribed") == 0
+    capsys.readouterr()
+    assert run(config, "list") == 0
+    exported = capsys.readouterr().out
+    file = tmp_path / "list.csv"
+    file.write_text(exported, encoding="utf-8")
+    # When PostgreSQL imports it, Then it lists it back the same (its time to the microsecond, in UTC)
+    other = tmp_path / "pg.toml"
+    other.write_text(f'[database]\nurl = "{pg_migrated_url}"\n', encoding="utf-8")
+    assert run(other, "import", str(file)) == 0
+    capsys.readouterr()
+    assert run(other, "list") == 0
+    assert capsys.readouterr().out == exported
+
+
 def test_a_source_or_date_the_list_cannot_hold_is_the_import_s_own_named_by_its_line(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
