@@ -582,3 +582,14 @@ def test_an_address_listed_twice_keeps_the_customer_s_own_wish_whichever_line_co
     assert run(config, "list") == 0
     listed = {r.split(",")[0]: r.split(",")[1] for r in capsys.readouterr().out.splitlines()[1:]}
     assert listed == {"budi@example.com": "unsubscribed", "siti@example.com": "complaint"}
+
+
+def test_an_address_whose_reason_cell_is_not_kept_is_counted_as_imported_not_rejected(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "bounces.csv"
+    file.write_text(f"email,reason\nbudi@example.com,{'x' * 31}\nagus@,manual\n", encoding="utf-8")
+    assert run(config, "import", str(file)) == 1
+    # the summary said '1 address(es) … 1 newly suppressed, … 2 rejected': budi is suppressed (as 'manual')
+    assert capsys.readouterr().out == ("imported 1 address(es): 1 newly suppressed, 0 already suppressed, 1 rejected, "
+                                       "1 cell the list cannot hold taken as its default\n")  # fmt: skip

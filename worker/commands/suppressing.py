@@ -232,14 +232,18 @@ def _import(store: Store, target: str, given: str | None) -> int:
     rows: dict[str, tuple[int, dict[str, str]]] = {}
     for address, row in good.items():  # one mailbox in several cases is one address
         _keep(rows, suppression_address(address), row)
-    entries = {address: _entry(cell, given, source, now, f"line {line}", bad) for address, (line, cell) in rows.items()}
-    for problem in bad:
+    kept: list[str] = []  # cells not kept: their address is imported all the same, not one rejected
+    entries = {address: _entry(cell, given, source, now, f"line {line}", kept)
+               for address, (line, cell) in rows.items()}
+    for problem in bad + kept:
         print(f"{target}: {problem}", file=sys.stderr)
     # the list shows the source on a line of its own, as it shows the reason (which may hold no control character)
     new = opstore.suppress_many(store, entries, reason="manual", source=source, now=now, entries=entries)
     print(f"imported {len(entries)} address(es): {new} newly suppressed, {len(entries) - new} already suppressed"
-          + (f", {len(bad)} rejected" if bad else ""))
-    return EXIT_ATTENTION if bad else EXIT_OK
+          + (f", {len(bad)} rejected" if bad else "")
+          + (f", {len(kept)} cell{'s' if len(kept) > 1 else ''} the list cannot hold taken as "
+             f"{'their' if len(kept) > 1 else 'its'} default" if kept else ""))
+    return EXIT_ATTENTION if bad or kept else EXIT_OK
 
 
 def _entry(cells: dict[str, str], given: str | None, source: str, now: datetime, where: str,
