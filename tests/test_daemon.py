@@ -718,6 +718,30 @@ def test_sigterm_mid_campaign_finishes_sends_under_way_and_exits_0(
         30, statuses["sent"], 0, 0)
 
 
+def test_daemon_stopped_counts_the_sends_of_every_generation_a_reload_started(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon sending to a slow server, reloaded (SIGHUP) mid-campaign: a new generation, a new dispatcher
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add(range(1, 21), days_ago=60)
+    for i in range(1, 21):
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=0.2))
+    daemon = Daemon.start(shop)
+    daemon.wait_for(lambda: len(smtp_server.messages) >= 2, why="the first emails")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("reload_done")
+    before = len(smtp_server.messages)
+    daemon.wait_for(lambda: len(smtp_server.messages) >= before + 2, why="emails after the reload")
+    # When it stops
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(10) == 0
+    # Then its last line counts every email it sent, before the reload and after, no address in it
+    sent = shop.scalar("SELECT count(*) FROM message WHERE status = 'sent'")
+    stopped = daemon.named("daemon_stopped")[0]
+    assert (stopped["planned"], stopped["sent"], stopped["failed"]) == (20, sent, 0)
+    assert not any("@" in str(value) for value in stopped.values())
+
+
 def test_sigterm_while_emails_wait_for_a_slow_rate_gives_them_and_their_daily_quota_back_at_once(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
