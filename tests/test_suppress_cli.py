@@ -552,11 +552,12 @@ def test_a_source_or_date_the_list_cannot_hold_is_the_import_s_own_named_by_its_
 ) -> None:
     file = tmp_path / "list.csv"
     file.write_text("email,source,created_at\nbudi@example.com,link\x1b[2J,2025-03-01T08:00:00+00:00\n"
-                    "siti@example.com,cli,yesterday\nani@example.com,cli,2999-01-01T00:00:00+00:00\n",
-                    encoding="utf-8")  # fmt: skip
+                    "siti@example.com,cli,yesterday\nani@example.com,cli,2999-01-01T00:00:00+00:00\n"
+                    "wati@example.com,cli,0001-01-01T00:00:00+01:00\n", encoding="utf-8")  # fmt: skip
+    # (the last one, before the first year in UTC, stopped the import with an OverflowError's traceback)
     assert run(config, "import", str(file)) == 1
     err = capsys.readouterr().err.splitlines()
-    assert [e.split(": ")[1] for e in err] == ["line 2", "line 3", "line 4"]
+    assert [e.split(": ")[1] for e in err] == ["line 2", "line 3", "line 4", "line 5"]
     assert "source must be one line of text without control characters" in err[0]
     assert "created_at 'yesterday' is no ISO 8601 time" in err[1] and "later than now" in err[2]
     assert run(config, "list") == 0

@@ -269,11 +269,12 @@ def _entry(cells: dict[str, str], given: str | None, source: str, now: datetime,
     if cells.get("created_at"):
         try:
             at = datetime.fromisoformat(cells["created_at"])
-        except ValueError:
+            # a naive one as the list writes it, in UTC; one before year 1 in UTC cannot be stored
+            at = (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).astimezone(UTC)
+        except (ValueError, OverflowError):
             problems.append(f"{where}: created_at {cells['created_at']!r} is no ISO 8601 time "
                             f"(as `suppress list` writes it): suppressed as of now")
         else:
-            at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # as the list writes it: in UTC
             if at > now:  # counted by `stats` in a week to come
                 problems.append(f"{where}: created_at {cells['created_at']!r} is later than now: suppressed as of now")
             else:
