@@ -594,3 +594,20 @@ def test_an_address_whose_reason_cell_is_not_kept_is_counted_as_imported_not_rej
     # the summary said '1 address(es) … 1 newly suppressed, … 2 rejected': budi is suppressed (as 'manual')
     assert capsys.readouterr().out == ("imported 1 address(es): 1 newly suppressed, 0 already suppressed, 1 rejected, "
                                        "1 cell the list cannot hold taken as its default\n")  # fmt: skip
+
+
+def test_a_reason_of_kembali_s_own_in_another_case_is_stored_as_kembali_writes_it(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a list from another tool, its reasons capitalised
+    file = tmp_path / "other-tool.csv"
+    file.write_text("Email,Reason\nbudi@example.com,Unsubscribed\nsiti@example.com,HARD_BOUNCE\n"
+                    "agus@example.com,Left the shop\n", encoding="utf-8")  # fmt: skip
+    assert run(config, "import", str(file)) == 0
+    capsys.readouterr()
+    # Then the reasons Kembali writes itself are stored as it writes them: 'Unsubscribed' was no unsubscribe to
+    # `stats`, `list --reason unsubscribed` or a resend's advice; another reason is kept as given
+    assert run(config, "list") == 0
+    listed = {r.split(",")[0]: r.split(",")[1] for r in capsys.readouterr().out.splitlines()[1:]}
+    assert listed == {"budi@example.com": "unsubscribed", "siti@example.com": "hard_bounce",
+                      "agus@example.com": "Left the shop"}  # fmt: skip

@@ -168,12 +168,17 @@ ENTRY_COLUMNS = ("reason", "source", "created_at")
 unsubscribe of last year stays one of last year in ``stats``, from its link, not one of the import)."""
 
 
+KEMBALI_REASONS = ("manual", "hard_bounce", *CUSTOMERS_OWN)
+"""The reasons Kembali knows (stats, a resend's advice): a reason cell that is one in another case is stored as
+Kembali writes it."""
+
+
 def _keep(rows: dict[str, tuple[int, dict[str, str]]], address: str, row: tuple[int, dict[str, str]]) -> None:
     """``row`` as ``address``'s in ``rows`` unless one is there already: the first line of an address listed twice,
     or the first whose reason is the customer's own wish (lists of two shops joined: an unsubscribe in the second is
     no operator's 'manual' of the first)."""
-    if address not in rows or (row[1].get("reason") in CUSTOMERS_OWN
-                               and rows[address][1].get("reason") not in CUSTOMERS_OWN):  # fmt: skip
+    if address not in rows or (row[1].get("reason", "").lower() in CUSTOMERS_OWN
+                               and rows[address][1].get("reason", "").lower() not in CUSTOMERS_OWN):  # fmt: skip
         rows[address] = row
 
 
@@ -255,6 +260,8 @@ def _entry(cells: dict[str, str], given: str | None, source: str, now: datetime,
     if given is None and cells.get("reason"):
         try:
             entry["reason"] = arguments.suppression_reason(cells["reason"])
+            if entry["reason"].lower() in KEMBALI_REASONS:  # 'Unsubscribed' from another tool is an unsubscribe
+                entry["reason"] = entry["reason"].lower()
         except argparse.ArgumentTypeError as exc:
             problems.append(f"{where}: reason {exc}: suppressed as 'manual'")
     if cells.get("source"):
