@@ -22,6 +22,13 @@ def run(config: Path, *args: str) -> int:
     return main(["--config", str(config), "suppress", *args])
 
 
+def reasons(config: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
+    """Each address `suppress list` lists, with its reason."""
+    capsys.readouterr()
+    assert run(config, "list") == 0
+    return {r.split(",")[0]: r.split(",")[1] for r in capsys.readouterr().out.splitlines()[1:]}
+
+
 def test_add_list_remove(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # addresses are normalised as customer imports store them, and the list holds them in lower case: one mailbox
     assert run(config, "add", "Budi@Example.COM") == 0
@@ -478,8 +485,7 @@ def test_the_list_imported_into_another_database_keeps_each_address_reason(
     assert run(other, "import", str(exported)) == 0
     capsys.readouterr()
     # Then each address keeps its reason: every one became 'manual', and `stats` counted no unsubscribe nor bounce
-    assert run(other, "list") == 0
-    listed = {r.split(",")[0]: r.split(",")[1] for r in capsys.readouterr().out.splitlines()[1:]}
+    listed = reasons(other, capsys)
     assert listed == {"siti@example.com": "complaint", "agus@example.com": "hard_bounce",
                       "budi@example.com": "unsubscribed"}  # fmt: skip
 
@@ -497,8 +503,7 @@ def test_a_reason_column_gives_each_address_its_reason_unless_reason_is_given(
     assert captured.err.splitlines() == [f"{file}: line 4: reason must be at most 30 characters, not 31: "
                                          f"{'x' * 31!r}: suppressed as 'manual'"]  # fmt: skip
     assert "imported 4 address(es): 4 newly suppressed" in captured.out
-    assert run(config, "list") == 0
-    listed = {r.split(",")[0]: r.split(",")[1] for r in capsys.readouterr().out.splitlines()[1:]}
+    listed = reasons(config, capsys)
     assert listed == {"siti@example.com": "complaint", "agus@example.com": "manual", "budi@example.com": "manual",
                       "ani@example.com": "'-spam"}  # fmt: skip
     # --reason names every address of the file, whatever its column says
@@ -580,8 +585,7 @@ def test_an_address_listed_twice_keeps_the_customer_s_own_wish_whichever_line_co
     assert "imported 2 address(es): 2 newly suppressed" in capsys.readouterr().out
     # Then each is listed as the customer's own wish (a resend refused for it advises closing the message, not
     # clearing the entry as for an operator's own or a bounce): the first line won, 'manual' and 'hard_bounce'
-    assert run(config, "list") == 0
-    listed = {r.split(",")[0]: r.split(",")[1] for r in capsys.readouterr().out.splitlines()[1:]}
+    listed = reasons(config, capsys)
     assert listed == {"budi@example.com": "unsubscribed", "siti@example.com": "complaint"}
 
 
@@ -607,7 +611,6 @@ def test_a_reason_of_kembali_s_own_in_another_case_is_stored_as_kembali_writes_i
     capsys.readouterr()
     # Then the reasons Kembali writes itself are stored as it writes them: 'Unsubscribed' was no unsubscribe to
     # `stats`, `list --reason unsubscribed` or a resend's advice; another reason is kept as given
-    assert run(config, "list") == 0
-    listed = {r.split(",")[0]: r.split(",")[1] for r in capsys.readouterr().out.splitlines()[1:]}
+    listed = reasons(config, capsys)
     assert listed == {"budi@example.com": "unsubscribed", "siti@example.com": "hard_bounce",
                       "agus@example.com": "Left the shop"}  # fmt: skip
