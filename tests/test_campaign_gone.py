@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -118,7 +118,11 @@ def test_the_daemon_fails_an_unknown_campaigns_row_and_reads_a_hand_written_time
         daemon.wait_for(lambda: len(daemon.named("email_sent")) == 3, timeout=60, why="three win-back emails")
     finally:
         assert daemon.stop() == 0
-    an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # written with Jakarta's offset: as text it sorts after every time Kembali writes for now ('…T…' after '… …', and
+    # Jakarta's date is never behind UTC's), so no claim takes it before it is read right; in UTC ('…Z'), in the
+    # hour after midnight UTC the day before's date sorted first and the row was claimed before the maintenance
+    an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).astimezone(timezone(timedelta(hours=7))).strftime(
+        "%Y-%m-%dT%H:%M:%S+07:00")
     store = shop.store()
     try:
         with store.engine.begin() as conn:
