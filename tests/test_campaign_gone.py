@@ -106,7 +106,7 @@ def test_a_campaign_turned_off_keeps_its_rows_waiting_says_so_and_they_expire_in
             "skipped`)") in running.summary(report), running.summary(report)  # fmt: skip
 
 
-def test_the_daemon_fails_an_unknown_campaigns_row_and_reads_a_hand_written_time_at_its_first_maintenance(
+def test_the_daemon_fails_an_unknown_campaigns_row_and_reads_a_hand_written_time_at_its_start(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     # Given a ledger where an operator renamed one sent row's campaign and put it back in the queue, and wrote
@@ -137,7 +137,7 @@ def test_the_daemon_fails_an_unknown_campaigns_row_and_reads_a_hand_written_time
     # When the daemon starts again
     daemon = Daemon.start(shop)
     try:
-        # Then its first maintenance fails the unknown campaign's row, naming it, and reads the time written by hand
+        # Then its start fails the unknown campaign's row, naming it, and reads the time written by hand
         failed = daemon.wait_event("unknown_campaign_failed", timeout=60)
         assert failed["campaigns"] == "xmas_2025" and failed["ids"] == str(ids[0]), failed
         normalised = daemon.wait_event("ledger_time_normalised", timeout=60)
@@ -303,3 +303,45 @@ def test_a_start_stopped_by_a_busy_database_still_names_the_rows_it_already_fail
     (logged,) = _events(caplog, "unknown_campaign_failed")
     assert logged["count"] == CHUNK and logged["campaigns"] == "xmas_2025", logged
     assert "database is locked" in str(logged["stopped_by"]) and logged["not_done"] == 1_200 - CHUNK, logged
+
+
+def test_a_daemon_start_reads_a_hand_written_time_before_it_claims_so_a_later_time_is_not_sent_early(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given two sent win-back rows put back in the queue by hand: one due now, written as Kembali writes times; one due
+    # in two hours, written in New York's offset with a space, which as text sorts before now whatever the hour (its
+    # clock reads three hours earlier than UTC's, on today's date or the day before)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port)
+    shop.add([1, 2], days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: len(daemon.named("email_sent")) == 2, timeout=60, why="two win-back emails")
+    finally:
+        assert daemon.stop() == 0
+    later = (datetime.now(UTC) + timedelta(hours=2)).astimezone(timezone(timedelta(hours=-5)))
+    written = later.strftime("%Y-%m-%d %H:%M:%S-05:00")
+    store = shop.store()
+    try:
+        with store.engine.begin() as conn:
+            (now_id, now_key), (later_id, _) = conn.execute(sa.select(M.c.id, M.c.dedupe_key).order_by(M.c.id)).all()
+            conn.execute(sa.text("UPDATE message SET status = 'retry', sent_at = NULL, next_attempt_at = created_at"
+                                 " WHERE id = :i"), {"i": now_id})  # fmt: skip
+            conn.execute(sa.text("UPDATE message SET status = 'retry', sent_at = NULL, next_attempt_at = :at"
+                                 " WHERE id = :i"), {"i": later_id, "at": written})  # fmt: skip
+    finally:
+        store.close()
+
+    # When the daemon starts again and sends what is due
+    daemon = Daemon.start(shop)
+    try:
+        normalised = daemon.wait_event("ledger_time_normalised", timeout=60)
+        daemon.wait_for(lambda: len(daemon.named("email_sent")) == 1, timeout=60, why="the row due now")
+        daemon.wait_for(lambda: len(daemon.named("health")) >= 2, timeout=60, why="two health lines after it")
+    finally:
+        assert daemon.stop() == 0
+
+    # Then the row due in two hours was read as that time before any claim, and waits for it: not sent early
+    assert normalised["id"] == later_id and normalised["value"] == written, normalised
+    assert [e["dedupe_key"] for e in daemon.named("email_sent")] == [now_key], daemon.named("email_sent")
+    assert shop.scalar("SELECT status FROM message WHERE id = :i", i=later_id) == "retry"
+    assert shop.scalar("SELECT sent_at FROM message WHERE id = :i", i=later_id) is None

@@ -222,9 +222,10 @@ class Daemon:
         """Campaigns whose planning pass was skipped for this host's clock (``_plan_pass``): planned at the first
         maintenance that finds the clock right again."""
         self._campaigns_checked = False
-        """Whether this generation's first maintenance has failed the waiting rows of unknown campaigns and named the
-        campaigns turned off that leave rows waiting (``app.campaigns_not_sent``): once a start and a reload, as it
-        reads every waiting row."""
+        """Whether this generation's first read of the waiting rows (``app.campaigns_not_sent``: the start's before any
+        claim, a reload's at its first maintenance) has failed those of unknown campaigns, rewritten times written by
+        hand, and named the campaigns turned off that leave rows waiting: once a start and a reload, as it reads
+        every waiting row."""
         self._planning_since = 0.0
         """When the passes under way began, without a break (the clock's monotonic seconds); or the catch-up."""
         self._catching_up = False
@@ -400,10 +401,31 @@ class Daemon:
         """Plan once now for every campaign whose last scheduled run was missed (the daemon was down). The
         dispatcher is held meanwhile (``_holding``), as during any pass; then it sends what they planned."""
         try:
+            await self._first_read(settings)
             await self._catch_up_passes(settings)
         finally:
             self._catching_up = False
             self._wake.set()
+
+    async def _first_read(self, settings: Settings) -> None:
+        """The waiting rows read once before the first claim (the dispatcher is held by the catch-up): on SQLite a
+        time written by hand in another form is compared as text by the claim, so one due later (written with a
+        negative offset, say) would be sent early, up to that offset, were the first maintenance left to read it.
+        A clock off the database's, or a database that cannot be read, leaves it to the first maintenance that can."""
+        dispatcher = self.gen.dispatcher
+        try:
+            if dispatcher.clock_guard is not None and await dispatcher.clock_guard.check():
+                return
+            await self._read_waiting_rows(settings)
+        except Exception as exc:
+            log.event("job_failed", logging.ERROR, job="maintenance", during="start-up", error=log.error_line(exc),
+                      note="the next maintenance reads the waiting rows")
+
+    async def _read_waiting_rows(self, settings: Settings) -> None:
+        """``app.campaigns_not_sent``, once a start and a reload (``_campaigns_checked``)."""
+        if not self._campaigns_checked:
+            await campaigns_not_sent(self.store, self.astore, settings, self.clock.now())
+            self._campaigns_checked = True
 
     async def _catch_up_passes(self, settings: Settings) -> None:
         now = self.clock.now()
@@ -557,9 +579,7 @@ class Daemon:
         expired = await self.astore.call(opstore.expire_messages, self.store, now)
         if expired:
             log.event("messages_expired", count=expired)
-        if not self._campaigns_checked:
-            await campaigns_not_sent(self.store, self.astore, settings, now)
-            self._campaigns_checked = True
+        await self._read_waiting_rows(settings)
         days = settings.schedule.attempt_retention_days
         if days:
             pruned = await self.astore.call(opstore.prune_attempts, self.store, now - timedelta(days=days))
