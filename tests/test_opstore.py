@@ -205,6 +205,27 @@ def test_suppressions_add_many_list_remove(db_url: str) -> None:
         store.close()
 
 
+def test_suppress_entries_stores_each_address_with_its_own_entry(db_url: str) -> None:
+    store = Store.from_url(db_url)
+    try:
+        # Given entries as `suppress import` reads them, two of them one mailbox in two cases
+        earlier = NOW - timedelta(days=300)
+        entries = {
+            "Budi@X.id": {"reason": "unsubscribed", "source": "unsubscribe-link", "created_at": earlier},
+            "budi@x.id": {"reason": "manual", "source": "import:b.csv", "created_at": NOW},
+            "sari@x.id": {"reason": "complaint", "source": "import:b.csv", "created_at": NOW},
+        }
+        # Then each mailbox is new once, with the reason, source and time of its first entry
+        assert opstore.suppress_entries(store, entries) == 2
+        assert opstore.suppress_entries(store, {"sari@x.id": entries["budi@x.id"]}) == 0
+        stored = {r["email"]: (r["reason"], r["source"], r["created_at"])
+                  for r in opstore.suppressions(store)}
+        assert stored == {"budi@x.id": ("unsubscribed", "unsubscribe-link", earlier),
+                          "sari@x.id": ("complaint", "import:b.csv", NOW)}
+    finally:
+        store.close()
+
+
 def test_a_database_error_names_the_statement_but_never_its_parameters(db_url: str) -> None:
     engine = Store.from_url(db_url).engine
     # Given a statement that fails with a customer's address among its parameters

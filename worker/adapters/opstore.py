@@ -520,19 +520,26 @@ def unsuppress(store: Store, email: str) -> dict[str, Any] | None:
     return None if row is None else dict(row._mapping)
 
 
-def suppress_many(store: Store, emails: Iterable[str], *, reason: str, source: str, now: datetime,
-                  entries: Mapping[str, Mapping[str, Any]] | None = None) -> int:
-    """Add many addresses at once, in one transaction, each with the reason, source and created_at of
-    ``entries[address]`` or else ``reason``, ``source`` and ``now``; returns how many were new (an address already
+def suppress_many(store: Store, emails: Iterable[str], *, reason: str, source: str, now: datetime) -> int:
+    """Add many addresses at once, each with ``reason``, ``source`` and ``now``: ``suppress_entries``."""
+    entry = {"reason": reason, "source": source, "created_at": now}
+    return suppress_entries(store, dict.fromkeys(emails, entry))
+
+
+def suppress_entries(store: Store, entries: Mapping[str, Mapping[str, Any]]) -> int:
+    """Add many addresses at once, in one transaction, each with the ``reason``, ``source`` and ``created_at`` of
+    its entry (the first of addresses that are one on the list); returns how many were new (an address already
     suppressed keeps its entry)."""
-    unique = dict.fromkeys(suppression_address(e) for e in emails)
-    rows = [{"email": e, "reason": reason, "source": source, "created_at": now, **(entries or {}).get(e, {})}
-            for e in unique]
+    rows: dict[str, Mapping[str, Any]] = {}
+    for address, entry in entries.items():
+        rows.setdefault(suppression_address(address), entry)
     if not rows:
         return 0
     stmt = db.insert_ignore(store.engine, S).returning(S.c.id)
+    values = [{"email": address, "reason": entry["reason"], "source": entry["source"],
+               "created_at": entry["created_at"]} for address, entry in rows.items()]  # fmt: skip
     with store.engine.begin() as conn:
-        return sum(len(conn.execute(stmt, rows[i : i + 500]).all()) for i in range(0, len(rows), 500))
+        return sum(len(conn.execute(stmt, values[i : i + 500]).all()) for i in range(0, len(values), 500))
 
 
 def suppressions(store: Store, *, reason: str | None = None, email: str | None = None) -> list[dict[str, Any]]:

@@ -243,7 +243,7 @@ def _import(store: Store, target: str, given: str | None) -> int:
     for problem in bad + kept:
         print(f"{target}: {problem}", file=sys.stderr)
     # the list shows the source on a line of its own, as it shows the reason (which may hold no control character)
-    new = opstore.suppress_many(store, entries, reason="manual", source=source, now=now, entries=entries)
+    new = opstore.suppress_entries(store, entries)
     print(f"imported {len(entries)} address(es): {new} newly suppressed, {len(entries) - new} already suppressed"
           + (f", {len(bad)} rejected" if bad else "")
           + (f", {len(kept)} cell{'s' if len(kept) > 1 else ''} the list cannot hold taken as "
