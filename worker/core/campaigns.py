@@ -94,9 +94,8 @@ def winback_step_due(
 ) -> int | None:
     """The 1-based step due for a one-time buyer: the last whose day count has passed (strictly
     more than ``days`` since the order). Earlier steps a customer never got are not sent late.
-    None as well once more than ``give_up_after_days`` (if not 0) have passed (``winback_given_up_before``)."""
-    given_up = winback_given_up_before(now, give_up_after_days)
-    if given_up is not None and first_order_at < given_up:
+    None as well once more than ``give_up_after_days`` (if not 0) have passed (``winback_given_up``)."""
+    if winback_given_up(first_order_at, now, give_up_after_days):
         return None
     due = None
     for i, days in enumerate(step_days, start=1):
@@ -108,6 +107,13 @@ def winback_step_due(
 def winback_given_up_before(now: datetime, give_up_after_days: int) -> datetime | None:
     """An only order placed strictly before this instant is given up on (None: never)."""
     return now - timedelta(days=give_up_after_days) if give_up_after_days else None
+
+
+def winback_given_up(first_order_at: datetime, now: datetime, give_up_after_days: int) -> bool:
+    """Whether win-back has given up on a one-time buyer whose order was placed at ``first_order_at``: more than
+    ``give_up_after_days`` (if not 0) have passed (``winback_given_up_before``)."""
+    given_up = winback_given_up_before(now, give_up_after_days)
+    return given_up is not None and first_order_at < given_up
 
 
 def winback_step_window(now: datetime, step_days: Sequence[int], step: int) -> tuple[datetime | None, datetime]:
@@ -470,9 +476,9 @@ def still_due(
         return None  # audiences.recheck skips it as customer_gone
     if message.campaign == WINBACK:
         placed = facts.first_order_at
-        given_up = winback_given_up_before(now, give_up_after_days)
-        if placed is not None and given_up is not None and placed < given_up:
+        if placed is not None and winback_given_up(placed, now, give_up_after_days):
             return SkipReason.NO_LONGER_DUE
+        # (without give_up_after_days: None from it here is no step passed yet, which leaves the message due)
         step = None if placed is None else winback_step_due(placed, now, winback_steps)
         if step is not None and step > message.step:
             return SkipReason.NO_LONGER_DUE
