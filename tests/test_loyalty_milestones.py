@@ -93,6 +93,16 @@ def ledger(settings: Settings) -> dict[str, tuple[str, str | None, dict[str, str
         store.close()
 
 
+M1_KEYS = ("loyalty:M1:orders-5", "loyalty:M1:spend-500000000")
+"""The dedupe keys of M1's order milestone and of its spend one."""
+
+
+def m1_rows(settings: Settings) -> tuple[tuple[str, str | None], ...]:
+    """(status, skip reason) of M1's order milestone and of its spend one, asserting they are the ledger's only rows."""
+    rows = {k: v[:2] for k, v in ledger(settings).items()}
+    assert sorted(rows) == sorted(M1_KEYS), rows
+    return tuple(rows[key] for key in M1_KEYS)
+
 def test_one_order_reaching_two_milestones_gets_one_reward_email_and_the_other_is_merged_into_it(
     db_url: str, smtp_server: RecordingServer
 ) -> None:
@@ -191,8 +201,7 @@ def test_a_merged_spend_milestone_is_sent_on_its_own_when_the_order_milestone_it
         pipeline.plan(store, settings, DAY, campaigns=["loyalty"])
     finally:
         store.close()
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("planned", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+    assert m1_rows(settings) == (("planned", None), ("skipped", "merged"))
     # and before it is sent, the small first order is refunded: 4 paid orders, Rp6.500.000 spent
     refunded = dataclasses.replace(order("M1-0", "M1", 70, 100_000), status=OrderStatus.REFUNDED)
     shop.upsert_orders(engine, [refunded], DAY + timedelta(minutes=30))
@@ -205,8 +214,7 @@ def test_a_merged_spend_milestone_is_sent_on_its_own_when_the_order_milestone_it
     # Then the order milestone is no longer reached, and not mailed; the spend one, still reached, is: M1 is thanked
     # once, not silently never
     assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["m1@example.com"]
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("skipped", "no_longer_due"), "loyalty:M1:spend-500000000": ("sent", None)}
+    assert m1_rows(settings) == (("skipped", "no_longer_due"), ("sent", None))
 
 
 def row_ids(db_url: str) -> dict[str, int]:
@@ -227,8 +235,7 @@ def test_a_merged_spend_milestone_stays_merged_when_its_email_that_may_have_arri
     engine = m1_at_five_orders(db_url)
     smtp_server.on("m1@example.com", Behaviour(drop_after_dot=True))
     cycle_at(settings, DAY + timedelta(minutes=10))
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("uncertain", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+    assert m1_rows(settings) == (("uncertain", None), ("skipped", "merged"))
     # (pruned: a short attempt_retention_days, maintenance pruning attempts before the operator's resend 3 days on)
     later = timedelta(days=3) if pruned else timedelta(minutes=30)
     if pruned:
@@ -252,8 +259,7 @@ def test_a_merged_spend_milestone_stays_merged_when_its_email_that_may_have_arri
     # Then the resend is no longer due and not sent; the spend milestone went with the email that may have
     # arrived, so it is not sent a second time on its own: M1 got one email at most, the one that may have arrived
     assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["m1@example.com"]
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("skipped", "no_longer_due"), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+    assert m1_rows(settings) == (("skipped", "no_longer_due"), ("skipped", "merged"))
 
 
 def operator_config(db_url: str, tmp_path: Path) -> tuple[Path, int, int]:
@@ -266,6 +272,13 @@ def operator_config(db_url: str, tmp_path: Path) -> tuple[Path, int, int]:
 def operator_at(monkeypatch: pytest.MonkeyPatch, when: datetime) -> None:
     """`kembali ledger` acting at ``when`` (a resend refuses a message past its expiry, two weeks after planning)."""
     monkeypatch.setattr(ledger_command, "SystemClock", lambda: FakeClock(when))
+
+
+def ledger_at(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], config: Path, when: datetime,
+              *args: str) -> tuple[int, str]:  # fmt: skip
+    """`kembali --config CONFIG ledger ARGS` run by the operator at ``when``: its exit code and what it printed."""
+    operator_at(monkeypatch, when)
+    return run_cli(capsys, "--config", str(config), "ledger", *args)
 
 
 EXPIRES = DAY + timedelta(days=14)
@@ -303,8 +316,7 @@ def test_closing_the_email_a_spend_milestone_was_merged_into_closes_it_too_and_s
     settings, config, carrier, spend = m1_planned(db_url, smtp_server, tmp_path)
 
     # When the operator cancels the order milestone's email
-    operator_at(monkeypatch, DAY + timedelta(minutes=20))
-    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier))
+    code, out = ledger_at(monkeypatch, capsys, config, DAY + timedelta(minutes=20), "close", str(carrier))
 
     # Then the output says what became of the spend milestone merged into it: closed with it, and how to send it
     # (on this ledger: with the --config given)
@@ -314,8 +326,7 @@ def test_closing_the_email_a_spend_milestone_was_merged_into_closes_it_too_and_s
             f"`kembali --config {config} ledger resend {spend}` sends it on its own until "
             f"{EXPIRES:%Y-%m-%d %H:%M} UTC (its expiry)") in out
     hint = resend_hint(out)
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
+    assert m1_rows(settings) == (("failed", None), ("failed", None))
     # and a resend by filters leaves both out (the operator's decision)
     code, out = run_cli(capsys, "--config", str(config), "ledger", "resend", "--campaign", "loyalty", "--dry-run")
     assert "2 message(s) an operator closed left out" in out
@@ -329,13 +340,13 @@ def test_closing_the_email_a_spend_milestone_was_merged_into_closes_it_too_and_s
     # Then M1 gets that one email; resent, the order milestone's takes the spend one along again, and says so
     assert (code, out.splitlines()[0]) == (0, f"1 message(s) back in the queue (sent at the next run): {message}")
     assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["m1@example.com"]
-    rows = {k: v[:2] for k, v in ledger(settings).items()}
+    rows = m1_rows(settings)
     again = f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) merged into it again"
     if resent == "spend":
-        assert rows == {"loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("sent", None)}
+        assert rows == (("failed", None), ("sent", None))
         assert again not in out
     else:
-        assert rows == {"loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+        assert rows == (("sent", None), ("skipped", "merged"))
         assert again in out
 
 
@@ -351,18 +362,17 @@ def test_closing_as_sent_the_email_a_spend_milestone_was_merged_into_says_it_wen
     config, carrier, spend = operator_config(db_url, tmp_path)
 
     # When the operator, who knows it arrived, closes it as sent (a dry run first)
-    operator_at(monkeypatch, DAY + timedelta(hours=1))
     capsys.readouterr()
-    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier), "--as", "sent", "--dry-run")
+    when = DAY + timedelta(hours=1)
+    code, out = ledger_at(monkeypatch, capsys, config, when, "close", str(carrier), "--as", "sent", "--dry-run")
     assert f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) went with it" in out
-    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier), "--as", "sent")
+    code, out = ledger_at(monkeypatch, capsys, config, when, "close", str(carrier), "--as", "sent")
 
     # Then the spend milestone merged into it went with it: it stays merged, and the output says so
     assert code == 0
     assert (f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) went with it: "
             "it stays skipped (merged)") in out
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+    assert m1_rows(settings) == (("sent", None), ("skipped", "merged"))
 
 
 def m1_cancelled(
@@ -372,8 +382,7 @@ def m1_cancelled(
     """``m1_planned``, its email cancelled by the operator 20 minutes later (the spend milestone closed with it): what
     ``m1_planned`` gives, and what the close printed."""
     settings, config, carrier, spend = m1_planned(db_url, server, tmp_path)
-    operator_at(monkeypatch, DAY + timedelta(minutes=20))
-    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier))
+    code, out = ledger_at(monkeypatch, capsys, config, DAY + timedelta(minutes=20), "close", str(carrier))
     assert code == 0, out
     return settings, config, carrier, spend, out
 
@@ -414,24 +423,24 @@ def test_resending_both_a_merged_spend_milestone_and_the_email_it_was_merged_int
     # row says what became of it
     assert code == 0, out
     assert sent_to(smtp_server) == ["m1@example.com"]
-    rows = {k: v[:2] for k, v in ledger(settings).items()}
+    rows = m1_rows(settings)
     if order == "together":
         assert f"1 message(s) back in the queue (sent at the next run): {carrier}" in out
         assert (f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) merged into it again"
                 in out)
-        assert rows == {"loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+        assert rows == (("sent", None), ("skipped", "merged"))
     elif order == "orders-first":
         assert second is not None
         assert second[0] == 1
         assert (f"kembali: message {spend} left alone: merged into message {carrier} (loyalty:M1:orders-5), which "
                 "is retry: the milestone goes with that email, not in a second one") in second[1]
-        assert rows == {"loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("skipped", "merged")}
+        assert rows == (("sent", None), ("skipped", "merged"))
     else:
         assert second is not None
         assert second[0] == 1
         assert (f"kembali: message {carrier} left alone: the spend milestone merged into it, {merged}, is retry "
                 "on its own: resending this one too would send a second email for the same order") in second[1]
-        assert rows == {"loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("sent", None)}
+        assert rows == (("failed", None), ("sent", None))
 
 
 def test_a_filter_that_selects_both_a_spend_milestone_and_the_email_it_was_merged_into_resends_one(
@@ -445,13 +454,11 @@ def test_a_filter_that_selects_both_a_spend_milestone_and_the_email_it_was_merge
     for message in (spend, carrier):
         assert run_cli(capsys, "--config", str(config), "ledger", "resend", str(message))[0] == 0
         cycle_at(settings, DAY + timedelta(minutes=30))
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
+    assert m1_rows(settings) == (("failed", None), ("failed", None))
 
     # When the mailbox works again and the operator resends the campaign's failed messages by a filter
     smtp_server.on("m1@example.com", Behaviour())
-    operator_at(monkeypatch, DAY + timedelta(hours=1))
-    code, out = run_cli(capsys, "--config", str(config), "ledger", "resend", "--campaign", "loyalty")
+    code, out = ledger_at(monkeypatch, capsys, config, DAY + timedelta(hours=1), "resend", "--campaign", "loyalty")
     cycles_at(settings, DAY + timedelta(hours=2), 5)
 
     # Then M1 gets one email: the spend milestone is left alone, saying it goes with the email it was merged into
@@ -460,8 +467,7 @@ def test_a_filter_that_selects_both_a_spend_milestone_and_the_email_it_was_merge
     assert f"1 message(s) back in the queue (sent at the next run): {carrier}" in out
     assert (f"kembali: message {spend} left alone: merged into message {carrier} (loyalty:M1:orders-5), which this "
             "resend puts back in the queue: the milestone goes with that email, not in a second one") in out
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("sent", None), "loyalty:M1:spend-500000000": ("failed", None)}
+    assert m1_rows(settings) == (("sent", None), ("failed", None))
 
 
 def test_the_close_says_until_when_its_resend_hint_works_and_the_resend_past_it_says_why_it_cannot(
@@ -485,8 +491,7 @@ def test_the_close_says_until_when_its_resend_hint_works_and_the_resend_past_it_
             "sent; it stays closed as failed") in out
     assert "`kembali ledger close` it instead" not in out
     assert sent_to(smtp_server) == []
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
+    assert m1_rows(settings) == (("failed", None), ("failed", None))
 
 
 def test_closing_the_email_a_spend_milestone_was_merged_into_after_its_expiry_gives_no_resend_hint(
@@ -497,8 +502,7 @@ def test_closing_the_email_a_spend_milestone_was_merged_into_after_its_expiry_gi
     _, config, carrier, spend = m1_planned(db_url, smtp_server, tmp_path)
 
     # When the operator cancels it then
-    operator_at(monkeypatch, EXPIRES + timedelta(hours=1))
-    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier))
+    code, out = ledger_at(monkeypatch, capsys, config, EXPIRES + timedelta(hours=1), "close", str(carrier))
 
     # Then the spend milestone is closed with it, and the output says it cannot be sent on its own, and why; no hint
     assert code == 0
@@ -690,9 +694,9 @@ def test_closing_both_the_email_and_the_spend_milestone_merged_into_it_by_id_is_
     settings, config, carrier, spend = m1_planned(db_url, smtp_server, tmp_path)
 
     # When the operator cancels both rows `ledger list --customer M1` shows, by their IDs (a dry run first)
-    operator_at(monkeypatch, DAY + timedelta(minutes=20))
-    dry = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier), str(spend), "--dry-run")
-    code, out = run_cli(capsys, "--config", str(config), "ledger", "close", str(carrier), str(spend))
+    when = DAY + timedelta(minutes=20)
+    dry = ledger_at(monkeypatch, capsys, config, when, "close", str(carrier), str(spend), "--dry-run")
+    code, out = ledger_at(monkeypatch, capsys, config, when, "close", str(carrier), str(spend))
     cycles_at(settings, DAY + timedelta(hours=1), 2)
 
     # Then both are closed, the spend milestone with the email, and nothing is said to be left alone: exit code 0
@@ -701,8 +705,7 @@ def test_closing_both_the_email_and_the_spend_milestone_merged_into_it_by_id_is_
     assert (f"message {spend} (loyalty:M1:spend-500000000, merged into message {carrier}) closed as failed with it"
             in out)
     assert sent_to(smtp_server) == []
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
+    assert m1_rows(settings) == (("failed", None), ("failed", None))
 
 
 @pytest.mark.postgres
@@ -776,5 +779,4 @@ def test_a_resend_of_a_spend_milestone_beside_a_close_of_its_email_does_not_dead
 
     # Then neither command fails on a deadlock: the close commits, and the resend answers
     assert results, "the resend failed"
-    assert {k: v[:2] for k, v in ledger(settings).items()} == {
-        "loyalty:M1:orders-5": ("failed", None), "loyalty:M1:spend-500000000": ("failed", None)}
+    assert m1_rows(settings) == (("failed", None), ("failed", None))
