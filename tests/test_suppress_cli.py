@@ -22,11 +22,22 @@ def run(config: Path, *args: str) -> int:
     return main(["--config", str(config), "suppress", *args])
 
 
-def reasons(config: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
-    """Each address `suppress list` lists, with its reason."""
+def imported(config: Path, file: Path, text: str, *args: str) -> int:
+    """``text`` written to ``file`` (UTF-8), then `suppress import FILE ARGS`: its exit code."""
+    file.write_text(text, encoding="utf-8")
+    return run(config, "import", str(file), *args)
+
+
+def suppress_list(config: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """What `suppress list` prints (what was printed before it is left out)."""
     capsys.readouterr()
     assert run(config, "list") == 0
-    return {r.split(",")[0]: r.split(",")[1] for r in capsys.readouterr().out.splitlines()[1:]}
+    return capsys.readouterr().out
+
+
+def reasons(config: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
+    """Each address `suppress list` lists, with its reason."""
+    return {r.split(",")[0]: r.split(",")[1] for r in suppress_list(config, capsys).splitlines()[1:]}
 
 
 def test_add_list_remove(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,8 +83,7 @@ def test_import_reports_bad_lines_and_imports_the_rest(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
 ) -> None:
     file = tmp_path / "list.txt"
-    file.write_text(text, encoding="utf-8")
-    assert run(config, "import", str(file), "--reason", "hard_bounce") == 1
+    assert imported(config, file, text, "--reason", "hard_bounce") == 1
     captured = capsys.readouterr()
     assert "line 4: invalid email address" in captured.err or "line 3: invalid email address" in captured.err
     assert "line 2:" not in captured.err
@@ -99,8 +109,7 @@ def test_only_cr_and_lf_break_lines_in_a_file_of_addresses(
 ) -> None:
     # a NEL, a line separator or a form feed in a comment does not start a line: "list" was an address of its own
     file = tmp_path / "bounces.txt"
-    file.write_text("# bounced\x85 list\u2028of May\x0c\nsiti@example.com\r\nbad address\n", encoding="utf-8")
-    assert run(config, "import", str(file)) == 1
+    assert imported(config, file, "# bounced\x85 list\u2028of May\x0c\nsiti@example.com\r\nbad address\n") == 1
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [f"{file}: line 3: invalid email address 'bad address' (An email address "
                                          "must have an @-sign.)"]  # fmt: skip
@@ -114,9 +123,7 @@ def test_the_list_opens_safely_in_a_spreadsheet_and_imports_back_as_it_was(
     formula = "=cmd|'/Ccalc'!A0@example.com"
     assert run(config, "add", formula) == 0
     assert run(config, "add", "--", "-budi@example.com") == 0
-    capsys.readouterr()
-    assert run(config, "list") == 0
-    listed = capsys.readouterr().out
+    listed = suppress_list(config, capsys)
     rows = listed.splitlines()[1:]
     assert sorted(r.split(",")[0] for r in rows) == ["'-budi@example.com", "'=cmd|'/ccalc'!a0@example.com"]
     # the file imports back into the same addresses
@@ -124,9 +131,7 @@ def test_the_list_opens_safely_in_a_spreadsheet_and_imports_back_as_it_was(
     saved.write_text(listed)
     assert run(config, "remove", formula) == 0 and run(config, "remove", "--", "-budi@example.com") == 0
     assert run(config, "import", str(saved)) == 0
-    capsys.readouterr()
-    assert run(config, "list") == 0
-    again = capsys.readouterr().out.splitlines()[1:]
+    again = suppress_list(config, capsys).splitlines()[1:]
     assert sorted(r.split(",")[0] for r in again) == sorted(r.split(",")[0] for r in rows)
 
 
@@ -237,8 +242,7 @@ def test_import_of_a_csv_with_a_field_past_the_field_limit_names_it_and_imports_
                                          "characters, the most one field may hold"]  # fmt: skip
     assert "imported 1 address(es): 1 newly suppressed" in captured.out
     # and a bad address after it is named after it
-    file.write_text(f'email,note\nbad address,x\na@example.com,"{"z" * 200_000}"\nworse@,y\n', encoding="utf-8")
-    assert run(config, "import", str(file)) == 1
+    assert imported(config, file, f'email,note\nbad address,x\na@example.com,"{"z" * 200_000}"\nworse@,y\n') == 1
     assert [line.split(": ")[1] for line in capsys.readouterr().err.splitlines()] == ["line 2", "line 3", "line 4"]
 
 
@@ -255,8 +259,7 @@ def test_a_csv_after_comment_or_blank_lines_is_read_from_its_header(
     # the header was looked for on line 1 (a comment, or blank): "line 1: a CSV needs an 'email' column", nothing
     # suppressed, and "1 rejected" said of a file whose every address was good
     file = tmp_path / "bounces.csv"
-    file.write_text(text, encoding="utf-8")
-    assert run(config, "import", str(file), "--reason", "hard_bounce") == 0
+    assert imported(config, file, text, "--reason", "hard_bounce") == 0
     captured = capsys.readouterr()
     assert captured.err == ""
     assert "imported 2 address(es): 2 newly suppressed" in captured.out
@@ -266,8 +269,7 @@ def test_a_csv_after_a_comment_names_its_bad_lines_by_their_line_in_the_file(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     file = tmp_path / "bounces.csv"
-    file.write_text("# exported\n\nemail,reason\nsiti@example.com,x\nbad address,y\n", encoding="utf-8")
-    assert run(config, "import", str(file)) == 1
+    assert imported(config, file, "# exported\n\nemail,reason\nsiti@example.com,x\nbad address,y\n") == 1
     captured = capsys.readouterr()
     assert f"{file}: line 5: invalid email address 'bad address'" in captured.err
     assert "imported 1 address(es): 1 newly suppressed, 0 already suppressed, 1 rejected" in captured.out
@@ -361,9 +363,9 @@ def test_import_of_senders_as_a_mail_client_exports_them_takes_their_addresses(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     file = tmp_path / "unsubscribe-requests.csv"
-    file.write_text('email,subject\n"Budi Santoso <budi@example.com>",unsubscribe\n"Siti, A <SITI@example.com>",stop\n'
-                    "Agus <agus@>,x\n", encoding="utf-8")  # fmt: skip
-    assert run(config, "import", str(file), "--reason", "unsubscribed") == 1
+    text = ('email,subject\n"Budi Santoso <budi@example.com>",unsubscribe\n"Siti, A <SITI@example.com>",stop\n'
+            "Agus <agus@>,x\n")  # fmt: skip
+    assert imported(config, file, text, "--reason", "unsubscribed") == 1
     captured = capsys.readouterr()
     assert "imported 2 address(es): 2 newly suppressed, 0 already suppressed, 1 rejected" in captured.out
     assert f"{file}: line 4: invalid email address 'Agus <agus@>'" in captured.err
@@ -434,11 +436,8 @@ def test_the_name_of_an_imported_file_is_listed_as_the_source_without_its_contro
     # a bounce list saved under the name its provider gave it: a reason with a line break is refused, but the
     # source, "import:<file name>", was stored as the name was and listed raw (a terminal escape, a line break)
     file = tmp_path / "bounces\x1b[2J\n\u202eevil.txt"
-    file.write_text("siti@example.com\n", encoding="utf-8")
-    assert run(config, "import", str(file)) == 0
-    capsys.readouterr()
-    assert run(config, "list") == 0
-    listed = capsys.readouterr().out
+    assert imported(config, file, "siti@example.com\n") == 0
+    listed = suppress_list(config, capsys)
     assert "siti@example.com,manual,import:bounces\\u001b[2J\\n\\u202eevil.txt," in listed, listed
     assert listed[:-1].replace("\n", "").isprintable() and len(listed.splitlines()) == 2, repr(listed)
     # and `suppress remove` says where it came from the same way
@@ -453,8 +452,7 @@ def test_import_of_an_empty_file_is_refused_as_an_empty_customers_file_is(
     # an empty file (a bounce export that came out empty, the wrong file) said "imported 0 address(es)" with exit 0,
     # while `kembali import customers` of an empty file is refused with exit 2
     file = tmp_path / "bounces.txt"
-    file.write_text(content, encoding="utf-8")
-    code = run(config, "import", str(file))
+    code = imported(config, file, content)
     captured = capsys.readouterr()
     assert code == 2, captured
     assert captured.err.splitlines() == [
@@ -463,8 +461,7 @@ def test_import_of_an_empty_file_is_refused_as_an_empty_customers_file_is(
     ]
     assert captured.out == ""
     # a file of comments alone was written on purpose: imported, as a customers file of its header alone is
-    file.write_text("# no bounces this week\n", encoding="utf-8")
-    assert run(config, "import", str(file)) == 0
+    assert imported(config, file, "# no bounces this week\n") == 0
     assert "imported 0 address(es)" in capsys.readouterr().out
 
 
@@ -508,8 +505,7 @@ def test_a_reason_column_gives_each_address_its_reason_unless_reason_is_given(
                       "ani@example.com": "'-spam"}  # fmt: skip
     # --reason names every address of the file, whatever its column says
     other = tmp_path / "more.csv"
-    other.write_text("email,reason\nwati@example.com,complaint\n", encoding="utf-8")
-    assert run(config, "import", str(other), "--reason", "hard_bounce") == 0
+    assert imported(config, other, "email,reason\nwati@example.com,complaint\n", "--reason", "hard_bounce") == 0
     capsys.readouterr()
     assert run(config, "list", "wati@example.com") == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("wati@example.com,hard_bounce,")
@@ -519,17 +515,14 @@ def test_the_list_imported_into_another_database_keeps_each_entry_as_it_was(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given entries of last year: an unsubscribe (its link) and an operator's own, exported as `suppress list` writes
-    file = tmp_path / "list.csv"
-    file.write_text("email,reason,source,created_at\n"
-                    "budi@example.com,unsubscribed,unsubscribe-link,2025-03-01T08:00:00+00:00\n"
-                    "siti@example.com,manual,cli,2025-04-02T09:30:00+00:00\n", encoding="utf-8")  # fmt: skip
+    exported = ("email,reason,source,created_at\n"
+                "budi@example.com,unsubscribed,unsubscribe-link,2025-03-01T08:00:00+00:00\n"
+                "siti@example.com,manual,cli,2025-04-02T09:30:00+00:00\n")  # fmt: skip
     # When another database imports it
-    assert run(config, "import", str(file)) == 0
-    capsys.readouterr()
+    assert imported(config, tmp_path / "list.csv", exported) == 0
     # Then each entry lists back as it was exported: an unsubscribe of last year is no unsubscribe of this week in
     # `stats` (it was dated the moment of the import, from import:list.csv)
-    assert run(config, "list") == 0
-    assert capsys.readouterr().out == file.read_text(encoding="utf-8")
+    assert suppress_list(config, capsys) == exported
 
 
 @pytest.mark.postgres
@@ -538,35 +531,27 @@ def test_the_list_moved_to_postgresql_keeps_each_entry_as_it_was(
 ) -> None:
     # Given a list on SQLite with an unsubscribe, exported
     assert run(config, "add", "budi@example.com", "--reason", "unsubscribed") == 0
-    capsys.readouterr()
-    assert run(config, "list") == 0
-    exported = capsys.readouterr().out
-    file = tmp_path / "list.csv"
-    file.write_text(exported, encoding="utf-8")
+    exported = suppress_list(config, capsys)
     # When PostgreSQL imports it, Then it lists it back the same (its time to the microsecond, in UTC)
     other = tmp_path / "pg.toml"
     other.write_text(f'[database]\nurl = "{pg_migrated_url}"\n', encoding="utf-8")
-    assert run(other, "import", str(file)) == 0
-    capsys.readouterr()
-    assert run(other, "list") == 0
-    assert capsys.readouterr().out == exported
+    assert imported(other, tmp_path / "list.csv", exported) == 0
+    assert suppress_list(other, capsys) == exported
 
 
 def test_a_source_or_date_the_list_cannot_hold_is_the_import_s_own_named_by_its_line(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    file = tmp_path / "list.csv"
-    file.write_text("email,source,created_at\nbudi@example.com,link\x1b[2J,2025-03-01T08:00:00+00:00\n"
-                    "siti@example.com,cli,yesterday\nani@example.com,cli,2999-01-01T00:00:00+00:00\n"
-                    "wati@example.com,cli,0001-01-01T00:00:00+01:00\n", encoding="utf-8")  # fmt: skip
+    text = ("email,source,created_at\nbudi@example.com,link\x1b[2J,2025-03-01T08:00:00+00:00\n"
+            "siti@example.com,cli,yesterday\nani@example.com,cli,2999-01-01T00:00:00+00:00\n"
+            "wati@example.com,cli,0001-01-01T00:00:00+01:00\n")  # fmt: skip
     # (the last one, before the first year in UTC, stopped the import with an OverflowError's traceback)
-    assert run(config, "import", str(file)) == 1
+    assert imported(config, tmp_path / "list.csv", text) == 1
     err = capsys.readouterr().err.splitlines()
     assert [e.split(": ")[1] for e in err] == ["line 2", "line 3", "line 4", "line 5"]
     assert "source must be one line of text without control characters" in err[0]
     assert "created_at 'yesterday' is no ISO 8601 time" in err[1] and "later than now" in err[2]
-    assert run(config, "list") == 0
-    rows = {r.split(",")[0]: r.split(",")[2:] for r in capsys.readouterr().out.splitlines()[1:]}
+    rows = {r.split(",")[0]: r.split(",")[2:] for r in suppress_list(config, capsys).splitlines()[1:]}
     assert rows["budi@example.com"] == ["import:list.csv", "2025-03-01T08:00:00+00:00"]
     assert rows["siti@example.com"][0] == "cli" and rows["ani@example.com"][0] == "cli"
     assert not rows["siti@example.com"][1].startswith("2025") and not rows["ani@example.com"][1].startswith("2999")
@@ -593,8 +578,7 @@ def test_an_address_whose_reason_cell_is_not_kept_is_counted_as_imported_not_rej
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     file = tmp_path / "bounces.csv"
-    file.write_text(f"email,reason\nbudi@example.com,{'x' * 31}\nagus@,manual\n", encoding="utf-8")
-    assert run(config, "import", str(file)) == 1
+    assert imported(config, file, f"email,reason\nbudi@example.com,{'x' * 31}\nagus@,manual\n") == 1
     # the summary said '1 address(es) … 1 newly suppressed, … 2 rejected': budi is suppressed (as 'manual')
     assert capsys.readouterr().out == ("imported 1 address(es): 1 newly suppressed, 0 already suppressed, 1 rejected, "
                                        "1 cell the list cannot hold taken as its default\n")  # fmt: skip
@@ -605,9 +589,8 @@ def test_a_reason_of_kembali_s_own_in_another_case_is_stored_as_kembali_writes_i
 ) -> None:
     # Given a list from another tool, its reasons capitalised
     file = tmp_path / "other-tool.csv"
-    file.write_text("Email,Reason\nbudi@example.com,Unsubscribed\nsiti@example.com,HARD_BOUNCE\n"
-                    "agus@example.com,Left the shop\n", encoding="utf-8")  # fmt: skip
-    assert run(config, "import", str(file)) == 0
+    assert imported(config, file, "Email,Reason\nbudi@example.com,Unsubscribed\nsiti@example.com,HARD_BOUNCE\n"
+                                  "agus@example.com,Left the shop\n") == 0  # fmt: skip
     capsys.readouterr()
     # Then the reasons Kembali writes itself are stored as it writes them: 'Unsubscribed' was no unsubscribe to
     # `stats`, `list --reason unsubscribed` or a resend's advice; another reason is kept as given
