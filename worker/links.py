@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 from worker import log, pages
 from worker.adapters import opstore
@@ -59,6 +59,8 @@ from worker.core.pace import RelayPace
 from worker.domain import CustomerSnapshot, Locale
 from worker.metrics import Metrics
 from worker.ports import Clock
+
+T = TypeVar("T")
 
 UNSUBSCRIBE_KIND = "u"
 FEEDBACK_KIND = "f"
@@ -196,13 +198,10 @@ class Site:
     # --- unsubscribe ------------------------------------------------------------
 
     async def unsubscribe(self, request: Request) -> Response:
-        if request.method not in ("GET", "HEAD", "POST"):
-            return _not_allowed("GET, HEAD, POST")
-        token = _token(request)
-        verified = self._verify(token, UNSUBSCRIBE_KIND)
-        link = parse_unsubscribe(verified.value) if verified is not None else None
-        if verified is None or link is None:
-            return self._reject("unsubscribe", NOT_VERIFIED)
+        read = self._link(request, "unsubscribe", UNSUBSCRIBE_KIND, parse_unsubscribe)
+        if isinstance(read, Response):
+            return read
+        token, verified, link = read
         s = self.store.store
         unbound = verified.domain is None  # a link signed for no shop: this shop's only if the ledger has its email
         thorough = unbound or request.method == "POST"
@@ -294,13 +293,10 @@ class Site:
     # --- feedback ---------------------------------------------------------------
 
     async def feedback(self, request: Request) -> Response:
-        if request.method not in ("GET", "HEAD", "POST"):
-            return _not_allowed("GET, HEAD, POST")
-        token = _token(request)
-        verified = self._verify(token, FEEDBACK_KIND)
-        parsed = parse_feedback(verified.value) if verified is not None else None
-        if verified is None or parsed is None:
-            return self._reject("feedback", NOT_VERIFIED)
+        read = self._link(request, "feedback", FEEDBACK_KIND, parse_feedback)
+        if isinstance(read, Response):
+            return read
+        token, verified, parsed = read
         s = self.store.store
         if verified.domain is None and not await self.store.call(opstore.feedback_requested, s, parsed.order_ref):
             return self._reject("feedback", UNBOUND_NO_REQUEST, order=parsed.order_ref)
@@ -386,6 +382,20 @@ class Site:
         return ledger, opstore.queue_depth(s, now)
 
     # --- helpers ----------------------------------------------------------------
+
+    def _link(self, request: Request, route: str, kind: str,
+              parse: Callable[[str], T | None]) -> tuple[str | None, Verified, T] | Response:  # fmt: skip
+        """A link's request to ``route``: its token, verified as of ``kind``, and its value as ``parse`` reads it;
+        else the response refusing it (a method other than GET, HEAD and POST; a token not verified, or whose value
+        does not parse)."""
+        if request.method not in ("GET", "HEAD", "POST"):
+            return _not_allowed("GET, HEAD, POST")
+        token = _token(request)
+        verified = self._verify(token, kind)
+        parsed = parse(verified.value) if verified is not None else None
+        if verified is None or parsed is None:
+            return self._reject(route, NOT_VERIFIED)
+        return token, verified, parsed
 
     def _verify(self, token: str | None, kind: str) -> Verified | None:
         """The token's value when it is of ``kind`` and signed with one of the keys: for this shop (its
