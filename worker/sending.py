@@ -87,7 +87,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any, Literal, Protocol
 
@@ -219,6 +219,14 @@ def _take_one(counter: Counter[Any], key: object) -> None:
     counter[key] -= 1
     if counter[key] <= 0:
         del counter[key]
+
+
+def _back_in_queue(message: ClaimedMessage, worker: str, now: datetime, until: datetime | None = None, *,
+                  counts_as_attempt: bool = True) -> Disposition:  # fmt: skip
+    """A claimed row given back to the queue unsent at ``now``, due at once or ``until``, in the status
+    ``lifecycle.requeued`` gives it; ``counts_as_attempt`` False gives back the attempt its claim counted."""
+    return Disposition(message=message, status=lifecycle.requeued(message.attempts), worker=worker, started_at=now,
+                       finished_at=now, next_attempt_at=until or now, counts_as_attempt=counts_as_attempt)
 
 
 class LedgerWriter:
@@ -406,10 +414,7 @@ class LedgerWriter:
     ) -> Disposition:
         """A marked row (or, ``counts_as_attempt``, one left claimed: the day's quota spent) given back to the queue
         unsent, due at once or ``until``."""
-        now = self.clock.now()
-        return Disposition(message=message, status=lifecycle.requeued(message.attempts), worker=self.worker,
-                           started_at=now, finished_at=now, next_attempt_at=until or now,
-                           counts_as_attempt=counts_as_attempt)  # fmt: skip
+        return _back_in_queue(message, self.worker, self.clock.now(), until, counts_as_attempt=counts_as_attempt)
 
     async def _commit(self, records: list[Disposition], ids: list[int]) -> Marks:
         """One transaction, one commit: outcomes first, then the marks senders wait for. A failure (the database
@@ -686,16 +691,10 @@ class Dispatcher:
         self.stop()
         return servers
 
-    def _release(self, message: ClaimedMessage, now: datetime, until: datetime | None = None) -> Disposition:
+    def _release(self, message: ClaimedMessage, now: datetime, until: datetime | None = None, *,
+                 counts_as_attempt: bool = True) -> Disposition:  # fmt: skip
         """Give a claimed, unsent row back to the queue (stopped, paused, or out of quota): no attempt made."""
-        return Disposition(
-            message=message,
-            status=lifecycle.requeued(message.attempts),
-            worker=self.worker,
-            started_at=now,
-            finished_at=now,
-            next_attempt_at=until or now,
-        )
+        return _back_in_queue(message, self.worker, now, until, counts_as_attempt=counts_as_attempt)
 
     async def run_once(self) -> DispatchReport:
         """Send what is due, batch after batch, until nothing is (or stopped, paused, out of quota).
@@ -1170,7 +1169,7 @@ class Dispatcher:
                         slot = self.limiter.tell_again(domain, message.id, interval=self.limiter.limits(domain)[-1][1])
                     now = self.clock.now()
                     until = now + timedelta(seconds=slot.seconds)
-                    writer.record(replace(self._release(message, now, until=until), counts_as_attempt=False))
+                    writer.record(self._release(message, now, until=until, counts_as_attempt=False))
                     report.waited_for_rate(message, domain)
                     self._rate_later.append(until)
                     log.event("email_waits_for_domain_rate", campaign=message.campaign,
@@ -1194,11 +1193,11 @@ class Dispatcher:
                 # whose first SMTP byte was not sent goes back to the queue, not to `uncertain` at its lease's end
                 self._off_wire(on_wire)
                 if not begun:
-                    writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
+                    writer.record(self._release(message, self.clock.now(), counts_as_attempt=False))
                 raise
             if result is None:  # stopped while it waited for the rate or a connection: nothing sent, give it back
                 # (with its slot of the day's quota: the commit that writes it gives that back)
-                writer.record(replace(self._release(message, self.clock.now()), counts_as_attempt=False))
+                writer.record(self._release(message, self.clock.now(), counts_as_attempt=False))
                 continue
             self.limiter.observe(domain, result, began=started_mono)  # the reply as the server gave it
             refusal = as_sender_refusal(result)
