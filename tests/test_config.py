@@ -342,6 +342,32 @@ def test_a_bad_key_is_named_with_its_line(tmp_path: Path, text: str, message: st
     assert str(caught.value) == f"{path}: {message}"
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # a dotted key named the line of the table's header (line 1), not its own
+        ('[smtp]\nhost = "127.0.0.1"\n\ntimeout.seconds = 30\n',
+         "line 4: unknown key 'smtp.timeout' (did you mean 'smtp.timeout_seconds'?)"),
+        # a domain left unquoted is a table of its own for each dot: "unknown key 'sending.domains.gmail.com'" named
+        # the very key the operator meant, with no word of the quotes it needs
+        ("[sending.domains]\n# Gmail\ngmail.com = { rate_per_second = 10.0, burst = 10 }\n",
+         "line 3: 'sending.domains.gmail.com': write the domain in quotes, \"gmail.com\" = { … } (unquoted, TOML "
+         "reads each dot as a table of its own)"),
+        ('[sending.domains]\n"gmail.com" = { rate_per_second = 10.0 }\nmail.yahoo.co.id = { burst = 5 }\n',
+         "line 3: 'sending.domains.mail.yahoo.co.id': write the domain in quotes, \"mail.yahoo.co.id\" = { … } "
+         "(unquoted, TOML reads each dot as a table of its own)"),
+    ],
+)
+def test_check_names_a_dotted_key_by_its_own_line_and_tells_an_unquoted_domain_to_be_quoted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    code, printed = run_cli(capsys, "--config", str(path), "check")
+    assert code == 2
+    assert printed == f"kembali: configuration error: {path}: {message}\n"
+
+
 def test_a_bad_key_of_the_shipped_config_is_named_with_its_line(tmp_path: Path) -> None:
     lines = (ROOT / "config.toml").read_text(encoding="utf-8").splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("burst = "))

@@ -466,7 +466,10 @@ def _named_lines(text: str) -> Iterator[tuple[int, str]]:
                 table = f"{table}[{counts[table]}]"
             yield number, table
         elif (key := _KEY_LINE.match(line)) is not None and not line.lstrip().startswith("#"):
-            yield number, f"{table}.{name(key.group(1))}" if table else name(key.group(1))
+            parts = [key.group(1)] if key.group(1)[:1] in "\"'" else key.group(1).split(".")
+            for end in range(1, len(parts) + 1):  # a dotted key (timeout.seconds = 30) writes its tables too
+                dotted = name(".".join(parts[:end]))
+                yield number, f"{table}.{dotted}" if table else dotted
 
 
 _TWICE = re.compile(r"(Cannot overwrite a value|Cannot declare \(.*\) twice) \(at line (\d+), column \d+\)")
@@ -593,6 +596,19 @@ def _build(cls: type, data: Any, source: str, prefix: str, skip: frozenset[str] 
     return cls(**kwargs)
 
 
+def _split_at_dots(key: str, value: Any, entry: type) -> str | None:
+    """The key as written when TOML split it at its dots (``gmail.com = {…}`` unquoted is a table ``gmail`` holding
+    ``com``), or None: an entry's table that holds tables, none of its keys, down to one that holds its keys."""
+    names = {f.name for f in dataclasses.fields(entry)}
+    parts = [key]
+    while isinstance(value, dict) and value and not value.keys() & names:
+        if not all(isinstance(v, dict) for v in value.values()):
+            break
+        part, value = next(iter(value.items()))
+        parts.append(str(part))
+    return ".".join(parts) if len(parts) > 1 else None
+
+
 def _coerce(hint: Any, value: Any, source: str, dotted: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -610,6 +626,9 @@ def _coerce(hint: Any, value: Any, source: str, dotted: str) -> Any:
             for k, v in value.items():
                 if not isinstance(v, dict) and (elsewhere := _belongs_elsewhere(f"{dotted}.", str(k))) is not None:
                     raise ConfigError(f"{source}: '{dotted}.{k}' is no {_KEYED_BY.get(dotted, 'entry')}: {elsewhere}")
+                if (split := _split_at_dots(str(k), v, inner)) is not None:  # type: ignore[arg-type]
+                    raise ConfigError(f"{source}: '{dotted}.{split}': write the domain in quotes, \"{split}\" = "
+                                      "{ … } (unquoted, TOML reads each dot as a table of its own)")
             return {str(k): _build(inner, v, source, f"{dotted}.{k}.") for k, v in value.items()}  # type: ignore[arg-type]
         return {str(k): _coerce(inner, v, source, f"{dotted}.{k}") for k, v in value.items()}
     if origin is tuple:
