@@ -594,6 +594,20 @@ def test_output_to_a_full_disk_is_said_in_one_line_with_exit_1(tmp_path: Path, a
     ], done.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("argv", [["--help"], ["preview", "--help"]], ids=" ".join)
+def test_help_to_a_full_disk_is_said_in_one_line_with_exit_1(argv: list[str]) -> None:
+    # `kembali preview --help > help.txt` on a full disk wrote nothing, said nothing and exited 0 (argparse drops
+    # the write's error), though every other output cut short by a full disk is said, with exit code 1
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "worker", *argv], cwd=ROOT, stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        "kembali: could not write: no space left on device (what it printed, or a file it wrote, is cut short)"
+    ], done.stderr
+
+
 def test_a_run_whose_sends_became_uncertain_exits_1_and_says_what_to_do(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

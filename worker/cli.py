@@ -31,8 +31,16 @@ EXIT_BROKEN_PIPE = 128 + 13
 """As a shell reports a process that SIGPIPE ended (``set -o pipefail``): its output's reader went away."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose help, cut short by a full disk or a reader gone, is said as any other output is:
+    argparse drops a write's error, and exited 0 with nothing written."""
+
+    def print_help(self, file: Any = None) -> None:
+        (file or sys.stdout).write(self.format_help())
+
+
 def _parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top: argparse.ArgumentParser = _Parser(
         prog="kembali",
         description="Kembali brings one-time buyers back: it plans re-engagement emails from your shop's "
         "data, renders them from templates/email/, sends them over SMTP with rate limits, and records "
