@@ -437,7 +437,7 @@ def test_a_render_error_quoting_a_lot_of_data_logs_a_line_of_bounded_length(
 
     # When a preview renders the due messages, then a run
     code, out = kembali(capsys, "--config", str(config), "preview")
-    assert code == 1 and "render error (1 messages): " in out, out[:2000]
+    assert code == 1 and "render error (1 message): " in out, out[:2000]
     assert max(map(len, out.splitlines())) < 600 and "chars)" in out
     code, out = kembali(capsys, "--config", str(config), "run", "--once")
 

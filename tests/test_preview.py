@@ -154,6 +154,27 @@ def test_table_shows_local_time_and_render_errors_name_file_and_line(tmp_path: P
     assert "render error (" in out and "winback/en/body.txt:" in out and "bas_url" in out
 
 
+def test_the_table_lists_a_message_that_fails_to_render_on_the_customers_row(tmp_path: Path) -> None:
+    # Given a shop whose English win-back body refers to a variable that does not exist
+    site = make_site(tmp_path / "shop", copy_templates=True)
+    load_shop(site.settings, generate_shop(seed=11, customers=80, now=T - timedelta(days=1)), T)
+    body = site.folder / "templates" / "winback" / "en" / "body.txt"
+    body.write_text(body.read_text(encoding="utf-8").replace("{{ shop.base_url }}", "{{ shop.bas_url }}"))
+    _code, lines = _preview_json(site)
+    failing = next(line for line in lines if line["action"] == "render_error")
+
+    # When the operator previews that one customer
+    done = site.cli("preview", "--at", T.isoformat(), "--customer", str(failing["customer"]))
+
+    # Then the table has a row for the message that would fail, naming the template's file and line (the table
+    # listed the customer's sends, skips and deferrals, but not it: only the summary below said it, as "1 messages")
+    assert done.returncode == 1, done.stderr
+    rows = [row for row in done.stdout.splitlines() if row.startswith(f"{failing['customer']} ")]
+    assert any(f"{failing['dedupe_key']}" in row and f"render error: {failing['template']}:{failing['line']}" in row
+               and "winback" in row for row in rows), done.stdout  # fmt: skip
+    assert "\nrender error (1 message): winback/en/body.txt:" in done.stdout, done.stdout
+
+
 def test_preview_of_a_template_run_once_would_refuse_says_so(tmp_path: Path) -> None:
     # Given a shop whose English win-back body has a syntax error
     site = make_site(tmp_path / "shop", copy_templates=True)

@@ -303,6 +303,11 @@ def _show(
                                  "campaign": message.campaign, "step": message.step,
                                  "dedupe_key": message.dedupe_key, "template": getattr(item.error, "template", ""),
                                  "line": getattr(item.error, "line", None), "error": str(item.error)}) + "\n")
+        else:  # named by its file and line: the error itself is said once, below the table
+            template, line = getattr(item.error, "template", ""), getattr(item.error, "line", None)
+            where = f"{template}:{line}" if template and line else template or "see below"
+            out.write(f"{printable(_customer(message)):<14} {_label(message, currency):<{LABEL_WIDTH}} {'-':<22} "
+                      f"render error: {printable(where)}  [{printable(message.dedupe_key)}]\n")
 
 
 def _print_summary(summary: PreviewSummary, out: TextIO, out_dir: Path | None) -> None:
@@ -327,5 +332,5 @@ def _print_summary(summary: PreviewSummary, out: TextIO, out_dir: Path | None) -
             out.write(f"\n{summary.would_send} messages written to {out_dir} (.eml and .html each)\n")
     for error, keys in summary.errors.items():
         more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-        out.write(f"\nrender error ({len(keys)} messages): {printable(error)}\n  e.g. "
+        out.write(f"\nrender error ({len(keys)} message{'' if len(keys) == 1 else 's'}): {printable(error)}\n  e.g. "
                   f"{printable(', '.join(keys[:3]))}{more}\n")
