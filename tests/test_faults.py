@@ -604,7 +604,7 @@ def test_a_run_that_finds_a_dead_workers_sends_uncertain_says_so_and_exits_1(url
         shop.clock.advance(seconds=61)
         report = shop.cycle()
         assert report.uncertain == 1 and report.dispatched.outcomes == {"sent": 2}
-        assert any("1 messages became uncertain" in line for line in running.summary(report))
+        assert any("1 message became uncertain" in line for line in running.summary(report))
         assert running.exit_code(report) == running.EXIT_ATTENTION  # done, but something needs the operator
     finally:
         shop.close()

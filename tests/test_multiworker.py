@@ -469,7 +469,7 @@ def test_a_worker_killed_mid_batch_leaves_its_unsent_rows_to_the_next_and_the_on
         engine.dispose()
     # Then B sent the 29 A never began, each once, and left the one A's server took uncertain, saying so (exit 1)
     assert b.returncode == 1, b.stdout + b.stderr
-    assert "1 messages became uncertain" in b.stdout, b.stdout
+    assert "1 message became uncertain" in b.stdout, b.stdout
     assert Counter(r.status for r in rows.values()) == {"sent": 29, "uncertain": 1}
     arrived = message_ids(smtp_server.messages)
     [uncertain] = [r for r in rows.values() if r.status == "uncertain"]

@@ -173,8 +173,8 @@ def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zo
         lines.append(f"NOT SENT: {log.printable(report.dispatched.unreachable)}: the messages wait in the queue for "
                      "the next run; check the SMTP server, and smtp.host, smtp.port and smtp.tls")
     if report.uncertain:
-        lines.append(f"{report.uncertain} messages became uncertain (a worker died while sending): "
-                     "see `kembali ledger`")
+        lines.append(f"{report.uncertain} {'message' if report.uncertain == 1 else 'messages'} became uncertain (a "
+                     "worker died while sending): see `kembali ledger`")
     if failed_rows := report.not_sent.failed:
         names = ", ".join(repr(c) for c in sorted({r.campaign for r in failed_rows}))
         lines.append(f"{len(failed_rows)} {'message' if len(failed_rows) == 1 else 'messages'} of a campaign Kembali "
