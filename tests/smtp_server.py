@@ -52,6 +52,9 @@ class Behaviour:
     """Close the connection once the body starts arriving (nothing stored)."""
     drop_after_dot: bool = False
     """Store the message, then close the connection without replying."""
+    stall_mid_data: float = 0.0
+    """Read nothing of the body for this many seconds after the 354, then read on as usual (a server or a network
+    path that stalls): a client with a shorter timeout gives up before the final dot."""
     delay_at: str | None = None
     """``"rcpt"`` or ``"data"``: wait ``delay_seconds`` before that reply."""
     delay_seconds: float = 0.0
@@ -198,6 +201,10 @@ class _FaultySMTP(SMTP):
 
     async def smtp_DATA(self, arg: str) -> None:
         rcpts = list(self.envelope.rcpt_tos) if self.envelope is not None else []
+        stall = max((self._owner.behaviour(r).stall_mid_data for r in rcpts), default=0.0)
+        if stall and self.transport is not None:
+            self.transport.pause_reading()  # the 354 still goes out; the body waits in the kernel's buffers
+            asyncio.get_running_loop().call_later(stall, self.transport.resume_reading)
         if not any(self._owner.behaviour(r).drop_mid_data for r in rcpts):
             await super().smtp_DATA(arg)
             return

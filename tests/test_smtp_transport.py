@@ -194,6 +194,27 @@ def test_each_server_behaviour_gives_its_outcome(
         assert result.reply.startswith(str(code))
 
 
+def test_a_body_timed_out_before_the_dot_is_never_finished_behind_the_clients_back(
+    smtp_server: RecordingServer,
+) -> None:
+    # Given a server that reads nothing of a big body for longer than smtp.timeout_seconds, then reads on
+    smtp_server.on("x@test.example", Behaviour(stall_mid_data=1.0))
+
+    async def main() -> SendResult:
+        async with SmtpTransport(smtp_server.settings(timeout_seconds=0.3)) as transport:
+            result = await transport.send(SENDER, "x@test.example", make_message(size=BIG))
+            await asyncio.sleep(3.0)  # the worker lives on (sends other messages) while the server reads on
+            return result
+
+    result = run(main())
+
+    # Then the send is called not sent (to be tried again), and so the server must not get the message: the rest of
+    # the body and the final dot, held back when the client gave up, are dropped, not written out afterwards
+    assert (result.outcome, result.stage) == (Outcome.TRANSIENT, "message")
+    assert result.reply.startswith("Timed out sending the message body")
+    assert smtp_server.messages == []
+
+
 @pytest.mark.parametrize("stage", ["rcpt", "data"])
 def test_a_timeout_names_the_setting_that_set_it(smtp_server: RecordingServer, stage: str) -> None:
     # a server slower than smtp.timeout_seconds, at RCPT TO or at the reply to the final dot (uncertain): the reply

@@ -374,7 +374,8 @@ class SmtpTransport:
         kernel did not take at once and the protocol is paused until it has.
         The dot is the last bytes: while anything is held back, the dot is. So
         a drop or timeout before the buffer empties is stage ``message``
-        (transient: the server cannot have accepted the mail); once it is empty
+        (transient: the server cannot have accepted the mail, as the held-back
+        rest is dropped, never written after we gave up); once it is empty
         it is stage ``reply`` (ambiguous). Limit: bytes in the kernel are not
         bytes received by the server, so a drop in the last moments before the
         dot reached the server is still called ambiguous: the safe side, never
@@ -396,12 +397,17 @@ class SmtpTransport:
             if transport.get_write_buffer_size():  # the kernel took part of it: wait until it took all
                 async with asyncio.timeout(self._settings.timeout_seconds):
                     await protocol._drain_helper()
-        except SMTPServerDisconnected:
+        except BaseException as exc:
+            # what the kernel did not take yet, the final dot with it, is dropped: a ``close`` would write it out
+            # after we gave up, and the server could take the message this attempt reports as not sent
+            transport.abort()
+            if isinstance(exc, SMTPServerDisconnected):
+                raise
+            if isinstance(exc, ConnectionError):
+                raise SMTPServerDisconnected("Connection lost while sending the message body") from exc
+            if isinstance(exc, TimeoutError):
+                raise SMTPTimeoutError("Timed out sending the message body") from exc
             raise
-        except ConnectionError as exc:
-            raise SMTPServerDisconnected("Connection lost while sending the message body") from exc
-        except TimeoutError as exc:
-            raise SMTPTimeoutError("Timed out sending the message body") from exc
         attempt.stage = "reply"
         response = await protocol.read_response(timeout=self._settings.timeout_seconds)
         if not 200 <= response.code < 300:
