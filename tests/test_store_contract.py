@@ -304,6 +304,37 @@ def test_an_outcome_after_the_lease_lapsed_leaves_the_row_to_its_new_holder_but_
     assert store.mark_sending([taken.id], worker="b", now=later) == {taken.id}
 
 
+def test_a_send_heard_after_the_lease_lapsed_is_written_after_an_earlier_attempt_not_counted(store: Store) -> None:
+    # Given worker a's first attempt at a row that failed before RCPT TO (not counted: attempts back to 0, its attempt
+    # row numbered 1), then a's second attempt, numbered 1 too, that stalled past its lease: maintenance made the
+    # row uncertain
+    store.insert_messages(planned(1), NOW)
+    (first,) = store.claim(worker="a", now=NOW, limit=1, lease_seconds=60)
+    assert store.mark_sending([first.id], worker="a", now=NOW) == {first.id}
+    refused = NOW + timedelta(seconds=1)
+    store.record([Disposition(message=first, status=MessageStatus.RETRY, worker="a", started_at=NOW,
+                              finished_at=refused, next_attempt_at=refused, counts_as_attempt=False,
+                              result=SendResult(Outcome.TRANSIENT, None, "Connection refused", stage="connect"))])
+    again = NOW + timedelta(seconds=2)
+    (second,) = store.claim(worker="a", now=again, limit=1, lease_seconds=60)
+    assert (second.id, second.attempts) == (first.id, 0)
+    assert store.mark_sending([second.id], worker="a", now=again) == {second.id}
+    assert store.release_expired_leases(again + timedelta(seconds=61)) == (0, 1)
+    later = again + timedelta(seconds=63)
+
+    # When a's second attempt turns out sent
+    marks = store.record_and_mark([
+        Disposition(message=second, status=MessageStatus.SENT, worker="a", started_at=again, finished_at=later,
+                    result=SendResult(Outcome.SENT, 250, "2.0.0 queued as X2"), subject="Halo"),
+    ], [], worker="a", now=later)  # fmt: skip
+
+    # Then the send is written over the uncertain row, with its own attempt row: it is not the earlier attempt's
+    assert marks.stale == (Stale(second.id, "uncertain", sent_late=True),)
+    (row,) = store.messages()
+    assert (row["status"], row["last_code"]) == ("sent", 250)
+    assert [a["outcome"] for a in store.attempts_for(second.id)] == ["transient", "sent"]
+
+
 def test_a_refusal_heard_after_the_lease_lapsed_takes_the_row_back_from_uncertain(store: Store) -> None:
     # Given worker a sending three rows while the database was away longer than a lease: another worker's maintenance
     # made all three uncertain (the mail may have left), and one of them an operator has since closed

@@ -507,7 +507,8 @@ class _LedgerSql:
         return self._in(_STATE_HEAD, count, ")")
 
     def attempts_of(self, count: int) -> str:
-        return self._in("SELECT message_id, attempt_no, worker FROM attempt WHERE message_id IN (", count, ")")
+        return self._in("SELECT message_id, attempt_no, worker, started_at FROM attempt WHERE message_id IN (", count,
+                        ")")
 
 
 @dataclass(frozen=True)
@@ -929,9 +930,10 @@ class Store:
         found = [state.get(i, (None, "gone")) for i in ids]
         in_flight = (_CLAIMED, _SENDING)
         held = [by == d.worker and status in in_flight for d, (by, status) in zip(dispositions, found, strict=True)]
-        # a group commit retried after a commit whose reply was lost finds its own outcomes written: skip those
+        # a group commit retried after a commit whose reply was lost finds its own outcomes written: skip those (each
+        # known by when it began too: an attempt not counted, before RCPT TO, gave the next one its number)
         lost = [i for i, mine in zip(ids, held, strict=True) if not mine]
-        written = {(r[0], r[1], r[2]) for r in self._select_in(cursor, self._sql.attempts_of, lost)}
+        written = {tuple(r) for r in self._select_in(cursor, self._sql.attempts_of, lost)}
         stale: list[Stale] = []
         late_sent: list[dict[str, Any]] = []
         late_refused: list[dict[str, Any]] = []
@@ -974,7 +976,7 @@ class Store:
                 if d.skip_reason is SkipReason.NO_LONGER_DUE and isinstance(carried, str):
                     unmerge.append({"key": carried, "now": dt(now), "order_id": d.message.id})
             elif (
-                (d.message.id, attempt_no, d.worker) in written
+                (d.message.id, attempt_no, d.worker, dt(d.started_at)) in written
                 if res is not None
                 else claimed_by is None and status == d.status.value
             ):
