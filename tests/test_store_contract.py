@@ -335,6 +335,39 @@ def test_a_send_heard_after_the_lease_lapsed_is_written_after_an_earlier_attempt
     assert [a["outcome"] for a in store.attempts_for(second.id)] == ["transient", "sent"]
 
 
+def test_a_marked_row_given_back_unsent_after_the_lease_lapsed_is_not_left_uncertain(store: Store) -> None:
+    # Given worker a's two rows marked `sending`, waiting for their domain's slot, while the database was away longer
+    # than a lease: another worker's maintenance made both uncertain; an operator has since closed the second
+    store.insert_messages(planned(2), NOW)
+    batch = store.claim(worker="a", now=NOW, limit=2, lease_seconds=60)
+    assert store.mark_sending([m.id for m in batch], worker="a", now=NOW) == {m.id for m in batch}
+    assert store.release_expired_leases(NOW + timedelta(seconds=61)) == (0, 2)
+    admin = LedgerAdmin(store.engine)
+    assert admin.close([batch[1].id], now=NOW + timedelta(seconds=62), operator="op", status=MessageStatus.FAILED)
+    later = NOW + timedelta(seconds=63)
+    slot = later + timedelta(minutes=5)
+
+    # When a writes what it kept: neither was begun (not one SMTP byte), both go back to wait for their slot
+    marks = store.record_and_mark([
+        Disposition(message=m, status=MessageStatus.PLANNED, worker="a", started_at=later, finished_at=later,
+                    next_attempt_at=slot, counts_as_attempt=False) for m in batch
+    ], [], worker="a", now=later)  # fmt: skip
+
+    # Then the first waits in the queue as it would have, its mark not counted, nothing counted as sent: no operator
+    # has to decide on an email that never left; the operator's decision on the second stands
+    assert marks.stale == (
+        Stale(batch[0].id, "uncertain", sent_late=False, refused_late=True),
+        Stale(batch[1].id, "failed", sent_late=False),
+    )
+    rows = {r["dedupe_key"]: r for r in store.messages()}
+    first, second = rows["k:0"], rows["k:1"]
+    assert (first["status"], first["attempts"], first["next_attempt_at"], first["sent_at"]) == (
+        "planned", 0, slot, None)
+    assert (first["claimed_by"], first["last_error"]) == (None, "never sent: given back after its lease lapsed")
+    assert (second["status"], second["last_error"]) == ("failed", "operator closed as failed")
+    assert store.attempts_for(batch[0].id) == []
+
+
 def test_a_refusal_heard_after_the_lease_lapsed_takes_the_row_back_from_uncertain(store: Store) -> None:
     # Given worker a sending three rows while the database was away longer than a lease: another worker's maintenance
     # made all three uncertain (the mail may have left), and one of them an operator has since closed

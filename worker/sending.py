@@ -1373,7 +1373,8 @@ def _log_stale(records: Sequence[Disposition], stale: Sequence[Stale]) -> None:
             log.event("email_sent_after_lease_lapsed", logging.WARNING, campaign=message.campaign,
                       dedupe_key=message.dedupe_key, found=row.found, recorded="sent")  # fmt: skip
         elif row.refused_late:  # the mail did not leave: the row need not wait for an operator's decision
-            log.event("email_refused_after_lease_lapsed", logging.WARNING, campaign=message.campaign,
+            event = "email_refused_after_lease_lapsed" if record.result else "email_given_back_after_lease_lapsed"
+            log.event(event, logging.WARNING, campaign=message.campaign,
                       dedupe_key=message.dedupe_key, found=row.found, recorded=record.status.value)  # fmt: skip
         else:
             sent = record.status is MessageStatus.SENT

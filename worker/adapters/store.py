@@ -568,8 +568,9 @@ class Stale:
     """The row's status when the outcome came."""
     sent_late: bool
     refused_late: bool = False
-    """The attempt was refused (the mail did not leave) and the row was still ``uncertain`` from it, as maintenance
-    leaves a row whose lease lapsed while sending: the refusal is written over it (``_LATE_REFUSED_SQL``)."""
+    """The attempt was refused, or its row given back before its first SMTP byte (the mail did not leave), and the row
+    was still ``uncertain`` from its mark, as maintenance leaves a row whose lease lapsed while sending: the outcome is
+    written over it (``_LATE_REFUSED_SQL``)."""
 
 
 TOLD_SLACK = timedelta(seconds=2)
@@ -983,15 +984,20 @@ class Store:
                 continue
             else:
                 late = d.status is MessageStatus.SENT and status in _SENT_LATE_OVER
-                # this worker's attempt was refused, and the row is still uncertain from that attempt's mark
-                refused = (res is not None and res.outcome in _REFUSALS and status == MessageStatus.UNCERTAIN.value
+                # a row its mark made `sending` given back before its first SMTP byte (waiting for its rate slot when
+                # the run stopped or failed): the mail did not leave either
+                unsent = _unsent_release(d) and not d.counts_as_attempt
+                # this worker's attempt was refused (or never begun), and the row is still uncertain from its mark
+                refused = ((unsent or (res is not None and res.outcome in _REFUSALS))
+                           and status == MessageStatus.UNCERTAIN.value
                            and marks.get(d.message.id) == attempt_no)  # fmt: skip
                 stale.append(Stale(d.message.id, status, sent_late=late, refused_late=refused))
                 if late:
                     late_sent.append(row)
                 elif refused:
-                    late_refused.append({**row, "attempt_no": attempt_no,
-                                         "last_error": row["last_error"] or "refused; heard after the lease lapsed"})
+                    note = ("never sent: given back after its lease lapsed" if unsent
+                            else "refused; heard after the lease lapsed")  # fmt: skip
+                    late_refused.append({**row, "attempt_no": attempt_no, "last_error": row["last_error"] or note})
             if res is not None:
                 attempts.append(
                     {
