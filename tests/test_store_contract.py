@@ -24,6 +24,7 @@ from worker.adapters.store import HELD_SECONDS, C, DayQuota, M, Marks, O, Stale,
 from worker.adapters.tables import metadata
 from worker.core.audiences import message_id_for
 from worker.domain import (
+    ClaimedMessage,
     CustomerRecord,
     Disposition,
     Locale,
@@ -335,16 +336,22 @@ def test_a_send_heard_after_the_lease_lapsed_is_written_after_an_earlier_attempt
     assert [a["outcome"] for a in store.attempts_for(second.id)] == ["transient", "sent"]
 
 
+def uncertain_after_the_lease(store: Store, n: int) -> tuple[list[ClaimedMessage], datetime]:
+    """Worker a's ``n`` rows, marked `sending` and made uncertain by another worker's maintenance when their lease
+    lapsed, the last closed as failed by an operator since; and a moment after that."""
+    store.insert_messages(planned(n), NOW)
+    batch = store.claim(worker="a", now=NOW, limit=n, lease_seconds=60)
+    assert store.mark_sending([m.id for m in batch], worker="a", now=NOW) == {m.id for m in batch}
+    assert store.release_expired_leases(NOW + timedelta(seconds=61)) == (0, n)
+    admin = LedgerAdmin(store.engine)
+    assert admin.close([batch[-1].id], now=NOW + timedelta(seconds=62), operator="op", status=MessageStatus.FAILED)
+    return batch, NOW + timedelta(seconds=63)
+
+
 def test_a_marked_row_given_back_unsent_after_the_lease_lapsed_is_not_left_uncertain(store: Store) -> None:
     # Given worker a's two rows marked `sending`, waiting for their domain's slot, while the database was away longer
     # than a lease: another worker's maintenance made both uncertain; an operator has since closed the second
-    store.insert_messages(planned(2), NOW)
-    batch = store.claim(worker="a", now=NOW, limit=2, lease_seconds=60)
-    assert store.mark_sending([m.id for m in batch], worker="a", now=NOW) == {m.id for m in batch}
-    assert store.release_expired_leases(NOW + timedelta(seconds=61)) == (0, 2)
-    admin = LedgerAdmin(store.engine)
-    assert admin.close([batch[1].id], now=NOW + timedelta(seconds=62), operator="op", status=MessageStatus.FAILED)
-    later = NOW + timedelta(seconds=63)
+    batch, later = uncertain_after_the_lease(store, 2)
     slot = later + timedelta(minutes=5)
 
     # When a writes what it kept: neither was begun (not one SMTP byte), both go back to wait for their slot
@@ -371,13 +378,7 @@ def test_a_marked_row_given_back_unsent_after_the_lease_lapsed_is_not_left_uncer
 def test_a_refusal_heard_after_the_lease_lapsed_takes_the_row_back_from_uncertain(store: Store) -> None:
     # Given worker a sending three rows while the database was away longer than a lease: another worker's maintenance
     # made all three uncertain (the mail may have left), and one of them an operator has since closed
-    store.insert_messages(planned(3), NOW)
-    batch = store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)
-    assert store.mark_sending([m.id for m in batch], worker="a", now=NOW) == {m.id for m in batch}
-    assert store.release_expired_leases(NOW + timedelta(seconds=61)) == (0, 3)
-    admin = LedgerAdmin(store.engine)
-    assert admin.close([batch[2].id], now=NOW + timedelta(seconds=62), operator="op", status=MessageStatus.FAILED)
-    later = NOW + timedelta(seconds=63)
+    batch, later = uncertain_after_the_lease(store, 3)
     retry_at = later + timedelta(minutes=5)
 
     # When a's outcomes come through: the server refused the first for now (421) and the second for good (550),
