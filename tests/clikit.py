@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
+import struct
 import subprocess
 import sys
+import termios
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,12 +27,17 @@ def migrated_config(folder: Path) -> Path:
     return path
 
 
-def run_on_a_terminal(argv: Sequence[str], *, stdout_too: bool, env: Mapping[str, str] | None = None,
-                      cwd: Path | None = None, timeout: float = 120) -> tuple[int, bytes]:  # fmt: skip
-    """``python -m worker ARGV`` with its stderr on a terminal (a pty), and its stdout too with ``stdout_too`` (else
-    discarded): the exit code and every byte the terminal received, read as they come (a full terminal would block
-    the command). A command silent for ``timeout`` seconds, or not done that long after its last output, fails."""
+def run_on_a_terminal(
+    argv: Sequence[str], *, stdout_too: bool, env: Mapping[str, str] | None = None, cwd: Path | None = None,
+    timeout: float = 120, columns: int = 0,
+) -> tuple[int, bytes]:
+    """``python -m worker ARGV`` with its stderr on a terminal (a pty) ``columns`` wide (0: one that does not say),
+    and its stdout too with ``stdout_too`` (else discarded): the exit code and every byte the terminal received,
+    read as they come (a full terminal would block the command). A command silent for ``timeout`` seconds, or not
+    done that long after its last output, fails."""
     leader, follower = pty.openpty()
+    if columns:
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     try:
         with subprocess.Popen([sys.executable, "-m", "worker", *argv], cwd=cwd, env=env,
                               stdout=follower if stdout_too else subprocess.DEVNULL, stderr=follower) as child:

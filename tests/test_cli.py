@@ -637,14 +637,14 @@ def test_the_demo_shows_its_sending_progress_on_a_terminal(tmp_path: Path) -> No
     assert seen.endswith(b"\r\x1b[K")  # and the line is gone before the summary
 
 
-def test_the_sending_progress_line_shows_the_rate_and_what_is_still_due_now(
+def test_the_sending_progress_line_shows_how_far_along_the_rate_and_the_time_left(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     # a 20,000-customer demo showed "sending: 8,336 messages done" for minutes, with neither how fast nor how much
-    # was left; a total is not known ahead (the cap defers some of what is due), so the line says the rate and how
-    # many rows are still due now, read again as the run goes
+    # was left; the total is what was done and what is still due now (the cap defers some of what is due), read
+    # again as the run goes
     config = write_config(tmp_path, smtp_port=smtp_server.port)
-    config.write_text(config.read_text(encoding="utf-8").replace("rate_per_second = 2000.0", "rate_per_second = 15.0")
+    config.write_text(config.read_text(encoding="utf-8").replace("rate_per_second = 2000.0", "rate_per_second = 10.0")
                       .replace("burst = 500", "burst = 1"), encoding="utf-8")  # fmt: skip
     _shop_in(tmp_path, config, customers=60)
     env = {**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}
@@ -652,14 +652,17 @@ def test_the_sending_progress_line_shows_the_rate_and_what_is_still_due_now(
                                    stdout_too=True, env=env, cwd=ROOT)  # fmt: skip
     assert code == 0, seen
     sent = int(re.search(rb"^sent (\d+) win-back emails", seen, re.M)[1])  # type: ignore[index]
-    lines = re.findall(rb"\rsending: ([0-9,]+) messages done \(([0-9,]+) sent\), ([0-9.,]+)/s, ([0-9,]+) more due now",
-                       seen)  # fmt: skip
+    lines = re.findall(rb"\rsending: ([0-9,]+) of ([0-9,]+) \(([0-9.]+)%\) messages done \([0-9,]+ sent\), "
+                       rb"([0-9.,]+)/s, about (\d+) s left\x1b", seen)  # fmt: skip
     assert lines, seen
-    for done, _, rate, left in lines:
-        # at 15 a second (a burst of 1): a rate near it, and what is done and what is left make up the queue
+    for done, total, share, rate, left in lines:
+        # at 10 a second (a burst of 1): a rate near it; the total is the queue (give or take the results not yet
+        # written when it was counted), the time left what is left of it at that rate
         assert 5 < float(rate) < 30, seen
-        assert int(done) + int(left) <= sent + 5, seen
-    assert int(lines[-1][3]) < int(lines[0][3]), seen  # what is left goes down as the run sends
+        assert sent <= int(total) <= sent + 5, seen
+        assert float(share) == round(100 * int(done) / int(total), 1), seen
+        assert abs(int(left) - (int(total) - int(done)) / float(rate)) <= 1, seen
+    assert len(lines) > 1 and int(lines[-1][4]) < int(lines[0][4]), seen  # the time left goes down as it sends
 
 
 def test_run_once_with_its_log_quietened_shows_its_sending_progress_on_a_terminal(
@@ -684,11 +687,12 @@ def test_run_once_with_its_log_quietened_shows_its_sending_progress_on_a_termina
 
     quiet = seen["warning"]
     last = quiet.rindex(b"\rsending: ")
-    assert re.match(rb"\rsending: [0-9,]+ messages done \([0-9,]+ sent\)", quiet[last:]), quiet
+    drawn = rb"\rsending: [0-9,]+ (of [0-9,]+ \([0-9.]+%\) )?messages done \([0-9,]+ sent\)"
+    assert re.match(drawn, quiet[last:]), quiet
     # the line is gone before the summary, and before each warning the log writes meanwhile (which would else go
     # on after the line's text)
     assert quiet.index(b"\r\x1b[K", last) < quiet.index(b"win-back email", last), quiet
-    assert b"email_failed" in quiet and not re.search(rb"sent\)\x1b\[K[^\r]", quiet), quiet
+    assert b"email_failed" in quiet and not re.search(rb"\rsending: [^\r]*\x1b\[K[^\r]", quiet), quiet
     # at info, the log's line per email is the progress: no line is drawn among them
     assert b"email_sent" in seen["info"] and b"\rsending:" not in seen["info"], seen["info"]
 

@@ -660,9 +660,11 @@ def _screen(raw: str) -> list[str]:
     return lines
 
 
-def _on_a_terminal(config: Path, kind: str, path: Path) -> tuple[int, str]:
-    """`kembali import KIND PATH` with its stderr on a terminal: the exit code and what the terminal received."""
-    code, raw = run_on_a_terminal(["--config", str(config), "import", kind, str(path)], stdout_too=False, timeout=60)
+def _on_a_terminal(config: Path, kind: str, path: Path, *, columns: int = 0) -> tuple[int, str]:
+    """`kembali import KIND PATH` with its stderr on a terminal (``columns`` wide, 0: one that does not say): the
+    exit code and what the terminal received."""
+    code, raw = run_on_a_terminal(["--config", str(config), "import", kind, str(path)], stdout_too=False, timeout=60,
+                                  columns=columns)  # fmt: skip
     return code, raw.decode()
 
 
@@ -804,7 +806,51 @@ def test_the_progress_line_of_an_orders_import_counts_lines_read(tmp_path: Path)
     # "1 rows" after the first order's three rows)
     assert code == 0
     first = next(drawn for drawn in (part.lstrip("\r") for part in raw.split("\x1b[K")) if "lines read" in drawn)
-    assert first == "importing orders from orders.csv: 4 lines read, 0 rejected", raw
+    assert first == "importing orders from orders.csv: 4 lines read, 0 rejected, 100.0% of 384 B", raw
+
+
+def test_on_a_terminal_the_import_says_how_much_of_the_file_is_read(tmp_path: Path) -> None:
+    # Given a customers file of 3,000 rows (a 2-million-row export showed "N lines read" for half an hour, with no
+    # way to tell how far along it was)
+    config = migrated_config(tmp_path)
+    path = tmp_path / "customers.csv"
+    _customers(path, 3000)
+    # When it is imported on a terminal 120 columns wide
+    code, raw = _on_a_terminal(config, "customers", path, columns=120)
+    # Then the progress line says what share of the file's bytes is read, and of how many
+    assert code == 0, raw
+    drawn = [part.lstrip("\r") for part in raw.split("\x1b[K") if "lines read" in part]
+    first = re.fullmatch(r"importing customers from customers\.csv: 2 lines read, 0 rejected, ([0-9.]+)% of (\S+) kB",
+                         drawn[0])  # fmt: skip
+    assert first is not None, drawn
+    assert 0 < float(first[1]) < 100 and first[2] == f"{path.stat().st_size / 1000:.3g}", drawn
+    # and it is erased at the end: the summary (on stdout) and the shell's prompt start a line of their own
+    assert raw.endswith("\r\x1b[K"), raw
+
+
+def test_the_read_position_of_an_import_is_its_bytes_read_of_the_file_and_unknown_for_a_pipe(tmp_path: Path) -> None:
+    # Given a customers file of 2,000 rows
+    path = tmp_path / "customers.csv"
+    _customers(path, 2000)
+    size = path.stat().st_size
+    # When it is read, the position asked at each row
+    position = importer.ReadPosition()
+    seen = [position() for _ in importer.numbered_customers(path, position=position)]
+    # Then it is the bytes read so far of the file's size, growing up to all of it
+    assert all(at is not None and at[1] == size for at in seen), seen[:3]
+    reads = [at[0] for at in seen if at is not None]
+    assert reads == sorted(reads) and 0 < reads[0] < size and reads[-1] == size, (reads[0], reads[-1], size)
+
+    # Given the same rows from a pipe, whose size is not known ahead
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(path.read_bytes()))
+    writer.start()
+    position = importer.ReadPosition()
+    seen = [position() for _ in importer.numbered_customers(fifo, position=position)]
+    writer.join()
+    # Then there is none to tell, but every row is read
+    assert len(seen) == 2000 and set(seen) == {None}
 
 
 def test_on_a_terminal_the_orders_import_shows_its_first_read_of_the_file(tmp_path: Path) -> None:
@@ -825,8 +871,9 @@ def test_on_a_terminal_the_orders_import_shows_its_first_read_of_the_file(tmp_pa
     # has, where a large file showed nothing for as long as that read took; the import's line is drawn after it
     assert code == 0
     drawn = [part.lstrip("\r") for part in raw.split("\x1b[K") if part.strip("\r")]
-    assert drawn[0] == "importing orders from orders.csv: 2 lines checked for orders whose rows are apart", raw
-    assert drawn[1] == "importing orders from orders.csv: 2 lines read, 0 rejected", raw
+    # (on a terminal that does not say its width, taken as 80 columns wide: the words are cut short to fit)
+    assert drawn[0] == "importing orders from orders.csv: 2 lines checked for orders whose row…, 100.0%", raw
+    assert drawn[1] == "importing orders from orders.csv: 2 lines read, 0 rejected, 100.0% of 174 B", raw
 
 
 def test_orders_in_another_currency_count_as_orders_but_not_as_spend(

@@ -644,7 +644,7 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
 
         # on a terminal, each revision named before it runs (on a big table one may take minutes), in a line
         # shorter than 80 columns: one that wraps is not erased by the next
-        progress = Progress("migrating", every_seconds=0)
+        progress = Progress("migrating", every_seconds=0, rate=False)
 
         def migrating(n: int, total: int, revision: str, title: str) -> None:
             progress.update(n, f"of {total}: {revision} {textwrap.shorten(title, 48, placeholder='…')}")

@@ -84,8 +84,10 @@ import difflib
 import errno
 import hashlib
 import io
+import os
 import re
 import shutil
+import stat
 import tempfile
 import unicodedata
 from array import array
@@ -194,13 +196,14 @@ def read_customers(
 
 def numbered_customers(
     path: Path, *, check_dns: bool = False, shop_tz: str = "Asia/Jakarta", shop_locale: str = "id",
-    on_warning: Warn | None = None, now: datetime | None = None,
+    on_warning: Warn | None = None, now: datetime | None = None, position: ReadPosition | None = None,
 ) -> Iterator[tuple[int, int, CustomerRecord | RowError]]:
-    """``read_customers`` with the lines each record starts and ends on."""
+    """``read_customers`` with the lines each record starts and ends on; ``position`` follows the read."""
     resolver = email_validator.caching_resolver(timeout=10) if check_dns else None
     return _consents_agree(path.name, _numbered_by_id(
         path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning,
         lambda row, key, absent: _customer(row, key, absent, check_dns, resolver, shop_tz, shop_locale, now),
+        position,
     ))  # fmt: skip
 
 
@@ -239,13 +242,15 @@ def read_products(
 
 
 def numbered_products(
-    path: Path, *, shop_tz: str = "Asia/Jakarta", shop_currency: str = "IDR", on_warning: Warn | None = None
+    path: Path, *, shop_tz: str = "Asia/Jakarta", shop_currency: str = "IDR", on_warning: Warn | None = None,
+    position: ReadPosition | None = None,
 ) -> Iterator[tuple[int, int, ProductRecord | RowError]]:
-    """``read_products`` with the lines each record starts and ends on."""
+    """``read_products`` with the lines each record starts and ends on; ``position`` follows the read."""
     zone = ZoneInfo(shop_tz)
     return _numbered_by_id(
         path, PRODUCT_COLUMNS, PRODUCT_REQUIRED, on_warning,
         lambda row, key, absent: _product(row, key, absent, zone, shop_currency),
+        position,
     )  # fmt: skip
 
 
@@ -258,12 +263,13 @@ def _numbered_by_id(
     required: tuple[str, ...],
     on_warning: Warn | None,
     build: Callable[[dict[str, str], str, frozenset[str]], tuple[R, tuple[str, ...]]],
+    position: ReadPosition | None = None,
 ) -> Iterator[tuple[int, int, R | RowError]]:
     """One record or ``RowError`` per row of a file keyed by a unique ``id`` column. ``build`` makes the record
     from the row, its id and the optional columns the file lacks, with why it replaced or left out a value (none
     or more reasons): each is yielded after the record, as a ``RowError`` that is ``saved``."""
     seen = _SeenIds()
-    with _open(path) as rows:
+    with _open(path, position) as rows:
         _header(rows, path, columns, required, on_warning)
         absent = frozenset(name for name in columns if name not in rows.columns)
         for line, end, row in rows:
@@ -306,20 +312,22 @@ rejected."""
 def numbered_orders(
     path: Path, *, shop_tz: str = "Asia/Jakarta", shop_currency: str = "IDR", on_warning: Warn | None = None,
     now: datetime | None = None, on_first_read: Callable[[int], None] | None = None,
+    position: ReadPosition | None = None,
 ) -> Iterator[tuple[int, int, OrderRecord | RowError]]:
     """``read_orders`` with the lines each order (or bad row) starts and ends on; a rejected row of an order ends
     where the order does (none of its rows is imported).
 
     The file is read twice: first for the orders whose rows are not kept together (``_scattered``), which are
     skipped whole, never stored from their first rows alone; a pipe or standard input is copied to a temporary
-    file for that (``_rereadable``). ``on_first_read`` is told the line each row of that first read ends on."""
+    file for that (``_rereadable``). ``on_first_read`` is told the line each row of that first read ends on;
+    ``position`` follows each read (the copy's, of a pipe)."""
     zone = ZoneInfo(shop_tz)
     group: list[tuple[int, dict[str, str]]] = []
     group_end = 0
     current = ""
     with _rereadable(path) as source:
-        scattered = _scattered(source, path, on_first_read)
-        with _open(source) as rows:
+        scattered = _scattered(source, path, on_first_read, position)
+        with _open(source, position) as rows:
             _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, on_warning)
             absent = frozenset(name for name in ORDER_COLUMNS if name not in rows.columns)
             for line, end, row in rows:
@@ -393,14 +401,16 @@ class _Scattered:
         return None if first is None or again is None else (first, again)
 
 
-def _scattered(source: Path, path: Path, on_line: Callable[[int], None] | None = None) -> _Scattered:
+def _scattered(
+    source: Path, path: Path, on_line: Callable[[int], None] | None = None, position: ReadPosition | None = None
+) -> _Scattered:
     """The orders of the orders file ``source`` (named ``path``) whose rows are not all consecutive (rows without an
     ``order_id`` aside), telling ``on_line`` the line each row ends on (a progress line). Held: an 8-byte digest and
     a line per order (``_SeenIds``), freed when it returns."""
     seen = _SeenIds()
     scattered = _Scattered()
     current = ""
-    with _open(source) as rows:
+    with _open(source, position) as rows:
         _header(rows, path, ORDER_COLUMNS, ORDER_REQUIRED, None)
         for line, end, row in rows:
             if on_line is not None:
@@ -1187,10 +1197,41 @@ def _swallowed(start: int, end: int) -> str:
             "makes the lines after it one field)")  # fmt: skip
 
 
-def _open(path: Path) -> _Rows:
+def _open(path: Path, position: ReadPosition | None = None) -> _Rows:
     # bytes that are not UTF-8 are kept as lone surrogates (``_not_utf8`` finds them): the row that has them is
     # reported at its line, and the rest of the file is read
-    return _Rows(path.open(encoding="utf-8-sig", errors="surrogateescape", newline=""), path)
+    handle = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
+    if position is not None:
+        position.follow(handle)
+    return _Rows(handle, path)
+
+
+class ReadPosition:
+    """How far the read of an import's file is, for a progress line: called, the bytes read so far and the file's
+    size; None when it cannot tell (no file open yet, or one whose size is not known ahead: a pipe). Asked only
+    when the line is drawn (a seek of the file's position, a system call); the text layer reads ahead of the row
+    by at most its chunk (8 kB)."""
+
+    def __init__(self) -> None:
+        self._buffer: io.BufferedReader | None = None
+        self._size = 0
+
+    def follow(self, handle: TextIO) -> None:
+        """Follow the read of ``handle``, just opened (a file read again is followed from its start)."""
+        buffer = getattr(handle, "buffer", None)
+        found = os.fstat(buffer.fileno()) if isinstance(buffer, io.BufferedReader) else None
+        regular = found is not None and stat.S_ISREG(found.st_mode)
+        self._buffer = buffer if regular else None
+        self._size = found.st_size if found is not None and regular else 0
+
+    def __call__(self) -> tuple[int, int] | None:
+        if self._buffer is None:
+            return None
+        try:
+            read = self._buffer.tell()
+        except (ValueError, OSError):  # closed: the read is over
+            read = self._size
+        return min(read, self._size), self._size
 
 
 _UNDECODED = re.compile("[\udc80-\udcff]")

@@ -22,6 +22,7 @@ from worker.adapters.importer import (
     SHARED_ADDRESS,
     ZONE_LEFT_OUT,
     NoRoomForCopy,
+    ReadPosition,
     RowError,
     numbered_customers,
     numbered_orders,
@@ -44,16 +45,17 @@ MAX_UNKNOWN_WARNINGS = 20
 
 def _reader(
     kind: str, path: Path, settings: Settings, check_dns: bool, warn: Callable[[str], None], now: datetime,
-    on_first_read: Callable[[int], None],
+    on_first_read: Callable[[int], None], position: ReadPosition,
 ) -> Iterator[tuple[int, int, Any]]:
     if kind == "customers":
         return numbered_customers(path, check_dns=check_dns, on_warning=warn, shop_tz=settings.shop.time_zone,
-                                  shop_locale=settings.shop.default_locale, now=now)
+                                  shop_locale=settings.shop.default_locale, now=now, position=position)
     if kind == "products":
         return numbered_products(path, on_warning=warn, shop_tz=settings.shop.time_zone,
-                                 shop_currency=settings.shop.currency)
+                                 shop_currency=settings.shop.currency, position=position)
     return numbered_orders(path, on_warning=warn, shop_tz=settings.shop.time_zone,
-                           shop_currency=settings.shop.currency, now=now, on_first_read=on_first_read)
+                           shop_currency=settings.shop.currency, now=now, on_first_read=on_first_read,
+                           position=position)
 
 
 def _stop_now(stop: type[KeyboardInterrupt]) -> Callable[[int, FrameType | None], None]:
@@ -111,6 +113,8 @@ def import_file(
     unknown: set[str] = set()
     unknown_lines = 0
     progress = Progress(f"importing {kind} from {path.name}")
+    position = ReadPosition()
+    """How much of the file is read, of its size (a line's length varies, their number is not known ahead)."""
 
     def say(text: str) -> None:  # on stderr, on a line of its own (not after the progress line)
         progress.clear()
@@ -160,12 +164,13 @@ def import_file(
         """The line of the last rejected row: each of its faults is said, the row counted once."""
 
         def checked(end: int) -> None:  # that first read's progress, on the import's line
-            progress.update(end, "lines checked for orders whose rows are apart")
+            progress.update(end, "lines checked for orders whose rows are apart", bytes_of=position)
 
-        for line, end, item in _reader(kind, path, settings, check_dns, warn, now, checked):
+        for line, end, item in _reader(kind, path, settings, check_dns, warn, now, checked, position):
             if first_read:  # the import's progress is drawn at once, in place of the first read's
                 first_read = False
                 progress.clear()
+                progress.restart()
             if isinstance(item, RowError) and item.saved:
                 replaced[_saved_as(item.reason)] += 1
                 say(f"warning: {printable(str(item))}")
@@ -185,7 +190,7 @@ def import_file(
                 with stopping.stops_held():
                     errors += _flush(upsert, batch, lines, total, path, say)
                     saved = last
-            progress.update(end, f"lines read, {errors} rejected")
+            progress.update(end, f"lines read, {errors} rejected", bytes_of=position)
         with stopping.stops_held():
             errors += _flush(upsert, batch, lines, total, path, say)
             saved = last
