@@ -285,7 +285,7 @@ def once(settings: Settings) -> int:
 
 
 def due_now(deps: Deps) -> Callable[[], int]:
-    """The rows due by now, claimed or being sent ones included (``SendProgress``'s "more due now")."""
+    """The rows due by now, claimed or being sent ones included (``SendProgress``'s total: what was done and this)."""
     return lambda: opstore.still_to_send(deps.store, deps.clock.now())
 
 
