@@ -33,7 +33,7 @@ from worker.app import Deps
 from worker.commands import ledger as ledger_command
 from worker.commands import running
 from worker.config import Settings, settings_from_dict
-from worker.domain import CustomerRecord, Locale, OrderLineRecord, OrderRecord, OrderStatus, SkipReason
+from worker.domain import CustomerRecord, Locale, MessageStatus, OrderLineRecord, OrderRecord, OrderStatus, SkipReason
 from worker.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -780,3 +780,65 @@ def test_a_resend_of_a_spend_milestone_beside_a_close_of_its_email_does_not_dead
     # Then neither command fails on a deadlock: the close commits, and the resend answers
     assert results, "the resend failed"
     assert m1_rows(settings) == (("failed", None), ("failed", None))
+
+
+@pytest.mark.postgres
+def test_a_close_of_a_spend_milestone_and_its_email_beside_a_resend_of_that_email_does_not_deadlock(
+    pg_migrated_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # PostgreSQL only (SQLite: each command's BEGIN IMMEDIATE waits for the other's commit before it reads anything)
+    # Given M1's one email for both milestones, cancelled by the operator (the spend milestone closed with it)
+    _, _, carrier, spend, _ = m1_cancelled(pg_migrated_url, smtp_server, tmp_path, monkeypatch, capsys)
+    # (read through the primary key, in id order, as in a ledger of any size: not the few rows' heap order)
+    engine = db.create_engine(pg_migrated_url)
+    with engine.begin() as conn:
+        name = sa.engine.make_url(pg_migrated_url).database
+        conn.execute(sa.text(f'ALTER DATABASE "{name}" SET enable_seqscan = off'))
+        conn.execute(sa.text(f'ALTER DATABASE "{name}" SET enable_bitmapscan = off'))
+    engine.dispose()  # (the settings are a new connection's)
+    when = DAY + timedelta(minutes=30)
+    done: dict[str, Any] = {}
+
+    def command(name: str, act: Any) -> threading.Thread:
+        def run() -> None:
+            try:
+                done[name] = act()
+            except Exception as exc:
+                done[name] = exc
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    try:
+        # When the email's row is busy a moment (another transaction holds it), and meanwhile one operator resends
+        # that email while another closes both rows by their IDs (a filter taking both) with a note
+        busy = engine.connect()
+        busy.begin()
+        busy.execute(sa.select(MESSAGE.c.id).where(MESSAGE.c.id == carrier).with_for_update()).all()
+        resend = command("resend", lambda: LedgerAdmin(engine).resend([carrier], now=when, operator="first"))
+        waiting_for_locks(engine, 1, resend)
+        close = command("close", lambda: LedgerAdmin(engine).close(
+            [spend, carrier], now=when, operator="second", status=MessageStatus.FAILED, note="cleanup"))
+        waiting_for_locks(engine, 2, close)
+        busy.commit()
+        busy.close()
+        resend.join(60)
+        close.join(60)
+    finally:
+        engine.dispose()
+
+    # Then neither command fails on a deadlock: each answers
+    assert isinstance(done.get("resend"), ActionResult), done
+    assert isinstance(done.get("close"), ActionResult), done
+
+
+def waiting_for_locks(engine: sa.Engine, count: int, thread: threading.Thread) -> None:
+    """Until ``count`` transactions wait for a lock (or ``thread`` is done without waiting)."""
+    waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                      "AND wait_event_type = 'Lock'")
+    with engine.connect() as watch:
+        for _ in range(6000):
+            if not thread.is_alive() or watch.execute(waiting).scalar_one() >= count:
+                return
+            thread.join(0.01)

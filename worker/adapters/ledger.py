@@ -373,6 +373,7 @@ class LedgerAdmin:
                 return ActionResult(changed, refused, done, then(conn, changed) if changed else [])
             # a few hundred rows a statement, where two statements a row held SQLite's write lock past a worker's
             # busy timeout for a campaign's rows (20,000: 31 s); each only if still in ``states`` (a worker's claim)
+            _lock_emails_first(conn, changed)
             update = (sa.update(M).where(M.c.status.in_(list(states)))
                       .values(last_error=text, updated_at=now, claimed_by=None, lease_until=None, **values)
                       .returning(M.c.id, M.c.attempts))  # fmt: skip
@@ -474,6 +475,18 @@ def _one_email(conn: Connection, ids: Sequence[int], resent: Sequence[int]) -> d
         left[message_id] = (f"merged into message {carrier.id} ({carrier.dedupe_key}), which {which}: the milestone "
                             f"{goes} with that email, not in a second one")  # fmt: skip
     return left
+
+
+def _lock_emails_first(conn: Connection, ids: Sequence[int]) -> None:
+    """PostgreSQL: lock the loyalty emails among ``ids`` that carry a spend milestone, in id order, before the update
+    of ``ids`` locks the rest: the emails before the milestones, as ``_one_email`` takes a pair's rows. The update
+    alone takes them in the order it reads them (the milestone, the lower id, first, through the primary key), which
+    beside a resend of that email deadlocked (the resend held the email and waited for the milestone)."""
+    query = sa.select(M.c.id, M.c.payload).where(M.c.campaign == "loyalty")
+    carriers = sorted(r.id for part in _chunks(list(ids)) for r in conn.execute(query.where(M.c.id.in_(part)))
+                      if isinstance(_payload(r.payload).get("carries"), str))  # fmt: skip
+    for part in _chunks(carriers):
+        conn.execute(sa.select(M.c.id).where(M.c.id.in_(part)).order_by(M.c.id).with_for_update()).all()
 
 
 def _fate(closed_with: bool) -> sa.ColumnElement[bool]:
