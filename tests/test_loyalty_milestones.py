@@ -745,13 +745,7 @@ def resend_beside(engine: sa.Engine, message: int, first: list[Any], then: list[
     resend = threading.Thread(target=lambda: results.append(LedgerAdmin(engine).resend(
         [message], now=DAY + timedelta(minutes=30), operator="second operator")))
     resend.start()
-    waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                      "AND wait_event_type = 'Lock'")
-    with engine.connect() as watch:  # until it waits for the other's rows, or is done without waiting
-        for _ in range(6000):
-            if not resend.is_alive() or watch.execute(waiting).scalar_one():
-                break
-            resend.join(0.01)
+    waiting_for_locks(engine, 1, resend)  # until it waits for the other's rows, or is done without waiting
     for change in then:
         other.execute(change)
     other.commit()
@@ -841,4 +835,5 @@ def waiting_for_locks(engine: sa.Engine, count: int, thread: threading.Thread) -
         for _ in range(6000):
             if not thread.is_alive() or watch.execute(waiting).scalar_one() >= count:
                 return
+            watch.rollback()  # pg_stat_activity is read once a transaction: a new one sees the waits begun since
             thread.join(0.01)
