@@ -481,7 +481,10 @@ def _lock_emails_first(conn: Connection, ids: Sequence[int]) -> None:
     """PostgreSQL: lock the loyalty emails among ``ids`` that carry a spend milestone, in id order, before the update
     of ``ids`` locks the rest: the emails before the milestones, as ``_one_email`` takes a pair's rows. The update
     alone takes them in the order it reads them (the milestone, the lower id, first, through the primary key), which
-    beside a resend of that email deadlocked (the resend held the email and waited for the milestone)."""
+    beside a resend of that email deadlocked (the resend held the email and waited for the milestone). SQLite locks
+    the whole database: nothing to read."""
+    if conn.dialect.name != "postgresql":
+        return
     query = sa.select(M.c.id, M.c.payload).where(M.c.campaign == "loyalty")
     carriers = sorted(r.id for part in _chunks(list(ids)) for r in conn.execute(query.where(M.c.id.in_(part)))
                       if isinstance(_payload(r.payload).get("carries"), str))  # fmt: skip
