@@ -226,6 +226,9 @@ class Daemon:
         claim, a reload's at its first maintenance) has failed those of unknown campaigns, rewritten times written by
         hand, and named the campaigns turned off that leave rows waiting: once a start and a reload, as it reads
         every waiting row."""
+        self._reading = asyncio.Lock()
+        """Held by the read of the waiting rows: the start's, should it outlast a maintenance interval, and the first
+        maintenance's are one read, not two at once saying the same."""
         self._planning_since = 0.0
         """When the passes under way began, without a break (the clock's monotonic seconds); or the catch-up."""
         self._catching_up = False
@@ -423,9 +426,10 @@ class Daemon:
 
     async def _read_waiting_rows(self, settings: Settings) -> None:
         """``app.campaigns_not_sent``, once a start and a reload (``_campaigns_checked``)."""
-        if not self._campaigns_checked:
-            await campaigns_not_sent(self.store, self.astore, settings, self.clock.now())
-            self._campaigns_checked = True
+        async with self._reading:
+            if not self._campaigns_checked:
+                await campaigns_not_sent(self.store, self.astore, settings, self.clock.now())
+                self._campaigns_checked = True
 
     async def _catch_up_passes(self, settings: Settings) -> None:
         now = self.clock.now()
