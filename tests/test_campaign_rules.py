@@ -524,6 +524,15 @@ STILL_DUE = [  # (case, campaign, payload, step, facts at send time, launches, r
     ("win-back step 3 waited past give_up_after_days (730)", *_winback(3, 731), (), "no_longer_due"),
     ("win-back step 2 waited past give_up_after_days (730)", *_winback(2, 731), (), "no_longer_due"),
     ("win-back, the order's time not read", "winback", {"first_order_id": "7"}, 1, _send_time(), (), None),
+    # a row planned before a step was inserted before it: its number is not the config's, its day count is
+    ("win-back step 1 of day 75 (a step inserted since), the order 100 days old", "winback",
+     {"first_order_id": "7", "days": "75"}, 1, _winback(1, 100)[3], (), None),
+    ("win-back step 1 of day 75 (a step inserted since) waited until step 3's time", "winback",
+     {"first_order_id": "7", "days": "75"}, 1, _winback(1, 121)[3], (), "no_longer_due"),
+    ("win-back step 3 of day 45 (steps removed since), the order 60 days old", "winback",
+     {"first_order_id": "7", "days": "45"}, 3, _winback(3, 60)[3], (), None),
+    ("win-back step 3 of day 45 (steps removed since) waited until step 2's time", "winback",
+     {"first_order_id": "7", "days": "45"}, 3, _winback(3, 80)[3], (), "no_longer_due"),
     ("birthday unchanged", "birthday", {"birthday": "2027-03-01"}, 1, _send_time(date(1990, 3, 1)), (), None),
     ("born 29 Feb, planned for the 28th", "birthday", {"birthday": "2027-02-28"}, 1, _send_time(date(1992, 2, 29)),
      (), None),
@@ -582,6 +591,48 @@ def test_winback_sequence_advances_step_by_step_and_stops_when_they_order_again(
         shop.upsert_orders(store.engine, [OrderRecord("O2", "C1", D, first_order + ago(100), None, 1, "IDR")], NOW)
         late = first_order + ago(130)
         assert list(planning.plan_batches(store, SETTINGS, "winback", late)) == []
+    finally:
+        store.close()
+
+
+RENUMBERED = [((30, 60), (14, 30, 60)), ((14, 30, 60), (30, 60)), ((30, 60, 90), (30, 90)), ((30, 60), (30, 90)),
+              ((30, 90), (30, 60, 90)), ((30, 60), (20, 45, 60))]  # fmt: skip
+
+
+def winback_steps(days: tuple[int, ...]) -> Settings:
+    return settings_from_dict({"campaigns": {"winback": {"holdout_share": 0.0, "steps": [
+        {"days": d, "template": "winback"} for d in days]}}})  # fmt: skip
+
+
+@pytest.mark.parametrize(("was", "now"), RENUMBERED, ids=[f"{a}->{b}" for a, b in RENUMBERED])
+def test_steps_renumbered_in_the_config_plan_what_the_rule_says(
+    db_url: str, was: tuple[int, ...], now: tuple[int, ...]
+) -> None:
+    """One-time buyers of every age, planned by passes 40, 20 and 1 days ago under the old steps (each pass's rows
+    inserted), then planned under the new steps: the planner plans exactly what the rule says for the ledger's rows
+    (a step's day count that has a row of it or a later one, whatever the number, is not planned again), and no
+    day count twice for an order."""
+    store = Store.from_url(db_url)
+    try:
+        ages = [12, 16, 22, 31, 35, 46, 52, 59, 61, 65, 89, 91, 120]
+        load(store, [Case(f"{age} days", 1, (o(D, age),)) for age in ages])
+        for days_ago in (40, 20, 1):
+            planning.plan_into_ledger(store, winback_steps(was), "winback", NOW - ago(days_ago))
+        rows = ledger(store, "winback")
+        had: dict[str, int] = {}
+        for key, row in rows.items():
+            order = key.split(":")[2]
+            had[order] = max(had.get(order, 0), int(row[4]["days"]))
+        expected = set()
+        for i, age in enumerate(ages):
+            f = cc.Facts(f"C{i}", orders=(OrderFacts(f"O{i}-0", D, NOW - ago(age), None, 10_000_000, "IDR"),),
+                         planned_keys=frozenset(rows), winback_days=had)  # fmt: skip
+            expected |= set(cc.winback_due_keys(f, NOW, now))
+        shown = {m.dedupe_key for b in planning.plan_batches(store, winback_steps(now), "winback", NOW) for m in b}
+        assert shown == expected
+        assert planning.plan_into_ledger(store, winback_steps(now), "winback", NOW) == len(expected)
+        days = [(key.split(":")[2], row[4]["days"]) for key, row in ledger(store, "winback").items()]
+        assert len(days) == len(set(days)), "a step's day count planned twice for one order"
     finally:
         store.close()
 

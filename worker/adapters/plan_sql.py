@@ -171,19 +171,22 @@ def winback(
 
     Driven by customer id, not by the (order_count, first_order_at) index: most customers are candidates,
     and visiting them in id order keeps the ledger probes (keys start with the customer's id) local."""
-    step: Any = sa.literal(1)
-    template: Any = _lit(steps[0][1])
-    days: Any = _lit(str(steps[0][2]))
-    if len(steps) > 1:
+    def by_step(value: Callable[[int, str, int], Any]) -> Any:
+        """The value of the step due (the last whose cut-off has passed), as SQL."""
+        first = value(1, steps[0][1], steps[0][2])
+        if len(steps) == 1:
+            return first
         later = list(enumerate(steps, start=1))[:0:-1]  # the last step first
-        step = sa.case(*((C.c.first_order_at < before, sa.literal(n)) for n, (before, _, _) in later), else_=1)
-        template = sa.case(*((C.c.first_order_at < b, _lit(t)) for _, (b, t, _) in later), else_=_lit(steps[0][1]))
-        days = sa.case(*((C.c.first_order_at < b, _lit(str(d))) for _, (b, _, d) in later),
-                       else_=_lit(str(steps[0][2])))  # fmt: skip
-    key = (
+        return sa.case(*((C.c.first_order_at < b, value(n, t, d)) for n, (b, t, d) in later), else_=first)
+
+    step = by_step(lambda n, _t, _d: sa.literal(n))
+    template = by_step(lambda _n, t, _d: _lit(t))
+    days = by_step(lambda _n, _t, d: _lit(str(d)))
+    prefix = (
         _lit("winback:") + _key_part(C.c.external_id) + _lit(":") + _key_part(C.c.first_order_external_id)
-        + _lit(":") + sa.cast(step, sa.String)
+        + _lit(":")
     )  # fmt: skip
+    key = prefix + sa.cast(step, sa.String)
     where = [
         _scanned(c.dialect, C.c.order_count) == 1, C.c.first_order_at < steps[0][0],
         C.c.first_order_external_id.is_not(None), *_consenting(),
@@ -197,8 +200,32 @@ def winback(
     # the one purchase was paid: "we hope you are enjoying your …" is not for an order placed and never paid (the
     # customer row's order_count counts it, so that an unpaid order after the purchase stops the sequence)
     paid = sa.exists().where(O.c.id == C.c.first_order_id, O.c.status.in_(RATEABLE))
+    # a step renumbered in the config (one inserted or removed before it) has a new key: not planned again for an
+    # order that has a win-back row of its day count or a later one, whatever that row's number
+    again = _winback_row(c.dialect, prefix, by_step(lambda _n, _t, d: sa.literal(d, sa.Integer)))
     return Plan("winback", step, c.priority, c.now, c.expires_at, key, payload,
-                C, where, (C.c.id,), C.c.id, c.holdout_share, checked_last=(paid,))  # fmt: skip
+                C, where, (C.c.id,), C.c.id, c.holdout_share, checked_last=(~again, paid))  # fmt: skip
+
+
+def _winback_row(dialect: str, prefix: Any, days: Any) -> Any:
+    """EXISTS a ledger row whose key starts with ``prefix`` (``winback:<customer>:<order>:``) and whose payload's
+    ``days`` is at least ``days``: one range of the dedupe key's unique index per candidate, as the key probe.
+
+    The range's end is the prefix and a letter, not ``;`` (``:`` + 1): PostgreSQL compares the keys by the
+    database's collation, in which punctuation may weigh nothing (en_US), but digits come before letters in every
+    one; the ``substr`` keeps to the keys that do start with the prefix. The payload's ``days`` is read without
+    failing on a payload edited by hand: SQLite's ``json_extract`` only where ``json_valid``, PostgreSQL's by a
+    regular expression (the text of a row planned in SQL or in Python: ``"days" : "30"``, ``"days": "30"``)."""
+    earlier = M.alias("earlier")
+    if dialect == "postgresql":
+        found: Any = sa.func.substring(earlier.c.payload, r'"days"\s*:\s*"?([0-9]{1,9})[",} ]')
+    else:
+        found = sa.case((sa.func.json_valid(earlier.c.payload), sa.func.json_extract(earlier.c.payload, "$.days")))
+    sent_days = sa.cast(found, sa.Integer)
+    return sa.exists().where(
+        earlier.c.dedupe_key >= prefix, earlier.c.dedupe_key < prefix + _lit("A"),
+        sa.func.substr(earlier.c.dedupe_key, 1, sa.func.length(prefix)) == prefix, sent_days >= days,
+    )  # fmt: skip
 
 
 def feedback(c: Common, *, after: datetime, not_after: datetime) -> Plan:

@@ -480,7 +480,10 @@ def still_due(
             return SkipReason.NO_LONGER_DUE
         # (without give_up_after_days: None from it here is no step passed yet, which leaves the message due)
         step = None if placed is None else winback_step_due(placed, now, winback_steps)
-        if step is not None and step > message.step:
+        # a later step is due: by day counts where the row has its own (the step numbers of a row planned before
+        # steps were inserted or removed are not the config's), else by number
+        days = message.payload_id("days")
+        if step is not None and (step > message.step if days is None else winback_steps[step - 1] > days):
             return SkipReason.NO_LONGER_DUE
     elif message.campaign == BIRTHDAY:
         planned_day = message.payload.get("birthday")
@@ -527,6 +530,9 @@ class Facts:
     consent: bool = True
     suppressed: bool = False
     planned_keys: frozenset[str] = field(default_factory=frozenset)
+    winback_days: Mapping[str, int] = field(default_factory=dict)
+    """Per order (external id), the most days of a win-back step the ledger has a row of for it (the payload's
+    ``days``), whatever that row's step number."""
 
     @property
     def reachable(self) -> bool:
@@ -550,6 +556,10 @@ def winback_due_keys(
         return []
     step = winback_step_due(bought[0].placed_at, now, step_days, give_up_after_days)
     if step is None:
+        return []
+    # a step renumbered in the config (one inserted or removed before it) is not planned again under its new number
+    had = facts.winback_days.get(bought[0].external_id)
+    if had is not None and had >= step_days[step - 1]:
         return []
     key = winback_key(facts.customer_external_id, bought[0].external_id, step)
     return [] if key in facts.planned_keys else [key]
