@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2027, 3, 1, 3, 0, tzinfo=UTC)
 """10:00 in Jakarta: no quiet hours."""
 TEMPLATES = {14: "winback-reminder", 30: "winback", 60: "winback-last"}
+COUPONS = {14: ("", 0), 30: ("KEMBALI10", 10), 60: ("KEMBALI15", 15)}
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +45,9 @@ def settings_for(db_url: str, server: RecordingServer, days: list[int]) -> Setti
         "smtp": {"host": "127.0.0.1", "port": server.port, "tls": "none", "timeout_seconds": 5.0, "pool_size": 2},
         "templates": {"dir": str(ROOT / "templates" / "email")},
         "campaigns": {
-            "winback": {"holdout_share": 0.0, "steps": [{"days": d, "template": TEMPLATES[d]} for d in days]},
+            "winback": {"holdout_share": 0.0, "steps": [
+                {"days": d, "template": TEMPLATES[d], "coupon_code": COUPONS[d][0], "coupon_percent": COUPONS[d][1]}
+                for d in days]},
             "birthday": {"enabled": False}, "feedback": {"enabled": False},
             "new_products": {"enabled": False}, "loyalty": {"enabled": False},
         },
@@ -147,8 +150,9 @@ def test_a_step_waiting_when_a_step_is_inserted_before_it_is_still_sent(
     after = settings_for(db_url, smtp_server, [14, 30, 60])
     cycle_at(after, T0)
     # Then the day-30 step goes, once, as it was planned (not skipped as if a later step were due, which its new
-    # number 2 would say, and not planned again under that number)
-    assert [to for to, _ in received(smtp_server)] == ["c1@example.com"]
+    # number 2 would say, and not planned again under that number), with the day-30 step's coupon (not that of
+    # the day-14 step, now step 1)
+    assert received(smtp_server) == [("c1@example.com", "Siti, we miss you! Here's 10% off, just for you")]
     assert ledger(after) == [("winback:C1:C1-1:1", "30", "sent", None)]
 
 

@@ -76,7 +76,10 @@ def extra_context(
     campaign = campaign_of(settings, message.campaign)
     if campaign == WINBACK:
         steps = c.winback.effective_steps
-        step = steps[min(message.step, len(steps)) - 1]
+        # the step of the row's day count: a row planned before a step was inserted or removed before it has
+        # another number now (its template is its own, in the payload); by number when no step has its days
+        days = message.payload_id("days")
+        step = next((s for s in steps if s.days == days), steps[min(message.step, len(steps)) - 1])
         bought = facts.order_products.get(message.payload_id("first_order_id") or 0, [])
         picks = recommend(bought, facts.catalogue, c.winback.recommendations)
         return {
