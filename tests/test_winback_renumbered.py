@@ -9,6 +9,7 @@ later day count still goes when its day comes.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,7 @@ from tests.smtp_server import RecordingServer
 from worker.adapters import db, shop
 from worker.adapters.store import Store
 from worker.app import Deps
-from worker.commands import running
+from worker.commands import previewing, running
 from worker.config import Settings, settings_from_dict
 from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus
 from worker.testing import FakeClock
@@ -154,6 +155,30 @@ def test_a_step_waiting_when_a_step_is_inserted_before_it_is_still_sent(
     # the day-14 step, now step 1)
     assert received(smtp_server) == [("c1@example.com", "Siti, we miss you! Here's 10% off, just for you")]
     assert ledger(after) == [("winback:C1:C1-1:1", "30", "sent", None)]
+
+
+def test_preview_says_when_the_steps_are_numbered_otherwise_than_when_rows_were_planned(
+    db_url: str, smtp_server: RecordingServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given one-time buyers sent the day-30 step as step 1 of [30, 60] (C1 and C2), and one too new for any (C3)
+    given_one_time_buyers(db_url, {"C1": 35, "C2": 31, "C3": 5})
+    cycle_at(settings_for(db_url, smtp_server, [30, 60]), T0)
+    assert len(smtp_server.messages) == 2
+    capsys.readouterr()
+    # When the operator inserts a day-14 step first and previews the next morning
+    after = settings_for(db_url, smtp_server, [14, 30, 60])
+    args = argparse.Namespace(at=T0 + timedelta(days=1), campaign=None, customer=None, limit=None, out=None,
+                              json=False)  # fmt: skip
+    assert previewing.preview(after, args) == 0
+    shown = capsys.readouterr()
+    # Then it says which rows' numbers changed and what a pass plans for them, and shows no win-back message
+    assert ("note: win-back's steps are numbered otherwise than when some of its ledger rows were planned (2 of 30 "
+            "days planned as step 1, now step 2): an order is not planned a step of as many days as a row it has, "
+            "or fewer, whatever the numbers, nor a step whose number it has a row of") in shown.err
+    assert "winback/" not in shown.out
+    # and with the steps as they were, it says nothing of the kind
+    assert previewing.preview(settings_for(db_url, smtp_server, [30, 60]), args) == 0
+    assert "numbered otherwise" not in capsys.readouterr().err
 
 
 @pytest.mark.xfail(strict=True, reason="the key carries the step's number: day 60, now step 2, has the key of the "

@@ -214,18 +214,33 @@ def _winback_row(dialect: str, prefix: Any, days: Any) -> Any:
     The range's end is the prefix and a letter, not ``;`` (``:`` + 1): PostgreSQL compares the keys by the
     database's collation, in which punctuation may weigh nothing (en_US), but digits come before letters in every
     one; the ``substr`` keeps to the keys that do start with the prefix. The payload's ``days`` is read without
-    failing on a payload edited by hand: SQLite's ``json_extract`` only where ``json_valid``, PostgreSQL's by a
-    regular expression (the text of a row planned in SQL or in Python: ``"days" : "30"``, ``"days": "30"``)."""
+    failing on a payload edited by hand (``payload_days``): SQLite's ``json_extract`` only where ``json_valid``,
+    PostgreSQL's by a regular expression (the text of a row planned in SQL or in Python: ``"days" : "30"``,
+    ``"days": "30"``)."""
     earlier = M.alias("earlier")
-    if dialect == "postgresql":
-        found: Any = sa.func.substring(earlier.c.payload, r'"days"\s*:\s*"?([0-9]{1,9})[",} ]')
-    else:
-        found = sa.case((sa.func.json_valid(earlier.c.payload), sa.func.json_extract(earlier.c.payload, "$.days")))
-    sent_days = sa.cast(found, sa.Integer)
     return sa.exists().where(
         earlier.c.dedupe_key >= prefix, earlier.c.dedupe_key < prefix + _lit("A"),
-        sa.func.substr(earlier.c.dedupe_key, 1, sa.func.length(prefix)) == prefix, sent_days >= days,
+        sa.func.substr(earlier.c.dedupe_key, 1, sa.func.length(prefix)) == prefix,
+        payload_days(dialect, earlier.c.payload) >= days,
     )  # fmt: skip
+
+
+def payload_days(dialect: str, payload: Any) -> Any:
+    """A win-back row's ``days`` (its payload's), an integer; NULL where the payload has none or is not JSON."""
+    if dialect == "postgresql":
+        found: Any = sa.func.substring(payload, r'"days"\s*:\s*"?([0-9]{1,9})[",} ]')
+    else:
+        found = sa.case((sa.func.json_valid(payload), sa.func.json_extract(payload, "$.days")))
+    return sa.cast(found, sa.Integer)
+
+
+def winback_rows_by_step(engine: Engine) -> dict[tuple[int, int | None], int]:
+    """(step number, the payload's ``days``) → the win-back ledger rows planned so: one scan of the ledger, for
+    preview's note on steps renumbered since (``core.campaigns.winback_renumbered``)."""
+    days = payload_days(engine.dialect.name, M.c.payload)
+    query = sa.select(M.c.step, days, sa.func.count()).where(M.c.campaign == "winback").group_by(M.c.step, days)
+    with db.reading(engine) as conn:
+        return {(int(step), None if d is None else int(d)): int(n) for step, d, n in conn.execute(query)}
 
 
 def feedback(c: Common, *, after: datetime, not_after: datetime) -> Plan:

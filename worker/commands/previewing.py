@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import TextIO
 
 from worker import money, stopping
+from worker.adapters import plan_sql
 from worker.app import Deps, link_key_missing, link_keys
 from worker.commands import arguments, files
 from worker.commands.progress import Progress
 from worker.commands.running import check_template_folders
 from worker.config import Settings, naming_the_line
 from worker.core.audiences import WINBACK, key_part_value
-from worker.core.campaigns import LOYALTY, milestone_of
+from worker.core.campaigns import LOYALTY, milestone_of, winback_renumbered
 from worker.core.policy import zone_of
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
@@ -191,6 +192,8 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         why = naming_the_line(str(exc), settings).split("; nothing was planned")[0]  # (the run's words, and line)
         print(f"note: with these templates `kembali run --once` would stop before planning, and the daemon not "
               f"start: {why}", file=sys.stderr)  # fmt: skip
+    if WINBACK in known and (not args.campaign or WINBACK in args.campaign):
+        _note_winback_renumbered(deps, settings)
     composer = deps.composer(keys)
     summary = PreviewSummary()
     out_dir: Path | None = args.out
@@ -232,6 +235,20 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
     else:
         _print_summary(summary, out, out_dir)
     return EXIT_RENDER_ERRORS if summary.errors or refused else EXIT_OK
+
+
+def _note_winback_renumbered(deps: Deps, settings: Settings) -> None:
+    """A note when the ledger has win-back rows whose step number no longer names a step of their days: what a
+    pass plans for those orders (README, "Win-back's steps are numbered")."""
+    steps = [step.days for step in settings.campaigns.winback.effective_steps]
+    moved = winback_renumbered(plan_sql.winback_rows_by_step(deps.store.engine), steps)
+    if not moved:
+        return
+    each = "; ".join(f"{r.rows:,} of {r.days} days planned as step {r.was}, "
+                     + (f"now step {r.now}" if r.now is not None else "no step now") for r in moved)  # fmt: skip
+    print(f"note: win-back's steps are numbered otherwise than when some of its ledger rows were planned ({each}): "
+          "an order is not planned a step of as many days as a row it has, or fewer, whatever the numbers, nor a "
+          "step whose number it has a row of", file=sys.stderr)  # fmt: skip
 
 
 def _show(

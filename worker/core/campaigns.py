@@ -123,6 +123,28 @@ def winback_step_window(now: datetime, step_days: Sequence[int], step: int) -> t
     return not_before, before
 
 
+@dataclass(frozen=True, slots=True)
+class Renumbered:
+    """Win-back ledger rows of one day count planned under a step number the config now gives another step."""
+
+    days: int
+    was: int
+    now: int | None
+    """The number of the step of ``days`` now; None when no step has those days."""
+    rows: int
+
+
+def winback_renumbered(rows: Mapping[tuple[int, int | None], int], step_days: Sequence[int]) -> list[Renumbered]:
+    """The day counts whose ledger rows (``rows``: (step, days) → count) have a number that no longer names a step
+    of those days in ``step_days`` (a step inserted or removed before them), fewest days first."""
+    number = {days: n for n, days in enumerate(step_days, start=1)}
+    return sorted(
+        (Renumbered(days, step, number.get(days), n) for (step, days), n in rows.items()
+         if days is not None and number.get(days) != step),
+        key=lambda r: (r.days, r.was),
+    )  # fmt: skip
+
+
 def purchases(orders: Sequence[OrderFacts]) -> list[OrderFacts]:
     return sorted((o for o in orders if o.status.counts_as_purchase), key=lambda o: o.placed_at)
 
