@@ -1083,3 +1083,32 @@ def test_stored_orders_past_what_a_total_holds_block_no_loyalty_pass(
         assert store.paid_totals([1, 2], "CLF") == {1: (2, 18 * 10**18), 2: (1, 60_000_000_000)}
     finally:
         store.close()
+
+
+@pytest.mark.postgres
+def test_the_winback_insert_probes_earlier_steps_by_the_keys_index_when_the_ledger_looks_empty(
+    pg_migrated_url: str,
+) -> None:
+    """Win-back's probe for a row of the order under another step number is a nested loop, one per candidate. On a
+    first pass the ledger's statistics say it is empty, and PostgreSQL then read the ledger with a sequential scan
+    per candidate, over the rows the very INSERT was writing (a first pass over 50,000 customers took 70 s instead
+    of 1): the INSERT probes the dedupe key's index instead, whatever the statistics say."""
+    import sqlalchemy as sa
+
+    from worker.adapters import plan_sql
+
+    store = Store.from_url(pg_migrated_url)
+    try:
+        load(store, [Case(f"c{i}", 1, (o(D, 80),)) for i in range(5)])
+        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE message")
+        (plan,) = planning.plans(store, SETTINGS, "winback", NOW) or []
+        select = sa.select(plan.ident).select_from(plan.from_).where(*plan_sql._new(plan))
+        sql = str(select.compile(store.engine, compile_kwargs={"literal_binds": True}))
+        with store.engine.connect() as conn, conn.begin():
+            plan_sql._tune(conn, plan)  # as the INSERT's transaction is tuned
+            shown = "\n".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + sql))
+        assert "using message_dedupe_key_key on message earlier" in shown, shown
+        assert "Seq Scan on message earlier" not in shown, shown
+    finally:
+        store.close()
