@@ -55,6 +55,7 @@ from worker.domain import (  # noqa: E402
     OrderStatus,
     ProductRecord,
     SendResult,
+    SendStage,
 )
 from worker.limiter import HOLD_SECONDS, REBOOKS, Later, Limiter  # noqa: E402
 
@@ -227,10 +228,10 @@ class RssProbe:
         self.starts: list[tuple[float, str]] | None = [] if timestamps else None
         """(monotonic time, recipient domain) of each SMTP transaction's start: right after the limiter."""
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> SendResult:
+    async def send(self, sender: str, recipient: str, message: bytes, where: SendStage | None = None) -> SendResult:
         if self.starts is not None:
             self.starts.append((time.monotonic(), recipient.rpartition("@")[2]))
-        result: SendResult = await self.inner.send(sender, recipient, message)  # type: ignore[attr-defined]
+        result: SendResult = await self.inner.send(sender, recipient, message, where)  # type: ignore[attr-defined]
         self.sent += 1
         if self.sent in self.marks:
             self.rss[self.sent] = rss_mb()
@@ -426,10 +427,10 @@ class MixedProbe:
         self.first: float | None = None
         self.last_fast = 0.0
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> SendResult:
+    async def send(self, sender: str, recipient: str, message: bytes, where: SendStage | None = None) -> SendResult:
         if self.first is None:
             self.first = time.monotonic()
-        result: SendResult = await self.inner.send(sender, recipient, message)  # type: ignore[attr-defined]
+        result: SendResult = await self.inner.send(sender, recipient, message, where)  # type: ignore[attr-defined]
         if recipient.endswith("@" + SLOW_DOMAIN):
             self.slow += 1
         else:

@@ -6,6 +6,7 @@ recipient address may be given a ``Behaviour``; anything else is accepted::
     server.on("full@test", Behaviour(rcpt_reply="452 4.2.2 Mailbox full"))
     server.on("gone@test", Behaviour(drop_after_dot=True))
     server.greeting = "421 4.3.2 Service not available"   # every new connection
+    server.greeting_delay = 3.0                          # every new connection waits this long for its greeting
     server.on("new@test", Behaviour(greylist=True))      # 450 the first time, then accepted
     server.client_limit = 4                              # then "451 … too many messages" per client IP
     server.relay_rate = RelayRate(5, at="rcpt")          # more than 5 messages a second: "451 … slow down" at RCPT
@@ -155,6 +156,8 @@ class _FaultySMTP(SMTP):
         self._owner = owner
 
     async def _handle_client(self) -> None:
+        if self._owner.greeting_delay:
+            await asyncio.sleep(self._owner.greeting_delay)
         greeting = self._owner.greeting
         if greeting is None:
             await super()._handle_client()
@@ -222,6 +225,8 @@ class RecordingServer:
         """The behaviour of every recipient ``behaviours`` does not name."""
         self.greeting: str | None = None
         """When set, every new connection gets this greeting and is closed."""
+        self.greeting_delay = 0.0
+        """Seconds every new connection waits for its greeting (a server slow to answer, or overloaded)."""
         self.greylisted: set[str] = set()
         """Addresses already refused once by greylisting."""
         self.client_limit: int | None = None

@@ -916,31 +916,59 @@ def test_sends_outliving_the_grace_period_become_uncertain_and_a_second_signal_e
     assert list(tmp.iterdir()) == []  # not even then is its template copy left behind
 
 
-def test_sends_the_grace_period_cut_short_are_each_named_as_uncertain_with_their_customer(
+def _stopped_past_its_grace_period_with_two_sends_under_way(
     tmp_path: Path, smtp_server: RecordingServer
-) -> None:
-    # Given a daemon with two sends under way that outlast its grace period
+) -> tuple[Shop, Daemon]:
+    """A daemon with a grace period of 0.5 s, stopped with two sends under way (the server's behaviours, set before,
+    hold them), once it has exited."""
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
     text = shop.config.read_text().replace("shutdown_grace_seconds = 5.0", "shutdown_grace_seconds = 0.5")
     shop.config.write_text(text)
     shop.add([1, 2], days_ago=60)
-    for i in (1, 2):
-        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=3))
     daemon = Daemon.start(shop)
     try:
         daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 2,
                         timeout=60, why="two sends under way")
-        # When it is stopped
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
     finally:
         if daemon.proc.poll() is None:  # (a failed wait above: no daemon left running after the test)
             daemon.stop()
+    assert daemon.named("shutdown_grace_expired")
+    return shop, daemon
+
+
+def test_sends_the_grace_period_cut_short_are_each_named_as_uncertain_with_their_customer(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon with two sends under way that outlast its grace period, when it is stopped
+    for i in (1, 2):
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=3))
+    _, daemon = _stopped_past_its_grace_period_with_two_sends_under_way(tmp_path, smtp_server)
     # Then the log names each email left uncertain, whose customer may have it: the operator decides on each
     assert daemon.named("shutdown_abandoned")[0]["uncertain"] == 2
     named = sorted((e["campaign"], e["customer"], e["to"]) for e in daemon.named("email_uncertain"))
     assert named == [("winback", "C1", "c***@example.com"), ("winback", "C2", "c***@example.com")]
     assert all("grace period" in e["why"] for e in daemon.named("email_uncertain"))
+
+
+@pytest.mark.parametrize("stall", ["greeting", "rcpt"])
+def test_sends_the_grace_period_cut_short_before_the_message_left_go_back_to_the_queue_not_uncertain(
+    tmp_path: Path, smtp_server: RecordingServer, stall: str
+) -> None:
+    # Given a daemon with two sends under way that the server holds past the grace period before any of the message
+    # was handed over (its greeting comes late, or its reply to RCPT TO does), when it is stopped
+    if stall == "greeting":
+        smtp_server.greeting_delay = 3.0
+    else:
+        for i in (1, 2):
+            smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="rcpt", delay_seconds=3))
+    shop, daemon = _stopped_past_its_grace_period_with_two_sends_under_way(tmp_path, smtp_server)
+    # Then nothing of either message reached the server, and both went back to the queue, their attempts not
+    # counted: sent at the next start, with no operator asked to decide about an email that was never sent
+    assert smtp_server.messages == [] and smtp_server.data_taken == 0
+    assert sorted(shop.rows("SELECT status, attempts FROM message")) == [("planned", 0), ("planned", 0)]
+    assert not daemon.named("email_uncertain") and daemon.named("shutdown_abandoned")[0]["uncertain"] == 0
 
 
 SLOW_LAYOUT = "{% for a in range(3000) %}{% for b in range(1000) %}{% endfor %}{% endfor %}"

@@ -38,7 +38,9 @@ Theory of operation
   outage kept from the ledger (``Dispatcher.unwritten``) are written in what is left
   of the grace period (at least ``KEPT_SECONDS``), should the database be back; if
   not, ``shutdown_outcomes_not_written`` and exit 1. After the grace
-  period, this worker's rows still in flight are marked ``uncertain`` (claimed
+  period, the sends still in flight are cut off: one before the DATA command (nothing
+  of it sent) goes back to the queue (``Dispatcher._sender``), this worker's other rows
+  in flight are marked ``uncertain`` (claimed
   ones go back to the queue; when the database cannot be reached then, or does not
   answer within ``ABANDON_SECONDS``, exit 1 and they lapse as below; a stuck database's
   threads are not waited for). A second signal exits at once with code 1; rows in

@@ -490,6 +490,15 @@ class SendResult:
     ``smtp.username``, ``smtp.host``, ``certificates``), and ``reply`` says how. "" otherwise."""
 
 
+@dataclass(slots=True)
+class SendStage:
+    """Where an SMTP attempt that raised had got to (``Transport.send`` cancelled midway: no ``SendResult`` tells it),
+    for its caller to judge whether anything of the message left (``worker.core.retry.BEFORE_DATA``); "" when not
+    known (the safe side: it may have)."""
+
+    stage: str = ""
+
+
 @pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class ClaimedMessage:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from worker.domain import SendResult
+from worker.domain import SendResult, SendStage
 
 
 class Clock(Protocol):
@@ -23,8 +23,9 @@ class Clock(Protocol):
 
 
 class Transport(Protocol):
-    async def send(self, sender: str, recipient: str, message: bytes) -> SendResult:
-        """One SMTP attempt; never raises for delivery problems, it classifies them."""
+    async def send(self, sender: str, recipient: str, message: bytes, where: SendStage | None = None) -> SendResult:
+        """One SMTP attempt; never raises for delivery problems, it classifies them. Should it raise all the same
+        (cancelled), ``where`` (if given) holds the stage it had reached."""
         ...
 
     async def close(self) -> None:

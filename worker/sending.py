@@ -101,8 +101,17 @@ from worker.contact import Arbiter
 from worker.core import lifecycle
 from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of
 from worker.core.policy import SendNow, Skip
-from worker.core.retry import PAUSES_AT_ONCE, SERVER_TROUBLE_DOMAINS, TroubleStreak, connection_failure
-from worker.domain import ClaimedMessage, Disposition, MessageStatus, Outcome, ProductView, SendResult, SkipReason
+from worker.core.retry import BEFORE_DATA, PAUSES_AT_ONCE, SERVER_TROUBLE_DOMAINS, TroubleStreak, connection_failure
+from worker.domain import (
+    ClaimedMessage,
+    Disposition,
+    MessageStatus,
+    Outcome,
+    ProductView,
+    SendResult,
+    SendStage,
+    SkipReason,
+)
 from worker.limiter import HOLD_SECONDS, REBOOKS, WIRE_HOLD_SECONDS, DailyQuota, Later, Limiter, LocalBooker
 from worker.pipeline import (
     Composed,
@@ -1157,7 +1166,7 @@ class Dispatcher:
                 # nor a slot of the day's quota: only a mark takes one (whoever marks a row lost here takes their own)
                 continue
             result: SendResult | None = None
-            begun = False
+            begun, where = False, SendStage()
             on_wire = asyncio.get_running_loop().create_future()
             try:
                 # the rate slot is taken last, right before the first SMTP byte, so commit latency (nor a wait for
@@ -1183,16 +1192,18 @@ class Dispatcher:
                         started_mono = self.clock.monotonic()
                         begun = True
                         self._on_wire.add(on_wire)
-                        result = as_throttled(await self.transport.send(sender, message.email, item.data))
+                        result = as_throttled(await self.transport.send(sender, message.email, item.data, where))
                         finished = self.clock.now()
                         finished_mono = self.clock.monotonic()
                 finally:
                     wire.release()
             except BaseException:
-                # the run is failing (the rate's database gone past its retries) or being cancelled: a message
-                # whose first SMTP byte was not sent goes back to the queue, not to `uncertain` at its lease's end
+                # the run is failing (the rate's database gone past its retries) or being cancelled (a shutdown's
+                # grace period over): a message whose first SMTP byte was not sent, or cut off before the DATA
+                # command, nothing of it sent, goes back to the queue, not to `uncertain` at its lease's end (or at
+                # the shutdown's ``abandon``); one cut off at DATA or after may have arrived: left to those
                 self._off_wire(on_wire)
-                if not begun:
+                if not begun or where.stage in BEFORE_DATA:
                     writer.record(self._release(message, self.clock.now(), counts_as_attempt=False))
                 raise
             if result is None:  # stopped while it waited for the rate or a connection: nothing sent, give it back

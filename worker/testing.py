@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from worker.domain import Outcome, SendResult
+from worker.domain import Outcome, SendResult, SendStage
 
 
 class FakeClock:
@@ -47,7 +47,7 @@ class RecordingTransport:
         self.sent: list[tuple[str, str, bytes]] = []
         self.results = results or {}
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> SendResult:
+    async def send(self, sender: str, recipient: str, message: bytes, where: SendStage | None = None) -> SendResult:
         result = self.results.get(recipient, SendResult(Outcome.SENT, 250, "2.0.0 Ok: recorded"))
         if result.outcome is Outcome.SENT:
             self.sent.append((sender, recipient, message))

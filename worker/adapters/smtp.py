@@ -100,7 +100,7 @@ from worker.core.retry import (
     verifies_the_sender,
     wants_tls,
 )
-from worker.domain import Outcome, SendResult
+from worker.domain import Outcome, SendResult, SendStage
 
 REPLY_LIMIT = 500
 """Characters of server text kept in a ``SendResult``."""
@@ -206,9 +206,12 @@ class SmtpTransport:
     ) -> None:
         await self.close()
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> SendResult:
-        """Send ``message`` (RFC 5322 bytes) from ``sender`` to ``recipient``; classify what happened."""
+    async def send(self, sender: str, recipient: str, message: bytes, where: SendStage | None = None) -> SendResult:
+        """Send ``message`` (RFC 5322 bytes) from ``sender`` to ``recipient``; classify what happened. Cancelled
+        midway, it tells ``where`` (if given) the stage it had reached."""
         attempt = _Attempt(login_failures=self._login_failures)  # before it waits for a connection of the pool
+        if where is not None:
+            where.stage = attempt.stage  # (nothing said yet while it waits)
         slot = await self._idle.get()
         try:
             if self._closed:
@@ -216,6 +219,8 @@ class SmtpTransport:
             return await self._transaction(slot, attempt, sender, recipient, message)
         except BaseException:
             slot.discard()  # cancelled mid-transaction: the connection state is unknown
+            if where is not None:
+                where.stage = attempt.stage
             raise
         finally:
             slot.idle_since = asyncio.get_running_loop().time()

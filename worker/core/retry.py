@@ -63,6 +63,9 @@ STAGES = frozenset({"connect", "auth", "mail", "rcpt", "data", "message", "reply
 CONNECTION_STAGES = frozenset({"connect", "auth", "mail"})
 """Stages before RCPT TO: nothing about this message or its recipient has been said yet (MAIL FROM names the
 sender alone, the same for every message)."""
+BEFORE_DATA = CONNECTION_STAGES | {"rcpt"}
+"""Stages before the DATA command was sent: nothing of the message has left, an attempt cut off there can be made
+again with no risk of a second copy."""
 
 
 def classify_reply(code: int | None, stage: str) -> Outcome:
