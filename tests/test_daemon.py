@@ -808,6 +808,15 @@ def test_a_sighup_while_the_daemon_closes_does_not_kill_it(tmp_path: Path, smtp_
     assert list(tmp.iterdir()) == []
 
 
+def _run_once(shop: Shop) -> subprocess.Popen[str]:
+    """`kembali run --once` on ``shop``, started (its output piped)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", "--config", str(shop.config), "run", "--once"], cwd=REPO,
+        env={**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("sig", "echoed"),
     [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True)],
@@ -822,11 +831,7 @@ def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
     shop.add(customers, days_ago=60)
     for i in customers:
         smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=0.3))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--config", str(shop.config), "run", "--once"], cwd=REPO,
-        env={**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    proc = _run_once(shop)
     try:
         deadline = time.monotonic() + 60
         while len(smtp_server.messages) < 3 and time.monotonic() < deadline and proc.poll() is None:
@@ -853,6 +858,33 @@ def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
     assert statuses["sent"] == len(smtp_server.messages)
     assert statuses["sent"] + statuses.get("planned", 0) == 30 and statuses.get("planned", 0) > 0
     assert "stop_requested" in err and "stop_forced" not in err
+
+
+def test_run_once_stopped_while_its_sends_wait_at_rcpt_lets_them_finish_and_leaves_none_uncertain(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given `run --once` with two sends the server holds at RCPT TO (nothing of the messages sent yet)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port)
+    shop.add([1, 2], days_ago=60)
+    for i in (1, 2):
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="rcpt", delay_seconds=2))
+    proc = _run_once(shop)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and shop.scalar(
+            "SELECT count(*) FROM message WHERE status = 'sending'"
+        ) < 2:
+            time.sleep(0.05)
+        # When cron's `timeout` stops it (run --once has no grace period to run out: it is not cut off)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Then both sends went on past RCPT TO and were recorded sent: none left for an operator to decide about
+    assert proc.returncode == 128 + signal.SIGTERM.value, err
+    assert dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status")) == {"sent": 2}
+    assert len(smtp_server.messages) == 2
 
 
 @pytest.mark.parametrize(
