@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from worker.domain import ClaimedMessage
+from worker.errors import TemplateError
 from worker.sending import DispatchReport
 
 _AT = datetime(2026, 12, 6, 12, tzinfo=UTC)
@@ -29,3 +30,16 @@ def test_a_long_runs_report_forgets_the_messages_that_waited_for_their_domain_on
     assert report.outcomes == {"sent": 10_000}
     assert report.rate_waits == {"gmail.com": 10_000}  # each message once, however many times it waited
     assert not report._rate_waited and not report._back  # its memory of the done messages
+
+
+def test_a_long_runs_report_keeps_a_bounded_count_of_its_render_errors() -> None:
+    # a million messages failing each with its own error (one quoting the customer's name) must not keep a million
+    # errors: the first distinct ones are counted, the rest only summed
+    report = DispatchReport()
+    for n in range(1, 100_001):
+        error = TemplateError(f"UndefinedError: 'dict object' has no attribute 'Pelanggan {n}'",
+                              template="winback/id/subject.txt", line=2)
+        report.render_failed(error if n % 2 else TemplateError("'coupon' is undefined", template="a.html", line=3))
+    assert len(report.render_errors) <= 50
+    assert report.render_errors[("a.html", 3, "'coupon' is undefined")] == 50_000
+    assert sum(report.render_errors.values()) + report.render_errors_other == 100_000

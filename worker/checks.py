@@ -270,12 +270,6 @@ def _kind_of(error: TemplateError) -> Kind:
     return Kind.RENDER
 
 
-def _bare(error: TemplateError) -> str:
-    text = str(error)
-    where = error.template + (f":{error.line}" if error.line else "")
-    return text[len(where) + 2 :] if where and text.startswith(where + ": ") else text
-
-
 _SAMPLE_MARKUP = ("<script>alert(", "<b>tas</b>")
 """The HTML of the sample data (``samples.SCRIPT_NAME``, the products' ``<b>Tas</b>``) as it would come out printed
 raw: a template's own tags (a ``<script type="application/ld+json">`` of schema.org markup) are no sign of it."""
@@ -285,7 +279,7 @@ def problems_of(r: SampleRender, settings: Settings) -> list[Problem]:
     """What is wrong with one sample render (empty if nothing)."""
     base = {"campaign": r.campaign, "locale": str(r.locale), "samples": (r.sample.slug,)}
     if r.error is not None:
-        return [Problem(_kind_of(r.error), _bare(r.error), r.error.template, r.error.line, **base)]  # type: ignore[arg-type]
+        return [Problem(_kind_of(r.error), r.error.reason, r.error.template, r.error.line, **base)]  # type: ignore[arg-type]
     assert r.rendered is not None
     folder = f"{r.campaign}/{r.locale}"
     out: list[Problem] = []
@@ -346,7 +340,7 @@ def lint_problems(renderer: object, known: Mapping[str, set[str]], unused: Itera
     lint: Lintable = renderer  # type: ignore[assignment]
     shared = set.intersection(*known.values())
     return [
-        Problem(_kind_of(error), _bare(error), error.template, error.line)
+        Problem(_kind_of(error), error.reason, error.template, error.line)
         for error in lint.lint({"": shared, **known}, unused)
     ]
 

@@ -79,6 +79,7 @@ class TemplateError(KembaliError):
         self.line = line
         if len(message) > self.MAX_MESSAGE_CHARS:
             message = f"{message[: self.MAX_MESSAGE_CHARS]}…({len(message):,} chars)"
+        self.reason = message  # what went wrong, without the file and line the message begins with
         where = template + (f":{line}" if line else "")
         super().__init__(f"{where}: {message}" if where else message)
 

@@ -112,6 +112,7 @@ from worker.domain import (
     SendStage,
     SkipReason,
 )
+from worker.errors import TemplateError
 from worker.limiter import HOLD_SECONDS, REBOOKS, WIRE_HOLD_SECONDS, DailyQuota, Later, Limiter, LocalBooker
 from worker.pipeline import (
     Composed,
@@ -165,6 +166,10 @@ class ClockGuard:
         return problem
 
 
+MAX_RENDER_ERRORS = 50
+"""The distinct render errors a run's report counts apart (``DispatchReport.render_errors``)."""
+
+
 @dataclass
 class DispatchReport:
     outcomes: Counter[str] = field(default_factory=Counter)
@@ -196,6 +201,13 @@ class DispatchReport:
     """The most sends the run's arbiter remembered beside the ledger at once (its memory; stays near
     the messages in flight however long the run)."""
 
+    render_errors: Counter[tuple[str, int | None, str]] = field(default_factory=Counter)
+    """The messages that failed to render (``failed:render_error``), by (template file under the templates' folder
+    or "", its line or None, what went wrong): the first ``MAX_RENDER_ERRORS`` distinct ones, those after them in
+    ``render_errors_other`` (an error quoting the customer's data is one per customer: a long run keeps a few)."""
+    render_errors_other: int = 0
+    """The messages that failed to render with an error not kept in ``render_errors``."""
+
     _back: dict[int, tuple[str, str]] = field(default_factory=dict, repr=False)
     """The (campaign, outcome) counted for each message the run sent back to the queue (a retry, a deferral), which
     it may claim again: what becomes of it then takes its place. Not those it is done with (its memory stays near the
@@ -215,6 +227,15 @@ class DispatchReport:
             self._rate_waited.discard(message.id)
         self.outcomes[what] += 1
         self.by_campaign[(message.campaign, what)] += 1
+
+    def render_failed(self, error: Exception) -> None:
+        """A message failed to render with ``error`` (its count in ``outcomes`` is ``count``'s)."""
+        # (a ledger row that cannot be read, ``LedgerRowError``, has no template)
+        key = (error.template, error.line, error.reason) if isinstance(error, TemplateError) else ("", None, str(error))
+        if key in self.render_errors or len(self.render_errors) < MAX_RENDER_ERRORS:
+            self.render_errors[key] += 1
+        else:
+            self.render_errors_other += 1
 
     def waited_for_rate(self, message: ClaimedMessage, domain: str) -> None:
         """``message`` goes back to the queue to wait for a slot of ``domain``'s rate."""
@@ -1084,6 +1105,8 @@ class Dispatcher:
 
     def _count_not_sent(self, item: Skipped | RenderFailed, report: DispatchReport) -> None:
         report.count(item.message, _label(item))
+        if isinstance(item, RenderFailed):
+            report.render_failed(item.error)
         if self.observer is not None:
             self.observer.observe_result(item.message.campaign, _label(item), None, None, self.clock.monotonic())
 

@@ -169,12 +169,6 @@ def _readline(stream: IO[bytes], timeout_seconds: float) -> bytes | None:
     return stream.readline()
 
 
-def _bare(exc: TemplateError) -> str:
-    text = str(exc)
-    where = exc.template + (f":{exc.line}" if exc.line else "")
-    return text[len(where) + 2 :] if where and text.startswith(where + ": ") else text
-
-
 MEMORY_LIMIT_BYTES = 1 << 30
 """The address space the helper may use (``RLIMIT_AS``): ~100 MB after start-up, a few MB more per render; a
 template that keeps building values (a loop that nests each one in the next) gets a ``MemoryError`` at its
@@ -237,7 +231,7 @@ def _serve(argv: list[str]) -> int:
                 "ok": True, "subject": r.subject, "html": r.html, "text": r.text, "version": r.template_version,
             }  # fmt: skip
         except TemplateError as exc:
-            reply = {"ok": False, "error": _bare(exc), "template": exc.template, "line": exc.line}
+            reply = {"ok": False, "error": exc.reason, "template": exc.template, "line": exc.line}
         except Exception as exc:  # a bug in a filter, say: report it, keep serving
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "template": "", "line": None}
         out.write(json.dumps(reply, ensure_ascii=False).encode("utf-8") + b"\n")

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     sink = SmtpSink(folder=out / "sent")
     report, received, left = asyncio.run(_cycle_with_sink(settings, sink, FakeClock(now) if args.now else None))
     print()
-    for line in running.summary(report, left, settings.shop.time_zone):
+    for line in running.summary(report, left, settings.shop.time_zone, settings.resolve(settings.templates.dir)):
         print(line)
     print(f"the local SMTP sink received {len(received)} messages, saved as .eml files in {out / 'sent'}")
     parser = BytesParser(policy=policy.default)

@@ -121,9 +121,12 @@ async def dispatch(
     return dispatched
 
 
-def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zone: str = "UTC") -> list[str]:
+def summary(
+    report: CycleReport, waiting: opstore.Waiting | None = None, time_zone: str = "UTC", templates: Path | None = None
+) -> list[str]:
     """The run's lines for its operator; with ``waiting`` (``opstore.waiting`` after the run), what it left in the
-    queue and when the first of it falls due, on the clock of ``time_zone`` (the shop's)."""
+    queue and when the first of it falls due, on the clock of ``time_zone`` (the shop's). ``templates``: the folder
+    the render errors' files are named in (else by their names under it)."""
     lines = []
     for campaign, created in report.planned.created.items():
         share = report.holdout.get(campaign, 0.0)
@@ -151,6 +154,7 @@ def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zo
     if report.dispatched.relay_slowed:
         lines.append(f"{log.printable(report.dispatched.relay_slowed)}; the throttled messages wait in the queue, "
                      "their attempts not counted")
+    lines += _render_error_lines(report.dispatched, templates)
     content = sum(n for what, n in report.dispatched.outcomes.items() if what == "failed:content_rejected")
     if content:
         lines.append(f"{content} messages were refused for their content (5.7.x): check the templates, "
@@ -195,6 +199,32 @@ def summary(report: CycleReport, waiting: opstore.Waiting | None = None, time_zo
     if report.stopped_by:
         lines.append(f"stopped early by {report.stopped_by}: the sends under way finished, the rest waits in "
                      "the queue for the next run")
+    return lines
+
+
+RENDER_ERRORS_SHOWN = 3
+"""The commonest render errors the summary names, one line each; one more line counts the others."""
+
+
+def _render_error_lines(dispatched: DispatchReport, templates: Path | None) -> list[str]:
+    """``3 messages failed to render: templates/email/winback/id/body.html line 12: UndefinedError: 'coupon' is
+    undefined (see …)``: the commonest errors, each with its file, line and count, and a line counting the rest (the
+    log names each message's)."""
+    lines = []
+    errors = dispatched.render_errors.most_common()
+    for (template, line, error), n in errors[:RENDER_ERRORS_SHOWN]:
+        where = str(templates / template if templates is not None and template else template)
+        where += f" line {line}" if where and line else ""
+        what = log.printable(log.mask_addresses(error))
+        lines.append(f"{n} {'message' if n == 1 else 'messages'} failed to render: {where + ': ' if where else ''}"
+                     f"{what} (see `kembali ledger list --status failed`)")
+    more = sum(n for _, n in errors[RENDER_ERRORS_SHOWN:]) + dispatched.render_errors_other
+    if more:
+        others = len(errors[RENDER_ERRORS_SHOWN:])
+        count = f"more than {others}" if dispatched.render_errors_other else str(others)
+        lines.append(f"and {more} more {'message' if more == 1 else 'messages'} failed to render, with {count} other "
+                     f"{'error' if others == 1 and not dispatched.render_errors_other else 'errors'} (the log names "
+                     "each)")
     return lines
 
 
@@ -279,7 +309,7 @@ def once(settings: Settings) -> int:
         if sending is not None:
             sending.progress.done()
         deps.close()
-    for line in summary(report, left, settings.shop.time_zone):
+    for line in summary(report, left, settings.shop.time_zone, settings.resolve(settings.templates.dir)):
         print(line)
     return exit_code(report)
 
