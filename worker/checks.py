@@ -8,7 +8,8 @@ also found statically, in branches no sample reaches), a missing file, a text
 part that comes out empty, an HTML part over ``checks.html_max_bytes``, a render
 stopped after ``checks.render_timeout_seconds`` (when the renderer enforces it:
 ``adapters.render_worker.TimeLimitedRenderer``), an empty or too long subject,
-data that comes out unescaped in HTML, and a missing unsubscribe link or postal
+data that comes out unescaped in HTML (at the line of the `| safe` that lets it out,
+``locate_unescaped``), and a missing unsubscribe link or postal
 address. An empty list means all is well.
 """
 
@@ -103,6 +104,33 @@ class Lintable(Protocol):
     def lint(self, known: Mapping[str, Iterable[str]], skip: Iterable[str] = ()) -> list[TemplateError]: ...
 
     def campaigns(self) -> list[str]: ...
+
+
+class Unescaping(Protocol):
+    def unescaped_sites(self, campaign: str, locale: str) -> list[tuple[str, int]]: ...
+
+
+def locate_unescaped(problems: list[Problem], renderer: object) -> list[Problem]:
+    """``problems`` with each ``unescaped`` one (found in the rendered HTML, which says no line) put at the line that
+    lets data out: the first ``| safe`` on a value, ``{% autoescape false %}`` or include of a text file the HTML part
+    reaches, the others named in its message. One the renderer cannot place (no such line) stays as it was."""
+    if not hasattr(renderer, "unescaped_sites"):
+        return problems
+    finder: Unescaping = renderer
+    sites: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    out = []
+    for p in problems:
+        if p.kind is Kind.UNESCAPED and p.line is None:
+            key = (p.campaign, p.locale)
+            if key not in sites:
+                sites[key] = finder.unescaped_sites(*key)
+            found = sites[key]
+            if found:
+                (template, line), others = found[0], found[1:]
+                also = f"; also {', '.join(f'{t}:{n}' for t, n in others)}" if others else ""
+                p = dataclasses.replace(p, template=template, line=line, message=f"{p.message}{also}")
+        out.append(p)
+    return out
 
 
 # --- rendering the samples ---------------------------------------------------------
@@ -361,7 +389,7 @@ def check_templates(settings: Settings, renderer: TemplateRenderer) -> list[Prob
     absent = {f for f in required_folders(settings) if hasattr(renderer, "locales") and not renderer.locales(f)}
     problems = [dataclasses.replace(p, message=_no_folder(settings, p.campaign))
                 if p.kind is Kind.MISSING and p.campaign in absent else p for p in problems]  # fmt: skip
-    return _merge(problems + unseen)
+    return _merge(locate_unescaped(problems, renderer) + unseen)
 
 
 _UNDEFINED_NAME = re.compile(r"^(?:UndefinedError: '([^']*)' is undefined|undefined variable '([^']*)'(?:: .*)?"

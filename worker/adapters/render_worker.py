@@ -78,6 +78,9 @@ class TimeLimitedRenderer:
     def stray_text(self, skip: Iterable[str] = ()) -> list[StrayText]:
         return self.local.stray_text(skip)
 
+    def unescaped_sites(self, campaign: str, locale: str) -> list[tuple[str, int]]:
+        return self.local.unescaped_sites(campaign, locale)
+
     def render(self, campaign: str, locale: Locale, context: Mapping[str, object]) -> RenderedEmail:
         proc = self._helper()
         assert proc.stdin is not None and proc.stdout is not None

@@ -925,9 +925,9 @@ class JinjaTemplates:
             return False
         return self.root.joinpath(*parts).is_file()
 
-    def _files_used(self, campaign: str, locale: str) -> set[str]:
+    def _files_used(self, campaign: str, locale: str, parts: tuple[str, ...] = PARTS) -> set[str]:
         seen: set[str] = set()
-        stack = [f"{campaign}/{locale}/{part}" for part in reversed(PARTS)]  # popped in order: subject.txt first
+        stack = [f"{campaign}/{locale}/{part}" for part in reversed(parts)]  # popped in order: subject.txt first
         while stack:
             name = stack.pop()
             if name in seen:
@@ -965,6 +965,26 @@ class JinjaTemplates:
         return seen
 
     # --- static checks -----------------------------------------------------
+
+    def unescaped_sites(self, campaign: str, locale: str) -> list[tuple[str, int]]:
+        """Where the HTML part of the folder ``campaign/locale`` (body.html and the files it uses) lets a value out
+        unescaped: a ``| safe`` on what is not a constant (``{% filter safe %}`` too), ``{% autoescape false %}``,
+        an include of a file that is not HTML (a text file is not escaped); (file, line), the part's own first.
+        Files that cannot be read or parsed give none (the render names those)."""
+        try:
+            used = self._files_used(campaign, locale, ("body.html",))
+        except TemplateError:
+            return []
+        found: list[tuple[str, int]] = []
+        for name in sorted(used, key=lambda n: (not n.startswith(f"{campaign}/"), n)):
+            if not name.endswith(_HTML):
+                continue
+            try:
+                tree = self._env.parse(self._source(name), name, str(self.root / name))
+            except (TemplateError, jinja2.TemplateSyntaxError):
+                continue
+            found += [(name, line) for line in _unescaping_lines(tree)]
+        return found
 
     def files(self) -> list[str]:
         """Every template file under the root (``.html``/``.txt``), relative, sorted."""
@@ -1421,6 +1441,28 @@ class _Scopes:
             self._read(target, scope)  # {% set ns.x = … %} needs ns; it sets no name
         else:
             scope |= _stored(target)
+
+
+_HTML = (".html", ".htm")
+"""The files Jinja2 autoescapes (``select_autoescape``)."""
+
+
+def _unescaping_lines(tree: nodes.Template) -> list[int]:
+    """The lines of ``tree`` (an HTML file's) that let a value out unescaped (``JinjaTemplates.unescaped_sites``)."""
+    lines = []
+    for node in tree.find_all((nodes.Filter, nodes.ScopedEvalContextModifier, nodes.Include)):
+        if isinstance(node, nodes.Filter):
+            unescaped = node.name == "safe" and not isinstance(node.node, nodes.Const)  # (None: a filter block's)
+        elif isinstance(node, nodes.Include):
+            names = _template_names(node.template)
+            unescaped = bool(names) and not any(name.endswith(_HTML) for name in names)
+        else:
+            assert isinstance(node, nodes.ScopedEvalContextModifier)
+            unescaped = any(option.key == "autoescape" and not (isinstance(option.value, nodes.Const)
+                                                                and option.value.value) for option in node.options)
+        if unescaped:
+            lines.append(node.lineno)
+    return sorted(set(lines))
 
 
 def _template_names(expr: nodes.Expr) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.adapters.render_worker import TimeLimitedRenderer
-from worker.checks import lint_problems, problems_of, render_all, unused_folders
+from worker.checks import lint_problems, locate_unescaped, problems_of, render_all, unused_folders
 from worker.config import Settings
 from worker.errors import ConfigError
 
@@ -87,7 +87,7 @@ def render_page(settings: Settings, renderer: TimeLimitedRenderer, version: str)
         title = f"{r.campaign} · {r.locale} · {r.sample.label}"
         nav.append(f'<a href="#{anchor}">{html.escape(title)}</a>')
         body: list[str] = []
-        problems = problems_of(r, settings)
+        problems = locate_unescaped(problems_of(r, settings), renderer)
         if r.error is not None or r.rendered is None:
             where = (problems[0].where + ": ") if problems and problems[0].where else ""
             message = problems[0].message if problems else str(r.error)
