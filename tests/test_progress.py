@@ -8,6 +8,7 @@ import io
 import re
 import threading
 import time
+import unicodedata
 
 import pytest
 
@@ -209,3 +210,50 @@ def test_the_sending_line_counts_what_was_done_and_what_is_still_due_as_its_tota
     # Then the line says how many of the 100 (the one done when it was read and the 99 due then), the rate (10 a
     # second) and about how long the 60 still due take at it
     assert _drawn(terminal)[-1] == "sending: 40 of 100 (40.0%) messages done (40 sent), 10.0/s, about 6 s left"
+
+
+def _columns_on_screen(text: str) -> int:
+    """The columns ``text`` takes on a terminal: two for a wide character (CJK, most emoji), none for a combining
+    mark, one for the others."""
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)  # fmt: skip
+
+
+def test_a_file_name_of_wide_characters_fits_the_terminal_by_the_columns_it_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given an import of a file named in Japanese (each character two columns wide) on a terminal 60 columns wide
+    monkeypatch.setenv("COLUMNS", "60")
+    terminal, clock = _Terminal(), _Clock()
+    progress = Progress("importing customers from 顧客リスト二〇二六.csv", stream=terminal, clock=clock)
+
+    # When the line is drawn with its detail, the share of the file, the rate and the time left
+    progress.update(1, "lines read, 0 rejected", bytes_of=lambda: (1, 3_000_000))
+    clock.now = 2.0
+    progress.update(12_345, "lines read, 0 rejected", bytes_of=lambda: (1_000_000, 3_000_000))
+
+    # Then it takes fewer columns than the terminal has (one that wraps leaves a row behind at each update), the
+    # label and count kept whole
+    line = _drawn(terminal)[-1]
+    assert _columns_on_screen(line) < 60, (line, _columns_on_screen(line))
+    assert line.startswith("importing customers from 顧客リスト二〇二六.csv: 12,345")
+    # and a label too wide for any of it is cut at the columns, not at the characters
+    Progress("顧客" * 50, stream=terminal, clock=clock).update(5)
+    assert _columns_on_screen(_drawn(terminal)[-1]) < 60, _drawn(terminal)[-1]
+
+
+def test_a_terminal_one_column_wide_gets_no_line_that_wraps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1")
+    terminal = _Terminal()
+    Progress("sending", stream=terminal, clock=_Clock()).update(5, "messages done", total=10)
+    assert all(len(line) < 1 for line in _drawn(terminal)) and terminal.getvalue().startswith("\r"), terminal.getvalue()
+
+
+def test_a_file_name_with_a_terminal_escape_is_shown_escaped() -> None:
+    # Given a file whose name holds a terminal escape (clear the screen), imported on a terminal
+    terminal = _Terminal()
+    Progress("importing customers from a\x1b[2Jb.csv", stream=terminal, clock=_Clock()).update(5, "lines read")
+
+    # Then the escape reaches the terminal as text, not as a command (and the line's fitting counts its columns)
+    assert "\x1b[2J" not in terminal.getvalue()
+    assert _drawn(terminal) == ["importing customers from a\\u001b[2Jb.csv: 5 lines read"]

@@ -9,8 +9,11 @@ import math
 import os
 import sys
 import time
+import unicodedata
 from collections.abc import Callable
 from typing import TextIO
+
+from worker.log import printable
 
 
 class Progress:
@@ -24,7 +27,7 @@ class Progress:
         self, label: str, *, stream: TextIO | None = None, every_seconds: float = 0.5, rate: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
-        self.label = label
+        self.label = printable(label)  # (a file's name: an escape in it is shown, not obeyed)
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty()
         self.every = every_seconds
@@ -142,16 +145,42 @@ def _fitted(pieces: list[tuple[str, int]], width: int) -> str:
     """The pieces' text in less than ``width`` columns, as a line that wraps is not erased by the next one's ``\\r``:
     the pieces of the lowest rank left out first (the last of them first), then the end cut."""
     kept = list(pieces)
-    while (over := sum(len(text) for text, _ in kept) - width + 1) > 0 and any(rank for _, rank in kept):
+    while (over := sum(_columns(text) for text, _ in kept) - width + 1) > 0 and any(rank for _, rank in kept):
         lowest = min(rank for _, rank in kept if rank)
         at = max(i for i, (_, rank) in enumerate(kept) if rank == lowest)
         text = kept[at][0]
-        if lowest == WORDS and len(text) - over - 1 >= SHORTEST_WORDS:
-            kept[at] = (text[: len(text) - over - 1] + "…", 0)
+        if lowest == WORDS and _columns(text) - over - 1 >= SHORTEST_WORDS:
+            kept[at] = (_cut(text, _columns(text) - over - 1) + "…", 0)
         else:
             del kept[at]
     text = "".join(text for text, _ in kept)
-    return text if len(text) < width else text[: width - 2] + "…"
+    if _columns(text) < width:
+        return text
+    return _cut(text, width - 2) + "…" if width > 1 else ""
+
+
+def _columns(text: str) -> int:
+    """The columns ``text`` takes on a terminal: two for a wide character (CJK, most emoji), none for a combining
+    mark, one for the others."""
+    if text.isascii():
+        return len(text)
+    return sum(_column(ch) for ch in text)
+
+
+def _column(ch: str) -> int:
+    return 0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+
+
+def _cut(text: str, columns: int) -> str:
+    """The longest start of ``text`` that takes at most ``columns`` columns."""
+    if text.isascii():
+        return text[: max(0, columns)]
+    used = 0
+    for i, ch in enumerate(text):
+        used += _column(ch)
+        if used > columns:
+            return text[:i]
+    return text
 
 
 def _bytes(size: int) -> str:
