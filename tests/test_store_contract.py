@@ -430,6 +430,34 @@ def test_outcomes_written_again_after_a_commit_whose_reply_was_lost_change_nothi
     assert {r["dedupe_key"]: r["status"] for r in store.messages()} == {"k:0": "sent", "k:1": "skipped"}
 
 
+@pytest.mark.postgres
+def test_an_outcome_written_again_in_the_hour_a_clock_goes_back_is_taken_as_written(
+    pg_admin: sa.Engine, pg_migrated_url: str
+) -> None:
+    # Given a PostgreSQL database whose time zone goes back an hour in the night (its server's, as initdb sets it),
+    # and a's send begun in that repeated hour (00:30 UTC: 02:30 CEST), committed, though a did not hear so
+    name = sa.make_url(pg_migrated_url).database
+    with pg_admin.connect() as conn:
+        conn.execute(sa.text(f"ALTER DATABASE \"{name}\" SET timezone TO 'Europe/Berlin'"))
+    store = Store.from_url(pg_migrated_url)
+    try:
+        at = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)
+        shop.upsert_customers(store.engine, [CustomerRecord("C0", "c0@example.com", "C 0", Locale.ID, "Asia/Jakarta",
+                                                            None, True, "", "")], at)  # fmt: skip
+        store.insert_messages(planned(1, due=at), at)
+        (taken,) = store.claim(worker="a", now=at, limit=1, lease_seconds=60)
+        assert store.mark_sending([taken.id], worker="a", now=at) == {taken.id}
+        sent = [Disposition(message=taken, status=MessageStatus.SENT, worker="a", started_at=at, finished_at=at,
+                            result=SendResult(Outcome.SENT, 250, "2.0.0 queued as X1"))]  # fmt: skip
+        assert store.record_and_mark(sent, [], worker="a", now=at) == Marks()
+
+        # When a writes it again, Then it is taken as written: one attempt, nothing reported stale
+        assert store.record_and_mark(sent, [], worker="a", now=at) == Marks()
+        assert [a["outcome"] for a in store.attempts_for(taken.id)] == ["sent"]
+    finally:
+        store.close()
+
+
 def test_marks_made_again_after_a_commit_whose_reply_was_lost_are_given_as_made(store: Store) -> None:
     # Given a's marks committed, though the connection dropped before a heard so (it tries again, same instant)
     store.insert_messages(planned(3), NOW)
