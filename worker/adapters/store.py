@@ -932,11 +932,12 @@ class Store:
         in_flight = (_CLAIMED, _SENDING)
         held = [by == d.worker and status in in_flight for d, (by, status) in zip(dispositions, found, strict=True)]
         # a group commit retried after a commit whose reply was lost finds its own outcomes written: skip those (each
-        # known by when it began too: an attempt not counted, before RCPT TO, gave the next one its number), read as
-        # UTC: PostgreSQL gives it in the session's time zone, where Python finds no time of a repeated hour equal
+        # known by when it began too: an attempt not counted, before RCPT TO, gave the next one its number): as
+        # written, SQLite's text; PostgreSQL's read as UTC, as it gives it in the session's time zone, where Python
+        # finds no time of a repeated hour equal to its UTC twin
         lost = [i for i, mine in zip(ids, held, strict=True) if not mine]
-        read = self._sql.read_dt
-        written = {(r[0], r[1], r[2], read(r[3])) for r in self._select_in(cursor, self._sql.attempts_of, lost)}
+        began = self._sql.read_dt if self.dialect == "postgresql" else _as_is
+        written = {(r[0], r[1], r[2], began(r[3])) for r in self._select_in(cursor, self._sql.attempts_of, lost)}
         stale: list[Stale] = []
         late_sent: list[dict[str, Any]] = []
         late_refused: list[dict[str, Any]] = []
@@ -979,7 +980,7 @@ class Store:
                 if d.skip_reason is SkipReason.NO_LONGER_DUE and isinstance(carried, str):
                     unmerge.append({"key": carried, "now": dt(now), "order_id": d.message.id})
             elif (
-                (d.message.id, attempt_no, d.worker, d.started_at.astimezone(UTC)) in written
+                (d.message.id, attempt_no, d.worker, dt(d.started_at)) in written
                 if res is not None
                 else claimed_by is None and status == d.status.value
             ):
