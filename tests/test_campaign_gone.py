@@ -345,3 +345,48 @@ def test_a_daemon_start_reads_a_hand_written_time_before_it_claims_so_a_later_ti
     assert [e["dedupe_key"] for e in daemon.named("email_sent")] == [now_key], daemon.named("email_sent")
     assert shop.scalar("SELECT status FROM message WHERE id = :i", i=later_id) == "retry"
     assert shop.scalar("SELECT sent_at FROM message WHERE id = :i", i=later_id) is None
+
+
+def test_a_reload_while_the_waiting_rows_are_read_has_its_own_read_at_the_next_maintenance(
+    tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from tests.daemon_harness import LINK_KEY
+    from worker import daemon as daemon_module
+    from worker.config import load_settings
+
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    real = daemon_module.campaigns_not_sent
+    reads: list[str] = []
+
+    async def scenario() -> None:
+        reading, release = asyncio.Event(), asyncio.Event()
+
+        async def held(*args: object, **kwargs: object) -> object:  # the start's read, slow (a big ledger)
+            reads.append("read")
+            if len(reads) == 1:
+                reading.set()
+                await release.wait()
+            return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(daemon_module, "campaigns_not_sent", held)
+        daemon = daemon_module.Daemon(load_settings(shop.config), config_path=shop.config)
+        try:
+            # Given the start's read of the waiting rows under way
+            first = asyncio.ensure_future(daemon._read_waiting_rows(daemon.gen.settings))
+            await asyncio.wait_for(reading.wait(), 30)
+            # When a reload (a campaign turned off, say) comes and goes meanwhile, and the read then ends
+            assert await daemon.reload("test: SIGHUP")
+            release.set()
+            await first
+            # Then the next maintenance reads them again, for the reload's settings; the one after, not
+            await daemon.maintenance()
+            await daemon.maintenance()
+        finally:
+            await daemon._close()
+            daemon.store.close()
+
+    asyncio.run(scenario())
+    assert reads == ["read", "read"]

@@ -427,11 +427,16 @@ class Daemon:
                       note="the next maintenance reads the waiting rows")
 
     async def _read_waiting_rows(self, settings: Settings) -> None:
-        """``app.campaigns_not_sent``, once a start and a reload (``_campaigns_checked``)."""
+        """``app.campaigns_not_sent``, once a start and a reload (``_campaigns_checked``: set before the read, so that
+        a reload meanwhile, which clears it, has its own at the next maintenance; cleared again if the read fails)."""
         async with self._reading:
             if not self._campaigns_checked:
-                await campaigns_not_sent(self.store, self.astore, settings, self.clock.now())
                 self._campaigns_checked = True
+                try:
+                    await campaigns_not_sent(self.store, self.astore, settings, self.clock.now())
+                except BaseException:
+                    self._campaigns_checked = False
+                    raise
 
     async def _catch_up_passes(self, settings: Settings) -> None:
         now = self.clock.now()
