@@ -21,7 +21,7 @@ from tests.smtp_server import RecordingServer
 from tests.test_pipeline_e2e import run_cycle
 from worker.adapters import opstore
 from worker.adapters.store import Store
-from worker.adapters.web import Request
+from worker.adapters.web import HttpServer, Request
 from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.core import tokens
@@ -76,6 +76,31 @@ def _post(settings: Settings, store: Store, route: str, token: str, body: bytes)
         headers = {"content-type": "application/x-www-form-urlencoded"}
         response = asyncio.run(site.handle(Request("POST", route, {"t": [token]}, headers, body)))
         return response.status, response.body.decode()
+    finally:
+        site.store.close()
+
+
+async def _fetch(site: Site, raw: bytes) -> bytes:
+    server = HttpServer(site.handle, host="127.0.0.1", port=0)
+    port = await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return reply
+    finally:
+        await server.close()
+
+
+def _get(settings: Settings, store: Store, route: str, token: str) -> bytes:
+    """The page a GET of ``route?t=token`` gets from the daemon's HTTP server on 127.0.0.1 (what a mail scanner's
+    prefetch, or a customer's click, sees)."""
+    site = Site(store=AsyncStore(store), keys=[LINK_KEY.encode()], settings=lambda: settings, clock=FakeClock(NOW),
+                metrics=Metrics(), paused=lambda: False)  # fmt: skip
+    try:
+        return asyncio.run(_fetch(site, f"GET {route}?t={token} HTTP/1.1\r\nHost: shop\r\n\r\n".encode()))
     finally:
         site.store.close()
 
@@ -155,3 +180,24 @@ def test_links_sent_before_tokens_named_their_shop_work_where_the_ledger_shows_t
         assert _post(shop_a, a, "/unsubscribe", unsubscribe, ONE_CLICK)[0] == 200
         assert [s["email"] for s in opstore.suppressions(a)] == ["ani@example.com"]
         assert _post(shop_a, a, "/unsubscribe", customer_alone, ONE_CLICK)[0] == 200  # A mailed its customer 1
+
+
+def test_a_link_of_before_naming_no_email_shows_another_shops_customer_nothing(
+    tmp_path: Path, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given shop B, with the same key as shop A, whose customer 1 (bayu@example.net) B's ledger has never mailed,
+    # and A's link of before naming no email (``u:1`` signed for no shop: A's customer 1's, Ani's)
+    with _two_shops(tmp_path, smtp_server) as ((a, shop_a), (b, shop_b), _bound, _ratings):
+        customer_alone = tokens.sign("u", "1", LINK_KEY.encode(), shop="")
+        # When Ani opens it at B's site over HTTP (or a mail scanner fetches it)
+        with caplog.at_level(logging.INFO):
+            reply = _get(shop_b, b, "/unsubscribe", customer_alone)
+        # Then the bad-link page, as its POST gets: not a button to unsubscribe B's customer, masked address shown
+        assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+        assert b"b***@example.net" not in reply and b"example.net" not in reply
+        assert "has mailed the customer nothing" in str(_rejections(caplog)[0]["reason"])
+        assert opstore.suppressions(b) == []
+        # And at A's site, which mailed its customer 1, the confirmation page for Ani's address
+        reply = _get(shop_a, a, "/unsubscribe", customer_alone)
+        assert reply.startswith(b"HTTP/1.1 200 ") and b"a***@example.com" in reply, reply[:200]
+        assert opstore.suppressions(a) == []

@@ -208,6 +208,11 @@ class Site:
         mailed = await self._recipient(link, verified.domain, thorough) if link.message_local is not None else None
         if unbound and mailed is None and link.message_local is not None:
             return self._reject("unsubscribe", UNBOUND_NOT_IN_LEDGER, customer_id=link.customer_id)
+        # one naming no email: its POST is refused unless this shop's ledger has mailed the customer, and so is its
+        # GET, which showed another shop's customer's address (masked) and a button that did nothing
+        if (unbound and link.message_local is None and request.method != "POST"
+                and not await self._mailed_addresses(link.customer_id)):  # fmt: skip
+            return self._reject("unsubscribe", UNBOUND_NO_EMAIL, customer_id=link.customer_id)
         customer = await self.store.call(opstore.customer, s, link.customer_id)
         locale = customer.locale if customer is not None else self._default_locale()
         shop = self.settings().shop.name
@@ -272,7 +277,7 @@ class Site:
         address the customer was mailed at (the ledger is read whole for them: not for a GET). With whether the
         address (or addresses) mailed are among them: not for such a link's GET. Only for a link signed for this
         shop, or one signed for none whose email the ledger has (``unsubscribe``); one signed for none that names no
-        email is refused on the POST unless the ledger has mailed the customer (its GET changes nothing)."""
+        email is refused, GET and POST, unless the ledger has mailed the customer."""
         mailed = [recipient] if recipient is not None else []
         if post and not mailed:
             mailed = await self._mailed_addresses(link.customer_id)
