@@ -88,6 +88,13 @@ def test_a_target_that_looks_like_a_network_path_is_just_a_path() -> None:
     assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"GET //[ [('t', ['x'])] b''")
 
 
+def test_bytes_after_a_request_are_no_second_request() -> None:
+    # request smuggling: what follows the body Content-Length gives (a second request, pipelined or hidden in a
+    # body a proxy read otherwise) is never served; one answer, and the connection closed
+    second = b"POST /unsubscribe?t=x HTTP/1.1\r\nContent-Length: 26\r\n\r\nList-Unsubscribe=One-Click"
+    reply = exchange(b"POST /feedback HTTP/1.1\r\nContent-Length: 2\r\n\r\nok" + second)
+    assert reply.count(b"HTTP/1.1 ") == 1 and reply.endswith(b"POST /feedback [] b'ok'"), reply
+
 def test_a_form_with_too_many_fields_is_an_empty_form_not_a_500() -> None:
     async def form(request: Request) -> Response:
         return Response(200, repr(sorted(request.form())).encode(), "text/plain")
