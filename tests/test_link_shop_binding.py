@@ -201,3 +201,62 @@ def test_a_link_of_before_naming_no_email_shows_another_shops_customer_nothing(
         reply = _get(shop_a, a, "/unsubscribe", customer_alone)
         assert reply.startswith(b"HTTP/1.1 200 ") and b"a***@example.com" in reply, reply[:200]
         assert opstore.suppressions(a) == []
+
+
+def test_an_old_link_opened_many_times_at_once_reads_the_ledger_once_and_answers_every_request(
+    tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    # Given shop A's link of before naming no email, which each request checks by a read of the whole ledger (slow
+    # on a big one: held here until every request has come)
+    requests = 30
+    reads: list[int] = []
+    release = threading.Event()
+    real = opstore.mailed_addresses
+
+    def slow_read(store: Store, customer_id: int) -> list[str]:
+        reads.append(customer_id)
+        release.wait(30)
+        return real(store, customer_id)
+
+    monkeypatch.setattr(opstore, "mailed_addresses", slow_read)
+    with _two_shops(tmp_path, smtp_server) as ((a, shop_a), _b, _bound, _ratings):
+        customer_alone = tokens.sign("u", "1", LINK_KEY.encode(), shop="")
+        site = Site(store=AsyncStore(a), keys=[LINK_KEY.encode()], settings=lambda: shop_a, clock=FakeClock(NOW),
+                    metrics=Metrics(), paused=lambda: False)  # fmt: skip
+        raw = f"GET /unsubscribe?t={customer_alone} HTTP/1.1\r\nHost: shop\r\n\r\n".encode()
+
+        async def many_at_once() -> list[bytes]:
+            server = HttpServer(site.handle, host="127.0.0.1", port=0, max_connections=requests + 5)
+            port = await server.start()
+            try:
+                async def one() -> bytes:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(raw)
+                    await writer.drain()
+                    try:
+                        return await asyncio.wait_for(reader.read(), 30)
+                    finally:
+                        writer.close()
+
+                # When the link is opened 30 times at once (a customer's impatient clicks, a scanner, a script)
+                replies = asyncio.gather(*(one() for _ in range(requests)))
+                while not reads:  # the first read has begun; the others come while it is under way
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.5)
+                release.set()
+                return await replies
+            finally:
+                await server.close()
+
+        try:
+            replies = asyncio.run(many_at_once())
+        finally:
+            release.set()
+            site.store.close()
+
+    # Then every request gets its page, from one read of the ledger, not one each (which held a connection each,
+    # one read at a time, until the server had none left for anyone else)
+    assert all(r.startswith(b"HTTP/1.1 200 ") and b"a***@example.com" in r for r in replies), [r[:80] for r in replies]
+    assert reads == [1], reads

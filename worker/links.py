@@ -177,6 +177,10 @@ class Site:
         self._whole_ledger = asyncio.Lock()
         """Held while an unsubscribe link reads the ledger whole (one naming no email, or a Message-ID looked up in any
         case: ``_recipient``): one such read at a time."""
+        self._whole_reads: dict[tuple[object, ...], asyncio.Future[Any]] = {}
+        """The whole-ledger reads under way or waiting their turn, by what they read: the requests that ask the same
+        meanwhile (one link clicked or POSTed again and again) wait for that one, not each for a read of its own,
+        which held every connection the server allows (``web.max_connections``) and answered the others 503."""
 
     async def handle(self, request: Request) -> Response:
         route = request.path.rstrip("/") or "/"
@@ -265,8 +269,7 @@ class Site:
                 return found
         if not thorough:
             return None
-        async with self._whole_ledger:  # as ``_mailed_addresses``: not on the store's thread, one at a time
-            return await asyncio.to_thread(opstore.recipient_any_case, s, link.customer_id, message_ids)
+        return await self._read_whole_ledger(opstore.recipient_any_case, s, link.customer_id, tuple(message_ids))
 
     async def _addresses(
         self, link: UnsubscribeToken, recipient: str | None, customer: CustomerSnapshot | None, *, post: bool
@@ -292,8 +295,24 @@ class Site:
         index by customer: ~0.2 s a million rows on SQLite): on the AsyncStore's one thread it would hold back
         every call queued behind it, the senders' group commits among them, and a link POSTed again and again
         would stop sending."""
-        async with self._whole_ledger:
-            return await asyncio.to_thread(opstore.mailed_addresses, self.store.store, customer_id)
+        return await self._read_whole_ledger(opstore.mailed_addresses, self.store.store, customer_id)
+
+    async def _read_whole_ledger(self, read: Callable[..., T], *args: Any) -> T:
+        """``read(*args)``, which reads the ledger whole: on a thread of its own, one such read at a time, and shared
+        by the requests that ask the same meanwhile (``_whole_reads``); one request gone (its client, its timeout)
+        does not cancel it for the others."""
+        key = (read.__name__, *args[1:])
+        shared = self._whole_reads.get(key)
+        if shared is None:
+            async def one_at_a_time() -> T:
+                async with self._whole_ledger:
+                    return await asyncio.to_thread(read, *args)
+
+            shared = self._whole_reads[key] = asyncio.ensure_future(one_at_a_time())
+            shared.add_done_callback(lambda _done: self._whole_reads.pop(key, None))
+            shared.add_done_callback(_retrieve)
+        result: T = await asyncio.shield(shared)
+        return result
 
     # --- feedback ---------------------------------------------------------------
 
