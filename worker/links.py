@@ -269,7 +269,7 @@ class Site:
                 return found
         if not thorough:
             return None
-        return await self._read_whole_ledger(opstore.recipient_any_case, s, link.customer_id, tuple(message_ids))
+        return await self._read_whole_ledger(opstore.recipient_any_case, link.customer_id, tuple(message_ids))
 
     async def _addresses(
         self, link: UnsubscribeToken, recipient: str | None, customer: CustomerSnapshot | None, *, post: bool
@@ -295,18 +295,18 @@ class Site:
         index by customer: ~0.2 s a million rows on SQLite): on the AsyncStore's one thread it would hold back
         every call queued behind it, the senders' group commits among them, and a link POSTed again and again
         would stop sending."""
-        return await self._read_whole_ledger(opstore.mailed_addresses, self.store.store, customer_id)
+        return await self._read_whole_ledger(opstore.mailed_addresses, customer_id)
 
     async def _read_whole_ledger(self, read: Callable[..., T], *args: Any) -> T:
-        """``read(*args)``, which reads the ledger whole: on a thread of its own, one such read at a time, and shared
-        by the requests that ask the same meanwhile (``_whole_reads``); one request gone (its client, its timeout)
-        does not cancel it for the others."""
-        key = (read.__name__, *args[1:])
+        """``read(store, *args)``, which reads the ledger whole: on a thread of its own, one such read at a time, and
+        shared by the requests that ask the same meanwhile (``_whole_reads``); one request gone (its client, its
+        timeout) does not cancel it for the others."""
+        key = (read.__name__, *args)
         shared = self._whole_reads.get(key)
         if shared is None:
             async def one_at_a_time() -> T:
                 async with self._whole_ledger:
-                    return await asyncio.to_thread(read, *args)
+                    return await asyncio.to_thread(read, self.store.store, *args)
 
             shared = self._whole_reads[key] = asyncio.ensure_future(one_at_a_time())
             shared.add_done_callback(lambda _done: self._whole_reads.pop(key, None))
