@@ -596,41 +596,49 @@ def test_winback_sequence_advances_step_by_step_and_stops_when_they_order_again(
 
 
 RENUMBERED = [((30, 60), (14, 30, 60)), ((14, 30, 60), (30, 60)), ((30, 60, 90), (30, 90)), ((30, 60), (30, 90)),
-              ((30, 90), (30, 60, 90)), ((30, 60), (20, 45, 60))]  # fmt: skip
+              ((30, 90), (30, 60, 90)), ((30, 60), (20, 45, 60)), ((14, 30, 60), (30, 60, 90)),
+              ((14, 30, 60), (14, 60))]  # fmt: skip
+TEMPLATES = {"one template": lambda _d: "winback", "a template per day count": lambda d: f"winback-{d}"}
 
 
-def winback_steps(days: tuple[int, ...]) -> Settings:
+def winback_steps(days: tuple[int, ...], template: Callable[[int], str] = TEMPLATES["one template"]) -> Settings:
     return settings_from_dict({"campaigns": {"winback": {"holdout_share": 0.0, "steps": [
-        {"days": d, "template": "winback"} for d in days]}}})  # fmt: skip
+        {"days": d, "template": template(d)} for d in days]}}})  # fmt: skip
 
 
+@pytest.mark.parametrize("templates", list(TEMPLATES))
 @pytest.mark.parametrize(("was", "now"), RENUMBERED, ids=[f"{a}->{b}" for a, b in RENUMBERED])
 def test_steps_renumbered_in_the_config_plan_what_the_rule_says(
-    db_url: str, was: tuple[int, ...], now: tuple[int, ...]
+    db_url: str, was: tuple[int, ...], now: tuple[int, ...], templates: str
 ) -> None:
     """One-time buyers of every age, planned by passes 40, 20 and 1 days ago under the old steps (each pass's rows
     inserted), then planned under the new steps: the planner plans exactly what the rule says for the ledger's rows
-    (a step's day count that has a row of it or a later one, whatever the number, is not planned again), and no
-    day count twice for an order."""
+    (a step's day count that has a row of it or a later one, whatever the number, is not planned again; a step
+    whose number has a row planned as another step gets a key of its own), and no day count twice for an order."""
+    template = TEMPLATES[templates]
     store = Store.from_url(db_url)
     try:
         ages = [12, 16, 22, 31, 35, 46, 52, 59, 61, 65, 89, 91, 120]
         load(store, [Case(f"{age} days", 1, (o(D, age),)) for age in ages])
         for days_ago in (40, 20, 1):
-            planning.plan_into_ledger(store, winback_steps(was), "winback", NOW - ago(days_ago))
+            planning.plan_into_ledger(store, winback_steps(was, template), "winback", NOW - ago(days_ago))
         rows = ledger(store, "winback")
         had: dict[str, int] = {}
         for key, row in rows.items():
             order = key.split(":")[2]
             had[order] = max(had.get(order, 0), int(row[4]["days"]))
+        planned = {key: (int(row[4]["days"]), row[4]["template"]) for key, row in rows.items()}
         expected = set()
         for i, age in enumerate(ages):
             f = cc.Facts(f"C{i}", orders=(OrderFacts(f"O{i}-0", D, NOW - ago(age), None, 10_000_000, "IDR"),),
-                         planned_keys=frozenset(rows), winback_days=had)  # fmt: skip
-            expected |= set(cc.winback_due_keys(f, NOW, now))
-        shown = {m.dedupe_key for b in planning.plan_batches(store, winback_steps(now), "winback", NOW) for m in b}
+                         planned_keys=frozenset(rows), winback_days=had, winback_rows=planned)  # fmt: skip
+            expected |= set(cc.winback_due_keys(f, NOW, now, step_templates=[template(d) for d in now]))
+        if (was, now) == ((14, 30, 60), (30, 60)):  # day 60, now step 2, for those who had day 30 as step 2
+            assert {k.rsplit(":", 1)[1] for k in expected} >= {"2d60"}
+        after = winback_steps(now, template)
+        shown = {m.dedupe_key for b in planning.plan_batches(store, after, "winback", NOW) for m in b}
         assert shown == expected
-        assert planning.plan_into_ledger(store, winback_steps(now), "winback", NOW) == len(expected)
+        assert planning.plan_into_ledger(store, after, "winback", NOW) == len(expected)
         days = [(key.split(":")[2], row[4]["days"]) for key, row in ledger(store, "winback").items()]
         assert len(days) == len(set(days)), "a step's day count planned twice for one order"
     finally:

@@ -4,7 +4,8 @@ A step's dedupe key carries its number (``winback:<customer>:<order>:<step>``), 
 in ``[[campaigns.winback.steps]]``. Given a one-time buyer who got the step of day 30, when an operator inserts an
 earlier step (day counts [30, 60] become [14, 30, 60]) or removes one ([14, 30, 60] become [30, 60]), the day-30
 step has a new number, so a new key: it must not be planned and sent again for the same order. The step of a
-later day count still goes when its day comes.
+later day count still goes when its day comes, under a key of its own (``…:<step>d<days>``) when its number is
+that of the row the customer has; a step whose days are edited (its template kept) is not sent again.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from worker.testing import FakeClock
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2027, 3, 1, 3, 0, tzinfo=UTC)
 """10:00 in Jakarta: no quiet hours."""
-TEMPLATES = {14: "winback-reminder", 30: "winback", 60: "winback-last"}
-COUPONS = {14: ("", 0), 30: ("KEMBALI10", 10), 60: ("KEMBALI15", 15)}
+TEMPLATES = {14: "winback-reminder", 30: "winback", 35: "winback", 60: "winback-last"}
+COUPONS = {14: ("", 0), 30: ("KEMBALI10", 10), 35: ("KEMBALI10", 10), 60: ("KEMBALI15", 15)}
 
 
 @pytest.fixture(autouse=True)
@@ -174,15 +175,15 @@ def test_preview_says_when_the_steps_are_numbered_otherwise_than_when_rows_were_
     # Then it says which rows' numbers changed and what a pass plans for them, and shows no win-back message
     assert ("note: win-back's steps are numbered otherwise than when some of its ledger rows were planned (2 of 30 "
             "days planned as step 1, now step 2): an order is not planned a step of as many days as a row it has, "
-            "or fewer, whatever the numbers, nor a step whose number it has a row of") in shown.err
+            "or fewer, whatever the numbers; a step whose number it has a row of is planned under a key with its "
+            "days when that row was another step's (its days another step's now, or its template not this step's), "
+            "and not at all when it was this step's, its days edited") in shown.err
     assert "winback/" not in shown.out
     # and with the steps as they were, it says nothing of the kind
     assert previewing.preview(settings_for(db_url, smtp_server, [30, 60]), args) == 0
     assert "numbered otherwise" not in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="the key carries the step's number: day 60, now step 2, has the key of the "
-                   "day-30 row the customer had as step 2 (README, 'Win-back's steps are numbered')")
 def test_a_step_removed_before_the_one_a_customer_got_still_sends_the_later_step(
     db_url: str, smtp_server: RecordingServer
 ) -> None:
@@ -192,5 +193,40 @@ def test_a_step_removed_before_the_one_a_customer_got_still_sends_the_later_step
     # When the operator removes the day-14 step, and Kembali runs on day 61
     after = settings_for(db_url, smtp_server, [30, 60])
     cycle_at(after, T0 + timedelta(days=26))
-    # Then the day-60 step goes
+    # Then the day-60 step goes, under a key of its own (the day-30 row has the key of step 2)
     assert [to for to, _ in received(smtp_server)] == ["c1@example.com"] * 2
+    assert ledger(after) == [("winback:C1:C1-1:2", "30", "sent", None), ("winback:C1:C1-1:2d60", "60", "sent", None)]
+    # and a pass the next day plans nothing more
+    cycle_at(after, T0 + timedelta(days=27))
+    assert len(received(smtp_server)) == 2
+
+
+def test_the_first_step_removed_still_sends_the_next_one_to_those_who_had_it(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given a one-time buyer sent the day-14 reminder as step 1 of [14, 30, 60]
+    given_one_time_buyers(db_url, {"C1": 15})
+    cycle_at(settings_for(db_url, smtp_server, [14, 30, 60]), T0)
+    assert len(received(smtp_server)) == 1
+    # When the operator removes the reminder, and Kembali runs on day 31
+    after = settings_for(db_url, smtp_server, [30, 60])
+    cycle_at(after, T0 + timedelta(days=16))
+    # Then the day-30 offer, now step 1, goes: the row of step 1 is the reminder's, another template's
+    assert [subject for _, subject in received(smtp_server)][1] == "Siti, we miss you! Here's 10% off, just for you"
+    assert ledger(after) == [("winback:C1:C1-1:1", "14", "sent", None), ("winback:C1:C1-1:1d30", "30", "sent", None)]
+
+
+def test_a_steps_days_edited_do_not_send_that_step_again(db_url: str, smtp_server: RecordingServer) -> None:
+    # Given a one-time buyer sent the day-30 step (template winback) as step 1 of [30, 60]
+    given_one_time_buyers(db_url, {"C1": 31})
+    cycle_at(settings_for(db_url, smtp_server, [30, 60]), T0)
+    assert len(received(smtp_server)) == 1
+    # When the operator moves that step, same template, to day 35, and Kembali runs on day 36
+    after = settings_for(db_url, smtp_server, [35, 60])
+    cycle_at(after, T0 + timedelta(days=5))
+    # Then it is the same step: not sent again
+    assert len(received(smtp_server)) == 1
+    # and the day-60 step still goes when its day comes
+    cycle_at(after, T0 + timedelta(days=30))
+    assert len(received(smtp_server)) == 2
+    assert ledger(after) == [("winback:C1:C1-1:1", "30", "sent", None), ("winback:C1:C1-1:2", "60", "sent", None)]

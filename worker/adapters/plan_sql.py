@@ -104,6 +104,9 @@ class Plan:
     merged: Any = None
     """When true for a row (an SQL condition), the row is stored as skipped, ``merged`` (``SkipReason.MERGED``):
     another row of this pass carries it (loyalty's milestones reached by one order). None: never."""
+    key_free: Any = None
+    """The condition that the ledger has no row that stands for the candidate's (None: no row with its key, the
+    plan's ledger probe). Win-back's: no row with its key that was planned as this step (``winback_step_moved``)."""
     probes_ledger_last: bool = False
     """A condition of ``checked_last`` probes the ledger per candidate by an index range (win-back's rows of the
     order under another step number). PostgreSQL's INSERT then plans no sequential scan: on a first pass the
@@ -187,11 +190,24 @@ def winback(
     step = by_step(lambda n, _t, _d: sa.literal(n))
     template = by_step(lambda _n, t, _d: _lit(t))
     days = by_step(lambda _n, _t, d: _lit(str(d)))
+    step_days = by_step(lambda _n, _t, d: sa.literal(d, sa.Integer))
     prefix = (
         _lit("winback:") + _key_part(C.c.external_id) + _lit(":") + _key_part(C.c.first_order_external_id)
         + _lit(":")
     )  # fmt: skip
-    key = prefix + sa.cast(step, sa.String)
+    numbered = prefix + sa.cast(step, sa.String)
+    # the step's key, unless the order has a row of that key planned as another step (one removed or inserted before
+    # it since): then a key of its own, with its days (``core.campaigns.winback_step_moved``, as SQL)
+    taken = M.alias("taken")
+    row_days, row_template = payload_days(c.dialect, taken.c.payload), payload_template(c.dialect, taken.c.payload)
+    this_step = sa.or_(
+        row_days.is_(None), row_days == step_days,
+        sa.and_(row_days.not_in([d for _b, _t, d in steps]),
+                sa.func.coalesce(row_template, template) == template),
+    )  # fmt: skip
+    key_free = ~sa.exists().where(taken.c.dedupe_key == numbered, this_step)
+    moved = M.alias("moved")
+    key = sa.case((sa.exists().where(moved.c.dedupe_key == numbered), numbered + _lit("d") + days), else_=numbered)
     where = [
         _scanned(c.dialect, C.c.order_count) == 1, C.c.first_order_at < steps[0][0],
         C.c.first_order_external_id.is_not(None), *_consenting(),
@@ -209,7 +225,7 @@ def winback(
     # order that has a win-back row of its day count or a later one, whatever that row's number
     again = _winback_row(c.dialect, prefix, by_step(lambda _n, _t, d: sa.literal(d, sa.Integer)))
     return Plan("winback", step, c.priority, c.now, c.expires_at, key, payload,
-                C, where, (C.c.id,), C.c.id, c.holdout_share, checked_last=(~again, paid),
+                C, where, (C.c.id,), C.c.id, c.holdout_share, checked_last=(~again, paid), key_free=key_free,
                 probes_ledger_last=True)  # fmt: skip
 
 
@@ -238,6 +254,14 @@ def payload_days(dialect: str, payload: Any) -> Any:
     else:
         found = sa.case((sa.func.json_valid(payload), sa.func.json_extract(payload, "$.days")))
     return sa.cast(found, sa.Integer)
+
+
+def payload_template(dialect: str, payload: Any) -> Any:
+    """A win-back row's ``template`` (its payload's), as ``payload_days`` reads ``days``; NULL where there is none
+    (template folder names are a-z, 0-9, - and _: nothing JSON escapes)."""
+    if dialect == "postgresql":
+        return sa.func.substring(payload, r'"template"\s*:\s*"([^"]*)"')
+    return sa.case((sa.func.json_valid(payload), sa.func.json_extract(payload, "$.template")), else_=sa.null())
 
 
 def winback_rows_by_step(engine: Engine) -> dict[tuple[int, int | None], int]:
@@ -399,7 +423,8 @@ def _columns(plan: Plan, dialect: str, domain: str, *, message_id: bool) -> dict
 def _new(plan: Plan) -> list[Any]:
     """The plan's rule, then the ledger probe, then the suppression list: in the steady state nearly every
     candidate is already in the ledger, so its probe comes first and the suppression probe rarely runs."""
-    return [*plan.where, ~sa.exists().where(M.c.dedupe_key == plan.key), *plan.checked_last, _unsuppressed()]
+    free = ~sa.exists().where(M.c.dedupe_key == plan.key) if plan.key_free is None else plan.key_free
+    return [*plan.where, free, *plan.checked_last, _unsuppressed()]
 
 
 def _after(order: Sequence[Any], cursor: Sequence[Any] | None) -> list[Any]:

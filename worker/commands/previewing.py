@@ -247,8 +247,10 @@ def _note_winback_renumbered(deps: Deps, settings: Settings) -> None:
     each = "; ".join(f"{r.rows:,} of {r.days} days planned as step {r.was}, "
                      + (f"now step {r.now}" if r.now is not None else "no step now") for r in moved)  # fmt: skip
     print(f"note: win-back's steps are numbered otherwise than when some of its ledger rows were planned ({each}): "
-          "an order is not planned a step of as many days as a row it has, or fewer, whatever the numbers, nor a "
-          "step whose number it has a row of", file=sys.stderr)  # fmt: skip
+          "an order is not planned a step of as many days as a row it has, or fewer, whatever the numbers; a step "
+          "whose number it has a row of is planned under a key with its days when that row was another step's (its "
+          "days another step's now, or its template not this step's), and not at all when it was this step's, its "
+          "days edited", file=sys.stderr)  # fmt: skip
 
 
 def _show(

@@ -40,8 +40,11 @@ def key_part_value(part: str) -> str:
     return part.replace("%3A", ":").replace("%25", "%")
 
 
-def winback_key(customer_external_id: str, first_order_external_id: str, step: int = 1) -> str:
-    return f"{WINBACK}:{key_part(customer_external_id)}:{key_part(first_order_external_id)}:{step}"
+def winback_key(customer_external_id: str, first_order_external_id: str, step: int = 1, days: int | None = None) -> str:
+    """``winback:<customer>:<order>:<step>``; with ``days``, ``…:<step>d<days>``: the key of a step whose number an
+    order has a row of planned as another step (``campaigns.winback_step_moved``)."""
+    tail = str(step) if days is None else f"{step}d{days}"
+    return f"{WINBACK}:{key_part(customer_external_id)}:{key_part(first_order_external_id)}:{tail}"
 
 
 def winback_cutoff(now: datetime, quiet_days: int) -> datetime:

@@ -123,6 +123,22 @@ def winback_step_window(now: datetime, step_days: Sequence[int], step: int) -> t
     return not_before, before
 
 
+def winback_step_moved(
+    row_days: int | None, row_template: str | None, step: int, step_days: Sequence[int], step_templates: Sequence[str]
+) -> bool:
+    """Whether the ledger row that has the key of step ``step`` (of fewer days: a row of as many or more leaves the
+    step unplanned by its days) was planned as another step, one removed or inserted before it since: its days
+    are those of another step now, or its template is not this step's (``step_templates`` empty: not compared).
+    The step is then planned under a key of its own (``winback_key`` with its days). Otherwise (the step's days
+    edited, its template kept, or a row whose days cannot be read) the row is this step's, and it is not planned
+    again."""
+    if row_days is None or row_days == step_days[step - 1]:
+        return False
+    if row_days in step_days:
+        return True
+    return bool(step_templates) and row_template is not None and row_template != step_templates[step - 1]
+
+
 @dataclass(frozen=True, slots=True)
 class Renumbered:
     """Win-back ledger rows of one day count planned under a step number the config now gives another step."""
@@ -555,6 +571,8 @@ class Facts:
     winback_days: Mapping[str, int] = field(default_factory=dict)
     """Per order (external id), the most days of a win-back step the ledger has a row of for it (the payload's
     ``days``), whatever that row's step number."""
+    winback_rows: Mapping[str, tuple[int | None, str | None]] = field(default_factory=dict)
+    """Per win-back ledger row (its dedupe key), the payload's ``days`` and ``template`` (None: not there)."""
 
     @property
     def reachable(self) -> bool:
@@ -570,7 +588,11 @@ def _last_purchase(facts: Facts) -> OrderFacts | None:
 
 
 def winback_due_keys(
-    facts: Facts, now: datetime, step_days: Sequence[int], give_up_after_days: int = 0
+    facts: Facts,
+    now: datetime,
+    step_days: Sequence[int],
+    give_up_after_days: int = 0,
+    step_templates: Sequence[str] = (),
 ) -> list[str]:
     bought = purchases(facts.orders)
     # one purchase, paid (an order placed and never paid is no purchase to follow up; one after it is a new order)
@@ -584,6 +606,11 @@ def winback_due_keys(
     if had is not None and had >= step_days[step - 1]:
         return []
     key = winback_key(facts.customer_external_id, bought[0].external_id, step)
+    if key in facts.planned_keys:
+        row_days, row_template = facts.winback_rows.get(key, (None, None))
+        if not winback_step_moved(row_days, row_template, step, step_days, step_templates):
+            return []
+        key = winback_key(facts.customer_external_id, bought[0].external_id, step, step_days[step - 1])
     return [] if key in facts.planned_keys else [key]
 
 
