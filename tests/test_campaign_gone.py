@@ -185,8 +185,12 @@ def test_failing_many_rows_of_an_unknown_campaign_holds_neither_the_database_nor
         finally:
             engine.dispose()
 
+    took: list[float] = []
+
     async def start() -> int:
+        began = time.monotonic()
         task = asyncio.ensure_future(campaigns_not_sent(shop.store, astore, shop.settings, NOW))
+        task.add_done_callback(lambda _t: took.append(time.monotonic() - began))
         await asyncio.sleep(0.5)
         while not task.done():  # this worker's own database calls (a claim, a health line) meanwhile
             started = time.monotonic()
@@ -206,10 +210,13 @@ def test_failing_many_rows_of_an_unknown_campaign_holds_neither_the_database_nor
         astore.close()
 
     # Then every one of them is failed, in short transactions and short calls of the worker's database thread: no
-    # other worker waits seconds for the database, nor this worker's own claims and health line
+    # other worker waits seconds for the database, nor this worker's own claims and health line (on a machine so
+    # loaded that failing them all takes longer, no wait is more than half of it: one transaction for them all
+    # made a writer wait as long as the whole)
     assert failed == many + 1
-    assert max(waits) < 2.0, f"another worker waited {max(waits):.1f} s to write"
-    assert not others or max(others) < 2.0, f"this worker's own database calls waited {max(others):.1f} s"
+    bound = max(2.0, took[0] / 2)
+    assert max(waits) < bound, f"another worker waited {max(waits):.1f} s to write, of {took[0]:.1f} s"
+    assert not others or max(others) < bound, f"this worker's own database calls waited {max(others):.1f} s"
 
 
 def test_check_names_the_rows_the_worker_will_not_send_before_a_config_that_turns_their_campaign_off(
