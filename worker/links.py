@@ -41,7 +41,7 @@ import asyncio
 import json
 import logging
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
@@ -171,16 +171,15 @@ class Site:
         them: ``Daemon.waiting_for_domain_rate``)."""
         self.relay_pace = relay_pace
         """The dispatcher's global pace (``core.pace``; the current limiter's: a reload makes a new one)."""
-        self._ledger_read: asyncio.Future[tuple[dict[tuple[str, str], int], int]] | None = None
-        self._ping: asyncio.Future[None] | None = None
-        """The database ping under way: probes that come while it runs wait for it rather than start their own."""
+        self._shared = _Shared()
+        """The database reads under way, by what they read: the database ping (probes that come while it runs wait
+        for it rather than start their own), the count of ``/metrics``, and the whole-ledger reads of unsubscribe
+        links (the requests that ask the same meanwhile, one link clicked or POSTed again and again, wait for that
+        one, not each for a read of its own, which held every connection the server allows, ``web.max_connections``,
+        and answered the others 503)."""
         self._whole_ledger = asyncio.Lock()
         """Held while an unsubscribe link reads the ledger whole (one naming no email, or a Message-ID looked up in any
         case: ``_recipient``): one such read at a time."""
-        self._whole_reads: dict[tuple[object, ...], asyncio.Future[Any]] = {}
-        """The whole-ledger reads under way or waiting their turn, by what they read: the requests that ask the same
-        meanwhile (one link clicked or POSTed again and again) wait for that one, not each for a read of its own,
-        which held every connection the server allows (``web.max_connections``) and answered the others 503."""
 
     async def handle(self, request: Request) -> Response:
         route = request.path.rstrip("/") or "/"
@@ -299,20 +298,13 @@ class Site:
 
     async def _read_whole_ledger(self, read: Callable[..., T], *args: Any) -> T:
         """``read(store, *args)``, which reads the ledger whole: on a thread of its own, one such read at a time, and
-        shared by the requests that ask the same meanwhile (``_whole_reads``); one request gone (its client, its
+        shared by the requests that ask the same meanwhile (``_shared``); one request gone (its client, its
         timeout) does not cancel it for the others."""
-        key = (read.__name__, *args)
-        shared = self._whole_reads.get(key)
-        if shared is None:
-            async def one_at_a_time() -> T:
-                async with self._whole_ledger:
-                    return await asyncio.to_thread(read, self.store.store, *args)
+        async def one_at_a_time() -> T:
+            async with self._whole_ledger:
+                return await asyncio.to_thread(read, self.store.store, *args)
 
-            shared = self._whole_reads[key] = asyncio.ensure_future(one_at_a_time())
-            shared.add_done_callback(lambda _done: self._whole_reads.pop(key, None))
-            shared.add_done_callback(_retrieve)
-        result: T = await asyncio.shield(shared)
-        return result
+        return await self._shared.join((read.__name__, *args), one_at_a_time)
 
     # --- feedback ---------------------------------------------------------------
 
@@ -356,11 +348,9 @@ class Site:
         holds it until the driver's connect timeout): one at a time, shared by the probes that come meanwhile, so
         a probe every second cannot fill the threads that planning and ``/metrics`` need."""
         database = "ok"
-        if self._ping is None or self._ping.done():
-            self._ping = asyncio.ensure_future(asyncio.to_thread(opstore.ping, self.store.store))
-            self._ping.add_done_callback(_retrieve)  # its failure may come after every probe has stopped waiting
+        ping = self._shared.join(("ping",), lambda: asyncio.to_thread(opstore.ping, self.store.store))
         try:
-            await asyncio.wait_for(asyncio.shield(self._ping), HEALTH_TIMEOUT_SECONDS)
+            await asyncio.wait_for(ping, HEALTH_TIMEOUT_SECONDS)
         except Exception as exc:
             database = f"unreachable: {type(exc).__name__}"
         paused = self.paused()
@@ -373,13 +363,11 @@ class Site:
 
     async def prometheus(self, request: Request) -> Response:
         settings = self.settings()
-        if self._ledger_read is None or self._ledger_read.done():
-            self._ledger_read = asyncio.ensure_future(asyncio.to_thread(self._read_ledger, self.clock.now()))
-            self._ledger_read.add_done_callback(_retrieve)  # its failure may come after every scrape stopped waiting
+        read = self._shared.join(("metrics",), lambda: asyncio.to_thread(self._read_ledger, self.clock.now()))
         ledger: dict[tuple[str, str], int] | None
         depth: int | None
         try:
-            ledger, depth = await asyncio.wait_for(asyncio.shield(self._ledger_read), METRICS_DATABASE_SECONDS)
+            ledger, depth = await asyncio.wait_for(read, METRICS_DATABASE_SECONDS)
         except Exception:  # the database is down or silent: the process's own figures matter all the more
             ledger, depth = None, None
         pace = self.relay_pace()
@@ -455,9 +443,31 @@ class Site:
         return Response(status.value, body)
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+class _Shared:
+    """Calls under way by key, each on a task of its own: one asked for while the same is under way is waited for,
+    not started again, and a caller that stops waiting (its timeout, its client gone) does not cancel it for the
+    others. One asked for after it ended starts anew."""
+
+    def __init__(self) -> None:
+        self._running: dict[tuple[object, ...], asyncio.Future[Any]] = {}
+
+    def join(self, key: tuple[object, ...], start: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """The call ``key`` under way, else ``start()`` as it: a shield of it, to await."""
+        running = self._running.get(key)
+        if running is None or running.done():
+            running = self._running[key] = asyncio.ensure_future(start())
+            running.add_done_callback(lambda done: self._ended(key, done))
+        return asyncio.shield(running)
+
+    def under_way(self, key: tuple[object, ...]) -> bool:
+        running = self._running.get(key)
+        return running is not None and not running.done()
+
+    def _ended(self, key: tuple[object, ...], done: asyncio.Future[Any]) -> None:
+        if self._running.get(key) is done:
+            del self._running[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: its failure may come after every caller has stopped waiting
 
 
 def _token(request: Request) -> str | None:
