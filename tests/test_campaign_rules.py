@@ -1151,3 +1151,35 @@ def test_the_row_at_a_steps_key_is_found_that_steps_by_its_text_as_this_database
             assert not any(conn.execute(sa.select(other).where(M.c.campaign == "winback")).scalars())
     finally:
         store.close()
+
+
+def test_two_workers_planning_win_back_at_once_on_sqlite_plan_each_step_once(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: a pass reads its candidates, then inserts them under the write lock. Another worker (a `run --once`
+    beside the daemon) that plans the same candidates in between has rows at their steps' keys by then: the insert
+    plans nothing again for them, under the step's key or under a key of its own (a row at the step's key planned
+    as another step would give one), and two passes at once plan each step once."""
+    from worker.adapters import plan_sql
+
+    migrate(sqlite_url)
+    store, other = Store.from_url(sqlite_url), Store.from_url(sqlite_url)
+    real = plan_sql._new_idents
+    interleaved = []
+
+    def read_then_the_other_worker_plans(engine: Any, plan: Any) -> Any:
+        parts = list(real(engine, plan))
+        if not interleaved:  # this pass's read is done: the other worker plans the same now, before its insert
+            interleaved.append(None)  # (the other worker's own read is not interleaved)
+            interleaved[0] = planning.plan_into_ledger(other, SETTINGS, "winback", NOW)
+        yield from parts
+
+    try:
+        load(store, [Case(f"{age} days", 1, (o(D, age),)) for age in (50, 80, 130)])
+        monkeypatch.setattr(plan_sql, "_new_idents", read_then_the_other_worker_plans)
+        assert planning.plan_into_ledger(store, SETTINGS, "winback", NOW) == 0
+        assert interleaved == [3]
+        assert sorted(k.rsplit(":", 1)[1] for k in ledger(store, "winback")) == ["1", "2", "3"]
+    finally:
+        store.close()
+        other.close()

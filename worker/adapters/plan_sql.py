@@ -459,7 +459,9 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
     foreign key checks (``db.writing_without_foreign_keys``), while the read goes on on a thread of its own
     (``read_ahead``): memory stays flat however many are new. The insert re-checks the rule (a customer who
     ordered again in between is not planned) but not the probes: a row planned meanwhile by another worker is
-    what ON CONFLICT DO NOTHING is for, and an address suppressed meanwhile is skipped at send time."""
+    what ON CONFLICT DO NOTHING is for, and an address suppressed meanwhile is skipped at send time. (Win-back's
+    key depends on the row at its step's key, which such a row would be: its ``checked_last``, re-checked here,
+    finds that row by its days instead.)"""
     dialect = engine.dialect.name
     columns = _columns(plan, dialect, domain, message_id=False)
     names = list(columns)
