@@ -230,3 +230,27 @@ def test_a_steps_days_edited_do_not_send_that_step_again(db_url: str, smtp_serve
     cycle_at(after, T0 + timedelta(days=30))
     assert len(received(smtp_server)) == 2
     assert ledger(after) == [("winback:C1:C1-1:1", "30", "sent", None), ("winback:C1:C1-1:2", "60", "sent", None)]
+
+
+def test_stats_count_the_steps_of_one_number_and_other_days_apart(db_url: str, smtp_server: RecordingServer) -> None:
+    from worker.commands.reporting import stats_lines
+    from worker.stats import build_stats
+
+    # Given a one-time buyer sent the day-30 step as step 2 of [14, 30, 60], then the day-60 step as step 2 of
+    # [30, 60] once the operator removed the day-14 step
+    given_one_time_buyers(db_url, {"C1": 35})
+    cycle_at(settings_for(db_url, smtp_server, [14, 30, 60]), T0)
+    cycle_at(settings_for(db_url, smtp_server, [30, 60]), T0 + timedelta(days=26))
+    assert len(received(smtp_server)) == 2
+    # When the operator asks for the stats
+    engine = db.create_engine(db_url)
+    try:
+        report = build_stats(engine, since=T0 - timedelta(days=1), now=T0 + timedelta(days=27))
+    finally:
+        engine.dispose()
+    # Then the two emails of step 2, of 30 and 60 days, are counted apart, each by its day
+    shown = [(s["campaign"], s["step"], s["days"], s["planned"], s["sent"]) for s in report.as_json()["campaigns"]]
+    assert shown == [("winback", 2, 30, 1, 1), ("winback", 2, 60, 1, 1)]
+    text = "\n".join(stats_lines(report))
+    assert "\nwinback step 2 (day 30)\n  planned 1: sent 1," in text
+    assert "\nwinback step 2 (day 60)\n  planned 1: sent 1," in text

@@ -52,6 +52,9 @@ from worker.domain import MessageStatus
 class StepStats:
     campaign: str
     step: int
+    days: int | None = None
+    """Win-back's: the step's days (rows of one number planned as steps of other days, before the steps were
+    renumbered in the config, are counted apart); None for the other campaigns."""
     planned: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
@@ -72,7 +75,7 @@ class StepStats:
                     "revenue_minor": c.revenue_minor, "pending": c.pending}  # fmt: skip
 
         return {
-            "campaign": self.campaign, "step": self.step, "planned": self.planned,
+            "campaign": self.campaign, "step": self.step, "days": self.days, "planned": self.planned,
             "sent": self.statuses[MessageStatus.SENT],
             "failed": self.statuses[MessageStatus.FAILED] - self.cancelled, "cancelled": self.cancelled,
             "uncertain": self.statuses[MessageStatus.UNCERTAIN],
@@ -133,31 +136,31 @@ def build_stats(
 ) -> StatsReport:
     """The report of the period from ``since`` to ``now`` (what was recorded after ``now`` is left out), counted in
     the database; revenue adds up the purchases in ``currency`` (the shop's)."""
-    steps: dict[tuple[str, int], StepStats] = {}
+    steps: dict[reports.Step, StepStats] = {}
 
-    def step(campaign: str, number: int) -> StepStats:
-        return steps.setdefault((campaign, number), StepStats(campaign, number))
+    def step(key: reports.Step) -> StepStats:
+        return steps.setdefault(key, StepStats(*key))
 
-    for campaign, number, status, reason, n in reports.ledger_counts(engine, since, now):
-        s = step(campaign, number)
+    for key, status, reason, n in reports.ledger_counts(engine, since, now):
+        s = step(key)
         s.planned += n
         s.statuses[status] += n
         if status == MessageStatus.SKIPPED:
             s.skipped[reason or "unknown"] += n
-    for campaign, number, code, reply, n in reports.permanent_failures(engine, since, now):
+    for key, code, reply, n in reports.permanent_failures(engine, since, now):
         if limits.bounce_kind(code, reply) == "hard_bounce":  # as the sender judged it, suppressing the address
-            step(campaign, number).hard_bounces += n
-    for campaign, number, n in reports.cancelled(engine, since, now):
-        step(campaign, number).cancelled += n
+            step(key).hard_bounces += n
+    for key, n in reports.cancelled(engine, since, now):
+        step(key).cancelled += n
 
-    found = {(campaign, number, group): c for campaign, number, group, c in
+    found = {(key, group): c for key, group, c in
              reports.conversions(engine, since, window=timedelta(days=window_days), now=now,
                                  currency=currency)}  # fmt: skip
     nobody = stats.Conversion(0, 0, 0, 0)
-    for s in steps.values():
-        s.emailed = found.get((s.campaign, s.step, "emailed"), nobody)
-        s.held_out = found.get((s.campaign, s.step, "held_out"))
-        s.treated = found.get((s.campaign, s.step, "treated"), nobody)
+    for key, s in steps.items():
+        s.emailed = found.get((key, "emailed"), nobody)
+        s.held_out = found.get((key, "held_out"))
+        s.treated = found.get((key, "treated"), nobody)
         control = s.held_out or stats.Conversion(0, 0, 0, 0)
         s.lift = stats.lift(s.treated.converted, s.treated.customers, control.converted, control.customers,
                             held_out=control.customers + control.pending,
@@ -166,7 +169,7 @@ def build_stats(
     scores = reports.feedback_scores(engine, since, now)
     return StatsReport(
         since=since, now=now, window_days=window_days, currency=currency, time_zone=time_zone,
-        steps=sorted(steps.values(), key=lambda s: (s.campaign, s.step)),
+        steps=[steps[key] for key in sorted(steps, key=lambda k: (k[0], k[1], k[2] or 0))],
         suppressions=reports.suppressions(engine, since, now),
         retention=stats.retention(
             chain.from_iterable(repeat((b, d), n) for b, d, n in reports.purchases_around(engine, since, now))

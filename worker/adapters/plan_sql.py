@@ -57,7 +57,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from worker import log
 from worker.adapters import db
-from worker.adapters.store import RATEABLE, C, M, O, _key_part, suppressed_sql
+from worker.adapters.store import RATEABLE, C, M, O, _key_part, payload_days, suppressed_sql
 from worker.adapters.tables import UTCDateTime
 from worker.core.policy import HOLDOUT_MODULUS, holdout_factors, holdout_threshold
 from worker.domain import MessageStatus, PlannedMessage, SkipReason
@@ -245,15 +245,6 @@ def _winback_row(dialect: str, prefix: Any, days: Any) -> Any:
         sa.func.substr(earlier.c.dedupe_key, 1, sa.func.length(prefix)) == prefix,
         payload_days(dialect, earlier.c.payload) >= days,
     )  # fmt: skip
-
-
-def payload_days(dialect: str, payload: Any) -> Any:
-    """A win-back row's ``days`` (its payload's), an integer; NULL where the payload has none or is not JSON."""
-    if dialect == "postgresql":
-        found: Any = sa.func.substring(payload, r'"days"\s*:\s*"?([0-9]{1,9})[",} ]')
-    else:
-        found = sa.case((sa.func.json_valid(payload), sa.func.json_extract(payload, "$.days")))
-    return sa.cast(found, sa.Integer)
 
 
 def _has_days(dialect: str, payload: Any, days: Any) -> Any:

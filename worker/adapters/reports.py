@@ -10,9 +10,10 @@ from sqlalchemy.engine import Engine
 
 from worker.adapters import db
 from worker.adapters.ledger import closed_as_failed
-from worker.adapters.store import PAID, M, O, S
+from worker.adapters.store import PAID, M, O, S, payload_days
 from worker.adapters.tables import Attempt, Feedback, UTCDateTime
 from worker.core import stats
+from worker.core.audiences import WINBACK
 from worker.domain import MessageStatus, Outcome, SkipReason
 
 HELD_OUT = SkipReason.HELD_OUT.value
@@ -29,46 +30,68 @@ def _in_period(column: sa.Column[Any], since: datetime, until: datetime) -> sa.C
     return sa.and_(column >= since, column <= until)
 
 
-def ledger_counts(engine: Engine, since: datetime, until: datetime) -> list[tuple[str, int, str, str | None, int]]:
-    """(campaign, step, status, skip reason, rows) for rows planned from ``since`` to ``until``."""
+Step = tuple[str, int, int | None]
+"""A report's campaign and step: (campaign, step number, the step's days: win-back's, None for the others)."""
+
+
+def _step(engine: Engine) -> list[Any]:
+    """The columns of a row's ``Step``, labelled. Win-back's steps are told apart by their days as well as by their
+    number: steps inserted or removed in the config give a number to another step, and its rows (another email,
+    another coupon) are not counted with those planned under it before."""
+    days = sa.case((M.c.campaign == WINBACK, payload_days(engine.dialect.name, M.c.payload)), else_=sa.null())
+    return [M.c.campaign, M.c.step, days.label("days")]
+
+
+def _as_step(campaign: str, step: Any, days: Any) -> Step:
+    return campaign, int(step), None if days is None else int(days)
+
+
+def ledger_counts(engine: Engine, since: datetime, until: datetime) -> list[tuple[Step, str, str | None, int]]:
+    """(step, status, skip reason, rows) for rows planned from ``since`` to ``until``."""
+    step = _step(engine)
     query = (
-        sa.select(M.c.campaign, M.c.step, M.c.status, M.c.skip_reason, sa.func.count())
+        sa.select(*step, M.c.status, M.c.skip_reason, sa.func.count())
         .where(_in_period(M.c.created_at, since, until))
-        .group_by(M.c.campaign, M.c.step, M.c.status, M.c.skip_reason)
+        .group_by(*step, M.c.status, M.c.skip_reason)
     )
     with db.reading(engine) as conn:
-        return [(c, int(s), st, r, int(n)) for c, s, st, r, n in conn.execute(query)]
+        rows: Any = conn.execute(query)  # (a select of a list of columns: its rows' length is not typed)
+        return [(_as_step(c, s, d), st, r, int(n)) for c, s, d, st, r, n in rows]
 
 
-def cancelled(engine: Engine, since: datetime, until: datetime) -> list[tuple[str, int, int]]:
-    """(campaign, step, rows) of the failed rows planned from ``since`` to ``until`` that an operator cancelled:
+def cancelled(engine: Engine, since: datetime, until: datetime) -> list[tuple[Step, int]]:
+    """(step, rows) of the failed rows planned from ``since`` to ``until`` that an operator cancelled:
     closed as failed (``ledger.closed_as_failed``) and never tried, no attempt row but the operator's (no SMTP
     attempt, no template rendered) and no try counted (``attempts``: a send whose worker died left it
     ``uncertain`` without an attempt row): a message closed while it waited in the queue. One tried before (a 4xx
     in ``retry``, a template error, a 5xx, a send cut short) stays a failure, closed or not."""
     tried = sa.exists().where(A.c.message_id == M.c.id, A.c.outcome != Outcome.OPERATOR.value)
+    step = _step(engine)
     query = (
-        sa.select(M.c.campaign, M.c.step, sa.func.count())
+        sa.select(*step, sa.func.count())
         .where(_in_period(M.c.created_at, since, until), closed_as_failed(), M.c.attempts == 0, ~tried)
-        .group_by(M.c.campaign, M.c.step)
+        .group_by(*step)
     )  # fmt: skip
     with db.reading(engine) as conn:
-        return [(c, int(s), int(n)) for c, s, n in conn.execute(query)]
+        rows: Any = conn.execute(query)
+        return [(_as_step(c, s, d), int(n)) for c, s, d, n in rows]
 
 
-def permanent_failures(engine: Engine, since: datetime, until: datetime) -> list[tuple[str, int, int, str, int]]:
-    """(campaign, step, last code, last reply, rows) of the failed rows planned from ``since`` to ``until`` whose
+def permanent_failures(engine: Engine, since: datetime, until: datetime) -> list[tuple[Step, int, str, int]]:
+    """(step, last code, last reply, rows) of the failed rows planned from ``since`` to ``until`` whose
     last reply was a 5xx: what the reply says (``core.limits.bounce_kind``) tells a hard bounce from a refused
     content or sender. Grouped by the reply: a few rows per reply a server gives everyone, one per address at
     worst (a reply naming the recipient), and only failed rows with a 5xx are read."""
+    step = _step(engine)
     query = (
-        sa.select(M.c.campaign, M.c.step, M.c.last_code, M.c.last_reply, sa.func.count())
+        sa.select(*step, M.c.last_code, M.c.last_reply, sa.func.count())
         .where(_in_period(M.c.created_at, since, until), M.c.status == MessageStatus.FAILED.value,
                M.c.last_code >= 500)
-        .group_by(M.c.campaign, M.c.step, M.c.last_code, M.c.last_reply)
+        .group_by(*step, M.c.last_code, M.c.last_reply)
     )
     with db.reading(engine) as conn:
-        return [(c, int(s), int(code), reply or "", int(n)) for c, s, code, reply, n in conn.execute(query)]
+        rows: Any = conn.execute(query)
+        return [(_as_step(c, s, d), int(code), reply or "", int(n)) for c, s, d, code, reply, n in rows]
 
 
 def suppressions(engine: Engine, since: datetime, until: datetime) -> dict[str, int]:
@@ -82,8 +105,8 @@ def suppressions(engine: Engine, since: datetime, until: datetime) -> dict[str, 
 
 def conversions(
     engine: Engine, since: datetime, *, window: timedelta, now: datetime, currency: str
-) -> list[tuple[str, int, str, stats.Conversion]]:
-    """(campaign, step, group, conversion) for rows planned from ``since`` to ``now``, counted in the database.
+) -> list[tuple[Step, str, stats.Conversion]]:
+    """(step, group, conversion) for rows planned from ``since`` to ``now``, counted in the database.
 
     Groups: ``emailed``, the ``sent`` rows at their send time (the conversion of the emails); and, for the
     lift, ``held_out`` (rows skipped with reason ``held_out``) and ``treated`` (every other row, whatever
@@ -98,18 +121,19 @@ def conversions(
     due = sa.case((M.c.due_at >= M.c.created_at, M.c.due_at), else_=M.c.created_at)
     held = sa.and_(M.c.status == MessageStatus.SKIPPED.value, M.c.skip_reason == HELD_OUT)
     group = sa.case((held, sa.literal("held_out")), else_=sa.literal("treated"))
-    planned = sa.select(M.c.campaign, M.c.step, group.label("grp"), M.c.customer_id, due.label("at")).where(
+    step = _step(engine)
+    planned = sa.select(*step, group.label("grp"), M.c.customer_id, due.label("at")).where(
         _in_period(M.c.created_at, since, now)
     )
     emailed = sa.select(
-        M.c.campaign, M.c.step, sa.literal("emailed").label("grp"), M.c.customer_id,
+        *step, sa.literal("emailed").label("grp"), M.c.customer_id,
         sa.func.coalesce(M.c.sent_at, M.c.updated_at).label("at"),
     ).where(_in_period(M.c.created_at, since, now), M.c.status == MessageStatus.SENT.value)  # fmt: skip
     rows = sa.union_all(planned, emailed).subquery("rows")
     first = (
-        sa.select(rows.c.campaign, rows.c.step, rows.c.grp, rows.c.customer_id,
+        sa.select(rows.c.campaign, rows.c.step, rows.c.days, rows.c.grp, rows.c.customer_id,
                   sa.func.min(rows.c.at).label("at"))
-        .group_by(rows.c.campaign, rows.c.step, rows.c.grp, rows.c.customer_id)
+        .group_by(rows.c.campaign, rows.c.step, rows.c.days, rows.c.grp, rows.c.customer_id)
         .subquery("first")
     )  # fmt: skip
     at = sa.type_coerce(first.c.at, UTCDateTime())
@@ -124,25 +148,26 @@ def conversions(
     # stored) can add up past what a BIGINT holds, where SQLite's sum() fails the report (db.sum_halves)
     revenue = db.sum_halves(sa.case((O.c.currency == currency, O.c.total_minor), else_=0))
     per_customer = (
-        sa.select(first.c.campaign, first.c.step, first.c.grp, closed.label("closed"),
+        sa.select(first.c.campaign, first.c.step, first.c.days, first.c.grp, closed.label("closed"),
                   sa.func.count(O.c.id).label("orders"),
                   *(part.label(f"revenue_{half}") for part, half in zip(revenue, ("high", "low"), strict=True)))
         .select_from(first.outerjoin(O, bought))
-        .group_by(first.c.campaign, first.c.step, first.c.grp, first.c.customer_id, first.c.at)
+        .group_by(first.c.campaign, first.c.step, first.c.days, first.c.grp, first.c.customer_id, first.c.at)
         .subquery("per_customer")
     )  # fmt: skip
     c = per_customer.c
     one = sa.literal(1)
     query = sa.select(
-        c.campaign, c.step, c.grp,
+        c.campaign, c.step, c.days, c.grp,
         sa.func.sum(sa.case((c.closed, one), else_=0)), sa.func.sum(sa.case((c.orders > 0, one), else_=0)),
         sa.func.sum(c.revenue_high), sa.func.sum(c.revenue_low), sa.func.sum(sa.case((c.closed, 0), else_=one)),
-    ).group_by(c.campaign, c.step, c.grp)  # fmt: skip
+    ).group_by(c.campaign, c.step, c.days, c.grp)  # fmt: skip
     with db.reading(engine) as conn:
         return [
-            (campaign, int(step), grp, stats.Conversion(int(n), int(k), db.joined(high, low), int(pending)))
-            for campaign, step, grp, n, k, high, low, pending in conn.execute(query)
-        ]
+            (_as_step(campaign, number, days), grp,
+             stats.Conversion(int(n), int(k), db.joined(high, low), int(pending)))
+            for campaign, number, days, grp, n, k, high, low, pending in conn.execute(query)
+        ]  # fmt: skip
 
 
 def _plus(at: sa.ColumnElement[datetime], window: timedelta, dialect: str) -> sa.ColumnElement[datetime]:

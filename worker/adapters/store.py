@@ -152,6 +152,15 @@ def suppression_address(email: str) -> str:
     return mailbox(ascii_address(email))
 
 
+def payload_days(dialect: str, payload: Any) -> Any:
+    """A win-back row's ``days`` (its payload's), an integer; NULL where the payload has none or is not JSON."""
+    if dialect == "postgresql":
+        found: Any = sa.func.substring(payload, r'"days"\s*:\s*"?([0-9]{1,9})[",} ]')
+    else:
+        found = sa.case((sa.func.json_valid(payload), sa.func.json_extract(payload, "$.days")))
+    return sa.cast(found, sa.Integer)
+
+
 def suppressed_sql(email: Any) -> Any:
     """``suppression_address(email)`` is on the suppression list, in SQL (``lower`` of an ASCII address, as the
     importer stores them, is the same on both databases); the list's unique index answers it."""

@@ -81,7 +81,7 @@ def stats_lines(report: StatsReport) -> list[str]:
         out.append("\nno messages were planned in this period")
     for s in report.steps:
         j = s.as_json()
-        out.append(f"\n{s.campaign} step {s.step}")
+        out.append(f"\n{s.campaign} step {s.step}" + ("" if s.days is None else f" (day {s.days})"))
         out.append(f"  planned {s.planned}: sent {j['sent']}, failed {j['failed']} ({s.hard_bounces} hard "
                    f"bounce{'' if s.hard_bounces == 1 else 's'}), "
                    + (f"cancelled {s.cancelled}, " if s.cancelled else "")
