@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import subprocess
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -218,6 +219,32 @@ def test_a_body_timed_out_before_the_dot_is_never_finished_behind_the_clients_ba
     assert (result.outcome, result.stage) == (Outcome.TRANSIENT, "message")
     assert result.reply.startswith("Timed out sending the message body")
     assert smtp_server.messages == []
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_body_whose_final_dot_left_as_the_timeout_came_is_not_called_unsent(
+    smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    # Given a server that reads nothing of a body (bigger than the kernel's buffers, smaller than twice them) for a
+    # little longer than smtp.timeout_seconds, then reads on; and the worker's event loop busy for a moment across
+    # that deadline (a batch composed, a garbage collection): in the turn of the loop after it, the rest of the body
+    # and the final dot are handed to the kernel and the timeout fires, both at once
+    pytest.importorskip(loop)
+    monkeypatch.setenv(eventloop.ENV, loop)
+    smtp_server.on("x@test.example", Behaviour(stall_mid_data=1.3))
+
+    async def main() -> SendResult:
+        async with SmtpTransport(smtp_server.settings(timeout_seconds=1.0)) as transport:
+            asyncio.get_running_loop().call_later(0.5, time.sleep, 1.5)
+            result = await transport.send(SENDER, "x@test.example", make_message(size=6 * 1024 * 1024))
+            await asyncio.sleep(1.5)  # the worker lives on while the server reads on
+            return result
+
+    result = eventloop.run(main())
+
+    # Then the server has the message, and the send is not called unsent (to be tried again: a second copy)
+    assert len(smtp_server.messages) == 1
+    assert result.outcome is Outcome.SENT
 
 
 @pytest.mark.parametrize("stage", ["rcpt", "data"])

@@ -381,7 +381,8 @@ class SmtpTransport:
         a drop or timeout before the buffer empties is stage ``message``
         (transient: the server cannot have accepted the mail, as the held-back
         rest is dropped, never written after we gave up); once it is empty
-        it is stage ``reply`` (ambiguous). Limit: bytes in the kernel are not
+        it is stage ``reply`` (ambiguous), a timeout that came in the same
+        turn of the loop as the last bytes left included. Limit: bytes in the kernel are not
         bytes received by the server, so a drop in the last moments before the
         dot reached the server is still called ambiguous: the safe side, never
         a duplicate.
@@ -402,6 +403,13 @@ class SmtpTransport:
             if transport.get_write_buffer_size():  # the kernel took part of it: wait until it took all
                 async with asyncio.timeout(self._settings.timeout_seconds):
                     await protocol._drain_helper()
+        except TimeoutError as exc:
+            if transport.get_write_buffer_size():
+                transport.abort()  # (as below)
+                raise SMTPTimeoutError("Timed out sending the message body") from exc
+            # nothing held back: the rest of the body and the final dot went to the kernel in the very turn of the
+            # loop the time ran out in (the loop busy past the deadline), and the server may take the message: its
+            # reply says whether it did, as after any dot handed over
         except BaseException as exc:
             # what the kernel did not take yet, the final dot with it, is dropped: a ``close`` would write it out
             # after we gave up, and the server could take the message this attempt reports as not sent
@@ -410,8 +418,6 @@ class SmtpTransport:
                 raise
             if isinstance(exc, ConnectionError):
                 raise SMTPServerDisconnected("Connection lost while sending the message body") from exc
-            if isinstance(exc, TimeoutError):
-                raise SMTPTimeoutError("Timed out sending the message body") from exc
             raise
         attempt.stage = "reply"
         response = await protocol.read_response(timeout=self._settings.timeout_seconds)
