@@ -397,3 +397,29 @@ def test_a_reload_while_the_waiting_rows_are_read_has_its_own_read_at_the_next_m
 
     asyncio.run(scenario())
     assert reads == ["read", "read"]
+
+
+BIRTHDAY_PRIORITY = 50
+"""``policy.priorities``' first, by default."""
+
+
+def test_the_sending_progress_total_counts_no_row_of_a_campaign_turned_off(shop: Shop) -> None:
+    # Given three win-back emails due, and one of the birthday campaign, turned off, due as well (planned while it
+    # was on: it waits until it is on again)
+    with shop.store.engine.begin() as conn:
+        row = dict(conn.execute(sa.select(M).where(M.c.email == ODD)).one()._mapping)
+        del row["id"]
+        conn.execute(sa.insert(M).values(**{**row, "campaign": "birthday", "dedupe_key": "birthday:odd:2026",
+                                            "message_id": None, "priority": BIRTHDAY_PRIORITY}))
+
+    # When a run --once reads what is still to do now, as its progress line does for its total, and sends
+    still = running.due_now(shop.deps)()
+    report = shop.cycle()
+
+    # Then that is what the run sends: the line said "1 of 4 (25.0%)" and ended at 3 of 4, its time left counting a
+    # message no run sends while its campaign is off
+    assert report.dispatched.outcomes["sent"] == 3
+    with shop.store.engine.connect() as conn:
+        waiting = conn.execute(sa.select(M.c.status).where(M.c.dedupe_key == "birthday:odd:2026")).scalar_one()
+    assert waiting == "planned"
+    assert still == 3

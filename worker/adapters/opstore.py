@@ -9,7 +9,7 @@ for pages, health and metrics.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -393,13 +393,19 @@ def queue_depth(store: Store, now: datetime | None = None) -> int:
         return int(conn.execute(sa.select(_queue(now))).scalar() or 0)
 
 
-def still_to_send(store: Store, now: datetime) -> int:
+def still_to_send(
+    store: Store, now: datetime, *, held: Collection[int] = (), campaigns: Sequence[str] | None = None
+) -> int:
     """The rows due by ``now`` and those claimed or being sent (``ix_message_queue``, ``ix_message_inflight``): what
-    the runs sending now still have to do, by ``now`` (``run --once``'s progress line)."""
-    due = sa.select(sa.func.count()).select_from(M).where(WAITING, M.c.next_attempt_at <= now).scalar_subquery()
-    in_flight = sa.select(sa.func.count()).select_from(M).where(IN_FLIGHT).scalar_subquery()
+    the runs sending now still have to do, by ``now`` (``run --once``'s progress line). Not those of a campaign turned
+    off, which wait and no run sends: ``held``, the priorities of campaigns turned off alone (the index tells them),
+    and ``campaigns``, of these only (each row read: where one turned off shares its priority with one turned on)."""
+    only = [M.c.priority.not_in(sorted(held))] if held else []
+    only += [] if campaigns is None else [M.c.campaign.in_(list(campaigns))]
+    due = sa.select(sa.func.count()).select_from(M).where(WAITING, M.c.next_attempt_at <= now, *only)
+    in_flight = sa.select(sa.func.count()).select_from(M).where(IN_FLIGHT, *only)
     with db.reading(store.engine) as conn:
-        return int(conn.execute(sa.select(due + in_flight)).scalar() or 0)
+        return int(conn.execute(sa.select(due.scalar_subquery() + in_flight.scalar_subquery())).scalar() or 0)
 
 
 def health_counts(store: Store, now: datetime) -> tuple[int, int]:

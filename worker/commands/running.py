@@ -27,10 +27,12 @@ from worker.app import (
 from worker.asyncstore import AsyncStore
 from worker.commands.progress import SendProgress
 from worker.config import Settings
+from worker.core.campaigns import CAMPAIGNS as ALL_CAMPAIGNS
 from worker.core.policy import zone_of
 from worker.domain import Locale
 from worker.errors import ConfigError, TemplateError
-from worker.pipeline import PlanReport, plan
+from worker.pipeline import PlanReport, enabled_campaigns, held_priorities, plan
+from worker.planning import contact_policy
 from worker.sending import DispatchReport, SendObserver
 from worker.stopping import STOP_SIGNALS, StartupSignals, StopSignals
 
@@ -315,8 +317,14 @@ def once(settings: Settings) -> int:
 
 
 def due_now(deps: Deps) -> Callable[[], int]:
-    """The rows due by now, claimed or being sent ones included (``SendProgress``'s total: what was done and this)."""
-    return lambda: opstore.still_to_send(deps.store, deps.clock.now())
+    """The rows due by now, claimed or being sent ones included (``SendProgress``'s total: what was done and this), of
+    the campaigns turned on (the run sends none of the others'), told by their priority where it is theirs alone."""
+    settings = deps.settings
+    on, held = enabled_campaigns(settings), held_priorities(settings)
+    policy = contact_policy(settings)
+    shared = any(policy.priority(name) not in held for name in ALL_CAMPAIGNS if name not in on)
+    campaigns = on if shared else None
+    return lambda: opstore.still_to_send(deps.store, deps.clock.now(), held=held, campaigns=campaigns)
 
 
 def check_template_folders(deps: Deps) -> None:
