@@ -423,3 +423,25 @@ def test_the_sending_progress_total_counts_no_row_of_a_campaign_turned_off(shop:
         waiting = conn.execute(sa.select(M.c.status).where(M.c.dedupe_key == "birthday:odd:2026")).scalar_one()
     assert waiting == "planned"
     assert still == 3
+
+
+def test_rows_planned_before_policy_priorities_were_reordered_are_still_sent(
+    shop: Shop, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given three win-back emails planned under the default order (win-back third: priority 30), and then win-back
+    # put first in policy.priorities, which gives 30 to feedback, turned off
+    raw = settings_dict(shop.settings.database_url, smtp_server.port)
+    raw["policy"] = {**raw.get("policy", {}), "priorities": ["winback", "birthday", "feedback", "loyalty",
+                                                             "new_products"]}
+    shop.deps = dataclasses.replace(shop.deps, settings=settings_from_dict(raw, base_dir=REPO))
+    caplog.set_level(logging.INFO)
+
+    # When a run --once goes
+    report = shop.cycle()
+
+    # Then they are sent (every claim skipped priority 30 as held by a campaign turned off alone: they waited,
+    # planned, until they expired), the start having given them win-back's priority now
+    assert sorted(r for m in smtp_server.messages for r in m.rcpt_tos) == [GOOD, ODD, ALSO_GOOD]
+    assert report.dispatched.outcomes["sent"] == 3
+    (logged,) = _events(caplog, "ledger_priorities_updated")
+    assert logged["count"] == 3, logged

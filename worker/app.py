@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from worker import log
+from worker import log, planning
 from worker.adapters import db, opstore
 from worker.adapters.clock import SystemClock
 from worker.adapters.ratestore import RateStore
@@ -76,12 +76,16 @@ async def campaigns_not_sent(
     (``opstore.odd_waiting_rows``) for what no claim judges right: rows of a campaign Kembali does not know (edited by
     hand) fail with ``LedgerRowError`` and ``unknown_campaign_failed`` names them, as no claim ever takes them; on
     SQLite, times written by hand in another form than Kembali's are rewritten as the times they name
-    (``ledger_time_normalised``), or their row fails when ``next_attempt_at`` names none (``ledger_time_unreadable``).
+    (``ledger_time_normalised``), or their row fails when ``next_attempt_at`` names none (``ledger_time_unreadable``);
+    rows planned under another ``policy.priorities`` order take their campaign's priority now
+    (``ledger_priorities_updated``: a claim skips the priorities that campaigns turned off alone hold).
     Then, only if some campaign is turned off, each that has rows waiting is named
     (``campaign_off_messages_waiting``) with their count and the command that cancels them: they wait, not sent, until
     it is on again, or are skipped as ``expired`` (``expire_off``: here, first, for ``run --once``, which runs no
     maintenance; the claim's re-check skips the others' as expired)."""
-    odd = await astore.call(opstore.odd_waiting_rows, store, ALL_CAMPAIGNS)
+    policy = planning.contact_policy(settings)
+    priorities = {name: policy.priority(name) for name in ALL_CAMPAIGNS}
+    odd = await astore.call(opstore.odd_waiting_rows, store, ALL_CAMPAIGNS, priorities)
     failed: list[opstore.UnknownCampaignRow] = []
     if odd.unknown_campaign:
         done = 0
@@ -106,6 +110,12 @@ async def campaigns_not_sent(
             else:
                 log.event("ledger_time_unreadable", logging.WARNING, id=t.id, column=t.column, value=t.value[:40],
                           what_to_do=f"the message failed; correct it and `kembali ledger resend {t.id}`")
+    if odd.odd_priority:
+        moved = 0
+        for part in opstore.chunks(odd.odd_priority, opstore.CHUNK):  # the database thread given back between them
+            moved += await astore.call(opstore.reprioritise, store, part, priorities)
+        log.event("ledger_priorities_updated", count=moved,
+                  note="waiting rows planned under another policy.priorities order take the order as it is now")
     on = set(enabled_campaigns(settings))
     off_campaigns = [name for name in ALL_CAMPAIGNS if name not in on]
     expired = 0

@@ -77,24 +77,44 @@ class OddRows:
 
     unknown_campaign: tuple[int, ...] = ()
     odd_time: tuple[int, ...] = ()
+    odd_priority: tuple[int, ...] = ()
 
 
-def odd_waiting_rows(store: Store, known: Iterable[str]) -> OddRows:
+def odd_waiting_rows(store: Store, known: Iterable[str], priorities: Mapping[str, int] | None = None) -> OddRows:
     """ONE read of the waiting rows (``planned``, ``retry``; the claim's, the expiry's and the queue's counts read index
-    ranges instead), for what a start looks at: those whose campaign is none of ``known``, and on SQLite, where a time
+    ranges instead), for what a start looks at: those whose campaign is none of ``known``; on SQLite, where a time
     is text compared as text, those whose ``next_attempt_at`` or ``expires_at`` is not 26 characters with a space as
-    the 11th, as Kembali writes them (``SQLITE_TIME``; ``hand_written_times`` looks closer)."""
+    the 11th, as Kembali writes them (``SQLITE_TIME``; ``hand_written_times`` looks closer); and those whose priority
+    is not their campaign's in ``priorities`` (planned under another ``policy.priorities`` order: ``reprioritise``)."""
     known = sorted(known)
     unknown = M.c.campaign.not_in(known)
-    where: sa.ColumnElement[bool] = unknown
+    odd_time: sa.ColumnElement[bool] = sa.false()
     if store.dialect == "sqlite":
         for c in (M.c.next_attempt_at, M.c.expires_at):
             text = sa.type_coerce(c, sa.Text)
-            where = sa.or_(where, sa.func.length(text) != 26, sa.func.substr(text, 11, 1) != " ")
-    query = sa.select(M.c.id, unknown.label("unknown")).where(WAITING, where)
+            odd_time = sa.or_(odd_time, sa.func.length(text) != 26, sa.func.substr(text, 11, 1) != " ")
+    odd_priority = M.c.priority != _priority_of(priorities) if priorities else sa.false()
+    query = sa.select(M.c.id, unknown.label("unknown"), odd_time.label("odd_time"),
+                      odd_priority.label("odd_priority")).where(WAITING, sa.or_(unknown, odd_time, odd_priority))
     with db.reading(store.engine) as conn:
         rows = conn.execute(query).all()
-    return OddRows(tuple(r.id for r in rows if r.unknown), tuple(r.id for r in rows if not r.unknown))
+    return OddRows(tuple(r.id for r in rows if r.unknown), tuple(r.id for r in rows if not r.unknown and r.odd_time),
+                   tuple(r.id for r in rows if not r.unknown and r.odd_priority))
+
+
+def _priority_of(priorities: Mapping[str, int]) -> Any:
+    """Each row's campaign's priority in ``priorities``, as SQL (the row's own for a campaign not in them)."""
+    return sa.case(*((M.c.campaign == name, p) for name, p in sorted(priorities.items())), else_=M.c.priority)
+
+
+def reprioritise(store: Store, ids: Sequence[int], priorities: Mapping[str, int]) -> int:
+    """Of ``ids`` (``OddRows.odd_priority``), the waiting rows whose priority is not their campaign's in
+    ``priorities`` get it, in one transaction; returns how many. A claim skips the priorities that only campaigns
+    turned off hold (``Store.claim``'s ``held_priorities``): a row left at one of those would never be claimed."""
+    wanted = _priority_of(priorities)
+    stmt = sa.update(M).where(WAITING, M.c.priority != wanted).values(priority=wanted)
+    with store.engine.begin() as conn:
+        return sum(int(conn.execute(stmt.where(M.c.id.in_(part))).rowcount) for part in _chunks(ids))
 
 
 def waiting_by_campaign(store: Store) -> dict[str, int]:
