@@ -382,7 +382,7 @@ def test_a_reload_while_the_waiting_rows_are_read_has_its_own_read_at_the_next_m
         daemon = daemon_module.Daemon(load_settings(shop.config), config_path=shop.config)
         try:
             # Given the start's read of the waiting rows under way
-            first = asyncio.ensure_future(daemon._read_waiting_rows(daemon.gen.settings))
+            first = asyncio.ensure_future(daemon._read_waiting_rows())
             await asyncio.wait_for(reading.wait(), 30)
             # When a reload (a campaign turned off, say) comes and goes meanwhile, and the read then ends
             assert await daemon.reload("test: SIGHUP")
@@ -445,3 +445,54 @@ def test_rows_planned_before_policy_priorities_were_reordered_are_still_sent(
     assert report.dispatched.outcomes["sent"] == 3
     (logged,) = _events(caplog, "ledger_priorities_updated")
     assert logged["count"] == 3, logged
+
+
+def test_a_reload_that_comes_while_a_maintenance_begins_has_that_maintenance_read_for_its_settings(
+    tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from tests.daemon_harness import LINK_KEY
+    from worker import daemon as daemon_module
+    from worker.config import load_settings
+
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add([1, 2, 3], days_ago=60)
+    store = shop.store()
+    try:  # three win-back emails planned under the default order (win-back third: priority 30)
+        pipeline.plan(store, load_settings(shop.config), datetime.now(UTC))
+    finally:
+        store.close()
+    real = daemon_module.release_lapsed_leases
+
+    async def scenario() -> None:
+        begun, release = asyncio.Event(), asyncio.Event()
+
+        async def held(*args: object, **kwargs: object) -> object:  # the maintenance's first step, slow for once
+            begun.set()
+            await release.wait()
+            return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        daemon = daemon_module.Daemon(load_settings(shop.config), config_path=shop.config)
+        try:
+            await daemon._read_waiting_rows()  # the start's read
+            monkeypatch.setattr(daemon_module, "release_lapsed_leases", held)
+            # Given a maintenance begun, when a reload that puts win-back first in policy.priorities (30 is now
+            # feedback's, turned off) is done before it reads the waiting rows
+            maintenance = asyncio.ensure_future(daemon.maintenance())
+            await asyncio.wait_for(begun.wait(), 30)
+            shop.config.write_text(shop.config.read_text() + '\n[policy]\npriorities = ["winback", "birthday", '
+                                   '"feedback", "loyalty", "new_products"]\n')
+            assert await daemon.reload("test: SIGHUP")
+            release.set()
+            await maintenance
+            # Then the new dispatcher sends the three: that maintenance read them for the reload's settings, not for
+            # the ones it began with (which left them at 30, which every claim now skips, until the next restart)
+            await daemon.gen.dispatcher.run_once()
+        finally:
+            await daemon._close()
+            daemon.store.close()
+
+    asyncio.run(scenario())
+    assert sorted(r for m in smtp_server.messages for r in m.rcpt_tos) == [f"c{i}@example.com" for i in (1, 2, 3)]

@@ -406,13 +406,13 @@ class Daemon:
         """Plan once now for every campaign whose last scheduled run was missed (the daemon was down). The
         dispatcher is held meanwhile (``_holding``), as during any pass; then it sends what they planned."""
         try:
-            await self._first_read(settings)
+            await self._first_read()
             await self._catch_up_passes(settings)
         finally:
             self._catching_up = False
             self._wake.set()
 
-    async def _first_read(self, settings: Settings) -> None:
+    async def _first_read(self) -> None:
         """The waiting rows read once before the first claim (the dispatcher is held by the catch-up): on SQLite a
         time written by hand in another form is compared as text by the claim, so one due later (written with a
         negative offset, say) would be sent early, up to that offset, were the first maintenance left to read it.
@@ -421,19 +421,20 @@ class Daemon:
         try:
             if dispatcher.clock_guard is not None and await dispatcher.clock_guard.check():
                 return
-            await self._read_waiting_rows(settings)
+            await self._read_waiting_rows()
         except Exception as exc:
             log.event("job_failed", logging.ERROR, job="maintenance", during="start-up", error=log.error_line(exc),
                       note="the next maintenance reads the waiting rows")
 
-    async def _read_waiting_rows(self, settings: Settings) -> None:
+    async def _read_waiting_rows(self) -> None:
         """``app.campaigns_not_sent``, once a start and a reload (``_campaigns_checked``: set before the read, so that
-        a reload meanwhile, which clears it, has its own at the next maintenance; cleared again if the read fails)."""
+        a reload meanwhile, which clears it, has its own at the next maintenance; cleared again if the read fails), for
+        the settings as they are when it reads (a maintenance's, begun before a reload, read for the old ones)."""
         async with self._reading:
             if not self._campaigns_checked:
                 self._campaigns_checked = True
                 try:
-                    await campaigns_not_sent(self.store, self.astore, settings, self.clock.now())
+                    await campaigns_not_sent(self.store, self.astore, self.gen.settings, self.clock.now())
                 except BaseException:
                     self._campaigns_checked = False
                     raise
@@ -590,7 +591,7 @@ class Daemon:
         expired = await self.astore.call(opstore.expire_messages, self.store, now)
         if expired:
             log.event("messages_expired", count=expired)
-        await self._read_waiting_rows(settings)
+        await self._read_waiting_rows()
         days = settings.schedule.attempt_retention_days
         if days:
             pruned = await self.astore.call(opstore.prune_attempts, self.store, now - timedelta(days=days))
