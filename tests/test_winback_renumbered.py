@@ -254,3 +254,20 @@ def test_stats_count_the_steps_of_one_number_and_other_days_apart(db_url: str, s
     text = "\n".join(stats_lines(report))
     assert "\nwinback step 2 (day 30)\n  planned 1: sent 1," in text
     assert "\nwinback step 2 (day 60)\n  planned 1: sent 1," in text
+
+
+def test_a_step_sent_under_a_key_of_its_own_then_its_days_edited_is_not_sent_again(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given a one-time buyer sent the day-14 reminder as step 1 of [14, 30, 60], then, the reminder removed, the
+    # day-30 offer as step 1 of [30, 60] under a key of its own (…:1d30)
+    given_one_time_buyers(db_url, {"C1": 15})
+    cycle_at(settings_for(db_url, smtp_server, [14, 30, 60]), T0)
+    cycle_at(settings_for(db_url, smtp_server, [30, 60]), T0 + timedelta(days=16))
+    assert len(received(smtp_server)) == 2
+    # When the operator moves the offer, same template, to day 35, and Kembali runs on day 36
+    after = settings_for(db_url, smtp_server, [35, 60])
+    cycle_at(after, T0 + timedelta(days=21))
+    # Then it is the same step, the one the customer had as …:1d30: the offer is not sent again
+    assert len(received(smtp_server)) == 2
+    assert ledger(after) == [("winback:C1:C1-1:1", "14", "sent", None), ("winback:C1:C1-1:1d30", "30", "sent", None)]

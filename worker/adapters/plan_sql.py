@@ -205,7 +205,15 @@ def winback(
         sa.and_(row_days.not_in([d for _b, _t, d in steps]),
                 sa.func.coalesce(row_template, template) == template),
     )  # fmt: skip
-    key_free = ~sa.exists().where(taken.c.dedupe_key == numbered, this_step)
+    # the rows of the step's number: at its key and at keys of their own (``…:<step>d<days>``), one of which may be
+    # this step's, its days edited since; one range of the unique index (``_winback_row`` on the collation)
+    of_number = sa.or_(
+        taken.c.dedupe_key == numbered,
+        sa.func.substr(taken.c.dedupe_key, 1, sa.func.length(numbered) + 1) == numbered + _lit("d"),
+    )
+    key_free = ~sa.exists().where(
+        taken.c.dedupe_key >= numbered, taken.c.dedupe_key < numbered + _lit("e"), of_number, this_step
+    )
     moved = M.alias("moved")
     key = sa.case((sa.exists().where(moved.c.dedupe_key == numbered), numbered + _lit("d") + days), else_=numbered)
     where = [

@@ -129,9 +129,9 @@ def winback_step_moved(
     """Whether the ledger row that has the key of step ``step`` (of fewer days: a row of as many or more leaves the
     step unplanned by its days) was planned as another step, one removed or inserted before it since: its days
     are those of another step now, or its template is not this step's (``step_templates`` empty: not compared).
-    The step is then planned under a key of its own (``winback_key`` with its days). Otherwise (the step's days
-    edited, its template kept, or a row whose days cannot be read) the row is this step's, and it is not planned
-    again."""
+    The step is then planned under a key of its own (``winback_key`` with its days), unless a row at such a key of
+    its number is this step's. Otherwise (the step's days edited, its template kept, or a row whose days cannot be
+    read) the row is this step's, and it is not planned again."""
     if row_days is None or row_days == step_days[step - 1]:
         return False
     if row_days in step_days:
@@ -607,8 +607,11 @@ def winback_due_keys(
         return []
     key = winback_key(facts.customer_external_id, bought[0].external_id, step)
     if key in facts.planned_keys:
-        row_days, row_template = facts.winback_rows.get(key, (None, None))
-        if not winback_step_moved(row_days, row_template, step, step_days, step_templates):
+        # the rows of the step's number: at its key, and at keys of their own (``…:<step>d<days>``), one of which
+        # may be this step's, planned before its days were edited
+        rows = (k for k in facts.planned_keys if k == key or k.startswith(key + "d"))
+        if any(not winback_step_moved(*facts.winback_rows.get(k, (None, None)), step, step_days, step_templates)
+               for k in rows):  # fmt: skip
             return []
         key = winback_key(facts.customer_external_id, bought[0].external_id, step, step_days[step - 1])
     return [] if key in facts.planned_keys else [key]
