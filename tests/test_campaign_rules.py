@@ -597,8 +597,12 @@ def test_winback_sequence_advances_step_by_step_and_stops_when_they_order_again(
 
 RENUMBERED = [((30, 60), (14, 30, 60)), ((14, 30, 60), (30, 60)), ((30, 60, 90), (30, 90)), ((30, 60), (30, 90)),
               ((30, 90), (30, 60, 90)), ((30, 60), (20, 45, 60)), ((14, 30, 60), (30, 60, 90)),
-              ((14, 30, 60), (14, 60))]  # fmt: skip
-TEMPLATES = {"one template": lambda _d: "winback", "a template per day count": lambda d: f"winback-{d}"}
+              ((14, 30, 60), (14, 60)),
+              (((14, 30, 60), (30, 60)), (35, 60)), (((14, 30, 60), (30, 60)), (30, 90))]  # fmt: skip
+"""(steps before, steps now); steps before as a sequence of configs: the first plans 40 days ago, the next 20 days
+and 1 day ago (rows under keys of their own, ``…:<step>d<days>``, then the steps changed again)."""
+TEMPLATES = {"one template": lambda _d: "winback", "a template per day count": lambda d: f"winback-{d}",
+             "a reminder's template apart": lambda d: "winback-reminder" if d == 14 else "winback"}
 
 
 def winback_steps(days: tuple[int, ...], template: Callable[[int], str] = TEMPLATES["one template"]) -> Settings:
@@ -609,7 +613,7 @@ def winback_steps(days: tuple[int, ...], template: Callable[[int], str] = TEMPLA
 @pytest.mark.parametrize("templates", list(TEMPLATES))
 @pytest.mark.parametrize(("was", "now"), RENUMBERED, ids=[f"{a}->{b}" for a, b in RENUMBERED])
 def test_steps_renumbered_in_the_config_plan_what_the_rule_says(
-    db_url: str, was: tuple[int, ...], now: tuple[int, ...], templates: str
+    db_url: str, was: tuple[Any, ...], now: tuple[int, ...], templates: str
 ) -> None:
     """One-time buyers of every age, planned by passes 40, 20 and 1 days ago under the old steps (each pass's rows
     inserted), then planned under the new steps: the planner plans exactly what the rule says for the ledger's rows
@@ -620,8 +624,10 @@ def test_steps_renumbered_in_the_config_plan_what_the_rule_says(
     try:
         ages = [12, 16, 22, 31, 35, 46, 52, 59, 61, 65, 89, 91, 120]
         load(store, [Case(f"{age} days", 1, (o(D, age),)) for age in ages])
-        for days_ago in (40, 20, 1):
-            planning.plan_into_ledger(store, winback_steps(was, template), "winback", NOW - ago(days_ago))
+        configs = was if isinstance(was[0], tuple) else (was,)
+        for i, days_ago in enumerate((40, 20, 1)):
+            steps = configs[min(i, len(configs) - 1)]
+            planning.plan_into_ledger(store, winback_steps(steps, template), "winback", NOW - ago(days_ago))
         rows = ledger(store, "winback")
         had: dict[str, int] = {}
         for key, row in rows.items():
