@@ -1128,6 +1128,7 @@ def test_the_winback_insert_probes_earlier_steps_by_the_keys_index_when_the_ledg
         # (and the probes of the row at the step's key, for the rule and for the key: ``taken`` and ``moved``)
         assert "using message_dedupe_key_key on message taken" in shown, shown
         assert "using message_dedupe_key_key on message moved" in shown, shown
+        assert "using message_dedupe_key_key on message own_keys" in shown, shown
         assert "Seq Scan on message" not in shown, shown
     finally:
         store.close()
