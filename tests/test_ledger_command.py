@@ -720,3 +720,32 @@ def test_a_campaign_cancelled_by_filters_is_closed_a_few_hundred_rows_a_statemen
     # lock held for as long (20,000 rows: 31 s, past the 30 s a worker's write waits for it, failing its run)
     writes = [s for s in statements if s.lstrip().upper().startswith(("UPDATE", "INSERT"))]
     assert len(writes) <= 20, f"{len(writes)} writes"
+
+
+@pytest.mark.parametrize("option", ["--customer", "--campaign"])
+def test_an_empty_filter_is_refused_not_taken_as_every_row(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    # Given an uncertain and a failed message, and a script closing one customer's, its variable empty
+    # (`kembali ledger close --status uncertain --status failed --customer "$ID"`)
+    shop, config = world
+
+    # When it runs (it closed every customer's messages: an empty value was no filter at all)
+    with pytest.raises(SystemExit) as stopped:
+        kembali(config, "close", "--status", "uncertain", "--status", "failed", option, "")
+    # Then it is refused, naming the option, and nothing changes
+    assert stopped.value.code == 2
+    assert f"{option}: must not be empty" in capsys.readouterr().err
+    assert (shop.row(DROP).status, shop.row(GONE).status) == ("uncertain", "failed")
+
+    # And a list with one (which listed every row) is refused the same way
+    with pytest.raises(SystemExit) as stopped:
+        kembali(config, "list", "--all", option, " ")
+    assert stopped.value.code == 2
+
+    # And so is an empty customer given to preview (which considered no one) or send-test (a sample customer)
+    for command in (["preview"], ["send-test", "--campaign", "winback", "--to", OK]):
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["--config", str(config), *command, "--customer", ""])
+        assert stopped.value.code == 2
+        assert "--customer: must not be empty" in capsys.readouterr().err

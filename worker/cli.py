@@ -156,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--at", type=_datetime_arg, default=None,
                    help="the moment to plan for, ISO 8601 with offset (default: now), e.g. 2027-02-28T10:00+07:00")
     p.add_argument("--campaign", action="append", help="only this campaign (repeatable)")
-    p.add_argument("--customer", help="only this customer (the shop's id)")
+    p.add_argument("--customer", type=arguments.named, help="only this customer (the shop's id)")
     p.add_argument("--limit", type=arguments.positive_int, default=None, help="show at most N messages")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table (a summary line last)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -190,7 +190,8 @@ def _parser() -> argparse.ArgumentParser:
                        "products from it) or the server cannot be used (connection, login, TLS setup).")
     p.add_argument("--campaign", required=True,
                    help="the campaign, e.g. winback, or a win-back step's template folder, e.g. winback-reminder")
-    p.add_argument("--customer", help="render for this customer (default: a sample customer)")
+    p.add_argument("--customer", type=arguments.named,
+                   help="render for this customer (default: a sample customer)")
     p.add_argument("--to", required=True, type=_address_arg, help="your address")
 
     p = sub.add_parser("stats", help="what the campaigns did: sends, skips, bounces, conversion, lift",

@@ -48,6 +48,14 @@ def port(text: str) -> int:
     return whole_number(text, 0, 65535, meaning=" (0: a free one)")
 
 
+def named(text: str) -> str:
+    """A campaign or a customer ID to choose by: not empty nor spaces alone (a script's variable left empty, as in
+    ``ledger close --customer "$ID"``, chose every row, as if the option were not given)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty: {text!r}")
+    return text
+
+
 def one_line(text: str) -> str:
     """Text kept in the ledger or the suppression list: a line break or another control character would break the
     lines they are listed in."""

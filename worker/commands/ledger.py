@@ -69,7 +69,7 @@ def smtp_code(text: str) -> int:
 def _add_filters(p: argparse.ArgumentParser, statuses: list[str], default: str) -> None:
     p.add_argument("--status", action="append", choices=statuses,
                    help=f"only this status (repeatable; default: {default})")  # fmt: skip
-    p.add_argument("--campaign", help="only this campaign")
+    p.add_argument("--campaign", type=arguments.named, help="only this campaign")
     p.add_argument("--since", type=moment, metavar="WHEN",
                    help="only rows last changed (failed, left uncertain, decided) at or after WHEN: a day "
                         "(2026-12-01, from 00:00 UTC) or a moment (2026-12-01T14:30, UTC unless it has an offset)")
@@ -78,7 +78,7 @@ def _add_filters(p: argparse.ArgumentParser, statuses: list[str], default: str) 
                    help="only rows whose last SMTP reply had this code, e.g. 421 or 550 (repeatable)")
     p.add_argument("--email", type=arguments.address, metavar="ADDRESS",
                    help="only messages to this address (in any case)")
-    p.add_argument("--customer", metavar="ID",
+    p.add_argument("--customer", type=arguments.named, metavar="ID",
                    help="only messages to this customer, by the shop's customer ID (the id column of customers.csv)")
 
 
