@@ -235,9 +235,11 @@ def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     assert load_settings(path).smtp.port == 587
 
 
-def test_a_config_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_config_that_is_not_utf8_names_its_line(tmp_path: Path, bom: bytes) -> None:
+    # with a byte-order mark too (it named "line 3 ... byte 0x43", three bytes before the bad one)
     path = tmp_path / "config.toml"
-    path.write_bytes('[shop]\nname = "Toko Kembali"\npostal_address = "Jl. Café 1"\n'.encode("latin-1"))
+    path.write_bytes(bom + '[shop]\nname = "Toko Kembali"\npostal_address = "Jl. Café 1"\n'.encode("latin-1"))
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
     assert str(caught.value) == f"{path}: line 3: not UTF-8 text (byte 0xe9); save the file as UTF-8"

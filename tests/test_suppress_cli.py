@@ -597,3 +597,16 @@ def test_a_reason_of_kembali_s_own_in_another_case_is_stored_as_kembali_writes_i
     listed = reasons(config, capsys)
     assert listed == {"budi@example.com": "unsubscribed", "siti@example.com": "hard_bounce",
                       "agus@example.com": "Left the shop"}  # fmt: skip
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_file_that_is_not_utf8_is_refused_naming_the_line_and_the_byte(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], bom: bytes
+) -> None:
+    # Given a CSV saved by Excel as 'CSV UTF-8' (a byte-order mark) with a line pasted from a Latin-1 export
+    file = tmp_path / "bounces.csv"
+    file.write_bytes(bom + b"email,reason\r\nani@example.com,complaint\r\nj\xe9r@example.com,manual\r\n")
+    # When it is imported, it is refused naming the line and the byte that are not UTF-8 (with the mark, it named
+    # line 2 and byte 0x0d, the line break three bytes before)
+    assert run(config, "import", str(file)) == 2
+    assert f"{file}: line 3: not UTF-8 text (byte 0xe9)" in capsys.readouterr().err

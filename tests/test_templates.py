@@ -796,11 +796,13 @@ def test_a_file_saved_with_a_byte_order_mark_renders_without_it(tmp_path: Path) 
     assert "\ufeff" not in email.text and "\ufeff" not in email.html
 
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
 @pytest.mark.parametrize("name", ["demo/id/body.txt", "_layout.txt"])
-def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path, name: str) -> None:
-    # Given a file saved in Latin-1 (or Windows-1252), not UTF-8: "Café" on its second line
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path, name: str, bom: bytes) -> None:
+    # Given a file saved in Latin-1 (or Windows-1252), not UTF-8: "Café" on its second line; or one with a
+    # byte-order mark as well (the byte named was the one three before the bad one, and so could be the line)
     root = tree(tmp_path, GOOD)
-    (root / name).write_bytes((root / name).read_bytes().replace(b"\n", "\nCaf\xe9\n".encode("latin-1"), 1))
+    (root / name).write_bytes(bom + (root / name).read_bytes().replace(b"\n", "\nCaf\xe9\n".encode("latin-1"), 1))
     templates = JinjaTemplates(root)
     with pytest.raises(TemplateError) as info:
         templates.render("demo", Locale.ID, CTX)

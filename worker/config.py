@@ -378,8 +378,8 @@ def load_settings(path: Path | str = DEFAULT_CONFIG) -> Settings:
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark, as Notepad writes one, is not TOML's to see
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as "
+        line = exc.object[: exc.start].count(b"\n") + 1  # after a byte-order mark, as exc.start is
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save the file as "
                           "UTF-8") from None
     try:
         raw = tomllib.loads(text)

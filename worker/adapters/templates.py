@@ -913,8 +913,8 @@ class JinjaTemplates:
         try:
             return data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            line = data[: exc.start].count(b"\n") + 1
-            message = f"not UTF-8 text (byte 0x{data[exc.start]:02x}): save the file as UTF-8"
+            line = exc.object[: exc.start].count(b"\n") + 1  # after a byte-order mark, as exc.start is
+            message = f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x}): save the file as UTF-8"
             raise TemplateError(message, template=name, line=line) from None
 
     def _exists(self, name: str) -> bool:

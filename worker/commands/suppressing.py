@@ -217,8 +217,8 @@ def _import(store: Store, target: str, given: str | None) -> int:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        print(f"kembali suppress import: {target}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+        line = exc.object[: exc.start].count(b"\n") + 1  # after a byte-order mark, as exc.start is
+        print(f"kembali suppress import: {target}: line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
               "save the file as UTF-8: nothing was imported", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     if not text.strip() and target != "-":
