@@ -980,3 +980,17 @@ def test_db_status_and_a_second_upgrade_name_the_database_they_looked_at(tmp_pat
     head = status.stdout.split()[1]
     assert again.stdout == f"schema already at {head} ({tmp_path / 'shop.db'})\n", again.stdout
     assert status.stdout == f"current: {head}  newest: {head}  ({tmp_path / 'shop.db'})\n", status.stdout
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_an_empty_config_option_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Given a script's `kembali --config "$KEMBALI_CFG" check` with its variable empty
+    monkeypatch.chdir(tmp_path)
+    argv = ["--config", "", "check"] if where == "before" else ["check", "--config", ""]
+    code, out = run_cli(capsys, *argv)
+    # Then it says the option is empty, as it says of an empty $KEMBALI_CONFIG (it said ".: is a folder, not a
+    # config file", a folder no one named)
+    assert code == 2 and "Traceback" not in out
+    assert "--config: empty: name the config file" in out and "is a folder" not in out

@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         "SIGINT/SIGTERM (Ctrl-C, `timeout`; the daemon and `preview --serve` exit 0); 141 the output's reader "
         "went away (`| head`).",
     )
-    top.add_argument("--config", type=Path, default=None, metavar="FILE", help=_CONFIG_HELP)
+    top.add_argument("--config", type=_config_file, default=None, metavar="FILE", help=_CONFIG_HELP)
     top.add_argument("--log-level", choices=LOG_LEVELS, default=None, metavar="LEVEL", help=_LOG_LEVEL_HELP)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -344,12 +344,20 @@ _LOG_LEVEL_HELP = ("the log level of this command, one of debug, info, warning, 
                    "[logging] level; the demo's: warning); logs go to stderr, results to stdout")
 
 
+def _config_file(text: str) -> Path:
+    """``--config``: not empty (``Path("")`` is the current folder: a script's empty variable read as "is a
+    folder")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: name the config file, or leave --config out")
+    return Path(text)
+
+
 def _config_after_the_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``--config`` and ``--log-level`` are taken after a command too (``kembali preview --config
     demo-out/config.toml``, as operators type it), in every command and action; given there, they win over the
     same option given before the command."""
     for parser in set(sub.choices.values()):
-        parser.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE", help=_CONFIG_HELP)
+        parser.add_argument("--config", type=_config_file, default=argparse.SUPPRESS, metavar="FILE", help=_CONFIG_HELP)
         parser.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, metavar="LEVEL",
                             help=_LOG_LEVEL_HELP)
         for action in parser._actions:
