@@ -994,3 +994,16 @@ def test_an_empty_config_option_is_named_as_such(
     # config file", a folder no one named)
     assert code == 2 and "Traceback" not in out
     assert "--config: empty: name the config file" in out and "is a folder" not in out
+
+
+def test_an_sqlite_url_with_a_query_is_a_configuration_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a database.url with a query SQLAlchemy's SQLite driver reads as its own (a timeout that is no number)
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('shop.db"', 'shop.db?timeout=abc"', 1))
+    # When any command starts, it stops naming the key, exit code 2 (it was a ValueError's traceback, `check` too)
+    for command in (["check"], ["stats"], ["db", "upgrade"]):
+        code, out = run_cli(capsys, "--config", str(config), *command)
+        assert code == 2 and "Traceback" not in out, out
+        assert "'database.url' has a query ('?timeout=abc'): an SQLite URL takes none" in out

@@ -210,6 +210,9 @@ def test_a_key_that_is_not_utf8_signs_links_as_its_bytes() -> None:
         ("sqlite://kembali.db", "has one slash too few: an SQLite file is sqlite:///kembali.db"),
         ("sqlite://", "names no database file"),
         ("sqlite:///:memory:", "names no database file"),
+        # a traceback from every command (`check` too), or a warning quoting SQLAlchemy's source line
+        ("sqlite:///kembali.db?timeout=abc", "has a query ('?timeout=abc'): an SQLite URL takes none"),
+        ("sqlite:///kembali.db?uri=true&mode=ro", "has a query ('?uri=true&mode=ro'): an SQLite URL takes none"),
     ],
 )
 def test_a_database_url_the_engine_cannot_use_is_refused_by_name_without_showing_it(url: str, message: str) -> None:

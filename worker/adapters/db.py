@@ -145,6 +145,10 @@ def check_url(settings: Settings) -> None:
         if url.database in (None, "", ":memory:"):
             raise ConfigError(f"{where} names no database file (an SQLite database in memory is gone when the "
                               f"command ends): it must be {forms}")
+        if url.query:  # the driver's own arguments: a timeout not a number was a traceback, others a warning
+            query = settings.database.url.partition("?")[2]
+            raise ConfigError(f"{where} has a query ({'?' + query!r}): an SQLite URL takes none (Kembali sets its "
+                              "own timeout): write sqlite:///path.db")
     elif dialect.driver != "psycopg" or dialect.is_async:
         raise ConfigError(f"{where} asks for the PostgreSQL driver {url.drivername!r}: Kembali speaks to PostgreSQL "
                           "through psycopg 3 (synchronous), which it installs; write postgresql+psycopg://")
