@@ -996,14 +996,21 @@ def test_an_empty_config_option_is_named_as_such(
     assert "--config: empty: name the config file" in out and "is a folder" not in out
 
 
-def test_an_sqlite_url_with_a_query_is_a_configuration_error_not_a_traceback(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(("query", "said"), [
+    ("?timeout=abc", "has a query ('?timeout=abc'): an SQLite URL takes none"),
+    ("postgresql+psycopg://shop:S3cret-pw@db.internal/kembali?port=5433x", "has a host or port in its query that "
+     "cannot be read (Received non-integer port arguments: ('5433x',))"),
+])
+def test_a_database_url_with_a_query_the_engine_cannot_read_is_a_configuration_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], query: str, said: str
 ) -> None:
-    # Given a database.url with a query SQLAlchemy's SQLite driver reads as its own (a timeout that is no number)
+    # Given a database.url with a query the driver reads as its own: an SQLite timeout that is no number, a
+    # PostgreSQL port that is none
     config = write_config(tmp_path)
-    config.write_text(config.read_text().replace('shop.db"', 'shop.db?timeout=abc"', 1))
-    # When any command starts, it stops naming the key, exit code 2 (it was a ValueError's traceback, `check` too)
+    url = f"sqlite:///{tmp_path / 'shop.db'}{query}" if query.startswith("?") else query
+    config.write_text(config.read_text().replace(f"sqlite:///{tmp_path / 'shop.db'}", url, 1))
+    # When any command starts, it stops naming the key, exit code 2 (it was a traceback, from `check` too)
     for command in (["check"], ["stats"], ["db", "upgrade"]):
         code, out = run_cli(capsys, "--config", str(config), *command)
         assert code == 2 and "Traceback" not in out, out
-        assert "'database.url' has a query ('?timeout=abc'): an SQLite URL takes none" in out
+        assert f"'database.url' {said}" in out and "S3cret" not in out

@@ -213,6 +213,11 @@ def test_a_key_that_is_not_utf8_signs_links_as_its_bytes() -> None:
         # a traceback from every command (`check` too), or a warning quoting SQLAlchemy's source line
         ("sqlite:///kembali.db?timeout=abc", "has a query ('?timeout=abc'): an SQLite URL takes none"),
         ("sqlite:///kembali.db?uri=true&mode=ro", "has a query ('?uri=true&mode=ro'): an SQLite URL takes none"),
+        # libpq's host and port in the query, as the engine reads them: each was a traceback from every command
+        ("postgresql+psycopg://shop:S3cret-pw@db.internal/kembali?port=5433x",
+         "has a host or port in its query that cannot be read (Received non-integer port arguments: ('5433x',))"),
+        ("postgresql+psycopg://shop:S3cret-pw@/kembali?host=a,b&port=1,2,3",
+         "has a host or port in its query that cannot be read (number of hosts and ports don't match)"),
     ],
 )
 def test_a_database_url_the_engine_cannot_use_is_refused_by_name_without_showing_it(url: str, message: str) -> None:
@@ -225,7 +230,8 @@ def test_a_database_url_the_engine_cannot_use_is_refused_by_name_without_showing
 
 @pytest.mark.parametrize("url", ["sqlite:///kembali.db", "sqlite:////var/lib/kembali/kembali.db",
                                  "postgresql+psycopg://shop:pw@db.internal:5432/kembali",
-                                 "postgresql://shop@db.internal/kembali", "postgresql+psycopg:///kembali?host=/run/pg"])
+                                 "postgresql://shop@db.internal/kembali", "postgresql+psycopg:///kembali?host=/run/pg",
+                                 "postgresql+psycopg://shop@/kembali?host=db1,db2&port=5432,5433"])
 def test_the_database_urls_kembali_can_use_are_taken(url: str) -> None:
     settings = settings_from_dict({"database": {"url": url}})
     db.check_url(settings)

@@ -152,6 +152,12 @@ def check_url(settings: Settings) -> None:
     elif dialect.driver != "psycopg" or dialect.is_async:
         raise ConfigError(f"{where} asks for the PostgreSQL driver {url.drivername!r}: Kembali speaks to PostgreSQL "
                           "through psycopg 3 (synchronous), which it installs; write postgresql+psycopg://")
+    else:
+        try:  # libpq's host= and port= in the query, read as the engine reads them where it is made
+            dialect().create_connect_args(url)
+        except sa.exc.ArgumentError as exc:  # it names hosts and ports, never the password
+            raise ConfigError(f"{where} has a host or port in its query that cannot be read ({exc}): it must be "
+                              f"{forms}") from None
 
 
 @dataclass(frozen=True)
