@@ -993,7 +993,7 @@ def test_an_empty_config_option_is_named_as_such(
     # Then it says the option is empty, as it says of an empty $KEMBALI_CONFIG (it said ".: is a folder, not a
     # config file", a folder no one named)
     assert code == 2 and "Traceback" not in out
-    assert "--config: empty: name the config file" in out and "is a folder" not in out
+    assert "--config: empty: name the file or folder, or leave the option out" in out and "is a folder" not in out
 
 
 @pytest.mark.parametrize(("query", "said"), [

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.shop import PRODUCTS, customer, one_time_order
+from tests.clikit import migrated_config, run_cli
+from tests.shop import PRODUCTS, TEMPLATES, customer, one_time_order
 from tests.shop_fixtures import LINK_SECRET, Site, load_shop, make_site
 from tests.smtp_server import RecordingServer
 from worker.adapters.store import M
@@ -520,3 +521,18 @@ def test_out_into_a_folder_of_an_earlier_preview_holds_only_this_previews_messag
     # and one message is "1 message written", not "1 messages"
     done = site.cli("preview", "--at", T.isoformat(), "--out", str(out), "--limit", "1")
     assert done.returncode == 0 and f"\n1 message written to {out} (.eml and .html)\n" in done.stdout, done.stdout
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a script's `kembali preview --out "$PREVIEW_DIR"` with its variable empty, run in the shop's folder
+    config = migrated_config(tmp_path)
+    config.write_text(config.read_text() + f'[templates]\ndir = "{TEMPLATES}"\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    # When it runs, it is refused naming the option (it wrote its .eml and .html files into the shop's folder,
+    # after removing those an earlier preview had written there)
+    code, out = run_cli(capsys, "--config", str(config), "preview", "--out", "")
+    assert code == 2 and "argument --out: empty: name the file or folder, or leave the option out" in out
+    assert sorted(tmp_path.iterdir()) == before

@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         "SIGINT/SIGTERM (Ctrl-C, `timeout`; the daemon and `preview --serve` exit 0); 141 the output's reader "
         "went away (`| head`).",
     )
-    top.add_argument("--config", type=_config_file, default=None, metavar="FILE", help=_CONFIG_HELP)
+    top.add_argument("--config", type=arguments.path, default=None, metavar="FILE", help=_CONFIG_HELP)
     top.add_argument("--log-level", choices=LOG_LEVELS, default=None, metavar="LEVEL", help=_LOG_LEVEL_HELP)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                        "is a file or a folder of other files (the shop's); "
                        "130/143 when stopped by Ctrl-C/SIGTERM (sends under way finish; it says what was sent and "
                        "how many planned messages were not).")
-    p.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR",
+    p.add_argument("--out", type=arguments.path, default=Path("demo-out"), metavar="DIR",
                    help="folder for the demo: a new or empty one, or one an earlier demo made, whose config.toml, "
                    "data/ and sent/ it replaces (default: demo-out)")
     p.add_argument("--customers", type=arguments.positive_int, default=120,
@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--customer", type=arguments.named, help="only this customer (the shop's id)")
     p.add_argument("--limit", type=arguments.positive_int, default=None, help="show at most N messages")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table (a summary line last)")
-    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+    p.add_argument("--out", type=arguments.path, default=None, metavar="DIR",
                    help="also write each message to DIR as .eml (the exact bytes that would be sent) and .html")
     p.add_argument("--serve", action="store_true",
                    help="instead: serve a live page of every campaign x language x sample customer on 127.0.0.1, "
@@ -223,7 +223,8 @@ def _parser() -> argparse.ArgumentParser:
                        "recommended day of the first win-back email (campaigns.winback.steps[0].days, or "
                        "campaigns.winback.quiet_days without steps), with the sample size it rests on. Exit code 2 "
                        "when --plot's file cannot be written, 3 when the database cannot be used.")
-    p.add_argument("--plot", type=Path, default=None, metavar="FILE", help="also write a PNG bar chart to FILE")
+    p.add_argument("--plot", type=arguments.path, default=None, metavar="FILE",
+                   help="also write a PNG bar chart to FILE")
     p.add_argument("--share", type=_share_arg, default=0.8,
                    help="the share of second purchases, more than 0 and less than 1 (default 0.8)")
     p.add_argument("--bin-days", type=arguments.positive_int, default=7,
@@ -344,20 +345,13 @@ _LOG_LEVEL_HELP = ("the log level of this command, one of debug, info, warning, 
                    "[logging] level; the demo's: warning); logs go to stderr, results to stdout")
 
 
-def _config_file(text: str) -> Path:
-    """``--config``: not empty (``Path("")`` is the current folder: a script's empty variable read as "is a
-    folder")."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty: name the config file, or leave --config out")
-    return Path(text)
-
-
 def _config_after_the_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``--config`` and ``--log-level`` are taken after a command too (``kembali preview --config
     demo-out/config.toml``, as operators type it), in every command and action; given there, they win over the
     same option given before the command."""
     for parser in set(sub.choices.values()):
-        parser.add_argument("--config", type=_config_file, default=argparse.SUPPRESS, metavar="FILE", help=_CONFIG_HELP)
+        parser.add_argument("--config", type=arguments.path, default=argparse.SUPPRESS, metavar="FILE",
+                            help=_CONFIG_HELP)
         parser.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, metavar="LEVEL",
                             help=_LOG_LEVEL_HELP)
         for action in parser._actions:

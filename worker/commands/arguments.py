@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
@@ -54,6 +55,15 @@ def named(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must not be empty: {text!r}")
     return text
+
+
+def path(text: str) -> Path:
+    """A file or folder an option names: not empty. ``Path("")`` is the current folder, so a script's variable left
+    empty was read as "." (``--config``: "is a folder, not a config file"; ``preview --out``: its files written
+    where kembali ran)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: name the file or folder, or leave the option out")
+    return Path(text)
 
 
 def one_line(text: str) -> str:
