@@ -1768,3 +1768,27 @@ def test_a_header_of_huge_or_countless_column_names_is_named_on_lines_of_bounded
     assert code == 2 and max(map(len, out.splitlines())) < 1000, [len(line) for line in out.splitlines()]
     assert "line 1: a CSV needs an 'email' column (found: address, qqqq" in out
     assert "…(10000 chars), note0, note1, note2, note3, note4, note5, note6, note7, and 2992 more)" in out
+
+
+@pytest.mark.parametrize("header", ["id,email,name,marketing_consent", "id,email,marketing_consent,name"])
+def test_a_quote_left_open_in_the_last_column_rejects_its_row_naming_the_rows_it_took_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], header: str
+) -> None:
+    # Given a file whose third line opens a quote in its last column and never closes it: the rows after it are
+    # read into that one field, and the row still has as many fields as the header
+    config = migrated_config(tmp_path)
+    last = "last" if header.endswith("consent") else "name"
+    rows = [("C-1", "a", "Ani"), ("C-2", "b", '"Budi'), ("C-3", "c", "Cici"), ("C-4", "d", "Dewi")]
+    lines = [f"{i},{m}@example.com,{n},ya" if last == "last" else f"{i},{m}@example.com,ya,{n}" for i, m, n in rows]
+    if last == "last":
+        lines[1] = 'C-2,b@example.com,Budi,"ya'
+    (tmp_path / "customers.csv").write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
+    # When it is imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then that row is rejected, saying which lines it took in (it was imported, with a consent or a name of three
+    # lines, and C-3 and C-4 were in no count: neither imported nor rejected)
+    column = "4 'marketing_consent'" if last == "last" else "4 'name'"
+    assert code == 1, out
+    assert (f"customers.csv:3: id 'C-2': column {column} holds a quote left open; it takes in lines 3 to 5, "
+            "none of which is imported (a quote opened and never closed makes the lines after it one field)") in out
+    assert "customers: 1 created, 0 updated, 0 unchanged, 1 rejected" in out, out

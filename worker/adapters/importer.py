@@ -1133,11 +1133,12 @@ class _Rows:
             elif len(fields) > width and not any(field.strip() for field in fields[width:]):
                 # empty cells past the header's last column (a spreadsheet's export of a sheet once wider, or a
                 # trailing comma): nothing is shifted, nothing lost
-                yield line, end, dict(zip(self.columns, fields[:width], strict=True))
+                yield line, end, self._whole(line, end, fields, dict(zip(self.columns, fields[:width], strict=True)))
             elif len(fields) < width and not any(self.columns[len(fields):]):
                 # the header's columns without a name (a sheet's used range wider than its columns), whose empty
                 # fields Excel may leave out after the first rows: nothing of a column that is read is missing
-                yield line, end, dict(zip(self.columns, fields + [""] * (width - len(fields)), strict=True))
+                padded = fields + [""] * (width - len(fields))
+                yield line, end, self._whole(line, end, fields, dict(zip(self.columns, padded, strict=True)))
             elif len(fields) != width:
                 key = fields[self.key_column].strip() if self.key_column < len(fields) else ""
                 extra = next((i for i in range(width, len(fields)) if fields[i].strip()), None)
@@ -1146,7 +1147,15 @@ class _Rows:
                           + _swallowed(line, end))  # fmt: skip
                 yield line, end, _Broken(key, reason, self.key_column < len(fields) and not key)
             else:
-                yield line, end, dict(zip(self.columns, fields, strict=True))
+                yield line, end, self._whole(line, end, fields, dict(zip(self.columns, fields, strict=True)))
+
+    def _whole(self, line: int, end: int, fields: list[str], row: dict[str, str]) -> dict[str, str] | _Broken:
+        """``row``, unless it was read from several lines with an odd number of quotes in them: a quote opened and
+        never closed in its last column, which took the rows after it in and left it the header's number of fields
+        (it was imported, and those rows were in no count)."""
+        if end > line and "".join(self._taken).count('"') % 2:
+            return _left_open(fields, self.columns, self.key_column, line, end)
+        return row
 
 
 def unreadable(exc: csv.Error, text: str, columns: list[str]) -> tuple[str, list[str]]:
@@ -1235,6 +1244,16 @@ class ReadPosition:
 
 
 _UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def _left_open(fields: list[str], columns: list[str], key_column: int, start: int, end: int) -> _Broken:
+    """Why a row read from several lines with an odd number of quotes in them is not read: the column whose field
+    holds the first line break, where the quote left open begins, and the lines it took in."""
+    i = next((i for i, field in enumerate(fields, 1) if "\n" in field or "\r" in field), len(fields))
+    name = f" {columns[i - 1]!r}" if i <= len(columns) and columns[i - 1] else ""
+    key = fields[key_column].strip() if columns and key_column < len(fields) else ""
+    return _Broken(key, f"column {i}{name} holds a quote left open" + _swallowed(start, end),
+                   bool(columns) and key_column < len(fields) and not key)  # fmt: skip
 
 
 def _not_utf8(fields: list[str], columns: list[str], key_column: int) -> _Broken | None:
