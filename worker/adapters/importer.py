@@ -1154,7 +1154,8 @@ class _Rows:
         never closed in its last column, which took the rows after it in and left it the header's number of fields
         (it was imported, and those rows were in no count)."""
         if end > line and "".join(self._taken).count('"') % 2:
-            return _left_open(fields, self.columns, self.key_column, line, end)
+            key = fields[self.key_column].strip() if self.key_column < len(fields) else ""
+            return _Broken(key, left_open(fields, self.columns, line, end), self.key_column < len(fields) and not key)
         return row
 
 
@@ -1246,14 +1247,12 @@ class ReadPosition:
 _UNDECODED = re.compile("[\udc80-\udcff]")
 
 
-def _left_open(fields: list[str], columns: list[str], key_column: int, start: int, end: int) -> _Broken:
-    """Why a row read from several lines with an odd number of quotes in them is not read: the column whose field
-    holds the first line break, where the quote left open begins, and the lines it took in."""
+def left_open(fields: list[str], columns: list[str], start: int, end: int) -> str:
+    """Why a row read from lines ``start`` to ``end`` with an odd number of quotes in them is not read: the column
+    whose field holds the first line break, where the quote left open begins, and the lines it took in."""
     i = next((i for i, field in enumerate(fields, 1) if "\n" in field or "\r" in field), len(fields))
     name = f" {columns[i - 1]!r}" if i <= len(columns) and columns[i - 1] else ""
-    key = fields[key_column].strip() if columns and key_column < len(fields) else ""
-    return _Broken(key, f"column {i}{name} holds a quote left open" + _swallowed(start, end),
-                   bool(columns) and key_column < len(fields) and not key)  # fmt: skip
+    return f"column {i}{name} holds a quote left open" + _swallowed(start, end)
 
 
 def _not_utf8(fields: list[str], columns: list[str], key_column: int) -> _Broken | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.adapters import db, opstore
-from worker.adapters.importer import comma_separated, listed_columns, other_separator, unreadable
+from worker.adapters.importer import comma_separated, left_open, listed_columns, other_separator, unreadable
 from worker.adapters.ledger import CUSTOMERS_OWN
 from worker.adapters.store import Store, suppression_address
 from worker.commands import arguments
@@ -145,6 +145,10 @@ def read_addresses(text: str) -> tuple[dict[str, tuple[int, dict[str, str]]], li
                 continue
             if row is None:
                 break
+            end = before + reader.line_num
+            if end > start and "\n".join(lines[start - 1 : end]).count('"') % 2:  # its last column's quote left open
+                values.append((start, csv.Error(left_open(row, fields, start, end))))
+                continue
             values.append((start, row[column] if column < len(row) else ""))
             cells[start] = {name: _uncell(row[i].strip()) for name, i in entry.items() if i < len(row)}
     else:
