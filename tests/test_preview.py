@@ -536,3 +536,22 @@ def test_an_empty_out_is_refused_not_read_as_the_current_folder(
     code, out = run_cli(capsys, "--config", str(config), "preview", "--out", "")
     assert code == 2 and "argument --out: empty: name the file or folder, or leave the option out" in out
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_a_preview_as_of_a_past_moment_says_it_plans_on_todays_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a shop's config (an operator asking what yesterday's 09:00 pass planned, or mistyping the year)
+    config = migrated_config(tmp_path)
+    config.write_text(config.read_text() + f'[templates]\ndir = "{TEMPLATES}"\n', encoding="utf-8")
+    past = (datetime.now(UTC) - timedelta(days=1)).isoformat(timespec="minutes")
+    # When the preview is asked as of that past moment, it says that today's data is planned on: orders placed and
+    # messages sent since count (at 1970 it thanked a customer for the 6 orders of 2026, without a word)
+    code, out = run_cli(capsys, "--config", str(config), "preview", "--at", past)
+    assert code == 0, out
+    assert ("note: --at is before now: the preview plans on the shop's data and the ledger as they are now (orders "
+            "placed and messages sent since then count), not as they were then") in out
+    # And one of a moment to come says nothing of it, nor one without --at (now, which has passed when it is compared)
+    for at in (["--at", "2099-01-01T09:00+07:00"], []):
+        code, out = run_cli(capsys, "--config", str(config), "preview", *at)
+        assert code == 0 and "--at is before now" not in out, out

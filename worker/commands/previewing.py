@@ -177,6 +177,9 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         print(f"kembali: no customer with id {printable(args.customer)!r}{meant}", file=sys.stderr)
         return EXIT_USAGE
     at: datetime = args.at or deps.clock.now()
+    if args.at is not None and at < deps.clock.now():  # planning reads the tables as they are: no run then saw later
+        print("note: --at is before now: the preview plans on the shop's data and the ledger as they are now (orders "
+              "placed and messages sent since then count), not as they were then", file=sys.stderr)
     try:
         keys = link_keys(settings)
     except ConfigError as exc:  # a preview's links are never clicked: a throwaway key will do
