@@ -1014,3 +1014,22 @@ def test_a_database_url_with_a_query_the_engine_cannot_read_is_a_configuration_e
         code, out = run_cli(capsys, "--config", str(config), *command)
         assert code == 2 and "Traceback" not in out, out
         assert f"'database.url' {said}" in out and "S3cret" not in out
+
+
+@pytest.mark.parametrize("command", [["import", "customers", str(ROOT / "examples" / "customers.csv")],
+                                     ["ledger", "list"], ["preview"]])
+def test_a_command_started_with_its_standard_output_closed_does_its_work_without_a_traceback(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # Given a cron line that closes standard output rather than discarding it (`kembali … >&-`)
+    config = write_config(tmp_path)
+    _migrated(config)
+    argv = [sys.executable, "-m", "worker", "--config", str(config), *command]
+    result = subprocess.run(argv, cwd=ROOT, env={**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}, stderr=subprocess.PIPE,
+                            text=True, timeout=120, check=False, preexec_fn=lambda: os.close(1))  # fmt: skip
+    # Then it does its work, its output discarded (every command ended in "AttributeError: 'NoneType' object has
+    # no attribute 'flush'", exit code 1, after its work; preview before it)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    if command[0] == "import":
+        with sqlite3.connect(tmp_path / "shop.db") as db:
+            assert db.execute("SELECT count(*) FROM customer").fetchone() == (20,)
