@@ -1033,3 +1033,13 @@ def test_a_command_started_with_its_standard_output_closed_does_its_work_without
     if command[0] == "import":
         with sqlite3.connect(tmp_path / "shop.db") as db:
             assert db.execute("SELECT count(*) FROM customer").fetchone() == (20,)
+
+
+def test_version_names_the_package_and_its_newest_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    # An operator following the README's upgrade ("install the new version on every host") asks each host which
+    # kembali it has (it said "the following arguments are required: COMMAND", exit code 2)
+    from importlib.metadata import version
+
+    newest = max(p.name[:4] for p in (ROOT / "worker" / "migrations" / "versions").glob("0*.py"))
+    code, out = run_cli(capsys, "--version")
+    assert (code, out) == (0, f"kembali {version('kembali')} (schema {newest})\n")

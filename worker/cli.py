@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--config", type=arguments.path, default=None, metavar="FILE", help=_CONFIG_HELP)
     top.add_argument("--log-level", choices=LOG_LEVELS, default=None, metavar="LEVEL", help=_LOG_LEVEL_HELP)
+    top.add_argument("--version", action=_Version, help="print kembali's version and newest schema revision, and exit")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="try Kembali on a demo shop with a local SMTP sink",
@@ -338,6 +339,21 @@ class _KeepExamples(argparse.HelpFormatter):
         if text.startswith(("examples:\n", "figures:")):
             return text
         return super()._fill_text(text, width, indent)
+
+
+class _Version(argparse.Action):
+    """``--version``: ``kembali 0.1.0 (schema 0019)``, read when asked (the migrations, not a database)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
+        from importlib.metadata import version
+
+        from worker.adapters import db
+
+        print(f"kembali {version('kembali')} (schema {db.newest_revision()})")
+        parser.exit()
 
 
 _CONFIG_HELP = "the config file (default: $KEMBALI_CONFIG or ./config.toml)"
