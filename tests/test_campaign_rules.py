@@ -1190,3 +1190,26 @@ def test_two_workers_planning_win_back_at_once_on_sqlite_plan_each_step_once(
     finally:
         store.close()
         other.close()
+
+
+def test_the_longest_ids_an_import_takes_are_planned_on_both_databases(db_url: str) -> None:
+    """Customer and order ids as long as an import takes (``importer.MAX_ID``), of colons, which a dedupe key
+    escapes as ``%3A``: their keys are longer than the ledger's 200 characters on PostgreSQL, which refused the
+    whole INSERT, and then no one-time buyer of the shop got a win-back email. Every campaign plans them."""
+    from worker.adapters.importer import MAX_ID
+
+    store = Store.from_url(db_url)
+    try:
+        who, order = ":" * MAX_ID, "O" + ":" * (MAX_ID - 1)
+        others = [Case("one-time buyer", 1, (o(D, 80),)), Case("five orders", 1, tuple(o(D, 3 + i) for i in range(5)))]
+        load(store, others)
+        shop.upsert_customers(store.engine, [CustomerRecord(who, "long@example.com", "Long", Locale.ID, JKT,
+                                                            NOW.date() - timedelta(days=365 * 30), True, "opt_in",
+                                                            "checkout")], NOW)  # fmt: skip
+        shop.upsert_orders(store.engine, [OrderRecord(order, who, D, NOW - ago(80), None, 100_000, "IDR")], NOW)
+        planned = {campaign: planning.plan_into_ledger(store, SETTINGS, campaign, NOW) for campaign in TABLES}
+        assert planned["winback"] == 2  # C0 and the long ids
+        keys = [k for k in ledger(store, "winback") if "%3A" in k]
+        assert [len(k) for k in keys] == [len("winback:") + 3 * MAX_ID + 1 + 1 + 3 * (MAX_ID - 1) + 2]
+    finally:
+        store.close()

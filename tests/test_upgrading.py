@@ -27,7 +27,7 @@ from worker.adapters import db, shop
 from worker.adapters.store import Store
 from worker.domain import CustomerRecord, Locale
 
-AHEAD = "0019_from_a_newer_kembali"
+AHEAD = "0099_from_a_newer_kembali"
 """A revision this code does not have: what a newer Kembali on another host left in ``alembic_version``."""
 NOW = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 
@@ -125,11 +125,11 @@ def test_two_hosts_upgrading_postgresql_at_once_one_waits_for_the_other_and_neit
     # Then both succeed: one migrates, the other waits for it and finds nothing left to do
     assert [code for code, _ in results] == [0, 0], results
     said = sorted(out.strip().splitlines()[-1] for _, out in results)
-    assert said[0].startswith("schema already at 0019 (postgresql+psycopg://"), results
-    waited = next(out for _, out in results if "schema already at 0019" in out)
+    assert said[0].startswith("schema already at 0020 (postgresql+psycopg://"), results
+    waited = next(out for _, out in results if "schema already at 0020" in out)
     assert "another `kembali db upgrade` is migrating" in waited and "waiting for it to finish" in waited, waited
-    assert said[1].startswith("schema upgraded: 0017 -> 0019"), results
-    assert _query(pg_url, "SELECT version_num FROM alembic_version") == [("0019",)]
+    assert said[1].startswith("schema upgraded: 0017 -> 0020"), results
+    assert _query(pg_url, "SELECT version_num FROM alembic_version") == [("0020",)]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
@@ -399,12 +399,12 @@ def test_a_kembali_newer_than_the_database_does_not_migrate_it_but_gives_the_exa
     # Then it refuses (exit 3), naming both revisions and the command to run, with the config it was given (the bare
     # `kembali db upgrade` would look for ./config.toml wherever the operator stands)
     assert code == 3, printed
-    assert (f"is at schema 0017, the code needs 0019: run `kembali --config '{config}' db upgrade`") in printed, printed
+    assert (f"is at schema 0017, the code needs 0020: run `kembali --config '{config}' db upgrade`") in printed, printed
     # and has not migrated it by itself
     assert _query(url, "SELECT version_num FROM alembic_version") == [("0017",)]
     # And that command, as given, upgrades it, after which the run starts
     code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
-    assert code == 0 and printed.startswith("schema upgraded: 0017 -> 0019"), printed
+    assert code == 0 and printed.startswith("schema upgraded: 0017 -> 0020"), printed
     code, printed = run_cli(capsys, "--config", str(config), "run", "--once")
     assert code == 0, printed
 
@@ -437,7 +437,7 @@ def test_an_sqlite_upgrade_behind_a_long_writer_gives_up_says_why_and_changes_no
     assert _query(f"sqlite:///{path}", "SELECT version_num FROM alembic_version") == [("0017",)]
     # And once the writer is done, the same command upgrades
     code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
-    assert code == 0 and printed.startswith("schema upgraded: 0017 -> 0019"), printed
+    assert code == 0 and printed.startswith("schema upgraded: 0017 -> 0020"), printed
 
 
 @pytest.mark.parametrize("case", ["full", "read-only"])
@@ -478,7 +478,7 @@ def test_an_sqlite_upgrade_the_file_cannot_take_says_what_to_do_and_changes_noth
     assert _query(f"sqlite:///{path}", "SELECT version_num FROM alembic_version") == [("0016",)]
     # And once the file can take it, the same command upgrades
     code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
-    assert code == 0 and printed.startswith("schema upgraded: 0016 -> 0019"), printed
+    assert code == 0 and printed.startswith("schema upgraded: 0016 -> 0020"), printed
 
 
 @pytest.mark.postgres
@@ -520,12 +520,13 @@ def test_an_upgrade_on_a_terminal_names_each_revision_as_it_runs_it(tmp_path: Pa
     assert code == 0, seen
     text = seen.decode()
     lines = re.findall(r"\r(migrating: [^\r]*)\x1b\[K", text)
-    assert lines == ["migrating: 1 of 4: 0016 message.resent_after_attempts: an operator's…",
-                     "migrating: 2 of 4: 0017 the ledger's uncertain rows, counted for every…",
-                     "migrating: 3 of 4: 0018 the customer records of a mailbox, for the…",
-                     "migrating: 4 of 4: 0019 shop_order.paid_at and customer.last_paid_at:…"], text
+    assert lines == ["migrating: 1 of 5: 0016 message.resent_after_attempts: an operator's…",
+                     "migrating: 2 of 5: 0017 the ledger's uncertain rows, counted for every…",
+                     "migrating: 3 of 5: 0018 the customer records of a mailbox, for the…",
+                     "migrating: 4 of 5: 0019 shop_order.paid_at and customer.last_paid_at:…",
+                     "migrating: 5 of 5: 0020 message.dedupe_key up to 1000 characters on…"], text
     assert all(len(line) < 80 for line in lines), lines  # a line that wraps is not erased by the next
-    assert "\r\x1b[Kschema upgraded: 0015 -> 0019" in text, text
+    assert "\r\x1b[Kschema upgraded: 0015 -> 0020" in text, text
 
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("pg", marks=pytest.mark.postgres)])
@@ -559,7 +560,7 @@ def test_an_upgrade_of_a_database_holding_another_programs_tables_of_kembalis_na
     # And `db status` says so too, where it called such a database empty
     code, printed = run_cli(capsys, "--config", str(config), "db", "status")
     assert code == 3 and printed.startswith(
-        "current: (no Kembali schema; other tables, of Kembali's names: product, shop_order)  newest: 0019"), printed
+        "current: (no Kembali schema; other tables, of Kembali's names: product, shop_order)  newest: 0020"), printed
 
 
 @pytest.mark.postgres
@@ -623,7 +624,7 @@ def test_an_sqlite_ledger_whose_customer_was_deleted_by_hand_still_upgrades_and_
     # Then it upgrades, the ledger row kept, and says what it found and that the migration left it as it was: it
     # refused for ever ('after the migration 1 references are broken … nothing was changed'), blaming the migration
     assert code == 0, printed
-    assert printed.startswith(f"schema upgraded: 0017 -> 0019 ({path})"), printed
+    assert printed.startswith(f"schema upgraded: 0017 -> 0020 ({path})"), printed
     assert (f"note: {path} had 1 broken reference before the migration (first: message row 7 names a missing "
             "customer, deleted with foreign key checks off, as the sqlite3 shell has them); the migration left it "
             "as it was") in printed, printed
@@ -652,7 +653,7 @@ def test_a_database_another_program_migrates_with_alembic_is_not_taken_for_a_new
                 "database of Kembali's own (nothing was changed)") in printed, (argv, printed)
         assert "newer" not in printed, (argv, printed)
     code, printed = run_cli(capsys, "--config", str(config), "db", "status")
-    assert code == 3 and printed.startswith("current: 3f2a9c1d7e4b (another program's)  newest: 0019"), printed
+    assert code == 3 and printed.startswith("current: 3f2a9c1d7e4b (another program's)  newest: 0020"), printed
     assert _query(url, "SELECT version_num FROM alembic_version") == [("3f2a9c1d7e4b",)]
 
 
@@ -722,7 +723,7 @@ def test_an_sqlite_upgrade_that_must_wait_for_the_write_lock_says_so_then_migrat
     assert code == 0, printed
     assert (f"kembali: another program holds the write lock on {path} (another `kembali db upgrade` migrating it, "
             "a kembali run or import): waiting up to 30 s for it to finish") in printed, printed
-    assert f"schema upgraded: 0017 -> 0019 ({path})" in printed, printed
+    assert f"schema upgraded: 0017 -> 0020 ({path})" in printed, printed
     # And an upgrade that need not wait says nothing of waiting
     code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
-    assert code == 0 and printed.strip() == f"schema already at 0019 ({path})", printed
+    assert code == 0 and printed.strip() == f"schema already at 0020 ({path})", printed

@@ -171,6 +171,11 @@ _SENDING = sa.text("status = 'sending'")
 _CLAIMED = sa.text("status = 'claimed'")
 _UNCERTAIN = sa.text("status = 'uncertain'")
 _MAILBOX = sa.text("lower(email)")
+DEDUPE_KEY = sa.String(1000).with_variant(sa.String(200), "sqlite")
+"""A dedupe key: two ids of up to ``importer.MAX_ID`` characters each, a ``:`` in them written ``%3A``
+(``core.audiences.key_part``), and the rest: 622 characters at most, 1000 on PostgreSQL (migration 0020; 200
+before, and a longer key failed a campaign's whole planning INSERT there). SQLite does not hold a text to its
+declared length: its table keeps the 200 it was built with (declaring more would rebuild the ledger)."""
 
 
 class Message(SQLModel, table=True):
@@ -194,7 +199,7 @@ class Message(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    dedupe_key: str = Field(max_length=200, unique=True)
+    dedupe_key: str = Field(unique=True, sa_type=DEDUPE_KEY)
     campaign: str = Field(max_length=50)
     step: int = 1
     priority: int = 0
