@@ -1063,3 +1063,29 @@ def test_a_run_the_relay_asked_nothing_of_says_the_rate_is_still_slowed_not_that
     assert "0 times" not in note, note
     assert "did not ask this worker to slow down in this run" in note and "now 20/s" in note
     assert "421 4.7.0 slow down" in note
+
+
+def test_a_recipient_domain_as_long_as_an_address_may_have_is_booked_on_a_shared_database(db_url: str) -> None:
+    """A domain of 253 characters (the most DNS allows, which an address may carry): its rate row's key is longer
+    than the 200 characters the shared ``rate_limit`` table holds on PostgreSQL, and every booking for it failed
+    there and was tried again and again. It is booked, apart from every other domain."""
+    long_domain = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 58, "id"])
+    assert len(long_domain) == 253
+    other = long_domain[:-2] + "my"
+    limiter, store = _shared_limiter(db_url, SendingSettings(rate_per_second=50.0, burst=50,
+                                                             domains={long_domain: DomainRate(0.5, 1)}))  # fmt: skip
+
+    async def scenario() -> tuple[float, float, float]:
+        first = await asyncio.wait_for(limiter.acquire(long_domain), 10)
+        # the domain's slots are its own: the next one is 2 s off, and another long domain's is not
+        other_wait = await asyncio.wait_for(limiter.acquire(other), 10)
+        before = time.monotonic()
+        await asyncio.wait_for(limiter.acquire(long_domain), 10)
+        return first, other_wait, time.monotonic() - before
+
+    try:
+        first, other_wait, second = asyncio.run(scenario())
+    finally:
+        _close(store)
+    assert first == 0.0 and other_wait == 0.0
+    assert second > 1.0

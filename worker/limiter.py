@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import itertools
 import logging
 import math
@@ -134,6 +135,20 @@ class LocalBooker:
             wait = max(wait, w)
         self.tats.update(tats)
         return Booking(wait)
+
+
+KEY_MAX = 200
+"""The longest key the shared ``rate_limit`` table holds (on PostgreSQL: a longer one fails the booking)."""
+
+
+def domain_key(domain: str) -> str:
+    """A recipient domain's rate key: ``domain:<domain>``, or for a domain too long for the table (up to 253
+    characters: DNS's most), its first 150 characters and a digest of the whole (others that share the 150 have
+    other digests), the same on every worker."""
+    key = f"domain:{domain}"
+    if len(key) <= KEY_MAX:
+        return key
+    return f"domain:{domain[:150]}…{hashlib.sha256(domain.encode()).hexdigest()[:16]}"
 
 
 class DbBooker:
@@ -306,7 +321,7 @@ class Limiter:
         # so does the global rate while the relay's throttling keeps it below the configured one
         pace = self.pace
         return [(GLOBAL_KEY, 1.0 / pace.current, 1 if pace.slowed else s.burst),
-                (f"domain:{domain}", 1.0 / rate.current, burst)]  # fmt: skip
+                (domain_key(domain), 1.0 / rate.current, burst)]  # fmt: skip
 
     async def acquire(
         self,
@@ -339,7 +354,7 @@ class Limiter:
         so an overloaded machine slows down rather than stops. Returns the seconds it was
         told to wait, not the time it overslept."""
         waited = 0.0
-        key = f"domain:{domain}"
+        key = domain_key(domain)
         tries = 0
         while True:
             if self.unshared is not None:
