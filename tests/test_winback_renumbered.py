@@ -271,3 +271,18 @@ def test_a_step_sent_under_a_key_of_its_own_then_its_days_edited_is_not_sent_aga
     # Then it is the same step, the one the customer had as …:1d30: the offer is not sent again
     assert len(received(smtp_server)) == 2
     assert ledger(after) == [("winback:C1:C1-1:1", "14", "sent", None), ("winback:C1:C1-1:1d30", "30", "sent", None)]
+
+
+def test_a_step_waiting_when_its_days_are_edited_is_still_sent(db_url: str, smtp_server: RecordingServer) -> None:
+    # Given a one-time buyer whose order is 36 days old, the day-30 step (template winback) planned as step 1 of
+    # [30, 60] at 22:00 in Jakarta, held by quiet hours until the morning
+    given_one_time_buyers(db_url, {"C1": 36})
+    cycle_at(settings_for(db_url, smtp_server, [30, 60]), T0 - timedelta(hours=5))
+    assert smtp_server.messages == []
+    # When the operator moves that step, same template, to day 35 overnight, and Kembali runs in the morning
+    after = settings_for(db_url, smtp_server, [35, 60])
+    cycle_at(after, T0)
+    # Then it goes, as planned: the step due now is the same step, not a later one it would make way for (skipped as
+    # no longer due, the planner would not plan it again: that row is the step's)
+    assert received(smtp_server) == [("c1@example.com", "Siti, we miss you! Here's 10% off, just for you")]
+    assert ledger(after) == [("winback:C1:C1-1:1", "30", "sent", None)]

@@ -347,6 +347,7 @@ class Composer:
             within_days=self.settings.campaigns.new_products.within_days,
             winback_steps=[step.days for step in self.settings.campaigns.winback.effective_steps],
             give_up_after_days=self.settings.campaigns.winback.give_up_after_days,
+            winback_templates=[step.template for step in self.settings.campaigns.winback.effective_steps],
         )  # fmt: skip
         if reason is None and suppression_address(message.email) in facts.suppressed:
             reason = SkipReason.SUPPRESSED  # the customer's address now is another: the one it goes to is suppressed

@@ -123,6 +123,10 @@ def winback_step_window(now: datetime, step_days: Sequence[int], step: int) -> t
     return not_before, before
 
 
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def winback_step_moved(
     row_days: int | None, row_template: str | None, step: int, step_days: Sequence[int], step_templates: Sequence[str]
 ) -> bool:
@@ -496,12 +500,13 @@ def still_due(
     within_days: int,
     winback_steps: Sequence[int] = (),
     give_up_after_days: int = 0,
+    winback_templates: Sequence[str] = (),
 ) -> SkipReason | None:
     """Right before sending (after ``audiences.recheck``): does the rule that planned the message still hold
     for what the shop's data says now? None means yes. ``rateable``: the ids of the feedback orders that can
     still be rated (``OrderStatus.can_be_rated``); ``launches``: the active products launched in the
-    new-products window before ``now``; ``winback_steps``: the win-back steps' day counts, in order;
-    ``give_up_after_days``: win-back's (0: no limit).
+    new-products window before ``now``; ``winback_steps``: the win-back steps' day counts, in order, and
+    ``winback_templates`` their templates; ``give_up_after_days``: win-back's (0: no limit).
 
     A birthday changed or removed, the order to rate cancelled or refunded, a milestone no longer reached (the
     order that reached it refunded), news the customer ordered after (or that is no longer new), a win-back step
@@ -519,9 +524,13 @@ def still_due(
         # (without give_up_after_days: None from it here is no step passed yet, which leaves the message due)
         step = None if placed is None else winback_step_due(placed, now, winback_steps)
         # a later step is due: by day counts where the row has its own (the step numbers of a row planned before
-        # steps were inserted or removed are not the config's), else by number
+        # steps were inserted or removed are not the config's), else by number; not the row's own step, its days
+        # edited since (a step of its number the row was planned as: ``winback_step_moved``), which no pass plans
+        # again for the order
         days = message.payload_id("days")
-        if step is not None and (step > message.step if days is None else winback_steps[step - 1] > days):
+        if step is not None and (step > message.step if days is None else winback_steps[step - 1] > days and not (
+                step == message.step and not winback_step_moved(days, _text(message.payload.get("template")), step,
+                                                                winback_steps, winback_templates))):
             return SkipReason.NO_LONGER_DUE
     elif message.campaign == BIRTHDAY:
         planned_day = message.payload.get("birthday")
