@@ -114,8 +114,7 @@ async def campaigns_not_sent(
         moved = 0
         for part in opstore.chunks(odd.odd_priority, opstore.CHUNK):  # the database thread given back between them
             moved += await astore.call(opstore.reprioritise, store, part, priorities)
-        log.event("ledger_priorities_updated", count=moved,
-                  note="waiting rows planned under another policy.priorities order take the order as it is now")
+        _priorities_updated(moved)
     on = set(enabled_campaigns(settings))
     off_campaigns = [name for name in ALL_CAMPAIGNS if name not in on]
     expired = 0
@@ -130,6 +129,24 @@ async def campaigns_not_sent(
                       "until it is on again, or are skipped as expired",
                   what_to_do=f"turn it on again to send them, or cancel them: {CLOSE_OFF.format(campaign=name)}")
     return NotSent(tuple(failed), dict(sorted(off.items())), expired)
+
+
+async def unhold_waiting_rows(store: Store, astore: AsyncStore, settings: Settings) -> int:
+    """A daemon's maintenance: rows of a campaign turned on that wait at a priority its claims skip (held by
+    campaigns turned off alone) take their campaign's priority now (``ledger_priorities_updated``). Planned after
+    the start's or the reload's read (``campaigns_not_sent``) under another ``policy.priorities`` order (another
+    host's, not given the new config yet), they were never claimed: they waited until they expired."""
+    policy = planning.contact_policy(settings)
+    on = {name: policy.priority(name) for name in enabled_campaigns(settings)}
+    moved = await astore.call(opstore.reprioritise_held, store, planning.held_priorities(settings), on)
+    if moved:
+        _priorities_updated(moved)
+    return moved
+
+
+def _priorities_updated(count: int) -> None:
+    log.event("ledger_priorities_updated", count=count,
+              note="waiting rows planned under another policy.priorities order take the order as it is now")
 
 
 def _unknown_campaign_failed(failed: list[opstore.UnknownCampaignRow], **stopped: object) -> None:

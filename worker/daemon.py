@@ -86,6 +86,7 @@ from worker.app import (
     remove_snapshot,
     smtp_password,
     snapshot_templates,
+    unhold_waiting_rows,
     worker_id,
 )
 from worker.asyncstore import AsyncStore
@@ -592,6 +593,8 @@ class Daemon:
         if expired:
             log.event("messages_expired", count=expired)
         await self._read_waiting_rows()
+        if await unhold_waiting_rows(self.store, self.astore, self.gen.settings):  # (a reload's meanwhile)
+            self._wake.set()
         days = settings.schedule.attempt_retention_days
         if days:
             pruned = await self.astore.call(opstore.prune_attempts, self.store, now - timedelta(days=days))

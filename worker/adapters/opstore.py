@@ -117,6 +117,18 @@ def reprioritise(store: Store, ids: Sequence[int], priorities: Mapping[str, int]
         return sum(int(conn.execute(stmt.where(M.c.id.in_(part))).rowcount) for part in _chunks(ids))
 
 
+def reprioritise_held(store: Store, held: Collection[int], priorities: Mapping[str, int]) -> int:
+    """The waiting rows of the campaigns of ``priorities`` (those turned on) that sit at one of ``held`` (the
+    priorities a claim skips, ``Store.claim``'s ``held_priorities``) take their campaign's priority, in one
+    transaction (the queue's partial index: the held priorities' rows only); returns how many."""
+    if not held or not priorities:
+        return 0
+    stmt = (sa.update(M).where(WAITING, M.c.priority.in_(sorted(held)), M.c.campaign.in_(sorted(priorities)))
+            .values(priority=_priority_of(priorities)))
+    with store.engine.begin() as conn:
+        return int(conn.execute(stmt).rowcount)
+
+
 def waiting_by_campaign(store: Store) -> dict[str, int]:
     """How many rows of each campaign wait in the queue, whatever its name (``kembali check``): one count of the
     waiting rows (the queue's partial index), no row read into Python."""
