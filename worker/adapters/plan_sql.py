@@ -224,7 +224,7 @@ def winback(
         ),
     )  # fmt: skip
     moved = M.alias("moved")
-    key = sa.case((sa.exists().where(moved.c.dedupe_key == numbered), numbered + _lit("d") + days), else_=numbered)
+    key = sa.case((sa.exists().where(moved.c.dedupe_key == numbered), own + days), else_=numbered)
     where = [
         _scanned(c.dialect, C.c.order_count) == 1, C.c.first_order_at < steps[0][0],
         C.c.first_order_external_id.is_not(None), *_consenting(),
@@ -240,7 +240,7 @@ def winback(
     paid = sa.exists().where(O.c.id == C.c.first_order_id, O.c.status.in_(RATEABLE))
     # a step renumbered in the config (one inserted or removed before it) has a new key: not planned again for an
     # order that has a win-back row of its day count or a later one, whatever that row's number
-    again = _winback_row(c.dialect, prefix, by_step(lambda _n, _t, d: sa.literal(d, sa.Integer)))
+    again = _winback_row(c.dialect, prefix, step_days)
     return Plan("winback", step, c.priority, c.now, c.expires_at, key, payload,
                 C, where, (C.c.id,), C.c.id, c.holdout_share, checked_last=(~again, paid), key_free=key_free,
                 probes_ledger_last=True)  # fmt: skip
@@ -269,9 +269,9 @@ def _has_days(dialect: str, payload: Any, days: Any) -> Any:
     PostgreSQL ``"days" : "…"``): a search of the text, which in a pass's steady state finds the row at a step's key
     to be that step's without parsing the JSON (0.6 µs a candidate). False leaves it to ``payload_days``. (An id in
     the payload holding those characters has its quotes escaped: it cannot match.)"""
-    spaced = '"days" : "' if dialect == "postgresql" else '"days":"'
-    return sa.func.strpos(payload, _lit(spaced) + days + _lit('"')) > 0 if dialect == "postgresql" else (
-        sa.func.instr(payload, _lit(spaced) + days + _lit('"')) > 0)
+    if dialect == "postgresql":
+        return sa.func.strpos(payload, _lit('"days" : "') + days + _lit('"')) > 0
+    return sa.func.instr(payload, _lit('"days":"') + days + _lit('"')) > 0
 
 
 def payload_template(dialect: str, payload: Any) -> Any:
