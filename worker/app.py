@@ -83,8 +83,7 @@ async def campaigns_not_sent(
     (``campaign_off_messages_waiting``) with their count and the command that cancels them: they wait, not sent, until
     it is on again, or are skipped as ``expired`` (``expire_off``: here, first, for ``run --once``, which runs no
     maintenance; the claim's re-check skips the others' as expired)."""
-    policy = planning.contact_policy(settings)
-    priorities = {name: policy.priority(name) for name in ALL_CAMPAIGNS}
+    priorities = planning.priorities(settings)
     odd = await astore.call(opstore.odd_waiting_rows, store, ALL_CAMPAIGNS, priorities)
     failed: list[opstore.UnknownCampaignRow] = []
     if odd.unknown_campaign:
@@ -136,8 +135,7 @@ async def unhold_waiting_rows(store: Store, astore: AsyncStore, settings: Settin
     campaigns turned off alone) take their campaign's priority now (``ledger_priorities_updated``). Planned after
     the start's or the reload's read (``campaigns_not_sent``) under another ``policy.priorities`` order (another
     host's, not given the new config yet), they were never claimed: they waited until they expired."""
-    policy = planning.contact_policy(settings)
-    on = {name: policy.priority(name) for name in enabled_campaigns(settings)}
+    on = planning.priorities(settings, enabled_campaigns(settings))
     moved = await astore.call(opstore.reprioritise_held, store, planning.held_priorities(settings), on)
     if moved:
         _priorities_updated(moved)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time as clock
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
@@ -54,12 +54,17 @@ def enabled(settings: Settings) -> list[str]:
     return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
+def priorities(settings: Settings, campaigns: Iterable[str] = ALL_CAMPAIGNS) -> dict[str, int]:
+    """Each of ``campaigns``' priority under ``policy.priorities`` (``ContactPolicy.priority``)."""
+    policy = contact_policy(settings)
+    return {name: policy.priority(name) for name in campaigns}
+
+
 def held_priorities(settings: Settings) -> frozenset[int]:
     """The priorities of campaigns turned off that no enabled campaign shares: a claim skips them (their rows wait
     until the campaign is on again, or expire) instead of reading through the rows only to leave each one."""
-    policy, on = contact_policy(settings), enabled(settings)
-    off = {policy.priority(name) for name in ALL_CAMPAIGNS if name not in on}
-    return frozenset(off - {policy.priority(name) for name in on})
+    every, on = priorities(settings), enabled(settings)
+    return frozenset({p for name, p in every.items() if name not in on} - {every[name] for name in on})
 
 
 def loyalty_milestones(settings: Settings) -> cc.Milestones:

@@ -27,12 +27,11 @@ from worker.app import (
 from worker.asyncstore import AsyncStore
 from worker.commands.progress import SendProgress
 from worker.config import Settings
-from worker.core.campaigns import CAMPAIGNS as ALL_CAMPAIGNS
 from worker.core.policy import zone_of
 from worker.domain import Locale
 from worker.errors import ConfigError, TemplateError
 from worker.pipeline import PlanReport, enabled_campaigns, held_priorities, plan
-from worker.planning import contact_policy
+from worker.planning import priorities
 from worker.sending import DispatchReport, SendObserver
 from worker.stopping import STOP_SIGNALS, StartupSignals, StopSignals
 
@@ -321,8 +320,7 @@ def due_now(deps: Deps) -> Callable[[], int]:
     the campaigns turned on (the run sends none of the others'), told by their priority where it is theirs alone."""
     settings = deps.settings
     on, held = enabled_campaigns(settings), held_priorities(settings)
-    policy = contact_policy(settings)
-    shared = any(policy.priority(name) not in held for name in ALL_CAMPAIGNS if name not in on)
+    shared = any(p not in held for name, p in priorities(settings).items() if name not in on)
     campaigns = on if shared else None
     return lambda: opstore.still_to_send(deps.store, deps.clock.now(), held=held, campaigns=campaigns)
 
