@@ -74,7 +74,7 @@ def planned(n: int, *, due: datetime = NOW, prefix: str = "k") -> list[PlannedMe
 def test_schema_is_at_head_and_upgrade_is_idempotent(store: Store) -> None:
     db.check_schema(store.engine)
     before, after = db.upgrade(store.engine)
-    assert before == after == db.head_revision(store.engine)
+    assert before == after == db.newest_revision()
 
 
 POSTGRESQL_ONLY = {
@@ -961,7 +961,7 @@ def test_upgrading_an_existing_shop_fills_in_the_first_order_numbers(sqlite_url:
                 " created_at, updated_at) VALUES (7, 'INV-7', 1, 'paid', '2026-10-01 03:00:00', 100, 'IDR',"
                 " '2026-11-22 03:00:00', '2026-11-22 03:00:00')"
             )
-        assert db.upgrade(engine) == ("0008", db.head_revision(engine))
+        assert db.upgrade(engine) == ("0008", db.newest_revision())
         with engine.begin() as conn:
             assert conn.exec_driver_sql("SELECT first_order_external_id FROM customer").scalar_one() == "INV-7"
     finally:
@@ -1104,7 +1104,7 @@ def test_a_ledger_that_has_sent_upgrades_from_schema_0007_with_every_row(
                 "INSERT INTO attempt (message_id, attempt_no, worker, started_at, finished_at, outcome, code,"
                 " reply, error_type) VALUES (1, 1, 'w', :t, :t, 'sent', 250, 'ok', '')"
             ), {"t": NOW})  # fmt: skip
-        assert db.upgrade(engine) == ("0007", db.head_revision(engine))
+        assert db.upgrade(engine) == ("0007", db.newest_revision())
         with engine.begin() as conn:
             assert conn.execute(sa.text("SELECT message_id, status FROM message")).all() == [("<a@shop.example>",
                                                                                                "sent")]  # fmt: skip
@@ -1150,7 +1150,7 @@ def test_an_sqlite_upgrade_that_would_leave_a_broken_reference_changes_nothing(s
         raw.commit()
         raw.close()
         notes: list[str] = []
-        assert db.upgrade(engine, noting=notes.append) == ("0010", db.head_revision(engine))
+        assert db.upgrade(engine, noting=notes.append) == ("0010", db.newest_revision())
         assert len(notes) == 1 and "had 1 broken reference before the migration" in notes[0], notes
     finally:
         engine.dispose()

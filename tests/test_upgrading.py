@@ -71,7 +71,7 @@ def test_a_kembali_older_than_the_database_refuses_to_start_says_so_and_changes_
     config = tmp_path / "config.toml"
     config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
     monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
-    head = db.head_revision(db.create_engine(url))
+    head = db.newest_revision()
     # When this (older) Kembali is started, or asked to migrate
     for argv in (["run", "--once"], ["preview"], ["db", "upgrade"]):
         code, printed = run_cli(capsys, "--config", str(config), *argv)
@@ -242,7 +242,7 @@ def test_a_shop_from_the_first_schema_upgrades_to_the_newest_with_its_data_and_t
                 " reply, error_type) VALUES (1, 1, 1, 'w', :t, :t, 'sent', 250, '2.0.0 Ok', '')"
             ), {"t": NOW})  # fmt: skip
         # When it is upgraded to the newest schema
-        assert db.upgrade(engine) == ("0001", db.head_revision(engine))
+        assert db.upgrade(engine) == ("0001", db.newest_revision())
         db.check_schema(engine)
         # Then every row is there, and what later revisions derive from the data was filled in for the old rows
         with engine.connect() as conn:
@@ -292,7 +292,7 @@ def test_a_running_daemon_stops_when_another_host_upgrades_the_database_past_it(
         daemon.wait_event("daemon_started")
         # When another host's newer Kembali upgrades the database under it
         engine = db.create_engine(shop_.db_url)
-        head = db.head_revision(engine)
+        head = db.newest_revision()
         with engine.begin() as conn:
             conn.execute(sa.text("UPDATE alembic_version SET version_num = :v"), {"v": AHEAD})
         engine.dispose()
@@ -361,7 +361,7 @@ def test_a_daemon_running_when_its_host_installs_a_newer_kembali_and_upgrades_do
     daemon = Daemon.start(shop_, cwd=installed)
     try:
         daemon.wait_event("daemon_started")
-        head = db.head_revision(db.create_engine(shop_.db_url))
+        head = db.newest_revision()
         # When a newer kembali, one revision ahead, is installed on this host over it (pip install -U) and its
         # `db upgrade` migrates the database, the daemon not stopped first
         (installed / "worker" / "migrations" / "versions" / "9999_newer.py").write_text(
@@ -680,7 +680,7 @@ def test_db_status_exits_1_while_an_upgrade_is_needed_and_0_once_the_schema_is_c
     url = request.getfixturevalue(f"{kind}_url")
     config = tmp_path / "config.toml"
     config.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
-    head = db.head_revision(db.create_engine(url))
+    head = db.newest_revision()
     # When it asks, then it is told an upgrade is needed, by exit 1 as well as by the line it prints (it exited 0
     # whatever the schema, so a script could not tell)
     code, printed = run_cli(capsys, "--config", str(config), "db", "status")

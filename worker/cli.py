@@ -640,7 +640,7 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "status" and path is not None and not path.parent.is_dir():  # `db upgrade` stops there
             return _cannot_open(engine, path, None)
         if args.action == "status" and path is not None and not path.exists():  # look, but do not create it
-            print(f"current: (no database file at {path})  newest: {db.head_revision(engine)}")
+            print(f"current: (no database file at {path})  newest: {db.newest_revision()}")
             return EXIT_ATTENTION  # `db upgrade` creates it: a deploy script tells by the exit code
         try:
             current = db.current_revision(engine)
@@ -652,7 +652,7 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             in_the_way = db.tables_in_the_way(engine) if current is None else []
             empty = (f"(no Kembali schema; other tables, of Kembali's names: {', '.join(in_the_way)})" if in_the_way
                      else "(empty)")  # fmt: skip
-            head = db.head_revision(engine)
+            head = db.newest_revision()
             print(f"current: {current or empty}{newer}  newest: {head}  ({db.describe(engine)})")  # which, too
             # for a deploy script: 1 when `db upgrade` would migrate, 3 when it would refuse (a newer kembali's or
             # another program's schema, tables in the way), 0 when there is nothing to do

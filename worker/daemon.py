@@ -249,7 +249,7 @@ class Daemon:
         """The database did not answer the shutdown: the exit waits for no thread (``os._exit``)."""
         self._up = False
         """``READY=1`` has been sent: the start-up (and its catch-up planning) is done."""
-        self._schema = db.head_revision(self.store.engine)
+        self._schema = db.newest_revision()
         """The schema this code needs (``Deps.build`` checked it): maintenance stops the daemon when it changes."""
         self._known = db.known_revisions(self.store.engine)
         """The revisions this code has, read now: a newer Kembali installed over it later does not add its own."""

@@ -459,21 +459,21 @@ def _alembic_config(engine: Engine) -> Config:
     """Alembic's settings for the engine's database. Alembic keeps them in a ConfigParser, which reads ``%`` as the
     start of an interpolation: a percent-encoded password (``p%40ss`` for ``p@ss``) or a folder named ``100%`` made
     every ``db`` command fail with a traceback that printed the whole URL, password and all; ``%%`` is a ``%``."""
-    cfg = Config()
-    cfg.set_main_option("script_location", str(resources.files("worker") / "migrations").replace("%", "%%"))
+    cfg = _scripts_config()
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     return cfg
 
 
-def head_revision(engine: Engine) -> str:
-    return newest_revision()
+def _scripts_config() -> Config:
+    """Alembic's settings naming the migrations as they are installed (``%%`` for a ``%`` in the path)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("worker") / "migrations").replace("%", "%%"))
+    return cfg
 
 
 def newest_revision() -> str:
     """This code's newest schema revision, as its migrations are installed now (no database is read)."""
-    cfg = Config()
-    cfg.set_main_option("script_location", str(resources.files("worker") / "migrations").replace("%", "%%"))
-    head = ScriptDirectory.from_config(cfg).get_current_head()
+    head = ScriptDirectory.from_config(_scripts_config()).get_current_head()
     assert head is not None
     return head
 
@@ -551,7 +551,7 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
     revision ran on a database that had one). References broken before the migration (a customer deleted in the
     sqlite3 shell, which checks no foreign keys unless told to) do not stop it: the migration keeps them as they
     were, and ``noting`` is told of them."""
-    before, head = current_revision(engine), head_revision(engine)
+    before, head = current_revision(engine), newest_revision()
     if before == head:
         return before, head
     if is_newer_than_this(engine, before):
@@ -710,7 +710,7 @@ def check_schema(engine: Engine) -> None:
         current = current_revision(engine)
     except sa.exc.DatabaseError as exc:  # also an SQLite file that is no database ("file is not a database")
         raise SchemaError(f"cannot open the database {where}: {connect_failure(engine, exc) or exc.orig}") from None
-    head = head_revision(engine)
+    head = newest_revision()
     if is_newer_than_this(engine, current):
         raise newer_schema(engine, str(current), head)
     if current != head:
