@@ -27,7 +27,7 @@ from typing import Any
 from worker import money
 from worker.core import render, tokens
 from worker.domain import place_zones, zone_meant
-from worker.errors import ConfigError
+from worker.errors import ConfigError, not_utf8
 
 DEFAULT_CONFIG = Path("config.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -378,9 +378,8 @@ def load_settings(path: Path | str = DEFAULT_CONFIG) -> Settings:
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark, as Notepad writes one, is not TOML's to see
     except UnicodeDecodeError as exc:
-        line = exc.object[: exc.start].count(b"\n") + 1  # after a byte-order mark, as exc.start is
-        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save the file as "
-                          "UTF-8") from None
+        line, what = not_utf8(exc)
+        raise ConfigError(f"{path}: line {line}: {what}; save the file as UTF-8") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -107,3 +107,10 @@ class PermanentDeliveryError(DeliveryError):
 
 class AmbiguousDeliveryError(DeliveryError):
     """The message may have been delivered."""
+
+
+def not_utf8(exc: UnicodeDecodeError) -> tuple[int, str]:
+    """Where a file's bytes are not UTF-8, from ``bytes.decode``'s error: the line (1-based) and ``not UTF-8 text
+    (byte 0x…)``. Counted in the bytes the error names (``exc.object``: with ``utf-8-sig``, those after a byte-order
+    mark, as ``exc.start`` is), not the file's, which named the byte three before and sometimes its line."""
+    return exc.object[: exc.start].count(b"\n") + 1, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x})"

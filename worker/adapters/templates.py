@@ -80,7 +80,7 @@ from markupsafe import Markup
 
 from worker.core.render import format_date, format_money
 from worker.domain import Locale, RenderedEmail
-from worker.errors import TemplateError
+from worker.errors import TemplateError, not_utf8
 from worker.money import known as known_currency
 
 PARTS = ("subject.txt", "body.html", "body.txt")
@@ -913,9 +913,8 @@ class JinjaTemplates:
         try:
             return data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            line = exc.object[: exc.start].count(b"\n") + 1  # after a byte-order mark, as exc.start is
-            message = f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x}): save the file as UTF-8"
-            raise TemplateError(message, template=name, line=line) from None
+            line, what = not_utf8(exc)
+            raise TemplateError(f"{what}: save the file as UTF-8", template=name, line=line) from None
 
     def _exists(self, name: str) -> bool:
         """Whether the loader finds ``name`` (no ``..``, a file under the root)."""

@@ -17,6 +17,7 @@ from worker.adapters.ledger import CUSTOMERS_OWN
 from worker.adapters.store import Store, suppression_address
 from worker.commands import arguments
 from worker.config import Settings
+from worker.errors import not_utf8
 from worker.log import printable
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
@@ -221,9 +222,9 @@ def _import(store: Store, target: str, given: str | None) -> int:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = exc.object[: exc.start].count(b"\n") + 1  # after a byte-order mark, as exc.start is
-        print(f"kembali suppress import: {target}: line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
-              "save the file as UTF-8: nothing was imported", file=sys.stderr)  # fmt: skip
+        line, what = not_utf8(exc)
+        print(f"kembali suppress import: {target}: line {line}: {what}; save the file as UTF-8: nothing was imported",
+              file=sys.stderr)
         return EXIT_USAGE
     if not text.strip() and target != "-":
         # a file with nothing in it is the wrong file or an export that failed, refused as an empty customers file
