@@ -1116,8 +1116,13 @@ class _Rows:
     def _unreadable(self, exc: csv.Error) -> _Broken:
         reason, before = unreadable(exc, "".join(self._taken), self.columns)
         self._taken.clear()
-        there = bool(self.columns) and self.key_column < len(before)
-        key = before[self.key_column].strip() if there else ""
+        return self._broken(before, reason)
+
+    def _broken(self, fields: list[str], reason: str) -> _Broken:
+        """A row not read, for ``reason``, named by its id where ``fields`` reach the id's column (the id missing
+        where they do and it is empty)."""
+        there = bool(self.columns) and self.key_column < len(fields)
+        key = fields[self.key_column].strip() if there else ""
         return _Broken(key, reason, there and not key)
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, str] | _Broken]]:
@@ -1140,12 +1145,11 @@ class _Rows:
                 padded = fields + [""] * (width - len(fields))
                 yield line, end, self._whole(line, end, fields, dict(zip(self.columns, padded, strict=True)))
             elif len(fields) != width:
-                key = fields[self.key_column].strip() if self.key_column < len(fields) else ""
                 extra = next((i for i in range(width, len(fields)) if fields[i].strip()), None)
                 holds = f": field {extra + 1} holds {_show(fields[extra].strip())}" if extra is not None else ""
                 reason = (f"row has {len(fields)} fields, the header has {width}{holds} (a stray comma or quote?)"
                           + _swallowed(line, end))  # fmt: skip
-                yield line, end, _Broken(key, reason, self.key_column < len(fields) and not key)
+                yield line, end, self._broken(fields, reason)
             else:
                 yield line, end, self._whole(line, end, fields, dict(zip(self.columns, fields, strict=True)))
 
@@ -1154,8 +1158,7 @@ class _Rows:
         never closed in its last column, which took the rows after it in and left it the header's number of fields
         (it was imported, and those rows were in no count)."""
         if end > line and "".join(self._taken).count('"') % 2:
-            key = fields[self.key_column].strip() if self.key_column < len(fields) else ""
-            return _Broken(key, left_open(fields, self.columns, line, end), self.key_column < len(fields) and not key)
+            return self._broken(fields, left_open(fields, self.columns, line, end))
         return row
 
 
