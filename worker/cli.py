@@ -342,7 +342,7 @@ class _KeepExamples(argparse.HelpFormatter):
 
 
 class _Version(argparse.Action):
-    """``--version``: ``kembali 0.1.0 (schema 0019)``, read when asked (the migrations, not a database)."""
+    """``--version``: ``kembali 0.1.0 (schema 0020)``, read when asked (the migrations, not a database)."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
