@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import html as html_text
 import re
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -21,7 +23,7 @@ from tests.daemon_harness import Shop, http, make_shop
 from tests.test_copy import ENGLISH, OTHER_REGISTER
 from tests.test_live_preview import browser  # noqa: F401 - the fixture
 from worker.adapters.clock import SystemClock
-from worker.adapters.web import HttpServer
+from worker.adapters.web import Handler, HttpServer, Request, Response
 from worker.asyncstore import AsyncStore
 from worker.config import load_settings
 from worker.core import tokens
@@ -129,15 +131,16 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(shop: Shop) -> Iterator[str]:
-    """The daemon's site for ``shop`` on a real HTTP server on 127.0.0.1, port 0, its loop on a thread."""
+def serving(shop: Shop, front: Callable[[Handler], Handler] | None = None) -> Iterator[str]:
+    """The daemon's site for ``shop`` on a real HTTP server on 127.0.0.1, port 0, its loop on a thread; ``front``:
+    what stands before the site (a reverse proxy's routing), given the site's handler."""
     store = shop.store()
     astore = AsyncStore(store)
     settings = load_settings(shop.config)
     site = Site(store=astore, keys=[KEY], settings=lambda: settings, clock=SystemClock(), metrics=Metrics(),
                 paused=lambda: False)  # fmt: skip
     loop = asyncio.new_event_loop()
-    server = HttpServer(site.handle, host="127.0.0.1", port=0)
+    server = HttpServer(front(site.handle) if front else site.handle, host="127.0.0.1", port=0)
     port = loop.run_until_complete(server.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -411,3 +414,52 @@ def test_hostile_data_on_the_pages_is_shown_as_text_and_stays_inside_a_phones_sc
         assert _letters(quoted) == _letters(HOSTILE_COMMENT), quoted
         paragraphs = [p.text for p in driver.find_elements(By.TAG_NAME, "p")]
         assert any(("(2 bintang)" if locale == "id" else "(2 stars)") in p for p in paragraphs), paragraphs
+
+
+def _routed_by_query(site: Handler) -> Handler:
+    """A shop's front controller, as a PHP shop or a proxy routing on the query has it: ``/shop.php?route=unsubscribe``
+    goes to the site's ``/unsubscribe`` (``unsubscribe.url`` and ``campaigns.feedback.link_url`` may have a query of
+    their own: the token is added after it), anything else is the shop's own."""
+
+    async def front(request: Request) -> Response:
+        route = request.arg("route")
+        if request.path != "/shop.php" or route not in ("unsubscribe", "feedback"):
+            return Response(404, b"the shop's own 404\n", "text/plain")
+        return await site(dataclasses.replace(request, path=f"/{route}"))
+
+    return front
+
+
+def _form_target(page_url: str, html: str) -> str:
+    """Where a browser POSTs the page's form: its ``action`` resolved against the page's URL (HTML: an action left
+    out, or empty, is the page's own URL)."""
+    form = re.search(r"<form\b([^>]*)>", html)
+    assert form is not None, html
+    attributes = dict(re.findall(r'([\w-]+)="([^"]*)"', form.group(1)))
+    assert attributes.get("method") == "post", form.group(0)
+    return urllib.parse.urljoin(page_url, html_text.unescape(attributes.get("action", ""))) or page_url
+
+
+def test_the_buttons_post_back_to_the_very_link_opened_when_its_url_has_a_query_of_its_own(tmp_path: Path) -> None:
+    """A shop whose links go through a front controller (``https://shop.example/shop.php?route=unsubscribe&t=…``):
+    the pages' forms posted to ``?t=…``, which drops ``route=unsubscribe``, so the unsubscribe button and the
+    rating's send button reached the shop's own 404 and the customer could neither unsubscribe nor rate."""
+    shop = _shop(tmp_path)
+    with serving(shop, _routed_by_query) as url:
+        order = shop.scalar("SELECT id FROM shop_order WHERE external_id = 'O1'")
+        unsubscribe = tokens.sign("u", str(shop.customer_id("C1")), KEY, shop="shop.example")
+        rating = tokens.sign("f", f"{order}:4", KEY, shop="shop.example")
+        for route, token, body in (("unsubscribe", unsubscribe, ONE_CLICK), ("feedback", rating, b"comment=")):
+            # When the customer opens the link from the email, and presses the page's button
+            link = f"{url}/shop.php?route={route}&t={token}"
+            status, page, _ = http("GET", link)
+            assert status == 200, (route, page)
+            target = _form_target(link, page)
+            status, page, _ = http("POST", target, body, FORM)
+            # Then the button's POST reaches the site, and does what it says
+            assert status == 200, (route, target, page)
+        # And so does the thanks page's form, for a comment
+        status, page, _ = http("POST", _form_target(target, page), b"comment=enak", FORM)
+        assert status == 200 and "enak" in page, page
+    assert shop.rows("SELECT email, reason FROM suppression") == [("c1@example.com", "unsubscribed")]
+    assert shop.rows("SELECT score, comment FROM feedback") == [(4, "enak")]

@@ -204,7 +204,7 @@ class Site:
         read = self._link(request, "unsubscribe", UNSUBSCRIBE_KIND, parse_unsubscribe)
         if isinstance(read, Response):
             return read
-        token, verified, link = read
+        verified, link = read
         s = self.store.store
         unbound = verified.domain is None  # a link signed for no shop: this shop's only if the ledger has its email
         thorough = unbound or request.method == "POST"
@@ -230,7 +230,7 @@ class Site:
                     and all([await self.store.call(opstore.is_suppressed, s, a) for a in addresses])):  # fmt: skip
                 return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop))
             masked = [log.mask_email(a) for a in addresses]
-            return self._page(HTTPStatus.OK, pages.confirm_unsubscribe(locale, shop, masked, token or ""))
+            return self._page(HTTPStatus.OK, pages.confirm_unsubscribe(locale, shop, masked))
         if b"List-Unsubscribe" not in request.body or b"One-Click" not in request.body:
             return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(locale, self.settings().unsubscribe.mailto))
         addresses, mailed_known = await self._addresses(link, mailed, customer, post=True)
@@ -312,7 +312,7 @@ class Site:
         read = self._link(request, "feedback", FEEDBACK_KIND, parse_feedback)
         if isinstance(read, Response):
             return read
-        token, verified, parsed = read
+        verified, parsed = read
         s = self.store.store
         if verified.domain is None and not await self.store.call(opstore.feedback_requested, s, parsed.order_ref):
             return self._reject("feedback", UNBOUND_NO_REQUEST, order=parsed.order_ref)
@@ -322,11 +322,10 @@ class Site:
         if request.method != "POST":  # GET, or HEAD (the same headers: the server leaves the body out)
             recorded = await self.store.call(opstore.feedback_for, s, parsed.order_ref)
             if recorded is None:
-                return self._page(HTTPStatus.OK, pages.confirm_feedback(locale, shop, parsed.score, token or "",
-                                                                        stars=self._stars(parsed.score)))  # fmt: skip
+                stars = self._stars(parsed.score)
+                return self._page(HTTPStatus.OK, pages.confirm_feedback(locale, shop, parsed.score, stars=stars))
             return self._page(HTTPStatus.OK, pages.feedback_thanks(locale, shop, recorded.score, recorded.comment,
-                                                                   first=False, token=token or "",
-                                                                   stars=self._stars(recorded.score)))  # fmt: skip
+                                                                   first=False, stars=self._stars(recorded.score)))
         created, row = await self.store.call(opstore.record_feedback, s, parsed.order_ref, parsed.score, now)
         if created:
             log.event("feedback_recorded", order=parsed.order_ref, score=parsed.score)
@@ -339,7 +338,7 @@ class Site:
                     if stored:  # a later comment is thanked and kept nowhere
                         log.event("feedback_commented", order=parsed.order_ref, chars=len(row.comment or ""))
         return self._page(HTTPStatus.OK, pages.feedback_thanks(locale, shop, row.score, row.comment, first=created,
-                                                               token=token or "", stars=self._stars(row.score)))
+                                                               stars=self._stars(row.score)))
 
     # --- operators --------------------------------------------------------------
 
@@ -396,8 +395,8 @@ class Site:
     # --- helpers ----------------------------------------------------------------
 
     def _link(self, request: Request, route: str, kind: str,
-              parse: Callable[[str], T | None]) -> tuple[str | None, Verified, T] | Response:  # fmt: skip
-        """A link's request to ``route``: its token, verified as of ``kind``, and its value as ``parse`` reads it;
+              parse: Callable[[str], T | None]) -> tuple[Verified, T] | Response:  # fmt: skip
+        """A link's request to ``route``: its token verified as of ``kind``, and its value as ``parse`` reads it;
         else the response refusing it (a method other than GET, HEAD and POST; a token not verified, or whose value
         does not parse)."""
         if request.method not in ("GET", "HEAD", "POST"):
@@ -407,7 +406,7 @@ class Site:
         parsed = parse(verified.value) if verified is not None else None
         if verified is None or parsed is None:
             return self._reject(route, NOT_VERIFIED)
-        return token, verified, parsed
+        return verified, parsed
 
     def _verify(self, token: str | None, kind: str) -> Verified | None:
         """The token's value when it is of ``kind`` and signed with one of the keys: for this shop (its

@@ -98,6 +98,12 @@ _STYLE = (
 )
 
 
+_FORM = '<form method="post">'
+"""A page's form, which POSTs to the page's own URL, the link as the customer opened it: no ``action``. The link's
+URL may have a query of its own ahead of the token (``unsubscribe.url``, ``campaigns.feedback.link_url``: a shop's
+front controller's ``?route=…``), which an ``action="?t=…"`` dropped: the button's POST reached the shop's own 404."""
+
+
 def _t(key: str, locale: Locale, **values: str) -> str:
     return _TEXT[key][locale].format(**{k: escape(v) for k, v in values.items()})
 
@@ -117,16 +123,16 @@ def _both(locale: Locale, masked: Sequence[str]) -> str:
     return f"{', '.join(first)} {_TEXT['and'][locale]} {last}" if first else last
 
 
-def confirm_unsubscribe(locale: Locale, shop: str, masked: Sequence[str], token: str) -> bytes:
+def confirm_unsubscribe(locale: Locale, shop: str, masked: Sequence[str]) -> bytes:
     """The page an unsubscribe link opens; ``masked`` are the addresses the button will unsubscribe (masked): the
-    one the email went to first, then the customer's address on file now when it is another."""
+    one the email went to first, then the customer's address on file now when it is another. The button POSTs to
+    the link itself (``_FORM``)."""
     who = _both(locale, masked) if masked else _t("you", locale)
-    action = "?t=" + escape(token, quote=True)
     return _page(
         locale,
         _t("confirm_title", locale),
         f"<p>{_t('confirm_body', locale, who=who, shop=shop)}</p>"
-        f'<form method="post" action="{action}">'
+        f"{_FORM}"
         f'<input type="hidden" name="List-Unsubscribe" value="One-Click">'
         f'<button type="submit">{_t("confirm_button", locale)}</button></form>',
     )
@@ -194,32 +200,31 @@ def _rating(locale: Locale, score: int, stars: bool, *, chosen: bool = False) ->
     return _TEXT["chose_score" if chosen else "score"][locale].format(score=score)
 
 
-def confirm_feedback(locale: Locale, shop: str, score: int, token: str, *, stars: bool) -> bytes:
+def confirm_feedback(locale: Locale, shop: str, score: int, *, stars: bool) -> bytes:
     """The page a rating link opens: the rating is sent by its button (a POST), because mail scanners fetch every
     link of an email (with a GET that recorded, the first link a scanner fetched would be the rating). ``stars``:
     the rating is 1-5 stars, else a score out of 10."""
     body = f"<p>{_t('rate_body', locale, rating=_rating(locale, score, stars, chosen=True), shop=shop)}</p>"
-    body += _comment_form(locale, token, "rate_button")
+    body += _comment_form(locale, "rate_button")
     return _page(locale, _t("rate_title", locale), body)
 
 
-def _comment_form(locale: Locale, token: str, button: str) -> str:
-    """A form that POSTs an optional comment back to the link it came from."""
-    action = "?t=" + escape(token, quote=True)
+def _comment_form(locale: Locale, button: str) -> str:
+    """A form that POSTs an optional comment back to the link it came from (``_FORM``)."""
     return (
-        f'<form method="post" action="{action}"><p><label for="comment">{_t("comment_label", locale)}</label></p>'
+        f'{_FORM}<p><label for="comment">{_t("comment_label", locale)}</label></p>'
         f'<textarea id="comment" name="comment" maxlength="2000"></textarea>'
         f'<p><button type="submit">{_t(button, locale)}</button></p></form>'
     )
 
 
 def feedback_thanks(
-    locale: Locale, shop: str, score: int, comment: str | None, *, first: bool, token: str, stars: bool
+    locale: Locale, shop: str, score: int, comment: str | None, *, first: bool, stars: bool
 ) -> bytes:
     key = "thanks_first" if first else "thanks_again"
     body = f"<p>{_t(key, locale, rating=_rating(locale, score, stars), shop=shop)}</p>"
     if comment:
         body += f"<p>{_t('your_comment', locale)}</p><blockquote>{escape(comment)}</blockquote>"
     else:
-        body += _comment_form(locale, token, "comment_button")
+        body += _comment_form(locale, "comment_button")
     return _page(locale, _t("thanks_title", locale), body)
