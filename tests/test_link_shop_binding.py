@@ -25,6 +25,7 @@ from worker.adapters.web import HttpServer, Request
 from worker.asyncstore import AsyncStore
 from worker.config import Settings
 from worker.core import tokens
+from worker.domain import OrderStatus
 from worker.links import Site
 from worker.metrics import Metrics
 from worker.testing import FakeClock
@@ -260,3 +261,33 @@ def test_an_old_link_opened_many_times_at_once_reads_the_ledger_once_and_answers
     # one read at a time, until the server had none left for anyone else)
     assert all(r.startswith(b"HTTP/1.1 200 ") and b"a***@example.com" in r for r in replies), [r[:80] for r in replies]
     assert reads == [1], reads
+
+
+def test_a_rating_link_of_before_is_not_taken_for_the_order_whose_shop_number_is_its_database_id(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    """A rating link names its order by database id (``f:<order id>:<score>``). One signed for no shop was taken as
+    this shop's when its ledger had a feedback request for the order whose *shop* number is those digits (shops
+    number their orders 1, 2, 3…): shop A's link for its order 1 recorded a rating at shop B for B's database
+    order 1, an order B never asked about, because B had asked about its order numbered "1" (database id 2)."""
+    with _two_shops(tmp_path, smtp_server) as ((_a, _shop_a), _b, _bound, ratings):
+        # Given shop B with the same key, whose database order 1 (B-100, cancelled) was never asked about, and whose
+        # order numbered "1" (database id 2) got a feedback request
+        b = make_shop(f"sqlite:///{tmp_path / 'b-numbered'}.db",
+                      [customer("C1", email="bayu@example.net"), customer("C2", email="citra@example.net")],
+                      [one_time_order("B-100", "C1", days_ago=8, status=OrderStatus.CANCELLED),
+                       one_time_order("1", "C2", days_ago=8)])  # fmt: skip
+        try:
+            shop_b = _settings(b, "toko-b.example", smtp_server.port)
+            assert run_cycle(shop_b, b, FakeClock(NOW)).dispatched.outcomes == {"sent": 1}
+            # When A's rating link of before for its order 1 (f:1:2, signed for no shop) is pressed at B's site
+            status, _page = _post(shop_b, b, "/feedback", _unbound(ratings[2]), b"comment=")
+            # Then it is refused, and B has no rating for an order it never asked about
+            assert status == 400
+            assert opstore.feedback(b) == []
+            # while B's own link of before, for the order it asked about (database id 2), works
+            own = tokens.sign("f", "2:5", LINK_KEY.encode(), shop="")
+            assert _post(shop_b, b, "/feedback", own, b"comment=")[0] == 200
+            assert [(f.order_ref, f.score) for f in opstore.feedback(b)] == [("2", 5)]
+        finally:
+            b.close()

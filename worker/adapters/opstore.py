@@ -518,20 +518,21 @@ def recipient_any_case(store: Store, customer_id: int, message_ids: Sequence[str
 
 
 def feedback_requested(store: Store, order_ref: str) -> bool:
-    """Whether this ledger mailed a feedback request for the order named by ``order_ref`` (database id or shop id,
-    as ``order_locale`` reads it), to the order's customer: what shows a rating link signed for no shop to be this
-    shop's (``links.Site.feedback``). One look-up by the dedupe key's unique index per order so named."""
-    match = O.c.external_id == order_ref
-    if order_ref.isdigit():
-        match = sa.or_(O.c.id == int(order_ref), match)
+    """Whether this ledger mailed a feedback request for the order whose database id is ``order_ref`` (what a rating
+    link names, ``core.campaigns.rating_links``), to the order's customer: what shows a rating link signed for no
+    shop to be this shop's (``links.Site.feedback``). Not the order whose shop number is those digits: shops number
+    their orders 1, 2, 3…, and another shop's link for its order 1 was taken for this shop's request for its order
+    "1", and recorded for this shop's order 1. One look-up by the dedupe key's unique index."""
+    if not (order_ref.isascii() and order_ref.isdigit() and len(order_ref) <= 18):
+        return False
     mailed = (MessageStatus.SENT.value, MessageStatus.UNCERTAIN.value)
     with db.reading(store.engine) as conn:
-        for order in conn.execute(sa.select(O.c.external_id, O.c.customer_id).where(match)).all():
-            found = sa.select(M.c.id).where(M.c.dedupe_key == feedback_key(order.external_id),
-                                            M.c.customer_id == order.customer_id, M.c.status.in_(mailed))  # fmt: skip
-            if conn.execute(found).first() is not None:
-                return True
-    return False
+        order = conn.execute(sa.select(O.c.external_id, O.c.customer_id).where(O.c.id == int(order_ref))).first()
+        if order is None:
+            return False
+        found = sa.select(M.c.id).where(M.c.dedupe_key == feedback_key(order.external_id),
+                                        M.c.customer_id == order.customer_id, M.c.status.in_(mailed))  # fmt: skip
+        return conn.execute(found).first() is not None
 
 
 def mailed_addresses(store: Store, customer_id: int) -> list[str]:
