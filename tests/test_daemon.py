@@ -114,9 +114,9 @@ def test_fast_cron_plans_and_sends_and_an_unsubscribed_customer_gets_nothing_aft
     assert daemon.named("daemon_stopped")
 
 
-def _readiness(daemon: Daemon) -> tuple[int, str]:
-    """``/healthz``'s status code and the state its body names (``ok``, ``starting``, ``stopping``…)."""
-    status, body, _ = http("GET", daemon.url("/healthz"))
+def _readiness(daemon: Daemon, probe: str = "/healthz") -> tuple[int, str]:
+    """A probe's status code and the state its body names (``ok``, ``starting``, ``stopping``…)."""
+    status, body, _ = http("GET", daemon.url(probe))
     return status, json.loads(body)["status"]
 
 
@@ -202,7 +202,8 @@ def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: Record
         assert http("GET", daemon.url("/nothing"))[0] == 404
         assert http("DELETE", daemon.url(f"/unsubscribe?t={token}"))[0] == 405
         # the probes only answer what reads them: a POST or DELETE is no health check or scrape
-        for method, path in (("POST", "/healthz"), ("DELETE", "/metrics"), ("PUT", "/metrics")):
+        assert _readiness(daemon, "/readyz") == (200, "ok")
+        for method, path in (("POST", "/healthz"), ("POST", "/readyz"), ("DELETE", "/metrics"), ("PUT", "/metrics")):
             status, _body, headers = http(method, daemon.url(path), b"")
             assert status == 405 and headers["Allow"] == "GET, HEAD", (method, path, status)
         assert http("HEAD", daemon.url("/healthz"))[0] == 200
@@ -596,7 +597,11 @@ def test_a_daemon_paused_by_the_relays_daily_quota_waits_an_hour_and_fails_no_on
         assert "daily sending limit" in paused["reason"] and paused["setting"] == "sending.daily_quota", paused
         scheduled = daemon.wait_event("dispatcher_retry_scheduled")
         assert scheduled["in_seconds"] == 3600, scheduled
-        assert http("GET", daemon.url("/healthz"))[0] == 503
+        # a monitor is told sending is paused; a load balancer keeps routing the customers' links here, which work
+        assert _readiness(daemon) == (503, "unhealthy")
+        assert _readiness(daemon, "/readyz") == (200, "ok")
+        token = tokens.sign("u", str(shop.customer_id("C2")), LINK_KEY.encode(), shop="shop.example")
+        assert http("POST", daemon.url(f"/unsubscribe?t={token}"), ONE_CLICK, FORM)[0] == 200
         health = daemon.wait_event("health", where=lambda e: e["paused"])
         assert "daily sending limit" in health["paused_why"], health
         rows = shop.rows("SELECT status, attempts FROM message ORDER BY status")
@@ -784,6 +789,7 @@ def test_healthz_says_stopping_during_the_grace_period_while_the_links_still_wor
     # Then, while the send finishes, a load balancer's probe is told to send nothing more here; a customer's
     # click is still served
     assert _readiness(daemon) == (503, "stopping")
+    assert _readiness(daemon, "/readyz") == (503, "stopping")
     token = tokens.sign("u", str(shop.customer_id("C1")), LINK_KEY.encode(), shop="shop.example")
     assert http("GET", daemon.url(f"/unsubscribe?t={token}"))[0] == 200
     assert daemon.wait(20) == 0
@@ -1407,7 +1413,7 @@ def test_a_stop_signal_during_catch_up_planning_leaves_the_other_campaigns_to_th
             conn.execute(sa.text("LOCK TABLE customer IN ACCESS EXCLUSIVE MODE"))
             daemon = Daemon.start(shop)
             first = daemon.wait_event("plan_catch_up", timeout=30)
-            # (not ready yet: a load balancer's probe is told so)
+            # (not ready yet: a monitor's probe is told so)
             assert _readiness(daemon) == (503, "starting")
             # When systemd stops it during that pass
             daemon.signal(signal.SIGTERM)

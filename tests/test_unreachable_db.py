@@ -86,7 +86,7 @@ def test_a_postgresql_connection_gives_up_after_a_connect_timeout_unless_the_url
         assert _libpq_parameters(pg_url, **query).get("connect_timeout") == expected
 
 
-def test_healthz_probes_share_one_ping_while_the_database_host_does_not_answer(
+def test_health_and_readiness_probes_share_one_ping_while_the_database_host_does_not_answer(
     tmp_path: Path, silent_listener: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given the daemon's site, its database on a host that accepts connections and never answers
@@ -100,8 +100,8 @@ def test_healthz_probes_share_one_ping_while_the_database_host_does_not_answer(
 
     async def probes() -> list[tuple[int, bytes]]:
         answers = []
-        for _ in range(5):  # When a load balancer probes /healthz again and again
-            response = await site.handle(Request("GET", "/healthz", {}, {}))
+        for path in ("/healthz", "/readyz") * 3:  # When a monitor and a load balancer probe again and again
+            response = await site.handle(Request("GET", path, {}, {}))
             answers.append((response.status, response.body))
         return answers
 
@@ -111,7 +111,7 @@ def test_healthz_probes_share_one_ping_while_the_database_host_does_not_answer(
         astore.close()
         store.close()
     # Then each probe says the database is unreachable
-    assert all(status == 503 and b"unreachable" in body for status, body in answers), answers
+    assert all(status == 503 and b'"unhealthy"' in body and b"unreachable" in body for status, body in answers), answers
     # And one ping was under way for all of them: not one thread per probe, each held by the silent host
     assert accepted(silent_listener) == 1
 

@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the daemon (or one cycle with --once)",
                        description="Without --once: the daemon. It plans each enabled campaign on its cron "
                        "([schedule]), sends what is due, tidies up (lapsed leases, expired messages, old attempts), "
-                       "and serves the unsubscribe and feedback links, /healthz and /metrics ([web]). SIGHUP "
+                       "and serves the unsubscribe and feedback links, /healthz, /readyz and /metrics ([web]). SIGHUP "
                        "reloads config and templates after checking them; SIGTERM/SIGINT stops claiming, lets sends "
                        "under way finish ([daemon] shutdown_grace_seconds) and exits 0; a second signal exits at "
                        "once. With --once: one full cycle (plan, send, record), a summary, and exit (for cron and "

@@ -26,12 +26,14 @@ Theory of operation
   cannot work), the loop waits
   ``sending.pause_retry_seconds`` and resumes it to try the server again; each
   pause in a row doubles the wait (up to 15 minutes), a send that gets past the
-  connection starts it over. ``/healthz`` answers 503 while it is paused. SIGHUP
+  connection starts it over. ``/healthz`` answers 503 while it is paused (``/readyz``,
+  a load balancer's probe, does not: the links work). SIGHUP
   (or a watched change) resumes it at once.
 * The **web server** (``worker.links``) answers unsubscribe and feedback links,
-  ``/healthz`` and ``/metrics``. It listens from before the catch-up planning until
-  the shutdown is done; ``/healthz`` is a readiness probe, 503 (``starting``,
-  ``stopping``) outside the time between ``READY=1`` and the stop signal.
+  ``/healthz``, ``/readyz`` and ``/metrics``. It listens from before the catch-up
+  planning until the shutdown is done; ``/healthz`` is 503 (``starting``,
+  ``stopping``) outside the time between ``READY=1`` and the stop signal, ``/readyz``
+  from the stop signal on.
 * **SIGTERM/SIGINT**: stop the scheduler, stop claiming, let sends under way finish
   within ``shutdown_grace_seconds`` and record them, let a planning pass under way
   finish and record it (its thread cannot be stopped), exit 0. Outcomes a database

@@ -14,14 +14,17 @@
   link of an email: were a GET to record, the first link a scanner fetched
   would be the rating); POST records it, once per order (the first wins; later
   ones are thanked and change nothing), with the comment (once).
-* ``/healthz``: a **readiness** probe. 200 while the daemon is up and can do its
-  work; 503 while it is starting (catch-up planning, before ``READY=1``) or
+* ``/healthz``: whether the daemon can do **all its work** (for a monitor). 200
+  while it is up and can; 503 while it is starting (catch-up planning, before ``READY=1``) or
   stopping (the shutdown grace period), when the database cannot be reached, or
   when the dispatcher is paused. The JSON body's ``status`` says which:
   ``ok``, ``starting``, ``stopping`` or ``unhealthy``. It is no liveness probe:
   restarting cures none of these states (a restart during start-up or shutdown
   only starts it over); any answer at all, even a 503, shows the process alive.
-  ``/metrics``: Prometheus text; while the database cannot be read (or does not
+* ``/readyz``: whether this process can **serve the links** (for a load balancer):
+  503 only from the stop signal on and while the database cannot be reached (a
+  paused dispatcher and the catch-up planning leave the links working).
+* ``/metrics``: Prometheus text; while the database cannot be read (or does not
   answer within ``METRICS_DATABASE_SECONDS``), without the ledger's figures
   (``kembali_database_up 0``) but with this process's own.
 
@@ -190,10 +193,12 @@ class Site:
                 log.event("web_handler_failed", logging.ERROR, path=request.path, error=log.error_line(exc))
                 mailto = self.settings().unsubscribe.mailto if route == "/unsubscribe" else ""
                 return self._page(HTTPStatus.INTERNAL_SERVER_ERROR, pages.trouble(self._default_locale(), mailto))
-        if route in ("/healthz", "/metrics") and request.method not in ("GET", "HEAD"):
+        if route in ("/healthz", "/readyz", "/metrics") and request.method not in ("GET", "HEAD"):
             return _not_allowed("GET, HEAD")
         if route == "/healthz":
             return await self.healthz(request)
+        if route == "/readyz":
+            return await self.readyz(request)
         if route == "/metrics":
             return await self.prometheus(request)
         return self._page(HTTPStatus.NOT_FOUND, pages.not_found(self._default_locale()))
@@ -343,22 +348,35 @@ class Site:
     # --- operators --------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
-        """Readiness. The database ping runs on a thread that a timeout cannot stop (a host that does not answer
-        holds it until the driver's connect timeout): one at a time, shared by the probes that come meanwhile, so
-        a probe every second cannot fill the threads that planning and ``/metrics`` need."""
-        database = "ok"
-        ping = self._shared.join(("ping",), lambda: asyncio.to_thread(opstore.ping, self.store.store))
-        try:
-            await asyncio.wait_for(ping, HEALTH_TIMEOUT_SECONDS)
-        except Exception as exc:
-            database = f"unreachable: {type(exc).__name__}"
+        """Whether the daemon can do all its work: 503 while it starts or stops, its database is unreachable or its
+        dispatcher is paused (what a monitor alerts on)."""
+        database = await self._database()
         paused = self.paused()
         phase = self.phase()
         ok = database == "ok" and not paused and phase == "running"
         verdict = "ok" if ok else phase if phase != "running" else "unhealthy"
-        body = {"status": verdict, "database": database, "dispatcher": "paused" if paused else "running"}
-        status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
-        return Response(status.value, (json.dumps(body) + "\n").encode(), "application/json")
+        return _probe(ok, {"status": verdict, "database": database, "dispatcher": "paused" if paused else "running"})
+
+    async def readyz(self, request: Request) -> Response:
+        """Whether this process can serve the customers' links: 503 only from the stop signal on and while its
+        database is unreachable (what a load balancer routes by). A paused dispatcher (a relay's daily quota pauses
+        it for an hour) and the start-up's catch-up planning do not keep a customer from unsubscribing."""
+        database = await self._database()
+        stopping = self.phase() == "stopping"
+        ok = database == "ok" and not stopping
+        verdict = "ok" if ok else "stopping" if stopping else "unhealthy"
+        return _probe(ok, {"status": verdict, "database": database})
+
+    async def _database(self) -> str:
+        """``ok``, or why the database cannot be reached. The ping runs on a thread that a timeout cannot stop (a
+        host that does not answer holds it until the driver's connect timeout): one at a time, shared by the probes
+        that come meanwhile, so a probe every second cannot fill the threads that planning and ``/metrics`` need."""
+        ping = self._shared.join(("ping",), lambda: asyncio.to_thread(opstore.ping, self.store.store))
+        try:
+            await asyncio.wait_for(ping, HEALTH_TIMEOUT_SECONDS)
+        except Exception as exc:
+            return f"unreachable: {type(exc).__name__}"
+        return "ok"
 
     async def prometheus(self, request: Request) -> Response:
         settings = self.settings()
@@ -477,3 +495,9 @@ def _token(request: Request) -> str | None:
 def _not_allowed(allow: str) -> Response:
     return Response(HTTPStatus.METHOD_NOT_ALLOWED.value, b"method not allowed\n", "text/plain; charset=utf-8",
                     (("Allow", allow),))
+
+
+def _probe(ok: bool, body: dict[str, str]) -> Response:
+    """A probe's answer: 200 or 503, and its JSON body."""
+    status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+    return Response(status.value, (json.dumps(body) + "\n").encode(), "application/json")
