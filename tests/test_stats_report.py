@@ -950,3 +950,39 @@ def test_a_message_whose_worker_died_while_sending_closed_as_failed_is_a_failure
     (winback,) = report.as_json()["campaigns"]
     assert (winback["planned"], winback["failed"], winback["cancelled"]) == (1, 1, 0), winback
     assert "  planned 1: sent 0, failed 1 (0 hard bounces), uncertain 0, waiting 0" in stats_lines(report)
+
+
+def test_insights_says_when_the_recommended_day_is_past_give_up_after_days(tmp_path: Path) -> None:
+    # Given a one-step win-back that gives up on orders older than 40 days, and 10 customers who came back 50 to 59
+    # days (and an hour) after their first purchase
+    site = make_site(tmp_path / "site", extra_toml="[campaigns.winback]\nquiet_days = 30\ngive_up_after_days = 40\n")
+    cs = [f"C{i:02d}" for i in range(10)]
+    orders = [_order(c, 1, FIRST_ORDER, 1_000_00) for c in cs]
+    orders += [_order(c, 2, FIRST_ORDER + timedelta(days=50 + i, hours=1), 1_000_00) for i, c in enumerate(cs)]
+    engine = db.create_engine(site.settings.database_url)
+    _load(engine, cs, orders)
+    engine.dispose()
+    # When the operator asks for the first win-back day
+    text = " ".join(site.cli("insights").stdout.split())
+    # Then the day recommended (58) is said to need give_up_after_days raised past it: set alone, the config would
+    # not load ("must be 0 (no limit) or more than the last step's days")
+    assert "recommended campaigns.winback.quiet_days = 58" in text, text
+    assert "campaigns.winback.give_up_after_days must stay greater (it is 40)" in text, text
+
+
+def test_insights_recommends_a_day_the_config_takes_when_second_purchases_came_at_once(db_url: str) -> None:
+    # Given 10 customers whose two orders were placed at the same moment (a checkout split in two orders)
+    from worker.stats import build_insights
+
+    cs = [f"C{i:02d}" for i in range(10)]
+    orders = [_order(c, n, FIRST_ORDER, 1_000_00) for c in cs for n in (1, 2)]
+    engine = db.create_engine(db_url)
+    try:
+        _load(engine, cs, orders)
+        insights = build_insights(engine)
+    finally:
+        engine.dispose()
+    # Then the recommendation is 1 day, the least win-back's days (and quiet_days) can be, not 0
+    assert insights.gaps_days == [0] * 10
+    assert insights.recommended_quiet_days == 1
+

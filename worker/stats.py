@@ -186,7 +186,8 @@ class Insights:
     """Days from the first to the second purchase, one per customer who bought twice."""
     share: float
     recommended_quiet_days: int | None
-    """The least whole days within which ``share`` of the second purchases came (the first win-back day)."""
+    """The least whole days within which ``share`` of the second purchases came (the first win-back day), at least 1
+    (the least win-back's days can be)."""
     histogram: list[tuple[int, int, int]]
     after_winback: int = 0
     """Second purchases that came after a win-back email to the customer, which may have brought them on."""
@@ -211,9 +212,11 @@ def build_insights(engine: Engine, *, share: float = 0.8, bin_days: int = 7) -> 
             after_winback += n if after_email else 0
     # the recommendation is a win-back `days`: an email once the first order is more than that many days old, so
     # the day by which the second purchases came is the ceiling of their gaps (10 days and an hour: 11), where the
-    # histogram's days are whole days passed (day 10: from 10 days to just under 11)
+    # histogram's days are whole days passed (day 10: from 10 days to just under 11); at least 1, the least days
+    # the config takes (0: second orders placed at the moment of the first, a checkout split in two)
+    day = stats.quantile_day(within, share)
     return Insights(
         customers=customers, gaps_days=sorted(passed), share=share,
-        recommended_quiet_days=stats.quantile_day(within, share), histogram=stats.histogram(passed, bin_days),
+        recommended_quiet_days=None if day is None else max(1, day), histogram=stats.histogram(passed, bin_days),
         after_winback=after_winback,
     )  # fmt: skip

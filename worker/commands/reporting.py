@@ -165,6 +165,9 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
             value += f"; the later steps' days must stay greater (steps[1] is {winback.steps[1].days})"
     else:
         key, value, current = "campaigns.winback.quiet_days", str(day), winback.quiet_days
+    if winback.give_up_after_days and day is not None and day >= winback.give_up_after_days:
+        # set alone, the config would not load: give_up_after_days must be more than the last step's days
+        value += f"; campaigns.winback.give_up_after_days must stay greater (it is {winback.give_up_after_days})"
     print(f"recommended {key} = {value}, resting on {n} second purchases{caveat}")
     print(f"(currently {current}; customers who have not come back yet are not in this sample, so the true gaps run "
           "somewhat longer)")
