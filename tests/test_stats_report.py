@@ -986,3 +986,18 @@ def test_insights_recommends_a_day_the_config_takes_when_second_purchases_came_a
     assert insights.gaps_days == [0] * 10
     assert insights.recommended_quiet_days == 1
 
+
+@pytest.mark.parametrize(("share", "said"), [("0.995", "99.5%"), ("0.125", "12.5%"), ("0.8", "80%")])
+def test_insights_names_the_share_it_was_asked_for(tmp_path: Path, share: str, said: str) -> None:
+    # Given 200 customers whose second purchase came 1, 2, … 200 days (and an hour) after their first
+    site = make_site(tmp_path / "site")
+    cs = [f"C{i:03d}" for i in range(1, 201)]
+    orders = [_order(c, 1, FIRST_ORDER, 1_000_00) for c in cs]
+    orders += [_order(c, 2, FIRST_ORDER + timedelta(days=i, hours=1), 1_000_00) for i, c in enumerate(cs, start=1)]
+    engine = db.create_engine(site.settings.database_url)
+    _load(engine, cs, orders)
+    engine.dispose()
+    # When the operator asks by when 99.5 % of them came (not all: 199 of 200 by day 200)
+    text = site.cli("insights", "--share", share).stdout
+    # Then the text names that share, not "100% of second purchases happened within 200 days"
+    assert f"{said} of second purchases happened within" in text, text

@@ -154,7 +154,7 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
     for start, end, count in found.histogram:
         print(f"  {start:>4}-{end:<4} {count:>6}  {core_stats.bar(count, most)}")
     median = core_stats.quantile_day(found.gaps_days, 0.5)
-    print(f"\nmedian: {median} days; {100 * found.share:.0f}% of second purchases happened within "
+    print(f"\nmedian: {median} days; {100 * found.share:g}% of second purchases happened within "
           f"{found.recommended_quiet_days} days")  # fmt: skip
     caveat = "" if n >= MIN_SECOND_ORDERS else f" (only {n} second purchases: treat it as a rough guess)"
     winback = settings.campaigns.winback
