@@ -1001,3 +1001,17 @@ def test_insights_names_the_share_it_was_asked_for(tmp_path: Path, share: str, s
     text = site.cli("insights", "--share", share).stdout
     # Then the text names that share, not "100% of second purchases happened within 200 days"
     assert f"{said} of second purchases happened within" in text, text
+
+
+def test_revenue_counts_the_shops_currency_whatever_case_config_writes_it_in(tmp_path: Path) -> None:
+    # Given the constructed shop (orders in IDR, as every import stores a code) whose config writes the currency
+    # in lower case, which it takes (shop.currency = "idr")
+    site = make_site(tmp_path / "site", extra_toml='[shop]\ncurrency = "idr"\n')
+    _build(site)
+    # When the operator asks for the numbers
+    done = site.cli("stats", "--since", SINCE.isoformat(), "--json", "--now", NOW.isoformat())
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    # Then the revenue is the 30 purchases in rupiah, not nothing: "idr" is IDR
+    assert report["currency"] == "IDR"
+    assert report["campaigns"][0]["conversion"]["revenue_minor"] == EMAILED_BUY * PRICE

@@ -51,10 +51,13 @@ class ShopSettings:
     time_zone: str = "Asia/Jakarta"
     default_locale: str = "id"
     currency: str = "IDR"
+    """An ISO 4217 code, upper-cased as an import stores each order's (``idr`` is IDR)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domain", tokens.shop_scope(self.domain))
         object.__setattr__(self, "previous_domains", tuple(tokens.shop_scope(d) for d in self.previous_domains))
+        if isinstance(self.currency, str):  # revenue and spend totals compare it with the orders' as stored
+            object.__setattr__(self, "currency", self.currency.upper())
 
 
 @dataclass(frozen=True)
