@@ -373,15 +373,21 @@ def test_lift_says_whose_attribution_windows_are_still_open(db_url: str) -> None
                                     "lift cannot be measured yet")  # fmt: skip
 
 
-def test_insights_recommends_the_day_the_share_was_reached(tmp_path: Path) -> None:
-    # Given 100 customers whose second purchase came 1, 2, … 100 days after their first
-    site = make_site(tmp_path / "site")
-    cs = [f"C{i:03d}" for i in range(1, 101)]
+def _came_back(tmp_path: Path, days: range, extra_toml: str = "") -> Site:
+    """A site whose customers bought again ``days`` (and an hour) after their first purchase, one customer each."""
+    site = make_site(tmp_path / "site", extra_toml=extra_toml)
+    cs = [f"C{i:03d}" for i in range(len(days))]
     orders = [_order(c, 1, FIRST_ORDER, 1_000_00) for c in cs]
-    orders += [_order(c, 2, FIRST_ORDER + timedelta(days=i, hours=1), 1_000_00) for i, c in enumerate(cs, start=1)]
+    orders += [_order(c, 2, FIRST_ORDER + timedelta(days=d, hours=1), 1_000_00) for d, c in zip(days, cs, strict=True)]
     engine = db.create_engine(site.settings.database_url)
     _load(engine, cs, orders)
     engine.dispose()
+    return site
+
+
+def test_insights_recommends_the_day_the_share_was_reached(tmp_path: Path) -> None:
+    # Given 100 customers whose second purchase came 1, 2, … 100 days after their first
+    site = _came_back(tmp_path, range(1, 101))
     # When the operator asks by when 55 % of second purchases happened
     done = site.cli("insights", "--share", "0.55", "--json")
     assert done.returncode == 0, done.stderr
@@ -955,13 +961,7 @@ def test_a_message_whose_worker_died_while_sending_closed_as_failed_is_a_failure
 def test_insights_says_when_the_recommended_day_is_past_give_up_after_days(tmp_path: Path) -> None:
     # Given a one-step win-back that gives up on orders older than 40 days, and 10 customers who came back 50 to 59
     # days (and an hour) after their first purchase
-    site = make_site(tmp_path / "site", extra_toml="[campaigns.winback]\nquiet_days = 30\ngive_up_after_days = 40\n")
-    cs = [f"C{i:02d}" for i in range(10)]
-    orders = [_order(c, 1, FIRST_ORDER, 1_000_00) for c in cs]
-    orders += [_order(c, 2, FIRST_ORDER + timedelta(days=50 + i, hours=1), 1_000_00) for i, c in enumerate(cs)]
-    engine = db.create_engine(site.settings.database_url)
-    _load(engine, cs, orders)
-    engine.dispose()
+    site = _came_back(tmp_path, range(50, 60), "[campaigns.winback]\nquiet_days = 30\ngive_up_after_days = 40\n")
     # When the operator asks for the first win-back day
     text = " ".join(site.cli("insights").stdout.split())
     # Then the day recommended (58) is said to need give_up_after_days raised past it: set alone, the config would
@@ -990,13 +990,7 @@ def test_insights_recommends_a_day_the_config_takes_when_second_purchases_came_a
 @pytest.mark.parametrize(("share", "said"), [("0.995", "99.5%"), ("0.125", "12.5%"), ("0.8", "80%")])
 def test_insights_names_the_share_it_was_asked_for(tmp_path: Path, share: str, said: str) -> None:
     # Given 200 customers whose second purchase came 1, 2, … 200 days (and an hour) after their first
-    site = make_site(tmp_path / "site")
-    cs = [f"C{i:03d}" for i in range(1, 201)]
-    orders = [_order(c, 1, FIRST_ORDER, 1_000_00) for c in cs]
-    orders += [_order(c, 2, FIRST_ORDER + timedelta(days=i, hours=1), 1_000_00) for i, c in enumerate(cs, start=1)]
-    engine = db.create_engine(site.settings.database_url)
-    _load(engine, cs, orders)
-    engine.dispose()
+    site = _came_back(tmp_path, range(1, 201))
     # When the operator asks by when 99.5 % of them came (not all: 199 of 200 by day 200)
     text = site.cli("insights", "--share", share).stdout
     # Then the text names that share, not "100% of second purchases happened within 200 days"
@@ -1015,3 +1009,38 @@ def test_revenue_counts_the_shops_currency_whatever_case_config_writes_it_in(tmp
     # Then the revenue is the 30 purchases in rupiah, not nothing: "idr" is IDR
     assert report["currency"] == "IDR"
     assert report["campaigns"][0]["conversion"]["revenue_minor"] == EMAILED_BUY * PRICE
+
+
+def test_a_message_sent_while_the_report_is_made_is_counted_alike_in_every_figure_on_each_database(
+    db_url: str,
+) -> None:
+    from worker.stats import build_stats
+
+    # Given a win-back message waiting in the queue, and a daemon that sends it while the report is being made:
+    # just after the report's first query
+    engine = db.create_engine(db_url)
+    daemon = db.create_engine(db_url)
+    try:
+        pk = _load(engine, ["C-1"])
+        _ledger_row(engine, pk, "C-1", NOW - timedelta(days=1), status="planned")
+        queries = []
+
+        def send_after_the_first_query(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            if not statement.lstrip().upper().startswith("SELECT"):
+                return  # BEGIN, the session's settings
+            queries.append(statement)
+            if len(queries) == 1:
+                with daemon.begin() as conn:
+                    conn.execute(sa.update(M).values(status="sent", sent_at=datetime.now(UTC), last_code=250))
+
+        sa.event.listen(engine, "after_cursor_execute", send_after_the_first_query)
+        report = build_stats(engine, since=NOW - timedelta(days=30), now=datetime.now(UTC))
+    finally:
+        engine.dispose()
+        daemon.dispose()
+    # Then the report is of one moment of the ledger: the message is waiting in every figure (it read "sent 0,
+    # waiting 1" and, two lines down, "the 7-day window of the 1 emailed customer is still open")
+    assert len(queries) > 1
+    (winback,) = report.as_json()["campaigns"]
+    assert (winback["sent"], winback["waiting"]) == (0, 1)
+    assert winback["conversion"] == {"customers": 0, "converted": 0, "rate": None, "revenue_minor": 0, "pending": 0}

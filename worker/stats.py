@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import chain, repeat
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from worker.adapters import reports
+from worker.adapters import db, reports
 from worker.core import limits, stats
 from worker.core.policy import zone_of
 from worker.domain import MessageStatus
@@ -136,25 +136,35 @@ def build_stats(
 ) -> StatsReport:
     """The report of the period from ``since`` to ``now`` (what was recorded after ``now`` is left out), counted in
     the database; revenue adds up the purchases in ``currency`` (the shop's)."""
+    with db.reading(engine, snapshot=True) as conn:  # one moment of the ledger: a message sent meanwhile is not
+        # waiting in one figure and sent in the next
+        return _stats(conn, since=since, now=now, window_days=window_days, feedback_scale=feedback_scale,
+                      currency=currency, time_zone=time_zone)  # fmt: skip
+
+
+def _stats(
+    conn: Connection, *, since: datetime, now: datetime, window_days: int, feedback_scale: str, currency: str,
+    time_zone: str,
+) -> StatsReport:
     steps: dict[reports.Step, StepStats] = {}
 
     def step(key: reports.Step) -> StepStats:
         return steps.setdefault(key, StepStats(*key))
 
-    for key, status, reason, n in reports.ledger_counts(engine, since, now):
+    for key, status, reason, n in reports.ledger_counts(conn, since, now):
         s = step(key)
         s.planned += n
         s.statuses[status] += n
         if status == MessageStatus.SKIPPED:
             s.skipped[reason or "unknown"] += n
-    for key, code, reply, n in reports.permanent_failures(engine, since, now):
+    for key, code, reply, n in reports.permanent_failures(conn, since, now):
         if limits.bounce_kind(code, reply) == "hard_bounce":  # as the sender judged it, suppressing the address
             step(key).hard_bounces += n
-    for key, n in reports.cancelled(engine, since, now):
+    for key, n in reports.cancelled(conn, since, now):
         step(key).cancelled += n
 
     found = {(key, group): c for key, group, c in
-             reports.conversions(engine, since, window=timedelta(days=window_days), now=now,
+             reports.conversions(conn, since, window=timedelta(days=window_days), now=now,
                                  currency=currency)}  # fmt: skip
     nobody = stats.Conversion(0, 0, 0, 0)
     for key, s in steps.items():
@@ -166,13 +176,13 @@ def build_stats(
                             held_out=control.customers + control.pending,
                             treated=s.treated.customers + s.treated.pending)  # fmt: skip
 
-    scores = reports.feedback_scores(engine, since, now)
+    scores = reports.feedback_scores(conn, since, now)
     return StatsReport(
         since=since, now=now, window_days=window_days, currency=currency, time_zone=time_zone,
         steps=[steps[key] for key in sorted(steps, key=lambda k: (k[0], k[1], k[2] or 0))],
-        suppressions=reports.suppressions(engine, since, now),
+        suppressions=reports.suppressions(conn, since, now),
         retention=stats.retention(
-            chain.from_iterable(repeat((b, d), n) for b, d, n in reports.purchases_around(engine, since, now))
+            chain.from_iterable(repeat((b, d), n) for b, d, n in reports.purchases_around(conn, since, now))
         ),
         feedback=None if scores is None else stats.feedback(scores, scale=feedback_scale),
     )  # fmt: skip

@@ -390,11 +390,15 @@ _READ_ONLY = "kembali_read_only"
 
 
 @contextmanager
-def reading(engine: Engine) -> Iterator[sa.Connection]:
+def reading(engine: Engine, *, snapshot: bool = False) -> Iterator[sa.Connection]:
     """A transaction that only reads. On SQLite a deferred ``BEGIN`` rather than ``BEGIN IMMEDIATE``: it
-    takes no write lock, so it runs beside the writer and beside other readers (WAL); writing in it fails."""
+    takes no write lock, so it runs beside the writer and beside other readers (WAL); writing in it fails.
+    ``snapshot``: its statements all see the database as its first one did (what SQLite's WAL gives a transaction;
+    on PostgreSQL ``REPEATABLE READ``, where each statement would otherwise see what was committed before it)."""
     with engine.connect() as conn:
         conn.execution_options(**{_READ_ONLY: True})
+        if snapshot and engine.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
             yield conn
 

@@ -1,4 +1,8 @@
-"""Read-only queries behind `kembali stats` and `kembali insights` (SQLAlchemy Core, both dialects)."""
+"""Read-only queries behind `kembali stats` and `kembali insights` (SQLAlchemy Core, both dialects).
+
+The report's queries read in the connection they are given: ``worker.stats`` runs them all in one transaction
+that sees one moment of the database (``db.reading(snapshot=True)``), so that a message the daemon sends while
+the report is made is not waiting in one figure and sent in the next."""
 
 from __future__ import annotations
 
@@ -34,11 +38,11 @@ Step = tuple[str, int, int | None]
 """A report's campaign and step: (campaign, step number, the step's days: win-back's, None for the others)."""
 
 
-def _step(engine: Engine) -> list[Any]:
+def _step(dialect: str) -> list[Any]:
     """The columns of a row's ``Step``, labelled. Win-back's steps are told apart by their days as well as by their
     number: steps inserted or removed in the config give a number to another step, and its rows (another email,
     another coupon) are not counted with those planned under it before."""
-    days = sa.case((M.c.campaign == WINBACK, payload_days(engine.dialect.name, M.c.payload)), else_=sa.null())
+    days = sa.case((M.c.campaign == WINBACK, payload_days(dialect, M.c.payload)), else_=sa.null())
     return [M.c.campaign, M.c.step, days.label("days")]
 
 
@@ -46,65 +50,61 @@ def _as_step(campaign: str, step: Any, days: Any) -> Step:
     return campaign, int(step), None if days is None else int(days)
 
 
-def ledger_counts(engine: Engine, since: datetime, until: datetime) -> list[tuple[Step, str, str | None, int]]:
+def ledger_counts(conn: sa.Connection, since: datetime, until: datetime) -> list[tuple[Step, str, str | None, int]]:
     """(step, status, skip reason, rows) for rows planned from ``since`` to ``until``."""
-    step = _step(engine)
+    step = _step(conn.dialect.name)
     query = (
         sa.select(*step, M.c.status, M.c.skip_reason, sa.func.count())
         .where(_in_period(M.c.created_at, since, until))
         .group_by(*step, M.c.status, M.c.skip_reason)
     )
-    with db.reading(engine) as conn:
-        rows: Any = conn.execute(query)  # (a select of a list of columns: its rows' length is not typed)
-        return [(_as_step(c, s, d), st, r, int(n)) for c, s, d, st, r, n in rows]
+    rows: Any = conn.execute(query)  # (a select of a list of columns: its rows' length is not typed)
+    return [(_as_step(c, s, d), st, r, int(n)) for c, s, d, st, r, n in rows]
 
 
-def cancelled(engine: Engine, since: datetime, until: datetime) -> list[tuple[Step, int]]:
+def cancelled(conn: sa.Connection, since: datetime, until: datetime) -> list[tuple[Step, int]]:
     """(step, rows) of the failed rows planned from ``since`` to ``until`` that an operator cancelled:
     closed as failed (``ledger.closed_as_failed``) and never tried, no attempt row but the operator's (no SMTP
     attempt, no template rendered) and no try counted (``attempts``: a send whose worker died left it
     ``uncertain`` without an attempt row): a message closed while it waited in the queue. One tried before (a 4xx
     in ``retry``, a template error, a 5xx, a send cut short) stays a failure, closed or not."""
     tried = sa.exists().where(A.c.message_id == M.c.id, A.c.outcome != Outcome.OPERATOR.value)
-    step = _step(engine)
+    step = _step(conn.dialect.name)
     query = (
         sa.select(*step, sa.func.count())
         .where(_in_period(M.c.created_at, since, until), closed_as_failed(), M.c.attempts == 0, ~tried)
         .group_by(*step)
     )  # fmt: skip
-    with db.reading(engine) as conn:
-        rows: Any = conn.execute(query)
-        return [(_as_step(c, s, d), int(n)) for c, s, d, n in rows]
+    rows: Any = conn.execute(query)
+    return [(_as_step(c, s, d), int(n)) for c, s, d, n in rows]
 
 
-def permanent_failures(engine: Engine, since: datetime, until: datetime) -> list[tuple[Step, int, str, int]]:
+def permanent_failures(conn: sa.Connection, since: datetime, until: datetime) -> list[tuple[Step, int, str, int]]:
     """(step, last code, last reply, rows) of the failed rows planned from ``since`` to ``until`` whose
     last reply was a 5xx: what the reply says (``core.limits.bounce_kind``) tells a hard bounce from a refused
     content or sender. Grouped by the reply: a few rows per reply a server gives everyone, one per address at
     worst (a reply naming the recipient), and only failed rows with a 5xx are read."""
-    step = _step(engine)
+    step = _step(conn.dialect.name)
     query = (
         sa.select(*step, M.c.last_code, M.c.last_reply, sa.func.count())
         .where(_in_period(M.c.created_at, since, until), M.c.status == MessageStatus.FAILED.value,
                M.c.last_code >= 500)
         .group_by(*step, M.c.last_code, M.c.last_reply)
     )
-    with db.reading(engine) as conn:
-        rows: Any = conn.execute(query)
-        return [(_as_step(c, s, d), int(code), reply or "", int(n)) for c, s, d, code, reply, n in rows]
+    rows: Any = conn.execute(query)
+    return [(_as_step(c, s, d), int(code), reply or "", int(n)) for c, s, d, code, reply, n in rows]
 
 
-def suppressions(engine: Engine, since: datetime, until: datetime) -> dict[str, int]:
+def suppressions(conn: sa.Connection, since: datetime, until: datetime) -> dict[str, int]:
     """Addresses added to the suppression list from ``since`` to ``until``, by reason (unsubscribed,
     hard_bounce…), in the reasons' order (PostgreSQL's GROUP BY returns them in hash order, which ``--json`` would
     show)."""
     query = sa.select(S.c.reason, sa.func.count()).where(_in_period(S.c.created_at, since, until)).group_by(S.c.reason)
-    with db.reading(engine) as conn:
-        return {r: int(n) for r, n in sorted(conn.execute(query))}
+    return {r: int(n) for r, n in sorted(conn.execute(query))}
 
 
 def conversions(
-    engine: Engine, since: datetime, *, window: timedelta, now: datetime, currency: str
+    conn: sa.Connection, since: datetime, *, window: timedelta, now: datetime, currency: str
 ) -> list[tuple[Step, str, stats.Conversion]]:
     """(step, group, conversion) for rows planned from ``since`` to ``now``, counted in the database.
 
@@ -121,7 +121,7 @@ def conversions(
     due = sa.case((M.c.due_at >= M.c.created_at, M.c.due_at), else_=M.c.created_at)
     held = sa.and_(M.c.status == MessageStatus.SKIPPED.value, M.c.skip_reason == HELD_OUT)
     group = sa.case((held, sa.literal("held_out")), else_=sa.literal("treated"))
-    step = _step(engine)
+    step = _step(conn.dialect.name)
     planned = sa.select(*step, group.label("grp"), M.c.customer_id, due.label("at")).where(
         _in_period(M.c.created_at, since, now)
     )
@@ -142,7 +142,7 @@ def conversions(
     closed = at <= cutoff
     bought = sa.and_(
         O.c.customer_id == first.c.customer_id, closed, O.c.placed_at > since, _purchase,
-        O.c.placed_at > at, O.c.placed_at <= _plus(at, window, engine.dialect.name),
+        O.c.placed_at > at, O.c.placed_at <= _plus(at, window, conn.dialect.name),
     )  # fmt: skip
     # in two halves, added up in Python: several customers' revenue (or one customer's, from orders an older import
     # stored) can add up past what a BIGINT holds, where SQLite's sum() fails the report (db.sum_halves)
@@ -162,12 +162,11 @@ def conversions(
         sa.func.sum(sa.case((c.closed, one), else_=0)), sa.func.sum(sa.case((c.orders > 0, one), else_=0)),
         sa.func.sum(c.revenue_high), sa.func.sum(c.revenue_low), sa.func.sum(sa.case((c.closed, 0), else_=one)),
     ).group_by(c.campaign, c.step, c.days, c.grp)  # fmt: skip
-    with db.reading(engine) as conn:
-        return [
-            (_as_step(campaign, number, days), grp,
-             stats.Conversion(int(n), int(k), db.joined(high, low), int(pending)))
-            for campaign, number, days, grp, n, k, high, low, pending in conn.execute(query)
-        ]  # fmt: skip
+    return [
+        (_as_step(campaign, number, days), grp,
+         stats.Conversion(int(n), int(k), db.joined(high, low), int(pending)))
+        for campaign, number, days, grp, n, k, high, low, pending in conn.execute(query)
+    ]  # fmt: skip
 
 
 def _plus(at: sa.ColumnElement[datetime], window: timedelta, dialect: str) -> sa.ColumnElement[datetime]:
@@ -185,7 +184,7 @@ def _plus(at: sa.ColumnElement[datetime], window: timedelta, dialect: str) -> sa
     return sa.type_coerce(at + sa.literal_column(f"interval '{seconds} seconds'"), UTCDateTime())
 
 
-def purchases_around(engine: Engine, since: datetime, until: datetime) -> list[tuple[int, int, int]]:
+def purchases_around(conn: sa.Connection, since: datetime, until: datetime) -> list[tuple[int, int, int]]:
     """(purchases before ``since``, purchases in [since, until), customers) over the customers with any purchase:
     how many customers bought so many times before and during the period, counted in the database (a few
     rows where a row per customer would be a million)."""
@@ -199,8 +198,7 @@ def purchases_around(engine: Engine, since: datetime, until: datetime) -> list[t
     )
     c = per_customer.c
     query = sa.select(c.before, c.during, sa.func.count()).group_by(c.before, c.during)
-    with db.reading(engine) as conn:
-        return [(int(b), int(d), int(n)) for b, d, n in conn.execute(query)]
+    return [(int(b), int(d), int(n)) for b, d, n in conn.execute(query)]
 
 
 _DAY_US = 86_400_000_000
@@ -252,12 +250,11 @@ def second_purchase_days(engine: Engine) -> list[tuple[int | None, int | None, b
     return [(None if p is None else int(p), None if w is None else int(w), bool(e), int(n)) for p, w, e, n in rows]
 
 
-def feedback_scores(engine: Engine, since: datetime, until: datetime) -> list[float] | None:
+def feedback_scores(conn: sa.Connection, since: datetime, until: datetime) -> list[float] | None:
     """The ratings given from ``since`` to ``until`` (the ``feedback`` table's scores; None when the table does not
     exist)."""
-    with db.reading(engine) as conn:
-        if not sa.inspect(conn).has_table("feedback"):
-            return None
-        query = sa.select(F.c.score).where(_in_period(F.c.created_at, since, until), F.c.score.is_not(None))
-        return [float(v) for (v,) in conn.execute(query)]
+    if not sa.inspect(conn).has_table("feedback"):
+        return None
+    query = sa.select(F.c.score).where(_in_period(F.c.created_at, since, until), F.c.score.is_not(None))
+    return [float(v) for (v,) in conn.execute(query)]
 
