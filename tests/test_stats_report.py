@@ -1044,3 +1044,24 @@ def test_a_message_sent_while_the_report_is_made_is_counted_alike_in_every_figur
     (winback,) = report.as_json()["campaigns"]
     assert (winback["sent"], winback["waiting"]) == (0, 1)
     assert winback["conversion"] == {"customers": 0, "converted": 0, "rate": None, "revenue_minor": 0, "pending": 0}
+
+
+def test_a_group_whose_windows_are_all_open_says_so_not_0_of_0() -> None:
+    from worker.commands.reporting import stats_lines
+    from worker.stats import StatsReport, StepStats
+
+    # Given a step planned yesterday: 60 customers not held out (28 of them emailed) and 4 held out, every
+    # attribution window still open (the demo's report, run right after it)
+    step = StepStats("new_products", 1, planned=64, emailed=stats.Conversion(0, 0, 0, 28),
+                     held_out=stats.Conversion(0, 0, 0, 4), treated=stats.Conversion(0, 0, 0, 60),
+                     lift=stats.lift(0, 0, 0, 0, held_out=4, treated=60))  # fmt: skip
+    report = StatsReport(since=NOW - timedelta(days=60), now=NOW, window_days=7, currency="IDR", steps=[step],
+                         suppressions={}, retention=stats.Retention(0, 0, 0, 0), feedback=None)  # fmt: skip
+    text = "\n".join(stats_lines(report))
+    # Then no group reads "0 of 0 … ordered (n/a)": each says its windows are still open, as the emailed one does
+    steps = text.split("deliverability")[0]
+    assert "0 of 0" not in steps and "n/a" not in steps, text
+    assert "  conversion: not measured yet: the 7-day windows of the 28 emailed customers are still open\n" in text
+    assert "  holdout: not measured yet: the 7-day windows of the 4 held-out customers are still open\n" in text
+    assert ("  against: not measured yet: the 7-day windows of the 60 customers not held out are still open\n"
+            in text), text

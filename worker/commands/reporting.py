@@ -33,6 +33,14 @@ def _open(c: core_stats.Conversion) -> str:
     return f"; {c.pending} still inside the window" if c.pending else ""
 
 
+def _not_yet(window_days: int, pending: int, who: str) -> str:
+    """A group none of whose attribution windows has closed: not "0 of 0 ordered (n/a)", since nothing is known yet.
+    ``who``: "emailed {}", "{} not held out"…"""
+    if pending == 1:
+        return f"not measured yet: the {window_days}-day window of the 1 {who.format('customer')} is still open"
+    return f"not measured yet: the {window_days}-day windows of the {pending} {who.format('customers')} are still open"
+
+
 def _money(minor: int, currency: str) -> str:
     return format_money(minor, currency, "en")
 
@@ -90,10 +98,8 @@ def stats_lines(report: StatsReport) -> list[str]:
             out.append("  skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(s.skipped.items())))
         if s.emailed is not None:
             e = s.emailed
-            if e.customers == 0 and e.pending:  # not "0 of 0 ordered (n/a)": nothing is known yet
-                whose = ("window of the 1 emailed customer is" if e.pending == 1
-                         else f"windows of the {e.pending} emailed customers are")  # fmt: skip
-                out.append(f"  conversion: not measured yet: the {report.window_days}-day {whose} still open")
+            if e.customers == 0 and e.pending:
+                out.append("  conversion: " + _not_yet(report.window_days, e.pending, "emailed {}"))
             elif e.customers == 0:
                 out.append("  conversion: nobody was emailed")
             else:
@@ -101,13 +107,19 @@ def stats_lines(report: StatsReport) -> list[str]:
                            f"revenue {_money(e.revenue_minor, report.currency)}" + _open(e))  # fmt: skip
         if s.held_out is not None:
             h = s.held_out
-            out.append(f"  holdout: {h.converted} of {h.customers} held-out customers ordered ({_pct(h.rate)})"
-                       + _open(h))
+            if h.customers == 0 and h.pending:
+                out.append("  holdout: " + _not_yet(report.window_days, h.pending, "held-out {}"))
+            else:
+                out.append(f"  holdout: {h.converted} of {h.customers} held-out customers ordered ({_pct(h.rate)})"
+                           + _open(h))
             if s.treated is not None:
                 t = s.treated
-                out.append(f"  against: {t.converted} of {t.customers} customers not held out ordered "
-                           f"({_pct(t.rate)}), emailed or not, both counted from when the email was due"
-                           + _open(t))  # fmt: skip
+                if t.customers == 0 and t.pending:
+                    out.append("  against: " + _not_yet(report.window_days, t.pending, "{} not held out"))
+                else:
+                    out.append(f"  against: {t.converted} of {t.customers} customers not held out ordered "
+                               f"({_pct(t.rate)}), emailed or not, both counted from when the email was due"
+                               + _open(t))  # fmt: skip
         if s.lift is not None:
             lift = s.lift
             if lift.difference is not None and lift.lower is not None and lift.upper is not None:
