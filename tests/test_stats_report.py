@@ -122,7 +122,8 @@ def test_stats_reports_the_constructed_truth(tmp_path: Path) -> None:
     active = EMAILED_BUY + EMAILED_LATE + HELD_BUY
     assert report["repeat_purchase"] == {"customers_active": active, "repeat": active, "rate": 1.0}
     assert report["churn"] == {"customers_before": total, "churned": total - active, "rate": (total - active) / total}
-    assert report["feedback"] == {"responses": 0, "average": None, "nps": None}  # the daemon's (empty) table
+    assert report["feedback"] == {"responses": 0, "average": None, "nps": None,
+                                  "other_scale": 0}  # the daemon's (empty) table
 
     # And the text report says the same in words
     text = site.cli("stats", "--since", SINCE.isoformat(), "--now", NOW.isoformat()).stdout
@@ -145,7 +146,7 @@ def test_stats_without_a_holdout_and_with_a_feedback_table(tmp_path: Path) -> No
     (winback,) = report["campaigns"]
     assert winback["holdout"] is None
     assert "no holdout group" in winback["lift"]["verdict"] and winback["lift"]["difference"] is None
-    assert report["feedback"] == {"responses": 4, "average": 7.25, "nps": 25.0}
+    assert report["feedback"] == {"responses": 4, "average": 7.25, "nps": 25.0, "other_scale": 0}
 
 
 @pytest.mark.parametrize(("scale", "scores", "nps"), [
@@ -160,7 +161,8 @@ def test_the_nps_follows_the_feedback_scale(tmp_path: Path, scale: str, scores: 
     engine.dispose()
     done = site.cli("stats", "--json", "--now", NOW.isoformat())
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["feedback"] == {"responses": 4, "average": sum(scores) / 4, "nps": nps}
+    assert json.loads(done.stdout)["feedback"] == {"responses": 4, "average": sum(scores) / 4, "nps": nps,
+                                                   "other_scale": 0}
     assert ("NPS -100" in site.cli("stats", "--now", NOW.isoformat()).stdout) is (nps is not None)
 
 
@@ -744,7 +746,7 @@ def test_the_period_ends_at_now_on_each_database(db_url: str) -> None:
     assert (winback["planned"], winback["sent"], winback["failed"], winback["hard_bounces"]) == (1, 1, 0, 0)
     assert winback["conversion"]["pending"] == 1
     assert report.as_json()["suppressions"] == {"unsubscribed": 1}
-    assert report.as_json()["feedback"] == {"responses": 1, "average": 5.0, "nps": None}
+    assert report.as_json()["feedback"] == {"responses": 1, "average": 5.0, "nps": None, "other_scale": 0}
 
 
 def test_hard_bounces_are_the_failures_the_sender_suppresses_on_each_database(db_url: str) -> None:
@@ -844,7 +846,7 @@ def test_feedback_counts_the_ratings_given_in_the_period_on_each_database(db_url
     finally:
         engine.dispose()
     # Then the report's feedback is the period's, as every other figure in it: 2 responses, 4.5 on average
-    assert report.as_json()["feedback"] == {"responses": 2, "average": 4.5, "nps": None}
+    assert report.as_json()["feedback"] == {"responses": 2, "average": 4.5, "nps": None, "other_scale": 0}
 
 
 def test_the_text_says_which_windows_are_still_open_in_every_group() -> None:
@@ -1065,3 +1067,22 @@ def test_a_group_whose_windows_are_all_open_says_so_not_0_of_0() -> None:
     assert "  holdout: not measured yet: the 7-day windows of the 4 held-out customers are still open\n" in text
     assert ("  against: not measured yet: the 7-day windows of the 60 customers not held out are still open\n"
             in text), text
+
+
+def test_star_ratings_are_not_averaged_with_scores_out_of_10(tmp_path: Path) -> None:
+    # Given a shop that asks for stars now, whose ratings in the period are 5, 4 and 3 stars, and a 10 and a 0 out of
+    # 10 clicked in feedback requests sent before the scale changed (the page says "10 out of 10": a score outside
+    # 1-5 is out of 10 whatever the config says now)
+    site = make_site(tmp_path / "site", extra_toml='[campaigns.feedback]\nscale = "stars"\n')
+    engine = sa.create_engine(site.settings.database_url)
+    for i, score in enumerate([5, 4, 3, 10, 0]):
+        opstore.record_feedback(Store(engine), f"O{i}", score, NOW - timedelta(days=1))
+    engine.dispose()
+    # When the operator asks for the stats
+    report = json.loads(site.cli("stats", "--json", "--now", NOW.isoformat()).stdout)
+    text = site.cli("stats", "--now", NOW.isoformat()).stdout
+    # Then the average is of the 3 star ratings, 4.00 (not 4.40 "stars" out of 5, or 6 with two tens), and the 2
+    # scores out of 10 are said to be left out
+    assert report["feedback"] == {"responses": 3, "average": 4.0, "nps": None, "other_scale": 2}
+    assert ("feedback: 3 responses in the period, average 4.00 (2 scores out of 10, from requests sent before the "
+            "scale changed, left out)") in text, text

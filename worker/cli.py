@@ -285,7 +285,9 @@ delivered (not placed and unpaid, cancelled or refunded)
                  purchases or more in all
   churn          of the customers who had bought before the period, those
                  who did not buy in it
-  feedback       ratings given in the period: average, and NPS (0-10 scale)
+  feedback       ratings given in the period: average, and NPS (0-10 scale);
+                 on the star scale, scores out of 10 (requests sent before
+                 the scale changed) are left out of the average, and counted
 
 """,
     "insights": """\

@@ -120,7 +120,8 @@ class StatsReport:
             "suppressions": self.suppressions,
             "repeat_purchase": {"customers_active": r.active, "repeat": r.repeat, "rate": r.repeat_rate},
             "churn": {"customers_before": r.earlier, "churned": r.churned, "rate": r.churn_rate},
-            "feedback": None if fb is None else {"responses": fb.responses, "average": fb.average, "nps": fb.nps},
+            "feedback": None if fb is None else {"responses": fb.responses, "average": fb.average, "nps": fb.nps,
+                                                 "other_scale": fb.other_scale},
         }  # fmt: skip
 
 

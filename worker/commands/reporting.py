@@ -138,7 +138,9 @@ def stats_lines(report: StatsReport) -> list[str]:
     else:
         avg = "n/a" if fb.average is None else f"{fb.average:.2f}"
         nps = "" if fb.nps is None else f", NPS {fb.nps:+.0f}"
-        out.append(f"feedback: {fb.responses} responses in the period, average {avg}{nps}")
+        other = ("" if not fb.other_scale else f" ({fb.other_scale} score{'' if fb.other_scale == 1 else 's'} out of "
+                 "10, from requests sent before the scale changed, left out)")  # fmt: skip
+        out.append(f"feedback: {fb.responses} responses in the period, average {avg}{nps}{other}")
     return out
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from worker.core.campaigns import rating_scores
+
 Z95 = 1.959963984540054
 MIN_GROUP = 30
 """Fewer customers than this in either group: no verdict on lift."""
@@ -181,19 +183,27 @@ class Feedback:
     average: float | None
     nps: float | None
     """Net Promoter Score (-100..100) when the scores are on the 0-10 scale."""
+    other_scale: int = 0
+    """Scores out of 10 left out of a star average (0, 6-10: links of requests sent before the scale changed)."""
 
 
 def feedback(scores: Sequence[float], *, scale: str) -> Feedback:
-    """``scale``: the feedback campaign's, ``stars`` (1-5) or ``nps`` (0-10)."""
+    """``scale``: the feedback campaign's, ``stars`` (1-5) or ``nps`` (0-10). On the star scale a score outside
+    1-5 is out of 10, as the feedback page says it (``links``): not averaged with the stars. (A star rating among
+    scores out of 10 cannot be told apart: the table records no scale.)"""
+    other = 0
+    if scale != "nps":
+        stars = [s for s in scores if s in rating_scores("stars")]
+        other, scores = len(scores) - len(stars), stars
     if not scores:
-        return Feedback(0, None, None)
+        return Feedback(0, None, None, other)
     average = sum(scores) / len(scores)
     nps = None
     if scale == "nps":
         promoters = sum(1 for s in scores if s >= 9)
         detractors = sum(1 for s in scores if s <= 6)
         nps = 100 * (promoters - detractors) / len(scores)
-    return Feedback(len(scores), average, nps)
+    return Feedback(len(scores), average, nps, other)
 
 
 # --- insights: the time between a first and a second purchase --------------------------
