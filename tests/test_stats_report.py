@@ -1086,3 +1086,18 @@ def test_star_ratings_are_not_averaged_with_scores_out_of_10(tmp_path: Path) -> 
     assert report["feedback"] == {"responses": 3, "average": 4.0, "nps": None, "other_scale": 2}
     assert ("feedback: 3 responses in the period, average 4.00 (2 scores out of 10, from requests sent before the "
             "scale changed, left out)") in text, text
+
+
+def test_a_period_ending_at_midnight_names_the_day_before_as_its_last(tmp_path: Path) -> None:
+    # Given a Jakarta shop
+    site = make_site(tmp_path / "shop")
+    # When the operator asks for November, as README's example does: up to 00:00 on 1 December there
+    done = site.cli("stats", "--since", "2026-11-01", "--now", "2026-12-01T00:00+07:00")
+    report = json.loads(site.cli("stats", "--json", "--since", "2026-11-01", "--now", "2026-12-01T00:00+07:00").stdout)
+    # Then the header's last day is 30 November (nothing of 1 December is in it), and --json keeps the moment
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Kembali stats from 2026-11-01 to 2026-11-30 (Asia/Jakarta)"), done.stdout
+    assert report["until"] == "2026-12-01T00:00:00+07:00"
+    # while a period that ends a second into a day names that day
+    later = site.cli("stats", "--since", "2026-11-01", "--now", "2026-12-01T00:00:01+07:00").stdout
+    assert later.startswith("Kembali stats from 2026-11-01 to 2026-12-01 (Asia/Jakarta)"), later

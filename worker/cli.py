@@ -210,7 +210,8 @@ def _parser() -> argparse.ArgumentParser:
                    "days before it, from its start)")
     p.add_argument("--now", type=_datetime_arg, default=None, metavar="MOMENT",
                    help="end the period at this moment instead of now, ISO 8601 with offset, e.g. "
-                   "2027-03-01T00:00+07:00: its day in shop.time_zone is the report's last, what was recorded "
+                   "2027-03-01T00:00+07:00: its day in shop.time_zone is the report's last (the day before at 00:00 "
+                   "there), what was recorded "
                    "after it is left out, and an attribution window still open at it is pending (the messages' "
                    "statuses are today's; after the current time, a window still open today counts as closed, "
                    "as stderr notes)")

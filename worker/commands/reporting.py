@@ -82,7 +82,10 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def stats_lines(report: StatsReport) -> list[str]:
-    out = [f"Kembali stats from {report.local(report.since).date()} to {report.local(report.now).date()} "
+    last = report.local(report.now)
+    if last.time() == time() and report.now > report.since:  # it ends at 00:00: nothing of that day is in it
+        last -= timedelta(days=1)
+    out = [f"Kembali stats from {report.local(report.since).date()} to {last.date()} "
            f"({report.time_zone}); "
            f"conversion = bought within {report.window_days} days of the email"]  # fmt: skip
     if not report.steps:
