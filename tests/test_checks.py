@@ -222,13 +222,14 @@ def test_a_render_that_keeps_building_memory_fails_at_its_line_in_the_helper(tmp
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text, encoding="utf-8")
     with TimeLimitedRenderer(tmp_path, timeout_seconds=30) as renderer:
-        # Then the helper runs out of memory at a bound far below that, and says where
-        with pytest.raises(TemplateError) as info:
+        # Then the render is stopped at a bound far below that (the watchdog's, or the helper's address space
+        # running out), and says where
+        stopped = r"took more than 512 MB of memory and was stopped|ran out of memory"
+        with pytest.raises(TemplateError, match=stopped) as info:
             renderer.render("demo", Locale.ID, {})
         assert (info.value.template, info.value.line) == ("demo/id/body.html", 2)
-        assert "ran out of memory" in str(info.value)
         # and the same helper goes on serving (the memory came back)
-        with pytest.raises(TemplateError, match="ran out of memory"):
+        with pytest.raises(TemplateError, match=stopped):
             renderer.render("demo", Locale.ID, {})
         assert renderer.restarts == 0
 

@@ -484,6 +484,25 @@ def test_a_render_that_runs_past_its_time_limit_is_stopped_with_its_file_and_lin
     assert templates.render("demo", Locale.ID, CTX).html == "<p>Siti</p>\n"
 
 
+def test_a_render_that_keeps_building_memory_in_this_process_is_stopped_with_its_file_and_line(
+    tmp_path: Path,
+) -> None:
+    # Given a template that keeps every 1 MB string it builds, nesting each in the next, rendered in this process
+    # (as `run --once` and the daemon's sending render): within the longest time limit a config may set it would
+    # take 1.5 GB here, and tens of GB on a machine that allocates faster, before the time limit stopped it
+    hog = "{% set ns = namespace(a=[]) %}{% for i in range(1500) %}{% set ns.a = [ns.a, 'x' * 999990 ~ i] %}"
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.html": "<p>\n" + hog + "{% endfor %}done"}),
+                               time_limit=60)  # fmt: skip
+    # Then the render is stopped once it has grown the process by far less, naming its file and line
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, CTX)
+    assert (info.value.template, info.value.line) == ("demo/id/body.html", 2)
+    assert "more than 512 MB of memory" in str(info.value), str(info.value)
+    # and the next render (now fine) works
+    (tmp_path / "demo/id/body.html").write_text("<p>{{ name }}</p>\n")
+    assert templates.render("demo", Locale.ID, CTX).html == "<p>Siti</p>\n"
+
+
 def test_compiling_a_long_template_does_not_count_against_the_render_time_limit(tmp_path: Path) -> None:
     # a body of 1,000 conditional lines takes Jinja2 ~0.5 s to compile (on a loaded machine, seconds) and ~1 ms
     # to render: its first render, on a cold cache, is well within a time limit of 0.1 s

@@ -11,9 +11,10 @@ arrives ``KILL_GRACE_SECONDS`` after that (one long step of C, which the watchdo
 stops only when it returns) the helper is killed, the render fails with a
 ``TemplateError`` naming the folder, and the next render starts a fresh helper. The helper loads
 the same templates folder (with Jinja2's mtime reloading), so edits show up. Its
-memory is bounded too (``MEMORY_LIMIT_BYTES``): a render that keeps building
-values fails with a ``MemoryError`` at its file and line instead of taking the
-machine's memory until the deadline.
+memory is bounded too: a render that keeps building values is stopped by the
+watchdog (``templates.MEMORY_LIMIT_BYTES``), or fails with a ``MemoryError``
+(``MEMORY_LIMIT_BYTES`` of address space), at its file and line instead of
+taking the machine's memory until the deadline.
 
 The child side is ``python -m worker.adapters.render_worker ROOT``. It runs in a
 process group of its own: a Ctrl-C at the terminal, or ``timeout``'s signal to the

@@ -19,7 +19,8 @@ names the bytes it was rendered from.
 The sandbox keeps templates away from Python's internals but bounds neither
 time nor size, and every message renders the operator's templates with the
 customer's data. So a render is bounded here too: one that runs past
-``time_limit`` (``checks.render_timeout_seconds``) is stopped by an exception
+``time_limit`` (``checks.render_timeout_seconds``), or grows the process's
+memory by more than ``MEMORY_LIMIT_BYTES``, is stopped by an exception
 raised in its thread (``_Watchdog``); and a value larger than
 ``MAX_PART_CHARS`` characters (or items) is refused before it is built, since
 one step of C builds it whole, which no time limit stops. Refused that way:
@@ -713,19 +714,48 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 _SEQUENCES = (str, bytes, list, tuple)
 
 
-class RenderTimeout(BaseException):
-    """Raised by ``_Watchdog`` in a thread whose render ran past its time limit. A ``BaseException``: Jinja2's
-    sandbox swallows any ``Exception`` in some lookups (``d['x'] is defined``), which would lose the stop."""
+class RenderStopped(BaseException):
+    """Raised by ``_Watchdog`` in a thread whose render it stops. A ``BaseException``: Jinja2's sandbox swallows
+    any ``Exception`` in some lookups (``d['x'] is defined``), which would lose the stop."""
+
+
+class RenderTimeout(RenderStopped):
+    """The render ran past its time limit."""
+
+
+class RenderOutOfMemory(RenderStopped):
+    """The process's memory grew by more than ``MEMORY_LIMIT_BYTES`` while the render ran."""
+
+
+MEMORY_LIMIT_BYTES = 512 << 20
+"""How much this process's resident memory may grow while one render runs (``_Watchdog``): a hundred times what
+the largest email takes (three parts of ``MAX_PART_CHARS``), far less than a machine has. A template that keeps
+every value it builds (a loop nesting each 1 MB string in the next) took memory as fast as the machine gave it,
+until the time limit (up to 60 s: tens of GB), where the render helper's ``RLIMIT_AS`` bounds it; in the
+sender's own process no such limit can be set."""
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident memory, or None where ``/proc`` does not tell it (the time limit still holds)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _Watchdog:
     """Stops renders that run too long: a thread of its own (one per process, started with the first bounded
-    render) raises ``RenderTimeout`` in a rendering thread past its deadline, with CPython's
-    ``PyThreadState_SetAsyncExc``. The exception lands at the thread's next bytecode boundary (a template's
-    loop is Python bytecode), so a ``{% for %}`` that never ends is stopped; one long step of C is stopped
-    only when it returns (hence ``call_binop``). It fires only while the thread runs the render's own code (its
-    innermost frame is the template's, or Jinja2's or MarkupSafe's), never while it is somewhere else (a
-    garbage collector's callback that runs in the thread, say): it lands there or in what that code calls.
+    render) raises ``RenderTimeout`` in a rendering thread past its deadline (``RenderOutOfMemory`` once the
+    process's resident memory has grown by more than ``MEMORY_LIMIT_BYTES`` since the watchdog first saw the
+    render running: measured from its first look, not from the render's start, so that what the process took
+    just before, a batch's facts, is not counted), with CPython's ``PyThreadState_SetAsyncExc``. The exception
+    lands at the thread's next bytecode boundary (a template's loop is Python bytecode), so a ``{% for %}`` that
+    never ends is stopped; one long step of C is stopped only when it returns (hence ``call_binop``). It fires
+    only while the thread runs the render's own code (its innermost frame is the template's, or Jinja2's or
+    MarkupSafe's), never while it is somewhere else (a garbage collector's callback that runs in the thread,
+    say): it lands there or in what that code calls.
     Should something swallow it, it fires again every ``REFIRE_SECONDS`` while the render goes on. It lands
     inside ``render`` at the latest as disarming begins; disarming also takes back one still pending, so none
     surfaces after."""
@@ -737,7 +767,9 @@ class _Watchdog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._armed: dict[int, list[Any]] = {}
-        """thread id -> [deadline (monotonic), when it last fired or None, the folders of the render's code]"""
+        """thread id -> [deadline (monotonic), when it last fired or None, the folders of the render's code, the
+        process's resident memory when the watchdog first saw the render (bytes; None until then, and where it
+        cannot be read)]"""
         self._pid: int | None = None
         os.register_at_fork(after_in_child=self._forked)
 
@@ -753,7 +785,7 @@ class _Watchdog:
         ``code`` names (the templates', Jinja2's, MarkupSafe's)."""
         ident = threading.get_ident()
         with self._lock:
-            self._armed[ident] = [time.monotonic() + seconds, None, code]
+            self._armed[ident] = [time.monotonic() + seconds, None, code, None]
             if self._pid != os.getpid():  # the first bounded render in this process (or a forked child)
                 self._pid = os.getpid()
                 threading.Thread(target=self._watch, name="kembali-render-watchdog", daemon=True).start()
@@ -769,17 +801,26 @@ class _Watchdog:
         while True:
             time.sleep(self.POLL_SECONDS)
             now = time.monotonic()
+            resident = _resident_bytes() if self._armed else None
             with self._lock:
-                due = [(i, e) for i, e in self._armed.items()
-                       if e[0] <= now and (e[1] is None or now - e[1] >= self.REFIRE_SECONDS)]  # fmt: skip
+                due: list[tuple[int, list[Any], type[RenderStopped]]] = []
+                for ident, entry in self._armed.items():
+                    if entry[3] is None:
+                        entry[3] = resident
+                    if entry[1] is not None and now - entry[1] < self.REFIRE_SECONDS:
+                        continue
+                    if entry[0] <= now:
+                        due.append((ident, entry, RenderTimeout))
+                    elif resident is not None and entry[3] is not None and resident - entry[3] > MEMORY_LIMIT_BYTES:
+                        due.append((ident, entry, RenderOutOfMemory))
                 if not due:
                     continue
                 frames = sys._current_frames()
-                for ident, entry in due:
+                for ident, entry, stop in due:
                     frame = frames.get(ident)
                     if frame is not None and frame.f_code.co_filename.startswith(entry[2]):
                         entry[1] = now
-                        _async_exc(ident, RenderTimeout)
+                        _async_exc(ident, stop)
 
 
 def _async_exc(ident: int, exc: type[BaseException] | None) -> None:
@@ -1128,9 +1169,9 @@ class JinjaTemplates:
                 return self._parts(folder, ctx, version)
             finally:
                 _WATCHDOG.disarm()
-        except RenderTimeout:  # landed between two parts, or as the render ended (as disarming began)
+        except RenderStopped as exc:  # landed between two parts, or as the render ended (as disarming began)
             _WATCHDOG.disarm()
-            raise TemplateError(self._too_long(), template=subject_name) from None
+            raise TemplateError(self._stopped(exc), template=subject_name) from None
 
     def _parts(self, folder: str, ctx: Mapping[str, object], version: str) -> RenderedEmail:
         subject_name = f"{folder}/subject.txt"
@@ -1141,7 +1182,10 @@ class JinjaTemplates:
         text = self._render(f"{folder}/body.txt", ctx)
         return RenderedEmail(subject=subject, html=html, text=text, template_version=version)
 
-    def _too_long(self) -> str:
+    def _stopped(self, stop: RenderStopped) -> str:
+        if isinstance(stop, RenderOutOfMemory):
+            return (f"the render took more than {MEMORY_LIMIT_BYTES >> 20} MB of memory and was stopped (a loop that "
+                    "keeps every value it builds?)")
         return f"the render took more than {self.time_limit:g} s and was stopped (a loop that does not end?)"
 
     def _render(self, name: str, ctx: Mapping[str, object]) -> str:
@@ -1150,14 +1194,14 @@ class JinjaTemplates:
         except jinja2.TemplateSyntaxError as exc:
             syntax_file = self._relative(exc.filename) or exc.name or name
             raise TemplateError(f"syntax error: {exc.message}", template=syntax_file, line=exc.lineno) from None
-        except RenderTimeout as exc:
+        except RenderStopped as exc:
             tb = exc.__traceback__
             try:  # Jinja2 maps its frames to template lines for an Exception only: ask it to, for this one too
                 self._env.handle_exception()
-            except RenderTimeout as mapped:
+            except RenderStopped as mapped:
                 tb = mapped.__traceback__
             where, line = self._locate(tb)
-            raise TemplateError(self._too_long(), template=where or name, line=line) from None
+            raise TemplateError(self._stopped(exc), template=where or name, line=line) from None
         except Exception as exc:
             where, line = self._locate(exc.__traceback__)
             if isinstance(exc, _TooLong) and exc.at is not None:  # where the template's output passed the limit
