@@ -844,6 +844,23 @@ def test_money_of_a_computed_price_says_how_to_make_it_whole(tmp_path: Path) -> 
     assert "Rp224.100" in templates.render("demo", Locale.ID, CTX).text
 
 
+@pytest.mark.parametrize("amount", ["10 ** 4000", "-(10 ** 999999)"])
+def test_money_of_an_amount_no_price_can_have_is_refused_at_once_saying_why(tmp_path: Path, amount: str) -> None:
+    # A template's arithmetic gone wrong (a price raised to a power) gives an amount of thousands of digits: money
+    # failed with "InvalidOperation: [<class 'decimal.InvalidOperation'>]", and on a million digits only after
+    # 20 s inside Babel and Decimal, which the render's time limit cannot stop
+    body = "\n{{ (" + amount + ") | money }}\n"
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": body}), time_limit=2.0)
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, CTX)
+    assert (info.value.template, info.value.line) == ("demo/id/body.txt", 2)
+    assert "money: an amount of " in str(info.value) and "more than the 1,000 digits" in str(info.value)
+    # an amount of a thousand digits still prints, every digit of it
+    whole = "\n{{ (10 ** 997) | money }}\n"
+    templates = JinjaTemplates(tree(tmp_path / "whole", GOOD | {"demo/id/body.txt": whole}))
+    assert templates.render("demo", Locale.ID, CTX).text.strip().replace(".", "") == "Rp1" + "0" * 995
+
+
 def test_half_a_character_in_the_output_names_the_file(tmp_path: Path) -> None:
     # An emoji pasted as JSON writes it (two escaped halves, "\ud83d\ude0a") makes two lone surrogates: no UTF-8
     # can carry them, and the message failed later as "cannot build the message: 'utf-8' codec can't encode

@@ -119,12 +119,22 @@ def _money_patterns(currency: str) -> tuple[str, str]:
     return "¤#,##0", ("¤#,##0." + "0" * digits) if digits else "¤#,##0"
 
 
+MAX_MONEY_DIGITS = 1000
+"""The most digits ``format_money`` prints: beyond any sum of money, and Babel and Decimal take seconds over
+an amount of millions (time a render's limit cannot stop, spent in their code)."""
+
+
 @lru_cache(maxsize=4096)  # Babel takes ~30 µs a call; shops have few distinct prices
 def format_money(minor: int, currency: str, locale: str) -> str:
-    """``24900000`` IDR minor units → ``Rp249.000`` (decimals only when not whole), every digit of any amount."""
+    """``24900000`` IDR minor units → ``Rp249.000`` (decimals only when not whole), every digit of any amount of
+    at most ``MAX_MONEY_DIGITS`` digits; ValueError beyond."""
+    digits = minor.bit_length() * 30103 // 100000 + 1  # at least as many as it has (log10(2) < 0.30103)
+    if digits > MAX_MONEY_DIGITS + 1:
+        raise ValueError(f"money: an amount of {digits - 1:,} digits or more, more than the {MAX_MONEY_DIGITS:,} "
+                         "digits an amount may have (a template's arithmetic gone wrong?)")
     # Decimal's default context keeps 28 digits: a template's arithmetic (a total times a quantity) can go past
     # them, which rounded the amount and then failed with a bare InvalidOperation
-    with localcontext(prec=max(28, minor.bit_length() * 3 // 10 + 8)):
+    with localcontext(prec=max(28, digits + 8)):
         amount: Decimal = from_minor(minor, currency)
         whole, fractional = _money_patterns(currency)
         pattern = whole if amount == amount.to_integral_value() else fractional
