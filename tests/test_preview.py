@@ -501,13 +501,16 @@ def test_out_files_are_whole_or_absent_when_writing_fails_part_way(tmp_path: Pat
 
 
 def test_out_into_a_folder_of_an_earlier_preview_holds_only_this_previews_messages(tmp_path: Path) -> None:
-    # Given a folder an earlier preview wrote 5 messages to, and a file of the operator's own
+    # Given a folder an earlier preview wrote 5 messages to, and files of the operator's own, some named by date
+    # as a preview names its messages by number (they were taken for an earlier preview's, and removed)
     site = make_site(tmp_path / "shop")
     load_shop(site.settings, generate_shop(seed=11, customers=80, now=T - timedelta(days=1)), T)
     out = tmp_path / "preview-out"
     assert site.cli("preview", "--at", T.isoformat(), "--out", str(out), "--limit", "5").returncode == 0
     assert len(list(out.glob("*.eml"))) == 5
-    (out / "notes.txt").write_text("mine")
+    mine = ["notes.txt", "2026-11-campaign-plan.html", "20261122-newsletter.eml", "0001-draft.html"]
+    for name in mine:
+        (out / name).write_text("mine")
 
     # When the operator previews into it again, and 2 messages would be sent now
     done = site.cli("preview", "--at", T.isoformat(), "--out", str(out), "--limit", "2")
@@ -515,9 +518,10 @@ def test_out_into_a_folder_of_an_earlier_preview_holds_only_this_previews_messag
     # Then the folder holds this preview's 2 messages, as the summary says, not 3 more of the earlier one
     assert done.returncode == 0, done.stderr
     assert f"2 messages written to {out}" in done.stdout
-    assert sorted(p.name[:5] for p in out.glob("*.eml")) == ["0001-", "0002-"]
-    assert len(list(out.glob("*.html"))) == 2
-    assert (out / "notes.txt").read_text() == "mine"
+    assert "removed 10 files an earlier preview wrote" in done.stderr, done.stderr
+    assert sorted(p.name[:5] for p in out.glob("*.eml") if p.name not in mine) == ["0001-", "0002-"]
+    assert len([p for p in out.glob("*.html") if p.name not in mine]) == 2
+    assert [(out / name).read_text() for name in mine] == ["mine"] * len(mine)
     # and one message is "1 message written", not "1 messages"
     done = site.cli("preview", "--at", T.isoformat(), "--out", str(out), "--limit", "1")
     assert done.returncode == 0 and f"\n1 message written to {out} (.eml and .html)\n" in done.stdout, done.stdout

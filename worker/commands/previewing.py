@@ -33,7 +33,7 @@ from worker.commands.progress import Progress
 from worker.commands.running import check_template_folders
 from worker.config import Settings, naming_the_line
 from worker.core.audiences import WINBACK, key_part_value
-from worker.core.campaigns import LOYALTY, milestone_of, winback_renumbered
+from worker.core.campaigns import CAMPAIGNS, LOYALTY, milestone_of, winback_renumbered
 from worker.core.policy import zone_of
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
@@ -62,8 +62,10 @@ def write_whole(path: Path, data: bytes) -> None:
         raise OutWriteError(path, exc) from None
 
 
-_WRITTEN = re.compile(r"\.?[0-9]{4,}-[A-Za-z0-9._-]*\.(?:eml|html)(?:\.partial)?")
-"""The names of the files a preview writes into ``--out`` (``file_stem``), whole or ``.partial``."""
+_WRITTEN = re.compile(rf"\.?[0-9]{{4,}}-(?:{'|'.join(CAMPAIGNS)})_[A-Za-z0-9._-]*\.(?:eml|html)(?:\.partial)?")
+"""The names of the files a preview writes into ``--out`` (``file_stem``: a number, then the dedupe key, which starts
+with its campaign), whole or ``.partial``. Not an operator's own file named by date (``2026-11-plan.html``), which
+a preview into that folder removed."""
 
 
 def _clear_earlier(out_dir: Path) -> int:
