@@ -503,6 +503,22 @@ def test_a_render_that_keeps_building_memory_in_this_process_is_stopped_with_its
     assert templates.render("demo", Locale.ID, CTX).html == "<p>Siti</p>\n"
 
 
+def test_a_render_spending_its_time_in_a_codec_written_in_python_is_stopped_at_its_time_limit(tmp_path: Path) -> None:
+    # Given a template that encodes a text of 10,000 different letters as punycode: the codec is Python code of the
+    # standard library, quadratic in the letters, where the stop never fired (it ran its ~10 s to the end, and on
+    # 60,000 letters for minutes, holding the sender's event loop all along)
+    body = ('x\n{% set s = namespace(v="") %}{% for i in range(1000, 11000) %}{% set s.v = s.v ~ ("%c" % i) %}'
+            '{% endfor %}{{ s.v.encode("punycode") | length }}\n')
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.html": body}), time_limit=0.3)
+    started = time.monotonic()
+    with pytest.raises(TemplateError) as info:
+        templates.render("demo", Locale.ID, CTX)
+    # Then it is stopped at its time limit, at its file and line
+    assert (info.value.template, info.value.line) == ("demo/id/body.html", 2)
+    assert "took more than 0.3 s" in str(info.value)
+    assert time.monotonic() - started < 5  # (it took ~10 s, far beyond any load's slowing)
+
+
 def test_compiling_a_long_template_does_not_count_against_the_render_time_limit(tmp_path: Path) -> None:
     # a body of 1,000 conditional lines takes Jinja2 ~0.5 s to compile (on a loaded machine, seconds) and ~1 ms
     # to render: its first render, on a cold cache, is well within a time limit of 0.1 s

@@ -49,6 +49,7 @@ import bisect
 import contextlib
 import ctypes
 import difflib
+import encodings
 import functools
 import hashlib
 import itertools
@@ -753,12 +754,11 @@ class _Watchdog:
     just before, a batch's facts, is not counted), with CPython's ``PyThreadState_SetAsyncExc``. The exception
     lands at the thread's next bytecode boundary (a template's loop is Python bytecode), so a ``{% for %}`` that
     never ends is stopped; one long step of C is stopped only when it returns (hence ``call_binop``). It fires
-    only while the thread runs the render's own code (its innermost frame is the template's, or Jinja2's or
-    MarkupSafe's), never while it is somewhere else (a garbage collector's callback that runs in the thread,
-    say): it lands there or in what that code calls.
-    Should something swallow it, it fires again every ``REFIRE_SECONDS`` while the render goes on. It lands
-    inside ``render`` at the latest as disarming begins; disarming also takes back one still pending, so none
-    surfaces after."""
+    only while the thread runs the render's own code (its innermost frame is the template's, or Jinja2's,
+    MarkupSafe's or a codec's, ``_RENDER_CODE``), never while it is somewhere else (a garbage collector's
+    callback that runs in the thread, say): it lands there or in what that code calls. Should something swallow
+    it, it fires again every ``REFIRE_SECONDS`` while the render goes on. It lands inside ``render`` at the
+    latest as disarming begins; disarming also takes back one still pending, so none surfaces after."""
 
     POLL_SECONDS = 0.05
     """How often the watchdog looks (a render is stopped at most this late); arming costs a lock, no wake-up."""
@@ -827,8 +827,10 @@ def _async_exc(ident: int, exc: type[BaseException] | None) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None if exc is None else ctypes.py_object(exc))
 
 
-_RENDER_CODE = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (jinja2, markupsafe))
-"""The folders of the code a render runs besides the template's own."""
+_RENDER_CODE = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (jinja2, markupsafe, encodings))
+"""The folders of the code a render runs besides the template's own: with the standard library's codecs written
+in Python, which a template can run for long in one call (``s.encode("punycode")`` takes time quadratic in the
+letters of ``s``: ~10 s for 10,000 different ones), where the watchdog never fired."""
 _WATCHDOG = _Watchdog()
 
 
