@@ -213,6 +213,27 @@ def test_a_render_that_never_ends_is_stopped_in_its_helper_process(templates: Pa
         assert [p for p in problems if p.locale == "en"] == []
 
 
+def test_a_long_template_compiled_in_the_helper_is_not_taken_for_a_render_past_its_time_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a body of 1,000 conditional lines: Jinja2 takes ~1 s to compile it (seconds on a loaded machine), ~1 ms
+    # to render it; the render's time limit does not count the compile, in the helper as in the sender
+    from worker.adapters import render_worker
+
+    body = "".join(f"{{% if name %}}{{{{ name ~ '{i}' }}}}{{% endif %}}\n" for i in range(1000))
+    for name, text in {"demo/id/subject.txt": "Halo", "demo/id/body.txt": "Halo", "demo/id/body.html": body}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    monkeypatch.setattr(render_worker, "KILL_GRACE_SECONDS", 0.05)  # (the compile well past limit and grace)
+    with TimeLimitedRenderer(tmp_path, timeout_seconds=0.1) as renderer:
+        # When the check renders it for the first time (the helper killed it as a render that did not stop, and
+        # `kembali check`, the daemon's check and the live preview said "a loop that does not end?")
+        html = renderer.render("demo", Locale.ID, {"name": "Siti"}).html
+        # Then it renders, in the same helper
+        assert html.strip() == "".join(f"Siti{i}" for i in range(1000))
+        assert renderer.restarts == 0
+
+
 def test_a_render_that_keeps_building_memory_fails_at_its_line_in_the_helper(tmp_path: Path) -> None:
     # Given a template that keeps every 1 MB string it builds, nesting each in the next: within a generous time
     # limit it would take 3 GB of the machine's memory

@@ -4,7 +4,9 @@ The Jinja2 sandbox limits what a template may *touch*, not how long it *runs*:
 ``{% for i in range(10**9) %}`` or a recursive macro would hold a CPU forever.
 A thread cannot be stopped from outside in Python (a runaway render in a thread
 keeps burning a core until the process exits), so each render goes to a helper
-process over a pipe, one JSON line per request and per reply. The helper stops a
+process over a pipe, one JSON line per request and per reply; before its reply the
+helper says ``RENDERING`` once it has compiled the templates the request uses, and
+the time limit counts from there, as it does in the sender. The helper stops a
 render past ``timeout_seconds`` itself (``JinjaTemplates``' watchdog), so the error
 names the template's file and line, as a render in ``run`` does; when no reply
 arrives ``KILL_GRACE_SECONDS`` after that (one long step of C, which the watchdog
@@ -38,7 +40,7 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from worker.adapters.templates import JinjaTemplates, StrayText
 from worker.domain import Locale, RenderedEmail
@@ -49,6 +51,10 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)
 
 KILL_GRACE_SECONDS = 1.0
 """How long after ``timeout_seconds`` the helper is killed when it has not stopped the render itself."""
+RENDERING = b"rendering\n"
+"""What the helper says once it has compiled the templates a request uses, as the render (and its time limit)
+starts: a long template's compile (seconds on a loaded machine) was counted as the render's time, and the
+helper killed as stuck in a loop."""
 
 
 class TimeLimitedRenderer:
@@ -61,6 +67,8 @@ class TimeLimitedRenderer:
         self.local = JinjaTemplates(self.root)
         """For discovery and static checks, which cannot run away."""
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lines: _Lines | None = None
+        """The helper's replies, line by line."""
         self.restarts = 0
 
     # discovery and static checks run here, in this process
@@ -92,7 +100,14 @@ class TimeLimitedRenderer:
         except (BrokenPipeError, OSError):
             self._kill()
             raise TemplateError("the render helper process stopped", template=f"{campaign}/{locale}/") from None
-        line = _readline(proc.stdout, self.timeout_seconds + KILL_GRACE_SECONDS)
+        assert self._lines is not None
+        line = self._lines.readline(self.start_timeout_seconds)  # compiling the templates: not the render's time
+        if line == RENDERING:
+            line = self._lines.readline(self.timeout_seconds + KILL_GRACE_SECONDS)
+        elif line is None:
+            self._kill()
+            raise TemplateError(f"the templates took more than {self.start_timeout_seconds:g} s to compile",
+                                template=f"{campaign}/{locale}/")
         if line is None:
             self._kill()
             raise TemplateError(
@@ -119,8 +134,9 @@ class TimeLimitedRenderer:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, process_group=0,
         )  # fmt: skip
         assert proc.stdout is not None
+        lines = _Lines(proc.stdout.fileno())
         try:
-            ready = _readline(proc.stdout, self.start_timeout_seconds)
+            ready = lines.readline(self.start_timeout_seconds)
         except BaseException:  # stopped (Ctrl-C, SIGTERM) while it started: in a group of its own, it would live on
             proc.kill()
             proc.wait()
@@ -131,7 +147,7 @@ class TimeLimitedRenderer:
             raise TemplateError("the render helper process did not start")
         if self._proc is not None:
             self.restarts += 1
-        self._proc = proc
+        self._proc, self._lines = proc, lines
         return proc
 
     def _kill(self) -> None:
@@ -164,13 +180,34 @@ class TimeLimitedRenderer:
             self._proc = None
 
 
-def _readline(stream: IO[bytes], timeout_seconds: float) -> bytes | None:
-    """One line, or None if none arrived in time (b"" at end of file)."""
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream, selectors.EVENT_READ)
-        if not selector.select(timeout_seconds):
-            return None
-    return stream.readline()
+class _Lines:
+    """The lines a helper writes, read from its pipe as they come. Read with ``os.read``, not through a buffered
+    stream, whose buffer ``select`` cannot see: two lines that came together (the helper's ``RENDERING`` and a quick
+    render's reply) left the second in the buffer, and its wait ran out with the reply already there."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._pending = bytearray()
+
+    def readline(self, timeout_seconds: float) -> bytes | None:
+        """The next line, or None if none began to arrive within ``timeout_seconds`` (what came of one that did is
+        waited for); at end of file what is left, b"" when nothing is."""
+        deadline = time.monotonic() + timeout_seconds
+        while (end := self._pending.find(b"\n")) < 0:
+            if not self._pending:
+                with selectors.DefaultSelector() as selector:
+                    selector.register(self.fd, selectors.EVENT_READ)
+                    if not selector.select(max(0.0, deadline - time.monotonic())):
+                        return None
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                rest = bytes(self._pending)
+                self._pending.clear()
+                return rest
+            self._pending += chunk
+        line = bytes(self._pending[: end + 1])
+        del self._pending[: end + 1]
+        return line
 
 
 MEMORY_LIMIT_BYTES = 1 << 30
@@ -230,6 +267,10 @@ def _serve(argv: list[str]) -> int:
     for line in sys.stdin.buffer:
         request: dict[str, Any] = json.loads(line)
         try:
+            with contextlib.suppress(Exception):  # what cannot be loaded, the render reports at its line
+                templates.load(request["campaign"], Locale(request["locale"]))
+            out.write(RENDERING)  # the time limit starts now, the templates compiled
+            out.flush()
             r = templates.render(request["campaign"], Locale(request["locale"]), request["context"])
             reply: dict[str, Any] = {
                 "ok": True, "subject": r.subject, "html": r.html, "text": r.text, "version": r.template_version,
