@@ -14,7 +14,7 @@ stops only when it returns) the helper is killed, the render fails with a
 ``TemplateError`` naming the folder, and the next render starts a fresh helper. The helper loads
 the same templates folder (with Jinja2's mtime reloading), so edits show up. Its
 memory is bounded too: a render that keeps building values is stopped by the
-watchdog (``templates.MEMORY_LIMIT_BYTES``), or fails with a ``MemoryError``
+watchdog (``templates.RENDER_MEMORY_BYTES``), or fails with a ``MemoryError``
 (``MEMORY_LIMIT_BYTES`` of address space), at its file and line instead of
 taking the machine's memory until the deadline.
 

@@ -20,7 +20,7 @@ The sandbox keeps templates away from Python's internals but bounds neither
 time nor size, and every message renders the operator's templates with the
 customer's data. So a render is bounded here too: one that runs past
 ``time_limit`` (``checks.render_timeout_seconds``), or grows the process's
-memory by more than ``MEMORY_LIMIT_BYTES``, is stopped by an exception
+memory by more than ``RENDER_MEMORY_BYTES``, is stopped by an exception
 raised in its thread (``_Watchdog``); and a value larger than
 ``MAX_PART_CHARS`` characters (or items) is refused before it is built, since
 one step of C builds it whole, which no time limit stops. Refused that way:
@@ -725,10 +725,10 @@ class RenderTimeout(RenderStopped):
 
 
 class RenderOutOfMemory(RenderStopped):
-    """The process's memory grew by more than ``MEMORY_LIMIT_BYTES`` while the render ran."""
+    """The process's memory grew by more than ``RENDER_MEMORY_BYTES`` while the render ran."""
 
 
-MEMORY_LIMIT_BYTES = 512 << 20
+RENDER_MEMORY_BYTES = 512 << 20
 """How much this process's resident memory may grow while one render runs (``_Watchdog``): a hundred times what
 the largest email takes (three parts of ``MAX_PART_CHARS``), far less than a machine has. A template that keeps
 every value it builds (a loop nesting each 1 MB string in the next) took memory as fast as the machine gave it,
@@ -749,7 +749,7 @@ def _resident_bytes() -> int | None:
 class _Watchdog:
     """Stops renders that run too long: a thread of its own (one per process, started with the first bounded
     render) raises ``RenderTimeout`` in a rendering thread past its deadline (``RenderOutOfMemory`` once the
-    process's resident memory has grown by more than ``MEMORY_LIMIT_BYTES`` since the watchdog first saw the
+    process's resident memory has grown by more than ``RENDER_MEMORY_BYTES`` since the watchdog first saw the
     render running: measured from its first look, not from the render's start, so that what the process took
     just before, a batch's facts, is not counted), with CPython's ``PyThreadState_SetAsyncExc``. The exception
     lands at the thread's next bytecode boundary (a template's loop is Python bytecode), so a ``{% for %}`` that
@@ -811,7 +811,7 @@ class _Watchdog:
                         continue
                     if entry[0] <= now:
                         due.append((ident, entry, RenderTimeout))
-                    elif resident is not None and entry[3] is not None and resident - entry[3] > MEMORY_LIMIT_BYTES:
+                    elif resident is not None and entry[3] is not None and resident - entry[3] > RENDER_MEMORY_BYTES:
                         due.append((ident, entry, RenderOutOfMemory))
                 if not due:
                     continue
@@ -1197,7 +1197,7 @@ class JinjaTemplates:
 
     def _stopped(self, stop: RenderStopped) -> str:
         if isinstance(stop, RenderOutOfMemory):
-            return (f"the render took more than {MEMORY_LIMIT_BYTES >> 20} MB of memory and was stopped (a loop that "
+            return (f"the render took more than {RENDER_MEMORY_BYTES >> 20} MB of memory and was stopped (a loop that "
                     "keeps every value it builds?)")
         return f"the render took more than {self.time_limit:g} s and was stopped (a loop that does not end?)"
 
