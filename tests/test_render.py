@@ -248,6 +248,11 @@ def test_first_name_empty_for_empty_name() -> None:
         ("Ö Demir", "Demir"),  # an initial beyond ASCII is an initial too: not "Hi Ö,"
         ("Ø", ""),
         ("李 明 Wei", "李"),  # a character of a script without capitals is a name, not an initial
+        ("Om Budi", "Budi"),  # forms of address typed before the name: not "Halo Kak Om,"
+        ("Tante Lina", "Lina"),
+        ("Bang Ucok", "Ucok"),
+        ("Teh Rina", "Rina"),
+        ("Akang Dadang", "Dadang"),
     ],
 )
 def test_first_name_is_the_name_to_greet_by(name: str, first_name: str) -> None:

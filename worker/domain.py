@@ -299,9 +299,12 @@ _TITLES = frozenset({
     "bapak", "bpk", "pak", "ibu", "bu", "kak", "kakak", "mbak", "mba", "mas", "sdr", "sdri", "saudara", "saudari",
     "tuan", "nyonya", "ny", "nona", "nn", "dr", "drs", "dra", "ir", "prof", "h", "hj", "mr", "mrs", "ms", "miss",
     "i", "ni", "raden", "rd", "teuku", "tengku", "kh", "haji", "hajah", "hajjah", "ust", "ustadz", "ustaz",
-    "ustadzah", "muh", "moh", "moch", "mochd", "mhd", "muhd", "mohd",
+    "ustadzah", "muh", "moh", "moch", "mochd", "mhd", "muhd", "mohd", "om", "tante", "bang", "abang", "teh",
+    "teteh", "akang", "mpok",
 })  # fmt: skip
-"""Titles and forms of address before a name, casefolded, without the trailing dot; the Balinese ``I`` and
+"""Titles and forms of address before a name, casefolded, without the trailing dot (the family ones people
+type too: ``Om Budi``, ``Tante Lina``, ``Bang Ucok``, ``Teh Rina``; not ``Koh``, ``Ci`` or ``Kang``, which are
+family or given names as well); the Balinese ``I`` and
 ``Ni`` (``I Made Wirawan`` is greeted as Made); and the short forms of Muhammad written before the name people go
 by (``Moh. Arif``, ``Muh Yusuf``)."""
 
