@@ -185,6 +185,21 @@ def test_a_hostile_name_gets_one_message_with_exactly_the_intended_headers(
     assert sorted(s.decode() for s in starts) == sorted(message.keys())
 
 
+def test_the_ledger_records_the_subject_as_it_was_sent(
+    sqlite_url: str, smtp_server: RecordingServer, tmp_path: Path
+) -> None:
+    # Given a subject template that runs past a header's length, with an encoded-word's opening in it
+    long = "Kami rindu =?kamu?= " + "sangat " * 60
+    templates = edited_templates(tmp_path / "email", "winback/en/subject.txt", lambda t: long)
+    store = make_shop(sqlite_url, [customer("C1", locale=Locale.EN)], [one_time_order("O1", "C1")])
+    run_cycle(settings_for(sqlite_url, smtp={"port": smtp_server.port}, templates=templates), store, FakeClock(NOW))
+    # Then the ledger's subject is the one the customer got (cut, "=?" defused), not the template's output
+    (received,) = smtp_server.messages
+    sent = str(parse(received.data)["Subject"])
+    assert len(sent) <= 200 and sent.endswith("...") and "= ?kamu" in sent, sent
+    assert ledger(store)["winback:C1:O1:1"]["subject"] == sent
+
+
 def test_a_broken_template_fails_its_messages_only(
     sqlite_url: str, smtp_server: RecordingServer, tmp_path: Path
 ) -> None:

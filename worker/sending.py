@@ -101,6 +101,7 @@ from worker.contact import Arbiter
 from worker.core import lifecycle
 from worker.core.limits import as_sender_refusal, as_throttled, bounce_kind, domain_of
 from worker.core.policy import SendNow, Skip
+from worker.core.render import sanitize_header_text
 from worker.core.retry import BEFORE_DATA, PAUSES_AT_ONCE, SERVER_TROUBLE_DOMAINS, TroubleStreak, connection_failure
 from worker.domain import (
     ClaimedMessage,
@@ -1287,7 +1288,7 @@ class Dispatcher:
                     result=result,
                     next_attempt_at=next_at,
                     template_version=item.rendered.template_version,
-                    subject=item.rendered.subject,
+                    subject=sanitize_header_text(item.rendered.subject),  # as the Subject header has it
                     counts_as_attempt=lifecycle.counts_as_attempt(result, server_trouble=servers),
                     suppress_reason=suppress,
                 )
