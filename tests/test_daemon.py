@@ -377,6 +377,34 @@ def test_a_reload_that_moves_the_shop_to_another_zone_moves_its_cron_times_there
         assert daemon.stop() == 0
 
 
+def test_a_campaign_a_reload_turns_on_is_planned_at_once_as_a_restart_would_not_at_its_next_cron_time(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon whose win-back is off, planned once a year, and a customer due a win-back
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 0 1 1 *",
+                     extra="[campaigns.winback]\nenabled = false\n")
+    shop.add([1], days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        # When the operator turns win-back on and reloads
+        shop.config.write_text(shop.config.read_text(encoding="utf-8").replace("enabled = false", "enabled = true"),
+                               encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        # Then it is planned now, never having been, as a restart plans it: it waited for 1 January
+        caught = daemon.wait_event("plan_catch_up", where=lambda e: e.get("campaign") == "winback")
+        assert (caught["last_run"], caught["trigger"]) == ("never", "SIGHUP"), caught
+        daemon.wait_for(lambda: _recipients(smtp_server) == ["c1@example.com"], why="the win-back email")
+        # and a reload that changes nothing plans nothing again (its planning time has not come since)
+        reloads = len(daemon.named("reload_done"))
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("reload_done", after=reloads)
+        time.sleep(1)
+        assert len(daemon.named("campaign_planned")) == 1, daemon.log()
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_a_daemon_warns_of_a_campaign_whose_planning_cron_never_runs(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

@@ -15,7 +15,8 @@ Theory of operation
   messages, old attempt rows), the health line and the template watcher. A
   planning run missed while the daemon was down runs once at start-up, before
   ``READY=1`` (each such pass first asks systemd for ``CATCH_UP_PASS_SECONDS``
-  more with ``EXTEND_TIMEOUT_USEC``). The dispatcher claims nothing while a pass,
+  more with ``EXTEND_TIMEOUT_USEC``); an accepted reload does the same for its
+  settings, beside the running daemon (a campaign it turned on). The dispatcher claims nothing while a pass,
   or the catch-up, is under way (``PLANNING_HOLD_SECONDS`` at most). Planning
   runs on a thread of its own, beside the store's thread that serves the dispatcher. A pass while this host's
   clock is too far off the database's plans nothing (``plan_skipped``; the dispatcher pauses, as for sending):
@@ -220,6 +221,8 @@ class Daemon:
         self._reload_next: str | None = None
         """The trigger of the reload queued behind the one under way: one at most, later requests join it."""
         self._reload_after_start: str | None = None
+        self._reload_catch_up: asyncio.Future[None] | None = None
+        """The catch-up planning of the last accepted reload (``_catch_up_after_reload``)."""
         """A reload asked for during the catch-up planning (the signals are the loop's, not yet READY=1)."""
         self._planning: dict[asyncio.Future[None], str] = {}
         """Planning passes under way, and their campaigns: the shutdown waits for them."""
@@ -442,7 +445,9 @@ class Daemon:
                     self._campaigns_checked = False
                     raise
 
-    async def _catch_up_passes(self, settings: Settings) -> None:
+    async def _catch_up_passes(self, settings: Settings, *, trigger: str | None = None) -> None:
+        """Plan once each campaign whose planning time passed since its last pass: at the start, or after a reload
+        (``trigger``) that turned a campaign on or moved its planning time, as a restart would have."""
         now = self.clock.now()
         campaigns = enabled_campaigns(settings)
         for i, campaign in enumerate(campaigns):
@@ -454,9 +459,10 @@ class Daemon:
                 due = missed_run(settings.schedule.cron_of(campaign), settings.shop.time_zone, last, now)
                 if due is not None:
                     log.event("plan_catch_up", campaign=campaign, missed=due.isoformat(),
-                              last_run=last.isoformat() if last else "never")
-                    systemd.notify(f"EXTEND_TIMEOUT_USEC={CATCH_UP_PASS_SECONDS * 1_000_000}",
-                                   f"STATUS=catching up: planning {campaign} ({i + 1} of {len(campaigns)})")
+                              last_run=last.isoformat() if last else "never", trigger=trigger or "start-up")
+                    if trigger is None:  # before READY=1: systemd's start-up timeout is running
+                        systemd.notify(f"EXTEND_TIMEOUT_USEC={CATCH_UP_PASS_SECONDS * 1_000_000}",
+                                       f"STATUS=catching up: planning {campaign} ({i + 1} of {len(campaigns)})")
                     await self._planner(campaign)()
             except Exception as exc:  # as a scheduled run's failure: logged; the sends under way go on
                 log.event("job_failed", logging.ERROR, job=f"plan:{campaign}", during="catch-up",
@@ -824,11 +830,25 @@ class Daemon:
                                                                 old.settings.logging.format):
             log.configure(settings.logging.level, settings.logging.format)
         self._schedule(settings)
+        self._catch_up_after_reload(settings, why)
         self._campaigns_checked = False  # a campaign turned off or on: said again at the next maintenance
         versions = {c: gen.templates.template_version(c, "id") for c in gen.templates.campaigns()}
         log.event("reload_done", trigger=why, templates=",".join(f"{c}@{v}" for c, v in sorted(versions.items())))
         self._wake.set()
         return True
+
+    def _catch_up_after_reload(self, settings: Settings, why: str) -> None:
+        """Plan, beside the reload (a large shop's passes take minutes), each campaign whose planning time has passed
+        since its last pass under the reloaded settings: one turned on (never planned, or not since its time came), one
+        whose cron moved to a time already gone today. It waited for its next cron time, a week for a weekly one,
+        where a restart plans it at once. The catch-up of an earlier reload still going gives way to this one's (a
+        pass under way finishes: a pass of its campaign is not run twice at once)."""
+        if self._reload_catch_up is not None:
+            self._reload_catch_up.cancel()
+        task = asyncio.ensure_future(self._catch_up_passes(settings, trigger=why))
+        self._reload_catch_up = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _bring_forward(self, sooner: dict[str, dict[int, float]]) -> None:
         """Write in the ledger the new times a reload gave the messages waiting for a domain whose rate it raised
