@@ -1161,7 +1161,7 @@ def test_a_stop_signal_during_a_reload_stops_its_check_and_leaves_nothing_in_the
 
 
 @pytest.mark.postgres
-def test_a_database_error_in_catch_up_planning_is_logged_and_the_daemon_starts_all_the_same(
+def test_a_database_error_in_catch_up_planning_is_logged_the_daemon_starts_and_a_maintenance_plans_it_again(
     tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str
 ) -> None:
     # Given a daemon that was down over a planning time, whose catch-up pass is held up (as a large shop's is)
@@ -1190,6 +1190,14 @@ def test_a_database_error_in_catch_up_planning_is_logged_and_the_daemon_starts_a
         assert "SELECT" not in failed["error"]
         daemon.wait_event("daemon_started", timeout=30)
         assert not any(line.startswith("Traceback") for line in daemon.lines), daemon.log()
+        # and, the database back, a maintenance plans it again and the customer gets the email: the daemon, running
+        # on, planned nothing until the next day's 09:00 (a restart would have planned it at once)
+        retry = daemon.wait_event("plan_retry_scheduled", where=lambda e: e.get("campaign") == "winback")
+        assert retry["in_seconds"] == 1.0, retry  # the harness's maintenance interval
+        again = daemon.wait_event("plan_catch_up", after=1, where=lambda e: e.get("campaign") == "winback")
+        assert "failed" in again["missed"], again
+        daemon.wait_for(lambda: _recipients(smtp_server) == ["c1@example.com"], timeout=20, why="the win-back")
+        assert shop.scalar("SELECT count(*) FROM job_run WHERE name = 'plan:winback'") == 1
     finally:
         holder.dispose()
         if daemon is not None:

@@ -20,7 +20,9 @@ Theory of operation
   or the catch-up, is under way (``PLANNING_HOLD_SECONDS`` at most). Planning
   runs on a thread of its own, beside the store's thread that serves the dispatcher. A pass while this host's
   clock is too far off the database's plans nothing (``plan_skipped``; the dispatcher pauses, as for sending):
-  the first maintenance that finds the clock right runs it.
+  the first maintenance that finds the clock right runs it. A pass that fails (the database away) is run again by
+  a maintenance (``plan_retry_scheduled``), each failure in a row doubling the wait, up to
+  ``PLAN_RETRY_MAX_SECONDS``.
 * The **dispatch loop** runs the dispatcher until the queue is empty, then waits
   for a planning run to wake it or ``dispatch_poll_seconds``. When the dispatcher
   paused (connection failures in a row, a refused login, an SMTP setup that
@@ -122,6 +124,9 @@ PLANNING_HOLD_SECONDS = 120.0
 """The longest the dispatcher is held while planning passes are under way (``Dispatcher.held``): a first pass over
 a million customers takes seconds, but passes that follow each other without a break (crons closer than the passes
 are long) must not stop sending altogether."""
+PLAN_RETRY_MAX_SECONDS = 3600.0
+"""The longest wait before a maintenance tries again a campaign's failed planning pass: the first comes at the next
+maintenance, each that fails again doubles the wait, up to this (a pass that fails for good is not run every minute)."""
 RESTART_ONLY = ("database", "web")
 """Config sections a reload cannot change (they need a restart)."""
 
@@ -227,6 +232,9 @@ class Daemon:
         self._planning: dict[asyncio.Future[None], str] = {}
         """Planning passes under way, and their campaigns: the shutdown waits for them."""
         self._plan_skipped: set[str] = set()
+        self._plan_failed: dict[str, tuple[float, float]] = {}
+        """Campaigns whose last planning pass failed (the database away, a lock timeout): when a maintenance plans it
+        again (the clock's monotonic seconds), and the wait that led there (``_plan_again_later``)."""
         """Campaigns whose planning pass was skipped for this host's clock (``_plan_pass``): planned at the first
         maintenance that finds the clock right again."""
         self._campaigns_checked = False
@@ -466,7 +474,7 @@ class Daemon:
                     await self._planner(campaign)()
             except Exception as exc:  # as a scheduled run's failure: logged; the sends under way go on
                 log.event("job_failed", logging.ERROR, job=f"plan:{campaign}", during="catch-up",
-                          error=log.error_line(exc), note="not recorded as run: the next start catches it up")
+                          error=log.error_line(exc), note="not recorded as run: tried again at a maintenance")
 
     def _planner(self, campaign: str) -> Callable[[], Awaitable[None]]:
         async def run_plan() -> None:
@@ -503,7 +511,16 @@ class Daemon:
     async def _plan_pass(self, campaign: str) -> None:
         settings = self.gen.settings
         if campaign not in enabled_campaigns(settings):
+            self._plan_failed.pop(campaign, None)
             return
+        try:
+            await self._plan_on_time(campaign, settings)
+        except Exception:  # the database away, a lock timeout: a maintenance tries again
+            self._plan_again_later(campaign, settings)
+            raise
+        self._plan_failed.pop(campaign, None)
+
+    async def _plan_on_time(self, campaign: str, settings: Settings) -> None:
         # a clock off the database's plans with the wrong due times and dedupe keys (a week's or year's, for a clock
         # a day off at a boundary), as it sends nothing: the pass waits for the clock (as `run --once` refuses)
         dispatcher = self.gen.dispatcher
@@ -525,6 +542,24 @@ class Daemon:
                   considered=report.considered.get(campaign, 0))
         if created:
             self._wake.set()
+
+    def _plan_again_later(self, campaign: str, settings: Settings) -> None:
+        """A planning pass failed: a maintenance tries it again (``_plan_failed``), the first time the next one, where
+        the daemon planned the campaign at its next cron time only, the next day's for a daily one."""
+        wait = settings.schedule.maintenance_interval_seconds
+        if campaign in self._plan_failed:
+            wait = min(max(self._plan_failed[campaign][1] * 2, wait), PLAN_RETRY_MAX_SECONDS)
+        self._plan_failed[campaign] = (self.clock.monotonic() + wait, wait)
+        log.event("plan_retry_scheduled", logging.WARNING, campaign=campaign, in_seconds=wait,
+                  note="a maintenance plans it again once that time has passed")
+
+    def _plan_in_maintenance(self, campaign: str, missed: str) -> None:
+        """Run ``campaign``'s planning pass beside the maintenance (``plan_catch_up``, with why it is run now)."""
+        log.event("plan_catch_up", campaign=campaign, missed=missed)
+        task = asyncio.ensure_future(self._planner(campaign)())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(_log_failed_pass, campaign))
 
     async def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
@@ -587,11 +622,11 @@ class Daemon:
             if self._stop.is_set():
                 break
             self._plan_skipped.discard(campaign)  # (the pass adds it again should the clock be off again by then)
-            log.event("plan_catch_up", campaign=campaign, missed="skipped while this host's clock was off")
-            task = asyncio.ensure_future(self._planner(campaign)())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            task.add_done_callback(functools.partial(_log_failed_pass, campaign))
+            self._plan_in_maintenance(campaign, "skipped while this host's clock was off")
+        mono = self.clock.monotonic()
+        for campaign, (at, _) in sorted(self._plan_failed.items()):  # (the pass notes it again should it fail)
+            if not self._stop.is_set() and at <= mono and campaign not in self._planning.values():
+                self._plan_in_maintenance(campaign, "its last pass failed (job_failed)")
         now = self.clock.now()
         # not the rows this process still has outcomes for (a database outage outlasted their leases): it is alive
         held = self.gen.dispatcher.holds() | (self._active.dispatcher.holds() if self._active is not None else set())
