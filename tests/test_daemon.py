@@ -4,6 +4,7 @@ real HTTP requests, real signals."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from email import message_from_bytes
@@ -1204,41 +1206,78 @@ def test_a_database_error_in_catch_up_planning_is_logged_the_daemon_starts_and_a
             assert daemon.stop() == 0
 
 
+def _allow_connections(pg_admin: sa.Engine, db_url: str, allowed: bool) -> None:
+    """Let the database take connections again, or refuse them and cut those it has (a database gone away)."""
+    name = sa.engine.make_url(db_url).database
+    with pg_admin.connect() as conn:
+        conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}'))
+        if not allowed:
+            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                         {"n": name})
+
+
+@contextlib.contextmanager
+def _stopped_with_the_database_away(
+    tmp_path: Path, smtp_server: RecordingServer, db_url: str, pg_admin: sa.Engine, *, grace: float, server_delay: float
+) -> Iterator[tuple[Shop, Daemon, Callable[[], None]]]:
+    """A daemon with two sends under way to a server that answers their DATA ``server_delay`` s late, and a grace
+    period of ``grace`` s; the database goes away (its connections cut and refused), then SIGTERM. Yields the shop,
+    the daemon, and what lets the database back (done again at the end)."""
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=db_url)
+    text = shop.config.read_text().replace("shutdown_grace_seconds = 5.0", f"shutdown_grace_seconds = {grace}")
+    shop.config.write_text(text)
+    shop.add([1, 2], days_ago=60)
+    for i in (1, 2):
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=server_delay))
+    allow = functools.partial(_allow_connections, pg_admin, db_url)
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 2,
+                        why="two sends under way")
+        allow(False)
+        daemon.signal(signal.SIGTERM)
+        yield shop, daemon, functools.partial(allow, True)
+    finally:
+        allow(True)
+        if daemon.proc.poll() is None:
+            daemon.stop()
+
+
 @pytest.mark.postgres
 def test_when_the_database_is_gone_as_the_grace_period_runs_out_the_daemon_says_so_and_exits_1(
     tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str, pg_admin: sa.Engine
 ) -> None:
     # Given a daemon with two sends under way to a slow server and a short grace period
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url)
-    text = shop.config.read_text().replace("shutdown_grace_seconds = 5.0", "shutdown_grace_seconds = 1")
-    shop.config.write_text(text)
-    shop.add([1, 2], days_ago=60)
-    for i in (1, 2):
-        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=5))
-    name = sa.engine.make_url(pg_migrated_url).database
-    daemon = Daemon.start(shop)
-    try:
-        daemon.wait_for(lambda: shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") == 2,
-                        why="two sends under way")
-        # When the database goes away, and systemd stops the daemon
-        with pg_admin.connect() as conn:
-            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
-            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                         {"n": name})
-        daemon.signal(signal.SIGTERM)
+    # When the database goes away, and systemd stops the daemon
+    with _stopped_with_the_database_away(tmp_path, smtp_server, pg_migrated_url, pg_admin, grace=1,
+                                         server_delay=5) as (shop, daemon, _):
         # Then, the grace period over, it cannot mark its rows: it says so and what becomes of them, and exits 1
         # (not 0 as if all were recorded; not a traceback)
         assert daemon.wait(20) == 1, daemon.log()
-    finally:
-        with pg_admin.connect() as conn:
-            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-        if daemon.proc.poll() is None:
-            daemon.stop()
     failed = daemon.named("shutdown_abandon_failed")
     assert failed and "OperationalError" in failed[0]["error"] and "lease" in failed[0]["note"], daemon.log()
     assert daemon.named("daemon_stopped")[0]["exit_code"] == 1
     assert not any(line.startswith("Traceback") for line in daemon.lines), daemon.log()
     assert dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status")) == {"sending": 2}
+
+
+@pytest.mark.postgres
+def test_sends_the_server_took_as_the_grace_period_ran_out_with_the_database_away_are_recorded_sent_once_it_is_back(
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str, pg_admin: sa.Engine
+) -> None:
+    # Given a daemon with two sends under way to a slow server, When the database goes away, systemd stops the
+    # daemon, the server takes both messages while the ledger cannot be written, and the grace period runs out as
+    # the daemon tries again to write them
+    with _stopped_with_the_database_away(tmp_path, smtp_server, pg_migrated_url, pg_admin, grace=3,
+                                         server_delay=1) as (shop, daemon, back):
+        daemon.wait_event("outcomes_not_written", timeout=15)
+        back()  # and the database is back at once
+        # Then the daemon writes what it kept, as it does when the sends ended within the grace period: both are
+        # sent, not left 'sending' (to become uncertain at their leases' end) nor made uncertain by the shutdown
+        assert daemon.wait(30) == 0, daemon.log()
+    assert len(smtp_server.messages) == 2
+    assert dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status")) == {"sent": 2}, daemon.log()
+    assert not daemon.named("email_uncertain"), daemon.log()
 
 
 @pytest.mark.postgres
@@ -1401,15 +1440,7 @@ def test_the_health_line_and_metrics_keep_their_counts_while_the_database_is_dow
     text = shop.config.read_text().replace("health_summary_seconds = 1.0", "health_summary_seconds = 5")
     shop.config.write_text(text)
     shop.add([1, 2], days_ago=60)
-    name = sa.engine.make_url(pg_migrated_url).database
-
-    def allow_connections(allow: bool) -> None:
-        with pg_admin.connect() as conn:
-            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}'))
-            if not allow:
-                conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                             {"n": name})
-
+    allow_connections = functools.partial(_allow_connections, pg_admin, pg_migrated_url)
     daemon = Daemon.start(shop)
     try:
         daemon.wait_for(lambda: len(daemon.named("email_sent")) == 2, why="two email_sent events")

@@ -41,7 +41,8 @@ Theory of operation
   within ``shutdown_grace_seconds`` and record them, let a planning pass under way
   finish and record it (its thread cannot be stopped), exit 0. Outcomes a database
   outage kept from the ledger (``Dispatcher.unwritten``) are written in what is left
-  of the grace period (at least ``KEPT_SECONDS``), should the database be back; if
+  of the grace period (at least ``KEPT_SECONDS``, also those of a run the grace period
+  cut short, before its rows in flight are marked), should the database be back; if
   not, ``shutdown_outcomes_not_written`` and exit 1. After the grace
   period, the sends still in flight are cut off: one before the DATA command (nothing
   of it sent) goes back to the queue (``Dispatcher._sender``), this worker's other rows
@@ -950,7 +951,13 @@ class Daemon:
         began = time.monotonic()
         done, _ = await asyncio.wait({dispatch}, timeout=grace)
         code = self._exit_code
-        if done and self.gen.dispatcher.unwritten:  # kept through a database outage: the rest of the grace period
+        if not done:
+            log.event("shutdown_grace_expired", logging.WARNING, grace_seconds=grace)
+            dispatch.cancel()
+            await asyncio.wait({dispatch}, timeout=2)
+        # kept through a database outage, by the run or by its cut: written in the rest of the grace period (at least
+        # KEPT_SECONDS), before the rows still in flight are marked: a send the server took is `sent`, not `uncertain`
+        if dispatch.done() and self.gen.dispatcher.unwritten:
             log.event("shutdown_writing_kept_outcomes", outcomes=len(self.gen.dispatcher.unwritten))
             left = await self.gen.dispatcher.write_kept(max(grace - (time.monotonic() - began), KEPT_SECONDS))
             if left:
@@ -958,9 +965,6 @@ class Daemon:
                           note="the last outcomes_not_written line names the rows the server took (sent_ids)")
                 code = EXIT_FORCED
         if not done:
-            log.event("shutdown_grace_expired", logging.WARNING, grace_seconds=grace)
-            dispatch.cancel()
-            await asyncio.wait({dispatch}, timeout=2)
             now, why = self.clock.now(), "shutdown grace period ran out while sending"
             abandoning = time.monotonic()
             try:
