@@ -624,9 +624,11 @@ class Daemon:
                 break
             self._plan_skipped.discard(campaign)  # (the pass adds it again should the clock be off again by then)
             self._plan_in_maintenance(campaign, "skipped while this host's clock was off")
-        mono = self.clock.monotonic()
+        mono, enabled = self.clock.monotonic(), enabled_campaigns(settings)
         for campaign, (at, _) in sorted(self._plan_failed.items()):  # (the pass notes it again should it fail)
-            if not self._stop.is_set() and at <= mono and campaign not in self._planning.values():
+            if campaign not in enabled:  # turned off by a reload since
+                del self._plan_failed[campaign]
+            elif not self._stop.is_set() and at <= mono and campaign not in self._planning.values():
                 self._plan_in_maintenance(campaign, "its last pass failed (job_failed)")
         now = self.clock.now()
         # not the rows this process still has outcomes for (a database outage outlasted their leases): it is alive
