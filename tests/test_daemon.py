@@ -456,6 +456,32 @@ def test_a_template_saved_while_a_watched_reload_runs_is_picked_up_by_the_next_o
         assert daemon.stop() == 0
 
 
+def test_a_template_saved_while_the_start_up_check_runs_is_picked_up_by_the_watcher(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon that watches its templates, whose start-up check takes a while
+    watch = "\n[daemon]\nwatch_templates = true\nwatch_interval_seconds = 0.2\nshutdown_grace_seconds = 5.0\n"
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *")
+    shop.config.write_text(shop.config.read_text().replace("\n[daemon]\nshutdown_grace_seconds = 5.0\n", watch))
+    (shop.templates / "winback" / "id" / "body.txt").write_text(SLOW, encoding="utf-8")
+    daemon = Daemon.start(shop)
+    try:
+        # When a template is saved while that check runs (its copy of the templates taken)
+        daemon.wait_event("daemon_starting")
+        time.sleep(0.3)
+        subject = shop.templates / "winback" / "id" / "subject.txt"
+        subject.write_text("VERSI-BARU untuk {{ customer.first_name }}\n", encoding="utf-8")
+        daemon.wait_event("daemon_started", timeout=30)
+        # Then the watcher reloads it, and the next email has the new subject: the daemon took the files as they were
+        # after its check for those it had loaded, and ran on the old subject until the next edit or SIGHUP
+        daemon.wait_event("reload_done", timeout=30)
+        shop.add([1], days_ago=60)
+        daemon.wait_for(lambda: smtp_server.messages, timeout=20, why="the email")
+        assert b"VERSI-BARU" in smtp_server.messages[0].data
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_a_burst_of_sighups_is_one_reload_under_way_and_one_after_it(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

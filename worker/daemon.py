@@ -191,6 +191,9 @@ class Daemon:
                  starting: StartupSignals | None = None) -> None:
         self.config_path = config_path
         self.starting = starting
+        self._watched = self._watch_signature(settings)
+        """The template and config files as they were before this generation copied them (the watcher's reference):
+        one saved while the start-up check runs is a change the watcher reloads."""
         self.deps = deps or Deps.build(settings)
         self.store = self.deps.store
         self.clock = self.deps.clock
@@ -258,7 +261,6 @@ class Daemon:
         self._builds: set[asyncio.Future[Generation]] = set()
         """Reloads' generations being built on a thread: a reload cancelled by the shutdown leaves its build
         running; ``_close`` waits for it and closes what it built (its template copy, its SMTP transport)."""
-        self._watched = self._watch_signature(settings)
         self._stuck = False
         """The database did not answer the shutdown: the exit waits for no thread (``os._exit``)."""
         self._up = False
