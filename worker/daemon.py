@@ -465,6 +465,8 @@ class Daemon:
             if self._stop.is_set():  # a stop signal during one campaign's pass: leave the rest to the next start
                 log.event("plan_catch_up_stopped", left=",".join(campaigns[i:]))
                 return
+            if trigger is not None and campaign in self._planning.values():  # its pass under way plans it
+                continue
             try:
                 last = await self.astore.call(opstore.last_run, self.store, f"plan:{campaign}")
                 due = missed_run(settings.schedule.cron_of(campaign), settings.shop.time_zone, last, now)
