@@ -961,6 +961,8 @@ class Daemon:
             log.event("shutdown_grace_expired", logging.WARNING, grace_seconds=grace)
             dispatch.cancel()
             await asyncio.wait({dispatch}, timeout=2)
+        abandoning = time.monotonic()  # the grace period over: the kept outcomes' writing and the marks share
+        # ABANDON_SECONDS (TimeoutStopSec is counted on it)
         # kept through a database outage, by the run or by its cut: written in the rest of the grace period (at least
         # KEPT_SECONDS), before the rows still in flight are marked: a send the server took is `sent`, not `uncertain`
         if dispatch.done() and self.gen.dispatcher.unwritten:
@@ -972,16 +974,16 @@ class Daemon:
                 code = EXIT_FORCED
         if not done:
             now, why = self.clock.now(), "shutdown grace period ran out while sending"
-            abandoning = time.monotonic()
+            within = max(ABANDON_SECONDS - (time.monotonic() - abandoning), KEPT_SECONDS)
             try:
                 requeued, uncertain = await asyncio.wait_for(self.astore.call(
                     opstore.abandon, self.store, worker=self.worker, now=now, why=why,
-                ), ABANDON_SECONDS)
+                ), within)
             except TimeoutError:  # its thread is held by a call that does not return: leave it to the exit
                 self._stuck = True
                 log.event("shutdown_abandon_failed", logging.ERROR,
                           error=f"the database {db.describe(self.store.engine)} did not answer within "
-                                f"{ABANDON_SECONDS:g} s", planning_left=",".join(sorted(set(self._planning.values()))),
+                                f"{within:.3g} s", planning_left=",".join(sorted(set(self._planning.values()))),
                           note="rows in flight become uncertain when their lease lapses; a planning pass under way "
                                "is not recorded and runs again at the next start")
                 code = EXIT_FORCED
