@@ -263,6 +263,21 @@ def test_preview_with_a_link_key_exported_empty_says_it_is_empty_not_unset(tmp_p
     assert "note: KEMBALI_LINK_SECRET is set but empty; preview links use a throwaway key" in result.stderr
 
 
+def test_preview_with_the_link_key_written_where_its_variable_is_named_never_shows_it(tmp_path: Path) -> None:
+    # A link key of letters and digits alone (half of token_urlsafe's) passes for a variable's name: the note read
+    # "note: Zq7… is not set; preview links use a throwaway key"
+    config = write_config(tmp_path)
+    _shop_in(tmp_path, config, customers=20)
+    text = config.read_text(encoding="utf-8")
+    key = "Zq7Lm2P0aQ7vN3rT8yW5kq9x"
+    config.write_text(text.replace("[unsubscribe]\n", f'[unsubscribe]\nsecret_env = "{key}"\n') if "[unsubscribe]\n"
+                      in text else text + f'\n[unsubscribe]\nsecret_env = "{key}"\n', encoding="utf-8")
+    result = kembali("preview", config=config)
+    assert result.returncode == 0, result.stderr
+    assert "unsubscribe.secret_env names (its name not shown" in result.stderr, result.stderr
+    assert key not in result.stdout + result.stderr
+
+
 def test_the_demo_refuses_a_link_key_too_short_before_it_builds_anything(tmp_path: Path) -> None:
     # Given a key exported too short (a truncated paste): the demo built and imported the whole shop, started the
     # sink, and only then stopped on it

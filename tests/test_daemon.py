@@ -1904,6 +1904,40 @@ def _start_failure(shop_config: Path, env: dict[str, str] | None = None) -> tupl
     return proc.returncode, proc.stderr.splitlines()
 
 
+SECRET_AS_A_NAME = "xK9mP2qR7vL4nW8sT3"
+"""A secret with no character a variable's name cannot have (a generated password, half of token_urlsafe's keys)."""
+
+
+def test_a_secret_written_where_its_variable_is_named_is_never_printed_by_a_start_or_a_reload(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    text = shop.config.read_text(encoding="utf-8")
+    # When the operator writes the link key itself where its variable's name goes, and starts the daemon
+    shop.config.write_text(text.replace("[unsubscribe]\n", f'[unsubscribe]\nsecret_env = "{SECRET_AS_A_NAME}"\n'),
+                           encoding="utf-8")
+    code, lines = _start_failure(shop.config)
+    # Then it does not start, names the key and its line, and never the key itself: "names the environment variable
+    # xK9m…, which is not set … export xK9m…=" put the link key in the journal
+    assert code == 2 and len(lines) == 1, lines
+    assert "'unsubscribe.secret_env'" in lines[0] and "line " in lines[0], lines
+    assert SECRET_AS_A_NAME not in lines[0], lines
+    # When a running daemon is reloaded with the SMTP password written where its variable's name goes
+    shop.config.write_text(text, encoding="utf-8")
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        smtp = f'[smtp]\nusername = "u"\npassword_env = "{SECRET_AS_A_NAME}"\n'
+        shop.config.write_text(text.replace("[smtp]\n", smtp), encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        # Then the reload is rejected naming the key and its line, never the password
+        rejected = daemon.wait_event("reload_rejected")
+        assert "'smtp.password_env'" in rejected["error"] and "line " in rejected["error"], rejected
+    finally:
+        assert daemon.stop() == 0
+    assert not [line for line in daemon.lines if SECRET_AS_A_NAME in line], daemon.log()
+
+
 def test_a_daemon_that_cannot_start_says_why_in_one_json_line_when_its_config_asks_for_json(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

@@ -23,7 +23,7 @@ from worker.adapters.store import Store
 from worker.adapters.templates import JinjaTemplates
 from worker.asyncstore import AsyncStore
 from worker.composing import ComposerPool, ComposerSpec
-from worker.config import Settings
+from worker.config import NAME_NOT_SHOWN, Settings, UnsubscribeSettings, naming_the_line, shown_env_name
 from worker.core.campaigns import CAMPAIGNS as ALL_CAMPAIGNS
 from worker.errors import ConfigError
 from worker.limiter import Booker, DbBooker, Limiter, LocalBooker
@@ -174,12 +174,16 @@ def link_keys(settings: Settings, environ: dict[str, str] | None = None) -> list
     # a key's very bytes: one saved in Latin-1 comes as lone surrogates, which .encode() refused with a traceback
     keys = [k.strip().encode("utf-8", "surrogateescape") for k in raw.split(",") if k.strip()]
     if not keys:
-        raise ConfigError(
-            f"{settings.source}: 'unsubscribe.secret_env' names the environment variable {name}, which "
-            f"{link_key_missing(name, env)}: "
-            "it must hold the key that signs unsubscribe links (for example: export "
-            f"{name}=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))'))"
-        )
+        if shown := shown_env_name(name):
+            variable, export = f"the environment variable {shown}", f"export {shown}="
+        else:
+            default = UnsubscribeSettings.secret_env
+            variable = f"an environment variable ({NAME_NOT_SHOWN})"
+            export = f'secret_env = "{default}", export {default}='
+        raise ConfigError(naming_the_line(
+            f"{settings.source}: 'unsubscribe.secret_env' names {variable}, which {link_key_missing(name, env)}: it "
+            f"must hold the key that signs unsubscribe links (for example: {export}"
+            "$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))'))", settings))
     for place, key in enumerate(keys, 1):  # a key is never shown: one of several is named by its place
         if (chars := len(key.decode("utf-8", "surrogateescape"))) < MIN_LINK_KEY_CHARS:
             which = f"the {_ordinal(place)} of the {len(keys)} keys in {name} (newest first)" if len(keys) > 1 else (
@@ -217,10 +221,11 @@ def smtp_password(settings: Settings, environ: dict[str, str] | None = None) -> 
     password = env.get(settings.smtp.password_env)
     if not password:  # empty: an unexpanded ${VAR} or a secrets file that was not loaded, never a real password
         state = "is not set" if password is None else "is set but empty"
-        raise ConfigError(
-            f"{settings.source}: 'smtp.username' is set but the environment variable "
-            f"{settings.smtp.password_env} (named by 'smtp.password_env') {state}: it must hold the SMTP password"
-        )
+        shown = shown_env_name(settings.smtp.password_env)
+        variable = (f"{shown} (named by 'smtp.password_env')" if shown
+                    else f"'smtp.password_env' names ({NAME_NOT_SHOWN})")
+        raise ConfigError(naming_the_line(f"{settings.source}: 'smtp.username' is set but the environment variable "
+                                          f"{variable} {state}: it must hold the SMTP password", settings))
     try:
         password.encode("utf-8")  # bytes the environment held that are not UTF-8 come as lone surrogates
     except UnicodeEncodeError:

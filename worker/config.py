@@ -966,6 +966,16 @@ _YEAR_SECONDS = 365 * 86400
 DATABASE_URL_FORMS = ("a sqlite:/// or postgresql+psycopg:// URL (sqlite:///relative.db, sqlite:////absolute/path.db, "
                       "postgresql+psycopg://user@host/db)")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SHOWN_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+NAME_NOT_SHOWN = "its name not shown: not in capitals, it may be the secret itself"
+
+
+def shown_env_name(name: str) -> str | None:
+    """``name``, a variable's name from the config, if an error saying it is not set may show it: one written as
+    variables' are (capitals, digits and _). Any other is not shown (None): what is written there by mistake is the
+    secret itself, and a generated password or link key is often letters and digits alone, which ``_ENV_NAME``
+    takes for a name."""
+    return name if _SHOWN_ENV_NAME.fullmatch(name) else None
 _TEMPLATE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _CLOCK = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 

@@ -23,7 +23,7 @@ from worker.app import Deps, link_key_missing, link_keys
 from worker.commands import running
 from worker.commands.importing import EXIT_INTERRUPTED, EXIT_TERMINATED, import_file
 from worker.commands.progress import SendProgress
-from worker.config import DEFAULT_CONFIG, Settings, load_settings
+from worker.config import DEFAULT_CONFIG, NAME_NOT_SHOWN, Settings, load_settings, shown_env_name
 from worker.demo import generate_shop, write_csvs
 from worker.errors import ConfigError
 from worker.testing import FakeClock
@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     name = base.unsubscribe.secret_env
     if missing := link_key_missing(name):
         os.environ[name] = secrets.token_urlsafe(32)
-        print(f"(demo) {name} {missing}: signing links with a throwaway key")
+        print(f"(demo) {shown_env_name(name) or f'the variable unsubscribe.secret_env names ({NAME_NOT_SHOWN})'} "
+              f"{missing}: signing links with a throwaway key")
     link_keys(base)  # a key too short stops the demo here, before it builds anything
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from worker.app import Deps, link_key_missing, link_keys
 from worker.commands import arguments, files
 from worker.commands.progress import Progress
 from worker.commands.running import check_template_folders
-from worker.config import Settings, naming_the_line
+from worker.config import NAME_NOT_SHOWN, Settings, naming_the_line, shown_env_name
 from worker.core.audiences import WINBACK, key_part_value
 from worker.core.campaigns import CAMPAIGNS, LOYALTY, milestone_of, winback_renumbered
 from worker.core.policy import zone_of
@@ -186,7 +186,8 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         keys = link_keys(settings)
     except ConfigError as exc:  # a preview's links are never clicked: a throwaway key will do
         name = settings.unsubscribe.secret_env
-        why = f"{name} {missing}" if (missing := link_key_missing(name)) else str(exc)
+        shown = shown_env_name(name) or f"the variable unsubscribe.secret_env names ({NAME_NOT_SHOWN})"
+        why = f"{shown} {missing}" if (missing := link_key_missing(name)) else str(exc)
         print(f"note: {why}; preview links use a throwaway key", file=sys.stderr)
         keys = [secrets.token_bytes(32)]
     refused = False  # the run would refuse these templates: exit code 1, even when no message previewed uses them
