@@ -20,7 +20,7 @@ Theory of operation
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -120,7 +120,11 @@ def load_batch_facts(
     *,
     settings: Settings | None = None,
     now: datetime | None = None,
+    planned_ahead: Mapping[str, tuple[str, datetime, datetime]] | None = None,
 ) -> BatchFacts:
+    """``planned_ahead``: the birthday offers a preview planned ahead of their window, which ``run`` would have
+    inserted into the ledger before its claims (dedupe key → mailbox, due, expires): ``due_ahead`` reads them
+    there."""
     order_ids = [i for m in messages for k in ("first_order_id", "order_id") if (i := m.payload_id(k)) is not None]
     customer_ids = [m.customer_id for m in messages]
     sent: dict[str, list[datetime]] = {}
@@ -137,7 +141,12 @@ def load_batch_facts(
             ahead = store.due_ahead([m.email for m in below], campaign=cc.BIRTHDAY,
                                     priority=policy.priority(cc.BIRTHDAY), after=now,
                                     until=now + cc.BIRTHDAY_LEAD)  # fmt: skip
-            for box, to_come in _birthdays_to_come(store, settings, below, now, policy.lookback).items():
+            boxes = {mailbox(m.email) for m in below}
+            for box, due, expires in (planned_ahead or {}).values():
+                if box in boxes and now < due <= now + cc.BIRTHDAY_LEAD:
+                    ahead.setdefault(box, []).append((due, expires))
+            coming = _birthdays_to_come(store, settings, below, now, policy.lookback, known=planned_ahead or {})
+            for box, to_come in coming.items():
                 ahead.setdefault(box, []).extend(to_come)
         wanting = [m.customer_id for m in messages if m.campaign == cc.NEW_PRODUCTS]
         if wanting:
@@ -168,7 +177,8 @@ def load_batch_facts(
 
 
 def _birthdays_to_come(
-    store: Store, settings: Settings, messages: Sequence[ClaimedMessage], now: datetime, horizon: timedelta
+    store: Store, settings: Settings, messages: Sequence[ClaimedMessage], now: datetime, horizon: timedelta,
+    known: Collection[str] = (),
 ) -> dict[str, list[tuple[datetime, datetime]]]:
     """For these messages' mailboxes, when the birthday offers that no pass has planned yet fall due and expire, for
     those a message sent now could take the slot of (their window opens within ``horizon``, the longest cap window,
@@ -180,7 +190,8 @@ def _birthdays_to_come(
     that birthday the ledger has no row of: any customer record with the message's mailbox, as the cap counts per
     mailbox (a shop's guest checkouts can give one person several records), not only the message's own. And only
     for offers a planning pass will plan before they expire (the daemon's ``schedule.plan_cron`` for birthday):
-    with passes rarer than daily, a birthday that none falls near gets no offer, and nothing waits for it."""
+    with passes rarer than daily, a birthday that none falls near gets no offer, and nothing waits for it.
+    ``known``: dedupe keys to count as in the ledger (those a preview planned, which ``run`` would have inserted)."""
     cfg = settings.campaigns.birthday
     cron = settings.schedule.cron_of(cc.BIRTHDAY)
     found: dict[str, tuple[str, datetime, datetime]] = {}
@@ -200,10 +211,10 @@ def _birthdays_to_come(
             found[cc.birthday_key(row.customer_external_id, day.year)] = (mailbox(row.email), at, expires)
     if not found:
         return {}
-    known = audience_sql.existing_keys(store.engine, found)  # planned (due_ahead sees it), sent, or skipped
+    in_ledger = audience_sql.existing_keys(store.engine, found)  # planned (due_ahead sees it), sent, or skipped
     out: dict[str, list[tuple[datetime, datetime]]] = {}
     for key, (box, at, expires) in found.items():
-        if key not in known:
+        if key not in in_ledger and key not in known:
             out.setdefault(box, []).append((at, expires))
     return out
 
@@ -253,7 +264,8 @@ class Deferred:
     why: str
     """``cap``, ``quiet_hours``, ``news_week`` (new-products news sent less than a week ago), ``after_delivery`` (a
     feedback request's order delivered later than planning knew: it waits ``days_after`` days from the delivery)
-    or ``birthday`` (a birthday offer planned ahead for the mailbox would lose its slot)."""
+    or ``birthday`` (a birthday offer planned ahead for the mailbox would lose its slot); in preview also
+    ``planned_ahead`` (``PLANNED_AHEAD``: planned due later, a birthday offer ahead of its window)."""
     time_zone: str = "UTC"
     """The customer's zone, in which ``until`` reads best (quiet hours end at 08:00 on their clock)."""
     customer: str = ""
@@ -484,6 +496,9 @@ def preview(
         one = (found[0].id, mailbox(found[0].email)) if found is not None else (0, "")
     arbiter = composer.new_arbiter()
     locales = LocaleWarnings()
+    planned_ahead: dict[str, tuple[str, datetime, datetime]] = {}
+    """The birthday offers planned ahead of their window (``cc.birthday_plan``): ``run`` inserts them, due when it
+    opens, and claims none now; the messages of lower priority to their mailboxes wait for them (``due_ahead``)."""
 
     def batches() -> Iterator[list[tuple[ClaimedMessage, SkipReason | None]]]:
         for campaign in considered:
@@ -498,15 +513,21 @@ def preview(
             batch = [(m, skipped) for m, skipped in batch if m.customer_id == one[0] or mailbox(m.email) == one[1]]
         if not batch:
             continue
-        facts = load_batch_facts(store, [m for m, _ in batch], catalogue, settings=settings, now=now)
+        facts = load_batch_facts(store, [m for m, _ in batch], catalogue, settings=settings, now=now,
+                                 planned_ahead=planned_ahead)  # fmt: skip
         for message, skipped in batch:
             show = message.campaign in shown_campaigns and (one is None or message.customer_id == one[0])
+            ahead = skipped is None and message.id == 0 and message.due_at > now  # planned, not claimable yet
+            if ahead:
+                planned_ahead[message.dedupe_key] = (mailbox(message.email), message.due_at, message.expires_at)
             if not show:
                 if skipped is None and not message.unreadable:  # judged as the run would, so that it takes its slot
                     composer.decide(message, facts, now, arbiter)
                 continue
             if skipped is not None:
                 yield Skipped(message, skipped)
+            elif ahead:  # neither sent nor judged now: a run at ``now`` leaves it in the queue until it is due
+                yield _planned_ahead(message, facts)
             else:
                 result = composer.compose(message, facts, now, arbiter)
                 if isinstance(result, Composed):
@@ -515,3 +536,14 @@ def preview(
             shown += 1
             if limit is not None and shown >= limit:
                 return
+
+
+def _planned_ahead(message: ClaimedMessage, facts: BatchFacts) -> Deferred:
+    """A message planned due later than now (a birthday offer ahead of its window): it waits until then."""
+    customer = facts.customers[message.customer_id].customer
+    zone, who = (customer.time_zone, customer.external_id) if customer is not None else ("UTC", "")
+    return Deferred(message, message.due_at, PLANNED_AHEAD, zone, who)
+
+
+PLANNED_AHEAD = "planned_ahead"
+"""A ``Deferred``'s ``why`` in preview for a message planned due later (``_planned_ahead``)."""

@@ -38,7 +38,7 @@ from worker.core.policy import zone_of
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
 from worker.log import json_line, printable
-from worker.pipeline import Composed, Deferred, RenderFailed, Skipped, enabled_campaigns
+from worker.pipeline import PLANNED_AHEAD, Composed, Deferred, RenderFailed, Skipped, enabled_campaigns
 from worker.pipeline import preview as run_preview
 
 EXIT_OK, EXIT_RENDER_ERRORS, EXIT_USAGE = 0, 1, 2
@@ -139,6 +139,7 @@ def deferral_reasons(settings: Settings) -> dict[str, str]:
         "news_week": "new products: one email a week",
         "after_delivery": f"feedback: {_per(settings.campaigns.feedback.days_after, 'day')} after the delivery",
         "birthday": "a birthday offer due then",
+        PLANNED_AHEAD: "planned ahead: due when its window opens",
     }
 
 

@@ -1,0 +1,143 @@
+"""`kembali preview --at T` tells what `run --once` at T does, message by message, on both databases.
+
+Each test builds a small shop, previews it (``--json``, in this process), then runs the real cycle at the same
+clock against the test SMTP server, and compares every row the run touched with what the preview said of it:
+sent, skipped and why, or left waiting until when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.clikit import run_cli
+from tests.shop import TEMPLATES, make_shop
+from tests.shop_fixtures import LINK_SECRET
+from tests.smtp_server import RecordingServer
+from worker.adapters.store import M
+from worker.app import Deps
+from worker.commands import running
+from worker.config import load_settings
+from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus
+
+T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+"""10:00 in Jakarta."""
+
+
+class FixedClock:
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def now(self) -> datetime:
+        return self.at
+
+    def monotonic(self) -> float:
+        return 0.0
+
+    async def sleep(self, seconds: float) -> None:
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _link_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_SECRET)
+
+
+def _config(folder: Path, db_url: str, server: RecordingServer, extra_toml: str = "") -> Path:
+    path = folder / "config.toml"
+    path.write_text(
+        f'[database]\nurl = "{db_url}"\n\n'
+        f'[smtp]\nhost = "127.0.0.1"\nport = {server.port}\ntls = "none"\ntimeout_seconds = 5.0\npool_size = 2\n\n'
+        f'[templates]\ndir = "{TEMPLATES.as_posix()}"\n\n[logging]\nlevel = "warning"\n\n{extra_toml}',
+        encoding="utf-8",
+    )
+    return path
+
+
+def _shop(db_url: str, customers: Sequence[CustomerRecord], orders: Sequence[OrderRecord]) -> None:
+    make_shop(db_url, customers, orders).close()
+
+
+def _person(ext: str, *, birthday: date | None = None, zone: str = "Asia/Jakarta", email: str = "") -> CustomerRecord:
+    return CustomerRecord(ext, email or f"{ext.lower()}@example.com", f"Ani {ext}", Locale.EN, zone, birthday, True,
+                          "opt_in", "checkout")  # fmt: skip
+
+
+def _order(ext: str, customer: str, *, days_ago: float, delivered_days_ago: float | None = None) -> OrderRecord:
+    delivered = None if delivered_days_ago is None else T - timedelta(days=delivered_days_ago)
+    return OrderRecord(ext, customer, OrderStatus.DELIVERED, T - timedelta(days=days_ago), delivered, 100_000, "IDR")
+
+
+def _ledger(db_url: str) -> dict[str, tuple[object, ...]]:
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(M.c.dedupe_key, M.c.status, M.c.skip_reason, M.c.next_attempt_at))
+            return {r.dedupe_key: tuple(r)[1:] for r in rows}
+    finally:
+        engine.dispose()
+
+
+def _said(row: dict[str, object]) -> tuple[object, ...]:
+    """A preview line as the ledger row the run leaves: sent, skipped and why, or waiting until when (UTC)."""
+    if row["action"] == "send":
+        return ("sent",)
+    if row["action"] == "skip":
+        return ("skipped", row["reason"])
+    if row["action"] == "defer":
+        return ("waits", datetime.fromisoformat(str(row["until"])).astimezone(UTC))
+    return ("failed",)
+
+
+def _done(status: object, reason: object, next_attempt_at: datetime) -> tuple[object, ...]:
+    if status in ("planned", "retry"):
+        at = next_attempt_at if next_attempt_at.tzinfo else next_attempt_at.replace(tzinfo=UTC)
+        return ("waits", at.astimezone(UTC))
+    return ("skipped", reason) if status == "skipped" else (str(status),)
+
+
+def preview_then_run(
+    capsys: pytest.CaptureFixture[str], config: Path, at: datetime, *args: str
+) -> tuple[dict[str, tuple[object, ...]], dict[str, tuple[object, ...]]]:
+    """What ``preview --at at ARGS --json`` said of each message, and what ``run --once`` at ``at`` then did to
+    each ledger row it planned or changed."""
+    code, out = run_cli(capsys, "--config", str(config), "preview", "--at", at.isoformat(), "--json", *args)
+    assert code == 0, out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    said = {str(row["dedupe_key"]): _said(row) for row in lines if row["action"] != "summary"}
+    settings = load_settings(config)
+    before = _ledger(settings.database_url)
+    deps = Deps.build(settings)
+    deps.clock = FixedClock(at)
+    try:
+        asyncio.run(running.cycle(deps))
+    finally:
+        deps.close()
+    after = _ledger(settings.database_url)
+    done = {key: _done(*row) for key, row in after.items() if before.get(key) != row}
+    return said, done
+
+
+def test_a_birthday_offer_planned_ahead_of_its_window_is_not_sent_now_and_keeps_its_slot(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given Ani, whose birthday is tomorrow (its offer's window opens at midnight in Jakarta, in 14 hours: a pass
+    # now plans it ahead, due then), and who is due a win-back step today
+    config = _config(tmp_path, db_url, smtp_server, "[campaigns.birthday]\nenabled = true\ndays_before = 0\n")
+    _shop(db_url, [_person("C1", birthday=date(1990, 11, 23))], [_order("O1", "C1", days_ago=50)])
+
+    # When the operator previews at T, and then `run --once` runs at T
+    said, done = preview_then_run(capsys, config, T)
+
+    # Then the run sent nothing: the offer waits for its window, the win-back for the offer (its slot is the
+    # birthday's); and the preview said just that, with the same times
+    midnight = datetime(2026, 11, 22, 17, 0, tzinfo=UTC)
+    assert done == {"birthday:C1:2026": ("waits", midnight), "winback:C1:O1:1": ("waits", midnight)}
+    assert said == done
+    assert smtp_server.messages == []
