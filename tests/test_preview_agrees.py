@@ -20,11 +20,12 @@ from tests.clikit import run_cli
 from tests.shop import TEMPLATES, make_shop
 from tests.shop_fixtures import LINK_SECRET
 from tests.smtp_server import RecordingServer
-from worker.adapters.store import M
+from worker.adapters.store import M, Store
 from worker.app import Deps
 from worker.commands import running
 from worker.config import load_settings
 from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus
+from worker.pipeline import plan
 
 T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 """10:00 in Jakarta."""
@@ -141,3 +142,31 @@ def test_a_birthday_offer_planned_ahead_of_its_window_is_not_sent_now_and_keeps_
     assert done == {"birthday:C1:2026": ("waits", midnight), "winback:C1:O1:1": ("waits", midnight)}
     assert said == done
     assert smtp_server.messages == []
+
+
+def test_rows_waiting_in_the_ledger_are_judged_in_the_order_a_claim_takes_them(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given one person with two customer records (a guest checkout: one mailbox), each due a win-back step, planned
+    # yesterday; the second record's row has waited longer (given back to the queue earlier: a retry, say)
+    config = _config(tmp_path, db_url, smtp_server)
+    _shop(db_url, [_person("C1"), _person("C2", email="C1@Example.com")],
+          [_order("O1", "C1", days_ago=50), _order("O2", "C2", days_ago=50)])  # fmt: skip
+    settings = load_settings(config)
+    store = Store.for_settings(settings)
+    try:
+        plan(store, settings, T - timedelta(days=1))
+    finally:
+        store.close()
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        for key, waited in (("winback:C1:O1:1", 1), ("winback:C2:O2:1", 3)):
+            conn.execute(sa.update(M).where(M.c.dedupe_key == key).values(next_attempt_at=T - timedelta(hours=waited)))
+    engine.dispose()
+
+    # When the operator previews at T, and then `run --once` runs at T
+    said, done = preview_then_run(capsys, config, T)
+
+    # Then the claim took the row due first and sent it, the other waits for the cap; and the preview said so
+    assert done == {"winback:C2:O2:1": ("sent",), "winback:C1:O1:1": ("waits", T + timedelta(days=3))}
+    assert said == done

@@ -737,7 +737,9 @@ class Store:
         self, *, now: datetime, campaigns: Sequence[str], domain: str, batch_size: int = 1000
     ) -> Iterator[list[ClaimedMessage]]:
         """Rows a claim at ``now`` could take, in keyset batches, without claiming them (preview); a row
-        planned without a Message-ID shows the one its claim will give (``message_id_for`` on ``domain``)."""
+        planned without a Message-ID shows the one its claim will give (``message_id_for`` on ``domain``). In the
+        order a claim takes them (the one due first first, then by id): of two for one mailbox, the contact policy
+        sends the first."""
         given = sa.func.coalesce(M.c.message_id, db.message_id_sql(self.dialect, M.c.dedupe_key, domain))
         # the address the claim will give the row: the customer's as it is now
         to = sa.func.coalesce(sa.select(C.c.email).where(C.c.id == M.c.customer_id).scalar_subquery(), M.c.email)
@@ -747,25 +749,28 @@ class Store:
             computed |= {name: sa.type_coerce(M.c[name], sa.Text).label(name) for name in ("due_at", "expires_at")}
             read = self._sql.read_dt
         columns = [computed.get(name, M.c[name]) for name in (n.strip() for n in _CLAIM_RETURNING.split(","))]
-        after = 0
+        order = (M.c.next_attempt_at, M.c.id)
+        after: list[Any] = []
         while True:
-            query = (
-                sa.select(*columns)
-                .where(
-                    M.c.id > after,
-                    M.c.status.in_(CLAIMABLE),
-                    M.c.next_attempt_at <= now,
-                    M.c.campaign.in_(list(campaigns)),
-                )
-                .order_by(M.c.id)
-                .limit(batch_size)
-            )
-            with db.reading(self.engine) as conn:
-                rows = conn.execute(query).all()
-            if not rows:
+            if rows := self._due_after(columns, order, after, now=now, campaigns=campaigns, limit=batch_size):
+                after = [sa.bindparam(None, getattr(rows[-1], f"_k_{c.name}"), type_=c.type) for c in order]
+                yield [_claimed(r, read) for r in rows]
+            if len(rows) < batch_size:
                 return
-            after = rows[-1].id
-            yield [_claimed(r, read) for r in rows]
+
+    def _due_after(self, columns: Sequence[Any], order: Sequence[Any], after: Sequence[Any], *, now: datetime,
+                   campaigns: Sequence[str], limit: int) -> list[Any]:  # fmt: skip
+        """``due_messages``' next keyset batch: the claimable rows after ``after`` (bound values of ``order``)."""
+        query = (
+            sa.select(*columns, *(c.label(f"_k_{c.name}") for c in order))
+            .where(M.c.status.in_(CLAIMABLE), M.c.next_attempt_at <= now, M.c.campaign.in_(list(campaigns)))
+            .order_by(*order)
+            .limit(limit)
+        )
+        if after:
+            query = query.where(sa.tuple_(*order) > sa.tuple_(*after))
+        with db.reading(self.engine) as conn:
+            return list(conn.execute(query).all())
 
     def record_and_mark(
         self,
