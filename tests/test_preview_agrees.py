@@ -170,3 +170,22 @@ def test_rows_waiting_in_the_ledger_are_judged_in_the_order_a_claim_takes_them(
     # Then the claim took the row due first and sent it, the other waits for the cap; and the preview said so
     assert done == {"winback:C2:O2:1": ("sent",), "winback:C1:O1:1": ("waits", T + timedelta(days=3))}
     assert said == done
+
+
+def test_of_two_feedback_requests_planned_for_one_customer_preview_names_the_one_the_run_sends(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given Ani, three of whose orders were delivered a week or so ago (the shop's data gives them in another order
+    # than they were delivered): three feedback requests for one mailbox, one a day at most
+    config = _config(tmp_path, db_url, smtp_server, "[campaigns.feedback]\nenabled = true\n")
+    _shop(db_url, [_person("C1")], [_order("O2", "C1", days_ago=20, delivered_days_ago=9),
+                                    _order("O1", "C1", days_ago=21, delivered_days_ago=8),
+                                    _order("O3", "C1", days_ago=22, delivered_days_ago=10)])  # fmt: skip
+
+    # When the operator previews at T, and then `run --once` runs at T
+    said, done = preview_then_run(capsys, config, T)
+
+    # Then the preview named the request the run sent, and the two left waiting
+    assert sorted(status for status, *_ in done.values()) == ["sent", "waits", "waits"]
+    assert said == done
+

@@ -475,7 +475,11 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
     names = list(columns)
 
     def rows_where(*where: Any, into: Any = None) -> Any:
+        # in the plan's order, which ``stream`` (preview) reads: the rows' ids follow it, and a claim takes rows due
+        # at one time by id, so of two rows for one mailbox (a customer's two orders to rate) the run sends the one
+        # preview names
         select = sa.select(*(columns[n].label(n) for n in names)).select_from(plan.from_).where(*where)
+        select = select.order_by(*plan.order)
         return (db.insert_ignore(engine, M) if into is None else into).from_select(names, select)
 
     if dialect == "postgresql":
