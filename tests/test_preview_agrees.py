@@ -189,3 +189,22 @@ def test_of_two_feedback_requests_planned_for_one_customer_preview_names_the_one
     assert sorted(status for status, *_ in done.values()) == ["sent", "waits", "waits"]
     assert said == done
 
+
+def test_a_birthday_offer_due_tonight_in_quiet_hours_is_not_taken_for_one_no_pass_has_planned(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given Ani, whose birthday offer's window opened this morning, due a win-back step too; and it is 22:00 in
+    # Jakarta, in the quiet hours
+    config = _config(tmp_path, db_url, smtp_server, "[policy]\nquiet_hours_start = \"21:00\"\nquiet_hours_end = "
+                     "\"08:00\"\n\n[campaigns.birthday]\nenabled = true\ndays_before = 1\n")  # fmt: skip
+    _shop(db_url, [_person("C1", birthday=date(1990, 11, 23))], [_order("O1", "C1", days_ago=50)])
+    at = datetime(2026, 11, 22, 15, 0, tzinfo=UTC)
+
+    # When the operator previews then, and then `run --once` runs then
+    said, done = preview_then_run(capsys, config, at)
+
+    # Then both wait for the morning (the run planned the offer: no later pass is to plan it), and the preview said
+    # so, not that the win-back waits for the next planning pass
+    morning = datetime(2026, 11, 23, 1, 0, tzinfo=UTC)
+    assert done == {"birthday:C1:2026": ("waits", morning), "winback:C1:O1:1": ("waits", morning)}
+    assert said == done

@@ -120,11 +120,11 @@ def load_batch_facts(
     *,
     settings: Settings | None = None,
     now: datetime | None = None,
-    planned_ahead: Mapping[str, tuple[str, datetime, datetime]] | None = None,
+    planned_birthdays: Mapping[str, tuple[str, datetime, datetime] | None] | None = None,
 ) -> BatchFacts:
-    """``planned_ahead``: the birthday offers a preview planned ahead of their window, which ``run`` would have
-    inserted into the ledger before its claims (dedupe key → mailbox, due, expires): ``due_ahead`` reads them
-    there."""
+    """``planned_birthdays``: the birthday offers a preview planned, which ``run`` would have inserted into the
+    ledger before its claims (dedupe key → mailbox, due, expires; None: stored skipped, held out): none is one
+    to come (``_birthdays_to_come``), and those planned ahead of their window are due ahead (``due_ahead``)."""
     order_ids = [i for m in messages for k in ("first_order_id", "order_id") if (i := m.payload_id(k)) is not None]
     customer_ids = [m.customer_id for m in messages]
     sent: dict[str, list[datetime]] = {}
@@ -142,10 +142,11 @@ def load_batch_facts(
                                     priority=policy.priority(cc.BIRTHDAY), after=now,
                                     until=now + cc.BIRTHDAY_LEAD)  # fmt: skip
             boxes = {mailbox(m.email) for m in below}
-            for box, due, expires in (planned_ahead or {}).values():
+            planned = planned_birthdays or {}
+            for box, due, expires in filter(None, planned.values()):
                 if box in boxes and now < due <= now + cc.BIRTHDAY_LEAD:
                     ahead.setdefault(box, []).append((due, expires))
-            coming = _birthdays_to_come(store, settings, below, now, policy.lookback, known=planned_ahead or {})
+            coming = _birthdays_to_come(store, settings, below, now, policy.lookback, known=planned)
             for box, to_come in coming.items():
                 ahead.setdefault(box, []).extend(to_come)
         wanting = [m.customer_id for m in messages if m.campaign == cc.NEW_PRODUCTS]
@@ -496,9 +497,10 @@ def preview(
         one = (found[0].id, mailbox(found[0].email)) if found is not None else (0, "")
     arbiter = composer.new_arbiter()
     locales = LocaleWarnings()
-    planned_ahead: dict[str, tuple[str, datetime, datetime]] = {}
-    """The birthday offers planned ahead of their window (``cc.birthday_plan``): ``run`` inserts them, due when it
-    opens, and claims none now; the messages of lower priority to their mailboxes wait for them (``due_ahead``)."""
+    birthdays: dict[str, tuple[str, datetime, datetime] | None] = {}
+    """The birthday offers planned here, which ``run`` inserts before it claims (``load_batch_facts``): one due now is
+    judged as any, one ahead of its window (``cc.birthday_plan``) is due when it opens and claimed then, the messages
+    of lower priority to its mailbox waiting for it (``due_ahead``)."""
 
     def batches() -> Iterator[list[tuple[ClaimedMessage, SkipReason | None]]]:
         for campaign in considered:
@@ -514,12 +516,13 @@ def preview(
         if not batch:
             continue
         facts = load_batch_facts(store, [m for m, _ in batch], catalogue, settings=settings, now=now,
-                                 planned_ahead=planned_ahead)  # fmt: skip
+                                 planned_birthdays=birthdays)  # fmt: skip
         for message, skipped in batch:
             show = message.campaign in shown_campaigns and (one is None or message.customer_id == one[0])
             ahead = skipped is None and message.id == 0 and message.due_at > now  # planned, not claimable yet
-            if ahead:
-                planned_ahead[message.dedupe_key] = (mailbox(message.email), message.due_at, message.expires_at)
+            if message.id == 0 and message.campaign == cc.BIRTHDAY:
+                birthdays[message.dedupe_key] = None if skipped else (mailbox(message.email), message.due_at,
+                                                                      message.expires_at)  # fmt: skip
             if not show:
                 if skipped is None and not message.unreadable:  # judged as the run would, so that it takes its slot
                     composer.decide(message, facts, now, arbiter)
