@@ -133,14 +133,20 @@ def test_a_birthday_offer_planned_ahead_of_its_window_is_not_sent_now_and_keeps_
     config = _config(tmp_path, db_url, smtp_server, "[campaigns.birthday]\nenabled = true\ndays_before = 0\n")
     _shop(db_url, [_person("C1", birthday=date(1990, 11, 23))], [_order("O1", "C1", days_ago=50)])
 
-    # When the operator previews at T, and then `run --once` runs at T
+    # When the operator previews at T, win-back alone first, and then `run --once` runs at T
+    code, out = run_cli(capsys, "--config", str(config), "preview", "--at", T.isoformat(), "--json",
+                        "--campaign", "winback")  # fmt: skip
+    assert code == 0, out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    said_of_winback = {row["dedupe_key"]: _said(row) for row in rows if row["action"] != "summary"}
     said, done = preview_then_run(capsys, config, T)
 
     # Then the run sent nothing: the offer waits for its window, the win-back for the offer (its slot is the
-    # birthday's); and the preview said just that, with the same times
+    # birthday's); and the preview said just that, with the same times, the offer listed or not
     midnight = datetime(2026, 11, 22, 17, 0, tzinfo=UTC)
     assert done == {"birthday:C1:2026": ("waits", midnight), "winback:C1:O1:1": ("waits", midnight)}
     assert said == done
+    assert said_of_winback == {"winback:C1:O1:1": ("waits", midnight)}
     assert smtp_server.messages == []
 
 
@@ -208,3 +214,5 @@ def test_a_birthday_offer_due_tonight_in_quiet_hours_is_not_taken_for_one_no_pas
     morning = datetime(2026, 11, 23, 1, 0, tzinfo=UTC)
     assert done == {"birthday:C1:2026": ("waits", morning), "winback:C1:O1:1": ("waits", morning)}
     assert said == done
+
+

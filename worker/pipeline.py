@@ -524,7 +524,7 @@ def preview(
                 birthdays[message.dedupe_key] = None if skipped else (mailbox(message.email), message.due_at,
                                                                       message.expires_at)  # fmt: skip
             if not show:
-                if skipped is None and not message.unreadable:  # judged as the run would, so that it takes its slot
+                if skipped is None and not message.unreadable and not ahead:  # judged as the run would: its slot
                     composer.decide(message, facts, now, arbiter)
                 continue
             if skipped is not None:
