@@ -21,10 +21,12 @@ from tests.shop import TEMPLATES, make_shop
 from tests.shop_fixtures import LINK_SECRET
 from tests.smtp_server import RecordingServer
 from worker.adapters.store import M, Store
+from worker.adapters.tables import RateLimit
 from worker.app import Deps
 from worker.commands import running
 from worker.config import load_settings
 from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus
+from worker.limiter import QUOTA_KEY
 from worker.pipeline import plan
 
 T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
@@ -216,3 +218,24 @@ def test_a_birthday_offer_due_tonight_in_quiet_hours_is_not_taken_for_one_no_pas
     assert said == done
 
 
+
+def test_what_the_daily_quota_leaves_for_tomorrow_is_not_said_to_be_sent(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a daily quota of 3 emails, one of them sent earlier today, and three customers due a win-back step
+    config = _config(tmp_path, db_url, smtp_server, "[sending]\ndaily_quota = 3\n")
+    _shop(db_url, [_person(f"C{n}") for n in range(1, 4)], [_order(f"O{n}", f"C{n}", days_ago=50) for n in range(1, 4)])
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(RateLimit.__table__).values(key=QUOTA_KEY, tat=0.0, day="2026-11-22", day_count=1))
+    engine.dispose()
+
+    # When the operator previews at T, and then `run --once` runs at T
+    said, done = preview_then_run(capsys, config, T)
+
+    # Then the run sent two, and the third waits for the next day's quota, from midnight in Jakarta; and the preview
+    # said so
+    assert sorted(status for status, *_ in done.values()) == ["sent", "sent", "waits"]
+    assert ("waits", datetime(2026, 11, 22, 17, 0, tzinfo=UTC)) in done.values()
+    assert said == done
+    assert len(smtp_server.messages) == 2

@@ -33,6 +33,7 @@ from worker.contact import Arbiter, judge
 from worker.core import audiences, tokens
 from worker.core import campaigns as cc
 from worker.core.campaigns import Launch
+from worker.core.limits import quota_day, quota_day_end
 from worker.core.policy import Decision, DeferUntil, Skip, deferred, in_holdout, zone_of
 from worker.core.render import ShopInfo, TemplateRenderer, build_context, build_message
 from worker.domain import (
@@ -477,14 +478,18 @@ def preview(
     campaigns: Sequence[str] | None = None,
     customer_external_id: str | None = None,
     limit: int | None = None,
+    quota_left: int | None = None,
 ) -> Iterator[Composed | Skipped | RenderFailed | Deferred]:
     """What ``run --once`` at ``now`` would do, message by message; writes and sends nothing.
+    ``quota_left``: the slots ``sending.daily_quota`` has left today (None: no quota); the messages sent past them
+    wait for the next day's, from the shop's midnight.
     Campaign by campaign in priority order (its rows already in the ledger, then its new ones); one
     arbiter sees them all, so a customer due three emails today is shown one send and two defers.
 
     ``campaigns`` and ``customer_external_id`` choose what is shown, not what is decided: a message of a campaign
     not shown that a claim would take first (a higher priority) still takes its mailbox's slot (it is judged, not
-    rendered), as does one to the shown customer's mailbox from another customer record."""
+    rendered), as does one to the shown customer's mailbox from another customer record; and with a daily quota, every
+    message sent before it takes one of its slots."""
     catalogue = load_catalogue(store, now)
     enabled = enabled_campaigns(settings)  # highest priority first, as a claim would take them
     shown_campaigns = set(campaigns or enabled)
@@ -511,7 +516,7 @@ def preview(
 
     shown = 0
     for batch in batches():
-        if one is not None:  # one customer: only their messages, and others to their mailbox, can matter
+        if one is not None and quota_left is None:  # one customer: their messages, and others to their mailbox
             batch = [(m, skipped) for m, skipped in batch if m.customer_id == one[0] or mailbox(m.email) == one[1]]
         if not batch:
             continue
@@ -524,8 +529,10 @@ def preview(
                 birthdays[message.dedupe_key] = None if skipped else (mailbox(message.email), message.due_at,
                                                                       message.expires_at)  # fmt: skip
             if not show:
-                if skipped is None and not message.unreadable and not ahead:  # judged as the run would: its slot
-                    composer.decide(message, facts, now, arbiter)
+                if skipped is None and not message.unreadable and not ahead:  # judged as the run would: it takes
+                    sends = composer.decide(message, facts, now, arbiter) is None  # its mailbox's slot, and the quota's
+                    if sends and quota_left is not None:
+                        quota_left -= 1
                 continue
             if skipped is not None:
                 yield Skipped(message, skipped)
@@ -535,6 +542,12 @@ def preview(
                 result = composer.compose(message, facts, now, arbiter)
                 if isinstance(result, Composed):
                     locales.note(result.customer)
+                    if quota_left is not None:
+                        quota_left -= 1
+                        if quota_left < 0:  # the quota's slots are taken: back to the queue until the next day's
+                            day_ends = quota_day_end(quota_day(now, settings.shop.time_zone), settings.shop.time_zone)
+                            result = Deferred(message, day_ends, DAILY_QUOTA, result.customer.time_zone,
+                                              result.customer.external_id)  # fmt: skip
                 yield result
             shown += 1
             if limit is not None and shown >= limit:
@@ -548,5 +561,7 @@ def _planned_ahead(message: ClaimedMessage, facts: BatchFacts) -> Deferred:
     return Deferred(message, message.due_at, PLANNED_AHEAD, zone, who)
 
 
+DAILY_QUOTA = "daily_quota"
+"""A ``Deferred``'s ``why`` in preview for a message the day's ``sending.daily_quota`` has no slot left for."""
 PLANNED_AHEAD = "planned_ahead"
 """A ``Deferred``'s ``why`` in preview for a message planned due later (``_planned_ahead``)."""

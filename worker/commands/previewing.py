@@ -27,6 +27,7 @@ from typing import TextIO
 
 from worker import money, stopping
 from worker.adapters import plan_sql
+from worker.adapters.ratestore import RateStore
 from worker.app import Deps, link_key_missing, link_keys
 from worker.commands import arguments, files
 from worker.commands.progress import Progress
@@ -34,11 +35,13 @@ from worker.commands.running import check_template_folders
 from worker.config import NAME_NOT_SHOWN, Settings, naming_the_line, shown_env_name
 from worker.core.audiences import WINBACK, key_part_value
 from worker.core.campaigns import CAMPAIGNS, LOYALTY, milestone_of, winback_renumbered
+from worker.core.limits import quota_day
 from worker.core.policy import zone_of
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
+from worker.limiter import QUOTA_KEY
 from worker.log import json_line, printable
-from worker.pipeline import PLANNED_AHEAD, Composed, Deferred, RenderFailed, Skipped, enabled_campaigns
+from worker.pipeline import DAILY_QUOTA, PLANNED_AHEAD, Composed, Deferred, RenderFailed, Skipped, enabled_campaigns
 from worker.pipeline import preview as run_preview
 
 EXIT_OK, EXIT_RENDER_ERRORS, EXIT_USAGE = 0, 1, 2
@@ -140,6 +143,7 @@ def deferral_reasons(settings: Settings) -> dict[str, str]:
         "after_delivery": f"feedback: {_per(settings.campaigns.feedback.days_after, 'day')} after the delivery",
         "birthday": "a birthday offer due then",
         PLANNED_AHEAD: "planned ahead: due when its window opens",
+        DAILY_QUOTA: f"daily quota: {_per(settings.sending.daily_quota, 'email')} a day, used up",
     }
 
 
@@ -219,6 +223,7 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         items = run_preview(
             deps.store, settings, composer, at,
             campaigns=args.campaign, customer_external_id=args.customer, limit=args.limit,
+            quota_left=_quota_left(deps, settings, at),
         )  # fmt: skip
         seen = 0
         why_deferred = deferral_reasons(settings)
@@ -242,6 +247,16 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
     else:
         _print_summary(summary, out, out_dir)
     return EXIT_RENDER_ERRORS if summary.errors or refused else EXIT_OK
+
+
+def _quota_left(deps: Deps, settings: Settings, at: datetime) -> int | None:
+    """The slots ``sending.daily_quota`` has left on the shop's day of ``at``, as the ledger's marks counted them
+    (None: no quota)."""
+    quota = settings.sending.daily_quota
+    if quota <= 0:
+        return None
+    day = quota_day(at, settings.shop.time_zone).isoformat()
+    return max(0, quota - RateStore(deps.store.engine).used_today(QUOTA_KEY, day=day))
 
 
 def _note_winback_renumbered(deps: Deps, settings: Settings) -> None:
