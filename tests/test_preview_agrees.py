@@ -230,12 +230,19 @@ def test_what_the_daily_quota_leaves_for_tomorrow_is_not_said_to_be_sent(
         conn.execute(sa.insert(RateLimit.__table__).values(key=QUOTA_KEY, tat=0.0, day="2026-11-22", day_count=1))
     engine.dispose()
 
-    # When the operator previews at T, and then `run --once` runs at T
+    # When the operator previews at T, each customer alone first, and then `run --once` runs at T
+    alone = {}
+    for who in ("C1", "C2", "C3"):
+        code, out = run_cli(capsys, "--config", str(config), "preview", "--at", T.isoformat(), "--json",
+                            "--customer", who)  # fmt: skip
+        assert code == 0, out
+        rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        alone.update({row["dedupe_key"]: _said(row) for row in rows if row["action"] != "summary"})
     said, done = preview_then_run(capsys, config, T)
 
     # Then the run sent two, and the third waits for the next day's quota, from midnight in Jakarta; and the preview
-    # said so
+    # said so, of everyone or of each alone
     assert sorted(status for status, *_ in done.values()) == ["sent", "sent", "waits"]
     assert ("waits", datetime(2026, 11, 22, 17, 0, tzinfo=UTC)) in done.values()
-    assert said == done
+    assert said == done == alone
     assert len(smtp_server.messages) == 2
