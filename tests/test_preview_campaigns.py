@@ -72,7 +72,7 @@ def test_preview_on_the_29_february_eve(tmp_path: Path) -> None:
     assert deferred
     # on the customer's clock, as the send times beside them (the demo's customers live in Indonesia's zones)
     assert all(re.search(r"defer until \d{4}-\d\d-\d\d \d\d:\d\d (WIB|WITA|WIT) \(cap", line) for line in deferred)
-    assert "would be sent" in done.stdout and "deferred by the contact policy:" in done.stdout
+    assert "would be sent" in done.stdout and "waiting for later:" in done.stdout
     # and every row names its customer, feedback's too (its key names the order)
     assert all(r[0].startswith("C-") for r in rows if len(r) > 1 and r[1].partition("/")[0] in (
         "feedback", "birthday", "loyalty", "new_products"))  # fmt: skip

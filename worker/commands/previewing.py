@@ -103,7 +103,8 @@ class PreviewSummary:
     errors: dict[str, list[str]] = field(default_factory=dict)
     """Render error text (``file:line: message``) → the dedupe keys it hit."""
     deferred: Counter[str] = field(default_factory=Counter)
-    """Held back by the contact policy (``cap``, ``quiet_hours``): they go out later, not now."""
+    """Waiting for later, not sent now: held back by the contact policy (``cap``, ``quiet_hours``…), planned ahead of
+    their window (``planned_ahead``), or past the day's quota (``daily_quota``)."""
     stopped_at: int | None = None
     """``--limit``, when the preview stopped there: more messages may be due than were considered."""
 
@@ -359,7 +360,7 @@ def _print_summary(summary: PreviewSummary, out: TextIO, out_dir: Path | None) -
     if summary.by_reason:
         out.write(", " + ", ".join(f"{n} {reason}" for reason, n in sorted(summary.by_reason.items())))
     if summary.deferred:
-        out.write("; deferred by the contact policy: "
+        out.write("; waiting for later: "
                   + ", ".join(f"{n} {why}" for why, n in sorted(summary.deferred.items())))
     out.write("\n")
     if summary.by_reason:
