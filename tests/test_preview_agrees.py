@@ -246,3 +246,28 @@ def test_what_the_daily_quota_leaves_for_tomorrow_is_not_said_to_be_sent(
     assert ("waits", datetime(2026, 11, 22, 17, 0, tzinfo=UTC)) in done.values()
     assert said == done == alone
     assert len(smtp_server.messages) == 2
+
+
+def test_rows_a_worker_killed_while_it_held_them_are_previewed_as_the_run_sends_them(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given two win-back steps planned and claimed an hour ago by a worker that was killed then (their leases have
+    # lapsed: the next run gives them back to the queue first, and sends them)
+    config = _config(tmp_path, db_url, smtp_server)
+    _shop(db_url, [_person("C1"), _person("C2")], [_order("O1", "C1", days_ago=50), _order("O2", "C2", days_ago=50)])
+    settings = load_settings(config)
+    store = Store.for_settings(settings)
+    try:
+        plan(store, settings, T - timedelta(hours=1))
+        claimed = store.claim(worker="killed:1:abc", now=T - timedelta(hours=1), limit=10, lease_seconds=300,
+                              domain=settings.shop.domain)  # fmt: skip
+    finally:
+        store.close()
+    assert len(claimed) == 2
+
+    # When the operator previews at T, and then `run --once` runs at T
+    said, done = preview_then_run(capsys, config, T)
+
+    # Then the run sent both, and the preview said so
+    assert done == {"winback:C1:O1:1": ("sent",), "winback:C2:O2:1": ("sent",)}
+    assert said == done

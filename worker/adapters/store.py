@@ -739,7 +739,8 @@ class Store:
         """Rows a claim at ``now`` could take, in keyset batches, without claiming them (preview); a row
         planned without a Message-ID shows the one its claim will give (``message_id_for`` on ``domain``). In the
         order a claim takes them (the one due first first, then by id): of two for one mailbox, the contact policy
-        sends the first."""
+        sends the first. With them, the rows a claim finds once ``release_expired_leases`` gave them back (as a
+        ``run --once`` does first): those claimed by a worker whose lease lapsed (it died)."""
         given = sa.func.coalesce(M.c.message_id, db.message_id_sql(self.dialect, M.c.dedupe_key, domain))
         # the address the claim will give the row: the customer's as it is now
         to = sa.func.coalesce(sa.select(C.c.email).where(C.c.id == M.c.customer_id).scalar_subquery(), M.c.email)
@@ -763,7 +764,11 @@ class Store:
         """``due_messages``' next keyset batch: the claimable rows after ``after`` (bound values of ``order``)."""
         query = (
             sa.select(*columns, *(c.label(f"_k_{c.name}") for c in order))
-            .where(M.c.status.in_(CLAIMABLE), M.c.next_attempt_at <= now, M.c.campaign.in_(list(campaigns)))
+            .where(
+                sa.or_(M.c.status.in_(CLAIMABLE), sa.and_(M.c.status == _CLAIMED, M.c.lease_until < now)),
+                M.c.next_attempt_at <= now,
+                M.c.campaign.in_(list(campaigns)),
+            )
             .order_by(*order)
             .limit(limit)
         )
