@@ -271,3 +271,27 @@ def test_rows_a_worker_killed_while_it_held_them_are_previewed_as_the_run_sends_
     # Then the run sent both, and the preview said so
     assert done == {"winback:C1:O1:1": ("sent",), "winback:C2:O2:1": ("sent",)}
     assert said == done
+
+
+def test_rows_of_a_campaign_turned_off_past_their_expiry_are_previewed_as_the_run_skips_them(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given win-back steps planned three weeks ago and never sent, two weeks their expiry; and win-back turned off
+    # since (its rows wait, not sent, until it is on again or they expire)
+    config = _config(tmp_path, db_url, smtp_server)
+    _shop(db_url, [_person("C1"), _person("C2")], [_order("O1", "C1", days_ago=70), _order("O2", "C2", days_ago=70)])
+    settings = load_settings(config)
+    store = Store.for_settings(settings)
+    try:
+        plan(store, settings, T - timedelta(days=21))
+    finally:
+        store.close()
+    config.write_text(config.read_text(encoding="utf-8") + "[campaigns.winback]\nenabled = false\n\n"
+                      "[campaigns.feedback]\nenabled = true\n", encoding="utf-8")  # fmt: skip
+
+    # When the operator previews at T, and then `run --once` runs at T
+    said, done = preview_then_run(capsys, config, T)
+
+    # Then the run skipped both as expired, and the preview said so
+    assert done == {"winback:C1:O1:1": ("skipped", "expired"), "winback:C2:O2:1": ("skipped", "expired")}
+    assert said == done
