@@ -295,3 +295,45 @@ def test_rows_of_a_campaign_turned_off_past_their_expiry_are_previewed_as_the_ru
     # Then the run skipped both as expired, and the preview said so
     assert done == {"winback:C1:O1:1": ("skipped", "expired"), "winback:C2:O2:1": ("skipped", "expired")}
     assert said == done
+
+
+@pytest.mark.postgres
+def test_preview_on_postgresql_writes_nothing(
+    pg_migrated_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a PostgreSQL ledger with rows waiting, a daily quota, and customers due every kind of decision
+    config = _config(tmp_path, pg_migrated_url, smtp_server, "[sending]\ndaily_quota = 2\n\n[campaigns.birthday]\n"
+                     "enabled = true\ndays_before = 0\n\n[campaigns.feedback]\nenabled = true\n")  # fmt: skip
+    _shop(pg_migrated_url, [_person("C1", birthday=date(1990, 11, 23)), _person("C2", birthday=date(1990, 11, 22)),
+                            _person("C3")],
+          [_order("O1", "C1", days_ago=50), _order("O2", "C2", days_ago=20, delivered_days_ago=8),
+           _order("O3", "C3", days_ago=70)])  # fmt: skip
+    settings = load_settings(config)
+    store = Store.for_settings(settings)
+    try:
+        plan(store, settings, T - timedelta(days=1))
+    finally:
+        store.close()
+
+    def everything() -> dict[str, list[tuple[object, ...]]]:
+        engine = sa.create_engine(pg_migrated_url)
+        try:
+            tables = sa.MetaData()
+            tables.reflect(engine)
+            with engine.connect() as conn:
+                return {name: sorted(map(tuple, conn.execute(sa.select(table))), key=repr)
+                        for name, table in tables.tables.items()}  # fmt: skip
+        finally:
+            engine.dispose()
+
+    before = everything()
+    assert before["message"]
+
+    # When the operator previews now, then at T, into a folder
+    for at in ((), ("--at", T.isoformat())):
+        code, out = run_cli(capsys, "--config", str(config), "preview", *at, "--out", str(tmp_path / "out"))
+        assert code == 0, out
+
+    # Then not one row of any table changed
+    assert everything() == before
+    assert list((tmp_path / "out").glob("*.eml"))
