@@ -28,23 +28,10 @@ from worker.config import load_settings
 from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus
 from worker.limiter import QUOTA_KEY
 from worker.pipeline import plan
+from worker.testing import FakeClock
 
 T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 """10:00 in Jakarta."""
-
-
-class FixedClock:
-    def __init__(self, at: datetime) -> None:
-        self.at = at
-
-    def now(self) -> datetime:
-        return self.at
-
-    def monotonic(self) -> float:
-        return 0.0
-
-    async def sleep(self, seconds: float) -> None:
-        return None
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +62,14 @@ def _person(ext: str, *, birthday: date | None = None, zone: str = "Asia/Jakarta
 def _order(ext: str, customer: str, *, days_ago: float, delivered_days_ago: float | None = None) -> OrderRecord:
     delivered = None if delivered_days_ago is None else T - timedelta(days=delivered_days_ago)
     return OrderRecord(ext, customer, OrderStatus.DELIVERED, T - timedelta(days=days_ago), delivered, 100_000, "IDR")
+
+
+def _planned(config: Path, at: datetime) -> Store:
+    """A planning pass at ``at`` (as the daemon's, or a run's, then), nothing sent; the store, to close."""
+    settings = load_settings(config)
+    store = Store.for_settings(settings)
+    plan(store, settings, at)
+    return store
 
 
 def _ledger(db_url: str) -> dict[str, tuple[object, ...]]:
@@ -117,7 +112,7 @@ def preview_then_run(
     settings = load_settings(config)
     before = _ledger(settings.database_url)
     deps = Deps.build(settings)
-    deps.clock = FixedClock(at)
+    deps.clock = FakeClock(at)
     try:
         asyncio.run(running.cycle(deps))
     finally:
@@ -160,12 +155,7 @@ def test_rows_waiting_in_the_ledger_are_judged_in_the_order_a_claim_takes_them(
     config = _config(tmp_path, db_url, smtp_server)
     _shop(db_url, [_person("C1"), _person("C2", email="C1@Example.com")],
           [_order("O1", "C1", days_ago=50), _order("O2", "C2", days_ago=50)])  # fmt: skip
-    settings = load_settings(config)
-    store = Store.for_settings(settings)
-    try:
-        plan(store, settings, T - timedelta(days=1))
-    finally:
-        store.close()
+    _planned(config, T - timedelta(days=1)).close()
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
         for key, waited in (("winback:C1:O1:1", 1), ("winback:C2:O2:1", 3)):
@@ -255,12 +245,10 @@ def test_rows_a_worker_killed_while_it_held_them_are_previewed_as_the_run_sends_
     # lapsed: the next run gives them back to the queue first, and sends them)
     config = _config(tmp_path, db_url, smtp_server)
     _shop(db_url, [_person("C1"), _person("C2")], [_order("O1", "C1", days_ago=50), _order("O2", "C2", days_ago=50)])
-    settings = load_settings(config)
-    store = Store.for_settings(settings)
+    store = _planned(config, T - timedelta(hours=1))
     try:
-        plan(store, settings, T - timedelta(hours=1))
         claimed = store.claim(worker="killed:1:abc", now=T - timedelta(hours=1), limit=10, lease_seconds=300,
-                              domain=settings.shop.domain)  # fmt: skip
+                              domain=load_settings(config).shop.domain)  # fmt: skip
     finally:
         store.close()
     assert len(claimed) == 2
@@ -280,12 +268,7 @@ def test_rows_of_a_campaign_turned_off_past_their_expiry_are_previewed_as_the_ru
     # since (its rows wait, not sent, until it is on again or they expire)
     config = _config(tmp_path, db_url, smtp_server)
     _shop(db_url, [_person("C1"), _person("C2")], [_order("O1", "C1", days_ago=70), _order("O2", "C2", days_ago=70)])
-    settings = load_settings(config)
-    store = Store.for_settings(settings)
-    try:
-        plan(store, settings, T - timedelta(days=21))
-    finally:
-        store.close()
+    _planned(config, T - timedelta(days=21)).close()
     config.write_text(config.read_text(encoding="utf-8") + "[campaigns.winback]\nenabled = false\n\n"
                       "[campaigns.feedback]\nenabled = true\n", encoding="utf-8")  # fmt: skip
 
@@ -308,12 +291,7 @@ def test_preview_on_postgresql_writes_nothing(
                             _person("C3")],
           [_order("O1", "C1", days_ago=50), _order("O2", "C2", days_ago=20, delivered_days_ago=8),
            _order("O3", "C3", days_ago=70)])  # fmt: skip
-    settings = load_settings(config)
-    store = Store.for_settings(settings)
-    try:
-        plan(store, settings, T - timedelta(days=1))
-    finally:
-        store.close()
+    _planned(config, T - timedelta(days=1)).close()
 
     def everything() -> dict[str, list[tuple[object, ...]]]:
         engine = sa.create_engine(pg_migrated_url)
