@@ -230,17 +230,17 @@ class Daemon:
         self._reload_next: str | None = None
         """The trigger of the reload queued behind the one under way: one at most, later requests join it."""
         self._reload_after_start: str | None = None
+        """A reload asked for during the catch-up planning (the signals are the loop's, not yet READY=1)."""
         self._reload_catch_up: asyncio.Future[None] | None = None
         """The catch-up planning of the last accepted reload (``_catch_up_after_reload``)."""
-        """A reload asked for during the catch-up planning (the signals are the loop's, not yet READY=1)."""
         self._planning: dict[asyncio.Future[None], str] = {}
         """Planning passes under way, and their campaigns: the shutdown waits for them."""
         self._plan_skipped: set[str] = set()
+        """Campaigns whose planning pass was skipped for this host's clock (``_plan_pass``): planned at the first
+        maintenance that finds the clock right again."""
         self._plan_failed: dict[str, tuple[float, float]] = {}
         """Campaigns whose last planning pass failed (the database away, a lock timeout): when a maintenance plans it
         again (the clock's monotonic seconds), and the wait that led there (``_plan_again_later``)."""
-        """Campaigns whose planning pass was skipped for this host's clock (``_plan_pass``): planned at the first
-        maintenance that finds the clock right again."""
         self._campaigns_checked = False
         """Whether this generation's first read of the waiting rows (``app.campaigns_not_sent``: the start's before any
         claim, a reload's at its first maintenance) has failed those of unknown campaigns, rewritten times written by
