@@ -179,6 +179,32 @@ def test_claim_takes_the_highest_priority_first_then_the_oldest_due(store: Store
     assert [m.dedupe_key for m in store.claim(worker="a", now=NOW, limit=3, lease_seconds=60)] == ["low-old:0"]
 
 
+def test_due_messages_reads_batch_by_batch_what_claims_one_at_a_time_would_take_in_their_order(store: Store) -> None:
+    # Given waiting rows of three priorities, most due at one time (as a planning pass leaves them), some due earlier
+    # or not yet; and rows claimed by a worker that died (lease lapsed) and by one alive
+    def one(key: str, priority: int, due: datetime) -> PlannedMessage:
+        return dataclasses.replace(planned(1, due=due, prefix=key)[0], priority=priority)
+
+    rows = [one(f"p{p}-{i}", p, NOW - timedelta(hours=i % 3)) for i in range(7) for p in (10, 30, 50)]
+    rows += [one("later", 50, NOW + timedelta(hours=1)), one("dead", 30, NOW), one("alive", 30, NOW)]
+    store.insert_messages(rows, NOW - timedelta(days=1))
+    with store.engine.begin() as conn:
+        for key, lease in (("dead:0", NOW - timedelta(minutes=1)), ("alive:0", NOW + timedelta(minutes=5))):
+            conn.execute(sa.update(M).where(M.c.dedupe_key == key).values(status="claimed", lease_until=lease))
+
+    # When preview reads them two at a time, and then claims take them one at a time, as a run does
+    said = [m.dedupe_key for batch in store.due_messages(now=NOW, campaigns=["feedback"], domain="shop.example",
+                                                         batch_size=2) for m in batch]  # fmt: skip
+    store.release_expired_leases(NOW)
+    taken = []
+    while claimed := store.claim(worker="w", now=NOW, limit=1, lease_seconds=60):
+        taken += [m.dedupe_key for m in claimed]
+
+    # Then preview read every due row once, the dead worker's too, in the very order the claims took them
+    assert len(taken) == 7 * 3 + 1 and "dead:0" in taken and "later:0" not in taken
+    assert said == taken
+
+
 def test_a_claim_for_some_campaigns_leaves_the_others_rows_waiting_whatever_their_priority(store: Store) -> None:
     def one(key: str, campaign: str, priority: int) -> PlannedMessage:
         return dataclasses.replace(planned(1, prefix=key)[0], campaign=campaign, priority=priority)
