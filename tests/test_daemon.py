@@ -1377,11 +1377,13 @@ def test_a_stop_signal_during_a_scheduled_planning_pass_waits_for_it_and_says_so
     assert all(line.startswith("{") for line in daemon.lines), daemon.log()
 
 
-def _slow_domain_backlog(tmp_path: Path, smtp_server: RecordingServer) -> tuple[Shop, Daemon]:
+def _slow_domain_backlog(tmp_path: Path, smtp_server: RecordingServer, *, limits: str = "auto") -> tuple[Shop, Daemon]:
     """A daemon whose customers' domain is allowed one message every 1000 s, which sent the first of 6 win-backs and
-    sent the 5 others back to the ledger to wait for the domain's next slots (the last 5000 s off)."""
+    sent the 5 others back to the ledger to wait for the domain's next slots (the last 5000 s off). ``limits``: its
+    ``sending.shared_limits``."""
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *",
-                     extra='[sending.domains]\n"example.com" = { rate_per_second = 0.001, burst = 1 }\n')  # fmt: skip
+                     extra=f'[sending]\nshared_limits = "{limits}"\n'
+                           '[sending.domains]\n"example.com" = { rate_per_second = 0.001, burst = 1 }\n')  # fmt: skip
     shop.add(range(1, 7), days_ago=60)
     daemon = Daemon.start(shop)
     try:
@@ -1437,13 +1439,14 @@ def test_messages_waiting_for_their_domains_rate_that_an_operator_cancels_leave_
         assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("limits", ["process", "database"])
 def test_a_reload_that_raises_a_slow_domains_rate_brings_its_waiting_messages_forward(
-    tmp_path: Path, smtp_server: RecordingServer
+    tmp_path: Path, smtp_server: RecordingServer, limits: str
 ) -> None:
     # Given a daemon whose customers' domain is allowed one message every 1000 s (a rate set too low), which sent the
     # first of 6 win-backs and sent the 5 others back to the ledger to wait for the domain's next slots (the last
-    # 5000 s off)
-    shop, daemon = _slow_domain_backlog(tmp_path, smtp_server)
+    # 5000 s off); its limits kept in this process, or in the database it shares with other workers
+    shop, daemon = _slow_domain_backlog(tmp_path, smtp_server, limits=limits)
     try:
         # When the operator raises the domain's rate to 2 a second and sends SIGHUP
         shop.config.write_text(shop.config.read_text().replace("rate_per_second = 0.001", "rate_per_second = 2.0"))

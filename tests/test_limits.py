@@ -1089,3 +1089,28 @@ def test_a_recipient_domain_as_long_as_an_address_may_have_is_booked_on_a_shared
         _close(store)
     assert first == 0.0 and other_wait == 0.0
     assert second > 1.0
+
+
+def test_a_reload_that_raises_a_domains_rate_on_a_shared_database_sends_its_waiting_messages_at_the_new_rate(
+    db_url: str,
+) -> None:
+    # Given a worker sharing its limits through the database that sent one message to a domain allowed one every
+    # 1000 s and told two more to wait for it
+    slow = SendingSettings(rate_per_second=50.0, burst=1, domains={"slow.example": DomainRate(0.001, 1)})
+    old, store = _shared_limiter(db_url, slow)
+    faster, new_store = _shared_limiter(db_url, replace(slow, domains={"slow.example": DomainRate(2.0, 1)}))
+
+    async def scenario() -> list[float | Later]:
+        told = [await old.acquire("slow.example", hold=5.0, message=i) for i in range(3)]
+        assert told[0] == 0.0 and all(isinstance(t, Later) and t.seconds > 900 for t in told[1:])
+        # When a reload raises the domain's rate to 2 a second: the messages waiting are brought forward
+        sooner = faster.take_over(old)
+        assert set(sooner["slow.example"]) == {1, 2}
+        # Then, come due, they book slots at the new rate, not one 1000 s after the last message sent
+        return [await faster.acquire("slow.example", hold=5.0, message=i) for i in (1, 2)]
+
+    try:
+        slots = asyncio.run(scenario())
+    finally:
+        _close(store, new_store)
+    assert all(isinstance(s, float) and s <= 0.6 for s in slots), slots

@@ -159,11 +159,18 @@ class DbBooker:
         self.rates = rates
         self.pace: PaceRead | None = None
         """The relay's pace shared through the database as the last booking found it."""
+        self.sooner: dict[str, float] = {}
+        """Per key, the seconds its shared row's next slot is to be brought forward before this worker's next
+        booking: a reload raised the key's rate (``Limiter.take_over``), and the row still holds the next slot the
+        old rate booked (up to one old interval off, which every message to the domain would wait for)."""
 
     async def book(self, limits: Sequence[Limit], longest: Mapping[str, float] | None = None) -> Booking:
         # the wait is measured on the database's clock, the one every worker shares; the time
         # its answer takes to come back is added on top, which errs on the slow side. A booking that fails
         # (the database restarting) is tried again: one whose reply was lost only wastes a slot.
+        if self.sooner:  # (brought forward twice, should a reply be lost: the next slot is never before now)
+            await self.store.call_retrying("rate_brought_forward_retried", self.rates.bring_forward, self.sooner)
+            self.sooner = {}
         wait, booked, pace = await self.store.call_retrying(
             "rate_booking_retried", self.rates.try_book_reading_pace, limits, longest or {}
         )
@@ -230,6 +237,8 @@ class Limiter:
         and message id (monotonic): the caller writes them in the ledger."""
         if isinstance(self.booker, LocalBooker) and isinstance(old.booker, LocalBooker):
             self.booker.tats = old.booker.tats
+        if isinstance(self.booker, DbBooker) and isinstance(old.booker, DbBooker) and self.booker is not old.booker:
+            self.booker.sooner = {**old.booker.sooner, **self.booker.sooner}  # (not booked yet: still to be made)
         for domain, rate in old.rates.items():
             if rate.current < rate.ceiling:
                 now = self._rate(domain)
@@ -250,20 +259,26 @@ class Limiter:
         self._free = dict(old._free)
         self._unnamed = old._unnamed
         self._drop_passed()
-        return {domain: self._sooner(domain, was=old.limits(domain)[-1][1]) for domain in list(self.told)}
+        # every domain the old configuration booked a slot of (``limits`` made its rate): its next slot moves
+        return {domain: self._sooner(domain, was=old.limits(domain)[-1][1]) for domain in {*self.told, *old.rates}}
 
     def _sooner(self, domain: str, *, was: float) -> dict[int, float]:
         """New times for the messages told to wait for ``domain``, whose interval was ``was``, if it is shorter now
-        (else none)."""
+        (else none); and its next slot, one new interval after the last one booked (shared through the database:
+        at this worker's next booking)."""
         key, interval, _ = self.limits(domain)[-1]
-        told = self.told.get(domain, {})
-        if interval >= was or not told:
+        if interval >= was:
             return {}
         now = self.clock.monotonic()
         start = now
         if isinstance(self.booker, LocalBooker) and key in self.booker.tats:
             self.booker.tats[key] -= was - interval  # the next slot: one new interval after the last one booked
             start = max(now, self.booker.tats[key])
+        elif isinstance(self.booker, DbBooker):
+            self.booker.sooner[key] = self.booker.sooner.get(key, 0.0) + was - interval
+        told = self.told.get(domain, {})
+        if not told:
+            return {}
         moved = {}
         for n, (message, at) in enumerate(sorted(told.items(), key=lambda item: item[1])):
             sooner = start + n * interval

@@ -126,6 +126,13 @@ class RateStore:
             wait = max(wait, this)
         return wait, True
 
+    def bring_forward(self, sooner: Mapping[str, float]) -> None:
+        """Move each key's next slot ``sooner[key]`` seconds earlier (a reload raised its rate): what a slot before
+        now leaves is the burst the key allows, as for a key not booked for a while."""
+        with self.engine.begin() as conn:
+            for key, seconds in sorted(sooner.items()):
+                conn.execute(R.update().where(R.c.key == key).values(tat=R.c.tat - seconds))
+
     def read_pace(self) -> PaceRead:
         """The relay's pace every worker on the database shares: its last cut, and the database's clock. Read only:
         on SQLite it does not wait for the write lock another process holds."""
