@@ -590,6 +590,31 @@ def test_a_commit_made_at_a_time_before_local_midnight_does_not_reset_the_new_da
     assert marks == Marks(over_quota=frozenset({a[0].id}), quota_day="2026-11-23")
 
 
+def test_a_daily_quota_set_during_the_day_counts_the_sends_made_that_day_before_it(store: Store) -> None:
+    # Given a day (the 22nd in Jakarta) on which a sent three messages and is sending a fourth with no daily quota
+    store.insert_messages(planned(6), NOW)
+    batch = store.claim(worker="a", now=NOW, limit=6, lease_seconds=7200)
+    ids = [m.id for m in batch]
+    assert store.record_and_mark([], ids[:4], worker="a", now=NOW).sending == set(ids[:4])
+    sent = [Disposition(message=m, status=MessageStatus.SENT, worker="a", started_at=NOW, finished_at=NOW,
+                        result=SendResult(Outcome.SENT, 250, "ok")) for m in batch[:3]]  # fmt: skip
+    store.record_and_mark(sent, [], worker="a", now=NOW)
+    # and a message sent the day before, which that day counted
+    yesterday = NOW - timedelta(days=1)
+    store.insert_messages(planned(1, prefix="y", due=yesterday), yesterday)
+    [old] = store.claim(worker="a", now=yesterday, limit=1, lease_seconds=60)
+    store.record_and_mark([], [old.id], worker="a", now=yesterday)
+    store.record_and_mark([Disposition(message=old, status=MessageStatus.SENT, worker="a", started_at=yesterday,
+                                       finished_at=yesterday, result=SendResult(Outcome.SENT, 250, "ok"))], [],
+                          worker="a", now=yesterday)  # fmt: skip
+    # When the operator sets a daily quota of five (the provider's limit) and a's next group commit marks two more
+    quota = DayQuota("quota:daily", "2026-11-22", since=datetime(2026, 11, 21, 17, 0, tzinfo=UTC), limit=5)
+    marks = store.record_and_mark([], ids[4:], worker="a", now=NOW + timedelta(hours=1), quota=quota)
+    # Then the day's four marks before the quota count: one more is marked, not two
+    assert marks == Marks(sending=frozenset(ids[4:5]), over_quota=frozenset(ids[5:]), quota_day="2026-11-22")
+    assert RateStore(store.engine).used_today("quota:daily", day="2026-11-22") == 5
+
+
 def test_a_hold_made_again_after_a_commit_whose_reply_was_lost_is_given_as_held(store: Store) -> None:
     # Given b sending to customer 1, and a's group commit marking its three rows (customers 1-3), committed though
     # a never heard so: a's row for customer 1 was held back, the others marked

@@ -360,10 +360,19 @@ _GIVE_BACK_SQL = _RECORD_SET + f" WHERE id = :id AND claimed_by = :worker AND st
 # (PostgreSQL; SQLite's write lock is the transaction's) while the marks are made, so workers side by side never mark
 # more between them than the day allows.
 _QUOTA_ROW_SQL = (
-    "INSERT INTO rate_limit (key, tat, day, day_count) VALUES (:key, 0.0, :day, 0) ON CONFLICT (key) DO NOTHING"
+    "INSERT INTO rate_limit (key, tat, day, day_count) VALUES (:key, 0.0, NULL, 0) ON CONFLICT (key) DO NOTHING"
 )
 _QUOTA_READ_SQL = "SELECT day, day_count FROM rate_limit WHERE key = :key"
 _QUOTA_SET_SQL = "UPDATE rate_limit SET day = :day, day_count = :count WHERE key = :key"
+# A day the quota's row has not counted yet (its first commit, or the first since a quota was set: with none, marks
+# count nothing) starts from the day's marks the ledger shows: its attempts, and the rows being sent, marked since the
+# day began (ix_attempt_finished_at; ix_message_sending_mailbox, whose condition is this one's). A quota set in the
+# afternoon holds the day's sends to it, not that many more. (An attempt that began after midnight from a mark made
+# before counts in both days: a slot or two of the new one, on the safe side of the provider's limit.)
+_QUOTA_SINCE_SQL = (
+    "SELECT (SELECT count(*) FROM attempt WHERE finished_at >= :since AND started_at >= :since)"
+    f" + (SELECT count(*) FROM message WHERE status = '{_SENDING}' AND updated_at >= :since)"
+)
 _QUOTA_GIVE_BACK_SQL = (
     "UPDATE rate_limit SET day_count = CASE WHEN day_count > :count THEN day_count - :count ELSE 0 END"
     " WHERE key = :key AND day = :day"
@@ -479,6 +488,7 @@ class _LedgerSql:
         self.quota_row = self.style(_QUOTA_ROW_SQL)
         self.quota_read = self.style(_QUOTA_READ_SQL + (" FOR UPDATE" if dialect.name == "postgresql" else ""))
         self.quota_set = self.style(_QUOTA_SET_SQL)
+        self.quota_since = self.style(_QUOTA_SINCE_SQL)
         self.quota_give_back = self.style(_QUOTA_GIVE_BACK_SQL)
         lock = " FOR UPDATE SKIP LOCKED" if dialect.name == "postgresql" else ""
         self._claim = _CLAIM_SQL.format(message_id=_MESSAGE_ID_SQL[dialect.name], lock=lock)
@@ -929,12 +939,15 @@ class Store:
         ``now`` was taken before local midnight (it waited for the lock, was tried again, or its host's clock is
         behind another worker's) counts its marks in the new day rather than start that day's count again (ISO
         days sort as strings)."""
-        cursor.execute(self._sql.quota_row, {"key": quota.key, "day": quota.day})
+        cursor.execute(self._sql.quota_row, {"key": quota.key})
         cursor.execute(self._sql.quota_read, {"key": quota.key})
         day, count = cursor.fetchone()
         if day is not None and day > quota.day:
             return day, count  # (what this commit gives back was counted by the earlier day, if at all)
-        return quota.day, max(0, (count if day == quota.day else 0) - given_back)
+        if day != quota.day:  # not counted yet: the ledger's (the rows given back in this commit are no marks there)
+            cursor.execute(self._sql.quota_since, {"since": self._sql.dt(quota.since)})
+            return quota.day, int(cursor.fetchone()[0])
+        return quota.day, max(0, count - given_back)
 
     def mark_sending(self, ids: Sequence[int], *, worker: str, now: datetime) -> set[int]:
         """Commit ``sending`` for rows this worker still holds; returns the ids marked.
