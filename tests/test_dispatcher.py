@@ -1163,3 +1163,43 @@ def test_a_sender_cut_off_as_its_mark_comes_gives_its_row_back(db_url: str) -> N
     assert shop.row(emails[1]).status == "planned"
     assert shop.due_time(emails[1]) == NOW
     shop.close()
+
+
+def test_once_the_days_quota_is_spent_runs_claim_nothing_and_a_reload_that_raises_it_sends_the_rest_that_day(
+    db_url: str, smtp_server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a daily quota of one and six customers due a win-back, claimed one at a time
+    raw = settings_dict(db_url, smtp_server.port, batch_size=1, compose_processes=0, daily_quota=1)
+    settings = settings_from_dict(raw, base_dir=REPO)
+    emails = [f"c{i}@test.example" for i in range(6)]
+    shop = Shop(db_url, settings, emails)
+    plan(shop.store, settings, shop.clock.now())
+    astore = AsyncStore(shop.store)
+
+    async def runs(deps: Any, times: int) -> list[DispatchReport]:
+        transport = deps.transport()
+        dispatcher = deps.dispatcher(astore, transport)
+        try:
+            return [await dispatcher.run_once() for _ in range(times)]
+        finally:
+            await transport.close()
+
+    try:
+        # When a daemon's dispatcher runs again and again once the quota is spent (its poll)
+        first, *again = asyncio.run(asyncio.wait_for(runs(shop.deps, 4), timeout=60))
+        # Then the first run sends one, and says the quota is spent; so do the next runs, which claim nothing, nor
+        # send the queue's messages to wait for the next day batch by batch (nor log the quota's end each time)
+        assert first.outcomes == {"sent": 1} and first.quota_reached
+        assert all(r.quota_reached and not r.outcomes for r in again), again
+        assert shop.store.any_due(shop.clock.now())
+        waiting_a_day = [e for e in emails if shop.due_time(e) > shop.clock.now() + timedelta(hours=1)]
+        assert len(waiting_a_day) <= 1, waiting_a_day  # (at most the one claimed beside the message sent)
+        assert len([r for r in caplog.records if r.getMessage() == "daily_quota_reached"]) == 1
+        # When the operator raises the quota (a reload: a new dispatcher) the same day
+        raised = replace(shop.deps, settings=replace(settings, sending=replace(settings.sending, daily_quota=10)))
+        (after,) = asyncio.run(asyncio.wait_for(runs(raised, 1), timeout=60))
+        # Then the messages still due go that day
+        assert after.outcomes.get("sent", 0) >= 4, after.outcomes
+    finally:
+        astore.close()
+        shop.close()

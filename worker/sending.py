@@ -589,6 +589,8 @@ class Dispatcher:
         self._quota_resumes: datetime | None = None
         """Once this run's quota is reached: when the day after the latest one whose quota refused its messages
         begins (None: not reached)."""
+        self._quota_told: date | None = None
+        """The last shop-local day whose quota's end this dispatcher logged (``daily_quota_reached``)."""
         self._last_unreached = ""
         """The reply (or error) of the last attempt that did not reach the server."""
         self._rate_later: list[datetime] = []
@@ -1033,6 +1035,13 @@ class Dispatcher:
             return None
         store = self.store.store
         now = self.clock.now()
+        if self.quota.quota > 0 and not (spent := await self.quota.room(1))[0]:
+            # the day's quota spent: nothing claimed, so the runs a daemon makes meanwhile do not send the whole queue
+            # to wait for the next day batch by batch (a reload that raises the quota sends it that day); the run says
+            # so if a message is due
+            if await self.store.call(store.any_due, now, campaigns=self._campaigns):
+                self._quota_reached([], writer, now, spent[1])
+            return None
         limit = self.settings.sending.batch_size
         batch = await self.store.call_retrying(
             "claim_retried",
@@ -1096,7 +1105,8 @@ class Dispatcher:
         resumes = self.quota.ends(day)
         for item in items:
             writer.record(self._release(item.message, now, until=resumes))
-        first = not self.quota_reached
+        first = self._quota_told != day  # (said once a day: a daemon's runs find it spent until the day ends)
+        self._quota_told = day
         self._quota_resumes = max(resumes, self._quota_resumes or resumes)
         if first:
             log.event(

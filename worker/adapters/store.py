@@ -745,6 +745,15 @@ class Store:
         read = sql.read_dt
         return [_claimed(r, read) for r in rows]
 
+    def any_due(self, now: datetime, *, campaigns: Sequence[str] | None = None) -> bool:
+        """Whether a claim at ``now`` would find a row (of ``campaigns``; None: any): one index seek per priority."""
+        due = sa.select(M.c.id).where(WAITING, M.c.next_attempt_at <= now).limit(1)
+        if campaigns is not None:
+            due = due.where(M.c.campaign.in_(list(campaigns)))
+        with db.reading(self.engine) as conn:
+            return any(conn.execute(due.where(M.c.priority == priority)).first() is not None
+                       for priority in conn.execute(_WAITING_PRIORITIES).scalars())  # fmt: skip
+
     def due_messages(
         self, *, now: datetime, campaigns: Sequence[str], domain: str, batch_size: int = 1000
     ) -> Iterator[list[ClaimedMessage]]:
