@@ -27,6 +27,7 @@ from worker.adapters.ratestore import RateStore
 from worker.adapters.store import Store
 from worker.app import make_limiter
 from worker.asyncstore import AsyncStore
+from worker.commands import running
 from worker.config import load_settings, settings_from_dict
 from worker.core.limits import quota_day, quota_day_end
 from worker.daemon import Daemon
@@ -1195,6 +1196,9 @@ def test_once_the_days_quota_is_spent_runs_claim_nothing_and_a_reload_that_raise
         waiting_a_day = [e for e in emails if shop.due_time(e) > shop.clock.now() + timedelta(hours=1)]
         assert len(waiting_a_day) <= 1, waiting_a_day  # (at most the one claimed beside the message sent)
         assert len([r for r in caplog.records if r.getMessage() == "daily_quota_reached"]) == 1
+        # and a `run --once` meanwhile says the quota is spent, not that nothing was due
+        lines = running.summary(shop.cycle())
+        assert "nothing was due to send" not in lines and any("daily quota is used up" in x for x in lines), lines
         # When the operator raises the quota (a reload: a new dispatcher) the same day
         raised = replace(shop.deps, settings=replace(settings, sending=replace(settings.sending, daily_quota=10)))
         (after,) = asyncio.run(asyncio.wait_for(runs(raised, 1), timeout=60))

@@ -143,8 +143,8 @@ def summary(
         parts = [f"sent {sent} {label} {'email' if sent == 1 else 'emails'}"]
         parts += [f"{n} {what}" for what, n in sorted(counts.items())]
         lines.append(", ".join(parts))
-    if not by_campaign and not report.dispatched.clock_off:  # (then nothing was even looked at)
-        lines.append("nothing was due to send")
+    if not by_campaign and not report.dispatched.clock_off and not report.dispatched.quota_reached:
+        lines.append("nothing was due to send")  # (clock off, quota spent: nothing was even looked at; they say why)
     waits = report.dispatched.rate_waits
     if waits:
         waited = sum(waits.values())
