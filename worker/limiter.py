@@ -169,8 +169,13 @@ class DbBooker:
         # its answer takes to come back is added on top, which errs on the slow side. A booking that fails
         # (the database restarting) is tried again: one whose reply was lost only wastes a slot.
         if self.sooner:  # (brought forward twice, should a reply be lost: the next slot is never before now)
-            await self.store.call_retrying("rate_brought_forward_retried", self.rates.bring_forward, self.sooner)
-            self.sooner = {}
+            sooner, self.sooner = self.sooner, {}  # (the senders booking meanwhile do not bring it forward again)
+            try:
+                await self.store.call_retrying("rate_brought_forward_retried", self.rates.bring_forward, sooner)
+            except BaseException:
+                for key, seconds in sooner.items():  # for the next booking
+                    self.sooner[key] = self.sooner.get(key, 0.0) + seconds
+                raise
         wait, booked, pace = await self.store.call_retrying(
             "rate_booking_retried", self.rates.try_book_reading_pace, limits, longest or {}
         )
