@@ -17,9 +17,9 @@ import itertools
 import ssl
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from worker.asyncstore import AsyncStore
 from worker.commands import running
 from worker.domain import ProductRecord
 from worker.pipeline import plan
+from worker.testing import FakeClock
 
 BAD, OK = "bad@test.example", "ok@test.example"
 
@@ -916,6 +917,54 @@ def test_a_run_waiting_for_a_slow_domain_reads_the_catalogue_again_for_what_it_c
         assert shop.row(second).sent_at.replace(tzinfo=UTC) >= launched
         assert "Kopi Baru Toraja" not in bodies[(first,)]
         assert "Kopi Baru Toraja" in bodies[(second,)]
+    finally:
+        shop.close()
+
+
+class _ShopChangesAt(FakeClock):
+    """A fake clock on which ``change`` runs once, when a wait takes the time past ``at`` (an import landing while
+    the run waits for its rate)."""
+
+    def __init__(self, at: datetime, change: Callable[[], None]) -> None:
+        super().__init__(NOW)
+        self.at, self.change = at, change
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds)
+        if self.change is not None and self.now() >= self.at:
+            change, self.change = self.change, None
+            change()
+
+
+def test_a_product_unpublished_while_a_long_run_sends_is_in_no_email_it_claims_minutes_later(
+    url: str, server: RecordingServer
+) -> None:
+    # Given customers due a win-back, a second coffee on sale that their emails recommend, and a global rate of one
+    # message every 100 s (a long run: a backlog of a day's mail at the relay's pace)
+    emails = [f"c{i}@test.example" for i in range(8)]
+    settings = make_settings(url, server.port, compose_processes=0, rate_per_second=0.01, burst=1, batch_size=1,
+                             in_flight_per_connection=1, smtp={"pool_size": 1})  # fmt: skip
+    toraja = ProductRecord("P-2", "Kopi Toraja Sapan", "kopi", 95_000_00, "IDR", "https://shop.example/p/2", "", None,
+                           True)  # fmt: skip
+    shop = None
+
+    def unpublish() -> None:  # a products import marks it no longer sold, 150 s into the run
+        assert shop is not None
+        upsert_products(shop.store.engine, [dataclasses.replace(toraja, active=False)], NOW)
+
+    clock = _ShopChangesAt(NOW + timedelta(seconds=150), unpublish)
+    shop = Shop(url, settings, emails, clock=clock)
+    upsert_products(shop.store.engine, [toraja], NOW)
+    try:
+        # When one run sends them all, the last some 700 s after it began (each wait a jump of the fake clock)
+        shop.cycle()
+
+        # Then the first email recommended it, and the emails claimed well after the import show it no more
+        order = sorted(emails, key=lambda a: shop.row(a).sent_at)
+        bodies = {m.rcpt_tos[0]: _text(m.data) for m in server.messages}
+        assert len(bodies) == len(emails)
+        assert "Kopi Toraja Sapan" in bodies[order[0]]
+        assert [a for a in order[-3:] if "Kopi Toraja Sapan" in bodies[a]] == []
     finally:
         shop.close()
 

@@ -15,7 +15,7 @@ lease) and hands it to ``ComposerPool.prepare``, which sends the claimed rows
 ``Composer`` over their own ``JinjaTemplates`` and their own ``Store``, built
 once when the process starts. The helper reads the batch's facts from the
 database itself (customers, suppressions, order products, what each customer
-was sent; the product catalogue once per dispatch run) and runs
+was sent; the product catalogue once per dispatch run, and a minute into a long one) and runs
 ``Composer.prepare`` on each message: re-check, the contact policy against the
 ledger alone, and rendering for what that lets through. The event loop awaits
 the result while the senders keep sending the previous batch, so on a machine
@@ -219,7 +219,7 @@ class ComposerPool:
     async def prepare(self, batch: Sequence[ClaimedMessage], now: datetime, *, run: int) -> list[Item] | None:
         """``prepare_batch`` in the helpers, in order; None when a helper died (the caller prepares the batch
         in-process; the failure is logged and the next batch gets a fresh helper). ``run`` names the dispatch
-        run: the catalogue is read once per run."""
+        run (``Dispatcher._runs``): the catalogue is read once per run."""
         parts = _split(list(batch), self.processes)
         loop = asyncio.get_running_loop()
         try:

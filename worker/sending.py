@@ -476,6 +476,9 @@ Mark = Literal["sending", "held", "lost"] | OverQuota | SkipReason
 """What a row's ``sending`` mark made of it (``LedgerWriter.mark_sending``)."""
 _DONE: Literal["done"] = "done"
 LOCAL_CHUNK = 25
+CATALOGUE_SECONDS = 60.0
+"""How long a run prepares its batches with the product catalogue it read (recommendations, best sellers, the news'
+picks): an import's change to the products is in the emails claimed this long after it at most."""
 CANCELLED_CLOSE_SECONDS = 1.0
 """How long a cancelled run lets its ledger writer commit what it holds before stopping it (see ``run_once``)."""
 """Messages prepared in the event loop's thread between two chances for the senders to run (~8 ms)."""
@@ -598,8 +601,12 @@ class Dispatcher:
         self._learning: dict[str, asyncio.Future[list[datetime]]] = {}
         """Per domain, the read of the messages waiting in the ledger for it (``_learn_waiting``)."""
         self._runs = 0
+        """The number of the product catalogue batches are prepared with: a new one each run, and every
+        ``CATALOGUE_SECONDS`` within one (``_fresh_catalogue``)."""
+        self._run_began = (-1, datetime.min)
+        """The catalogue number ``_next_batch`` last saw, and when it saw it first."""
         self._catalogue: list[ProductView] = []
-        """The product catalogue, read once per run (when batches are prepared in this process)."""
+        """The product catalogue, read once per ``_runs`` (when batches are prepared in this process)."""
         self._catalogue_run = -1
         self._on_wire: set[asyncio.Future[None]] = set()
         """One for each send under way, done once its outcome is handed to the writer."""
@@ -1028,6 +1035,16 @@ class Dispatcher:
             return Skipped(item.message, decision.reason, item.customer.external_id)
         return Deferred(item.message, decision.at, decision.why, item.customer.time_zone, item.customer.external_id)
 
+    def _fresh_catalogue(self, now: datetime) -> None:
+        """A batch claimed ``CATALOGUE_SECONDS`` after the run's catalogue was first used reads it again, as a new
+        run would: a run may send a backlog for hours, and a product an import marks no longer sold (or reprices)
+        since is in no email claimed a minute later."""
+        runs, began = self._run_began
+        if runs == self._runs and (now - began).total_seconds() >= CATALOGUE_SECONDS:
+            self._runs += 1
+        if runs != self._runs:
+            self._run_began = (self._runs, now)
+
     async def _next_batch(self, writer: LedgerWriter) -> _Batch | None:
         """Claim the next batch and prepare it (in the helper when the batch is big enough); None when
         stopping or nothing is due. Batches are decided in claim order by the run's arbiter."""
@@ -1042,6 +1059,7 @@ class Dispatcher:
             if await self.store.call(store.any_due, now, campaigns=self._campaigns):
                 self._quota_reached([], writer, now, spent[1])
             return None
+        self._fresh_catalogue(now)
         limit = self.settings.sending.batch_size
         batch = await self.store.call_retrying(
             "claim_retried",
