@@ -975,6 +975,38 @@ def test_reimport_changes_nothing_and_orders_refresh_customer_facts(store: Store
     assert facts.order_count == 2 and facts.last_order_at == NOW - timedelta(days=5)
 
 
+def test_a_batch_of_orders_is_written_in_a_few_statements_not_a_round_trip_per_order(store: Store) -> None:
+    """A first orders import on PostgreSQL took an INSERT per order and one per order's lines: 800 orders a second,
+    a million-order history half an hour; the batch's orders, changed orders and lines are a statement each."""
+    from worker.domain import OrderLineRecord
+
+    def orders(status: OrderStatus, total: int) -> list[OrderRecord]:
+        return [OrderRecord(f"O{i}", f"C{i % 3}", status, NOW - timedelta(days=1 + i % 50), None, total, "IDR",
+                            (OrderLineRecord("P-1", 1, total), OrderLineRecord("P-2", 2, 0)))
+                for i in range(300)]  # fmt: skip
+
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        first = shop.upsert_orders(store.engine, orders(OrderStatus.PLACED, 100_00), NOW)
+        created = len(statements)
+        again = shop.upsert_orders(store.engine, orders(OrderStatus.PAID, 150_00), NOW)
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", count)
+    assert (first.created, again.updated) == (300, 300)
+    assert created < 30 and len(statements) - created < 30, statements[:40]
+    facts = store.send_time_facts([1, 2, 3])
+    assert sorted(f.order_count for f in facts.values()) == [100, 100, 100]
+    assert sorted(f.total_spent_minor for f in facts.values()) == [100 * 150_00] * 3
+    with store.engine.connect() as conn:
+        lines = conn.execute(sa.text("SELECT count(*), sum(unit_price_minor) FROM order_line")).one()
+    assert tuple(lines) == (600, 300 * 150_00)
+
+
 def first_order_numbers(store: Store) -> dict[str, str | None]:
     from worker.adapters.store import C
 

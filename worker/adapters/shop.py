@@ -258,6 +258,10 @@ def _upsert_orders(
         existing_lines = _lines_of(conn, [r.id for r in existing.values()])
         spent = _spent(conn, {*customers.values(), *(old.customer_id for old in existing.values())})
         touched: set[int] = set()
+        new: list[dict[str, Any]] = []
+        changed: list[dict[str, Any]] = []
+        lines_of: dict[str, list[dict[str, Any]]] = {}
+        """The lines of each order inserted or changed, by external id."""
         for ext, rec in by_id.items():
             customer_id = customers.get(rec.customer_external_id)
             if customer_id is None:
@@ -305,25 +309,47 @@ def _upsert_orders(
             ]
             unknown += [(ext, str(line["product_external_id"])) for line in lines if line["product_id"] is None]
             if old is None:
-                order_id = conn.execute(
-                    sa.insert(O).values(external_id=ext, created_at=now, updated_at=now, **values).returning(O.c.id)
-                ).scalar_one()
+                new.append({"external_id": ext, "created_at": now, "updated_at": now, **values})
                 counts.created += 1
             else:
-                order_id = old.id
                 same_order = all(getattr(old, k) == v for k, v in values.items())
-                if same_order and existing_lines.get(order_id, []) == lines:
+                if same_order and existing_lines.get(old.id, []) == lines:
                     counts.unchanged += 1
                     continue
-                conn.execute(sa.update(O).where(O.c.id == order_id).values(updated_at=now, **values))
-                conn.execute(sa.delete(L).where(L.c.order_id == order_id))
+                changed.append({**{f"v_{k}": v for k, v in values.items()}, "b_id": old.id})
                 touched.add(old.customer_id)
                 counts.updated += 1
-            if lines:
-                conn.execute(sa.insert(L), [{**line, "order_id": order_id} for line in lines])
+            lines_of[ext] = lines
             touched.add(customer_id)
+        _write_orders(conn, new, changed, lines_of, {ext: old.id for ext, old in existing.items()}, now)
         refresh_customer_stats(conn, sorted(touched), now, currency)
     return counts, unknown
+
+
+def _write_orders(
+    conn: Connection, new: list[dict[str, Any]], changed: list[dict[str, Any]],
+    lines_of: dict[str, list[dict[str, Any]]], ids: dict[str, int], now: datetime,
+) -> None:
+    """Insert the ``new`` orders and update the ``changed`` ones (``v_`` their values, ``b_id`` the row), each
+    statement once for the batch (a statement per order took a round trip each: 800 orders a second on PostgreSQL);
+    then their lines (``lines_of``, by external id; ``ids``: the rows of the orders stored before) in place of any
+    stored."""
+    ids = dict(ids)
+    if new:
+        inserted = conn.execute(sa.insert(O).returning(O.c.external_id, O.c.id), new)
+        ids.update((ext, order_id) for ext, order_id in inserted)
+    if changed:
+        keys = [k[2:] for k in changed[0] if k.startswith("v_")]
+        conn.execute(
+            sa.update(O).where(O.c.id == sa.bindparam("b_id"))
+            .values({**{k: sa.bindparam(f"v_{k}") for k in keys}, "updated_at": now}),
+            changed,
+        )  # fmt: skip
+        for part in _chunks([row["b_id"] for row in changed]):
+            conn.execute(sa.delete(L).where(L.c.order_id.in_(part)))
+    rows = [{**line, "order_id": ids[ext]} for ext, lines in lines_of.items() for line in lines]
+    if rows:
+        conn.execute(sa.insert(L), rows)
 
 
 def _paid_at(old: Any, rec: OrderRecord, now: datetime) -> datetime | None:
