@@ -258,3 +258,24 @@ def test_a_feedback_request_whose_order_is_delivered_later_than_planning_knew_wa
     cycle_at(settings, MORNING + timedelta(days=6, hours=1))
     assert ledger(settings) == {"feedback:F1-1": ("sent", None), "feedback:F2-1": ("skipped", "expired"),
                                 "feedback:F3-1": ("sent", None)}  # fmt: skip
+
+
+def test_a_feedback_request_whose_order_an_import_gave_another_customer_is_not_sent_to_the_first(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given orders delivered 8 days ago: their feedback requests are planned at night, for the morning
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("F1"), customer("F2"), customer("F3")], NIGHT)
+    shop.upsert_orders(engine, [order("F1-1", "F1", D, 9, 8), order("F2-1", "F2", D, 9, 8)], NIGHT)
+    engine.dispose()
+    assert cycle_at(settings, NIGHT).dispatched.outcomes == {"deferred:quiet_hours": 2}
+    # When overnight an import gives F1's order to F3 (the shop merged two accounts, or corrected whose it was)
+    engine = db.create_engine(db_url)
+    shop.upsert_orders(engine, [order("F1-1", "F3", D, 9, 8)], NIGHT)
+    engine.dispose()
+    morning = cycle_at(settings, MORNING)
+    # Then F1 is not asked to rate an order, and shown its products, that the shop says is no longer theirs
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["f2@example.com"]
+    assert morning.dispatched.outcomes == {"sent": 1, "skipped:no_longer_due": 1}
+    assert ledger(settings)["feedback:F1-1"] == ("skipped", "no_longer_due")

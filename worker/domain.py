@@ -187,7 +187,8 @@ class SkipReason(enum.StrEnum):
     ORDERED_SINCE = "ordered_since"
     """The customer ordered again after the message was planned (win-back), or after the news (new products)."""
     NO_LONGER_DUE = "no_longer_due"
-    """The campaign's rule no longer holds: the order it is about was cancelled or refunded, the birthday was
+    """The campaign's rule no longer holds: the order it is about was cancelled or refunded (or, to rate, is
+    another customer's now), the birthday was
     changed or removed, the milestone is no longer reached, nothing launched is new any more, the win-back step's
     time has passed (the next step is due) or its order is older than ``give_up_after_days``."""
     CAPPED = "capped"

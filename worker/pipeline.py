@@ -101,7 +101,8 @@ class BatchFacts:
     customer_products: dict[int, list[ProductView]] = field(default_factory=dict)
     launches: list[Launch] = field(default_factory=list)
     rateable: Mapping[int, datetime] = field(default_factory=dict)
-    """The feedback messages' orders that can still be rated (not cancelled or refunded since), each with when it
+    """The feedback messages' orders that can still be rated (not cancelled or refunded since, nor given to another
+    customer than the message's), each with when it
     settled (delivered, else placed) as the shop's data says now."""
     news_sent: dict[str, list[datetime]] = field(default_factory=dict)
     """When each new-products message's mailbox was sent new-products news, within ``cc.NEWS_SPACING``."""
@@ -157,7 +158,8 @@ def load_batch_facts(
             products = audience_sql.customer_products(store.engine, wanting)
             within = timedelta(days=settings.campaigns.new_products.within_days)
             launches = audience_sql.launches(store.engine, since=now - within, until=now)
-    rated = [i for m in messages if m.campaign == cc.FEEDBACK and (i := m.payload_id("order_id")) is not None]
+    rated = [(i, m.customer_id) for m in messages
+             if m.campaign == cc.FEEDBACK and (i := m.payload_id("order_id")) is not None]  # fmt: skip
     rewarded = [m.customer_id for m in messages if m.campaign == cc.LOYALTY]
     if rewarded and settings is not None:  # a milestone counts the orders paid, not one placed and not paid yet
         totals = store.paid_totals(rewarded, settings.shop.currency)

@@ -1339,17 +1339,19 @@ class Store:
                 out.update(conn.execute(sa.select(S.c.email).where(S.c.email.in_(part))).scalars())
         return out
 
-    def rateable_among(self, order_ids: Iterable[int]) -> dict[int, datetime]:
-        """Those of these orders a feedback request may still ask about (paid, shipped or delivered), each with
-        when it settled (delivered, else placed) as the shop's data says now: an import may have given a delivery
-        time since the request was planned."""
-        ids = sorted(set(order_ids))
+    def rateable_among(self, orders: Iterable[tuple[int, int]]) -> dict[int, datetime]:
+        """Those of these orders (each with the customer a feedback request asks about it) the request may still
+        ask about: paid, shipped or delivered, and still that customer's (an import may have given it to another
+        since: accounts merged, a correction), each with when it settled (delivered, else placed) as the shop's
+        data says now: an import may have given a delivery time since the request was planned."""
+        asked = set(orders)
         out: dict[int, datetime] = {}
         settled = sa.func.coalesce(O.c.settled_at, O.c.placed_at, type_=UTCDateTime())
         with db.reading(self.engine) as conn:
-            for part in _chunks(ids):
-                query = sa.select(O.c.id, settled).where(O.c.id.in_(part), O.c.status.in_(RATEABLE))
-                out.update((order_id, at) for order_id, at in conn.execute(query))
+            for part in _chunks(sorted({order_id for order_id, _ in asked})):
+                query = sa.select(O.c.id, O.c.customer_id, settled).where(O.c.id.in_(part), O.c.status.in_(RATEABLE))
+                out.update((order_id, at) for order_id, customer_id, at in conn.execute(query)
+                           if (order_id, customer_id) in asked)  # fmt: skip
         return out
 
     def catalogue(self, launched_by: datetime) -> list[tuple[ProductView, int]]:

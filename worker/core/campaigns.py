@@ -504,16 +504,16 @@ def still_due(
 ) -> SkipReason | None:
     """Right before sending (after ``audiences.recheck``): does the rule that planned the message still hold
     for what the shop's data says now? None means yes. ``rateable``: the ids of the feedback orders that can
-    still be rated (``OrderStatus.can_be_rated``); ``launches``: the active products launched in the
-    new-products window before ``now``; ``winback_steps``: the win-back steps' day counts, in order, and
-    ``winback_templates`` their templates; ``give_up_after_days``: win-back's (0: no limit).
+    still be rated (``OrderStatus.can_be_rated``) and are still the message's customer's; ``launches``: the active
+    products launched in the new-products window before ``now``; ``winback_steps``: the win-back steps' day
+    counts, in order, and ``winback_templates`` their templates; ``give_up_after_days``: win-back's (0: no limit).
 
-    A birthday changed or removed, the order to rate cancelled or refunded, a milestone no longer reached (the
-    order that reached it refunded), news the customer ordered after (or that is no longer new), a win-back step
-    still waiting (the cap, quiet hours) when the only order's age reaches the next step's day count (the next
-    step goes instead: an earlier step is not sent late, ``winback_step_due``), or when it reaches
-    ``give_up_after_days`` (the last step too: no win-back email past it): the message is skipped, not sent as
-    planned."""
+    A birthday changed or removed, the order to rate cancelled or refunded (or given to another customer), a
+    milestone no longer reached (the order that reached it refunded), news the customer ordered after (or that is
+    no longer new), a win-back step still waiting (the cap, quiet hours) when the only order's age reaches the
+    next step's day count (the next step goes instead: an earlier step is not sent late, ``winback_step_due``), or
+    when it reaches ``give_up_after_days`` (the last step too: no win-back email past it): the message is skipped,
+    not sent as planned."""
     customer = facts.customer
     if customer is None:
         return None  # audiences.recheck skips it as customer_gone
