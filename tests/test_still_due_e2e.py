@@ -279,3 +279,26 @@ def test_a_feedback_request_whose_order_an_import_gave_another_customer_is_not_s
     assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["f2@example.com"]
     assert morning.dispatched.outcomes == {"sent": 1, "skipped:no_longer_due": 1}
     assert ledger(settings)["feedback:F1-1"] == ("skipped", "no_longer_due")
+
+
+def test_a_birthday_corrected_after_its_offer_was_planned_gets_the_offer_on_the_corrected_day(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given a customer born on 4 March: their birthday offer is planned at night, 3 days ahead, for the morning
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("B1", date(1990, 3, 4)), customer("B2", date(1990, 3, 4))], NIGHT)
+    engine.dispose()
+    assert cycle_at(settings, NIGHT).dispatched.outcomes == {"deferred:quiet_hours": 2}
+    # When overnight an import corrects B1's birthday to 5 March (the customer fixed it in their profile)
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("B1", date(1990, 3, 5))], NIGHT)
+    engine.dispose()
+    cycle_at(settings, MORNING)
+    # Then the offer for 4 March is not sent, and one for 5 March is, once: the correction costs them no offer
+    offers = {k: v for k, v in ledger(settings).items() if k.startswith("birthday:B1:")}
+    assert offers.pop("birthday:B1:2027") == ("skipped", "no_longer_due")
+    assert list(offers.values()) == [("sent", None)]
+    assert sorted(to for m in smtp_server.messages for to in m.rcpt_tos) == ["b1@example.com", "b2@example.com"]
+    cycle_at(settings, MORNING + timedelta(days=1))
+    assert len(smtp_server.messages) == 2

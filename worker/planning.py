@@ -252,24 +252,22 @@ def _birthday_on(store: Store, settings: Settings, now: datetime, priority: int,
     after = 0
     while rows := audience_sql.birthday_rows(store.engine, mmdd=mmdd, after_id=after, limit=_batch_size(settings)):
         after = rows[-1].customer_id
-        batch = []
+        plans = []
         for r in rows:
             zone = zone_of(r.time_zone, settings.shop.time_zone)
             plan = cc.birthday_plan(r.birthday, now, zone, cfg.days_before)
-            if plan is None:
-                continue
-            day, due_at = plan
-            batch.append(cc.planned(
-                r, key=cc.birthday_key(r.customer_external_id, day.year), campaign=cc.BIRTHDAY, now=now,
-                expires_at=cc.birthday_expires(day, zone), domain=settings.shop.domain, priority=priority,
-                payload={"birthday": day.isoformat()}, due_at=due_at,
-            ))  # fmt: skip
-        yield _new_only(store, batch)
-
-
-def _new_only(store: Store, batch: list[PlannedMessage]) -> list[PlannedMessage]:
-    """Drop messages whose dedupe key the ledger already has (keys SQL cannot compute)."""
-    if not batch:
-        return batch
-    known = audience_sql.existing_keys(store.engine, (m.dedupe_key for m in batch))
-    return [m for m in batch if m.dedupe_key not in known]
+            if plan is not None:
+                plans.append((r, zone, *plan))
+        # one offer a year; a customer whose offer was skipped for a birthday corrected since gets one on the day
+        keys = [key for r, _, day, _ in plans for key in cc.birthday_keys(r.customer_external_id, day)]
+        known = audience_sql.birthday_keys_known(store.engine, keys)
+        batch = []
+        for r, zone, day, due_at in plans:
+            key = cc.birthday_key_to_plan(r.customer_external_id, day, known)
+            if key is not None:
+                batch.append(cc.planned(
+                    r, key=key, campaign=cc.BIRTHDAY, now=now, expires_at=cc.birthday_expires(day, zone),
+                    domain=settings.shop.domain, priority=priority, payload={"birthday": day.isoformat()},
+                    due_at=due_at,
+                ))  # fmt: skip
+        yield batch

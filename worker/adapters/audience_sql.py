@@ -9,6 +9,7 @@ query here only reads (``db.reading``: no SQLite write lock).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -19,7 +20,7 @@ from sqlalchemy.engine import Engine
 from worker.adapters import db
 from worker.adapters.store import PURCHASE_EXCLUDED, C, L, M, O, P, _chunks, product_view, suppressed_sql
 from worker.core.campaigns import AudienceRow, Launch
-from worker.domain import ProductView
+from worker.domain import MessageStatus, ProductView, SkipReason
 
 _CUSTOMER = (C.c.id, C.c.external_id, C.c.email, C.c.time_zone)
 
@@ -68,6 +69,36 @@ def existing_keys(engine: Engine, keys: Iterable[str]) -> set[str]:
         for part in _chunks(wanted):
             found.update(conn.execute(sa.select(M.c.dedupe_key).where(M.c.dedupe_key.in_(part))).scalars())
     return found
+
+
+def birthday_keys_known(engine: Engine, keys: Iterable[str]) -> dict[str, str | None]:
+    """The birthday offers' dedupe keys among ``keys`` the ledger has, each with the birthday of a row that sends
+    nothing for it if that day is not the customer's (its payload's: skipped as ``no_longer_due``, or waiting in the
+    queue, unclaimed, where the send-time check skips it so), else None (``campaigns.birthday_key_to_plan``)."""
+    wanted = sorted(set(keys))
+    found: dict[str, str | None] = {}
+    waiting = (MessageStatus.PLANNED.value, MessageStatus.RETRY.value)
+    no_longer_due = sa.or_(
+        sa.and_(M.c.status == MessageStatus.SKIPPED.value, M.c.skip_reason == SkipReason.NO_LONGER_DUE.value),
+        sa.and_(M.c.status.in_(waiting), M.c.claimed_by.is_(None)),
+    )
+    with db.reading(engine) as conn:
+        for part in _chunks(wanted):
+            query = sa.select(M.c.dedupe_key, M.c.payload, no_longer_due.label("no_longer_due")).where(
+                M.c.dedupe_key.in_(part)
+            )
+            for key, payload, skipped in conn.execute(query):
+                day = _payload(payload).get("birthday") if skipped else None
+                found[key] = day if isinstance(day, str) else None
+    return found
+
+
+def _payload(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:  # edited by hand
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def launches(engine: Engine, *, since: datetime, until: datetime) -> list[Launch]:

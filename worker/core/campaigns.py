@@ -271,6 +271,25 @@ def birthday_key(customer_external_id: str, year: int) -> str:
     return f"{BIRTHDAY}:{key_part(customer_external_id)}:{year}"
 
 
+def birthday_keys(customer_external_id: str, day: date) -> tuple[str, str]:
+    """The year's key of a birthday offer for ``day``, and the key of that day's own (``birthday_key_to_plan``)."""
+    key = birthday_key(customer_external_id, day.year)
+    return key, f"{key}:{day.isoformat()}"
+
+
+def birthday_key_to_plan(customer_external_id: str, day: date, known: Mapping[str, str | None]) -> str | None:
+    """The key a birthday offer for ``day`` is planned under, None when none is to be: the year's key
+    (``birthday_key``), unless the ledger has it (``known``: each key it has, with the birthday of a row skipped as
+    ``no_longer_due`` or still waiting unclaimed, else None); then, when that row is for another day (the birthday
+    was corrected after it was planned: it sends nothing, ``still_due``), a key of the corrected day's own
+    (``…:<year>:<day>``)."""
+    key, corrected = birthday_keys(customer_external_id, day)
+    if key not in known:
+        return key
+    skipped_for = known[key]
+    return corrected if skipped_for is not None and skipped_for != day.isoformat() and corrected not in known else None
+
+
 def local_today(now: datetime, zone: ZoneInfo) -> date:
     return now.astimezone(zone).date()
 
