@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from worker import contexts, log, planning
 from worker.adapters import audience_sql
@@ -198,7 +198,7 @@ def _birthdays_to_come(
     ``known``: dedupe keys to count as in the ledger (those a preview planned, which ``run`` would have inserted)."""
     cfg = settings.campaigns.birthday
     cron = settings.schedule.cron_of(cc.BIRTHDAY)
-    found: dict[str, tuple[str, datetime, datetime]] = {}
+    found: dict[tuple[str, date], tuple[str, datetime, datetime]] = {}
     for row in audience_sql.birthdays_of_mailboxes(store.engine, {mailbox(m.email) for m in messages}):
         if in_holdout(row.customer_id, cc.BIRTHDAY, cfg.holdout_share):
             continue  # its row would say held_out: no email to keep a slot for
@@ -212,13 +212,16 @@ def _birthdays_to_come(
             if planned_by is None or planned_by >= expires:
                 continue  # no planning pass falls there (schedule.plan_cron): no offer will come to keep a slot for
             at = cc.birthday_offer_due(opens, planned_by)  # (at or after expires: nothing waits, policy.waits_for)
-            found[cc.birthday_key(row.customer_external_id, day.year)] = (mailbox(row.email), at, expires)
+            found[row.customer_external_id, day] = (mailbox(row.email), at, expires)
     if not found:
         return {}
-    in_ledger = audience_sql.existing_keys(store.engine, found)  # planned (due_ahead sees it), sent, or skipped
+    # planned (due_ahead sees it), sent, or skipped; or one for another day, which a pass plans again for this one
+    in_ledger = audience_sql.birthday_keys_known(store.engine,
+                                                 (k for c, day in found for k in cc.birthday_keys(c, day)))
     out: dict[str, list[tuple[datetime, datetime]]] = {}
-    for key, (box, at, expires) in found.items():
-        if key not in in_ledger and key not in known:
+    for (customer, day), (box, at, expires) in found.items():
+        key = cc.birthday_key_to_plan(customer, day, in_ledger)
+        if key is not None and key not in known:
             out.setdefault(box, []).append((at, expires))
     return out
 

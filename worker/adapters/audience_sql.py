@@ -61,16 +61,6 @@ def birthdays_of_mailboxes(engine: Engine, boxes: Iterable[str]) -> list[Audienc
     return out
 
 
-def existing_keys(engine: Engine, keys: Iterable[str]) -> set[str]:
-    """The dedupe keys among ``keys`` the ledger already has."""
-    wanted = sorted(set(keys))
-    found: set[str] = set()
-    with db.reading(engine) as conn:
-        for part in _chunks(wanted):
-            found.update(conn.execute(sa.select(M.c.dedupe_key).where(M.c.dedupe_key.in_(part))).scalars())
-    return found
-
-
 def birthday_keys_known(engine: Engine, keys: Iterable[str]) -> dict[str, str | None]:
     """The birthday offers' dedupe keys among ``keys`` the ledger has, each with the birthday of a row that sends
     nothing for it if that day is not the customer's (its payload's: skipped as ``no_longer_due``, or waiting in the
