@@ -1213,3 +1213,27 @@ def test_the_longest_ids_an_import_takes_are_planned_on_both_databases(db_url: s
         assert [len(k) for k in keys] == [len("winback:") + 3 * MAX_ID + 1 + 1 + 3 * (MAX_ID - 1) + 2]
     finally:
         store.close()
+
+
+_MAR_5 = date(2027, 3, 5)
+_Y, _C1, _C2, _C3 = cc.birthday_keys("B1", _MAR_5)
+
+
+@pytest.mark.parametrize(
+    ("known", "planned"),
+    [
+        ({}, _Y),  # the year's first offer
+        ({_Y: None}, None),  # sent (or under way, or skipped for good): one a year
+        ({_Y: "2027-03-05"}, None),  # waiting to be sent for this very day
+        ({_Y: "2027-03-04"}, _C1),  # waiting for the day before the correction: skipped at send time, so again
+        ({_Y: ""}, _C1),  # skipped as no_longer_due (the birthday corrected since)
+        ({_Y: "", _C1: None}, None),  # the corrected day's offer was sent: no other that year
+        ({_Y: "", _C1: ""}, _C2),  # corrected again before it went
+        ({_Y: "", _C1: "2027-03-05"}, None),  # the correction's offer waits for this day
+        ({_Y: "", _C1: "", _C2: "", _C3: ""}, None),  # corrected more often than BIRTHDAY_CORRECTIONS
+    ],
+)
+def test_a_birthday_offer_is_planned_once_a_year_and_again_only_when_a_correction_left_it_unsent(
+    known: dict[str, str | None], planned: str | None
+) -> None:
+    assert cc.birthday_key_to_plan("B1", _MAR_5, known) == planned

@@ -302,3 +302,11 @@ def test_a_birthday_corrected_after_its_offer_was_planned_gets_the_offer_on_the_
     assert sorted(to for m in smtp_server.messages for to in m.rcpt_tos) == ["b1@example.com", "b2@example.com"]
     cycle_at(settings, MORNING + timedelta(days=1))
     assert len(smtp_server.messages) == 2
+    # And when B1 corrects it again, to 20 March, after the offer went: no second offer that year
+    engine = db.create_engine(db_url)
+    shop.upsert_customers(engine, [customer("B1", date(1990, 3, 20))], MORNING + timedelta(days=2))
+    engine.dispose()
+    for day in range(15, 19):  # the passes around its window (from 17 March, 3 days before)
+        cycle_at(settings, MORNING + timedelta(days=day))
+    assert len(smtp_server.messages) == 2
+    assert {k for k in ledger(settings) if k.startswith("birthday:B1:")} == set(offers) | {"birthday:B1:2027"}

@@ -62,24 +62,23 @@ def birthdays_of_mailboxes(engine: Engine, boxes: Iterable[str]) -> list[Audienc
 
 
 def birthday_keys_known(engine: Engine, keys: Iterable[str]) -> dict[str, str | None]:
-    """The birthday offers' dedupe keys among ``keys`` the ledger has, each with the birthday of a row that sends
-    nothing for it if that day is not the customer's (its payload's: skipped as ``no_longer_due``, or waiting in the
-    queue, unclaimed, where the send-time check skips it so), else None (``campaigns.birthday_key_to_plan``)."""
+    """The birthday offers' dedupe keys among ``keys`` the ledger has, each with ``""`` for a row skipped as
+    ``no_longer_due``, the birthday of a row waiting in the queue unclaimed (its payload's), else None
+    (``campaigns.birthday_key_to_plan``)."""
     wanted = sorted(set(keys))
     found: dict[str, str | None] = {}
     waiting = (MessageStatus.PLANNED.value, MessageStatus.RETRY.value)
-    no_longer_due = sa.or_(
-        sa.and_(M.c.status == MessageStatus.SKIPPED.value, M.c.skip_reason == SkipReason.NO_LONGER_DUE.value),
-        sa.and_(M.c.status.in_(waiting), M.c.claimed_by.is_(None)),
-    )
+    no_longer_due = sa.and_(M.c.status == MessageStatus.SKIPPED.value,
+                            M.c.skip_reason == SkipReason.NO_LONGER_DUE.value)  # fmt: skip
+    unclaimed = sa.and_(M.c.status.in_(waiting), M.c.claimed_by.is_(None))
     with db.reading(engine) as conn:
         for part in _chunks(wanted):
-            query = sa.select(M.c.dedupe_key, M.c.payload, no_longer_due.label("no_longer_due")).where(
-                M.c.dedupe_key.in_(part)
-            )
-            for key, payload, skipped in conn.execute(query):
-                day = _payload(payload).get("birthday") if skipped else None
-                found[key] = day if isinstance(day, str) else None
+            query = sa.select(
+                M.c.dedupe_key, M.c.payload, no_longer_due.label("no_longer_due"), unclaimed.label("unclaimed")
+            ).where(M.c.dedupe_key.in_(part))
+            for key, payload, skipped, waits in conn.execute(query):
+                day = _payload(payload).get("birthday") if waits else None
+                found[key] = "" if skipped else day if isinstance(day, str) else None
     return found
 
 

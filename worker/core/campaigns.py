@@ -271,23 +271,31 @@ def birthday_key(customer_external_id: str, year: int) -> str:
     return f"{BIRTHDAY}:{key_part(customer_external_id)}:{year}"
 
 
-def birthday_keys(customer_external_id: str, day: date) -> tuple[str, str]:
-    """The year's key of a birthday offer for ``day``, and the key of that day's own (``birthday_key_to_plan``)."""
+BIRTHDAY_CORRECTIONS = 3
+"""How many times a year a birthday corrected after its offer was planned gets an offer planned again."""
+
+
+def birthday_keys(customer_external_id: str, day: date) -> tuple[str, ...]:
+    """The keys a year's birthday offer may be planned under, in turn (``birthday_key_to_plan``): the year's, then
+    one per correction (``…:<year>:c1``…)."""
     key = birthday_key(customer_external_id, day.year)
-    return key, f"{key}:{day.isoformat()}"
+    return key, *(f"{key}:c{n}" for n in range(1, BIRTHDAY_CORRECTIONS + 1))
 
 
 def birthday_key_to_plan(customer_external_id: str, day: date, known: Mapping[str, str | None]) -> str | None:
-    """The key a birthday offer for ``day`` is planned under, None when none is to be: the year's key
-    (``birthday_key``), unless the ledger has it (``known``: each key it has, with the birthday of a row skipped as
-    ``no_longer_due`` or still waiting unclaimed, else None); then, when that row is for another day (the birthday
-    was corrected after it was planned: it sends nothing, ``still_due``), a key of the corrected day's own
-    (``…:<year>:<day>``)."""
-    key, corrected = birthday_keys(customer_external_id, day)
-    if key not in known:
-        return key
-    skipped_for = known[key]
-    return corrected if skipped_for is not None and skipped_for != day.isoformat() and corrected not in known else None
+    """The key a birthday offer for ``day`` is planned under, None when none is to be: one offer a year, under the
+    first of ``birthday_keys`` the ledger does not have, as long as each it has sends nothing. ``known``: each key
+    the ledger has, with ``""`` for a row skipped as ``no_longer_due`` (the birthday was corrected after it was
+    planned), the birthday of a row waiting unclaimed (for another day than ``day``, the send-time check skips it
+    so: ``still_due``), else None (sent, under way, or skipped for good). A customer who got the offer gets no
+    other that year, however often the birthday is corrected after."""
+    for key in birthday_keys(customer_external_id, day):
+        if key not in known:
+            return key
+        planned_for = known[key]
+        if planned_for is None or planned_for == day.isoformat():
+            return None  # sent, under way, skipped for good, or waiting to be sent for this very day
+    return None  # corrected more often than BIRTHDAY_CORRECTIONS this year
 
 
 def local_today(now: datetime, zone: ZoneInfo) -> date:
