@@ -238,6 +238,25 @@ def test_what_the_daily_quota_leaves_for_tomorrow_is_not_said_to_be_sent(
     assert len(smtp_server.messages) == 2
 
 
+def test_a_daily_quota_set_during_the_day_counts_the_days_sends_before_it_in_the_preview_as_in_the_run(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a shop that sent C0 a win-back step two hours ago, with no daily quota set then
+    config = _config(tmp_path, db_url, smtp_server)
+    _shop(db_url, [_person("C0")], [_order("O0", "C0", days_ago=50)])
+    preview_then_run(capsys, config, T - timedelta(hours=2))
+    assert len(smtp_server.messages) == 1
+    # When the operator sets a quota of 3 a day (the provider said so), and three more customers are due
+    config.write_text(config.read_text() + "\n[sending]\ndaily_quota = 3\n")
+    _shop(db_url, [_person(f"C{n}") for n in range(1, 4)], [_order(f"O{n}", f"C{n}", days_ago=50) for n in range(1, 4)])
+    said, done = preview_then_run(capsys, config, T)
+
+    # Then the run counted this morning's send: two more went, the third waits for tomorrow; the preview said so
+    assert sorted(status for status, *_ in done.values()) == ["sent", "sent", "waits"]
+    assert said == done
+    assert len(smtp_server.messages) == 3
+
+
 def test_rows_a_worker_killed_while_it_held_them_are_previewed_as_the_run_sends_them(
     db_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

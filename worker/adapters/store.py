@@ -33,7 +33,17 @@ from sqlalchemy.engine import Engine
 
 from worker.adapters import db
 from worker.adapters.importer import ascii_address
-from worker.adapters.tables import Attempt, Customer, Message, OrderLine, Product, ShopOrder, Suppression, UTCDateTime
+from worker.adapters.tables import (
+    Attempt,
+    Customer,
+    Message,
+    OrderLine,
+    Product,
+    RateLimit,
+    ShopOrder,
+    Suppression,
+    UTCDateTime,
+)  # fmt: skip
 from worker.config import Settings
 from worker.core.audiences import WINBACK, WinbackCandidate
 from worker.core.campaigns import NEW_PRODUCTS
@@ -941,6 +951,17 @@ class Store:
                 (sending if status == _SENDING else held).add(message_id)
         return Marks(frozenset(sending), frozenset(held), skipped, over_quota=frozenset(over),
                      quota_day=day if over else None)  # fmt: skip
+
+    def quota_spent(self, key: str, day: str, since: datetime) -> int:
+        """The slots of the shop-local ``day``'s quota (beginning at ``since``) its commits have taken, read only: the
+        quota row's count of that day, or, before a commit of it counted any (a quota set during the day), what the
+        first will count, the day's sends so far in the ledger (``_quota_used``)."""
+        with db.reading(self.engine) as conn:
+            limits = RateLimit.__table__  # type: ignore[attr-defined]
+            row = conn.execute(sa.select(limits.c.day, limits.c.day_count).where(limits.c.key == key)).first()
+            if row is not None and row.day is not None and row.day >= day:
+                return int(row.day_count) if row.day == day else 0
+            return int(conn.exec_driver_sql(self._sql.quota_since, {"since": self._sql.dt(since)}).scalar_one())
 
     def _quota_used(self, cursor: Any, quota: DayQuota, given_back: int) -> tuple[str, int]:
         """(the day the commit's marks count in, the slots of it taken so far, less ``given_back``); the quota's row

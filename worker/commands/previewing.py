@@ -27,7 +27,6 @@ from typing import TextIO
 
 from worker import money, stopping
 from worker.adapters import plan_sql
-from worker.adapters.ratestore import RateStore
 from worker.app import Deps, link_key_missing, link_keys
 from worker.commands import arguments, files
 from worker.commands.progress import Progress
@@ -35,7 +34,7 @@ from worker.commands.running import check_template_folders
 from worker.config import NAME_NOT_SHOWN, Settings, naming_the_line, shown_env_name
 from worker.core.audiences import WINBACK, key_part_value
 from worker.core.campaigns import CAMPAIGNS, LOYALTY, milestone_of, winback_renumbered
-from worker.core.limits import quota_day
+from worker.core.limits import quota_day, quota_day_start
 from worker.core.policy import zone_of
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
@@ -251,13 +250,14 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _quota_left(deps: Deps, settings: Settings, at: datetime) -> int | None:
-    """The slots ``sending.daily_quota`` has left on the shop's day of ``at``, as the ledger's marks counted them
-    (None: no quota)."""
+    """The slots ``sending.daily_quota`` has left on the shop's day of ``at``, as the run's marks will count them
+    (None: no quota): those of a quota set during the day count the day's sends before it."""
     quota = settings.sending.daily_quota
     if quota <= 0:
         return None
-    day = quota_day(at, settings.shop.time_zone).isoformat()
-    return max(0, quota - RateStore(deps.store.engine).used_today(QUOTA_KEY, day=day))
+    zone = settings.shop.time_zone
+    spent = deps.store.quota_spent(QUOTA_KEY, quota_day(at, zone).isoformat(), quota_day_start(at, zone))
+    return max(0, quota - spent)
 
 
 def _note_winback_renumbered(deps: Deps, settings: Settings) -> None:
