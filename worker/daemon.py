@@ -480,6 +480,8 @@ class Daemon:
             except Exception as exc:  # as a scheduled run's failure: logged; the sends under way go on
                 log.event("job_failed", logging.ERROR, job=f"plan:{campaign}", during="catch-up",
                           error=log.error_line(exc), note="not recorded as run: tried again at a maintenance")
+                if campaign not in self._plan_failed:  # the look at its last run failed, before the pass
+                    self._plan_again_later(campaign, settings)
 
     def _planner(self, campaign: str) -> Callable[[], Awaitable[None]]:
         async def run_plan() -> None:
