@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -63,7 +63,7 @@ def birthdays_of_mailboxes(engine: Engine, boxes: Iterable[str]) -> list[Audienc
 
 def birthday_keys_known(engine: Engine, keys: Iterable[str]) -> dict[str, str | None]:
     """The birthday offers' dedupe keys among ``keys`` the ledger has, each with ``""`` for a row skipped as
-    ``no_longer_due``, the birthday of a row waiting in the queue unclaimed (its payload's), else None
+    ``no_longer_due``, the birthday of a row waiting in the queue unclaimed (its payload's ISO day), else None
     (``campaigns.birthday_key_to_plan``)."""
     wanted = sorted(set(keys))
     found: dict[str, str | None] = {}
@@ -78,8 +78,17 @@ def birthday_keys_known(engine: Engine, keys: Iterable[str]) -> dict[str, str | 
             ).where(M.c.dedupe_key.in_(part))
             for key, payload, skipped, waits in conn.execute(query):
                 day = _payload(payload).get("birthday") if waits else None
-                found[key] = "" if skipped else day if isinstance(day, str) else None
+                found[key] = "" if skipped else day if _iso_date(day) else None
     return found
+
+
+def _iso_date(value: object) -> bool:
+    """Whether ``value`` is a day as planning writes it: one that is not (a row edited by hand) names no other
+    birthday, and plans none again."""
+    try:
+        return isinstance(value, str) and date.fromisoformat(value).isoformat() == value
+    except ValueError:
+        return False
 
 
 def _payload(text: str | None) -> dict[str, Any]:
