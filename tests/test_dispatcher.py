@@ -23,7 +23,6 @@ from tests.daemon_harness import Shop as DaemonShop
 from tests.daemon_harness import make_shop
 from tests.sendkit import NOW, REPO, Shop, TimedSink, make_settings, message_ids, settings_dict
 from tests.smtp_server import Behaviour, RecordingServer, RelayRate, closed_port
-from worker.adapters.ratestore import RateStore
 from worker.adapters.store import Store
 from worker.app import make_limiter
 from worker.asyncstore import AsyncStore
@@ -930,7 +929,7 @@ def test_rows_the_days_quota_left_unmarked_for_senders_cut_off_go_back_to_the_qu
     assert len(batch) == 3
     zone = settings.shop.time_zone
     astore = AsyncStore(shop.store)
-    quota = DailyQuota(astore, RateStore(shop.store.engine), shop.clock, quota=1, zone=zone)
+    quota = DailyQuota(astore, shop.clock, quota=1, zone=zone)
 
     async def cut_off() -> None:
         writer = LedgerWriter(astore, worker="w1", clock=shop.clock, group=10, quota=quota)
@@ -953,6 +952,26 @@ def test_rows_the_days_quota_left_unmarked_for_senders_cut_off_go_back_to_the_qu
         rows = {r.id: (r.status, r.claimed_by, r.attempts)
                 for r in conn.execute(sa.text("SELECT id, status, claimed_by, attempts FROM message"))}  # fmt: skip
     assert sorted(rows.values()) == [("planned", None, 0)] * 3
+    shop.close()
+
+
+def test_the_room_a_daily_quota_set_during_the_day_tells_counts_the_days_sends_before_it(tmp_path: Path) -> None:
+    # Given a shop that has sent one email today with no daily quota set then (no commit has counted a quota slot)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    settings = make_settings(url, closed_port(), batch_size=10, compose_processes=0, lease_seconds=600)
+    shop = Shop(url, settings, [f"c{i}@test.example" for i in range(4)])
+    plan(shop.store, settings, NOW)
+    [first] = shop.store.claim(worker="w1", now=NOW, limit=1, lease_seconds=600)
+    assert shop.store.record_and_mark([], [first.id], worker="w1", now=NOW).sending == {first.id}
+    # When the operator sets a quota of 3 a day, and the sender asks how many of its next 3 the day has room for
+    astore = AsyncStore(shop.store)
+    quota = DailyQuota(astore, shop.clock, quota=3, zone=settings.shop.time_zone)
+    try:
+        granted, day = asyncio.run(quota.room(3))
+    finally:
+        astore.close()
+    # Then the room counts the email sent before the quota was set: two more today, not three
+    assert (granted, day) == (2, quota_day(shop.clock.now(), settings.shop.time_zone))
     shop.close()
 
 
@@ -980,7 +999,7 @@ def test_a_mark_the_days_quota_refused_and_handled_after_local_midnight_waits_on
     shop = Shop(db_url, settings, emails, clock=FakeClock(last_second))
     plan(shop.store, settings, shop.clock.now())
     [w2_row] = shop.store.claim(worker="w2", now=shop.clock.now(), limit=1, lease_seconds=600)
-    quota = DailyQuota(AsyncStore(shop.store), RateStore(shop.store.engine), shop.clock, quota=1, zone=zone)
+    quota = DailyQuota(AsyncStore(shop.store), shop.clock, quota=1, zone=zone)
     record_and_mark = shop.store.record_and_mark
     raced = False
 
@@ -1043,7 +1062,7 @@ def test_a_batch_claimed_before_local_midnight_and_refused_by_the_new_days_full_
     shop = Shop(db_url, settings, emails, clock=FakeClock(last_second))
     plan(shop.store, settings, shop.clock.now())
     [w2_row] = shop.store.claim(worker="w2", now=shop.clock.now(), limit=1, lease_seconds=600)
-    quota = DailyQuota(AsyncStore(shop.store), RateStore(shop.store.engine), shop.clock, quota=1, zone=zone)
+    quota = DailyQuota(AsyncStore(shop.store), shop.clock, quota=1, zone=zone)
     w2_now = last_second + timedelta(seconds=2)
     assert shop.store.record_and_mark([], [w2_row.id], worker="w2", now=w2_now, quota=quota.at(w2_now)).sending
     w1_email = next(e for e in emails if e != w2_row.email)
@@ -1101,7 +1120,7 @@ def test_rows_the_days_quota_refused_for_senders_cut_off_wait_until_the_day_ends
     assert len(batch) == 3
     zone = settings.shop.time_zone
     astore = AsyncStore(shop.store)
-    quota = DailyQuota(astore, RateStore(shop.store.engine), shop.clock, quota=1, zone=zone)
+    quota = DailyQuota(astore, shop.clock, quota=1, zone=zone)
 
     async def cut_off() -> None:
         writer = LedgerWriter(astore, worker="w1", clock=shop.clock, group=10, quota=quota)

@@ -638,9 +638,8 @@ class DailyQuota:
     """Today's sends across every worker, counted in the database by the ledger's group commit: each ``sending``
     mark takes a slot in its own transaction (``Store.record_and_mark`` with ``at``'s ``DayQuota``)."""
 
-    def __init__(self, store: AsyncStore, rates: RateStore, clock: Clock, *, quota: int, zone: str) -> None:
+    def __init__(self, store: AsyncStore, clock: Clock, *, quota: int, zone: str) -> None:
         self.store = store
-        self.rates = rates
         self.clock = clock
         self.quota = quota
         self.zone = zone
@@ -660,9 +659,11 @@ class DailyQuota:
         process's marks under way will take (a hint: the marks take the slots, and refuse once they are spent), and
         the shop-local day it told of: the clock's as the room is read, which may be a day after the batch's
         claim (what that day's quota has no room for waits until that day ends, not until the claim's day does)."""
-        day = quota_day(self.clock.now(), self.zone)
+        now = self.clock.now()
+        day = quota_day(now, self.zone)
         if self.quota <= 0 or wanted <= 0:
             return wanted, day
-        used = await self.store.call_retrying("daily_quota_retried", self.rates.used_today, QUOTA_KEY,
-                                              day=day.isoformat())  # fmt: skip
+        # (a quota set during the day: the day's sends before its first commit counted any, as that commit will)
+        used = await self.store.call_retrying("daily_quota_retried", self.store.store.quota_spent, QUOTA_KEY,
+                                              day.isoformat(), quota_day_start(now, self.zone))  # fmt: skip
         return quota_grant(used + taking(), self.quota, wanted), day

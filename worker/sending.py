@@ -92,7 +92,6 @@ from datetime import date, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from worker import log
-from worker.adapters.ratestore import RateStore
 from worker.adapters.store import HELD_SECONDS, Marks, Stale
 from worker.asyncstore import RETRY_SECONDS, AsyncStore, retrying
 from worker.composing import ComposerPool
@@ -560,13 +559,7 @@ class Dispatcher:
         self.clock = clock
         self.worker = worker
         self.limiter = limiter or Limiter(settings.sending, clock, LocalBooker(clock))
-        self.quota = quota or DailyQuota(
-            store,
-            RateStore(store.store.engine),
-            clock,
-            quota=settings.sending.daily_quota,
-            zone=settings.shop.time_zone,
-        )
+        self.quota = quota or DailyQuota(store, clock, quota=settings.sending.daily_quota, zone=settings.shop.time_zone)
         self.stopping = asyncio.Event()
         self._campaigns = enabled_campaigns(settings)
         """What a claim takes: a campaign turned off sends nothing more, what it planned waits until it is on again
