@@ -1077,6 +1077,64 @@ def test_an_address_suppressed_in_another_case_is_suppressed(store: Store) -> No
     assert opstore.is_suppressed(store, "eko@xn--bcher-kva.de") and opstore.is_suppressed(store, "EKO@bücher.de")
 
 
+def _moved(ext: str, email: str) -> CustomerRecord:
+    return CustomerRecord(ext, email, f"C {ext}", Locale.ID, "Asia/Jakarta", None, True, "", "")
+
+
+@pytest.mark.parametrize(("listed_as", "moves_to", "follows"), [
+    ("unsubscribed", "c0.new@example.com", True),  # the person asked to stop: the new address is theirs too
+    ("complaint", "c0.new@example.com", True),  # a spam complaint is theirs as well
+    ("hard_bounce", "c0.new@example.com", False),  # a dead mailbox: the new address works
+    ("manual", "c0.new@example.com", False),  # an operator's reason for the address (a role account, a trap…)
+    ("unsubscribed", "C0@Example.COM", False),  # the same mailbox in other letters: nothing new to suppress
+])  # fmt: skip
+def test_a_customers_own_suppression_follows_them_to_the_address_an_import_gives_them(
+    store: Store, listed_as: str, moves_to: str, follows: bool
+) -> None:
+    # Given C0's address on the list, as `listed_as`, since the day before
+    day_before = NOW - timedelta(days=1)
+    assert store.suppress("c0@example.com", reason=listed_as, source="unsubscribe-link", now=day_before)
+    # When an import gives C0 another address (and C1 the one it has)
+    counts = shop.upsert_customers(store.engine, [_moved("C0", moves_to), _moved("C1", "c1@example.com")], NOW)
+    # Then the new address is suppressed as the old one is, with its reason and time, its source naming the customer
+    # and the address followed, and the import names the customer; or nothing is added
+    entries = {r["email"]: (r["reason"], r["source"], r["created_at"]) for r in opstore.suppressions(store)}
+    if follows:
+        assert counts.followed == [shop.Followed("C0", "c0@example.com", "c0.new@example.com", listed_as)]
+        assert entries["c0.new@example.com"] == (listed_as, "customer C0 moved from c0@example.com", day_before)
+        assert store.send_time_facts([1])[1].suppressed is True
+    else:
+        assert counts.followed == [] and list(entries) == ["c0@example.com"]
+
+
+def test_an_unsubscribe_follows_a_customer_from_move_to_move_and_a_removal_stays_removed(store: Store) -> None:
+    # Given C0 unsubscribed at c0@ and C1 complained at c1@
+    store.suppress("c0@example.com", reason="unsubscribed", source="unsubscribe-link", now=NOW)
+    store.suppress("c1@example.com", reason="complaint", source="test", now=NOW)
+    # When one batch moves both to one new address (one household's): one entry, the first customer's
+    both = shop.upsert_customers(store.engine, [_moved("C0", "home@example.com"), _moved("C1", "home@example.com")],
+                                 NOW)  # fmt: skip
+    assert [(f.external_id, f.reason) for f in both.followed] == [("C0", "unsubscribed")]
+    # And a later import moves C0 on: the unsubscribe follows again, from the address it followed to
+    later = shop.upsert_customers(store.engine, [_moved("C0", "away@example.com")], NOW + timedelta(days=30))
+    assert later.followed == [shop.Followed("C0", "home@example.com", "away@example.com", "unsubscribed")]
+    entries = {r["email"]: (r["reason"], r["source"], r["created_at"]) for r in opstore.suppressions(store)}
+    assert entries["away@example.com"] == ("unsubscribed", "customer C0 moved from home@example.com", NOW)
+    # And once the operator takes the new address off the list, importing the same file again leaves it off: an
+    # unsubscribe follows a move, not every import
+    assert opstore.unsuppress(store, "away@example.com") is not None
+    again = shop.upsert_customers(store.engine, [_moved("C0", "away@example.com")], NOW + timedelta(days=31))
+    assert (again.followed, again.unchanged) == ([], 1) and not opstore.is_suppressed(store, "away@example.com")
+
+
+def test_a_move_to_an_address_on_the_list_for_another_reason_keeps_its_entry(store: Store) -> None:
+    store.suppress("c0@example.com", reason="unsubscribed", source="unsubscribe-link", now=NOW)
+    store.suppress("c9@example.com", reason="hard_bounce", source="smtp:k:1", now=NOW)
+    assert shop.upsert_customers(store.engine, [_moved("C0", "c9@example.com")], NOW).followed == []
+    assert [(r["email"], r["reason"]) for r in opstore.suppressions(store)] == [
+        ("c0@example.com", "unsubscribed"), ("c9@example.com", "hard_bounce")]
+
+
 def test_migration_0012_folds_the_suppression_list_to_lower_case_keeping_the_earliest(store: Store) -> None:
     engine = store.engine
     try:

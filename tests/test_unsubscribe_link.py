@@ -11,6 +11,7 @@ import threading
 import urllib.parse
 from datetime import timedelta
 from email import message_from_bytes
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from worker.adapters import opstore, shop
 from worker.adapters.store import Store
 from worker.adapters.web import Request, Response
 from worker.asyncstore import AsyncStore
+from worker.commands.importing import import_file
 from worker.config import Settings
 from worker.core import tokens
 from worker.domain import OrderLineRecord, OrderRecord, OrderStatus
@@ -33,6 +35,8 @@ from worker.testing import FakeClock
 
 OLD = "budi.lama@example.com"
 NEW = "siti.baru@mail.example"
+OLD2 = "dewi.mati@example.net"
+NEW2 = "dewi.hidup@example.org"
 ONE_CLICK = b"List-Unsubscribe=One-Click"
 
 
@@ -383,3 +387,66 @@ def test_a_link_sent_while_shop_domain_had_a_final_dot_names_the_address_mailed_
         store.close()
     # Then the page names the address the email went to, as it did before, beside the one on file
     assert "b***@example.com" in page and "s***@mail.example" in page
+
+
+def _import_customers(settings: Settings, folder: Path, rows: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``kembali import customers`` of a customers.csv with ``rows`` (after its header): what it printed."""
+    path = folder / "customers.csv"
+    header = "id,email,name,locale,time_zone,birthday,marketing_consent,consent_basis,consent_source"
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert import_file(settings, "customers", path, now=NOW) == 0
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+def test_an_unsubscribe_follows_the_customer_to_the_address_a_later_import_gives_them(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given C1 sent a win-back reminder at OLD (a real run, a real SMTP server) and planned the next step, not sent
+    # yet; and C2, whose address OLD2 bounced (a dead mailbox: the address, not the person)
+    store = make_shop(db_url, [customer("C1", email=OLD), customer("C2", email=OLD2)],
+                      [one_time_order("O1", "C1"), one_time_order("O2", "C2")])  # fmt: skip
+    steps = [{"days": 45, "template": "winback-reminder"}, {"days": 75, "template": "winback"},
+             {"days": 120, "template": "winback-last"}]
+    settings = settings_for(db_url, smtp={"port": smtp_server.port}, campaigns={"winback": {"steps": steps}})
+    try:
+        assert run_cycle(settings, store, FakeClock(NOW)).dispatched.outcomes == {"sent": 2}
+        c1_mail = next(m for m in smtp_server.messages if m.rcpt_tos == (OLD,))
+        header = re.search(r"<(https://[^>]+)>", str(message_from_bytes(c1_mail.data)["List-Unsubscribe"]))
+        assert header is not None
+        store.suppress(OLD2, reason="hard_bounce", source="smtp:winback:C2:O2:1", now=NOW)
+        later = NOW + timedelta(days=16)  # the order 76 days old: step 2 is due
+        assert plan(store, settings, later).created == {"winback": 1}  # C1's (C2's address is suppressed)
+        # And C1 presses the unsubscribe button: OLD is suppressed, the address C1 has now
+        assert _click(store, header.group(1), "POST", ONE_CLICK).status == 200
+        assert _suppressed(store) == sorted([OLD, OLD2])
+
+        # When a later customers import gives C1 and C2 new addresses (changed in the shop)
+        with caplog.at_level(logging.INFO):
+            said = _import_customers(settings, tmp_path, [
+                f"C1,{NEW},Budi C1,id,Asia/Jakarta,,true,opt_in,checkout",
+                f"C2,{NEW2},Budi C2,id,Asia/Jakarta,,true,opt_in,checkout",
+            ], capsys)
+
+        # Then the unsubscribe follows C1 (the person asked to stop) and the import says so, addresses masked
+        entries = {r["email"]: (r["reason"], r["source"]) for r in opstore.suppressions(store)}
+        assert entries[NEW][0] == "unsubscribed" and "C1" in entries[NEW][1], entries
+        assert "C1" in said and "s***@mail.example" in said and "b***@example.com" in said, said
+        assert OLD not in said and NEW not in said, said
+        assert "1 new address suppressed" in said, said
+        # but the bounce stays with the dead mailbox: C2's new address is not suppressed
+        assert NEW2 not in entries and "C2" not in said, said
+        # And the step planned before goes to neither address: skipped as suppressed, as an unsubscribe is
+        smtp_server.messages.clear()
+        report = run_cycle(settings, store, FakeClock(later))
+        assert [m.rcpt_tos for m in smtp_server.messages] == [(NEW2,)]  # C2's step 2, planned by this run
+        row = next(r for r in store.messages(limit=100) if r["dedupe_key"] == "winback:C1:O1:2")
+        assert (row["status"], row["skip_reason"]) == ("skipped", "suppressed")
+        assert report.dispatched.outcomes == {"sent": 1, "skipped:suppressed": 1}
+        # And planning plans C1 nothing more (the last step, when its day comes)
+        assert plan(store, settings, NOW + timedelta(days=61)).created == {"winback": 1}  # C2's
+        assert {r["email"] for r in store.messages(limit=100) if r["dedupe_key"].endswith(":3")} == {NEW2}
+    finally:
+        store.close()

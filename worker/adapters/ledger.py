@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from worker.adapters import db
-from worker.adapters.store import _chunks, suppression_address
+from worker.adapters.store import CUSTOMERS_OWN, _chunks, suppression_address
 from worker.adapters.tables import Attempt, Customer, Message, Suppression
 from worker.domain import MessageStatus, Outcome, SkipReason
 
@@ -47,9 +47,6 @@ GOES = (MessageStatus.PLANNED.value, MessageStatus.CLAIMED.value, MessageStatus.
         MessageStatus.RETRY.value, MessageStatus.SENT.value, MessageStatus.UNCERTAIN.value)
 """States of a message that went, may have gone, or is to go: a spend milestone and the email it was merged into
 are not resent while the other one is in one (``_one_email``)."""
-CUSTOMERS_OWN = ("unsubscribed", "complaint")
-"""Suppression reasons that are the customer's own wish (an unsubscribe link, a spam complaint): a resend refused
-for one advises closing the message, not clearing the entry as for a bounce or an operator's own."""
 MAX_ID = 2**63 - 1
 """The largest row id either database can hold (a 64-bit integer)."""
 

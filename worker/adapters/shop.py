@@ -17,13 +17,19 @@ batch fails on the unique constraint. That batch is done again (``_retried``),
 and then reads the id as existing. So is a batch PostgreSQL ended as one side
 of a deadlock (two writers updating the same customers in another order).
 SQLite's writers take turns (``BEGIN IMMEDIATE``), so there neither happens.
+
+An unsubscribe is the person's wish, not the mailbox's: a customer whose address on
+the suppression list is there as their own wish (``store.CUSTOMERS_OWN``: an
+unsubscribe, a spam complaint) and whom an import gives a new address has the new one
+suppressed too, in the batch's transaction (``Followed``); a bounce stays with its dead
+mailbox. Planning and the send-time re-check read the list as ever, by address.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -33,7 +39,19 @@ from sqlalchemy.engine import Connection, Engine
 
 from worker import log, money
 from worker.adapters import db
-from worker.adapters.store import PURCHASE_EXCLUDED, RATEABLE, C, L, O, P, _chunks
+from worker.adapters.store import (
+    CUSTOMERS_OWN,
+    PURCHASE_EXCLUDED,
+    RATEABLE,
+    C,
+    L,
+    O,
+    P,
+    S,
+    _chunks,
+    followed_source,
+    suppression_address,
+)
 from worker.adapters.tables import ShopState
 from worker.domain import CustomerRecord, OrderRecord, OrderStatus, ProductRecord
 
@@ -46,6 +64,17 @@ MAX_NAMED = 10
 """The customers a recount names whose orders add up to ``MAX_MINOR`` or more (the rest are counted)."""
 
 
+@dataclass(frozen=True)
+class Followed:
+    """A customer's unsubscribe (or complaint) an import carried to the address it gave them: ``new`` was put on
+    the suppression list with the ``reason`` (and the time) of ``old``'s entry, the address they had before."""
+
+    external_id: str
+    old: str
+    new: str
+    reason: str
+
+
 @dataclass
 class UpsertCounts:
     created: int = 0
@@ -53,12 +82,15 @@ class UpsertCounts:
     unchanged: int = 0
     rejected: list[tuple[str, str]] = field(default_factory=list)
     """(external id, reason) for records the database could not take."""
+    followed: list[Followed] = field(default_factory=list)
+    """Customers whose new address was suppressed as their old one is (``_follow_own_wish``)."""
 
     def add(self, other: UpsertCounts) -> None:
         self.created += other.created
         self.updated += other.updated
         self.unchanged += other.unchanged
         self.rejected.extend(other.rejected)
+        self.followed.extend(other.followed)
 
 
 KEPT_CUSTOMER: dict[str, tuple[str, ...]] = {
@@ -114,9 +146,11 @@ def _upsert_simple(
     values: Sequence[dict[str, Any]],
     now: datetime,
     kept: Sequence[frozenset[str]] = (),
+    then: Callable[[Connection, Mapping[str, Any], Mapping[str, Mapping[str, Any]]], None] | None = None,
 ) -> UpsertCounts:
     """Insert or update rows by ``external_id``; an existing row keeps its ``kept`` columns (by ``values``' index:
-    the columns its file did not have)."""
+    the columns its file did not have). ``then(conn, existing, updated)``, in the same transaction, given the rows
+    updated as they were read (by external id) and their new values."""
     counts = UpsertCounts()
     if not values:
         return counts
@@ -158,6 +192,8 @@ def _upsert_simple(
                 .values({**{k: sa.bindparam(f"v_{k}") for k in [*keys, "updated_at"]}, **kept_as_is}),
                 changed,
             )
+            if then is not None:
+                then(conn, existing, {c["b_ext"]: by_id[c["b_ext"]] for c in changed})
     counts.created = len(new)
     counts.updated = len(changed)
     counts.unchanged = len(by_id) - len(new) - len(changed)
@@ -191,9 +227,53 @@ def _retried(work: Callable[[], T]) -> T:
 
 
 def upsert_customers(engine: Engine, records: Sequence[CustomerRecord], now: datetime) -> UpsertCounts:
+    """Upsert customers; ``followed`` names those whose new address was suppressed as their old one is (their
+    unsubscribe or complaint follows them: ``_follow_own_wish``)."""
     values = [_customer_values(r) for r in records]
     kept = [_kept(r.absent, KEPT_CUSTOMER) for r in records]
-    return _retried(lambda: _upsert_simple(engine, C, values, now, kept))
+
+    def batch() -> UpsertCounts:  # (a batch done again follows again, from what the database holds then)
+        followed: list[Followed] = []
+        counts = _upsert_simple(engine, C, values, now, kept,
+                                then=lambda conn, was, new: followed.extend(_follow_own_wish(conn, was, new)))
+        counts.followed = followed
+        return counts
+
+    return _retried(batch)
+
+
+def _follow_own_wish(
+    conn: Connection, was: Mapping[str, Any], updated: Mapping[str, Mapping[str, Any]]
+) -> list[Followed]:
+    """Suppress the new address of each customer ``updated`` gives another mailbox than the one they had (``was``)
+    when that one is on the suppression list as the customer's own wish (``CUSTOMERS_OWN``), with its entry's
+    reason and time (``stats`` counts it in the week the customer unsubscribed, not as a new unsubscribe in the
+    import's) and a source naming both (``followed_source``); an address already on the list keeps its entry. One
+    read of the list's unique index for the batch's changed addresses, none when no address changed (the common
+    import)."""
+    moved: dict[str, tuple[str, str]] = {}
+    for external_id, values in updated.items():
+        old, new = suppression_address(was[external_id].email), suppression_address(values["email"])
+        if old != new:
+            moved[external_id] = (old, new)
+    if not moved:
+        return []
+    listed = {row.email: row for row in conn.execute(
+        sa.select(S.c.email, S.c.reason, S.c.created_at)
+        .where(S.c.email.in_(sorted({old for old, _ in moved.values()})), S.c.reason.in_(CUSTOMERS_OWN))
+    )}  # fmt: skip
+    entries: dict[str, dict[str, Any]] = {}
+    carried: dict[str, Followed] = {}
+    for external_id, (old, new) in moved.items():
+        if old in listed and new not in entries:
+            entry = listed[old]
+            entries[new] = {"email": new, "reason": entry.reason, "source": followed_source(external_id, old),
+                            "created_at": entry.created_at}  # fmt: skip
+            carried[new] = Followed(external_id, old, new, entry.reason)
+    if not entries:
+        return []
+    added = set(conn.execute(db.insert_ignore(conn.engine, S).returning(S.c.email), list(entries.values())).scalars())
+    return [followed for address, followed in carried.items() if address in added]
 
 
 def upsert_products(engine: Engine, records: Sequence[ProductRecord], now: datetime) -> UpsertCounts:

@@ -164,6 +164,23 @@ def suppression_address(email: str) -> str:
     return mailbox(ascii_address(email))
 
 
+CUSTOMERS_OWN = ("unsubscribed", "complaint")
+"""Suppression reasons that are the customer's own wish (an unsubscribe link, a spam complaint): they follow the
+customer to the address a later import gives them (``shop.upsert_customers``), where a bounce stays with its dead
+mailbox; a resend refused for one advises closing the message, not clearing the entry as for a bounce or an
+operator's own."""
+MOVED_FROM = " moved from "
+"""What the source of a suppression an import carried to a customer's new address says between the customer and
+the address on the list it followed (``followed_source``)."""
+
+
+def followed_source(external_id: str, address: str) -> str:
+    """The source of a suppression an import carried from a customer's address on the list (as the customer's own
+    wish, ``CUSTOMERS_OWN``) to the address it gave them: ``customer C1 moved from budi@example.com``, cut to the
+    column's 100 characters."""
+    return f"customer {external_id}{MOVED_FROM}{address}"[:100]
+
+
 def payload_days(dialect: str, payload: Any) -> Any:
     """A win-back row's ``days`` (its payload's), an integer; NULL where the payload has none or is not JSON."""
     if dialect == "postgresql":

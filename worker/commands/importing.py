@@ -33,7 +33,7 @@ from worker.commands.progress import Progress
 from worker.config import Settings
 from worker.domain import OrderRecord
 from worker.errors import ImportRowError
-from worker.log import printable
+from worker.log import mask_email, printable
 from worker.stopping import Terminated
 
 BATCH = 1000
@@ -41,6 +41,11 @@ EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 128 + signal.SIGTERM
 MAX_UNKNOWN_WARNINGS = 20
 """Order lines naming an unknown product that are each shown; the rest are counted in one line at the end."""
+MAX_FOLLOWED_NOTES = 20
+"""Customers whose new address was suppressed as their old one is (``shop.Followed``) that are each named; the
+summary counts them all."""
+_WISH = {"unsubscribed": "unsubscribed as {old}", "complaint": "reported an email to {old} as spam"}
+"""What a customer did at the address a suppression followed them from, by its reason (``store.CUSTOMERS_OWN``)."""
 
 
 def _reader(
@@ -128,6 +133,16 @@ def import_file(
             say(f"warning: {path.name}:{lines.get(order, 0)}: order {order!r}: unknown product {product!r} (kept; "
                 "linked when the product is imported)")  # fmt: skip
 
+    followed = 0
+
+    def note_followed(moved: shop.Followed) -> None:
+        nonlocal followed
+        followed += 1
+        if followed <= MAX_FOLLOWED_NOTES:  # addresses masked, as logs show them
+            wish = _WISH[moved.reason].format(old=mask_email(moved.old))
+            say(f"note: {path.name}:{lines.get(moved.external_id, 0)}: customer {printable(moved.external_id)!r}: "
+                f"their new address {mask_email(moved.new)} is suppressed too, as they {wish}")
+
     upsert: Callable[[Sequence[Any]], shop.UpsertCounts] = {
         "customers": lambda rs: shop.upsert_customers(store.engine, rs, now),
         "products": lambda rs: shop.upsert_products(store.engine, rs, now),
@@ -188,11 +203,11 @@ def import_file(
             last = end
             if len(batch) >= BATCH:
                 with stopping.stops_held():
-                    errors += _flush(upsert, batch, lines, total, path, say)
+                    errors += _flush(upsert, batch, lines, total, path, say, note_followed)
                     saved = last
             progress.update(end, f"lines read, {errors} rejected", bytes_of=position)
         with stopping.stops_held():
-            errors += _flush(upsert, batch, lines, total, path, say)
+            errors += _flush(upsert, batch, lines, total, path, say, note_followed)
             saved = last
     except ImportRowError as exc:
         progress.done()
@@ -216,7 +231,7 @@ def import_file(
         remedy = f" {failure.remedy}" if failure else ""
         print(
             f"kembali import: {why}: {done} ({total.created} created, {total.updated} updated, "
-            f"{total.unchanged} unchanged, {errors} rejected{_unclear(replaced)})."
+            f"{total.unchanged} unchanged, {errors} rejected{_unclear(replaced)}{_followed(followed)})."
             f"{remedy} {again}",
             file=sys.stderr,
         )
@@ -234,6 +249,10 @@ def import_file(
             print(f"warning: {path.name}: {unknown_lines} order lines in all name {len(unknown)} products not "
                   f"imported (the first {MAX_UNKNOWN_WARNINGS} are shown above); they are kept and linked when "
                   "the products are imported: import products.csv", file=sys.stderr)  # fmt: skip
+        if followed > MAX_FOLLOWED_NOTES:
+            print(f"note: {path.name}: {followed} customers in all have a new address suppressed as their old one "
+                  f"is (the first {MAX_FOLLOWED_NOTES} are named above): `kembali suppress list` shows each, its "
+                  "source naming the customer and the address they moved from", file=sys.stderr)  # fmt: skip
         if foreign:
             print(f"warning: {path.name}: {foreign.total()} orders are in another currency than the shop's "
                   f"{settings.shop.currency} ({', '.join(f'{c} {n}' for c, n in sorted(foreign.items()))}; the first "
@@ -241,7 +260,7 @@ def import_file(
                   "stats shows (Kembali converts no currency)", file=sys.stderr)  # fmt: skip
     print(
         f"{kind}: {total.created} created, {total.updated} updated, {total.unchanged} unchanged, "
-        f"{errors} rejected{_unclear(replaced)} (from {shown})"
+        f"{errors} rejected{_unclear(replaced)}{_followed(followed)} (from {shown})"
     )
     return EXIT_REJECTED if errors or replaced.total() else EXIT_OK
 
@@ -270,6 +289,13 @@ def _unclear(replaced: Counter[str]) -> str:
     return "".join(f", {replaced[kind]} {words}" for kind, words in _SAVED if replaced[kind])
 
 
+def _followed(count: int) -> str:
+    """The summary's words for the customers whose new address was suppressed as their old one is."""
+    if not count:
+        return ""
+    return f", {count} new address{'es' if count > 1 else ''} suppressed (following an unsubscribe at the old one)"
+
+
 def _flush(
     upsert: Callable[[Sequence[Any]], shop.UpsertCounts],
     batch: list[Any],
@@ -277,15 +303,20 @@ def _flush(
     total: shop.UpsertCounts,
     path: Path,
     say: Callable[[str], None],
+    note_followed: Callable[[shop.Followed], None],
 ) -> int:
-    """Upsert a batch; report what the database refused, by line. Empties the batch."""
+    """Upsert a batch; report what the database refused, by line, and the customers an unsubscribe followed to
+    their new address. Empties the batch."""
     if not batch:
         return 0
     counts = upsert(batch)
     for external_id, reason in counts.rejected:
         say(f"rejected {printable(str(RowError(path.name, lines.get(external_id, 0), external_id, reason)))}")
+    for moved in counts.followed:
+        note_followed(moved)
     rejected = len(counts.rejected)
     counts.rejected.clear()
+    counts.followed.clear()
     total.add(counts)
     batch.clear()
     lines.clear()

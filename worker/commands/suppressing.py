@@ -13,8 +13,7 @@ from typing import Any
 
 from worker.adapters import db, opstore
 from worker.adapters.importer import comma_separated, left_open, listed_columns, other_separator, unreadable
-from worker.adapters.ledger import CUSTOMERS_OWN
-from worker.adapters.store import Store, suppression_address
+from worker.adapters.store import CUSTOMERS_OWN, Store, suppression_address
 from worker.commands import arguments
 from worker.config import Settings
 from worker.errors import not_utf8
