@@ -1120,6 +1120,9 @@ def test_an_unsubscribe_follows_a_customer_from_move_to_move_and_a_removal_stays
     assert later.followed == [shop.Followed("C0", "home@example.com", "away@example.com", "unsubscribed")]
     entries = {r["email"]: (r["reason"], r["source"], r["created_at"]) for r in opstore.suppressions(store)}
     assert entries["away@example.com"] == ("unsubscribed", "customer C0 moved from home@example.com", NOW)
+    # (what `suppress remove c0@…` names as staying suppressed: the addresses it followed C0 to, in order)
+    assert [e["email"] for e in opstore.followed_from(store, "C0@example.com")] == ["home@example.com",
+                                                                                   "away@example.com"]
     # And once the operator takes the new address off the list, importing the same file again leaves it off: an
     # unsubscribe follows a move, not every import
     assert opstore.unsuppress(store, "away@example.com") is not None

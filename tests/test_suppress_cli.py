@@ -625,3 +625,46 @@ def test_a_quote_left_open_in_the_last_column_names_the_addresses_it_took_in(
     assert ("line 2: column 2 'reason' holds a quote left open; it takes in lines 2 to 4, none of which is imported"
             in err), err
     assert suppress_list(config, capsys).splitlines()[1:] == []
+
+
+def test_removing_an_unsubscribe_names_the_addresses_it_followed_the_customer_to(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given C1 unsubscribed at budi@, then moved twice (two customers imports): the unsubscribe followed them
+    from worker.adapters import db, shop
+    from worker.adapters.store import Store
+    from worker.config import load_settings
+    from worker.domain import CustomerRecord, Locale
+
+    def at(email: str) -> CustomerRecord:
+        return CustomerRecord("C1", email, "Budi", Locale.ID, "Asia/Jakarta", None, True, "", "")
+
+    when = datetime(2026, 12, 1, 3, 4, tzinfo=UTC)
+    store = Store(db.engine_for(load_settings(config)))
+    try:
+        shop.upsert_customers(store.engine, [at("budi@example.com")], when)
+        store.suppress("budi@example.com", reason="unsubscribed", source="unsubscribe-link", now=when)
+        shop.upsert_customers(store.engine, [at("budi.baru@example.org")], when)
+        shop.upsert_customers(store.engine, [at("budi_2@example.net")], when)
+    finally:
+        store.close()
+    # When the operator removes the address the customer unsubscribed at
+    assert run(config, "remove", "budi@example.com") == 0
+    # Then it says what it removed, and that the addresses the unsubscribe followed the customer to stay suppressed,
+    # with how to remove them too: the customer may want email again, or the old mailbox may be another's now
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("budi@example.com: removed from the suppression list (it was there as 'unsubscribed'")
+    assert said[1:] == [
+        "note: budi.baru@example.org stays suppressed (customer C1 moved from budi@example.com, and their "
+        "unsubscribe followed them): `kembali suppress remove budi.baru@example.org` too if the customer asked for "
+        "email again",
+        "note: budi_2@example.net stays suppressed (customer C1 moved from budi.baru@example.org, and their "
+        "unsubscribe followed them): `kembali suppress remove budi_2@example.net` too if the customer asked for "
+        "email again",
+    ]
+    assert set(reasons(config, capsys)) == {"budi.baru@example.org", "budi_2@example.net"}
+    # And removing one the unsubscribe followed to says where it came from
+    assert run(config, "remove", "budi_2@example.net") == 0
+    assert capsys.readouterr().out == (
+        "budi_2@example.net: removed from the suppression list (it was there as 'unsubscribed', from customer C1 "
+        "moved from budi.baru@example.org, since 2026-12-01 03:04 UTC)\n")

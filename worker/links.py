@@ -5,7 +5,8 @@
   ``List-Unsubscribe=One-Click`` (RFC 8058, also what the button sends)
   suppresses at once the address the email went to (the ledger row the token
   names by its Message-ID) and the customer's address now, when an import has changed it since,
-  and answers 200, no redirect, no cookie.
+  and answers 200, no redirect, no cookie. A later import that gives the customer another address
+  suppresses that one too (``shop.upsert_customers``): the unsubscribe is the person's.
   Idempotent. Senders re-check suppressions when they prepare a message and
   again in the transaction that marks it ``sending`` (``Store.record_and_mark``),
   so it holds in every worker for every message not marked yet.

@@ -21,6 +21,7 @@ from worker.adapters.store import (
     CLAIMED,
     IN_FLIGHT,
     LAPSED_WHY,
+    MOVED_FROM,
     UNCERTAIN,
     WAITING,
     C,
@@ -557,6 +558,28 @@ def unsuppress(store: Store, email: str) -> dict[str, Any] | None:
     with store.engine.begin() as conn:
         row = conn.execute(statement).first()
     return None if row is None else dict(row._mapping)
+
+
+MAX_FOLLOWED = 100
+"""The entries ``followed_from`` gives at most (a customer's moves, each followed by their unsubscribe)."""
+
+
+def followed_from(store: Store, email: str) -> list[dict[str, Any]]:
+    """The entries an import carried from ``email`` to the address it gave its customer (``shop.Followed``: their
+    source is ``store.followed_source``), and on from those to the next, in order: ``email``, ``reason``,
+    ``source``. One whose source was cut to the column's 100 characters (a long address) is not found."""
+    found: dict[str, dict[str, Any]] = {}
+    query = sa.select(S.c.email, S.c.reason, S.c.source).order_by(S.c.created_at, S.c.id)
+    todo = [suppression_address(email)]
+    with db.reading(store.engine) as conn:
+        while todo and len(found) < MAX_FOLLOWED:
+            address = todo.pop(0)
+            for row in conn.execute(query.where(S.c.source.startswith("customer "),
+                                                S.c.source.endswith(f"{MOVED_FROM}{address}", autoescape=True))):
+                if row.email not in found and row.email != suppression_address(email):
+                    found[row.email] = dict(row._mapping)
+                    todo.append(row.email)
+    return list(found.values())
 
 
 def suppress_many(store: Store, emails: Iterable[str], *, reason: str, source: str, now: datetime) -> int:

@@ -62,6 +62,13 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
         print(f"{suppression_address(email)}: removed from the suppression list (it was there as "
               f"{printable(removed['reason'])!r}, from {printable(removed['source'])}, since "
               f"{removed['created_at'].astimezone(UTC):%Y-%m-%d %H:%M} UTC)")  # fmt: skip
+        # an unsubscribe an import carried to the customer's new address stays there: the customer may have asked
+        # for email again (then the operator removes those too), or the old mailbox be another person's now
+        for entry in opstore.followed_from(store, email):
+            address = printable(entry["email"])
+            print(f"note: {address} stays suppressed ({printable(entry['source'])}, and their "
+                  f"{'complaint' if entry['reason'] == 'complaint' else 'unsubscribe'} followed them): "
+                  f"`kembali suppress remove {address}` too if the customer asked for email again")
         return EXIT_OK
     finally:
         store.close()
