@@ -450,3 +450,30 @@ def test_an_unsubscribe_follows_the_customer_to_the_address_a_later_import_gives
         assert {r["email"] for r in store.messages(limit=100) if r["dedupe_key"].endswith(":3")} == {NEW2}
     finally:
         store.close()
+
+
+def test_an_import_that_carries_many_unsubscribes_names_the_first_and_counts_them_all(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a customer who complained and 25 who unsubscribed, all of whom a later import gives new addresses
+    people = [customer(f"C{n}") for n in range(26)]
+    store = make_shop(sqlite_url, people, [])
+    settings = settings_for(sqlite_url)
+    try:
+        store.suppress(people[0].email, reason="complaint", source="test", now=NOW)
+        opstore.suppress_many(store, [p.email for p in people[1:]], reason="unsubscribed", source="test", now=NOW)
+        rows = [f"C{n},c{n}.baru@example.org,Budi C{n},id,Asia/Jakarta,,true,opt_in,checkout" for n in range(26)]
+        # When the import runs
+        said = _import_customers(settings, tmp_path, rows, capsys)
+    finally:
+        store.close()
+    # Then the first 20 are named (by line), the rest counted, and the summary counts all 26
+    notes = [line for line in said.splitlines() if line.startswith("note: customers.csv:") and "customer 'C" in line]
+    assert len(notes) == 20 and notes[:2] == [
+        "note: customers.csv:2: customer 'C0': their new address c***@example.org is suppressed too, as they reported "
+        "an email to c***@example.com as spam",
+        "note: customers.csv:3: customer 'C1': their new address c***@example.org is suppressed too, as they "
+        "unsubscribed as c***@example.com"], notes[:2]
+    assert "note: customers.csv: 26 customers in all have a new address suppressed" in said, said
+    assert "26 updated, 0 unchanged, 0 rejected, 26 new addresses suppressed" in said, said
+    assert "@example.org" not in said.replace("c***@example.org", ""), said
