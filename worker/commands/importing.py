@@ -139,7 +139,7 @@ def import_file(
         nonlocal followed
         followed += 1
         if followed <= MAX_FOLLOWED_NOTES:  # addresses masked, as logs show them
-            wish = _WISH[moved.reason].format(old=mask_email(moved.old))
+            wish = _WISH.get(moved.reason, _WISH["unsubscribed"]).format(old=mask_email(moved.old))
             say(f"note: {path.name}:{lines.get(moved.external_id, 0)}: customer {printable(moved.external_id)!r}: "
                 f"their new address {mask_email(moved.new)} is suppressed too, as they {wish}")
 
