@@ -5,6 +5,7 @@ recipient address may be given a ``Behaviour``; anything else is accepted::
 
     server.on("full@test", Behaviour(rcpt_reply="452 4.2.2 Mailbox full"))
     server.on("gone@test", Behaviour(drop_after_dot=True))
+    server.on("big@test", Behaviour(reply_mid_data="552 5.3.4 Too big"))  # before the final dot, then a hang-up
     server.greeting = "421 4.3.2 Service not available"   # every new connection
     server.greeting_delay = 3.0                          # every new connection waits this long for its greeting
     server.on("new@test", Behaviour(greylist=True))      # 450 the first time, then accepted
@@ -53,6 +54,11 @@ class Behaviour:
     """Close the connection once the body starts arriving (nothing stored)."""
     drop_after_dot: bool = False
     """Store the message, then close the connection without replying."""
+    reply_mid_data: str | None = None
+    """Give this reply once the body starts arriving, before the final dot (a server refusing a message as it passes
+    its size limit: "552 5.3.4 Message size exceeds fixed limit"); then hang up, or with ``read_on_after_reply`` read
+    the rest of the body up to the dot, discarding it, and say nothing more (nothing stored either way)."""
+    read_on_after_reply: bool = False
     stall_mid_data: float = 0.0
     """Read nothing of the body for this many seconds after the 354, then read on as usual (a server or a network
     path that stalls): a client with a shorter timeout gives up before the final dot."""
@@ -208,11 +214,19 @@ class _FaultySMTP(SMTP):
         if stall and self.transport is not None:
             self.transport.pause_reading()  # the 354 still goes out; the body waits in the kernel's buffers
             asyncio.get_running_loop().call_later(stall, self.transport.resume_reading)
-        if not any(self._owner.behaviour(r).drop_mid_data for r in rcpts):
+        early = next((b for b in map(self._owner.behaviour, rcpts) if b.reply_mid_data), None)
+        if not (early or any(self._owner.behaviour(r).drop_mid_data for r in rcpts)):
             await super().smtp_DATA(arg)
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         await self._reader.readuntil(b"\r\n")  # the body has started arriving
+        if early is not None and early.reply_mid_data:
+            await self.push(early.reply_mid_data)
+            if early.read_on_after_reply:
+                while await self._reader.readuntil(b"\r\n") != b".\r\n":
+                    pass
+                self._set_post_data_state()
+                return
         _hang_up(self)
 
 

@@ -109,6 +109,13 @@ CASES = [
          "retry", 1, "transient", 550, 0, label="retry:sender_refused"),
     Case("552 after DATA", Behaviour(data_reply="552 5.3.4 Message size exceeds fixed limit"),
          "failed", 1, "permanent", 552, 0),
+    # a refusal while the body is still arriving (past the server's size limit) is its answer about the message,
+    # whether it then hangs up or reads on to the dot in silence
+    Case("552 before the final dot, then a hang-up",
+         Behaviour(reply_mid_data="552 5.3.4 Message size exceeds fixed limit"), "failed", 1, "permanent", 552, 0),
+    Case("552 before the final dot, then silence",
+         Behaviour(reply_mid_data="552 5.3.4 Message size exceeds fixed limit", read_on_after_reply=True),
+         "failed", 1, "permanent", 552, 0),
     # the body fits the socket buffers, so the dot is written before the server hangs up:
     # the client cannot tell this from a drop after the dot, and stays on the safe side
     Case("drop mid-DATA", Behaviour(drop_mid_data=True), "uncertain", 1, "ambiguous", None, 0),

@@ -247,6 +247,36 @@ def test_a_body_whose_final_dot_left_as_the_timeout_came_is_not_called_unsent(
     assert result.outcome is Outcome.SENT
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("read_on", [False, True], ids=["then hangs up", "then reads the body to the dot"])
+def test_a_refusal_given_while_the_body_is_still_arriving_is_the_messages_answer(
+    smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, read_on: bool, loop: str
+) -> None:
+    # Given a server that refuses a big message as soon as its body starts arriving, before the final dot (past its
+    # size limit), then hangs up, or reads on to the dot and says nothing more; and the event loop the commands run on
+    pytest.importorskip(loop)
+    monkeypatch.setenv(eventloop.ENV, loop)
+    smtp_server.on("x@test.example", Behaviour(reply_mid_data="552 5.3.4 Message size exceeds fixed limit",
+                                               read_on_after_reply=read_on))  # fmt: skip
+
+    async def main() -> tuple[SendResult, SendResult]:
+        async with SmtpTransport(smtp_server.settings(timeout_seconds=2.0, pool_size=1)) as transport:
+            refused = await transport.send(SENDER, "x@test.example", make_message(size=BIG))
+            return refused, await transport.send(SENDER, "next@test.example", make_message(1))
+
+    started = time.monotonic()
+    refused, after = eventloop.run(main())
+
+    # Then the send is the server's refusal of this message (failed for good: the same bytes are too big every
+    # time), found at once: not a drop to try again (uploading the message each time), nor, once smtp.timeout_seconds
+    # passed with no reply to the dot, "it may have arrived"; and the next message goes out
+    assert (refused.outcome, refused.code) == (Outcome.PERMANENT, 552)
+    assert refused.reply == "552 5.3.4 Message size exceeds fixed limit"
+    assert time.monotonic() - started < 2.0
+    assert after.outcome is Outcome.SENT
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("next@test.example",)]
+
+
 @pytest.mark.parametrize("stage", ["rcpt", "data"])
 def test_a_timeout_names_the_setting_that_set_it(smtp_server: RecordingServer, stage: str) -> None:
     # a server slower than smtp.timeout_seconds, at RCPT TO or at the reply to the final dot (uncertain): the reply

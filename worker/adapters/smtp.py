@@ -11,7 +11,9 @@ the reply code (or its absence) and the stage the attempt reached:
     mail     MAIL FROM                               (4xx transient, 5xx a setup problem: never the message's)
     rcpt     RCPT TO                                 (4xx transient, 5xx permanent)
     data     DATA, 354 expected                      (4xx transient, 5xx permanent)
-    message  the body, before the final "." is handed over  (a drop → transient)
+    message  the body, before the final "." is handed over  (a drop → transient; a reply the
+                                                      server gives meanwhile, "552 5.3.4" past its size
+                                                      limit, is its answer: 4xx/5xx as usual)
     reply    waiting for the reply to the final "."  (2xx sent; 4xx/5xx as usual;
                                                       a drop or timeout → ambiguous)
 
@@ -87,6 +89,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.protocol import SMTPProtocol
 
 from worker.config import SmtpSettings
 from worker.core.retry import (
@@ -397,6 +400,7 @@ class SmtpTransport:
         if protocol is None or transport is None or transport.is_closing():
             raise SMTPServerDisconnected("Connection lost before the message body")
         attempt.stage = "message"
+        protocol._response_pending = True  # a reply before the dot is kept, not dropped (``_answered_early``)
         try:
             transport.set_write_buffer_limits(high=1, low=0)
             protocol.write(_dot_stuffed(message) + b".\r\n")
@@ -406,7 +410,7 @@ class SmtpTransport:
         except TimeoutError as exc:
             if transport.get_write_buffer_size():
                 transport.abort()  # (as below)
-                raise SMTPTimeoutError("Timed out sending the message body") from exc
+                raise _answered_early(protocol) or SMTPTimeoutError("Timed out sending the message body") from exc
             # nothing held back: the rest of the body and the final dot went to the kernel in the very turn of the
             # loop the time ran out in (the loop busy past the deadline), and the server may take the message: its
             # reply says whether it did, as after any dot handed over
@@ -414,11 +418,16 @@ class SmtpTransport:
             # what the kernel did not take yet, the final dot with it, is dropped: a ``close`` would write it out
             # after we gave up, and the server could take the message this attempt reports as not sent
             transport.abort()
+            if isinstance(exc, SMTPServerDisconnected | ConnectionError) and (early := _answered_early(protocol)):
+                raise early from exc  # it answered, then hung up
             if isinstance(exc, SMTPServerDisconnected):
                 raise
             if isinstance(exc, ConnectionError):
                 raise SMTPServerDisconnected("Connection lost while sending the message body") from exc
             raise
+        if early := _answered_early(protocol):  # and read on to the dot
+            transport.abort()  # it may answer the dot too, later: a reply the next command would take for its own
+            raise early
         attempt.stage = "reply"
         response = await protocol.read_response(timeout=self._settings.timeout_seconds)
         if not 200 <= response.code < 300:
@@ -500,6 +509,20 @@ class SmtpTransport:
             await client.rset()
         except (SMTPException, OSError):
             slot.discard()
+
+
+def _answered_early(protocol: SMTPProtocol) -> SMTPDataError | None:
+    """The reply the server gave while the body was still on its way, before the final dot was handed over (raised at
+    stage ``message``), or None. A server may refuse a message as it passes a size limit ("552 5.3.4 Message size
+    exceeds fixed limit"), or give up on it with a 421 or a 554, then hang up or read on to the dot and say nothing
+    more: either way that reply is its answer about the message, not a drop (to try again, uploading it again) nor a
+    silence after the dot (``uncertain``). aiosmtplib drops what comes while no command waits for a reply, so
+    ``_data`` marks one awaited before it writes the body."""
+    waiter = protocol._response_waiter
+    if waiter is None or not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
+        return None
+    response = waiter.result()
+    return SMTPDataError(response.code, response.message)
 
 
 async def _greet(client: SMTP) -> None:
