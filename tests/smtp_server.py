@@ -54,6 +54,8 @@ class Behaviour:
     """Close the connection once the body starts arriving (nothing stored)."""
     drop_after_dot: bool = False
     """Store the message, then close the connection without replying."""
+    data_command_reply: str | None = None
+    """Reply to the DATA command itself instead of its 354 (nothing of the body is read); a 421 then hangs up."""
     reply_mid_data: str | None = None
     """Give this reply once the body starts arriving, before the final dot (a server refusing a message as it passes
     its size limit: "552 5.3.4 Message size exceeds fixed limit"); then hang up, or with ``read_on_after_reply`` read
@@ -214,6 +216,12 @@ class _FaultySMTP(SMTP):
         if stall and self.transport is not None:
             self.transport.pause_reading()  # the 354 still goes out; the body waits in the kernel's buffers
             asyncio.get_running_loop().call_later(stall, self.transport.resume_reading)
+        refusal = next((b.data_command_reply for b in map(self._owner.behaviour, rcpts) if b.data_command_reply), None)
+        if refusal is not None:
+            await self.push(refusal)
+            if refusal.startswith("421"):
+                _hang_up(self)
+            return
         early = next((b for b in map(self._owner.behaviour, rcpts) if b.reply_mid_data), None)
         if not (early or any(self._owner.behaviour(r).drop_mid_data for r in rcpts)):
             await super().smtp_DATA(arg)

@@ -109,6 +109,18 @@ CASES = [
          "retry", 1, "transient", 550, 0, label="retry:sender_refused"),
     Case("552 after DATA", Behaviour(data_reply="552 5.3.4 Message size exceeds fixed limit"),
          "failed", 1, "permanent", 552, 0),
+    # a reply to the DATA command itself, nothing of the message sent yet
+    Case("421 to DATA", Behaviour(data_command_reply="421 4.3.2 Service shutting down, closing channel"),
+         "retry", 0, "throttled", 421, 0, label="retry:throttled"),
+    Case("451 to DATA", Behaviour(data_command_reply="451 4.3.0 Temporary lookup failure"),
+         "retry", 1, "transient", 451, 0),
+    Case("452 to DATA", Behaviour(data_command_reply="452 4.3.1 Insufficient system storage"),
+         "retry", 1, "transient", 452, 0),
+    Case("554 to DATA", Behaviour(data_command_reply="554 5.7.1 Message refused by policy"),
+         "failed", 1, "permanent", 554, 0, label="failed:content_rejected"),
+    Case("421 before the final dot, then a hang-up",
+         Behaviour(reply_mid_data="421 4.4.2 mx.test.example Error: timeout exceeded"),
+         "retry", 0, "throttled", 421, 0, label="retry:throttled"),
     # a refusal while the body is still arriving (past the server's size limit) is its answer about the message,
     # whether it then hangs up or reads on to the dot in silence
     Case("552 before the final dot, then a hang-up",
