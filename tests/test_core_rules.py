@@ -209,3 +209,22 @@ def test_backoff_never_schedules_in_the_past() -> None:
     status, next_at = after_attempt(SendResult(Outcome.TRANSIENT, 451, "", retry_after_seconds=120.0),
                                     attempt=1, max_attempts=3, now=NOW, base_seconds=1, cap_seconds=600)
     assert status is MessageStatus.RETRY and next_at is not None and next_at >= NOW + timedelta(seconds=120)
+
+
+@pytest.mark.parametrize(
+    ("result", "throttled_before", "longest"),
+    [
+        (SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Try again later", stage="reply"), 0, 60),
+        (SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Try again later", stage="reply"), 3, 480),
+        (SendResult(Outcome.THROTTLED, 451, "451 4.7.1 Rate limited", stage="rcpt"), 20, 3600),  # the cap
+        # a failure before RCPT TO is not spaced out by the message's throttled tries: the dispatcher's pause takes it
+        (SendResult(Outcome.TRANSIENT, None, "Connection refused", stage="connect"), 3, 60),
+    ],
+)  # fmt: skip
+def test_a_message_throttled_time_after_time_waits_longer_each_time(
+    result: SendResult, throttled_before: int, longest: float
+) -> None:
+    status, next_at = after_attempt(result, attempt=1, max_attempts=5, now=NOW, base_seconds=60, cap_seconds=3600,
+                                    throttled_before=throttled_before, rng=random.Random(7))  # fmt: skip
+    assert status is MessageStatus.RETRY and next_at is not None
+    assert longest / 2 <= (next_at - NOW).total_seconds() <= longest

@@ -200,6 +200,43 @@ def test_each_fault_ends_in_its_state(url: str, server: RecordingServer, case: C
         shop.close()
 
 
+@pytest.mark.parametrize("reply", [
+    "421 4.7.0 [192.0.2.1] This message is suspicious due to the very low reputation of the sending domain",
+    "451 4.7.0 Temporary server error, rate limited",
+])  # fmt: skip
+def test_a_message_the_server_keeps_throttling_is_tried_less_and_less_often(
+    url: str, server: RecordingServer, reply: str
+) -> None:
+    # Given a server that answers one customer's message with a "slow down" at the final dot every time (Gmail's
+    # 421 4.7.0 deferral of one message, a 4.7.0 rate limit), retries 60 s apart at first, at most 6 hours
+    server.on(BAD, Behaviour(data_reply=reply))
+    shop = shop_for(url, server, [BAD, OK], retry_base_seconds=60.0, retry_max_seconds=21600.0)
+    try:
+        waits = []
+        for _ in range(9):  # When cycles run each time its retry is due
+            shop.cycle()
+            row = shop.row(BAD)
+            assert (row.status, row.attempts) == ("retry", 0)  # never failed for it, never counted
+            waits.append((row.next_attempt_at - shop.clock.now()).total_seconds())
+            shop.clock.advance(waits[-1] + 1)
+
+        # Then each wait is about twice the one before (jittered in its upper half), up to the cap: not a try every
+        # minute for the two weeks until the message expires (20,000 uploads of it), every one of them a "slow down"
+        for k, wait in enumerate(waits):
+            ceiling = min(21600.0, 60.0 * 2**k)
+            assert ceiling / 2 <= wait <= ceiling, (k, waits)
+        assert [a.outcome for a in shop.attempts(BAD)] == ["throttled"] * 9
+        assert shop.row(OK).status == "sent"
+
+        # and once the server takes it, it is sent, once
+        server.on(BAD, Behaviour())
+        shop.cycle()
+        assert shop.row(BAD).status == "sent"
+        assert all(n == 1 for n in message_ids(server.messages).values())
+    finally:
+        shop.close()
+
+
 def test_greylisting_is_sent_on_a_later_cycle_with_two_attempt_rows(url: str, server: RecordingServer) -> None:
     server.on(BAD, Behaviour(greylist=True))
     shop = shop_for(url, server, [BAD, OK])

@@ -362,6 +362,27 @@ def test_a_send_heard_after_the_lease_lapsed_is_written_after_an_earlier_attempt
     assert [a["outcome"] for a in store.attempts_for(second.id)] == ["transient", "sent"]
 
 
+def test_the_throttled_attempts_in_a_row_are_counted_back_from_the_latest(store: Store) -> None:
+    # Given a row tried four times: a 451 (counted), then three "slow down"s; and another row, never tried
+    store.insert_messages(planned(1), NOW)
+    replies = [SendResult(Outcome.TRANSIENT, 451, "451 4.3.0 Local error", stage="rcpt")] + [
+        SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Try again later", stage="reply")] * 3  # fmt: skip
+    at = NOW
+    for result in replies:
+        (message,) = store.claim(worker="a", now=at, limit=1, lease_seconds=60)
+        assert message.dedupe_key == "k:0" and store.mark_sending([message.id], worker="a", now=at) == {message.id}
+        store.record([Disposition(message=message, status=MessageStatus.RETRY, worker="a", started_at=at,
+                                  finished_at=at, next_attempt_at=at + timedelta(hours=1), result=result,
+                                  counts_as_attempt=result.outcome is not Outcome.THROTTLED)])  # fmt: skip
+        at += timedelta(hours=2)
+    store.insert_messages(planned(1, prefix="o"), NOW)
+    first, other = sorted(m.id for m in store.claim(worker="a", now=at, limit=2, lease_seconds=60))
+
+    # Then its throttled attempts in a row are the three since the 451; the other row has none, and a cap holds
+    assert (store.throttled_in_row(first), store.throttled_in_row(other), store.throttled_in_row(first, most=2)) == (
+        3, 0, 2)
+
+
 def uncertain_after_the_lease(store: Store, n: int) -> tuple[list[ClaimedMessage], datetime]:
     """Worker a's ``n`` rows, marked `sending` and made uncertain by another worker's maintenance when their lease
     lapsed, the last closed as failed by an operator since; and a moment after that."""

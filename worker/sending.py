@@ -1273,6 +1273,7 @@ class Dispatcher:
                 base_seconds=self.settings.sending.retry_base_seconds,
                 cap_seconds=self.settings.sending.retry_max_seconds,
                 server_trouble=servers,
+                throttled_before=await self._throttled_before(message) if result.outcome is Outcome.THROTTLED else 0,
             )
             label, suppress = status.value, None
             if result.outcome is Outcome.PERMANENT:
@@ -1321,6 +1322,16 @@ class Dispatcher:
                     message.campaign, status.value, result.outcome.value, finished_mono - started_mono, finished_mono
                 )
             _log_outcome(message, status, result, item.customer.external_id, suppressed=suppress)
+
+    async def _throttled_before(self, message: ClaimedMessage) -> int:
+        """The message's attempts throttled in a row before this one (``Store.throttled_in_row``: they space out its
+        next try); 0 when the ledger cannot tell now, so the attempt's outcome is recorded all the same."""
+        try:
+            return await self.store.call(self.store.store.throttled_in_row, message.id)
+        except Exception as exc:  # the database's trouble: the writer's retries meet it, and stop the run if it lasts
+            log.event("throttled_count_unread", logging.WARNING, dedupe_key=message.dedupe_key,
+                      error=log.error_line(exc)[:300])  # fmt: skip
+            return 0
 
     async def _slot_and_connection(self, domain: str, message: int, wire: Wire) -> float | Later:
         """Wait for one of the pool's connections (``wire``) and the message's slot of the rates

@@ -969,6 +969,15 @@ class Store:
         return Marks(frozenset(sending), frozenset(held), skipped, over_quota=frozenset(over),
                      quota_day=day if over else None)  # fmt: skip
 
+    def throttled_in_row(self, message_id: int, most: int = 32) -> int:
+        """How many of the message's latest attempts in a row were throttled (a "slow down": not counted against
+        ``sending.max_attempts``), at most ``most``: what spaces out its next try (``lifecycle.after_attempt``)."""
+        with db.reading(self.engine) as conn:
+            outcomes = conn.execute(
+                sa.select(A.c.outcome).where(A.c.message_id == message_id).order_by(A.c.id.desc()).limit(most)
+            ).scalars()
+            return sum(1 for _ in itertools.takewhile(lambda outcome: outcome == Outcome.THROTTLED, outcomes))
+
     def quota_spent(self, key: str, day: str, since: datetime) -> int:
         """The slots of the shop-local ``day``'s quota (beginning at ``since``) its commits have taken, read only: the
         quota row's count of that day, or, before a commit of it counted any (a quota set during the day), what the

@@ -2,7 +2,8 @@
 
     planned ─claim→ claimed ─mark→ sending ─→ sent
                        │              ├─ transient, attempts left → retry ─claim→ claimed …
-                       │              ├─ throttled ("slow down") → retry, the attempt not counted
+                       │              ├─ throttled ("slow down") → retry, the attempt not counted (waits
+                       │              │    twice as long after each throttled try in a row)
                        │              ├─ stopped before RCPT TO (connection, setup, login) → retry, not counted
                        │              ├─ the server's trouble (retry.TroubleStreak) → retry, not counted
                        │              ├─ transient, none left / permanent / render error → failed
@@ -81,9 +82,11 @@ def after_attempt(
     cap_seconds: float,
     rng: random.Random | None = None,
     server_trouble: bool = False,
+    throttled_before: int = 0,
 ) -> tuple[MessageStatus, datetime | None]:
     """(new status, next attempt time) after attempt number ``attempt`` (1-based); ``server_trouble``: see
-    ``counts_as_attempt``."""
+    ``counts_as_attempt``; ``throttled_before``: the message's attempts just before this one that were throttled, in
+    a row (``Store.throttled_in_row``)."""
     match result.outcome:
         case Outcome.SENT:
             return MessageStatus.SENT, None
@@ -93,8 +96,12 @@ def after_attempt(
             return MessageStatus.FAILED, None
         case Outcome.THROTTLED | Outcome.TRANSIENT if not counts_as_attempt(result, server_trouble=server_trouble):
             # "slow down", the server refused us before RCPT TO or is in trouble: not the message's fault, so retry
-            # soon, whatever the attempt count (the dispatcher's pause keeps a broken server from looping)
-            delay = backoff_seconds(1, base=base_seconds, cap=cap_seconds, hint=result.retry_after_seconds, rng=rng)
+            # soon, whatever the attempt count (the dispatcher's pause keeps a broken server from looping); a message
+            # "slowed down" time after time waits twice as long each time, up to ``cap_seconds`` (it may be that
+            # message's own deferral, Gmail's "421 4.7.0 … suspicious", which no pace lifts): not a try every minute
+            # until it expires
+            again = 1 + (throttled_before if result.outcome is Outcome.THROTTLED else 0)
+            delay = backoff_seconds(again, base=base_seconds, cap=cap_seconds, hint=result.retry_after_seconds, rng=rng)
             return MessageStatus.RETRY, now + timedelta(seconds=delay)
         case Outcome.OPERATOR:
             raise ValueError("an operator action is not an SMTP attempt")
