@@ -136,6 +136,8 @@ def test_a_reply_that_wants_a_login_is_told_from_one_about_the_recipient_or_the_
         (550, "mail", "5.4.5 Daily user sending quota exceeded.", True),
         (553, "rcpt", "5.7.1 <shop@x.example>: Sender address rejected: not owned by user shop", True),
         (450, "mail", "4.1.8 <shop@x.example>: Sender address rejected: Domain not found", False),
+        # "exceeded storage allocation" at MAIL FROM: the server's room (no SIZE declared, so no message's size)
+        (552, "mail", "5.3.4 Message size exceeds fixed limit", False),
         (550, "rcpt", "5.1.1 <a@b.example>: Recipient address rejected: User unknown", False),
         (554, "reply", "5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied", True),
         (550, "reply", "5.7.60 SMTP; Client does not have permissions to send as this sender", True),

@@ -484,8 +484,13 @@ def test_postfixs_refusals_of_this_client_at_rcpt_to_pause_at_once_and_fail_no_o
         # Postfix answers its sender and client rules at RCPT TO (smtpd_delay_reject)
         ("rcpt", "450 4.1.8 <halo@toko-kembali.example>: Sender address rejected: Domain not found"),
         ("rcpt", "450 4.7.25 Client host rejected: cannot find your hostname, [127.0.0.1]"),
+        # "exceeded storage allocation": Kembali declares no SIZE at MAIL FROM, so no message's size, nor the
+        # sender's fault, but the server's room (it paused at once, telling the operator to check shop.from_address)
+        ("mail", "552 5.3.4 Message size exceeds fixed limit"),
+        ("mail", "552 Requested mail action aborted: exceeded storage allocation"),
     ],
-    ids=["4xx at MAIL FROM", "421 at MAIL FROM", "4xx sender rejected at RCPT", "4xx client rejected at RCPT"],
+    ids=["4xx at MAIL FROM", "421 at MAIL FROM", "4xx sender rejected at RCPT", "4xx client rejected at RCPT",
+         "552 size at MAIL FROM", "552 storage at MAIL FROM"],
 )
 def test_a_temporary_refusal_of_the_sender_or_client_is_no_messages_failure_and_pauses_after_the_failures_in_a_row(
     sqlite_url: str, server: OddServer, stage: str, reply: str
@@ -503,6 +508,7 @@ def test_a_temporary_refusal_of_the_sender_or_client_is_no_messages_failure_and_
         # failures in a row, as for a refused greeting
         paused = report.dispatched.paused
         assert paused is not None and "3 connection failures in a row" in paused and reply[:20] in paused
+        assert "shop.from_address" not in paused
         rows = sorted((shop.row(e).status, shop.row(e).attempts) for e in emails)
         assert rows == [("planned", 0)] * 3 + [("retry", 0)] * 3
 

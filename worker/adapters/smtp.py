@@ -32,7 +32,7 @@ a ``reply`` that says how (the dispatcher pauses at once on it, see
                    aiosmtplib speaks (CRAM-MD5, PLAIN, LOGIN); or, at MAIL
                    FROM or RCPT TO, the server wants a login (530) or will
                    not relay (``retry.needs_login``)
-    shop.from_address  any other 5xx at MAIL FROM (it names the sender alone,
+    shop.from_address  any other 5xx but a 552 at MAIL FROM (it names the sender alone,
                    the same for every message: a 5.1.x there is no bounce),
                    "Sender address rejected" or Exim's "Sender verify failed" at RCPT TO, a login that may not
                    send as the sender, Amazon SES's sandbox naming the

@@ -240,17 +240,19 @@ def verifies_the_sender(reply: str) -> bool:
 
 
 def refuses_the_sender(code: int | None, stage: str, reply: str, sender: str = "") -> bool:
-    """Whether a 5xx refuses the envelope sender (``shop.from_address``, the same for every message) rather than
-    the message or its recipient: any 5xx at MAIL FROM, which names the sender alone (a 5.1.x there is no bounce),
-    and at RCPT TO or the final dot one saying "Sender address rejected" (Postfix answers its sender restrictions
-    at RCPT TO by default, ``smtpd_delay_reject``), that the login may not send as the sender (Microsoft 365's
-    "SendAsDenied" and "5.7.60 … send as this sender", at the final dot), or Amazon SES's sandbox naming
-    ``sender`` (or its domain) among the identities not verified (``unverified_identities``; one naming only the
-    recipient is that message's: the sandbox takes mail only to verified recipients)."""
+    """Whether a 5xx refuses the envelope sender (``shop.from_address``, the same for every message) rather than the
+    message or its recipient: any 5xx at MAIL FROM but a 552, which names the sender alone (a 5.1.x there is no
+    bounce), and at RCPT TO or the final dot one saying "Sender address rejected" (Postfix answers its sender
+    restrictions at RCPT TO by default, ``smtpd_delay_reject``), that the login may not send as the sender
+    (Microsoft 365's "SendAsDenied" and "5.7.60 … send as this sender", at the final dot), or Amazon SES's sandbox
+    naming ``sender`` (or its domain) among the identities not verified (``unverified_identities``; one naming only
+    the recipient is that message's: the sandbox takes mail only to verified recipients)."""
     if code is None or not 500 <= code < 600:
         return False
     if stage == "mail":
-        return True
+        # but a 552, "exceeded storage allocation": the server's room (a message's size only with a SIZE declared,
+        # and the transport declares none), which may pass; the failures in a row pause it as for a 452 4.3.1
+        return code != 552
     if stage not in ("rcpt", "data", "reply"):
         return False
     if stage != "data" and _SENDER_REJECTED.search(reply) is not None:
