@@ -197,6 +197,7 @@ class _FaultySMTP(SMTP):
         await self.push(self._owner.ehlo_reply)  # the client falls back to HELO, which aiosmtpd takes
 
     async def smtp_MAIL(self, arg: str) -> None:
+        self._owner.mail_commands += 1
         limit = self._owner.messages_per_connection
         self._mails = getattr(self, "_mails", 0) + 1
         if limit is not None and self._mails > limit:
@@ -265,6 +266,11 @@ class RecordingServer:
         """When set, the relay's own rate limit for every message (see ``RelayRate``)."""
         self.messages_per_connection: int | None = None
         """MAIL FROMs taken on one connection; the next gets ``CONNECTION_LIMIT_REPLY`` and the connection is closed."""
+        self.mail_commands = 0
+        """MAIL FROM commands received, on every connection."""
+        self.size_limit: int | None = None
+        """When set, the SIZE offered in the EHLO reply, and what aiosmtpd takes: a longer body is read to the dot and
+        answered "552 Error: Too much mail data" (for connections opened after it is set)."""
         self.data_taken = 0
         """Messages whose whole DATA the server has read (before any delay at "data" and its reply)."""
         self.ehlo_reply: str | None = None
@@ -297,6 +303,8 @@ class RecordingServer:
             excluded = [m for m in ("LOGIN", "PLAIN", "GSSAPI", "CRAM-MD5") if m not in self.login_mechanisms]
             kwargs |= {"authenticator": self._authenticate, "auth_require_tls": False,
                        "auth_exclude_mechanism": excluded}  # fmt: skip
+        if self.size_limit is not None:
+            kwargs["data_size_limit"] = self.size_limit
         return _FaultySMTP(self, handler, tls_context=self._tls_context, **kwargs)
 
     def _authenticate(self, server: SMTP, session: Any, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:

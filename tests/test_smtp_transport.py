@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import subprocess
 import time
@@ -274,6 +275,29 @@ def test_a_refusal_given_while_the_body_is_still_arriving_is_the_messages_answer
     assert refused.reply == "552 5.3.4 Message size exceeds fixed limit"
     assert time.monotonic() - started < 2.0
     assert after.outcome is Outcome.SENT
+    assert [m.rcpt_tos for m in smtp_server.messages] == [("next@test.example",)]
+
+
+def test_a_message_bigger_than_the_size_the_server_offers_fails_without_being_sent(
+    smtp_server: RecordingServer,
+) -> None:
+    # Given a server that says in its EHLO reply it takes messages of at most 20,000 bytes (RFC 1870 SIZE)
+    smtp_server.size_limit = 20_000
+
+    async def main() -> tuple[SendResult, SendResult]:
+        async with SmtpTransport(smtp_server.settings(pool_size=1)) as transport:
+            big = await transport.send(SENDER, "x@test.example", make_message(size=50_000))
+            return big, await transport.send(SENDER, "next@test.example", make_message(1, size=5_000))
+
+    big, small = run(main())
+
+    # Then the bigger message fails for good, saying why, with nothing of it sent (not uploaded to be refused after
+    # the final dot, or cut off by a server that hangs up on it, then tried again); the next goes on the same
+    # connection
+    assert (big.outcome, big.code, big.stage) == (Outcome.PERMANENT, None, "mail")
+    assert re.search(r"the message is \d\d,\d{3} bytes, more than the 20,000 .* SIZE", big.reply), big.reply
+    assert small.outcome is Outcome.SENT
+    assert (smtp_server.mail_commands, smtp_server.connections) == (1, 1)
     assert [m.rcpt_tos for m in smtp_server.messages] == [("next@test.example",)]
 
 

@@ -8,7 +8,9 @@ the reply code (or its absence) and the stage the attempt reached:
     connect  TCP, greeting, EHLO, STARTTLS           (any failure → transient, not the message's fault)
     auth     AUTH, one mechanism (a refusal → transient; the dispatcher pauses);
              until a login succeeded the pool's connections take turns
-    mail     MAIL FROM                               (4xx transient, 5xx a setup problem: never the message's)
+    mail     MAIL FROM                               (4xx, a 552 transient, other 5xx a setup problem: never
+                                                      the message's; before it, a message bigger than the
+                                                      SIZE the server offers is permanent, nothing sent)
     rcpt     RCPT TO                                 (4xx transient, 5xx permanent)
     data     DATA, 354 expected                      (4xx transient, 5xx permanent)
     message  the body, before the final "." is handed over  (a drop → transient; a reply the
@@ -260,9 +262,17 @@ class SmtpTransport:
                 _check_address(address)
             except ValueError as exc:
                 return _result(Outcome.PERMANENT, None, str(exc), exc, stage)
+        body = _dot_stuffed(message)
         try:
             client, reused = await self._ready_client(slot, attempt)
             attempt.stage = "mail"
+            limit = _size_offered(client)
+            if 0 < limit < len(body):  # (the terminating dot aside, as RFC 1870 counts)
+                s = self._settings
+                return _result(Outcome.PERMANENT, None, (
+                    f"the message is {len(body):,} bytes, more than the {limit:,} {s.host}:{s.port} takes (the SIZE "
+                    "it offers): nothing of it sent, as the server would refuse it (552): make the message smaller "
+                    "(its template: images, includes)"), None, "mail")  # fmt: skip
             try:
                 await _mail(client, sender)
             except (SMTPServerDisconnected, SMTPSenderRefused) as exc:
@@ -278,7 +288,7 @@ class SmtpTransport:
                 await _mail(client, sender)
             attempt.stage = "rcpt"
             await _rcpt(client, recipient)
-            response = await self._data(client, message, attempt)
+            response = await self._data(client, body, attempt)
         except SMTPResponseException as exc:
             return await self._reply_error(slot, attempt.stage, exc, sender)
         except (SMTPException, OSError) as exc:  # drops, timeouts, refused connections, TLS and certificate errors
@@ -372,7 +382,7 @@ class SmtpTransport:
             self._logged_in = False  # the password changed under us: take turns again
             raise
 
-    async def _data(self, client: SMTP, message: bytes, attempt: _Attempt) -> SMTPResponse:
+    async def _data(self, client: SMTP, body: bytes, attempt: _Attempt) -> SMTPResponse:
         """DATA done by hand, so we know whether the final dot was handed over.
 
         aiosmtplib's ``SMTP.data()`` writes body and dot and then waits, so a
@@ -403,7 +413,7 @@ class SmtpTransport:
         protocol._response_pending = True  # a reply before the dot is kept, not dropped (``_answered_early``)
         try:
             transport.set_write_buffer_limits(high=1, low=0)
-            protocol.write(_dot_stuffed(message) + b".\r\n")
+            protocol.write(body + b".\r\n")
             if transport.get_write_buffer_size():  # the kernel took part of it: wait until it took all
                 async with asyncio.timeout(self._settings.timeout_seconds):
                     await protocol._drain_helper()
@@ -648,6 +658,12 @@ async def _rcpt(client: SMTP, recipient: str) -> None:
     response = await client.execute_command(b"RCPT", b"TO:<" + recipient.encode("ascii") + b">")
     if response.code not in (250, 251):
         raise SMTPRecipientRefused(response.code, response.message, recipient)
+
+
+def _size_offered(client: SMTP) -> int:
+    """The largest message the server takes, as its EHLO reply's SIZE says (RFC 1870); 0 when it says none."""
+    offered = client.esmtp_extensions.get("size", "").strip()
+    return int(offered) if offered.isascii() and offered.isdigit() else 0
 
 
 def _check_address(address: str) -> None:
