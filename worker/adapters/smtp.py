@@ -527,12 +527,14 @@ def _answered_early(protocol: SMTPProtocol) -> SMTPDataError | None:
     exceeds fixed limit"), or give up on it with a 421 or a 554, then hang up or read on to the dot and say nothing
     more: either way that reply is its answer about the message, not a drop (to try again, uploading it again) nor a
     silence after the dot (``uncertain``). aiosmtplib drops what comes while no command waits for a reply, so
-    ``_data`` marks one awaited before it writes the body."""
+    ``_data`` marks one awaited before it writes the body. Only a refusal (4xx, 5xx, a garbled code): a 2xx is read
+    as the reply to the dot, as always (a server takes no message before its dot; were it one that did arrive
+    with the last bytes, taking it for a refusal would send the message twice)."""
     waiter = protocol._response_waiter
     if waiter is None or not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
         return None
     response = waiter.result()
-    return SMTPDataError(response.code, response.message)
+    return SMTPDataError(response.code, response.message) if not 200 <= response.code < 400 else None
 
 
 async def _greet(client: SMTP) -> None:
