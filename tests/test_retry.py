@@ -141,6 +141,8 @@ def test_a_reply_that_wants_a_login_is_told_from_one_about_the_recipient_or_the_
         (550, "rcpt", "5.1.1 <a@b.example>: Recipient address rejected: User unknown", False),
         (554, "reply", "5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied", True),
         (550, "reply", "5.7.60 SMTP; Client does not have permissions to send as this sender", True),
+        # given while the body was still arriving
+        (550, "message", "5.7.60 SMTP; Client does not have permissions to send as this sender", True),
         (554, "reply", "5.7.1 Message rejected as spam", False),
         (554, "data", "5.7.1 Sender address rejected", False),
         (None, "mail", "Connection lost", False),
@@ -208,6 +210,7 @@ Q, U = "sending.daily_quota", "smtp.username"
                        "email to external recipients (tenant external recipient rate limit)", Q),
         (554, "reply", "Message rejected: Sending paused for this account. For more information, please check", U),
         (554, "mail", "Access denied: Sending suspended for this account. For more information, please check", U),
+        (550, "message", "5.4.5 Daily user sending quota exceeded.", Q),  # given before the final dot
         # a per-second rate is the recipient domain's "slow down", not the day's limit
         (454, "reply", "Throttling failure: Maximum sending rate exceeded.", None),
         # a recipient's limits are that message's
@@ -311,6 +314,7 @@ def _rcpt(reply: str, stage: str = "rcpt") -> SendResult:
         (_rcpt("452 4.3.1 Insufficient system storage"), "452 4.3.1"),
         (_rcpt("451 4.3.0 <a@b.example>: Temporary lookup failure"), "451 4.3.0"),
         (_rcpt("451 Local error in processing", "reply"), "451"),
+        (_rcpt("452 4.3.1 Insufficient system storage", "message"), "452 4.3.1"),  # given before the final dot
         (_rcpt("452 4.2.2 Mailbox full"), None),  # the recipient's mailbox
         (_rcpt("450 4.1.2 <a@b.example>: Recipient address rejected: Domain not found"), None),
         (_rcpt("451 4.7.1 Greylisted, try again in 5 minutes"), None),

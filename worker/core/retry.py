@@ -63,6 +63,9 @@ STAGES = frozenset({"connect", "auth", "mail", "rcpt", "data", "message", "reply
 CONNECTION_STAGES = frozenset({"connect", "auth", "mail"})
 """Stages before RCPT TO: nothing about this message or its recipient has been said yet (MAIL FROM names the
 sender alone, the same for every message)."""
+MESSAGE_STAGES = frozenset({"rcpt", "data", "message", "reply"})
+"""Stages whose reply is about the message: RCPT TO, DATA, and the message's own, at the final dot or given while
+its body was still arriving (``message``: a server that refuses it as it passes a size limit)."""
 BEFORE_DATA = CONNECTION_STAGES | {"rcpt"}
 """Stages before the DATA command was sent: nothing of the message has left, an attempt cut off there can be made
 again with no risk of a second copy."""
@@ -121,19 +124,19 @@ greylisting."""
 
 def server_trouble(result: SendResult) -> str | None:
     """The class (``"452 4.3.1"``; the code alone when no enhanced code) of a temporary failure that may be the
-    server's own trouble rather than the recipient's: a 4xx at RCPT TO, DATA or the final dot that is not
-    throttling (``THROTTLED`` by then: per recipient domain), not about the sender or this client
+    server's own trouble rather than the recipient's: a 4xx at RCPT TO, DATA or the final dot (or given before it)
+    that is not throttling (``THROTTLED`` by then: per recipient domain), not about the sender or this client
     (``connection_failure``) and not about the recipient (a 4.1.x address or 4.2.x mailbox status, "Recipient
-    address rejected", greylisting). A 421 ("closing the channel", ``THROTTLED`` by then, so never counted) is
-    the server's state too, whatever it says. Only the same class for recipients at ``SERVER_TROUBLE_DOMAINS``
-    different domains in a row makes it the server's (``TroubleStreak``): one customer's failure stays that
-    message's. Else None."""
+    address rejected", greylisting). A 421 ("closing the channel", ``THROTTLED`` by then, so never counted) is the
+    server's state too, whatever it says. Only the same class for recipients at ``SERVER_TROUBLE_DOMAINS`` different
+    domains in a row makes it the server's (``TroubleStreak``): one customer's failure stays that message's. Else
+    None."""
     code = result.code
     if code is None or not 400 <= code < 500:
         return None
     if not (result.outcome is Outcome.TRANSIENT or (result.outcome is Outcome.THROTTLED and code == 421)):
         return None
-    if result.stage not in ("rcpt", "data", "reply") or connection_failure(result) is not None:
+    if result.stage not in MESSAGE_STAGES or connection_failure(result) is not None:
         return None
     enhanced = _ENHANCED_4XX.search(result.reply)
     if (enhanced is not None and enhanced[1] in ("1", "2")) or _ABOUT_THE_RECIPIENT.search(result.reply):
@@ -253,7 +256,7 @@ def refuses_the_sender(code: int | None, stage: str, reply: str, sender: str = "
         # but a 552, "exceeded storage allocation": the server's room (a message's size only with a SIZE declared,
         # and the transport declares none), which may pass; the failures in a row pause it as for a 452 4.3.1
         return code != 552
-    if stage not in ("rcpt", "data", "reply"):
+    if stage not in MESSAGE_STAGES:
         return False
     if stage != "data" and _SENDER_REJECTED.search(reply) is not None:
         return True
@@ -291,7 +294,7 @@ def account_limit(code: int | None, stage: str, reply: str) -> AccountLimit | No
     suspended the account's sending (``_ACCOUNT_PAUSED``: the account the login names); else None. A reply about a
     recipient's mailbox is never one (a 4.2.x/5.2.x mailbox status, "recipient", "mailbox": "552 5.2.2 Mailbox quota
     exceeded")."""
-    if code is None or not 400 <= code < 600 or stage not in ("mail", "rcpt", "data", "reply"):
+    if code is None or not 400 <= code < 600 or stage not in MESSAGE_STAGES | {"mail"}:
         return None
     if _ACCOUNT_PAUSED.search(reply) is not None:
         return "smtp.username"
