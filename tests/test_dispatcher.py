@@ -1229,3 +1229,53 @@ def test_once_the_days_quota_is_spent_runs_claim_nothing_and_a_reload_that_raise
     finally:
         astore.close()
         shop.close()
+
+
+def test_a_throttled_send_cut_off_while_its_earlier_throttles_are_read_is_recorded_all_the_same(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given a customer whose message the server answers at the final dot, half a second on, with a "slow down"; and
+    # the ledger's one thread busy (a slow commit, a database in trouble) when the sender reads how many of the
+    # message's tries in a row were throttled, to space out the next
+    email = "slowed@test.example"
+    smtp_server.on(email, Behaviour(data_reply="421 4.7.0 Try again later, closing connection", delay_at="data",
+                                    delay_seconds=0.5))  # fmt: skip
+    settings = make_settings(sqlite_url, smtp_server.port, batch_size=1, compose_processes=0, lease_seconds=600)
+    shop = Shop(sqlite_url, settings, [email])
+    plan(shop.store, settings, NOW)
+    astore = AsyncStore(shop.store)
+    gate = threading.Event()
+
+    async def cut_off() -> bool:
+        transport = shop.deps.transport()
+        dispatcher = _dispatcher(shop, astore, transport)  # type: ignore[arg-type]
+        try:
+            task = asyncio.ensure_future(dispatcher.run_once())
+            while smtp_server.data_taken < 1:  # marked, and the body read: the reply comes in 0.5 s
+                await asyncio.sleep(0.02)
+            busy = asyncio.ensure_future(astore.call(gate.wait, 10))
+            await asyncio.sleep(1.0)  # the reply came: the sender waits for the ledger's thread
+            # When the run is cut off then (a daemon's shutdown past its grace period), and the ledger frees up
+            task.cancel()
+            asyncio.get_running_loop().call_later(0.1, gate.set)
+            with contextlib.suppress(BaseException):
+                await task
+            await busy
+            return task.cancelled()
+        finally:
+            gate.set()
+            await transport.close()
+
+    try:
+        cancelled = asyncio.run(asyncio.wait_for(cut_off(), timeout=60))
+    finally:
+        gate.set()
+        astore.close()
+    # Then the outcome the server gave is written, the message back in the queue (not left `sending`, to turn
+    # `uncertain` when its lease lapses: an operator's decision over a message that never arrived)
+    assert cancelled
+    row = shop.row(email)
+    assert (row.status, row.attempts, row.last_code) == ("retry", 0, 421)
+    assert [a.outcome for a in shop.attempts(email)] == ["throttled"]
+    assert smtp_server.messages == []
+    shop.close()

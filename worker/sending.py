@@ -1265,6 +1265,12 @@ class Dispatcher:
                 self._last_unreached = result.reply
             else:
                 report.attempts_reached += 1
+            throttled_before, cut_short = 0, None
+            if result.outcome is Outcome.THROTTLED:
+                try:
+                    throttled_before = await self._throttled_before(message)
+                except asyncio.CancelledError as exc:  # the outcome is known: written all the same, then raised
+                    cut_short = exc
             status, next_at = lifecycle.after_attempt(
                 result,
                 attempt=message.attempt_since_resend,
@@ -1273,7 +1279,7 @@ class Dispatcher:
                 base_seconds=self.settings.sending.retry_base_seconds,
                 cap_seconds=self.settings.sending.retry_max_seconds,
                 server_trouble=servers,
-                throttled_before=await self._throttled_before(message) if result.outcome is Outcome.THROTTLED else 0,
+                throttled_before=throttled_before,
             )
             label, suppress = status.value, None
             if result.outcome is Outcome.PERMANENT:
@@ -1322,6 +1328,8 @@ class Dispatcher:
                     message.campaign, status.value, result.outcome.value, finished_mono - started_mono, finished_mono
                 )
             _log_outcome(message, status, result, item.customer.external_id, suppressed=suppress)
+            if cut_short is not None:
+                raise cut_short
 
     async def _throttled_before(self, message: ClaimedMessage) -> int:
         """The message's attempts throttled in a row before this one (``Store.throttled_in_row``: they space out its
