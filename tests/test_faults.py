@@ -540,6 +540,34 @@ def test_the_log_of_a_hard_bounce_says_the_address_was_suppressed(
     assert "suppressed" not in refused
 
 
+def test_the_log_of_each_outcome_says_where_the_attempt_stopped_and_when_a_retry_comes(
+    url: str, server: RecordingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a server that defers one customer at RCPT TO, refuses another's message at the final dot, and hangs up
+    # on a third's right after taking it
+    later, refused, gone = "later@test.example", "refused@test.example", "gone@test.example"
+    server.on(later, Behaviour(rcpt_reply="451 4.3.0 Temporary lookup failure"))
+    server.on(refused, Behaviour(data_reply="552 5.3.4 Message size exceeds fixed limit"))
+    server.on(gone, Behaviour(drop_after_dot=True))
+    shop = shop_for(url, server, [later, refused, gone, OK])
+    try:
+        with caplog.at_level("INFO", logger="kembali"):
+            shop.cycle()
+        due = shop.row(later).next_attempt_at
+    finally:
+        shop.close()
+
+    # Then each line says at which step of the SMTP exchange it stopped (the uncertain one: waiting for the reply to
+    # the final dot, so the server may have it), and the deferred one when it is tried again, as the ledger has it
+    (deferred,) = _events(caplog, "email_deferred")
+    (failed,) = _events(caplog, "email_failed")
+    (uncertain,) = _events(caplog, "email_uncertain")
+    assert (deferred["stage"], deferred["code"]) == ("rcpt", 451)
+    assert datetime.fromisoformat(deferred["retry_at"]) == due
+    assert (failed["stage"], failed["code"], uncertain["stage"]) == ("reply", 552, "reply")
+    assert "retry_at" not in failed and "retry_at" not in uncertain
+
+
 def test_a_limit_of_messages_per_connection_costs_no_message_an_attempt(url: str, server: RecordingServer) -> None:
     # Given a server that takes two messages a connection, then answers MAIL FROM with a 421 and hangs up (Exim's
     # smtp_accept_max_per_connection), and six customers due over one connection

@@ -1327,7 +1327,7 @@ class Dispatcher:
                 self.observer.observe_result(
                     message.campaign, status.value, result.outcome.value, finished_mono - started_mono, finished_mono
                 )
-            _log_outcome(message, status, result, item.customer.external_id, suppressed=suppress)
+            _log_outcome(message, status, result, item.customer.external_id, suppressed=suppress, retry_at=next_at)
             if cut_short is not None:
                 raise cut_short
 
@@ -1472,9 +1472,11 @@ def _label(item: Skipped | RenderFailed) -> str:
 
 
 def _log_outcome(
-    message: ClaimedMessage, status: MessageStatus, result: SendResult, customer: str, *, suppressed: str | None = None
+    message: ClaimedMessage, status: MessageStatus, result: SendResult, customer: str, *, suppressed: str | None = None,
+    retry_at: datetime | None = None,
 ) -> None:
-    """``suppressed``: the reason the address went on the suppression list with this outcome (``hard_bounce``)."""
+    """``suppressed``: the reason the address went on the suppression list with this outcome (``hard_bounce``);
+    ``retry_at``: when a retry is due. ``stage``: where the attempt stopped (``core.retry.STAGES``)."""
     name = {
         MessageStatus.SENT: "email_sent",
         MessageStatus.RETRY: "email_deferred",
@@ -1493,5 +1495,7 @@ def _log_outcome(
         code=result.code,
         reply=log.mask_addresses(result.reply)[:120],
         error=result.error_type,
+        stage=result.stage,
         **({"suppressed": suppressed} if suppressed else {}),
+        **({"retry_at": retry_at.isoformat()} if retry_at is not None and status is MessageStatus.RETRY else {}),
     )
