@@ -482,6 +482,23 @@ def test_a_mistake_on_the_command_line_is_named_with_exit_2_and_no_traceback(
     assert says in out and "Traceback" not in out
 
 
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [(["run", "--once", "--dry-run"], "run"), (["import", "customers", "c.csv", "--bogus"], "import"),
+     (["ledger", "list", "--bogus"], "ledger list"), (["preview", "--campaigns", "winback"], "preview")],
+)
+def test_an_option_a_command_does_not_take_is_refused_with_that_commands_usage(
+    argv: list[str], command: str
+) -> None:
+    # Given an option the command does not have (a typo, or one of another command)
+    result = kembali(*argv)
+    # Then it is refused with exit 2 by the command's own usage, which lists the options it does take: argparse
+    # named the top level ("kembali: error: unrecognized arguments"), whose usage lists none of the command's
+    assert result.returncode == 2, result.stderr
+    assert f"usage: kembali {command} [-h]" in result.stderr, result.stderr
+    assert f"kembali {command}: error: unrecognized arguments: " in result.stderr, result.stderr
+
+
 def test_the_offset_the_hint_suggests_is_taken(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path)
     _migrated(config)

@@ -38,6 +38,23 @@ class _Parser(argparse.ArgumentParser):
     def print_help(self, file: Any = None) -> None:
         (file or sys.stdout).write(self.format_help())
 
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """As argparse's, but an option the command does not take is refused by the command's own parser (``kembali
+        run: error: unrecognized arguments: --dry-run`` under ``kembali run``'s usage): argparse left it to the top
+        level, whose usage names none of the command's options."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            _chosen(self, parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
+def _chosen(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost command's parser the command line chose (``ledger list``'s, ``run``'s), else ``parser``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+            return _chosen(action.choices[getattr(parsed, action.dest)], parsed)
+    return parser
+
 
 def _parser() -> argparse.ArgumentParser:
     top: argparse.ArgumentParser = _Parser(
