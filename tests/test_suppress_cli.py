@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -610,6 +611,33 @@ def test_a_file_that_is_not_utf8_is_refused_naming_the_line_and_the_byte(
     # line 2 and byte 0x0d, the line break three bytes before)
     assert run(config, "import", str(file)) == 2
     assert f"{file}: line 3: not UTF-8 text (byte 0xe9)" in capsys.readouterr().err
+
+
+UTF16 = "is UTF-16 text (Excel's 'Unicode Text'): save the sheet as 'CSV UTF-8'"
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [("email\r\nbudi@example.com\r\n".encode("utf-16"), UTF16),
+     ("email\r\nbudi@example.com\r\n".encode("utf-16-le"), UTF16),  # no byte-order mark
+     (gzip.compress(b"email\nbudi@example.com\n"), "is compressed with gzip: decompress it first (gunzip)"),
+     (b"PK\x03\x04\x14\x00\x06\x00", "is a zip file (an .xlsx workbook?): save the sheet as 'CSV UTF-8'")],
+    ids=["utf-16", "utf-16-without-bom", "gzip", "xlsx"],
+)
+def test_a_file_that_is_no_text_is_refused_saying_what_it_is_as_import_says(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, says: str
+) -> None:
+    # Given a bounce list saved as Excel's 'Unicode Text', or still compressed, or a workbook
+    file = tmp_path / "bounces.txt"
+    file.write_bytes(content)
+    # When it is imported, it is refused as `kembali import` refuses such a file, saying what it is and what to do:
+    # it said "not UTF-8 text (byte 0xff)" or "(byte 0x8b)", and a UTF-16 file without a byte-order mark had each
+    # line rejected as an address of NUL characters (exit 1)
+    code = run(config, "import", str(file))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.splitlines() == [f"kembali suppress import: {file}: the file {says}: nothing was imported"], err
+    assert suppress_list(config, capsys).splitlines()[1:] == []
 
 
 def test_a_quote_left_open_in_the_last_column_names_the_addresses_it_took_in(

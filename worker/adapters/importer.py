@@ -1314,13 +1314,20 @@ _PACKED = {b"\x1f\x8b": "compressed with gzip: decompress it first (gunzip)",
 """The first bytes of files that are no CSV text, and what to do."""
 
 
-def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str, ...], warn: Warn | None) -> None:
-    start = rows.peek(4)
+def no_text(start: bytes) -> str | None:
+    """What a file whose first bytes are ``start`` (four will do) is, when it is no UTF-8 text, and what to do
+    (``is compressed with gzip: decompress it first (gunzip)``); None for text."""
     for magic, what in _PACKED.items():
         if start.startswith(magic):
-            raise ImportRowError(1, f"{path.name} is {what}")
-    if start[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in start:  # a BOM, or the zero byte of 'i' (0069)
-        raise ImportRowError(1, f"{path.name} is UTF-16 text (Excel's 'Unicode Text'): save the sheet as 'CSV UTF-8'")
+            return f"is {what}"
+    if start[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in start[:4]:  # a BOM, or the zero byte of 'i' (0069)
+        return "is UTF-16 text (Excel's 'Unicode Text'): save the sheet as 'CSV UTF-8'"
+    return None
+
+
+def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str, ...], warn: Warn | None) -> None:
+    if (what := no_text(rows.peek(4))) is not None:
+        raise ImportRowError(1, f"{path.name} {what}")
     first = next(rows.raw(), None)
     if first is None:
         raise ImportRowError(1, f"{path.name} is empty (expected a header row: {', '.join(known)})")

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from worker.adapters import db, opstore
-from worker.adapters.importer import comma_separated, left_open, listed_columns, other_separator, unreadable
+from worker.adapters.importer import (
+    comma_separated,
+    left_open,
+    listed_columns,
+    no_text,
+    other_separator,
+    unreadable,
+)
 from worker.adapters.store import CUSTOMERS_OWN, Store, suppression_address
 from worker.commands import arguments
 from worker.config import Settings
@@ -225,6 +232,9 @@ def _import(store: Store, target: str, given: str | None) -> int:
     from worker.adapters.clock import SystemClock
 
     data = sys.stdin.buffer.read() if target == "-" else Path(target).read_bytes()
+    if (what := no_text(data[:4])) is not None:  # as `kembali import` says it: each line is no address
+        print(f"kembali suppress import: {target}: the file {what}: nothing was imported", file=sys.stderr)
+        return EXIT_USAGE
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
