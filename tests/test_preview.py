@@ -259,6 +259,29 @@ def test_customer_data_reaches_json_lines_with_what_is_not_printable_escaped(tmp
     assert sends and all("31mredevil" in row["subject"] for row in sends)
 
 
+def test_the_subject_preview_lists_is_the_subject_header_that_goes_out(tmp_path: Path) -> None:
+    # Given customers whose first name starts an encoded-word and runs long (a name field pasted into by a bot)
+    site = make_site(tmp_path / "shop")
+    load_shop(site.settings, generate_shop(seed=11, customers=40, now=T - timedelta(days=1)), T)
+    engine = sa.create_engine(site.settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE customer SET name = :n, locale = 'en'"), {"n": "=?utf-8?q?Bcc?=" + "a" * 180})
+    engine.dispose()
+    # When the operator previews them, as JSON lines with the messages written out, and as the table
+    done = site.cli("preview", "--at", "2026-11-22T10:00+07:00", "--json", "--out", str(tmp_path / "out"))
+    table = site.cli("preview", "--at", "2026-11-22T10:00+07:00")
+    # Then each subject listed is the Subject header of the message (its "=?" defused, cut to 200 characters), not
+    # the template's output, which no customer sees: preview listed what the run would never send
+    assert done.returncode == 0 and table.returncode == 0, done.stderr + table.stderr
+    sends = [row for row in map(json.loads, done.stdout.splitlines()) if row["action"] == "send"]
+    assert sends
+    for row in sends:
+        eml = BytesParser(policy=policy.default).parsebytes(Path(str(row["eml"])).read_bytes())
+        assert row["subject"] == eml["Subject"], (row["subject"], eml["Subject"])
+        assert len(eml["Subject"]) <= 200 and "=?" not in eml["Subject"]
+        assert f" {eml['Subject']}\n" in table.stdout
+
+
 def test_rows_planned_but_not_yet_claimed_preview_with_the_message_id_their_claim_gives(
     site: Site, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.shop import PRODUCTS, customer, one_time_order
-from tests.shop_fixtures import load_shop, make_site
+from tests.shop_fixtures import Site, load_shop, make_site
 from tests.smtp_server import Behaviour, RecordingServer
 from worker.adapters.store import M
 from worker.demo import ShopData, generate_shop
@@ -135,18 +135,23 @@ def test_send_test_of_a_loyalty_or_feedback_email_reads_as_the_real_one_would(
     assert first_order in text and "INV-SAMPLE" not in text
 
 
-def test_customer_data_and_server_replies_reach_the_terminal_escaped(
-    tmp_path: Path, smtp_server: RecordingServer
-) -> None:
-    # Given a customer whose name carries a terminal escape, an 8-bit CSI and a right-to-left override
+def _a_customer_named(tmp_path: Path, smtp_server: RecordingServer, name: str) -> tuple[Site, str]:
+    """A shop whose customers are all named ``name``, and the id of one of them."""
     site = make_site(tmp_path / "site", smtp_port=smtp_server.port)
     shop = generate_shop(seed=11, customers=40, now=NOW - timedelta(days=1))
     load_shop(site.settings, shop, NOW)
     engine = sa.create_engine(site.settings.database_url)
     with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE customer SET name = :n"), {"n": "\x1b]0;owned\x07\x9b31m\u202eBudi Santoso"})
+        conn.execute(sa.text("UPDATE customer SET name = :n"), {"n": name})
     engine.dispose()
-    customer = shop.customers[0].external_id
+    return site, shop.customers[0].external_id
+
+
+def test_customer_data_and_server_replies_reach_the_terminal_escaped(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a customer whose name carries a terminal escape, an 8-bit CSI and a right-to-left override
+    site, customer = _a_customer_named(tmp_path, smtp_server, "\x1b]0;owned\x07\x9b31m\u202eBudi Santoso")
     # When the operator sends a test for that customer, once accepted and once refused with an escape in the reply
     smtp_server.on("refused@shop.example", Behaviour(rcpt_reply="550 5.1.1 \x1b[2J\rgone"))
     for to, code in (("operator@shop.example", 0), ("refused@shop.example", 1)):
@@ -158,6 +163,21 @@ def test_customer_data_and_server_replies_reach_the_terminal_escaped(
         # (the subject greets the name as the email has it: cleaned of its controls, the first word left)
         assert ("Kak ]0;owned, masih suka" in printed) == (code == 0), printed
         assert ("550 5.1.1 \\u001b[2J\\rgone" in printed) == (code == 1), printed
+
+
+def test_the_subject_it_says_it_sent_is_the_subject_header_that_went_out(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a customer whose first name starts an encoded-word and runs long
+    site, customer = _a_customer_named(tmp_path, smtp_server, "=?utf-8?q?Bcc?=" + "a" * 180)
+    # When the operator sends a test for that customer
+    done = site.cli("send-test", "--campaign", "winback", "--customer", customer, "--to", "operator@shop.example")
+    # Then the subject it says it sent is the one the message went out with ("=?" defused, cut to 200 characters)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (received,) = smtp_server.messages
+    subject = BytesParser(policy=policy.default).parsebytes(received.data)["Subject"]
+    assert len(subject) <= 200 and "=?" not in subject
+    assert done.stdout.splitlines()[0].endswith(f": {subject}"), (done.stdout, subject)
 
 
 def test_a_test_message_the_server_did_not_confirm_is_not_called_unsent(

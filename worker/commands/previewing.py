@@ -36,6 +36,7 @@ from worker.core.audiences import WINBACK, key_part_value
 from worker.core.campaigns import CAMPAIGNS, LOYALTY, milestone_of, winback_renumbered
 from worker.core.limits import quota_day, quota_day_start
 from worker.core.policy import zone_of
+from worker.core.render import sanitize_header_text
 from worker.domain import ClaimedMessage
 from worker.errors import ConfigError
 from worker.limiter import QUOTA_KEY
@@ -307,16 +308,17 @@ def _show(
                         (out_dir / f"{stem}.eml").unlink()
                     raise
             files = {"eml": str(out_dir / f"{stem}.eml"), "html": str(out_dir / f"{stem}.html")}
+        subject = sanitize_header_text(item.rendered.subject)  # as its Subject header goes out, not the template's
         if json_lines:
             row = {"action": "send", "customer": item.customer.external_id, "campaign": message.campaign,
                    # ISO 8601 on the customer's clock (the table's text, "01:30 EST", no program reads)
-                   "step": message.step, "when": goes.isoformat(), "subject": item.rendered.subject,
+                   "step": message.step, "when": goes.isoformat(), "subject": subject,
                    "dedupe_key": message.dedupe_key, "template_version": item.rendered.template_version, **files}
             out.write(json_line(row) + "\n")
         else:
             # customer data reaches the operator's terminal: escape what is not printable (a terminal escape, say)
             out.write(f"{printable(item.customer.external_id):<14} {_label(message, currency):<{LABEL_WIDTH}} "
-                      f"{when:<22} {printable(item.rendered.subject)}\n")
+                      f"{when:<22} {printable(subject)}\n")
     elif isinstance(item, Skipped):
         summary.by_reason[item.reason.value] += 1
         if json_lines:

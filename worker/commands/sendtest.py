@@ -20,7 +20,7 @@ from worker.checks import SAMPLE_LINK_KEY, campaigns_to_check
 from worker.commands import arguments
 from worker.config import tls_port_hint
 from worker.core import samples
-from worker.core.render import build_context, build_message
+from worker.core.render import build_context, build_message, sanitize_header_text
 from worker.core.retry import connection_failure
 from worker.domain import ClaimedMessage, Locale, Outcome, SendResult, SendTimeFacts
 from worker.errors import TemplateError
@@ -90,7 +90,7 @@ def send_test(deps: Deps, args: argparse.Namespace) -> int:
     if result.outcome is Outcome.SENT:
         # the subject carries customer data, a reply the server's text: escape what is not printable (a terminal escape)
         print(f"sent a test {args.campaign} email ({printable(who)}, {customer.locale}) to {args.to}: "
-              f"{printable(rendered.subject)}")
+              f"{printable(sanitize_header_text(rendered.subject))}")  # as its Subject header went out
         reply = result.reply if result.reply.startswith(str(result.code)) else f"{result.code} {result.reply}"
         print(f"server reply: {printable(reply)}")
         return EXIT_OK
