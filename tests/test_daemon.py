@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -870,10 +871,10 @@ def test_a_sighup_while_the_daemon_closes_does_not_kill_it(tmp_path: Path, smtp_
     assert list(tmp.iterdir()) == []
 
 
-def _run_once(shop: Shop) -> subprocess.Popen[str]:
-    """`kembali run --once` on ``shop``, started (its output piped)."""
+def _run_once(shop: Shop, *options: str) -> subprocess.Popen[str]:
+    """`kembali [OPTIONS] run --once` on ``shop``, started (its output piped)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "worker", "--config", str(shop.config), "run", "--once"], cwd=REPO,
+        [sys.executable, "-m", "worker", "--config", str(shop.config), *options, "run", "--once"], cwd=REPO,
         env={**os.environ, "KEMBALI_LINK_SECRET": LINK_KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
@@ -922,21 +923,31 @@ def test_a_signal_stops_run_once_gracefully_leaving_nothing_in_flight(
     assert "stop_requested" in err and "stop_forced" not in err
 
 
+def _two_sends_held(tmp_path: Path, smtp_server: RecordingServer, held: Behaviour) -> Shop:
+    """A shop with two customers due a win-back email, whose sends the server holds as ``held`` says."""
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port)
+    shop.add([1, 2], days_ago=60)
+    for i in (1, 2):
+        smtp_server.on(f"c{i}@example.com", held)
+    return shop
+
+
+def _until_both_are_sending(shop: Shop, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and shop.scalar(
+        "SELECT count(*) FROM message WHERE status = 'sending'"
+    ) < 2:
+        time.sleep(0.05)
+
+
 def test_run_once_stopped_while_its_sends_wait_at_rcpt_lets_them_finish_and_leaves_none_uncertain(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     # Given `run --once` with two sends the server holds at RCPT TO (nothing of the messages sent yet)
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port)
-    shop.add([1, 2], days_ago=60)
-    for i in (1, 2):
-        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="rcpt", delay_seconds=2))
+    shop = _two_sends_held(tmp_path, smtp_server, Behaviour(delay_at="rcpt", delay_seconds=2))
     proc = _run_once(shop)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None and shop.scalar(
-            "SELECT count(*) FROM message WHERE status = 'sending'"
-        ) < 2:
-            time.sleep(0.05)
+        _until_both_are_sending(shop, proc)
         # When cron's `timeout` stops it (run --once has no grace period to run out: it is not cut off)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
@@ -947,6 +958,40 @@ def test_run_once_stopped_while_its_sends_wait_at_rcpt_lets_them_finish_and_leav
     assert proc.returncode == 128 + signal.SIGTERM.value, err
     assert dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status")) == {"sent": 2}
     assert len(smtp_server.messages) == 2
+
+
+def test_run_once_with_its_log_quietened_says_at_once_that_it_stops_and_what_a_second_ctrl_c_does(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given `run --once --log-level warning` (the log the demo runs with) whose two sends the server holds for long
+    shop = _two_sends_held(tmp_path, smtp_server, Behaviour(delay_at="data", delay_seconds=4))  # (timeout: 5 s)
+    proc = _run_once(shop, "--log-level", "warning")
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        _until_both_are_sending(shop, proc)
+        # When the operator presses Ctrl-C
+        proc.send_signal(signal.SIGINT)
+        # Then it says at once, while the sends it waits for are still under way, that it stops and what a second
+        # Ctrl-C would do: it said nothing until they ended (up to smtp.timeout_seconds), so an operator who took
+        # it for hung pressed Ctrl-C again, and the messages being sent became uncertain
+        deadline = time.monotonic() + 3
+        while not any("stop_requested" in line for line in said) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the sends under way had ended"
+        told = next((line for line in said if "stop_requested" in line), None)
+        assert told is not None, said
+        assert "sends under way finish" in told and "a second signal stops at once" in told, told
+        assert proc.poll() is None, "the sends under way had ended"
+        out, _ = proc.communicate(timeout=30)
+        reader.join(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, said
+    assert "stopped early by SIGINT" in out, out
+    assert dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status")) == {"sent": 2}
 
 
 @pytest.mark.parametrize(

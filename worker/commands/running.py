@@ -275,7 +275,12 @@ async def stoppable(deps: Deps, *, observer: SendObserver | None = None) -> Cycl
             logging.shutdown()
             deps.remove_snapshot()  # (the one thing that would outlive the process)
             os._exit(128 + sig.value)
-        log.event("stop_requested", signal=sig.name, note="sends under way finish; the rest goes back to the queue")
+        # a warning, shown however quiet the log (the demo's, --log-level warning): whoever pressed Ctrl-C waits for
+        # the sends under way, as long as a slow server holds them, and was told nothing meanwhile, so took the run
+        # for hung and pressed it again, leaving those messages uncertain
+        log.event("stop_requested", logging.WARNING, signal=sig.name,
+                  note="sends under way finish; the rest goes back to the queue; a second signal stops at once, "
+                  "leaving the sends under way uncertain")  # fmt: skip
         stop.set()
 
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
