@@ -185,11 +185,12 @@ def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it
     url = f"sqlite:///{tmp_path / 'k.db'}"
     # When the operator presses Ctrl-C (or `timeout`, or a service manager, stops it) once the first rows are in
     child, err = _interrupted(command, url, "customer", sig)
-    # Then it says how far the file is imported (it said "kembali: interrupted" alone, or nothing at all for a
-    # SIGTERM), and exits 130 (143)
+    # Then it says which signal stopped it, as the other commands do (it said "interrupted" for either: a cron log
+    # did not tell `timeout` from a person), and how far the file is imported, and exits 130 (143)
     assert child.returncode == code, err
     assert "Traceback" not in err
-    found = re.search(r"interrupted: customers\.csv is imported up to line (\d+), the rows after it are not "
+    found = re.search(rf"kembali import: stopped by {sig.name}: customers\.csv is imported up to line (\d+), the rows "
+                      r"after it are not "
                       r"\((\d+) created, 0 updated, 0 unchanged, 0 rejected\)\. Import the file again to finish",
                       err)  # fmt: skip
     assert found is not None, err
@@ -242,7 +243,7 @@ def test_an_interrupted_import_of_orders_of_several_lines_names_the_last_line_im
     # Then the line it names is the last line of the last order imported: every row up to it is in, none after it
     # (it named the first line of that order, whose other two lines are in as well)
     assert child.returncode == 143, err
-    found = re.search(r"interrupted: orders\.csv is imported up to line (\d+), the rows after it are not "
+    found = re.search(r"stopped by SIGTERM: orders\.csv is imported up to line (\d+), the rows after it are not "
                       r"\((\d+) created, 0 updated, 0 unchanged, 0 rejected\)", err)  # fmt: skip
     assert found is not None, err
     line, created = int(found[1]), int(found[2])
@@ -716,7 +717,7 @@ def test_a_stop_just_after_a_batch_is_committed_counts_the_batch_as_imported(
     # Then what it says is in is what is in: the first batch (it said "none of orders.csv is imported", 0 created,
     # with 1000 orders in the database)
     assert code == 143, stderr.getvalue()
-    assert f"interrupted: orders.csv is imported up to line {importing.BATCH + 1}, the rows after it are not " \
+    assert f"stopped by SIGTERM: orders.csv is imported up to line {importing.BATCH + 1}, the rows after it are not " \
            f"({importing.BATCH} created, 0 updated, 0 unchanged, 0 rejected)" in stderr.getvalue()  # fmt: skip
     assert len(_ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order")) == importing.BATCH
 
@@ -746,8 +747,8 @@ def test_ctrl_c_pressed_again_while_a_batch_is_written_stops_the_import_at_once(
     code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
     # Then the import stops at once, without that batch (the first press alone waits for it), and says so
     assert code == 130, out
-    assert f"interrupted: customers.csv is imported up to line {importing.BATCH + 1}, the rows after it are not " \
-           f"({importing.BATCH} created, 0 updated, 0 unchanged, 0 rejected)" in out  # fmt: skip
+    assert f"stopped by SIGINT: customers.csv is imported up to line {importing.BATCH + 1}, the rows after it are " \
+           f"not ({importing.BATCH} created, 0 updated, 0 unchanged, 0 rejected)" in out  # fmt: skip
     assert len(_ids(f"sqlite:///{tmp_path / 'k.db'}", "customer")) == importing.BATCH
 
 
@@ -783,7 +784,7 @@ def test_a_second_stop_while_a_batch_waits_for_the_sqlite_write_lock_stops_the_i
         locker.close()
     # Then the import stops without waiting out the lock (it waited the whole 30 s, in SQLite), saying what is in
     assert child.returncode == 130, err
-    assert "interrupted: none of customers.csv is imported" in err, err
+    assert "stopped by SIGINT: none of customers.csv is imported" in err, err
     assert waited < db.SQLITE_BUSY_TIMEOUT_MS / 1000 / 2, waited
     assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == set()
 

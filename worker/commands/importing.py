@@ -226,7 +226,7 @@ def import_file(
             f"none of {path.name} is imported")
         failure = None if isinstance(exc, KeyboardInterrupt) else db.write_failure(exc, store.engine,
                                                                                    settings.database)
-        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else (
+        why = f"stopped by {stopping.stop_signal(exc).name}" if isinstance(exc, KeyboardInterrupt) else (
             f"stopped: {failure.what}" if failure else "stopped: the database failed")
         remedy = f" {failure.remedy}" if failure else ""
         print(
