@@ -499,6 +499,19 @@ def test_an_option_a_command_does_not_take_is_refused_with_that_commands_usage(
     assert f"kembali {command}: error: unrecognized arguments: " in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(("argv", "lists"), [([], "demo             try Kembali on a demo shop"),
+                                             (["ledger"], "list             list messages with their last reply")])
+def test_a_command_line_without_its_command_shows_the_commands_to_choose_from(argv: list[str], lists: str) -> None:
+    # Given a newcomer who types `kembali` alone (or `kembali ledger` without its action)
+    result = kembali(*argv)
+    # Then it exits 2 showing the commands to choose from, with what each does: it showed the one-line usage
+    # ("COMMAND ...") and "the following arguments are required: COMMAND", naming none of them
+    assert result.returncode == 2, result.stderr
+    assert lists in result.stderr, result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].endswith("error: the following arguments are required: "
+                                                           + ("ACTION" if argv else "COMMAND")), result.stderr
+
+
 def test_the_offset_the_hint_suggests_is_taken(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path)
     _migrated(config)

@@ -19,7 +19,7 @@ import textwrap
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from worker import log, stopping
 from worker.commands import arguments
@@ -46,6 +46,15 @@ class _Parser(argparse.ArgumentParser):
         if extras:
             _chosen(self, parsed).error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
+
+    def error(self, message: str) -> NoReturn:
+        """As argparse's, but a command line that lacks only the command (``kembali`` alone, ``kembali ledger``) is
+        shown the whole help, whose list says what each command does, not the one-line usage ("COMMAND ...")."""
+        commands = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        if commands and message == f"the following arguments are required: {commands[0].metavar}":
+            sys.stderr.write(self.format_help())
+            self.exit(2, f"{self.prog}: error: {message}\n")
+        super().error(message)
 
 
 def _chosen(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
