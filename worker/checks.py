@@ -234,8 +234,22 @@ def _no_folder(settings: Settings, folder: str) -> str:
     """Why a folder sending uses has no file at all: a name misspelt in the config, or templates.dir one level off."""
     key = folder_setting(settings, folder)
     if key == "templates.dir":
-        return f"template not found: there is no folder {folder}/ at all in 'templates.dir' (one level off?)"
+        return (f"template not found: there is no folder {folder}/ at all in 'templates.dir' (one level off?"
+                f"{folder_meant(settings, folder)})")
     return f"template not found: there is no folder {folder}/ at all, the one '{key}' names (misspelt?)"
+
+
+def folder_meant(settings: Settings, folder: str) -> str:
+    """When templates.dir has no ``folder/``: " FOLDER holds the campaigns' folders: set templates.dir to it" for the
+    one next to it that has (its parent, ``templates/email/`` for ``templates/email/winback/``, or one of its own
+    folders, ``templates/email/`` for ``templates/``), else ""."""
+    root = settings.resolve(settings.templates.dir).resolve()
+    try:
+        near = [root.parent, *sorted(path for path in root.iterdir() if path.is_dir())]
+    except OSError:  # no such folder: said on its own
+        return ""
+    meant = next((path for path in near if (path / folder).is_dir()), None)
+    return f" {meant} holds the campaigns' folders: set templates.dir to it" if meant is not None else ""
 
 
 def campaigns_to_check(settings: Settings, renderer: object) -> list[str]:

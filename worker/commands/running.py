@@ -345,8 +345,10 @@ def check_template_folders(deps: Deps) -> None:
         if deps.templates.locales(folder):
             continue
         key = checks.folder_setting(settings, folder)  # (the message gets that key's line of the file)
+        meant = checks.folder_meant(settings, folder) if key == "templates.dir" else ""
+        meant = f";{meant}" if meant else ""  # (the folder next to it that holds the campaigns')
         raise ConfigError(f"{settings.source}: '{key}': there are no templates for {folder!r} in "
-                          f"{root} (no {folder}/id/subject.txt or {folder}/en/subject.txt); "
+                          f"{root} (no {folder}/id/subject.txt or {folder}/en/subject.txt{meant}); "
                           "nothing was planned or sent (`kembali check` lists what it finds)")
     missing = [name for folder in folders for name in deps.templates.missing_parts(folder)]
     if missing:  # a language's: every customer in it would get a failed message, every run
