@@ -35,20 +35,20 @@ def test_a_committed_send_the_next_batch_read_is_counted_once_not_twice() -> Non
     arbiter.settled(1, sent=True, seq=1)
     assert isinstance(arbiter.decide(message(2), BUDI, [NOW], NOW, facts_seq=1), SendNow)
     # a third would be one too many: the ledger's send and this run's second both count
-    assert isinstance(arbiter.decide(message(3), BUDI, [NOW], NOW, facts_seq=1), DeferUntil)
+    assert arbiter.decide(message(3), BUDI, [NOW], NOW, facts_seq=1) == DeferUntil(NOW + timedelta(days=1), "cap")
 
 
 def test_a_send_committed_after_the_facts_were_read_still_counts() -> None:
     arbiter = Arbiter(ONE_A_DAY)
-    arbiter.decide(message(1), BUDI, [], NOW, facts_seq=0)
+    assert isinstance(arbiter.decide(message(1), BUDI, [], NOW, facts_seq=0), SendNow)
     arbiter.settled(1, sent=True, seq=1)
     # this batch's facts were read after commit 0 only: the send is not in them
-    assert isinstance(arbiter.decide(message(2), BUDI, [], NOW, facts_seq=0), DeferUntil)
+    assert arbiter.decide(message(2), BUDI, [], NOW, facts_seq=0) == DeferUntil(NOW + timedelta(days=1), "cap")
 
 
 def test_a_decided_send_that_ended_in_no_email_frees_the_slot() -> None:
     arbiter = Arbiter(ONE_A_DAY)
-    arbiter.decide(message(1), BUDI, [], NOW, facts_seq=0)
+    assert isinstance(arbiter.decide(message(1), BUDI, [], NOW, facts_seq=0), SendNow)
     arbiter.settled(1, sent=False, seq=1)  # failed, or went back to the queue
     assert isinstance(arbiter.decide(message(2), BUDI, [], NOW, facts_seq=1), SendNow)
 
