@@ -84,9 +84,13 @@ def test_backoff_is_exponential_jittered_capped_and_honours_hints(
     attempt: int, hint: float | None, low: float, high: float
 ) -> None:
     rng = random.Random(attempt)
-    for _ in range(50):
-        delay = backoff_seconds(attempt, base=60, cap=3600, hint=hint, rng=rng)
-        assert low <= delay <= high
+    delays = [backoff_seconds(attempt, base=60, cap=3600, hint=hint, rng=rng) for _ in range(50)]
+    assert all(low <= delay <= high for delay in delays), delays
+    # jittered: spread over both halves of the range, not one fixed delay (a hint or the cap alone pins it)
+    if low < high:
+        assert min(delays) < (low + high) / 2 < max(delays), delays
+    else:
+        assert set(delays) == {low}, delays
 
 
 @pytest.mark.parametrize(("rate", "burst", "seconds"), [(10.0, 1, 60), (50.0, 20, 30), (0.5, 3, 600)])
