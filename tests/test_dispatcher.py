@@ -687,9 +687,13 @@ def test_the_daemons_own_maintenance_leaves_the_rows_whose_outcomes_an_outage_ke
             while shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'") < 4:
                 await asyncio.sleep(0.02)
             _allow_connections(pg_admin, pg_migrated_url, False)
-            with contextlib.suppress(Exception):
+            failure: BaseException | None = None
+            try:
                 await running
+            except Exception as exc:  # (the run stops with the database's error: a run that went on is a failure)
+                failure = exc
             _allow_connections(pg_admin, pg_migrated_url, True)
+            assert failure is not None and type(failure).__name__ == "OperationalError", failure
             assert daemon.gen.dispatcher.unwritten
             # When the outage outlasted the rows' leases, and the daemon's maintenance runs once the database is
             # back, before its next dispatch run writes what it kept
