@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.db_fixtures import migrate
+from tests.smtp_server import closed_port
 from worker.adapters import shop
 from worker.adapters.store import Store
 from worker.config import Settings, settings_from_dict
@@ -33,7 +34,7 @@ def settings_for(db_url: str, *, smtp: dict[str, Any] | None = None, templates: 
                  **sections: dict[str, Any]) -> Settings:
     raw: dict[str, Any] = {
         "database": {"url": db_url},
-        "smtp": {"host": "127.0.0.1", "port": 25, "tls": "none", "timeout_seconds": 5.0, "pool_size": 2,
+        "smtp": {"host": "127.0.0.1", "port": closed_port(), "tls": "none", "timeout_seconds": 5.0, "pool_size": 2,
                  **(smtp or {})},
         "templates": {"dir": str(templates)},
         "sending": {"rate_per_second": 1000.0, "burst": 1000},

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from tests.db_fixtures import migrate
+from tests.smtp_server import closed_port
 from worker.adapters import db, shop
 from worker.config import Settings, load_settings
 from worker.demo import ShopData
@@ -41,8 +42,13 @@ class Site:
         )  # fmt: skip
 
 
-def make_site(folder: Path, *, smtp_port: int = 2525, extra_toml: str = "", copy_templates: bool = False) -> Site:
-    """A folder with config.toml (SQLite file next to it), the schema migrated."""
+def make_site(
+    folder: Path, *, smtp_port: int | None = None, extra_toml: str = "", copy_templates: bool = False
+) -> Site:
+    """A folder with config.toml (SQLite file next to it), the schema migrated; its SMTP port is one nobody listens on
+    unless ``smtp_port`` is given (a fixed 2525 reached whatever listened there on the machine)."""
+    if smtp_port is None:
+        smtp_port = closed_port()
     folder.mkdir(parents=True, exist_ok=True)
     templates = REPO / "templates" / "email"
     if copy_templates:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from tests.daemon_harness import Daemon, make_shop
 from tests.sendkit import NOW, REPO, Shop, make_settings, settings_dict
-from tests.smtp_server import RecordingServer
+from tests.smtp_server import RecordingServer, closed_port
 from worker import pipeline
 from worker.adapters.store import A, M
 from worker.commands import running
@@ -232,7 +232,7 @@ def test_check_names_the_rows_the_worker_will_not_send_before_a_config_that_turn
     from worker.config import load_settings
 
     # Given a ledger with five win-back emails planned, two of them renamed by hand to a campaign no Kembali sends
-    shop = make_shop(tmp_path, smtp_port=25)
+    shop = make_shop(tmp_path, smtp_port=closed_port())
     shop.add(range(1, 6), days_ago=60)
     store = shop.store()
     try:

@@ -39,7 +39,9 @@ def kembali(*args: str, config: Path | None = None, env: dict[str, str] | None =
                           check=False)
 
 
-def write_config(folder: Path, *, smtp_port: int = 25, extra: str = "") -> Path:
+def write_config(folder: Path, *, smtp_port: int | None = None, extra: str = "") -> Path:
+    if smtp_port is None:  # one nobody listens on: port 25 reached the machine's own mail server, if it has one
+        smtp_port = closed_port()
     path = folder / "config.toml"
     path.write_text(
         f"""

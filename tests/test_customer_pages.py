@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_harness import Shop, http, make_shop
+from tests.smtp_server import closed_port
 from tests.test_copy import ENGLISH, OTHER_REGISTER
 from tests.test_live_preview import browser  # noqa: F401 - the fixture
 from worker.adapters.clock import SystemClock
@@ -157,7 +158,7 @@ def serving(shop: Shop, front: Callable[[Handler], Handler] | None = None) -> It
 
 def _shop(tmp_path: Path, default_locale: str = "id") -> Shop:
     """C1 reads Bahasa Indonesia, C2 English; each has one order."""
-    shop = make_shop(tmp_path, smtp_port=25)
+    shop = make_shop(tmp_path, smtp_port=closed_port())
     shop.add([1], days_ago=20, locale=Locale.ID)
     shop.add([2], days_ago=20, locale=Locale.EN)
     if default_locale != "id":

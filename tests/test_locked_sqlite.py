@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.clikit import migrated_config, run_cli
+from tests.smtp_server import closed_port
 from worker.adapters import db
 
 
@@ -50,7 +51,7 @@ def test_preview_reads_beside_a_long_writer_rather_than_wait_for_its_lock(
     from tests.daemon_harness import make_shop
 
     # Given a shop with customers due an email, and a writer holding the SQLite write lock
-    shop = make_shop(tmp_path, smtp_port=25, plan_cron="0 9 * * *")
+    shop = make_shop(tmp_path, smtp_port=closed_port(), plan_cron="0 9 * * *")
     shop.add([1, 2], days_ago=60)
     monkeypatch.setenv("KEMBALI_LINK_SECRET", "k" * 40)
     monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
@@ -74,7 +75,7 @@ def test_a_command_that_writes_behind_a_long_writer_ends_with_a_message_naming_t
     from tests.daemon_harness import make_shop
 
     # Given a shop whose SQLite file a writer holds longer than SQLite waits for it (0.2 s here, 30 s as shipped)
-    shop = make_shop(tmp_path, smtp_port=25, plan_cron="0 9 * * *")
+    shop = make_shop(tmp_path, smtp_port=closed_port(), plan_cron="0 9 * * *")
     shop.add([1], days_ago=60)
     monkeypatch.setenv("KEMBALI_LINK_SECRET", "k" * 40)
     monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
@@ -134,7 +135,7 @@ def test_healthz_says_the_database_is_ok_while_another_program_writes_to_it(
     from worker.metrics import Metrics
 
     # Given the daemon's site on an SQLite file that another program (an import) holds the write lock of
-    shop = make_shop(tmp_path, smtp_port=25)
+    shop = make_shop(tmp_path, smtp_port=closed_port())
     monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
     store = shop.store()
     astore = AsyncStore(store)
@@ -170,7 +171,7 @@ def test_a_customers_unsubscribe_and_rating_pages_open_while_another_program_wri
     from worker.metrics import Metrics
 
     # Given the daemon's site on an SQLite file that another program (an import) holds the write lock of
-    shop = make_shop(tmp_path, smtp_port=25)
+    shop = make_shop(tmp_path, smtp_port=closed_port())
     shop.add([1], days_ago=60)
     customer = shop.customer_id("C1")
     order = shop.scalar("SELECT min(id) FROM shop_order")

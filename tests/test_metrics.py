@@ -73,6 +73,7 @@ def test_scrapes_of_a_big_ledger_do_not_hold_up_the_senders_database_thread(tmp_
     import sqlalchemy as sa
 
     from tests.daemon_harness import make_shop
+    from tests.smtp_server import closed_port
     from worker.adapters import opstore
     from worker.adapters.clock import SystemClock
     from worker.adapters.web import Request
@@ -82,7 +83,7 @@ def test_scrapes_of_a_big_ledger_do_not_hold_up_the_senders_database_thread(tmp_
 
     # Given a daemon's ledger whose count by campaign and state (a big ledger's slow one) takes until the test
     # lets it end
-    shop = make_shop(tmp_path, smtp_port=25)
+    shop = make_shop(tmp_path, smtp_port=closed_port())
     shop.add([1], days_ago=60)
     store = shop.store()
     counting, release, counted = threading.Event(), threading.Event(), threading.Event()
@@ -130,6 +131,7 @@ def test_metrics_show_the_relays_pace_and_whether_its_throttling_slowed_it(tmp_p
     import dataclasses
 
     from tests.daemon_harness import make_shop
+    from tests.smtp_server import closed_port
     from worker.adapters.web import Request
     from worker.asyncstore import AsyncStore
     from worker.config import load_settings
@@ -139,7 +141,7 @@ def test_metrics_show_the_relays_pace_and_whether_its_throttling_slowed_it(tmp_p
     from worker.testing import FakeClock
 
     # Given a daemon's /metrics, and its limiter sending at 40/s
-    shop = make_shop(tmp_path, smtp_port=25)
+    shop = make_shop(tmp_path, smtp_port=closed_port())
     store = shop.store()
     astore = AsyncStore(store)
     settings = load_settings(shop.config)

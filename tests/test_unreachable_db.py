@@ -22,6 +22,7 @@ from tests.daemon_harness import make_shop
 from tests.sendkit import REPO
 from tests.shop_fixtures import Site as ShopSite
 from tests.shop_fixtures import make_site
+from tests.smtp_server import closed_port
 from worker import links
 from worker.adapters import db
 from worker.adapters.clock import SystemClock
@@ -93,7 +94,7 @@ def test_health_and_readiness_probes_share_one_ping_while_the_database_host_does
     port = silent_listener.getsockname()[1]
     store = Store(db.create_engine(f"postgresql+psycopg://kembali@127.0.0.1:{port}/kembali?connect_timeout=2"))
     astore = AsyncStore(store)
-    settings = load_settings(make_shop(tmp_path, smtp_port=25).config)
+    settings = load_settings(make_shop(tmp_path, smtp_port=closed_port()).config)
     site = Site(store=astore, keys=[b"k" * 32], settings=lambda: settings, clock=SystemClock(), metrics=Metrics(),
                 paused=lambda: False)
     monkeypatch.setattr(links, "HEALTH_TIMEOUT_SECONDS", 0.05)
@@ -123,7 +124,7 @@ def test_metrics_are_served_without_the_ledgers_figures_while_the_database_host_
     port = silent_listener.getsockname()[1]
     store = Store(db.create_engine(f"postgresql+psycopg://kembali@127.0.0.1:{port}/kembali?connect_timeout=2"))
     astore = AsyncStore(store)
-    settings = load_settings(make_shop(tmp_path, smtp_port=25).config)
+    settings = load_settings(make_shop(tmp_path, smtp_port=closed_port()).config)
     metrics = Metrics()
     metrics.observe_result("winback", "sent", "sent", 0.2, at=0.0)
     site = Site(store=astore, keys=[b"k" * 32], settings=lambda: settings, clock=SystemClock(), metrics=metrics,
