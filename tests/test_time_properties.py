@@ -6,6 +6,7 @@ bug. The data is fixed (absolute times); the instants include every rule boundar
 from __future__ import annotations
 
 import random
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -101,6 +102,7 @@ def test_the_planners_sql_selects_exactly_whom_the_pure_rules_select(db_url: str
         by_customer = {p.external_id: facts(p, [o for o in orders if o.customer_external_id == p.external_id])
                        for p in people}  # fmt: skip
         wrong = []
+        selected: Counter[str] = Counter()
         for now in instants(rng, people, orders):
             days_before = rng.choice((0, 1, 3, 7))
             cfg = settings(days_before)
@@ -108,9 +110,12 @@ def test_the_planners_sql_selects_exactly_whom_the_pure_rules_select(db_url: str
                 got = {m.dedupe_key for batch in planning.plan_batches(store, cfg, campaign, now)  # type: ignore[arg-type]
                        for m in batch}  # fmt: skip
                 expected = {k for f in by_customer.values() for k in pure_keys(campaign, f, now, days_before)}
+                selected[campaign] += len(expected)
                 if got != expected:
                     wrong.append((campaign, now.isoformat(), days_before, sorted(got ^ expected)))
         assert wrong == []
+        # (and the agreement is no empty one: the rules select someone for each campaign at some instant)
+        assert set(+selected) == {"winback", "feedback", "birthday"}, selected
     finally:
         store.close()
 
@@ -160,6 +165,7 @@ def test_loyalty_and_new_products_sql_selects_exactly_whom_the_pure_rules_select
         instants = [e + timedelta(microseconds=d) for e in edges for d in (-1, 0, 1)]
         milestones = planning.loyalty_milestones(cfg)
         wrong = []
+        selected: Counter[str] = Counter()
         for now in instants:
             launches = [cc.Launch(product_view_of(p), p.launched_at) for p in products
                         if p.active and now - timedelta(days=NEWS["within_days"]) < p.launched_at <= now]  # fmt: skip
@@ -170,10 +176,12 @@ def test_loyalty_and_new_products_sql_selects_exactly_whom_the_pure_rules_select
                     f, now, launches, NEWS["within_days"], NEWS["active_within_days"], week)} if launches else set(),
             }  # fmt: skip
             for campaign, keys in expected.items():
+                selected[campaign] += len(keys)
                 got = {m.dedupe_key for batch in planning.plan_batches(store, cfg, campaign, now) for m in batch}
                 if got != keys:
                     wrong.append((campaign, now.isoformat(), sorted(got ^ keys)))
         assert wrong == []
+        assert set(+selected) == {"loyalty", "new_products"}, selected  # (no empty agreement)
     finally:
         store.close()
 
