@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from datetime import date
 
@@ -175,17 +176,18 @@ def test_build_context_has_customer_shop_and_extra() -> None:
 
 
 @pytest.mark.parametrize(
-    ("extra", "error"),
+    ("extra", "error", "named"),
     [
-        ({"customer": {}}, ValueError),
-        ({"unsubscribe_url": "x"}, ValueError),
-        ({"bought": [KOPI]}, TypeError),  # a dataclass, not plain data
-        ({"x": {1: "a"}}, TypeError),
-        ({"x": object()}, TypeError),
+        ({"customer": {}}, ValueError, "extra context for 'winback' may not set ['customer']"),
+        ({"unsubscribe_url": "x"}, ValueError, "extra context for 'winback' may not set ['unsubscribe_url']"),
+        ({"bought": [KOPI]}, TypeError, "template context bought[0]: ProductView is not plain data"),  # a dataclass
+        ({"x": {1: "a"}}, TypeError, "template context x: keys must be strings, not int"),
+        ({"x": object()}, TypeError, "template context x: object is not plain data"),
     ],
 )
-def test_build_context_refuses_clashes_and_objects(extra: dict[str, object], error: type[Exception]) -> None:
-    with pytest.raises(error):
+def test_build_context_refuses_clashes_and_objects(extra: dict[str, object], error: type[Exception], named: str
+                                                   ) -> None:  # fmt: skip
+    with pytest.raises(error, match=f"^{re.escape(named)}$"):
         build_context("winback", _customer(), shop=SHOP, unsubscribe_url="https://u", extra=extra)
 
 
