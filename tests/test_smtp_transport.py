@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.smtp_server import Behaviour, RecordingServer, closed_port, make_message
+from tests.smtp_server import Behaviour, RecordingServer, RelayRate, closed_port, make_message
 from worker import eventloop
 from worker.adapters.smtp import SmtpTransport
 from worker.config import SmtpSettings
@@ -521,11 +521,14 @@ def test_an_address_smtp_would_rewrite_is_permanent(smtp_server: RecordingServer
 
 
 def test_starttls_required_but_not_offered_fails_without_sending_in_plaintext(smtp_server: RecordingServer) -> None:
+    smtp_server.relay_rate = mail_from = RelayRate(1000, at="mail")  # (never reached: it notes each MAIL FROM)
     result = run(send_one(smtp_server.settings(tls="starttls"), "x@test.example"))
 
     assert (result.outcome, result.code, result.error_type) == (Outcome.TRANSIENT, None, "StartTLSNotOffered")
     assert "does not offer STARTTLS" in result.reply
+    # nothing of the message went out in plaintext: not its body, nor its envelope (MAIL FROM names the shop)
     assert smtp_server.messages == []
+    assert (mail_from.accepted, mail_from.refused) == ([], [])
 
 
 def test_the_password_is_not_in_the_repr() -> None:
