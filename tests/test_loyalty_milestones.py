@@ -563,10 +563,14 @@ def test_an_order_paid_before_the_window_stays_paid_then_however_often_it_is_imp
     # delivered on the way, and a week ago refunded by mistake and corrected back to delivered today
     settings = settings_for(db_url, smtp_server)
     engine, earlier, fifth = p1_with_a_fifth_order_placed(db_url, 50)
+    # and Q1, the same orders, but the 5th unpaid in every import until today's, which says it is delivered
+    q1_earlier, q1_fifth = q1_with_a_fifth_order_placed(engine, 50)
     for days_ago in range(40, -1, -1):
         status = (OrderStatus.PAID if days_ago > 30 else OrderStatus.SHIPPED if days_ago > 20
                   else OrderStatus.REFUNDED if days_ago in range(1, 8) else D)  # fmt: skip
-        shop.upsert_orders(engine, [*earlier, dataclasses.replace(fifth, status=status)],
+        q1_status = OrderStatus.PLACED if days_ago else D
+        shop.upsert_orders(engine, [*earlier, dataclasses.replace(fifth, status=status),
+                                    *q1_earlier, dataclasses.replace(q1_fifth, status=q1_status)],
                            DAY - timedelta(days=days_ago))  # fmt: skip
     engine.dispose()
 
@@ -574,9 +578,9 @@ def test_an_order_paid_before_the_window_stays_paid_then_however_often_it_is_imp
     for days in range(3):
         cycle_at(settings, DAY + timedelta(days=days))
 
-    # Then P1, whose 5th order was paid 40 days ago, before the window, is not thanked for it now
-    assert smtp_server.messages == []
-    assert ledger(settings) == {}
+    # Then P1, whose 5th order was paid 40 days ago, before the window, is not thanked for it now; Q1, whose 5th
+    # was paid today, is (the campaign runs: P1's silence is the rule's, not a campaign that sends nothing)
+    q1_alone_thanked(settings, smtp_server)
 
 
 def test_the_paid_time_an_orders_file_gives_is_the_one_loyalty_counts_from(
@@ -624,17 +628,33 @@ def test_an_order_first_seen_refunded_and_corrected_back_to_paid_is_not_newly_pa
     shop.upsert_customers(engine, [customer("P1")], DAY - timedelta(days=100))
     earlier = [order(f"P1-{i}", "P1", 90 - 10 * i, 100_000) for i in range(4)]
     fifth = order("P1-4", "P1", 50, 100_000)
-    shop.upsert_orders(engine, [*earlier, dataclasses.replace(fifth, status=OrderStatus.REFUNDED)],
+    # and Q1, the same orders, but the 5th seen unpaid 40 days ago
+    q1_earlier, q1_fifth = q1_with_a_fifth_order_placed(engine, 50)
+    shop.upsert_orders(engine, [*earlier, dataclasses.replace(fifth, status=OrderStatus.REFUNDED),
+                                *q1_earlier, dataclasses.replace(q1_fifth, status=OrderStatus.PLACED)],
                        DAY - timedelta(days=40))  # fmt: skip
-    shop.upsert_orders(engine, [*earlier, fifth], DAY)
+    shop.upsert_orders(engine, [*earlier, fifth, *q1_earlier, q1_fifth], DAY)
     engine.dispose()
 
     # When Kembali runs today
     cycle_at(settings, DAY + timedelta(hours=1))
 
-    # Then P1, whose 5th order was paid before the window (a refund corrected is not a new payment), is not thanked
-    assert smtp_server.messages == []
-    assert ledger(settings) == {}
+    # Then P1, whose 5th order was paid before the window (a refund corrected is not a new payment), is not thanked;
+    # Q1, whose 5th became paid today, is
+    q1_alone_thanked(settings, smtp_server)
+
+
+def q1_with_a_fifth_order_placed(engine: sa.Engine, days_ago: int) -> tuple[list[OrderRecord], OrderRecord]:
+    """Q1, a customer whose orders are P1's: four paid (90 to 60 days ago) and a 5th placed ``days_ago`` (delivered:
+    replace its status); the four and the 5th, not imported yet."""
+    shop.upsert_customers(engine, [customer("Q1")], DAY - timedelta(days=100))
+    return [order(f"Q1-{i}", "Q1", 90 - 10 * i, 100_000) for i in range(4)], order("Q1-4", "Q1", days_ago, 100_000)
+
+
+def q1_alone_thanked(settings: Settings, server: RecordingServer) -> None:
+    """Q1 alone got a loyalty email (P1 none), for their 5th order, sent."""
+    assert [to for m in server.messages for to in m.rcpt_tos] == ["q1@example.com"]
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {"loyalty:Q1:orders-5": ("sent", None)}
 
 
 def test_a_paid_date_without_a_time_on_the_day_the_order_was_placed_counts_it_from_when_it_was_placed(
