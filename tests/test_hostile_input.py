@@ -25,6 +25,7 @@ from tests.clikit import run_cli as kembali
 from tests.shop import LINK_KEY, TEMPLATES
 from tests.shop_fixtures import make_site
 from tests.smtp_server import RecordingServer
+from worker.config import load_settings
 
 CUSTOMERS = "id,email,name,marketing_consent\n"
 
@@ -329,6 +330,8 @@ def test_any_iso_4217_currency_in_any_case_is_taken(config: Path, capsys: pytest
                                                     currency: str) -> None:  # fmt: skip
     config.write_text(config.read_text() + f'[shop]\ncurrency = "{currency}"\n')
     assert kembali(capsys, "--config", str(config), "db", "status")[0] == 0
+    # (as its code: totals are compared with the orders' currency as stored, in capitals)
+    assert load_settings(config).shop.currency == currency.upper()
 
 
 @pytest.mark.parametrize(
