@@ -17,7 +17,7 @@ from typing import NamedTuple
 import pytest
 
 from tests.shop import LINK_KEY, NOW, customer, make_shop, one_time_order, settings_for
-from tests.smtp_server import RecordingServer
+from tests.smtp_server import RecordingServer, closed_port
 from tests.test_pipeline_e2e import run_cycle
 from worker.adapters import opstore
 from worker.adapters.store import Store
@@ -44,9 +44,9 @@ class Shop(NamedTuple):
     settings: Settings
 
 
-def _settings(store: Store, domain: str, port: int = 25, **shop: object) -> Settings:
-    return settings_for(str(store.engine.url), smtp={"port": port}, shop={"domain": domain, **shop},
-                        campaigns=FEEDBACK)  # fmt: skip
+def _settings(store: Store, domain: str, port: int | None = None, **shop: object) -> Settings:
+    return settings_for(str(store.engine.url), smtp={"port": closed_port() if port is None else port},
+                        shop={"domain": domain, **shop}, campaigns=FEEDBACK)  # fmt: skip
 
 
 def _shop(tmp_path: Path, name: str, email: str) -> Store:

@@ -26,7 +26,7 @@ from alembic import command
 from tests.clikit import run_cli
 from tests.db_fixtures import PG_ADMIN_URL
 from tests.sendkit import LINK_SECRET, Shop, message_ids, settings_dict
-from tests.smtp_server import RecordingServer
+from tests.smtp_server import RecordingServer, closed_port
 from worker.adapters import db
 from worker.adapters.plan_sql import PLAN_LOCKS
 from worker.adapters.ratestore import RateStore
@@ -41,8 +41,9 @@ REPO = Path(__file__).resolve().parent.parent
 QUICK = (0.01, 0.01, 0.01, 0.01, 0.01)
 
 
-def _settings(url: str, smtp_port: int = 25, **database: Any) -> Settings:
-    raw = settings_dict(url, smtp_port, batch_size=10, compose_processes=0, lease_seconds=120,
+def _settings(url: str, smtp_port: int | None = None, **database: Any) -> Settings:
+    port = closed_port() if smtp_port is None else smtp_port
+    raw = settings_dict(url, port, batch_size=10, compose_processes=0, lease_seconds=120,
                         shared_limits="database")  # fmt: skip
     raw["database"].update(database)
     return settings_from_dict(raw, base_dir=REPO)

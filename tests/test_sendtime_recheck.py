@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.sendkit import NOW, Shop, make_settings, settings_dict, write_config
-from tests.smtp_server import RecordingServer
+from tests.smtp_server import RecordingServer, closed_port
 from worker import cli
 from worker.adapters import shop as shopdata
 from worker.adapters.ratestore import RateStore
@@ -122,7 +122,7 @@ def test_who_unsubscribes_withdraws_consent_or_orders_while_their_email_waits_fo
 def test_a_mark_given_again_after_a_lost_reply_finds_the_rows_it_skipped(db_url: str) -> None:
     # Given two claimed rows, one of them to an address suppressed since it was prepared, and one to an address the
     # customer no longer has, suppressed too (the customer's current one is not)
-    settings = make_settings(db_url, 25)
+    settings = make_settings(db_url, closed_port())
     shop = Shop(db_url, settings, ["gone@test.example", "kept@test.example", "moved@test.example"])
     try:
         plan(shop.store, settings, NOW)
@@ -151,7 +151,7 @@ def test_a_mark_given_again_after_a_lost_reply_finds_the_rows_it_skipped(db_url:
 def test_the_mark_skips_a_winback_whose_only_order_was_refunded_or_replaced_by_a_new_one(db_url: str) -> None:
     # Given three claimed win-back rows, and then an import: one customer's only order refunded, another's refunded
     # and a new one placed, the third's unchanged
-    settings = make_settings(db_url, 25)
+    settings = make_settings(db_url, closed_port())
     emails = ["refunded@test.example", "replaced@test.example", "same@test.example"]
     shop = Shop(db_url, settings, emails)
     try:
@@ -179,7 +179,7 @@ def test_the_mark_skips_a_winback_whose_only_order_was_refunded_or_replaced_by_a
 def test_the_mark_skips_a_message_whose_expiry_passed_while_it_waited_for_its_sender(db_url: str) -> None:
     # Given two claimed rows, one of them expiring at NOW + 10 s (a birthday offer at the end of its day, prepared
     # before then)
-    settings = make_settings(db_url, 25)
+    settings = make_settings(db_url, closed_port())
     shop = Shop(db_url, settings, ["late@test.example", "fine@test.example"])
     try:
         plan(shop.store, settings, NOW)
