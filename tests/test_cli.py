@@ -132,7 +132,8 @@ def test_bad_csv_rows_are_named_by_line_and_the_rest_imported(tmp_path: Path) ->
 
 def test_the_examples_import_cleanly_and_twice_changes_nothing(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    kembali("db", "upgrade", config=config)
+    upgraded = kembali("db", "upgrade", config=config)
+    assert upgraded.returncode == 0, upgraded.stderr
     for kind in ("customers", "products", "orders"):
         first = kembali("import", kind, str(ROOT / "examples" / f"{kind}.csv"), config=config)
         assert first.returncode == 0, first.stderr
@@ -237,7 +238,12 @@ def test_preview_shows_who_would_get_what_and_writes_nothing(tmp_path: Path) -> 
     config = write_config(tmp_path)
     _shop_in(tmp_path, config, customers=60)
     db_file = tmp_path / "shop.db"
-    kembali("run", "--once", config=config, env={"KEMBALI_LINK_SECRET": LINK_KEY})  # nothing listens: all retry
+    ran = kembali("run", "--once", config=config, env={"KEMBALI_LINK_SECRET": LINK_KEY})  # nothing listens: all retry
+    # (a ledger of planned and retried rows for the preview to leave alone: the run paused, exit 3, sending none)
+    assert ran.returncode == 3 and "PAUSED: sending stopped after" in ran.stdout, ran.stdout + ran.stderr
+    with sqlite3.connect(db_file) as conn:
+        statuses = dict(conn.execute("SELECT status, count(*) FROM message GROUP BY status").fetchall())
+    assert set(statuses) == {"planned", "retry"}, statuses
     before = hashlib.sha256(db_file.read_bytes()).hexdigest()
     result = kembali("preview", "--at", _weeks_ahead(), config=config)
     assert result.returncode == 0, result.stderr
@@ -441,7 +447,8 @@ def test_the_demo_without_a_config_anywhere_says_what_it_needs(
 def test_an_order_for_an_unknown_customer_is_named_by_line(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     _migrated(config)
-    kembali("import", "customers", str(ROOT / "examples" / "customers.csv"), config=config)
+    customers = kembali("import", "customers", str(ROOT / "examples" / "customers.csv"), config=config)
+    assert customers.returncode == 0, customers.stderr  # (C-0001 and C-0002 known: C-9999 alone is unknown)
     orders = tmp_path / "orders.csv"
     orders.write_text(
         "order_id,customer_id,status,placed_at,total,product_id,quantity,unit_price\n"
