@@ -488,6 +488,7 @@ def test_a_wrong_smtp_password_pauses_at_once_and_fails_no_one(
 ) -> None:
     server.login = ("shop", "right-password")
     monkeypatch.setenv("KEMBALI_SMTP_PASSWORD", "wrong-password-hunter2")
+    caplog.set_level("DEBUG", logger="kembali")  # every event, for the password check (WARNING and up alone, else)
     emails, shop = _six_one_at_a_time(url, server.port, {"username": "shop"})
     try:
         report = shop.cycle()
@@ -826,6 +827,7 @@ def test_a_setup_that_cannot_work_pauses_at_once_naming_what_to_fix(
     case: SetupCase,
 ) -> None:
     monkeypatch.setenv("KEMBALI_SMTP_PASSWORD", "hunter2-secret")
+    caplog.set_level("DEBUG", logger="kembali")  # every event, for the password check (WARNING and up alone, else)
     target = server
     if case.server != "plain":
         cert, key = _self_signed(tmp_path, case.cert_for)

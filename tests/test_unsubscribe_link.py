@@ -108,7 +108,7 @@ def test_the_unsubscribe_link_suppresses_the_address_the_email_went_to_after_the
         page = _click(store, links[link], "GET")
         assert page.status == 200 and "b***@example.com" in page.body.decode() and _suppressed(store) == []
         # And presses the button (the same POST as a mailbox provider's one-click, RFC 8058)
-        with caplog.at_level(logging.INFO):
+        with caplog.at_level(logging.DEBUG):
             done = _click(store, links[link], "POST", ONE_CLICK)
         # Then the address that got the email is suppressed, and so is the customer's address now (the person
         # asked to stop), and the page and the log say both
@@ -159,7 +159,7 @@ def test_a_link_sent_before_links_named_their_shop_works_when_the_shops_ledger_h
     try:
         old_link, customer_alone = _unbound(links["header"]), _old_link(store, shop="")
         # When the customer opens the one naming no email and presses its button
-        with caplog.at_level(logging.INFO):
+        with caplog.at_level(logging.DEBUG):
             clicked = [_click(store, customer_alone, "GET"), _click(store, customer_alone, "POST", ONE_CLICK)]
         # Then it still works, as this shop's ledger mailed the customer: the addresses mailed and the one on file
         assert [r.status for r in clicked] == [200, 200] and _suppressed(store) == [OLD, NEW]
