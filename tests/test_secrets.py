@@ -35,8 +35,10 @@ def kembali(*args: str, config: Path, env: dict[str, str] | None = None) -> subp
 
 
 def config_for(folder: Path, database_url: str) -> Path:
+    """Logging every event (debug): a password is never printed, at any level."""
     path = folder / "config.toml"
-    path.write_text(f'[database]\nurl = "{database_url}"\n[templates]\ndir = "{TEMPLATES}"\n', encoding="utf-8")
+    path.write_text(f'[database]\nurl = "{database_url}"\n[templates]\ndir = "{TEMPLATES}"\n'
+                    '[logging]\nlevel = "debug"\n', encoding="utf-8")
     return path
 
 

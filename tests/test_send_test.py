@@ -276,7 +276,8 @@ def test_a_login_refused_for_now_is_not_blamed_on_the_password(
     smtp_server.login_refusal = "454 4.7.0 Temporary authentication failure"
     monkeypatch.setenv("KEMBALI_SMTP_PASSWORD", "right-password-hunter2")
     site = make_site(tmp_path / "site", smtp_port=smtp_server.port)
-    site.config.write_text(site.config.read_text().replace("pool_size = 2\n", 'pool_size = 2\nusername = "shop"\n'))
+    site.config.write_text(site.config.read_text().replace("pool_size = 2\n", 'pool_size = 2\nusername = "shop"\n')
+                           .replace('level = "warning"', 'level = "debug"'))  # (every event: no password in any)
 
     done = site.cli("send-test", "--campaign", "winback", "--to", "me@shop.example")
 

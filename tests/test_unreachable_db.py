@@ -149,8 +149,10 @@ def test_metrics_are_served_without_the_ledgers_figures_while_the_database_host_
 
 
 def _site_on(tmp_path: Path, url: str) -> ShopSite:
+    """A site whose database is at ``url``, logging every event (the password's checks see them all)."""
     site = make_site(tmp_path)
-    site.config.write_text(site.config.read_text().replace('"sqlite:///kembali.db"', f'"{url}"'))
+    site.config.write_text(site.config.read_text().replace('"sqlite:///kembali.db"', f'"{url}"')
+                           .replace('level = "warning"', 'level = "debug"'))
     return site
 
 
