@@ -230,8 +230,14 @@ class Daemon:
         return self.wait(timeout)
 
     def log(self) -> str:
+        """The last 80 lines, for a failure's message (``text`` has them all)."""
         with self._lock:
             return "\n".join(self.lines[-80:])
+
+    def text(self) -> str:
+        """Every line it wrote: what a check that something is never logged reads."""
+        with self._lock:
+            return "\n".join(self.lines)
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None

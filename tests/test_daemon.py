@@ -581,7 +581,7 @@ def test_sighup_with_another_link_key_variable_is_rejected_until_a_restart_and_l
         assert http("POST", daemon.url(f"/unsubscribe?t={token}"), ONE_CLICK, FORM)[0] == 200
     finally:
         assert daemon.stop() == 0
-    assert other not in daemon.log()
+    assert other not in daemon.text()
 
 
 def test_sighup_changing_a_setting_only_a_restart_applies_names_the_key_and_its_line_never_the_value(
@@ -607,7 +607,7 @@ def test_sighup_changing_a_setting_only_a_restart_applies_names_the_key_and_its_
         assert "'web.request_timeout_seconds'" in rejected["error"] and "restart the daemon" in rejected["error"]
     finally:
         assert daemon.stop(30) == 0
-    assert "Sup3rSecret" not in daemon.log()
+    assert "Sup3rSecret" not in daemon.text()
 
 
 RUNAWAY = (
