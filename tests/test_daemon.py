@@ -1510,6 +1510,7 @@ def test_a_reload_that_raises_a_slow_domains_rate_brings_its_waiting_messages_fo
         assert daemon.stop() == 0
 
 
+@pytest.mark.postgres
 def test_the_health_line_and_metrics_keep_their_counts_while_the_database_is_down(
     tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str, pg_admin: sa.Engine
 ) -> None:
@@ -1866,6 +1867,7 @@ def test_a_restart_after_a_crash_names_each_email_it_finds_left_uncertain(
     _restart_after_a_crash(tmp_path, smtp_server, None)
 
 
+@pytest.mark.postgres
 def test_a_restart_after_a_crash_names_each_email_it_finds_left_uncertain_on_postgresql(
     tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str
 ) -> None:

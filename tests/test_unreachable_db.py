@@ -79,6 +79,7 @@ def test_a_postgresql_connection_sends_tcp_keepalives_unless_the_url_sets_its_ow
                 got.get("keepalives_count")) == ("1", idle, "10", "3"), got  # fmt: skip
 
 
+@pytest.mark.postgres
 def test_a_postgresql_connection_gives_up_after_a_connect_timeout_unless_the_url_sets_its_own(pg_url: str) -> None:
     # Given the engines Kembali makes: one from a URL as usually written, one that sets connect_timeout itself
     for query, expected in (({}, "10"), ({"connect_timeout": "3"}, "3")):
