@@ -1237,3 +1237,107 @@ def test_a_birthday_offer_is_planned_once_a_year_and_again_only_when_a_correctio
     known: dict[str, str | None], planned: str | None
 ) -> None:
     assert cc.birthday_key_to_plan("B1", _MAR_5, known) == planned
+
+
+_O5 = cc.loyalty_keys("L1", "orders-5")
+
+
+@pytest.mark.parametrize(
+    ("known", "replannable", "planned"),
+    [
+        (set(), set(), _O5[0]),  # the milestone's first reward
+        ({_O5[0]}, set(), None),  # sent, on its way, held out, merged, skipped otherwise: once per milestone
+        ({_O5[0]}, {_O5[0]}, _O5[1]),  # skipped unsent, the milestone no longer reached: reached again
+        ({_O5[0], _O5[1]}, {_O5[0]}, None),  # the reward of the milestone reached again went
+        ({_O5[0], _O5[1]}, {_O5[0], _O5[1]}, _O5[2]),
+        (set(_O5), set(_O5), None),  # reached again more often than LOYALTY_REPLANS
+    ],
+)
+def test_a_milestones_reward_is_planned_once_and_again_only_when_it_was_skipped_unsent(
+    known: set[str], replannable: set[str], planned: str | None
+) -> None:
+    assert cc.loyalty_key_to_plan("L1", "orders-5", known, replannable) == planned
+
+
+_FIVE = Case("5th order 3 days ago", 1, tuple(o(D, 3 + 10 * i) for i in range(5)))
+_BOTH = Case("5 orders and Rp6.000.000: both milestones", 2, tuple(o(D, 3 + i, total=1_200_000) for i in range(5)))
+
+
+def _set_rows(store: Store, rows: dict[str, tuple[str, str | None, int]]) -> None:
+    import sqlalchemy as sa
+
+    from worker.adapters.store import M
+
+    with store.engine.begin() as conn:
+        for key, (status, reason, resent_after) in rows.items():
+            conn.execute(sa.update(M).where(M.c.dedupe_key == key).values(
+                status=status, skip_reason=reason, resent_after_attempts=resent_after))
+
+
+@pytest.mark.parametrize(
+    ("was", "again"),
+    [
+        (("skipped", "no_longer_due", 0), True),  # refunded before it went: never arrived
+        (("sent", None, 0), False),
+        (("planned", None, 0), False),
+        (("uncertain", None, 0), False),
+        (("failed", None, 0), False),
+        (("skipped", "held_out", 0), False),
+        (("skipped", "suppressed", 0), False),
+        (("skipped", "capped", 0), False),
+        (("skipped", "expired", 0), False),
+        # uncertain, resent by the operator, then no longer due: the first attempt may have arrived
+        (("skipped", "no_longer_due", 1), False),
+    ],
+    ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else str(v),
+)
+def test_a_milestone_reached_again_is_planned_again_only_when_its_reward_was_skipped_unsent(
+    db_url: str, was: tuple[str, str | None, int], again: bool
+) -> None:
+    """The planner (preview's read and the run's insert) and ``loyalty_key_to_plan`` agree on every state the
+    milestone's first row may be in: a reward that went, may have gone, or is held out or skipped for good is not
+    planned a second time."""
+    store = Store.from_url(db_url)
+    try:
+        load(store, [_FIVE])
+        assert planning.plan_into_ledger(store, SETTINGS, "loyalty", NOW) == 1
+        _set_rows(store, {"loyalty:C0:orders-5": was})
+        expected = ["loyalty:C0:orders-5:r1"] if again else []
+        assert cc.loyalty_due_keys(dataclasses.replace(
+            facts(0, _FIVE), planned_keys=frozenset({"loyalty:C0:orders-5"}),
+            replannable=frozenset({"loyalty:C0:orders-5"} if was == ("skipped", "no_longer_due", 0) else ())),
+            NOW, planning.loyalty_milestones(SETTINGS)) == expected  # fmt: skip
+        assert list(planned_keys(store, "loyalty")) == expected
+        assert planning.plan_into_ledger(store, SETTINGS, "loyalty", NOW) == len(expected)
+        assert planning.plan_into_ledger(store, SETTINGS, "loyalty", NOW) == 0
+        assert sorted(ledger(store, "loyalty")) == sorted(["loyalty:C0:orders-5", *expected])
+    finally:
+        store.close()
+
+
+def test_two_milestones_reached_again_by_one_order_are_one_email_again(db_url: str) -> None:
+    """Both milestones' rewards skipped unsent (the order that reached them refunded, the spend one sent on its own
+    and then no longer due either): reached again by one order, they are one email again, the spend one merged into
+    the order one's, each under its ``:r1`` key; preview shows what the run inserts."""
+    store = Store.from_url(db_url)
+    try:
+        load(store, [_BOTH])
+        assert planning.plan_into_ledger(store, SETTINGS, "loyalty", NOW) == 2
+        _set_rows(store, {"loyalty:C0:orders-5": ("skipped", "no_longer_due", 0),
+                          "loyalty:C0:spend-500000000": ("skipped", "no_longer_due", 0)})  # fmt: skip
+        shown = {m.dedupe_key: (m.payload, m.skip_reason)
+                 for batch in planning.plan_batches(store, SETTINGS, "loyalty", NOW) for m in batch}  # fmt: skip
+        orders, spend = "loyalty:C0:orders-5:r1", "loyalty:C0:spend-500000000:r1"
+        assert shown == {
+            orders: ({"milestone": "orders-5", "carries": spend}, None),
+            spend: ({"milestone": "spend-500000000", "merged_into": orders}, SkipReason.MERGED),
+        }
+        assert planning.plan_into_ledger(store, SETTINGS, "loyalty", NOW) == 2
+        rows = ledger(store, "loyalty")
+        assert {k: (rows[k][4], rows[k][7]) for k in (orders, spend)} == {
+            orders: ({"milestone": "orders-5", "carries": spend}, ("planned", None)),
+            spend: ({"milestone": "spend-500000000", "merged_into": orders}, ("skipped", "merged")),
+        }
+        assert planning.plan_into_ledger(store, SETTINGS, "loyalty", NOW) == 0
+    finally:
+        store.close()

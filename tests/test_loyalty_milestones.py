@@ -34,6 +34,7 @@ from worker.commands import ledger as ledger_command
 from worker.commands import running
 from worker.config import Settings, settings_from_dict
 from worker.domain import CustomerRecord, Locale, MessageStatus, OrderLineRecord, OrderRecord, OrderStatus, SkipReason
+from worker.stats import build_stats
 from worker.testing import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -511,13 +512,19 @@ def test_closing_the_email_a_spend_milestone_was_merged_into_after_its_expiry_gi
     assert "ledger resend" not in out
 
 
+def four_orders(engine: sa.Engine, who: str, fifth_days_ago: float) -> tuple[list[OrderRecord], OrderRecord]:
+    """Customer ``who`` (imported 100 days ago), their four orders (90 to 60 days ago) and a 5th placed
+    ``fifth_days_ago``, all delivered and none imported yet."""
+    shop.upsert_customers(engine, [customer(who)], DAY - timedelta(days=100))
+    earlier = [order(f"{who}-{i}", who, 90 - 10 * i, 100_000) for i in range(4)]
+    return earlier, order(f"{who}-4", who, fifth_days_ago, 100_000)
+
+
 def p1_with_a_fifth_order_placed(db_url: str, days_ago: int) -> tuple[sa.Engine, list[OrderRecord], OrderRecord]:
     """P1's four paid orders (90 to 60 days ago) and a 5th placed ``days_ago``, unpaid, imported then: the engine,
     the four, and the 5th (delivered: replace its status)."""
     engine = db.create_engine(db_url)
-    shop.upsert_customers(engine, [customer("P1")], DAY - timedelta(days=100))
-    earlier = [order(f"P1-{i}", "P1", 90 - 10 * i, 100_000) for i in range(4)]
-    fifth = order("P1-4", "P1", days_ago, 100_000)
+    earlier, fifth = four_orders(engine, "P1", days_ago)
     shop.upsert_orders(engine, [*earlier, dataclasses.replace(fifth, status=OrderStatus.PLACED)],
                        DAY - timedelta(days=days_ago))  # fmt: skip
     return engine, earlier, fifth
@@ -625,9 +632,7 @@ def test_an_order_first_seen_refunded_and_corrected_back_to_paid_is_not_newly_pa
     # refund made by mistake: an order refunded was paid), and today's import says it is delivered after all
     settings = settings_for(db_url, smtp_server)
     engine = db.create_engine(db_url)
-    shop.upsert_customers(engine, [customer("P1")], DAY - timedelta(days=100))
-    earlier = [order(f"P1-{i}", "P1", 90 - 10 * i, 100_000) for i in range(4)]
-    fifth = order("P1-4", "P1", 50, 100_000)
+    earlier, fifth = four_orders(engine, "P1", 50)
     # and Q1, the same orders, but the 5th seen unpaid 40 days ago
     q1_earlier, q1_fifth = q1_with_a_fifth_order_placed(engine, 50)
     shop.upsert_orders(engine, [*earlier, dataclasses.replace(fifth, status=OrderStatus.REFUNDED),
@@ -647,8 +652,7 @@ def test_an_order_first_seen_refunded_and_corrected_back_to_paid_is_not_newly_pa
 def q1_with_a_fifth_order_placed(engine: sa.Engine, days_ago: int) -> tuple[list[OrderRecord], OrderRecord]:
     """Q1, a customer whose orders are P1's: four paid (90 to 60 days ago) and a 5th placed ``days_ago`` (delivered:
     replace its status); the four and the 5th, not imported yet."""
-    shop.upsert_customers(engine, [customer("Q1")], DAY - timedelta(days=100))
-    return [order(f"Q1-{i}", "Q1", 90 - 10 * i, 100_000) for i in range(4)], order("Q1-4", "Q1", days_ago, 100_000)
+    return four_orders(engine, "Q1", days_ago)
 
 
 def q1_alone_thanked(settings: Settings, server: RecordingServer) -> None:
@@ -857,3 +861,61 @@ def waiting_for_locks(engine: sa.Engine, count: int, thread: threading.Thread) -
                 return
             watch.rollback()  # pg_stat_activity is read once a transaction: a new one sees the waits begun since
             thread.join(0.01)
+
+
+def preview_keys(settings: Settings, when: datetime) -> set[str]:
+    deps = Deps.build(settings)
+    try:
+        return {r.message.dedupe_key for r in
+                pipeline.preview(deps.store, settings, deps.composer(), when, campaigns=["loyalty"])}  # fmt: skip
+    finally:
+        deps.close()
+
+
+def test_a_milestone_whose_reward_a_refund_left_unsent_is_rewarded_when_reached_again_and_only_once(
+    db_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given R1's four paid orders (90 to 60 days ago) and a 5th two days ago: the order milestone, planned today
+    settings = settings_for(db_url, smtp_server)
+    engine = db.create_engine(db_url)
+    earlier, fifth = four_orders(engine, "R1", 2)
+    shop.upsert_orders(engine, [*earlier, fifth], DAY)
+    store = Store.from_url(db_url)
+    try:
+        pipeline.plan(store, settings, DAY, campaigns=["loyalty"])
+    finally:
+        store.close()
+    # and the 5th order is refunded before the reward goes: it is skipped, the milestone no longer reached
+    shop.upsert_orders(engine, [dataclasses.replace(fifth, status=OrderStatus.REFUNDED)], DAY + timedelta(minutes=30))
+    for days in range(3):
+        cycle_at(settings, DAY + timedelta(hours=1, days=days))
+    assert smtp_server.messages == []
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {"loyalty:R1:orders-5": ("skipped", "no_longer_due")}
+
+    # When R1 orders again 5 days on, a 5th paid order once more: preview shows the reward, and Kembali sends it
+    shop.upsert_orders(engine, [order("R1-5", "R1", -5, 100_000)], DAY + timedelta(days=5))
+    assert preview_keys(settings, DAY + timedelta(days=5, hours=1)) == {"loyalty:R1:orders-5:r1"}
+    cycle_at(settings, DAY + timedelta(days=5, hours=1))
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["r1@example.com"]
+    # and when an earlier order is refunded after it went and R1 orders again, reaching 5 paid orders a third time
+    shop.upsert_orders(engine, [dataclasses.replace(earlier[0], status=OrderStatus.REFUNDED)], DAY + timedelta(days=6))
+    shop.upsert_orders(engine, [order("R1-6", "R1", -8, 100_000)], DAY + timedelta(days=8))
+    engine.dispose()
+    assert preview_keys(settings, DAY + timedelta(days=8, hours=1)) == set()
+    for days in range(8, 12):
+        cycle_at(settings, DAY + timedelta(days=days, hours=1))
+
+    # Then R1 got the reward they earned, once: the milestone's reward that went is not sent again
+    assert [to for m in smtp_server.messages for to in m.rcpt_tos] == ["r1@example.com"]
+    assert {k: v[:2] for k, v in ledger(settings).items()} == {
+        "loyalty:R1:orders-5": ("skipped", "no_longer_due"), "loyalty:R1:orders-5:r1": ("sent", None)}
+    assert {v[2]["milestone"] for v in ledger(settings).values()} == {"orders-5"}
+    # and stats count both rows under the one campaign, R1 emailed once (and brought back: the order of day 8)
+    engine = db.create_engine(db_url)
+    try:
+        report = build_stats(engine, since=DAY - timedelta(days=1), now=DAY + timedelta(days=13))
+    finally:
+        engine.dispose()
+    [line] = [s for s in report.steps if s.campaign == "loyalty"]
+    assert (line.step, line.planned, line.statuses["sent"], dict(line.skipped)) == (1, 2, 1, {"no_longer_due": 1})
+    assert line.emailed is not None and (line.emailed.customers, line.emailed.converted) == (1, 1)

@@ -59,6 +59,7 @@ from worker import log
 from worker.adapters import db
 from worker.adapters.store import RATEABLE, C, M, O, _key_part, payload_days, suppressed_sql
 from worker.adapters.tables import UTCDateTime
+from worker.core.campaigns import LOYALTY_REPLANS
 from worker.core.policy import HOLDOUT_MODULUS, holdout_factors, holdout_threshold
 from worker.domain import MessageStatus, PlannedMessage, SkipReason
 
@@ -106,7 +107,8 @@ class Plan:
     another row of this pass carries it (loyalty's milestones reached by one order). None: never."""
     key_free: Any = None
     """The condition that the ledger has no row that stands for the candidate's (None: no row with its key, the
-    plan's ledger probe). Win-back's: no row with its key that was planned as this step (``winback_step_moved``)."""
+    plan's ledger probe). Win-back's: no row with its key that was planned as this step (``winback_step_moved``);
+    loyalty's: no row of the milestone but rewards skipped unsent as ``no_longer_due`` (``_loyalty_key``)."""
     probes_ledger_last: bool = False
     """A condition of ``checked_last`` probes the ledger per candidate by an index range (win-back's rows of the
     order under another step number). PostgreSQL's INSERT then plans no sequential scan: on a first pass the
@@ -324,6 +326,9 @@ def loyalty(
     not paid yet, each from its ``paid_at`` (migration 0019; ``placed_at`` where it has none); spend counts those in
     ``currency`` (the shop's).
 
+    Once per milestone (``_loyalty_key``): a milestone whose reward was skipped as ``no_longer_due`` (its order
+    refunded before it went) is planned again, under ``…:r1`` and on, when reached again; no other.
+
     One email per occasion: a spend milestone due for a customer whose order-count milestone is due and new in the
     same pass (one order reached both) is stored as skipped, ``merged``, its payload's ``merged_into`` naming the
     order milestone's key: that email is the reward, and the milestone is not planned again. The spend plan comes
@@ -359,46 +364,85 @@ def loyalty(
         )).scalar_subquery()  # fmt: skip
         labels[prefix] = (due, _lit(f"{prefix}-") + sa.cast(due, sa.String))
 
-    def key_of(label: Any) -> Any:
+    def base_of(label: Any) -> Any:
         return _lit("loyalty:") + _key_part(C.c.external_id) + _lit(":") + label
 
     # a purchase paid since ``since``: one placed since (paid when placed, or later), or one paid later than the
     # last was placed (a few customers: ``ix_customer_paid_late``'s); SQLite visits every customer in id order
     paid_late = sa.and_(_scanned(c.dialect, C.c.last_paid_at) >= since, C.c.last_paid_at > C.c.last_order_at)
     recent = sa.or_(_scanned(c.dialect, C.c.last_order_at) >= since, paid_late)
+    keys = {prefix: _loyalty_key(base_of(label)) for prefix, (_due, label) in labels.items()}
     plans = []
     for prefix, column, thresholds in (("spend", C.c.total_spent_minor, spend_minor),
                                        ("orders", C.c.order_count, orders)):  # fmt: skip
         if prefix not in labels:
             continue
         due, label = labels[prefix]
-        key = key_of(label)
+        key, key_free = keys[prefix]
         payload = json_object_sql(c.dialect, [("milestone", label)])
         merged = None
         if prefix == "spend" and "orders" in labels:
-            # the order milestone is due too, and this pass plans it (its key is not in the ledger yet): one email
-            due_orders, orders_label = labels["orders"]
-            orders_key = key_of(orders_label)
-            merged = sa.and_(due_orders.is_not(None), ~sa.exists().where(M.c.dedupe_key == orders_key))
+            # the order milestone is due too, and this pass plans it (the ledger has no row that stands for it yet):
+            # one email
+            due_orders, _ = labels["orders"]
+            orders_key, orders_free = keys["orders"]
+            merged = sa.and_(due_orders.is_not(None), orders_free)
             payload = sa.case((merged, json_object_sql(c.dialect, [("milestone", label), ("merged_into", orders_key)])),
                               else_=payload)  # fmt: skip
         if prefix == "orders" and "spend" in labels:
             # the spend milestone this pass merged into this email (planned just before): named, so that if this one
             # is found no longer due when it is sent (an earlier order refunded), that one is sent on its own
-            # (preview, which writes nothing, finds no spend row yet: the one this pass would merge)
+            # (preview, which writes nothing, finds no spend row yet: the one this pass would merge, at the key the
+            # spend plan would give it)
             spend_due, spend_label = labels["spend"]
-            spend_key = key_of(spend_label)
-            into_this = sa.and_(sa.func.coalesce(M.c.skip_reason, "") == SkipReason.MERGED.value,
-                                # merged into this one, not an earlier one (the closing quote: not 'orders-50')
-                                M.c.payload.contains(key + _lit('"')))  # fmt: skip
-            carries = sa.and_(spend_due.is_not(None), ~sa.exists().where(M.c.dedupe_key == spend_key, ~into_this))
-            payload = sa.case((carries, json_object_sql(c.dialect, [("milestone", label), ("carries", spend_key)])),
+            spend_key, spend_free = keys["spend"]
+            into = M.alias("into_this")
+            merged_here = sa.select(into.c.dedupe_key).where(
+                into.c.dedupe_key.in_(_loyalty_keys(base_of(spend_label))),
+                sa.func.coalesce(into.c.skip_reason, "") == SkipReason.MERGED.value,
+                # merged into this one, not an earlier one (the closing quote: not 'orders-50' nor 'orders-5:r1')
+                into.c.payload.contains(key + _lit('"')),
+            ).correlate(C).limit(1).scalar_subquery()  # fmt: skip
+            carried = sa.func.coalesce(merged_here, sa.case((spend_free, spend_key), else_=sa.null()))
+            carries = sa.and_(spend_due.is_not(None), carried.is_not(None))
+            payload = sa.case((carries, json_object_sql(c.dialect, [("milestone", label), ("carries", carried)])),
                               else_=payload)  # fmt: skip
         narrowed = [column >= min(thresholds)] if prefix == "orders" or totals_in_currency else []
         where = [recent, *narrowed, *_consenting(), due.is_not(None)]
         plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key, payload, C, where,
-                          (C.c.id,), C.c.id, c.holdout_share, probe=True, merged=merged))  # fmt: skip
+                          (C.c.id,), C.c.id, c.holdout_share, probe=True, merged=merged,
+                          key_free=key_free))  # fmt: skip
     return plans
+
+
+def _loyalty_keys(base: Any) -> list[Any]:
+    """``core.campaigns.loyalty_keys`` in SQL: the milestone's key, then ``…:r1`` … ``…:r<LOYALTY_REPLANS>``."""
+    return [base, *(base + _lit(f":r{n}") for n in range(1, LOYALTY_REPLANS + 1))]
+
+
+def _loyalty_key(base: Any) -> tuple[Any, Any]:
+    """(the key, the condition that the ledger has no row that stands for the milestone): ``core.campaigns.
+    loyalty_key_to_plan`` in SQL. A row stands for it unless it was skipped as ``no_longer_due`` with nothing of it
+    tried before an operator's resend (``resent_after_attempts`` 0: it cannot have arrived); the key is then the first
+    of the milestone's keys free. In the steady state the first probe decides: the milestone's key, its reward
+    sent (one index probe and the row's status, per candidate whose milestone an order paid in the window reached)."""
+    keys = _loyalty_keys(base)
+    stands = M.alias("stands")
+    replannable = sa.and_(stands.c.status == MessageStatus.SKIPPED.value,
+                          sa.func.coalesce(stands.c.skip_reason, "") == SkipReason.NO_LONGER_DUE.value,
+                          stands.c.resent_after_attempts == 0)  # fmt: skip
+    taken = M.alias("taken")
+    # each correlated to the customer row explicitly: the key's copy inside another subquery (the spend milestone
+    # merged into the order one's key) would otherwise correlate to nothing, and read every customer
+    free = sa.and_(
+        ~sa.exists().where(stands.c.dedupe_key == keys[0], ~replannable).correlate(C),
+        ~sa.exists().where(stands.c.dedupe_key.in_(keys[1:]), ~replannable).correlate(C),
+        ~sa.exists().where(taken.c.dedupe_key == keys[-1]).correlate(C),  # reached again more often than the bound
+    )
+    first = M.alias("first_free")
+    key = sa.case(*((~sa.exists().where(first.c.dedupe_key == k).correlate(C), k) for k in keys[:-1]),
+                  else_=keys[-1])  # fmt: skip
+    return key, free
 
 
 # --- running a plan ----------------------------------------------------------------------

@@ -10,13 +10,19 @@ tests run one table of cases through both.
     birthday      0..days_before days before the birthday, their zone      birthday:<cust>:<year>
     feedback      days_after days after delivery (else placement)          feedback:<order>
     new_products  products launched since their last order                 new_products:<cust>:<news week>
-    loyalty       the highest order-count / spend milestone reached        loyalty:<cust>:<milestone>
+    loyalty       the highest order-count / spend milestone reached        loyalty:<cust>:<milestone>[:r<n>]
 
 Loyalty's two milestones reached by one order (both new in one pass) are one email: the spend milestone's row is
 stored as skipped, ``merged`` into the order milestone's (``adapters.plan_sql.loyalty``), so it is never planned
 again nor sent on its own, unless that email is found no longer due when it is to go (its payload's ``carries``
 names the merged row, which then goes back to the queue: ``Store.record``). An operator who closes that email
 closes the merged row with it, or, closing it as sent, leaves it merged (``adapters.ledger.Carried``).
+
+Loyalty is once per milestone, with one exception: a reward skipped as ``no_longer_due`` (the order that reached the
+milestone refunded before it went) is planned again when the milestone is reached again, under ``…:r1``, ``…:r2``…
+(``loyalty_key_to_plan``; birthday's corrections are the same idea: ``birthday_key_to_plan``). The payload's
+``milestone`` stays the label, so what reads it (``milestone_of``: composing, preview, stats by campaign) needs no
+parse of the key.
 """
 
 from __future__ import annotations
@@ -514,6 +520,33 @@ def loyalty_key(customer_external_id: str, milestone: str) -> str:
     return f"{LOYALTY}:{key_part(customer_external_id)}:{milestone}"
 
 
+LOYALTY_REPLANS = 3
+"""How many times a milestone whose reward was skipped unsent because it was no longer reached (the order that
+reached it refunded before the email went) gets its reward planned again once reached again."""
+
+
+def loyalty_keys(customer_external_id: str, milestone: str) -> tuple[str, ...]:
+    """The keys a milestone's reward may be planned under, in turn (``loyalty_key_to_plan``): the milestone's,
+    then one per time it is reached again after its reward was skipped unsent (``…:<milestone>:r1``…)."""
+    key = loyalty_key(customer_external_id, milestone)
+    return key, *(f"{key}:r{n}" for n in range(1, LOYALTY_REPLANS + 1))
+
+
+def loyalty_key_to_plan(
+    customer_external_id: str, milestone: str, planned_keys: Collection[str], replannable: Collection[str]
+) -> str | None:
+    """The key a milestone's reward is planned under, None when none is to be: once per milestone, under the first of
+    ``loyalty_keys`` the ledger does not have, as long as each it has is ``replannable`` (skipped as
+    ``no_longer_due``, nothing of it tried before an operator's resend: it cannot have arrived). A reward sent, on
+    its way, held out, merged, or skipped for any other reason is the milestone's for good."""
+    for key in loyalty_keys(customer_external_id, milestone):
+        if key not in planned_keys:
+            return key
+        if key not in replannable:
+            return None
+    return None  # reached again more often than LOYALTY_REPLANS
+
+
 # --- right before sending ------------------------------------------------------------
 
 
@@ -609,6 +642,9 @@ class Facts:
     ``days``), whatever that row's step number."""
     winback_rows: Mapping[str, tuple[int | None, str | None]] = field(default_factory=dict)
     """Per win-back ledger row (its dedupe key), the payload's ``days`` and ``template`` (None: not there)."""
+    replannable: frozenset[str] = field(default_factory=frozenset)
+    """Of ``planned_keys``, loyalty's rows skipped as ``no_longer_due`` that cannot have arrived
+    (``loyalty_key_to_plan``)."""
 
     @property
     def reachable(self) -> bool:
@@ -693,5 +729,6 @@ def loyalty_due_keys(facts: Facts, now: datetime, milestones: Milestones) -> lis
 
     labels = loyalty_due(len(bought), spent(bought), paid_time(bought[-1]), now, milestones,
                          count_before=len(earlier), spent_before=spent(earlier))  # fmt: skip
-    keys = [loyalty_key(facts.customer_external_id, label) for label in labels]
-    return [k for k in keys if k not in facts.planned_keys]
+    keys = [loyalty_key_to_plan(facts.customer_external_id, label, facts.planned_keys, facts.replannable)
+            for label in labels]  # fmt: skip
+    return [k for k in keys if k is not None]
