@@ -1251,6 +1251,8 @@ _O5 = cc.loyalty_keys("L1", "orders-5")
         ({_O5[0], _O5[1]}, {_O5[0]}, None),  # the reward of the milestone reached again went
         ({_O5[0], _O5[1]}, {_O5[0], _O5[1]}, _O5[2]),
         (set(_O5), set(_O5), None),  # reached again more often than LOYALTY_REPLANS
+        ({_O5[1]}, set(), None),  # the milestone's first row deleted by hand: its reward at :r1 went all the same
+        ({_O5[1]}, {_O5[1]}, _O5[0]),
     ],
 )
 def test_a_milestones_reward_is_planned_once_and_again_only_when_it_was_skipped_unsent(
@@ -1338,6 +1340,31 @@ def test_two_milestones_reached_again_by_one_order_are_one_email_again(db_url: s
             orders: ({"milestone": "orders-5", "carries": spend}, ("planned", None)),
             spend: ({"milestone": "spend-500000000", "merged_into": orders}, ("skipped", "merged")),
         }
+        assert planning.plan_into_ledger(store, SETTINGS, "loyalty", NOW) == 0
+    finally:
+        store.close()
+
+
+def test_a_milestones_reward_that_went_under_r1_is_not_planned_again_when_its_first_row_is_deleted(
+    db_url: str,
+) -> None:
+    """The first row skipped unsent, the reward of the milestone reached again sent under ``:r1``, then that first
+    row deleted by hand: its key is free, the milestone is not (the planner as ``loyalty_key_to_plan``)."""
+    import sqlalchemy as sa
+
+    from worker.adapters.store import M
+
+    store = Store.from_url(db_url)
+    try:
+        load(store, [_FIVE])
+        assert planning.plan_into_ledger(store, SETTINGS, "loyalty", NOW) == 1
+        _set_rows(store, {"loyalty:C0:orders-5": ("skipped", "no_longer_due", 0)})
+        assert planning.plan_into_ledger(store, SETTINGS, "loyalty", NOW) == 1
+        _set_rows(store, {"loyalty:C0:orders-5:r1": ("sent", None, 0)})
+        with store.engine.begin() as conn:
+            conn.execute(sa.delete(M).where(M.c.dedupe_key == "loyalty:C0:orders-5"))
+        assert cc.loyalty_key_to_plan("C0", "orders-5", {"loyalty:C0:orders-5:r1"}, set()) is None
+        assert list(planned_keys(store, "loyalty")) == []
         assert planning.plan_into_ledger(store, SETTINGS, "loyalty", NOW) == 0
     finally:
         store.close()

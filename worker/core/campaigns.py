@@ -538,13 +538,12 @@ def loyalty_key_to_plan(
     """The key a milestone's reward is planned under, None when none is to be: once per milestone, under the first of
     ``loyalty_keys`` the ledger does not have, as long as each it has is ``replannable`` (skipped as
     ``no_longer_due``, nothing of it tried before an operator's resend: it cannot have arrived). A reward sent, on
-    its way, held out, merged, or skipped for any other reason is the milestone's for good."""
-    for key in loyalty_keys(customer_external_id, milestone):
-        if key not in planned_keys:
-            return key
-        if key not in replannable:
-            return None
-    return None  # reached again more often than LOYALTY_REPLANS
+    its way, held out, merged, or skipped for any other reason is the milestone's for good, whichever of its keys
+    it has (a row deleted by hand before it leaves that key free, not the milestone)."""
+    keys = loyalty_keys(customer_external_id, milestone)
+    if keys[-1] in planned_keys or any(k in planned_keys and k not in replannable for k in keys):
+        return None  # rewarded, or reached again more often than LOYALTY_REPLANS
+    return next(k for k in keys if k not in planned_keys)
 
 
 # --- right before sending ------------------------------------------------------------
