@@ -191,15 +191,15 @@ def test_ctrl_c_during_an_import_says_what_is_in_and_a_second_import_finishes_it
     assert "Traceback" not in err
     found = re.search(rf"kembali import: stopped by {sig.name}: customers\.csv is imported up to line (\d+), the rows "
                       r"after it are not "
-                      r"\((\d+) created, 0 updated, 0 unchanged, 0 rejected\)\. Import the file again to finish",
+                      r"\(([\d,]+) created, 0 updated, 0 unchanged, 0 rejected\)\. Import the file again to finish",
                       err)  # fmt: skip
     assert found is not None, err
-    line, created = int(found[1]), int(found[2])
+    line, created = int(found[1]), int(found[2].replace(",", ""))
     assert line - 1 == created == len(_ids(url, "customer")) < rows  # every row up to that line, none after it
     # and importing the file again brings in exactly the rest
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
-    assert f"customers: {rows - created} created, 0 updated, {created} unchanged, 0 rejected" in again.stdout
+    assert f"customers: {rows - created:,} created, 0 updated, {created:,} unchanged, 0 rejected" in again.stdout
 
 
 def _import_command(config: Path, kind: str, path: Path) -> list[str]:
@@ -244,9 +244,9 @@ def test_an_interrupted_import_of_orders_of_several_lines_names_the_last_line_im
     # (it named the first line of that order, whose other two lines are in as well)
     assert child.returncode == 143, err
     found = re.search(r"stopped by SIGTERM: orders\.csv is imported up to line (\d+), the rows after it are not "
-                      r"\((\d+) created, 0 updated, 0 unchanged, 0 rejected\)", err)  # fmt: skip
+                      r"\(([\d,]+) created, 0 updated, 0 unchanged, 0 rejected\)", err)  # fmt: skip
     assert found is not None, err
-    line, created = int(found[1]), int(found[2])
+    line, created = int(found[1]), int(found[2].replace(",", ""))
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
@@ -721,7 +721,7 @@ def test_a_stop_just_after_a_batch_is_committed_counts_the_batch_as_imported(
     # with 1000 orders in the database)
     assert code == 143, stderr.getvalue()
     assert f"stopped by SIGTERM: orders.csv is imported up to line {importing.BATCH + 1}, the rows after it are not " \
-           f"({importing.BATCH} created, 0 updated, 0 unchanged, 0 rejected)" in stderr.getvalue()  # fmt: skip
+           f"({importing.BATCH:,} created, 0 updated, 0 unchanged, 0 rejected)" in stderr.getvalue()  # fmt: skip
     assert len(_ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order")) == importing.BATCH
 
 
@@ -751,7 +751,7 @@ def test_ctrl_c_pressed_again_while_a_batch_is_written_stops_the_import_at_once(
     # Then the import stops at once, without that batch (the first press alone waits for it), and says so
     assert code == 130, out
     assert f"stopped by SIGINT: customers.csv is imported up to line {importing.BATCH + 1}, the rows after it are " \
-           f"not ({importing.BATCH} created, 0 updated, 0 unchanged, 0 rejected)" in out  # fmt: skip
+           f"not ({importing.BATCH:,} created, 0 updated, 0 unchanged, 0 rejected)" in out  # fmt: skip
     assert len(_ids(f"sqlite:///{tmp_path / 'k.db'}", "customer")) == importing.BATCH
 
 
@@ -1481,7 +1481,7 @@ def test_a_batch_postgresql_refuses_is_named_with_what_happened_and_what_to_do(
     # Then it stops with exit 3, saying what happened, how far it got and what to do
     expected = {
         "disk full": ("the database server's disk is full (PostgreSQL 53100: could not extend file",
-                      "customers.csv is imported up to line 1001, the rows after it are not (1000 created,",
+                      "customers.csv is imported up to line 1001, the rows after it are not (1,000 created,",
                       "Free space on the database server's disk"),
         "read-only": ("the database takes no writes (PostgreSQL 25006: cannot execute INSERT in a read-only "
                       "transaction)", "none of customers.csv is imported",
@@ -1609,7 +1609,7 @@ def test_an_order_whose_rows_are_not_together_is_skipped_whole_naming_both_lines
     assert (f"{name}:2: id 'O-1': order 'O-1' has rows at line 2 and again at line 5, other orders' rows between "
             "them: keep an order's rows together (sort the file by order_id); the whole order is skipped") in out, out
     assert f"{name}:6: id 'O-3': order 'O-3' has rows at line 6 and again at line {len(rows) - 1}," in out, out
-    assert f"orders: {importing.BATCH + 7} created, 0 updated, 0 unchanged, 2 rejected" in out, out
+    assert f"orders: {importing.BATCH + 7:,} created, 0 updated, 0 unchanged, 2 rejected" in out, out
     stored = _ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order")
     assert {"O-1", "O-3"} & stored == set() and {"O-2", "O-4"} <= stored, out
 

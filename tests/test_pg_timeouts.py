@@ -401,10 +401,10 @@ def test_an_import_behind_a_held_row_lock_stops_saying_how_far_it_got_and_finish
     with engine.connect() as conn:
         renamed = conn.exec_driver_sql("SELECT count(*) FROM customer WHERE name = 'Sari'").scalar_one()
     assert code == 3 and renamed == 1000, printed
-    assert "customers.csv is imported up to line 1001, the rows after it are not (0 created, 1000 updated" in printed
+    assert "customers.csv is imported up to line 1001, the rows after it are not (0 created, 1,000 updated" in printed
     assert "Import the file again to finish" in printed
     code, printed = run_cli(capsys, "--config", str(config), "import", "customers", str(csv))
-    assert code == 0 and "0 created, 500 updated, 1000 unchanged" in printed, printed
+    assert code == 0 and "0 created, 500 updated, 1,000 unchanged" in printed, printed
     engine.dispose()
 
 
@@ -467,11 +467,11 @@ def test_an_import_whose_session_the_server_ends_stops_saying_how_far_it_got_and
             "by pg_terminate_backend": "the connection to the database was lost (PostgreSQL 57P01: terminating "
                                        "connection due to administrator command)"}[ended]  # fmt: skip
     assert (f"kembali import: stopped: {said}: orders.csv is imported up to line 1001, the rows after it "
-            "are not (1000 created, 0 updated, 0 unchanged, 0 rejected).") in printed, printed
+            "are not (1,000 created, 0 updated, 0 unchanged, 0 rejected).") in printed, printed
     assert "Import the file again to finish" in printed, printed
     assert "could not be used: " in printed and "Traceback" not in printed, printed
     code, printed = run_cli(capsys, "--config", str(config), "import", "orders", str(orders))
-    assert code == 0 and "500 created, 0 updated, 1000 unchanged" in printed, printed
+    assert code == 0 and "500 created, 0 updated, 1,000 unchanged" in printed, printed
     engine.dispose()
 
 

@@ -230,8 +230,8 @@ def import_file(
             f"stopped: {failure.what}" if failure else "stopped: the database failed")
         remedy = f" {failure.remedy}" if failure else ""
         print(
-            f"kembali import: {why}: {done} ({total.created} created, {total.updated} updated, "
-            f"{total.unchanged} unchanged, {errors} rejected{_unclear(replaced)}{_followed(followed)})."
+            f"kembali import: {why}: {done} ({total.created:,} created, {total.updated:,} updated, "
+            f"{total.unchanged:,} unchanged, {errors:,} rejected{_unclear(replaced)}{_followed(followed)})."
             f"{remedy} {again}",
             file=sys.stderr,
         )
@@ -259,8 +259,8 @@ def import_file(
                   f"on line {first_foreign}): they count as orders, but not toward spend milestones nor the revenue "
                   "stats shows (Kembali converts no currency)", file=sys.stderr)  # fmt: skip
     print(
-        f"{kind}: {total.created} created, {total.updated} updated, {total.unchanged} unchanged, "
-        f"{errors} rejected{_unclear(replaced)}{_followed(followed)} (from {shown})"
+        f"{kind}: {total.created:,} created, {total.updated:,} updated, {total.unchanged:,} unchanged, "
+        f"{errors:,} rejected{_unclear(replaced)}{_followed(followed)} (from {shown})"
     )
     return EXIT_REJECTED if errors or replaced.total() else EXIT_OK
 
@@ -286,14 +286,14 @@ def _saved_as(reason: str) -> str:
 
 
 def _unclear(replaced: Counter[str]) -> str:
-    return "".join(f", {replaced[kind]} {words}" for kind, words in _SAVED if replaced[kind])
+    return "".join(f", {replaced[kind]:,} {words}" for kind, words in _SAVED if replaced[kind])
 
 
 def _followed(count: int) -> str:
     """The summary's words for the customers whose new address was suppressed as their old one is."""
     if not count:
         return ""
-    return f", {count} new address{'es' if count > 1 else ''} suppressed (following an unsubscribe at the old one)"
+    return f", {count:,} new address{'es' if count > 1 else ''} suppressed (following an unsubscribe at the old one)"
 
 
 def _flush(
