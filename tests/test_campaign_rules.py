@@ -1368,3 +1368,38 @@ def test_a_milestones_reward_that_went_under_r1_is_not_planned_again_when_its_fi
         assert planning.plan_into_ledger(store, SETTINGS, "loyalty", NOW) == 0
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("case", [_FIVE, _BOTH], ids=["the order milestone", "both milestones, one email"])
+def test_a_milestone_another_process_plans_between_a_passs_read_and_its_insert_is_planned_once_on_sqlite(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, case: Case
+) -> None:
+    """SQLite: a pass reads its candidates, then inserts them in write transactions of their own (``plan_sql.insert``).
+    Given another process on the same file (a `run --once` beside the daemon) that plans the milestone between the
+    two, the insert finds the milestone's key taken: it writes nothing for it, not its reward again under the next key
+    (``:r1``), a second email of the one reward."""
+    from worker.adapters import plan_sql
+
+    migrate(sqlite_url)
+    this, other = Store.from_url(sqlite_url), Store.from_url(sqlite_url)
+    read = plan_sql._new_idents
+    raced: list[int] = []
+
+    def read_then_the_other_process_plans(engine: Any, plan: Any) -> Any:
+        parts = list(read(engine, plan))  # this pass's read, its transaction ended
+        if engine is this.engine and parts and not raced:
+            raced.append(planning.plan_into_ledger(other, SETTINGS, "loyalty", NOW))
+        yield from parts
+
+    monkeypatch.setattr(plan_sql, "_new_idents", read_then_the_other_process_plans)
+    try:
+        load(this, [case])
+        # When this process plans loyalty, the other planning it meanwhile
+        created = planning.plan_into_ledger(this, SETTINGS, "loyalty", NOW)
+        # Then the ledger holds the rows the other process planned, and nothing more: one reward
+        assert raced == [case.keys]
+        rows = ledger(this, "loyalty")
+        assert created == 0 and len(rows) == case.keys and all(":r" not in key for key in rows), sorted(rows)
+    finally:
+        this.close()
+        other.close()

@@ -109,6 +109,11 @@ class Plan:
     """The condition that the ledger has no row that stands for the candidate's (None: no row with its key, the
     plan's ledger probe). Win-back's: no row with its key that was planned as this step (``winback_step_moved``);
     loyalty's: no row of the milestone but rewards skipped unsent as ``no_longer_due`` (``_loyalty_key``)."""
+    rechecks_key: bool = False
+    """The key is the first of several the ledger leaves free, chosen as the row is written (loyalty's ``…:r<n>``):
+    SQLite's insert, which re-checks the rule but not the probes, re-checks ``key_free`` too. A row another process
+    planned between the pass's read and its insert would else move the key on to the next one free, a second row for
+    the occasion, where a fixed key meets ON CONFLICT DO NOTHING."""
     probes_ledger_last: bool = False
     """A condition of ``checked_last`` probes the ledger per candidate by an index range (win-back's rows of the
     order under another step number). PostgreSQL's INSERT then plans no sequential scan: on a first pass the
@@ -411,7 +416,7 @@ def loyalty(
         where = [recent, *narrowed, *_consenting(), due.is_not(None)]
         plans.append(Plan("loyalty", sa.literal(1), c.priority, c.now, c.expires_at, key, payload, C, where,
                           (C.c.id,), C.c.id, c.holdout_share, probe=True, merged=merged,
-                          key_free=key_free))  # fmt: skip
+                          key_free=key_free, rechecks_key=True))  # fmt: skip
     return plans
 
 
@@ -513,7 +518,8 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
     ordered again in between is not planned) but not the probes: a row planned meanwhile by another worker is
     what ON CONFLICT DO NOTHING is for, and an address suppressed meanwhile is skipped at send time. (Win-back's
     key depends on the row at its step's key, which such a row would be: its ``checked_last``, re-checked here,
-    finds that row by its days instead.)"""
+    finds that row by its days instead; loyalty's, the first of a milestone's keys free, re-checks that none of them
+    stands for the milestone now: ``Plan.rechecks_key``.)"""
     dialect = engine.dialect.name
     columns = _columns(plan, dialect, domain, message_id=False)
     names = list(columns)
@@ -538,11 +544,12 @@ def insert(engine: Engine, plan: Plan, domain: str) -> int:
             again = postgresql.insert(M).on_conflict_do_nothing(index_elements=[M.c.dedupe_key])
             return _insert_locked(engine, plan, rows_where(*_new(plan), into=again))
     created = 0
+    rechecked = (plan.key_free,) if plan.rechecks_key else ()
     # with SQLite's memory statistics on, threads contend on their mutex (see planning.PLAN_THREADS): no read-ahead
     ahead = read_ahead if db.without_sqlite_memstatus() else _in_turn
     with closing(ahead(lambda: _new_idents(engine, plan))) as parts:
         for part in parts:
-            stmt = rows_where(_among(plan.ident, part), *plan.where, *plan.checked_last)
+            stmt = rows_where(_among(plan.ident, part), *plan.where, *plan.checked_last, *rechecked)
             # each row's customer_id comes from the customer row the statement selects, in a write transaction no
             # other writer can enter: the foreign key check could only confirm it (0.3 s of 2.25 s for 526k rows)
             with _one_writer(engine), db.writing_without_foreign_keys(engine) as conn:
