@@ -1101,3 +1101,25 @@ def test_a_period_ending_at_midnight_names_the_day_before_as_its_last(tmp_path: 
     # while a period that ends a second into a day names that day
     later = site.cli("stats", "--since", "2026-11-01", "--now", "2026-12-01T00:00:01+07:00").stdout
     assert later.startswith("Kembali stats from 2026-11-01 to 2026-12-01 (Asia/Jakarta)"), later
+
+
+def test_an_unsubscribe_an_import_carried_to_a_customers_new_address_is_counted_once(db_url: str) -> None:
+    from worker.stats import build_stats
+
+    # Given a customer who unsubscribed, then moved: a customers import gave them another address, and the
+    # unsubscribe followed them there (the same person's wish, on the list with the same reason and time)
+    engine = db.create_engine(db_url)
+    try:
+        shop.upsert_customers(engine, [_customer("C-1")], NOW - timedelta(days=20))
+        Store(engine).suppress("c-1@example.com", reason="unsubscribed", source="link", now=NOW - timedelta(days=10))
+        moved = CustomerRecord("C-1", "c-1.baru@example.org", "Pelanggan C-1", Locale.ID, "Asia/Jakarta", None, True,
+                               "opt_in", "checkout")  # fmt: skip
+        assert [f.new for f in shop.upsert_customers(engine, [moved], NOW - timedelta(days=5)).followed] == [
+            "c-1.baru@example.org"]
+        # When the stats of the period are made
+        report = build_stats(engine, since=NOW - timedelta(days=30), now=NOW)
+    finally:
+        engine.dispose()
+    # Then the one unsubscribe counts once, not once for each address it followed the customer to (a report of a
+    # period already past grew by one at every move)
+    assert report.as_json()["suppressions"] == {"unsubscribed": 1}

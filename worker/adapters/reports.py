@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from worker.adapters import db
 from worker.adapters.ledger import closed_as_failed
-from worker.adapters.store import PAID, M, O, S, payload_days
+from worker.adapters.store import PAID, M, O, S, followed_sql, payload_days
 from worker.adapters.tables import Attempt, Feedback, UTCDateTime
 from worker.core import stats
 from worker.core.audiences import WINBACK
@@ -98,8 +98,11 @@ def permanent_failures(conn: sa.Connection, since: datetime, until: datetime) ->
 def suppressions(conn: sa.Connection, since: datetime, until: datetime) -> dict[str, int]:
     """Addresses added to the suppression list from ``since`` to ``until``, by reason (unsubscribed,
     hard_bounce…), in the reasons' order (PostgreSQL's GROUP BY returns them in hash order, which ``--json`` would
-    show)."""
-    query = sa.select(S.c.reason, sa.func.count()).where(_in_period(S.c.created_at, since, until)).group_by(S.c.reason)
+    show). One an import carried to a customer's new address (``shop.Followed``) is the customer's unsubscribe or
+    complaint again, counted once: at the address they gave it at."""
+    query = sa.select(S.c.reason, sa.func.count()).where(
+        _in_period(S.c.created_at, since, until), ~followed_sql(S.c.source)
+    ).group_by(S.c.reason)
     return {r: int(n) for r, n in sorted(conn.execute(query))}
 
 

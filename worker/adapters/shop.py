@@ -247,8 +247,8 @@ def _follow_own_wish(
 ) -> list[Followed]:
     """Suppress the new address of each customer ``updated`` gives another mailbox than the one they had (``was``)
     when that one is on the suppression list as the customer's own wish (``CUSTOMERS_OWN``), with its entry's
-    reason and time (``stats`` counts it in the week the customer unsubscribed, not as a new unsubscribe in the
-    import's) and a source naming both (``followed_source``); an address already on the list keeps its entry. One
+    reason and time and a source naming both (``followed_source``: ``stats`` counts the customer's unsubscribe once,
+    in the week they gave it, not again for the new address); an address already on the list keeps its entry. One
     read of the list's unique index for the batch's changed addresses, none when no address changed (the common
     import)."""
     moved: dict[str, tuple[str, str]] = {}

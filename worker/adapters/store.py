@@ -181,6 +181,12 @@ def followed_source(external_id: str, address: str) -> str:
     return f"customer {external_id}{MOVED_FROM}{address}"[:100]
 
 
+def followed_sql(source: Any) -> Any:
+    """SQL: a suppression's ``source`` says an import carried it to a customer's new address (``followed_source``)."""
+    source = sa.func.coalesce(source, "")
+    return sa.and_(source.startswith("customer "), source.contains(MOVED_FROM))
+
+
 def payload_days(dialect: str, payload: Any) -> Any:
     """A win-back row's ``days`` (its payload's), an integer; NULL where the payload has none or is not JSON."""
     if dialect == "postgresql":
