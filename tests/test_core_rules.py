@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from worker.core import tokens
-from worker.core.lifecycle import after_attempt, backoff_seconds, clock_offset_problem, requeued
+from worker.core.lifecycle import THROTTLED_CAP_SECONDS, after_attempt, backoff_seconds, clock_offset_problem, requeued
 from worker.core.ratelimit import Gcra
 from worker.core.recommend import recommend
 from worker.domain import MessageStatus, Outcome, ProductView, SendResult
@@ -232,3 +232,26 @@ def test_a_message_throttled_time_after_time_waits_longer_each_time(
                                     throttled_before=throttled_before, rng=random.Random(7))  # fmt: skip
     assert status is MessageStatus.RETRY and next_at is not None
     assert longest / 2 <= (next_at - NOW).total_seconds() <= longest
+
+
+def test_a_message_throttled_time_after_time_is_tried_at_least_hourly_under_the_default_six_hour_cap() -> None:
+    # Given the default backoff (60 s doubling up to 6 h), a message the relay "slowed down" 20 times in a row (its
+    # limit for everyone, lifted since), and another that failed 9 times for its own reasons
+    throttled = SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Too many messages, slow down", stage="reply")
+    failed = SendResult(Outcome.TRANSIENT, 451, "451 4.3.0 Mailbox temporarily unavailable", stage="rcpt")
+    waits = {
+        name: [(after_attempt(result, attempt=attempt, max_attempts=20, now=NOW, base_seconds=60, cap_seconds=6 * 3600,
+                              throttled_before=before, rng=random.Random(seed))[1] - NOW).total_seconds()
+               for seed in range(20)]
+        for name, result, attempt, before in (("throttled", throttled, 1, 20), ("failed", failed, 10, 0))
+    }  # fmt: skip
+    # Then the throttled one is tried again within the hour (not hours after the relay took mail again), while the
+    # failing one waits out the longer backoff
+    assert all(THROTTLED_CAP_SECONDS / 2 <= wait <= THROTTLED_CAP_SECONDS for wait in waits["throttled"])
+    assert max(waits["failed"]) > THROTTLED_CAP_SECONDS
+    # and a server that says when to come back is heeded beyond that hour, up to the backoff's cap
+    hinted = SendResult(Outcome.THROTTLED, 421, "421 4.7.0 Try again in 2 hours", stage="reply",
+                        retry_after_seconds=7200)
+    _, next_at = after_attempt(hinted, attempt=1, max_attempts=20, now=NOW, base_seconds=60, cap_seconds=6 * 3600,
+                               throttled_before=20)  # fmt: skip
+    assert next_at == NOW + timedelta(hours=2)

@@ -50,6 +50,11 @@ def clock_offset_problem(offset: float, uncertainty: float, lease_seconds: int) 
             "miss each other's sends at the frequency cap; nothing is sent until the clock is set right (NTP)")
 
 
+THROTTLED_CAP_SECONDS = 3600.0
+"""The longest a message "slowed down" time after time waits before its next try (``after_attempt``; less when
+``sending.retry_max_seconds`` is): once the relay's limit is lifted, it goes within the hour."""
+
+
 def counts_as_attempt(result: SendResult, *, server_trouble: bool = False) -> bool:
     """Whether the attempt counts against ``max_attempts``: not when the server said "slow down", nor when it
     stopped before RCPT TO (connection, greeting, login, MAIL FROM: not the message's fault), nor when its
@@ -97,11 +102,14 @@ def after_attempt(
         case Outcome.THROTTLED | Outcome.TRANSIENT if not counts_as_attempt(result, server_trouble=server_trouble):
             # "slow down", the server refused us before RCPT TO or is in trouble: not the message's fault, so retry
             # soon, whatever the attempt count (the dispatcher's pause keeps a broken server from looping); a message
-            # "slowed down" time after time waits twice as long each time, up to ``cap_seconds`` (it may be that
-            # message's own deferral, Gmail's "421 4.7.0 … suspicious", which no pace lifts): not a try every minute
-            # until it expires
+            # "slowed down" time after time waits twice as long each time, up to ``cap_seconds`` or
+            # ``THROTTLED_CAP_SECONDS`` (it may be that message's own deferral, Gmail's "421 4.7.0 … suspicious", which
+            # no pace lifts): not a try every minute until it expires, nor hours after a relay's limit for everyone
+            # was lifted
             again = 1 + (throttled_before if result.outcome is Outcome.THROTTLED else 0)
-            delay = backoff_seconds(again, base=base_seconds, cap=cap_seconds, hint=result.retry_after_seconds, rng=rng)
+            delay = backoff_seconds(again, base=base_seconds, cap=min(cap_seconds, THROTTLED_CAP_SECONDS), rng=rng)
+            if result.retry_after_seconds is not None:  # the server's own "in N seconds", up to ``cap_seconds``
+                delay = max(delay, min(result.retry_after_seconds, cap_seconds))
             return MessageStatus.RETRY, now + timedelta(seconds=delay)
         case Outcome.OPERATOR:
             raise ValueError("an operator action is not an SMTP attempt")
