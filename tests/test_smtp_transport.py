@@ -15,7 +15,7 @@ import pytest
 
 from tests.smtp_server import Behaviour, RecordingServer, RelayRate, closed_port, make_message
 from worker import eventloop
-from worker.adapters.smtp import SmtpTransport
+from worker.adapters.smtp import SmtpTransport, _dot_stuffed, message_size
 from worker.config import SmtpSettings
 from worker.domain import Outcome, SendResult
 
@@ -299,6 +299,19 @@ def test_a_message_bigger_than_the_size_the_server_offers_fails_without_being_se
     assert small.outcome is Outcome.SENT
     assert (smtp_server.mail_commands, smtp_server.connections) == (1, 1)
     assert [m.rcpt_tos for m in smtp_server.messages] == [("next@test.example",)]
+
+
+@pytest.mark.parametrize(
+    ("message", "size"),
+    [
+        (b"Subject: x\r\n\r\nhello\r\n", 21),
+        # the dots a line starting with one gets doubled (RFC 5321 4.5.2) are not counted (RFC 1870 4): 26, not 28
+        (b"Subject: x\r\n\r\n.hello\r\n..\r\n", 26),
+        (b".first line\nbare LF\n", 22),  # CRLF as sent: each LF counts as two octets (the first line's dot: 23)
+    ],
+)
+def test_the_size_held_against_the_servers_size_is_the_message_not_its_doubled_dots(message: bytes, size: int) -> None:
+    assert message_size(_dot_stuffed(message)) == size
 
 
 @pytest.mark.parametrize("stage", ["rcpt", "data"])

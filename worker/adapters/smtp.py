@@ -267,10 +267,10 @@ class SmtpTransport:
             client, reused = await self._ready_client(slot, attempt)
             attempt.stage = "mail"
             limit = _size_offered(client)
-            if 0 < limit < len(body):  # (the terminating dot aside, as RFC 1870 counts)
+            if 0 < limit < (size := message_size(body)):
                 s = self._settings
                 return _result(Outcome.PERMANENT, None, (
-                    f"the message is {len(body):,} bytes, more than the {limit:,} {s.host}:{s.port} takes (the SIZE "
+                    f"the message is {size:,} bytes, more than the {limit:,} {s.host}:{s.port} takes (the SIZE "
                     "it offers): nothing of it sent, as the server would refuse it (552): make the message smaller "
                     "(its template: images, includes)"), None, "mail")  # fmt: skip
             try:
@@ -527,9 +527,10 @@ def _answered_early(protocol: SMTPProtocol) -> SMTPDataError | None:
     exceeds fixed limit"), or give up on it with a 421 or a 554, then hang up or read on to the dot and say nothing
     more: either way that reply is its answer about the message, not a drop (to try again, uploading it again) nor a
     silence after the dot (``uncertain``). aiosmtplib drops what comes while no command waits for a reply, so
-    ``_data`` marks one awaited before it writes the body. Only a refusal (4xx, 5xx, a garbled code): a 2xx is read
-    as the reply to the dot, as always (a server takes no message before its dot; were it one that did arrive
-    with the last bytes, taking it for a refusal would send the message twice)."""
+    ``_data`` marks one awaited before it writes the body. Only a refusal (4xx, 5xx; a reply aiosmtplib cannot parse
+    is an exception there, never one): a 2xx is read as the reply to the dot, as always (a server takes no message
+    before its dot; were it one that did arrive with the last bytes, taking it for a refusal would send the message
+    twice)."""
     waiter = protocol._response_waiter
     if waiter is None or not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
         return None
@@ -672,6 +673,12 @@ def _check_address(address: str) -> None:
     """Refuse what aiosmtplib would silently rewrite ("a b@x" → "<a>", line breaks dropped)."""
     if not _PLAIN_ADDRESS.fullmatch(address):
         raise ValueError(f"not a plain ASCII SMTP address: {address[:100]!r}")
+
+
+def message_size(body: bytes) -> int:
+    """The size of a dot-stuffed ``body`` as RFC 1870 counts it against the server's SIZE: its octets, CRLFs
+    included, but not the dots doubled at the start of a line (nor the terminating dot, not in ``body``)."""
+    return len(body) - body.count(b"\r\n..") - body.startswith(b"..")
 
 
 def _dot_stuffed(message: bytes) -> bytes:
