@@ -24,7 +24,8 @@ last cut was made, on the database's clock) and ``relay_pace:rate`` (``tat``: th
 each booking reads them (``try_book_reading_pace``), and so does ``read_pace``.
 
 The daily quota's ``quota:*`` row is counted by the ledger's group commit, in the
-transaction of the ``sending`` marks (``Store.record_and_mark``); ``used_today`` reads it.
+transaction of the ``sending`` marks (``Store.record_and_mark``); ``Store.quota_spent`` reads it (with the
+ledger's count of the day before its first commit), ``used_today`` the row alone.
 """
 
 from __future__ import annotations
