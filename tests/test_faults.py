@@ -32,6 +32,7 @@ from tests.test_smtp_transport import _self_signed, _tls_server
 from worker.adapters.shop import upsert_products
 from worker.asyncstore import AsyncStore
 from worker.commands import running
+from worker.core.lifecycle import THROTTLED_CAP_SECONDS
 from worker.domain import ProductRecord
 from worker.pipeline import plan
 from worker.testing import FakeClock
@@ -208,7 +209,8 @@ def test_a_message_the_server_keeps_throttling_is_tried_less_and_less_often(
     url: str, server: RecordingServer, reply: str
 ) -> None:
     # Given a server that answers one customer's message with a "slow down" at the final dot every time (Gmail's
-    # 421 4.7.0 deferral of one message, a 4.7.0 rate limit), retries 60 s apart at first, at most 6 hours
+    # 421 4.7.0 deferral of one message, a 4.7.0 rate limit), retries 60 s apart at first, at most 6 hours (a
+    # message throttled, at most an hour: THROTTLED_CAP_SECONDS)
     server.on(BAD, Behaviour(data_reply=reply))
     shop = shop_for(url, server, [BAD, OK], retry_base_seconds=60.0, retry_max_seconds=21600.0)
     try:
@@ -220,10 +222,11 @@ def test_a_message_the_server_keeps_throttling_is_tried_less_and_less_often(
             waits.append((row.next_attempt_at - shop.clock.now()).total_seconds())
             shop.clock.advance(waits[-1] + 1)
 
-        # Then each wait is about twice the one before (jittered in its upper half), up to the cap: not a try every
-        # minute for the two weeks until the message expires (20,000 uploads of it), every one of them a "slow down"
+        # Then each wait is about twice the one before (jittered in its upper half), up to an hour: not a try every
+        # minute for the two weeks until the message expires (20,000 uploads of it), every one of them a "slow down",
+        # nor one every 6 hours once the server takes mail again
         for k, wait in enumerate(waits):
-            ceiling = min(21600.0, 60.0 * 2**k)
+            ceiling = min(THROTTLED_CAP_SECONDS, 60.0 * 2**k)
             assert ceiling / 2 <= wait <= ceiling, (k, waits)
         assert [a.outcome for a in shop.attempts(BAD)] == ["throttled"] * 9
         assert shop.row(OK).status == "sent"
