@@ -31,6 +31,7 @@ from worker.adapters.store import (
     Store,
     _chunks,
     customer_snapshot,
+    followed_sql,
     suppression_address,
 )
 from worker.adapters.tables import Attempt, Feedback, JobRun
@@ -574,7 +575,7 @@ def followed_from(store: Store, email: str) -> list[dict[str, Any]]:
     with db.reading(store.engine) as conn:
         while todo and len(found) < MAX_FOLLOWED:
             address = todo.pop(0)
-            for row in conn.execute(query.where(S.c.source.startswith("customer "),
+            for row in conn.execute(query.where(followed_sql(S.c.source),
                                                 S.c.source.endswith(f"{MOVED_FROM}{address}", autoescape=True))):
                 if row.email not in found and row.email != suppression_address(email):
                     found[row.email] = dict(row._mapping)
