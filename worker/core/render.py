@@ -28,6 +28,7 @@ from decimal import Decimal, localcontext
 from email.utils import format_datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 from babel import Locale as BabelLocale
 from babel import UnknownLocaleError
@@ -179,11 +180,19 @@ grapheme joiner, Hangul fillers, Khmer inherent vowels, variation selectors."""
 
 
 def _link(url: str) -> str:
-    """``url``, or "" when it holds a space, a control, bidi or invisible character (the importer refuses such a
-    link; an earlier one stored it): the text part prints a link as it is, and "https://toko.example/p/\u202emoc.live"
-    reads as another address."""
+    """``url``, or "" when it holds a space, a control, bidi or invisible character, or is no http(s) address
+    with a host (the importer refuses such a link; an earlier one, or a row written past it, stored it): the text
+    part prints a link as it is, and "https://toko.example/p/\u202emoc.live" reads as another address; an
+    ``href`` of ``javascript:…`` or ``data:…`` runs or shows what the shop never wrote, and a relative one
+    resolves against whatever page the webmail is."""
     clean = url.isprintable() and not any(ch.isspace() or ch in INVISIBLE_CHARACTERS for ch in url)
-    return url if clean else ""
+    if not clean:
+        return ""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced "[" in the host
+        return ""
+    return url if parts.scheme.lower() in ("http", "https") and parts.netloc else ""
 
 
 _SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
