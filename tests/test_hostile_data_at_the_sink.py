@@ -8,10 +8,13 @@ from collections.abc import Iterator
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
+from pathlib import Path
 from typing import cast
 
 import pytest
 
+from tests.clikit import migrated_config
+from tests.clikit import run_cli as kembali
 from tests.sendkit import NOW, Shop, make_settings
 from tests.smtp_server import RecordingServer
 from worker.adapters import shop as shop_data
@@ -80,3 +83,39 @@ def test_a_stored_web_address_is_kept(link: str) -> None:
     product = ProductView("P-1", "Kopi", "", 89_000_00, "IDR", link, link)
     shown = product_dict(product, "https://toko.example/")
     assert (shown["url"], shown["image_url"]) == (link, link), shown
+
+
+# --- the import report's line numbers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_carriage_return_inside_a_quoted_name_does_not_shift_the_line_numbers_of_the_rows_after_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], newline: str
+) -> None:
+    # Given a customers file whose lines end in LF (or CRLF), a name holding a lone carriage return (a spreadsheet
+    # cell's line break from an old Mac), and a bad address two rows further down, on the file's line 4 as an
+    # editor, grep -n or sed count lines
+    config = migrated_config(tmp_path)
+    rows = ["id,email,name,marketing_consent", 'C-1,c1@example.com,"Ani\rSusanto",ya', "C-2,c2@example.com,Budi,ya",
+            "C-3,not-an-address,Citra,ya", 'C-4,c4@example.com,"Dewi\r\rLestari",ya', "C-5,@,Eko,ya"]
+    path = tmp_path / "customers.csv"
+    path.write_bytes(newline.join(rows).encode() + newline.encode())
+    assert [n for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.startswith(b"C-3")] == [4]
+    # When it is imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    # Then the bad rows are named at the lines they are on
+    assert code == 1, out
+    assert "customers.csv:4: id 'C-3': invalid email address" in out, out
+    assert "customers.csv:6: id 'C-5': invalid email address" in out, out
+
+
+def test_a_file_whose_lines_end_in_a_carriage_return_alone_is_numbered_by_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a file saved as an old Mac Excel saves CSV: each line ends in a carriage return alone
+    config = migrated_config(tmp_path)
+    path = tmp_path / "customers.csv"
+    path.write_bytes(b"id,email,name,marketing_consent\rC-1,c1@example.com,Ani,ya\rC-2,nope,Budi,ya\r")
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    assert code == 1, out
+    assert "customers.csv:3: id 'C-2': invalid email address" in out, out

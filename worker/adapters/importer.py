@@ -1059,6 +1059,13 @@ class _Rows:
         self._taken: list[str] = []
         """The lines the reader has taken for the row being read (to say which field is too long)."""
         self._reader = csv.reader(self._lines(handle))
+        self._line = 0
+        """The file's line (as an editor, ``grep -n`` or ``sed`` number them) of the last text the reader took."""
+        self._line_ended = True
+        """Whether that text ended its line: the next text the reader takes is on the next line."""
+        self._cr_ends_lines: bool | None = None
+        """Whether a carriage return alone ends a line: only in a file whose first line so ends (an old Mac's);
+        in one of LF or CRLF lines it is a line break inside a quoted field, within its line."""
         self.columns: list[str] = []
         self.key_column = 0
         self.ignored: frozenset[int] = frozenset()
@@ -1072,8 +1079,15 @@ class _Rows:
         return bytes(buffer.peek(size)[:size]) if isinstance(buffer, io.BufferedReader) else b""
 
     def _lines(self, handle: TextIO) -> Iterator[str]:
+        # read with newline="", the file's text comes in pieces that end at LF, CRLF or a CR alone: the csv
+        # reader's line_num counts each, and a name holding a CR moved every row after it one line on
         taken = self._taken
         for line in handle:
+            if self._cr_ends_lines is None:
+                self._cr_ends_lines = line.endswith("\r")
+            if self._line_ended:
+                self._line += 1
+            self._line_ended = line.endswith("\n") or (self._cr_ends_lines and line.endswith("\r"))
             taken.append(line)
             yield line
 
@@ -1087,7 +1101,7 @@ class _Rows:
         """(first line, last line, fields or why the row is unreadable) per non-blank row."""
         reader = self._reader
         while True:
-            start = reader.line_num + 1
+            start = self._line + 1 if self._line_ended else self._line
             self._taken.clear()
             try:
                 fields = next(reader)
@@ -1095,15 +1109,14 @@ class _Rows:
                 return
             except csv.Error as exc:
                 why = self._unreadable(exc)
-                yield start, reader.line_num, _Broken(why.key, why.reason + _swallowed(start, reader.line_num),
-                                                           why.blank)
+                yield start, self._line, _Broken(why.key, why.reason + _swallowed(start, self._line), why.blank)
                 continue
             if any(field.strip() for field in fields):
                 columns, key, ignored = self.columns, self.key_column, self.ignored
                 # bytes that are not UTF-8 in a column that is not read (an address, a note) reject no row
                 read = [("" if i in ignored else field) for i, field in enumerate(fields)] if ignored else fields
                 broken = _not_utf8(read, columns, key) or _mojibake(read, columns, key)
-                yield start, reader.line_num, broken or fields
+                yield start, self._line, broken or fields
 
     def _header_again(self, fields: list[str], width: int) -> bool:
         """The row is the header's line again (case, spaces, a BOM and empty fields past its end aside)."""
