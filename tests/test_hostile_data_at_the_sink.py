@@ -18,7 +18,7 @@ from tests.clikit import run_cli as kembali
 from tests.sendkit import NOW, Shop, make_settings
 from tests.smtp_server import RecordingServer
 from worker.adapters import shop as shop_data
-from worker.core.render import product_dict
+from worker.core.render import HEADER_TEXT_MAX_CHARS, product_dict, sanitize_header_text
 from worker.domain import ProductRecord, ProductView
 
 ADDRESS = "ani@test.example"
@@ -119,3 +119,21 @@ def test_a_file_whose_lines_end_in_a_carriage_return_alone_is_numbered_by_them(
     code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
     assert code == 1, out
     assert "customers.csv:3: id 'C-2': invalid email address" in out, out
+
+
+# --- a subject cut to its length ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Z" + "\u0301" * 300, "Z" + "\u0301" * 199, "\U0001f469" + "\u200d\U0001f469" * 150])
+def test_a_subject_opening_with_one_letter_under_hundreds_of_marks_is_cut_inside_it_not_to_nothing(name: str) -> None:
+    # a name of one letter with hundreds of combining accents ("Zalgo" text) or of one endless emoji sequence is
+    # one character a reader sees: cutting the subject back to where it ends left "..." for a subject
+    subject = f"{name}, masih suka Kopi Gayo? Diskon 10% khusus untuk Kakak"
+    cut = sanitize_header_text(subject)
+    assert cut.startswith(name[:10]) and cut.endswith("...") and len(cut) <= HEADER_TEXT_MAX_CHARS, cut
+
+
+@pytest.mark.parametrize("name", ["Siti \U0001f469\u200d\U0001f469\u200d\U0001f467", "Siti e\u0301\u0301"])
+def test_a_subject_is_still_cut_where_a_short_character_a_reader_sees_ends(name: str) -> None:
+    subject = "x" * (HEADER_TEXT_MAX_CHARS - 3 - len(name) + 2) + name + " tail"
+    assert sanitize_header_text(subject) == "x" * (HEADER_TEXT_MAX_CHARS - 3 - len(name) + 2) + "Siti..."

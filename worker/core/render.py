@@ -331,12 +331,22 @@ _REGIONAL = range(0x1F1E6, 0x1F200)
 """A flag is two of these letters (🇮🇩 is I, D)."""
 
 
+_LONGEST_CHARACTER = 32
+"""The most code points ``_cut`` steps back over to keep one character a reader sees whole: a letter with its
+accents, an emoji sequence (Unicode's stream-safe text, UAX #15, allows 30 marks after a letter). A longer run is
+no character anyone writes ("Zalgo" text: a letter under hundreds of accents) and is cut inside: stepping back
+over all of it left a subject opening with such a name as "..."."""
+
+
 def _cut(value: str, end: int) -> str:
     """``value[:end]``, the end moved back to where one character a reader sees ends (not between a flag's two
     letters, an emoji's parts joined by ZWJ, a letter and its accent or modifier), spaces before it dropped."""
-    while 0 < end < len(value) and _inside(value, end):
-        end -= 1
-    return value[:end].rstrip()
+    at = end
+    while 0 < at < len(value) and end - at < _LONGEST_CHARACTER and _inside(value, at):
+        at -= 1
+    if 0 < at < len(value) and _inside(value, at):  # no end within reach: cut inside the run
+        at = end
+    return value[:at].rstrip()
 
 
 def _inside(value: str, i: int) -> bool:
