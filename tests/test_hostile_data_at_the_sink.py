@@ -19,7 +19,7 @@ from tests.sendkit import NOW, Shop, make_settings
 from tests.smtp_server import RecordingServer
 from worker.adapters import shop as shop_data
 from worker.core.render import HEADER_TEXT_MAX_CHARS, product_dict, sanitize_header_text
-from worker.domain import ProductRecord, ProductView
+from worker.domain import CustomerSnapshot, Locale, ProductRecord, ProductView
 
 ADDRESS = "ani@test.example"
 
@@ -137,3 +137,30 @@ def test_a_subject_opening_with_one_letter_under_hundreds_of_marks_is_cut_inside
 def test_a_subject_is_still_cut_where_a_short_character_a_reader_sees_ends(name: str) -> None:
     subject = "x" * (HEADER_TEXT_MAX_CHARS - 3 - len(name) + 2) + name + " tail"
     assert sanitize_header_text(subject) == "x" * (HEADER_TEXT_MAX_CHARS - 3 - len(name) + 2) + "Siti..."
+
+
+# --- names that show nothing ----------------------------------------------------------------------------------
+
+BLANK_LETTERS = ["\u3164", "\u3164 \u3164", "\u115f\u1160", "\uffa0", "\u2800\u2800", "\u034f"]
+"""Names that are printable to Python and show nothing: Hangul fillers (a letter to ``str.isalpha``), the braille
+blank, the combining grapheme joiner: the blank names games and forms are fed."""
+
+
+@pytest.mark.parametrize("name", BLANK_LETTERS)
+def test_a_name_of_characters_that_show_nothing_is_a_rejected_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    config = migrated_config(tmp_path)
+    path = tmp_path / "customers.csv"
+    path.write_text(f"id,email,name,marketing_consent\nC-1,c1@example.com,{name},ya\nC-2,c2@example.com,Budi,ya\n",
+                    encoding="utf-8")
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(path))
+    assert code == 1, out
+    assert "customers.csv:2: id 'C-1': invalid name" in out and "(nothing readable" in out, out
+    assert "customers: 1 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+
+
+@pytest.mark.parametrize("name", [*BLANK_LETTERS, "Ibu \u3164", "\u3164\u3164 Budi"])
+def test_a_stored_name_that_shows_nothing_greets_no_one_by_it(name: str) -> None:
+    customer = CustomerSnapshot(1, "C-1", "c1@example.com", name, Locale.ID, "Asia/Jakarta", None, True)
+    assert customer.first_name == ("Budi" if name.endswith("Budi") else ""), customer.first_name

@@ -326,8 +326,12 @@ def _two_word_title(first: str, second: str) -> bool:
     return (first.casefold().rstrip("."), second.casefold().rstrip(".")) in _TWO_WORD_TITLES
 
 
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")
+"""The Hangul fillers: letters to ``str.isalpha``, and blank on screen ("Halo Kak \u3164," greets no one)."""
+
+
 def _has_letter(word: str) -> bool:
-    return any(ch.isalpha() for ch in word)
+    return any(ch.isalpha() and ch not in _BLANK_LETTERS for ch in word)
 
 
 def _not_a_name(word: str) -> bool:

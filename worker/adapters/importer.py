@@ -29,7 +29,7 @@ other than ' ' (``_no_invisible``): the row's error names its code point.
 
 customers.csv
     ``id`` (required), ``email`` (required; validated and normalised by
-    email-validator, the domain lowercased), ``name`` (required, not blank nor only
+    email-validator, the domain lowercased), ``name`` (required, not blank nor only blank letters or
     control, bidi or invisible characters, at most 200 characters, no NUL; anything else is kept: names are cleaned
     when rendered, see ``worker.core.render.clean_text``), ``locale`` (``id`` or ``en``, or a tag of either with
     its region: ``en-US``, ``id_ID``, Java's ``in_ID``; default the shop's, ``shop_locale``), ``time_zone`` (IANA;
@@ -674,6 +674,9 @@ def _no_control(value: str, column: str, limit: int) -> None:
 _IGNORABLE = INVISIBLE_CHARACTERS
 """Invisible characters Unicode does not class as format characters (Cf): the combining grapheme joiner, Hangul
 fillers, Khmer inherent vowels, variation selectors (the same ones a stored link is not printed with)."""
+_SHOWS_NOTHING = INVISIBLE_CHARACTERS | {"\u2800"}
+"""Characters that show nothing, a name of which (and spaces) is no name: the invisible characters above and the
+braille blank, printable to Python (the Hangul fillers even letters): the blank names forms are fed."""
 _AFTER_A_LETTER = frozenset("\u200c\u200d" + "".join(map(chr, range(0xFE00, 0xFE10))))
 """What a text (a category, a consent note) may hold right after a character that is not ASCII: the joiners of
 emoji sequences and Persian or Indic words, and the selectors of emoji (☕️)."""
@@ -702,8 +705,10 @@ def _name(row: dict[str, str]) -> str:
         raise _Invalid("missing name (required)")
     if "\x00" in value or len(value) > MAX_NAME:
         raise _Invalid(f"invalid name {_show(value)} (at most {MAX_NAME} characters, no NUL)")
-    if not clean_text(value):  # what an email would show of it: nothing
-        raise _Invalid(f"invalid name {_show(value)} (nothing readable: only control, bidi or invisible characters)")
+    shown = clean_text(value)  # what an email would show of it
+    if not shown or all(ch.isspace() or ch in _SHOWS_NOTHING for ch in shown):
+        raise _Invalid(f"invalid name {_show(value)} (nothing readable: only control, bidi, blank or invisible "
+                       "characters)")
     return value
 
 
