@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+import sqlalchemy as sa
 
 from tests.clikit import migrated_config
 from tests.clikit import run_cli as kembali
-from tests.sendkit import NOW, Shop, make_settings
+from tests.sendkit import NOW, Shop, make_settings, settings_dict, write_config
 from tests.smtp_server import RecordingServer
+from worker import cli
 from worker.adapters import shop as shop_data
+from worker.adapters.store import M
 from worker.core.render import HEADER_TEXT_MAX_CHARS, product_dict, sanitize_header_text
 from worker.domain import CustomerSnapshot, Locale, ProductRecord, ProductView
 
@@ -164,3 +167,34 @@ def test_a_name_of_characters_that_show_nothing_is_a_rejected_row(
 def test_a_stored_name_that_shows_nothing_greets_no_one_by_it(name: str) -> None:
     customer = CustomerSnapshot(1, "C-1", "c1@example.com", name, Locale.ID, "Asia/Jakarta", None, True)
     assert customer.first_name == ("Budi" if name.endswith("Budi") else ""), customer.first_name
+
+
+# --- what `kembali stats` prints of the ledger -----------------------------------------------------------------
+
+ESCAPES = "\x1b[31m\x9b2J\u202e\u2028"
+"""A terminal escape (ESC [ and the C1 CSI), a bidi override and a line separator."""
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_stats_print_a_hand_edited_campaign_or_skip_reason_with_its_escapes_shown_not_obeyed(
+    shop: Shop, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], json_out: bool
+) -> None:
+    # Given a win-back sent, and two ledger rows an operator (or another program) wrote by hand: one of a campaign
+    # whose name holds a terminal escape, one skipped for such a reason (`kembali ledger list` escapes both)
+    shop.cycle()
+    customer_id = shop.row(ADDRESS).customer_id
+    with shop.store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE message SET campaign = :c"), {"c": f"evil{ESCAPES}"})
+        conn.execute(sa.insert(M).values(
+            dedupe_key="hand:1", campaign="winback", step=1, priority=0, customer_id=customer_id,
+            email=ADDRESS, status="skipped", skip_reason=f"why{ESCAPES}", due_at=NOW, expires_at=NOW,
+            next_attempt_at=NOW, attempts=0, message_id="<hand-1@test.example>", created_at=NOW, updated_at=NOW))
+    config = write_config(tmp_path / "config.toml", settings_dict(shop.settings.database_url, smtp_server.port))
+    # When the operator reads the stats on a terminal
+    capsys.readouterr()
+    code = cli.main(["--config", str(config), "stats", "--now", "2026-11-23T03:00Z", *(["--json"] if json_out else [])])
+    out = capsys.readouterr().out
+    # Then both are shown with each escape written out, none of them raw
+    assert code == 0, out
+    assert not any(ch in out for ch in "\x1b\x9b\u202e\u2028"), out
+    assert "evil\\u001b[31m\\u009b2J\\u202e\\u2028" in out and "why\\u001b[31m\\u009b2J\\u202e\\u2028" in out, out

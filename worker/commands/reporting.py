@@ -14,6 +14,7 @@ from worker.core import png
 from worker.core import stats as core_stats
 from worker.core.policy import zone_of
 from worker.core.render import format_money
+from worker.log import printable
 from worker.stats import StatsReport, build_insights, build_stats
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -73,12 +74,26 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
                              currency=settings.shop.currency, time_zone=zone_name)  # fmt: skip
     finally:
         engine.dispose()
+    # a campaign's name and a skip reason come from the ledger, which a hand edit or another program may have
+    # written: a terminal escape in them is shown, not obeyed (as `kembali ledger list` shows them)
     if args.json:
-        print(json.dumps(report.as_json(), ensure_ascii=False, indent=2))
+        print(_printable_json(report.as_json()))
     else:
         for line in stats_lines(report):
-            print(line)
+            print(_printable_lines(line))
     return EXIT_OK
+
+
+def _printable_lines(text: str) -> str:
+    """``text``, whose line breaks are the report's own, with every other character that is not printable escaped
+    (a C0 or C1 control, a bidi override, U+2028)."""
+    return "\n".join(map(printable, text.split("\n")))
+
+
+def _printable_json(value: object) -> str:
+    """``value`` as indented JSON, escaped as ``_printable_lines`` escapes (``json.dumps`` leaves C1 controls, bidi
+    overrides and U+2028 raw); its line breaks are the indent's, never a string's."""
+    return _printable_lines(json.dumps(value, ensure_ascii=False, indent=2))
 
 
 def stats_lines(report: StatsReport) -> list[str]:
@@ -157,7 +172,7 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.plot:
         files.write_whole(args.plot, png.bar_chart(found.histogram, found.recommended_quiet_days))  # or none
     if args.json:
-        print(json.dumps(found.as_json(), ensure_ascii=False, indent=2))
+        print(_printable_json(found.as_json()))
         return EXIT_OK
     n = len(found.gaps_days)
     print(f"{found.customers} customers have bought; {n} of them bought a second time.")
