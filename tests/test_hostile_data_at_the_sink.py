@@ -198,3 +198,25 @@ def test_stats_print_a_hand_edited_campaign_or_skip_reason_with_its_escapes_show
     assert code == 0, out
     assert not any(ch in out for ch in "\x1b\x9b\u202e\u2028"), out
     assert "evil\\u001b[31m\\u009b2J\\u202e\\u2028" in out and "why\\u001b[31m\\u009b2J\\u202e\\u2028" in out, out
+
+
+def test_suppress_list_shows_a_hand_edited_reason_or_source_with_its_escapes_written_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a suppression an operator (or another program) wrote into the table by hand, its reason and source
+    # holding a terminal escape and a line break (`suppress add` and `import` refuse both)
+    config = migrated_config(tmp_path)
+    assert cli.main(["--config", str(config), "suppress", "add", "budi@example.com"]) == 0
+    url = next(line.split('"')[1] for line in config.read_text().splitlines() if line.startswith("url"))
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE suppression SET reason = :r, source = :s"),
+                     {"r": "bounce\x1b[31m\u202e", "s": "sync\n\x9b2J"})  # fmt: skip
+    engine.dispose()
+    # When the list is printed on the operator's terminal
+    capsys.readouterr()
+    assert cli.main(["--config", str(config), "suppress", "list"]) == 0
+    out = capsys.readouterr().out
+    # Then the row is one line, its escapes written out
+    assert not any(ch in out for ch in "\x1b\x9b\u202e"), out
+    assert out.splitlines()[1].startswith("budi@example.com,bounce\\u001b[31m\\u202e,sync\\n\\u009b2J,"), out

@@ -87,7 +87,10 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 def _cell(value: str) -> str:
     """A CSV cell a spreadsheet shows as text: one that would start a formula gets a leading apostrophe
-    (``read_addresses`` takes it off again, so the list imports back as it was, each address with its reason)."""
+    (``read_addresses`` takes it off again, so the list imports back as it was, each address with its reason).
+    A character that is not printable (a row written by hand or another program: ``suppress`` stores none) is
+    written out as a JSON escape: a terminal escape is shown, not obeyed, and a line break splits no row."""
+    value = printable(value)
     return f"'{value}" if value.startswith(FORMULA_START) else value
 
 
