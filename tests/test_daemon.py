@@ -1890,13 +1890,17 @@ def _restart_after_a_crash(tmp_path: Path, smtp_server: RecordingServer, db_url:
         if first.proc.poll() is None:
             first.proc.kill()
     assert shop.scalar("SELECT status FROM message WHERE email = 'c1@example.com'") == "sending"
+    dead = first.named("daemon_started")[0]["worker"]
     # When another starts, and finds the lease lapsed
     second = Daemon.start(shop)
     try:
-        second.wait_event("leases_released", timeout=20)
-        # Then it says whose email became uncertain, and where (masked), as a send that ended so does
+        released = second.wait_event("leases_released", timeout=20)
+        # Then it names the worker whose lease lapsed (with several hosts, the one to look at: its log just ends),
+        # and says whose email became uncertain, and where (masked), as a send that ended so does
+        assert released["workers"] == f"{dead} (1 sending)", released
         uncertain = second.wait_event("email_uncertain", timeout=5)
         assert (uncertain["campaign"], uncertain["customer"], uncertain["to"]) == ("winback", "C1", "c***@example.com")
+        assert uncertain["worker"] == dead, uncertain
         assert uncertain["dedupe_key"] == shop.scalar("SELECT dedupe_key FROM message WHERE email = 'c1@example.com'")
         assert "c1@example.com" not in "\n".join(second.lines)
     finally:

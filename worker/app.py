@@ -38,16 +38,19 @@ two names (claims, leases and the cross-worker frequency-cap check tell workers 
 
 async def release_lapsed_leases(store: Store, astore: AsyncStore, now: datetime, *,
                                 keep: Collection[int] = ()) -> tuple[int, int]:
-    """Maintenance's first step (``Store.release_expired_leases``), logged: ``leases_released``, then one
-    ``email_uncertain`` for each row a dead worker left ``sending`` (the first 100), saying whose email may have
-    arrived; returns (requeued, uncertain)."""
+    """Maintenance's first step (``Store.release_expired_leases``), logged: ``leases_released``, naming the workers
+    whose leases lapsed, then one ``email_uncertain`` for each row a dead worker left ``sending`` (the first 100),
+    saying whose email may have arrived and which worker was sending it; returns (requeued, uncertain)."""
+    holders = await astore.call(opstore.lapsed_holders, store, now, keep=keep)
     requeued, uncertain = await astore.call(store.release_expired_leases, now, keep=keep)
     if requeued or uncertain:
-        log.event("leases_released", logging.WARNING, requeued=requeued, uncertain=uncertain)
+        log.event("leases_released", logging.WARNING, requeued=requeued, uncertain=uncertain,
+                  workers=holders.describe())  # fmt: skip
     if uncertain:
         for row in await astore.call(opstore.left_uncertain, store, now):
             log.event("email_uncertain", logging.WARNING, campaign=row.campaign, dedupe_key=row.dedupe_key,
                       customer=row.customer, to=log.mask_email(row.email),
+                      worker=holders.sending.get(row.dedupe_key, "?"),
                       why="its worker stopped while sending it (its lease lapsed): it may have arrived, and is not "
                           "sent again; see kembali ledger list --status uncertain")  # fmt: skip
     return requeued, uncertain
