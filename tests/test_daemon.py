@@ -773,6 +773,12 @@ def test_sigterm_mid_campaign_finishes_sends_under_way_and_exits_0(
     assert statuses["sent"] == len(smtp_server.messages)
     assert statuses["sent"] + statuses.get("planned", 0) == 30 and statuses.get("planned", 0) > 0
     assert daemon.named("shutdown_requested")
+    # and the log says so: the messages it had claimed and not begun went back to the queue (another worker sharing
+    # the database takes them at once, not after their lease), and how many
+    given_back = daemon.named("claims_given_back")
+    assert [line["messages"] for line in given_back] == [statuses["planned"]], given_back
+    names = [e.get("event") for e in daemon.events]
+    assert names.index("shutdown_requested") < names.index("claims_given_back") < names.index("daemon_stopped")
     # and the last line says what this daemon did since it started, as `run --once`'s summary does: stopped
     # before its first health line, the per-message lines were the only trace of its sends
     stopped = daemon.named("daemon_stopped")[0]

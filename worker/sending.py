@@ -612,6 +612,8 @@ class Dispatcher:
         """Outcomes a failed run could not commit (the database gone longer than the writer's retries), written
         first by the next run before it claims anything: a daemon's sends the server took end ``sent``, not
         ``uncertain`` at their leases' end, however long the database was away."""
+        self._given_back = 0
+        """Claimed messages this run gave back unbegun, due at once (stopped, paused): ``claims_given_back``."""
 
     def close(self) -> None:
         """Stop the compose helper processes, if any (a later ``run_once`` starts them again)."""
@@ -729,6 +731,11 @@ class Dispatcher:
         """Give a claimed, unsent row back to the queue (stopped, paused, or out of quota): no attempt made."""
         return _back_in_queue(message, self.worker, now, until, counts_as_attempt=counts_as_attempt)
 
+    def _give_back(self, message: ClaimedMessage, now: datetime) -> Disposition:
+        """``_release`` of a claimed message the run stops (or pauses) before it began, due at once; counted."""
+        self._given_back += 1
+        return self._release(message, now)
+
     async def run_once(self) -> DispatchReport:
         """Send what is due, batch after batch, until nothing is (or stopped, paused, out of quota).
         If a sender or the ledger writer fails, the run begins no more sends, lets those on the wire finish (at most
@@ -739,10 +746,17 @@ class Dispatcher:
             self.pause_for_clock(problem)
             await self._write_unwritten_alone()
             return DispatchReport(paused=self.paused, clock_off=problem if self._clock_paused else None)
+        self._given_back = 0
         try:
-            return await self._run_once()
+            report = await self._run_once()
         finally:
             self._writer = None
+        if self._given_back:  # (written: the run's writer closed) another worker takes them at once, not a lease later
+            log.event("claims_given_back", messages=self._given_back,
+                      why="paused" if self.paused is not None else "stopping" if self.stopping.is_set() else "",
+                      note="claimed and not begun: back in the queue, due now, no attempt counted")  # fmt: skip
+            self._given_back = 0
+        return report
 
     async def _run_once(self) -> DispatchReport:
         self._runs += 1
@@ -789,7 +803,7 @@ class Dispatcher:
                 item = queue.get_nowait()
                 if item != _DONE:
                     assert isinstance(item, Composed)
-                    writer.record(self._release(item.message, now))
+                    writer.record(self._give_back(item.message, now))
             if isinstance(failure, Exception) and self._on_wire:
                 # failing (the database gone, say), not cancelled: the messages on the wire go on to the server's
                 # reply (cut off, they would stay `sending` and become `uncertain`), their outcomes kept with the
@@ -1000,7 +1014,7 @@ class Dispatcher:
                 for index, item in enumerate(composed[:granted]):
                     if self.stopping.is_set():
                         for left in composed[index:granted]:
-                            writer.record(self._release(left.message, now))
+                            writer.record(self._give_back(left.message, now))
                         return
                     writer.unmarked += 1
                     await queue.put(item)
@@ -1103,7 +1117,8 @@ class Dispatcher:
         # the refusal's day decides, not the claim's: a batch claimed after local midnight would wait a day too long
         until = self._quota_resumes
         for item in got.items:
-            writer.record(self._release(item.message, got.now, until=until))
+            writer.record(self._release(item.message, got.now, until=until) if until else
+                          self._give_back(item.message, got.now))
 
     @property
     def quota_reached(self) -> bool:
@@ -1187,7 +1202,7 @@ class Dispatcher:
             domain = domain_of(message.email)
             if self.stopping.is_set():  # stopped or paused: not begun, back to the queue
                 writer.unmarked -= 1
-                writer.record(self._release(message, self.clock.now()))
+                writer.record(self._give_back(message, self.clock.now()))
                 continue
             mark = await writer.mark_sending(message)
             if mark != "sending":
@@ -1253,6 +1268,7 @@ class Dispatcher:
                 raise
             if result is None:  # stopped while it waited for the rate or a connection: nothing sent, give it back
                 # (with its slot of the day's quota: the commit that writes it gives that back)
+                self._given_back += 1
                 writer.record(self._release(message, self.clock.now(), counts_as_attempt=False))
                 continue
             self.limiter.observe(domain, result, began=started_mono)  # the reply as the server gave it
