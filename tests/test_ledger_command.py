@@ -749,3 +749,31 @@ def test_an_empty_filter_is_refused_not_taken_as_every_row(
             cli.main(["--config", str(config), *command, "--customer", ""])
         assert stopped.value.code == 2
         assert "--customer: must not be empty" in capsys.readouterr().err
+
+
+def test_a_message_another_worker_holds_names_that_worker_and_when_its_lease_ends(
+    world_on_either: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a message a worker sharing the database claimed, and then died holding (kill -9 on another host)
+    shop, config = world_on_either
+    now = shop.clock.now()
+    customer = shop.row(OK).customer_id
+    shop.store.insert_messages([
+        PlannedMessage(dedupe_key="new_products:held", campaign="new_products", step=1, customer_id=customer,
+                       email=OK, due_at=now, expires_at=now + timedelta(days=8),
+                       message_id=message_id_for("new_products:held", "t.example"))], now)  # fmt: skip
+    [held] = shop.store.claim(worker="shop-2:4242:1a2b3c", now=now, limit=10, lease_seconds=300)
+    lease = now + timedelta(seconds=300)
+    # When the operator looks at that customer's messages, and tries to cancel it
+    assert kembali(config, "list", "--all", "--email", OK) == 0
+    listed = capsys.readouterr().out
+    assert kembali(config, "close", str(held.id)) == 1
+    refused = capsys.readouterr().err
+    assert kembali(config, "list", "--all", "--email", OK, "--json") == 0
+    rows = {row["id"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    # Then each says which worker holds it and until when: with several hosts, whether it is under way or waits
+    # for a dead worker's lease to lapse (it showed a bare `claimed`, and "left alone: is claimed")
+    line = next(line for line in listed.splitlines() if line.lstrip().startswith(f"{held.id} "))
+    assert f"held by shop-2:4242:1a2b3c until {lease:%Y-%m-%d %H:%M:%S} UTC" in line, listed
+    assert f"is claimed by shop-2:4242:1a2b3c (its lease ends {lease:%Y-%m-%d %H:%M:%S} UTC)" in refused, refused
+    assert (rows[held.id]["claimed_by"], rows[held.id]["lease_until"]) == ("shop-2:4242:1a2b3c", lease.isoformat())

@@ -43,6 +43,8 @@ DECIDABLE = (MessageStatus.UNCERTAIN.value, MessageStatus.FAILED.value)
 WAITING = (MessageStatus.PLANNED.value, MessageStatus.RETRY.value)
 """States of a message in the queue, not sent yet: an operator may close one as failed (cancel it), not as sent.
 A claimed one (``claimed``, ``sending``) is a worker's: the close's conditional update leaves it alone."""
+IN_FLIGHT_STATES = (MessageStatus.CLAIMED.value, MessageStatus.SENDING.value)
+"""States of a message a worker holds, with a lease: ``claimed_by`` and ``lease_until`` say whose, until when."""
 GOES = (MessageStatus.PLANNED.value, MessageStatus.CLAIMED.value, MessageStatus.SENDING.value,
         MessageStatus.RETRY.value, MessageStatus.SENT.value, MessageStatus.UNCERTAIN.value)
 """States of a message that went, may have gone, or is to go: a spend milestone and the email it was merged into
@@ -67,6 +69,17 @@ class LedgerRow:
     skip_reason: str | None
     updated_at: datetime
     next_attempt_at: datetime
+    claimed_by: str | None = None
+    """The worker that holds a ``claimed`` or ``sending`` row (None otherwise)."""
+    lease_until: datetime | None = None
+    """When that worker's lease on it ends: a dead worker's row goes back to the queue (``sending``: ``uncertain``)
+    at the first maintenance after it."""
+
+    def held(self) -> str | None:
+        """``held by W until T UTC``, for a row a worker holds; None for the others."""
+        if self.status not in IN_FLIGHT_STATES or self.claimed_by is None or self.lease_until is None:
+            return None
+        return f"held by {self.claimed_by} until {self.lease_until:%Y-%m-%d %H:%M:%S} UTC"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +96,8 @@ class LedgerRow:
             "skip_reason": self.skip_reason,
             "updated_at": self.updated_at.isoformat(),
             "next_attempt_at": self.next_attempt_at.isoformat(),
+            "claimed_by": self.claimed_by,
+            "lease_until": None if self.lease_until is None else self.lease_until.isoformat(),
         }
 
 
@@ -120,7 +135,7 @@ class Carried:
 def _ledger_row(r: Any) -> LedgerRow:
     return LedgerRow(
         r.id, r.status, r.campaign, r.dedupe_key, r.email, r.message_id, r.attempts, r.last_code,
-        r.last_reply, r.last_error, r.skip_reason, r.updated_at, r.next_attempt_at,
+        r.last_reply, r.last_error, r.skip_reason, r.updated_at, r.next_attempt_at, r.claimed_by, r.lease_until,
     )  # fmt: skip
 
 
@@ -318,7 +333,7 @@ class LedgerAdmin:
             # read a few hundred at a time: a bulk decision by filters (an outage's messages) can name more rows,
             # and addresses, than a statement takes parameters (PostgreSQL: 65,535)
             query = sa.select(M.c.id, M.c.status, M.c.attempts, M.c.email, M.c.next_attempt_at, M.c.expires_at,
-                              M.c.last_error)  # fmt: skip
+                              M.c.last_error, M.c.claimed_by, M.c.lease_until)  # fmt: skip
             found = {r.id: r for part in _chunks(possible) for r in conn.execute(query.where(M.c.id.in_(part)))}
             suppressed: dict[str, str] = {}
             if sendable_only and found:
@@ -338,7 +353,10 @@ class LedgerAdmin:
                                            "failed (it was not sent)")
                     continue
                 if row.status not in states:
-                    refused[message_id] = f"is {row.status}; only {which} messages can be changed"
+                    holder = ""
+                    if row.status in IN_FLIGHT_STATES and row.claimed_by is not None and row.lease_until is not None:
+                        holder = f" by {row.claimed_by} (its lease ends {row.lease_until:%Y-%m-%d %H:%M:%S} UTC)"
+                    refused[message_id] = f"is {row.status}{holder}; only {which} messages can be changed"
                     continue
                 reason = suppressed.get(suppression_address(row.email))
                 if reason is not None:

@@ -118,8 +118,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "list", help="list messages with their last reply",
         description="Newest change first. --json prints one object a line with the keys id, status, campaign, "
         "dedupe_key, email, message_id, attempts, last_code, last_reply, last_error, skip_reason, updated_at, "
-        "next_attempt_at (these stay; new ones may be added). Exit code 2 for a --customer the shop's data does "
-        "not have or an --after ID the ledger does not have; 3 when the database cannot be used.",
+        "next_attempt_at, claimed_by, lease_until (these stay; new ones may be added). Exit code 2 for a "
+        "--customer the shop's data does not have or an --after ID the ledger does not have; 3 when the database "
+        "cannot be used.",
     )  # fmt: skip
     _add_filters(ls, [s.value for s in MessageStatus], "uncertain and failed")
     ls.add_argument("--all", action="store_true", help="every status (with --status: the ones it names)")
@@ -318,6 +319,8 @@ def _cells(row: LedgerRow) -> tuple[str, ...]:
     reply = (reply or row.last_error or row.skip_reason or "").replace("\n", " ")
     if row.status in WAITING:  # deferred by the cap or quiet hours, or a retry's backoff: when it goes next
         reply = f"next try {row.next_attempt_at:%Y-%m-%d %H:%M} UTC" + (f"; {reply}" if reply else "")
+    if (held := row.held()) is not None:  # a worker's, under way or (its worker dead) until its lease lapses
+        reply = held
     code = "" if row.last_code is None else str(row.last_code)
     # a reply is the recipient's server's text, an error may quote a customer's name: neither may reach the
     # operator's terminal as control characters
