@@ -21,6 +21,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -40,6 +41,8 @@ from tests.sendkit import (
 from tests.smtp_server import Behaviour, RecordingServer
 from worker.adapters import db
 from worker.adapters.store import Store
+from worker.config import load_settings
+from worker.pipeline import plan
 
 MESSAGES = 1200
 RATE, BURST = 120.0, 10
@@ -588,3 +591,35 @@ def _attempts(url: str) -> list[Any]:
             return list(conn.execute(sa.select(A)))
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_run_while_another_worker_holds_messages_names_that_worker_and_when_its_lease_ends(
+    pg_migrated_url: str, tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    """A cron `run --once` right after a worker died (kill -9 on another host) sent what it could and said
+    "sent 4 win-back emails", exit 0, not a word of the messages the dead worker held: they wait for its lease."""
+    # Given 10 customers due a win-back, 6 of whose rows another worker claimed and then died holding
+    prepare_database(pg_migrated_url, 10)
+    raw = settings_dict(pg_migrated_url, smtp_server.port, lease_seconds=300, compose_processes=0)
+    config = write_config(tmp_path / "config.toml", raw)
+    store = Store(db.create_engine(pg_migrated_url))
+    try:
+        now = datetime.now(UTC)
+        plan(store, load_settings(config), now)
+        held = store.claim(worker="shop-2:4242:1a2b3c", now=now, limit=6, lease_seconds=300)
+        assert len(held) == 6
+        # When a run comes while that worker's lease still runs
+        run = subprocess.run([sys.executable, "-m", "worker", "--config", str(config), "run", "--once"], cwd=REPO,
+                             env=subprocess_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+        with store.engine.connect() as conn:
+            lease = conn.execute(sa.select(sa.func.max(M.c.lease_until)).where(M.c.status == "claimed")).scalar_one()
+    finally:
+        store.engine.dispose()
+    # Then it sends the other 4, and says who holds the 6 and until when, on the shop's clock
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(smtp_server.messages) == 4
+    local = lease.astimezone(ZoneInfo("Asia/Jakarta"))
+    assert (f"6 messages are held by another worker, shop-2:4242:1a2b3c, until {local:%Y-%m-%d %H:%M} WIB: "
+            "under way there or, should it have stopped, taken by a run after then") in run.stdout.splitlines(), (
+        run.stdout)

@@ -500,6 +500,9 @@ class Waiting:
     """Of them, due already (a run stopped early, paused, or the day's quota used up)."""
     first: datetime | None
     """When the first of the others falls due (held back by the frequency cap, quiet hours, planned ahead)."""
+    held: tuple[tuple[str, int, datetime], ...] = ()
+    """Rows other workers hold (claimed or ``sending``): (worker, rows, when the last of their leases ends). A worker
+    that died holding them (kill -9 on another host) leaves them to a run after then."""
 
 
 def waiting(store: Store, now: datetime) -> Waiting:
@@ -510,9 +513,12 @@ def waiting(store: Store, now: datetime) -> Waiting:
         sa.func.coalesce(sa.func.sum(sa.case((later, 0), else_=1)), 0),
         sa.func.min(sa.case((later, M.c.next_attempt_at), else_=sa.null()), type_=M.c.next_attempt_at.type),
     ).where(WAITING)
+    holders = (sa.select(M.c.claimed_by, sa.func.count(), sa.func.max(M.c.lease_until))
+               .where(IN_FLIGHT, M.c.claimed_by.is_not(None)).group_by(M.c.claimed_by).order_by(M.c.claimed_by))
     with db.reading(store.engine) as conn:
         messages, due, first = conn.execute(query).one()
-    return Waiting(int(messages), int(due), first)
+        held = tuple((str(worker), int(n), until) for worker, n, until in conn.execute(holders))
+    return Waiting(int(messages), int(due), first, held)
 
 
 def customer(store: Store, customer_id: int) -> CustomerSnapshot | None:

@@ -9,6 +9,7 @@ import signal
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from worker import checks, eventloop, log
@@ -197,6 +198,8 @@ def summary(
                      "may have arrived) and are never resent by themselves: decide with `kembali ledger list`")
     if waiting is not None and waiting.messages:
         lines.append(_waiting_line(waiting, time_zone))
+    if waiting is not None and waiting.held:
+        lines.append(_held_line(waiting.held, time_zone))
     if report.stopped_by:
         lines.append(f"stopped early by {report.stopped_by}: the sends under way finished, the rest waits in "
                      "the queue for the next run")
@@ -242,6 +245,23 @@ def _waiting_line(waiting: opstore.Waiting, time_zone: str) -> str:
     else:
         when = f"{waiting.due} due already; the first of the others falls due {at}"
     return f"{waiting.messages} {noun} in the queue for a later run ({when})"
+
+
+def _held_line(held: tuple[tuple[str, int, datetime], ...], time_zone: str) -> str:
+    """What other workers hold when the run ends: under way there, or a dead worker's until its lease ends (the run
+    said nothing of them, and a cron's operator after a crash could not tell they were not lost)."""
+    zone = zone_of(time_zone, "UTC")
+    total = sum(n for _, n, _ in held)
+    noun = "message is" if total == 1 else "messages are"
+    if len(held) == 1:
+        [(worker, _, until)] = held
+        return (f"{total} {noun} held by another worker, {log.printable(worker)}, until "
+                f"{until.astimezone(zone):%Y-%m-%d %H:%M %Z}: under way there or, should it have stopped, taken by a "
+                "run after then")
+    each = "; ".join(f"{log.printable(worker)} {n} until {until.astimezone(zone):%Y-%m-%d %H:%M %Z}"
+                     for worker, n, until in held)
+    return (f"{total} {noun} held by other workers ({each}): under way there or, should one have stopped, taken by "
+            "a run after its lease ends")
 
 
 def stopped_code(report: CycleReport) -> int | None:
