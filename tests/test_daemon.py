@@ -1897,16 +1897,21 @@ def _restart_after_a_crash(tmp_path: Path, smtp_server: RecordingServer, db_url:
             first.proc.kill()
     assert shop.scalar("SELECT status FROM message WHERE email = 'c1@example.com'") == "sending"
     dead = first.named("daemon_started")[0]["worker"]
+    sending = shop.scalar("SELECT count(*) FROM message WHERE status = 'sending'")  # (C2's too, if its outcome was
+    # not committed yet)
     # When another starts, and finds the lease lapsed
     second = Daemon.start(shop)
     try:
         released = second.wait_event("leases_released", timeout=20)
         # Then it names the worker whose lease lapsed (with several hosts, the one to look at: its log just ends),
         # and says whose email became uncertain, and where (masked), as a send that ended so does
-        assert released["workers"] == f"{dead} (1 sending)", released
+        assert released["workers"] == f"{dead} ({sending} sending)", released
         uncertain = second.wait_event("email_uncertain", timeout=5)
         assert (uncertain["campaign"], uncertain["customer"], uncertain["to"]) == ("winback", "C1", "c***@example.com")
         assert uncertain["worker"] == dead, uncertain
+        # and the ledger keeps it, for `kembali ledger list` long after the log has rotated
+        assert shop.scalar("SELECT last_error FROM message WHERE email = 'c1@example.com'") == (
+            f"lease of {dead} lapsed while sending (worker died?)")
         assert uncertain["dedupe_key"] == shop.scalar("SELECT dedupe_key FROM message WHERE email = 'c1@example.com'")
         assert "c1@example.com" not in "\n".join(second.lines)
     finally:

@@ -20,6 +20,7 @@ from worker.adapters import db
 from worker.adapters.store import (
     CLAIMED,
     IN_FLIGHT,
+    LAPSED_LIKE,
     LAPSED_WHY,
     MOVED_FROM,
     UNCERTAIN,
@@ -406,7 +407,8 @@ def left_uncertain(store: Store, at: datetime, limit: int = 100, *, why: str = L
     query = (
         sa.select(M.c.campaign, M.c.dedupe_key, C.c.external_id, M.c.email)
         .select_from(M.outerjoin(C, C.c.id == M.c.customer_id))
-        .where(UNCERTAIN, M.c.updated_at == at, M.c.last_error == why[:500])
+        .where(UNCERTAIN, M.c.updated_at == at,
+               M.c.last_error.like(LAPSED_LIKE) if why == LAPSED_WHY else M.c.last_error == why[:500])
         .order_by(M.c.id)
         .limit(limit)
     )

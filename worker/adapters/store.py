@@ -203,7 +203,15 @@ def suppressed_sql(email: Any) -> Any:
 
 
 LAPSED_WHY = "lease lapsed while sending (worker died?)"
-"""The note (``last_error``) of a ``sending`` row that ``release_expired_leases`` made ``uncertain``."""
+"""What ``release_expired_leases`` does to a ``sending`` row; its note (``last_error``) names the worker too:
+``lease of WORKER lapsed while sending (worker died?)`` (``lapsed_note``), the host to look at among several."""
+LAPSED_LIKE = "lease of % lapsed while sending (worker died?)"
+"""``lapsed_note`` as a LIKE pattern (``opstore.left_uncertain``)."""
+
+
+def lapsed_note() -> Any:
+    """The ``last_error`` of a row ``release_expired_leases`` makes ``uncertain``, naming the worker that held it."""
+    return "lease of " + sa.func.coalesce(M.c.claimed_by, "?") + " lapsed while sending (worker died?)"
 
 
 def requeued_sql(attempts: Any) -> Any:
@@ -1245,7 +1253,7 @@ class Store:
         of ``keep`` (those the calling process still works on: it is alive, whatever their leases say).
         Returns (requeued, uncertain)."""
         lapsed = sa.and_(IN_FLIGHT, M.c.lease_until < now)
-        why = LAPSED_WHY
+        why = lapsed_note()
         if not keep:
             return self.release(lapsed, now=now, why=why)
         # the kept rows are left out here, not by a NOT IN (…) of them: a run of a large sending.batch_size holds
@@ -1258,9 +1266,10 @@ class Store:
             requeued, uncertain = requeued + more[0], uncertain + more[1]
         return requeued, uncertain
 
-    def release(self, where: Any, *, now: datetime, why: str) -> tuple[int, int]:
+    def release(self, where: Any, *, now: datetime, why: Any) -> tuple[int, int]:
         """Of the rows matching ``where``: claimed ones go back to the queue (no SMTP byte was sent),
-        ``sending`` ones become uncertain (the mail may have left). Returns (requeued, uncertain)."""
+        ``sending`` ones become uncertain (the mail may have left), noted ``why`` (a text, or an SQL expression of
+        the row). Returns (requeued, uncertain)."""
         with self.engine.begin() as conn:
             requeued = conn.execute(
                 sa.update(M)
@@ -1278,7 +1287,7 @@ class Store:
                 .values(
                     status=MessageStatus.UNCERTAIN.value,
                     sent_at=M.c.updated_at,  # its mark's time, right before its send: the cap counts it from then
-                    last_error=why[:500],
+                    last_error=why[:500] if isinstance(why, str) else why,
                     claimed_by=None,
                     lease_until=None,
                     updated_at=now,
