@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import struct
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -216,6 +218,41 @@ def test_a_plot_that_cannot_be_written_is_named_with_exit_2(tmp_path: Path) -> N
     # Then the file asked for is named (not the temporary one), with why and exit code 2
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"kembali insights: {plot}: no such folder: {plot.parent}\n"
+
+
+def test_a_plot_written_through_a_link_or_into_a_pipe_keeps_the_link_and_the_pipe(tmp_path: Path) -> None:
+    # Given a shop with second purchases, a --plot that is a symbolic link to the shop's shared chart, and one that is
+    # a named pipe an image viewer reads (as /dev/stdout is, in `kembali insights --plot /dev/stdout | display`):
+    # the chart, written under a temporary name and renamed over the path, replaced the link and the pipe themselves
+    # with a file (run as root, `--plot /dev/stdout` replaced the system's /dev/stdout)
+    site = make_site(tmp_path / "site")
+    load_shop(site.settings, generate_shop(seed=7, customers=100, now=NOW), NOW)
+    shared = tmp_path / "shared" / "gaps.png"
+    shared.parent.mkdir()
+    link = tmp_path / "gaps.png"
+    link.symlink_to(shared)
+    pipe = tmp_path / "viewer.fifo"
+    os.mkfifo(pipe)
+    viewer = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # the reader, there before the chart (and never blocking)
+    try:
+        # When insights writes its chart to each
+        through_link = site.cli("insights", "--plot", str(link))
+        into_pipe = site.cli("insights", "--plot", str(pipe))
+        try:
+            received = os.read(viewer, 2**20)  # a chart is a few kB: the pipe holds it whole
+        except BlockingIOError:  # nothing was written into the pipe
+            received = b""
+    finally:
+        os.close(viewer)
+    # Then the link still points where it did, and the chart is in the file it points to
+    assert through_link.returncode == 0, through_link.stderr
+    assert link.is_symlink() and link.readlink() == shared
+    assert shared.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # And the pipe is still a pipe, its reader given the whole chart
+    assert into_pipe.returncode == 0, into_pipe.stderr
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
+    assert received == shared.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gaps.png", "shared", "site", "viewer.fifo"]
 
 
 def test_insights_recommends_the_first_step_when_win_back_has_steps(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 PARTIAL = ".partial"
@@ -15,7 +16,27 @@ def write_whole(path: Path, data: bytes) -> None:
     """``data`` in ``path``, whole or not at all: written under a hidden temporary name beside it, then renamed
     over it. A write that fails, or that Ctrl-C or SIGTERM stops (``stopping.Terminated``), removes the temporary
     file; only a kill (SIGKILL) leaves it, and never a file cut short under its own name. An ``OSError`` names
-    ``path``, not the temporary file."""
+    ``path``, not the temporary file.
+
+    A symbolic link keeps pointing where it did: the file it points to is the one replaced. A path that is no
+    regular file nor folder (a named pipe, ``/dev/stdout``, a terminal) is written straight into, as ``cat`` would:
+    renamed over, the pipe or device itself was replaced by a file that nobody reads."""
+    named = path
+    try:
+        mode = path.stat().st_mode  # through a link: what it points to
+    except OSError:  # not there yet (or not reachable: the writing below says why)
+        mode = 0
+    if path.is_symlink() and not (real := Path(os.path.realpath(path))).is_symlink():  # (a loop of links: as it is)
+        path = real  # a dangling link too: the file it names is created
+    if mode and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        try:
+            with open(named, "wb") as f:  # as named: /dev/stdout's link leads to no path of its own
+                f.write(data)
+        except OSError as exc:
+            if exc.errno is not None:
+                raise type(exc)(exc.errno, exc.strerror, str(named)) from None
+            raise
+        return
     partial = path.with_name(f".{path.name}{PARTIAL}")
     try:
         with open(partial, "wb") as f:
@@ -25,5 +46,5 @@ def write_whole(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             partial.unlink()
         if isinstance(exc, OSError) and exc.errno is not None:
-            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+            raise type(exc)(exc.errno, exc.strerror, str(named)) from None
         raise
