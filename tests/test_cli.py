@@ -383,6 +383,33 @@ def test_a_demo_whose_templates_fail_for_some_customers_exits_1(tmp_path: Path) 
     assert result.returncode == 1, result.stdout
 
 
+@pytest.mark.parametrize("broken", ["syntax error", "a language deleted"])
+def test_a_demo_whose_templates_run_once_refuses_stops_before_building_anything(tmp_path: Path, broken: str) -> None:
+    # Given the shop's templates with a file that cannot be parsed, or without English: `run --once` refuses them
+    # with exit code 2 before planning anything; the demo (which runs "one full cycle" as it does) built its shop,
+    # imported it, planned and sent, failed every English win-back email (one `failed:render_error` each, left in
+    # its ledger) and exited 1
+    shutil.copytree(TEMPLATES.parent, tmp_path / "templates")
+    shutil.copy(ROOT / "config.toml", tmp_path / "config.toml")
+    winback_en = tmp_path / "templates" / "email" / "winback" / "en"
+    if broken == "syntax error":
+        body = winback_en / "body.txt"
+        body.write_text(body.read_text(encoding="utf-8") + "{% if %}\n", encoding="utf-8")
+    else:
+        shutil.rmtree(winback_en)
+    env = {**os.environ, "KEMBALI_LINK_SECRET": ""}
+    env.pop("KEMBALI_CONFIG", None)
+    # When the operator tries the demo
+    result = subprocess.run([sys.executable, "-m", "worker", "demo", "--customers", "60"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    # Then it stops as `run --once` would, naming the file, before it builds, imports, plans or sends anything
+    assert result.returncode == 2, result.stdout + result.stderr
+    named = "winback/en/body.txt:" if broken == "syntax error" else "winback/en/subject.txt"
+    assert named in result.stderr and "nothing was planned or sent" in result.stderr, result.stderr
+    assert "demo shop:" not in result.stdout and "planned" not in result.stdout, result.stdout
+    assert not (tmp_path / "demo-out").exists()
+
+
 def test_the_demo_runs_from_a_folder_without_a_config(tmp_path: Path) -> None:
     # the demo's help says it touches nothing outside --out; it stopped at "config.toml: config file not found"
     env = {**os.environ, "KEMBALI_LINK_SECRET": ""}

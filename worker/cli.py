@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                        "the sink received as .eml files, and print what was sent. Touches nothing outside --out. Reads "
                        "--config (default ./config.toml, else the config.toml and templates/email/ of the project's "
                        "folder it is installed from). Exit code 1 if a message failed (a template that fails for a "
-                       "customer, say) or became uncertain, as for `run --once`; 2 for a bad config or an --out that "
+                       "customer, say) or became uncertain, as for `run --once`; 2 for a bad config, templates `run "
+                       "--once` refuses (a file missing or that cannot be parsed: nothing is built), or an --out that "
                        "is a file or a folder of other files (the shop's); "
                        "130/143 when stopped by Ctrl-C/SIGTERM (sends under way finish; it says what was sent and "
                        "how many planned messages were not).")

@@ -83,14 +83,6 @@ def run(args: argparse.Namespace) -> int:
               f"{missing}: signing links with a throwaway key")
     link_keys(base)  # a key too short stops the demo here, before it builds anything
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARK).write_text("a folder kembali demo made: it replaces what it wrote here each time it runs\n",
-                            encoding="utf-8")
-    for stale in ("kembali-demo.db", "kembali-demo.db-wal", "kembali-demo.db-shm"):
-        (out / stale).unlink(missing_ok=True)
-    shutil.rmtree(out / "sent", ignore_errors=True)
-    log.configure("warning", base.logging.format)  # (--log-level chooses another)
-
     settings = dataclasses.replace(
         base,
         database=dataclasses.replace(base.database, url=f"sqlite:///{out / 'kembali-demo.db'}"),
@@ -98,6 +90,20 @@ def run(args: argparse.Namespace) -> int:
         # the demo runs whenever you try it: quiet hours would hold everything until morning
         policy=dataclasses.replace(base.policy, quiet_hours_start="00:00", quiet_hours_end="00:00"),
     )
+    # templates `run --once` refuses (a file missing, one that cannot be parsed) stop the demo as they stop it: here,
+    # before it builds anything (they failed every message of theirs, each left failed:render_error)
+    checked = Deps.build(settings, check_schema=False)  # (its engine connects to nothing: the demo's file is not made)
+    try:
+        running.check_template_folders(checked)
+    finally:
+        checked.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).write_text("a folder kembali demo made: it replaces what it wrote here each time it runs\n",
+                            encoding="utf-8")
+    for stale in ("kembali-demo.db", "kembali-demo.db-wal", "kembali-demo.db-shm"):
+        (out / stale).unlink(missing_ok=True)
+    shutil.rmtree(out / "sent", ignore_errors=True)
+    log.configure("warning", base.logging.format)  # (--log-level chooses another)
 
     now = args.now or datetime.now(UTC)
     shop = generate_shop(seed=args.seed, customers=args.customers, now=now)
