@@ -1796,3 +1796,23 @@ def test_a_quote_left_open_in_the_last_column_rejects_its_row_naming_the_rows_it
     assert (f"customers.csv:3: id 'C-2': column {column} holds a quote left open; it takes in lines 3 to 5, "
             "none of which is imported (a quote opened and never closed makes the lines after it one field)") in out
     assert "customers: 1 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+
+
+def test_a_suppression_list_import_shows_its_progress_on_a_terminal(tmp_path: Path) -> None:
+    # Given a bounce export of many addresses (a million took 40 s, a terminal silent all that time, as if hung,
+    # where `kembali import` shows how far along it is), one line of it no address
+    config = migrated_config(tmp_path)
+    bounces = tmp_path / "bounces.txt"
+    bounces.write_text("".join(f"b{i}@example.com\n" for i in range(3000)) + "not-an-address\n", encoding="utf-8")
+    # When it is imported with stderr on a terminal
+    code, raw = run_on_a_terminal(["--config", str(config), "suppress", "import", str(bounces)], stdout_too=False,
+                                  timeout=60)  # fmt: skip
+    seen = raw.decode()
+    # Then a progress line shows the lines read of the file, and then the addresses saved
+    assert code == 1, seen
+    line = r"\rsuppressing addresses from bounces\.txt: [0-9,]+ of [0-9,]+ \([0-9.]+%\)"
+    assert re.search(line + " lines read", seen), seen
+    assert re.search(line.replace("of [0-9,]+", "of 3,000") + " saved", seen), seen
+    # And the line is erased before the line it rejected is named, which starts a line of its own
+    assert f"\r\x1b[K{bounces}: line 3001: invalid email address 'not-an-address'" in seen, seen
+    assert seen.endswith("\r\x1b[K"), seen  # and the line is gone before the summary

@@ -9,7 +9,7 @@ for pages, health and metrics.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -636,10 +636,12 @@ def suppress_many(store: Store, emails: Iterable[str], *, reason: str, source: s
     return suppress_entries(store, dict.fromkeys(emails, entry))
 
 
-def suppress_entries(store: Store, entries: Mapping[str, Mapping[str, Any]]) -> int:
+def suppress_entries(
+    store: Store, entries: Mapping[str, Mapping[str, Any]], *, saved: Callable[[int, int], None] | None = None
+) -> int:
     """Add many addresses at once, in one transaction, each with the ``reason``, ``source`` and ``created_at`` of
     its entry (the first of addresses that are one on the list); returns how many were new (an address already
-    suppressed keeps its entry)."""
+    suppressed keeps its entry). ``saved(done, total)`` is told of each batch written (a progress line)."""
     rows: dict[str, Mapping[str, Any]] = {}
     for address, entry in entries.items():
         rows.setdefault(suppression_address(address), entry)
@@ -648,8 +650,13 @@ def suppress_entries(store: Store, entries: Mapping[str, Mapping[str, Any]]) -> 
     stmt = db.insert_ignore(store.engine, S).returning(S.c.id)
     values = [{"email": address, "reason": entry["reason"], "source": entry["source"],
                "created_at": entry["created_at"]} for address, entry in rows.items()]  # fmt: skip
+    new = 0
     with store.engine.begin() as conn:
-        return sum(len(conn.execute(stmt, values[i : i + 500]).all()) for i in range(0, len(values), 500))
+        for i in range(0, len(values), 500):
+            new += len(conn.execute(stmt, values[i : i + 500]).all())
+            if saved is not None:
+                saved(min(i + 500, len(values)), len(values))
+    return new
 
 
 def suppressions(store: Store, *, reason: str | None = None, email: str | None = None) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ import csv
 import io
 import re
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from worker.adapters.importer import (
 )
 from worker.adapters.store import CUSTOMERS_OWN, Store, suppression_address
 from worker.commands import arguments
+from worker.commands.progress import Progress
 from worker.config import Settings
 from worker.errors import not_utf8
 from worker.log import printable
@@ -116,14 +118,17 @@ class Refused(ValueError):
     """A file of addresses read as none: "line N: why" (its columns separated by ';'…), nothing imported."""
 
 
-def read_addresses(text: str) -> tuple[dict[str, tuple[int, dict[str, str]]], list[str]]:
+def read_addresses(
+    text: str, reading: Callable[[int, int], None] | None = None
+) -> tuple[dict[str, tuple[int, dict[str, str]]], list[str]]:
     """Addresses from a file: one a line (``#`` comments and blank lines skipped), or a CSV with an
     ``email`` column (its header the first line that is neither) and perhaps ``reason``, ``source`` and ``created_at``
     columns (as ``suppress list`` writes them). Returns ({normalised address: (its line, {column: its cell} for those
     of ``ENTRY_COLUMNS`` the row has)}, "line N: why" for each rejected one); ``Refused`` for a CSV whose header has
     an ``email`` column separated by another separator than ',' (as ``kembali import`` refuses it: every line would
     be rejected as an address), or whose first line, without a header, is columns so separated, one of them an
-    address; and for a CSV whose header has no ``email`` column (none of its lines would be read)."""
+    address; and for a CSV whose header has no ``email`` column (none of its lines would be read). ``reading(line,
+    lines)`` is told of each line read (a progress line)."""
     lines = _LINE_BREAK.split(text)  # not splitlines(): NEL, U+2028, a form feed… in a comment are no line break
     number, first = next(((i, line) for i, line in enumerate(lines, 1)
                           if line.strip() and not line.lstrip().startswith("#")), (0, ""))  # fmt: skip
@@ -171,6 +176,8 @@ def read_addresses(text: str) -> tuple[dict[str, tuple[int, dict[str, str]]], li
     else:
         values = [(i, line) for i, line in enumerate(lines, 1)]
     for line_no, value in values:
+        if reading is not None:
+            reading(line_no, len(lines))
         if isinstance(value, csv.Error):
             bad.append(f"line {line_no}: {value}")
             continue
@@ -251,11 +258,18 @@ def _import(store: Store, target: str, given: str | None) -> int:
         print(f"kembali suppress import: {target}: the file is empty (expected one address a line, or a CSV with an "
               "email column): nothing was imported", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    # on a terminal, how far along it is (a bounce export of a million addresses takes a while to check and save)
+    progress = Progress(f"suppressing addresses from {'standard input' if target == '-' else Path(target).name}")
     try:
-        good, bad = read_addresses(text)
+        good, bad = read_addresses(text, lambda line, lines: progress.update(line, "lines read", total=lines))
     except Refused as exc:
+        progress.done()
         print(f"kembali suppress import: {target}: {exc}: nothing was imported", file=sys.stderr)
         return EXIT_USAGE
+    except BaseException:  # Ctrl-C too: the shell's prompt starts a line of its own
+        progress.done()
+        raise
+    progress.clear()
     now = SystemClock().now()
     source = f"import:{printable(Path(target).name)}"[:100]
     rows: dict[str, tuple[int, dict[str, str]]] = {}
@@ -267,7 +281,12 @@ def _import(store: Store, target: str, given: str | None) -> int:
     for problem in bad + kept:
         print(f"{target}: {problem}", file=sys.stderr)
     # the list shows the source on a line of its own, as it shows the reason (which may hold no control character)
-    new = opstore.suppress_entries(store, entries)
+    progress.restart()
+    try:
+        new = opstore.suppress_entries(store, entries, saved=lambda done, total: progress.update(done, "saved",
+                                                                                               total=total))
+    finally:
+        progress.done()
     print(f"imported {len(entries)} address(es): {new} newly suppressed, {len(entries) - new} already suppressed"
           + (f", {len(bad)} rejected" if bad else "")
           + (f", {len(kept)} cell{'s' if len(kept) > 1 else ''} the list cannot hold taken as "
