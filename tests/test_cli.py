@@ -1124,3 +1124,21 @@ def test_version_names_the_package_and_its_newest_schema(capsys: pytest.CaptureF
     newest = max(p.name[:4] for p in (ROOT / "worker" / "migrations" / "versions").glob("0*.py"))
     code, out = run_cli(capsys, "--version")
     assert (code, out) == (0, f"kembali {version('kembali')} (schema {newest})\n")
+
+
+@pytest.mark.parametrize(("argv", "meant"), [
+    (["sendtest"], "send-test"),
+    (["stat"], "stats"),
+    (["ledger", "lst"], "list"),
+    (["ledger", "list", "--status", "uncertian"], "uncertain"),
+    (["--log-level", "warn", "check"], "warning"),
+    (["import", "customer", "c.csv"], "customers"),
+])  # fmt: skip
+def test_a_misspelt_command_or_choice_is_told_the_one_meant(
+    capsys: pytest.CaptureFixture[str], argv: list[str], meant: str
+) -> None:
+    # A config key misspelt is told the key meant ("did you mean 'sending.batch_size'?"); a command misspelt (the
+    # brief's `kembali sendtest`) got argparse's list of every choice alone, to read through for the one meant
+    code, out = run_cli(capsys, *argv)
+    assert code == 2, out
+    assert f"(did you mean '{meant}'?)" in out, out

@@ -54,7 +54,21 @@ class _Parser(argparse.ArgumentParser):
         if commands and message == f"the following arguments are required: {commands[0].metavar}":
             sys.stderr.write(self.format_help())
             self.exit(2, f"{self.prog}: error: {message}\n")
-        super().error(message)
+        super().error(message + _meant(message))
+
+
+def _meant(message: str) -> str:
+    """`` (did you mean 'send-test'?)`` for argparse's ``invalid choice: 'sendtest' (choose from …)`` when one of
+    the choices is close to what was written (as a misspelt config key is told the key meant), else nothing."""
+    import difflib
+    import re
+
+    found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+    if found is None:
+        return ""
+    choices = re.findall(r"'([^']*)'", found.group(2))
+    close = difflib.get_close_matches(found.group(1).lower(), choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _chosen(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
