@@ -679,6 +679,19 @@ def _fail(settings: Settings, key: str, why: str) -> typing.NoReturn:
     raise ConfigError(f"{settings.source}: '{key}' {why}")
 
 
+MIN_RATE_PER_SECOND = 1 / 86400
+"""The slowest rate a limit may have: one email a day. A slower one (``1e-300``, a typo's exponent) made the sender
+wait for its next slot for ever, ``run --once`` included, with nothing said."""
+
+
+def _rate(settings: Settings, key: str, rate: float) -> None:
+    if rate <= 0:
+        _fail(settings, key, "must be positive")
+    if rate < MIN_RATE_PER_SECOND:
+        _fail(settings, key, f"must be at least one email a day ({MIN_RATE_PER_SECOND:.7f} per second, 1/86400), not "
+              f"{rate:g}: each email would wait longer than a day for its turn")
+
+
 _DOMAIN = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)+")
 """A recipient domain as ``core.limits.domain_of`` gives it: ASCII labels joined by dots, none empty."""
 
@@ -796,8 +809,7 @@ def _check(s: Settings) -> None:
     ):
         if value < 1:
             _fail(s, key, "must be at least 1")
-    if s.sending.rate_per_second <= 0:
-        _fail(s, "sending.rate_per_second", "must be positive")
+    _rate(s, "sending.rate_per_second", s.sending.rate_per_second)
     if s.sending.retry_base_seconds <= 0:
         _fail(s, "sending.retry_base_seconds", "must be positive")
     if not s.sending.retry_base_seconds <= s.sending.retry_max_seconds <= _YEAR_SECONDS:
@@ -818,8 +830,7 @@ def _check(s: Settings) -> None:
         ("sending.domain_rate_per_second", s.sending.domain_rate_per_second),
         ("sending.throttle_floor_per_second", s.sending.throttle_floor_per_second),
     ):
-        if rate <= 0:
-            _fail(s, key, "must be positive")
+        _rate(s, key, rate)
     if s.sending.domain_burst < 1:
         _fail(s, "sending.domain_burst", "must be at least 1")
     for domain, limit in s.sending.domains.items():
@@ -828,8 +839,7 @@ def _check(s: Settings) -> None:
                   f"one in its IDNA form: {idna_form!r} (the form the addresses it limits are stored in)")
         if domain != domain.lower() or not _DOMAIN.fullmatch(domain):
             _fail(s, f"sending.domains.{domain}", "must be a lower-case domain such as gmail.com")
-        if limit.rate_per_second <= 0:
-            _fail(s, f"sending.domains.{domain}.rate_per_second", "must be positive")
+        _rate(s, f"sending.domains.{domain}.rate_per_second", limit.rate_per_second)
         if limit.burst < 1:
             _fail(s, f"sending.domains.{domain}.burst", "must be at least 1")
     if not s.unsubscribe.url.startswith("https://"):
