@@ -1458,6 +1458,8 @@ def test_the_queue_depth_counts_the_messages_waiting_for_their_domains_rate(
     # When it has sent the first and sent the 5 others back to the ledger to wait for the domain's next slots
     _, daemon = _slow_domain_backlog(tmp_path, smtp_server)
     try:
+        # (the first's transaction may still be under way when the 5 others are logged as waiting)
+        daemon.wait_for(lambda: len(smtp_server.messages) >= 1, timeout=30, why="the first message at the server")
         assert len(smtp_server.messages) == 1
         # Then the health line (and the STATUS= line from it) counts them in the queue, and says why they wait
         health = daemon.wait_event("health", after=len(daemon.named("health")))
