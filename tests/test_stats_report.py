@@ -1160,3 +1160,33 @@ def test_an_unsubscribe_an_import_carried_to_a_customers_new_address_is_counted_
     # Then the one unsubscribe counts once, not once for each address it followed the customer to (a report of a
     # period already past grew by one at every move)
     assert report.as_json()["suppressions"] == {"unsubscribed": 1}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a link another user owns is made as root")
+def test_a_plot_through_a_link_another_user_planted_in_a_shared_folder_is_refused(tmp_path: Path) -> None:
+    # Given a shared folder such as /tmp (sticky, anyone may write) where another user made a link gaps.png to a file
+    # of the operator's: `> /tmp/gaps.png` is refused there (Linux's protected_symlinks, on by default), yet the chart
+    # was written through it, the operator's own file replaced by a chart
+    from worker.commands.files import write_whole
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    precious = tmp_path / "home" / "notes.txt"
+    precious.parent.mkdir()
+    precious.write_bytes(b"the operator's notes\n")
+    planted = shared / "gaps.png"
+    planted.symlink_to(precious)
+    os.lchown(planted, 65534, 65534)  # nobody's
+    mine = shared / "mine.png"
+    mine.symlink_to(tmp_path / "home" / "chart.png")
+    # When the operator writes a chart to each
+    with pytest.raises(PermissionError) as refused:
+        write_whole(planted, b"\x89PNG chart")
+    write_whole(mine, b"\x89PNG chart")
+    # Then the planted link is not followed: refused as `>` refuses it, naming the path given, the file untouched
+    assert refused.value.filename == str(planted)
+    assert precious.read_bytes() == b"the operator's notes\n"
+    assert planted.is_symlink() and sorted(p.name for p in precious.parent.iterdir()) == ["chart.png", "notes.txt"]
+    # And a link of the operator's own is followed as before
+    assert (tmp_path / "home" / "chart.png").read_bytes() == b"\x89PNG chart" and mine.is_symlink()

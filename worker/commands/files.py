@@ -4,6 +4,7 @@ or not at all."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from pathlib import Path
@@ -20,8 +21,12 @@ def write_whole(path: Path, data: bytes) -> None:
 
     A symbolic link keeps pointing where it did: the file it points to is the one replaced. A path that is no
     regular file nor folder (a named pipe, ``/dev/stdout``, a terminal) is written straight into, as ``cat`` would:
-    renamed over, the pipe or device itself was replaced by a file that nobody reads."""
+    renamed over, the pipe or device itself was replaced by a file that nobody reads. A link another user made in
+    a shared folder (sticky and open to all, as /tmp) is not followed: ``PermissionError``, as ``>`` is refused
+    there (Linux's ``fs.protected_symlinks``): followed, it had the operator's own file replaced by the chart."""
     named = path
+    if path.is_symlink():
+        _may_follow(path)
     try:
         mode = path.stat().st_mode  # through a link: what it points to
     except OSError:  # not there yet (or not reachable: the writing below says why)
@@ -48,3 +53,23 @@ def write_whole(path: Path, data: bytes) -> None:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise type(exc)(exc.errno, exc.strerror, str(named)) from None
         raise
+
+
+def _may_follow(link: Path) -> None:
+    """Refuse (``PermissionError``, naming ``link``) a chain of links one of which lies in a sticky folder anyone may
+    write, owned neither by this user nor by the folder's owner: the kernel's rule for ``fs.protected_symlinks``,
+    kept whatever the setting (``os.path.realpath`` reads links without it)."""
+    at = link
+    for _ in range(40):  # (a loop of links: the writing says so)
+        try:
+            own = at.lstat()
+        except OSError:
+            return
+        if not stat.S_ISLNK(own.st_mode):
+            return
+        folder = at.parent.stat()
+        shared = folder.st_mode & stat.S_ISVTX and folder.st_mode & stat.S_IWOTH
+        if shared and own.st_uid not in (os.geteuid(), folder.st_uid):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES) + " (a link another user made in a "
+                                  "shared folder: not followed)", str(link))
+        at = at.parent / os.readlink(at)
