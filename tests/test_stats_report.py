@@ -1190,3 +1190,23 @@ def test_a_plot_through_a_link_another_user_planted_in_a_shared_folder_is_refuse
     assert planted.is_symlink() and sorted(p.name for p in precious.parent.iterdir()) == ["chart.png", "notes.txt"]
     # And a link of the operator's own is followed as before
     assert (tmp_path / "home" / "chart.png").read_bytes() == b"\x89PNG chart" and mine.is_symlink()
+
+
+def test_a_plot_whose_temporary_name_another_user_planted_as_a_link_writes_through_no_link(tmp_path: Path) -> None:
+    # Given a shared folder such as /tmp where another user made a link under the chart's temporary name
+    # (.gaps.png.partial, a name anyone can tell) to a file of the operator's: the chart was written into that file
+    # (open() followed the link), and the link then renamed to gaps.png
+    from worker.commands.files import write_whole
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    precious = tmp_path / "home" / "notes.txt"
+    precious.parent.mkdir()
+    precious.write_bytes(b"the operator's notes\n")
+    (shared / ".gaps.png.partial").symlink_to(precious)
+    # When the operator writes a chart there
+    write_whole(shared / "gaps.png", b"\x89PNG chart")
+    # Then the chart is a file of its own, and the file the link pointed to is untouched
+    assert precious.read_bytes() == b"the operator's notes\n"
+    assert not (shared / "gaps.png").is_symlink() and (shared / "gaps.png").read_bytes() == b"\x89PNG chart"
+    assert sorted(p.name for p in shared.iterdir()) == ["gaps.png"]

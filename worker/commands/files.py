@@ -44,7 +44,7 @@ def write_whole(path: Path, data: bytes) -> None:
         return
     partial = path.with_name(f".{path.name}{PARTIAL}")
     try:
-        with open(partial, "wb") as f:
+        with open(_temporary(partial), "wb") as f:
             f.write(data)
         os.replace(partial, path)
     except BaseException as exc:  # KeyboardInterrupt too: the command stops, leaving whole files only
@@ -73,3 +73,18 @@ def _may_follow(link: Path) -> None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES) + " (a link another user made in a "
                                   "shared folder: not followed)", str(link))
         at = at.parent / os.readlink(at)
+
+
+_WRITE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _temporary(partial: Path) -> int:
+    """The temporary file opened for writing, never through a link in its place (one another user made in a shared
+    folder, its name being no secret, had the data written into the file it pointed to): such a link is removed."""
+    try:
+        return os.open(partial, _WRITE, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+    partial.unlink()  # the link itself, not what it points to
+    return os.open(partial, _WRITE | os.O_EXCL, 0o666)
