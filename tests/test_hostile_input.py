@@ -490,6 +490,28 @@ def test_a_product_link_with_a_bidi_control_or_an_invisible_character_is_a_rejec
     assert "products: 1 created, 0 updated, 0 unchanged, 2 rejected" in out, out  # a letter with an accent is a link
 
 
+def test_a_product_link_with_a_broken_bracketed_host_is_a_rejected_row_and_the_rest_is_imported(
+    tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # an unclosed or bad IPv6 bracket made urlsplit raise "Invalid IPv6 URL": the import stopped with a traceback,
+    # no product of the file imported
+    (tmp_path / "products.csv").write_text(
+        "id,name,price,url,image_url\n"
+        "P-1,Batik,100000,http://[bad,\n"
+        "P-2,Kopi,100000,https://toko.example/p/kopi,https://[::1/i/kopi.jpg\n"
+        "P-3,Teh,100000,https://toko.example/p/teh,https://toko.example/i/teh.jpg\n"
+        "P-4,Gula,100000,https://toko.example:99999/p/gula,\n",
+        encoding="utf-8",
+    )
+    code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "products.csv"))
+    assert code == 1, out
+    assert "products.csv:2: id 'P-1': invalid url 'http://[bad' (expected an http(s) URL: Invalid IPv6 URL)" in out, out
+    assert "products.csv:3: id 'P-2': invalid image_url 'https://[::1/i/kopi.jpg' (expected an http(s) URL" in out, out
+    assert "products.csv:5: id 'P-4': invalid url 'https://toko.example:99999/p/gula' (expected an http(s) URL: " \
+        "Port out of range 0-65535)" in out, out
+    assert "products: 1 created, 0 updated, 0 unchanged, 3 rejected" in out, out
+
+
 def test_a_product_link_stored_with_a_bidi_control_links_the_email_to_the_shop_instead(tmp_path: Path) -> None:
     # Given products whose links an earlier Kembali imported with a bidi override, a C1 control and a zero-width
     # space in them (it refused only ASCII controls and spaces)

@@ -881,7 +881,11 @@ def _url(row: dict[str, str], column: str) -> str:
         char = value[hidden]
         raise _Invalid(f"invalid {column} {_show(value)} (expected an http(s) URL: U+{ord(char):04X} "
                        f"{unicodedata.name(char, '')} at character {hidden + 1})".replace("  at", " at"))
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (a port out of range or not a number raises here, as it would in a mail client)
+    except ValueError as exc:  # a bad bracketed host ("http://[bad": "Invalid IPv6 URL")
+        raise _Invalid(f"invalid {column} {_show(value)} (expected an http(s) URL: {exc})") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise _Invalid(f"invalid {column} {_show(value)} (expected an http(s) URL)")
     return value
