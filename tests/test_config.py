@@ -74,6 +74,8 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
         ({"shop": {"base_url": ""}}, "'shop.base_url' must be an absolute http:// or https:// link with a host"),
         ({"shop": {"base_url": "toko.example"}}, "'shop.base_url' must be an absolute http:// or https:// link"),
         ({"shop": {"base_url": "https://"}}, "'shop.base_url' must be an absolute"),
+        ({"shop": {"base_url": "https://toko.example:99999/"}}, "'shop.base_url' must be an absolute"),
+        ({"shop": {"base_url": "https://toko.example:http/"}}, "'shop.base_url' must be an absolute"),
         ({"shop": {"base_url": 'https://toko.example/"onmouseover=x'}}, "'shop.base_url' must be an absolute"),
         ({"campaigns": {"feedback": {"link_url": "https://toko .example/f"}}},
          "'campaigns.feedback.link_url' must be an absolute https:// link"),

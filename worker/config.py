@@ -1082,7 +1082,8 @@ def _web_url(s: Settings, key: str, url: str, schemes: tuple[str, ...]) -> None:
     try:
         parts = urllib.parse.urlsplit(url)
         readable = parts.scheme in schemes and bool(parts.hostname) and not _NOT_IN_URL.search(url)
-    except ValueError:  # an IPv6 host without its closing bracket
+        parts.port  # noqa: B018 (raises for a port that is no number, or out of range)
+    except ValueError:  # an IPv6 host without its closing bracket, a port out of range
         readable = False
     if not readable:
         example = f"{schemes[-1]}://shop.example" + ("/feedback" if "feedback" in key else "")
