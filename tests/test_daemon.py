@@ -413,6 +413,7 @@ def test_a_daemon_warns_of_a_campaign_whose_planning_cron_never_runs(
 ) -> None:
     # Given planning on 31 February, a cron no day matches (crontab's way to pause a job)
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 0 31 2 *")
+    shop.add(range(2), days_ago=60)  # (due a win-back)
     # When the daemon starts, it starts, and warns that win-back is never planned, naming the key and why: its only
     # trace was job_scheduled with an empty next_run
     daemon = Daemon.start(shop)
@@ -421,8 +422,13 @@ def test_a_daemon_warns_of_a_campaign_whose_planning_cron_never_runs(
         assert (warning["level"], warning["setting"], warning["cron"], warning["why"]) == (
             "warning", "schedule.default_plan_cron", "0 0 31 2 *", "no month it names (2) has a day 31"), warning
         daemon.wait_event("daemon_started")
+        daemon.wait_event("health", timeout=10, after=2)  # (a maintenance or two since)
     finally:
         assert daemon.stop() == 0
+    # And it is never planned indeed: not once at start-up as a campaign never planned before (a paused campaign
+    # on a new install sent its emails all the same)
+    assert not daemon.named("plan_catch_up"), daemon.log()
+    assert shop.scalar("SELECT count(*) FROM message") == 0
 
 
 SLOW = (

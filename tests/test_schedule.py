@@ -157,12 +157,22 @@ def test_a_run_missed_on_a_weekday_is_found_when_the_day_of_month_is_given_too()
         ("2026-11-21T02:00:05+00:00", "2026-11-22T05:00:00+00:00", "2026-11-22T09:00:00+07:00"),  # down over it
         ("2026-11-19T02:00:00+00:00", "2026-11-22T05:00:00+00:00", "2026-11-20T09:00:00+07:00"),  # down for days
         ("2026-11-22T02:00:00+00:00", "2026-11-22T05:00:00+00:00", None),  # the run started on its fire time
+        ("2026-11-22T02:00:00.900+00:00", "2026-11-22T05:00:00+00:00", None),  # started 0.9 s after its fire time
+        # a pass (the catch-up at start) recorded under a second before 09:00: the 09:00 run was still missed
+        ("2026-11-22T01:59:59.600+00:00", "2026-11-22T05:00:00+00:00", "2026-11-22T09:00:00+07:00"),
     ],
 )
 def test_a_run_missed_while_down_is_found_once(last_run: str | None, now: str, missed: str | None) -> None:
     got = missed_run("0 9 * * *", JKT, datetime.fromisoformat(last_run) if last_run else None,
                      datetime.fromisoformat(now))
     assert (got.isoformat() if got else None) == missed
+
+
+@pytest.mark.parametrize("expr", ["0 0 31 2 *", "0 9 30 2 *", "0 9 31 4,6,9,11 *"])
+def test_a_campaign_paused_with_a_cron_no_day_matches_is_not_taken_for_missed_when_never_planned(expr: str) -> None:
+    # `0 0 31 2 *` is the README's way to pause a campaign: a daemon started on a database where it never ran (a new
+    # install, a campaign just turned on) planned it once at start-up all the same, and sent it
+    assert missed_run(expr, JKT, None, datetime(2026, 11, 22, 5, tzinfo=UTC)) is None
 
 
 @pytest.mark.parametrize(

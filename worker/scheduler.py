@@ -140,12 +140,15 @@ def first_long_wait(
 
 def missed_run(expr: str, time_zone: str, last_run: datetime | None, now: datetime) -> datetime | None:
     """The first scheduled time after ``last_run`` if it is not later than ``now`` (a run was
-    missed); None when nothing was due. Never having run counts as missed (returns ``now``)."""
+    missed); None when nothing was due. Never having run counts as missed (returns ``now``), unless the expression
+    names no time at all (``0 0 31 2 *``, the way to pause a campaign: it is not planned at start-up either)."""
     if last_run is None:
-        return now
-    # CronTrigger rounds up to whole seconds: start one second after the last run so a run
-    # that started exactly on its fire time is not counted again.
-    due: datetime | None = cron_trigger(expr, time_zone).get_next_fire_time(None, last_run + timedelta(seconds=1))
+        return now if _trigger(expr, time_zone).get_next_fire_time(None, now) is not None else None
+    # CronTrigger rounds up to whole seconds: start at the second after the one the last run began in, so a run
+    # that started on its fire time (or within that second) is not counted again, and one due less than a second
+    # after a run (a catch-up pass recorded at 08:59:59.6, a 09:00 cron) is not taken for it
+    after = last_run.replace(microsecond=0) + timedelta(seconds=1)
+    due: datetime | None = cron_trigger(expr, time_zone).get_next_fire_time(None, after)
     return due if due is not None and due <= now else None
 
 
