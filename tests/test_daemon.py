@@ -2087,3 +2087,47 @@ def test_the_daemon_says_it_is_starting_before_it_checks_its_templates(
         assert "checking" in starting["doing"], starting
     finally:
         daemon.stop()
+
+
+def test_a_cron_time_a_running_daemon_let_pass_unplanned_is_planned_at_the_next_maintenance(
+    tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A firing can pass with no pass for it: skipped because the catch-up pass (begun just before 09:00) was still
+    going, or never fired at all. A restart plans such a missed run at once (``missed_run`` on the ``job_run``
+    table); the running daemon waited for the next cron time, a day for a daily cron, a week for a weekly one."""
+    import asyncio
+    import logging
+
+    from worker.adapters import opstore
+    from worker.pipeline import enabled_campaigns
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add(range(3), days_ago=60)
+    settings = load_settings(shop.config)
+    store = shop.store()
+    try:  # Given every campaign last planned two days ago: at least one 09:00 has passed since, unplanned
+        for campaign in enabled_campaigns(settings):
+            opstore.record_run(store, f"plan:{campaign}", at=datetime.now(UTC) - timedelta(days=2), worker="w")
+    finally:
+        store.close()
+
+    async def scenario() -> None:
+        daemon = daemon_module.Daemon(settings, config_path=shop.config)
+        try:
+            # When a maintenance runs (no pass under way, no catch-up)
+            await daemon.maintenance()
+            while daemon._tasks or daemon._planning:
+                await asyncio.sleep(0.05)
+        finally:
+            await daemon._close()
+            daemon.store.close()
+
+    asyncio.run(scenario())
+    # Then the missed run is planned now, once, and recorded
+    catch_ups = [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == "plan_catch_up"]
+    assert [c for c in catch_ups if c.get("campaign") == "winback"], catch_ups
+    assert shop.scalar("SELECT count(*) FROM message WHERE campaign = 'winback'") == 3
+    last = shop.scalar("SELECT last_run_at FROM job_run WHERE name = 'plan:winback'")
+    assert datetime.fromisoformat(str(last)).replace(tzinfo=UTC) > datetime.now(UTC) - timedelta(minutes=1)

@@ -128,6 +128,9 @@ are long) must not stop sending altogether."""
 PLAN_RETRY_MAX_SECONDS = 3600.0
 """The longest wait before a maintenance tries again a campaign's failed planning pass: the first comes at the next
 maintenance, each that fails again doubles the wait, up to this (a pass that fails for good is not run every minute)."""
+MISSED_AFTER_SECONDS = 2 * Scheduler.WAKE_SECONDS
+"""How long after a cron time a maintenance takes it for missed, when no pass since has recorded it (``_plan_missed``):
+longer than APScheduler can be late with it (``Scheduler.WAKE_SECONDS``), so a maintenance does not race the firing."""
 RESTART_ONLY = ("database", "web")
 """Config sections a reload cannot change (they need a restart)."""
 
@@ -560,6 +563,23 @@ class Daemon:
         log.event("plan_retry_scheduled", logging.WARNING, campaign=campaign, in_seconds=wait,
                   note="a maintenance plans it again once that time has passed")
 
+    async def _plan_missed(self, settings: Settings, enabled: list[str]) -> None:
+        """Plan each campaign whose cron time passed since its last recorded pass (``missed_run``, the rule a restart
+        plans by) more than ``MISSED_AFTER_SECONDS`` ago, with no pass of it under way nor waiting for a retry: a
+        firing skipped because a pass begun before its time (the catch-up at start, just before 09:00) was still
+        going, or one APScheduler never fired. Without this the running daemon planned it at the next cron time
+        only, a day later for a daily cron, where a restart planned it at once."""
+        before = self.clock.now() - timedelta(seconds=MISSED_AFTER_SECONDS)
+        for campaign in enabled:
+            if self._stop.is_set():
+                return
+            if campaign in self._planning.values() or campaign in self._plan_failed or campaign in self._plan_skipped:
+                continue
+            last = await self.astore.call(opstore.last_run, self.store, f"plan:{campaign}")
+            due = missed_run(settings.schedule.cron_of(campaign), settings.shop.time_zone, last, before)
+            if due is not None and campaign not in self._planning.values():
+                self._plan_in_maintenance(campaign, due.isoformat() if last is not None else "never planned")
+
     def _plan_in_maintenance(self, campaign: str, missed: str) -> None:
         """Run ``campaign``'s planning pass beside the maintenance (``plan_catch_up``, with why it is run now)."""
         log.event("plan_catch_up", campaign=campaign, missed=missed)
@@ -636,6 +656,8 @@ class Daemon:
                 del self._plan_failed[campaign]
             elif not self._stop.is_set() and at <= mono and campaign not in self._planning.values():
                 self._plan_in_maintenance(campaign, "its last pass failed (job_failed)")
+        if not self._catching_up and (self._reload_catch_up is None or self._reload_catch_up.done()):
+            await self._plan_missed(settings, enabled)
         now = self.clock.now()
         # not the rows this process still has outcomes for (a database outage outlasted their leases): it is alive
         held = self.gen.dispatcher.holds() | (self._active.dispatcher.holds() if self._active is not None else set())

@@ -34,7 +34,9 @@ _process_jobs`` and ``executors.base.run_coroutine_job``):
 * The memory job store forgets everything at exit, and a job added at start-up
   gets its *next* fire time, so a run missed while the daemon was **down** would
   be lost. ``missed_run`` answers "was a run due between the last recorded run
-  and now?" from the ``job_run`` table; the daemon then plans once at start-up.
+  and now?" from the ``job_run`` table; the daemon then plans once at start-up,
+  and a maintenance asks it too (a firing skipped by ``max_instances``, begun
+  before its time, is one a pass did not cover: it is planned then, once).
 """
 
 from __future__ import annotations
