@@ -203,3 +203,18 @@ def test_every_line_is_prometheus_text_even_with_a_hostile_label_value() -> None
     assert "kembali_fake" not in typed and not any(line.startswith("kembali_fake") for line in text.splitlines())
     assert "kembali_dispatcher_paused 1" in text.splitlines()
     assert not any(line.startswith("kembali_queue_depth ") for line in text.splitlines())  # unread: no sample
+
+
+def test_metrics_say_when_each_campaign_last_finished_a_planning_pass() -> None:
+    # A planning pass stuck on a lock, or a scheduler that stopped firing, showed nowhere: /healthz stayed 200 (the
+    # dispatcher is let go after PLANNING_HOLD_SECONDS), the counters only stopped growing, which a quiet shop's
+    # passes (0 created) do too. The time of each campaign's last finished pass lets a monitor alert on its age.
+    m = Metrics()
+    m.observe_planned("winback", 0, at=1_800_000_000.0)
+    m.observe_planned("birthday", 2, at=1_800_000_060.5)
+    m.observe_planned("winback", 0, at=1_800_000_120.0)
+    lines = m.render(ledger={}, queue_depth=0, rate_limit_per_second=50.0, rate_burst=50, paused=False,
+                     now=0.0).splitlines()
+    assert "# TYPE kembali_last_planned_timestamp_seconds gauge" in lines
+    assert 'kembali_last_planned_timestamp_seconds{campaign="birthday"} 1800000060.5' in lines
+    assert 'kembali_last_planned_timestamp_seconds{campaign="winback"} 1800000120' in lines

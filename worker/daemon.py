@@ -547,7 +547,7 @@ class Daemon:
         report = await asyncio.to_thread(plan, self.store, settings, now, [campaign])
         await self.astore.call(opstore.record_run, self.store, f"plan:{campaign}", at=now, worker=self.worker)
         created = report.created.get(campaign, 0)
-        self.metrics.observe_planned(campaign, created)
+        self.metrics.observe_planned(campaign, created, at=now.timestamp())
         log.event("campaign_planned", campaign=campaign, created=created,
                   considered=report.considered.get(campaign, 0))
         if created:

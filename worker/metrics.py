@@ -59,8 +59,14 @@ class Metrics:
     _sends: deque[float] = field(default_factory=deque)
     _last_health: Counter[str] = field(default_factory=Counter)
 
-    def observe_planned(self, campaign: str, created: int) -> None:
+    last_planned: dict[str, float] = field(default_factory=dict)
+    """When each campaign's last planning pass in this process finished (the pass's time, Unix seconds)."""
+
+    def observe_planned(self, campaign: str, created: int, *, at: float | None = None) -> None:
+        """A planning pass of ``campaign`` created ``created`` rows; ``at``: the time it planned for (Unix seconds)."""
         self.planned[campaign] += created
+        if at is not None:
+            self.last_planned[campaign] = at
 
     def observe_result(self, campaign: str, result: str, outcome: str | None, seconds: float | None, at: float) -> None:
         """One finished message; ``outcome``/``seconds`` when an SMTP attempt was made, ``at`` on a monotonic clock."""
@@ -132,6 +138,9 @@ class Metrics:
                [("", queue_depth)] if queue_depth is not None else [])
         family("kembali_planned_total", "counter", "Rows created by planning in this process.",
                ((_labels(campaign=c), n) for c, n in sorted(self.planned.items())))
+        family("kembali_last_planned_timestamp_seconds", "gauge",
+               "When each campaign's last planning pass in this process was done (Unix time): alert on its age.",
+               ((_labels(campaign=c), t) for c, t in sorted(self.last_planned.items())))
         family("kembali_results_total", "counter", "Messages this process finished, by campaign and result.",
                ((_labels(campaign=c, result=r), n) for (c, r), n in sorted(self.results.items())))
         family("kembali_attempts_total", "counter", "SMTP attempts by outcome.",
