@@ -2131,3 +2131,26 @@ def test_a_cron_time_a_running_daemon_let_pass_unplanned_is_planned_at_the_next_
     assert shop.scalar("SELECT count(*) FROM message WHERE campaign = 'winback'") == 3
     last = shop.scalar("SELECT last_run_at FROM job_run WHERE name = 'plan:winback'")
     assert datetime.fromisoformat(str(last)).replace(tzinfo=UTC) > datetime.now(UTC) - timedelta(minutes=1)
+
+
+def test_a_watched_reload_that_moves_the_templates_folder_is_one_reload_not_two(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon that watches its templates
+    watch = "\n[daemon]\nwatch_templates = true\nwatch_interval_seconds = 0.2\nshutdown_grace_seconds = 5.0\n"
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.config.write_text(shop.config.read_text().replace("\n[daemon]\nshutdown_grace_seconds = 5.0\n", watch))
+    moved = tmp_path / "templates-v2"
+    shutil.copytree(shop.templates, moved)
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        # When the config is saved with templates.dir pointing at another folder
+        shop.config.write_text(shop.config.read_text().replace(f'dir = "{shop.templates}"', f'dir = "{moved}"'))
+        daemon.wait_event("reload_done", timeout=30)
+        time.sleep(2.0)  # ten looks of the watcher, nothing saved since
+    finally:
+        assert daemon.stop() == 0
+    # Then it reloads once: the watcher compared the new folder with the old one's files, took that for an edit
+    # and checked every template again for nothing
+    assert len(daemon.named("reload_started")) == 1, [e for e in daemon.named("reload_started")]

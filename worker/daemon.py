@@ -840,6 +840,13 @@ class Daemon:
         except ConfigError as exc:
             log.event("reload_rejected", logging.ERROR, trigger=why, error=str(exc))
             return False
+        watched: tuple[tuple[str, int, int], ...] | None = None
+        if settings.resolve(settings.templates.dir) != old.settings.resolve(old.settings.templates.dir):
+            # the watcher looks at the new folder once this is accepted: its files as they are before the copy
+            # (the config file as it was before it was read), or the next look takes the move for an edit
+            config = str(self.config_path)
+            watched = await asyncio.to_thread(folder_signature, settings.resolve(settings.templates.dir))
+            watched += tuple(entry for entry in self._watched if entry[0] == config)
         changed = _restart_only_changes(old.settings, settings)
         if changed:  # each key by name, the first with its line (never a value: the database URL's password)
             first, *others = changed
@@ -880,6 +887,8 @@ class Daemon:
         # the slots booked, the domains slowed down, the messages told to wait for a domain's slot
         sooner = gen.dispatcher.limiter.take_over(old.dispatcher.limiter)
         self.gen = gen
+        if watched is not None:
+            self._watched = watched
         await self._bring_forward(sooner)
         # a language stored for a customer that has no templates reads as the shop's (``Store.default_locale``):
         # the shop's as reloaded, for the pages and this process's sends as for the compose helpers' new store
