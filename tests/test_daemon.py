@@ -2154,3 +2154,43 @@ def test_a_watched_reload_that_moves_the_templates_folder_is_one_reload_not_two(
     # Then it reloads once: the watcher compared the new folder with the old one's files, took that for an edit
     # and checked every template again for nothing
     assert len(daemon.named("reload_started")) == 1, [e for e in daemon.named("reload_started")]
+
+
+def test_a_maintenance_that_plans_a_pass_skipped_for_the_clock_does_not_start_it_twice(
+    tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import logging
+
+    from worker.adapters import opstore
+    from worker.pipeline import enabled_campaigns
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    settings = load_settings(shop.config)
+    store = shop.store()
+    try:  # Given every campaign last planned two days ago, and win-back's pass skipped for this host's clock
+        for campaign in enabled_campaigns(settings):
+            opstore.record_run(store, f"plan:{campaign}", at=datetime.now(UTC) - timedelta(days=2), worker="w")
+    finally:
+        store.close()
+
+    async def scenario() -> None:
+        daemon = daemon_module.Daemon(settings, config_path=shop.config)
+        daemon._plan_skipped.add("winback")
+        try:
+            # When the maintenance finds the clock right again
+            await daemon.maintenance()
+            while daemon._tasks or daemon._planning:
+                await asyncio.sleep(0.05)
+        finally:
+            await daemon._close()
+            daemon.store.close()
+
+    asyncio.run(scenario())
+    # Then it plans win-back once: not a second time for its missed cron time, skipped as "still going"
+    fields = [(r.getMessage(), getattr(r, "kembali_fields", {})) for r in caplog.records]
+    assert [f for name, f in fields if name == "plan_catch_up" and f.get("campaign") == "winback"] == [
+        {"campaign": "winback", "missed": "skipped while this host's clock was off"}], fields
+    assert not [f for name, f in fields if name == "job_skipped"], fields

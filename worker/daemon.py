@@ -576,9 +576,11 @@ class Daemon:
             if campaign in self._planning.values() or campaign in self._plan_failed or campaign in self._plan_skipped:
                 continue
             last = await self.astore.call(opstore.last_run, self.store, f"plan:{campaign}")
+            if last is None:  # never planned: the start's catch-up (or a reload's) plans it, or failed and retries
+                continue
             due = missed_run(settings.schedule.cron_of(campaign), settings.shop.time_zone, last, before)
             if due is not None and campaign not in self._planning.values():
-                self._plan_in_maintenance(campaign, due.isoformat() if last is not None else "never planned")
+                self._plan_in_maintenance(campaign, due.isoformat())
 
     def _plan_in_maintenance(self, campaign: str, missed: str) -> None:
         """Run ``campaign``'s planning pass beside the maintenance (``plan_catch_up``, with why it is run now)."""
