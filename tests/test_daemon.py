@@ -441,9 +441,7 @@ def test_a_template_saved_while_a_watched_reload_runs_is_picked_up_by_the_next_o
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     # Given a daemon that watches its templates
-    watch = "\n[daemon]\nwatch_templates = true\nwatch_interval_seconds = 0.2\nshutdown_grace_seconds = 5.0\n"
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *")
-    shop.config.write_text(shop.config.read_text().replace("\n[daemon]\nshutdown_grace_seconds = 5.0\n", watch))
+    shop = _watching_shop(tmp_path, smtp_server, "*/1 * * * * *")
     daemon = Daemon.start(shop)
     try:
         daemon.wait_event("daemon_started")
@@ -467,9 +465,7 @@ def test_a_template_saved_while_the_start_up_check_runs_is_picked_up_by_the_watc
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     # Given a daemon that watches its templates, whose start-up check takes a while
-    watch = "\n[daemon]\nwatch_templates = true\nwatch_interval_seconds = 0.2\nshutdown_grace_seconds = 5.0\n"
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="*/1 * * * * *")
-    shop.config.write_text(shop.config.read_text().replace("\n[daemon]\nshutdown_grace_seconds = 5.0\n", watch))
+    shop = _watching_shop(tmp_path, smtp_server, "*/1 * * * * *")
     (shop.templates / "winback" / "id" / "body.txt").write_text(SLOW, encoding="utf-8")
     daemon = Daemon.start(shop)
     try:
@@ -2095,36 +2091,10 @@ def test_a_cron_time_a_running_daemon_let_pass_unplanned_is_planned_at_the_next_
     """A firing can pass with no pass for it: skipped because the catch-up pass (begun just before 09:00) was still
     going, or never fired at all. A restart plans such a missed run at once (``missed_run`` on the ``job_run``
     table); the running daemon waited for the next cron time, a day for a daily cron, a week for a weekly one."""
-    import asyncio
-    import logging
-
-    from worker.adapters import opstore
-    from worker.pipeline import enabled_campaigns
-
-    caplog.set_level(logging.INFO)
-    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
-    shop.add(range(3), days_ago=60)
-    settings = load_settings(shop.config)
-    store = shop.store()
-    try:  # Given every campaign last planned two days ago: at least one 09:00 has passed since, unplanned
-        for campaign in enabled_campaigns(settings):
-            opstore.record_run(store, f"plan:{campaign}", at=datetime.now(UTC) - timedelta(days=2), worker="w")
-    finally:
-        store.close()
-
-    async def scenario() -> None:
-        daemon = daemon_module.Daemon(settings, config_path=shop.config)
-        try:
-            # When a maintenance runs (no pass under way, no catch-up)
-            await daemon.maintenance()
-            while daemon._tasks or daemon._planning:
-                await asyncio.sleep(0.05)
-        finally:
-            await daemon._close()
-            daemon.store.close()
-
-    asyncio.run(scenario())
+    # Given every campaign last planned two days ago: at least one 09:00 has passed since, unplanned
+    shop = _planned_days_ago(tmp_path, smtp_server, monkeypatch, caplog, customers=3)
+    # When a maintenance runs (no pass under way, no catch-up)
+    _one_maintenance(shop)
     # Then the missed run is planned now, once, and recorded
     catch_ups = [getattr(r, "kembali_fields", {}) for r in caplog.records if r.getMessage() == "plan_catch_up"]
     assert [c for c in catch_ups if c.get("campaign") == "winback"], catch_ups
@@ -2137,9 +2107,7 @@ def test_a_watched_reload_that_moves_the_templates_folder_is_one_reload_not_two(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     # Given a daemon that watches its templates
-    watch = "\n[daemon]\nwatch_templates = true\nwatch_interval_seconds = 0.2\nshutdown_grace_seconds = 5.0\n"
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
-    shop.config.write_text(shop.config.read_text().replace("\n[daemon]\nshutdown_grace_seconds = 5.0\n", watch))
+    shop = _watching_shop(tmp_path, smtp_server, "0 9 * * *")
     moved = tmp_path / "templates-v2"
     shutil.copytree(shop.templates, moved)
     daemon = Daemon.start(shop)
@@ -2159,7 +2127,20 @@ def test_a_watched_reload_that_moves_the_templates_folder_is_one_reload_not_two(
 def test_a_maintenance_that_plans_a_pass_skipped_for_the_clock_does_not_start_it_twice(
     tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import asyncio
+    # Given every campaign last planned two days ago, and win-back's pass skipped for this host's clock
+    shop = _planned_days_ago(tmp_path, smtp_server, monkeypatch, caplog, customers=0)
+    # When the maintenance finds the clock right again
+    _one_maintenance(shop, skipped_for_the_clock="winback")
+    # Then it plans win-back once: not a second time for its missed cron time, skipped as "still going"
+    fields = [(r.getMessage(), getattr(r, "kembali_fields", {})) for r in caplog.records]
+    assert [f for name, f in fields if name == "plan_catch_up" and f.get("campaign") == "winback"] == [
+        {"campaign": "winback", "missed": "skipped while this host's clock was off"}], fields
+    assert not [f for name, f in fields if name == "job_skipped"], fields
+
+
+def _planned_days_ago(tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch,
+                      caplog: pytest.LogCaptureFixture, *, customers: int) -> Shop:
+    """A shop planning daily at 09:00, ``customers`` due a win-back, every campaign last planned two days ago."""
     import logging
 
     from worker.adapters import opstore
@@ -2168,19 +2149,26 @@ def test_a_maintenance_that_plans_a_pass_skipped_for_the_clock_does_not_start_it
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
-    settings = load_settings(shop.config)
+    if customers:
+        shop.add(range(customers), days_ago=60)
     store = shop.store()
-    try:  # Given every campaign last planned two days ago, and win-back's pass skipped for this host's clock
-        for campaign in enabled_campaigns(settings):
+    try:
+        for campaign in enabled_campaigns(load_settings(shop.config)):
             opstore.record_run(store, f"plan:{campaign}", at=datetime.now(UTC) - timedelta(days=2), worker="w")
     finally:
         store.close()
+    return shop
+
+
+def _one_maintenance(shop: Shop, *, skipped_for_the_clock: str | None = None) -> None:
+    """Run one maintenance of an in-process daemon (not started), and wait for the passes it begins."""
+    import asyncio
 
     async def scenario() -> None:
-        daemon = daemon_module.Daemon(settings, config_path=shop.config)
-        daemon._plan_skipped.add("winback")
+        daemon = daemon_module.Daemon(load_settings(shop.config), config_path=shop.config)
+        if skipped_for_the_clock is not None:
+            daemon._plan_skipped.add(skipped_for_the_clock)
         try:
-            # When the maintenance finds the clock right again
             await daemon.maintenance()
             while daemon._tasks or daemon._planning:
                 await asyncio.sleep(0.05)
@@ -2189,8 +2177,11 @@ def test_a_maintenance_that_plans_a_pass_skipped_for_the_clock_does_not_start_it
             daemon.store.close()
 
     asyncio.run(scenario())
-    # Then it plans win-back once: not a second time for its missed cron time, skipped as "still going"
-    fields = [(r.getMessage(), getattr(r, "kembali_fields", {})) for r in caplog.records]
-    assert [f for name, f in fields if name == "plan_catch_up" and f.get("campaign") == "winback"] == [
-        {"campaign": "winback", "missed": "skipped while this host's clock was off"}], fields
-    assert not [f for name, f in fields if name == "job_skipped"], fields
+
+
+def _watching_shop(tmp_path: Path, smtp_server: RecordingServer, plan_cron: str) -> Shop:
+    """A shop whose daemon watches its templates and config (every 0.2 s)."""
+    watch = "\n[daemon]\nwatch_templates = true\nwatch_interval_seconds = 0.2\nshutdown_grace_seconds = 5.0\n"
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron=plan_cron)
+    shop.config.write_text(shop.config.read_text().replace("\n[daemon]\nshutdown_grace_seconds = 5.0\n", watch))
+    return shop
