@@ -1358,8 +1358,9 @@ def test_sends_the_server_took_as_the_grace_period_ran_out_with_the_database_awa
         # Then the daemon writes what it kept, as it does when the sends ended within the grace period: both are
         # sent, not left 'sending' (to become uncertain at their leases' end) nor made uncertain by the shutdown
         assert daemon.wait(30) == 0, daemon.log()
-    assert len(smtp_server.messages) == 2
-    assert dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status")) == {"sent": 2}, daemon.log()
+    statuses = dict(shop.rows("SELECT status, count(*) FROM message GROUP BY status"))
+    assert len(smtp_server.messages) == 2, (statuses, daemon.log())
+    assert statuses == {"sent": 2}, daemon.log()
     assert not daemon.named("email_uncertain"), daemon.log()
 
 
