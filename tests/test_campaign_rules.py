@@ -38,7 +38,7 @@ from worker.domain import (
 NOW = datetime(2027, 2, 28, 16, 30, tzinfo=UTC)
 """23:30 on 28 February 2027 in Jakarta; already 01:30 on 1 March in Jayapura. 2027 is not a leap year."""
 D, S, X, R = OrderStatus.DELIVERED, OrderStatus.SHIPPED, OrderStatus.CANCELLED, OrderStatus.REFUNDED
-JKT, JAYA = "Asia/Jakarta", "Asia/Jayapura"
+JKT, JAYA, KIRITIMATI = "Asia/Jakarta", "Asia/Jayapura", "Pacific/Kiritimati"
 
 SETTINGS = settings_from_dict({
     "campaigns": {
@@ -116,6 +116,11 @@ BIRTHDAY = [
     Case("born 29 Feb, in Jayapura: the 28th has passed there", 0, birthday=date(1996, 2, 29), zone=JAYA),
     Case("born 27 Feb: passed", 0, birthday=date(1990, 2, 27)),
     Case("no birthday: never", 0),
+    Case("born 1 March, in Kiritimati (+14) where it is 1 March", 1, birthday=date(1990, 3, 1), zone=KIRITIMATI),
+    Case("born 28 Feb, in Kiritimati where it has passed", 0, birthday=date(1990, 2, 28), zone=KIRITIMATI),
+    Case("born 28 Feb, in Adak (-10) where it is 28 Feb", 1, birthday=date(1990, 2, 28), zone="America/Adak"),
+    Case("born 29 Feb, in Adak: 28 Feb", 1, birthday=date(1992, 2, 29), zone="America/Adak"),
+    Case("born 27 Feb, in Adak: passed", 0, birthday=date(1990, 2, 27), zone="America/Adak"),
     Case("no consent", 0, birthday=date(1990, 2, 28), consent=False),
     Case("suppressed", 0, birthday=date(1990, 2, 28), suppressed=True),
     Case("this year's already planned", 0, birthday=date(1990, 2, 28), planned=True),
@@ -132,6 +137,8 @@ FEEDBACK = [
     Case("paid 10 days ago, no delivery time", 1, (o(OrderStatus.PAID, 10),)),
     Case("placed long ago, delivered 8 days ago: the delivery counts", 1, (o(D, 40, 8),)),
     Case("a cancelled order is never asked about", 0, (o(X, 10),)),
+    Case("delivered (8.2 days ago) before it was placed (8 days ago)", 1, (o(D, 8, 8.2),)),
+    Case("delivered (7.1 days ago) before placed (6.9 days ago): the delivery counts", 1, (o(D, 6.9, 7.1),)),
     Case("a refunded order neither", 0, (o(R, 12, 8),)),
     Case("two orders due: one request each", 2, (o(D, 12, 8), o(D, 15, 10))),
     Case("no consent", 0, (o(D, 12, 8),), consent=False),
@@ -145,6 +152,10 @@ NEW_PRODUCTS = [
     Case("last order 100 days ago", 1, (o(D, 100), o(D, 300))),
     Case("last order 181 days ago: not active, win-back's audience", 0, (o(D, 181),)),
     Case("no orders", 0),
+    Case("last order exactly when the newest product launched", 0, (o(D, 5),)),
+    Case("last order a second before the launch", 1, (o(D, 5 + 1 / 86400),)),
+    Case("a cancelled order after the launch, the purchase before", 1, (o(D, 10), o(X, 1))),
+    Case("a refunded order after the launch, the purchase before", 1, (o(D, 10), o(R, 1))),
     Case("only a cancelled order", 0, (o(X, 10),)),
     Case("no consent", 0, (o(D, 10),), consent=False),
     Case("already planned this week", 0, (o(D, 10),), planned=True),
