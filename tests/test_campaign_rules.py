@@ -574,15 +574,19 @@ def test_the_campaign_rule_is_checked_again_right_before_sending(
 
 
 def test_new_product_picks_prefer_their_categories_then_best_sellers() -> None:
-    def p(ext: str, cat: str) -> ProductView:
-        return ProductView(ext, ext, cat, 100, "IDR", "https://shop.example/" + ext, "")
+    def p(ext: str, cat: str, sold: int = 0) -> ProductView:
+        return ProductView(ext, ext, cat, 100, "IDR", "https://shop.example/" + ext, "", sold=sold)
 
     new = [cc.Launch(p("N1", "Kopi"), NOW - ago(3)), cc.Launch(p("N2", "Batik"), NOW - ago(1)),
            cc.Launch(p("N3", "Kopi"), NOW - ago(1))]  # fmt: skip
-    best = [p("B1", "Tas"), p("B2", "Kopi"), p("B3", "Batik")]
+    best = [p("B1", "Tas", 9), p("B2", "Kopi", 5), p("B3", "Batik", 1), p("U1", "Tas"), *(x.product for x in new)]
     assert [x.external_id for x in cc.pick_new_products(new, [p("K", "Kopi")], best, 5)] == ["N3", "N1"]
     assert [x.external_id for x in cc.pick_new_products(new, [p("T", "Hijab")], best, 2)] == ["B1", "B2"]
+    # best sellers are products that sold: no unsold one fills the list up
     assert [x.external_id for x in cc.pick_new_products(new, [p("B1", "Hijab")], best, 5)] == ["B2", "B3"]
+    # every best seller owned: the news itself, whatever its category, newest first (not unsold products)
+    owned = [p("B1", "Hijab"), p("B2", "Hijab"), p("B3", "Hijab")]
+    assert [x.external_id for x in cc.pick_new_products(new, owned, best, 5)] == ["N2", "N3", "N1"]
 
 
 def test_winback_sequence_advances_step_by_step_and_stops_when_they_order_again(db_url: str) -> None:

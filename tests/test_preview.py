@@ -420,6 +420,37 @@ def test_new_products_news_is_called_new_only_when_it_shows_launches_from_their_
     assert [(row["customer"], row["subject"]) for row in lines if row["action"] == "send"] == [("C1", subject)]
 
 
+def test_news_for_a_customer_who_owns_every_best_seller_shows_the_news_not_unsold_products_as_favourites(
+    tmp_path: Path,
+) -> None:
+    # Given a shop whose one best seller (P-BEST) and other old products C1 bought 20 days ago, and which since
+    # launched P-NEW in a category C1 never bought from; P-DUD, old, never sold
+    site = make_site(tmp_path / "shop", extra_toml="[campaigns.new_products]\nenabled = true\n")
+    def product(ext: str, name: str, category: str, days_ago: int) -> ProductRecord:
+        return ProductRecord(ext, name, category, 100_000, "IDR", f"https://toko.example/{ext}", "",
+                             T - timedelta(days=days_ago), True)  # fmt: skip
+    load_shop(site.settings, ShopData(
+        [customer("C1", locale=Locale.EN)],
+        [product("P-BEST", "Sandal Laris", "Sandal", 300), product("P-DUD", "Payung Sepi", "Payung", 300),
+         product("P-NEW", "Tas Rotan Baru", "Tas", 3)],
+        [OrderRecord("O1", "C1", OrderStatus.DELIVERED, T - timedelta(days=20), None, 100_000, "IDR",
+                     (OrderLineRecord("P-BEST", 1, 100_000),))],
+    ), T)  # fmt: skip
+
+    # When the operator previews the news, the email written out
+    done = site.cli("preview", "--at", T.isoformat(), "--campaign", "new_products", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    (eml,) = (tmp_path / "out").glob("*.eml")
+    mail = BytesParser(policy=policy.default).parsebytes(eml.read_bytes())
+    text = mail.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+
+    # Then it shows what is new since their last order, as news: not a product no one bought as "what our customers
+    # love most"
+    assert mail["Subject"] == "New at Toko Kembali: Tas Rotan Baru"
+    assert "Something new since your last order:" in text and "love most" not in text, text
+    assert "Tas Rotan Baru" in text and "Payung Sepi" not in text, text
+
+
 def test_customers_imported_without_a_language_are_written_to_in_the_shops(tmp_path: Path) -> None:
     # Given a shop whose default language is English, and a customers file without a locale column
     site = make_site(tmp_path / "shop", extra_toml='[shop]\ndefault_locale = "en"\n')

@@ -112,10 +112,14 @@ def extra_context(
         bought = facts.customer_products.get(message.customer_id, [])
         new = cc.new_since(customer.last_order_at, facts.launches, now, cfg.within_days)
         picks = cc.pick_new_products(new, bought, facts.catalogue, cfg.max_products)
+        in_their_categories = bool(cc.new_in_their_categories(new, bought))
         return {
             "products": [product_dict(p, shop_url) for p in picks],
-            # the picks are new ones exactly when some are (else best sellers, which need not be new)
-            "new": bool(cc.new_in_their_categories(new, bought)),
+            # the picks are new ones from their categories exactly when some are (else best sellers, which need not
+            # be new, or, for one who owns every best seller, the news of other categories: ``news``)
+            "new": in_their_categories,
+            "news": not in_their_categories and bool(picks) and all(
+                p.external_id in {x.product.external_id for x in new} for p in picks),
         }
     if campaign == cc.LOYALTY:
         kind, amount = cc.milestone_of(message.payload) or ("orders", 0)

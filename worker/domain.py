@@ -412,6 +412,9 @@ class ProductView:
     currency: str
     url: str
     image_url: str
+    sold: int = 0
+    """Units sold (purchases only), where the shop's catalogue is read (``Store.catalogue``); 0 elsewhere. A best seller
+    is a product that sold: new-products' fallback shows no unsold product as what customers love."""
 
 
 @dataclass(frozen=True, slots=True)

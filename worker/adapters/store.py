@@ -1434,7 +1434,7 @@ class Store:
             .order_by(sa.desc("units"), P.c.id)
         )
         with db.reading(self.engine) as conn:
-            return [(product_view(r), int(r.units)) for r in conn.execute(query)]
+            return [(replace(product_view(r), sold=int(r.units)), int(r.units)) for r in conn.execute(query)]
 
     def customer_by_external_id(self, external_id: str) -> tuple[CustomerSnapshot, int | None, str | None] | None:
         """A customer with their first order's id and shop id (for test sends), or None."""

@@ -440,12 +440,27 @@ def pick_new_products(
     new: Sequence[Launch], bought: Sequence[ProductView], best_sellers: Sequence[ProductView], n: int
 ) -> list[ProductView]:
     """New products in the categories the customer bought from (``new_in_their_categories``); when none
-    match, the shop's best sellers they do not own. At most ``n``."""
+    match, the shop's best sellers (products that sold: ``ProductView.sold``) they do not own; when they own every
+    one, the news itself, whatever its category, newest first (``news_elsewhere``); with no news either (a
+    rendering outside planning: ``check``, ``send-test``), the catalogue's products they do not own. At most ``n``.
+
+    (An unsold product filled the best sellers up: one who had bought every best seller was shown products no one
+    bought, the news among them, as "what our customers love most".)"""
     matching = new_in_their_categories(new, bought)
     if matching:
         return matching[:n]
     owned = {p.external_id for p in bought}
-    return [p for p in best_sellers if p.external_id not in owned][:n]
+    favourites = [p for p in best_sellers if p.sold > 0 and p.external_id not in owned]
+    rest = [p for p in best_sellers if p.external_id not in owned]
+    return (favourites or news_elsewhere(new, bought) or rest)[:n]
+
+
+def news_elsewhere(new: Sequence[Launch], bought: Sequence[ProductView]) -> list[ProductView]:
+    """The new products the customer does not own, whatever their category, newest first: what new-products shows
+    one who owns every best seller and for whom nothing new matches their categories."""
+    owned = {p.external_id for p in bought}
+    return [x.product for x in sorted(new, key=lambda x: x.launched_at, reverse=True)
+            if x.product.external_id not in owned]  # fmt: skip
 
 
 # --- loyalty -----------------------------------------------------------------------

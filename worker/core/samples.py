@@ -83,9 +83,9 @@ def bought_by(sample: Sample) -> list[ProductView]:
 _BASE = "https://toko-kembali.example/produk/"
 
 
-def _product(pid: str, name: str, category: str, price: int) -> ProductView:
+def _product(pid: str, name: str, category: str, price: int, sold: int = 0) -> ProductView:
     return ProductView(external_id=pid, name=name, category=category, price_minor=price, currency="IDR",
-                       url=f"{_BASE}{pid.lower()}", image_url=f"{_BASE}{pid.lower()}.jpg")  # fmt: skip
+                       url=f"{_BASE}{pid.lower()}", image_url=f"{_BASE}{pid.lower()}.jpg", sold=sold)  # fmt: skip
 
 
 def products() -> list[ProductView]:
@@ -99,7 +99,7 @@ def products() -> list[ProductView]:
         ("P-S03", "Toner Teh Hijau", "Skincare", 7_450_050),
         ("P-S05", "Kain Batik Tulis Solo Motif Sido Mukti Warna Sogan Klasik Ukuran 2,5 Meter", "Batik", 45_000_000),
     )
-    return [_product(*row) for row in rows]
+    return [_product(*row, sold=len(rows) - i) for i, row in enumerate(rows)]  # each sold: best sellers all
 
 
 def bought() -> list[ProductView]:
