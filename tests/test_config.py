@@ -271,6 +271,35 @@ def test_a_folder_given_as_the_config_is_named(tmp_path: Path) -> None:
     assert str(caught.value) == f"{tmp_path}: is a folder, not a config file"
 
 
+def test_an_endless_file_given_as_the_config_is_refused_not_read_forever() -> None:
+    # ``--config /dev/zero`` (or a log file named by mistake) read until memory ran out
+    with pytest.raises(ConfigError) as caught:
+        load_settings("/dev/zero")
+    assert str(caught.value) == "/dev/zero: larger than 1 MiB: not a config file"
+
+
+def test_a_config_read_from_a_pipe_still_loads(tmp_path: Path) -> None:
+    # as ``--config <(envsubst < config.toml)`` gives it: a named pipe, whose size is not known before it is read
+    import os
+    import threading
+
+    fifo = tmp_path / "config.pipe"
+    os.mkfifo(fifo)
+    text = '[shop]\nname = "Toko Pipa"\npostal_address = "Jl. Pipa 1"\n' + "# padding\n" * 20_000
+
+    def write() -> None:
+        with open(fifo, "w", encoding="utf-8") as out:
+            out.write(text)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        settings = load_settings(fifo)
+    finally:
+        writer.join(timeout=10)
+    assert settings.shop.name == "Toko Pipa"
+
+
 @pytest.mark.parametrize(
     ("raw", "key"),
     [

@@ -367,17 +367,24 @@ class Settings:
         return url
 
 
+MAX_CONFIG_BYTES = 2**20
+"""The largest config file read (a shop's is a few KB): past it the file is refused as not a config."""
+
+
 def load_settings(path: Path | str = DEFAULT_CONFIG) -> Settings:
     """Read and validate a config file; raise ConfigError naming file and key."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:  # read in a bounded size: ``--config /dev/zero`` is not read until memory is gone
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder, not a config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a config file")
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark, as Notepad writes one, is not TOML's to see
     except UnicodeDecodeError as exc:
