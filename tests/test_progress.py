@@ -257,3 +257,20 @@ def test_a_file_name_with_a_terminal_escape_is_shown_escaped() -> None:
     # Then the escape reaches the terminal as text, not as a command (and the line's fitting counts its columns)
     assert "\x1b[2J" not in terminal.getvalue()
     assert _drawn(terminal) == ["importing customers from a\\u001b[2Jb.csv: 5 lines read"]
+
+
+def test_the_first_message_done_is_counted_in_the_singular() -> None:
+    # the line is drawn at the first result: it read "sending: 1 messages done (1 sent)" at the start of every run
+    progress = SendProgress()
+    terminal = _Terminal()
+    progress.progress = Progress("sending", stream=terminal, every_seconds=0.0)
+
+    async def two_results() -> None:
+        progress.observe_result("winback", "sent", "sent", 0.01, time.monotonic())
+        progress.observe_result("winback", "skipped", "capped", None, time.monotonic())
+
+    asyncio.run(two_results())
+
+    drawn = terminal.getvalue()
+    assert "\rsending: 1 message done (1 sent)" in drawn, drawn
+    assert "\rsending: 2 messages done (1 sent)" in drawn, drawn

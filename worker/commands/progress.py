@@ -235,7 +235,9 @@ class SendProgress:
         self._count(self.progress.clock())
         # of what was done when the count was read and what was due then: a total that the deferred leave
         total = None if self.left is None else max(self.done, self._left_at_done + self.left)
-        self.progress.update(self.done, f"messages done ({self.sent:,} sent)", total=total)
+        # "1 of 40 messages done", but "1 message done" with no total to be one of
+        noun = "message" if self.done == 1 and total is None else "messages"
+        self.progress.update(self.done, f"{noun} done ({self.sent:,} sent)", total=total)
 
     def _count(self, now: float) -> None:
         """Read ``due_now`` again in a thread, when the last count is done and older than ``COUNT_EVERY_SECONDS``
