@@ -696,3 +696,30 @@ def test_removing_an_unsubscribe_names_the_addresses_it_followed_the_customer_to
     assert capsys.readouterr().out == (
         "budi_2@example.net: removed from the suppression list (it was there as 'unsubscribed', from customer C1 "
         "moved from budi.baru@example.org, since 2026-12-01 03:04 UTC)\n")
+
+
+def test_an_endless_file_is_refused_as_no_text_without_being_read_to_its_end(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `suppress import /dev/zero` read the whole "file" into memory: a MemoryError traceback after 24 GB
+    code = run(config, "import", "/dev/zero")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("kembali suppress import: /dev/zero: the file is "), err
+    assert err.rstrip().endswith("nothing was imported"), err
+
+
+def test_a_file_larger_than_a_list_may_be_is_refused_naming_the_bound(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a bound of 1 KiB (512 MiB in use: about 15 million addresses) and a file of 60 addresses past it
+    from worker.commands import suppressing
+
+    monkeypatch.setattr(suppressing, "MAX_LIST_BYTES", 1024)
+    file = tmp_path / "bounces.txt"
+    file.write_text("".join(f"pelanggan{n:03}@example.com\n" for n in range(60)), encoding="utf-8")
+    # When it is imported, it is refused, nothing of it suppressed
+    assert run(config, "import", str(file)) == 2
+    assert capsys.readouterr().err == (f"kembali suppress import: {file}: larger than 1 KiB, the most a list "
+                                       "may be: split it: nothing was imported\n")
+    assert suppress_list(config, capsys).splitlines()[1:] == []

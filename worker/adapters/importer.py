@@ -1342,6 +1342,8 @@ def no_text(start: bytes) -> str | None:
     for magic, what in _PACKED.items():
         if start.startswith(magic):
             return f"is {what}"
+    if b"\x00\x00" in start[:4]:  # no UTF-16 text's first characters (/dev/zero, a disk image)
+        return "is binary data (zero bytes), not text"
     if start[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in start[:4]:  # a BOM, or the zero byte of 'i' (0069)
         return "is UTF-16 text (Excel's 'Unicode Text'): save the sheet as 'CSV UTF-8'"
     return None

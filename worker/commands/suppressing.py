@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import re
@@ -30,6 +31,8 @@ from worker.log import printable
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
 MAX_SOURCE_CHARS = 100
+MAX_LIST_BYTES = 512 * 2**20
+"""The largest file ``suppress import`` reads (it holds the list in memory): some 15 million addresses."""
 """The width of the suppression list's source column."""
 
 
@@ -241,9 +244,15 @@ def _import(store: Store, target: str, given: str | None) -> int:
     """``given``: the --reason for every address; without it, each address's reason cell, else 'manual'."""
     from worker.adapters.clock import SystemClock
 
-    data = sys.stdin.buffer.read() if target == "-" else Path(target).read_bytes()
-    if (what := no_text(data[:4])) is not None:  # as `kembali import` says it: each line is no address
-        print(f"kembali suppress import: {target}: the file {what}: nothing was imported", file=sys.stderr)
+    with contextlib.nullcontext(sys.stdin.buffer) if target == "-" else Path(target).open("rb") as stream:
+        data = stream.read(4)  # what it is, before it is read further: /dev/zero is read no further
+        if (what := no_text(data)) is not None:  # as `kembali import` says it: each line is no address
+            print(f"kembali suppress import: {target}: the file {what}: nothing was imported", file=sys.stderr)
+            return EXIT_USAGE
+        data += stream.read(MAX_LIST_BYTES + 1 - len(data))
+    if len(data) > MAX_LIST_BYTES:
+        print(f"kembali suppress import: {target}: larger than {_size(MAX_LIST_BYTES)}, the most a list may be: "
+              "split it: nothing was imported", file=sys.stderr)
         return EXIT_USAGE
     try:
         text = data.decode("utf-8-sig")
@@ -330,3 +339,11 @@ def _entry(cells: dict[str, str], given: str | None, source: str, now: datetime,
             else:
                 entry["created_at"] = at
     return entry
+
+
+def _size(octets: int) -> str:
+    """``512 MiB``, ``1 KiB``: a bound in the largest binary unit it is a whole number of."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if octets % size == 0:
+            return f"{octets // size} {unit}"
+    return f"{octets:,} bytes"
