@@ -2128,6 +2128,32 @@ def test_a_watched_reload_that_moves_the_templates_folder_is_one_reload_not_two(
     assert len(daemon.named("reload_started")) == 1, [e for e in daemon.named("reload_started")]
 
 
+def test_a_template_mended_in_the_folder_a_rejected_reload_moved_to_is_reloaded_by_the_watcher(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon that watches its templates, and a copy of them with a broken win-back subject
+    shop = _watching_shop(tmp_path, smtp_server, "0 9 * * *")
+    moved = tmp_path / "templates-v2"
+    shutil.copytree(shop.templates, moved)
+    subject = moved / "winback" / "en" / "subject.txt"
+    good = subject.read_text(encoding="utf-8")
+    subject.write_text("{% if %}" + good, encoding="utf-8")
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        # When the config is saved with templates.dir pointing at the copy, the reload is rejected
+        shop.config.write_text(shop.config.read_text().replace(f'dir = "{shop.templates}"', f'dir = "{moved}"'))
+        daemon.wait_event("reload_rejected", timeout=30)
+        # and the operator mends the template there, touching nothing else
+        subject.write_text(good, encoding="utf-8")
+        # Then the watcher sees it and reloads (it watched the old folder only: nothing happened until a SIGHUP)
+        done = daemon.wait_event("reload_done", timeout=30)
+    finally:
+        assert daemon.stop() == 0
+    assert [e["trigger"] for e in daemon.named("reload_started")] == ["watch", "watch"], daemon.log()
+    assert done["trigger"] == "watch", done
+
+
 def test_a_maintenance_that_plans_a_pass_skipped_for_the_clock_does_not_start_it_twice(
     tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

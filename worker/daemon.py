@@ -194,6 +194,9 @@ class Daemon:
                  starting: StartupSignals | None = None) -> None:
         self.config_path = config_path
         self.starting = starting
+        self._named_folder: Path | None = None
+        """The templates folder the config file names when a reload that moved there was rejected (a template
+        broken in it): watched beside the running one, so that mending it there is a change the watcher reloads."""
         self._watched = self._watch_signature(settings)
         """The template and config files as they were before this generation copied them (the watcher's reference):
         one saved while the start-up check runs is a change the watcher reloads."""
@@ -767,7 +770,11 @@ class Daemon:
     # --- reload ----------------------------------------------------------------------
 
     def _watch_signature(self, settings: Settings) -> tuple[tuple[str, int, int], ...]:
-        return folder_signature(settings.resolve(settings.templates.dir), self.config_path)
+        running = settings.resolve(settings.templates.dir)
+        signature = folder_signature(running, self.config_path)
+        if self._named_folder is not None and self._named_folder != running:
+            signature += folder_signature(self._named_folder)
+        return signature
 
     async def _watch(self) -> None:
         signature = await asyncio.to_thread(self._watch_signature, self.gen.settings)
@@ -836,19 +843,26 @@ class Daemon:
         old = self.gen
         # the files as they are before this reload reads them: one saved while it runs is seen by the watcher
         # as a change and reloaded next (a signature taken after the reload would count it as loaded)
+        running = old.settings.resolve(old.settings.templates.dir)
+        base = await asyncio.to_thread(folder_signature, running, self.config_path)
         self._watched = await asyncio.to_thread(self._watch_signature, old.settings)
         try:
             settings = load_settings(self.config_path)
         except ConfigError as exc:
             log.event("reload_rejected", logging.ERROR, trigger=why, error=str(exc))
             return False
+        named = settings.resolve(settings.templates.dir)
         watched: tuple[tuple[str, int, int], ...] | None = None
-        if settings.resolve(settings.templates.dir) != old.settings.resolve(old.settings.templates.dir):
+        if named != running:
             # the watcher looks at the new folder once this is accepted: its files as they are before the copy
-            # (the config file as it was before it was read), or the next look takes the move for an edit
+            # (the config file as it was before it was read), or the next look takes the move for an edit; and
+            # beside the running one until then, so that a template mended there after a rejection is reloaded
+            fresh = await asyncio.to_thread(folder_signature, named)
             config = str(self.config_path)
-            watched = await asyncio.to_thread(folder_signature, settings.resolve(settings.templates.dir))
-            watched += tuple(entry for entry in self._watched if entry[0] == config)
+            watched = fresh + tuple(entry for entry in base if entry[0] == config)
+            self._named_folder, self._watched = named, base + fresh
+        else:
+            self._named_folder, self._watched = None, base
         changed = _restart_only_changes(old.settings, settings)
         if changed:  # each key by name, the first with its line (never a value: the database URL's password)
             first, *others = changed
@@ -889,6 +903,7 @@ class Daemon:
         # the slots booked, the domains slowed down, the messages told to wait for a domain's slot
         sooner = gen.dispatcher.limiter.take_over(old.dispatcher.limiter)
         self.gen = gen
+        self._named_folder = None
         if watched is not None:
             self._watched = watched
         await self._bring_forward(sooner)
