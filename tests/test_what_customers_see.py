@@ -171,6 +171,25 @@ def test_a_birthday_offer_sent_before_the_day_says_when_the_birthday_is(
         assert "Selamat ulang tahun! Semoga sehat" in part and "lebih awal" not in part and "tanggal" not in part
 
 
+def test_a_birthday_offer_suggests_what_the_customer_does_not_have_from_what_they_bought_from_first(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given Siti, whose birthday is today and who bought the shop's best seller (Kopi Gayo), as Budi did
+    siti = dataclasses.replace(customer("C1", name="Siti Aminah", locale=Locale.EN), birthday=date(1990, 11, 22))
+    store = make_shop(sqlite_url, [siti, customer("C2")],
+                      [one_time_order("O1", "C1", days_ago=200), one_time_order("O2", "C2", days_ago=200)])
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port},
+                            campaigns={"winback": {"enabled": False}, "birthday": {"enabled": True}})
+    # When a cycle sends her birthday offer
+    _send(settings, store)
+    text, html = _parts(_received(smtp_server)["c1@example.com"])
+    # Then "A few things you might like" leaves out the coffee she has (it was the first of the three), and puts
+    # the other coffee, from the category she bought from, before the batik shirt
+    suggested = text.split("A few things you might like", 1)[1]
+    assert "Kopi Gayo 250g" not in suggested and "Kopi Gayo 250g" not in html, text
+    assert suggested.index("Kopi Toraja 250g") < suggested.index("Kemeja Batik Parang"), suggested
+
+
 def test_a_birthday_offer_whose_planned_day_cannot_be_read_does_not_stop_the_others(
     sqlite_url: str, smtp_server: RecordingServer
 ) -> None:

@@ -17,6 +17,9 @@ from worker.core.recommend import recommend
 from worker.core.render import clean_text, product_dict
 from worker.domain import ClaimedMessage, CustomerSnapshot, ProductView, SendTimeFacts
 
+BIRTHDAY_SUGGESTIONS = 3
+"""The products a birthday offer suggests (its templates show three)."""
+
 
 @dataclass(frozen=True)
 class CampaignFacts:
@@ -96,7 +99,9 @@ def extra_context(
             "days_to_birthday": _days_to(birthday, customer, settings, now),
             "coupon_code": c.birthday.coupon_code,
             "coupon_percent": c.birthday.coupon_percent,
-            "recommendations": [product_dict(p, shop_url) for p in facts.catalogue[:3]],
+            # best sellers they do not have, from the categories they bought from first
+            "recommendations": [product_dict(p, shop_url) for p in recommend(
+                facts.customer_products.get(message.customer_id, []), facts.catalogue, BIRTHDAY_SUGGESTIONS)],
         }
     if campaign == cc.FEEDBACK:
         order_id = message.payload_id("order_id") or 0

@@ -151,13 +151,16 @@ def load_batch_facts(
             coming = _birthdays_to_come(store, settings, below, now, policy.lookback, known=planned)
             for box, to_come in coming.items():
                 ahead.setdefault(box, []).extend(to_come)
-        wanting = [m.customer_id for m in messages if m.campaign == cc.NEW_PRODUCTS]
-        if wanting:
-            news = [m.email for m in messages if m.campaign == cc.NEW_PRODUCTS]
-            news_sent = store.sent_times(news, since=now - cc.NEWS_SPACING, campaign=cc.NEW_PRODUCTS)
-            products = audience_sql.customer_products(store.engine, wanting)
+        news = [m for m in messages if m.campaign == cc.NEW_PRODUCTS]
+        if news:
+            news_sent = store.sent_times([m.email for m in news], since=now - cc.NEWS_SPACING,
+                                         campaign=cc.NEW_PRODUCTS)  # fmt: skip
             within = timedelta(days=settings.campaigns.new_products.within_days)
             launches = audience_sql.launches(store.engine, since=now - within, until=now)
+        # what each has bought: the news picks from it, and a birthday offer suggests what they do not have yet
+        wanting = [m.customer_id for m in messages if m.campaign in (cc.NEW_PRODUCTS, cc.BIRTHDAY)]
+        if wanting:
+            products = audience_sql.customer_products(store.engine, wanting)
     rated = [(i, m.customer_id) for m in messages
              if m.campaign == cc.FEEDBACK and (i := m.payload_id("order_id")) is not None]  # fmt: skip
     rewarded = [m.customer_id for m in messages if m.campaign == cc.LOYALTY]
