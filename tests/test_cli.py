@@ -502,6 +502,12 @@ def test_an_order_for_an_unknown_customer_is_named_by_line(tmp_path: Path) -> No
         (["preview", "--at", "2027-02-28"], "give an offset, e.g. 2027-02-28T10:00+07:00"),
         (["stats", "--now", "yesterday"], "argument --now: not an ISO 8601 date-time: 'yesterday'"),
         (["stats", "--now", "2027-02-28"], "argument --now: give an offset, e.g. 2027-02-28T10:00+07:00"),
+        # a day or an hour that does not exist is named as such, not as a text that is no date-time at all
+        (["preview", "--at", "2027-02-29T10:00+07:00"],
+         "argument --at: not an ISO 8601 date-time: '2027-02-29T10:00+07:00' (day is out of range for month)"),
+        (["stats", "--now", "2027-03-01T24:30+07:00"], "(hour must be in 0..23)"),
+        (["stats", "--since", "2026-13-01"], "argument --since: not a date (YYYY-MM-DD): '2026-13-01' (month must be "
+                                             "in 1..12)"),
         (["stats", "--now", "9999-01-01T00:00Z"], "argument --now: out of range: '9999-01-01T00:00Z'"),
         (["send-test", "--campaign", "winback", "--to", "not-an-address"], "invalid email address 'not-an-address'"),
         (["suppress", "import", "/nonexistent/bounces.txt"],

@@ -422,15 +422,21 @@ def _config_after_the_command(sub: argparse._SubParsersAction[argparse.ArgumentP
 def _date_arg(text: str) -> date:
     try:
         return date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}{_out_of_range(exc)}") from None
+
+
+def _out_of_range(exc: ValueError) -> str:
+    """`` (day is out of range for month)``: what is wrong with a date written in the right form (30 February, hour
+    24); nothing for a text of another form (Python's own words for it only repeat the text)."""
+    return "" if "isoformat" in str(exc) else f" ({exc})"
 
 
 def _datetime_arg(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 date-time: {text!r}") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date-time: {text!r}{_out_of_range(exc)}") from None
     if value.tzinfo is None:
         example = text if "T" in text else f"{text}T10:00"  # a date alone takes no offset: give it a time
         raise argparse.ArgumentTypeError(f"give an offset, e.g. {example}+07:00")
