@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from worker import contexts
+from worker import contexts, planning
 from worker.config import Settings
 from worker.core import campaigns as cc
 from worker.core import samples
@@ -165,12 +165,16 @@ def _sample_message(
 ) -> ClaimedMessage:
     """A message of the template folder ``folder`` (a win-back step's: that step's, ``contexts.sent_as``)."""
     campaign, step = contexts.sent_as(settings, folder)
-    birthday = contexts.birthday_to_show(settings, sample.customer, now)
+    payload = {**samples.SAMPLE_PAYLOAD, "template": folder,
+               "birthday": contexts.birthday_to_show(settings, sample.customer, now)}  # fmt: skip
+    spend = planning.loyalty_milestones(settings).spend_minor
+    if sample.spend_milestone and spend:  # the loyalty templates' other branch, labelled as planning labels it
+        payload["milestone"] = f"spend-{spend[0]}"
     return ClaimedMessage(
         id=0, dedupe_key=f"sample:{folder}:{sample.slug}", campaign=campaign, step=step,
         customer_id=sample.customer.id, email=sample.customer.email,
         message_id=f"<sample-{folder}-{sample.slug}@{settings.shop.domain}>", attempts=0, due_at=SAMPLE_NOW,
-        expires_at=SAMPLE_NOW, payload={**samples.SAMPLE_PAYLOAD, "template": folder, "birthday": birthday},
+        expires_at=SAMPLE_NOW, payload=payload,
     )  # fmt: skip
 
 

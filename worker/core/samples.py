@@ -26,6 +26,9 @@ class Sample:
     one_product: bool = False
     """One order line and one product in the shop (a win-back's usual order): ``bought[1]``, ``recommendations[1]``
     are not there."""
+    spend_milestone: bool = False
+    """A loyalty reward for a spend milestone (the shop's first ``spend_milestones``), not an order milestone: the
+    templates' other branch (``milestone_kind == "spend"``, ``milestone | money``)."""
 
 
 _NAMES = (
@@ -54,10 +57,16 @@ def _customer(i: int, name: str, locale: Locale) -> CustomerSnapshot:
     )
 
 
+_SPEND = frozenset({"single", "html"})
+"""The samples whose loyalty reward is for a spend milestone (the others': an order milestone)."""
+
+
 def samples(locale: Locale) -> list[Sample]:
-    """Every sample customer in one locale; the last two have no products to show, and one of each."""
+    """Every sample customer in one locale; the last two have no products to show, and one of each. Two reach a
+    loyalty spend milestone (``_SPEND``), the others an order milestone."""
     out = [
-        Sample(slug, label, _customer(i, name, locale)) for i, (slug, label, name) in enumerate(_NAMES, start=1)
+        Sample(slug, label, _customer(i, name, locale), spend_milestone=slug in _SPEND)
+        for i, (slug, label, name) in enumerate(_NAMES, start=1)
     ]
     out.append(Sample("noproducts", "no order lines, no recommendations",
                       _customer(len(_NAMES) + 1, "Agus Santoso", locale), with_products=False))  # fmt: skip
