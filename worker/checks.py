@@ -29,6 +29,7 @@ from worker.config import Settings
 from worker.core import campaigns as cc
 from worker.core import samples
 from worker.core.audiences import WINBACK
+from worker.core.policy import zone_of
 from worker.core.render import TemplateRenderer, build_context, build_message
 from worker.domain import ClaimedMessage, Locale, RenderedEmail, SendTimeFacts
 from worker.errors import TemplateError
@@ -165,8 +166,10 @@ def _sample_message(
 ) -> ClaimedMessage:
     """A message of the template folder ``folder`` (a win-back step's: that step's, ``contexts.sent_as``)."""
     campaign, step = contexts.sent_as(settings, folder)
-    payload = {**samples.SAMPLE_PAYLOAD, "template": folder,
-               "birthday": contexts.birthday_to_show(settings, sample.customer, now)}  # fmt: skip
+    birthday = contexts.birthday_to_show(settings, sample.customer, now)
+    if sample.birthday_today:  # the birthday templates' other branch: the offer goes on the day (days_to_birthday 0)
+        birthday = cc.local_today(now, zone_of(sample.customer.time_zone, settings.shop.time_zone)).isoformat()
+    payload = {**samples.SAMPLE_PAYLOAD, "template": folder, "birthday": birthday}
     spend = planning.loyalty_milestones(settings).spend_minor
     if sample.spend_milestone and spend:  # the loyalty templates' other branch, labelled as planning labels it
         payload["milestone"] = f"spend-{spend[0]}"

@@ -26,6 +26,9 @@ class Sample:
     one_product: bool = False
     """One order line and one product in the shop (a win-back's usual order): ``bought[1]``, ``recommendations[1]``
     are not there."""
+    birthday_today: bool = False
+    """A birthday offer that goes on the day (``days_to_birthday`` 0), not ``days_before`` it: the templates' other
+    branch (an offer held back by the contact policy, or planned late, goes on the day)."""
     spend_milestone: bool = False
     """A loyalty reward for a spend milestone (the shop's first ``spend_milestones``), not an order milestone: the
     templates' other branch (``milestone_kind == "spend"``, ``milestone | money``)."""
@@ -59,13 +62,17 @@ def _customer(i: int, name: str, locale: Locale) -> CustomerSnapshot:
 
 _SPEND = frozenset({"single", "html"})
 """The samples whose loyalty reward is for a spend milestone (the others': an order milestone)."""
+_ON_THE_DAY = frozenset({"noname", "bidi"})
+"""The samples whose birthday offer goes on the day (the others': ``days_before`` it)."""
 
 
 def samples(locale: Locale) -> list[Sample]:
     """Every sample customer in one locale; the last two have no products to show, and one of each. Two reach a
-    loyalty spend milestone (``_SPEND``), the others an order milestone."""
+    loyalty spend milestone (``_SPEND``), the others an order milestone; two get their birthday offer on the day
+    (``_ON_THE_DAY``), the others before it."""
     out = [
-        Sample(slug, label, _customer(i, name, locale), spend_milestone=slug in _SPEND)
+        Sample(slug, label, _customer(i, name, locale), birthday_today=slug in _ON_THE_DAY,
+               spend_milestone=slug in _SPEND)
         for i, (slug, label, name) in enumerate(_NAMES, start=1)
     ]
     out.append(Sample("noproducts", "no order lines, no recommendations",
