@@ -146,6 +146,11 @@ CASES = [
          _edit("birthday/en/body.txt", "{% else %}Happy birthday!{% endif %}",
                "{% else %}Happy birthday, {{ birthday | date('long') }}!{% endif %}"),
          Kind.RENDER, "birthday/en/body.txt", "date('long')"),
+    Case("a mistake in the new-products email's branch for news in the customer's categories (every sample was "
+         "shown the best sellers)",
+         _edit("new_products/id/subject.txt", "{{ products[0].name | truncate(40, end=\"…\", leeway=0) }}",
+               "{{ products[0].nama | truncate(40, end=\"…\", leeway=0) }}"),
+         Kind.UNDEFINED, "new_products/id/subject.txt", "products[0].nama"),
     Case("a '}}' too many: it is printed as text in every email",
          _edit("winback/id/body.html", "{{ shop.name }}. Semoga", "{{ shop.name }}}}. Semoga"),
          Kind.SYNTAX, "winback/id/body.html", "}}}}. Semoga"),

@@ -21,7 +21,7 @@ import html
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from worker import contexts, planning
@@ -152,12 +152,16 @@ class SampleRender:
 def _facts(sample: samples.Sample) -> BatchFacts:
     catalogue = samples.catalogue(sample)
     customer = sample.customer
+    launched = samples.launched(sample)  # a day ago, after their last order: news for the new-products email
+    last_order_at = SAMPLE_NOW - timedelta(days=7) if launched else SAMPLE_NOW
     return BatchFacts(
         customers={customer.id: SendTimeFacts(customer=customer, suppressed=False,
                                               order_count=samples.SAMPLE_ORDER_COUNT,
-                                              last_order_at=SAMPLE_NOW)},
+                                              last_order_at=last_order_at)},
         order_products={samples.SAMPLE_ORDER_ID: samples.bought_by(sample)},
         catalogue=catalogue,
+        customer_products={customer.id: samples.bought_by(sample)} if launched else {},
+        launches=[cc.Launch(p, SAMPLE_NOW - timedelta(days=1)) for p in launched],
     )  # fmt: skip
 
 

@@ -29,6 +29,9 @@ class Sample:
     birthday_today: bool = False
     """A birthday offer that goes on the day (``days_to_birthday`` 0), not ``days_before`` it: the templates' other
     branch (an offer held back by the contact policy, or planned late, goes on the day)."""
+    news: bool = False
+    """New products launched since the customer's last order, in the categories of their order: the new-products
+    email shows those (``new``), not the best sellers."""
     spend_milestone: bool = False
     """A loyalty reward for a spend milestone (the shop's first ``spend_milestones``), not an order milestone: the
     templates' other branch (``milestone_kind == "spend"``, ``milestone | money``)."""
@@ -64,15 +67,18 @@ _SPEND = frozenset({"single", "html"})
 """The samples whose loyalty reward is for a spend milestone (the others': an order milestone)."""
 _ON_THE_DAY = frozenset({"noname", "bidi"})
 """The samples whose birthday offer goes on the day (the others': ``days_before`` it)."""
+_NEWS = frozenset({"long", "encword"})
+"""The samples shown new products from their categories (the others: the shop's best sellers)."""
 
 
 def samples(locale: Locale) -> list[Sample]:
     """Every sample customer in one locale; the last two have no products to show, and one of each. Two reach a
     loyalty spend milestone (``_SPEND``), the others an order milestone; two get their birthday offer on the day
-    (``_ON_THE_DAY``), the others before it."""
+    (``_ON_THE_DAY``), the others before it; two are shown new products from their categories (``_NEWS``), the
+    others the best sellers."""
     out = [
         Sample(slug, label, _customer(i, name, locale), birthday_today=slug in _ON_THE_DAY,
-               spend_milestone=slug in _SPEND)
+               spend_milestone=slug in _SPEND, news=slug in _NEWS)
         for i, (slug, label, name) in enumerate(_NAMES, start=1)
     ]
     out.append(Sample("noproducts", "no order lines, no recommendations",
@@ -87,6 +93,16 @@ def catalogue(sample: Sample) -> list[ProductView]:
     if not sample.with_products:
         return []
     return [products()[1]] if sample.one_product else products()
+
+
+def launched(sample: Sample) -> list[ProductView]:
+    """The products launched since ``sample``'s last order: for a ``news`` sample, those of the catalogue in the
+    categories of their order that they do not own."""
+    if not sample.news:
+        return []
+    owned = bought_by(sample)
+    categories = {p.category for p in owned}
+    return [p for p in catalogue(sample) if p.category in categories and p not in owned]
 
 
 def bought_by(sample: Sample) -> list[ProductView]:
