@@ -101,6 +101,15 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
          "'policy.priorities' leaves out 'feedback', 'loyalty', which are enabled: list every enabled campaign"),
         ({"campaigns": {"loyalty": {"enabled": True}}, "policy": {"priorities": []}},
          "'policy.priorities' leaves out 'loyalty', 'winback', which are enabled"),
+        # a coupon code without its percent: the shipped copy told every customer of the step "0% off with the code"
+        ({"campaigns": {"winback": {"steps": [{"days": 45, "template": "winback-reminder", "coupon_code": "HALO"}]}}},
+         "'campaigns.winback.steps[0].coupon_percent' must be between 1 and 100 with a coupon_code ('HALO')"),
+        ({"campaigns": {"winback": {"coupon_code": "KEMBALI", "coupon_percent": 0}}},
+         "'campaigns.winback.coupon_percent' must be between 1 and 100 with a coupon_code ('KEMBALI')"),
+        ({"campaigns": {"birthday": {"coupon_percent": 0}}},
+         "'campaigns.birthday.coupon_percent' must be between 1 and 100 with a coupon_code ('ULTAH15')"),
+        ({"campaigns": {"loyalty": {"coupon_percent": 0}}},
+         "'campaigns.loyalty.coupon_percent' must be between 1 and 100 with a coupon_code ('SETIA20')"),
     ],
 )
 def test_bad_settings_name_the_key(raw: dict[str, object], message: str) -> None:

@@ -869,6 +869,7 @@ def _check(s: Settings) -> None:
               f"({last_step}), not {w.give_up_after_days}")
     if not 0 <= w.coupon_percent <= 100:
         _fail(s, "campaigns.winback.coupon_percent", "must be between 0 and 100")
+    _coupon(s, "campaigns.winback", w.coupon_code, w.coupon_percent)
     if s.checks.html_max_bytes < 1024:
         _fail(s, "checks.html_max_bytes", "must be at least 1024")
     if s.checks.subject_max_chars < 10:
@@ -927,6 +928,14 @@ def _check_daemon(s: Settings) -> None:
     if s.web.max_connections < 1:
         _fail(s, "web.max_connections", "must be at least 1")
 
+def _coupon(s: Settings, key: str, code: str, percent: int) -> None:
+    """A coupon code needs its percent: the templates say "{{ coupon_percent }}% off with the code …", and a step
+    given a code without one told its customers "0% off"."""
+    if code and percent < 1:
+        _fail(s, f"{key}.coupon_percent", f"must be between 1 and 100 with a coupon_code ({code!r}): the emails say "
+              f"'{percent}% off with the code {code}'; set the percent, or leave coupon_code empty for no coupon")
+
+
 def _check_campaigns(s: Settings) -> None:
     c = s.campaigns
     last = 0
@@ -939,6 +948,7 @@ def _check_campaigns(s: Settings) -> None:
             _fail(s, key + ".template", "must be a template folder name (a-z, 0-9, - and _)")
         if not 0 <= step.coupon_percent <= 100:
             _fail(s, key + ".coupon_percent", "must be between 0 and 100")
+        _coupon(s, key, step.coupon_code, step.coupon_percent)
     for name in ("winback", "birthday", "feedback", "new_products", "loyalty"):
         share = getattr(c, name).holdout_share
         if not 0.0 <= share < 1.0:
@@ -969,6 +979,8 @@ def _check_campaigns(s: Settings) -> None:
                      ("campaigns.loyalty.coupon_percent", c.loyalty.coupon_percent)):
         if not 0 <= pct <= 100:
             _fail(s, key, "must be between 0 and 100")
+    _coupon(s, "campaigns.birthday", c.birthday.coupon_code, c.birthday.coupon_percent)
+    _coupon(s, "campaigns.loyalty", c.loyalty.coupon_code, c.loyalty.coupon_percent)
     if any(n < 1 for n in c.loyalty.order_milestones):
         _fail(s, "campaigns.loyalty.order_milestones", "must be order counts of at least 1")
     if any(n < 1 for n in c.loyalty.spend_milestones):
