@@ -789,6 +789,21 @@ def test_no_coupon_promises_no_gift(campaign: str, locale: Locale) -> None:
         assert dangling not in email.html, dangling
 
 
+def test_a_loyalty_reward_for_a_first_order_milestone_says_one_order_in_english() -> None:
+    """``order_milestones = [1, …]`` (a thank-you for the first order) is a valid config: the English email said
+    "That's 1 orders with us" and "ordered from … 1 times"."""
+    extra = NO_COUPON["loyalty"] | {"milestone": 1, "order_count": 1}
+    email = JinjaTemplates(ROOT).render("loyalty", Locale.EN, campaign_context("loyalty", Locale.EN, extra))
+    assert email.subject == "Thank you, Siti! That's 1 order with us"
+    for part in (email.html, email.text):
+        assert "You have now ordered from Toko Kembali once." in part, part
+        assert "1 times" not in part and "1 orders" not in part
+    six = NO_COUPON["loyalty"] | {"order_count": 6}
+    email = JinjaTemplates(ROOT).render("loyalty", Locale.EN, campaign_context("loyalty", Locale.EN, six))
+    assert email.subject == "Thank you, Siti! That's 6 orders with us"
+    assert "You have now ordered from Toko Kembali 6 times." in email.text
+
+
 @pytest.mark.parametrize("locale", list(Locale))
 def test_winback_reminder_without_recommendations_promises_none(locale: Locale) -> None:
     """The first win-back step for a customer with nothing to recommend says hello and no more: no
