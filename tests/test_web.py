@@ -258,3 +258,27 @@ def test_closing_the_server_with_connections_open_leaves_no_traceback() -> None:
     unhandled, replies = asyncio.run(run())
     assert unhandled == []
     assert replies == [b"", b"", b""]  # each connection closed
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"HEAD / HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n", b"431"),
+        (b"HEAD / HTTP/1.1\r\nContent-Length: 9999999\r\n\r\n", b"413"),
+        (b"HEAD / HTTP/1.1\r\nHost: a\r\nbad header\r\n\r\n", b"400"),
+    ],
+    ids=["huge header", "huge body", "malformed header"],
+)
+def test_a_head_refused_gets_the_status_and_headers_and_no_body(raw: bytes, status: bytes) -> None:
+    """RFC 9110 9.3.2: the answer to a HEAD has no content. A refused HEAD (a link scanner's, a monitor's) got
+    the refusal's text after the headers: bytes a client reads as the start of its next answer."""
+    reply = exchange(raw)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == status and b"\r\nContent-Length: " in head
+    assert body == b""
+
+
+def test_a_head_that_times_out_gets_408_with_no_body() -> None:
+    reply = exchange(b"HEAD / HTTP/1.1\r\nHost: a\r\n", eof=False, timeout_seconds=0.2)
+    assert reply.startswith(b"HTTP/1.1 408") and reply.endswith(b"\r\n\r\n"), reply
+

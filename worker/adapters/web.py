@@ -140,13 +140,14 @@ class HttpServer:
                 await self._write(writer, "GET", _plain(HTTPStatus.SERVICE_UNAVAILABLE, "busy, try again"))
                 return
             self._reading[writer] = None
+            seen = _Seen()
             try:
-                request = await asyncio.wait_for(self._read(reader, writer), self.timeout_seconds)
+                request = await asyncio.wait_for(self._read(reader, writer, seen), self.timeout_seconds)
             except HttpError as exc:
-                await self._write(writer, "GET", _plain(exc.status, str(exc)))
+                await self._write(writer, seen.method, _plain(exc.status, str(exc)))
                 return
             except TimeoutError:
-                await self._write(writer, "GET", _plain(HTTPStatus.REQUEST_TIMEOUT, "request timed out"))
+                await self._write(writer, seen.method, _plain(HTTPStatus.REQUEST_TIMEOUT, "request timed out"))
                 return
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
@@ -180,18 +181,17 @@ class HttpServer:
         writer.transport.abort()
         return True
 
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Request:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large") from None
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial.strip():
-                raise HttpError(HTTPStatus.BAD_REQUEST, "incomplete request") from None
-            raise
-        lines = head[:-4].split(b"\r\n")
-        method, target = _request_line(lines[0])
-        headers = _headers(lines[1:])
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: _Seen) -> Request:
+        """The request; ``seen.method`` is its method as soon as its request line is in (a refusal of a HEAD, even
+        one whose headers are too large or come too slowly, has no body)."""
+        method, target, _version = _request_line(await self._line(reader, seen, first=True))
+        seen.method = method
+        lines: list[bytes] = []
+        while line := await self._line(reader, seen, first=False):
+            if len(lines) == MAX_HEADERS:
+                raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
+            lines.append(line)
+        headers = _headers(lines)
         if "transfer-encoding" in headers:
             raise HttpError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length, not Transfer-Encoding")
         length = _content_length(headers)
@@ -212,6 +212,22 @@ class HttpServer:
         except ValueError:
             raise HttpError(HTTPStatus.BAD_REQUEST, "too many query parameters") from None
         return Request(method=method, path=unquote(path), query=query, headers=headers, body=body)
+
+    async def _line(self, reader: asyncio.StreamReader, seen: _Seen, *, first: bool) -> bytes:
+        """The next line of the request's head, without its CRLF (empty: the head's end); the request line and the
+        headers together at most ``max_header_bytes``."""
+        try:
+            line = await reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError:
+            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large") from None
+        except asyncio.IncompleteReadError as exc:
+            if not first or exc.partial.strip():
+                raise HttpError(HTTPStatus.BAD_REQUEST, "incomplete request") from None
+            raise
+        seen.head_bytes += len(line)
+        if seen.head_bytes > self.max_header_bytes:
+            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large")
+        return line[:-2]
 
     async def _write(self, writer: asyncio.StreamWriter, method: str, response: Response) -> None:
         if writer.is_closing():  # the client reset the connection: uvloop raises RuntimeError on a write to it
@@ -234,7 +250,16 @@ class HttpServer:
         await asyncio.wait_for(writer.drain(), self.timeout_seconds)
 
 
-def _request_line(line: bytes) -> tuple[str, str]:
+@dataclass
+class _Seen:
+    """What is known of a request while its head is read: what its refusal depends on."""
+
+    method: str = "GET"
+    """``GET`` until the request line is read (then its method): a HEAD's answer is sent without its body."""
+    head_bytes: int = 0
+
+
+def _request_line(line: bytes) -> tuple[str, str, str]:
     parts = line.split(b" ")
     if len(parts) != 3:
         raise HttpError(HTTPStatus.BAD_REQUEST, "malformed request line")
@@ -245,12 +270,10 @@ def _request_line(line: bytes) -> tuple[str, str]:
         raise HttpError(HTTPStatus.BAD_REQUEST, "malformed method")
     if not _TARGET.fullmatch(target):
         raise HttpError(HTTPStatus.BAD_REQUEST, "malformed request target")
-    return method.decode("ascii"), target.decode("ascii")
+    return method.decode("ascii"), target.decode("ascii"), version.decode("ascii")
 
 
 def _headers(lines: list[bytes]) -> dict[str, str]:
-    if len(lines) > MAX_HEADERS:
-        raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers")
     headers: dict[str, str] = {}
     for line in lines:
         name, colon, value = line.partition(b":")
