@@ -282,3 +282,9 @@ def test_a_head_that_times_out_gets_408_with_no_body() -> None:
     reply = exchange(b"HEAD / HTTP/1.1\r\nHost: a\r\n", eof=False, timeout_seconds=0.2)
     assert reply.startswith(b"HTTP/1.1 408") and reply.endswith(b"\r\n\r\n"), reply
 
+
+def test_an_http_1_0_client_that_sends_expect_gets_no_100_continue() -> None:
+    """RFC 9110 10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0 request. An HTTP/1.0 client
+    knows no interim answers: the ``100 Continue`` was, to it, the whole answer (a status of 100, no page)."""
+    reply = exchange(b"POST /u HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok", eof=False)
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"100 Continue" not in reply, reply

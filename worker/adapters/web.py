@@ -184,7 +184,7 @@ class HttpServer:
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: _Seen) -> Request:
         """The request; ``seen.method`` is its method as soon as its request line is in (a refusal of a HEAD, even
         one whose headers are too large or come too slowly, has no body)."""
-        method, target, _version = _request_line(await self._line(reader, seen, first=True))
+        method, target, version = _request_line(await self._line(reader, seen, first=True))
         seen.method = method
         lines: list[bytes] = []
         while line := await self._line(reader, seen, first=False):
@@ -199,7 +199,7 @@ class HttpServer:
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
         body = b""
         if length:
-            if headers.get("expect", "").lower() == "100-continue":
+            if headers.get("expect", "").lower() == "100-continue" and version == "HTTP/1.1":
                 if writer.is_closing():
                     raise ConnectionResetError("the client went away")
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
