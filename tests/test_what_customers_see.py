@@ -23,6 +23,7 @@ from worker.adapters.templates import JinjaTemplates
 from worker.app import Deps
 from worker.commands.running import cycle
 from worker.config import Settings
+from worker.core import tokens
 from worker.domain import Locale, ProductRecord
 from worker.testing import FakeClock
 
@@ -259,6 +260,37 @@ def test_rows_whose_order_or_milestone_cannot_be_read_do_not_stop_the_others(
             "SELECT customer_id, status, skip_reason FROM message WHERE customer_id IN"
             f" ({', '.join(map(str, edited))}) AND dedupe_key IN"
             " ('winback:C1:O1', 'feedback:O2', 'loyalty:C3:orders-five') ORDER BY customer_id").all()
+    assert rows == [(cid, "skipped", "no_longer_due") for cid in edited]
+
+
+def test_a_feedback_request_whose_row_names_no_order_id_is_not_sent_with_links_every_such_customer_shares(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given feedback requests written into the ledger by hand for C1 and C2 with the shop's order number but no
+    # order_id (what planning writes: the order's database id, which the rating links name), and C3 due a feedback
+    # request as planning writes it
+    people = [customer(f"C{i}", name=f"Siti C{i}") for i in range(1, 4)]
+    store = make_shop(sqlite_url, people, [one_time_order(f"O{i}", f"C{i}", days_ago=8) for i in range(1, 4)])
+    edited = [_hand_edited_row(store, f"C{i}", f"feedback:O{i}", "feedback", f'{{"order": "O{i}"}}') for i in (1, 2)]
+    settings = settings_for(sqlite_url, smtp={"port": smtp_server.port}, campaigns={"feedback": {"enabled": True}})
+    # When a cycle sends
+    _send(settings, store)
+    # Then every rating link sent names an order of its own recipient: C1's and C2's named order 0, one rating for
+    # both (the second to click was told "we already have your rating" and shown the first one's comment)
+    with store.engine.connect() as conn:
+        orders = dict(conn.exec_driver_sql("SELECT lower(c.external_id) || '@example.com', o.id FROM shop_order o"
+                                           " JOIN customer c ON c.id = o.customer_id").all())  # fmt: skip
+    rated: dict[str, set[str]] = {}
+    for to, message in _received(smtp_server).items():
+        for link in re.findall(r"/feedback\?t=([\w.=-]+)", _parts(message)[0]):
+            verified = tokens.verify(link, [LINK_KEY.encode()], shop=tokens.shop_scope(settings.shop.domain))
+            assert verified is not None
+            rated.setdefault(to, set()).add(verified[1].rpartition(":")[0])
+    assert rated == {"c3@example.com": {str(orders["c3@example.com"])}}
+    # And the rows that name no order are skipped, as those naming one that cannot be read are
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT customer_id, status, skip_reason FROM message WHERE dedupe_key IN"
+                                    " ('feedback:O1', 'feedback:O2') ORDER BY customer_id").all()
     assert rows == [(cid, "skipped", "no_longer_due") for cid in edited]
 
 

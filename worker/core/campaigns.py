@@ -614,10 +614,11 @@ def still_due(
         if day is None or customer.birthday is None or birthday_in(customer.birthday, day.year) != day:
             return SkipReason.NO_LONGER_DUE  # a day that cannot be read (edited by hand) cannot be confirmed either
     elif message.campaign == FEEDBACK:
-        if "order_id" in message.payload:
-            order_id = message.payload_id("order_id")
-            if order_id is None or order_id not in rateable:
-                return SkipReason.NO_LONGER_DUE
+        # the rating links name the order by its id: a row without one (edited by hand) had links for order 0, one
+        # rating for every such customer, each shown the first one's comment
+        order_id = message.payload_id("order_id")
+        if order_id is None or order_id not in rateable:
+            return SkipReason.NO_LONGER_DUE
     elif message.campaign == LOYALTY:
         if "milestone" in message.payload:
             milestone = milestone_of(message.payload)
