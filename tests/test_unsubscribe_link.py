@@ -45,20 +45,22 @@ def link_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
 
 
-def _sent_then_moved(sqlite_url: str, smtp_server: RecordingServer) -> tuple[Store, dict[str, str]]:
-    """Given a win-back email sent to OLD, after which the shop's export gives the customer the address NEW: the
-    store, and the email's links (``header``: List-Unsubscribe's https link, ``body``: the visible one)."""
-    store = make_shop(sqlite_url, [customer("C1", email=OLD)], [one_time_order("O1", "C1")])
+def _sent_then_moved(
+    sqlite_url: str, smtp_server: RecordingServer, old: str = OLD, new: str = NEW
+) -> tuple[Store, dict[str, str]]:
+    """Given a win-back email sent to ``old``, after which the shop's export gives the customer the address ``new``:
+    the store, and the email's links (``header``: List-Unsubscribe's https link, ``body``: the visible one)."""
+    store = make_shop(sqlite_url, [customer("C1", email=old)], [one_time_order("O1", "C1")])
     settings = settings_for(sqlite_url, smtp={"port": smtp_server.port})
     assert run_cycle(settings, store, FakeClock(NOW)).dispatched.outcomes == {"sent": 1}
     (received,) = smtp_server.messages
-    assert received.rcpt_tos == (OLD,)
+    assert received.rcpt_tos == (old,)
     mail = message_from_bytes(received.data)
     header = re.search(r"<(https://[^>]+)>", str(mail["List-Unsubscribe"]))
     text = next(p.get_payload(decode=True).decode() for p in mail.walk() if p.get_content_type() == "text/plain")
     body = re.search(r"https://\S+/unsubscribe\?t=[\w.-]+", text)
     assert header is not None and body is not None
-    shop.upsert_customers(store.engine, [customer("C1", email=NEW)], NOW)  # the later customers import
+    shop.upsert_customers(store.engine, [customer("C1", email=new)], NOW)  # the later customers import
     return store, {"header": header.group(1), "body": body.group(0)}
 
 
@@ -125,6 +127,24 @@ def test_the_unsubscribe_link_suppresses_the_address_the_email_went_to_after_the
     finally:
         store.close()
 
+
+def test_the_pages_tell_apart_an_address_mailed_and_the_one_now_that_mask_alike(
+    sqlite_url: str, smtp_server: RecordingServer
+) -> None:
+    # Given an email sent to budi@example.com, the customer's address now budi.santoso@example.com: masked alike
+    store, links = _sent_then_moved(sqlite_url, smtp_server, "budi@example.com", "budi.santoso@example.com")
+    try:
+        # When the customer opens the link, and presses the button
+        asked, done = _click(store, links["body"], "GET"), _click(store, links["body"], "POST", ONE_CLICK)
+        # Then each page names the two addresses apart: both read "b***@example.com and b***@example.com", one
+        # address twice to the customer's eyes, who could not tell which the shop meant
+        for page in (asked, done):
+            text = page.body.decode()
+            named = re.findall(r"[^\s>]+@example\.com", text)
+            assert page.status == 200 and len(named) == 2 and len(set(named)) == 2, named
+            assert "budi@" not in text and "santoso" not in text  # still masked
+    finally:
+        store.close()
 
 def test_an_unsubscribe_link_naming_no_email_suppresses_every_address_mailed_and_the_current(
     sqlite_url: str, smtp_server: RecordingServer

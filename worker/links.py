@@ -235,8 +235,7 @@ class Site:
             if (mailed_known and addresses
                     and all([await self.store.call(opstore.is_suppressed, s, a) for a in addresses])):  # fmt: skip
                 return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop))
-            masked = [log.mask_email(a) for a in addresses]
-            return self._page(HTTPStatus.OK, pages.confirm_unsubscribe(locale, shop, masked))
+            return self._page(HTTPStatus.OK, pages.confirm_unsubscribe(locale, shop, log.mask_emails(addresses)))
         if b"List-Unsubscribe" not in request.body or b"One-Click" not in request.body:
             return self._page(HTTPStatus.BAD_REQUEST, pages.bad_link(locale, self.settings().unsubscribe.mailto))
         addresses, mailed_known = await self._addresses(link, mailed, customer, post=True)
@@ -249,11 +248,11 @@ class Site:
         created = await self.store.call(  # in one transaction: both, or neither and a 500
             opstore.suppress_many, s, addresses, reason="unsubscribed", source="unsubscribe-link", now=self.clock.now()
         )
-        to, *also = [log.mask_email(a) for a in addresses]
+        masked = log.mask_emails(addresses)
+        to, *also = masked
         extra: dict[str, Any] = {"also": ",".join(also)} if also else {}
         log.event("unsubscribed", customer=customer.external_id if customer is not None else None, to=to,
                   **extra, new=created > 0)  # fmt: skip
-        masked = [log.mask_email(a) for a in addresses]
         return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop, masked))
 
     async def _recipient(self, link: UnsubscribeToken, bound: str | None, thorough: bool) -> str | None:

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -31,6 +31,19 @@ def mask_email(address: str) -> str:
     """``budi.santoso@gmail.com`` → ``b***@gmail.com``: enough to recognise, not to harvest."""
     local, _, domain = address.partition("@")
     return f"{local[:1]}***@{domain}" if domain else "***"
+
+
+def mask_emails(addresses: Sequence[str]) -> list[str]:
+    """``mask_email`` of each, those that mask alike (``budi@gmail.com`` and ``budi.santoso@gmail.com``: both
+    ``b***@gmail.com``) with their local part's last character too (``b***i@gmail.com``, ``b***o@gmail.com``): a
+    page naming the two named one address twice, to the customer's eyes."""
+    masked = [mask_email(a) for a in addresses]
+    apart = []
+    for address, mask in zip(addresses, masked, strict=True):
+        local, _, domain = address.partition("@")
+        alike = masked.count(mask) > 1 and domain and len(local) > 1
+        apart.append(f"{local[:1]}***{local[-1]}@{domain}" if alike else mask)
+    return apart
 
 
 _ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
