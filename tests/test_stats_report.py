@@ -1210,3 +1210,24 @@ def test_a_plot_whose_temporary_name_another_user_planted_as_a_link_writes_throu
     assert precious.read_bytes() == b"the operator's notes\n"
     assert not (shared / "gaps.png").is_symlink() and (shared / "gaps.png").read_bytes() == b"\x89PNG chart"
     assert sorted(p.name for p in shared.iterdir()) == ["gaps.png"]
+
+
+def test_a_step_whose_every_customer_was_held_out_does_not_read_0_of_0(tmp_path: Path) -> None:
+    # Given a feedback step planned 20 days ago whose one row was held out (the customer bought 2 days later), and
+    # nobody else planned in that step
+    site = make_site(tmp_path / "site")
+    engine = db.create_engine(site.settings.database_url)
+    pk = _load(engine, ["C-1"], [_order("C-1", 0, FIRST_ORDER, 100_00), _order("C-1", 1, EXPOSED + timedelta(2), 5_00)])
+    _ledger_row(engine, pk, "C-1", EXPOSED, campaign="feedback", key="feedback:O-C-1-0", status="skipped",
+                skip_reason="held_out")  # fmt: skip
+    engine.dispose()
+
+    # When the operator reads the report
+    done = site.cli("stats", "--since", SINCE.isoformat(), "--now", NOW.isoformat())
+    assert done.returncode == 0, done.stderr
+
+    # Then the group the holdout is compared with is said to be empty, not "0 of 0 … ordered (n/a)"
+    step = done.stdout.split("deliverability")[0]
+    assert "  holdout: 1 of 1 held-out customers ordered (100.0%)\n" in step
+    assert "0 of 0" not in step and "n/a" not in step, step
+    assert "  against: nobody: every customer planned in this step was held out\n" in step, step

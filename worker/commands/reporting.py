@@ -134,6 +134,8 @@ def stats_lines(report: StatsReport) -> list[str]:
                 t = s.treated
                 if t.customers == 0 and t.pending:
                     out.append("  against: " + _not_yet(report.window_days, t.pending, "{} not held out"))
+                elif t.customers == 0:  # no row of the step but held-out ones: not "0 of 0 … ordered (n/a)"
+                    out.append("  against: nobody: every customer planned in this step was held out")
                 else:
                     out.append(f"  against: {t.converted} of {t.customers} customers not held out ordered "
                                f"({_pct(t.rate)}), emailed or not, both counted from when the email was due"
