@@ -777,3 +777,23 @@ def test_a_message_another_worker_holds_names_that_worker_and_when_its_lease_end
     assert f"held by shop-2:4242:1a2b3c until {lease:%Y-%m-%d %H:%M:%S} UTC" in line, listed
     assert f"is claimed by shop-2:4242:1a2b3c (its lease ends {lease:%Y-%m-%d %H:%M:%S} UTC)" in refused, refused
     assert (rows[held.id]["claimed_by"], rows[held.id]["lease_until"]) == ("shop-2:4242:1a2b3c", lease.isoformat())
+
+
+@pytest.mark.parametrize("action", ["list", "resend", "close"])
+def test_a_since_not_before_until_is_refused_naming_both(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    # Given an uncertain and a failed message, and an operator after an outage who swaps the two days
+    shop, config = world
+    changed = shop.row(GONE).updated_at
+
+    # When they ask for the messages changed from the day after to the day before the failure
+    after, before = (changed + timedelta(days=1)).date(), (changed - timedelta(days=1)).date()
+    code = kembali(config, action, "--since", after.isoformat(), "--until", before.isoformat())
+
+    # Then it is refused as a usage error naming both options, not "nothing to resend" with exit 0
+    out = capsys.readouterr()
+    assert code == 2, out
+    assert (f"--since {after.isoformat()}T00:00:00+00:00 is not before --until {before.isoformat()}T00:00:00+00:00"
+            in out.err), out  # fmt: skip
+    assert (shop.row(DROP).status, shop.row(GONE).status) == ("uncertain", "failed")

@@ -109,9 +109,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "lists what a resend would take, without it changing anything). Exit code 1 when a message is left alone "
         "(no such message, another state, or for a resend: past its expiry or to a suppressed address); 2 for "
         "neither IDs nor a filter, or both, or a --customer the shop's data does not have, or a list's --after ID "
-        "the ledger does not have; 3 when the database cannot be used. What one customer was "
-        "sent: `list --all --email ADDRESS` or `list --all --customer ID`. To cancel a message not sent yet: "
-        "`close ID` (planned or retry), or `kembali suppress add ADDRESS` for every message to an address.",
+        "the ledger does not have, or a --since not before --until; 3 when the database cannot be used. What "
+        "one customer was sent: `list --all --email ADDRESS` or `list --all --customer ID`. To cancel a message not "
+        "sent yet: `close ID` (planned or retry), or `kembali suppress add ADDRESS` for every message to an address.",
     )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser(
@@ -119,8 +119,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Newest change first. --json prints one object a line with the keys id, status, campaign, "
         "dedupe_key, email, message_id, attempts, last_code, last_reply, last_error, skip_reason, updated_at, "
         "next_attempt_at, claimed_by, lease_until (these stay; new ones may be added). Exit code 2 for a "
-        "--customer the shop's data does not have or an --after ID the ledger does not have; 3 when the database "
-        "cannot be used.",
+        "--customer the shop's data does not have, an --after ID the ledger does not have or a --since not before "
+        "--until; 3 when the database cannot be used.",
     )  # fmt: skip
     _add_filters(ls, [s.value for s in MessageStatus], "uncertain and failed")
     ls.add_argument("--all", action="store_true", help="every status (with --status: the ones it names)")
@@ -182,6 +182,12 @@ def operator() -> str:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.since is not None and args.until is not None and args.since >= args.until:  # else nothing matches:
+        # "nothing to resend" after an outage whose two days were swapped
+        print(f"kembali ledger {args.action}: --since {args.since.isoformat()} is not before --until "
+              f"{args.until.isoformat()}: no message can match (--since is when the period starts, --until when it "
+              "ends)", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     engine = db.command_engine(settings)
     try:
         db.check_schema(engine)
