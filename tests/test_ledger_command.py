@@ -797,3 +797,25 @@ def test_a_since_not_before_until_is_refused_naming_both(
     assert (f"--since {after.isoformat()}T00:00:00+00:00 is not before --until {before.isoformat()}T00:00:00+00:00"
             in out.err), out  # fmt: skip
     assert (shop.row(DROP).status, shop.row(GONE).status) == ("uncertain", "failed")
+
+
+def test_an_address_too_long_for_its_column_is_shown_cut_not_as_another_address(
+    tmp_path: Path, smtp_server: RecordingServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a customer whose address is longer than the table's EMAIL column (32 characters), sent a win-back
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-secret-0123456789abcdef")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    long = "made.simanjuntak147@posel.example"  # 33 characters: the table showed "…@posel.exampl", another domain
+    shop = Shop(url, make_settings(url, smtp_server.port), [long])
+    try:
+        shop.cycle()
+        config = write_config(tmp_path / "config.toml", settings_dict(url, smtp_server.port))
+        # When support lists what she was sent
+        assert kembali(config, "list", "--all") == 0
+        (row,) = capsys.readouterr().out.split("\n\n")[0].splitlines()[1:]
+    finally:
+        shop.close()
+    # Then the cell shows the address is cut, not a complete address that is not hers
+    cells = row.split()
+    assert long not in cells and "made.simanjuntak147@posel.exampl" not in cells, row
+    assert "made.simanjuntak147@posel.examp…" in cells, row

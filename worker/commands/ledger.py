@@ -331,7 +331,13 @@ def _cells(row: LedgerRow) -> tuple[str, ...]:
     # a reply is the recipient's server's text, an error may quote a customer's name: neither may reach the
     # operator's terminal as control characters
     return (str(row.id), f"{row.updated_at:%Y-%m-%d %H:%M}", row.status, printable(row.campaign), str(row.attempts),
-            code, printable(row.email[:32]), printable(reply[:110]))
+            code, printable(_within(row.email, 32)), printable(_within(reply, 110)))
+
+
+def _within(text: str, most: int) -> str:
+    """``text`` in at most ``most`` characters, one cut short ending in "…": an address cut to the column's width
+    (``…@posel.exampl``) read as a whole address that is not the customer's."""
+    return text if len(text) <= most else text[: most - 1] + "…"
 
 
 def _report(result: ActionResult, what: str, now: datetime, args: argparse.Namespace) -> int:
