@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from tests.clikit import run_cli
 from tests.sendkit import write_config
 from tests.smtp_server import Behaviour, RecordingServer
-from worker import pipeline
+from worker import cli, pipeline
 from worker.adapters import db, opstore, shop
 from worker.adapters.importer import read_orders
 from worker.adapters.ledger import ActionResult, LedgerAdmin
@@ -919,3 +919,29 @@ def test_a_milestone_whose_reward_a_refund_left_unsent_is_rewarded_when_reached_
     [line] = [s for s in report.steps if s.campaign == "loyalty"]
     assert (line.step, line.planned, line.statuses["sent"], dict(line.skipped)) == (1, 2, 1, {"no_longer_due": 1})
     assert line.emailed is not None and (line.emailed.customers, line.emailed.converted) == (1, 1)
+
+
+@pytest.mark.parametrize("tried", [True, False])
+def test_a_spend_milestone_closed_with_the_email_it_went_in_counts_as_that_emails_failure_not_a_cancel(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], tried: bool,
+) -> None:
+    # Given M1's 5th order reaching both milestones, planned as one email (the spend one merged into it), which the
+    # server refused for good (or which still waits in the queue)
+    smtp_server.on("m1@example.com", Behaviour(rcpt_reply="550 5.2.1 Mailbox disabled"))
+    settings, config, carrier, _spend = m1_planned(db_url, smtp_server, tmp_path)
+    if tried:
+        cycle_at(settings, DAY + timedelta(minutes=5))
+    assert m1_rows(settings) == (("failed" if tried else "planned", None), ("skipped", "merged"))
+
+    # When the operator closes that email as failed (the spend milestone closed with it)
+    code, _ = ledger_at(monkeypatch, capsys, config, DAY + timedelta(minutes=20), "close", str(carrier))
+    assert code == 0 and m1_rows(settings) == (("failed", None), ("failed", None))
+
+    # Then stats count the spend milestone with the email it went in: tried and refused, a failure, not a message
+    # "cancelled while it waited in the queue" (it never waited there on its own); cancelled with a cancelled one
+    assert cli.main(["--config", str(config), "stats", "--since", f"{DAY:%Y-%m-%d}", "--json",
+                     "--now", (DAY + timedelta(hours=1)).isoformat()]) == 0  # fmt: skip
+    (loyalty,) = json.loads(capsys.readouterr().out)["campaigns"]
+    failed, cancelled = (2, 0) if tried else (0, 2)
+    assert (loyalty["planned"], loyalty["failed"], loyalty["cancelled"]) == (2, failed, cancelled), loyalty

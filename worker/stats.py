@@ -25,6 +25,8 @@ Definitions (also in the README):
   nor a full mailbox.
 * cancelled: failed rows an operator closed as failed (``kembali ledger close``) that were never tried (no
   attempt row but the operator's, no try counted): cancelled while they waited in the queue; not counted as failed.
+  A loyalty milestone merged into another's email and closed with it is as that email: cancelled with it, or a
+  failure when it was tried.
 * repeat purchase rate: of the customers who bought during the period, the
   share with two or more purchases in all; churn: of the customers who had
   bought before the period, the share who did not buy during it.

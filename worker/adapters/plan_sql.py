@@ -57,7 +57,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from worker import log
 from worker.adapters import db
-from worker.adapters.store import RATEABLE, C, M, O, _key_part, payload_days, suppressed_sql
+from worker.adapters.store import RATEABLE, C, M, O, _key_part, payload_days, payload_text, suppressed_sql
 from worker.adapters.tables import UTCDateTime
 from worker.core.campaigns import LOYALTY_REPLANS
 from worker.core.policy import HOLDOUT_MODULUS, holdout_factors, holdout_threshold
@@ -284,9 +284,7 @@ def _has_days(dialect: str, payload: Any, days: Any) -> Any:
 def payload_template(dialect: str, payload: Any) -> Any:
     """A win-back row's ``template`` (its payload's), as ``payload_days`` reads ``days``; NULL where there is none
     (template folder names are a-z, 0-9, - and _: nothing JSON escapes)."""
-    if dialect == "postgresql":
-        return sa.func.substring(payload, r'"template"\s*:\s*"([^"]*)"')
-    return sa.case((sa.func.json_valid(payload), sa.func.json_extract(payload, "$.template")), else_=sa.null())
+    return payload_text(dialect, payload, "template")
 
 
 def winback_rows_by_step(engine: Engine) -> dict[tuple[int, int | None], int]:

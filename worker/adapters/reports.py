@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from worker.adapters import db
-from worker.adapters.ledger import closed_as_failed
-from worker.adapters.store import PAID, M, O, S, followed_sql, payload_days
+from worker.adapters.ledger import CLOSED_WITH, closed_as_failed
+from worker.adapters.store import PAID, M, O, S, followed_sql, payload_days, payload_text
 from worker.adapters.tables import Attempt, Feedback, UTCDateTime
 from worker.core import stats
 from worker.core.audiences import WINBACK
@@ -68,15 +68,27 @@ def cancelled(conn: sa.Connection, since: datetime, until: datetime) -> list[tup
     attempt, no template rendered) and no try counted (``attempts``: a send whose worker died left it
     ``uncertain`` without an attempt row): a message closed while it waited in the queue. One tried before (a 4xx
     in ``retry``, a template error, a 5xx, a send cut short) stays a failure, closed or not."""
-    tried = sa.exists().where(A.c.message_id == M.c.id, A.c.outcome != Outcome.OPERATOR.value)
     step = _step(conn.dialect.name)
+    # a loyalty milestone merged into another's email and closed with it went (or waited) in that email: it was
+    # cancelled when that email was, a failure when that email was tried
+    carrier = M.alias("carrier")
+    merged_into = payload_text(conn.dialect.name, M.c.payload, "merged_into")
+    went_untried = sa.exists().where(carrier.c.dedupe_key == merged_into, _never_tried(carrier))
+    with_carrier = sa.func.coalesce(M.c.last_error, "").startswith(CLOSED_WITH)
     query = (
         sa.select(*step, sa.func.count())
-        .where(_in_period(M.c.created_at, since, until), closed_as_failed(), M.c.attempts == 0, ~tried)
+        .where(_in_period(M.c.created_at, since, until), closed_as_failed(), _never_tried(M),
+               sa.or_(~with_carrier, went_untried))
         .group_by(*step)
     )  # fmt: skip
     rows: Any = conn.execute(query)
     return [(_as_step(c, s, d), int(n)) for c, s, d, n in rows]
+
+
+def _never_tried(row: Any) -> sa.ColumnElement[bool]:
+    """``row`` (the ledger or an alias of it) was never tried: no try counted, no attempt row but an operator's."""
+    tried = sa.exists().where(A.c.message_id == row.c.id, A.c.outcome != Outcome.OPERATOR.value)
+    return sa.and_(row.c.attempts == 0, ~tried)
 
 
 def permanent_failures(conn: sa.Connection, since: datetime, until: datetime) -> list[tuple[Step, int, str, int]]:

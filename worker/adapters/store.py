@@ -187,6 +187,15 @@ def followed_sql(source: Any) -> Any:
     return sa.and_(source.startswith("customer "), source.contains(MOVED_FROM))
 
 
+def payload_text(dialect: str, payload: Any, key: str) -> Any:
+    """A row's payload's string at ``key`` (``template``, ``merged_into``), as ``payload_days`` reads ``days``; NULL
+    where there is none or the payload is not JSON (on PostgreSQL, a search of the text: a value with a quote or a
+    backslash, which JSON escapes, is not found)."""
+    if dialect == "postgresql":
+        return sa.func.substring(payload, rf'"{key}"\s*:\s*"([^"\\]*)"')
+    return sa.case((sa.func.json_valid(payload), sa.func.json_extract(payload, f"$.{key}")), else_=sa.null())
+
+
 def payload_days(dialect: str, payload: Any) -> Any:
     """A win-back row's ``days`` (its payload's), an integer; NULL where the payload has none or is not JSON."""
     if dialect == "postgresql":
