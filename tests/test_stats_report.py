@@ -1231,3 +1231,20 @@ def test_a_step_whose_every_customer_was_held_out_does_not_read_0_of_0(tmp_path:
     assert "  holdout: 1 of 1 held-out customers ordered (100.0%)\n" in step
     assert "0 of 0" not in step and "n/a" not in step, step
     assert "  against: nobody: every customer planned in this step was held out\n" in step, step
+
+
+def test_one_rating_and_one_customer_are_said_in_the_singular(tmp_path: Path) -> None:
+    # Given a shop whose one customer bought once, and one rating given in the period
+    site = make_site(tmp_path / "site")
+    engine = sa.create_engine(site.settings.database_url)
+    _load(engine, ["C-1"], [_order("C-1", 0, FIRST_ORDER, 100_00)])
+    opstore.record_feedback(Store(engine), "O-C-1-0", 4, NOW - timedelta(days=1))
+    engine.dispose()
+
+    # When the operator reads the stats and the insights
+    stats_text = site.cli("stats", "--now", NOW.isoformat()).stdout
+    insights_text = site.cli("insights").stdout
+
+    # Then neither says "1 responses" or "1 customers have bought"
+    assert "feedback: 1 response in the period, average 4.00\n" in stats_text, stats_text
+    assert insights_text.startswith("1 customer has bought; 0 of them bought a second time.\n"), insights_text

@@ -160,7 +160,8 @@ def stats_lines(report: StatsReport) -> list[str]:
         nps = "" if fb.nps is None else f", NPS {fb.nps:+.0f}"
         other = ("" if not fb.other_scale else f" ({fb.other_scale} score{'' if fb.other_scale == 1 else 's'} out of "
                  "10, from requests sent before the scale changed, left out)")  # fmt: skip
-        out.append(f"feedback: {fb.responses} responses in the period, average {avg}{nps}{other}")
+        out.append(f"feedback: {fb.responses} response{'' if fb.responses == 1 else 's'} in the period, average "
+                   f"{avg}{nps}{other}")
     return out
 
 
@@ -177,7 +178,8 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
         print(_printable_json(found.as_json()))
         return EXIT_OK
     n = len(found.gaps_days)
-    print(f"{found.customers} customers have bought; {n} of them bought a second time.")
+    who = "1 customer has" if found.customers == 1 else f"{found.customers} customers have"
+    print(f"{who} bought; {n} of them bought a second time.")
     if not n:
         print("no second purchases yet: nothing to recommend")
         if args.plot:  # an empty chart, written all the same: said as the full report says it
