@@ -1248,3 +1248,17 @@ def test_one_rating_and_one_customer_are_said_in_the_singular(tmp_path: Path) ->
     # Then neither says "1 responses" or "1 customers have bought"
     assert "feedback: 1 response in the period, average 4.00\n" in stats_text, stats_text
     assert insights_text.startswith("1 customer has bought; 0 of them bought a second time.\n"), insights_text
+
+
+def test_a_shop_with_no_purchases_is_not_read_as_0_of_0(tmp_path: Path) -> None:
+    # Given a shop just set up: no orders, no messages
+    site = make_site(tmp_path / "site")
+
+    # When the operator reads the stats
+    done = site.cli("stats", "--now", NOW.isoformat())
+    assert done.returncode == 0, done.stderr
+
+    # Then the repeat purchase rate and the churn say there is nobody to count, not "0 of 0 customers"
+    assert "0 of 0" not in done.stdout, done.stdout
+    assert "repeat purchase rate: n/a (no customer bought in the period)\n" in done.stdout
+    assert "churn: n/a (no customer had bought before the period)\n" in done.stdout

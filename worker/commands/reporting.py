@@ -149,9 +149,13 @@ def stats_lines(report: StatsReport) -> list[str]:
     out.append("\ndeliverability (suppression list, added in the period): "
                + (", ".join(f"{r} {n}" for r, n in sorted(report.suppressions.items())) or "nothing added"))
     r = report.retention
-    out.append(f"repeat purchase rate: {_pct(r.repeat_rate)} ({r.repeat} of {r.active} customers who bought in the "
-               "period have bought twice or more)")
-    out.append(f"churn: {_pct(r.churn_rate)} ({r.churned} of {r.earlier} earlier customers did not buy in the period)")
+    # nobody to count: said so, not "0 of 0 customers" (a shop just set up, or a period before its first order)
+    out.append(f"repeat purchase rate: {_pct(r.repeat_rate)} " + (
+        f"({r.repeat} of {r.active} customers who bought in the period have bought twice or more)" if r.active
+        else "(no customer bought in the period)"))  # fmt: skip
+    out.append(f"churn: {_pct(r.churn_rate)} " + (
+        f"({r.churned} of {r.earlier} earlier customers did not buy in the period)" if r.earlier
+        else "(no customer had bought before the period)"))  # fmt: skip
     fb = report.feedback
     if fb is None:
         out.append("feedback: not recorded yet")
