@@ -497,3 +497,21 @@ def test_an_import_that_carries_many_unsubscribes_names_the_first_and_counts_the
     assert "note: customers.csv: 26 customers in all have a new address suppressed" in said, said
     assert "26 updated, 0 unchanged, 0 rejected, 26 new addresses suppressed" in said, said
     assert "@example.org" not in said.replace("c***@example.org", ""), said
+
+
+def test_an_import_note_tells_the_old_and_the_new_address_apart_when_they_mask_alike(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given Budi, who unsubscribed as budi@example.com, and a later import giving him budi.santoso@example.com
+    store = make_shop(sqlite_url, [customer("C1", email="budi@example.com")], [])
+    settings = settings_for(sqlite_url)
+    try:
+        store.suppress("budi@example.com", reason="unsubscribed", source="test", now=NOW)
+        said = _import_customers(settings, tmp_path, ["C1,budi.santoso@example.com,Budi Santoso,id,Asia/Jakarta,,"
+                                                      "true,opt_in,checkout"], capsys)  # fmt: skip
+    finally:
+        store.close()
+    # Then the note names two addresses the operator can tell apart (it read "their new address b***@example.com
+    # is suppressed too, as they unsubscribed as b***@example.com": one address, to the eye)
+    assert ("note: customers.csv:2: customer 'C1': their new address b***o@example.com is suppressed too, as they "
+            "unsubscribed as b***i@example.com") in said, said

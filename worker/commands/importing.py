@@ -33,7 +33,7 @@ from worker.commands.progress import Progress
 from worker.config import Settings
 from worker.domain import OrderRecord
 from worker.errors import ImportRowError
-from worker.log import mask_email, printable
+from worker.log import mask_emails, printable
 from worker.stopping import Terminated
 
 BATCH = 1000
@@ -139,9 +139,10 @@ def import_file(
         nonlocal followed
         followed += 1
         if followed <= MAX_FOLLOWED_NOTES:  # addresses masked, as logs show them
-            wish = _WISH.get(moved.reason, _WISH["unsubscribed"]).format(old=mask_email(moved.old))
+            old, new = mask_emails([moved.old, moved.new])  # told apart when they mask alike (budi@, budi.santoso@)
+            wish = _WISH.get(moved.reason, _WISH["unsubscribed"]).format(old=old)
             say(f"note: {path.name}:{lines.get(moved.external_id, 0)}: customer {printable(moved.external_id)!r}: "
-                f"their new address {mask_email(moved.new)} is suppressed too, as they {wish}")
+                f"their new address {new} is suppressed too, as they {wish}")
 
     upsert: Callable[[Sequence[Any]], shop.UpsertCounts] = {
         "customers": lambda rs: shop.upsert_customers(store.engine, rs, now),
