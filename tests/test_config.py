@@ -53,6 +53,7 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
         ({"shop": {"time_zone": "asia/jakarta"}},
          "is not an IANA time zone: 'asia/jakarta' (did you mean 'Asia/Jakarta'?)"),
         ({"sending": {"rate_per_second": 0}}, "'sending.rate_per_second' must be positive"),
+        ({"smtp": {"final_reply_timeout_seconds": 0}}, "'smtp.final_reply_timeout_seconds' must be positive"),
         # a typo's exponent: the sender waited for its next slot for ever, run --once too, saying nothing
         ({"sending": {"rate_per_second": 1e-300}},
          "'sending.rate_per_second' must be at least one email a day (0.0000116 per second, 1/86400), not 1e-300"),
@@ -344,6 +345,7 @@ def test_any_environment_variable_name_is_taken() -> None:
         ({"sending": {"lease_seconds": 2**63 - 1}}, "'sending.lease_seconds' must be at most 86400 seconds (a day)"),
         ({"schedule": {"maintenance_interval_seconds": 1e300}}, "'schedule.maintenance_interval_seconds' must be at"),
         ({"daemon": {"health_summary_seconds": 1e300}}, "'daemon.health_summary_seconds' must be at most 86400"),
+        ({"smtp": {"final_reply_timeout_seconds": 1e9}}, "'smtp.final_reply_timeout_seconds' must be at most 86400"),
         ({"smtp": {"pool_size": 2**63 - 1}}, "'smtp.pool_size' must be at most 100, not 9_223_372_036_854_775_807"),
         ({"sending": {"in_flight_per_connection": 10_000}}, "'sending.in_flight_per_connection' must be at most 100"),
         ({"campaigns": {"loyalty": {"spend_milestones": [2**63 - 1]}}},

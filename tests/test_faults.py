@@ -153,7 +153,8 @@ def server() -> Iterator[RecordingServer]:
 
 
 def shop_for(url: str, server: RecordingServer, emails: list[str], **sending: Any) -> Shop:
-    settings = make_settings(url, server.port, smtp={"timeout_seconds": 0.3}, **sending)
+    settings = make_settings(url, server.port, smtp={"timeout_seconds": 0.3, "final_reply_timeout_seconds": 0.3},
+                             **sending)
     return Shop(url, settings, emails)
 
 

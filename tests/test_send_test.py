@@ -185,7 +185,8 @@ def test_a_test_message_the_server_did_not_confirm_is_not_called_unsent(
 ) -> None:
     # Given a server that takes the whole message, then never answers the final dot within the timeout
     site = make_site(tmp_path / "site", smtp_port=smtp_server.port)
-    site.config.write_text(site.config.read_text().replace("timeout_seconds = 5.0", "timeout_seconds = 0.5"))
+    site.config.write_text(site.config.read_text().replace("timeout_seconds = 5.0",
+                                                           "timeout_seconds = 5.0\nfinal_reply_timeout_seconds = 0.5"))
     smtp_server.on("me@shop.example", Behaviour(delay_at="data", delay_seconds=1.0))
 
     done = site.cli("send-test", "--campaign", "winback", "--to", "me@shop.example")

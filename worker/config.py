@@ -82,6 +82,9 @@ class SmtpSettings:
     username: str = ""
     password_env: str = "KEMBALI_SMTP_PASSWORD"  # noqa: S105 - the variable's name, not a secret
     timeout_seconds: float = 30.0
+    final_reply_timeout_seconds: float = 600.0
+    """The wait for the reply to a message's final dot (RFC 5321 4.5.3.2.6: ten minutes): a relay scans the message
+    before it answers, and a reply given up on leaves the message ``uncertain``, never sent again by itself."""
     pool_size: int = 4
 
 
@@ -805,8 +808,10 @@ def _check(s: Settings) -> None:
         _fail(s, "smtp.port", "must be between 1 and 65535")
     if s.smtp.pool_size < 1:
         _fail(s, "smtp.pool_size", "must be at least 1")
-    if s.smtp.timeout_seconds <= 0:
-        _fail(s, "smtp.timeout_seconds", "must be positive")
+    for key, timeout in (("smtp.timeout_seconds", s.smtp.timeout_seconds),
+                         ("smtp.final_reply_timeout_seconds", s.smtp.final_reply_timeout_seconds)):
+        if timeout <= 0:
+            _fail(s, key, "must be positive")
     for key, value in (
         ("sending.batch_size", s.sending.batch_size),
         ("sending.max_attempts", s.sending.max_attempts),
@@ -1057,6 +1062,7 @@ def _check_upper_bounds(s: Settings) -> None:
             *((f"policy.frequency_caps[{i}]", pair[1]) for i, pair in enumerate(s.policy.frequency_caps))]
     seconds = [("sending.lease_seconds", s.sending.lease_seconds),
                ("smtp.timeout_seconds", s.smtp.timeout_seconds),
+               ("smtp.final_reply_timeout_seconds", s.smtp.final_reply_timeout_seconds),
                ("schedule.dispatch_poll_seconds", s.schedule.dispatch_poll_seconds),
                ("schedule.maintenance_interval_seconds", s.schedule.maintenance_interval_seconds),
                ("daemon.shutdown_grace_seconds", s.daemon.shutdown_grace_seconds),

@@ -739,9 +739,9 @@ class Dispatcher:
     async def run_once(self) -> DispatchReport:
         """Send what is due, batch after batch, until nothing is (or stopped, paused, out of quota).
         If a sender or the ledger writer fails, the run begins no more sends, lets those on the wire finish (at most
-        twice ``smtp.timeout_seconds``) and raises that failure; what was claimed and not begun goes back to the
-        queue (or, when the writer failed, is kept in ``unwritten`` with the outcomes it could not write, for the next
-        run to write first)."""
+        ``smtp.timeout_seconds`` and ``smtp.final_reply_timeout_seconds`` together) and raises that failure; what was
+        claimed and not begun goes back to the queue (or, when the writer failed, is kept in ``unwritten`` with the
+        outcomes it could not write, for the next run to write first)."""
         if self.clock_guard is not None and (problem := await self.clock_guard.check()):
             self.pause_for_clock(problem)
             await self._write_unwritten_alone()
@@ -809,7 +809,9 @@ class Dispatcher:
                 # reply (cut off, they would stay `sending` and become `uncertain`), their outcomes kept with the
                 # rest (``unwritten``); the time of the last commands at most
                 try:
-                    await asyncio.wait(set(self._on_wire), timeout=2 * self.settings.smtp.timeout_seconds)
+                    smtp = self.settings.smtp
+                    last_commands = smtp.timeout_seconds + smtp.final_reply_timeout_seconds
+                    await asyncio.wait(set(self._on_wire), timeout=last_commands)
                 except asyncio.CancelledError:  # cancelled meanwhile (a shutdown): the senders are cut off below
                     failure = asyncio.CancelledError()
             for task in senders:

@@ -17,7 +17,9 @@ the reply code (or its absence) and the stage the attempt reached:
                                                       server gives meanwhile, "552 5.3.4" past its size
                                                       limit, is its answer: 4xx/5xx as usual)
     reply    waiting for the reply to the final "."  (2xx sent; 4xx/5xx as usual;
-                                                      a drop or timeout → ambiguous)
+                                                      a drop or timeout → ambiguous; waited for
+                                                      ``final_reply_timeout_seconds``, ten minutes,
+                                                      every other step ``timeout_seconds``)
 
 The ``SendResult`` carries the stage, so the dispatcher can tell a server or
 login problem (``connect``, ``auth``) from one with this message.
@@ -299,7 +301,8 @@ class SmtpTransport:
                 return _result(classify_reply(None, attempt.stage), None, text, cause, attempt.stage, setup=setting)
             text = _text(exc)
             if isinstance(exc, SMTPTimeoutError):  # which setting gave up, and when: the fix may be to raise it
-                text = f"{text} (after smtp.timeout_seconds, {self._settings.timeout_seconds:g} s)"
+                key = "final_reply_timeout_seconds" if attempt.stage == "reply" else "timeout_seconds"
+                text = f"{text} (after smtp.{key}, {getattr(self._settings, key):g} s)"
             return _result(classify_reply(None, attempt.stage), None, text, exc, attempt.stage)
         except (ValueError, UnicodeError) as exc:
             if attempt.stage not in ("mail", "rcpt"):
@@ -439,7 +442,8 @@ class SmtpTransport:
             transport.abort()  # it may answer the dot too, later: a reply the next command would take for its own
             raise early
         attempt.stage = "reply"
-        response = await protocol.read_response(timeout=self._settings.timeout_seconds)
+        # a relay answers the dot once it has scanned the message: RFC 5321 4.5.3.2.6's ten minutes, not a command's
+        response = await protocol.read_response(timeout=self._settings.final_reply_timeout_seconds)
         if not 200 <= response.code < 300:
             raise SMTPDataError(response.code, response.message)
         return response
