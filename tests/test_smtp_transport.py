@@ -413,6 +413,29 @@ def test_a_refused_login_is_transient_at_the_auth_stage(smtp_server: RecordingSe
     assert len(smtp_server.messages) == 1
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    ["538 5.7.11 Encryption required for requested authentication mechanism",
+     "530 5.7.0 Must issue a STARTTLS command first"],
+    ids=["538 encryption required", "530 STARTTLS first"],
+)  # fmt: skip
+def test_a_login_refused_for_want_of_tls_names_smtp_tls_not_the_password(
+    smtp_server: RecordingServer, refusal: str
+) -> None:
+    # Given a relay that offers AUTH on a plaintext connection but takes a login only over TLS (RFC 4954's 538, or a
+    # 530 asking for STARTTLS), and smtp.tls = "none" with the right password
+    smtp_server.login = ("shop", "right-password")
+    smtp_server.login_refusal = refusal
+
+    result = run(send_one(smtp_server.settings(username="shop"), "x@test.example"))
+
+    # Then the attempt says the setup cannot work and what to fix, smtp.tls, where the dispatcher's pause said
+    # "check smtp.username and the password", which are right; nothing is sent
+    assert (result.outcome, result.stage, result.setup) == (Outcome.TRANSIENT, "auth", "smtp.tls")
+    assert result.reply.startswith(refusal) and "smtp.tls = 'starttls'" in result.reply, result.reply
+    assert smtp_server.messages == []
+
+
 @pytest.mark.parametrize("refusal", [None, "454 4.7.0 Temporary authentication failure"])
 def test_a_refused_login_is_tried_once_not_once_per_connection_and_mechanism(
     smtp_server: RecordingServer, refusal: str | None

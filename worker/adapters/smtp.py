@@ -31,7 +31,8 @@ a ``reply`` that says how (the dispatcher pauses at once on it, see
 
     smtp.tls       "starttls" but STARTTLS not offered; "tls" but the server
                    answered in plain text (an SSL WRONG_VERSION_NUMBER); "none"
-                   but MAIL FROM or RCPT TO is told to STARTTLS first (530)
+                   but AUTH, MAIL FROM or RCPT TO is told to STARTTLS first
+                   (530), or AUTH that it needs encryption (538)
     smtp.username  set, but the server offers no AUTH, or no mechanism
                    aiosmtplib speaks (CRAM-MD5, PLAIN, LOGIN); or, at MAIL
                    FROM or RCPT TO, the server wants a login (530) or will
@@ -483,9 +484,10 @@ class SmtpTransport:
                 "this host, or log in (smtp.username) if it lets clients that do"
             )
             return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {hint}", exc, stage, setup=client_setting)
-        if stage in ("mail", "rcpt") and wants_tls(code, exc.message) and self._settings.tls == "none":
+        if stage in ("auth", "mail", "rcpt") and wants_tls(code, exc.message) and self._settings.tls == "none":
             s = self._settings
-            hint = (f"{s.host}:{s.port} takes mail only over TLS and smtp.tls is 'none': set smtp.tls = 'starttls' "
+            what = "a login" if stage == "auth" else "mail"  # (at AUTH: the password was never the trouble)
+            hint = (f"{s.host}:{s.port} takes {what} only over TLS and smtp.tls is 'none': set smtp.tls = 'starttls' "
                     "(or 'tls' for an implicit-TLS port such as 465)")  # fmt: skip
             return _result(Outcome.TRANSIENT, code, f"{reply[:200]}: {hint}", exc, stage, setup="smtp.tls")
         if stage in ("mail", "rcpt") and needs_login(code, exc.message):

@@ -200,10 +200,11 @@ _WANTS_TLS = re.compile(r"\bstarttls\b", re.IGNORECASE)
 
 
 def wants_tls(code: int | None, reply: str) -> bool:
-    """Whether a reply to MAIL FROM or RCPT TO says the server takes mail only over TLS: "530 5.7.0 Must issue a
-    STARTTLS command first" (Postfix's ``smtpd_tls_security_level = encrypt``, Gmail on 587). Not a login it wants
-    (``needs_login``): ``smtp.tls``."""
-    return code == 530 and _WANTS_TLS.search(reply) is not None
+    """Whether a reply to AUTH, MAIL FROM or RCPT TO says the server takes mail (or a login) only over TLS: "530 5.7.0
+    Must issue a STARTTLS command first" (Postfix's ``smtpd_tls_security_level = encrypt``, Gmail on 587), or, to
+    AUTH, RFC 4954's "538 5.7.11 Encryption required for requested authentication mechanism". Not a login it wants
+    (``needs_login``), nor a wrong password: ``smtp.tls``."""
+    return code == 538 or (code == 530 and _WANTS_TLS.search(reply) is not None)
 
 
 _SENDER_VERIFY = r"sender verif(?:y|ication)"
