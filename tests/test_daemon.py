@@ -671,6 +671,29 @@ def test_a_daemon_paused_by_the_relays_daily_quota_waits_an_hour_and_fails_no_on
         assert daemon.stop() == 0
 
 
+def test_a_paused_daemon_waits_as_long_as_the_relay_said_before_it_tries_again(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a relay that turns this host away at the greeting for half an hour (a connection limit it keeps per
+    # client IP), and a daemon that pauses on the first connection failure and would try again after 0.3 s
+    smtp_server.greeting = "421 4.7.0 Too many connections from your IP, try again in 30 minutes"
+    sending = "\n[sending]\npause_after_failures = 1\nretry_base_seconds = 0.1\npause_retry_seconds = 0.3\n"
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", extra=sending)
+    shop.add([1, 2], days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        # Then it pauses and waits the 30 minutes the relay named before it connects again, not 0.3 s, doubling
+        # (each try one more refused connection the relay counts against this host)
+        daemon.wait_event("dispatcher_paused")
+        scheduled = daemon.wait_event("dispatcher_retry_scheduled")
+        assert (scheduled["in_seconds"], scheduled["pauses_in_row"]) == (1800, 1), scheduled
+        turned_away = smtp_server.connections  # (the pool's connections, opened at once)
+        time.sleep(1.0)
+        assert smtp_server.connections == turned_away
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_a_paused_daemon_tries_the_server_again_later_and_at_once_on_sighup(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

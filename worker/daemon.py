@@ -621,6 +621,10 @@ class Daemon:
         first = gen.settings.sending.pause_retry_seconds
         # the provider's daily limit is lifted in hours: trying sooner only costs refused messages
         at_least = ACCOUNT_LIMIT_RETRY_SECONDS if dispatcher.paused_setting == "sending.daily_quota" else 0.0
+        # nor sooner than the server said ("421 4.7.0 Too many connections from your IP, try again in 30 minutes"):
+        # each try before is one more refusal it counts against this host; up to what a message would wait for it
+        if dispatcher.paused_retry_after is not None:
+            at_least = max(at_least, min(dispatcher.paused_retry_after, gen.settings.sending.retry_max_seconds))
         delay = pause_retry_seconds(first, max(1, dispatcher.pauses_in_row), at_least=at_least) if first > 0 else None
         log.event("dispatcher_retry_scheduled", logging.WARNING, reason=dispatcher.paused,
                   in_seconds=delay if delay is not None else "never (sending.pause_retry_seconds = 0): send SIGHUP",

@@ -576,6 +576,9 @@ class Dispatcher:
         self.paused_setting: str | None = None
         """The setting an SMTP setup problem that paused sending names (``SendResult.setup``): the daemon waits an
         hour at least after ``sending.daily_quota``, the provider's daily limit."""
+        self.paused_retry_after: float | None = None
+        """The server's own "try again in N seconds" in the reply that paused sending
+        (``SendResult.retry_after_seconds``): the daemon waits that long at least before it tries the server again."""
         self.failures_in_row = 0
         self.trouble = TroubleStreak()
         """The same temporary failure in a row at RCPT TO or after: the server's own once recipients at several
@@ -641,6 +644,7 @@ class Dispatcher:
             log.event("dispatcher_resumed", logging.WARNING, why=why, was=self.paused)
         self.paused = None
         self.paused_setting = None
+        self.paused_retry_after = None
         self._clock_paused = False
         self.failures_in_row = 0
         self.stopping.clear()
@@ -717,6 +721,7 @@ class Dispatcher:
             )
         else:
             return servers
+        self.paused_retry_after = result.retry_after_seconds
         self.pauses_in_row += 1
         log.event(
             "dispatcher_paused", logging.ERROR, reason=self.paused, smtp_host=smtp.host,
