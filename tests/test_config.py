@@ -38,6 +38,8 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
         ({"smtp": {"host": "smtp://mail.example.com"}}, "'smtp.host' must be a host name or address"),
         ({"smtp": {"host": "mail.example.com "}}, "'smtp.host' must be a host name or address"),
         ({"smtp": {"host": "mail.example.com:587"}}, "(the port goes in smtp.port)"),
+        # an envelope sender SMTP cannot carry (the transport refuses it): every message failed for good at MAIL FROM
+        ({"shop": {"from_address": "halo@toko_kembali.example"}}, "'shop.from_address' must be a plain ASCII email"),
         ({"smtp": {"username": "halo@shop.example\n"}}, "'smtp.username' must not hold a line break"),
         ({"smtp": {"host": "mail.example.com"}}, "'smtp.tls' is 'none' but smtp.host"),
         # asyncio reads an empty host as every interface: /metrics and the links open to the network, unsaid

@@ -26,7 +26,7 @@ from typing import Any
 
 from worker import money
 from worker.core import render, tokens
-from worker.domain import place_zones, zone_meant
+from worker.domain import SMTP_ADDRESS, place_zones, zone_meant
 from worker.errors import ConfigError, not_utf8
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -758,6 +758,9 @@ def _check(s: Settings) -> None:
         _fail(s, "shop.default_locale", "must be 'id' or 'en'")
     _shop_names(s)
     _plain_address(s, "shop.from_address", s.shop.from_address)
+    if not SMTP_ADDRESS.fullmatch(s.shop.from_address):  # the envelope sender too: refused there, every message failed
+        _fail(s, "shop.from_address", "must be a plain ASCII email address SMTP can carry as the sender (letters, "
+              f"digits, dots and hyphens after the @: no underscore), not {s.shop.from_address!r}")
     if s.shop.reply_to:
         _plain_address(s, "shop.reply_to", s.shop.reply_to)
     if s.unsubscribe.mailto.startswith("mailto:"):

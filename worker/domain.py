@@ -18,6 +18,10 @@ from datetime import date, datetime
 from typing import Any, TypeVar
 from zoneinfo import available_timezones
 
+SMTP_ADDRESS = re.compile(r"[!#-'*+\-./0-9=?A-Z^-~]+@[A-Za-z0-9.\-\[\]:]+", re.ASCII)
+"""An address as the SMTP transport writes it in MAIL FROM and RCPT TO: dot-atom local part characters, @, a domain
+(letters, digits, dots, hyphens; an IDN in its xn-- form) or an address literal; anything else it refuses."""
+
 
 @functools.cache
 def place_zones() -> frozenset[str]:

@@ -108,7 +108,7 @@ from worker.core.retry import (
     verifies_the_sender,
     wants_tls,
 )
-from worker.domain import Outcome, SendResult, SendStage
+from worker.domain import SMTP_ADDRESS, Outcome, SendResult, SendStage
 
 REPLY_LIMIT = 500
 """Characters of server text kept in a ``SendResult``."""
@@ -117,8 +117,6 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 """What no ledger takes: lone surrogates (aiosmtplib keeps a reply's bytes that are not UTF-8 as such, and neither
 SQLite nor PostgreSQL stores them) and NUL (PostgreSQL refuses it)."""
-_PLAIN_ADDRESS = re.compile(r"[!#-'*+\-./0-9=?A-Z^-~]+@[A-Za-z0-9.\-\[\]:]+", re.ASCII)
-"""local@domain: dot-atom local part characters, a domain or address literal."""
 
 
 class SetupError(SMTPException):
@@ -677,7 +675,7 @@ def _size_offered(client: SMTP) -> int:
 
 def _check_address(address: str) -> None:
     """Refuse what aiosmtplib would silently rewrite ("a b@x" → "<a>", line breaks dropped)."""
-    if not _PLAIN_ADDRESS.fullmatch(address):
+    if not SMTP_ADDRESS.fullmatch(address):
         raise ValueError(f"not a plain ASCII SMTP address: {address[:100]!r}")
 
 
