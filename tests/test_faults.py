@@ -95,6 +95,11 @@ CASES = [
          "retry", 1, "transient", 452, 0),
     Case("550 content after DATA", Behaviour(data_reply="550 5.7.1 Message rejected as spam"),
          "failed", 1, "permanent", 550, 0, label="failed:content_rejected"),
+    # a policy refusal of the recipient (Postfix's check_recipient_access), given before any of the content was
+    # sent: that message fails, but it is not "refused for its content: check the templates"
+    Case("554 5.7.1 recipient access denied at RCPT",
+         Behaviour(rcpt_reply="554 5.7.1 <bad@test.example>: Recipient address rejected: Access denied"),
+         "failed", 1, "permanent", 554, 0),
     # about the sender (its authentication, its IP), not this message: tried again later, counted, domain slowed
     Case("550 sender unauthenticated after DATA",
          Behaviour(data_reply="550 5.7.26 This mail has been blocked because the sender is unauthenticated"),

@@ -21,8 +21,8 @@ commit latency cannot bunch messages up on the wire; the connection first, then 
 a further one waited for without it, and the next connection freed then goes to it before any sender with no slot:
 ``Dispatcher._slot_and_connection``, ``worker.wire``), and only then speaks SMTP. The outcome
 goes back to the ledger with an attempt row. A throttling reply slows that domain down and retries the message
-without counting the attempt; a 5.1.x "no such user" suppresses the address; a 5.7.x refusal is logged as a content
-problem.
+without counting the attempt; a 5.1.x "no such user" suppresses the address; a 5.7.x refusal at DATA or after is
+logged as a content problem.
 A failure before RCPT TO (connection, greeting, EHLO, STARTTLS, login, MAIL
 FROM, which names the sender alone) is not the message's: it goes back to the queue without the attempt counted.
 The same 4xx at RCPT TO or after for recipients at several domains in a row is the server's trouble, not the messages'
@@ -1309,8 +1309,8 @@ class Dispatcher:
                 kind = bounce_kind(result.code, result.reply)
                 if kind == "hard_bounce":
                     label, suppress = "failed:hard_bounce", "hard_bounce"
-                elif kind == "content":
-                    label = "failed:content_rejected"
+                elif kind == "content" and result.stage != "rcpt":  # at RCPT TO it had seen no content: a policy
+                    label = "failed:content_rejected"  # refusal of that recipient ("Recipient address rejected")
                     log.event(
                         "content_rejected", logging.ERROR, campaign=message.campaign,
                         template_version=item.rendered.template_version, dedupe_key=message.dedupe_key,
