@@ -314,6 +314,12 @@ BOUNCES = [
     (554, "554 5.1.0 Sender Denied", "sender"),
     (550, "550 5.1.0 <shop@x.example> sender rejected : invalid sender domain", "sender"),
     (550, "550 <shop@x.example>: Sender address rejected: User unknown in local recipient table", "sender"),
+    # an address with no enhanced code whose text has a number of four parts (an IP) is not a 5.1.1: it was read as
+    # one, and the customer suppressed for the sending IP's block listing
+    (550, "550 Mail from 5.1.1.9 refused: the sending IP is on our block list", "sender"),
+    (550, "550 Connection from 10.5.1.1 refused, see http://example.net/why", None),
+    (550, "550 #5.1.0 Address rejected.", "hard_bounce"),  # Exchange's older form, after a '#'
+    (550, "550 Requested action not taken: mailbox unavailable (5.1.1)", "hard_bounce"),
     (552, "552 5.3.4 Message size exceeds fixed limit", None),
     (550, "550 5.2.1 Mailbox disabled", None),
     (550, "550 Requested action not taken", None),

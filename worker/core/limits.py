@@ -166,7 +166,9 @@ def quota_grant(used: int, quota: int, wanted: int) -> int:
 
 # --- what a permanent failure says about the address ------------------------
 
-_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+_ENHANCED = re.compile(r"(?<![\w.])([245])\.(\d{1,3})\.(\d{1,3})(?![\w]|\.\d)")
+"""An enhanced status code (RFC 3463), not three parts of a longer dotted number: ``5.1.1.9`` and ``10.5.1.1`` are
+IP addresses a reply names (read as 5.1.1, the customer was suppressed for the sending IP's block listing)."""
 _NO_SUCH_USER = re.compile(
     r"user unknown|unknown user|no such user|no such (?:mailbox|recipient)|unknown recipient|"
     r"recipient (?:address )?(?:rejected: )?(?:does not exist|not found|unknown)|does not exist|"
