@@ -434,6 +434,9 @@ def test_a_login_refused_for_want_of_tls_names_smtp_tls_not_the_password(
     assert (result.outcome, result.stage, result.setup) == (Outcome.TRANSIENT, "auth", "smtp.tls")
     assert result.reply.startswith(refusal) and "smtp.tls = 'starttls'" in result.reply, result.reply
     assert smtp_server.messages == []
+    # and the password went over the plaintext connection once: after PLAIN's 538 it was sent again with LOGIN,
+    # which needs encryption as much (only a mechanism that keeps the password off the wire is worth a try)
+    assert smtp_server.logins_tried == 1
 
 
 @pytest.mark.parametrize("refusal", [None, "454 4.7.0 Temporary authentication failure"])

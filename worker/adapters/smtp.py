@@ -555,9 +555,10 @@ async def _greet(client: SMTP) -> None:
 
 _NEXT_MECHANISM = frozenset({504, 534, 538})
 """Replies to AUTH that refuse the mechanism, not the password (RFC 4954: not supported, too weak, needs
-encryption): the next mechanism offered is tried; after a 534 only a stronger one (``_STRONGER``)."""
+encryption): the next mechanism offered is tried; after a 534 or a 538 only a stronger one (``_STRONGER``)."""
 _STRONGER = frozenset({"cram-md5"})
-"""The mechanism a 534 ("too weak") may be worth another try with: PLAIN and LOGIN send the same password alike, and
+"""The mechanism a 534 ("too weak") or a 538 ("encryption required") may be worth another try with: PLAIN and LOGIN
+send the same password alike (after a 538, LOGIN would send it over the plaintext connection a second time), and
 Gmail's 534s refuse the account ("5.7.9 Application-specific password required", "5.7.14 Please log in via your web
 browser"), which every mechanism would meet, each refusal counting toward a lockout."""
 
@@ -578,7 +579,7 @@ async def _log_in(client: SMTP, username: str, password: str, *, tls: bool) -> N
             await method(username, password)
             return
         except SMTPAuthenticationError as exc:
-            if exc.code == 534:
+            if exc.code in (534, 538):
                 offered = [m for m in offered if m in _STRONGER]
             # a server may offer CRAM-MD5 it cannot verify (its passwords stored hashed): refused, PLAIN may take
             # the same password (aiosmtplib's own login went on, and sent); a refusal of PLAIN then ends it
