@@ -18,6 +18,7 @@ from tests.shop_fixtures import Site, load_shop, make_site
 from tests.smtp_server import Behaviour, RecordingServer
 from worker.adapters.store import M
 from worker.demo import ShopData, generate_shop
+from worker.domain import Locale
 
 NOW = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 
@@ -332,3 +333,25 @@ def test_send_test_to_an_address_with_a_display_name_sends_to_the_address(
         done.stderr
     )
     assert len(smtp_server.messages) == 1
+
+
+def test_send_test_of_a_birthday_offer_for_a_customer_suggests_what_the_real_offer_would(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given C1 and C2, who both bought the shop's best seller (Kopi Gayo); C1's birthday offer suggests best sellers
+    # C1 does not have, from the category C1 bought from first
+    site = make_site(tmp_path / "site", smtp_port=smtp_server.port,
+                     extra_toml="[campaigns.birthday]\nenabled = true\n")  # fmt: skip
+    c1 = dataclasses.replace(customer("C1", name="Siti Rahayu", locale=Locale.EN), birthday=date(1990, 3, 5))
+    orders = [one_time_order("O1", "C1", days_ago=200), one_time_order("O2", "C2", days_ago=200)]
+    load_shop(site.settings, ShopData([c1, customer("C2")], PRODUCTS, orders), datetime.now(UTC))
+    # When the operator sends themselves a test of C1's birthday offer
+    done = site.cli("send-test", "--campaign", "birthday", "--customer", "C1", "--to", "me@shop.example")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (received,) = smtp_server.messages
+    text = BytesParser(policy=policy.default).parsebytes(received.data).get_body(  # type: ignore[union-attr]
+        preferencelist=("plain",)).get_content()
+    # Then it reads as C1's offer would: the coffee C1 has is not suggested, the other coffee comes first
+    suggested = text.split("A few things you might like", 1)[1]
+    assert "Kopi Gayo 250g" not in suggested, text
+    assert suggested.index("Kopi Toraja 250g") < suggested.index("Kemeja Batik Parang"), suggested

@@ -157,10 +157,11 @@ def load_batch_facts(
                                          campaign=cc.NEW_PRODUCTS)  # fmt: skip
             within = timedelta(days=settings.campaigns.new_products.within_days)
             launches = audience_sql.launches(store.engine, since=now - within, until=now)
-        # what each has bought: the news picks from it, and a birthday offer suggests what they do not have yet
-        wanting = [m.customer_id for m in messages if m.campaign in (cc.NEW_PRODUCTS, cc.BIRTHDAY)]
-        if wanting:
-            products = audience_sql.customer_products(store.engine, wanting)
+    # what each has bought: the news picks from it, and a birthday offer suggests what they do not have yet (send-test,
+    # with no settings, as well: its test reads as the customer's email would)
+    wanting = [m.customer_id for m in messages if m.campaign in (cc.NEW_PRODUCTS, cc.BIRTHDAY)]
+    if wanting:
+        products = audience_sql.customer_products(store.engine, wanting)
     rated = [(i, m.customer_id) for m in messages
              if m.campaign == cc.FEEDBACK and (i := m.payload_id("order_id")) is not None]  # fmt: skip
     rewarded = [m.customer_id for m in messages if m.campaign == cc.LOYALTY]
