@@ -31,9 +31,9 @@ from worker.log import printable
 
 EXIT_OK, EXIT_ATTENTION, EXIT_USAGE = 0, 1, 2
 MAX_SOURCE_CHARS = 100
+"""The width of the suppression list's source column."""
 MAX_LIST_BYTES = 512 * 2**20
 """The largest file ``suppress import`` reads (it holds the list in memory): some 15 million addresses."""
-"""The width of the suppression list's source column."""
 
 
 def suppress(settings: Settings, args: argparse.Namespace) -> int:
