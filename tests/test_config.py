@@ -122,6 +122,16 @@ def test_bad_settings_name_the_key(raw: dict[str, object], message: str) -> None
     assert message in str(caught.value)
 
 
+def test_a_sequence_of_win_back_steps_loads_whatever_the_one_step_coupon_it_does_not_use() -> None:
+    # a shop that turned the one-step coupon off (coupon_percent = 0, the code left as shipped) and then wrote its
+    # steps, each with its own coupon: no email says the one-step coupon, and the config worked: it still loads
+    steps = [{"days": 45, "template": "winback-reminder"},
+             {"days": 75, "template": "winback", "coupon_code": "KEMBALI10", "coupon_percent": 10}]
+    settings = settings_from_dict({"campaigns": {"winback": {"coupon_percent": 0, "steps": steps}}})
+    assert [(s.coupon_code, s.coupon_percent) for s in settings.campaigns.winback.effective_steps] == [
+        ("", 0), ("KEMBALI10", 10)]
+
+
 def test_priorities_may_leave_out_the_campaigns_turned_off() -> None:
     # an older config, written before loyalty and new products, lists the campaigns it has: it still loads
     settings = settings_from_dict({"policy": {"priorities": ["birthday", "feedback", "winback"]}})

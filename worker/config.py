@@ -877,7 +877,8 @@ def _check(s: Settings) -> None:
               f"({last_step}), not {w.give_up_after_days}")
     if not 0 <= w.coupon_percent <= 100:
         _fail(s, "campaigns.winback.coupon_percent", "must be between 0 and 100")
-    _coupon(s, "campaigns.winback", w.coupon_code, w.coupon_percent)
+    if not w.steps:  # with steps, each its own coupon: the one-step coupon is in no email
+        _coupon(s, "campaigns.winback", w.coupon_code, w.coupon_percent)
     if s.checks.html_max_bytes < 1024:
         _fail(s, "checks.html_max_bytes", "must be at least 1024")
     if s.checks.subject_max_chars < 10:
