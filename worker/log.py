@@ -36,14 +36,18 @@ def mask_email(address: str) -> str:
 def mask_emails(addresses: Sequence[str]) -> list[str]:
     """``mask_email`` of each, those that mask alike (``budi@gmail.com`` and ``budi.santoso@gmail.com``: both
     ``b***@gmail.com``) with their local part's last character too (``b***i@gmail.com``, ``b***o@gmail.com``): a
-    page naming the two named one address twice, to the customer's eyes."""
+    page naming the two named one address twice, to the customer's eyes. Those still alike (``siti@`` and
+    ``siti.rahmawati@``: both ``s***i@``) with a star for each character hidden (``s**i@``, ``s************i@``)."""
     masked = [mask_email(a) for a in addresses]
-    apart = []
-    for address, mask in zip(addresses, masked, strict=True):
-        local, _, domain = address.partition("@")
-        alike = masked.count(mask) > 1 and domain and len(local) > 1
-        apart.append(f"{local[:1]}***{local[-1]}@{domain}" if alike else mask)
-    return apart
+    for counted in (False, True):
+        apart = []
+        for address, mask in zip(addresses, masked, strict=True):
+            local, _, domain = address.partition("@")
+            alike = masked.count(mask) > 1 and domain and len(local) > 1
+            stars = "*" * max(len(local) - 2, 1) if counted else "***"  # never the whole local part
+            apart.append(f"{local[:1]}{stars}{local[-1]}@{domain}" if alike else mask)
+        masked = apart
+    return masked
 
 
 _ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
