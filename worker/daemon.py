@@ -198,6 +198,9 @@ class Daemon:
         """The templates folder the config file names when a reload that moved there was rejected (a template
         broken in it): watched beside the running one, so that mending it there is a change the watcher reloads."""
         self._watched = self._watch_signature(settings)
+        self._watch_epoch = 0
+        """Counts the reload's changes of ``_watched``: a look of the watcher begun before one compares files read
+        against the reference it replaced, and is dropped (it took a moved folder for an edit, a second reload)."""
         """The template and config files as they were before this generation copied them (the watcher's reference):
         one saved while the start-up check runs is a change the watcher reloads."""
         self.deps = deps or Deps.build(settings)
@@ -781,7 +784,10 @@ class Daemon:
         return signature
 
     async def _watch(self) -> None:
+        epoch = self._watch_epoch
         signature = await asyncio.to_thread(self._watch_signature, self.gen.settings)
+        if epoch != self._watch_epoch:  # a reload set a new reference meanwhile: the next look compares with it
+            return
         if signature != self._watched:
             self._watched = signature
             self.request_reload("watch")
@@ -850,6 +856,7 @@ class Daemon:
         running = old.settings.resolve(old.settings.templates.dir)
         base = await asyncio.to_thread(folder_signature, running, self.config_path)
         self._watched = await asyncio.to_thread(self._watch_signature, old.settings)
+        self._watch_epoch += 1
         try:
             settings = load_settings(self.config_path)
         except ConfigError as exc:
@@ -867,6 +874,7 @@ class Daemon:
             self._named_folder, self._watched = named, base + fresh
         else:
             self._named_folder, self._watched = None, base
+        self._watch_epoch += 1
         changed = _restart_only_changes(old.settings, settings)
         if changed:  # each key by name, the first with its line (never a value: the database URL's password)
             first, *others = changed
@@ -910,6 +918,7 @@ class Daemon:
         self._named_folder = None
         if watched is not None:
             self._watched = watched
+            self._watch_epoch += 1
         await self._bring_forward(sooner)
         # a language stored for a customer that has no templates reads as the shop's (``Store.default_locale``):
         # the shop's as reloaded, for the pages and this process's sends as for the compose helpers' new store
