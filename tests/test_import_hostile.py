@@ -1816,3 +1816,35 @@ def test_a_suppression_list_import_shows_its_progress_on_a_terminal(tmp_path: Pa
     # And the line is erased before the line it rejected is named, which starts a line of its own
     assert f"\r\x1b[K{bounces}: line 3001: invalid email address 'not-an-address'" in seen, seen
     assert seen.endswith("\r\x1b[K"), seen  # and the line is gone before the summary
+
+
+def test_an_id_a_spreadsheet_turned_into_scientific_notation_is_a_rejected_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given ids that are phone numbers (628123456789, 628123456790), which Excel shows as 6.28123E+11 and writes
+    # so into the CSV: the digits are gone, and two customers share one id
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\n"
+        "6.28123E+11,ani@example.com,Ani,ya\n"
+        "C-2,budi@example.com,Budi,ya\n"
+        "\"6,28123E+11\",citra@example.com,Citra,ya\n", encoding="utf-8")  # fmt: skip
+    # (the last as Excel in an Indonesian locale writes it, a decimal comma)
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,total\n"
+        "O-1,6.28123E+11,paid,2026-11-01,100000\n"
+        "O-2,C-2,paid,2026-11-02,100000\n"
+        "8.10001E+14,C-2,paid,2026-11-03,100000\n", encoding="utf-8")  # fmt: skip
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then the row is rejected, naming the column and what to do, not stored under an id its orders all share
+    assert code == 1, out
+    assert ("customers.csv:2: id '6.28123E+11': invalid id '6.28123E+11' (a number a spreadsheet wrote in "
+            "scientific notation, its last digits lost: format the column as text and export it again)") in out
+    assert "customers: 1 created, 0 updated, 0 unchanged, 2 rejected" in out
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    assert code == 1, out
+    assert "orders.csv:2: id 'O-1': invalid customer_id '6.28123E+11' (a number a spreadsheet wrote" in out
+    assert "orders.csv:4: id '8.10001E+14': invalid order_id '8.10001E+14' (a number a spreadsheet wrote" in out
+    assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-2"}
+    assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order") == {"O-2"}

@@ -26,6 +26,7 @@ surrounding whitespace except ``name``, which is kept exactly as given.
 Ids, ``category`` and the consent texts may hold no control character (C0,
 C1), line separator or bidi control (``render.CONTROL_CHARACTERS``), nor an invisible character or a space
 other than ' ' (``_no_invisible``): the row's error names its code point.
+An id a spreadsheet wrote in scientific notation (``6.28123E+11``: ``_SCIENTIFIC``) is a bad row.
 
 customers.csv
     ``id`` (required), ``email`` (required; validated and normalised by
@@ -649,10 +650,18 @@ def _required(row: dict[str, str], column: str) -> str:
     return value
 
 
+_SCIENTIFIC = re.compile(r"[0-9][.,][0-9]+E\+[0-9]+", re.IGNORECASE)
+"""A long number as a spreadsheet shows it (628123456789 as 6.28123E+11, or 6,28123E+11 in an Indonesian locale) and
+writes it into a CSV: its last digits are lost, and many ids become one."""
+
+
 def _ident(row: dict[str, str], column: str) -> str:
     value = _required(row, column)
     _no_control(value, column, MAX_ID)
     _no_invisible(value, column, in_text=False)
+    if _SCIENTIFIC.fullmatch(value):  # stored, it would be one customer's, every order of the others' given to them
+        raise _Invalid(f"invalid {column} {_show(value)} (a number a spreadsheet wrote in scientific notation, its "
+                       "last digits lost: format the column as text and export it again)")  # fmt: skip
     return value
 
 
