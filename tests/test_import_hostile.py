@@ -1848,3 +1848,24 @@ def test_an_id_a_spreadsheet_turned_into_scientific_notation_is_a_rejected_row(
     assert "orders.csv:4: id '8.10001E+14': invalid order_id '8.10001E+14' (a number a spreadsheet wrote" in out
     assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-2"}
     assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "shop_order") == {"O-2"}
+
+
+def test_consents_an_indonesian_excel_wrote_as_benar_and_salah_are_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a sheet whose consent column holds TRUE and FALSE, saved as CSV by Excel in Indonesian (id-ID), which
+    # writes its booleans in its own words: BENAR and SALAH (and a products sheet's active column the same)
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\nC-1,ani@example.com,Ani,BENAR\nC-2,budi@example.com,Budi,SALAH\n"
+        "C-3,citra@example.com,Citra,Benar\n", encoding="utf-8")  # fmt: skip
+    (tmp_path / "products.csv").write_text("id,name,price,active\nP-1,Tas,1000,SALAH\nP-2,Topi,1000,BENAR\n")
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then each answer is read as it was given: those who agreed are not saved as without consent
+    assert (code, "unclear" in out) == (0, False), out
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    assert dict(_rows(url, "select external_id, marketing_consent from customer")) == {"C-1": 1, "C-2": 0, "C-3": 1}
+    code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "products.csv"))
+    assert code == 0, out
+    assert dict(_rows(url, "select external_id, active from product")) == {"P-1": 0, "P-2": 1}

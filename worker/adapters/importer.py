@@ -40,7 +40,7 @@ customers.csv
     or empty; 29 February allowed in leap years; from 1900, and with ``now`` not after its day in the customer's
     time zone nor an age over ``MAX_AGE``: any other is left out, the customer imported without it and keeping
     one stored before, and reported by a ``saved`` ``RowError`` after the record), ``marketing_consent``
-    (required: true/false, yes/no, 1/0, ya/tidak; anything else, empty included, is saved as False and
+    (required: true/false, yes/no, 1/0, ya/tidak, benar/salah; anything else, empty included, is saved as False and
     reported by a ``saved`` ``RowError`` after the record; so is a customer whose address, case aside, an earlier
     one of the file has with the other answer: ``_consents_agree``), ``consent_basis`` and
     ``consent_source`` (optional text, at most 64 characters).
@@ -150,8 +150,9 @@ MAX_TEXT = {"consent_basis": 64, "consent_source": 64, "category": 100}
 MAX_URL = 1000
 MAX_MINOR = 2**63 - 1
 """The largest amount in minor units a BIGINT column holds: a price, a total, a line's quantity times unit price."""
-_TRUE = frozenset({"true", "yes", "1", "ya"})
-_FALSE = frozenset({"false", "no", "0", "tidak"})
+_TRUE = frozenset({"true", "yes", "1", "ya", "benar"})
+_FALSE = frozenset({"false", "no", "0", "tidak", "salah"})
+"""A boolean's words; ``benar`` and ``salah`` are TRUE and FALSE as Excel in Indonesian writes them into a CSV."""
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _AMOUNT = re.compile(r"[0-9]{1,15}(\.[0-9]{1,6})?")
 _THOUSANDS = re.compile(r"[1-9][0-9]{0,2}\.[0-9]{3}")
@@ -812,7 +813,7 @@ def _bool(row: dict[str, str], column: str, default: bool | None) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise _Invalid(f"invalid {column} {_show(value)} (expected true/false, yes/no, 1/0 or ya/tidak)")
+    raise _Invalid(f"invalid {column} {_show(value)} (expected true/false, yes/no, 1/0, ya/tidak or benar/salah)")
 
 
 def _consent(row: dict[str, str]) -> tuple[bool, str]:
@@ -823,8 +824,8 @@ def _consent(row: dict[str, str]) -> tuple[bool, str]:
         return _bool(row, "marketing_consent", None), ""
     except _Invalid:  # empty, or neither yes nor no
         value = row.get("marketing_consent", "").strip()
-        return False, (f"unclear marketing_consent {_show(value)} (expected true/false, yes/no, 1/0 or ya/tidak): "
-                       "saved as no consent; correct it and import the file again")  # fmt: skip
+        return False, (f"unclear marketing_consent {_show(value)} (expected true/false, yes/no, 1/0, ya/tidak or "
+                       "benar/salah): saved as no consent; correct it and import the file again")  # fmt: skip
 
 
 def _currency(row: dict[str, str], shop_currency: str) -> str:
