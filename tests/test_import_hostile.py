@@ -1869,3 +1869,27 @@ def test_consents_an_indonesian_excel_wrote_as_benar_and_salah_are_read(
     code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "products.csv"))
     assert code == 0, out
     assert dict(_rows(url, "select external_id, active from product")) == {"P-1": 0, "P-2": 1}
+
+
+def test_a_time_written_with_a_dot_as_indonesian_writes_it_is_a_rejected_row_not_read_as_another_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given orders whose times are written as Indonesian writes them (10.30, a spreadsheet's id-ID time format),
+    # which Python's ISO reader takes as 10:00 and three tenths of a second: half an hour lost, without a word
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,ani@example.com,Ani,ya\n")
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,delivered_at,total\n"
+        "O-1,C-1,delivered,2026-11-22 10.30,2026-11-25 18:45,100000\n"
+        "O-2,C-1,delivered,2026-11-22 10:30,2026-11-25T18.45,100000\n"
+        "O-3,C-1,paid,2026-11-22 10:30:15.250,,100000\n", encoding="utf-8")  # fmt: skip
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then each such row is rejected, naming its column and what to write; a second's fraction is read as ever
+    assert code == 1, out
+    assert ("orders.csv:2: id 'O-1': invalid placed_at '2026-11-22 10.30' (a time written with '.' between its hours "
+            "and minutes, as in Indonesian, is not read: write 10:30)") in out
+    assert "orders.csv:3: id 'O-2': invalid delivered_at '2026-11-25T18.45' (a time written with '.'" in out
+    assert "orders: 1 created, 0 updated, 0 unchanged, 2 rejected" in out
+    assert _rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id from shop_order") == [("O-3",)]

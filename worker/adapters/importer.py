@@ -71,7 +71,8 @@ orders.csv: one row per order line, the order's columns repeated on each
     ``_scattered``). Any bad row drops its whole order.
 
 Date-times: ``2026-11-22T10:00:00+07:00``, ``2026-11-22T03:00:00Z``,
-``2026-11-22 10:00`` or ``2026-11-22``. Values without an offset are in the
+``2026-11-22 10:00`` or ``2026-11-22``. A time written ``10.30`` (as
+Indonesian writes it) is refused: Python's ISO reader takes it as 10:00:00.3. Values without an offset are in the
 shop's time zone (``shop_tz``); every result is aware and in UTC.
 
 Speed: about 24,000 customer rows a second on one core, nine tenths of it in
@@ -925,6 +926,9 @@ _LOCAL_DATE = re.compile(r"[0-9]{1,4}[/.-][0-9]{1,2}[/.-][0-9]{1,4}\b")
 """A date as a spreadsheet shows it in its locale: 12/31/2026, 31.12.2026, 31-12-26."""
 _NAMED_OFFSET = re.compile(r"(?:GMT|UTC)\s*[+-]", re.IGNORECASE)
 _ISO = "expected ISO 8601, e.g. 2026-11-22T10:00:00+07:00"
+_DOTTED_TIME = re.compile(r"[T ]([0-9]{2})(:?[0-9]{2})?[.,]([0-9]+)")
+"""A time with a fraction of its hour or minute: 10.30 as Indonesian writes half past ten (a fraction is read only
+after the seconds: 10:30:15.250)."""
 _ZONE_NAME = re.compile(r"[0-9]\s*([A-Za-z][A-Za-z_]+(?:/[A-Za-z_+-]+)*)$")
 """A time followed by a zone's name or abbreviation: ``10:00:00 UTC`` (Ruby's Time#to_s), ``10:00 WIB``."""
 
@@ -942,6 +946,11 @@ def _datetime(row: dict[str, str], column: str, zone: ZoneInfo, *, required: boo
     if _NAMED_OFFSET.search(value):
         raise _Invalid(f"invalid {column} {_show(value)} (write the offset as +07:00 or -07:00 after the time, or none "
                        "for the shop's time zone; 'GMT+7' is read either way round)")  # fmt: skip
+    dotted = _DOTTED_TIME.search(value)
+    if dotted is not None:  # Python reads 10.30 as 10:00:00.3, and 10:30.5 as 10:30:00.5
+        said = f"write {dotted[1]}:{dotted[3]}" if dotted[2] is None and len(dotted[3]) == 2 else "write HH:MM:SS"
+        raise _Invalid(f"invalid {column} {_show(value)} (a time written with '.' between its hours and minutes, as "
+                       f"in Indonesian, is not read: {said})")  # fmt: skip
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
