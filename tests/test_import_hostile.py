@@ -1893,3 +1893,28 @@ def test_a_time_written_with_a_dot_as_indonesian_writes_it_is_a_rejected_row_not
     assert "orders.csv:3: id 'O-2': invalid delivered_at '2026-11-25T18.45' (a time written with '.'" in out
     assert "orders: 1 created, 0 updated, 0 unchanged, 2 rejected" in out
     assert _rows(f"sqlite:///{tmp_path / 'k.db'}", "select external_id from shop_order") == [("O-3",)]
+
+
+def test_a_price_as_an_indonesian_spreadsheet_shows_it_is_rejected_saying_what_to_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given prices as a sheet in Indonesian shows them: '.' between thousands, a decimal comma, the 'Rp' sign
+    config = migrated_config(tmp_path)
+    (tmp_path / "products.csv").write_text(
+        "id,name,price\n"
+        "P-1,Kemeja,\"1.250.000\"\n"
+        "P-2,Kain,\"Rp 1.250.000,00\"\n"
+        "P-3,Topi,Rp125000\n"
+        "P-4,Tas,125000\n", encoding="utf-8")  # fmt: skip
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "products.csv"))
+    # Then each is a rejected row saying what it read and what to write (it was "expected an amount such as
+    # 249000", as if the cell held no number at all)
+    assert code == 1, out
+    assert ("products.csv:2: id 'P-1': invalid price '1.250.000' ('.' separates thousands, as Indonesian writes "
+            "them: write 1250000 for that amount)") in out
+    assert ("products.csv:3: id 'P-2': invalid price 'Rp 1.250.000,00' (write the amount alone, without 'Rp': the "
+            "currency goes in the currency column; and without thousands separators") in out
+    assert ("products.csv:4: id 'P-3': invalid price 'Rp125000' (write the amount alone, without 'Rp': the "
+            "currency goes in the currency column)") in out
+    assert "products: 1 created, 0 updated, 0 unchanged, 3 rejected" in out

@@ -159,6 +159,9 @@ _AMOUNT = re.compile(r"[0-9]{1,15}(\.[0-9]{1,6})?")
 _THOUSANDS = re.compile(r"[1-9][0-9]{0,2}\.[0-9]{3}")
 """An amount as a spreadsheet in an Indonesian (or German…) locale shows it, '.' separating thousands: Rp249.000."""
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
+_SIGNED = re.compile(r"(?P<sign>Rp\.?|[A-Za-z]{3}|[$€£¥])\s*(?P<amount>[0-9][0-9,.]*)", re.IGNORECASE)
+"""An amount after its currency's sign or code, as a spreadsheet's currency format shows it: Rp 1.250.000,00."""
+_SEPARATORS = "without thousands separators and with '.' before decimals, such as 249000 or 249000.50"
 @dataclass(frozen=True)
 class RowError:
     """One rejected row: where it is, whose it is, and why."""
@@ -846,9 +849,19 @@ def _optional_money(row: dict[str, str], column: str, currency: str) -> int | No
 def _money(row: dict[str, str], column: str, currency: str) -> int:
     value = _required(row, column)
     if not _AMOUNT.fullmatch(value):
+        signed = _SIGNED.fullmatch(value)
+        if signed is not None and (not signed["sign"].isalpha() or signed["sign"][:2].lower() == "rp"
+                                   or money.known(signed["sign"])):  # fmt: skip
+            rest = signed["amount"]
+            plain = _AMOUNT.fullmatch(rest) and not (money.exponent(currency) < 3 and _THOUSANDS.fullmatch(rest))
+            raise _Invalid(f"invalid {column} {_show(value)} (write the amount alone, without "
+                           f"{signed['sign']!r}: the currency goes in the currency column"
+                           + (")" if plain else f"; and {_SEPARATORS})"))  # fmt: skip
+        if re.fullmatch(r"[1-9][0-9]{0,2}(\.[0-9]{3}){2,}", value):  # 1.250.000: surely thousands
+            raise _Invalid(f"invalid {column} {_show(value)} ('.' separates thousands, as Indonesian writes them: "
+                           f"write {value.replace('.', '')} for that amount)")  # fmt: skip
         if re.fullmatch(r"[0-9][0-9,.]*[0-9]", value) and "," in value:  # 1,234.50 or 249,50: not guessed
-            raise _Invalid(f"invalid {column} {_show(value)} (write amounts without thousands separators and with "
-                           "'.' before decimals, such as 249000 or 249000.50)")  # fmt: skip
+            raise _Invalid(f"invalid {column} {_show(value)} (write amounts {_SEPARATORS})")
         if re.fullmatch(r"[0-9]{16,}(\.[0-9]+)?", value.lstrip("0") or "0"):  # a number, of more digits than taken
             largest = _largest_written(currency)
             raise _Invalid(f"invalid {column} {_show(value)} (too large: at most {largest} {currency})")
