@@ -1918,3 +1918,28 @@ def test_a_price_as_an_indonesian_spreadsheet_shows_it_is_rejected_saying_what_t
     assert ("products.csv:4: id 'P-3': invalid price 'Rp125000' (write the amount alone, without 'Rp': the "
             "currency goes in the currency column)") in out
     assert "products: 1 created, 0 updated, 0 unchanged, 3 rejected" in out
+
+
+def test_an_order_whose_customer_id_lost_its_leading_zeros_names_the_customer_it_may_be(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given customers whose ids are phone numbers with a leading zero, and an orders file a spreadsheet opened and
+    # saved again, which read those ids as numbers and dropped the zero
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent\n0812345,ani@example.com,Ani,ya\n0899,budi@example.com,Budi,ya\n")
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,total\n"
+        "O-1,812345,paid,2026-11-01,100000\n"
+        "O-2,0899,paid,2026-11-02,100000\n"
+        "O-3,7777,paid,2026-11-03,100000\n", encoding="utf-8")  # fmt: skip
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    # When the orders are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then the order is rejected naming the customer its id may be (it said only "unknown customer id '812345'")
+    assert code == 1, out
+    assert ("orders.csv:2: id 'O-1': unknown customer id '812345' (customer '0812345' is stored: a spreadsheet drops "
+            "the leading zeros of an id it reads as a number; format the id column as text and export the file "
+            "again)") in out
+    assert "orders.csv:4: id 'O-3': unknown customer id '7777' (import its customer first)" in out
+    assert "orders: 1 created, 0 updated, 0 unchanged, 2 rejected" in out

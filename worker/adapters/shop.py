@@ -342,10 +342,11 @@ def _upsert_orders(
         changed: list[dict[str, Any]] = []
         lines_of: dict[str, list[dict[str, Any]]] = {}
         """The lines of each order inserted or changed, by external id."""
+        zeros = _zeros_apart(conn, {r.customer_external_id for r in by_id.values()} - customers.keys())
         for ext, rec in by_id.items():
             customer_id = customers.get(rec.customer_external_id)
             if customer_id is None:
-                counts.rejected.append((ext, f"unknown customer id {rec.customer_external_id!r}"))
+                counts.rejected.append((ext, _unknown_customer(rec.customer_external_id, zeros)))
                 continue
             old = existing.get(ext)
             sum_key = (customer_id, rec.currency)
@@ -404,6 +405,31 @@ def _upsert_orders(
         _write_orders(conn, new, changed, lines_of, {ext: old.id for ext, old in existing.items()}, now)
         refresh_customer_stats(conn, sorted(touched), now, currency)
     return counts, unknown
+
+
+_ZEROS = 4
+"""How many leading zeros a spreadsheet may have dropped from (or an id have beyond) a customer id looked for."""
+
+
+def _zeros_apart(conn: Connection, unknown: set[str]) -> dict[str, str]:
+    """Each unknown customer id of digits → a stored one that is it with leading zeros dropped or added: a
+    spreadsheet reads 0812345 as the number 812345 (in one of the files, not the other)."""
+    digits = {ext for ext in unknown if ext.isascii() and ext.isdigit()}
+    forms = {"0" * k + ext.lstrip("0"): ext for ext in digits for k in range(_ZEROS + 1)}
+    forms = {form: ext for form, ext in forms.items() if form and form != ext}
+    if not forms:
+        return {}
+    found = conn.execute(sa.select(C.c.external_id).where(C.c.external_id.in_(list(forms))).order_by(C.c.external_id))
+    return {forms[stored]: stored for stored, in found}
+
+
+def _unknown_customer(external_id: str, zeros: dict[str, str]) -> str:
+    """Why an order's customer is not found, naming the stored customer its id may be (``_zeros_apart``)."""
+    stored = zeros.get(external_id)
+    if stored is None:
+        return f"unknown customer id {external_id!r} (import its customer first)"
+    return (f"unknown customer id {external_id!r} (customer {stored!r} is stored: a spreadsheet drops the leading "
+            "zeros of an id it reads as a number; format the id column as text and export the file again)")
 
 
 def _write_orders(
