@@ -1943,3 +1943,32 @@ def test_an_order_whose_customer_id_lost_its_leading_zeros_names_the_customer_it
             "again)") in out
     assert "orders.csv:4: id 'O-3': unknown customer id '7777' (import its customer first)" in out
     assert "orders: 1 created, 0 updated, 0 unchanged, 2 rejected" in out
+
+
+def test_a_date_written_year_first_but_not_as_iso_is_rejected_saying_how_to_write_it_not_called_ambiguous(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given dates written year first, as a spreadsheet's format 'yyyy/mm/dd' or 'yyyy-m-d' writes them
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text(
+        "id,email,name,marketing_consent,birthday\nC-1,ani@example.com,Ani,ya,1990/12/07\n")
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,total\n"
+        "O-1,C-1,paid,2026/11/01 10:00,100000\n"
+        "O-2,C-1,paid,2026-11-1,100000\n"
+        "O-3,C-1,paid,01/11/2026,100000\n", encoding="utf-8")  # fmt: skip
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then each is named with the form to write, not as a day/month puzzle it is not (it said "is it month/day or
+    # day/month?" of 2026/11/01); a day-first date still is one
+    assert code == 1, out
+    assert ("invalid birthday '1990/12/07' (write the date as YYYY-MM-DD, with '-' and two digits for the month and "
+            "the day: 1990-12-07)") in out
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    assert code == 1, out
+    assert ("orders.csv:2: id 'O-1': invalid placed_at '2026/11/01 10:00' (write the date as YYYY-MM-DD, with '-' "
+            "and two digits for the month and the day: 2026-11-01)") in out
+    assert "orders.csv:3: id 'O-2': invalid placed_at '2026-11-1' (write the date as YYYY-MM-DD, with '-' and two " \
+           "digits for the month and the day: 2026-11-01)" in out
+    assert "orders.csv:4: id 'O-3': invalid placed_at '01/11/2026' (a date as a spreadsheet shows it: is it " \
+           "month/day or day/month?" in out

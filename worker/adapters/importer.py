@@ -786,7 +786,9 @@ def _birthday(row: dict[str, str], today: date | None, zone: str) -> date | None
     if _MIDNIGHT.fullmatch(value):  # a database's DATETIME of a date (MySQL's '1990-05-01 00:00:00'): that day
         value = value[:10]
     if not _DATE.fullmatch(value):
-        if _LOCAL_DATE.fullmatch(value) and not re.match("[0-9]{4}-", value):  # 1990-5-1 is no puzzle
+        if (year_first := _year_first(value, "birthday")) is not None:  # 1990/05/01, 1990-5-1: no puzzle
+            raise year_first
+        if _LOCAL_DATE.fullmatch(value):
             raise _Invalid(f"invalid birthday {_show(value)} (a date as a spreadsheet shows it: is it month/day or "
                            "day/month? write it as YYYY-MM-DD)")  # fmt: skip
         raise _Invalid(f"invalid birthday {_show(value)} (expected YYYY-MM-DD)")
@@ -937,6 +939,19 @@ def _not_zero(value: str, column: str, required: bool) -> None:
 
 _LOCAL_DATE = re.compile(r"[0-9]{1,4}[/.-][0-9]{1,2}[/.-][0-9]{1,4}\b")
 """A date as a spreadsheet shows it in its locale: 12/31/2026, 31.12.2026, 31-12-26."""
+_YEAR_FIRST = re.compile(r"([0-9]{4})[/.-]([0-9]{1,2})[/.-]([0-9]{1,2})\b")
+"""A date year first, but not as YYYY-MM-DD: 2026/11/22, 2026.11.22, 2026-11-2 (no month/day puzzle)."""
+
+
+def _year_first(value: str, column: str) -> _Invalid | None:
+    """Why ``value``, a date year first but not as YYYY-MM-DD, is not read, with the form to write; else None."""
+    found = _YEAR_FIRST.match(value)
+    if found is None or _DATE.match(value):  # its date is as written (what follows it is what is wrong)
+        return None
+    return _Invalid(f"invalid {column} {_show(value)} (write the date as YYYY-MM-DD, with '-' and two digits for the "
+                    f"month and the day: {found[1]}-{int(found[2]):02d}-{int(found[3]):02d})")
+
+
 _NAMED_OFFSET = re.compile(r"(?:GMT|UTC)\s*[+-]", re.IGNORECASE)
 _ISO = "expected ISO 8601, e.g. 2026-11-22T10:00:00+07:00"
 _DOTTED_TIME = re.compile(r"[T ]([0-9]{2})(:?[0-9]{2})?[.,]([0-9]+)")
@@ -952,6 +967,8 @@ def _datetime(row: dict[str, str], column: str, zone: ZoneInfo, *, required: boo
     value = _required(row, column)
     _not_zero(value, column, required)
     if not _DATE.match(value):
+        if (year_first := _year_first(value, column)) is not None:
+            raise year_first
         if _LOCAL_DATE.match(value):
             raise _Invalid(f"invalid {column} {_show(value)} (a date as a spreadsheet shows it: is it month/day or "
                            "day/month? write it as YYYY-MM-DD, e.g. 2026-11-22 or 2026-11-22T10:00:00+07:00)")
