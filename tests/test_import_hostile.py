@@ -1818,6 +1818,11 @@ def test_a_suppression_list_import_shows_its_progress_on_a_terminal(tmp_path: Pa
     assert seen.endswith("\r\x1b[K"), seen  # and the line is gone before the summary
 
 
+def _imported(capsys: pytest.CaptureFixture[str], config: Path, path: Path) -> tuple[int, str]:
+    """``kembali import KIND PATH``, the kind the file's name (customers.csv): the exit code and what it printed."""
+    return kembali(capsys, "--config", str(config), "import", path.stem, str(path))
+
+
 def test_an_id_a_spreadsheet_turned_into_scientific_notation_is_a_rejected_row(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1836,13 +1841,13 @@ def test_an_id_a_spreadsheet_turned_into_scientific_notation_is_a_rejected_row(
         "O-2,C-2,paid,2026-11-02,100000\n"
         "8.10001E+14,C-2,paid,2026-11-03,100000\n", encoding="utf-8")  # fmt: skip
     # When they are imported
-    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    code, out = _imported(capsys, config, tmp_path / "customers.csv")
     # Then the row is rejected, naming the column and what to do, not stored under an id its orders all share
     assert code == 1, out
     assert ("customers.csv:2: id '6.28123E+11': invalid id '6.28123E+11' (a number a spreadsheet wrote in "
             "scientific notation, its last digits lost: format the column as text and export it again)") in out
     assert "customers: 1 created, 0 updated, 0 unchanged, 2 rejected" in out
-    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    code, out = _imported(capsys, config, tmp_path / "orders.csv")
     assert code == 1, out
     assert "orders.csv:2: id 'O-1': invalid customer_id '6.28123E+11' (a number a spreadsheet wrote" in out
     assert "orders.csv:4: id '8.10001E+14': invalid order_id '8.10001E+14' (a number a spreadsheet wrote" in out
@@ -1861,12 +1866,12 @@ def test_consents_an_indonesian_excel_wrote_as_benar_and_salah_are_read(
         "C-3,citra@example.com,Citra,Benar\n", encoding="utf-8")  # fmt: skip
     (tmp_path / "products.csv").write_text("id,name,price,active\nP-1,Tas,1000,SALAH\nP-2,Topi,1000,BENAR\n")
     # When they are imported
-    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    code, out = _imported(capsys, config, tmp_path / "customers.csv")
     # Then each answer is read as it was given: those who agreed are not saved as without consent
     assert (code, "unclear" in out) == (0, False), out
     url = f"sqlite:///{tmp_path / 'k.db'}"
     assert dict(_rows(url, "select external_id, marketing_consent from customer")) == {"C-1": 1, "C-2": 0, "C-3": 1}
-    code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "products.csv"))
+    code, out = _imported(capsys, config, tmp_path / "products.csv")
     assert code == 0, out
     assert dict(_rows(url, "select external_id, active from product")) == {"P-1": 0, "P-2": 1}
 
@@ -1883,9 +1888,9 @@ def test_a_time_written_with_a_dot_as_indonesian_writes_it_is_a_rejected_row_not
         "O-1,C-1,delivered,2026-11-22 10.30,2026-11-25 18:45,100000\n"
         "O-2,C-1,delivered,2026-11-22 10:30,2026-11-25T18.45,100000\n"
         "O-3,C-1,paid,2026-11-22 10:30:15.250,,100000\n", encoding="utf-8")  # fmt: skip
-    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    assert _imported(capsys, config, tmp_path / "customers.csv")[0] == 0
     # When they are imported
-    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    code, out = _imported(capsys, config, tmp_path / "orders.csv")
     # Then each such row is rejected, naming its column and what to write; a second's fraction is read as ever
     assert code == 1, out
     assert ("orders.csv:2: id 'O-1': invalid placed_at '2026-11-22 10.30' (a time written with '.' between its hours "
@@ -1907,7 +1912,7 @@ def test_a_price_as_an_indonesian_spreadsheet_shows_it_is_rejected_saying_what_t
         "P-3,Topi,Rp125000\n"
         "P-4,Tas,125000\n", encoding="utf-8")  # fmt: skip
     # When they are imported
-    code, out = kembali(capsys, "--config", str(config), "import", "products", str(tmp_path / "products.csv"))
+    code, out = _imported(capsys, config, tmp_path / "products.csv")
     # Then each is a rejected row saying what it read and what to write (it was "expected an amount such as
     # 249000", as if the cell held no number at all)
     assert code == 1, out
@@ -1933,9 +1938,9 @@ def test_an_order_whose_customer_id_lost_its_leading_zeros_names_the_customer_it
         "O-1,812345,paid,2026-11-01,100000\n"
         "O-2,0899,paid,2026-11-02,100000\n"
         "O-3,7777,paid,2026-11-03,100000\n", encoding="utf-8")  # fmt: skip
-    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    assert _imported(capsys, config, tmp_path / "customers.csv")[0] == 0
     # When the orders are imported
-    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    code, out = _imported(capsys, config, tmp_path / "orders.csv")
     # Then the order is rejected naming the customer its id may be (it said only "unknown customer id '812345'")
     assert code == 1, out
     assert ("orders.csv:2: id 'O-1': unknown customer id '812345' (customer '0812345' is stored: a spreadsheet drops "
@@ -1958,13 +1963,13 @@ def test_a_date_written_year_first_but_not_as_iso_is_rejected_saying_how_to_writ
         "O-2,C-1,paid,2026-11-1,100000\n"
         "O-3,C-1,paid,01/11/2026,100000\n", encoding="utf-8")  # fmt: skip
     # When they are imported
-    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    code, out = _imported(capsys, config, tmp_path / "customers.csv")
     # Then each is named with the form to write, not as a day/month puzzle it is not (it said "is it month/day or
     # day/month?" of 2026/11/01); a day-first date still is one
     assert code == 1, out
     assert ("invalid birthday '1990/12/07' (write the date as YYYY-MM-DD, with '-' and two digits for the month and "
             "the day: 1990-12-07)") in out
-    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    code, out = _imported(capsys, config, tmp_path / "orders.csv")
     assert code == 1, out
     assert ("orders.csv:2: id 'O-1': invalid placed_at '2026/11/01 10:00' (write the date as YYYY-MM-DD, with '-' "
             "and two digits for the month and the day: 2026-11-01)") in out
