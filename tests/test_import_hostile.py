@@ -1926,11 +1926,11 @@ def test_a_price_as_an_indonesian_spreadsheet_shows_it_is_rejected_saying_what_t
 
 
 def test_an_order_whose_customer_id_lost_its_leading_zeros_names_the_customer_it_may_be(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given customers whose ids are phone numbers with a leading zero, and an orders file a spreadsheet opened and
     # saved again, which read those ids as numbers and dropped the zero
-    config = migrated_config(tmp_path)
+    config = _config(tmp_path, db_url)
     (tmp_path / "customers.csv").write_text(
         "id,email,name,marketing_consent\n0812345,ani@example.com,Ani,ya\n0899,budi@example.com,Budi,ya\n")
     (tmp_path / "orders.csv").write_text(
@@ -1948,6 +1948,7 @@ def test_an_order_whose_customer_id_lost_its_leading_zeros_names_the_customer_it
             "again)") in out
     assert "orders.csv:4: id 'O-3': unknown customer id '7777' (import its customer first)" in out
     assert "orders: 1 created, 0 updated, 0 unchanged, 2 rejected" in out
+    assert _ids(db_url, "shop_order") == {"O-2"}
 
 
 def test_a_date_written_year_first_but_not_as_iso_is_rejected_saying_how_to_write_it_not_called_ambiguous(
