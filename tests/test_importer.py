@@ -612,8 +612,20 @@ def test_an_order_naming_its_customer_or_product_with_an_invisible_character_is_
         # a zone by its name, as Ruby's Time#to_s writes UTC (Rails exports) or a shop writes WIB: it said
         # "(Invalid isoformat string: '2026-01-02 10:00:00 UTC')", naming the value twice and what to write nowhere
         ("2026-01-02 10:00:00 UTC", "1000", "invalid placed_at '2026-01-02 10:00:00 UTC' (a time zone written by its "
-                                            "name, 'UTC', is not read: write its offset after the time, as in "
-                                            "2026-11-22T10:00:00+07:00, or none for the shop's time zone)"),
+                                            "name, 'UTC', is not read: write its offset after the time, "
+                                            "2026-01-02T10:00:00+00:00 for UTC, or none for the shop's time zone)"),
+        # the offset named is the zone's (it gave +07:00 as the example for every zone: 10:00 WITA, written so,
+        # would be read an hour late, and 10:00 UTC seven hours early)
+        ("2026-01-02 10:00 WITA", "1000", "invalid placed_at '2026-01-02 10:00 WITA' (a time zone written by its name, "
+                                          "'WITA', is not read: write its offset after the time, "
+                                          "2026-01-02T10:00:00+08:00 for Asia/Makassar, or none for the shop's time "
+                                          "zone)"),
+        ("2026-01-02 10:00 WIT", "1000", "invalid placed_at '2026-01-02 10:00 WIT' (a time zone written by its name, "
+                                         "'WIT', is not read: write its offset after the time, "
+                                         "2026-01-02T10:00:00+09:00 for Asia/Jayapura"),
+        ("2026-01-02 10:00 Mars", "1000", "invalid placed_at '2026-01-02 10:00 Mars' (a time zone written by its name, "
+                                          "'Mars', is not read: write its offset after the time, as in "
+                                          "2026-11-22T10:00:00+07:00, or none for the shop's time zone)"),
         ("2026-01-02T10:00 WIB", "1000", "invalid placed_at '2026-01-02T10:00 WIB' (a time zone written by its name, "
                                          "'WIB', is not read"),
         ("2026-01-02 10:00:00 Asia/Jakarta", "1000", "invalid placed_at '2026-01-02 10:00:00 Asia/Jakarta' (a time "

@@ -987,7 +987,7 @@ def _datetime(row: dict[str, str], column: str, zone: ZoneInfo, *, required: boo
         named = _ZONE_NAME.search(value)
         if named is not None and named[1].upper() not in ("AM", "PM"):
             raise _Invalid(f"invalid {column} {_show(value)} (a time zone written by its name, {named[1]!r}, is not "
-                           "read: write its offset after the time, as in 2026-11-22T10:00:00+07:00, or none for the "
+                           f"read: write its offset after the time, {_with_offset(value, named)}, or none for the "
                            "shop's time zone)") from None  # fmt: skip
         if str(exc).startswith("Invalid isoformat string"):  # Python's words, naming the value again
             raise _Invalid(f"invalid {column} {_show(value)} ({_ISO})") from None
@@ -998,6 +998,19 @@ def _datetime(row: dict[str, str], column: str, zone: ZoneInfo, *, required: boo
         return parsed.astimezone(UTC)
     except OverflowError:  # 0001-01-01 east of UTC, 9999-12-31 west of it: before year 1 or after 9999 in UTC
         raise _Invalid(f"invalid {column} {_show(value)} (out of range: before year 1 or after 9999 in UTC)") from None
+
+
+def _with_offset(value: str, named: re.Match[str]) -> str:
+    """``value``, a time followed by a zone's name (``_ZONE_NAME``), with the offset of that zone (``WITA`` is
+    Asia/Makassar's +08:00) in place of the name; an example when the zone is not known."""
+    zone = named[1] if named[1] in place_zones() else zone_meant(named[1])
+    try:
+        local = datetime.fromisoformat(value[: named.start(1)].strip())
+    except ValueError:
+        local = None
+    if zone is None or local is None or local.tzinfo is not None:
+        return "as in 2026-11-22T10:00:00+07:00"
+    return f"{local.replace(tzinfo=ZoneInfo(zone)).isoformat()} for {zone}"
 
 
 AHEAD = timedelta(days=1)
