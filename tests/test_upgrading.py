@@ -727,3 +727,22 @@ def test_an_sqlite_upgrade_that_must_wait_for_the_write_lock_says_so_then_migrat
     # And an upgrade that need not wait says nothing of waiting
     code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
     assert code == 0 and printed.strip() == f"schema already at 0020 ({path})", printed
+
+
+@pytest.mark.postgres
+def test_a_postgres_url_as_libpq_and_hosting_providers_write_it_is_taken(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a config whose database.url says postgres:// (psql's, libpq's and a DATABASE_URL's scheme)
+    config = tmp_path / "config.toml"
+    written = sa.make_url(pg_url).set(drivername="postgres").render_as_string(hide_password=False)
+    assert written.startswith("postgres://")
+    config.write_text(f'[database]\nurl = "{written}"\n', encoding="utf-8")
+    # When the operator creates the schema and asks for its revision
+    upgraded, out = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    # Then both work on that database, as with postgresql://, rather than refusing the URL as a configuration error
+    assert upgraded == 0, out
+    status, out = run_cli(capsys, "--config", str(config), "db", "status")
+    assert status == 0, out
+    head = db.newest_revision()
+    assert f"current: {head}  newest: {head}" in out

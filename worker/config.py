@@ -63,13 +63,19 @@ class ShopSettings:
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str = "sqlite:///kembali.db"
-    """SQLAlchemy URL: ``sqlite:///path.db`` or ``postgresql+psycopg://user@host/db``."""
+    """SQLAlchemy URL: ``sqlite:///path.db`` or ``postgresql+psycopg://user@host/db`` (``postgresql://`` and
+    libpq's ``postgres://`` are read as that)."""
     lock_timeout_seconds: float = 30.0
     """PostgreSQL: how long a statement waits for a lock another session holds before the server cancels it
     (``lock_timeout``; logged as ``db_lock_timeout``, the work tried again); 0: for ever."""
     idle_in_transaction_timeout_seconds: float = 60.0
     """PostgreSQL: how long a session may sit idle inside a transaction before the server ends it, rolling the
     transaction back and releasing its locks (``idle_in_transaction_session_timeout``): a stuck worker's; 0: never."""
+
+    def __post_init__(self) -> None:
+        # psql, libpq and a hosting provider's DATABASE_URL write postgres://, a scheme SQLAlchemy no longer knows
+        if isinstance(self.url, str) and self.url.startswith(("postgres://", "postgres+")):
+            object.__setattr__(self, "url", "postgresql" + self.url.removeprefix("postgres"))
 
 
 @dataclass(frozen=True)
@@ -1002,7 +1008,7 @@ def _check_campaigns(s: Settings) -> None:
 
 _YEAR_SECONDS = 365 * 86400
 DATABASE_URL_FORMS = ("a sqlite:/// or postgresql+psycopg:// URL (sqlite:///relative.db, sqlite:////absolute/path.db, "
-                      "postgresql+psycopg://user@host/db)")
+                      "postgresql+psycopg://user@host/db; postgresql:// and postgres:// are read as the latter)")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SHOWN_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 NAME_NOT_SHOWN = "its name not shown: not in capitals, it may be the secret itself"
