@@ -819,3 +819,16 @@ def test_an_address_too_long_for_its_column_is_shown_cut_not_as_another_address(
     cells = row.split()
     assert long not in cells and "made.simanjuntak147@posel.exampl" not in cells, row
     assert "made.simanjuntak147@posel.examp…" in cells, row
+
+
+def test_a_list_of_one_address_does_not_pass_the_whole_ledgers_counts_off_as_its_own(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a ledger of three messages to three addresses, one of them sent
+    _, config = world
+    # When the operator asks what one customer got, a message left uncertain
+    assert kembali(config, "list", "--all", "--email", DROP) == 0
+    out = capsys.readouterr().out
+    # Then the one row is listed, and the counts under it say they are the whole ledger's, not that address's
+    assert DROP in out and OK not in out and GONE not in out
+    assert out.splitlines()[-1] == "the whole ledger (not only the rows above): 1 failed, 1 sent, 1 uncertain"

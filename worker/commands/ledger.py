@@ -276,7 +276,10 @@ def _list(admin: LedgerAdmin, args: argparse.Namespace) -> int:
     if more:
         print(f"\n{more}")
     counts = admin.counts()
-    print("\nledger: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    # the counts are every row's: under a list of one address or campaign, say so, or they read as that list's
+    narrowed = args.email or args.customer or args.campaign or args.since or args.until or args.codes
+    label = "the whole ledger (not only the rows above)" if narrowed else "ledger"
+    print(f"\n{label}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return EXIT_OK
 
 
