@@ -320,6 +320,19 @@ def test_a_file_read_from_a_pipe_is_imported(tmp_path: Path) -> None:
     assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1", "C-2"}
 
 
+def test_rows_of_a_process_substitution_are_named_by_its_path_not_by_a_bare_number(tmp_path: Path) -> None:
+    # Given the README's `kembali import customers <(gunzip -c customers.csv.gz)`, one row bad
+    config = migrated_config(tmp_path)
+    (tmp_path / "c.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\nC-2,bad,Budi,ya\n")
+    script = f'"{sys.executable}" -m worker --config "{config}" import customers <(cat "{tmp_path / "c.csv"}")'
+    # When bash hands it over as /dev/fd/N
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    # Then the bad row is named by that path, as the summary names the file (it said "rejected 63:3", no file's name)
+    assert result.returncode == 1, result.stderr
+    (path,) = re.findall(r"\(from (/dev/fd/\d+)\)", result.stdout)
+    assert f"rejected {path}:3: id 'C-2': invalid email address 'bad'" in result.stderr, result.stderr
+
+
 def test_a_file_named_as_a_dash_is_read_from_standard_input(tmp_path: Path) -> None:
     # Given an export piped in as other commands take one (`suppress import -`): `gunzip -c c.csv.gz | kembali ... -`
     config = migrated_config(tmp_path)

@@ -143,6 +143,16 @@ _REQUIRED_OF = {"customers": (CUSTOMER_REQUIRED, CUSTOMER_COLUMNS), "products": 
 of the command); with all of two kinds', that of the kind most of its columns are."""
 _ORDER_HEAD = ("customer_id", "status", "placed_at", "delivered_at", "paid_at", "currency", "total")
 
+_PIPES = (Path("/dev/fd"), Path("/proc/self/fd"))
+
+
+def file_name(path: Path) -> str:
+    """How messages name the file ``path``: by its name (``customers.csv``; standard input's is ``stdin``), and a pipe
+    bash gives as ``<(gunzip -c customers.csv.gz)`` by its whole path (``/dev/fd/63``): its name, ``63``, names no
+    file."""
+    return str(path) if path.parent in _PIPES else path.name
+
+
 # the widths of the columns these values are stored in (worker/adapters/tables.py): PostgreSQL refuses a longer
 # value, and with it the whole batch, so a longer value is a rejected row here (tests check they agree)
 MAX_NAME = 200
@@ -206,7 +216,7 @@ def numbered_customers(
 ) -> Iterator[tuple[int, int, CustomerRecord | RowError]]:
     """``read_customers`` with the lines each record starts and ends on; ``position`` follows the read."""
     resolver = email_validator.caching_resolver(timeout=10) if check_dns else None
-    return _consents_agree(path.name, _numbered_by_id(
+    return _consents_agree(file_name(path), _numbered_by_id(
         path, CUSTOMER_COLUMNS, CUSTOMER_REQUIRED, on_warning,
         lambda row, key, absent: _customer(row, key, absent, check_dns, resolver, shop_tz, shop_locale, now),
         position,
@@ -280,7 +290,7 @@ def _numbered_by_id(
         absent = frozenset(name for name in columns if name not in rows.columns)
         for line, end, row in rows:
             if isinstance(row, _Broken):
-                yield line, end, RowError(path.name, line, row.key, row.reason)
+                yield line, end, RowError(file_name(path), line, row.key, row.reason)
                 continue
             key = row.get("id", "").strip()
             try:
@@ -289,9 +299,9 @@ def _numbered_by_id(
                 record, replaced = build(row, key, absent)
                 yield line, end, record
                 for reason in replaced:
-                    yield line, end, RowError(path.name, line, key, reason, saved=True)
+                    yield line, end, RowError(file_name(path), line, key, reason, saved=True)
             except _Invalid as exc:
-                yield line, end, RowError(path.name, line, key, str(exc))
+                yield line, end, RowError(file_name(path), line, key, str(exc))
 
 
 def read_orders(
@@ -347,12 +357,12 @@ def numbered_orders(
                         group = []
                     elif row.key:  # the first row of an order: its next rows are skipped, as a dropped order's are
                         if group:
-                            yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency),
+                            yield from _numbered(_order(group, file_name(path), zone, now, absent, shop_currency),
                                                  group[0][0], group_end)  # fmt: skip
                         current, group = row.key, []
                         parts = scattered.get(row.key)
                         reason += ORDER_SKIPPED if parts is None else f"; {_apart(row.key, parts)}"
-                    yield line, end, RowError(path.name, line, row.key, reason)
+                    yield line, end, RowError(file_name(path), line, row.key, reason)
                     continue
                 key = row.get("order_id", "").strip()
                 if not key:
@@ -360,7 +370,7 @@ def numbered_orders(
                     if group:  # right after an order's rows: perhaps one of its lines, stored without it otherwise
                         reason += _ABOVE_SKIPPED.format(current=current, line=group[0][0])
                         group = []
-                    yield line, end, RowError(path.name, line, "", reason)
+                    yield line, end, RowError(file_name(path), line, "", reason)
                     continue
                 if key == current:
                     if group:
@@ -368,16 +378,16 @@ def numbered_orders(
                         group_end = end
                     continue  # rows of a dropped, re-appearing order: reported once
                 if group:
-                    yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency), group[0][0],
+                    yield from _numbered(_order(group, file_name(path), zone, now, absent, shop_currency), group[0][0],
                                          group_end)  # fmt: skip
                 current, group, group_end = key, [(line, row)], end
                 parts = scattered.get(key)
                 if parts is not None:  # said at its first rows; the rows that come back are skipped unsaid
                     group = []
                     if parts[0] == line:
-                        yield line, end, RowError(path.name, line, key, _apart(key, parts))
+                        yield line, end, RowError(file_name(path), line, key, _apart(key, parts))
             if group:
-                yield from _numbered(_order(group, path.name, zone, now, absent, shop_currency), group[0][0],
+                yield from _numbered(_order(group, file_name(path), zone, now, absent, shop_currency), group[0][0],
                                      group_end)  # fmt: skip
 
 
@@ -1218,7 +1228,7 @@ class _Rows:
             elif self._header_again(fields, width):
                 # two exports joined (cat october.csv november.csv): the second one's header, BOM and all
                 if self.warn is not None:
-                    self.warn(f"{self._path.name}:{line}: the header again (files joined?): skipped")
+                    self.warn(f"{file_name(self._path)}:{line}: the header again (files joined?): skipped")
             elif len(fields) > width and not any(field.strip() for field in fields[width:]):
                 # empty cells past the header's last column (a spreadsheet's export of a sheet once wider, or a
                 # trailing comma): nothing is shifted, nothing lost
@@ -1413,10 +1423,10 @@ def no_text(start: bytes) -> str | None:
 
 def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str, ...], warn: Warn | None) -> None:
     if (what := no_text(rows.peek(4))) is not None:
-        raise ImportRowError(1, f"{path.name} {what}")
+        raise ImportRowError(1, f"{file_name(path)} {what}")
     first = next(rows.raw(), None)
     if first is None:
-        raise ImportRowError(1, f"{path.name} is empty (expected a header row: {', '.join(known)})")
+        raise ImportRowError(1, f"{file_name(path)} is empty (expected a header row: {', '.join(known)})")
     line, _end, fields = first
     if isinstance(fields, list) and _SEPARATOR_HINT.fullmatch(",".join(fields)):  # Excel's 'sep=,' before the header
         hint = ",".join(fields)
@@ -1424,10 +1434,10 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
             raise ImportRowError(line, f"{hint!r} says {comma_separated(hint[4])}")
         first = next(rows.raw(), None)
         if first is None:
-            raise ImportRowError(line, f"{path.name} has no header after {hint!r} (expected: {', '.join(known)})")
+            raise ImportRowError(line, f"{file_name(path)} has no header after {hint!r} (expected: {', '.join(known)})")
         line, _end, fields = first
     if isinstance(fields, _Broken):
-        raise ImportRowError(line, f"{path.name}: header: {fields.reason}")
+        raise ImportRowError(line, f"{file_name(path)}: header: {fields.reason}")
     columns = [_column_name(name) for name in fields]
     for name in known:  # one not read (a shop's two 'Note' columns), or without a name (trailing commas), is ignored
         if columns.count(name) > 1:
@@ -1455,10 +1465,10 @@ def _header(rows: _Rows, path: Path, known: tuple[str, ...], required: tuple[str
             _show(name, _SHOWN) + (f" (did you mean {close!r}?)" if (close := _close(name, absent)) is not None else "")
             for name in unknown[:_LISTED]
         ], len(unknown))  # fmt: skip
-        warn(f"{path.name}:{line}: unknown column(s) {names} ignored (known: {', '.join(known)})")
+        warn(f"{file_name(path)}:{line}: unknown column(s) {names} ignored (known: {', '.join(known)})")
     unnamed = columns.count("")
     if unnamed and warn is not None:
-        warn(f"{path.name}:{line}: {unnamed} column(s) without a name ignored")
+        warn(f"{file_name(path)}:{line}: {unnamed} column(s) without a name ignored")
     rows.columns = columns
     rows.warn = warn
     rows.key_column = columns.index(required[0])

@@ -24,6 +24,7 @@ from worker.adapters.importer import (
     NoRoomForCopy,
     ReadPosition,
     RowError,
+    file_name,
     numbered_customers,
     numbered_orders,
     numbered_products,
@@ -117,7 +118,8 @@ def import_file(
 
     unknown: set[str] = set()
     unknown_lines = 0
-    progress = Progress(f"importing {kind} from {path.name}")
+    name = file_name(path)  # as the rows are named: customers.csv, stdin, /dev/fd/63
+    progress = Progress(f"importing {kind} from {name}")
     position = ReadPosition()
     """How much of the file is read, of its size (a line's length varies, their number is not known ahead)."""
 
@@ -130,7 +132,7 @@ def import_file(
         unknown_lines += 1
         unknown.add(product)
         if unknown_lines <= MAX_UNKNOWN_WARNINGS:  # orders imported before products: one line each would flood
-            say(f"warning: {path.name}:{lines.get(order, 0)}: order {order!r}: unknown product {product!r} (kept; "
+            say(f"warning: {name}:{lines.get(order, 0)}: order {order!r}: unknown product {product!r} (kept; "
                 "linked when the product is imported)")  # fmt: skip
 
     followed = 0
@@ -141,7 +143,7 @@ def import_file(
         if followed <= MAX_FOLLOWED_NOTES:  # addresses masked, as logs show them
             old, new = mask_emails([moved.old, moved.new])  # told apart when they mask alike (budi@, budi.santoso@)
             wish = _WISH.get(moved.reason, _WISH["unsubscribed"]).format(old=old)
-            say(f"note: {path.name}:{lines.get(moved.external_id, 0)}: customer {printable(moved.external_id)!r}: "
+            say(f"note: {name}:{lines.get(moved.external_id, 0)}: customer {printable(moved.external_id)!r}: "
                 f"their new address {new} is suppressed too, as they {wish}")
 
     upsert: Callable[[Sequence[Any]], shop.UpsertCounts] = {
@@ -212,7 +214,7 @@ def import_file(
             saved = last
     except ImportRowError as exc:
         progress.done()
-        print(f"kembali import: {printable(path.name)}: {printable(str(exc))}", file=sys.stderr)
+        print(f"kembali import: {printable(name)}: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except NoRoomForCopy as exc:  # before any row is read: nothing is imported
         progress.done()
@@ -223,8 +225,8 @@ def import_file(
         # session ended by the server: idle in a transaction too long, pg_terminate_backend; the server gone) is
         # rolled back whole, the batches before it are in
         progress.done()
-        done = f"{path.name} is imported up to line {saved}, the rows after it are not" if saved else (
-            f"none of {path.name} is imported")
+        done = f"{name} is imported up to line {saved}, the rows after it are not" if saved else (
+            f"none of {name} is imported")
         failure = None if isinstance(exc, KeyboardInterrupt) else db.write_failure(exc, store.engine,
                                                                                    settings.database)
         why = f"stopped by {stopping.stop_signal(exc).name}" if isinstance(exc, KeyboardInterrupt) else (
@@ -247,15 +249,15 @@ def import_file(
         progress.done()
         store.close()
         if unknown_lines > MAX_UNKNOWN_WARNINGS:
-            print(f"warning: {path.name}: {unknown_lines} order lines in all name {len(unknown)} products not "
+            print(f"warning: {name}: {unknown_lines} order lines in all name {len(unknown)} products not "
                   f"imported (the first {MAX_UNKNOWN_WARNINGS} are shown above); they are kept and linked when "
                   "the products are imported: import products.csv", file=sys.stderr)  # fmt: skip
         if followed > MAX_FOLLOWED_NOTES:
-            print(f"note: {path.name}: {followed} customers in all have a new address suppressed as their old one "
+            print(f"note: {name}: {followed} customers in all have a new address suppressed as their old one "
                   f"is (the first {MAX_FOLLOWED_NOTES} are named above): `kembali suppress list` shows each, its "
                   "source naming the customer and the address they moved from", file=sys.stderr)  # fmt: skip
         if foreign:
-            print(f"warning: {path.name}: {foreign.total()} orders are in another currency than the shop's "
+            print(f"warning: {name}: {foreign.total()} orders are in another currency than the shop's "
                   f"{settings.shop.currency} ({', '.join(f'{c} {n}' for c, n in sorted(foreign.items()))}; the first "
                   f"on line {first_foreign}): they count as orders, but not toward spend milestones nor the revenue "
                   "stats shows (Kembali converts no currency)", file=sys.stderr)  # fmt: skip
@@ -312,7 +314,7 @@ def _flush(
         return 0
     counts = upsert(batch)
     for external_id, reason in counts.rejected:
-        say(f"rejected {printable(str(RowError(path.name, lines.get(external_id, 0), external_id, reason)))}")
+        say(f"rejected {printable(str(RowError(file_name(path), lines.get(external_id, 0), external_id, reason)))}")
     for moved in counts.followed:
         note_followed(moved)
     rejected = len(counts.rejected)
