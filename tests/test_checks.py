@@ -767,7 +767,8 @@ def test_a_macro_imported_by_a_name_its_file_does_not_have_is_named(templates: P
     # Then the import is named at its line, with the names the file has: Jinja2 fails only the messages that call it
     line = _line_of(templates, "winback/en/body.html", "import buton")
     assert [str(p) for p in problems] == [f"winback/en/body.html:{line}: undefined variable 'buton': _macros.html has "
-                                          "no macro 'buton' (it has: button)"], "\n".join(map(str, problems))
+                                          "no macro 'buton' (it has: button) [winback/en]"], "\n".join(
+        map(str, problems))
 
     # and one a sample reaches is one problem, not the render's and the scan's
     _edit("winback/en/body.html", "{% if step == 9 %}{{ buton(", "{% if step == 1 %}{{ buton(")(templates)
@@ -841,3 +842,17 @@ def test_check_away_from_its_ledger_creates_no_database_and_says_when_it_cannot_
     (note,) = [row for row in rows if row["type"] == "note" and row["kind"] == "ledger_not_read"]
     assert "has no schema" in note["message"], note
     assert done.returncode == 0 and rows[-1]["problems"] == 0, rows
+
+
+def test_a_problem_found_without_rendering_names_its_campaign_and_language_in_json(tmp_path: Path) -> None:
+    # Given a misspelt variable in a branch no sample customer takes, in the English win-back email
+    site = make_site(tmp_path / "shop", copy_templates=True)
+    _edit("winback/en/body.html", "{% if bought %}",
+          '{% if bought %}{% if customer.name == "nobody" %}{{ custmer.name }}{% endif %}')(site.folder / "templates")
+    # When a script checks the templates with --json
+    done = site.cli("check", "--json")
+    # Then the problem's object names the folder and language it breaks, as a render's does (both were empty)
+    assert done.returncode == 1, done.stdout + done.stderr
+    (problem,) = [row for row in map(json.loads, done.stdout.splitlines()) if row["type"] == "problem"]
+    assert problem["template"] == "winback/en/body.html" and "custmer" in problem["message"], problem
+    assert (problem["campaign"], problem["locale"]) == ("winback", "en"), problem

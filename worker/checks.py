@@ -393,9 +393,19 @@ def lint_problems(renderer: object, known: Mapping[str, set[str]], unused: Itera
     lint: Lintable = renderer  # type: ignore[assignment]
     shared = set.intersection(*known.values())
     return [
-        Problem(_kind_of(error), error.reason, error.template, error.line)
+        Problem(_kind_of(error), error.reason, error.template, error.line, *_folder_and_locale(error.template, known))
         for error in lint.lint({"": shared, **known}, unused)
     ]
+
+
+def _folder_and_locale(template: str, known: Mapping[str, set[str]]) -> tuple[str, str]:
+    """The campaign folder and language a file such as ``winback/en/body.html`` belongs to, as a render's problem
+    names them (``check --json``'s ``campaign`` and ``locale``); ``("", "")`` for a shared file (``_layout.html``)."""
+    folder, _, rest = template.partition("/")
+    locale = rest.partition("/")[0]
+    if folder in known and locale in {each.value for each in Locale}:
+        return folder, locale
+    return "", ""
 
 
 def check_templates(settings: Settings, renderer: TemplateRenderer) -> list[Problem]:
