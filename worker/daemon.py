@@ -198,11 +198,11 @@ class Daemon:
         """The templates folder the config file names when a reload that moved there was rejected (a template
         broken in it): watched beside the running one, so that mending it there is a change the watcher reloads."""
         self._watched = self._watch_signature(settings)
+        """The template and config files as they were before this generation copied them (the watcher's reference):
+        one saved while the start-up check runs is a change the watcher reloads."""
         self._watch_epoch = 0
         """Counts the reload's changes of ``_watched``: a look of the watcher begun before one compares files read
         against the reference it replaced, and is dropped (it took a moved folder for an edit, a second reload)."""
-        """The template and config files as they were before this generation copied them (the watcher's reference):
-        one saved while the start-up check runs is a change the watcher reloads."""
         self.deps = deps or Deps.build(settings)
         self.store = self.deps.store
         self.clock = self.deps.clock
@@ -777,11 +777,15 @@ class Daemon:
     # --- reload ----------------------------------------------------------------------
 
     def _watch_signature(self, settings: Settings) -> tuple[tuple[str, int, int], ...]:
-        running = settings.resolve(settings.templates.dir)
-        signature = folder_signature(running, self.config_path)
-        if self._named_folder is not None and self._named_folder != running:
-            signature += folder_signature(self._named_folder)
-        return signature
+        return self._signatures(settings.resolve(settings.templates.dir))[1]
+
+    def _signatures(self, running: Path) -> tuple[tuple[tuple[str, int, int], ...], tuple[tuple[str, int, int], ...]]:
+        """(the running templates folder's and the config file's signature, that and the folder a rejected reload
+        named, ``_named_folder``, when it is another): one read of the files for both."""
+        base = folder_signature(running, self.config_path)
+        if self._named_folder is None or self._named_folder == running:
+            return base, base
+        return base, base + folder_signature(self._named_folder)
 
     async def _watch(self) -> None:
         epoch = self._watch_epoch
@@ -854,8 +858,7 @@ class Daemon:
         # the files as they are before this reload reads them: one saved while it runs is seen by the watcher
         # as a change and reloaded next (a signature taken after the reload would count it as loaded)
         running = old.settings.resolve(old.settings.templates.dir)
-        base = await asyncio.to_thread(folder_signature, running, self.config_path)
-        self._watched = await asyncio.to_thread(self._watch_signature, old.settings)
+        base, self._watched = await asyncio.to_thread(self._signatures, running)
         self._watch_epoch += 1
         try:
             settings = load_settings(self.config_path)
