@@ -943,6 +943,7 @@ def _check_daemon(s: Settings) -> None:
     if s.web.max_connections < 1:
         _fail(s, "web.max_connections", "must be at least 1")
 
+
 def _coupon(s: Settings, key: str, code: str, percent: int) -> None:
     """A coupon code needs its percent: the templates say "{{ coupon_percent }}% off with the code …", and a step
     given a code without one told its customers "0% off"."""
