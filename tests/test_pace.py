@@ -54,6 +54,8 @@ def _result(code: int | None, reply: str, stage: str = "rcpt", error: str = "", 
                  stage="mail"), "relay"),
         # not throttling: the message's own temporary failure, the dispatcher's pause, or not a failure at all
         (_result(451, "451 4.3.0 try again later"), None),
+        # an IP address the reply names is not a 4.2.x mailbox status
+        (_result(450, "450 Too many messages from 10.4.2.9, slow down"), "maybe_relay"),
         # an outage or a flaky network, not a rate: the dispatcher's pause takes a relay that keeps failing
         (_result(421, "421 4.3.2 Service not available, closing transmission channel", stage="connect"), None),
         (_result(421, "421 4.3.0 Temporary System Problem. Try again later", stage="connect"), None),

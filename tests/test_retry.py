@@ -215,6 +215,8 @@ Q, U = "sending.daily_quota", "smtp.username"
         (454, "reply", "Throttling failure: Maximum sending rate exceeded.", None),
         # a recipient's limits are that message's
         (552, "reply", "5.2.2 Mailbox quota exceeded", None),
+        # an IP address is not a mailbox status: 10.5.2.1's "5.2.1" is not one
+        (550, "reply", "Daily sending quota exceeded for 10.5.2.1", Q),
         (452, "rcpt", "4.2.2 The email account that you tried to reach is over quota", None),
         (450, "rcpt", "4.2.1 The recipient's daily incoming limit exceeded", None),
         (550, "rcpt", "5.2.1 The email account that you tried to reach is disabled", None),
@@ -316,6 +318,9 @@ def _rcpt(reply: str, stage: str = "rcpt") -> SendResult:
         (_rcpt("451 Local error in processing", "reply"), "451"),
         (_rcpt("452 4.3.1 Insufficient system storage", "message"), "452 4.3.1"),  # given before the final dot
         (_rcpt("452 4.2.2 Mailbox full"), None),  # the recipient's mailbox
+        # an IP address the reply names is not an enhanced code: 10.4.2.17 holds no 4.2.x mailbox status
+        (_rcpt("451 Temporary local problem at 10.4.2.17, please try later"), "451"),
+        (_rcpt("451 4.3.0 Temporary lookup failure at 10.4.2.17"), "451 4.3.0"),
         (_rcpt("450 4.1.2 <a@b.example>: Recipient address rejected: Domain not found"), None),
         (_rcpt("451 4.7.1 Greylisted, try again in 5 minutes"), None),
         (_rcpt("450 4.1.8 <s@shop.example>: Sender address rejected: Domain not found"), None),  # the sender's

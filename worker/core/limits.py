@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from worker.core.retry import connection_failure
+from worker.core.retry import connection_failure, enhanced_code
 from worker.domain import Outcome, SendResult
 
 
@@ -166,9 +166,7 @@ def quota_grant(used: int, quota: int, wanted: int) -> int:
 
 # --- what a permanent failure says about the address ------------------------
 
-_ENHANCED = re.compile(r"(?<![\w.])([245])\.(\d{1,3})\.(\d{1,3})(?![\w]|\.\d)")
-"""An enhanced status code (RFC 3463), not three parts of a longer dotted number: ``5.1.1.9`` and ``10.5.1.1`` are
-IP addresses a reply names (read as 5.1.1, the customer was suppressed for the sending IP's block listing)."""
+_ENHANCED = re.compile(enhanced_code())
 _NO_SUCH_USER = re.compile(
     r"user unknown|unknown user|no such user|no such (?:mailbox|recipient)|unknown recipient|"
     r"recipient (?:address )?(?:rejected: )?(?:does not exist|not found|unknown)|does not exist|"
@@ -214,12 +212,12 @@ def bounce_kind(code: int | None, reply: str) -> str | None:
     if code is None or not 500 <= code < 600:
         return None
     enhanced = _ENHANCED.search(reply)
-    if enhanced is not None and enhanced.group(1) == "5":
-        subject = enhanced.group(2)
-        if subject == "1" and enhanced.group(3) in ("1", "0", "2", "3", "6", "10"):
+    if enhanced is not None and enhanced["kind"] == "5":
+        subject = enhanced["subject"]
+        if subject == "1" and enhanced["detail"] in ("1", "0", "2", "3", "6", "10"):
             return "sender" if _SENDER_REFUSED.search(reply) else "hard_bounce"
         if subject == "7":
-            return "sender" if _about_the_sender(int(enhanced.group(3))) or _names_the_sender(reply) else "content"
+            return "sender" if _about_the_sender(int(enhanced["detail"])) or _names_the_sender(reply) else "content"
         return None
     if code in (550, 551, 553) and _NO_SUCH_USER.search(reply):
         return "sender" if _SENDER_REFUSED.search(reply) else "hard_bounce"

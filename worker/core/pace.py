@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from worker.core.limits import BoundedRate, asks_to_slow_down, is_throttling
-from worker.core.retry import connection_failure
+from worker.core.retry import connection_failure, enhanced_code
 from worker.domain import Outcome, SendResult
 
 Scope = Literal["relay", "domain"]
@@ -57,7 +57,7 @@ _LIMIT = re.compile(r"\blimit|try again later, closing connection", re.IGNORECAS
 """What a greeting says of a limit besides ``asks_to_slow_down``: Microsoft's "421 4.3.2 The maximum number of
 concurrent server connections has exceeded a limit", Gmail's "421 4.7.0 Try again later, closing connection" (its
 SMTP relay's limit at HELO); not "Service not available" nor Gmail's "Temporary System Problem"."""
-_ABOUT_A_MAILBOX = re.compile(r"\b4\.2\.\d{1,3}\b|mailbox|\brecipients?\b|\buser\b", re.IGNORECASE)
+_ABOUT_A_MAILBOX = re.compile(rf"{enhanced_code('4', '2')}|mailbox|\brecipients?\b|\buser\b", re.IGNORECASE)
 _ABOUT_THE_SENDER = re.compile(r"too many recipients|\buser complaints|\[TSS?0[1-4]\]", re.IGNORECASE)
 """What names recipients or users but is about the sender: its recipients per session or hour (Gmail's and
 Microsoft's ``452 4.5.3 … too many recipients``; Kembali sends one recipient a message), Yahoo's deferrals of the

@@ -113,9 +113,17 @@ def connection_failure(result: SendResult) -> ConnectionFailure | None:
     return "auth" if result.stage == "auth" and result.code is not None else "connection"
 
 
+def enhanced_code(kind: str = "[245]", subject: str = r"\d{1,3}") -> str:
+    """The pattern of an enhanced status code (RFC 3463) of class ``kind`` and subject ``subject`` (regex pieces),
+    with groups ``kind``, ``subject`` and ``detail``, and not three parts of a longer dotted number: ``5.1.1.9``
+    and ``10.4.2.17`` are IP addresses a reply names (read as codes, the sending IP's block listing would be a
+    missing user's 5.1.1 and a relay's lookup failure a mailbox's 4.2.17)."""
+    return rf"(?<![\w.])(?P<kind>{kind})\.(?P<subject>{subject})\.(?P<detail>\d{{1,3}})(?![\w]|\.\d)"
+
+
 SERVER_TROUBLE_DOMAINS = 3
 """How many different recipient domains must meet the same temporary failure in a row before it is the server's."""
-_ENHANCED_4XX = re.compile(r"\b4\.(\d{1,3})\.\d{1,3}\b")
+_ENHANCED_4XX = re.compile(enhanced_code("4"))
 _ABOUT_THE_RECIPIENT = re.compile(r"recipient address|mailbox|gr[ae]y-?list|user unknown|unknown user|no such user",
                                   re.IGNORECASE)  # fmt: skip
 """What a 4xx says when it is about the recipient: Postfix's recipient rules, a full or disabled mailbox,
@@ -139,7 +147,7 @@ def server_trouble(result: SendResult) -> str | None:
     if result.stage not in MESSAGE_STAGES or connection_failure(result) is not None:
         return None
     enhanced = _ENHANCED_4XX.search(result.reply)
-    if (enhanced is not None and enhanced[1] in ("1", "2")) or _ABOUT_THE_RECIPIENT.search(result.reply):
+    if (enhanced is not None and enhanced["subject"] in ("1", "2")) or _ABOUT_THE_RECIPIENT.search(result.reply):
         return None
     return f"{code} {enhanced[0]}" if enhanced is not None else str(code)
 
@@ -281,7 +289,7 @@ recipients, but the limit is the sender's."""
 _ACCOUNT_PAUSED = re.compile(r"\bsending (?:paused|suspended) for this account", re.IGNORECASE)
 """Amazon SES's "Sending paused for this account" (its review of the account's bounces or complaints) and
 "Sending suspended for this account"."""
-_ABOUT_A_MAILBOX = re.compile(r"recipient|mailbox|\b[45]\.[12]\.\d{1,3}\b", re.IGNORECASE)
+_ABOUT_A_MAILBOX = re.compile(rf"recipient|mailbox|{enhanced_code('[45]', '[12]')}", re.IGNORECASE)
 """What a reply about the recipient's own limits says (a full mailbox: "552 5.2.2 Mailbox quota exceeded")."""
 
 AccountLimit = Literal["sending.daily_quota", "smtp.username"]
