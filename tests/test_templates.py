@@ -903,3 +903,27 @@ def test_half_a_character_in_the_output_names_the_file(tmp_path: Path) -> None:
     assert info.value.template == "demo/id/body.txt"
     assert "line 2 of its output" in str(info.value) and "lone surrogate" in str(info.value)
     assert str(info.value).startswith("demo/id/body.txt: ")
+
+
+@pytest.mark.parametrize(
+    ("name", "length", "expected"),
+    [
+        # a name with no space to cut at is cut where one character a reader sees ends, never inside it: not a flag's
+        # first letter alone (a boxed "I"), not a family emoji without its last member, not a letter without its accent
+        ("🇮🇩🇮🇩🇮🇩🇮🇩", 6, "🇮🇩🇮🇩…"),
+        ("Kopi👨\u200d👩\u200d👧Gayo", 8, "Kopi…"),
+        ("Cafe\u0301Latte", 5, "Caf…"),
+        ("Kopi👍🏽Gayo", 6, "Kopi…"),
+        # as Jinja2 cuts them: at a space, or where a name fits
+        ("Kopi Gayo 🇮🇩 Aceh", 12, "Kopi Gayo…"),
+        ("Kopi🇮🇩", 6, "Kopi🇮🇩"),
+        ("Kopi Gayo", 4, "Kop…"),
+    ],
+)
+def test_truncate_never_cuts_inside_what_shows_as_one_character(
+    tmp_path: Path, name: str, length: int, expected: str
+) -> None:
+    body = f'{{{{ name | truncate({length}, end="…", leeway=0) }}}}|{{{{ name | truncate({length}, True, "…", 0) }}}}'
+    templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": body}))
+    out = templates.render("demo", Locale.ID, {**CTX, "name": name}).text
+    assert out == f"{expected}|{expected}", [hex(ord(c)) for c in out]  # the second cuts words too (killwords)

@@ -80,7 +80,7 @@ from jinja2.utils import Namespace, generate_lorem_ipsum
 from jinja2.visitor import NodeTransformer
 from markupsafe import Markup
 
-from worker.core.render import format_date, format_money
+from worker.core.render import cut_whole, format_date, format_money
 from worker.domain import Locale, RenderedEmail
 from worker.errors import TemplateError, not_utf8
 from worker.money import known as known_currency
@@ -456,6 +456,18 @@ def _printing(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
+@jinja2.pass_environment
+def _truncate(env: jinja2.Environment, s: str, length: int = 255, killwords: bool = False, end: str = "...",
+              leeway: int | None = None) -> str:  # fmt: skip
+    """Jinja2's ``truncate``, whose cut (where a name has no space before it) never falls inside one character a
+    reader sees: ``"🇮🇩🇮🇩🇮🇩"|truncate(6, end="…")`` is "🇮🇩🇮🇩…", not the third flag's first letter (a boxed "I")."""
+    out: str = jfilters.do_truncate(env, s, length, killwords, end, leeway)
+    if out is s or not isinstance(s, str) or not isinstance(end, str):  # short enough, or not text (an undefined)
+        return out
+    kept = out[: len(out) - len(end)] if end and out.endswith(end) else out
+    return cut_whole(s, len(kept)) + end if s.startswith(kept) else out
+
+
 _PRINTING_FILTERS = ("string", "e", "escape", "forceescape", "safe", "upper", "lower", "title", "capitalize", "trim",
                      "striptags", "wordcount", "urlencode", "truncate", "pprint")  # fmt: skip
 _BOUNDED_FILTERS: dict[str, Callable[..., Any]] = {
@@ -610,6 +622,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(finalize=_finalize, **options)
+        self.filters["truncate"] = _truncate
         for name in _PRINTING_FILTERS:
             self.filters[name] = _printing(name, self.filters[name])
         self.filters.update(_BOUNDED_FILTERS)

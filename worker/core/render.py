@@ -322,7 +322,7 @@ def sanitize_header_text(value: str, max_chars: int = HEADER_TEXT_MAX_CHARS) -> 
     if "=?" in value:
         value = value.replace("=?", "= ?")
     if len(value) > max_chars:
-        value = _cut(value, max_chars - 3) + "..."  # ASCII: a cut ASCII name or subject stays plain, not encoded
+        value = cut_whole(value, max_chars - 3) + "..."  # ASCII: a cut ASCII name or subject stays plain, not encoded
     return value
 
 
@@ -332,15 +332,16 @@ _REGIONAL = range(0x1F1E6, 0x1F200)
 
 
 _LONGEST_CHARACTER = 32
-"""The most code points ``_cut`` steps back over to keep one character a reader sees whole: a letter with its
+"""The most code points ``cut_whole`` steps back over to keep one character a reader sees whole: a letter with its
 accents, an emoji sequence (Unicode's stream-safe text, UAX #15, allows 30 marks after a letter). A longer run is
 no character anyone writes ("Zalgo" text: a letter under hundreds of accents) and is cut inside: stepping back
 over all of it left a subject opening with such a name as "..."."""
 
 
-def _cut(value: str, end: int) -> str:
+def cut_whole(value: str, end: int) -> str:
     """``value[:end]``, the end moved back to where one character a reader sees ends (not between a flag's two
-    letters, an emoji's parts joined by ZWJ, a letter and its accent or modifier), spaces before it dropped."""
+    letters, an emoji's parts joined by ZWJ, a letter and its accent or modifier), spaces before it dropped: a
+    header cut short here, and the templates' ``truncate``."""
     at = end
     while 0 < at < len(value) and end - at < _LONGEST_CHARACTER and _inside(value, at):
         at -= 1
