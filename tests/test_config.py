@@ -222,6 +222,12 @@ def test_a_short_key_among_several_is_named_by_its_place_and_never_shown() -> No
     assert not any(key in message for key in ("sh0rt", "new-key", "old-key")), message
 
 
+def test_a_one_character_key_is_too_short_in_the_singular() -> None:
+    too_short = r"the key in KEMBALI_LINK_SECRET is too short \(1 character; use at least 16\)"
+    with pytest.raises(ConfigError, match=too_short):
+        link_keys(Settings(), {"KEMBALI_LINK_SECRET": "x"})
+
+
 def test_a_key_that_is_not_utf8_signs_links_as_its_bytes() -> None:
     # Given a key saved in Latin-1 (Python reads the environment's other bytes as lone surrogates)
     raw = b"kunci-rahasia-\xe9t\xe9-0123"

@@ -191,8 +191,8 @@ def link_keys(settings: Settings, environ: dict[str, str] | None = None) -> list
         if (chars := len(key.decode("utf-8", "surrogateescape"))) < MIN_LINK_KEY_CHARS:
             which = f"the {_ordinal(place)} of the {len(keys)} keys in {name} (newest first)" if len(keys) > 1 else (
                 f"the key in {name}")
-            raise ConfigError(f"{settings.source}: {which} is too short ({chars} characters; use at least "
-                              f"{MIN_LINK_KEY_CHARS})")
+            raise ConfigError(f"{settings.source}: {which} is too short ({chars} character{'s' if chars != 1 else ''}; "
+                              f"use at least {MIN_LINK_KEY_CHARS})")
     return keys
 
 
