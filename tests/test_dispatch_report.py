@@ -43,3 +43,18 @@ def test_a_long_runs_report_keeps_a_bounded_count_of_its_render_errors() -> None
     assert len(report.render_errors) <= 50
     assert report.render_errors[("a.html", 3, "'coupon' is undefined")] == 50_000
     assert sum(report.render_errors.values()) + report.render_errors_other == 100_000
+
+
+def test_the_runs_summary_says_one_message_in_the_singular() -> None:
+    # a run where one message of each kind went wrong: "1 message was refused", not "1 messages were refused"
+    from worker.commands.running import CycleReport, summary
+    from worker.pipeline import PlanReport
+
+    report = DispatchReport()
+    for n, outcome in enumerate(("failed:content_rejected", "retry:sender_refused", "uncertain"), start=1):
+        report.count(_message(n), outcome)
+    lines = summary(CycleReport(PlanReport(), report))
+    assert "1 message was refused for its content (5.7.x): check the templates, not the customers" in lines, lines
+    assert any(line.startswith("1 message was refused for who sent it, not what it says") for line in lines), lines
+    assert any(line.startswith("1 message is uncertain (the connection died after it was handed over: it may have "
+                               "arrived) and is never resent by itself") for line in lines), lines

@@ -159,15 +159,17 @@ def summary(
     lines += _render_error_lines(report.dispatched, templates)
     content = sum(n for what, n in report.dispatched.outcomes.items() if what == "failed:content_rejected")
     if content:
-        lines.append(f"{content} messages were refused for their content (5.7.x): check the templates, "
-                     "not the customers")
+        were = "message was refused for its" if content == 1 else "messages were refused for their"
+        lines.append(f"{content} {were} content (5.7.x): check the templates, not the customers")
     retried = report.dispatched.outcomes.get("retry:sender_refused", 0)
     failed = report.dispatched.outcomes.get("failed:sender_refused", 0)
     if retried or failed:
         fates = [f"{retried} will be tried again in an hour or more"] if retried else []
-        fates += [f"{failed} used their last attempt and failed"] if failed else []
-        lines.append(f"{retried + failed} messages were refused for who sent them, not what they say (SPF, DKIM, "
-                     f"DMARC, a block list, the sending IP's standing): fix the sending setup; {' and '.join(fates)}")
+        fates += [f"{failed} used {'its' if failed == 1 else 'their'} last attempt and failed"] if failed else []
+        were = "message was refused for who sent it, not what it says" if retried + failed == 1 else (
+            "messages were refused for who sent them, not what they say")
+        lines.append(f"{retried + failed} {were} (SPF, DKIM, DMARC, a block list, the sending IP's standing): fix the "
+                     f"sending setup; {' and '.join(fates)}")
     if report.dispatched.quota_reached:
         lines.append("the daily quota is used up: the rest waits for the next day's, from midnight on the shop's clock")
     if report.dispatched.clock_off:
@@ -194,8 +196,11 @@ def summary(
                      f"off (enabled = false); turn it on again, or cancel them: {CLOSE_OFF.format(campaign=campaign)}")
     dropped = report.dispatched.outcomes.get("uncertain", 0)
     if dropped:
-        lines.append(f"{dropped} messages are uncertain (the connection died after they were handed over: they "
-                     "may have arrived) and are never resent by themselves: decide with `kembali ledger list`")
+        one = dropped == 1
+        lines.append(f"{dropped} {'message is' if one else 'messages are'} uncertain (the connection died after "
+                     f"{'it was' if one else 'they were'} handed over: {'it' if one else 'they'} may have arrived) "
+                     f"and {'is' if one else 'are'} never resent by {'itself' if one else 'themselves'}: decide with "
+                     "`kembali ledger list`")
     if waiting is not None and waiting.messages:
         lines.append(_waiting_line(waiting, time_zone))
     if waiting is not None and waiting.held:
