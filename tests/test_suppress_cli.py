@@ -117,6 +117,26 @@ def test_only_cr_and_lf_break_lines_in_a_file_of_addresses(
     assert "imported 1 address(es)" in captured.out
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [("ok@example.com\nbad\rone@example.com\nbroken@\nfine@example.com\n", ["line 2: invalid email address 'bad'",
+                                                                        "line 3: invalid email address 'broken@'"]),
+     ('email,reason\nok@example.com,"bounced\rtwice"\nbroken@,x\n', ["line 3: invalid email address 'broken@'",
+                                                                  "line 2: reason must be one line"]),
+     ("ok@example.com\rbroken@\rfine@example.com\r", ["line 2: invalid email address 'broken@'"])],
+    ids=["lines of LF, a CR in one", "CSV of LF, a CR in a quoted cell", "an old Mac's lines of CR"],
+)
+def test_a_carriage_return_alone_ends_a_line_only_in_a_file_whose_lines_it_ends(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, said: list[str]
+) -> None:
+    # as `kembali import` numbers lines, and an editor or `grep -n` shows them: in a file of LF lines a CR alone is
+    # no line break, and every line after it was named one line too far on ("line 4: … 'broken@'" for line 3)
+    file = tmp_path / "bounces.txt"
+    assert imported(config, file, text) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert [line.removeprefix(f"{file}: ")[: len(want)] for line, want in zip(err, said, strict=True)] == said, err
+
+
 def test_the_list_opens_safely_in_a_spreadsheet_and_imports_back_as_it_was(
     config: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import csv
 import io
@@ -133,8 +134,12 @@ def read_addresses(
     address; and for a CSV whose header has no ``email`` column (none of its lines would be read). ``reading(line,
     lines)`` is told of each line read (a progress line)."""
     lines = _LINE_BREAK.split(text)  # not splitlines(): NEL, U+2028, a form feed… in a comment are no line break
-    number, first = next(((i, line) for i, line in enumerate(lines, 1)
-                          if line.strip() and not line.lstrip().startswith("#")), (0, ""))  # fmt: skip
+    # the pieces are read, and the CSV reader counts them, at every CR; the file's lines, the numbers said, are
+    # pieces of them when a CR alone is no line break (``_file_lines``)
+    line_of = _file_lines(text)
+    piece, first = next(((i, line) for i, line in enumerate(lines, 1)
+                         if line.strip() and not line.lstrip().startswith("#")), (0, ""))  # fmt: skip
+    number = line_of(piece)
     separator = other_separator([first]) if "," not in first else None
     if separator is not None and "email" in (name.strip().lower() for name in first.split(separator)):
         raise Refused(f"line {number}: {comma_separated(separator)}")
@@ -146,7 +151,7 @@ def read_addresses(
     # a first line that is one address is no CSV header, even with a comma in its name ('"Santoso, Budi" <…>')
     if ("," in first and not _is_address(first)) or first.strip().lower() == "email":
         # read from the header: the comment and blank lines before it are no CSV (it looked for the header on line 1)
-        before = number - 1
+        before = piece - 1
         offset = next((m.end() for i, m in enumerate(_LINE_BREAK.finditer(text), 1) if i == before), 0)
         reader = csv.reader(io.StringIO(text[offset:], newline=""))
         fields: list[str] | None = None
@@ -158,7 +163,7 @@ def read_addresses(
             except csv.Error as exc:  # a field past the CSV field limit: the reader goes on after its line
                 why, _ = unreadable(exc, "\n".join(lines[start - 1 : before + reader.line_num]), fields or [])
                 if fields is None:
-                    return {}, [f"line {start}: {why}"]
+                    return {}, [f"line {line_of(start)}: {why}"]
                 values.append((start, csv.Error(why)))
                 continue
             if fields is None:  # the header
@@ -172,7 +177,7 @@ def read_addresses(
                 break
             end = before + reader.line_num
             if end > start and "\n".join(lines[start - 1 : end]).count('"') % 2:  # its last column's quote left open
-                values.append((start, csv.Error(left_open(row, fields, start, end))))
+                values.append((start, csv.Error(left_open(row, fields, line_of(start), line_of(end)))))
                 continue
             values.append((start, row[column] if column < len(row) else ""))
             cells[start] = {name: _uncell(row[i].strip()) for name, i in entry.items() if i < len(row)}
@@ -180,18 +185,32 @@ def read_addresses(
         values = [(i, line) for i, line in enumerate(lines, 1)]
     for line_no, value in values:
         if reading is not None:
-            reading(line_no, len(lines))
+            reading(line_of(line_no), line_of(len(lines)))
         if isinstance(value, csv.Error):
-            bad.append(f"line {line_no}: {value}")
+            bad.append(f"line {line_of(line_no)}: {value}")
             continue
         value = value.strip()
         if not value or value.startswith("#"):
             continue
         try:
-            _keep(good, arguments.mail_address(_uncell(value)), (line_no, cells.get(line_no, {})))
+            _keep(good, arguments.mail_address(_uncell(value)), (line_of(line_no), cells.get(line_no, {})))
         except ValueError as exc:
-            bad.append(f"line {line_no}: {exc}")
+            bad.append(f"line {line_of(line_no)}: {exc}")
     return good, bad
+
+
+def _file_lines(text: str) -> Callable[[int], int]:
+    """The file's line of each piece of ``text`` between two line breaks (``_LINE_BREAK``), by the piece's number
+    (from 1; 0 stays 0, no line): as ``kembali import`` numbers them, and an editor or ``grep -n``, a CR alone ends a
+    line only in a file whose first line break it is (an old Mac's); in one of LF or CRLF lines it is text within its
+    line (a stray one, or one in a quoted cell), where every line after it was named one on."""
+    breaks = _LINE_BREAK.finditer(text)
+    first = next(breaks, None)
+    if first is None or first.group() == "\r":
+        return lambda piece: piece
+    # the pieces that go on the line of the piece before them (kept alone: a list of millions of lines has none)
+    within = [n for n, found in enumerate(breaks, 3) if found.group() == "\r"]
+    return lambda piece: piece - bisect.bisect_right(within, piece)
 
 
 ENTRY_COLUMNS = ("reason", "source", "created_at")
