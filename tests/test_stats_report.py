@@ -997,6 +997,25 @@ def test_a_message_whose_worker_died_while_sending_closed_as_failed_is_a_failure
     assert "  planned 1: sent 0, failed 1 (0 hard bounces), uncertain 0, waiting 0" in stats_lines(report)
 
 
+def test_insights_on_a_single_second_purchase_says_it_in_the_singular(tmp_path: Path) -> None:
+    # Given a shop where one customer has bought again, 20 days (and an hour) after the first purchase, the day
+    # after a win-back email
+    site = make_site(tmp_path / "site")
+    back = FIRST_ORDER + timedelta(days=20, hours=1)
+    engine = db.create_engine(site.settings.database_url)
+    pk = _load(engine, ["C-00"], [_order("C-00", 1, FIRST_ORDER, 1_000_00), _order("C-00", 2, back, 1_000_00)])
+    _ledger_row(engine, pk, "C-00", back - timedelta(days=1), status="sent", sent_at=back - timedelta(days=1))
+    engine.dispose()
+    # When the operator asks for the first win-back day
+    text = " ".join(site.cli("insights").stdout.split())
+    # Then the sample is one second purchase, not "resting on 1 second purchases (only 1 second purchases: …)"
+    assert "1 customer has bought; 1 of them bought a second time." in text, text
+    assert ("recommended campaigns.winback.quiet_days = 21, resting on 1 second purchase (only 1 second purchase: "
+            "treat it as a rough guess)") in text, text
+    # and not "1 of the 1 second purchases came after a win-back email"
+    assert "the one second purchase came after a win-back email, which may have brought it on" in text, text
+
+
 def test_insights_says_when_the_recommended_day_is_past_give_up_after_days(tmp_path: Path) -> None:
     # Given a one-step win-back that gives up on orders older than 40 days, and 10 customers who came back 50 to 59
     # days (and an hour) after their first purchase

@@ -196,7 +196,8 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
     median = core_stats.quantile_day(found.gaps_days, 0.5)
     print(f"\nmedian: {median} days; {100 * found.share:g}% of second purchases happened within "
           f"{found.recommended_quiet_days} days")  # fmt: skip
-    caveat = "" if n >= MIN_SECOND_ORDERS else f" (only {n} second purchases: treat it as a rough guess)"
+    purchases = f"{n} second purchase{'' if n == 1 else 's'}"
+    caveat = "" if n >= MIN_SECOND_ORDERS else f" (only {purchases}: treat it as a rough guess)"
     winback = settings.campaigns.winback
     day = found.recommended_quiet_days
     if winback.steps:  # quiet_days applies only without steps: the first step's days decide the first email
@@ -208,12 +209,13 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
     if winback.give_up_after_days and day is not None and day >= winback.give_up_after_days:
         # set alone, the config would not load: give_up_after_days must be more than the last step's days
         value += f"; campaigns.winback.give_up_after_days must stay greater (it is {winback.give_up_after_days})"
-    print(f"recommended {key} = {value}, resting on {n} second purchases{caveat}")
+    print(f"recommended {key} = {value}, resting on {purchases}{caveat}")
     print(f"(currently {current}; customers who have not come back yet are not in this sample, so the true gaps run "
           "somewhat longer)")
     if found.after_winback:
         k = found.after_winback
-        print(f"{k} of the {n} second purchases came after a win-back email, which may have brought "
+        print(f"{'the one second purchase' if n == 1 else f'{k} of the {n} second purchases'} came after a win-back "
+              "email, which may have brought "
               f"{'it' if k == 1 else 'them'} on: the days set now pull this figure towards themselves")
     if args.plot:
         print(f"chart written to {args.plot}")
