@@ -997,6 +997,24 @@ def test_a_message_whose_worker_died_while_sending_closed_as_failed_is_a_failure
     assert "  planned 1: sent 0, failed 1 (0 hard bounces), uncertain 0, waiting 0" in stats_lines(report)
 
 
+def test_insights_on_a_shop_whose_orders_are_none_paid_says_nobody_has_bought(tmp_path: Path) -> None:
+    # Given a shop whose orders were all placed and none paid yet (cash on delivery, a bank transfer awaited)
+    site = make_site(tmp_path / "site")
+    cs = ["C-00", "C-01"]
+    engine = db.create_engine(site.settings.database_url)
+    _load(engine, cs, [_order(c, n, FIRST_ORDER + timedelta(days=n), 1_000_00, OrderStatus.PLACED)
+                       for c in cs for n in (1, 2)])  # fmt: skip
+    engine.dispose()
+    # When the operator asks for insights
+    done = site.cli("insights")
+    # Then it says that nobody has bought and what a purchase is, not "0 customers have bought; 0 of them bought a
+    # second time." over a shop of four orders
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == ("no customer has bought yet (a purchase is an order paid, shipped or "
+                                           "delivered)"), done.stdout  # fmt: skip
+    assert "nothing to recommend" in done.stdout
+
+
 def test_insights_on_a_single_second_purchase_says_it_in_the_singular(tmp_path: Path) -> None:
     # Given a shop where one customer has bought again, 20 days (and an hour) after the first purchase, the day
     # after a win-back email

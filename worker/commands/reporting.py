@@ -182,8 +182,11 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
         print(_printable_json(found.as_json()))
         return EXIT_OK
     n = len(found.gaps_days)
-    who = "1 customer has" if found.customers == 1 else f"{found.customers} customers have"
-    print(f"{who} bought; {n} of them bought a second time.")
+    if not found.customers:  # not "0 customers have bought; 0 of them…" over a shop of orders none of them paid yet
+        print("no customer has bought yet (a purchase is an order paid, shipped or delivered)")
+    else:
+        who = "1 customer has" if found.customers == 1 else f"{found.customers} customers have"
+        print(f"{who} bought; {n} of them bought a second time.")
     if not n:
         print("no second purchases yet: nothing to recommend")
         if args.plot:  # an empty chart, written all the same: said as the full report says it
