@@ -9,7 +9,7 @@ for pages, health and metrics.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -660,13 +660,25 @@ def suppress_entries(
 
 
 def suppressions(store: Store, *, reason: str | None = None, email: str | None = None) -> list[dict[str, Any]]:
+    return list(each_suppression(store, reason=reason, email=email))
+
+
+LISTED_AT_ONCE = 1000
+"""The entries ``each_suppression`` reads at a time."""
+
+
+def each_suppression(store: Store, *, reason: str | None = None, email: str | None = None) -> Iterator[dict[str, Any]]:
+    """The suppression list's entries (``email``, ``reason``, ``source``, ``created_at``), oldest first, read as
+    they are taken (a server-side cursor on PostgreSQL): a list of millions is written out, not held in memory."""
     query = sa.select(S.c.email, S.c.reason, S.c.source, S.c.created_at).order_by(S.c.created_at, S.c.id)
     if reason:
         query = query.where(S.c.reason == reason)
     if email:
         query = query.where(S.c.email == suppression_address(email))
     with db.reading(store.engine) as conn:
-        return [dict(r._mapping) for r in conn.execute(query)]
+        found = conn.execution_options(stream_results=True, yield_per=LISTED_AT_ONCE).execute(query)
+        for part in found.partitions():
+            yield from (dict(r._mapping) for r in part)
 
 
 def is_suppressed(store: Store, email: str) -> bool:

@@ -106,12 +106,13 @@ def _uncell(value: str) -> str:
 
 
 def _list(store: Store, reason: str | None, email: str | None = None) -> int:
-    rows = opstore.suppressions(store, reason=reason, email=email)
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(["email", "reason", "source", "created_at"])
-    for r in rows:
+    listed = 0
+    for r in opstore.each_suppression(store, reason=reason, email=email):  # written as read: a list of millions
         out.writerow([_cell(r["email"]), _cell(r["reason"]), _cell(r["source"]), r["created_at"].isoformat()])
-    print(f"{len(rows)} suppressed address(es)", file=sys.stderr)
+        listed += 1
+    print(f"{listed} suppressed address(es)", file=sys.stderr)
     return EXIT_OK
 
 
