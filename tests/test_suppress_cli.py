@@ -160,6 +160,26 @@ def test_the_list_opens_safely_in_a_spreadsheet_and_imports_back_as_it_was(
     assert sorted(r.split(",")[0] for r in again) == sorted(r.split(",")[0] for r in rows)
 
 
+@pytest.mark.parametrize("asked", ["unsubscribe", "Unsubscribed"])
+def test_a_list_of_a_reason_no_entry_has_names_the_reasons_there_are(
+    config: Path, capsys: pytest.CaptureFixture[str], asked: str
+) -> None:
+    # Given a list with an unsubscribe and a bounce
+    assert run(config, "add", "budi@example.com", "--reason", "unsubscribed") == 0
+    assert run(config, "add", "siti@example.com", "--reason", "hard_bounce") == 0
+    capsys.readouterr()
+    # When the operator lists a reason misspelt, or in another case
+    assert run(config, "list", "--reason", asked) == 0
+    captured = capsys.readouterr()
+    # Then the list is empty, and says that no entry has that reason and which reasons it has: "0 suppressed
+    # address(es)" alone read as "nobody has unsubscribed"
+    assert captured.out == "email,reason,source,created_at\n"
+    assert captured.err.splitlines() == [
+        "0 suppressed address(es)",
+        f"(no entry has the reason {asked!r}; the list's reasons: hard_bounce, unsubscribed)",
+    ], captured.err
+
+
 def test_a_long_list_is_written_as_it_is_read_not_held_in_memory_on_each_database(
     db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

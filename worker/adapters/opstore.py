@@ -681,6 +681,13 @@ def each_suppression(store: Store, *, reason: str | None = None, email: str | No
             yield from (dict(r._mapping) for r in part)
 
 
+def suppression_reasons(store: Store, most: int = 20) -> list[str]:
+    """The reasons of the suppression list's entries, each once, in order (the first ``most`` of them)."""
+    query = sa.select(S.c.reason).distinct().order_by(S.c.reason).limit(most)
+    with db.reading(store.engine) as conn:
+        return list(conn.execute(query).scalars())
+
+
 def is_suppressed(store: Store, email: str) -> bool:
     with db.reading(store.engine) as conn:
         return conn.execute(sa.select(S.c.id).where(S.c.email == suppression_address(email))).first() is not None
