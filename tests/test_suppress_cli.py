@@ -125,8 +125,8 @@ def test_only_cr_and_lf_break_lines_in_a_file_of_addresses(
     ("text", "said"),
     [("ok@example.com\nbad\rone@example.com\nbroken@\nfine@example.com\n", ["line 2: invalid email address 'bad'",
                                                                         "line 3: invalid email address 'broken@'"]),
-     ('email,reason\nok@example.com,"bounced\rtwice"\nbroken@,x\n', ["line 3: invalid email address 'broken@'",
-                                                                  "line 2: reason must be one line"]),
+     ('email,reason\nok@example.com,"bounced\rtwice"\nbroken@,x\n', ["line 2: reason must be one line",
+                                                                  "line 3: invalid email address 'broken@'"]),
      ("ok@example.com\rbroken@\rfine@example.com\r", ["line 2: invalid email address 'broken@'"])],
     ids=["lines of LF, a CR in one", "CSV of LF, a CR in a quoted cell", "an old Mac's lines of CR"],
 )
@@ -630,6 +630,19 @@ def test_a_source_or_date_the_list_cannot_hold_is_the_import_s_own_named_by_its_
     assert rows["budi@example.com"] == ["import:list.csv", "2025-03-01T08:00:00+00:00"]
     assert rows["siti@example.com"][0] == "cli" and rows["ani@example.com"][0] == "cli"
     assert not rows["siti@example.com"][1].startswith("2025") and not rows["ani@example.com"][1].startswith("2999")
+
+
+def test_the_problems_of_an_import_are_named_in_the_order_of_their_lines(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a list whose line 2 has a reason the list cannot hold, line 3 no address and line 4 a bad date
+    text = ("email,reason,created_at\nbudi@example.com,\x1b[2J,\nbroken@,manual,\n"
+            "siti@example.com,manual,yesterday\n")  # fmt: skip
+    # When it is imported
+    assert imported(config, tmp_path / "list.csv", text) == 1
+    # Then its problems come as the file has them, line 2 first: not the rejected addresses first, then the cells
+    err = capsys.readouterr().err.splitlines()
+    assert [e.split(": ")[1] for e in err] == ["line 2", "line 3", "line 4"], err
 
 
 def test_an_address_listed_twice_keeps_the_customer_s_own_wish_whichever_line_comes_first(

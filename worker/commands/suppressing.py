@@ -312,7 +312,7 @@ def _import(store: Store, target: str, given: str | None) -> int:
     kept: list[str] = []  # cells not kept: their address is imported all the same, not one rejected
     entries = {address: _entry(cell, given, source, now, f"line {line}", kept)
                for address, (line, cell) in rows.items()}
-    for problem in bad + kept:
+    for problem in sorted(bad + kept, key=_line_number):  # as the file has them: a bad cell before a bad line after it
         print(f"{target}: {problem}", file=sys.stderr)
     # the list shows the source on a line of its own, as it shows the reason (which may hold no control character)
     progress.restart()
@@ -326,6 +326,11 @@ def _import(store: Store, target: str, given: str | None) -> int:
           + (f", {len(kept)} cell{'s' if len(kept) > 1 else ''} the list cannot hold taken as "
              f"{'their' if len(kept) > 1 else 'its'} default" if kept else ""))
     return EXIT_ATTENTION if bad or kept else EXIT_OK
+
+
+def _line_number(problem: str) -> int:
+    """The line a "line N: why" names."""
+    return int(problem.split(":", 1)[0].removeprefix("line "))
 
 
 def _entry(cells: dict[str, str], given: str | None, source: str, now: datetime, where: str,
