@@ -113,7 +113,7 @@ def _list(store: Store, reason: str | None, email: str | None = None) -> int:
         out.writerow([_cell(r["email"]), _cell(r["reason"]), _cell(r["source"]), r["created_at"].isoformat()])
         listed += 1
     print(f"{listed} suppressed address(es)", file=sys.stderr)
-    if not listed and reason is not None and reason not in (known := opstore.suppression_reasons(store, most=21)):
+    if not listed and reason and reason not in (known := opstore.suppression_reasons(store, most=21)):
         # a reason misspelt ('unsubscribe') or in another case finds nothing, which is no news about the list
         shown = ", ".join(map(printable, known[:20])) + (", …" if len(known) > 20 else "")
         print(f"(no entry has the reason {printable(reason)!r}; the list's reasons: {shown or 'none yet'})",
