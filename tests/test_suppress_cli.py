@@ -61,6 +61,21 @@ def test_add_list_remove(config: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "was not suppressed" in capsys.readouterr().out
 
 
+def test_adding_an_address_already_suppressed_for_another_reason_says_the_reason_it_keeps(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an address the customer unsubscribed with their link
+    assert run(config, "add", "budi@example.com", "--reason", "unsubscribed") == 0
+    capsys.readouterr()
+    # When the operator adds it again as a complaint
+    assert run(config, "add", "Budi@example.com", "--reason", "complaint") == 0
+    # Then it says the entry keeps its reason, not "already suppressed" alone (read as: now a complaint)
+    out = capsys.readouterr().out
+    assert out.startswith("budi@example.com: already suppressed as 'unsubscribed' (from cli, since "), out
+    assert out.rstrip().endswith("UTC): its reason stays; `kembali suppress remove` it first to change it"), out
+    assert reasons(config, capsys) == {"budi@example.com": "unsubscribed"}
+
+
 def test_add_refuses_a_bad_address(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(config, "add", "not-an-address") == 2
     assert "invalid email address" in capsys.readouterr().err

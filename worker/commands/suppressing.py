@@ -64,7 +64,14 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
         if action == "add":
             from worker.adapters.clock import SystemClock
 
-            new = store.suppress(email, reason=args.reason or "manual", source="cli", now=SystemClock().now())
+            reason = args.reason or "manual"
+            new = store.suppress(email, reason=reason, source="cli", now=SystemClock().now())
+            kept = next(iter(opstore.suppressions(store, email=email)), None) if not new else None
+            if kept is not None and kept["reason"] != reason:  # not "already suppressed" alone: read as now this reason
+                print(f"{suppression_address(email)}: already suppressed as {printable(kept['reason'])!r} (from "
+                      f"{printable(kept['source'])}, since {kept['created_at'].astimezone(UTC):%Y-%m-%d %H:%M} UTC): "
+                      "its reason stays; `kembali suppress remove` it first to change it")  # fmt: skip
+                return EXIT_OK
             print(f"{suppression_address(email)}: {'suppressed' if new else 'already suppressed'}")  # as listed
             return EXIT_OK
         removed = opstore.unsuppress(store, email)
