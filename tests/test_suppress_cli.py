@@ -76,6 +76,22 @@ def test_adding_an_address_already_suppressed_for_another_reason_says_the_reason
     assert reasons(config, capsys) == {"budi@example.com": "unsubscribed"}
 
 
+def test_a_reason_kembali_knows_given_in_another_case_is_stored_as_kembali_writes_it(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an operator who types the reasons capitalised, on add and on import (as an import's reason cells were
+    # already taken: 'Complaint' was stored as is, a reason `stats` counted apart and an import did not carry to
+    # the customer's new address as their own wish)
+    assert run(config, "add", "budi@example.com", "--reason", "Complaint") == 0
+    assert imported(config, tmp_path / "list.txt", "siti@example.com\n", "--reason", "Hard_Bounce") == 0
+    # When the list is listed, by a reason in yet another case
+    capsys.readouterr()
+    assert run(config, "list", "--reason", "COMPLAINT") == 0
+    # Then each is stored as Kembali writes it, and found
+    assert capsys.readouterr().out.splitlines()[1].startswith("budi@example.com,complaint,cli,")
+    assert reasons(config, capsys) == {"budi@example.com": "complaint", "siti@example.com": "hard_bounce"}
+
+
 def test_add_refuses_a_bad_address(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(config, "add", "not-an-address") == 2
     assert "invalid email address" in capsys.readouterr().err
@@ -175,7 +191,7 @@ def test_the_list_opens_safely_in_a_spreadsheet_and_imports_back_as_it_was(
     assert sorted(r.split(",")[0] for r in again) == sorted(r.split(",")[0] for r in rows)
 
 
-@pytest.mark.parametrize("asked", ["unsubscribe", "Unsubscribed"])
+@pytest.mark.parametrize("asked", ["unsubscribe", "bounced"])
 def test_a_list_of_a_reason_no_entry_has_names_the_reasons_there_are(
     config: Path, capsys: pytest.CaptureFixture[str], asked: str
 ) -> None:
@@ -183,7 +199,7 @@ def test_a_list_of_a_reason_no_entry_has_names_the_reasons_there_are(
     assert run(config, "add", "budi@example.com", "--reason", "unsubscribed") == 0
     assert run(config, "add", "siti@example.com", "--reason", "hard_bounce") == 0
     capsys.readouterr()
-    # When the operator lists a reason misspelt, or in another case
+    # When the operator lists a reason misspelt, or one the list does not have
     assert run(config, "list", "--reason", asked) == 0
     captured = capsys.readouterr()
     # Then the list is empty, and says that no entry has that reason and which reasons it has: "0 suppressed

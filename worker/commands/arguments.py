@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from worker.adapters.store import ids_in_other_case
+from worker.adapters.store import CUSTOMERS_OWN, ids_in_other_case
 from worker.log import printable
 
 
@@ -121,9 +121,16 @@ MAX_REASON_CHARS = 30
 """The suppression list's reason column (PostgreSQL refuses a longer one)."""
 
 
+KEMBALI_REASONS = ("manual", "hard_bounce", *CUSTOMERS_OWN)
+"""The reasons Kembali knows (stats, a resend's advice): one given in another case is stored, and listed, as
+Kembali writes it."""
+
+
 def suppression_reason(text: str) -> str:
-    """A reason without the spaces around it (``list --reason complaint`` finds it; one of spaces alone is none)."""
+    """A reason without the spaces around it (``list --reason complaint`` finds it; one of spaces alone is none),
+    one of ``KEMBALI_REASONS`` in its case ('Unsubscribed' from another tool, or typed so, is an unsubscribe)."""
     if len(one_line(text).strip()) > MAX_REASON_CHARS:
         raise argparse.ArgumentTypeError(
             f"must be at most {MAX_REASON_CHARS} characters, not {len(text.strip())}: {text!r}")  # fmt: skip
-    return text.strip()
+    reason = text.strip()
+    return reason.lower() if reason.lower() in KEMBALI_REASONS else reason

@@ -121,7 +121,7 @@ def _list(store: Store, reason: str | None, email: str | None = None) -> int:
         listed += 1
     print(f"{listed} suppressed address(es)", file=sys.stderr)
     if not listed and reason and reason not in (known := opstore.suppression_reasons(store, most=21)):
-        # a reason misspelt ('unsubscribe') or in another case finds nothing, which is no news about the list
+        # a reason misspelt ('unsubscribe'), or another tool's in another case, finds nothing: no news about the list
         shown = ", ".join(map(printable, known[:20])) + (", …" if len(known) > 20 else "")
         print(f"(no entry has the reason {printable(reason)!r}; the list's reasons: {shown or 'none yet'})",
               file=sys.stderr)
@@ -229,11 +229,6 @@ def _file_lines(text: str) -> Callable[[int], int]:
 ENTRY_COLUMNS = ("reason", "source", "created_at")
 """The columns of ``suppress list`` an import keeps besides the address: its list imports back as it was (an
 unsubscribe of last year stays one of last year in ``stats``, from its link, not one of the import)."""
-
-
-KEMBALI_REASONS = ("manual", "hard_bounce", *CUSTOMERS_OWN)
-"""The reasons Kembali knows (stats, a resend's advice): a reason cell that is one in another case is stored as
-Kembali writes it."""
 
 
 def _keep(rows: dict[str, tuple[int, dict[str, str]]], address: str, row: tuple[int, dict[str, str]]) -> None:
@@ -348,9 +343,7 @@ def _entry(cells: dict[str, str], given: str | None, source: str, now: datetime,
     entry: dict[str, Any] = {"reason": given or "manual", "source": source, "created_at": now}
     if given is None and cells.get("reason"):
         try:
-            entry["reason"] = arguments.suppression_reason(cells["reason"])
-            if entry["reason"].lower() in KEMBALI_REASONS:  # 'Unsubscribed' from another tool is an unsubscribe
-                entry["reason"] = entry["reason"].lower()
+            entry["reason"] = arguments.suppression_reason(cells["reason"])  # 'Unsubscribed' is an unsubscribe
         except argparse.ArgumentTypeError as exc:
             problems.append(f"{where}: reason {exc}: suppressed as 'manual'")
     if cells.get("source"):
