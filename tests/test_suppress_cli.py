@@ -64,7 +64,7 @@ def test_add_list_remove(config: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_adding_an_address_already_suppressed_for_another_reason_says_the_reason_it_keeps(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Given an address the customer unsubscribed with their link
+    # Given an address on the list as the customer's unsubscribe (a request to the mailto address)
     assert run(config, "add", "budi@example.com", "--reason", "unsubscribed") == 0
     capsys.readouterr()
     # When the operator adds it again as a complaint
