@@ -27,7 +27,7 @@ from worker.app import Deps
 from worker.asyncstore import AsyncStore
 from worker.commands import running
 from worker.config import Settings, settings_from_dict
-from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus
+from worker.domain import CustomerRecord, Locale, OrderRecord, OrderStatus, ProductRecord
 from worker.pipeline import plan
 from worker.scheduler import next_fire_time
 from worker.testing import FakeClock
@@ -565,3 +565,43 @@ def test_an_email_waits_for_a_birthday_offer_whose_planning_pass_is_in_the_hour_
         store.close()
     assert rows["birthday"]["sent_at"] == datetime(2027, 10, 31, 1, 30, tzinfo=UTC)
     assert rows["winback"]["status"] == "planned"
+
+
+def test_two_weeks_news_waiting_for_one_morning_is_one_email_without_a_cap(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    """New products at most one per customer per week, whatever the cap: a shop with no cap (frequency_caps = [])
+    launches a product on Sunday and another just after midnight, in the next ISO week. The Sunday evening pass
+    plans the first week's news, held by quiet hours until 08:00; the pass after midnight plans the second week's,
+    held until 08:00 too. At 08:00 both are due together: the customer gets one news email, not two a moment
+    apart (the ledger showed neither sent when the run read it), and the other is skipped as expired."""
+    base = settings_for(tmp_path, smtp_server)
+    settings = dataclasses.replace(
+        base,
+        campaigns=dataclasses.replace(
+            base.campaigns, birthday=dataclasses.replace(base.campaigns.birthday, enabled=False),
+            feedback=dataclasses.replace(base.campaigns.feedback, enabled=False),
+            new_products=dataclasses.replace(base.campaigns.new_products, enabled=True)),
+        policy=dataclasses.replace(base.policy, frequency_caps=()),
+    )  # fmt: skip
+    sunday_night = datetime(2027, 3, 7, 15, 0, tzinfo=UTC)  # 22:00 in Jakarta, Sunday of ISO week 9
+    given_a_shop(settings, [("C1", None)], [
+        OrderRecord("INV-1", "C1", OrderStatus.DELIVERED, sunday_night - timedelta(days=20), None, 1_000_000, "IDR"),
+    ])  # fmt: skip
+    engine = db.create_engine(settings.database_url)
+    shop.upsert_products(engine, [
+        ProductRecord(f"P{n}", f"Product {n}", "Batik", 250_000_00, "IDR", f"https://shop.example/p{n}", "",
+                      launched, True)
+        for n, launched in ((1, sunday_night - timedelta(hours=12)), (2, sunday_night + timedelta(hours=3)))
+    ], sunday_night)  # fmt: skip
+    engine.dispose()
+    clock = FakeClock(sunday_night)
+    assert cycle_at(settings, clock, sunday_night).dispatched.outcomes == {"deferred:quiet_hours": 1}
+    after_midnight = datetime(2027, 3, 7, 18, 0, tzinfo=UTC)  # 01:00 on Monday in Jakarta, ISO week 10
+    assert cycle_at(settings, clock, after_midnight).dispatched.outcomes == {"deferred:quiet_hours": 1}
+
+    report = cycle_at(settings, clock, datetime(2027, 3, 8, 1, 0, tzinfo=UTC))  # 08:00
+
+    assert len(smtp_server.messages) == 1, report.dispatched.outcomes
+    # the second week's news would wait a week for the first's, past its expiry (5 days)
+    assert report.dispatched.outcomes == {"sent": 1, "skipped:expired": 1}

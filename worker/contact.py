@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from worker.core.campaigns import NEW_PRODUCTS, next_news_at
 from worker.core.policy import ContactPolicy, Decision, Due, SendNow, decide_one, deferred, waits_for, zone_of
 from worker.domain import ClaimedMessage, CustomerSnapshot, mailbox
 
@@ -44,6 +45,7 @@ class _Decided:
 
     mailbox: str
     at: datetime
+    campaign: str
     committed_seq: int | None = None
     """The ledger writer's commit that recorded it as sent; None while in flight."""
 
@@ -89,13 +91,16 @@ class Arbiter:
         """Send now, defer, or skip (expired); a "send now" takes the mailbox's slot. ``sent``: the
         mailbox's sends in the ledger as read after ``facts_seq`` commits (None: nothing this run
         decided is in them). ``ahead``: the birthday offers planned ahead for the mailbox (``judge``), which
-        must keep their slot from this run's sends too, not only the ledger's."""
+        must keep their slot from this run's sends too, not only the ledger's. New-products news this run decided
+        to send the mailbox holds more news back a week, as the ledger's does (``cc.NEWS_SPACING``), cap or none."""
         box = mailbox(message.email)
-        decided = self._by_mailbox.get(box, ())
-        taken = [*sent, *(d.at for d in decided if not _visible(d, facts_seq))]
-        decision = judge(self.policy, message, customer, taken, now, ahead)
+        unseen = [d for d in self._by_mailbox.get(box, ()) if not _visible(d, facts_seq)]
+        news_at = next_news_at([d.at for d in unseen if d.campaign == NEW_PRODUCTS])
+        if message.campaign == NEW_PRODUCTS and news_at is not None and news_at > now:
+            return deferred(news_at, message.expires_at, "news_week")
+        decision = judge(self.policy, message, customer, [*sent, *(d.at for d in unseen)], now, ahead)
         if isinstance(decision, SendNow):
-            entry = _Decided(box, now)
+            entry = _Decided(box, now, message.campaign)
             self._by_mailbox.setdefault(box, []).append(entry)
             self._by_message[message.id] = entry
             self._remembered += 1
