@@ -1040,8 +1040,8 @@ class Dispatcher:
 
     @staticmethod
     def _arbitrate(item: Composed, arbiter: Arbiter, now: datetime, facts_seq: int) -> Composed | Skipped | Deferred:
-        """The run's arbiter has the last word: the helper judged against the ledger alone (the cap, and a
-        birthday offer planned ahead keeping its slot, count this run's sends too)."""
+        """The run's arbiter has the last word: the helper judged against the ledger alone (the cap, a birthday
+        offer planned ahead keeping its slot, and the news week count this run's sends too)."""
         decision = arbiter.decide(item.message, item.customer, item.sent, now, facts_seq, item.birthdays_ahead)
         if isinstance(decision, SendNow):
             return item
