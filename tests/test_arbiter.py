@@ -73,3 +73,19 @@ def test_memory_holds_only_what_the_ledger_cannot_show_yet() -> None:
     preview.decide(message(1), BUDI, [], NOW)
     preview.forget_visible(10)
     assert preview.remembered() == 1
+
+
+def test_news_this_run_decided_to_send_holds_more_news_back_a_week_whatever_the_cap() -> None:
+    arbiter = Arbiter(ContactPolicy(caps=(), quiet=None))
+    assert isinstance(arbiter.decide(message(1), BUDI, [], NOW, facts_seq=0), SendNow)  # a win-back holds no news
+    assert isinstance(arbiter.decide(message(2, "new_products"), BUDI, [], NOW, facts_seq=0), SendNow)
+    # another week's news for the mailbox, in a batch that read the ledger before that send was committed: it waits
+    # a week (its expiry, 14 days after NOW, comes later: it waits rather than expires)
+    later = NOW + timedelta(hours=1)
+    assert arbiter.decide(message(3, "new_products"), BUDI, [], later, facts_seq=0) == DeferUntil(
+        NOW + timedelta(days=7), "news_week"
+    )
+    assert isinstance(arbiter.decide(message(4, "feedback"), BUDI, [], later, facts_seq=0), SendNow)
+    # the news send went nowhere (failed): it holds nothing back
+    arbiter.settled(2, sent=False, seq=1)
+    assert isinstance(arbiter.decide(message(3, "new_products"), BUDI, [], later, facts_seq=1), SendNow)
