@@ -346,3 +346,46 @@ def test_the_readmes_upgrading_advice_names_every_migration_that_builds_an_index
                          .split("\n\n", 2)[:2])
     named = set(re.search(r"stop the workers \(([^)]*)\)", upgrading).group(1).replace(",", " ").split())  # type: ignore[union-attr]
     assert building - {"0001"} <= named, sorted(building - named)
+
+
+def _first_cells(section: str) -> set[str]:
+    """The variables a table of the templates README names in its first column (`a`, `b.c`; several in one cell)."""
+    names: set[str] = set()
+    for cell in re.findall(r"^\| ([^|]*?) +\|", section, flags=re.MULTILINE):
+        names |= set(re.findall(r"`([a-z_][a-z_.]*)`", cell))
+    return names
+
+
+def _dotted(context: dict[str, Any]) -> set[str]:
+    """A template context's variables, a table's (``customer``, ``shop``, ``order``) by each of its keys."""
+    return {f"{key}.{inner}" for key, value in context.items() if isinstance(value, dict) for inner in value} | {
+        key for key, value in context.items() if not isinstance(value, dict)}
+
+
+def test_the_templates_readme_lists_every_variable_each_campaigns_templates_receive_and_no_other() -> None:
+    """The templates README is where an operator writing a template finds its variables: one the templates get and it
+    leaves out (new products' ``news``, which the shipped copy uses) is one they cannot know of, and one it lists that
+    the templates do not get stops every message that reads it (an undefined variable is an error)."""
+    from worker.adapters.templates import JinjaTemplates
+    from worker.checks import render_all
+
+    readme = (REPO / "templates" / "email" / "README.md").read_text(encoding="utf-8")
+    every = readme[readme.index("## Variables every template receives"):readme.index("### Win-back")]
+    listed = {folder: _first_cells(section) for folder, section in re.findall(
+        r"^### [^\n]*\(`([a-z_-]+)/`\)\n(.*?)(?=^##)", readme, flags=re.MULTILINE | re.DOTALL)}
+    assert set(listed) == {"winback", "birthday", "feedback", "new_products", "loyalty"}
+    settings = config.load_settings(REPO / "config.toml")
+    received: dict[str, set[str]] = {}
+    products: set[str] = set()
+    for result in render_all(settings, JinjaTemplates(REPO / "templates" / "email")):
+        assert result.error is None, result.error
+        received.setdefault(str(result.context["campaign"]), set()).update(_dotted(result.context))
+        for value in result.context.values():
+            if isinstance(value, list) and value and "price_minor" in value[0]:
+                products |= set(value[0])
+    assert set(received) == set(listed)
+    for campaign, names in received.items():
+        assert (campaign, sorted(names - _first_cells(every) - listed[campaign])) == (campaign, [])
+        assert (campaign, sorted((listed[campaign] | _first_cells(every)) - names)) == (campaign, [])
+    shown = re.search(r"A product is `\{([a-z_, ]+)\}`", readme)
+    assert shown is not None and set(shown[1].split(", ")) == products
