@@ -927,3 +927,27 @@ def test_truncate_never_cuts_inside_what_shows_as_one_character(
     templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": body}))
     out = templates.render("demo", Locale.ID, {**CTX, "name": name}).text
     assert out == f"{expected}|{expected}", [hex(ord(c)) for c in out]  # the second cuts words too (killwords)
+
+
+@pytest.mark.parametrize("locale", list(Locale))
+@pytest.mark.parametrize("folder", ["winback", "winback-reminder"])
+def test_the_shipped_win_back_templates_show_as_many_recommendations_as_the_config_asks(
+        folder: str, locale: Locale) -> None:
+    """config.toml's ``campaigns.winback.recommendations`` is "How many products to recommend (0 to 100)": the
+    shipped win-back templates cut the list at three, so a shop that asked for four got three, whatever it set."""
+    from worker.checks import composer_for_samples, render_sample
+    from worker.config import settings_from_dict
+    from worker.core import samples
+
+    steps = [{"days": 45, "template": "winback-reminder"},
+             {"days": 75, "template": "winback", "coupon_code": "KEMBALI10", "coupon_percent": 10}]
+    settings = settings_from_dict({"campaigns": {"winback": {"recommendations": 4, "steps": steps}}})
+    composer = composer_for_samples(settings, JinjaTemplates(ROOT))
+    result = render_sample(composer, folder, locale, samples.samples(locale)[0])
+    assert result.error is None and result.rendered is not None, result.error
+    names = [p["name"] for p in result.context["recommendations"]]  # type: ignore[attr-defined]
+    assert len(names) == 4
+    for name in names:
+        assert name in result.rendered.text, name
+        assert name.replace("&", "&amp;").replace('"', "&#34;").replace("<", "&lt;").replace(">", "&gt;") in \
+            result.rendered.html, name
