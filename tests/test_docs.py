@@ -389,3 +389,18 @@ def test_the_templates_readme_lists_every_variable_each_campaigns_templates_rece
         assert (campaign, sorted((listed[campaign] | _first_cells(every)) - names)) == (campaign, [])
     shown = re.search(r"A product is `\{([a-z_, ]+)\}`", readme)
     assert shown is not None and set(shown[1].split(", ")) == products
+
+
+def test_every_commented_example_in_the_shipped_config_is_valid_where_it_is_written() -> None:
+    """config.toml shows some settings as commented examples (a PostgreSQL URL, per-domain rates): uncommented in
+    place, each is one the loader takes, in the table it is written under."""
+    lines = (REPO / "config.toml").read_text(encoding="utf-8").splitlines()
+    examples = [i for i, line in enumerate(lines) if re.match(r'#\s+("[^"]+"|[a-z_]+)\s*=\s', line)]
+    assert len(examples) >= 3
+    for i in examples:
+        key = re.match(r'#\s+("[^"]+"|[a-z_]+)', lines[i])[1]  # type: ignore[index]
+        edited = [*lines[:i], lines[i].lstrip("#").strip()]
+        below = lines[i + 1:]
+        ends = next((n for n, line in enumerate(below) if line.startswith("[")), len(below))
+        edited += [line for line in below[:ends] if not line.startswith(f"{key} =")] + below[ends:]  # the shipped one
+        config.settings_from_dict(tomllib.loads("\n".join(edited)))  # an unknown key or a bad value raises, naming it
