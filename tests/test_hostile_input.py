@@ -180,6 +180,14 @@ def test_a_preview_port_already_taken_names_it_and_what_to_do(config: Path, caps
          "'sending.retry_max_seconds' must be at least retry_base_seconds and at most 31536000 (a year); it is 21600 "
          "(the default is 21600), retry_base_seconds 86400"),
         ("[sending]\nretry_max_seconds = 1e12", "'sending.retry_max_seconds' must be at least retry_base_seconds"),
+        # a value just past a bound is shown as written, not rounded to six digits onto the bound ("at most 31536000
+        # (a year); it is 3.1536e+07", "at most 86400 seconds (a day), not 86400")
+        ("[sending]\nretry_max_seconds = 31536001", "'sending.retry_max_seconds' must be at least retry_base_seconds "
+         "and at most 31536000 (a year); it is 31536001 (the default"),
+        ("[smtp]\ntimeout_seconds = 86400.01",
+         "'smtp.timeout_seconds' must be at most 86400 seconds (a day), not 86400.01"),
+        ("[sending]\nlease_seconds = 1000000",
+         "'sending.lease_seconds' must be at most 86400 seconds (a day), not 1000000"),
     ],
 )
 def test_a_number_that_cannot_work_is_a_configuration_error(

@@ -793,7 +793,7 @@ def _check(s: Settings) -> None:
                          ("database.idle_in_transaction_timeout_seconds",
                           s.database.idle_in_transaction_timeout_seconds)):  # fmt: skip
         if timeout != 0 and not 0.001 <= timeout <= _DAY_SECONDS:  # PostgreSQL counts them in whole milliseconds
-            _fail(s, key, f"must be 0 (no limit) or from 0.001 to {_DAY_SECONDS} seconds (a day), not {timeout:g}")
+            _fail(s, key, f"must be 0 (no limit) or from 0.001 to {_DAY_SECONDS} seconds (a day), not {timeout:.15g}")
     for key, name in (("smtp.password_env", s.smtp.password_env), ("unsubscribe.secret_env", s.unsubscribe.secret_env)):
         if not _ENV_NAME.fullmatch(name):  # not shown: what is written here by mistake is the secret itself
             default = getattr(SmtpSettings if key.startswith("smtp") else UnsubscribeSettings, key.partition(".")[2])
@@ -835,8 +835,8 @@ def _check(s: Settings) -> None:
         _fail(s, "sending.retry_base_seconds", "must be positive")
     if not s.sending.retry_base_seconds <= s.sending.retry_max_seconds <= _YEAR_SECONDS:
         _fail(s, "sending.retry_max_seconds", f"must be at least retry_base_seconds and at most {_YEAR_SECONDS} "
-              f"(a year); it is {s.sending.retry_max_seconds:g} (the default is "
-              f"{SendingSettings.retry_max_seconds:g}), retry_base_seconds {s.sending.retry_base_seconds:g}")
+              f"(a year); it is {s.sending.retry_max_seconds:.15g} (the default is "
+              f"{SendingSettings.retry_max_seconds:g}), retry_base_seconds {s.sending.retry_base_seconds:.15g}")
     if s.sending.daily_quota < 0:
         _fail(s, "sending.daily_quota", "must be 0 (no quota) or more")
     if not 0 <= s.sending.compose_processes <= 64:
@@ -1101,7 +1101,7 @@ def _check_upper_bounds(s: Settings) -> None:
             _fail(s, key, f"must be at most {_TEN_YEARS_DAYS} days (ten years), not {day_count}")
     for key, duration in seconds:
         if duration > _DAY_SECONDS:
-            _fail(s, key, f"must be at most {_DAY_SECONDS} seconds (a day), not {duration:g}")
+            _fail(s, key, f"must be at most {_DAY_SECONDS} seconds (a day), not {duration:.15g}")
     for key, count, high in counts:
         if count > high:
             _fail(s, key, f"must be at most {high:_}, not {count:_}")
