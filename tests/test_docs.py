@@ -78,6 +78,16 @@ def test_the_units_stop_timeout_outlasts_the_daemons_stop_sequence() -> None:
     assert service["KillMode"] == "mixed"  # helpers are not sent SIGTERM mid-batch; the main process stops them
 
 
+def test_the_shipped_configs_stop_advice_names_the_units_timeout_and_the_daemons_stop_sequence() -> None:
+    """config.toml's shutdown_grace_seconds says what to raise with it: the unit's TimeoutStopSec as shipped, and the
+    margin the stop sequence after the grace period needs."""
+    text = " ".join((REPO / "config.toml").read_text(encoding="utf-8").replace("#", " ").split())
+    said = re.search(r"TimeoutStopSec too \((\d+) s as shipped\): keep it above this plus (\d+) s", text)
+    assert said is not None
+    assert _seconds(_unit()["Service"]["TimeoutStopSec"]) == int(said[1])
+    assert int(said[2]) > 2 + daemon.ABANDON_SECONDS + daemon.STUCK_CLOSE_SECONDS
+
+
 def _leaves(cls: type, prefix: str = "") -> list[str]:
     keys: list[str] = []
     for f in dataclasses.fields(cls):
