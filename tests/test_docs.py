@@ -414,3 +414,14 @@ def test_every_commented_example_in_the_shipped_config_is_valid_where_it_is_writ
         ends = next((n for n, line in enumerate(below) if line.startswith("[")), len(below))
         edited += [line for line in below[:ends] if not line.startswith(f"{key} =")] + below[ends:]  # the shipped one
         config.settings_from_dict(tomllib.loads("\n".join(edited)))  # an unknown key or a bad value raises, naming it
+
+
+def test_the_templates_readmes_layout_names_every_shared_file_and_no_other() -> None:
+    """"Layout on disk" is where an operator finds the shared layouts and partials their templates may include: a
+    shared file left out of it is one they do not know is there, one listed and gone an include that fails."""
+    readme = (REPO / "templates" / "email" / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout on disk"):readme.index("<campaign>/<locale>/")]
+    listed = set(re.findall(r"^  (_[a-z_]+\.[a-z]+) ", layout, flags=re.MULTILINE))
+    shared = {p.name for p in (REPO / "templates" / "email").glob("_*") if p.is_file()}
+    assert len(shared) >= 5
+    assert listed == shared
