@@ -951,3 +951,17 @@ def test_the_shipped_win_back_templates_show_as_many_recommendations_as_the_conf
         assert name in result.rendered.text, name
         assert name.replace("&", "&amp;").replace('"', "&#34;").replace("<", "&lt;").replace(">", "&gt;") in \
             result.rendered.html, name
+
+
+def test_a_template_signing_with_the_from_name_gets_the_shop_name_when_from_name_is_empty(tmp_path: Path) -> None:
+    """config.toml: "an empty from_name uses name", and the From header did; ``{{ shop.from_name }}`` in a template
+    (a signature: "Salam, {{ shop.from_name }}") printed nothing."""
+    from worker.config import settings_from_dict
+
+    files = {**GOOD, "demo/id/body.txt": "Salam, {{ shop.from_name }}\n"}
+    templates = JinjaTemplates(tree(tmp_path, files))
+    for from_name, shown in (("", "Batik Sari"), ("Sari dari Batik Sari", "Sari dari Batik Sari")):
+        shop = ShopInfo.from_settings(settings_from_dict({"shop": {"name": "Batik Sari", "from_name": from_name}}).shop)
+        customer = CustomerSnapshot(1, "C1", "siti@example.com", "Siti", Locale.ID, "Asia/Jakarta", None, True)
+        context = build_context("demo", customer, shop=shop, unsubscribe_url=UNSUB, extra={"name": "Siti"})
+        assert templates.render("demo", Locale.ID, context).text.strip() == f"Salam, {shown}"

@@ -79,7 +79,7 @@ class ShopInfo:
             name=shop.name,
             domain=shop.domain,
             from_address=shop.from_address,
-            from_name=shop.from_name,
+            from_name=shop.from_name or shop.name,  # config.toml: "an empty from_name uses name"
             reply_to=shop.reply_to,
             postal_address=shop.postal_address,
             base_url=shop.base_url,
