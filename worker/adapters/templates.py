@@ -115,7 +115,12 @@ def _money_filter(ctx: Context, minor: object, currency: str | None = None) -> s
 @pass_context
 def _date_filter(ctx: Context, value: object) -> str:
     if isinstance(value, str):
-        value = date.fromisoformat(value[:10])
+        text = value
+        try:
+            value = date.fromisoformat(text[:10])
+        except ValueError:  # said of the whole text: its first ten characters ('November 2') are none of the template's
+            shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}…"
+            raise ValueError(f"date expects a date or an ISO date string such as 2027-02-28, not {shown}") from None
     if isinstance(value, datetime):
         value = value.date()
     if not isinstance(value, date):
