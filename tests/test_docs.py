@@ -425,3 +425,24 @@ def test_the_templates_readmes_layout_names_every_shared_file_and_no_other() -> 
     shared = {p.name for p in (REPO / "templates" / "email").glob("_*") if p.is_file()}
     assert len(shared) >= 5
     assert listed == shared
+
+
+def test_run_once_refusing_a_template_that_cannot_be_parsed_is_the_exit_code_its_help_gives(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run --help`` gave exit code 2 for "a bad config or a template folder missing files": a file that cannot be
+    parsed stops it with 2 too, and an operator reading the help for why their cron job exits 2 was not told."""
+    import shutil
+
+    from tests.clikit import migrated_config
+
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", "test-link-key-0123456789abcdef")
+    templates = tmp_path / "templates"
+    shutil.copytree(REPO / "templates" / "email", templates)
+    with (templates / "winback" / "en" / "body.txt").open("a", encoding="utf-8") as body:
+        body.write("{% if %}\n")
+    path = migrated_config(tmp_path)
+    path.write_text(path.read_text(encoding="utf-8") + f'[templates]\ndir = "{templates}"\n', encoding="utf-8")
+    code, printed = run_cli(capsys, "--config", str(path), "run", "--once")
+    assert code == 2, printed
+    assert "winback/en/body.txt" in printed and "syntax error" in printed
+    assert "2 for a bad config, or a template folder missing files or using one that cannot be parsed" in _help("run")
