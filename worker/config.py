@@ -263,7 +263,8 @@ class CampaignSettings:
 @dataclass(frozen=True)
 class PolicySettings:
     frequency_caps: tuple[tuple[int, ...], ...] = ((1, 3), (4, 30))
-    """``[max emails, per days]`` pairs, across all campaigns, per customer."""
+    """``[max emails, per days]`` pairs, across all campaigns, per mailbox (customer records that share an address
+    share its caps)."""
     quiet_hours_start: str = "00:00"
     quiet_hours_end: str = "00:00"
     """Local time in the customer's zone; equal start and end = no quiet hours (the default when both
