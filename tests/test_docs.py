@@ -446,3 +446,49 @@ def test_run_once_refusing_a_template_that_cannot_be_parsed_is_the_exit_code_its
     assert code == 2, printed
     assert "winback/en/body.txt" in printed and "syntax error" in printed
     assert "2 for a bad config, or a template folder missing files or using one that cannot be parsed" in _help("run")
+
+
+# The keys whose config.toml comment gives another range than its first lines' "counts of days at most 3650,
+# durations in seconds at most 86400", with the words it gives it in and the largest value it takes
+_OTHER_RANGE = {
+    "sending.retry_base_seconds": ("retry_max_seconds (at least retry_base_seconds, at most a year: 31536000)",
+                                   21600.0),  # at most retry_max_seconds: its default here
+    "sending.retry_max_seconds": ("at most a year: 31536000", 31536000.0),
+    "checks.render_timeout_seconds": ("At most 60", 60.0),
+}
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    *tables, key = dotted.split(".")
+    raw: dict[str, Any] = {key: value}
+    for table in reversed(tables):
+        raw = {table: raw}
+    return raw
+
+
+@pytest.mark.parametrize("key", [key for key in _leaves(config.Settings) if key.endswith(("_days", "_seconds"))])
+def test_every_count_of_days_and_seconds_takes_the_range_the_shipped_configs_first_lines_give(key: str) -> None:
+    """config.toml's first lines: a value out of its range stops Kembali, "counts of days at most 3650, durations in
+    seconds at most 86400, unless the key's comment gives another range": a key that takes more (or refuses its
+    bound) is one the file tells an operator wrong about."""
+    text = " ".join((REPO / "config.toml").read_text(encoding="utf-8").replace("#", " ").split())
+    assert "counts of days at most 3650, durations in seconds at most 86400, unless the key's comment gives" in text
+    default = dict(_default_values(config.Settings()))[key]
+    said, largest = _OTHER_RANGE.get(key, ("", 3650 if key.endswith("_days") else 86400))
+    assert said in text
+    past = largest + 1
+    config.settings_from_dict(_nested(key, type(default)(largest)))
+    named = "sending.retry_max_seconds" if key == "sending.retry_base_seconds" else key  # "at least retry_base_seconds"
+    with pytest.raises(config.ConfigError, match=re.escape(f"'{named}'")):
+        config.settings_from_dict(_nested(key, type(default)(past)))
+
+
+def _default_values(settings: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    found: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(settings):
+        if f.name in ("source", "base_dir"):
+            continue
+        value = getattr(settings, f.name)
+        found += (_default_values(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value)
+                  else [(prefix + f.name, value)])
+    return found
