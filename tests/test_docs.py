@@ -492,3 +492,33 @@ def _default_values(settings: Any, prefix: str = "") -> list[tuple[str, Any]]:
         found += (_default_values(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value)
                   else [(prefix + f.name, value)])
     return found
+
+
+# (key, the least and the most it takes, the words config.toml's comment says it in)
+_RANGES_SAID = [
+    ("smtp.pool_size", 1, 100, "one message in flight on each (1 to 100)"),
+    ("sending.batch_size", 1, 100_000, "at a time (at most 100000)"),
+    ("sending.max_attempts", 1, 100, "marked failed (at most 100)"),
+    ("sending.burst", 1, 100_000, "back to back (burst 1 to 100000)"),
+    ("sending.domain_burst", 1, 100_000, "not listed below (burst 1 to 100000)"),
+    ("sending.in_flight_per_connection", 1, 100, "`uncertain`. 1 to 100"),
+    ("sending.pause_after_failures", 0, 100_000, "0 = never (at most 100000)"),
+    ("sending.compose_processes", 0, 64, "(slower). At most 64"),
+    ("campaigns.winback.recommendations", 0, 100, "How many products to recommend (0 to 100)"),
+    ("campaigns.birthday.days_before", 0, 60, "(0 = on the day, at most 60)"),
+    ("campaigns.feedback.days_after", 0, 60, "(or after the order was placed) it is sent: 0 to 60"),
+    ("campaigns.new_products.max_products", 1, 100, "Products shown per email (1 to 100)"),
+    ("checks.subject_max_chars", 10, 200, "are reported (10 to 200"),
+    ("web.max_connections", 1, 10_000, "Connections served at once (1 to 10000)"),
+]
+
+
+@pytest.mark.parametrize(("key", "low", "high", "said"), _RANGES_SAID, ids=[r[0] for r in _RANGES_SAID])
+def test_a_range_the_shipped_config_gives_is_the_one_the_loader_takes(key: str, low: int, high: int, said: str) -> None:
+    text = " ".join((REPO / "config.toml").read_text(encoding="utf-8").replace("#", " ").split())
+    assert said in text
+    for taken in (low, high):
+        config.settings_from_dict(_nested(key, taken))
+    for refused in (low - 1, high + 1):
+        with pytest.raises(config.ConfigError, match=re.escape(f"'{key}'")):
+            config.settings_from_dict(_nested(key, refused))
