@@ -387,18 +387,22 @@ def test_the_templates_readme_lists_every_variable_each_campaigns_templates_rece
     settings = config.load_settings(REPO / "config.toml")
     received: dict[str, set[str]] = {}
     products: set[str] = set()
+    ratings: set[str] = set()
     for result in render_all(settings, JinjaTemplates(REPO / "templates" / "email")):
         assert result.error is None, result.error
         received.setdefault(str(result.context["campaign"]), set()).update(_dotted(result.context))
         for value in result.context.values():
             if isinstance(value, list) and value and "price_minor" in value[0]:
                 products |= set(value[0])
+        ratings.update(*result.context.get("ratings", []))  # type: ignore[call-overload]
     assert set(received) == set(listed)
     for campaign, names in received.items():
         assert (campaign, sorted(names - _first_cells(every) - listed[campaign])) == (campaign, [])
         assert (campaign, sorted((listed[campaign] | _first_cells(every)) - names)) == (campaign, [])
     shown = re.search(r"A product is `\{([a-z_, ]+)\}`", readme)
     assert shown is not None and set(shown[1].split(", ")) == products
+    rating = re.search(r"`ratings` +\| list of `\{([a-z_, ]+)\}`", readme)
+    assert rating is not None and set(rating[1].split(", ")) == ratings
 
 
 def test_every_commented_example_in_the_shipped_config_is_valid_where_it_is_written() -> None:
