@@ -1149,3 +1149,18 @@ def test_a_misspelt_command_or_choice_is_told_the_one_meant(
     code, out = run_cli(capsys, *argv)
     assert code == 2, out
     assert f"(did you mean '{meant}'?)" in out, out
+
+
+def test_a_win_back_steps_folder_given_to_preview_as_the_campaign_is_told_the_campaign_it_sends_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `send-test --campaign winback-reminder` takes a step's folder (the README shows it): `preview` refused the same
+    # name as "not an enabled campaign (enabled: winback)", naming no link between the two
+    steps = ('[[campaigns.winback.steps]]\ndays = 45\ntemplate = "winback-reminder"\n'
+             '[[campaigns.winback.steps]]\ndays = 75\ntemplate = "winback"\ncoupon_code = "K10"\ncoupon_percent = 10\n')
+    config = write_config(tmp_path, extra=steps)
+    _migrated(config)
+    code, out = run_cli(capsys, "--config", str(config), "preview", "--campaign", "winback-reminder")
+    assert code == 2, out
+    assert ("kembali: --campaign 'winback-reminder' is the template folder of win-back's step 1: preview "
+            "--campaign winback (enabled: winback)") in out

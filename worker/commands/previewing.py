@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-from worker import money, stopping
+from worker import contexts, money, stopping
 from worker.adapters import plan_sql
 from worker.app import Deps, link_key_missing, link_keys
 from worker.commands import arguments, files
@@ -175,8 +175,10 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
     known = enabled_campaigns(settings)
     unknown = [c for c in args.campaign or [] if c not in known]
     if unknown:
-        print(f"kembali: --campaign {unknown[0]!r} is not an enabled campaign (enabled: {', '.join(known)})",
-              file=sys.stderr)  # fmt: skip
+        campaign, step = contexts.sent_as(settings, unknown[0])  # a step's folder, as `send-test --campaign` takes
+        what = (f"is the template folder of win-back's step {step}: preview --campaign {campaign}"
+                if campaign in known and campaign != unknown[0] else "is not an enabled campaign")
+        print(f"kembali: --campaign {unknown[0]!r} {what} (enabled: {', '.join(known)})", file=sys.stderr)
         return EXIT_USAGE
     deps = Deps.build(settings)
     if args.customer and deps.store.customer_by_external_id(args.customer) is None:
