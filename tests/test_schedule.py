@@ -312,3 +312,16 @@ def test_the_first_wait_between_fire_times_longer_than_a_limit(why: str, expr: s
     found = first_gap(next_fire, after, after + timedelta(days=366), timedelta(hours=26))
     assert (None if found is None else (found[0].isoformat(), found[1].isoformat() if found[1] else "")) == gap
     assert calls < 10_000, calls
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("schedule", "dispatch_poll_seconds"), ("schedule", "maintenance_interval_seconds"),
+     ("daemon", "watch_interval_seconds"), ("daemon", "health_summary_seconds")],
+)
+def test_a_daemon_interval_too_short_to_be_meant_is_refused_by_its_key(section: str, key: str) -> None:
+    # a millisecond between looks (a typo for 1.0, or seconds read as minutes the other way) kept the daemon busy
+    # doing nothing else and, for the health line, wrote a thousand log lines a second
+    with pytest.raises(ConfigError, match=rf"'{section}\.{key}' must be at least 0\.1 seconds"):
+        settings_from_dict({section: {key: 0.001}})
+    settings_from_dict({section: {key: 0.1}})

@@ -905,6 +905,11 @@ def _check(s: Settings) -> None:
         _fail(s, "logging.level", "must be debug, info, warning or error")
 
 
+MIN_INTERVAL_SECONDS = 0.1
+"""The least time between the daemon's looks for due rows, maintenance runs, template watches and health lines: a
+millisecond kept it busy doing nothing else, and wrote a health line a millisecond."""
+
+
 def _check_daemon(s: Settings) -> None:
     from worker.core.cron import parse_cron  # pure
 
@@ -936,6 +941,15 @@ def _check_daemon(s: Settings) -> None:
         _fail(s, "schedule.attempt_retention_days", "must be 0 (keep forever) or more")
     if s.daemon.health_summary_seconds < 0:
         _fail(s, "daemon.health_summary_seconds", "must be 0 (off) or more")
+    for key, value in (
+        ("schedule.dispatch_poll_seconds", s.schedule.dispatch_poll_seconds),
+        ("schedule.maintenance_interval_seconds", s.schedule.maintenance_interval_seconds),
+        ("daemon.watch_interval_seconds", s.daemon.watch_interval_seconds),
+        ("daemon.health_summary_seconds", s.daemon.health_summary_seconds or MIN_INTERVAL_SECONDS),
+    ):
+        if 0 < value < MIN_INTERVAL_SECONDS:
+            _fail(s, key, f"must be at least {MIN_INTERVAL_SECONDS:g} seconds, not {value!r}: the daemon would do "
+                          "little else than this (a typo for 1.0?)")
     if not s.web.host.strip():  # asyncio would listen on every interface: the links, and /metrics, open to all
         _fail(s, "web.host", "must be the address to listen on, such as 127.0.0.1 behind your HTTPS proxy (an empty "
               "one would listen on every interface, /metrics and /healthz included: write 0.0.0.0 if that is meant)")
