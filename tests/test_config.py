@@ -61,6 +61,9 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults_where_it_should() 
          "'sending.rate_per_second' must be at least one email a day (0.0000116 per second, 1/86400), not 1e-300"),
         ({"sending": {"domain_rate_per_second": 1e-6}},
          "'sending.domain_rate_per_second' must be at least one email a day"),
+        # said in emails a day too, where 1e-05 beside 0.0000116 took counting zeros to compare
+        ({"sending": {"rate_per_second": 0.00001}},
+         "not 1e-05 (0.864 emails a day): each email would wait longer than a day for its turn"),
         ({"sending": {"throttle_floor_per_second": 1e-9}},
          "'sending.throttle_floor_per_second' must be at least one email a day"),
         ({"sending": {"domains": {"gmail.com": {"rate_per_second": 1e-7, "burst": 1}}}},

@@ -706,7 +706,7 @@ def _rate(settings: Settings, key: str, rate: float) -> None:
         _fail(settings, key, "must be positive")
     if rate < MIN_RATE_PER_SECOND:
         _fail(settings, key, f"must be at least one email a day ({MIN_RATE_PER_SECOND:.7f} per second, 1/86400), not "
-              f"{rate:g}: each email would wait longer than a day for its turn")
+              f"{rate:g} ({rate * 86400:.3g} emails a day): each email would wait longer than a day for its turn")
 
 
 _DOMAIN = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)+")
