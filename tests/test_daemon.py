@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -2238,3 +2239,44 @@ def _watching_shop(tmp_path: Path, smtp_server: RecordingServer, plan_cron: str)
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron=plan_cron)
     shop.config.write_text(shop.config.read_text().replace("\n[daemon]\nshutdown_grace_seconds = 5.0\n", watch))
     return shop
+
+
+@pytest.mark.parametrize("change", ["removed", "replaced"])
+def test_a_daemon_whose_sqlite_file_is_removed_or_replaced_under_it_says_so_and_stops(
+    tmp_path: Path, smtp_server: RecordingServer, change: str
+) -> None:
+    # Given a daemon on an SQLite file that has sent two emails, and a copy of that file taken before it started
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    text = shop.config.read_text().replace("shutdown_grace_seconds = 5.0", "shutdown_grace_seconds = 20.0")
+    shop.config.write_text(text)
+    shop.add([1, 2], days_ago=60)
+    database = tmp_path / "kembali.db"
+    backup = tmp_path / "backup.db"
+    with contextlib.closing(sqlite3.connect(database)) as source, contextlib.closing(sqlite3.connect(backup)) as copy:
+        source.backup(copy)
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: len(daemon.named("email_sent")) == 2, why="two email_sent events")
+        # When the file is removed (a clean-up gone wrong), or replaced by the copy (a restore while it runs)
+        if change == "removed":
+            database.unlink()
+        else:
+            os.replace(backup, database)
+        # Then at its next maintenance it says so, naming the file, and stops as on SIGTERM, exiting 3: it went on
+        # claiming, sending and recording in the file it had open, which no one will read again (and after a
+        # restore, a restart sent again every email the copy does not show sent)
+        changed = daemon.wait_event("database_file_changed", timeout=30)
+        noticed = time.monotonic()
+        code = daemon.wait(30)
+        took = time.monotonic() - noticed
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.stop()
+    assert code == 3, daemon.log()
+    assert changed["database"] == str(database.resolve()), changed
+    assert changed["change"] == ("removed" if change == "removed" else "replaced by another file"), changed
+    assert daemon.named("daemon_stopped")[-1]["exit_code"] == 3, daemon.log()
+    assert not (database.exists() and change == "removed"), "the daemon made a new empty database"
+    # And with nothing in flight it stops at once: a claim that failed meanwhile is not retried for 15 s
+    assert took < 4, f"{took:.1f} s\n{daemon.log()}"
+

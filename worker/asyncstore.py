@@ -8,6 +8,7 @@ keeps that one thread far from being the bottleneck.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,18 +32,28 @@ RETRY_SECONDS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 async def retrying(
-    event: str, attempt: Callable[[], Awaitable[T]], delays: Sequence[float] = RETRY_SECONDS, **fields: object
+    event: str, attempt: Callable[[], Awaitable[T]], delays: Sequence[float] = RETRY_SECONDS, *,
+    stop: asyncio.Event | None = None, **fields: object,
 ) -> T:
     """``attempt()``, tried again after each of ``delays`` when it fails (each failure logged as ``event`` with
-    its first line, the wait and ``fields``), then given up with the last failure; at once when it is ``UNREADABLE``."""
+    its first line, the wait and ``fields``), then given up with the last failure; at once when it is ``UNREADABLE``,
+    or once ``stop`` is set (a stopping daemon waits for no retry of a call that nothing waits for)."""
     for delay in delays:
         try:
             return await attempt()
         except UNREADABLE:
             raise
         except Exception as exc:
+            if stop is not None and stop.is_set():
+                raise
             log.event(event, logging.WARNING, error=log.error_line(exc)[:300], retry_in_seconds=delay, **fields)
-            await asyncio.sleep(delay)
+            if stop is None:
+                await asyncio.sleep(delay)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    raise
     return await attempt()
 
 

@@ -278,6 +278,9 @@ class Daemon:
         """The schema this code needs (``Deps.build`` checked it): maintenance stops the daemon when it changes."""
         self._known = db.known_revisions(self.store.engine)
         """The revisions this code has, read now: a newer Kembali installed over it later does not add its own."""
+        self._file = db.file_identity(self.store.engine)
+        """The SQLite file the daemon opened (its device and inode; None on PostgreSQL): maintenance stops the daemon
+        when its path names another file, or none."""
         self._exit_code = EXIT_OK
         """The exit code of a stop the daemon chose (a schema changed under it), unless the shutdown's is worse."""
 
@@ -644,7 +647,7 @@ class Daemon:
         dispatcher.resume(why=f"retrying after {delay:g} s")
 
     async def maintenance(self) -> None:
-        if await self._schema_changed():
+        if self._database_file_changed() or await self._schema_changed():
             return
         settings = self.gen.settings
         dispatcher = self.gen.dispatcher
@@ -705,10 +708,39 @@ class Daemon:
                   else f"run `{db_upgrade_command(self.config_path.resolve())}`, or restore the database at schema "
                   f"{self._schema}",  # (the full path: the operator runs it from another folder)
                   note="the daemon stops, as on SIGTERM (exit 3)")  # fmt: skip
+        self._stop_unavailable()
+        return True
+
+    def _database_file_changed(self) -> bool:
+        """Whether the SQLite file's path names another file than the one the daemon opened (a copy restored over
+        it) or none (removed): SQLite goes on with the file it has open, so the daemon claimed, sent and recorded in
+        a ledger no one reads again (and a restart on a restored copy sent again what the copy does not show sent).
+        Then the daemon says so and stops, exit 3, to start again on what the path names. A path that cannot be
+        looked at (a permission, a network file system's hiccup) is not a change."""
+        if self._file is None:
+            return False
+        engine = self.store.engine
+        try:
+            now = db.file_identity(engine)
+        except OSError:
+            return False
+        if now == self._file:
+            return False
+        log.event("database_file_changed", logging.ERROR, database=db.describe(engine),
+                  change="removed" if now is None else "replaced by another file",
+                  what_to_do="put the database file back at that path (a new, empty one would plan every email again)"
+                  if now is None else "none, if a copy was restored on purpose: what this daemon recorded since in the "
+                  "file it had open is not in it (`kembali ledger` and `stats` read the file there now)",
+                  note="the daemon stops, as on SIGTERM (exit 3)")  # fmt: skip
+        self._stop_unavailable()
+        return True
+
+    def _stop_unavailable(self) -> None:
+        """Stop as on SIGTERM, to exit 3 (``EXIT_UNAVAILABLE``): the database is no longer the one the daemon began
+        with."""
         self._exit_code = EXIT_UNAVAILABLE
         self._halt.set()
         self._stop.set()
-        return True
 
     async def health(self) -> None:
         """The health line: what happened here since the last one, the queue, and the ledger's ``uncertain`` rows

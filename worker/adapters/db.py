@@ -21,6 +21,7 @@ import os
 import re
 import sqlite3
 import threading
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -207,9 +208,21 @@ def create_engine(
     if url.startswith("sqlite"):
         without_sqlite_memstatus()
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
+        opened = False
+
+        @sa.event.listens_for(engine, "do_connect")
+        def _on_do_connect(_dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+            # once the file is opened, a new connection of the pool opens that path or fails: SQLite made an empty
+            # database there when the file was removed, in which the daemon wrote and a restart planned every
+            # email again
+            if opened and cargs and cargs[0] not in ("", ":memory:") and not cparams.get("uri"):
+                cargs[0] = f"file:{urllib.parse.quote(str(cargs[0]))}?mode=rw"
+                cparams["uri"] = True
 
         @sa.event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            nonlocal opened
+            opened = True
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
             cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
@@ -884,3 +897,16 @@ def sqlite_path(engine: Engine) -> Path | None:
     if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
         return None
     return Path(str(engine.url.database)).resolve()
+
+
+def file_identity(engine: Engine) -> tuple[int, int] | None:
+    """The device and inode of the file an SQLite database's path names now (None for PostgreSQL or an in-memory
+    database, or no file there): SQLite goes on with the file it opened when another is put at its path, or none."""
+    path = sqlite_path(engine)
+    if path is None:
+        return None
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
