@@ -1323,6 +1323,19 @@ def _allow_connections(pg_admin: sa.Engine, db_url: str, allowed: bool) -> None:
                          {"n": name})
 
 
+def _two_sent_on_postgresql(shop: Shop, pg_admin: sa.Engine) -> tuple[Daemon, Callable[[bool], None]]:
+    """A daemon started on ``shop`` (on PostgreSQL) once it has sent win-backs to two customers, and what sends its
+    database away and lets it back (``_allow_connections``)."""
+    shop.add([1, 2], days_ago=60)
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_for(lambda: len(daemon.named("email_sent")) == 2, why="two email_sent events")
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon, functools.partial(_allow_connections, pg_admin, shop.db_url)
+
+
 @contextlib.contextmanager
 def _stopped_with_the_database_away(
     tmp_path: Path, smtp_server: RecordingServer, db_url: str, pg_admin: sa.Engine, *, grace: float, server_delay: float
@@ -1556,11 +1569,8 @@ def test_the_health_line_and_metrics_keep_their_counts_while_the_database_is_dow
     shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url)
     text = shop.config.read_text().replace("health_summary_seconds = 1.0", "health_summary_seconds = 5")
     shop.config.write_text(text)
-    shop.add([1, 2], days_ago=60)
-    allow_connections = functools.partial(_allow_connections, pg_admin, pg_migrated_url)
-    daemon = Daemon.start(shop)
+    daemon, allow_connections = _two_sent_on_postgresql(shop, pg_admin)
     try:
-        daemon.wait_for(lambda: len(daemon.named("email_sent")) == 2, why="two email_sent events")
         # When the database goes away before that line
         allow_connections(False)
         # Then the line still comes, says the database is unreachable and the queue unknown, and counts the sends
@@ -2280,3 +2290,40 @@ def test_a_daemon_whose_sqlite_file_is_removed_or_replaced_under_it_says_so_and_
     # And with nothing in flight it stops at once: a claim that failed meanwhile is not retried for 15 s
     assert took < 4, f"{took:.1f} s\n{daemon.log()}"
 
+
+
+@pytest.mark.postgres
+def test_a_daemon_whose_database_is_away_tries_its_dispatch_again_less_and_less_often_not_every_poll(
+    tmp_path: Path, smtp_server: RecordingServer, pg_migrated_url: str, pg_admin: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    # Given a daemon on PostgreSQL that looks for due rows every 0.5 s and has sent its two emails
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *", db_url=pg_migrated_url)
+    daemon, allow_connections = _two_sent_on_postgresql(shop, pg_admin)
+    try:
+        # When its database is away for 10 s
+        allow_connections(False)
+        time.sleep(10)
+        allow_connections(True)
+        failed = daemon.named("dispatch_failed")
+        # Then each failure says when the dispatcher tries again, each wait longer than the one before: a handful of
+        # error lines, not one every 0.5 s (a day-long outage at the default 5 s made 17,000 lines of the same error)
+        assert 1 <= len(failed) <= 6, [e.get("retry_in_seconds") for e in failed]
+        waits = [e["retry_in_seconds"] for e in failed]
+        assert waits == sorted(waits) and waits[-1] > waits[0], waits
+        assert failed[-1]["failures_in_row"] == len(failed), failed[-1]
+        # And once the database is back, it sends again: an email planned meanwhile goes within the last wait said
+        shop.add([3], days_ago=60)
+        store = shop.store()
+        try:
+            assert plan(store, load_settings(shop.config), datetime.now(UTC), ["winback"]).created == {"winback": 1}
+        finally:
+            store.close()
+        daemon.wait_for(lambda: len(daemon.named("email_sent")) == 3, timeout=waits[-1] + 10, why="the third email")
+        code = daemon.stop()
+    finally:
+        allow_connections(True)
+        if daemon.proc.poll() is None:
+            daemon.stop()
+    assert code == 0, daemon.log()

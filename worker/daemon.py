@@ -131,6 +131,8 @@ maintenance, each that fails again doubles the wait, up to this (a pass that fai
 MISSED_AFTER_SECONDS = 2 * Scheduler.WAKE_SECONDS
 """How long after a cron time a maintenance takes it for missed, when no pass since has recorded it (``_plan_missed``):
 longer than APScheduler can be late with it (``Scheduler.WAKE_SECONDS``), so a maintenance does not race the firing."""
+DISPATCH_RETRY_MAX_SECONDS = 60.0
+"""The longest wait before the dispatcher tries again after runs that failed in a row (``dispatch_retry_seconds``)."""
 RESTART_ONLY = ("database", "web")
 """Config sections a reload cannot change (they need a restart)."""
 
@@ -600,13 +602,19 @@ class Daemon:
         task.add_done_callback(functools.partial(_log_failed_pass, campaign))
 
     async def _dispatch_loop(self) -> None:
+        failures = 0  # dispatch runs failed in a row (the database away): each waits longer (dispatch_retry_seconds)
         while not self._stop.is_set():
             self._wake.clear()
             gen = self._active = self.gen
+            poll = gen.settings.schedule.dispatch_poll_seconds
             try:
                 await gen.dispatcher.run_once()
+                failures = 0
             except Exception as exc:
-                log.event("dispatch_failed", logging.ERROR, error=log.error_line(exc))
+                failures += 1
+                poll = dispatch_retry_seconds(poll, failures)
+                log.event("dispatch_failed", logging.ERROR, error=log.error_line(exc), failures_in_row=failures,
+                          retry_in_seconds=poll)  # fmt: skip
             finally:
                 self._active = None
                 if gen is not self.gen:  # a reload came meanwhile: its run writes them
@@ -618,7 +626,7 @@ class Daemon:
                 await self._wait_out_pause(gen)
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.gen.settings.schedule.dispatch_poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), poll)
 
     async def _wait_out_pause(self, gen: Generation) -> None:
         """The dispatcher paused: wait (longer after each pause in a row), then resume it to try the server again.
@@ -1147,6 +1155,14 @@ def _restart_only_changes(old: Settings, new: Settings) -> list[str]:
     if new.unsubscribe.secret_env != old.unsubscribe.secret_env:
         changed.append("unsubscribe.secret_env")
     return changed
+
+
+def dispatch_retry_seconds(poll_seconds: float, failures: int) -> float:
+    """The wait before the next dispatch run after ``failures`` in a row: ``poll_seconds``, doubled with each failure
+    after the first, up to ``DISPATCH_RETRY_MAX_SECONDS`` (never less than ``poll_seconds``). A database away made
+    one ``dispatch_failed`` line every poll, 17,000 a day at the default 5 s; a run it wakes (a planning pass, a
+    maintenance that found work) is not held back."""
+    return max(poll_seconds, min(poll_seconds * 2.0 ** (failures - 1), DISPATCH_RETRY_MAX_SECONDS))
 
 
 def _log_failed_pass(campaign: str, task: asyncio.Future[None]) -> None:
