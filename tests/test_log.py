@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import re
 import shutil
+import sqlite3
 from datetime import UTC, datetime
+from email import message_from_bytes
 from pathlib import Path
 
 import pytest
@@ -193,23 +196,30 @@ def test_a_message_the_contact_policy_holds_back_is_logged_with_its_customer_and
     assert "budi@gmail.com" not in out
 
 
+def _run_once(url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+              smtp_server: RecordingServer) -> tuple[int, str]:
+    """``kembali run --once`` on the database at ``url`` and ``smtp_server``, quiet hours off: its exit code and what
+    it printed (its log's text lines among it)."""
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", sendkit.LINK_SECRET)
+    raw = sendkit.settings_dict(url, smtp_server.port)
+    raw["policy"] = {"quiet_hours_start": "00:00", "quiet_hours_end": "00:00"}
+    config = sendkit.write_config(tmp_path / "config.toml", raw)
+    return run_cli(capsys, "--config", str(config), "run", "--once")
+
+
 def test_a_server_reply_that_quotes_the_recipient_is_logged_with_the_address_masked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, smtp_server: RecordingServer
 ) -> None:
     # Given a server that refuses one customer quoting the address (Postfix: "550 5.1.1 <addr>: Recipient address
     # rejected") and puts another off the same way (a 4xx), the log's addresses being masked (deploy/README)
-    monkeypatch.setenv("KEMBALI_LINK_SECRET", sendkit.LINK_SECRET)
     url = f"sqlite:///{tmp_path / 'k.db'}"
     emails = sendkit.prepare_database(url, 3)
     gone, later = emails[0], emails[1]
     smtp_server.on(gone, Behaviour(rcpt_reply=f"550 5.1.1 <{gone}>: Recipient address rejected: User unknown"))
     smtp_server.on(later, Behaviour(rcpt_reply=f"450 4.2.0 <{later.upper()}>: Recipient address rejected: Greylisted"))
-    raw = sendkit.settings_dict(url, smtp_server.port)
-    raw["policy"] = {"quiet_hours_start": "00:00", "quiet_hours_end": "00:00"}
-    config = sendkit.write_config(tmp_path / "config.toml", raw)
 
     # When a run sends
-    code, out = run_cli(capsys, "--config", str(config), "run", "--once")
+    code, out = _run_once(url, tmp_path, capsys, monkeypatch, smtp_server)
 
     # Then the events name the server's reply with the addresses in it masked, as their to= is
     assert code == 1, out
@@ -218,6 +228,30 @@ def test_a_server_reply_that_quotes_the_recipient_is_logged_with_the_address_mas
     assert f"<{log.mask_email(gone)}>: Recipient address rejected" in failed, failed
     assert f"<{log.mask_email(later.upper())}>: Recipient address rejected" in deferred, deferred
     assert gone not in out and later.upper() not in out
+
+
+def test_each_attempts_line_names_the_message_id_a_bounce_or_the_relays_log_quotes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, smtp_server: RecordingServer
+) -> None:
+    # a bounce that comes back days later, a complaint, the relay's own log (Postfix: message-id=<…>) name the message
+    # by its Message-ID; the lines named the dedupe key and the masked address only, so finding the customer meant
+    # reading the whole ledger as JSON
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    emails = sendkit.prepare_database(url, 2)
+    smtp_server.on(emails[0], Behaviour(data_reply="554 5.7.1 Message rejected as spam"))
+
+    # When a run sends one email and the server refuses the other after its DATA
+    code, out = _run_once(url, tmp_path, capsys, monkeypatch, smtp_server)
+
+    # Then each line names its message's Message-ID, as the server received it and the ledger has it
+    assert code == 1, out
+    (sent,) = [line for line in out.splitlines() if " email_sent " in line]
+    (failed,) = [line for line in out.splitlines() if " email_failed " in line]
+    (received,) = smtp_server.messages
+    with contextlib.closing(sqlite3.connect(tmp_path / "k.db")) as conn:
+        ledger = dict(conn.execute("SELECT email, message_id FROM message").fetchall())
+    assert f" message_id={message_from_bytes(received.data)['Message-ID']} " in sent + " ", sent
+    assert f" message_id={ledger[emails[0]]} " in failed + " ", failed
 
 
 def test_a_reply_keeps_the_shops_own_address_whole_and_masks_the_customers() -> None:

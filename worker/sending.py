@@ -1514,6 +1514,7 @@ def _log_outcome(
         dedupe_key=message.dedupe_key,
         customer=customer,
         to=log.mask_email(message.email),
+        message_id=message.message_id,  # what a bounce, a complaint or the relay's log names the message by
         attempt=message.attempts + 1,
         code=result.code,
         reply=log.mask_addresses(result.reply)[:120],
