@@ -2327,3 +2327,26 @@ def test_a_daemon_whose_database_is_away_tries_its_dispatch_again_less_and_less_
         if daemon.proc.poll() is None:
             daemon.stop()
     assert code == 0, daemon.log()
+
+
+def test_the_status_systemctl_shows_says_what_period_each_figure_covers(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon under a (fake) systemd notify socket, its health line every second (the harness's), one email
+    notify, notify_path = _notify_socket(tmp_path, timeout=10)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add([1], days_ago=60)
+    daemon = Daemon.start(shop, env={"NOTIFY_SOCKET": notify_path})
+    try:
+        daemon.wait_for(lambda: smtp_server.messages, why="the email")
+        # Then `systemctl status` reads the sends and failures of the last health period (1 s) and the rate of the
+        # last minute, each named by its period (the rate said "(last 1s)", a minute's sends counted over it)
+        heard = b""
+        while not heard.startswith(b"STATUS=") or heard.startswith((b"STATUS=running", b"STATUS=catching up")):
+            heard = notify.recv(4096)
+        status = heard.decode()
+        assert status.startswith("STATUS=in the last 1s: sent "), status
+        assert re.search(r", [0-9.]+/min over the last 60s$", status), status
+    finally:
+        daemon.stop()
+        notify.close()

@@ -103,7 +103,7 @@ from worker.core.retry import ACCOUNT_LIMIT_RETRY_SECONDS, pause_retry_seconds
 from worker.domain import Locale, RenderedEmail
 from worker.errors import ConfigError, db_upgrade_command
 from worker.links import Site
-from worker.metrics import Metrics
+from worker.metrics import RATE_WINDOW_SECONDS, Metrics
 from worker.pipeline import Composer, enabled_campaigns, plan
 from worker.scheduler import Scheduler, missed_run
 from worker.sending import Dispatcher
@@ -793,8 +793,10 @@ class Daemon:
             queue += f", {uncertain} uncertain in the ledger"
         if pace.slowed:
             queue += f", the relay's throttling slowed sending to {pace.current:.3g}/s"
-        systemd.notify(f"STATUS=sent {line.sent}, failed {line.failed}, {queue}, "
-                       f"{line.rate_per_minute}/min (last {self.gen.settings.daemon.health_summary_seconds:g}s)")
+        # the sends and failures since the last health line; the rate over the metrics' own window
+        systemd.notify(f"STATUS=in the last {self.gen.settings.daemon.health_summary_seconds:g}s: sent {line.sent}, "
+                       f"failed {line.failed}; {queue}, {line.rate_per_minute}/min over the last "
+                       f"{RATE_WINDOW_SECONDS:g}s")
 
     async def _forget_not_waiting(self) -> None:
         """Drop from the count of the messages waiting for their domain's rate those the ledger says wait no more (an
