@@ -1115,12 +1115,15 @@ def test_sends_the_grace_period_cut_short_are_each_named_as_uncertain_with_their
     # Given a daemon with two sends under way that outlast its grace period, when it is stopped
     for i in (1, 2):
         smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=3))
-    _, daemon = _stopped_past_its_grace_period_with_two_sends_under_way(tmp_path, smtp_server)
+    shop, daemon = _stopped_past_its_grace_period_with_two_sends_under_way(tmp_path, smtp_server)
     # Then the log names each email left uncertain, whose customer may have it: the operator decides on each
     assert daemon.named("shutdown_abandoned")[0]["uncertain"] == 2
     named = sorted((e["campaign"], e["customer"], e["to"]) for e in daemon.named("email_uncertain"))
     assert named == [("winback", "C1", "c***@example.com"), ("winback", "C2", "c***@example.com")]
     assert all("grace period" in e["why"] for e in daemon.named("email_uncertain"))
+    # each by the Message-ID a bounce or the relay's log would name it by, as the ledger has it
+    ids = {e["message_id"] for e in daemon.named("email_uncertain")}
+    assert ids == {r[0] for r in shop.rows("SELECT message_id FROM message WHERE status = 'uncertain'")}, ids
 
 
 @pytest.mark.parametrize("stall", ["greeting", "rcpt"])
@@ -1955,6 +1958,7 @@ def _restart_after_a_crash(tmp_path: Path, smtp_server: RecordingServer, db_url:
         assert shop.scalar("SELECT last_error FROM message WHERE email = 'c1@example.com'") == (
             f"lease of {dead} lapsed while sending (worker died?)")
         assert uncertain["dedupe_key"] == shop.scalar("SELECT dedupe_key FROM message WHERE email = 'c1@example.com'")
+        assert uncertain["message_id"] == shop.scalar("SELECT message_id FROM message WHERE email = 'c1@example.com'")
         assert "c1@example.com" not in "\n".join(second.lines)
     finally:
         assert second.stop() == 0

@@ -49,6 +49,7 @@ async def release_lapsed_leases(store: Store, astore: AsyncStore, now: datetime,
     if uncertain:
         for row in await astore.call(opstore.left_uncertain, store, now):
             log.event("email_uncertain", logging.WARNING, campaign=row.campaign, dedupe_key=row.dedupe_key,
+                      message_id=row.message_id,
                       customer=row.customer, to=log.mask_email(row.email),
                       worker=holders.sending.get(row.dedupe_key, "?"),
                       why="its worker stopped while sending it (its lease lapsed): it may have arrived, and is not "

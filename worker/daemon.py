@@ -1122,6 +1122,7 @@ class Daemon:
             return
         for row in rows:
             log.event("email_uncertain", logging.WARNING, campaign=row.campaign, dedupe_key=row.dedupe_key,
+                      message_id=row.message_id,
                       customer=row.customer, to=log.mask_email(row.email),
                       why="the shutdown's grace period ran out while it was being sent: it may have arrived, and "
                           "is not sent again; see kembali ledger list --status uncertain")  # fmt: skip

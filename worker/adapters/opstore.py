@@ -360,6 +360,8 @@ class LeftUncertain:
     customer: str
     """The customer's id in the shop; "" when the customer is gone."""
     email: str
+    message_id: str | None = None
+    """The Message-ID its claim gave it (a bounce or the relay's log names the message by it)."""
 
 
 @dataclass(frozen=True)
@@ -405,7 +407,7 @@ def left_uncertain(store: Store, at: datetime, limit: int = 100, *, why: str = L
     """The rows ``Store.release_expired_leases(at)`` made ``uncertain`` (at most ``limit``, the oldest first); or
     ``abandon`` did, given its ``why``."""
     query = (
-        sa.select(M.c.campaign, M.c.dedupe_key, C.c.external_id, M.c.email)
+        sa.select(M.c.campaign, M.c.dedupe_key, C.c.external_id, M.c.email, M.c.message_id)
         .select_from(M.outerjoin(C, C.c.id == M.c.customer_id))
         .where(UNCERTAIN, M.c.updated_at == at,
                M.c.last_error.like(LAPSED_LIKE) if why == LAPSED_WHY else M.c.last_error == why[:500])
@@ -413,7 +415,7 @@ def left_uncertain(store: Store, at: datetime, limit: int = 100, *, why: str = L
         .limit(limit)
     )
     with db.reading(store.engine) as conn:
-        return [LeftUncertain(r[0], r[1], r[2] or "", r[3]) for r in conn.execute(query)]
+        return [LeftUncertain(r[0], r[1], r[2] or "", r[3], r[4]) for r in conn.execute(query)]
 
 
 def abandon(store: Store, *, worker: str, now: datetime, why: str) -> tuple[int, int]:
