@@ -6,6 +6,7 @@ and workers side by side never send more than the quota between them.
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,3 +109,32 @@ def test_workers_side_by_side_send_the_daily_quota_and_not_one_message_more(
     assert statuses["sent"] == 25 and len(smtp_server.messages) == 25, statuses
     assert statuses["sent"] + statuses["planned"] + statuses["retry"] == 60, statuses
     assert _quota_used(db_url) == 25
+
+
+def test_a_worker_that_cannot_reach_the_smtp_server_leaves_the_days_quota_to_the_workers_that_can(
+    db_url: str, tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given 20 customers due a win-back, a daily quota of ten, and two hosts on one database: host A's SMTP server
+    # refuses connections (a firewall, a wrong smtp.port on that host), host B's takes every message
+    prepare_database(db_url, 20)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    common = dict(batch_size=5, daily_quota=QUOTA, pause_after_failures=3, rate_per_second=10_000.0, burst=1000,
+                  domain_rate_per_second=10_000.0, domain_burst=1000)  # fmt: skip
+    configs = []
+    for name, port in (("a", closed), ("b", smtp_server.port)):
+        raw = settings_dict(db_url, port, **common)
+        raw["logging"] = {"level": "warning"}
+        configs.append(write_config(tmp_path / f"{name}.toml", raw))
+    runs = []
+    # When host A's cron runs twice (each run pauses after three connections refused, exit 3)
+    for config in (configs[0], configs[0], configs[1]):
+        argv = [sys.executable, "-m", "worker", "--config", str(config), "run", "--once"]
+        runs.append(subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120))
+    assert [r.returncode for r in runs[:2]] == [3, 3], [r.stdout for r in runs[:2]]
+    # Then host B sends the day's ten: no message of A's reached a server, so none took a slot of the quota
+    assert runs[2].returncode == 0, runs[2].stdout + runs[2].stderr
+    assert len(smtp_server.messages) == QUOTA, runs[2].stdout
+    assert _statuses(db_url)["sent"] == QUOTA
+    assert _quota_used(db_url) == QUOTA

@@ -1341,6 +1341,7 @@ class Dispatcher:
                     template_version=item.rendered.template_version,
                     subject=sanitize_header_text(item.rendered.subject),  # as the Subject header has it
                     counts_as_attempt=lifecycle.counts_as_attempt(result, server_trouble=servers),
+                    reached_server=connection_failure(result) is None,
                     suppress_reason=suppress,
                 )
             )

@@ -401,9 +401,9 @@ _RECORD_SET = (
 )
 _RECORD_SQL = _RECORD_SET + f" WHERE id = :id AND claimed_by = :worker AND status IN ('{_CLAIMED}', '{_SENDING}')"
 # A row marked `sending` given back to the queue without an attempt (its sender stopped, or cancelled, before the
-# first SMTP byte): written alone, so the day's quota gets its slot back only if the row was still this worker's and
-# `sending`, and its mark (its updated_at before this write: RETURNING gives the new one, the give-back's time) was
-# made on the quota's day.
+# first SMTP byte), or whose attempt ended before the message reached the server (``_slot_back``): written alone,
+# so the day's quota gets its slot back only if the row was still this worker's and `sending`, and its mark (its
+# updated_at before this write: RETURNING gives the new one, the give-back's time) was made on the quota's day.
 _MARKED_AT_SQL = f"SELECT updated_at FROM message WHERE id = :id AND claimed_by = :worker AND status = '{_SENDING}'"
 _GIVE_BACK_SQL = _RECORD_SET + f" WHERE id = :id AND claimed_by = :worker AND status = '{_SENDING}' RETURNING id"
 # The day's quota (``DayQuota``) counted in its rate_limit row, in the group commit's own transaction: locked
@@ -610,6 +610,14 @@ def _unsent_release(d: Disposition) -> bool:
     """A row given back to the queue without an attempt: if its mark made it ``sending``, the slot of the day's
     quota that mark took comes back (``Store._record_rows``)."""
     return d.result is None and d.status in _REQUEUED_STATUSES
+
+
+def _slot_back(d: Disposition) -> bool:
+    """An outcome whose message never reached the server: given back unsent (``_unsent_release``), or an attempt that
+    ended before it (a connection refused, a greeting, login or MAIL FROM that failed: ``reached_server``). If its
+    mark made the row ``sending``, the slot of the day's quota that mark took comes back: a host that cannot reach
+    its SMTP server does not spend the day's quota of the workers that can."""
+    return _unsent_release(d) or (d.result is not None and not d.reached_server)
 
 
 @dataclass(frozen=True)
@@ -907,7 +915,7 @@ class Store:
                 # workers' group commits cannot wait on each other in a circle
                 cursor.execute(_LOCK_MAILBOXES, {"ids": sorted(set(ids))})
                 cursor.fetchall()
-            if self.dialect != "sqlite" and quota is not None and (ids or any(map(_unsent_release, dispositions))):
+            if self.dialect != "sqlite" and quota is not None and (ids or any(map(_slot_back, dispositions))):
                 # the quota's row next, before any message row: a commit that writes a row another worker has
                 # claimed since (a late outcome) and then waits for the quota would otherwise deadlock with
                 # that worker's commit, holding the quota and marking the same row
@@ -1108,8 +1116,8 @@ class Store:
                 "subject": d.subject[:400] if d.subject else None,
                 "updated_at": dt(max(d.finished_at, now)),
             }
-            if mine and quota is not None and status == _SENDING and _unsent_release(d):
-                give_back.append(row)  # marked, never begun: its slot of the day's quota comes back
+            if mine and quota is not None and status == _SENDING and _slot_back(d):
+                give_back.append(row)  # marked, never reached the server: its slot of the day's quota comes back
             elif mine:
                 updates.append(row)
                 carried = d.message.payload.get("carries")
