@@ -636,9 +636,10 @@ def test_a_daily_quota_set_during_the_day_counts_the_sends_made_that_day_before_
     assert RateStore(store.engine).used_today("quota:daily", day="2026-11-22") == 5
 
 
-def test_a_daily_quota_set_during_the_day_does_not_count_the_messages_that_failed_to_render(store: Store) -> None:
+def test_a_daily_quota_set_during_the_day_counts_neither_render_failures_nor_operator_decisions(store: Store) -> None:
     # Given a day (the 22nd in Jakarta) on which a template error failed three messages (no SMTP byte sent: each
-    # has an attempt row, render_error) and one message was sent, with no daily quota
+    # has an attempt row, render_error), the operator closed them (an attempt row each, operator) and one message
+    # was sent, with no daily quota
     store.insert_messages(planned(7), NOW)
     batch = store.claim(worker="a", now=NOW, limit=7, lease_seconds=7200)
     ids = [m.id for m in batch]
@@ -646,13 +647,15 @@ def test_a_daily_quota_set_during_the_day_does_not_count_the_messages_that_faile
                           result=SendResult(Outcome.RENDER_ERROR, None, "'name' is undefined", "TemplateError"))
               for m in batch[:3]]  # fmt: skip
     assert store.record_and_mark(failed, ids[3:4], worker="a", now=NOW).sending == {ids[3]}
+    closed = LedgerAdmin(store.engine).close(ids[:3], now=NOW, operator="ops", status=MessageStatus.FAILED)
+    assert closed.changed == ids[:3]
     sent = Disposition(message=batch[3], status=MessageStatus.SENT, worker="a", started_at=NOW, finished_at=NOW,
                        result=SendResult(Outcome.SENT, 250, "ok"))
     store.record_and_mark([sent], [], worker="a", now=NOW)
     # When the operator sets a daily quota of three and a's next group commit marks three more
     quota = DayQuota("quota:daily", "2026-11-22", since=datetime(2026, 11, 21, 17, 0, tzinfo=UTC), limit=3)
     marks = store.record_and_mark([], ids[4:], worker="a", now=NOW + timedelta(hours=1), quota=quota)
-    # Then only the one send counts before the quota: two more are marked (the render failures sent nothing)
+    # Then only the one send counts before the quota: two more are marked (the others sent nothing)
     assert marks == Marks(sending=frozenset(ids[4:6]), over_quota=frozenset(ids[6:]), quota_day="2026-11-22")
     assert RateStore(store.engine).used_today("quota:daily", day="2026-11-22") == 3
     assert store.quota_spent("quota:daily", "2026-11-22", quota.since) == 3

@@ -415,14 +415,14 @@ _QUOTA_ROW_SQL = (
 _QUOTA_READ_SQL = "SELECT day, day_count FROM rate_limit WHERE key = :key"
 _QUOTA_SET_SQL = "UPDATE rate_limit SET day = :day, day_count = :count WHERE key = :key"
 # A day the quota's row has not counted yet (its first commit, or the first since a quota was set: with none, marks
-# count nothing) starts from the day's marks the ledger shows: its attempts (not a render failure's, which no mark
-# preceded), and the rows being sent, marked since the day began (ix_attempt_finished_at; ix_message_sending_mailbox,
-# whose condition is this one's). A quota set in the afternoon holds the day's sends to it, not that many more. (An
-# attempt that began after midnight from a mark made before counts in both days: a slot or two of the new one, on
-# the safe side of the provider's limit.)
+# count nothing) starts from the day's marks the ledger shows: its attempts (not a render failure's nor an operator's
+# decision's, which no mark preceded), and the rows being sent, marked since the day began (ix_attempt_finished_at;
+# ix_message_sending_mailbox, whose condition is this one's). A quota set in the afternoon holds the day's sends to
+# it, not that many more. (An attempt that began after midnight from a mark made before counts in both days: a slot
+# or two of the new one, on the safe side of the provider's limit.)
 _QUOTA_SINCE_SQL = (
     "SELECT (SELECT count(*) FROM attempt WHERE finished_at >= :since AND started_at >= :since"
-    f" AND outcome <> '{Outcome.RENDER_ERROR.value}')"
+    f" AND outcome NOT IN ('{Outcome.RENDER_ERROR.value}', '{Outcome.OPERATOR.value}'))"
     f" + (SELECT count(*) FROM message WHERE status = '{_SENDING}' AND updated_at >= :since)"
 )
 _QUOTA_GIVE_BACK_SQL = (
