@@ -563,6 +563,32 @@ def test_an_upgrade_of_a_database_holding_another_programs_tables_of_kembalis_na
         "current: (no Kembali schema; other tables, of Kembali's names: product, shop_order)  newest: 0020"), printed
 
 
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("pg", marks=pytest.mark.postgres)])
+def test_the_other_commands_on_another_programs_tables_of_kembalis_names_do_not_send_the_operator_to_db_upgrade(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given database.url pointing at the shop's own database, whose product and shop_order tables take Kembali's names
+    url = request.getfixturevalue(f"{kind}_url")
+    where, config = _another_programs_database(
+        url, tmp_path, "CREATE TABLE product (id INTEGER PRIMARY KEY, sku VARCHAR(20))",
+        "CREATE TABLE shop_order (id INTEGER PRIMARY KEY)",
+    )  # fmt: skip
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    # When the commands that need the schema are run on it
+    for argv in (["stats"], ["preview"], ["suppress", "list"], ["run", "--once"]):
+        code, printed = run_cli(capsys, "--config", str(config), *argv)
+        # Then they refuse with exit 3 naming the tables in the way, as `db upgrade` and `db status` do; they said
+        # the database "has no schema: run `kembali db upgrade`", which then refused: the operator went round in a
+        # circle
+        assert code == 3, (argv, printed)
+        assert (f"kembali: the database {where} has no Kembali schema but holds tables of the names Kembali's take: "
+                "product, shop_order (another program's?): nothing was changed; point database.url at a database "
+                "of Kembali's own") in printed, (argv, printed)  # fmt: skip
+        assert "db upgrade" not in printed, (argv, printed)
+    assert _query(url, "SELECT count(*) FROM product") == [(0,)]
+
+
 @pytest.mark.postgres
 def test_a_postgresql_upgrade_by_a_user_who_may_not_create_tables_says_what_to_grant_and_changes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], pg_url: str

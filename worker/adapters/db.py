@@ -582,9 +582,7 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
             return before, head
         in_the_way = _tables_in_the_way(conn) if before is None else []
         if in_the_way:  # the first CREATE TABLE failed on one of them: a traceback on PostgreSQL
-            raise SchemaError(f"the database {describe(engine)} has no Kembali schema but holds tables of the names "
-                              f"Kembali's take: {', '.join(in_the_way)} (another program's?): nothing was changed; "
-                              "point database.url at a database of Kembali's own")  # fmt: skip
+            raise tables_in_the_way_error(engine, in_the_way)
         if is_newer_than_this(engine, before):
             raise newer_schema(engine, str(before), head)
         checking = engine.dialect.name == "sqlite" and before is not None  # a new database has no rows to check
@@ -615,6 +613,15 @@ def upgrade(engine: Engine, *, waiting: Callable[[], None] | None = None,
                        f"missing {parent}, deleted with foreign key checks off, as the sqlite3 shell has them); the "
                        f"migration left {them}")
     return before, head
+
+
+def tables_in_the_way_error(engine: Engine, in_the_way: list[str]) -> SchemaError:
+    """The error for a database without Kembali's schema that holds ``in_the_way``, tables of the names Kembali's
+    take: ``db upgrade`` refuses it, so no command advises that (``check_schema`` said "has no schema: run `kembali
+    db upgrade`", which then refused)."""
+    return SchemaError(f"the database {describe(engine)} has no Kembali schema but holds tables of the names "
+                       f"Kembali's take: {', '.join(in_the_way)} (another program's?): nothing was changed; point "
+                       "database.url at a database of Kembali's own")  # fmt: skip
 
 
 def tables_in_the_way(engine: Engine) -> list[str]:
@@ -730,6 +737,8 @@ def check_schema(engine: Engine) -> None:
     head = newest_revision()
     if is_newer_than_this(engine, current):
         raise newer_schema(engine, str(current), head)
+    if current is None and (in_the_way := tables_in_the_way(engine)):  # `db upgrade` would refuse them
+        raise tables_in_the_way_error(engine, in_the_way)
     if current != head:
         state = "has no schema" if current is None else f"is at schema {current}, the code needs {head}"
         raise SchemaError(f"the database {where} {state}", upgrade="run")
