@@ -409,6 +409,27 @@ def test_a_kembali_newer_than_the_database_does_not_migrate_it_but_gives_the_exa
     assert code == 0, printed
 
 
+def test_check_on_a_database_an_older_kembali_left_names_the_upgrade_with_the_config_it_was_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a service's config outside the operator's folder, whose database an older kembali left at schema 0016
+    path = tmp_path / "srv" / "k.db"
+    path.parent.mkdir()
+    _schema_at(f"sqlite:///{path}", "0016")
+    config = path.parent / "config.toml"
+    templates = (ROOT / "templates" / "email").as_posix()
+    config.write_text(f'[database]\nurl = "sqlite:///k.db"\n\n[templates]\ndir = "{templates}"\n', encoding="utf-8")
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    monkeypatch.chdir(tmp_path)
+    # When the new kembali's config is checked before the upgrade, as a deploy does
+    code, printed = run_cli(capsys, "--config", str(config), "check")
+    # Then its note that the ledger was not read gives the command that upgrades this database, with its --config,
+    # as every other command's refusal does: the bare `kembali db upgrade` reads ./config.toml, not this one
+    assert code == 0, printed
+    assert (f"the database {path} is at schema 0016, the code needs {db.newest_revision()}: run "
+            f"`kembali --config {config} db upgrade`") in printed, printed
+
+
 def test_an_sqlite_upgrade_behind_a_long_writer_gives_up_says_why_and_changes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import threading
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from worker.core import samples
 from worker.core.cron import never_runs
 from worker.core.policy import QuietHours
 from worker.domain import Locale
-from worker.errors import ConfigError
+from worker.errors import ConfigError, SchemaError
 from worker.log import json_line, printable
 from worker.pipeline import enabled_campaigns
 from worker.scheduler import first_long_wait
@@ -179,12 +180,13 @@ class Note:
         return found
 
 
-def waiting_notes(settings: Settings) -> list[Note]:
+def waiting_notes(settings: Settings, config: str | os.PathLike[str] | None = None) -> list[Note]:
     """The ledger's waiting rows (``planned``, ``retry``) no worker with this config will send, by campaign: those of a
     campaign it turns off (they wait until it is on again, or expire) and those of a campaign Kembali does not know
     (a row edited by hand: a worker's start fails them), each with the command that closes them. One count of the
     waiting rows; nothing is written (an SQLite file that does not exist is not created: nothing waits in it). A
-    ledger that cannot be read is a note too: the config may be checked away from its database."""
+    ledger that cannot be read is a note too: the config may be checked away from its database; one at an older
+    schema names the upgrade with ``config``, the ``--config`` the command was given, as the other commands do."""
     engine = db.command_engine(settings)
     try:
         path = db.sqlite_path(engine)
@@ -194,8 +196,9 @@ def waiting_notes(settings: Settings) -> list[Note]:
             db.check_schema(engine)
             waiting = opstore.waiting_by_campaign(Store(engine))
         except Exception as exc:  # unreachable, not migrated: what the config says is checked all the same
+            said = f"SchemaError: {exc.telling(config)}" if isinstance(exc, SchemaError) else log.error_line(exc)
             return [Note("ledger_not_read", f"the ledger was not read, so rows waiting for a campaign this config "
-                                            f"does not send are not counted: {log.error_line(exc)}")]  # fmt: skip
+                                            f"does not send are not counted: {said}")]  # fmt: skip
     finally:
         engine.dispose()
     on = set(enabled_campaigns(settings))
@@ -275,7 +278,7 @@ def check(settings: Settings, args: argparse.Namespace) -> int:
     # the ledger read while the templates render: a database host that does not answer costs its connect timeout
     # once, beside the renders (2-5 s), not after them. In a daemon thread, joined where Ctrl-C reaches it: a
     # pool's thread is waited for on the way out, for as long as the host's connect_timeout (the URL's may be long)
-    waiting = _InThread(lambda: waiting_notes(settings))
+    waiting = _InThread(lambda: waiting_notes(settings, args.config if args.config_given else None))
     if present:
         with TimeLimitedRenderer(folder, timeout_seconds=settings.checks.render_timeout_seconds) as renderer:
             problems += check_templates(settings, renderer)
