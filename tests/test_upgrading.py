@@ -743,6 +743,26 @@ def test_db_status_exits_1_while_an_upgrade_is_needed_and_0_once_the_schema_is_c
     assert code == 0 and printed.startswith(f"current: {head}  newest: {head}"), printed
 
 
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("pg", marks=pytest.mark.postgres)])
+def test_db_status_of_a_database_holding_only_another_programs_tables_names_them_rather_than_call_it_empty(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given database.url pointing at another program's database (the shop's own, by mistake), none of whose tables
+    # take a name of Kembali's
+    url = request.getfixturevalue(f"{kind}_url")
+    where, config = _another_programs_database(
+        url, tmp_path, "CREATE TABLE products (id INTEGER PRIMARY KEY)", "CREATE TABLE orders (id INTEGER PRIMARY KEY)",
+    )  # fmt: skip
+    # When a deploy script asks `db status` whether to upgrade
+    code, printed = run_cli(capsys, "--config", str(config), "db", "status")
+    # Then it names the tables there, where it called the database "(empty)", so that the operator can tell it for
+    # another program's before `db upgrade` adds Kembali's tables beside them; exit 1 as before: the upgrade would run
+    assert code == 1, printed
+    assert printed.startswith(f"current: (no Kembali schema; other tables: orders, products)  newest: "
+                              f"{db.newest_revision()}  ({where})"), printed
+    assert "(empty)" not in printed, printed
+
+
 def test_an_sqlite_upgrade_that_must_wait_for_the_write_lock_says_so_then_migrates(
     sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -701,7 +701,9 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             newer = "" if not db.is_newer_than_this(engine, current) else (
                 " (another program's)" if db.is_another_programs(engine) else " (newer than this kembali)")
             in_the_way = db.tables_in_the_way(engine) if current is None else []
+            others = db.other_tables(engine) if current is None and not in_the_way else []
             empty = (f"(no Kembali schema; other tables, of Kembali's names: {', '.join(in_the_way)})" if in_the_way
+                     else f"(no Kembali schema; other tables: {', '.join(others)})" if others
                      else "(empty)")  # fmt: skip
             head = db.newest_revision()
             print(f"current: {current or empty}{newer}  newest: {head}  ({db.describe(engine)})")  # which, too

@@ -631,6 +631,13 @@ def tables_in_the_way(engine: Engine) -> list[str]:
         return _tables_in_the_way(conn)
 
 
+def other_tables(engine: Engine) -> list[str]:
+    """The tables of a database without Kembali's schema, but ``alembic_version``: another program's, when there are
+    any (``db status`` names them: it called such a database empty)."""
+    with reading(engine) as conn:
+        return sorted(set(sa.inspect(conn).get_table_names()) - {"alembic_version"})
+
+
 def _tables_in_the_way(conn: sa.Connection) -> list[str]:
     from worker.adapters.tables import metadata
 
