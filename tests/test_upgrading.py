@@ -11,6 +11,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -498,6 +500,56 @@ def test_an_sqlite_upgrade_the_file_cannot_take_says_what_to_do_and_changes_noth
     assert "cannot open" not in printed and "Traceback" not in printed, printed
     assert _query(f"sqlite:///{path}", "SELECT version_num FROM alembic_version") == [("0016",)]
     # And once the file can take it, the same command upgrades
+    code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
+    assert code == 0 and printed.startswith("schema upgraded: 0016 -> 0020"), printed
+
+
+@contextmanager
+def _unwritable(folder: Path) -> Iterator[None]:
+    """``folder`` as a user who may not write it sees it: no file can be made in it (as root, whom no mode stops, by
+    the immutable attribute); the test is skipped where neither can be set."""
+    as_root = os.geteuid() == 0
+    if as_root:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not allowed here")
+    else:
+        folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("the folder stays writable")
+        yield
+    finally:
+        if as_root:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)
+
+
+def test_an_sqlite_database_whose_folder_cannot_be_written_is_said_to_be_so_by_every_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a ledger an older kembali left, copied or restored into a folder the user running kembali may not write
+    # (the service's file chowned to it, its folder still root's): SQLite makes its -wal and -shm files beside the
+    # database, so it cannot open a database in WAL mode there, though the file itself can be read and written
+    folder = tmp_path / "srv"
+    folder.mkdir()
+    path = folder / "k.db"
+    _schema_at(f"sqlite:///{path}", "0016")
+    assert not path.with_name("k.db-wal").exists() and not path.with_name("k.db-shm").exists()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{path}"\n', encoding="utf-8")
+    monkeypatch.setenv("KEMBALI_LINK_SECRET", LINK_KEY)
+    with _unwritable(folder):
+        # When it is upgraded, or any other command is run on it
+        for argv, exit_code in ((["db", "upgrade"], 2), (["db", "status"], 2), (["stats"], 3), (["run", "--once"], 3)):
+            code, printed = run_cli(capsys, "--config", str(config), *argv)
+            # Then each says which folder it cannot write and why that stops it, with its exit code as before: it
+            # said only "unable to open database file", of a file that is there and that this user can write
+            assert code == exit_code, (argv, printed)
+            assert (f"kembali: cannot open the database {path}: unable to open database file: SQLite makes its -wal "
+                    f"and -shm files beside the database, and this user cannot write the folder {folder}: let the "
+                    "user that runs kembali write it") in printed, (argv, printed)  # fmt: skip
+    # And once the folder can be written, the same command upgrades
     code, printed = run_cli(capsys, "--config", str(config), "db", "upgrade")
     assert code == 0 and printed.startswith("schema upgraded: 0016 -> 0020"), printed
 

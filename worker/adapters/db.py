@@ -870,8 +870,12 @@ _SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
 
 def connect_failure(engine: Engine, exc: BaseException) -> str | None:
     """What to tell the operator when ``exc`` is a PostgreSQL connection that was never made, in words naming the
-    host and port (from the URL: no password) and what to look at; None for any other failure. libpq's own words
-    ("connection timeout expired") named neither."""
+    host and port (from the URL: no password) and what to look at, or an SQLite file that is there but could not be
+    opened for a folder or file beside it this user cannot write (``_sqlite_open_failure``); None for any other
+    failure. libpq's own words ("connection timeout expired") named neither."""
+    if engine.dialect.name == "sqlite":
+        path = sqlite_path(engine)
+        return _sqlite_open_failure(path, getattr(exc, "orig", None) or exc) if path is not None else None
     if engine.dialect.name != "postgresql":
         return None
     text = str(getattr(exc, "orig", None) or exc)
@@ -884,6 +888,23 @@ def connect_failure(engine: Engine, exc: BaseException) -> str | None:
         return (f"nothing listens on {where} (connection refused): is PostgreSQL running there, and on the port "
                 "database.url names?")
     return None
+
+
+def _sqlite_open_failure(path: Path, orig: BaseException) -> str | None:
+    """Why SQLite could not open ``path``, a file that is there, when the reason is beside it: a database in WAL mode
+    is opened with its ``-wal`` and ``-shm`` files, which SQLite makes in its folder; a folder this user may not write
+    (the service's file chowned to its user, the folder left root's) failed with "unable to open database file"
+    alone, of a file this user can read and write."""
+    if not (isinstance(orig, sqlite3.Error) and getattr(orig, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_CANTOPEN
+            and path.is_file()):  # fmt: skip
+        return None
+    beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+    if all(p.exists() for p in beside) or os.access(path.parent, os.W_OK | os.X_OK):
+        return None
+    said = (str(orig).strip().splitlines() or ["unable to open database file"])[0]
+    return (f"{said}: SQLite makes its -wal and -shm files beside the database, and this user cannot write the "
+            f"folder {path.parent}: let the user that runs kembali write it (or run kembali as the user that can), on "
+            "a disk not mounted read-only")
 
 
 def _servers(engine: Engine) -> str:
