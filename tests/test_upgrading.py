@@ -277,6 +277,40 @@ def test_a_shop_from_the_first_schema_upgrades_to_the_newest_with_its_data_and_t
         engine.dispose()
 
 
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("pg", marks=pytest.mark.postgres)])
+def test_an_unsubscribe_listed_beside_an_earlier_bounce_in_another_case_stays_the_customers_own_wish_once_upgraded(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    # Given a suppression list from before entries were one per mailbox (schema 0011): an operator's hard bounce for
+    # Ani@Example.COM, then Ani's own unsubscribe, from the link, as ani@example.com
+    url = request.getfixturevalue(f"{kind}_url")
+    _schema_at(url, "0011")
+    bounced, unsubscribed = NOW - timedelta(days=40), NOW - timedelta(days=3)
+    engine = db.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO suppression (id, email, reason, source, created_at) VALUES"
+                " (1, 'Ani@Example.COM', 'hard_bounce', 'manual', :b),"
+                " (2, 'ani@example.com', 'unsubscribed', 'link', :u)"
+            ), {"b": bounced, "u": unsubscribed})  # fmt: skip
+        # When the database is upgraded, which folds the two into one entry
+        assert db.upgrade(engine)[1] == db.newest_revision()
+        # Then the entry kept is the customer's own unsubscribe, as `suppress import` keeps of an address listed
+        # twice: the earliest was kept, so the unsubscribe was gone from the list and from `stats`
+        [(email, reason, source, created)] = _query(url, "SELECT email, reason, source, created_at FROM suppression")
+        assert (email, reason, source, _as_utc(created)) == ("ani@example.com", "unsubscribed", "link", unsubscribed)
+        # And it follows Ani to the address the next import gives her, as an unsubscribe does (a bounce stays with
+        # its dead mailbox: she was mailed at the new one)
+        shop.upsert_customers(engine, [CustomerRecord("C1", "ani@example.com", "Ani", Locale.ID, "Asia/Jakarta", None,
+                                                      True, "opt_in", "checkout")], NOW)  # fmt: skip
+        shop.upsert_customers(engine, [CustomerRecord("C1", "ani.baru@example.com", "Ani", Locale.ID, "Asia/Jakarta",
+                                                      None, True, "opt_in", "checkout")], NOW)  # fmt: skip
+        assert ("ani.baru@example.com", "unsubscribed") in _query(url, "SELECT email, reason FROM suppression")
+    finally:
+        engine.dispose()
+
+
 def _as_utc(value: object) -> datetime:
     """A timestamp as either database returns it (SQLite: text or a naive datetime in UTC)."""
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value

@@ -12,8 +12,12 @@ the Unicode form (``budi@bücher.de``, which could not be sent) are brought into
 it here, customers and suppression entries alike, so an entry made before still
 matches its customer after the next import.
 
-Of the suppression entries that become one, the earliest (its reason and
-source) stays.
+Of the suppression entries that become one, the earliest of those that are the
+customer's own wish (an unsubscribe, a complaint: ``store.CUSTOMERS_OWN``)
+stays, as ``suppress import`` keeps of an address listed twice; else the
+earliest (its reason, source and time). An unsubscribe beside an earlier bounce
+in another case was dropped: gone from ``stats``, and no longer following the
+customer to a new address.
 
 Revision ID: 0012
 Revises: 0011
@@ -26,7 +30,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from worker.adapters.importer import ascii_address
-from worker.adapters.store import suppression_address
+from worker.adapters.store import CUSTOMERS_OWN, suppression_address
 
 revision = "0012"
 down_revision = "0011"
@@ -36,17 +40,15 @@ depends_on = None
 
 def upgrade() -> None:
     conn = op.get_bind()
-    kept: dict[str, int] = {}
-    dropped: list[int] = []
-    changed: list[dict[str, object]] = []
-    for row_id, email in conn.execute(sa.text("SELECT id, email FROM suppression ORDER BY id")):
-        folded = suppression_address(email)
-        if folded in kept:
-            dropped.append(row_id)
-            continue
-        kept[folded] = row_id
-        if folded != email:
-            changed.append({"id": row_id, "email": folded})
+    rows = conn.execute(sa.text("SELECT id, email, reason FROM suppression ORDER BY id")).all()
+    kept: dict[str, tuple[int, str, bool]] = {}  # the folded address → the entry kept: its id, email, own wish
+    for row_id, email, reason in rows:
+        folded, own = suppression_address(email), (reason or "").lower() in CUSTOMERS_OWN
+        if folded not in kept or (own and not kept[folded][2]):
+            kept[folded] = (row_id, email, own)
+    staying = {row_id for row_id, _, _ in kept.values()}
+    dropped = [row_id for row_id, _, _ in rows if row_id not in staying]
+    changed = [{"id": row_id, "email": folded} for folded, (row_id, email, _) in kept.items() if folded != email]
     if dropped:  # the duplicates first: an update must not meet an entry that is going away
         conn.execute(sa.text("DELETE FROM suppression WHERE id = :id"), [{"id": row_id} for row_id in dropped])
     if changed:
