@@ -382,3 +382,30 @@ def test_header_lines_with_encoded_words_are_at_most_76_characters(field: dict[s
     assert str(make_header(decode_header(to_name))) == sanitize_header_text(field.get("to_name", "Siti Rahayu"))
     from_name = unfolded["From"].rsplit(" <", 1)[0]
     assert str(make_header(decode_header(from_name))) == sanitize_header_text(field.get("shop", SHOP).from_name)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"to_name": "PT. Sinar Jaya Abadi Sentosa, Divisi Pengadaan Barang dan Jasa Kantor Pusat Jakarta"},
+        {"to_name": "Bapak Haji Muhammad Rizky Pratama Nugroho Wicaksono Saputra Kusumawardhana Putra"},
+        {"to_name": 'Siti "Ani" Rahayu', "to_address": "siti.rahayu.kusumawardhani.putri@mail.universitas.example"},
+        {"shop": ShopInfo(**{**SHOP.__dict__, "from_name": "Toko Kembali (Batik, Kopi & Kerajinan) Official Store"})},
+    ],
+)
+def test_a_long_plain_display_name_is_folded_at_its_spaces_to_lines_of_78(field: dict[str, Any]) -> None:
+    """RFC 5322 2.1.1: lines SHOULD be at most 78 characters. A long ASCII name (a company's, quoted for its
+    comma or dot) went on one line of 100 and more, its address after it."""
+    raw = build(**field)
+    assert_wire_format(raw)
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    lines = [line for line in head.split("\r\n") if line.startswith(("To:", "From:", " ")) and "=?" not in line]
+    assert [line for line in lines if len(line) > 78] == []
+    msg = parse(raw)
+    assert header_names(msg) == HEADERS
+    to, frm = cast(Any, msg["To"]), cast(Any, msg["From"])
+    assert [(a.display_name, a.addr_spec) for a in to.addresses] == [
+        (sanitize_header_text(field.get("to_name", "Siti Rahayu")), field.get("to_address", "siti@example.com"))]
+    assert [(a.display_name, a.addr_spec) for a in frm.addresses] == [
+        (sanitize_header_text(field.get("shop", SHOP).from_name), "halo@toko.example")]
+    assert not to.defects and not frm.defects

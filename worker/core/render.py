@@ -439,9 +439,10 @@ def _display_name(value: str, used: int) -> str:
     """A phrase that can never be read as more than one name (``used``: the characters before it on its line)."""
     name = sanitize_header_text(value)
     if not name or _ATOM_PHRASE.fullmatch(name):
-        return name
+        return _fold_plain(name, used)
     if name.isascii():  # sanitised, so printable and without "=?": a quoted-string is exact
-        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # folded at its single spaces: unfolding takes only the CRLF away (RFC 5322 3.2.4), the space stays
+        return _fold_plain('"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"', used)
     return _encoded_lines(name, used)
 
 
@@ -470,8 +471,8 @@ def _mailbox(name: str, address: str, what: str, used: int) -> str:
     if not phrase:
         return address
     last = phrase.rsplit("\r\n", 1)[-1]
-    if "=?" in last and len(last) + (0 if "\r\n" in phrase else used) + len(address) + 3 > _EW_LINE:
-        return f"{phrase}\r\n <{address}>"  # an encoded-word's line stays within 76 characters
+    if len(last) + (0 if "\r\n" in phrase else used) + len(address) + 3 > _EW_LINE:
+        return f"{phrase}\r\n <{address}>"  # an encoded-word's line stays within 76 characters, any other near 78
     return f"{phrase} <{address}>"
 
 
