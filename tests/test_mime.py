@@ -409,3 +409,19 @@ def test_a_long_plain_display_name_is_folded_at_its_spaces_to_lines_of_78(field:
     assert [(a.display_name, a.addr_spec) for a in frm.addresses] == [
         (sanitize_header_text(field.get("shop", SHOP).from_name), "halo@toko.example")]
     assert not to.defects and not frm.defects
+
+
+@pytest.mark.parametrize("before", range(40, 80, 3))
+def test_a_folded_plain_header_never_joins_into_an_encoded_word_look_alike_when_unfolded_laxly(before: int) -> None:
+    """``sanitize_header_text`` writes a data's "=?" as "= ?" so that no reader, however lax, decodes data as an
+    encoded-word. A fold at that space, unfolded by a reader that drops the CRLF and the space after it (not
+    RFC 5322's way, but a lax one), gave the "=?" back."""
+    data = "a" * before + " =?utf-8?b?QnVkaQ==?= " + "x" * 60
+    raw = build(subject=data, to_name=data)
+    assert_wire_format(raw)
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    laxly = {line.split(": ", 1)[0]: line for line in head.replace("\r\n ", "").split("\r\n")}
+    assert "=?" not in laxly["Subject"] and "=?" not in laxly["To"], head
+    msg = parse(raw)
+    assert msg["Subject"] == sanitize_header_text(data)
+    assert cast(Any, msg["To"]).addresses[0].display_name == sanitize_header_text(data)

@@ -411,13 +411,18 @@ def _encoded_lines(text: str, used: int) -> str:
     return "\r\n ".join(_encoded_words(text, first))
 
 
+_FOLD_POINT = re.compile(r"(?<!=) | (?!\?)")
+"""A space a header may be folded at: any but the one ``sanitize_header_text`` put inside an "=?" (a reader that
+unfolds laxly, dropping the space after the CRLF too, would read "=?" again)."""
+
+
 def _fold_plain(text: str, used: int) -> str:
     """Fold printable ASCII at spaces so lines stay near 78 chars (content is unchanged)."""
     if used + len(text) <= _FOLD_AT:
         return text
     lines: list[str] = []
     line = ""
-    for word in text.split(" "):
+    for word in _FOLD_POINT.split(text):
         if line and used + len(line) + 1 + len(word) > _FOLD_AT:
             lines.append(line)
             line, used = word, 1
