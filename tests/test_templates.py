@@ -980,3 +980,24 @@ def test_date_of_a_text_that_is_no_iso_date_names_the_text_as_given(tmp_path: Pa
     fine = JinjaTemplates(tree(tmp_path / "fine", GOOD | {"demo/id/body.txt": body}))
     for iso in ("2026-11-22", "2026-11-22T10:00:00+07:00"):
         assert fine.render("demo", Locale.ID, CTX | {"when": iso}).text.strip() == "22 November 2026"
+
+
+def _contrast_on_white(colour: str) -> float:
+    """WCAG 2's contrast ratio of ``#rrggbb`` text on white."""
+    def channel(c: int) -> float:
+        s = c / 255
+        return s / 12.92 if s <= 0.04045 else ((s + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    luminance = 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+    return 1.05 / (luminance + 0.05)
+
+
+def test_the_footer_and_its_unsubscribe_link_are_legible_on_the_white_card() -> None:
+    # the 12px footer, the unsubscribe link in it, was #888888 on white: 3.5:1, under WCAG AA's 4.5:1 for small text
+    layout = (ROOT / "_layout.html").read_text(encoding="utf-8")
+    footer = layout[layout.index("font-size:12px"):layout.index("</td>", layout.index("font-size:12px"))]
+    colours = re.findall(r"color:(#[0-9a-fA-F]{6})", "font-size:12px" + footer)
+    assert len(colours) >= 3, footer  # the footer's text and the unsubscribe link of each language
+    for colour in colours:
+        assert _contrast_on_white(colour) >= 4.5, colour
