@@ -53,8 +53,13 @@ def test_the_runs_summary_says_one_message_in_the_singular() -> None:
     report = DispatchReport()
     for n, outcome in enumerate(("failed:content_rejected", "retry:sender_refused", "uncertain"), start=1):
         report.count(_message(n), outcome)
+    waited = _message(4)
+    report.waited_for_rate(waited, "gmail.com")
+    report.count(waited, "sent")
     lines = summary(CycleReport(PlanReport(), report))
     assert "1 message was refused for its content (5.7.x): check the templates, not the customers" in lines, lines
     assert any(line.startswith("1 message was refused for who sent it, not what it says") for line in lines), lines
     assert any(line.startswith("1 message is uncertain (the connection died after it was handed over: it may have "
                                "arrived) and is never resent by itself") for line in lines), lines
+    assert any(line.startswith("1 message waited in the queue for a slot of its recipient domain's rate (gmail.com 1)")
+               for line in lines), lines

@@ -150,9 +150,10 @@ def summary(
     if waits:
         waited = sum(waits.values())
         domains = ", ".join(f"{domain} {n}" for domain, n in waits.most_common(5))
-        lines.append(f"{waited} {'message' if waited == 1 else 'messages'} waited in the queue for a slot of their "
-                     f"recipient domain's rate ({domains}{', …' if len(waits) > 5 else ''}): sending.domains and a "
-                     "throttling reply set how fast a domain is sent to")
+        its = "message waited in the queue for a slot of its" if waited == 1 else (
+            "messages waited in the queue for a slot of their")
+        lines.append(f"{waited} {its} recipient domain's rate ({domains}{', …' if len(waits) > 5 else ''}): "
+                     "sending.domains and a throttling reply set how fast a domain is sent to")
     if report.dispatched.relay_slowed:
         lines.append(f"{log.printable(report.dispatched.relay_slowed)}; the throttled messages wait in the queue, "
                      "their attempts not counted")
