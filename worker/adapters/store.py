@@ -625,9 +625,10 @@ def _slot_back(d: Disposition) -> bool:
 @dataclass(frozen=True)
 class DayQuota:
     """The day's sending quota, as the group commit counts it: a row marked ``sending`` takes a slot in the same
-    transaction as its mark (none is marked once ``limit`` are), and one given back to the queue without an attempt
-    gives its slot back. So the count is the day's marks, whatever becomes of a worker (one killed with a batch
-    claimed and not marked took nothing for it)."""
+    transaction as its mark (none is marked once ``limit`` are), and one given back to the queue without an attempt,
+    or whose attempt ended before the message reached the server (``_slot_back``), gives its slot back. So the count
+    is the day's marks, whatever becomes of a worker (one killed with a batch claimed and not marked took nothing for
+    it)."""
 
     key: str
     """The ``rate_limit`` row that counts it."""
@@ -903,7 +904,7 @@ class Store:
 
         With ``quota``, the day's quota is counted in the same transaction: each row marked takes a slot, those the
         quota leaves no slot for are not marked (``Marks.over_quota``), and a ``sending`` row given back to the
-        queue without an attempt gives its slot back (``DayQuota``).
+        queue without an attempt, or whose attempt never reached the server, gives its slot back (``_slot_back``).
 
         ``capped``: whether the contact policy has a frequency cap; without one the mark holds a row back only for
         the news week (``_MARK_TAIL_UNCAPPED``)."""
@@ -1064,10 +1065,10 @@ class Store:
         self, cursor: Any, dispositions: Sequence[Disposition], now: datetime, quota: DayQuota | None = None
     ) -> tuple[tuple[Stale, ...], int]:
         """Write the outcomes; returns those for rows no longer held (``Stale``) and the slots of ``quota``'s day
-        that ``sending`` rows given back to the queue without an attempt give back. A row's ``updated_at`` is when
-        its outcome is written (``now``, the commit's), not when the attempt ended: an outcome written minutes late
-        (the database away, kept for the next run) holds back another worker's mark to the mailbox, whose facts
-        could not see it (``_MARK_TAIL``)."""
+        that ``sending`` rows whose message never reached the server give back (``_slot_back``). A row's
+        ``updated_at`` is when its outcome is written (``now``, the commit's), not when the attempt ended: an outcome
+        written minutes late (the database away, kept for the next run) holds back another worker's mark to the
+        mailbox, whose facts could not see it (``_MARK_TAIL``)."""
         dt = self._sql.dt
         # each row's (claimed_by, status): an outcome is written as usual only over a row its worker still holds
         ids = [d.message.id for d in dispositions]
