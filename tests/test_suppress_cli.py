@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import subprocess
 import sys
+import time
 import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
@@ -239,6 +241,50 @@ def test_a_long_list_is_written_as_it_is_read_not_held_in_memory_on_each_databas
     assert [row.split(",")[0] for row in rows[1:]] == addresses
     assert capsys.readouterr().err == "20000 suppressed address(es)\n"
     assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB"
+
+
+class _Pager:
+    """Standard output read by a pager the operator leaves open a while after its first screen (`suppress list |
+    less`): the first write after ``after`` lines waits ``pause`` seconds, as a pipe whose reader stopped does."""
+
+    def __init__(self, after: int, pause: float) -> None:
+        self.lines, self.after, self.pause = 0, after, pause
+        self.text = io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.lines += text.count("\n")
+        if self.pause and self.lines > self.after:
+            time.sleep(self.pause)
+            self.pause = 0
+        return self.text.write(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_list_read_slowly_is_written_whole_on_each_database(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a list of 3,000 bounced addresses, and a database that ends a session idle inside a transaction after
+    # half a second (database.idle_in_transaction_timeout_seconds, 60 s as shipped)
+    other = tmp_path / "other.toml"
+    other.write_text(f'[database]\nurl = "{db_url}"\nidle_in_transaction_timeout_seconds = 0.5\n', encoding="utf-8")
+    store = Store.from_url(db_url)
+    try:
+        addresses = [f"user{i:05d}@example.com" for i in range(3_000)]
+        assert opstore.suppress_many(store, addresses, reason="hard_bounce", source="smtp",
+                                     now=datetime(2026, 1, 1, tzinfo=UTC)) == len(addresses)  # fmt: skip
+    finally:
+        store.close()
+    # When the operator lists it into a pager and reads its first screen a while before going on
+    pager = _Pager(after=10, pause=1.5)
+    with contextlib.redirect_stdout(pager):  # type: ignore[type-var]
+        code = run(other, "list")
+    # Then every address is listed, not the list cut short by the server ending the session the list was read in
+    rows = pager.text.getvalue().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == addresses
+    assert code == 0
+    assert capsys.readouterr().err == "3000 suppressed address(es)\n"
 
 
 def test_list_with_an_address_shows_only_that_address(config: Path, capsys: pytest.CaptureFixture[str]) -> None:

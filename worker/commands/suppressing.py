@@ -8,7 +8,9 @@ import contextlib
 import csv
 import io
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,12 +115,18 @@ def _uncell(value: str) -> str:
 
 
 def _list(store: Store, reason: str | None, email: str | None = None) -> int:
-    out = csv.writer(sys.stdout, lineterminator="\n")
-    out.writerow(["email", "reason", "source", "created_at"])
-    listed = 0
-    for r in opstore.each_suppression(store, reason=reason, email=email):  # written as read: a list of millions
-        out.writerow([_cell(r["email"]), _cell(r["reason"]), _cell(r["source"]), r["created_at"].isoformat()])
-        listed += 1
+    # written to a temporary file as read (a list of millions is not held in memory), and out once the read is over:
+    # written out as read, its transaction stayed open while a pager (`| less`) waited for the operator, and the
+    # server ended it after database.idle_in_transaction_timeout_seconds, the list cut short at the first screens
+    with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as spool:
+        out = csv.writer(spool, lineterminator="\n")
+        out.writerow(["email", "reason", "source", "created_at"])
+        listed = 0
+        for r in opstore.each_suppression(store, reason=reason, email=email):
+            out.writerow([_cell(r["email"]), _cell(r["reason"]), _cell(r["source"]), r["created_at"].isoformat()])
+            listed += 1
+        spool.seek(0)
+        shutil.copyfileobj(spool, sys.stdout)
     print(f"{listed} suppressed address(es)", file=sys.stderr)
     if not listed and reason and reason not in (known := opstore.suppression_reasons(store, most=21)):
         # a reason misspelt ('unsubscribe'), or another tool's in another case, finds nothing: no news about the list
