@@ -671,7 +671,9 @@ LISTED_AT_ONCE = 1000
 
 def each_suppression(store: Store, *, reason: str | None = None, email: str | None = None) -> Iterator[dict[str, Any]]:
     """The suppression list's entries (``email``, ``reason``, ``source``, ``created_at``), oldest first, read as
-    they are taken (a server-side cursor on PostgreSQL): a list of millions is written out, not held in memory."""
+    they are taken (a server-side cursor on PostgreSQL): a list of millions is written out, not held in memory. Its
+    read's transaction stays open until the last is taken: take them without waiting on a reader (a pager), which
+    the server's idle_in_transaction_timeout_seconds would end it for."""
     query = sa.select(S.c.email, S.c.reason, S.c.source, S.c.created_at).order_by(S.c.created_at, S.c.id)
     if reason:
         query = query.where(S.c.reason == reason)
