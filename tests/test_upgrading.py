@@ -849,6 +849,22 @@ def test_db_status_of_a_database_holding_only_another_programs_tables_names_them
     assert "(empty)" not in printed, printed
 
 
+def test_db_status_of_another_programs_database_of_many_tables_names_the_first_and_counts_them(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given database.url pointing at the shop's own database by mistake, of 300 tables (a shop platform's has as many)
+    tables = [f"catalog_{i:03d}" for i in range(300)]
+    where, config = _another_programs_database(
+        sqlite_url, tmp_path, *(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY)" for name in tables))
+    # When a deploy script asks `db status` whether to upgrade
+    code, printed = run_cli(capsys, "--config", str(config), "db", "status")
+    # Then its line names the first tables and how many there are, not all 300 on one line
+    assert code == 1, printed
+    assert printed.startswith(f"current: (no Kembali schema; other tables: {', '.join(tables[:20])}, … (300 in all))"
+                              f"  newest: {db.newest_revision()}  ({where})"), printed
+    assert "catalog_299" not in printed, printed
+
+
 def test_an_sqlite_upgrade_that_must_wait_for_the_write_lock_says_so_then_migrates(
     sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

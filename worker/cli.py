@@ -703,7 +703,8 @@ def _cmd_db(settings: Settings, args: argparse.Namespace) -> int:
             in_the_way = db.tables_in_the_way(engine) if current is None else []
             others = db.other_tables(engine) if current is None and not in_the_way else []
             empty = (f"(no Kembali schema; other tables, of Kembali's names: {', '.join(in_the_way)})" if in_the_way
-                     else f"(no Kembali schema; other tables: {', '.join(others)})" if others
+                     else f"(no Kembali schema; other tables: {', '.join(others[:20])}"
+                     f"{f', … ({len(others)} in all)' if len(others) > 20 else ''})" if others
                      else "(empty)")  # fmt: skip
             head = db.newest_revision()
             print(f"current: {current or empty}{newer}  newest: {head}  ({db.describe(engine)})")  # which, too
