@@ -213,20 +213,27 @@ def test_a_list_of_a_reason_no_entry_has_names_the_reasons_there_are(
     ], captured.err
 
 
+def _bounced(db_url: str, tmp_path: Path, count: int, database: str = "") -> tuple[Path, list[str]]:
+    """A config of ``db_url`` (and the ``[database]`` lines ``database``), and the ``count`` addresses suppressed in
+    it as hard bounces, in the order they were added."""
+    config = tmp_path / "other.toml"
+    config.write_text(f'[database]\nurl = "{db_url}"\n{database}', encoding="utf-8")
+    store = Store.from_url(db_url)
+    try:
+        addresses = [f"user{i:05d}@example.com" for i in range(count)]
+        assert opstore.suppress_many(store, addresses, reason="hard_bounce", source="smtp",
+                                     now=datetime(2026, 1, 1, tzinfo=UTC)) == len(addresses)  # fmt: skip
+    finally:
+        store.close()
+    return config, addresses
+
+
 def test_a_long_list_is_written_as_it_is_read_not_held_in_memory_on_each_database(
     db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given a list of 20,000 bounced addresses (an import takes 15 million: every row held as a dict took some
     # 500 bytes, 7.5 GB to list them)
-    other = tmp_path / "other.toml"
-    other.write_text(f'[database]\nurl = "{db_url}"\n', encoding="utf-8")
-    store = Store.from_url(db_url)
-    try:
-        addresses = [f"user{i:05d}@example.com" for i in range(20_000)]
-        assert opstore.suppress_many(store, addresses, reason="hard_bounce", source="smtp",
-                                     now=datetime(2026, 1, 1, tzinfo=UTC)) == len(addresses)  # fmt: skip
-    finally:
-        store.close()
+    other, addresses = _bounced(db_url, tmp_path, 20_000)
     # When the operator lists it into a file
     out = tmp_path / "list.csv"
     tracemalloc.start()
@@ -267,15 +274,7 @@ def test_a_list_read_slowly_is_written_whole_on_each_database(
 ) -> None:
     # Given a list of 3,000 bounced addresses, and a database that ends a session idle inside a transaction after
     # half a second (database.idle_in_transaction_timeout_seconds, 60 s as shipped)
-    other = tmp_path / "other.toml"
-    other.write_text(f'[database]\nurl = "{db_url}"\nidle_in_transaction_timeout_seconds = 0.5\n', encoding="utf-8")
-    store = Store.from_url(db_url)
-    try:
-        addresses = [f"user{i:05d}@example.com" for i in range(3_000)]
-        assert opstore.suppress_many(store, addresses, reason="hard_bounce", source="smtp",
-                                     now=datetime(2026, 1, 1, tzinfo=UTC)) == len(addresses)  # fmt: skip
-    finally:
-        store.close()
+    other, addresses = _bounced(db_url, tmp_path, 3_000, "idle_in_transaction_timeout_seconds = 0.5\n")
     # When the operator lists it into a pager and reads its first screen a while before going on
     pager = _Pager(after=10, pause=1.5)
     with contextlib.redirect_stdout(pager):  # type: ignore[type-var]
