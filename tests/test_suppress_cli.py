@@ -94,6 +94,30 @@ def test_a_reason_kembali_knows_given_in_another_case_is_stored_as_kembali_write
     assert reasons(config, capsys) == {"budi@example.com": "complaint", "siti@example.com": "hard_bounce"}
 
 
+def test_a_reason_kembali_knows_stored_in_another_case_before_is_listed_by_that_reason(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an entry an earlier kembali stored as typed, 'Complaint' (`suppress add --reason Complaint` wrote it so)
+    store = Store.from_url(f"sqlite:///{config.parent / 'k.db'}")
+    try:
+        store.suppress("budi@example.com", reason="Complaint", source="cli", now=datetime(2026, 1, 1, tzinfo=UTC))
+    finally:
+        store.close()
+    for asked in ("complaint", "Complaint"):
+        # When the operator lists the complaints, as typed then or as Kembali writes it now
+        capsys.readouterr()
+        assert run(config, "list", "--reason", asked) == 0
+        # Then the entry is listed (the reason given is read as 'complaint' now: it found nothing, and said that no
+        # entry has the reason 'complaint' while naming 'Complaint' among the list's reasons)
+        captured = capsys.readouterr()
+        assert captured.out.splitlines()[1:] == ["budi@example.com,Complaint,cli,2026-01-01T00:00:00+00:00"], captured
+        assert captured.err == "1 suppressed address(es)\n", captured
+    # and adding the address as a complaint again says it is suppressed already, not that it is 'Complaint' and to
+    # remove it first to make it a complaint
+    assert run(config, "add", "budi@example.com", "--reason", "complaint") == 0
+    assert capsys.readouterr().out == "budi@example.com: already suppressed\n"
+
+
 def test_add_refuses_a_bad_address(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(config, "add", "not-an-address") == 2
     assert "invalid email address" in capsys.readouterr().err

@@ -669,14 +669,16 @@ LISTED_AT_ONCE = 1000
 """The entries ``each_suppression`` reads at a time."""
 
 
-def each_suppression(store: Store, *, reason: str | None = None, email: str | None = None) -> Iterator[dict[str, Any]]:
+def each_suppression(store: Store, *, reason: str | None = None, email: str | None = None,
+                     any_case: bool = False) -> Iterator[dict[str, Any]]:
     """The suppression list's entries (``email``, ``reason``, ``source``, ``created_at``), oldest first, read as
     they are taken (a server-side cursor on PostgreSQL): a list of millions is written out, not held in memory. Its
     read's transaction stays open until the last is taken: take them without waiting on a reader (a pager), which
-    the server's idle_in_transaction_timeout_seconds would end it for."""
+    the server's idle_in_transaction_timeout_seconds would end it for. ``any_case``: ``reason`` in any case (a
+    reason Kembali knows, which earlier versions stored as typed: 'Complaint')."""
     query = sa.select(S.c.email, S.c.reason, S.c.source, S.c.created_at).order_by(S.c.created_at, S.c.id)
     if reason:
-        query = query.where(S.c.reason == reason)
+        query = query.where(sa.func.lower(S.c.reason) == reason.lower() if any_case else S.c.reason == reason)
     if email:
         query = query.where(S.c.email == suppression_address(email))
     with db.reading(store.engine) as conn:

@@ -69,7 +69,10 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
             reason = args.reason or "manual"
             new = store.suppress(email, reason=reason, source="cli", now=SystemClock().now())
             kept = next(iter(opstore.suppressions(store, email=email)), None) if not new else None
-            if kept is not None and kept["reason"] != reason:  # not "already suppressed" alone: read as now this reason
+            # (a reason Kembali knows is that reason as an earlier version stored it, as typed: 'Complaint')
+            known = reason in arguments.KEMBALI_REASONS
+            if kept is not None and (kept["reason"].lower() if known else kept["reason"]) != reason:
+                # not "already suppressed" alone: read as now this reason
                 print(f"{suppression_address(email)}: already suppressed as {printable(kept['reason'])!r} (from "
                       f"{printable(kept['source'])}, since {kept['created_at'].astimezone(UTC):%Y-%m-%d %H:%M} UTC): "
                       "its reason stays; `kembali suppress remove` it first to change it")  # fmt: skip
@@ -122,7 +125,9 @@ def _list(store: Store, reason: str | None, email: str | None = None) -> int:
         out = csv.writer(spool, lineterminator="\n")
         out.writerow(["email", "reason", "source", "created_at"])
         listed = 0
-        for r in opstore.each_suppression(store, reason=reason, email=email):
+        # a reason Kembali knows in any case: earlier versions stored `--reason Complaint` as typed
+        known_reason = reason is not None and reason in arguments.KEMBALI_REASONS
+        for r in opstore.each_suppression(store, reason=reason, email=email, any_case=known_reason):
             out.writerow([_cell(r["email"]), _cell(r["reason"]), _cell(r["source"]), r["created_at"].isoformat()])
             listed += 1
         spool.seek(0)
