@@ -574,9 +574,10 @@ class Disposition:
     counts_as_attempt: bool = True
     """False for a throttled attempt: the row's ``attempts`` is given back."""
     reached_server: bool = True
-    """False for an attempt that ended before the message reached the server (a connection failure before RCPT TO,
-    ``core.retry.connection_failure``): its mark gives back its slot of the day's quota, as a row given back unsent
-    does."""
+    """False for an attempt that ended before the message reached the server, or that the server refused as it
+    would every message (``core.retry.connection_failure``: a failure before RCPT TO, a refusal of the sender or of
+    this client at RCPT TO, the account's limit reached at any stage): its mark gives back its slot of the day's
+    quota, as a row given back unsent does."""
     suppress_reason: str | None = None
     """Set (e.g. ``hard_bounce``) to add the address to the suppression list with the outcome."""
 

@@ -616,7 +616,8 @@ def _unsent_release(d: Disposition) -> bool:
 
 def _slot_back(d: Disposition) -> bool:
     """An outcome whose message never reached the server: given back unsent (``_unsent_release``), or an attempt that
-    ended before it (a connection refused, a greeting, login or MAIL FROM that failed: ``reached_server``). If its
+    ended before it (a connection refused, a greeting, login or MAIL FROM that failed) or was refused as every
+    message would be (the sender, this client, the account's limit: ``Disposition.reached_server``). If its
     mark made the row ``sending``, the slot of the day's quota that mark took comes back: a host that cannot reach
     its SMTP server does not spend the day's quota of the workers that can."""
     return _unsent_release(d) or (d.result is not None and not d.reached_server)
