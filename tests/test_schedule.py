@@ -182,7 +182,7 @@ def test_a_campaign_paused_with_a_cron_no_day_matches_is_not_taken_for_missed_wh
         ({"plan_cron": {"winback": "0 25 * * *"}}, "schedule.plan_cron.winback' is not a cron expression"),
         ({"plan_cron": {"winback": 9}}, "schedule.plan_cron.winback' must be str"),
         ({"default_plan_cron": "daily"}, "schedule.default_plan_cron"),
-        ({"dispatch_poll_seconds": 0}, "schedule.dispatch_poll_seconds' must be positive"),
+        ({"dispatch_poll_seconds": 0}, "schedule.dispatch_poll_seconds' must be at least 0.1 seconds, not 0$"),
         ({"attempt_retention_days": -1}, "schedule.attempt_retention_days"),
     ],
 )

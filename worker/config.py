@@ -929,10 +929,7 @@ def _check_daemon(s: Settings) -> None:
     except ValueError as exc:
         _fail(s, "schedule.default_plan_cron", f"is not a cron expression: {exc}")
     for key, value in (
-        ("schedule.dispatch_poll_seconds", s.schedule.dispatch_poll_seconds),
-        ("schedule.maintenance_interval_seconds", s.schedule.maintenance_interval_seconds),
         ("daemon.shutdown_grace_seconds", s.daemon.shutdown_grace_seconds),
-        ("daemon.watch_interval_seconds", s.daemon.watch_interval_seconds),
         ("web.request_timeout_seconds", s.web.request_timeout_seconds),
     ):
         if value <= 0:
@@ -947,9 +944,9 @@ def _check_daemon(s: Settings) -> None:
         ("daemon.watch_interval_seconds", s.daemon.watch_interval_seconds),
         ("daemon.health_summary_seconds", s.daemon.health_summary_seconds or MIN_INTERVAL_SECONDS),
     ):
-        if 0 < value < MIN_INTERVAL_SECONDS:
-            _fail(s, key, f"must be at least {MIN_INTERVAL_SECONDS:g} seconds, not {value!r}: the daemon would do "
-                          "little else than this (a typo for 1.0?)")
+        if value < MIN_INTERVAL_SECONDS:
+            _fail(s, key, f"must be at least {MIN_INTERVAL_SECONDS:g} seconds, not {value:g}" + (
+                ": the daemon would do little else than this (a typo for 1.0?)" if value > 0 else ""))
     if not s.web.host.strip():  # asyncio would listen on every interface: the links, and /metrics, open to all
         _fail(s, "web.host", "must be the address to listen on, such as 127.0.0.1 behind your HTTPS proxy (an empty "
               "one would listen on every interface, /metrics and /healthz included: write 0.0.0.0 if that is meant)")
