@@ -506,6 +506,10 @@ def test_an_order_for_an_unknown_customer_is_named_by_line(tmp_path: Path) -> No
         (["preview", "--at", "2027-02-29T10:00+07:00"],
          "argument --at: not an ISO 8601 date-time: '2027-02-29T10:00+07:00' (day is out of range for month)"),
         (["stats", "--now", "2027-03-01T24:30+07:00"], "(hour must be in 0..23)"),
+        # an offset of a day or more is said in the operator's words, not in Python's (timedelta reprs)
+        (["preview", "--at", "2027-02-28T10:00+25:00"],
+         "argument --at: not an ISO 8601 date-time: '2027-02-28T10:00+25:00' (an offset is less than 24 hours, "
+         "e.g. +07:00)\n"),
         (["stats", "--since", "2026-13-01"], "argument --since: not a date (YYYY-MM-DD): '2026-13-01' (month must be "
                                              "in 1..12)"),
         (["stats", "--now", "9999-01-01T00:00Z"], "argument --now: out of range: '9999-01-01T00:00Z'"),

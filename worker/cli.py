@@ -429,7 +429,10 @@ def _date_arg(text: str) -> date:
 
 def _out_of_range(exc: ValueError) -> str:
     """`` (day is out of range for month)``: what is wrong with a date written in the right form (30 February, hour
-    24); nothing for a text of another form (Python's own words for it only repeat the text)."""
+    24); nothing for a text of another form (Python's own words for it only repeat the text). An offset of a day or
+    more (``+25:00``), which Python says with timedelta reprs, in the operator's words."""
+    if "offset must be a timedelta" in str(exc):
+        return " (an offset is less than 24 hours, e.g. +07:00)"
     return "" if "isoformat" in str(exc) else f" ({exc})"
 
 
