@@ -29,17 +29,21 @@ def migrated_config(folder: Path) -> Path:
 
 def run_on_a_terminal(
     argv: Sequence[str], *, stdout_too: bool, env: Mapping[str, str] | None = None, cwd: Path | None = None,
-    timeout: float = 120, columns: int = 0,
+    timeout: float = 120, columns: int = 0, piped_to: str = "",
 ) -> tuple[int, bytes]:
     """``python -m worker ARGV`` with its stderr on a terminal (a pty) ``columns`` wide (0: one that does not say),
     and its stdout too with ``stdout_too`` (else discarded): the exit code and every byte the terminal received,
     read as they come (a full terminal would block the command). A command silent for ``timeout`` seconds, or not
-    done that long after its last output, fails."""
+    done that long after its last output, fails. ``piped_to``: its stdout is a pipe to this shell command instead,
+    whose own output is on the terminal (``kembali preview --json | jq .``); the exit code is the pipeline's."""
     leader, follower = pty.openpty()
     if columns:
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    command = [sys.executable, "-m", "worker", *argv]
+    if piped_to:
+        command = ["sh", "-c", f'"$@" | {piped_to}', "sh", *command]
     try:
-        with subprocess.Popen([sys.executable, "-m", "worker", *argv], cwd=cwd, env=env,
+        with subprocess.Popen(command, cwd=cwd, env=env,
                               stdout=follower if stdout_too else subprocess.DEVNULL, stderr=follower) as child:
             os.close(follower)
             seen = b""

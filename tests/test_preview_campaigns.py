@@ -79,6 +79,24 @@ def test_preview_on_the_29_february_eve(tmp_path: Path) -> None:
     assert any(r[1] == "feedback" for r in rows if len(r) > 1)
 
 
+def test_piped_to_a_program_that_shows_it_on_the_terminal_no_progress_line_is_drawn_among_the_rows(
+    tmp_path: Path,
+) -> None:
+    # Given the demo shop, previewed as the help shows (`kembali preview --json | jq .`): its output a pipe to a
+    # program that writes it to the terminal its progress line would be drawn on
+    config = _demo_shop(tmp_path)
+    env = {**os.environ, "KEMBALI_LINK_SECRET": "a-test-key-of-enough-length"}
+    code, raw = run_on_a_terminal(["--config", str(config), "preview", "--at", "2027-02-28T10:00+07:00", "--json"],
+                                  stdout_too=True, env=env, cwd=ROOT, piped_to="cat")  # fmt: skip
+    assert code == 0
+    # Then each JSON line is a line of its own on the terminal, none after a progress line ("previewing: 1
+    # considered, 0 would be sent{"action": …"), and no progress line is drawn there
+    text = raw.decode()
+    assert "previewing:" not in text, text[:500]
+    lines = [line for line in text.replace("\r\n", "\n").split("\n") if line.strip()]
+    assert len(lines) > 10 and all(line.startswith('{"action": ') for line in lines), lines[:3]
+
+
 def test_on_a_terminal_the_rows_are_not_written_after_a_progress_line(tmp_path: Path) -> None:
     # Given the demo shop, previewed with its output on a terminal
     config = _demo_shop(tmp_path)

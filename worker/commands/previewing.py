@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
+import os
 import re
 import secrets
+import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -217,8 +220,8 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
             print(f"note: removed {removed:,} files an earlier preview wrote to {out_dir}", file=sys.stderr)
     progress = Progress("previewing")
     out = sys.stdout
-    if out.isatty():  # each message is a line there already: a progress line would be written among them
-        progress.enabled = False
+    if out.isatty() or _a_pipe(out):  # each message is a line there already, or likely is (`| jq .`, `| less`): a
+        progress.enabled = False        # progress line would be drawn among them; shown for `> plan.txt`
     try:
         if not args.json:
             out.write(f"Preview as of {_local(at, settings.shop.time_zone, 'UTC')} (nothing is sent or written)\n\n")
@@ -250,6 +253,16 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
     else:
         _print_summary(summary, out, out_dir)
     return EXIT_RENDER_ERRORS if summary.errors or refused else EXIT_OK
+
+
+def _a_pipe(out: TextIO) -> bool:
+    """Whether ``out`` is a pipe or a socket: a program reads it, which may well show it on the terminal the progress
+    line is drawn on (``kembali preview --json | jq .``, ``| less``); not a file, nor a capture without a descriptor."""
+    try:
+        mode = os.fstat(out.fileno()).st_mode
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def _quota_left(deps: Deps, settings: Settings, at: datetime) -> int | None:
