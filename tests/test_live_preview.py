@@ -218,6 +218,42 @@ def test_a_filter_that_does_not_exist_is_shown_at_its_file_and_line(served: tupl
     assert "TemplateAssertionError" not in page
 
 
+def test_an_edit_in_a_campaign_folder_that_is_a_link_to_another_reloads_the_page(tmp_path: Path) -> None:
+    """A shop whose win-back templates live elsewhere (shared by two shops, kept in another checkout), linked in: an
+    edit there changed what the page renders, but not the version it polls, so the page never reloaded."""
+    import json
+    import urllib.request
+
+    site = make_site(tmp_path / "site", copy_templates=True)
+    shared = tmp_path / "shared-winback"
+    (site.folder / "templates" / "winback").rename(shared)
+    (site.folder / "templates" / "winback").symlink_to(shared, target_is_directory=True)
+    (site.folder / "templates" / "loop").symlink_to(site.folder / "templates", target_is_directory=True)  # a cycle
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--config", str(site.config), "preview", "--serve", "--port", "0"],
+        cwd=REPO, env=site.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "live preview on http://127.0.0.1:" in line, line + (proc.stderr.read() if proc.stderr else "")
+        url = line.split(" on ", 1)[1].split()[0]
+
+        def version() -> str:
+            with urllib.request.urlopen(url + "version", timeout=30) as reply:  # noqa: S310 - a loopback test URL
+                return str(json.load(reply)["version"])
+
+        before = version()
+        # When the operator edits the win-back subject in the linked folder
+        subject = shared / "en" / "subject.txt"
+        subject.write_text(subject.read_text(encoding="utf-8") + " (edited)", encoding="utf-8")
+        # Then the version the page polls changes, so it reloads (as for an edit in a folder of its own)
+        assert version() != before
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
 def test_a_request_naming_another_host_is_refused_so_a_rebinding_web_page_cannot_read_the_preview(
     served: tuple[Site, str],
 ) -> None:

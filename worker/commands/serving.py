@@ -47,9 +47,20 @@ POLL_MS = 500
 
 
 def templates_version(root: Path) -> str:
-    """Changes whenever a file under ``root`` is added, removed or written."""
+    """Changes whenever a file under ``root`` is added, removed or written, also in a folder linked in (a campaign's
+    templates kept elsewhere), which the renderer reads through the link; each folder once (a link to a folder
+    above it is no endless walk)."""
     digest = hashlib.sha256()
-    for folder, dirs, files in os.walk(root):
+    walked: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in walked:
+            dirs.clear()
+            continue
+        walked.add((st.st_dev, st.st_ino))
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(folder, name)
