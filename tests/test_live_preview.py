@@ -8,6 +8,7 @@ their absence a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -58,9 +59,9 @@ def browser(tmp_path: Path) -> Iterator[object]:
         driver.quit()
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Site, str]]:
-    site = make_site(tmp_path / "site", copy_templates=True)
+@contextlib.contextmanager
+def _serving(site: Site) -> Iterator[str]:
+    """``preview --serve --port 0`` for ``site``: its page's URL."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker", "--config", str(site.config), "preview", "--serve", "--port", "0"],
         cwd=REPO, env=site.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -69,11 +70,17 @@ def served(tmp_path: Path) -> Iterator[tuple[Site, str]]:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert "live preview on http://127.0.0.1:" in line, line + (proc.stderr.read() if proc.stderr else "")
-        url = line.split(" on ", 1)[1].split()[0]
-        yield site, url
+        yield line.split(" on ", 1)[1].split()[0]
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Site, str]]:
+    site = make_site(tmp_path / "site", copy_templates=True)
+    with _serving(site) as url:
+        yield site, url
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -229,15 +236,7 @@ def test_an_edit_in_a_campaign_folder_that_is_a_link_to_another_reloads_the_page
     (site.folder / "templates" / "winback").rename(shared)
     (site.folder / "templates" / "winback").symlink_to(shared, target_is_directory=True)
     (site.folder / "templates" / "loop").symlink_to(site.folder / "templates", target_is_directory=True)  # a cycle
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--config", str(site.config), "preview", "--serve", "--port", "0"],
-        cwd=REPO, env=site.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "live preview on http://127.0.0.1:" in line, line + (proc.stderr.read() if proc.stderr else "")
-        url = line.split(" on ", 1)[1].split()[0]
+    with _serving(site) as url:
 
         def version() -> str:
             with urllib.request.urlopen(url + "version", timeout=30) as reply:  # noqa: S310 - a loopback test URL
@@ -249,9 +248,6 @@ def test_an_edit_in_a_campaign_folder_that_is_a_link_to_another_reloads_the_page
         subject.write_text(subject.read_text(encoding="utf-8") + " (edited)", encoding="utf-8")
         # Then the version the page polls changes, so it reloads (as for an edit in a folder of its own)
         assert version() != before
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
 
 
 def test_a_request_naming_another_host_is_refused_so_a_rebinding_web_page_cannot_read_the_preview(
