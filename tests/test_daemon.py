@@ -58,6 +58,16 @@ def _notify_socket(tmp_path: Path, *, timeout: float | None = None) -> tuple[soc
     return notify, path
 
 
+def _one_email_under_systemd(
+    tmp_path: Path, smtp_server: RecordingServer, *, timeout: float
+) -> tuple[socket.socket, Shop, Daemon]:
+    """A daemon started under a (fake) systemd notify socket, for a shop with one customer due a win-back email."""
+    notify, notify_path = _notify_socket(tmp_path, timeout=timeout)
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    shop.add([1], days_ago=60)
+    return notify, shop, Daemon.start(shop, env={"NOTIFY_SOCKET": notify_path})
+
+
 def _after_extensions(notify: socket.socket) -> bytes:
     """The first notification that is not a catch-up pass's request for more start-up time (``EXTEND_TIMEOUT_USEC``)."""
     heard = notify.recv(4096)
@@ -126,10 +136,7 @@ def _readiness(daemon: Daemon, probe: str = "/healthz") -> tuple[int, str]:
 
 def test_links_healthz_metrics_and_readiness(tmp_path: Path, smtp_server: RecordingServer) -> None:
     # Given a daemon under a (fake) systemd notify socket, and one sent email
-    notify, notify_path = _notify_socket(tmp_path, timeout=10)
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
-    shop.add([1], days_ago=60)
-    daemon = Daemon.start(shop, env={"NOTIFY_SOCKET": notify_path})
+    notify, shop, daemon = _one_email_under_systemd(tmp_path, smtp_server, timeout=10)
     try:
         assert b"READY=1" in _after_extensions(notify)  # (the catch-up pass asks for more start-up time first)
         daemon.wait_for(lambda: smtp_server.messages, why="the email")
@@ -1671,10 +1678,7 @@ def test_a_catch_up_pass_asks_systemd_for_more_start_up_time_before_ready(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     # Given a daemon under a (fake) systemd notify socket that was down over its planning time
-    notify, notify_path = _notify_socket(tmp_path, timeout=30)
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
-    shop.add([1], days_ago=60)
-    daemon = Daemon.start(shop, env={"NOTIFY_SOCKET": notify_path})
+    notify, _, daemon = _one_email_under_systemd(tmp_path, smtp_server, timeout=30)
     try:
         # When it starts (and catches up before READY=1)
         heard = []
@@ -2337,10 +2341,7 @@ def test_the_status_systemctl_shows_says_what_period_each_figure_covers(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:
     # Given a daemon under a (fake) systemd notify socket, its health line every second (the harness's), one email
-    notify, notify_path = _notify_socket(tmp_path, timeout=10)
-    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
-    shop.add([1], days_ago=60)
-    daemon = Daemon.start(shop, env={"NOTIFY_SOCKET": notify_path})
+    notify, _, daemon = _one_email_under_systemd(tmp_path, smtp_server, timeout=10)
     try:
         daemon.wait_for(lambda: smtp_server.messages, why="the email")
         # Then `systemctl status` reads the sends and failures of the last health period (1 s) and the rate of the
