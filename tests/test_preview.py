@@ -609,7 +609,9 @@ def test_a_preview_as_of_a_past_moment_says_it_plans_on_todays_data(
     assert code == 0, out
     assert ("note: --at is before now: the preview plans on the shop's data and the ledger as they are now (orders "
             "placed and messages sent since then count), not as they were then") in out
-    # And one of a moment to come says nothing of it, nor one without --at (now, which has passed when it is compared)
-    for at in (["--at", "2099-01-01T09:00+07:00"], []):
+    # And one of a moment to come says nothing of it, nor one without --at (now, which has passed when it is compared),
+    # nor one of this very minute (`--at $(date -Iminutes)`: its seconds cut off, not a past pass asked about)
+    this_minute = datetime.now(UTC).isoformat(timespec="minutes")
+    for at in (["--at", "2099-01-01T09:00+07:00"], [], ["--at", this_minute]):
         code, out = run_cli(capsys, "--config", str(config), "preview", *at)
         assert code == 0 and "--at is before now" not in out, out

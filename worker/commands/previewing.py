@@ -24,7 +24,7 @@ import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -190,7 +190,8 @@ def preview(settings: Settings, args: argparse.Namespace) -> int:
         print(f"kembali: no customer with id {printable(args.customer)!r}{meant}", file=sys.stderr)
         return EXIT_USAGE
     at: datetime = args.at or deps.clock.now()
-    if args.at is not None and at < deps.clock.now():  # planning reads the tables as they are: no run then saw later
+    # planning reads the tables as they are: no run then saw later (not said of this very minute, its seconds cut off)
+    if args.at is not None and at < deps.clock.now() - timedelta(minutes=1):
         print("note: --at is before now: the preview plans on the shop's data and the ledger as they are now (orders "
               "placed and messages sent since then count), not as they were then", file=sys.stderr)
     try:
