@@ -355,3 +355,13 @@ def test_a_trouble_streak_is_the_servers_once_three_domains_met_the_same_class_i
     # another class starts over
     assert not streak.observe(_rcpt("451 4.3.0 Temporary lookup failure"), "e.example")
     assert streak.count == 1
+
+
+def test_the_dispatchers_wait_after_failures_in_a_row_stays_at_its_cap_however_long_the_database_is_away() -> None:
+    from worker.daemon import DISPATCH_RETRY_MAX_SECONDS, dispatch_retry_seconds
+
+    # the poll's wait, doubled with each failure after the first, up to the cap: a day of a database away (1,440
+    # failures a minute apart) raised OverflowError from 2.0 ** 1439 inside the dispatch loop's error handler
+    assert [dispatch_retry_seconds(5.0, n) for n in (1, 2, 3, 4, 5)] == [5.0, 10.0, 20.0, 40.0, 60.0]
+    assert dispatch_retry_seconds(5.0, 1440) == DISPATCH_RETRY_MAX_SECONDS
+    assert dispatch_retry_seconds(90.0, 1440) == 90.0  # never less than the poll

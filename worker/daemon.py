@@ -99,7 +99,7 @@ from worker.asyncstore import AsyncStore
 from worker.checks import Problem, check_templates
 from worker.config import Settings, load_settings, naming_the_line
 from worker.core.cron import never_runs
-from worker.core.retry import ACCOUNT_LIMIT_RETRY_SECONDS, pause_retry_seconds
+from worker.core.retry import ACCOUNT_LIMIT_RETRY_SECONDS, doubled_wait, pause_retry_seconds
 from worker.domain import Locale, RenderedEmail
 from worker.errors import ConfigError, db_upgrade_command
 from worker.links import Site
@@ -1165,7 +1165,7 @@ def dispatch_retry_seconds(poll_seconds: float, failures: int) -> float:
     after the first, up to ``DISPATCH_RETRY_MAX_SECONDS`` (never less than ``poll_seconds``). A database away made
     one ``dispatch_failed`` line every poll, 17,000 a day at the default 5 s; a run it wakes (a planning pass, a
     maintenance that found work) is not held back."""
-    return max(poll_seconds, min(poll_seconds * 2.0 ** (failures - 1), DISPATCH_RETRY_MAX_SECONDS))
+    return doubled_wait(poll_seconds, failures, DISPATCH_RETRY_MAX_SECONDS)
 
 
 def _log_failed_pass(campaign: str, task: asyncio.Future[None]) -> None:

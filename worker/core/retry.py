@@ -340,13 +340,20 @@ waits before it tries again: such a limit is lifted in hours (Gmail's and Micros
 and each try before costs a refused message."""
 
 
+def doubled_wait(first: float, in_row: int, cap: float) -> float:
+    """``first`` after the first failure in a row, doubled with each after it, at most ``cap`` (or ``first``, if that
+    is longer): the exponent bounded, so that a failure that goes on for days (a ``float`` power past 2**1023
+    overflows) keeps its wait at the cap."""
+    return min(max(first, cap), first * 2.0 ** min(in_row - 1, 30))
+
+
 def pause_retry_seconds(first: float, pauses_in_row: int, *, at_least: float = 0.0) -> float:
     """How long a paused daemon waits before it tries again: ``first`` after the first pause, doubling with each
     pause in a row, at most ``PAUSE_RETRY_CAP_SECONDS`` (or ``first``, if that is longer); never less than
     ``at_least`` (``ACCOUNT_LIMIT_RETRY_SECONDS`` for a pause at the account's daily limit)."""
     if first <= 0 or pauses_in_row < 1:
         raise ValueError("needs a positive first delay and at least one pause")
-    return max(at_least, min(max(first, PAUSE_RETRY_CAP_SECONDS), first * 2.0 ** min(pauses_in_row - 1, 30)))
+    return max(at_least, doubled_wait(first, pauses_in_row, PAUSE_RETRY_CAP_SECONDS))
 
 
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
