@@ -75,6 +75,12 @@ class AsyncStore:
         whose reply was lost leaves its rows to lapse back to the queue)."""
         return await retrying(event, lambda: self.call(fn, *args, **kwargs), self.RETRY_SECONDS)
 
+    async def call_retrying_until(self, stop: asyncio.Event, event: str, fn: Callable[P, T], /, *args: P.args,
+                                  **kwargs: P.kwargs) -> T:
+        """``call_retrying``, whose retries end once ``stop`` is set (``retrying``'s ``stop``: a stopping daemon
+        waits for no retry of a call nothing waits for)."""
+        return await retrying(event, lambda: self.call(fn, *args, **kwargs), self.RETRY_SECONDS, stop=stop)
+
     def close(self, *, wait: bool = True) -> None:
         """Stop the thread, once its calls are done (``wait``); without ``wait``, calls not yet begun are
         dropped and one that is stuck (on a database that does not answer) is left to the process's exit."""

@@ -83,7 +83,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections import Counter
@@ -1076,12 +1075,11 @@ class Dispatcher:
             return None
         self._fresh_catalogue(now)
         limit = self.settings.sending.batch_size
-        claim = functools.partial(store.claim, worker=self.worker, now=now, limit=limit,
-                                  lease_seconds=self.settings.sending.lease_seconds, domain=self.settings.shop.domain,
-                                  campaigns=self._campaigns, held_priorities=self._held_priorities)  # fmt: skip
         try:  # a stop ends the retries: a claim that failed claimed nothing (one whose reply was lost, rows that lapse)
-            batch = await retrying("claim_retried", lambda: self.store.call(claim), self.store.RETRY_SECONDS,
-                                   stop=self.stopping)  # fmt: skip
+            batch = await self.store.call_retrying_until(
+                self.stopping, "claim_retried", store.claim, worker=self.worker, now=now, limit=limit,
+                lease_seconds=self.settings.sending.lease_seconds, domain=self.settings.shop.domain,
+                campaigns=self._campaigns, held_priorities=self._held_priorities)  # fmt: skip
         except Exception:
             if self.stopping.is_set():
                 return None
