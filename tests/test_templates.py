@@ -967,10 +967,11 @@ def test_a_template_signing_with_the_from_name_gets_the_shop_name_when_from_name
         assert templates.render("demo", Locale.ID, context).text.strip() == f"Salam, {shown}"
 
 
-@pytest.mark.parametrize("text", ["22/11/2026", "November 22, 2026", ""])
+@pytest.mark.parametrize("text", ["22/11/2026", "November 22, 2026", "", "2026-11-22xyz", "2026-11-22 oops"])
 def test_date_of_a_text_that_is_no_iso_date_names_the_text_as_given(tmp_path: Path, text: str) -> None:
     # The filter read the first ten characters: "22/11/2026" failed as "Invalid isoformat string: '22/11/2026'", but
-    # "November 22, 2026" as "Invalid isoformat string: 'November 2'", a text the template never had
+    # "November 22, 2026" as "Invalid isoformat string: 'November 2'", a text the template never had; and it took
+    # "2026-11-22xyz" as 22 November, whatever followed the date
     body = "\n{{ when | date }}\n"
     templates = JinjaTemplates(tree(tmp_path, GOOD | {"demo/id/body.txt": body}))
     with pytest.raises(TemplateError) as info:
@@ -978,7 +979,7 @@ def test_date_of_a_text_that_is_no_iso_date_names_the_text_as_given(tmp_path: Pa
     assert (info.value.template, info.value.line) == ("demo/id/body.txt", 2)
     assert f"date expects a date or an ISO date string such as 2027-02-28, not {text!r}" in str(info.value)
     fine = JinjaTemplates(tree(tmp_path / "fine", GOOD | {"demo/id/body.txt": body}))
-    for iso in ("2026-11-22", "2026-11-22T10:00:00+07:00"):
+    for iso in ("2026-11-22", "2026-11-22T10:00:00+07:00", "2026-11-22 23:30", "2026-11-22T10:00Z"):
         assert fine.render("demo", Locale.ID, CTX | {"when": iso}).text.strip() == "22 November 2026"
 
 

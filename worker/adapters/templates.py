@@ -116,9 +116,9 @@ def _money_filter(ctx: Context, minor: object, currency: str | None = None) -> s
 def _date_filter(ctx: Context, value: object) -> str:
     if isinstance(value, str):
         text = value
-        try:
-            value = date.fromisoformat(text[:10])
-        except ValueError:  # said of the whole text: its first ten characters ('November 2') are none of the template's
+        try:  # the whole text, a date or a date and time: its first ten characters took "2027-02-28xyz" as a date
+            value = date.fromisoformat(text) if len(text) <= 10 else datetime.fromisoformat(text)
+        except ValueError:  # said of the whole text, as written ('November 2' was none of the template's)
             shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}…"
             raise ValueError(f"date expects a date or an ISO date string such as 2027-02-28, not {shown}") from None
     if isinstance(value, datetime):
