@@ -230,14 +230,16 @@ def test_importing_a_folder_says_it_is_a_folder(
     assert (code, out.strip()) == (2, f"kembali import: {tmp_path / 'exports'}: a folder, not a file")
 
 
-@pytest.mark.parametrize("at", ["9999-12-31T23:00+00:00", "0001-01-01T00:00+14:00"])
+@pytest.mark.parametrize("at", ["9999-12-31T23:00+00:00", "0001-01-01T00:00+14:00", "1900-01-01T00:00+14:00"])
 def test_a_preview_moment_out_of_range_is_a_usage_error(
     config: Path, capsys: pytest.CaptureFixture[str], at: str
 ) -> None:
-    # the first was past year 9999 in the shop's zone, the second before year 1 in UTC: OverflowError tracebacks
+    # the first was past year 9999 in the shop's zone, the second before year 1 in UTC: OverflowError tracebacks;
+    # the third, in year 1900 as written, was refused as before "year 1900": the bound is a moment in UTC
     code, out = kembali(capsys, "--config", str(config), "preview", "--at", at)
     assert code == 2 and "Traceback" not in out
-    assert f"argument --at: out of range: '{at}' (give a moment from year 1900 to 8999)" in out
+    assert (f"argument --at: out of range: '{at}' (give a moment from 1900-01-01 00:00 UTC to the end of 8999)"
+            in out)
 
 
 def test_an_attribution_window_past_ten_years_is_a_usage_error(

@@ -449,8 +449,8 @@ def _datetime_arg(text: str) -> datetime:
     except OverflowError:  # 0001-01-01T00:00+14:00 is before year 1 in UTC
         utc = None
     if utc is None or not _EARLIEST <= utc < _LATEST:  # planning and local times reach a year or so around it
-        raise argparse.ArgumentTypeError(f"out of range: {text!r} (give a moment from year {_EARLIEST.year} to "
-                                         f"{_LATEST.year - 1})")
+        raise argparse.ArgumentTypeError(f"out of range: {text!r} (give a moment from {_EARLIEST:%Y-%m-%d %H:%M} UTC "
+                                         f"to the end of {_LATEST.year - 1})")  # UTC: 1900-01-01T00:00+14:00 is before
     return utc
 
 
