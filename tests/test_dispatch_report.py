@@ -63,3 +63,24 @@ def test_the_runs_summary_says_one_message_in_the_singular() -> None:
                                "arrived) and is never resent by itself") for line in lines), lines
     assert any(line.startswith("1 message waited in the queue for a slot of its recipient domain's rate (gmail.com 1)")
                for line in lines), lines
+
+
+def test_the_runs_summary_writes_its_counts_with_thousands_separators_as_the_import_does() -> None:
+    # a demo of 20,000 customers said "planned 11228 new win-back emails" and "sent 10595 win-back emails, 91
+    # deferred:cap" right below the import's "40,732 created": one run's figures written two ways
+    from worker.adapters.opstore import Waiting
+    from worker.commands.running import CycleReport, summary
+    from worker.pipeline import PlanReport
+
+    report = DispatchReport()
+    for n in range(1, 1_235):
+        report.count(_message(n), "sent")
+    for n in range(2_000, 3_001):
+        report.count(_message(n), "deferred:cap")
+    later = datetime(2026, 12, 7, 15, tzinfo=UTC)
+    lines = summary(CycleReport(PlanReport(created={"winback": 11_228}), report),
+                    Waiting(messages=5_585, due=1_001, first=later), time_zone="Asia/Jakarta")
+    assert "planned 11,228 new win-back emails" in lines, lines
+    assert "sent 1,234 win-back emails, 1,001 deferred:cap" in lines, lines
+    assert ("5,585 messages wait in the queue for a later run (1,001 due already; the first of the others falls due "
+            "2026-12-07 22:00 WIB)") in lines, lines

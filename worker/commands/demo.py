@@ -125,13 +125,13 @@ def run(args: argparse.Namespace) -> int:
     print()
     for line in running.summary(report, left, settings.shop.time_zone, settings.resolve(settings.templates.dir)):
         print(line)
-    print(f"the local SMTP sink received {len(received)} messages, saved as .eml files in {out / 'sent'}")
+    print(f"the local SMTP sink received {len(received):,} messages, saved as .eml files in {out / 'sent'}")
     parser = BytesParser(policy=policy.default)
     for message in received[:5]:
         parsed = parser.parsebytes(message.data, headersonly=True)
         print(f"  to {parsed['To']}: {parsed['Subject']}")
     if len(received) > 5:
-        print(f"  … and {len(received) - 5} more")
+        print(f"  … and {len(received) - 5:,} more")
     stopped = running.stopped_code(report)
     if stopped is not None:  # Ctrl-C or SIGTERM while it planned or sent: what it did, and what it left
         print(f"kembali demo: stopped by {report.stopped_by}: {left.messages} planned "

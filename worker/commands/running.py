@@ -134,25 +134,25 @@ def summary(
         share = report.holdout.get(campaign, 0.0)
         held = f" ({share:.0%} of the audience held out: no email, to measure the lift)" if created and share else ""
         noun = "email" if created == 1 else "emails"
-        lines.append(f"planned {created} new {CAMPAIGN_LABELS.get(campaign, campaign)} {noun}{held}")
+        lines.append(f"planned {created:,} new {CAMPAIGN_LABELS.get(campaign, campaign)} {noun}{held}")
     by_campaign: dict[str, Counter[str]] = {}
     for (campaign, what), n in report.dispatched.by_campaign.items():
         by_campaign.setdefault(campaign, Counter())[what] += n
     for campaign, counts in sorted(by_campaign.items()):
         label = CAMPAIGN_LABELS.get(campaign, campaign)
         sent = counts.pop("sent", 0)
-        parts = [f"sent {sent} {label} {'email' if sent == 1 else 'emails'}"]
-        parts += [f"{n} {what}" for what, n in sorted(counts.items())]
+        parts = [f"sent {sent:,} {label} {'email' if sent == 1 else 'emails'}"]
+        parts += [f"{n:,} {what}" for what, n in sorted(counts.items())]
         lines.append(", ".join(parts))
     if not by_campaign and not report.dispatched.clock_off and not report.dispatched.quota_reached:
         lines.append("nothing was due to send")  # (clock off, quota spent: nothing was even looked at; they say why)
     waits = report.dispatched.rate_waits
     if waits:
         waited = sum(waits.values())
-        domains = ", ".join(f"{domain} {n}" for domain, n in waits.most_common(5))
+        domains = ", ".join(f"{domain} {n:,}" for domain, n in waits.most_common(5))
         its = "message waited in the queue for a slot of its" if waited == 1 else (
             "messages waited in the queue for a slot of their")
-        lines.append(f"{waited} {its} recipient domain's rate ({domains}{', …' if len(waits) > 5 else ''}): "
+        lines.append(f"{waited:,} {its} recipient domain's rate ({domains}{', …' if len(waits) > 5 else ''}): "
                      "sending.domains and a throttling reply set how fast a domain is sent to")
     if report.dispatched.relay_slowed:
         lines.append(f"{log.printable(report.dispatched.relay_slowed)}; the throttled messages wait in the queue, "
@@ -249,8 +249,8 @@ def _waiting_line(waiting: opstore.Waiting, time_zone: str) -> str:
     elif first is None:
         when = "due already"  # the run stopped early, paused, or used up the day's quota: its line says which
     else:
-        when = f"{waiting.due} due already; the first of the others falls due {at}"
-    return f"{waiting.messages} {noun} in the queue for a later run ({when})"
+        when = f"{waiting.due:,} due already; the first of the others falls due {at}"
+    return f"{waiting.messages:,} {noun} in the queue for a later run ({when})"
 
 
 def _held_line(held: tuple[tuple[str, int, datetime], ...], time_zone: str) -> str:
