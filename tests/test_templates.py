@@ -107,6 +107,23 @@ def test_winback_without_coupon_or_products() -> None:
     assert preheader == "Sudah lama tidak mampir, kami kangen!"  # not "new products", which it has none of
 
 
+
+def test_a_preheader_is_followed_by_invisible_padding_so_the_inbox_preview_shows_it_alone(tmp_path: Path) -> None:
+    # An inbox's preview line goes on past the preheader with the email's first text ("Toko Kembali Halo Kak
+    # Siti,"): the shipped layout fills it with invisible characters, hidden, and only when there is a preheader
+    email = JinjaTemplates(ROOT).render("winback", Locale.ID, winback_context(Locale.ID))
+    hidden = re.findall(r'<div style="display:none;[^>]*>(.*?)</div>', email.html)
+    assert len(hidden) == 2 and hidden[0].startswith("Pakai kode KEMBALI10"), hidden
+    assert hidden[1] == "&#847;&zwnj;&nbsp;" * 90
+    assert "&zwnj;" not in email.text
+    none = tree(tmp_path, {"_layout.html": (ROOT / "_layout.html").read_text(encoding="utf-8"),
+                           "_layout.txt": (ROOT / "_layout.txt").read_text(encoding="utf-8"),
+                           "demo/id/subject.txt": "Halo\n",
+                           "demo/id/body.html": '{% extends "_layout.html" %}{% block content %}Hi{% endblock %}',
+                           "demo/id/body.txt": '{% extends "_layout.txt" %}{% block content %}Hi{% endblock %}'})
+    plain = JinjaTemplates(none).render("demo", Locale.ID, winback_context(Locale.ID))
+    assert "&zwnj;" not in plain.html and plain.html.count("display:none;") == 1
+
 def test_campaigns_and_locales() -> None:
     templates = JinjaTemplates(ROOT)
     assert "winback" in templates.campaigns()
