@@ -521,3 +521,36 @@ def test_an_import_note_tells_the_old_and_the_new_address_apart_when_they_mask_a
     # is suppressed too, as they unsubscribed as b***@example.com": one address, to the eye)
     assert ("note: customers.csv:2: customer 'C1': their new address b***o@example.com is suppressed too, as they "
             "unsubscribed as b***i@example.com") in said, said
+
+
+@pytest.mark.parametrize(("listed_as", "kept"), [("hard_bounce", "unsubscribed"), ("manual", "unsubscribed"),
+                                                 ("complaint", "complaint")])
+def test_an_unsubscribe_of_an_address_listed_for_another_reason_is_kept_as_the_customers_own_wish(
+    db_url: str, smtp_server: RecordingServer, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    listed_as: str, kept: str,
+) -> None:
+    # Given C1 sent a win-back email at OLD, and OLD on the list since then for another reason (a relay's bounce
+    # imported with --reason hard_bounce, a mailbox full for a week; an operator's manual entry)
+    store = make_shop(db_url, [customer("C1", email=OLD)], [one_time_order("O1", "C1")])
+    settings = settings_for(db_url, smtp={"port": smtp_server.port})
+    try:
+        assert run_cycle(settings, store, FakeClock(NOW)).dispatched.outcomes == {"sent": 1}
+        mail = message_from_bytes(smtp_server.messages[0].data)
+        header = re.search(r"<(https://[^>]+)>", str(mail["List-Unsubscribe"]))
+        assert header is not None
+        store.suppress(OLD, reason=listed_as, source="import:bounces.csv", now=NOW - timedelta(days=1))
+        # When the customer opens the email's unsubscribe link, Then the page offers the button, unless the list
+        # has their own wish already: it said "you're unsubscribed" of a bounce, and nothing was recorded
+        page = _click(store, header.group(1), "GET").body.decode()
+        assert ('method="post"' in page) is (kept != listed_as), page
+        # And pressing it (or a mailbox provider's one-click POST) records the unsubscribe as theirs
+        assert _click(store, header.group(1), "POST", ONE_CLICK).status == 200
+        (entry,) = opstore.suppressions(store)
+        assert (entry["email"], entry["reason"]) == (OLD, kept), entry
+        assert entry["source"] == ("unsubscribe-link" if kept != listed_as else "import:bounces.csv"), entry
+        # So it follows the customer to the address a later import gives them (README: "any address a later
+        # import gives the customer"), as an unsubscribe does, where the bounce stayed with OLD and NEW got mail
+        _import_customers(settings, tmp_path, [f"C1,{NEW},Budi C1,id,Asia/Jakarta,,true,opt_in,checkout"], capsys)
+        assert _suppressed(store) == [OLD, NEW]
+    finally:
+        store.close()

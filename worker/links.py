@@ -5,8 +5,9 @@
   ``List-Unsubscribe=One-Click`` (RFC 8058, also what the button sends)
   suppresses at once the address the email went to (the ledger row the token
   names by its Message-ID) and the customer's address now, when an import has changed it since,
-  and answers 200, no redirect, no cookie. A later import that gives the customer another address
-  suppresses that one too (``shop.upsert_customers``): the unsubscribe is the person's.
+  as the customer's own wish (one listed already as a bounce or an operator's entry is made theirs:
+  ``opstore.unsubscribe``), and answers 200, no redirect, no cookie. A later import that gives the
+  customer another address suppresses that one too (``shop.upsert_customers``): the unsubscribe is the person's.
   Idempotent. Senders re-check suppressions when they prepare a message and
   again in the transaction that marks it ``sending`` (``Store.record_and_mark``),
   so it holds in every worker for every message not marked yet.
@@ -231,9 +232,11 @@ class Site:
                 mailto = self.settings().unsubscribe.mailto
                 return self._page(HTTPStatus.NOT_FOUND, pages.unknown_unsubscriber(self._default_locale(), mailto))
             # "already unsubscribed" only when the address the email went to is among those looked at: an old link
-            # (or one the ledger does not find) shows the button, and its POST finds every address mailed
+            # (or one the ledger does not find) shows the button, and its POST finds every address mailed; and only
+            # of the customer's own wish: an address listed as a bounce or an operator's entry shows the button, whose
+            # POST makes the entry the customer's (``opstore.unsubscribe``)
             if (mailed_known and addresses
-                    and all([await self.store.call(opstore.is_suppressed, s, a) for a in addresses])):  # fmt: skip
+                    and all([await self.store.call(opstore.unsubscribed, s, a) for a in addresses])):  # fmt: skip
                 return self._page(HTTPStatus.OK, pages.unsubscribed(locale, shop))
             return self._page(HTTPStatus.OK, pages.confirm_unsubscribe(locale, shop, log.mask_emails(addresses)))
         if b"List-Unsubscribe" not in request.body or b"One-Click" not in request.body:
@@ -246,7 +249,7 @@ class Site:
             mailto = self.settings().unsubscribe.mailto
             return self._page(HTTPStatus.NOT_FOUND, pages.unknown_unsubscriber(self._default_locale(), mailto))
         created = await self.store.call(  # in one transaction: both, or neither and a 500
-            opstore.suppress_many, s, addresses, reason="unsubscribed", source="unsubscribe-link", now=self.clock.now()
+            opstore.unsubscribe, s, addresses, source="unsubscribe-link", now=self.clock.now()
         )
         masked = log.mask_emails(addresses)
         to, *also = masked

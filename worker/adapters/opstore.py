@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from worker.adapters import db
 from worker.adapters.store import (
     CLAIMED,
+    CUSTOMERS_OWN,
     IN_FLIGHT,
     LAPSED_LIKE,
     LAPSED_WHY,
@@ -649,16 +650,52 @@ def suppress_entries(
         rows.setdefault(suppression_address(address), entry)
     if not rows:
         return 0
-    stmt = db.insert_ignore(store.engine, S).returning(S.c.id)
+    with store.engine.begin() as conn:
+        return _insert_entries(conn, rows, saved)
+
+
+def _insert_entries(
+    conn: sa.Connection, rows: Mapping[str, Mapping[str, Any]], saved: Callable[[int, int], None] | None = None
+) -> int:
+    """``suppress_entries``'s inserts, of addresses as the list holds them, in ``conn``'s transaction: how many
+    were new."""
+    stmt = db.insert_ignore(conn.engine, S).returning(S.c.id)
     values = [{"email": address, "reason": entry["reason"], "source": entry["source"],
                "created_at": entry["created_at"]} for address, entry in rows.items()]  # fmt: skip
     new = 0
-    with store.engine.begin() as conn:
-        for i in range(0, len(values), 500):
-            new += len(conn.execute(stmt, values[i : i + 500]).all())
-            if saved is not None:
-                saved(min(i + 500, len(values)), len(values))
+    for i in range(0, len(values), 500):
+        new += len(conn.execute(stmt, values[i : i + 500]).all())
+        if saved is not None:
+            saved(min(i + 500, len(values)), len(values))
     return new
+
+
+def unsubscribe(store: Store, emails: Iterable[str], *, source: str, now: datetime) -> int:
+    """The customer's own unsubscribe of ``emails`` (an unsubscribe link's), in one transaction: each suppressed as
+    ``unsubscribed``, and one on the list already for a reason not the customer's own (``CUSTOMERS_OWN``: a bounce,
+    an operator's ``manual``) made theirs, with ``source`` and ``now``. Kept so, it was the mailbox's or the
+    address's: an import that gave the customer another address did not carry it there (``shop``'s ``Followed``),
+    and the bounce cleared (``suppress remove``, the mailbox mended) lost the unsubscribe. Returns how many were
+    new or made the customer's own."""
+    addresses = list(dict.fromkeys(suppression_address(e) for e in emails))
+    if not addresses:
+        return 0
+    entry = {"reason": "unsubscribed", "source": source, "created_at": now}
+    with store.engine.begin() as conn:
+        new = _insert_entries(conn, dict.fromkeys(addresses, entry))
+        made_own = conn.execute(
+            sa.update(S).where(S.c.email.in_(addresses), sa.func.lower(S.c.reason).not_in(CUSTOMERS_OWN)).values(entry)
+        ).rowcount
+    return new + made_own
+
+
+def unsubscribed(store: Store, email: str) -> bool:
+    """Whether the address is on the suppression list as the customer's own wish (``CUSTOMERS_OWN``, in any case:
+    an earlier version stored a reason as typed), not only as a bounce or an operator's entry."""
+    query = sa.select(S.c.id).where(S.c.email == suppression_address(email),
+                                    sa.func.lower(S.c.reason).in_(CUSTOMERS_OWN))  # fmt: skip
+    with db.reading(store.engine) as conn:
+        return conn.execute(query).first() is not None
 
 
 def suppressions(store: Store, *, reason: str | None = None, email: str | None = None) -> list[dict[str, Any]]:
