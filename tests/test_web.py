@@ -203,13 +203,14 @@ def test_connections_that_send_nothing_make_room_for_a_request_when_the_server_i
         return reply
 
     async def run() -> None:
-        server = HttpServer(slow_or_fast, host="127.0.0.1", port=0, timeout_seconds=30, max_connections=3)
+        server = HttpServer(slow_or_fast, host="127.0.0.1", port=0, timeout_seconds=30, max_connections=3,
+                            idle_seconds=0.1)
         port = await server.start()
         try:
-            # Given three connections that opened and sent nothing, or half a request
+            # Given three connections that opened and sent nothing, or half a request, for idle_seconds and more
             idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
             idle[1][1].write(b"GET /hea")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
             # When a request comes, it is answered at once: the server cut off the longest-waiting idle socket
             reply = await get(port, "/healthz")
             assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"/healthz"), reply
@@ -228,6 +229,37 @@ def test_connections_that_send_nothing_make_room_for_a_request_when_the_server_i
             await server.close()
 
     asyncio.run(run())
+
+
+def test_a_burst_of_requests_past_the_limit_gets_answers_not_resets() -> None:
+    """Requests that come at once, more than ``max_connections`` (mailbox providers' one-click POSTs after a big
+    send, a scanner fetching every link): each new connection cut off one before it whose request was on its way,
+    read in a moment, as if it were an idle socket; most clients got a reset, none a 503 to try again after."""
+
+    async def fast(request: Request) -> Response:
+        return Response(200, b"ok", "text/plain")
+
+    async def one(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"POST /unsubscribe?t=x HTTP/1.1\r\nContent-Length: 26\r\n\r\nList-Unsubscribe=One-Click")
+            return await asyncio.wait_for(reader.read(), 5)
+        except ConnectionError as exc:
+            return repr(exc).encode()
+        finally:
+            writer.close()
+
+    async def run() -> list[bytes]:
+        server = HttpServer(fast, host="127.0.0.1", port=0, max_connections=5)
+        port = await server.start()
+        try:
+            return list(await asyncio.gather(*(one(port) for _ in range(40))))
+        finally:
+            await server.close()
+
+    replies = asyncio.run(run())
+    assert {r.split(b"\r\n")[0] for r in replies} <= {b"HTTP/1.1 200 OK", b"HTTP/1.1 503 Service Unavailable"}, replies
+    assert any(r.startswith(b"HTTP/1.1 200 OK") for r in replies)
 
 
 def test_closing_the_server_with_connections_open_leaves_no_traceback() -> None:

@@ -7,7 +7,8 @@ headers together at most ``max_header_bytes``, a body at most ``max_body_bytes``
 (``Content-Length`` only), the whole request read within ``timeout_seconds``,
 at most ``max_connections`` at once: when all are taken, a new connection
 cuts off the one that has waited longest without sending its whole request,
-or gets a 503 when every one is being answered. The handler never sees a
+at least ``IDLE_SECONDS`` (a socket left idle, not a request on its way), or
+gets a 503 when there is none. The handler never sees a
 malformed request; it gets a ``Request`` and returns a ``Response``.
 
 Routing and pages live above (``worker.links``); this module knows only HTTP.
@@ -31,6 +32,10 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 MAX_HEADERS = 100
 MAX_LENGTH_DIGITS = 18
+IDLE_SECONDS = 1.0
+"""How long a connection must have waited without sending its whole request before a new one may cut it off
+(``HttpServer._cut_longest_waiting``): a client's request comes within a round trip of its connection; in a burst,
+one whose request was on its way, or read in a moment, was cut off (a reset) for each connection after it."""
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 _DIGITS = re.compile(r"[0-9]+")
@@ -96,6 +101,7 @@ class HttpServer:
         max_connections: int = 100,
         max_header_bytes: int = MAX_HEADER_BYTES,
         max_body_bytes: int = MAX_BODY_BYTES,
+        idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         self.handler = handler
         self.host = host
@@ -104,11 +110,13 @@ class HttpServer:
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        self.idle_seconds = idle_seconds
         self._server: asyncio.Server | None = None
         self._active = 0
         self._connections: set[asyncio.Task[object]] = set()
-        self._reading: dict[asyncio.StreamWriter, None] = {}
-        """Connections still sending their request, the longest-waiting first."""
+        self._reading: dict[asyncio.StreamWriter, float] = {}
+        """Connections still sending their request, the longest-waiting first, with when each came (the loop's
+        clock)."""
 
     async def start(self) -> int:
         """Listen; returns the bound port (useful with port 0)."""
@@ -139,7 +147,7 @@ class HttpServer:
             if self._active > self.max_connections and not self._cut_longest_waiting():
                 await self._write(writer, "GET", _plain(HTTPStatus.SERVICE_UNAVAILABLE, "busy, try again"))
                 return
-            self._reading[writer] = None
+            self._reading[writer] = asyncio.get_running_loop().time()
             seen = _Seen()
             try:
                 request = await asyncio.wait_for(self._read(reader, writer, seen), self.timeout_seconds)
@@ -172,10 +180,11 @@ class HttpServer:
 
     def _cut_longest_waiting(self) -> bool:
         """Make room for a new connection by cutting off the one that has waited longest without finishing its
-        request (a slowloris, a browser's unused preconnect); False when every connection is being answered.
-        A real client sends its whole request at once: idle sockets, not requests, are what fills the slots."""
+        request, ``idle_seconds`` at least (a slowloris, a browser's unused preconnect); False when there is none,
+        every connection being answered or its request on its way. A real client sends its whole request at once:
+        idle sockets, not requests, are what fills the slots."""
         writer = next(iter(self._reading), None)
-        if writer is None:
+        if writer is None or asyncio.get_running_loop().time() - self._reading[writer] < self.idle_seconds:
             return False
         del self._reading[writer]
         writer.transport.abort()
