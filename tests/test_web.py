@@ -72,11 +72,13 @@ def test_expect_100_continue() -> None:
         (b"POST / HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", b"413"),
         (b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n", b"431"),
         (b"GET / HTTP/1.1\r\n" + b"X: a\r\n" * 101 + b"\r\n", b"431"),
+        # RFC 9112 3.2: a target longer than the server parses is a 414, not a header field too large (431)
+        (b"GET /unsubscribe?t=" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n", b"414"),
         (b"GET / HTTP/1.1\r\nHost: a", b"400"),
     ],
     ids=["no version", "HTTP/2", "absolute form", "bad method", "no colon", "obs-fold", "chunked",
          "two lengths", "negative length", "huge body", "superscript length", "5000-digit length", "huge header",
-         "too many headers", "cut short"],
+         "too many headers", "huge target", "cut short"],
 )
 def test_malformed_or_oversized_requests_are_refused(raw: bytes, status: bytes) -> None:
     assert exchange(raw).split(b" ")[1] == status

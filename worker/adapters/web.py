@@ -224,18 +224,20 @@ class HttpServer:
 
     async def _line(self, reader: asyncio.StreamReader, seen: _Seen, *, first: bool) -> bytes:
         """The next line of the request's head, without its CRLF (empty: the head's end); the request line and the
-        headers together at most ``max_header_bytes``."""
+        headers together at most ``max_header_bytes`` (a request line longer: its target is too long, a 414)."""
+        too_large = (HttpError(HTTPStatus.REQUEST_URI_TOO_LONG, "request target too long") if first else
+                     HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large"))  # fmt: skip
         try:
             line = await reader.readuntil(b"\r\n")
         except asyncio.LimitOverrunError:
-            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large") from None
+            raise too_large from None
         except asyncio.IncompleteReadError as exc:
             if not first or exc.partial.strip():
                 raise HttpError(HTTPStatus.BAD_REQUEST, "incomplete request") from None
             raise
         seen.head_bytes += len(line)
         if seen.head_bytes > self.max_header_bytes:
-            raise HttpError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large")
+            raise too_large
         return line[:-2]
 
     async def _write(self, writer: asyncio.StreamWriter, method: str, response: Response) -> None:
