@@ -4,6 +4,7 @@ second connection holds the write lock while each command runs in this process."
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -201,3 +202,35 @@ def test_a_customers_unsubscribe_and_rating_pages_open_while_another_program_wri
         store.close()
     # Then the pages come (the GETs only read), rather than an error once SQLite gives up waiting for the lock
     assert statuses == [200, 200]
+
+
+def test_a_daemon_stopped_while_another_program_holds_the_write_lock_stops_at_once_when_nothing_is_in_flight(
+    tmp_path: Path,
+) -> None:
+    import signal
+
+    from tests.daemon_harness import Daemon, make_shop
+
+    # Given a daemon with nothing to send, whose dispatcher's claims (every 0.5 s) wait for the SQLite write lock
+    # that another program holds (an operator's sqlite3 shell left in a transaction), as SQLite does, up to 30 s
+    shop = make_shop(tmp_path, smtp_port=closed_port(), plan_cron="0 9 * * *")
+    daemon = Daemon.start(shop)
+    daemon.wait_event("daemon_started", timeout=60)
+    holder = sqlite3.connect(tmp_path / "kembali.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        time.sleep(1.5)
+        # When it is told to stop
+        daemon.signal(signal.SIGTERM)
+        code = daemon.wait(60)
+    finally:
+        holder.rollback()
+        holder.close()
+    # Then it stops as asked, exit 0, without waiting out its grace period for a claim that holds nothing, then
+    # failing to mark rows in flight it has none of ("rows in flight become uncertain", exit 1, 35 s later)
+    names = [e.get("event") for e in daemon.events]
+    assert code == 0, daemon.log()
+    assert "shutdown_grace_expired" not in names and "shutdown_abandon_failed" not in names, daemon.log()
+    (left,) = daemon.named("shutdown_left_claim")
+    assert left["database"] == str(tmp_path / "kembali.db") and "held no message" in left["note"], left
+    assert daemon.named("daemon_stopped")[0]["exit_code"] == 0

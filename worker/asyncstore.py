@@ -29,6 +29,14 @@ T = TypeVar("T")
 
 RETRY_SECONDS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
 """The waits before a failed database call is tried again (15.5 s in all: a database restart or failover)."""
+STOP_PATIENCE_SECONDS = 1.0
+"""Once a stop is asked, how long ``call_retrying_until`` still waits for its call under way: a claim takes
+milliseconds, but one waiting for another program's SQLite write lock waits up to the busy timeout (30 s), and
+nothing cuts SQLite's wait short."""
+
+
+class CallLeft(Exception):
+    """A call ``call_retrying_until`` stopped waiting for once a stop was asked: its thread goes on with it."""
 
 
 async def retrying(
@@ -64,6 +72,9 @@ class AsyncStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kembali-db")
+        self.left_running = False
+        """Whether a call was left to its thread unanswered (``call_retrying_until`` stopped): a closing that waits
+        for the thread waits for the database (another program's SQLite write lock: up to the busy timeout)."""
 
     async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
@@ -78,8 +89,27 @@ class AsyncStore:
     async def call_retrying_until(self, stop: asyncio.Event, event: str, fn: Callable[P, T], /, *args: P.args,
                                   **kwargs: P.kwargs) -> T:
         """``call_retrying``, whose retries end once ``stop`` is set (``retrying``'s ``stop``: a stopping daemon
-        waits for no retry of a call nothing waits for)."""
-        return await retrying(event, lambda: self.call(fn, *args, **kwargs), self.RETRY_SECONDS, stop=stop)
+        waits for no retry of a call nothing waits for), and whose call under way is waited for
+        ``STOP_PATIENCE_SECONDS`` more at most, then left to its thread (``CallLeft``, ``left_running``). For the
+        claim, whose rows, should it take some after all, lapse back to the queue with its lease."""
+        return await retrying(event, lambda: self._call_until(stop, fn, *args, **kwargs), self.RETRY_SECONDS,
+                              stop=stop)
+
+    async def _call_until(self, stop: asyncio.Event, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        call = asyncio.ensure_future(self.call(fn, *args, **kwargs))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({call, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():
+                await asyncio.wait({call}, timeout=STOP_PATIENCE_SECONDS)
+        finally:
+            stopped.cancel()
+            if not call.done():  # (cancelled: as an await of the call itself would be, its thread goes on)
+                call.cancel()
+                self.left_running = True
+        if not call.done():
+            raise CallLeft(f"stopped waiting for the database's answer to {fn.__name__}")
+        return call.result()
 
     def close(self, *, wait: bool = True) -> None:
         """Stop the thread, once its calls are done (``wait``); without ``wait``, calls not yet begun are

@@ -352,6 +352,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         settings = self.gen.settings
+        code: int | None = None
         try:
             if self.starting is not None:
                 self.starting.check()  # a stop signal that came before the loop took the signals over
@@ -385,20 +386,24 @@ class Daemon:
             if self._reload_after_start is not None:
                 self.request_reload(self._reload_after_start)
             await self._stop.wait()
-            return await self._shutdown(dispatch)
+            code = await self._shutdown(dispatch)
+            return code
         finally:
+            # a call left to its thread (a claim waiting for another program's SQLite write lock when the stop came,
+            # nothing in flight): closing would wait for it, as for a stuck one, but the stop itself went as asked
+            held = self._stuck or self.astore.left_running
             try:
-                if self._stuck:  # closing may wait on the database as well
+                if held:  # closing may wait on the database as well
                     await asyncio.wait({asyncio.ensure_future(self._close())}, timeout=STUCK_CLOSE_SECONDS)
                 else:
                     await self._close()
             finally:  # not before: a SIGHUP (a log rotation) or SIGTERM while closing would kill it where it stands
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
-            if self._stuck:  # threads held by the database would keep the process (asyncio.run and the interpreter
-                self._remove_snapshots()  # join them at the exit): all is logged, nothing else is left to record
+            if held:  # threads held by the database would keep the process (asyncio.run and the interpreter join
+                self._remove_snapshots()  # them at the exit): all is logged, nothing else is left to record
                 logging.shutdown()
-                os._exit(EXIT_FORCED)
+                os._exit(EXIT_FORCED if self._stuck or code is None else code)
 
     @staticmethod
     async def _start_web(web: HttpServer, settings: Settings) -> int:
@@ -1106,6 +1111,11 @@ class Daemon:
         if self._planning and not self._stuck:  # idempotent, but a pass cannot be stopped midway: let finish
             log.event("shutdown_waiting_for_planning", campaigns=",".join(sorted(set(self._planning.values()))))
             await asyncio.wait(list(self._planning))
+        if self.astore.left_running and not self._stuck:
+            log.event("shutdown_left_claim", logging.WARNING, database=db.describe(self.store.engine),
+                      note="a claim still waiting for the database (another program holding its write lock?) was "
+                           "left unanswered: it held no message; one it takes after all goes back to the queue when "
+                           "its lease lapses")
         log.event("daemon_stopped", worker=self.worker, exit_code=code, **self.metrics.since_start())
         return code
 
