@@ -49,7 +49,10 @@ Theory of operation
   in flight are marked ``uncertain`` (claimed
   ones go back to the queue; when the database cannot be reached then, or does not
   answer within ``ABANDON_SECONDS``, exit 1 and they lapse as below; a stuck database's
-  threads are not waited for). A second signal exits at once with code 1; rows in
+  threads are not waited for). A claim still waiting for the database when the stop
+  came (another program's SQLite write lock) is waited for ``STOP_PATIENCE_SECONDS``,
+  then left to its thread (``shutdown_left_claim``, exit 0: it held nothing; rows it
+  takes after all lapse back to the queue). A second signal exits at once with code 1; rows in
   flight then become ``uncertain`` when their lease lapses. A reload under way
   gives up at the next render of its check; no template copy outlives the
   process, not even the second signal's immediate exit (only a SIGKILL's). (A SIGTERM repeated
