@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import zipfile
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -1785,6 +1786,53 @@ def test_a_header_of_huge_or_countless_column_names_is_named_on_lines_of_bounded
     assert code == 2 and max(map(len, out.splitlines())) < 1000, [len(line) for line in out.splitlines()]
     assert "line 1: a CSV needs an 'email' column (found: address, qqqq" in out
     assert "…(10000 chars), note0, note1, note2, note3, note4, note5, note6, note7, and 2992 more)" in out
+
+
+def test_a_file_of_no_line_breaks_is_refused_without_being_held_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a JSON export given by mistake: one line of 24 MB, the whole file, of short fields between its commas
+    config = migrated_config(tmp_path)
+    row = '{{"id": "C-{0}", "email": "c{0}@example.com", "marketing_consent": true}}'
+    rows = ", ".join(row.format(i) for i in range(350_000))
+    (tmp_path / "customers.json").write_text(f"[{rows}]", encoding="utf-8")
+    # When it is imported as customers
+    tracemalloc.start()
+    try:
+        code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.json"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Then it is refused, saying its first line is longer than a line may be, and it was read a piece at a time,
+    # in less memory than the file's size (it was held whole, split into a column at each comma: 1.5 GB for a file
+    # of 150 MB, and the first ten named)
+    assert code == 2, out
+    assert (f"customers.json: line 1: customers.json: header: unreadable CSV: line 1 holds more than "
+            f"{importer.MAX_LINE:,} characters, the most a line may hold (a CSV file has one row a line: is it one?)"
+            ) in out, out
+    assert peak < 4 * importer.MAX_LINE < (tmp_path / "customers.json").stat().st_size, peak
+
+
+def test_a_row_longer_than_a_line_may_be_is_rejected_and_the_rows_after_it_imported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a customers file whose third line is 6 million characters of short fields (a sheet's row of junk
+    # pasted across its columns), with a line broken inside quotes before it
+    config = migrated_config(tmp_path)
+    junk = "x," * 3_000_000
+    (tmp_path / "customers.csv").write_text(
+        'id,email,name,marketing_consent\r\nC-1,c1@example.com,"Ani\r\nPutri",ya\r\n'
+        f"C-2,c2@example.com,Budi,ya,{junk}\r\nC-3,c3@example.com,Citra,ya\r\n",
+        encoding="utf-8",
+    )
+    # When it is imported
+    code, out = kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))
+    # Then that row is rejected by its line and id, and the rows around it are imported
+    assert code == 1, out
+    assert (f"customers.csv:4: id 'C-2': unreadable CSV: line 4 holds more than {importer.MAX_LINE:,} characters, "
+            "the most a line may hold") in out, out
+    assert "customers: 2 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+    assert _ids(f"sqlite:///{tmp_path / 'k.db'}", "customer") == {"C-1", "C-3"}
 
 
 @pytest.mark.parametrize("header", ["id,email,name,marketing_consent", "id,email,marketing_consent,name"])

@@ -15,7 +15,8 @@ or fewer fields than the header is an error (a stray comma shifts columns), unle
 are all empty (a spreadsheet's trailing empty columns: they are dropped), or unless the fields it lacks are all
 of columns without a name at the header's end (Excel may leave their empty fields out after the first rows), and
 so is one with a field past the CSV
-field limit (``unreadable``: named by its column; the reader goes on after the line it stopped on), and one with
+field limit (``unreadable``: named by its column; the reader goes on after the line it stopped on), one with a line
+longer than ``MAX_LINE`` (read a piece at a time, never held whole: a JSON file is one line), and one with
 bytes that are not UTF-8 or with UTF-8 text decoded in another encoding (``_not_utf8``, ``_mojibake``) in a column
 that is read: an ignored column's text is not checked.
 Records carry the optional columns the file lacks (``absent``): the upsert
@@ -1117,6 +1118,14 @@ class _SeenIds:
                 self._find_or_put(digest, line)
 
 
+MAX_LINE = 4 * 2**20
+"""The most characters a line of a file may hold (a row of a wide shop export is some thousands; a field, the CSV
+field limit's 131072): a longer one, a JSON file given by mistake (the whole file on one line), is read a piece at a
+time and rejected, never held whole."""
+_OVERLONG_KEPT = 4096
+"""The characters of a line longer than ``MAX_LINE`` kept to name its row by its id."""
+
+
 @dataclass(frozen=True)
 class _Broken:
     key: str
@@ -1147,6 +1156,9 @@ class _Rows:
         self._cr_ends_lines: bool | None = None
         """Whether a carriage return alone ends a line: only in a file whose first line so ends (an old Mac's);
         in one of LF or CRLF lines it is a line break inside a quoted field, within its line."""
+        self._overlong = ""
+        """The start of a line longer than ``MAX_LINE`` the reader was just given in its place (``_lines``), until
+        the reader's error for it is said; else ""."""
         self.columns: list[str] = []
         self.key_column = 0
         self.ignored: frozenset[int] = frozenset()
@@ -1162,15 +1174,30 @@ class _Rows:
     def _lines(self, handle: TextIO) -> Iterator[str]:
         # read with newline="", the file's text comes in pieces that end at LF, CRLF or a CR alone: the csv
         # reader's line_num counts each, and a name holding a CR moved every row after it one line on
+        # a line is read at most MAX_LINE characters at a time: a file of no line breaks (a JSON export) is not held
+        # whole, split at its every comma (1.5 GB for a file of 150 MB)
         taken = self._taken
-        for line in handle:
+        while line := handle.readline(MAX_LINE):
             if self._cr_ends_lines is None:
                 self._cr_ends_lines = line.endswith("\r")
             if self._line_ended:
                 self._line += 1
-            self._line_ended = line.endswith("\n") or (self._cr_ends_lines and line.endswith("\r"))
+            self._line_ended = self._ends_line(line)
+            if len(line) >= MAX_LINE and not self._line_ended:
+                # the rest of the line skipped, and in its place a field the reader refuses (whether or not it is
+                # in a quoted field): its error names the line (``_unreadable``), and the next line is read
+                self._overlong = line[:_OVERLONG_KEPT]
+                while (line := handle.readline(MAX_LINE)) and not self._ends_line(line):
+                    pass
+                self._line_ended = True
+                yield "x" * (csv.field_size_limit() + 1)
+                continue
             taken.append(line)
             yield line
+
+    def _ends_line(self, text: str) -> bool:
+        """Whether ``text``, as the file gives it (``newline=""``), ends the file's line."""
+        return text.endswith("\n") or bool(self._cr_ends_lines and text.endswith("\r"))
 
     def __enter__(self) -> _Rows:
         return self
@@ -1189,8 +1216,10 @@ class _Rows:
             except StopIteration:
                 return
             except csv.Error as exc:
+                overlong = bool(self._overlong)  # (a line's length, not a quote, made it unreadable)
                 why = self._unreadable(exc)
-                yield start, self._line, _Broken(why.key, why.reason + _swallowed(start, self._line), why.blank)
+                yield start, self._line, _Broken(why.key, why.reason + _swallowed(start, self._line, not overlong),
+                                                 why.blank)  # fmt: skip
                 continue
             if any(field.strip() for field in fields):
                 columns, key, ignored = self.columns, self.key_column, self.ignored
@@ -1208,6 +1237,13 @@ class _Rows:
                 and not any(field.strip() for field in fields[width:]))  # fmt: skip
 
     def _unreadable(self, exc: csv.Error) -> _Broken:
+        if self._overlong:  # the row's fields before the line's last one read are named (its id, found there)
+            start, self._overlong = "".join(self._taken) + self._overlong, ""
+            self._taken.clear()
+            hint = "" if self.columns else " (a CSV file has one row a line: is it one?)"
+            return self._broken(next(csv.reader([start]), [])[:-1], (
+                f"unreadable CSV: line {self._line} holds more than {MAX_LINE:,} characters, the most a line may "
+                f"hold{hint}"))  # fmt: skip
         reason, before = unreadable(exc, "".join(self._taken), self.columns)
         self._taken.clear()
         return self._broken(before, reason)
@@ -1296,12 +1332,13 @@ def _long_field(text: str, limit: int) -> tuple[int, list[str]] | None:
         at += 1
 
 
-def _swallowed(start: int, end: int) -> str:
-    """For a bad row read from more than one line: which lines went into it (none of them is imported)."""
+def _swallowed(start: int, end: int, quote: bool = True) -> str:
+    """For a bad row read from more than one line: which lines went into it (none of them is imported), and with
+    ``quote`` the likely cause."""
     if end <= start:
         return ""
-    return (f"; it takes in lines {start} to {end}, none of which is imported (a quote opened and never closed "
-            "makes the lines after it one field)")  # fmt: skip
+    cause = " (a quote opened and never closed makes the lines after it one field)" if quote else ""
+    return f"; it takes in lines {start} to {end}, none of which is imported{cause}"
 
 
 def _open(path: Path, position: ReadPosition | None = None) -> _Rows:
