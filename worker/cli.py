@@ -137,14 +137,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="import customers, products or orders from CSV",
                        description="Import a CSV file (columns in the README). Rows are upserted by their id, so "
-                       "importing the same file twice changes nothing. A bad row is reported with its line number "
-                       "and skipped; the rest is imported. Import customers before their orders (an order of an "
-                       "unknown customer is rejected). Exit code 1 if any row was rejected, or imported with a "
-                       "warning (an unclear marketing_consent, a birthday, time_zone or locale left out, one "
-                       "address whose customers' consents disagree); 2 if "
-                       "the file is missing or cannot be read as CSV of that kind (nothing imported); 3 when the "
-                       "database cannot be used; 130/143 when stopped by Ctrl-C/SIGTERM (it says up to which line the "
-                       "file is imported).")
+                       "importing the same file twice changes nothing, and nothing is deleted: a row a later file "
+                       "leaves out stays as stored (take an order back as cancelled). A bad row is reported with its "
+                       "line number and skipped; the rest is imported. Import customers before their orders (an order "
+                       "of an unknown customer is rejected). Exit code 1 if any row was rejected, or imported with a "
+                       "warning (an unclear marketing_consent, a birthday, time_zone or locale left out, one address "
+                       "whose customers' consents disagree); 2 if the file is missing or cannot be read as CSV of that "
+                       "kind (nothing imported); 3 when the database cannot be used; 130/143 when stopped by "
+                       "Ctrl-C/SIGTERM (it says up to which line the file is imported).")
     p.add_argument("kind", choices=["customers", "products", "orders"], help="what the file holds")
     p.add_argument("file", help="the CSV file (UTF-8, a header row); a pipe is read too: "
                    "<(gunzip -c orders.csv.gz), or '-' for standard input")
