@@ -342,11 +342,11 @@ def _upsert_orders(
         changed: list[dict[str, Any]] = []
         lines_of: dict[str, list[dict[str, Any]]] = {}
         """The lines of each order inserted or changed, by external id."""
-        zeros = _zeros_apart(conn, {r.customer_external_id for r in by_id.values()} - customers.keys())
+        alike = _stored_alike(conn, {r.customer_external_id for r in by_id.values()} - customers.keys())
         for ext, rec in by_id.items():
             customer_id = customers.get(rec.customer_external_id)
             if customer_id is None:
-                counts.rejected.append((ext, _unknown_customer(rec.customer_external_id, zeros)))
+                counts.rejected.append((ext, _unknown_customer(rec.customer_external_id, alike)))
                 continue
             old = existing.get(ext)
             sum_key = (customer_id, rec.currency)
@@ -411,11 +411,13 @@ _ZEROS = 4
 """How many leading zeros a spreadsheet may have dropped from (or an id have beyond) a customer id looked for."""
 
 
-def _zeros_apart(conn: Connection, unknown: set[str]) -> dict[str, str]:
-    """Each unknown customer id of digits → a stored one that is it with leading zeros dropped or added: a
-    spreadsheet reads 0812345 as the number 812345 (in one of the files, not the other)."""
+def _stored_alike(conn: Connection, unknown: set[str]) -> dict[str, str]:
+    """Each unknown customer id → a stored one it may be: of digits, with leading zeros dropped or added (a
+    spreadsheet reads 0812345 as the number 812345, in one of the files, not the other); else in capitals or in
+    small letters (``CUST-A1`` for ``cust-a1``: another system's export). Looked up by the ids' index."""
     digits = {ext for ext in unknown if ext.isascii() and ext.isdigit()}
     forms = {"0" * k + ext.lstrip("0"): ext for ext in digits for k in range(_ZEROS + 1)}
+    forms |= {form: ext for ext in unknown - digits for form in (ext.upper(), ext.lower())}
     forms = {form: ext for form, ext in forms.items() if form and form != ext}
     if not forms:
         return {}
@@ -423,11 +425,14 @@ def _zeros_apart(conn: Connection, unknown: set[str]) -> dict[str, str]:
     return {forms[stored]: stored for stored, in found}
 
 
-def _unknown_customer(external_id: str, zeros: dict[str, str]) -> str:
-    """Why an order's customer is not found, naming the stored customer its id may be (``_zeros_apart``)."""
-    stored = zeros.get(external_id)
+def _unknown_customer(external_id: str, alike: dict[str, str]) -> str:
+    """Why an order's customer is not found, naming the stored customer its id may be (``_stored_alike``)."""
+    stored = alike.get(external_id)
     if stored is None:
         return f"unknown customer id {external_id!r} (import its customer first)"
+    if stored.lower() == external_id.lower():
+        return (f"unknown customer id {external_id!r} (customer {stored!r} is stored: ids are compared exactly, case "
+                "included; write the id as the customers file has it)")  # fmt: skip
     return (f"unknown customer id {external_id!r} (customer {stored!r} is stored: a spreadsheet drops the leading "
             "zeros of an id it reads as a number; format the id column as text and export the file again)")
 
