@@ -1241,7 +1241,11 @@ class _Rows:
             start, self._overlong = "".join(self._taken) + self._overlong, ""
             self._taken.clear()
             hint = "" if self.columns else " (a CSV file has one row a line: is it one?)"
-            return self._broken(next(csv.reader([start]), [])[:-1], (
+            try:
+                before = next(csv.reader([start]), [])[:-1]  # (its last field is cut short)
+            except csv.Error:
+                before = []
+            return self._broken(before, (
                 f"unreadable CSV: line {self._line} holds more than {MAX_LINE:,} characters, the most a line may "
                 f"hold{hint}"))  # fmt: skip
         reason, before = unreadable(exc, "".join(self._taken), self.columns)
