@@ -1683,6 +1683,33 @@ def test_an_orders_later_rows_that_leave_the_order_columns_empty_are_its_lines(
     assert _rows(url, "select count(*) from order_line") == [(3,)]
 
 
+def test_an_order_of_more_rows_than_an_order_may_have_is_skipped_without_being_held_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an orders file whose order_id column holds no order number (the wrong column renamed so: every row of
+    # one "order"), and one more order after it; an order may have 3 rows here, as it may have 10,000
+    monkeypatch.setattr(importer, "MAX_ORDER_ROWS", 3)
+    config = migrated_config(tmp_path)
+    (tmp_path / "customers.csv").write_text("id,email,name,marketing_consent\nC-1,c1@example.com,Ani,ya\n")
+    assert kembali(capsys, "--config", str(config), "import", "customers", str(tmp_path / "customers.csv"))[0] == 0
+    (tmp_path / "orders.csv").write_text(
+        "order_id,customer_id,status,placed_at,product_id,quantity,unit_price\n"
+        + "".join(f"paid,C-1,paid,2026-10-01,P-{i},1,1000\n" for i in range(6))
+        + "#1002,C-1,paid,2026-10-02,P-1,1,1000\n#1002,C-1,paid,2026-10-02,P-2,1,1000\n"
+        "#1002,C-1,paid,2026-10-02,P-3,1,1000\n"
+    )
+    # When they are imported
+    code, out = kembali(capsys, "--config", str(config), "import", "orders", str(tmp_path / "orders.csv"))
+    # Then that order is rejected once, at its fourth row, its rows not held past it (an "order" of 300,000 rows
+    # took 430 MB, and was imported as one order of 300,000 lines), and the order after it, of 3 rows, is imported
+    assert code == 1, out
+    assert ("orders.csv:5: id 'paid': order 'paid' has more than 3 rows (from line 2), more lines than an order has: "
+            "is its order_id column the order's number? the whole order is skipped") in out, out
+    assert "orders: 1 created, 0 updated, 0 unchanged, 1 rejected" in out, out
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    assert _rows(url, "select external_id from shop_order") == [("#1002",)]
+
+
 def test_a_row_with_two_faults_is_one_rejected_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Given an order of two rows, the first without its product, the second without it too and naming another
     # customer

@@ -69,7 +69,7 @@ orders.csv: one row per order line, the order's columns repeated on each
     columns or leave them empty (then they are the first row's), and an
     order's rows must be kept together: one whose rows come back after
     another order's is skipped whole (found by a first read of the file,
-    ``_scattered``). Any bad row drops its whole order.
+    ``_scattered``), and so is one of more than ``MAX_ORDER_ROWS`` rows. Any bad row drops its whole order.
 
 Date-times: ``2026-11-22T10:00:00+07:00``, ``2026-11-22T03:00:00Z``,
 ``2026-11-22 10:00`` or ``2026-11-22``. A time written ``10.30`` (as
@@ -316,6 +316,9 @@ def read_orders(
                                                    on_warning=on_warning, now=now))  # fmt: skip
 
 
+MAX_ORDER_ROWS = 10_000
+"""The most rows (lines) an order may have: its rows are held until the order is read, and an order of more is an
+order_id column that holds no order's number (every row one "order"), skipped, not held whole."""
 ORDER_SKIPPED = "; the whole order is skipped"
 """Said after why a row of an order could not be read (``_Broken``): none of the order's rows is imported."""
 
@@ -374,7 +377,13 @@ def numbered_orders(
                     yield line, end, RowError(file_name(path), line, "", reason)
                     continue
                 if key == current:
-                    if group:
+                    if len(group) >= MAX_ORDER_ROWS:  # held no further: the order is skipped, its next rows unsaid
+                        yield line, end, RowError(file_name(path), line, key, (
+                            f"order {key!r} has more than {MAX_ORDER_ROWS:,} rows (from line {group[0][0]}), more "
+                            "lines than an order has: is its order_id column the order's number? the whole order "
+                            "is skipped"))  # fmt: skip
+                        group = []
+                    elif group:
                         group.append((line, row))
                         group_end = end
                     continue  # rows of a dropped, re-appearing order: reported once
