@@ -1299,3 +1299,21 @@ def test_a_shop_with_no_purchases_is_not_read_as_0_of_0(tmp_path: Path) -> None:
     assert "0 of 0" not in done.stdout, done.stdout
     assert "repeat purchase rate: n/a (no customer bought in the period)\n" in done.stdout
     assert "churn: n/a (no customer had bought before the period)\n" in done.stdout
+
+
+def test_a_window_or_a_gap_of_one_day_is_said_in_the_singular(tmp_path: Path) -> None:
+    # Given a shop with a one-day attribution window asked for, and customers who bought again an hour, or a day and
+    # an hour, after their first purchase
+    site = make_site(tmp_path / "site")
+    same_day = _came_back(tmp_path / "same day", range(0, 1))
+    next_day = _came_back(tmp_path / "next day", range(1, 2))
+
+    # When the operator reads the stats and the insights
+    stats_text = site.cli("stats", "--now", NOW.isoformat(), "--window-days", "1").stdout
+    same_day_text = same_day.cli("insights").stdout
+    next_day_text = next_day.cli("insights").stdout
+
+    # Then none says "1 days"
+    assert "; conversion = bought within 1 day of the email\n" in stats_text, stats_text
+    assert "\nmedian: 0 days; 80% of second purchases happened within 1 day\n" in same_day_text, same_day_text
+    assert "\nmedian: 1 day; 80% of second purchases happened within 2 days\n" in next_day_text, next_day_text

@@ -42,6 +42,11 @@ def _not_yet(window_days: int, pending: int, who: str) -> str:
     return f"not measured yet: the {window_days}-day windows of the {pending} {who.format('customers')} are still open"
 
 
+def _days(n: int | None) -> str:
+    """``n`` days, one in the singular: "within 1 day", not "1 days"."""
+    return f"{n} day" if n == 1 else f"{n} days"
+
+
 def _money(minor: int, currency: str) -> str:
     return format_money(minor, currency, "en")
 
@@ -102,7 +107,7 @@ def stats_lines(report: StatsReport) -> list[str]:
         last -= timedelta(days=1)
     out = [f"Kembali stats from {report.local(report.since).date()} to {last.date()} "
            f"({report.time_zone}); "
-           f"conversion = bought within {report.window_days} days of the email"]  # fmt: skip
+           f"conversion = bought within {_days(report.window_days)} of the email"]  # fmt: skip
     if not report.steps:
         out.append("\nno messages were planned in this period")
     for s in report.steps:
@@ -197,8 +202,8 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
     for start, end, count in found.histogram:
         print(f"  {start:>4}-{end:<4} {count:>6}  {core_stats.bar(count, most)}")
     median = core_stats.quantile_day(found.gaps_days, 0.5)
-    print(f"\nmedian: {median} days; {100 * found.share:g}% of second purchases happened within "
-          f"{found.recommended_quiet_days} days")  # fmt: skip
+    print(f"\nmedian: {_days(median)}; {100 * found.share:g}% of second purchases happened within "
+          f"{_days(found.recommended_quiet_days)}")  # fmt: skip
     purchases = f"{n} second purchase{'' if n == 1 else 's'}"
     caveat = "" if n >= MIN_SECOND_ORDERS else f" (only {purchases}: treat it as a rough guess)"
     winback = settings.campaigns.winback
