@@ -1177,6 +1177,24 @@ def test_a_period_ending_at_midnight_names_the_day_before_as_its_last(tmp_path: 
     assert later.startswith("Kembali stats from 2026-11-01 to 2026-12-01 (Asia/Jakarta)"), later
 
 
+def test_since_the_day_a_period_ending_at_its_midnight_leaves_out_is_refused(tmp_path: Path) -> None:
+    # Given a Jakarta shop
+    site = make_site(tmp_path / "shop")
+    # When the operator asks for the stats since 1 December, up to 00:00 on 1 December there: a period of no time,
+    # whose last day is 30 November
+    done = site.cli("stats", "--since", "2026-12-01", "--now", "2026-12-01T00:00+07:00")
+    # Then it is refused as a --since after the report's last day, not a report "from 2026-12-01 to 2026-12-01" of
+    # nothing, as if 1 December had been counted and found empty
+    assert done.returncode == 2, done.stdout
+    assert done.stdout == ""
+    assert ("kembali stats: --since 2026-12-01 is after the last day of the report (2026-11-30, Asia/Jakarta: --now "
+            "at 00:00 there ends it with the day before): give a day before it") in done.stderr, done.stderr
+    # while since the day before, it is that day's report
+    day = site.cli("stats", "--since", "2026-11-30", "--now", "2026-12-01T00:00+07:00")
+    assert day.returncode == 0, day.stderr
+    assert day.stdout.startswith("Kembali stats from 2026-11-30 to 2026-11-30 (Asia/Jakarta)"), day.stdout
+
+
 def test_an_unsubscribe_an_import_carried_to_a_customers_new_address_is_counted_once(db_url: str) -> None:
     from worker.stats import build_stats
 

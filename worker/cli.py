@@ -248,8 +248,8 @@ def _parser() -> argparse.ArgumentParser:
                        "the database cannot be used.")
     p.add_argument("--since", type=_date_arg, default=None, metavar="YYYY-MM-DD",
                    help="start of the period: a day on the shop's clock (shop.time_zone), as the report's days "
-                   "are, from its 00:00 there; the day of --now (today without it) or earlier (default: the day 90 "
-                   "days before it, from its start)")
+                   "are, from its 00:00 there; the report's last day (that of --now, the one before when --now is "
+                   "00:00 there; today without it) or earlier (default: the day 90 days before it, from its start)")
     p.add_argument("--now", type=_datetime_arg, default=None, metavar="MOMENT",
                    help="end the period at this moment instead of now, ISO 8601 with offset, e.g. "
                    "2027-03-01T00:00+07:00: its day in shop.time_zone is the report's last (the day before at 00:00 "

@@ -68,6 +68,12 @@ def stats_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"kembali stats: --since {args.since} is after {today} ({local_now:%Y-%m-%d}, {zone_name}): give a day "
               f"{'before it' if args.now else 'in the past'}", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    if since == now and args.now:  # --now at 00:00 of the --since day: a period of no time, whose last day is the
+        # day before (stats_lines), not a report "from 2026-12-01 to 2026-12-01" of nothing, as if that day were empty
+        print(f"kembali stats: --since {args.since} is after the last day of the report "
+              f"({(local_now - timedelta(days=1)):%Y-%m-%d}, {zone_name}: --now at 00:00 there ends it with the day "
+              "before): give a day before it", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     if args.now and args.now > datetime.now(UTC):  # a year mistyped, or a demo's simulated clock
         print(f"kembali stats: note: --now {args.now.isoformat()} is after the current time: an attribution window "
               "still open now counts as closed, with the orders imported so far", file=sys.stderr)  # fmt: skip
