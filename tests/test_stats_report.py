@@ -566,6 +566,26 @@ def test_json_lists_suppression_reasons_in_one_order_on_each_database(db_url: st
     assert text == '{"complaint": 3, "hard_bounce": 3, "manual": 3, "unsubscribed": 3}'
 
 
+def test_a_reason_an_earlier_version_stored_as_typed_is_counted_with_kembalis_on_each_database(db_url: str) -> None:
+    from worker.stats import build_stats
+
+    # Given complaints and bounces an earlier kembali stored as typed (`suppress add --reason Complaint`, `suppress
+    # import --reason HARD_BOUNCE`), beside ones stored as Kembali writes them now, and a reason of the shop's own
+    engine = db.create_engine(db_url)
+    try:
+        store = Store(engine)
+        reasons = ["Complaint", "complaint", "COMPLAINT", "HARD_BOUNCE", "hard_bounce", "Unsubscribed", "Spamtrap"]
+        for i, reason in enumerate(reasons):
+            store.suppress(f"s{i}@example.com", reason=reason, source="cli", now=NOW - timedelta(days=1))
+        # When the stats are made
+        report = build_stats(engine, since=NOW - timedelta(days=90), now=NOW)
+    finally:
+        engine.dispose()
+    # Then each reason Kembali knows is counted once, as Kembali writes it, not a 'Complaint' apart from the
+    # 'complaint' (a program reading --json's "complaint" missed them); the shop's own reason is left as it is
+    assert report.as_json()["suppressions"] == {"Spamtrap": 1, "complaint": 3, "hard_bounce": 2, "unsubscribed": 1}
+
+
 def test_a_lift_that_rounds_to_zero_reads_plus_zero_not_minus_zero() -> None:
     from worker.commands.reporting import stats_lines
     from worker.stats import StatsReport, StepStats

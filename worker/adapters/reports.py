@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from worker.adapters import db
 from worker.adapters.ledger import CLOSED_WITH, closed_as_failed
-from worker.adapters.store import PAID, M, O, S, followed_sql, payload_days, payload_text
+from worker.adapters.store import KEMBALI_REASONS, PAID, M, O, S, followed_sql, payload_days, payload_text
 from worker.adapters.tables import Attempt, Feedback, UTCDateTime
 from worker.core import stats
 from worker.core.audiences import WINBACK
@@ -112,9 +112,13 @@ def suppressions(conn: sa.Connection, since: datetime, until: datetime) -> dict[
     hard_bounce…), in the reasons' order (PostgreSQL's GROUP BY returns them in hash order, which ``--json`` would
     show). One an import carried to a customer's new address (``shop.Followed``) is the customer's unsubscribe or
     complaint again, counted once: at the address they gave it at."""
-    query = sa.select(S.c.reason, sa.func.count()).where(
+    # a reason Kembali knows as Kembali writes it: an earlier version stored it as typed ('Complaint'), which was
+    # counted apart from the 'complaint' entries (and missed by a program reading --json's "complaint")
+    folded = sa.func.lower(S.c.reason)
+    reason = sa.case((folded.in_(KEMBALI_REASONS), folded), else_=S.c.reason).label("reason")
+    query = sa.select(reason, sa.func.count()).where(
         _in_period(S.c.created_at, since, until), ~followed_sql(S.c.source)
-    ).group_by(S.c.reason)
+    ).group_by(reason)
     return {r: int(n) for r, n in sorted(conn.execute(query))}
 
 

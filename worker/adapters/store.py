@@ -169,6 +169,11 @@ CUSTOMERS_OWN = ("unsubscribed", "complaint")
 customer to the address a later import gives them (``shop.upsert_customers``), where a bounce stays with its dead
 mailbox; a resend refused for one advises closing the message, not clearing the entry as for a bounce or an
 operator's own."""
+
+KEMBALI_REASONS = ("manual", "hard_bounce", *CUSTOMERS_OWN)
+"""The reasons Kembali knows (stats, a resend's advice): one given in another case is stored, and listed, as
+Kembali writes it (an earlier version stored it as typed, 'Complaint': ``stats`` counts it as Kembali writes it)."""
+
 MOVED_FROM = " moved from "
 """What the source of a suppression an import carried to a customer's new address says between the customer and
 the address on the list it followed (``followed_source``)."""

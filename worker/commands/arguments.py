@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from worker.adapters.store import CUSTOMERS_OWN, ids_in_other_case
+from worker.adapters.store import KEMBALI_REASONS, ids_in_other_case
 from worker.log import printable
 
 
@@ -119,11 +119,6 @@ def address(text: str) -> str:
 
 MAX_REASON_CHARS = 30
 """The suppression list's reason column (PostgreSQL refuses a longer one)."""
-
-
-KEMBALI_REASONS = ("manual", "hard_bounce", *CUSTOMERS_OWN)
-"""The reasons Kembali knows (stats, a resend's advice): one given in another case is stored, and listed, as
-Kembali writes it."""
 
 
 def suppression_reason(text: str) -> str:

@@ -25,7 +25,7 @@ from worker.adapters.importer import (
     other_separator,
     unreadable,
 )
-from worker.adapters.store import CUSTOMERS_OWN, Store, suppression_address
+from worker.adapters.store import CUSTOMERS_OWN, KEMBALI_REASONS, Store, suppression_address
 from worker.commands import arguments
 from worker.commands.progress import Progress
 from worker.config import Settings
@@ -70,7 +70,7 @@ def suppress(settings: Settings, args: argparse.Namespace) -> int:
             new = store.suppress(email, reason=reason, source="cli", now=SystemClock().now())
             kept = next(iter(opstore.suppressions(store, email=email)), None) if not new else None
             # (a reason Kembali knows is that reason as an earlier version stored it, as typed: 'Complaint')
-            known = reason in arguments.KEMBALI_REASONS
+            known = reason in KEMBALI_REASONS
             if kept is not None and (kept["reason"].lower() if known else kept["reason"]) != reason:
                 # not "already suppressed" alone: read as now this reason
                 print(f"{suppression_address(email)}: already suppressed as {printable(kept['reason'])!r} (from "
@@ -126,7 +126,7 @@ def _list(store: Store, reason: str | None, email: str | None = None) -> int:
         out.writerow(["email", "reason", "source", "created_at"])
         listed = 0
         # a reason Kembali knows in any case: earlier versions stored `--reason Complaint` as typed
-        known_reason = reason is not None and reason in arguments.KEMBALI_REASONS
+        known_reason = reason is not None and reason in KEMBALI_REASONS
         for r in opstore.each_suppression(store, reason=reason, email=email, any_case=known_reason):
             out.writerow([_cell(r["email"]), _cell(r["reason"]), _cell(r["source"]), r["created_at"].isoformat()])
             listed += 1
