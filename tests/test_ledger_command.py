@@ -6,7 +6,7 @@ import contextlib
 import json
 import shlex
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,23 @@ def test_a_message_to_a_suppressed_address_is_not_put_back_in_the_queue(
     assert cli.main(["--config", str(config), "suppress", "remove", GONE]) == 0
     assert kembali(config, "resend", str(failed.id)) == 0
     assert shop.row(GONE).status == "retry"
+
+
+def test_a_resend_to_an_address_an_earlier_version_suppressed_as_typed_is_advised_as_the_customers_wish(
+    world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a failed message whose address an earlier kembali suppressed as typed: 'Unsubscribed'
+    shop, config = world
+    failed = shop.row(GONE)
+    shop.store.suppress(GONE, reason="Unsubscribed", source="cli", now=datetime.now(UTC))
+
+    # When the operator resends it
+    assert kembali(config, "resend", str(failed.id)) == 1
+
+    # Then it is refused with the advice for the customer's own wish, not to clear the entry as for a bounce
+    err = capsys.readouterr().err
+    assert f"the customer asked for no more email: `kembali ledger close {failed.id}` it instead" in err, err
+    assert "suppress remove" not in err, err
 
 
 def test_a_skipped_row_is_listed_with_why_it_was_skipped(

@@ -505,18 +505,24 @@ def test_an_import_that_carries_many_unsubscribes_names_the_first_and_counts_the
     assert "@example.org" not in said.replace("c***@example.org", ""), said
 
 
+def _budi_moves(url: str, reason: str, folder: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, dict[str, str]]:
+    """Budi, on the suppression list as budi@example.com for ``reason``, then given budi.santoso@example.com by a
+    customers import: what the import said, and the list's entries (address → reason)."""
+    store = make_shop(url, [customer("C1", email="budi@example.com")], [])
+    try:
+        store.suppress("budi@example.com", reason=reason, source="test", now=NOW)
+        said = _import_customers(settings_for(url), folder, ["C1,budi.santoso@example.com,Budi Santoso,id,"
+                                                             "Asia/Jakarta,,true,opt_in,checkout"], capsys)  # fmt: skip
+        return said, {e["email"]: e["reason"] for e in opstore.suppressions(store)}
+    finally:
+        store.close()
+
+
 def test_an_import_note_tells_the_old_and_the_new_address_apart_when_they_mask_alike(
     sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Given Budi, who unsubscribed as budi@example.com, and a later import giving him budi.santoso@example.com
-    store = make_shop(sqlite_url, [customer("C1", email="budi@example.com")], [])
-    settings = settings_for(sqlite_url)
-    try:
-        store.suppress("budi@example.com", reason="unsubscribed", source="test", now=NOW)
-        said = _import_customers(settings, tmp_path, ["C1,budi.santoso@example.com,Budi Santoso,id,Asia/Jakarta,,"
-                                                      "true,opt_in,checkout"], capsys)  # fmt: skip
-    finally:
-        store.close()
+    said, _ = _budi_moves(sqlite_url, "unsubscribed", tmp_path, capsys)
     # Then the note names two addresses the operator can tell apart (it read "their new address b***@example.com
     # is suppressed too, as they unsubscribed as b***@example.com": one address, to the eye)
     assert ("note: customers.csv:2: customer 'C1': their new address b***o@example.com is suppressed too, as they "
@@ -554,3 +560,16 @@ def test_an_unsubscribe_of_an_address_listed_for_another_reason_is_kept_as_the_c
         assert _suppressed(store) == [OLD, NEW]
     finally:
         store.close()
+
+
+def test_a_complaint_an_earlier_version_stored_as_typed_follows_the_customer_to_a_new_address(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given Budi, whose complaint an earlier kembali stored as typed ('Complaint': `suppress add --reason Complaint`)
+    # When a later import gives him another address
+    said, entries = _budi_moves(db_url, "Complaint", tmp_path, capsys)
+    # Then his wish follows him there, as a complaint stored as Kembali writes it does: he gets no email at the new
+    # address, where the entry in another case was not read as his own wish and he was mailed again
+    assert entries.get("budi.santoso@example.com") == "complaint", entries
+    assert ("customer 'C1': their new address b***o@example.com is suppressed too, as they reported an email to "
+            "b***i@example.com as spam") in said, said

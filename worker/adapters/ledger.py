@@ -361,7 +361,7 @@ class LedgerAdmin:
                 reason = suppressed.get(suppression_address(row.email))
                 if reason is not None:
                     advice = (f"the customer asked for no more email: `kembali ledger close {message_id}` it instead"
-                              if reason in CUSTOMERS_OWN else
+                              if reason.lower() in CUSTOMERS_OWN else
                               f"`kembali suppress remove {row.email}` first if it should go")  # fmt: skip
                     refused[message_id] = (f"{row.email} is on the suppression list ({reason}), so the next run would "
                                            f"skip it; {advice}")

@@ -258,9 +258,11 @@ def _follow_own_wish(
             moved[external_id] = (old, new)
     if not moved:
         return []
+    # the reason in any case: an earlier version stored it as typed ('Complaint'), the customer's wish all the same
+    own = sa.func.lower(S.c.reason)
     listed = {row.email: row for row in conn.execute(
-        sa.select(S.c.email, S.c.reason, S.c.created_at)
-        .where(S.c.email.in_(sorted({old for old, _ in moved.values()})), S.c.reason.in_(CUSTOMERS_OWN))
+        sa.select(S.c.email, own.label("reason"), S.c.created_at)
+        .where(S.c.email.in_(sorted({old for old, _ in moved.values()})), own.in_(CUSTOMERS_OWN))
     )}  # fmt: skip
     entries: dict[str, dict[str, Any]] = {}
     carried: dict[str, Followed] = {}
