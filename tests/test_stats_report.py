@@ -601,6 +601,30 @@ def test_a_lift_that_rounds_to_zero_reads_plus_zero_not_minus_zero() -> None:
     assert len(lines) == 1 and lines[0].startswith("  lift: +0.0 points, 95% CI -"), lines
 
 
+
+def test_the_report_writes_its_counts_with_thousands_separators() -> None:
+    from collections import Counter
+
+    from worker.commands.reporting import stats_lines
+    from worker.stats import StatsReport, StepStats
+
+    # a shop's report of thousands read "planned 10338: sent 4608, …, waiting 5199" under an import that said
+    # "40,732 created": figures this size are written with separators, as the import and the run write them
+    step = StepStats("new_products", 1, planned=10_338, statuses=Counter({"sent": 4_608, "planned": 5_199}),
+                     skipped=Counter({"held_out": 1_531}), emailed=stats.Conversion(4_608, 1_200, 0, 0),
+                     held_out=stats.Conversion(1_531, 300, 0, 2_000), treated=stats.Conversion(9_807, 2_500, 0, 0))
+    report = StatsReport(since=NOW - timedelta(days=60), now=NOW, window_days=7, currency="IDR", steps=[step],
+                         suppressions={"hard_bounce": 1_024}, retention=stats.Retention(12_000, 3_000, 20_000, 15_000),
+                         feedback=None)  # fmt: skip
+    text = "\n".join(stats_lines(report))
+    assert "  planned 10,338: sent 4,608, failed 0 (0 hard bounces), uncertain 0, waiting 5,199" in text, text
+    assert "  skipped: held_out 1,531" in text, text
+    assert "  conversion: 1,200 of 4,608 emailed customers ordered" in text, text
+    assert "  holdout: 300 of 1,531 held-out customers ordered (19.6%); 2,000 still inside the window" in text, text
+    assert "  against: 2,500 of 9,807 customers not held out ordered" in text, text
+    assert "hard_bounce 1,024" in text and "(3,000 of 12,000 customers who bought" in text, text
+    assert "(15,000 of 20,000 earlier customers did not buy" in text, text
+
 def test_conversion_boundaries_to_the_microsecond_on_each_database(db_url: str) -> None:
     # Given exposures and purchases on each side of every boundary, to the microsecond (a moment just before a
     # whole second too, which a database rounding to milliseconds would carry into the next second)

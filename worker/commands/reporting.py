@@ -31,7 +31,7 @@ def _points(share: float) -> str:
 
 
 def _open(c: core_stats.Conversion) -> str:
-    return f"; {c.pending} still inside the window" if c.pending else ""
+    return f"; {c.pending:,} still inside the window" if c.pending else ""
 
 
 def _not_yet(window_days: int, pending: int, who: str) -> str:
@@ -39,7 +39,8 @@ def _not_yet(window_days: int, pending: int, who: str) -> str:
     ``who``: "emailed {}", "{} not held out"…"""
     if pending == 1:
         return f"not measured yet: the {window_days}-day window of the 1 {who.format('customer')} is still open"
-    return f"not measured yet: the {window_days}-day windows of the {pending} {who.format('customers')} are still open"
+    return (f"not measured yet: the {window_days}-day windows of the {pending:,} {who.format('customers')} are still "
+            "open")
 
 
 def _days(n: int | None) -> str:
@@ -119,12 +120,12 @@ def stats_lines(report: StatsReport) -> list[str]:
     for s in report.steps:
         j = s.as_json()
         out.append(f"\n{s.campaign} step {s.step}" + ("" if s.days is None else f" (day {s.days})"))
-        out.append(f"  planned {s.planned}: sent {j['sent']}, failed {j['failed']} ({s.hard_bounces} hard "
+        out.append(f"  planned {s.planned:,}: sent {j['sent']:,}, failed {j['failed']:,} ({s.hard_bounces:,} hard "
                    f"bounce{'' if s.hard_bounces == 1 else 's'}), "
-                   + (f"cancelled {s.cancelled}, " if s.cancelled else "")
-                   + f"uncertain {j['uncertain']}, waiting {j['waiting']}")  # fmt: skip
+                   + (f"cancelled {s.cancelled:,}, " if s.cancelled else "")
+                   + f"uncertain {j['uncertain']:,}, waiting {j['waiting']:,}")  # fmt: skip
         if s.skipped:
-            out.append("  skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(s.skipped.items())))
+            out.append("  skipped: " + ", ".join(f"{r} {n:,}" for r, n in sorted(s.skipped.items())))
         if s.emailed is not None:
             e = s.emailed
             if e.customers == 0 and e.pending:
@@ -132,14 +133,15 @@ def stats_lines(report: StatsReport) -> list[str]:
             elif e.customers == 0:
                 out.append("  conversion: nobody was emailed")
             else:
-                out.append(f"  conversion: {e.converted} of {e.customers} emailed customers ordered ({_pct(e.rate)}), "
-                           f"revenue {_money(e.revenue_minor, report.currency)}" + _open(e))  # fmt: skip
+                out.append(f"  conversion: {e.converted:,} of {e.customers:,} emailed customers ordered "
+                           f"({_pct(e.rate)}), revenue {_money(e.revenue_minor, report.currency)}"
+                           + _open(e))  # fmt: skip
         if s.held_out is not None:
             h = s.held_out
             if h.customers == 0 and h.pending:
                 out.append("  holdout: " + _not_yet(report.window_days, h.pending, "held-out {}"))
             else:
-                out.append(f"  holdout: {h.converted} of {h.customers} held-out customers ordered ({_pct(h.rate)})"
+                out.append(f"  holdout: {h.converted:,} of {h.customers:,} held-out customers ordered ({_pct(h.rate)})"
                            + _open(h))
             if s.treated is not None:
                 t = s.treated
@@ -148,7 +150,7 @@ def stats_lines(report: StatsReport) -> list[str]:
                 elif t.customers == 0:  # no row of the step but held-out ones: not "0 of 0 … ordered (n/a)"
                     out.append("  against: nobody: every customer planned in this step was held out")
                 else:
-                    out.append(f"  against: {t.converted} of {t.customers} customers not held out ordered "
+                    out.append(f"  against: {t.converted:,} of {t.customers:,} customers not held out ordered "
                                f"({_pct(t.rate)}), emailed or not, both counted from when the email was due"
                                + _open(t))  # fmt: skip
         if s.lift is not None:
@@ -158,14 +160,14 @@ def stats_lines(report: StatsReport) -> list[str]:
                            f"{_points(lift.upper)} (Newcombe)")  # fmt: skip
             out.append(f"  verdict: {lift.verdict}")
     out.append("\ndeliverability (suppression list, added in the period): "
-               + (", ".join(f"{r} {n}" for r, n in sorted(report.suppressions.items())) or "nothing added"))
+               + (", ".join(f"{r} {n:,}" for r, n in sorted(report.suppressions.items())) or "nothing added"))
     r = report.retention
     # nobody to count: said so, not "0 of 0 customers" (a shop just set up, or a period before its first order)
     out.append(f"repeat purchase rate: {_pct(r.repeat_rate)} " + (
-        f"({r.repeat} of {r.active} customers who bought in the period have bought twice or more)" if r.active
+        f"({r.repeat:,} of {r.active:,} customers who bought in the period have bought twice or more)" if r.active
         else "(no customer bought in the period)"))  # fmt: skip
     out.append(f"churn: {_pct(r.churn_rate)} " + (
-        f"({r.churned} of {r.earlier} earlier customers did not buy in the period)" if r.earlier
+        f"({r.churned:,} of {r.earlier:,} earlier customers did not buy in the period)" if r.earlier
         else "(no customer had bought before the period)"))  # fmt: skip
     fb = report.feedback
     if fb is None:
@@ -173,9 +175,9 @@ def stats_lines(report: StatsReport) -> list[str]:
     else:
         avg = "n/a" if fb.average is None else f"{fb.average:.2f}"
         nps = "" if fb.nps is None else f", NPS {fb.nps:+.0f}"
-        other = ("" if not fb.other_scale else f" ({fb.other_scale} score{'' if fb.other_scale == 1 else 's'} out of "
+        other = ("" if not fb.other_scale else f" ({fb.other_scale:,} score{'' if fb.other_scale == 1 else 's'} out of "
                  "10, from requests sent before the scale changed, left out)")  # fmt: skip
-        out.append(f"feedback: {fb.responses} response{'' if fb.responses == 1 else 's'} in the period, average "
+        out.append(f"feedback: {fb.responses:,} response{'' if fb.responses == 1 else 's'} in the period, average "
                    f"{avg}{nps}{other}")
     return out
 
@@ -196,8 +198,8 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
     if not found.customers:  # not "0 customers have bought; 0 of them…" over a shop of orders none of them paid yet
         print("no customer has bought yet (a purchase is an order paid, shipped or delivered)")
     else:
-        who = "1 customer has" if found.customers == 1 else f"{found.customers} customers have"
-        print(f"{who} bought; {n} of them bought a second time.")
+        who = "1 customer has" if found.customers == 1 else f"{found.customers:,} customers have"
+        print(f"{who} bought; {n:,} of them bought a second time.")
     if not n:
         print("no second purchases yet: nothing to recommend")
         if args.plot:  # an empty chart, written all the same: said as the full report says it
@@ -210,7 +212,7 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
     median = core_stats.quantile_day(found.gaps_days, 0.5)
     print(f"\nmedian: {_days(median)}; {100 * found.share:g}% of second purchases happened within "
           f"{_days(found.recommended_quiet_days)}")  # fmt: skip
-    purchases = f"{n} second purchase{'' if n == 1 else 's'}"
+    purchases = f"{n:,} second purchase{'' if n == 1 else 's'}"
     caveat = "" if n >= MIN_SECOND_ORDERS else f" (only {purchases}: treat it as a rough guess)"
     winback = settings.campaigns.winback
     day = found.recommended_quiet_days
@@ -228,8 +230,8 @@ def insights_command(settings: Settings, args: argparse.Namespace) -> int:
           "somewhat longer)")
     if found.after_winback:
         k = found.after_winback
-        print(f"{'the one second purchase' if n == 1 else f'{k} of the {n} second purchases'} came after a win-back "
-              "email, which may have brought "
+        print(f"{'the one second purchase' if n == 1 else f'{k:,} of the {n:,} second purchases'} came after a "
+              "win-back email, which may have brought "
               f"{'it' if k == 1 else 'them'} on: the days set now pull this figure towards themselves")
     if args.plot:
         print(f"chart written to {args.plot}")
