@@ -325,6 +325,37 @@ def test_a_decision_made_again_is_a_no_op_that_says_so(
             "changed") in capsys.readouterr().err
 
 
+def test_a_close_as_failed_made_again_is_a_no_op_that_says_so(
+    world_on_either: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a failed message the operator has closed as failed, with a note
+    shop, config = world_on_either
+    failed = shop.row(GONE)
+    assert kembali(config, "close", str(failed.id), "--reason", "mailbox gone") == 0
+    capsys.readouterr()
+    changed = shop.row(GONE).updated_at
+    # When the same close is run again, by its ID and by a filter that takes it (a runbook step retried)
+    for args in ((str(failed.id),), ("--code", "550")):
+        code = kembali(config, "close", *args, "--reason", "mailbox gone")
+        again = capsys.readouterr()
+        # Then nothing changes and it says so, as a close as sent run twice does: it said "1 message(s) closed as
+        # failed" each time, writing another operator attempt and moving the row's change to now
+        assert (code, again.err) == (0, ""), again
+        assert again.out.strip() == f"message {failed.id} is already closed as failed: nothing changed"
+    assert [a.outcome for a in shop.attempts(GONE)] == ["permanent", "operator"]
+    assert shop.row(GONE).updated_at == changed
+    # and a filter taking several such rows says so in one line, not one a row (a campaign's thousands)
+    uncertain = shop.row(DROP).id
+    assert kembali(config, "close", str(uncertain), "--reason", "mailbox gone") == 0
+    capsys.readouterr()
+    assert kembali(config, "close", "--status", "failed", "--reason", "mailbox gone") == 0
+    assert capsys.readouterr().out.strip() == (
+        f"2 message(s) already closed as failed: nothing changed: {' '.join(map(str, sorted([failed.id, uncertain])))}")
+    # and a close with another note still takes it (the operator's decision, said again in other words)
+    assert kembali(config, "close", str(failed.id), "--reason", "customer confirmed by phone") == 0
+    assert shop.row(GONE).last_error == "operator closed as failed: customer confirmed by phone"
+
+
 def test_an_empty_list_names_the_campaign_it_was_filtered_by(
     world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,8 +7,9 @@ outcome ``operator`` (who, when, what was decided, the note) and the note in
 ``last_error``, so the history shows that a person, not the worker, decided.
 A resend puts the row back to ``retry``, due now, with the same Message-ID.
 A decision the row already reflects (a resend of a row in ``retry``, a close as
-sent of a ``sent`` row) changes nothing and is reported as such, not refused:
-running the same command twice is safe.
+sent of a ``sent`` row, a close as failed of a row closed so with the same note)
+changes nothing and is reported as such, not refused: running the same command
+twice is safe.
 A loyalty spend milestone merged into a message closed or resent shares its fate (``Carried``), and a resend
 never sends both it and that message: one email for one order (``_one_email``).
 """
@@ -283,7 +284,11 @@ class LedgerAdmin:
                  .where(A.c.message_id == M.c.id, A.c.outcome != Outcome.OPERATOR.value).scalar_subquery())  # fmt: skip
         values["sent_at"] = sa.func.coalesce(M.c.sent_at, tried, now) if status is MessageStatus.SENT else None
 
-        def closed(row: Any) -> str | None:  # a failed row closed as failed again takes the new note
+        def closed(row: Any) -> str | None:
+            # closed as failed with the same note already (the command run again): nothing to change; with another
+            # note, or failed by its server, a failed row takes this decision's
+            if status is MessageStatus.FAILED:
+                return "closed as failed" if row.status == status.value and row.last_error == text[:500] else None
             return row.status if row.status == status.value else None
 
         states = DECIDABLE + WAITING if status is MessageStatus.FAILED else DECIDABLE
@@ -317,8 +322,8 @@ class LedgerAdmin:
         close as sent would count as sent at the moment it was closed.
         ``sendable_only``: refuse a row whose address is on the suppression list, or whose expiry has
         passed (a resend would only be skipped as ``suppressed`` or ``expired`` by the next run, its reply
-        overwritten). ``already``: what a row not in ``states`` already is when that is what was asked (it is then
-        left alone without a refusal), else None. ``dry_run``: decide the same, change nothing. ``then``: what else
+        overwritten). ``already``: what a row already is when that is what was asked (it is then left alone without a
+        refusal, in ``states`` or not), else None. ``dry_run``: decide the same, change nothing. ``then``: what else
         the decision changes, done in its transaction with the ids it changes (or would, in a dry run). ``vet``: the
         rows found (their ids) it leaves alone after all, given those it would change: id → why (replacing the reason
         it gave, if any), or None for one ``then`` takes care of (no longer refused)."""
@@ -345,7 +350,7 @@ class LedgerAdmin:
                 if row is None:
                     refused[message_id] = "no such message"
                     continue
-                if row.status not in states and (state := already(row)) is not None:
+                if (state := already(row)) is not None:
                     done[message_id] = state
                     continue
                 if row.status in WAITING and not sendable_only and row.status not in states:

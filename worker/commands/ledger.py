@@ -102,9 +102,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "server's last reply. "
         "`resend` puts uncertain or failed rows back in the queue (same Message-ID; not one whose address is "
         "on the suppression list: `kembali suppress remove` it first); `close` marks them "
-        "final as you decide. A message already as asked (back in the queue, or sent) is left as it is, so "
-        "running a command twice is safe. Kembali never resends an uncertain message by itself: it may have "
-        "arrived. `resend` and `close` take message IDs or filters (every uncertain or failed row they match: "
+        "final as you decide. A message already as asked (back in the queue, sent, or closed as failed with the "
+        "same --reason) is left as it is, so running a command twice is safe. Kembali never resends an uncertain "
+        "message by itself: it may have arrived. `resend` and `close` take message IDs or filters (every "
+        "uncertain or failed row they match: "
         "after an outage, `resend --campaign winback --since 2026-12-01T02:00 --code 421 --dry-run` counts and "
         "lists what a resend would take, without it changing anything). Exit code 1 when a message is left alone "
         "(no such message, another state, or for a resend: past its expiry or to a suppressed address); 2 for "
@@ -349,8 +350,12 @@ def _report(result: ActionResult, what: str, now: datetime, args: argparse.Names
         print(f"dry run: nothing changed; {len(result.changed)} message(s) {what}, {len(result.refused)} left alone")
     if result.changed:
         print(f"{len(result.changed)} message(s) {what}: {' '.join(map(str, result.changed))}")
-    for message_id, state in result.already.items():  # the same command run twice: nothing needs you
-        print(f"message {message_id} is already {state}: nothing changed")
+    alike: dict[str, list[int]] = {}  # the same command run twice: nothing needs you
+    for message_id, state in result.already.items():
+        alike.setdefault(state, []).append(message_id)
+    for state, ids in alike.items():  # one line for a filter's many (a campaign's rows closed again)
+        print(f"message {ids[0]} is already {state}: nothing changed" if len(ids) == 1 else
+              f"{len(ids)} message(s) already {state}: nothing changed: {' '.join(map(str, ids))}")  # fmt: skip
     would = "would be " if dry_run else ""
     for c in result.carried:  # a loyalty milestone merged into a message closed or resent: what became of it
         merged = f"message {c.id} ({printable(c.dedupe_key)}, merged into message {c.carrier})"
