@@ -173,6 +173,29 @@ def test_every_command_and_action_says_in_its_help_what_it_does() -> None:
     assert silent == [], silent
 
 
+def test_every_options_help_names_its_value_as_the_usage_line_does() -> None:
+    """``kembali ledger list --help`` showed ``--limit LIMIT`` and explained it as "at most N rows": the help's word
+    for the value is the one the usage line and the option's row show."""
+    from worker.cli import _parser
+
+    def options(parser: argparse.ArgumentParser, prefix: str) -> list[tuple[str, argparse.Action]]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += options(sub, f"{prefix} {name}")
+            elif action.option_strings and action.nargs != 0 and not action.choices:
+                found.append((f"{prefix} {action.option_strings[-1]}", action))
+        return found
+
+    taking = options(_parser(), "kembali")
+    shown = {name: str(action.metavar or action.dest.upper()) for name, action in taking}
+    placeholders = {*shown.values(), "N"}
+    named = {name: placeholders & set(re.findall(r"\b[A-Z]+\b", action.help or "")) for name, action in taking}
+    wrong = {name: (shown[name], words) for name, words in named.items() if words and shown[name] not in words}
+    assert wrong == {}, wrong
+
+
 # (argv, the words of its --help naming exit code 3): each command that opens the database
 _NEED_THE_DATABASE = [
     (["import", "customers", str(REPO / "examples" / "customers.csv")], "3 when the database cannot be used"),

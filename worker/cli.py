@@ -200,7 +200,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the moment to plan for, ISO 8601 with offset (default: now), e.g. 2027-02-28T10:00+07:00")
     p.add_argument("--campaign", action="append", help="only this campaign (repeatable)")
     p.add_argument("--customer", type=arguments.named, help="only this customer (the shop's id)")
-    p.add_argument("--limit", type=arguments.positive_int, default=None, help="show at most N messages")
+    p.add_argument("--limit", type=arguments.positive_int, default=None, metavar="N",
+                   help="show at most N messages (default: no limit)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table (a summary line last)")
     p.add_argument("--out", type=arguments.path, default=None, metavar="DIR",
                    help="also write each message to DIR as .eml (the exact bytes that would be sent) and .html")

@@ -125,7 +125,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )  # fmt: skip
     _add_filters(ls, [s.value for s in MessageStatus], "uncertain and failed")
     ls.add_argument("--all", action="store_true", help="every status (with --status: the ones it names)")
-    ls.add_argument("--limit", type=row_limit, default=50,
+    ls.add_argument("--limit", type=row_limit, default=50, metavar="N",
                     help="at most N rows, newest first (default 50)")
     ls.add_argument("--after", type=page_after, metavar="ID",
                     help="the next page: the rows listed after message ID (the last row of the page before; "
