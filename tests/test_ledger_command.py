@@ -487,6 +487,15 @@ def test_list_help_tells_how_to_see_the_next_page(capsys: pytest.CaptureFixture[
     assert "--after ID" in " ".join(capsys.readouterr().out.split())
 
 
+def test_list_help_says_its_default_leaves_out_what_an_operator_closed(capsys: pytest.CaptureFixture[str]) -> None:
+    # `ledger list --help` gave --status's default as "uncertain and failed", and a plain list left out the failed
+    # messages an operator closed, which `--status failed` then listed: the same words, two lists
+    with pytest.raises(SystemExit):
+        cli.main(["ledger", "list", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "(repeatable; default: uncertain and failed, not those an operator closed)" in said
+
+
 def test_what_one_customer_was_sent_by_address_or_customer_id(
     world: tuple[Shop, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -123,7 +123,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--customer the shop's data does not have, an --after ID the ledger does not have or a --since not before "
         "--until; 3 when the database cannot be used.",
     )  # fmt: skip
-    _add_filters(ls, [s.value for s in MessageStatus], "uncertain and failed")
+    _add_filters(ls, [s.value for s in MessageStatus], "uncertain and failed, not those an operator closed")
     ls.add_argument("--all", action="store_true", help="every status (with --status: the ones it names)")
     ls.add_argument("--limit", type=row_limit, default=50, metavar="N",
                     help="at most N rows, newest first (default 50)")
