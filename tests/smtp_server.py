@@ -17,6 +17,7 @@ recipient address may be given a ``Behaviour``; anything else is accepted::
     server.login = ("shop", "right-password")            # offer AUTH (plaintext); other credentials get 535
     server.login_mechanisms = ("GSSAPI",)                # …with these mechanisms only (default LOGIN, PLAIN;
                                                          # also CRAM-MD5, which it refuses whatever the password)
+    server.login_asks_the_name = True                    # LOGIN asks for the name given with AUTH LOGIN again
     RecordingServer(tls_context=ctx)                     # offer STARTTLS with this server-side context
     RecordingServer(implicit_tls=ctx)                    # TLS from the first byte (as on port 465)
 
@@ -180,6 +181,11 @@ class _FaultySMTP(SMTP):
             return
         await super().smtp_AUTH(arg)
 
+    async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:  # aiosmtpd's mechanism hook name
+        if self._owner.login_asks_the_name:  # the user name given with AUTH LOGIN is not read: asked for again
+            args = args[:1]
+        return await super().auth_LOGIN(server, args)
+
     async def auth_GSSAPI(self, _: Any, args: list[str]) -> AuthResult:  # aiosmtpd's mechanism hook name
         """A mechanism aiosmtplib does not speak (only offered when in ``login_mechanisms``)."""
         return AuthResult(success=False, handled=False)
@@ -283,6 +289,11 @@ class RecordingServer:
         """AUTH commands received: each refused one counts toward a lockout (fail2ban, a provider's)."""
         self.logins_dropped = 0
         """The first AUTH commands that get no reply: the connection is closed instead."""
+        self.login_asks_the_name = False
+        """LOGIN asks for the user name (334 "Username:") even after ``AUTH LOGIN <name>``, as the draft's form has
+        it: SubEthaSMTP, OpenSMTPD before 5.4."""
+        self.login_names: list[str] = []
+        """The user name of every login tried (the password never belongs here)."""
         self.login_refusal: str | None = None
         """When set, the reply to a refused login instead of aiosmtpd's 535 (e.g. a 454 temporary failure)."""
         """The AUTH mechanisms offered when ``login`` is set (of LOGIN, PLAIN, GSSAPI and CRAM-MD5)."""
@@ -308,6 +319,8 @@ class RecordingServer:
         return _FaultySMTP(self, handler, tls_context=self._tls_context, **kwargs)
 
     def _authenticate(self, server: SMTP, session: Any, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+        if isinstance(data, LoginPassword):
+            self.login_names.append(data.login.decode(errors="replace"))
         ok = isinstance(data, LoginPassword) and (data.login.decode(), data.password.decode()) == self.login
         # aiosmtpd answers a failure with its 535 unless told another reply
         return AuthResult(success=ok, handled=False, message=None if ok else self.login_refusal)

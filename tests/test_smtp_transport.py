@@ -511,6 +511,27 @@ def test_a_cram_md5_the_server_cannot_verify_is_followed_by_plain_on_a_plaintext
     assert smtp_server.logins_tried == 4
 
 
+def test_a_login_server_that_asks_for_the_user_name_gets_the_name_not_the_password(
+    smtp_server: RecordingServer,
+) -> None:
+    # Given a relay offering LOGIN alone that asks for the user name even when AUTH LOGIN gave it (the draft's form:
+    # SubEthaSMTP, OpenSMTPD before 5.4): aiosmtplib answered "Username:" with the password, which the server then
+    # logged as a user name, and the login failed on the 334 asking for the password
+    smtp_server.login = ("shop", "right-password")
+    smtp_server.login_mechanisms = ("LOGIN",)
+    smtp_server.login_asks_the_name = True
+
+    async def main() -> SendResult:
+        async with SmtpTransport(smtp_server.settings(username="shop"), password="right-password") as transport:
+            return await transport.send(SENDER, "x@test.example", make_message())
+
+    result = run(main())
+
+    # Then it logs in and the message goes, and the server was told the user name alone
+    assert (result.outcome, result.code) == (Outcome.SENT, 250), result
+    assert smtp_server.login_names == ["shop"]
+
+
 def test_a_login_cut_off_is_that_connections_alone(smtp_server: RecordingServer) -> None:
     # Given a relay that drops the first connection during its login (a network blip), and four sends at once
     smtp_server.login = ("shop", "right-password")

@@ -94,6 +94,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.auth import auth_login_encode
 from aiosmtplib.protocol import SMTPProtocol
 
 from worker.config import SmtpSettings
@@ -574,7 +575,8 @@ async def _log_in(client: SMTP, username: str, password: str, *, tls: bool) -> N
         offered = sorted(offered, key=lambda name: name == "cram-md5")
     while offered:
         name, *offered = offered
-        method = getattr(client, f"auth_{name.replace('-', '')}")
+        method = (functools.partial(_auth_login, client) if name == "login"
+                  else getattr(client, f"auth_{name.replace('-', '')}"))  # fmt: skip
         try:
             await method(username, password)
             return
@@ -586,6 +588,22 @@ async def _log_in(client: SMTP, username: str, password: str, *, tls: bool) -> N
             cannot_verify = name == "cram-md5" and exc.code == 535
             if (exc.code not in _NEXT_MECHANISM and not cannot_verify) or not offered:
                 raise
+
+
+async def _auth_login(client: SMTP, username: str, password: str) -> SMTPResponse:
+    """LOGIN as its draft has it: ``AUTH LOGIN``, then the user name and the password, each the answer to one of the
+    server's 334s. aiosmtplib's ``auth_login`` sends the name with the command and answers the next 334 with the
+    password, whatever it asks for: a server that asks for the name (SubEthaSMTP, OpenSMTPD before 5.4) was sent the
+    password as a user name, which it logs, and the login failed on its "334 Password:"."""
+    answers = auth_login_encode(username, password)
+    response = await client.execute_command(b"AUTH", b"LOGIN")
+    for answer in answers:
+        if response.code != 334:
+            raise SMTPAuthenticationError(response.code, response.message)
+        response = await client.execute_command(answer)
+    if response.code != 235:
+        raise SMTPAuthenticationError(response.code, response.message)
+    return response
 
 
 def _check_auth_offered(client: SMTP, s: SmtpSettings) -> None:
