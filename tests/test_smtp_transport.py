@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import ssl
 import subprocess
@@ -530,6 +531,33 @@ def test_a_login_server_that_asks_for_the_user_name_gets_the_name_not_the_passwo
     # Then it logs in and the message goes, and the server was told the user name alone
     assert (result.outcome, result.code) == (Outcome.SENT, 250), result
     assert smtp_server.login_names == ["shop"]
+
+
+WRONG = "wr0ng-Passw0rd"
+_QUOTED = base64.b64encode(f"\0shop\0{WRONG}".encode()).decode()
+
+
+@pytest.mark.parametrize("refusal", [f"535 5.7.8 Authentication failed: AUTH PLAIN {_QUOTED}",
+                                     f"535 5.7.8 Authentication failed for shop with password {WRONG}"],
+                         ids=["the command quoted", "the password quoted"])  # fmt: skip
+def test_a_refused_login_whose_reply_quotes_the_password_keeps_it_out_of_the_reply(
+    smtp_server: RecordingServer, refusal: str
+) -> None:
+    # Given a relay whose refusal of a login quotes what it was given: the AUTH command, whose base64 holds the
+    # password, or the password itself
+    smtp_server.login = ("shop", "right-password")
+    smtp_server.login_refusal = refusal
+
+    async def main() -> SendResult:
+        async with SmtpTransport(smtp_server.settings(username="shop"), password=WRONG) as transport:
+            return await transport.send(SENDER, "x@test.example", make_message())
+
+    result = run(main())
+
+    # Then the reply kept (the ledger's, the logs', the dispatcher's pause, send-test's words) has *** in its place
+    assert (result.outcome, result.code, result.stage) == (Outcome.TRANSIENT, 535, "auth")
+    assert WRONG not in result.reply and _QUOTED not in result.reply, result.reply
+    assert result.reply.startswith("535 5.7.8 Authentication failed") and "***" in result.reply
 
 
 def test_a_login_cut_off_is_that_connections_alone(smtp_server: RecordingServer) -> None:

@@ -72,8 +72,10 @@ shown in ``repr``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
+import dataclasses
 import functools
 import re
 import ssl
@@ -223,7 +225,7 @@ class SmtpTransport:
         try:
             if self._closed:
                 raise RuntimeError("SmtpTransport is closed")
-            return await self._transaction(slot, attempt, sender, recipient, message)
+            return self._without_the_password(await self._transaction(slot, attempt, sender, recipient, message))
         except BaseException:
             slot.discard()  # cancelled mid-transaction: the connection state is unknown
             if where is not None:
@@ -232,6 +234,23 @@ class SmtpTransport:
         finally:
             slot.idle_since = asyncio.get_running_loop().time()
             self._idle.put_nowait(slot)
+
+    def _without_the_password(self, result: SendResult) -> SendResult:
+        """``result`` with the password, and the base64 forms AUTH sent it in, as *** in its reply: a server's
+        refusal may quote what it was given ("535 … AUTH PLAIN AHNob3AA…"), and the reply is kept in the ledger,
+        logged, and said by the dispatcher's pause and by send-test."""
+        password = self._password or ""
+        if not password or not result.reply:
+            return result
+        secrets = {base64.b64encode(f"{authz}\0{self._settings.username}\0{password}".encode()).decode()
+                   for authz in ("", self._settings.username)}  # fmt: skip
+        secrets.add(base64.b64encode(password.encode()).decode())
+        if len(password) >= 4:  # (one shorter would star letters of any reply)
+            secrets.add(password)
+        reply = result.reply
+        for secret in sorted(secrets, key=len, reverse=True):  # a longer form holding a shorter one first
+            reply = reply.replace(secret, "***")
+        return result if reply == result.reply else dataclasses.replace(result, reply=reply)
 
     async def close(self) -> None:
         """Wait for in-flight sends, then QUIT and close every connection: all at once, so a server that does not
