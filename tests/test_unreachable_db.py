@@ -190,6 +190,73 @@ def test_the_operators_commands_say_when_nothing_listens_on_the_databases_port(t
         assert "is PostgreSQL running" in said and "s3cret" not in said, (args, said)
 
 
+def _refusing_every_password(listener: socket.socket) -> None:
+    """Answer each connection as a PostgreSQL server whose pg_hba.conf asks for a password and refuses the one given
+    (libpq's SSL and GSS requests declined, then a cleartext password asked for, then FATAL 28P01)."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # the listener closed: the test is over
+            return
+        with conn:
+            conn.settimeout(10)
+            with contextlib.suppress(OSError):
+                while len(request := conn.recv(8)) == 8 and request[4:] in (b"\x04\xd2\x16\x2f", b"\x04\xd2\x16\x30"):
+                    conn.sendall(b"N")  # no SSL, no GSS encryption (request: the startup message's start)
+                length = int.from_bytes(request[:4])
+                while len(request) < length:
+                    request += conn.recv(length - len(request))
+                conn.sendall(b"R" + (8).to_bytes(4) + (3).to_bytes(4))  # AuthenticationCleartextPassword
+                conn.recv(4096)  # the password message
+                fields = b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed for user \"kembali\"\0\0"
+                conn.sendall(b"E" + (len(fields) + 4).to_bytes(4) + fields)
+
+
+def test_the_operators_commands_say_a_refused_password_is_the_password_and_never_show_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a PostgreSQL server that refuses the password database.url gives
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        threading.Thread(target=_refusing_every_password, args=(listener,), daemon=True).start()
+        port = listener.getsockname()[1]
+        site = _site_on(tmp_path, f"postgresql+psycopg://kembali:s3cret-Pw@127.0.0.1:{port}/kembali")
+        for args in (("db", "status"), ("db", "upgrade"), ("ledger", "list")):
+            done = site.cli(*args)
+            said = done.stdout + done.stderr
+            # Then each says the server refused the password of the user the URL names, where to set it, and
+            # shows it nowhere
+            assert done.returncode == 3, (args, said)
+            assert f"PostgreSQL at 127.0.0.1:{port} refused the password of user 'kembali'" in said, (args, said)
+            assert "$PGPASSWORD" in said and "s3cret" not in said, (args, said)
+        # And a URL without a password, where the server asks for one, says where to set it
+        site = _site_on(tmp_path, f"postgresql+psycopg://kembali@127.0.0.1:{port}/kembali")
+        monkeypatch.delenv("PGPASSWORD", raising=False)
+        monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-pgpass"))
+        done = site.cli("db", "status")
+        assert f"PostgreSQL at 127.0.0.1:{port} asks for a password and none is given" in done.stderr, done.stderr
+        listener.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.postgres
+def test_the_operators_commands_say_a_database_or_user_the_server_does_not_have_is_to_be_created(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Given database.url naming a database, or a user, the PostgreSQL server does not have (a new host's first deploy)
+    url = sa.make_url(pg_url).set(password="s3cret-Pw")
+    cases = ((url.set(database="kembali_not_created"), "has no database 'kembali_not_created': create it"),
+             (url.set(username="kembali_no_role"), "has no user 'kembali_no_role': check database.url's user"))
+    for given, meant in cases:
+        site = _site_on(tmp_path, given.render_as_string(hide_password=False))
+        for args in (("db", "upgrade"), ("db", "status")):
+            done = site.cli(*args)
+            said = done.stdout + done.stderr
+            # Then the command says what to create or correct, not the bare FATAL, and the password is not shown
+            assert done.returncode == 3, (args, said)
+            assert meant in said and "s3cret" not in said, (args, said)
+
+
 def _closed_port(family: socket.AddressFamily = socket.AF_INET, host: str = "127.0.0.1") -> int:
     with socket.socket(family) as closed:
         closed.bind((host, 0))

@@ -887,6 +887,25 @@ def connect_failure(engine: Engine, exc: BaseException) -> str | None:
     if "Connection refused" in text:
         return (f"nothing listens on {where} (connection refused): is PostgreSQL running there, and on the port "
                 "database.url names?")
+    return _refused_login(where, text)
+
+
+def _refused_login(where: str, text: str) -> str | None:
+    """What to do when the server at ``where`` answered and refused the login (libpq's words ``text``): a password
+    refused or missing, a user or a database it does not have (a new host's first deploy); None for anything else."""
+    user = re.search(r'(?:password authentication failed for user|role) "(.*?)"', text)
+    if "password authentication failed" in text and user:
+        return (f"PostgreSQL at {where} refused the password of user {user[1]!r}: check it in $PGPASSWORD or "
+                "~/.pgpass (read by libpq), or percent-encoded in database.url")
+    if "no password supplied" in text:
+        return (f"PostgreSQL at {where} asks for a password and none is given: set it in $PGPASSWORD or ~/.pgpass "
+                "(read by libpq), or percent-encoded in database.url")
+    if user and "does not exist" in text:
+        return (f"PostgreSQL at {where} has no user {user[1]!r}: check database.url's user, or create it there "
+                f"(CREATE ROLE \"{user[1]}\" LOGIN)")
+    if (database := re.search(r'database "(.*?)" does not exist', text)) is not None:
+        return (f"PostgreSQL at {where} has no database {database[1]!r}: create it (CREATE DATABASE \"{database[1]}\", "
+                "owned by database.url's user), then run kembali db upgrade")
     return None
 
 
