@@ -275,7 +275,7 @@ def test_a_bad_event_loop_variable_is_one_clear_line(tmp_path: Path) -> None:
     ("winback/id/body.txt", '{% include "_products.txt" %}', '{% include "_produk.txt" %}',
      "template not found: _produk.txt"),
     ("_layout.html", "{{ shop.postal_address }}", "{{ shop.postal_address | idr }}",
-     "_layout.html:35: syntax error: No filter named 'idr'."),
+     "_layout.html:40: syntax error: No filter named 'idr'."),
     # inside an {% if %}, Jinja2 itself leaves an unknown filter for the render: every message reaching it would fail
     ("winback/id/body.txt", "{{ bought[0].name }}", "{{ bought[0].name | uppercase }}",
      "winback/id/body.txt:7: syntax error: No filter named 'uppercase'. (did you mean 'upper'?)"),
