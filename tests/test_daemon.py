@@ -299,6 +299,29 @@ def test_sighup_with_a_broken_template_keeps_the_old_set_and_a_fixed_one_is_used
         assert daemon.stop() == 0
 
 
+def test_reload_done_names_a_new_version_after_an_edit_of_an_english_template(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a running daemon, reloaded once as it is
+    shop = make_shop(tmp_path, smtp_port=smtp_server.port, plan_cron="0 9 * * *")
+    daemon = Daemon.start(shop)
+    try:
+        daemon.wait_event("daemon_started")
+        daemon.signal(signal.SIGHUP)
+        before = daemon.wait_event("reload_done")["templates"]
+        # When the operator edits the English birthday subject alone and reloads
+        subject = shop.templates / "birthday" / "en" / "subject.txt"
+        subject.write_text("Happy birthday from us! " + subject.read_text(encoding="utf-8"), encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        after = daemon.wait_event("reload_done", after=1)["templates"]
+    finally:
+        assert daemon.stop() == 0
+    # Then the line that says the reload took names another version of the English birthday templates, of no
+    # other: the version was the Indonesian templates' alone, the same after an edit of the English ones
+    changed = set(before.split(",")) ^ set(after.split(","))
+    assert changed and all(part.startswith("birthday/en@") for part in changed), (before, after)
+
+
 def test_a_reload_refusing_a_filter_that_does_not_exist_names_its_file_and_line(
     tmp_path: Path, smtp_server: RecordingServer
 ) -> None:

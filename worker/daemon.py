@@ -990,8 +990,10 @@ class Daemon:
         self._schedule(settings)
         self._catch_up_after_reload(settings, why)
         self._campaigns_checked = False  # a campaign turned off or on: said again at the next maintenance
-        versions = {c: gen.templates.template_version(c, "id") for c in gen.templates.campaigns()}
-        log.event("reload_done", trigger=why, templates=",".join(f"{c}@{v}" for c, v in sorted(versions.items())))
+        # each language's: the ledger's template_version of what it sends; one edited alone changes its own
+        versions = [f"{c}/{loc}@{gen.templates.template_version(c, loc)}"
+                    for c in gen.templates.campaigns() for loc in gen.templates.locales(c)]
+        log.event("reload_done", trigger=why, templates=",".join(versions))
         self._wake.set()
         return True
 
