@@ -549,3 +549,17 @@ def test_a_range_the_shipped_config_gives_is_the_one_the_loader_takes(key: str, 
     for refused in (low - 1, high + 1):
         with pytest.raises(config.ConfigError, match=re.escape(f"'{key}'")):
             config.settings_from_dict(_nested(key, refused))
+
+
+def test_the_deployment_notes_secrets_file_is_one_systemd_reads_as_shown() -> None:
+    """systemd's EnvironmentFile= has no comment after a value: `PGPASSWORD=…  # note` gives the daemon and libpq the
+    password with the note in it (systemd issue 12527). The notes' example is copied as it is: every comment on its
+    own line."""
+    notes = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"/etc/kembali/secrets\.env`.*?\n\n((?: {7}.*\n|\n)+?)\n?\d\. ", notes, flags=re.DOTALL)
+    assert block is not None
+    lines = [line.strip() for line in block[1].splitlines() if line.strip()]
+    assignments = [line for line in lines if not line.startswith("#")]
+    assert {line.split("=", 1)[0] for line in assignments} >= {"KEMBALI_LINK_SECRET", "KEMBALI_SMTP_PASSWORD",
+                                                                "PGPASSWORD"}, lines
+    assert [line for line in assignments if "#" in line] == []
