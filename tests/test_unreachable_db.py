@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -375,3 +376,20 @@ def test_ctrl_c_stops_check_while_it_waits_for_a_database_host_that_does_not_ans
         check.wait()
     assert check.returncode == 130, err
     assert "stopped by SIGINT" in err
+
+
+def test_db_upgrade_of_a_postgresql_database_not_created_yet_says_to_create_it(
+    tmp_path: Path, pg_admin: sa.Engine
+) -> None:
+    # Given a config naming a database the PostgreSQL server does not have (a new shop's: README's first steps)
+    name = f"kembali_never_created_{uuid.uuid4().hex[:8]}"
+    url = pg_admin.url.set(database=name)
+    site = _site_on(tmp_path, url.render_as_string(hide_password=False))
+    for args in (("db", "upgrade"), ("db", "status")):
+        done = site.cli(*args)
+        # Then the command says the server has no such database and how to create one; nothing was created
+        assert done.returncode == 3, (args, done.stderr)
+        assert f"has no database '{name}': create it first" in done.stderr, (args, done.stderr)
+        assert f"CREATE DATABASE {name}" in done.stderr, (args, done.stderr)
+    with pg_admin.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM pg_database WHERE datname = :n"), {"n": name}).scalar() == 0

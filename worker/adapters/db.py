@@ -887,10 +887,10 @@ def connect_failure(engine: Engine, exc: BaseException) -> str | None:
     if "Connection refused" in text:
         return (f"nothing listens on {where} (connection refused): is PostgreSQL running there, and on the port "
                 "database.url names?")
-    return _refused_login(where, text)
+    return _refused_login(where, text, engine.url.username)
 
 
-def _refused_login(where: str, text: str) -> str | None:
+def _refused_login(where: str, text: str, url_user: str | None) -> str | None:
     """What to do when the server at ``where`` answered and refused the login (libpq's words ``text``): a password
     refused or missing, a user or a database it does not have (a new host's first deploy); None for anything else."""
     user = re.search(r'(?:password authentication failed for user|role) "(.*?)"', text)
@@ -903,9 +903,13 @@ def _refused_login(where: str, text: str) -> str | None:
     if user and "does not exist" in text:
         return (f"PostgreSQL at {where} has no user {user[1]!r}: check database.url's user, or create it there "
                 f"(CREATE ROLE \"{user[1]}\" LOGIN)")
-    if (database := re.search(r'database "(.*?)" does not exist', text)) is not None:
-        return (f"PostgreSQL at {where} has no database {database[1]!r}: create it (CREATE DATABASE \"{database[1]}\", "
-                "owned by database.url's user), then run kembali db upgrade")
+    if (missing := re.search(r'database "([^"]+)" does not exist', text)) is not None:
+        # a new shop's: `db upgrade` makes the tables, not the database; owned by the URL's user (``url_user``):
+        # PostgreSQL 15 and later let only the owner create tables in its public schema
+        owner, flag = (f" OWNER {url_user}", f" --owner={url_user}") if url_user else ("", "")
+        return (f"PostgreSQL at {where} has no database '{missing[1]}': create it first, as a user allowed to "
+                f"(CREATE DATABASE {missing[1]}{owner}, or createdb{flag} {missing[1]}), then kembali db upgrade "
+                "creates its tables, or correct database.url")  # fmt: skip
     return None
 
 
