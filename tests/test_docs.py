@@ -563,3 +563,17 @@ def test_the_deployment_notes_secrets_file_is_one_systemd_reads_as_shown() -> No
     assert {line.split("=", 1)[0] for line in assignments} >= {"KEMBALI_LINK_SECRET", "KEMBALI_SMTP_PASSWORD",
                                                                 "PGPASSWORD"}, lines
     assert [line for line in assignments if "#" in line] == []
+
+
+def test_the_deployment_notes_health_line_is_written_as_the_text_log_writes_it() -> None:
+    """The sample `health` line is what an operator greps the journal for: an empty field is written `""` there
+    (`relay_throttled=""`, `paused_why=""`), not bare, so `paused_why= database=ok` matched no line."""
+    from worker import log
+
+    notes = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    (sample,) = [line.strip() for line in notes.splitlines() if line.startswith("    health ")]
+    fields = re.findall(r'(\w+)=("[^"]*"|\S*)', sample)
+    assert len(fields) > 15, sample
+    wrong = [(key, value) for key, value in fields
+             if value != log._fmt_value(value[1:-1] if value.startswith('"') else value)]  # fmt: skip
+    assert wrong == []
