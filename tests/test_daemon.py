@@ -1156,6 +1156,19 @@ def test_sends_the_grace_period_cut_short_are_each_named_as_uncertain_with_their
     assert ids == {r[0] for r in shop.rows("SELECT message_id FROM message WHERE status = 'uncertain'")}, ids
 
 
+def test_the_daemons_last_line_counts_the_sends_its_grace_period_left_uncertain(
+    tmp_path: Path, smtp_server: RecordingServer
+) -> None:
+    # Given a daemon with two sends under way that outlast its grace period, when it is stopped
+    for i in (1, 2):
+        smtp_server.on(f"c{i}@example.com", Behaviour(delay_at="data", delay_seconds=3))
+    _, daemon = _stopped_past_its_grace_period_with_two_sends_under_way(tmp_path, smtp_server)
+    # Then daemon_stopped, what the daemon did since it started, counts the two it left uncertain: it said
+    # uncertain=0 right after naming them, as if every email of the run had a known outcome
+    (stopped,) = daemon.named("daemon_stopped")
+    assert stopped["uncertain"] == 2 and stopped["sent"] == 0, stopped
+
+
 @pytest.mark.parametrize("stall", ["greeting", "rcpt"])
 def test_sends_the_grace_period_cut_short_before_the_message_left_go_back_to_the_queue_not_uncertain(
     tmp_path: Path, smtp_server: RecordingServer, stall: str

@@ -1111,6 +1111,7 @@ class Daemon:
                 code = EXIT_FORCED
             else:
                 log.event("shutdown_abandoned", logging.WARNING, requeued=requeued, uncertain=uncertain)
+                self.metrics.left_uncertain += uncertain  # daemon_stopped counts them: the dispatch cut never did
                 if uncertain:  # within what is left of ABANDON_SECONDS: TimeoutStopSec is counted on it
                     await self._name_abandoned(now, why, max(ABANDON_SECONDS - (time.monotonic() - abandoning), 0.5))
         if self._planning and not self._stuck:  # idempotent, but a pass cannot be stopped midway: let finish

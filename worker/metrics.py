@@ -61,6 +61,8 @@ class Metrics:
 
     last_planned: dict[str, float] = field(default_factory=dict)
     """When each campaign's last planning pass in this process finished (the pass's time, Unix seconds)."""
+    left_uncertain: int = 0
+    """Rows a shutdown made ``uncertain``, its grace period over with their sends under way (``since_start``)."""
 
     def observe_planned(self, campaign: str, created: int, *, at: float | None = None) -> None:
         """A planning pass of ``campaign`` created ``created`` rows; ``at``: the time it planned for (Unix seconds)."""
@@ -92,6 +94,7 @@ class Metrics:
         totals["planned"] = sum(self.planned.values())
         for (_campaign, result), n in self.results.items():
             totals[result.split(":")[0]] += n
+        totals["uncertain"] += self.left_uncertain
         return totals
 
     def since_start(self) -> dict[str, int]:
