@@ -8,7 +8,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from worker.core import tokens
-from worker.core.lifecycle import THROTTLED_CAP_SECONDS, after_attempt, backoff_seconds, clock_offset_problem, requeued
+from worker.core.lifecycle import (
+    THROTTLED_CAP_SECONDS,
+    after_attempt,
+    backoff_seconds,
+    clock_offset_problem,
+    requeued,
+    shown_offset,
+)
 from worker.core.ratelimit import Gcra
 from worker.core.recommend import recommend
 from worker.domain import MessageStatus, Outcome, ProductView, SendResult
@@ -44,6 +51,12 @@ def test_a_clock_is_refused_past_a_sixth_of_a_lease_and_at_most_15_s_off_the_dat
     assert (problem is not None) is refused
     if problem:
         assert f"{abs(offset):.1f} s {'ahead of' if offset > 0 else 'behind'} the database's" in problem
+
+
+@pytest.mark.parametrize(("offset", "shown"), [(-0.04, "0.0"), (0.04, "0.0"), (-0.06, "-0.1"), (300.04, "300.0")])
+def test_a_clock_offset_is_shown_to_a_tenth_of_a_second_and_never_as_minus_zero(offset: float, shown: str) -> None:
+    # the health line said clock_offset_seconds=-0.0 of a clock a few milliseconds behind the database's
+    assert str(shown_offset(offset)) == shown
 
 
 @pytest.mark.parametrize(

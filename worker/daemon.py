@@ -102,6 +102,7 @@ from worker.asyncstore import AsyncStore
 from worker.checks import Problem, check_templates
 from worker.config import Settings, load_settings, naming_the_line
 from worker.core.cron import never_runs
+from worker.core.lifecycle import shown_offset
 from worker.core.retry import ACCOUNT_LIMIT_RETRY_SECONDS, doubled_wait, pause_retry_seconds
 from worker.domain import Locale, RenderedEmail
 from worker.errors import ConfigError, db_upgrade_command
@@ -775,7 +776,7 @@ class Daemon:
                 await self._forget_not_waiting()
         line = self.metrics.health(self.clock.monotonic())
         guard = self.gen.dispatcher.clock_guard
-        offset = None if guard is None or guard.offset is None else round(guard.offset, 1)
+        offset = None if guard is None or guard.offset is None else shown_offset(guard.offset)
         waiting = self.waiting_for_domain_rate()
         if depth is not None:
             depth += waiting

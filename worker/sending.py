@@ -158,10 +158,10 @@ class ClockGuard:
         self.offset = (before + half - at).total_seconds()
         problem = lifecycle.clock_offset_problem(self.offset, half.total_seconds(), self.lease_seconds)
         if problem and not self.problem:
-            log.event("clock_off", logging.ERROR, offset_seconds=round(self.offset, 1),
+            log.event("clock_off", logging.ERROR, offset_seconds=lifecycle.shown_offset(self.offset),
                       allowed_seconds=lifecycle.max_clock_offset(self.lease_seconds), reason=problem)  # fmt: skip
         elif self.problem and not problem:
-            log.event("clock_in_step", logging.WARNING, offset_seconds=round(self.offset, 1))
+            log.event("clock_in_step", logging.WARNING, offset_seconds=lifecycle.shown_offset(self.offset))
         self.problem = problem
         return problem
 

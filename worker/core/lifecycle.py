@@ -38,6 +38,11 @@ def max_clock_offset(lease_seconds: int) -> float:
     return min(15.0, lease_seconds / 6)
 
 
+def shown_offset(offset: float) -> float:
+    """A clock offset as the log shows it: to a tenth of a second, and a few milliseconds behind as 0.0, not -0.0."""
+    return round(offset, 1) + 0.0
+
+
 def clock_offset_problem(offset: float, uncertainty: float, lease_seconds: int) -> str | None:
     """What is wrong when this host's clock is ``offset`` seconds ahead of the database's (behind when negative),
     measured within ``uncertainty`` seconds (half the query's round trip); None within ``max_clock_offset``."""
