@@ -390,6 +390,7 @@ def test_db_upgrade_of_a_postgresql_database_not_created_yet_says_to_create_it(
         # Then the command says the server has no such database and how to create one; nothing was created
         assert done.returncode == 3, (args, done.stderr)
         assert f"has no database '{name}': create it first" in done.stderr, (args, done.stderr)
-        assert f"CREATE DATABASE {name}" in done.stderr, (args, done.stderr)
+        assert f"CREATE DATABASE {name} OWNER {url.username}" in done.stderr, (args, done.stderr)
+        assert f"createdb --owner={url.username} {name}" in done.stderr, (args, done.stderr)
     with pg_admin.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM pg_database WHERE datname = :n"), {"n": name}).scalar() == 0
