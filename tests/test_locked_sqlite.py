@@ -227,7 +227,8 @@ def test_a_daemon_stopped_while_another_program_holds_the_write_lock_stops_at_on
         holder.rollback()
         holder.close()
     # Then it stops as asked, exit 0, without waiting out its grace period for a claim that holds nothing, then
-    # failing to mark rows in flight it has none of ("rows in flight become uncertain", exit 1, 35 s later)
+    # failing to mark rows in flight it has none of ("rows in flight become uncertain", exit 1, the grace period
+    # and 10 s more after the signal)
     names = [e.get("event") for e in daemon.events]
     assert code == 0, daemon.log()
     assert "shutdown_grace_expired" not in names and "shutdown_abandon_failed" not in names, daemon.log()
