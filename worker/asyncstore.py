@@ -12,8 +12,8 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
 
 from worker import log
 from worker.adapters.store import Store
@@ -72,9 +72,14 @@ class AsyncStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kembali-db")
-        self.left_running = False
-        """Whether a call was left to its thread unanswered (``call_retrying_until`` stopped): a closing that waits
-        for the thread waits for the database (another program's SQLite write lock: up to the busy timeout)."""
+        self._left: list[Future[Any]] = []
+        """The calls ``call_retrying_until`` stopped waiting for (``left_running``)."""
+
+    @property
+    def left_running(self) -> bool:
+        """Whether a call ``call_retrying_until`` stopped waiting for is still running on the thread: a closing that
+        waits for the thread waits for the database (another program's SQLite write lock: up to the busy timeout)."""
+        return any(not call.done() for call in self._left)
 
     async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
@@ -96,18 +101,20 @@ class AsyncStore:
                               stop=stop)
 
     async def _call_until(self, stop: asyncio.Event, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        call = asyncio.ensure_future(self.call(fn, *args, **kwargs))
-        stopped = asyncio.ensure_future(stop.wait())
+        running = self._executor.submit(functools.partial(fn, *args, **kwargs))
+        call = asyncio.wrap_future(running)
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({call, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not call.done():
                 await asyncio.wait({call}, timeout=STOP_PATIENCE_SECONDS)
         finally:
             stopped.cancel()
-            if not call.done():  # (cancelled: as an await of the call itself would be, its thread goes on)
+            left = not call.done()
+            if left:  # (cancelled: as an await of the call itself would be; begun, its thread goes on with it)
                 call.cancel()
-                self.left_running = True
-        if not call.done():
+                self._left = [c for c in self._left if not c.done()] + [running]
+        if left:
             raise CallLeft(f"stopped waiting for the database's answer to {fn.__name__}")
         return call.result()
 
