@@ -19,7 +19,6 @@ import sqlalchemy as sa
 from worker.adapters import db
 from worker.adapters.store import (
     CLAIMED,
-    CUSTOMERS_OWN,
     IN_FLIGHT,
     LAPSED_LIKE,
     LAPSED_WHY,
@@ -34,6 +33,7 @@ from worker.adapters.store import (
     _chunks,
     customer_snapshot,
     followed_sql,
+    own_wish_sql,
     suppression_address,
 )
 from worker.adapters.tables import Attempt, Feedback, JobRun
@@ -684,7 +684,7 @@ def unsubscribe(store: Store, emails: Iterable[str], *, source: str, now: dateti
     with store.engine.begin() as conn:
         new = _insert_entries(conn, dict.fromkeys(addresses, entry))
         made_own = conn.execute(
-            sa.update(S).where(S.c.email.in_(addresses), sa.func.lower(S.c.reason).not_in(CUSTOMERS_OWN)).values(entry)
+            sa.update(S).where(S.c.email.in_(addresses), ~own_wish_sql()).values(entry)
         ).rowcount
     return new + made_own
 
@@ -692,8 +692,7 @@ def unsubscribe(store: Store, emails: Iterable[str], *, source: str, now: dateti
 def unsubscribed(store: Store, email: str) -> bool:
     """Whether the address is on the suppression list as the customer's own wish (``CUSTOMERS_OWN``, in any case:
     an earlier version stored a reason as typed), not only as a bounce or an operator's entry."""
-    query = sa.select(S.c.id).where(S.c.email == suppression_address(email),
-                                    sa.func.lower(S.c.reason).in_(CUSTOMERS_OWN))  # fmt: skip
+    query = sa.select(S.c.id).where(S.c.email == suppression_address(email), own_wish_sql())
     with db.reading(store.engine) as conn:
         return conn.execute(query).first() is not None
 

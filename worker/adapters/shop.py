@@ -40,7 +40,6 @@ from sqlalchemy.engine import Connection, Engine
 from worker import log, money
 from worker.adapters import db
 from worker.adapters.store import (
-    CUSTOMERS_OWN,
     PURCHASE_EXCLUDED,
     RATEABLE,
     C,
@@ -50,6 +49,7 @@ from worker.adapters.store import (
     S,
     _chunks,
     followed_source,
+    own_wish_sql,
     suppression_address,
 )
 from worker.adapters.tables import ShopState
@@ -258,11 +258,10 @@ def _follow_own_wish(
             moved[external_id] = (old, new)
     if not moved:
         return []
-    # the reason in any case: an earlier version stored it as typed ('Complaint'), the customer's wish all the same
-    own = sa.func.lower(S.c.reason)
+    # the reason in any case (``own_wish_sql``), and carried as Kembali writes it
     listed = {row.email: row for row in conn.execute(
-        sa.select(S.c.email, own.label("reason"), S.c.created_at)
-        .where(S.c.email.in_(sorted({old for old, _ in moved.values()})), own.in_(CUSTOMERS_OWN))
+        sa.select(S.c.email, sa.func.lower(S.c.reason).label("reason"), S.c.created_at)
+        .where(S.c.email.in_(sorted({old for old, _ in moved.values()})), own_wish_sql())
     )}  # fmt: skip
     entries: dict[str, dict[str, Any]] = {}
     carried: dict[str, Followed] = {}

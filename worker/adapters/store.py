@@ -170,6 +170,14 @@ customer to the address a later import gives them (``shop.upsert_customers``), w
 mailbox; a resend refused for one advises closing the message, not clearing the entry as for a bounce or an
 operator's own."""
 
+
+
+def own_wish_sql() -> Any:
+    """A suppression entry's reason is the customer's own wish (``CUSTOMERS_OWN``), in any case: an earlier version
+    stored it as typed ('Complaint'), their wish all the same."""
+    return sa.func.lower(S.c.reason).in_(CUSTOMERS_OWN)
+
+
 KEMBALI_REASONS = ("manual", "hard_bounce", *CUSTOMERS_OWN)
 """The reasons Kembali knows (stats, a resend's advice): one given in another case is stored, and listed, as
 Kembali writes it (an earlier version stored it as typed, 'Complaint': ``stats`` counts it as Kembali writes it)."""
