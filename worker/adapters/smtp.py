@@ -187,6 +187,8 @@ class SmtpTransport:
             raise ValueError(f"smtp.tls must be 'tls', 'starttls' or 'none', not {settings.tls!r}")
         self._settings = settings
         self._password = password
+        self._secrets = _secret_forms(settings.username, password or "")
+        """What ``_without_the_password`` stars in a reply, found once: every send's reply goes through it."""
         self._tls_context = tls_context
         self._local_hostname = local_hostname
         self._idle: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()
@@ -239,16 +241,10 @@ class SmtpTransport:
         """``result`` with the password, and the base64 forms AUTH sent it in, as *** in its reply: a server's
         refusal may quote what it was given ("535 … AUTH PLAIN AHNob3AA…"), and the reply is kept in the ledger,
         logged, and said by the dispatcher's pause and by send-test."""
-        password = self._password or ""
-        if not password or not result.reply:
+        if not self._secrets or not result.reply:
             return result
-        secrets = {base64.b64encode(f"{authz}\0{self._settings.username}\0{password}".encode()).decode()
-                   for authz in ("", self._settings.username)}  # fmt: skip
-        secrets.add(base64.b64encode(password.encode()).decode())
-        if len(password) >= 4:  # (one shorter would star letters of any reply)
-            secrets.add(password)
         reply = result.reply
-        for secret in sorted(secrets, key=len, reverse=True):  # a longer form holding a shorter one first
+        for secret in self._secrets:
             reply = reply.replace(secret, "***")
         return result if reply == result.reply else dataclasses.replace(result, reply=reply)
 
@@ -607,6 +603,18 @@ async def _log_in(client: SMTP, username: str, password: str, *, tls: bool) -> N
             cannot_verify = name == "cram-md5" and exc.code == 535
             if (exc.code not in _NEXT_MECHANISM and not cannot_verify) or not offered:
                 raise
+
+
+def _secret_forms(username: str, password: str) -> tuple[str, ...]:
+    """The password and the base64 forms AUTH sends it in (PLAIN with and without an authorization identity, LOGIN's
+    answer), longest first (a longer form holding a shorter one is starred whole); none without a password."""
+    if not password:
+        return ()
+    secrets = {base64.b64encode(f"{authz}\0{username}\0{password}".encode()).decode() for authz in ("", username)}
+    secrets.add(base64.b64encode(password.encode()).decode())
+    if len(password) >= 4:  # (one shorter would star letters of any reply)
+        secrets.add(password)
+    return tuple(sorted(secrets, key=len, reverse=True))
 
 
 async def _auth_login(client: SMTP, username: str, password: str) -> SMTPResponse:
